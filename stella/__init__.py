@@ -1,0 +1,3 @@
+"""stella: an async LLM gateway."""
+
+__version__ = "0.1.0"

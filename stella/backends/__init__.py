@@ -1,0 +1,67 @@
+"""The backend registry: a dict from `kind` to class, filled from entry points.
+
+Built-in backends register through the same `stella.backends` entry point group
+a third-party package uses, so adding one is a module plus one line in its own
+pyproject.toml: `[project.entry-points."stella.backends"] mykind = "pkg.mod:Cls"`.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+import msgspec
+
+from stella.backends.base import Backend, BackendConfig, BackendEvent, BackendHealth, CallContext
+
+__all__ = [
+    "Backend",
+    "BackendConfig",
+    "BackendEvent",
+    "BackendHealth",
+    "CallContext",
+    "ConfigError",
+    "build_backend",
+    "registry",
+]
+
+GROUP = "stella.backends"
+
+
+class ConfigError(Exception):
+    """A configuration value that stops start-up; the message names the key."""
+
+
+def registry() -> dict[str, Any]:
+    """Kinds known to this installation, each an entry point not yet imported."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def build_backend(name: str, table: dict[str, Any], kinds: dict[str, Any]) -> Backend:
+    """Build backend `name` from its config table; ConfigError names the bad key."""
+    kind = table.get("kind")
+    if not isinstance(kind, str):
+        raise ConfigError(f"backends.{name}.kind: required, one of {sorted(kinds)}")
+    if kind not in kinds:
+        raise ConfigError(f"backends.{name}.kind: unknown kind {kind!r}; known: {sorted(kinds)}")
+    try:
+        cls = kinds[kind].load()
+    except ImportError as exc:
+        raise ConfigError(
+            f"backends.{name}.kind: {kind!r} cannot be imported ({exc}); "
+            "is its extra installed? (e.g. pip install 'stella-gateway[mlx]')"
+        ) from exc
+    try:
+        config = msgspec.convert(table, cls.Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"backends.{name}: {_dotted(exc)}") from exc
+    return cls(name, config)
+
+
+def _dotted(exc: msgspec.ValidationError) -> str:
+    """msgspec's `... - at `$.a.b`` as `a.b: ...`."""
+    text = str(exc)
+    if " - at `$." in text:
+        message, _, path = text.rpartition(" - at `$.")
+        return f"{path.rstrip('`')}: {message}"
+    return text

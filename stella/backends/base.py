@@ -1,0 +1,88 @@
+"""What a backend is: a class with a `kind`, built from its config table.
+
+A backend turns one `ChatRequest` into an async iterator of events: `Delta` and
+`ToolCall` while it runs, then exactly one `Done` carrying `finish_reason` and
+`usage`. It reports failure by raising a `stella.errors.StellaError` (see
+`UpstreamError`, `UpstreamStatus`, `UpstreamTimeout`, `Overloaded`); the core
+decides about retries, fallbacks and what the client sees. Closing the iterator
+(`aclose()`, or cancellation) must stop the work: close the upstream response,
+tell a worker to stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgspec
+
+from stella.protocol import ChatRequest, Delta, Done, ToolCall
+
+BackendEvent = Delta | ToolCall | Done
+
+
+class BackendConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Config table of one `[backends.NAME]`; each kind subclasses it with its keys."""
+
+    kind: str
+
+
+@dataclass(slots=True)
+class CallContext:
+    """What a backend may want to know about the call besides the request."""
+
+    request_id: str
+    route: str = ""
+    # Filled by the backend when it queues work, so the core can report queue_ms.
+    queue_ms: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class BackendHealth:
+    """Result of `Backend.health()`: never spends tokens."""
+
+    ok: bool
+    detail: str = "ok"
+
+
+class Backend:
+    """Base class of every backend adapter."""
+
+    kind: ClassVar[str] = ""
+    Config: ClassVar[type[BackendConfig]] = BackendConfig
+
+    def __init__(self, name: str, config: BackendConfig) -> None:
+        self.name = name
+        self.config = config
+
+    async def start(self) -> None:
+        """Open clients, load models; called once in the app's lifespan."""
+
+    def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
+        """Run one chat; `request.model` is already the upstream model name."""
+        raise NotImplementedError
+
+    async def models(self) -> list[str]:
+        """Model names the engine offers."""
+        return []
+
+    async def health(self) -> BackendHealth:
+        """Whether the engine is reachable, without spending tokens."""
+        return BackendHealth(ok=True)
+
+    def loaded(self, upstream_model: str) -> bool:
+        """Whether this model is ready to answer without a load."""
+        return True
+
+    def memory_bytes(self, upstream_model: str) -> int | None:
+        """Memory the loaded model holds, when the backend knows it."""
+        return None
+
+    def capabilities(self, upstream_model: str) -> list[str]:
+        """What the model can do: chat, tools, ..."""
+        return ["chat"]
+
+    async def aclose(self) -> None:
+        """Release clients, models and threads; called once at shutdown."""

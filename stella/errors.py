@@ -1,0 +1,139 @@
+"""stella's exceptions: each one carries its HTTP status and its `code`.
+
+Every failure that reaches a client is one of these; routes turn them into the
+dialect's error shape, streams into an in-band `error` line.
+"""
+
+from __future__ import annotations
+
+
+class StellaError(Exception):
+    """Base of every error a client can see."""
+
+    status: int = 500
+    code: str = "internal_error"
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.headers = dict(headers or {})
+        if retry_after is not None:
+            self.headers.setdefault("Retry-After", str(max(1, round(retry_after + 0.499))))
+
+
+class InvalidRequest(StellaError):
+    """Malformed JSON, wrong types, unknown fields, empty messages."""
+
+    status, code = 400, "invalid_request"
+
+
+class Unauthorized(StellaError):
+    """Missing or wrong API key."""
+
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(StellaError):
+    """The key may not use this model or route."""
+
+    status, code = 403, "forbidden"
+
+
+class ModelNotFound(StellaError):
+    """No route for the requested model."""
+
+    status, code = 404, "model_not_found"
+
+
+class NotFound(StellaError):
+    """No such path."""
+
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(StellaError):
+    """The path exists but not for this method."""
+
+    status, code = 405, "method_not_allowed"
+
+
+class Conflict(StellaError):
+    """The change would break a protected state (e.g. removing the default model)."""
+
+    status, code = 409, "conflict"
+
+
+class PayloadTooLarge(StellaError):
+    """Body over server.max_body_bytes."""
+
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(StellaError):
+    """The body is not JSON."""
+
+    status, code = 415, "unsupported_media_type"
+
+
+class RateLimited(StellaError):
+    """A rate limit was hit; Retry-After says when to come back."""
+
+    status, code, retryable = 429, "rate_limited", True
+
+
+class UpstreamError(StellaError):
+    """The backend failed (and every fallback too)."""
+
+    status, code, retryable = 502, "upstream_error", True
+
+
+class Overloaded(StellaError):
+    """A queue is full."""
+
+    status, code, retryable = 503, "overloaded", True
+
+
+class Unavailable(StellaError):
+    """A circuit is open or the backend cannot serve now."""
+
+    status, code, retryable = 503, "unavailable", True
+
+
+class ShuttingDown(StellaError):
+    """The server is draining and takes no new work."""
+
+    status, code, retryable = 503, "shutting_down", True
+
+
+class UpstreamTimeout(StellaError):
+    """Time to first token, idle time or total time exceeded."""
+
+    status, code, retryable = 504, "upstream_timeout", True
+
+
+class UpstreamStatus(UpstreamError):
+    """An upstream answered with an HTTP error status.
+
+    `upstream_status` drives retries: 408, 429 and 5xx are worth another try.
+    """
+
+    def __init__(
+        self, message: str, *, upstream_status: int, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+        self.retry_after_hint = retry_after
+        self.retryable = upstream_status in (408, 409, 425, 429) or upstream_status >= 500
+        if upstream_status == 429:
+            self.code = "upstream_rate_limited"
+        elif upstream_status in (400, 404, 413, 422):
+            # The upstream rejected what we sent: retrying or falling back won't help.
+            self.code = "upstream_rejected"

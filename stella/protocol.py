@@ -1,0 +1,257 @@
+"""Native wire types: requests, NDJSON stream events, responses and errors.
+
+One module holds every type of stella's own API, so decoding, encoding and
+`/openapi.json` all come from the same definitions (protocol.md is the contract).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal[
+    "stop", "length", "tool_calls", "cancelled", "content_filter", "client_closed", "error"
+]
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base for request structs: unknown fields are an error, defaults are not re-sent."""
+
+
+class FunctionCall(Strict):
+    """A function call an assistant made (OpenAI style; arguments as an object)."""
+
+    name: str
+    arguments: dict[str, Any] = {}
+
+
+class ToolCallRef(Strict):
+    """A tool call carried in an assistant message of the history."""
+
+    function: FunctionCall
+    id: str = ""
+    type: Literal["function"] = "function"
+
+
+class Message(Strict):
+    """One chat message."""
+
+    role: Role
+    content: str = ""
+    name: str | None = None
+    tool_calls: list[ToolCallRef] | None = None
+    tool_call_id: str | None = None
+
+
+class Options(Strict):
+    """Sampling and length options; a backend ignores what its engine lacks."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    max_tokens: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+
+
+class FunctionSpec(Strict):
+    """A function a model may call."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = {}
+
+
+class Tool(Strict):
+    """An OpenAI-style function tool."""
+
+    function: FunctionSpec
+    type: Literal["function"] = "function"
+
+
+class ChatRequest(Strict):
+    """POST /api/v1/chat, and the one internal request every dialect becomes."""
+
+    messages: list[Message]
+    model: str | None = None
+    stream: bool = True
+    options: Options = msgspec.field(default_factory=Options)
+    tools: list[Tool] | None = None
+    response_format: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class GenerateRequest(Strict):
+    """POST /api/v1/generate: one prompt, an optional system prompt."""
+
+    prompt: str
+    model: str | None = None
+    system: str | None = None
+    stream: bool = True
+    options: Options = msgspec.field(default_factory=Options)
+    metadata: dict[str, Any] | None = None
+
+    def to_chat(self) -> ChatRequest:
+        """The chat request this prompt stands for."""
+        messages = [Message(role="user", content=self.prompt)]
+        if self.system:
+            messages.insert(0, Message(role="system", content=self.system))
+        return ChatRequest(
+            messages=messages,
+            model=self.model,
+            stream=self.stream,
+            options=self.options,
+            metadata=self.metadata,
+        )
+
+
+# --- stream events ---------------------------------------------------------
+
+
+class Usage(msgspec.Struct):
+    """Token counts of one inference."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Timings(msgspec.Struct):
+    """Where the time of one inference went, in milliseconds."""
+
+    queue_ms: float = 0.0
+    ttft_ms: float | None = None
+    total_ms: float = 0.0
+    tokens_per_s: float | None = None
+
+
+class Event(msgspec.Struct, tag_field="type"):
+    """Base of the NDJSON stream events (a tagged union on `type`)."""
+
+
+class Start(Event, tag="start"):
+    """First line of every stream, sent before the backend produces anything."""
+
+    id: str
+    model: str
+    backend: str
+    created: float
+
+
+class Delta(Event, tag="delta"):
+    """A piece of the assistant's text."""
+
+    text: str
+
+
+class Ping(Event, tag="ping"):
+    """Keeps the connection alive after a silence."""
+
+
+class ToolCall(Event, tag="tool_call"):
+    """A complete function call requested by the model."""
+
+    index: int
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+class Done(Event, tag="done"):
+    """Terminal line of a successful stream."""
+
+    finish_reason: FinishReason
+    usage: Usage = msgspec.field(default_factory=Usage)
+    timings: Timings = msgspec.field(default_factory=Timings)
+
+
+class Error(Event, tag="error"):
+    """Terminal line of a stream that failed after it started."""
+
+    code: str
+    message: str
+    retryable: bool = False
+
+
+StreamEvent = Start | Delta | Ping | ToolCall | Done | Error
+
+
+# --- non-stream responses ---------------------------------------------------
+
+
+class AssistantMessage(msgspec.Struct, omit_defaults=True):
+    """The assistant's answer in a non-stream response."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str = ""
+    tool_calls: list[ToolCallRef] | None = None
+
+
+class ChatResponse(msgspec.Struct):
+    """Body of a non-stream chat or generate response."""
+
+    id: str
+    model: str
+    backend: str
+    message: AssistantMessage
+    response: str
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+
+
+class ErrorDetail(msgspec.Struct):
+    """What went wrong, for an error returned before the first byte."""
+
+    code: str
+    message: str
+    request_id: str = ""
+
+
+class ErrorResponse(msgspec.Struct):
+    """Body of every native error response."""
+
+    error: ErrorDetail
+
+
+# --- models, health --------------------------------------------------------
+
+
+class ModelInfo(msgspec.Struct, omit_defaults=True):
+    """One routable model."""
+
+    name: str
+    backend: str
+    kind: str
+    upstream_model: str = ""
+    aliases: list[str] = []
+    fallbacks: list[str] = []
+    loaded: bool = False
+    default: bool = False
+    capabilities: list[str] = []
+    circuit: str = "closed"
+    memory_bytes: int | None = None
+
+
+class ModelList(msgspec.Struct):
+    """GET /api/v1/models."""
+
+    models: list[ModelInfo]
+    default: str
+
+
+class Health(msgspec.Struct):
+    """GET /health."""
+
+    status: str = "ok"
+
+
+class Readiness(msgspec.Struct):
+    """GET /ready: 200 when every check is ok, else 503."""
+
+    status: str
+    checks: dict[str, str]
