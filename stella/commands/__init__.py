@@ -1,0 +1,1 @@
+"""Subcommands of the `stella` CLI, one module each."""
