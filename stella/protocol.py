@@ -186,8 +186,8 @@ StreamEvent = Start | Delta | Ping | ToolCall | Done | Error
 class AssistantMessage(msgspec.Struct, omit_defaults=True):
     """The assistant's answer in a non-stream response."""
 
-    role: Literal["assistant"] = "assistant"
-    content: str = ""
+    role: Literal["assistant"]
+    content: str
     tool_calls: list[ToolCallRef] | None = None
 
 

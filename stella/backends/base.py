@@ -60,6 +60,9 @@ class Backend:
     async def start(self) -> None:
         """Open clients, load models; called once in the app's lifespan."""
 
+    def admit(self, request: ChatRequest) -> None:
+        """Refuse at once (raise Overloaded) when the backend's queue is full."""
+
     def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Run one chat; `request.model` is already the upstream model name."""
         raise NotImplementedError

@@ -1,0 +1,186 @@
+"""What every hand-written route shares: auth, body decoding, error shapes, running a call.
+
+A dialect is a `Dialect` with its error shape; `endpoint()` wraps a route so it
+receives a ready `Call` and every StellaError becomes that dialect's error
+response, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from stella.core import Call, Inference
+from stella.errors import (
+    Forbidden,
+    InvalidRequest,
+    PayloadTooLarge,
+    ShuttingDown,
+    StellaError,
+    UnsupportedMediaType,
+)
+from stella.protocol import ErrorDetail, ErrorResponse
+
+T = TypeVar("T")
+_json = msgspec.json.Encoder()
+
+# curl -d sends form-urlencoded by default; a JSON API accepts it rather than fail the
+# most common first try. Anything else that is clearly not JSON gets 415.
+_JSONISH = ("application/json", "text/plain", "application/x-www-form-urlencoded", "")
+
+
+class JSONResponse(Response):
+    """A response whose body is encoded with msgspec."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        """msgspec-encode the content."""
+        return _json.encode(content)
+
+
+class Dialect:
+    """An API's error shape; subclasses override `error_body`."""
+
+    name = "native"
+
+    def error_body(self, exc: StellaError, request_id: str) -> Any:
+        """The JSON body of an error response."""
+        return ErrorResponse(ErrorDetail(code=exc.code, message=exc.message, request_id=request_id))
+
+    def error_response(self, exc: StellaError, request_id: str) -> Response:
+        """The whole error response, headers included."""
+        return JSONResponse(self.error_body(exc, request_id), exc.status, headers=exc.headers)
+
+
+NATIVE = Dialect()
+
+
+def services(request: Request) -> Any:
+    """The app's Services (settings, pipeline, auth, ...)."""
+    return request.app.state.stella
+
+
+def request_id(request: Request) -> str:
+    """The request's ID, set by the RequestContext middleware."""
+    return request.scope.get("state", {}).get("request_id", "")
+
+
+Handler = Callable[[Request, Call], Awaitable[Response]]
+
+
+def endpoint(
+    dialect: Dialect = NATIVE, *, auth: str = "user"
+) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    """Wrap a route: authenticate (auth = "user" | "admin" | "none"), map errors."""
+
+    def wrap(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def route(request: Request) -> Response:
+            rid = request_id(request)
+            svc = services(request)
+            try:
+                call = Call(request_id=rid, api=dialect.name)
+                if auth != "none":
+                    call.principal = svc.auth.authenticate(request.headers)
+                    if auth == "admin" and not call.principal.admin:
+                        raise Forbidden("this route needs an admin key")
+                return await fn(request, call)
+            except StellaError as exc:
+                svc.rejected(exc, dialect.name)
+                return dialect.error_response(exc, rid)
+
+        route.__name__ = fn.__name__
+        route.__doc__ = fn.__doc__
+        return route
+
+    return wrap
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refusing non-JSON types and bodies over `max_bytes`."""
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype not in _JSONISH and not ctype.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"content-type {ctype!r} is not supported; send application/json"
+        )
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            too_big = int(length) > max_bytes
+        except ValueError:
+            raise InvalidRequest("invalid Content-Length header") from None
+        if too_big:
+            raise PayloadTooLarge(f"request body over {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"request body over {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None = None) -> T:
+    """Decode a JSON body into a struct; InvalidRequest carries msgspec's JSON path."""
+    if not body.strip():
+        raise InvalidRequest("request body is empty; send a JSON object")
+    try:
+        return decoder.decode(body) if decoder else msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"malformed JSON: {exc}") from None
+
+
+async def read_json(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
+    """Read and decode the body with a prebuilt decoder."""
+    body = await read_body(request, services(request).settings.server.max_body_bytes)
+    return decode(body, object, decoder)  # type: ignore[arg-type]
+
+
+async def run_to_end(request: Request, inference: Inference) -> Any:
+    """Run a non-stream inference to its end.
+
+    A client that disconnects cancels the backend, as in a stream; shutdown past
+    the drain deadline ends the call with 503 `shutting_down`.
+    """
+    svc = services(request)
+    call = inference.call
+    task = asyncio.current_task()
+    assert task is not None
+    svc.drain.enter(call)
+    watcher = asyncio.create_task(_watch_disconnect(request, task, call))
+    try:
+        return await inference.result()
+    except asyncio.CancelledError:
+        if call.cancel_reason is None:
+            raise
+        task.uncancel()
+        if call.cancel_reason == "client_closed":
+            raise ClientGone from None
+        raise ShuttingDown("the server is shutting down; retry the request") from None
+    finally:
+        watcher.cancel()
+        inference.finish()
+        svc.drain.leave()
+
+
+class ClientGone(StellaError):
+    """The client disconnected before its answer was ready; nothing can be sent."""
+
+    status, code = 499, "client_closed"
+
+
+async def _watch_disconnect(request: Request, task: asyncio.Task[Any], call: Call) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            call.cancel_reason = "client_closed"
+            task.cancel()
+            return

@@ -1,0 +1,188 @@
+"""stella's own API: /api/v1/chat, /api/v1/generate, /api/v1/models and the admin routes."""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from stella.api.http import JSONResponse, endpoint, read_json, run_to_end, services
+from stella.api.openapi import Operation, document
+from stella.core import Call
+from stella.protocol import ChatRequest, ChatResponse, GenerateRequest, ModelInfo, ModelList
+from stella.settings import RouteSettings
+from stella.streaming import Codec, EventStream
+
+_chat = msgspec.json.Decoder(ChatRequest)
+_generate = msgspec.json.Decoder(GenerateRequest)
+_route = msgspec.json.Decoder(RouteSettings)
+NDJSON = Codec()
+
+
+class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /api/v1/models: a runtime route."""
+
+    name: str
+    backend: str
+    upstream_model: str = ""
+    aliases: list[str] = []
+    fallbacks: list[str] = []
+
+
+_register = msgspec.json.Decoder(RegisterRoute)
+
+
+async def respond(request: Request, call: Call, chat: ChatRequest) -> Response:
+    """Admit a chat and answer it as NDJSON stream or JSON, per `chat.stream`."""
+    svc = services(request)
+    inference = await svc.pipeline.prepare(chat, call)
+    headers = inference.permit.headers
+    if chat.stream:
+        return EventStream(  # type: ignore[return-value]
+            inference,
+            NDJSON,
+            drain=svc.drain,
+            ping_interval_s=svc.settings.stream.ping_interval_s,
+            headers=headers,
+        )
+    result = await run_to_end(request, inference)
+    return JSONResponse(result, headers=headers)
+
+
+@endpoint()
+async def chat(request: Request, call: Call) -> Response:
+    """POST /api/v1/chat."""
+    return await respond(request, call, await read_json(request, _chat))
+
+
+@endpoint()
+async def generate(request: Request, call: Call) -> Response:
+    """POST /api/v1/generate: a chat with one user message and an optional system prompt."""
+    return await respond(request, call, (await read_json(request, _generate)).to_chat())
+
+
+async def model_infos(request: Request) -> ModelList:
+    """Every routable model with its state."""
+    svc = services(request)
+    router = svc.router
+    out = []
+    for route in router.routes.values():
+        backend = route.backend
+        out.append(
+            ModelInfo(
+                name=route.name,
+                backend=route.backend_name,
+                kind=backend.kind,
+                upstream_model=route.upstream_model,
+                aliases=route.aliases,
+                fallbacks=route.fallbacks,
+                loaded=backend.loaded(route.upstream_model),
+                default=route.name == router.default,
+                capabilities=backend.capabilities(route.upstream_model),
+                circuit=router.breaker(route.backend_name).state,
+                memory_bytes=backend.memory_bytes(route.upstream_model),
+            )
+        )
+    return ModelList(models=out, default=router.default)
+
+
+@endpoint()
+async def models(request: Request, call: Call) -> Response:
+    """GET /api/v1/models."""
+    listing = await model_infos(request)
+    if call.principal.models != ("*",):
+        listing.models = [m for m in listing.models if call.principal.may_use(m.name)]
+    return JSONResponse(listing)
+
+
+@endpoint(auth="admin")
+async def switch_model(request: Request, call: Call) -> Response:
+    """POST /api/v1/models/switch/{name}: make `name` the default model."""
+    svc = services(request)
+    name = svc.router.set_default(request.path_params["name"])
+    await svc.state.set_default_model(name)
+    return JSONResponse({"default": name})
+
+
+@endpoint(auth="admin")
+async def register_model(request: Request, call: Call) -> Response:
+    """POST /api/v1/models: add a runtime route."""
+    svc = services(request)
+    spec = await read_json(request, _register)
+    rs = RouteSettings(
+        backend=spec.backend,
+        upstream_model=spec.upstream_model,
+        aliases=spec.aliases,
+        fallbacks=spec.fallbacks,
+    )
+    svc.router.register(spec.name, rs)
+    await svc.state.save_route(spec.name, msgspec.to_builtins(rs))
+    return JSONResponse({"registered": spec.name}, status_code=201)
+
+
+@endpoint(auth="admin")
+async def delete_model(request: Request, call: Call) -> Response:
+    """DELETE /api/v1/models/{name}: remove a runtime route."""
+    svc = services(request)
+    name = request.path_params["name"]
+    svc.router.remove(name)
+    await svc.state.delete_route(name)
+    return JSONResponse({"removed": name})
+
+
+document(
+    Operation(
+        "post",
+        "/api/v1/chat",
+        "Chat: messages in, assistant message out (NDJSON stream or JSON)",
+        request=ChatRequest,
+        response=ChatResponse,
+        stream="application/x-ndjson",
+    ),
+    Operation(
+        "post",
+        "/api/v1/generate",
+        "Generate: one prompt in, text out",
+        request=GenerateRequest,
+        response=ChatResponse,
+        stream="application/x-ndjson",
+    ),
+    Operation("get", "/api/v1/models", "Routable models", response=ModelList, errors=(401, 403)),
+    Operation(
+        "post",
+        "/api/v1/models",
+        "Register a runtime route (admin)",
+        tag="admin",
+        request=RegisterRoute,
+        admin=True,
+        errors=(400, 401, 403, 409, 413, 415),
+    ),
+    Operation(
+        "post",
+        "/api/v1/models/switch/{name}",
+        "Make a model the default (admin)",
+        tag="admin",
+        admin=True,
+        params=("name",),
+        errors=(401, 403, 404),
+    ),
+    Operation(
+        "delete",
+        "/api/v1/models/{name}",
+        "Remove a runtime route (admin)",
+        tag="admin",
+        admin=True,
+        params=("name",),
+        errors=(401, 403, 404, 409),
+    ),
+)
+
+routes = [
+    Route("/api/v1/chat", chat, methods=["POST"]),
+    Route("/api/v1/generate", generate, methods=["POST"]),
+    Route("/api/v1/models", models, methods=["GET"]),
+    Route("/api/v1/models", register_model, methods=["POST"]),
+    Route("/api/v1/models/switch/{name:path}", switch_model, methods=["POST"]),
+    Route("/api/v1/models/{name:path}", delete_model, methods=["DELETE"]),
+]

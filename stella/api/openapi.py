@@ -1,0 +1,123 @@
+"""/openapi.json, generated from the same msgspec structs that decode and encode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from stella import __version__
+from stella.protocol import ErrorResponse, StreamEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """One documented operation."""
+
+    method: str
+    path: str
+    summary: str
+    tag: str = "native"
+    request: Any = None
+    response: Any = None
+    stream: str = ""  # media type of a streamed alternative, e.g. application/x-ndjson
+    stream_item: Any = None
+    admin: bool = False
+    public: bool = False
+    errors: tuple[int, ...] = (400, 401, 403, 404, 413, 415, 429, 502, 503, 504)
+    params: tuple[str, ...] = field(default=())
+
+
+OPERATIONS: list[Operation] = []
+
+
+def document(*ops: Operation) -> None:
+    """Add operations to the schema (each API module calls this once)."""
+    OPERATIONS.extend(ops)
+
+
+def build_schema() -> dict[str, Any]:
+    """The OpenAPI 3.1 document for every registered operation."""
+    types: list[Any] = [ErrorResponse, StreamEvent]
+    for op in OPERATIONS:
+        types += [t for t in (op.request, op.response, op.stream_item) if t is not None]
+    schemas, components = msgspec.json.schema_components(
+        types, ref_template="#/components/schemas/{name}"
+    )
+    by_type = dict(zip(types, schemas, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        item: dict[str, Any] = {"summary": op.summary, "tags": [op.tag]}
+        if op.params:
+            item["parameters"] = [
+                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                for p in op.params
+            ]
+        if op.request is not None:
+            item["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": by_type[op.request]}},
+            }
+        content: dict[str, Any] = {}
+        if op.response is not None:
+            content["application/json"] = {"schema": by_type[op.response]}
+        if op.stream:
+            content[op.stream] = {"schema": by_type[op.stream_item or StreamEvent]}
+        ok = "201" if op.method == "post" and op.admin and op.request else "200"
+        responses: dict[str, Any] = {ok: {"description": "OK", "content": content}}
+        for status in op.errors:
+            if op.public and status in (401, 403):
+                continue
+            responses[str(status)] = {
+                "description": "error",
+                "content": {"application/json": {"schema": by_type[ErrorResponse]}},
+            }
+        item["responses"] = responses
+        if not op.public:
+            item["security"] = [{"bearer": []}, {"apiKey": []}]
+        paths.setdefault(op.path, {})[op.method] = item
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "stella", "version": __version__, "description": "An async LLM gateway."},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+    }
+
+
+DOCS_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>stella API</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:15px/1.5 system-ui,sans-serif;margin:0;background:#f7f7f9;color:#1d1d24}
+main{max-width:980px;margin:0 auto;padding:24px}
+h1{margin:0 0 4px} .op{background:#fff;border:1px solid #e3e3ea;border-radius:8px;margin:10px 0}
+summary{cursor:pointer;padding:10px 14px;display:flex;gap:12px;align-items:center}
+.m{font:600 12px monospace;padding:2px 8px;border-radius:4px;color:#fff;min-width:54px;text-align:center}
+.get{background:#2f7d4f}.post{background:#2e5ea8}.delete{background:#b03a2e}
+code,pre{font:13px ui-monospace,monospace} pre{background:#f2f2f6;padding:10px;overflow:auto;margin:0 14px 14px}
+</style></head><body><main><h1>stella API</h1><p id="sub"></p><div id="ops"></div></main>
+<script type="module">
+const spec = await (await fetch("openapi.json")).json();
+document.getElementById("sub").textContent = spec.info.description + " Version " + spec.info.version;
+const box = document.getElementById("ops");
+for (const [path, item] of Object.entries(spec.paths)) {
+  for (const [method, op] of Object.entries(item)) {
+    const d = document.createElement("details"); d.className = "op";
+    const s = document.createElement("summary");
+    const m = document.createElement("span"); m.className = "m " + method; m.textContent = method.toUpperCase();
+    const p = document.createElement("code"); p.textContent = path;
+    const t = document.createElement("span"); t.textContent = op.summary;
+    s.append(m, p, t); d.append(s);
+    const pre = document.createElement("pre"); pre.textContent = JSON.stringify(op, null, 2);
+    d.append(pre); box.append(d);
+  }
+}
+</script></body></html>
+"""

@@ -1,0 +1,152 @@
+"""Operational routes: /, /health, /ready, /config, /openapi.json, /docs, /playground."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from stella import __version__
+from stella.api.http import JSONResponse, endpoint, services
+from stella.api.openapi import DOCS_HTML, Operation, build_schema, document
+from stella.core import Call
+from stella.protocol import Health, Readiness
+from stella.settings import redacted
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+_HEALTH = JSONResponse(Health()).body
+
+
+async def health(request: Request) -> Response:
+    """GET /health: liveness; never touches a backend or needs a key."""
+    return Response(_HEALTH, media_type="application/json")
+
+
+async def ready(request: Request) -> Response:
+    """GET /ready: the state store answers and the default model is loaded or loadable."""
+    svc = services(request)
+    checks: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(2):
+            checks["state"] = "ok" if await svc.state.ping() else "unreachable"
+    except (TimeoutError, OSError) as exc:
+        checks["state"] = f"unreachable: {type(exc).__name__}"
+    if svc.state.kind != "memory" and checks["state"] != "ok":
+        # Limits fall back to this process; serving goes on, so report but stay ready.
+        checks["state"] = f"degraded ({checks['state']})"
+    router = svc.router
+    try:
+        route = router.resolve(None)
+        checks["default_model"] = "ok" if route.backend.loaded(route.upstream_model) else "loading"
+        breaker = router.breaker(route.backend_name)
+        if breaker.state != "closed":
+            checks["circuit"] = f"{route.backend_name}: {breaker.state}"
+    except Exception as exc:  # a broken default must show here, not crash the probe
+        checks["default_model"] = f"error: {exc}"
+    if svc.drain.draining:
+        checks["server"] = "draining"
+    ok = all(v == "ok" or v.startswith("degraded") for v in checks.values())
+    return JSONResponse(Readiness("ok" if ok else "unavailable", checks), 200 if ok else 503)
+
+
+@endpoint(auth="user")
+async def config(request: Request, call: Call) -> Response:
+    """GET /config: the effective configuration, every secret redacted."""
+    svc = services(request)
+    return JSONResponse({"config": redacted(svc.settings), "default_model": svc.router.default})
+
+
+async def info(request: Request) -> Response:
+    """GET /: what this service is; browsers go to the playground."""
+    accept = request.headers.get("accept", "")
+    if "text/html" in accept and (STATIC / "playground.html").is_file():
+        return RedirectResponse("/playground", status_code=307)
+    svc = services(request)
+    return JSONResponse(
+        {
+            "name": "stella",
+            "version": __version__,
+            "description": "An async LLM gateway",
+            "default_model": svc.router.default,
+            "uptime_s": round(time.monotonic() - svc.started, 1),
+            "links": {
+                "chat": "/api/v1/chat",
+                "generate": "/api/v1/generate",
+                "models": "/api/v1/models",
+                "openai": "/v1/chat/completions",
+                "ollama": "/api/chat",
+                "anthropic": "/v1/messages",
+                "health": "/health",
+                "ready": "/ready",
+                "metrics": "/metrics",
+                "openapi": "/openapi.json",
+                "docs": "/docs",
+                "playground": "/playground",
+            },
+        }
+    )
+
+
+_schema: bytes | None = None
+
+
+async def openapi(request: Request) -> Response:
+    """GET /openapi.json."""
+    global _schema
+    if _schema is None:
+        _schema = JSONResponse(build_schema()).body
+    return Response(_schema, media_type="application/json")
+
+
+async def docs(request: Request) -> Response:
+    """GET /docs: a page that renders the schema."""
+    return HTMLResponse(DOCS_HTML)
+
+
+async def playground(request: Request) -> Response:
+    """GET /playground."""
+    page = STATIC / "playground.html"
+    if not page.is_file():
+        return JSONResponse({"error": {"code": "not_found", "message": "no playground"}}, 404)
+    return FileResponse(page, headers={"Cache-Control": "no-cache"})
+
+
+document(
+    Operation(
+        "get",
+        "/health",
+        "Liveness; no auth, never touches a backend",
+        tag="ops",
+        response=Health,
+        public=True,
+        errors=(),
+    ),
+    Operation(
+        "get",
+        "/ready",
+        "Readiness: state store and default model",
+        tag="ops",
+        response=Readiness,
+        public=True,
+        errors=(503,),
+    ),
+    Operation(
+        "get", "/config", "Effective configuration, secrets redacted", tag="ops", errors=(401,)
+    ),
+)
+
+routes = [
+    Route("/", info, methods=["GET"]),
+    Route("/health", health, methods=["GET"]),
+    Route("/ready", ready, methods=["GET"]),
+    Route("/config", config, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+    Route("/docs", docs, methods=["GET"]),
+    Route("/playground", playground, methods=["GET"]),
+    Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
+]

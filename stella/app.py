@@ -1,0 +1,277 @@
+"""create_app(): the Starlette app, its routes, middleware and lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from stella import __version__, logs
+from stella.api import native, ops
+from stella.api.http import NATIVE, JSONResponse
+from stella.auth import Authenticator
+from stella.backends import Backend, ConfigError, build_backend, registry
+from stella.core import Admission, Pipeline
+from stella.errors import MethodNotAllowed, NotFound, ShuttingDown, StellaError
+from stella.routing import Router
+from stella.settings import RouteSettings, Settings, enabled_backends, load_settings
+from stella.state import MemoryState
+from stella.streaming import Drain
+
+# Dialect modules beyond the native API; each exposes `routes` (and may be absent).
+DIALECTS = (
+    "stella.api.openai",
+    "stella.api.ollama",
+    "stella.api.anthropic",
+    "stella.api.aliases",
+    "stella.api.admin",
+)
+_RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_log = structlog.get_logger("stella")
+
+
+class Services:
+    """Everything a route needs, built once per app: no hidden globals."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started = time.monotonic()
+        kinds = registry()
+        self.backends: dict[str, Backend] = {
+            name: build_backend(name, table, kinds)
+            for name, table in enabled_backends(settings).items()
+        }
+        self.router = Router(settings, self.backends)
+        self.auth = Authenticator(settings)
+        self.state: Any = make_state(settings)
+        self.admission: Admission = make_admission(settings, self.state)
+        self.log = structlog.get_logger("stella")
+        self.pipeline = Pipeline(
+            self.router, self.log, admission=self.admission, log_content=settings.log.content
+        )
+        self.drain = Drain(settings.server.drain_timeout_s)
+        self.metrics: Any = None
+        self.on_reject: list[Callable[[StellaError, str], None]] = []
+
+    def rejected(self, exc: StellaError, api: str) -> None:
+        """Tell observers about a refusal before the first byte (for metrics)."""
+        for hook in self.on_reject:
+            hook(exc, api)
+
+
+def make_state(settings: Settings) -> Any:
+    """The state store: Redis when configured, else this process's memory."""
+    if settings.state.redis_url:
+        try:
+            mod = importlib.import_module("stella.state_redis")
+        except ImportError as exc:
+            raise ConfigError(
+                f"state.redis_url: Redis support is not available ({exc}); "
+                "pip install 'stella-gateway[redis]'"
+            ) from exc
+        return mod.RedisState(settings.state)
+    return MemoryState()
+
+
+def make_admission(settings: Settings, state: Any) -> Admission:
+    """Rate limits and concurrency, when the limits module is present."""
+    try:
+        mod = importlib.import_module("stella.limits")
+    except ModuleNotFoundError as exc:
+        if exc.name != "stella.limits":
+            raise
+        return Admission()
+    return mod.Limiter(settings, state)
+
+
+class RequestContext:
+    """Pure ASGI middleware: request IDs, the X-Request-ID header, refusing while draining."""
+
+    def __init__(self, app: Any, services: Services) -> None:
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _RID.match(candidate):
+                    rid = candidate
+                break
+        if not rid:
+            rid = new_request_id()
+        scope.setdefault("state", {})["request_id"] = rid
+        structlog.contextvars.bind_contextvars(request_id=rid)
+        svc = self.services
+        if svc.drain.draining and scope["path"] not in ("/health", "/ready"):
+            exc = ShuttingDown("the server is shutting down; retry on another instance")
+            await NATIVE.error_response(exc, rid)(scope, receive, send)
+            return
+        header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                if not any(k == b"x-request-id" for k, _ in headers):
+                    message["headers"] = [*headers, header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def new_request_id() -> str:
+    """A sortable, unique request ID."""
+    return f"req_{time.time_ns():x}{os.urandom(5).hex()}"
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's 404/405 in stella's error shape."""
+    status = getattr(exc, "status_code", 500)
+    err: StellaError = (
+        NotFound(f"no route for {request.url.path}")
+        if status == 404
+        else MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        if status == 405
+        else StellaError(str(getattr(exc, "detail", "error")))
+    )
+    err.status = status
+    rid = request.scope.get("state", {}).get("request_id", "")
+    return JSONResponse(NATIVE.error_body(err, rid), status, headers=getattr(exc, "headers", None))
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the app; a bad configuration raises ConfigError naming the key."""
+    settings = settings or load_settings()
+    if logs.sink() is None:
+        configure_logs(settings)
+    svc = Services(settings)
+    routes = [*native.routes, *ops.routes]
+    for name in DIALECTS:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        routes = [*mod.routes, *routes]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
+    )
+    app.state.stella = svc
+    for hook in _app_hooks():
+        hook(app, svc)
+    app.add_middleware(RequestContext, services=svc)  # type: ignore[arg-type]
+    return app
+
+
+def _app_hooks() -> list[Callable[[Starlette, Services], None]]:
+    """Optional modules that wire themselves in (metrics, CORS)."""
+    out = []
+    for name in ("stella.metrics", "stella.cors"):
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        out.append(mod.install)
+    return out
+
+
+def configure_logs(settings: Settings) -> logs.LogSink:
+    """Point structlog at a sink that masks every secret this config knows of."""
+    names = [settings.auth.keys_env]
+    names += [t["api_key_env"] for t in settings.backends.values() if t.get("api_key_env")]
+    return logs.configure(
+        fmt=settings.log.format,
+        level=settings.log.level,
+        audit_path=settings.log.audit_path,
+        secrets=logs.secrets_from_env(names),
+    )
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    """Start state and backends; on the way out drain, close and flush."""
+    svc: Services = app.state.stella
+    await svc.state.start()
+    await _restore_state(svc)
+    started: list[Backend] = []
+    try:
+        for backend in svc.backends.values():
+            await backend.start()
+            started.append(backend)
+        _chain_signals(svc.drain)
+        _log.info(
+            "started",
+            version=__version__,
+            default_model=svc.router.default,
+            backends=sorted(svc.backends),
+            state=svc.state.kind,
+            auth="keys" if svc.auth.enabled else "anonymous",
+        )
+        yield
+    finally:
+        svc.drain.begin()
+        svc.drain.cut()
+        await svc.drain.wait(5)
+        for backend in started:
+            with contextlib.suppress(Exception):
+                await backend.aclose()
+        with contextlib.suppress(Exception):
+            await svc.state.aclose()
+        _log.info("stopped")
+        if sink := logs.sink():
+            sink.flush()
+
+
+async def _restore_state(svc: Services) -> None:
+    """Apply what the state store remembers: runtime routes, then the default switch."""
+    try:
+        for name, spec in (await svc.state.load_routes()).items():
+            with contextlib.suppress(StellaError, msgspec.ValidationError, KeyError):
+                svc.router.register(name, msgspec.convert(spec, RouteSettings))
+        name = await svc.state.get_default_model()
+        if name:
+            with contextlib.suppress(StellaError):
+                svc.router.set_default(name)
+    except OSError as exc:
+        _log.warning("state_unavailable", error=str(exc))
+
+
+def _chain_signals(drain: Drain) -> None:
+    """On SIGTERM/SIGINT begin draining, then let the server's own handler run."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous) or getattr(previous, "_stella", False):
+            continue
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            loop.call_soon_threadsafe(drain.begin)
+            previous(signum, frame)
+
+        handler._stella = True  # type: ignore[attr-defined]
+        signal.signal(sig, handler)

@@ -1,0 +1,107 @@
+"""API keys: stored as SHA-256 digests, each with a name, model scopes and limits."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import secrets
+from collections.abc import Mapping
+
+from stella.backends import ConfigError
+from stella.core import ANONYMOUS, Principal
+from stella.errors import Unauthorized
+from stella.settings import Settings
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest stored in the config instead of the key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A fresh random API key."""
+    return "sk-stella-" + secrets.token_urlsafe(24)
+
+
+class Authenticator:
+    """Maps a request's key to its Principal; with no keys configured, everyone is anonymous."""
+
+    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
+        environ = os.environ if environ is None else environ
+        lim = settings.limits
+        self.keys: dict[str, Principal] = {}
+        for name, k in settings.auth.keys.items():
+            digest = k.sha256.strip().lower()
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ConfigError(f"auth.keys.{name}.sha256: not a SHA-256 hex digest")
+            self.keys[digest] = Principal(
+                name=name,
+                admin=k.admin,
+                models=tuple(k.models) or ("*",),
+                requests_per_minute=k.requests_per_minute or lim.requests_per_minute,
+                tokens_per_minute=k.tokens_per_minute or lim.tokens_per_minute,
+                max_concurrent=k.max_concurrent or lim.max_concurrent,
+            )
+        # Quick start: STELLA_API_KEYS="k1,k2" or "alice=k1,bob=k2"; these keys are admins.
+        raw = environ.get(settings.auth.keys_env, "")
+        for i, entry in enumerate(e.strip() for e in raw.split(",") if e.strip()):
+            name, sep, key = entry.partition("=")
+            if not sep:
+                name, key = f"env-{i + 1}", entry
+            self.keys[hash_key(key)] = Principal(
+                name=name,
+                admin=True,
+                requests_per_minute=lim.requests_per_minute,
+                tokens_per_minute=lim.tokens_per_minute,
+                max_concurrent=lim.max_concurrent,
+            )
+        self.enabled = bool(self.keys)
+        self.anonymous = (
+            Principal(
+                name="anonymous",
+                admin=True,
+                requests_per_minute=lim.requests_per_minute,
+                tokens_per_minute=lim.tokens_per_minute,
+                max_concurrent=lim.max_concurrent,
+            )
+            if (lim.requests_per_minute or lim.tokens_per_minute or lim.max_concurrent)
+            else ANONYMOUS
+        )
+        host = settings.server.host
+        if not self.enabled and not settings.auth.allow_anonymous and not is_loopback(host):
+            raise ConfigError(
+                f"auth: no API keys configured and server.host={host!r} is not loopback; "
+                "set keys (STELLA_API_KEYS or [auth.keys]) or auth.allow_anonymous = true"
+            )
+
+    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        """The caller's Principal; Unauthorized when keys are on and the key is wrong."""
+        if not self.enabled:
+            return self.anonymous
+        token = _token(headers)
+        if not token:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
+        principal = self.keys.get(hashlib.sha256(token.encode()).hexdigest())
+        if principal is None:
+            raise Unauthorized("invalid API key")
+        return principal
+
+
+def _token(headers: Mapping[str, str]) -> str:
+    value = headers.get("authorization", "")
+    if value:
+        scheme, _, rest = value.partition(" ")
+        if scheme.lower() == "bearer":
+            return rest.strip()
+    return headers.get("x-api-key", "").strip()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only accepts local connections."""
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

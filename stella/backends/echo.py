@@ -1,0 +1,118 @@
+"""The echo backend: deterministic answers for tests, demos and load tests.
+
+It streams back the last user message word by word. With tools in the request
+it calls the first tool once with `{"input": <text>}`; after a tool result it
+echoes that result. Knobs make it fail, stall or slow down on purpose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+from stella.backends.base import Backend, BackendConfig, BackendEvent, CallContext
+from stella.errors import UpstreamError, UpstreamTimeout
+from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
+
+_WORDS = re.compile(r"\s*\S+")
+
+
+class EchoConfig(BackendConfig, kw_only=True):
+    """[backends.NAME] with kind = "echo"."""
+
+    delay_s: float = 0.0  # pause before each token
+    fail_before_first: bool = False  # raise before any token (a retryable upstream error)
+    fail_after: int = -1  # raise after this many tokens (-1: never)
+    stall_after: int = -1  # stop producing after this many tokens, forever (-1: never)
+    error_code: str = "upstream_error"
+    # Fixed reply instead of the echo, e.g. for load tests with a known size.
+    reply: str = ""
+
+
+class EchoBackend(Backend):
+    """Echoes the last user message; knobs for failure and pacing."""
+
+    kind = "echo"
+    Config = EchoConfig
+
+    def __init__(self, name: str, config: EchoConfig) -> None:
+        super().__init__(name, config)
+        self.cfg = config
+        self.started = 0
+        self.closed = 0  # generators whose cleanup ran (cancel or finish)
+
+    def capabilities(self, upstream_model: str) -> list[str]:
+        """Chat and tool calls."""
+        return ["chat", "tools"]
+
+    async def models(self) -> list[str]:
+        """One model, named after the backend."""
+        return ["echo"]
+
+    async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
+        """Stream the last user message back, word by word."""
+        cfg = self.cfg
+        self.started += 1
+        try:
+            prompt_tokens = sum(len(m.content.split()) for m in request.messages)
+            if cfg.fail_before_first:
+                raise UpstreamError("echo: failing before the first token, as configured")
+            last = request.messages[-1] if request.messages else None
+            if request.tools and last is not None and last.role == "user":
+                tool = request.tools[0].function
+                yield ToolCall(
+                    index=0, id="call_0", name=tool.name, arguments={"input": last.content}
+                )
+                yield Done(
+                    finish_reason="tool_calls",
+                    usage=Usage(prompt_tokens, 1, prompt_tokens + 1),
+                )
+                return
+            text = cfg.reply or _last_text(request)
+            words = _WORDS.findall(text)
+            limit = request.options.max_tokens
+            stops = request.options.stop or ()
+            finish = "stop"
+            sent = 0
+            emitted = ""
+            for word in words:
+                if limit is not None and sent >= limit:
+                    finish = "length"
+                    break
+                if sent == cfg.stall_after:
+                    await asyncio.Event().wait()  # stall: only cancellation ends this
+                if sent == cfg.fail_after:
+                    err = UpstreamTimeout if cfg.error_code == "upstream_timeout" else UpstreamError
+                    raise err(f"echo: failing after {sent} tokens, as configured")
+                if cfg.delay_s:
+                    await asyncio.sleep(cfg.delay_s)
+                if stops:
+                    cut = _stop_cut(emitted + word, stops)
+                    if cut is not None:
+                        if cut > len(emitted):
+                            yield Delta(text=(emitted + word)[len(emitted) : cut])
+                            sent += 1
+                        break
+                emitted += word
+                sent += 1
+                yield Delta(text=word)
+            yield Done(
+                finish_reason=finish,
+                usage=Usage(prompt_tokens, sent, prompt_tokens + sent),
+            )
+        finally:
+            self.closed += 1
+
+
+def _last_text(request: ChatRequest) -> str:
+    for message in reversed(request.messages):
+        if message.role in ("user", "tool"):
+            return message.content
+    return ""
+
+
+def _stop_cut(text: str, stops: tuple[str, ...] | list[str]) -> int | None:
+    """Index where the first stop string starts, if any appears."""
+    hits = [i for s in stops if s and (i := text.find(s)) >= 0]
+    return min(hits) if hits else None

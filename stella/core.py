@@ -1,0 +1,494 @@
+"""The one pipeline every dialect goes through.
+
+`Pipeline.prepare` resolves the model and admits the call (scope, limits,
+queue) before any byte is sent, so refusals are plain HTTP errors. The
+returned `Inference` then runs the backend chain with timeouts, retries and
+fallbacks, yields events that always end in exactly one `Done` or `Error`, and
+emits exactly one `inference` log event, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+
+from stella.backends import BackendEvent, CallContext
+from stella.errors import (
+    Forbidden,
+    InvalidRequest,
+    StellaError,
+    Unavailable,
+    UpstreamError,
+    UpstreamStatus,
+    UpstreamTimeout,
+)
+from stella.protocol import (
+    AssistantMessage,
+    ChatRequest,
+    ChatResponse,
+    Delta,
+    Done,
+    Error,
+    FunctionCall,
+    Start,
+    Timings,
+    ToolCall,
+    ToolCallRef,
+    Usage,
+)
+from stella.routing import Route, Router
+
+TerminalOrData = Delta | ToolCall | Done | Error
+
+
+@dataclass(slots=True, frozen=True)
+class Principal:
+    """Who is calling: a key's name and what it may do."""
+
+    name: str = "anonymous"
+    admin: bool = False
+    models: tuple[str, ...] = ("*",)
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    max_concurrent: int = 0
+
+    def may_use(self, model: str) -> bool:
+        """Whether a model name matches one of the key's glob patterns."""
+        if self.models == ("*",):
+            return True
+        from fnmatch import fnmatchcase
+
+        return any(fnmatchcase(model, p) for p in self.models)
+
+
+ANONYMOUS = Principal(admin=True)
+
+
+@dataclass(slots=True)
+class Call:
+    """One client call as it crosses the pipeline."""
+
+    request_id: str
+    api: str = "native"
+    principal: Principal = ANONYMOUS
+    # Set by the stream layer before it cancels the task: client_closed | shutting_down.
+    cancel_reason: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Permit:
+    """What admission handed out: released when the inference ends."""
+
+    headers: dict[str, str]
+
+    def __init__(self) -> None:
+        self.headers = {}
+
+    def settle(self, usage: Usage) -> None:
+        """Correct reserved tokens with the real usage."""
+
+    def release(self) -> None:
+        """Give back concurrency slots."""
+
+
+class Admission:
+    """Limits and queues consulted before a call starts (see stella.limits)."""
+
+    async def admit(self, call: Call, route: Route, request: ChatRequest) -> Permit:
+        """Admit or raise RateLimited / Overloaded."""
+        return Permit()
+
+
+Listener = Callable[[dict[str, Any]], None]
+
+
+class Pipeline:
+    """Routes, admits, runs and logs inferences."""
+
+    def __init__(
+        self,
+        router: Router,
+        log: Any,
+        *,
+        admission: Admission | None = None,
+        log_content: bool = False,
+    ) -> None:
+        self.router = router
+        self.log = log
+        self.admission = admission or Admission()
+        self.log_content = log_content
+        self.listeners: list[Listener] = []
+        self.active: set[Inference] = set()
+
+    async def prepare(self, request: ChatRequest, call: Call) -> Inference:
+        """Resolve and admit; raises a StellaError that becomes an HTTP error."""
+        if not request.messages:
+            raise InvalidRequest("$.messages: must contain at least one message")
+        route = self.router.resolve(request.model)
+        if not call.principal.may_use(route.name):
+            raise Forbidden(f"this key may not use model {route.name!r}")
+        chain = self.router.chain(route)
+        if not any(self.router.breaker(r.backend_name).available() for r in chain):
+            wait = min(self.router.breaker(r.backend_name).retry_after() for r in chain)
+            raise Unavailable(
+                f"model {route.name!r} is unavailable: its circuit is open", retry_after=wait
+            )
+        # Backend admission (e.g. a full local queue) refuses before the first byte;
+        # a route with fallbacks lets the chain try the next one instead.
+        if len(chain) == 1:
+            route.backend.admit(request)
+        permit = await self.admission.admit(call, route, request)
+        inference = Inference(self, route, chain, request, call, permit)
+        self.active.add(inference)
+        return inference
+
+
+class Inference:
+    """One admitted call: its events, its outcome, its one log event."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        route: Route,
+        chain: list[Route],
+        request: ChatRequest,
+        call: Call,
+        permit: Permit,
+    ) -> None:
+        self.pipeline = pipeline
+        self.route = route
+        self.chain = chain
+        self.request = request
+        self.call = call
+        self.permit = permit
+        self.t0 = time.perf_counter()
+        self.created = time.time()
+        self.ttft: float | None = None
+        self.queue_ms = 0.0
+        self.attempts: list[dict[str, Any]] = []
+        self.backend_name = route.backend_name
+        self.upstream_model = route.upstream_model
+        self.usage = Usage()
+        self.completion_tokens = 0
+        self.finish_reason: str = "error"
+        self.error: StellaError | None = None
+        self.texts: list[str] = []
+        self.tool_calls: list[ToolCall] = []
+        self.logged = False
+        self.terminal = False
+        self.t_end = 0.0
+        self.collect = not request.stream or pipeline.log_content
+
+    def start_event(self) -> Start:
+        """The `start` line, sent before the backend produces anything."""
+        return Start(
+            id=self.call.request_id,
+            model=self.route.name,
+            backend=self.route.backend_name,
+            created=round(self.created, 3),
+        )
+
+    async def events(self) -> AsyncIterator[TerminalOrData]:
+        """Deltas and tool calls, then exactly one Done or Error."""
+        try:
+            async for event in self._run():
+                yield event
+        finally:
+            self.finish()
+
+    async def _run(self) -> AsyncIterator[TerminalOrData]:
+        last: StellaError | None = None
+        for route in self.chain:
+            breaker = self.pipeline.router.breaker(route.backend_name)
+            rs = route.settings
+            for attempt in range(rs.retries + 1):
+                if not breaker.allow():
+                    self.attempts.append(
+                        {
+                            "backend": route.backend_name,
+                            "route": route.name,
+                            "error": "circuit_open",
+                        }
+                    )
+                    last = last or Unavailable(f"backend {route.backend_name!r}: circuit open")
+                    break
+                if attempt:
+                    await asyncio.sleep(
+                        _backoff(rs.retry_backoff_s, rs.retry_max_backoff_s, attempt, last)
+                    )
+                ok, first, agen = await self._first(route)
+                if not ok:
+                    last = first  # type: ignore[assignment]
+                    breaker_hit = last.retryable
+                    if breaker_hit:
+                        breaker.failure()
+                    else:
+                        breaker.release()
+                    if not last.retryable:
+                        self.error = last
+                        yield self._error(last)
+                        return
+                    continue
+                async for event in self._stream(route, agen, first):  # type: ignore[arg-type]
+                    yield event
+                return
+        err = last or Unavailable("no backend could take this request")
+        if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
+            err = UpstreamError(f"every backend failed; last: {err.message}")
+            err.code = getattr(last, "code", err.code)
+        self.error = err
+        yield self._error(err)
+
+    async def _first(self, route: Route) -> tuple[bool, Any, Any]:
+        """Open the backend stream and wait for its first event within ttft_timeout_s."""
+        rs = route.settings
+        self.backend_name = route.backend_name
+        self.upstream_model = route.upstream_model
+        ctx = CallContext(request_id=self.call.request_id, route=route.name)
+        req = msgspec.structs.replace(self.request, model=route.upstream_model)
+        agen = route.backend.chat(req, ctx)
+        t = time.perf_counter()
+        record: dict[str, Any] = {"backend": route.backend_name, "route": route.name}
+        self.attempts.append(record)
+        timeout = min(rs.ttft_timeout_s, rs.total_timeout_s - (t - self.t0))
+        try:
+            async with asyncio.timeout(max(timeout, 0.001)):
+                first = await anext(agen)
+        except StopAsyncIteration:
+            err: StellaError = UpstreamError(f"backend {route.backend_name!r} ended without output")
+        except StellaError as exc:
+            err = exc
+        except TimeoutError:
+            err = UpstreamTimeout(f"no first token from {route.backend_name!r} within {timeout:g}s")
+        except (OSError, ValueError, RuntimeError) as exc:
+            err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")
+        else:
+            self.queue_ms = ctx.queue_ms
+            record["ms"] = round((time.perf_counter() - t) * 1000, 2)
+            record["error"] = None
+            return True, first, (agen, ctx)
+        await _close(agen)
+        record["ms"] = round((time.perf_counter() - t) * 1000, 2)
+        record["error"] = err.code
+        if isinstance(err, UpstreamStatus):
+            record["upstream_status"] = err.upstream_status
+        return False, err, None
+
+    async def _stream(
+        self, route: Route, pair: tuple[AsyncIterator[BackendEvent], CallContext], event: Any
+    ) -> AsyncIterator[TerminalOrData]:
+        agen, ctx = pair
+        rs = route.settings
+        breaker = self.pipeline.router.breaker(route.backend_name)
+        self.ttft = time.perf_counter()
+        deadline = self.t0 + rs.total_timeout_s
+        idle = rs.idle_timeout_s
+        collect = self.collect
+        try:
+            while True:
+                if type(event) is Delta:
+                    self.completion_tokens += 1
+                    if collect:
+                        self.texts.append(event.text)
+                    yield event
+                elif type(event) is Done:
+                    breaker.success()
+                    self.queue_ms = ctx.queue_ms
+                    yield self._done(event)
+                    return
+                elif type(event) is ToolCall:
+                    self.tool_calls.append(event)
+                    yield event
+                else:
+                    raise UpstreamError(f"backend sent an unknown event {type(event).__name__}")
+                wait = min(idle, deadline - time.perf_counter())
+                try:
+                    async with asyncio.timeout(max(wait, 0.001)):
+                        event = await anext(agen)
+                except StopAsyncIteration:
+                    raise UpstreamError(
+                        f"backend {route.backend_name!r} ended without done"
+                    ) from None
+                except TimeoutError:
+                    raise UpstreamTimeout(
+                        f"backend {route.backend_name!r} went silent for {wait:g}s"
+                    ) from None
+        except StellaError as exc:
+            # After the first token no fallback: a silent switch of model mid-answer is worse.
+            if exc.retryable:
+                breaker.failure()
+            self.error = exc
+            yield self._error(exc)
+        except (OSError, ValueError, RuntimeError) as exc:
+            err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")
+            self.error = err
+            yield self._error(err)
+        finally:
+            if self.finish_reason != "stop" and self.error is None:
+                breaker.release()
+            await _close(agen)
+
+    def _done(self, done: Done) -> Done:
+        now = time.perf_counter()
+        usage = done.usage
+        if not usage.completion_tokens and self.completion_tokens:
+            usage = Usage(
+                usage.prompt_tokens,
+                self.completion_tokens,
+                usage.prompt_tokens + self.completion_tokens,
+            )
+        elif usage.total_tokens == 0:
+            usage = Usage(
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                usage.prompt_tokens + usage.completion_tokens,
+            )
+        self.usage = usage
+        self.finish_reason = done.finish_reason
+        self.terminal = True
+        self.t_end = now
+        ttft = self.ttft or now
+        gen_s = now - ttft
+        tps = usage.completion_tokens / gen_s if gen_s > 0 and usage.completion_tokens > 1 else None
+        timings = Timings(
+            queue_ms=round(self.queue_ms, 2),
+            ttft_ms=round((ttft - self.t0) * 1000, 2),
+            total_ms=round((now - self.t0) * 1000, 2),
+            tokens_per_s=round(tps, 2) if tps else None,
+        )
+        return Done(finish_reason=done.finish_reason, usage=usage, timings=timings)
+
+    def _error(self, exc: StellaError) -> Error:
+        self.finish_reason = "error"
+        self.terminal = True
+        self.t_end = time.perf_counter()
+        return Error(code=exc.code, message=exc.message, retryable=exc.retryable)
+
+    async def result(self) -> ChatResponse:
+        """Run to the end and return the whole answer; raise the error if it failed."""
+        done: Done | None = None
+        async for event in self.events():
+            if type(event) is Done:
+                done = event
+            elif type(event) is Error:
+                assert self.error is not None
+                raise self.error
+        assert done is not None
+        text = "".join(self.texts)
+        calls = [
+            ToolCallRef(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            for c in self.tool_calls
+        ] or None
+        return ChatResponse(
+            id=self.call.request_id,
+            model=self.route.name,
+            backend=self.backend_name,
+            message=AssistantMessage(role="assistant", content=text, tool_calls=calls),
+            response=text,
+            finish_reason=done.finish_reason,
+            usage=done.usage,
+            timings=done.timings,
+        )
+
+    def finish(self) -> None:
+        """Release the permit and emit the one `inference` event (idempotent)."""
+        if self.logged:
+            return
+        self.logged = True
+        if not self.terminal:
+            # Ended before a terminal event: the client left, or shutdown cut it.
+            shutdown = self.call.cancel_reason == "shutting_down"
+            self.finish_reason = "cancelled" if shutdown else "client_closed"
+        pipeline = self.pipeline
+        pipeline.active.discard(self)
+        now = self.t_end or time.perf_counter()
+        usage = self.usage
+        if not usage.completion_tokens and self.completion_tokens:
+            usage = Usage(
+                usage.prompt_tokens,
+                self.completion_tokens,
+                usage.prompt_tokens + self.completion_tokens,
+            )
+        try:
+            self.permit.settle(usage)
+        finally:
+            self.permit.release()
+        reason = self.finish_reason
+        err = self.error
+        if reason == "client_closed":
+            status = 499
+        elif reason == "cancelled":
+            status = 503
+        elif err is not None:
+            status = err.status
+        else:
+            status = 200
+        total_ms = (now - self.t0) * 1000
+        ttft_ms = (self.ttft - self.t0) * 1000 if self.ttft else None
+        gen_s = (now - self.ttft) if self.ttft else 0.0
+        tps = usage.completion_tokens / gen_s if gen_s > 0 and usage.completion_tokens > 1 else None
+        record: dict[str, Any] = {
+            "request_id": self.call.request_id,
+            "api": self.call.api,
+            "key": self.call.principal.name,
+            "model": self.route.name,
+            "backend": self.backend_name,
+            "upstream_model": self.upstream_model,
+            "stream": self.request.stream,
+            "status": status,
+            "finish_reason": reason,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "queue_ms": round(self.queue_ms, 2),
+            "ttft_ms": round(ttft_ms, 2) if ttft_ms is not None else None,
+            "total_ms": round(total_ms, 2),
+            "tokens_per_s": round(tps, 2) if tps else None,
+            "attempts": self.attempts,
+            "error_code": (
+                "shutting_down"
+                if reason == "cancelled"
+                else err.code
+                if err is not None and reason == "error"
+                else None
+            ),
+        }
+        if self.request.metadata:
+            record["metadata"] = self.request.metadata
+        if pipeline.log_content:
+            record["prompt"] = [
+                {"role": m.role, "content": m.content} for m in self.request.messages
+            ]
+            record["completion"] = "".join(self.texts)
+        for listener in pipeline.listeners:
+            try:
+                listener(record)
+            except Exception as exc:  # a metrics bug must not lose the log line
+                record.setdefault("listener_errors", []).append(repr(exc))
+        pipeline.log.info("inference", **record)
+
+
+def _backoff(base: float, cap: float, attempt: int, last: StellaError | None) -> float:
+    """Exponential backoff with full jitter; an upstream's Retry-After wins when given."""
+    hint = getattr(last, "retry_after_hint", None)
+    if hint is not None:
+        return min(float(hint), cap)
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+async def _close(agen: Any) -> None:
+    """Close a backend generator even while the task is being cancelled."""
+    aclose = getattr(agen, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.CancelScope(shield=True):
+        try:
+            await aclose()
+        except Exception:  # its cleanup failing must not mask the outcome
+            pass

@@ -1,0 +1,233 @@
+"""Structured logs: structlog on the event loop, rendering and writing on a thread.
+
+The event loop only builds a dict and puts it on a queue; a writer thread
+redacts, renders (JSON through msgspec, or a console line), writes stdout and
+the optional JSONL audit file, and flushes on shutdown. So a slow terminal or
+disk never stalls a request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import queue
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+import structlog
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+SECRET_FIELDS = re.compile(r"(?i)(authorization|api[_-]?key|x-api-key|secret|password|passwd)$")
+BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
+
+_encoder = msgspec.json.Encoder()
+
+
+def _default(obj: Any) -> Any:
+    return str(obj)
+
+
+_lenient_encoder = msgspec.json.Encoder(enc_hook=_default)
+
+
+class LogSink:
+    """Owns the writer thread; `put` is the only thing the event loop calls."""
+
+    def __init__(
+        self,
+        *,
+        fmt: str = "json",
+        stream: IO[bytes] | None = None,
+        audit_path: str = "",
+        secrets: Iterable[str] = (),
+    ) -> None:
+        self.fmt = fmt
+        self.stream = stream if stream is not None else sys.stdout.buffer
+        self.audit_path = audit_path
+        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._audit: IO[bytes] | None = None
+        self._thread = threading.Thread(target=self._run, name="stella-log", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def add_secrets(self, values: Iterable[str]) -> None:
+        """Mask these values wherever they appear in a log line."""
+        self.secrets = sorted(
+            {*self.secrets, *(v for v in values if len(v) >= 4)}, key=len, reverse=True
+        )
+
+    def put(self, event: dict[str, Any]) -> None:
+        """Queue one event dict (never blocks)."""
+        self._queue.put(event)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until everything queued so far is written."""
+        if self._closed:
+            return
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout)
+
+    def close(self) -> None:
+        """Write what is queued, close the audit file, stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            batch = [item]
+            with contextlib.suppress(queue.Empty):
+                while len(batch) < 512:
+                    batch.append(self._queue.get_nowait())
+            out: list[bytes] = []
+            audit: list[bytes] = []
+            stop = False
+            for ev in batch:
+                if ev is None:
+                    stop = True
+                elif isinstance(ev, threading.Event):
+                    self._write(out, audit)
+                    out, audit = [], []
+                    ev.set()
+                else:
+                    self._render(ev, out, audit)
+            self._write(out, audit)
+            if stop:
+                if self._audit:
+                    self._audit.close()
+                return
+
+    def _render(self, ev: dict[str, Any], out: list[bytes], audit: list[bytes]) -> None:
+        try:
+            ev = self._redact(ev)
+            for listener in self.listeners:
+                listener(ev)
+            line = _lenient_encoder.encode(ev)
+            out.append(line + b"\n" if self.fmt == "json" else _console(ev))
+            if self.audit_path and ev.get("event") == "inference":
+                audit.append(line + b"\n")
+        except Exception as exc:  # a log line must never take the writer down
+            out.append(f"log render failed: {exc!r}\n".encode())
+
+    def _write(self, out: list[bytes], audit: list[bytes]) -> None:
+        try:
+            if out:
+                self.stream.write(b"".join(out))
+                self.stream.flush()
+            if audit:
+                if self._audit is None:
+                    path = Path(self.audit_path)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self._audit = path.open("ab")
+                self._audit.write(b"".join(audit))
+                self._audit.flush()
+        except (OSError, ValueError):
+            pass  # stdout closed or disk full: dropping a log line beats crashing
+
+    def _redact(self, ev: dict[str, Any]) -> dict[str, Any]:
+        return {k: self._clean(k, v) for k, v in ev.items()}
+
+    def _clean(self, key: str, value: Any) -> Any:
+        if SECRET_FIELDS.search(key) and value:
+            return "***"
+        if isinstance(value, str):
+            return self._mask(value)
+        if isinstance(value, dict):
+            return {k: self._clean(str(k), v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._clean(key, v) for v in value]
+        return value
+
+    def _mask(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        if "earer" in text:
+            text = BEARER.sub(r"\1 ***", text)
+        return text
+
+
+def _console(ev: dict[str, Any]) -> bytes:
+    ts = dt.datetime.fromtimestamp(ev.get("ts", time.time())).strftime("%H:%M:%S.%f")[:-3]
+    level = str(ev.get("level", "info")).upper()[:5]
+    rest = " ".join(
+        f"{k}={v}" for k, v in ev.items() if k not in ("ts", "level", "event") and v is not None
+    )
+    return f"{ts} {level:<5} {ev.get('event', '')} {rest}\n".encode()
+
+
+class QueueLogger:
+    """structlog's final logger: hands the processed event dict to the sink."""
+
+    def __init__(self, sink: LogSink) -> None:
+        self._sink = sink
+
+    def msg(self, **event: Any) -> None:
+        """Queue one event."""
+        self._sink.put(event)
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+def _add_meta(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    event["ts"] = time.time()
+    event["level"] = "warning" if method == "warn" else method
+    return event
+
+
+_sink: LogSink | None = None
+
+
+def configure(
+    *,
+    fmt: str = "json",
+    level: str = "info",
+    audit_path: str = "",
+    secrets: Iterable[str] = (),
+    stream: IO[bytes] | None = None,
+) -> LogSink:
+    """Point structlog at a new sink (closing the previous one) and return it."""
+    global _sink
+    if _sink is not None:
+        _sink.close()
+    _sink = LogSink(fmt=fmt, stream=stream, audit_path=audit_path, secrets=secrets)
+    sink = _sink
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, _add_meta],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, 20)),
+        logger_factory=lambda *_: QueueLogger(sink),
+        cache_logger_on_first_use=False,
+    )
+    return sink
+
+
+def sink() -> LogSink | None:
+    """The sink structlog currently writes to."""
+    return _sink
+
+
+def secrets_from_env(names: Iterable[str]) -> list[str]:
+    """Values of the named env vars that hold secrets, to be masked in logs."""
+    out = []
+    for name in names:
+        value = os.environ.get(name, "")
+        out.extend(v.strip() for v in value.split(",") if v.strip())
+    return out
+
+
+def get_logger(name: str = "stella") -> Any:
+    """A structlog logger."""
+    return structlog.get_logger(name)

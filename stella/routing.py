@@ -1,0 +1,194 @@
+"""The model table: names and aliases to routes, fallbacks, circuit breakers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from stella.backends import Backend
+from stella.errors import Conflict, InvalidRequest, ModelNotFound
+from stella.settings import BreakerSettings, RouteSettings, Settings
+
+
+class CircuitBreaker:
+    """Opens after N consecutive failures; after a cool-down lets one probe through."""
+
+    __slots__ = ("cooldown_s", "failures", "opened_at", "probing", "state", "threshold")
+
+    def __init__(self, threshold: int, cooldown_s: float) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self.state = "closed"
+        self.failures = 0
+        self.opened_at = 0.0
+        self.probing = False
+
+    def allow(self) -> bool:
+        """Whether a request may go to this backend now (claims the probe when half-open)."""
+        if self.state == "closed":
+            return True
+        if self.state == "open" and time.monotonic() - self.opened_at >= self.cooldown_s:
+            self.state = "half_open"
+            self.probing = False
+        if self.state == "half_open" and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def available(self) -> bool:
+        """Whether `allow()` could say yes now, without claiming anything."""
+        if self.state == "closed":
+            return True
+        if self.state == "open":
+            return time.monotonic() - self.opened_at >= self.cooldown_s
+        return not self.probing
+
+    def success(self) -> None:
+        """The backend answered: close the circuit."""
+        self.state = "closed"
+        self.failures = 0
+        self.probing = False
+
+    def failure(self) -> None:
+        """The backend failed in a way that says it is unhealthy."""
+        self.failures += 1
+        self.probing = False
+        if self.state == "half_open" or (self.threshold and self.failures >= self.threshold):
+            self.state = "open"
+            self.opened_at = time.monotonic()
+
+    def release(self) -> None:
+        """A probe ended without a verdict (client left): let another probe go."""
+        self.probing = False
+
+    def retry_after(self) -> float:
+        """Seconds until a probe may go."""
+        return max(0.0, self.cooldown_s - (time.monotonic() - self.opened_at))
+
+
+@dataclass(slots=True)
+class Route:
+    """A routable model name bound to a backend and an upstream model."""
+
+    name: str
+    backend_name: str
+    backend: Backend
+    upstream_model: str
+    settings: RouteSettings
+    aliases: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+    runtime: bool = False
+
+
+class Router:
+    """Resolves model names; owns the routes, the default and the breakers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        backends: dict[str, Backend],
+        breaker: BreakerSettings | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backends = backends
+        self.configured_default = settings.models.default
+        self.default = settings.models.default
+        self.routes: dict[str, Route] = {}
+        self._names: dict[str, str] = {}
+        b = breaker or settings.breaker
+        self.breakers = {
+            name: CircuitBreaker(b.failure_threshold, b.cooldown_s) for name in backends
+        }
+        for name, rs in settings.models.routes.items():
+            if rs.backend in backends:  # routes to a disabled backend are left out
+                self._add(name, rs, runtime=False)
+
+    def _add(self, name: str, rs: RouteSettings, *, runtime: bool) -> Route:
+        backend = self.backends[rs.backend]
+        route = Route(
+            name=name,
+            backend_name=rs.backend,
+            backend=backend,
+            upstream_model=rs.upstream_model or name,
+            settings=rs,
+            aliases=list(rs.aliases),
+            fallbacks=list(rs.fallbacks),
+            runtime=runtime,
+        )
+        self.routes[name] = route
+        self._names[name] = name
+        for alias in rs.aliases:
+            self._names.setdefault(alias, name)
+        return route
+
+    def names(self) -> list[str]:
+        """Every routable name, aliases included."""
+        return sorted(self._names)
+
+    def resolve(self, model: str | None) -> Route:
+        """The route for a requested model name (None: the default)."""
+        name = model or self.default
+        target = self._names.get(name)
+        if target is not None:
+            return self.routes[target]
+        if self.settings.models.allow_direct and "/" in name:
+            provider, _, upstream = name.partition("/")
+            if provider in self.backends and upstream:
+                return Route(
+                    name=name,
+                    backend_name=provider,
+                    backend=self.backends[provider],
+                    upstream_model=upstream,
+                    settings=RouteSettings(backend=provider),
+                )
+        known = ", ".join(sorted(self.routes))
+        raise ModelNotFound(f"model {name!r} not found; known models: {known}")
+
+    def chain(self, route: Route) -> list[Route]:
+        """The route followed by its fallbacks, each once."""
+        out = [route]
+        seen = {route.name}
+        for name in route.fallbacks:
+            target = self._names.get(name)
+            if target and target not in seen:
+                seen.add(target)
+                out.append(self.routes[target])
+        return out
+
+    def breaker(self, backend_name: str) -> CircuitBreaker:
+        """The circuit breaker of a backend."""
+        return self.breakers[backend_name]
+
+    def set_default(self, name: str) -> str:
+        """Make a known route (or alias) the default; returns the route name."""
+        route = self.resolve(name)
+        if route.name not in self.routes:
+            raise ModelNotFound(f"model {name!r} is not a configured route")
+        self.default = route.name
+        return route.name
+
+    def register(self, name: str, rs: RouteSettings) -> Route:
+        """Add or replace a runtime route."""
+        if rs.backend not in self.backends:
+            raise InvalidRequest(
+                f"$.backend: unknown backend {rs.backend!r}; known: {sorted(self.backends)}"
+            )
+        existing = self.routes.get(name)
+        if existing is not None and not existing.runtime:
+            raise Conflict(f"model {name!r} is configured in the config file; it can't be replaced")
+        for fb in rs.fallbacks:
+            if fb not in self._names:
+                raise InvalidRequest(f"$.fallbacks: unknown route {fb!r}")
+        return self._add(name, rs, runtime=True)
+
+    def remove(self, name: str) -> None:
+        """Remove a runtime route; the configured ones and the default are protected."""
+        route = self.routes.get(self._names.get(name, name))
+        if route is None:
+            raise ModelNotFound(f"model {name!r} not found")
+        if route.name in (self.configured_default, self.default):
+            raise Conflict(f"model {route.name!r} is the default model; it can't be removed")
+        if not route.runtime:
+            raise Conflict(f"model {route.name!r} comes from the config file; it can't be removed")
+        del self.routes[route.name]
+        self._names = {k: v for k, v in self._names.items() if v != route.name}

@@ -1,0 +1,306 @@
+"""Configuration: conf/stella.toml, overlaid by $STELLA_CONFIG, then STELLA_* and PORT.
+
+Everything is decoded into msgspec structs, so a wrong key or type stops
+start-up with one line that names it. Secrets never live in TOML: a backend
+names the environment variable that holds its key (`api_key_env`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from stella.backends import ConfigError
+
+
+class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every config section: unknown keys are errors."""
+
+
+class ServerSettings(Section):
+    """[server]"""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 1_048_576
+    drain_timeout_s: float = 25.0
+    workers: int = 1
+    public_url: str = ""
+
+
+class RouteSettings(Section):
+    """[models.routes.NAME]: how one model name reaches a backend."""
+
+    backend: str
+    upstream_model: str = ""
+    aliases: list[str] = []
+    fallbacks: list[str] = []
+    # Timeouts: connect is the backend's; these bound the stream as the client sees it.
+    ttft_timeout_s: float = 120.0
+    idle_timeout_s: float = 60.0
+    total_timeout_s: float = 600.0
+    retries: int = 2
+    retry_backoff_s: float = 0.25
+    retry_max_backoff_s: float = 4.0
+
+
+class ModelsSettings(Section):
+    """[models]"""
+
+    default: str = "smollm2-135m"
+    routes: dict[str, RouteSettings] = {}
+    # `provider/model` selects backend `provider` with upstream model `model`, when allowed.
+    allow_direct: bool = False
+
+
+class StreamSettings(Section):
+    """[stream]"""
+
+    ping_interval_s: float = 15.0
+
+
+class BreakerSettings(Section):
+    """[breaker]: per backend circuit breaker."""
+
+    failure_threshold: int = 5
+    cooldown_s: float = 30.0
+
+
+class KeySettings(Section):
+    """[auth.keys.NAME]: one API key, stored as its SHA-256 hex digest."""
+
+    sha256: str
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    admin: bool = False
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    max_concurrent: int = 0
+
+
+class AuthSettings(Section):
+    """[auth]"""
+
+    allow_anonymous: bool = False
+    keys: dict[str, KeySettings] = {}
+    # Name of the env var with comma-separated plain keys (quick starts); all admin.
+    keys_env: str = "STELLA_API_KEYS"
+
+
+class LimitsSettings(Section):
+    """[limits]: defaults for every key, and per-model limits."""
+
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    max_concurrent: int = 0
+    queue_timeout_s: float = 10.0
+    models: dict[str, dict[str, int]] = {}
+
+
+class StateSettings(Section):
+    """[state]"""
+
+    redis_url: str = ""
+    prefix: str = "stella"
+
+
+class CorsSettings(Section):
+    """[cors]"""
+
+    allowed_origins: list[str] = []
+    max_age_s: int = 600
+
+
+class LogSettings(Section):
+    """[log]"""
+
+    format: str = "json"
+    level: str = "info"
+    audit_path: str = ""
+    content: bool = False
+
+
+class MetricsSettings(Section):
+    """[metrics]"""
+
+    enabled: bool = True
+
+
+class Settings(Section):
+    """The whole configuration."""
+
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    models: ModelsSettings = msgspec.field(default_factory=ModelsSettings)
+    backends: dict[str, dict[str, Any]] = {}
+    stream: StreamSettings = msgspec.field(default_factory=StreamSettings)
+    breaker: BreakerSettings = msgspec.field(default_factory=BreakerSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
+    state: StateSettings = msgspec.field(default_factory=StateSettings)
+    cors: CorsSettings = msgspec.field(default_factory=CorsSettings)
+    log: LogSettings = msgspec.field(default_factory=LogSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+
+
+def default_config_path() -> Path:
+    """conf/stella.toml of a checkout, or the copy shipped inside the wheel."""
+    here = Path(__file__).resolve().parent
+    checkout = here.parent / "conf" / "stella.toml"
+    return checkout if checkout.is_file() else here / "conf" / "stella.toml"
+
+
+def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge `over` into a copy of `base`: tables merge, other values replace."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def _env_value(raw: str) -> Any:
+    """A TOML literal when it parses as one (9000, true, ["a"]), else the string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """STELLA_SECTION__KEY=value (and PORT) as a nested dict."""
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith("STELLA_") or "__" not in name:
+            continue
+        path = [p.lower() for p in name[len("STELLA_") :].split("__")]
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: conflicts with another STELLA_ variable")
+        node[path[-1]] = _env_value(raw)
+    if port := environ.get("PORT"):
+        out.setdefault("server", {})["port"] = _env_value(port)
+    return out
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    path: Path | None = None,
+) -> Settings:
+    """Defaults, then $STELLA_CONFIG, then the environment, then `overrides`."""
+    environ = os.environ if environ is None else environ
+    data = _read_toml(path or default_config_path())
+    if extra := environ.get("STELLA_CONFIG"):
+        data = merge(data, _read_toml(Path(extra)))
+    data = merge(data, env_overrides(environ))
+    if overrides:
+        data = merge(data, overrides)
+    return decode_settings(data)
+
+
+def decode_settings(data: Mapping[str, Any]) -> Settings:
+    """Validate a config dict; ConfigError names the first bad key."""
+    try:
+        settings = msgspec.convert(data, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        message, sep, where = text.rpartition(" - at `$.")
+        if sep:
+            raise ConfigError(f"{where.rstrip('`')}: {message}") from None
+        raise ConfigError(f"config: {text}") from None
+    _check(settings)
+    return settings
+
+
+def enabled_backends(s: Settings) -> dict[str, dict[str, Any]]:
+    """Backend tables without `enabled = false` (the key itself removed)."""
+    return {
+        name: {k: v for k, v in table.items() if k != "enabled"}
+        for name, table in s.backends.items()
+        if table.get("enabled", True) is not False
+    }
+
+
+def _check(s: Settings) -> None:
+    if not 0 < s.server.port < 65536:
+        raise ConfigError(f"server.port: {s.server.port} is not a TCP port")
+    if s.server.max_body_bytes <= 0:
+        raise ConfigError("server.max_body_bytes: must be positive")
+    if s.log.format not in ("json", "console"):
+        raise ConfigError(f"log.format: {s.log.format!r} is not one of json, console")
+    for name, table in s.backends.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"backends.{name}: must be a table")
+    for name, route in s.models.routes.items():
+        if route.backend not in s.backends:
+            raise ConfigError(
+                f"models.routes.{name}.backend: unknown backend {route.backend!r}; "
+                f"known: {sorted(s.backends)}"
+            )
+        for fb in route.fallbacks:
+            if fb not in s.models.routes:
+                raise ConfigError(f"models.routes.{name}.fallbacks: unknown route {fb!r}")
+    live = enabled_backends(s)
+    default = s.models.routes.get(s.models.default)
+    if default is not None and default.backend not in live:
+        raise ConfigError(
+            f"models.default: route {s.models.default!r} uses disabled backend {default.backend!r}"
+        )
+    if s.models.default and s.models.default not in s.models.routes:
+        aliases = {a for r in s.models.routes.values() for a in r.aliases}
+        if s.models.default not in aliases:
+            raise ConfigError(
+                f"models.default: {s.models.default!r} is not a route; "
+                f"known: {sorted(s.models.routes)}"
+            )
+
+
+SECRET_MARKERS = ("key", "secret", "token", "password", "authorization", "sha256")
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective configuration as a dict, every secret-looking value masked."""
+    return _redact(msgspec.to_builtins(settings))
+
+
+def _redact(node: Any, key: str = "") -> Any:
+    if isinstance(node, dict):
+        return {k: _redact(v, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redact(v, key) for v in node]
+    lowered = key.lower()
+    # `api_key_env` names a variable, it is not the secret itself.
+    if lowered.endswith("_env"):
+        return node
+    if isinstance(node, str) and node and any(m in lowered for m in SECRET_MARKERS):
+        return "***"
+    if isinstance(node, str) and "://" in node and "@" in node:
+        return _redact_url(node)
+    return node
+
+
+def _redact_url(url: str) -> str:
+    """redis://user:pass@host -> redis://***@host."""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url

@@ -1,0 +1,69 @@
+"""The state store: what must outlive a request (default model, runtime routes, usage).
+
+`MemoryState` keeps it in this process. A Redis-backed store with the same
+methods lets several workers and replicas share it and keeps it across restarts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+
+class MemoryState:
+    """State in this process only; lost on restart."""
+
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self.default_model: str | None = None
+        self.routes: dict[str, dict[str, Any]] = {}
+        self.usage: dict[tuple[str, str, str], dict[str, int]] = defaultdict(
+            lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0}
+        )
+
+    async def start(self) -> None:
+        """Connect (nothing to do in memory)."""
+
+    async def aclose(self) -> None:
+        """Disconnect."""
+
+    async def ping(self) -> bool:
+        """Whether the store is reachable."""
+        return True
+
+    async def get_default_model(self) -> str | None:
+        """The default model set at runtime, if any."""
+        return self.default_model
+
+    async def set_default_model(self, name: str) -> None:
+        """Persist the runtime default model."""
+        self.default_model = name
+
+    async def load_routes(self) -> dict[str, dict[str, Any]]:
+        """Runtime-registered routes by name."""
+        return dict(self.routes)
+
+    async def save_route(self, name: str, spec: dict[str, Any]) -> None:
+        """Persist a runtime route."""
+        self.routes[name] = spec
+
+    async def delete_route(self, name: str) -> None:
+        """Forget a runtime route."""
+        self.routes.pop(name, None)
+
+    def record_usage(self, key: str, model: str, day: str, record: dict[str, Any]) -> None:
+        """Count one inference for a key, a model and a day."""
+        row = self.usage[(key, model, day)]
+        row["requests"] += 1
+        row["prompt_tokens"] += record.get("prompt_tokens") or 0
+        row["completion_tokens"] += record.get("completion_tokens") or 0
+        row["errors"] += 1 if record.get("status", 200) >= 500 else 0
+
+    async def get_usage(self, day: str | None = None) -> list[dict[str, Any]]:
+        """Usage rows, optionally for one day (YYYY-MM-DD)."""
+        return [
+            {"key": k, "model": m, "day": d, **row}
+            for (k, m, d), row in sorted(self.usage.items())
+            if day is None or d == day
+        ]

@@ -1,0 +1,200 @@
+"""Streaming responses: first byte at once, heartbeats, disconnect, drain.
+
+`EventStream` is a plain ASGI response. It sends the headers and the `start`
+event immediately, encodes each pipeline event with the dialect's codec, sends
+a ping after a silence, cancels the backend when the client goes away, and on
+shutdown ends the stream with an in-band `shutting_down` error. Every stream
+ends with exactly one terminal event from the pipeline or from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import msgspec
+
+from stella.core import Inference
+from stella.errors import ShuttingDown, StellaError
+from stella.protocol import Error, Start
+
+Send = Callable[[dict[str, Any]], Any]
+Receive = Callable[[], Any]
+
+
+class Codec:
+    """How a dialect writes events on the wire; the native one is NDJSON."""
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.json.Encoder()
+
+    def start(self, event: Start) -> bytes:
+        """Bytes for the start of the stream (b"" sends only the headers)."""
+        return self._encoder.encode(event) + b"\n"
+
+    def encode(self, event: Any) -> bytes:
+        """Bytes for one pipeline event (Delta, ToolCall, Done, Error)."""
+        return self._encoder.encode(event) + b"\n"
+
+    def ping(self) -> bytes:
+        """Bytes that keep the connection alive without meaning anything."""
+        return b'{"type":"ping"}\n'
+
+    def close(self) -> bytes:
+        """Bytes after the terminal event (e.g. SSE's `data: [DONE]`)."""
+        return b""
+
+
+class Drain:
+    """Tracks running calls so shutdown can let them finish, then end them."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.draining = False
+        self.tasks: dict[asyncio.Task[Any], Any] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def enter(self, call: Any) -> None:
+        """Register the current task as serving `call`."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks[task] = call
+            self.idle.clear()
+
+    def leave(self) -> None:
+        """Unregister the current task."""
+        self.tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+        if not self.tasks:
+            self.idle.set()
+
+    def begin(self) -> None:
+        """Stop taking new calls; end the running ones after the timeout."""
+        if self.draining:
+            return
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.timeout_s, self.cut)
+
+    def cut(self) -> None:
+        """End every running call now, each with a `shutting_down` outcome."""
+        for task, call in list(self.tasks.items()):
+            call.cancel_reason = "shutting_down"
+            task.cancel()
+
+    async def wait(self, seconds: float) -> None:
+        """Wait until every running call has ended, at most `seconds`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.idle.wait()
+
+
+class EventStream:
+    """ASGI response streaming one inference through a codec."""
+
+    def __init__(
+        self,
+        inference: Inference,
+        codec: Codec,
+        *,
+        drain: Drain,
+        ping_interval_s: float = 15.0,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.inference = inference
+        self.codec = codec
+        self.drain = drain
+        self.ping_interval_s = ping_interval_s
+        self.headers = headers or {}
+        self._last = 0.0
+        self._open = True
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        inference = self.inference
+        call = inference.call
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        raw = [
+            (b"content-type", self.codec.media_type.encode()),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+            (b"x-request-id", call.request_id.encode()),
+        ]
+        raw += [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
+        self.drain.enter(call)
+        watcher = asyncio.create_task(self._watch(receive, send, task, call))
+        events = inference.events()
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": raw})
+            first = self.codec.start(inference.start_event())
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            self._last = loop.time()
+            encode = self.codec.encode
+            async for event in events:
+                chunk = encode(event)
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    self._last = loop.time()
+            self._open = False
+            await send(
+                {"type": "http.response.body", "body": self.codec.close(), "more_body": False}
+            )
+        except asyncio.CancelledError:
+            if call.cancel_reason is None:
+                raise  # cancelled by the server itself: let it through
+            task.uncancel()
+            if call.cancel_reason == "shutting_down":
+                err = ShuttingDown("the server is shutting down; retry the request")
+                await self._end(send, err)
+        except OSError:
+            # The client went away and the write failed: same as a disconnect.
+            call.cancel_reason = call.cancel_reason or "client_closed"
+        finally:
+            self._open = False
+            watcher.cancel()
+            with anyio.CancelScope(shield=True):
+                await events.aclose()
+            inference.finish()
+            self.drain.leave()
+
+    async def _end(self, send: Send, err: StellaError) -> None:
+        self._open = False
+        body = self.codec.encode(Error(code=err.code, message=err.message, retryable=True))
+        with contextlib.suppress(OSError), anyio.CancelScope(shield=True):
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": self.codec.close(), "more_body": False}
+            )
+
+    async def _watch(
+        self, receive: Receive, send: Send, task: asyncio.Task[Any], call: Any
+    ) -> None:
+        """Notice a disconnect at once; send a ping after each silence."""
+        loop = asyncio.get_running_loop()
+        interval = self.ping_interval_s
+        ping = self.codec.ping()
+        while True:
+            remaining = self._last + interval - loop.time() if self._last else interval
+            try:
+                async with asyncio.timeout(max(remaining, 0.01)):
+                    message = await receive()
+            except TimeoutError:
+                if self._open and self._last and loop.time() - self._last >= interval:
+                    self._last = loop.time()
+                    try:
+                        await send({"type": "http.response.body", "body": ping, "more_body": True})
+                    except OSError:
+                        return
+                continue
+            if message["type"] == "http.disconnect":
+                if self._open:
+                    call.cancel_reason = "client_closed"
+                    task.cancel()
+                return
