@@ -1,0 +1,44 @@
+"""Shared fixtures: a live stella on loopback for the tests that talk HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.live import LiveServer, run_stella
+
+# Routes every foundation test may use: a plain echo plus echo with each failure knob.
+ECHO_ROUTES = {
+    "backends": {
+        "slow": {"kind": "echo", "delay_s": 0.05},
+        "failfirst": {"kind": "echo", "fail_before_first": True},
+        "failafter": {"kind": "echo", "fail_after": 3},
+        "stall": {"kind": "echo", "stall_after": 2},
+        "stallfirst": {"kind": "echo", "stall_after": 0},
+    },
+    "models": {
+        "routes": {
+            "echo-slow": {"backend": "slow"},
+            "echo-fail": {"backend": "failfirst", "retries": 1, "retry_backoff_s": 0.01},
+            "echo-fail-fallback": {
+                "backend": "failfirst",
+                "retries": 0,
+                "fallbacks": ["echo"],
+            },
+            "echo-fail-after": {"backend": "failafter"},
+            "echo-stall": {"backend": "stall", "idle_timeout_s": 0.5},
+            "echo-stall-first": {"backend": "stallfirst", "ttft_timeout_s": 0.5, "retries": 0},
+        }
+    },
+    "stream": {"ping_interval_s": 0.2},
+    # Failures are on purpose here; breakers have their own tests.
+    "breaker": {"failure_threshold": 0},
+}
+
+
+@pytest.fixture(scope="session")
+def stella() -> Iterator[LiveServer]:
+    """One shared stella with the echo test routes (no keys: anonymous on loopback)."""
+    with run_stella(ECHO_ROUTES) as server:
+        yield server

@@ -1,0 +1,177 @@
+"""Run stella as a real process on a free loopback port, and read what it logged."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Every test server starts from this overlay: echo is the default, MLX stays unloaded.
+NO_MLX: dict[str, Any] = {
+    "models": {"default": "echo"},
+    "backends": {"local": {"enabled": False}},
+}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def to_toml(data: Mapping[str, Any]) -> str:
+    """A small TOML writer for test configs (tables, scalars, lists, inline tables)."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, Mapping):
+            return "{" + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + "}"
+        raise TypeError(type(v))
+
+    def table(prefix: list[str], node: Mapping[str, Any]) -> None:
+        scalars = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
+        tables = {k: v for k, v in node.items() if isinstance(v, Mapping)}
+        if prefix and (scalars or not tables):
+            lines.append("[" + ".".join(json.dumps(p) for p in prefix) + "]")
+        for k, v in scalars.items():
+            lines.append(f"{json.dumps(k)} = {value(v)}")
+        for k, v in tables.items():
+            table([*prefix, k], v)
+
+    table([], data)
+    return "\n".join(lines) + "\n"
+
+
+def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge of two config dicts."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+class LiveServer:
+    """A stella process: its URL, its stdout log, and a way to stop it."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+        self.proc = proc
+        self.url = url
+        self.port = int(url.rsplit(":", 1)[1])
+        self.log_path = log_path
+
+    def lines(self) -> list[str]:
+        """Every line the server wrote so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace").splitlines()
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """Parsed JSON log events, optionally only those named `name`."""
+        out = []
+        for line in self.lines():
+            if line.startswith("{"):
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if name is None or ev.get("event") == name:
+                    out.append(ev)
+        return out
+
+    def wait_event(
+        self, pred: Callable[[dict[str, Any]], bool], timeout: float = 10.0, name: str = "inference"
+    ) -> dict[str, Any]:
+        """The first event matching `pred`, waiting up to `timeout` seconds for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ev in self.events(name):
+                if pred(ev):
+                    return ev
+            time.sleep(0.02)
+        raise AssertionError(f"no matching {name} event within {timeout}s; log:\n" + "\n".join(self.lines()[-30:]))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Send `sig` and wait for the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+@contextmanager
+def run_stella(
+    config: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    base: Mapping[str, Any] = NO_MLX,
+    args: tuple[str, ...] = (),
+    ready_timeout: float = 60.0,
+    check_ready: bool = True,
+) -> Iterator[LiveServer]:
+    """Start `python -m stella serve` with `config` overlaid; stop it afterwards."""
+    port = free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="stella-test-"))
+    conf = tmp / "stella.toml"
+    conf.write_text(to_toml(merge(base, config or {})))
+    log_path = tmp / "server.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    full_env.update({"STELLA_CONFIG": str(conf), "PORT": str(port), "PYTHONUNBUFFERED": "1"})
+    full_env.update(env or {})
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stella", "serve", "--log-format", "json", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=tmp,
+        )
+    server = LiveServer(proc, f"http://127.0.0.1:{port}", log_path)
+    try:
+        if check_ready:
+            _wait_up(server, ready_timeout)
+        yield server
+    finally:
+        server.stop()
+
+
+def _wait_up(server: LiveServer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError("stella exited at start:\n" + "\n".join(server.lines()))
+        try:
+            if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("stella did not come up:\n" + "\n".join(server.lines()))
+
+
+def ndjson(text: str) -> list[dict[str, Any]]:
+    """Parse an NDJSON body into a list of objects."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -1,0 +1,187 @@
+"""The native NDJSON stream contract, against a real stella process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.live import LiveServer, ndjson
+
+
+def chat(server: LiveServer, model: str, text: str = "hi there", **body: object) -> httpx.Response:
+    payload = {"model": model, "messages": [{"role": "user", "content": text}], **body}
+    return httpx.post(server.url + "/api/v1/chat", json=payload, timeout=10)
+
+
+def test_echo_stream_is_start_deltas_done(stella: LiveServer) -> None:
+    r = chat(stella, "echo")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/x-ndjson"
+    assert r.headers["cache-control"] == "no-cache"
+    assert r.headers["x-accel-buffering"] == "no"
+    lines = ndjson(r.text)
+    assert [e["type"] for e in lines] == ["start", "delta", "delta", "done"]
+    assert lines[0]["id"] == r.headers["x-request-id"]
+    assert lines[0]["model"] == "echo" and lines[0]["backend"] == "echo"
+    assert "".join(e["text"] for e in lines[1:3]) == "hi there"
+    done = lines[-1]
+    assert done["finish_reason"] == "stop"
+    assert done["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+    assert set(done["timings"]) == {"queue_ms", "ttft_ms", "total_ms", "tokens_per_s"}
+
+
+def test_every_line_ends_with_newline(stella: LiveServer) -> None:
+    r = chat(stella, "echo")
+    assert r.text.endswith("\n")
+    assert all(line for line in r.text.split("\n")[:-1])
+
+
+def test_non_stream_response(stella: LiveServer) -> None:
+    r = chat(stella, "echo", stream=False)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["message"] == {"role": "assistant", "content": "hi there"}
+    assert body["response"] == "hi there"
+    assert body["finish_reason"] == "stop"
+    assert body["id"] == r.headers["x-request-id"]
+    assert body["usage"]["total_tokens"] == 4
+
+
+def test_generate_with_system(stella: LiveServer) -> None:
+    r = httpx.post(
+        stella.url + "/api/v1/generate",
+        json={"model": "echo", "prompt": "one two three", "system": "be brief", "stream": False},
+    )
+    assert r.status_code == 200
+    assert r.json()["response"] == "one two three"
+    assert r.json()["usage"]["prompt_tokens"] == 5
+
+
+def test_max_tokens_gives_length(stella: LiveServer) -> None:
+    lines = ndjson(chat(stella, "echo", "a b c d e", options={"max_tokens": 2}).text)
+    assert [e["type"] for e in lines] == ["start", "delta", "delta", "done"]
+    assert lines[-1]["finish_reason"] == "length"
+
+
+def test_failure_before_first_token_is_in_band_after_retries(stella: LiveServer) -> None:
+    r = chat(stella, "echo-fail")
+    lines = ndjson(r.text)
+    assert r.status_code == 200
+    assert [e["type"] for e in lines] == ["start", "error"]
+    assert lines[-1]["code"] == "upstream_error" and lines[-1]["retryable"] is True
+    ev = stella.wait_event(lambda e: e["request_id"] == lines[0]["id"])
+    assert len(ev["attempts"]) == 2  # one retry
+    assert ev["status"] == 502 and ev["error_code"] == "upstream_error"
+
+
+def test_failure_non_stream_is_502(stella: LiveServer) -> None:
+    r = chat(stella, "echo-fail", stream=False)
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "upstream_error"
+
+
+def test_fallback_serves_when_primary_fails(stella: LiveServer) -> None:
+    r = chat(stella, "echo-fail-fallback", stream=False)
+    assert r.status_code == 200
+    assert r.json()["response"] == "hi there"
+    assert r.json()["backend"] == "echo"
+    ev = stella.wait_event(lambda e: e["request_id"] == r.json()["id"])
+    assert [a["backend"] for a in ev["attempts"]] == ["failfirst", "echo"]
+    assert ev["attempts"][0]["error"] == "upstream_error" and ev["attempts"][1]["error"] is None
+
+
+def test_failure_after_tokens_keeps_tokens_then_error(stella: LiveServer) -> None:
+    lines = ndjson(chat(stella, "echo-fail-after", "one two three four five").text)
+    assert [e["type"] for e in lines] == ["start", "delta", "delta", "delta", "error"]
+    assert lines[-1]["code"] == "upstream_error"
+
+
+def test_stall_after_start_times_out_in_band(stella: LiveServer) -> None:
+    t = time.monotonic()
+    lines = ndjson(chat(stella, "echo-stall", "one two three four").text)
+    assert time.monotonic() - t < 5
+    types = [e["type"] for e in lines if e["type"] != "ping"]
+    assert types == ["start", "delta", "delta", "error"]
+    assert lines[-1]["code"] == "upstream_timeout"
+
+
+def test_stall_before_first_token_is_504_non_stream(stella: LiveServer) -> None:
+    r = chat(stella, "echo-stall-first", stream=False)
+    assert r.status_code == 504
+    assert r.json()["error"]["code"] == "upstream_timeout"
+
+
+def test_pings_during_silence(stella: LiveServer) -> None:
+    # echo-stall-first is silent for 0.5 s before its timeout; pings come every 0.2 s.
+    lines = ndjson(chat(stella, "echo-stall-first").text)
+    assert lines[0]["type"] == "start"
+    assert lines[-1]["type"] == "error"
+    assert sum(e["type"] == "ping" for e in lines) >= 1
+    assert [e["type"] for e in lines].count("error") == 1
+
+
+def test_start_line_arrives_before_first_token(stella: LiveServer) -> None:
+    payload = {"model": "echo-stall-first", "messages": [{"role": "user", "content": "x"}]}
+    with httpx.stream("POST", stella.url + "/api/v1/chat", json=payload, timeout=10) as r:
+        t = time.monotonic()
+        first = next(r.iter_lines())
+        assert json.loads(first)["type"] == "start"
+        assert time.monotonic() - t < 0.4  # well before the 0.5 s stall timeout
+
+
+async def test_disconnect_cancels_and_logs_client_closed(stella: LiveServer) -> None:
+    payload = {
+        "model": "echo-slow",
+        "messages": [{"role": "user", "content": " ".join(["word"] * 200)}],
+    }
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with client.stream("POST", stella.url + "/api/v1/chat", json=payload) as r:
+            rid = r.headers["x-request-id"]
+            seen = 0
+            async for line in r.aiter_lines():
+                if json.loads(line)["type"] == "delta":
+                    seen += 1
+                if seen == 3:
+                    break
+    ev = await asyncio.to_thread(stella.wait_event, lambda e: e["request_id"] == rid)
+    assert ev["finish_reason"] == "client_closed"
+    assert ev["status"] == 499
+    assert 3 <= ev["completion_tokens"] < 20
+    events = [e for e in stella.events("inference") if e["request_id"] == rid]
+    assert len(events) == 1
+
+
+@pytest.mark.parametrize("model", ["echo", "echo-fail", "echo-fail-after", "echo-stall"])
+def test_exactly_one_inference_event_with_fields(stella: LiveServer, model: str) -> None:
+    r = chat(stella, model, "one two three four five", metadata={"user": "abc"})
+    rid = r.headers["x-request-id"]
+    time.sleep(0.2)
+    stella.wait_event(lambda e: e["request_id"] == rid)
+    events = [e for e in stella.events("inference") if e["request_id"] == rid]
+    assert len(events) == 1
+    ev = events[0]
+    for field in (
+        "request_id", "api", "key", "model", "backend", "upstream_model", "stream", "status",
+        "finish_reason", "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms",
+        "total_ms", "tokens_per_s", "attempts", "error_code",
+    ):
+        assert field in ev, field
+    assert ev["api"] == "native" and ev["key"] == "anonymous" and ev["model"] == model
+    assert ev["metadata"] == {"user": "abc"}
+    assert "prompt" not in ev and "completion" not in ev  # log.content is off
+
+
+def test_client_request_id_is_kept(stella: LiveServer) -> None:
+    r = httpx.post(
+        stella.url + "/api/v1/chat",
+        json={"model": "echo", "messages": [{"role": "user", "content": "x"}]},
+        headers={"X-Request-ID": "my-trace-123"},
+    )
+    assert r.headers["x-request-id"] == "my-trace-123"
+    assert ndjson(r.text)[0]["id"] == "my-trace-123"
+    bad = httpx.get(stella.url + "/health", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert bad.headers["x-request-id"].startswith("req_")
