@@ -1,0 +1,64 @@
+"""Deploy artefacts: the Procfile runs under honcho like a PaaS runs it; the Containerfile holds its promises."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.live import ROOT, free_port, ndjson, to_toml
+
+
+def test_procfile_starts_under_honcho(tmp_path: Path) -> None:
+    honcho = shutil.which("honcho") or str(Path(sys.executable).parent / "honcho")
+    if not Path(honcho).exists():
+        if os.environ.get("CI"):
+            pytest.fail("honcho is missing: install the test extras")
+        pytest.skip("honcho not installed")
+    port = free_port()
+    conf = tmp_path / "stella.toml"
+    conf.write_text(to_toml({"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env.update(
+        PORT=str(port), HOST="127.0.0.1", STELLA_CONFIG=str(conf),
+        STELLA_API_KEYS="sk-procfile-test", PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+    )
+    proc = subprocess.Popen(
+        [honcho, "-f", str(ROOT / "Procfile"), "start", "web"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("Procfile web process did not answer on $PORT")
+        r = httpx.post(url + "/api/v1/chat", headers={"Authorization": "Bearer sk-procfile-test"},
+                       json={"model": "echo", "messages": [{"role": "user", "content": "hi there"}]})
+        assert [e["type"] for e in ndjson(r.text)] == ["start", "delta", "delta", "done"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+
+
+def test_containerfile_promises() -> None:
+    text = (ROOT / "Containerfile").read_text()
+    stages = [line for line in text.splitlines() if line.startswith("FROM ")]
+    assert len(stages) >= 2, "multi-stage build"
+    assert "-slim" in stages[-1]
+    assert "USER " in text and "USER root" not in text.split(stages[-1])[1]
+    assert "HEALTHCHECK" in text and "/health" in text
+    assert "import-gguf" in text, "the embedded model is baked into the image"

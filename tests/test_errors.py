@@ -1,0 +1,158 @@
+"""Every error before the first byte: status, code, the field's path, never a 500."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.live import LiveServer, run_stella
+
+ADMIN, LIMITED, USER = "sk-admin-0123456789", "sk-limited-0123456789", "sk-user-0123456789"
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+CONFIG = {
+    "server": {"max_body_bytes": 2048},
+    "auth": {
+        "keys": {
+            "admin": {"sha256": sha(ADMIN), "admin": True},
+            "limited": {"sha256": sha(LIMITED), "models": ["echo"], "requests_per_minute": 2},
+            "user": {"sha256": sha(USER)},
+        }
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    with run_stella(CONFIG) as s:
+        yield s
+
+
+def post(server: LiveServer, body: object = None, key: str | None = USER, **kw: object) -> httpx.Response:
+    headers = dict(kw.pop("headers", {}) or {})  # type: ignore[arg-type]
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    path = str(kw.pop("path", "/api/v1/chat"))
+    if body is not None and "content" not in kw:
+        kw["json"] = body
+    return httpx.post(server.url + path, headers=headers, timeout=10, **kw)  # type: ignore[arg-type]
+
+
+def error_of(r: httpx.Response, status: int, code: str) -> str:
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    assert body["code"] == code
+    assert body["request_id"] == r.headers["x-request-id"]
+    return body["message"]
+
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def test_malformed_json(server: LiveServer) -> None:
+    r = post(server, content=b'{"messages": [', headers={"content-type": "application/json"})
+    assert "malformed JSON" in error_of(r, 400, "invalid_request")
+
+
+def test_wrong_type_names_the_path(server: LiveServer) -> None:
+    r = post(server, {"model": "echo", "messages": MSG, "options": {"temperature": "hot"}})
+    assert "$.options.temperature" in error_of(r, 400, "invalid_request")
+
+
+def test_unknown_field_is_named(server: LiveServer) -> None:
+    r = post(server, {"model": "echo", "messages": MSG, "temprature": 1})
+    assert "temprature" in error_of(r, 400, "invalid_request")
+
+
+def test_bad_role_and_missing_messages(server: LiveServer) -> None:
+    r = post(server, {"messages": [{"role": "wizard", "content": "x"}]})
+    assert "$.messages[0].role" in error_of(r, 400, "invalid_request")
+    r = post(server, {"model": "echo"})
+    assert "messages" in error_of(r, 400, "invalid_request")
+
+
+def test_empty_messages_and_empty_body(server: LiveServer) -> None:
+    assert "$.messages" in error_of(post(server, {"messages": []}), 400, "invalid_request")
+    r = post(server, content=b"", headers={"content-type": "application/json"})
+    error_of(r, 400, "invalid_request")
+
+
+def test_missing_and_wrong_key(server: LiveServer) -> None:
+    error_of(post(server, {"messages": MSG}, key=None), 401, "unauthorized")
+    error_of(post(server, {"messages": MSG}, key="sk-wrong"), 401, "unauthorized")
+    ok = post(server, {"model": "echo", "messages": MSG, "stream": False}, key=None,
+              headers={"X-API-Key": USER})
+    assert ok.status_code == 200
+
+
+def test_forbidden_model_and_admin_route(server: LiveServer) -> None:
+    # Register a second route as admin, then the limited key may not use it.
+    r = post(server, {"name": "echo2", "backend": "echo"}, key=ADMIN, path="/api/v1/models")
+    assert r.status_code == 201, r.text
+    error_of(post(server, {"model": "echo2", "messages": MSG}, key=LIMITED), 403, "forbidden")
+    error_of(post(server, None, key=USER, path="/api/v1/models/switch/echo2"), 403, "forbidden")
+
+
+def test_model_not_found_lists_known(server: LiveServer) -> None:
+    msg = error_of(post(server, {"model": "gpt-17", "messages": MSG}), 404, "model_not_found")
+    assert "echo" in msg
+
+
+def test_conflict_deleting_default(server: LiveServer) -> None:
+    r = httpx.delete(server.url + "/api/v1/models/echo", headers={"Authorization": f"Bearer {ADMIN}"})
+    error_of(r, 409, "conflict")
+
+
+def test_payload_too_large(server: LiveServer) -> None:
+    big = {"model": "echo", "messages": [{"role": "user", "content": "x" * 5000}]}
+    error_of(post(server, big), 413, "payload_too_large")
+    # Without Content-Length (chunked), the limit holds while reading.
+    def gen() -> Iterator[bytes]:
+        yield b'{"messages":[{"role":"user","content":"'
+        for _ in range(10):
+            yield b"y" * 500
+        yield b'"}]}'
+    r = post(server, content=gen(), headers={"content-type": "application/json"})
+    error_of(r, 413, "payload_too_large")
+
+
+def test_unsupported_media_type(server: LiveServer) -> None:
+    r = post(server, content=b"<xml/>", headers={"content-type": "application/xml"})
+    error_of(r, 415, "unsupported_media_type")
+
+
+def test_curl_default_content_type_is_accepted(server: LiveServer) -> None:
+    body = b'{"model":"echo","stream":false,"messages":[{"role":"user","content":"hi there"}]}'
+    r = post(server, content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["response"] == "hi there"
+
+
+def test_rate_limited_with_headers(server: LiveServer) -> None:
+    body = {"model": "echo", "messages": MSG, "stream": False}
+    statuses = [post(server, body, key=LIMITED) for _ in range(4)]
+    limited = [r for r in statuses if r.status_code == 429]
+    assert limited, [r.status_code for r in statuses]
+    r = limited[0]
+    error_of(r, 429, "rate_limited")
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.headers["x-ratelimit-limit"]
+
+
+def test_unknown_path_and_method(server: LiveServer) -> None:
+    r = httpx.get(server.url + "/nope")
+    error_of(r, 404, "not_found")
+    r = httpx.get(server.url + "/api/v1/chat", headers={"Authorization": f"Bearer {USER}"})
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_public_routes_need_no_key(server: LiveServer) -> None:
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/ready").status_code == 200
+    error_of(httpx.get(server.url + "/config"), 401, "unauthorized")

@@ -1,0 +1,77 @@
+"""Logs: one JSON inference event, the audit file, content only on request, no secrets."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+import httpx
+
+from stella import logs
+from tests.live import run_stella
+
+KEY = "sk-audit-secret-key-42"
+
+
+def test_sink_masks_secrets_and_bearer_tokens() -> None:
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out, secrets=["upstream-secret-999"])
+    sink.put({"event": "x", "authorization": "Bearer abc", "note": "used upstream-secret-999",
+              "hdr": "Bearer zzz.yyy", "nested": {"api_key": "k", "ok": 1}})
+    sink.close()
+    text = out.getvalue().decode()
+    assert "upstream-secret-999" not in text and "abc" not in text and "zzz" not in text
+    ev = json.loads(text)
+    assert ev["authorization"] == "***" and ev["nested"] == {"api_key": "***", "ok": 1}
+
+
+def test_console_format_is_one_readable_line() -> None:
+    out = io.BytesIO()
+    sink = logs.LogSink(fmt="console", stream=out)
+    sink.put({"event": "inference", "ts": time.time(), "level": "info", "model": "echo"})
+    sink.close()
+    line = out.getvalue().decode()
+    assert line.count("\n") == 1 and "inference" in line and "model=echo" in line
+
+
+def test_audit_file_content_and_no_secrets(tmp_path: Path) -> None:
+    audit = tmp_path / "logs" / "log.jsonl"
+    config = {"log": {"audit_path": str(audit), "content": True}}
+    with run_stella(config, {"STELLA_API_KEYS": f"ops={KEY}"}) as server:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        for i in range(3):
+            r = httpx.post(
+                server.url + "/api/v1/chat",
+                headers=headers,
+                json={"model": "echo", "stream": i % 2 == 0,
+                      "messages": [{"role": "user", "content": f"secret plan {i}"}]},
+            )
+            assert r.status_code == 200
+        httpx.get(server.url + "/config", headers=headers)
+        httpx.get(server.url + "/api/v1/models", headers={"X-API-Key": "sk-wrong-guess-1"})
+        server.wait_event(lambda e: e["completion"] == "secret plan 2")
+        server.stop()
+        captured = "\n".join(server.lines())
+    rows = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert len(rows) == 3
+    assert [r["completion"] for r in rows] == ["secret plan 0", "secret plan 1", "secret plan 2"]
+    assert rows[0]["prompt"] == [{"role": "user", "content": "secret plan 0"}]
+    assert all(r["key"] == "ops" for r in rows)
+    everything = captured + audit.read_text()
+    assert KEY not in everything
+    assert hashlib.sha256(KEY.encode()).hexdigest() not in everything
+    assert "Bearer" not in everything
+
+
+def test_no_content_by_default(tmp_path: Path) -> None:
+    audit = tmp_path / "a.jsonl"
+    with run_stella({"log": {"audit_path": str(audit)}}) as server:
+        httpx.post(server.url + "/api/v1/chat",
+                   json={"model": "echo", "messages": [{"role": "user", "content": "private words"}]})
+        server.wait_event(lambda e: e["model"] == "echo")
+    text = audit.read_text()
+    assert "private words" not in text
+    assert json.loads(text.splitlines()[0])["completion_tokens"] == 2

@@ -1,0 +1,62 @@
+"""The backend registry: built-ins and third-party distributions share one entry point group."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+
+from stella.backends import registry
+from tests.live import ndjson, run_stella
+
+PLUGIN = '''
+from stella.backends import Backend, BackendConfig
+from stella.protocol import Delta, Done, Usage
+
+
+class ShoutConfig(BackendConfig, kw_only=True):
+    suffix: str = "!"
+
+
+class ShoutBackend(Backend):
+    kind = "shout"
+    Config = ShoutConfig
+
+    async def chat(self, request, ctx):
+        text = request.messages[-1].content.upper() + self.config.suffix
+        yield Delta(text=text)
+        yield Done(finish_reason="stop", usage=Usage(1, 1, 2))
+'''
+
+
+def test_builtins_are_entry_points() -> None:
+    kinds = registry()
+    assert {"echo", "mlx", "openai", "ollama", "anthropic"} <= set(kinds)
+    assert kinds["echo"].value == "stella.backends.echo:EchoBackend"
+
+
+def test_backend_from_another_distribution_is_picked_up(tmp_path: Path) -> None:
+    # An installed distribution is a package plus a .dist-info with entry_points.txt on sys.path.
+    (tmp_path / "stella_shout.py").write_text(PLUGIN)
+    dist = tmp_path / "stella_shout-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: stella-shout\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[stella.backends]\nshout = stella_shout:ShoutBackend\n")
+    config = {
+        "backends": {"loud": {"kind": "shout", "suffix": "!!"}},
+        "models": {"routes": {"loud": {"backend": "loud"}}},
+    }
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    with run_stella(config, env) as server:
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            json={"model": "loud", "messages": [{"role": "user", "content": "hello"}]},
+        )
+        lines = ndjson(r.text)
+        assert lines[1] == {"type": "delta", "text": "HELLO!!"}
+        assert lines[-1]["type"] == "done"
+        models = httpx.get(server.url + "/api/v1/models").json()["models"]
+        assert {"name": "loud", "kind": "shout"}.items() <= next(
+            m for m in models if m["name"] == "loud"
+        ).items()

@@ -1,0 +1,108 @@
+"""Configuration: defaults, overlay file, STELLA_* env, PORT, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stella.backends import ConfigError
+from stella.settings import env_overrides, load_settings, redacted
+
+
+def test_defaults_match_the_shipped_file() -> None:
+    s = load_settings(environ={})
+    assert s.server.host == "127.0.0.1" and s.server.port == 8000
+    assert s.models.default == "smollm2-135m"
+    assert s.models.routes["smollm2-135m"].backend == "local"
+    assert s.models.routes["echo"].backend == "echo"
+    assert s.backends["local"]["kind"] == "mlx"
+
+
+def test_overlay_file_then_env_then_port(tmp_path: Path) -> None:
+    conf = tmp_path / "extra.toml"
+    conf.write_text('[server]\nport = 9001\nmax_body_bytes = 10\n[models]\ndefault = "echo"\n')
+    env = {"STELLA_CONFIG": str(conf), "STELLA_SERVER__MAX_BODY_BYTES": "4096"}
+    s = load_settings(environ=env)
+    assert s.server.port == 9001 and s.server.max_body_bytes == 4096
+    assert s.models.default == "echo"
+    s = load_settings(environ={**env, "PORT": "5555"})
+    assert s.server.port == 5555
+
+
+def test_env_values_parse_as_toml_literals() -> None:
+    out = env_overrides({"STELLA_CORS__ALLOWED_ORIGINS": '["https://a.example"]',
+                         "STELLA_LOG__CONTENT": "true", "STELLA_LOG__FORMAT": "console"})
+    assert out == {"cors": {"allowed_origins": ["https://a.example"]},
+                   "log": {"content": True, "format": "console"}}
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"STELLA_SERVER__PORT": "abc"}, "server.port"),
+        ({"STELLA_SERVER__PORT": "70000"}, "server.port"),
+        ({"STELLA_SERVER__NOPE": "1"}, "nope"),
+        ({"STELLA_MODELS__DEFAULT": "missing"}, "models.default"),
+        ({"STELLA_LOG__FORMAT": "xml"}, "log.format"),
+    ],
+)
+def test_bad_values_name_the_key(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ=env)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_route_backend(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('[models.routes.x]\nbackend = "nowhere"\n')
+    with pytest.raises(ConfigError, match=r"models.routes.x.backend"):
+        load_settings(environ={"STELLA_CONFIG": str(conf)})
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text("[server]\nport = 'eighty'\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "stella", "serve"],
+        env={"STELLA_CONFIG": str(conf), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "server.port" in lines[0]
+
+
+def test_unknown_backend_kind_names_the_key(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('[backends.x]\nkind = "warp"\n[backends.local]\nenabled = false\n'
+                    '[models]\ndefault = "echo"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "stella", "serve"],
+        env={"STELLA_CONFIG": str(conf), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "backends.x.kind" in proc.stderr and "warp" in proc.stderr
+
+
+def test_redaction_hides_secrets() -> None:
+    s = load_settings(
+        {
+            "auth": {"keys": {"a": {"sha256": "ab" * 32}}},
+            "state": {"redis_url": "redis://user:hunter22@redis.local:6379/0"},
+            "backends": {"r": {"kind": "openai", "base_url": "http://x", "api_key_env": "R_KEY",
+                               "api_key": "literal-secret"}},
+        },
+        environ={},
+    )
+    text = str(redacted(s))
+    assert "ab" * 32 not in text
+    assert "hunter22" not in text and "redis.local" in text
+    assert "literal-secret" not in text
+    assert "R_KEY" in text  # the variable's name is not the secret

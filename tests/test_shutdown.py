@@ -1,0 +1,63 @@
+"""Graceful shutdown of a real `stella serve` process on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+
+from tests.live import run_stella
+
+CONFIG = {
+    "server": {"drain_timeout_s": 1.5},
+    "backends": {"slow": {"kind": "echo", "delay_s": 0.1}},
+    "models": {"routes": {"slow": {"backend": "slow"}}},
+}
+
+
+async def stream(url: str, words: int, out: list[dict], started: asyncio.Event) -> None:
+    body = {"model": "slow", "messages": [{"role": "user", "content": " ".join(["w"] * words)}]}
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with client.stream("POST", url + "/api/v1/chat", json=body) as r:
+            async for line in r.aiter_lines():
+                out.append(json.loads(line))
+                if out[-1]["type"] == "delta":
+                    started.set()
+
+
+async def test_sigterm_drains_then_cuts_with_shutting_down() -> None:
+    with run_stella(CONFIG) as server:
+        short: list[dict] = []
+        long: list[dict] = []
+        s1, s2 = asyncio.Event(), asyncio.Event()
+        t_short = asyncio.create_task(stream(server.url, 8, short, s1))
+        t_long = asyncio.create_task(stream(server.url, 300, long, s2))
+        await asyncio.wait_for(asyncio.gather(s1.wait(), s2.wait()), 10)
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        # New work is refused while draining (503 on a new connection, or no listener).
+        try:
+            async with httpx.AsyncClient(timeout=2) as c:
+                r = await c.post(server.url + "/api/v1/chat",
+                                 json={"model": "echo", "messages": [{"role": "user", "content": "x"}]})
+            assert r.status_code == 503
+        except httpx.ConnectError:
+            pass
+        await asyncio.wait_for(asyncio.gather(t_short, t_long), 15)
+        elapsed = time.monotonic() - t0
+        code = await asyncio.to_thread(server.proc.wait, 15)
+        assert code == 0
+        assert short[-1]["type"] == "done" and short[-1]["finish_reason"] == "stop"
+        assert long[-1]["type"] == "error" and long[-1]["code"] == "shutting_down"
+        assert [e["type"] for e in long].count("error") == 1
+        assert not any(e["type"] == "done" for e in long)
+        assert 1.3 < elapsed < 6
+        events = server.events("inference")
+        assert len(events) == 2
+        cut = next(e for e in events if e["request_id"] == long[0]["id"])
+        assert cut["finish_reason"] == "cancelled" and cut["error_code"] == "shutting_down"
+        assert server.events("stopped"), "logs were flushed before exit"
