@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import os
+import random
 import re
 import signal
 import threading
@@ -40,6 +40,7 @@ DIALECTS = (
     "stella.api.aliases",
     "stella.api.admin",
 )
+_random = random.Random()
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _log = structlog.get_logger("stella")
 
@@ -59,7 +60,8 @@ class Services:
         self.auth = Authenticator(settings)
         self.state: Any = make_state(settings)
         self.admission: Admission = make_admission(settings, self.state)
-        self.log = structlog.get_logger("stella")
+        # A concrete bound logger: the lazy proxy would rebuild one on every call.
+        self.log = structlog.get_logger("stella").bind()
         self.pipeline = Pipeline(
             self.router, self.log, admission=self.admission, log_content=settings.log.content
         )
@@ -119,6 +121,7 @@ class RequestContext:
         if not rid:
             rid = new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
+        scope["stella"] = self.services
         structlog.contextvars.bind_contextvars(request_id=rid)
         svc = self.services
         if svc.drain.draining and scope["path"] not in ("/health", "/ready"):
@@ -138,8 +141,8 @@ class RequestContext:
 
 
 def new_request_id() -> str:
-    """A sortable, unique request ID."""
-    return f"req_{time.time_ns():x}{os.urandom(5).hex()}"
+    """A sortable, unique request ID (not a secret: no system entropy call per request)."""
+    return f"req_{time.time_ns():x}{_random.getrandbits(40):010x}"
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

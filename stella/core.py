@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import msgspec
 
 from stella.backends import BackendEvent, CallContext
@@ -43,7 +42,7 @@ from stella.protocol import (
     ToolCallRef,
     Usage,
 )
-from stella.routing import Route, Router
+from stella.routing import CircuitBreaker, Route, Router
 
 TerminalOrData = Delta | ToolCall | Done | Error
 
@@ -197,56 +196,54 @@ class Inference:
 
     async def events(self) -> AsyncIterator[TerminalOrData]:
         """Deltas and tool calls, then exactly one Done or Error."""
-        try:
-            async for event in self._run():
-                yield event
-        finally:
-            self.finish()
-
-    async def _run(self) -> AsyncIterator[TerminalOrData]:
+        router = self.pipeline.router
+        watchdog = Watchdog()
         last: StellaError | None = None
-        for route in self.chain:
-            breaker = self.pipeline.router.breaker(route.backend_name)
-            rs = route.settings
-            for attempt in range(rs.retries + 1):
-                if not breaker.allow():
-                    self.attempts.append(
-                        {
-                            "backend": route.backend_name,
-                            "route": route.name,
-                            "error": "circuit_open",
-                        }
-                    )
-                    last = last or Unavailable(f"backend {route.backend_name!r}: circuit open")
-                    break
-                if attempt:
-                    await asyncio.sleep(
-                        _backoff(rs.retry_backoff_s, rs.retry_max_backoff_s, attempt, last)
-                    )
-                ok, first, agen = await self._first(route)
-                if not ok:
-                    last = first  # type: ignore[assignment]
-                    breaker_hit = last.retryable
-                    if breaker_hit:
-                        breaker.failure()
-                    else:
+        try:
+            for route in self.chain:
+                breaker = router.breaker(route.backend_name)
+                rs = route.settings
+                for attempt in range(rs.retries + 1):
+                    if not breaker.allow():
+                        self.attempts.append(
+                            {
+                                "backend": route.backend_name,
+                                "route": route.name,
+                                "error": "circuit_open",
+                            }
+                        )
+                        last = last or Unavailable(f"backend {route.backend_name!r}: circuit open")
+                        break
+                    if attempt:
+                        pause = _backoff(rs.retry_backoff_s, rs.retry_max_backoff_s, attempt, last)
+                        await asyncio.sleep(pause)
+                    opened = await self._first(route, watchdog)
+                    if isinstance(opened, StellaError):
+                        last = opened
+                        if last.retryable:
+                            breaker.failure()
+                            continue
                         breaker.release()
-                    if not last.retryable:
                         self.error = last
                         yield self._error(last)
                         return
-                    continue
-                async for event in self._stream(route, agen, first):  # type: ignore[arg-type]
-                    yield event
-                return
-        err = last or Unavailable("no backend could take this request")
-        if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
-            err = UpstreamError(f"every backend failed; last: {err.message}")
-            err.code = getattr(last, "code", err.code)
-        self.error = err
-        yield self._error(err)
+                    async for event in self._stream(route, breaker, watchdog, *opened):
+                        yield event
+                    return
+            err = last or Unavailable("no backend could take this request")
+            if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
+                code = err.code
+                err = UpstreamError(f"every backend failed; last: {err.message}")
+                err.code = code
+            self.error = err
+            yield self._error(err)
+        finally:
+            watchdog.close()
+            self.finish()
 
-    async def _first(self, route: Route) -> tuple[bool, Any, Any]:
+    async def _first(
+        self, route: Route, watchdog: Watchdog
+    ) -> tuple[AsyncIterator[BackendEvent], CallContext, Any] | StellaError:
         """Open the backend stream and wait for its first event within ttft_timeout_s."""
         rs = route.settings
         self.backend_name = route.backend_name
@@ -257,68 +254,74 @@ class Inference:
         t = time.perf_counter()
         record: dict[str, Any] = {"backend": route.backend_name, "route": route.name}
         self.attempts.append(record)
-        timeout = min(rs.ttft_timeout_s, rs.total_timeout_s - (t - self.t0))
+        limit = max(min(rs.ttft_timeout_s, rs.total_timeout_s - (t - self.t0)), 0.001)
         try:
-            async with asyncio.timeout(max(timeout, 0.001)):
-                first = await anext(agen)
+            first = await watchdog.wait(anext(agen), limit)
         except StopAsyncIteration:
             err: StellaError = UpstreamError(f"backend {route.backend_name!r} ended without output")
         except StellaError as exc:
             err = exc
         except TimeoutError:
-            err = UpstreamTimeout(f"no first token from {route.backend_name!r} within {timeout:g}s")
+            err = UpstreamTimeout(f"no first token from {route.backend_name!r} within {limit:g}s")
         except (OSError, ValueError, RuntimeError) as exc:
             err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")
         else:
             self.queue_ms = ctx.queue_ms
             record["ms"] = round((time.perf_counter() - t) * 1000, 2)
             record["error"] = None
-            return True, first, (agen, ctx)
+            return agen, ctx, first
         await _close(agen)
         record["ms"] = round((time.perf_counter() - t) * 1000, 2)
         record["error"] = err.code
         if isinstance(err, UpstreamStatus):
             record["upstream_status"] = err.upstream_status
-        return False, err, None
+        return err
 
     async def _stream(
-        self, route: Route, pair: tuple[AsyncIterator[BackendEvent], CallContext], event: Any
+        self,
+        route: Route,
+        breaker: CircuitBreaker,
+        watchdog: Watchdog,
+        agen: AsyncIterator[BackendEvent],
+        ctx: CallContext,
+        event: Any,
     ) -> AsyncIterator[TerminalOrData]:
-        agen, ctx = pair
         rs = route.settings
-        breaker = self.pipeline.router.breaker(route.backend_name)
         self.ttft = time.perf_counter()
         deadline = self.t0 + rs.total_timeout_s
         idle = rs.idle_timeout_s
         collect = self.collect
         try:
             while True:
-                if type(event) is Delta:
+                kind = type(event)
+                if kind is Delta:
                     self.completion_tokens += 1
                     if collect:
                         self.texts.append(event.text)
                     yield event
-                elif type(event) is Done:
+                elif kind is Done:
                     breaker.success()
                     self.queue_ms = ctx.queue_ms
+                    # Done is the backend's last event: let it return normally, so its
+                    # cleanup runs without a GeneratorExit (and the garbage it leaves).
+                    await anext(agen, None)
                     yield self._done(event)
                     return
-                elif type(event) is ToolCall:
+                elif kind is ToolCall:
                     self.tool_calls.append(event)
                     yield event
                 else:
-                    raise UpstreamError(f"backend sent an unknown event {type(event).__name__}")
-                wait = min(idle, deadline - time.perf_counter())
+                    raise UpstreamError(f"backend sent an unknown event {kind.__name__}")
+                limit = min(idle, deadline - time.perf_counter())
                 try:
-                    async with asyncio.timeout(max(wait, 0.001)):
-                        event = await anext(agen)
+                    event = await watchdog.wait(anext(agen), limit)
                 except StopAsyncIteration:
                     raise UpstreamError(
                         f"backend {route.backend_name!r} ended without done"
                     ) from None
                 except TimeoutError:
                     raise UpstreamTimeout(
-                        f"backend {route.backend_name!r} went silent for {wait:g}s"
+                        f"backend {route.backend_name!r} went silent for {limit:g}s"
                     ) from None
         except StellaError as exc:
             # After the first token no fallback: a silent switch of model mid-answer is worse.
@@ -331,7 +334,7 @@ class Inference:
             self.error = err
             yield self._error(err)
         finally:
-            if self.finish_reason != "stop" and self.error is None:
+            if not self.terminal:
                 breaker.release()
             await _close(agen)
 
@@ -483,12 +486,75 @@ def _backoff(base: float, cap: float, attempt: int, last: StellaError | None) ->
 
 
 async def _close(agen: Any) -> None:
-    """Close a backend generator even while the task is being cancelled."""
+    """Close a backend generator (its cleanup closes upstream requests, stops workers)."""
+    if getattr(agen, "ag_frame", True) is None:
+        return  # already finished: nothing to clean up
     aclose = getattr(agen, "aclose", None)
     if aclose is None:
         return
-    with anyio.CancelScope(shield=True):
+    try:
+        await aclose()
+    except Exception:  # its cleanup failing must not mask the outcome
+        pass
+
+
+class Watchdog:
+    """Time limits on backend waits with one timer per inference, not one per token.
+
+    `wait()` marks the inference as waiting on the backend until a deadline. A
+    single timer checks the deadline when it fires and re-arms itself for the
+    latest one, so a fast stream creates a timer about once per idle period.
+    When the backend is over its deadline, the waiting task is cancelled and
+    the cancellation comes out of `wait()` as TimeoutError.
+    """
+
+    __slots__ = ("_at", "_fired", "_handle", "_loop", "_task", "_waiting")
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0
+        self._waiting = False
+        self._fired = False
+
+    async def wait(self, awaitable: Any, seconds: float) -> Any:
+        """Await `awaitable`; TimeoutError when it takes longer than `seconds`."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            self._task = asyncio.current_task()
+        at = loop.time() + seconds
+        self._at = at
+        handle = self._handle
+        if handle is None or handle.when() > at:
+            if handle is not None:
+                handle.cancel()
+            self._handle = loop.call_at(at, self._check)
+        self._waiting = True
         try:
-            await aclose()
-        except Exception:  # its cleanup failing must not mask the outcome
-            pass
+            return await awaitable
+        except asyncio.CancelledError:
+            if self._fired:
+                self._fired = False
+                if self._task is not None and self._task.uncancel() == 0:
+                    raise TimeoutError from None
+            raise
+        finally:
+            self._waiting = False
+
+    def _check(self) -> None:
+        self._handle = None
+        if not self._waiting or self._task is None or self._loop is None:
+            return  # the next wait() arms a new timer
+        if self._loop.time() >= self._at:
+            self._fired = True
+            self._task.cancel()
+        else:
+            self._handle = self._loop.call_at(self._at, self._check)
+
+    def close(self) -> None:
+        """Cancel the timer."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None

@@ -8,6 +8,7 @@ disk never stalls a request.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import os
@@ -25,7 +26,9 @@ import structlog
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 SECRET_FIELDS = re.compile(r"(?i)(authorization|api[_-]?key|x-api-key|secret|password|passwd)$")
-BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
+BEARER_BYTES = re.compile(rb"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
+# Words that may name a secret field; a line holding one gets the structural redaction.
+SECRET_WORDS = (b"authorization", b"api_key", b"api-key", b"apikey", b"secret", b"passw")
 
 _encoder = msgspec.json.Encoder()
 
@@ -38,7 +41,12 @@ _lenient_encoder = msgspec.json.Encoder(enc_hook=_default)
 
 
 class LogSink:
-    """Owns the writer thread; `put` is the only thing the event loop calls."""
+    """Renders events where they happen; a thread does the writing.
+
+    `put` redacts and encodes one event (microseconds, with msgspec) and adds it
+    to a batch; on an event loop the batch is handed to the writer thread once
+    per loop iteration, so a burst of requests wakes the thread once.
+    """
 
     def __init__(
         self,
@@ -51,10 +59,14 @@ class LogSink:
         self.fmt = fmt
         self.stream = stream if stream is not None else sys.stdout.buffer
         self.audit_path = audit_path
-        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self.secrets: list[str] = []
+        self._secret_bytes: list[bytes] = []
+        self.add_secrets(secrets)
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._audit: IO[bytes] | None = None
+        self._batch: list[tuple[bytes, bytes | None]] = []
+        self._scheduled = False
         self._thread = threading.Thread(target=self._run, name="stella-log", daemon=True)
         self._closed = False
         self._thread.start()
@@ -64,15 +76,52 @@ class LogSink:
         self.secrets = sorted(
             {*self.secrets, *(v for v in values if len(v) >= 4)}, key=len, reverse=True
         )
+        self._secret_bytes = [s.encode() for s in self.secrets]
 
     def put(self, event: dict[str, Any]) -> None:
-        """Queue one event dict (never blocks)."""
-        self._queue.put(event)
+        """Render one event and queue it for writing (never blocks)."""
+        try:
+            for listener in self.listeners:
+                listener(event)
+            line = self._encode(event)
+            audit = line if self.audit_path and event.get("event") == "inference" else None
+            if self.fmt != "json":
+                line = _console(msgspec.json.decode(line))
+        except Exception as exc:  # a log line must never break a request
+            line, audit = f"log render failed: {exc!r}\n".encode(), None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._queue.put([(line, audit)])  # not on the loop: hand over at once
+            return
+        self._batch.append((line, audit))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._handover)
+
+    def _handover(self) -> None:
+        batch, self._batch = self._batch, []
+        self._scheduled = False
+        if batch:
+            self._queue.put(batch)
+
+    def _encode(self, event: dict[str, Any]) -> bytes:
+        line = _lenient_encoder.encode(event)
+        low = line.lower()
+        if any(word in low for word in SECRET_WORDS):
+            line = _lenient_encoder.encode(self._redact(event))
+        for secret in self._secret_bytes:
+            if secret in line:
+                line = line.replace(secret, b"***")
+        if b"earer" in line:
+            line = BEARER_BYTES.sub(rb"\1 ***", line)
+        return line + b"\n"
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything queued so far is written."""
         if self._closed:
             return
+        self._handover()
         done = threading.Event()
         self._queue.put(done)
         done.wait(timeout)
@@ -81,46 +130,37 @@ class LogSink:
         """Write what is queued, close the audit file, stop the thread."""
         if self._closed:
             return
+        self._handover()
         self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            batch = [item]
+            items = [self._queue.get()]
             with contextlib.suppress(queue.Empty):
-                while len(batch) < 512:
-                    batch.append(self._queue.get_nowait())
+                while len(items) < 256:
+                    items.append(self._queue.get_nowait())
             out: list[bytes] = []
             audit: list[bytes] = []
             stop = False
-            for ev in batch:
-                if ev is None:
+            for item in items:
+                if item is None:
                     stop = True
-                elif isinstance(ev, threading.Event):
+                elif isinstance(item, threading.Event):
                     self._write(out, audit)
                     out, audit = [], []
-                    ev.set()
+                    item.set()
                 else:
-                    self._render(ev, out, audit)
+                    for line, audit_line in item:
+                        out.append(line)
+                        if audit_line is not None:
+                            audit.append(audit_line)
             self._write(out, audit)
             if stop:
                 if self._audit:
                     self._audit.close()
                 return
-
-    def _render(self, ev: dict[str, Any], out: list[bytes], audit: list[bytes]) -> None:
-        try:
-            ev = self._redact(ev)
-            for listener in self.listeners:
-                listener(ev)
-            line = _lenient_encoder.encode(ev)
-            out.append(line + b"\n" if self.fmt == "json" else _console(ev))
-            if self.audit_path and ev.get("event") == "inference":
-                audit.append(line + b"\n")
-        except Exception as exc:  # a log line must never take the writer down
-            out.append(f"log render failed: {exc!r}\n".encode())
 
     def _write(self, out: list[bytes], audit: list[bytes]) -> None:
         try:
@@ -143,21 +183,11 @@ class LogSink:
     def _clean(self, key: str, value: Any) -> Any:
         if SECRET_FIELDS.search(key) and value:
             return "***"
-        if isinstance(value, str):
-            return self._mask(value)
         if isinstance(value, dict):
             return {k: self._clean(str(k), v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             return [self._clean(key, v) for v in value]
         return value
-
-    def _mask(self, text: str) -> str:
-        for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, "***")
-        if "earer" in text:
-            text = BEARER.sub(r"\1 ***", text)
-        return text
 
 
 def _console(ev: dict[str, Any]) -> bytes:

@@ -21,6 +21,8 @@ from stella.core import Inference
 from stella.errors import ShuttingDown, StellaError
 from stella.protocol import Error, Start
 
+# Streams older than this get a task that watches for a disconnect and sends pings.
+WATCH_AFTER_S = 0.05
 Send = Callable[[dict[str, Any]], Any]
 Receive = Callable[[], Any]
 
@@ -129,7 +131,13 @@ class EventStream:
         ]
         raw += [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
         self.drain.enter(call)
-        watcher = asyncio.create_task(self._watch(receive, send, task, call))
+        # Short streams end before anyone could notice a disconnect or need a ping:
+        # the watcher task starts only once the stream has run for a moment.
+        watcher: list[asyncio.Task[Any]] = []
+        later = loop.call_later(
+            min(WATCH_AFTER_S, self.ping_interval_s),
+            lambda: watcher.append(loop.create_task(self._watch(receive, send, task, call))),
+        )
         events = inference.events()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": raw})
@@ -158,9 +166,10 @@ class EventStream:
             call.cancel_reason = call.cancel_reason or "client_closed"
         finally:
             self._open = False
-            watcher.cancel()
-            with anyio.CancelScope(shield=True):
-                await events.aclose()
+            later.cancel()
+            for w in watcher:
+                w.cancel()
+            await events.aclose()
             inference.finish()
             self.drain.leave()
 

@@ -25,6 +25,7 @@ from stella.errors import (
     UnsupportedMediaType,
 )
 from stella.protocol import ErrorDetail, ErrorResponse
+from stella.streaming import WATCH_AFTER_S
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder()
@@ -63,7 +64,7 @@ NATIVE = Dialect()
 
 def services(request: Request) -> Any:
     """The app's Services (settings, pipeline, auth, ...)."""
-    return request.app.state.stella
+    return request.scope.get("stella") or request.app.state.stella
 
 
 def request_id(request: Request) -> str:
@@ -155,7 +156,14 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
     task = asyncio.current_task()
     assert task is not None
     svc.drain.enter(call)
-    watcher = asyncio.create_task(_watch_disconnect(request, task, call))
+    # Most answers are ready long before a client gives up: watch for a disconnect
+    # only once the call has taken a while, so fast calls pay no extra task.
+    loop = asyncio.get_running_loop()
+    watcher: list[asyncio.Task[Any]] = []
+    later = loop.call_later(
+        WATCH_AFTER_S,
+        lambda: watcher.append(loop.create_task(_watch_disconnect(request, task, call))),
+    )
     try:
         return await inference.result()
     except asyncio.CancelledError:
@@ -166,7 +174,9 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
             raise ClientGone from None
         raise ShuttingDown("the server is shutting down; retry the request") from None
     finally:
-        watcher.cancel()
+        later.cancel()
+        for w in watcher:
+            w.cancel()
         inference.finish()
         svc.drain.leave()
 
