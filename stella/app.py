@@ -60,10 +60,8 @@ class Services:
         self.auth = Authenticator(settings)
         self.state: Any = make_state(settings)
         self.admission: Admission = make_admission(settings, self.state)
-        # A concrete bound logger: the lazy proxy would rebuild one on every call.
-        self.log = structlog.get_logger("stella").bind()
         self.pipeline = Pipeline(
-            self.router, self.log, admission=self.admission, log_content=settings.log.content
+            self.router, logs.emitter(), admission=self.admission, log_content=settings.log.content
         )
         self.drain = Drain(settings.server.drain_timeout_s)
         self.metrics: Any = None

@@ -114,13 +114,13 @@ class Pipeline:
     def __init__(
         self,
         router: Router,
-        log: Any,
+        emit: Callable[[str, dict[str, Any]], None],
         *,
         admission: Admission | None = None,
         log_content: bool = False,
     ) -> None:
         self.router = router
-        self.log = log
+        self.emit = emit
         self.admission = admission or Admission()
         self.log_content = log_content
         self.listeners: list[Listener] = []
@@ -474,7 +474,7 @@ class Inference:
                 listener(record)
             except Exception as exc:  # a metrics bug must not lose the log line
                 record.setdefault("listener_errors", []).append(repr(exc))
-        pipeline.log.info("inference", **record)
+        pipeline.emit("inference", record)
 
 
 def _backoff(base: float, cap: float, attempt: int, last: StellaError | None) -> float:

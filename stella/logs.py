@@ -27,8 +27,6 @@ import structlog
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 SECRET_FIELDS = re.compile(r"(?i)(authorization|api[_-]?key|x-api-key|secret|password|passwd)$")
 BEARER_BYTES = re.compile(rb"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
-# Words that may name a secret field; a line holding one gets the structural redaction.
-SECRET_WORDS = (b"authorization", b"api_key", b"api-key", b"apikey", b"secret", b"passw")
 
 _encoder = msgspec.json.Encoder()
 
@@ -66,6 +64,7 @@ class LogSink:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._audit: IO[bytes] | None = None
         self._batch: list[tuple[bytes, bytes | None]] = []
+        self._safe_keys: set[Any] = set()
         self._scheduled = False
         self._thread = threading.Thread(target=self._run, name="stella-log", daemon=True)
         self._closed = False
@@ -106,16 +105,44 @@ class LogSink:
             self._queue.put(batch)
 
     def _encode(self, event: dict[str, Any]) -> bytes:
+        if self._has_secret_field(event):
+            event = self._redact(event)
         line = _lenient_encoder.encode(event)
-        low = line.lower()
-        if any(word in low for word in SECRET_WORDS):
-            line = _lenient_encoder.encode(self._redact(event))
         for secret in self._secret_bytes:
             if secret in line:
                 line = line.replace(secret, b"***")
         if b"earer" in line:
             line = BEARER_BYTES.sub(rb"\1 ***", line)
         return line + b"\n"
+
+    def _has_secret_field(self, node: dict[str, Any]) -> bool:
+        """Whether any key, at any depth, names a secret (known-safe keys are cached)."""
+        safe = self._safe_keys
+        for key, value in node.items():
+            if key not in safe:
+                if SECRET_FIELDS.search(str(key)) and value:
+                    return True
+                if len(safe) < 4096:
+                    safe.add(key)
+            if type(value) is dict:
+                if self._has_secret_field(value):
+                    return True
+            elif type(value) is list:
+                for item in value:
+                    if type(item) is dict and self._has_secret_field(item):
+                        return True
+        return False
+
+    def emit(self, name: str, record: dict[str, Any], level: str = "info") -> None:
+        """Write one event straight to this sink (same format as structlog's events).
+
+        The per-request `inference` event takes this path: structlog's generic
+        processor chain would cost more than the rest of the log line together.
+        """
+        record["event"] = name
+        record["ts"] = time.time()
+        record["level"] = level
+        self.put(record)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything queued so far is written."""
@@ -219,6 +246,7 @@ def _add_meta(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
 
 
 _sink: LogSink | None = None
+_level = 20
 
 
 def configure(
@@ -230,7 +258,8 @@ def configure(
     stream: IO[bytes] | None = None,
 ) -> LogSink:
     """Point structlog at a new sink (closing the previous one) and return it."""
-    global _sink
+    global _sink, _level
+    _level = LEVELS.get(level, 20)
     if _sink is not None:
         _sink.close()
     _sink = LogSink(fmt=fmt, stream=stream, audit_path=audit_path, secrets=secrets)
@@ -242,6 +271,15 @@ def configure(
         cache_logger_on_first_use=False,
     )
     return sink
+
+
+def emitter() -> Callable[[str, dict[str, Any]], None]:
+    """A function that writes one named event dict through the current sink."""
+    current = _sink
+    if current is not None:
+        return current.emit
+    fallback = structlog.get_logger("stella")
+    return lambda name, record: fallback.info(name, **record)
 
 
 def sink() -> LogSink | None:
