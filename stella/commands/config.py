@@ -1,0 +1,40 @@
+"""`stella config`: print the effective configuration (secrets redacted), or check it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+NAME = "config"
+HELP = "print the effective configuration with secrets redacted (--check: validate only)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `stella config`."""
+    parser.add_argument("--config", help="a TOML file overlaid on the defaults (STELLA_CONFIG)")
+    parser.add_argument("--check", action="store_true", help="only validate; exit 2 on error")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load and validate the configuration as `stella serve` would."""
+    from stella.backends import ConfigError
+    from stella.settings import load_settings, redacted
+
+    if args.config:
+        os.environ["STELLA_CONFIG"] = args.config
+    try:
+        settings = load_settings()
+        if args.check:
+            from stella.app import Services
+
+            Services(settings)  # builds backends and keys: catches what the file alone can't
+    except ConfigError as exc:
+        print(f"stella: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print("stella: configuration ok", file=sys.stderr)
+        return 0
+    print(json.dumps(redacted(settings), indent=2))
+    return 0

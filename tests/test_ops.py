@@ -1,0 +1,55 @@
+"""Operational routes: info, docs, OpenAPI, readiness, config; and `stella config`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+
+from tests.live import LiveServer
+
+
+def test_info_for_api_clients_and_browsers(stella: LiveServer) -> None:
+    info = httpx.get(stella.url + "/").json()
+    assert info["name"] == "stella" and info["version"]
+    assert info["links"]["chat"] == "/api/v1/chat"
+    r = httpx.get(stella.url + "/", headers={"Accept": "text/html"}, follow_redirects=False)
+    assert r.status_code in (200, 307)
+
+
+def test_openapi_is_generated_from_the_structs(stella: LiveServer) -> None:
+    spec = httpx.get(stella.url + "/openapi.json").json()
+    assert spec["openapi"].startswith("3.")
+    chat = spec["paths"]["/api/v1/chat"]["post"]
+    schema = chat["requestBody"]["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/ChatRequest"}
+    props = spec["components"]["schemas"]["ChatRequest"]["properties"]
+    assert {"messages", "model", "stream", "options", "tools", "metadata"} <= set(props)
+    assert "application/x-ndjson" in chat["responses"]["200"]["content"]
+    assert "Start" in spec["components"]["schemas"] and "Done" in spec["components"]["schemas"]
+
+
+def test_docs_page_renders_the_schema(stella: LiveServer) -> None:
+    r = httpx.get(stella.url + "/docs")
+    assert r.status_code == 200 and "openapi.json" in r.text
+
+
+def test_ready_and_config(stella: LiveServer) -> None:
+    ready = httpx.get(stella.url + "/ready")
+    assert ready.status_code == 200
+    assert ready.json()["checks"]["default_model"] == "ok"
+    cfg = httpx.get(stella.url + "/config").json()
+    assert cfg["default_model"] == "echo"
+    assert cfg["config"]["server"]["max_body_bytes"] == 1048576
+
+
+def test_stella_config_command() -> None:
+    out = subprocess.run([sys.executable, "-m", "stella", "config"], capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert json.loads(out.stdout)["server"]["port"] == 8000
+    bad = subprocess.run([sys.executable, "-m", "stella", "config", "--check"],
+                         env={"STELLA_SERVER__PORT": "x", "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "server.port" in bad.stderr
