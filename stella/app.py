@@ -130,9 +130,7 @@ class RequestContext:
 
         async def send_with_id(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                headers = message.setdefault("headers", [])
-                if not any(k == b"x-request-id" for k, _ in headers):
-                    message["headers"] = [*headers, header]
+                message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
         await self.app(scope, receive, send_with_id)

@@ -63,16 +63,15 @@ class Drain:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def enter(self, call: Any) -> None:
-        """Register the current task as serving `call`."""
-        task = asyncio.current_task()
-        if task is not None:
-            self.tasks[task] = call
+    def enter(self, call: Any, task: asyncio.Task[Any]) -> None:
+        """Register `task` as serving `call`."""
+        self.tasks[task] = call
+        if len(self.tasks) == 1:
             self.idle.clear()
 
-    def leave(self) -> None:
-        """Unregister the current task."""
-        self.tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+    def leave(self, task: asyncio.Task[Any]) -> None:
+        """Unregister `task`."""
+        self.tasks.pop(task, None)
         if not self.tasks:
             self.idle.set()
 
@@ -123,14 +122,14 @@ class EventStream:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+        # X-Request-ID is added by the RequestContext middleware, like on every response.
         raw = [
             (b"content-type", self.codec.media_type.encode()),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
-            (b"x-request-id", call.request_id.encode()),
         ]
         raw += [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
-        self.drain.enter(call)
+        self.drain.enter(call, task)
         # Short streams end before anyone could notice a disconnect or need a ping:
         # the watcher task starts only once the stream has run for a moment.
         watcher: list[asyncio.Task[Any]] = []
@@ -171,7 +170,7 @@ class EventStream:
                 w.cancel()
             await events.aclose()
             inference.finish()
-            self.drain.leave()
+            self.drain.leave(task)
 
     async def _end(self, send: Send, err: StellaError) -> None:
         self._open = False

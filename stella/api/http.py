@@ -75,29 +75,44 @@ def request_id(request: Request) -> str:
 Handler = Callable[[Request, Call], Awaitable[Response]]
 
 
-def endpoint(
-    dialect: Dialect = NATIVE, *, auth: str = "user"
-) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
-    """Wrap a route: authenticate (auth = "user" | "admin" | "none"), map errors."""
+class Endpoint:
+    """A route as a plain ASGI app: authenticate, run the handler, map StellaErrors.
 
-    def wrap(fn: Handler) -> Callable[[Request], Awaitable[Response]]:
-        async def route(request: Request) -> Response:
-            rid = request_id(request)
-            svc = services(request)
-            try:
-                call = Call(request_id=rid, api=dialect.name)
-                if auth != "none":
-                    call.principal = svc.auth.authenticate(request.headers)
-                    if auth == "admin" and not call.principal.admin:
-                        raise Forbidden("this route needs an admin key")
-                return await fn(request, call)
-            except StellaError as exc:
-                svc.rejected(exc, dialect.name)
-                return dialect.error_response(exc, rid)
+    Being ASGI (not a function) spares each request Starlette's
+    request/response wrapper and its exception-handling layer; every error a
+    handler can raise is a StellaError and becomes the dialect's error shape.
+    """
 
-        route.__name__ = fn.__name__
-        route.__doc__ = fn.__doc__
-        return route
+    def __init__(self, fn: Handler, dialect: Dialect, auth: str) -> None:
+        self.fn = fn
+        self.dialect = dialect
+        self.auth = auth
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        request = Request(scope, receive, send)
+        rid = scope["state"]["request_id"] if "state" in scope else ""
+        svc = scope.get("stella") or request.app.state.stella
+        dialect = self.dialect
+        try:
+            call = Call(request_id=rid, api=dialect.name)
+            if self.auth != "none":
+                call.principal = svc.auth.authenticate(request.headers)
+                if self.auth == "admin" and not call.principal.admin:
+                    raise Forbidden("this route needs an admin key")
+            response = await self.fn(request, call)
+        except StellaError as exc:
+            svc.rejected(exc, dialect.name)
+            response = dialect.error_response(exc, rid)
+        await response(scope, receive, send)
+
+
+def endpoint(dialect: Dialect = NATIVE, *, auth: str = "user") -> Callable[[Handler], Endpoint]:
+    """Wrap a route handler: authenticate (auth = "user" | "admin" | "none"), map errors."""
+
+    def wrap(fn: Handler) -> Endpoint:
+        return Endpoint(fn, dialect, auth)
 
     return wrap
 
@@ -155,7 +170,7 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
     call = inference.call
     task = asyncio.current_task()
     assert task is not None
-    svc.drain.enter(call)
+    svc.drain.enter(call, task)
     # Most answers are ready long before a client gives up: watch for a disconnect
     # only once the call has taken a while, so fast calls pay no extra task.
     loop = asyncio.get_running_loop()
@@ -178,7 +193,7 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
         for w in watcher:
             w.cancel()
         inference.finish()
-        svc.drain.leave()
+        svc.drain.leave(task)
 
 
 class ClientGone(StellaError):
