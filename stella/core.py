@@ -42,7 +42,7 @@ from stella.protocol import (
     ToolCallRef,
     Usage,
 )
-from stella.routing import CircuitBreaker, Route, Router
+from stella.routing import Route, Router
 
 TerminalOrData = Delta | ToolCall | Done | Error
 
@@ -227,8 +227,67 @@ class Inference:
                         self.error = last
                         yield self._error(last)
                         return
-                    async for event in self._stream(route, breaker, watchdog, *opened):
-                        yield event
+                    # The stream phase, inline: every event crosses as few frames as possible.
+                    agen, ctx, event = opened
+                    self.ttft = time.perf_counter()
+                    deadline = self.t0 + rs.total_timeout_s
+                    idle = rs.idle_timeout_s
+                    collect = self.collect
+                    try:
+                        while True:
+                            kind = type(event)
+                            if kind is Delta:
+                                self.completion_tokens += 1
+                                if collect:
+                                    self.texts.append(event.text)
+                                yield event
+                            elif kind is Done:
+                                breaker.success()
+                                self.queue_ms = ctx.queue_ms
+                                # Done is the backend's last event: let it return normally so
+                                # its cleanup runs without a GeneratorExit (and its garbage).
+                                await anext(agen, None)
+                                yield self._done(event)
+                                return
+                            elif kind is ToolCall:
+                                self.tool_calls.append(event)
+                                yield event
+                            else:
+                                raise UpstreamError(
+                                    f"backend sent an unknown event {kind.__name__}"
+                                )
+                            limit = min(idle, deadline - time.perf_counter())
+                            watchdog.arm(limit)
+                            try:
+                                event = await anext(agen)
+                            except StopAsyncIteration:
+                                raise UpstreamError(
+                                    f"backend {route.backend_name!r} ended without done"
+                                ) from None
+                            except asyncio.CancelledError:
+                                if watchdog.expired():
+                                    raise UpstreamTimeout(
+                                        f"backend {route.backend_name!r} went silent for {limit:g}s"
+                                    ) from None
+                                raise
+                            finally:
+                                watchdog.waiting = False
+                    except StellaError as exc:
+                        # After the first token no fallback: a switch of model mid-answer is worse.
+                        if exc.retryable:
+                            breaker.failure()
+                        self.error = exc
+                        yield self._error(exc)
+                    except (OSError, ValueError, RuntimeError) as exc:
+                        err = UpstreamError(
+                            f"backend {route.backend_name!r} failed: {type(exc).__name__}"
+                        )
+                        self.error = err
+                        yield self._error(err)
+                    finally:
+                        if not self.terminal:
+                            breaker.release()
+                        await _close(agen)
                     return
             err = last or Unavailable("no backend could take this request")
             if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
@@ -255,13 +314,16 @@ class Inference:
         record: dict[str, Any] = {"backend": route.backend_name, "route": route.name}
         self.attempts.append(record)
         limit = max(min(rs.ttft_timeout_s, rs.total_timeout_s - (t - self.t0)), 0.001)
+        watchdog.arm(limit)
         try:
-            first = await watchdog.wait(anext(agen), limit)
+            first = await anext(agen)
         except StopAsyncIteration:
             err: StellaError = UpstreamError(f"backend {route.backend_name!r} ended without output")
         except StellaError as exc:
             err = exc
-        except TimeoutError:
+        except asyncio.CancelledError:
+            if not watchdog.expired():
+                raise
             err = UpstreamTimeout(f"no first token from {route.backend_name!r} within {limit:g}s")
         except (OSError, ValueError, RuntimeError) as exc:
             err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")
@@ -270,73 +332,14 @@ class Inference:
             record["ms"] = round((time.perf_counter() - t) * 1000, 2)
             record["error"] = None
             return agen, ctx, first
+        finally:
+            watchdog.waiting = False
         await _close(agen)
         record["ms"] = round((time.perf_counter() - t) * 1000, 2)
         record["error"] = err.code
         if isinstance(err, UpstreamStatus):
             record["upstream_status"] = err.upstream_status
         return err
-
-    async def _stream(
-        self,
-        route: Route,
-        breaker: CircuitBreaker,
-        watchdog: Watchdog,
-        agen: AsyncIterator[BackendEvent],
-        ctx: CallContext,
-        event: Any,
-    ) -> AsyncIterator[TerminalOrData]:
-        rs = route.settings
-        self.ttft = time.perf_counter()
-        deadline = self.t0 + rs.total_timeout_s
-        idle = rs.idle_timeout_s
-        collect = self.collect
-        try:
-            while True:
-                kind = type(event)
-                if kind is Delta:
-                    self.completion_tokens += 1
-                    if collect:
-                        self.texts.append(event.text)
-                    yield event
-                elif kind is Done:
-                    breaker.success()
-                    self.queue_ms = ctx.queue_ms
-                    # Done is the backend's last event: let it return normally, so its
-                    # cleanup runs without a GeneratorExit (and the garbage it leaves).
-                    await anext(agen, None)
-                    yield self._done(event)
-                    return
-                elif kind is ToolCall:
-                    self.tool_calls.append(event)
-                    yield event
-                else:
-                    raise UpstreamError(f"backend sent an unknown event {kind.__name__}")
-                limit = min(idle, deadline - time.perf_counter())
-                try:
-                    event = await watchdog.wait(anext(agen), limit)
-                except StopAsyncIteration:
-                    raise UpstreamError(
-                        f"backend {route.backend_name!r} ended without done"
-                    ) from None
-                except TimeoutError:
-                    raise UpstreamTimeout(
-                        f"backend {route.backend_name!r} went silent for {limit:g}s"
-                    ) from None
-        except StellaError as exc:
-            # After the first token no fallback: a silent switch of model mid-answer is worse.
-            if exc.retryable:
-                breaker.failure()
-            self.error = exc
-            yield self._error(exc)
-        except (OSError, ValueError, RuntimeError) as exc:
-            err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")
-            self.error = err
-            yield self._error(err)
-        finally:
-            if not self.terminal:
-                breaker.release()
-            await _close(agen)
 
     def _done(self, done: Done) -> Done:
         now = time.perf_counter()
@@ -501,52 +504,52 @@ async def _close(agen: Any) -> None:
 class Watchdog:
     """Time limits on backend waits with one timer per inference, not one per token.
 
-    `wait()` marks the inference as waiting on the backend until a deadline. A
-    single timer checks the deadline when it fires and re-arms itself for the
-    latest one, so a fast stream creates a timer about once per idle period.
-    When the backend is over its deadline, the waiting task is cancelled and
-    the cancellation comes out of `wait()` as TimeoutError.
+    `arm(seconds)` marks the inference as waiting on the backend until a
+    deadline; the caller clears `waiting` when the wait ends. A single timer
+    checks the deadline when it fires and re-arms itself for the latest one, so a
+    fast stream creates a timer about once per idle period. Past the deadline it
+    cancels the waiting task; `expired()` tells that cancellation from others.
     """
 
-    __slots__ = ("_at", "_fired", "_handle", "_loop", "_task", "_waiting")
+    __slots__ = ("_at", "_fired", "_handle", "_loop", "_task", "waiting")
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[Any] | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._at = 0.0
-        self._waiting = False
+        self.waiting = False
         self._fired = False
 
-    async def wait(self, awaitable: Any, seconds: float) -> Any:
-        """Await `awaitable`; TimeoutError when it takes longer than `seconds`."""
+    def arm(self, seconds: float) -> None:
+        """The current task now waits on the backend for at most `seconds`."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
             self._task = asyncio.current_task()
-        at = loop.time() + seconds
-        self._at = at
+        at = self._at = loop.time() + seconds
         handle = self._handle
         if handle is None or handle.when() > at:
             if handle is not None:
                 handle.cancel()
             self._handle = loop.call_at(at, self._check)
-        self._waiting = True
-        try:
-            return await awaitable
-        except asyncio.CancelledError:
-            if self._fired:
-                self._fired = False
-                if self._task is not None and self._task.uncancel() == 0:
-                    raise TimeoutError from None
-            raise
-        finally:
-            self._waiting = False
+        self.waiting = True
+
+    def expired(self) -> bool:
+        """Whether the CancelledError being handled came from this watchdog.
+
+        When it did, the cancellation is withdrawn and the wait should end as a
+        timeout; a cancellation from elsewhere (client gone, shutdown) stays.
+        """
+        if not self._fired:
+            return False
+        self._fired = False
+        return self._task is not None and self._task.uncancel() == 0
 
     def _check(self) -> None:
         self._handle = None
-        if not self._waiting or self._task is None or self._loop is None:
-            return  # the next wait() arms a new timer
+        if not self.waiting or self._task is None or self._loop is None:
+            return  # the next arm() starts a new timer
         if self._loop.time() >= self._at:
             self._fired = True
             self._task.cancel()
