@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import structlog
 
 from stella.backends import BackendEvent, CallContext
 from stella.errors import (
@@ -44,6 +45,7 @@ from stella.protocol import (
 )
 from stella.routing import Route, Router
 
+_log = structlog.get_logger("stella")
 TerminalOrData = Delta | ToolCall | Done | Error
 
 
@@ -225,7 +227,7 @@ class Inference:
                             continue
                         breaker.release()
                         self.error = last
-                        yield self._error(last)
+                        yield self.fail(last)
                         return
                     # The stream phase, inline: every event crosses as few frames as possible.
                     agen, ctx, event = opened
@@ -277,13 +279,14 @@ class Inference:
                         if exc.retryable:
                             breaker.failure()
                         self.error = exc
-                        yield self._error(exc)
-                    except (OSError, ValueError, RuntimeError) as exc:
+                        yield self.fail(exc)
+                    except Exception as exc:  # a backend bug must still end the stream properly
+                        _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
                         err = UpstreamError(
                             f"backend {route.backend_name!r} failed: {type(exc).__name__}"
                         )
                         self.error = err
-                        yield self._error(err)
+                        yield self.fail(err)
                     finally:
                         if not self.terminal:
                             breaker.release()
@@ -295,7 +298,7 @@ class Inference:
                 err = UpstreamError(f"every backend failed; last: {err.message}")
                 err.code = code
             self.error = err
-            yield self._error(err)
+            yield self.fail(err)
         finally:
             watchdog.close()
             self.finish()
@@ -325,7 +328,8 @@ class Inference:
             if not watchdog.expired():
                 raise
             err = UpstreamTimeout(f"no first token from {route.backend_name!r} within {limit:g}s")
-        except (OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # a backend bug must still end the stream properly
+            _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
             err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")
         else:
             self.queue_ms = ctx.queue_ms
@@ -371,7 +375,9 @@ class Inference:
         )
         return Done(finish_reason=done.finish_reason, usage=usage, timings=timings)
 
-    def _error(self, exc: StellaError) -> Error:
+    def fail(self, exc: StellaError) -> Error:
+        """Record `exc` as the outcome and return its terminal `error` event."""
+        self.error = exc
         self.finish_reason = "error"
         self.terminal = True
         self.t_end = time.perf_counter()

@@ -268,7 +268,11 @@ def configure(
     _sink = LogSink(fmt=fmt, stream=stream, audit_path=audit_path, secrets=secrets)
     sink = _sink
     structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, _add_meta],
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            _add_meta,
+            structlog.processors.format_exc_info,
+        ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, 20)),
         logger_factory=lambda *_: QueueLogger(sink),
         cache_logger_on_first_use=False,

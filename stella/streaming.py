@@ -16,11 +16,13 @@ from typing import Any
 
 import anyio
 import msgspec
+import structlog
 
 from stella.core import Inference
 from stella.errors import ShuttingDown, StellaError
 from stella.protocol import Error, Start
 
+_log = structlog.get_logger("stella")
 # Streams older than this get a task that watches for a disconnect and sends pings.
 WATCH_AFTER_S = 0.05
 Send = Callable[[dict[str, Any]], Any]
@@ -163,6 +165,12 @@ class EventStream:
         except OSError:
             # The client went away and the write failed: same as a disconnect.
             call.cancel_reason = call.cancel_reason or "client_closed"
+        except Exception as exc:
+            # A bug after the first byte: the stream still gets its one terminal line.
+            _log.error("stream_failed", request_id=call.request_id, exc_info=exc)
+            if self._open:
+                await self._end(send, StellaError("internal error; see the server log"))
+                inference.fail(StellaError("internal error"))
         finally:
             self._open = False
             later.cancel()
@@ -174,7 +182,7 @@ class EventStream:
 
     async def _end(self, send: Send, err: StellaError) -> None:
         self._open = False
-        body = self.codec.encode(Error(code=err.code, message=err.message, retryable=True))
+        body = self.codec.encode(Error(code=err.code, message=err.message, retryable=err.retryable))
         with contextlib.suppress(OSError), anyio.CancelScope(shield=True):
             await send({"type": "http.response.body", "body": body, "more_body": True})
             await send(

@@ -27,6 +27,14 @@ class ShoutBackend(Backend):
         text = request.messages[-1].content.upper() + self.config.suffix
         yield Delta(text=text)
         yield Done(finish_reason="stop", usage=Usage(1, 1, 2))
+
+
+class BuggyBackend(Backend):
+    kind = "buggy"
+
+    async def chat(self, request, ctx):
+        yield Delta(text="partial")
+        {}["no such key"]
 '''
 
 
@@ -42,10 +50,10 @@ def test_backend_from_another_distribution_is_picked_up(tmp_path: Path) -> None:
     dist = tmp_path / "stella_shout-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: stella-shout\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[stella.backends]\nshout = stella_shout:ShoutBackend\n")
+    (dist / "entry_points.txt").write_text("[stella.backends]\nshout = stella_shout:ShoutBackend\nbuggy = stella_shout:BuggyBackend\n")
     config = {
-        "backends": {"loud": {"kind": "shout", "suffix": "!!"}},
-        "models": {"routes": {"loud": {"backend": "loud"}}},
+        "backends": {"loud": {"kind": "shout", "suffix": "!!"}, "bug": {"kind": "buggy"}},
+        "models": {"routes": {"loud": {"backend": "loud"}, "bug": {"backend": "bug"}}},
     }
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     with run_stella(config, env) as server:
@@ -56,6 +64,17 @@ def test_backend_from_another_distribution_is_picked_up(tmp_path: Path) -> None:
         lines = ndjson(r.text)
         assert lines[1] == {"type": "delta", "text": "HELLO!!"}
         assert lines[-1]["type"] == "done"
+        # A backend that crashes mid-stream still ends the stream with one error line.
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            json={"model": "bug", "messages": [{"role": "user", "content": "x"}]},
+        )
+        lines = ndjson(r.text)
+        assert [e["type"] for e in lines] == ["start", "delta", "error"]
+        assert lines[-1]["code"] == "upstream_error"
+        ev = server.wait_event(lambda e: e["model"] == "bug")
+        assert ev["status"] == 502 and ev["error_code"] == "upstream_error"
+        assert server.events("backend_failed")
         models = httpx.get(server.url + "/api/v1/models").json()["models"]
         assert {"name": "loud", "kind": "shout"}.items() <= next(
             m for m in models if m["name"] == "loud"
