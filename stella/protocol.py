@@ -221,7 +221,7 @@ class ErrorResponse(msgspec.Struct):
 # --- models, health --------------------------------------------------------
 
 
-class ModelInfo(msgspec.Struct, omit_defaults=True):
+class ModelInfo(msgspec.Struct):
     """One routable model."""
 
     name: str

@@ -23,6 +23,7 @@ class EchoConfig(BackendConfig, kw_only=True):
 
     delay_s: float = 0.0  # pause before each token
     fail_before_first: bool = False  # raise before any token (a retryable upstream error)
+    fail_first_calls: int = 0  # the first N calls fail before any token, later ones work
     fail_after: int = -1  # raise after this many tokens (-1: never)
     stall_after: int = -1  # stop producing after this many tokens, forever (-1: never)
     error_code: str = "upstream_error"
@@ -56,7 +57,7 @@ class EchoBackend(Backend):
         self.started += 1
         try:
             prompt_tokens = sum(len(m.content.split()) for m in request.messages)
-            if cfg.fail_before_first:
+            if cfg.fail_before_first or self.started <= cfg.fail_first_calls:
                 raise UpstreamError("echo: failing before the first token, as configured")
             last = request.messages[-1] if request.messages else None
             if request.tools and last is not None and last.role == "user":

@@ -1,0 +1,70 @@
+"""Retries, fallbacks and circuit breakers, on echo backends that fail on purpose."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from tests.live import ndjson, run_stella
+
+MSG = [{"role": "user", "content": "hi there"}]
+
+
+def chat(url: str, model: str, stream: bool = False) -> httpx.Response:
+    return httpx.post(url + "/api/v1/chat", json={"model": model, "messages": MSG, "stream": stream},
+                      timeout=10)
+
+
+def test_retry_recovers_before_the_first_token() -> None:
+    config = {
+        "backends": {"flaky": {"kind": "echo", "fail_first_calls": 2}},
+        "models": {"routes": {"flaky": {"backend": "flaky", "retries": 2, "retry_backoff_s": 0.01}}},
+    }
+    with run_stella(config) as server:
+        r = chat(server.url, "flaky")
+        assert r.status_code == 200 and r.json()["response"] == "hi there"
+        ev = server.wait_event(lambda e: e["model"] == "flaky")
+        assert [a["error"] for a in ev["attempts"]] == ["upstream_error", "upstream_error", None]
+
+
+def test_breaker_opens_then_probe_closes_it() -> None:
+    config = {
+        "breaker": {"failure_threshold": 2, "cooldown_s": 0.5},
+        "backends": {"flaky": {"kind": "echo", "fail_first_calls": 3}},
+        "models": {"routes": {"flaky": {"backend": "flaky", "retries": 0}}},
+    }
+    with run_stella(config) as server:
+        assert chat(server.url, "flaky").status_code == 502
+        assert chat(server.url, "flaky").status_code == 502  # second failure opens it
+        r = chat(server.url, "flaky")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        assert int(r.headers["retry-after"]) >= 1
+        models = httpx.get(server.url + "/api/v1/models").json()["models"]
+        assert next(m for m in models if m["name"] == "flaky")["circuit"] == "open"
+        time.sleep(0.6)
+        assert chat(server.url, "flaky").status_code == 502  # the probe fails: open again
+        assert chat(server.url, "flaky").status_code == 503
+        time.sleep(0.6)
+        r = chat(server.url, "flaky")  # the probe succeeds (4th call): closed
+        assert r.status_code == 200
+        assert chat(server.url, "flaky").status_code == 200
+        models = httpx.get(server.url + "/api/v1/models").json()["models"]
+        assert next(m for m in models if m["name"] == "flaky")["circuit"] == "closed"
+
+
+def test_open_circuit_falls_back() -> None:
+    config = {
+        "breaker": {"failure_threshold": 1, "cooldown_s": 60},
+        "backends": {"down": {"kind": "echo", "fail_before_first": True}},
+        "models": {"routes": {"primary": {"backend": "down", "retries": 0, "fallbacks": ["echo"]}}},
+    }
+    with run_stella(config) as server:
+        for _ in range(3):
+            r = chat(server.url, "primary")
+            assert r.status_code == 200 and r.json()["backend"] == "echo"
+        events = server.events("inference")
+        assert events[0]["attempts"][0]["error"] == "upstream_error"
+        assert server.wait_event(lambda e: e["attempts"][0].get("error") == "circuit_open")
+        lines = ndjson(chat(server.url, "primary", stream=True).text)
+        assert lines[-1]["type"] == "done"
