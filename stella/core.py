@@ -10,16 +10,15 @@ emits exactly one `inference` log event, whatever happens.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import structlog
 
 from stella.backends import BackendEvent, CallContext
+from stella.calls import ANONYMOUS, Admission, Call, Permit, Principal
 from stella.errors import (
     Forbidden,
     InvalidRequest,
@@ -44,67 +43,10 @@ from stella.protocol import (
     Usage,
 )
 from stella.routing import Route, Router
+from stella.watchdog import Watchdog, backoff, close_quietly
 
 _log = structlog.get_logger("stella")
 TerminalOrData = Delta | ToolCall | Done | Error
-
-
-@dataclass(slots=True, frozen=True)
-class Principal:
-    """Who is calling: a key's name and what it may do."""
-
-    name: str = "anonymous"
-    admin: bool = False
-    models: tuple[str, ...] = ("*",)
-    requests_per_minute: int = 0
-    tokens_per_minute: int = 0
-    max_concurrent: int = 0
-
-    def may_use(self, model: str) -> bool:
-        """Whether a model name matches one of the key's glob patterns."""
-        if self.models == ("*",):
-            return True
-        from fnmatch import fnmatchcase
-
-        return any(fnmatchcase(model, p) for p in self.models)
-
-
-ANONYMOUS = Principal(admin=True)
-
-
-@dataclass(slots=True)
-class Call:
-    """One client call as it crosses the pipeline."""
-
-    request_id: str
-    api: str = "native"
-    principal: Principal = ANONYMOUS
-    # Set by the stream layer before it cancels the task: client_closed | shutting_down.
-    cancel_reason: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-class Permit:
-    """What admission handed out: released when the inference ends."""
-
-    headers: dict[str, str]
-
-    def __init__(self) -> None:
-        self.headers = {}
-
-    def settle(self, usage: Usage) -> None:
-        """Correct reserved tokens with the real usage."""
-
-    def release(self) -> None:
-        """Give back concurrency slots."""
-
-
-class Admission:
-    """Limits and queues consulted before a call starts (see stella.limits)."""
-
-    async def admit(self, call: Call, route: Route, request: ChatRequest) -> Permit:
-        """Admit or raise RateLimited / Overloaded."""
-        return Permit()
 
 
 Listener = Callable[[dict[str, Any]], None]
@@ -217,7 +159,7 @@ class Inference:
                         last = last or Unavailable(f"backend {route.backend_name!r}: circuit open")
                         break
                     if attempt:
-                        pause = _backoff(rs.retry_backoff_s, rs.retry_max_backoff_s, attempt, last)
+                        pause = backoff(rs.retry_backoff_s, rs.retry_max_backoff_s, attempt, last)
                         await asyncio.sleep(pause)
                     opened = await self._first(route, watchdog)
                     if isinstance(opened, StellaError):
@@ -290,7 +232,7 @@ class Inference:
                     finally:
                         if not self.terminal:
                             breaker.release()
-                        await _close(agen)
+                        await close_quietly(agen)
                     return
             err = last or Unavailable("no backend could take this request")
             if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
@@ -338,7 +280,7 @@ class Inference:
             return agen, ctx, first
         finally:
             watchdog.waiting = False
-        await _close(agen)
+        await close_quietly(agen)
         record["ms"] = round((time.perf_counter() - t) * 1000, 2)
         record["error"] = err.code
         if isinstance(err, UpstreamStatus):
@@ -486,84 +428,12 @@ class Inference:
         pipeline.emit("inference", record)
 
 
-def _backoff(base: float, cap: float, attempt: int, last: StellaError | None) -> float:
-    """Exponential backoff with full jitter; an upstream's Retry-After wins when given."""
-    hint = getattr(last, "retry_after_hint", None)
-    if hint is not None:
-        return min(float(hint), cap)
-    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
-
-
-async def _close(agen: Any) -> None:
-    """Close a backend generator (its cleanup closes upstream requests, stops workers)."""
-    if getattr(agen, "ag_frame", True) is None:
-        return  # already finished: nothing to clean up
-    aclose = getattr(agen, "aclose", None)
-    if aclose is None:
-        return
-    try:
-        await aclose()
-    except Exception:  # its cleanup failing must not mask the outcome
-        pass
-
-
-class Watchdog:
-    """Time limits on backend waits with one timer per inference, not one per token.
-
-    `arm(seconds)` marks the inference as waiting on the backend until a
-    deadline; the caller clears `waiting` when the wait ends. A single timer
-    checks the deadline when it fires and re-arms itself for the latest one, so a
-    fast stream creates a timer about once per idle period. Past the deadline it
-    cancels the waiting task; `expired()` tells that cancellation from others.
-    """
-
-    __slots__ = ("_at", "_fired", "_handle", "_loop", "_task", "waiting")
-
-    def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[Any] | None = None
-        self._handle: asyncio.TimerHandle | None = None
-        self._at = 0.0
-        self.waiting = False
-        self._fired = False
-
-    def arm(self, seconds: float) -> None:
-        """The current task now waits on the backend for at most `seconds`."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-            self._task = asyncio.current_task()
-        at = self._at = loop.time() + seconds
-        handle = self._handle
-        if handle is None or handle.when() > at:
-            if handle is not None:
-                handle.cancel()
-            self._handle = loop.call_at(at, self._check)
-        self.waiting = True
-
-    def expired(self) -> bool:
-        """Whether the CancelledError being handled came from this watchdog.
-
-        When it did, the cancellation is withdrawn and the wait should end as a
-        timeout; a cancellation from elsewhere (client gone, shutdown) stays.
-        """
-        if not self._fired:
-            return False
-        self._fired = False
-        return self._task is not None and self._task.uncancel() == 0
-
-    def _check(self) -> None:
-        self._handle = None
-        if not self.waiting or self._task is None or self._loop is None:
-            return  # the next arm() starts a new timer
-        if self._loop.time() >= self._at:
-            self._fired = True
-            self._task.cancel()
-        else:
-            self._handle = self._loop.call_at(self._at, self._check)
-
-    def close(self) -> None:
-        """Cancel the timer."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+__all__ = [
+    "ANONYMOUS",
+    "Admission",
+    "Call",
+    "Inference",
+    "Permit",
+    "Pipeline",
+    "Principal",
+]

@@ -1,0 +1,65 @@
+"""Who calls and what admission hands out: the types every layer shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from stella.protocol import ChatRequest, Usage
+from stella.routing import Route
+
+
+@dataclass(slots=True, frozen=True)
+class Principal:
+    """Who is calling: a key's name and what it may do."""
+
+    name: str = "anonymous"
+    admin: bool = False
+    models: tuple[str, ...] = ("*",)
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    max_concurrent: int = 0
+
+    def may_use(self, model: str) -> bool:
+        """Whether a model name matches one of the key's glob patterns."""
+        if self.models == ("*",):
+            return True
+        return any(fnmatchcase(model, p) for p in self.models)
+
+
+ANONYMOUS = Principal(admin=True)
+
+
+@dataclass(slots=True)
+class Call:
+    """One client call as it crosses the pipeline."""
+
+    request_id: str
+    api: str = "native"
+    principal: Principal = ANONYMOUS
+    # Set by the stream layer before it cancels the task: client_closed | shutting_down.
+    cancel_reason: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Permit:
+    """What admission handed out: released when the inference ends."""
+
+    headers: dict[str, str]
+
+    def __init__(self) -> None:
+        self.headers = {}
+
+    def settle(self, usage: Usage) -> None:
+        """Correct reserved tokens with the real usage."""
+
+    def release(self) -> None:
+        """Give back concurrency slots."""
+
+
+class Admission:
+    """Limits and queues consulted before a call starts (see stella.limits)."""
+
+    async def admit(self, call: Call, route: Route, request: ChatRequest) -> Permit:
+        """Admit or raise RateLimited / Overloaded."""
+        return Permit()
