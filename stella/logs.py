@@ -80,12 +80,12 @@ class LogSink:
         )
         self._secret_bytes = [s.encode() for s in self.secrets]
 
-    def put(self, event: dict[str, Any]) -> None:
+    def put(self, event: dict[str, Any], *, checked: bool = False) -> None:
         """Render one event and queue it for writing (never blocks)."""
         try:
             for listener in self.listeners:
                 listener(event)
-            line = self._encode(event)
+            line = self._encode(event, checked)
             audit = line if self.audit_path and event.get("event") == "inference" else None
             if self.fmt != "json":
                 line = _console(msgspec.json.decode(line))
@@ -107,8 +107,8 @@ class LogSink:
         if batch:
             self._queue.put(batch)
 
-    def _encode(self, event: dict[str, Any]) -> bytes:
-        if self._has_secret_field(event):
+    def _encode(self, event: dict[str, Any], checked: bool = False) -> bytes:
+        if not checked and self._has_secret_field(event):
             event = self._redact(event)
         line = _lenient_encoder.encode(event)
         for secret in self._secret_bytes:
@@ -145,7 +145,12 @@ class LogSink:
         record["event"] = name
         record["ts"] = time.time()
         record["level"] = level
-        self.put(record)
+        # Everything but `metadata` was built by stella; only the client's part needs the
+        # field-name check (secret values and bearer tokens are masked on the whole line).
+        metadata = record.get("metadata")
+        if metadata and self._has_secret_field(metadata):
+            record["metadata"] = self._redact(metadata)
+        self.put(record, checked=True)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything queued so far is written."""

@@ -75,3 +75,15 @@ def test_no_content_by_default(tmp_path: Path) -> None:
     text = audit.read_text()
     assert "private words" not in text
     assert json.loads(text.splitlines()[0])["completion_tokens"] == 2
+
+
+def test_emit_redacts_client_metadata_fields() -> None:
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out, secrets=["sk-known-secret-1"])
+    sink.emit("inference", {"request_id": "r1", "metadata": {"user": "u", "api_key": "leak"},
+                            "note": "has sk-known-secret-1 inside"})
+    sink.close()
+    ev = json.loads(out.getvalue())
+    assert ev["metadata"] == {"user": "u", "api_key": "***"}
+    assert "sk-known-secret-1" not in out.getvalue().decode()
+    assert ev["event"] == "inference" and ev["level"] == "info" and ev["ts"] > 0
