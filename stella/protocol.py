@@ -245,9 +245,11 @@ class ModelList(msgspec.Struct):
 
 
 class Health(msgspec.Struct):
-    """GET /health."""
+    """GET /health: liveness, plus which backend serves the default model and when."""
 
     status: str = "ok"
+    backend: str = ""
+    timestamp: str = ""
 
 
 class Readiness(msgspec.Struct):

@@ -153,6 +153,7 @@ def test_unknown_path_and_method(server: LiveServer) -> None:
 
 
 def test_public_routes_need_no_key(server: LiveServer) -> None:
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["backend"] == "echo" and health["timestamp"]
     assert httpx.get(server.url + "/ready").status_code == 200
     error_of(httpx.get(server.url + "/config"), 401, "unauthorized")

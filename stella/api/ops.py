@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from starlette.requests import Request
@@ -19,12 +20,18 @@ from stella.protocol import Health, Readiness
 from stella.settings import redacted
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
-_HEALTH = JSONResponse(Health()).body
 
 
 async def health(request: Request) -> Response:
     """GET /health: liveness; never touches a backend or needs a key."""
-    return Response(_HEALTH, media_type="application/json")
+    router = services(request).router
+    route = router.routes.get(router.default)
+    return JSONResponse(
+        Health(
+            backend=route.backend_name if route else "",
+            timestamp=datetime.now(UTC).isoformat(timespec="milliseconds"),
+        )
+    )
 
 
 async def ready(request: Request) -> Response:
