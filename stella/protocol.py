@@ -6,9 +6,10 @@ One module holds every type of stella's own API, so decoding, encoding and
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
 Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal[
@@ -48,20 +49,20 @@ class Message(Strict):
 class Options(Strict):
     """Sampling and length options; a backend ignores what its engine lacks."""
 
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    max_tokens: int | None = None
-    stop: list[str] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    top_k: Annotated[int, Meta(ge=0)] | None = None
+    min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    stop: Annotated[list[str], Meta(max_length=16)] | None = None
     seed: int | None = None
 
 
 class FunctionSpec(Strict):
     """A function a model may call."""
 
-    name: str
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
     description: str = ""
     parameters: dict[str, Any] = {}
 
@@ -76,7 +77,7 @@ class Tool(Strict):
 class ChatRequest(Strict):
     """POST /api/v1/chat, and the one internal request every dialect becomes."""
 
-    messages: list[Message]
+    messages: Annotated[list[Message], Meta(min_length=1)]
     model: str | None = None
     stream: bool = True
     options: Options = msgspec.field(default_factory=Options)

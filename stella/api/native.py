@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -23,8 +26,8 @@ NDJSON = Codec()
 class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):
     """POST /api/v1/models: a runtime route."""
 
-    name: str
-    backend: str
+    name: Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")]
+    backend: Annotated[str, Meta(min_length=1)]
     upstream_model: str = ""
     aliases: list[str] = []
     fallbacks: list[str] = []
