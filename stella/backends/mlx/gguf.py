@@ -1,0 +1,205 @@
+"""Import a llama-architecture GGUF file into an mlx-lm model directory.
+
+mlx-lm has no GGUF importer, but MLX reads GGUF: quantized weights arrive as
+MLX affine-quantized triples (weight, scales, biases). This module renames the
+tensors, writes `config.json` with the quantization layout, and rebuilds the
+tokenizer (`tokenizer.json`) from the GGUF vocabulary and merges without
+transformers' torch-based GGUF path. Everything here touches MLX, so it must run
+on the thread that owns MLX.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# GGUF block tensor names -> mlx-lm llama module names.
+_BLOCK = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+CONTROL = 3  # GGUF token type of special tokens
+
+
+class GGUFError(Exception):
+    """The GGUF file can't be imported (wrong architecture, missing metadata)."""
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_key(path: Path) -> str:
+    """Name of the cache directory for a GGUF file: its size and a SHA-256 prefix."""
+    return f"{path.stat().st_size}-{file_digest(path)[:16]}"
+
+
+def _meta(metadata: dict[str, Any], key: str, default: Any = None) -> Any:
+    value = metadata.get(key, default)
+    if value is None:
+        raise GGUFError(f"GGUF metadata has no {key!r}")
+    # MLX returns scalars as 0-d arrays and strings as str; lists as lists.
+    if hasattr(value, "item"):
+        value = value.item()
+    return value
+
+
+def _rename(name: str) -> str:
+    base, _, suffix = name.rpartition(".")
+    if base.startswith("blk."):
+        _, layer, part = base.split(".", 2)
+        if part not in _BLOCK:
+            raise GGUFError(f"unexpected tensor {name!r}")
+        return f"model.layers.{layer}.{_BLOCK[part]}.{suffix}"
+    if base in _TOP:
+        return f"{_TOP[base]}.{suffix}"
+    raise GGUFError(f"unexpected tensor {name!r}")
+
+
+def _quant_bits(weights: dict[str, Any], module: str) -> tuple[int, int] | None:
+    """(bits, group_size) of a quantized module, from the array shapes.
+
+    The GGUF types MLX reads (Q4_0, Q4_1, Q8_0) all quantize in blocks of 32.
+    """
+    scales = weights.get(f"{module}.scales")
+    if scales is None:
+        return None
+    group = 32
+    packed_bits = weights[f"{module}.weight"].shape[-1] * 32  # uint32 words
+    in_features = scales.shape[-1] * group
+    bits, rest = divmod(packed_bits, in_features)
+    return (bits, group) if not rest and bits in (2, 3, 4, 5, 6, 8) else None
+
+
+def import_gguf(src: Path, out: Path) -> Path:
+    """Convert `src` (.gguf) into an mlx-lm model directory at `out`; returns `out`."""
+    import mlx.core as mx
+
+    src = Path(src)
+    out = Path(out)
+    tensors, metadata = mx.load(str(src), return_metadata=True)
+    arch = _meta(metadata, "general.architecture")
+    if arch != "llama":
+        raise GGUFError(f"{src.name}: architecture {arch!r} is not supported (llama only)")
+    weights = {_rename(k): v for k, v in tensors.items()}
+    hidden = int(_meta(metadata, "llama.embedding_length"))
+    vocab_tokens = list(_meta(metadata, "tokenizer.ggml.tokens"))
+    config: dict[str, Any] = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "num_hidden_layers": int(_meta(metadata, "llama.block_count")),
+        "intermediate_size": int(_meta(metadata, "llama.feed_forward_length")),
+        "num_attention_heads": int(_meta(metadata, "llama.attention.head_count")),
+        "num_key_value_heads": int(
+            _meta(
+                metadata,
+                "llama.attention.head_count_kv",
+                metadata.get("llama.attention.head_count"),
+            )
+        ),
+        "rms_norm_eps": float(_meta(metadata, "llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(_meta(metadata, "llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_meta(metadata, "llama.context_length", 2048)),
+        "vocab_size": len(vocab_tokens),
+        # GGUF stores Q and K permuted for interleaved rotary embeddings.
+        "rope_traditional": True,
+        "tie_word_embeddings": "lm_head.weight" not in weights,
+    }
+    quant: dict[str, Any] = {}
+    for module in sorted({k.rsplit(".", 1)[0] for k in weights if k.endswith(".scales")}):
+        found = _quant_bits(weights, module)
+        if found is None:
+            raise GGUFError(f"{module}: unsupported quantization layout")
+        bits, group = found
+        quant.setdefault("_default", (bits, group))
+        quant[module] = {"group_size": group, "bits": bits}
+    if quant:
+        # The most common layout is the default; others are per-module overrides.
+        counts: dict[tuple[int, int], int] = {}
+        for key, q in quant.items():
+            if key != "_default":
+                pair = (q["bits"], q["group_size"])
+                counts[pair] = counts.get(pair, 0) + 1
+        bits, group = max(counts, key=lambda p: counts[p])
+        layout: dict[str, Any] = {"group_size": group, "bits": bits}
+        for key, q in quant.items():
+            if key != "_default" and (q["bits"], q["group_size"]) != (bits, group):
+                layout[key] = q
+        config["quantization"] = layout
+        config["quantization_config"] = layout
+    tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=out.parent if out.parent.exists() else None))
+    try:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _write_tokenizer(tmp, metadata, vocab_tokens)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # atomic: a half-written import is never loaded
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_tokenizer(out: Path, metadata: dict[str, Any], tokens: list[str]) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    merges_raw = list(_meta(metadata, "tokenizer.ggml.merges"))
+    merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+    types = list(metadata.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    special = [tokens[i] for i, t in enumerate(types) if int(t) == CONTROL]
+    tokenizer.add_special_tokens(special)
+    tokenizer.save(str(out / "tokenizer.json"))
+
+    def token(key: str) -> str | None:
+        idx = metadata.get(key)
+        return tokens[int(idx.item() if hasattr(idx, "item") else idx)] if idx is not None else None
+
+    template = metadata.get("tokenizer.chat_template")
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "bos_token": token("tokenizer.ggml.bos_token_id"),
+        "eos_token": token("tokenizer.ggml.eos_token_id"),
+        "pad_token": token("tokenizer.ggml.padding_token_id"),
+        "unk_token": token("tokenizer.ggml.unknown_token_id"),
+        "additional_special_tokens": special,
+        "model_max_length": int(_meta(metadata, "llama.context_length", 2048)),
+        "clean_up_tokenization_spaces": False,
+    }
+    if template:
+        tok_config["chat_template"] = str(template)
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({k: v for k, v in tok_config.items() if k.endswith("_token") and v})
+    )

