@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from stella.backends.base import Backend, BackendConfig, BackendEvent, BackendHealth, CallContext
 from stella.backends.mlx.engine import LoadedModel, dequantize, generate_into, load_model
 from stella.backends.mlx.source import ModelSourceError, default_cache_dir, resolve
@@ -16,6 +18,8 @@ from stella.backends.mlx.stops import StopBuffer
 from stella.backends.mlx.worker import GenerationJob, MlxWorker
 from stella.errors import Overloaded, UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, Usage
+
+_log = structlog.get_logger("stella")
 
 
 class MlxConfig(BackendConfig, kw_only=True):
@@ -49,6 +53,8 @@ class MlxBackend(Backend):
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
         self._last_used: dict[str, float] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self._preload: asyncio.Task[None] | None = None
+        self.load_error = ""
         self.default_model = ""
 
     # --- lifecycle ---------------------------------------------------------
@@ -62,11 +68,22 @@ class MlxBackend(Backend):
         return "float32" if sys.platform == "linux" else "native"
 
     async def start(self) -> None:
-        """Start the idle reaper; preload the default model when configured."""
+        """Start the idle reaper; begin loading the default model when configured.
+
+        The load runs in the background so the server answers /health at once;
+        /ready says "loading" until it is done, and requests wait for it.
+        """
         if self.cfg.keep_alive_s > 0:
             self._reaper = asyncio.create_task(self._reap())
         if self.cfg.preload:
+            self._preload = asyncio.create_task(self._preload_default())
+
+    async def _preload_default(self) -> None:
+        try:
             await self.ensure_loaded("")
+        except Exception as exc:  # reported by /ready and by each request that needs it
+            self.load_error = str(exc)
+            _log.error("model_load_failed", backend=self.name, error=str(exc))
 
     async def ensure_loaded(self, upstream_model: str) -> LoadedModel:
         """The loaded model for `upstream_model`, loading it on the worker if needed."""
@@ -117,8 +134,9 @@ class MlxBackend(Backend):
 
     async def aclose(self) -> None:
         """Stop the worker thread (after the job it is running)."""
-        if self._reaper:
-            self._reaper.cancel()
+        for task in (self._reaper, self._preload):
+            if task:
+                task.cancel()
         await asyncio.to_thread(self.worker.stop)
 
     # --- state -------------------------------------------------------------
