@@ -200,6 +200,7 @@ class MlxBackend(Backend):
                 "seed": opts.seed,
                 "stats": self.worker.stats,
                 "prompt_cache_size": self.cfg.prompt_cache_size,
+                "request_id": ctx.request_id,
             },
         )
         stops = StopBuffer(opts.stop or ())

@@ -5,8 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from stella.backends.mlx.worker import GenerationJob
 from stella.protocol import Message, Tool
+
+
+_log = structlog.get_logger("stella")
 
 
 @dataclass(eq=False)
@@ -161,5 +166,11 @@ def generate_into(job: GenerationJob) -> None:
         stats.cancelled += 1
         stats.tokens_after_cancel += after_cancel
         stats.max_tokens_after_cancel = max(stats.max_tokens_after_cancel, after_cancel)
+        _log.info(
+            "mlx_generation_stopped",
+            request_id=p.get("request_id", ""),
+            tokens=len(key) - len(prompt),
+            tokens_after_cancel=after_cancel,
+        )
     if p["prompt_cache_size"] > 0:
         lm.caches.insert_cache(lm.path, key, cache)
