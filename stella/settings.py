@@ -98,6 +98,7 @@ class LimitsSettings(Section):
     tokens_per_minute: int = 0
     max_concurrent: int = 0
     queue_timeout_s: float = 10.0
+    reserve_tokens: int = 256  # tokens reserved for a request that gives no max_tokens
     models: dict[str, dict[str, int]] = {}
 
 

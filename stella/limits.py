@@ -1,0 +1,177 @@
+"""Rate limits and concurrency: token buckets per key and per model, slots per key.
+
+Buckets live in a `BucketStore`: this process's memory, or Redis (one atomic
+Lua script per check, see stella.state_redis) so limits hold across workers
+and replicas. Requests are counted at admission; tokens are reserved from
+`max_tokens` at admission and settled with the real usage at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from stella.calls import Admission, Call, Permit
+from stella.errors import Overloaded, RateLimited
+from stella.protocol import ChatRequest, Usage
+from stella.routing import Route
+from stella.settings import Settings
+
+
+@dataclass(slots=True)
+class Take:
+    """The answer of one bucket check."""
+
+    allowed: bool
+    remaining: float
+    retry_after: float  # seconds until `cost` would fit (0 when allowed)
+    reset: float  # seconds until the bucket is full again
+
+
+class BucketStore(Protocol):
+    """Where bucket levels live."""
+
+    def take(self, key: str, capacity: float, per_s: float, cost: float) -> Take:
+        """Take `cost` from a bucket if it fits (refilling at `per_s`)."""
+        ...
+
+    def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
+        """Return `amount` (negative: charge more) to a bucket, never above capacity."""
+        ...
+
+
+class MemoryBuckets:
+    """Token buckets in this process."""
+
+    def __init__(self) -> None:
+        self._levels: dict[str, tuple[float, float]] = {}  # key -> (level, at)
+
+    def _level(self, key: str, capacity: float, per_s: float, now: float) -> float:
+        level, at = self._levels.get(key, (capacity, now))
+        return min(capacity, level + (now - at) * per_s)
+
+    def take(self, key: str, capacity: float, per_s: float, cost: float) -> Take:
+        """Take `cost` if it fits."""
+        now = time.monotonic()
+        level = self._level(key, capacity, per_s, now)
+        if level >= cost:
+            level -= cost
+            self._levels[key] = (level, now)
+            return Take(True, level, 0.0, (capacity - level) / per_s)
+        self._levels[key] = (level, now)
+        return Take(False, level, (cost - level) / per_s, (capacity - level) / per_s)
+
+    def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
+        """Refund (or charge) after the fact."""
+        now = time.monotonic()
+        level = self._level(key, capacity, per_s, now)
+        self._levels[key] = (min(capacity, level + amount), now)
+
+
+class LimitPermit(Permit):
+    """Releases concurrency slots and settles reserved tokens, once."""
+
+    def __init__(self, limiter: Limiter, headers: dict[str, str]) -> None:
+        self.headers = headers
+        self._limiter = limiter
+        self._reserved: list[tuple[str, float, float, float]] = []  # key, cap, per_s, cost
+        self._slots: list[asyncio.Semaphore] = []
+        self._done = False
+
+    def settle(self, usage: Usage) -> None:
+        """Give back what was reserved beyond the real token count."""
+        used = usage.prompt_tokens + usage.completion_tokens
+        for key, cap, per_s, reserved in self._reserved:
+            self._limiter.buckets.give(key, cap, per_s, reserved - used)
+        self._reserved = []
+
+    def release(self) -> None:
+        """Free the concurrency slots."""
+        if self._done:
+            return
+        self._done = True
+        for slot in self._slots:
+            slot.release()
+
+
+class Limiter(Admission):
+    """Admission: per-key and per-model buckets, per-key concurrency."""
+
+    def __init__(self, settings: Settings, state: Any = None) -> None:
+        self.settings = settings
+        self.limits = settings.limits
+        self.buckets: BucketStore = _buckets_for(state)
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self.rejections = 0
+
+    def _slot(self, name: str, size: int) -> asyncio.Semaphore:
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = self._slots[name] = asyncio.Semaphore(size)
+        return slot
+
+    async def admit(self, call: Call, route: Route, request: ChatRequest) -> Permit:
+        """Admit the call or raise RateLimited / Overloaded."""
+        p = call.principal
+        model = self.limits.models.get(route.name, {})
+        if not (p.requests_per_minute or p.tokens_per_minute or p.max_concurrent or model):
+            return _FREE
+        headers: dict[str, str] = {}
+        permit = LimitPermit(self, headers)
+        reserve = float(request.options.max_tokens or self.limits.reserve_tokens)
+        checks = [
+            (f"rpm:key:{p.name}", p.requests_per_minute, 1.0, False),
+            (f"tpm:key:{p.name}", p.tokens_per_minute, reserve, True),
+            (f"rpm:model:{route.name}", model.get("requests_per_minute", 0), 1.0, False),
+            (f"tpm:model:{route.name}", model.get("tokens_per_minute", 0), reserve, True),
+        ]
+        for key, per_minute, cost, tokens in checks:
+            if not per_minute:
+                continue
+            per_s = per_minute / 60.0
+            take = self.buckets.take(key, per_minute, per_s, min(cost, per_minute))
+            if key.startswith("rpm:key:") or not headers:
+                headers.update(_headers(per_minute, take))
+            if not take.allowed:
+                permit.settle(Usage())  # give back what this call already took
+                self.rejections += 1
+                raise RateLimited(
+                    f"rate limit of {per_minute} {'tokens' if tokens else 'requests'} per minute "
+                    f"reached for {'key ' + p.name if ':key:' in key else 'model ' + route.name}",
+                    retry_after=take.retry_after,
+                    headers=headers,
+                )
+            if tokens:
+                permit._reserved.append((key, float(per_minute), per_s, min(cost, per_minute)))
+        if p.max_concurrent:
+            slot = self._slot(f"key:{p.name}", p.max_concurrent)
+            try:
+                async with asyncio.timeout(self.limits.queue_timeout_s):
+                    await slot.acquire()
+            except TimeoutError:
+                permit.settle(Usage())
+                raise Overloaded(
+                    f"key {p.name} already has {p.max_concurrent} requests running",
+                    retry_after=1,
+                ) from None
+            permit._slots.append(slot)
+        return permit
+
+
+_FREE = Permit()
+
+
+def _headers(limit: int, take: Take) -> dict[str, str]:
+    return {
+        "X-RateLimit-Limit": str(limit),
+        "X-RateLimit-Remaining": str(max(0, math.floor(take.remaining))),
+        "X-RateLimit-Reset": str(math.ceil(take.reset)),
+    }
+
+
+def _buckets_for(state: Any) -> BucketStore:
+    make = getattr(state, "buckets", None)
+    return make() if callable(make) else MemoryBuckets()

@@ -1,0 +1,66 @@
+"""Rate limits and concurrency limits, in one process (memory buckets)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import httpx
+
+from tests.live import run_stella
+
+KEY = "sk-limits-test-0001"
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def body(text: str = "one two three", **options: object) -> dict:
+    return {"model": "echo", "stream": False, "messages": [{"role": "user", "content": text}],
+            "options": options}
+
+
+def test_tokens_per_minute_reserve_then_settle() -> None:
+    config = {"auth": {"keys": {"t": {"sha256": sha(KEY), "tokens_per_minute": 100}}}}
+    with run_stella(config) as server:
+        h = {"Authorization": f"Bearer {KEY}"}
+        # Each call reserves 60 tokens but uses 6: settling refunds 54, so many fit.
+        for _ in range(5):
+            r = httpx.post(server.url + "/api/v1/chat", headers=h, json=body(max_tokens=60))
+            assert r.status_code == 200, r.text
+            assert r.headers["x-ratelimit-limit"] == "100"
+        # A reservation over what is left is refused with the token limit named.
+        r = httpx.post(server.url + "/api/v1/chat", headers=h, json=body(max_tokens=100))
+        assert r.status_code == 429 and "tokens per minute" in r.json()["error"]["message"]
+
+
+def test_per_model_requests_per_minute() -> None:
+    config = {"limits": {"models": {"echo": {"requests_per_minute": 3}}}}
+    with run_stella(config) as server:
+        codes = [httpx.post(server.url + "/api/v1/chat", json=body()).status_code for _ in range(5)]
+        assert codes == [200, 200, 200, 429, 429]
+        r = httpx.post(server.url + "/api/v1/chat", json=body())
+        assert "model echo" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.headers["x-ratelimit-remaining"] == "0"
+
+
+async def test_concurrency_queue_then_overloaded() -> None:
+    config = {
+        "limits": {"max_concurrent": 1, "queue_timeout_s": 0.3},
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.2}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+    }
+    with run_stella(config) as server:
+        slow = {"model": "slow", "stream": False,
+                "messages": [{"role": "user", "content": "a b c d e"}]}
+        async with httpx.AsyncClient(timeout=10) as c:
+            first = asyncio.create_task(c.post(server.url + "/api/v1/chat", json=slow))
+            await asyncio.sleep(0.1)
+            second = await c.post(server.url + "/api/v1/chat", json=body())
+            assert second.status_code == 503
+            assert second.json()["error"]["code"] == "overloaded"
+            assert (await first).status_code == 200
+            third = await c.post(server.url + "/api/v1/chat", json=body())
+            assert third.status_code == 200  # the slot came back
