@@ -1,0 +1,1 @@
+"""Benchmarks: a load generator, the servers it compares, and the comparisons."""

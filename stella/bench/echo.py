@@ -1,0 +1,115 @@
+"""stella's native API on the echo backend vs a bare Starlette app sending the same bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+import msgspec
+
+from stella.bench.loadgen import Result, have_wrk, run_load, run_wrk
+from stella.bench.servers import free_port, spawn, stella_args, uvicorn_args
+
+WORDS = " ".join(f"word{i}" for i in range(20))  # a 20-token answer, as in the peer figures
+
+
+class Row(msgspec.Struct):
+    """One side-by-side measurement."""
+
+    mode: str
+    concurrency: int
+    stella: Result
+    baseline: Result
+    ratio: float
+
+
+def _body(stream: bool) -> bytes:
+    return json.dumps(
+        {"model": "echo", "stream": stream, "messages": [{"role": "user", "content": WORDS}]}
+    ).encode()
+
+
+def measure(
+    url: str,
+    body: bytes,
+    name: str,
+    concurrency: int,
+    duration: float,
+    wrk: bool,
+    client_cpu: int | None,
+) -> Result:
+    """One load run, with wrk when asked and available."""
+    if wrk:
+        return run_wrk(
+            url + "/api/v1/chat",
+            body,
+            name=name,
+            concurrency=concurrency,
+            duration=duration,
+            cpu=client_cpu,
+        )
+    return asyncio.run(
+        run_load(url + "/api/v1/chat", body, name=name, concurrency=concurrency, duration=duration)
+    )
+
+
+def compare(
+    concurrency: tuple[int, ...] = (1, 8, 64), duration: float = 5.0, use_wrk: bool | None = None
+) -> list[Row]:
+    """Both servers up at once, pinned to core 0, load from core 1; same bytes, same load."""
+    wrk = have_wrk() if use_wrk is None else use_wrk
+    tmp = Path(tempfile.mkdtemp(prefix="stella-bench-"))
+    conf = tmp / "stella.toml"
+    conf.write_text('[models]\ndefault = "echo"\n[backends.local]\nenabled = false\n')
+    s_port, b_port = free_port(), free_port()
+    env = {"STELLA_CONFIG": str(conf)}
+    rows: list[Row] = []
+    with spawn(stella_args(s_port), port=s_port, env=env, cpu=0) as stella:
+        sample = httpx.post(
+            stella.url + "/api/v1/chat",
+            content=_body(False),
+            headers={"content-type": "application/json"},
+        ).content
+        stream = httpx.post(
+            stella.url + "/api/v1/chat",
+            content=_body(True),
+            headers={"content-type": "application/json"},
+        ).content
+        (tmp / "body.json").write_bytes(sample)
+        (tmp / "stream.ndjson").write_bytes(stream)
+        bare_env = {"BARE_BODY": str(tmp / "body.json"), "BARE_STREAM": str(tmp / "stream.ndjson")}
+        with spawn(
+            uvicorn_args("stella.bench.bare:app", b_port), port=b_port, env=bare_env, cpu=0
+        ) as bare:
+            for mode, stream_flag in (("non-stream", False), ("stream", True)):
+                body = _body(stream_flag)
+                for c in concurrency:
+                    b = measure(bare.url, body, "bare starlette", c, duration, wrk, 1)
+                    s = measure(stella.url, body, "stella", c, duration, wrk, 1)
+                    rows.append(Row(mode, c, s, b, round(s.rps / b.rps, 3) if b.rps else 0.0))
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    """Markdown table of the rows."""
+    out = [
+        "| mode | c | stella req/s | bare req/s | ratio | stella p50 / p99 ms | bare p50 / p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r.mode} | {r.concurrency} | {r.stella.rps:,.0f} | {r.baseline.rps:,.0f} | "
+            f"{r.ratio:.2f} | {r.stella.p50_ms:.2f} / {r.stella.p99_ms:.2f} | "
+            f"{r.baseline.p50_ms:.2f} / {r.baseline.p99_ms:.2f} |"
+        )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    result = compare()
+    print(table(result))
+    sys.stdout.flush()

@@ -1,0 +1,256 @@
+"""A small HTTP/1.1 load generator on raw asyncio streams (keep-alive, chunked bodies).
+
+Bounded by duration and by request count; refuses targets off this machine
+unless told otherwise. It measures latency, time to first byte, and for streams
+the number of data lines (tokens) per second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import msgspec
+
+
+class Result(msgspec.Struct):
+    """What one load run measured."""
+
+    name: str
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    ttfb_p50_ms: float
+    lines_per_s: float = 0.0
+    tool: str = "stella-loadgen"
+
+
+@dataclass
+class _Stats:
+    latencies: list[float] = field(default_factory=list)
+    ttfb: list[float] = field(default_factory=list)
+    errors: int = 0
+    lines: int = 0
+    sent: int = 0
+
+
+def is_local(host: str) -> bool:
+    """Whether `host` resolves only to loopback addresses."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) of values, nearest rank."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+async def _read_response(reader: asyncio.StreamReader, t0: float, st: _Stats) -> None:
+    status = await reader.readline()
+    if not status:
+        raise ConnectionError("closed")
+    code = int(status.split(b" ", 2)[1])
+    length = -1
+    chunked = False
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    first = True
+    if chunked:
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                await reader.readline()
+                break
+            data = await reader.readexactly(size + 2)
+            if first:
+                st.ttfb.append(time.perf_counter() - t0)
+                first = False
+            st.lines += data.count(b"\n") - 1
+    else:
+        if length > 0:
+            await reader.readexactly(length)
+        st.ttfb.append(time.perf_counter() - t0)
+    if code >= 400:
+        st.errors += 1
+
+
+async def _worker(
+    host: str, port: int, request: bytes, deadline: float, budget: list[int], st: _Stats
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while time.perf_counter() < deadline and budget[0] > 0:
+            budget[0] -= 1
+            t0 = time.perf_counter()
+            writer.write(request)
+            try:
+                await _read_response(reader, t0, st)
+            except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+                st.errors += 1
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+                continue
+            st.latencies.append(time.perf_counter() - t0)
+    finally:
+        writer.close()
+
+
+async def run_load(
+    url: str,
+    body: bytes | None,
+    *,
+    name: str = "",
+    concurrency: int = 8,
+    duration: float = 5.0,
+    max_requests: int = 1_000_000,
+    headers: dict[str, str] | None = None,
+    warmup: float = 0.5,
+    allow_remote: bool = False,
+) -> Result:
+    """Keep `concurrency` connections busy for `duration` seconds (or `max_requests`)."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    if not allow_remote and not is_local(host):
+        raise ValueError(f"{host} is not a loopback address; pass allow_remote to load it")
+    path = parts.path or "/"
+    method = "POST" if body is not None else "GET"
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
+    for k, v in (headers or {}).items():
+        lines.append(f"{k}: {v}")
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+    if warmup:
+        await _phase(host, port, request, concurrency, warmup, max_requests)
+    st, seconds = await _phase(host, port, request, concurrency, duration, max_requests)
+    ms = [x * 1000 for x in st.latencies]
+    return Result(
+        name=name or url,
+        concurrency=concurrency,
+        requests=len(ms),
+        errors=st.errors,
+        seconds=round(seconds, 3),
+        rps=round(len(ms) / seconds, 1) if seconds else 0.0,
+        p50_ms=round(percentile(ms, 50), 3),
+        p90_ms=round(percentile(ms, 90), 3),
+        p99_ms=round(percentile(ms, 99), 3),
+        ttfb_p50_ms=round(percentile([x * 1000 for x in st.ttfb], 50), 3),
+        lines_per_s=round(st.lines / seconds, 1) if seconds else 0.0,
+    )
+
+
+async def _phase(
+    host: str, port: int, request: bytes, concurrency: int, duration: float, max_requests: int
+) -> tuple[_Stats, float]:
+    st = _Stats()
+    budget = [max_requests]
+    t0 = time.perf_counter()
+    deadline = t0 + duration
+    await asyncio.gather(
+        *(_worker(host, port, request, deadline, budget, st) for _ in range(concurrency))
+    )
+    return st, time.perf_counter() - t0
+
+
+WRK_LUA = """wrk.method = "POST"
+wrk.body = {body}
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def have_wrk() -> bool:
+    """Whether the wrk binary is on PATH."""
+    return shutil.which("wrk") is not None
+
+
+def run_wrk(
+    url: str,
+    body: bytes | None,
+    *,
+    name: str = "",
+    concurrency: int = 8,
+    duration: float = 5.0,
+    cpu: int | None = None,
+) -> Result:
+    """The same measurement with wrk (C, so the client is never the bottleneck)."""
+    import json
+    import tempfile
+
+    host = urlsplit(url).hostname or ""
+    if not is_local(host):
+        raise ValueError(f"{host} is not a loopback address")
+    args = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency"]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
+        if body is not None:
+            fh.write(WRK_LUA.format(body=json.dumps(body.decode())))
+        script = fh.name
+    args += ["-s", script, url]
+    if cpu is not None:
+        args = ["taskset", "-c", str(cpu), *args]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 30).stdout
+    rps = float(_after(out, "Requests/sec:") or 0)
+    total = 0
+    for line in out.splitlines():
+        if "requests in" in line:
+            total = int(line.split()[0])
+    errors = 0
+    for line in out.splitlines():
+        if "Non-2xx" in line:
+            errors = int(line.split()[-1])
+    return Result(
+        name=name or url,
+        concurrency=concurrency,
+        requests=total,
+        errors=errors,
+        seconds=duration,
+        rps=rps,
+        p50_ms=_latency(out, "50%"),
+        p90_ms=_latency(out, "90%"),
+        p99_ms=_latency(out, "99%"),
+        ttfb_p50_ms=0.0,
+        tool="wrk",
+    )
+
+
+def _after(text: str, marker: str) -> str | None:
+    for line in text.splitlines():
+        if marker in line:
+            return line.split(marker, 1)[1].strip().split()[0]
+    return None
+
+
+def _latency(text: str, pct: str) -> float:
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == pct:
+            value = parts[1]
+            for unit, scale in (("us", 0.001), ("ms", 1.0), ("s", 1000.0)):
+                if value.endswith(unit):
+                    return round(float(value[: -len(unit)]) * scale, 3)
+    return 0.0

@@ -1,0 +1,139 @@
+"""Start the processes a benchmark compares, each on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Proc:
+    """A started server: its URL, PID and start-up time."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], url: str, started_s: float) -> None:
+        self.popen = popen
+        self.url = url
+        self.started_s = started_s
+
+    @property
+    def pid(self) -> int:
+        """The server's PID."""
+        return self.popen.pid
+
+    def rss(self) -> int:
+        """Its resident memory now."""
+        return rss_bytes(self.popen.pid)
+
+
+@contextmanager
+def spawn(
+    args: list[str],
+    *,
+    port: int,
+    env: Mapping[str, str] | None = None,
+    cpu: int | None = None,
+    ready_path: str = "/health",
+    timeout: float = 60.0,
+) -> Iterator[Proc]:
+    """Run `args` until the port answers `ready_path`; stop it (by its PID) afterwards."""
+    full_env = {**os.environ, **(env or {})}
+    log = tempfile.TemporaryFile()
+
+    def pin() -> None:
+        if cpu is not None and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {cpu})
+
+    t0 = time.perf_counter()
+    popen = subprocess.Popen(
+        args, env=full_env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = t0 + timeout
+        while True:
+            if popen.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(
+                    f"{args[0]} exited: {log.read().decode(errors='replace')[-2000:]}"
+                )
+            try:
+                if httpx.get(url + ready_path, timeout=1).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{' '.join(args)} did not start")
+            time.sleep(0.02)
+        yield Proc(popen, url, time.perf_counter() - t0)
+    finally:
+        popen.terminate()
+        try:
+            popen.wait(20)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(5)
+        log.close()
+
+
+def uvicorn_args(app: str, port: int, *, factory: bool = False) -> list[str]:
+    """uvicorn with uvloop and httptools, one worker, no access log."""
+    args = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+    return [*args, "--factory"] if factory else args
+
+
+def stella_args(port: int) -> list[str]:
+    """`stella serve` on a port."""
+    return [
+        sys.executable,
+        "-m",
+        "stella",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-format",
+        "json",
+    ]

@@ -1,0 +1,96 @@
+"""`stella bench`: load a URL, or run one of the side-by-side comparisons."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+NAME = "bench"
+HELP = "measure: `url URL` loads any stella/OpenAI-compatible URL; `echo`, `mlx`: comparisons"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `stella bench`."""
+    sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+    url = sub.add_parser("url", help="load one URL (loopback unless --allow-remote)")
+    url.add_argument("url", help="e.g. http://127.0.0.1:8000/api/v1/chat")
+    url.add_argument("--body", default="", help="JSON body (POST); default: a native chat on echo")
+    url.add_argument("--openai", action="store_true", help="send an OpenAI chat completion body")
+    url.add_argument("--stream", action="store_true", help="ask for a stream")
+    url.add_argument("--model", default="echo")
+    url.add_argument("--header", action="append", default=[], help="NAME: VALUE")
+    url.add_argument("--allow-remote", action="store_true")
+    for p in (url, sub.add_parser("echo", help="stella on echo vs a bare Starlette app")):
+        p.add_argument("-c", "--concurrency", default="1,8,64", help="comma-separated")
+        p.add_argument("-d", "--duration", type=float, default=5.0, help="seconds per run")
+        p.add_argument("-n", "--requests", type=int, default=1_000_000, help="at most this many")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    mlx = sub.add_parser("mlx", help="stella's MLX backend vs raw mlx_lm.stream_generate")
+    mlx.add_argument("--tokens", type=int, default=64, help="tokens per generation")
+    mlx.add_argument("--runs", type=int, default=3)
+    mlx.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen measurement and print it."""
+    import msgspec
+
+    if args.what == "echo":
+        from stella.bench.echo import compare, table
+
+        rows = compare(tuple(int(c) for c in args.concurrency.split(",")), args.duration)
+        print(msgspec.json.encode(rows).decode() if args.json else table(rows))
+        return 0
+    if args.what == "mlx":
+        from stella.bench.mlx import compare as compare_mlx
+        from stella.bench.mlx import table as mlx_table
+
+        report = compare_mlx(tokens=args.tokens, runs=args.runs)
+        print(msgspec.json.encode(report).decode() if args.json else mlx_table(report))
+        return 0
+    from stella.bench.loadgen import run_load
+
+    if args.body:
+        body = args.body.encode()
+    else:
+        payload: dict = {
+            "model": args.model,
+            "stream": args.stream,
+            "messages": [{"role": "user", "content": "hello there, how are you"}],
+        }
+        if args.openai and args.stream:
+            payload["stream_options"] = {"include_usage": True}
+        body = json.dumps(payload).encode()
+    headers = dict(h.split(":", 1) for h in args.header)
+    results = []
+    for c in (int(x) for x in args.concurrency.split(",")):
+        try:
+            results.append(
+                asyncio.run(
+                    run_load(
+                        args.url,
+                        body,
+                        concurrency=c,
+                        duration=args.duration,
+                        max_requests=args.requests,
+                        headers={k.strip(): v.strip() for k, v in headers.items()},
+                        allow_remote=args.allow_remote,
+                    )
+                )
+            )
+        except ValueError as exc:
+            print(f"stella: {exc}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(msgspec.json.encode(results).decode())
+    else:
+        print("| c | req/s | p50 ms | p90 ms | p99 ms | ttfb p50 ms | lines/s | errors |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in results:
+            print(
+                f"| {r.concurrency} | {r.rps:,.0f} | {r.p50_ms} | {r.p90_ms} | {r.p99_ms} | "
+                f"{r.ttfb_p50_ms} | {r.lines_per_s:,.0f} | {r.errors} |"
+            )
+    return 0
