@@ -20,8 +20,7 @@ SYSTEM = "You are a helpful assistant. " + " ".join(
     for i in range(28)
 )
 
-RAW = (
-    r"""
+RAW = r"""
 import json, sys, time
 import mlx.core as mx
 from mlx_lm import load, stream_generate
@@ -44,9 +43,7 @@ for r in range(runs + 1):
         out.append({"ttft_ms": (first - t0) * 1000, "tokens": n, "tps": (n - 1) / (end - first)})
 import resource
 print(json.dumps({"runs": out, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-"""
-    % PROMPT
-)
+""".replace("__PROMPT__", repr(PROMPT))
 
 
 class Report(msgspec.Struct):
