@@ -1,0 +1,43 @@
+"""GET /metrics: counts, histograms, state gauges; labels stay bounded."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.live import LiveServer, run_stella
+
+
+def scrape(server: LiveServer, **kw: object) -> str:
+    r = httpx.get(server.url + "/metrics", **kw)  # type: ignore[arg-type]
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    return r.text
+
+
+def value(text: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_metrics_count_requests_tokens_and_latency(stella: LiveServer) -> None:
+    before = scrape(stella)
+    for _ in range(3):
+        httpx.post(stella.url + "/api/v1/chat",
+                   json={"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a b"}]})
+    httpx.post(stella.url + "/api/v1/chat", json={"model": "no-such-model-xyz", "messages": [{"role": "user", "content": "a"}]})
+    after = scrape(stella)
+    label = 'stella_requests_total{api="native",backend="echo",model="echo",status="200"}'
+    assert value(after, label) - value(before, label) == 3
+    assert value(after, 'stella_tokens_total{kind="completion",model="echo"}') >= 6
+    assert 'stella_time_to_first_token_seconds_bucket{le="0.005",model="echo"}' in after
+    assert 'stella_request_duration_seconds_count{model="echo"}' in after
+    assert value(after, 'stella_rejections_total{api="native",code="model_not_found"}') >= 1
+    assert "no-such-model-xyz" not in after  # client-chosen names never become labels
+    assert 'stella_circuit_state{backend="echo"} 0.0' in after
+    assert "stella_inflight_requests" in after
+
+
+def test_metrics_need_a_key_when_keys_are_set() -> None:
+    with run_stella(env={"STELLA_API_KEYS": "sk-metrics-key-1"}) as server:
+        assert httpx.get(server.url + "/metrics").status_code == 401
+        text = scrape(server, headers={"Authorization": "Bearer sk-metrics-key-1"})
+        assert "sk-metrics-key-1" not in text
