@@ -1,0 +1,119 @@
+"""Fault tests on loopback: stella in front of a faulty OpenAI-compatible upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import serve
+from tests.live import LiveServer, free_port, ndjson, run_stella
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[tuple[FakeOpenAI, str]]:
+    fake = FakeOpenAI(words=8)
+    with serve(fake.app) as url:
+        yield fake, url
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
+    url = upstream[1]
+    fast = {"retries": 0, "ttft_timeout_s": 0.5, "idle_timeout_s": 0.5}
+    config = {
+        "backends": {
+            "up": {"kind": "openai", "base_url": url + "/v1"},
+            # Each failing route has its own backend, so one test's failures don't open
+            # the circuit another test depends on.
+            "b-die": {"kind": "openai", "base_url": url + "/v1"},
+            "b-stall": {"kind": "openai", "base_url": url + "/v1"},
+            "b-stall-2": {"kind": "openai", "base_url": url + "/v1"},
+            "flaky": {"kind": "openai", "base_url": url + "/v1"},
+            "down": {"kind": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1",
+                     "connect_timeout_s": 1},
+        },
+        "models": {"routes": {
+            "down": {"backend": "down", "retries": 1, "retry_backoff_s": 0.01, "fallbacks": ["up-ok"]},
+            "up-ok": {"backend": "up", "upstream_model": "ok", **fast},
+            "up-die": {"backend": "b-die", "upstream_model": "die-after-3", **fast},
+            "up-stall": {"backend": "b-stall", "upstream_model": "stall", **fast},
+            "up-stall-2": {"backend": "b-stall-2", "upstream_model": "stall-after-2", **fast},
+            "up-slow": {"backend": "up", "upstream_model": "slow", **fast},
+            "flaky-bad": {"backend": "flaky", "upstream_model": "status-500", **fast},
+            "flaky-ok": {"backend": "flaky", "upstream_model": "ok", **fast},
+        }},
+        "breaker": {"failure_threshold": 3, "cooldown_s": 0.5},
+    }
+    with run_stella(config) as server:
+        yield server
+
+
+def chat(server: LiveServer, model: str, stream: bool = True) -> httpx.Response:
+    return httpx.post(server.url + "/api/v1/chat", timeout=10,
+                      json={"model": model, "stream": stream,
+                            "messages": [{"role": "user", "content": "hi"}]})
+
+
+def test_refused_connection_falls_back(gateway: LiveServer) -> None:
+    r = chat(gateway, "down", stream=False)
+    assert r.status_code == 200
+    assert r.json()["backend"] == "up" and r.json()["response"].strip().startswith("w0")
+    ev = gateway.wait_event(lambda e: e["request_id"] == r.json()["id"])
+    assert [a["error"] for a in ev["attempts"]] == ["upstream_unreachable", "upstream_unreachable", None]
+
+
+def test_upstream_dies_after_three_tokens(gateway: LiveServer) -> None:
+    lines = ndjson(chat(gateway, "up-die").text)
+    assert [e["type"] for e in lines] == ["start", "delta", "delta", "delta", "error"]
+    assert lines[-1]["code"] == "upstream_error"
+
+
+def test_stall_before_first_token(gateway: LiveServer) -> None:
+    r = chat(gateway, "up-stall", stream=False)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+    lines = ndjson(chat(gateway, "up-stall").text)
+    assert lines[-1]["type"] == "error" and lines[-1]["code"] == "upstream_timeout"
+
+
+def test_stall_after_tokens(gateway: LiveServer) -> None:
+    lines = ndjson(chat(gateway, "up-stall-2").text)
+    types = [e["type"] for e in lines if e["type"] != "ping"]
+    assert types == ["start", "delta", "delta", "error"]
+    assert lines[-1]["code"] == "upstream_timeout"
+
+
+def test_breaker_opens_and_recovers_after_the_probe(gateway: LiveServer) -> None:
+    for _ in range(3):
+        assert chat(gateway, "flaky-bad", stream=False).status_code == 502
+    r = chat(gateway, "flaky-ok", stream=False)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+    ready = httpx.get(gateway.url + "/api/v1/models").json()["models"]
+    assert next(m for m in ready if m["name"] == "flaky-ok")["circuit"] == "open"
+    time.sleep(0.6)
+    assert chat(gateway, "flaky-ok", stream=False).status_code == 200  # the probe
+    assert chat(gateway, "flaky-ok", stream=False).status_code == 200
+
+
+async def test_client_disconnect_closes_the_upstream_at_once(
+    gateway: LiveServer, upstream: tuple[FakeOpenAI, str]
+) -> None:
+    fake = upstream[0]
+    before = len(fake.closed_at)
+    body = {"model": "up-stall-2", "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with client.stream("POST", gateway.url + "/api/v1/chat", json=body) as r:
+            async for line in r.aiter_lines():
+                if json.loads(line)["type"] == "delta":
+                    break
+            left = time.monotonic()
+    deadline = time.monotonic() + 2
+    while len(fake.closed_at) == before and time.monotonic() < deadline:
+        await asyncio.sleep(0.002)
+    assert len(fake.closed_at) > before, "the upstream never saw its connection closed"
+    assert fake.closed_at[-1] - left < 0.1
