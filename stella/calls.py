@@ -39,6 +39,8 @@ class Call:
     principal: Principal = ANONYMOUS
     # Set by the stream layer before it cancels the task: client_closed | shutting_down.
     cancel_reason: str | None = None
+    # A configured backend chosen by the client (OpenAI `provider`): bypasses routes.
+    backend: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
 
 

@@ -74,7 +74,10 @@ class Pipeline:
         """Resolve and admit; raises a StellaError that becomes an HTTP error."""
         if not request.messages:
             raise InvalidRequest("$.messages: must contain at least one message")
-        route = self.router.resolve(request.model)
+        if call.backend:
+            route = self.router.direct(call.backend, request.model)
+        else:
+            route = self.router.resolve(request.model)
         if not call.principal.may_use(route.name):
             raise Forbidden(f"this key may not use model {route.name!r}")
         chain = self.router.chain(route)

@@ -134,15 +134,22 @@ class Router:
         if self.settings.models.allow_direct and "/" in name:
             provider, _, upstream = name.partition("/")
             if provider in self.backends and upstream:
-                return Route(
-                    name=name,
-                    backend_name=provider,
-                    backend=self.backends[provider],
-                    upstream_model=upstream,
-                    settings=RouteSettings(backend=provider),
-                )
+                return self.direct(provider, upstream)
         known = ", ".join(sorted(self.routes))
         raise ModelNotFound(f"model {name!r} not found; known models: {known}")
+
+    def direct(self, backend: str, upstream_model: str | None) -> Route:
+        """A one-off route to a configured backend (never to a host from a request)."""
+        if backend not in self.backends:
+            raise ModelNotFound(f"backend {backend!r} not found; known: {sorted(self.backends)}")
+        upstream = upstream_model or self.resolve(None).upstream_model
+        return Route(
+            name=f"{backend}/{upstream}",
+            backend_name=backend,
+            backend=self.backends[backend],
+            upstream_model=upstream,
+            settings=RouteSettings(backend=backend),
+        )
 
     def chain(self, route: Route) -> list[Route]:
         """The route followed by its fallbacks, each once."""

@@ -10,7 +10,6 @@ import structlog
 from stella.backends.mlx.worker import GenerationJob
 from stella.protocol import Message, Tool
 
-
 _log = structlog.get_logger("stella")
 
 

@@ -1,0 +1,602 @@
+"""The OpenAI dialect: /v1/chat/completions, /v1/completions, /v1/models.
+
+Requests decode into OpenAI-shaped structs and become one ChatRequest; the
+pipeline's events go out as SSE `chat.completion.chunk`s ending in
+`data: [DONE]`. Fields stella can't honour (n > 1, logprobs, images) get a 400
+in OpenAI's error shape naming the parameter; other unknown fields are ignored,
+as OpenAI-compatible servers do, so existing clients work unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from stella.api.http import Dialect, JSONResponse, endpoint, read_body, run_to_end, services
+from stella.api.openapi import Operation, document
+from stella.core import Call
+from stella.errors import InvalidRequest, ModelNotFound, StellaError
+from stella.protocol import (
+    ChatRequest,
+    Done,
+    Error,
+    FunctionCall,
+    FunctionSpec,
+    Message,
+    Options,
+    Start,
+    Tool,
+    ToolCall,
+    ToolCallRef,
+)
+from stella.streaming import Codec, EventStream
+
+# --- request shapes ---------------------------------------------------------------
+
+
+class Part(msgspec.Struct):
+    """One part of a list-of-parts message content."""
+
+    type: str
+    text: str = ""
+
+
+class OAIFunctionCall(msgspec.Struct):
+    """A function call in an assistant message (arguments as a JSON string)."""
+
+    name: str
+    arguments: str = "{}"
+
+
+class OAIToolCall(msgspec.Struct):
+    """A tool call in an assistant message."""
+
+    function: OAIFunctionCall
+    id: str = ""
+    type: str = "function"
+
+
+class OAIMessage(msgspec.Struct):
+    """A chat message as OpenAI clients send it."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[Part] | None = None
+    name: str | None = None
+    tool_calls: list[OAIToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    """stream_options."""
+
+    include_usage: bool = False
+
+
+class CompletionCommon(msgspec.Struct, kw_only=True):
+    """Fields shared by chat and text completions."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    logprobs: bool | int | None = None
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    # Extensions many OpenAI-compatible servers accept.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    # stella extension: choose the backend by its configured name (never a URL).
+    provider: str | None = None
+
+
+class ChatCompletionRequest(CompletionCommon, kw_only=True):
+    """POST /v1/chat/completions."""
+
+    messages: list[OAIMessage]
+    tools: list[Tool] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(CompletionCommon, kw_only=True):
+    """POST /v1/completions (legacy text completions)."""
+
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+
+
+_chat_req = msgspec.json.Decoder(ChatCompletionRequest)
+_completion_req = msgspec.json.Decoder(CompletionRequest)
+_enc = msgspec.json.Encoder()
+
+# --- errors ---------------------------------------------------------------------------
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
+_CODES = {"unauthorized": "invalid_api_key", "rate_limited": "rate_limit_exceeded"}
+
+
+class OpenAIDialect(Dialect):
+    """Errors as {"error": {"message", "type", "param", "code"}}."""
+
+    name = "openai"
+
+    def error_body(self, exc: StellaError, request_id: str) -> Any:
+        """OpenAI's error object."""
+        return {
+            "error": {
+                "message": exc.message,
+                "type": _TYPES.get(
+                    exc.status, "server_error" if exc.status >= 500 else "api_error"
+                ),
+                "param": getattr(exc, "param", None),
+                "code": _CODES.get(exc.code, exc.code),
+            }
+        }
+
+
+OPENAI = OpenAIDialect()
+
+
+def invalid(message: str, param: str) -> InvalidRequest:
+    """A 400 that names the offending parameter."""
+    err = InvalidRequest(message)
+    err.param = param  # type: ignore[attr-defined]
+    return err
+
+
+# --- translation ----------------------------------------------------------------------
+
+
+def _text(content: str | list[Part] | None, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for i, part in enumerate(content):
+        if part.type != "text":
+            raise invalid(f"content part type {part.type!r} is not supported", f"{where}[{i}].type")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def _options(req: CompletionCommon) -> Options:
+    if req.n != 1:
+        raise invalid("n > 1 is not supported: ask for one choice per request", "n")
+    if req.logprobs:
+        raise invalid("logprobs are not supported", "logprobs")
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    try:
+        return msgspec.convert(
+            {
+                k: v
+                for k, v in {
+                    "temperature": req.temperature,
+                    "top_p": req.top_p,
+                    "max_tokens": req.max_completion_tokens or req.max_tokens,
+                    "stop": stop,
+                    "seed": req.seed,
+                    "top_k": req.top_k,
+                    "min_p": req.min_p,
+                    "repetition_penalty": req.repetition_penalty,
+                }.items()
+                if v is not None
+            },
+            Options,
+        )
+    except msgspec.ValidationError as exc:
+        raise invalid(str(exc), str(exc).rpartition("$.")[2].rstrip("`") or "") from None
+
+
+def _metadata(req: CompletionCommon) -> dict[str, Any] | None:
+    meta = dict(req.metadata or {})
+    if req.user:
+        meta["user"] = req.user
+    return meta or None
+
+
+def to_chat(req: ChatCompletionRequest) -> ChatRequest:
+    """The internal request for a chat completion."""
+    if req.top_logprobs:
+        raise invalid("logprobs are not supported", "top_logprobs")
+    messages = []
+    for i, m in enumerate(req.messages):
+        calls = None
+        if m.tool_calls:
+            calls = []
+            for c in m.tool_calls:
+                try:
+                    args = msgspec.json.decode(c.function.arguments or "{}")
+                except msgspec.DecodeError:
+                    raise invalid(
+                        "tool call arguments are not JSON", f"messages[{i}].tool_calls"
+                    ) from None
+                calls.append(
+                    ToolCallRef(
+                        id=c.id,
+                        function=FunctionCall(
+                            name=c.function.name,
+                            arguments=args if isinstance(args, dict) else {"value": args},
+                        ),
+                    )
+                )
+        messages.append(
+            Message(
+                role="system" if m.role == "developer" else m.role,
+                content=_text(m.content, f"messages[{i}].content"),
+                name=m.name,
+                tool_calls=calls,
+                tool_call_id=m.tool_call_id,
+            )
+        )
+    return ChatRequest(
+        messages=messages,
+        model=req.model,
+        stream=req.stream,
+        options=_options(req),
+        tools=req.tools or None,
+        response_format=req.response_format,
+        metadata=_metadata(req),
+    )
+
+
+def resolve_provider(
+    request: Request, call: Call, chat: ChatRequest, provider: str | None
+) -> ChatRequest:
+    """`provider` names a configured backend: route to it (never to a URL)."""
+    if not provider:
+        return chat
+    svc = services(request)
+    if provider not in svc.backends:
+        err = ModelNotFound(f"provider {provider!r} not found; known: {sorted(svc.backends)}")
+        err.param = "provider"  # type: ignore[attr-defined]
+        raise err
+    for route in svc.router.routes.values():
+        if route.backend_name == provider and chat.model in (
+            route.name,
+            route.upstream_model,
+            None,
+        ):
+            return msgspec.structs.replace(chat, model=route.name)
+    call.backend = provider  # no route names this model: ask the backend for it directly
+    return chat
+
+
+# --- streaming -------------------------------------------------------------------------
+
+FINISH = {"cancelled": "stop", "client_closed": "stop", "error": "stop"}
+
+
+class ChunkCodec(Codec):
+    """Events as chat.completion.chunk SSE lines (or text_completion chunks)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, include_usage: bool, text: bool = False) -> None:
+        super().__init__()
+        self.include_usage = include_usage
+        self.text = text
+        self.head = b""
+        self.failed = False
+
+    def start(self, event: Start) -> bytes:
+        """The role chunk, sent at once."""
+        obj = "text_completion" if self.text else "chat.completion.chunk"
+        prefix = "cmpl-" if self.text else "chatcmpl-"
+        self.head = (
+            b'data: {"id":"'
+            + (prefix + event.id).encode()
+            + b'","object":"'
+            + obj.encode()
+            + b'","created":'
+            + str(int(event.created)).encode()
+            + b',"model":'
+            + _enc.encode(event.model)
+            + b',"choices":'
+        )
+        if self.text:
+            return b""
+        return (
+            self.head
+            + b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+        )
+
+    def encode(self, event: Any) -> bytes:
+        """One SSE event per pipeline event."""
+        kind = type(event)
+        if kind is Done:
+            reason = FINISH.get(event.finish_reason, event.finish_reason)
+            if self.text:
+                out = (
+                    self.head
+                    + b'[{"index":0,"text":"","logprobs":null,"finish_reason":"'
+                    + reason.encode()
+                    + b'"}]}\n\n'
+                )
+            else:
+                out = (
+                    self.head
+                    + b'[{"index":0,"delta":{},"finish_reason":"'
+                    + reason.encode()
+                    + b'"}]}\n\n'
+                )
+            if self.include_usage:
+                out += self.head + b'[],"usage":' + _enc.encode(event.usage) + b"}\n\n"
+            return out
+        if kind is ToolCall:
+            call = {
+                "index": event.index,
+                "id": event.id,
+                "type": "function",
+                "function": {
+                    "name": event.name,
+                    "arguments": _enc.encode(event.arguments).decode(),
+                },
+            }
+            return (
+                self.head
+                + b'[{"index":0,"delta":{"tool_calls":['
+                + _enc.encode(call)
+                + b']},"finish_reason":null}]}\n\n'
+            )
+        if kind is Error:
+            self.failed = True
+            body = {"error": {"message": event.message, "type": "server_error", "code": event.code}}
+            return b"data: " + _enc.encode(body) + b"\n\n"
+        if self.text:
+            return (
+                self.head
+                + b'[{"index":0,"text":'
+                + _enc.encode(event.text)
+                + b',"logprobs":null,"finish_reason":null}]}\n\n'
+            )
+        return (
+            self.head
+            + b'[{"index":0,"delta":{"content":'
+            + _enc.encode(event.text)
+            + b'},"finish_reason":null}]}\n\n'
+        )
+
+    def ping(self) -> bytes:
+        """An SSE comment."""
+        return b": ping\n\n"
+
+    def close(self) -> bytes:
+        """The end marker (not after an error event)."""
+        return b"" if self.failed else b"data: [DONE]\n\n"
+
+
+# --- routes ---------------------------------------------------------------------------
+
+
+async def _run(
+    request: Request, call: Call, chat: ChatRequest, include_usage: bool, text: bool
+) -> Response:
+    svc = services(request)
+    inference = await svc.pipeline.prepare(chat, call)
+    headers = inference.permit.headers
+    if chat.stream:
+        return EventStream(
+            inference,
+            ChunkCodec(include_usage, text),
+            drain=svc.drain,  # type: ignore[return-value]
+            ping_interval_s=svc.settings.stream.ping_interval_s,
+            headers=headers,
+        )
+    result = await run_to_end(request, inference)
+    usage = msgspec.to_builtins(result.usage)
+    reason = FINISH.get(result.finish_reason, result.finish_reason)
+    created = int(time.time())
+    if text:
+        return JSONResponse(
+            {
+                "id": "cmpl-" + result.id,
+                "object": "text_completion",
+                "created": created,
+                "model": result.model,
+                "usage": usage,
+                "choices": [
+                    {"index": 0, "text": result.response, "logprobs": None, "finish_reason": reason}
+                ],
+            },
+            headers=headers,
+        )
+    message: dict[str, Any] = {"role": "assistant", "content": result.response}
+    if result.message.tool_calls:
+        message["content"] = result.response or None
+        message["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {
+                    "name": c.function.name,
+                    "arguments": _enc.encode(c.function.arguments).decode(),
+                },
+            }
+            for c in result.message.tool_calls
+        ]
+    return JSONResponse(
+        {
+            "id": "chatcmpl-" + result.id,
+            "object": "chat.completion",
+            "created": created,
+            "model": result.model,
+            "system_fingerprint": None,
+            "usage": usage,
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+            ],
+        },
+        headers=headers,
+    )
+
+
+def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
+    if not body.strip():
+        raise invalid("request body is empty", "")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        raise invalid(text, text.rpartition("$.")[2].rstrip("`") if "$." in text else "") from None
+    except msgspec.DecodeError as exc:
+        raise invalid(f"malformed JSON: {exc}", "") from None
+
+
+@endpoint(OPENAI)
+async def chat_completions(request: Request, call: Call) -> Response:
+    """POST /v1/chat/completions."""
+    body = await read_body(request, services(request).settings.server.max_body_bytes)
+    req: ChatCompletionRequest = _decode(body, _chat_req)
+    chat = resolve_provider(request, call, to_chat(req), req.provider)
+    include = bool(req.stream_options and req.stream_options.include_usage)
+    return await _run(request, call, chat, include, text=False)
+
+
+@endpoint(OPENAI)
+async def chat_stream(request: Request, call: Call) -> Response:
+    """POST /v1/chat/stream: a chat completion that always streams (SSE)."""
+    body = await read_body(request, services(request).settings.server.max_body_bytes)
+    req: ChatCompletionRequest = _decode(body, _chat_req)
+    chat = msgspec.structs.replace(
+        resolve_provider(request, call, to_chat(req), req.provider), stream=True
+    )
+    include = bool(req.stream_options and req.stream_options.include_usage)
+    return await _run(request, call, chat, include, text=False)
+
+
+@endpoint(OPENAI)
+async def completions(request: Request, call: Call) -> Response:
+    """POST /v1/completions: a prompt completed as the assistant's answer."""
+    body = await read_body(request, services(request).settings.server.max_body_bytes)
+    req: CompletionRequest = _decode(body, _completion_req)
+    if isinstance(req.prompt, list):
+        if len(req.prompt) != 1:
+            raise invalid("exactly one prompt per request is supported", "prompt")
+        prompt = req.prompt[0]
+    else:
+        prompt = req.prompt
+    chat = ChatRequest(
+        messages=[Message(role="user", content=prompt)],
+        model=req.model,
+        stream=req.stream,
+        options=_options(req),
+        metadata=_metadata(req),
+    )
+    chat = resolve_provider(request, call, chat, req.provider)
+    include = bool(req.stream_options and req.stream_options.include_usage)
+    return await _run(request, call, chat, include, text=True)
+
+
+def _model_obj(name: str, owner: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": owner}
+
+
+@endpoint(OPENAI)
+async def list_models(request: Request, call: Call) -> Response:
+    """GET /v1/models: every route the key may use."""
+    router = services(request).router
+    data = [
+        _model_obj(r.name, r.backend_name)
+        for r in router.routes.values()
+        if call.principal.may_use(r.name)
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@endpoint(OPENAI)
+async def get_model(request: Request, call: Call) -> Response:
+    """GET /v1/models/{id}."""
+    router = services(request).router
+    route = router.resolve(request.path_params["model"])
+    if route.name not in router.routes:
+        raise ModelNotFound(f"model {request.path_params['model']!r} not found")
+    return JSONResponse(_model_obj(route.name, route.backend_name))
+
+
+@endpoint(OPENAI, auth="none")
+async def v1_health(request: Request, call: Call) -> Response:
+    """GET /v1/health: the service and each provider (backend), no tokens spent."""
+    svc = services(request)
+    providers = {}
+    for name, backend in svc.backends.items():
+        health = await backend.health()
+        providers[name] = {
+            "kind": backend.kind,
+            "ok": health.ok,
+            "detail": health.detail,
+            "circuit": svc.router.breaker(name).state,
+        }
+    return JSONResponse({"status": "ok", "providers": providers})
+
+
+document(
+    Operation(
+        "post",
+        "/v1/chat/completions",
+        "OpenAI chat completions (SSE when stream)",
+        tag="openai",
+        request=ChatCompletionRequest,
+        stream="text/event-stream",
+    ),
+    Operation(
+        "post",
+        "/v1/chat/stream",
+        "OpenAI chat completion, always streamed",
+        tag="openai",
+        request=ChatCompletionRequest,
+        stream="text/event-stream",
+    ),
+    Operation(
+        "post",
+        "/v1/completions",
+        "OpenAI text completions",
+        tag="openai",
+        request=CompletionRequest,
+        stream="text/event-stream",
+    ),
+    Operation("get", "/v1/models", "OpenAI model list", tag="openai", errors=(401,)),
+    Operation(
+        "get",
+        "/v1/models/{model}",
+        "One OpenAI model",
+        tag="openai",
+        params=("model",),
+        errors=(401, 404),
+    ),
+    Operation(
+        "get", "/v1/health", "Service and provider health", tag="openai", public=True, errors=()
+    ),
+)
+
+routes = [
+    Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    Route("/v1/chat/stream", chat_stream, methods=["POST"]),
+    Route("/v1/completions", completions, methods=["POST"]),
+    Route("/v1/models", list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+    Route("/v1/health", v1_health, methods=["GET"]),
+]
+
+__all__ = ["OPENAI", "ChunkCodec", "FunctionSpec", "routes"]

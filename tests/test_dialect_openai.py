@@ -1,0 +1,137 @@
+"""The OpenAI dialect, driven by the official openai client against a live stella."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.live import LiveServer, run_stella
+
+KEY = "sk-openai-dialect-1"
+CONFIG = {
+    "backends": {"slow": {"kind": "echo", "delay_s": 0.05}},
+    "models": {"routes": {"echo-slow": {"backend": "slow"}}},
+    "limits": {"models": {"echo-slow": {"requests_per_minute": 1000}}},
+}
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"input": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    with run_stella(CONFIG, {"STELLA_API_KEYS": f"tester={KEY}"}) as s:
+        yield s
+
+
+def client(server: LiveServer, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+def test_non_stream(server: LiveServer) -> None:
+    r = client(server).chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "hello there"}])
+    assert r.choices[0].message.content == "hello there"
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and r.usage.completion_tokens == 2
+    assert r.id.startswith("chatcmpl-")
+
+
+def test_stream_with_usage(server: LiveServer) -> None:
+    stream = client(server).chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "one two three"}], stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "one two three"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 6
+
+
+async def test_async_client_stream_and_not(server: LiveServer) -> None:
+    c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    r = await c.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a b"}])
+    assert r.choices[0].message.content == "a b"
+    stream = await c.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "x y z"}], stream=True)
+    parts = [ch.choices[0].delta.content async for ch in stream if ch.choices]
+    assert "".join(p or "" for p in parts) == "x y z"
+    await c.close()
+
+
+def test_tool_calls_both_ways(server: LiveServer) -> None:
+    c = client(server)
+    msgs = [{"role": "user", "content": "Paris"}]
+    r = c.chat.completions.create(model="echo", messages=msgs, tools=WEATHER)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"input": "Paris"}
+    stream = list(c.chat.completions.create(model="echo", messages=msgs, tools=WEATHER, stream=True))
+    deltas = [ch.choices[0].delta.tool_calls for ch in stream if ch.choices and ch.choices[0].delta.tool_calls]
+    assert deltas and deltas[0][0].function.name == "get_weather"
+    # The tool's result goes back; echo answers with it.
+    follow = [*msgs, r.choices[0].message.model_dump(exclude_none=True),
+              {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21C"}]
+    r2 = c.chat.completions.create(model="echo", messages=follow, tools=WEATHER)
+    assert r2.choices[0].message.content == "sunny, 21C"
+
+
+def test_errors_map_to_the_client_exceptions(server: LiveServer) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        client(server, "sk-wrong").chat.completions.create(
+            model="echo", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.NotFoundError) as nf:
+        client(server).chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "x"}])
+    assert nf.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client(server).chat.completions.create(
+            model="echo", n=2, messages=[{"role": "user", "content": "x"}])
+    assert bad.value.param == "n"
+
+
+def test_rate_limit_error() -> None:
+    config = {"limits": {"models": {"echo": {"requests_per_minute": 1}}}}
+    with run_stella(config) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        c.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.RateLimitError) as info:
+            c.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
+        assert info.value.response.headers["retry-after"]
+
+
+def test_completions_and_models(server: LiveServer) -> None:
+    c = client(server)
+    r = c.completions.create(model="echo", prompt="say this")
+    assert r.choices[0].text == "say this"
+    parts = [ch.choices[0].text for ch in c.completions.create(model="echo", prompt="a b c", stream=True)]
+    assert "".join(parts) == "a b c"
+    ids = {m.id for m in c.models.list()}
+    assert {"echo", "echo-slow"} <= ids
+    assert c.models.retrieve("echo").id == "echo"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("nope")
+
+
+async def test_disconnect_cancels_and_logs_openai(server: LiveServer) -> None:
+    body = {"model": "echo-slow", "stream": True,
+            "messages": [{"role": "user", "content": " ".join(["w"] * 100)}]}
+    async with httpx.AsyncClient(timeout=10) as c:
+        async with c.stream("POST", server.url + "/v1/chat/completions", json=body,
+                            headers={"Authorization": f"Bearer {KEY}"}) as r:
+            rid = r.headers["x-request-id"]
+            n = 0
+            async for line in r.aiter_lines():
+                n += line.startswith("data:")
+                if n == 4:
+                    break
+    ev = await asyncio.to_thread(server.wait_event, lambda e: e["request_id"] == rid)
+    assert ev["api"] == "openai" and ev["finish_reason"] == "client_closed"
+    assert ev["completion_tokens"] < 50
+    time.sleep(0.1)
+    assert len([e for e in server.events("inference") if e["request_id"] == rid]) == 1
