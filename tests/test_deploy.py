@@ -24,15 +24,23 @@ def test_procfile_starts_under_honcho(tmp_path: Path) -> None:
         pytest.skip("honcho not installed")
     port = free_port()
     conf = tmp_path / "stella.toml"
-    conf.write_text(to_toml({"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}))
+    conf.write_text(
+        to_toml({"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}})
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
     env.update(
-        PORT=str(port), HOST="127.0.0.1", STELLA_CONFIG=str(conf),
-        STELLA_API_KEYS="sk-procfile-test", PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+        PORT=str(port),
+        HOST="127.0.0.1",
+        STELLA_CONFIG=str(conf),
+        STELLA_API_KEYS="sk-procfile-test",
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
     )
     proc = subprocess.Popen(
         [honcho, "-f", str(ROOT / "Procfile"), "start", "web"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
@@ -46,8 +54,11 @@ def test_procfile_starts_under_honcho(tmp_path: Path) -> None:
                 time.sleep(0.1)
         else:
             raise AssertionError("Procfile web process did not answer on $PORT")
-        r = httpx.post(url + "/api/v1/chat", headers={"Authorization": "Bearer sk-procfile-test"},
-                       json={"model": "echo", "messages": [{"role": "user", "content": "hi there"}]})
+        r = httpx.post(
+            url + "/api/v1/chat",
+            headers={"Authorization": "Bearer sk-procfile-test"},
+            json={"model": "echo", "messages": [{"role": "user", "content": "hi there"}]},
+        )
         assert [e["type"] for e in ndjson(r.text)] == ["start", "delta", "delta", "done"]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -19,9 +19,16 @@ CONFIG = {
     "models": {"routes": {"echo-slow": {"backend": "slow"}}},
     "limits": {"models": {"echo-slow": {"requests_per_minute": 1000}}},
 }
-WEATHER = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"input": {"type": "string"}}}}}]
+WEATHER = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"input": {"type": "string"}}},
+        },
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +43,8 @@ def client(server: LiveServer, key: str = KEY) -> openai.OpenAI:
 
 def test_non_stream(server: LiveServer) -> None:
     r = client(server).chat.completions.create(
-        model="echo", messages=[{"role": "user", "content": "hello there"}])
+        model="echo", messages=[{"role": "user", "content": "hello there"}]
+    )
     assert r.choices[0].message.content == "hello there"
     assert r.choices[0].finish_reason == "stop"
     assert r.usage is not None and r.usage.completion_tokens == 2
@@ -45,8 +53,11 @@ def test_non_stream(server: LiveServer) -> None:
 
 def test_stream_with_usage(server: LiveServer) -> None:
     stream = client(server).chat.completions.create(
-        model="echo", messages=[{"role": "user", "content": "one two three"}], stream=True,
-        stream_options={"include_usage": True})
+        model="echo",
+        messages=[{"role": "user", "content": "one two three"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "one two three"
@@ -59,7 +70,8 @@ async def test_async_client_stream_and_not(server: LiveServer) -> None:
     r = await c.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a b"}])
     assert r.choices[0].message.content == "a b"
     stream = await c.chat.completions.create(
-        model="echo", messages=[{"role": "user", "content": "x y z"}], stream=True)
+        model="echo", messages=[{"role": "user", "content": "x y z"}], stream=True
+    )
     parts = [ch.choices[0].delta.content async for ch in stream if ch.choices]
     assert "".join(p or "" for p in parts) == "x y z"
     await c.close()
@@ -71,13 +83,24 @@ def test_tool_calls_both_ways(server: LiveServer) -> None:
     r = c.chat.completions.create(model="echo", messages=msgs, tools=WEATHER)
     call = r.choices[0].message.tool_calls[0]
     assert r.choices[0].finish_reason == "tool_calls"
-    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"input": "Paris"}
-    stream = list(c.chat.completions.create(model="echo", messages=msgs, tools=WEATHER, stream=True))
-    deltas = [ch.choices[0].delta.tool_calls for ch in stream if ch.choices and ch.choices[0].delta.tool_calls]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {
+        "input": "Paris"
+    }
+    stream = list(
+        c.chat.completions.create(model="echo", messages=msgs, tools=WEATHER, stream=True)
+    )
+    deltas = [
+        ch.choices[0].delta.tool_calls
+        for ch in stream
+        if ch.choices and ch.choices[0].delta.tool_calls
+    ]
     assert deltas and deltas[0][0].function.name == "get_weather"
     # The tool's result goes back; echo answers with it.
-    follow = [*msgs, r.choices[0].message.model_dump(exclude_none=True),
-              {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21C"}]
+    follow = [
+        *msgs,
+        r.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21C"},
+    ]
     r2 = c.chat.completions.create(model="echo", messages=follow, tools=WEATHER)
     assert r2.choices[0].message.content == "sunny, 21C"
 
@@ -85,13 +108,17 @@ def test_tool_calls_both_ways(server: LiveServer) -> None:
 def test_errors_map_to_the_client_exceptions(server: LiveServer) -> None:
     with pytest.raises(openai.AuthenticationError):
         client(server, "sk-wrong").chat.completions.create(
-            model="echo", messages=[{"role": "user", "content": "x"}])
+            model="echo", messages=[{"role": "user", "content": "x"}]
+        )
     with pytest.raises(openai.NotFoundError) as nf:
-        client(server).chat.completions.create(model="gpt-17", messages=[{"role": "user", "content": "x"}])
+        client(server).chat.completions.create(
+            model="gpt-17", messages=[{"role": "user", "content": "x"}]
+        )
     assert nf.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as bad:
         client(server).chat.completions.create(
-            model="echo", n=2, messages=[{"role": "user", "content": "x"}])
+            model="echo", n=2, messages=[{"role": "user", "content": "x"}]
+        )
     assert bad.value.param == "n"
 
 
@@ -109,7 +136,9 @@ def test_completions_and_models(server: LiveServer) -> None:
     c = client(server)
     r = c.completions.create(model="echo", prompt="say this")
     assert r.choices[0].text == "say this"
-    parts = [ch.choices[0].text for ch in c.completions.create(model="echo", prompt="a b c", stream=True)]
+    parts = [
+        ch.choices[0].text for ch in c.completions.create(model="echo", prompt="a b c", stream=True)
+    ]
     assert "".join(parts) == "a b c"
     ids = {m.id for m in c.models.list()}
     assert {"echo", "echo-slow"} <= ids
@@ -119,11 +148,18 @@ def test_completions_and_models(server: LiveServer) -> None:
 
 
 async def test_disconnect_cancels_and_logs_openai(server: LiveServer) -> None:
-    body = {"model": "echo-slow", "stream": True,
-            "messages": [{"role": "user", "content": " ".join(["w"] * 100)}]}
+    body = {
+        "model": "echo-slow",
+        "stream": True,
+        "messages": [{"role": "user", "content": " ".join(["w"] * 100)}],
+    }
     async with httpx.AsyncClient(timeout=10) as c:
-        async with c.stream("POST", server.url + "/v1/chat/completions", json=body,
-                            headers={"Authorization": f"Bearer {KEY}"}) as r:
+        async with c.stream(
+            "POST",
+            server.url + "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as r:
             rid = r.headers["x-request-id"]
             n = 0
             async for line in r.aiter_lines():

@@ -35,7 +35,9 @@ def server() -> Iterator[LiveServer]:
         yield s
 
 
-def post(server: LiveServer, body: object = None, key: str | None = USER, **kw: object) -> httpx.Response:
+def post(
+    server: LiveServer, body: object = None, key: str | None = USER, **kw: object
+) -> httpx.Response:
     headers = dict(kw.pop("headers", {}) or {})  # type: ignore[arg-type]
     if key:
         headers["Authorization"] = f"Bearer {key}"
@@ -87,8 +89,12 @@ def test_empty_messages_and_empty_body(server: LiveServer) -> None:
 def test_missing_and_wrong_key(server: LiveServer) -> None:
     error_of(post(server, {"messages": MSG}, key=None), 401, "unauthorized")
     error_of(post(server, {"messages": MSG}, key="sk-wrong"), 401, "unauthorized")
-    ok = post(server, {"model": "echo", "messages": MSG, "stream": False}, key=None,
-              headers={"X-API-Key": USER})
+    ok = post(
+        server,
+        {"model": "echo", "messages": MSG, "stream": False},
+        key=None,
+        headers={"X-API-Key": USER},
+    )
     assert ok.status_code == 200
 
 
@@ -106,19 +112,23 @@ def test_model_not_found_lists_known(server: LiveServer) -> None:
 
 
 def test_conflict_deleting_default(server: LiveServer) -> None:
-    r = httpx.delete(server.url + "/api/v1/models/echo", headers={"Authorization": f"Bearer {ADMIN}"})
+    r = httpx.delete(
+        server.url + "/api/v1/models/echo", headers={"Authorization": f"Bearer {ADMIN}"}
+    )
     error_of(r, 409, "conflict")
 
 
 def test_payload_too_large(server: LiveServer) -> None:
     big = {"model": "echo", "messages": [{"role": "user", "content": "x" * 5000}]}
     error_of(post(server, big), 413, "payload_too_large")
+
     # Without Content-Length (chunked), the limit holds while reading.
     def gen() -> Iterator[bytes]:
         yield b'{"messages":[{"role":"user","content":"'
         for _ in range(10):
             yield b"y" * 500
         yield b'"}]}'
+
     r = post(server, content=gen(), headers={"content-type": "application/json"})
     error_of(r, 413, "payload_too_large")
 

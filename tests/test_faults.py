@@ -35,19 +35,29 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
             "b-stall": {"kind": "openai", "base_url": url + "/v1"},
             "b-stall-2": {"kind": "openai", "base_url": url + "/v1"},
             "flaky": {"kind": "openai", "base_url": url + "/v1"},
-            "down": {"kind": "openai", "base_url": f"http://127.0.0.1:{free_port()}/v1",
-                     "connect_timeout_s": 1},
+            "down": {
+                "kind": "openai",
+                "base_url": f"http://127.0.0.1:{free_port()}/v1",
+                "connect_timeout_s": 1,
+            },
         },
-        "models": {"routes": {
-            "down": {"backend": "down", "retries": 1, "retry_backoff_s": 0.01, "fallbacks": ["up-ok"]},
-            "up-ok": {"backend": "up", "upstream_model": "ok", **fast},
-            "up-die": {"backend": "b-die", "upstream_model": "die-after-3", **fast},
-            "up-stall": {"backend": "b-stall", "upstream_model": "stall", **fast},
-            "up-stall-2": {"backend": "b-stall-2", "upstream_model": "stall-after-2", **fast},
-            "up-slow": {"backend": "up", "upstream_model": "slow", **fast},
-            "flaky-bad": {"backend": "flaky", "upstream_model": "status-500", **fast},
-            "flaky-ok": {"backend": "flaky", "upstream_model": "ok", **fast},
-        }},
+        "models": {
+            "routes": {
+                "down": {
+                    "backend": "down",
+                    "retries": 1,
+                    "retry_backoff_s": 0.01,
+                    "fallbacks": ["up-ok"],
+                },
+                "up-ok": {"backend": "up", "upstream_model": "ok", **fast},
+                "up-die": {"backend": "b-die", "upstream_model": "die-after-3", **fast},
+                "up-stall": {"backend": "b-stall", "upstream_model": "stall", **fast},
+                "up-stall-2": {"backend": "b-stall-2", "upstream_model": "stall-after-2", **fast},
+                "up-slow": {"backend": "up", "upstream_model": "slow", **fast},
+                "flaky-bad": {"backend": "flaky", "upstream_model": "status-500", **fast},
+                "flaky-ok": {"backend": "flaky", "upstream_model": "ok", **fast},
+            }
+        },
         "breaker": {"failure_threshold": 3, "cooldown_s": 0.5},
     }
     with run_stella(config) as server:
@@ -55,9 +65,11 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
 
 
 def chat(server: LiveServer, model: str, stream: bool = True) -> httpx.Response:
-    return httpx.post(server.url + "/api/v1/chat", timeout=10,
-                      json={"model": model, "stream": stream,
-                            "messages": [{"role": "user", "content": "hi"}]})
+    return httpx.post(
+        server.url + "/api/v1/chat",
+        timeout=10,
+        json={"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]},
+    )
 
 
 def test_refused_connection_falls_back(gateway: LiveServer) -> None:
@@ -65,7 +77,11 @@ def test_refused_connection_falls_back(gateway: LiveServer) -> None:
     assert r.status_code == 200
     assert r.json()["backend"] == "up" and r.json()["response"].strip().startswith("w0")
     ev = gateway.wait_event(lambda e: e["request_id"] == r.json()["id"])
-    assert [a["error"] for a in ev["attempts"]] == ["upstream_unreachable", "upstream_unreachable", None]
+    assert [a["error"] for a in ev["attempts"]] == [
+        "upstream_unreachable",
+        "upstream_unreachable",
+        None,
+    ]
 
 
 def test_upstream_dies_after_three_tokens(gateway: LiveServer) -> None:

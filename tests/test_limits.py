@@ -17,8 +17,12 @@ def sha(key: str) -> str:
 
 
 def body(text: str = "one two three", **options: object) -> dict:
-    return {"model": "echo", "stream": False, "messages": [{"role": "user", "content": text}],
-            "options": options}
+    return {
+        "model": "echo",
+        "stream": False,
+        "messages": [{"role": "user", "content": text}],
+        "options": options,
+    }
 
 
 def test_tokens_per_minute_reserve_then_settle() -> None:
@@ -53,8 +57,11 @@ async def test_concurrency_queue_then_overloaded() -> None:
         "models": {"routes": {"slow": {"backend": "slow"}}},
     }
     with run_stella(config) as server:
-        slow = {"model": "slow", "stream": False,
-                "messages": [{"role": "user", "content": "a b c d e"}]}
+        slow = {
+            "model": "slow",
+            "stream": False,
+            "messages": [{"role": "user", "content": "a b c d e"}],
+        }
         async with httpx.AsyncClient(timeout=10) as c:
             first = asyncio.create_task(c.post(server.url + "/api/v1/chat", json=slow))
             await asyncio.sleep(0.1)

@@ -19,8 +19,15 @@ KEY = "sk-audit-secret-key-42"
 def test_sink_masks_secrets_and_bearer_tokens() -> None:
     out = io.BytesIO()
     sink = logs.LogSink(stream=out, secrets=["upstream-secret-999"])
-    sink.put({"event": "x", "authorization": "Bearer abc", "note": "used upstream-secret-999",
-              "hdr": "Bearer zzz.yyy", "nested": {"api_key": "k", "ok": 1}})
+    sink.put(
+        {
+            "event": "x",
+            "authorization": "Bearer abc",
+            "note": "used upstream-secret-999",
+            "hdr": "Bearer zzz.yyy",
+            "nested": {"api_key": "k", "ok": 1},
+        }
+    )
     sink.close()
     text = out.getvalue().decode()
     assert "upstream-secret-999" not in text and "abc" not in text and "zzz" not in text
@@ -46,8 +53,11 @@ def test_audit_file_content_and_no_secrets(tmp_path: Path) -> None:
             r = httpx.post(
                 server.url + "/api/v1/chat",
                 headers=headers,
-                json={"model": "echo", "stream": i % 2 == 0,
-                      "messages": [{"role": "user", "content": f"secret plan {i}"}]},
+                json={
+                    "model": "echo",
+                    "stream": i % 2 == 0,
+                    "messages": [{"role": "user", "content": f"secret plan {i}"}],
+                },
             )
             assert r.status_code == 200
         httpx.get(server.url + "/config", headers=headers)
@@ -69,8 +79,10 @@ def test_audit_file_content_and_no_secrets(tmp_path: Path) -> None:
 def test_no_content_by_default(tmp_path: Path) -> None:
     audit = tmp_path / "a.jsonl"
     with run_stella({"log": {"audit_path": str(audit)}}) as server:
-        httpx.post(server.url + "/api/v1/chat",
-                   json={"model": "echo", "messages": [{"role": "user", "content": "private words"}]})
+        httpx.post(
+            server.url + "/api/v1/chat",
+            json={"model": "echo", "messages": [{"role": "user", "content": "private words"}]},
+        )
         server.wait_event(lambda e: e["model"] == "echo")
     text = audit.read_text()
     assert "private words" not in text
@@ -80,8 +92,14 @@ def test_no_content_by_default(tmp_path: Path) -> None:
 def test_emit_redacts_client_metadata_fields() -> None:
     out = io.BytesIO()
     sink = logs.LogSink(stream=out, secrets=["sk-known-secret-1"])
-    sink.emit("inference", {"request_id": "r1", "metadata": {"user": "u", "api_key": "leak"},
-                            "note": "has sk-known-secret-1 inside"})
+    sink.emit(
+        "inference",
+        {
+            "request_id": "r1",
+            "metadata": {"user": "u", "api_key": "leak"},
+            "note": "has sk-known-secret-1 inside",
+        },
+    )
     sink.close()
     ev = json.loads(out.getvalue())
     assert ev["metadata"] == {"user": "u", "api_key": "***"}

@@ -15,15 +15,26 @@ def scrape(server: LiveServer, **kw: object) -> str:
 
 
 def value(text: str, prefix: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
+    )
 
 
 def test_metrics_count_requests_tokens_and_latency(stella: LiveServer) -> None:
     before = scrape(stella)
     for _ in range(3):
-        httpx.post(stella.url + "/api/v1/chat",
-                   json={"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a b"}]})
-    httpx.post(stella.url + "/api/v1/chat", json={"model": "no-such-model-xyz", "messages": [{"role": "user", "content": "a"}]})
+        httpx.post(
+            stella.url + "/api/v1/chat",
+            json={
+                "model": "echo",
+                "stream": False,
+                "messages": [{"role": "user", "content": "a b"}],
+            },
+        )
+    httpx.post(
+        stella.url + "/api/v1/chat",
+        json={"model": "no-such-model-xyz", "messages": [{"role": "user", "content": "a"}]},
+    )
     after = scrape(stella)
     label = 'stella_requests_total{api="native",backend="echo",model="echo",status="200"}'
     assert value(after, label) - value(before, label) == 3

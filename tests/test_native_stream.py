@@ -165,9 +165,23 @@ def test_exactly_one_inference_event_with_fields(stella: LiveServer, model: str)
     assert len(events) == 1
     ev = events[0]
     for field in (
-        "request_id", "api", "key", "model", "backend", "upstream_model", "stream", "status",
-        "finish_reason", "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms",
-        "total_ms", "tokens_per_s", "attempts", "error_code",
+        "request_id",
+        "api",
+        "key",
+        "model",
+        "backend",
+        "upstream_model",
+        "stream",
+        "status",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "queue_ms",
+        "ttft_ms",
+        "total_ms",
+        "tokens_per_s",
+        "attempts",
+        "error_code",
     ):
         assert field in ev, field
     assert ev["api"] == "native" and ev["key"] == "anonymous" and ev["model"] == model

@@ -46,10 +46,19 @@ def test_ready_and_config(stella: LiveServer) -> None:
 
 
 def test_stella_config_command() -> None:
-    out = subprocess.run([sys.executable, "-m", "stella", "config"], capture_output=True,
-                         text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert json.loads(out.stdout)["server"]["port"] == 8000
-    bad = subprocess.run([sys.executable, "-m", "stella", "config", "--check"],
-                         env={"STELLA_SERVER__PORT": "x", "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "stella", "config", "--check"],
+        env={"STELLA_SERVER__PORT": "x", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "server.port" in bad.stderr

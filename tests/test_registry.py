@@ -10,7 +10,7 @@ import httpx
 from stella.backends import registry
 from tests.live import ndjson, run_stella
 
-PLUGIN = '''
+PLUGIN = """
 from stella.backends import Backend, BackendConfig
 from stella.protocol import Delta, Done, Usage
 
@@ -35,7 +35,7 @@ class BuggyBackend(Backend):
     async def chat(self, request, ctx):
         yield Delta(text="partial")
         {}["no such key"]
-'''
+"""
 
 
 def test_builtins_are_entry_points() -> None:
@@ -50,7 +50,9 @@ def test_backend_from_another_distribution_is_picked_up(tmp_path: Path) -> None:
     dist = tmp_path / "stella_shout-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: stella-shout\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[stella.backends]\nshout = stella_shout:ShoutBackend\nbuggy = stella_shout:BuggyBackend\n")
+    (dist / "entry_points.txt").write_text(
+        "[stella.backends]\nshout = stella_shout:ShoutBackend\nbuggy = stella_shout:BuggyBackend\n"
+    )
     config = {
         "backends": {"loud": {"kind": "shout", "suffix": "!!"}, "bug": {"kind": "buggy"}},
         "models": {"routes": {"loud": {"backend": "loud"}, "bug": {"backend": "bug"}}},

@@ -12,14 +12,17 @@ MSG = [{"role": "user", "content": "hi there"}]
 
 
 def chat(url: str, model: str, stream: bool = False) -> httpx.Response:
-    return httpx.post(url + "/api/v1/chat", json={"model": model, "messages": MSG, "stream": stream},
-                      timeout=10)
+    return httpx.post(
+        url + "/api/v1/chat", json={"model": model, "messages": MSG, "stream": stream}, timeout=10
+    )
 
 
 def test_retry_recovers_before_the_first_token() -> None:
     config = {
         "backends": {"flaky": {"kind": "echo", "fail_first_calls": 2}},
-        "models": {"routes": {"flaky": {"backend": "flaky", "retries": 2, "retry_backoff_s": 0.01}}},
+        "models": {
+            "routes": {"flaky": {"backend": "flaky", "retries": 2, "retry_backoff_s": 0.01}}
+        },
     }
     with run_stella(config) as server:
         r = chat(server.url, "flaky")

@@ -33,10 +33,17 @@ def test_overlay_file_then_env_then_port(tmp_path: Path) -> None:
 
 
 def test_env_values_parse_as_toml_literals() -> None:
-    out = env_overrides({"STELLA_CORS__ALLOWED_ORIGINS": '["https://a.example"]',
-                         "STELLA_LOG__CONTENT": "true", "STELLA_LOG__FORMAT": "console"})
-    assert out == {"cors": {"allowed_origins": ["https://a.example"]},
-                   "log": {"content": True, "format": "console"}}
+    out = env_overrides(
+        {
+            "STELLA_CORS__ALLOWED_ORIGINS": '["https://a.example"]',
+            "STELLA_LOG__CONTENT": "true",
+            "STELLA_LOG__FORMAT": "console",
+        }
+    )
+    assert out == {
+        "cors": {"allowed_origins": ["https://a.example"]},
+        "log": {"content": True, "format": "console"},
+    }
 
 
 @pytest.mark.parametrize(
@@ -80,12 +87,16 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
 
 def test_unknown_backend_kind_names_the_key(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
-    conf.write_text('[backends.x]\nkind = "warp"\n[backends.local]\nenabled = false\n'
-                    '[models]\ndefault = "echo"\n')
+    conf.write_text(
+        '[backends.x]\nkind = "warp"\n[backends.local]\nenabled = false\n'
+        '[models]\ndefault = "echo"\n'
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "stella", "serve"],
         env={"STELLA_CONFIG": str(conf), "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "backends.x.kind" in proc.stderr and "warp" in proc.stderr
@@ -96,8 +107,14 @@ def test_redaction_hides_secrets() -> None:
         {
             "auth": {"keys": {"a": {"sha256": "ab" * 32}}},
             "state": {"redis_url": "redis://user:hunter22@redis.local:6379/0"},
-            "backends": {"r": {"kind": "openai", "base_url": "http://x", "api_key_env": "R_KEY",
-                               "api_key": "literal-secret"}},
+            "backends": {
+                "r": {
+                    "kind": "openai",
+                    "base_url": "http://x",
+                    "api_key_env": "R_KEY",
+                    "api_key": "literal-secret",
+                }
+            },
         },
         environ={},
     )

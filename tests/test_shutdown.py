@@ -42,8 +42,10 @@ async def test_sigterm_drains_then_cuts_with_shutting_down() -> None:
         # New work is refused while draining (503 on a new connection, or no listener).
         try:
             async with httpx.AsyncClient(timeout=2) as c:
-                r = await c.post(server.url + "/api/v1/chat",
-                                 json={"model": "echo", "messages": [{"role": "user", "content": "x"}]})
+                r = await c.post(
+                    server.url + "/api/v1/chat",
+                    json={"model": "echo", "messages": [{"role": "user", "content": "x"}]},
+                )
             assert r.status_code == 503
         except httpx.ConnectError:
             pass
