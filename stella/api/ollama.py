@@ -1,0 +1,470 @@
+"""The Ollama dialect: /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version.
+
+Streams are NDJSON with `done: false` lines and a last line carrying
+`done_reason`, token counts and durations in nanoseconds; errors are
+`{"error": "..."}`, before the stream with their status, after it as a last line.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from stella import __version__
+from stella.api.http import Dialect, JSONResponse, endpoint, read_body, run_to_end, services
+from stella.api.openapi import Operation, document
+from stella.core import Call
+from stella.errors import InvalidRequest, ModelNotFound, StellaError
+from stella.protocol import (
+    ChatRequest,
+    Done,
+    Error,
+    FunctionCall,
+    Message,
+    Options,
+    Start,
+    Tool,
+    ToolCall,
+    ToolCallRef,
+)
+from stella.streaming import Codec, EventStream
+
+
+class OllamaOptions(msgspec.Struct):
+    """Ollama's `options` (unknown ones are ignored, as Ollama does)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    num_predict: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    num_ctx: int | None = None
+
+
+class OllamaFunctionCall(msgspec.Struct):
+    """A function call in a message (arguments are an object)."""
+
+    name: str
+    arguments: dict[str, Any] = {}
+
+
+class OllamaToolCall(msgspec.Struct):
+    """A tool call in a message."""
+
+    function: OllamaFunctionCall
+
+
+class OllamaMessage(msgspec.Struct):
+    """A chat message."""
+
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
+    tool_name: str | None = None
+
+
+class OllamaChat(msgspec.Struct, kw_only=True):
+    """POST /api/chat."""
+
+    model: str
+    messages: list[OllamaMessage] = []
+    stream: bool = True
+    options: OllamaOptions | None = None
+    format: Any = None
+    tools: list[Tool] | None = None
+    keep_alive: Any = None
+    think: Any = None
+
+
+class OllamaGenerate(msgspec.Struct, kw_only=True):
+    """POST /api/generate."""
+
+    model: str
+    prompt: str = ""
+    system: str | None = None
+    stream: bool = True
+    options: OllamaOptions | None = None
+    format: Any = None
+    raw: bool = False
+    images: list[str] | None = None
+    keep_alive: Any = None
+
+
+class ShowRequest(msgspec.Struct):
+    """POST /api/show."""
+
+    model: str = ""
+    name: str = ""
+
+
+_chat = msgspec.json.Decoder(OllamaChat)
+_generate = msgspec.json.Decoder(OllamaGenerate)
+_show = msgspec.json.Decoder(ShowRequest)
+_enc = msgspec.json.Encoder()
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+class OllamaDialect(Dialect):
+    """Errors as {"error": "text"}."""
+
+    name = "ollama"
+
+    def error_body(self, exc: StellaError, request_id: str) -> Any:
+        """Ollama's error object."""
+        return {"error": exc.message}
+
+
+OLLAMA = OllamaDialect()
+
+
+def _options(o: OllamaOptions | None) -> Options:
+    if o is None:
+        return Options()
+    try:
+        return msgspec.convert(
+            {
+                k: v
+                for k, v in {
+                    "temperature": o.temperature,
+                    "top_p": o.top_p,
+                    "top_k": o.top_k,
+                    "min_p": o.min_p,
+                    "repetition_penalty": o.repeat_penalty,
+                    "max_tokens": o.num_predict if o.num_predict and o.num_predict > 0 else None,
+                    "stop": o.stop,
+                    "seed": o.seed,
+                }.items()
+                if v is not None
+            },
+            Options,
+        )
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"options: {exc}") from None
+
+
+def _format(fmt: Any) -> dict[str, Any] | None:
+    if fmt == "json":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict):
+        return {"type": "json_schema", "json_schema": {"name": "response", "schema": fmt}}
+    return None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class OllamaCodec(Codec):
+    """Events as Ollama NDJSON lines (`message` for chat, `response` for generate)."""
+
+    def __init__(self, generate: bool) -> None:
+        super().__init__()
+        self.generate = generate
+        self.model = b'""'
+        self.start_ns = time.perf_counter_ns()
+
+    def start(self, event: Start) -> bytes:
+        """Nothing yet: Ollama's first line carries the first text (headers go at once)."""
+        self.model = _enc.encode(event.model)
+        return b""
+
+    def _line(self, text: str, extra: bytes = b"") -> bytes:
+        body = (
+            b'"response":' + _enc.encode(text)
+            if self.generate
+            else b'"message":{"role":"assistant","content":' + _enc.encode(text) + extra + b"}"
+        )
+        return (
+            b'{"model":'
+            + self.model
+            + b',"created_at":"'
+            + _now().encode()
+            + b'",'
+            + body
+            + b',"done":false}\n'
+        )
+
+    def encode(self, event: Any) -> bytes:
+        """One line per event."""
+        kind = type(event)
+        if kind is Done:
+            return _enc.encode(final(event, self.model, self.generate, self.start_ns)) + b"\n"
+        if kind is ToolCall:
+            calls = [{"function": {"name": event.name, "arguments": event.arguments}}]
+            return self._line("", b',"tool_calls":' + _enc.encode(calls))
+        if kind is Error:
+            return _enc.encode({"error": event.message}) + b"\n"
+        return self._line(event.text)
+
+    def ping(self) -> bytes:
+        """An empty piece of text keeps the connection alive; clients just append ''."""
+        return self._line("")
+
+
+def final(done: Done, model: bytes | str, generate: bool, start_ns: int) -> dict[str, Any]:
+    """The last line's fields (also the body of a non-stream answer, minus the text)."""
+    t = done.timings
+    total_ns = time.perf_counter_ns() - start_ns
+    ttft_ns = int((t.ttft_ms or 0) * 1e6)
+    out: dict[str, Any] = {
+        "model": model.decode().strip('"') if isinstance(model, bytes) else model,
+        "created_at": _now(),
+        "done": True,
+        "done_reason": "length" if done.finish_reason == "length" else "stop",
+        "total_duration": total_ns,
+        "load_duration": 0,
+        "prompt_eval_count": done.usage.prompt_tokens,
+        "prompt_eval_duration": ttft_ns,
+        "eval_count": done.usage.completion_tokens,
+        "eval_duration": max(0, total_ns - ttft_ns),
+    }
+    if generate:
+        out["response"] = ""
+    else:
+        out["message"] = {"role": "assistant", "content": ""}
+    return out
+
+
+async def _run(request: Request, call: Call, chat: ChatRequest, generate: bool) -> Response:
+    svc = services(request)
+    codec = OllamaCodec(generate)
+    inference = await svc.pipeline.prepare(chat, call)
+    if chat.stream:
+        return EventStream(
+            inference,
+            codec,
+            drain=svc.drain,  # type: ignore[return-value]
+            ping_interval_s=svc.settings.stream.ping_interval_s,
+            headers=inference.permit.headers,
+        )
+    result = await run_to_end(request, inference)
+    done = Done(finish_reason=result.finish_reason, usage=result.usage, timings=result.timings)
+    body = final(done, result.model, generate, codec.start_ns)
+    if generate:
+        body["response"] = result.response
+    else:
+        message: dict[str, Any] = {"role": "assistant", "content": result.response}
+        if result.message.tool_calls:
+            message["tool_calls"] = [
+                {"function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for c in result.message.tool_calls
+            ]
+        body["message"] = message
+    return JSONResponse(body, headers=inference.permit.headers)
+
+
+def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
+    try:
+        return decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+@endpoint(OLLAMA)
+async def chat(request: Request, call: Call) -> Response:
+    """POST /api/chat."""
+    req: OllamaChat = _decode(
+        await read_body(request, services(request).settings.server.max_body_bytes), _chat
+    )
+    messages = []
+    for i, m in enumerate(req.messages):
+        if m.role not in ROLES:
+            raise InvalidRequest(f"$.messages[{i}].role: {m.role!r} is not one of {sorted(ROLES)}")
+        if m.images:
+            raise InvalidRequest(f"$.messages[{i}].images: images are not supported")
+        calls = (
+            [
+                ToolCallRef(
+                    function=FunctionCall(name=c.function.name, arguments=c.function.arguments)
+                )
+                for c in m.tool_calls
+            ]
+            if m.tool_calls
+            else None
+        )
+        messages.append(Message(role=m.role, content=m.content, tool_calls=calls, name=m.tool_name))  # type: ignore[arg-type]
+    if not messages:
+        # Ollama loads the model on an empty chat; stella has nothing to load: say it is ready.
+        route = services(request).router.resolve(req.model)
+        return JSONResponse(
+            {
+                "model": route.name,
+                "created_at": _now(),
+                "done": True,
+                "done_reason": "load",
+                "message": {"role": "assistant", "content": ""},
+            }
+        )
+    chat_req = ChatRequest(
+        messages=messages,
+        model=req.model,
+        stream=req.stream,
+        options=_options(req.options),
+        tools=req.tools or None,
+        response_format=_format(req.format),
+    )
+    return await _run(request, call, chat_req, generate=False)
+
+
+@endpoint(OLLAMA)
+async def generate(request: Request, call: Call) -> Response:
+    """POST /api/generate."""
+    req: OllamaGenerate = _decode(
+        await read_body(request, services(request).settings.server.max_body_bytes), _generate
+    )
+    if req.images:
+        raise InvalidRequest("$.images: images are not supported")
+    if not req.prompt:
+        route = services(request).router.resolve(req.model)
+        return JSONResponse(
+            {
+                "model": route.name,
+                "created_at": _now(),
+                "response": "",
+                "done": True,
+                "done_reason": "load",
+            }
+        )
+    messages = [Message(role="user", content=req.prompt)]
+    if req.system:
+        messages.insert(0, Message(role="system", content=req.system))
+    chat_req = ChatRequest(
+        messages=messages,
+        model=req.model,
+        stream=req.stream,
+        options=_options(req.options),
+        response_format=_format(req.format),
+    )
+    return await _run(request, call, chat_req, generate=True)
+
+
+def _model_entry(route: Any, loaded: bool = False) -> dict[str, Any]:
+    return {
+        "name": route.name,
+        "model": route.name,
+        "modified_at": "1970-01-01T00:00:00Z",
+        "size": route.backend.memory_bytes(route.upstream_model) or 0,
+        "digest": "",
+        "details": {
+            "format": route.backend.kind,
+            "family": route.backend.kind,
+            "parameter_size": "",
+            "quantization_level": "",
+        },
+    }
+
+
+@endpoint(OLLAMA)
+async def tags(request: Request, call: Call) -> Response:
+    """GET /api/tags: routable models."""
+    router = services(request).router
+    models = [_model_entry(r) for r in router.routes.values() if call.principal.may_use(r.name)]
+    return JSONResponse({"models": models})
+
+
+@endpoint(OLLAMA)
+async def ps(request: Request, call: Call) -> Response:
+    """GET /api/ps: loaded models."""
+    router = services(request).router
+    out = []
+    for r in router.routes.values():
+        if r.backend.loaded(r.upstream_model) and call.principal.may_use(r.name):
+            entry = _model_entry(r)
+            entry["size_vram"] = 0
+            entry["expires_at"] = "0001-01-01T00:00:00Z"
+            out.append(entry)
+    return JSONResponse({"models": out})
+
+
+@endpoint(OLLAMA)
+async def show(request: Request, call: Call) -> Response:
+    """POST /api/show: one model's details."""
+    req: ShowRequest = _decode(await read_body(request, 65536), _show)
+    router = services(request).router
+    name = req.model or req.name
+    if not name:
+        raise InvalidRequest("$.model: required")
+    route = router.resolve(name)
+    if route.name not in router.routes:
+        raise ModelNotFound(f"model {name!r} not found")
+    backend = route.backend
+    return JSONResponse(
+        {
+            "modelfile": "",
+            "parameters": "",
+            "template": "",
+            "details": {
+                "format": backend.kind,
+                "family": backend.kind,
+                "parent_model": "",
+                "parameter_size": "",
+                "quantization_level": "",
+            },
+            "model_info": {
+                "stella.backend": route.backend_name,
+                "stella.upstream_model": route.upstream_model,
+            },
+            "capabilities": [
+                "completion",
+                *(["tools"] if "tools" in backend.capabilities(route.upstream_model) else []),
+            ],
+            "modified_at": "1970-01-01T00:00:00Z",
+        }
+    )
+
+
+async def version(request: Request) -> Response:
+    """GET /api/version."""
+    return JSONResponse({"version": __version__})
+
+
+document(
+    Operation(
+        "post",
+        "/api/chat",
+        "Ollama chat (NDJSON stream by default)",
+        tag="ollama",
+        request=OllamaChat,
+        stream="application/x-ndjson",
+    ),
+    Operation(
+        "post",
+        "/api/generate",
+        "Ollama generate",
+        tag="ollama",
+        request=OllamaGenerate,
+        stream="application/x-ndjson",
+    ),
+    Operation("get", "/api/tags", "Ollama model list", tag="ollama", errors=(401,)),
+    Operation("get", "/api/ps", "Ollama loaded models", tag="ollama", errors=(401,)),
+    Operation(
+        "post",
+        "/api/show",
+        "Ollama model details",
+        tag="ollama",
+        request=ShowRequest,
+        errors=(400, 401, 404),
+    ),
+    Operation(
+        "get", "/api/version", "Ollama-compatible version", tag="ollama", public=True, errors=()
+    ),
+)
+
+routes = [
+    Route("/api/chat", chat, methods=["POST"]),
+    Route("/api/generate", generate, methods=["POST"]),
+    Route("/api/tags", tags, methods=["GET"]),
+    Route("/api/ps", ps, methods=["GET"]),
+    Route("/api/show", show, methods=["POST"]),
+    Route("/api/version", version, methods=["GET"]),
+]

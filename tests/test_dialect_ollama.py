@@ -1,0 +1,86 @@
+"""The Ollama dialect, driven by the official ollama client against a live stella."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import ollama
+import pytest
+
+from tests.live import LiveServer
+
+
+def client(server: LiveServer) -> ollama.Client:
+    return ollama.Client(host=server.url)
+
+
+def test_chat_stream_and_not(stella: LiveServer) -> None:
+    c = client(stella)
+    r = c.chat(model="echo", messages=[{"role": "user", "content": "hello there"}], stream=False)
+    assert r.message.content == "hello there" and r.done and r.done_reason == "stop"
+    assert r.eval_count == 2 and r.prompt_eval_count == 2 and r.total_duration > 0
+    parts = list(c.chat(model="echo", messages=[{"role": "user", "content": "a b c"}], stream=True))
+    assert "".join(p.message.content for p in parts) == "a b c"
+    assert parts[-1].done and not any(p.done for p in parts[:-1])
+
+
+def test_generate_stream_and_not(stella: LiveServer) -> None:
+    c = client(stella)
+    r = c.generate(model="echo", prompt="one two", system="be brief")
+    assert r.response == "one two" and r.done
+    parts = list(c.generate(model="echo", prompt="x y", stream=True))
+    assert "".join(p.response for p in parts) == "x y" and parts[-1].done_reason == "stop"
+
+
+def test_options_map_num_predict(stella: LiveServer) -> None:
+    r = client(stella).chat(model="echo", messages=[{"role": "user", "content": "a b c d"}],
+                            options={"num_predict": 2})
+    assert r.message.content == "a b" and r.done_reason == "length"
+
+
+def test_list_show_ps_version(stella: LiveServer) -> None:
+    c = client(stella)
+    names = {m.model for m in c.list().models}
+    assert "echo" in names
+    shown = c.show("echo")
+    assert shown.details.family == "echo"
+    assert "echo" in {m.model for m in c.ps().models}
+    assert httpx.get(stella.url + "/api/version").json()["version"]
+
+
+def test_tool_calls(stella: LiveServer) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "description": "",
+                                              "parameters": {"type": "object"}}}]
+    r = client(stella).chat(model="echo", messages=[{"role": "user", "content": "Rome"}], tools=tools)
+    call = r.message.tool_calls[0]
+    assert call.function.name == "lookup" and call.function.arguments == {"input": "Rome"}
+
+
+def test_errors_are_response_errors(stella: LiveServer) -> None:
+    with pytest.raises(ollama.ResponseError) as info:
+        client(stella).chat(model="no-such", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 404 and "no-such" in info.value.error
+    with pytest.raises(ollama.ResponseError) as info:
+        client(stella).show("no-such")
+    assert info.value.status_code == 404
+
+
+def test_error_mid_stream_is_a_last_line(stella: LiveServer) -> None:
+    r = httpx.post(stella.url + "/api/chat", json={
+        "model": "echo-fail-after", "messages": [{"role": "user", "content": "a b c d e"}]})
+    lines = [json.loads(x) for x in r.text.splitlines()]
+    assert lines[-1] == {"error": "echo: failing after 3 tokens, as configured"}
+    assert sum("message" in x for x in lines) == 3
+
+
+async def test_disconnect_cancels_and_logs_ollama(stella: LiveServer) -> None:
+    body = {"model": "echo-slow", "messages": [{"role": "user", "content": " ".join(["w"] * 100)}]}
+    async with httpx.AsyncClient(timeout=10) as c:
+        async with c.stream("POST", stella.url + "/api/chat", json=body) as r:
+            rid = r.headers["x-request-id"]
+            async for _ in r.aiter_lines():
+                break
+    ev = await asyncio.to_thread(stella.wait_event, lambda e: e["request_id"] == rid)
+    assert ev["api"] == "ollama" and ev["finish_reason"] == "client_closed"
