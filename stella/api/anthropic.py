@@ -1,0 +1,354 @@
+"""The Anthropic dialect: POST /v1/messages (SSE event sequence or a Message object).
+
+Claude-style clients (the `anthropic` SDK) can use any backend: system prompts,
+stop sequences, tool_use / tool_result blocks and usage map onto the one
+internal request; errors come back as {"type": "error", "error": {...}}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from stella.api.http import Dialect, JSONResponse, endpoint, read_body, run_to_end, services
+from stella.api.openapi import Operation, document
+from stella.core import Call
+from stella.errors import InvalidRequest, StellaError
+from stella.protocol import (
+    ChatRequest,
+    Delta,
+    Done,
+    Error,
+    FunctionCall,
+    FunctionSpec,
+    Message,
+    Options,
+    Start,
+    Tool,
+    ToolCall,
+    ToolCallRef,
+)
+from stella.streaming import Codec, EventStream
+
+
+class Block(msgspec.Struct):
+    """A content block (text, tool_use, tool_result; others are refused)."""
+
+    type: str
+    text: str = ""
+    id: str = ""
+    name: str = ""
+    input: dict[str, Any] = {}
+    tool_use_id: str = ""
+    content: str | list[Block] | None = None
+
+
+class AMessage(msgspec.Struct):
+    """One message of the conversation."""
+
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class ATool(msgspec.Struct):
+    """A tool definition."""
+
+    name: str
+    description: str = ""
+    input_schema: dict[str, Any] = {}
+
+
+class MessagesRequest(msgspec.Struct, kw_only=True):
+    """POST /v1/messages."""
+
+    model: str
+    max_tokens: int
+    messages: list[AMessage]
+    system: str | list[Block] | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    tools: list[ATool] | None = None
+    tool_choice: Any = None
+    metadata: dict[str, Any] | None = None
+
+
+_req = msgspec.json.Decoder(MessagesRequest)
+_enc = msgspec.json.Encoder()
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "api_error",
+}
+STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+class AnthropicDialect(Dialect):
+    """Errors as Anthropic's {"type": "error", "error": {"type", "message"}}."""
+
+    name = "anthropic"
+
+    def error_body(self, exc: StellaError, request_id: str) -> Any:
+        """Anthropic's error object."""
+        kind = _ERROR_TYPES.get(exc.status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": exc.message}}
+
+
+ANTHROPIC = AnthropicDialect()
+
+
+def _text(content: str | list[Block] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(b.text for b in content if b.type == "text")
+
+
+def to_chat(req: MessagesRequest) -> ChatRequest:
+    """The internal request for a Messages API call."""
+    messages: list[Message] = []
+    if req.system:
+        messages.append(Message(role="system", content=_text(req.system)))
+    for i, m in enumerate(req.messages):
+        if isinstance(m.content, str):
+            messages.append(Message(role=m.role, content=m.content))
+            continue
+        texts: list[str] = []
+        calls: list[ToolCallRef] = []
+        for j, b in enumerate(m.content):
+            if b.type == "text":
+                texts.append(b.text)
+            elif b.type == "tool_use":
+                calls.append(
+                    ToolCallRef(id=b.id, function=FunctionCall(name=b.name, arguments=b.input))
+                )
+            elif b.type == "tool_result":
+                messages.append(
+                    Message(role="tool", content=_text(b.content), tool_call_id=b.tool_use_id)
+                )
+            else:
+                raise InvalidRequest(
+                    f"$.messages[{i}].content[{j}].type: {b.type!r} is not supported"
+                )
+        if texts or calls:
+            messages.append(Message(role=m.role, content="".join(texts), tool_calls=calls or None))
+    try:
+        options = msgspec.convert(
+            {
+                k: v
+                for k, v in {
+                    "temperature": req.temperature,
+                    "top_p": req.top_p,
+                    "top_k": req.top_k,
+                    "max_tokens": req.max_tokens,
+                    "stop": req.stop_sequences,
+                }.items()
+                if v is not None
+            },
+            Options,
+        )
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(str(exc)) from None
+    tools = (
+        [
+            Tool(
+                function=FunctionSpec(
+                    name=t.name, description=t.description, parameters=t.input_schema
+                )
+            )
+            for t in req.tools
+        ]
+        if req.tools
+        else None
+    )
+    return ChatRequest(
+        messages=messages,
+        model=req.model,
+        stream=req.stream,
+        options=options,
+        tools=tools,
+        metadata=req.metadata,
+    )
+
+
+def _event(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + _enc.encode(data) + b"\n\n"
+
+
+class MessagesCodec(Codec):
+    """Events as the Messages API's SSE sequence."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = -1  # index of the open content block
+        self.open_kind = ""
+        self.text_prefix = b""
+
+    def start(self, event: Start) -> bytes:
+        """message_start, then a ping (as the API does), at once."""
+        msg = {
+            "id": "msg_" + event.id,
+            "type": "message",
+            "role": "assistant",
+            "model": event.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+        }
+        return _event("message_start", {"type": "message_start", "message": msg}) + _event(
+            "ping", {"type": "ping"}
+        )
+
+    def _close_block(self) -> bytes:
+        if self.block < 0 or not self.open_kind:
+            return b""
+        self.open_kind = ""
+        return _event("content_block_stop", {"type": "content_block_stop", "index": self.block})
+
+    def encode(self, event: Any) -> bytes:
+        """One or more SSE events per pipeline event."""
+        kind = type(event)
+        if kind is Delta:
+            out = b""
+            if self.open_kind != "text":
+                out += self._close_block()
+                self.block += 1
+                self.open_kind = "text"
+                out += _event(
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": self.block,
+                        "content_block": {"type": "text", "text": ""},
+                    },
+                )
+                self.text_prefix = (
+                    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+                    + str(self.block).encode()
+                    + b',"delta":{"type":"text_delta","text":'
+                )
+            return out + self.text_prefix + _enc.encode(event.text) + b"}}\n\n"
+        if kind is ToolCall:
+            out = self._close_block()
+            self.block += 1
+            block = {"type": "tool_use", "id": event.id, "name": event.name, "input": {}}
+            out += _event(
+                "content_block_start",
+                {"type": "content_block_start", "index": self.block, "content_block": block},
+            )
+            out += _event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": self.block,
+                    "delta": {
+                        "type": "input_json_delta",
+                        "partial_json": _enc.encode(event.arguments).decode(),
+                    },
+                },
+            )
+            out += _event("content_block_stop", {"type": "content_block_stop", "index": self.block})
+            return out
+        if kind is Done:
+            out = self._close_block()
+            out += _event(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {
+                        "stop_reason": STOP.get(event.finish_reason, "end_turn"),
+                        "stop_sequence": None,
+                    },
+                    "usage": {
+                        "input_tokens": event.usage.prompt_tokens,
+                        "output_tokens": event.usage.completion_tokens,
+                    },
+                },
+            )
+            return out + _event("message_stop", {"type": "message_stop"})
+        if kind is Error:
+            kind_name = (
+                "overloaded_error" if event.code in ("overloaded", "shutting_down") else "api_error"
+            )
+            return _event(
+                "error", {"type": "error", "error": {"type": kind_name, "message": event.message}}
+            )
+        return b""
+
+    def ping(self) -> bytes:
+        """The API's own ping event."""
+        return _event("ping", {"type": "ping"})
+
+
+@endpoint(ANTHROPIC)
+async def messages(request: Request, call: Call) -> Response:
+    """POST /v1/messages."""
+    svc = services(request)
+    body = await read_body(request, svc.settings.server.max_body_bytes)
+    try:
+        req = _req.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidRequest(str(exc)) from None
+    chat = to_chat(req)
+    inference = await svc.pipeline.prepare(chat, call)
+    if chat.stream:
+        return EventStream(
+            inference,
+            MessagesCodec(),
+            drain=svc.drain,  # type: ignore[return-value]
+            ping_interval_s=svc.settings.stream.ping_interval_s,
+            headers=inference.permit.headers,
+        )
+    result = await run_to_end(request, inference)
+    content: list[dict[str, Any]] = []
+    if result.response:
+        content.append({"type": "text", "text": result.response})
+    for c in result.message.tool_calls or []:
+        content.append(
+            {"type": "tool_use", "id": c.id, "name": c.function.name, "input": c.function.arguments}
+        )
+    return JSONResponse(
+        {
+            "id": "msg_" + result.id,
+            "type": "message",
+            "role": "assistant",
+            "model": result.model,
+            "content": content,
+            "stop_reason": STOP.get(result.finish_reason, "end_turn"),
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": result.usage.prompt_tokens,
+                "output_tokens": result.usage.completion_tokens,
+            },
+        },
+        headers=inference.permit.headers,
+    )
+
+
+document(
+    Operation(
+        "post",
+        "/v1/messages",
+        "Anthropic Messages API (SSE when stream)",
+        tag="anthropic",
+        request=MessagesRequest,
+        stream="text/event-stream",
+    )
+)
+
+routes = [Route("/v1/messages", messages, methods=["POST"])]
