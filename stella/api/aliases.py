@@ -1,0 +1,298 @@
+"""Request shapes of common self-hosted LLM services, as thin aliases onto the pipeline.
+
+Each shape keeps its own paths and field names so an existing client or script
+works unchanged; everything behind it (auth, limits, routing, the inference
+log) is stella's. The `api` field of the inference log names the shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from stella.api.http import Dialect, JSONResponse, endpoint, read_json, run_to_end, services
+from stella.api.native import NDJSON, model_infos, respond
+from stella.api.openapi import Operation, document
+from stella.core import Call
+from stella.errors import StellaError
+from stella.protocol import (
+    ChatRequest,
+    Delta,
+    Done,
+    Error,
+    GenerateRequest,
+    Message,
+    Options,
+    Start,
+)
+from stella.streaming import Codec, EventStream
+
+_enc = msgspec.json.Encoder()
+
+
+class SimpleDialect(Dialect):
+    """Errors as {"error": "text", "code": "..."} for the simple shapes."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def error_body(self, exc: StellaError, request_id: str) -> Any:
+        """A flat error object."""
+        return {"error": exc.message, "code": exc.code, "request_id": request_id}
+
+
+INVOKE = SimpleDialect("invoke")
+SIMPLE = SimpleDialect("simple")
+LLM = SimpleDialect("llm")
+
+
+class InputData(msgspec.Struct):
+    """`input_data` of an invoke call."""
+
+    input: str
+    system: str | None = None
+
+
+class InvokeRequest(msgspec.Struct):
+    """POST /api/chat/invoke."""
+
+    input_data: InputData
+    model: str | None = None
+    options: Options = msgspec.field(default_factory=Options)
+
+
+class PromptRequest(msgspec.Struct):
+    """POST /generate and /api/llm/generate|stream: a prompt, optionally a model."""
+
+    prompt: str
+    model: str | None = None
+    system: str | None = None
+    stream: bool = False
+    max_tokens: int | None = None
+    temperature: float | None = None
+    options: Options | None = None
+
+
+_invoke = msgspec.json.Decoder(InvokeRequest)
+_prompt = msgspec.json.Decoder(PromptRequest)
+_generate = msgspec.json.Decoder(GenerateRequest)
+
+
+def _chat_from_prompt(req: PromptRequest, stream: bool) -> ChatRequest:
+    options = req.options or Options()
+    if req.max_tokens is not None or req.temperature is not None:
+        options = msgspec.structs.replace(
+            options,
+            max_tokens=req.max_tokens if req.max_tokens is not None else options.max_tokens,
+            temperature=req.temperature if req.temperature is not None else options.temperature,
+        )
+    messages = [Message(role="user", content=req.prompt)]
+    if req.system:
+        messages.insert(0, Message(role="system", content=req.system))
+    return ChatRequest(messages=messages, model=req.model, stream=stream, options=options)
+
+
+async def _answer(request: Request, call: Call, chat: ChatRequest) -> Any:
+    svc = services(request)
+    inference = await svc.pipeline.prepare(chat, call)
+    return await run_to_end(request, inference), inference.permit.headers
+
+
+# 1. {"input_data": {"input": "..."}} -> {"output": "..."}
+
+
+@endpoint(INVOKE)
+async def invoke(request: Request, call: Call) -> Response:
+    """POST /api/chat/invoke."""
+    req: InvokeRequest = await read_json(request, _invoke)
+    messages = [Message(role="user", content=req.input_data.input)]
+    if req.input_data.system:
+        messages.insert(0, Message(role="system", content=req.input_data.system))
+    result, headers = await _answer(
+        request,
+        call,
+        ChatRequest(messages=messages, model=req.model, stream=False, options=req.options),
+    )
+    return JSONResponse(
+        {
+            "output": result.response,
+            "metadata": {
+                "model": result.model,
+                "request_id": result.id,
+                "usage": msgspec.to_builtins(result.usage),
+            },
+        },
+        headers=headers,
+    )
+
+
+# 2. /api/v1/generate {"prompt","stream"}: SSE `data: {"response": ...}` ... `data: {}`
+
+
+class ResponseSseCodec(Codec):
+    """`data: {"response": "..."}` per piece of text, `data: {}` at the end."""
+
+    media_type = "text/event-stream"
+
+    def start(self, event: Start) -> bytes:
+        """A comment, so the first byte goes at once."""
+        return b": stream " + event.id.encode() + b"\n\n"
+
+    def encode(self, event: Any) -> bytes:
+        """Text pieces and the end marker."""
+        kind = type(event)
+        if kind is Delta:
+            return b'data: {"response":' + _enc.encode(event.text) + b"}\n\n"
+        if kind is Done:
+            return b"data: {}\n\n"
+        if kind is Error:
+            return b"data: " + _enc.encode({"error": event.message, "code": event.code}) + b"\n\n"
+        return b""
+
+    def ping(self) -> bytes:
+        """An SSE comment."""
+        return b": ping\n\n"
+
+
+@endpoint()
+async def generate_v1(request: Request, call: Call) -> Response:
+    """POST /api/v1/generate: native NDJSON/JSON, or SSE `response` events when asked for."""
+    svc = services(request)
+    req: GenerateRequest = await read_json(request, _generate)
+    chat = req.to_chat()
+    if "text/event-stream" in request.headers.get("accept", "") and chat.stream:
+        call.api = "simple"
+        inference = await svc.pipeline.prepare(chat, call)
+        return EventStream(
+            inference,
+            ResponseSseCodec(),
+            drain=svc.drain,  # type: ignore[return-value]
+            ping_interval_s=svc.settings.stream.ping_interval_s,
+            headers=inference.permit.headers,
+        )
+    return await respond(request, call, chat)
+
+
+# 4. POST /generate {"prompt"} -> {"response"}
+
+
+@endpoint(SIMPLE)
+async def generate_plain(request: Request, call: Call) -> Response:
+    """POST /generate."""
+    req: PromptRequest = await read_json(request, _prompt)
+    result, headers = await _answer(request, call, _chat_from_prompt(req, False))
+    return JSONResponse(
+        {
+            "response": result.response,
+            "model": result.model,
+            "usage": msgspec.to_builtins(result.usage),
+        },
+        headers=headers,
+    )
+
+
+# 5. /api/llm/*
+
+
+@endpoint(LLM, auth="none")
+async def llm_health(request: Request, call: Call) -> Response:
+    """GET /api/llm/health: no backend is touched."""
+    router = services(request).router
+    route = router.resolve(None)
+    return JSONResponse(
+        {
+            "status": "ok",
+            "model": route.name,
+            "backend": route.backend_name,
+            "loaded": route.backend.loaded(route.upstream_model),
+        }
+    )
+
+
+@endpoint(LLM)
+async def llm_models(request: Request, call: Call) -> Response:
+    """GET /api/llm/models."""
+    listing = await model_infos(request)
+    return JSONResponse(
+        {
+            "models": [m.name for m in listing.models if call.principal.may_use(m.name)],
+            "default": listing.default,
+        }
+    )
+
+
+@endpoint(LLM)
+async def llm_generate(request: Request, call: Call) -> Response:
+    """POST /api/llm/generate -> {"response"}."""
+    req: PromptRequest = await read_json(request, _prompt)
+    result, headers = await _answer(request, call, _chat_from_prompt(req, False))
+    return JSONResponse(
+        {
+            "response": result.response,
+            "model": result.model,
+            "finish_reason": result.finish_reason,
+            "usage": msgspec.to_builtins(result.usage),
+        },
+        headers=headers,
+    )
+
+
+@endpoint(LLM)
+async def llm_stream(request: Request, call: Call) -> Response:
+    """POST /api/llm/stream: the native NDJSON stream."""
+    svc = services(request)
+    req: PromptRequest = await read_json(request, _prompt)
+    inference = await svc.pipeline.prepare(_chat_from_prompt(req, True), call)
+    return EventStream(
+        inference,
+        NDJSON,
+        drain=svc.drain,  # type: ignore[return-value]
+        ping_interval_s=svc.settings.stream.ping_interval_s,
+        headers=inference.permit.headers,
+    )
+
+
+document(
+    Operation(
+        "post",
+        "/api/chat/invoke",
+        "Invoke shape: input_data.input -> output",
+        tag="aliases",
+        request=InvokeRequest,
+    ),
+    Operation("post", "/generate", "Prompt -> response", tag="aliases", request=PromptRequest),
+    Operation(
+        "get",
+        "/api/llm/health",
+        "Health of the default model's backend",
+        tag="aliases",
+        public=True,
+        errors=(),
+    ),
+    Operation("get", "/api/llm/models", "Model names", tag="aliases", errors=(401,)),
+    Operation(
+        "post", "/api/llm/generate", "Prompt -> response", tag="aliases", request=PromptRequest
+    ),
+    Operation(
+        "post",
+        "/api/llm/stream",
+        "Prompt -> NDJSON stream",
+        tag="aliases",
+        request=PromptRequest,
+        stream="application/x-ndjson",
+    ),
+)
+
+routes = [
+    Route("/api/chat/invoke", invoke, methods=["POST"]),
+    Route("/api/v1/generate", generate_v1, methods=["POST"]),
+    Route("/generate", generate_plain, methods=["POST"]),
+    Route("/api/llm/health", llm_health, methods=["GET"]),
+    Route("/api/llm/models", llm_models, methods=["GET"]),
+    Route("/api/llm/generate", llm_generate, methods=["POST"]),
+    Route("/api/llm/stream", llm_stream, methods=["POST"]),
+]

@@ -1,0 +1,79 @@
+"""The request shapes of common self-hosted LLM services, each replaying its documented example."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from tests.live import LiveServer
+
+
+def test_invoke_shape(stella: LiveServer) -> None:
+    # Example: POST /api/chat/invoke {"input_data": {"input": "..."}} -> {"output": "..."}
+    r = httpx.post(stella.url + "/api/chat/invoke",
+                   json={"input_data": {"input": "What is LangServe?"}, "model": "echo"})
+    assert r.status_code == 200
+    assert r.json()["output"] == "What is LangServe?"
+    assert httpx.get(stella.url + "/health").json()["status"] == "ok"
+    bad = httpx.post(stella.url + "/api/chat/invoke", json={"input_data": {}})
+    assert bad.status_code == 400 and "`input` - at `$.input_data`" in bad.json()["error"]
+
+
+def test_generate_v1_json_ndjson_and_sse(stella: LiveServer) -> None:
+    # Example: POST /api/v1/generate {"prompt": "...", "stream": false} -> {"response": "..."}
+    body = {"prompt": "Tell me a joke", "stream": False, "model": "echo"}
+    assert httpx.post(stella.url + "/api/v1/generate", json=body).json()["response"] == "Tell me a joke"
+    body["stream"] = True
+    r = httpx.post(stella.url + "/api/v1/generate", json=body, headers={"Accept": "text/event-stream"})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    data = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "{}"
+    assert "".join(json.loads(d)["response"] for d in data[:-1]) == "Tell me a joke"
+    r = httpx.post(stella.url + "/api/v1/generate", json=body)
+    assert r.headers["content-type"] == "application/x-ndjson"
+
+
+def test_switch_model_shape(stella: LiveServer) -> None:
+    # Example: POST /api/v1/models/switch/{model}
+    r = httpx.post(stella.url + "/api/v1/models/switch/echo-slow")
+    assert r.json() == {"default": "echo-slow"}
+    assert httpx.get(stella.url + "/api/v1/models").json()["default"] == "echo-slow"
+    httpx.post(stella.url + "/api/v1/models/switch/echo")
+
+
+def test_provider_field_and_chat_stream_and_v1_health(stella: LiveServer) -> None:
+    # Example: POST /v1/chat/completions {"provider": "...", "model": "...", "messages": [...]}
+    body = {"provider": "slow", "model": "anything", "messages": [{"role": "user", "content": "hi you"}]}
+    r = httpx.post(stella.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hi you"
+    bad = httpx.post(stella.url + "/v1/chat/completions", json={**body, "provider": "http://evil"})
+    assert bad.status_code == 404 and bad.json()["error"]["param"] == "provider"
+    r = httpx.post(stella.url + "/v1/chat/stream",
+                   json={"model": "echo", "messages": [{"role": "user", "content": "a b"}]})
+    assert r.text.rstrip().endswith("data: [DONE]")
+    health = httpx.get(stella.url + "/v1/health").json()
+    assert health["status"] == "ok" and health["providers"]["echo"]["ok"] is True
+
+
+def test_generate_plain_config_and_health_shape(stella: LiveServer) -> None:
+    # Example: POST /generate {"prompt": "..."} -> {"response": "..."}; GET /config; GET /health
+    r = httpx.post(stella.url + "/generate", json={"prompt": "hello world", "model": "echo"})
+    assert r.json()["response"] == "hello world"
+    cfg = httpx.get(stella.url + "/config").json()
+    assert "config" in cfg
+    h = httpx.get(stella.url + "/health").json()
+    assert h["backend"] == "echo" and h["timestamp"].endswith("+00:00")
+
+
+def test_llm_shape(stella: LiveServer) -> None:
+    # Example: GET /api/llm/health, GET /api/llm/models, POST /api/llm/generate, POST /api/llm/stream
+    assert httpx.get(stella.url + "/api/llm/health").json()["status"] == "ok"
+    assert "echo" in httpx.get(stella.url + "/api/llm/models").json()["models"]
+    r = httpx.post(stella.url + "/api/llm/generate", json={"prompt": "x y z", "model": "echo"})
+    assert r.json()["response"] == "x y z"
+    r = httpx.post(stella.url + "/api/llm/stream", json={"prompt": "x y", "model": "echo"})
+    types = [json.loads(line)["type"] for line in r.text.splitlines()]
+    assert types == ["start", "delta", "delta", "done"]
+    info = httpx.get(stella.url + "/").json()
+    assert info["name"] == "stella"
