@@ -113,3 +113,55 @@ if __name__ == "__main__":
     result = compare()
     print(table(result))
     sys.stdout.flush()
+
+
+class DialectRow(msgspec.Struct):
+    """Native vs OpenAI dialect on one stella, same load."""
+
+    mode: str
+    concurrency: int
+    native: Result
+    openai: Result
+    cost_ratio: float  # OpenAI's time per request / native's
+
+
+def compare_dialects(
+    concurrency: tuple[int, ...] = (8,), duration: float = 5.0, use_wrk: bool | None = None
+) -> list[DialectRow]:
+    """The OpenAI codec's cost over the native one, through the same pipeline."""
+    wrk = have_wrk() if use_wrk is None else use_wrk
+    tmp = Path(tempfile.mkdtemp(prefix="stella-bench-"))
+    conf = tmp / "stella.toml"
+    conf.write_text('[models]\ndefault = "echo"\n[backends.local]\nenabled = false\n')
+    port = free_port()
+    rows = []
+    with spawn(stella_args(port), port=port, env={"STELLA_CONFIG": str(conf)}, cpu=0) as stella:
+        for mode, stream in (("non-stream", False), ("stream", True)):
+            body = _body(stream)
+            for c in concurrency:
+                native = measure(stella.url, body, "native", c, duration, wrk, 1)
+                url = stella.url + "/v1/chat/completions"
+                oa = (
+                    run_wrk(url, body, name="openai", concurrency=c, duration=duration, cpu=1)
+                    if wrk
+                    else asyncio.run(
+                        run_load(url, body, name="openai", concurrency=c, duration=duration)
+                    )
+                )
+                ratio = round(native.rps / oa.rps, 3) if oa.rps else 0.0
+                rows.append(DialectRow(mode, c, native, oa, ratio))
+    return rows
+
+
+def dialect_table(rows: list[DialectRow]) -> str:
+    """Markdown table of the dialect rows."""
+    out = [
+        "| mode | c | native req/s | openai req/s | openai cost / native |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r.mode} | {r.concurrency} | {r.native.rps:,.0f} | {r.openai.rps:,.0f} | "
+            f"{r.cost_ratio:.2f}x |"
+        )
+    return "\n".join(out)

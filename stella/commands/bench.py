@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     url.add_argument("--model", default="echo")
     url.add_argument("--header", action="append", default=[], help="NAME: VALUE")
     url.add_argument("--allow-remote", action="store_true")
-    for p in (url, sub.add_parser("echo", help="stella on echo vs a bare Starlette app")):
+    dialects = sub.add_parser("dialects", help="the OpenAI dialect's cost vs the native API")
+    for p in (url, sub.add_parser("echo", help="stella on echo vs a bare Starlette app"), dialects):
         p.add_argument("-c", "--concurrency", default="1,8,64", help="comma-separated")
         p.add_argument("-d", "--duration", type=float, default=5.0, help="seconds per run")
         p.add_argument("-n", "--requests", type=int, default=1_000_000, help="at most this many")
@@ -42,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
 
         rows = compare(tuple(int(c) for c in args.concurrency.split(",")), args.duration)
         print(msgspec.json.encode(rows).decode() if args.json else table(rows))
+        return 0
+    if args.what == "dialects":
+        from stella.bench.echo import compare_dialects, dialect_table
+
+        drows = compare_dialects(tuple(int(c) for c in args.concurrency.split(",")), args.duration)
+        print(msgspec.json.encode(drows).decode() if args.json else dialect_table(drows))
         return 0
     if args.what == "mlx":
         from stella.bench.mlx import compare as compare_mlx
