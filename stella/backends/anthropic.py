@@ -1,0 +1,266 @@
+"""The `anthropic` backend: Anthropic's Messages API over SSE."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import msgspec
+
+from stella.backends.base import BackendEvent, BackendHealth, CallContext
+from stella.backends.http import (
+    HttpBackend,
+    HttpConfig,
+    error_from_response,
+    iter_lines,
+    transport_error,
+)
+from stella.errors import UpstreamError, UpstreamStatus
+from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
+
+STOP = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+    "pause_turn": "stop",
+}
+
+
+class AnthropicConfig(HttpConfig, kw_only=True):
+    """[backends.NAME] with kind = "anthropic"."""
+
+    base_url: str = "https://api.anthropic.com"
+    anthropic_version: str = "2023-06-01"
+    max_tokens: int = 1024  # the API requires one; used when a request sets none
+
+
+class _Block(msgspec.Struct):
+    type: str = "text"
+    text: str = ""
+    id: str = ""
+    name: str = ""
+    input: dict[str, Any] | None = None
+
+
+class _BlockDelta(msgspec.Struct):
+    type: str = ""
+    text: str = ""
+    partial_json: str = ""
+    stop_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+class _Message(msgspec.Struct):
+    usage: _Usage | None = None
+    content: list[_Block] = []
+    stop_reason: str | None = None
+
+
+class _Error(msgspec.Struct):
+    type: str = ""
+    message: str = ""
+
+
+class _Event(msgspec.Struct):
+    type: str
+    index: int = 0
+    message: _Message | None = None
+    content_block: _Block | None = None
+    delta: _BlockDelta | None = None
+    usage: _Usage | None = None
+    error: _Error | None = None
+
+
+class _Model(msgspec.Struct):
+    id: str
+
+
+class _Models(msgspec.Struct):
+    data: list[_Model] = []
+
+
+_event = msgspec.json.Decoder(_Event)
+_models = msgspec.json.Decoder(_Models)
+_enc = msgspec.json.Encoder()
+_any = msgspec.json.Decoder()
+
+
+def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
+    """The Messages API body: system pulled out, tool calls and results as blocks."""
+    system = "\n\n".join(m.content for m in request.messages if m.role == "system")
+    messages: list[dict[str, Any]] = []
+    for m in request.messages:
+        if m.role == "system":
+            continue
+        if m.role == "tool":
+            block = {
+                "type": "tool_result",
+                "tool_use_id": m.tool_call_id or "",
+                "content": m.content,
+            }
+            if (
+                messages
+                and messages[-1]["role"] == "user"
+                and isinstance(messages[-1]["content"], list)
+            ):
+                messages[-1]["content"].append(block)
+            else:
+                messages.append({"role": "user", "content": [block]})
+            continue
+        if m.tool_calls:
+            blocks: list[dict[str, Any]] = (
+                [{"type": "text", "text": m.content}] if m.content else []
+            )
+            blocks += [
+                {
+                    "type": "tool_use",
+                    "id": c.id,
+                    "name": c.function.name,
+                    "input": c.function.arguments,
+                }
+                for c in m.tool_calls
+            ]
+            messages.append({"role": "assistant", "content": blocks})
+        else:
+            messages.append({"role": m.role, "content": m.content})
+    o = request.options
+    body: dict[str, Any] = {
+        "model": request.model,
+        "messages": messages,
+        "stream": True,
+        "max_tokens": o.max_tokens or default_max,
+    }
+    if system:
+        body["system"] = system
+    for key, value in (
+        ("temperature", o.temperature),
+        ("top_p", o.top_p),
+        ("top_k", o.top_k),
+        ("stop_sequences", o.stop),
+    ):
+        if value is not None:
+            body[key] = value
+    if request.tools:
+        body["tools"] = [
+            {
+                "name": t.function.name,
+                "description": t.function.description,
+                "input_schema": t.function.parameters or {"type": "object"},
+            }
+            for t in request.tools
+        ]
+    return body
+
+
+class AnthropicBackend(HttpBackend):
+    """Claude models through the Messages API."""
+
+    kind = "anthropic"
+    Config = AnthropicConfig
+
+    def __init__(self, name: str, config: AnthropicConfig) -> None:
+        super().__init__(name, config)
+        self.cfg = config
+
+    def auth_headers(self) -> dict[str, str]:
+        """x-api-key and anthropic-version."""
+        headers = {"anthropic-version": self.cfg.anthropic_version}
+        if self.api_key:
+            headers["x-api-key"] = self.api_key
+        return headers
+
+    def capabilities(self, upstream_model: str) -> list[str]:
+        """Chat and tools."""
+        return ["chat", "tools"]
+
+    async def models(self) -> list[str]:
+        """GET /v1/models."""
+        r = await self.client.get("/v1/models")
+        if r.status_code >= 400:
+            raise error_from_response(self.name, r.status_code, r.headers, r.content)
+        return [m.id for m in _models.decode(r.content).data]
+
+    async def health(self) -> BackendHealth:
+        """GET /v1/models: no tokens spent."""
+        return await self.probe("/v1/models")
+
+    async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
+        """Stream one message and translate the SSE events."""
+        body = _enc.encode(request_body(request, self.cfg.max_tokens))
+        headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
+        name = self.name
+        try:
+            async with self.client.stream(
+                "POST", "/v1/messages", content=body, headers=headers
+            ) as r:
+                if r.status_code >= 400:
+                    raise error_from_response(name, r.status_code, r.headers, await r.aread())
+                usage = _Usage()
+                tools: dict[int, list[str]] = {}  # index -> [id, name, json]
+                stop: str | None = None
+                calls = 0
+                async for line in iter_lines(r):
+                    if not line.startswith(b"data:"):
+                        continue
+                    try:
+                        ev = _event.decode(line[5:])
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        raise UpstreamError(f"{name}: malformed event") from None
+                    kind = ev.type
+                    if kind == "content_block_delta" and ev.delta is not None:
+                        if ev.delta.type == "text_delta":
+                            if ev.delta.text:
+                                yield Delta(text=ev.delta.text)
+                        elif ev.delta.type == "input_json_delta" and ev.index in tools:
+                            tools[ev.index][2] += ev.delta.partial_json
+                    elif kind == "content_block_start" and ev.content_block is not None:
+                        if ev.content_block.type == "tool_use":
+                            tools[ev.index] = [ev.content_block.id, ev.content_block.name, ""]
+                    elif kind == "content_block_stop" and ev.index in tools:
+                        call_id, tool, raw = tools.pop(ev.index)
+                        try:
+                            args = _any.decode(raw) if raw.strip() else {}
+                        except msgspec.DecodeError:
+                            args = {"_raw": raw}
+                        yield ToolCall(
+                            index=calls,
+                            id=call_id,
+                            name=tool,
+                            arguments=args if isinstance(args, dict) else {"value": args},
+                        )
+                        calls += 1
+                    elif kind == "message_start" and ev.message is not None and ev.message.usage:
+                        usage = ev.message.usage
+                    elif kind == "message_delta":
+                        if ev.delta is not None and ev.delta.stop_reason:
+                            stop = ev.delta.stop_reason
+                        if ev.usage is not None:  # cumulative output tokens
+                            usage = _Usage(
+                                ev.usage.input_tokens or usage.input_tokens, ev.usage.output_tokens
+                            )
+                    elif kind == "message_stop":
+                        yield Done(
+                            finish_reason=STOP.get(stop or "end_turn", "stop"),
+                            usage=Usage(
+                                usage.input_tokens,
+                                usage.output_tokens,
+                                usage.input_tokens + usage.output_tokens,
+                            ),
+                        )
+                        return
+                    elif kind == "error" and ev.error is not None:
+                        if ev.error.type == "overloaded_error":
+                            raise UpstreamStatus(
+                                f"{name}: overloaded: {ev.error.message}", upstream_status=529
+                            )
+                        raise UpstreamError(f"{name}: {ev.error.type}: {ev.error.message}")
+                raise UpstreamError(f"{name}: stream ended before message_stop")
+        except httpx.HTTPError as exc:
+            raise transport_error(name, exc) from None

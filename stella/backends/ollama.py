@@ -1,0 +1,182 @@
+"""The `ollama` backend: Ollama's /api/chat over NDJSON."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import msgspec
+
+from stella.backends.base import BackendEvent, BackendHealth, CallContext
+from stella.backends.http import (
+    HttpBackend,
+    HttpConfig,
+    error_from_response,
+    iter_lines,
+    transport_error,
+)
+from stella.errors import UpstreamError
+from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
+
+
+class OllamaConfig(HttpConfig, kw_only=True):
+    """[backends.NAME] with kind = "ollama"."""
+
+    base_url: str = "http://127.0.0.1:11434"
+    keep_alive: str = ""  # passed to Ollama ("5m", "-1"); empty: Ollama's default
+
+
+class _Fn(msgspec.Struct):
+    name: str
+    arguments: dict[str, Any] = {}
+
+
+class _Call(msgspec.Struct):
+    function: _Fn
+
+
+class _Msg(msgspec.Struct):
+    content: str = ""
+    tool_calls: list[_Call] | None = None
+
+
+class _Line(msgspec.Struct):
+    message: _Msg | None = None
+    done: bool = False
+    done_reason: str | None = None
+    prompt_eval_count: int = 0
+    eval_count: int = 0
+    error: str | None = None
+
+
+class _Tag(msgspec.Struct):
+    name: str
+
+
+class _Tags(msgspec.Struct):
+    models: list[_Tag] = []
+
+
+_line = msgspec.json.Decoder(_Line)
+_tags = msgspec.json.Decoder(_Tags)
+_enc = msgspec.json.Encoder()
+
+
+def request_body(request: ChatRequest, keep_alive: str) -> dict[str, Any]:
+    """Ollama's /api/chat body for a ChatRequest."""
+    messages = []
+    for m in request.messages:
+        msg: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            msg["tool_calls"] = [
+                {"function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for c in m.tool_calls
+            ]
+        if m.role == "tool" and m.name:
+            msg["tool_name"] = m.name
+        messages.append(msg)
+    o = request.options
+    options = {
+        k: v
+        for k, v in {
+            "temperature": o.temperature,
+            "top_p": o.top_p,
+            "top_k": o.top_k,
+            "min_p": o.min_p,
+            "repeat_penalty": o.repetition_penalty,
+            "num_predict": o.max_tokens,
+            "stop": o.stop,
+            "seed": o.seed,
+        }.items()
+        if v is not None
+    }
+    body: dict[str, Any] = {"model": request.model, "messages": messages, "stream": True}
+    if options:
+        body["options"] = options
+    if request.tools:
+        body["tools"] = [msgspec.to_builtins(t) for t in request.tools]
+    fmt = request.response_format or {}
+    if fmt.get("type") == "json_object":
+        body["format"] = "json"
+    elif fmt.get("type") == "json_schema":
+        body["format"] = (fmt.get("json_schema") or {}).get("schema", "json")
+    if keep_alive:
+        body["keep_alive"] = keep_alive
+    return body
+
+
+class OllamaBackend(HttpBackend):
+    """Chat through an Ollama server."""
+
+    kind = "ollama"
+    Config = OllamaConfig
+
+    def __init__(self, name: str, config: OllamaConfig) -> None:
+        super().__init__(name, config)
+        self.cfg = config
+
+    def capabilities(self, upstream_model: str) -> list[str]:
+        """Chat and tools."""
+        return ["chat", "tools"]
+
+    async def models(self) -> list[str]:
+        """GET /api/tags."""
+        r = await self.client.get("/api/tags")
+        if r.status_code >= 400:
+            raise error_from_response(self.name, r.status_code, r.headers, r.content)
+        return [m.name for m in _tags.decode(r.content).models]
+
+    async def health(self) -> BackendHealth:
+        """GET /api/version: no tokens spent."""
+        return await self.probe("/api/version")
+
+    async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
+        """Stream /api/chat and translate its lines."""
+        body = _enc.encode(request_body(request, self.cfg.keep_alive))
+        headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
+        name = self.name
+        try:
+            async with self.client.stream("POST", "/api/chat", content=body, headers=headers) as r:
+                if r.status_code >= 400:
+                    raise error_from_response(name, r.status_code, r.headers, await r.aread())
+                index = 0
+                async for raw in iter_lines(r):
+                    if not raw.strip():
+                        continue
+                    try:
+                        line = _line.decode(raw)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        raise UpstreamError(f"{name}: malformed stream line") from None
+                    if line.error is not None:
+                        raise UpstreamError(f"{name}: {line.error}")
+                    msg = line.message
+                    if msg is not None:
+                        if msg.content:
+                            yield Delta(text=msg.content)
+                        for call in msg.tool_calls or ():
+                            yield ToolCall(
+                                index=index,
+                                id=f"call_{index}",
+                                name=call.function.name,
+                                arguments=call.function.arguments,
+                            )
+                            index += 1
+                    if line.done:
+                        reason = (
+                            "length"
+                            if line.done_reason == "length"
+                            else ("tool_calls" if index else "stop")
+                        )
+                        yield Done(
+                            finish_reason=reason,
+                            usage=Usage(
+                                line.prompt_eval_count,
+                                line.eval_count,
+                                line.prompt_eval_count + line.eval_count,
+                            ),
+                        )
+                        return
+                raise UpstreamError(f"{name}: stream ended before done")
+        except httpx.HTTPError as exc:
+            raise transport_error(name, exc) from None

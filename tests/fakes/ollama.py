@@ -1,0 +1,83 @@
+"""A fake Ollama server following its API docs (/api/chat NDJSON, /api/tags, /api/version).
+
+The model name picks the behaviour: `llama3` (ok), `tools`, `error-before` (HTTP 404
+{"error": ...}), `error-mid` (a final {"error": ...} line after two pieces),
+`malformed`, `busy` (429 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+CREATED = "2024-07-22T20:33:28.123648Z"
+
+
+class FakeOllama:
+    """The app plus the bodies it received."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.app = Starlette(routes=[
+            Route("/api/chat", self.chat, methods=["POST"]),
+            Route("/api/tags", self.tags),
+            Route("/api/version", self.version),
+            Route("/health", self.version),
+        ])
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": "0.5.1"})
+
+    async def tags(self, request: Request) -> Response:
+        return JSONResponse({"models": [{"name": "llama3:latest", "model": "llama3:latest",
+                                         "modified_at": CREATED, "size": 1, "digest": "x",
+                                         "details": {"family": "llama"}}]})
+
+    async def chat(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        model = body["model"]
+        if model == "error-before":
+            return JSONResponse({"error": f"model '{model}' not found"}, 404)
+        if model == "busy":
+            return JSONResponse({"error": "server busy"}, 429, headers={"Retry-After": "2"})
+        words = ["The", " sky", " is", " blue", "."]
+        limit = (body.get("options") or {}).get("num_predict")
+        return StreamingResponse(self._lines(model, words, limit), media_type="application/x-ndjson")
+
+    async def _lines(self, model: str, words: list[str], limit: int | None) -> AsyncIterator[bytes]:
+        def line(obj: dict[str, Any]) -> bytes:
+            return json.dumps(obj).encode() + b"\n"
+
+        if model == "tools":
+            yield line({"model": model, "created_at": CREATED, "message": {
+                "role": "assistant", "content": "", "tool_calls": [
+                    {"function": {"name": "get_weather", "arguments": {"city": "Toronto"}}}]},
+                "done": False})
+            yield line({"model": model, "created_at": CREATED, "message": {"role": "assistant", "content": ""},
+                        "done": True, "done_reason": "stop", "total_duration": 1000,
+                        "prompt_eval_count": 10, "eval_count": 3})
+            return
+        sent = 0
+        for word in words:
+            if limit is not None and sent >= limit:
+                break
+            if model == "error-mid" and sent == 2:
+                yield line({"error": "an error was encountered while running the model"})
+                return
+            if model == "malformed" and sent == 1:
+                yield b"{this is not json\n"
+                return
+            yield line({"model": model, "created_at": CREATED,
+                        "message": {"role": "assistant", "content": word}, "done": False})
+            sent += 1
+        yield line({"model": model, "created_at": CREATED, "message": {"role": "assistant", "content": ""},
+                    "done": True, "done_reason": "length" if limit is not None and sent >= limit else "stop",
+                    "total_duration": 5_000_000, "load_duration": 1_000, "prompt_eval_count": 26,
+                    "prompt_eval_duration": 100_000, "eval_count": sent, "eval_duration": 900_000})

@@ -1,0 +1,168 @@
+"""The ollama and anthropic adapters against fake servers that follow the documented wire formats."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from stella.backends import CallContext
+from stella.backends.anthropic import AnthropicBackend, AnthropicConfig
+from stella.backends.ollama import OllamaBackend, OllamaConfig
+from stella.errors import StellaError, UpstreamStatus
+from stella.protocol import ChatRequest, Delta, Done, FunctionSpec, Message, Options, Tool, ToolCall
+from tests.fakes.anthropic import KEY, FakeAnthropic
+from tests.fakes.ollama import FakeOllama
+from tests.fakes.server import serve
+from tests.live import ndjson, run_stella
+
+HI = [Message(role="system", content="be nice"), Message(role="user", content="hi")]
+
+
+@pytest.fixture(scope="module")
+def ollama_url() -> Iterator[tuple[FakeOllama, str]]:
+    fake = FakeOllama()
+    with serve(fake.app) as url:
+        yield fake, url
+
+
+@pytest.fixture(scope="module")
+def anthropic_url() -> Iterator[tuple[FakeAnthropic, str]]:
+    fake = FakeAnthropic()
+    with serve(fake.app) as url:
+        yield fake, url
+
+
+async def run(backend, model: str, **kw: object) -> list:  # type: ignore[no-untyped-def]
+    await backend.start()
+    try:
+        req = ChatRequest(messages=HI, model=model, **kw)  # type: ignore[arg-type]
+        return [e async for e in backend.chat(req, CallContext(request_id="rid-1"))]
+    finally:
+        await backend.aclose()
+
+
+def ollama(url: str) -> OllamaBackend:
+    return OllamaBackend("o", OllamaConfig(kind="ollama", base_url=url))
+
+
+def claude(url: str) -> AnthropicBackend:
+    os.environ["TEST_ANTHROPIC_KEY"] = KEY
+    return AnthropicBackend("a", AnthropicConfig(kind="anthropic", base_url=url,
+                                                 api_key_env="TEST_ANTHROPIC_KEY"))
+
+
+async def test_ollama_stream_usage_options(ollama_url: tuple[FakeOllama, str]) -> None:
+    fake, url = ollama_url
+    events = await run(ollama(url), "llama3", options=Options(max_tokens=3, temperature=0.1))
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == "The sky is"
+    assert events[-1] == Done(finish_reason="length", usage=events[-1].usage)
+    assert events[-1].usage.prompt_tokens == 26 and events[-1].usage.completion_tokens == 3
+    assert fake.requests[-1]["options"] == {"temperature": 0.1, "num_predict": 3}
+    assert fake.requests[-1]["messages"][0] == {"role": "system", "content": "be nice"}
+
+
+async def test_ollama_tools_and_models(ollama_url: tuple[FakeOllama, str]) -> None:
+    events = await run(ollama(ollama_url[1]), "tools",
+                       tools=[Tool(function=FunctionSpec(name="get_weather"))])
+    assert events[0] == ToolCall(index=0, id="call_0", name="get_weather", arguments={"city": "Toronto"})
+    assert events[-1].finish_reason == "tool_calls"
+    b = ollama(ollama_url[1])
+    await b.start()
+    assert await b.models() == ["llama3:latest"] and (await b.health()).ok
+    await b.aclose()
+
+
+@pytest.mark.parametrize(("model", "status", "needle"), [
+    ("error-before", 404, "not found"), ("busy", 429, "server busy")])
+async def test_ollama_http_errors(ollama_url: tuple[FakeOllama, str], model: str, status: int,
+                                  needle: str) -> None:
+    with pytest.raises(UpstreamStatus) as info:
+        await run(ollama(ollama_url[1]), model)
+    assert info.value.upstream_status == status and needle in info.value.message
+    if status == 429:
+        assert info.value.retry_after_hint == 2 and info.value.retryable
+
+
+async def test_ollama_mid_stream_error_and_malformed(ollama_url: tuple[FakeOllama, str]) -> None:
+    b = ollama(ollama_url[1])
+    await b.start()
+    got: list = []
+    with pytest.raises(StellaError, match="error was encountered"):
+        async for e in b.chat(ChatRequest(messages=HI, model="error-mid"), CallContext(request_id="r")):
+            got.append(e)
+    assert len(got) == 2
+    with pytest.raises(StellaError, match="malformed"):
+        async for _ in b.chat(ChatRequest(messages=HI, model="malformed"), CallContext(request_id="r")):
+            pass
+    await b.aclose()
+
+
+async def test_anthropic_stream_system_usage_headers(anthropic_url: tuple[FakeAnthropic, str]) -> None:
+    fake, url = anthropic_url
+    events = await run(claude(url), "claude-ok", options=Options(max_tokens=3, stop=["?"]))
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How"
+    done = events[-1]
+    assert done.finish_reason == "length" and done.usage.prompt_tokens == 25
+    assert done.usage.completion_tokens == 3  # cumulative output_tokens of message_delta
+    sent = fake.requests[-1]
+    assert sent["system"] == "be nice" and sent["messages"] == [{"role": "user", "content": "hi"}]
+    assert sent["max_tokens"] == 3 and sent["stop_sequences"] == ["?"]
+    assert fake.headers[-1]["anthropic-version"] == "2023-06-01"
+
+
+async def test_anthropic_tools(anthropic_url: tuple[FakeAnthropic, str]) -> None:
+    events = await run(claude(anthropic_url[1]), "claude-tools",
+                       tools=[Tool(function=FunctionSpec(name="get_weather"))])
+    assert events[0] == ToolCall(index=0, id="toolu_1", name="get_weather", arguments={"location": "Paris"})
+    assert events[-1].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize(("model", "status", "retryable"), [
+    ("claude-429", 429, True), ("claude-529", 529, True)])
+async def test_anthropic_http_errors(anthropic_url: tuple[FakeAnthropic, str], model: str,
+                                     status: int, retryable: bool) -> None:
+    with pytest.raises(UpstreamStatus) as info:
+        await run(claude(anthropic_url[1]), model)
+    assert info.value.upstream_status == status and info.value.retryable is retryable
+    if status == 429:
+        assert info.value.retry_after_hint == 3
+
+
+async def test_anthropic_error_event_malformed_and_auth(anthropic_url: tuple[FakeAnthropic, str]) -> None:
+    with pytest.raises(UpstreamStatus) as info:
+        await run(claude(anthropic_url[1]), "claude-error-mid")
+    assert info.value.upstream_status == 529
+    with pytest.raises(StellaError, match="malformed"):
+        await run(claude(anthropic_url[1]), "claude-malformed")
+    bad = AnthropicBackend("a", AnthropicConfig(kind="anthropic", base_url=anthropic_url[1]))
+    with pytest.raises(UpstreamStatus) as info:
+        await run(bad, "claude-ok")
+    assert info.value.upstream_status == 401 and KEY not in info.value.message
+
+
+def test_through_stella_with_fallback(ollama_url: tuple[FakeOllama, str],
+                                      anthropic_url: tuple[FakeAnthropic, str]) -> None:
+    config = {
+        "backends": {
+            "gpu-box": {"kind": "ollama", "base_url": ollama_url[1]},
+            "claude": {"kind": "anthropic", "base_url": anthropic_url[1], "api_key_env": "CLAUDE_KEY"},
+        },
+        "models": {"routes": {
+            "llama": {"backend": "gpu-box", "upstream_model": "llama3"},
+            "sonnet": {"backend": "claude", "upstream_model": "claude-529", "retries": 1,
+                       "retry_backoff_s": 0.01, "fallbacks": ["llama"]},
+        }},
+    }
+    with run_stella(config, {"CLAUDE_KEY": KEY}) as server:
+        lines = ndjson(httpx.post(server.url + "/api/v1/chat", json={
+            "model": "llama", "messages": [{"role": "user", "content": "hi"}]}).text)
+        assert "".join(e.get("text", "") for e in lines) == "The sky is blue."
+        r = httpx.post(server.url + "/api/v1/chat", json={
+            "model": "sonnet", "stream": False, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and r.json()["backend"] == "gpu-box"
+        ev = server.wait_event(lambda e: e["model"] == "sonnet")
+        assert [a.get("upstream_status") for a in ev["attempts"]][:2] == [529, 529]
+        assert KEY not in "\n".join(server.lines())
