@@ -23,7 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     url.add_argument("--header", action="append", default=[], help="NAME: VALUE")
     url.add_argument("--allow-remote", action="store_true")
     dialects = sub.add_parser("dialects", help="the OpenAI dialect's cost vs the native API")
-    for p in (url, sub.add_parser("echo", help="stella on echo vs a bare Starlette app"), dialects):
+    gateway = sub.add_parser("gateway", help="upstream vs passthrough vs stella (vs LiteLLM)")
+    gateway.add_argument(
+        "--litellm",
+        action="store_true",
+        help="also LiteLLM's proxy, installed into a venv of its own",
+    )
+    echo = sub.add_parser("echo", help="stella on echo vs a bare Starlette app")
+    for p in (url, echo, dialects, gateway):
         p.add_argument("-c", "--concurrency", default="1,8,64", help="comma-separated")
         p.add_argument("-d", "--duration", type=float, default=5.0, help="seconds per run")
         p.add_argument("-n", "--requests", type=int, default=1_000_000, help="at most this many")
@@ -43,6 +50,15 @@ def run(args: argparse.Namespace) -> int:
 
         rows = compare(tuple(int(c) for c in args.concurrency.split(",")), args.duration)
         print(msgspec.json.encode(rows).decode() if args.json else table(rows))
+        return 0
+    if args.what == "gateway":
+        from stella.bench.compare import compare as compare_gw
+        from stella.bench.compare import table as gw_table
+
+        report = compare_gw(
+            tuple(int(c) for c in args.concurrency.split(",")), args.duration, litellm=args.litellm
+        )
+        print(msgspec.json.encode(report).decode() if args.json else gw_table(report))
         return 0
     if args.what == "dialects":
         from stella.bench.echo import compare_dialects, dialect_table
