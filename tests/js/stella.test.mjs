@@ -1,0 +1,94 @@
+// Parser and client tests for stella.js, with node's own test runner: node --test tests/js/
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import http from "node:http";
+import { parseNdjson, chat, models, StellaError } from "../../stella/static/stella.js";
+
+function streamOf(chunks) {
+  return new ReadableStream({
+    start(controller) {
+      for (const c of chunks) controller.enqueue(typeof c === "string" ? new TextEncoder().encode(c) : c);
+      controller.close();
+    },
+  });
+}
+
+async function collect(iter) {
+  const out = [];
+  for await (const x of iter) out.push(x);
+  return out;
+}
+
+test("lines split across chunks", async () => {
+  const events = await collect(parseNdjson(streamOf(['{"type":"st', 'art"}\n{"type":"delta",', '"text":"a"}\n', '{"type":"done"}'])));
+  assert.deepEqual(events, [{ type: "start" }, { type: "delta", text: "a" }, { type: "done" }]);
+});
+
+test("multi-byte UTF-8 split across chunks", async () => {
+  const bytes = new TextEncoder().encode('{"type":"delta","text":"héllo 👋 日本"}\n');
+  const cut1 = 27; // inside "é"... and the emoji below
+  const chunks = [bytes.slice(0, cut1), bytes.slice(cut1, cut1 + 5), bytes.slice(cut1 + 5, cut1 + 9), bytes.slice(cut1 + 9)];
+  const events = await collect(parseNdjson(streamOf(chunks)));
+  assert.equal(events[0].text, "héllo 👋 日本");
+});
+
+test("blank lines are skipped", async () => {
+  const events = await collect(parseNdjson(streamOf(['\n{"a":1}\n\n', '{"b":2}\n'])));
+  assert.deepEqual(events, [{ a: 1 }, { b: 2 }]);
+});
+
+function fakeFetch(lines, { status = 200, headers = {} } = {}) {
+  return async (url, init) => {
+    const body = streamOf(lines);
+    return new Response(status === 200 ? body : JSON.stringify({ error: { code: "rate_limited", message: "slow down", request_id: "r1" } }),
+      { status, headers: { "X-Request-ID": "req_1", ...headers } });
+  };
+}
+
+test("an in-band error line throws a typed error after the deltas", async () => {
+  const got = [];
+  const iter = chat({ messages: [] }, { fetch: fakeFetch(['{"type":"start","id":"req_1"}\n', '{"type":"delta","text":"x"}\n',
+    '{"type":"ping"}\n', '{"type":"error","code":"upstream_timeout","message":"slow","retryable":true}\n']) });
+  await assert.rejects(async () => { for await (const e of iter) got.push(e.type); }, (err) => {
+    assert.ok(err instanceof StellaError);
+    assert.equal(err.code, "upstream_timeout");
+    assert.equal(err.retryable, true);
+    return true;
+  });
+  assert.deepEqual(got, ["start", "delta"]);
+});
+
+test("an HTTP error throws with status, code and retry-after", async () => {
+  await assert.rejects(() => collect(chat({ messages: [] }, { fetch: fakeFetch([], { status: 429, headers: { "Retry-After": "7" } }) })),
+    (err) => err instanceof StellaError && err.status === 429 && err.code === "rate_limited" && err.retryAfter === 7 && err.requestId === "r1");
+});
+
+test("abort ends the stream and closes the connection", async () => {
+  let closed = false;
+  let sent = 0;
+  const server = http.createServer((req, res) => {
+    res.writeHead(200, { "Content-Type": "application/x-ndjson" });
+    res.write('{"type":"start","id":"x"}\n');
+    const timer = setInterval(() => { sent++; res.write('{"type":"delta","text":"t"}\n'); }, 10);
+    req.on("close", () => { closed = true; clearInterval(timer); });
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  const { port } = server.address();
+  const controller = new AbortController();
+  const seen = [];
+  for await (const event of chat({ messages: [{ role: "user", content: "hi" }] }, { baseUrl: `http://127.0.0.1:${port}`, signal: controller.signal })) {
+    seen.push(event.type);
+    if (seen.length === 3) controller.abort();
+  }
+  assert.deepEqual(seen.slice(0, 3), ["start", "delta", "delta"]);
+  for (let i = 0; i < 50 && !closed; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(closed, "the server saw the connection close");
+  server.close();
+});
+
+test("models() returns the listing and throws on 401", async () => {
+  const ok = await models({ fetch: async () => new Response('{"models":[],"default":"echo"}', { status: 200 }) });
+  assert.equal(ok.default, "echo");
+  await assert.rejects(() => models({ fetch: async () => new Response('{"error":{"code":"unauthorized","message":"key"}}', { status: 401 }) }),
+    (err) => err.status === 401 && err.code === "unauthorized");
+});
