@@ -1,0 +1,126 @@
+"""The playground in headless Chromium (Playwright) against a live stella."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.live import ROOT, LiveServer, run_stella
+
+pytestmark = pytest.mark.browser
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+KEY = "sk-browser-test-1"
+CONFIG = {
+    "backends": {"slow": {"kind": "echo", "delay_s": 0.08}},
+    "models": {"routes": {"echo-slow": {"backend": "slow"}}},
+}
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: apt-get install chromium")
+        pytest.skip("chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    with run_stella(CONFIG) as s:
+        yield s
+
+
+def send(page, text: str) -> None:  # type: ignore[no-untyped-def]
+    page.fill("#prompt", text)
+    page.click("#send")
+
+
+def test_prompt_streams_into_the_page(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page(viewport={"width": 1200, "height": 800})
+    page.goto(server.url + "/playground")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.select_option("#model", "echo-slow")
+    send(page, "the quick brown fox jumps over the lazy dog")
+    # While it streams, part of the text is already there.
+    page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 3")
+    partial = page.inner_text(".msg.assistant .text")
+    assert partial and partial != "the quick brown fox jumps over the lazy dog"
+    page.wait_for_selector(".msg.assistant .stats")
+    assert page.inner_text(".msg.assistant .text") == "the quick brown fox jumps over the lazy dog"
+    stats = page.inner_text(".msg.assistant .stats")
+    assert "TTFT" in stats and "tok/s" in stats and "9 out" in stats
+    send(page, "second turn")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length == 2")
+    assert page.locator(".msg.assistant .text").nth(1).inner_text() == "second turn"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+    page.close()
+
+
+def test_stop_cancels_on_the_server(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page()
+    page.goto(server.url + "/playground")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.select_option("#model", "echo-slow")
+    with page.expect_response(lambda r: "/api/v1/chat" in r.url) as info:
+        send(page, " ".join(f"word{i}" for i in range(200)))
+    rid = info.value.headers["x-request-id"]
+    page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 10")
+    page.click("#stop")
+    page.wait_for_selector("text=stopped")
+    ev = server.wait_event(lambda e: e["request_id"] == rid)
+    assert ev["finish_reason"] == "client_closed"
+    assert ev["completion_tokens"] < 150
+    page.close()
+
+
+def test_model_output_is_text_never_html(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page()
+    page.goto(server.url + "/playground")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.select_option("#model", "echo")
+    payload = "<img src=x onerror=\"window.__xss=1\"><script>window.__xss=2</script>"
+    send(page, payload)
+    page.wait_for_selector(".msg.assistant .stats")
+    assert page.inner_text(".msg.assistant .text") == payload
+    assert page.evaluate("window.__xss") is None
+    assert page.locator(".msg img").count() == 0
+    page.close()
+
+
+def test_401_asks_for_the_key_and_then_works(browser) -> None:  # type: ignore[no-untyped-def]
+    with run_stella(env={"STELLA_API_KEYS": KEY}) as keyed:
+        page = browser.new_page(viewport={"width": 390, "height": 844})  # a phone
+        page.goto(keyed.url + "/playground")
+        page.wait_for_selector("#key-form:not([hidden])")
+        page.fill("#api-key", KEY)
+        page.click("#key-form button")
+        page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+        page.select_option("#model", "echo")
+        send(page, "hello with a key")
+        page.wait_for_selector(".msg.assistant .stats")
+        assert page.inner_text(".msg.assistant .text") == "hello with a key"
+        assert page.evaluate("localStorage.getItem('stella.apiKey')") == KEY
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "playground-phone.png"), full_page=True)
+        page.close()
+
+
+def test_root_sends_browsers_to_the_playground(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page()
+    page.goto(server.url + "/")
+    assert page.url.endswith("/playground")
+    page.close()
