@@ -1,0 +1,376 @@
+"""A Python client for stella's native API: `Client` (sync) and `AsyncClient`.
+
+    from stella.client import Client
+    with Client() as c:                      # STELLA_URL / STELLA_API_KEY, or arguments
+        print(c.chat([{"role": "user", "content": "hi"}]).response)
+        for event in c.chat([{"role": "user", "content": "hi"}], stream=True):
+            ...                              # stella.protocol.Start / Delta / ToolCall / Done
+
+Errors raise a `StellaClientError` subclass per error code; an in-band `error`
+line raises too, after the events already yielded. Leaving a stream early
+closes the connection, and the server cancels the generation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import msgspec
+
+from stella.protocol import ChatResponse, Error, ModelList, Ping, StreamEvent
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+_event = msgspec.json.Decoder(StreamEvent)
+_response = msgspec.json.Decoder(ChatResponse)
+_models = msgspec.json.Decoder(ModelList)
+
+
+class StellaClientError(Exception):
+    """An error from stella, with its HTTP status (0 for in-band errors) and code."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 0,
+        code: str = "error",
+        request_id: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.request_id = request_id
+        self.retry_after = retry_after
+
+
+class BadRequestError(StellaClientError):
+    """400 invalid_request."""
+
+
+class AuthenticationError(StellaClientError):
+    """401 unauthorized."""
+
+
+class PermissionDeniedError(StellaClientError):
+    """403 forbidden."""
+
+
+class NotFoundError(StellaClientError):
+    """404 model_not_found / not_found."""
+
+
+class ConflictError(StellaClientError):
+    """409 conflict."""
+
+
+class PayloadTooLargeError(StellaClientError):
+    """413 payload_too_large."""
+
+
+class UnsupportedMediaTypeError(StellaClientError):
+    """415 unsupported_media_type."""
+
+
+class RateLimitError(StellaClientError):
+    """429 rate_limited; `retry_after` says when to come back."""
+
+
+class UpstreamError(StellaClientError):
+    """502 upstream_error, or the backend failed mid-stream."""
+
+
+class OverloadedError(StellaClientError):
+    """503 overloaded / shutting_down."""
+
+
+class UnavailableError(StellaClientError):
+    """503 unavailable (circuit open)."""
+
+
+class TimeoutError(StellaClientError):
+    """504 upstream_timeout, or a timeout mid-stream."""
+
+
+BY_CODE: dict[str, type[StellaClientError]] = {
+    "invalid_request": BadRequestError,
+    "unauthorized": AuthenticationError,
+    "forbidden": PermissionDeniedError,
+    "model_not_found": NotFoundError,
+    "not_found": NotFoundError,
+    "conflict": ConflictError,
+    "payload_too_large": PayloadTooLargeError,
+    "unsupported_media_type": UnsupportedMediaTypeError,
+    "rate_limited": RateLimitError,
+    "upstream_error": UpstreamError,
+    "upstream_unreachable": UpstreamError,
+    "upstream_rate_limited": UpstreamError,
+    "upstream_rejected": UpstreamError,
+    "overloaded": OverloadedError,
+    "shutting_down": OverloadedError,
+    "unavailable": UnavailableError,
+    "upstream_timeout": TimeoutError,
+}
+BY_STATUS: dict[int, type[StellaClientError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    415: UnsupportedMediaTypeError,
+    429: RateLimitError,
+    502: UpstreamError,
+    503: OverloadedError,
+    504: TimeoutError,
+}
+
+
+def error_for(response: httpx.Response, body: bytes) -> StellaClientError:
+    """The exception for an error response."""
+    code, message, rid = f"http_{response.status_code}", response.reason_phrase, ""
+    try:
+        err = msgspec.json.decode(body).get("error", {})
+        if isinstance(err, dict):
+            code, message, rid = (
+                err.get("code", code),
+                err.get("message", message),
+                err.get("request_id", ""),
+            )
+    except (msgspec.DecodeError, AttributeError):
+        pass
+    retry = response.headers.get("retry-after")
+    cls = BY_CODE.get(code) or BY_STATUS.get(response.status_code, StellaClientError)
+    return cls(
+        message,
+        status=response.status_code,
+        code=code,
+        request_id=rid or response.headers.get("x-request-id", ""),
+        retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
+    )
+
+
+def _inband(event: Error, request_id: str) -> StellaClientError:
+    return BY_CODE.get(event.code, StellaClientError)(
+        event.message, code=event.code, request_id=request_id
+    )
+
+
+def _body(
+    messages: list[Any],
+    model: str | None,
+    stream: bool,
+    options: dict[str, Any] | None,
+    **extra: Any,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"messages": messages, "stream": stream}
+    if model:
+        body["model"] = model
+    if options:
+        body["options"] = options
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return body
+
+
+def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
+    url = (base_url or os.environ.get("STELLA_URL") or DEFAULT_URL).rstrip("/")
+    key = api_key if api_key is not None else os.environ.get("STELLA_API_KEY", "")
+    return url, ({"Authorization": f"Bearer {key}"} if key else {})
+
+
+class Client:
+    """Synchronous client."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = 600.0,
+        **httpx_kwargs: Any,
+    ) -> None:
+        url, headers = _config(base_url, api_key)
+        self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout, **httpx_kwargs)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        r = self._http.post(path, json=body)
+        if r.status_code >= 400:
+            raise error_for(r, r.content)
+        return _response.decode(r.content)
+
+    def _stream(self, path: str, body: dict[str, Any]) -> Iterator[Any]:
+        with self._http.stream("POST", path, json=body) as r:
+            if r.status_code >= 400:
+                raise error_for(r, r.read())
+            rid = r.headers.get("x-request-id", "")
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                event = _event.decode(line)
+                if type(event) is Ping:
+                    continue
+                if type(event) is Error:
+                    raise _inband(event, rid)
+                yield event
+
+    def chat(
+        self,
+        messages: list[Any],
+        model: str | None = None,
+        *,
+        stream: bool = False,
+        options: dict[str, Any] | None = None,
+        tools: list[Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Any:
+        """A chat: a ChatResponse, or (stream=True) an iterator of events."""
+        body = _body(messages, model, stream, options, tools=tools, metadata=metadata)
+        return self._stream("/api/v1/chat", body) if stream else self._post("/api/v1/chat", body)
+
+    def generate(
+        self,
+        prompt: str,
+        model: str | None = None,
+        *,
+        system: str | None = None,
+        stream: bool = False,
+        options: dict[str, Any] | None = None,
+    ) -> Any:
+        """One prompt: a ChatResponse, or (stream=True) an iterator of events."""
+        body: dict[str, Any] = {"prompt": prompt, "stream": stream}
+        if model:
+            body["model"] = model
+        if system:
+            body["system"] = system
+        if options:
+            body["options"] = options
+        return (
+            self._stream("/api/v1/generate", body)
+            if stream
+            else self._post("/api/v1/generate", body)
+        )
+
+    def models(self) -> ModelList:
+        """The routable models."""
+        r = self._http.get("/api/v1/models")
+        if r.status_code >= 400:
+            raise error_for(r, r.content)
+        return _models.decode(r.content)
+
+    def health(self) -> dict[str, Any]:
+        """GET /health."""
+        r = self._http.get("/health")
+        if r.status_code >= 400:
+            raise error_for(r, r.content)
+        return r.json()
+
+
+class AsyncClient:
+    """Asynchronous client."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout = 600.0,
+        **httpx_kwargs: Any,
+    ) -> None:
+        url, headers = _config(base_url, api_key)
+        self._http = httpx.AsyncClient(
+            base_url=url, headers=headers, timeout=timeout, **httpx_kwargs
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        r = await self._http.post(path, json=body)
+        if r.status_code >= 400:
+            raise error_for(r, r.content)
+        return _response.decode(r.content)
+
+    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Any]:
+        async with self._http.stream("POST", path, json=body) as r:
+            if r.status_code >= 400:
+                raise error_for(r, await r.aread())
+            rid = r.headers.get("x-request-id", "")
+            async for line in r.aiter_lines():
+                if not line:
+                    continue
+                event = _event.decode(line)
+                if type(event) is Ping:
+                    continue
+                if type(event) is Error:
+                    raise _inband(event, rid)
+                yield event
+
+    async def chat(
+        self,
+        messages: list[Any],
+        model: str | None = None,
+        *,
+        stream: bool = False,
+        options: dict[str, Any] | None = None,
+        tools: list[Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Any:
+        """A chat: a ChatResponse, or (stream=True) an async iterator of events."""
+        body = _body(messages, model, stream, options, tools=tools, metadata=metadata)
+        if stream:
+            return self._stream("/api/v1/chat", body)
+        return await self._post("/api/v1/chat", body)
+
+    async def generate(
+        self,
+        prompt: str,
+        model: str | None = None,
+        *,
+        system: str | None = None,
+        stream: bool = False,
+        options: dict[str, Any] | None = None,
+    ) -> Any:
+        """One prompt: a ChatResponse, or (stream=True) an async iterator of events."""
+        body: dict[str, Any] = {"prompt": prompt, "stream": stream}
+        if model:
+            body["model"] = model
+        if system:
+            body["system"] = system
+        if options:
+            body["options"] = options
+        if stream:
+            return self._stream("/api/v1/generate", body)
+        return await self._post("/api/v1/generate", body)
+
+    async def models(self) -> ModelList:
+        """The routable models."""
+        r = await self._http.get("/api/v1/models")
+        if r.status_code >= 400:
+            raise error_for(r, r.content)
+        return _models.decode(r.content)
+
+    async def health(self) -> dict[str, Any]:
+        """GET /health."""
+        r = await self._http.get("/health")
+        if r.status_code >= 400:
+            raise error_for(r, r.content)
+        return r.json()

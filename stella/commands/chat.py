@@ -1,0 +1,66 @@
+"""`stella chat "prompt"`: stream an answer to the terminal (stdin when no prompt)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+NAME = "chat"
+HELP = "send a prompt (or stdin) to a stella server and stream the answer"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `stella chat`."""
+    parser.add_argument("prompt", nargs="?", help="the message; read from stdin when absent")
+    parser.add_argument("--model", "-m", help="model name (default: the server's default)")
+    parser.add_argument("--system", "-s", help="system prompt")
+    parser.add_argument("--url", help="server URL (default: $STELLA_URL or http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", help="API key (default: $STELLA_API_KEY)")
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--stats", action="store_true", help="print usage and timings at the end")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Stream the answer; exit 1 with one line on error."""
+    from stella.client import Client, StellaClientError
+    from stella.protocol import Delta, Done, ToolCall
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        print("stella: nothing to send", file=sys.stderr)
+        return 2
+    messages = [{"role": "user", "content": prompt}]
+    if args.system:
+        messages.insert(0, {"role": "system", "content": args.system})
+    options = {
+        k: v
+        for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
+        if v is not None
+    }
+    try:
+        with Client(args.url, args.api_key) as client:
+            for event in client.chat(messages, args.model, stream=True, options=options or None):
+                if isinstance(event, Delta):
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                elif isinstance(event, ToolCall):
+                    sys.stdout.write(f"\n[tool call] {event.name} {event.arguments}\n")
+                elif isinstance(event, Done):
+                    sys.stdout.write("\n")
+                    if args.stats:
+                        u, t = event.usage, event.timings
+                        print(
+                            f"[{event.finish_reason}] {u.prompt_tokens} in, {u.completion_tokens} "
+                            f"out, ttft {t.ttft_ms} ms, {t.tokens_per_s} tok/s",
+                            file=sys.stderr,
+                        )
+    except StellaClientError as exc:
+        print(f"\nstella: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
+        return 1
+    return 0

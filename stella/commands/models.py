@@ -1,0 +1,46 @@
+"""`stella models`: the models a stella server routes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+NAME = "models"
+HELP = "list the models of a stella server"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `stella models`."""
+    parser.add_argument("--url", help="server URL (default: $STELLA_URL or http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", help="API key (default: $STELLA_API_KEY)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print a table (or JSON) of the models."""
+    import msgspec
+
+    from stella.client import Client, StellaClientError
+
+    try:
+        with Client(args.url, args.api_key) as client:
+            listing = client.models()
+    except StellaClientError as exc:
+        print(f"stella: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(msgspec.json.encode(listing).decode())
+        return 0
+    rows = [("MODEL", "BACKEND", "KIND", "LOADED", "CIRCUIT", "ALIASES")]
+    for m in listing.models:
+        name = m.name + (" *" if m.default else "")
+        rows.append(
+            (name, m.backend, m.kind, "yes" if m.loaded else "no", m.circuit, ", ".join(m.aliases))
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    return 0
