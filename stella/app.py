@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from stella import __version__, logs
 from stella.api import native, ops
+from stella.api.admin import usage_listener
 from stella.api.http import NATIVE, JSONResponse
 from stella.auth import Authenticator
 from stella.backends import Backend, ConfigError, build_backend, registry
@@ -64,6 +65,7 @@ class Services:
             self.router, logs.emitter(), admission=self.admission, log_content=settings.log.content
         )
         self.drain = Drain(settings.server.drain_timeout_s)
+        self.pipeline.listeners.append(usage_listener(self.state))
         self.metrics: Any = None
         self.on_reject: list[Callable[[StellaError, str], None]] = []
 

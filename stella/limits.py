@@ -34,7 +34,7 @@ class Take:
 class BucketStore(Protocol):
     """Where bucket levels live."""
 
-    def take(self, key: str, capacity: float, per_s: float, cost: float) -> Take:
+    async def take(self, key: str, capacity: float, per_s: float, cost: float) -> Take:
         """Take `cost` from a bucket if it fits (refilling at `per_s`)."""
         ...
 
@@ -53,8 +53,12 @@ class MemoryBuckets:
         level, at = self._levels.get(key, (capacity, now))
         return min(capacity, level + (now - at) * per_s)
 
-    def take(self, key: str, capacity: float, per_s: float, cost: float) -> Take:
+    async def take(self, key: str, capacity: float, per_s: float, cost: float) -> Take:
         """Take `cost` if it fits."""
+        return self.take_now(key, capacity, per_s, cost)
+
+    def take_now(self, key: str, capacity: float, per_s: float, cost: float) -> Take:
+        """Take `cost` if it fits (synchronously)."""
         now = time.monotonic()
         level = self._level(key, capacity, per_s, now)
         if level >= cost:
@@ -132,7 +136,7 @@ class Limiter(Admission):
             if not per_minute:
                 continue
             per_s = per_minute / 60.0
-            take = self.buckets.take(key, per_minute, per_s, min(cost, per_minute))
+            take = await self.buckets.take(key, per_minute, per_s, min(cost, per_minute))
             if key.startswith("rpm:key:") or not headers:
                 headers.update(_headers(per_minute, take))
             if not take.allowed:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
+import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -28,6 +29,7 @@ from stella.protocol import ErrorDetail, ErrorResponse
 from stella.streaming import WATCH_AFTER_S
 
 T = TypeVar("T")
+_log = structlog.get_logger("stella")
 _json = msgspec.json.Encoder()
 
 # curl -d sends form-urlencoded by default; a JSON API accepts it rather than fail the
@@ -105,6 +107,11 @@ class Endpoint:
         except StellaError as exc:
             svc.rejected(exc, dialect.name)
             response = dialect.error_response(exc, rid)
+        except Exception as exc:  # a bug: log it, answer in the dialect's shape
+            _log.error("request_failed", path=scope["path"], exc_info=exc)
+            response = dialect.error_response(
+                StellaError("internal error; see the server log"), rid
+            )
         await response(scope, receive, send)
 
 

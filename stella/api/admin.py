@@ -1,0 +1,58 @@
+"""Admin routes beyond the model table: usage accounting."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from stella.api.http import JSONResponse, endpoint, services
+from stella.api.openapi import Operation, document
+from stella.core import Call
+from stella.errors import InvalidRequest
+
+
+def usage_listener(state: Any) -> Any:
+    """A pipeline listener counting each inference per key, model and UTC day."""
+
+    def record(event: dict[str, Any]) -> None:
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        state.record_usage(event["key"], event["model"], day, event)
+
+    return record
+
+
+@endpoint(auth="admin")
+async def usage(request: Request, call: Call) -> Response:
+    """GET /api/v1/usage?day=YYYY-MM-DD&key=NAME&model=NAME: counters per key, model and day."""
+    q = request.query_params
+    day = q.get("day")
+    if day is not None and (len(day) != 10 or day[4] != "-" or day[7] != "-"):
+        raise InvalidRequest("day: expected YYYY-MM-DD")
+    rows = await services(request).state.get_usage(day)
+    if key := q.get("key"):
+        rows = [r for r in rows if r["key"] == key]
+    if model := q.get("model"):
+        rows = [r for r in rows if r["model"] == model]
+    totals = {
+        f: sum(r[f] for r in rows)
+        for f in ("requests", "prompt_tokens", "completion_tokens", "errors")
+    }
+    return JSONResponse({"usage": rows, "totals": totals})
+
+
+document(
+    Operation(
+        "get",
+        "/api/v1/usage",
+        "Usage per key, model and day (admin)",
+        tag="admin",
+        admin=True,
+        errors=(400, 401, 403, 503),
+    )
+)
+
+routes = [Route("/api/v1/usage", usage, methods=["GET"])]

@@ -1,0 +1,30 @@
+"""CORS from `cors.allowed_origins`: browsers on those origins may call the API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.middleware.cors import CORSMiddleware
+
+EXPOSE = [
+    "X-Request-ID",
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "Retry-After",
+]
+
+
+def install(app: Any, svc: Any) -> None:
+    """Add the CORS middleware when any origin is configured (none: no CORS headers)."""
+    origins = svc.settings.cors.allowed_origins
+    if not origins:
+        return
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+        allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", "Accept"],
+        expose_headers=EXPOSE,
+        max_age=svc.settings.cors.max_age_s,
+    )

@@ -1,0 +1,291 @@
+"""State and rate limits in Redis, shared by every worker and replica.
+
+What lives here survives a restart: the default-model switch, runtime routes
+and usage counters per key, model and day. Each rate-limit check is one Lua
+script (atomic, on Redis's clock). When Redis can't be reached, stella keeps
+serving: limits fall back to this process, a warning is logged once per outage,
+`errors` counts the failures, and Redis is used again as soon as it answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from stella.errors import Unavailable
+from stella.limits import MemoryBuckets, Take
+from stella.settings import StateSettings
+
+_log = structlog.get_logger("stella")
+
+TAKE = """
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local data = redis.call('HMGET', KEYS[1], 'level', 'at')
+local level = tonumber(data[1]) or capacity
+local at = tonumber(data[2]) or now
+level = math.min(capacity, level + (now - at) * rate)
+local allowed = 0
+if level >= cost then
+  level = level - cost
+  allowed = 1
+end
+redis.call('HSET', KEYS[1], 'level', tostring(level), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate) + 5)
+return {allowed, tostring(level)}
+"""
+
+GIVE = """
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local amount = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local data = redis.call('HMGET', KEYS[1], 'level', 'at')
+local level = tonumber(data[1]) or capacity
+local at = tonumber(data[2]) or now
+level = math.min(capacity, level + (now - at) * rate + amount)
+redis.call('HSET', KEYS[1], 'level', tostring(level), 'at', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate) + 5)
+return tostring(level)
+"""
+
+
+class RedisState:
+    """The state store on Redis (same methods as stella.state.MemoryState)."""
+
+    kind = "redis"
+
+    def __init__(self, settings: StateSettings) -> None:
+        self.prefix = settings.prefix
+        self.redis = aioredis.from_url(
+            settings.redis_url, socket_connect_timeout=1, socket_timeout=1, health_check_interval=0
+        )
+        self.local = MemoryBuckets()  # the fallback while Redis is away
+        self.errors = 0
+        self.down_since: float | None = None
+        self._take = self.redis.register_script(TAKE)
+        self._give = self.redis.register_script(GIVE)
+        self._usage: dict[tuple[str, str, str], dict[str, int]] = defaultdict(
+            lambda: defaultdict(int)
+        )
+        self._flusher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _failed(self, exc: Exception) -> None:
+        self.errors += 1
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            _log.warning(
+                "redis_unavailable",
+                error=type(exc).__name__,
+                fallback="limits enforced per process until Redis is back",
+            )
+
+    def _ok(self) -> None:
+        if self.down_since is not None:
+            _log.info("redis_recovered", down_s=round(time.monotonic() - self.down_since, 1))
+            self.down_since = None
+
+    async def start(self) -> None:
+        """Begin flushing usage counters; a Redis that is down now is tolerated."""
+        self._flusher = asyncio.create_task(self._flush_loop())
+        await self.ping()
+
+    async def aclose(self) -> None:
+        """Flush what is counted and disconnect."""
+        if self._flusher:
+            self._flusher.cancel()
+        await self._flush()
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+
+    async def ping(self) -> bool:
+        """Whether Redis answers."""
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return False
+        self._ok()
+        return True
+
+    # --- default model and runtime routes --------------------------------------------
+
+    async def get_default_model(self) -> str | None:
+        """The runtime default model, if one was set."""
+        try:
+            value = await self.redis.get(self._key("default_model"))
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return None
+        self._ok()
+        return value.decode() if value else None
+
+    async def set_default_model(self, name: str) -> None:
+        """Persist the default model."""
+        try:
+            await self.redis.set(self._key("default_model"), name)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            raise Unavailable(
+                "the state store (Redis) is unreachable; try again", retry_after=5
+            ) from None
+        self._ok()
+
+    async def load_routes(self) -> dict[str, dict[str, Any]]:
+        """Runtime routes by name."""
+        try:
+            raw = await self.redis.hgetall(self._key("routes"))
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return {}
+        self._ok()
+        return {k.decode(): msgspec.json.decode(v) for k, v in raw.items()}
+
+    async def save_route(self, name: str, spec: dict[str, Any]) -> None:
+        """Persist a runtime route."""
+        try:
+            await self.redis.hset(self._key("routes"), name, msgspec.json.encode(spec))
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            raise Unavailable(
+                "the state store (Redis) is unreachable; try again", retry_after=5
+            ) from None
+
+    async def delete_route(self, name: str) -> None:
+        """Forget a runtime route."""
+        try:
+            await self.redis.hdel(self._key("routes"), name)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            raise Unavailable(
+                "the state store (Redis) is unreachable; try again", retry_after=5
+            ) from None
+
+    # --- usage ---------------------------------------------------------------------
+
+    def record_usage(self, key: str, model: str, day: str, record: dict[str, Any]) -> None:
+        """Count one inference; counters reach Redis in batches, off the request path."""
+        row = self._usage[(key, model, day)]
+        row["requests"] += 1
+        row["prompt_tokens"] += record.get("prompt_tokens") or 0
+        row["completion_tokens"] += record.get("completion_tokens") or 0
+        row["errors"] += 1 if record.get("status", 200) >= 500 else 0
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        if not self._usage:
+            return
+        pending, self._usage = self._usage, defaultdict(lambda: defaultdict(int))
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for (key, model, day), row in pending.items():
+                    for field, n in row.items():
+                        if n:
+                            pipe.hincrby(self._key("usage", day), f"{key}|{model}|{field}", n)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            for k, row in pending.items():  # keep them for the next try
+                for field, n in row.items():
+                    self._usage[k][field] += n
+            return
+        self._ok()
+
+    async def get_usage(self, day: str | None = None) -> list[dict[str, Any]]:
+        """Usage rows from Redis (plus what is not flushed yet)."""
+        await self._flush()
+        days = [day] if day else []
+        try:
+            if not days:
+                keys = [k async for k in self.redis.scan_iter(self._key("usage", "*"))]
+                days = sorted(k.decode().rsplit(":", 1)[1] for k in keys)
+            rows: dict[tuple[str, str, str], dict[str, int]] = defaultdict(dict)
+            for d in days:
+                for field, n in (await self.redis.hgetall(self._key("usage", d))).items():
+                    key, model, name = field.decode().rsplit("|", 2)
+                    rows[(key, model, d)][name] = int(n)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            raise Unavailable(
+                "the state store (Redis) is unreachable; try again", retry_after=5
+            ) from None
+        return [
+            {
+                "key": k,
+                "model": m,
+                "day": d,
+                "requests": r.get("requests", 0),
+                "prompt_tokens": r.get("prompt_tokens", 0),
+                "completion_tokens": r.get("completion_tokens", 0),
+                "errors": r.get("errors", 0),
+            }
+            for (k, m, d), r in sorted(rows.items())
+        ]
+
+    # --- rate limits -------------------------------------------------------------------
+
+    def buckets(self) -> RedisBuckets:
+        """The bucket store the limiter uses."""
+        return RedisBuckets(self)
+
+
+class RedisBuckets:
+    """Token buckets in Redis: one Lua script per check, per-process fallback."""
+
+    def __init__(self, state: RedisState) -> None:
+        self.state = state
+
+    async def take(self, key: str, capacity: float, per_s: float, cost: float) -> Take:
+        """Take `cost` atomically on Redis; locally while Redis is away."""
+        st = self.state
+        try:
+            allowed, level = await st._take(keys=[st._key("rl", key)], args=[capacity, per_s, cost])
+        except (RedisError, OSError) as exc:
+            st._failed(exc)
+            return st.local.take_now(key, capacity, per_s, cost)
+        st._ok()
+        left = float(level)
+        wait = 0.0 if allowed else (cost - left) / per_s
+        return Take(bool(allowed), left, wait, (capacity - left) / per_s)
+
+    def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
+        """Settle after the fact, in the background."""
+        if not amount:
+            return
+        st = self.state
+        if st.down_since is not None:
+            st.local.give(key, capacity, per_s, amount)
+            return
+
+        async def settle() -> None:
+            try:
+                await st._give(keys=[st._key("rl", key)], args=[capacity, per_s, amount])
+            except (RedisError, OSError) as exc:
+                st._failed(exc)
+
+        task = asyncio.get_running_loop().create_task(settle())
+        st._tasks.add(task)
+        task.add_done_callback(st._tasks.discard)

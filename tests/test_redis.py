@@ -1,0 +1,137 @@
+"""Shared state on a real redis-server: limits across processes, restarts, Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.live import free_port, run_stella
+
+KEY = "sk-redis-admin-1"
+
+
+class Redis:
+    """A redis-server this test started (stopped by its PID)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.dir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server is missing: apt-get install redis-server")
+            pytest.skip("redis-server is not installed")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+             "--save", "1 1", "--appendonly", "yes", "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                import socket
+
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[Redis]:
+    r = Redis(tmp_path)
+    r.start()
+    yield r
+    r.stop()
+
+
+def config(redis: Redis, **extra: object) -> dict:
+    return {"state": {"redis_url": redis.url}, **extra}
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ENV = {"STELLA_API_KEYS": f"ops={KEY}"}
+BODY = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "hi there"}]}
+
+
+async def _burst(urls: list[str], n: int) -> list[int]:
+    async with httpx.AsyncClient(timeout=20) as c:
+        calls = [c.post(urls[i % len(urls)] + "/api/v1/chat", json=BODY, headers=AUTH) for i in range(n)]
+        return [r.status_code for r in await asyncio.gather(*calls)]
+
+
+def test_two_processes_share_one_limit(redis: Redis) -> None:
+    cfg = config(redis, limits={"requests_per_minute": 30})
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        codes = asyncio.run(_burst([a.url, b.url], 120))
+    ok = codes.count(200)
+    assert codes.count(429) == 120 - ok
+    assert 30 <= ok <= 31  # the bucket refills 0.5 per second while the burst runs
+
+
+def test_restart_keeps_the_switch_and_the_usage(redis: Redis) -> None:
+    cfg = config(redis, backends={"other": {"kind": "echo"}},
+                 models={"routes": {"other-model": {"backend": "other"}}})
+    with run_stella(cfg, ENV) as s:
+        assert httpx.post(s.url + "/api/v1/models/switch/other-model", headers=AUTH).status_code == 200
+        r = httpx.post(s.url + "/api/v1/models", headers=AUTH,
+                       json={"name": "runtime-echo", "backend": "echo"})
+        assert r.status_code == 201
+        for _ in range(3):
+            assert httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200
+        time.sleep(0.8)  # usage reaches Redis in batches
+    with run_stella(cfg, ENV) as s:
+        models = httpx.get(s.url + "/api/v1/models", headers=AUTH).json()
+        assert models["default"] == "other-model"
+        assert "runtime-echo" in {m["name"] for m in models["models"]}
+        usage = httpx.get(s.url + "/api/v1/usage", headers=AUTH).json()
+        row = next(u for u in usage["usage"] if u["model"] == "echo")
+        assert row["key"] == "ops" and row["requests"] == 3 and row["completion_tokens"] == 6
+        assert httpx.delete(s.url + "/api/v1/models/runtime-echo", headers=AUTH).status_code == 200
+        assert httpx.delete(s.url + "/api/v1/models/other-model", headers=AUTH).status_code == 409
+
+
+def test_redis_outage_keeps_serving_then_recovers(redis: Redis) -> None:
+    cfg = config(redis, limits={"requests_per_minute": 1000})
+    with run_stella(cfg, ENV) as s:
+        assert httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200
+        redis.stop()
+        for _ in range(5):
+            r = httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
+            assert r.status_code == 200 and r.headers["x-ratelimit-limit"] == "1000"
+        s.wait_event(lambda e: True, name="redis_unavailable")
+        deadline = time.monotonic() + 5
+        while len(s.events("inference")) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(s.events("inference")) == 6
+        ready = httpx.get(s.url + "/ready").json()
+        assert ready["checks"]["state"].startswith("degraded")
+        redis.start()
+        deadline = time.monotonic() + 10
+        while not s.events("redis_recovered") and time.monotonic() < deadline:
+            httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
+            time.sleep(0.2)
+        assert s.events("redis_recovered")
+        assert httpx.get(s.url + "/ready").json()["checks"]["state"] == "ok"
