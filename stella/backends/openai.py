@@ -13,7 +13,6 @@ from stella.backends.http import (
     HttpBackend,
     HttpConfig,
     error_from_response,
-    iter_lines,
     transport_error,
 )
 from stella.errors import UpstreamError
@@ -179,33 +178,50 @@ class OpenAIBackend(HttpBackend):
                 finish: str | None = None
                 usage: _Usage | None = None
                 deltas = 0
-                async for line in iter_lines(r):
-                    if not line.startswith(b"data:"):
-                        continue  # comments (": ping"), event names, blank lines
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        break
-                    try:
-                        chunk = _chunk.decode(data)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        raise UpstreamError(f"{name}: malformed stream line") from None
-                    if chunk.error is not None:
-                        raise UpstreamError(
-                            f"{name}: upstream error in stream: {_message(chunk.error)}"
-                        )
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-                    for choice in chunk.choices:
-                        d = choice.delta
-                        if d is not None:
-                            if d.content:
-                                deltas += 1
-                                yield Delta(text=d.content)
-                            if d.tool_calls:
-                                _collect(calls, d.tool_calls)
-                        if choice.finish_reason:
-                            finish = choice.finish_reason
-                    if finish and (usage is not None or not self.cfg.stream_usage):
+                pending = b""
+                ended = False
+                # One network read often holds several SSE events (a fast upstream, or a
+                # burst after a pause): their text goes out as one Delta, one send.
+                async for raw in r.aiter_raw():
+                    *lines, pending = (pending + raw).split(b"\n")
+                    texts: list[str] = []
+                    for line in lines:
+                        if not line.startswith(b"data:"):
+                            continue  # comments (": ping"), event names, blank lines
+                        data = line[5:].strip()
+                        if data == b"[DONE]":
+                            ended = True
+                            break
+                        try:
+                            chunk = _chunk.decode(data)
+                        except (msgspec.DecodeError, msgspec.ValidationError):
+                            if texts:
+                                yield Delta(text="".join(texts))
+                            raise UpstreamError(f"{name}: malformed stream line") from None
+                        if chunk.error is not None:
+                            if texts:
+                                yield Delta(text="".join(texts))
+                            raise UpstreamError(
+                                f"{name}: upstream error in stream: {_message(chunk.error)}"
+                            )
+                        if chunk.usage is not None:
+                            usage = chunk.usage
+                        for choice in chunk.choices:
+                            d = choice.delta
+                            if d is not None:
+                                if d.content:
+                                    deltas += 1
+                                    texts.append(d.content)
+                                if d.tool_calls:
+                                    _collect(calls, d.tool_calls)
+                            if choice.finish_reason:
+                                finish = choice.finish_reason
+                        if finish and (usage is not None or not self.cfg.stream_usage):
+                            ended = True
+                            break
+                    if texts:
+                        yield Delta(text="".join(texts))
+                    if ended:
                         break
                 for event in _tool_events(calls):
                     yield event

@@ -135,6 +135,8 @@ class FakeOpenAI:
                         await asyncio.sleep(3600)
                     if model == "slow":
                         await asyncio.sleep(0.05)
+                    elif model in ("die-after-3", "stall-after-2"):
+                        await asyncio.sleep(0.01)  # tokens spaced as a model makes them
                     yield chunk({"content": word})
                 yield chunk({}, "stop")
             if (body.get("stream_options") or {}).get("include_usage") and model != "no-usage":
