@@ -142,7 +142,13 @@ def _gateways(upstream: str, litellm: bool, notes: list[str]) -> Iterator[dict[s
                             cpu=0,
                             ready_path="/health/liveliness",
                             timeout=180,
-                            env={"OPENAI_API_KEY": "sk-bench", "LITELLM_LOG": "ERROR"},
+                            # A loopback-only benchmark: LiteLLM refuses to start without a
+                            # master key unless told this is a local run.
+                            env={
+                                "OPENAI_API_KEY": "sk-bench",
+                                "LITELLM_LOG": "ERROR",
+                                "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+                            },
                         )
                     )
                 except RuntimeError as exc:
