@@ -14,7 +14,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from stella.api.http import Dialect, JSONResponse, endpoint, read_json, run_to_end, services
+from stella.api.http import (
+    Dialect,
+    JSONResponse,
+    endpoint,
+    read_json,
+    run_to_end,
+    services,
+    stream_response,
+)
 from stella.api.native import NDJSON, model_infos, respond
 from stella.api.openapi import Operation, document
 from stella.core import Call
@@ -29,7 +37,7 @@ from stella.protocol import (
     Options,
     Start,
 )
-from stella.streaming import Codec, EventStream
+from stella.streaming import Codec
 
 _enc = msgspec.json.Encoder()
 
@@ -167,13 +175,7 @@ async def generate_v1(request: Request, call: Call) -> Response:
     if "text/event-stream" in request.headers.get("accept", "") and chat.stream:
         call.api = "simple"
         inference = await svc.pipeline.prepare(chat, call)
-        return EventStream(
-            inference,
-            ResponseSseCodec(),
-            drain=svc.drain,  # type: ignore[return-value]
-            ping_interval_s=svc.settings.stream.ping_interval_s,
-            headers=inference.permit.headers,
-        )
+        return stream_response(request, inference, ResponseSseCodec())
     return await respond(request, call, chat)
 
 
@@ -247,13 +249,7 @@ async def llm_stream(request: Request, call: Call) -> Response:
     svc = services(request)
     req: PromptRequest = await read_json(request, _prompt)
     inference = await svc.pipeline.prepare(_chat_from_prompt(req, True), call)
-    return EventStream(
-        inference,
-        NDJSON,
-        drain=svc.drain,  # type: ignore[return-value]
-        ping_interval_s=svc.settings.stream.ping_interval_s,
-        headers=inference.permit.headers,
-    )
+    return stream_response(request, inference, NDJSON)
 
 
 document(

@@ -14,7 +14,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from stella.api.http import Dialect, JSONResponse, endpoint, read_body, run_to_end, services
+from stella.api.http import (
+    Dialect,
+    JSONResponse,
+    endpoint,
+    read_body,
+    run_to_end,
+    services,
+    stream_response,
+)
 from stella.api.openapi import Operation, document
 from stella.core import Call
 from stella.errors import InvalidRequest, StellaError
@@ -32,7 +40,7 @@ from stella.protocol import (
     ToolCall,
     ToolCallRef,
 )
-from stella.streaming import Codec, EventStream
+from stella.streaming import Codec
 
 
 class Block(msgspec.Struct):
@@ -307,13 +315,7 @@ async def messages(request: Request, call: Call) -> Response:
     chat = to_chat(req)
     inference = await svc.pipeline.prepare(chat, call)
     if chat.stream:
-        return EventStream(
-            inference,
-            MessagesCodec(),
-            drain=svc.drain,  # type: ignore[return-value]
-            ping_interval_s=svc.settings.stream.ping_interval_s,
-            headers=inference.permit.headers,
-        )
+        return stream_response(request, inference, MessagesCodec())
     result = await run_to_end(request, inference)
     content: list[dict[str, Any]] = []
     if result.response:

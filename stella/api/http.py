@@ -26,7 +26,7 @@ from stella.errors import (
     UnsupportedMediaType,
 )
 from stella.protocol import ErrorDetail, ErrorResponse
-from stella.streaming import WATCH_AFTER_S
+from stella.streaming import WATCH_AFTER_S, Codec, EventStream
 
 T = TypeVar("T")
 _log = structlog.get_logger("stella")
@@ -181,6 +181,18 @@ async def read_json(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
     """Read and decode the body with a prebuilt decoder."""
     body = await read_body(request, services(request).settings.server.max_body_bytes)
     return decode(body, object, decoder)  # type: ignore[arg-type]
+
+
+def stream_response(request: Request, inference: Inference, codec: Codec) -> Any:
+    """The streaming response for an admitted inference, in a dialect's codec."""
+    svc = services(request)
+    return EventStream(
+        inference,
+        codec,
+        drain=svc.drain,
+        ping_interval_s=svc.settings.stream.ping_interval_s,
+        headers=inference.permit.headers,
+    )
 
 
 async def run_to_end(request: Request, inference: Inference) -> Any:

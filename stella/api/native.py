@@ -10,12 +10,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from stella.api.http import JSONResponse, endpoint, read_json, run_to_end, services
+from stella.api.http import JSONResponse, endpoint, read_json, run_to_end, services, stream_response
 from stella.api.openapi import Operation, document
 from stella.core import Call
 from stella.protocol import ChatRequest, ChatResponse, GenerateRequest, ModelInfo, ModelList
 from stella.settings import RouteSettings
-from stella.streaming import Codec, EventStream
+from stella.streaming import Codec
 
 _chat = msgspec.json.Decoder(ChatRequest)
 _generate = msgspec.json.Decoder(GenerateRequest)
@@ -42,13 +42,7 @@ async def respond(request: Request, call: Call, chat: ChatRequest) -> Response:
     inference = await svc.pipeline.prepare(chat, call)
     headers = inference.permit.headers
     if chat.stream:
-        return EventStream(  # type: ignore[return-value]
-            inference,
-            NDJSON,
-            drain=svc.drain,
-            ping_interval_s=svc.settings.stream.ping_interval_s,
-            headers=headers,
-        )
+        return stream_response(request, inference, NDJSON)
     result = await run_to_end(request, inference)
     return JSONResponse(result, headers=headers)
 

@@ -17,7 +17,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from stella import __version__
-from stella.api.http import Dialect, JSONResponse, endpoint, read_body, run_to_end, services
+from stella.api.http import (
+    Dialect,
+    JSONResponse,
+    endpoint,
+    read_body,
+    run_to_end,
+    services,
+    stream_response,
+)
 from stella.api.openapi import Operation, document
 from stella.core import Call
 from stella.errors import InvalidRequest, ModelNotFound, StellaError
@@ -33,7 +41,7 @@ from stella.protocol import (
     ToolCall,
     ToolCallRef,
 )
-from stella.streaming import Codec, EventStream
+from stella.streaming import Codec
 
 
 class OllamaOptions(msgspec.Struct):
@@ -240,13 +248,7 @@ async def _run(request: Request, call: Call, chat: ChatRequest, generate: bool) 
     codec = OllamaCodec(generate)
     inference = await svc.pipeline.prepare(chat, call)
     if chat.stream:
-        return EventStream(
-            inference,
-            codec,
-            drain=svc.drain,  # type: ignore[return-value]
-            ping_interval_s=svc.settings.stream.ping_interval_s,
-            headers=inference.permit.headers,
-        )
+        return stream_response(request, inference, codec)
     result = await run_to_end(request, inference)
     done = Done(finish_reason=result.finish_reason, usage=result.usage, timings=result.timings)
     body = final(done, result.model, generate, codec.start_ns)

@@ -17,7 +17,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from stella.api.http import Dialect, JSONResponse, endpoint, read_body, run_to_end, services
+from stella.api.http import (
+    Dialect,
+    JSONResponse,
+    endpoint,
+    read_body,
+    run_to_end,
+    services,
+    stream_response,
+)
 from stella.api.openapi import Operation, document
 from stella.core import Call
 from stella.errors import InvalidRequest, ModelNotFound, StellaError
@@ -34,7 +42,7 @@ from stella.protocol import (
     ToolCall,
     ToolCallRef,
 )
-from stella.streaming import Codec, EventStream
+from stella.streaming import Codec
 
 # --- request shapes ---------------------------------------------------------------
 
@@ -397,13 +405,7 @@ async def _run(
     inference = await svc.pipeline.prepare(chat, call)
     headers = inference.permit.headers
     if chat.stream:
-        return EventStream(
-            inference,
-            ChunkCodec(include_usage, text),
-            drain=svc.drain,  # type: ignore[return-value]
-            ping_interval_s=svc.settings.stream.ping_interval_s,
-            headers=headers,
-        )
+        return stream_response(request, inference, ChunkCodec(include_usage, text))
     result = await run_to_end(request, inference)
     usage = msgspec.to_builtins(result.usage)
     reason = FINISH.get(result.finish_reason, result.finish_reason)
