@@ -121,7 +121,14 @@ class Limiter(Admission):
         """Admit the call or raise RateLimited / Overloaded."""
         p = call.principal
         model = self.limits.models.get(route.name, {})
-        if not (p.requests_per_minute or p.tokens_per_minute or p.max_concurrent or model):
+        backend_slots = self.limits.backends.get(route.backend_name, 0)
+        if not (
+            p.requests_per_minute
+            or p.tokens_per_minute
+            or p.max_concurrent
+            or model
+            or backend_slots
+        ):
             return _FREE
         headers: dict[str, str] = {}
         permit = LimitPermit(self, headers)
@@ -150,16 +157,22 @@ class Limiter(Admission):
                 )
             if tokens:
                 permit._reserved.append((key, float(per_minute), per_s, min(cost, per_minute)))
-        if p.max_concurrent:
-            slot = self._slot(f"key:{p.name}", p.max_concurrent)
+        for name, size in (
+            (f"key:{p.name}", p.max_concurrent),
+            (f"backend:{route.backend_name}", backend_slots),
+        ):
+            if not size:
+                continue
+            slot = self._slot(name, size)
             try:
                 async with asyncio.timeout(self.limits.queue_timeout_s):
                     await slot.acquire()
             except TimeoutError:
                 permit.settle(Usage())
+                permit.release()
+                what = name.replace(":", " ", 1)
                 raise Overloaded(
-                    f"key {p.name} already has {p.max_concurrent} requests running",
-                    retry_after=1,
+                    f"{what} already has {size} requests running", retry_after=1
                 ) from None
             permit._slots.append(slot)
         return permit

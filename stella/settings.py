@@ -100,6 +100,8 @@ class LimitsSettings(Section):
     queue_timeout_s: float = 10.0
     reserve_tokens: int = 256  # tokens reserved for a request that gives no max_tokens
     models: dict[str, dict[str, int]] = {}
+    # Concurrent requests per backend name (0 or absent: unlimited); waits like per-key slots.
+    backends: dict[str, int] = {}
 
 
 class StateSettings(Section):

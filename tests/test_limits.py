@@ -71,3 +71,22 @@ async def test_concurrency_queue_then_overloaded() -> None:
             assert (await first).status_code == 200
             third = await c.post(server.url + "/api/v1/chat", json=body())
             assert third.status_code == 200  # the slot came back
+
+
+async def test_per_backend_concurrency() -> None:
+    config = {
+        "limits": {"backends": {"slow": 1}, "queue_timeout_s": 0.3},
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.2}},
+        "models": {"routes": {"slow": {"backend": "slow"}, "slow-too": {"backend": "slow"}}},
+    }
+    with run_stella(config) as server:
+        slow = {"model": "slow", "stream": False,
+                "messages": [{"role": "user", "content": "a b c d e"}]}
+        async with httpx.AsyncClient(timeout=10) as c:
+            first = asyncio.create_task(c.post(server.url + "/api/v1/chat", json=slow))
+            await asyncio.sleep(0.1)
+            other_route = await c.post(server.url + "/api/v1/chat", json={**slow, "model": "slow-too"})
+            assert other_route.status_code == 503
+            assert "backend slow" in other_route.json()["error"]["message"]
+            assert (await c.post(server.url + "/api/v1/chat", json=body())).status_code == 200
+            assert (await first).status_code == 200
