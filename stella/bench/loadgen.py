@@ -197,6 +197,7 @@ def run_wrk(
     concurrency: int = 8,
     duration: float = 5.0,
     cpu: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Result:
     """The same measurement with wrk (C, so the client is never the bottleneck)."""
     import json
@@ -209,6 +210,8 @@ def run_wrk(
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
         if body is not None:
             fh.write(WRK_LUA.format(body=json.dumps(body.decode())))
+        for k, v in (headers or {}).items():
+            fh.write(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n")
         script = fh.name
     args += ["-s", script, url]
     if cpu is not None:

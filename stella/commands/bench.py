@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     url.add_argument("--header", action="append", default=[], help="NAME: VALUE")
     url.add_argument("--allow-remote", action="store_true")
     dialects = sub.add_parser("dialects", help="the OpenAI dialect's cost vs the native API")
+    auth = sub.add_parser("auth", help="keys and rate limits off vs in memory vs in Redis")
+    auth.add_argument("-c", "--concurrency", type=int, default=8)
+    auth.add_argument("-d", "--duration", type=float, default=5.0)
+    auth.add_argument("--json", action="store_true")
     gateway = sub.add_parser("gateway", help="upstream vs passthrough vs stella (vs LiteLLM)")
     gateway.add_argument(
         "--litellm",
@@ -59,6 +63,13 @@ def run(args: argparse.Namespace) -> int:
             tuple(int(c) for c in args.concurrency.split(",")), args.duration, litellm=args.litellm
         )
         print(msgspec.json.encode(report).decode() if args.json else gw_table(report))
+        return 0
+    if args.what == "auth":
+        from stella.bench.auth import compare as compare_auth
+        from stella.bench.auth import table as auth_table
+
+        arows = compare_auth(args.concurrency, args.duration)
+        print(msgspec.json.encode(arows).decode() if args.json else auth_table(arows))
         return 0
     if args.what == "dialects":
         from stella.bench.echo import compare_dialects, dialect_table

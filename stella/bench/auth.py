@@ -1,0 +1,108 @@
+"""The cost of keys and rate limits: the same stella on echo with them off, in memory, in Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+
+from stella.bench.echo import _body, measure
+from stella.bench.loadgen import Result, have_wrk
+from stella.bench.servers import free_port, spawn, stella_args
+
+KEY = "sk-bench-auth-key"
+
+
+class AuthRow(msgspec.Struct):
+    """One configuration under the same load."""
+
+    setup: str
+    result: Result
+    cost_vs_off: float  # time per request relative to auth and limits off
+
+
+@contextlib.contextmanager
+def _redis() -> Iterator[str | None]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        yield None
+        return
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.3)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def compare(concurrency: int = 8, duration: float = 5.0) -> list[AuthRow]:
+    """Off vs memory limits vs Redis limits, one server at a time, same body and load."""
+    wrk = have_wrk()
+    tmp = Path(tempfile.mkdtemp(prefix="stella-bench-auth-"))
+    base = '[models]\ndefault = "echo"\n[backends.local]\nenabled = false\n'
+    limits = "[limits]\nrequests_per_minute = 100000000\ntokens_per_minute = 1000000000\n"
+    rows: list[AuthRow] = []
+    body = _body(False)
+    with _redis() as redis_url:
+        setups = [
+            ("off", base, {}),
+            ("keys + limits in memory", base + limits, {"STELLA_API_KEYS": KEY}),
+        ]
+        if redis_url:
+            setups.append(
+                (
+                    "keys + limits in Redis",
+                    base + limits + f'[state]\nredis_url = "{redis_url}"\n',
+                    {"STELLA_API_KEYS": KEY},
+                )
+            )
+        for name, conf_text, env in setups:
+            conf = tmp / f"{len(rows)}.toml"
+            conf.write_text(conf_text)
+            port = free_port()
+            with spawn(
+                stella_args(port), port=port, cpu=0, env={"STELLA_CONFIG": str(conf), **env}
+            ) as s:
+                if wrk:
+                    from stella.bench.loadgen import run_wrk
+
+                    r = run_wrk(
+                        s.url + "/api/v1/chat",
+                        body,
+                        name=name,
+                        concurrency=concurrency,
+                        duration=duration,
+                        cpu=1,
+                        headers={"Authorization": f"Bearer {KEY}"},
+                    )
+                else:
+                    r = measure(s.url, body, name, concurrency, duration, False, None)
+            off = rows[0].result.rps if rows else r.rps
+            rows.append(AuthRow(name, r, round(off / r.rps, 3) if r.rps else 0.0))
+    return rows
+
+
+def table(rows: list[AuthRow]) -> str:
+    """Markdown table."""
+    out = [
+        "| setup | req/s | p50 ms | p99 ms | time per request vs off |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r.setup} | {r.result.rps:,.0f} | {r.result.p50_ms:.2f} | "
+            f"{r.result.p99_ms:.2f} | {r.cost_vs_off:.2f}x |"
+        )
+    return "\n".join(out)
