@@ -40,4 +40,5 @@ def serve(app: Any, health: str = "/health") -> Iterator[str]:
         yield url
     finally:
         server.should_exit = True
+        server.force_exit = True  # stalled fake streams must not hold the shutdown
         thread.join(10)
