@@ -38,6 +38,10 @@ class BucketStore(Protocol):
         """Take `cost` from a bucket if it fits (refilling at `per_s`)."""
         ...
 
+    async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
+        """Take from every (key, capacity, per_s, cost) bucket, or from none if one is short."""
+        ...
+
     def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
         """Return `amount` (negative: charge more) to a bucket, never above capacity."""
         ...
@@ -67,6 +71,19 @@ class MemoryBuckets:
             return Take(True, level, 0.0, (capacity - level) / per_s)
         self._levels[key] = (level, now)
         return Take(False, level, (cost - level) / per_s, (capacity - level) / per_s)
+
+    async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
+        """Every bucket has room: take from all; otherwise take from none."""
+        now = time.monotonic()
+        levels = [self._level(k, cap, ps, now) for k, cap, ps, _ in checks]
+        ok = all(level >= cost for level, (_, _, _, cost) in zip(levels, checks, strict=True))
+        out = []
+        for level, (key, cap, ps, cost) in zip(levels, checks, strict=True):
+            left = level - cost if ok else level
+            self._levels[key] = (left, now)
+            wait = 0.0 if level >= cost else (cost - level) / ps
+            out.append(Take(level >= cost, left, wait, (cap - left) / ps))
+        return out
 
     def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
         """Refund (or charge) after the fact."""
@@ -139,24 +156,27 @@ class Limiter(Admission):
             (f"rpm:model:{route.name}", model.get("requests_per_minute", 0), 1.0, False),
             (f"tpm:model:{route.name}", model.get("tokens_per_minute", 0), reserve, True),
         ]
-        for key, per_minute, cost, tokens in checks:
-            if not per_minute:
-                continue
-            per_s = per_minute / 60.0
-            take = await self.buckets.take(key, per_minute, per_s, min(cost, per_minute))
+        active = [(k, float(n), n / 60.0, float(min(c, n)), t) for k, n, c, t in checks if n]
+        # All buckets of one admission in one step: one Redis round trip, and nothing is
+        # taken from any bucket unless every bucket has room.
+        takes = (
+            await self.buckets.take_all([(k, n, ps, c) for k, n, ps, c, _ in active])
+            if active
+            else []
+        )
+        for (key, per_minute, per_s, cost, tokens), take in zip(active, takes, strict=True):
             if key.startswith("rpm:key:") or not headers:
-                headers.update(_headers(per_minute, take))
+                headers.update(_headers(int(per_minute), take))
             if not take.allowed:
-                permit.settle(Usage())  # give back what this call already took
                 self.rejections += 1
                 raise RateLimited(
-                    f"rate limit of {per_minute} {'tokens' if tokens else 'requests'} per minute "
-                    f"reached for {'key ' + p.name if ':key:' in key else 'model ' + route.name}",
+                    f"rate limit of {int(per_minute)} {'tokens' if tokens else 'requests'} per "
+                    f"minute reached for {'key ' + p.name if ':key:' in key else 'model ' + route.name}",
                     retry_after=take.retry_after,
                     headers=headers,
                 )
             if tokens:
-                permit._reserved.append((key, float(per_minute), per_s, min(cost, per_minute)))
+                permit._reserved.append((key, per_minute, per_s, cost))
         for name, size in (
             (f"key:{p.name}", p.max_concurrent),
             (f"backend:{route.backend_name}", backend_slots),

@@ -46,6 +46,40 @@ redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate) + 5)
 return {allowed, tostring(level)}
 """
 
+TAKE_ALL = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local n = #KEYS
+local levels = {}
+local ok = true
+for i = 1, n do
+  local capacity = tonumber(ARGV[3 * i - 2])
+  local rate = tonumber(ARGV[3 * i - 1])
+  local cost = tonumber(ARGV[3 * i])
+  local data = redis.call('HMGET', KEYS[i], 'level', 'at')
+  local level = tonumber(data[1]) or capacity
+  local at = tonumber(data[2]) or now
+  level = math.min(capacity, level + (now - at) * rate)
+  levels[i] = level
+  if level < cost then ok = false end
+end
+local out = {}
+for i = 1, n do
+  local capacity = tonumber(ARGV[3 * i - 2])
+  local rate = tonumber(ARGV[3 * i - 1])
+  local cost = tonumber(ARGV[3 * i])
+  local level = levels[i]
+  local allowed = 0
+  if level >= cost then allowed = 1 end
+  if ok then level = level - cost end
+  redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', tostring(now))
+  redis.call('EXPIRE', KEYS[i], math.ceil(capacity / rate) + 5)
+  out[2 * i - 1] = allowed
+  out[2 * i] = tostring(levels[i])
+end
+return out
+"""
+
 GIVE = """
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
@@ -76,6 +110,7 @@ class RedisState:
         self.errors = 0
         self.down_since: float | None = None
         self._take = self.redis.register_script(TAKE)
+        self._take_all = self.redis.register_script(TAKE_ALL)
         self._give = self.redis.register_script(GIVE)
         self._usage: dict[tuple[str, str, str], dict[str, int]] = defaultdict(
             lambda: defaultdict(int)
@@ -270,6 +305,33 @@ class RedisBuckets:
         left = float(level)
         wait = 0.0 if allowed else (cost - left) / per_s
         return Take(bool(allowed), left, wait, (capacity - left) / per_s)
+
+    async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
+        """All buckets of one admission in one Lua call (nothing taken unless all fit)."""
+        st = self.state
+        args: list[float] = []
+        for _, cap, per_s, cost in checks:
+            args += [cap, per_s, cost]
+        try:
+            flat = await st._take_all(keys=[st._key("rl", k) for k, _, _, _ in checks], args=args)
+        except (RedisError, OSError) as exc:
+            st._failed(exc)
+            return await st.local.take_all(checks)
+        st._ok()
+        ok = all(flat[0::2])
+        out = []
+        for i, (_, cap, per_s, cost) in enumerate(checks):
+            before = float(flat[2 * i + 1])
+            left = before - cost if ok else before
+            out.append(
+                Take(
+                    bool(flat[2 * i]),
+                    left,
+                    0.0 if before >= cost else (cost - before) / per_s,
+                    (cap - left) / per_s,
+                )
+            )
+        return out
 
     def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
         """Settle after the fact, in the background."""
