@@ -19,6 +19,8 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
+from starlette.routing import Router as StarletteRouter
 
 from stella import __version__, logs
 from stella.api import native, ops
@@ -138,6 +140,42 @@ class RequestContext:
         await self.app(scope, receive, send_with_id)
 
 
+class ExactPathRouter(StarletteRouter):
+    """Starlette's router, with paths that have no parameters found by one dict lookup.
+
+    Starlette tries every route's regex in order; with a few dozen routes that scan
+    costs more than the rest of the routing. Paths with parameters, mounts and
+    misses still go through Starlette's ordered scan, so behaviour is unchanged.
+    """
+
+    _index: dict[str, list[Route]]
+    _indexed = -1
+
+    def _exact(self, path: str) -> list[Route] | None:
+        if self._indexed != len(self.routes):
+            index: dict[str, list[Route]] = {}
+            for route in self.routes:
+                if isinstance(route, Route) and "{" not in route.path:
+                    index.setdefault(route.path, []).append(route)
+            self._index, self._indexed = index, len(self.routes)
+        return self._index.get(path)
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Dispatch exact paths directly; everything else as Starlette does."""
+        if scope["type"] == "http":
+            routes = self._exact(scope["path"])
+            if routes:
+                method = scope["method"]
+                for route in routes:
+                    if route.methods is None or method in route.methods:
+                        scope.setdefault("router", self)
+                        scope["endpoint"] = route.endpoint
+                        scope["path_params"] = {}
+                        await route.handle(scope, receive, send)
+                        return
+        await super().app(scope, receive, send)
+
+
 def new_request_id() -> str:
     """A sortable, unique request ID (not a secret: no system entropy call per request)."""
     return f"req_{time.time_ns():x}{_random.getrandbits(40):010x}"
@@ -173,11 +211,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 raise
             continue
         routes = [*mod.routes, *routes]
-    app = Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        exception_handlers={HTTPException: http_error},
-    )
+    app = Starlette(exception_handlers={HTTPException: http_error})
+    app.router = ExactPathRouter(routes=routes, lifespan=lifespan)
     app.state.stella = svc
     for hook in _app_hooks():
         hook(app, svc)

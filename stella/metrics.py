@@ -8,6 +8,8 @@ only for a few counter and histogram updates.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,8 +23,8 @@ from stella.calls import Call
 from stella.errors import StellaError
 
 try:
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
     from prometheus_client.registry import Collector
 except ImportError:  # the metrics extra is not installed: no /metrics
     CollectorRegistry = None  # type: ignore[assignment,misc]
@@ -32,90 +34,120 @@ BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+class _Hist:
+    """A histogram's state: bucket counts (not cumulative), sum and count."""
+
+    __slots__ = ("buckets", "count", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        """Record one value."""
+        self.buckets[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
 class Metrics:
-    """The registry and the hot-path listener of one app."""
+    """Plain counters updated on the event loop, exported by a collector at scrape time.
+
+    prometheus-client's own metric objects take a lock on every update; stella's
+    counters are only touched from the event loop, so plain integers do, and the
+    registry turns them into metric families when /metrics is read.
+    """
 
     def __init__(self, svc: Any) -> None:
         self.svc = svc
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
-            "stella_requests",
-            "Inferences by outcome",
-            ["api", "model", "backend", "status"],
-            registry=r,
-        )
-        self.tokens = Counter("stella_tokens", "Tokens processed", ["model", "kind"], registry=r)
-        self.ttft = Histogram(
-            "stella_time_to_first_token_seconds",
-            "Time to first token",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.total = Histogram(
-            "stella_request_duration_seconds",
-            "Whole inference time",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue = Histogram(
-            "stella_queue_wait_seconds",
-            "Time waiting for a backend slot",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.rejections = Counter(
-            "stella_rejections",
-            "Requests refused before the first byte",
-            ["api", "code"],
-            registry=r,
-        )
-        self.attempts = Counter(
-            "stella_backend_failures", "Failed backend attempts", ["backend", "code"], registry=r
-        )
-        r.register(_StateCollector(svc))
-        self._children: dict[tuple[str, ...], tuple[Any, ...]] = {}
+        self.requests: dict[tuple[str, str, str, str], int] = defaultdict(int)
+        self.tokens: dict[tuple[str, str], int] = defaultdict(int)
+        self.ttft: dict[str, _Hist] = defaultdict(_Hist)
+        self.total: dict[str, _Hist] = defaultdict(_Hist)
+        self.queue: dict[str, _Hist] = defaultdict(_Hist)
+        self.rejections: dict[tuple[str, str], int] = defaultdict(int)
+        self.failures: dict[tuple[str, str], int] = defaultdict(int)
+        self._models: dict[str, str] = {}
+        self.registry.register(_CounterCollector(self))
+        self.registry.register(_StateCollector(svc))
 
     def _model(self, name: str) -> str:
-        return name if name in self.svc.router.routes else "other"
+        model = self._models.get(name)
+        if model is None:
+            model = name if name in self.svc.router.routes else "other"
+            if len(self._models) < 10_000:
+                self._models[name] = model
+        return model
 
     def observe(self, record: dict[str, Any]) -> None:
         """Count one inference (runs for every request: keep it cheap)."""
-        key = (record["api"], record["model"], record["backend"], str(record["status"]))
-        children = self._children.get(key)
-        if children is None:
-            model = self._model(record["model"])
-            children = (
-                self.requests.labels(key[0], model, record["backend"], key[3]),
-                self.tokens.labels(model, "prompt"),
-                self.tokens.labels(model, "completion"),
-                self.ttft.labels(model),
-                self.total.labels(model),
-                self.queue.labels(model),
-            )
-            if len(self._children) < 10_000:
-                self._children[key] = children
-        requests, prompt, completion, ttft, total, queue = children
-        requests.inc()
+        model = self._model(record["model"])
+        self.requests[(record["api"], model, record["backend"], str(record["status"]))] += 1
         if record["prompt_tokens"]:
-            prompt.inc(record["prompt_tokens"])
+            self.tokens[(model, "prompt")] += record["prompt_tokens"]
         if record["completion_tokens"]:
-            completion.inc(record["completion_tokens"])
+            self.tokens[(model, "completion")] += record["completion_tokens"]
         if record["ttft_ms"] is not None:
-            ttft.observe(record["ttft_ms"] / 1000)
-        total.observe(record["total_ms"] / 1000)
-        queue.observe(record["queue_ms"] / 1000)
-        if len(record["attempts"]) > 1 or record["attempts"][0].get("error"):
-            for attempt in record["attempts"]:
+            self.ttft[model].observe(record["ttft_ms"] / 1000)
+        self.total[model].observe(record["total_ms"] / 1000)
+        self.queue[model].observe(record["queue_ms"] / 1000)
+        attempts = record["attempts"]
+        if len(attempts) > 1 or attempts[0].get("error"):
+            for attempt in attempts:
                 if attempt.get("error"):
-                    self.attempts.labels(attempt["backend"], attempt["error"]).inc()
+                    self.failures[(attempt["backend"], attempt["error"])] += 1
 
     def rejected(self, exc: StellaError, api: str) -> None:
         """Count a refusal before the first byte (401, 404, 429, 503, ...)."""
-        self.rejections.labels(api, exc.code).inc()
+        self.rejections[(api, exc.code)] += 1
+
+
+class _CounterCollector(Collector):
+    """The counters and histograms, as metric families."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def collect(self) -> Iterator[Any]:
+        """Current values."""
+        m = self.m
+        requests = CounterMetricFamily(
+            "stella_requests", "Inferences by outcome", labels=["api", "model", "backend", "status"]
+        )
+        for labels, n in list(m.requests.items()):
+            requests.add_metric(list(labels), n)
+        yield requests
+        tokens = CounterMetricFamily("stella_tokens", "Tokens processed", labels=["model", "kind"])
+        for labels, n in list(m.tokens.items()):
+            tokens.add_metric(list(labels), n)
+        yield tokens
+        for name, doc, hists in (
+            ("stella_time_to_first_token_seconds", "Time to first token", m.ttft),
+            ("stella_request_duration_seconds", "Whole inference time", m.total),
+            ("stella_queue_wait_seconds", "Time waiting for a backend slot", m.queue),
+        ):
+            family = HistogramMetricFamily(name, doc, labels=["model"])
+            for model, h in list(hists.items()):
+                cumulative, running = [], 0
+                for bound, n in zip((*LATENCY_BUCKETS, float("inf")), h.buckets, strict=True):
+                    running += n
+                    cumulative.append((str(bound) if bound != float("inf") else "+Inf", running))
+                family.add_metric([model], cumulative, h.sum)
+            yield family
+        rejections = CounterMetricFamily(
+            "stella_rejections", "Requests refused before the first byte", labels=["api", "code"]
+        )
+        for labels, n in list(m.rejections.items()):
+            rejections.add_metric(list(labels), n)
+        yield rejections
+        failures = CounterMetricFamily(
+            "stella_backend_failures", "Failed backend attempts", labels=["backend", "code"]
+        )
+        for labels, n in list(m.failures.items()):
+            failures.add_metric(list(labels), n)
+        yield failures
 
 
 class _StateCollector(Collector):

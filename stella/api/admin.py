@@ -18,9 +18,14 @@ from stella.errors import InvalidRequest
 def usage_listener(state: Any) -> Any:
     """A pipeline listener counting each inference per key, model and UTC day."""
 
+    today = ["", 0.0]  # the day's name and when it ends: formatted once a day, not per request
+
     def record(event: dict[str, Any]) -> None:
-        day = time.strftime("%Y-%m-%d", time.gmtime())
-        state.record_usage(event["key"], event["model"], day, event)
+        now = time.time()
+        if now >= today[1]:
+            today[0] = time.strftime("%Y-%m-%d", time.gmtime(now))
+            today[1] = (now // 86400 + 1) * 86400
+        state.record_usage(event["key"], event["model"], today[0], event)
 
     return record
 
