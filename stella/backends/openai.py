@@ -5,16 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 import msgspec
 
 from stella.backends.base import BackendEvent, BackendHealth, CallContext
-from stella.backends.http import (
-    HttpBackend,
-    HttpConfig,
-    error_from_response,
-    transport_error,
-)
+from stella.backends.http import HttpBackend, HttpConfig, aiohttp_error, error_from_response
 from stella.errors import UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
 
@@ -139,6 +134,7 @@ class OpenAIBackend(HttpBackend):
     def __init__(self, name: str, config: OpenAIConfig) -> None:
         super().__init__(name, config)
         self.cfg = config
+        self.chat_url = self.base_url + "/chat/completions"
 
     def capabilities(self, upstream_model: str) -> list[str]:
         """Chat and tools (the upstream decides what it really supports)."""
@@ -165,13 +161,11 @@ class OpenAIBackend(HttpBackend):
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         name = self.name
         try:
-            async with self.client.stream(
-                "POST", "/chat/completions", content=body, headers=headers
-            ) as r:
-                if r.status_code >= 400:
-                    raise error_from_response(name, r.status_code, r.headers, await r.aread())
+            async with self.session.post(self.chat_url, data=body, headers=headers) as r:
+                if r.status >= 400:
+                    raise error_from_response(name, r.status, r.headers, await r.read())
                 if not stream:
-                    async for event in self._whole(await r.aread()):
+                    async for event in self._whole(await r.read()):
                         yield event
                     return
                 calls: dict[int, list[Any]] = {}
@@ -182,7 +176,7 @@ class OpenAIBackend(HttpBackend):
                 ended = False
                 # One network read often holds several SSE events (a fast upstream, or a
                 # burst after a pause): their text goes out as one Delta, one send.
-                async for raw in r.aiter_raw():
+                async for raw in r.content.iter_any():
                     *lines, pending = (pending + raw).split(b"\n")
                     texts: list[str] = []
                     for line in lines:
@@ -228,8 +222,8 @@ class OpenAIBackend(HttpBackend):
                 if finish is None:
                     raise UpstreamError(f"{name}: stream ended without a finish reason")
                 yield Done(finish_reason=FINISH.get(finish, "stop"), usage=_usage(usage, deltas))
-        except httpx.HTTPError as exc:
-            raise transport_error(name, exc) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise aiohttp_error(name, exc) from None
 
     async def _whole(self, raw: bytes) -> AsyncIterator[BackendEvent]:
         try:
