@@ -113,6 +113,15 @@ def _gateways(upstream: str, litellm: bool, notes: list[str]) -> Iterator[dict[s
             )
         )
         p = free_port()
+        procs["passthrough-aiohttp"] = stack.enter_context(
+            spawn(
+                uvicorn_args("stella.bench.passthrough:app_aiohttp", p),
+                port=p,
+                cpu=0,
+                env={"UPSTREAM_URL": upstream + "/v1"},
+            )
+        )
+        p = free_port()
         procs["stella"] = stack.enter_context(
             spawn(stella_args(p), port=p, cpu=0, env={"STELLA_CONFIG": str(conf)})
         )
@@ -176,7 +185,8 @@ def compare(
                 body = _body(stream)
                 for c in concurrency:
                     res = {n: _load(u, body, n, c, duration, wrk) for n, u in targets.items()}
-                    base = res["passthrough"].rps or 1
+                    # Ratios against the passthrough on stella's own client stack (aiohttp).
+                    base = res["passthrough-aiohttp"].rps or 1
                     for name, r in res.items():
                         rows.append(
                             GatewayRow(

@@ -68,3 +68,51 @@ app = Starlette(
     routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/health", health)],
     lifespan=lifespan,
 )
+
+
+@contextlib.asynccontextmanager
+async def lifespan_aiohttp(app: Starlette) -> AsyncIterator[None]:
+    """One aiohttp session for the process."""
+    import aiohttp
+
+    app.state.session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=256),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    yield
+    await app.state.session.close()
+
+
+async def chat_aiohttp(request: Request) -> Response:
+    """Forward /v1/chat/completions with aiohttp directly (stella's hot-path stack)."""
+    session = request.app.state.session
+    body = await request.body()
+    upstream = await session.post(
+        UPSTREAM + "/chat/completions", data=body, headers={"content-type": "application/json"}
+    )
+    if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.content.iter_any():
+                    yield chunk
+            finally:
+                upstream.release()
+
+        return StreamingResponse(
+            relay(), status_code=upstream.status, media_type="text/event-stream"
+        )
+    data = await upstream.read()
+    upstream.release()
+    return Response(data, status_code=upstream.status, media_type="application/json")
+
+
+# The same passthrough on aiohttp directly: the client stack stella's chat calls use.
+app_aiohttp = Starlette(
+    routes=[
+        Route("/v1/chat/completions", chat_aiohttp, methods=["POST"]),
+        Route("/health", health),
+    ],
+    lifespan=lifespan_aiohttp,
+)
