@@ -75,20 +75,16 @@ def compare(concurrency: int = 8, duration: float = 5.0) -> list[AuthRow]:
             with spawn(
                 stella_args(port), port=port, cpu=0, env={"STELLA_CONFIG": str(conf), **env}
             ) as s:
-                if wrk:
-                    from stella.bench.loadgen import run_wrk
-
-                    r = run_wrk(
-                        s.url + "/api/v1/chat",
-                        body,
-                        name=name,
-                        concurrency=concurrency,
-                        duration=duration,
-                        cpu=1,
-                        headers={"Authorization": f"Bearer {KEY}"},
-                    )
-                else:
-                    r = measure(s.url, body, name, concurrency, duration, False, None)
+                r = measure(
+                    s.url,
+                    body,
+                    name,
+                    concurrency,
+                    duration,
+                    wrk,
+                    1,
+                    headers={"Authorization": f"Bearer {KEY}"},
+                )
             off = rows[0].result.rps if rows else r.rps
             rows.append(AuthRow(name, r, round(off / r.rps, 3) if r.rps else 0.0))
     return rows

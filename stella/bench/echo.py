@@ -41,6 +41,7 @@ def measure(
     duration: float,
     wrk: bool,
     client_cpu: int | None,
+    headers: dict[str, str] | None = None,
 ) -> Result:
     """One load run, with wrk when asked and available."""
     if wrk:
@@ -51,9 +52,17 @@ def measure(
             concurrency=concurrency,
             duration=duration,
             cpu=client_cpu,
+            headers=headers,
         )
     return asyncio.run(
-        run_load(url + "/api/v1/chat", body, name=name, concurrency=concurrency, duration=duration)
+        run_load(
+            url + "/api/v1/chat",
+            body,
+            name=name,
+            concurrency=concurrency,
+            duration=duration,
+            headers=headers,
+        )
     )
 
 
