@@ -213,7 +213,7 @@ def compare(
 def table(report: Report) -> str:
     """Markdown tables."""
     out = [
-        "| gateway | mode | c | req/s | x passthrough | p50 ms | p99 ms | added p50 ms |",
+        "| gateway | mode | c | req/s | x passthrough-aiohttp | p50 ms | p99 ms | added p50 ms |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in report.rows:
