@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 import msgspec
 
 from stella.backends.base import BackendEvent, BackendHealth, CallContext
 from stella.backends.http import (
     HttpBackend,
     HttpConfig,
+    aiohttp_error,
     error_from_response,
     iter_lines,
-    transport_error,
 )
 from stella.errors import UpstreamError, UpstreamStatus
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
@@ -197,11 +197,11 @@ class AnthropicBackend(HttpBackend):
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         name = self.name
         try:
-            async with self.client.stream(
-                "POST", "/v1/messages", content=body, headers=headers
+            async with self.session.post(
+                self.base_url + "/v1/messages", data=body, headers=headers
             ) as r:
-                if r.status_code >= 400:
-                    raise error_from_response(name, r.status_code, r.headers, await r.aread())
+                if r.status >= 400:
+                    raise error_from_response(name, r.status, r.headers, await r.read())
                 usage = _Usage()
                 tools: dict[int, list[str]] = {}  # index -> [id, name, json]
                 stop: str | None = None
@@ -262,5 +262,5 @@ class AnthropicBackend(HttpBackend):
                             )
                         raise UpstreamError(f"{name}: {ev.error.type}: {ev.error.message}")
                 raise UpstreamError(f"{name}: stream ended before message_stop")
-        except httpx.HTTPError as exc:
-            raise transport_error(name, exc) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise aiohttp_error(name, exc) from None

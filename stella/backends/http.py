@@ -154,21 +154,10 @@ def aiohttp_error(name: str, exc: BaseException) -> StellaError:
     return UpstreamError(f"{name}: upstream connection failed ({type(exc).__name__})")
 
 
-def transport_error(name: str, exc: httpx.HTTPError) -> StellaError:
-    """The StellaError for a failure below HTTP (refused, reset, timed out)."""
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        err: StellaError = UpstreamError(f"{name}: cannot connect ({type(exc).__name__})")
-        err.code = "upstream_unreachable"
-        return err
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(f"{name}: upstream timed out ({type(exc).__name__})")
-    return UpstreamError(f"{name}: upstream connection failed ({type(exc).__name__})")
-
-
-async def iter_lines(response: httpx.Response) -> AsyncIterator[bytes]:
-    """Lines of a streamed body as bytes, without decoding to str first."""
+async def iter_lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """Lines of a streamed body as bytes, without decoding to str first (no length limit)."""
     pending = b""
-    async for chunk in response.aiter_raw():
+    async for chunk in response.content.iter_any():
         if pending:
             chunk = pending + chunk
         *lines, pending = chunk.split(b"\n")

@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 import msgspec
 
 from stella.backends.base import BackendEvent, BackendHealth, CallContext
 from stella.backends.http import (
     HttpBackend,
     HttpConfig,
+    aiohttp_error,
     error_from_response,
     iter_lines,
-    transport_error,
 )
 from stella.errors import UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
@@ -137,9 +137,11 @@ class OllamaBackend(HttpBackend):
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         name = self.name
         try:
-            async with self.client.stream("POST", "/api/chat", content=body, headers=headers) as r:
-                if r.status_code >= 400:
-                    raise error_from_response(name, r.status_code, r.headers, await r.aread())
+            async with self.session.post(
+                self.base_url + "/api/chat", data=body, headers=headers
+            ) as r:
+                if r.status >= 400:
+                    raise error_from_response(name, r.status, r.headers, await r.read())
                 index = 0
                 async for raw in iter_lines(r):
                     if not raw.strip():
@@ -178,5 +180,5 @@ class OllamaBackend(HttpBackend):
                         )
                         return
                 raise UpstreamError(f"{name}: stream ended before done")
-        except httpx.HTTPError as exc:
-            raise transport_error(name, exc) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise aiohttp_error(name, exc) from None
