@@ -34,10 +34,6 @@ class Take:
 class BucketStore(Protocol):
     """Where bucket levels live."""
 
-    async def take(self, key: str, capacity: float, per_s: float, cost: float) -> Take:
-        """Take `cost` from a bucket if it fits (refilling at `per_s`)."""
-        ...
-
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
         """Take from every (key, capacity, per_s, cost) bucket, or from none if one is short."""
         ...
@@ -56,21 +52,6 @@ class MemoryBuckets:
     def _level(self, key: str, capacity: float, per_s: float, now: float) -> float:
         level, at = self._levels.get(key, (capacity, now))
         return min(capacity, level + (now - at) * per_s)
-
-    async def take(self, key: str, capacity: float, per_s: float, cost: float) -> Take:
-        """Take `cost` if it fits."""
-        return self.take_now(key, capacity, per_s, cost)
-
-    def take_now(self, key: str, capacity: float, per_s: float, cost: float) -> Take:
-        """Take `cost` if it fits (synchronously)."""
-        now = time.monotonic()
-        level = self._level(key, capacity, per_s, now)
-        if level >= cost:
-            level -= cost
-            self._levels[key] = (level, now)
-            return Take(True, level, 0.0, (capacity - level) / per_s)
-        self._levels[key] = (level, now)
-        return Take(False, level, (cost - level) / per_s, (capacity - level) / per_s)
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
         """Every bucket has room: take from all; otherwise take from none."""

@@ -26,26 +26,6 @@ from stella.settings import StateSettings
 
 _log = structlog.get_logger("stella")
 
-TAKE = """
-local capacity = tonumber(ARGV[1])
-local rate = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local data = redis.call('HMGET', KEYS[1], 'level', 'at')
-local level = tonumber(data[1]) or capacity
-local at = tonumber(data[2]) or now
-level = math.min(capacity, level + (now - at) * rate)
-local allowed = 0
-if level >= cost then
-  level = level - cost
-  allowed = 1
-end
-redis.call('HSET', KEYS[1], 'level', tostring(level), 'at', tostring(now))
-redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate) + 5)
-return {allowed, tostring(level)}
-"""
-
 TAKE_ALL = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -109,7 +89,6 @@ class RedisState:
         self.local = MemoryBuckets()  # the fallback while Redis is away
         self.errors = 0
         self.down_since: float | None = None
-        self._take = self.redis.register_script(TAKE)
         self._take_all = self.redis.register_script(TAKE_ALL)
         self._give = self.redis.register_script(GIVE)
         self._usage: dict[tuple[str, str, str], dict[str, int]] = defaultdict(
@@ -308,19 +287,6 @@ class RedisBuckets:
 
     def __init__(self, state: RedisState) -> None:
         self.state = state
-
-    async def take(self, key: str, capacity: float, per_s: float, cost: float) -> Take:
-        """Take `cost` atomically on Redis; locally while Redis is away."""
-        st = self.state
-        try:
-            allowed, level = await st._take(keys=[st._key("rl", key)], args=[capacity, per_s, cost])
-        except (RedisError, OSError) as exc:
-            st._failed(exc)
-            return st.local.take_now(key, capacity, per_s, cost)
-        st._ok()
-        left = float(level)
-        wait = 0.0 if allowed else (cost - left) / per_s
-        return Take(bool(allowed), left, wait, (capacity - left) / per_s)
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
         """All buckets of one admission in one Lua call (nothing taken unless all fit)."""
