@@ -21,6 +21,7 @@ import structlog
 from stella.core import Inference
 from stella.errors import ShuttingDown, StellaError
 from stella.protocol import Error, Start
+from stella.watchdog import ticker
 
 _log = structlog.get_logger("stella")
 # Streams older than this get a task that watches for a disconnect and sends pings.
@@ -135,7 +136,7 @@ class EventStream:
         # Short streams end before anyone could notice a disconnect or need a ping:
         # the watcher task starts only once the stream has run for a moment.
         watcher: list[asyncio.Task[Any]] = []
-        later = loop.call_later(
+        later = ticker().later(
             min(WATCH_AFTER_S, self.ping_interval_s),
             lambda: watcher.append(loop.create_task(self._watch(receive, send, task, call))),
         )

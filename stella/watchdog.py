@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from stella.errors import StellaError
@@ -30,39 +33,123 @@ async def close_quietly(agen: Any) -> None:
         pass
 
 
-class Watchdog:
-    """Time limits on backend waits with one timer per inference, not one per token.
+# How often the shared ticker checks deadlines: time limits fire at most this late.
+TICK_S = 0.05
 
-    `arm(seconds)` marks the inference as waiting on the backend until a
-    deadline; the caller clears `waiting` when the wait ends. A single timer
-    checks the deadline when it fires and re-arms itself for the latest one, so a
-    fast stream creates a timer about once per idle period. Past the deadline it
-    cancels the waiting task; `expired()` tells that cancellation from others.
+
+class Ticker:
+    """One periodic timer per event loop that checks every registered deadline.
+
+    A per-call timer costs a heap push and a cancel on every request (a libuv
+    timer under uvloop); stella's limits are seconds long, so one tick every
+    TICK_S for everything in flight is precise enough and costs the hot path
+    only a set insertion. The tick stops when nothing is registered.
     """
 
-    __slots__ = ("_at", "_fired", "_handle", "_loop", "_task", "waiting")
+    __slots__ = ("_handle", "items", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: set[Any] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, item: Any) -> None:
+        """Check `item.tick(now)` on every tick until it returns False or is discarded."""
+        self.items.add(item)
+        if self._handle is None:
+            self._handle = self.loop.call_later(TICK_S, self._tick)
+
+    def discard(self, item: Any) -> None:
+        """Stop checking `item`."""
+        self.items.discard(item)
+
+    def later(self, seconds: float, fn: Callable[[], Any]) -> Later:
+        """Call `fn` once, `seconds` from now (give or take a tick), unless cancelled."""
+        entry = Later(self, time.monotonic() + seconds, fn)
+        self.add(entry)
+        return entry
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        items = self.items
+        for item in list(items):
+            try:
+                keep = item.tick(now)
+            except Exception:  # one bad callback must not stop the others' time limits
+                keep = False
+            if not keep:
+                items.discard(item)
+        self._handle = self.loop.call_later(TICK_S, self._tick) if items else None
+
+
+class Later:
+    """A callback the ticker runs once its time has come; `cancel()` withdraws it."""
+
+    __slots__ = ("at", "fn", "ticker")
+
+    def __init__(self, ticker: Ticker, at: float, fn: Callable[[], Any]) -> None:
+        self.ticker = ticker
+        self.at = at
+        self.fn = fn
+
+    def tick(self, now: float) -> bool:
+        """Run the callback when due; True while still waiting."""
+        if now < self.at:
+            return True
+        self.fn()
+        return False
+
+    def cancel(self) -> None:
+        """Withdraw the callback."""
+        self.ticker.discard(self)
+
+
+_current: list[Any] = [None, None]  # the last (loop, ticker) pair: one lookup per call
+
+
+def ticker() -> Ticker:
+    """The running loop's ticker."""
+    loop = asyncio.get_running_loop()
+    if _current[0] is loop:
+        return _current[1]  # type: ignore[no-any-return]
+    found = _tickers.get(loop)
+    if found is None:
+        found = _tickers[loop] = Ticker(loop)
+    _current[0], _current[1] = loop, found
+    return found
+
+
+_tickers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Ticker] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class Watchdog:
+    """Time limits on backend waits, checked by the loop's ticker, not a timer per token.
+
+    `arm(seconds)` marks the inference as waiting on the backend until a
+    deadline; the caller clears `waiting` when the wait ends. The ticker looks
+    at the deadline every TICK_S and, past it, cancels the waiting task;
+    `expired()` tells that cancellation from others.
+    """
+
+    __slots__ = ("_at", "_fired", "_task", "_ticker", "waiting")
 
     def __init__(self) -> None:
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ticker: Ticker | None = None
         self._task: asyncio.Task[Any] | None = None
-        self._handle: asyncio.TimerHandle | None = None
         self._at = 0.0
         self.waiting = False
         self._fired = False
 
     def arm(self, seconds: float) -> None:
         """The current task now waits on the backend for at most `seconds`."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-            self._task = asyncio.current_task()
-        at = self._at = loop.time() + seconds
-        handle = self._handle
-        if handle is None or handle.when() > at:
-            if handle is not None:
-                handle.cancel()
-            self._handle = loop.call_at(at, self._check)
+        self._at = time.monotonic() + seconds
         self.waiting = True
+        if self._ticker is None:
+            self._task = asyncio.current_task()
+            self._ticker = ticker()
+            self._ticker.add(self)
 
     def expired(self) -> bool:
         """Whether the CancelledError being handled came from this watchdog.
@@ -75,18 +162,15 @@ class Watchdog:
         self._fired = False
         return self._task is not None and self._task.uncancel() == 0
 
-    def _check(self) -> None:
-        self._handle = None
-        if not self.waiting or self._task is None or self._loop is None:
-            return  # the next arm() starts a new timer
-        if self._loop.time() >= self._at:
+    def tick(self, now: float) -> bool:
+        """Cancel the waiting task past the deadline; stay registered until closed."""
+        if self.waiting and not self._fired and now >= self._at and self._task is not None:
             self._fired = True
             self._task.cancel()
-        else:
-            self._handle = self._loop.call_at(self._at, self._check)
+        return True
 
     def close(self) -> None:
-        """Cancel the timer."""
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        """Stop watching."""
+        if self._ticker is not None:
+            self._ticker.discard(self)
+            self._ticker = None

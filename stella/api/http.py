@@ -27,6 +27,7 @@ from stella.errors import (
 )
 from stella.protocol import ErrorDetail, ErrorResponse
 from stella.streaming import WATCH_AFTER_S, Codec, EventStream
+from stella.watchdog import ticker
 
 T = TypeVar("T")
 _log = structlog.get_logger("stella")
@@ -210,7 +211,7 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
     # only once the call has taken a while, so fast calls pay no extra task.
     loop = asyncio.get_running_loop()
     watcher: list[asyncio.Task[Any]] = []
-    later = loop.call_later(
+    later = ticker().later(
         WATCH_AFTER_S,
         lambda: watcher.append(loop.create_task(_watch_disconnect(request, task, call))),
     )
