@@ -25,7 +25,7 @@ from starlette.routing import Router as StarletteRouter
 from stella import __version__, logs
 from stella.api import native, ops
 from stella.api.admin import usage_listener
-from stella.api.http import NATIVE, JSONResponse
+from stella.api.http import NATIVE, Endpoint, JSONResponse
 from stella.auth import Authenticator
 from stella.backends import Backend, ConfigError, build_backend, registry
 from stella.core import Admission, Pipeline
@@ -113,31 +113,84 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                if _RID.match(candidate):
-                    rid = candidate
-                break
-        if not rid:
-            rid = new_request_id()
-        scope.setdefault("state", {})["request_id"] = rid
-        scope["stella"] = self.services
-        structlog.contextvars.bind_contextvars(request_id=rid)
-        svc = self.services
-        if svc.drain.draining and scope["path"] not in ("/health", "/ready"):
-            exc = ShuttingDown("the server is shutting down; retry on another instance")
-            await NATIVE.error_response(exc, rid)(scope, receive, send)
-            return
-        header = (b"x-request-id", rid.encode())
+        await enter(self.services, self.app, scope, receive, send)
 
-        async def send_with_id(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), header]
-            await send(message)
 
-        await self.app(scope, receive, send_with_id)
+async def enter(svc: Services, app: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Give the request its ID (the client's X-Request-ID when well formed), then run `app`."""
+    rid = ""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _RID.match(candidate):
+                rid = candidate
+            break
+    if not rid:
+        rid = new_request_id()
+    state = scope.get("state")
+    if state is None:
+        scope["state"] = {"request_id": rid}
+    else:
+        state["request_id"] = rid
+    scope["stella"] = svc
+    structlog.contextvars.bind_contextvars(request_id=rid)
+    if svc.drain.draining and scope["path"] not in ("/health", "/ready"):
+        exc = ShuttingDown("the server is shutting down; retry on another instance")
+        await NATIVE.error_response(exc, rid)(scope, receive, send)
+        return
+    header = (b"x-request-id", rid.encode())
+
+    async def send_with_id(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), header]
+        await send(message)
+
+    await app(scope, receive, send_with_id)
+
+
+class StellaApp(Starlette):
+    """Starlette, with stella's own routes dispatched without the generic layers.
+
+    An `Endpoint` already authenticates, maps every error to the dialect's
+    shape and never lets a handler's exception escape, so Starlette's error
+    middlewares and route matching add only cost on the paths that carry the
+    traffic. Those go straight to their endpoint (when no other middleware,
+    such as CORS, is installed); everything else takes Starlette's full stack.
+    """
+
+    services: Services
+    _fast: dict[tuple[str, str], Any] | None = None
+    _fast_size = -1
+
+    def _fast_index(self) -> dict[tuple[str, str], Any] | None:
+        if len(self.user_middleware) != 1:
+            return None  # other middleware must see every request
+        index: dict[tuple[str, str], Any] = {}
+        for route in self.router.routes:
+            if (
+                isinstance(route, Route)
+                and "{" not in route.path
+                and isinstance(route.app, Endpoint)
+                and route.methods
+            ):
+                for method in route.methods:
+                    index.setdefault((route.path, method), route.app)
+        return index
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Exact paths of Endpoints directly; all else through Starlette."""
+        if scope["type"] == "http":
+            if self._fast_size != len(self.router.routes):
+                self._fast, self._fast_size = self._fast_index(), len(self.router.routes)
+            fast = self._fast
+            if fast is not None:
+                target = fast.get((scope["path"], scope["method"]))
+                if target is not None:
+                    scope["app"] = self
+                    scope["path_params"] = {}
+                    await enter(self.services, target, scope, receive, send)
+                    return
+        await super().__call__(scope, receive, send)
 
 
 class ExactPathRouter(StarletteRouter):
@@ -211,7 +264,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 raise
             continue
         routes = [*mod.routes, *routes]
-    app = Starlette(exception_handlers={HTTPException: http_error})
+    app = StellaApp(exception_handlers={HTTPException: http_error})
+    app.services = svc
     app.router = ExactPathRouter(routes=routes, lifespan=lifespan)
     app.state.stella = svc
     for hook in _app_hooks():
