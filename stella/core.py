@@ -141,15 +141,21 @@ class Inference:
             created=round(self.created, 3),
         )
 
-    async def events(self) -> AsyncIterator[TerminalOrData]:
-        """Deltas and tool calls, then exactly one Done or Error."""
+    async def events(self, data: bool = True) -> AsyncIterator[TerminalOrData]:
+        """Deltas and tool calls, then exactly one Done or Error.
+
+        With `data=False` only the terminal event is yielded (the deltas and
+        tool calls are still collected): a non-stream answer skips a generator
+        round trip per token.
+        """
         router = self.pipeline.router
-        watchdog = Watchdog()
+        watchdog = Watchdog(self.t0 + self.route.settings.total_timeout_s)  # per route below
         last: StellaError | None = None
         try:
             for route in self.chain:
                 breaker = router.breaker(route.backend_name)
                 rs = route.settings
+                watchdog.deadline = self.t0 + rs.total_timeout_s
                 for attempt in range(rs.retries + 1):
                     if not breaker.allow():
                         self.attempts.append(
@@ -177,18 +183,22 @@ class Inference:
                     # The stream phase, inline: every event crosses as few frames as possible.
                     agen, ctx, event = opened
                     self.ttft = time.perf_counter()
-                    deadline = self.t0 + rs.total_timeout_s
                     idle = rs.idle_timeout_s
+                    watchdog.watch(idle)
                     collect = self.collect
+                    texts = self.texts
+                    tokens = 0
                     try:
                         while True:
                             kind = type(event)
                             if kind is Delta:
-                                self.completion_tokens += 1
+                                tokens += 1
                                 if collect:
-                                    self.texts.append(event.text)
-                                yield event
+                                    texts.append(event.text)
+                                if data:
+                                    yield event
                             elif kind is Done:
+                                self.completion_tokens = tokens
                                 breaker.success()
                                 self.queue_ms = ctx.queue_ms
                                 # Done is the backend's last event: let it return normally so
@@ -198,13 +208,13 @@ class Inference:
                                 return
                             elif kind is ToolCall:
                                 self.tool_calls.append(event)
-                                yield event
+                                if data:
+                                    yield event
                             else:
                                 raise UpstreamError(
                                     f"backend sent an unknown event {kind.__name__}"
                                 )
-                            limit = min(idle, deadline - time.perf_counter())
-                            watchdog.arm(limit)
+                            watchdog.waiting = True
                             try:
                                 event = await anext(agen)
                             except StopAsyncIteration:
@@ -214,11 +224,13 @@ class Inference:
                             except asyncio.CancelledError:
                                 if watchdog.expired():
                                     raise UpstreamTimeout(
-                                        f"backend {route.backend_name!r} went silent for {limit:g}s"
+                                        f"backend {route.backend_name!r} went silent for "
+                                        f"{min(idle, rs.total_timeout_s):g}s"
                                     ) from None
                                 raise
                             finally:
                                 watchdog.waiting = False
+                            watchdog.progress += 1
                     except StellaError as exc:
                         # After the first token no fallback: a switch of model mid-answer is worse.
                         if exc.retryable:
@@ -233,6 +245,7 @@ class Inference:
                         self.error = err
                         yield self.fail(err)
                     finally:
+                        self.completion_tokens = tokens
                         if not self.terminal:
                             breaker.release()
                         await close_quietly(agen)
@@ -261,8 +274,9 @@ class Inference:
         t = time.perf_counter()
         record: dict[str, Any] = {"backend": route.backend_name, "route": route.name}
         self.attempts.append(record)
-        limit = max(min(rs.ttft_timeout_s, rs.total_timeout_s - (t - self.t0)), 0.001)
-        watchdog.arm(limit)
+        limit = max(min(rs.ttft_timeout_s, watchdog.deadline - t), 0.001)
+        watchdog.watch(limit)
+        watchdog.waiting = True
         try:
             first = await anext(agen)
         except StopAsyncIteration:
@@ -331,7 +345,7 @@ class Inference:
     async def result(self) -> ChatResponse:
         """Run to the end and return the whole answer; raise the error if it failed."""
         done: Done | None = None
-        async for event in self.events():
+        async for event in self.events(data=False):
             if type(event) is Done:
                 done = event
             elif type(event) is Error:

@@ -65,12 +65,12 @@ class Ticker:
 
     def later(self, seconds: float, fn: Callable[[], Any]) -> Later:
         """Call `fn` once, `seconds` from now (give or take a tick), unless cancelled."""
-        entry = Later(self, time.monotonic() + seconds, fn)
+        entry = Later(self, time.perf_counter() + seconds, fn)
         self.add(entry)
         return entry
 
     def _tick(self) -> None:
-        now = time.monotonic()
+        now = time.perf_counter()
         items = self.items
         for item in list(items):
             try:
@@ -125,27 +125,45 @@ _tickers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Ticker] = (
 
 
 class Watchdog:
-    """Time limits on backend waits, checked by the loop's ticker, not a timer per token.
+    """Time limits on a backend call, checked by the loop's ticker: per token only a count.
 
-    `arm(seconds)` marks the inference as waiting on the backend until a
-    deadline; the caller clears `waiting` when the wait ends. The ticker looks
-    at the deadline every TICK_S and, past it, cancels the waiting task;
-    `expired()` tells that cancellation from others.
+    `watch(limit)` starts a phase in which the backend may stay silent for at
+    most `limit` seconds (time to first token, then the idle limit), never past
+    `deadline`. The caller sets `waiting` around each wait on the backend and
+    counts each event in `progress`; each tick compares the count with the last
+    one it saw, so silence is measured to within a tick without reading a clock
+    per token. Past a limit the ticker cancels the waiting task; `expired()`
+    tells that cancellation from others (client gone, shutdown).
     """
 
-    __slots__ = ("_at", "_fired", "_task", "_ticker", "waiting")
+    __slots__ = (
+        "_fired",
+        "_seen",
+        "_since",
+        "_task",
+        "_ticker",
+        "deadline",
+        "limit",
+        "progress",
+        "waiting",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline  # time.perf_counter() value the whole call must end by
+        self.limit = 0.0
+        self.progress = 0
+        self.waiting = False
+        self._seen = 0
+        self._since = 0.0
+        self._fired = False
         self._ticker: Ticker | None = None
         self._task: asyncio.Task[Any] | None = None
-        self._at = 0.0
-        self.waiting = False
-        self._fired = False
 
-    def arm(self, seconds: float) -> None:
-        """The current task now waits on the backend for at most `seconds`."""
-        self._at = time.monotonic() + seconds
-        self.waiting = True
+    def watch(self, limit: float) -> None:
+        """From now on the backend may be silent for at most `limit` seconds."""
+        self.limit = limit
+        self._since = time.perf_counter()
+        self._seen = self.progress
         if self._ticker is None:
             self._task = asyncio.current_task()
             self._ticker = ticker()
@@ -163,8 +181,16 @@ class Watchdog:
         return self._task is not None and self._task.uncancel() == 0
 
     def tick(self, now: float) -> bool:
-        """Cancel the waiting task past the deadline; stay registered until closed."""
-        if self.waiting and not self._fired and now >= self._at and self._task is not None:
+        """Cancel the waiting task after too long a silence; stay registered until closed."""
+        if self._fired or self._task is None:
+            return True
+        if self.waiting and now >= self.deadline:
+            self._fired = True
+            self._task.cancel()
+        elif not self.waiting or self.progress != self._seen:
+            self._seen = self.progress
+            self._since = now
+        elif now - self._since >= self.limit:
             self._fired = True
             self._task.cancel()
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -22,25 +23,54 @@ async def test_later_runs_once_and_cancel_withdraws() -> None:
     assert not t.items and t._handle is None
 
 
+async def _silent_wait(dog: Watchdog, seconds: float) -> None:
+    dog.waiting = True
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        dog.waiting = False
+
+
 async def test_watchdog_cancels_a_silent_wait_and_says_so() -> None:
-    dog = Watchdog()
-    dog.arm(0.05)
+    dog = Watchdog(time.perf_counter() + 60)
+    dog.watch(0.1)
+    t = time.perf_counter()
     with pytest.raises(asyncio.CancelledError):
         try:
-            await asyncio.sleep(5)
+            await _silent_wait(dog, 5)
         except asyncio.CancelledError:
             assert dog.expired()
             raise
+    assert 0.1 <= time.perf_counter() - t < 0.1 + 3 * TICK_S
     dog.close()
 
 
-async def test_watchdog_leaves_waits_that_end_in_time_alone() -> None:
-    dog = Watchdog()
-    for _ in range(3):
-        dog.arm(0.2)
-        await asyncio.sleep(0.01)
-        dog.waiting = False
-    await asyncio.sleep(0.3)  # past the deadline, but no longer waiting
+async def test_progress_keeps_a_slow_stream_alive() -> None:
+    dog = Watchdog(time.perf_counter() + 60)
+    dog.watch(0.15)
+    for _ in range(6):  # 0.48 s in all, never 0.15 s without an event
+        await _silent_wait(dog, 0.08)
+        dog.progress += 1
     assert not dog.expired()
     dog.close()
     assert dog not in ticker().items
+
+
+async def test_time_outside_waits_is_not_silence() -> None:
+    dog = Watchdog(time.perf_counter() + 60)
+    dog.watch(0.1)
+    await asyncio.sleep(0.3)  # a slow client, not a silent backend
+    await _silent_wait(dog, 0.02)
+    assert not dog.expired()
+    dog.close()
+
+
+async def test_the_deadline_ends_even_a_lively_call() -> None:
+    dog = Watchdog(time.perf_counter() + 0.2)
+    dog.watch(10)
+    with pytest.raises(asyncio.CancelledError):
+        for _ in range(100):
+            await _silent_wait(dog, 0.02)
+            dog.progress += 1
+    assert dog.expired()
+    dog.close()
