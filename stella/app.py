@@ -116,8 +116,14 @@ class RequestContext:
         await enter(self.services, self.app, scope, receive, send)
 
 
-async def enter(svc: Services, app: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Give the request its ID (the client's X-Request-ID when well formed), then run `app`."""
+async def enter(
+    svc: Services, app: Any, scope: dict[str, Any], receive: Any, send: Any, wrap: bool = True
+) -> None:
+    """Give the request its ID (the client's X-Request-ID when well formed), then run `app`.
+
+    With `wrap=False` the app is an Endpoint, which adds the X-Request-ID header
+    to its response itself.
+    """
     rid = ""
     for name, value in scope["headers"]:
         if name == b"x-request-id":
@@ -139,6 +145,10 @@ async def enter(svc: Services, app: Any, scope: dict[str, Any], receive: Any, se
         await NATIVE.error_response(exc, rid)(scope, receive, send)
         return
     header = (b"x-request-id", rid.encode())
+    if not wrap:
+        scope["rid_header"] = header
+        await app(scope, receive, send)
+        return
 
     async def send_with_id(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -188,7 +198,7 @@ class StellaApp(Starlette):
                 if target is not None:
                     scope["app"] = self
                     scope["path_params"] = {}
-                    await enter(self.services, target, scope, receive, send)
+                    await enter(self.services, target, scope, receive, send, wrap=False)
                     return
         await super().__call__(scope, receive, send)
 

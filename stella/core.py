@@ -269,7 +269,9 @@ class Inference:
         self.backend_name = route.backend_name
         self.upstream_model = route.upstream_model
         ctx = CallContext(request_id=self.call.request_id, route=route.name)
-        req = msgspec.structs.replace(self.request, model=route.upstream_model)
+        req = self.request
+        if req.model != route.upstream_model:
+            req = msgspec.structs.replace(req, model=route.upstream_model)
         agen = route.backend.chat(req, ctx)
         t = time.perf_counter()
         record: dict[str, Any] = {"backend": route.backend_name, "route": route.name}

@@ -116,6 +116,12 @@ class EventStream:
         self.drain = drain
         self.ping_interval_s = ping_interval_s
         self.headers = headers or {}
+        self.raw_headers = [
+            (b"content-type", codec.media_type.encode()),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+            *((k.lower().encode(), v.encode()) for k, v in self.headers.items()),
+        ]
         self._last = 0.0
         self._open = True
 
@@ -125,13 +131,6 @@ class EventStream:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        # X-Request-ID is added by the RequestContext middleware, like on every response.
-        raw = [
-            (b"content-type", self.codec.media_type.encode()),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),
-        ]
-        raw += [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
         self.drain.enter(call, task)
         # Short streams end before anyone could notice a disconnect or need a ping:
         # the watcher task starts only once the stream has run for a moment.
@@ -142,7 +141,7 @@ class EventStream:
         )
         events = inference.events()
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": raw})
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             first = self.codec.start(inference.start_event())
             await send({"type": "http.response.body", "body": first, "more_body": True})
             self._last = loop.time()

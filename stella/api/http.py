@@ -39,9 +39,27 @@ _JSONISH = ("application/json", "text/plain", "application/x-www-form-urlencoded
 
 
 class JSONResponse(Response):
-    """A response whose body is encoded with msgspec."""
+    """A response whose body is encoded with msgspec (headers built in one step)."""
 
     media_type = "application/json"
+
+    def __init__(
+        self,
+        content: Any,
+        status_code: int = 200,
+        headers: dict[str, str] | None = None,
+        media_type: str | None = None,
+    ) -> None:
+        self.status_code = status_code
+        self.background = None
+        body = self.body = _json.encode(content)
+        raw = [
+            (b"content-length", str(len(body)).encode()),
+            (b"content-type", media_type.encode() if media_type else b"application/json"),
+        ]
+        if headers:
+            raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.raw_headers = raw
 
     def render(self, content: Any) -> bytes:
         """msgspec-encode the content."""
@@ -113,7 +131,25 @@ class Endpoint:
             response = dialect.error_response(
                 StellaError("internal error; see the server log"), rid
             )
+        # Reached without the RequestContext middleware (see StellaApp): the ID header
+        # goes straight into the response instead of through a wrapped `send`.
+        header = scope.get("rid_header")
+        if header is not None:
+            raw = getattr(response, "raw_headers", None)
+            if raw is not None:
+                raw.append(header)
+            else:
+                send = _with_header(send, header)
         await response(scope, receive, send)
+
+
+def _with_header(send: Any, header: tuple[bytes, bytes]) -> Any:
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), header]
+        await send(message)
+
+    return wrapped
 
 
 def endpoint(dialect: Dialect = NATIVE, *, auth: str = "user") -> Callable[[Handler], Endpoint]:

@@ -1,6 +1,8 @@
 """The echo backend: deterministic answers for tests, demos and load tests.
 
-It streams back the last user message word by word. With tools in the request
+It streams back the last user message word by word (a non-stream request gets
+the same text as one delta, as a remote backend's non-stream call would give
+it). With tools in the request
 it calls the first tool once with `{"input": <text>}`; after a tool result it
 echoes that result. Knobs make it fail, stall or slow down on purpose.
 """
@@ -71,16 +73,20 @@ class EchoBackend(Backend):
                 )
                 return
             text = cfg.reply or _last_text(request)
-            words = _WORDS.findall(text)
-            limit = request.options.max_tokens
-            stops = request.options.stop or ()
-            finish = "stop"
-            sent = 0
-            emitted = ""
-            for word in words:
-                if limit is not None and sent >= limit:
-                    finish = "length"
-                    break
+            pieces, finish = _pieces(
+                _WORDS.findall(text), request.options.max_tokens, request.options.stop or ()
+            )
+            n = len(pieces)
+            if not request.stream and not (
+                cfg.delay_s or cfg.stall_after >= 0 or cfg.fail_after >= 0
+            ):
+                # A non-stream answer comes in one piece, as from a remote backend's
+                # non-stream call: the same text and the same token count.
+                if pieces:
+                    yield Delta(text="".join(pieces))
+                yield Done(finish_reason=finish, usage=Usage(prompt_tokens, n, prompt_tokens + n))
+                return
+            for sent, piece in enumerate(pieces):
                 if sent == cfg.stall_after:
                     await asyncio.Event().wait()  # stall: only cancellation ends this
                 if sent == cfg.fail_after:
@@ -88,20 +94,8 @@ class EchoBackend(Backend):
                     raise err(f"echo: failing after {sent} tokens, as configured")
                 if cfg.delay_s:
                     await asyncio.sleep(cfg.delay_s)
-                if stops:
-                    cut = _stop_cut(emitted + word, stops)
-                    if cut is not None:
-                        if cut > len(emitted):
-                            yield Delta(text=(emitted + word)[len(emitted) : cut])
-                            sent += 1
-                        break
-                emitted += word
-                sent += 1
-                yield Delta(text=word)
-            yield Done(
-                finish_reason=finish,
-                usage=Usage(prompt_tokens, sent, prompt_tokens + sent),
-            )
+                yield Delta(text=piece)
+            yield Done(finish_reason=finish, usage=Usage(prompt_tokens, n, prompt_tokens + n))
         finally:
             self.closed += 1
 
@@ -111,6 +105,26 @@ def _last_text(request: ChatRequest) -> str:
         if message.role in ("user", "tool"):
             return message.content
     return ""
+
+
+def _pieces(
+    words: list[str], limit: int | None, stops: tuple[str, ...] | list[str]
+) -> tuple[list[str], str]:
+    """The deltas of an answer: cut after `limit` words or where a stop string begins."""
+    out: list[str] = []
+    emitted = ""
+    for word in words:
+        if limit is not None and len(out) >= limit:
+            return out, "length"
+        if stops:
+            cut = _stop_cut(emitted + word, stops)
+            if cut is not None:
+                if cut > len(emitted):
+                    out.append((emitted + word)[len(emitted) : cut])
+                return out, "stop"
+            emitted += word
+        out.append(word)
+    return out, "stop"
 
 
 def _stop_cut(text: str, stops: tuple[str, ...] | list[str]) -> int | None:
