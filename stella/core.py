@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -46,7 +46,11 @@ from stella.routing import Route, Router
 from stella.watchdog import Watchdog, backoff, close_quietly
 
 _log = structlog.get_logger("stella")
-TerminalOrData = Delta | ToolCall | Done | Error
+Emit = Callable[[Delta | ToolCall], Awaitable[None]]
+
+
+class SinkClosed(Exception):
+    """Raised by an `emit` callback: the client can no longer be written to."""
 
 
 Listener = Callable[[dict[str, Any]], None]
@@ -141,12 +145,13 @@ class Inference:
             created=round(self.created, 3),
         )
 
-    async def events(self, data: bool = True) -> AsyncIterator[TerminalOrData]:
-        """Deltas and tool calls, then exactly one Done or Error.
+    async def run(self, emit: Emit | None = None) -> Done | Error:
+        """Run the backend chain: deltas and tool calls go to `emit`; returns the terminal event.
 
-        With `data=False` only the terminal event is yielded (the deltas and
-        tool calls are still collected): a non-stream answer skips a generator
-        round trip per token.
+        The events are pushed, not pulled: a token crosses one await instead
+        of two generator frames. Whatever happens, the answer ends in exactly
+        one Done or Error (returned, for the caller to send) and one log event.
+        `emit` raises SinkClosed when the client can no longer be written to.
         """
         router = self.pipeline.router
         watchdog = Watchdog(self.t0 + self.route.settings.total_timeout_s)  # per route below
@@ -177,9 +182,7 @@ class Inference:
                             breaker.failure()
                             continue
                         breaker.release()
-                        self.error = last
-                        yield self.fail(last)
-                        return
+                        return self.fail(last)
                     # The stream phase, inline: every event crosses as few frames as possible.
                     agen, ctx, event = opened
                     self.ttft = time.perf_counter()
@@ -195,8 +198,8 @@ class Inference:
                                 tokens += 1
                                 if collect:
                                     texts.append(event.text)
-                                if data:
-                                    yield event
+                                if emit is not None:
+                                    await emit(event)
                             elif kind is Done:
                                 self.completion_tokens = tokens
                                 breaker.success()
@@ -204,12 +207,11 @@ class Inference:
                                 # Done is the backend's last event: let it return normally so
                                 # its cleanup runs without a GeneratorExit (and its garbage).
                                 await anext(agen, None)
-                                yield self._done(event)
-                                return
+                                return self._done(event)
                             elif kind is ToolCall:
                                 self.tool_calls.append(event)
-                                if data:
-                                    yield event
+                                if emit is not None:
+                                    await emit(event)
                             else:
                                 raise UpstreamError(
                                     f"backend sent an unknown event {kind.__name__}"
@@ -231,32 +233,30 @@ class Inference:
                             finally:
                                 watchdog.waiting = False
                             watchdog.progress += 1
+                    except SinkClosed:
+                        raise
                     except StellaError as exc:
                         # After the first token no fallback: a switch of model mid-answer is worse.
                         if exc.retryable:
                             breaker.failure()
-                        self.error = exc
-                        yield self.fail(exc)
+                        return self.fail(exc)
                     except Exception as exc:  # a backend bug must still end the stream properly
                         _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
                         err = UpstreamError(
                             f"backend {route.backend_name!r} failed: {type(exc).__name__}"
                         )
-                        self.error = err
-                        yield self.fail(err)
+                        return self.fail(err)
                     finally:
                         self.completion_tokens = tokens
                         if not self.terminal:
                             breaker.release()
                         await close_quietly(agen)
-                    return
             err = last or Unavailable("no backend could take this request")
             if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
                 code = err.code
                 err = UpstreamError(f"every backend failed; last: {err.message}")
                 err.code = code
-            self.error = err
-            yield self.fail(err)
+            return self.fail(err)
         finally:
             watchdog.close()
             self.finish()
@@ -346,14 +346,10 @@ class Inference:
 
     async def result(self) -> ChatResponse:
         """Run to the end and return the whole answer; raise the error if it failed."""
-        done: Done | None = None
-        async for event in self.events(data=False):
-            if type(event) is Done:
-                done = event
-            elif type(event) is Error:
-                assert self.error is not None
-                raise self.error
-        assert done is not None
+        done = await self.run()
+        if type(done) is not Done:
+            assert self.error is not None
+            raise self.error
         text = "".join(self.texts)
         calls = [
             ToolCallRef(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))

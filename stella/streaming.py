@@ -18,7 +18,7 @@ import anyio
 import msgspec
 import structlog
 
-from stella.core import Inference
+from stella.core import Inference, SinkClosed
 from stella.errors import ShuttingDown, StellaError
 from stella.protocol import Error, Start
 from stella.watchdog import ticker
@@ -122,7 +122,7 @@ class EventStream:
             (b"x-accel-buffering", b"no"),
             *((k.lower().encode(), v.encode()) for k, v in self.headers.items()),
         ]
-        self._last = 0.0
+        self._last = 0.0  # loop time of the last line sent
         self._open = True
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -139,18 +139,24 @@ class EventStream:
             min(WATCH_AFTER_S, self.ping_interval_s),
             lambda: watcher.append(loop.create_task(self._watch(receive, send, task, call))),
         )
-        events = inference.events()
+        encode = self.codec.encode
+
+        async def emit(event: Any) -> None:
+            chunk = encode(event)
+            if chunk:
+                try:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except OSError:
+                    raise SinkClosed from None
+                self._last = loop.time()
+
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             first = self.codec.start(inference.start_event())
             await send({"type": "http.response.body", "body": first, "more_body": True})
             self._last = loop.time()
-            encode = self.codec.encode
-            async for event in events:
-                chunk = encode(event)
-                if chunk:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    self._last = loop.time()
+            terminal = await inference.run(emit)
+            await emit(terminal)
             self._open = False
             await send(
                 {"type": "http.response.body", "body": self.codec.close(), "more_body": False}
@@ -162,8 +168,8 @@ class EventStream:
             if call.cancel_reason == "shutting_down":
                 err = ShuttingDown("the server is shutting down; retry the request")
                 await self._end(send, err)
-        except OSError:
-            # The client went away and the write failed: same as a disconnect.
+        except (OSError, SinkClosed):
+            # The client went away and a write failed: same as a disconnect.
             call.cancel_reason = call.cancel_reason or "client_closed"
         except Exception as exc:
             # A bug after the first byte: the stream still gets its one terminal line.
@@ -176,7 +182,6 @@ class EventStream:
             later.cancel()
             for w in watcher:
                 w.cancel()
-            await events.aclose()
             inference.finish()
             self.drain.leave(task)
 
