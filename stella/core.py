@@ -326,8 +326,7 @@ class Inference:
         self.terminal = True
         self.t_end = now
         ttft = self.ttft or now
-        gen_s = now - ttft
-        tps = usage.completion_tokens / gen_s if gen_s > 0 and usage.completion_tokens > 1 else None
+        tps = self._rate(usage, now)
         timings = Timings(
             queue_ms=round(self.queue_ms, 2),
             ttft_ms=round((ttft - self.t0) * 1000, 2),
@@ -335,6 +334,14 @@ class Inference:
             tokens_per_s=round(tps, 2) if tps else None,
         )
         return Done(finish_reason=done.finish_reason, usage=usage, timings=timings)
+
+    def _rate(self, usage: Usage, now: float) -> float | None:
+        """Completion tokens per second: from the first token when the answer streamed in
+        several deltas, over the whole call when it came in one piece (a non-stream call)."""
+        if usage.completion_tokens < 2 or not self.ttft:
+            return None
+        gen_s = now - (self.ttft if self.completion_tokens > 1 else self.t0)
+        return usage.completion_tokens / gen_s if gen_s > 0 else None
 
     def fail(self, exc: StellaError) -> Error:
         """Record `exc` as the outcome and return its terminal `error` event."""
@@ -401,8 +408,7 @@ class Inference:
             status = 200
         total_ms = (now - self.t0) * 1000
         ttft_ms = (self.ttft - self.t0) * 1000 if self.ttft else None
-        gen_s = (now - self.ttft) if self.ttft else 0.0
-        tps = usage.completion_tokens / gen_s if gen_s > 0 and usage.completion_tokens > 1 else None
+        tps = self._rate(usage, now)
         record: dict[str, Any] = {
             "request_id": self.call.request_id,
             "api": self.call.api,
