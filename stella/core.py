@@ -103,6 +103,32 @@ class Pipeline:
 class Inference:
     """One admitted call: its events, its outcome, its one log event."""
 
+    __slots__ = (
+        "attempts",
+        "backend_name",
+        "call",
+        "chain",
+        "collect",
+        "completion_tokens",
+        "created",
+        "error",
+        "finish_reason",
+        "logged",
+        "permit",
+        "pipeline",
+        "queue_ms",
+        "request",
+        "route",
+        "t0",
+        "t_end",
+        "terminal",
+        "texts",
+        "tool_calls",
+        "ttft",
+        "upstream_model",
+        "usage",
+    )
+
     def __init__(
         self,
         pipeline: Pipeline,

@@ -12,8 +12,8 @@ tell a worker to stop.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import msgspec
 
@@ -36,7 +36,6 @@ class CallContext:
     route: str = ""
     # Filled by the backend when it queues work, so the core can report queue_ms.
     queue_ms: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

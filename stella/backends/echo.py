@@ -58,7 +58,9 @@ class EchoBackend(Backend):
         cfg = self.cfg
         self.started += 1
         try:
-            prompt_tokens = sum(len(m.content.split()) for m in request.messages)
+            prompt_tokens = 0
+            for m in request.messages:
+                prompt_tokens += len(m.content.split())
             if cfg.fail_before_first or self.started <= cfg.fail_first_calls:
                 raise UpstreamError("echo: failing before the first token, as configured")
             last = request.messages[-1] if request.messages else None
@@ -73,19 +75,25 @@ class EchoBackend(Backend):
                 )
                 return
             text = cfg.reply or _last_text(request)
-            pieces, finish = _pieces(
-                _WORDS.findall(text), request.options.max_tokens, request.options.stop or ()
-            )
-            n = len(pieces)
+            limit = request.options.max_tokens
+            stops = request.options.stop or ()
             if not request.stream and not (
                 cfg.delay_s or cfg.stall_after >= 0 or cfg.fail_after >= 0
             ):
                 # A non-stream answer comes in one piece, as from a remote backend's
                 # non-stream call: the same text and the same token count.
-                if pieces:
-                    yield Delta(text="".join(pieces))
+                n = len(text.split())
+                if stops or (limit is not None and n > limit):
+                    pieces, finish = _pieces(_WORDS.findall(text), limit, stops)
+                    text, n = "".join(pieces), len(pieces)
+                else:
+                    text, finish = text.rstrip(), "stop"
+                if text:
+                    yield Delta(text=text)
                 yield Done(finish_reason=finish, usage=Usage(prompt_tokens, n, prompt_tokens + n))
                 return
+            pieces, finish = _pieces(_WORDS.findall(text), limit, stops)
+            n = len(pieces)
             for sent, piece in enumerate(pieces):
                 if sent == cfg.stall_after:
                     await asyncio.Event().wait()  # stall: only cancellation ends this
@@ -111,6 +119,8 @@ def _pieces(
     words: list[str], limit: int | None, stops: tuple[str, ...] | list[str]
 ) -> tuple[list[str], str]:
     """The deltas of an answer: cut after `limit` words or where a stop string begins."""
+    if not stops and (limit is None or len(words) <= limit):
+        return words, "stop"  # the common case: nothing cuts the answer
     out: list[str] = []
     emitted = ""
     for word in words:
