@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from stella.calls import Admission, Call, Permit
+from stella.calls import Admission, Call, Permit, Principal
 from stella.errors import Overloaded, RateLimited
 from stella.protocol import ChatRequest, Usage
 from stella.routing import Route
@@ -56,14 +56,23 @@ class MemoryBuckets:
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
         """Every bucket has room: take from all; otherwise take from none."""
         now = time.monotonic()
-        levels = [self._level(k, cap, ps, now) for k, cap, ps, _ in checks]
-        ok = all(level >= cost for level, (_, _, _, cost) in zip(levels, checks, strict=True))
+        levels_of = self._levels
+        levels = []
+        ok = True
+        for key, cap, ps, cost in checks:
+            level, at = levels_of.get(key, (cap, now))
+            level = min(cap, level + (now - at) * ps)
+            levels.append(level)
+            if level < cost:
+                ok = False
         out = []
-        for level, (key, cap, ps, cost) in zip(levels, checks, strict=True):
+        for level, (key, cap, ps, cost) in zip(levels, checks):  # noqa: B905 - same length
             left = level - cost if ok else level
-            self._levels[key] = (left, now)
-            wait = 0.0 if level >= cost else (cost - level) / ps
-            out.append(Take(level >= cost, left, wait, (cap - left) / ps))
+            levels_of[key] = (left, now)
+            enough = level >= cost
+            out.append(
+                Take(enough, left, 0.0 if enough else (cost - level) / ps, (cap - left) / ps)
+            )
         return out
 
     def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
@@ -107,6 +116,7 @@ class Limiter(Admission):
         self.limits = settings.limits
         self.buckets: BucketStore = _buckets_for(state)
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._plans: dict[tuple[str, str], _Plan] = {}
         self.rejections = 0
 
     def _slot(self, name: str, size: int) -> asyncio.Semaphore:
@@ -115,55 +125,76 @@ class Limiter(Admission):
             slot = self._slots[name] = asyncio.Semaphore(size)
         return slot
 
+    def _plan(self, p: Principal, route: Route) -> _Plan:
+        """The buckets and slots that apply to a key on a route (built once per pair)."""
+        cached = self._plans.get((p.name, route.name))
+        if cached is not None and cached.principal is p:
+            return cached
+        model = self.limits.models.get(route.name, {})
+        buckets = [
+            (f"rpm:key:{p.name}", p.requests_per_minute, False, f"key {p.name}"),
+            (f"tpm:key:{p.name}", p.tokens_per_minute, True, f"key {p.name}"),
+            (
+                f"rpm:model:{route.name}",
+                model.get("requests_per_minute", 0),
+                False,
+                f"model {route.name}",
+            ),
+            (
+                f"tpm:model:{route.name}",
+                model.get("tokens_per_minute", 0),
+                True,
+                f"model {route.name}",
+            ),
+        ]
+        slots = [
+            (f"key:{p.name}", p.max_concurrent),
+            (f"backend:{route.backend_name}", self.limits.backends.get(route.backend_name, 0)),
+        ]
+        plan = _Plan(
+            p,
+            [(k, float(n), n / 60.0, tokens, who) for k, n, tokens, who in buckets if n],
+            [(name, size) for name, size in slots if size],
+        )
+        if len(self._plans) < 10_000:
+            self._plans[(p.name, route.name)] = plan
+        return plan
+
     async def admit(self, call: Call, route: Route, request: ChatRequest) -> Permit:
         """Admit the call or raise RateLimited / Overloaded."""
-        p = call.principal
-        model = self.limits.models.get(route.name, {})
-        backend_slots = self.limits.backends.get(route.backend_name, 0)
-        if not (
-            p.requests_per_minute
-            or p.tokens_per_minute
-            or p.max_concurrent
-            or model
-            or backend_slots
-        ):
+        plan = self._plan(call.principal, route)
+        if not plan.buckets and not plan.slots:
             return _FREE
         headers: dict[str, str] = {}
         permit = LimitPermit(self, headers)
-        reserve = float(request.options.max_tokens or self.limits.reserve_tokens)
-        checks = [
-            (f"rpm:key:{p.name}", p.requests_per_minute, 1.0, False),
-            (f"tpm:key:{p.name}", p.tokens_per_minute, reserve, True),
-            (f"rpm:model:{route.name}", model.get("requests_per_minute", 0), 1.0, False),
-            (f"tpm:model:{route.name}", model.get("tokens_per_minute", 0), reserve, True),
-        ]
-        active = [(k, float(n), n / 60.0, float(min(c, n)), t) for k, n, c, t in checks if n]
-        # All buckets of one admission in one step: one Redis round trip, and nothing is
-        # taken from any bucket unless every bucket has room.
-        takes = (
-            await self.buckets.take_all([(k, n, ps, c) for k, n, ps, c, _ in active])
-            if active
-            else []
-        )
-        for (key, per_minute, per_s, cost, tokens), take in zip(active, takes, strict=True):
-            if key.startswith("rpm:key:") or not headers:
-                headers.update(_headers(int(per_minute), take))
-            if not take.allowed:
-                self.rejections += 1
-                raise RateLimited(
-                    f"rate limit of {int(per_minute)} {'tokens' if tokens else 'requests'} per "
-                    f"minute reached for {'key ' + p.name if ':key:' in key else 'model ' + route.name}",
-                    retry_after=take.retry_after,
-                    headers=headers,
-                )
-            if tokens:
-                permit._reserved.append((key, per_minute, per_s, cost))
-        for name, size in (
-            (f"key:{p.name}", p.max_concurrent),
-            (f"backend:{route.backend_name}", backend_slots),
-        ):
-            if not size:
-                continue
+        if plan.buckets:
+            reserve = float(request.options.max_tokens or self.limits.reserve_tokens)
+            # All buckets of one admission in one step: one Redis round trip, and nothing is
+            # taken from any bucket unless every bucket has room.
+            takes = await self.buckets.take_all(
+                [
+                    (k, n, ps, min(reserve, n) if tokens else 1.0)
+                    for k, n, ps, tokens, _ in plan.buckets
+                ]
+            )
+            # The first bucket (the key's requests, when it has a limit) sets the headers.
+            per_minute = plan.buckets[0][1]
+            first = takes[0]
+            headers["X-RateLimit-Limit"] = str(int(per_minute))
+            headers["X-RateLimit-Remaining"] = str(max(0, math.floor(first.remaining)))
+            headers["X-RateLimit-Reset"] = str(math.ceil(first.reset))
+            for (key, n, per_s, tokens, who), take in zip(plan.buckets, takes):  # noqa: B905
+                if not take.allowed:
+                    self.rejections += 1
+                    raise RateLimited(
+                        f"rate limit of {int(n)} {'tokens' if tokens else 'requests'} per "
+                        f"minute reached for {who}",
+                        retry_after=take.retry_after,
+                        headers=headers,
+                    )
+                if tokens:
+                    permit._reserved.append((key, n, per_s, min(reserve, n)))
+        for name, size in plan.slots:
             slot = self._slot(name, size)
             try:
                 async with asyncio.timeout(self.limits.queue_timeout_s):
@@ -179,15 +210,23 @@ class Limiter(Admission):
         return permit
 
 
+class _Plan:
+    """What admission checks for one key on one route."""
+
+    __slots__ = ("buckets", "principal", "slots")
+
+    def __init__(
+        self,
+        principal: Principal,
+        buckets: list[tuple[str, float, float, bool, str]],
+        slots: list[tuple[str, int]],
+    ) -> None:
+        self.principal = principal
+        self.buckets = buckets  # (bucket key, per minute, per second, counts tokens, whose)
+        self.slots = slots  # (slot name, size)
+
+
 _FREE = Permit()
-
-
-def _headers(limit: int, take: Take) -> dict[str, str]:
-    return {
-        "X-RateLimit-Limit": str(limit),
-        "X-RateLimit-Remaining": str(max(0, math.floor(take.remaining))),
-        "X-RateLimit-Reset": str(math.ceil(take.reset)),
-    }
 
 
 def _buckets_for(state: Any) -> BucketStore:
