@@ -33,9 +33,9 @@ local n = #KEYS
 local levels = {}
 local ok = true
 for i = 1, n do
-  local capacity = tonumber(ARGV[3 * i - 2])
-  local rate = tonumber(ARGV[3 * i - 1])
-  local cost = tonumber(ARGV[3 * i])
+  local capacity = tonumber(ARGV[4 * i - 3])
+  local rate = tonumber(ARGV[4 * i - 2])
+  local cost = tonumber(ARGV[4 * i - 1])
   local data = redis.call('HMGET', KEYS[i], 'level', 'at')
   local level = tonumber(data[1]) or capacity
   local at = tonumber(data[2]) or now
@@ -45,17 +45,22 @@ for i = 1, n do
 end
 local out = {}
 for i = 1, n do
-  local capacity = tonumber(ARGV[3 * i - 2])
-  local rate = tonumber(ARGV[3 * i - 1])
-  local cost = tonumber(ARGV[3 * i])
+  local capacity = tonumber(ARGV[4 * i - 3])
+  local rate = tonumber(ARGV[4 * i - 2])
+  local cost = tonumber(ARGV[4 * i - 1])
+  local want = tonumber(ARGV[4 * i])
   local level = levels[i]
-  local allowed = 0
-  if level >= cost then allowed = 1 end
-  if ok then level = level - cost end
+  local granted = 0
+  if ok then
+    granted = cost
+    if level >= want then granted = want end
+    level = level - granted
+  end
   redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', tostring(now))
   redis.call('EXPIRE', KEYS[i], math.ceil(capacity / rate) + 5)
-  out[2 * i - 1] = allowed
-  out[2 * i] = tostring(levels[i])
+  out[3 * i - 2] = tostring(levels[i])
+  out[3 * i - 1] = tostring(granted)
+  out[3 * i] = tostring(level)
 end
 return out
 """
@@ -282,37 +287,106 @@ class RedisState:
         return RedisBuckets(self)
 
 
+# A lease: tokens a process takes from a shared bucket beyond what one request needs,
+# to admit its next requests without a round trip. At most LEASE_SHARE of a bucket's
+# capacity and LEASE_REQUESTS requests' worth; unused tokens go back after LEASE_S.
+# Buckets under 1 / LEASE_SHARE per minute never lease: every request asks Redis.
+LEASE_SHARE = 0.01
+LEASE_REQUESTS = 32
+LEASE_S = 1.0
+
+
+class _Lease:
+    __slots__ = ("expires", "level", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens = 0.0  # held by this process, not yet handed to a request
+        self.expires = 0.0
+        self.level = 0.0  # the shared bucket's level after the last take
+
+
 class RedisBuckets:
-    """Token buckets in Redis: one Lua script per check, per-process fallback."""
+    """Token buckets in Redis: one Lua script per check, short leases, per-process fallback.
+
+    Every admitted request is paid for by tokens taken atomically from the shared
+    bucket, so replicas together never admit more than the limit. A busy
+    process takes a small lease with each call (see LEASE_SHARE) and admits from
+    it locally until it runs out or expires, which spares most requests the
+    round trip when limits are large.
+    """
 
     def __init__(self, state: RedisState) -> None:
         self.state = state
+        self._leases: dict[str, _Lease] = {}
+
+    def _from_leases(self, checks: list[tuple[str, float, float, float]]) -> list[Take] | None:
+        """Admit from local leases when every bucket holds enough; None otherwise."""
+        now = time.monotonic()
+        leases = []
+        for key, _, _, cost in checks:
+            lease = self._leases.get(key)
+            if lease is None or lease.tokens < cost or lease.expires < now:
+                return None
+            leases.append(lease)
+        out = []
+        for lease, (_, cap, per_s, cost) in zip(leases, checks):  # noqa: B905 - same length
+            lease.tokens -= cost
+            left = lease.level + lease.tokens
+            out.append(Take(True, left, 0.0, (cap - left) / per_s))
+        return out
+
+    def _return_expired(self, checks: list[tuple[str, float, float, float]]) -> None:
+        now = time.monotonic()
+        for key, cap, per_s, _ in checks:
+            lease = self._leases.get(key)
+            if lease is not None and lease.expires < now and lease.tokens:
+                self.give(key, cap, per_s, lease.tokens)
+                lease.tokens = 0.0
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
         """All buckets of one admission in one Lua call (nothing taken unless all fit)."""
+        leased = self._from_leases(checks)
+        if leased is not None:
+            return leased
+        self._return_expired(checks)
         st = self.state
         args: list[float] = []
         for _, cap, per_s, cost in checks:
-            args += [cap, per_s, cost]
+            extra = min(cap * LEASE_SHARE, cost * LEASE_REQUESTS)
+            extra = extra if extra >= cost else 0.0
+            args += [cap, per_s, cost, cost + extra]
         try:
             flat = await st._take_all(keys=[st._key("rl", k) for k, _, _, _ in checks], args=args)
         except (RedisError, OSError) as exc:
             st._failed(exc)
             return await st.local.take_all(checks)
         st._ok()
-        ok = all(flat[0::2])
         out = []
-        for i, (_, cap, per_s, cost) in enumerate(checks):
-            before = float(flat[2 * i + 1])
-            left = before - cost if ok else before
+        expires = time.monotonic() + LEASE_S
+        for i, (key, cap, per_s, cost) in enumerate(checks):
+            before, granted, after = (float(x) for x in flat[3 * i : 3 * i + 3])
+            if granted > cost:
+                lease = self._leases.get(key)
+                if lease is None:
+                    lease = self._leases[key] = _Lease()
+                lease.tokens += granted - cost
+                lease.expires = expires
+                lease.level = after
+            held = self._leases[key].tokens if key in self._leases else 0.0
+            allowed = granted >= cost and granted > 0
+            left = after + held
             out.append(
                 Take(
-                    bool(flat[2 * i]),
+                    allowed,
                     left,
                     0.0 if before >= cost else (cost - before) / per_s,
                     (cap - left) / per_s,
                 )
             )
+        if not all(t.allowed for t in out):
+            # Nothing was taken; every bucket reports itself as it is.
+            for i, t in enumerate(out):
+                t.allowed = float(flat[3 * i]) >= checks[i][3]
         return out
 
     def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:

@@ -135,3 +135,38 @@ def test_redis_outage_keeps_serving_then_recovers(redis: Redis) -> None:
             time.sleep(0.2)
         assert s.events("redis_recovered")
         assert httpx.get(s.url + "/ready").json()["checks"]["state"] == "ok"
+
+
+async def test_leases_never_admit_more_than_the_shared_limit(redis: Redis) -> None:
+    from stella.settings import StateSettings
+    from stella.state_redis import LEASE_REQUESTS, RedisState
+
+    per_minute = 3200.0  # large enough that each Redis call takes a lease of 32 requests
+    states = [RedisState(StateSettings(redis_url=redis.url, prefix="lease")) for _ in range(2)]
+    buckets = [s.buckets() for s in states]
+    calls = [0, 0]
+    for i, st in enumerate(states):
+        script = st._take_all
+
+        async def counted(*a: object, _i: int = i, _s: object = script, **kw: object) -> object:
+            calls[_i] += 1
+            return await _s(*a, **kw)  # type: ignore[operator]
+
+        st._take_all = counted  # type: ignore[method-assign]
+    check = [("rpm:key:shared", per_minute, per_minute / 60, 1.0)]
+    admitted = 0
+    t0 = time.monotonic()
+    refused = [False, False]
+    while not all(refused):
+        for i, b in enumerate(buckets):
+            if not refused[i]:
+                if (await b.take_all(check))[0].allowed:
+                    admitted += 1
+                else:
+                    refused[i] = True
+    refill = (time.monotonic() - t0) * per_minute / 60
+    assert admitted <= per_minute + refill + 1  # never more than the bucket held, in total
+    assert admitted >= per_minute - 2 * LEASE_REQUESTS  # at most the two leases left unused
+    assert sum(calls) < admitted / 10  # most admissions needed no round trip
+    for st in states:
+        await st.aclose()
