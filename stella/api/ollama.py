@@ -26,6 +26,14 @@ from stella.api.http import (
     services,
     stream_response,
 )
+from stella.api.ollama_request import (
+    OllamaChat,
+    OllamaGenerate,
+    ShowRequest,
+    to_format,
+    to_messages,
+    to_options,
+)
 from stella.api.openapi import Operation, document
 from stella.core import Call
 from stella.errors import InvalidRequest, ModelNotFound, StellaError
@@ -33,93 +41,16 @@ from stella.protocol import (
     ChatRequest,
     Done,
     Error,
-    FunctionCall,
     Message,
-    Options,
     Start,
-    Tool,
     ToolCall,
-    ToolCallRef,
 )
 from stella.streaming import Codec
-
-
-class OllamaOptions(msgspec.Struct):
-    """Ollama's `options` (unknown ones are ignored, as Ollama does)."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    num_predict: int | None = None
-    stop: list[str] | None = None
-    seed: int | None = None
-    num_ctx: int | None = None
-
-
-class OllamaFunctionCall(msgspec.Struct):
-    """A function call in a message (arguments are an object)."""
-
-    name: str
-    arguments: dict[str, Any] = {}
-
-
-class OllamaToolCall(msgspec.Struct):
-    """A tool call in a message."""
-
-    function: OllamaFunctionCall
-
-
-class OllamaMessage(msgspec.Struct):
-    """A chat message."""
-
-    role: str
-    content: str = ""
-    images: list[str] | None = None
-    tool_calls: list[OllamaToolCall] | None = None
-    tool_name: str | None = None
-
-
-class OllamaChat(msgspec.Struct, kw_only=True):
-    """POST /api/chat."""
-
-    model: str
-    messages: list[OllamaMessage] = []
-    stream: bool = True
-    options: OllamaOptions | None = None
-    format: Any = None
-    tools: list[Tool] | None = None
-    keep_alive: Any = None
-    think: Any = None
-
-
-class OllamaGenerate(msgspec.Struct, kw_only=True):
-    """POST /api/generate."""
-
-    model: str
-    prompt: str = ""
-    system: str | None = None
-    stream: bool = True
-    options: OllamaOptions | None = None
-    format: Any = None
-    raw: bool = False
-    images: list[str] | None = None
-    keep_alive: Any = None
-
-
-class ShowRequest(msgspec.Struct):
-    """POST /api/show."""
-
-    model: str = ""
-    name: str = ""
-
 
 _chat = msgspec.json.Decoder(OllamaChat)
 _generate = msgspec.json.Decoder(OllamaGenerate)
 _show = msgspec.json.Decoder(ShowRequest)
 _enc = msgspec.json.Encoder()
-ROLES = {"system", "user", "assistant", "tool"}
 
 
 class OllamaDialect(Dialect):
@@ -133,39 +64,6 @@ class OllamaDialect(Dialect):
 
 
 OLLAMA = OllamaDialect()
-
-
-def _options(o: OllamaOptions | None) -> Options:
-    if o is None:
-        return Options()
-    try:
-        return msgspec.convert(
-            {
-                k: v
-                for k, v in {
-                    "temperature": o.temperature,
-                    "top_p": o.top_p,
-                    "top_k": o.top_k,
-                    "min_p": o.min_p,
-                    "repetition_penalty": o.repeat_penalty,
-                    "max_tokens": o.num_predict if o.num_predict and o.num_predict > 0 else None,
-                    "stop": o.stop,
-                    "seed": o.seed,
-                }.items()
-                if v is not None
-            },
-            Options,
-        )
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"options: {exc}") from None
-
-
-def _format(fmt: Any) -> dict[str, Any] | None:
-    if fmt == "json":
-        return {"type": "json_object"}
-    if isinstance(fmt, dict):
-        return {"type": "json_schema", "json_schema": {"name": "response", "schema": fmt}}
-    return None
 
 
 def _now() -> str:
@@ -278,23 +176,7 @@ async def chat(request: Request, call: Call) -> Response:
     req: OllamaChat = _decode(
         await read_body(request, services(request).settings.server.max_body_bytes), _chat
     )
-    messages = []
-    for i, m in enumerate(req.messages):
-        if m.role not in ROLES:
-            raise InvalidRequest(f"$.messages[{i}].role: {m.role!r} is not one of {sorted(ROLES)}")
-        if m.images:
-            raise InvalidRequest(f"$.messages[{i}].images: images are not supported")
-        calls = (
-            [
-                ToolCallRef(
-                    function=FunctionCall(name=c.function.name, arguments=c.function.arguments)
-                )
-                for c in m.tool_calls
-            ]
-            if m.tool_calls
-            else None
-        )
-        messages.append(Message(role=m.role, content=m.content, tool_calls=calls, name=m.tool_name))  # type: ignore[arg-type]
+    messages = to_messages(req)
     if not messages:
         # Ollama loads the model on an empty chat; stella has nothing to load: say it is ready.
         route = services(request).router.resolve(req.model)
@@ -311,9 +193,9 @@ async def chat(request: Request, call: Call) -> Response:
         messages=messages,
         model=req.model,
         stream=req.stream,
-        options=_options(req.options),
+        options=to_options(req.options),
         tools=req.tools or None,
-        response_format=_format(req.format),
+        response_format=to_format(req.format),
     )
     return await _run(request, call, chat_req, generate=False)
 
@@ -344,8 +226,8 @@ async def generate(request: Request, call: Call) -> Response:
         messages=messages,
         model=req.model,
         stream=req.stream,
-        options=_options(req.options),
-        response_format=_format(req.format),
+        options=to_options(req.options),
+        response_format=to_format(req.format),
     )
     return await _run(request, call, chat_req, generate=True)
 

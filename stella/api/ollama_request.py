@@ -1,0 +1,141 @@
+"""Ollama request shapes and how they become stella's messages and options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from stella.errors import InvalidRequest
+from stella.protocol import FunctionCall, Message, Options, Tool, ToolCallRef
+
+
+class OllamaOptions(msgspec.Struct):
+    """Ollama's `options` (unknown ones are ignored, as Ollama does)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    num_predict: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    num_ctx: int | None = None
+
+
+class OllamaFunctionCall(msgspec.Struct):
+    """A function call in a message (arguments are an object)."""
+
+    name: str
+    arguments: dict[str, Any] = {}
+
+
+class OllamaToolCall(msgspec.Struct):
+    """A tool call in a message."""
+
+    function: OllamaFunctionCall
+
+
+class OllamaMessage(msgspec.Struct):
+    """A chat message."""
+
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
+    tool_name: str | None = None
+
+
+class OllamaChat(msgspec.Struct, kw_only=True):
+    """POST /api/chat."""
+
+    model: str
+    messages: list[OllamaMessage] = []
+    stream: bool = True
+    options: OllamaOptions | None = None
+    format: Any = None
+    tools: list[Tool] | None = None
+    keep_alive: Any = None
+    think: Any = None
+
+
+class OllamaGenerate(msgspec.Struct, kw_only=True):
+    """POST /api/generate."""
+
+    model: str
+    prompt: str = ""
+    system: str | None = None
+    stream: bool = True
+    options: OllamaOptions | None = None
+    format: Any = None
+    raw: bool = False
+    images: list[str] | None = None
+    keep_alive: Any = None
+
+
+class ShowRequest(msgspec.Struct):
+    """POST /api/show."""
+
+    model: str = ""
+    name: str = ""
+
+
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+def to_options(o: OllamaOptions | None) -> Options:
+    """Ollama's `options` as stella's; num_predict <= 0 means no limit."""
+    if o is None:
+        return Options()
+    try:
+        return msgspec.convert(
+            {
+                k: v
+                for k, v in {
+                    "temperature": o.temperature,
+                    "top_p": o.top_p,
+                    "top_k": o.top_k,
+                    "min_p": o.min_p,
+                    "repetition_penalty": o.repeat_penalty,
+                    "max_tokens": o.num_predict if o.num_predict and o.num_predict > 0 else None,
+                    "stop": o.stop,
+                    "seed": o.seed,
+                }.items()
+                if v is not None
+            },
+            Options,
+        )
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"options: {exc}") from None
+
+
+def to_format(fmt: Any) -> dict[str, Any] | None:
+    """Ollama's `format` (\"json\" or a JSON schema) as an OpenAI-style response_format."""
+    if fmt == "json":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict):
+        return {"type": "json_schema", "json_schema": {"name": "response", "schema": fmt}}
+    return None
+
+
+def to_messages(req: OllamaChat) -> list[Message]:
+    """The chat's messages as stella's; 400 for unknown roles and images."""
+    messages = []
+    for i, m in enumerate(req.messages):
+        if m.role not in ROLES:
+            raise InvalidRequest(f"$.messages[{i}].role: {m.role!r} is not one of {sorted(ROLES)}")
+        if m.images:
+            raise InvalidRequest(f"$.messages[{i}].images: images are not supported")
+        calls = (
+            [
+                ToolCallRef(
+                    function=FunctionCall(name=c.function.name, arguments=c.function.arguments)
+                )
+                for c in m.tool_calls
+            ]
+            if m.tool_calls
+            else None
+        )
+        messages.append(Message(role=m.role, content=m.content, tool_calls=calls, name=m.tool_name))  # type: ignore[arg-type]
+    return messages

@@ -1,0 +1,209 @@
+"""OpenAI request shapes and how they become one ChatRequest.
+
+Fields stella can't honour (n > 1, logprobs, images) get a 400 naming the
+parameter; other unknown fields are ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from stella.errors import InvalidRequest
+from stella.protocol import (
+    ChatRequest,
+    FunctionCall,
+    Message,
+    Options,
+    Tool,
+    ToolCallRef,
+)
+
+# --- request shapes ---------------------------------------------------------------
+
+
+class Part(msgspec.Struct):
+    """One part of a list-of-parts message content."""
+
+    type: str
+    text: str = ""
+
+
+class OAIFunctionCall(msgspec.Struct):
+    """A function call in an assistant message (arguments as a JSON string)."""
+
+    name: str
+    arguments: str = "{}"
+
+
+class OAIToolCall(msgspec.Struct):
+    """A tool call in an assistant message."""
+
+    function: OAIFunctionCall
+    id: str = ""
+    type: str = "function"
+
+
+class OAIMessage(msgspec.Struct):
+    """A chat message as OpenAI clients send it."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[Part] | None = None
+    name: str | None = None
+    tool_calls: list[OAIToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    """stream_options."""
+
+    include_usage: bool = False
+
+
+class CompletionCommon(msgspec.Struct, kw_only=True):
+    """Fields shared by chat and text completions."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = 1
+    logprobs: bool | int | None = None
+    user: str | None = None
+    metadata: dict[str, Any] | None = None
+    # Extensions many OpenAI-compatible servers accept.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    # stella extension: choose the backend by its configured name (never a URL).
+    provider: str | None = None
+
+
+class ChatCompletionRequest(CompletionCommon, kw_only=True):
+    """POST /v1/chat/completions."""
+
+    messages: list[OAIMessage]
+    tools: list[Tool] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(CompletionCommon, kw_only=True):
+    """POST /v1/completions (legacy text completions)."""
+
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+def invalid(message: str, param: str) -> InvalidRequest:
+    """A 400 that names the offending parameter."""
+    err = InvalidRequest(message)
+    err.param = param  # type: ignore[attr-defined]
+    return err
+
+
+# --- translation ----------------------------------------------------------------------
+
+
+def _text(content: str | list[Part] | None, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for i, part in enumerate(content):
+        if part.type != "text":
+            raise invalid(f"content part type {part.type!r} is not supported", f"{where}[{i}].type")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def to_options(req: CompletionCommon) -> Options:
+    """Sampling options; 400 for what stella can't honour (n > 1, logprobs)."""
+    if req.n != 1:
+        raise invalid("n > 1 is not supported: ask for one choice per request", "n")
+    if req.logprobs:
+        raise invalid("logprobs are not supported", "logprobs")
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    try:
+        return msgspec.convert(
+            {
+                k: v
+                for k, v in {
+                    "temperature": req.temperature,
+                    "top_p": req.top_p,
+                    "max_tokens": req.max_completion_tokens or req.max_tokens,
+                    "stop": stop,
+                    "seed": req.seed,
+                    "top_k": req.top_k,
+                    "min_p": req.min_p,
+                    "repetition_penalty": req.repetition_penalty,
+                }.items()
+                if v is not None
+            },
+            Options,
+        )
+    except msgspec.ValidationError as exc:
+        raise invalid(str(exc), str(exc).rpartition("$.")[2].rstrip("`") or "") from None
+
+
+def to_metadata(req: CompletionCommon) -> dict[str, Any] | None:
+    """The request's metadata (and `user`) for the inference log."""
+    meta = dict(req.metadata or {})
+    if req.user:
+        meta["user"] = req.user
+    return meta or None
+
+
+def to_chat(req: ChatCompletionRequest) -> ChatRequest:
+    """The internal request for a chat completion."""
+    if req.top_logprobs:
+        raise invalid("logprobs are not supported", "top_logprobs")
+    messages = []
+    for i, m in enumerate(req.messages):
+        calls = None
+        if m.tool_calls:
+            calls = []
+            for c in m.tool_calls:
+                try:
+                    args = msgspec.json.decode(c.function.arguments or "{}")
+                except msgspec.DecodeError:
+                    raise invalid(
+                        "tool call arguments are not JSON", f"messages[{i}].tool_calls"
+                    ) from None
+                calls.append(
+                    ToolCallRef(
+                        id=c.id,
+                        function=FunctionCall(
+                            name=c.function.name,
+                            arguments=args if isinstance(args, dict) else {"value": args},
+                        ),
+                    )
+                )
+        messages.append(
+            Message(
+                role="system" if m.role == "developer" else m.role,
+                content=_text(m.content, f"messages[{i}].content"),
+                name=m.name,
+                tool_calls=calls,
+                tool_call_id=m.tool_call_id,
+            )
+        )
+    return ChatRequest(
+        messages=messages,
+        model=req.model,
+        stream=req.stream,
+        options=to_options(req),
+        tools=req.tools or None,
+        response_format=req.response_format,
+        metadata=to_metadata(req),
+    )
