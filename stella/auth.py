@@ -6,7 +6,7 @@ import hashlib
 import ipaddress
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from stella.backends import ConfigError
 from stella.core import ANONYMOUS, Principal
@@ -75,26 +75,30 @@ class Authenticator:
                 "set keys (STELLA_API_KEYS or [auth.keys]) or auth.allow_anonymous = true"
             )
 
-    def authenticate(self, headers: Mapping[str, str]) -> Principal:
-        """The caller's Principal; Unauthorized when keys are on and the key is wrong."""
+    def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> Principal:
+        """The caller's Principal from raw ASGI headers; Unauthorized when the key is wrong."""
         if not self.enabled:
             return self.anonymous
         token = _token(headers)
         if not token:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
-        principal = self.keys.get(hashlib.sha256(token.encode()).hexdigest())
+        principal = self.keys.get(hashlib.sha256(token).hexdigest())
         if principal is None:
             raise Unauthorized("invalid API key")
         return principal
 
 
-def _token(headers: Mapping[str, str]) -> str:
-    value = headers.get("authorization", "")
-    if value:
-        scheme, _, rest = value.partition(" ")
-        if scheme.lower() == "bearer":
-            return rest.strip()
-    return headers.get("x-api-key", "").strip()
+def _token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """The key from `Authorization: Bearer` (preferred) or `X-API-Key`."""
+    api_key = b""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, rest = value.partition(b" ")
+            if scheme.lower() == b"bearer":
+                return rest.strip()
+        elif name == b"x-api-key":
+            api_key = value.strip()
+    return api_key
 
 
 def is_loopback(host: str) -> bool:
