@@ -55,6 +55,10 @@ class MemoryBuckets:
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
         """Every bucket has room: take from all; otherwise take from none."""
+        return self.take_now(checks)
+
+    def take_now(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
+        """take_all without the await: the limiter calls this directly for memory buckets."""
         now = time.monotonic()
         levels_of = self._levels
         levels = []
@@ -171,11 +175,15 @@ class Limiter(Admission):
             reserve = float(request.options.max_tokens or self.limits.reserve_tokens)
             # All buckets of one admission in one step: one Redis round trip, and nothing is
             # taken from any bucket unless every bucket has room.
-            takes = await self.buckets.take_all(
-                [
-                    (k, n, ps, min(reserve, n) if tokens else 1.0)
-                    for k, n, ps, tokens, _ in plan.buckets
-                ]
+            checks = [
+                (k, n, ps, min(reserve, n) if tokens else 1.0)
+                for k, n, ps, tokens, _ in plan.buckets
+            ]
+            buckets = self.buckets
+            takes = (
+                buckets.take_now(checks)
+                if type(buckets) is MemoryBuckets
+                else await buckets.take_all(checks)
             )
             # The first bucket (the key's requests, when it has a limit) sets the headers.
             per_minute = plan.buckets[0][1]
