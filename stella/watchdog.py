@@ -119,9 +119,7 @@ def ticker() -> Ticker:
     return found
 
 
-_tickers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Ticker] = (
-    weakref.WeakKeyDictionary()
-)
+_tickers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Ticker] = weakref.WeakKeyDictionary()
 
 
 class Watchdog:

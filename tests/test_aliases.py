@@ -11,8 +11,10 @@ from tests.live import LiveServer
 
 def test_invoke_shape(stella: LiveServer) -> None:
     # Example: POST /api/chat/invoke {"input_data": {"input": "..."}} -> {"output": "..."}
-    r = httpx.post(stella.url + "/api/chat/invoke",
-                   json={"input_data": {"input": "What is LangServe?"}, "model": "echo"})
+    r = httpx.post(
+        stella.url + "/api/chat/invoke",
+        json={"input_data": {"input": "What is LangServe?"}, "model": "echo"},
+    )
     assert r.status_code == 200
     assert r.json()["output"] == "What is LangServe?"
     assert httpx.get(stella.url + "/health").json()["status"] == "ok"
@@ -23,9 +25,14 @@ def test_invoke_shape(stella: LiveServer) -> None:
 def test_generate_v1_json_ndjson_and_sse(stella: LiveServer) -> None:
     # Example: POST /api/v1/generate {"prompt": "...", "stream": false} -> {"response": "..."}
     body = {"prompt": "Tell me a joke", "stream": False, "model": "echo"}
-    assert httpx.post(stella.url + "/api/v1/generate", json=body).json()["response"] == "Tell me a joke"
+    assert (
+        httpx.post(stella.url + "/api/v1/generate", json=body).json()["response"]
+        == "Tell me a joke"
+    )
     body["stream"] = True
-    r = httpx.post(stella.url + "/api/v1/generate", json=body, headers={"Accept": "text/event-stream"})
+    r = httpx.post(
+        stella.url + "/api/v1/generate", json=body, headers={"Accept": "text/event-stream"}
+    )
     assert r.headers["content-type"].startswith("text/event-stream")
     data = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
     assert data[-1] == "{}"
@@ -44,13 +51,19 @@ def test_switch_model_shape(stella: LiveServer) -> None:
 
 def test_provider_field_and_chat_stream_and_v1_health(stella: LiveServer) -> None:
     # Example: POST /v1/chat/completions {"provider": "...", "model": "...", "messages": [...]}
-    body = {"provider": "slow", "model": "anything", "messages": [{"role": "user", "content": "hi you"}]}
+    body = {
+        "provider": "slow",
+        "model": "anything",
+        "messages": [{"role": "user", "content": "hi you"}],
+    }
     r = httpx.post(stella.url + "/v1/chat/completions", json=body)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hi you"
     bad = httpx.post(stella.url + "/v1/chat/completions", json={**body, "provider": "http://evil"})
     assert bad.status_code == 404 and bad.json()["error"]["param"] == "provider"
-    r = httpx.post(stella.url + "/v1/chat/stream",
-                   json={"model": "echo", "messages": [{"role": "user", "content": "a b"}]})
+    r = httpx.post(
+        stella.url + "/v1/chat/stream",
+        json={"model": "echo", "messages": [{"role": "user", "content": "a b"}]},
+    )
     assert r.text.rstrip().endswith("data: [DONE]")
     health = httpx.get(stella.url + "/v1/health").json()
     assert health["status"] == "ok" and health["providers"]["echo"]["ok"] is True

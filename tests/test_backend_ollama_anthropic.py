@@ -50,8 +50,9 @@ def ollama(url: str) -> OllamaBackend:
 
 def claude(url: str) -> AnthropicBackend:
     os.environ["TEST_ANTHROPIC_KEY"] = KEY
-    return AnthropicBackend("a", AnthropicConfig(kind="anthropic", base_url=url,
-                                                 api_key_env="TEST_ANTHROPIC_KEY"))
+    return AnthropicBackend(
+        "a", AnthropicConfig(kind="anthropic", base_url=url, api_key_env="TEST_ANTHROPIC_KEY")
+    )
 
 
 async def test_ollama_stream_usage_options(ollama_url: tuple[FakeOllama, str]) -> None:
@@ -65,9 +66,12 @@ async def test_ollama_stream_usage_options(ollama_url: tuple[FakeOllama, str]) -
 
 
 async def test_ollama_tools_and_models(ollama_url: tuple[FakeOllama, str]) -> None:
-    events = await run(ollama(ollama_url[1]), "tools",
-                       tools=[Tool(function=FunctionSpec(name="get_weather"))])
-    assert events[0] == ToolCall(index=0, id="call_0", name="get_weather", arguments={"city": "Toronto"})
+    events = await run(
+        ollama(ollama_url[1]), "tools", tools=[Tool(function=FunctionSpec(name="get_weather"))]
+    )
+    assert events[0] == ToolCall(
+        index=0, id="call_0", name="get_weather", arguments={"city": "Toronto"}
+    )
     assert events[-1].finish_reason == "tool_calls"
     b = ollama(ollama_url[1])
     await b.start()
@@ -75,10 +79,13 @@ async def test_ollama_tools_and_models(ollama_url: tuple[FakeOllama, str]) -> No
     await b.aclose()
 
 
-@pytest.mark.parametrize(("model", "status", "needle"), [
-    ("error-before", 404, "not found"), ("busy", 429, "server busy")])
-async def test_ollama_http_errors(ollama_url: tuple[FakeOllama, str], model: str, status: int,
-                                  needle: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "status", "needle"),
+    [("error-before", 404, "not found"), ("busy", 429, "server busy")],
+)
+async def test_ollama_http_errors(
+    ollama_url: tuple[FakeOllama, str], model: str, status: int, needle: str
+) -> None:
     with pytest.raises(UpstreamStatus) as info:
         await run(ollama(ollama_url[1]), model)
     assert info.value.upstream_status == status and needle in info.value.message
@@ -91,16 +98,22 @@ async def test_ollama_mid_stream_error_and_malformed(ollama_url: tuple[FakeOllam
     await b.start()
     got: list = []
     with pytest.raises(StellaError, match="error was encountered"):
-        async for e in b.chat(ChatRequest(messages=HI, model="error-mid"), CallContext(request_id="r")):
+        async for e in b.chat(
+            ChatRequest(messages=HI, model="error-mid"), CallContext(request_id="r")
+        ):
             got.append(e)
     assert len(got) == 2
     with pytest.raises(StellaError, match="malformed"):
-        async for _ in b.chat(ChatRequest(messages=HI, model="malformed"), CallContext(request_id="r")):
+        async for _ in b.chat(
+            ChatRequest(messages=HI, model="malformed"), CallContext(request_id="r")
+        ):
             pass
     await b.aclose()
 
 
-async def test_anthropic_stream_system_usage_headers(anthropic_url: tuple[FakeAnthropic, str]) -> None:
+async def test_anthropic_stream_system_usage_headers(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
     fake, url = anthropic_url
     events = await run(claude(url), "claude-ok", options=Options(max_tokens=3, stop=["?"]))
     assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How"
@@ -114,16 +127,23 @@ async def test_anthropic_stream_system_usage_headers(anthropic_url: tuple[FakeAn
 
 
 async def test_anthropic_tools(anthropic_url: tuple[FakeAnthropic, str]) -> None:
-    events = await run(claude(anthropic_url[1]), "claude-tools",
-                       tools=[Tool(function=FunctionSpec(name="get_weather"))])
-    assert events[0] == ToolCall(index=0, id="toolu_1", name="get_weather", arguments={"location": "Paris"})
+    events = await run(
+        claude(anthropic_url[1]),
+        "claude-tools",
+        tools=[Tool(function=FunctionSpec(name="get_weather"))],
+    )
+    assert events[0] == ToolCall(
+        index=0, id="toolu_1", name="get_weather", arguments={"location": "Paris"}
+    )
     assert events[-1].finish_reason == "tool_calls"
 
 
-@pytest.mark.parametrize(("model", "status", "retryable"), [
-    ("claude-429", 429, True), ("claude-529", 529, True)])
-async def test_anthropic_http_errors(anthropic_url: tuple[FakeAnthropic, str], model: str,
-                                     status: int, retryable: bool) -> None:
+@pytest.mark.parametrize(
+    ("model", "status", "retryable"), [("claude-429", 429, True), ("claude-529", 529, True)]
+)
+async def test_anthropic_http_errors(
+    anthropic_url: tuple[FakeAnthropic, str], model: str, status: int, retryable: bool
+) -> None:
     with pytest.raises(UpstreamStatus) as info:
         await run(claude(anthropic_url[1]), model)
     assert info.value.upstream_status == status and info.value.retryable is retryable
@@ -131,7 +151,9 @@ async def test_anthropic_http_errors(anthropic_url: tuple[FakeAnthropic, str], m
         assert info.value.retry_after_hint == 3
 
 
-async def test_anthropic_error_event_malformed_and_auth(anthropic_url: tuple[FakeAnthropic, str]) -> None:
+async def test_anthropic_error_event_malformed_and_auth(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
     with pytest.raises(UpstreamStatus) as info:
         await run(claude(anthropic_url[1]), "claude-error-mid")
     assert info.value.upstream_status == 529
@@ -143,25 +165,47 @@ async def test_anthropic_error_event_malformed_and_auth(anthropic_url: tuple[Fak
     assert info.value.upstream_status == 401 and KEY not in info.value.message
 
 
-def test_through_stella_with_fallback(ollama_url: tuple[FakeOllama, str],
-                                      anthropic_url: tuple[FakeAnthropic, str]) -> None:
+def test_through_stella_with_fallback(
+    ollama_url: tuple[FakeOllama, str], anthropic_url: tuple[FakeAnthropic, str]
+) -> None:
     config = {
         "backends": {
             "gpu-box": {"kind": "ollama", "base_url": ollama_url[1]},
-            "claude": {"kind": "anthropic", "base_url": anthropic_url[1], "api_key_env": "CLAUDE_KEY"},
+            "claude": {
+                "kind": "anthropic",
+                "base_url": anthropic_url[1],
+                "api_key_env": "CLAUDE_KEY",
+            },
         },
-        "models": {"routes": {
-            "llama": {"backend": "gpu-box", "upstream_model": "llama3"},
-            "sonnet": {"backend": "claude", "upstream_model": "claude-529", "retries": 1,
-                       "retry_backoff_s": 0.01, "fallbacks": ["llama"]},
-        }},
+        "models": {
+            "routes": {
+                "llama": {"backend": "gpu-box", "upstream_model": "llama3"},
+                "sonnet": {
+                    "backend": "claude",
+                    "upstream_model": "claude-529",
+                    "retries": 1,
+                    "retry_backoff_s": 0.01,
+                    "fallbacks": ["llama"],
+                },
+            }
+        },
     }
     with run_stella(config, {"CLAUDE_KEY": KEY}) as server:
-        lines = ndjson(httpx.post(server.url + "/api/v1/chat", json={
-            "model": "llama", "messages": [{"role": "user", "content": "hi"}]}).text)
+        lines = ndjson(
+            httpx.post(
+                server.url + "/api/v1/chat",
+                json={"model": "llama", "messages": [{"role": "user", "content": "hi"}]},
+            ).text
+        )
         assert "".join(e.get("text", "") for e in lines) == "The sky is blue."
-        r = httpx.post(server.url + "/api/v1/chat", json={
-            "model": "sonnet", "stream": False, "messages": [{"role": "user", "content": "hi"}]})
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            json={
+                "model": "sonnet",
+                "stream": False,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
         assert r.status_code == 200 and r.json()["backend"] == "gpu-box"
         ev = server.wait_event(lambda e: e["model"] == "sonnet")
         assert [a.get("upstream_status") for a in ev["attempts"]][:2] == [529, 529]

@@ -19,8 +19,15 @@ CONFIG = {
     "backends": {"slow": {"kind": "echo", "delay_s": 0.08}},
     "models": {"routes": {"echo-slow": {"backend": "slow"}}},
 }
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +99,7 @@ def test_model_output_is_text_never_html(browser, server: LiveServer) -> None:  
     page.goto(server.url + "/playground")
     page.wait_for_function("document.querySelectorAll('#model option').length > 0")
     page.select_option("#model", "echo")
-    payload = "<img src=x onerror=\"window.__xss=1\"><script>window.__xss=2</script>"
+    payload = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
     send(page, payload)
     page.wait_for_selector(".msg.assistant .stats")
     assert page.inner_text(".msg.assistant .text") == payload

@@ -49,15 +49,26 @@ def test_in_band_error_raises_after_the_deltas(stella: LiveServer) -> None:
 def keyed() -> Iterator[LiveServer]:
     config = {
         "server": {"max_body_bytes": 4096},
-        "backends": {"down": {"kind": "echo", "fail_before_first": True},
-                     "stall": {"kind": "echo", "stall_after": 0}},
-        "models": {"routes": {"down": {"backend": "down", "retries": 0},
-                              "stall": {"backend": "stall", "ttft_timeout_s": 0.3, "retries": 0}},
-                   },
+        "backends": {
+            "down": {"kind": "echo", "fail_before_first": True},
+            "stall": {"kind": "echo", "stall_after": 0},
+        },
+        "models": {
+            "routes": {
+                "down": {"backend": "down", "retries": 0},
+                "stall": {"backend": "stall", "ttft_timeout_s": 0.3, "retries": 0},
+            },
+        },
         "limits": {"models": {"echo": {"requests_per_minute": 2}}},
         "breaker": {"failure_threshold": 0},
-        "auth": {"keys": {"narrow": {"sha256": __import__("hashlib").sha256(b"sk-narrow-1").hexdigest(),
-                                     "models": ["stall"]}}},
+        "auth": {
+            "keys": {
+                "narrow": {
+                    "sha256": __import__("hashlib").sha256(b"sk-narrow-1").hexdigest(),
+                    "models": ["stall"],
+                }
+            }
+        },
     }
     with run_stella(config, {"STELLA_API_KEYS": f"admin={KEY}"}) as s:
         yield s
@@ -82,8 +93,11 @@ def test_every_error_code_maps_to_its_exception(keyed: LiveServer) -> None:
         r = httpx.delete(url + "/api/v1/models/echo", headers={"Authorization": f"Bearer {KEY}"})
         raise sc.error_for(r, r.content)
     with pytest.raises(sc.UnsupportedMediaTypeError):
-        r = httpx.post(url + "/api/v1/chat", content=b"<x/>", headers={
-            "content-type": "application/xml", "Authorization": f"Bearer {KEY}"})
+        r = httpx.post(
+            url + "/api/v1/chat",
+            content=b"<x/>",
+            headers={"content-type": "application/xml", "Authorization": f"Bearer {KEY}"},
+        )
         raise sc.error_for(r, r.content)
     with pytest.raises(sc.UpstreamError):
         c.chat(msg, "down")
@@ -98,15 +112,20 @@ def test_every_error_code_maps_to_its_exception(keyed: LiveServer) -> None:
 
 def test_overloaded_and_unavailable_map() -> None:
     for code, cls in (("overloaded", sc.OverloadedError), ("unavailable", sc.UnavailableError)):
-        r = httpx.Response(503, json={"error": {"code": code, "message": "m", "request_id": "r"}},
-                           headers={"retry-after": "3"})
+        r = httpx.Response(
+            503,
+            json={"error": {"code": code, "message": "m", "request_id": "r"}},
+            headers={"retry-after": "3"},
+        )
         err = sc.error_for(r, r.content)
         assert isinstance(err, cls) and err.retry_after == 3 and err.request_id == "r"
 
 
 def test_leaving_a_stream_closes_the_connection(stella: LiveServer) -> None:
     with sc.Client(stella.url) as c:
-        stream = c.chat([{"role": "user", "content": " ".join(["w"] * 100)}], "echo-slow", stream=True)
+        stream = c.chat(
+            [{"role": "user", "content": " ".join(["w"] * 100)}], "echo-slow", stream=True
+        )
         start = next(stream)
         next(stream)
         stream.close()
@@ -116,15 +135,36 @@ def test_leaving_a_stream_closes_the_connection(stella: LiveServer) -> None:
 
 def test_cli_chat_and_models(stella: LiveServer) -> None:
     env = {"STELLA_URL": stella.url, "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "stella", "chat", "--model", "echo", "hello cli"],
-                         capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "chat", "--model", "echo", "hello cli"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 0 and out.stdout.strip() == "hello cli"
-    out = subprocess.run([sys.executable, "-m", "stella", "chat", "-m", "echo", "--stats"],
-                         input="from stdin", capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "chat", "-m", "echo", "--stats"],
+        input="from stdin",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.stdout.strip() == "from stdin" and "tok/s" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "stella", "chat", "-m", "nope", "x"],
-                         capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "chat", "-m", "nope", "x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 1 and "model_not_found" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "stella", "models"], capture_output=True, text=True,
-                         env=env, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "models"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 0 and "echo" in out.stdout and "BACKEND" in out.stdout

@@ -30,8 +30,11 @@ def client(server: LiveServer, key: str = KEY) -> anthropic.Anthropic:
 
 def test_messages_non_stream(server: LiveServer) -> None:
     m = client(server).messages.create(
-        model="echo", max_tokens=50, system="be brief",
-        messages=[{"role": "user", "content": "hello there"}])
+        model="echo",
+        max_tokens=50,
+        system="be brief",
+        messages=[{"role": "user", "content": "hello there"}],
+    )
     assert m.content[0].type == "text" and m.content[0].text == "hello there"
     assert m.stop_reason == "end_turn"
     assert m.usage.output_tokens == 2 and m.usage.input_tokens == 4
@@ -48,52 +51,85 @@ def test_messages_stream(server: LiveServer) -> None:
 
 
 def test_max_tokens_and_stop_sequences(server: LiveServer) -> None:
-    m = client(server).messages.create(model="echo", max_tokens=2,
-                                       messages=[{"role": "user", "content": "a b c d"}])
+    m = client(server).messages.create(
+        model="echo", max_tokens=2, messages=[{"role": "user", "content": "a b c d"}]
+    )
     assert m.stop_reason == "max_tokens" and m.content[0].text == "a b"
-    m = client(server).messages.create(model="echo", max_tokens=20, stop_sequences=[" c"],
-                                       messages=[{"role": "user", "content": "a b c d"}])
+    m = client(server).messages.create(
+        model="echo",
+        max_tokens=20,
+        stop_sequences=[" c"],
+        messages=[{"role": "user", "content": "a b c d"}],
+    )
     assert m.content[0].text == "a b"
 
 
 def test_tool_use_round_trip(server: LiveServer) -> None:
     tools = [{"name": "lookup", "description": "", "input_schema": {"type": "object"}}]
     c = client(server)
-    m = c.messages.create(model="echo", max_tokens=50, tools=tools,
-                          messages=[{"role": "user", "content": "Oslo"}])
+    m = c.messages.create(
+        model="echo", max_tokens=50, tools=tools, messages=[{"role": "user", "content": "Oslo"}]
+    )
     assert m.stop_reason == "tool_use"
     use = m.content[0]
     assert use.type == "tool_use" and use.name == "lookup" and use.input == {"input": "Oslo"}
-    with c.messages.stream(model="echo", max_tokens=50, tools=tools,
-                           messages=[{"role": "user", "content": "Oslo"}]) as s:
+    with c.messages.stream(
+        model="echo", max_tokens=50, tools=tools, messages=[{"role": "user", "content": "Oslo"}]
+    ) as s:
         final = s.get_final_message()
     assert final.content[0].type == "tool_use" and final.content[0].input == {"input": "Oslo"}
-    m2 = c.messages.create(model="echo", max_tokens=50, tools=tools, messages=[
-        {"role": "user", "content": "Oslo"},
-        {"role": "assistant", "content": [use.model_dump()]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "cold"}]},
-    ])
+    m2 = c.messages.create(
+        model="echo",
+        max_tokens=50,
+        tools=tools,
+        messages=[
+            {"role": "user", "content": "Oslo"},
+            {"role": "assistant", "content": [use.model_dump()]},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "cold"}],
+            },
+        ],
+    )
     assert m2.content[0].text == "cold"
 
 
 def test_errors(server: LiveServer) -> None:
     with pytest.raises(anthropic.AuthenticationError):
-        client(server, "wrong").messages.create(model="echo", max_tokens=5,
-                                                messages=[{"role": "user", "content": "x"}])
+        client(server, "wrong").messages.create(
+            model="echo", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+        )
     with pytest.raises(anthropic.NotFoundError):
-        client(server).messages.create(model="claude-9", max_tokens=5,
-                                       messages=[{"role": "user", "content": "x"}])
+        client(server).messages.create(
+            model="claude-9", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+        )
     with pytest.raises(anthropic.BadRequestError):
-        client(server).messages.create(model="echo", max_tokens=5, messages=[
-            {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "x"}}]}])
+        client(server).messages.create(
+            model="echo",
+            max_tokens=5,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "source": {"type": "url", "url": "x"}}],
+                }
+            ],
+        )
 
 
 async def test_disconnect_cancels_and_logs_anthropic(server: LiveServer) -> None:
-    body = {"model": "echo-slow", "max_tokens": 500, "stream": True,
-            "messages": [{"role": "user", "content": " ".join(["w"] * 100)}]}
+    body = {
+        "model": "echo-slow",
+        "max_tokens": 500,
+        "stream": True,
+        "messages": [{"role": "user", "content": " ".join(["w"] * 100)}],
+    }
     async with httpx.AsyncClient(timeout=10) as c:
-        async with c.stream("POST", server.url + "/v1/messages", json=body,
-                            headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"}) as r:
+        async with c.stream(
+            "POST",
+            server.url + "/v1/messages",
+            json=body,
+            headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+        ) as r:
             rid = r.headers["x-request-id"]
             n = 0
             async for line in r.aiter_lines():
@@ -101,4 +137,8 @@ async def test_disconnect_cancels_and_logs_anthropic(server: LiveServer) -> None
                 if n == 3:
                     break
     ev = await asyncio.to_thread(server.wait_event, lambda e: e["request_id"] == rid)
-    assert ev["api"] == "anthropic" and ev["finish_reason"] == "client_closed" and ev["key"] == "claude"
+    assert (
+        ev["api"] == "anthropic"
+        and ev["finish_reason"] == "client_closed"
+        and ev["key"] == "claude"
+    )

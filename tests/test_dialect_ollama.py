@@ -35,8 +35,9 @@ def test_generate_stream_and_not(stella: LiveServer) -> None:
 
 
 def test_options_map_num_predict(stella: LiveServer) -> None:
-    r = client(stella).chat(model="echo", messages=[{"role": "user", "content": "a b c d"}],
-                            options={"num_predict": 2})
+    r = client(stella).chat(
+        model="echo", messages=[{"role": "user", "content": "a b c d"}], options={"num_predict": 2}
+    )
     assert r.message.content == "a b" and r.done_reason == "length"
 
 
@@ -51,9 +52,15 @@ def test_list_show_ps_version(stella: LiveServer) -> None:
 
 
 def test_tool_calls(stella: LiveServer) -> None:
-    tools = [{"type": "function", "function": {"name": "lookup", "description": "",
-                                              "parameters": {"type": "object"}}}]
-    r = client(stella).chat(model="echo", messages=[{"role": "user", "content": "Rome"}], tools=tools)
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "lookup", "description": "", "parameters": {"type": "object"}},
+        }
+    ]
+    r = client(stella).chat(
+        model="echo", messages=[{"role": "user", "content": "Rome"}], tools=tools
+    )
     call = r.message.tool_calls[0]
     assert call.function.name == "lookup" and call.function.arguments == {"input": "Rome"}
 
@@ -68,8 +75,10 @@ def test_errors_are_response_errors(stella: LiveServer) -> None:
 
 
 def test_error_mid_stream_is_a_last_line(stella: LiveServer) -> None:
-    r = httpx.post(stella.url + "/api/chat", json={
-        "model": "echo-fail-after", "messages": [{"role": "user", "content": "a b c d e"}]})
+    r = httpx.post(
+        stella.url + "/api/chat",
+        json={"model": "echo-fail-after", "messages": [{"role": "user", "content": "a b c d e"}]},
+    )
     lines = [json.loads(x) for x in r.text.splitlines()]
     assert lines[-1] == {"error": "echo: failing after 3 tokens, as configured"}
     assert sum("message" in x for x in lines) == 3

@@ -17,7 +17,8 @@ def test_stella_js_with_node() -> None:
         if os.environ.get("CI"):
             pytest.fail("node is missing")
         pytest.skip("node is not installed")
-    proc = subprocess.run([node, "--test", "tests/js/"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [node, "--test", "tests/js/"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "# fail 0" in proc.stdout

@@ -80,12 +80,17 @@ async def test_per_backend_concurrency() -> None:
         "models": {"routes": {"slow": {"backend": "slow"}, "slow-too": {"backend": "slow"}}},
     }
     with run_stella(config) as server:
-        slow = {"model": "slow", "stream": False,
-                "messages": [{"role": "user", "content": "a b c d e"}]}
+        slow = {
+            "model": "slow",
+            "stream": False,
+            "messages": [{"role": "user", "content": "a b c d e"}],
+        }
         async with httpx.AsyncClient(timeout=10) as c:
             first = asyncio.create_task(c.post(server.url + "/api/v1/chat", json=slow))
             await asyncio.sleep(0.1)
-            other_route = await c.post(server.url + "/api/v1/chat", json={**slow, "model": "slow-too"})
+            other_route = await c.post(
+                server.url + "/api/v1/chat", json={**slow, "model": "slow-too"}
+            )
             assert other_route.status_code == 503
             assert "backend slow" in other_route.json()["error"]["message"]
             assert (await c.post(server.url + "/api/v1/chat", json=body())).status_code == 200

@@ -37,9 +37,24 @@ class Redis:
                 pytest.fail("redis-server is missing: apt-get install redis-server")
             pytest.skip("redis-server is not installed")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "1 1", "--appendonly", "yes", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "1 1",
+                "--appendonly",
+                "yes",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -78,7 +93,9 @@ BODY = {"model": "echo", "stream": False, "messages": [{"role": "user", "content
 
 async def _burst(urls: list[str], n: int) -> list[int]:
     async with httpx.AsyncClient(timeout=20) as c:
-        calls = [c.post(urls[i % len(urls)] + "/api/v1/chat", json=BODY, headers=AUTH) for i in range(n)]
+        calls = [
+            c.post(urls[i % len(urls)] + "/api/v1/chat", json=BODY, headers=AUTH) for i in range(n)
+        ]
         return [r.status_code for r in await asyncio.gather(*calls)]
 
 
@@ -92,12 +109,18 @@ def test_two_processes_share_one_limit(redis: Redis) -> None:
 
 
 def test_restart_keeps_the_switch_and_the_usage(redis: Redis) -> None:
-    cfg = config(redis, backends={"other": {"kind": "echo"}},
-                 models={"routes": {"other-model": {"backend": "other"}}})
+    cfg = config(
+        redis,
+        backends={"other": {"kind": "echo"}},
+        models={"routes": {"other-model": {"backend": "other"}}},
+    )
     with run_stella(cfg, ENV) as s:
-        assert httpx.post(s.url + "/api/v1/models/switch/other-model", headers=AUTH).status_code == 200
-        r = httpx.post(s.url + "/api/v1/models", headers=AUTH,
-                       json={"name": "runtime-echo", "backend": "echo"})
+        assert (
+            httpx.post(s.url + "/api/v1/models/switch/other-model", headers=AUTH).status_code == 200
+        )
+        r = httpx.post(
+            s.url + "/api/v1/models", headers=AUTH, json={"name": "runtime-echo", "backend": "echo"}
+        )
         assert r.status_code == 201
         for _ in range(3):
             assert httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200

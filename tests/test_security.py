@@ -17,8 +17,17 @@ from tests.live import run_stella
 ADMIN = "sk-sec-admin-000111"
 NARROW = "sk-sec-narrow-000222"
 UPSTREAM_SECRET = "sk-upstream-secret-999"
-PUBLIC = {"/health", "/ready", "/playground", "/api/version", "/api/llm/health", "/v1/health",
-          "/docs", "/openapi.json", "/"}
+PUBLIC = {
+    "/health",
+    "/ready",
+    "/playground",
+    "/api/version",
+    "/api/llm/health",
+    "/v1/health",
+    "/docs",
+    "/openapi.json",
+    "/",
+}
 
 
 def sha(key: str) -> str:
@@ -27,8 +36,14 @@ def sha(key: str) -> str:
 
 CONFIG = {
     "auth": {"keys": {"narrow": {"sha256": sha(NARROW), "models": ["echo"]}}},
-    "backends": {"paid": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1",
-                          "api_key_env": "PAID_KEY", "connect_timeout_s": 0.5}},
+    "backends": {
+        "paid": {
+            "kind": "openai",
+            "base_url": "http://127.0.0.1:9/v1",
+            "api_key_env": "PAID_KEY",
+            "connect_timeout_s": 0.5,
+        }
+    },
     "models": {"routes": {"paid-model": {"backend": "paid", "retries": 0}}},
     "cors": {"allowed_origins": ["https://app.example"]},
     "server": {"max_body_bytes": 2048},
@@ -37,14 +52,23 @@ CONFIG = {
 
 def all_routes() -> list[tuple[str, str]]:
     """Every (method, path) the app serves, found by walking its routes."""
-    app = create_app(load_settings({"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}},
-                                   environ={}))
+    app = create_app(
+        load_settings(
+            {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}, environ={}
+        )
+    )
     out = []
     for r in app.router.routes:
         if isinstance(r, Route):
             for method in sorted((r.methods or {"GET"}) - {"HEAD"}):
-                out.append((method, r.path.replace("{name:path}", "echo").replace("{model:path}", "echo")
-                            .replace("{name}", "echo")))
+                out.append(
+                    (
+                        method,
+                        r.path.replace("{name:path}", "echo")
+                        .replace("{model:path}", "echo")
+                        .replace("{name}", "echo"),
+                    )
+                )
         elif isinstance(r, Mount):
             out.append(("GET", r.path + "/stella.js"))
     return out
@@ -57,8 +81,12 @@ def test_every_route_needs_a_key_and_nothing_leaks() -> None:
         assert len(routes) > 25
         seen = []
         for method, path in routes:
-            r = httpx.request(method, server.url + path, json={"messages": [{"role": "user", "content": "x"}]},
-                              timeout=10)
+            r = httpx.request(
+                method,
+                server.url + path,
+                json={"messages": [{"role": "user", "content": "x"}]},
+                timeout=10,
+            )
             seen.append(r.text)
             if path in PUBLIC or path.startswith("/static"):
                 assert r.status_code != 401, (method, path)
@@ -66,23 +94,43 @@ def test_every_route_needs_a_key_and_nothing_leaks() -> None:
                 assert r.status_code == 401, (method, path, r.status_code)
         # With the admin key, exercise every route once more, including a failing upstream.
         for method, path in routes:
-            r = httpx.request(method, server.url + path, headers={"Authorization": f"Bearer {ADMIN}"},
-                              json={"model": "echo", "messages": [{"role": "user", "content": "x"}]},
-                              timeout=10)
+            r = httpx.request(
+                method,
+                server.url + path,
+                headers={"Authorization": f"Bearer {ADMIN}"},
+                json={"model": "echo", "messages": [{"role": "user", "content": "x"}]},
+                timeout=10,
+            )
             assert r.status_code < 500 or path in ("/api/v1/chat",), (method, path, r.status_code)
             seen.append(r.text)
-        r = httpx.post(server.url + "/api/v1/chat", headers={"X-API-Key": ADMIN},
-                       json={"model": "paid-model", "stream": False, "messages": [{"role": "user", "content": "x"}]})
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            headers={"X-API-Key": ADMIN},
+            json={
+                "model": "paid-model",
+                "stream": False,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+        )
         assert r.status_code == 502
         seen.append(r.text)
         # A key limited to one model gets 403 elsewhere.
-        r = httpx.post(server.url + "/api/v1/chat", headers={"Authorization": f"Bearer {NARROW}"},
-                       json={"model": "paid-model", "messages": [{"role": "user", "content": "x"}]})
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            headers={"Authorization": f"Bearer {NARROW}"},
+            json={"model": "paid-model", "messages": [{"role": "user", "content": "x"}]},
+        )
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
-        r = httpx.post(server.url + "/api/v1/models/switch/echo", headers={"Authorization": f"Bearer {NARROW}"})
+        r = httpx.post(
+            server.url + "/api/v1/models/switch/echo", headers={"Authorization": f"Bearer {NARROW}"}
+        )
         assert r.status_code == 403
-        seen.append(httpx.get(server.url + "/config", headers={"Authorization": f"Bearer {ADMIN}"}).text)
-        seen.append(httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text)
+        seen.append(
+            httpx.get(server.url + "/config", headers={"Authorization": f"Bearer {ADMIN}"}).text
+        )
+        seen.append(
+            httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+        )
         server.stop()
         everything = "\n".join(seen + server.lines())
     for secret in (ADMIN, NARROW, UPSTREAM_SECRET, sha(ADMIN), sha(NARROW)):
@@ -92,44 +140,74 @@ def test_every_route_needs_a_key_and_nothing_leaks() -> None:
 
 def test_cors_allows_the_configured_origin_only() -> None:
     with run_stella(CONFIG, {"STELLA_API_KEYS": ADMIN}) as server:
-        pre = httpx.options(server.url + "/api/v1/chat", headers={
-            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type"})
+        pre = httpx.options(
+            server.url + "/api/v1/chat",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
         assert pre.status_code == 200
         assert pre.headers["access-control-allow-origin"] == "https://app.example"
-        r = httpx.post(server.url + "/api/v1/chat", headers={"Origin": "https://app.example",
-                                                             "Authorization": f"Bearer {ADMIN}"},
-                       json={"model": "echo", "messages": [{"role": "user", "content": "x"}]})
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            headers={"Origin": "https://app.example", "Authorization": f"Bearer {ADMIN}"},
+            json={"model": "echo", "messages": [{"role": "user", "content": "x"}]},
+        )
         assert r.headers["access-control-allow-origin"] == "https://app.example"
         assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
-        bad = httpx.options(server.url + "/api/v1/chat", headers={
-            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        bad = httpx.options(
+            server.url + "/api/v1/chat",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+        )
         assert bad.status_code == 400
         assert "access-control-allow-origin" not in bad.headers
 
 
 def test_oversized_body_is_413() -> None:
     with run_stella(CONFIG, {"STELLA_API_KEYS": ADMIN}) as server:
-        r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {ADMIN}"},
-                       json={"model": "echo", "messages": [{"role": "user", "content": "x" * 4000}]})
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {ADMIN}"},
+            json={"model": "echo", "messages": [{"role": "user", "content": "x" * 4000}]},
+        )
         assert r.status_code == 413
 
 
 def test_no_keys_on_a_public_address_refuses_to_start() -> None:
-    env = {"PATH": "/usr/bin:/bin", "STELLA_MODELS__DEFAULT": "echo", "STELLA_BACKENDS__LOCAL__ENABLED": "false"}
-    proc = subprocess.run([sys.executable, "-m", "stella", "serve", "--host", "0.0.0.0", "--port", "1"],
-                          env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "STELLA_MODELS__DEFAULT": "echo",
+        "STELLA_BACKENDS__LOCAL__ENABLED": "false",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "stella", "serve", "--host", "0.0.0.0", "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "allow_anonymous" in proc.stderr
 
 
 @pytest.mark.parametrize("extra", [["--admin"], ["--models", "echo*", "gpt-*"]])
 def test_keys_new_prints_a_working_config_line(extra: list[str]) -> None:
-    out = subprocess.run([sys.executable, "-m", "stella", "keys", "new", "bob", *extra],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "keys", "new", "bob", *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0
     key = out.stderr.split("key: ", 1)[1].split()[0]
     assert f'sha256 = "{sha(key)}"' in out.stdout and "[auth.keys.bob]" in out.stdout
-    hashed = subprocess.run([sys.executable, "-m", "stella", "keys", "hash"], input=key + "\n",
-                            capture_output=True, text=True, timeout=60)
+    hashed = subprocess.run(
+        [sys.executable, "-m", "stella", "keys", "hash"],
+        input=key + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert hashed.stdout.strip() == sha(key)

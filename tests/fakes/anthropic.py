@@ -21,8 +21,9 @@ KEY = "sk-ant-fake-key"
 
 
 def err(kind: str, message: str, status: int, headers: dict[str, str] | None = None) -> Response:
-    return JSONResponse({"type": "error", "error": {"type": kind, "message": message}}, status,
-                        headers=headers)
+    return JSONResponse(
+        {"type": "error", "error": {"type": kind, "message": message}}, status, headers=headers
+    )
 
 
 class FakeAnthropic:
@@ -31,15 +32,21 @@ class FakeAnthropic:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
-        self.app = Starlette(routes=[
-            Route("/v1/messages", self.messages, methods=["POST"]),
-            Route("/v1/models", self.models),
-            Route("/health", self.models),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route("/v1/messages", self.messages, methods=["POST"]),
+                Route("/v1/models", self.models),
+                Route("/health", self.models),
+            ]
+        )
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"data": [{"type": "model", "id": "claude-ok", "display_name": "ok"}],
-                             "has_more": False})
+        return JSONResponse(
+            {
+                "data": [{"type": "model", "id": "claude-ok", "display_name": "ok"}],
+                "has_more": False,
+            }
+        )
 
     async def messages(self, request: Request) -> Response:
         if request.headers.get("x-api-key") != KEY:
@@ -49,8 +56,12 @@ class FakeAnthropic:
         self.headers.append(dict(request.headers))
         model = body["model"]
         if model == "claude-429":
-            return err("rate_limit_error", "Number of requests has exceeded your rate limit", 429,
-                       {"retry-after": "3"})
+            return err(
+                "rate_limit_error",
+                "Number of requests has exceeded your rate limit",
+                429,
+                {"retry-after": "3"},
+            )
         if model == "claude-529":
             return err("overloaded_error", "Overloaded", 529)
         return StreamingResponse(self._events(model, body), media_type="text/event-stream")
@@ -59,23 +70,57 @@ class FakeAnthropic:
         def event(name: str, data: dict[str, Any]) -> bytes:
             return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
-        yield event("message_start", {"type": "message_start", "message": {
-            "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": model,
-            "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 25, "output_tokens": 1}}})
+        yield event(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_1",
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [],
+                    "model": model,
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 25, "output_tokens": 1},
+                },
+            },
+        )
         yield event("ping", {"type": "ping"})
         if model == "claude-tools":
-            yield event("content_block_start", {"type": "content_block_start", "index": 0,
-                                                "content_block": {"type": "tool_use", "id": "toolu_1",
-                                                                  "name": "get_weather", "input": {}}})
+            yield event(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {
+                        "type": "tool_use",
+                        "id": "toolu_1",
+                        "name": "get_weather",
+                        "input": {},
+                    },
+                },
+            )
             for part in ('{"loc', 'ation": "Par', 'is"}'):
-                yield event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                    "delta": {"type": "input_json_delta", "partial_json": part}})
+                yield event(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "input_json_delta", "partial_json": part},
+                    },
+                )
             yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
             stop, out = "tool_use", 12
         else:
-            yield event("content_block_start", {"type": "content_block_start", "index": 0,
-                                                "content_block": {"type": "text", "text": ""}})
+            yield event(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "text", "text": ""},
+                },
+            )
             words = ["Hello", "!", " How", " can", " I", " help?"]
             limit = body.get("max_tokens", 1024)
             stop = "end_turn"
@@ -85,17 +130,33 @@ class FakeAnthropic:
                     stop = "max_tokens"
                     break
                 if model == "claude-error-mid" and out == 1:
-                    yield event("error", {"type": "error", "error": {"type": "overloaded_error",
-                                                                     "message": "Overloaded"}})
+                    yield event(
+                        "error",
+                        {
+                            "type": "error",
+                            "error": {"type": "overloaded_error", "message": "Overloaded"},
+                        },
+                    )
                     return
                 if model == "claude-malformed" and out == 1:
                     yield b"event: content_block_delta\ndata: {broken\n\n"
                     return
-                yield event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                    "delta": {"type": "text_delta", "text": word}})
+                yield event(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": word},
+                    },
+                )
                 out += 1
             yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
-        yield event("message_delta", {"type": "message_delta",
-                                      "delta": {"stop_reason": stop, "stop_sequence": None},
-                                      "usage": {"output_tokens": out}})
+        yield event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop, "stop_sequence": None},
+                "usage": {"output_tokens": out},
+            },
+        )
         yield event("message_stop", {"type": "message_stop"})

@@ -24,20 +24,33 @@ class FakeOllama:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
-        self.app = Starlette(routes=[
-            Route("/api/chat", self.chat, methods=["POST"]),
-            Route("/api/tags", self.tags),
-            Route("/api/version", self.version),
-            Route("/health", self.version),
-        ])
+        self.app = Starlette(
+            routes=[
+                Route("/api/chat", self.chat, methods=["POST"]),
+                Route("/api/tags", self.tags),
+                Route("/api/version", self.version),
+                Route("/health", self.version),
+            ]
+        )
 
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": "0.5.1"})
 
     async def tags(self, request: Request) -> Response:
-        return JSONResponse({"models": [{"name": "llama3:latest", "model": "llama3:latest",
-                                         "modified_at": CREATED, "size": 1, "digest": "x",
-                                         "details": {"family": "llama"}}]})
+        return JSONResponse(
+            {
+                "models": [
+                    {
+                        "name": "llama3:latest",
+                        "model": "llama3:latest",
+                        "modified_at": CREATED,
+                        "size": 1,
+                        "digest": "x",
+                        "details": {"family": "llama"},
+                    }
+                ]
+            }
+        )
 
     async def chat(self, request: Request) -> Response:
         body = await request.json()
@@ -49,20 +62,41 @@ class FakeOllama:
             return JSONResponse({"error": "server busy"}, 429, headers={"Retry-After": "2"})
         words = ["The", " sky", " is", " blue", "."]
         limit = (body.get("options") or {}).get("num_predict")
-        return StreamingResponse(self._lines(model, words, limit), media_type="application/x-ndjson")
+        return StreamingResponse(
+            self._lines(model, words, limit), media_type="application/x-ndjson"
+        )
 
     async def _lines(self, model: str, words: list[str], limit: int | None) -> AsyncIterator[bytes]:
         def line(obj: dict[str, Any]) -> bytes:
             return json.dumps(obj).encode() + b"\n"
 
         if model == "tools":
-            yield line({"model": model, "created_at": CREATED, "message": {
-                "role": "assistant", "content": "", "tool_calls": [
-                    {"function": {"name": "get_weather", "arguments": {"city": "Toronto"}}}]},
-                "done": False})
-            yield line({"model": model, "created_at": CREATED, "message": {"role": "assistant", "content": ""},
-                        "done": True, "done_reason": "stop", "total_duration": 1000,
-                        "prompt_eval_count": 10, "eval_count": 3})
+            yield line(
+                {
+                    "model": model,
+                    "created_at": CREATED,
+                    "message": {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [
+                            {"function": {"name": "get_weather", "arguments": {"city": "Toronto"}}}
+                        ],
+                    },
+                    "done": False,
+                }
+            )
+            yield line(
+                {
+                    "model": model,
+                    "created_at": CREATED,
+                    "message": {"role": "assistant", "content": ""},
+                    "done": True,
+                    "done_reason": "stop",
+                    "total_duration": 1000,
+                    "prompt_eval_count": 10,
+                    "eval_count": 3,
+                }
+            )
             return
         sent = 0
         for word in words:
@@ -74,10 +108,27 @@ class FakeOllama:
             if model == "malformed" and sent == 1:
                 yield b"{this is not json\n"
                 return
-            yield line({"model": model, "created_at": CREATED,
-                        "message": {"role": "assistant", "content": word}, "done": False})
+            yield line(
+                {
+                    "model": model,
+                    "created_at": CREATED,
+                    "message": {"role": "assistant", "content": word},
+                    "done": False,
+                }
+            )
             sent += 1
-        yield line({"model": model, "created_at": CREATED, "message": {"role": "assistant", "content": ""},
-                    "done": True, "done_reason": "length" if limit is not None and sent >= limit else "stop",
-                    "total_duration": 5_000_000, "load_duration": 1_000, "prompt_eval_count": 26,
-                    "prompt_eval_duration": 100_000, "eval_count": sent, "eval_duration": 900_000})
+        yield line(
+            {
+                "model": model,
+                "created_at": CREATED,
+                "message": {"role": "assistant", "content": ""},
+                "done": True,
+                "done_reason": "length" if limit is not None and sent >= limit else "stop",
+                "total_duration": 5_000_000,
+                "load_duration": 1_000,
+                "prompt_eval_count": 26,
+                "prompt_eval_duration": 100_000,
+                "eval_count": sent,
+                "eval_duration": 900_000,
+            }
+        )
