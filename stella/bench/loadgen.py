@@ -2,7 +2,7 @@
 
 Bounded by duration and by request count; refuses targets off this machine
 unless told otherwise. It measures latency, time to first byte, and for streams
-the number of data lines (tokens) per second.
+tokens per second: the stream lines that carry text, in any dialect stella speaks.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Result(msgspec.Struct):
     p90_ms: float
     p99_ms: float
     ttfb_p50_ms: float
-    lines_per_s: float = 0.0
+    tokens_per_s: float = 0.0
     tool: str = "stella-loadgen"
 
 
@@ -41,7 +41,7 @@ class _Stats:
     latencies: list[float] = field(default_factory=list)
     ttfb: list[float] = field(default_factory=list)
     errors: int = 0
-    lines: int = 0
+    tokens: int = 0
     sent: int = 0
 
 
@@ -61,6 +61,19 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[k]
+
+
+def text_lines(data: bytes) -> int:
+    """Stream lines in `data` that carry text: native and OpenAI deltas, Ollama and
+    Anthropic text (empty contents, roles and terminal lines do not count)."""
+    return (
+        data.count(b'"type":"delta"')
+        + data.count(b'"text_delta"')
+        + data.count(b'"content":"')
+        - data.count(b'"content":""')
+        + data.count(b'"response":"')
+        - data.count(b'"response":""')
+    )
 
 
 async def _read_response(reader: asyncio.StreamReader, t0: float, st: _Stats) -> None:
@@ -91,7 +104,7 @@ async def _read_response(reader: asyncio.StreamReader, t0: float, st: _Stats) ->
             if first:
                 st.ttfb.append(time.perf_counter() - t0)
                 first = False
-            st.lines += data.count(b"\n") - 1
+            st.tokens += text_lines(data)
     else:
         if length > 0:
             await reader.readexactly(length)
@@ -161,7 +174,7 @@ async def run_load(
         p90_ms=round(percentile(ms, 90), 3),
         p99_ms=round(percentile(ms, 99), 3),
         ttfb_p50_ms=round(percentile([x * 1000 for x in st.ttfb], 50), 3),
-        lines_per_s=round(st.lines / seconds, 1) if seconds else 0.0,
+        tokens_per_s=round(st.tokens / seconds, 1) if seconds else 0.0,
     )
 
 

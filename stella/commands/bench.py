@@ -8,7 +8,7 @@ import json
 import sys
 
 NAME = "bench"
-HELP = "measure: `url URL` loads any stella/OpenAI-compatible URL; `echo`, `mlx`: comparisons"
+HELP = "measure: `url URL` loads any stella/OpenAI-compatible URL; `upstream` serves a fast fake one; the rest compare"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("-d", "--duration", type=float, default=5.0, help="seconds per run")
         p.add_argument("-n", "--requests", type=int, default=1_000_000, help="at most this many")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    up = sub.add_parser(
+        "upstream",
+        help="serve the fast fake OpenAI-compatible upstream on loopback (Ctrl-C ends it)",
+    )
+    up.add_argument("--port", type=int, default=9100)
     mlx = sub.add_parser("mlx", help="stella's MLX backend vs raw mlx_lm.stream_generate")
     mlx.add_argument("--tokens", type=int, default=64, help="tokens per generation")
     mlx.add_argument("--runs", type=int, default=3)
@@ -76,6 +81,18 @@ def run(args: argparse.Namespace) -> int:
 
         drows = compare_dialects(tuple(int(c) for c in args.concurrency.split(",")), args.duration)
         print(msgspec.json.encode(drows).decode() if args.json else dialect_table(drows))
+        return 0
+    if args.what == "upstream":
+        import uvicorn
+
+        print(f"stella: fake OpenAI upstream on http://127.0.0.1:{args.port}/v1", file=sys.stderr)
+        uvicorn.run(
+            "stella.bench.upstream:app",
+            host="127.0.0.1",
+            port=args.port,
+            log_level="warning",
+            access_log=False,
+        )
         return 0
     if args.what == "mlx":
         from stella.bench.mlx import compare as compare_mlx
@@ -120,11 +137,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(msgspec.json.encode(results).decode())
     else:
-        print("| c | req/s | p50 ms | p90 ms | p99 ms | ttfb p50 ms | lines/s | errors |")
+        print("| c | req/s | p50 ms | p90 ms | p99 ms | ttfb p50 ms | tokens/s | errors |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in results:
             print(
                 f"| {r.concurrency} | {r.rps:,.0f} | {r.p50_ms} | {r.p90_ms} | {r.p99_ms} | "
-                f"{r.ttfb_p50_ms} | {r.lines_per_s:,.0f} | {r.errors} |"
+                f"{r.ttfb_p50_ms} | {r.tokens_per_s:,.0f} | {r.errors} |"
             )
     return 0
