@@ -81,3 +81,18 @@ def test_bench_upstream_serves_openai_chat_completions() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_bench_asgi_measures_both_apps_in_process() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "bench", "asgi", "-n", "300", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {r["mode"]: r for r in json.loads(out.stdout)}
+    assert set(rows) == {"non-stream", "stream"}
+    for r in rows.values():
+        assert r["stella_us"] > 0 and r["bare_us"] > 0
+        assert r["ratio"] == round(r["bare_us"] / r["stella_us"], 3)

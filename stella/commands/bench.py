@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also LiteLLM's proxy, installed into a venv of its own",
     )
     echo = sub.add_parser("echo", help="stella on echo vs a bare Starlette app")
+    asgi = sub.add_parser(
+        "asgi", help="in-process us per request: stella's app vs the bare app, no sockets"
+    )
+    asgi.add_argument("-n", "--requests", type=int, default=20_000, help="calls per round")
+    asgi.add_argument("--json", action="store_true")
     for p in (url, echo, dialects, gateway):
         p.add_argument("-c", "--concurrency", default="1,8,64", help="comma-separated")
         p.add_argument("-d", "--duration", type=float, default=5.0, help="seconds per run")
@@ -59,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
 
         rows = compare(tuple(int(c) for c in args.concurrency.split(",")), args.duration)
         print(msgspec.json.encode(rows).decode() if args.json else table(rows))
+        return 0
+    if args.what == "asgi":
+        from stella.bench.asgi import compare as compare_asgi
+        from stella.bench.asgi import table as asgi_table
+
+        asgi_rows = compare_asgi(args.requests)
+        print(msgspec.json.encode(asgi_rows).decode() if args.json else asgi_table(asgi_rows))
         return 0
     if args.what == "gateway":
         from stella.bench.compare import compare as compare_gw

@@ -1,0 +1,139 @@
+"""In-process cost per request: stella's ASGI app vs the bare Starlette app, no sockets.
+
+Both apps are called directly with the same scope and body, one request after
+the other, so the figure is the application's own Python work per request,
+free of the network stack and of the load generator's noise. stella runs with
+logging on (into /dev/null) and metrics on, as in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import importlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+WORDS = " ".join(f"word{i}" for i in range(20))  # the same 20-token answer as `bench echo`
+
+
+class AsgiRow(msgspec.Struct):
+    """Microseconds per request, each app alone on the loop."""
+
+    mode: str
+    stella_us: float
+    bare_us: float
+    ratio: float  # bare's time / stella's: the share of the bare app's rate stella keeps
+
+
+def _body(stream: bool) -> bytes:
+    return json.dumps(
+        {"model": "echo", "stream": stream, "messages": [{"role": "user", "content": WORDS}]}
+    ).encode()
+
+
+def _scope(body: bytes) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/v1/chat",
+        "raw_path": b"/api/v1/chat",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"127.0.0.1"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+
+
+async def _call(app: Any, body: bytes, out: list[dict[str, Any]] | None = None) -> None:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # no disconnect: the client waits for the answer
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if out is not None:
+            out.append(message)
+
+    await app(_scope(body), receive, send)
+
+
+async def _per_request_us(app: Any, body: bytes, n: int) -> float:
+    for _ in range(min(n, 1000)):  # warm up: caches, specialised bytecode
+        await _call(app, body)
+    best = float("inf")
+    for _ in range(3):  # the best of three rounds: the least disturbed by the machine
+        gc.collect()
+        t = time.perf_counter()
+        for _ in range(n):
+            await _call(app, body)
+        best = min(best, (time.perf_counter() - t) / n * 1e6)
+    return round(best, 2)
+
+
+async def _measure(app: Any, n: int) -> list[AsgiRow]:
+    rows = []
+    async with app.router.lifespan_context(app):
+        bodies = {}
+        for stream in (False, True):
+            out: list[dict[str, Any]] = []
+            await _call(app, _body(stream), out)
+            bodies[stream] = b"".join(m.get("body", b"") for m in out if m["type"].endswith("body"))
+        tmp = Path(tempfile.mkdtemp(prefix="stella-bench-asgi-"))
+        (tmp / "body.json").write_bytes(bodies[False])
+        (tmp / "stream.ndjson").write_bytes(bodies[True])
+        os.environ["BARE_BODY"] = str(tmp / "body.json")
+        os.environ["BARE_STREAM"] = str(tmp / "stream.ndjson")
+        bare = importlib.reload(importlib.import_module("stella.bench.bare")).app
+        for mode, stream in (("non-stream", False), ("stream", True)):
+            s = await _per_request_us(app, _body(stream), n)
+            b = await _per_request_us(bare, _body(stream), n)
+            rows.append(AsgiRow(mode, s, b, round(b / s, 3)))
+    return rows
+
+
+def compare(requests: int = 20_000) -> list[AsgiRow]:
+    """Both apps in this process, one after the other, `requests` calls per round."""
+    from stella import logs
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    with open(os.devnull, "wb") as devnull:
+        sink = logs.configure(fmt="json", stream=devnull)
+        overrides = {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}
+        app = create_app(load_settings(overrides))
+        try:
+            return asyncio.run(_measure(app, requests))
+        finally:
+            sink.close()
+
+
+def table(rows: list[AsgiRow]) -> str:
+    """Markdown table of the rows."""
+    out = [
+        "| mode | stella us/request | bare us/request | bare / stella |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        out.append(f"| {r.mode} | {r.stella_us:.1f} | {r.bare_us:.1f} | {r.ratio:.2f} |")
+    return "\n".join(out)
