@@ -3,8 +3,9 @@
 `Pipeline.prepare` resolves the model and admits the call (scope, limits,
 queue) before any byte is sent, so refusals are plain HTTP errors. The
 returned `Inference` then runs the backend chain with timeouts, retries and
-fallbacks, yields events that always end in exactly one `Done` or `Error`, and
-emits exactly one `inference` log event, whatever happens.
+fallbacks, hands each delta and tool call to the caller's `emit`, returns
+exactly one `Done` or `Error`, and emits exactly one `inference` log event,
+whatever happens.
 """
 
 from __future__ import annotations
@@ -251,9 +252,12 @@ class Inference:
                                 ) from None
                             except asyncio.CancelledError:
                                 if watchdog.expired():
+                                    if time.perf_counter() >= watchdog.deadline:
+                                        why = f"ran past the total limit of {rs.total_timeout_s:g}s"
+                                    else:
+                                        why = f"went silent for {idle:g}s"
                                     raise UpstreamTimeout(
-                                        f"backend {route.backend_name!r} went silent for "
-                                        f"{min(idle, rs.total_timeout_s):g}s"
+                                        f"backend {route.backend_name!r} {why}"
                                     ) from None
                                 raise
                             finally:

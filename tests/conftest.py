@@ -28,6 +28,7 @@ ECHO_ROUTES = {
             },
             "echo-fail-after": {"backend": "failafter"},
             "echo-stall": {"backend": "stall", "idle_timeout_s": 0.5},
+            "echo-slow-total": {"backend": "slow", "total_timeout_s": 0.4},
             "echo-stall-first": {"backend": "stallfirst", "ttft_timeout_s": 0.5, "retries": 0},
         }
     },

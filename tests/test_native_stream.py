@@ -109,6 +109,17 @@ def test_stall_after_start_times_out_in_band(stella: LiveServer) -> None:
     assert lines[-1]["code"] == "upstream_timeout"
 
 
+def test_a_lively_stream_still_ends_at_the_total_limit(stella: LiveServer) -> None:
+    # 40 words at 0.05 s each would take 2 s; the route allows 0.4 s in all.
+    t = time.monotonic()
+    lines = ndjson(chat(stella, "echo-slow-total", " ".join(["w"] * 40)).text)
+    assert time.monotonic() - t < 1.5
+    deltas = [e for e in lines if e["type"] == "delta"]
+    assert 3 <= len(deltas) < 40
+    assert lines[-1]["type"] == "error" and lines[-1]["code"] == "upstream_timeout"
+    assert "total limit of 0.4s" in lines[-1]["message"]
+
+
 def test_stall_before_first_token_is_504_non_stream(stella: LiveServer) -> None:
     r = chat(stella, "echo-stall-first", stream=False)
     assert r.status_code == 504
