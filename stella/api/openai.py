@@ -226,7 +226,7 @@ async def _run(
     if chat.stream:
         return stream_response(request, inference, ChunkCodec(include_usage, text))
     result = await run_to_end(request, inference)
-    usage = msgspec.to_builtins(result.usage)
+    usage = result.usage  # encoded as it is: msgspec writes structs directly
     reason = FINISH.get(result.finish_reason, result.finish_reason)
     created = int(time.time())
     if text:
