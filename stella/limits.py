@@ -186,10 +186,10 @@ class Limiter(Admission):
                 else await buckets.take_all(checks)
             )
             # The first bucket (the key's requests, when it has a limit) sets the headers.
-            per_minute = plan.buckets[0][1]
             first = takes[0]
-            headers["X-RateLimit-Limit"] = str(int(per_minute))
-            headers["X-RateLimit-Remaining"] = str(max(0, math.floor(first.remaining)))
+            left = first.remaining
+            headers["X-RateLimit-Limit"] = plan.limit_header
+            headers["X-RateLimit-Remaining"] = str(int(left)) if left > 0 else "0"
             headers["X-RateLimit-Reset"] = str(math.ceil(first.reset))
             for (key, n, per_s, tokens, who), take in zip(plan.buckets, takes):  # noqa: B905
                 if not take.allowed:
@@ -221,7 +221,7 @@ class Limiter(Admission):
 class _Plan:
     """What admission checks for one key on one route."""
 
-    __slots__ = ("buckets", "principal", "slots")
+    __slots__ = ("buckets", "limit_header", "principal", "slots")
 
     def __init__(
         self,
@@ -232,6 +232,7 @@ class _Plan:
         self.principal = principal
         self.buckets = buckets  # (bucket key, per minute, per second, counts tokens, whose)
         self.slots = slots  # (slot name, size)
+        self.limit_header = str(int(buckets[0][1])) if buckets else ""
 
 
 _FREE = Permit()

@@ -38,6 +38,13 @@ _json = msgspec.json.Encoder()
 _JSONISH = ("application/json", "text/plain", "application/x-www-form-urlencoded", "")
 
 
+# Header names stella sends on most responses, encoded once.
+_NAMES = {
+    k: k.lower().encode()
+    for k in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After")
+}
+
+
 class JSONResponse(Response):
     """A response whose body is encoded with msgspec (headers built in one step)."""
 
@@ -58,7 +65,11 @@ class JSONResponse(Response):
             (b"content-type", media_type.encode() if media_type else b"application/json"),
         ]
         if headers:
-            raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+            for k, v in headers.items():
+                name = _NAMES.get(k)
+                if name is None:
+                    name = k.lower().encode("latin-1")
+                raw.append((name, v.encode("latin-1")))
         self.raw_headers = raw
 
     def render(self, content: Any) -> bytes:
