@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dialects = sub.add_parser("dialects", help="the OpenAI dialect's cost vs the native API")
     auth = sub.add_parser("auth", help="keys and rate limits off vs in memory vs in Redis")
     auth.add_argument("-c", "--concurrency", type=int, default=8)
-    auth.add_argument("-d", "--duration", type=float, default=5.0)
+    auth.add_argument("-d", "--duration", type=float, default=3.0, help="seconds per round")
+    auth.add_argument("--rounds", type=int, default=3, help="each setup keeps its best round")
     auth.add_argument("--json", action="store_true")
     gateway = sub.add_parser("gateway", help="upstream vs passthrough vs stella (vs LiteLLM)")
     gateway.add_argument(
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         from stella.bench.auth import compare as compare_auth
         from stella.bench.auth import table as auth_table
 
-        arows = compare_auth(args.concurrency, args.duration)
+        arows = compare_auth(args.concurrency, args.duration, args.rounds)
         print(msgspec.json.encode(arows).decode() if args.json else auth_table(arows))
         return 0
     if args.what == "dialects":
