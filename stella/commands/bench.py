@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also LiteLLM's proxy, installed into a venv of its own",
     )
     echo = sub.add_parser("echo", help="stella on echo vs a bare Starlette app")
+    echo.add_argument("--rounds", type=int, default=2, help="each side keeps its best round")
     asgi = sub.add_parser(
         "asgi", help="in-process us per request: stella's app vs the bare app, no sockets"
     )
@@ -63,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "echo":
         from stella.bench.echo import compare, table
 
-        rows = compare(tuple(int(c) for c in args.concurrency.split(",")), args.duration)
+        rows = compare(
+            tuple(int(c) for c in args.concurrency.split(",")), args.duration, rounds=args.rounds
+        )
         print(msgspec.json.encode(rows).decode() if args.json else table(rows))
         return 0
     if args.what == "asgi":
