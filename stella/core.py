@@ -85,9 +85,14 @@ class Pipeline:
             route = self.router.resolve(request.model)
         if not call.principal.may_use(route.name):
             raise Forbidden(f"this key may not use model {route.name!r}")
-        chain = self.router.chain(route)
-        if not any(self.router.breaker(r.backend_name).available() for r in chain):
-            wait = min(self.router.breaker(r.backend_name).retry_after() for r in chain)
+        router = self.router
+        chain = router.chain(route)
+        breakers = router.breakers
+        for r in chain:
+            if breakers[r.backend_name].available():
+                break
+        else:
+            wait = min(breakers[r.backend_name].retry_after() for r in chain)
             raise Unavailable(
                 f"model {route.name!r} is unavailable: its circuit is open", retry_after=wait
             )

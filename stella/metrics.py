@@ -62,7 +62,7 @@ class Metrics:
     def __init__(self, svc: Any) -> None:
         self.svc = svc
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests: dict[tuple[str, str, str, str], int] = defaultdict(int)
+        self.requests: dict[tuple[str, str, str, int], int] = defaultdict(int)
         self.tokens: dict[tuple[str, str], int] = defaultdict(int)
         self.ttft: dict[str, _Hist] = defaultdict(_Hist)
         self.total: dict[str, _Hist] = defaultdict(_Hist)
@@ -84,7 +84,7 @@ class Metrics:
     def observe(self, record: dict[str, Any]) -> None:
         """Count one inference (runs for every request: keep it cheap)."""
         model = self._model(record["model"])
-        self.requests[(record["api"], model, record["backend"], str(record["status"]))] += 1
+        self.requests[(record["api"], model, record["backend"], record["status"])] += 1
         if record["prompt_tokens"]:
             self.tokens[(model, "prompt")] += record["prompt_tokens"]
         if record["completion_tokens"]:
@@ -116,8 +116,8 @@ class _CounterCollector(Collector):
         requests = CounterMetricFamily(
             "stella_requests", "Inferences by outcome", labels=["api", "model", "backend", "status"]
         )
-        for labels, n in list(m.requests.items()):
-            requests.add_metric(list(labels), n)
+        for (api, model, backend, status), n in list(m.requests.items()):
+            requests.add_metric([api, model, backend, str(status)], n)
         yield requests
         tokens = CounterMetricFamily("stella_tokens", "Tokens processed", labels=["model", "kind"])
         for labels, n in list(m.tokens.items()):

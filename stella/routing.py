@@ -153,6 +153,8 @@ class Router:
 
     def chain(self, route: Route) -> list[Route]:
         """The route followed by its fallbacks, each once."""
+        if not route.fallbacks:
+            return [route]
         out = [route]
         seen = {route.name}
         for name in route.fallbacks:
