@@ -319,24 +319,14 @@ class RedisBuckets:
         self.state = state
         self._leases: dict[str, _Lease] = {}
 
-    def _from_leases(self, checks: list[tuple[str, float, float, float]]) -> list[Take] | None:
-        """Admit from local leases when every bucket holds enough; None otherwise."""
-        now = time.monotonic()
-        leases = []
-        for key, _, _, cost in checks:
-            lease = self._leases.get(key)
-            if lease is None or lease.tokens < cost or lease.expires < now:
-                return None
-            leases.append(lease)
-        out = []
-        for lease, (_, cap, per_s, cost) in zip(leases, checks):  # noqa: B905 - same length
-            lease.tokens -= cost
-            left = lease.level + lease.tokens
-            out.append(Take(True, left, 0.0, (cap - left) / per_s))
-        return out
+    def _lease(self, key: str, cost: float, now: float) -> _Lease | None:
+        """The key's lease when it can pay `cost` now."""
+        lease = self._leases.get(key)
+        if lease is None or lease.tokens < cost or lease.expires < now:
+            return None
+        return lease
 
-    def _return_expired(self, checks: list[tuple[str, float, float, float]]) -> None:
-        now = time.monotonic()
+    def _return_expired(self, checks: list[tuple[str, float, float, float]], now: float) -> None:
         for key, cap, per_s, _ in checks:
             lease = self._leases.get(key)
             if lease is not None and lease.expires < now and lease.tokens:
@@ -344,49 +334,68 @@ class RedisBuckets:
                 lease.tokens = 0.0
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
-        """All buckets of one admission in one Lua call (nothing taken unless all fit)."""
-        leased = self._from_leases(checks)
-        if leased is not None:
-            return leased
-        self._return_expired(checks)
-        st = self.state
-        args: list[float] = []
-        for _, cap, per_s, cost in checks:
-            extra = min(cap * LEASE_SHARE, cost * LEASE_REQUESTS)
-            extra = extra if extra >= cost else 0.0
-            args += [cap, per_s, cost, cost + extra]
-        try:
-            flat = await st._take_all(keys=[st._key("rl", k) for k, _, _, _ in checks], args=args)
-        except (RedisError, OSError) as exc:
-            st._failed(exc)
-            return await st.local.take_all(checks)
-        st._ok()
-        out = []
-        expires = time.monotonic() + LEASE_S
-        for i, (key, cap, per_s, cost) in enumerate(checks):
-            before, granted, after = (float(x) for x in flat[3 * i : 3 * i + 3])
-            if granted > cost:
-                lease = self._leases.get(key)
-                if lease is None:
-                    lease = self._leases[key] = _Lease()
-                lease.tokens += granted - cost
-                lease.expires = expires
-                lease.level = after
-            held = self._leases[key].tokens if key in self._leases else 0.0
-            allowed = granted >= cost and granted > 0
-            left = after + held
-            out.append(
-                Take(
-                    allowed,
+        """All buckets of one admission: nothing is taken unless every bucket has room.
+
+        Buckets whose lease can pay are paid locally; the others go to Redis in
+        one Lua call, each asking for a new lease only when its own ran short,
+        so a bucket that always needs the round trip (a large token reserve)
+        never makes another bucket's lease grow.
+        """
+        now = time.monotonic()
+        leases = [self._lease(key, cost, now) for key, _, _, cost in checks]
+        remote = [i for i, lease in enumerate(leases) if lease is None]
+        out: list[Take] = [Take(True, 0.0, 0.0, 0.0)] * len(checks)
+        if remote:
+            self._return_expired([checks[i] for i in remote], now)
+            st = self.state
+            args: list[float] = []
+            for i in remote:
+                _, cap, per_s, cost = checks[i]
+                extra = min(cap * LEASE_SHARE, cost * LEASE_REQUESTS)
+                args += [cap, per_s, cost, cost + (extra if extra >= cost else 0.0)]
+            try:
+                flat = await st._take_all(
+                    keys=[st._key("rl", checks[i][0]) for i in remote], args=args
+                )
+            except (RedisError, OSError) as exc:
+                st._failed(exc)
+                return await st.local.take_all(checks)
+            st._ok()
+            ok = all(float(flat[3 * j + 1]) > 0 for j in range(len(remote)))
+            expires = time.monotonic() + LEASE_S
+            for j, i in enumerate(remote):
+                key, cap, per_s, cost = checks[i]
+                before, granted, after = (float(x) for x in flat[3 * j : 3 * j + 3])
+                held = 0.0
+                if ok and granted > cost:
+                    lease = self._leases.get(key)
+                    if lease is None:
+                        lease = self._leases[key] = _Lease()
+                    lease.tokens += granted - cost
+                    lease.expires = expires
+                    lease.level = after
+                    held = lease.tokens
+                left = after + held
+                out[i] = Take(
+                    before >= cost if not ok else True,
                     left,
                     0.0 if before >= cost else (cost - before) / per_s,
                     (cap - left) / per_s,
                 )
-            )
-        if not all(t.allowed for t in out):
-            # Nothing was taken; every bucket reports itself as it is.
-            for i, t in enumerate(out):
-                t.allowed = float(flat[3 * i]) >= checks[i][3]
+            if not ok:
+                # Redis took nothing; the locally leased buckets are not charged either.
+                for i, lease in enumerate(leases):
+                    if lease is not None:
+                        left = lease.level + lease.tokens
+                        cap, per_s = checks[i][1], checks[i][2]
+                        out[i] = Take(True, left, 0.0, (cap - left) / per_s)
+                return out
+        for i, lease in enumerate(leases):
+            if lease is not None:
+                _, cap, per_s, cost = checks[i]
+                lease.tokens -= cost
+                left = lease.level + lease.tokens
+                out[i] = Take(True, left, 0.0, (cap - left) / per_s)
         return out
 
     def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:

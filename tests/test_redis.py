@@ -193,3 +193,29 @@ async def test_leases_never_admit_more_than_the_shared_limit(redis: Redis) -> No
     assert sum(calls) < admitted / 10  # most admissions needed no round trip
     for st in states:
         await st.aclose()
+
+
+async def test_a_bucket_that_needs_redis_every_time_does_not_grow_another_lease(
+    redis: Redis,
+) -> None:
+    from stella.settings import StateSettings
+    from stella.state_redis import RedisState
+
+    st = RedisState(StateSettings(redis_url=redis.url, prefix="grow"))
+    b = st.buckets()
+    # requests: 3,200/min leases 32 at a time; tokens: a 2,000-token reserve is more than
+    # 1% of 100,000, so that bucket asks Redis on every admission.
+    checks = [
+        ("rpm:key:k", 3200.0, 3200 / 60, 1.0),
+        ("tpm:key:k", 100_000.0, 100_000 / 60, 2000.0),
+    ]
+    t0 = time.monotonic()
+    for _ in range(20):
+        assert all(t.allowed for t in await b.take_all(checks))
+    refill = (time.monotonic() - t0) * 3200 / 60
+    level = float(await st.redis.hget("grow:rl:rpm:key:k", "level"))
+    # One lease of 32 plus the first request, not 33 tokens per admission.
+    assert level >= 3200 - 33 - 1 - refill
+    tokens = float(await st.redis.hget("grow:rl:tpm:key:k", "level"))
+    assert tokens <= 100_000 - 20 * 2000 + (time.monotonic() - t0) * 100_000 / 60
+    await st.aclose()
