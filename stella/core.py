@@ -117,6 +117,7 @@ class Inference:
         "collect",
         "completion_tokens",
         "created",
+        "engine_ttft_ms",
         "error",
         "finish_reason",
         "logged",
@@ -154,6 +155,7 @@ class Inference:
         self.created = time.time()
         self.ttft: float | None = None
         self.queue_ms = 0.0
+        self.engine_ttft_ms: float | None = None
         self.attempts: list[dict[str, Any]] = []
         self.backend_name = route.backend_name
         self.upstream_model = route.upstream_model
@@ -329,6 +331,7 @@ class Inference:
             err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")
         else:
             self.queue_ms = ctx.queue_ms
+            self.engine_ttft_ms = ctx.engine_ttft_ms
             record["ms"] = round((time.perf_counter() - t) * 1000, 2)
             record["error"] = None
             return agen, ctx, first
@@ -469,6 +472,8 @@ class Inference:
                 else None
             ),
         }
+        if self.engine_ttft_ms is not None:
+            record["engine_ttft_ms"] = self.engine_ttft_ms
         if self.request.metadata:
             record["metadata"] = self.request.metadata
         if pipeline.log_content:

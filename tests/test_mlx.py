@@ -64,6 +64,10 @@ def test_answers_paris(mlx_server: LiveServer) -> None:
     models = httpx.get(mlx_server.url + "/api/v1/models").json()["models"]
     local = next(m for m in models if m["name"] == "smollm2-135m")
     assert local["loaded"] is True and local["memory_bytes"] > 100_000_000
+    # The log tells the engine's own share of the time to first token from stella's.
+    rid = lines[0]["id"]
+    event = mlx_server.wait_event(lambda e: e.get("request_id") == rid)
+    assert 0 < event["engine_ttft_ms"] <= event["ttft_ms"]
 
 
 def test_same_seed_same_text(mlx_server: LiveServer) -> None:

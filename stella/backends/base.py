@@ -36,6 +36,9 @@ class CallContext:
     route: str = ""
     # Filled by the backend when it queues work, so the core can report queue_ms.
     queue_ms: float = 0.0
+    # Filled by an in-process engine: its own time from starting the job to the first
+    # token, so the log can tell the model's share of TTFT from the gateway's.
+    engine_ttft_ms: float | None = None
 
 
 @dataclass(slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -36,10 +38,27 @@ def rss_bytes(pid: int) -> int:
 class Proc:
     """A started server: its URL, PID and start-up time."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], url: str, started_s: float) -> None:
+    def __init__(
+        self, popen: subprocess.Popen[bytes], url: str, started_s: float, log: Any = None
+    ) -> None:
         self.popen = popen
         self.url = url
         self.started_s = started_s
+        self._log = log
+
+    def log_events(self, name: str) -> list[dict[str, Any]]:
+        """The JSON log events called `name` that the server has written so far."""
+        if self._log is None:
+            return []
+        self._log.seek(0)
+        out = []
+        for line in self._log.read().splitlines():
+            if line.startswith(b"{") and b'"event":"' + name.encode() + b'"' in line:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
 
     @property
     def pid(self) -> int:
@@ -90,7 +109,7 @@ def spawn(
             if time.perf_counter() > deadline:
                 raise RuntimeError(f"{' '.join(args)} did not start")
             time.sleep(0.02)
-        yield Proc(popen, url, time.perf_counter() - t0)
+        yield Proc(popen, url, time.perf_counter() - t0, log)
     finally:
         popen.terminate()
         try:

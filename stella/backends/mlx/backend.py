@@ -216,6 +216,8 @@ class MlxBackend(Backend):
                     ctx.queue_ms = (job.started - job.submitted) * 1000
                     continue
                 _, text, finish, prompt_tokens, completion_tokens = item
+                if ctx.engine_ttft_ms is None and job.first_token:
+                    ctx.engine_ttft_ms = round((job.first_token - job.started) * 1000, 2)
                 emit, stopped = stops.feed(text)
                 if emit:
                     yield Delta(text=emit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +159,8 @@ def generate_into(job: GenerationJob) -> None:
             cut = True
             break
         stats.tokens += 1
+        if not job.first_token:
+            job.first_token = time.perf_counter()
         job.emit(("token", gen.text, gen.finish_reason, len(prompt), gen.generation_tokens))
         if gen.finish_reason is not None:
             break

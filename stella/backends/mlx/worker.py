@@ -39,6 +39,7 @@ class GenerationJob:
     out: asyncio.Queue[Any]
     submitted: float = field(default_factory=time.perf_counter)
     started: float = 0.0
+    first_token: float = 0.0  # when the engine produced its first token
     cancelled: bool = False
     params: dict[str, Any] = field(default_factory=dict)
 
