@@ -64,14 +64,17 @@ class Report(msgspec.Struct):
     raw_rss_mb: float
 
 
+_client = httpx.Client(timeout=600)  # one client, kept alive, as a real application's
+
+
 def _stream(url: str, body: dict, rid: str = "") -> tuple[float, float, int, dict]:
     """(ttft_ms, tokens/s after the first token, tokens, done line) seen by a client."""
+    headers = {"X-Request-ID": rid} if rid else {}
     t0 = time.perf_counter()
     first = None
     n = 0
     done: dict = {}
-    headers = {"X-Request-ID": rid} if rid else {}
-    with httpx.stream("POST", url + "/api/v1/chat", json=body, timeout=600, headers=headers) as r:
+    with _client.stream("POST", url + "/api/v1/chat", json=body, headers=headers) as r:
         for line in r.iter_lines():
             ev = json.loads(line)
             if ev["type"] == "delta":
@@ -150,9 +153,8 @@ def compare(tokens: int = 64, runs: int = 3) -> Report:
         ]
         opts = {"temperature": 0, "max_tokens": 16}
         t1, _, _, _ = _stream(stella.url, {"messages": turn, "options": opts})
-        r = httpx.post(
+        r = _client.post(
             stella.url + "/api/v1/chat",
-            timeout=600,
             json={"messages": turn, "options": opts, "stream": False},
         ).json()
         follow = [*turn, r["message"], {"role": "user", "content": "What can you help me with?"}]

@@ -221,6 +221,7 @@ class MlxBackend(Backend):
                 emit, stopped = stops.feed(text)
                 if emit:
                     yield Delta(text=emit)
+                    job.handed.set()  # sent: the worker may go on (see engine.generate_into)
                 if stopped:
                     finish = "stop"
                 elif finish is not None:
@@ -238,4 +239,5 @@ class MlxBackend(Backend):
         finally:
             # Closing (client gone, timeout, shutdown) stops the worker at its next token.
             job.cancelled = True
+            job.handed.set()
             self._last_used[key] = time.monotonic()

@@ -12,6 +12,8 @@ from stella.backends.mlx.worker import GenerationJob
 from stella.protocol import Message, Tool
 
 _log = structlog.get_logger("stella")
+# How long the worker waits, once per generation, for the loop to send the first text.
+HANDOFF_WAIT_S = 0.05
 
 
 @dataclass(eq=False)
@@ -159,9 +161,16 @@ def generate_into(job: GenerationJob) -> None:
             cut = True
             break
         stats.tokens += 1
-        if not job.first_token:
+        first = not job.first_token and bool(gen.text)
+        if first:
+            # The first visible text, as a client sees it (the detokenizer may hold a
+            # token back until its characters are complete).
             job.first_token = time.perf_counter()
         job.emit(("token", gen.text, gen.finish_reason, len(prompt), gen.generation_tokens))
+        if first:
+            # Building the next step holds the GIL for milliseconds at a time; the event
+            # loop would wait that long to send the first token. Let it send first.
+            job.handed.wait(HANDOFF_WAIT_S)
         if gen.finish_reason is not None:
             break
     if cut:

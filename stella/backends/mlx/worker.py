@@ -39,7 +39,9 @@ class GenerationJob:
     out: asyncio.Queue[Any]
     submitted: float = field(default_factory=time.perf_counter)
     started: float = 0.0
-    first_token: float = 0.0  # when the engine produced its first token
+    first_token: float = 0.0  # when the engine produced its first visible text
+    # Set by the event loop once the first text has been handed to the client (see engine).
+    handed: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
     params: dict[str, Any] = field(default_factory=dict)
 
