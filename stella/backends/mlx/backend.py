@@ -221,7 +221,8 @@ class MlxBackend(Backend):
                 emit, stopped = stops.feed(text)
                 if emit:
                     yield Delta(text=emit)
-                    job.handed.set()  # sent: the worker may go on (see engine.generate_into)
+                # Sent (or held back by a stop string): the worker may go on (see engine).
+                job.handed.set()
                 if stopped:
                     finish = "stop"
                 elif finish is not None:
