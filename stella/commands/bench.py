@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also LiteLLM's proxy, installed into a venv of its own",
     )
     echo = sub.add_parser("echo", help="stella on echo vs a bare Starlette app")
-    echo.add_argument("--rounds", type=int, default=2, help="each side keeps its best round")
+    for p in (echo, dialects):
+        p.add_argument("--rounds", type=int, default=2, help="each side keeps its best round")
     asgi = sub.add_parser(
         "asgi", help="in-process us per request: stella's app vs the bare app, no sockets"
     )
@@ -95,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "dialects":
         from stella.bench.echo import compare_dialects, dialect_table
 
-        drows = compare_dialects(tuple(int(c) for c in args.concurrency.split(",")), args.duration)
+        drows = compare_dialects(
+            tuple(int(c) for c in args.concurrency.split(",")), args.duration, rounds=args.rounds
+        )
         print(msgspec.json.encode(drows).decode() if args.json else dialect_table(drows))
         return 0
     if args.what == "upstream":
