@@ -139,7 +139,7 @@ async def enter(
     else:
         state["request_id"] = rid
     scope["stella"] = svc
-    structlog.contextvars.bind_contextvars(request_id=rid)
+    logs.REQUEST_ID.set(rid)  # every log line of this request carries its ID
     if svc.drain.draining and scope["path"] not in ("/health", "/ready"):
         exc = ShuttingDown("the server is shutting down; retry on another instance")
         await NATIVE.error_response(exc, rid)(scope, receive, send)

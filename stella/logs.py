@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import IO, Any
 
@@ -247,7 +248,16 @@ class QueueLogger:
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
 
+# The request being served in this task (set once per request by the app): one
+# ContextVar.set per request instead of structlog's bind_contextvars machinery.
+REQUEST_ID: ContextVar[str] = ContextVar("stella_request_id", default="")
+
+
 def _add_meta(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    if "request_id" not in event:
+        rid = REQUEST_ID.get()
+        if rid:
+            event["request_id"] = rid
     event["ts"] = time.time()
     event["level"] = "warning" if method == "warn" else method
     return event

@@ -76,7 +76,8 @@ def test_backend_from_another_distribution_is_picked_up(tmp_path: Path) -> None:
         assert lines[-1]["code"] == "upstream_error"
         ev = server.wait_event(lambda e: e["model"] == "bug")
         assert ev["status"] == 502 and ev["error_code"] == "upstream_error"
-        assert server.events("backend_failed")
+        # Every log line of a request carries its ID, not only the inference event.
+        assert [e["request_id"] for e in server.events("backend_failed")] == [lines[0]["id"]]
         models = httpx.get(server.url + "/api/v1/models").json()["models"]
         assert {"name": "loud", "kind": "shout"}.items() <= next(
             m for m in models if m["name"] == "loud"
