@@ -25,7 +25,7 @@ from starlette.routing import Router as StarletteRouter
 from stella import __version__, logs
 from stella.api import native, ops
 from stella.api.admin import usage_listener
-from stella.api.http import NATIVE, Endpoint, JSONResponse
+from stella.api.http import NATIVE, Endpoint, JSONResponse, with_header
 from stella.auth import Authenticator
 from stella.backends import Backend, ConfigError, build_backend, registry
 from stella.core import Admission, Pipeline
@@ -149,13 +149,7 @@ async def enter(
         scope["rid_header"] = header
         await app(scope, receive, send)
         return
-
-    async def send_with_id(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", ()), header]
-        await send(message)
-
-    await app(scope, receive, send_with_id)
+    await app(scope, receive, with_header(send, header))
 
 
 class StellaApp(Starlette):

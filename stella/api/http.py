@@ -72,10 +72,6 @@ class JSONResponse(Response):
                 raw.append((name, v.encode("latin-1")))
         self.raw_headers = raw
 
-    def render(self, content: Any) -> bytes:
-        """msgspec-encode the content."""
-        return _json.encode(content)
-
 
 class Dialect:
     """An API's error shape; subclasses override `error_body`."""
@@ -150,11 +146,13 @@ class Endpoint:
             if raw is not None:
                 raw.append(header)
             else:
-                send = _with_header(send, header)
+                send = with_header(send, header)
         await response(scope, receive, send)
 
 
-def _with_header(send: Any, header: tuple[bytes, bytes]) -> Any:
+def with_header(send: Any, header: tuple[bytes, bytes]) -> Any:
+    """`send`, adding `header` to the response start."""
+
     async def wrapped(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             message["headers"] = [*message.get("headers", ()), header]
