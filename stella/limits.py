@@ -55,24 +55,13 @@ class MemoryBuckets:
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
         """Every bucket has room: take from all; otherwise take from none."""
-        return self.take_now(checks)
-
-    def take_now(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
-        """take_all without the await: the limiter calls this directly for memory buckets."""
         now = time.monotonic()
-        levels_of = self._levels
-        levels = []
-        ok = True
-        for key, cap, ps, cost in checks:
-            level, at = levels_of.get(key, (cap, now))
-            level = min(cap, level + (now - at) * ps)
-            levels.append(level)
-            if level < cost:
-                ok = False
+        levels = [self._level(key, cap, ps, now) for key, cap, ps, _ in checks]
+        ok = all(level >= cost for level, (_, _, _, cost) in zip(levels, checks, strict=True))
         out = []
-        for level, (key, cap, ps, cost) in zip(levels, checks):  # noqa: B905 - same length
+        for level, (key, cap, ps, cost) in zip(levels, checks, strict=True):
             left = level - cost if ok else level
-            levels_of[key] = (left, now)
+            self._levels[key] = (left, now)
             enough = level >= cost
             out.append(
                 Take(enough, left, 0.0 if enough else (cost - level) / ps, (cap - left) / ps)
@@ -179,19 +168,16 @@ class Limiter(Admission):
                 (k, n, ps, min(reserve, n) if tokens else 1.0)
                 for k, n, ps, tokens, _ in plan.buckets
             ]
-            buckets = self.buckets
-            takes = (
-                buckets.take_now(checks)
-                if type(buckets) is MemoryBuckets
-                else await buckets.take_all(checks)
-            )
+            takes = await self.buckets.take_all(checks)
             # The first bucket (the key's requests, when it has a limit) sets the headers.
             first = takes[0]
             left = first.remaining
             headers["X-RateLimit-Limit"] = plan.limit_header
             headers["X-RateLimit-Remaining"] = str(int(left)) if left > 0 else "0"
             headers["X-RateLimit-Reset"] = str(math.ceil(first.reset))
-            for (key, n, per_s, tokens, who), take in zip(plan.buckets, takes):  # noqa: B905
+            for (key, n, per_s, tokens, who), check, take in zip(
+                plan.buckets, checks, takes, strict=True
+            ):
                 if not take.allowed:
                     self.rejections += 1
                     raise RateLimited(
@@ -201,7 +187,7 @@ class Limiter(Admission):
                         headers=headers,
                     )
                 if tokens:
-                    permit._reserved.append((key, n, per_s, min(reserve, n)))
+                    permit._reserved.append((key, n, per_s, check[3]))
         for name, size in plan.slots:
             slot = self._slot(name, size)
             try:

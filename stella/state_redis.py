@@ -345,6 +345,7 @@ class RedisBuckets:
         leases = [self._lease(key, cost, now) for key, _, _, cost in checks]
         remote = [i for i, lease in enumerate(leases) if lease is None]
         out: list[Take] = [Take(True, 0.0, 0.0, 0.0)] * len(checks)
+        ok = True
         if remote:
             self._return_expired([checks[i] for i in remote], now)
             st = self.state
@@ -382,18 +383,12 @@ class RedisBuckets:
                     0.0 if before >= cost else (cost - before) / per_s,
                     (cap - left) / per_s,
                 )
-            if not ok:
-                # Redis took nothing; the locally leased buckets are not charged either.
-                for i, lease in enumerate(leases):
-                    if lease is not None:
-                        left = lease.level + lease.tokens
-                        cap, per_s = checks[i][1], checks[i][2]
-                        out[i] = Take(True, left, 0.0, (cap - left) / per_s)
-                return out
+        # The leased buckets pay only when the whole admission went through.
         for i, lease in enumerate(leases):
             if lease is not None:
                 _, cap, per_s, cost = checks[i]
-                lease.tokens -= cost
+                if ok:
+                    lease.tokens -= cost
                 left = lease.level + lease.tokens
                 out[i] = Take(True, left, 0.0, (cap - left) / per_s)
         return out
