@@ -59,6 +59,14 @@ class Options(Strict):
     seed: int | None = None
 
 
+def options_from(**fields: Any) -> Options:
+    """Options from a dialect's fields (None: not given), validated; raises msgspec.ValidationError."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    if not given:
+        return Options()  # nothing to validate: most requests set no option
+    return msgspec.convert(given, Options)
+
+
 class FunctionSpec(Strict):
     """A function a model may call."""
 

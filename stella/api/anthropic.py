@@ -34,11 +34,11 @@ from stella.protocol import (
     FunctionCall,
     FunctionSpec,
     Message,
-    Options,
     Start,
     Tool,
     ToolCall,
     ToolCallRef,
+    options_from,
 )
 from stella.streaming import Codec
 
@@ -153,19 +153,12 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
         if texts or calls:
             messages.append(Message(role=m.role, content="".join(texts), tool_calls=calls or None))
     try:
-        options = msgspec.convert(
-            {
-                k: v
-                for k, v in {
-                    "temperature": req.temperature,
-                    "top_p": req.top_p,
-                    "top_k": req.top_k,
-                    "max_tokens": req.max_tokens,
-                    "stop": req.stop_sequences,
-                }.items()
-                if v is not None
-            },
-            Options,
+        options = options_from(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            max_tokens=req.max_tokens,
+            stop=req.stop_sequences,
         )
     except msgspec.ValidationError as exc:
         raise InvalidRequest(str(exc)) from None

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 from stella.errors import InvalidRequest
-from stella.protocol import FunctionCall, Message, Options, Tool, ToolCallRef
+from stella.protocol import FunctionCall, Message, Options, Tool, ToolCallRef, options_from
 
 
 class OllamaOptions(msgspec.Struct):
@@ -89,22 +89,15 @@ def to_options(o: OllamaOptions | None) -> Options:
     if o is None:
         return Options()
     try:
-        return msgspec.convert(
-            {
-                k: v
-                for k, v in {
-                    "temperature": o.temperature,
-                    "top_p": o.top_p,
-                    "top_k": o.top_k,
-                    "min_p": o.min_p,
-                    "repetition_penalty": o.repeat_penalty,
-                    "max_tokens": o.num_predict if o.num_predict and o.num_predict > 0 else None,
-                    "stop": o.stop,
-                    "seed": o.seed,
-                }.items()
-                if v is not None
-            },
-            Options,
+        return options_from(
+            temperature=o.temperature,
+            top_p=o.top_p,
+            top_k=o.top_k,
+            min_p=o.min_p,
+            repetition_penalty=o.repeat_penalty,
+            max_tokens=o.num_predict if o.num_predict and o.num_predict > 0 else None,
+            stop=o.stop,
+            seed=o.seed,
         )
     except msgspec.ValidationError as exc:
         raise InvalidRequest(f"options: {exc}") from None

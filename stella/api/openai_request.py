@@ -18,6 +18,7 @@ from stella.protocol import (
     Options,
     Tool,
     ToolCallRef,
+    options_from,
 )
 
 # --- request shapes ---------------------------------------------------------------
@@ -134,24 +135,17 @@ def to_options(req: CompletionCommon) -> Options:
     if req.logprobs:
         raise invalid("logprobs are not supported", "logprobs")
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
-    given = {
-        k: v
-        for k, v in {
-            "temperature": req.temperature,
-            "top_p": req.top_p,
-            "max_tokens": req.max_completion_tokens or req.max_tokens,
-            "stop": stop,
-            "seed": req.seed,
-            "top_k": req.top_k,
-            "min_p": req.min_p,
-            "repetition_penalty": req.repetition_penalty,
-        }.items()
-        if v is not None
-    }
-    if not given:
-        return Options()  # nothing to validate: most requests set no option
     try:
-        return msgspec.convert(given, Options)
+        return options_from(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            max_tokens=req.max_completion_tokens or req.max_tokens,
+            stop=stop,
+            seed=req.seed,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+        )
     except msgspec.ValidationError as exc:
         raise invalid(str(exc), str(exc).rpartition("$.")[2].rstrip("`") or "") from None
 
