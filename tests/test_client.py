@@ -135,36 +135,22 @@ def test_leaving_a_stream_closes_the_connection(stella: LiveServer) -> None:
 
 def test_cli_chat_and_models(stella: LiveServer) -> None:
     env = {"STELLA_URL": stella.url, "PATH": "/usr/bin:/bin"}
-    out = subprocess.run(
-        [sys.executable, "-m", "stella", "chat", "--model", "echo", "hello cli"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+
+    def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "stella", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    out = cli("chat", "--model", "echo", "hello cli")
     assert out.returncode == 0 and out.stdout.strip() == "hello cli"
-    out = subprocess.run(
-        [sys.executable, "-m", "stella", "chat", "-m", "echo", "--stats"],
-        input="from stdin",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    out = cli("chat", "-m", "echo", "--stats", stdin="from stdin")
     assert out.stdout.strip() == "from stdin" and "tok/s" in out.stderr
-    out = subprocess.run(
-        [sys.executable, "-m", "stella", "chat", "-m", "nope", "x"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    out = cli("chat", "-m", "nope", "x")
     assert out.returncode == 1 and "model_not_found" in out.stderr
-    out = subprocess.run(
-        [sys.executable, "-m", "stella", "models"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    out = cli("models")
     assert out.returncode == 0 and "echo" in out.stdout and "BACKEND" in out.stdout
