@@ -31,6 +31,8 @@ class ServerSettings(Section):
     drain_timeout_s: float = 25.0
     workers: int = 1
     public_url: str = ""
+    # One socket write per connection per loop turn (headers and body together).
+    coalesce_writes: bool = True
 
 
 class RouteSettings(Section):

@@ -7,6 +7,7 @@ import contextlib
 import signal
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 
@@ -53,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     config = uvicorn.Config(
         app,
+        http=_http_protocol(settings.server.coalesce_writes),
         host=settings.server.host,
         port=settings.server.port,
         lifespan="on",
@@ -71,6 +73,17 @@ def run(args: argparse.Namespace) -> int:
     )
     server.run()
     return 0 if server.started else 1
+
+
+def _http_protocol(coalesce: bool) -> Any:
+    """stella's corked httptools protocol, or uvicorn's choice when off or unavailable."""
+    if coalesce:
+        try:
+            from stella.transport import HttpToolsProtocol
+        except ImportError:  # httptools missing: uvicorn falls back to h11
+            return "auto"
+        return HttpToolsProtocol
+    return "auto"
 
 
 class Server(uvicorn.Server):

@@ -1,0 +1,189 @@
+"""The corked transport: one socket write per loop turn, nothing held back or lost."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
+
+from stella.transport import WRITE_THROUGH, CorkedTransport, HttpToolsProtocol
+
+
+class Recorder:
+    """A transport that records each write (one entry = one send() on a socket)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closing = False
+        self.closed = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closing, "write after close"
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = self.closed = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write_eof(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def get_protocol(self) -> Any:
+        return None
+
+    def set_protocol(self, protocol: Any) -> None:
+        pass
+
+    def is_reading(self) -> bool:
+        return True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+
+async def turn() -> None:
+    """Let the loop run the callbacks scheduled so far."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+async def test_writes_in_one_turn_go_out_as_one() -> None:
+    rec = Recorder()
+    t = CorkedTransport(rec, asyncio.get_running_loop())  # type: ignore[arg-type]
+    t.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    t.write(b"")  # nothing to send: no empty write either
+    t.write(b"body")
+    assert rec.writes == []
+    assert t.get_write_buffer_size() == len(b"HTTP/1.1 200 OK\r\n\r\nbody")
+    await turn()
+    assert rec.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+    t.write(b"next")
+    await turn()
+    assert rec.writes[1:] == [b"next"]
+
+
+async def test_close_sends_what_is_held_abort_drops_it() -> None:
+    rec = Recorder()
+    t = CorkedTransport(rec, asyncio.get_running_loop())  # type: ignore[arg-type]
+    t.write(b"last words")
+    t.close()
+    assert rec.writes == [b"last words"] and rec.closed
+    await turn()  # the scheduled flush finds nothing left and writes nothing
+    assert rec.writes == [b"last words"]
+
+    rec2 = Recorder()
+    t2 = CorkedTransport(rec2, asyncio.get_running_loop())  # type: ignore[arg-type]
+    t2.write(b"never sent")
+    t2.abort()
+    await turn()
+    assert rec2.writes == [] and rec2.aborted
+
+
+async def test_client_gone_before_the_flush_is_not_an_error() -> None:
+    rec = Recorder()
+    t = CorkedTransport(rec, asyncio.get_running_loop())  # type: ignore[arg-type]
+    t.write(b"late")
+    rec.closing = True  # the peer went away within the turn
+    await turn()
+    assert rec.writes == []
+
+
+async def test_large_write_goes_through_in_order() -> None:
+    rec = Recorder()
+    t = CorkedTransport(rec, asyncio.get_running_loop())  # type: ignore[arg-type]
+    big = b"x" * WRITE_THROUGH
+    t.write(b"head")
+    t.write(big)
+    t.write(b"tail")
+    assert rec.writes == [b"head", big]
+    await turn()
+    assert rec.writes == [b"head", big, b"tail"]
+
+
+def _protocol(app: Any) -> tuple[HttpToolsProtocol, Recorder]:
+    config = uvicorn.Config(app, lifespan="off", http=HttpToolsProtocol)
+    config.load()
+    proto = HttpToolsProtocol(
+        config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+    )
+    rec = Recorder()
+    proto.connection_made(rec)  # type: ignore[arg-type]
+    return proto, rec
+
+
+REQUEST = b"GET / HTTP/1.1\r\nhost: test\r\n\r\n"
+
+
+async def test_uvicorn_sends_headers_and_body_in_one_write() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = b'{"ok":true}'
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"11")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    proto, rec = _protocol(app)
+    proto.data_received(REQUEST)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(rec.writes) == 1, rec.writes
+    head, _, body = rec.writes[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"content-length: 11" in head
+    assert body == b'{"ok":true}'
+    proto.connection_lost(None)
+
+
+async def test_a_stream_is_not_held_back() -> None:
+    """Each event the app produces in its own turn leaves in its own write, at once."""
+    sent = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first\n", "more_body": True})
+        sent.set()
+        await go_on.wait()  # the next token is slow to come
+        await send({"type": "http.response.body", "body": b"second\n", "more_body": False})
+
+    proto, rec = _protocol(app)
+    proto.data_received(REQUEST)
+    await sent.wait()
+    await turn()
+    # The first line is on the wire while the app still waits for the second.
+    assert len(rec.writes) == 1 and rec.writes[0].endswith(b"6\r\nfirst\n\r\n")
+    go_on.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert rec.writes[1:] == [b"7\r\nsecond\n\r\n0\r\n\r\n"]
+    proto.connection_lost(None)
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_serve_picks_the_protocol(coalesce: bool) -> None:
+    from stella.commands.serve import _http_protocol
+
+    chosen = _http_protocol(coalesce)
+    assert (chosen is HttpToolsProtocol) is coalesce
