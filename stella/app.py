@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import os
 import random
 import re
 import signal
@@ -319,6 +320,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         _log.info(
             "started",
             version=__version__,
+            pid=os.getpid(),
             default_model=svc.router.default,
             backends=sorted(svc.backends),
             state=svc.state.kind,

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live import ROOT, free_port, ndjson, to_toml
+from tests.live import ROOT, free_port, ndjson, run_stella, to_toml
 
 
 def test_procfile_starts_under_honcho(tmp_path: Path) -> None:
@@ -73,3 +73,31 @@ def test_containerfile_promises() -> None:
     assert "USER " in text and "USER root" not in text.split(stages[-1])[1]
     assert "HEALTHCHECK" in text and "/health" in text
     assert "import-gguf" in text, "the embedded model is baked into the image"
+
+
+def test_workers_share_the_port_and_stop_cleanly() -> None:
+    """server.workers = 2: two processes answer on one port; SIGTERM stops both, exit 0."""
+    with run_stella({"server": {"workers": 2}}, args=("--model", "echo")) as server:
+        started = [server.wait_event(lambda e: True, name="started")]
+        deadline = time.monotonic() + 30
+        while len(started) < 2 and time.monotonic() < deadline:
+            started = server.events("started")
+            time.sleep(0.05)
+        pids = {e["pid"] for e in started}
+        assert len(pids) == 2 and server.proc.pid not in pids
+        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text()
+        assert pids <= {int(p) for p in children.split()}
+        # The --model override reached the workers through the environment.
+        for _ in range(10):
+            r = httpx.post(
+                server.url + "/api/v1/chat",
+                json={"stream": False, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.status_code == 200 and r.json()["model"] == "echo"
+        assert server.stop() == 0
+        for pid in pids:
+            assert (
+                not Path(f"/proc/{pid}").exists()
+                or "zombie" in Path(f"/proc/{pid}/status").read_text()
+            )
+        assert len(server.events("stopped")) == 2

@@ -52,27 +52,75 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"stella: config error: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(
-        app,
-        http=_http_protocol(settings.server.coalesce_writes),
-        host=settings.server.host,
-        port=settings.server.port,
+    server_cfg = settings.server
+    options: dict[str, Any] = dict(
+        http=_http_protocol(server_cfg.coalesce_writes),
+        host=server_cfg.host,
+        port=server_cfg.port,
         lifespan="on",
         access_log=False,
         log_level="warning",
         proxy_headers=True,
         server_header=False,
-        timeout_graceful_shutdown=int(settings.server.drain_timeout_s) + 5,
+        timeout_graceful_shutdown=int(server_cfg.drain_timeout_s) + 5,
     )
-    server = Server(config)
+    workers = 1 if args.reload else server_cfg.workers
     print(
-        f"stella: serving on http://{settings.server.host}:{settings.server.port} "
-        f"(default model: {settings.models.default})",
+        f"stella: serving on http://{server_cfg.host}:{server_cfg.port} "
+        f"(default model: {settings.models.default}"
+        + (f", {workers} workers" if workers > 1 else "")
+        + (", reloading on changes" if args.reload else "")
+        + ")",
         file=sys.stderr,
         flush=True,
     )
+    if workers > 1 or args.reload:
+        return _supervise(settings, overrides, options, workers, reload=args.reload)
+    server = Server(uvicorn.Config(app, **options))
     server.run()
     return 0 if server.started else 1
+
+
+def _supervise(
+    settings: Any, overrides: dict[str, Any], options: dict[str, Any], workers: int, reload: bool
+) -> int:
+    """Several worker processes on one socket (or one that restarts on code changes).
+
+    Each worker builds its own app from the environment, so the command line's
+    overrides travel there as STELLA_* variables.
+    """
+    import os
+
+    from uvicorn.supervisors import ChangeReload, Multiprocess
+
+    for section, values in overrides.items():
+        for key, value in values.items():
+            os.environ[f"STELLA_{section.upper()}__{key.upper()}"] = _toml_literal(value)
+    if workers > 1 and not settings.state.redis_url:
+        print(
+            "stella: warning: with in-memory state each worker keeps its own rate limits, "
+            "usage and runtime routes; set state.redis_url to share them",
+            file=sys.stderr,
+            flush=True,
+        )
+    if reload:  # stella's own code, wherever it is installed, not the working directory
+        options["reload_dirs"] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    config = uvicorn.Config(
+        "stella.app:create_app", factory=True, workers=workers, reload=reload, **options
+    )
+    sock = config.bind_socket()
+    if reload:
+        ChangeReload(config, target=Server(config).run, sockets=[sock]).run()
+    else:
+        Multiprocess(config, sockets=[sock]).run()
+    return 0
+
+
+def _toml_literal(value: Any) -> str:
+    """`value` as the TOML literal STELLA_* variables are read as."""
+    import json
+
+    return json.dumps(value) if isinstance(value, str) else str(value).lower()
 
 
 def _http_protocol(coalesce: bool) -> Any:
