@@ -2,10 +2,15 @@
 
 uvicorn writes a response's status line and headers in one `send()` and its body
 in another. On a small JSON answer those two system calls (and the two wake-ups
-of the client they cause) cost more than the answer itself. Corking the socket
-for the rest of the current event-loop turn sends both as one segment; a
-streamed answer still goes out as each event is produced, since every event is
-a turn of its own (events produced in the same turn share a write).
+of the client they cause) cost more than the answer itself. Under load, corking
+the socket for the rest of the current event-loop turn sends both as one
+segment, and the turn's sends go out together after its work; a streamed answer
+still goes out as each event is produced, since every event is a turn of its
+own (events produced in the same turn share a write).
+
+With a single request in flight there is nothing to gain and a little to lose:
+the early header segment wakes the client while the body is still being
+written, so a lone request writes straight through, as uvicorn does.
 
 `stella serve` uses this protocol; plain uvicorn gets it with
 `--http stella.transport:HttpToolsProtocol`.
@@ -14,6 +19,7 @@ a turn of its own (events produced in the same turn share a write).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sized
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpToolsProtocol
@@ -28,6 +34,7 @@ class CorkedTransport:
     __slots__ = (
         "_buf",
         "_loop",
+        "_tasks",
         "_transport",
         "can_write_eof",
         "get_extra_info",
@@ -40,9 +47,15 @@ class CorkedTransport:
         "set_write_buffer_limits",
     )
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        in_flight: Sized = (),
+    ) -> None:
         self._transport = transport
         self._loop = loop
+        self._tasks = in_flight  # the server's running requests: cork only when not alone
         self._buf: list[bytes] | None = None
         # Bound once: uvicorn calls these per request, and a __getattr__ hop costs more.
         self.can_write_eof = transport.can_write_eof
@@ -66,6 +79,9 @@ class CorkedTransport:
             if not self._transport.is_closing():
                 self._transport.write(data)
         elif buf is None:
+            if len(self._tasks) < 2:
+                self._transport.write(data)  # alone: nothing to batch with
+                return
             self._buf = [data]
             self._loop.call_soon(self.flush)
         else:
@@ -113,5 +129,5 @@ class HttpToolsProtocol(_HttpToolsProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         """Wrap the connection's transport before uvicorn sees it."""
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
-        corked = CorkedTransport(cast(asyncio.Transport, transport), self.loop)
+        corked = CorkedTransport(cast(asyncio.Transport, transport), self.loop, self.tasks)
         super().connection_made(cast(asyncio.Transport, corked))

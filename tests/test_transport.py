@@ -65,6 +65,12 @@ class Recorder:
         pass
 
 
+BUSY = (
+    "this request",
+    "another one",
+)  # the server's requests in flight, as the transport sees them
+
+
 async def turn() -> None:
     """Let the loop run the callbacks scheduled so far."""
     await asyncio.sleep(0)
@@ -73,7 +79,7 @@ async def turn() -> None:
 
 async def test_writes_in_one_turn_go_out_as_one() -> None:
     rec = Recorder()
-    t = CorkedTransport(rec, asyncio.get_running_loop())  # type: ignore[arg-type]
+    t = CorkedTransport(rec, asyncio.get_running_loop(), BUSY)  # type: ignore[arg-type]
     t.write(b"HTTP/1.1 200 OK\r\n\r\n")
     t.write(b"")  # nothing to send: no empty write either
     t.write(b"body")
@@ -86,9 +92,18 @@ async def test_writes_in_one_turn_go_out_as_one() -> None:
     assert rec.writes[1:] == [b"next"]
 
 
+async def test_a_lone_request_writes_straight_through() -> None:
+    """With nothing else in flight the early header segment wakes the client sooner."""
+    rec = Recorder()
+    t = CorkedTransport(rec, asyncio.get_running_loop(), ("this request",))  # type: ignore[arg-type]
+    t.write(b"head")
+    t.write(b"body")
+    assert rec.writes == [b"head", b"body"]
+
+
 async def test_close_sends_what_is_held_abort_drops_it() -> None:
     rec = Recorder()
-    t = CorkedTransport(rec, asyncio.get_running_loop())  # type: ignore[arg-type]
+    t = CorkedTransport(rec, asyncio.get_running_loop(), BUSY)  # type: ignore[arg-type]
     t.write(b"last words")
     t.close()
     assert rec.writes == [b"last words"] and rec.closed
@@ -96,7 +111,7 @@ async def test_close_sends_what_is_held_abort_drops_it() -> None:
     assert rec.writes == [b"last words"]
 
     rec2 = Recorder()
-    t2 = CorkedTransport(rec2, asyncio.get_running_loop())  # type: ignore[arg-type]
+    t2 = CorkedTransport(rec2, asyncio.get_running_loop(), BUSY)  # type: ignore[arg-type]
     t2.write(b"never sent")
     t2.abort()
     await turn()
@@ -105,7 +120,7 @@ async def test_close_sends_what_is_held_abort_drops_it() -> None:
 
 async def test_client_gone_before_the_flush_is_not_an_error() -> None:
     rec = Recorder()
-    t = CorkedTransport(rec, asyncio.get_running_loop())  # type: ignore[arg-type]
+    t = CorkedTransport(rec, asyncio.get_running_loop(), BUSY)  # type: ignore[arg-type]
     t.write(b"late")
     rec.closing = True  # the peer went away within the turn
     await turn()
@@ -114,7 +129,7 @@ async def test_client_gone_before_the_flush_is_not_an_error() -> None:
 
 async def test_large_write_goes_through_in_order() -> None:
     rec = Recorder()
-    t = CorkedTransport(rec, asyncio.get_running_loop())  # type: ignore[arg-type]
+    t = CorkedTransport(rec, asyncio.get_running_loop(), BUSY)  # type: ignore[arg-type]
     big = b"x" * WRITE_THROUGH
     t.write(b"head")
     t.write(big)
@@ -124,11 +139,14 @@ async def test_large_write_goes_through_in_order() -> None:
     assert rec.writes == [b"head", big, b"tail"]
 
 
-def _protocol(app: Any) -> tuple[HttpToolsProtocol, Recorder]:
+def _protocol(app: Any, busy: bool = True) -> tuple[HttpToolsProtocol, Recorder]:
     config = uvicorn.Config(app, lifespan="off", http=HttpToolsProtocol)
     config.load()
+    state = ServerState()
+    if busy:  # another request in flight on the server
+        state.tasks.add(asyncio.get_running_loop().create_future())  # type: ignore[arg-type]
     proto = HttpToolsProtocol(
-        config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+        config=config, server_state=state, app_state={}, _loop=asyncio.get_running_loop()
     )
     rec = Recorder()
     proto.connection_made(rec)  # type: ignore[arg-type]
@@ -153,6 +171,14 @@ async def test_uvicorn_sends_headers_and_body_in_one_write() -> None:
     head, _, body = rec.writes[0].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK") and b"content-length: 11" in head
     assert body == b'{"ok":true}'
+    proto.connection_lost(None)
+
+    # Alone on the server: uvicorn's own two writes.
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(REQUEST)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(rec.writes) == 2 and rec.writes[1] == b'{"ok":true}'
     proto.connection_lost(None)
 
 

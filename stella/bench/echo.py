@@ -23,8 +23,12 @@ class Row(msgspec.Struct):
     mode: str
     concurrency: int
     stella: Result
-    baseline: Result
+    baseline: Result  # the bare app on stock uvicorn (httptools)
     ratio: float
+    # The bare app on stella's server protocol (one write per loop turn): stella's
+    # own cost, with the server's gain taken out of the comparison.
+    same_server: Result | None = None
+    same_server_ratio: float | None = None
 
 
 def _body(stream: bool) -> bytes:
@@ -72,12 +76,12 @@ def compare(
     use_wrk: bool | None = None,
     rounds: int = 2,
 ) -> list[Row]:
-    """Both servers up at once, pinned to core 0, load from core 1; same bytes, same load."""
+    """The three servers up at once, pinned to core 0, load from core 1; same bytes, same load."""
     wrk = have_wrk() if use_wrk is None else use_wrk
     tmp = Path(tempfile.mkdtemp(prefix="stella-bench-"))
     conf = tmp / "stella.toml"
     conf.write_text('[models]\ndefault = "echo"\n[backends.local]\nenabled = false\n')
-    s_port, b_port = free_port(), free_port()
+    s_port, b_port, c_port = free_port(), free_port(), free_port()
     env = {"STELLA_CONFIG": str(conf)}
     rows: list[Row] = []
     with spawn(stella_args(s_port), port=s_port, env=env, cpu=0) as stella:
@@ -94,34 +98,61 @@ def compare(
         (tmp / "body.json").write_bytes(sample)
         (tmp / "stream.ndjson").write_bytes(stream)
         bare_env = {"BARE_BODY": str(tmp / "body.json"), "BARE_STREAM": str(tmp / "stream.ndjson")}
-        with spawn(
-            uvicorn_args("stella.bench.bare:app", b_port), port=b_port, env=bare_env, cpu=0
-        ) as bare:
+        corked = "stella.transport:HttpToolsProtocol"
+        with (
+            spawn(
+                uvicorn_args("stella.bench.bare:app", b_port), port=b_port, env=bare_env, cpu=0
+            ) as bare,
+            spawn(
+                uvicorn_args("stella.bench.bare:app", c_port, http=corked),
+                port=c_port,
+                env=bare_env,
+                cpu=0,
+            ) as bare_same,
+        ):
             for mode, stream_flag in (("non-stream", False), ("stream", True)):
                 body = _body(stream_flag)
                 for c in concurrency:
                     # In turn, `rounds` times; each keeps its best round (noise only slows).
-                    b = s = None
+                    best: dict[str, Result] = {}
                     for _ in range(rounds):
-                        rb = measure(bare.url, body, "bare starlette", c, duration, wrk, 1)
-                        rs = measure(stella.url, body, "stella", c, duration, wrk, 1)
-                        b = rb if b is None or rb.rps > b.rps else b
-                        s = rs if s is None or rs.rps > s.rps else s
-                    assert b is not None and s is not None
-                    rows.append(Row(mode, c, s, b, round(s.rps / b.rps, 3) if b.rps else 0.0))
+                        for name, server in (
+                            ("bare", bare),
+                            ("same", bare_same),
+                            ("stella", stella),
+                        ):
+                            r = measure(server.url, body, name, c, duration, wrk, 1)
+                            if name not in best or r.rps > best[name].rps:
+                                best[name] = r
+                    s, b, same = best["stella"], best["bare"], best["same"]
+                    rows.append(
+                        Row(
+                            mode,
+                            c,
+                            s,
+                            b,
+                            round(s.rps / b.rps, 3) if b.rps else 0.0,
+                            same,
+                            round(s.rps / same.rps, 3) if same.rps else 0.0,
+                        )
+                    )
     return rows
 
 
 def table(rows: list[Row]) -> str:
     """Markdown table of the rows."""
     out = [
-        "| mode | c | stella req/s | bare req/s | ratio | stella p50 / p99 ms | bare p50 / p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | c | stella req/s | bare req/s | ratio | bare on stella's server req/s "
+        "| ratio | stella p50 / p99 ms | bare p50 / p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        same = f"{r.same_server.rps:,.0f}" if r.same_server else "-"
+        same_ratio = f"{r.same_server_ratio:.2f}" if r.same_server_ratio is not None else "-"
         out.append(
             f"| {r.mode} | {r.concurrency} | {r.stella.rps:,.0f} | {r.baseline.rps:,.0f} | "
-            f"{r.ratio:.2f} | {r.stella.p50_ms:.2f} / {r.stella.p99_ms:.2f} | "
+            f"{r.ratio:.2f} | {same} | {same_ratio} | "
+            f"{r.stella.p50_ms:.2f} / {r.stella.p99_ms:.2f} | "
             f"{r.baseline.p50_ms:.2f} / {r.baseline.p99_ms:.2f} |"
         )
     return "\n".join(out)

@@ -120,8 +120,10 @@ def spawn(
         log.close()
 
 
-def uvicorn_args(app: str, port: int, *, factory: bool = False) -> list[str]:
-    """uvicorn with uvloop and httptools, one worker, no access log."""
+def uvicorn_args(
+    app: str, port: int, *, factory: bool = False, http: str = "httptools"
+) -> list[str]:
+    """uvicorn with uvloop and httptools (or `http`), one worker, no access log."""
     args = [
         sys.executable,
         "-m",
@@ -134,7 +136,7 @@ def uvicorn_args(app: str, port: int, *, factory: bool = False) -> list[str]:
         "--loop",
         "uvloop",
         "--http",
-        "httptools",
+        http,
         "--no-access-log",
         "--log-level",
         "warning",
