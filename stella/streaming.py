@@ -128,14 +128,15 @@ class EventStream:
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         inference = self.inference
         call = inference.call
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
+        tk = ticker()
+        loop = tk.loop
+        task = asyncio.current_task(loop)
         assert task is not None
         self.drain.enter(call, task)
         # Short streams end before anyone could notice a disconnect or need a ping:
         # the watcher task starts only once the stream has run for a moment.
         watcher: list[asyncio.Task[Any]] = []
-        later = ticker().later(
+        later = tk.later(
             min(WATCH_AFTER_S, self.ping_interval_s),
             lambda: watcher.append(loop.create_task(self._watch(receive, send, task, call))),
         )

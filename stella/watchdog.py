@@ -163,9 +163,9 @@ class Watchdog:
         self._since = time.perf_counter()
         self._seen = self.progress
         if self._ticker is None:
-            self._task = asyncio.current_task()
-            self._ticker = ticker()
-            self._ticker.add(self)
+            tk = self._ticker = ticker()
+            self._task = asyncio.current_task(tk.loop)  # given the loop: no second lookup
+            tk.add(self)
 
     def expired(self) -> bool:
         """Whether the CancelledError being handled came from this watchdog.

@@ -249,14 +249,15 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
     """
     svc = services(request)
     call = inference.call
-    task = asyncio.current_task()
+    tk = ticker()
+    loop = tk.loop
+    task = asyncio.current_task(loop)
     assert task is not None
     svc.drain.enter(call, task)
     # Most answers are ready long before a client gives up: watch for a disconnect
     # only once the call has taken a while, so fast calls pay no extra task.
-    loop = asyncio.get_running_loop()
     watcher: list[asyncio.Task[Any]] = []
-    later = ticker().later(
+    later = tk.later(
         WATCH_AFTER_S,
         lambda: watcher.append(loop.create_task(_watch_disconnect(request, task, call))),
     )
