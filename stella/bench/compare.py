@@ -92,6 +92,11 @@ def install_litellm() -> Path | None:
     return exe if exe.exists() else None
 
 
+# The passthroughs run on the server protocol `stella serve` uses, so that the
+# ratios compare the gateways' own code and not two ways of writing to a socket.
+SAME_SERVER = "stella.transport:HttpToolsProtocol"
+
+
 @contextlib.contextmanager
 def _gateways(upstream: str, litellm: bool, notes: list[str]) -> Iterator[dict[str, Proc]]:
     tmp = Path(tempfile.mkdtemp(prefix="stella-compare-"))
@@ -106,7 +111,7 @@ def _gateways(upstream: str, litellm: bool, notes: list[str]) -> Iterator[dict[s
         p = free_port()
         procs["passthrough"] = stack.enter_context(
             spawn(
-                uvicorn_args("stella.bench.passthrough:app", p),
+                uvicorn_args("stella.bench.passthrough:app", p, http=SAME_SERVER),
                 port=p,
                 cpu=0,
                 env={"UPSTREAM_URL": upstream + "/v1"},
@@ -115,7 +120,7 @@ def _gateways(upstream: str, litellm: bool, notes: list[str]) -> Iterator[dict[s
         p = free_port()
         procs["passthrough-aiohttp"] = stack.enter_context(
             spawn(
-                uvicorn_args("stella.bench.passthrough:app_aiohttp", p),
+                uvicorn_args("stella.bench.passthrough:app_aiohttp", p, http=SAME_SERVER),
                 port=p,
                 cpu=0,
                 env={"UPSTREAM_URL": upstream + "/v1"},
@@ -172,7 +177,8 @@ def compare(
     wrk = have_wrk()
     notes = [
         f"load: {'wrk' if wrk else 'stella loadgen'}; {duration:g} s per run; "
-        "gateways on core 0, upstream and load on core 1"
+        "gateways on core 0, upstream and load on core 1; "
+        "the passthroughs on stella's server protocol (one write per loop turn)"
     ]
     rows: list[GatewayRow] = []
     infos: list[GatewayInfo] = []
