@@ -108,24 +108,19 @@ def _gateways(upstream: str, litellm: bool, notes: list[str]) -> Iterator[dict[s
     )
     with contextlib.ExitStack() as stack:
         procs: dict[str, Proc] = {}
-        p = free_port()
-        procs["passthrough"] = stack.enter_context(
-            spawn(
-                uvicorn_args("stella.bench.passthrough:app", p, http=SAME_SERVER),
-                port=p,
-                cpu=0,
-                env={"UPSTREAM_URL": upstream + "/v1"},
+        for name, app in (
+            ("passthrough", "stella.bench.passthrough:app"),
+            ("passthrough-aiohttp", "stella.bench.passthrough:app_aiohttp"),
+        ):
+            p = free_port()
+            procs[name] = stack.enter_context(
+                spawn(
+                    uvicorn_args(app, p, http=SAME_SERVER),
+                    port=p,
+                    cpu=0,
+                    env={"UPSTREAM_URL": upstream + "/v1"},
+                )
             )
-        )
-        p = free_port()
-        procs["passthrough-aiohttp"] = stack.enter_context(
-            spawn(
-                uvicorn_args("stella.bench.passthrough:app_aiohttp", p, http=SAME_SERVER),
-                port=p,
-                cpu=0,
-                env={"UPSTREAM_URL": upstream + "/v1"},
-            )
-        )
         p = free_port()
         procs["stella"] = stack.enter_context(
             spawn(stella_args(p), port=p, cpu=0, env={"STELLA_CONFIG": str(conf)})
