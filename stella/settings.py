@@ -250,6 +250,11 @@ def _check(s: Settings) -> None:
         raise ConfigError(f"server.port: {s.server.port} is not a TCP port")
     if s.server.max_body_bytes <= 0:
         raise ConfigError("server.max_body_bytes: must be positive")
+    if s.server.workers < 1:
+        raise ConfigError("server.workers: must be at least 1")
+    url = s.server.public_url
+    if url and (not url.startswith(("http://", "https://")) or " " in url):
+        raise ConfigError(f"server.public_url: {url!r} is not an http(s) URL")
     if s.log.format not in ("json", "console"):
         raise ConfigError(f"log.format: {s.log.format!r} is not one of json, console")
     for name, table in s.backends.items():

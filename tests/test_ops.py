@@ -8,7 +8,7 @@ import sys
 
 import httpx
 
-from tests.live import LiveServer
+from tests.live import LiveServer, run_stella
 
 
 def test_info_for_api_clients_and_browsers(stella: LiveServer) -> None:
@@ -17,6 +17,14 @@ def test_info_for_api_clients_and_browsers(stella: LiveServer) -> None:
     assert info["links"]["chat"] == "/api/v1/chat"
     r = httpx.get(stella.url + "/", headers={"Accept": "text/html"}, follow_redirects=False)
     assert r.status_code in (200, 307)
+
+
+def test_public_url_makes_links_absolute() -> None:
+    with run_stella({"server": {"public_url": "https://llm.example.com/"}}) as server:
+        info = httpx.get(server.url + "/").json()
+        assert info["links"]["chat"] == "https://llm.example.com/api/v1/chat"
+        spec = httpx.get(server.url + "/openapi.json").json()
+        assert spec["servers"] == [{"url": "https://llm.example.com"}]
 
 
 def test_openapi_is_generated_from_the_structs(stella: LiveServer) -> None:

@@ -54,6 +54,8 @@ def test_env_values_parse_as_toml_literals() -> None:
         ({"STELLA_SERVER__NOPE": "1"}, "nope"),
         ({"STELLA_MODELS__DEFAULT": "missing"}, "models.default"),
         ({"STELLA_LOG__FORMAT": "xml"}, "log.format"),
+        ({"STELLA_SERVER__WORKERS": "0"}, "server.workers"),
+        ({"STELLA_SERVER__PUBLIC_URL": "llm.example.com"}, "server.public_url"),
     ],
 )
 def test_bad_values_name_the_key(env: dict[str, str], needle: str) -> None:

@@ -68,12 +68,29 @@ async def config(request: Request, call: Call) -> Response:
     return JSONResponse({"config": redacted(svc.settings), "default_model": svc.router.default})
 
 
+LINKS = {
+    "chat": "/api/v1/chat",
+    "generate": "/api/v1/generate",
+    "models": "/api/v1/models",
+    "openai": "/v1/chat/completions",
+    "ollama": "/api/chat",
+    "anthropic": "/v1/messages",
+    "health": "/health",
+    "ready": "/ready",
+    "metrics": "/metrics",
+    "openapi": "/openapi.json",
+    "docs": "/docs",
+    "playground": "/playground",
+}
+
+
 async def info(request: Request) -> Response:
     """GET /: what this service is; browsers go to the playground."""
     accept = request.headers.get("accept", "")
     if "text/html" in accept and (STATIC / "playground.html").is_file():
         return RedirectResponse("/playground", status_code=307)
     svc = services(request)
+    base = svc.settings.server.public_url.rstrip("/")  # absolute links when configured
     return JSONResponse(
         {
             "name": "stella",
@@ -81,33 +98,24 @@ async def info(request: Request) -> Response:
             "description": "An async LLM gateway",
             "default_model": svc.router.default,
             "uptime_s": round(time.monotonic() - svc.started, 1),
-            "links": {
-                "chat": "/api/v1/chat",
-                "generate": "/api/v1/generate",
-                "models": "/api/v1/models",
-                "openai": "/v1/chat/completions",
-                "ollama": "/api/chat",
-                "anthropic": "/v1/messages",
-                "health": "/health",
-                "ready": "/ready",
-                "metrics": "/metrics",
-                "openapi": "/openapi.json",
-                "docs": "/docs",
-                "playground": "/playground",
-            },
+            "links": {name: base + path for name, path in LINKS.items()},
         }
     )
 
 
-_schema: bytes | None = None
+_schemas: dict[str, bytes] = {}  # per public_url: built once
 
 
 async def openapi(request: Request) -> Response:
-    """GET /openapi.json."""
-    global _schema
-    if _schema is None:
-        _schema = JSONResponse(build_schema()).body
-    return Response(_schema, media_type="application/json")
+    """GET /openapi.json (with `servers` when server.public_url is set)."""
+    public_url = services(request).settings.server.public_url.rstrip("/")
+    body = _schemas.get(public_url)
+    if body is None:
+        spec = build_schema()
+        if public_url:
+            spec["servers"] = [{"url": public_url}]
+        body = _schemas[public_url] = JSONResponse(spec).body
+    return Response(body, media_type="application/json")
 
 
 async def docs(request: Request) -> Response:
