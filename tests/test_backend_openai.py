@@ -212,3 +212,15 @@ async def test_mlx_lm_server_max_tokens_and_stop(mlx_server: str) -> None:
     text = "".join(e.text for e in events if isinstance(e, Delta))
     assert "Paris" not in text and events[-1].finish_reason == "stop"
     await b.aclose()
+
+
+async def test_pool_follows_the_config(fake: tuple[FakeOpenAI, str]) -> None:
+    """max_connections and keepalive_s shape the backend's one connection pool."""
+    b = await backend(fake[1] + "/v1", max_connections=7, keepalive_s=5.0)
+    try:
+        connector = b.session.connector
+        assert connector is not None and connector.limit == 7
+        assert connector._keepalive_timeout == 5.0  # aiohttp keeps no public getter
+        assert await collect(b, "ok")  # and it serves
+    finally:
+        await b.aclose()

@@ -31,7 +31,7 @@ class HttpConfig(BackendConfig, kw_only=True):
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 300.0  # per read; the route's idle timeout is usually shorter
     max_connections: int = 256
-    max_keepalive: int = 64
+    keepalive_s: float = 30.0  # an idle pooled connection is closed after this long
 
 
 class _OpenAIError(msgspec.Struct):
@@ -74,7 +74,9 @@ class HttpBackend(Backend):
         # because httpx's per-request bookkeeping (URL merging, cookie extraction) was the
         # largest cost in a profile of stella under load.
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.http.max_connections, keepalive_timeout=30),
+            connector=aiohttp.TCPConnector(
+                limit=self.http.max_connections, keepalive_timeout=self.http.keepalive_s
+            ),
             headers={**self.http.headers, **self.auth_headers()},
             timeout=aiohttp.ClientTimeout(
                 sock_connect=self.http.connect_timeout_s, sock_read=self.http.read_timeout_s
