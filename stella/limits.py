@@ -55,17 +55,30 @@ class MemoryBuckets:
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
         """Every bucket has room: take from all; otherwise take from none."""
+        return self.take(checks)
+
+    def take(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
+        """take_all without the await: memory needs none (the limiter calls this directly)."""
         now = time.monotonic()
-        levels = [self._level(key, cap, ps, now) for key, cap, ps, _ in checks]
-        ok = all(level >= cost for level, (_, _, _, cost) in zip(levels, checks, strict=True))
+        store = self._levels
+        levels = []
+        ok = True
+        for key, cap, per_s, cost in checks:
+            got = store.get(key)
+            level = cap if got is None else min(cap, got[0] + (now - got[1]) * per_s)
+            if level < cost:
+                ok = False
+            levels.append(level)
         out = []
-        for level, (key, cap, ps, cost) in zip(levels, checks, strict=True):
-            left = level - cost if ok else level
-            self._levels[key] = (left, now)
-            enough = level >= cost
-            out.append(
-                Take(enough, left, 0.0 if enough else (cost - level) / ps, (cap - left) / ps)
-            )
+        for level, (key, cap, per_s, cost) in zip(levels, checks, strict=True):
+            if ok:
+                left = level - cost
+                out.append(Take(True, left, 0.0, (cap - left) / per_s))
+            else:
+                left = level
+                short = cost - level
+                out.append(Take(short <= 0, left, max(short, 0.0) / per_s, (cap - left) / per_s))
+            store[key] = (left, now)
         return out
 
     def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
@@ -78,26 +91,27 @@ class MemoryBuckets:
 class LimitPermit(Permit):
     """Releases concurrency slots and settles reserved tokens, once."""
 
+    # Empty until admission fills them (most permits hold no slot): no lists per request.
+    _reserved: list[tuple[str, float, float, float]] | tuple[()] = ()  # key, cap, per_s, cost
+    _slots: list[asyncio.Semaphore] | tuple[()] = ()
+
     def __init__(self, limiter: Limiter, headers: dict[str, str]) -> None:
         self.headers = headers
         self._limiter = limiter
-        self._reserved: list[tuple[str, float, float, float]] = []  # key, cap, per_s, cost
-        self._slots: list[asyncio.Semaphore] = []
-        self._done = False
 
     def settle(self, usage: Usage) -> None:
         """Give back what was reserved beyond the real token count."""
-        used = usage.prompt_tokens + usage.completion_tokens
-        for key, cap, per_s, reserved in self._reserved:
-            self._limiter.buckets.give(key, cap, per_s, reserved - used)
-        self._reserved = []
+        if self._reserved:
+            used = usage.prompt_tokens + usage.completion_tokens
+            for key, cap, per_s, reserved in self._reserved:
+                self._limiter.buckets.give(key, cap, per_s, reserved - used)
+            self._reserved = ()
 
     def release(self) -> None:
-        """Free the concurrency slots."""
-        if self._done:
-            return
-        self._done = True
-        for slot in self._slots:
+        """Free the concurrency slots, once."""
+        slots = self._slots
+        self._slots = ()
+        for slot in slots:
             slot.release()
 
 
@@ -168,17 +182,21 @@ class Limiter(Admission):
                 (k, n, ps, min(reserve, n) if tokens else 1.0)
                 for k, n, ps, tokens, _ in plan.buckets
             ]
-            takes = await self.buckets.take_all(checks)
+            buckets = self.buckets
+            takes = (
+                buckets.take(checks)
+                if type(buckets) is MemoryBuckets
+                else await buckets.take_all(checks)
+            )
             # The first bucket (the key's requests, when it has a limit) sets the headers.
             first = takes[0]
             left = first.remaining
             headers["X-RateLimit-Limit"] = plan.limit_header
             headers["X-RateLimit-Remaining"] = str(int(left)) if left > 0 else "0"
             headers["X-RateLimit-Reset"] = str(math.ceil(first.reset))
-            for (key, n, per_s, tokens, who), check, take in zip(
-                plan.buckets, checks, takes, strict=True
-            ):
+            for i, take in enumerate(takes):
                 if not take.allowed:
+                    _, n, _, tokens, who = plan.buckets[i]
                     self.rejections += 1
                     raise RateLimited(
                         f"rate limit of {int(n)} {'tokens' if tokens else 'requests'} per "
@@ -186,28 +204,31 @@ class Limiter(Admission):
                         retry_after=take.retry_after,
                         headers=headers,
                     )
-                if tokens:
-                    permit._reserved.append((key, n, per_s, check[3]))
-        for name, size in plan.slots:
-            slot = self._slot(name, size)
-            try:
-                async with asyncio.timeout(self.limits.queue_timeout_s):
-                    await slot.acquire()
-            except TimeoutError:
-                permit.settle(Usage())
-                permit.release()
-                what = name.replace(":", " ", 1)
-                raise Overloaded(
-                    f"{what} already has {size} requests running", retry_after=1
-                ) from None
-            permit._slots.append(slot)
+            # Token buckets hold a reservation until the real usage is known.
+            permit._reserved = [checks[i] for i in plan.token_buckets]
+        if plan.slots:
+            held: list[asyncio.Semaphore] = []
+            permit._slots = held
+            for name, size in plan.slots:
+                slot = self._slot(name, size)
+                try:
+                    async with asyncio.timeout(self.limits.queue_timeout_s):
+                        await slot.acquire()
+                except TimeoutError:
+                    permit.settle(Usage())
+                    permit.release()
+                    what = name.replace(":", " ", 1)
+                    raise Overloaded(
+                        f"{what} already has {size} requests running", retry_after=1
+                    ) from None
+                held.append(slot)
         return permit
 
 
 class _Plan:
     """What admission checks for one key on one route."""
 
-    __slots__ = ("buckets", "limit_header", "principal", "slots")
+    __slots__ = ("buckets", "limit_header", "principal", "slots", "token_buckets")
 
     def __init__(
         self,
@@ -219,6 +240,7 @@ class _Plan:
         self.buckets = buckets  # (bucket key, per minute, per second, counts tokens, whose)
         self.slots = slots  # (slot name, size)
         self.limit_header = str(int(buckets[0][1])) if buckets else ""
+        self.token_buckets = [i for i, b in enumerate(buckets) if b[3]]  # indexes
 
 
 _FREE = Permit()
