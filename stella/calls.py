@@ -47,10 +47,11 @@ class Call:
 class Permit:
     """What admission handed out: released when the inference ends."""
 
-    headers: dict[str, str]
+    # Response headers for the answer (rate-limit state), encoded: (lowercase name, value).
+    headers: list[tuple[bytes, bytes]]
 
     def __init__(self) -> None:
-        self.headers = {}
+        self.headers = []
 
     def settle(self, usage: Usage) -> None:
         """Correct reserved tokens with the real usage."""

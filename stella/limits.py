@@ -95,7 +95,7 @@ class LimitPermit(Permit):
     _reserved: list[tuple[str, float, float, float]] | tuple[()] = ()  # key, cap, per_s, cost
     _slots: list[asyncio.Semaphore] | tuple[()] = ()
 
-    def __init__(self, limiter: Limiter, headers: dict[str, str]) -> None:
+    def __init__(self, limiter: Limiter, headers: list[tuple[bytes, bytes]]) -> None:
         self.headers = headers
         self._limiter = limiter
 
@@ -172,7 +172,7 @@ class Limiter(Admission):
         plan = self._plan(call.principal, route)
         if not plan.buckets and not plan.slots:
             return _FREE
-        headers: dict[str, str] = {}
+        headers: list[tuple[bytes, bytes]] = []
         permit = LimitPermit(self, headers)
         if plan.buckets:
             reserve = float(request.options.max_tokens or self.limits.reserve_tokens)
@@ -191,9 +191,9 @@ class Limiter(Admission):
             # The first bucket (the key's requests, when it has a limit) sets the headers.
             first = takes[0]
             left = first.remaining
-            headers["X-RateLimit-Limit"] = plan.limit_header
-            headers["X-RateLimit-Remaining"] = str(int(left)) if left > 0 else "0"
-            headers["X-RateLimit-Reset"] = str(math.ceil(first.reset))
+            headers.append((b"x-ratelimit-limit", plan.limit_header))
+            headers.append((b"x-ratelimit-remaining", b"%d" % left if left > 0 else b"0"))
+            headers.append((b"x-ratelimit-reset", b"%d" % math.ceil(first.reset)))
             for i, take in enumerate(takes):
                 if not take.allowed:
                     _, n, _, tokens, who = plan.buckets[i]
@@ -202,10 +202,11 @@ class Limiter(Admission):
                         f"rate limit of {int(n)} {'tokens' if tokens else 'requests'} per "
                         f"minute reached for {who}",
                         retry_after=take.retry_after,
-                        headers=headers,
+                        headers={k.decode(): v.decode() for k, v in headers},
                     )
             # Token buckets hold a reservation until the real usage is known.
-            permit._reserved = [checks[i] for i in plan.token_buckets]
+            if plan.token_buckets:
+                permit._reserved = [checks[i] for i in plan.token_buckets]
         if plan.slots:
             held: list[asyncio.Semaphore] = []
             permit._slots = held
@@ -239,7 +240,7 @@ class _Plan:
         self.principal = principal
         self.buckets = buckets  # (bucket key, per minute, per second, counts tokens, whose)
         self.slots = slots  # (slot name, size)
-        self.limit_header = str(int(buckets[0][1])) if buckets else ""
+        self.limit_header = b"%d" % buckets[0][1] if buckets else b""
         self.token_buckets = [i for i, b in enumerate(buckets) if b[3]]  # indexes
 
 

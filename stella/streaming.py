@@ -109,18 +109,17 @@ class EventStream:
         *,
         drain: Drain,
         ping_interval_s: float = 15.0,
-        headers: dict[str, str] | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         self.inference = inference
         self.codec = codec
         self.drain = drain
         self.ping_interval_s = ping_interval_s
-        self.headers = headers or {}
         self.raw_headers = [
             (b"content-type", codec.media_type.encode()),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
-            *((k.lower().encode(), v.encode()) for k, v in self.headers.items()),
+            *(headers or ()),
         ]
         self._last = 0.0  # loop time of the last line sent
         self._open = True

@@ -54,7 +54,7 @@ class JSONResponse(Response):
         self,
         content: Any,
         status_code: int = 200,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | list[tuple[bytes, bytes]] | None = None,
         media_type: str | None = None,
     ) -> None:
         self.status_code = status_code
@@ -64,8 +64,10 @@ class JSONResponse(Response):
             (b"content-length", str(len(body)).encode()),
             (b"content-type", media_type.encode() if media_type else b"application/json"),
         ]
-        if headers:
-            for k, v in headers.items():
+        if type(headers) is list:
+            raw += headers  # already encoded (a permit's rate-limit headers)
+        elif headers:
+            for k, v in headers.items():  # type: ignore[union-attr]
                 name = _NAMES.get(k)
                 if name is None:
                     name = k.lower().encode("latin-1")
