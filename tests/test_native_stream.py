@@ -166,6 +166,28 @@ async def test_disconnect_cancels_and_logs_client_closed(stella: LiveServer) -> 
     assert len(events) == 1
 
 
+async def test_non_stream_disconnect_cancels_and_logs_client_closed(stella: LiveServer) -> None:
+    """A client that gives up on a slow non-stream answer stops the backend at once."""
+    words = 200
+    payload = {
+        "model": "echo-slow",
+        "stream": False,
+        "messages": [{"role": "user", "content": " ".join(["word"] * words)}],
+    }
+    rid = "req-nonstream-gone-1"
+    async with httpx.AsyncClient(timeout=0.4) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(
+                stella.url + "/api/v1/chat", json=payload, headers={"X-Request-ID": rid}
+            )
+    ev = await asyncio.to_thread(stella.wait_event, lambda e: e["request_id"] == rid)
+    assert ev["finish_reason"] == "client_closed" and ev["status"] == 499
+    # Stopped within a tick or two of the client leaving, long before all 200 words.
+    assert ev["completion_tokens"] < words / 2
+    assert ev["total_ms"] < 1000
+    assert len([e for e in stella.events("inference") if e["request_id"] == rid]) == 1
+
+
 @pytest.mark.parametrize("model", ["echo", "echo-fail", "echo-fail-after", "echo-stall"])
 def test_exactly_one_inference_event_with_fields(stella: LiveServer, model: str) -> None:
     r = chat(stella, model, "one two three four five", metadata={"user": "abc"})
