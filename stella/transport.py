@@ -29,7 +29,8 @@ WRITE_THROUGH = 65_536
 
 
 class CorkedTransport:
-    """A transport that holds writes until the end of the loop turn, then sends them as one."""
+    """A transport that, while other requests are in flight, holds writes until the end of
+    the loop turn and then sends them as one; a lone request's writes go straight out."""
 
     __slots__ = (
         "_buf",
