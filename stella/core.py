@@ -121,7 +121,6 @@ class Inference:
         "error",
         "finish_reason",
         "logged",
-        "on_slow",
         "permit",
         "pipeline",
         "queue_ms",
@@ -168,8 +167,6 @@ class Inference:
         self.tool_calls: list[ToolCall] = []
         self.logged = False
         self.terminal = False
-        # (seconds after the start, callback): run once if the call takes that long.
-        self.on_slow: tuple[float, Callable[[], Any]] | None = None
         self.t_end = 0.0
         self.collect = not request.stream or pipeline.log_content
 
@@ -192,9 +189,6 @@ class Inference:
         """
         router = self.pipeline.router
         watchdog = Watchdog(self.t0 + self.route.settings.total_timeout_s)  # per route below
-        if self.on_slow is not None:
-            after, fn = self.on_slow
-            watchdog.when_slow(self.t0 + after, fn)
         last: StellaError | None = None
         try:
             for route in self.chain:

@@ -136,10 +136,8 @@ class Watchdog:
 
     __slots__ = (
         "_fired",
-        "_on_slow",
         "_seen",
         "_since",
-        "_slow_at",
         "_task",
         "_ticker",
         "deadline",
@@ -158,14 +156,6 @@ class Watchdog:
         self._fired = False
         self._ticker: Ticker | None = None
         self._task: asyncio.Task[Any] | None = None
-        self._slow_at = 0.0
-        self._on_slow: Callable[[], Any] | None = None
-
-    def when_slow(self, at: float, fn: Callable[[], Any]) -> None:
-        """Also call `fn` once at time.perf_counter() `at` (give or take a tick) unless
-        closed first: a slow call's extra duty without a ticker entry of its own."""
-        self._slow_at = at
-        self._on_slow = fn
 
     def watch(self, limit: float) -> None:
         """From now on the backend may be silent for at most `limit` seconds."""
@@ -190,13 +180,6 @@ class Watchdog:
 
     def tick(self, now: float) -> bool:
         """Cancel the waiting task after too long a silence; stay registered until closed."""
-        fn = self._on_slow
-        if fn is not None and now >= self._slow_at:
-            self._on_slow = None
-            try:
-                fn()
-            except Exception:  # its failure must not end this watchdog's time limits
-                pass
         if self._fired or self._task is None:
             return True
         if self.waiting and now >= self.deadline:

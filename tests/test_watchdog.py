@@ -74,36 +74,3 @@ async def test_the_deadline_ends_even_a_lively_call() -> None:
             dog.progress += 1
     assert dog.expired()
     dog.close()
-
-
-async def test_when_slow_runs_once_and_never_after_close() -> None:
-    ran: list[str] = []
-    dog = Watchdog(time.perf_counter() + 60)
-    dog.when_slow(time.perf_counter() + 0.01, lambda: ran.append("slow"))
-    dog.watch(10)
-    await asyncio.sleep(TICK_S * 3)
-    assert ran == ["slow"]  # once, though the ticker saw the watchdog several times
-    dog.close()
-
-    def boom() -> None:
-        raise RuntimeError("a failing callback")
-
-    # A failing callback does not cost the call its time limit.
-    dog = Watchdog(time.perf_counter() + 60)
-    dog.when_slow(time.perf_counter(), boom)
-    dog.watch(0.1)
-    with pytest.raises(asyncio.CancelledError):
-        try:
-            await _silent_wait(dog, 5)
-        except asyncio.CancelledError:
-            assert dog.expired()
-            raise
-    dog.close()
-
-    fast: list[str] = []
-    dog = Watchdog(time.perf_counter() + 60)
-    dog.when_slow(time.perf_counter() + TICK_S * 2, lambda: fast.append("late"))
-    dog.watch(10)
-    dog.close()  # the call ended first
-    await asyncio.sleep(TICK_S * 4)
-    assert fast == []

@@ -251,15 +251,15 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
     """
     svc = services(request)
     call = inference.call
-    loop = ticker().loop
+    tk = ticker()
+    loop = tk.loop
     task = asyncio.current_task(loop)
     assert task is not None
     svc.drain.enter(call, task)
     # Most answers are ready long before a client gives up: watch for a disconnect
-    # only once the call has taken a while, so fast calls pay no extra task (the
-    # call's own watchdog starts the watch).
+    # only once the call has taken a while, so fast calls pay no extra task.
     watcher: list[asyncio.Task[Any]] = []
-    inference.on_slow = (
+    later = tk.later(
         WATCH_AFTER_S,
         lambda: watcher.append(loop.create_task(_watch_disconnect(request, task, call))),
     )
@@ -273,6 +273,7 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
             raise ClientGone from None
         raise ShuttingDown("the server is shutting down; retry the request") from None
     finally:
+        later.cancel()
         for w in watcher:
             w.cancel()
         inference.finish()
