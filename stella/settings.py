@@ -31,7 +31,7 @@ class ServerSettings(Section):
     drain_timeout_s: float = 25.0
     workers: int = 1
     public_url: str = ""
-    # One socket write per connection per loop turn (headers and body together).
+    # Under load, one socket write per connection per loop turn (stella.transport).
     coalesce_writes: bool = True
 
 

@@ -38,13 +38,6 @@ _json = msgspec.json.Encoder()
 _JSONISH = ("application/json", "text/plain", "application/x-www-form-urlencoded", "")
 
 
-# Header names stella sends on most responses, encoded once.
-_NAMES = {
-    k: k.lower().encode()
-    for k in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset", "Retry-After")
-}
-
-
 class JSONResponse(Response):
     """A response whose body is encoded with msgspec (headers built in one step)."""
 
@@ -68,10 +61,7 @@ class JSONResponse(Response):
             raw += headers  # already encoded (a permit's rate-limit headers)
         elif headers:
             for k, v in headers.items():  # type: ignore[union-attr]
-                name = _NAMES.get(k)
-                if name is None:
-                    name = k.lower().encode("latin-1")
-                raw.append((name, v.encode("latin-1")))
+                raw.append((k.lower().encode("latin-1"), v.encode("latin-1")))
         self.raw_headers = raw
 
 
