@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 NAME = "bench"
 HELP = "measure: `url URL` loads any stella/OpenAI-compatible URL; `upstream` serves a fast fake one; the rest compare"
@@ -58,6 +60,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mlx.add_argument("--json", action="store_true")
 
 
+def _levels(args: argparse.Namespace) -> tuple[int, ...]:
+    """The --concurrency levels."""
+    return tuple(int(c) for c in args.concurrency.split(","))
+
+
+def _show(args: argparse.Namespace, result: Any, table: Callable[[Any], str]) -> int:
+    """Print `result` as JSON (--json) or as its markdown table."""
+    import msgspec
+
+    print(msgspec.json.encode(result).decode() if args.json else table(result))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the chosen measurement and print it."""
     import msgspec
@@ -65,42 +80,27 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "echo":
         from stella.bench.echo import compare, table
 
-        rows = compare(
-            tuple(int(c) for c in args.concurrency.split(",")), args.duration, rounds=args.rounds
-        )
-        print(msgspec.json.encode(rows).decode() if args.json else table(rows))
-        return 0
+        return _show(args, compare(_levels(args), args.duration, rounds=args.rounds), table)
     if args.what == "asgi":
         from stella.bench.asgi import compare as compare_asgi
         from stella.bench.asgi import table as asgi_table
 
-        asgi_rows = compare_asgi(args.requests)
-        print(msgspec.json.encode(asgi_rows).decode() if args.json else asgi_table(asgi_rows))
-        return 0
+        return _show(args, compare_asgi(args.requests), asgi_table)
     if args.what == "gateway":
         from stella.bench.compare import compare as compare_gw
         from stella.bench.compare import table as gw_table
 
-        report = compare_gw(
-            tuple(int(c) for c in args.concurrency.split(",")), args.duration, litellm=args.litellm
-        )
-        print(msgspec.json.encode(report).decode() if args.json else gw_table(report))
-        return 0
+        return _show(args, compare_gw(_levels(args), args.duration, litellm=args.litellm), gw_table)
     if args.what == "auth":
         from stella.bench.auth import compare as compare_auth
         from stella.bench.auth import table as auth_table
 
-        arows = compare_auth(args.concurrency, args.duration, args.rounds)
-        print(msgspec.json.encode(arows).decode() if args.json else auth_table(arows))
-        return 0
+        return _show(args, compare_auth(args.concurrency, args.duration, args.rounds), auth_table)
     if args.what == "dialects":
         from stella.bench.echo import compare_dialects, dialect_table
 
-        drows = compare_dialects(
-            tuple(int(c) for c in args.concurrency.split(",")), args.duration, rounds=args.rounds
-        )
-        print(msgspec.json.encode(drows).decode() if args.json else dialect_table(drows))
-        return 0
+        rows = compare_dialects(_levels(args), args.duration, rounds=args.rounds)
+        return _show(args, rows, dialect_table)
     if args.what == "upstream":
         import uvicorn
 
@@ -117,9 +117,7 @@ def run(args: argparse.Namespace) -> int:
         from stella.bench.mlx import compare as compare_mlx
         from stella.bench.mlx import table as mlx_table
 
-        report = compare_mlx(tokens=args.tokens, runs=args.runs)
-        print(msgspec.json.encode(report).decode() if args.json else mlx_table(report))
-        return 0
+        return _show(args, compare_mlx(tokens=args.tokens, runs=args.runs), mlx_table)
     from stella.bench.loadgen import run_load
 
     if args.body:
@@ -135,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         body = json.dumps(payload).encode()
     headers = dict(h.split(":", 1) for h in args.header)
     results = []
-    for c in (int(x) for x in args.concurrency.split(",")):
+    for c in _levels(args):
         try:
             results.append(
                 asyncio.run(
