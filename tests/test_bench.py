@@ -50,6 +50,13 @@ def test_bench_url_refuses_a_remote_target() -> None:
     assert out.returncode == 2 and "loopback" in out.stderr
 
 
+def test_bench_url_says_when_nothing_listens() -> None:
+    from tests.live import free_port
+
+    r = _bench(f"http://127.0.0.1:{free_port()}/api/v1/chat", "-c", "1", "-d", "0.2")
+    assert r.returncode == 1 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_bench_upstream_serves_openai_chat_completions() -> None:
     from tests.live import free_port
 

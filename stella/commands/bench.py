@@ -148,9 +148,12 @@ def run(args: argparse.Namespace) -> int:
                     )
                 )
             )
-        except ValueError as exc:
+        except ValueError as exc:  # a bad URL or a remote one without --allow-remote
             print(f"stella: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:  # nothing listening, name not found
+            print(f"stella: cannot reach {args.url}: {exc}", file=sys.stderr)
+            return 1
     if args.json:
         print(msgspec.json.encode(results).decode())
     else:
