@@ -125,3 +125,15 @@ def test_redaction_hides_secrets() -> None:
     assert "hunter22" not in text and "redis.local" in text
     assert "literal-secret" not in text
     assert "R_KEY" in text  # the variable's name is not the secret
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("keepalive_s", -1), ("max_connections", 0), ("connect_timeout_s", 0), ("read_timeout_s", -5)],
+)
+def test_remote_pool_settings_are_checked(key: str, value: float) -> None:
+    from stella.backends import ConfigError, build_backend, registry
+
+    table = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", key: value}
+    with pytest.raises(ConfigError, match=f"backends.up: {key}"):
+        build_backend("up", table, registry())

@@ -11,12 +11,13 @@ import email.utils
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
 import httpx
 import msgspec
 from httpx_aiohttp import AiohttpTransport
+from msgspec import Meta
 
 from stella.backends.base import Backend, BackendConfig, BackendHealth
 from stella.errors import StellaError, UpstreamError, UpstreamStatus, UpstreamTimeout
@@ -28,10 +29,12 @@ class HttpConfig(BackendConfig, kw_only=True):
     base_url: str
     api_key_env: str = ""  # name of the environment variable holding the key
     headers: dict[str, str] = {}  # extra static headers
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 300.0  # per read; the route's idle timeout is usually shorter
-    max_connections: int = 256
-    keepalive_s: float = 30.0  # an idle pooled connection is closed after this long
+    connect_timeout_s: Annotated[float, Meta(gt=0)] = 10.0
+    # Per read; the route's idle timeout is usually shorter.
+    read_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
+    max_connections: Annotated[int, Meta(ge=1)] = 256
+    # An idle pooled connection is closed after this long.
+    keepalive_s: Annotated[float, Meta(ge=0)] = 30.0
 
 
 class _OpenAIError(msgspec.Struct):
