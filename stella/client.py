@@ -176,6 +176,23 @@ def _body(
     return body
 
 
+def _generate_body(
+    prompt: str,
+    model: str | None,
+    system: str | None,
+    stream: bool,
+    options: dict[str, Any] | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": prompt, "stream": stream}
+    if model:
+        body["model"] = model
+    if system:
+        body["system"] = system
+    if options:
+        body["options"] = options
+    return body
+
+
 def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
     url = (base_url or os.environ.get("STELLA_URL") or DEFAULT_URL).rstrip("/")
     key = api_key if api_key is not None else os.environ.get("STELLA_API_KEY", "")
@@ -250,13 +267,7 @@ class Client:
         options: dict[str, Any] | None = None,
     ) -> Any:
         """One prompt: a ChatResponse, or (stream=True) an iterator of events."""
-        body: dict[str, Any] = {"prompt": prompt, "stream": stream}
-        if model:
-            body["model"] = model
-        if system:
-            body["system"] = system
-        if options:
-            body["options"] = options
+        body = _generate_body(prompt, model, system, stream, options)
         return (
             self._stream("/api/v1/generate", body)
             if stream
@@ -350,13 +361,7 @@ class AsyncClient:
         options: dict[str, Any] | None = None,
     ) -> Any:
         """One prompt: a ChatResponse, or (stream=True) an async iterator of events."""
-        body: dict[str, Any] = {"prompt": prompt, "stream": stream}
-        if model:
-            body["model"] = model
-        if system:
-            body["system"] = system
-        if options:
-            body["options"] = options
+        body = _generate_body(prompt, model, system, stream, options)
         if stream:
             return self._stream("/api/v1/generate", body)
         return await self._post("/api/v1/generate", body)
