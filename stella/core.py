@@ -346,20 +346,7 @@ class Inference:
 
     def _done(self, done: Done) -> Done:
         now = time.perf_counter()
-        usage = done.usage
-        if not usage.completion_tokens and self.completion_tokens:
-            usage = Usage(
-                usage.prompt_tokens,
-                self.completion_tokens,
-                usage.prompt_tokens + self.completion_tokens,
-            )
-        elif usage.total_tokens == 0:
-            usage = Usage(
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.prompt_tokens + usage.completion_tokens,
-            )
-        self.usage = usage
+        usage = self.usage = _completed(done.usage, self.completion_tokens)
         self.finish_reason = done.finish_reason
         self.terminal = True
         self.t_end = now
@@ -423,13 +410,7 @@ class Inference:
         pipeline = self.pipeline
         pipeline.active.discard(self)
         now = self.t_end or time.perf_counter()
-        usage = self.usage
-        if not usage.completion_tokens and self.completion_tokens:
-            usage = Usage(
-                usage.prompt_tokens,
-                self.completion_tokens,
-                usage.prompt_tokens + self.completion_tokens,
-            )
+        usage = _completed(self.usage, self.completion_tokens)
         try:
             self.permit.settle(usage)
         finally:
@@ -487,6 +468,14 @@ class Inference:
             except Exception as exc:  # a metrics bug must not lose the log line
                 record.setdefault("listener_errors", []).append(repr(exc))
         pipeline.emit("inference", record)
+
+
+def _completed(usage: Usage, counted: int) -> Usage:
+    """`usage` with what the backend left out filled in: the deltas counted, the total."""
+    completion = usage.completion_tokens or counted
+    if completion == usage.completion_tokens and usage.total_tokens:
+        return usage
+    return Usage(usage.prompt_tokens, completion, usage.prompt_tokens + completion)
 
 
 __all__ = [
