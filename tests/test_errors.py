@@ -18,7 +18,7 @@ def sha(key: str) -> str:
 
 
 CONFIG = {
-    "server": {"max_body_bytes": 2048},
+    "server": {"max_body_bytes": 4096},
     "auth": {
         "keys": {
             "admin": {"sha256": sha(ADMIN), "admin": True},
@@ -61,6 +61,35 @@ MSG = [{"role": "user", "content": "hi"}]
 def test_malformed_json(server: LiveServer) -> None:
     r = post(server, content=b'{"messages": [', headers={"content-type": "application/json"})
     assert "malformed JSON" in error_of(r, 400, "invalid_request")
+
+
+# Each route's smallest valid body, and a field of it that takes any JSON.
+JSON_ROUTES = {
+    "/api/v1/chat": (b'{"model":"echo","messages":[{"role":"user","content":"x"}]', b"metadata"),
+    "/v1/chat/completions": (b'{"messages":[{"role":"user","content":"x"}]', b"tool_choice"),
+    "/api/chat": (b'{"model":"echo","messages":[{"role":"user","content":"x"}]', b"format"),
+    "/v1/messages": (
+        b'{"model":"echo","max_tokens":5,"messages":[{"role":"user","content":"x"}]',
+        b"tool_choice",
+    ),
+    "/generate": (b'{"prompt":"x"', b"unknown"),  # skipped, but read all the same
+}
+
+
+@pytest.mark.parametrize("path", JSON_ROUTES)
+def test_bad_bytes_and_deep_nesting_are_400(server: LiveServer, path: str) -> None:
+    # Neither raises a msgspec error (a UnicodeDecodeError, a RecursionError): both were 500s.
+    base, field = JSON_ROUTES[path]
+    bodies = {
+        "not valid UTF-8": base.replace(b'"x"', b'"\xff"') + b"}",
+        "nested too deeply": base + b',"' + field + b'":{"a":' + b"[" * 1500 + b"]" * 1500 + b"}}",
+    }
+    for what, body in bodies.items():
+        r = post(server, content=body, path=path, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (what, r.text)
+        assert what in r.text, r.text
+    r = post(server, content=base + b"}", path=path, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
 
 
 def test_wrong_type_names_the_path(server: LiveServer) -> None:

@@ -186,6 +186,22 @@ async def test_non_stream_disconnect_cancels_and_logs_client_closed(stella: Live
     assert ev["completion_tokens"] < words / 2
     assert ev["total_ms"] < 1000
     assert len([e for e in stella.events("inference") if e["request_id"] == rid]) == 1
+    await asyncio.sleep(0.1)
+    assert not [e for e in stella.events() if e.get("request_id") == rid and e["level"] == "error"]
+
+
+async def test_client_gone_while_sending_the_body_is_not_an_error(stella: LiveServer) -> None:
+    rid = "req-upload-gone-1"
+    _reader, writer = await asyncio.open_connection("127.0.0.1", stella.port)
+    writer.write(
+        b"POST /api/v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Request-ID: " + rid.encode() + b'\r\nContent-Length: 100\r\n\r\n{"messages":'
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    await asyncio.sleep(0.3)
+    assert not [e for e in stella.events() if e.get("request_id") == rid]
 
 
 @pytest.mark.parametrize("model", ["echo", "echo-fail", "echo-fail-after", "echo-stall"])

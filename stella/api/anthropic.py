@@ -17,6 +17,7 @@ from starlette.routing import Route
 from stella.api.http import (
     Dialect,
     JSONResponse,
+    decode,
     endpoint,
     read_body,
     run_to_end,
@@ -301,10 +302,7 @@ async def messages(request: Request, call: Call) -> Response:
     """POST /v1/messages."""
     svc = services(request)
     body = await read_body(request, svc.settings.server.max_body_bytes)
-    try:
-        req = _req.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise InvalidRequest(str(exc)) from None
+    req = decode(body, MessagesRequest, _req)
     chat = to_chat(req)
     inference = await svc.pipeline.prepare(chat, call)
     if chat.stream:

@@ -191,7 +191,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            raise ClientGone
+            raise ClientGone("the client disconnected while sending the body")
         chunk = message.get("body", b"")
         if chunk:
             size += len(chunk)
@@ -204,15 +204,33 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 
 def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None = None) -> T:
-    """Decode a JSON body into a struct; InvalidRequest carries msgspec's JSON path."""
+    """Decode a JSON body into a struct; InvalidRequest carries msgspec's JSON path.
+
+    The error's `param` is the offending field's path without the leading `$.`
+    ("" when the body as a whole is wrong), for dialects that name it apart.
+    """
     if not body.strip():
-        raise InvalidRequest("request body is empty; send a JSON object")
+        raise _invalid("request body is empty; send a JSON object")
     try:
         return decoder.decode(body) if decoder else msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
-        raise InvalidRequest(str(exc)) from None
+        text = str(exc)
+        param = text.rpartition("$.")[2].rstrip("`") if "$." in text else ""
+        raise _invalid(text, param) from None
     except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"malformed JSON: {exc}") from None
+        raise _invalid(f"malformed JSON: {exc}") from None
+    # Neither is a msgspec error: bad bytes inside a string, and a body nested deeper
+    # than Python's recursion limit (a few KB of brackets in any free-form field).
+    except UnicodeDecodeError:
+        raise _invalid("request body is not valid UTF-8") from None
+    except RecursionError:
+        raise _invalid("request body is nested too deeply") from None
+
+
+def _invalid(message: str, param: str = "") -> InvalidRequest:
+    err = InvalidRequest(message)
+    err.param = param  # type: ignore[attr-defined]
+    return err
 
 
 async def read_json(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
@@ -260,7 +278,7 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
             raise
         task.uncancel()
         if call.cancel_reason == "client_closed":
-            raise ClientGone from None
+            raise ClientGone("the client disconnected before the answer was ready") from None
         raise ShuttingDown("the server is shutting down; retry the request") from None
     finally:
         later.cancel()

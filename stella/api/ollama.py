@@ -20,6 +20,7 @@ from stella import __version__
 from stella.api.http import (
     Dialect,
     JSONResponse,
+    decode,
     endpoint,
     read_body,
     run_to_end,
@@ -164,10 +165,7 @@ async def _run(request: Request, call: Call, chat: ChatRequest, generate: bool) 
 
 
 def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
-    try:
-        return decoder.decode(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise InvalidRequest(str(exc)) from None
+    return decode(body, object, decoder)
 
 
 @endpoint(OLLAMA)

@@ -20,6 +20,7 @@ from starlette.routing import Route
 from stella.api.http import (
     Dialect,
     JSONResponse,
+    decode,
     endpoint,
     read_body,
     run_to_end,
@@ -74,7 +75,7 @@ class OpenAIDialect(Dialect):
                 "type": _TYPES.get(
                     exc.status, "server_error" if exc.status >= 500 else "api_error"
                 ),
-                "param": getattr(exc, "param", None),
+                "param": getattr(exc, "param", None) or None,
                 "code": _CODES.get(exc.code, exc.code),
             }
         }
@@ -274,15 +275,7 @@ async def _run(
 
 
 def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
-    if not body.strip():
-        raise invalid("request body is empty", "")
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        raise invalid(text, text.rpartition("$.")[2].rstrip("`") if "$." in text else "") from None
-    except msgspec.DecodeError as exc:
-        raise invalid(f"malformed JSON: {exc}", "") from None
+    return decode(body, object, decoder)
 
 
 @endpoint(OPENAI)

@@ -170,7 +170,7 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
             for c in m.tool_calls:
                 try:
                     args = msgspec.json.decode(c.function.arguments or "{}")
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, RecursionError):
                     raise invalid(
                         "tool call arguments are not JSON", f"messages[{i}].tool_calls"
                     ) from None
