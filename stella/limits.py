@@ -175,7 +175,8 @@ class Limiter(Admission):
         headers: list[tuple[bytes, bytes]] = []
         permit = LimitPermit(self, headers)
         if plan.buckets:
-            reserve = float(request.options.max_tokens or self.limits.reserve_tokens)
+            # Never below one token: a negative reservation would settle as a huge charge.
+            reserve = float(max(request.options.max_tokens or self.limits.reserve_tokens, 1))
             # All buckets of one admission in one step: one Redis round trip, and nothing is
             # taken from any bucket unless every bucket has room.
             checks = [

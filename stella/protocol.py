@@ -46,17 +46,23 @@ class Message(Strict):
     tool_call_id: str | None = None
 
 
+# Engines count tokens in 32-bit integers and take 64-bit seeds; bounds keep a
+# 400-digit number from reaching either (or the rate limiter's arithmetic).
+MaxTokens = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+
+
 class Options(Strict):
     """Sampling and length options; a backend ignores what its engine lacks."""
 
-    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    temperature: Temperature | None = None
     top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
+    top_k: Annotated[int, Meta(ge=0, le=2**31 - 1)] | None = None
     min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Meta(gt=0)] | None = None
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_tokens: MaxTokens | None = None
     stop: Annotated[list[str], Meta(max_length=16)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None  # < 0: unseeded
 
 
 def options_from(**fields: Any) -> Options:

@@ -92,6 +92,28 @@ def test_bad_bytes_and_deep_nesting_are_400(server: LiveServer, path: str) -> No
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "where"),
+    [
+        ("/generate", {"prompt": "x", "max_tokens": -100000000}, "$.max_tokens"),
+        ("/api/llm/generate", {"prompt": "x", "max_tokens": 0}, "$.max_tokens"),
+        ("/api/llm/stream", {"prompt": "x", "temperature": 99}, "$.temperature"),
+        ("/api/v1/chat", {"messages": MSG, "options": {"max_tokens": 10**400}}, "max_tokens"),
+        ("/api/v1/chat", {"messages": MSG, "options": {"top_k": 10**30}}, "top_k"),
+        ("/api/v1/chat", {"messages": MSG, "options": {"seed": 2**64}}, "seed"),
+        ("/v1/chat/completions", {"messages": MSG, "max_tokens": 10**400}, "max_tokens"),
+    ],
+)
+def test_out_of_range_numbers_are_400(
+    server: LiveServer, path: str, body: dict[str, object], where: str
+) -> None:
+    # Unchecked, a negative max_tokens on the prompt routes became a negative token
+    # reservation that locked a limited model for weeks; a 400-digit one crashed the limiter.
+    r = post(server, body, path=path)
+    assert r.status_code == 400, r.text
+    assert where in r.text
+
+
 def test_wrong_type_names_the_path(server: LiveServer) -> None:
     r = post(server, {"model": "echo", "messages": MSG, "options": {"temperature": "hot"}})
     assert "$.options.temperature" in error_of(r, 400, "invalid_request")

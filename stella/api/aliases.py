@@ -33,9 +33,11 @@ from stella.protocol import (
     Done,
     Error,
     GenerateRequest,
+    MaxTokens,
     Message,
     Options,
     Start,
+    Temperature,
 )
 from stella.streaming import Codec
 
@@ -80,8 +82,8 @@ class PromptRequest(msgspec.Struct):
     model: str | None = None
     system: str | None = None
     stream: bool = False
-    max_tokens: int | None = None
-    temperature: float | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
     options: Options | None = None
 
 

@@ -130,7 +130,7 @@ def generate_into(job: GenerationJob) -> None:
     stats = p["stats"]
     job.emit(("started",))
     prompt = lm.encode_chat(p["messages"], p["tools"])
-    if p["seed"] is not None:
+    if p["seed"] is not None and p["seed"] >= 0:  # a negative seed means unseeded, as llama.cpp
         mx.random.seed(p["seed"])  # MLX's global seed: safe, this thread owns MLX
     sampler = make_sampler(p["temperature"], p["top_p"], p["min_p"], 1, p["top_k"])
     processors = (
