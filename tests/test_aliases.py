@@ -6,7 +6,8 @@ import json
 
 import httpx
 
-from tests.live import LiveServer
+from tests.conftest import ECHO_ROUTES
+from tests.live import LiveServer, run_stella
 
 
 def test_invoke_shape(stella: LiveServer) -> None:
@@ -53,11 +54,14 @@ def test_provider_field_and_chat_stream_and_v1_health(stella: LiveServer) -> Non
     # Example: POST /v1/chat/completions {"provider": "...", "model": "...", "messages": [...]}
     body = {
         "provider": "slow",
-        "model": "anything",
+        "model": "echo-slow",
         "messages": [{"role": "user", "content": "hi you"}],
     }
     r = httpx.post(stella.url + "/v1/chat/completions", json=body)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "hi you"
+    # An upstream model no route names is models.allow_direct's to allow (off here).
+    r = httpx.post(stella.url + "/v1/chat/completions", json={**body, "model": "anything"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     bad = httpx.post(stella.url + "/v1/chat/completions", json={**body, "provider": "http://evil"})
     assert bad.status_code == 404 and bad.json()["error"]["param"] == "provider"
     r = httpx.post(
@@ -90,3 +94,18 @@ def test_llm_shape(stella: LiveServer) -> None:
     assert types == ["start", "delta", "delta", "done"]
     info = httpx.get(stella.url + "/").json()
     assert info["name"] == "stella"
+
+
+def test_direct_names_and_providers_only_with_allow_direct() -> None:
+    # "backend/upstream-model" and {"provider", "model"} reach any upstream model by name:
+    # both only when models.allow_direct is on.
+    body = {"messages": [{"role": "user", "content": "hi you"}], "stream": False}
+    with run_stella({**ECHO_ROUTES, "models": {"allow_direct": True}}) as s:
+        r = httpx.post(s.url + "/api/v1/chat", json={**body, "model": "slow/anything"})
+        assert r.status_code == 200 and r.json()["model"] == "slow/anything"
+        r = httpx.post(
+            s.url + "/v1/chat/completions", json={**body, "provider": "slow", "model": "x"}
+        )
+        assert r.status_code == 200 and r.json()["model"] == "slow/x"
+        r = httpx.post(s.url + "/api/v1/chat", json={**body, "model": "nope/anything"})
+        assert r.status_code == 404

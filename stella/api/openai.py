@@ -107,6 +107,14 @@ def resolve_provider(
             None,
         ):
             return msgspec.structs.replace(chat, model=route.name)
+    if not svc.settings.models.allow_direct:
+        # Any upstream model by name is what models.allow_direct guards: routes only.
+        err = ModelNotFound(
+            f"model {chat.model!r} has no route on provider {provider!r} "
+            "(models.allow_direct is off)"
+        )
+        err.param = "model"  # type: ignore[attr-defined]
+        raise err
     call.backend = provider  # no route names this model: ask the backend for it directly
     return chat
 
