@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
+from stella.errors import Forbidden, ModelNotFound
 from stella.protocol import ChatRequest, Usage
 from stella.routing import Route
 
@@ -25,6 +26,13 @@ class Principal:
         if self.models == ("*",):
             return True
         return any(fnmatchcase(model, p) for p in self.models)
+
+    def check(self, model: str, *, hide: bool = False) -> None:
+        """Raise unless the key may use `model`: 403, or 404 where listings hide it."""
+        if not self.may_use(model):
+            if hide:
+                raise ModelNotFound(f"model {model!r} not found")
+            raise Forbidden(f"this key may not use model {model!r}")
 
 
 ANONYMOUS = Principal(admin=True)

@@ -21,7 +21,6 @@ import structlog
 from stella.backends import BackendEvent, CallContext
 from stella.calls import ANONYMOUS, Admission, Call, Permit, Principal
 from stella.errors import (
-    Forbidden,
     InvalidRequest,
     StellaError,
     Unavailable,
@@ -83,8 +82,7 @@ class Pipeline:
             route = self.router.direct(call.backend, request.model)
         else:
             route = self.router.resolve(request.model)
-        if not call.principal.may_use(route.name):
-            raise Forbidden(f"this key may not use model {route.name!r}")
+        call.principal.check(route.name)
         router = self.router
         chain = router.chain(route)
         breakers = router.breakers

@@ -19,6 +19,7 @@ def sha(key: str) -> str:
 
 CONFIG = {
     "server": {"max_body_bytes": 4096},
+    "models": {"routes": {"other": {"backend": "echo"}}},
     "auth": {
         "keys": {
             "admin": {"sha256": sha(ADMIN), "admin": True},
@@ -155,6 +156,21 @@ def test_forbidden_model_and_admin_route(server: LiveServer) -> None:
     assert r.status_code == 201, r.text
     error_of(post(server, {"model": "echo2", "messages": MSG}, key=LIMITED), 403, "forbidden")
     error_of(post(server, None, key=USER, path="/api/v1/models/switch/echo2"), 403, "forbidden")
+
+
+def test_models_outside_a_keys_scope_are_hidden_or_forbidden(server: LiveServer) -> None:
+    # Per route, as inference and the listings are: hidden where listings leave the model
+    # out, 403 where Ollama's empty "load" call would otherwise answer for it.
+    auth = {"Authorization": f"Bearer {LIMITED}"}
+    assert httpx.get(server.url + "/v1/models/other", headers=auth).status_code == 404
+    assert httpx.get(server.url + "/v1/models/echo", headers=auth).status_code == 200
+    assert httpx.get(server.url + "/v1/models/", headers=auth).status_code == 404
+    r = post(server, {"model": "other"}, key=LIMITED, path="/api/show")
+    assert r.status_code == 404
+    assert post(server, {"model": "echo"}, key=LIMITED, path="/api/show").status_code == 200
+    for path in ("/api/chat", "/api/generate"):
+        assert post(server, {"model": "other"}, key=LIMITED, path=path).status_code == 403
+        assert post(server, {"model": "other"}, key=USER, path=path).status_code == 200
 
 
 def test_model_not_found_lists_known(server: LiveServer) -> None:

@@ -178,6 +178,7 @@ async def chat(request: Request, call: Call) -> Response:
     if not messages:
         # Ollama loads the model on an empty chat; stella has nothing to load: say it is ready.
         route = services(request).router.resolve(req.model)
+        call.principal.check(route.name)
         return JSONResponse(
             {
                 "model": route.name,
@@ -208,6 +209,7 @@ async def generate(request: Request, call: Call) -> Response:
         raise InvalidRequest("$.images: images are not supported")
     if not req.prompt:
         route = services(request).router.resolve(req.model)
+        call.principal.check(route.name)
         return JSONResponse(
             {
                 "model": route.name,
@@ -279,6 +281,7 @@ async def show(request: Request, call: Call) -> Response:
     route = router.resolve(name)
     if route.name not in router.routes:
         raise ModelNotFound(f"model {name!r} not found")
+    call.principal.check(route.name, hide=True)  # as /api/tags leaves it out
     backend = route.backend
     return JSONResponse(
         {

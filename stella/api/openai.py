@@ -351,9 +351,11 @@ async def list_models(request: Request, call: Call) -> Response:
 async def get_model(request: Request, call: Call) -> Response:
     """GET /v1/models/{id}."""
     router = services(request).router
-    route = router.resolve(request.path_params["model"])
-    if route.name not in router.routes:
-        raise ModelNotFound(f"model {request.path_params['model']!r} not found")
+    name = request.path_params["model"]
+    route = router.resolve(name) if name else None  # "" would resolve to the default
+    if route is None or route.name not in router.routes:
+        raise ModelNotFound(f"model {name!r} not found")
+    call.principal.check(route.name, hide=True)  # as /v1/models leaves it out
     return JSONResponse(_model_obj(route.name, route.backend_name))
 
 
