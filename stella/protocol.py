@@ -73,12 +73,16 @@ def options_from(**fields: Any) -> Options:
     return msgspec.convert(given, Options)
 
 
+ToolName = Annotated[str, Meta(min_length=1, max_length=64)]
+
+
 class FunctionSpec(Strict):
     """A function a model may call."""
 
-    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    name: ToolName
     description: str = ""
     parameters: dict[str, Any] = {}
+    strict: bool | None = None  # OpenAI's exact-schema flag, passed on to OpenAI-compatible APIs
 
 
 class Tool(Strict):
@@ -86,6 +90,58 @@ class Tool(Strict):
 
     function: FunctionSpec
     type: Literal["function"] = "function"
+
+
+class LenientFunction(msgspec.Struct):
+    """A function as the OpenAI and Ollama dialects send it: keys stella does not know
+    are ignored, as those servers do (clients add new ones over time)."""
+
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class LenientTool(msgspec.Struct):
+    """A function tool of the OpenAI and Ollama dialects (unknown keys ignored)."""
+
+    function: LenientFunction
+    type: Literal["function"] = "function"
+
+
+def tools_from(tools: list[LenientTool] | None) -> list[Tool] | None:
+    """The internal tools for a dialect's tool list (None when there are none)."""
+    if not tools:
+        return None
+    return [
+        Tool(
+            function=FunctionSpec(
+                name=t.function.name,
+                description=t.function.description or "",
+                parameters=t.function.parameters or {},
+                strict=t.function.strict,
+            )
+        )
+        for t in tools
+    ]
+
+
+def wire_tools(tools: list[Tool]) -> list[dict[str, Any]]:
+    """Tools as OpenAI's and Ollama's APIs take them: `type` always, an empty
+    parameter schema when the function takes none."""
+    out = []
+    for t in tools:
+        fn = t.function
+        spec: dict[str, Any] = {
+            "name": fn.name,
+            "parameters": fn.parameters or {"type": "object", "properties": {}},
+        }
+        if fn.description:
+            spec["description"] = fn.description
+        if fn.strict is not None:
+            spec["strict"] = fn.strict
+        out.append({"type": "function", "function": spec})
+    return out
 
 
 class ChatRequest(Strict):

@@ -56,9 +56,19 @@ async def test_non_stream_and_tools(fake: tuple[FakeOpenAI, str]) -> None:
     b = await backend(url=fake[1] + "/v1")
     events = await collect(b, "ok", stream=False)
     assert [type(e) for e in events] == [Delta, Done] and events[-1].usage.total_tokens == 8
-    tools = [Tool(function=FunctionSpec(name="get_weather"))]
+    tools = [Tool(function=FunctionSpec(name="get_weather", strict=True))]
     for stream in (True, False):
         events = await collect(b, "tools", stream=stream, tools=tools)
+        assert fake[0].requests[-1]["tools"] == [
+            {
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "parameters": {"type": "object", "properties": {}},
+                    "strict": True,
+                },
+            }
+        ]
         calls = [e for e in events if isinstance(e, ToolCall)]
         assert calls == [
             ToolCall(index=0, id="call_1", name="get_weather", arguments={"city": "Paris"})

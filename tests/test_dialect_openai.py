@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from tests.live import LiveServer, run_stella
@@ -103,6 +104,20 @@ def test_tool_calls_both_ways(server: LiveServer) -> None:
     ]
     r2 = c.chat.completions.create(model="echo", messages=follow, tools=WEATHER)
     assert r2.choices[0].message.content == "sunny, 21C"
+
+
+def test_sdk_strict_tools_are_accepted(server: LiveServer) -> None:
+    # The SDK's pydantic helper sends `strict: true` (and the schema it implies).
+    class GetWeather(pydantic.BaseModel):
+        city: str
+
+    tool = openai.pydantic_function_tool(GetWeather)
+    assert tool["function"]["strict"] is True
+    r = client(server).chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "Paris"}], tools=[tool]
+    )
+    call = r.choices[0].message.tool_calls[0]
+    assert call.function.name == "GetWeather"
 
 
 def test_errors_map_to_the_client_exceptions(server: LiveServer) -> None:

@@ -103,6 +103,11 @@ def test_bad_bytes_and_deep_nesting_are_400(server: LiveServer, path: str) -> No
         ("/api/v1/chat", {"messages": MSG, "options": {"top_k": 10**30}}, "top_k"),
         ("/api/v1/chat", {"messages": MSG, "options": {"seed": 2**64}}, "seed"),
         ("/v1/chat/completions", {"messages": MSG, "max_tokens": 10**400}, "max_tokens"),
+        (
+            "/v1/messages",
+            {"model": "echo", "max_tokens": 5, "messages": MSG, "tools": [{"name": ""}]},
+            "$.tools[0].name",
+        ),
     ],
 )
 def test_out_of_range_numbers_are_400(

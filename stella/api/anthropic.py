@@ -39,6 +39,7 @@ from stella.protocol import (
     Tool,
     ToolCall,
     ToolCallRef,
+    ToolName,
     options_from,
 )
 from stella.streaming import Codec
@@ -66,7 +67,7 @@ class AMessage(msgspec.Struct):
 class ATool(msgspec.Struct):
     """A tool definition."""
 
-    name: str
+    name: ToolName
     description: str = ""
     input_schema: dict[str, Any] = {}
 

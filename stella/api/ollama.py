@@ -45,6 +45,7 @@ from stella.protocol import (
     Message,
     Start,
     ToolCall,
+    tools_from,
 )
 from stella.streaming import Codec
 
@@ -193,7 +194,7 @@ async def chat(request: Request, call: Call) -> Response:
         model=req.model,
         stream=req.stream,
         options=to_options(req.options),
-        tools=req.tools or None,
+        tools=tools_from(req.tools),
         response_format=to_format(req.format),
     )
     return await _run(request, call, chat_req, generate=False)

@@ -7,7 +7,14 @@ from typing import Any
 import msgspec
 
 from stella.errors import InvalidRequest
-from stella.protocol import FunctionCall, Message, Options, Tool, ToolCallRef, options_from
+from stella.protocol import (
+    FunctionCall,
+    LenientTool,
+    Message,
+    Options,
+    ToolCallRef,
+    options_from,
+)
 
 
 class OllamaOptions(msgspec.Struct):
@@ -55,7 +62,7 @@ class OllamaChat(msgspec.Struct, kw_only=True):
     stream: bool = True
     options: OllamaOptions | None = None
     format: Any = None
-    tools: list[Tool] | None = None
+    tools: list[LenientTool] | None = None
     keep_alive: Any = None
     think: Any = None
 

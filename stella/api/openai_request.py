@@ -14,11 +14,12 @@ from stella.errors import InvalidRequest
 from stella.protocol import (
     ChatRequest,
     FunctionCall,
+    LenientTool,
     Message,
     Options,
-    Tool,
     ToolCallRef,
     options_from,
+    tools_from,
 )
 
 # --- request shapes ---------------------------------------------------------------
@@ -90,7 +91,7 @@ class ChatCompletionRequest(CompletionCommon, kw_only=True):
     """POST /v1/chat/completions."""
 
     messages: list[OAIMessage]
-    tools: list[Tool] | None = None
+    tools: list[LenientTool] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     top_logprobs: int | None = None
@@ -197,7 +198,7 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
         model=req.model,
         stream=req.stream,
         options=to_options(req),
-        tools=req.tools or None,
+        tools=tools_from(req.tools),
         response_format=req.response_format,
         metadata=to_metadata(req),
     )

@@ -17,7 +17,7 @@ from stella.backends.http import (
     iter_lines,
 )
 from stella.errors import UpstreamError
-from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
+from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
 
 
 class OllamaConfig(HttpConfig, kw_only=True):
@@ -95,7 +95,7 @@ def request_body(request: ChatRequest, keep_alive: str) -> dict[str, Any]:
     if options:
         body["options"] = options
     if request.tools:
-        body["tools"] = [msgspec.to_builtins(t) for t in request.tools]
+        body["tools"] = wire_tools(request.tools)
     fmt = request.response_format or {}
     if fmt.get("type") == "json_object":
         body["format"] = "json"

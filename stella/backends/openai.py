@@ -11,7 +11,7 @@ import msgspec
 from stella.backends.base import BackendEvent, BackendHealth, CallContext
 from stella.backends.http import HttpBackend, HttpConfig, aiohttp_error, error_from_response
 from stella.errors import UpstreamError
-from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
+from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
 
 FINISH = {
     "stop": "stop",
@@ -117,7 +117,7 @@ def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict
         if value is not None:
             body[key] = value
     if request.tools:
-        body["tools"] = [msgspec.to_builtins(t) for t in request.tools]
+        body["tools"] = wire_tools(request.tools)
     if request.response_format:
         body["response_format"] = request.response_format
     if stream and stream_usage:

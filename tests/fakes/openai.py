@@ -49,6 +49,21 @@ class FakeOpenAI:
         self.requests.append(body)
         self.headers.append(dict(request.headers))
         model = body.get("model", "ok")
+        for i, tool in enumerate(body.get("tools") or []):
+            # As the API reference has it: `type` and `function.name` are required.
+            if tool.get("type") != "function" or not (tool.get("function") or {}).get("name"):
+                param = f"tools[{i}].type" if tool.get("type") is None else f"tools[{i}]"
+                return JSONResponse(
+                    {
+                        "error": {
+                            "message": f"Missing required parameter: '{param}'.",
+                            "type": "invalid_request_error",
+                            "param": param,
+                            "code": "missing_required_parameter",
+                        }
+                    },
+                    400,
+                )
         if model.startswith("status-"):
             status = int(model.split("-")[1])
             headers = {"Retry-After": "1"} if status == 429 else {}
