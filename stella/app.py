@@ -26,7 +26,7 @@ from starlette.routing import Router as StarletteRouter
 from stella import __version__, logs
 from stella.api import native, ops
 from stella.api.admin import usage_listener
-from stella.api.http import NATIVE, Endpoint, JSONResponse, with_header
+from stella.api.http import NATIVE, Dialect, Endpoint, with_header
 from stella.auth import Authenticator
 from stella.backends import Backend, ConfigError, build_backend, registry
 from stella.core import Admission, Pipeline
@@ -71,6 +71,15 @@ class Services:
         self.pipeline.listeners.append(usage_listener(self.state))
         self.metrics: Any = None
         self.on_reject: list[Callable[[StellaError, str], None]] = []
+        # Longest first: (prefix, dialect) from each dialect module's ERROR_PREFIXES.
+        self.error_prefixes: list[tuple[str, Dialect]] = [("/api/v1/", NATIVE)]
+
+    def dialect_for(self, path: str) -> Dialect:
+        """The dialect whose error shape a path's router-level errors take."""
+        for prefix, dialect in self.error_prefixes:
+            if path.startswith(prefix):
+                return dialect
+        return NATIVE
 
     def rejected(self, exc: StellaError, api: str) -> None:
         """Tell observers about a refusal before the first byte (for metrics)."""
@@ -143,7 +152,7 @@ async def enter(
     logs.REQUEST_ID.set(rid)  # every log line of this request carries its ID
     if svc.drain.draining and scope["path"] not in ("/health", "/ready"):
         exc = ShuttingDown("the server is shutting down; retry on another instance")
-        await NATIVE.error_response(exc, rid)(scope, receive, send)
+        await svc.dialect_for(scope["path"]).error_response(exc, rid)(scope, receive, send)
         return
     header = (b"x-request-id", rid.encode())
     if not wrap:
@@ -250,8 +259,10 @@ async def http_error(request: Request, exc: Exception) -> Response:
         else StellaError(str(getattr(exc, "detail", "error")))
     )
     err.status = status
+    err.headers = dict(getattr(exc, "headers", None) or {})
     rid = request.scope.get("state", {}).get("request_id", "")
-    return JSONResponse(NATIVE.error_body(err, rid), status, headers=getattr(exc, "headers", None))
+    svc = request.scope.get("stella") or request.app.state.stella
+    return svc.dialect_for(request.url.path).error_response(err, rid)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -269,6 +280,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 raise
             continue
         routes = [*mod.routes, *routes]
+        svc.error_prefixes += getattr(mod, "ERROR_PREFIXES", {}).items()
+    svc.error_prefixes.sort(key=lambda item: len(item[0]), reverse=True)
     app = StellaApp(exception_handlers={HTTPException: http_error})
     app.services = svc
     app.router = ExactPathRouter(routes=routes, lifespan=lifespan)

@@ -234,6 +234,19 @@ def test_unknown_path_and_method(server: LiveServer) -> None:
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
 
 
+def test_router_errors_take_the_shape_of_the_paths_dialect(server: LiveServer) -> None:
+    auth = {"Authorization": f"Bearer {USER}"}
+    r = httpx.get(server.url + "/v1/messages", headers=auth)  # Anthropic
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["type"] == "error" and r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/chat/completion", headers=auth)  # OpenAI, a typo
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(server.url + "/api/embed", headers=auth)  # Ollama: the error is a string
+    assert r.status_code == 404 and isinstance(r.json()["error"], str)
+    r = httpx.post(server.url + "/api/v1/nope", headers=auth)  # the native API
+    assert r.json()["error"]["code"] == "not_found"
+
+
 def test_public_routes_need_no_key(server: LiveServer) -> None:
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["backend"] == "echo" and health["timestamp"]

@@ -118,6 +118,8 @@ class AnthropicDialect(Dialect):
 
 
 ANTHROPIC = AnthropicDialect()
+# Paths whose errors (404, 405, draining) take this shape; the longest prefix wins.
+ERROR_PREFIXES = {"/v1/messages": ANTHROPIC}
 
 
 def _text(content: str | list[Block] | None) -> str:

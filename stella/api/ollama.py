@@ -66,6 +66,9 @@ class OllamaDialect(Dialect):
 
 
 OLLAMA = OllamaDialect()
+# Paths whose errors (404, 405, draining) take this shape; the longest prefix wins
+# (/api/v1/ is the native API's).
+ERROR_PREFIXES = {"/api/": OLLAMA}
 
 
 def _now() -> str:

@@ -82,6 +82,8 @@ class OpenAIDialect(Dialect):
 
 
 OPENAI = OpenAIDialect()
+# Paths whose errors (404, 405, draining) take this shape; the longest prefix wins.
+ERROR_PREFIXES = {"/v1/": OPENAI}
 
 
 _chat_req = msgspec.json.Decoder(ChatCompletionRequest)
