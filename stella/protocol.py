@@ -6,6 +6,8 @@ One module holds every type of stella's own API, so decoding, encoding and
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -65,12 +67,25 @@ class Options(Strict):
     seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None  # < 0: unseeded
 
 
-def options_from(**fields: Any) -> Options:
-    """Options from a dialect's fields (None: not given), validated; raises msgspec.ValidationError."""
+def options_from(paths: Mapping[str, str] | None = None, **fields: Any) -> Options:
+    """Options from a dialect's fields (None: not given), validated; raises msgspec.ValidationError.
+
+    `paths` maps an option to where the client sent it (`max_tokens` ->
+    `options.num_predict`), so the error names the client's own field.
+    """
     given = {k: v for k, v in fields.items() if v is not None}
     if not given:
         return Options()  # nothing to validate: most requests set no option
-    return msgspec.convert(given, Options)
+    try:
+        return msgspec.convert(given, Options)
+    except msgspec.ValidationError as exc:
+        if not paths:
+            raise
+        text = _OPTION_PATH.sub(lambda m: "$." + paths.get(m[1], m[1]), str(exc), count=1)
+        raise msgspec.ValidationError(text) from None
+
+
+_OPTION_PATH = re.compile(r"\$\.(\w+)")
 
 
 ToolName = Annotated[str, Meta(min_length=1, max_length=64)]

@@ -120,6 +120,49 @@ def test_out_of_range_numbers_are_400(
     assert where in r.text
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "where"),
+    [
+        (
+            "/api/chat",
+            {"model": "echo", "messages": MSG, "options": {"temperature": 5}},
+            "$.options.temperature",
+        ),
+        (
+            "/api/chat",
+            {"model": "echo", "messages": MSG, "options": {"repeat_penalty": 0}},
+            "$.options.repeat_penalty",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": MSG, "max_completion_tokens": -1},
+            "$.max_completion_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": MSG, "max_completion_tokens": 0, "max_tokens": 5},
+            "$.max_completion_tokens",
+        ),
+        (
+            "/v1/messages",
+            {"model": "echo", "max_tokens": 9, "messages": MSG, "stop_sequences": ["a"] * 17},
+            "$.stop_sequences",
+        ),
+        (
+            "/v1/messages",
+            {"model": "echo", "max_tokens": 9, "messages": MSG, "temperature": 1.5},
+            "$.temperature",
+        ),
+    ],
+)
+def test_translated_options_name_the_clients_field(
+    server: LiveServer, path: str, body: dict[str, object], where: str
+) -> None:
+    r = post(server, body, path=path)
+    assert r.status_code == 400, r.text
+    assert f"`{where}`" in r.text, r.text
+
+
 def test_wrong_type_names_the_path(server: LiveServer) -> None:
     r = post(server, {"model": "echo", "messages": MSG, "options": {"temperature": "hot"}})
     assert "$.options.temperature" in error_of(r, 400, "invalid_request")

@@ -7,9 +7,10 @@ internal request; errors come back as {"type": "error", "error": {...}}.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -81,7 +82,7 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     system: str | list[Block] | None = None
     stop_sequences: list[str] | None = None
     stream: bool = False
-    temperature: float | None = None
+    temperature: Annotated[float, Meta(ge=0, le=1)] | None = None  # Anthropic's range
     top_p: float | None = None
     top_k: int | None = None
     tools: list[ATool] | None = None
@@ -158,6 +159,7 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
             messages.append(Message(role=m.role, content="".join(texts), tool_calls=calls or None))
     try:
         options = options_from(
+            {"stop": "stop_sequences"},
             temperature=req.temperature,
             top_p=req.top_p,
             top_k=req.top_k,

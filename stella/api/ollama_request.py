@@ -97,6 +97,7 @@ def to_options(o: OllamaOptions | None) -> Options:
         return Options()
     try:
         return options_from(
+            _OLLAMA_PATHS,
             temperature=o.temperature,
             top_p=o.top_p,
             top_k=o.top_k,
@@ -107,7 +108,20 @@ def to_options(o: OllamaOptions | None) -> Options:
             seed=o.seed,
         )
     except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"options: {exc}") from None
+        raise InvalidRequest(str(exc)) from None
+
+
+# Where each option sits in an Ollama request, for error messages.
+_OLLAMA_PATHS = {
+    "temperature": "options.temperature",
+    "top_p": "options.top_p",
+    "top_k": "options.top_k",
+    "min_p": "options.min_p",
+    "repetition_penalty": "options.repeat_penalty",
+    "max_tokens": "options.num_predict",
+    "stop": "options.stop",
+    "seed": "options.seed",
+}
 
 
 def to_format(fmt: Any) -> dict[str, Any] | None:

@@ -136,11 +136,14 @@ def to_options(req: CompletionCommon) -> Options:
     if req.logprobs:
         raise invalid("logprobs are not supported", "logprobs")
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    # The newer name wins when both are given (a 0 in it too: that is the client's error).
+    newer = req.max_completion_tokens is not None
     try:
         return options_from(
+            {"max_tokens": "max_completion_tokens"} if newer else None,
             temperature=req.temperature,
             top_p=req.top_p,
-            max_tokens=req.max_completion_tokens or req.max_tokens,
+            max_tokens=req.max_completion_tokens if newer else req.max_tokens,
             stop=stop,
             seed=req.seed,
             top_k=req.top_k,
@@ -148,7 +151,8 @@ def to_options(req: CompletionCommon) -> Options:
             repetition_penalty=req.repetition_penalty,
         )
     except msgspec.ValidationError as exc:
-        raise invalid(str(exc), str(exc).rpartition("$.")[2].rstrip("`") or "") from None
+        text = str(exc)
+        raise invalid(text, text.rpartition("$.")[2].rstrip("`") if "$." in text else "") from None
 
 
 def to_metadata(req: CompletionCommon) -> dict[str, Any] | None:
