@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from stella.backends import Backend
+from stella.backends import Backend, ConfigError
 from stella.errors import Conflict, InvalidRequest, ModelNotFound
 from stella.settings import BreakerSettings, RouteSettings, Settings
 
@@ -101,7 +101,19 @@ class Router:
         }
         for name, rs in settings.models.routes.items():
             if rs.backend in backends:  # routes to a disabled backend are left out
+                taken = self._taken(name, rs)
+                if taken:
+                    raise ConfigError(f"models.routes.{name}: {taken}")
                 self._add(name, rs, runtime=False)
+
+    def _taken(self, name: str, rs: RouteSettings) -> str:
+        """Why `name` or one of its aliases can't be added ("" when they all can)."""
+        for candidate in (name, *rs.aliases):
+            owner = self._names.get(candidate)
+            if owner is not None and owner != name:
+                what = "the name" if candidate == owner else f"an alias of {owner!r}"
+                return f"{candidate!r} is already {what}"
+        return ""
 
     def _add(self, name: str, rs: RouteSettings, *, runtime: bool) -> Route:
         backend = self.backends[rs.backend]
@@ -170,6 +182,8 @@ class Router:
 
     def set_default(self, name: str) -> str:
         """Make a known route (or alias) the default; returns the route name."""
+        if not name:
+            raise ModelNotFound("no model named")
         route = self.resolve(name)
         if route.name not in self.routes:
             raise ModelNotFound(f"model {name!r} is not a configured route")
@@ -188,6 +202,12 @@ class Router:
         for fb in rs.fallbacks:
             if fb not in self._names:
                 raise InvalidRequest(f"$.fallbacks: unknown route {fb!r}")
+        # A name or alias that another route answers to stays that route's.
+        taken = self._taken(name, rs)
+        if taken:
+            raise Conflict(taken)
+        if existing is not None:  # replaced: its old aliases go with it
+            self._names = {k: v for k, v in self._names.items() if v != name}
         return self._add(name, rs, runtime=True)
 
     def remove(self, name: str) -> None:
