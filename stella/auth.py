@@ -94,8 +94,9 @@ def _token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     for name, value in headers:
         if name == b"authorization":
             scheme, _, rest = value.partition(b" ")
-            if scheme.lower() == b"bearer":
-                return rest.strip()
+            token = rest.strip()
+            if token and scheme.lower() == b"bearer":  # an empty one leaves X-API-Key its say
+                return token
         elif name == b"x-api-key":
             api_key = value.strip()
     return api_key

@@ -120,6 +120,17 @@ def test_sdk_strict_tools_are_accepted(server: LiveServer) -> None:
     assert call.function.name == "GetWeather"
 
 
+def test_nullable_n_and_stream(server: LiveServer) -> None:
+    # The API reference has both nullable; some clients send the nulls.
+    body = {"model": "echo", "messages": [{"role": "user", "content": "a b"}]}
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={**body, "n": None, "stream": None},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "a b"
+
+
 def test_errors_map_to_the_client_exceptions(server: LiveServer) -> None:
     with pytest.raises(openai.AuthenticationError):
         client(server, "sk-wrong").chat.completions.create(

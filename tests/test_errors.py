@@ -196,6 +196,14 @@ def test_missing_and_wrong_key(server: LiveServer) -> None:
         headers={"X-API-Key": USER},
     )
     assert ok.status_code == 200
+    # An empty bearer (a client with an unset variable) does not hide the X-API-Key.
+    ok = post(
+        server,
+        {"model": "echo", "messages": MSG, "stream": False},
+        key=None,
+        headers={"Authorization": "Bearer", "X-API-Key": USER},
+    )
+    assert ok.status_code == 200, ok.text
 
 
 def test_forbidden_model_and_admin_route(server: LiveServer) -> None:

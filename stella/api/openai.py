@@ -324,7 +324,7 @@ async def completions(request: Request, call: Call) -> Response:
     chat = ChatRequest(
         messages=[Message(role="user", content=prompt)],
         model=req.model,
-        stream=req.stream,
+        stream=bool(req.stream),
         options=to_options(req),
         metadata=to_metadata(req),
     )

@@ -67,7 +67,7 @@ class CompletionCommon(msgspec.Struct, kw_only=True):
     """Fields shared by chat and text completions."""
 
     model: str | None = None
-    stream: bool = False
+    stream: bool | None = False  # the API reference has n and stream nullable
     stream_options: StreamOptions | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -75,7 +75,7 @@ class CompletionCommon(msgspec.Struct, kw_only=True):
     max_completion_tokens: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = 1
+    n: int | None = 1
     logprobs: bool | int | None = None
     user: str | None = None
     metadata: dict[str, Any] | None = None
@@ -131,7 +131,7 @@ def _text(content: str | list[Part] | None, where: str) -> str:
 
 def to_options(req: CompletionCommon) -> Options:
     """Sampling options; 400 for what stella can't honour (n > 1, logprobs)."""
-    if req.n != 1:
+    if req.n not in (1, None):
         raise invalid("n > 1 is not supported: ask for one choice per request", "n")
     if req.logprobs:
         raise invalid("logprobs are not supported", "logprobs")
@@ -200,7 +200,7 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
     return ChatRequest(
         messages=messages,
         model=req.model,
-        stream=req.stream,
+        stream=bool(req.stream),
         options=to_options(req),
         tools=tools_from(req.tools),
         response_format=req.response_format,
