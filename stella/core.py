@@ -204,10 +204,18 @@ class Inference:
                         )
                         last = last or Unavailable(f"backend {route.backend_name!r}: circuit open")
                         break
-                    if attempt:
-                        pause = backoff(rs.retry_backoff_s, rs.retry_max_backoff_s, attempt, last)
-                        await asyncio.sleep(pause)
-                    opened = await self._first(route, watchdog)
+                    try:
+                        if attempt:
+                            pause = backoff(
+                                rs.retry_backoff_s, rs.retry_max_backoff_s, attempt, last
+                            )
+                            await asyncio.sleep(pause)
+                        opened = await self._first(route, watchdog)
+                    except BaseException:
+                        # Cut before any verdict (client gone, shutdown): a half-open
+                        # circuit's probe must go back, or the circuit stays shut for good.
+                        breaker.release()
+                        raise
                     if isinstance(opened, StellaError):
                         last = opened
                         if last.retryable:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 
 from tests.live import ndjson, run_stella
 
@@ -54,6 +55,27 @@ def test_breaker_opens_then_probe_closes_it() -> None:
         assert chat(server.url, "flaky").status_code == 200
         models = httpx.get(server.url + "/api/v1/models").json()["models"]
         assert next(m for m in models if m["name"] == "flaky")["circuit"] == "closed"
+
+
+def test_a_probe_whose_client_leaves_lets_the_next_one_probe() -> None:
+    # The probe (3rd call) stalls before its first token and its client gives up: that
+    # is no verdict, and the circuit must not stay shut for every later request.
+    config = {
+        "breaker": {"failure_threshold": 2, "cooldown_s": 0.3},
+        "backends": {"sick": {"kind": "echo", "fail_first_calls": 2, "stall_after": 0}},
+        "models": {"routes": {"sick": {"backend": "sick", "retries": 0}}},
+    }
+    body = {"model": "sick", "stream": False, "messages": [{"role": "user", "content": "x"}]}
+    with run_stella(config) as server:
+        assert chat(server.url, "sick").status_code == 502
+        assert chat(server.url, "sick").status_code == 502
+        time.sleep(0.4)
+        for _ in range(2):  # each probe is let through, then abandoned by its client
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(server.url + "/api/v1/chat", json=body, timeout=0.4)
+            time.sleep(0.3)
+        models = httpx.get(server.url + "/api/v1/models").json()["models"]
+        assert next(m for m in models if m["name"] == "sick")["circuit"] == "half_open"
 
 
 def test_open_circuit_falls_back() -> None:
