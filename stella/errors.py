@@ -128,7 +128,8 @@ class UpstreamStatus(UpstreamError):
     def __init__(
         self, message: str, *, upstream_status: int, retry_after: float | None = None
     ) -> None:
-        super().__init__(message)
+        # The upstream's own Retry-After goes to the client too: it knows best when to come back.
+        super().__init__(message, retry_after=retry_after)
         self.upstream_status = upstream_status
         self.retry_after_hint = retry_after
         self.retryable = upstream_status in (408, 409, 425, 429) or upstream_status >= 500

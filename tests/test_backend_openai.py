@@ -105,6 +105,21 @@ async def test_error_shapes(
     assert needle in info.value.message
     if status == 429:
         assert info.value.retry_after_hint == 1.0
+        assert info.value.headers["Retry-After"] == "1"  # passed on to the client
+
+
+async def test_compressed_answer_and_redirect(fake: tuple[FakeOpenAI, str]) -> None:
+    f, url = fake
+    b = await backend(url + "/v1")
+    events = await collect(b, "gzip", stream=False)
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == " w0 w1 w2 w3 w4"
+    assert f.headers[-1]["accept-encoding"] == "identity"
+    # A redirect is not followed: the prompt (and the key) go only to base_url's host.
+    seen = len(f.requests)
+    with pytest.raises(UpstreamStatus, match=r"redirect to .*/elsewhere.* not followed"):
+        await collect(b, "redirect")
+    await b.aclose()
+    assert len(f.requests) == seen + 1
 
 
 async def test_malformed_line_and_refused_connection(fake: tuple[FakeOpenAI, str]) -> None:

@@ -198,9 +198,9 @@ class AnthropicBackend(HttpBackend):
         name = self.name
         try:
             async with self.session.post(
-                self.base_url + "/v1/messages", data=body, headers=headers
+                self.base_url + "/v1/messages", data=body, headers=headers, allow_redirects=False
             ) as r:
-                if r.status >= 400:
+                if r.status >= 300:
                     raise error_from_response(name, r.status, r.headers, await r.read())
                 usage = _Usage()
                 tools: dict[int, list[str]] = {}  # index -> [id, name, json]

@@ -80,11 +80,17 @@ class HttpBackend(Backend):
             connector=aiohttp.TCPConnector(
                 limit=self.http.max_connections, keepalive_timeout=self.http.keepalive_s
             ),
-            headers={**self.http.headers, **self.auth_headers()},
+            # Uncompressed answers: a proxy that gzips a stream may hold its events back.
+            # Should one compress anyway, it is undone (httpx's requests decode their own).
+            headers={
+                "Accept-Encoding": "identity",
+                **self.http.headers,
+                **self.auth_headers(),
+            },
             timeout=aiohttp.ClientTimeout(
                 sock_connect=self.http.connect_timeout_s, sock_read=self.http.read_timeout_s
             ),
-            auto_decompress=False,
+            auto_decompress=True,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         self.client = httpx.AsyncClient(
@@ -115,6 +121,11 @@ class HttpBackend(Backend):
 def error_from_response(name: str, status: int, headers: Any, body: bytes) -> StellaError:
     """The StellaError for an upstream error status (OpenAI's or a plain error shape)."""
     message = ""
+    if status < 400:
+        # Never followed: the prompt and the key go only to base_url's host.
+        where = headers.get("location", "")
+        message = f"redirect to {where!r} not followed; set base_url to the final address"
+        body = b""
     try:
         parsed = _error_body.decode(body)
         err = parsed.error
@@ -124,8 +135,8 @@ def error_from_response(name: str, status: int, headers: Any, body: bytes) -> St
             message = err
         else:
             message = parsed.message or parsed.detail or ""
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        message = body[:200].decode(errors="replace").strip()
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        message = message or body[:200].decode(errors="replace").strip()
     return UpstreamStatus(
         f"{name}: upstream answered {status}" + (f": {message}" if message else ""),
         upstream_status=status,

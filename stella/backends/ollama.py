@@ -138,9 +138,9 @@ class OllamaBackend(HttpBackend):
         name = self.name
         try:
             async with self.session.post(
-                self.base_url + "/api/chat", data=body, headers=headers
+                self.base_url + "/api/chat", data=body, headers=headers, allow_redirects=False
             ) as r:
-                if r.status >= 400:
+                if r.status >= 300:
                     raise error_from_response(name, r.status, r.headers, await r.read())
                 index = 0
                 async for raw in iter_lines(r):

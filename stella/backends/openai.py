@@ -161,8 +161,10 @@ class OpenAIBackend(HttpBackend):
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         name = self.name
         try:
-            async with self.session.post(self.chat_url, data=body, headers=headers) as r:
-                if r.status >= 400:
+            async with self.session.post(
+                self.chat_url, data=body, headers=headers, allow_redirects=False
+            ) as r:
+                if r.status >= 300:
                     raise error_from_response(name, r.status, r.headers, await r.read())
                 if not stream:
                     async for event in self._whole(await r.read()):

@@ -3,12 +3,15 @@
 The model name picks the behaviour: `ok` (default), `tools`, `die-after-3`
 (three chunks then a dropped connection), `stall` (silence), `stall-after-2`,
 `malformed`, `status-500`, `status-429`, `status-400`, `no-usage`, `plain-error`
-(`{"error": "text"}` as mlx_lm.server sends). It records what it saw.
+(`{"error": "text"}` as mlx_lm.server sends), `gzip` (a non-stream answer gzipped
+whatever the client accepts, as a careless proxy would), `redirect` (307 elsewhere).
+It records what it saw.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import time
 from collections.abc import AsyncIterator
@@ -72,6 +75,9 @@ class FakeOpenAI:
                 status,
                 headers=headers,
             )
+        if model == "redirect":
+            target = str(request.url).replace("/chat/completions", "/elsewhere")
+            return Response(status_code=307, headers={"Location": target})
         if model == "plain-error":
             return JSONResponse({"error": "model not loaded"}, 404)
         if not body.get("stream"):
@@ -92,21 +98,31 @@ class FakeOpenAI:
                     ],
                 }
                 finish = "tool_calls"
-            return JSONResponse(
-                {
-                    "id": "chatcmpl-1",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                    "usage": {
-                        "prompt_tokens": 3,
-                        "completion_tokens": len(self.words),
-                        "total_tokens": 3 + len(self.words),
-                    },
-                }
+            return self._maybe_gzip(
+                model,
+                JSONResponse(
+                    {
+                        "id": "chatcmpl-1",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": model,
+                        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                        "usage": {
+                            "prompt_tokens": 3,
+                            "completion_tokens": len(self.words),
+                            "total_tokens": 3 + len(self.words),
+                        },
+                    }
+                ),
             )
         return StreamingResponse(self._stream(model, body), media_type="text/event-stream")
+
+    def _maybe_gzip(self, model: str, response: Response) -> Response:
+        if model != "gzip":
+            return response
+        body = gzip.compress(bytes(response.body))
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        return Response(body, headers=headers)
 
     async def _stream(self, model: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
