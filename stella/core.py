@@ -209,6 +209,9 @@ class Inference:
                             pause = backoff(
                                 rs.retry_backoff_s, rs.retry_max_backoff_s, attempt, last
                             )
+                            if time.perf_counter() + pause >= watchdog.deadline:
+                                breaker.release()
+                                break  # no time left for another try within the total limit
                             await asyncio.sleep(pause)
                         opened = await self._first(route, watchdog)
                     except BaseException:
@@ -319,7 +322,10 @@ class Inference:
         t = time.perf_counter()
         record: dict[str, Any] = {"backend": route.backend_name, "route": route.name}
         self.attempts.append(record)
-        limit = max(min(rs.ttft_timeout_s, watchdog.deadline - t), 0.001)
+        ttft, awaited = rs.ttft_timeout_s, "first token"
+        if not req.stream and route.backend.whole_answers:
+            ttft, awaited = watchdog.deadline - t, "answer"  # the first event is all of it
+        limit = max(min(ttft, watchdog.deadline - t), 0.001)
         watchdog.watch(limit)
         watchdog.waiting = True
         try:
@@ -331,7 +337,7 @@ class Inference:
         except asyncio.CancelledError:
             if not watchdog.expired():
                 raise
-            err = UpstreamTimeout(f"no first token from {route.backend_name!r} within {limit:g}s")
+            err = UpstreamTimeout(f"no {awaited} from {route.backend_name!r} within {limit:.3g}s")
         except Exception as exc:  # a backend bug must still end the stream properly
             _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
             err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")

@@ -35,6 +35,7 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
             "b-stall": {"kind": "openai", "base_url": url + "/v1"},
             "b-stall-2": {"kind": "openai", "base_url": url + "/v1"},
             "flaky": {"kind": "openai", "base_url": url + "/v1"},
+            "b-429": {"kind": "openai", "base_url": url + "/v1"},
             "down": {
                 "kind": "openai",
                 "base_url": f"http://127.0.0.1:{free_port()}/v1",
@@ -51,9 +52,21 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
                 },
                 "up-ok": {"backend": "up", "upstream_model": "ok", **fast},
                 "up-die": {"backend": "b-die", "upstream_model": "die-after-3", **fast},
-                "up-stall": {"backend": "b-stall", "upstream_model": "stall", **fast},
+                "up-stall": {
+                    "backend": "b-stall",
+                    "upstream_model": "stall",
+                    **fast,
+                    "total_timeout_s": 1.0,
+                },
                 "up-stall-2": {"backend": "b-stall-2", "upstream_model": "stall-after-2", **fast},
                 "up-slow": {"backend": "up", "upstream_model": "slow", **fast},
+                "up-think": {"backend": "up", "upstream_model": "think-0.8", **fast},
+                "up-429": {
+                    "backend": "b-429",
+                    "upstream_model": "status-429",  # Retry-After: 1
+                    "retries": 3,
+                    "total_timeout_s": 0.6,
+                },
                 "flaky-bad": {"backend": "flaky", "upstream_model": "status-500", **fast},
                 "flaky-ok": {"backend": "flaky", "upstream_model": "ok", **fast},
             }
@@ -91,10 +104,36 @@ def test_upstream_dies_after_three_tokens(gateway: LiveServer) -> None:
 
 
 def test_stall_before_first_token(gateway: LiveServer) -> None:
+    # A non-stream call upstream has no first token: only the total limit (1 s) bounds it.
     r = chat(gateway, "up-stall", stream=False)
     assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+    assert "no answer from 'b-stall' within 1s" in r.json()["error"]["message"]
     lines = ndjson(chat(gateway, "up-stall").text)
     assert lines[-1]["type"] == "error" and lines[-1]["code"] == "upstream_timeout"
+    assert "no first token" in lines[-1]["message"]
+
+
+def test_a_whole_answer_is_not_held_to_the_first_token_limit(
+    gateway: LiveServer, upstream: tuple[FakeOpenAI, str]
+) -> None:
+    # 0.8 s of generation, a 0.5 s first-token limit: fine in one piece, and asked once.
+    seen = len(upstream[0].requests)
+    r = chat(gateway, "up-think", stream=False)
+    assert r.status_code == 200, r.text
+    assert len(upstream[0].requests) == seen + 1
+    lines = ndjson(chat(gateway, "up-think").text)  # streamed, the first token is late
+    assert lines[-1]["type"] == "error" and lines[-1]["code"] == "upstream_timeout"
+
+
+def test_no_retry_starts_past_the_total_limit(gateway: LiveServer) -> None:
+    # The upstream asks for 1 s before a retry; only 0.6 s are left of the total limit.
+    t = time.monotonic()
+    r = chat(gateway, "up-429", stream=False)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_rate_limited"
+    assert time.monotonic() - t < 0.5
+    assert r.headers["retry-after"] == "1"
+    ev = gateway.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+    assert len(ev["attempts"]) == 1
 
 
 def test_stall_after_tokens(gateway: LiveServer) -> None:

@@ -129,6 +129,7 @@ class OpenAIBackend(HttpBackend):
     """Chat completions against an OpenAI-compatible base URL (…/v1)."""
 
     kind = "openai"
+    whole_answers = True  # non-stream calls are non-stream upstream
     Config = OpenAIConfig
 
     def __init__(self, name: str, config: OpenAIConfig) -> None:

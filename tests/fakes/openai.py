@@ -4,7 +4,8 @@ The model name picks the behaviour: `ok` (default), `tools`, `die-after-3`
 (three chunks then a dropped connection), `stall` (silence), `stall-after-2`,
 `malformed`, `status-500`, `status-429`, `status-400`, `no-usage`, `plain-error`
 (`{"error": "text"}` as mlx_lm.server sends), `gzip` (a non-stream answer gzipped
-whatever the client accepts, as a careless proxy would), `redirect` (307 elsewhere).
+whatever the client accepts, as a careless proxy would), `redirect` (307 elsewhere),
+`think-S` (S seconds before the answer: the first chunk, or the whole non-stream body).
 It records what it saw.
 """
 
@@ -80,6 +81,8 @@ class FakeOpenAI:
             return Response(status_code=307, headers={"Location": target})
         if model == "plain-error":
             return JSONResponse({"error": "model not loaded"}, 404)
+        if model.startswith("think-"):
+            await asyncio.sleep(float(model[6:]))
         if not body.get("stream"):
             if model == "stall":
                 await asyncio.sleep(3600)
