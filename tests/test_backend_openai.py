@@ -12,7 +12,7 @@ import pytest
 
 from stella.backends import CallContext
 from stella.backends.openai import OpenAIBackend, OpenAIConfig
-from stella.errors import StellaError, UpstreamStatus
+from stella.errors import StellaError, UpstreamError, UpstreamStatus
 from stella.protocol import ChatRequest, Delta, Done, FunctionSpec, Message, Options, Tool, ToolCall
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.server import serve
@@ -126,6 +126,10 @@ async def test_malformed_line_and_refused_connection(fake: tuple[FakeOpenAI, str
     b = await backend(fake[1] + "/v1")
     with pytest.raises(StellaError, match="malformed"):
         await collect(b, "malformed")
+    with pytest.raises(UpstreamError, match="malformed stream line"):
+        await collect(b, "latin1")  # an upstream's bad bytes, not a stella bug
+    with pytest.raises(UpstreamError, match="a stream line over 16777216 bytes"):
+        await collect(b, "endless")
     await b.aclose()
     dead = await backend(f"http://127.0.0.1:{free_port()}/v1")
     with pytest.raises(StellaError) as info:

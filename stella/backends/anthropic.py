@@ -10,11 +10,13 @@ import msgspec
 
 from stella.backends.base import BackendEvent, BackendHealth, CallContext
 from stella.backends.http import (
+    BAD_JSON,
     HttpBackend,
     HttpConfig,
     aiohttp_error,
     error_from_response,
     iter_lines,
+    read_body,
 )
 from stella.errors import UpstreamError, UpstreamStatus
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
@@ -201,17 +203,17 @@ class AnthropicBackend(HttpBackend):
                 self.base_url + "/v1/messages", data=body, headers=headers, allow_redirects=False
             ) as r:
                 if r.status >= 300:
-                    raise error_from_response(name, r.status, r.headers, await r.read())
+                    raise error_from_response(name, r.status, r.headers, await read_body(r, name))
                 usage = _Usage()
                 tools: dict[int, list[str]] = {}  # index -> [id, name, json]
                 stop: str | None = None
                 calls = 0
-                async for line in iter_lines(r):
+                async for line in iter_lines(r, name):
                     if not line.startswith(b"data:"):
                         continue
                     try:
                         ev = _event.decode(line[5:])
-                    except (msgspec.DecodeError, msgspec.ValidationError):
+                    except BAD_JSON:
                         raise UpstreamError(f"{name}: malformed event") from None
                     kind = ev.type
                     if kind == "content_block_delta" and ev.delta is not None:
@@ -227,7 +229,7 @@ class AnthropicBackend(HttpBackend):
                         call_id, tool, raw = tools.pop(ev.index)
                         try:
                             args = _any.decode(raw) if raw.strip() else {}
-                        except msgspec.DecodeError:
+                        except (msgspec.DecodeError, RecursionError):
                             args = {"_raw": raw}
                         yield ToolCall(
                             index=calls,

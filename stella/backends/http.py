@@ -135,7 +135,7 @@ def error_from_response(name: str, status: int, headers: Any, body: bytes) -> St
             message = err
         else:
             message = parsed.message or parsed.detail or ""
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+    except BAD_JSON:
         message = message or body[:200].decode(errors="replace").strip()
     return UpstreamStatus(
         f"{name}: upstream answered {status}" + (f": {message}" if message else ""),
@@ -170,14 +170,62 @@ def aiohttp_error(name: str, exc: BaseException) -> StellaError:
     return UpstreamError(f"{name}: upstream connection failed ({type(exc).__name__})")
 
 
-async def iter_lines(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """Lines of a streamed body as bytes, without decoding to str first (no length limit)."""
-    pending = b""
+# What a backend decoding JSON from upstream may get besides a struct: msgspec's errors,
+# bad bytes inside a string, and nesting past the recursion limit.
+BAD_JSON = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+# The longest line a stream may send, and the largest whole body: an upstream that never
+# ends a line must not fill the memory.
+MAX_LINE = 16 * 1024 * 1024
+MAX_BODY = 64 * 1024 * 1024
+
+
+async def line_batches(response: aiohttp.ClientResponse, name: str) -> AsyncIterator[list[bytes]]:
+    """The complete lines of each network read (often several), as bytes, `\\r` kept.
+
+    A line split over many reads is joined once, when it ends; one longer than
+    MAX_LINE is an UpstreamError.
+    """
+    pending: list[bytes] = []
+    size = 0
     async for chunk in response.content.iter_any():
+        if b"\n" not in chunk:
+            size += len(chunk)
+            if size > MAX_LINE:
+                raise UpstreamError(f"{name}: a stream line over {MAX_LINE} bytes")
+            pending.append(chunk)
+            continue
         if pending:
-            chunk = pending + chunk
-        *lines, pending = chunk.split(b"\n")
+            pending.append(chunk)
+            chunk = b"".join(pending)
+            pending = []
+        *lines, rest = chunk.split(b"\n")
+        size = len(rest)
+        if rest:
+            pending.append(rest)
+        yield lines
+    if pending:
+        tail = b"".join(pending)
+        if tail.strip():
+            yield [tail]
+
+
+async def iter_lines(response: aiohttp.ClientResponse, name: str) -> AsyncIterator[bytes]:
+    """Lines of a streamed body as bytes, without decoding to str first (at most MAX_LINE)."""
+    async for lines in line_batches(response, name):
         for line in lines:
             yield line.rstrip(b"\r")
-    if pending.strip():
-        yield pending.rstrip(b"\r")
+
+
+async def read_body(response: aiohttp.ClientResponse, name: str) -> bytes:
+    """A whole response body, at most MAX_BODY bytes."""
+    length = response.content_length
+    if length is not None and length > MAX_BODY:
+        raise UpstreamError(f"{name}: a response body of {length} bytes (over {MAX_BODY})")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise UpstreamError(f"{name}: a response body over {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

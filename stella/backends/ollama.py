@@ -10,11 +10,13 @@ import msgspec
 
 from stella.backends.base import BackendEvent, BackendHealth, CallContext
 from stella.backends.http import (
+    BAD_JSON,
     HttpBackend,
     HttpConfig,
     aiohttp_error,
     error_from_response,
     iter_lines,
+    read_body,
 )
 from stella.errors import UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
@@ -141,14 +143,14 @@ class OllamaBackend(HttpBackend):
                 self.base_url + "/api/chat", data=body, headers=headers, allow_redirects=False
             ) as r:
                 if r.status >= 300:
-                    raise error_from_response(name, r.status, r.headers, await r.read())
+                    raise error_from_response(name, r.status, r.headers, await read_body(r, name))
                 index = 0
-                async for raw in iter_lines(r):
+                async for raw in iter_lines(r, name):
                     if not raw.strip():
                         continue
                     try:
                         line = _line.decode(raw)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
+                    except BAD_JSON:
                         raise UpstreamError(f"{name}: malformed stream line") from None
                     if line.error is not None:
                         raise UpstreamError(f"{name}: {line.error}")

@@ -9,7 +9,15 @@ import aiohttp
 import msgspec
 
 from stella.backends.base import BackendEvent, BackendHealth, CallContext
-from stella.backends.http import HttpBackend, HttpConfig, aiohttp_error, error_from_response
+from stella.backends.http import (
+    BAD_JSON,
+    HttpBackend,
+    HttpConfig,
+    aiohttp_error,
+    error_from_response,
+    line_batches,
+    read_body,
+)
 from stella.errors import UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
 
@@ -148,7 +156,7 @@ class OpenAIBackend(HttpBackend):
             raise error_from_response(self.name, r.status_code, r.headers, r.content)
         try:
             return [m.id for m in _models.decode(r.content).data]
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except BAD_JSON:
             raise UpstreamError(f"{self.name}: malformed model list") from None
 
     async def health(self) -> BackendHealth:
@@ -166,21 +174,19 @@ class OpenAIBackend(HttpBackend):
                 self.chat_url, data=body, headers=headers, allow_redirects=False
             ) as r:
                 if r.status >= 300:
-                    raise error_from_response(name, r.status, r.headers, await r.read())
+                    raise error_from_response(name, r.status, r.headers, await read_body(r, name))
                 if not stream:
-                    async for event in self._whole(await r.read()):
+                    async for event in self._whole(await read_body(r, name)):
                         yield event
                     return
                 calls: dict[int, list[Any]] = {}
                 finish: str | None = None
                 usage: _Usage | None = None
                 deltas = 0
-                pending = b""
                 ended = False
                 # One network read often holds several SSE events (a fast upstream, or a
                 # burst after a pause): their text goes out as one Delta, one send.
-                async for raw in r.content.iter_any():
-                    *lines, pending = (pending + raw).split(b"\n")
+                async for lines in line_batches(r, name):
                     texts: list[str] = []
                     for line in lines:
                         if not line.startswith(b"data:"):
@@ -191,7 +197,7 @@ class OpenAIBackend(HttpBackend):
                             break
                         try:
                             chunk = _chunk.decode(data)
-                        except (msgspec.DecodeError, msgspec.ValidationError):
+                        except BAD_JSON:
                             if texts:
                                 yield Delta(text="".join(texts))
                             raise UpstreamError(f"{name}: malformed stream line") from None
@@ -231,7 +237,7 @@ class OpenAIBackend(HttpBackend):
     async def _whole(self, raw: bytes) -> AsyncIterator[BackendEvent]:
         try:
             chunk = _chunk.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except BAD_JSON:
             raise UpstreamError(f"{self.name}: malformed response body") from None
         if not chunk.choices:
             raise UpstreamError(f"{self.name}: response has no choices")
@@ -269,7 +275,7 @@ def _tool_events(calls: dict[int, list[Any]]) -> list[ToolCall]:
         call_id, name, raw = calls[index]
         try:
             args = _any.decode(raw) if raw.strip() else {}
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             args = {"_raw": raw}  # the model wrote invalid JSON: pass it on, don't lose it
         if not isinstance(args, dict):
             args = {"value": args}

@@ -5,7 +5,9 @@ The model name picks the behaviour: `ok` (default), `tools`, `die-after-3`
 `malformed`, `status-500`, `status-429`, `status-400`, `no-usage`, `plain-error`
 (`{"error": "text"}` as mlx_lm.server sends), `gzip` (a non-stream answer gzipped
 whatever the client accepts, as a careless proxy would), `redirect` (307 elsewhere),
-`think-S` (S seconds before the answer: the first chunk, or the whole non-stream body).
+`think-S` (S seconds before the answer: the first chunk, or the whole non-stream body),
+`endless` (a line that does not end: 20 MB without a newline), `latin1` (bytes that are
+not UTF-8 inside a chunk).
 It records what it saw.
 """
 
@@ -142,6 +144,14 @@ class FakeOpenAI:
             if model == "stall":
                 await asyncio.sleep(3600)
             yield chunk({"role": "assistant", "content": ""})
+            if model == "endless":
+                yield b'data: {"choices":[{"delta":{"content":"'
+                for _ in range(320):
+                    yield b"y" * 65536
+                return
+            if model == "latin1":
+                yield chunk({"content": "caf"}).replace(b"caf", b"caf\xe9")
+                return
             if model == "malformed":
                 yield b"data: {not json\n\n"
                 return
