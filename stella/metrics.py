@@ -13,6 +13,9 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -21,13 +24,6 @@ from stella.api.http import endpoint, services
 from stella.api.openapi import Operation, document
 from stella.calls import Call
 from stella.errors import StellaError
-
-try:
-    from prometheus_client import CollectorRegistry, generate_latest
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-    from prometheus_client.registry import Collector
-except ImportError:  # the metrics extra is not installed: no /metrics
-    CollectorRegistry = None  # type: ignore[assignment,misc]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
@@ -198,7 +194,7 @@ document(Operation("get", "/metrics", "Prometheus metrics", tag="ops", errors=(4
 
 def install(app: Any, svc: Any) -> None:
     """Wire metrics into an app: the listener, the refusal hook and the route."""
-    if CollectorRegistry is None or not svc.settings.metrics.enabled:
+    if not svc.settings.metrics.enabled:
         return
     svc.metrics = Metrics(svc)
     svc.pipeline.listeners.append(svc.metrics.observe)
