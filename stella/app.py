@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -310,6 +311,13 @@ def configure_logs(settings: Settings) -> logs.LogSink:
     """Point structlog at a sink that masks every secret this config knows of."""
     names = [settings.auth.keys_env]
     names += [t["api_key_env"] for t in settings.backends.values() if t.get("api_key_env")]
+    if path := settings.log.audit_path:
+        # Found out now, not by audit lines silently dropped later.
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).open("ab").close()
+        except OSError as exc:
+            raise ConfigError(f"log.audit_path: cannot write {path}: {exc.strerror}") from None
     return logs.configure(
         fmt=settings.log.format,
         level=settings.log.level,

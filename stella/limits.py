@@ -18,7 +18,7 @@ from stella.calls import Admission, Call, Permit, Principal
 from stella.errors import Overloaded, RateLimited
 from stella.protocol import ChatRequest, Usage
 from stella.routing import Route
-from stella.settings import Settings
+from stella.settings import ModelLimits, Settings
 
 
 @dataclass(slots=True)
@@ -137,19 +137,19 @@ class Limiter(Admission):
         cached = self._plans.get((p.name, route.name))
         if cached is not None and cached.principal is p:
             return cached
-        model = self.limits.models.get(route.name, {})
+        model = self.limits.models.get(route.name) or ModelLimits()
         buckets = [
             (f"rpm:key:{p.name}", p.requests_per_minute, False, f"key {p.name}"),
             (f"tpm:key:{p.name}", p.tokens_per_minute, True, f"key {p.name}"),
             (
                 f"rpm:model:{route.name}",
-                model.get("requests_per_minute", 0),
+                model.requests_per_minute,
                 False,
                 f"model {route.name}",
             ),
             (
                 f"tpm:model:{route.name}",
-                model.get("tokens_per_minute", 0),
+                model.tokens_per_minute,
                 True,
                 f"model {route.name}",
             ),

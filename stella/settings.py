@@ -11,9 +11,10 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
 from stella.backends import ConfigError
 
@@ -22,14 +23,20 @@ class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Base of every config section: unknown keys are errors."""
 
 
+# Ranges: a negative timeout or limit would be accepted and then do something odd.
+Count = Annotated[int, Meta(ge=0)]  # 0: none / unlimited, where the key says so
+Seconds = Annotated[float, Meta(ge=0)]
+Positive = Annotated[float, Meta(gt=0)]
+
+
 class ServerSettings(Section):
     """[server]"""
 
     host: str = "127.0.0.1"
     port: int = 8000
-    max_body_bytes: int = 1_048_576
-    drain_timeout_s: float = 25.0
-    workers: int = 1
+    max_body_bytes: Annotated[int, Meta(ge=1)] = 1_048_576
+    drain_timeout_s: Seconds = 25.0
+    workers: Annotated[int, Meta(ge=1)] = 1
     public_url: str = ""
     # Under load, one socket write per connection per loop turn (stella.transport).
     coalesce_writes: bool = True
@@ -43,12 +50,12 @@ class RouteSettings(Section):
     aliases: list[str] = []
     fallbacks: list[str] = []
     # Timeouts: connect is the backend's; these bound the stream as the client sees it.
-    ttft_timeout_s: float = 120.0
-    idle_timeout_s: float = 60.0
-    total_timeout_s: float = 600.0
-    retries: int = 2
-    retry_backoff_s: float = 0.25
-    retry_max_backoff_s: float = 4.0
+    ttft_timeout_s: Positive = 120.0
+    idle_timeout_s: Positive = 60.0
+    total_timeout_s: Positive = 600.0
+    retries: Count = 2
+    retry_backoff_s: Seconds = 0.25
+    retry_max_backoff_s: Seconds = 4.0
 
 
 class ModelsSettings(Section):
@@ -63,14 +70,14 @@ class ModelsSettings(Section):
 class StreamSettings(Section):
     """[stream]"""
 
-    ping_interval_s: float = 15.0
+    ping_interval_s: Positive = 15.0
 
 
 class BreakerSettings(Section):
     """[breaker]: per backend circuit breaker."""
 
-    failure_threshold: int = 5
-    cooldown_s: float = 30.0
+    failure_threshold: Count = 5  # 0: never opens
+    cooldown_s: Seconds = 30.0
 
 
 class KeySettings(Section):
@@ -79,9 +86,9 @@ class KeySettings(Section):
     sha256: str
     models: list[str] = msgspec.field(default_factory=lambda: ["*"])
     admin: bool = False
-    requests_per_minute: int = 0
-    tokens_per_minute: int = 0
-    max_concurrent: int = 0
+    requests_per_minute: Count = 0
+    tokens_per_minute: Count = 0
+    max_concurrent: Count = 0
 
 
 class AuthSettings(Section):
@@ -93,17 +100,25 @@ class AuthSettings(Section):
     keys_env: str = "STELLA_API_KEYS"
 
 
+class ModelLimits(Section):
+    """[limits.models.ROUTE]: limits of one model, across every key."""
+
+    requests_per_minute: Count = 0
+    tokens_per_minute: Count = 0
+
+
 class LimitsSettings(Section):
     """[limits]: defaults for every key, and per-model limits."""
 
-    requests_per_minute: int = 0
-    tokens_per_minute: int = 0
-    max_concurrent: int = 0
-    queue_timeout_s: float = 10.0
-    reserve_tokens: int = 256  # tokens reserved for a request that gives no max_tokens
-    models: dict[str, dict[str, int]] = {}
+    requests_per_minute: Count = 0
+    tokens_per_minute: Count = 0
+    max_concurrent: Count = 0
+    queue_timeout_s: Seconds = 10.0
+    # Tokens reserved for a request that gives no max_tokens.
+    reserve_tokens: Annotated[int, Meta(ge=1)] = 256
+    models: dict[str, ModelLimits] = {}
     # Concurrent requests per backend name (0 or absent: unlimited); waits like per-key slots.
-    backends: dict[str, int] = {}
+    backends: dict[str, Count] = {}
 
 
 class StateSettings(Section):
@@ -117,14 +132,14 @@ class CorsSettings(Section):
     """[cors]"""
 
     allowed_origins: list[str] = []
-    max_age_s: int = 600
+    max_age_s: Count = 600
 
 
 class LogSettings(Section):
     """[log]"""
 
-    format: str = "json"
-    level: str = "info"
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     audit_path: str = ""
     content: bool = False
 
@@ -180,11 +195,17 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _env_value(raw: str) -> Any:
-    """A TOML literal when it parses as one (9000, true, ["a"]), else the string."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
+    """A TOML array, table, quoted string or boolean when it is one, else the string.
+
+    Numbers stay strings: decoding turns "9000" into an int where the key is one, and a
+    string key keeps "123" (a prefix, a model name, Ollama's keep_alive "-1") as written.
+    """
+    if raw in ("true", "false") or raw[:1] in ("[", "{", '"', "'"):
+        try:
+            return tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            pass
+    return raw
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -224,16 +245,35 @@ def load_settings(
 
 def decode_settings(data: Mapping[str, Any]) -> Settings:
     """Validate a config dict; ConfigError names the first bad key."""
-    try:
-        settings = msgspec.convert(data, Settings, strict=False)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        message, sep, where = text.rpartition(" - at `$.")
-        if sep:
-            raise ConfigError(f"{where.rstrip('`')}: {message}") from None
-        raise ConfigError(f"config: {text}") from None
+    # Tables of named entries first, one by one: msgspec says `auth.keys[...]` for an
+    # entry of a dict, and with several keys or routes the name is what tells them apart.
+    for section, table, entry in _NAMED:
+        entries = data.get(section, {})
+        entries = entries.get(table, {}) if isinstance(entries, dict) else {}
+        if isinstance(entries, dict):
+            for name, value in entries.items():
+                _convert(value, entry, f"{section}.{table}.{name}")
+    settings = _convert(data, Settings, "")
     _check(settings)
     return settings
+
+
+_NAMED = (
+    ("auth", "keys", KeySettings),
+    ("models", "routes", RouteSettings),
+    ("limits", "models", ModelLimits),
+)
+
+
+def _convert(value: Any, type_: type[Any], where: str) -> Any:
+    try:
+        return msgspec.convert(value, type_, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        message, sep, path = text.rpartition(" - at `$")
+        path = path.rstrip("`").lstrip(".") if sep else ""
+        key = ".".join(p for p in (where, path) if p) or "config"
+        raise ConfigError(f"{key}: {message if sep else text}") from None
 
 
 def enabled_backends(s: Settings) -> dict[str, dict[str, Any]]:
@@ -255,8 +295,20 @@ def _check(s: Settings) -> None:
     url = s.server.public_url
     if url and (not url.startswith(("http://", "https://")) or " " in url):
         raise ConfigError(f"server.public_url: {url!r} is not an http(s) URL")
-    if s.log.format not in ("json", "console"):
-        raise ConfigError(f"log.format: {s.log.format!r} is not one of json, console")
+    redis = s.state.redis_url
+    if redis and not redis.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"state.redis_url: {redis!r} is not a redis://, rediss:// or unix:// URL")
+    for name in s.limits.models:
+        if name not in s.models.routes:
+            # Limits hold per route name: one set under an alias or a typo would never apply.
+            owner = next((r for r, rs in s.models.routes.items() if name in rs.aliases), None)
+            hint = f"an alias of {owner!r}; name the route" if owner else "not a route"
+            raise ConfigError(f"limits.models.{name}: {hint}; known: {sorted(s.models.routes)}")
+    for name in s.limits.backends:
+        if name not in s.backends:
+            raise ConfigError(
+                f"limits.backends.{name}: unknown backend; known: {sorted(s.backends)}"
+            )
     for name, table in s.backends.items():
         if not isinstance(table, dict):
             raise ConfigError(f"backends.{name}: must be a table")

@@ -46,6 +46,20 @@ def test_env_values_parse_as_toml_literals() -> None:
     }
 
 
+def test_env_numbers_take_the_keys_type() -> None:
+    # "123" is a number for a number key and stays a string for a string key.
+    s = load_settings(
+        environ={
+            "STELLA_STATE__PREFIX": "123",
+            "STELLA_SERVER__PORT": "9000",
+            "STELLA_STREAM__PING_INTERVAL_S": "2.5",
+            "STELLA_MODELS__DEFAULT": "echo",
+        }
+    )
+    assert s.state.prefix == "123" and s.server.port == 9000
+    assert s.stream.ping_interval_s == 2.5
+
+
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
@@ -56,6 +70,28 @@ def test_env_values_parse_as_toml_literals() -> None:
         ({"STELLA_LOG__FORMAT": "xml"}, "log.format"),
         ({"STELLA_SERVER__WORKERS": "0"}, "server.workers"),
         ({"STELLA_SERVER__PUBLIC_URL": "llm.example.com"}, "server.public_url"),
+        ({"STELLA_LOG__LEVEL": "loud"}, "log.level"),
+        ({"STELLA_STREAM__PING_INTERVAL_S": "0"}, "stream.ping_interval_s"),
+        ({"STELLA_SERVER__DRAIN_TIMEOUT_S": "-1"}, "server.drain_timeout_s"),
+        ({"STELLA_LIMITS__REQUESTS_PER_MINUTE": "-5"}, "limits.requests_per_minute"),
+        (
+            {"STELLA_MODELS__ROUTES__ECHO__TTFT_TIMEOUT_S": "-1"},
+            "models.routes.echo.ttft_timeout_s",
+        ),
+        ({"STELLA_STATE__REDIS_URL": "notaurl"}, "state.redis_url"),
+        (
+            {"STELLA_LIMITS__MODELS__ECHO__RPM": "5"},
+            "limits.models.echo: Object contains unknown field `rpm`",
+        ),
+        (
+            {"STELLA_LIMITS__MODELS__SMOLLM2__REQUESTS_PER_MINUTE": "5"},
+            "an alias of 'smollm2-135m'",
+        ),
+        ({"STELLA_LIMITS__BACKENDS__NOPE": "3"}, "limits.backends.nope"),
+        (
+            {"STELLA_AUTH__KEYS__ALICE__ADMIN": "true"},
+            "auth.keys.alice: Object missing required field `sha256`",
+        ),
     ],
 )
 def test_bad_values_name_the_key(env: dict[str, str], needle: str) -> None:
@@ -137,3 +173,31 @@ def test_remote_pool_settings_are_checked(key: str, value: float) -> None:
     table = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", key: value}
     with pytest.raises(ConfigError, match=f"backends.up: {key}"):
         build_backend("up", table, registry())
+
+
+@pytest.mark.parametrize(
+    ("env", "command", "needle"),
+    [
+        # Found at start-up, not as audit lines silently dropped later.
+        ({"STELLA_LOG__AUDIT_PATH": "/proc/nope/x.jsonl"}, "serve", "log.audit_path"),
+        # Found by --check, not as a model that never loads.
+        ({"STELLA_BACKENDS__LOCAL__DTYPE": "float8"}, "config", "backends.local: dtype"),
+    ],
+)
+def test_values_only_use_reveals_are_checked_up_front(
+    env: dict[str, str], command: str, needle: str
+) -> None:
+    args = ["serve", "--port", "1"] if command == "serve" else ["config", "--check"]
+    base = {"PATH": "/usr/bin:/bin", "STELLA_MODELS__DEFAULT": "echo"}
+    if command == "serve":
+        base["STELLA_BACKENDS__LOCAL__ENABLED"] = "false"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stella", *args],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0]

@@ -7,9 +7,10 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import structlog
+from msgspec import Meta
 
 from stella.backends.base import Backend, BackendConfig, BackendEvent, BackendHealth, CallContext
 from stella.backends.mlx.engine import LoadedModel, dequantize, generate_into, load_model
@@ -29,14 +30,14 @@ class MlxConfig(BackendConfig, kw_only=True):
     # More models on the same worker: upstream model name -> source.
     models: dict[str, str] = {}
     preload: bool = True  # load at start (else on first use)
-    keep_alive_s: float = 0.0  # unload after this long idle; 0 keeps models loaded
-    max_queue: int = 16  # generations waiting for the worker; past it: 503 overloaded
+    keep_alive_s: Annotated[float, Meta(ge=0)] = 0.0  # unload after this long idle; 0: never
+    max_queue: Annotated[int, Meta(ge=1)] = 16  # waiting generations; past it: 503 overloaded
     cache_dir: str = ""  # where imported GGUF models go (default ~/.cache/stella/models)
     # "auto": float32 weights on a CPU-only Linux machine (faster there than 4-bit),
     # the file's own (quantized) weights elsewhere; or "native", "float32", "float16".
-    dtype: str = "auto"
-    prompt_cache_size: int = 8  # KV caches kept for prompt-prefix reuse (LRU)
-    max_tokens: int = 512  # when a request gives none
+    dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] = "auto"
+    prompt_cache_size: Annotated[int, Meta(ge=0)] = 8  # KV caches kept for prefix reuse (LRU)
+    max_tokens: Annotated[int, Meta(ge=1)] = 512  # when a request gives none
 
 
 class MlxBackend(Backend):
