@@ -13,6 +13,7 @@ closes the connection, and the server cancels the generation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -94,6 +95,19 @@ class UnavailableError(StellaClientError):
 
 class TimeoutError(StellaClientError):
     """504 upstream_timeout, or a timeout mid-stream."""
+
+
+class NetworkError(StellaClientError):
+    """network_error: the server could not be reached, or the connection broke."""
+
+
+@contextlib.contextmanager
+def _network(url: str) -> Iterator[None]:
+    """httpx's transport failures as a NetworkError (code network_error), like stella.js."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise NetworkError(f"cannot reach {url}: {exc}", code="network_error") from exc
 
 
 BY_CODE: dict[str, type[StellaClientError]] = {
@@ -195,6 +209,8 @@ def _generate_body(
 
 def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
     url = (base_url or os.environ.get("STELLA_URL") or DEFAULT_URL).rstrip("/")
+    if "://" not in url:
+        url = "http://" + url  # "localhost:8000", as curl takes it
     key = api_key if api_key is not None else os.environ.get("STELLA_API_KEY", "")
     return url, ({"Authorization": f"Bearer {key}"} if key else {})
 
@@ -210,6 +226,7 @@ class Client:
         **httpx_kwargs: Any,
     ) -> None:
         url, headers = _config(base_url, api_key)
+        self.url = url
         self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout, **httpx_kwargs)
 
     def __enter__(self) -> Client:
@@ -223,13 +240,14 @@ class Client:
         self._http.close()
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
-        r = self._http.post(path, json=body)
+        with _network(self.url):
+            r = self._http.post(path, json=body)
         if r.status_code >= 400:
             raise error_for(r, r.content)
         return _response.decode(r.content)
 
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[Any]:
-        with self._http.stream("POST", path, json=body) as r:
+        with _network(self.url), self._http.stream("POST", path, json=body) as r:
             if r.status_code >= 400:
                 raise error_for(r, r.read())
             rid = r.headers.get("x-request-id", "")
@@ -276,14 +294,16 @@ class Client:
 
     def models(self) -> ModelList:
         """The routable models."""
-        r = self._http.get("/api/v1/models")
+        with _network(self.url):
+            r = self._http.get("/api/v1/models")
         if r.status_code >= 400:
             raise error_for(r, r.content)
         return _models.decode(r.content)
 
     def health(self) -> dict[str, Any]:
         """GET /health."""
-        r = self._http.get("/health")
+        with _network(self.url):
+            r = self._http.get("/health")
         if r.status_code >= 400:
             raise error_for(r, r.content)
         return r.json()
@@ -300,6 +320,7 @@ class AsyncClient:
         **httpx_kwargs: Any,
     ) -> None:
         url, headers = _config(base_url, api_key)
+        self.url = url
         self._http = httpx.AsyncClient(
             base_url=url, headers=headers, timeout=timeout, **httpx_kwargs
         )
@@ -315,25 +336,27 @@ class AsyncClient:
         await self._http.aclose()
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        r = await self._http.post(path, json=body)
+        with _network(self.url):
+            r = await self._http.post(path, json=body)
         if r.status_code >= 400:
             raise error_for(r, r.content)
         return _response.decode(r.content)
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Any]:
-        async with self._http.stream("POST", path, json=body) as r:
-            if r.status_code >= 400:
-                raise error_for(r, await r.aread())
-            rid = r.headers.get("x-request-id", "")
-            async for line in r.aiter_lines():
-                if not line:
-                    continue
-                event = _event.decode(line)
-                if type(event) is Ping:
-                    continue
-                if type(event) is Error:
-                    raise _inband(event, rid)
-                yield event
+        with _network(self.url):
+            async with self._http.stream("POST", path, json=body) as r:
+                if r.status_code >= 400:
+                    raise error_for(r, await r.aread())
+                rid = r.headers.get("x-request-id", "")
+                async for line in r.aiter_lines():
+                    if not line:
+                        continue
+                    event = _event.decode(line)
+                    if type(event) is Ping:
+                        continue
+                    if type(event) is Error:
+                        raise _inband(event, rid)
+                    yield event
 
     async def chat(
         self,
@@ -368,14 +391,16 @@ class AsyncClient:
 
     async def models(self) -> ModelList:
         """The routable models."""
-        r = await self._http.get("/api/v1/models")
+        with _network(self.url):
+            r = await self._http.get("/api/v1/models")
         if r.status_code >= 400:
             raise error_for(r, r.content)
         return _models.decode(r.content)
 
     async def health(self) -> dict[str, Any]:
         """GET /health."""
-        r = await self._http.get("/health")
+        with _network(self.url):
+            r = await self._http.get("/health")
         if r.status_code >= 400:
             raise error_for(r, r.content)
         return r.json()

@@ -11,7 +11,7 @@ import pytest
 
 from stella import client as sc
 from stella.protocol import ChatResponse, Delta, Done, Start
-from tests.live import LiveServer, run_stella
+from tests.live import LiveServer, free_port, run_stella
 
 KEY = "sk-client-test-1"
 
@@ -154,3 +154,26 @@ def test_cli_chat_and_models(stella: LiveServer) -> None:
     assert out.returncode == 1 and "model_not_found" in out.stderr
     out = cli("models")
     assert out.returncode == 0 and "echo" in out.stdout and "BACKEND" in out.stdout
+
+
+async def test_an_unreachable_server_is_a_network_error(stella: LiveServer) -> None:
+    dead = f"127.0.0.1:{free_port()}"  # no scheme: taken as http://, as curl does
+    msgs = [{"role": "user", "content": "x"}]
+    with sc.Client(dead) as c, pytest.raises(sc.NetworkError) as info:
+        c.chat(msgs)
+    assert info.value.code == "network_error" and dead in info.value.message
+    with sc.Client(dead) as c, pytest.raises(sc.NetworkError):
+        list(c.chat(msgs, stream=True))
+    async with sc.AsyncClient(dead) as ac:
+        with pytest.raises(sc.NetworkError):
+            await ac.models()
+    for args in (["chat", "hi"], ["models"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "stella", *args, "--url", dead],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
+        assert "network_error" in out.stderr
