@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import httpx
 
@@ -51,6 +52,24 @@ def test_ready_and_config(stella: LiveServer) -> None:
     cfg = httpx.get(stella.url + "/config").json()
     assert cfg["default_model"] == "echo"
     assert cfg["config"]["server"]["max_body_bytes"] == 1048576
+
+
+def test_ready_says_why_the_default_model_failed_to_load() -> None:
+    # Not "loading" forever: the reason, as the model_load_failed log line has it.
+    config = {
+        "models": {"default": "smollm2-135m"},
+        "backends": {"local": {"enabled": True, "source": "/nonexistent/model"}},
+    }
+    with run_stella(config, base={}) as server:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            r = httpx.get(server.url + "/ready")
+            if r.json()["checks"]["default_model"] != "loading":
+                break
+            time.sleep(0.1)
+        assert r.status_code == 503
+        assert r.json()["checks"]["default_model"].startswith("failed: mlx: ")
+        assert "/nonexistent/model" in r.json()["checks"]["default_model"]
 
 
 def test_stella_config_command() -> None:

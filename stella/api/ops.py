@@ -49,7 +49,13 @@ async def ready(request: Request) -> Response:
     router = svc.router
     try:
         route = router.resolve(None)
-        checks["default_model"] = "ok" if route.backend.loaded(route.upstream_model) else "loading"
+        backend, model = route.backend, route.upstream_model
+        if backend.loaded(model):
+            checks["default_model"] = "ok"
+        elif why := backend.problem(model):
+            checks["default_model"] = f"failed: {why}"
+        else:
+            checks["default_model"] = "loading"
         breaker = router.breaker(route.backend_name)
         if breaker.state != "closed":
             checks["circuit"] = f"{route.backend_name}: {breaker.state}"

@@ -85,6 +85,10 @@ class Backend:
         """Whether this model is ready to answer without a load."""
         return True
 
+    def problem(self, upstream_model: str) -> str:
+        """Why the model can't be loaded, when an attempt failed ("" otherwise)."""
+        return ""
+
     def memory_bytes(self, upstream_model: str) -> int | None:
         """Memory the loaded model holds, when the backend knows it."""
         return None

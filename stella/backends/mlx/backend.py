@@ -83,8 +83,8 @@ class MlxBackend(Backend):
         try:
             await self.ensure_loaded("")
         except Exception as exc:  # reported by /ready and by each request that needs it
-            self.load_error = str(exc)
-            _log.error("model_load_failed", backend=self.name, error=str(exc))
+            self.load_error = exc.message if isinstance(exc, UpstreamError) else str(exc)
+            _log.error("model_load_failed", backend=self.name, error=self.load_error)
 
     async def ensure_loaded(self, upstream_model: str) -> LoadedModel:
         """The loaded model for `upstream_model`, loading it on the worker if needed."""
@@ -108,9 +108,15 @@ class MlxBackend(Backend):
                 f"mlx: model {self._source(key)!r} not found locally and no hub is reachable "
                 f"({exc.__class__.__name__}); give a local directory or .gguf file as source"
             ) from None
+        except ImportError as exc:
+            raise UpstreamError(
+                f"mlx: {exc}; install the engine with pip install 'stella-gateway[mlx]'"
+            ) from None
         finally:
             self._loading.pop(key, None)
         self.loaded_models[key] = model
+        if key == "":
+            self.load_error = ""
         self._last_used[key] = time.monotonic()
         return model
 
@@ -141,6 +147,11 @@ class MlxBackend(Backend):
         await asyncio.to_thread(self.worker.stop)
 
     # --- state -------------------------------------------------------------
+
+    def problem(self, upstream_model: str) -> str:
+        """Why the default model's preload failed ("" when it did not)."""
+        key = upstream_model if upstream_model in self.cfg.models else ""
+        return self.load_error if key == "" else ""
 
     def loaded(self, upstream_model: str) -> bool:
         """Whether the model is in memory."""
