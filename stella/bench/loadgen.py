@@ -150,7 +150,7 @@ async def run_load(
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     if not allow_remote and not is_local(host):
-        raise ValueError(f"{host} is not a loopback address; pass allow_remote to load it")
+        raise ValueError(f"{host} is not a loopback address; pass --allow-remote to load it")
     path = parts.path or "/"
     method = "POST" if body is not None else "GET"
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]

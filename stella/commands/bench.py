@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     url.add_argument("--allow-remote", action="store_true")
     dialects = sub.add_parser("dialects", help="the OpenAI dialect's cost vs the native API")
     auth = sub.add_parser("auth", help="keys and rate limits off vs in memory vs in Redis")
-    auth.add_argument("-c", "--concurrency", type=int, default=8)
+    auth.add_argument("-c", "--concurrency", type=int, default=8, help="clients")
     auth.add_argument("-d", "--duration", type=float, default=3.0, help="seconds per round")
     auth.add_argument("--rounds", type=int, default=3, help="each setup keeps its best round")
     auth.add_argument("--json", action="store_true")
@@ -45,10 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     asgi.add_argument("-n", "--requests", type=int, default=20_000, help="calls per round")
     asgi.add_argument("--json", action="store_true")
     for p in (url, echo, dialects, gateway):
-        p.add_argument("-c", "--concurrency", default="1,8,64", help="comma-separated")
+        p.add_argument(
+            "-c", "--concurrency", type=_concurrency, default="1,8,64", help="comma-separated"
+        )
         p.add_argument("-d", "--duration", type=float, default=5.0, help="seconds per run")
-        p.add_argument("-n", "--requests", type=int, default=1_000_000, help="at most this many")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    url.add_argument("-n", "--requests", type=int, default=1_000_000, help="at most this many")
     up = sub.add_parser(
         "upstream",
         help="serve the fast fake OpenAI-compatible upstream on loopback (Ctrl-C ends it)",
@@ -60,9 +62,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mlx.add_argument("--json", action="store_true")
 
 
+def _concurrency(text: str) -> tuple[int, ...]:
+    """--concurrency "1,8,64" as its levels."""
+    try:
+        levels = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers"
+        ) from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError("each level must be at least 1")
+    return levels
+
+
 def _levels(args: argparse.Namespace) -> tuple[int, ...]:
     """The --concurrency levels."""
-    return tuple(int(c) for c in args.concurrency.split(","))
+    return args.concurrency  # type: ignore[no-any-return]
 
 
 def _show(args: argparse.Namespace, result: Any, table: Callable[[Any], str]) -> int:

@@ -38,5 +38,8 @@ def run(args: argparse.Namespace) -> int:
     except (GGUFError, ModelSourceError) as exc:
         print(f"stella: {exc}", file=sys.stderr)
         return 2
+    except (ValueError, RuntimeError) as exc:  # what MLX's GGUF reader says of other files
+        print(f"stella: {src} is not a GGUF file MLX can read ({exc})", file=sys.stderr)
+        return 2
     print(f"stella: imported {src.name} into {out} in {time.perf_counter() - t:.1f}s")
     return 0

@@ -1,0 +1,33 @@
+"""The `stella` command's handling of wrong input: a message and an exit code, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def stella(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "stella", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def test_a_bad_concurrency_list_is_a_usage_error() -> None:
+    out = stella("bench", "url", "http://127.0.0.1:9/api/v1/chat", "-c", "a")
+    assert out.returncode == 2
+    assert "is not a comma-separated list of numbers" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_remote_target_names_the_flag() -> None:
+    out = stella("bench", "url", "http://192.0.2.1/api/v1/chat", "-c", "1", "-d", "0.1")
+    assert out.returncode == 2 and "--allow-remote" in out.stderr
+
+
+def test_import_gguf_of_another_file_says_so(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file at all")
+    out = stella("import-gguf", str(fake), str(tmp_path / "out"))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"stella: {fake} is not a GGUF file")
