@@ -12,7 +12,7 @@ from typing import Any
 import uvicorn
 
 NAME = "serve"
-HELP = "run the gateway (uvicorn, one process; PORT and STELLA_* configure it)"
+HELP = "run the gateway on uvicorn (server.workers processes; PORT and STELLA_* configure it)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
