@@ -336,6 +336,9 @@ class Inference:
             err = exc
         except asyncio.CancelledError:
             if not watchdog.expired():
+                # Cut from outside (client gone, shutdown): the attempt's record still ends.
+                record["ms"] = round((time.perf_counter() - t) * 1000, 2)
+                record["error"] = self.call.cancel_reason or "cancelled"
                 raise
             err = UpstreamTimeout(f"no {awaited} from {route.backend_name!r} within {limit:.3g}s")
         except Exception as exc:  # a backend bug must still end the stream properly

@@ -190,6 +190,24 @@ async def test_non_stream_disconnect_cancels_and_logs_client_closed(stella: Live
     assert not [e for e in stella.events() if e.get("request_id") == rid and e["level"] == "error"]
 
 
+async def test_an_attempt_cut_before_its_first_token_is_recorded(stella: LiveServer) -> None:
+    payload = {
+        "model": "echo-stall-first",
+        "stream": False,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    rid = "req-attempt-cut-1"
+    async with httpx.AsyncClient(timeout=0.2) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(
+                stella.url + "/api/v1/chat", json=payload, headers={"X-Request-ID": rid}
+            )
+    ev = await asyncio.to_thread(stella.wait_event, lambda e: e["request_id"] == rid)
+    assert ev["finish_reason"] == "client_closed"
+    [attempt] = ev["attempts"]
+    assert attempt["error"] == "client_closed" and attempt["ms"] >= 100
+
+
 async def test_client_gone_while_sending_the_body_is_not_an_error(stella: LiveServer) -> None:
     rid = "req-upload-gone-1"
     _reader, writer = await asyncio.open_connection("127.0.0.1", stella.port)
