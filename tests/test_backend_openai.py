@@ -6,12 +6,20 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
 
 from stella.backends import CallContext
-from stella.backends.openai import OpenAIBackend, OpenAIConfig
+from stella.backends.openai import (
+    OpenAIBackend,
+    OpenAIConfig,
+    _collect,
+    _Fn,
+    _tool_events,
+    _ToolDelta,
+)
 from stella.errors import StellaError, UpstreamError, UpstreamStatus
 from stella.protocol import ChatRequest, Delta, Done, FunctionSpec, Message, Options, Tool, ToolCall
 from tests.fakes.openai import FakeOpenAI
@@ -106,6 +114,33 @@ async def test_error_shapes(
     if status == 429:
         assert info.value.retry_after_hint == 1.0
         assert info.value.headers["Retry-After"] == "1"  # passed on to the client
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_aborted_answer_is_an_error(fake: tuple[FakeOpenAI, str], stream: bool) -> None:
+    b = await backend(fake[1] + "/v1")
+    with pytest.raises(UpstreamError, match=r"ended the answer \(abort\)"):
+        await collect(b, "abort", stream=stream)
+    await b.aclose()
+
+
+def test_tool_call_fragments_as_servers_send_them() -> None:
+    def fn(**kw: Any) -> _Fn:
+        return _Fn(**kw)
+
+    calls: dict[int, list[Any]] = {}
+    # No index, each call whole; the second has its own id.
+    _collect(calls, [_ToolDelta(id="a", function=fn(name="f", arguments='{"x":1}'))])
+    _collect(calls, [_ToolDelta(id="b", function=fn(name="g", arguments={"y": 2}))])
+    # The whole name repeated in every fragment of one call.
+    _collect(calls, [_ToolDelta(index=2, id="c", function=fn(name="h", arguments='{"z"'))])
+    _collect(calls, [_ToolDelta(index=2, function=fn(name="h", arguments=":3}"))])
+    events = _tool_events(calls)
+    assert [(e.id, e.name, e.arguments) for e in events] == [
+        ("a", "f", {"x": 1}),
+        ("b", "g", {"y": 2}),
+        ("c", "h", {"z": 3}),
+    ]
 
 
 async def test_compressed_answer_and_redirect(fake: tuple[FakeOpenAI, str]) -> None:

@@ -28,6 +28,8 @@ FINISH = {
     "function_call": "tool_calls",
     "content_filter": "content_filter",
 }
+# What vLLM, SGLang and others say of an answer they cut short themselves: not a success.
+FAILED = frozenset({"abort", "error", "cancelled"})
 
 
 class OpenAIConfig(HttpConfig, kw_only=True):
@@ -39,11 +41,11 @@ class OpenAIConfig(HttpConfig, kw_only=True):
 
 class _Fn(msgspec.Struct):
     name: str | None = None
-    arguments: str | None = None
+    arguments: str | dict[str, Any] | None = None  # a string by the spec; some send an object
 
 
 class _ToolDelta(msgspec.Struct):
-    index: int = 0
+    index: int | None = None  # missing when a server sends each call whole
     id: str | None = None
     function: _Fn | None = None
 
@@ -66,7 +68,7 @@ class _Usage(msgspec.Struct):
 
 
 class _Chunk(msgspec.Struct):
-    choices: list[_Choice] = []
+    choices: list[_Choice] | None = None
     usage: _Usage | None = None
     error: Any = None
 
@@ -209,7 +211,7 @@ class OpenAIBackend(HttpBackend):
                             )
                         if chunk.usage is not None:
                             usage = chunk.usage
-                        for choice in chunk.choices:
+                        for choice in chunk.choices or ():
                             d = choice.delta
                             if d is not None:
                                 if d.content:
@@ -230,6 +232,8 @@ class OpenAIBackend(HttpBackend):
                     yield event
                 if finish is None:
                     raise UpstreamError(f"{name}: stream ended without a finish reason")
+                if finish in FAILED:
+                    raise UpstreamError(f"{name}: the upstream ended the answer ({finish})")
                 yield Done(finish_reason=FINISH.get(finish, "stop"), usage=_usage(usage, deltas))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise aiohttp_error(name, exc) from None
@@ -239,9 +243,15 @@ class OpenAIBackend(HttpBackend):
             chunk = _chunk.decode(raw)
         except BAD_JSON:
             raise UpstreamError(f"{self.name}: malformed response body") from None
+        if chunk.error is not None:
+            raise UpstreamError(f"{self.name}: upstream error: {_message(chunk.error)}")
         if not chunk.choices:
             raise UpstreamError(f"{self.name}: response has no choices")
         choice = chunk.choices[0]
+        if choice.finish_reason in FAILED:
+            raise UpstreamError(
+                f"{self.name}: the upstream ended the answer ({choice.finish_reason})"
+            )
         msg = choice.message or choice.delta or _Delta()
         if msg.content:
             yield Delta(text=msg.content)
@@ -257,16 +267,29 @@ class OpenAIBackend(HttpBackend):
 
 
 def _collect(calls: dict[int, list[Any]], deltas: list[_ToolDelta]) -> None:
-    """Accumulate streamed tool-call fragments by index: [id, name, arguments]."""
+    """Accumulate streamed tool-call fragments by index: [id, name, arguments].
+
+    Servers differ: some send no index (each call whole), some the whole name in
+    every fragment, some the arguments as an object. A new id starts a new call.
+    """
     for t in deltas:
-        slot = calls.setdefault(t.index, ["", "", ""])
+        last = max(calls, default=-1)
+        key = t.index if t.index is not None else max(last, 0)
+        slot = calls.get(key)
+        if slot is not None and t.id and slot[0] and t.id != slot[0]:
+            key, slot = last + 1, None  # another call, though sent under the same index
+        if slot is None:
+            slot = calls[key] = ["", "", ""]
         if t.id:
             slot[0] = t.id
-        if t.function is not None:
-            if t.function.name:
-                slot[1] += t.function.name
-            if t.function.arguments:
-                slot[2] += t.function.arguments
+        fn = t.function
+        if fn is not None:
+            if fn.name and fn.name != slot[1]:  # a repeated whole name is not appended
+                slot[1] += fn.name
+            if isinstance(fn.arguments, dict):
+                slot[2] = _json.encode(fn.arguments).decode()
+            elif fn.arguments:
+                slot[2] += fn.arguments
 
 
 def _tool_events(calls: dict[int, list[Any]]) -> list[ToolCall]:

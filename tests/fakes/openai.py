@@ -7,7 +7,8 @@ The model name picks the behaviour: `ok` (default), `tools`, `die-after-3`
 whatever the client accepts, as a careless proxy would), `redirect` (307 elsewhere),
 `think-S` (S seconds before the answer: the first chunk, or the whole non-stream body),
 `endless` (a line that does not end: 20 MB without a newline), `latin1` (bytes that are
-not UTF-8 inside a chunk).
+not UTF-8 inside a chunk), `abort` (finish_reason "abort", as vLLM says of a request it
+cut short).
 It records what it saw.
 """
 
@@ -89,7 +90,7 @@ class FakeOpenAI:
             if model == "stall":
                 await asyncio.sleep(3600)
             message: dict[str, Any] = {"role": "assistant", "content": "".join(self.words)}
-            finish = "stop"
+            finish = "abort" if model == "abort" else "stop"
             if model == "tools":
                 message = {
                     "role": "assistant",
@@ -182,7 +183,7 @@ class FakeOpenAI:
                     elif model in ("die-after-3", "stall-after-2"):
                         await asyncio.sleep(0.01)  # tokens spaced as a model makes them
                     yield chunk({"content": word})
-                yield chunk({}, "stop")
+                yield chunk({}, "abort" if model == "abort" else "stop")
             if (body.get("stream_options") or {}).get("include_usage") and model != "no-usage":
                 usage = {
                     "prompt_tokens": 3,
