@@ -314,7 +314,7 @@ class Inference:
         rs = route.settings
         self.backend_name = route.backend_name
         self.upstream_model = route.upstream_model
-        ctx = CallContext(request_id=self.call.request_id, route=route.name)
+        ctx = watchdog.ctx = CallContext(request_id=self.call.request_id, route=route.name)
         req = self.request
         if req.model != route.upstream_model:
             req = msgspec.structs.replace(req, model=route.upstream_model)

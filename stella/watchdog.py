@@ -140,6 +140,7 @@ class Watchdog:
         "_since",
         "_task",
         "_ticker",
+        "ctx",
         "deadline",
         "limit",
         "progress",
@@ -150,6 +151,7 @@ class Watchdog:
         self.deadline = deadline  # time.perf_counter() value the whole call must end by
         self.limit = 0.0
         self.progress = 0
+        self.ctx: Any = None  # the call's CallContext: its `beats` count as progress too
         self.waiting = False
         self._seen = 0
         self._since = 0.0
@@ -161,7 +163,7 @@ class Watchdog:
         """From now on the backend may be silent for at most `limit` seconds."""
         self.limit = limit
         self._since = time.perf_counter()
-        self._seen = self.progress
+        self._seen = self._count()
         if self._ticker is None:
             tk = self._ticker = ticker()
             self._task = asyncio.current_task(tk.loop)  # given the loop: no second lookup
@@ -178,15 +180,20 @@ class Watchdog:
         self._fired = False
         return self._task is not None and self._task.uncancel() == 0
 
+    def _count(self) -> int:
+        ctx = self.ctx
+        return self.progress + ctx.beats if ctx is not None else self.progress
+
     def tick(self, now: float) -> bool:
         """Cancel the waiting task after too long a silence; stay registered until closed."""
         if self._fired or self._task is None:
             return True
+        count = self._count()
         if self.waiting and now >= self.deadline:
             self._fired = True
             self._task.cancel()
-        elif not self.waiting or self.progress != self._seen:
-            self._seen = self.progress
+        elif not self.waiting or count != self._seen:
+            self._seen = count
             self._since = now
         elif now - self._since >= self.limit:
             self._fired = True

@@ -61,6 +61,7 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
                 "up-stall-2": {"backend": "b-stall-2", "upstream_model": "stall-after-2", **fast},
                 "up-slow": {"backend": "up", "upstream_model": "slow", **fast},
                 "up-think": {"backend": "up", "upstream_model": "think-0.8", **fast},
+                "up-slow-tools": {"backend": "up", "upstream_model": "slow-tools", **fast},
                 "up-429": {
                     "backend": "b-429",
                     "upstream_model": "status-429",  # Retry-After: 1
@@ -123,6 +124,14 @@ def test_a_whole_answer_is_not_held_to_the_first_token_limit(
     assert len(upstream[0].requests) == seen + 1
     lines = ndjson(chat(gateway, "up-think").text)  # streamed, the first token is late
     assert lines[-1]["type"] == "error" and lines[-1]["code"] == "upstream_timeout"
+
+
+def test_tool_arguments_arriving_slowly_are_progress(gateway: LiveServer) -> None:
+    # 1.2 s of argument fragments and no text, under 0.5 s time limits: alive all along.
+    lines = ndjson(chat(gateway, "up-slow-tools").text)
+    kinds = [e["type"] for e in lines if e["type"] != "ping"]
+    assert kinds == ["start", "tool_call", "done"], lines
+    assert lines[-2]["arguments"] == {"text": "a" * 10 + "b" * 10 + "c" * 10 + "d" * 10}
 
 
 def test_no_retry_starts_past_the_total_limit(gateway: LiveServer) -> None:

@@ -216,6 +216,8 @@ class AnthropicBackend(HttpBackend):
                     except BAD_JSON:
                         raise UpstreamError(f"{name}: malformed event") from None
                     kind = ev.type
+                    if kind != "ping":
+                        ctx.beats += 1  # tool input and thinking are progress, though silent
                     if kind == "content_block_delta" and ev.delta is not None:
                         if ev.delta.type == "text_delta":
                             if ev.delta.text:

@@ -39,6 +39,9 @@ class CallContext:
     # Filled by an in-process engine: its own time from starting the job to the first
     # token, so the log can tell the model's share of TTFT from the gateway's.
     engine_ttft_ms: float | None = None
+    # Counted by a backend for upstream output that yields no event yet (tool-call
+    # arguments in fragments, reasoning): the time limits take it as progress.
+    beats: int = 0
 
 
 @dataclass(slots=True)

@@ -209,6 +209,7 @@ class OpenAIBackend(HttpBackend):
                             raise UpstreamError(
                                 f"{name}: upstream error in stream: {_message(chunk.error)}"
                             )
+                        ctx.beats += 1  # upstream output, with or without text: progress
                         if chunk.usage is not None:
                             usage = chunk.usage
                         for choice in chunk.choices or ():

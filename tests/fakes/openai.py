@@ -8,7 +8,7 @@ whatever the client accepts, as a careless proxy would), `redirect` (307 elsewhe
 `think-S` (S seconds before the answer: the first chunk, or the whole non-stream body),
 `endless` (a line that does not end: 20 MB without a newline), `latin1` (bytes that are
 not UTF-8 inside a chunk), `abort` (finish_reason "abort", as vLLM says of a request it
-cut short).
+cut short), `slow-tools` (a tool call whose arguments take 1.2 s to arrive).
 It records what it saw.
 """
 
@@ -156,7 +156,14 @@ class FakeOpenAI:
             if model == "malformed":
                 yield b"data: {not json\n\n"
                 return
-            if model == "tools":
+            if model == "slow-tools":  # a long tool argument, written slowly
+                call = {"index": 0, "id": "call_1", "type": "function"}
+                yield chunk({"tool_calls": [{**call, "function": {"name": "write"}}]})
+                for part in ('{"text": "', "a" * 10, "b" * 10, "c" * 10, "d" * 10, '"}'):
+                    await asyncio.sleep(0.2)
+                    yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
+                yield chunk({}, "tool_calls")
+            elif model == "tools":
                 yield chunk(
                     {
                         "tool_calls": [
