@@ -24,7 +24,9 @@ def install(app: Any, svc: Any) -> None:
         CORSMiddleware,
         allow_origins=origins,
         allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-        allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID", "Accept"],
+        # Any request header: the official SDKs send their own (x-stainless-*,
+        # anthropic-version, ...), and keys travel in headers, not cookies.
+        allow_headers=["*"],
         expose_headers=EXPOSE,
         max_age=svc.settings.cors.max_age_s,
     )

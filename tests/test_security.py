@@ -150,6 +150,17 @@ def test_cors_allows_the_configured_origin_only() -> None:
         )
         assert pre.status_code == 200
         assert pre.headers["access-control-allow-origin"] == "https://app.example"
+        # What the official browser SDKs ask to send.
+        sdk = "content-type,anthropic-version,anthropic-dangerous-direct-browser-access,x-stainless-os"
+        pre = httpx.options(
+            server.url + "/v1/messages",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": sdk,
+            },
+        )
+        assert pre.status_code == 200, pre.text
         r = httpx.post(
             server.url + "/api/v1/chat",
             headers={"Origin": "https://app.example", "Authorization": f"Bearer {ADMIN}"},
