@@ -137,6 +137,10 @@ class Router:
         """Every routable name, aliases included."""
         return sorted(self._names)
 
+    def knows(self, name: str) -> bool:
+        """Whether `name` is a route's name or alias."""
+        return name in self._names
+
     def resolve(self, model: str | None) -> Route:
         """The route for a requested model name (None: the default)."""
         name = model or self.default

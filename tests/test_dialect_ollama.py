@@ -93,3 +93,17 @@ async def test_disconnect_cancels_and_logs_ollama(stella: LiveServer) -> None:
                 break
     ev = await asyncio.to_thread(stella.wait_event, lambda e: e["request_id"] == rid)
     assert ev["api"] == "ollama" and ev["finish_reason"] == "client_closed"
+
+
+def test_latest_tags_and_null_content(stella: LiveServer) -> None:
+    # Names copied from an Ollama server carry ":latest"; Ollama reads a null content as "".
+    r = client(stella).chat(model="echo:latest", messages=[{"role": "user", "content": "hi"}])
+    assert r.message.content == "hi"
+    assert client(stella).show("echo:latest").modelinfo["stella.backend"] == "echo"
+    body = {
+        "model": "echo",
+        "stream": False,
+        "messages": [{"role": "system", "content": None}, {"role": "user", "content": "yo"}],
+    }
+    r2 = httpx.post(stella.url + "/api/chat", json=body)
+    assert r2.status_code == 200 and r2.json()["message"]["content"] == "yo"

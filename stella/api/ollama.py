@@ -168,6 +168,15 @@ async def _run(request: Request, call: Call, chat: ChatRequest, generate: bool) 
     return JSONResponse(body, headers=inference.permit.headers)
 
 
+def model_name(request: Request, name: str | None) -> str | None:
+    """`name` as routed: Ollama's clients say `llama3:latest` for `llama3`."""
+    if name and name.endswith(":latest"):
+        router = services(request).router
+        if not router.knows(name):
+            return name[: -len(":latest")]
+    return name
+
+
 def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
     return decode(body, object, decoder)
 
@@ -181,7 +190,7 @@ async def chat(request: Request, call: Call) -> Response:
     messages = to_messages(req)
     if not messages:
         # Ollama loads the model on an empty chat; stella has nothing to load: say it is ready.
-        route = services(request).router.resolve(req.model)
+        route = services(request).router.resolve(model_name(request, req.model))
         call.principal.check(route.name)
         return JSONResponse(
             {
@@ -194,7 +203,7 @@ async def chat(request: Request, call: Call) -> Response:
         )
     chat_req = ChatRequest(
         messages=messages,
-        model=req.model,
+        model=model_name(request, req.model),
         stream=req.stream,
         options=to_options(req.options),
         tools=tools_from(req.tools),
@@ -212,7 +221,7 @@ async def generate(request: Request, call: Call) -> Response:
     if req.images:
         raise InvalidRequest("$.images: images are not supported")
     if not req.prompt:
-        route = services(request).router.resolve(req.model)
+        route = services(request).router.resolve(model_name(request, req.model))
         call.principal.check(route.name)
         return JSONResponse(
             {
@@ -228,7 +237,7 @@ async def generate(request: Request, call: Call) -> Response:
         messages.insert(0, Message(role="system", content=req.system))
     chat_req = ChatRequest(
         messages=messages,
-        model=req.model,
+        model=model_name(request, req.model),
         stream=req.stream,
         options=to_options(req.options),
         response_format=to_format(req.format),
@@ -279,7 +288,7 @@ async def show(request: Request, call: Call) -> Response:
     """POST /api/show: one model's details."""
     req: ShowRequest = _decode(await read_body(request, 65536), _show)
     router = services(request).router
-    name = req.model or req.name
+    name = model_name(request, req.model or req.name)
     if not name:
         raise InvalidRequest("$.model: required")
     route = router.resolve(name)

@@ -48,7 +48,7 @@ class OllamaMessage(msgspec.Struct):
     """A chat message."""
 
     role: str
-    content: str = ""
+    content: str | None = ""  # Ollama (Go) reads null as ""
     images: list[str] | None = None
     tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
@@ -151,5 +151,7 @@ def to_messages(req: OllamaChat) -> list[Message]:
             if m.tool_calls
             else None
         )
-        messages.append(Message(role=m.role, content=m.content, tool_calls=calls, name=m.tool_name))  # type: ignore[arg-type]
+        messages.append(
+            Message(role=m.role, content=m.content or "", tool_calls=calls, name=m.tool_name)  # type: ignore[arg-type]
+        )  # type: ignore[arg-type]
     return messages
