@@ -120,6 +120,31 @@ def test_sdk_strict_tools_are_accepted(server: LiveServer) -> None:
     assert call.function.name == "GetWeather"
 
 
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages[0].content"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": []}]},
+            "messages[0].content",
+        ),
+        ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+        ("/v1/completions", {"prompt": "x", "suffix": "}"}, "suffix"),
+        ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
+    ],
+)
+def test_what_stella_cannot_honour_is_a_400(
+    server: LiveServer, path: str, extra: dict[str, object], param: str
+) -> None:
+    r = httpx.post(
+        server.url + path,
+        json={"model": "echo", **extra},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_nullable_n_and_stream(server: LiveServer) -> None:
     # The API reference has both nullable; some clients send the nulls.
     body = {"model": "echo", "messages": [{"role": "user", "content": "a b"}]}

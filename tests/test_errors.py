@@ -303,3 +303,10 @@ def test_public_routes_need_no_key(server: LiveServer) -> None:
     assert health["status"] == "ok" and health["backend"] == "echo" and health["timestamp"]
     assert httpx.get(server.url + "/ready").status_code == 200
     error_of(httpx.get(server.url + "/config"), 401, "unauthorized")
+
+
+def test_usage_day_must_be_a_date(server: LiveServer) -> None:
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    for day, status in (("abcd-ef-gh", 400), ("2026-02-30", 400), ("2026-11-26", 200)):
+        r = httpx.get(server.url + "/api/v1/usage", params={"day": day}, headers=auth)
+        assert r.status_code == status, (day, r.text)

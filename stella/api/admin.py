@@ -35,8 +35,11 @@ async def usage(request: Request, call: Call) -> Response:
     """GET /api/v1/usage?day=YYYY-MM-DD&key=NAME&model=NAME: counters per key, model and day."""
     q = request.query_params
     day = q.get("day")
-    if day is not None and (len(day) != 10 or day[4] != "-" or day[7] != "-"):
-        raise InvalidRequest("day: expected YYYY-MM-DD")
+    if day is not None:
+        try:
+            time.strptime(day, "%Y-%m-%d")
+        except ValueError:
+            raise InvalidRequest("day: expected YYYY-MM-DD") from None
     rows = await services(request).state.get_usage(day)
     if key := q.get("key"):
         rows = [r for r in rows if r["key"] == key]

@@ -30,6 +30,7 @@ from stella.api.http import (
 from stella.api.openai_request import (
     ChatCompletionRequest,
     CompletionRequest,
+    check_completion,
     invalid,
     to_chat,
     to_metadata,
@@ -315,6 +316,7 @@ async def completions(request: Request, call: Call) -> Response:
     """POST /v1/completions: a prompt completed as the assistant's answer."""
     body = await read_body(request, services(request).settings.server.max_body_bytes)
     req: CompletionRequest = _decode(body, _completion_req)
+    check_completion(req)
     if isinstance(req.prompt, list):
         if len(req.prompt) != 1:
             raise invalid("exactly one prompt per request is supported", "prompt")

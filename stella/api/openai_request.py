@@ -101,8 +101,9 @@ class CompletionRequest(CompletionCommon, kw_only=True):
     """POST /v1/completions (legacy text completions)."""
 
     prompt: str | list[str]
-    echo: bool = False
+    echo: bool | None = False
     suffix: str | None = None
+    best_of: int | None = None
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -163,12 +164,25 @@ def to_metadata(req: CompletionCommon) -> dict[str, Any] | None:
     return meta or None
 
 
+def check_completion(req: CompletionRequest) -> None:
+    """400 for the legacy completion options stella can't honour."""
+    if req.echo:
+        raise invalid("echo is not supported", "echo")
+    if req.suffix:
+        raise invalid("suffix (fill-in-the-middle) is not supported", "suffix")
+    if req.best_of not in (None, 1):
+        raise invalid("best_of > 1 is not supported", "best_of")
+
+
 def to_chat(req: ChatCompletionRequest) -> ChatRequest:
     """The internal request for a chat completion."""
     if req.top_logprobs:
         raise invalid("logprobs are not supported", "top_logprobs")
     messages = []
     for i, m in enumerate(req.messages):
+        if m.role in ("user", "system", "developer") and (m.content is None or m.content == []):
+            # OpenAI requires it; an empty turn would only get an empty answer.
+            raise invalid(f"a {m.role} message needs content", f"messages[{i}].content")
         calls = None
         if m.tool_calls:
             calls = []
