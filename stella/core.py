@@ -78,6 +78,19 @@ class Pipeline:
         """Resolve and admit; raises a StellaError that becomes an HTTP error."""
         if not request.messages:
             raise InvalidRequest("$.messages: must contain at least one message")
+        choice = request.tool_choice
+        if choice is not None:
+            if choice == "none":
+                # Every backend honours it this way: no tools offered, none called.
+                request = msgspec.structs.replace(request, tools=None, tool_choice=None)
+            elif not request.tools:
+                raise InvalidRequest("$.tool_choice: given without tools")
+            elif not isinstance(choice, str) and all(
+                t.function.name != choice.function.name for t in request.tools
+            ):
+                raise InvalidRequest(
+                    f"$.tool_choice.function.name: no tool named {choice.function.name!r}"
+                )
         if call.backend:
             route = self.router.direct(call.backend, request.model)
         else:

@@ -159,6 +159,25 @@ def wire_tools(tools: list[Tool]) -> list[dict[str, Any]]:
     return out
 
 
+class NamedFunction(Strict):
+    """The function a named tool choice names."""
+
+    name: ToolName
+
+
+class NamedToolChoice(Strict):
+    """{"type": "function", "function": {"name": ...}}: this tool must be called."""
+
+    function: NamedFunction
+    type: Literal["function"] = "function"
+
+
+# OpenAI's tool_choice: "auto" (the model decides), "none" (no tool: the tools are not
+# sent), "required" (some tool), or one named tool; backends that can't force a call
+# (Ollama, MLX) take it as "auto".
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
+
+
 class ChatRequest(Strict):
     """POST /api/v1/chat, and the one internal request every dialect becomes."""
 
@@ -167,6 +186,7 @@ class ChatRequest(Strict):
     stream: bool = True
     options: Options = msgspec.field(default_factory=Options)
     tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
     response_format: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
 

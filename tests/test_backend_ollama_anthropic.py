@@ -136,6 +136,14 @@ async def test_anthropic_tools(anthropic_url: tuple[FakeAnthropic, str]) -> None
         index=0, id="toolu_1", name="get_weather", arguments={"location": "Paris"}
     )
     assert events[-1].finish_reason == "tool_calls"
+    fake = anthropic_url[0]
+    await run(
+        claude(anthropic_url[1]),
+        "claude-tools",
+        tools=[Tool(function=FunctionSpec(name="get_weather"))],
+        tool_choice="required",
+    )
+    assert fake.requests[-1]["tool_choice"] == {"type": "any"}  # Anthropic's word for it
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,18 @@ from stella.backends.openai import (
     _ToolDelta,
 )
 from stella.errors import StellaError, UpstreamError, UpstreamStatus
-from stella.protocol import ChatRequest, Delta, Done, FunctionSpec, Message, Options, Tool, ToolCall
+from stella.protocol import (
+    ChatRequest,
+    Delta,
+    Done,
+    FunctionSpec,
+    Message,
+    NamedFunction,
+    NamedToolChoice,
+    Options,
+    Tool,
+    ToolCall,
+)
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.server import serve
 from tests.live import free_port
@@ -65,8 +76,13 @@ async def test_non_stream_and_tools(fake: tuple[FakeOpenAI, str]) -> None:
     events = await collect(b, "ok", stream=False)
     assert [type(e) for e in events] == [Delta, Done] and events[-1].usage.total_tokens == 8
     tools = [Tool(function=FunctionSpec(name="get_weather", strict=True))]
+    named = NamedToolChoice(function=NamedFunction(name="get_weather"))
     for stream in (True, False):
-        events = await collect(b, "tools", stream=stream, tools=tools)
+        events = await collect(b, "tools", stream=stream, tools=tools, tool_choice=named)
+        assert fake[0].requests[-1]["tool_choice"] == {
+            "type": "function",
+            "function": {"name": "get_weather"},
+        }
         assert fake[0].requests[-1]["tools"] == [
             {
                 "type": "function",

@@ -64,6 +64,27 @@ def test_max_tokens_and_stop_sequences(server: LiveServer) -> None:
     assert m.content[0].text == "a b"
 
 
+def test_tool_choice(server: LiveServer) -> None:
+    tools = [
+        {"name": "lookup", "input_schema": {"type": "object"}},
+        {"name": "clock", "input_schema": {"type": "object"}},
+    ]
+    c = client(server)
+    msgs = [{"role": "user", "content": "Oslo"}]
+    m = c.messages.create(
+        model="echo",
+        max_tokens=50,
+        tools=tools,
+        messages=msgs,
+        tool_choice={"type": "tool", "name": "clock"},
+    )
+    assert m.content[0].type == "tool_use" and m.content[0].name == "clock"
+    m = c.messages.create(
+        model="echo", max_tokens=50, tools=tools, messages=msgs, tool_choice={"type": "none"}
+    )
+    assert m.content[0].type == "text" and m.content[0].text == "Oslo"
+
+
 def test_tool_use_round_trip(server: LiveServer) -> None:
     tools = [{"name": "lookup", "description": "", "input_schema": {"type": "object"}}]
     c = client(server)

@@ -156,6 +156,26 @@ def test_nullable_n_and_stream(server: LiveServer) -> None:
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "a b"
 
 
+def test_tool_choice(server: LiveServer) -> None:
+    c = client(server)
+    msgs = [{"role": "user", "content": "Paris"}]
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {}}}
+    r = c.chat.completions.create(model="echo", messages=msgs, tools=WEATHER, tool_choice="none")
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == "Paris"
+    named = {"type": "function", "function": {"name": "get_time"}}
+    r = c.chat.completions.create(
+        model="echo", messages=msgs, tools=[*WEATHER, other], tool_choice=named
+    )
+    assert r.choices[0].message.tool_calls[0].function.name == "get_time"
+    with pytest.raises(openai.BadRequestError, match="no tool named 'nope'"):
+        c.chat.completions.create(
+            model="echo",
+            messages=msgs,
+            tools=WEATHER,
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )
+
+
 def test_errors_map_to_the_client_exceptions(server: LiveServer) -> None:
     with pytest.raises(openai.AuthenticationError):
         client(server, "sk-wrong").chat.completions.create(

@@ -36,10 +36,13 @@ from stella.protocol import (
     FunctionCall,
     FunctionSpec,
     Message,
+    NamedFunction,
+    NamedToolChoice,
     Start,
     Tool,
     ToolCall,
     ToolCallRef,
+    ToolChoice,
     ToolName,
     options_from,
 )
@@ -73,6 +76,23 @@ class ATool(msgspec.Struct):
     input_schema: dict[str, Any] = {}
 
 
+class AToolChoice(msgspec.Struct):
+    """{"type": "auto" | "any" | "tool" | "none", "name": ...}."""
+
+    type: Literal["auto", "any", "tool", "none"]
+    name: ToolName | None = None
+
+    def internal(self) -> ToolChoice:
+        """The same choice in stella's (OpenAI's) terms."""
+        if self.type == "any":
+            return "required"
+        if self.type == "tool":
+            if not self.name:
+                raise InvalidRequest("$.tool_choice.name: required when type is tool")
+            return NamedToolChoice(function=NamedFunction(name=self.name))
+        return self.type
+
+
 class MessagesRequest(msgspec.Struct, kw_only=True):
     """POST /v1/messages."""
 
@@ -86,7 +106,7 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     top_p: float | None = None
     top_k: int | None = None
     tools: list[ATool] | None = None
-    tool_choice: Any = None
+    tool_choice: AToolChoice | None = None
     metadata: dict[str, Any] | None = None
 
 
@@ -186,6 +206,7 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
         stream=req.stream,
         options=options,
         tools=tools,
+        tool_choice=req.tool_choice.internal() if req.tool_choice else None,
         metadata=req.metadata,
     )
 

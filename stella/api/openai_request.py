@@ -18,6 +18,7 @@ from stella.protocol import (
     Message,
     Options,
     ToolCallRef,
+    ToolChoice,
     options_from,
     tools_from,
 )
@@ -92,7 +93,7 @@ class ChatCompletionRequest(CompletionCommon, kw_only=True):
 
     messages: list[OAIMessage]
     tools: list[LenientTool] | None = None
-    tool_choice: Any = None
+    tool_choice: ToolChoice | None = None
     response_format: dict[str, Any] | None = None
     top_logprobs: int | None = None
 
@@ -217,6 +218,7 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
         stream=bool(req.stream),
         options=to_options(req),
         tools=tools_from(req.tools),
+        tool_choice=req.tool_choice,
         response_format=req.response_format,
         metadata=to_metadata(req),
     )

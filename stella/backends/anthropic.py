@@ -158,6 +158,11 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
             }
             for t in request.tools
         ]
+        choice = request.tool_choice
+        if choice == "required":
+            body["tool_choice"] = {"type": "any"}
+        elif choice is not None and not isinstance(choice, str):
+            body["tool_choice"] = {"type": "tool", "name": choice.function.name}
     return body
 
 

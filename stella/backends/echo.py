@@ -2,9 +2,8 @@
 
 It streams back the last user message word by word (a non-stream request gets
 the same text as one delta, as a remote backend's non-stream call would give
-it). With tools in the request
-it calls the first tool once with `{"input": <text>}`; after a tool result it
-echoes that result. Knobs make it fail, stall or slow down on purpose.
+it). With tools in the request it calls the first tool (or the one `tool_choice`
+names) once with `{"input": <text>}`; after a tool result it echoes that result. Knobs make it fail, stall or slow down on purpose.
 """
 
 from __future__ import annotations
@@ -66,6 +65,11 @@ class EchoBackend(Backend):
             last = request.messages[-1] if request.messages else None
             if request.tools and last is not None and last.role == "user":
                 tool = request.tools[0].function
+                choice = request.tool_choice
+                if choice is not None and not isinstance(choice, str):  # the named one
+                    tool = next(
+                        t.function for t in request.tools if t.function.name == choice.function.name
+                    )
                 yield ToolCall(
                     index=0, id="call_0", name=tool.name, arguments={"input": last.content}
                 )

@@ -128,6 +128,13 @@ def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict
             body[key] = value
     if request.tools:
         body["tools"] = wire_tools(request.tools)
+        if request.tool_choice is not None:
+            choice = request.tool_choice
+            body["tool_choice"] = (
+                choice
+                if isinstance(choice, str)
+                else {"type": "function", "function": {"name": choice.function.name}}
+            )
     if request.response_format:
         body["response_format"] = request.response_format
     if stream and stream_usage:
