@@ -179,48 +179,64 @@ MAX_LINE = 16 * 1024 * 1024
 MAX_BODY = 64 * 1024 * 1024
 
 
-async def line_batches(response: aiohttp.ClientResponse, name: str) -> AsyncIterator[list[bytes]]:
-    """The complete lines of each network read (often several), as bytes, `\\r` kept.
+class LineBuffer:
+    """Splits a streamed body into lines as bytes (`\\r` kept), at most MAX_LINE long.
 
-    A line split over many reads is joined once, when it ends; one longer than
-    MAX_LINE is an UpstreamError.
+    A method call per network read, not a generator between the socket and the
+    parser; a line split over many reads is joined once, when it ends.
     """
-    pending: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_any():
+
+    __slots__ = ("_name", "_pending", "_size")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._pending: list[bytes] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines `chunk` completes (often several, or none)."""
+        pending = self._pending
         if b"\n" not in chunk:
-            size += len(chunk)
-            if size > MAX_LINE:
-                raise UpstreamError(f"{name}: a stream line over {MAX_LINE} bytes")
+            self._size += len(chunk)
+            if self._size > MAX_LINE:
+                raise UpstreamError(f"{self._name}: a stream line over {MAX_LINE} bytes")
             pending.append(chunk)
-            continue
+            return []
         if pending:
             pending.append(chunk)
             chunk = b"".join(pending)
-            pending = []
+            pending.clear()
         *lines, rest = chunk.split(b"\n")
-        size = len(rest)
+        self._size = len(rest)
         if rest:
             pending.append(rest)
-        yield lines
-    if pending:
-        tail = b"".join(pending)
-        if tail.strip():
-            yield [tail]
+        return lines
+
+    def tail(self) -> bytes:
+        """What is left after the body ended without a final newline."""
+        tail = b"".join(self._pending)
+        self._pending.clear()
+        return tail
 
 
 async def iter_lines(response: aiohttp.ClientResponse, name: str) -> AsyncIterator[bytes]:
     """Lines of a streamed body as bytes, without decoding to str first (at most MAX_LINE)."""
-    async for lines in line_batches(response, name):
-        for line in lines:
+    buf = LineBuffer(name)
+    async for chunk in response.content.iter_any():
+        for line in buf.feed(chunk):
             yield line.rstrip(b"\r")
+    tail = buf.tail()
+    if tail.strip():
+        yield tail.rstrip(b"\r")
 
 
 async def read_body(response: aiohttp.ClientResponse, name: str) -> bytes:
     """A whole response body, at most MAX_BODY bytes."""
     length = response.content_length
-    if length is not None and length > MAX_BODY:
-        raise UpstreamError(f"{name}: a response body of {length} bytes (over {MAX_BODY})")
+    if length is not None:
+        if length > MAX_BODY:
+            raise UpstreamError(f"{name}: a response body of {length} bytes (over {MAX_BODY})")
+        return await response.read()  # the common case, in one piece
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_any():

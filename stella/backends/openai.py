@@ -13,9 +13,9 @@ from stella.backends.http import (
     BAD_JSON,
     HttpBackend,
     HttpConfig,
+    LineBuffer,
     aiohttp_error,
     error_from_response,
-    line_batches,
     read_body,
 )
 from stella.errors import UpstreamError
@@ -195,7 +195,11 @@ class OpenAIBackend(HttpBackend):
                 ended = False
                 # One network read often holds several SSE events (a fast upstream, or a
                 # burst after a pause): their text goes out as one Delta, one send.
-                async for lines in line_batches(r, name):
+                buf = LineBuffer(name)
+                async for raw in r.content.iter_any():
+                    lines = buf.feed(raw)
+                    if not lines:
+                        continue
                     texts: list[str] = []
                     for line in lines:
                         if not line.startswith(b"data:"):
