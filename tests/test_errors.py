@@ -67,7 +67,7 @@ def test_malformed_json(server: LiveServer) -> None:
 # Each route's smallest valid body, and a field of it that takes any JSON.
 JSON_ROUTES = {
     "/api/v1/chat": (b'{"model":"echo","messages":[{"role":"user","content":"x"}]', b"metadata"),
-    "/v1/chat/completions": (b'{"messages":[{"role":"user","content":"x"}]', b"tool_choice"),
+    "/v1/chat/completions": (b'{"messages":[{"role":"user","content":"x"}]', b"metadata"),
     "/api/chat": (b'{"model":"echo","messages":[{"role":"user","content":"x"}]', b"format"),
     "/v1/messages": (
         b'{"model":"echo","max_tokens":5,"messages":[{"role":"user","content":"x"}]',
