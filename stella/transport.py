@@ -12,6 +12,11 @@ With a single request in flight there is nothing to gain and a little to lose:
 the early header segment wakes the client while the body is still being
 written, so a lone request writes straight through, as uvicorn does.
 
+Either way (`BodyDeadlineProtocol` is the same without the corking) a request
+body must have arrived BODY_TIMEOUT_S after its headers, or the connection is
+closed: uvicorn itself never gives up on a client that sends headers and then
+stalls, which would hold a connection and a task for as long as it likes.
+
 `stella serve` uses this protocol; plain uvicorn gets it with
 `--http stella.transport:HttpToolsProtocol`.
 """
@@ -26,6 +31,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpTool
 
 # A write this large goes out at once: joining it to what is held would only copy it.
 WRITE_THROUGH = 65_536
+# Seconds a request body may take to arrive after its headers (1 MiB at ~35 KB/s).
+BODY_TIMEOUT_S = 30.0
 
 
 class CorkedTransport:
@@ -124,8 +131,42 @@ class CorkedTransport:
         self._transport.abort()
 
 
-class HttpToolsProtocol(_HttpToolsProtocol):
-    """uvicorn's httptools protocol on a CorkedTransport."""
+class BodyDeadlineProtocol(_HttpToolsProtocol):
+    """uvicorn's httptools protocol, closing a connection whose request body stalls."""
+
+    _body_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        """Parse as uvicorn does; a body still incomplete after it gets a deadline."""
+        super().data_received(data)
+        if self._body_timer is None:
+            self._arm()
+
+    def _arm(self) -> None:
+        # Nearly every body comes with its headers: no timer at all for those.
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not cycle.response_complete:
+            self._body_timer = self.loop.call_later(BODY_TIMEOUT_S, self._body_late, cycle)
+
+    def _body_late(self, cycle: Any) -> None:
+        self._body_timer = None
+        if cycle is not self.cycle:  # that request is done; the next may be the slow one
+            self._arm()
+            return
+        if cycle.more_body and not cycle.response_complete and not self.transport.is_closing():
+            # The app's receive() sees a disconnect; the client sees the connection close.
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Drop the deadline with the connection."""
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        super().connection_lost(exc)
+
+
+class HttpToolsProtocol(BodyDeadlineProtocol):
+    """uvicorn's httptools protocol on a CorkedTransport (with the body deadline)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         """Wrap the connection's transport before uvicorn sees it."""

@@ -213,3 +213,29 @@ def test_serve_picks_the_protocol(coalesce: bool) -> None:
 
     chosen = _http_protocol(coalesce)
     assert (chosen is HttpToolsProtocol) is coalesce
+
+
+async def test_a_body_that_stalls_closes_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stella.transport
+
+    monkeypatch.setattr(stella.transport, "BODY_TIMEOUT_S", 0.05)
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(await receive())  # the first 3 bytes
+        seen.append(await receive())  # then nothing more: the deadline ends it
+
+    proto, rec = _protocol(app)
+    proto.data_received(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 100\r\n\r\nabc")
+    await asyncio.sleep(0.2)
+    assert rec.closed
+    proto.connection_lost(None)
+    await turn()
+    assert seen[0]["body"] == b"abc" and seen[0]["more_body"] is True
+    assert seen[1]["type"] == "http.disconnect"
+
+    # A body that comes whole sets no deadline at all.
+    proto, rec = _protocol(app)
+    proto.data_received(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\n\r\nabc")
+    assert proto._body_timer is None
+    proto.connection_lost(None)

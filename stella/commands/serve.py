@@ -124,14 +124,13 @@ def _toml_literal(value: Any) -> str:
 
 
 def _http_protocol(coalesce: bool) -> Any:
-    """stella's corked httptools protocol, or uvicorn's choice when off or unavailable."""
-    if coalesce:
-        try:
-            from stella.transport import HttpToolsProtocol
-        except ImportError:  # httptools missing: uvicorn falls back to h11
-            return "auto"
-        return HttpToolsProtocol
-    return "auto"
+    """stella's httptools protocol (corked unless turned off), or uvicorn's choice when
+    httptools is unavailable."""
+    try:
+        from stella.transport import BodyDeadlineProtocol, HttpToolsProtocol
+    except ImportError:  # httptools missing: uvicorn falls back to h11
+        return "auto"
+    return HttpToolsProtocol if coalesce else BodyDeadlineProtocol
 
 
 class Server(uvicorn.Server):
