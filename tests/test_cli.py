@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,24 @@ def test_import_gguf_of_another_file_says_so(tmp_path: Path) -> None:
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"stella: {fake} is not a GGUF file")
+
+
+def test_a_port_in_use_is_one_error_before_anything_starts() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "STELLA_MODELS__DEFAULT": "echo",
+            "STELLA_BACKENDS__LOCAL__ENABLED": "false",
+        }
+        out = subprocess.run(
+            [sys.executable, "-m", "stella", "serve", "--port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode != 0
+    assert "Address already in use" in out.stderr and "serving on" not in out.stderr

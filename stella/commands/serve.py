@@ -65,19 +65,23 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(server_cfg.drain_timeout_s) + 5,
     )
     workers = 1 if args.reload else server_cfg.workers
-    print(
+    announce = (
         f"stella: serving on http://{server_cfg.host}:{server_cfg.port} "
         f"(default model: {settings.models.default}"
         + (f", {workers} workers" if workers > 1 else "")
         + (", reloading on changes" if args.reload else "")
-        + ")",
-        file=sys.stderr,
-        flush=True,
+        + ")"
     )
     if workers > 1 or args.reload:
+        print(announce, file=sys.stderr, flush=True)
         return _supervise(settings, overrides, options, workers, reload=args.reload)
-    server = Server(uvicorn.Config(app, **options))
-    server.run()
+    config = uvicorn.Config(app, **options)
+    # Bound first: a port in use ends here with uvicorn's one error line, before any
+    # "serving on" or a model load.
+    sock = config.bind_socket()
+    print(announce, file=sys.stderr, flush=True)
+    server = Server(config)
+    server.run(sockets=[sock])
     return 0 if server.started else 1
 
 
