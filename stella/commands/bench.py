@@ -21,20 +21,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     url.add_argument("--body", default="", help="JSON body (POST); default: a native chat on echo")
     url.add_argument("--openai", action="store_true", help="send an OpenAI chat completion body")
     url.add_argument("--stream", action="store_true", help="ask for a stream")
-    url.add_argument("--model", default="echo")
+    url.add_argument("--model", default="echo", help="model in the default body")
     url.add_argument("--header", action="append", default=[], help="NAME: VALUE")
-    url.add_argument("--allow-remote", action="store_true")
+    url.add_argument("--allow-remote", action="store_true", help="load a host that is not loopback")
     dialects = sub.add_parser("dialects", help="the OpenAI dialect's cost vs the native API")
     auth = sub.add_parser("auth", help="keys and rate limits off vs in memory vs in Redis")
     auth.add_argument("-c", "--concurrency", type=int, default=8, help="clients")
     auth.add_argument("-d", "--duration", type=float, default=3.0, help="seconds per round")
     auth.add_argument("--rounds", type=int, default=3, help="each setup keeps its best round")
-    auth.add_argument("--json", action="store_true")
+    auth.add_argument("--json", action="store_true", help="print JSON instead of a table")
     gateway = sub.add_parser("gateway", help="upstream vs passthrough vs stella (vs LiteLLM)")
     gateway.add_argument(
         "--litellm",
         action="store_true",
-        help="also LiteLLM's proxy, installed into a venv of its own",
+        help="also LiteLLM's proxy, installed into a venv of its own "
+        "($STELLA_LITELLM_VENV, default /tmp/litellm-venv)",
     )
     echo = sub.add_parser("echo", help="stella on echo vs a bare Starlette app")
     for p in (echo, dialects):
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "asgi", help="in-process us per request: stella's app vs the bare app, no sockets"
     )
     asgi.add_argument("-n", "--requests", type=int, default=20_000, help="calls per round")
-    asgi.add_argument("--json", action="store_true")
+    asgi.add_argument("--json", action="store_true", help="print JSON instead of a table")
     for p in (url, echo, dialects, gateway):
         p.add_argument(
             "-c", "--concurrency", type=_concurrency, default="1,8,64", help="comma-separated"
@@ -55,11 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "upstream",
         help="serve the fast fake OpenAI-compatible upstream on loopback (Ctrl-C ends it)",
     )
-    up.add_argument("--port", type=int, default=9100)
+    up.add_argument("--port", type=int, default=9100, help="loopback port to listen on")
     mlx = sub.add_parser("mlx", help="stella's MLX backend vs raw mlx_lm.stream_generate")
     mlx.add_argument("--tokens", type=int, default=64, help="tokens per generation")
-    mlx.add_argument("--runs", type=int, default=3)
-    mlx.add_argument("--json", action="store_true")
+    mlx.add_argument("--runs", type=int, default=3, help="generations per side")
+    mlx.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _concurrency(text: str) -> tuple[int, ...]:
