@@ -137,21 +137,34 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _body_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
-        """Parse as uvicorn does; a body still incomplete after it gets a deadline."""
+        """Parse as uvicorn does; a running request's body still incomplete gets a deadline."""
         super().data_received(data)
-        if self._body_timer is None:
+        # Nearly every body comes with its headers: no timer at all for those. A
+        # pipelined request waits with reading paused, so its clock starts with it.
+        if self._body_timer is None and not self.pipeline:
+            self._arm()
+
+    def on_message_complete(self) -> None:
+        """The body is all there: its deadline goes."""
+        super().on_message_complete()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def on_response_complete(self) -> None:
+        """A pipelined request may start now, with its body still to come."""
+        super().on_response_complete()
+        if self._body_timer is None and not self.pipeline:
             self._arm()
 
     def _arm(self) -> None:
-        # Nearly every body comes with its headers: no timer at all for those.
         cycle = self.cycle
         if cycle is not None and cycle.more_body and not cycle.response_complete:
             self._body_timer = self.loop.call_later(BODY_TIMEOUT_S, self._body_late, cycle)
 
     def _body_late(self, cycle: Any) -> None:
         self._body_timer = None
-        if cycle is not self.cycle:  # that request is done; the next may be the slow one
-            self._arm()
+        if cycle is not self.cycle:
             return
         if cycle.more_body and not cycle.response_complete and not self.transport.is_closing():
             # The app's receive() sees a disconnect; the client sees the connection close.

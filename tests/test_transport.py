@@ -210,9 +210,11 @@ async def test_a_stream_is_not_held_back() -> None:
 @pytest.mark.parametrize("coalesce", [True, False])
 def test_serve_picks_the_protocol(coalesce: bool) -> None:
     from stella.commands.serve import _http_protocol
+    from stella.transport import BodyDeadlineProtocol
 
     chosen = _http_protocol(coalesce)
     assert (chosen is HttpToolsProtocol) is coalesce
+    assert issubclass(chosen, BodyDeadlineProtocol)  # the body deadline either way
 
 
 async def test_a_body_that_stalls_closes_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -238,4 +240,61 @@ async def test_a_body_that_stalls_closes_the_connection(monkeypatch: pytest.Monk
     proto, rec = _protocol(app)
     proto.data_received(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 3\r\n\r\nabc")
     assert proto._body_timer is None
+    proto.connection_lost(None)
+
+
+async def test_a_pipelined_request_waits_without_a_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # B's headers come behind A; uvicorn stops reading while A runs, so B's body can't
+    # arrive: B's clock starts when B does, and A's answer is not cut.
+    import stella.transport
+
+    monkeypatch.setattr(stella.transport, "BODY_TIMEOUT_S", 0.1)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/a":
+            for _ in range(5):  # a 0.5 s streamed answer
+                await send({"type": "http.response.body", "body": b"x", "more_body": True})
+                await asyncio.sleep(0.1)
+        await send({"type": "http.response.body", "body": b""})
+
+    proto, rec = _protocol(app)
+    proto.data_received(
+        b"POST /a HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}"
+        b"POST /b HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n"
+    )
+    await asyncio.sleep(0.4)
+    assert not rec.closed, "A's stream was cut by B's body deadline"
+    await asyncio.sleep(0.35)  # A is done, B runs and its body never comes
+    assert rec.closed
+    proto.connection_lost(None)
+
+
+async def test_each_body_gets_its_own_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    import stella.transport
+
+    monkeypatch.setattr(stella.transport, "BODY_TIMEOUT_S", 0.2)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    proto, rec = _protocol(app)
+    proto.data_received(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\n\r\nab")
+    assert proto._body_timer is not None
+    await asyncio.sleep(0.15)
+    proto.data_received(b"cd")  # complete: its deadline goes
+    assert proto._body_timer is None
+    await turn()
+    proto.data_received(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\n\r\nab")
+    await asyncio.sleep(0.1)  # a fresh 0.2 s, not what was left of the first one
+    assert not rec.closed
+    await asyncio.sleep(0.2)
+    assert rec.closed
     proto.connection_lost(None)
