@@ -337,8 +337,11 @@ class Inference:
         self.attempts.append(record)
         ttft, awaited = rs.ttft_timeout_s, "first token"
         if not req.stream and route.backend.whole_answers:
-            ttft, awaited = watchdog.deadline - t, "answer"  # the first event is all of it
-        limit = max(min(ttft, watchdog.deadline - t), 0.001)
+            # The first event is the whole answer: its own limit, so that a hung upstream
+            # still leaves time for a retry or a fallback.
+            ttft, awaited = rs.answer_timeout_s or rs.ttft_timeout_s, "answer"
+        left = watchdog.deadline - t
+        limit = max(min(ttft, left), 0.001)
         watchdog.watch(limit)
         watchdog.waiting = True
         try:
@@ -353,7 +356,11 @@ class Inference:
                 record["ms"] = round((time.perf_counter() - t) * 1000, 2)
                 record["error"] = self.call.cancel_reason or "cancelled"
                 raise
-            err = UpstreamTimeout(f"no {awaited} from {route.backend_name!r} within {limit:.3g}s")
+            if ttft < left:
+                why = f"no {awaited} from {route.backend_name!r} within {limit:.3g}s"
+            else:
+                why = f"{route.backend_name!r} ran past the total limit of {rs.total_timeout_s:g}s"
+            err = UpstreamTimeout(why)
         except Exception as exc:  # a backend bug must still end the stream properly
             _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
             err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")

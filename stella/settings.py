@@ -51,6 +51,10 @@ class RouteSettings(Section):
     fallbacks: list[str] = []
     # Timeouts: connect is the backend's; these bound the stream as the client sees it.
     ttft_timeout_s: Positive = 120.0
+    # A non-stream call to an upstream that answers in one piece (OpenAI-compatible)
+    # sends nothing before its whole answer: this bounds that wait per attempt
+    # (0: ttft_timeout_s). Raise it for long non-stream generations.
+    answer_timeout_s: Seconds = 0.0
     idle_timeout_s: Positive = 60.0
     total_timeout_s: Positive = 600.0
     retries: Count = 2

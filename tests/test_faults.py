@@ -36,6 +36,7 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
             "b-stall-2": {"kind": "openai", "base_url": url + "/v1"},
             "flaky": {"kind": "openai", "base_url": url + "/v1"},
             "b-429": {"kind": "openai", "base_url": url + "/v1"},
+            "b-hung": {"kind": "openai", "base_url": url + "/v1"},
             "down": {
                 "kind": "openai",
                 "base_url": f"http://127.0.0.1:{free_port()}/v1",
@@ -60,7 +61,20 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
                 },
                 "up-stall-2": {"backend": "b-stall-2", "upstream_model": "stall-after-2", **fast},
                 "up-slow": {"backend": "up", "upstream_model": "slow", **fast},
-                "up-think": {"backend": "up", "upstream_model": "think-0.8", **fast},
+                "up-think": {
+                    "backend": "up",
+                    "upstream_model": "think-0.8",
+                    **fast,
+                    "answer_timeout_s": 3,
+                },
+                "hung-first": {
+                    "backend": "b-hung",
+                    "upstream_model": "stall",
+                    "retries": 0,
+                    "ttft_timeout_s": 0.4,
+                    "total_timeout_s": 3,
+                    "fallbacks": ["up-ok"],
+                },
                 "up-slow-tools": {"backend": "up", "upstream_model": "slow-tools", **fast},
                 "up-429": {
                     "backend": "b-429",
@@ -105,19 +119,28 @@ def test_upstream_dies_after_three_tokens(gateway: LiveServer) -> None:
 
 
 def test_stall_before_first_token(gateway: LiveServer) -> None:
-    # A non-stream call upstream has no first token: only the total limit (1 s) bounds it.
+    # A non-stream call upstream has no first token: its whole answer is awaited (here
+    # for answer_timeout_s' default, the ttft limit).
     r = chat(gateway, "up-stall", stream=False)
     assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
-    assert "no answer from 'b-stall' within 1s" in r.json()["error"]["message"]
+    assert "no answer from 'b-stall' within 0.5s" in r.json()["error"]["message"]
     lines = ndjson(chat(gateway, "up-stall").text)
     assert lines[-1]["type"] == "error" and lines[-1]["code"] == "upstream_timeout"
     assert "no first token" in lines[-1]["message"]
 
 
-def test_a_whole_answer_is_not_held_to_the_first_token_limit(
+def test_a_hung_upstream_leaves_time_for_the_fallback(gateway: LiveServer) -> None:
+    # Non-stream, the primary never answers: after the answer limit the fallback does.
+    t = time.monotonic()
+    r = chat(gateway, "hung-first", stream=False)
+    assert r.status_code == 200 and r.json()["backend"] == "up", r.text
+    assert time.monotonic() - t < 2
+
+
+def test_a_whole_answer_has_its_own_limit(
     gateway: LiveServer, upstream: tuple[FakeOpenAI, str]
 ) -> None:
-    # 0.8 s of generation, a 0.5 s first-token limit: fine in one piece, and asked once.
+    # 0.8 s of generation, a 0.5 s first-token limit, answer_timeout_s 3: fine, asked once.
     seen = len(upstream[0].requests)
     r = chat(gateway, "up-think", stream=False)
     assert r.status_code == 200, r.text

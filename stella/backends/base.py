@@ -58,8 +58,8 @@ class Backend:
     kind: ClassVar[str] = ""
     Config: ClassVar[type[BackendConfig]] = BackendConfig
     # True when a non-stream call's first event is the whole answer (the upstream is asked
-    # for it in one piece): waiting for it is the generation, which only the route's total
-    # limit bounds, not its time-to-first-token limit.
+    # for it in one piece): waiting for it is the generation, bounded by the route's
+    # answer_timeout_s rather than its time-to-first-token limit.
     whole_answers: ClassVar[bool] = False
 
     def __init__(self, name: str, config: BackendConfig) -> None:
