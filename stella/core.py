@@ -79,18 +79,19 @@ class Pipeline:
         if not request.messages:
             raise InvalidRequest("$.messages: must contain at least one message")
         choice = request.tool_choice
-        if choice is not None:
-            if choice == "none":
-                # Every backend honours it this way: no tools offered, none called.
-                request = msgspec.structs.replace(request, tools=None, tool_choice=None)
-            elif not request.tools:
-                raise InvalidRequest("$.tool_choice: given without tools")
-            elif not isinstance(choice, str) and all(
+        if choice is not None and choice != "none" and choice != "auto":
+            if not request.tools:
+                err = InvalidRequest(f"$.tool_choice: {_choice_name(choice)} without tools")
+                err.param = "tool_choice"  # type: ignore[attr-defined]
+                raise err
+            if not isinstance(choice, str) and all(
                 t.function.name != choice.function.name for t in request.tools
             ):
-                raise InvalidRequest(
+                err = InvalidRequest(
                     f"$.tool_choice.function.name: no tool named {choice.function.name!r}"
                 )
+                err.param = "tool_choice.function.name"  # type: ignore[attr-defined]
+                raise err
         if call.backend:
             route = self.router.direct(call.backend, request.model)
         else:
@@ -331,6 +332,8 @@ class Inference:
         req = self.request
         if req.model != route.upstream_model:
             req = msgspec.structs.replace(req, model=route.upstream_model)
+        if req.tool_choice == "none" and not route.backend.honours_tool_choice:
+            req = _without_tools(req)
         agen = route.backend.chat(req, ctx)
         t = time.perf_counter()
         record: dict[str, Any] = {"backend": route.backend_name, "route": route.name}
@@ -503,6 +506,19 @@ class Inference:
             except Exception as exc:  # a metrics bug must not lose the log line
                 record.setdefault("listener_errors", []).append(repr(exc))
         pipeline.emit("inference", record)
+
+
+def _choice_name(choice: Any) -> str:
+    return repr(choice) if isinstance(choice, str) else f"tool {choice.function.name!r}"
+
+
+def _without_tools(req: ChatRequest) -> ChatRequest:
+    """tool_choice "none" for a backend that can't be told: no tools offered, unless the
+    conversation already holds tool calls (a chat template may need them to render it)."""
+    for m in req.messages:
+        if m.tool_calls or m.role == "tool":
+            return req
+    return msgspec.structs.replace(req, tools=None, tool_choice=None)
 
 
 def _completed(usage: Usage, counted: int) -> Usage:

@@ -167,6 +167,20 @@ def test_tool_choice(server: LiveServer) -> None:
         model="echo", messages=msgs, tools=[*WEATHER, other], tool_choice=named
     )
     assert r.choices[0].message.tool_calls[0].function.name == "get_time"
+    # Shapes stella can't narrow are ignored, as before: the model decides.
+    for choice in (
+        {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}},
+        {"type": "custom", "custom": {"name": "x"}},
+    ):
+        r = c.chat.completions.create(
+            model="echo",
+            messages=msgs,
+            tools=WEATHER,
+            tool_choice=choice,  # type: ignore[arg-type]
+        )
+        assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    r = c.chat.completions.create(model="echo", messages=msgs, tools=[], tool_choice="auto")
+    assert r.choices[0].message.content == "Paris"
     with pytest.raises(openai.BadRequestError, match="no tool named 'nope'"):
         c.chat.completions.create(
             model="echo",

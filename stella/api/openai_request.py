@@ -16,6 +16,7 @@ from stella.protocol import (
     FunctionCall,
     LenientTool,
     Message,
+    NamedToolChoice,
     Options,
     ToolCallRef,
     ToolChoice,
@@ -93,7 +94,7 @@ class ChatCompletionRequest(CompletionCommon, kw_only=True):
 
     messages: list[OAIMessage]
     tools: list[LenientTool] | None = None
-    tool_choice: ToolChoice | None = None
+    tool_choice: Any = None  # see choice_from: shapes stella does not know are ignored
     response_format: dict[str, Any] | None = None
     top_logprobs: int | None = None
 
@@ -175,6 +176,27 @@ def check_completion(req: CompletionRequest) -> None:
         raise invalid("best_of > 1 is not supported", "best_of")
 
 
+def choice_from(value: Any) -> ToolChoice | None:
+    """OpenAI's tool_choice as stella's; shapes it can't honour are ignored, as before."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value in ("auto", "none", "required"):
+            return value  # type: ignore[return-value]
+        raise invalid(f"tool_choice {value!r} is not auto, none or required", "tool_choice")
+    if isinstance(value, dict):
+        kind = value.get("type")
+        if kind == "function":
+            try:
+                return msgspec.convert(value, NamedToolChoice)
+            except msgspec.ValidationError as exc:
+                raise invalid(f"tool_choice: {exc}", "tool_choice") from None
+        if kind == "allowed_tools":  # a subset stella does not narrow: its mode stands
+            mode = (value.get("allowed_tools") or {}).get("mode")
+            return "required" if mode == "required" else "auto"
+    return None  # custom tools and future shapes: the model decides
+
+
 def to_chat(req: ChatCompletionRequest) -> ChatRequest:
     """The internal request for a chat completion."""
     if req.top_logprobs:
@@ -218,7 +240,7 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
         stream=bool(req.stream),
         options=to_options(req),
         tools=tools_from(req.tools),
-        tool_choice=req.tool_choice,
+        tool_choice=choice_from(req.tool_choice),
         response_format=req.response_format,
         metadata=to_metadata(req),
     )

@@ -159,7 +159,9 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
             for t in request.tools
         ]
         choice = request.tool_choice
-        if choice == "required":
+        if choice == "none":
+            body["tool_choice"] = {"type": "none"}
+        elif choice == "required":
             body["tool_choice"] = {"type": "any"}
         elif choice is not None and not isinstance(choice, str):
             body["tool_choice"] = {"type": "tool", "name": choice.function.name}
@@ -170,6 +172,7 @@ class AnthropicBackend(HttpBackend):
     """Claude models through the Messages API."""
 
     kind = "anthropic"
+    honours_tool_choice = True
     Config = AnthropicConfig
 
     def __init__(self, name: str, config: AnthropicConfig) -> None:

@@ -61,6 +61,9 @@ class Backend:
     # for it in one piece): waiting for it is the generation, bounded by the route's
     # answer_timeout_s rather than its time-to-first-token limit.
     whole_answers: ClassVar[bool] = False
+    # True when the backend passes tool_choice "none" on (the model then calls no tool
+    # but still sees the tools); otherwise the pipeline withholds the tools.
+    honours_tool_choice: ClassVar[bool] = False
 
     def __init__(self, name: str, config: BackendConfig) -> None:
         self.name = name

@@ -36,6 +36,7 @@ class EchoBackend(Backend):
     """Echoes the last user message; knobs for failure and pacing."""
 
     kind = "echo"
+    honours_tool_choice = True  # "none": it answers in text
     Config = EchoConfig
 
     def __init__(self, name: str, config: EchoConfig) -> None:
@@ -63,7 +64,8 @@ class EchoBackend(Backend):
             if cfg.fail_before_first or self.started <= cfg.fail_first_calls:
                 raise UpstreamError("echo: failing before the first token, as configured")
             last = request.messages[-1] if request.messages else None
-            if request.tools and last is not None and last.role == "user":
+            wants_tool = request.tools and request.tool_choice != "none"
+            if wants_tool and last is not None and last.role == "user":
                 tool = request.tools[0].function
                 choice = request.tool_choice
                 if choice is not None and not isinstance(choice, str):  # the named one

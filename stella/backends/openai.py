@@ -147,6 +147,7 @@ class OpenAIBackend(HttpBackend):
 
     kind = "openai"
     whole_answers = True  # non-stream calls are non-stream upstream
+    honours_tool_choice = True
     Config = OpenAIConfig
 
     def __init__(self, name: str, config: OpenAIConfig) -> None:
