@@ -15,9 +15,8 @@ from stella.backends import CallContext
 from stella.backends.openai import (
     OpenAIBackend,
     OpenAIConfig,
-    _collect,
+    _Calls,
     _Fn,
-    _tool_events,
     _ToolDelta,
 )
 from stella.errors import StellaError, UpstreamError, UpstreamStatus
@@ -141,21 +140,29 @@ async def test_an_aborted_answer_is_an_error(fake: tuple[FakeOpenAI, str], strea
 
 
 def test_tool_call_fragments_as_servers_send_them() -> None:
-    def fn(**kw: Any) -> _Fn:
-        return _Fn(**kw)
+    def frag(**kw: Any) -> list[_ToolDelta]:
+        fn = {k: kw.pop(k) for k in ("name", "arguments") if k in kw}
+        return [_ToolDelta(**kw, function=_Fn(**fn))]
 
-    calls: dict[int, list[Any]] = {}
+    calls = _Calls()
     # No index, each call whole; the second has its own id.
-    _collect(calls, [_ToolDelta(id="a", function=fn(name="f", arguments='{"x":1}'))])
-    _collect(calls, [_ToolDelta(id="b", function=fn(name="g", arguments={"y": 2}))])
-    # The whole name repeated in every fragment of one call.
-    _collect(calls, [_ToolDelta(index=2, id="c", function=fn(name="h", arguments='{"z"'))])
-    _collect(calls, [_ToolDelta(index=2, function=fn(name="h", arguments=":3}"))])
-    events = _tool_events(calls)
-    assert [(e.id, e.name, e.arguments) for e in events] == [
+    calls.add(frag(id="a", name="f", arguments='{"x":1}'))
+    calls.add(frag(id="b", name="g", arguments={"y": 2}))
+    # The whole name and id repeated in every fragment of one call.
+    calls.add(frag(index=0, id="c", name="h", arguments='{"z"'))
+    calls.add(frag(index=0, id="c", name="h", arguments=":3}"))
+    # Index 0 reused for a later call: its fragments follow its id, not the first call.
+    calls.add(frag(index=0, id="d", name="i", arguments='{"w"'))
+    calls.add(frag(index=0, arguments=":4}"))
+    # A name in pieces that happen to repeat is still joined.
+    calls.add(frag(index=5, id="e", name="ab"))
+    calls.add(frag(index=5, name="ab", arguments="{}"))
+    assert [(e.id, e.name, e.arguments) for e in calls.events()] == [
         ("a", "f", {"x": 1}),
         ("b", "g", {"y": 2}),
         ("c", "h", {"z": 3}),
+        ("d", "i", {"w": 4}),
+        ("e", "abab", {}),
     ]
 
 

@@ -189,7 +189,7 @@ class OpenAIBackend(HttpBackend):
                     async for event in self._whole(await read_body(r, name)):
                         yield event
                     return
-                calls: dict[int, list[Any]] = {}
+                calls = _Calls()
                 finish: str | None = None
                 usage: _Usage | None = None
                 deltas = 0
@@ -231,7 +231,7 @@ class OpenAIBackend(HttpBackend):
                                     deltas += 1
                                     texts.append(d.content)
                                 if d.tool_calls:
-                                    _collect(calls, d.tool_calls)
+                                    calls.add(d.tool_calls)
                             if choice.finish_reason:
                                 finish = choice.finish_reason
                         if finish and (usage is not None or not self.cfg.stream_usage):
@@ -241,7 +241,7 @@ class OpenAIBackend(HttpBackend):
                         yield Delta(text="".join(texts))
                     if ended:
                         break
-                for event in _tool_events(calls):
+                for event in calls.events():
                     yield event
                 if finish is None:
                     raise UpstreamError(f"{name}: stream ended without a finish reason")
@@ -268,10 +268,10 @@ class OpenAIBackend(HttpBackend):
         msg = choice.message or choice.delta or _Delta()
         if msg.content:
             yield Delta(text=msg.content)
-        calls: dict[int, list[Any]] = {}
+        calls = _Calls()
         if msg.tool_calls:
-            _collect(calls, msg.tool_calls)
-        for event in _tool_events(calls):
+            calls.add(msg.tool_calls)
+        for event in calls.events():
             yield event
         yield Done(
             finish_reason=FINISH.get(choice.finish_reason or "stop", "stop"),
@@ -279,44 +279,57 @@ class OpenAIBackend(HttpBackend):
         )
 
 
-def _collect(calls: dict[int, list[Any]], deltas: list[_ToolDelta]) -> None:
-    """Accumulate streamed tool-call fragments by index: [id, name, arguments].
+class _Calls:
+    """Tool calls assembled from streamed fragments: [id, name, arguments] per call.
 
-    Servers differ: some send no index (each call whole), some the whole name in
-    every fragment, some the arguments as an object. A new id starts a new call.
+    Servers differ: some send no index (each call whole), some reuse an index for
+    the next call (a new id), some repeat the whole name and id in every fragment,
+    some send the arguments as an object.
     """
-    for t in deltas:
-        last = max(calls, default=-1)
-        key = t.index if t.index is not None else max(last, 0)
-        slot = calls.get(key)
-        if slot is not None and t.id and slot[0] and t.id != slot[0]:
-            key, slot = last + 1, None  # another call, though sent under the same index
-        if slot is None:
-            slot = calls[key] = ["", "", ""]
-        if t.id:
-            slot[0] = t.id
-        fn = t.function
-        if fn is not None:
-            if fn.name and fn.name != slot[1]:  # a repeated whole name is not appended
-                slot[1] += fn.name
-            if isinstance(fn.arguments, dict):
-                slot[2] = _json.encode(fn.arguments).decode()
-            elif fn.arguments:
-                slot[2] += fn.arguments
 
+    __slots__ = ("slots", "where")
 
-def _tool_events(calls: dict[int, list[Any]]) -> list[ToolCall]:
-    out = []
-    for index in sorted(calls):
-        call_id, name, raw = calls[index]
-        try:
-            args = _any.decode(raw) if raw.strip() else {}
-        except (msgspec.DecodeError, RecursionError):
-            args = {"_raw": raw}  # the model wrote invalid JSON: pass it on, don't lose it
-        if not isinstance(args, dict):
-            args = {"value": args}
-        out.append(ToolCall(index=index, id=call_id or f"call_{index}", name=name, arguments=args))
-    return out
+    def __init__(self) -> None:
+        self.slots: dict[int, list[Any]] = {}  # in order of arrival
+        self.where: dict[int, int] = {}  # the upstream's index -> its current call
+
+    def add(self, deltas: list[_ToolDelta]) -> None:
+        """Take one chunk's fragments."""
+        slots = self.slots
+        for t in deltas:
+            index = -1 if t.index is None else t.index
+            key = self.where.get(index)
+            slot = slots.get(key) if key is not None else None
+            if slot is None or (t.id and slot[0] and t.id != slot[0]):
+                key = len(slots)  # a call of its own (a new id under a reused index)
+                slot = slots[key] = ["", "", ""]
+                self.where[index] = key
+            fn = t.function
+            if fn is not None:
+                # The whole name again, with the same id, is a repeat, not more name.
+                if fn.name and not (fn.name == slot[1] and t.id and t.id == slot[0]):
+                    slot[1] += fn.name
+                if isinstance(fn.arguments, dict):
+                    slot[2] = _json.encode(fn.arguments).decode()
+                elif fn.arguments:
+                    slot[2] += fn.arguments
+            if t.id:
+                slot[0] = t.id
+
+    def events(self) -> list[ToolCall]:
+        """One ToolCall per call, arguments decoded (kept raw when not JSON)."""
+        out = []
+        for index, (call_id, name, raw) in self.slots.items():
+            try:
+                args = _any.decode(raw) if raw.strip() else {}
+            except (msgspec.DecodeError, RecursionError):
+                args = {"_raw": raw}  # the model wrote invalid JSON: pass it on, don't lose it
+            if not isinstance(args, dict):
+                args = {"value": args}
+            out.append(
+                ToolCall(index=index, id=call_id or f"call_{index}", name=name, arguments=args)
+            )
+        return out
 
 
 def _usage(usage: _Usage | None, deltas: int) -> Usage:
