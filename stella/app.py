@@ -72,6 +72,14 @@ class Services:
         self.pipeline.listeners.append(usage_listener(self.state))
         self.metrics: Any = None
         self.on_reject: list[Callable[[StellaError, str], None]] = []
+        for name in settings.limits.models:
+            if not self.router.knows(name):
+                _log.warning(
+                    "limits_for_unknown_route",
+                    key=f"limits.models.{name}",
+                    detail="no configured route has this name; it applies if a runtime "
+                    "route of that name is registered",
+                )
         # Longest first: (prefix, dialect) from each dialect module's ERROR_PREFIXES.
         self.error_prefixes: list[tuple[str, Dialect]] = [("/api/v1/", NATIVE)]
 

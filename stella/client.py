@@ -103,11 +103,20 @@ class NetworkError(StellaClientError):
 
 @contextlib.contextmanager
 def _network(url: str) -> Iterator[None]:
-    """httpx's transport failures as a NetworkError (code network_error), like stella.js."""
+    """httpx's transport failures as this module's errors, like stella.js: a timeout is
+    a TimeoutError (code timeout), anything else a NetworkError (code network_error)."""
     try:
         yield
-    except httpx.TransportError as exc:
+    except httpx.TimeoutException as exc:
+        raise TimeoutError(
+            f"no answer from {url} within the client's timeout ({type(exc).__name__})",
+            code="timeout",
+        ) from exc
+    except httpx.ConnectError as exc:
         raise NetworkError(f"cannot reach {url}: {exc}", code="network_error") from exc
+    except httpx.TransportError as exc:
+        message = f"connection to {url} failed: {exc or type(exc).__name__}"
+        raise NetworkError(message, code="network_error") from exc
 
 
 BY_CODE: dict[str, type[StellaClientError]] = {

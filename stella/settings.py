@@ -249,6 +249,9 @@ def load_settings(
 
 def decode_settings(data: Mapping[str, Any]) -> Settings:
     """Validate a config dict; ConfigError names the first bad key."""
+    log = data.get("log")
+    if isinstance(log, dict) and isinstance(log.get("level"), str):
+        data = {**data, "log": {**log, "level": log["level"].lower()}}  # INFO as info
     # Tables of named entries first, one by one: msgspec says `auth.keys[...]` for an
     # entry of a dict, and with several keys or routes the name is what tells them apart.
     for section, table, entry in _NAMED:
@@ -303,11 +306,11 @@ def _check(s: Settings) -> None:
     if redis and not redis.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"state.redis_url: {redis!r} is not a redis://, rediss:// or unix:// URL")
     for name in s.limits.models:
-        if name not in s.models.routes:
-            # Limits hold per route name: one set under an alias or a typo would never apply.
-            owner = next((r for r, rs in s.models.routes.items() if name in rs.aliases), None)
-            hint = f"an alias of {owner!r}; name the route" if owner else "not a route"
-            raise ConfigError(f"limits.models.{name}: {hint}; known: {sorted(s.models.routes)}")
+        # Limits hold per route name: one set under an alias would never apply. (A name
+        # no configured route has may be a runtime route's: the app warns at start-up.)
+        owner = next((r for r, rs in s.models.routes.items() if name in rs.aliases), None)
+        if owner is not None and name not in s.models.routes:
+            raise ConfigError(f"limits.models.{name}: an alias of {owner!r}; name the route")
     for name in s.limits.backends:
         if name not in s.backends:
             raise ConfigError(

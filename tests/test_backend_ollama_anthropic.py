@@ -126,6 +126,19 @@ async def test_anthropic_stream_system_usage_headers(
     assert fake.headers[-1]["anthropic-version"] == "2023-06-01"
 
 
+async def test_ollama_thinking_counts_as_progress(ollama_url: tuple[FakeOllama, str]) -> None:
+    backend = ollama(ollama_url[1])
+    await backend.start()
+    ctx = CallContext(request_id="rid-think")
+    try:
+        req = ChatRequest(messages=HI, model="thinking")
+        events = [e async for e in backend.chat(req, ctx)]
+    finally:
+        await backend.aclose()
+    assert isinstance(events[-1], Done)
+    assert ctx.beats >= 3 + 5  # the time limits see the thinking lines too
+
+
 async def test_anthropic_tools(anthropic_url: tuple[FakeAnthropic, str]) -> None:
     events = await run(
         claude(anthropic_url[1]),

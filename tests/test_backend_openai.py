@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from stella.backends import CallContext
+from stella.backends.http import error_from_response
 from stella.backends.openai import (
     OpenAIBackend,
     OpenAIConfig,
@@ -128,6 +129,8 @@ async def test_error_shapes(
     assert needle in info.value.message
     if status == 429:
         assert info.value.retry_after_hint == 1.0
+        absurd = error_from_response("up", 429, {"retry-after": "1e400"}, b"{}")
+        assert absurd.retry_after_hint == 86400.0  # a day at most, not an OverflowError
         assert info.value.headers["Retry-After"] == "1"  # passed on to the client
 
 

@@ -20,6 +20,11 @@ def test_a_bad_concurrency_list_is_a_usage_error() -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_a_bad_header_is_a_usage_error() -> None:
+    out = stella("bench", "url", "http://127.0.0.1:9/api/v1/chat", "--header", "foo")
+    assert out.returncode == 2 and "is not NAME: VALUE" in out.stderr
+
+
 def test_a_remote_target_names_the_flag() -> None:
     out = stella("bench", "url", "http://192.0.2.1/api/v1/chat", "-c", "1", "-d", "0.1")
     assert out.returncode == 2 and "--allow-remote" in out.stderr

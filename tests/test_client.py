@@ -156,6 +156,13 @@ def test_cli_chat_and_models(stella: LiveServer) -> None:
     assert out.returncode == 0 and "echo" in out.stdout and "BACKEND" in out.stdout
 
 
+def test_a_client_timeout_is_a_timeout_error(stella: LiveServer) -> None:
+    msgs = [{"role": "user", "content": " ".join(["w"] * 50)}]
+    with sc.Client(stella.url, timeout=0.1) as c, pytest.raises(sc.TimeoutError) as info:
+        c.chat(msgs, model="echo-slow")
+    assert info.value.code == "timeout"
+
+
 async def test_an_unreachable_server_is_a_network_error(stella: LiveServer) -> None:
     dead = f"127.0.0.1:{free_port()}"  # no scheme: taken as http://, as curl does
     msgs = [{"role": "user", "content": "x"}]

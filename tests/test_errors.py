@@ -296,6 +296,8 @@ def test_router_errors_take_the_shape_of_the_paths_dialect(server: LiveServer) -
     assert r.status_code == 404 and isinstance(r.json()["error"], str)
     r = httpx.post(server.url + "/api/v1/nope", headers=auth)  # the native API
     assert r.json()["error"]["code"] == "not_found"
+    r = httpx.post(server.url + "/api/llm/nope", headers=auth)  # stella's simple aliases
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
 
 
 def test_public_routes_need_no_key(server: LiveServer) -> None:

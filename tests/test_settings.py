@@ -46,6 +46,17 @@ def test_env_values_parse_as_toml_literals() -> None:
     }
 
 
+def test_log_level_in_capitals_and_limits_for_runtime_routes() -> None:
+    s = load_settings(
+        environ={
+            "STELLA_LOG__LEVEL": "INFO",
+            # No configured route of that name: a runtime route may take it (a warning).
+            "STELLA_LIMITS__MODELS__LATER__REQUESTS_PER_MINUTE": "5",
+        }
+    )
+    assert s.log.level == "info" and s.limits.models["later"].requests_per_minute == 5
+
+
 def test_env_numbers_take_the_keys_type() -> None:
     # "123" is a number for a number key and stays a string for a string key.
     s = load_settings(

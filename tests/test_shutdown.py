@@ -63,3 +63,25 @@ async def test_sigterm_drains_then_cuts_with_shutting_down() -> None:
         cut = next(e for e in events if e["request_id"] == long[0]["id"])
         assert cut["finish_reason"] == "cancelled" and cut["error_code"] == "shutting_down"
         assert server.events("stopped"), "logs were flushed before exit"
+
+
+async def test_draining_refusals_take_the_dialects_shape() -> None:
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    settings = load_settings(
+        {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}, environ={}
+    )
+    app = create_app(settings)
+    app.state.stella.drain.draining = True
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        r = await c.post("/v1/messages", json={})
+        assert r.status_code == 503 and r.json()["type"] == "error"  # Anthropic
+        r = await c.post("/api/chat", json={})
+        assert r.status_code == 503 and isinstance(r.json()["error"], str)  # Ollama
+        r = await c.post("/v1/chat/completions", json={})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"  # OpenAI
+        r = await c.post("/api/v1/chat", json={})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert (await c.get("/health")).status_code == 200  # probes still answer

@@ -149,7 +149,7 @@ def retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        return min(max(0.0, float(value)), 86_400.0)  # a day at most ("inf" is a float too)
     except ValueError:
         pass
     try:

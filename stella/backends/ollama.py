@@ -154,6 +154,7 @@ class OllamaBackend(HttpBackend):
                         raise UpstreamError(f"{name}: malformed stream line") from None
                     if line.error is not None:
                         raise UpstreamError(f"{name}: {line.error}")
+                    ctx.beats += 1  # a thinking model's lines carry no content: still progress
                     msg = line.message
                     if msg is not None:
                         if msg.content:

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     url.add_argument("--openai", action="store_true", help="send an OpenAI chat completion body")
     url.add_argument("--stream", action="store_true", help="ask for a stream")
     url.add_argument("--model", default="echo", help="model in the default body")
-    url.add_argument("--header", action="append", default=[], help="NAME: VALUE")
+    url.add_argument("--header", action="append", default=[], type=_header, help="NAME: VALUE")
     url.add_argument("--allow-remote", action="store_true", help="load a host that is not loopback")
     dialects = sub.add_parser("dialects", help="the OpenAI dialect's cost vs the native API")
     auth = sub.add_parser("auth", help="keys and rate limits off vs in memory vs in Redis")
@@ -74,6 +74,14 @@ def _concurrency(text: str) -> tuple[int, ...]:
     if not levels or min(levels) < 1:
         raise argparse.ArgumentTypeError("each level must be at least 1")
     return levels
+
+
+def _header(text: str) -> str:
+    """--header "NAME: VALUE", checked."""
+    name, sep, _ = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME: VALUE")
+    return text
 
 
 def _levels(args: argparse.Namespace) -> tuple[int, ...]:

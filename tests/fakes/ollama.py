@@ -98,6 +98,12 @@ class FakeOllama:
                 }
             )
             return
+        if model == "thinking":  # a thinking model's lines: no content yet
+            for _ in range(3):
+                message = {"role": "assistant", "content": "", "thinking": "hmm"}
+                yield line(
+                    {"model": model, "created_at": CREATED, "message": message, "done": False}
+                )
         sent = 0
         for word in words:
             if limit is not None and sent >= limit:
