@@ -278,10 +278,19 @@ class Client:
         stream: bool = False,
         options: dict[str, Any] | None = None,
         tools: list[Any] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Any:
         """A chat: a ChatResponse, or (stream=True) an iterator of events."""
-        body = _body(messages, model, stream, options, tools=tools, metadata=metadata)
+        body = _body(
+            messages,
+            model,
+            stream,
+            options,
+            tools=tools,
+            tool_choice=tool_choice,
+            metadata=metadata,
+        )
         return self._stream("/api/v1/chat", body) if stream else self._post("/api/v1/chat", body)
 
     def generate(
@@ -375,10 +384,19 @@ class AsyncClient:
         stream: bool = False,
         options: dict[str, Any] | None = None,
         tools: list[Any] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Any:
         """A chat: a ChatResponse, or (stream=True) an async iterator of events."""
-        body = _body(messages, model, stream, options, tools=tools, metadata=metadata)
+        body = _body(
+            messages,
+            model,
+            stream,
+            options,
+            tools=tools,
+            tool_choice=tool_choice,
+            metadata=metadata,
+        )
         if stream:
             return self._stream("/api/v1/chat", body)
         return await self._post("/api/v1/chat", body)

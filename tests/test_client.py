@@ -24,6 +24,11 @@ def test_chat_stream_and_not(stella: LiveServer) -> None:
         assert isinstance(events[0], Start) and isinstance(events[-1], Done)
         assert "".join(e.text for e in events if isinstance(e, Delta)) == "a b c"
         assert c.generate("one two", "echo", system="s").response == "one two"
+        tools = [{"function": {"name": "lookup"}}]
+        called = c.chat([{"role": "user", "content": "x"}], "echo", tools=tools)
+        assert called.message.tool_calls and called.message.tool_calls[0].function.name == "lookup"
+        text = c.chat([{"role": "user", "content": "x"}], "echo", tools=tools, tool_choice="none")
+        assert text.response == "x" and not text.message.tool_calls
         assert any(m.name == "echo" for m in c.models().models)
         assert c.health()["status"] == "ok"
 

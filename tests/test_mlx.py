@@ -79,6 +79,9 @@ def test_same_seed_same_text(mlx_server: LiveServer) -> None:
     assert a == b
     assert a and c  # another seed may differ; both are real text
     assert a != c or len(a) < 3
+    # A negative seed means unseeded (as llama.cpp has it), not a failed call.
+    r = chat(mlx_server, msgs, options={**opts, "seed": -1, "max_tokens": 4})
+    assert r["response"] and r["finish_reason"] in ("length", "stop")
 
 
 def test_max_tokens_gives_length(mlx_server: LiveServer) -> None:

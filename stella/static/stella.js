@@ -115,11 +115,12 @@ async function* streamEvents(path, body, { signal, apiKey, baseUrl = "", fetch: 
 }
 
 /** Stream a chat: yields start, delta, tool_call and done events. */
-export function chat({ model, messages, options, tools, metadata } = {}, opts = {}) {
+export function chat({ model, messages, options, tools, toolChoice, metadata } = {}, opts = {}) {
   const body = { messages };
   if (model) body.model = model;
   if (options) body.options = options;
   if (tools) body.tools = tools;
+  if (toolChoice) body.tool_choice = toolChoice;
   if (metadata) body.metadata = metadata;
   return streamEvents("/api/v1/chat", body, opts);
 }

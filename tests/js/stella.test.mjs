@@ -92,3 +92,15 @@ test("models() returns the listing and throws on 401", async () => {
   await assert.rejects(() => models({ fetch: async () => new Response('{"error":{"code":"unauthorized","message":"key"}}', { status: 401 }) }),
     (err) => err.status === 401 && err.code === "unauthorized");
 });
+
+test("chat() sends tools and toolChoice as the native request has them", async () => {
+  let sent;
+  const capture = async (url, init) => {
+    sent = JSON.parse(init.body);
+    return new Response(streamOf(['{"type":"start","id":"r"}\n', '{"type":"done","finish_reason":"stop"}\n']), { status: 200 });
+  };
+  const tools = [{ function: { name: "lookup" } }];
+  for await (const _ of chat({ messages: [], tools, toolChoice: "none" }, { fetch: capture })) { /* drain */ }
+  assert.deepEqual(sent.tools, tools);
+  assert.equal(sent.tool_choice, "none");
+});
