@@ -21,6 +21,7 @@ import structlog
 from stella.backends import BackendEvent, CallContext
 from stella.calls import ANONYMOUS, Admission, Call, Permit, Principal
 from stella.errors import (
+    ClientTooSlow,
     InvalidRequest,
     StellaError,
     Unavailable,
@@ -256,7 +257,14 @@ class Inference:
                                 if collect:
                                     texts.append(event.text)
                                 if emit is not None:
-                                    await emit(event)
+                                    watchdog.writing = True
+                                    try:
+                                        await emit(event)
+                                    except asyncio.CancelledError:
+                                        _too_slow(watchdog, rs.total_timeout_s)
+                                        raise
+                                    finally:
+                                        watchdog.writing = False
                             elif kind is Done:
                                 self.completion_tokens = tokens
                                 breaker.success()
@@ -268,7 +276,14 @@ class Inference:
                             elif kind is ToolCall:
                                 self.tool_calls.append(event)
                                 if emit is not None:
-                                    await emit(event)
+                                    watchdog.writing = True
+                                    try:
+                                        await emit(event)
+                                    except asyncio.CancelledError:
+                                        _too_slow(watchdog, rs.total_timeout_s)
+                                        raise
+                                    finally:
+                                        watchdog.writing = False
                             else:
                                 raise UpstreamError(
                                     f"backend sent an unknown event {kind.__name__}"
@@ -308,8 +323,9 @@ class Inference:
                         return self.fail(err)
                     finally:
                         self.completion_tokens = tokens
-                        if not self.terminal:
-                            breaker.release()
+                        # A verdict (success, failure) already ended a probe; without one
+                        # (client gone, a bug, a client too slow) the probe goes back.
+                        breaker.release()
                         await close_quietly(agen)
             err = last or Unavailable("no backend could take this request")
             if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
@@ -506,6 +522,14 @@ class Inference:
             except Exception as exc:  # a metrics bug must not lose the log line
                 record.setdefault("listener_errors", []).append(repr(exc))
         pipeline.emit("inference", record)
+
+
+def _too_slow(watchdog: Watchdog, total_s: float) -> None:
+    """Raise ClientTooSlow when the watchdog cut a write: the client stopped reading."""
+    if watchdog.expired():
+        raise ClientTooSlow(
+            f"the client stopped reading and the total limit of {total_s:g}s passed"
+        ) from None
 
 
 def _choice_name(choice: Any) -> str:

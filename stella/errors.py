@@ -95,6 +95,12 @@ class UpstreamError(StellaError):
     status, code, retryable = 502, "upstream_error", True
 
 
+class ClientTooSlow(StellaError):
+    """A streaming client stopped reading and the route's total limit passed."""
+
+    status, code = 408, "client_too_slow"
+
+
 class Overloaded(StellaError):
     """A queue is full."""
 

@@ -156,6 +156,11 @@ class EventStream:
             await send({"type": "http.response.body", "body": first, "more_body": True})
             self._last = loop.time()
             terminal = await inference.run(emit)
+            if type(terminal) is Error and terminal.code == "client_too_slow":
+                # Nothing more can be written to this client: drop the connection.
+                self._open = False
+                await _drop(scope, send, self.codec.encode(terminal))
+                return
             await emit(terminal)
             self._open = False
             await send(
@@ -219,3 +224,19 @@ class EventStream:
                     call.cancel_reason = "client_closed"
                     task.cancel()
                 return
+
+
+async def _drop(scope: dict[str, Any], send: Send, last: bytes) -> None:
+    """End a response whose client stopped reading.
+
+    stella's server protocol puts the connection's transport in the scope: it is
+    aborted, so nothing waits on the client again. Elsewhere the error line gets one
+    second to go out, and the server closes the connection after the app returns.
+    """
+    transport = scope.get("stella.transport")
+    if transport is not None:
+        transport.abort()
+        return
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(1):
+            await send({"type": "http.response.body", "body": last, "more_body": False})

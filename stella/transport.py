@@ -136,6 +136,12 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
 
     _body_timer: asyncio.TimerHandle | None = None
 
+    def on_headers_complete(self) -> None:
+        """Start the request as uvicorn does, its scope carrying the connection's transport."""
+        # For a stream whose client stopped reading: it is ended by aborting this.
+        self.scope["stella.transport"] = self.transport
+        super().on_headers_complete()
+
     def data_received(self, data: bytes) -> None:
         """Parse as uvicorn does; a running request's body still incomplete gets a deadline."""
         super().data_received(data)

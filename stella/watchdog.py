@@ -145,6 +145,7 @@ class Watchdog:
         "limit",
         "progress",
         "waiting",
+        "writing",
     )
 
     def __init__(self, deadline: float) -> None:
@@ -153,6 +154,7 @@ class Watchdog:
         self.progress = 0
         self.ctx: Any = None  # the call's CallContext: its `beats` count as progress too
         self.waiting = False
+        self.writing = False  # set around a write to the client, which may block
         self._seen = 0
         self._since = 0.0
         self._fired = False
@@ -189,7 +191,8 @@ class Watchdog:
         if self._fired or self._task is None:
             return True
         count = self._count()
-        if self.waiting and now >= self.deadline:
+        if (self.waiting or self.writing) and now >= self.deadline:
+            # Past the total limit, waiting on the backend or on a client not reading.
             self._fired = True
             self._task.cancel()
         elif not self.waiting or count != self._seen:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import time
 
 import httpx
 import pytest
 
-from tests.live import LiveServer, ndjson
+from tests.live import LiveServer, ndjson, run_stella
 
 
 def chat(server: LiveServer, model: str, text: str = "hi there", **body: object) -> httpx.Response:
@@ -266,3 +268,33 @@ def test_client_request_id_is_kept(stella: LiveServer) -> None:
     assert ndjson(r.text)[0]["id"] == "my-trace-123"
     bad = httpx.get(stella.url + "/health", headers={"X-Request-ID": "bad id\twith spaces"})
     assert bad.headers["x-request-id"].startswith("req_")
+
+
+def test_a_client_that_stops_reading_is_let_go_at_the_total_limit() -> None:
+    # A big answer, a client with a tiny receive buffer that reads the headers and no
+    # more: at the route's total limit the call ends (408 client_too_slow in the log),
+    # the backend is stopped and the connection dropped, instead of all held open.
+    config = {
+        # ~9 MB of answer: more than the socket buffers on both sides take.
+        "backends": {"flood": {"kind": "echo", "reply": "wordwordword " * 200000}},
+        "models": {"routes": {"flood": {"backend": "flood", "total_timeout_s": 1.0}}},
+    }
+    body = json.dumps({"model": "flood", "messages": [{"role": "user", "content": "x"}]})
+    with run_stella(config) as server:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", server.port))
+        s.sendall(
+            b"POST /api/v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"X-Request-ID: req-stalled-reader\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body.encode())
+        )
+        s.recv(100)  # the response has begun; from now on nothing is read
+        ev = server.wait_event(lambda e: e["request_id"] == "req-stalled-reader", timeout=10)
+        assert ev["error_code"] == "client_too_slow" and ev["status"] == 408
+        assert ev["total_ms"] < 3000
+        s.settimeout(5)
+        with contextlib.suppress(ConnectionResetError):
+            while s.recv(65536):  # what was sent, then the end: the connection is gone
+                pass
+        s.close()
