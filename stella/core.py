@@ -311,9 +311,19 @@ class Inference:
                     except SinkClosed:
                         raise
                     except StellaError as exc:
-                        # After the first token no fallback: a switch of model mid-answer is worse.
                         if exc.retryable:
                             breaker.failure()
+                            if emit is None:
+                                # Nothing has reached the client of a non-stream call yet:
+                                # the answer can start over (a retry, then a fallback).
+                                self.attempts[-1]["error"] = exc.code
+                                texts.clear()
+                                self.tool_calls.clear()
+                                tokens = 0
+                                last = exc
+                                continue
+                        # A stream's client has had tokens: a switch of model mid-answer
+                        # is worse than the error.
                         return self.fail(exc)
                     except Exception as exc:  # a backend bug must still end the stream properly
                         _log.error("backend_failed", backend=route.backend_name, exc_info=exc)

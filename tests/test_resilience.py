@@ -93,3 +93,22 @@ def test_open_circuit_falls_back() -> None:
         assert server.wait_event(lambda e: e["attempts"][0].get("error") == "circuit_open")
         lines = ndjson(chat(server.url, "primary", stream=True).text)
         assert lines[-1]["type"] == "done"
+
+
+def test_a_non_stream_answer_that_breaks_midway_starts_over_on_the_fallback() -> None:
+    # Nothing has reached a non-stream client when the backend fails after 3 tokens: the
+    # fallback answers whole. A stream's client has had tokens: it gets the error.
+    config = {
+        "backends": {"half": {"kind": "echo", "fail_after": 3}},
+        "models": {"routes": {"half": {"backend": "half", "retries": 0, "fallbacks": ["echo"]}}},
+    }
+    words = "one two three four five"
+    body = {"model": "half", "messages": [{"role": "user", "content": words}]}
+    with run_stella(config) as server:
+        r = httpx.post(server.url + "/api/v1/chat", json={**body, "stream": False})
+        assert r.status_code == 200, r.text
+        assert r.json()["response"] == words and r.json()["backend"] == "echo"
+        ev = server.wait_event(lambda e: e["request_id"] == r.json()["id"])
+        assert [a["error"] for a in ev["attempts"]] == ["upstream_error", None]
+        lines = ndjson(httpx.post(server.url + "/api/v1/chat", json={**body, "stream": True}).text)
+        assert [e["type"] for e in lines].count("delta") == 3 and lines[-1]["type"] == "error"
