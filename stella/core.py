@@ -209,6 +209,8 @@ class Inference:
                 rs = route.settings
                 watchdog.deadline = self.t0 + rs.total_timeout_s
                 for attempt in range(rs.retries + 1):
+                    if time.perf_counter() >= watchdog.deadline:
+                        break  # out of time: no attempt, and no backend blamed for it
                     if not breaker.allow():
                         self.attempts.append(
                             {
@@ -219,27 +221,40 @@ class Inference:
                         )
                         last = last or Unavailable(f"backend {route.backend_name!r}: circuit open")
                         break
+                    # Only the call that took a half-open circuit's probe may give it back.
+                    probe = breaker.state == "half_open"
                     try:
                         if attempt:
                             pause = backoff(
                                 rs.retry_backoff_s, rs.retry_max_backoff_s, attempt, last
                             )
                             if time.perf_counter() + pause >= watchdog.deadline:
-                                breaker.release()
+                                if probe:
+                                    breaker.release()
                                 break  # no time left for another try within the total limit
                             await asyncio.sleep(pause)
                         opened = await self._first(route, watchdog)
                     except BaseException:
                         # Cut before any verdict (client gone, shutdown): a half-open
                         # circuit's probe must go back, or the circuit stays shut for good.
-                        breaker.release()
+                        if probe:
+                            breaker.release()
                         raise
                     if isinstance(opened, StellaError):
+                        if getattr(opened, "out_of_time", False):
+                            # The request's time ran out, not the backend: no verdict.
+                            if probe:
+                                breaker.release()
+                            last = last or opened
+                            break
                         last = opened
                         if last.retryable:
                             breaker.failure()
+                            if getattr(last, "whole_answer", False):
+                                break  # a long answer would only run again: fall back
                             continue
-                        breaker.release()
+                        if probe:
+                            breaker.release()
                         return self.fail(last)
                     # The stream phase, inline: every event crosses as few frames as possible.
                     agen, ctx, event = opened
@@ -271,7 +286,14 @@ class Inference:
                                 self.queue_ms = ctx.queue_ms
                                 # Done is the backend's last event: let it return normally so
                                 # its cleanup runs without a GeneratorExit (and its garbage).
-                                await anext(agen, None)
+                                try:
+                                    await anext(agen, None)
+                                except Exception as exc:  # the answer is whole: cleanup only
+                                    _log.warning(
+                                        "backend_cleanup_failed",
+                                        backend=route.backend_name,
+                                        error=repr(exc),
+                                    )
                                 return self._done(event)
                             elif kind is ToolCall:
                                 self.tool_calls.append(event)
@@ -311,15 +333,18 @@ class Inference:
                     except SinkClosed:
                         raise
                     except StellaError as exc:
+                        self.attempts[-1]["error"] = exc.code
                         if exc.retryable:
                             breaker.failure()
                             if emit is None:
                                 # Nothing has reached the client of a non-stream call yet:
                                 # the answer can start over (a retry, then a fallback).
-                                self.attempts[-1]["error"] = exc.code
                                 texts.clear()
                                 self.tool_calls.clear()
                                 tokens = 0
+                                self.ttft = None
+                                self.engine_ttft_ms = None
+                                self.queue_ms = 0.0
                                 last = exc
                                 continue
                         # A stream's client has had tokens: a switch of model mid-answer
@@ -335,7 +360,8 @@ class Inference:
                         self.completion_tokens = tokens
                         # A verdict (success, failure) already ended a probe; without one
                         # (client gone, a bug, a client too slow) the probe goes back.
-                        breaker.release()
+                        if probe:
+                            breaker.release()
                         await close_quietly(agen)
             err = last or Unavailable("no backend could take this request")
             if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
@@ -386,10 +412,13 @@ class Inference:
                 record["error"] = self.call.cancel_reason or "cancelled"
                 raise
             if ttft < left:
-                why = f"no {awaited} from {route.backend_name!r} within {limit:.3g}s"
+                err = UpstreamTimeout(
+                    f"no {awaited} from {route.backend_name!r} within {limit:.3g}s"
+                )
+                err.whole_answer = awaited == "answer"  # type: ignore[attr-defined]
             else:
-                why = f"{route.backend_name!r} ran past the total limit of {rs.total_timeout_s:g}s"
-            err = UpstreamTimeout(why)
+                err = UpstreamTimeout(f"the total limit of {rs.total_timeout_s:g}s passed")
+                err.out_of_time = True  # type: ignore[attr-defined]
         except Exception as exc:  # a backend bug must still end the stream properly
             _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
             err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -161,11 +162,26 @@ class EventStream:
                 self._open = False
                 await _drop(scope, send, self.codec.encode(terminal))
                 return
-            await emit(terminal)
-            self._open = False
-            await send(
-                {"type": "http.response.body", "body": self.codec.close(), "more_body": False}
-            )
+            # The last lines get what is left of the total limit (at least a second): a
+            # client that stopped reading must not hold the connection after the answer.
+            # (A Later on the loop's ticker: asyncio.timeout costs a stream ~10 us.)
+            left = inference.t0 + inference.route.settings.total_timeout_s - time.perf_counter()
+            stuck: list[bool] = []
+            limit = tk.later(max(left, 1.0), lambda: stuck.append(True) or task.cancel())
+            try:
+                await emit(terminal)
+                self._open = False
+                await send(
+                    {"type": "http.response.body", "body": self.codec.close(), "more_body": False}
+                )
+            except asyncio.CancelledError:
+                if not stuck:
+                    raise
+                task.uncancel()
+                self._open = False
+                await _drop(scope, send, b"")
+            finally:
+                limit.cancel()
         except asyncio.CancelledError:
             if call.cancel_reason is None:
                 raise  # cancelled by the server itself: let it through
@@ -229,13 +245,13 @@ class EventStream:
 async def _drop(scope: dict[str, Any], send: Send, last: bytes) -> None:
     """End a response whose client stopped reading.
 
-    stella's server protocol puts the connection's transport in the scope: it is
-    aborted, so nothing waits on the client again. Elsewhere the error line gets one
+    stella's server protocol puts itself in the scope: it aborts the connection, so
+    nothing waits on the client again. Elsewhere the error line gets one
     second to go out, and the server closes the connection after the app returns.
     """
-    transport = scope.get("stella.transport")
-    if transport is not None:
-        transport.abort()
+    protocol = scope.get("stella.protocol")
+    if protocol is not None:
+        protocol.drop()
         return
     with contextlib.suppress(OSError, TimeoutError):
         async with asyncio.timeout(1):

@@ -137,10 +137,17 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _body_timer: asyncio.TimerHandle | None = None
 
     def on_headers_complete(self) -> None:
-        """Start the request as uvicorn does, its scope carrying the connection's transport."""
-        # For a stream whose client stopped reading: it is ended by aborting this.
-        self.scope["stella.transport"] = self.transport
+        """Start the request as uvicorn does, its scope carrying a way to drop the client."""
+        # For a stream whose client stopped reading (see `drop`).
+        self.scope["stella.protocol"] = self
         super().on_headers_complete()
+
+    def drop(self) -> None:
+        """Abort the connection at once: the running response is over, nothing waits on it."""
+        cycle = self.cycle
+        if cycle is not None:
+            cycle.disconnected = True  # known now, not a loop turn later (no server error)
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         """Parse as uvicorn does; a running request's body still incomplete gets a deadline."""

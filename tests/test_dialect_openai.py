@@ -171,6 +171,7 @@ def test_tool_choice(server: LiveServer) -> None:
     for choice in (
         {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}},
         {"type": "custom", "custom": {"name": "x"}},
+        {"type": "allowed_tools", "allowed_tools": ["get_weather"]},  # not the spec's shape
     ):
         r = c.chat.completions.create(
             model="echo",

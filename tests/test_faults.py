@@ -67,6 +67,14 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
                     **fast,
                     "answer_timeout_s": 3,
                 },
+                "hung-retries": {
+                    "backend": "b-hung",
+                    "upstream_model": "stall",
+                    "retries": 2,
+                    "ttft_timeout_s": 0.3,
+                    "total_timeout_s": 3,
+                    "fallbacks": ["up-ok"],
+                },
                 "hung-first": {
                     "backend": "b-hung",
                     "upstream_model": "stall",
@@ -135,6 +143,14 @@ def test_a_hung_upstream_leaves_time_for_the_fallback(gateway: LiveServer) -> No
     r = chat(gateway, "hung-first", stream=False)
     assert r.status_code == 200 and r.json()["backend"] == "up", r.text
     assert time.monotonic() - t < 2
+
+
+def test_a_whole_answer_timeout_falls_back_without_asking_again(gateway: LiveServer) -> None:
+    # A long answer asked again would only run again: the fallback answers instead.
+    r = chat(gateway, "hung-retries", stream=False)
+    assert r.status_code == 200 and r.json()["backend"] == "up", r.text
+    ev = gateway.wait_event(lambda e: e["request_id"] == r.json()["id"])
+    assert [a["backend"] for a in ev["attempts"]] == ["b-hung", "up"]
 
 
 def test_a_whole_answer_has_its_own_limit(

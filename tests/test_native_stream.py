@@ -298,3 +298,31 @@ def test_a_client_that_stops_reading_is_let_go_at_the_total_limit() -> None:
             while s.recv(65536):  # what was sent, then the end: the connection is gone
                 pass
         s.close()
+        assert not [line for line in server.lines() if "ERROR" in line]  # nor a server error
+
+
+def test_a_client_that_stops_reading_before_the_last_line_is_let_go() -> None:
+    # One 8 MB token: its write goes to the buffers, the terminal line is what waits.
+    config = {
+        "backends": {"big": {"kind": "echo", "reply": "w" * 8_000_000}},
+        "models": {"routes": {"big": {"backend": "big", "total_timeout_s": 1.0}}},
+    }
+    body = json.dumps({"model": "big", "messages": [{"role": "user", "content": "x"}]})
+    with run_stella(config) as server:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", server.port))
+        s.sendall(
+            b"POST /api/v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode())
+        )
+        s.recv(100)
+        time.sleep(2.5)  # past the limit (and its one-second grace for the last lines)
+        s.settimeout(5)
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(1 << 20):
+                got += chunk
+        s.close()
+        assert not got.endswith(b"0\r\n\r\n")  # dropped, not held until the client read
+        assert not [line for line in server.lines() if "ERROR" in line]

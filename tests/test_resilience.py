@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -112,3 +113,86 @@ def test_a_non_stream_answer_that_breaks_midway_starts_over_on_the_fallback() ->
         assert [a["error"] for a in ev["attempts"]] == ["upstream_error", None]
         lines = ndjson(httpx.post(server.url + "/api/v1/chat", json={**body, "stream": True}).text)
         assert [e["type"] for e in lines].count("delta") == 3 and lines[-1]["type"] == "error"
+
+
+def test_out_of_time_is_no_backends_fault() -> None:
+    # The primary uses up the total limit; the fallback (same limit) is not tried, so its
+    # circuit is not charged with a failure it did not have.
+    config = {
+        "breaker": {"failure_threshold": 2, "cooldown_s": 30},
+        "backends": {
+            "slowpoke": {"kind": "echo", "delay_s": 0.3},
+            "good": {"kind": "echo", "delay_s": 0.02},
+        },
+        "models": {
+            "routes": {
+                "slowpoke": {
+                    "backend": "slowpoke",
+                    "retries": 0,
+                    "total_timeout_s": 1.0,
+                    "fallbacks": ["good"],
+                },
+                "good": {"backend": "good", "total_timeout_s": 1.0},
+            }
+        },
+    }
+    body = {"stream": False, "messages": [{"role": "user", "content": "a b c d e f"}]}
+    with run_stella(config) as server:
+        for _ in range(2):
+            r = httpx.post(server.url + "/api/v1/chat", json={**body, "model": "slowpoke"})
+            assert r.status_code == 504 and "total limit" in r.json()["error"]["message"]
+            rid = r.json()["error"]["request_id"]
+            ev = server.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+            assert [a["backend"] for a in ev["attempts"]] == ["slowpoke"]
+        r = httpx.post(server.url + "/api/v1/chat", json={**body, "model": "good"})
+        assert r.status_code == 200, r.text
+
+
+def test_a_failed_call_logs_no_first_token_time() -> None:
+    # The primary had tokens before it broke; the fallback failed before any: the
+    # inference as a whole had no first token, and its log must not claim one.
+    config = {
+        "backends": {
+            "half": {"kind": "echo", "fail_after": 2},
+            "dead": {"kind": "echo", "fail_before_first": True},
+        },
+        "models": {
+            "routes": {
+                "half": {"backend": "half", "retries": 0, "fallbacks": ["dead"]},
+                "dead": {"backend": "dead", "retries": 0},
+            }
+        },
+        "breaker": {"failure_threshold": 0},
+    }
+    body = {"model": "half", "stream": False, "messages": [{"role": "user", "content": "a b c d"}]}
+    with run_stella(config) as server:
+        r = httpx.post(server.url + "/api/v1/chat", json=body)
+        assert r.status_code == 502
+        ev = server.wait_event(lambda e: e["request_id"] == r.json()["error"]["request_id"])
+        assert ev["ttft_ms"] is None
+        assert [a["error"] for a in ev["attempts"]] == ["upstream_error", "upstream_error"]
+
+
+async def test_a_backend_failing_after_done_keeps_the_answer() -> None:
+    from stella.app import Services
+    from stella.calls import Call
+    from stella.protocol import ChatRequest, Delta, Done, Message, Usage
+    from stella.settings import load_settings
+
+    settings = load_settings(
+        {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}, environ={}
+    )
+    svc = Services(settings)
+    calls = []
+
+    async def chat(request: Any, ctx: Any) -> Any:
+        calls.append(1)
+        yield Delta(text="whole answer")
+        yield Done(finish_reason="stop", usage=Usage(1, 2, 3))
+        raise RuntimeError("cleanup went wrong")  # after the answer was complete
+
+    svc.backends["echo"].chat = chat  # type: ignore[method-assign]
+    request = ChatRequest(messages=[Message(role="user", content="x")], stream=False)
+    inference = await svc.pipeline.prepare(request, Call(request_id="r1"))
+    result = await inference.result()
+    assert result.response == "whole answer" and len(calls) == 1

@@ -192,7 +192,8 @@ def choice_from(value: Any) -> ToolChoice | None:
             except msgspec.ValidationError as exc:
                 raise invalid(f"tool_choice: {exc}", "tool_choice") from None
         if kind == "allowed_tools":  # a subset stella does not narrow: its mode stands
-            mode = (value.get("allowed_tools") or {}).get("mode")
+            allowed = value.get("allowed_tools")
+            mode = allowed.get("mode") if isinstance(allowed, dict) else None
             return "required" if mode == "required" else "auto"
     return None  # custom tools and future shapes: the model decides
 
