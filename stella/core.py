@@ -82,17 +82,16 @@ class Pipeline:
         choice = request.tool_choice
         if choice is not None and choice != "none" and choice != "auto":
             if not request.tools:
-                err = InvalidRequest(f"$.tool_choice: {_choice_name(choice)} without tools")
-                err.param = "tool_choice"  # type: ignore[attr-defined]
-                raise err
+                raise InvalidRequest(
+                    f"$.tool_choice: {_choice_name(choice)} without tools", param="tool_choice"
+                )
             if not isinstance(choice, str) and all(
                 t.function.name != choice.function.name for t in request.tools
             ):
-                err = InvalidRequest(
-                    f"$.tool_choice.function.name: no tool named {choice.function.name!r}"
+                raise InvalidRequest(
+                    f"$.tool_choice.function.name: no tool named {choice.function.name!r}",
+                    param="tool_choice.function.name",
                 )
-                err.param = "tool_choice.function.name"  # type: ignore[attr-defined]
-                raise err
         if call.backend:
             route = self.router.direct(call.backend, request.model)
         else:

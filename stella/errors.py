@@ -20,13 +20,24 @@ class StellaError(Exception):
         *,
         retry_after: float | None = None,
         headers: dict[str, str] | None = None,
+        param: str = "",
     ) -> None:
         super().__init__(message)
         self.message = message
+        # The request field to blame, as a path without `$.` ("" when none is): dialects
+        # that name it apart (OpenAI's `param`) read it from here.
+        self.param = param
         self.retry_after = retry_after
         self.headers = dict(headers or {})
         if retry_after is not None:
             self.headers.setdefault("Retry-After", str(max(1, round(retry_after + 0.499))))
+
+
+def field_path(validation_message: str) -> str:
+    """The field a msgspec validation message blames (`... - at `$.a.b``) as `a.b`."""
+    if "$." not in validation_message:
+        return ""
+    return validation_message.rpartition("$.")[2].rstrip("`")
 
 
 class InvalidRequest(StellaError):

@@ -24,6 +24,7 @@ from stella.errors import (
     ShuttingDown,
     StellaError,
     UnsupportedMediaType,
+    field_path,
 )
 from stella.protocol import ErrorDetail, ErrorResponse
 from stella.streaming import WATCH_AFTER_S, Codec, EventStream
@@ -210,27 +211,20 @@ def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None 
     ("" when the body as a whole is wrong), for dialects that name it apart.
     """
     if not body.strip():
-        raise _invalid("request body is empty; send a JSON object")
+        raise InvalidRequest("request body is empty; send a JSON object")
     try:
         return decoder.decode(body) if decoder else msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
         text = str(exc)
-        param = text.rpartition("$.")[2].rstrip("`") if "$." in text else ""
-        raise _invalid(text, param) from None
+        raise InvalidRequest(text, param=field_path(text)) from None
     except msgspec.DecodeError as exc:
-        raise _invalid(f"malformed JSON: {exc}") from None
+        raise InvalidRequest(f"malformed JSON: {exc}") from None
     # Neither is a msgspec error: bad bytes inside a string, and a body nested deeper
     # than Python's recursion limit (a few KB of brackets in any free-form field).
     except UnicodeDecodeError:
-        raise _invalid("request body is not valid UTF-8") from None
+        raise InvalidRequest("request body is not valid UTF-8") from None
     except RecursionError:
-        raise _invalid("request body is nested too deeply") from None
-
-
-def _invalid(message: str, param: str = "") -> InvalidRequest:
-    err = InvalidRequest(message)
-    err.param = param  # type: ignore[attr-defined]
-    return err
+        raise InvalidRequest("request body is nested too deeply") from None
 
 
 async def read_json(request: Request, decoder: msgspec.json.Decoder[T]) -> T:

@@ -31,14 +31,13 @@ from stella.api.openai_request import (
     ChatCompletionRequest,
     CompletionRequest,
     check_completion,
-    invalid,
     to_chat,
     to_metadata,
     to_options,
 )
 from stella.api.openapi import Operation, document
 from stella.core import Call
-from stella.errors import ModelNotFound, StellaError
+from stella.errors import InvalidRequest, ModelNotFound, StellaError
 from stella.protocol import (
     ChatRequest,
     Done,
@@ -76,7 +75,7 @@ class OpenAIDialect(Dialect):
                 "type": _TYPES.get(
                     exc.status, "server_error" if exc.status >= 500 else "api_error"
                 ),
-                "param": getattr(exc, "param", None) or None,
+                "param": exc.param or None,
                 "code": _CODES.get(exc.code, exc.code),
             }
         }
@@ -100,9 +99,9 @@ def resolve_provider(
         return chat
     svc = services(request)
     if provider not in svc.backends:
-        err = ModelNotFound(f"provider {provider!r} not found; known: {sorted(svc.backends)}")
-        err.param = "provider"  # type: ignore[attr-defined]
-        raise err
+        raise ModelNotFound(
+            f"provider {provider!r} not found; known: {sorted(svc.backends)}", param="provider"
+        )
     for route in svc.router.routes.values():
         if route.backend_name == provider and chat.model in (
             route.name,
@@ -112,12 +111,11 @@ def resolve_provider(
             return msgspec.structs.replace(chat, model=route.name)
     if not svc.settings.models.allow_direct:
         # Any upstream model by name is what models.allow_direct guards: routes only.
-        err = ModelNotFound(
+        raise ModelNotFound(
             f"model {chat.model!r} has no route on provider {provider!r} "
-            "(models.allow_direct is off)"
+            "(models.allow_direct is off)",
+            param="model",
         )
-        err.param = "model"  # type: ignore[attr-defined]
-        raise err
     call.backend = provider  # no route names this model: ask the backend for it directly
     return chat
 
@@ -319,7 +317,7 @@ async def completions(request: Request, call: Call) -> Response:
     check_completion(req)
     if isinstance(req.prompt, list):
         if len(req.prompt) != 1:
-            raise invalid("exactly one prompt per request is supported", "prompt")
+            raise InvalidRequest("exactly one prompt per request is supported", param="prompt")
         prompt = req.prompt[0]
     else:
         prompt = req.prompt

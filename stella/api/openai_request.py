@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from stella.errors import InvalidRequest
+from stella.errors import InvalidRequest, field_path
 from stella.protocol import (
     ChatRequest,
     FunctionCall,
@@ -111,13 +111,6 @@ class CompletionRequest(CompletionCommon, kw_only=True):
 # --- errors ---------------------------------------------------------------------------
 
 
-def invalid(message: str, param: str) -> InvalidRequest:
-    """A 400 that names the offending parameter."""
-    err = InvalidRequest(message)
-    err.param = param  # type: ignore[attr-defined]
-    return err
-
-
 # --- translation ----------------------------------------------------------------------
 
 
@@ -127,7 +120,9 @@ def _text(content: str | list[Part] | None, where: str) -> str:
     texts = []
     for i, part in enumerate(content):
         if part.type != "text":
-            raise invalid(f"content part type {part.type!r} is not supported", f"{where}[{i}].type")
+            raise InvalidRequest(
+                f"content part type {part.type!r} is not supported", param=f"{where}[{i}].type"
+            )
         texts.append(part.text)
     return "\n".join(texts)
 
@@ -135,9 +130,9 @@ def _text(content: str | list[Part] | None, where: str) -> str:
 def to_options(req: CompletionCommon) -> Options:
     """Sampling options; 400 for what stella can't honour (n > 1, logprobs)."""
     if req.n not in (1, None):
-        raise invalid("n > 1 is not supported: ask for one choice per request", "n")
+        raise InvalidRequest("n > 1 is not supported: ask for one choice per request", param="n")
     if req.logprobs:
-        raise invalid("logprobs are not supported", "logprobs")
+        raise InvalidRequest("logprobs are not supported", param="logprobs")
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
     # The newer name wins when both are given (a 0 in it too: that is the client's error).
     newer = req.max_completion_tokens is not None
@@ -155,7 +150,7 @@ def to_options(req: CompletionCommon) -> Options:
         )
     except msgspec.ValidationError as exc:
         text = str(exc)
-        raise invalid(text, text.rpartition("$.")[2].rstrip("`") if "$." in text else "") from None
+        raise InvalidRequest(text, param=field_path(text)) from None
 
 
 def to_metadata(req: CompletionCommon) -> dict[str, Any] | None:
@@ -169,11 +164,11 @@ def to_metadata(req: CompletionCommon) -> dict[str, Any] | None:
 def check_completion(req: CompletionRequest) -> None:
     """400 for the legacy completion options stella can't honour."""
     if req.echo:
-        raise invalid("echo is not supported", "echo")
+        raise InvalidRequest("echo is not supported", param="echo")
     if req.suffix:
-        raise invalid("suffix (fill-in-the-middle) is not supported", "suffix")
+        raise InvalidRequest("suffix (fill-in-the-middle) is not supported", param="suffix")
     if req.best_of not in (None, 1):
-        raise invalid("best_of > 1 is not supported", "best_of")
+        raise InvalidRequest("best_of > 1 is not supported", param="best_of")
 
 
 def choice_from(value: Any) -> ToolChoice | None:
@@ -183,14 +178,16 @@ def choice_from(value: Any) -> ToolChoice | None:
     if isinstance(value, str):
         if value in ("auto", "none", "required"):
             return value  # type: ignore[return-value]
-        raise invalid(f"tool_choice {value!r} is not auto, none or required", "tool_choice")
+        raise InvalidRequest(
+            f"tool_choice {value!r} is not auto, none or required", param="tool_choice"
+        )
     if isinstance(value, dict):
         kind = value.get("type")
         if kind == "function":
             try:
                 return msgspec.convert(value, NamedToolChoice)
             except msgspec.ValidationError as exc:
-                raise invalid(f"tool_choice: {exc}", "tool_choice") from None
+                raise InvalidRequest(f"tool_choice: {exc}", param="tool_choice") from None
         if kind == "allowed_tools":  # a subset stella does not narrow: its mode stands
             allowed = value.get("allowed_tools")
             mode = allowed.get("mode") if isinstance(allowed, dict) else None
@@ -201,12 +198,14 @@ def choice_from(value: Any) -> ToolChoice | None:
 def to_chat(req: ChatCompletionRequest) -> ChatRequest:
     """The internal request for a chat completion."""
     if req.top_logprobs:
-        raise invalid("logprobs are not supported", "top_logprobs")
+        raise InvalidRequest("logprobs are not supported", param="top_logprobs")
     messages = []
     for i, m in enumerate(req.messages):
         if m.role in ("user", "system", "developer") and (m.content is None or m.content == []):
             # OpenAI requires it; an empty turn would only get an empty answer.
-            raise invalid(f"a {m.role} message needs content", f"messages[{i}].content")
+            raise InvalidRequest(
+                f"a {m.role} message needs content", param=f"messages[{i}].content"
+            )
         calls = None
         if m.tool_calls:
             calls = []
@@ -214,8 +213,8 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
                 try:
                     args = msgspec.json.decode(c.function.arguments or "{}")
                 except (msgspec.DecodeError, RecursionError):
-                    raise invalid(
-                        "tool call arguments are not JSON", f"messages[{i}].tool_calls"
+                    raise InvalidRequest(
+                        "tool call arguments are not JSON", param=f"messages[{i}].tool_calls"
                     ) from None
                 calls.append(
                     ToolCallRef(
