@@ -270,15 +270,8 @@ class Inference:
                                 tokens += 1
                                 if collect:
                                     texts.append(event.text)
-                                if emit is not None:
-                                    watchdog.writing = True
-                                    try:
-                                        await emit(event)
-                                    except asyncio.CancelledError:
-                                        _too_slow(watchdog, rs.total_timeout_s)
-                                        raise
-                                    finally:
-                                        watchdog.writing = False
+                            elif kind is ToolCall:
+                                self.tool_calls.append(event)
                             elif kind is Done:
                                 self.completion_tokens = tokens
                                 breaker.success()
@@ -294,21 +287,19 @@ class Inference:
                                         error=repr(exc),
                                     )
                                 return self._done(event)
-                            elif kind is ToolCall:
-                                self.tool_calls.append(event)
-                                if emit is not None:
-                                    watchdog.writing = True
-                                    try:
-                                        await emit(event)
-                                    except asyncio.CancelledError:
-                                        _too_slow(watchdog, rs.total_timeout_s)
-                                        raise
-                                    finally:
-                                        watchdog.writing = False
                             else:
                                 raise UpstreamError(
                                     f"backend sent an unknown event {kind.__name__}"
                                 )
+                            if emit is not None:  # a Delta or a ToolCall, to the client
+                                watchdog.writing = True
+                                try:
+                                    await emit(event)
+                                except asyncio.CancelledError:
+                                    _too_slow(watchdog, rs.total_timeout_s)
+                                    raise
+                                finally:
+                                    watchdog.writing = False
                             watchdog.waiting = True
                             try:
                                 event = await anext(agen)
