@@ -183,6 +183,19 @@ def _inband(event: Error, request_id: str) -> StellaClientError:
     )
 
 
+def _payload(
+    model: str | None, stream: bool, options: dict[str, Any] | None, **fields: Any
+) -> dict[str, Any]:
+    """A request body: `fields` that are set, the stream flag, the model and options if any."""
+    body: dict[str, Any] = {k: v for k, v in fields.items() if v is not None}
+    body["stream"] = stream
+    if model:
+        body["model"] = model
+    if options:
+        body["options"] = options
+    return body
+
+
 def _body(
     messages: list[Any],
     model: str | None,
@@ -190,13 +203,7 @@ def _body(
     options: dict[str, Any] | None,
     **extra: Any,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"messages": messages, "stream": stream}
-    if model:
-        body["model"] = model
-    if options:
-        body["options"] = options
-    body.update({k: v for k, v in extra.items() if v is not None})
-    return body
+    return _payload(model, stream, options, messages=messages, **extra)
 
 
 def _generate_body(
@@ -206,14 +213,7 @@ def _generate_body(
     stream: bool,
     options: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"prompt": prompt, "stream": stream}
-    if model:
-        body["model"] = model
-    if system:
-        body["system"] = system
-    if options:
-        body["options"] = options
-    return body
+    return _payload(model, stream, options, prompt=prompt, system=system or None)
 
 
 def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
