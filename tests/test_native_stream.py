@@ -270,6 +270,33 @@ def test_client_request_id_is_kept(stella: LiveServer) -> None:
     assert bad.headers["x-request-id"].startswith("req_")
 
 
+def stalled_reader(server: LiveServer, model: str, request_id: str) -> socket.socket:
+    """A chat on `model` from a client with a tiny receive buffer that reads the start
+    of the response and then nothing more."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "x"}]})
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", server.port))
+    s.sendall(
+        b"POST /api/v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Request-ID: %s\r\nContent-Length: %d\r\n\r\n%s"
+        % (request_id.encode(), len(body), body.encode())
+    )
+    s.recv(100)  # the response has begun; from now on nothing is read
+    return s
+
+
+def read_to_the_end(s: socket.socket) -> bytes:
+    """What the server sent, until it closed or reset the connection."""
+    s.settimeout(5)
+    got = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(1 << 20):
+            got += chunk
+    s.close()
+    return got
+
+
 def test_a_client_that_stops_reading_is_let_go_at_the_total_limit() -> None:
     # A big answer, a client with a tiny receive buffer that reads the headers and no
     # more: at the route's total limit the call ends (408 client_too_slow in the log),
@@ -279,25 +306,12 @@ def test_a_client_that_stops_reading_is_let_go_at_the_total_limit() -> None:
         "backends": {"flood": {"kind": "echo", "reply": "wordwordword " * 200000}},
         "models": {"routes": {"flood": {"backend": "flood", "total_timeout_s": 1.0}}},
     }
-    body = json.dumps({"model": "flood", "messages": [{"role": "user", "content": "x"}]})
     with run_stella(config) as server:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.connect(("127.0.0.1", server.port))
-        s.sendall(
-            b"POST /api/v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"X-Request-ID: req-stalled-reader\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(body), body.encode())
-        )
-        s.recv(100)  # the response has begun; from now on nothing is read
+        s = stalled_reader(server, "flood", "req-stalled-reader")
         ev = server.wait_event(lambda e: e["request_id"] == "req-stalled-reader", timeout=10)
         assert ev["error_code"] == "client_too_slow" and ev["status"] == 408
         assert ev["total_ms"] < 3000
-        s.settimeout(5)
-        with contextlib.suppress(ConnectionResetError):
-            while s.recv(65536):  # what was sent, then the end: the connection is gone
-                pass
-        s.close()
+        read_to_the_end(s)  # what was sent, then the end: the connection is gone
         assert not [line for line in server.lines() if "ERROR" in line]  # nor a server error
 
 
@@ -307,22 +321,9 @@ def test_a_client_that_stops_reading_before_the_last_line_is_let_go() -> None:
         "backends": {"big": {"kind": "echo", "reply": "w" * 8_000_000}},
         "models": {"routes": {"big": {"backend": "big", "total_timeout_s": 1.0}}},
     }
-    body = json.dumps({"model": "big", "messages": [{"role": "user", "content": "x"}]})
     with run_stella(config) as server:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.connect(("127.0.0.1", server.port))
-        s.sendall(
-            b"POST /api/v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode())
-        )
-        s.recv(100)
+        s = stalled_reader(server, "big", "req-stalled-at-the-end")
         time.sleep(2.5)  # past the limit (and its one-second grace for the last lines)
-        s.settimeout(5)
-        got = b""
-        with contextlib.suppress(ConnectionResetError):
-            while chunk := s.recv(1 << 20):
-                got += chunk
-        s.close()
+        got = read_to_the_end(s)
         assert not got.endswith(b"0\r\n\r\n")  # dropped, not held until the client read
         assert not [line for line in server.lines() if "ERROR" in line]
