@@ -71,6 +71,10 @@ class Permit:
 class Admission:
     """Limits and queues consulted before a call starts (see stella.limits)."""
 
+    def unlimited(self, call: Call, route: Route) -> Permit | None:
+        """A permit at once when no limit applies to this call, else None (then `admit`)."""
+        return None
+
     async def admit(self, call: Call, route: Route, request: ChatRequest) -> Permit:
         """Admit or raise RateLimited / Overloaded."""
         return Permit()

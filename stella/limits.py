@@ -167,6 +167,11 @@ class Limiter(Admission):
             self._plans[(p.name, route.name)] = plan
         return plan
 
+    def unlimited(self, call: Call, route: Route) -> Permit | None:
+        """The shared free permit when neither buckets nor slots apply (no await needed)."""
+        plan = self._plan(call.principal, route)
+        return _FREE if not plan.buckets and not plan.slots else None
+
     async def admit(self, call: Call, route: Route, request: ChatRequest) -> Permit:
         """Admit the call or raise RateLimited / Overloaded."""
         plan = self._plan(call.principal, route)

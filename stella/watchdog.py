@@ -140,16 +140,22 @@ class Watchdog:
         "_since",
         "_task",
         "_ticker",
+        "at",
         "ctx",
         "deadline",
         "limit",
         "progress",
+        "then",
         "waiting",
         "writing",
     )
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline  # time.perf_counter() value the whole call must end by
+        # A callback run once on the first tick past `at` while the call still runs (the
+        # HTTP layer's disconnect watch): a second registration with the ticker spared.
+        self.at = 0.0
+        self.then: Callable[[], Any] | None = None
         self.limit = 0.0
         self.progress = 0
         self.ctx: Any = None  # the call's CallContext: its `beats` count as progress too
@@ -188,6 +194,10 @@ class Watchdog:
 
     def tick(self, now: float) -> bool:
         """Cancel the waiting task after too long a silence; stay registered until closed."""
+        then = self.then
+        if then is not None and now >= self.at:
+            self.then = None
+            then()
         if self._fired or self._task is None:
             return True
         count = self._count()

@@ -28,7 +28,6 @@ from stella.errors import (
 )
 from stella.protocol import ErrorDetail, ErrorResponse
 from stella.streaming import WATCH_AFTER_S, Codec, EventStream
-from stella.watchdog import ticker
 
 T = TypeVar("T")
 _log = structlog.get_logger("stella")
@@ -253,17 +252,16 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
     """
     svc = services(request)
     call = inference.call
-    tk = ticker()
-    loop = tk.loop
-    task = asyncio.current_task(loop)
+    task = asyncio.current_task()
     assert task is not None
     svc.drain.enter(call, task)
     # Most answers are ready long before a client gives up: watch for a disconnect
-    # only once the call has taken a while, so fast calls pay no extra task.
+    # only once the call has taken a while (the call's watchdog says when), so fast
+    # calls pay no extra task.
     watcher: list[asyncio.Task[Any]] = []
-    later = tk.later(
+    inference.slow = (
         WATCH_AFTER_S,
-        lambda: watcher.append(loop.create_task(_watch_disconnect(request, task, call))),
+        lambda: watcher.append(task.get_loop().create_task(_watch_disconnect(request, task, call))),
     )
     try:
         return await inference.result()
@@ -275,7 +273,6 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
             raise ClientGone("the client disconnected before the answer was ready") from None
         raise ShuttingDown("the server is shutting down; retry the request") from None
     finally:
-        later.cancel()
         for w in watcher:
             w.cancel()
         inference.finish()
