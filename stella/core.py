@@ -142,6 +142,7 @@ class Inference:
         "slow",
         "t0",
         "t_end",
+        "task",
         "terminal",
         "texts",
         "timings",
@@ -186,6 +187,7 @@ class Inference:
         self.timings: Timings | None = None  # those of the Done, for the log event
         # (seconds, callback): run once if the call is still going after that long.
         self.slow: tuple[float, Callable[[], Any]] | None = None
+        self.task: asyncio.Task[Any] | None = None  # the task running it, when known
         self.collect = not request.stream or pipeline.log_content
 
     def start_event(self) -> Start:
@@ -206,7 +208,7 @@ class Inference:
         `emit` raises SinkClosed when the client can no longer be written to.
         """
         router = self.pipeline.router
-        watchdog = Watchdog(self.t0 + self.route.settings.total_timeout_s)  # per route below
+        watchdog = Watchdog(self.t0 + self.route.settings.total_timeout_s, self.task)
         if self.slow is not None:
             watchdog.at, watchdog.then = self.t0 + self.slow[0], self.slow[1]
         last: StellaError | None = None

@@ -85,10 +85,23 @@ class Metrics:
             self.tokens[(model, "prompt")] += record["prompt_tokens"]
         if record["completion_tokens"]:
             self.tokens[(model, "completion")] += record["completion_tokens"]
-        if record["ttft_ms"] is not None:
-            self.ttft[model].observe(record["ttft_ms"] / 1000)
-        self.total[model].observe(record["total_ms"] / 1000)
-        self.queue[model].observe(record["queue_ms"] / 1000)
+        # _Hist.observe, inlined: three method calls per request are a tenth of this.
+        ttft = record["ttft_ms"]
+        if ttft is not None:
+            h = self.ttft[model]
+            h.buckets[bisect_left(LATENCY_BUCKETS, ttft / 1000)] += 1
+            h.sum += ttft / 1000
+            h.count += 1
+        total = record["total_ms"] / 1000
+        h = self.total[model]
+        h.buckets[bisect_left(LATENCY_BUCKETS, total)] += 1
+        h.sum += total
+        h.count += 1
+        queue = record["queue_ms"] / 1000
+        h = self.queue[model]
+        h.buckets[bisect_left(LATENCY_BUCKETS, queue)] += 1
+        h.sum += queue
+        h.count += 1
         attempts = record["attempts"]
         if len(attempts) > 1 or attempts[0].get("error"):
             for attempt in attempts:

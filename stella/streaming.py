@@ -133,6 +133,7 @@ class EventStream:
         task = asyncio.current_task(loop)
         assert task is not None
         self.drain.enter(call, task)
+        inference.task = task
         # Short streams end before anyone could notice a disconnect or need a ping:
         # the watcher task starts only once the stream has run for a moment.
         watcher: list[asyncio.Task[Any]] = []

@@ -150,7 +150,7 @@ class Watchdog:
         "writing",
     )
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, deadline: float, task: asyncio.Task[Any] | None = None) -> None:
         self.deadline = deadline  # time.perf_counter() value the whole call must end by
         # A callback run once on the first tick past `at` while the call still runs (the
         # HTTP layer's disconnect watch): a second registration with the ticker spared.
@@ -165,7 +165,7 @@ class Watchdog:
         self._since = 0.0
         self._fired = False
         self._ticker: Ticker | None = None
-        self._task: asyncio.Task[Any] | None = None
+        self._task = task  # the task to cancel; found at the first watch() when not given
 
     def watch(self, limit: float) -> None:
         """From now on the backend may be silent for at most `limit` seconds."""
@@ -174,7 +174,8 @@ class Watchdog:
         self._seen = self._count()
         if self._ticker is None:
             tk = self._ticker = ticker()
-            self._task = asyncio.current_task(tk.loop)  # given the loop: no second lookup
+            if self._task is None:
+                self._task = asyncio.current_task(tk.loop)  # given the loop: no second lookup
             tk.add(self)
 
     def expired(self) -> bool:

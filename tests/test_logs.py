@@ -35,6 +35,14 @@ def test_sink_masks_secrets_and_bearer_tokens() -> None:
     assert ev["authorization"] == "***" and ev["nested"] == {"api_key": "***", "ok": 1}
 
 
+def test_sink_masks_a_bearer_token_in_any_case() -> None:
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out)
+    sink.put({"event": "x", "note": "sent BEARER qqq.www upstream"})
+    sink.close()
+    assert "qqq" not in out.getvalue().decode()
+
+
 def test_console_format_is_one_readable_line() -> None:
     out = io.BytesIO()
     sink = logs.LogSink(fmt="console", stream=out)

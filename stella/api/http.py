@@ -255,6 +255,7 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
     task = asyncio.current_task()
     assert task is not None
     svc.drain.enter(call, task)
+    inference.task = task
     # Most answers are ready long before a client gives up: watch for a disconnect
     # only once the call has taken a while (the call's watchdog says when), so fast
     # calls pay no extra task.
