@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from stella.errors import Forbidden, ModelNotFound
@@ -49,7 +49,6 @@ class Call:
     cancel_reason: str | None = None
     # A configured backend chosen by the client (OpenAI `provider`): bypasses routes.
     backend: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 class Permit:

@@ -154,7 +154,8 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         super().data_received(data)
         # Nearly every body comes with its headers: no timer at all for those. A
         # pipelined request waits with reading paused, so its clock starts with it.
-        if self._body_timer is None and not self.pipeline:
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and self._body_timer is None and not self.pipeline:
             self._arm()
 
     def on_message_complete(self) -> None:
@@ -167,7 +168,8 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     def on_response_complete(self) -> None:
         """A pipelined request may start now, with its body still to come."""
         super().on_response_complete()
-        if self._body_timer is None and not self.pipeline:
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and self._body_timer is None and not self.pipeline:
             self._arm()
 
     def _arm(self) -> None:
