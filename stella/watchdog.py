@@ -198,7 +198,10 @@ class Watchdog:
         then = self.then
         if then is not None and now >= self.at:
             self.then = None
-            then()
+            try:
+                then()
+            except Exception:  # a failing callback must not cost the call its time limits
+                pass
         if self._fired or self._task is None:
             return True
         count = self._count()

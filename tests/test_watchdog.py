@@ -74,3 +74,27 @@ async def test_the_deadline_ends_even_a_lively_call() -> None:
             dog.progress += 1
     assert dog.expired()
     dog.close()
+
+
+async def test_the_callback_runs_once_and_a_failing_one_keeps_the_limits() -> None:
+    ran: list[int] = []
+    dog = Watchdog(time.perf_counter() + 60)
+    dog.at, dog.then = time.perf_counter() + 0.01, lambda: ran.append(1)
+    dog.watch(10)
+    await asyncio.sleep(TICK_S * 3)
+    assert ran == [1]
+    dog.close()
+
+    def boom() -> None:
+        raise RuntimeError("a bug in the callback")
+
+    dog = Watchdog(time.perf_counter() + 60)
+    dog.at, dog.then = time.perf_counter(), boom
+    dog.watch(0.1)
+    with pytest.raises(asyncio.CancelledError):
+        try:
+            await _silent_wait(dog, 5)
+        except asyncio.CancelledError:
+            assert dog.expired()  # the silence limit still fired
+            raise
+    dog.close()
