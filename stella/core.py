@@ -593,12 +593,15 @@ def _without_tools(req: ChatRequest) -> ChatRequest:
 
 def _2(x: float) -> float:
     """`x` to two decimals (round(x, 2) formats through a string: 4x slower)."""
-    return round(x * 100) / 100
+    try:
+        return round(x * 100) / 100
+    except (OverflowError, ValueError):  # inf or nan (a plugin's queue_ms): as it is
+        return x
 
 
 def _ms(seconds: float) -> float:
     """Seconds as milliseconds, to two decimals."""
-    return round(seconds * 100_000) / 100
+    return _2(seconds * 1000)
 
 
 def _completed(usage: Usage, counted: int) -> Usage:
