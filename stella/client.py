@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from stella.protocol import ChatResponse, Error, ModelList, Ping, StreamEvent
+from stella.protocol import ChatResponse, Done, Error, ModelList, Ping, StreamEvent
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _event = msgspec.json.Decoder(StreamEvent)
@@ -40,6 +40,7 @@ class StellaClientError(Exception):
         code: str = "error",
         request_id: str = "",
         retry_after: float | None = None,
+        retryable: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -47,6 +48,7 @@ class StellaClientError(Exception):
         self.code = code
         self.request_id = request_id
         self.retry_after = retry_after
+        self.retryable = retryable  # worth sending again (a 429, a 5xx, an in-band retryable)
 
 
 class BadRequestError(StellaClientError):
@@ -98,7 +100,12 @@ class TimeoutError(StellaClientError):
 
 
 class NetworkError(StellaClientError):
-    """network_error: the server could not be reached, or the connection broke."""
+    """network_error: the server could not be reached, or the connection broke (also a
+    stream that ended without its `done` or `error` line)."""
+
+
+class ProtocolError(StellaClientError):
+    """bad_response: the answer is not stella's protocol (a proxy's page, say)."""
 
 
 @contextlib.contextmanager
@@ -160,9 +167,9 @@ def error_for(response: httpx.Response, body: bytes) -> StellaClientError:
         err = msgspec.json.decode(body).get("error", {})
         if isinstance(err, dict):
             code, message, rid = (
-                err.get("code", code),
-                err.get("message", message),
-                err.get("request_id", ""),
+                err.get("code") or code,
+                err.get("message") or message,
+                err.get("request_id") or "",
             )
     except (msgspec.DecodeError, AttributeError):
         pass
@@ -174,13 +181,76 @@ def error_for(response: httpx.Response, body: bytes) -> StellaClientError:
         code=code,
         request_id=rid or response.headers.get("x-request-id", ""),
         retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
+        retryable=response.status_code == 429 or response.status_code >= 500,
     )
 
 
 def _inband(event: Error, request_id: str) -> StellaClientError:
     return BY_CODE.get(event.code, StellaClientError)(
-        event.message, code=event.code, request_id=request_id
+        event.message, code=event.code, request_id=request_id, retryable=event.retryable
     )
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | str, url: str) -> Any:
+    """A stella answer decoded; anything else is a ProtocolError, not a traceback."""
+    try:
+        return decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        start = data[:80] if isinstance(data, str) else data[:80].decode("utf-8", "replace")
+        raise ProtocolError(
+            f"{url} did not answer in stella's protocol ({exc}): {start!r}", code="bad_response"
+        ) from None
+
+
+class _Lines:
+    """A stream's lines as events: pings and unknown event types skipped (a newer
+    server may send more), an `error` line raised, a missing terminal line noticed."""
+
+    def __init__(self, url: str, request_id: str) -> None:
+        self.url = url
+        self.request_id = request_id
+        self.ended = False
+
+    def event(self, line: str) -> Any:
+        """The line's event, or None for a line to skip."""
+        try:
+            event = _event.decode(line)
+        except msgspec.ValidationError as exc:
+            kind = _decode(_any_event, line, self.url).type
+            if kind in _KNOWN:  # a known event in a shape stella never sends
+                raise ProtocolError(
+                    f"{self.url} sent a malformed {kind!r} line: {exc}", code="bad_response"
+                ) from None
+            return None  # an event type this client does not know yet: skipped
+        except msgspec.DecodeError:
+            _decode(_event, line, self.url)  # not JSON: raises the ProtocolError
+        kind = type(event)
+        if kind is Ping:
+            return None
+        if kind is Error:
+            self.ended = True
+            raise _inband(event, self.request_id)
+        if kind is Done:
+            self.ended = True
+        return event
+
+    def end(self) -> None:
+        """Raise unless the stream ended with its terminal line (the protocol's promise)."""
+        if not self.ended:
+            raise NetworkError(
+                f"the stream from {self.url} ended without a done or error line",
+                code="network_error",
+                request_id=self.request_id,
+            )
+
+
+class _AnyEvent(msgspec.Struct):
+    type: str
+
+
+_any_event = msgspec.json.Decoder(_AnyEvent)
+_json = msgspec.json.Decoder()
+_KNOWN = frozenset({"start", "delta", "tool_call", "done", "error", "ping"})
 
 
 def _payload(
@@ -253,22 +323,19 @@ class Client:
             r = self._http.post(path, json=body)
         if r.status_code >= 400:
             raise error_for(r, r.content)
-        return _response.decode(r.content)
+        return _decode(_response, r.content, self.url)
 
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[Any]:
         with _network(self.url), self._http.stream("POST", path, json=body) as r:
             if r.status_code >= 400:
                 raise error_for(r, r.read())
-            rid = r.headers.get("x-request-id", "")
+            lines = _Lines(self.url, r.headers.get("x-request-id", ""))
             for line in r.iter_lines():
-                if not line:
-                    continue
-                event = _event.decode(line)
-                if type(event) is Ping:
-                    continue
-                if type(event) is Error:
-                    raise _inband(event, rid)
-                yield event
+                if line:
+                    event = lines.event(line)
+                    if event is not None:
+                        yield event
+            lines.end()
 
     def chat(
         self,
@@ -316,7 +383,7 @@ class Client:
             r = self._http.get("/api/v1/models")
         if r.status_code >= 400:
             raise error_for(r, r.content)
-        return _models.decode(r.content)
+        return _decode(_models, r.content, self.url)
 
     def health(self) -> dict[str, Any]:
         """GET /health."""
@@ -324,7 +391,7 @@ class Client:
             r = self._http.get("/health")
         if r.status_code >= 400:
             raise error_for(r, r.content)
-        return r.json()
+        return _decode(_json, r.content, self.url)  # type: ignore[no-any-return]
 
 
 class AsyncClient:
@@ -358,23 +425,20 @@ class AsyncClient:
             r = await self._http.post(path, json=body)
         if r.status_code >= 400:
             raise error_for(r, r.content)
-        return _response.decode(r.content)
+        return _decode(_response, r.content, self.url)
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Any]:
         with _network(self.url):
             async with self._http.stream("POST", path, json=body) as r:
                 if r.status_code >= 400:
                     raise error_for(r, await r.aread())
-                rid = r.headers.get("x-request-id", "")
+                lines = _Lines(self.url, r.headers.get("x-request-id", ""))
                 async for line in r.aiter_lines():
-                    if not line:
-                        continue
-                    event = _event.decode(line)
-                    if type(event) is Ping:
-                        continue
-                    if type(event) is Error:
-                        raise _inband(event, rid)
-                    yield event
+                    if line:
+                        event = lines.event(line)
+                        if event is not None:
+                            yield event
+                lines.end()
 
     async def chat(
         self,
@@ -422,7 +486,7 @@ class AsyncClient:
             r = await self._http.get("/api/v1/models")
         if r.status_code >= 400:
             raise error_for(r, r.content)
-        return _models.decode(r.content)
+        return _decode(_models, r.content, self.url)
 
     async def health(self) -> dict[str, Any]:
         """GET /health."""
@@ -430,4 +494,4 @@ class AsyncClient:
             r = await self._http.get("/health")
         if r.status_code >= 400:
             raise error_for(r, r.content)
-        return r.json()
+        return _decode(_json, r.content, self.url)  # type: ignore[no-any-return]

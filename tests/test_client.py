@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -189,3 +192,145 @@ async def test_an_unreachable_server_is_a_network_error(stella: LiveServer) -> N
         assert out.returncode == 1, out.stderr
         assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
         assert "network_error" in out.stderr
+
+
+def _misbehaving_app() -> Any:
+    """A server that looks like stella until it doesn't: truncated streams, HTML, newer
+    event types, error bodies with null fields."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        content = body["messages"][-1]["content"]
+        if content == "truncate":
+            lines = [
+                b'{"type":"start","id":"r1","model":"m","backend":"b","created":1.0}\n',
+                b'{"type":"delta","text":"partial"}\n',
+            ]
+        elif content == "newer":
+            lines = [
+                b'{"type":"start","id":"r2","model":"m","backend":"b","created":1.0}\n',
+                b'{"type":"usage_hint","tokens":3}\n',
+                b'{"type":"delta","text":"ok"}\n',
+                b'{"type":"done","finish_reason":"stop"}\n',
+            ]
+        elif content == "retryable":
+            lines = [
+                b'{"type":"start","id":"r3","model":"m","backend":"b","created":1.0}\n',
+                b'{"type":"error","code":"upstream_timeout","message":"slow","retryable":true}\n',
+            ]
+        elif content == "null-code":
+            return Response(b'{"error":{"code":null,"message":null}}', status_code=500)
+        else:
+            return Response(b"<html>a proxy's page</html>", media_type="text/html")
+
+        async def gen() -> Any:
+            for line in lines:
+                yield line
+
+        return StreamingResponse(gen(), headers={"x-request-id": "req_fake"})
+
+    async def models(request: Request) -> Response:
+        return Response(b"<html>a proxy's page</html>", media_type="text/html")
+
+    async def health(request: Request) -> Response:
+        return Response(b"ok")
+
+    return Starlette(
+        routes=[
+            Route("/api/v1/chat", chat, methods=["POST"]),
+            Route("/api/v1/models", models),
+            Route("/health", health),
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def odd_server() -> Iterator[str]:
+    from tests.fakes.server import serve
+
+    with serve(_misbehaving_app()) as url:
+        yield url
+
+
+def _say(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+async def test_answers_outside_the_protocol_are_client_errors(odd_server: str) -> None:
+    with sc.Client(odd_server) as c:
+        with pytest.raises(sc.NetworkError) as cut:
+            list(c.chat(_say("truncate"), stream=True))
+        assert cut.value.code == "network_error" and cut.value.request_id == "req_fake"
+        newer = list(c.chat(_say("newer"), stream=True))  # an unknown event type is skipped
+        assert [type(e) for e in newer] == [Start, Delta, Done]
+        with pytest.raises(sc.TimeoutError) as inband:
+            list(c.chat(_say("retryable"), stream=True))
+        assert inband.value.retryable and inband.value.status == 0
+        with pytest.raises(sc.ProtocolError) as html:
+            c.chat(_say("html"))
+        assert html.value.code == "bad_response" and "html" in html.value.message
+        with pytest.raises(sc.ProtocolError):
+            c.models()
+        with pytest.raises(sc.StellaClientError) as null:
+            c.chat(_say("null-code"))
+        assert null.value.code == "http_500" and null.value.retryable
+    async with sc.AsyncClient(odd_server) as ac:
+        stream = await ac.chat(_say("truncate"), stream=True)
+        with pytest.raises(sc.NetworkError):
+            async for _ in stream:
+                pass
+    for args in (["chat", "truncate"], ["chat", "html"], ["models"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "stella", *args, "--url", odd_server],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 1, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # one line, no traceback
+
+
+def test_cli_chat_error_line_and_a_reader_that_leaves(stella: LiveServer) -> None:
+    env = {**os.environ, "STELLA_URL": stella.url}
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "chat", "-m", "nope", "x"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 1 and out.stderr.startswith("stella: model_not_found")
+    assert "(request req_" in out.stderr  # the ID that finds the log line
+    words = " ".join(["word"] * 400)
+    piped = subprocess.run(
+        f"{shlex.quote(sys.executable)} -m stella chat -m echo {shlex.quote(words)} | head -c 3",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert piped.stdout == "wor" and "Broken pipe" not in piped.stderr, piped.stderr
+
+
+def test_keys_new_prints_valid_toml(tmp_path: Any) -> None:
+    import tomllib
+
+    def keys(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "stella", "keys", "new", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    out = keys("k1", "--models", 'a"b', "c\\d", "gpt-*", "--rpm", "5")
+    table = tomllib.loads(out.stdout)["auth"]["keys"]["k1"]
+    assert table["models"] == ['a"b', "c\\d", "gpt-*"] and table["requests_per_minute"] == 5
+    for bad in (["café"], ["k2", "--rpm", "-5"], ["k3", "--models"]):
+        out = keys(*bad)
+        assert out.returncode == 2 and not out.stdout, bad

@@ -38,28 +38,40 @@ def run(args: argparse.Namespace) -> int:
         for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
         if v is not None
     }
+    midline = False  # text written without its line end yet
     try:
         with Client(args.url, args.api_key) as client:
             for event in client.chat(messages, args.model, stream=True, options=options or None):
                 if isinstance(event, Delta):
                     sys.stdout.write(event.text)
                     sys.stdout.flush()
+                    midline = bool(event.text) and not event.text.endswith("\n")
                 elif isinstance(event, ToolCall):
                     sys.stdout.write(f"\n[tool call] {event.name} {event.arguments}\n")
+                    midline = False
                 elif isinstance(event, Done):
                     sys.stdout.write("\n")
+                    midline = False
                     if args.stats:
                         u, t = event.usage, event.timings
+                        ttft = "-" if t.ttft_ms is None else f"{t.ttft_ms} ms"
+                        rate = "-" if t.tokens_per_s is None else t.tokens_per_s
                         print(
                             f"[{event.finish_reason}] {u.prompt_tokens} in, {u.completion_tokens} "
-                            f"out, ttft {t.ttft_ms} ms, {t.tokens_per_s} tok/s",
+                            f"out, ttft {ttft}, {rate} tok/s",
                             file=sys.stderr,
                         )
     except StellaClientError as exc:
-        print(f"\nstella: {exc.code}: {exc.message}", file=sys.stderr)
+        if midline:
+            sys.stdout.write("\n")  # the error gets a line of its own
+            sys.stdout.flush()
+        where = f" (request {exc.request_id})" if exc.request_id else ""
+        print(f"stella: {exc.code}: {exc.message}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise  # the reader left (`| head`): the CLI ends quietly
     except OSError as exc:
         print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
         return 1

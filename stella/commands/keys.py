@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 
 NAME = "keys"
@@ -15,10 +17,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     new = sub.add_parser("new", help="a new key")
     new.add_argument("name", help="the key's name (shown in logs and usage)")
     new.add_argument("--admin", action="store_true", help="may use the admin routes")
-    new.add_argument("--models", nargs="*", default=None, help="glob patterns of allowed models")
-    new.add_argument("--rpm", type=int, default=0, help="requests per minute (0: the default)")
-    new.add_argument("--tpm", type=int, default=0, help="tokens per minute (0: the default)")
+    new.add_argument("--models", nargs="+", default=None, help="glob patterns of allowed models")
+    new.add_argument("--rpm", type=_count, default=0, help="requests per minute (0: the default)")
+    new.add_argument("--tpm", type=_count, default=0, help="tokens per minute (0: the default)")
     sub.add_parser("hash", help="print the SHA-256 of a key read from stdin")
+
+
+def _count(text: str) -> int:
+    """A whole number >= 0, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _toml_string(value: str) -> str:
+    """`value` as a TOML basic string (JSON's escapes are TOML's)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,15 +50,16 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(hash_key(key))
         return 0
-    if not args.name.replace("-", "").replace("_", "").isalnum():
-        print("stella: a key name may use letters, digits, - and _", file=sys.stderr)
+    # A bare TOML key: ASCII letters, digits, - and _ (str.isalnum() would take "café").
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
+        print("stella: a key name may use ASCII letters, digits, - and _", file=sys.stderr)
         return 2
     key = new_key()
     print(f"key: {key}", file=sys.stderr)
     print("(shown once; stella stores only its hash)\n", file=sys.stderr)
     lines = [f"[auth.keys.{args.name}]", f'sha256 = "{hash_key(key)}"']
     if args.models:
-        lines.append("models = [" + ", ".join(f'"{m}"' for m in args.models) + "]")
+        lines.append("models = [" + ", ".join(_toml_string(m) for m in args.models) + "]")
     if args.admin:
         lines.append("admin = true")
     if args.rpm:

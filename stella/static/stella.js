@@ -6,8 +6,11 @@
 //   }
 //
 // Events are the protocol's lines: start, delta, tool_call, done ({type: "ping"} lines
-// are skipped). An HTTP error or an in-band `error` line throws a StellaError; aborting
-// the AbortSignal cancels the request (the server stops generating) and ends the loop.
+// are skipped). An HTTP error, an in-band `error` line, a broken connection or a stream
+// that ends without its done line throws a StellaError. Aborting the AbortSignal (Stop)
+// cancels the request (the server stops generating) and ends the loop quietly; a
+// signal that times out (AbortSignal.timeout) throws code "timeout". Leaving the loop
+// early (break, return, an exception) cancels the request too.
 
 /** An error from stella: an HTTP status before the stream, or an in-band error line. */
 export class StellaError extends Error {
@@ -30,6 +33,7 @@ export async function* parseNdjson(stream) {
   const reader = stream.getReader();
   const decoder = new TextDecoder("utf-8");
   let buffer = "";
+  let finished = false;
   try {
     for (;;) {
       const { value, done } = await reader.read();
@@ -42,9 +46,13 @@ export async function* parseNdjson(stream) {
         if (line) yield JSON.parse(line);
       }
     }
+    finished = true;
     buffer += decoder.decode();
     if (buffer.trim()) yield JSON.parse(buffer);
   } finally {
+    // Left before the end (break, return, an error): cancel the body, so the connection
+    // closes and the server stops generating; releasing the lock alone keeps it open.
+    if (!finished) await reader.cancel().catch(() => {});
     reader.releaseLock();
   }
 }
@@ -69,19 +77,47 @@ async function httpError(res) {
   } catch {
     // not JSON: keep the status line
   }
-  const retry = res.headers.get("Retry-After");
   return new StellaError({
     status: res.status,
     code,
     message,
     requestId,
-    retryAfter: retry === null ? null : Number(retry),
+    retryAfter: retryAfter(res.headers.get("Retry-After")),
     retryable: res.status === 429 || res.status >= 500,
   });
 }
 
-function isAbort(err, signal) {
-  return (signal && signal.aborted) || (err && err.name === "AbortError");
+/** Retry-After in seconds: a number of seconds or an HTTP date; null when absent or unreadable. */
+function retryAfter(value) {
+  if (value === null || value.trim() === "") return null;
+  const seconds = Number(value);
+  if (Number.isFinite(seconds)) return Math.max(0, seconds);
+  const at = Date.parse(value);
+  return Number.isNaN(at) ? null : Math.max(0, Math.ceil((at - Date.now()) / 1000));
+}
+
+/**
+ * What an exception means when a signal may have ended the request: null for a Stop
+ * (the caller's abort: the loop ends quietly), a StellaError for a timeout or a
+ * failure, undefined when it is not about the signal at all.
+ */
+function whenAborted(err, signal) {
+  const aborted = (signal && signal.aborted) || (err && err.name === "AbortError");
+  if (!aborted) return undefined;
+  const reason = signal && signal.aborted ? signal.reason : err;
+  if (reason && reason.name === "TimeoutError") {
+    return new StellaError({ code: "timeout", message: "the request timed out (its AbortSignal)" });
+  }
+  return null;
+}
+
+function networkError(err, requestId = "") {
+  if (err instanceof StellaError) return err;
+  if (err instanceof SyntaxError) {
+    return new StellaError({ code: "bad_response", message: `not stella's protocol: ${err.message}`, requestId });
+  }
+  const cause = err && err.cause ? `: ${err.cause.message || err.cause}` : "";
+  return new StellaError({ code: "network_error", message: String((err && err.message) || err) + cause, requestId });
 }
 
 async function* streamEvents(path, body, { signal, apiKey, baseUrl = "", fetch: fetchImpl = globalThis.fetch } = {}) {
@@ -94,33 +130,45 @@ async function* streamEvents(path, body, { signal, apiKey, baseUrl = "", fetch: 
       signal,
     });
   } catch (err) {
-    if (isAbort(err, signal)) return;
-    throw new StellaError({ code: "network_error", message: String(err && err.message || err) });
+    const abort = whenAborted(err, signal);
+    if (abort === null) return;
+    throw abort || networkError(err);
   }
   if (!res.ok) throw await httpError(res);
   const requestId = res.headers.get("X-Request-ID") || "";
+  let ended = false;
   try {
     for await (const event of parseNdjson(res.body)) {
       if (event.type === "ping") continue;
       if (event.type === "error") {
-        throw new StellaError({ status: res.status, code: event.code, message: event.message,
+        ended = true;
+        // status 0: an in-band error (the HTTP status was 200), as in the Python client
+        throw new StellaError({ status: 0, code: event.code || "error", message: event.message,
                                 requestId, retryable: !!event.retryable });
       }
+      if (event.type === "done") ended = true;
       yield event;
     }
   } catch (err) {
-    if (isAbort(err, signal)) return; // Stop pressed: the request is cancelled, the loop ends
-    throw err;
+    const abort = whenAborted(err, signal);
+    if (abort === null) return; // Stop pressed: the request is cancelled, the loop ends
+    throw abort || networkError(err, requestId);
+  }
+  if (!ended) {
+    throw new StellaError({ code: "network_error", message: "the stream ended without a done or error line", requestId });
   }
 }
 
 /** Stream a chat: yields start, delta, tool_call and done events. */
-export function chat({ model, messages, options, tools, toolChoice, metadata } = {}, opts = {}) {
+export function chat({ model, messages, options, tools, toolChoice, tool_choice, responseFormat, response_format, metadata } = {}, opts = {}) {
   const body = { messages };
   if (model) body.model = model;
   if (options) body.options = options;
   if (tools) body.tools = tools;
-  if (toolChoice) body.tool_choice = toolChoice;
+  const choice = toolChoice ?? tool_choice; // camelCase, or the protocol's own name
+  if (choice) body.tool_choice = choice;
+  const format = responseFormat ?? response_format;
+  if (format) body.response_format = format;
   if (metadata) body.metadata = metadata;
   return streamEvents("/api/v1/chat", body, opts);
 }
@@ -137,7 +185,11 @@ export function generate({ prompt, system, model, options, metadata } = {}, opts
 
 /** The routable models: {models: [...], default}. */
 export async function models({ apiKey, baseUrl = "", signal, fetch: fetchImpl = globalThis.fetch } = {}) {
-  const res = await fetchImpl(baseUrl + "/api/v1/models", { headers: headersFor(apiKey), signal });
-  if (!res.ok) throw await httpError(res);
-  return res.json();
+  try {
+    const res = await fetchImpl(baseUrl + "/api/v1/models", { headers: headersFor(apiKey), signal });
+    if (!res.ok) throw await httpError(res);
+    return await res.json();
+  } catch (err) {
+    throw whenAborted(err, signal) || networkError(err); // a Stop here is an error too: no models
+  }
 }

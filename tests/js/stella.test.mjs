@@ -104,3 +104,85 @@ test("chat() sends tools and toolChoice as the native request has them", async (
   assert.deepEqual(sent.tools, tools);
   assert.equal(sent.tool_choice, "none");
 });
+
+async function listen(handler) {
+  const server = http.createServer(handler);
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  return { server, baseUrl: `http://127.0.0.1:${server.address().port}` };
+}
+
+function slowStream(state) {
+  return (req, res) => {
+    res.writeHead(200, { "Content-Type": "application/x-ndjson" });
+    res.write('{"type":"start","id":"x"}\n');
+    const timer = setInterval(() => res.write('{"type":"delta","text":"t"}\n'), 10);
+    req.on("close", () => { state.closed = true; clearInterval(timer); });
+  };
+}
+
+test("leaving the loop early (break) closes the connection", async () => {
+  const state = { closed: false };
+  const { server, baseUrl } = await listen(slowStream(state));
+  for await (const event of chat({ messages: [] }, { baseUrl })) {
+    if (event.type === "delta") break;
+  }
+  for (let i = 0; i < 50 && !state.closed; i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(state.closed, "break must cancel the request, not leave it running");
+  server.close();
+});
+
+test("a signal that times out throws code timeout, not a quiet end", async () => {
+  const state = { closed: false };
+  const { server, baseUrl } = await listen((req, res) => {
+    res.writeHead(200, { "Content-Type": "application/x-ndjson" });
+    res.write('{"type":"start","id":"x"}\n'); // then silence
+    req.on("close", () => { state.closed = true; });
+  });
+  await assert.rejects(() => collect(chat({ messages: [] }, { baseUrl, signal: AbortSignal.timeout(200) })),
+    (err) => err instanceof StellaError && err.code === "timeout");
+  server.close();
+});
+
+test("a stream that ends without done or error throws network_error", async () => {
+  const fetch = fakeFetch(['{"type":"start","id":"r"}\n', '{"type":"delta","text":"partial"}\n']);
+  await assert.rejects(() => collect(chat({ messages: [] }, { fetch })),
+    (err) => err instanceof StellaError && err.code === "network_error" && err.requestId === "req_1");
+});
+
+test("a connection dropped mid-stream and a server that is down are StellaErrors", async () => {
+  const { server, baseUrl } = await listen((req, res) => {
+    res.writeHead(200, { "Content-Type": "application/x-ndjson" });
+    res.write('{"type":"start","id":"x"}\n');
+    setTimeout(() => res.socket.destroy(), 50);
+  });
+  await assert.rejects(() => collect(chat({ messages: [] }, { baseUrl })),
+    (err) => err instanceof StellaError && err.code === "network_error");
+  server.close();
+  const down = { fetch: async () => { throw new TypeError("fetch failed"); } };
+  await assert.rejects(() => models(down), (err) => err instanceof StellaError && err.code === "network_error");
+  await assert.rejects(() => models({ fetch: async () => new Response("<html>proxy</html>", { status: 200 }) }),
+    (err) => err instanceof StellaError && err.code === "bad_response");
+});
+
+test("in-band errors have status 0; Retry-After as an HTTP date is seconds", async () => {
+  const inband = fakeFetch(['{"type":"start","id":"r"}\n', '{"type":"error","code":"upstream_error","message":"m"}\n']);
+  await assert.rejects(() => collect(chat({ messages: [] }, { fetch: inband })), (err) => err.status === 0 && err.code === "upstream_error");
+  const when = new Date(Date.now() + 30_000).toUTCString();
+  const dated = fakeFetch([], { status: 429, headers: { "Retry-After": when } });
+  await assert.rejects(() => collect(chat({ messages: [] }, { fetch: dated })),
+    (err) => err.retryAfter >= 28 && err.retryAfter <= 31);
+  const junk = fakeFetch([], { status: 429, headers: { "Retry-After": "soon" } });
+  await assert.rejects(() => collect(chat({ messages: [] }, { fetch: junk })), (err) => err.retryAfter === null);
+});
+
+test("chat() takes the protocol's own field names too (tool_choice, response_format)", async () => {
+  let sent;
+  const capture = async (url, init) => {
+    sent = JSON.parse(init.body);
+    return new Response(streamOf(['{"type":"start","id":"r"}\n', '{"type":"done","finish_reason":"stop"}\n']), { status: 200 });
+  };
+  const format = { type: "json_object" };
+  for await (const _ of chat({ messages: [], tools: [], tool_choice: "none", response_format: format }, { fetch: capture })) { /* drain */ }
+  assert.equal(sent.tool_choice, "none");
+  assert.deepEqual(sent.response_format, format);
+});
