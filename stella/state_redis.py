@@ -225,7 +225,7 @@ class RedisState:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key, (cap, per_s, amount) in gives.items():
-                    self._give(keys=[key], args=[cap, per_s, amount], client=pipe)
+                    await self._give(keys=[key], args=[cap, per_s, amount], client=pipe)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self._failed(exc)

@@ -219,3 +219,27 @@ async def test_a_bucket_that_needs_redis_every_time_does_not_grow_another_lease(
     tokens = float(await st.redis.hget("grow:rl:tpm:key:k", "level"))
     assert tokens <= 100_000 - 20 * 2000 + (time.monotonic() - t0) * 100_000 / 60
     await st.aclose()
+
+
+def test_token_reservations_are_settled_in_redis(redis: Redis) -> None:
+    """Each request reserves tokens up front; the real usage is settled afterwards, in
+    both directions, in the shared bucket."""
+    cfg = config(redis, limits={"tokens_per_minute": 2000, "reserve_tokens": 256})
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        # 20 small answers, ~4 tokens each: 80 tokens in all, though each reserves 256.
+        codes = []
+        for i in range(20):
+            codes.append(
+                httpx.post((a, b)[i % 2].url + "/api/v1/chat", json=BODY, headers=AUTH).status_code
+            )
+            time.sleep(0.15)  # settlements reach Redis every 0.1 s
+        assert codes == [200] * 20
+        # A 300-word prompt reserves 1 token (max_tokens) but uses ~301: charged afterwards.
+        big = {**BODY, "messages": [{"role": "user", "content": "w " * 300}]}
+        big["options"] = {"max_tokens": 1}
+        codes = []
+        for i in range(20):
+            r = httpx.post((a, b)[i % 2].url + "/api/v1/chat", json=big, headers=AUTH)
+            codes.append(r.status_code)
+            time.sleep(0.15)
+        assert codes.count(200) <= 10 and codes.count(429) >= 10, codes  # 2,000 tokens + refill
