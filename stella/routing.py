@@ -184,6 +184,14 @@ class Router:
         """The circuit breaker of a backend."""
         return self.breakers[backend_name]
 
+    def snapshot(self) -> tuple[dict[str, Route], dict[str, str], str]:
+        """The routing table as it is now, for `restore` (a change the store refused)."""
+        return dict(self.routes), dict(self._names), self.default
+
+    def restore(self, snap: tuple[dict[str, Route], dict[str, str], str]) -> None:
+        """Put back a table taken by `snapshot`."""
+        self.routes, self._names, self.default = dict(snap[0]), dict(snap[1]), snap[2]
+
     def set_default(self, name: str) -> str:
         """Make a known route (or alias) the default; returns the route name."""
         if not name:

@@ -243,3 +243,24 @@ def test_token_reservations_are_settled_in_redis(redis: Redis) -> None:
             codes.append(r.status_code)
             time.sleep(0.15)
         assert codes.count(200) <= 10 and codes.count(429) >= 10, codes  # 2,000 tokens + refill
+
+
+def test_an_admin_change_the_store_refuses_is_not_applied(redis: Redis) -> None:
+    cfg = config(
+        redis,
+        backends={"other": {"kind": "echo"}},
+        models={"routes": {"other-model": {"backend": "other"}}},
+    )
+    with run_stella(cfg, ENV) as s:
+        redis.stop()
+        r = httpx.post(s.url + "/api/v1/models/switch/other-model", headers=AUTH)
+        assert r.status_code == 503
+        r = httpx.post(
+            s.url + "/api/v1/models", headers=AUTH, json={"name": "rt", "backend": "echo"}
+        )
+        assert r.status_code == 503
+        models = httpx.get(s.url + "/api/v1/models", headers=AUTH).json()
+        assert models["default"] == "echo"
+        assert "rt" not in {m["name"] for m in models["models"]}
+        chat = {**BODY, "model": "rt"}
+        assert httpx.post(s.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 404

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
@@ -97,8 +99,9 @@ async def models(request: Request, call: Call) -> Response:
 async def switch_model(request: Request, call: Call) -> Response:
     """POST /api/v1/models/switch/{name}: make `name` the default model."""
     svc = services(request)
-    name = svc.router.set_default(request.path_params["name"])
-    await svc.state.set_default_model(name)
+    async with _applied(svc.router):
+        name = svc.router.set_default(request.path_params["name"])
+        await svc.state.set_default_model(name)
     return JSONResponse({"default": name})
 
 
@@ -113,8 +116,9 @@ async def register_model(request: Request, call: Call) -> Response:
         aliases=spec.aliases,
         fallbacks=spec.fallbacks,
     )
-    svc.router.register(spec.name, rs)
-    await svc.state.save_route(spec.name, msgspec.to_builtins(rs))
+    async with _applied(svc.router):
+        svc.router.register(spec.name, rs)
+        await svc.state.save_route(spec.name, msgspec.to_builtins(rs))
     return JSONResponse({"registered": spec.name}, status_code=201)
 
 
@@ -123,9 +127,23 @@ async def delete_model(request: Request, call: Call) -> Response:
     """DELETE /api/v1/models/{name}: remove a runtime route."""
     svc = services(request)
     name = request.path_params["name"]
-    svc.router.remove(name)
-    await svc.state.delete_route(name)
+    async with _applied(svc.router):
+        svc.router.remove(name)
+        await svc.state.delete_route(name)
     return JSONResponse({"removed": name})
+
+
+@contextlib.asynccontextmanager
+async def _applied(router: Any) -> AsyncIterator[None]:
+    """A routing change that stands only if the state store took it too: when the
+    store's write fails, this replica's table goes back to what it was (else it would
+    serve a change the other replicas never see and a restart forgets)."""
+    snap = router.snapshot()
+    try:
+        yield
+    except BaseException:
+        router.restore(snap)
+        raise
 
 
 document(
