@@ -338,6 +338,7 @@ def configure_logs(settings: Settings) -> logs.LogSink:
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     """Start state and backends; on the way out drain, close and flush."""
     svc: Services = app.state.stella
+    follower: asyncio.Task[None] | None = None
     await svc.state.start()
     await _restore_state(svc)
     started: list[Backend] = []
@@ -346,6 +347,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             await backend.start()
             started.append(backend)
         _chain_signals(svc.drain)
+        if hasattr(svc.state, "routing_version"):  # shared state: follow other replicas
+            follower = asyncio.create_task(_follow_routing(svc))
         _log.info(
             "started",
             version=__version__,
@@ -357,6 +360,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         )
         yield
     finally:
+        if follower is not None:
+            follower.cancel()
         svc.drain.begin()
         svc.drain.cut()
         await svc.drain.wait(5)
@@ -382,6 +387,44 @@ async def _restore_state(svc: Services) -> None:
                 svc.router.set_default(name)
     except OSError as exc:
         _log.warning("state_unavailable", error=str(exc))
+
+
+# How often a replica on shared state checks for routing changes made elsewhere.
+ROUTING_POLL_S = 1.0
+
+
+async def _follow_routing(svc: Services) -> None:
+    """Apply the runtime routes and default switches other replicas write to the state
+    store: a cheap version poll, a full read only when the version moved."""
+    state = svc.state
+    seen = await state.routing_version()
+    while True:
+        await asyncio.sleep(ROUTING_POLL_S)
+        try:
+            version = await state.routing_version()
+            if version is None or version == seen:
+                continue
+            read = await state.routing()
+            if read is None:
+                continue
+            seen, routes, default = read
+            apply_routing(svc.router, routes, default)
+        except Exception as exc:  # a bad entry must not stop the following
+            _log.warning("routing_sync_failed", error=repr(exc))
+
+
+def apply_routing(router: Router, routes: dict[str, Any], default: str | None) -> None:
+    """Make the runtime part of `router` what the store holds: its routes, its default."""
+    for name, spec in routes.items():
+        with contextlib.suppress(StellaError, msgspec.ValidationError, KeyError):
+            router.register(name, msgspec.convert(spec, RouteSettings))
+    if default:
+        with contextlib.suppress(StellaError):
+            router.set_default(default)
+    for name, route in list(router.routes.items()):
+        if route.runtime and name not in routes:
+            with contextlib.suppress(StellaError):  # the default stays until switched
+                router.remove(name)
 
 
 def _chain_signals(drain: Drain) -> None:

@@ -160,14 +160,48 @@ class RedisState:
 
     async def set_default_model(self, name: str) -> None:
         """Persist the default model."""
+        await self._write(lambda pipe: pipe.set(self._key("default_model"), name))
+
+    async def _write(self, change: Any) -> None:
+        """One routing change and a bump of the routing version, in one transaction: the
+        other replicas poll the version (see `routing`) and reload when it moves."""
         try:
-            await self.redis.set(self._key("default_model"), name)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                change(pipe)
+                pipe.incr(self._key("routing_version"))
+                await pipe.execute()
         except (RedisError, OSError) as exc:
             self._failed(exc)
             raise Unavailable(
                 "the state store (Redis) is unreachable; try again", retry_after=5
             ) from None
         self._ok()
+
+    async def routing(self) -> tuple[int, dict[str, dict[str, Any]], str | None] | None:
+        """(version, runtime routes, default model) as one consistent read; None when
+        Redis can't be read (then nothing should change)."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.get(self._key("routing_version"))
+                pipe.hgetall(self._key("routes"))
+                pipe.get(self._key("default_model"))
+                version, raw, default = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return None
+        self._ok()
+        routes = {k.decode(): msgspec.json.decode(v) for k, v in raw.items()}
+        return int(version or 0), routes, default.decode() if default else None
+
+    async def routing_version(self) -> int | None:
+        """The routing version alone (a cheap poll); None when Redis can't be read."""
+        try:
+            version = await self.redis.get(self._key("routing_version"))
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            return None
+        self._ok()
+        return int(version or 0)
 
     async def load_routes(self) -> dict[str, dict[str, Any]]:
         """Runtime routes by name."""
@@ -181,23 +215,12 @@ class RedisState:
 
     async def save_route(self, name: str, spec: dict[str, Any]) -> None:
         """Persist a runtime route."""
-        try:
-            await self.redis.hset(self._key("routes"), name, msgspec.json.encode(spec))
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-            raise Unavailable(
-                "the state store (Redis) is unreachable; try again", retry_after=5
-            ) from None
+        encoded = msgspec.json.encode(spec)
+        await self._write(lambda pipe: pipe.hset(self._key("routes"), name, encoded))
 
     async def delete_route(self, name: str) -> None:
         """Forget a runtime route."""
-        try:
-            await self.redis.hdel(self._key("routes"), name)
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-            raise Unavailable(
-                "the state store (Redis) is unreachable; try again", retry_after=5
-            ) from None
+        await self._write(lambda pipe: pipe.hdel(self._key("routes"), name))
 
     # --- usage ---------------------------------------------------------------------
 

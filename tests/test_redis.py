@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -264,3 +265,38 @@ def test_an_admin_change_the_store_refuses_is_not_applied(redis: Redis) -> None:
         assert "rt" not in {m["name"] for m in models["models"]}
         chat = {**BODY, "model": "rt"}
         assert httpx.post(s.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 404
+
+
+def test_routing_changes_reach_the_other_replicas(redis: Redis) -> None:
+    cfg = config(
+        redis,
+        backends={"other": {"kind": "echo"}},
+        models={"routes": {"other-model": {"backend": "other"}}},
+    )
+
+    def eventually(check: Any, seconds: float = 5.0) -> None:
+        deadline = time.monotonic() + seconds
+        while not check():
+            assert time.monotonic() < deadline, "the other replica did not follow"
+            time.sleep(0.1)
+
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        chat = {**BODY, "model": "rt"}
+        r = httpx.post(
+            a.url + "/api/v1/models", headers=AUTH, json={"name": "rt", "backend": "echo"}
+        )
+        assert r.status_code == 201
+        eventually(
+            lambda: httpx.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+        )
+        r = httpx.post(a.url + "/api/v1/models/switch/other-model", headers=AUTH)
+        assert r.status_code == 200
+        eventually(
+            lambda: (
+                httpx.get(b.url + "/api/v1/models", headers=AUTH).json()["default"] == "other-model"
+            )
+        )
+        assert httpx.delete(a.url + "/api/v1/models/rt", headers=AUTH).status_code == 200
+        eventually(
+            lambda: httpx.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 404
+        )
