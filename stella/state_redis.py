@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 import time
 from collections import defaultdict
 from typing import Any
@@ -25,6 +27,9 @@ from stella.limits import MemoryBuckets, Take
 from stella.settings import StateSettings
 
 _log = structlog.get_logger("stella")
+# How long Redis remembers a usage batch it applied (a resend after that would count
+# twice; a lost reply is resent within a second or two, or when Redis is back).
+USAGE_MARK_TTL_S = 86_400
 
 TAKE_ALL = """
 local t = redis.call('TIME')
@@ -65,6 +70,20 @@ end
 return out
 """
 
+# Usage counters, applied once per batch ID: a batch whose reply timed out is sent
+# again with its ID, and Redis may well have applied it the first time (HINCRBY is not
+# idempotent). KEYS[1] marks the batch; KEYS[2..] are usage hashes, ARGV[1] the mark's
+# time to live, then a (field, amount) pair per usage hash.
+USAGE = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then
+  return 0
+end
+for i = 2, #KEYS do
+  redis.call('HINCRBY', KEYS[i], ARGV[2 * i - 2], tonumber(ARGV[2 * i - 1]))
+end
+return 1
+"""
+
 GIVE = """
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
@@ -96,6 +115,11 @@ class RedisState:
         self.down_since: float | None = None
         self._take_all = self.redis.register_script(TAKE_ALL)
         self._give = self.redis.register_script(GIVE)
+        self._add_usage = self.redis.register_script(USAGE)
+        # A usage batch sent but not confirmed: (ID, keys, args), sent again as it is.
+        self._unconfirmed: tuple[str, list[str], list[Any]] | None = None
+        self._batches = 0
+        self._instance = f"{os.getpid()}-{secrets.token_hex(4)}"  # batch IDs unique across replicas
         self._usage: dict[tuple[str, str, str], dict[str, int]] = defaultdict(
             lambda: defaultdict(int)
         )
@@ -254,23 +278,35 @@ class RedisState:
             self._failed(exc)
 
     async def _flush(self) -> None:
+        """Send the usage counters: first a batch whose reply was lost (with its ID, so it
+        counts once), then what was counted since, as a new batch."""
+        if self._unconfirmed is not None and not await self._send_usage(*self._unconfirmed):
+            return
         if not self._usage:
             return
         pending, self._usage = self._usage, defaultdict(lambda: defaultdict(int))
+        keys, args = [self._key("usage_batch", "")], [USAGE_MARK_TTL_S]
+        for (key, model, day), row in pending.items():
+            for field, n in row.items():
+                if n:
+                    keys.append(self._key("usage", day))
+                    args += [f"{key}|{model}|{field}", n]
+        if len(keys) == 1:
+            return
+        self._batches += 1
+        keys[0] = self._key("usage_batch", f"{self._instance}:{self._batches}")
+        await self._send_usage(keys[0], keys, args)
+
+    async def _send_usage(self, batch: str, keys: list[str], args: list[Any]) -> bool:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for (key, model, day), row in pending.items():
-                    for field, n in row.items():
-                        if n:
-                            pipe.hincrby(self._key("usage", day), f"{key}|{model}|{field}", n)
-                await pipe.execute()
+            await self._add_usage(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             self._failed(exc)
-            for k, row in pending.items():  # keep them for the next try
-                for field, n in row.items():
-                    self._usage[k][field] += n
-            return
+            self._unconfirmed = (batch, keys, args)  # again later, as the same batch
+            return False
+        self._unconfirmed = None
         self._ok()
+        return True
 
     async def get_usage(self, day: str | None = None) -> list[dict[str, Any]]:
         """Usage rows from Redis (plus what is not flushed yet)."""

@@ -300,3 +300,32 @@ def test_routing_changes_reach_the_other_replicas(redis: Redis) -> None:
         eventually(
             lambda: httpx.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 404
         )
+
+
+async def test_a_usage_batch_whose_reply_is_lost_counts_once(redis: Redis) -> None:
+    """Redis stalls after taking a batch (the client times out), then applies it when it
+    wakes: the batch sent again must not count twice."""
+    import os
+    import signal
+
+    from stella.settings import StateSettings
+    from stella.state_redis import RedisState
+
+    st = RedisState(StateSettings(redis_url=redis.url, prefix="idem"))
+    day = "2026-11-26"
+    record = {"prompt_tokens": 2, "completion_tokens": 3, "status": 200}
+    st.record_usage("k", "m", day, record)
+    await st._flush()  # Redis knows the script now; one request counted
+    assert redis.proc is not None
+    for _ in range(3):
+        st.record_usage("k", "m", day, record)
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        await st._flush()  # times out: sent, but not confirmed
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    assert st._unconfirmed is not None
+    st.record_usage("k", "m", day, record)  # counted while the batch was in doubt
+    rows = await st.get_usage(day)  # flushes: the batch again, then the new one
+    assert [(r["requests"], r["prompt_tokens"]) for r in rows] == [(5, 10)]
+    await st.aclose()
