@@ -30,6 +30,8 @@ _log = structlog.get_logger("stella")
 # How long Redis remembers a usage batch it applied (a resend after that would count
 # twice; a lost reply is resent within a second or two, or when Redis is back).
 USAGE_MARK_TTL_S = 86_400
+# While Redis is unreachable, admissions try it again at most this often.
+REDIS_RETRY_S = 1.0
 
 TAKE_ALL = """
 local t = redis.call('TIME')
@@ -113,6 +115,9 @@ class RedisState:
         self.local = MemoryBuckets()  # the fallback while Redis is away
         self.errors = 0
         self.down_since: float | None = None
+        # While Redis is down, admissions skip it until then (one probe a second), so a
+        # stalled Redis costs one request its timeout, not every request.
+        self.retry_at = 0.0
         self._take_all = self.redis.register_script(TAKE_ALL)
         self._give = self.redis.register_script(GIVE)
         self._add_usage = self.redis.register_script(USAGE)
@@ -133,6 +138,7 @@ class RedisState:
 
     def _failed(self, exc: Exception) -> None:
         self.errors += 1
+        self.retry_at = time.monotonic() + REDIS_RETRY_S
         if self.down_since is None:
             self.down_since = time.monotonic()
             _log.warning(
@@ -406,8 +412,12 @@ class RedisBuckets:
         out: list[Take] = [Take(True, 0.0, 0.0, 0.0)] * len(checks)
         ok = True
         if remote:
-            self._return_expired([checks[i] for i in remote], now)
             st = self.state
+            if st.down_since is not None:
+                if now < st.retry_at:
+                    return await st.local.take_all(checks)
+                st.retry_at = now + REDIS_RETRY_S  # this admission probes; others wait
+            self._return_expired([checks[i] for i in remote], now)
             args: list[float] = []
             for i in remote:
                 _, cap, per_s, cost = checks[i]

@@ -329,3 +329,26 @@ async def test_a_usage_batch_whose_reply_is_lost_counts_once(redis: Redis) -> No
     rows = await st.get_usage(day)  # flushes: the batch again, then the new one
     assert [(r["requests"], r["prompt_tokens"]) for r in rows] == [(5, 10)]
     await st.aclose()
+
+
+def test_a_stalled_redis_costs_one_request_its_timeout_not_every_request(redis: Redis) -> None:
+    import os
+    import signal
+
+    # Under 100 a minute a bucket never leases: every admission asks Redis.
+    cfg = config(redis, limits={"requests_per_minute": 90})
+    with run_stella(cfg, ENV) as s:
+        assert httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)  # up, but not answering
+        try:
+            t0 = time.monotonic()
+            codes = [
+                httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH, timeout=30).status_code
+                for _ in range(10)
+            ]
+            elapsed = time.monotonic() - t0
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert codes == [200] * 10
+        assert elapsed < 5, elapsed  # 1 s per request before: ~10 s
