@@ -88,12 +88,35 @@ class MemoryBuckets:
         self._levels[key] = (min(capacity, level + amount), now)
 
 
+class MemorySlots:
+    """Concurrency slots of this process: one semaphore per slot name."""
+
+    def __init__(self) -> None:
+        self._sems: dict[str, asyncio.Semaphore] = {}
+
+    async def acquire(self, name: str, size: int, wait_s: float) -> Any | None:
+        """A held slot, or None when none freed up within `wait_s` seconds."""
+        sem = self._sems.get(name)
+        if sem is None:
+            sem = self._sems[name] = asyncio.Semaphore(size)
+        try:
+            async with asyncio.timeout(wait_s):
+                await sem.acquire()
+        except TimeoutError:
+            return None
+        return sem
+
+    def release(self, held: Any) -> None:
+        """Give a slot back."""
+        held.release()
+
+
 class LimitPermit(Permit):
     """Releases concurrency slots and settles reserved tokens, once."""
 
     # Empty until admission fills them (most permits hold no slot): no lists per request.
     _reserved: list[tuple[str, float, float, float]] | tuple[()] = ()  # key, cap, per_s, cost
-    _slots: list[asyncio.Semaphore] | tuple[()] = ()
+    _slots: list[Any] | tuple[()] = ()  # what the slot store handed out
 
     def __init__(self, limiter: Limiter, headers: list[tuple[bytes, bytes]]) -> None:
         self.headers = headers
@@ -111,8 +134,9 @@ class LimitPermit(Permit):
         """Free the concurrency slots, once."""
         slots = self._slots
         self._slots = ()
+        store = self._limiter.slots
         for slot in slots:
-            slot.release()
+            store.release(slot)
 
 
 class Limiter(Admission):
@@ -122,15 +146,11 @@ class Limiter(Admission):
         self.settings = settings
         self.limits = settings.limits
         self.buckets: BucketStore = _buckets_for(state)
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        make = getattr(state, "slots", None)
+        # Shared through the state store when it offers slots (Redis), else this process's.
+        self.slots: Any = make() if callable(make) else MemorySlots()
         self._plans: dict[tuple[str, str], _Plan] = {}
         self.rejections = 0
-
-    def _slot(self, name: str, size: int) -> asyncio.Semaphore:
-        slot = self._slots.get(name)
-        if slot is None:
-            slot = self._slots[name] = asyncio.Semaphore(size)
-        return slot
 
     def _plan(self, p: Principal, route: Route) -> _Plan:
         """The buckets and slots that apply to a key on a route (built once per pair)."""
@@ -214,21 +234,22 @@ class Limiter(Admission):
             if plan.token_buckets:
                 permit._reserved = [checks[i] for i in plan.token_buckets]
         if plan.slots:
-            held: list[asyncio.Semaphore] = []
+            held: list[Any] = []
             permit._slots = held
-            for name, size in plan.slots:
-                slot = self._slot(name, size)
-                try:
-                    async with asyncio.timeout(self.limits.queue_timeout_s):
-                        await slot.acquire()
-                except TimeoutError:
-                    permit.settle(Usage())
-                    permit.release()
-                    what = name.replace(":", " ", 1)
-                    raise Overloaded(
-                        f"{what} already has {size} requests running", retry_after=1
-                    ) from None
-                held.append(slot)
+            try:
+                for name, size in plan.slots:
+                    slot = await self.slots.acquire(name, size, self.limits.queue_timeout_s)
+                    if slot is None:
+                        what = name.replace(":", " ", 1)
+                        raise Overloaded(
+                            f"{what} already has {size} requests running", retry_after=1
+                        )
+                    held.append(slot)
+            except BaseException:
+                # Refused, or the client left while queued: nothing stays held.
+                permit.settle(Usage())
+                permit.release()
+                raise
         return permit
 
 

@@ -23,7 +23,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from stella.errors import Unavailable
-from stella.limits import MemoryBuckets, Take
+from stella.limits import MemoryBuckets, MemorySlots, Take
 from stella.settings import StateSettings
 
 _log = structlog.get_logger("stella")
@@ -86,6 +86,34 @@ end
 return 1
 """
 
+# Concurrency slots: a sorted set per slot name, one member per holder, scored by when
+# the holder's claim lapses (a replica that died frees its slots after SLOT_TTL_S).
+# KEYS[1] the set; ARGV: time to live, size, member. 1 when the slot was taken.
+TAKE_SLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+  redis.call('EXPIRE', KEYS[1], math.ceil(ttl) + 5)
+  return 1
+end
+return 0
+"""
+
+# Keep held slots claimed: KEYS are sets, ARGV[1] the time to live, then a member per key.
+RENEW_SLOTS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local ttl = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i + 1])
+  redis.call('EXPIRE', KEYS[i], math.ceil(ttl) + 5)
+end
+return 1
+"""
+
 GIVE = """
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
@@ -121,6 +149,9 @@ class RedisState:
         self._take_all = self.redis.register_script(TAKE_ALL)
         self._give = self.redis.register_script(GIVE)
         self._add_usage = self.redis.register_script(USAGE)
+        self._take_slot = self.redis.register_script(TAKE_SLOT)
+        self._renew_slots = self.redis.register_script(RENEW_SLOTS)
+        self._slots: RedisSlots | None = None
         # A usage batch sent but not confirmed: (ID, keys, args), sent again as it is.
         self._unconfirmed: tuple[str, list[str], list[Any]] | None = None
         self._batches = 0
@@ -161,6 +192,8 @@ class RedisState:
         """Flush what is counted and disconnect."""
         if self._flusher:
             self._flusher.cancel()
+        if self._slots is not None:
+            await self._slots.upkeep(final=True)
         await self._flush_gives()
         await self._flush()
         with contextlib.suppress(Exception):
@@ -266,6 +299,8 @@ class RedisState:
         while True:
             await asyncio.sleep(0.1)
             await self._flush_gives()
+            if self._slots is not None:
+                await self._slots.upkeep()
             self._ticks += 1
             if self._ticks % 5 == 0:  # usage counters every 0.5 s
                 await self._flush()
@@ -350,6 +385,12 @@ class RedisState:
     def buckets(self) -> RedisBuckets:
         """The bucket store the limiter uses."""
         return RedisBuckets(self)
+
+    def slots(self) -> RedisSlots:
+        """The concurrency slots the limiter uses, shared by every replica."""
+        if self._slots is None:
+            self._slots = RedisSlots(self)
+        return self._slots
 
 
 # A lease: tokens a process takes from a shared bucket beyond what one request needs,
@@ -478,3 +519,95 @@ class RedisBuckets:
             st._gives[st._key("rl", key)] = [capacity, per_s, amount]
         else:
             pending[2] += amount
+
+
+# A slot holder's claim lapses this long after its last renewal (a replica that died
+# frees its slots then); live holders renew every third of it.
+SLOT_TTL_S = 30.0
+SLOT_RENEW_S = SLOT_TTL_S / 3
+
+
+class RedisSlots:
+    """Concurrency slots shared by every replica: a Redis sorted set per slot name.
+
+    Taking a slot is one Lua call; a holder that finds the set full asks again with
+    a growing pause (10 to 200 ms) until the queue timeout. Releases go out with the
+    0.1 s flush; held slots are renewed every SLOT_RENEW_S. While Redis is away the
+    slots of this process stand in (as the buckets do).
+    """
+
+    def __init__(self, state: RedisState) -> None:
+        self.state = state
+        self.local = MemorySlots()
+        self.held: dict[str, str] = {}  # member -> set key
+        self._released: list[tuple[str, str]] = []
+        self._count = 0
+        self._renewed = time.monotonic()
+
+    async def acquire(self, name: str, size: int, wait_s: float) -> Any | None:
+        """A held slot, or None when none freed up within `wait_s` seconds."""
+        st = self.state
+        deadline = time.monotonic() + wait_s
+        key = st._key("slot", name)
+        self._count += 1
+        member = f"{st._instance}:{self._count}"
+        pause = 0.01
+        while True:
+            now = time.monotonic()
+            if st.down_since is not None and now < st.retry_at:
+                held = await self.local.acquire(name, size, max(deadline - now, 0.0))
+                return None if held is None else ("local", held)
+            try:
+                taken = await st._take_slot(keys=[key], args=[SLOT_TTL_S, size, member])
+            except asyncio.CancelledError:
+                self._released.append((key, member))  # Redis may have added it already
+                raise
+            except (RedisError, OSError) as exc:
+                st._failed(exc)
+                continue  # the local slots, until Redis is back
+            st._ok()
+            if taken:
+                self.held[member] = key
+                return ("redis", key, member)
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            await asyncio.sleep(min(pause, deadline - now))
+            pause = min(pause * 2, 0.2)
+
+    def release(self, held: Any) -> None:
+        """Give a slot back (to Redis with the next flush)."""
+        if held[0] == "local":
+            self.local.release(held[1])
+            return
+        _, key, member = held
+        if self.held.pop(member, None) is not None:
+            self._released.append((key, member))
+
+    async def upkeep(self, final: bool = False) -> None:
+        """Send the releases; renew the claims of held slots when due (all of them at
+        shutdown: released)."""
+        st = self.state
+        if final:
+            self._released += [(key, member) for member, key in self.held.items()]
+            self.held.clear()
+        released, self._released = self._released, []
+        renew = not final and self.held and time.monotonic() - self._renewed >= SLOT_RENEW_S
+        if not released and not renew:
+            return
+        try:
+            async with st.redis.pipeline(transaction=False) as pipe:
+                for key, member in released:
+                    pipe.zrem(key, member)
+                if renew:
+                    keys = list(self.held.values())
+                    members = list(self.held)
+                    await st._renew_slots(keys=keys, args=[SLOT_TTL_S, *members], client=pipe)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            st._failed(exc)
+            if not final:
+                self._released = released + self._released  # again with the next flush
+            return
+        if renew:
+            self._renewed = time.monotonic()

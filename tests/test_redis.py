@@ -352,3 +352,58 @@ def test_a_stalled_redis_costs_one_request_its_timeout_not_every_request(redis: 
             os.kill(redis.proc.pid, signal.SIGCONT)
         assert codes == [200] * 10
         assert elapsed < 5, elapsed  # 1 s per request before: ~10 s
+
+
+def test_concurrency_slots_hold_across_replicas(redis: Redis) -> None:
+    cfg = config(
+        redis,
+        limits={"max_concurrent": 2, "queue_timeout_s": 0.5},
+        backends={"slow": {"kind": "echo", "delay_s": 0.1}},
+        models={"routes": {"slow": {"backend": "slow"}}},
+    )
+    body = {**BODY, "model": "slow", "messages": [{"role": "user", "content": "w " * 15}]}
+
+    async def four(urls: list[str]) -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as c:
+            calls = [
+                c.post(urls[i % 2] + "/api/v1/chat", json=body, headers=AUTH) for i in range(4)
+            ]
+            return sorted(r.status_code for r in await asyncio.gather(*calls))
+
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        # Each answer takes ~1.5 s; two replicas, one key: two run, two wait 0.5 s and go.
+        assert asyncio.run(four([a.url, b.url])) == [200, 200, 503, 503]
+        time.sleep(0.3)  # releases reach Redis with the next flush
+        # The slots came back: the same again, not four refusals.
+        assert asyncio.run(four([b.url, a.url])) == [200, 200, 503, 503]
+
+
+async def test_slots_come_back_from_leavers_and_from_replicas_that_died(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stella import state_redis
+    from stella.settings import StateSettings
+    from stella.state_redis import RedisState
+
+    monkeypatch.setattr(state_redis, "SLOT_TTL_S", 0.5)
+    live, dead = (RedisState(StateSettings(redis_url=redis.url, prefix="slots")) for _ in "ab")
+    slots, gone = live.slots(), dead.slots()
+    # The dead replica takes both slots and never renews them.
+    assert await gone.acquire("key:k", 2, 0.1) and await gone.acquire("key:k", 2, 0.1)
+    assert await slots.acquire("key:k", 2, 0.1) is None  # full for now
+    first = await slots.acquire("key:k", 2, 2.0)  # the lapsed claims free the slots
+    assert first is not None and first[0] == "redis"
+    # A client that leaves while queued leaves nothing held behind.
+    second = await slots.acquire("key:k", 2, 0.1)
+    assert second is not None
+    waiting = asyncio.create_task(slots.acquire("key:k", 2, 5.0))
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    slots.release(first)
+    await slots.upkeep()
+    assert await live.redis.zcard("slots:slot:key:k") == 1
+    assert await slots.acquire("key:k", 2, 0.5) is not None
+    for st in (live, dead):
+        await st.aclose()
