@@ -346,6 +346,7 @@ class Client:
         options: dict[str, Any] | None = None,
         tools: list[Any] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
+        response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Any:
         """A chat: a ChatResponse, or (stream=True) an iterator of events."""
@@ -356,6 +357,7 @@ class Client:
             options,
             tools=tools,
             tool_choice=tool_choice,
+            response_format=response_format,
             metadata=metadata,
         )
         return self._stream("/api/v1/chat", body) if stream else self._post("/api/v1/chat", body)
@@ -449,6 +451,7 @@ class AsyncClient:
         options: dict[str, Any] | None = None,
         tools: list[Any] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
+        response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Any:
         """A chat: a ChatResponse, or (stream=True) an async iterator of events."""
@@ -459,6 +462,7 @@ class AsyncClient:
             options,
             tools=tools,
             tool_choice=tool_choice,
+            response_format=response_format,
             metadata=metadata,
         )
         if stream:

@@ -32,6 +32,8 @@ def test_chat_stream_and_not(stella: LiveServer) -> None:
         assert called.message.tool_calls and called.message.tool_calls[0].function.name == "lookup"
         text = c.chat([{"role": "user", "content": "x"}], "echo", tools=tools, tool_choice="none")
         assert text.response == "x" and not text.message.tool_calls
+        fmt = {"type": "json_object"}
+        assert c.chat([{"role": "user", "content": "{}"}], "echo", response_format=fmt).response
         assert any(m.name == "echo" for m in c.models().models)
         assert c.health()["status"] == "ok"
 
