@@ -70,8 +70,8 @@ class Permit:
 class Admission:
     """Limits and queues consulted before a call starts (see stella.limits)."""
 
-    def unlimited(self, call: Call, route: Route) -> Permit | None:
-        """A permit at once when no limit applies to this call, else None (then `admit`)."""
+    def admit_now(self, call: Call, route: Route, request: ChatRequest) -> Permit | None:
+        """A permit decided without waiting (or a refusal raised), else None: then `admit`."""
         return None
 
     async def admit(self, call: Call, route: Route, request: ChatRequest) -> Permit:

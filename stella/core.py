@@ -113,7 +113,9 @@ class Pipeline:
         if len(chain) == 1:
             route.backend.admit(request)
         admission = self.admission
-        permit = admission.unlimited(call, route) or await admission.admit(call, route, request)
+        permit = admission.admit_now(call, route, request) or await admission.admit(
+            call, route, request
+        )
         inference = Inference(self, route, chain, request, call, permit)
         self.active.add(inference)
         return inference

@@ -187,52 +187,35 @@ class Limiter(Admission):
             self._plans[(p.name, route.name)] = plan
         return plan
 
-    def unlimited(self, call: Call, route: Route) -> Permit | None:
-        """The shared free permit when neither buckets nor slots apply (no await needed)."""
+    def admit_now(self, call: Call, route: Route, request: ChatRequest) -> Permit | None:
+        """Admission decided without waiting: no limit applies, or only buckets in this
+        process's memory (raises RateLimited). None when `admit` must wait (Redis, slots)."""
         plan = self._plan(call.principal, route)
-        return _FREE if not plan.buckets and not plan.slots else None
+        if not plan.buckets and not plan.slots:
+            return _FREE
+        buckets = self.buckets
+        if plan.slots or type(buckets) is not MemoryBuckets:
+            return None
+        permit = LimitPermit(self, [])
+        checks = self._checks(plan, request)
+        self._charge(plan, checks, buckets.take(checks), permit)
+        return permit
 
     async def admit(self, call: Call, route: Route, request: ChatRequest) -> Permit:
         """Admit the call or raise RateLimited / Overloaded."""
         plan = self._plan(call.principal, route)
         if not plan.buckets and not plan.slots:
             return _FREE
-        headers: list[tuple[bytes, bytes]] = []
-        permit = LimitPermit(self, headers)
+        permit = LimitPermit(self, [])
         if plan.buckets:
-            # Never below one token: a negative reservation would settle as a huge charge.
-            reserve = float(max(request.options.max_tokens or self.limits.reserve_tokens, 1))
-            # All buckets of one admission in one step: one Redis round trip, and nothing is
-            # taken from any bucket unless every bucket has room.
-            checks = [
-                (k, n, ps, min(reserve, n) if tokens else 1.0)
-                for k, n, ps, tokens, _ in plan.buckets
-            ]
+            checks = self._checks(plan, request)
             buckets = self.buckets
             takes = (
                 buckets.take(checks)
                 if type(buckets) is MemoryBuckets
                 else await buckets.take_all(checks)
             )
-            # The first bucket (the key's requests, when it has a limit) sets the headers.
-            first = takes[0]
-            left = first.remaining
-            headers.append((b"x-ratelimit-limit", plan.limit_header))
-            headers.append((b"x-ratelimit-remaining", b"%d" % left if left > 0 else b"0"))
-            headers.append((b"x-ratelimit-reset", b"%d" % math.ceil(first.reset)))
-            for i, take in enumerate(takes):
-                if not take.allowed:
-                    _, n, _, tokens, who = plan.buckets[i]
-                    self.rejections += 1
-                    raise RateLimited(
-                        f"rate limit of {int(n)} {'tokens' if tokens else 'requests'} per "
-                        f"minute reached for {who}",
-                        retry_after=take.retry_after,
-                        headers={k.decode(): v.decode() for k, v in headers},
-                    )
-            # Token buckets hold a reservation until the real usage is known.
-            if plan.token_buckets:
-                permit._reserved = [checks[i] for i in plan.token_buckets]
+            self._charge(plan, checks, takes, permit)
         if plan.slots:
             held: list[Any] = []
             permit._slots = held
@@ -251,6 +234,45 @@ class Limiter(Admission):
                 permit.release()
                 raise
         return permit
+
+    def _checks(self, plan: _Plan, request: ChatRequest) -> list[tuple[str, float, float, float]]:
+        """What each bucket of the plan is asked for: a request, or the token reserve."""
+        # Never below one token: a negative reservation would settle as a huge charge.
+        reserve = float(max(request.options.max_tokens or self.limits.reserve_tokens, 1))
+        # All buckets of one admission in one step: one Redis round trip, and nothing is
+        # taken from any bucket unless every bucket has room.
+        return [
+            (k, n, ps, min(reserve, n) if tokens else 1.0) for k, n, ps, tokens, _ in plan.buckets
+        ]
+
+    def _charge(
+        self,
+        plan: _Plan,
+        checks: list[tuple[str, float, float, float]],
+        takes: list[Take],
+        permit: LimitPermit,
+    ) -> None:
+        """Headers from the takes; RateLimited when a bucket had no room; the reservation."""
+        headers = permit.headers
+        # The first bucket (the key's requests, when it has a limit) sets the headers.
+        first = takes[0]
+        left = first.remaining
+        headers.append((b"x-ratelimit-limit", plan.limit_header))
+        headers.append((b"x-ratelimit-remaining", b"%d" % left if left > 0 else b"0"))
+        headers.append((b"x-ratelimit-reset", b"%d" % math.ceil(first.reset)))
+        for i, take in enumerate(takes):
+            if not take.allowed:
+                _, n, _, tokens, who = plan.buckets[i]
+                self.rejections += 1
+                raise RateLimited(
+                    f"rate limit of {int(n)} {'tokens' if tokens else 'requests'} per "
+                    f"minute reached for {who}",
+                    retry_after=take.retry_after,
+                    headers={k.decode(): v.decode() for k, v in headers},
+                )
+        # Token buckets hold a reservation until the real usage is known.
+        if plan.token_buckets:
+            permit._reserved = [checks[i] for i in plan.token_buckets]
 
 
 class _Plan:
