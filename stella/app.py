@@ -397,7 +397,9 @@ async def _follow_routing(svc: Services) -> None:
     """Apply the runtime routes and default switches other replicas write to the state
     store: a cheap version poll, a full read only when the version moved."""
     state = svc.state
-    seen = await state.routing_version()
+    # None: the first poll reads everything once, so a change made between the start-up
+    # restore and this loop is not missed.
+    seen: int | None = None
     while True:
         await asyncio.sleep(ROUTING_POLL_S)
         try:
