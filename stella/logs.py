@@ -126,17 +126,26 @@ class LogSink:
         safe = self._safe_keys
         for key, value in node.items():
             if key not in safe:
-                if SECRET_FIELDS.search(str(key)) and value:
-                    return True
-                if len(safe) < 4096:
+                if SECRET_FIELDS.search(str(key)):
+                    if value:
+                        return True
+                    # An empty value now says nothing of the next one: never cached as safe.
+                elif len(safe) < 4096:
                     safe.add(key)
             if type(value) is dict:
                 if self._has_secret_field(value):
                     return True
-            elif type(value) is list:
-                for item in value:
-                    if type(item) is dict and self._has_secret_field(item):
-                        return True
+            elif type(value) is list and self._list_has_secret_field(value):
+                return True
+        return False
+
+    def _list_has_secret_field(self, items: list[Any]) -> bool:
+        for item in items:
+            if type(item) is dict:
+                if self._has_secret_field(item):
+                    return True
+            elif type(item) is list and self._list_has_secret_field(item):
+                return True
         return False
 
     def emit(self, name: str, record: dict[str, Any], level: str = "info") -> None:
@@ -316,7 +325,14 @@ def secrets_from_env(names: Iterable[str]) -> list[str]:
     out = []
     for name in names:
         value = os.environ.get(name, "")
-        out.extend(v.strip() for v in value.split(",") if v.strip())
+        for entry in value.split(","):
+            entry = entry.strip()
+            if entry:
+                out.append(entry)
+                # "name=key" (STELLA_API_KEYS): the key alone must be masked too.
+                _, sep, key = entry.partition("=")
+                if sep and key.strip():
+                    out.append(key.strip())
     return out
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from stella import logs
 from tests.live import run_stella
@@ -113,3 +114,18 @@ def test_emit_redacts_client_metadata_fields() -> None:
     assert ev["metadata"] == {"user": "u", "api_key": "***"}
     assert "sk-known-secret-1" not in out.getvalue().decode()
     assert ev["event"] == "inference" and ev["level"] == "info" and ev["ts"] > 0
+
+
+def test_named_keys_and_secret_fields_stay_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYS_FOR_TEST", "alice=sk-alice-secret-1, sk-bare-secret-2")
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out, secrets=logs.secrets_from_env(["KEYS_FOR_TEST"]))
+    sink.emit("inference", {"metadata": {"note": "sk-alice-secret-1 and sk-bare-secret-2"}})
+    # An empty secret field once must not make that field name safe for later lines.
+    sink.emit("inference", {"metadata": {"api_key": ""}})
+    sink.emit("inference", {"metadata": {"api_key": "sk-leaked-after-empty"}})
+    sink.emit("inference", {"metadata": {"x": [[{"password": "pw-in-a-nested-list"}]]}})
+    sink.close()
+    text = out.getvalue().decode()
+    for secret in ("sk-alice-secret-1", "sk-bare-secret-2", "sk-leaked-after-empty", "pw-in-a"):
+        assert secret not in text, secret
