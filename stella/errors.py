@@ -13,6 +13,9 @@ class StellaError(Exception):
     status: int = 500
     code: str = "internal_error"
     retryable: bool = False
+    # Raised after admission (the inference ran and its one log event counts it), not a
+    # refusal before the first byte.
+    admitted: bool = False
 
     def __init__(
         self,

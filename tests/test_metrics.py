@@ -52,3 +52,15 @@ def test_metrics_need_a_key_when_keys_are_set() -> None:
         assert httpx.get(server.url + "/metrics").status_code == 401
         text = scrape(server, headers={"Authorization": "Bearer sk-metrics-key-1"})
         assert "sk-metrics-key-1" not in text
+
+
+def test_a_failed_answer_is_counted_once_not_also_as_a_refusal(stella: LiveServer) -> None:
+    before = scrape(stella)
+    body = {"stream": False, "messages": [{"role": "user", "content": "a b c d e"}]}
+    r = httpx.post(stella.url + "/api/v1/chat", json={**body, "model": "echo-fail-after"})
+    assert r.status_code == 502
+    after = scrape(stella)
+    refused = 'stella_rejections_total{api="native",code="upstream_error"}'
+    assert value(after, refused) == value(before, refused)
+    failed = 'stella_requests_total{api="native",backend="failafter",model="echo-fail-after",'
+    assert value(after, failed) - value(before, failed) == 1

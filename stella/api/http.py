@@ -123,7 +123,8 @@ class Endpoint:
                     raise Forbidden("this route needs an admin key")
             response = await self.fn(request, call)
         except StellaError as exc:
-            svc.rejected(exc, dialect.name)
+            if not exc.admitted:
+                svc.rejected(exc, dialect.name)
             response = dialect.error_response(exc, rid)
         except Exception as exc:  # a bug: log it, answer in the dialect's shape
             _log.error("request_failed", path=scope["path"], exc_info=exc)
@@ -270,9 +271,16 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
         if call.cancel_reason is None:
             raise
         task.uncancel()
-        if call.cancel_reason == "client_closed":
-            raise ClientGone("the client disconnected before the answer was ready") from None
-        raise ShuttingDown("the server is shutting down; retry the request") from None
+        gone: StellaError = (
+            ClientGone("the client disconnected before the answer was ready")
+            if call.cancel_reason == "client_closed"
+            else ShuttingDown("the server is shutting down; retry the request")
+        )
+        gone.admitted = True
+        raise gone from None
+    except StellaError as exc:
+        exc.admitted = True  # the inference's log event and metrics have it already
+        raise
     finally:
         for w in watcher:
             w.cancel()
