@@ -113,10 +113,13 @@ class Pipeline:
         if len(chain) == 1:
             route.backend.admit(request)
         admission = self.admission
-        permit = admission.admit_now(call, route, request) or await admission.admit(
-            call, route, request
-        )
-        inference = Inference(self, route, chain, request, call, permit)
+        started = time.perf_counter()
+        permit = admission.admit_now(call, route, request)
+        waited = 0.0
+        if permit is None:  # a wait is possible (a concurrency slot, Redis): it is timed
+            permit = await admission.admit(call, route, request)
+            waited = (time.perf_counter() - started) * 1000
+        inference = Inference(self, route, chain, request, call, permit, started, waited)
         self.active.add(inference)
         return inference
 
@@ -125,6 +128,7 @@ class Inference:
     """One admitted call: its events, its outcome, its one log event."""
 
     __slots__ = (
+        "admit_ms",
         "attempts",
         "backend_name",
         "call",
@@ -162,6 +166,8 @@ class Inference:
         request: ChatRequest,
         call: Call,
         permit: Permit,
+        started: float = 0.0,
+        admit_ms: float = 0.0,
     ) -> None:
         self.pipeline = pipeline
         self.route = route
@@ -169,10 +175,13 @@ class Inference:
         self.request = request
         self.call = call
         self.permit = permit
-        self.t0 = time.perf_counter()
+        # From before admission: a wait for a slot is part of the time to first token,
+        # the total and queue_ms (with the backend's own queue).
+        self.t0 = started or time.perf_counter()
+        self.admit_ms = admit_ms
         self.created = time.time()
         self.ttft: float | None = None
-        self.queue_ms = 0.0
+        self.queue_ms = admit_ms
         self.engine_ttft_ms: float | None = None
         self.attempts: list[dict[str, Any]] = []
         self.backend_name = route.backend_name
@@ -287,7 +296,7 @@ class Inference:
                             elif kind is Done:
                                 self.completion_tokens = tokens
                                 breaker.success()
-                                self.queue_ms = ctx.queue_ms
+                                self.queue_ms = self.admit_ms + ctx.queue_ms
                                 # Done is the backend's last event: let it return normally so
                                 # its cleanup runs without a GeneratorExit (and its garbage).
                                 try:
@@ -346,7 +355,7 @@ class Inference:
                                 tokens = 0
                                 self.ttft = None
                                 self.engine_ttft_ms = None
-                                self.queue_ms = 0.0
+                                self.queue_ms = self.admit_ms
                                 last = exc
                                 continue
                         # A stream's client has had tokens: a switch of model mid-answer
@@ -426,7 +435,7 @@ class Inference:
             _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
             err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")
         else:
-            self.queue_ms = ctx.queue_ms
+            self.queue_ms = self.admit_ms + ctx.queue_ms
             self.engine_ttft_ms = ctx.engine_ttft_ms
             record["ms"] = _ms(time.perf_counter() - t)
             record["error"] = None
