@@ -72,6 +72,19 @@ def test_ready_says_why_the_default_model_failed_to_load() -> None:
         assert "/nonexistent/model" in r.json()["checks"]["default_model"]
 
 
+def test_a_model_that_loads_on_first_use_is_ready() -> None:
+    # preload = false: nothing is loading, and the first request loads it; a load
+    # balancer following /ready must still send that request.
+    config = {
+        "models": {"default": "smollm2-135m"},
+        "backends": {"local": {"enabled": True, "preload": False}},
+    }
+    with run_stella(config, base={}) as server:
+        r = httpx.get(server.url + "/ready")
+        assert r.status_code == 200, r.text
+        assert r.json()["checks"]["default_model"] == "ok (loads on first use)"
+
+
 def test_stella_config_command() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "stella", "config"],

@@ -54,8 +54,10 @@ async def ready(request: Request) -> Response:
             checks["default_model"] = "ok"
         elif why := backend.problem(model):
             checks["default_model"] = f"failed: {why}"
-        else:
+        elif backend.loading(model):
             checks["default_model"] = "loading"
+        else:  # not preloaded, or unloaded after keep_alive_s: the next request loads it
+            checks["default_model"] = "ok (loads on first use)"
         breaker = router.breaker(route.backend_name)
         if breaker.state != "closed":
             checks["circuit"] = f"{route.backend_name}: {breaker.state}"
@@ -63,7 +65,7 @@ async def ready(request: Request) -> Response:
         checks["default_model"] = f"error: {exc}"
     if svc.drain.draining:
         checks["server"] = "draining"
-    ok = all(v == "ok" or v.startswith("degraded") for v in checks.values())
+    ok = all(v.startswith(("ok", "degraded")) for v in checks.values())
     return JSONResponse(Readiness("ok" if ok else "unavailable", checks), 200 if ok else 503)
 
 

@@ -95,6 +95,10 @@ class Backend:
         """Why the model can't be loaded, when an attempt failed ("" otherwise)."""
         return ""
 
+    def loading(self, upstream_model: str) -> bool:
+        """Whether a load of this model is under way now."""
+        return False
+
     def memory_bytes(self, upstream_model: str) -> int | None:
         """Memory the loaded model holds, when the backend knows it."""
         return None

@@ -153,6 +153,13 @@ class MlxBackend(Backend):
         key = upstream_model if upstream_model in self.cfg.models else ""
         return self.load_error if key == "" else ""
 
+    def loading(self, upstream_model: str) -> bool:
+        """Whether the model is being loaded (or the default's preload has yet to start)."""
+        key = upstream_model if upstream_model in self.cfg.models else ""
+        if key in self._loading:
+            return True
+        return key == "" and self._preload is not None and not self._preload.done()
+
     def loaded(self, upstream_model: str) -> bool:
         """Whether the model is in memory."""
         key = upstream_model if upstream_model in self.cfg.models else ""
