@@ -188,8 +188,8 @@ class _StateCollector(Collector):
         yield breaker
         limiter = getattr(svc.admission, "rejections", None)
         if limiter is not None:
-            limited = GaugeMetricFamily(
-                "stella_rate_limited_total", "Requests refused by rate limits since start"
+            limited = CounterMetricFamily(  # exposed as stella_rate_limited_total
+                "stella_rate_limited", "Requests refused by rate limits since start"
             )
             limited.add_metric([], limiter)
             yield limited

@@ -45,6 +45,11 @@ def test_metrics_count_requests_tokens_and_latency(stella: LiveServer) -> None:
     assert "no-such-model-xyz" not in after  # client-chosen names never become labels
     assert 'stella_circuit_state{backend="echo"} 0.0' in after
     assert "stella_inflight_requests" in after
+    from prometheus_client.parser import text_string_to_metric_families
+
+    types = {f.name: f.type for f in text_string_to_metric_families(after)}
+    assert types["stella_rate_limited"] == "counter"  # a running total, not a gauge
+    assert types["stella_requests"] == "counter" and types["stella_inflight_requests"] == "gauge"
 
 
 def test_metrics_need_a_key_when_keys_are_set() -> None:
