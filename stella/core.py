@@ -119,7 +119,7 @@ class Pipeline:
         if permit is None:  # a wait is possible (a concurrency slot, Redis): it is timed
             permit = await admission.admit(call, route, request)
             waited = (time.perf_counter() - started) * 1000
-        inference = Inference(self, route, chain, request, call, permit, started, waited)
+        inference = Inference(self, route, chain, request, call, permit, waited)
         self.active.add(inference)
         return inference
 
@@ -166,7 +166,6 @@ class Inference:
         request: ChatRequest,
         call: Call,
         permit: Permit,
-        started: float = 0.0,
         admit_ms: float = 0.0,
     ) -> None:
         self.pipeline = pipeline
@@ -175,9 +174,9 @@ class Inference:
         self.request = request
         self.call = call
         self.permit = permit
-        # From before admission: a wait for a slot is part of the time to first token,
-        # the total and queue_ms (with the backend's own queue).
-        self.t0 = started or time.perf_counter()
+        # Time limits run from here; a wait for a concurrency slot before it (admit_ms)
+        # is added to the reported queue_ms, ttft and total, not to the limits.
+        self.t0 = time.perf_counter()
         self.admit_ms = admit_ms
         self.created = time.time()
         self.ttft: float | None = None
@@ -457,10 +456,11 @@ class Inference:
         self.t_end = now
         ttft = self.ttft or now
         tps = self._rate(usage, now)
+        waited = self.admit_ms
         timings = self.timings = Timings(
             queue_ms=_2(self.queue_ms),
-            ttft_ms=_ms(ttft - self.t0),
-            total_ms=_ms(now - self.t0),
+            ttft_ms=_2((ttft - self.t0) * 1000 + waited),
+            total_ms=_2((now - self.t0) * 1000 + waited),
             tokens_per_s=_2(tps) if tps else None,
         )
         return Done(finish_reason=done.finish_reason, usage=usage, timings=timings)
@@ -533,10 +533,11 @@ class Inference:
         timings = self.timings
         if timings is None or not self.ttft:
             tps = self._rate(usage, now)
+            waited = self.admit_ms
             timings = Timings(
                 queue_ms=_2(self.queue_ms),
-                ttft_ms=_ms(self.ttft - self.t0) if self.ttft else None,
-                total_ms=_ms(now - self.t0),
+                ttft_ms=_2((self.ttft - self.t0) * 1000 + waited) if self.ttft else None,
+                total_ms=_2((now - self.t0) * 1000 + waited),
                 tokens_per_s=_2(tps) if tps else None,
             )
         record: dict[str, Any] = {

@@ -103,7 +103,7 @@ class Metrics:
         h.sum += queue
         h.count += 1
         attempts = record["attempts"]
-        if len(attempts) > 1 or attempts[0].get("error"):
+        if len(attempts) > 1 or (attempts and attempts[0].get("error")):
             for attempt in attempts:
                 if attempt.get("error"):
                     self.failures[(attempt["backend"], attempt["error"])] += 1
