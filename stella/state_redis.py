@@ -29,7 +29,7 @@ from stella.settings import StateSettings
 _log = structlog.get_logger("stella")
 # How long Redis remembers a usage batch it applied (a resend after that would count
 # twice; a lost reply is resent within a second or two, or when Redis is back).
-USAGE_MARK_TTL_S = 86_400
+USAGE_MARK_TTL_S = 3_600
 # While Redis is unreachable, admissions try it again at most this often.
 REDIS_RETRY_S = 1.0
 
@@ -154,6 +154,7 @@ class RedisState:
         self._slots: RedisSlots | None = None
         # A usage batch sent but not confirmed: (ID, keys, args), sent again as it is.
         self._unconfirmed: tuple[str, list[str], list[Any]] | None = None
+        self._flushing = asyncio.Lock()
         self._batches = 0
         self._instance = f"{os.getpid()}-{secrets.token_hex(4)}"  # batch IDs unique across replicas
         self._usage: dict[tuple[str, str, str], dict[str, int]] = defaultdict(
@@ -192,6 +193,9 @@ class RedisState:
         """Flush what is counted and disconnect."""
         if self._flusher:
             self._flusher.cancel()
+            # A batch cut in its round trip stays in doubt and is resent below, by its ID.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._flusher
         if self._slots is not None:
             await self._slots.upkeep(final=True)
         await self._flush_gives()
@@ -320,7 +324,12 @@ class RedisState:
 
     async def _flush(self) -> None:
         """Send the usage counters: first a batch whose reply was lost (with its ID, so it
-        counts once), then what was counted since, as a new batch."""
+        counts once), then what was counted since, as a new batch. One flush at a time:
+        the flusher and get_usage() must not overlap (one batch in doubt at most)."""
+        async with self._flushing:
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
         if self._unconfirmed is not None and not await self._send_usage(*self._unconfirmed):
             return
         if not self._usage:
@@ -341,6 +350,9 @@ class RedisState:
     async def _send_usage(self, batch: str, keys: list[str], args: list[Any]) -> bool:
         try:
             await self._add_usage(keys=keys, args=args)
+        except asyncio.CancelledError:
+            self._unconfirmed = (batch, keys, args)  # cut (shutdown): resent by aclose
+            raise
         except (RedisError, OSError) as exc:
             self._failed(exc)
             self._unconfirmed = (batch, keys, args)  # again later, as the same batch
@@ -554,15 +566,19 @@ class RedisSlots:
         pause = 0.01
         while True:
             now = time.monotonic()
-            if st.down_since is not None and now < st.retry_at:
-                held = await self.local.acquire(name, size, max(deadline - now, 0.0))
-                return None if held is None else ("local", held)
+            if st.down_since is not None:
+                if now < st.retry_at:
+                    held = await self.local.acquire(name, size, max(deadline - now, 0.0))
+                    return None if held is None else ("local", held)
+                st.retry_at = now + REDIS_RETRY_S  # this one probes; the others wait locally
             try:
                 taken = await st._take_slot(keys=[key], args=[SLOT_TTL_S, size, member])
             except asyncio.CancelledError:
                 self._released.append((key, member))  # Redis may have added it already
                 raise
             except (RedisError, OSError) as exc:
+                # A timeout may come after Redis took the slot: give that back too.
+                self._released.append((key, member))
                 st._failed(exc)
                 continue  # the local slots, until Redis is back
             st._ok()

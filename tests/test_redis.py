@@ -407,3 +407,71 @@ async def test_slots_come_back_from_leavers_and_from_replicas_that_died(
     assert await slots.acquire("key:k", 2, 0.5) is not None
     for st in (live, dead):
         await st.aclose()
+
+
+async def test_a_stalled_redis_neither_holds_slots_nor_delays_every_waiter(redis: Redis) -> None:
+    import os
+    import signal
+
+    from stella.settings import StateSettings
+    from stella.state_redis import RedisState
+
+    st = RedisState(StateSettings(redis_url=redis.url, prefix="stall"))
+    slots = st.slots()
+    held = await slots.acquire("key:x", 1, 1)  # the script is loaded
+    slots.release(held)
+    await slots.upkeep()
+    assert redis.proc is not None
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        # Redis may take this slot and then time out: the slot must still come back.
+        held = await slots.acquire("key:x", 1, 5)
+        assert held is not None and held[0] == "local"
+        slots.release(held)
+        # Requests waiting now use the local slots; at most one a second probes Redis.
+        times = []
+        for _ in range(5):
+            t = time.monotonic()
+            h = await slots.acquire("key:y", 5, 5)
+            times.append(time.monotonic() - t)
+            assert h is not None
+        assert sum(t > 0.5 for t in times) <= 1, times
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    assert time.monotonic() - t0 < 5
+    await asyncio.sleep(0.3)
+    await slots.upkeep()  # the releases queued during the stall go out
+    assert await st.redis.zcard("stall:slot:key:x") == 0
+    assert await slots.acquire("key:x", 1, 0.5) is not None  # not held by a ghost
+    await st.aclose()
+
+
+async def test_overlapping_usage_flushes_lose_nothing(redis: Redis) -> None:
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    from stella.settings import StateSettings
+    from stella.state_redis import RedisState
+
+    st = RedisState(StateSettings(redis_url=redis.url, prefix="overlap"))
+    real = st._add_usage
+    failing = [2]  # the next two sends time out without Redis applying them
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failing[0] > 0:
+            failing[0] -= 1
+            await asyncio.sleep(0.1)
+            raise RedisTimeout("timed out")
+        return await real(*args, **kwargs)
+
+    st._add_usage = flaky  # type: ignore[method-assign]
+    day = "2026-11-26"
+    record = {"prompt_tokens": 1, "completion_tokens": 1, "status": 200}
+    st.record_usage("alice", "m", day, record)
+    first = asyncio.create_task(st._flush())  # the flusher, in flight with alice
+    await asyncio.sleep(0.02)
+    st.record_usage("bob", "m", day, record)
+    await asyncio.gather(first, st._flush())  # get_usage's flush, at the same time
+    rows = await st.get_usage(day)
+    assert sorted((r["key"], r["requests"]) for r in rows) == [("alice", 1), ("bob", 1)]
+    await st.aclose()
