@@ -56,3 +56,31 @@ def test_configured_routes_may_not_share_names() -> None:
 def test_an_empty_name_is_not_the_default() -> None:
     with pytest.raises(ModelNotFound):
         router({}).set_default("")
+
+
+async def test_a_refused_change_does_not_undo_one_made_meanwhile() -> None:
+    import asyncio
+
+    from stella.api.native import _change
+    from stella.app import create_app
+    from stella.errors import Unavailable
+    from stella.settings import RouteSettings, load_settings
+
+    app = create_app(load_settings({"models": {"default": "echo"}}))
+    router = app.services.router  # type: ignore[attr-defined]
+
+    async def refused() -> None:
+        await asyncio.sleep(0.1)  # the store's write takes a while, then fails
+        raise Unavailable("the state store is unreachable")
+
+    async def taken() -> None:
+        return None
+
+    x = asyncio.create_task(
+        _change(router, lambda: router.register("x", RouteSettings(backend="echo")), refused)
+    )
+    await asyncio.sleep(0.02)
+    await _change(router, lambda: router.register("y", RouteSettings(backend="echo")), taken)
+    with pytest.raises(Unavailable):
+        await x
+    assert router.knows("y") and not router.knows("x")

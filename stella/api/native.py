@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -15,6 +15,7 @@ from starlette.routing import Route
 from stella.api.http import JSONResponse, endpoint, read_json, run_to_end, services, stream_response
 from stella.api.openapi import Operation, document
 from stella.core import Call
+from stella.errors import StellaError
 from stella.protocol import ChatRequest, ChatResponse, GenerateRequest, ModelInfo, ModelList
 from stella.settings import RouteSettings
 from stella.streaming import Codec
@@ -36,6 +37,7 @@ class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _register = msgspec.json.Decoder(RegisterRoute)
+T = TypeVar("T")
 
 
 async def respond(request: Request, call: Call, chat: ChatRequest) -> Response:
@@ -99,9 +101,13 @@ async def models(request: Request, call: Call) -> Response:
 async def switch_model(request: Request, call: Call) -> Response:
     """POST /api/v1/models/switch/{name}: make `name` the default model."""
     svc = services(request)
-    async with _applied(svc.router):
-        name = svc.router.set_default(request.path_params["name"])
-        await svc.state.set_default_model(name)
+    router = svc.router
+    wanted = request.path_params["name"]
+    name = await _change(
+        router,
+        lambda: router.set_default(wanted),
+        lambda: svc.state.set_default_model(router.resolve(wanted).name),
+    )
     return JSONResponse({"default": name})
 
 
@@ -116,9 +122,12 @@ async def register_model(request: Request, call: Call) -> Response:
         aliases=spec.aliases,
         fallbacks=spec.fallbacks,
     )
-    async with _applied(svc.router):
-        svc.router.register(spec.name, rs)
-        await svc.state.save_route(spec.name, msgspec.to_builtins(rs))
+    router = svc.router
+    await _change(
+        router,
+        lambda: router.register(spec.name, rs),
+        lambda: svc.state.save_route(spec.name, msgspec.to_builtins(rs)),
+    )
     return JSONResponse({"registered": spec.name}, status_code=201)
 
 
@@ -127,23 +136,26 @@ async def delete_model(request: Request, call: Call) -> Response:
     """DELETE /api/v1/models/{name}: remove a runtime route."""
     svc = services(request)
     name = request.path_params["name"]
-    async with _applied(svc.router):
-        svc.router.remove(name)
-        await svc.state.delete_route(name)
+    router = svc.router
+    await _change(router, lambda: router.remove(name), lambda: svc.state.delete_route(name))
     return JSONResponse({"removed": name})
 
 
-@contextlib.asynccontextmanager
-async def _applied(router: Any) -> AsyncIterator[None]:
-    """A routing change that stands only if the state store took it too: when the
-    store's write fails, this replica's table goes back to what it was (else it would
-    serve a change the other replicas never see and a restart forgets)."""
+async def _change(router: Any, apply: Callable[[], T], write: Callable[[], Awaitable[Any]]) -> T:
+    """A routing change that stands only once the state store took it.
+
+    `apply` runs first to validate (and compute the answer), then the table goes back
+    at once, with no await in between, so nothing else ever sees it; after the store's
+    write succeeds it is applied for good. A failed write leaves the table as it is:
+    it never rolls back changes others made during the write.
+    """
     snap = router.snapshot()
-    try:
-        yield
-    except BaseException:
-        router.restore(snap)
-        raise
+    result = apply()
+    router.restore(snap)
+    await write()
+    with contextlib.suppress(StellaError):  # a change that raced this one: the store wins
+        apply()
+    return result
 
 
 document(
