@@ -406,9 +406,10 @@ async def _follow_routing(svc: Services) -> None:
             version = await state.routing_version()
             if version is None or version == seen:
                 continue
+            before = svc.router.local_changes
             read = await state.routing()
-            if read is None:
-                continue
+            if read is None or svc.router.local_changes != before:
+                continue  # a local change landed meanwhile: read again next time
             seen, routes, default = read
             apply_routing(svc.router, routes, default)
         except Exception as exc:  # a bad entry must not stop the following

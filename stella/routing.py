@@ -93,6 +93,7 @@ class Router:
         self.backends = backends
         self.configured_default = settings.models.default
         self.default = settings.models.default
+        self.local_changes = 0  # routing writes this process made (see app._follow_routing)
         self.routes: dict[str, Route] = {}
         self._names: dict[str, str] = {}
         b = breaker or settings.breaker

@@ -475,3 +475,39 @@ async def test_overlapping_usage_flushes_lose_nothing(redis: Redis) -> None:
     rows = await st.get_usage(day)
     assert sorted((r["key"], r["requests"]) for r in rows) == [("alice", 1), ("bob", 1)]
     await st.aclose()
+
+
+async def test_a_follower_read_from_before_a_local_change_does_not_undo_it(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stella import app as stella_app
+    from stella.api.native import _change
+    from stella.settings import RouteSettings, load_settings
+
+    monkeypatch.setattr(stella_app, "ROUTING_POLL_S", 0.1)
+    settings = load_settings(
+        {"models": {"default": "echo"}, "state": {"redis_url": redis.url, "prefix": "follow"}}
+    )
+    application = stella_app.create_app(settings)
+    svc = application.services  # type: ignore[attr-defined]
+    async with application.router.lifespan_context(application):
+        await svc.state.save_route("old", {"backend": "echo"})  # moves the version
+        slow_read = asyncio.Event()
+        real = svc.state.routing
+
+        async def routing() -> Any:
+            read = await real()  # the store as it was before the change below
+            slow_read.set()
+            await asyncio.sleep(0.3)
+            return read
+
+        svc.state.routing = routing
+        await asyncio.wait_for(slow_read.wait(), 5)
+        router = svc.router
+        await _change(
+            router,
+            lambda: router.register("x", RouteSettings(backend="echo")),
+            lambda: svc.state.save_route("x", {"backend": "echo"}),
+        )
+        await asyncio.sleep(0.5)  # the stale read has come back
+        assert router.knows("x")

@@ -155,6 +155,7 @@ async def _change(router: Any, apply: Callable[[], T], write: Callable[[], Await
     await write()
     with contextlib.suppress(StellaError):  # a change that raced this one: the store wins
         apply()
+    router.local_changes += 1  # a follower's read from before this write is stale now
     return result
 
 
