@@ -378,15 +378,12 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 async def _restore_state(svc: Services) -> None:
     """Apply what the state store remembers: runtime routes, then the default switch."""
     try:
-        for name, spec in (await svc.state.load_routes()).items():
-            with contextlib.suppress(StellaError, msgspec.ValidationError, KeyError):
-                svc.router.register(name, msgspec.convert(spec, RouteSettings))
-        name = await svc.state.get_default_model()
-        if name:
-            with contextlib.suppress(StellaError):
-                svc.router.set_default(name)
+        routes = await svc.state.load_routes()
+        default = await svc.state.get_default_model()
     except OSError as exc:
         _log.warning("state_unavailable", error=str(exc))
+        return
+    apply_routing(svc.router, routes, default)
 
 
 # How often a replica on shared state checks for routing changes made elsewhere.

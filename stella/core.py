@@ -454,16 +454,19 @@ class Inference:
         self.finish_reason = done.finish_reason
         self.terminal = True
         self.t_end = now
-        ttft = self.ttft or now
+        timings = self.timings = self._timings(usage, now, self.ttft or now)
+        return Done(finish_reason=done.finish_reason, usage=usage, timings=timings)
+
+    def _timings(self, usage: Usage, now: float, ttft: float | None) -> Timings:
+        """The call's figures in milliseconds, a wait for admission included."""
         tps = self._rate(usage, now)
         waited = self.admit_ms
-        timings = self.timings = Timings(
+        return Timings(
             queue_ms=_2(self.queue_ms),
-            ttft_ms=_2((ttft - self.t0) * 1000 + waited),
+            ttft_ms=_2((ttft - self.t0) * 1000 + waited) if ttft else None,
             total_ms=_2((now - self.t0) * 1000 + waited),
             tokens_per_s=_2(tps) if tps else None,
         )
-        return Done(finish_reason=done.finish_reason, usage=usage, timings=timings)
 
     def _rate(self, usage: Usage, now: float) -> float | None:
         """Completion tokens per second: from the first token when the answer streamed in
@@ -530,16 +533,9 @@ class Inference:
             status = err.status
         else:
             status = 200
-        timings = self.timings
+        timings = self.timings  # the Done's, when the call got that far
         if timings is None or not self.ttft:
-            tps = self._rate(usage, now)
-            waited = self.admit_ms
-            timings = Timings(
-                queue_ms=_2(self.queue_ms),
-                ttft_ms=_2((self.ttft - self.t0) * 1000 + waited) if self.ttft else None,
-                total_ms=_2((now - self.t0) * 1000 + waited),
-                tokens_per_s=_2(tps) if tps else None,
-            )
+            timings = self._timings(usage, now, self.ttft)
         record: dict[str, Any] = {
             "request_id": self.call.request_id,
             "api": self.call.api,

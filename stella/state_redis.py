@@ -179,6 +179,16 @@ class RedisState:
                 fallback="limits enforced per process until Redis is back",
             )
 
+    def local_only(self, now: float) -> bool:
+        """Whether an admission should skip Redis now: while it is down, all but one a
+        second (the probe) use this process's stand-ins."""
+        if self.down_since is None:
+            return False
+        if now < self.retry_at:
+            return True
+        self.retry_at = now + REDIS_RETRY_S  # this one probes; the others wait locally
+        return False
+
     def _ok(self) -> None:
         if self.down_since is not None:
             _log.info("redis_recovered", down_s=round(time.monotonic() - self.down_since, 1))
@@ -466,10 +476,8 @@ class RedisBuckets:
         ok = True
         if remote:
             st = self.state
-            if st.down_since is not None:
-                if now < st.retry_at:
-                    return await st.local.take_all(checks)
-                st.retry_at = now + REDIS_RETRY_S  # this admission probes; others wait
+            if st.local_only(now):
+                return await st.local.take_all(checks)
             self._return_expired([checks[i] for i in remote], now)
             args: list[float] = []
             for i in remote:
@@ -566,11 +574,9 @@ class RedisSlots:
         pause = 0.01
         while True:
             now = time.monotonic()
-            if st.down_since is not None:
-                if now < st.retry_at:
-                    held = await self.local.acquire(name, size, max(deadline - now, 0.0))
-                    return None if held is None else ("local", held)
-                st.retry_at = now + REDIS_RETRY_S  # this one probes; the others wait locally
+            if st.local_only(now):
+                held = await self.local.acquire(name, size, max(deadline - now, 0.0))
+                return None if held is None else ("local", held)
             try:
                 taken = await st._take_slot(keys=[key], args=[SLOT_TTL_S, size, member])
             except asyncio.CancelledError:

@@ -154,9 +154,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         super().data_received(data)
         # Nearly every body comes with its headers: no timer at all for those. A
         # pipelined request waits with reading paused, so its clock starts with it.
-        cycle = self.cycle
-        if cycle is not None and cycle.more_body and self._body_timer is None and not self.pipeline:
-            self._arm()
+        self._arm()
 
     def on_message_complete(self) -> None:
         """The body is all there: its deadline goes."""
@@ -168,13 +166,18 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     def on_response_complete(self) -> None:
         """A pipelined request may start now, with its body still to come."""
         super().on_response_complete()
-        cycle = self.cycle
-        if cycle is not None and cycle.more_body and self._body_timer is None and not self.pipeline:
-            self._arm()
+        self._arm()
 
     def _arm(self) -> None:
+        """Start the running request's body deadline, when its body is still to come."""
         cycle = self.cycle
-        if cycle is not None and cycle.more_body and not cycle.response_complete:
+        if (
+            cycle is not None
+            and cycle.more_body
+            and not cycle.response_complete
+            and self._body_timer is None
+            and not self.pipeline
+        ):
             self._body_timer = self.loop.call_later(BODY_TIMEOUT_S, self._body_late, cycle)
 
     def _body_late(self, cycle: Any) -> None:

@@ -106,7 +106,7 @@ async def switch_model(request: Request, call: Call) -> Response:
     name = await _change(
         router,
         lambda: router.set_default(wanted),
-        lambda: svc.state.set_default_model(router.resolve(wanted).name),
+        svc.state.set_default_model,  # the route's own name, not the alias asked for
     )
     return JSONResponse({"default": name})
 
@@ -126,7 +126,7 @@ async def register_model(request: Request, call: Call) -> Response:
     await _change(
         router,
         lambda: router.register(spec.name, rs),
-        lambda: svc.state.save_route(spec.name, msgspec.to_builtins(rs)),
+        lambda _: svc.state.save_route(spec.name, msgspec.to_builtins(rs)),
     )
     return JSONResponse({"registered": spec.name}, status_code=201)
 
@@ -137,22 +137,22 @@ async def delete_model(request: Request, call: Call) -> Response:
     svc = services(request)
     name = request.path_params["name"]
     router = svc.router
-    await _change(router, lambda: router.remove(name), lambda: svc.state.delete_route(name))
+    await _change(router, lambda: router.remove(name), lambda _: svc.state.delete_route(name))
     return JSONResponse({"removed": name})
 
 
-async def _change(router: Any, apply: Callable[[], T], write: Callable[[], Awaitable[Any]]) -> T:
+async def _change(router: Any, apply: Callable[[], T], write: Callable[[T], Awaitable[Any]]) -> T:
     """A routing change that stands only once the state store took it.
 
-    `apply` runs first to validate (and compute the answer), then the table goes back
-    at once, with no await in between, so nothing else ever sees it; after the store's
-    write succeeds it is applied for good. A failed write leaves the table as it is:
+    `apply` runs first to validate (and compute what `write` is given), then the table
+    goes back at once, with no await in between, so nothing else ever sees it; after
+    the store's write succeeds it is applied for good. A failed write leaves the table as it is:
     it never rolls back changes others made during the write.
     """
     snap = router.snapshot()
     result = apply()
     router.restore(snap)
-    await write()
+    await write(result)
     with contextlib.suppress(StellaError):  # a change that raced this one: the store wins
         apply()
     router.local_changes += 1  # a follower's read from before this write is stale now
