@@ -19,6 +19,20 @@ from tests.live import LiveServer, free_port, run_stella
 KEY = "sk-client-test-1"
 
 
+def stella_cli(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the `stella` command with these arguments; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "stella", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
 def test_chat_stream_and_not(stella: LiveServer) -> None:
     with sc.Client(stella.url) as c:
         r = c.chat([{"role": "user", "content": "hi there"}], "echo")
@@ -147,14 +161,7 @@ def test_cli_chat_and_models(stella: LiveServer) -> None:
     env = {"STELLA_URL": stella.url, "PATH": "/usr/bin:/bin"}
 
     def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "stella", *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=60,
-        )
+        return stella_cli(*args, stdin=stdin, env=env)
 
     out = cli("chat", "--model", "echo", "hello cli")
     assert out.returncode == 0 and out.stdout.strip() == "hello cli"
@@ -185,12 +192,7 @@ async def test_an_unreachable_server_is_a_network_error(stella: LiveServer) -> N
         with pytest.raises(sc.NetworkError):
             await ac.models()
     for args in (["chat", "hi"], ["models"]):
-        out = subprocess.run(
-            [sys.executable, "-m", "stella", *args, "--url", dead],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = stella_cli(*args, "--url", dead)
         assert out.returncode == 1, out.stderr
         assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
         assert "network_error" in out.stderr
@@ -286,25 +288,14 @@ async def test_answers_outside_the_protocol_are_client_errors(odd_server: str) -
             async for _ in stream:
                 pass
     for args in (["chat", "truncate"], ["chat", "html"], ["models"]):
-        out = subprocess.run(
-            [sys.executable, "-m", "stella", *args, "--url", odd_server],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = stella_cli(*args, "--url", odd_server)
         assert out.returncode == 1, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # one line, no traceback
 
 
 def test_cli_chat_error_line_and_a_reader_that_leaves(stella: LiveServer) -> None:
     env = {**os.environ, "STELLA_URL": stella.url}
-    out = subprocess.run(
-        [sys.executable, "-m", "stella", "chat", "-m", "nope", "x"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
+    out = stella_cli("chat", "-m", "nope", "x", env=env)
     assert out.returncode == 1 and out.stderr.startswith("stella: model_not_found")
     assert "(request req_" in out.stderr  # the ID that finds the log line
     words = " ".join(["word"] * 400)
@@ -323,12 +314,7 @@ def test_keys_new_prints_valid_toml(tmp_path: Any) -> None:
     import tomllib
 
     def keys(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "stella", "keys", "new", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return stella_cli("keys", "new", *args)
 
     out = keys("k1", "--models", 'a"b', "c\\d", "gpt-*", "--rpm", "5")
     table = tomllib.loads(out.stdout)["auth"]["keys"]["k1"]

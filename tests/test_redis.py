@@ -507,7 +507,7 @@ async def test_a_follower_read_from_before_a_local_change_does_not_undo_it(
         await _change(
             router,
             lambda: router.register("x", RouteSettings(backend="echo")),
-            lambda: svc.state.save_route("x", {"backend": "echo"}),
+            lambda _: svc.state.save_route("x", {"backend": "echo"}),
         )
         await asyncio.sleep(0.5)  # the stale read has come back
         assert router.knows("x")

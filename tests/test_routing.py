@@ -69,11 +69,11 @@ async def test_a_refused_change_does_not_undo_one_made_meanwhile() -> None:
     app = create_app(load_settings({"models": {"default": "echo"}}))
     router = app.services.router  # type: ignore[attr-defined]
 
-    async def refused() -> None:
+    async def refused(_: object) -> None:
         await asyncio.sleep(0.1)  # the store's write takes a while, then fails
         raise Unavailable("the state store is unreachable")
 
-    async def taken() -> None:
+    async def taken(_: object) -> None:
         return None
 
     x = asyncio.create_task(
