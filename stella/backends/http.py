@@ -7,6 +7,7 @@ upstream host comes only from the config's `base_url`.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import os
 import time
@@ -108,6 +109,28 @@ class HttpBackend(Backend):
         session = getattr(self, "session", None)
         if session is not None and not session.closed:
             await session.close()
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """POST `body` on the pool; a connection the upstream closed under it is replaced once.
+
+        A server may close a kept-alive connection whenever it likes (its keep-alive
+        timeout, a restart, after an error it did not announce); a request written to
+        it just then fails before any answer. aiohttp sends such a request again on a
+        new connection only for idempotent methods (RFC 9112, 9.3.1). A chat request
+        is sent again too: an upstream that closed the connection before answering
+        has produced nothing for it, and at worst computes one answer twice. Only
+        this once, and only for a failure before the response began: a refused
+        connection or a failure mid-answer goes to the route's retries and fallbacks.
+        """
+        try:
+            return await self.session.post(url, data=body, headers=headers, allow_redirects=False)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise  # never connected: nothing was stale
+        # One loop turn first: the close of other pooled connections the upstream shut at
+        # the same moment (a restart) is then seen, and the pool skips them.
+        await asyncio.sleep(0)
+        return await self.session.post(url, data=body, headers=headers, allow_redirects=False)
 
     async def probe(self, path: str) -> BackendHealth:
         """GET a cheap path (a model list, a version): health without spending tokens."""

@@ -139,9 +139,7 @@ class OllamaBackend(HttpBackend):
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         name = self.name
         try:
-            async with self.session.post(
-                self.base_url + "/api/chat", data=body, headers=headers, allow_redirects=False
-            ) as r:
+            async with await self.post(self.base_url + "/api/chat", body, headers) as r:
                 if r.status >= 300:
                     raise error_from_response(name, r.status, r.headers, await read_body(r, name))
                 index = 0

@@ -1,0 +1,159 @@
+"""The remote adapters' pooled connections: one the upstream closed meanwhile costs no request.
+
+An HTTP server may close a kept-alive connection at any time (its keep-alive timeout,
+a restart, after an error it did not announce). A request sent on it just then fails
+before any answer; it is sent again once, on a new connection. The upstream here is a
+raw socket server on loopback that answers the first request of each connection and
+closes the connection on the second without a word: the race, made deterministic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from stella.backends import CallContext
+from stella.backends.anthropic import AnthropicBackend, AnthropicConfig
+from stella.backends.http import HttpBackend
+from stella.backends.ollama import OllamaBackend, OllamaConfig
+from stella.backends.openai import OpenAIBackend, OpenAIConfig
+from stella.errors import StellaError
+from stella.protocol import ChatRequest, Delta, Done, Message
+
+ANSWERS: dict[str, dict[str, Any]] = {
+    "/v1/chat/completions": {
+        "id": "c1",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hello"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    },
+    "/api/chat": {
+        "model": "m",
+        "message": {"role": "assistant", "content": "hello"},
+        "done": True,
+        "done_reason": "stop",
+        "prompt_eval_count": 1,
+        "eval_count": 1,
+    },
+}
+# The anthropic adapter always streams: its answer is the SSE event sequence.
+SSE = [
+    {"type": "message_start", "message": {"id": "msg_1", "usage": {"input_tokens": 1}}},
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hello"}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1}},
+    {"type": "message_stop"},
+]
+BODIES = {path: json.dumps(answer).encode() for path, answer in ANSWERS.items()}
+BODIES["/v1/messages"] = b"".join(
+    f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in SSE
+)
+
+
+class Closer:
+    """Answers the first request of a connection; closes it when a later one arrives."""
+
+    def __init__(self, answer_every: int = 1) -> None:
+        self.connections = 0
+        self.answered = 0
+        self.answer_every = answer_every  # 0: never answers, closes at once
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        served = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                path = lines[0].split()[1]
+                length = next(
+                    int(v)
+                    for k, _, v in (x.partition(":") for x in lines[1:])
+                    if k.lower() == "content-length"
+                )
+                await reader.readexactly(length)
+                if served >= self.answer_every:
+                    return  # closed without an answer, as a server closing an idle connection
+                body = BODIES[path]
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    + f"content-length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                await writer.drain()
+                served += 1
+                self.answered += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Closer, str]]:
+    closer = Closer()
+    server = await asyncio.start_server(closer.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield closer, f"http://127.0.0.1:{port}"
+
+
+def make(kind: str, url: str) -> HttpBackend:
+    if kind == "openai":
+        return OpenAIBackend("up", OpenAIConfig(kind="openai", base_url=url + "/v1"))
+    if kind == "ollama":
+        return OllamaBackend("up", OllamaConfig(kind="ollama", base_url=url))
+    return AnthropicBackend("up", AnthropicConfig(kind="anthropic", base_url=url))
+
+
+async def ask(backend: HttpBackend) -> list[Any]:
+    req = ChatRequest(messages=[Message(role="user", content="hi")], model="m", stream=False)
+    return [e async for e in backend.chat(req, CallContext(request_id="req-pool"))]
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama", "anthropic"])
+async def test_a_connection_closed_by_the_upstream_is_replaced(
+    upstream: tuple[Closer, str], kind: str
+) -> None:
+    closer, url = upstream
+    backend = make(kind, url)
+    await backend.start()
+    try:
+        for _ in range(3):
+            events = await ask(backend)
+            assert [type(e) for e in events] == [Delta, Done]
+            assert events[0].text == "hello"
+        # Each request after the first met a connection the upstream closed on it.
+        assert closer.answered == 3
+        assert closer.connections == 3
+    finally:
+        await backend.aclose()
+
+
+async def test_an_upstream_that_never_answers_is_asked_twice_at_most(
+    upstream: tuple[Closer, str],
+) -> None:
+    closer, url = upstream
+    closer.answer_every = 0
+    backend = make("openai", url)
+    await backend.start()
+    try:
+        with pytest.raises(StellaError) as info:
+            await ask(backend)
+        assert info.value.code == "upstream_error"
+        assert info.value.retryable
+        assert closer.connections == 2  # one resend on a new connection, no more
+    finally:
+        await backend.aclose()
