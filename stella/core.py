@@ -269,8 +269,8 @@ class Inference:
                         last = opened
                         if last.retryable:
                             breaker.failure()
-                            if getattr(last, "whole_answer", False):
-                                break  # a long answer would only run again: fall back
+                            if not last.same_again:
+                                break  # the same failure again: fall back
                             continue
                         if probe:
                             breaker.release()
@@ -426,7 +426,8 @@ class Inference:
                 err = UpstreamTimeout(
                     f"no {awaited} from {route.backend_name!r} within {limit:.3g}s"
                 )
-                err.whole_answer = awaited == "answer"  # type: ignore[attr-defined]
+                # A long answer would only run as long again: fall back instead.
+                err.same_again = awaited != "answer"
             else:
                 err = UpstreamTimeout(f"the total limit of {rs.total_timeout_s:g}s passed")
                 err.out_of_time = True  # type: ignore[attr-defined]

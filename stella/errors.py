@@ -13,6 +13,10 @@ class StellaError(Exception):
     status: int = 500
     code: str = "internal_error"
     retryable: bool = False
+    # A retryable error that asking the same backend again would only repeat (a model
+    # that cannot load, a whole answer that timed out): the route's fallbacks are tried,
+    # its retries are not.
+    same_again: bool = True
     # Raised after admission (the inference ran and its one log event counts it), not a
     # refusal before the first byte.
     admitted: bool = False

@@ -72,6 +72,42 @@ def test_ready_says_why_the_default_model_failed_to_load() -> None:
         assert "/nonexistent/model" in r.json()["checks"]["default_model"]
 
 
+def test_a_model_that_cannot_load_falls_back_without_retries() -> None:
+    # Loading a missing file again would fail again: the fallback answers at once.
+    config = {
+        "models": {
+            "default": "echo",
+            "routes": {
+                "broken": {
+                    "backend": "local",
+                    "retries": 2,
+                    "retry_backoff_s": 1.0,
+                    "fallbacks": ["echo"],
+                }
+            },
+        },
+        "backends": {"local": {"enabled": True, "preload": False, "source": "/nonexistent/m.gguf"}},
+    }
+    with run_stella(config, base={}) as server:
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            json={
+                "model": "broken",
+                "stream": False,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["backend"] == "echo", r.json()
+        event = server.wait_event(lambda ev: ev["model"] == "broken")
+        assert [(a["route"], a["error"]) for a in event["attempts"]] == [
+            ("broken", "upstream_error"),
+            ("echo", None),
+        ]
+        assert event["total_ms"] < 1000  # no backoff was waited for
+
+
 def test_a_model_that_loads_on_first_use_is_ready() -> None:
     # preload = false: nothing is loading, and the first request loads it; a load
     # balancer following /ready must still send that request.

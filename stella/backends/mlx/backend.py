@@ -102,14 +102,14 @@ class MlxBackend(Backend):
         try:
             model = await asyncio.shield(pending)
         except ModelSourceError as exc:
-            raise UpstreamError(f"mlx: {exc}") from None
+            raise _cannot_load(f"mlx: {exc}") from None
         except FileNotFoundError as exc:
-            raise UpstreamError(
+            raise _cannot_load(
                 f"mlx: model {self._source(key)!r} not found locally and no hub is reachable "
                 f"({exc.__class__.__name__}); give a local directory or .gguf file as source"
             ) from None
         except ImportError as exc:
-            raise UpstreamError(
+            raise _cannot_load(
                 f"mlx: {exc}; install the engine with pip install 'stella-gateway[mlx]'"
             ) from None
         finally:
@@ -261,3 +261,10 @@ class MlxBackend(Backend):
             job.cancelled = True
             job.handed.set()
             self._last_used[key] = time.monotonic()
+
+
+def _cannot_load(message: str) -> UpstreamError:
+    """A model that cannot load: a route's fallback may answer, asking again would not."""
+    err = UpstreamError(message)
+    err.same_again = False
+    return err
