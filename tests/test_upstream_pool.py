@@ -1,4 +1,4 @@
-"""The remote adapters' pooled connections: one the upstream closed meanwhile costs no request.
+"""The remote adapters' connections: one the upstream closed meanwhile costs no request.
 
 An HTTP server may close a kept-alive connection at any time (its keep-alive timeout,
 a restart, after an error it did not announce). A request sent on it just then fails
@@ -155,5 +155,20 @@ async def test_an_upstream_that_never_answers_is_asked_twice_at_most(
         assert info.value.code == "upstream_error"
         assert info.value.retryable
         assert closer.connections == 2  # one resend on a new connection, no more
+    finally:
+        await backend.aclose()
+
+
+async def test_health_of_a_refused_port_says_cannot_connect() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()  # nothing listens there now
+    backend = make("openai", f"http://127.0.0.1:{port}")
+    await backend.start()
+    try:
+        health = await backend.health()
+        assert not health.ok
+        assert health.detail == "cannot connect (ConnectionRefusedError)"
     finally:
         await backend.aclose()

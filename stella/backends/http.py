@@ -137,6 +137,12 @@ class HttpBackend(Backend):
         try:
             r = await self.client.get(path, timeout=5)
         except httpx.HTTPError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, aiohttp.ClientConnectorError):
+                # The aiohttp transport reports a refused connection as a ConnectTimeout.
+                return BackendHealth(
+                    ok=False, detail=f"cannot connect ({type(cause.os_error).__name__})"
+                )
             return BackendHealth(ok=False, detail=f"{type(exc).__name__}")
         return BackendHealth(ok=r.status_code < 400, detail=f"HTTP {r.status_code}")
 
