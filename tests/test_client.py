@@ -173,6 +173,16 @@ def test_cli_chat_and_models(stella: LiveServer) -> None:
     assert out.returncode == 0 and "echo" in out.stdout and "BACKEND" in out.stdout
 
 
+def test_cli_without_a_key_says_how_to_give_one(keyed: LiveServer) -> None:
+    env = {"STELLA_URL": keyed.url, "PATH": "/usr/bin:/bin"}
+    for args in (["chat", "hi"], ["models"]):
+        out = stella_cli(*args, env=env)
+        assert out.returncode == 1 and "unauthorized" in out.stderr
+        assert "--api-key or STELLA_API_KEY" in out.stderr
+    out = stella_cli("models", env={**env, "STELLA_API_KEY": KEY})
+    assert out.returncode == 0 and "echo" in out.stdout
+
+
 def test_a_client_timeout_is_a_timeout_error(stella: LiveServer) -> None:
     msgs = [{"role": "user", "content": " ".join(["w"] * 50)}]
     with sc.Client(stella.url, timeout=0.1) as c, pytest.raises(sc.TimeoutError) as info:

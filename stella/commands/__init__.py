@@ -1,1 +1,17 @@
 """Subcommands of the `stella` CLI, one module each."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the client (and httpx) load only with the commands that use them
+    from stella.client import StellaClientError
+
+
+def client_error(exc: StellaClientError) -> str:
+    """The CLI's line for an error the server sent: code, message, request ID, what to do."""
+    where = f" (request {exc.request_id})" if exc.request_id else ""
+    hint = ""
+    if exc.code == "unauthorized":
+        hint = "; give the key with --api-key or STELLA_API_KEY"
+    return f"stella: {exc.code}: {exc.message}{where}{hint}"

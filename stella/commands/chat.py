@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from stella.commands import client_error
+
 NAME = "chat"
 HELP = "send a prompt (or stdin) to a stella server and stream the answer"
 
@@ -65,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
         if midline:
             sys.stdout.write("\n")  # the error gets a line of its own
             sys.stdout.flush()
-        where = f" (request {exc.request_id})" if exc.request_id else ""
-        print(f"stella: {exc.code}: {exc.message}{where}", file=sys.stderr)
+        print(client_error(exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

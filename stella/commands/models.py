@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from stella.commands import client_error
+
 NAME = "models"
 HELP = "list the models of a stella server"
 
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         with Client(args.url, args.api_key) as client:
             listing = client.models()
     except StellaClientError as exc:
-        print(f"stella: {exc.code}: {exc.message}", file=sys.stderr)
+        print(client_error(exc), file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
