@@ -456,7 +456,12 @@ class Inference:
         self.terminal = True
         self.t_end = now
         timings = self.timings = self._timings(usage, now, self.ttft or now)
-        return Done(finish_reason=done.finish_reason, usage=usage, timings=timings)
+        return Done(
+            finish_reason=done.finish_reason,
+            usage=usage,
+            timings=timings,
+            backend=self.backend_name,
+        )
 
     def _timings(self, usage: Usage, now: float, ttft: float | None) -> Timings:
         """The call's figures in milliseconds, a wait for admission included."""

@@ -273,6 +273,9 @@ class Done(Event, tag="done"):
     finish_reason: FinishReason
     usage: Usage = msgspec.field(default_factory=Usage)
     timings: Timings = msgspec.field(default_factory=Timings)
+    # The backend that answered: `start` names the route's first, sent before a
+    # fallback may have taken over.
+    backend: str = ""
 
 
 class Error(Event, tag="error"):

@@ -94,6 +94,8 @@ def test_open_circuit_falls_back() -> None:
         assert server.wait_event(lambda e: e["attempts"][0].get("error") == "circuit_open")
         lines = ndjson(chat(server.url, "primary", stream=True).text)
         assert lines[-1]["type"] == "done"
+        # `start` names the route's backend before any ran; `done` the one that answered.
+        assert lines[0]["backend"] == "down" and lines[-1]["backend"] == "echo"
 
 
 def test_a_non_stream_answer_that_breaks_midway_starts_over_on_the_fallback() -> None:
