@@ -78,7 +78,7 @@ class Pipeline:
     async def prepare(self, request: ChatRequest, call: Call) -> Inference:
         """Resolve and admit; raises a StellaError that becomes an HTTP error."""
         if not request.messages:
-            raise InvalidRequest("$.messages: must contain at least one message")
+            raise InvalidRequest("$.messages: must contain at least one message", param="messages")
         choice = request.tool_choice
         if choice is not None and choice != "none" and choice != "auto":
             if not request.tools:

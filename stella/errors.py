@@ -6,6 +6,8 @@ dialect's error shape, streams into an in-band `error` line.
 
 from __future__ import annotations
 
+import re
+
 
 class StellaError(Exception):
     """Base of every error a client can see."""
@@ -40,11 +42,22 @@ class StellaError(Exception):
             self.headers.setdefault("Retry-After", str(max(1, round(retry_after + 0.499))))
 
 
+# msgspec names a missing or unknown field apart from the path of the object holding it.
+_NAMED_FIELD = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
+
+
 def field_path(validation_message: str) -> str:
-    """The field a msgspec validation message blames (`... - at `$.a.b``) as `a.b`."""
-    if "$." not in validation_message:
-        return ""
-    return validation_message.rpartition("$.")[2].rstrip("`")
+    """The field a msgspec validation message blames (`... - at `$.a.b``) as `a.b`.
+
+    A missing or unknown field is named in the message: `field `x` - at `$.a`` is `a.x`.
+    """
+    path = ""
+    if "$." in validation_message:
+        path = validation_message.rpartition("$.")[2].rstrip("`")
+    named = _NAMED_FIELD.search(validation_message)
+    if named:
+        path = f"{path}.{named[1]}" if path else named[1]
+    return path
 
 
 class InvalidRequest(StellaError):

@@ -61,7 +61,10 @@ MSG = [{"role": "user", "content": "hi"}]
 
 def test_malformed_json(server: LiveServer) -> None:
     r = post(server, content=b'{"messages": [', headers={"content-type": "application/json"})
-    assert "malformed JSON" in error_of(r, 400, "invalid_request")
+    assert error_of(r, 400, "invalid_request") == "JSON is malformed: input data was truncated"
+    r = post(server, content=b'{"messages": [{"role": "user", "content": "x"}]} x')
+    message = error_of(r, 400, "invalid_request")
+    assert message.startswith("JSON is malformed: trailing characters (byte ")
 
 
 # Each route's smallest valid body, and a field of it that takes any JSON.
@@ -171,6 +174,29 @@ def test_wrong_type_names_the_path(server: LiveServer) -> None:
 def test_unknown_field_is_named(server: LiveServer) -> None:
     r = post(server, {"model": "echo", "messages": MSG, "temprature": 1})
     assert "temprature" in error_of(r, 400, "invalid_request")
+
+
+def test_a_top_level_sampling_option_says_where_it_goes(server: LiveServer) -> None:
+    # OpenAI's API has them at the top level; the native API in `options`.
+    for name in ("temperature", "max_tokens"):
+        r = post(server, {"model": "echo", "messages": MSG, name: 1})
+        message = error_of(r, 400, "invalid_request")
+        assert f"unknown field `{name}`" in message
+        assert f'{{"options": {{"{name}": ...}}}}' in message
+    r = post(server, {"prompt": "x", "seed": 1}, path="/api/v1/generate")
+    assert '"options"' in error_of(r, 400, "invalid_request")
+    r = post(server, {"model": "echo", "messages": MSG, "temprature": 1})
+    assert '"options"' not in error_of(r, 400, "invalid_request")
+
+
+def test_openai_errors_name_the_missing_or_unknown_field(server: LiveServer) -> None:
+    for body, param in (
+        ({"model": "echo"}, "messages"),
+        ({"model": "echo", "messages": []}, "messages"),
+        ({"model": "echo", "messages": [{"content": "x"}]}, "messages[0].role"),
+    ):
+        r = post(server, body, path="/v1/chat/completions")
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_bad_role_and_missing_messages(server: LiveServer) -> None:

@@ -23,7 +23,7 @@ from stella.api.http import (
     services,
     stream_response,
 )
-from stella.api.native import NDJSON, model_infos, respond
+from stella.api.native import NDJSON, model_infos, read_generate, respond
 from stella.api.openapi import Operation, document
 from stella.core import Call
 from stella.errors import StellaError
@@ -32,7 +32,6 @@ from stella.protocol import (
     Delta,
     Done,
     Error,
-    GenerateRequest,
     MaxTokens,
     Message,
     Options,
@@ -91,7 +90,6 @@ class PromptRequest(msgspec.Struct):
 
 _invoke = msgspec.json.Decoder(InvokeRequest)
 _prompt = msgspec.json.Decoder(PromptRequest)
-_generate = msgspec.json.Decoder(GenerateRequest)
 
 
 def _chat_from_prompt(req: PromptRequest, stream: bool) -> ChatRequest:
@@ -174,8 +172,7 @@ class ResponseSseCodec(Codec):
 async def generate_v1(request: Request, call: Call) -> Response:
     """POST /api/v1/generate: native NDJSON/JSON, or SSE `response` events when asked for."""
     svc = services(request)
-    req: GenerateRequest = await read_json(request, _generate)
-    chat = req.to_chat()
+    chat = (await read_generate(request)).to_chat()
     if "text/event-stream" in request.headers.get("accept", "") and chat.stream:
         call.api = "simple"
         inference = await svc.pipeline.prepare(chat, call)

@@ -218,7 +218,10 @@ def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None 
         text = str(exc)
         raise InvalidRequest(text, param=field_path(text)) from None
     except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"malformed JSON: {exc}") from None
+        text = str(exc)  # "JSON is malformed: ... (byte N)" or "Input data was truncated"
+        if not text.startswith("JSON is malformed"):
+            text = f"JSON is malformed: {text[:1].lower()}{text[1:]}"
+        raise InvalidRequest(text) from None
     # Neither is a msgspec error: bad bytes inside a string, and a body nested deeper
     # than Python's recursion limit (a few KB of brackets in any free-form field).
     except UnicodeDecodeError:

@@ -15,8 +15,15 @@ from starlette.routing import Route
 from stella.api.http import JSONResponse, endpoint, read_json, run_to_end, services, stream_response
 from stella.api.openapi import Operation, document
 from stella.core import Call
-from stella.errors import StellaError
-from stella.protocol import ChatRequest, ChatResponse, GenerateRequest, ModelInfo, ModelList
+from stella.errors import InvalidRequest, StellaError
+from stella.protocol import (
+    ChatRequest,
+    ChatResponse,
+    GenerateRequest,
+    ModelInfo,
+    ModelList,
+    Options,
+)
 from stella.settings import RouteSettings
 from stella.streaming import Codec
 
@@ -51,16 +58,40 @@ async def respond(request: Request, call: Call, chat: ChatRequest) -> Response:
     return JSONResponse(result, headers=headers)
 
 
+# Sampling options sent at the top level, as OpenAI's API has them: the error says where.
+_OPTIONS = frozenset(Options.__struct_fields__) | {"max_completion_tokens"}
+
+
+def _hint(exc: InvalidRequest) -> InvalidRequest:
+    if exc.param in _OPTIONS:
+        exc.message += (
+            f'; sampling options go inside "options", as {{"options": {{"{exc.param}": ...}}}}'
+        )
+    return exc
+
+
 @endpoint()
 async def chat(request: Request, call: Call) -> Response:
     """POST /api/v1/chat."""
-    return await respond(request, call, await read_json(request, _chat))
+    try:
+        req = await read_json(request, _chat)
+    except InvalidRequest as exc:
+        raise _hint(exc) from None
+    return await respond(request, call, req)
+
+
+async def read_generate(request: Request) -> GenerateRequest:
+    """The body of POST /api/v1/generate (this module's route, or the aliases' one)."""
+    try:
+        return await read_json(request, _generate)
+    except InvalidRequest as exc:
+        raise _hint(exc) from None
 
 
 @endpoint()
 async def generate(request: Request, call: Call) -> Response:
     """POST /api/v1/generate: a chat with one user message and an optional system prompt."""
-    return await respond(request, call, (await read_json(request, _generate)).to_chat())
+    return await respond(request, call, (await read_generate(request)).to_chat())
 
 
 async def model_infos(request: Request) -> ModelList:
