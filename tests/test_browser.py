@@ -69,6 +69,7 @@ def test_prompt_streams_into_the_page(browser, server: LiveServer) -> None:  # t
     assert page.inner_text(".msg.assistant .text") == "the quick brown fox jumps over the lazy dog"
     stats = page.inner_text(".msg.assistant .stats")
     assert "TTFT" in stats and "tok/s" in stats and "9 out" in stats
+    assert "via slow" in stats  # the backend that answered, from the done line
     send(page, "second turn")
     page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length == 2")
     assert page.locator(".msg.assistant .text").nth(1).inner_text() == "second turn"

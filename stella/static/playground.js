@@ -125,6 +125,7 @@ async function send(text) {
           `${t.tokens_per_s ?? "–"} tok/s`,
           `${u.prompt_tokens ?? 0} in / ${u.completion_tokens ?? 0} out`,
           event.finish_reason,
+          ...(event.backend ? [`via ${event.backend}`] : []),
         ]);
       }
     }
