@@ -77,3 +77,7 @@ class Admission:
     async def admit(self, call: Call, route: Route, request: ChatRequest) -> Permit:
         """Admit or raise RateLimited / Overloaded."""
         return Permit()
+
+    async def admit_fallback(self, route: Route, request: ChatRequest) -> Permit | None:
+        """Admission to a route the call falls back to (its model's own limits), or None."""
+        return None

@@ -23,6 +23,8 @@ from stella.calls import ANONYMOUS, Admission, Call, Permit, Principal
 from stella.errors import (
     ClientTooSlow,
     InvalidRequest,
+    Overloaded,
+    RateLimited,
     StellaError,
     Unavailable,
     UpstreamError,
@@ -96,9 +98,13 @@ class Pipeline:
             route = self.router.direct(call.backend, request.model)
         else:
             route = self.router.resolve(request.model)
-        call.principal.check(route.name)
+        principal = call.principal
+        principal.check(route.name)
         router = self.router
         chain = router.chain(route)
+        if len(chain) > 1 and principal.models != ("*",):
+            # A fallback is a model like any other: a key reaches only those in its scope.
+            chain = [r for r in chain if r is route or principal.may_use(r.name)]
         breakers = router.breakers
         for r in chain:
             if breakers[r.backend_name].available():
@@ -129,6 +135,7 @@ class Inference:
 
     __slots__ = (
         "admit_ms",
+        "answered",
         "attempts",
         "backend_name",
         "call",
@@ -138,6 +145,7 @@ class Inference:
         "created",
         "engine_ttft_ms",
         "error",
+        "fallback_permits",
         "finish_reason",
         "logged",
         "permit",
@@ -198,6 +206,10 @@ class Inference:
         # (seconds, callback): run once if the call is still going after that long.
         self.slow: tuple[float, Callable[[], Any]] | None = None
         self.task: asyncio.Task[Any] | None = None  # the task running it, when known
+        # Permits of the fallback routes tried (their models' own limits), and the route
+        # that gave the answer, whose permit is settled with its usage.
+        self.fallback_permits: list[tuple[str, Permit]] | None = None
+        self.answered = ""
         self.collect = not request.stream or pipeline.log_content
 
     def start_event(self) -> Start:
@@ -224,6 +236,11 @@ class Inference:
         last: StellaError | None = None
         try:
             for route in self.chain:
+                if route is not self.route:
+                    refused = await self._admit_fallback(route)
+                    if refused is not None:
+                        last = last or refused
+                        continue
                 breaker = router.breaker(route.backend_name)
                 rs = route.settings
                 watchdog.deadline = self.t0 + rs.total_timeout_s
@@ -306,6 +323,7 @@ class Inference:
                                         backend=route.backend_name,
                                         error=repr(exc),
                                     )
+                                self.answered = route.name
                                 return self._done(event)
                             else:
                                 raise UpstreamError(
@@ -383,6 +401,22 @@ class Inference:
         finally:
             watchdog.close()
             self.finish()
+
+    async def _admit_fallback(self, route: Route) -> StellaError | None:
+        """Admit the call to a fallback route under its own model's limits; the refusal
+        (recorded as an attempt) when they are full."""
+        try:
+            permit = await self.pipeline.admission.admit_fallback(route, self.request)
+        except (RateLimited, Overloaded) as exc:
+            self.attempts.append(
+                {"backend": route.backend_name, "route": route.name, "error": exc.code}
+            )
+            return exc
+        if permit is not None:
+            if self.fallback_permits is None:
+                self.fallback_permits = []
+            self.fallback_permits.append((route.name, permit))
+        return None
 
     async def _first(
         self, route: Route, watchdog: Watchdog
@@ -529,6 +563,12 @@ class Inference:
             self.permit.settle(usage)
         finally:
             self.permit.release()
+            if self.fallback_permits:
+                for name, permit in self.fallback_permits:
+                    try:
+                        permit.settle(usage if name == self.answered else Usage())
+                    finally:
+                        permit.release()
         reason = self.finish_reason
         err = self.error
         if reason == "client_closed":

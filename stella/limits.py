@@ -149,18 +149,18 @@ class Limiter(Admission):
         make = getattr(state, "slots", None)
         # Shared through the state store when it offers slots (Redis), else this process's.
         self.slots: Any = make() if callable(make) else MemorySlots()
-        self._plans: dict[tuple[str, str], _Plan] = {}
+        self._plans: dict[tuple[str, str, str], _Plan] = {}
         self.rejections = 0
 
-    def _plan(self, p: Principal, route: Route) -> _Plan:
-        """The buckets and slots that apply to a key on a route (built once per pair)."""
-        cached = self._plans.get((p.name, route.name))
+    def _plan(self, p: Principal | None, route: Route) -> _Plan:
+        """The buckets and slots that apply to a key on a route (built once per pair);
+        with no key, the route's own: its model's buckets and its backend's slots."""
+        cache_key = (p.name if p is not None else "", route.name, route.backend_name)
+        cached = self._plans.get(cache_key)
         if cached is not None and cached.principal is p:
             return cached
         model = self.limits.models.get(route.name) or ModelLimits()
         buckets = [
-            (f"rpm:key:{p.name}", p.requests_per_minute, False, f"key {p.name}"),
-            (f"tpm:key:{p.name}", p.tokens_per_minute, True, f"key {p.name}"),
             (
                 f"rpm:model:{route.name}",
                 model.requests_per_minute,
@@ -175,16 +175,21 @@ class Limiter(Admission):
             ),
         ]
         slots = [
-            (f"key:{p.name}", p.max_concurrent),
             (f"backend:{route.backend_name}", self.limits.backends.get(route.backend_name, 0)),
         ]
+        if p is not None:
+            buckets[:0] = [
+                (f"rpm:key:{p.name}", p.requests_per_minute, False, f"key {p.name}"),
+                (f"tpm:key:{p.name}", p.tokens_per_minute, True, f"key {p.name}"),
+            ]
+            slots.insert(0, (f"key:{p.name}", p.max_concurrent))
         plan = _Plan(
             p,
             [(k, float(n), n / 60.0, tokens, who) for k, n, tokens, who in buckets if n],
             [(name, size) for name, size in slots if size],
         )
         if len(self._plans) < 10_000:
-            self._plans[(p.name, route.name)] = plan
+            self._plans[cache_key] = plan
         return plan
 
     def admit_now(self, call: Call, route: Route, request: ChatRequest) -> Permit | None:
@@ -206,6 +211,17 @@ class Limiter(Admission):
         plan = self._plan(call.principal, route)
         if not plan.buckets and not plan.slots:
             return _FREE
+        return await self._admit(plan, request)
+
+    async def admit_fallback(self, route: Route, request: ChatRequest) -> Permit | None:
+        """Admission to a fallback route: its model's limits and its backend's slots (the
+        key's were taken for the call). None when none apply; raises as `admit` does."""
+        plan = self._plan(None, route)
+        if not plan.buckets and not plan.slots:
+            return None
+        return await self._admit(plan, request)
+
+    async def _admit(self, plan: _Plan, request: ChatRequest) -> Permit:
         permit = LimitPermit(self, [])
         if plan.buckets:
             checks = self._checks(plan, request)
@@ -282,7 +298,7 @@ class _Plan:
 
     def __init__(
         self,
-        principal: Principal,
+        principal: Principal | None,
         buckets: list[tuple[str, float, float, bool, str]],
         slots: list[tuple[str, int]],
     ) -> None:

@@ -120,3 +120,49 @@ async def test_a_wait_for_a_slot_counts_as_queue_time_not_against_the_limits() -
         rid = second.json()["id"]
         event = server.wait_event(lambda e: e["request_id"] == rid)
         assert event["queue_ms"] >= 300 and event["total_ms"] >= event["queue_ms"]
+
+
+def test_a_fallback_holds_to_the_keys_scope_and_its_own_limits() -> None:
+    # A failing route's fallbacks are models like any other: a key reaches only those
+    # in its scope, and each counts against its own model's limits.
+    narrow = "sk-limits-narrow-01"
+    config = {
+        "auth": {"keys": {"narrow": {"sha256": sha(narrow), "models": ["echo", "cheap"]}}},
+        "backends": {
+            "down": {"kind": "echo", "fail_before_first": True},
+            "premium": {"kind": "echo", "reply": "premium answer"},
+        },
+        "models": {
+            "routes": {
+                "cheap": {"backend": "down", "retries": 0, "fallbacks": ["premium-model", "echo"]},
+                "premium-model": {"backend": "premium"},
+            }
+        },
+        "limits": {"models": {"premium-model": {"requests_per_minute": 2}}},
+        "breaker": {"failure_threshold": 0},
+    }
+    with run_stella(config, {"STELLA_API_KEYS": f"admin={KEY}"}) as server:
+
+        def ask(key: str) -> dict:
+            r = httpx.post(
+                server.url + "/api/v1/chat",
+                headers={"Authorization": f"Bearer {key}"},
+                json={**body("hi"), "model": "cheap"},
+            )
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        # Out of the narrow key's scope: premium-model is skipped, echo answers.
+        answer = ask(narrow)
+        assert (answer["backend"], answer["response"]) == ("echo", "hi")
+        event = server.wait_event(lambda e: e["key"] == "narrow")
+        assert [a["route"] for a in event["attempts"]] == ["cheap", "echo"]
+        # In scope, premium-model answers until its own limit of 2 a minute is reached.
+        answers = [ask(KEY)["backend"] for _ in range(4)]
+        assert answers == ["premium", "premium", "echo", "echo"]
+        event = server.wait_event(lambda e: e["key"] == "admin" and e["backend"] == "echo")
+        assert [(a["route"], a["error"]) for a in event["attempts"]] == [
+            ("cheap", "upstream_error"),
+            ("premium-model", "rate_limited"),
+            ("echo", None),
+        ]
