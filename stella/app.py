@@ -33,7 +33,13 @@ from stella.backends import Backend, ConfigError, build_backend, registry
 from stella.core import Admission, Pipeline
 from stella.errors import MethodNotAllowed, NotFound, ShuttingDown, StellaError
 from stella.routing import Router
-from stella.settings import RouteSettings, Settings, enabled_backends, load_settings
+from stella.settings import (
+    RouteSettings,
+    Settings,
+    enabled_backends,
+    load_settings,
+    secret_values,
+)
 from stella.state import MemoryState
 from stella.streaming import Drain
 
@@ -330,7 +336,7 @@ def configure_logs(settings: Settings) -> logs.LogSink:
         fmt=settings.log.format,
         level=settings.log.level,
         audit_path=settings.log.audit_path,
-        secrets=logs.secrets_from_env(names),
+        secrets=[*logs.secrets_from_env(names), *secret_values(settings)],
     )
 
 

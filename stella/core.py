@@ -31,6 +31,7 @@ from stella.errors import (
     UpstreamStatus,
     UpstreamTimeout,
 )
+from stella.logs import mask
 from stella.protocol import (
     AssistantMessage,
     ChatRequest,
@@ -518,6 +519,9 @@ class Inference:
 
     def fail(self, exc: StellaError) -> Error:
         """Record `exc` as the outcome and return its terminal `error` event."""
+        # An upstream's error text may quote a credential it was sent (an API key it
+        # refused, a header): the client gets it masked, as the logs have it.
+        exc.message = mask(exc.message)
         self.error = exc
         self.finish_reason = "error"
         self.terminal = True

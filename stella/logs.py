@@ -26,8 +26,13 @@ import msgspec
 import structlog
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
-SECRET_FIELDS = re.compile(r"(?i)(authorization|api[_-]?key|x-api-key|secret|password|passwd)$")
+# Field names whose values are masked at any depth: `token`, `access_token` and
+# `x-auth-token`, but not `max_tokens` or `prompt_tokens`.
+SECRET_FIELDS = re.compile(
+    r"(?i)(authorization|api[_-]?key|secret|password|passwd|cookie|(?:^|[_-])token)$"
+)
 BEARER_BYTES = re.compile(rb"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
+BEARER_TEXT = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
 
 _encoder = msgspec.json.Encoder()
 # Lines gathered on the event loop go to the writer thread at most this often: each
@@ -318,6 +323,19 @@ def emitter() -> Callable[[str, dict[str, Any]], None]:
 def sink() -> LogSink | None:
     """The sink structlog currently writes to."""
     return _sink
+
+
+def mask(text: str) -> str:
+    """`text` with every secret the sink knows of, and bearer tokens, masked: for text
+    that reaches a client from elsewhere, such as an upstream's error message."""
+    current = _sink
+    if current is not None:
+        for secret in current.secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+    if "earer" in text.lower():
+        text = BEARER_TEXT.sub(r"\1 ***", text)
+    return text
 
 
 def secrets_from_env(names: Iterable[str]) -> list[str]:

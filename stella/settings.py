@@ -12,6 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import msgspec
 from msgspec import Meta
@@ -344,6 +345,9 @@ def _check(s: Settings) -> None:
 
 
 SECRET_MARKERS = ("key", "secret", "token", "password", "authorization", "sha256")
+# A backend's static header is a credential when its name says so (Helicone-Auth,
+# X-Custom-Auth, Cookie, X-Signature, ...).
+HEADER_MARKERS = (*SECRET_MARKERS, "auth", "cookie", "signature", "credential", "pass")
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
@@ -351,8 +355,33 @@ def redacted(settings: Settings) -> dict[str, Any]:
     return _redact(msgspec.to_builtins(settings))
 
 
+def secret_values(settings: Settings) -> list[str]:
+    """Credentials written in the configuration itself (a backend's auth header, a
+    password in a URL), for the logs and error messages to mask."""
+    out = []
+    for table in settings.backends.values():
+        for name, value in (table.get("headers") or {}).items():
+            if isinstance(value, str) and _is_secret_header(name):
+                out.append(value)
+                # "Bearer xyz": the token alone, wherever it appears without its scheme.
+                out.append(value.rpartition(" ")[2])
+    for url in (settings.state.redis_url,):
+        out += _url_secrets(url)
+    return [v for v in out if v]
+
+
+def _is_secret_header(name: str) -> bool:
+    lowered = name.lower()
+    return any(m in lowered for m in HEADER_MARKERS)
+
+
 def _redact(node: Any, key: str = "") -> Any:
     if isinstance(node, dict):
+        if key == "headers":
+            return {
+                k: "***" if isinstance(v, str) and v and _is_secret_header(k) else v
+                for k, v in node.items()
+            }
         return {k: _redact(v, k) for k, v in node.items()}
     if isinstance(node, list):
         return [_redact(v, key) for v in node]
@@ -362,14 +391,39 @@ def _redact(node: Any, key: str = "") -> Any:
         return node
     if isinstance(node, str) and node and any(m in lowered for m in SECRET_MARKERS):
         return "***"
-    if isinstance(node, str) and "://" in node and "@" in node:
+    if isinstance(node, str) and "://" in node:
         return _redact_url(node)
     return node
 
 
+def _url_secrets(url: str) -> list[str]:
+    """The password of a URL's user info and the values of its secret-looking query
+    parameters (redis://:pw@host, redis://host/0?password=pw)."""
+    try:
+        parts = urlsplit(url)
+        out = [parts.password or ""]
+    except ValueError:
+        return []
+    for name, value in parse_qsl(parts.query):
+        if any(m in name.lower() for m in HEADER_MARKERS):
+            out.append(value)
+    return [v for v in out if v]
+
+
 def _redact_url(url: str) -> str:
-    """redis://user:pass@host -> redis://***@host."""
-    scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest:
-        return f"{scheme}://***@{rest.rpartition('@')[2]}"
-    return url
+    """redis://user:pass@host -> redis://***@host; a secret query value -> ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc, query = parts.netloc, parts.query
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    if query:
+        items = []
+        for item in query.split("&"):
+            name, eq, _ = item.partition("=")
+            secret = eq and any(m in name.lower() for m in HEADER_MARKERS)
+            items.append(f"{name}=***" if secret else item)
+        query = "&".join(items)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -105,13 +105,27 @@ def test_emit_redacts_client_metadata_fields() -> None:
         "inference",
         {
             "request_id": "r1",
-            "metadata": {"user": "u", "api_key": "leak"},
+            "metadata": {
+                "user": "u",
+                "api_key": "leak",
+                "access_token": "leak",
+                "X-Auth-Token": "leak",
+                "session_cookie": "leak",
+                "max_tokens": 5,
+            },
             "note": "has sk-known-secret-1 inside",
         },
     )
     sink.close()
     ev = json.loads(out.getvalue())
-    assert ev["metadata"] == {"user": "u", "api_key": "***"}
+    assert ev["metadata"] == {
+        "user": "u",
+        "api_key": "***",
+        "access_token": "***",
+        "X-Auth-Token": "***",
+        "session_cookie": "***",
+        "max_tokens": 5,  # a count of tokens, not a token
+    }
     assert "sk-known-secret-1" not in out.getvalue().decode()
     assert ev["event"] == "inference" and ev["level"] == "info" and ev["ts"] > 0
 

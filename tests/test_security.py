@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from starlette.routing import Mount, Route
 
 from stella.app import create_app
 from stella.settings import load_settings
+from tests.fakes.server import serve
 from tests.live import run_stella
 
 ADMIN = "sk-sec-admin-000111"
@@ -222,3 +224,68 @@ def test_keys_new_prints_a_working_config_line(extra: list[str]) -> None:
         timeout=60,
     )
     assert hashed.stdout.strip() == sha(key)
+
+
+def test_credentials_an_upstream_echoes_or_the_config_holds_stay_hidden() -> None:
+    # An upstream that refuses a key often quotes it ("Incorrect API key provided: sk-...");
+    # the client must not learn stella's credentials from that, nor from /config.
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route as StarletteRoute
+
+    async def refuse(request: Request) -> JSONResponse:
+        seen = request.headers.get("authorization", "")
+        custom = request.headers.get("x-custom-auth", "")
+        message = f"Incorrect API key provided: {seen.split()[-1]}. headers seen: {custom}"
+        return JSONResponse({"error": {"message": message}}, status_code=401)
+
+    upstream = Starlette(routes=[StarletteRoute("/v1/chat/completions", refuse, methods=["POST"])])
+    redis_url = "redis://127.0.0.1:9/0?password=redis-secret-4242"
+    with serve(upstream, health="/nothing") as url:
+        config = {
+            **CONFIG,
+            "backends": {
+                "paid": {
+                    "kind": "openai",
+                    "base_url": url + "/v1",
+                    "api_key_env": "PAID_KEY",
+                    "headers": {"X-Custom-Auth": "hdr-secret-777", "X-Title": "stella-test"},
+                }
+            },
+            "state": {"redis_url": redis_url},
+        }
+        env = {"STELLA_API_KEYS": f"admin={ADMIN}", "PAID_KEY": UPSTREAM_SECRET}
+        with run_stella(config, env) as server:
+            admin = {"Authorization": f"Bearer {ADMIN}"}
+            seen = []
+            for stream, path in (
+                (False, "/api/v1/chat"),
+                (True, "/api/v1/chat"),
+                (False, "/v1/chat/completions"),
+            ):
+                r = httpx.post(
+                    server.url + path,
+                    headers=admin,
+                    json={
+                        "model": "paid-model",
+                        "stream": stream,
+                        "messages": [{"role": "user", "content": "x"}],
+                    },
+                    timeout=10,
+                )
+                assert "Incorrect API key provided: ***" in r.text, r.text
+                seen.append(r.text)
+            r = httpx.get(server.url + "/config", headers={"Authorization": f"Bearer {NARROW}"})
+            assert r.status_code == 403  # the configuration is for admins
+            cfg = httpx.get(server.url + "/config", headers=admin).json()["config"]
+            assert cfg["backends"]["paid"]["headers"] == {
+                "X-Custom-Auth": "***",
+                "X-Title": "stella-test",
+            }
+            assert cfg["state"]["redis_url"] == "redis://127.0.0.1:9/0?password=***"
+            seen.append(json.dumps(cfg))
+            server.stop()
+            everything = "\n".join(seen + server.lines())
+    for secret in (UPSTREAM_SECRET, "hdr-secret-777", "redis-secret-4242"):
+        assert secret not in everything, secret

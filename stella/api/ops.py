@@ -69,7 +69,8 @@ async def ready(request: Request) -> Response:
     return JSONResponse(Readiness("ok" if ok else "unavailable", checks), 200 if ok else 503)
 
 
-@endpoint(auth="user")
+# Admin only: besides secrets (redacted), it shows the upstream hosts and every limit.
+@endpoint(auth="admin")
 async def config(request: Request, call: Call) -> Response:
     """GET /config: the effective configuration, every secret redacted."""
     svc = services(request)
@@ -159,7 +160,11 @@ document(
         errors=(503,),
     ),
     Operation(
-        "get", "/config", "Effective configuration, secrets redacted", tag="ops", errors=(401,)
+        "get",
+        "/config",
+        "Effective configuration, secrets redacted (admin)",
+        tag="ops",
+        errors=(401, 403),
     ),
 )
 
