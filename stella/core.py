@@ -82,6 +82,8 @@ class Pipeline:
         """Resolve and admit; raises a StellaError that becomes an HTTP error."""
         if not request.messages:
             raise InvalidRequest("$.messages: must contain at least one message", param="messages")
+        if request.metadata:
+            _check_metadata(request.metadata)
         choice = request.tool_choice
         if choice is not None and choice != "none" and choice != "auto":
             if not request.tools:
@@ -679,3 +681,33 @@ __all__ = [
     "Pipeline",
     "Principal",
 ]
+
+
+# Client metadata goes into every log line of its request: bounded like the rest of it.
+MAX_METADATA_DEPTH = 16
+MAX_METADATA_BYTES = 16_384
+
+
+def _check_metadata(metadata: dict[str, Any]) -> None:
+    """Refuse metadata nested deeper than MAX_METADATA_DEPTH or over MAX_METADATA_BYTES."""
+    level: list[Any] = [metadata]
+    for _ in range(MAX_METADATA_DEPTH):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            break
+    else:
+        raise InvalidRequest(
+            f"$.metadata: nested deeper than {MAX_METADATA_DEPTH} levels", param="metadata"
+        )
+    if len(_metadata_json.encode(metadata)) > MAX_METADATA_BYTES:
+        raise InvalidRequest(
+            f"$.metadata: over {MAX_METADATA_BYTES} bytes of JSON", param="metadata"
+        )
+
+
+_metadata_json = msgspec.json.Encoder()

@@ -35,6 +35,8 @@ BEARER_BYTES = re.compile(rb"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
 BEARER_TEXT = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
 
 _encoder = msgspec.json.Encoder()
+# What a client or a model wrote: left out of a line that could not be rendered whole.
+_FREE_FORM = ("metadata", "prompt", "completion")
 # Lines gathered on the event loop go to the writer thread at most this often: each
 # hand-over wakes the thread, and waking it per request costs more than the line.
 HANDOVER_S = 0.01
@@ -96,7 +98,7 @@ class LogSink:
             if self.fmt != "json":
                 line = _console(msgspec.json.decode(line))
         except Exception as exc:  # a log line must never break a request
-            line, audit = f"log render failed: {exc!r}\n".encode(), None
+            line, audit = self._reduced(event, exc)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -106,6 +108,20 @@ class LogSink:
         if not self._scheduled:
             self._scheduled = True
             loop.call_later(HANDOVER_S, self._handover)
+
+    def _reduced(self, event: dict[str, Any], exc: Exception) -> tuple[bytes, bytes | None]:
+        """The event without its free-form parts, when it could not be rendered whole:
+        an inference still leaves its audit line."""
+        try:
+            reduced = {k: v for k, v in event.items() if k not in _FREE_FORM}
+            reduced["log_error"] = f"not rendered whole: {type(exc).__name__}"
+            line = self._encode(reduced)
+            audit = line if self.audit_path and event.get("event") == "inference" else None
+            if self.fmt != "json":
+                line = _console(msgspec.json.decode(line))
+            return line, audit
+        except Exception as again:
+            return f"log render failed: {again!r}\n".encode(), None
 
     def _handover(self) -> None:
         batch, self._batch = self._batch, []
@@ -165,8 +181,12 @@ class LogSink:
         # Everything but `metadata` was built by stella; only the client's part needs the
         # field-name check (secret values and bearer tokens are masked on the whole line).
         metadata = record.get("metadata")
-        if metadata and self._has_secret_field(metadata):
-            record["metadata"] = self._redact(metadata)
+        try:
+            if metadata and self._has_secret_field(metadata):
+                record["metadata"] = self._redact(metadata)
+        except RecursionError:  # nested past any reason (the pipeline refuses that)
+            del record["metadata"]
+            record["log_error"] = "not rendered whole: RecursionError"
         self.put(record, checked=True)
 
     def flush(self, timeout: float = 5.0) -> None:

@@ -199,6 +199,26 @@ def test_openai_errors_name_the_missing_or_unknown_field(server: LiveServer) -> 
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+def test_metadata_is_bounded(server: LiveServer) -> None:
+    # It goes into the request's log line: nested past reason or too large is a 400.
+    deep: dict = {}
+    node = deep
+    for _ in range(40):
+        node["a"] = {}
+        node = node["a"]
+    for path in ("/api/v1/chat", "/v1/chat/completions"):
+        r = post(server, {"model": "echo", "messages": MSG, "metadata": deep}, path=path)
+        assert r.status_code == 400 and "$.metadata: nested deeper than 16" in r.text, r.text
+    r = post(server, {"model": "echo", "stream": False, "messages": MSG, "metadata": {"a": [1]}})
+    assert r.status_code == 200
+    with run_stella() as roomy:  # the default body limit, 1 MiB
+        r = httpx.post(
+            roomy.url + "/api/v1/chat",
+            json={"model": "echo", "messages": MSG, "metadata": {"a": "x" * 20_000}},
+        )
+        assert r.status_code == 400 and "$.metadata: over 16384 bytes" in r.text, r.text
+
+
 def test_bad_role_and_missing_messages(server: LiveServer) -> None:
     r = post(server, {"messages": [{"role": "wizard", "content": "x"}]})
     assert "$.messages[0].role" in error_of(r, 400, "invalid_request")

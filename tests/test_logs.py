@@ -143,3 +143,32 @@ def test_named_keys_and_secret_fields_stay_masked(monkeypatch: pytest.MonkeyPatc
     text = out.getvalue().decode()
     for secret in ("sk-alice-secret-1", "sk-bare-secret-2", "sk-leaked-after-empty", "pw-in-a"):
         assert secret not in text, secret
+
+
+def test_an_event_that_cannot_be_rendered_whole_still_leaves_its_audit_line(
+    tmp_path: Path,
+) -> None:
+    class Unprintable:
+        def __str__(self) -> str:
+            raise ValueError("no")
+
+    deep: dict = {}
+    node = deep
+    for _ in range(5000):  # past the recursion limit of any walk over it
+        node["a"] = {}
+        node = node["a"]
+    out = io.BytesIO()
+    audit = tmp_path / "audit.jsonl"
+    sink = logs.LogSink(stream=out, audit_path=str(audit))
+    sink.emit("inference", {"request_id": "r1", "metadata": {"x": Unprintable()}, "status": 200})
+    sink.emit("inference", {"request_id": "r2", "metadata": deep, "status": 200})
+    sink.close()
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["request_id"] for r in rows] == ["r1", "r2"]
+    assert all(r["status"] == 200 and "metadata" not in r for r in rows)
+    assert rows[0]["log_error"] == "not rendered whole: ValueError"
+    assert rows[1]["log_error"] == "not rendered whole: RecursionError"
+    assert [json.loads(line)["request_id"] for line in audit.read_text().splitlines()] == [
+        "r1",
+        "r2",
+    ]
