@@ -12,10 +12,12 @@ With a single request in flight there is nothing to gain and a little to lose:
 the early header segment wakes the client while the body is still being
 written, so a lone request writes straight through, as uvicorn does.
 
-Either way (`BodyDeadlineProtocol` is the same without the corking) a request
-body must have arrived BODY_TIMEOUT_S after its headers, or the connection is
-closed: uvicorn itself never gives up on a client that sends headers and then
-stalls, which would hold a connection and a task for as long as it likes.
+Either way (`BodyDeadlineProtocol` is the same without the corking) a request's
+headers must have arrived HEADER_TIMEOUT_S after the connection opened or the
+request began, and its body BODY_TIMEOUT_S after its headers, or the connection
+is closed: uvicorn itself never gives up on a client that connects and sends
+nothing, or part of its headers, or headers and then stalls (a slowloris), which
+holds a connection, and for a body a task, for as long as it likes.
 
 `stella serve` uses this protocol; plain uvicorn gets it with
 `--http stella.transport:HttpToolsProtocol`.
@@ -33,6 +35,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpTool
 WRITE_THROUGH = 65_536
 # Seconds a request body may take to arrive after its headers (1 MiB at ~35 KB/s).
 BODY_TIMEOUT_S = 30.0
+# Seconds a request's headers may take, from the connection's start or the request's
+# first byte (an idle kept-alive connection is uvicorn's keep-alive timeout's).
+HEADER_TIMEOUT_S = 15.0
 
 
 class CorkedTransport:
@@ -132,15 +137,36 @@ class CorkedTransport:
 
 
 class BodyDeadlineProtocol(_HttpToolsProtocol):
-    """uvicorn's httptools protocol, closing a connection whose request body stalls."""
+    """uvicorn's httptools protocol, closing a connection whose request headers or body
+    stall."""
 
     _body_timer: asyncio.TimerHandle | None = None
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+        """Accept as uvicorn does; the first request's headers are due from now."""
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+
+    def on_message_begin(self) -> None:
+        """A request's first byte (on a kept-alive connection): its headers are due."""
+        super().on_message_begin()
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
 
     def on_headers_complete(self) -> None:
         """Start the request as uvicorn does, its scope carrying a way to drop the client."""
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
         # For a stream whose client stopped reading (see `drop`).
         self.scope["stella.protocol"] = self
         super().on_headers_complete()
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
     def drop(self) -> None:
         """Abort the connection at once: the running response is over, nothing waits on it."""
@@ -189,10 +215,13 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """Drop the deadline with the connection."""
+        """Drop the deadlines with the connection."""
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
         super().connection_lost(exc)
 
 
