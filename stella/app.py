@@ -75,6 +75,9 @@ class Services:
             self.router, logs.emitter(), admission=self.admission, log_content=settings.log.content
         )
         self.drain = Drain(settings.server.drain_timeout_s)
+        # The backends' health as /v1/health last probed it (monotonic time, results).
+        self.health: tuple[float, dict[str, Any]] | None = None
+        self.health_lock = asyncio.Lock()
         self.pipeline.listeners.append(usage_listener(self.state))
         self.metrics: Any = None
         self.on_reject: list[Callable[[StellaError, str], None]] = []

@@ -84,6 +84,9 @@ class Pipeline:
             raise InvalidRequest("$.messages: must contain at least one message", param="messages")
         if request.metadata:
             _check_metadata(request.metadata)
+        model = request.model
+        if model is not None and len(model) > MAX_MODEL_NAME:
+            raise InvalidRequest(f"$.model: over {MAX_MODEL_NAME} characters", param="model")
         choice = request.tool_choice
         if choice is not None and choice != "none" and choice != "auto":
             if not request.tools:
@@ -683,6 +686,9 @@ __all__ = [
 ]
 
 
+# A model name longer than this is no route's: refused before it is looked up, logged
+# and counted (with models.allow_direct, any name reaches the usage counters).
+MAX_MODEL_NAME = 256
 # Client metadata goes into every log line of its request: bounded like the rest of it.
 MAX_METADATA_DEPTH = 16
 MAX_METADATA_BYTES = 16_384

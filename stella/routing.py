@@ -160,6 +160,11 @@ class Router:
         if backend not in self.backends:
             raise ModelNotFound(f"backend {backend!r} not found; known: {sorted(self.backends)}")
         upstream = upstream_model or self.resolve(None).upstream_model
+        for route in self.routes.values():
+            if route.backend_name == backend and route.upstream_model == upstream:
+                # A configured route by another name: its limits, time limits and
+                # fallbacks hold, whichever name the client used.
+                return route
         return Route(
             name=f"{backend}/{upstream}",
             backend_name=backend,

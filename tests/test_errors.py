@@ -199,6 +199,12 @@ def test_openai_errors_name_the_missing_or_unknown_field(server: LiveServer) -> 
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+def test_a_model_name_is_bounded(server: LiveServer) -> None:
+    for path in ("/api/v1/chat", "/v1/chat/completions"):
+        r = post(server, {"model": "m" * 257, "messages": MSG}, path=path)
+        assert r.status_code == 400 and "$.model: over 256 characters" in r.text, r.text
+
+
 def test_metadata_is_bounded(server: LiveServer) -> None:
     # It goes into the request's log line: nested past reason or too large is a 400.
     deep: dict = {}

@@ -166,3 +166,21 @@ def test_a_fallback_holds_to_the_keys_scope_and_its_own_limits() -> None:
             ("premium-model", "rate_limited"),
             ("echo", None),
         ]
+
+
+def test_a_direct_name_for_a_configured_route_is_that_route() -> None:
+    # models.allow_direct: "backend/upstream" reaches any model of a backend, but a
+    # name that is a configured route's keeps that route's limits.
+    config = {
+        "models": {"allow_direct": True, "routes": {"premium-model": {"backend": "premium"}}},
+        "backends": {"premium": {"kind": "echo"}},
+        "limits": {"models": {"premium-model": {"requests_per_minute": 2}}},
+    }
+    with run_stella(config) as server:
+        codes = []
+        for name in ("premium-model", "premium/premium-model", "premium/premium-model"):
+            r = httpx.post(server.url + "/api/v1/chat", json={**body(), "model": name})
+            codes.append(r.status_code)
+        assert codes == [200, 200, 429]
+        r = httpx.post(server.url + "/api/v1/chat", json={**body(), "model": "premium/other"})
+        assert r.status_code == 200 and r.json()["model"] == "premium/other"

@@ -289,3 +289,31 @@ def test_credentials_an_upstream_echoes_or_the_config_holds_stay_hidden() -> Non
             everything = "\n".join(seen + server.lines())
     for secret in (UPSTREAM_SECRET, "hdr-secret-777", "redis-secret-4242"):
         assert secret not in everything, secret
+
+
+def test_the_public_health_route_asks_the_upstreams_at_most_every_few_seconds() -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route as StarletteRoute
+
+    calls: list[str] = []
+
+    async def models(request: Request) -> JSONResponse:
+        calls.append(request.headers.get("authorization", ""))
+        return JSONResponse({"object": "list", "data": []})
+
+    upstream = Starlette(routes=[StarletteRoute("/v1/models", models)])
+    with serve(upstream, health="/nothing") as url:
+        config = {
+            "backends": {
+                "paid": {"kind": "openai", "base_url": url + "/v1", "api_key_env": "PAID_KEY"}
+            },
+            "models": {"routes": {"paid-model": {"backend": "paid"}}},
+        }
+        env = {"STELLA_API_KEYS": f"admin={ADMIN}", "PAID_KEY": UPSTREAM_SECRET}
+        with run_stella(config, env) as server:
+            for _ in range(20):  # no key needed, and none given
+                r = httpx.get(server.url + "/v1/health")
+                assert r.status_code == 200 and r.json()["providers"]["paid"]["ok"] is True
+    assert len(calls) == 1, calls  # one probe for 20 calls within the 5 s it is kept

@@ -9,6 +9,7 @@ as OpenAI-compatible servers do, so existing clients work unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -36,6 +37,7 @@ from stella.api.openai_request import (
     to_options,
 )
 from stella.api.openapi import Operation, document
+from stella.backends import BackendHealth
 from stella.core import Call
 from stella.errors import InvalidRequest, ModelNotFound, StellaError
 from stella.protocol import (
@@ -361,15 +363,32 @@ async def get_model(request: Request, call: Call) -> Response:
     return JSONResponse(_model_obj(route.name, route.backend_name))
 
 
+# /v1/health needs no key: anyone may call it, so the upstreams are asked at most
+# this often (in parallel), whatever the rate of calls.
+HEALTH_TTL_S = 5.0
+
+
+async def _backend_health(svc: Any) -> dict[str, BackendHealth]:
+    """Each backend's health, probed at most every HEALTH_TTL_S."""
+    async with svc.health_lock:
+        cached = svc.health
+        if cached is not None and time.monotonic() - cached[0] < HEALTH_TTL_S:
+            return cached[1]
+        names = list(svc.backends)
+        results = await asyncio.gather(*(svc.backends[n].health() for n in names))
+        fresh = dict(zip(names, results, strict=True))
+        svc.health = (time.monotonic(), fresh)
+        return fresh
+
+
 @endpoint(OPENAI, auth="none")
 async def v1_health(request: Request, call: Call) -> Response:
     """GET /v1/health: the service and each provider (backend), no tokens spent."""
     svc = services(request)
     providers = {}
-    for name, backend in svc.backends.items():
-        health = await backend.health()
+    for name, health in (await _backend_health(svc)).items():
         providers[name] = {
-            "kind": backend.kind,
+            "kind": svc.backends[name].kind,
             "ok": health.ok,
             "detail": health.detail,
             "circuit": svc.router.breaker(name).state,
