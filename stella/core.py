@@ -23,6 +23,7 @@ from stella.calls import ANONYMOUS, Admission, Call, Permit, Principal
 from stella.errors import (
     ClientTooSlow,
     InvalidRequest,
+    ModelNotFound,
     Overloaded,
     RateLimited,
     StellaError,
@@ -100,11 +101,20 @@ class Pipeline:
                     f"$.tool_choice.function.name: no tool named {choice.function.name!r}",
                     param="tool_choice.function.name",
                 )
+        principal = call.principal
         if call.backend:
             route = self.router.direct(call.backend, request.model)
         else:
-            route = self.router.resolve(request.model)
-        principal = call.principal
+            try:
+                route = self.router.resolve(request.model)
+            except ModelNotFound:
+                if principal.models == ("*",):
+                    raise
+                # The list of known models names only those this key may use.
+                known = ", ".join(n for n in sorted(self.router.routes) if principal.may_use(n))
+                raise ModelNotFound(
+                    f"model {request.model!r} not found; known models: {known}"
+                ) from None
         principal.check(route.name)
         router = self.router
         chain = router.chain(route)

@@ -268,7 +268,15 @@ def _console(ev: dict[str, Any]) -> bytes:
     rest = " ".join(
         f"{k}={v}" for k, v in ev.items() if k not in ("ts", "level", "event") and v is not None
     )
-    return f"{ts} {level:<5} {ev.get('event', '')} {rest}\n".encode()
+    line = f"{ts} {level:<5} {ev.get('event', '')} {rest}"
+    # One event, one line: a newline or an escape sequence in a prompt must not print
+    # what looks like another event (or move the terminal's cursor).
+    if not line.isprintable():
+        line = line.translate(_CONTROL)
+    return f"{line}\n".encode()
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
 
 
 class QueueLogger:

@@ -283,7 +283,11 @@ def test_models_outside_a_keys_scope_are_hidden_or_forbidden(server: LiveServer)
 
 def test_model_not_found_lists_known(server: LiveServer) -> None:
     msg = error_of(post(server, {"model": "gpt-17", "messages": MSG}), 404, "model_not_found")
-    assert "echo" in msg
+    assert "echo" in msg and "other" in msg
+    # A key scoped to some models is told of those only.
+    r = post(server, {"model": "gpt-17", "messages": MSG}, key=LIMITED)
+    msg = error_of(r, 404, "model_not_found")
+    assert msg.endswith("known models: echo"), msg
 
 
 def test_conflict_deleting_default(server: LiveServer) -> None:

@@ -53,6 +53,17 @@ def test_console_format_is_one_readable_line() -> None:
     assert line.count("\n") == 1 and "inference" in line and "model=echo" in line
 
 
+def test_console_format_keeps_an_event_on_its_line() -> None:
+    # A prompt cannot print what looks like a second event, nor move the cursor.
+    out = io.BytesIO()
+    sink = logs.LogSink(fmt="console", stream=out)
+    sink.emit("inference", {"prompt": "hi\n20:50:00.000 INFO inference key=admin\x1b[2J"})
+    sink.close()
+    lines = out.getvalue().decode().splitlines()
+    assert len(lines) == 1
+    assert "hi\\x0a20:50:00.000" in lines[0] and "\\x1b[2J" in lines[0]
+
+
 def test_audit_file_content_and_no_secrets(tmp_path: Path) -> None:
     audit = tmp_path / "logs" / "log.jsonl"
     config = {"log": {"audit_path": str(audit), "content": True}}
