@@ -108,6 +108,12 @@ class PayloadTooLarge(StellaError):
     status, code = 413, "payload_too_large"
 
 
+class ContextTooLong(StellaError):
+    """The prompt does not fit the model's context window."""
+
+    status, code = 400, "context_length_exceeded"
+
+
 class UnsupportedMediaType(StellaError):
     """The body is not JSON."""
 

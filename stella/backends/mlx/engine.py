@@ -9,11 +9,16 @@ from typing import Any
 import structlog
 
 from stella.backends.mlx.worker import GenerationJob
+from stella.errors import ContextTooLong
 from stella.protocol import Message, Tool
 
 _log = structlog.get_logger("stella")
 # How long the worker waits, once per generation, for the loop to send the first text.
 HANDOFF_WAIT_S = 0.05
+
+
+class _Cancelled(Exception):
+    """Raised inside the prompt pass of a job that was cancelled."""
 
 
 @dataclass(eq=False)
@@ -27,6 +32,7 @@ class LoadedModel:
     supports_tools: bool = False
     caches: Any = None  # mlx_lm LRUPromptCache, made on first use
     meta: dict[str, Any] = field(default_factory=dict)
+    context: int | None = None  # the model's context window in tokens, when it says
 
     def encode_chat(self, messages: list[Message], tools: list[Tool] | None) -> list[int]:
         """Token ids of the conversation with the assistant's turn opened."""
@@ -80,6 +86,8 @@ def load_model(path: str) -> LoadedModel:
     lm = LoadedModel(
         path=path, model=model, tokenizer=tokenizer, supports_tools="tools" in str(template)
     )
+    context = getattr(getattr(model, "args", None), "max_position_embeddings", None)
+    lm.context = context if isinstance(context, int) and context > 0 else None
     lm.nbytes = _nbytes(model)
     return lm
 
@@ -122,7 +130,12 @@ def generate_into(job: GenerationJob) -> None:
     """Run one chat generation, emitting ("token", text, finish, prompt_n, completion_n)."""
     import mlx.core as mx
     from mlx_lm import stream_generate
-    from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
+    from mlx_lm.models.cache import (
+        LRUPromptCache,
+        can_trim_prompt_cache,
+        make_prompt_cache,
+        trim_prompt_cache,
+    )
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
     p = job.params
@@ -130,6 +143,15 @@ def generate_into(job: GenerationJob) -> None:
     stats = p["stats"]
     job.emit(("started",))
     prompt = lm.encode_chat(p["messages"], p["tools"])
+    max_tokens = p["max_tokens"]
+    if lm.context:
+        room = lm.context - len(prompt)
+        if room < 1:
+            raise ContextTooLong(
+                f"the prompt is {len(prompt)} tokens; the model's context holds {lm.context}",
+                param="messages",
+            )
+        max_tokens = min(max_tokens, room)  # the answer ends at the context's end: "length"
     if p["seed"] is not None and p["seed"] >= 0:  # a negative seed means unseeded, as llama.cpp
         mx.random.seed(p["seed"])  # MLX's global seed: safe, this thread owns MLX
     sampler = make_sampler(p["temperature"], p["top_p"], p["min_p"], 1, p["top_k"])
@@ -141,38 +163,61 @@ def generate_into(job: GenerationJob) -> None:
     if lm.caches is None:
         lm.caches = LRUPromptCache(max_size=max(1, p["prompt_cache_size"]))
     cache, rest = lm.caches.fetch_nearest_cache(lm.path, prompt)
+    if cache is not None and not rest:
+        # The very prompt was cached: the last token goes through again for its logits.
+        if can_trim_prompt_cache(cache):
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        else:
+            cache = None
     if cache is None:
         cache, rest = make_prompt_cache(lm.model), prompt
+
+    def progress(done: int, total: int) -> None:
+        if job.cancelled and done < total:
+            raise _Cancelled
+
     key = list(prompt)
     after_cancel = 0
     cut = False
-    for gen in stream_generate(
+    generation = stream_generate(
         lm.model,
         lm.tokenizer,
         rest,
-        max_tokens=p["max_tokens"],
+        max_tokens=max_tokens,
         sampler=sampler,
         logits_processors=processors,
         prompt_cache=cache,
-    ):
-        key.append(gen.token)
-        if job.cancelled:
-            after_cancel += 1  # this token was computed after the cancel: stop here
-            cut = True
-            break
-        stats.tokens += 1
-        first = not job.first_token and bool(gen.text)
-        if first:
-            # The first visible text, as a client sees it (the detokenizer may hold a
-            # token back until its characters are complete).
-            job.first_token = time.perf_counter()
-        job.emit(("token", gen.text, gen.finish_reason, len(prompt), gen.generation_tokens))
-        if first:
-            # Building the next step holds the GIL for milliseconds at a time; the event
-            # loop would wait that long to send the first token. Let it send first.
-            job.handed.wait(HANDOFF_WAIT_S)
-        if gen.finish_reason is not None:
-            break
+        # Between two steps the job's cancel flag is read: a long prompt that nobody
+        # waits for any more stops within a step, not after all of it.
+        prefill_step_size=p.get("prefill_step", 512),
+        prompt_progress_callback=progress,
+    )
+    prefill_cut = False
+    try:
+        for gen in generation:
+            key.append(gen.token)
+            if job.cancelled:
+                after_cancel += 1  # this token was computed after the cancel: stop here
+                cut = True
+                break
+            stats.tokens += 1
+            first = not job.first_token and bool(gen.text)
+            if first:
+                # The first visible text, as a client sees it (the detokenizer may hold a
+                # token back until its characters are complete).
+                job.first_token = time.perf_counter()
+            job.emit(("token", gen.text, gen.finish_reason, len(prompt), gen.generation_tokens))
+            if first:
+                # Building the next step holds the GIL for milliseconds at a time; the event
+                # loop would wait that long to send the first token. Let it send first.
+                job.handed.wait(HANDOFF_WAIT_S)
+            if gen.finish_reason is not None:
+                break
+    except _Cancelled:
+        cut = prefill_cut = True  # stopped inside the prompt pass
+    finally:
+        generation.close()
     if cut:
         stats.cancelled += 1
         stats.tokens_after_cancel += after_cancel
@@ -182,6 +227,8 @@ def generate_into(job: GenerationJob) -> None:
             request_id=p.get("request_id", ""),
             tokens=len(key) - len(prompt),
             tokens_after_cancel=after_cancel,
+            in_prompt=prefill_cut,
         )
-    if p["prompt_cache_size"] > 0:
+    # A cache cut inside the prompt pass holds part of the prompt: not one to reuse.
+    if p["prompt_cache_size"] > 0 and not prefill_cut:
         lm.caches.insert_cache(lm.path, key, cache)

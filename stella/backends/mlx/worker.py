@@ -43,6 +43,9 @@ class GenerationJob:
     # Set by the event loop once the first text has been handed to the client (see engine).
     handed: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False
+    # Counted in the worker's waiting jobs: from admission until the worker takes it
+    # (or its caller gives up), a model load included.
+    counted: bool = False
     params: dict[str, Any] = field(default_factory=dict)
 
     def emit(self, item: Any) -> None:
@@ -81,11 +84,28 @@ class MlxWorker:
         self._jobs.put(("call", fn, args, future))
         return future
 
+    def reserve(self, job: GenerationJob) -> None:
+        """Count `job` as waiting from now (it may still wait for its model to load)."""
+        with self._lock:
+            if not job.counted:
+                job.counted = True
+                self._waiting += 1
+
     def generate(self, job: GenerationJob) -> None:
         """Queue a generation job."""
-        with self._lock:
-            self._waiting += 1
+        self.reserve(job)
         self._jobs.put(("gen", job))
+
+    def discard(self, job: GenerationJob) -> None:
+        """The caller no longer waits for `job`: it stops counting, and will not run."""
+        job.cancelled = True
+        self._uncount(job)
+
+    def _uncount(self, job: GenerationJob) -> None:
+        with self._lock:
+            if job.counted:
+                job.counted = False
+                self._waiting -= 1
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the running job, drop the rest, end the thread."""
@@ -107,8 +127,7 @@ class MlxWorker:
                     future.set_exception(exc)
                 continue
             job: GenerationJob = item[1]
-            with self._lock:
-                self._waiting -= 1
+            self._uncount(job)
             if job.cancelled:
                 continue
             job.started = time.perf_counter()
