@@ -159,6 +159,7 @@ class Inference:
         "collect",
         "completion_tokens",
         "created",
+        "ctx",
         "engine_ttft_ms",
         "error",
         "fallback_permits",
@@ -225,6 +226,7 @@ class Inference:
         # Permits of the fallback routes tried (their models' own limits), and the route
         # that gave the answer, whose permit is settled with its usage.
         self.fallback_permits: list[tuple[str, Permit]] | None = None
+        self.ctx: CallContext | None = None  # the last attempt's
         self.answered = ""
         self.collect = not request.stream or pipeline.log_content
 
@@ -441,7 +443,9 @@ class Inference:
         rs = route.settings
         self.backend_name = route.backend_name
         self.upstream_model = route.upstream_model
-        ctx = watchdog.ctx = CallContext(request_id=self.call.request_id, route=route.name)
+        ctx = self.ctx = watchdog.ctx = CallContext(
+            request_id=self.call.request_id, route=route.name
+        )
         req = self.request
         if req.model != route.upstream_model:
             req = msgspec.structs.replace(req, model=route.upstream_model)
@@ -578,6 +582,11 @@ class Inference:
         pipeline.active.discard(self)
         now = self.t_end or time.perf_counter()
         usage = _completed(self.usage, self.completion_tokens)
+        ctx = self.ctx
+        if not usage.prompt_tokens and ctx is not None and ctx.prompt_tokens:
+            # Cut short before the backend's usage came: the prompt it read still counts.
+            n = ctx.prompt_tokens
+            usage = Usage(n, usage.completion_tokens, n + usage.completion_tokens)
         try:
             self.permit.settle(usage)
         finally:

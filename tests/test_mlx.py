@@ -126,6 +126,8 @@ async def test_disconnect_stops_the_worker_within_one_token(mlx_server: LiveServ
     assert ev["tokens"] < 20  # far from the 200 it was asked for
     inf = mlx_server.wait_event(lambda e: e["request_id"] == rid)
     assert inf["finish_reason"] == "client_closed"
+    # Charged for what it read and what it got, though no usage ever reached it.
+    assert inf["prompt_tokens"] > 10 and inf["completion_tokens"] >= 3
 
 
 async def test_queue_full_is_503(mlx_server: LiveServer) -> None:
@@ -245,6 +247,8 @@ async def test_a_cancelled_prompt_pass_stops_within_a_step(mlx_server: LiveServe
     )
     stopped_after = time.monotonic() - left
     assert ev["in_prompt"] is True and ev["tokens"] == 0
+    inf = mlx_server.wait_event(lambda e: e["request_id"] == rid)
+    assert inf["finish_reason"] == "client_closed" and inf["prompt_tokens"] > 400
     assert stopped_after < 10, stopped_after  # a 64-token step, not the ~30 s prompt
     short = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 2})
     assert short["finish_reason"] == "length"

@@ -42,6 +42,9 @@ class CallContext:
     # Counted by a backend for upstream output that yields no event yet (tool-call
     # arguments in fragments, reasoning): the time limits take it as progress.
     beats: int = 0
+    # Set by a backend that knows the prompt's size before the answer ends: a call cut
+    # short (client gone, a time limit) is still charged for its prompt.
+    prompt_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -143,6 +143,7 @@ def generate_into(job: GenerationJob) -> None:
     stats = p["stats"]
     job.emit(("started",))
     prompt = lm.encode_chat(p["messages"], p["tools"])
+    job.emit(("prompt", len(prompt)))
     max_tokens = p["max_tokens"]
     if lm.context:
         room = lm.context - len(prompt)
