@@ -12,9 +12,11 @@ With a single request in flight there is nothing to gain and a little to lose:
 the early header segment wakes the client while the body is still being
 written, so a lone request writes straight through, as uvicorn does.
 
-Either way (`BodyDeadlineProtocol` is the same without the corking) a request's
-headers must have arrived HEADER_TIMEOUT_S after the connection opened or the
-request began, and its body BODY_TIMEOUT_S after its headers, or the connection
+Either way (`BodyDeadlineProtocol` is the same without the corking) a connection
+must send a request's first byte within HEADER_TIMEOUT_S of opening, a request's
+headers must be complete one to two HEADER_TIMEOUT_S after its first byte (one
+timer per connection looks every HEADER_TIMEOUT_S: nothing to do per request),
+and its body must have arrived BODY_TIMEOUT_S after its headers, or the connection
 is closed: uvicorn itself never gives up on a client that connects and sends
 nothing, or part of its headers, or headers and then stalls (a slowloris), which
 holds a connection, and for a body a task, for as long as it likes.
@@ -35,9 +37,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpTool
 WRITE_THROUGH = 65_536
 # Seconds a request body may take to arrive after its headers (1 MiB at ~35 KB/s).
 BODY_TIMEOUT_S = 30.0
-# Seconds a request's headers may take, from the connection's start or the request's
-# first byte (an idle kept-alive connection is uvicorn's keep-alive timeout's).
-HEADER_TIMEOUT_S = 15.0
+# How often a connection is looked at for a request whose headers do not come: a
+# first byte is due this long after the connection opened, complete headers within
+# two such looks of their first byte (an idle kept-alive connection is left to
+# uvicorn's keep-alive timeout).
+HEADER_TIMEOUT_S = 10.0
 
 
 class CorkedTransport:
@@ -142,31 +146,34 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
 
     _body_timer: asyncio.TimerHandle | None = None
     _header_timer: asyncio.TimerHandle | None = None
+    _parsing: Any = None  # the scope of a request whose headers were incomplete at a look
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
-        """Accept as uvicorn does; the first request's headers are due from now."""
+        """Accept as uvicorn does; from now on, a look every HEADER_TIMEOUT_S."""
         super().connection_made(transport)  # type: ignore[arg-type]
-        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
-
-    def on_message_begin(self) -> None:
-        """A request's first byte (on a kept-alive connection): its headers are due."""
-        super().on_message_begin()
-        if self._header_timer is None:
-            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._headers_late)
+        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._look)
 
     def on_headers_complete(self) -> None:
         """Start the request as uvicorn does, its scope carrying a way to drop the client."""
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
         # For a stream whose client stopped reading (see `drop`).
         self.scope["stella.protocol"] = self
         super().on_headers_complete()
 
-    def _headers_late(self) -> None:
+    def _look(self) -> None:
+        """Close a connection that sent nothing, or whose request's headers stalled."""
         self._header_timer = None
-        if not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        # uvicorn makes a request's scope at its first byte and its cycle once the
+        # headers are complete: a scope that no cycle has is a request still in its
+        # headers, and the same one as at the last look has stalled a whole period.
+        scope, cycle = self.scope, self.cycle
+        in_headers = scope is not None and (cycle is None or cycle.scope is not scope)
+        if scope is None or (in_headers and scope is self._parsing):
             self.transport.close()
+            return
+        self._parsing = scope if in_headers else None
+        self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._look)
 
     def drop(self) -> None:
         """Abort the connection at once: the running response is over, nothing waits on it."""
