@@ -130,12 +130,17 @@ async def test_disconnect_stops_the_worker_within_one_token(mlx_server: LiveServ
     assert inf["prompt_tokens"] > 10 and inf["completion_tokens"] >= 3
 
 
-async def test_queue_full_is_503(mlx_server: LiveServer) -> None:
-    payload = {
+def counting(max_tokens: int) -> dict:
+    """A non-stream request that keeps the worker busy for about max_tokens tokens."""
+    return {
         "messages": [{"role": "user", "content": "Count from one to fifty."}],
         "stream": False,
-        "options": {"temperature": 0, "max_tokens": 40},
+        "options": {"temperature": 0, "max_tokens": max_tokens},
     }
+
+
+async def test_queue_full_is_503(mlx_server: LiveServer) -> None:
+    payload = counting(40)
     async with httpx.AsyncClient(timeout=120) as client:
         running = asyncio.create_task(client.post(mlx_server.url + "/api/v1/chat", json=payload))
         await asyncio.sleep(0.5)
@@ -216,11 +221,7 @@ def test_a_prompt_longer_than_the_context_is_refused(mlx_server: LiveServer) -> 
 
 async def test_a_request_given_up_in_the_queue_frees_its_place(mlx_server: LiveServer) -> None:
     # max_queue = 1: a client that stops waiting for its turn leaves the place to the next.
-    payload = {
-        "messages": [{"role": "user", "content": "Count from one to fifty."}],
-        "stream": False,
-        "options": {"temperature": 0, "max_tokens": 30},
-    }
+    payload = counting(30)
     async with httpx.AsyncClient(timeout=120) as client:
         running = asyncio.create_task(client.post(mlx_server.url + "/api/v1/chat", json=payload))
         await asyncio.sleep(0.5)
