@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -26,6 +27,11 @@ class Principal:
         if self.models == ("*",):
             return True
         return any(fnmatchcase(model, p) for p in self.models)
+
+    @property
+    def scope(self) -> Callable[[str], bool] | None:
+        """`may_use` for a key limited to some models; None for one that may use any."""
+        return None if self.models == ("*",) else self.may_use
 
     def check(self, model: str, *, hide: bool = False) -> None:
         """Raise unless the key may use `model`: 403, or 404 where listings hide it."""
@@ -78,6 +84,9 @@ class Admission:
         """Admit or raise RateLimited / Overloaded."""
         return Permit()
 
-    async def admit_fallback(self, route: Route, request: ChatRequest) -> Permit | None:
-        """Admission to a route the call falls back to (its model's own limits), or None."""
+    async def admit_fallback(
+        self, route: Route, request: ChatRequest, backend_held: bool = False
+    ) -> Permit | None:
+        """Admission to a route the call falls back to (its model's own limits), or None;
+        `backend_held`: the call holds that backend's slot already."""
         return None

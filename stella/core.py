@@ -23,7 +23,6 @@ from stella.calls import ANONYMOUS, Admission, Call, Permit, Principal
 from stella.errors import (
     ClientTooSlow,
     InvalidRequest,
-    ModelNotFound,
     Overloaded,
     RateLimited,
     StellaError,
@@ -103,18 +102,9 @@ class Pipeline:
                 )
         principal = call.principal
         if call.backend:
-            route = self.router.direct(call.backend, request.model)
+            route = self.router.direct(call.backend, request.model, principal.scope)
         else:
-            try:
-                route = self.router.resolve(request.model)
-            except ModelNotFound:
-                if principal.models == ("*",):
-                    raise
-                # The list of known models names only those this key may use.
-                known = ", ".join(n for n in sorted(self.router.routes) if principal.may_use(n))
-                raise ModelNotFound(
-                    f"model {request.model!r} not found; known models: {known}"
-                ) from None
+            route = self.router.resolve(request.model, principal.scope)
         principal.check(route.name)
         router = self.router
         chain = router.chain(route)
@@ -151,7 +141,6 @@ class Inference:
 
     __slots__ = (
         "admit_ms",
-        "answered",
         "attempts",
         "backend_name",
         "call",
@@ -162,7 +151,7 @@ class Inference:
         "ctx",
         "engine_ttft_ms",
         "error",
-        "fallback_permits",
+        "fallback_permit",
         "finish_reason",
         "logged",
         "permit",
@@ -223,11 +212,10 @@ class Inference:
         # (seconds, callback): run once if the call is still going after that long.
         self.slow: tuple[float, Callable[[], Any]] | None = None
         self.task: asyncio.Task[Any] | None = None  # the task running it, when known
-        # Permits of the fallback routes tried (their models' own limits), and the route
-        # that gave the answer, whose permit is settled with its usage.
-        self.fallback_permits: list[tuple[str, Permit]] | None = None
+        # The permit of the fallback route being tried (its model's own limits): given
+        # back when it fails, settled with the usage when the call ends on it.
+        self.fallback_permit: Permit | None = None
         self.ctx: CallContext | None = None  # the last attempt's
-        self.answered = ""
         self.collect = not request.stream or pipeline.log_content
 
     def start_event(self) -> Start:
@@ -255,10 +243,13 @@ class Inference:
         try:
             for route in self.chain:
                 if route is not self.route:
-                    refused = await self._admit_fallback(route)
-                    if refused is not None:
-                        last = last or refused
-                        continue
+                    self._give_back_fallback()  # the one before failed: its place goes back
+                    # An open circuit is recorded below, without spending the route's limits.
+                    if router.breaker(route.backend_name).available():
+                        refused = await self._admit_fallback(route)
+                        if refused is not None:
+                            last = last or refused
+                            continue
                 breaker = router.breaker(route.backend_name)
                 rs = route.settings
                 watchdog.deadline = self.t0 + rs.total_timeout_s
@@ -341,7 +332,6 @@ class Inference:
                                         backend=route.backend_name,
                                         error=repr(exc),
                                     )
-                                self.answered = route.name
                                 return self._done(event)
                             else:
                                 raise UpstreamError(
@@ -423,18 +413,26 @@ class Inference:
     async def _admit_fallback(self, route: Route) -> StellaError | None:
         """Admit the call to a fallback route under its own model's limits; the refusal
         (recorded as an attempt) when they are full."""
+        # The call holds its backend's slot already when the fallback is on the same one.
+        held = route.backend_name == self.route.backend_name
         try:
-            permit = await self.pipeline.admission.admit_fallback(route, self.request)
+            permit = await self.pipeline.admission.admit_fallback(route, self.request, held)
         except (RateLimited, Overloaded) as exc:
             self.attempts.append(
                 {"backend": route.backend_name, "route": route.name, "error": exc.code}
             )
             return exc
-        if permit is not None:
-            if self.fallback_permits is None:
-                self.fallback_permits = []
-            self.fallback_permits.append((route.name, permit))
+        self.fallback_permit = permit
         return None
+
+    def _give_back_fallback(self, usage: Usage | None = None) -> None:
+        """Settle (nothing used, unless `usage`) and release the fallback's permit."""
+        permit, self.fallback_permit = self.fallback_permit, None
+        if permit is not None:
+            try:
+                permit.settle(usage or Usage())
+            finally:
+                permit.release()
 
     async def _first(
         self, route: Route, watchdog: Watchdog
@@ -591,12 +589,9 @@ class Inference:
             self.permit.settle(usage)
         finally:
             self.permit.release()
-            if self.fallback_permits:
-                for name, permit in self.fallback_permits:
-                    try:
-                        permit.settle(usage if name == self.answered else Usage())
-                    finally:
-                        permit.release()
+            if self.fallback_permit is not None:
+                # The call ended on this fallback (answered, or cut short there).
+                self._give_back_fallback(usage)
         reason = self.finish_reason
         err = self.error
         if reason == "client_closed":

@@ -152,10 +152,14 @@ class Limiter(Admission):
         self._plans: dict[tuple[str, str, str], _Plan] = {}
         self.rejections = 0
 
-    def _plan(self, p: Principal | None, route: Route) -> _Plan:
+    def _plan(self, p: Principal | None, route: Route, backend_slot: bool = True) -> _Plan:
         """The buckets and slots that apply to a key on a route (built once per pair);
         with no key, the route's own: its model's buckets and its backend's slots."""
-        cache_key = (p.name if p is not None else "", route.name, route.backend_name)
+        cache_key = (
+            p.name if p is not None else "",
+            route.name,
+            route.backend_name if backend_slot else "",
+        )
         cached = self._plans.get(cache_key)
         if cached is not None and cached.principal is p:
             return cached
@@ -174,9 +178,11 @@ class Limiter(Admission):
                 f"model {route.name}",
             ),
         ]
-        slots = [
-            (f"backend:{route.backend_name}", self.limits.backends.get(route.backend_name, 0)),
-        ]
+        slots: list[tuple[str, int]] = []
+        if backend_slot:
+            slots.append(
+                (f"backend:{route.backend_name}", self.limits.backends.get(route.backend_name, 0))
+            )
         if p is not None:
             buckets[:0] = [
                 (f"rpm:key:{p.name}", p.requests_per_minute, False, f"key {p.name}"),
@@ -213,10 +219,13 @@ class Limiter(Admission):
             return _FREE
         return await self._admit(plan, request)
 
-    async def admit_fallback(self, route: Route, request: ChatRequest) -> Permit | None:
+    async def admit_fallback(
+        self, route: Route, request: ChatRequest, backend_held: bool = False
+    ) -> Permit | None:
         """Admission to a fallback route: its model's limits and its backend's slots (the
-        key's were taken for the call). None when none apply; raises as `admit` does."""
-        plan = self._plan(None, route)
+        key's were taken for the call, and the backend's too when `backend_held`). None
+        when none apply; raises as `admit` does."""
+        plan = self._plan(None, route, backend_slot=not backend_held)
         if not plan.buckets and not plan.slots:
             return None
         return await self._admit(plan, request)

@@ -28,9 +28,7 @@ import structlog
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 # Field names whose values are masked at any depth: `token`, `access_token` and
 # `x-auth-token`, but not `max_tokens` or `prompt_tokens`.
-SECRET_FIELDS = re.compile(
-    r"(?i)(authorization|api[_-]?key|secret|password|passwd|cookie|(?:^|[_-])token)$"
-)
+SECRET_FIELDS = re.compile(r"(?i)(authorization|api[_-]?key|secret|password|passwd|cookie|token)$")
 BEARER_BYTES = re.compile(rb"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
 BEARER_TEXT = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
 
@@ -272,11 +270,13 @@ def _console(ev: dict[str, Any]) -> bytes:
     # One event, one line: a newline or an escape sequence in a prompt must not print
     # what looks like another event (or move the terminal's cursor).
     if not line.isprintable():
-        line = line.translate(_CONTROL)
+        line = "".join(c if c.isprintable() else _escape(c) for c in line)
     return f"{line}\n".encode()
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)}
+def _escape(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
 class QueueLogger:

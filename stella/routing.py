@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from stella.backends import Backend, ConfigError
-from stella.errors import Conflict, InvalidRequest, ModelNotFound
+from stella.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound
 from stella.settings import BreakerSettings, RouteSettings, Settings
 
 
@@ -64,6 +65,10 @@ class CircuitBreaker:
     def retry_after(self) -> float:
         """Seconds until a probe may go."""
         return max(0.0, self.cooldown_s - (time.monotonic() - self.opened_at))
+
+
+# A key's scope as a test of a model name (Principal.may_use).
+Allowed = Callable[[str], bool]
 
 
 @dataclass(slots=True)
@@ -142,8 +147,9 @@ class Router:
         """Whether `name` is a route's name or alias."""
         return name in self._names
 
-    def resolve(self, model: str | None) -> Route:
-        """The route for a requested model name (None: the default)."""
+    def resolve(self, model: str | None, allowed: Allowed | None = None) -> Route:
+        """The route for a requested model name (None: the default). `allowed` (a key's
+        scope) narrows the known models a 404 lists and the routes a direct name finds."""
         name = model or self.default
         target = self._names.get(name)
         if target is not None:
@@ -151,20 +157,29 @@ class Router:
         if self.settings.models.allow_direct and "/" in name:
             provider, _, upstream = name.partition("/")
             if provider in self.backends and upstream:
-                return self.direct(provider, upstream)
-        known = ", ".join(sorted(self.routes))
+                return self.direct(provider, upstream, allowed)
+        known = ", ".join(n for n in sorted(self.routes) if allowed is None or allowed(n))
         raise ModelNotFound(f"model {name!r} not found; known models: {known}")
 
-    def direct(self, backend: str, upstream_model: str | None) -> Route:
+    def direct(
+        self, backend: str, upstream_model: str | None, allowed: Allowed | None = None
+    ) -> Route:
         """A one-off route to a configured backend (never to a host from a request)."""
         if backend not in self.backends:
             raise ModelNotFound(f"backend {backend!r} not found; known: {sorted(self.backends)}")
         upstream = upstream_model or self.resolve(None).upstream_model
-        for route in self.routes.values():
-            if route.backend_name == backend and route.upstream_model == upstream:
-                # A configured route by another name: its limits, time limits and
-                # fallbacks hold, whichever name the client used.
+        # A configured route by another name: its limits, time limits and fallbacks
+        # hold, whichever name the client used (one the key may use, if several).
+        matches = [
+            r
+            for r in self.routes.values()
+            if r.backend_name == backend and r.upstream_model == upstream
+        ]
+        for route in matches:
+            if allowed is None or allowed(route.name):
                 return route
+        if matches:  # only routes this key may not use: no way around their limits
+            raise Forbidden(f"this key may not use model {f'{backend}/{upstream}'!r}")
         return Route(
             name=f"{backend}/{upstream}",
             backend_name=backend,

@@ -8,11 +8,12 @@ names the environment variable that holds its key (`api_key_env`).
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 import msgspec
 from msgspec import Meta
@@ -345,9 +346,31 @@ def _check(s: Settings) -> None:
 
 
 SECRET_MARKERS = ("key", "secret", "token", "password", "authorization", "sha256")
-# A backend's static header is a credential when its name says so (Helicone-Auth,
-# X-Custom-Auth, Cookie, X-Signature, ...).
-HEADER_MARKERS = (*SECRET_MARKERS, "auth", "cookie", "signature", "credential", "pass")
+# A backend's static header (or a URL's query parameter) is a credential when a word
+# of its name says so: Helicone-Auth, X-Custom-Auth, X-Api-Key, Cookie, X-Signature;
+# not X-Bypass-Cache or X-Author.
+SECRET_WORDS = frozenset(
+    {
+        "auth",
+        "authorization",
+        "apikey",
+        "key",
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "pass",
+        "pwd",
+        "cookie",
+        "signature",
+        "credential",
+        "credentials",
+        "session",
+    }
+)
+# A configured value shorter than this is not masked wherever it appears in a log
+# line or an error message: it would hide ordinary words and numbers.
+MIN_MASKED = 8
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
@@ -367,12 +390,11 @@ def secret_values(settings: Settings) -> list[str]:
                 out.append(value.rpartition(" ")[2])
     for url in (settings.state.redis_url,):
         out += _url_secrets(url)
-    return [v for v in out if v]
+    return [v for v in out if len(v) >= MIN_MASKED]
 
 
 def _is_secret_header(name: str) -> bool:
-    lowered = name.lower()
-    return any(m in lowered for m in HEADER_MARKERS)
+    return any(word in SECRET_WORDS for word in re.split(r"[-_.\s]+", name.lower()))
 
 
 def _redact(node: Any, key: str = "") -> Any:
@@ -401,11 +423,12 @@ def _url_secrets(url: str) -> list[str]:
     parameters (redis://:pw@host, redis://host/0?password=pw)."""
     try:
         parts = urlsplit(url)
-        out = [parts.password or ""]
+        password = parts.password or ""
     except ValueError:
         return []
+    out = [password, unquote(password)]  # as written, and as sent
     for name, value in parse_qsl(parts.query):
-        if any(m in name.lower() for m in HEADER_MARKERS):
+        if _is_secret_header(name):
             out.append(value)
     return [v for v in out if v]
 
@@ -423,7 +446,7 @@ def _redact_url(url: str) -> str:
         items = []
         for item in query.split("&"):
             name, eq, _ = item.partition("=")
-            secret = eq and any(m in name.lower() for m in HEADER_MARKERS)
+            secret = eq and _is_secret_header(unquote(name))
             items.append(f"{name}=***" if secret else item)
         query = "&".join(items)
     return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -288,6 +288,13 @@ def test_model_not_found_lists_known(server: LiveServer) -> None:
     r = post(server, {"model": "gpt-17", "messages": MSG}, key=LIMITED)
     msg = error_of(r, 404, "model_not_found")
     assert msg.endswith("known models: echo"), msg
+    limited = {"Authorization": f"Bearer {LIMITED}"}
+    for r in (
+        httpx.get(server.url + "/v1/models/gpt-17", headers=limited),
+        httpx.post(server.url + "/api/show", headers=limited, json={"model": "gpt-17"}),
+        httpx.post(server.url + "/api/chat", headers=limited, json={"model": "gpt-17"}),
+    ):
+        assert r.status_code == 404 and "other" not in r.text, r.text
 
 
 def test_conflict_deleting_default(server: LiveServer) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 
 import httpx
 
@@ -184,3 +185,75 @@ def test_a_direct_name_for_a_configured_route_is_that_route() -> None:
         assert codes == [200, 200, 429]
         r = httpx.post(server.url + "/api/v1/chat", json={**body(), "model": "premium/other"})
         assert r.status_code == 200 and r.json()["model"] == "premium/other"
+
+
+def test_a_fallback_on_the_same_backend_does_not_wait_for_its_own_slot() -> None:
+    # The call holds the backend's one slot: its fallback to another route on the same
+    # backend runs in it, rather than queue behind itself until queue_timeout_s.
+    config = {
+        "backends": {"e": {"kind": "echo", "fail_first_calls": 1}},
+        "models": {
+            "routes": {
+                "a": {"backend": "e", "retries": 0, "fallbacks": ["b"]},
+                "b": {"backend": "e"},
+            }
+        },
+        "limits": {"backends": {"e": 1}, "queue_timeout_s": 1.0},
+        "breaker": {"failure_threshold": 0},
+    }
+    with run_stella(config) as server:
+        started = time.monotonic()
+        r = httpx.post(server.url + "/api/v1/chat", json={**body("hi"), "model": "a"})
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started < 0.5
+        event = server.wait_event(lambda e: e["model"] == "a")
+        assert [(a["route"], a["error"]) for a in event["attempts"]] == [
+            ("a", "upstream_error"),
+            ("b", None),
+        ]
+
+
+def test_a_direct_name_finds_the_route_the_key_may_use() -> None:
+    cheap, direct_only = "sk-limits-cheap-01", "sk-limits-direct-01"
+    config = {
+        "auth": {
+            "keys": {
+                "cheap": {"sha256": sha(cheap), "models": ["cheap-m", "premium/*"]},
+                "direct": {"sha256": sha(direct_only), "models": ["premium/*"]},
+            }
+        },
+        "models": {
+            "allow_direct": True,
+            "routes": {
+                "secret-premium": {"backend": "premium", "upstream_model": "m"},
+                "cheap-m": {"backend": "premium", "upstream_model": "m"},
+            },
+        },
+        "backends": {"premium": {"kind": "echo"}},
+    }
+    with run_stella(config, {"STELLA_API_KEYS": f"admin={KEY}"}) as server:
+
+        def ask(key: str) -> httpx.Response:
+            return httpx.post(
+                server.url + "/api/v1/chat",
+                headers={"Authorization": f"Bearer {key}"},
+                json={**body(), "model": "premium/m"},
+            )
+
+        r = ask(cheap)
+        assert r.status_code == 200 and r.json()["model"] == "cheap-m", r.text
+        # Only routes it may not use have that model: no way around them, and no name.
+        r = ask(direct_only)
+        assert r.status_code == 403 and "secret-premium" not in r.text, r.text
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            headers={"Authorization": f"Bearer {direct_only}"},
+            json={**body(), "model": "premium/other"},
+        )
+        assert r.status_code == 200 and r.json()["model"] == "premium/other"
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            headers={"Authorization": f"Bearer {direct_only}"},
+            json={**body(), "model": "nope"},
+        )
+        assert r.status_code == 404 and "cheap-m" not in r.text, r.text

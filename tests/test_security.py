@@ -250,7 +250,11 @@ def test_credentials_an_upstream_echoes_or_the_config_holds_stay_hidden() -> Non
                     "kind": "openai",
                     "base_url": url + "/v1",
                     "api_key_env": "PAID_KEY",
-                    "headers": {"X-Custom-Auth": "hdr-secret-777", "X-Title": "stella-test"},
+                    "headers": {
+                        "X-Custom-Auth": "hdr-secret-777",
+                        "X-Title": "stella-test",
+                        "X-Bypass-Cache": "true",  # not a credential: masking it would
+                    },  # turn every "true" in the logs into ***
                 }
             },
             "state": {"redis_url": redis_url},
@@ -282,11 +286,14 @@ def test_credentials_an_upstream_echoes_or_the_config_holds_stay_hidden() -> Non
             assert cfg["backends"]["paid"]["headers"] == {
                 "X-Custom-Auth": "***",
                 "X-Title": "stella-test",
+                "X-Bypass-Cache": "true",
             }
             assert cfg["state"]["redis_url"] == "redis://127.0.0.1:9/0?password=***"
             seen.append(json.dumps(cfg))
             server.stop()
             everything = "\n".join(seen + server.lines())
+            events = [json.loads(line) for line in server.lines() if line.startswith("{")]
+            assert any(e.get("stream") is True for e in events)  # "true" is not masked
     for secret in (UPSTREAM_SECRET, "hdr-secret-777", "redis-secret-4242"):
         assert secret not in everything, secret
 

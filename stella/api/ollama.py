@@ -190,7 +190,9 @@ async def chat(request: Request, call: Call) -> Response:
     messages = to_messages(req)
     if not messages:
         # Ollama loads the model on an empty chat; stella has nothing to load: say it is ready.
-        route = services(request).router.resolve(model_name(request, req.model))
+        route = services(request).router.resolve(
+            model_name(request, req.model), call.principal.scope
+        )
         call.principal.check(route.name)
         return JSONResponse(
             {
@@ -221,7 +223,9 @@ async def generate(request: Request, call: Call) -> Response:
     if req.images:
         raise InvalidRequest("$.images: images are not supported")
     if not req.prompt:
-        route = services(request).router.resolve(model_name(request, req.model))
+        route = services(request).router.resolve(
+            model_name(request, req.model), call.principal.scope
+        )
         call.principal.check(route.name)
         return JSONResponse(
             {
@@ -291,7 +295,7 @@ async def show(request: Request, call: Call) -> Response:
     name = model_name(request, req.model or req.name)
     if not name:
         raise InvalidRequest("$.model: required")
-    route = router.resolve(name)
+    route = router.resolve(name, call.principal.scope)
     if route.name not in router.routes:
         raise ModelNotFound(f"model {name!r} not found")
     call.principal.check(route.name, hide=True)  # as /api/tags leaves it out

@@ -356,7 +356,8 @@ async def get_model(request: Request, call: Call) -> Response:
     """GET /v1/models/{id}."""
     router = services(request).router
     name = request.path_params["model"]
-    route = router.resolve(name) if name else None  # "" would resolve to the default
+    # "" would resolve to the default
+    route = router.resolve(name, call.principal.scope) if name else None
     if route is None or route.name not in router.routes:
         raise ModelNotFound(f"model {name!r} not found")
     call.principal.check(route.name, hide=True)  # as /v1/models leaves it out

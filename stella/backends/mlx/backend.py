@@ -38,8 +38,9 @@ class MlxConfig(BackendConfig, kw_only=True):
     dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] = "auto"
     prompt_cache_size: Annotated[int, Meta(ge=0)] = 8  # KV caches kept for prefix reuse (LRU)
     # Prompt tokens per step of the prompt pass: a cancelled request (client gone, a time
-    # limit) stops after the step it is in. 0: 64 on a CPU-only Linux machine (a step
-    # takes seconds there), 512 elsewhere (larger steps are faster on a GPU).
+    # limit) stops after the step it is in. 0: 64 on Linux, where MLX runs on the CPU
+    # unless built for CUDA (a step takes seconds there), 512 elsewhere (larger steps
+    # are faster on a GPU).
     prefill_step: Annotated[int, Meta(ge=0)] = 0
     max_tokens: Annotated[int, Meta(ge=1)] = 512  # when a request gives none
 

@@ -143,7 +143,6 @@ def generate_into(job: GenerationJob) -> None:
     stats = p["stats"]
     job.emit(("started",))
     prompt = lm.encode_chat(p["messages"], p["tools"])
-    job.emit(("prompt", len(prompt)))
     max_tokens = p["max_tokens"]
     if lm.context:
         room = lm.context - len(prompt)
@@ -153,6 +152,7 @@ def generate_into(job: GenerationJob) -> None:
                 param="messages",
             )
         max_tokens = min(max_tokens, room)  # the answer ends at the context's end: "length"
+    job.emit(("prompt", len(prompt)))  # a prompt that is read: charged even if cut short
     if p["seed"] is not None and p["seed"] >= 0:  # a negative seed means unseeded, as llama.cpp
         mx.random.seed(p["seed"])  # MLX's global seed: safe, this thread owns MLX
     sampler = make_sampler(p["temperature"], p["top_p"], p["min_p"], 1, p["top_k"])
