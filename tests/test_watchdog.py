@@ -47,8 +47,10 @@ async def test_watchdog_cancels_a_silent_wait_and_says_so() -> None:
 
 async def test_progress_keeps_a_slow_stream_alive() -> None:
     dog = Watchdog(time.perf_counter() + 60)
-    dog.watch(0.15)
-    for _ in range(6):  # 0.48 s in all, never 0.15 s without an event
+    dog.watch(0.3)
+    # 0.64 s in all, more than the idle limit, but never 0.3 s without an event (the
+    # margin is for the 50 ms ticker and a busy machine).
+    for _ in range(8):
         await _silent_wait(dog, 0.08)
         dog.progress += 1
     assert not dog.expired()
