@@ -9,11 +9,16 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+# Days of usage counters a process keeps in memory (Redis keeps them all: it is the
+# store of record); a long-running process would otherwise grow a little every day.
+USAGE_DAYS = 31
+
 
 class MemoryState:
     """State in this process only; lost on restart."""
 
     kind = "memory"
+    _day = ""
 
     def __init__(self) -> None:
         self.default_model: str | None = None
@@ -54,6 +59,11 @@ class MemoryState:
 
     def record_usage(self, key: str, model: str, day: str, record: dict[str, Any]) -> None:
         """Count one inference for a key, a model and a day."""
+        if day != self._day:  # a new day: the oldest one goes
+            self._day = day
+            kept = sorted({d for _, _, d in self.usage} | {day})[-USAGE_DAYS:]
+            for k in [k for k in self.usage if k[2] not in kept]:
+                del self.usage[k]
         row = self.usage[(key, model, day)]
         row["requests"] += 1
         row["prompt_tokens"] += record.get("prompt_tokens") or 0

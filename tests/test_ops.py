@@ -138,3 +138,21 @@ def test_stella_config_command() -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "server.port" in bad.stderr
+
+
+async def test_usage_in_memory_keeps_the_last_31_days() -> None:
+    from stella.state import USAGE_DAYS, MemoryState
+
+    state = MemoryState()
+    event = {"prompt_tokens": 2, "completion_tokens": 3, "status": 200}
+    days = [f"2026-{m:02d}-{d:02d}" for m in (1, 2) for d in range(1, 29)]  # 56 days
+    for day in days:
+        state.record_usage("k", "echo", day, event)
+        state.record_usage("k", "other", day, event)
+    kept = sorted({d for _, _, d in state.usage})
+    assert kept == days[-USAGE_DAYS:]
+    rows = await state.get_usage(days[-1])
+    assert [(r["model"], r["requests"], r["completion_tokens"]) for r in rows] == [
+        ("echo", 1, 3),
+        ("other", 1, 3),
+    ]
