@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+from stella.bench.echo import Row, _body, measure, table
 from stella.bench.loadgen import text_lines
 from tests.live import LiveServer
 
@@ -103,3 +104,12 @@ def test_bench_asgi_measures_both_apps_in_process() -> None:
     for r in rows.values():
         assert r["stella_us"] > 0 and r["bare_us"] > 0
         assert r["ratio"] == round(r["bare_us"] / r["stella_us"], 3)
+
+
+def test_a_measurement_reports_the_servers_cpu_time_per_request(stella: LiveServer) -> None:
+    r = measure(stella.url, _body(False), "stella", 2, 0.5, False, None, pid=stella.proc.pid)
+    assert r.requests > 10 and r.errors == 0
+    # Each request costs the server some CPU, and far less than a whole second.
+    assert r.cpu_us is not None and 0 < r.cpu_us < 1e6
+    line = table([Row("non-stream", 2, r, r, 1.0)]).splitlines()[-1]
+    assert line.endswith(f"| {r.cpu_us:.1f} / {r.cpu_us:.1f} |")

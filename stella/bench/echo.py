@@ -12,7 +12,7 @@ import httpx
 import msgspec
 
 from stella.bench.loadgen import Result, have_wrk, run_load, run_wrk
-from stella.bench.servers import free_port, spawn, stella_args, uvicorn_args
+from stella.bench.servers import cpu_seconds, free_port, spawn, stella_args, uvicorn_args
 
 WORDS = " ".join(f"word{i}" for i in range(20))  # a 20-token answer, as in the peer figures
 
@@ -46,8 +46,28 @@ def measure(
     wrk: bool,
     client_cpu: int | None,
     headers: dict[str, str] | None = None,
+    pid: int | None = None,
 ) -> Result:
-    """One load run, with wrk when asked and available."""
+    """One load run, with wrk when asked and available; with `pid`, the server's CPU
+    time per request too."""
+    before = cpu_seconds(pid) if pid else None
+    result = _run(url, body, name, concurrency, duration, wrk, client_cpu, headers)
+    after = cpu_seconds(pid) if pid else None
+    if before is not None and after is not None and result.requests:
+        result.cpu_us = round((after - before) / result.requests * 1e6, 1)
+    return result
+
+
+def _run(
+    url: str,
+    body: bytes,
+    name: str,
+    concurrency: int,
+    duration: float,
+    wrk: bool,
+    client_cpu: int | None,
+    headers: dict[str, str] | None,
+) -> Result:
     if wrk:
         return run_wrk(
             url + "/api/v1/chat",
@@ -121,7 +141,7 @@ def compare(
                             ("same", bare_same),
                             ("stella", stella),
                         ):
-                            r = measure(server.url, body, name, c, duration, wrk, 1)
+                            r = measure(server.url, body, name, c, duration, wrk, 1, pid=server.pid)
                             if name not in best or r.rps > best[name].rps:
                                 best[name] = r
                     s, b, same = best["stella"], best["bare"], best["same"]
@@ -143,17 +163,23 @@ def table(rows: list[Row]) -> str:
     """Markdown table of the rows."""
     out = [
         "| mode | c | stella req/s | bare req/s | ratio | bare on stella's server req/s "
-        "| ratio | stella p50 / p99 ms | bare p50 / p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ratio | stella p50 / p99 ms | bare p50 / p99 ms | server CPU us/request: "
+        "stella / bare |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         same = f"{r.same_server.rps:,.0f}" if r.same_server else "-"
         same_ratio = f"{r.same_server_ratio:.2f}" if r.same_server_ratio is not None else "-"
+        cpu = (
+            f"{r.stella.cpu_us:.1f} / {r.baseline.cpu_us:.1f}"
+            if r.stella.cpu_us is not None and r.baseline.cpu_us is not None
+            else "-"
+        )
         out.append(
             f"| {r.mode} | {r.concurrency} | {r.stella.rps:,.0f} | {r.baseline.rps:,.0f} | "
             f"{r.ratio:.2f} | {same} | {same_ratio} | "
             f"{r.stella.p50_ms:.2f} / {r.stella.p99_ms:.2f} | "
-            f"{r.baseline.p50_ms:.2f} / {r.baseline.p99_ms:.2f} |"
+            f"{r.baseline.p50_ms:.2f} / {r.baseline.p99_ms:.2f} | {cpu} |"
         )
     return "\n".join(out)
 

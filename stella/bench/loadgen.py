@@ -34,6 +34,8 @@ class Result(msgspec.Struct):
     ttfb_p50_ms: float
     tokens_per_s: float = 0.0
     tool: str = "stella-loadgen"
+    # The server's CPU time per request during the run (microseconds; Linux), when known.
+    cpu_us: float | None = None
 
 
 @dataclass
