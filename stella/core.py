@@ -214,7 +214,7 @@ class Inference:
         self.task: asyncio.Task[Any] | None = None  # the task running it, when known
         # The permit of the fallback route being tried (its model's own limits): given
         # back when it fails, settled with the usage when the call ends on it.
-        self.fallback_permit: Permit | None = None
+        self.fallback_permit: tuple[str, Permit] | None = None  # (route name, permit)
         self.ctx: CallContext | None = None  # the last attempt's
         self.collect = not request.stream or pipeline.log_content
 
@@ -422,15 +422,19 @@ class Inference:
                 {"backend": route.backend_name, "route": route.name, "error": exc.code}
             )
             return exc
-        self.fallback_permit = permit
+        if permit is not None:
+            self.fallback_permit = (route.name, permit)
         return None
 
     def _give_back_fallback(self, usage: Usage | None = None) -> None:
-        """Settle (nothing used, unless `usage`) and release the fallback's permit."""
-        permit, self.fallback_permit = self.fallback_permit, None
-        if permit is not None:
+        """Settle and release the fallback's permit: with `usage` when the call's last
+        attempt ran on that route, else as unused."""
+        held, self.fallback_permit = self.fallback_permit, None
+        if held is not None:
+            name, permit = held
+            ran_there = self.ctx is not None and self.ctx.route == name
             try:
-                permit.settle(usage or Usage())
+                permit.settle(usage if usage is not None and ran_there else Usage())
             finally:
                 permit.release()
 

@@ -346,31 +346,14 @@ def _check(s: Settings) -> None:
 
 
 SECRET_MARKERS = ("key", "secret", "token", "password", "authorization", "sha256")
-# A backend's static header (or a URL's query parameter) is a credential when a word
-# of its name says so: Helicone-Auth, X-Custom-Auth, X-Api-Key, Cookie, X-Signature;
-# not X-Bypass-Cache or X-Author.
-SECRET_WORDS = frozenset(
-    {
-        "auth",
-        "authorization",
-        "apikey",
-        "key",
-        "token",
-        "secret",
-        "password",
-        "passwd",
-        "pass",
-        "pwd",
-        "cookie",
-        "signature",
-        "credential",
-        "credentials",
-        "session",
-    }
-)
-# A configured value shorter than this is not masked wherever it appears in a log
-# line or an error message: it would hide ordinary words and numbers.
-MIN_MASKED = 8
+# A backend's static header (or a URL's query parameter) is a credential when its name
+# says so: Helicone-Auth, X-AuthKey, X-Api-Key, Cookie, X-Signature, CB-ACCESS-PASSPHRASE.
+SECRET_PARTS = ("auth", "key", "token", "secret", "pass", "pwd", "cookie", "sign", "credential")
+# Words of a name that contain one of those without naming a credential.
+NOT_SECRET_WORDS = frozenset({"bypass", "passthrough", "author", "authors"})
+# Configured values that are not secrets whatever their header: masking them wherever
+# they appear would hide ordinary text (`"stream":true` in every log line).
+PLAIN_VALUES = frozenset({"true", "false", "yes", "no", "on", "off", "none", "null"})
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
@@ -390,11 +373,16 @@ def secret_values(settings: Settings) -> list[str]:
                 out.append(value.rpartition(" ")[2])
     for url in (settings.state.redis_url,):
         out += _url_secrets(url)
-    return [v for v in out if len(v) >= MIN_MASKED]
+    return [v for v in out if v.lower() not in PLAIN_VALUES and not v.isdigit()]
 
 
 def _is_secret_header(name: str) -> bool:
-    return any(word in SECRET_WORDS for word in re.split(r"[-_.\s]+", name.lower()))
+    """Whether a header or parameter name names a credential (by its words, camelCase
+    split: X-AuthKey, accessToken)."""
+    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).lower())
+    return any(
+        part in word for word in words if word not in NOT_SECRET_WORDS for part in SECRET_PARTS
+    )
 
 
 def _redact(node: Any, key: str = "") -> Any:

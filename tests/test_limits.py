@@ -245,6 +245,12 @@ def test_a_direct_name_finds_the_route_the_key_may_use() -> None:
         # Only routes it may not use have that model: no way around them, and no name.
         r = ask(direct_only)
         assert r.status_code == 403 and "secret-premium" not in r.text, r.text
+        # Where listings hide what a key may not use, such a route is not there at all.
+        hidden = {"Authorization": f"Bearer {direct_only}"}
+        r = httpx.get(server.url + "/v1/models/premium/m", headers=hidden)
+        assert r.status_code == 404, r.text
+        r = httpx.post(server.url + "/api/show", headers=hidden, json={"model": "premium/m"})
+        assert r.status_code == 404, r.text
         r = httpx.post(
             server.url + "/api/v1/chat",
             headers={"Authorization": f"Bearer {direct_only}"},

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stella.backends import ConfigError
-from stella.settings import env_overrides, load_settings, redacted
+from stella.settings import env_overrides, load_settings, redacted, secret_values
 
 
 def test_defaults_match_the_shipped_file() -> None:
@@ -172,6 +172,36 @@ def test_redaction_hides_secrets() -> None:
     assert "hunter22" not in text and "redis.local" in text
     assert "literal-secret" not in text
     assert "R_KEY" in text  # the variable's name is not the secret
+
+
+def test_credential_headers_and_url_passwords_are_found_by_name() -> None:
+    headers = {
+        "Authentication": "tok-ABCDEFGH12345",  # joined or camelCase words count too
+        "X-AuthKey": "short7x",
+        "accessToken": "tok-camel-case-1",
+        "X-Bypass-Cache": "true",  # not credentials: shown, and never a global mask
+        "X-Title": "stella-test",
+    }
+    s = load_settings(
+        {
+            "state": {"redis_url": "redis://:hunter2@redis.local/0?authToken=qs-secret-1&db=1"},
+            "backends": {"r": {"kind": "openai", "base_url": "http://x", "headers": headers}},
+        },
+        environ={},
+    )
+    values = secret_values(s)
+    for secret in ("tok-ABCDEFGH12345", "short7x", "tok-camel-case-1", "hunter2", "qs-secret-1"):
+        assert secret in values, secret
+    assert "true" not in values and "stella-test" not in values
+    shown = redacted(s)
+    assert shown["backends"]["r"]["headers"] == {
+        "Authentication": "***",
+        "X-AuthKey": "***",
+        "accessToken": "***",
+        "X-Bypass-Cache": "true",
+        "X-Title": "stella-test",
+    }
+    assert shown["state"]["redis_url"] == "redis://***@redis.local/0?authToken=***&db=1"
 
 
 @pytest.mark.parametrize(

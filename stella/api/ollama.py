@@ -37,7 +37,7 @@ from stella.api.ollama_request import (
 )
 from stella.api.openapi import Operation, document
 from stella.core import Call
-from stella.errors import InvalidRequest, ModelNotFound, StellaError
+from stella.errors import Forbidden, InvalidRequest, ModelNotFound, StellaError
 from stella.protocol import (
     ChatRequest,
     Done,
@@ -295,7 +295,10 @@ async def show(request: Request, call: Call) -> Response:
     name = model_name(request, req.model or req.name)
     if not name:
         raise InvalidRequest("$.model: required")
-    route = router.resolve(name, call.principal.scope)
+    try:
+        route = router.resolve(name, call.principal.scope)
+    except Forbidden:  # a route this key may not see: as if there were none
+        raise ModelNotFound(f"model {name!r} not found") from None
     if route.name not in router.routes:
         raise ModelNotFound(f"model {name!r} not found")
     call.principal.check(route.name, hide=True)  # as /api/tags leaves it out

@@ -39,7 +39,7 @@ from stella.api.openai_request import (
 from stella.api.openapi import Operation, document
 from stella.backends import BackendHealth
 from stella.core import Call
-from stella.errors import InvalidRequest, ModelNotFound, StellaError
+from stella.errors import Forbidden, InvalidRequest, ModelNotFound, StellaError
 from stella.protocol import (
     ChatRequest,
     Done,
@@ -357,7 +357,10 @@ async def get_model(request: Request, call: Call) -> Response:
     router = services(request).router
     name = request.path_params["model"]
     # "" would resolve to the default
-    route = router.resolve(name, call.principal.scope) if name else None
+    try:
+        route = router.resolve(name, call.principal.scope) if name else None
+    except Forbidden:  # a route this key may not see: as if there were none
+        route = None
     if route is None or route.name not in router.routes:
         raise ModelNotFound(f"model {name!r} not found")
     call.principal.check(route.name, hide=True)  # as /v1/models leaves it out
