@@ -85,8 +85,13 @@ class Admission:
         return Permit()
 
     async def admit_fallback(
-        self, route: Route, request: ChatRequest, backend_held: bool = False
+        self,
+        route: Route,
+        request: ChatRequest,
+        backend_held: bool = False,
+        wait_s: float | None = None,
     ) -> Permit | None:
         """Admission to a route the call falls back to (its model's own limits), or None;
-        `backend_held`: the call holds that backend's slot already."""
+        `backend_held`: the call holds that backend's slot already; `wait_s`: the longest
+        wait for a slot (the call's time left)."""
         return None

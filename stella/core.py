@@ -415,8 +415,10 @@ class Inference:
         (recorded as an attempt) when they are full."""
         # The call holds its backend's slot already when the fallback is on the same one.
         held = route.backend_name == self.route.backend_name
+        # A slot is waited for within the route's total limit, as its attempts are.
+        left = self.t0 + route.settings.total_timeout_s - time.perf_counter()
         try:
-            permit = await self.pipeline.admission.admit_fallback(route, self.request, held)
+            permit = await self.pipeline.admission.admit_fallback(route, self.request, held, left)
         except (RateLimited, Overloaded) as exc:
             self.attempts.append(
                 {"backend": route.backend_name, "route": route.name, "error": exc.code}

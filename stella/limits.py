@@ -220,17 +220,24 @@ class Limiter(Admission):
         return await self._admit(plan, request)
 
     async def admit_fallback(
-        self, route: Route, request: ChatRequest, backend_held: bool = False
+        self,
+        route: Route,
+        request: ChatRequest,
+        backend_held: bool = False,
+        wait_s: float | None = None,
     ) -> Permit | None:
         """Admission to a fallback route: its model's limits and its backend's slots (the
-        key's were taken for the call, and the backend's too when `backend_held`). None
-        when none apply; raises as `admit` does."""
+        key's were taken for the call, and the backend's too when `backend_held`), a slot
+        waited for at most `wait_s` (the call's time left). None when none apply; raises
+        as `admit` does."""
         plan = self._plan(None, route, backend_slot=not backend_held)
         if not plan.buckets and not plan.slots:
             return None
-        return await self._admit(plan, request)
+        return await self._admit(plan, request, wait_s)
 
-    async def _admit(self, plan: _Plan, request: ChatRequest) -> Permit:
+    async def _admit(
+        self, plan: _Plan, request: ChatRequest, wait_s: float | None = None
+    ) -> Permit:
         permit = LimitPermit(self, [])
         if plan.buckets:
             checks = self._checks(plan, request)
@@ -245,8 +252,11 @@ class Limiter(Admission):
             held: list[Any] = []
             permit._slots = held
             try:
+                queue_s = self.limits.queue_timeout_s
+                if wait_s is not None:
+                    queue_s = max(0.0, min(queue_s, wait_s))
                 for name, size in plan.slots:
-                    slot = await self.slots.acquire(name, size, self.limits.queue_timeout_s)
+                    slot = await self.slots.acquire(name, size, queue_s)
                     if slot is None:
                         what = name.replace(":", " ", 1)
                         raise Overloaded(

@@ -263,3 +263,43 @@ def test_a_direct_name_finds_the_route_the_key_may_use() -> None:
             json={**body(), "model": "nope"},
         )
         assert r.status_code == 404 and "cheap-m" not in r.text, r.text
+
+
+async def test_a_fallbacks_wait_for_a_slot_ends_with_the_calls_time() -> None:
+    # The fallback's backend is busy: its slot is waited for within the fallback route's
+    # total limit (each route's limit runs from the call's start), not queue_timeout_s.
+    config = {
+        "backends": {
+            "down": {"kind": "echo", "fail_before_first": True},
+            "slow": {"kind": "echo", "delay_s": 0.2},
+        },
+        "models": {
+            "routes": {
+                "a": {"backend": "down", "retries": 0, "fallbacks": ["b"]},
+                "b": {"backend": "slow", "total_timeout_s": 0.6},
+                "b-long": {"backend": "slow"},
+            }
+        },
+        "limits": {"backends": {"slow": 1}, "queue_timeout_s": 5.0},
+        "breaker": {"failure_threshold": 0},
+    }
+    with run_stella(config) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            busy = asyncio.create_task(
+                client.post(
+                    server.url + "/api/v1/chat",
+                    json={**body(" ".join(["w"] * 15)), "model": "b-long"},
+                )
+            )
+            await asyncio.sleep(0.3)  # b's one slot is taken for ~3 s
+            started = time.monotonic()
+            r = await client.post(server.url + "/api/v1/chat", json={**body("hi"), "model": "a"})
+            waited = time.monotonic() - started
+            assert r.status_code == 502, r.text
+            assert waited < 1.5, waited  # not the 5 s queue_timeout_s
+            event = server.wait_event(lambda e: e["model"] == "a")
+            assert [(a["route"], a["error"]) for a in event["attempts"]] == [
+                ("a", "upstream_error"),
+                ("b", "overloaded"),
+            ]
+            assert (await busy).status_code == 200
