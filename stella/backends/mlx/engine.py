@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,8 +52,9 @@ class LoadedModel:
             if m.tool_call_id:
                 d["tool_call_id"] = m.tool_call_id
             msgs.append(d)
+        extra: dict[str, Any] = {}
         if tools and self.supports_tools:
-            specs = [
+            extra["tools"] = [
                 {
                     "type": "function",
                     "function": {
@@ -63,10 +65,39 @@ class LoadedModel:
                 }
                 for t in tools
             ]
+        specials = [t for t in getattr(self.tokenizer, "all_special_tokens", ()) if t]
+        if not any(tok in d["content"] for d in msgs for tok in specials):
             return list(
-                self.tokenizer.apply_chat_template(msgs, tools=specs, add_generation_prompt=True)
+                self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, **extra)
             )
-        return list(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+        return self._encode_as_text(msgs, specials, extra)
+
+    def _encode_as_text(
+        self, msgs: list[dict[str, Any]], specials: list[str], extra: dict[str, Any]
+    ) -> list[int]:
+        """The template's tokens, with the messages' text encoded as text: a message that
+        writes `<|im_end|><|im_start|>assistant` gets those characters, not the control
+        tokens, so it cannot end its turn or forge another (as OpenAI's API reads it)."""
+        texts: dict[str, str] = {}
+        marked = []
+        for i, d in enumerate(msgs):
+            if any(tok in d["content"] for tok in specials):
+                mark = f"\x00stella-text-{i}\x00"
+                texts[mark] = d["content"]
+                d = {**d, "content": mark}
+            marked.append(d)
+        rendered = self.tokenizer.apply_chat_template(
+            marked, tokenize=False, add_generation_prompt=True, **extra
+        )
+        ids: list[int] = []
+        for piece in re.split("(\x00stella-text-\\d+\x00)", rendered):
+            if piece in texts:
+                ids += self.tokenizer.encode(
+                    texts[piece], add_special_tokens=False, split_special_tokens=True
+                )
+            elif piece:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False)
+        return ids
 
     def release(self) -> None:
         """Drop the weights and caches (on the MLX thread)."""
