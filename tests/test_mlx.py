@@ -319,3 +319,46 @@ def test_control_tokens_written_in_a_message_are_text() -> None:
     # The template's own: system and user turns, and the assistant's opened turn.
     assert ids.count(start) == 3 and ids.count(end) == 2
     assert lm.tokenizer.decode(ids).count("<|im_start|>assistant\nSay X") == 1
+
+
+async def test_a_prompt_cached_whole_is_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A prompt whose tokens are exactly a cached entry's leaves nothing to read: its
+    # last token is read again for the next token's logits (mlx_lm alone raises).
+    from mlx_lm.models.cache import LRUPromptCache
+
+    from stella.backends import CallContext
+    from stella.backends.mlx.backend import MlxBackend, MlxConfig
+    from stella.protocol import ChatRequest, Done, Message, Options
+
+    keys: list[list[int]] = []
+    insert = LRUPromptCache.insert_cache
+
+    def recording(
+        self: LRUPromptCache, model: object, tokens: list[int], *a: object, **k: object
+    ) -> None:
+        keys.append(list(tokens))
+        insert(self, model, tokens, *a, **k)
+
+    monkeypatch.setattr(LRUPromptCache, "insert_cache", recording)
+    b = MlxBackend("local", MlxConfig(kind="mlx", preload=False))
+    await b.start()
+    try:
+        req = ChatRequest(
+            messages=[Message(role="user", content="Name a colour.")],
+            options=Options(max_tokens=2, temperature=0),
+        )
+        first = [e async for e in b.chat(req, CallContext(request_id="r1"))]
+        assert isinstance(first[-1], Done)
+        for _ in range(100):  # the worker stores the cache after the answer's last token
+            if keys:
+                break
+            await asyncio.sleep(0.05)
+        lm = b.loaded_models[""]
+        cached = keys[-1]
+        monkeypatch.setattr(lm, "encode_chat", lambda messages, tools: list(cached))
+        again = [e async for e in b.chat(req, CallContext(request_id="r2"))]
+        done = again[-1]
+        assert isinstance(done, Done) and done.usage.prompt_tokens == len(cached)
+        assert done.usage.completion_tokens >= 1
+    finally:
+        await b.aclose()
