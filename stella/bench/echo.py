@@ -51,25 +51,8 @@ def measure(
     """One load run, with wrk when asked and available; with `pid`, the server's CPU
     time per request too."""
     before = cpu_seconds(pid) if pid else None
-    result = _run(url, body, name, concurrency, duration, wrk, client_cpu, headers)
-    after = cpu_seconds(pid) if pid else None
-    if before is not None and after is not None and result.requests:
-        result.cpu_us = round((after - before) / result.requests * 1e6, 1)
-    return result
-
-
-def _run(
-    url: str,
-    body: bytes,
-    name: str,
-    concurrency: int,
-    duration: float,
-    wrk: bool,
-    client_cpu: int | None,
-    headers: dict[str, str] | None,
-) -> Result:
     if wrk:
-        return run_wrk(
+        result = run_wrk(
             url + "/api/v1/chat",
             body,
             name=name,
@@ -78,16 +61,21 @@ def _run(
             cpu=client_cpu,
             headers=headers,
         )
-    return asyncio.run(
-        run_load(
-            url + "/api/v1/chat",
-            body,
-            name=name,
-            concurrency=concurrency,
-            duration=duration,
-            headers=headers,
+    else:
+        result = asyncio.run(
+            run_load(
+                url + "/api/v1/chat",
+                body,
+                name=name,
+                concurrency=concurrency,
+                duration=duration,
+                headers=headers,
+            )
         )
-    )
+    after = cpu_seconds(pid) if pid else None
+    if before is not None and after is not None and result.requests:
+        result.cpu_us = round((after - before) / result.requests * 1e6, 1)
+    return result
 
 
 def compare(
