@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from stella.errors import Forbidden, ModelNotFound
 from stella.protocol import ChatRequest, Usage
-from stella.routing import Route
+from stella.routing import Allowed, Route
 
 
 @dataclass(slots=True, frozen=True)
@@ -29,7 +28,7 @@ class Principal:
         return any(fnmatchcase(model, p) for p in self.models)
 
     @property
-    def scope(self) -> Callable[[str], bool] | None:
+    def scope(self) -> Allowed | None:
         """`may_use` for a key limited to some models; None for one that may use any."""
         return None if self.models == ("*",) else self.may_use
 

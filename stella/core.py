@@ -51,6 +51,13 @@ from stella.watchdog import Watchdog, backoff, close_quietly
 
 _log = structlog.get_logger("stella")
 Emit = Callable[[Delta | ToolCall], Awaitable[None]]
+# A model name longer than this is no route's: refused before it is looked up, logged
+# and counted (with models.allow_direct, any name reaches the usage counters).
+MAX_MODEL_NAME = 256
+# Client metadata goes into every log line of its request: bounded like the rest of it.
+MAX_METADATA_DEPTH = 16
+MAX_METADATA_BYTES = 16_384
+_metadata_json = msgspec.json.Encoder()
 
 
 class SinkClosed(Exception):
@@ -101,16 +108,17 @@ class Pipeline:
                     param="tool_choice.function.name",
                 )
         principal = call.principal
+        scope = principal.scope
         if call.backend:
-            route = self.router.direct(call.backend, request.model, principal.scope)
+            route = self.router.direct(call.backend, request.model, scope)
         else:
-            route = self.router.resolve(request.model, principal.scope)
+            route = self.router.resolve(request.model, scope)
         principal.check(route.name)
         router = self.router
         chain = router.chain(route)
-        if len(chain) > 1 and principal.models != ("*",):
+        if scope is not None and len(chain) > 1:
             # A fallback is a model like any other: a key reaches only those in its scope.
-            chain = [r for r in chain if r is route or principal.may_use(r.name)]
+            chain = [r for r in chain if r is route or scope(r.name)]
         breakers = router.breakers
         for r in chain:
             if breakers[r.backend_name].available():
@@ -665,6 +673,28 @@ def _choice_name(choice: Any) -> str:
     return repr(choice) if isinstance(choice, str) else f"tool {choice.function.name!r}"
 
 
+def _check_metadata(metadata: dict[str, Any]) -> None:
+    """Refuse metadata nested deeper than MAX_METADATA_DEPTH or over MAX_METADATA_BYTES."""
+    level: list[Any] = [metadata]
+    for _ in range(MAX_METADATA_DEPTH):
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+        if not level:
+            break
+    else:
+        raise InvalidRequest(
+            f"$.metadata: nested deeper than {MAX_METADATA_DEPTH} levels", param="metadata"
+        )
+    if len(_metadata_json.encode(metadata)) > MAX_METADATA_BYTES:
+        raise InvalidRequest(
+            f"$.metadata: over {MAX_METADATA_BYTES} bytes of JSON", param="metadata"
+        )
+
+
 def _without_tools(req: ChatRequest) -> ChatRequest:
     """tool_choice "none" for a backend that can't be told: no tools offered, unless the
     conversation already holds tool calls (a chat template may need them to render it)."""
@@ -704,36 +734,3 @@ __all__ = [
     "Pipeline",
     "Principal",
 ]
-
-
-# A model name longer than this is no route's: refused before it is looked up, logged
-# and counted (with models.allow_direct, any name reaches the usage counters).
-MAX_MODEL_NAME = 256
-# Client metadata goes into every log line of its request: bounded like the rest of it.
-MAX_METADATA_DEPTH = 16
-MAX_METADATA_BYTES = 16_384
-
-
-def _check_metadata(metadata: dict[str, Any]) -> None:
-    """Refuse metadata nested deeper than MAX_METADATA_DEPTH or over MAX_METADATA_BYTES."""
-    level: list[Any] = [metadata]
-    for _ in range(MAX_METADATA_DEPTH):
-        level = [
-            child
-            for node in level
-            for child in (node.values() if isinstance(node, dict) else node)
-            if isinstance(child, dict | list)
-        ]
-        if not level:
-            break
-    else:
-        raise InvalidRequest(
-            f"$.metadata: nested deeper than {MAX_METADATA_DEPTH} levels", param="metadata"
-        )
-    if len(_metadata_json.encode(metadata)) > MAX_METADATA_BYTES:
-        raise InvalidRequest(
-            f"$.metadata: over {MAX_METADATA_BYTES} bytes of JSON", param="metadata"
-        )
-
-
-_metadata_json = msgspec.json.Encoder()
