@@ -29,8 +29,8 @@ LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 # Field names whose values are masked at any depth: `token`, `access_token` and
 # `x-auth-token`, but not `max_tokens` or `prompt_tokens`.
 SECRET_FIELDS = re.compile(r"(?i)(authorization|api[_-]?key|secret|password|passwd|cookie|token)$")
-BEARER_BYTES = re.compile(rb"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
 BEARER_TEXT = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
+BEARER_BYTES = re.compile(BEARER_TEXT.pattern.encode())  # the same, for encoded lines
 
 _encoder = msgspec.json.Encoder()
 # What a client or a model wrote: left out of a line that could not be rendered whole.

@@ -367,16 +367,15 @@ def secret_values(settings: Settings) -> list[str]:
     out = []
     for table in settings.backends.values():
         for name, value in (table.get("headers") or {}).items():
-            if isinstance(value, str) and _is_secret_header(name):
+            if isinstance(value, str) and _is_secret_name(name):
                 out.append(value)
                 # "Bearer xyz": the token alone, wherever it appears without its scheme.
                 out.append(value.rpartition(" ")[2])
-    for url in (settings.state.redis_url,):
-        out += _url_secrets(url)
+    out += _url_secrets(settings.state.redis_url)
     return [v for v in out if v.lower() not in PLAIN_VALUES and not v.isdigit()]
 
 
-def _is_secret_header(name: str) -> bool:
+def _is_secret_name(name: str) -> bool:
     """Whether a header or parameter name names a credential (by its words, camelCase
     split: X-AuthKey, accessToken)."""
     words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).lower())
@@ -389,7 +388,7 @@ def _redact(node: Any, key: str = "") -> Any:
     if isinstance(node, dict):
         if key == "headers":
             return {
-                k: "***" if isinstance(v, str) and v and _is_secret_header(k) else v
+                k: "***" if isinstance(v, str) and v and _is_secret_name(k) else v
                 for k, v in node.items()
             }
         return {k: _redact(v, k) for k, v in node.items()}
@@ -416,7 +415,7 @@ def _url_secrets(url: str) -> list[str]:
         return []
     out = [password, unquote(password)]  # as written, and as sent
     for name, value in parse_qsl(parts.query):
-        if _is_secret_header(name):
+        if _is_secret_name(name):
             out.append(value)
     return [v for v in out if v]
 
@@ -434,7 +433,7 @@ def _redact_url(url: str) -> str:
         items = []
         for item in query.split("&"):
             name, eq, _ = item.partition("=")
-            secret = eq and _is_secret_header(unquote(name))
+            secret = eq and _is_secret_name(unquote(name))
             items.append(f"{name}=***" if secret else item)
         query = "&".join(items)
     return urlunsplit(parts._replace(netloc=netloc, query=query))
