@@ -66,26 +66,25 @@ class LoadedModel:
                 for t in tools
             ]
         specials = [t for t in getattr(self.tokenizer, "all_special_tokens", ()) if t]
-        if not any(tok in d["content"] for d in msgs for tok in specials):
+        writing = [i for i, d in enumerate(msgs) if any(t in d["content"] for t in specials)]
+        if not writing:
             return list(
                 self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, **extra)
             )
-        return self._encode_as_text(msgs, specials, extra)
+        return self._encode_as_text(msgs, writing, extra)
 
     def _encode_as_text(
-        self, msgs: list[dict[str, Any]], specials: list[str], extra: dict[str, Any]
+        self, msgs: list[dict[str, Any]], writing: list[int], extra: dict[str, Any]
     ) -> list[int]:
-        """The template's tokens, with the messages' text encoded as text: a message that
-        writes `<|im_end|><|im_start|>assistant` gets those characters, not the control
-        tokens, so it cannot end its turn or forge another (as OpenAI's API reads it)."""
+        """The template's tokens, with the text of the messages at `writing` (those that
+        write a control token such as `<|im_end|><|im_start|>assistant`) encoded as text,
+        so that a message cannot end its turn or forge another (as OpenAI's API reads it)."""
         texts: dict[str, str] = {}
-        marked = []
-        for i, d in enumerate(msgs):
-            if any(tok in d["content"] for tok in specials):
-                mark = f"\x00stella-text-{i}\x00"
-                texts[mark] = d["content"]
-                d = {**d, "content": mark}
-            marked.append(d)
+        marked = list(msgs)
+        for i in writing:
+            mark = f"\x00stella-text-{i}\x00"
+            texts[mark] = msgs[i]["content"]
+            marked[i] = {**msgs[i], "content": mark}
         rendered = self.tokenizer.apply_chat_template(
             marked, tokenize=False, add_generation_prompt=True, **extra
         )
