@@ -160,6 +160,7 @@ class Inference:
         "engine_ttft_ms",
         "error",
         "fallback_permit",
+        "fallback_wait_ms",
         "finish_reason",
         "logged",
         "permit",
@@ -223,6 +224,7 @@ class Inference:
         # The permit of the fallback route being tried (its model's own limits): given
         # back when it fails, settled with the usage when the call ends on it.
         self.fallback_permit: tuple[str, Permit] | None = None  # (route name, permit)
+        self.fallback_wait_ms = 0.0  # waits for fallbacks' backend slots: part of queue_ms
         self.ctx: CallContext | None = None  # the last attempt's
         self.collect = not request.stream or pipeline.log_content
 
@@ -329,7 +331,7 @@ class Inference:
                             elif kind is Done:
                                 self.completion_tokens = tokens
                                 breaker.success()
-                                self.queue_ms = self.admit_ms + ctx.queue_ms
+                                self.queue_ms = self.admit_ms + self.fallback_wait_ms + ctx.queue_ms
                                 # Done is the backend's last event: let it return normally so
                                 # its cleanup runs without a GeneratorExit (and its garbage).
                                 try:
@@ -388,7 +390,7 @@ class Inference:
                                 tokens = 0
                                 self.ttft = None
                                 self.engine_ttft_ms = None
-                                self.queue_ms = self.admit_ms
+                                self.queue_ms = self.admit_ms + self.fallback_wait_ms
                                 last = exc
                                 continue
                         # A stream's client has had tokens: a switch of model mid-answer
@@ -424,7 +426,8 @@ class Inference:
         # The call holds its backend's slot already when the fallback is on the same one.
         held = route.backend_name == self.route.backend_name
         # A slot is waited for within the route's total limit, as its attempts are.
-        left = self.t0 + route.settings.total_timeout_s - time.perf_counter()
+        now = time.perf_counter()
+        left = self.t0 + route.settings.total_timeout_s - now
         try:
             permit = await self.pipeline.admission.admit_fallback(route, self.request, held, left)
         except (RateLimited, Overloaded) as exc:
@@ -432,6 +435,10 @@ class Inference:
                 {"backend": route.backend_name, "route": route.name, "error": exc.code}
             )
             return exc
+        finally:
+            # A wait for the fallback's slot is queueing, as the wait for the first one.
+            self.fallback_wait_ms += (time.perf_counter() - now) * 1000
+            self.queue_ms = self.admit_ms + self.fallback_wait_ms
         if permit is not None:
             self.fallback_permit = (route.name, permit)
         return None
@@ -501,7 +508,7 @@ class Inference:
             _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
             err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")
         else:
-            self.queue_ms = self.admit_ms + ctx.queue_ms
+            self.queue_ms = self.admit_ms + self.fallback_wait_ms + ctx.queue_ms
             self.engine_ttft_ms = ctx.engine_ttft_ms
             record["ms"] = _ms(time.perf_counter() - t)
             record["error"] = None

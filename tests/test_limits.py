@@ -303,3 +303,36 @@ async def test_a_fallbacks_wait_for_a_slot_ends_with_the_calls_time() -> None:
                 ("b", "overloaded"),
             ]
             assert (await busy).status_code == 200
+
+
+async def test_a_fallbacks_wait_for_a_slot_counts_as_queueing() -> None:
+    # The wait for a fallback's backend slot is queueing, reported in queue_ms as the
+    # wait for the first route's slot is.
+    config = {
+        "backends": {
+            "down": {"kind": "echo", "fail_before_first": True},
+            "slow": {"kind": "echo", "delay_s": 0.2},
+        },
+        "models": {
+            "routes": {
+                "a": {"backend": "down", "retries": 0, "fallbacks": ["b"]},
+                "b": {"backend": "slow"},
+            }
+        },
+        "limits": {"backends": {"slow": 1}, "queue_timeout_s": 5.0},
+        "breaker": {"failure_threshold": 0},
+    }
+    with run_stella(config) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            busy = asyncio.create_task(
+                client.post(server.url + "/api/v1/chat", json={**body("w w w"), "model": "b"})
+            )
+            await asyncio.sleep(0.2)  # b's one slot is taken for ~0.4 s more
+            r = await client.post(server.url + "/api/v1/chat", json={**body("hi"), "model": "a"})
+            assert r.status_code == 200, r.text
+            assert r.json()["backend"] == "slow"
+            queued = r.json()["timings"]["queue_ms"]
+            assert 200 <= queued <= r.json()["timings"]["total_ms"], r.json()["timings"]
+            event = server.wait_event(lambda e: e["model"] == "a")
+            assert event["queue_ms"] == queued
+            assert (await busy).status_code == 200
