@@ -14,14 +14,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Match, Route
 from starlette.routing import Router as StarletteRouter
 
 from stella import __version__, logs
@@ -235,6 +236,28 @@ class ExactPathRouter(StarletteRouter):
 
     _index: dict[str, list[Route]]
     _indexed = -1
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Starlette's own slash redirect builds its Location from the request's Host
+        # header; `not_found` below redirects with a path instead.
+        super().__init__(*args, redirect_slashes=False, **kwargs)
+
+    async def not_found(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Redirect a path that exists with (or without) a trailing slash; else 404."""
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path != "/":
+            other = path.rstrip("/") if path.endswith("/") else path + "/"
+            # "//host" would be read as another site's address: never redirect to one.
+            if other and not other.startswith("//"):
+                probe = {**scope, "path": other}
+                for route in self.routes:
+                    if route.matches(probe)[0] is not Match.NONE:
+                        location = quote(other, safe="/:@!$&'()*+,;=~")
+                        if query := scope.get("query_string", b""):
+                            location += "?" + query.decode("latin-1")
+                        await RedirectResponse(location)(scope, receive, send)
+                        return
+        await super().not_found(scope, receive, send)
 
     def _exact(self, path: str) -> list[Route] | None:
         if self._indexed != len(self.routes):

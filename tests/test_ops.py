@@ -20,6 +20,31 @@ def test_info_for_api_clients_and_browsers(stella: LiveServer) -> None:
     assert r.status_code in (200, 307)
 
 
+def test_a_trailing_slash_redirects_by_path_not_by_host_header(stella: LiveServer) -> None:
+    # A Location built from the Host header would point wherever the client (or a cache
+    # poisoned by one) said: the redirect names the path only.
+    evil = {"Host": "evil.example"}
+    r = httpx.post(stella.url + "/api/v1/chat/", headers=evil, json={"model": "echo"})
+    assert r.status_code == 307 and r.headers["location"] == "/api/v1/chat"
+    r = httpx.get(stella.url + "/api/tags/?a=b%20c", headers=evil)
+    assert r.status_code == 307 and r.headers["location"] == "/api/tags?a=b%20c"
+    # Followed, the redirect answers as the path without the slash does.
+    r = httpx.post(
+        stella.url + "/api/v1/chat/",
+        json={"model": "echo", "stream": False, "messages": [{"role": "user", "content": "hi"}]},
+        follow_redirects=True,
+    )
+    assert r.status_code == 200 and r.json()["response"] == "hi"
+    # No such route either way: a 404 in stella's shape; "//host" is never a Location.
+    r = httpx.get(stella.url + "/nope/")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    with httpx.Client() as client:
+        req = client.build_request("GET", stella.url + "/")
+        req.url = req.url.copy_with(raw_path=b"//docs/")
+        r = client.send(req)
+    assert r.status_code == 404 and "location" not in r.headers, r.headers
+
+
 def test_public_url_makes_links_absolute() -> None:
     with run_stella({"server": {"public_url": "https://llm.example.com/"}}) as server:
         info = httpx.get(server.url + "/").json()
