@@ -111,11 +111,18 @@ class EventStream:
         drain: Drain,
         ping_interval_s: float = 15.0,
         headers: list[tuple[bytes, bytes]] | None = None,
+        refuse: Callable[[StellaError], Any] | None = None,
     ) -> None:
         self.inference = inference
         self.codec = codec
         self.drain = drain
         self.ping_interval_s = ping_interval_s
+        # With `refuse` (a dialect's error response), the status line waits for the first
+        # event, at most ping_interval_s: a failure before it is then an HTTP error, as
+        # the API this dialect copies gives it, and its clients' retries see the status.
+        self.refuse = refuse
+        self._started = refuse is None
+        self._starting: asyncio.Future[None] | None = None
         self.raw_headers = [
             (b"content-type", codec.media_type.encode()),
             (b"cache-control", b"no-cache"),
@@ -123,6 +130,7 @@ class EventStream:
             *(headers or ()),
         ]
         self._last = 0.0  # loop time of the last line sent
+        self._loop_time: Callable[[], float] = time.monotonic  # the loop's clock, once running
         self._open = True
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
@@ -130,6 +138,7 @@ class EventStream:
         call = inference.call
         tk = ticker()
         loop = tk.loop
+        self._loop_time = loop.time
         task = asyncio.current_task(loop)
         assert task is not None
         self.drain.enter(call, task)
@@ -144,6 +153,8 @@ class EventStream:
         encode = self.codec.encode
 
         async def emit(event: Any) -> None:
+            if not self._started:
+                await self._begin(send)
             chunk = encode(event)
             if chunk:
                 try:
@@ -153,11 +164,14 @@ class EventStream:
                 self._last = loop.time()
 
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            first = self.codec.start(inference.start_event())
-            await send({"type": "http.response.body", "body": first, "more_body": True})
-            self._last = loop.time()
+            if self._started:
+                await self._send_start(send)
             terminal = await inference.run(emit)
+            if not self._started and type(terminal) is Error and inference.error is not None:
+                # Nothing was sent yet: the failure is the answer's status.
+                self._open = False
+                await self._refuse(scope, receive, send, inference.error)
+                return
             if type(terminal) is Error and terminal.code == "client_too_slow":
                 # Nothing more can be written to this client: drop the connection.
                 self._open = False
@@ -189,7 +203,7 @@ class EventStream:
             task.uncancel()
             if call.cancel_reason == "shutting_down":
                 err = ShuttingDown("the server is shutting down; retry the request")
-                await self._end(send, err)
+                await self._end(scope, receive, send, err)
         except (OSError, SinkClosed):
             # The client went away and a write failed: same as a disconnect.
             call.cancel_reason = call.cancel_reason or "client_closed"
@@ -197,7 +211,8 @@ class EventStream:
             # A bug after the first byte: the stream still gets its one terminal line.
             _log.error("stream_failed", request_id=call.request_id, exc_info=exc)
             if self._open:
-                await self._end(send, StellaError("internal error; see the server log"))
+                err = StellaError("internal error; see the server log")
+                await self._end(scope, receive, send, err)
                 inference.fail(StellaError("internal error"))
         finally:
             self._open = False
@@ -207,8 +222,44 @@ class EventStream:
             inference.finish()
             self.drain.leave(task)
 
-    async def _end(self, send: Send, err: StellaError) -> None:
+    async def _send_start(self, send: Send) -> None:
+        """The status line, the headers and the codec's opening bytes."""
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        first = self.codec.start(self.inference.start_event())
+        if first or self.refuse is None:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+        self._last = self._loop_time()
+
+    async def _begin(self, send: Send) -> None:
+        """Start a held stream (the first event came, or the wait for it was long enough);
+        the stream's task and its watcher may both ask: it starts once, then both go on."""
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
+            return
+        self._started = True
+        done = self._starting = asyncio.get_running_loop().create_future()
+        try:
+            await self._send_start(send)
+        finally:
+            done.set_result(None)
+
+    async def _refuse(self, scope: dict[str, Any], receive: Receive, send: Send, err: Any) -> None:
+        """Answer with the dialect's error response instead of a stream."""
+        self._started = True
+        response = self.refuse(err)  # type: ignore[misc]
+        header = scope.get("rid_header")  # see Endpoint: it could not add it to this one
+        if header is not None:
+            response.raw_headers.append(header)
+        with contextlib.suppress(OSError), anyio.CancelScope(shield=True):
+            await response(scope, receive, send)
+
+    async def _end(
+        self, scope: dict[str, Any], receive: Receive, send: Send, err: StellaError
+    ) -> None:
         self._open = False
+        if not self._started:
+            await self._refuse(scope, receive, send, err)
+            return
         body = self.codec.encode(Error(code=err.code, message=err.message, retryable=err.retryable))
         with contextlib.suppress(OSError), anyio.CancelScope(shield=True):
             await send({"type": "http.response.body", "body": body, "more_body": True})
@@ -229,6 +280,13 @@ class EventStream:
                 async with asyncio.timeout(max(remaining, 0.01)):
                     message = await receive()
             except TimeoutError:
+                if not self._started:
+                    if self._open:  # no first event for a whole interval: start anyway
+                        try:
+                            await self._begin(send)
+                        except OSError:
+                            return
+                    continue
                 if self._open and self._last and loop.time() - self._last >= interval:
                     self._last = loop.time()
                     try:

@@ -332,7 +332,7 @@ async def messages(request: Request, call: Call) -> Response:
     chat = to_chat(req)
     inference = await svc.pipeline.prepare(chat, call)
     if chat.stream:
-        return stream_response(request, inference, MessagesCodec())
+        return stream_response(request, inference, MessagesCodec(), ANTHROPIC)
     result = await run_to_end(request, inference)
     content: list[dict[str, Any]] = []
     if result.response:

@@ -236,15 +236,30 @@ async def read_json(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
     return decode(body, object, decoder)  # type: ignore[arg-type]
 
 
-def stream_response(request: Request, inference: Inference, codec: Codec) -> Any:
-    """The streaming response for an admitted inference, in a dialect's codec."""
+def stream_response(
+    request: Request, inference: Inference, codec: Codec, dialect: Dialect | None = None
+) -> Any:
+    """The streaming response for an admitted inference, in a dialect's codec.
+
+    The native stream starts at once (protocol.md). With a `dialect`, the status line
+    waits for the first event (at most stream.ping_interval_s), as the API copied
+    would: a failure before it is an HTTP error in the dialect's shape.
+    """
     svc = services(request)
+    refuse = None
+    if dialect is not None:
+        rid = inference.call.request_id
+
+        def refuse(exc: StellaError) -> Response:
+            return dialect.error_response(exc, rid)
+
     return EventStream(
         inference,
         codec,
         drain=svc.drain,
         ping_interval_s=svc.settings.stream.ping_interval_s,
         headers=inference.permit.headers,
+        refuse=refuse,
     )
 
 

@@ -151,7 +151,7 @@ async def _run(request: Request, call: Call, chat: ChatRequest, generate: bool) 
     codec = OllamaCodec(generate)
     inference = await svc.pipeline.prepare(chat, call)
     if chat.stream:
-        return stream_response(request, inference, codec)
+        return stream_response(request, inference, codec, OLLAMA)
     result = await run_to_end(request, inference)
     done = Done(finish_reason=result.finish_reason, usage=result.usage, timings=result.timings)
     body = final(done, result.model, generate, codec.start_ns)

@@ -236,7 +236,7 @@ async def _run(
     inference = await svc.pipeline.prepare(chat, call)
     headers = inference.permit.headers
     if chat.stream:
-        return stream_response(request, inference, ChunkCodec(include_usage, text))
+        return stream_response(request, inference, ChunkCodec(include_usage, text), OPENAI)
     result = await run_to_end(request, inference)
     usage = result.usage  # encoded as it is: msgspec writes structs directly
     reason = FINISH.get(result.finish_reason, result.finish_reason)

@@ -1,0 +1,88 @@
+"""Compatible dialects hold a stream's status line for its first event, as the APIs they
+copy do: a backend that fails before its first token is an HTTP error each official
+client raises with its status (and can retry); the native stream still starts at once."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import anthropic
+import httpx
+import ollama
+import openai
+import pytest
+
+from tests.live import LiveServer
+
+HI = [{"role": "user", "content": "hi there"}]
+
+
+def test_openai_stream_failing_before_its_first_token_is_a_502(stella: LiveServer) -> None:
+    client = openai.OpenAI(base_url=stella.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as info:
+        for _ in client.chat.completions.create(model="echo-fail", messages=HI, stream=True):
+            pass
+    assert info.value.status_code == 502
+    assert info.value.body["code"] == "upstream_error", info.value.body
+    rid = info.value.response.headers["x-request-id"]
+    ev = stella.wait_event(lambda e: e["request_id"] == rid)
+    assert ev["api"] == "openai" and ev["status"] == 502 and ev["stream"] is True
+
+
+def test_anthropic_stream_failing_before_its_first_token_is_a_502(stella: LiveServer) -> None:
+    client = anthropic.Anthropic(base_url=stella.url, api_key="x", max_retries=0)
+    with (
+        pytest.raises(anthropic.InternalServerError) as info,
+        client.messages.stream(model="echo-fail", max_tokens=20, messages=HI) as s,
+    ):
+        s.get_final_message()
+    assert info.value.status_code == 502
+    assert info.value.body["type"] == "error", info.value.body
+
+
+def test_ollama_stream_failing_before_its_first_token_is_a_502(stella: LiveServer) -> None:
+    client = ollama.Client(host=stella.url)
+    with pytest.raises(ollama.ResponseError) as info:
+        for _ in client.chat(model="echo-fail", messages=HI, stream=True):
+            pass
+    assert info.value.status_code == 502 and "failing before the first token" in info.value.error
+
+
+def test_a_held_stream_starts_once_its_first_event_is_slow_to_come(stella: LiveServer) -> None:
+    # ping_interval_s is 0.2 here: a first token later than that (never, on this route;
+    # its ttft limit is 0.5 s) starts the stream anyway, and the failure is in-band.
+    started = time.monotonic()
+    with httpx.stream(
+        "POST",
+        stella.url + "/v1/chat/completions",
+        json={"model": "echo-stall-first", "messages": HI, "stream": True},
+        timeout=10,
+    ) as r:
+        assert r.status_code == 200
+        assert 0.15 < time.monotonic() - started < 0.45
+        lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+    assert json.loads(lines[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+    assert json.loads(lines[-1][6:])["error"]["code"] == "upstream_timeout"
+
+
+def test_held_streams_answer_as_before(stella: LiveServer) -> None:
+    client = openai.OpenAI(base_url=stella.url + "/v1", api_key="x", max_retries=0)
+    text = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model="echo", messages=HI, stream=True)
+        if c.choices
+    )
+    assert text == "hi there"
+
+
+def test_the_native_stream_still_starts_at_once(stella: LiveServer) -> None:
+    with httpx.stream(
+        "POST",
+        stella.url + "/api/v1/chat",
+        json={"model": "echo-fail", "messages": HI},
+        timeout=10,
+    ) as r:
+        assert r.status_code == 200
+        lines = [json.loads(x) for x in r.iter_lines()]
+    assert lines[0]["type"] == "start" and lines[-1]["type"] == "error"
