@@ -126,6 +126,25 @@ async def test_anthropic_stream_system_usage_headers(
     assert fake.headers[-1]["anthropic-version"] == "2023-06-01"
 
 
+async def test_anthropic_stop_sequence_and_prompt_size_reach_the_context(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # The upstream names the stop sequence it ended at (the Messages dialect reports it)
+    # and the prompt's size in message_start (a call cut short is still charged for it).
+    _, url = anthropic_url
+    b = claude(url)
+    await b.start()
+    try:
+        req = ChatRequest(model="claude-ok", messages=HI, options=Options(stop=[" can"]))
+        ctx = CallContext(request_id="rid-2")
+        events = [e async for e in b.chat(req, ctx)]
+    finally:
+        await b.aclose()
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How"
+    assert events[-1].finish_reason == "stop"
+    assert ctx.stop_sequence == " can" and ctx.prompt_tokens == 25
+
+
 async def test_ollama_thinking_counts_as_progress(ollama_url: tuple[FakeOllama, str]) -> None:
     backend = ollama(ollama_url[1])
     await backend.start()

@@ -62,6 +62,56 @@ def test_max_tokens_and_stop_sequences(server: LiveServer) -> None:
         messages=[{"role": "user", "content": "a b c d"}],
     )
     assert m.content[0].text == "a b"
+    # The Messages API tells a stop sequence from a natural end, and names it.
+    assert m.stop_reason == "stop_sequence" and m.stop_sequence == " c"
+    with client(server).messages.stream(
+        model="echo-slow",
+        max_tokens=20,
+        stop_sequences=["zzz", " c"],
+        messages=[{"role": "user", "content": "a b c d"}],
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == " c"
+    assert final.content[0].text == "a b"
+    m = client(server).messages.create(
+        model="echo",
+        max_tokens=20,
+        stop_sequences=["zzz"],
+        messages=[{"role": "user", "content": "a b"}],
+    )
+    assert m.stop_reason == "end_turn" and m.stop_sequence is None
+
+
+def test_text_blocks_stay_apart_and_the_prompt_size_comes_first(server: LiveServer) -> None:
+    blocks = [{"type": "text", "text": "part one"}, {"type": "text", "text": "part two"}]
+    m = client(server).messages.create(
+        model="echo",
+        max_tokens=50,
+        system=[{"type": "text", "text": "rule one."}, {"type": "text", "text": "rule two."}],
+        messages=[{"role": "user", "content": blocks}],
+    )
+    assert m.content[0].text == "part one\npart two"
+    assert m.usage.input_tokens == 8  # the echo backend counts words: none ran together
+    with client(server).messages.stream(
+        model="echo", max_tokens=50, messages=[{"role": "user", "content": "one two three"}]
+    ) as stream:
+        first = next(iter(stream))
+    assert first.type == "message_start" and first.message.usage.input_tokens == 3
+
+
+def test_an_empty_turn_is_refused_by_its_path_but_a_last_assistant_one(
+    server: LiveServer,
+) -> None:
+    with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\]\.content"):
+        client(server).messages.create(
+            model="echo", max_tokens=5, messages=[{"role": "user", "content": []}]
+        )
+    m = client(server).messages.create(
+        model="echo",
+        max_tokens=5,
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}],
+    )
+    assert m.content[0].text == "hi"
 
 
 def test_tool_choice(server: LiveServer) -> None:
@@ -163,3 +213,24 @@ async def test_disconnect_cancels_and_logs_anthropic(server: LiveServer) -> None
         and ev["finish_reason"] == "client_closed"
         and ev["key"] == "claude"
     )
+
+
+async def test_an_overload_is_a_529_the_client_knows() -> None:
+    config = {**CONFIG, "limits": {"backends": {"slow": 1}, "queue_timeout_s": 0.1}}
+    with run_stella(config) as s:
+        busy_body = {
+            "model": "echo-slow",
+            "max_tokens": 50,
+            "messages": [{"role": "user", "content": " ".join(["w"] * 20)}],
+        }
+        async with httpx.AsyncClient(timeout=10) as c:
+            busy = asyncio.create_task(c.post(s.url + "/v1/messages", json=busy_body))
+            await asyncio.sleep(0.2)
+            ac = anthropic.AsyncAnthropic(base_url=s.url, api_key="x", max_retries=0)
+            with pytest.raises(anthropic.OverloadedError) as info:
+                await ac.messages.create(
+                    model="echo-slow", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+                )
+            assert info.value.status_code == 529
+            assert info.value.body["error"]["type"] == "overloaded_error"
+            assert (await busy).status_code == 200

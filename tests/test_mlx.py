@@ -362,3 +362,15 @@ async def test_a_prompt_cached_whole_is_answered(monkeypatch: pytest.MonkeyPatch
         assert done.usage.completion_tokens >= 1
     finally:
         await b.aclose()
+
+
+def test_the_stop_buffer_holds_partial_stops_and_names_the_one_hit() -> None:
+    from stella.backends.mlx.stops import StopBuffer
+
+    buf = StopBuffer(["END", "zz"])
+    assert buf.feed("hello E") == ("hello ", False)  # "E" may start "END": held back
+    assert buf.feed("N") == ("", False)
+    assert buf.feed("D and more") == ("", True) and buf.matched == "END"
+    buf = StopBuffer(["zz", "b"])
+    assert buf.feed("a b zz") == ("a ", True) and buf.matched == "b"  # the earliest wins
+    assert StopBuffer([]).feed("x") == ("x", False)

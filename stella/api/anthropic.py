@@ -26,7 +26,7 @@ from stella.api.http import (
     stream_response,
 )
 from stella.api.openapi import Operation, document
-from stella.core import Call
+from stella.core import Call, Inference
 from stella.errors import InvalidRequest, StellaError
 from stella.protocol import (
     ChatRequest,
@@ -124,7 +124,20 @@ _ERROR_TYPES = {
     503: "overloaded_error",
     504: "api_error",
 }
-STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+STOP = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "content_filter": "refusal",
+}
+
+
+def stop_reason(finish_reason: str, inference: Inference) -> tuple[str, str | None]:
+    """The Messages API's stop_reason and stop_sequence for a finished call."""
+    ctx = inference.ctx
+    if finish_reason == "stop" and ctx is not None and ctx.stop_sequence:
+        return "stop_sequence", ctx.stop_sequence
+    return STOP.get(finish_reason, "end_turn"), None
 
 
 class AnthropicDialect(Dialect):
@@ -137,6 +150,13 @@ class AnthropicDialect(Dialect):
         kind = _ERROR_TYPES.get(exc.status, "api_error")
         return {"type": "error", "error": {"type": kind, "message": exc.message}}
 
+    def error_response(self, exc: StellaError, request_id: str) -> Response:
+        """The API's own status for an overload is 529 (its clients' OverloadedError)."""
+        response = super().error_response(exc, request_id)
+        if exc.code == "overloaded":
+            response.status_code = 529
+        return response
+
 
 ANTHROPIC = AnthropicDialect()
 # Paths whose errors (404, 405, draining) take this shape; the longest prefix wins.
@@ -146,7 +166,8 @@ ERROR_PREFIXES = {"/v1/messages": ANTHROPIC}
 def _text(content: str | list[Block] | None) -> str:
     if content is None or isinstance(content, str):
         return content or ""
-    return "".join(b.text for b in content if b.type == "text")
+    # Blocks are separate pieces of text: run together, their words would merge.
+    return "\n".join(b.text for b in content if b.type == "text")
 
 
 def to_chat(req: MessagesRequest) -> ChatRequest:
@@ -158,6 +179,11 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
         if isinstance(m.content, str):
             messages.append(Message(role=m.role, content=m.content))
             continue
+        if not m.content and not (m.role == "assistant" and i == len(req.messages) - 1):
+            # As the API: only a last assistant turn (a prefill to continue) may be empty.
+            raise InvalidRequest(
+                f"$.messages[{i}].content: must not be empty", param=f"messages[{i}].content"
+            )
         texts: list[str] = []
         calls: list[ToolCallRef] = []
         for j, b in enumerate(m.content):
@@ -176,7 +202,9 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
                     f"$.messages[{i}].content[{j}].type: {b.type!r} is not supported"
                 )
         if texts or calls:
-            messages.append(Message(role=m.role, content="".join(texts), tool_calls=calls or None))
+            messages.append(
+                Message(role=m.role, content="\n".join(texts), tool_calls=calls or None)
+            )
     try:
         options = options_from(
             {"stop": "stop_sequences"},
@@ -220,14 +248,17 @@ class MessagesCodec(Codec):
 
     media_type = "text/event-stream"
 
-    def __init__(self) -> None:
+    def __init__(self, inference: Inference) -> None:
         super().__init__()
+        self.inference = inference
         self.block = -1  # index of the open content block
         self.open_kind = ""
         self.text_prefix = b""
 
     def start(self, event: Start) -> bytes:
-        """message_start, then a ping (as the API does), at once."""
+        """message_start (with the prompt's size when the backend knows it by now), then a
+        ping, as the API does."""
+        ctx = self.inference.ctx
         msg = {
             "id": "msg_" + event.id,
             "type": "message",
@@ -236,7 +267,7 @@ class MessagesCodec(Codec):
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
+            "usage": {"input_tokens": ctx.prompt_tokens if ctx else 0, "output_tokens": 0},
         }
         return _event("message_start", {"type": "message_start", "message": msg}) + _event(
             "ping", {"type": "ping"}
@@ -294,14 +325,12 @@ class MessagesCodec(Codec):
             return out
         if kind is Done:
             out = self._close_block()
+            reason, sequence = stop_reason(event.finish_reason, self.inference)
             out += _event(
                 "message_delta",
                 {
                     "type": "message_delta",
-                    "delta": {
-                        "stop_reason": STOP.get(event.finish_reason, "end_turn"),
-                        "stop_sequence": None,
-                    },
+                    "delta": {"stop_reason": reason, "stop_sequence": sequence},
                     "usage": {
                         "input_tokens": event.usage.prompt_tokens,
                         "output_tokens": event.usage.completion_tokens,
@@ -332,7 +361,7 @@ async def messages(request: Request, call: Call) -> Response:
     chat = to_chat(req)
     inference = await svc.pipeline.prepare(chat, call)
     if chat.stream:
-        return stream_response(request, inference, MessagesCodec(), ANTHROPIC)
+        return stream_response(request, inference, MessagesCodec(inference), ANTHROPIC)
     result = await run_to_end(request, inference)
     content: list[dict[str, Any]] = []
     if result.response:
@@ -341,6 +370,7 @@ async def messages(request: Request, call: Call) -> Response:
         content.append(
             {"type": "tool_use", "id": c.id, "name": c.function.name, "input": c.function.arguments}
         )
+    reason, sequence = stop_reason(result.finish_reason, inference)
     return JSONResponse(
         {
             "id": "msg_" + result.id,
@@ -348,8 +378,8 @@ async def messages(request: Request, call: Call) -> Response:
             "role": "assistant",
             "model": result.model,
             "content": content,
-            "stop_reason": STOP.get(result.finish_reason, "end_turn"),
-            "stop_sequence": None,
+            "stop_reason": reason,
+            "stop_sequence": sequence,
             "usage": {
                 "input_tokens": result.usage.prompt_tokens,
                 "output_tokens": result.usage.completion_tokens,

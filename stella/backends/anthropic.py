@@ -52,6 +52,7 @@ class _BlockDelta(msgspec.Struct):
     text: str = ""
     partial_json: str = ""
     stop_reason: str | None = None
+    stop_sequence: str | None = None
 
 
 class _Usage(msgspec.Struct):
@@ -248,9 +249,11 @@ class AnthropicBackend(HttpBackend):
                         calls += 1
                     elif kind == "message_start" and ev.message is not None and ev.message.usage:
                         usage = ev.message.usage
+                        ctx.prompt_tokens = usage.input_tokens
                     elif kind == "message_delta":
                         if ev.delta is not None and ev.delta.stop_reason:
                             stop = ev.delta.stop_reason
+                            ctx.stop_sequence = ev.delta.stop_sequence
                         if ev.usage is not None:  # cumulative output tokens
                             usage = _Usage(
                                 ev.usage.input_tokens or usage.input_tokens, ev.usage.output_tokens

@@ -45,6 +45,9 @@ class CallContext:
     # Set by a backend that knows the prompt's size before the answer ends: a call cut
     # short (client gone, a time limit) is still charged for its prompt.
     prompt_tokens: int = 0
+    # Set by a backend whose answer ended at one of the request's stop strings: which
+    # one (Anthropic's Messages API reports it; finish_reason is "stop" either way).
+    stop_sequence: str | None = None
 
 
 @dataclass(slots=True)

@@ -61,6 +61,7 @@ class EchoBackend(Backend):
             prompt_tokens = 0
             for m in request.messages:
                 prompt_tokens += len(m.content.split())
+            ctx.prompt_tokens = prompt_tokens
             if cfg.fail_before_first or self.started <= cfg.fail_first_calls:
                 raise UpstreamError("echo: failing before the first token, as configured")
             last = request.messages[-1] if request.messages else None
@@ -90,7 +91,7 @@ class EchoBackend(Backend):
                 # non-stream call: the same text and the same token count.
                 n = len(text.split())
                 if stops or (limit is not None and n > limit):
-                    pieces, finish = _pieces(_WORDS.findall(text), limit, stops)
+                    pieces, finish, ctx.stop_sequence = _pieces(_WORDS.findall(text), limit, stops)
                     text, n = "".join(pieces), len(pieces)
                 else:
                     text, finish = text.rstrip(), "stop"
@@ -98,7 +99,7 @@ class EchoBackend(Backend):
                     yield Delta(text=text)
                 yield Done(finish_reason=finish, usage=Usage(prompt_tokens, n, prompt_tokens + n))
                 return
-            pieces, finish = _pieces(_WORDS.findall(text), limit, stops)
+            pieces, finish, ctx.stop_sequence = _pieces(_WORDS.findall(text), limit, stops)
             n = len(pieces)
             for sent, piece in enumerate(pieces):
                 if sent == cfg.stall_after:
@@ -123,27 +124,29 @@ def _last_text(request: ChatRequest) -> str:
 
 def _pieces(
     words: list[str], limit: int | None, stops: tuple[str, ...] | list[str]
-) -> tuple[list[str], str]:
-    """The deltas of an answer: cut after `limit` words or where a stop string begins."""
+) -> tuple[list[str], str, str | None]:
+    """The deltas of an answer: cut after `limit` words or where a stop string begins
+    (then also that stop string)."""
     if not stops and (limit is None or len(words) <= limit):
-        return words, "stop"  # the common case: nothing cuts the answer
+        return words, "stop", None  # the common case: nothing cuts the answer
     out: list[str] = []
     emitted = ""
     for word in words:
         if limit is not None and len(out) >= limit:
-            return out, "length"
+            return out, "length", None
         if stops:
-            cut = _stop_cut(emitted + word, stops)
-            if cut is not None:
+            hit = _stop_cut(emitted + word, stops)
+            if hit is not None:
+                cut, stop = hit
                 if cut > len(emitted):
                     out.append((emitted + word)[len(emitted) : cut])
-                return out, "stop"
+                return out, "stop", stop
             emitted += word
         out.append(word)
-    return out, "stop"
+    return out, "stop", None
 
 
-def _stop_cut(text: str, stops: tuple[str, ...] | list[str]) -> int | None:
-    """Index where the first stop string starts, if any appears."""
-    hits = [i for s in stops if s and (i := text.find(s)) >= 0]
-    return min(hits) if hits else None
+def _stop_cut(text: str, stops: tuple[str, ...] | list[str]) -> tuple[int, str] | None:
+    """Where the first stop string in `text` starts, and which it is, if any appears."""
+    hits = [(i, s) for s in stops if s and (i := text.find(s)) >= 0]
+    return min(hits, key=lambda hit: hit[0]) if hits else None

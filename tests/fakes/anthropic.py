@@ -87,6 +87,7 @@ class FakeAnthropic:
             },
         )
         yield event("ping", {"type": "ping"})
+        sequence: str | None = None
         if model == "claude-tools":
             yield event(
                 "content_block_start",
@@ -125,10 +126,33 @@ class FakeAnthropic:
             limit = body.get("max_tokens", 1024)
             stop = "end_turn"
             out = 0
+            text = ""
             for word in words:
                 if out >= limit:
                     stop = "max_tokens"
                     break
+                # A stop sequence ends the text where it begins, and is named in the end.
+                hits = [
+                    (i, s)
+                    for s in body.get("stop_sequences") or ()
+                    if (i := (text + word).find(s)) >= 0
+                ]
+                if hits:
+                    at, sequence = min(hits)
+                    word = (text + word)[len(text) : at]
+                    stop = "stop_sequence"
+                    if word:
+                        yield event(
+                            "content_block_delta",
+                            {
+                                "type": "content_block_delta",
+                                "index": 0,
+                                "delta": {"type": "text_delta", "text": word},
+                            },
+                        )
+                        out += 1
+                    break
+                text += word
                 if model == "claude-error-mid" and out == 1:
                     yield event(
                         "error",
@@ -155,7 +179,10 @@ class FakeAnthropic:
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": stop, "stop_sequence": None},
+                "delta": {
+                    "stop_reason": stop,
+                    "stop_sequence": sequence,
+                },
                 "usage": {"output_tokens": out},
             },
         )

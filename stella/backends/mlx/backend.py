@@ -272,6 +272,7 @@ class MlxBackend(Backend):
                 job.handed.set()
                 if stopped:
                     finish = "stop"
+                    ctx.stop_sequence = stops.matched
                 elif finish is not None:
                     if tail := stops.flush():
                         yield Delta(text=tail)

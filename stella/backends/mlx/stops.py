@@ -11,16 +11,18 @@ class StopBuffer:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
         self.held = ""
+        self.matched: str | None = None  # the stop string that was hit
 
     def feed(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was hit)."""
         if not self.stops:
             return text, False
         buf = self.held + text
-        hits = [i for s in self.stops if (i := buf.find(s)) >= 0]
+        hits = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
         if hits:
             self.held = ""
-            return buf[: min(hits)], True
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            return buf[:at], True
         keep = 0
         for s in self.stops:
             # The longest end of `buf` that is the start of this stop string.
