@@ -138,9 +138,11 @@ class ChunkCodec(Codec):
         self.text = text
         self.head = b""
         self.failed = False
+        self.role_sent = text  # completions have no role chunk
 
     def start(self, event: Start) -> bytes:
-        """The role chunk, sent at once."""
+        """Nothing yet: the role chunk goes with the first event (its content is null
+        before tool calls, as OpenAI sends it)."""
         obj = "text_completion" if self.text else "chat.completion.chunk"
         prefix = "cmpl-" if self.text else "chatcmpl-"
         self.head = (
@@ -154,16 +156,26 @@ class ChunkCodec(Codec):
             + _enc.encode(event.model)
             + b',"choices":'
         )
-        if self.text:
-            return b""
+        return b""
+
+    def _role(self, kind: type) -> bytes:
+        self.role_sent = True
+        content = b"null" if kind is ToolCall else b'""'
         return (
             self.head
-            + b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+            + b'[{"index":0,"delta":{"role":"assistant","content":'
+            + content
+            + b'},"finish_reason":null}]}\n\n'
         )
 
     def encode(self, event: Any) -> bytes:
         """One SSE event per pipeline event."""
         kind = type(event)
+        if not self.role_sent and kind is not Error:
+            return self._role(kind) + self._encode(event, kind)
+        return self._encode(event, kind)
+
+    def _encode(self, event: Any, kind: type) -> bytes:
         if kind is Done:
             reason = FINISH.get(event.finish_reason, event.finish_reason)
             if self.text:
