@@ -97,6 +97,10 @@ class ChatCompletionRequest(CompletionCommon, kw_only=True):
     tool_choice: Any = None  # see choice_from: shapes stella does not know are ignored
     response_format: dict[str, Any] | None = None
     top_logprobs: int | None = None
+    # The deprecated function-calling fields: refused with their replacement named,
+    # rather than ignored (the model would answer in text to a client awaiting a call).
+    functions: list[Any] | None = None
+    function_call: Any = None
 
 
 class CompletionRequest(CompletionCommon, kw_only=True):
@@ -199,6 +203,11 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
     """The internal request for a chat completion."""
     if req.top_logprobs:
         raise InvalidRequest("logprobs are not supported", param="top_logprobs")
+    for legacy, current in (("functions", "tools"), ("function_call", "tool_choice")):
+        if getattr(req, legacy) is not None:
+            raise InvalidRequest(
+                f"{legacy} is deprecated and not supported: use {current}", param=legacy
+            )
     messages = []
     for i, m in enumerate(req.messages):
         if m.role in ("user", "system", "developer") and (m.content is None or m.content == []):
