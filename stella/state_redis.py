@@ -14,7 +14,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any
 
 import msgspec
@@ -552,8 +552,11 @@ class RedisSlots:
 
     Taking a slot is one Lua call; a holder that finds the set full asks again with
     a growing pause (10 to 200 ms) until the queue timeout. Releases go out with the
-    0.1 s flush; held slots are renewed every SLOT_RENEW_S. While Redis is away the
-    slots of this process stand in (as the buckets do).
+    0.1 s flush; held slots are renewed every SLOT_RENEW_S. A slot this process
+    releases goes straight to one of its own waiters, or to its next caller while the
+    release has not gone out yet: a client whose requests follow one another never
+    waits for its own last one's slot. While Redis is away the slots of this process
+    stand in (as the buckets do).
     """
 
     def __init__(self, state: RedisState) -> None:
@@ -561,14 +564,27 @@ class RedisSlots:
         self.local = MemorySlots()
         self.held: dict[str, str] = {}  # member -> set key
         self._released: list[tuple[str, str]] = []
+        # Callers of this process waiting for a slot of a set key, first come first.
+        self._waiting: dict[str, deque[asyncio.Future[str]]] = {}
         self._count = 0
         self._renewed = time.monotonic()
+
+    def _reuse(self, key: str) -> str | None:
+        """A member of `key` released here and not sent to Redis yet: taken back."""
+        for i, (k, member) in enumerate(self._released):
+            if k == key:
+                del self._released[i]
+                self.held[member] = key
+                return member
+        return None
 
     async def acquire(self, name: str, size: int, wait_s: float) -> Any | None:
         """A held slot, or None when none freed up within `wait_s` seconds."""
         st = self.state
         deadline = time.monotonic() + wait_s
         key = st._key("slot", name)
+        if (member := self._reuse(key)) is not None:
+            return ("redis", key, member)
         self._count += 1
         member = f"{st._instance}:{self._count}"
         pause = 0.01
@@ -594,17 +610,49 @@ class RedisSlots:
             now = time.monotonic()
             if now >= deadline:
                 return None
-            await asyncio.sleep(min(pause, deadline - now))
+            handed = await self._wait(key, min(pause, deadline - now))
+            if handed is not None:
+                return ("redis", key, handed)
             pause = min(pause * 2, 0.2)
 
+    async def _wait(self, key: str, seconds: float) -> str | None:
+        """Wait `seconds` for a slot another call of this process gives back: its member."""
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        queue = self._waiting.setdefault(key, deque())
+        queue.append(fut)
+        try:
+            async with asyncio.timeout(seconds):
+                await asyncio.shield(fut)
+        except TimeoutError:
+            pass  # a slot handed over as the time ran out is still taken, below
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # handed over as the caller left
+                self.release(("redis", key, fut.result()))
+            raise
+        finally:
+            if not fut.done():
+                fut.cancel()  # no slot is handed to a caller that stopped waiting
+            if fut in queue:
+                queue.remove(fut)
+            if not queue:
+                self._waiting.pop(key, None)
+        return None if fut.cancelled() else fut.result()
+
     def release(self, held: Any) -> None:
-        """Give a slot back (to Redis with the next flush)."""
+        """Give a slot back: to a waiter of this process, else to Redis with the next
+        flush."""
         if held[0] == "local":
             self.local.release(held[1])
             return
         _, key, member = held
-        if self.held.pop(member, None) is not None:
-            self._released.append((key, member))
+        if self.held.pop(member, None) is None:
+            return
+        for fut in self._waiting.get(key, ()):
+            if not fut.done():
+                self.held[member] = key  # the same claim in Redis, a new holder here
+                fut.set_result(member)
+                return
+        self._released.append((key, member))
 
     async def upkeep(self, final: bool = False) -> None:
         """Send the releases; renew the claims of held slots when due (all of them at

@@ -409,6 +409,36 @@ async def test_slots_come_back_from_leavers_and_from_replicas_that_died(
         await st.aclose()
 
 
+async def test_a_slot_given_back_here_goes_to_the_next_caller_here_at_once(
+    redis: Redis,
+) -> None:
+    # Releases reach Redis with the next flush (0.1 s): a client whose requests follow
+    # one another must not wait that long for its own last request's slot.
+    from stella.settings import StateSettings
+    from stella.state_redis import RedisState
+
+    st = RedisState(StateSettings(redis_url=redis.url, prefix="reuse"))
+    slots = st.slots()
+    held = await slots.acquire("key:k", 1, 0.1)
+    for _ in range(5):
+        slots.release(held)
+        t = time.monotonic()
+        held = await slots.acquire("key:k", 1, 1.0)
+        assert held is not None and time.monotonic() - t < 0.005
+    assert await st.redis.zcard("reuse:slot:key:k") == 1  # one claim, passed on
+    # A caller already waiting gets a slot freed here at once, not at its next poll.
+    waiter = asyncio.create_task(slots.acquire("key:k", 1, 3.0))
+    await asyncio.sleep(0.5)  # polling with a 0.2 s pause by now
+    t = time.monotonic()
+    slots.release(held)
+    got = await waiter
+    assert got is not None and time.monotonic() - t < 0.02
+    slots.release(got)
+    await slots.upkeep()
+    assert await st.redis.zcard("reuse:slot:key:k") == 0
+    await st.aclose()
+
+
 async def test_a_stalled_redis_neither_holds_slots_nor_delays_every_waiter(redis: Redis) -> None:
     import os
     import signal
