@@ -397,11 +397,12 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         svc.drain.begin()
         svc.drain.cut()
         await svc.drain.wait(5)
+        # Each step bounded: a stalled upstream or Redis must not keep the process alive.
         for backend in started:
             with contextlib.suppress(Exception):
-                await backend.aclose()
+                await asyncio.wait_for(backend.aclose(), CLOSE_TIMEOUT_S)
         with contextlib.suppress(Exception):
-            await svc.state.aclose()
+            await asyncio.wait_for(svc.state.aclose(), CLOSE_TIMEOUT_S)
         _log.info("stopped")
         if sink := logs.sink():
             sink.flush()
@@ -418,6 +419,8 @@ async def _restore_state(svc: Services) -> None:
     apply_routing(svc.router, routes, default)
 
 
+# At shutdown, the longest a backend or the state store may take to close.
+CLOSE_TIMEOUT_S = 10.0
 # How often a replica on shared state checks for routing changes made elsewhere.
 ROUTING_POLL_S = 1.0
 

@@ -130,6 +130,10 @@ return tostring(level)
 """
 
 
+# At shutdown, the longest wait for the flusher's round trip in progress to end.
+FLUSHER_STOP_S = 2.0
+
+
 class RedisState:
     """The state store on Redis (same methods as stella.state.MemoryState)."""
 
@@ -161,6 +165,7 @@ class RedisState:
             lambda: defaultdict(int)
         )
         self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
         # Token settlements waiting to go to Redis: key -> [capacity, per_s, amount].
         self._gives: dict[str, list[float]] = {}
         self._ticks = 0
@@ -201,11 +206,12 @@ class RedisState:
 
     async def aclose(self) -> None:
         """Flush what is counted and disconnect."""
+        self._closing = True  # the flusher ends at its next turn, even if a cancel is lost
         if self._flusher:
             self._flusher.cancel()
             # A batch cut in its round trip stays in doubt and is resent below, by its ID.
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._flusher
+            # Never waited for without end: shutdown must not hang on a stalled Redis.
+            await asyncio.wait({self._flusher}, timeout=FLUSHER_STOP_S)
         if self._slots is not None:
             await self._slots.upkeep(final=True)
         await self._flush_gives()
@@ -310,14 +316,19 @@ class RedisState:
         row["errors"] += 1 if record.get("status", 200) >= 500 else 0
 
     async def _flush_loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(0.1)
-            await self._flush_gives()
-            if self._slots is not None:
-                await self._slots.upkeep()
-            self._ticks += 1
-            if self._ticks % 5 == 0:  # usage counters every 0.5 s
-                await self._flush()
+            try:
+                await self._flush_gives()
+                if self._slots is not None:
+                    await self._slots.upkeep()
+                self._ticks += 1
+                if self._ticks % 5 == 0:  # usage counters every 0.5 s
+                    await self._flush()
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+            except Exception as exc:  # a bug must not stop the settling for good
+                _log.error("redis_flush_failed", exc_info=exc)
 
     async def _flush_gives(self) -> None:
         """Settle the reserved tokens of recent requests, in one pipeline."""

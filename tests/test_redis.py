@@ -439,6 +439,35 @@ async def test_a_slot_given_back_here_goes_to_the_next_caller_here_at_once(
     await st.aclose()
 
 
+async def test_closing_never_waits_forever_on_the_flusher(redis: Redis) -> None:
+    # A cancellation lost inside a Redis call once kept a worker from exiting: the
+    # flusher also ends by itself once closing, and closing waits for it a bounded time.
+    from stella.settings import StateSettings
+    from stella.state_redis import RedisState
+
+    st = RedisState(StateSettings(redis_url=redis.url, prefix="close"))
+    calls = []
+    real = st._flush_gives
+
+    async def loses_the_cancel() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                pass  # as a client library that swallows it would
+        await real()
+
+    st._flush_gives = loses_the_cancel  # type: ignore[method-assign]
+    await st.start()
+    await asyncio.sleep(0.3)  # the flusher is in its stubborn call
+    t = time.monotonic()
+    await asyncio.wait_for(st.aclose(), 10)
+    assert time.monotonic() - t < 3
+    assert st._flusher is not None
+    await asyncio.wait_for(st._flusher, 1)  # it ended by itself
+
+
 async def test_a_stalled_redis_neither_holds_slots_nor_delays_every_waiter(redis: Redis) -> None:
     import os
     import signal
