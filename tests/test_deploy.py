@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -101,3 +102,30 @@ def test_workers_share_the_port_and_stop_cleanly() -> None:
                 or "zombie" in Path(f"/proc/{pid}/status").read_text()
             )
         assert len(server.events("stopped")) == 2
+
+
+def test_draining_workers_refuse_new_connections_at_once() -> None:
+    """With several workers, a draining server stops listening as one worker does: a new
+    client is refused at once (and tries another replica), not queued and then reset."""
+    config = {
+        "server": {"workers": 2, "drain_timeout_s": 10},
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.2}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+    }
+    body = {"model": "slow", "messages": [{"role": "user", "content": "w " * 25}]}  # ~5 s
+    with run_stella(config) as server, httpx.Client(timeout=30) as client:
+        deadline = time.monotonic() + 30
+        while len(server.events("started")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with client.stream("POST", server.url + "/api/v1/chat", json=body) as r:
+            lines = r.iter_lines()
+            assert json.loads(next(lines))["type"] == "start"
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)  # the workers begin to drain; the supervisor lets go too
+            started = time.monotonic()
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(server.url + "/health", timeout=5)
+            assert time.monotonic() - started < 1
+            rest = [json.loads(x) for x in lines]
+        assert rest[-1]["type"] == "done"  # the running stream still ended whole
+        assert server.stop() == 0

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a TOML file overlaid on the defaults (STELLA_CONFIG)")
     parser.add_argument("--model", help="default model (models.default)")
     parser.add_argument("--log-format", choices=["json", "console"], help="log.format")
+    parser.add_argument(
+        "--workers", type=int, help="worker processes on one port (default: server.workers)"
+    )
     parser.add_argument("--reload", action="store_true", help="restart on code changes (dev)")
 
 
@@ -42,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.setdefault("server", {})["port"] = args.port
     if args.model:
         overrides.setdefault("models", {})["default"] = args.model
+    if args.workers is not None:
+        overrides.setdefault("server", {})["workers"] = args.workers
     if args.log_format:
         overrides.setdefault("log", {})["format"] = args.log_format
     elif sys.stdout.isatty() and "STELLA_LOG__FORMAT" not in os.environ:
@@ -95,7 +100,9 @@ def _supervise(
     """
     import os
 
-    from uvicorn.supervisors import ChangeReload, Multiprocess
+    from uvicorn.supervisors import ChangeReload
+
+    from stella.commands.workers import Workers
 
     for section, values in overrides.items():
         for key, value in values.items():
@@ -116,7 +123,7 @@ def _supervise(
     if reload:
         ChangeReload(config, target=Server(config).run, sockets=[sock]).run()
     else:
-        Multiprocess(config, sockets=[sock]).run()
+        Workers(config, sockets=[sock]).run()
     return 0
 
 
