@@ -116,7 +116,10 @@ def make_state(settings: Settings) -> Any:
                 f"state.redis_url: Redis support is not available ({exc}); "
                 "pip install 'stella-gateway[redis]'"
             ) from exc
-        return mod.RedisState(settings.state)
+        try:
+            return mod.RedisState(settings.state)
+        except ValueError as exc:  # redis-py's own reading of the URL (a bad port, ...)
+            raise ConfigError(f"state.redis_url: {exc}") from None
     return MemoryState()
 
 

@@ -223,6 +223,13 @@ def test_remote_pool_settings_are_checked(key: str, value: float) -> None:
         ({"STELLA_LOG__AUDIT_PATH": "/proc/nope/x.jsonl"}, "serve", "log.audit_path"),
         # Found by --check, not as a model that never loads.
         ({"STELLA_BACKENDS__LOCAL__DTYPE": "float8"}, "config", "backends.local: dtype"),
+        # Found at start-up, not as a traceback, or as 502s on every call later.
+        ({"STELLA_STATE__REDIS_URL": "redis://127.0.0.1:notaport/0"}, "serve", "state.redis_url"),
+        (
+            {"STELLA_BACKENDS__UP__KIND": "openai", "STELLA_BACKENDS__UP__BASE_URL": "gpu:8000/v1"},
+            "serve",
+            "backends.up.base_url: 'gpu:8000/v1' is not an http(s) URL",
+        ),
     ],
 )
 def test_values_only_use_reveals_are_checked_up_front(
@@ -242,3 +249,13 @@ def test_values_only_use_reveals_are_checked_up_front(
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0]
+
+
+def test_a_key_variable_that_is_not_set_is_a_start_up_warning() -> None:
+    from tests.live import run_stella
+
+    config = {"backends": {"up": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}}}
+    config["backends"]["up"]["api_key_env"] = "STELLA_TEST_UNSET_KEY"
+    with run_stella(config) as server:
+        ev = server.wait_event(lambda e: e["backend"] == "up", name="backend_key_missing")
+        assert ev["api_key_env"] == "STELLA_TEST_UNSET_KEY" and ev["level"] == "warning"

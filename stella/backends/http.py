@@ -13,13 +13,16 @@ import os
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
 import msgspec
+import structlog
 from httpx_aiohttp import AiohttpTransport
 from msgspec import Meta
 
+from stella.backends import ConfigError
 from stella.backends.base import Backend, BackendConfig, BackendHealth
 from stella.errors import StellaError, UpstreamError, UpstreamStatus, UpstreamTimeout
 
@@ -62,7 +65,16 @@ class HttpBackend(Backend):
     def __init__(self, name: str, config: HttpConfig) -> None:
         super().__init__(name, config)
         self.http = config
-        self.base_url = config.base_url.rstrip("/")
+        url = config.base_url
+        try:
+            parts = urlsplit(url)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != -1
+        except ValueError:  # a bad port or bracket
+            ok = False
+        if not ok or any(c.isspace() for c in url):
+            shown = repr(url) if "@" not in url else "the URL"  # it may hold a password
+            raise ConfigError(f"backends.{name}.base_url: {shown} is not an http(s) URL")
+        self.base_url = url.rstrip("/")
         self.api_key = ""
 
     def auth_headers(self) -> dict[str, str]:
@@ -73,6 +85,13 @@ class HttpBackend(Backend):
         """Read the key from the environment and open the pooled client."""
         if self.http.api_key_env:
             self.api_key = os.environ.get(self.http.api_key_env, "")
+            if not self.api_key:  # found out now, not from the upstream's 401s later
+                _log.warning(
+                    "backend_key_missing",
+                    backend=self.name,
+                    api_key_env=self.http.api_key_env,
+                    detail="the variable is not set: requests go without a key",
+                )
         # One connection pool per backend. The httpx client runs on it for everything
         # (models, health); the hot chat call uses the same aiohttp session directly,
         # because httpx's per-request bookkeeping (URL merging, cookie extraction) was the
@@ -201,6 +220,7 @@ def aiohttp_error(name: str, exc: BaseException) -> StellaError:
 
 # What a backend decoding JSON from upstream may get besides a struct: msgspec's errors,
 # bad bytes inside a string, and nesting past the recursion limit.
+_log = structlog.get_logger("stella")
 BAD_JSON = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
 # The longest line a stream may send, and the largest whole body: an upstream that never
 # ends a line must not fill the memory.
