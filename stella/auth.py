@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Iterable, Mapping
 
 from stella.backends import ConfigError
-from stella.core import ANONYMOUS, Principal
+from stella.core import ANONYMOUS, Call, Principal
 from stella.errors import Unauthorized
 from stella.settings import Settings
 
@@ -75,8 +75,11 @@ class Authenticator:
                 "set keys (STELLA_API_KEYS or [auth.keys]) or auth.allow_anonymous = true"
             )
 
-    def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> Principal:
-        """The caller's Principal from raw ASGI headers; Unauthorized when the key is wrong."""
+    def authenticate(
+        self, headers: Iterable[tuple[bytes, bytes]], call: Call | None = None
+    ) -> Principal:
+        """The caller's Principal from raw ASGI headers; Unauthorized when the key is wrong.
+        With `call`, the key presented is kept on it (see Call.secret)."""
         if not self.enabled:
             return self.anonymous
         token = _token(headers)
@@ -85,6 +88,8 @@ class Authenticator:
         principal = self.keys.get(hashlib.sha256(token).hexdigest())
         if principal is None:
             raise Unauthorized("invalid API key")
+        if call is not None:
+            call.secret = token.decode("latin-1")
         return principal
 
 

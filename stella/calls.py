@@ -54,6 +54,9 @@ class Call:
     cancel_reason: str | None = None
     # A configured backend chosen by the client (OpenAI `provider`): bypasses routes.
     backend: str | None = None
+    # The API key the caller presented: masked where its request's log line holds what
+    # the client wrote (metadata, content), should the client have echoed it there.
+    secret: str = ""
 
 
 class Permit:

@@ -660,6 +660,12 @@ class Inference:
                 {"role": m.role, "content": m.content} for m in self.request.messages
             ]
             record["completion"] = "".join(self.texts)
+        secret = self.call.secret
+        if len(secret) >= 4 and (self.request.metadata or pipeline.log_content):
+            # A client may echo its own key in what it writes: never logged as it is.
+            for field in ("metadata", "prompt", "completion"):
+                if field in record:
+                    record[field] = _masked(record[field], secret)
         for listener in pipeline.listeners:
             try:
                 listener(record)
@@ -700,6 +706,17 @@ def _check_metadata(metadata: dict[str, Any]) -> None:
         raise InvalidRequest(
             f"$.metadata: over {MAX_METADATA_BYTES} bytes of JSON", param="metadata"
         )
+
+
+def _masked(node: Any, secret: str) -> Any:
+    """`node` with `secret` replaced by *** in every string, keys included."""
+    if isinstance(node, str):
+        return node.replace(secret, "***") if secret in node else node
+    if isinstance(node, dict):
+        return {_masked(k, secret): _masked(v, secret) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [_masked(v, secret) for v in node]
+    return node
 
 
 def _without_tools(req: ChatRequest) -> ChatRequest:

@@ -26,9 +26,47 @@ import msgspec
 import structlog
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
-# Field names whose values are masked at any depth: `token`, `access_token` and
-# `x-auth-token`, but not `max_tokens` or `prompt_tokens`.
-SECRET_FIELDS = re.compile(r"(?i)(authorization|api[_-]?key|secret|password|passwd|cookie|token)$")
+# Field names whose values are masked at any depth, matched by their words (snake,
+# kebab or camelCase): any name with one of SECRET_WORDS (`client_secret`,
+# `db_password`); one ending in `token` (`access_token`, `x-auth-token`, but not
+# `max_tokens`); one ending in `key` after a word that makes it a credential
+# (`api_key`, `private_key`, `aws_secret_access_key`, but not `idempotency_key`, nor
+# `key`, which names an API key's owner in stella's own events).
+SECRET_WORDS = frozenset(
+    {
+        "authorization",
+        "secret",
+        "secrets",
+        "password",
+        "passwd",
+        "passphrase",
+        "pwd",
+        "cookie",
+        "cookies",
+        "credential",
+        "credentials",
+        "apikey",
+        "passkey",
+    }
+)
+KEY_WORDS = frozenset(
+    {"api", "secret", "private", "access", "auth", "signing", "encryption", "session", "master"}
+)
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
+_NAME_WORDS = re.compile(r"[a-z0-9]+")
+
+
+def is_secret_field(name: str) -> bool:
+    """Whether a field of that name holds a credential (see SECRET_WORDS)."""
+    words = _NAME_WORDS.findall(_CAMEL.sub(r"\1 \2", name).lower())
+    if not words:
+        return False
+    if not SECRET_WORDS.isdisjoint(words):
+        return True
+    last = words[-1]
+    return last == "token" or (last == "key" and len(words) > 1 and words[-2] in KEY_WORDS)
+
+
 BEARER_TEXT = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
 BEARER_BYTES = re.compile(BEARER_TEXT.pattern.encode())  # the same, for encoded lines
 
@@ -145,7 +183,7 @@ class LogSink:
         safe = self._safe_keys
         for key, value in node.items():
             if key not in safe:
-                if SECRET_FIELDS.search(str(key)):
+                if is_secret_field(str(key)):
                     if value:
                         return True
                     # An empty value now says nothing of the next one: never cached as safe.
@@ -251,7 +289,7 @@ class LogSink:
         return {k: self._clean(k, v) for k, v in ev.items()}
 
     def _clean(self, key: str, value: Any) -> Any:
-        if SECRET_FIELDS.search(key) and value:
+        if value and is_secret_field(key):
             return "***"
         if isinstance(value, dict):
             return {k: self._clean(str(k), v) for k, v in value.items()}

@@ -122,7 +122,12 @@ def test_emit_redacts_client_metadata_fields() -> None:
                 "access_token": "leak",
                 "X-Auth-Token": "leak",
                 "session_cookie": "leak",
+                "secret_key": "leak",
+                "private_key": "leak",
+                "aws_secret_access_key": "leak",
+                "clientSecret": "leak",
                 "max_tokens": 5,
+                "idempotency_key": "req-7",
             },
             "note": "has sk-known-secret-1 inside",
         },
@@ -135,7 +140,12 @@ def test_emit_redacts_client_metadata_fields() -> None:
         "access_token": "***",
         "X-Auth-Token": "***",
         "session_cookie": "***",
+        "secret_key": "***",
+        "private_key": "***",
+        "aws_secret_access_key": "***",
+        "clientSecret": "***",
         "max_tokens": 5,  # a count of tokens, not a token
+        "idempotency_key": "req-7",  # a key, not a credential
     }
     assert "sk-known-secret-1" not in out.getvalue().decode()
     assert ev["event"] == "inference" and ev["level"] == "info" and ev["ts"] > 0
@@ -183,3 +193,32 @@ def test_an_event_that_cannot_be_rendered_whole_still_leaves_its_audit_line(
         "r1",
         "r2",
     ]
+
+
+def test_a_named_key_the_client_echoes_is_masked_in_its_line(tmp_path: Path) -> None:
+    # A key configured by its digest is known in plain text only as it is presented:
+    # what the client wrote in that request (metadata, content) is masked with it.
+    named = "sk-named-digest-only-77"
+    audit = tmp_path / "a.jsonl"
+    config = {
+        "log": {"audit_path": str(audit), "content": True},
+        "auth": {"keys": {"carol": {"sha256": hashlib.sha256(named.encode()).hexdigest()}}},
+    }
+    with run_stella(config) as server:
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            headers={"Authorization": f"Bearer {named}"},
+            json={
+                "model": "echo",
+                "stream": False,
+                "metadata": {"note": f"my key is {named}", named: 1},
+                "messages": [{"role": "user", "content": f"remember {named} please"}],
+            },
+        )
+        assert r.status_code == 200 and named in r.json()["response"]  # the answer is theirs
+        ev = server.wait_event(lambda e: e["key"] == "carol")
+        server.stop()
+        captured = "\n".join(server.lines()) + audit.read_text()
+    assert named not in captured
+    assert ev["metadata"] == {"note": "my key is ***", "***": 1}
+    assert ev["completion"] == "remember *** please"

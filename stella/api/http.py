@@ -118,7 +118,7 @@ class Endpoint:
         try:
             call = Call(request_id=rid, api=dialect.name)
             if self.auth != "none":
-                call.principal = svc.auth.authenticate(scope["headers"])
+                call.principal = svc.auth.authenticate(scope["headers"], call)
                 if self.auth == "admin" and not call.principal.admin:
                     raise Forbidden("this route needs an admin key")
             response = await self.fn(request, call)
