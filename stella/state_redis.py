@@ -27,8 +27,9 @@ from stella.limits import MemoryBuckets, MemorySlots, Take
 from stella.settings import StateSettings
 
 _log = structlog.get_logger("stella")
-# How long Redis remembers a usage batch it applied (a resend after that would count
-# twice; a lost reply is resent within a second or two, or when Redis is back).
+# How long Redis remembers the last usage batch of a process it applied (a resend after
+# that would count twice; a lost reply is resent within a second or two, or when Redis
+# is back).
 USAGE_MARK_TTL_S = 3_600
 # While Redis is unreachable, admissions try it again at most this often.
 REDIS_RETRY_S = 1.0
@@ -72,16 +73,20 @@ end
 return out
 """
 
-# Usage counters, applied once per batch ID: a batch whose reply timed out is sent
-# again with its ID, and Redis may well have applied it the first time (HINCRBY is not
-# idempotent). KEYS[1] marks the batch; KEYS[2..] are usage hashes, ARGV[1] the mark's
-# time to live, then a (field, amount) pair per usage hash.
+# Usage counters, applied once per batch: a batch whose reply timed out is sent again
+# as it was, and Redis may well have applied it the first time (HINCRBY is not
+# idempotent). A process numbers its batches and sends one only once the one before is
+# confirmed, so one key per process holding the last number applied tells a resend.
+# KEYS[1] that key; KEYS[2..] usage hashes; ARGV[1] the key's time to live, ARGV[2] the
+# batch's number, then a (field, amount) pair per usage hash.
 USAGE = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+if last >= tonumber(ARGV[2]) then
   return 0
 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[1]))
 for i = 2, #KEYS do
-  redis.call('HINCRBY', KEYS[i], ARGV[2 * i - 2], tonumber(ARGV[2 * i - 1]))
+  redis.call('HINCRBY', KEYS[i], ARGV[2 * i - 1], tonumber(ARGV[2 * i]))
 end
 return 1
 """
@@ -356,7 +361,9 @@ class RedisState:
         if not self._usage:
             return
         pending, self._usage = self._usage, defaultdict(lambda: defaultdict(int))
-        keys, args = [self._key("usage_batch", "")], [USAGE_MARK_TTL_S]
+        self._batches += 1
+        keys = [self._key("usage_last", self._instance)]
+        args: list[Any] = [USAGE_MARK_TTL_S, self._batches]
         for (key, model, day), row in pending.items():
             for field, n in row.items():
                 if n:
@@ -364,8 +371,6 @@ class RedisState:
                     args += [f"{key}|{model}|{field}", n]
         if len(keys) == 1:
             return
-        self._batches += 1
-        keys[0] = self._key("usage_batch", f"{self._instance}:{self._batches}")
         await self._send_usage(keys[0], keys, args)
 
     async def _send_usage(self, batch: str, keys: list[str], args: list[Any]) -> bool:

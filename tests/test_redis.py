@@ -328,6 +328,8 @@ async def test_a_usage_batch_whose_reply_is_lost_counts_once(redis: Redis) -> No
     st.record_usage("k", "m", day, record)  # counted while the batch was in doubt
     rows = await st.get_usage(day)  # flushes: the batch again, then the new one
     assert [(r["requests"], r["prompt_tokens"]) for r in rows] == [(5, 10)]
+    # Three batches, one key telling resends: not a key per batch piling up for an hour.
+    assert len([k async for k in st.redis.scan_iter("idem:usage_last:*")]) == 1
     await st.aclose()
 
 
