@@ -107,3 +107,19 @@ def test_latest_tags_and_null_content(stella: LiveServer) -> None:
     }
     r2 = httpx.post(stella.url + "/api/chat", json=body)
     assert r2.status_code == 200 and r2.json()["message"]["content"] == "yo"
+
+
+def test_empty_requests_load_or_unload(stella: LiveServer) -> None:
+    # Ollama's preload (no messages, no prompt) and `ollama stop` (keep_alive 0); a remote
+    # or echo backend has nothing to load or free, and says which was asked.
+    r = httpx.post(stella.url + "/api/chat", json={"model": "echo", "messages": []})
+    assert r.json()["done_reason"] == "load" and r.json()["model"] == "echo"
+    for keep_alive in (0, "0", "0s", "0m"):
+        r = httpx.post(
+            stella.url + "/api/generate", json={"model": "echo", "keep_alive": keep_alive}
+        )
+        assert r.json()["done_reason"] == "unload", keep_alive
+    r = httpx.post(stella.url + "/api/generate", json={"model": "echo", "keep_alive": "5m"})
+    assert r.json()["done_reason"] == "load"
+    out = client(stella).generate(model="echo", prompt="", keep_alive=0)
+    assert out.done_reason == "unload"

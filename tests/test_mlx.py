@@ -374,3 +374,20 @@ def test_the_stop_buffer_holds_partial_stops_and_names_the_one_hit() -> None:
     buf = StopBuffer(["zz", "b"])
     assert buf.feed("a b zz") == ("a ", True) and buf.matched == "b"  # the earliest wins
     assert StopBuffer([]).feed("x") == ("x", False)
+
+
+def test_ollama_empty_requests_load_and_unload_the_model(mlx_server: LiveServer) -> None:
+    # `ollama stop` sends keep_alive 0 with no prompt; `ollama run` preloads with an
+    # empty chat: the in-process engine frees and loads its weights on them.
+    url = mlx_server.url
+
+    def ps() -> list[str]:
+        return [m["name"] for m in httpx.get(url + "/api/ps").json()["models"]]
+
+    r = httpx.post(url + "/api/generate", json={"model": "smollm2-135m", "keep_alive": 0})
+    assert r.status_code == 200 and r.json()["done_reason"] == "unload", r.text
+    assert "smollm2-135m" not in ps()
+    r = httpx.post(url + "/api/chat", json={"model": "smollm2-135m", "messages": []}, timeout=180)
+    assert r.status_code == 200 and r.json()["done_reason"] == "load", r.text
+    assert "smollm2-135m" in ps()
+    assert "Paris" in chat(mlx_server, FRANCE)["response"]

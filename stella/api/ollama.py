@@ -189,17 +189,13 @@ async def chat(request: Request, call: Call) -> Response:
     )
     messages = to_messages(req)
     if not messages:
-        # Ollama loads the model on an empty chat; stella has nothing to load: say it is ready.
-        route = services(request).router.resolve(
-            model_name(request, req.model), call.principal.scope
-        )
-        call.principal.check(route.name)
+        name, reason = await _load(request, call, req.model, req.keep_alive)
         return JSONResponse(
             {
-                "model": route.name,
+                "model": name,
                 "created_at": _now(),
                 "done": True,
-                "done_reason": "load",
+                "done_reason": reason,
                 "message": {"role": "assistant", "content": ""},
             }
         )
@@ -214,6 +210,34 @@ async def chat(request: Request, call: Call) -> Response:
     return await _run(request, call, chat_req, generate=False)
 
 
+async def _load(request: Request, call: Call, model: str, keep_alive: Any) -> tuple[str, str]:
+    """An empty chat or generate, as Ollama reads it: load the model (an in-process
+    engine does; a remote one is ready), or with `keep_alive` 0 unload it. The route's
+    name and the done_reason."""
+    route = services(request).router.resolve(model_name(request, model), call.principal.scope)
+    call.principal.check(route.name)
+    if _is_zero(keep_alive):
+        await route.backend.unload(route.upstream_model)
+        return route.name, "unload"
+    await route.backend.load(route.upstream_model)
+    return route.name, "load"
+
+
+def _is_zero(keep_alive: Any) -> bool:
+    """Whether Ollama's keep_alive (seconds, or a duration such as "0s" or "5m") is 0."""
+    if isinstance(keep_alive, bool) or keep_alive is None:
+        return False
+    if isinstance(keep_alive, int | float):
+        return keep_alive == 0
+    if isinstance(keep_alive, str):
+        number = keep_alive.strip().rstrip("hms")
+        try:
+            return float(number) == 0
+        except ValueError:
+            return False
+    return False
+
+
 @endpoint(OLLAMA)
 async def generate(request: Request, call: Call) -> Response:
     """POST /api/generate."""
@@ -223,17 +247,14 @@ async def generate(request: Request, call: Call) -> Response:
     if req.images:
         raise InvalidRequest("$.images: images are not supported")
     if not req.prompt:
-        route = services(request).router.resolve(
-            model_name(request, req.model), call.principal.scope
-        )
-        call.principal.check(route.name)
+        name, reason = await _load(request, call, req.model, req.keep_alive)
         return JSONResponse(
             {
-                "model": route.name,
+                "model": name,
                 "created_at": _now(),
                 "response": "",
                 "done": True,
-                "done_reason": "load",
+                "done_reason": reason,
             }
         )
     messages = [Message(role="user", content=req.prompt)]

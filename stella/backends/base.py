@@ -109,6 +109,13 @@ class Backend:
         """Memory the loaded model holds, when the backend knows it."""
         return None
 
+    async def load(self, upstream_model: str) -> None:
+        """Make the model ready to answer (an engine in this process loads it now)."""
+
+    async def unload(self, upstream_model: str) -> bool:
+        """Free the model's memory now; whether there was anything to free."""
+        return False
+
     def capabilities(self, upstream_model: str) -> list[str]:
         """What the model can do: chat, tools, ..."""
         return ["chat"]

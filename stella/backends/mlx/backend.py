@@ -127,6 +127,24 @@ class MlxBackend(Backend):
             ) from None
         return model
 
+    async def load(self, upstream_model: str) -> None:
+        """Load the model now (Ollama's empty request), so the first chat does not wait."""
+        await self.ensure_loaded(upstream_model)
+        self._last_used[self._key(upstream_model)] = time.monotonic()
+
+    async def unload(self, upstream_model: str) -> bool:
+        """Free the model now (Ollama's keep_alive 0), unless a job is running on it."""
+        key = self._key(upstream_model)
+        model = self.loaded_models.get(key)
+        if model is None or self.worker.busy or self.worker.waiting:
+            return False  # a job running or queued holds it
+        del self.loaded_models[key]
+        await asyncio.wrap_future(self.worker.call(model.release))
+        return True
+
+    def _key(self, upstream_model: str) -> str:
+        return upstream_model if upstream_model in self.cfg.models else ""
+
     def _loaded(self, key: str, done: asyncio.Future[LoadedModel]) -> None:
         """A load ended: keep the model (or let the next request try again)."""
         self._loading.pop(key, None)
@@ -152,7 +170,8 @@ class MlxBackend(Backend):
             await asyncio.sleep(max(1.0, keep / 4))
             now = time.monotonic()
             for key in list(self.loaded_models):
-                if now - self._last_used.get(key, now) > keep and not self.worker.busy:
+                idle = not self.worker.busy and not self.worker.waiting
+                if now - self._last_used.get(key, now) > keep and idle:
                     model = self.loaded_models.pop(key)
                     await asyncio.wrap_future(self.worker.call(model.release))
 
