@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 import httpx
 import ollama
 import pytest
 
-from tests.live import LiveServer
+from tests.live import LiveServer, run_stella
 
 
 def client(server: LiveServer) -> ollama.Client:
@@ -123,3 +124,18 @@ def test_empty_requests_load_or_unload(stella: LiveServer) -> None:
     assert r.json()["done_reason"] == "load"
     out = client(stella).generate(model="echo", prompt="", keep_alive=0)
     assert out.done_reason == "unload"
+
+
+def test_only_an_admin_key_unloads() -> None:
+    user, admin = "sk-ollama-user-1", "sk-ollama-admin-1"
+    config = {"auth": {"keys": {"u": {"sha256": hashlib.sha256(user.encode()).hexdigest()}}}}
+    with run_stella(config, {"STELLA_API_KEYS": f"ops={admin}"}) as server:
+        body = {"model": "echo", "keep_alive": 0}
+        r = httpx.post(server.url + "/api/generate", json=body, headers={"X-API-Key": user})
+        assert r.status_code == 403 and "admin" in r.json()["error"]
+        r = httpx.post(server.url + "/api/generate", json=body, headers={"X-API-Key": admin})
+        assert r.status_code == 200 and r.json()["done_reason"] == "unload"
+        r = httpx.post(
+            server.url + "/api/generate", json={"model": "echo"}, headers={"X-API-Key": user}
+        )
+        assert r.json()["done_reason"] == "load"  # loading is what any request does

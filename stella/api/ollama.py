@@ -217,6 +217,9 @@ async def _load(request: Request, call: Call, model: str, keep_alive: Any) -> tu
     route = services(request).router.resolve(model_name(request, model), call.principal.scope)
     call.principal.check(route.name)
     if _is_zero(keep_alive):
+        # Every key's next request would wait for the weights again: an operator's call.
+        if not call.principal.admin:
+            raise Forbidden("unloading a model needs an admin key")
         await route.backend.unload(route.upstream_model)
         return route.name, "unload"
     await route.backend.load(route.upstream_model)
