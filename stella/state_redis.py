@@ -14,7 +14,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from typing import Any
 
 import msgspec
@@ -561,17 +561,21 @@ class RedisBuckets:
 # frees its slots then); live holders renew every third of it.
 SLOT_TTL_S = 30.0
 SLOT_RENEW_S = SLOT_TTL_S / 3
+# At shutdown, the longest wait for releases already on their way to Redis.
+SLOT_RELEASE_WAIT_S = 1.0
 
 
 class RedisSlots:
     """Concurrency slots shared by every replica: a Redis sorted set per slot name.
 
     Taking a slot is one Lua call; a holder that finds the set full asks again with
-    a growing pause (10 to 200 ms) until the queue timeout. Releases go out with the
-    0.1 s flush; held slots are renewed every SLOT_RENEW_S. A slot this process
-    releases goes straight to one of its own waiters, or to its next caller while the
-    release has not gone out yet: a client whose requests follow one another never
-    waits for its own last one's slot. While Redis is away the slots of this process
+    a growing pause (10 to 200 ms) until the queue timeout, and at once when a slot
+    of the same name is given back in this process. A release goes to Redis at
+    once, in the background (Redis, not this process, decides who gets the slot
+    next, so no replica can keep a key's slots to itself); a caller of this process
+    that wants the same slot waits for that release first, so a client whose
+    requests follow one another never waits for its own last one's slot. Held slots
+    are renewed every SLOT_RENEW_S. While Redis is away the slots of this process
     stand in (as the buckets do).
     """
 
@@ -579,28 +583,21 @@ class RedisSlots:
         self.state = state
         self.local = MemorySlots()
         self.held: dict[str, str] = {}  # member -> set key
+        # Members to remove from Redis with the next upkeep: releases that failed, and
+        # takes cut or failed in their round trip (Redis may or may not have added them).
         self._released: list[tuple[str, str]] = []
-        # Callers of this process waiting for a slot of a set key, first come first.
-        self._waiting: dict[str, deque[asyncio.Future[str]]] = {}
+        # Releases on their way to Redis, per set key; and this process's callers
+        # waiting for a slot of a set key (woken when a release of it lands).
+        self._releasing: dict[str, set[asyncio.Task[None]]] = {}
+        self._waiting: dict[str, set[asyncio.Future[None]]] = {}
         self._count = 0
         self._renewed = time.monotonic()
-
-    def _reuse(self, key: str) -> str | None:
-        """A member of `key` released here and not sent to Redis yet: taken back."""
-        for i, (k, member) in enumerate(self._released):
-            if k == key:
-                del self._released[i]
-                self.held[member] = key
-                return member
-        return None
 
     async def acquire(self, name: str, size: int, wait_s: float) -> Any | None:
         """A held slot, or None when none freed up within `wait_s` seconds."""
         st = self.state
         deadline = time.monotonic() + wait_s
         key = st._key("slot", name)
-        if (member := self._reuse(key)) is not None:
-            return ("redis", key, member)
         self._count += 1
         member = f"{st._instance}:{self._count}"
         pause = 0.01
@@ -609,6 +606,9 @@ class RedisSlots:
             if st.local_only(now):
                 held = await self.local.acquire(name, size, max(deadline - now, 0.0))
                 return None if held is None else ("local", held)
+            releasing = self._releasing.get(key)
+            if releasing:  # a slot of this name is on its way back: take it after
+                await asyncio.wait(releasing, timeout=max(deadline - now, 0.0))
             try:
                 taken = await st._take_slot(keys=[key], args=[SLOT_TTL_S, size, member])
             except asyncio.CancelledError:
@@ -626,55 +626,76 @@ class RedisSlots:
             now = time.monotonic()
             if now >= deadline:
                 return None
-            handed = await self._wait(key, min(pause, deadline - now))
-            if handed is not None:
-                return ("redis", key, handed)
-            pause = min(pause * 2, 0.2)
+            if await self._wait(key, min(pause, deadline - now)):
+                pause = 0.01  # a slot came back here: ask again at once
+            else:
+                pause = min(pause * 2, 0.2)
 
-    async def _wait(self, key: str, seconds: float) -> str | None:
-        """Wait `seconds` for a slot another call of this process gives back: its member."""
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        queue = self._waiting.setdefault(key, deque())
-        queue.append(fut)
+    async def _wait(self, key: str, seconds: float) -> bool:
+        """Wait `seconds`, or less if a slot of `key` comes back in this process: whether
+        one did."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting = self._waiting.setdefault(key, set())
+        waiting.add(fut)
         try:
-            async with asyncio.timeout(seconds):
-                await asyncio.shield(fut)
+            await asyncio.wait_for(asyncio.shield(fut), seconds)
         except TimeoutError:
-            pass  # a slot handed over as the time ran out is still taken, below
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():  # handed over as the caller left
-                self.release(("redis", key, fut.result()))
-            raise
+            return False
         finally:
-            if not fut.done():
-                fut.cancel()  # no slot is handed to a caller that stopped waiting
-            if fut in queue:
-                queue.remove(fut)
-            if not queue:
+            waiting.discard(fut)
+            if not waiting:
                 self._waiting.pop(key, None)
-        return None if fut.cancelled() else fut.result()
+        return True
 
     def release(self, held: Any) -> None:
-        """Give a slot back: to a waiter of this process, else to Redis with the next
-        flush."""
+        """Give a slot back: to Redis at once, in the background."""
         if held[0] == "local":
             self.local.release(held[1])
             return
         _, key, member = held
         if self.held.pop(member, None) is None:
             return
+        if self.state.down_since is not None:  # with the upkeep once Redis is back
+            self._released.append((key, member))
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._release(key, member))
+        except RuntimeError:  # no loop (shutting down): with the final upkeep
+            self._released.append((key, member))
+            return
+        self._releasing.setdefault(key, set()).add(task)
+        task.add_done_callback(lambda t: self._released_one(key, t))
+
+    async def _release(self, key: str, member: str) -> None:
+        st = self.state
+        try:
+            await st.redis.zrem(key, member)
+        except asyncio.CancelledError:
+            self._released.append((key, member))
+            raise
+        except (RedisError, OSError) as exc:
+            self._released.append((key, member))  # again with the next upkeep
+            st._failed(exc)
+
+    def _released_one(self, key: str, task: asyncio.Task[None]) -> None:
+        """A release landed (or failed): the callers here waiting for `key` ask again."""
+        releasing = self._releasing.get(key)
+        if releasing is not None:
+            releasing.discard(task)
+            if not releasing:
+                del self._releasing[key]
         for fut in self._waiting.get(key, ()):
             if not fut.done():
-                self.held[member] = key  # the same claim in Redis, a new holder here
-                fut.set_result(member)
-                return
-        self._released.append((key, member))
+                fut.set_result(None)
 
     async def upkeep(self, final: bool = False) -> None:
         """Send the releases; renew the claims of held slots when due (all of them at
         shutdown: released)."""
         st = self.state
         if final:
+            pending = [task for tasks in self._releasing.values() for task in tasks]
+            if pending:  # releases on their way: landed, or queued below
+                await asyncio.wait(pending, timeout=SLOT_RELEASE_WAIT_S)
             self._released += [(key, member) for member, key in self.held.items()]
             self.held.clear()
         released, self._released = self._released, []
