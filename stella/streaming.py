@@ -121,8 +121,9 @@ class EventStream:
         # event, at most ping_interval_s: a failure before it is then an HTTP error, as
         # the API this dialect copies gives it, and its clients' retries see the status.
         self.refuse = refuse
-        self._started = refuse is None
-        self._starting: asyncio.Future[None] | None = None
+        self._started = refuse is None  # decided: the stream starts (or has started)
+        self._ready = refuse is None  # the status line has gone out: the body may follow
+        self._starting: asyncio.Future[None] | None = None  # the start, while it is sent
         self.raw_headers = [
             (b"content-type", codec.media_type.encode()),
             (b"cache-control", b"no-cache"),
@@ -153,15 +154,15 @@ class EventStream:
         encode = self.codec.encode
 
         async def emit(event: Any) -> None:
-            if not self._started:
-                await self._begin(send)
-            chunk = encode(event)
-            if chunk:
-                try:
+            try:
+                if not self._ready:
+                    await self._begin(send)
+                chunk = encode(event)
+                if chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except OSError:
-                    raise SinkClosed from None
-                self._last = loop.time()
+                    self._last = loop.time()
+            except OSError:
+                raise SinkClosed from None
 
         try:
             if self._started:
@@ -231,17 +232,25 @@ class EventStream:
         self._last = self._loop_time()
 
     async def _begin(self, send: Send) -> None:
-        """Start a held stream (the first event came, or the wait for it was long enough);
-        the stream's task and its watcher may both ask: it starts once, then both go on."""
-        if self._starting is not None:
-            await asyncio.shield(self._starting)
-            return
-        self._started = True
-        done = self._starting = asyncio.get_running_loop().create_future()
-        try:
-            await self._send_start(send)
-        finally:
-            done.set_result(None)
+        """Start a held stream (the first event came, or the wait for it was long enough).
+
+        The stream's task and its watcher may both ask: the start is sent once, and
+        neither goes on before it is out (a body before the status line would break the
+        response). A start cut in its send (its task cancelled) is sent by the next.
+        """
+        while not self._ready:
+            starting = self._starting
+            if starting is not None:
+                await asyncio.shield(starting)
+                continue
+            self._started = True
+            starting = self._starting = asyncio.get_running_loop().create_future()
+            try:
+                await self._send_start(send)
+                self._ready = True
+            finally:
+                self._starting = None
+                starting.set_result(None)
 
     async def _refuse(self, scope: dict[str, Any], receive: Receive, send: Send, err: Any) -> None:
         """Answer with the dialect's error response instead of a stream."""
@@ -262,6 +271,8 @@ class EventStream:
             return
         body = self.codec.encode(Error(code=err.code, message=err.message, retryable=err.retryable))
         with contextlib.suppress(OSError), anyio.CancelScope(shield=True):
+            if not self._ready:  # the watcher is sending the start: after it
+                await self._begin(send)
             await send({"type": "http.response.body", "body": body, "more_body": True})
             await send(
                 {"type": "http.response.body", "body": self.codec.close(), "more_body": False}

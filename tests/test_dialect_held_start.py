@@ -89,3 +89,65 @@ def test_the_native_stream_still_starts_at_once(stella: LiveServer) -> None:
         assert r.status_code == 200
         lines = [json.loads(x) for x in r.iter_lines()]
     assert lines[0]["type"] == "start" and lines[-1]["type"] == "error"
+
+
+@pytest.mark.parametrize("delay", [0.13, 0.15, 0.17])
+async def test_the_status_line_goes_once_and_first_whoever_starts_the_stream(
+    delay: float,
+) -> None:
+    # The watcher starts a held stream after ping_interval_s while the first token may
+    # be on its way: with a server whose send of the status line takes a while, no body
+    # may overtake it, and it goes out once.
+    import asyncio
+
+    from stella import logs
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    settings = load_settings(
+        {
+            "models": {"default": "echo", "routes": {"s": {"backend": "s"}}},
+            "backends": {"local": {"enabled": False}, "s": {"kind": "echo", "delay_s": delay}},
+            "stream": {"ping_interval_s": 0.1},
+        }
+    )
+    with open("/dev/null", "wb") as null:
+        sink = logs.configure(fmt="json", stream=null)
+        app = create_app(settings)
+        body = json.dumps({"model": "s", "stream": True, "messages": HI}).encode()
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            if not sent and not getattr(receive, "done", False):
+                receive.done = True  # type: ignore[attr-defined]
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(10)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                await asyncio.sleep(0.05)  # a paused write buffer, another server
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/chat/completions",
+            "raw_path": b"/v1/chat/completions",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 2),
+            "state": {},
+        }
+        async with app.router.lifespan_context(app):
+            await app(scope, receive, send)
+        sink.close()
+    kinds = [m["type"] for m in sent]
+    assert kinds[0] == "http.response.start" and kinds.count("http.response.start") == 1
+    text = b"".join(m.get("body", b"") for m in sent[1:])
+    assert b'"content":"hi"' in text and text.endswith(b"data: [DONE]\n\n")
