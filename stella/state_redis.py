@@ -212,17 +212,26 @@ class RedisState:
     async def aclose(self) -> None:
         """Flush what is counted and disconnect."""
         self._closing = True  # the flusher ends at its next turn, even if a cancel is lost
-        if self._flusher:
-            self._flusher.cancel()
-            # A batch cut in its round trip stays in doubt and is resent below, by its ID.
-            # Never waited for without end: shutdown must not hang on a stalled Redis.
-            await asyncio.wait({self._flusher}, timeout=FLUSHER_STOP_S)
-        if self._slots is not None:
-            await self._slots.upkeep(final=True)
-        await self._flush_gives()
-        await self._flush()
-        with contextlib.suppress(Exception):
-            await self.redis.aclose()
+        try:
+            if self._flusher:
+                self._flusher.cancel()
+                # A batch cut in its round trip stays in doubt and is resent below, by its
+                # ID. Never waited for without end: shutdown must not hang on Redis.
+                await asyncio.wait({self._flusher}, timeout=FLUSHER_STOP_S)
+            # Each last write bounded too (a flusher still stuck holds the usage lock).
+            for last in (
+                self._slots.upkeep(final=True) if self._slots is not None else None,
+                self._flush_gives(),
+                self._flush(),
+            ):
+                if last is not None:
+                    try:
+                        await asyncio.wait_for(last, FLUSHER_STOP_S)
+                    except (TimeoutError, RedisError, OSError) as exc:
+                        _log.warning("redis_final_flush_failed", error=type(exc).__name__)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
 
     async def ping(self) -> bool:
         """Whether Redis answers."""

@@ -499,6 +499,35 @@ async def test_closing_never_waits_forever_on_the_flusher(redis: Redis) -> None:
     await asyncio.wait_for(st._flusher, 1)  # it ended by itself
 
 
+async def test_closing_is_bounded_with_the_flusher_stuck_in_a_usage_write(
+    redis: Redis,
+) -> None:
+    # Stuck inside the usage write it holds the flush lock: the last flush gives up in
+    # time, says so, and the connection is still closed.
+    from stella.settings import StateSettings
+    from stella.state_redis import RedisState
+
+    st = RedisState(StateSettings(redis_url=redis.url, prefix="stuck"))
+    real = st._add_usage
+    calls = []
+
+    async def stubborn(**kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+            await asyncio.sleep(30)
+        return await real(**kw)
+
+    st._add_usage = stubborn  # type: ignore[method-assign]
+    await st.start()
+    st.record_usage("k", "m", "2026-11-26", {"prompt_tokens": 1})
+    await asyncio.sleep(0.7)  # the flusher is in its usage write
+    t = time.monotonic()
+    await asyncio.wait_for(st.aclose(), 10)
+    assert time.monotonic() - t < 6
+
+
 async def test_a_stalled_redis_neither_holds_slots_nor_delays_every_waiter(redis: Redis) -> None:
     import os
     import signal
