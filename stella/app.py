@@ -400,12 +400,16 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         svc.drain.begin()
         svc.drain.cut()
         await svc.drain.wait(5)
-        # Each step bounded: a stalled upstream or Redis must not keep the process alive.
-        for backend in started:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(backend.aclose(), CLOSE_TIMEOUT_S)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(svc.state.aclose(), CLOSE_TIMEOUT_S)
+        # Together and bounded: a stalled upstream or Redis must not keep the process
+        # alive past the platform's grace period.
+        closing = [asyncio.ensure_future(b.aclose()) for b in started]
+        closing.append(asyncio.ensure_future(svc.state.aclose()))
+        _, late = await asyncio.wait(closing, timeout=CLOSE_TIMEOUT_S)
+        for task in late:
+            task.cancel()
+        for task in closing:  # failures to close are not worth a traceback at exit
+            if task.done() and not task.cancelled():
+                task.exception()
         _log.info("stopped")
         if sink := logs.sink():
             sink.flush()
