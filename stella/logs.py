@@ -49,6 +49,7 @@ SECRET_WORDS = frozenset(
         "passkey",
     }
 )
+SECRET_ENDINGS = ("token", "secret", "password", "passwd", "apikey")
 KEY_WORDS = frozenset(
     {"api", "secret", "private", "access", "auth", "signing", "encryption", "session", "master"}
 )
@@ -64,7 +65,10 @@ def is_secret_field(name: str) -> bool:
     if not SECRET_WORDS.isdisjoint(words):
         return True
     last = words[-1]
-    return last == "token" or (last == "key" and len(words) > 1 and words[-2] in KEY_WORDS)
+    if last == "token" or (last == "key" and len(words) > 1 and words[-2] in KEY_WORDS):
+        return True
+    # Words run together (accesstoken, APIToken, dbpassword, xapikey).
+    return "".join(words).endswith(SECRET_ENDINGS)
 
 
 BEARER_TEXT = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")

@@ -102,10 +102,11 @@ def test_text_blocks_stay_apart_and_the_prompt_size_comes_first(server: LiveServ
 def test_an_empty_turn_is_refused_by_its_path_but_a_last_assistant_one(
     server: LiveServer,
 ) -> None:
-    with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\]\.content"):
-        client(server).messages.create(
-            model="echo", max_tokens=5, messages=[{"role": "user", "content": []}]
-        )
+    for empty in ([], "", [{"type": "text", "text": ""}]):
+        with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\]\.content"):
+            client(server).messages.create(
+                model="echo", max_tokens=5, messages=[{"role": "user", "content": empty}]
+            )
     m = client(server).messages.create(
         model="echo",
         max_tokens=5,

@@ -126,6 +126,8 @@ def test_emit_redacts_client_metadata_fields() -> None:
                 "private_key": "leak",
                 "aws_secret_access_key": "leak",
                 "clientSecret": "leak",
+                "APIToken": "leak",
+                "dbpassword": "leak",
                 "max_tokens": 5,
                 "idempotency_key": "req-7",
             },
@@ -144,6 +146,8 @@ def test_emit_redacts_client_metadata_fields() -> None:
         "private_key": "***",
         "aws_secret_access_key": "***",
         "clientSecret": "***",
+        "APIToken": "***",
+        "dbpassword": "***",
         "max_tokens": 5,  # a count of tokens, not a token
         "idempotency_key": "req-7",  # a key, not a credential
     }

@@ -176,14 +176,18 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
     if req.system:
         messages.append(Message(role="system", content=_text(req.system)))
     for i, m in enumerate(req.messages):
-        if isinstance(m.content, str):
-            messages.append(Message(role=m.role, content=m.content))
-            continue
-        if not m.content and not (m.role == "assistant" and i == len(req.messages) - 1):
+        empty = not m.content or (
+            not isinstance(m.content, str)
+            and all(b.type == "text" and not b.text for b in m.content)
+        )
+        if empty and not (m.role == "assistant" and i == len(req.messages) - 1):
             # As the API: only a last assistant turn (a prefill to continue) may be empty.
             raise InvalidRequest(
                 f"$.messages[{i}].content: must not be empty", param=f"messages[{i}].content"
             )
+        if isinstance(m.content, str):
+            messages.append(Message(role=m.role, content=m.content))
+            continue
         texts: list[str] = []
         calls: list[ToolCallRef] = []
         for j, b in enumerate(m.content):
