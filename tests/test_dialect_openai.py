@@ -155,6 +155,16 @@ def test_what_stella_cannot_honour_is_a_400(
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+def test_legacy_function_fields_that_ask_for_nothing_pass(server: LiveServer) -> None:
+    body = {"model": "echo", "messages": [{"role": "user", "content": "a b"}]}
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={**body, "functions": [], "function_call": "none"},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 200, r.text
+
+
 def test_nullable_n_and_stream(server: LiveServer) -> None:
     # The API reference has both nullable; some clients send the nulls.
     body = {"model": "echo", "messages": [{"role": "user", "content": "a b"}]}

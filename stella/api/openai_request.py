@@ -204,7 +204,7 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
     if req.top_logprobs:
         raise InvalidRequest("logprobs are not supported", param="top_logprobs")
     for legacy, current in (("functions", "tools"), ("function_call", "tool_choice")):
-        if getattr(req, legacy) is not None:
+        if getattr(req, legacy) not in (None, [], "none"):  # asking for nothing is fine
             raise InvalidRequest(
                 f"{legacy} is deprecated and not supported: use {current}", param=legacy
             )
