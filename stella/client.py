@@ -55,6 +55,19 @@ class BadRequestError(StellaClientError):
     """400 invalid_request."""
 
 
+class ContextLengthError(BadRequestError):
+    """400 context_length_exceeded: the prompt is longer than the model can read (in-band
+    once a stream has started)."""
+
+
+class MethodNotAllowedError(StellaClientError):
+    """405 method_not_allowed."""
+
+
+class InternalServerError(StellaClientError):
+    """500 internal_error: a bug in the server (its log says more)."""
+
+
 class AuthenticationError(StellaClientError):
     """401 unauthorized."""
 
@@ -128,6 +141,9 @@ def _network(url: str) -> Iterator[None]:
 
 BY_CODE: dict[str, type[StellaClientError]] = {
     "invalid_request": BadRequestError,
+    "context_length_exceeded": ContextLengthError,
+    "method_not_allowed": MethodNotAllowedError,
+    "internal_error": InternalServerError,
     "unauthorized": AuthenticationError,
     "forbidden": PermissionDeniedError,
     "model_not_found": NotFoundError,
@@ -150,10 +166,12 @@ BY_STATUS: dict[int, type[StellaClientError]] = {
     401: AuthenticationError,
     403: PermissionDeniedError,
     404: NotFoundError,
+    405: MethodNotAllowedError,
     409: ConflictError,
     413: PayloadTooLargeError,
     415: UnsupportedMediaTypeError,
     429: RateLimitError,
+    500: InternalServerError,
     502: UpstreamError,
     503: OverloadedError,
     504: TimeoutError,
@@ -253,6 +271,41 @@ _json = msgspec.json.Decoder()
 _KNOWN = frozenset({"start", "delta", "tool_call", "done", "error", "ping"})
 
 
+__all__ = [
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "Client",
+    "ConflictError",
+    "ContextLengthError",
+    "InternalServerError",
+    "MethodNotAllowedError",
+    "NetworkError",
+    "NotFoundError",
+    "OverloadedError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "ProtocolError",
+    "RateLimitError",
+    "StellaClientError",
+    "TimeoutError",
+    "UnavailableError",
+    "UnsupportedMediaTypeError",
+    "UpstreamError",
+]
+_JSON = {"content-type": "application/json"}
+_encoder = msgspec.json.Encoder()
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    """A request body as JSON: plain values, or the protocol's structs (an answer's
+    `message` goes back into the next turn as it is)."""
+    try:
+        return _encoder.encode(body)
+    except TypeError as exc:
+        raise BadRequestError(f"cannot send the request: {exc}", code="invalid_request") from None
+
+
 def _payload(
     model: str | None, stream: bool, options: dict[str, Any] | None, **fields: Any
 ) -> dict[str, Any]:
@@ -282,8 +335,9 @@ def _generate_body(
     system: str | None,
     stream: bool,
     options: dict[str, Any] | None,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return _payload(model, stream, options, prompt=prompt, system=system or None)
+    return _payload(model, stream, options, prompt=prompt, system=system or None, metadata=metadata)
 
 
 def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
@@ -320,13 +374,16 @@ class Client:
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
         with _network(self.url):
-            r = self._http.post(path, json=body)
+            r = self._http.post(path, content=_encode(body), headers=_JSON)
         if r.status_code >= 400:
             raise error_for(r, r.content)
         return _decode(_response, r.content, self.url)
 
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[Any]:
-        with _network(self.url), self._http.stream("POST", path, json=body) as r:
+        with (
+            _network(self.url),
+            self._http.stream("POST", path, content=_encode(body), headers=_JSON) as r,
+        ):
             if r.status_code >= 400:
                 raise error_for(r, r.read())
             lines = _Lines(self.url, r.headers.get("x-request-id", ""))
@@ -370,9 +427,10 @@ class Client:
         system: str | None = None,
         stream: bool = False,
         options: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> Any:
         """One prompt: a ChatResponse, or (stream=True) an iterator of events."""
-        body = _generate_body(prompt, model, system, stream, options)
+        body = _generate_body(prompt, model, system, stream, options, metadata)
         return (
             self._stream("/api/v1/generate", body)
             if stream
@@ -424,14 +482,14 @@ class AsyncClient:
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
         with _network(self.url):
-            r = await self._http.post(path, json=body)
+            r = await self._http.post(path, content=_encode(body), headers=_JSON)
         if r.status_code >= 400:
             raise error_for(r, r.content)
         return _decode(_response, r.content, self.url)
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Any]:
         with _network(self.url):
-            async with self._http.stream("POST", path, json=body) as r:
+            async with self._http.stream("POST", path, content=_encode(body), headers=_JSON) as r:
                 if r.status_code >= 400:
                     raise error_for(r, await r.aread())
                 lines = _Lines(self.url, r.headers.get("x-request-id", ""))
@@ -477,9 +535,10 @@ class AsyncClient:
         system: str | None = None,
         stream: bool = False,
         options: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> Any:
         """One prompt: a ChatResponse, or (stream=True) an async iterator of events."""
-        body = _generate_body(prompt, model, system, stream, options)
+        body = _generate_body(prompt, model, system, stream, options, metadata)
         if stream:
             return self._stream("/api/v1/generate", body)
         return await self._post("/api/v1/generate", body)

@@ -145,6 +145,38 @@ def test_overloaded_and_unavailable_map() -> None:
         assert isinstance(err, cls) and err.retry_after == 3 and err.request_id == "r"
 
 
+def test_the_codes_the_server_may_send_have_their_exceptions() -> None:
+    from stella.protocol import Error
+
+    err = sc._inband(Error(code="context_length_exceeded", message="m"), "r")
+    assert isinstance(err, sc.ContextLengthError) and isinstance(err, sc.BadRequestError)
+    for status, code, cls in (
+        (405, "method_not_allowed", sc.MethodNotAllowedError),
+        (500, "internal_error", sc.InternalServerError),
+    ):
+        r = httpx.Response(status, json={"error": {"code": code, "message": "m"}})
+        assert isinstance(sc.error_for(r, r.content), cls)
+    assert "TimeoutError" in sc.__all__ and "httpx" not in sc.__all__
+
+
+def test_an_answer_goes_back_into_the_next_turn(stella: LiveServer) -> None:
+    from stella.protocol import Message
+
+    with sc.Client(stella.url) as c:
+        first = c.chat([Message(role="user", content="one")], "echo")
+        again = [
+            Message(role="user", content="one"),
+            first.message,  # the protocol's own struct, sent back as it came
+            {"role": "user", "content": "two"},
+        ]
+        assert c.chat(again, "echo").response == "two"
+        r = c.generate("noted", "echo", metadata={"ticket": "T-9"})
+        ev = stella.wait_event(lambda e: e["request_id"] == r.id)
+        assert ev["metadata"] == {"ticket": "T-9"}
+        with pytest.raises(sc.BadRequestError, match="cannot send"):
+            c.chat([{"role": "user", "content": object()}], "echo")
+
+
 def test_leaving_a_stream_closes_the_connection(stella: LiveServer) -> None:
     with sc.Client(stella.url) as c:
         stream = c.chat(

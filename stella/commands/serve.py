@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     overrides: dict = {}
     if args.host:
         overrides.setdefault("server", {})["host"] = args.host
-    if args.port:
+    if args.port is not None:
         overrides.setdefault("server", {})["port"] = args.port
     if args.model:
         overrides.setdefault("models", {})["default"] = args.model
