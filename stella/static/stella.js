@@ -5,8 +5,9 @@
 //     if (event.type === "delta") output.textContent += event.text;
 //   }
 //
-// Events are the protocol's lines: start, delta, tool_call, done ({type: "ping"} lines
-// are skipped). An HTTP error, an in-band `error` line, a broken connection or a stream
+// Events are the protocol's lines: start, delta, tool_call, done ({type: "ping"} lines,
+// and types this version does not know, are skipped; a line that is not an event is
+// code "bad_response"). An HTTP error, an in-band `error` line, a broken connection or a stream
 // that ends without its done line throws a StellaError. Aborting the AbortSignal (Stop)
 // cancels the request (the server stops generating) and ends the loop quietly; a
 // signal that times out (AbortSignal.timeout) throws code "timeout". Leaving the loop
@@ -48,7 +49,17 @@ export async function* parseNdjson(stream) {
     }
     finished = true;
     buffer += decoder.decode();
-    if (buffer.trim()) yield JSON.parse(buffer);
+    if (buffer.trim()) {
+      // A last line without its newline: whole (yielded), or cut off by a broken
+      // connection, which is not the server's protocol failing.
+      let last;
+      try {
+        last = JSON.parse(buffer);
+      } catch {
+        throw new Error("the connection broke off inside a line");
+      }
+      yield last;
+    }
   } finally {
     // Left before the end (break, return, an error): cancel the body, so the connection
     // closes and the server stops generating; releasing the lock alone keeps it open.
@@ -120,10 +131,17 @@ function networkError(err, requestId = "") {
   return new StellaError({ code: "network_error", message: String((err && err.message) || err) + cause, requestId });
 }
 
+const KNOWN = new Set(["start", "delta", "tool_call", "done", "error"]);
+
+/** The server's address without a trailing slash ("" for the page's own origin). */
+function base(baseUrl) {
+  return (baseUrl || "").replace(/\/+$/, "");
+}
+
 async function* streamEvents(path, body, { signal, apiKey, baseUrl = "", fetch: fetchImpl = globalThis.fetch } = {}) {
   let res;
   try {
-    res = await fetchImpl(baseUrl + path, {
+    res = await fetchImpl(base(baseUrl) + path, {
       method: "POST",
       headers: headersFor(apiKey),
       body: JSON.stringify({ ...body, stream: true }),
@@ -139,7 +157,10 @@ async function* streamEvents(path, body, { signal, apiKey, baseUrl = "", fetch: 
   let ended = false;
   try {
     for await (const event of parseNdjson(res.body)) {
-      if (event.type === "ping") continue;
+      if (event === null || typeof event !== "object" || typeof event.type !== "string") {
+        throw new SyntaxError(`a line that is not an event: ${JSON.stringify(event).slice(0, 80)}`);
+      }
+      if (!KNOWN.has(event.type)) continue; // "ping", and what a newer server may add
       if (event.type === "error") {
         ended = true;
         // status 0: an in-band error (the HTTP status was 200), as in the Python client
@@ -186,7 +207,7 @@ export function generate({ prompt, system, model, options, metadata } = {}, opts
 /** The routable models: {models: [...], default}. */
 export async function models({ apiKey, baseUrl = "", signal, fetch: fetchImpl = globalThis.fetch } = {}) {
   try {
-    const res = await fetchImpl(baseUrl + "/api/v1/models", { headers: headersFor(apiKey), signal });
+    const res = await fetchImpl(base(baseUrl) + "/api/v1/models", { headers: headersFor(apiKey), signal });
     if (!res.ok) throw await httpError(res);
     return await res.json();
   } catch (err) {

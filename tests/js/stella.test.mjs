@@ -186,3 +186,28 @@ test("chat() takes the protocol's own field names too (tool_choice, response_for
   assert.equal(sent.tool_choice, "none");
   assert.deepEqual(sent.response_format, format);
 });
+
+test("a line that is not an event is bad_response; unknown event types are skipped", async () => {
+  const odd = fakeFetch(['{"foo":1}\n', '{"type":"done","finish_reason":"stop"}\n']);
+  await assert.rejects(() => collect(chat({ messages: [] }, { fetch: odd })),
+    (err) => err instanceof StellaError && err.code === "bad_response");
+  const newer = fakeFetch(['{"type":"start","id":"r"}\n', '{"type":"usage_hint","n":1}\n', '{"type":"done","finish_reason":"stop"}\n']);
+  const events = await collect(chat({ messages: [] }, { fetch: newer }));
+  assert.deepEqual(events.map((e) => e.type), ["start", "done"]);
+});
+
+test("a line cut off by a broken connection is network_error, not bad_response", async () => {
+  const cut = fakeFetch(['{"type":"start","id":"r"}\n', '{"type":"delta","text":"a"}\n', '{"type":"del']);
+  await assert.rejects(() => collect(chat({ messages: [] }, { fetch: cut })),
+    (err) => err instanceof StellaError && err.code === "network_error");
+});
+
+test("a baseUrl with a trailing slash works", async () => {
+  let url;
+  const capture = async (u) => {
+    url = u;
+    return new Response(streamOf(['{"type":"start","id":"r"}\n', '{"type":"done","finish_reason":"stop"}\n']), { status: 200 });
+  };
+  await collect(chat({ messages: [] }, { fetch: capture, baseUrl: "http://h:1/" }));
+  assert.equal(url, "http://h:1/api/v1/chat");
+});
