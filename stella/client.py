@@ -14,7 +14,10 @@ closes the connection, and the server cancels the generation.
 from __future__ import annotations
 
 import contextlib
+import email.utils
+import math
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -198,9 +201,24 @@ def error_for(response: httpx.Response, body: bytes) -> StellaClientError:
         status=response.status_code,
         code=code,
         request_id=rid or response.headers.get("x-request-id", ""),
-        retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None,
+        retry_after=_retry_after(retry),
         retryable=response.status_code == 429 or response.status_code >= 500,
     )
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds: a number of seconds or an HTTP date; None when unreadable."""
+    if not value:
+        return None
+    if value.replace(".", "", 1).isdigit():
+        return float(value)
+    try:
+        at = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if at.tzinfo is None:
+        return None
+    return max(0.0, float(math.ceil(at.timestamp() - time.time())))
 
 
 def _inband(event: Error, request_id: str) -> StellaClientError:

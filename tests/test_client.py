@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import email.utils
 import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -143,6 +145,12 @@ def test_overloaded_and_unavailable_map() -> None:
         )
         err = sc.error_for(r, r.content)
         assert isinstance(err, cls) and err.retry_after == 3 and err.request_id == "r"
+    # Retry-After may be an HTTP date (RFC 9110): seconds from now, as stella.js reads it.
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    r = httpx.Response(429, json={"error": {"code": "rate_limited"}}, headers={"retry-after": when})
+    assert 28 <= (sc.error_for(r, r.content).retry_after or 0) <= 31
+    r = httpx.Response(429, headers={"retry-after": "soon"})
+    assert sc.error_for(r, r.content).retry_after is None
 
 
 def test_the_codes_the_server_may_send_have_their_exceptions() -> None:

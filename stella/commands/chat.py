@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         print(client_error(exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        if midline:  # the shell's prompt on a line of its own
+            sys.stdout.write("\n")
+            sys.stdout.flush()
         return 130
     except BrokenPipeError:
         raise  # the reader left (`| head`): the CLI ends quietly
