@@ -265,10 +265,10 @@ def test_a_direct_name_finds_the_route_the_key_may_use() -> None:
         assert r.status_code == 404 and "cheap-m" not in r.text, r.text
 
 
-async def test_a_fallbacks_wait_for_a_slot_ends_with_the_calls_time() -> None:
-    # The fallback's backend is busy: its slot is waited for within the fallback route's
-    # total limit (each route's limit runs from the call's start), not queue_timeout_s.
-    config = {
+def fallback_on_a_busy_backend(**b: object) -> dict:
+    """Route a fails at once and falls back to b, on a backend with one slot (which
+    b-long can hold)."""
+    return {
         "backends": {
             "down": {"kind": "echo", "fail_before_first": True},
             "slow": {"kind": "echo", "delay_s": 0.2},
@@ -276,14 +276,19 @@ async def test_a_fallbacks_wait_for_a_slot_ends_with_the_calls_time() -> None:
         "models": {
             "routes": {
                 "a": {"backend": "down", "retries": 0, "fallbacks": ["b"]},
-                "b": {"backend": "slow", "total_timeout_s": 0.6},
+                "b": {"backend": "slow", **b},
                 "b-long": {"backend": "slow"},
             }
         },
         "limits": {"backends": {"slow": 1}, "queue_timeout_s": 5.0},
         "breaker": {"failure_threshold": 0},
     }
-    with run_stella(config) as server:
+
+
+async def test_a_fallbacks_wait_for_a_slot_ends_with_the_calls_time() -> None:
+    # The fallback's backend is busy: its slot is waited for within the fallback route's
+    # total limit (each route's limit runs from the call's start), not queue_timeout_s.
+    with run_stella(fallback_on_a_busy_backend(total_timeout_s=0.6)) as server:
         async with httpx.AsyncClient(timeout=30) as client:
             busy = asyncio.create_task(
                 client.post(
@@ -308,21 +313,7 @@ async def test_a_fallbacks_wait_for_a_slot_ends_with_the_calls_time() -> None:
 async def test_a_fallbacks_wait_for_a_slot_counts_as_queueing() -> None:
     # The wait for a fallback's backend slot is queueing, reported in queue_ms as the
     # wait for the first route's slot is.
-    config = {
-        "backends": {
-            "down": {"kind": "echo", "fail_before_first": True},
-            "slow": {"kind": "echo", "delay_s": 0.2},
-        },
-        "models": {
-            "routes": {
-                "a": {"backend": "down", "retries": 0, "fallbacks": ["b"]},
-                "b": {"backend": "slow"},
-            }
-        },
-        "limits": {"backends": {"slow": 1}, "queue_timeout_s": 5.0},
-        "breaker": {"failure_threshold": 0},
-    }
-    with run_stella(config) as server:
+    with run_stella(fallback_on_a_busy_backend()) as server:
         async with httpx.AsyncClient(timeout=30) as client:
             busy = asyncio.create_task(
                 client.post(server.url + "/api/v1/chat", json={**body("w w w"), "model": "b"})

@@ -70,6 +70,12 @@ class FakeAnthropic:
         def event(name: str, data: dict[str, Any]) -> bytes:
             return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
+        def text_delta(text: str) -> bytes:
+            delta = {"type": "text_delta", "text": text}
+            return event(
+                "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
+            )
+
         yield event(
             "message_start",
             {
@@ -142,14 +148,7 @@ class FakeAnthropic:
                     word = (text + word)[len(text) : at]
                     stop = "stop_sequence"
                     if word:
-                        yield event(
-                            "content_block_delta",
-                            {
-                                "type": "content_block_delta",
-                                "index": 0,
-                                "delta": {"type": "text_delta", "text": word},
-                            },
-                        )
+                        yield text_delta(word)
                         out += 1
                     break
                 text += word
@@ -165,14 +164,7 @@ class FakeAnthropic:
                 if model == "claude-malformed" and out == 1:
                     yield b"event: content_block_delta\ndata: {broken\n\n"
                     return
-                yield event(
-                    "content_block_delta",
-                    {
-                        "type": "content_block_delta",
-                        "index": 0,
-                        "delta": {"type": "text_delta", "text": word},
-                    },
-                )
+                yield text_delta(word)
                 out += 1
             yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
         yield event(
