@@ -366,9 +366,10 @@ def test_keys_new_prints_valid_toml(tmp_path: Any) -> None:
     def keys(*args: str) -> subprocess.CompletedProcess[str]:
         return stella_cli("keys", "new", *args)
 
-    out = keys("k1", "--models", 'a"b', "c\\d", "gpt-*", "--rpm", "5")
+    out = keys("k1", "--models", 'a"b', "c\\d", "gpt-*", "--rpm", "5", "--concurrent", "2")
     table = tomllib.loads(out.stdout)["auth"]["keys"]["k1"]
     assert table["models"] == ['a"b', "c\\d", "gpt-*"] and table["requests_per_minute"] == 5
+    assert table["max_concurrent"] == 2
     for bad in (["café"], ["k2", "--rpm", "-5"], ["k3", "--models"]):
         out = keys(*bad)
         assert out.returncode == 2 and not out.stdout, bad

@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     new.add_argument("--models", nargs="+", default=None, help="glob patterns of allowed models")
     new.add_argument("--rpm", type=_count, default=0, help="requests per minute (0: the default)")
     new.add_argument("--tpm", type=_count, default=0, help="tokens per minute (0: the default)")
+    new.add_argument(
+        "--concurrent", type=_count, default=0, help="requests at once (0: the default)"
+    )
     sub.add_parser("hash", help="print the SHA-256 of a key read from stdin")
 
 
@@ -66,5 +69,7 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"requests_per_minute = {args.rpm}")
     if args.tpm:
         lines.append(f"tokens_per_minute = {args.tpm}")
+    if args.concurrent:
+        lines.append(f"max_concurrent = {args.concurrent}")
     print("\n".join(lines))
     return 0
