@@ -339,9 +339,9 @@ def _check(s: Settings) -> None:
     if s.models.default and s.models.default not in s.models.routes:
         aliases = {a for r in s.models.routes.values() for a in r.aliases}
         if s.models.default not in aliases:
+            usable = sorted(n for n, r in s.models.routes.items() if r.backend in live)
             raise ConfigError(
-                f"models.default: {s.models.default!r} is not a route; "
-                f"known: {sorted(s.models.routes)}"
+                f"models.default: {s.models.default!r} is not a route; known: {usable}"
             )
 
 

@@ -259,3 +259,9 @@ def test_a_key_variable_that_is_not_set_is_a_start_up_warning() -> None:
     with run_stella(config) as server:
         ev = server.wait_event(lambda e: e["backend"] == "up", name="backend_key_missing")
         assert ev["api_key_env"] == "STELLA_TEST_UNSET_KEY" and ev["level"] == "warning"
+
+
+def test_an_unknown_default_lists_only_routes_that_can_serve() -> None:
+    env = {"STELLA_MODELS__DEFAULT": "nope", "STELLA_BACKENDS__LOCAL__ENABLED": "false"}
+    with pytest.raises(ConfigError, match=r"known: \['echo'\]$"):
+        load_settings(environ=env)
