@@ -570,6 +570,8 @@ class RedisBuckets:
 # frees its slots then); live holders renew every third of it.
 SLOT_TTL_S = 30.0
 SLOT_RENEW_S = SLOT_TTL_S / 3
+# The longest pause between two asks of a caller waiting for a slot.
+SLOT_POLL_MAX_S = 0.05
 # At shutdown, the longest wait for releases already on their way to Redis.
 SLOT_RELEASE_WAIT_S = 1.0
 
@@ -578,14 +580,12 @@ class RedisSlots:
     """Concurrency slots shared by every replica: a Redis sorted set per slot name.
 
     Taking a slot is one Lua call; a holder that finds the set full asks again with
-    a growing pause (10 to 200 ms) until the queue timeout, and at once when a slot
-    of the same name is given back in this process. A release goes to Redis at
-    once, in the background (Redis, not this process, decides who gets the slot
-    next, so no replica can keep a key's slots to itself); a caller of this process
-    that wants the same slot waits for that release first, so a client whose
-    requests follow one another never waits for its own last one's slot. Held slots
-    are renewed every SLOT_RENEW_S. While Redis is away the slots of this process
-    stand in (as the buckets do).
+    a growing pause (10 to 50 ms) until the queue timeout, as every replica's
+    callers do (no queue: the first to ask after a slot frees up gets it). A
+    release goes to Redis at once, in the background, so a client whose requests
+    follow one another waits at most one pause for its own last one's slot. Held
+    slots are renewed every SLOT_RENEW_S. While Redis is away the slots of this
+    process stand in (as the buckets do).
     """
 
     def __init__(self, state: RedisState) -> None:
@@ -595,10 +595,7 @@ class RedisSlots:
         # Members to remove from Redis with the next upkeep: releases that failed, and
         # takes cut or failed in their round trip (Redis may or may not have added them).
         self._released: list[tuple[str, str]] = []
-        # Releases on their way to Redis, per set key; and this process's callers
-        # waiting for a slot of a set key (woken when a release of it lands).
-        self._releasing: dict[str, set[asyncio.Task[None]]] = {}
-        self._waiting: dict[str, set[asyncio.Future[None]]] = {}
+        self._releasing: set[asyncio.Task[None]] = set()  # releases on their way
         self._count = 0
         self._renewed = time.monotonic()
 
@@ -615,9 +612,6 @@ class RedisSlots:
             if st.local_only(now):
                 held = await self.local.acquire(name, size, max(deadline - now, 0.0))
                 return None if held is None else ("local", held)
-            releasing = self._releasing.get(key)
-            if releasing:  # a slot of this name is on its way back: take it after
-                await asyncio.wait(releasing, timeout=max(deadline - now, 0.0))
             try:
                 taken = await st._take_slot(keys=[key], args=[SLOT_TTL_S, size, member])
             except asyncio.CancelledError:
@@ -635,26 +629,8 @@ class RedisSlots:
             now = time.monotonic()
             if now >= deadline:
                 return None
-            if await self._wait(key, min(pause, deadline - now)):
-                pause = 0.01  # a slot came back here: ask again at once
-            else:
-                pause = min(pause * 2, 0.2)
-
-    async def _wait(self, key: str, seconds: float) -> bool:
-        """Wait `seconds`, or less if a slot of `key` comes back in this process: whether
-        one did."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiting = self._waiting.setdefault(key, set())
-        waiting.add(fut)
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), seconds)
-        except TimeoutError:
-            return False
-        finally:
-            waiting.discard(fut)
-            if not waiting:
-                self._waiting.pop(key, None)
-        return True
+            await asyncio.sleep(min(pause, deadline - now))
+            pause = min(pause * 2, SLOT_POLL_MAX_S)
 
     def release(self, held: Any) -> None:
         """Give a slot back: to Redis at once, in the background."""
@@ -672,8 +648,8 @@ class RedisSlots:
         except RuntimeError:  # no loop (shutting down): with the final upkeep
             self._released.append((key, member))
             return
-        self._releasing.setdefault(key, set()).add(task)
-        task.add_done_callback(lambda t: self._released_one(key, t))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def _release(self, key: str, member: str) -> None:
         st = self.state
@@ -686,25 +662,12 @@ class RedisSlots:
             self._released.append((key, member))  # again with the next upkeep
             st._failed(exc)
 
-    def _released_one(self, key: str, task: asyncio.Task[None]) -> None:
-        """A release landed (or failed): the callers here waiting for `key` ask again."""
-        releasing = self._releasing.get(key)
-        if releasing is not None:
-            releasing.discard(task)
-            if not releasing:
-                del self._releasing[key]
-        for fut in self._waiting.get(key, ()):
-            if not fut.done():
-                fut.set_result(None)
-
     async def upkeep(self, final: bool = False) -> None:
         """Send the releases; renew the claims of held slots when due (all of them at
         shutdown: released)."""
         st = self.state
-        if final:
-            pending = [task for tasks in self._releasing.values() for task in tasks]
-            if pending:  # releases on their way: landed, or queued below
-                await asyncio.wait(pending, timeout=SLOT_RELEASE_WAIT_S)
+        if final and self._releasing:  # releases on their way: landed, or queued below
+            await asyncio.wait(set(self._releasing), timeout=SLOT_RELEASE_WAIT_S)
             self._released += [(key, member) for member, key in self.held.items()]
             self.held.clear()
         released, self._released = self._released, []
@@ -720,10 +683,14 @@ class RedisSlots:
                     members = list(self.held)
                     await st._renew_slots(keys=keys, args=[SLOT_TTL_S, *members], client=pipe)
                 await pipe.execute()
+        except asyncio.CancelledError:
+            self._released = released + self._released  # cut (shutdown): the final upkeep
+            raise
         except (RedisError, OSError) as exc:
             st._failed(exc)
             if not final:
                 self._released = released + self._released  # again with the next flush
             return
+        st._ok()
         if renew:
             self._renewed = time.monotonic()
