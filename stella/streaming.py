@@ -124,6 +124,7 @@ class EventStream:
         self._started = refuse is None  # decided: the stream starts (or has started)
         self._ready = refuse is None  # the status line has gone out: the body may follow
         self._starting: asyncio.Future[None] | None = None  # the start, while it is sent
+        self._status_sent = False  # http.response.start went out (never twice)
         self.raw_headers = [
             (b"content-type", codec.media_type.encode()),
             (b"cache-control", b"no-cache"),
@@ -224,8 +225,11 @@ class EventStream:
             self.drain.leave(task)
 
     async def _send_start(self, send: Send) -> None:
-        """The status line, the headers and the codec's opening bytes."""
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        """The status line, the headers and the codec's opening bytes (only those, when a
+        start cut short had sent the status line already)."""
+        if not self._status_sent:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            self._status_sent = True
         first = self.codec.start(self.inference.start_event())
         if first or self.refuse is None:
             await send({"type": "http.response.body", "body": first, "more_body": True})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import anthropic
 import httpx
@@ -91,6 +92,57 @@ def test_the_native_stream_still_starts_at_once(stella: LiveServer) -> None:
     assert lines[0]["type"] == "start" and lines[-1]["type"] == "error"
 
 
+def _app(delay: float) -> Any:
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    return create_app(
+        load_settings(
+            {
+                "models": {"default": "echo", "routes": {"s": {"backend": "s"}}},
+                "backends": {
+                    "local": {"enabled": False},
+                    "s": {"kind": "echo", "delay_s": delay},
+                },
+                "stream": {"ping_interval_s": 0.1},
+            }
+        )
+    )
+
+
+async def _call(app: Any, path: str, body: dict, send: Any) -> None:
+    """One request straight into the ASGI app, with the given `send`."""
+    import asyncio
+
+    raw = json.dumps(body).encode()
+    given = []
+
+    async def receive() -> dict:
+        if not given:
+            given.append(1)
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await asyncio.sleep(10)
+        return {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+        "state": {},
+    }
+    async with app.router.lifespan_context(app):
+        await app(scope, receive, send)
+
+
 @pytest.mark.parametrize("delay", [0.13, 0.15, 0.17])
 async def test_the_status_line_goes_once_and_first_whoever_starts_the_stream(
     delay: float,
@@ -101,53 +153,45 @@ async def test_the_status_line_goes_once_and_first_whoever_starts_the_stream(
     import asyncio
 
     from stella import logs
-    from stella.app import create_app
-    from stella.settings import load_settings
 
-    settings = load_settings(
-        {
-            "models": {"default": "echo", "routes": {"s": {"backend": "s"}}},
-            "backends": {"local": {"enabled": False}, "s": {"kind": "echo", "delay_s": delay}},
-            "stream": {"ping_interval_s": 0.1},
-        }
-    )
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            await asyncio.sleep(0.05)  # a paused write buffer, another server
+        sent.append(message)
+
     with open("/dev/null", "wb") as null:
         sink = logs.configure(fmt="json", stream=null)
-        app = create_app(settings)
-        body = json.dumps({"model": "s", "stream": True, "messages": HI}).encode()
-        sent: list[dict] = []
-
-        async def receive() -> dict:
-            if not sent and not getattr(receive, "done", False):
-                receive.done = True  # type: ignore[attr-defined]
-                return {"type": "http.request", "body": body, "more_body": False}
-            await asyncio.sleep(10)
-            return {"type": "http.disconnect"}
-
-        async def send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                await asyncio.sleep(0.05)  # a paused write buffer, another server
-            sent.append(message)
-
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/v1/chat/completions",
-            "raw_path": b"/v1/chat/completions",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"content-type", b"application/json")],
-            "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 2),
-            "state": {},
-        }
-        async with app.router.lifespan_context(app):
-            await app(scope, receive, send)
+        body = {"model": "s", "stream": True, "messages": HI}
+        await _call(_app(delay), "/v1/chat/completions", body, send)
         sink.close()
     kinds = [m["type"] for m in sent]
     assert kinds[0] == "http.response.start" and kinds.count("http.response.start") == 1
     text = b"".join(m.get("body", b"") for m in sent[1:])
     assert b'"content":"hi"' in text and text.endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+async def test_a_start_whose_first_bytes_fail_is_the_client_gone(delay: float) -> None:
+    # The status line went out, the opening bytes could not (the client left): nobody
+    # sends the status line again, and the call ends as client_closed, not as a bug.
+    from stella import logs
+
+    sent: list[dict] = []
+    events: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            raise OSError("connection reset")
+
+    with open("/dev/null", "wb") as null:
+        sink = logs.configure(fmt="json", stream=null)
+        app = _app(delay)
+        app.state.stella.pipeline.listeners.append(events.append)
+        body = {"model": "s", "stream": True, "max_tokens": 5, "messages": HI}
+        await _call(app, "/v1/messages", body, send)
+        sink.close()
+    assert [m["type"] for m in sent].count("http.response.start") == 1
+    assert [e["finish_reason"] for e in events] == ["client_closed"]
