@@ -210,8 +210,12 @@ def _retry_after(value: str | None) -> float | None:
     """Retry-After in seconds: a number of seconds or an HTTP date; None when unreadable."""
     if not value:
         return None
-    if value.replace(".", "", 1).isdigit():
-        return float(value)
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
     try:
         at = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -333,6 +337,10 @@ def _payload(
     if model:
         body["model"] = model
     if options:
+        for name, value in options.items():
+            # JSON has no NaN or infinity (msgspec would send null: the server's default).
+            if isinstance(value, float) and not math.isfinite(value):
+                raise BadRequestError(f"options.{name}: {value} is not a number JSON can carry")
         body["options"] = options
     return body
 

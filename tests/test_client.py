@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import os
 import shlex
 import subprocess
@@ -149,8 +150,9 @@ def test_overloaded_and_unavailable_map() -> None:
     when = email.utils.formatdate(time.time() + 30, usegmt=True)
     r = httpx.Response(429, json={"error": {"code": "rate_limited"}}, headers={"retry-after": when})
     assert 28 <= (sc.error_for(r, r.content).retry_after or 0) <= 31
-    r = httpx.Response(429, headers={"retry-after": "soon"})
-    assert sc.error_for(r, r.content).retry_after is None
+    for odd in (b"soon", b"\xb2", b"9" * 400, b"-5"):  # b"\xb2" reads as "\u00b2", a digit
+        r = httpx.Response(429, headers=[(b"retry-after", odd)])
+        assert sc.error_for(r, r.content).retry_after is None, odd
 
 
 def test_the_codes_the_server_may_send_have_their_exceptions() -> None:
@@ -183,6 +185,8 @@ def test_an_answer_goes_back_into_the_next_turn(stella: LiveServer) -> None:
         assert ev["metadata"] == {"ticket": "T-9"}
         with pytest.raises(sc.BadRequestError, match="cannot send"):
             c.chat([{"role": "user", "content": object()}], "echo")
+        with pytest.raises(sc.BadRequestError, match=r"options\.temperature"):
+            c.chat([{"role": "user", "content": "x"}], "echo", options={"temperature": math.nan})
 
 
 def test_leaving_a_stream_closes_the_connection(stella: LiveServer) -> None:
