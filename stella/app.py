@@ -460,9 +460,12 @@ def apply_routing(router: Router, routes: dict[str, Any], default: str | None) -
     for name, spec in routes.items():
         with contextlib.suppress(StellaError, msgspec.ValidationError, KeyError):
             router.register(name, msgspec.convert(spec, RouteSettings))
-    if default:
+    # No default in the store (never switched, or a Redis restarted empty): the
+    # configured one, as a replica starting now would have it.
+    target = default or router.configured_default
+    if target and target != router.default:
         with contextlib.suppress(StellaError):
-            router.set_default(default)
+            router.set_default(target)
     for name, route in list(router.routes.items()):
         if route.runtime and name not in routes:
             with contextlib.suppress(StellaError):  # the default stays until switched

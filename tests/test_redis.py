@@ -301,6 +301,15 @@ def test_routing_changes_reach_the_other_replicas(redis: Redis) -> None:
         eventually(
             lambda: httpx.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 404
         )
+        # Redis restarted empty: the store holds no switch, so both go back to the
+        # configured default, as a replica starting now would use.
+        subprocess.run(["redis-cli", "-u", redis.url, "flushall"], check=True, capture_output=True)
+        for server in (a, b):
+            eventually(
+                lambda s=server: (  # type: ignore[misc]
+                    httpx.get(s.url + "/api/v1/models", headers=AUTH).json()["default"] == "echo"
+                )
+            )
 
 
 async def test_a_usage_batch_whose_reply_is_lost_counts_once(redis: Redis) -> None:
