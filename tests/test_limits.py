@@ -327,3 +327,20 @@ async def test_a_fallbacks_wait_for_a_slot_counts_as_queueing() -> None:
             event = server.wait_event(lambda e: e["model"] == "a")
             assert event["queue_ms"] == queued
             assert (await busy).status_code == 200
+
+
+def test_a_call_that_fails_after_admission_still_shows_its_rate_limits() -> None:
+    # It counted against the limits: its error says how much is left, as a success does.
+    config = {
+        "backends": {"down": {"kind": "echo", "fail_before_first": True}},
+        "models": {"routes": {"bad": {"backend": "down", "retries": 0}}},
+        "limits": {"models": {"bad": {"requests_per_minute": 10}}},
+        "breaker": {"failure_threshold": 0},
+    }
+    with run_stella(config) as server:
+        r = httpx.post(server.url + "/api/v1/chat", json={**body(), "model": "bad"})
+        assert r.status_code == 502 and r.headers["x-ratelimit-limit"] == "10", r.headers
+        assert r.headers["x-ratelimit-remaining"] == "9"
+        held = {"model": "bad", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        r = httpx.post(server.url + "/v1/chat/completions", json=held)
+        assert r.status_code == 502 and r.headers["x-ratelimit-remaining"] == "8", r.headers

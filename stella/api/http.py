@@ -251,7 +251,7 @@ def stream_response(
         rid = inference.call.request_id
 
         def refuse(exc: StellaError) -> Response:
-            return dialect.error_response(exc, rid)
+            return dialect.error_response(with_rate_headers(exc, inference), rid)
 
     return EventStream(
         inference,
@@ -298,12 +298,22 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
         raise gone from None
     except StellaError as exc:
         exc.admitted = True  # the inference's log event and metrics have it already
+        with_rate_headers(exc, inference)
         raise
     finally:
         for w in watcher:
             w.cancel()
         inference.finish()
         svc.drain.leave(task)
+
+
+def with_rate_headers(exc: StellaError, inference: Inference) -> StellaError:
+    """`exc` carrying the admitted call's X-RateLimit headers too: a call that failed
+    still counted against them."""
+    if inference.permit.headers:
+        rate = {k.decode("latin-1"): v.decode("latin-1") for k, v in inference.permit.headers}
+        exc.headers = {**rate, **exc.headers}
+    return exc
 
 
 class ClientGone(StellaError):
