@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from stella.settings import StateSettings
+from stella.state_redis import RedisState
 from tests.live import free_port, run_stella
 
 KEY = "sk-redis-admin-1"
@@ -86,6 +88,11 @@ def redis(tmp_path: Path) -> Iterator[Redis]:
 
 def config(redis: Redis, **extra: object) -> dict:
     return {"state": {"redis_url": redis.url}, **extra}
+
+
+def redis_state(redis: Redis, prefix: str) -> RedisState:
+    """A RedisState of this process on the test's server, under its own key prefix."""
+    return RedisState(StateSettings(redis_url=redis.url, prefix=prefix))
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -163,11 +170,10 @@ def test_redis_outage_keeps_serving_then_recovers(redis: Redis) -> None:
 
 
 async def test_leases_never_admit_more_than_the_shared_limit(redis: Redis) -> None:
-    from stella.settings import StateSettings
-    from stella.state_redis import LEASE_REQUESTS, RedisState
+    from stella.state_redis import LEASE_REQUESTS
 
     per_minute = 3200.0  # large enough that each Redis call takes a lease of 32 requests
-    states = [RedisState(StateSettings(redis_url=redis.url, prefix="lease")) for _ in range(2)]
+    states = [redis_state(redis, "lease") for _ in range(2)]
     buckets = [s.buckets() for s in states]
     calls = [0, 0]
     for i, st in enumerate(states):
@@ -200,10 +206,8 @@ async def test_leases_never_admit_more_than_the_shared_limit(redis: Redis) -> No
 async def test_a_bucket_that_needs_redis_every_time_does_not_grow_another_lease(
     redis: Redis,
 ) -> None:
-    from stella.settings import StateSettings
-    from stella.state_redis import RedisState
 
-    st = RedisState(StateSettings(redis_url=redis.url, prefix="grow"))
+    st = redis_state(redis, "grow")
     b = st.buckets()
     # requests: 3,200/min leases 32 at a time; tokens: a 2,000-token reserve is more than
     # 1% of 100,000, so that bucket asks Redis on every admission.
@@ -318,10 +322,7 @@ async def test_a_usage_batch_whose_reply_is_lost_counts_once(redis: Redis) -> No
     import os
     import signal
 
-    from stella.settings import StateSettings
-    from stella.state_redis import RedisState
-
-    st = RedisState(StateSettings(redis_url=redis.url, prefix="idem"))
+    st = redis_state(redis, "idem")
     day = "2026-11-26"
     record = {"prompt_tokens": 2, "completion_tokens": 3, "status": 200}
     st.record_usage("k", "m", day, record)
@@ -394,11 +395,9 @@ async def test_slots_come_back_from_leavers_and_from_replicas_that_died(
     redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from stella import state_redis
-    from stella.settings import StateSettings
-    from stella.state_redis import RedisState
 
     monkeypatch.setattr(state_redis, "SLOT_TTL_S", 0.5)
-    live, dead = (RedisState(StateSettings(redis_url=redis.url, prefix="slots")) for _ in "ab")
+    live, dead = (redis_state(redis, "slots") for _ in "ab")
     slots, gone = live.slots(), dead.slots()
     # The dead replica takes both slots and never renews them.
     assert await gone.acquire("key:k", 2, 0.1) and await gone.acquire("key:k", 2, 0.1)
@@ -425,10 +424,8 @@ async def test_slots_come_back_from_leavers_and_from_replicas_that_died(
 async def test_a_slot_given_back_goes_to_redis_at_once(redis: Redis) -> None:
     # A release goes to Redis at once (not with the 0.1 s flush): a client whose requests
     # follow one another waits at most one short pause for its own last one's slot.
-    from stella.settings import StateSettings
-    from stella.state_redis import RedisState
 
-    st = RedisState(StateSettings(redis_url=redis.url, prefix="reuse"))
+    st = redis_state(redis, "reuse")
     slots = st.slots()
     held = await slots.acquire("key:k", 1, 0.1)
     for _ in range(5):
@@ -446,10 +443,8 @@ async def test_a_slot_given_back_goes_to_redis_at_once(redis: Redis) -> None:
 async def test_two_replicas_share_a_slot_both_ways(redis: Redis) -> None:
     # No replica keeps a key's slots to itself: while one runs requests back to back,
     # the other's waiting callers still get their turns.
-    from stella.settings import StateSettings
-    from stella.state_redis import RedisState
 
-    a, b = (RedisState(StateSettings(redis_url=redis.url, prefix="fair")) for _ in "ab")
+    a, b = (redis_state(redis, "fair") for _ in "ab")
     sa, sb = a.slots(), b.slots()
     stop = time.monotonic() + 2.0
 
@@ -472,10 +467,8 @@ async def test_two_replicas_share_a_slot_both_ways(redis: Redis) -> None:
 async def test_a_take_cut_in_its_round_trip_is_never_handed_out(redis: Redis) -> None:
     # A take cancelled (its client left) or failed may or may not have reached Redis:
     # it is only ever removed, never counted as a slot someone holds.
-    from stella.settings import StateSettings
-    from stella.state_redis import RedisState
 
-    st = RedisState(StateSettings(redis_url=redis.url, prefix="cut"))
+    st = redis_state(redis, "cut")
     slots = st.slots()
     first = await slots.acquire("key:k", 1, 0.1)
     assert first is not None
@@ -498,10 +491,8 @@ async def test_a_take_cut_in_its_round_trip_is_never_handed_out(redis: Redis) ->
 async def test_closing_never_waits_forever_on_the_flusher(redis: Redis) -> None:
     # A cancellation lost inside a Redis call once kept a worker from exiting: the
     # flusher also ends by itself once closing, and closing waits for it a bounded time.
-    from stella.settings import StateSettings
-    from stella.state_redis import RedisState
 
-    st = RedisState(StateSettings(redis_url=redis.url, prefix="close"))
+    st = redis_state(redis, "close")
     calls = []
     real = st._flush_gives
 
@@ -529,10 +520,8 @@ async def test_closing_is_bounded_with_the_flusher_stuck_in_a_usage_write(
 ) -> None:
     # Stuck inside the usage write it holds the flush lock: the last flush gives up in
     # time, says so, and the connection is still closed.
-    from stella.settings import StateSettings
-    from stella.state_redis import RedisState
 
-    st = RedisState(StateSettings(redis_url=redis.url, prefix="stuck"))
+    st = redis_state(redis, "stuck")
     real = st._add_usage
     calls = []
 
@@ -557,10 +546,7 @@ async def test_a_stalled_redis_neither_holds_slots_nor_delays_every_waiter(redis
     import os
     import signal
 
-    from stella.settings import StateSettings
-    from stella.state_redis import RedisState
-
-    st = RedisState(StateSettings(redis_url=redis.url, prefix="stall"))
+    st = redis_state(redis, "stall")
     slots = st.slots()
     held = await slots.acquire("key:x", 1, 1)  # the script is loaded
     slots.release(held)
@@ -594,10 +580,7 @@ async def test_a_stalled_redis_neither_holds_slots_nor_delays_every_waiter(redis
 async def test_overlapping_usage_flushes_lose_nothing(redis: Redis) -> None:
     from redis.exceptions import TimeoutError as RedisTimeout
 
-    from stella.settings import StateSettings
-    from stella.state_redis import RedisState
-
-    st = RedisState(StateSettings(redis_url=redis.url, prefix="overlap"))
+    st = redis_state(redis, "overlap")
     real = st._add_usage
     failing = [2]  # the next two sends time out without Redis applying them
 
