@@ -57,9 +57,15 @@ _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 _NAME_WORDS = re.compile(r"[a-z0-9]+")
 
 
+def name_words(name: str) -> list[str]:
+    """A name's words, lowercased: split at anything but letters and digits, and where
+    camelCase turns upper (X-AuthKey: x, auth, key; accessToken: access, token)."""
+    return _NAME_WORDS.findall(_CAMEL.sub(r"\1 \2", name).lower())
+
+
 def is_secret_field(name: str) -> bool:
     """Whether a field of that name holds a credential (see SECRET_WORDS)."""
-    words = _NAME_WORDS.findall(_CAMEL.sub(r"\1 \2", name).lower())
+    words = name_words(name)
     if not words:
         return False
     if not SECRET_WORDS.isdisjoint(words):

@@ -8,7 +8,6 @@ names the environment variable that holds its key (`api_key_env`).
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ import msgspec
 from msgspec import Meta
 
 from stella.backends import ConfigError
+from stella.logs import name_words
 
 
 class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -378,9 +378,11 @@ def secret_values(settings: Settings) -> list[str]:
 def _is_secret_name(name: str) -> bool:
     """Whether a header or parameter name names a credential (by its words, camelCase
     split: X-AuthKey, accessToken)."""
-    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).lower())
     return any(
-        part in word for word in words if word not in NOT_SECRET_WORDS for part in SECRET_PARTS
+        part in word
+        for word in name_words(name)
+        if word not in NOT_SECRET_WORDS
+        for part in SECRET_PARTS
     )
 
 
