@@ -11,7 +11,7 @@ tell a worker to stop.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -48,6 +48,12 @@ class CallContext:
     # Set by a backend whose answer ended at one of the request's stop strings: which
     # one (Anthropic's Messages API reports it; finish_reason is "stop" either way).
     stop_sequence: str | None = None
+
+
+def first_stop(text: str, stops: Iterable[str]) -> tuple[int, str] | None:
+    """Where the first of the stop strings in `text` begins, and which one; None if none."""
+    hits = [(i, s) for s in stops if s and (i := text.find(s)) >= 0]
+    return min(hits, key=lambda hit: hit[0]) if hits else None
 
 
 @dataclass(slots=True)

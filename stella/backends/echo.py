@@ -12,7 +12,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 
-from stella.backends.base import Backend, BackendConfig, BackendEvent, CallContext
+from stella.backends.base import Backend, BackendConfig, BackendEvent, CallContext, first_stop
 from stella.errors import UpstreamError, UpstreamTimeout
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
 
@@ -135,7 +135,7 @@ def _pieces(
         if limit is not None and len(out) >= limit:
             return out, "length", None
         if stops:
-            hit = _stop_cut(emitted + word, stops)
+            hit = first_stop(emitted + word, stops)
             if hit is not None:
                 cut, stop = hit
                 if cut > len(emitted):
@@ -144,9 +144,3 @@ def _pieces(
             emitted += word
         out.append(word)
     return out, "stop", None
-
-
-def _stop_cut(text: str, stops: tuple[str, ...] | list[str]) -> tuple[int, str] | None:
-    """Where the first stop string in `text` starts, and which it is, if any appears."""
-    hits = [(i, s) for s in stops if s and (i := text.find(s)) >= 0]
-    return min(hits, key=lambda hit: hit[0]) if hits else None

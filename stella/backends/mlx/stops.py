@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from stella.backends.base import first_stop
+
 
 class StopBuffer:
     """Holds back text that could still become a stop string."""
@@ -18,10 +20,10 @@ class StopBuffer:
         if not self.stops:
             return text, False
         buf = self.held + text
-        hits = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
-        if hits:
+        hit = first_stop(buf, self.stops)
+        if hit is not None:
             self.held = ""
-            at, self.matched = min(hits, key=lambda hit: hit[0])
+            at, self.matched = hit
             return buf[:at], True
         keep = 0
         for s in self.stops:
