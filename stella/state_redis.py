@@ -215,18 +215,19 @@ class RedisState:
         try:
             if self._flusher:
                 self._flusher.cancel()
-                # A batch cut in its round trip stays in doubt and is resent below, by its
-                # ID. Never waited for without end: shutdown must not hang on Redis.
+                # A batch cut in its round trip stays in doubt and is resent below, as it
+                # was. Never waited for without end: shutdown must not hang on Redis.
                 await asyncio.wait({self._flusher}, timeout=FLUSHER_STOP_S)
             # Each last write bounded too (a flusher still stuck holds the usage lock).
+            slots = self._slots
             for last in (
-                self._slots.upkeep(final=True) if self._slots is not None else None,
-                self._flush_gives(),
-                self._flush(),
+                (lambda: slots.upkeep(final=True)) if slots is not None else None,
+                self._flush_gives,
+                self._flush,
             ):
                 if last is not None:
                     try:
-                        await asyncio.wait_for(last, FLUSHER_STOP_S)
+                        await asyncio.wait_for(last(), FLUSHER_STOP_S)
                     except (TimeoutError, RedisError, OSError) as exc:
                         _log.warning("redis_final_flush_failed", error=type(exc).__name__)
         finally:
