@@ -172,11 +172,13 @@ async def enter(
         state["request_id"] = rid
     scope["stella"] = svc
     logs.REQUEST_ID.set(rid)  # every log line of this request carries its ID
+    header = (b"x-request-id", rid.encode())
     if svc.drain.draining and scope["path"] not in ("/health", "/ready"):
         exc = ShuttingDown("the server is shutting down; retry on another instance")
-        await svc.dialect_for(scope["path"]).error_response(exc, rid)(scope, receive, send)
+        refusal = svc.dialect_for(scope["path"]).error_response(exc, rid)
+        refusal.raw_headers.append(header)
+        await refusal(scope, receive, send)
         return
-    header = (b"x-request-id", rid.encode())
     if not wrap:
         scope["rid_header"] = header
         await app(scope, receive, send)

@@ -155,6 +155,10 @@ class ShuttingDown(StellaError):
 
     status, code, retryable = 503, "shutting_down", True
 
+    def __init__(self, message: str, *, retry_after: float | None = 1.0) -> None:
+        # Another replica (or this one, restarted) can take the retry at once.
+        super().__init__(message, retry_after=retry_after)
+
 
 class UpstreamTimeout(StellaError):
     """Time to first token, idle time or total time exceeded."""

@@ -183,6 +183,12 @@ def test_a_top_level_sampling_option_says_where_it_goes(server: LiveServer) -> N
         message = error_of(r, 400, "invalid_request")
         assert f"unknown field `{name}`" in message
         assert f'{{"options": {{"{name}": ...}}}}' in message
+    # OpenAI's newer name goes under the one `options` knows.
+    r = post(server, {"model": "echo", "messages": MSG, "max_completion_tokens": 5})
+    message = error_of(r, 400, "invalid_request")
+    assert '{"options": {"max_tokens": ...}}' in message
+    r = post(server, {"model": "echo", "messages": MSG, "options": {"max_tokens": 5}})
+    assert r.status_code == 200
     r = post(server, {"prompt": "x", "seed": 1}, path="/api/v1/generate")
     assert '"options"' in error_of(r, 400, "invalid_request")
     r = post(server, {"model": "echo", "messages": MSG, "temprature": 1})

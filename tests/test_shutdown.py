@@ -82,6 +82,9 @@ async def test_draining_refusals_take_the_dialects_shape() -> None:
         assert r.status_code == 503 and isinstance(r.json()["error"], str)  # Ollama
         r = await c.post("/v1/chat/completions", json={})
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"  # OpenAI
-        r = await c.post("/api/v1/chat", json={})
+        r = await c.post("/api/v1/chat", json={}, headers={"X-Request-ID": "req-drain-1"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        # The retry can go elsewhere at once; the ID is in the headers, as on any answer.
+        assert r.headers["retry-after"] == "1"
+        assert r.headers["x-request-id"] == "req-drain-1"
         assert (await c.get("/health")).status_code == 200  # probes still answer

@@ -58,15 +58,17 @@ async def respond(request: Request, call: Call, chat: ChatRequest) -> Response:
     return JSONResponse(result, headers=headers)
 
 
-# Sampling options sent at the top level, as OpenAI's API has them: the error says where.
-_OPTIONS = frozenset(Options.__struct_fields__) | {"max_completion_tokens"}
+# Sampling options sent at the top level, as OpenAI's API has them: the error says where
+# they go, under the name `options` knows them by.
+_OPTIONS = {name: name for name in Options.__struct_fields__} | {
+    "max_completion_tokens": "max_tokens"
+}
 
 
 def _hint(exc: InvalidRequest) -> InvalidRequest:
-    if exc.param in _OPTIONS:
-        exc.message += (
-            f'; sampling options go inside "options", as {{"options": {{"{exc.param}": ...}}}}'
-        )
+    name = _OPTIONS.get(exc.param)
+    if name is not None:
+        exc.message += f'; sampling options go inside "options", as {{"options": {{"{name}": ...}}}}'
     return exc
 
 
