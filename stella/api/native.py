@@ -68,7 +68,9 @@ _OPTIONS = {name: name for name in Options.__struct_fields__} | {
 def _hint(exc: InvalidRequest) -> InvalidRequest:
     name = _OPTIONS.get(exc.param)
     if name is not None:
-        exc.message += f'; sampling options go inside "options", as {{"options": {{"{name}": ...}}}}'
+        exc.message += (
+            f'; sampling options go inside "options", as {{"options": {{"{name}": ...}}}}'
+        )
     return exc
 
 
