@@ -202,7 +202,17 @@ async def metrics(request: Request, call: Call) -> Response:
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE)
 
 
-document(Operation("get", "/metrics", "Prometheus metrics", tag="ops", errors=(401,)))
+document(
+    Operation(
+        "get",
+        "/metrics",
+        "Prometheus metrics (text exposition format)",
+        tag="ops",
+        response=str,
+        media="text/plain",
+        errors=(401,),
+    )
+)
 
 
 def install(app: Any, svc: Any) -> None:

@@ -366,3 +366,67 @@ class Readiness(msgspec.Struct):
 
     status: str
     checks: dict[str, str]
+
+
+class ServiceInfo(msgspec.Struct):
+    """GET /: what this service is, and where its routes are."""
+
+    name: str
+    version: str
+    description: str
+    default_model: str
+    uptime_s: float
+    links: dict[str, str]
+
+
+class Registered(msgspec.Struct):
+    """POST /api/v1/models: the runtime route added."""
+
+    registered: str
+
+
+class DefaultModel(msgspec.Struct):
+    """POST /api/v1/models/switch/{name}: the route that is the default now."""
+
+    default: str
+
+
+class Removed(msgspec.Struct):
+    """DELETE /api/v1/models/{name}: the runtime route removed."""
+
+    removed: str
+
+
+class ConfigView(msgspec.Struct):
+    """GET /config: the effective configuration, secrets redacted."""
+
+    config: dict[str, Any]
+    default_model: str
+
+
+class UsageRow(msgspec.Struct):
+    """One key's use of one model on one UTC day."""
+
+    key: str
+    model: str
+    day: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    errors: int
+
+
+class UsageTotals(msgspec.Struct):
+    """The sums over the rows shown."""
+
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    errors: int
+
+
+class UsageReport(msgspec.Struct):
+    """GET /api/v1/usage."""
+
+    usage: list[UsageRow]
+    totals: UsageTotals

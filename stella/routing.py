@@ -243,8 +243,9 @@ class Router:
             self._names = {k: v for k, v in self._names.items() if v != name}
         return self._add(name, rs, runtime=True)
 
-    def remove(self, name: str) -> None:
-        """Remove a runtime route; the configured ones and the default are protected."""
+    def remove(self, name: str) -> str:
+        """Remove a runtime route (by its name or an alias) and return its name; the
+        configured ones and the default are protected."""
         route = self.routes.get(self._names.get(name, name))
         if route is None:
             raise ModelNotFound(f"model {name!r} not found")
@@ -254,3 +255,4 @@ class Router:
             raise Conflict(f"model {route.name!r} comes from the config file; it can't be removed")
         del self.routes[route.name]
         self._names = {k: v for k, v in self._names.items() if v != route.name}
+        return route.name

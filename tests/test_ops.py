@@ -181,3 +181,83 @@ async def test_usage_in_memory_keeps_the_last_31_days() -> None:
         ("echo", 1, 3),
         ("other", 1, 3),
     ]
+
+
+def test_answers_match_the_openapi_document() -> None:
+    """Each answer of stella's own routes is declared by /openapi.json for its status, with
+    a body its schema accepts, and carries the headers declared as always sent."""
+    import jsonschema_rs
+
+    key = "sk-openapi-admin-1234"
+    auth = {"Authorization": f"Bearer {key}"}
+    msg = [{"role": "user", "content": "a b"}]
+    config = {"limits": {"requests_per_minute": 100}}
+    with run_stella(config, env={"STELLA_API_KEYS": f"ops={key}"}) as server:
+        spec = httpx.get(server.url + "/openapi.json").json()
+        calls: list[tuple[str, str, str, dict | None, dict]] = [
+            ("get", "/", "/", None, {}),
+            ("get", "/health", "/health", None, {}),
+            ("get", "/ready", "/ready", None, {}),
+            ("get", "/config", "/config", None, auth),
+            ("get", "/config", "/config", None, {}),  # 401
+            ("get", "/metrics", "/metrics", None, auth),
+            ("get", "/api/v1/models", "/api/v1/models", None, auth),
+            ("post", "/api/v1/chat", "/api/v1/chat", {"model": "echo", "messages": msg}, auth),
+            (
+                "post",
+                "/api/v1/chat",
+                "/api/v1/chat",
+                {"model": "echo", "stream": False, "messages": msg},
+                auth,
+            ),
+            ("post", "/api/v1/chat", "/api/v1/chat", {"model": "nope", "messages": msg}, auth),
+            (
+                "post",
+                "/api/v1/generate",
+                "/api/v1/generate",
+                {"model": "echo", "prompt": "x"},
+                auth,
+            ),
+            (
+                "post",
+                "/api/v1/models",
+                "/api/v1/models",
+                {"name": "e2", "backend": "echo", "aliases": ["e2-alias"]},
+                auth,
+            ),
+            ("post", "/api/v1/models/switch/{name}", "/api/v1/models/switch/e2", None, auth),
+            ("post", "/api/v1/models/switch/{name}", "/api/v1/models/switch/echo", None, auth),
+            ("delete", "/api/v1/models/{name}", "/api/v1/models/e2-alias", None, auth),
+            ("delete", "/api/v1/models/{name}", "/api/v1/models/echo", None, auth),  # 409
+            ("get", "/api/v1/usage", "/api/v1/usage", None, auth),
+        ]
+        seen = []
+        for method, template, path, body, headers in calls:
+            r = httpx.request(method, server.url + path, json=body, headers=headers)
+            seen.append((path, r.status_code))
+            declared = spec["paths"][template][method]["responses"]
+            assert str(r.status_code) in declared, (method, path, r.status_code, r.text)
+            answer = declared[str(r.status_code)]
+            for name in answer.get("headers", {}):
+                if name in ("X-Request-ID",) or (name.startswith("X-RateLimit") and r.is_success):
+                    assert name.lower() in r.headers, (method, path, name)
+            media = r.headers["content-type"].split(";")[0]
+            content = answer["content"]
+            assert media in content, (method, path, media, list(content))
+            schema = {**content[media]["schema"], "components": spec["components"]}
+            validator = jsonschema_rs.validator_for(schema)
+            if media == "application/x-ndjson":
+                items = [json.loads(line) for line in r.text.splitlines()]
+            elif media == "application/json":
+                items = [r.json()]
+            else:
+                items = [r.text]
+            for item in items:
+                assert validator.is_valid(item), (method, path, item)
+        assert ("/api/v1/models/e2-alias", 200) in seen and ("/api/v1/models/echo", 409) in seen
+        assert ("/config", 401) in seen and ("/api/v1/chat", 404) in seen
+        # Removed by an alias: answered with the route's own name, and gone by either name.
+        r = httpx.post(
+            server.url + "/api/v1/chat", json={"model": "e2", "messages": msg}, headers=auth
+        )
+        assert r.status_code == 404

@@ -128,7 +128,9 @@ def test_restart_keeps_the_switch_and_the_usage(redis: Redis) -> None:
             httpx.post(s.url + "/api/v1/models/switch/other-model", headers=AUTH).status_code == 200
         )
         r = httpx.post(
-            s.url + "/api/v1/models", headers=AUTH, json={"name": "runtime-echo", "backend": "echo"}
+            s.url + "/api/v1/models",
+            headers=AUTH,
+            json={"name": "runtime-echo", "backend": "echo", "aliases": ["rt-alias"]},
         )
         assert r.status_code == 201
         for _ in range(3):
@@ -141,8 +143,13 @@ def test_restart_keeps_the_switch_and_the_usage(redis: Redis) -> None:
         usage = httpx.get(s.url + "/api/v1/usage", headers=AUTH).json()
         row = next(u for u in usage["usage"] if u["model"] == "echo")
         assert row["key"] == "ops" and row["requests"] == 3 and row["completion_tokens"] == 6
-        assert httpx.delete(s.url + "/api/v1/models/runtime-echo", headers=AUTH).status_code == 200
+        # Removed by its alias: the route itself goes, from the store too.
+        r = httpx.delete(s.url + "/api/v1/models/rt-alias", headers=AUTH)
+        assert r.status_code == 200 and r.json() == {"removed": "runtime-echo"}
         assert httpx.delete(s.url + "/api/v1/models/other-model", headers=AUTH).status_code == 409
+    with run_stella(cfg, ENV) as s:
+        models = httpx.get(s.url + "/api/v1/models", headers=AUTH).json()
+        assert "runtime-echo" not in {m["name"] for m in models["models"]}
 
 
 def test_redis_outage_keeps_serving_then_recovers(redis: Redis) -> None:

@@ -13,6 +13,7 @@ from stella.api.http import JSONResponse, endpoint, services
 from stella.api.openapi import Operation, document
 from stella.core import Call
 from stella.errors import InvalidRequest
+from stella.protocol import UsageReport, UsageRow, UsageTotals
 
 
 def usage_listener(state: Any) -> Any:
@@ -49,7 +50,9 @@ async def usage(request: Request, call: Call) -> Response:
         f: sum(r[f] for r in rows)
         for f in ("requests", "prompt_tokens", "completion_tokens", "errors")
     }
-    return JSONResponse({"usage": rows, "totals": totals})
+    return JSONResponse(
+        UsageReport(usage=[UsageRow(**r) for r in rows], totals=UsageTotals(**totals))
+    )
 
 
 document(
@@ -59,6 +62,7 @@ document(
         "Usage per key, model and day (admin)",
         tag="admin",
         admin=True,
+        response=UsageReport,
         errors=(400, 401, 403, 503),
     )
 )

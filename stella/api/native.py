@@ -19,10 +19,13 @@ from stella.errors import InvalidRequest, StellaError
 from stella.protocol import (
     ChatRequest,
     ChatResponse,
+    DefaultModel,
     GenerateRequest,
     ModelInfo,
     ModelList,
     Options,
+    Registered,
+    Removed,
 )
 from stella.settings import RouteSettings
 from stella.streaming import Codec
@@ -143,7 +146,7 @@ async def switch_model(request: Request, call: Call) -> Response:
         lambda: router.set_default(wanted),
         svc.state.set_default_model,  # the route's own name, not the alias asked for
     )
-    return JSONResponse({"default": name})
+    return JSONResponse(DefaultModel(name))
 
 
 @endpoint(auth="admin")
@@ -163,7 +166,7 @@ async def register_model(request: Request, call: Call) -> Response:
         lambda: router.register(spec.name, rs),
         lambda _: svc.state.save_route(spec.name, msgspec.to_builtins(rs)),
     )
-    return JSONResponse({"registered": spec.name}, status_code=201)
+    return JSONResponse(Registered(spec.name), status_code=201)
 
 
 @endpoint(auth="admin")
@@ -172,8 +175,9 @@ async def delete_model(request: Request, call: Call) -> Response:
     svc = services(request)
     name = request.path_params["name"]
     router = svc.router
-    await _change(router, lambda: router.remove(name), lambda _: svc.state.delete_route(name))
-    return JSONResponse({"removed": name})
+    # Named by an alias, the route itself goes, in the store too: answered by its name.
+    removed = await _change(router, lambda: router.remove(name), svc.state.delete_route)
+    return JSONResponse(Removed(removed))
 
 
 async def _change(router: Any, apply: Callable[[], T], write: Callable[[T], Awaitable[Any]]) -> T:
@@ -218,26 +222,29 @@ document(
         "Register a runtime route (admin)",
         tag="admin",
         request=RegisterRoute,
+        response=Registered,
         admin=True,
-        errors=(400, 401, 403, 409, 413, 415),
+        errors=(400, 401, 403, 409, 413, 415, 503),
     ),
     Operation(
         "post",
         "/api/v1/models/switch/{name}",
         "Make a model the default (admin)",
         tag="admin",
+        response=DefaultModel,
         admin=True,
         params=("name",),
-        errors=(401, 403, 404),
+        errors=(401, 403, 404, 503),
     ),
     Operation(
         "delete",
         "/api/v1/models/{name}",
-        "Remove a runtime route (admin)",
+        "Remove a runtime route, by its name or an alias (admin)",
         tag="admin",
+        response=Removed,
         admin=True,
         params=("name",),
-        errors=(401, 403, 404, 409),
+        errors=(401, 403, 404, 409, 503),
     ),
 )
 

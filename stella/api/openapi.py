@@ -27,6 +27,9 @@ class Operation:
     public: bool = False
     errors: tuple[int, ...] = (400, 401, 403, 404, 413, 415, 429, 502, 503, 504)
     params: tuple[str, ...] = field(default=())
+    media: str = "application/json"  # the media type of `response`
+    # Statuses answered with a body of their own, not ErrorResponse (GET /ready's 503).
+    others: tuple[tuple[int, Any], ...] = ()
 
 
 OPERATIONS: list[Operation] = []
@@ -42,6 +45,7 @@ def build_schema() -> dict[str, Any]:
     types: list[Any] = [ErrorResponse, StreamEvent]
     for op in OPERATIONS:
         types += [t for t in (op.request, op.response, op.stream_item) if t is not None]
+        types += [t for _, t in op.others]
     schemas, components = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
     )
@@ -61,17 +65,26 @@ def build_schema() -> dict[str, Any]:
             }
         content: dict[str, Any] = {}
         if op.response is not None:
-            content["application/json"] = {"schema": by_type[op.response]}
+            content[op.media] = {"schema": by_type[op.response]}
         if op.stream:
             content[op.stream] = {"schema": by_type[op.stream_item or StreamEvent]}
         ok = "201" if op.method == "post" and op.admin and op.request else "200"
-        responses: dict[str, Any] = {ok: {"description": "OK", "content": content}}
+        responses: dict[str, Any] = {
+            ok: {"description": "OK", "headers": _headers(200, op), "content": content}
+        }
         for status in op.errors:
             if op.public and status in (401, 403):
                 continue
             responses[str(status)] = {
                 "description": "error",
+                "headers": _headers(status, op, error=True),
                 "content": {"application/json": {"schema": by_type[ErrorResponse]}},
+            }
+        for status, body in op.others:
+            responses[str(status)] = {
+                "description": "see the body",
+                "headers": _headers(status, op),
+                "content": {"application/json": {"schema": by_type[body]}},
             }
         item["responses"] = responses
         if not op.public:
@@ -83,12 +96,37 @@ def build_schema() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": components,
+            "headers": HEADERS,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             },
         },
     }
+
+
+def _header(description: str, kind: str = "string") -> dict[str, Any]:
+    return {"description": description, "schema": {"type": kind}}
+
+
+HEADERS = {
+    "X-Request-ID": _header("The request's ID (the client's own when it sent a valid one)"),
+    "Retry-After": _header("Seconds to wait before trying again", "integer"),
+    "X-RateLimit-Limit": _header("The limit of the key's first bucket (requests, or tokens)"),
+    "X-RateLimit-Remaining": _header("What is left in that bucket", "integer"),
+    "X-RateLimit-Reset": _header("Seconds until that bucket is full again", "integer"),
+}
+
+
+def _headers(status: int, op: Operation, error: bool = False) -> dict[str, Any]:
+    """The headers a response with this status may carry, as references."""
+    names = ["X-Request-ID"]
+    if error and status in (429, 503):
+        names.append("Retry-After")
+    # An inference (an operation that can be rate limited) tells a limited key its limits.
+    if 429 in op.errors and (status < 400 or status == 429):
+        names += ["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]
+    return {name: {"$ref": f"#/components/headers/{name}"} for name in names}
 
 
 DOCS_HTML = """<!doctype html>

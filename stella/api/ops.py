@@ -16,7 +16,7 @@ from stella import __version__
 from stella.api.http import JSONResponse, endpoint, services
 from stella.api.openapi import DOCS_HTML, Operation, build_schema, document
 from stella.core import Call
-from stella.protocol import Health, Readiness
+from stella.protocol import ConfigView, Health, Readiness, ServiceInfo
 from stella.settings import redacted
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -74,7 +74,7 @@ async def ready(request: Request) -> Response:
 async def config(request: Request, call: Call) -> Response:
     """GET /config: the effective configuration, every secret redacted."""
     svc = services(request)
-    return JSONResponse({"config": redacted(svc.settings), "default_model": svc.router.default})
+    return JSONResponse(ConfigView(redacted(svc.settings), svc.router.default))
 
 
 LINKS = {
@@ -101,14 +101,14 @@ async def info(request: Request) -> Response:
     svc = services(request)
     base = svc.settings.server.public_url.rstrip("/")  # absolute links when configured
     return JSONResponse(
-        {
-            "name": "stella",
-            "version": __version__,
-            "description": "An async LLM gateway",
-            "default_model": svc.router.default,
-            "uptime_s": round(time.monotonic() - svc.started, 1),
-            "links": {name: base + path for name, path in LINKS.items()},
-        }
+        ServiceInfo(
+            name="stella",
+            version=__version__,
+            description="An async LLM gateway",
+            default_model=svc.router.default,
+            uptime_s=round(time.monotonic() - svc.started, 1),
+            links={name: base + path for name, path in LINKS.items()},
+        )
     )
 
 
@@ -143,6 +143,15 @@ async def playground(request: Request) -> Response:
 document(
     Operation(
         "get",
+        "/",
+        "What this service is, and where its routes are (browsers go to the playground)",
+        tag="ops",
+        response=ServiceInfo,
+        public=True,
+        errors=(),
+    ),
+    Operation(
+        "get",
         "/health",
         "Liveness; no auth, never touches a backend",
         tag="ops",
@@ -157,13 +166,15 @@ document(
         tag="ops",
         response=Readiness,
         public=True,
-        errors=(503,),
+        errors=(),
+        others=((503, Readiness),),
     ),
     Operation(
         "get",
         "/config",
         "Effective configuration, secrets redacted (admin)",
         tag="ops",
+        response=ConfigView,
         errors=(401, 403),
     ),
 )
