@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 
@@ -44,11 +45,7 @@ class Authenticator:
                 max_concurrent=k.max_concurrent or lim.max_concurrent,
             )
         # Quick start: STELLA_API_KEYS="k1,k2" or "alice=k1,bob=k2"; these keys are admins.
-        raw = environ.get(settings.auth.keys_env, "")
-        for i, entry in enumerate(e.strip() for e in raw.split(",") if e.strip()):
-            name, sep, key = entry.partition("=")
-            if not sep:
-                name, key = f"env-{i + 1}", entry
+        for name, key in env_keys(environ.get(settings.auth.keys_env, ""), settings.auth.keys_env):
             self.keys[hash_key(key)] = Principal(
                 name=name,
                 admin=True,
@@ -57,18 +54,21 @@ class Authenticator:
                 max_concurrent=lim.max_concurrent,
             )
         self.enabled = bool(self.keys)
+        host = settings.server.host
+        # With no keys, a loopback server's caller is its operator; on a network
+        # (auth.allow_anonymous) anyone may call, so nobody gets the admin routes.
         self.anonymous = (
             Principal(
                 name="anonymous",
-                admin=True,
+                admin=is_loopback(host),
                 requests_per_minute=lim.requests_per_minute,
                 tokens_per_minute=lim.tokens_per_minute,
                 max_concurrent=lim.max_concurrent,
             )
             if (lim.requests_per_minute or lim.tokens_per_minute or lim.max_concurrent)
+            or not is_loopback(host)
             else ANONYMOUS
         )
-        host = settings.server.host
         if not self.enabled and not settings.auth.allow_anonymous and not is_loopback(host):
             raise ConfigError(
                 f"auth: no API keys configured and server.host={host!r} is not loopback; "
@@ -91,6 +91,33 @@ class Authenticator:
         if call is not None:
             call.secret = token.decode("latin-1")
         return principal
+
+
+# A key shorter than this is refused at start-up: guessable, or a mistake.
+MIN_KEY_LENGTH = 12
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+def env_keys(raw: str, source: str = "STELLA_API_KEYS") -> list[tuple[str, str]]:
+    """(name, key) pairs from "k1,k2" or "alice=k1,bob=k2"; ConfigError for a short key.
+
+    An entry is read as name=key only when the part before its first `=` is a name and
+    the part after it is a whole key: a base64 key ends in `=` or `==`, and splitting
+    it there would make its padding the key and the key its logged name.
+    """
+    out = []
+    for i, entry in enumerate(e.strip() for e in raw.split(",") if e.strip()):
+        name, sep, key = entry.partition("=")
+        if not (sep and _KEY_NAME.fullmatch(name) and len(key.strip()) >= MIN_KEY_LENGTH):
+            name, key = f"env-{i + 1}", entry
+        key = key.strip()
+        if len(key) < MIN_KEY_LENGTH:
+            raise ConfigError(
+                f"{source}: key {i + 1} is shorter than {MIN_KEY_LENGTH} characters "
+                "(`stella keys new NAME` makes one)"
+            )
+        out.append((name.strip(), key))
+    return out
 
 
 def _token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:

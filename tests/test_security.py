@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import subprocess
@@ -203,6 +204,64 @@ def test_no_keys_on_a_public_address_refuses_to_start() -> None:
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "allow_anonymous" in proc.stderr
+
+
+def test_quick_start_keys_keep_their_equals_signs() -> None:
+    from stella.auth import Authenticator
+    from stella.backends import ConfigError
+
+    settings = load_settings({"models": {"default": "echo"}}, environ={})
+    b64 = "Zm9vYmFyYmF6cXV4MTIz4A=="
+
+    def who(raw: str, key: str) -> tuple[str, bool]:
+        auth = Authenticator(settings, {"STELLA_API_KEYS": raw})
+        try:
+            p = auth.authenticate([(b"authorization", b"Bearer " + key.encode())])
+        except Exception as exc:
+            return type(exc).__name__, False
+        return p.name, p.admin
+
+    # A base64 key is one key, not the name "Zm9v..." for the key "==".
+    assert who(b64, b64) == ("env-1", True)
+    assert who(b64, "==")[0] == "Unauthorized" and who(b64, "=")[0] == "Unauthorized"
+    assert who(f"alice={b64},{ADMIN}", b64) == ("alice", True)
+    assert who(f"alice={b64},{ADMIN}", ADMIN) == ("env-2", True)
+    for raw in ("short", "alice=short", "=", "x=="):
+        with pytest.raises(ConfigError, match="shorter than 12"):
+            Authenticator(settings, {"STELLA_API_KEYS": raw})
+
+
+def test_anonymous_callers_are_admins_on_loopback_only() -> None:
+    from stella.auth import Authenticator
+
+    local = load_settings({"models": {"default": "echo"}}, environ={})
+    assert Authenticator(local, {}).authenticate([]).admin
+    public = load_settings(
+        {
+            "models": {"default": "echo"},
+            "server": {"host": "0.0.0.0"},
+            "auth": {"allow_anonymous": True},
+        },
+        environ={},
+    )
+    assert not Authenticator(public, {}).authenticate([]).admin
+    app = create_app(public)
+    transport = httpx.ASGITransport(app=app)
+
+    async def calls() -> list[int]:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            return [
+                (await c.post("/api/v1/models/switch/echo")).status_code,
+                (await c.get("/config")).status_code,
+                (
+                    await c.post(
+                        "/api/v1/chat",
+                        json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]},
+                    )
+                ).status_code,
+            ]
+
+    assert asyncio.run(calls()) == [403, 403, 200]
 
 
 @pytest.mark.parametrize("extra", [["--admin"], ["--models", "echo*", "gpt-*"]])
