@@ -37,6 +37,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpTool
 WRITE_THROUGH = 65_536
 # Seconds a request body may take to arrive after its headers (1 MiB at ~35 KB/s).
 BODY_TIMEOUT_S = 30.0
+# A request's line and headers together may be this large, in at most MAX_HEADERS
+# headers: past either it is answered 431 and the connection closed (uvicorn's
+# httptools parser keeps whatever it is sent until the headers end).
+MAX_HEADER_BYTES = 65_536
+MAX_HEADERS = 256
 # How often a connection is looked at for a request whose headers do not come: a
 # first byte is due this long after the connection opened, complete headers within
 # two such looks of their first byte (an idle kept-alive connection is left to
@@ -147,14 +152,41 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _body_timer: asyncio.TimerHandle | None = None
     _header_timer: asyncio.TimerHandle | None = None
     _parsing: Any = None  # the scope of a request whose headers were incomplete at a look
+    _head_bytes = 0  # received while the current request's headers were incomplete
+    _refused = False  # answered 431 (the parser's complaint that may follow is not sent)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         """Accept as uvicorn does; from now on, a look every HEADER_TIMEOUT_S."""
         super().connection_made(transport)  # type: ignore[arg-type]
         self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._look)
 
+    def _refuse_head(self, why: str) -> None:
+        """Answer 431 and close: the request's line and headers are past the limits."""
+        if self._refused:
+            return
+        self._refused = True
+        body = why.encode()
+        self.transport.write(
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's 400 for a request it cannot parse, unless it was answered 431."""
+        if not self._refused:
+            super().send_400_response(msg)
+
     def on_headers_complete(self) -> None:
         """Start the request as uvicorn does, its scope carrying a way to drop the client."""
+        # Headers that came whole in one read: the limits, checked once per request.
+        if len(self.headers) > MAX_HEADERS:
+            self._refuse_head(f"more than {MAX_HEADERS} request headers")
+        elif len(self.url) > MAX_HEADER_BYTES:
+            self._refuse_head(f"request line over {MAX_HEADER_BYTES} bytes")
+        if self._refused:
+            raise ValueError("refused")  # stops the parser: this request never starts
         # For a stream whose client stopped reading (see `drop`).
         self.scope["stella.protocol"] = self
         super().on_headers_complete()
@@ -183,8 +215,21 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        """Parse as uvicorn does; a running request's body still incomplete gets a deadline."""
+        """Parse as uvicorn does; a running request's body still incomplete gets a deadline,
+        and headers past the limits are refused."""
         super().data_received(data)
+        scope, cycle = self.scope, self.cycle
+        if scope is not None and (cycle is None or cycle.scope is not scope):
+            # Still in a request's headers (see _look): counted, as the parser keeps them.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEADER_BYTES:
+                self._refuse_head(f"request line and headers over {MAX_HEADER_BYTES} bytes")
+                return
+            if len(self.headers) > MAX_HEADERS:
+                self._refuse_head(f"more than {MAX_HEADERS} request headers")
+                return
+        elif self._head_bytes:
+            self._head_bytes = 0
         # Nearly every body comes with its headers: no timer at all for those. A
         # pipelined request waits with reading paused, so its clock starts with it.
         self._arm()
@@ -195,6 +240,20 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+        cycle = self.cycle
+        if (
+            cycle is not None
+            and cycle.response_complete
+            and not self.pipeline
+            and self.timeout_keep_alive_task is None
+            and not self.transport.is_closing()
+        ):
+            # The rest of a body answered before it came (a 401, a 413) arrived and
+            # cancelled the keep-alive timer on its way: the idle connection gets it back.
+            cycle.more_body = False
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def on_response_complete(self) -> None:
         """A pipelined request may start now, with its body still to come."""
@@ -202,22 +261,17 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self._arm()
 
     def _arm(self) -> None:
-        """Start the running request's body deadline, when its body is still to come."""
+        """Start the current request's body deadline, when its body is still to come
+        (also after its answer: the connection is held until the rest of it arrives)."""
         cycle = self.cycle
-        if (
-            cycle is not None
-            and cycle.more_body
-            and not cycle.response_complete
-            and self._body_timer is None
-            and not self.pipeline
-        ):
+        if cycle is not None and cycle.more_body and self._body_timer is None and not self.pipeline:
             self._body_timer = self.loop.call_later(BODY_TIMEOUT_S, self._body_late, cycle)
 
     def _body_late(self, cycle: Any) -> None:
         self._body_timer = None
         if cycle is not self.cycle:
             return
-        if cycle.more_body and not cycle.response_complete and not self.transport.is_closing():
+        if cycle.more_body and not self.transport.is_closing():
             # The app's receive() sees a disconnect; the client sees the connection close.
             self.transport.close()
 

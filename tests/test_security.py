@@ -383,3 +383,26 @@ def test_the_public_health_route_asks_the_upstreams_at_most_every_few_seconds() 
                 r = httpx.get(server.url + "/v1/health")
                 assert r.status_code == 200 and r.json()["providers"]["paid"]["ok"] is True
     assert len(calls) == 1, calls  # one probe for 20 calls within the 5 s it is kept
+
+
+def test_endless_headers_are_refused_by_the_server() -> None:
+    import socket
+
+    with run_stella(CONFIG, {"STELLA_API_KEYS": ADMIN}) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            answer = b""
+            try:
+                for _ in range(400):  # up to 400 KB of headers that never end
+                    sock.sendall(b"X-A: " + b"a" * 1000 + b"\r\n")
+            except OSError:
+                pass  # closed under us: the answer is already there
+            try:
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            except ConnectionResetError:
+                pass  # the rest of what was sent, unread, turned the close into a reset
+        # Closed (the loop above ended), with a 431 unless the reset overtook it.
+        assert answer.startswith(b"HTTP/1.1 431 ") or answer == b"", answer[:100]
+        assert httpx.get(server.url + "/health").status_code == 200

@@ -333,3 +333,86 @@ async def test_headers_that_stall_close_the_connection(monkeypatch: pytest.Monke
     await asyncio.sleep(0.35)
     assert rec.closed
     kept.connection_lost(None)
+
+
+async def test_headers_past_the_limits_get_431_and_the_connection_closes() -> None:
+    from stella.transport import MAX_HEADER_BYTES, MAX_HEADERS
+
+    calls: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    # Headers that never end, in small pieces: refused once past the byte limit, and
+    # nothing of them kept beyond it.
+    proto, rec = _protocol(app)
+    proto.data_received(b"GET / HTTP/1.1\r\nhost: t\r\n")
+    sent = 0
+    while not rec.closing and sent < 4 * MAX_HEADER_BYTES:
+        chunk = b"x-a: " + b"a" * 1000 + b"\r\n"
+        proto.data_received(chunk)
+        sent += len(chunk)
+    assert rec.closed and sent <= MAX_HEADER_BYTES + 2000
+    assert rec.writes[0].startswith(b"HTTP/1.1 431 ") and len(rec.writes) == 1
+    proto.connection_lost(None)
+
+    # Many tiny headers: the count is limited too.
+    proto, rec = _protocol(app)
+    proto.data_received(b"GET / HTTP/1.1\r\n" + b"x: y\r\n" * (MAX_HEADERS + 1) + b"\r\n")
+    assert rec.closed and rec.writes[0].startswith(b"HTTP/1.1 431 ")
+    proto.connection_lost(None)
+
+    # A long URL counts as well; a large but allowed request is served.
+    proto, rec = _protocol(app)
+    proto.data_received(b"GET /" + b"u" * MAX_HEADER_BYTES + b" HTTP/1.1\r\nhost: t\r\n\r\n")
+    assert rec.closed and rec.writes[0].startswith(b"HTTP/1.1 431 ")
+    proto.connection_lost(None)
+    proto, rec = _protocol(app, busy=False)
+    big = b"x-b: " + b"b" * 8000 + b"\r\n"
+    proto.data_received(b"GET /fine HTTP/1.1\r\nhost: t\r\n" + big * 6 + b"\r\n")
+    await turn()
+    assert b" 200 " in rec.writes[0] and not rec.closed and calls == ["/fine"]
+    proto.connection_lost(None)
+
+
+async def test_a_body_answered_before_it_came_does_not_hold_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A 401 (or any answer) to a request whose body has not all come: a client that
+    # then sends a byte of it and goes silent is closed at the body deadline (the
+    # byte cancelled uvicorn's keep-alive timer); one that sends the rest of it is
+    # an idle kept-alive connection again.
+    import stella.transport
+
+    monkeypatch.setattr(stella.transport, "BODY_TIMEOUT_S", 0.1)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 401, "headers": []})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    head = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 10\r\n\r\n"
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(head)
+    await turn()
+    assert b" 401 " in rec.writes[0]
+    proto.data_received(b"x")
+    await asyncio.sleep(0.25)
+    assert rec.closed
+    proto.connection_lost(None)
+
+    proto, rec = _protocol(app, busy=False)
+    proto.timeout_keep_alive = 0.2
+    proto.data_received(head)
+    await turn()
+    proto.data_received(b"0123456789")  # the rest of the body: then idle
+    assert proto.timeout_keep_alive_task is not None
+    await asyncio.sleep(0.12)
+    assert not rec.closed  # not cut at the body deadline: the body came whole
+    proto.data_received(head + b"0123456789")  # and the connection serves the next one
+    await turn()
+    assert sum(b" 401 " in w for w in rec.writes) == 2 and not rec.closed
+    await asyncio.sleep(0.3)
+    assert rec.closed  # closed by the keep-alive timeout once idle
+    proto.connection_lost(None)
