@@ -314,3 +314,27 @@ async def test_pool_follows_the_config(fake: tuple[FakeOpenAI, str]) -> None:
         assert await collect(b, "ok")  # and it serves
     finally:
         await b.aclose()
+
+
+async def test_a_user_and_password_in_base_url_go_as_basic_auth(
+    fake: tuple[FakeOpenAI, str],
+) -> None:
+    import base64
+
+    from stella.backends import ConfigError
+
+    f, url = fake
+    with_user = url.replace("http://", "http://bob:p%40ss@") + "/v1"
+    b = await backend(with_user)
+    try:
+        assert "p%40ss" not in b.base_url and "bob" not in b.base_url
+        health = await b.health()  # the probe and the chat both send it, once
+        events = await collect(b, "ok")
+    finally:
+        await b.aclose()
+    assert health.ok, health
+    assert isinstance(events[-1], Done)
+    sent = f.headers[-1]["authorization"]
+    assert sent == "Basic " + base64.b64encode(b"bob:p@ss").decode()
+    with pytest.raises(ConfigError, match="api_key_env"):
+        OpenAIBackend("up", OpenAIConfig(kind="openai", base_url=with_user, api_key_env="K"))

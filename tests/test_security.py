@@ -406,3 +406,26 @@ def test_endless_headers_are_refused_by_the_server() -> None:
         # Closed (the loop above ended), with a 431 unless the reset overtook it.
         assert answer.startswith(b"HTTP/1.1 431 ") or answer == b"", answer[:100]
         assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_probe_that_raises_is_its_backends_answer_not_a_500() -> None:
+    settings = load_settings(
+        {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}, environ={}
+    )
+    app = create_app(settings)
+    svc = app.state.stella
+
+    async def broken() -> None:
+        raise ValueError("a plugin's bug")
+
+    svc.backends["echo"].health = broken
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            return await c.get("/v1/health")
+
+    r = asyncio.run(call())
+    assert r.status_code == 200, r.text
+    assert r.json()["providers"]["echo"]["ok"] is False

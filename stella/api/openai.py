@@ -391,8 +391,14 @@ async def _backend_health(svc: Any) -> dict[str, BackendHealth]:
         if cached is not None and time.monotonic() - cached[0] < HEALTH_TTL_S:
             return cached[1]
         names = list(svc.backends)
-        results = await asyncio.gather(*(svc.backends[n].health() for n in names))
-        fresh = dict(zip(names, results, strict=True))
+        results = await asyncio.gather(
+            *(svc.backends[n].health() for n in names), return_exceptions=True
+        )
+        fresh = {
+            # A plugin's probe that raises is that backend's answer, not the route's 500.
+            n: r if isinstance(r, BackendHealth) else BackendHealth(False, type(r).__name__)
+            for n, r in zip(names, results, strict=True)
+        }
         svc.health = (time.monotonic(), fresh)
         return fresh
 

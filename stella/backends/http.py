@@ -11,9 +11,10 @@ import asyncio
 import email.utils
 import os
 import time
+from base64 import b64encode
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
 import httpx
@@ -74,6 +75,18 @@ class HttpBackend(Backend):
         if not ok or any(c.isspace() for c in url):
             shown = repr(url) if "@" not in url else "the URL"  # it may hold a password
             raise ConfigError(f"backends.{name}.base_url: {shown} is not an http(s) URL")
+        # A user and password in the URL go as a Basic Authorization header of their own:
+        # left in it, the pooled client would send them twice (and aiohttp refuses).
+        self.basic: dict[str, str] = {}
+        if parts.username is not None or parts.password is not None:
+            if config.api_key_env:
+                raise ConfigError(
+                    f"backends.{name}.base_url: holds a user and password and api_key_env "
+                    "is set too; use one of them"
+                )
+            pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+            self.basic = {"Authorization": "Basic " + b64encode(pair.encode()).decode()}
+            url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         self.base_url = url.rstrip("/")
         self.api_key = ""
 
@@ -105,6 +118,7 @@ class HttpBackend(Backend):
             headers={
                 "Accept-Encoding": "identity",
                 **self.http.headers,
+                **self.basic,
                 **self.auth_headers(),
             },
             timeout=aiohttp.ClientTimeout(
@@ -117,7 +131,7 @@ class HttpBackend(Backend):
             base_url=self.base_url,
             transport=AiohttpTransport(client=self.session),
             timeout=httpx.Timeout(self.http.read_timeout_s, connect=self.http.connect_timeout_s),
-            headers={**self.http.headers, **self.auth_headers()},
+            headers={**self.http.headers, **self.basic, **self.auth_headers()},
         )
 
     async def aclose(self) -> None:
@@ -155,7 +169,7 @@ class HttpBackend(Backend):
         """GET a cheap path (a model list, a version): health without spending tokens."""
         try:
             r = await self.client.get(path, timeout=5)
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # whatever it is, the probe's answer is "not ok"
             cause = exc.__cause__
             if isinstance(cause, aiohttp.ClientConnectorError):
                 # The aiohttp transport reports a refused connection as a ConnectTimeout.
