@@ -23,7 +23,7 @@ from starlette.routing import Route
 from stella.api.http import endpoint, services
 from stella.api.openapi import Operation, document
 from stella.calls import Call
-from stella.errors import StellaError
+from stella.errors import Forbidden, StellaError
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
@@ -197,7 +197,11 @@ class _StateCollector(Collector):
 
 @endpoint(auth="user")
 async def metrics(request: Request, call: Call) -> Response:
-    """GET /metrics: Prometheus text."""
+    """GET /metrics: Prometheus text, for a key that may use every model (or an admin)."""
+    principal = call.principal
+    if principal.models != ("*",) and not principal.admin:
+        # The counters name every model and its traffic: more than such a key may see.
+        raise Forbidden("this key is limited to some models; /metrics shows all of them")
     m: Metrics = services(request).metrics
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE)
 
@@ -210,7 +214,7 @@ document(
         tag="ops",
         response=str,
         media="text/plain",
-        errors=(401,),
+        errors=(401, 403),
     )
 )
 

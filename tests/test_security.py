@@ -128,6 +128,9 @@ def test_every_route_needs_a_key_and_nothing_leaks() -> None:
             server.url + "/api/v1/models/switch/echo", headers={"Authorization": f"Bearer {NARROW}"}
         )
         assert r.status_code == 403
+        # The metrics name every model and its traffic: not for a key limited to some.
+        r = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {NARROW}"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
         seen.append(
             httpx.get(server.url + "/config", headers={"Authorization": f"Bearer {ADMIN}"}).text
         )
