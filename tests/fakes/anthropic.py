@@ -3,7 +3,8 @@
 The model name picks the behaviour: `claude-ok`, `claude-tools`, `claude-429`
 (rate limit with retry-after), `claude-529` (overloaded), `claude-error-mid`
 (an `error` event after a text delta), `claude-malformed`. Requests without the
-right x-api-key get 401.
+right x-api-key get 401, without `max_tokens` 400; `"stream": true` gets the event
+sequence, anything else one Message object, as the API does.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class FakeAnthropic:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        max_tokens = body.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            return err("invalid_request_error", "max_tokens: Field required", 400)
         model = body["model"]
         if model == "claude-429":
             return err(
@@ -64,7 +68,41 @@ class FakeAnthropic:
             )
         if model == "claude-529":
             return err("overloaded_error", "Overloaded", 529)
+        if not body.get("stream"):  # the API's default: one Message object
+            return await self._message(model, body)
         return StreamingResponse(self._events(model, body), media_type="text/event-stream")
+
+    async def _message(self, model: str, body: dict[str, Any]) -> Response:
+        """The non-stream answer: the same content as the events, as one Message."""
+        message: dict[str, Any] = {}
+        blocks: list[dict[str, Any]] = []
+        partial = ""
+        async for chunk in self._events(model, body):
+            name, _, data = chunk.decode().partition("\ndata: ")
+            try:
+                ev = json.loads(data)
+            except ValueError:
+                return err("api_error", "Internal server error", 500)
+            kind = ev["type"]
+            if kind == "error":
+                return err(ev["error"]["type"], ev["error"]["message"], 529)
+            if kind == "message_start":
+                message = ev["message"]
+            elif kind == "content_block_start":
+                blocks.append(dict(ev["content_block"]))
+            elif kind == "content_block_delta":
+                delta = ev["delta"]
+                if delta["type"] == "text_delta":
+                    blocks[-1]["text"] += delta["text"]
+                else:
+                    partial += delta["partial_json"]
+            elif kind == "content_block_stop" and blocks[-1]["type"] == "tool_use":
+                blocks[-1]["input"] = json.loads(partial)
+            elif kind == "message_delta":
+                message.update(ev["delta"])
+                message["usage"]["output_tokens"] = ev["usage"]["output_tokens"]
+        message["content"] = blocks
+        return JSONResponse(message)
 
     async def _events(self, model: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         def event(name: str, data: dict[str, Any]) -> bytes:

@@ -2,7 +2,8 @@
 
 The model name picks the behaviour: `llama3` (ok), `tools`, `error-before` (HTTP 404
 {"error": ...}), `error-mid` (a final {"error": ...} line after two pieces),
-`malformed`, `busy` (429 with Retry-After).
+`malformed`, `busy` (429 with Retry-After). `"stream": false` gets one object, as
+the API does (its default is a stream).
 """
 
 from __future__ import annotations
@@ -62,9 +63,29 @@ class FakeOllama:
             return JSONResponse({"error": "server busy"}, 429, headers={"Retry-After": "2"})
         words = ["The", " sky", " is", " blue", "."]
         limit = (body.get("options") or {}).get("num_predict")
-        return StreamingResponse(
-            self._lines(model, words, limit), media_type="application/x-ndjson"
-        )
+        lines = self._lines(model, words, limit)
+        if body.get("stream", True) is False:  # one object, the pieces joined
+            return await self._whole(lines)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+
+    async def _whole(self, lines: AsyncIterator[bytes]) -> Response:
+        """The non-stream answer: the last line, with the content of all of them."""
+        text = ""
+        calls: list[Any] = []
+        last: dict[str, Any] = {}
+        async for raw in lines:
+            try:
+                last = json.loads(raw)
+            except ValueError:
+                return JSONResponse({"error": "internal error"}, 500)
+            if "error" in last:
+                return JSONResponse({"error": last["error"]}, 500)
+            text += last["message"]["content"]
+            calls += last["message"].get("tool_calls") or []
+        last["message"]["content"] = text
+        if calls:
+            last["message"]["tool_calls"] = calls
+        return JSONResponse(last)
 
     async def _lines(self, model: str, words: list[str], limit: int | None) -> AsyncIterator[bytes]:
         def line(obj: dict[str, Any]) -> bytes:
