@@ -78,7 +78,7 @@ class FakeAnthropic:
         blocks: list[dict[str, Any]] = []
         partial = ""
         async for chunk in self._events(model, body):
-            name, _, data = chunk.decode().partition("\ndata: ")
+            data = chunk.decode().partition("\ndata: ")[2]
             try:
                 ev = json.loads(data)
             except ValueError:
