@@ -16,8 +16,11 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 KEY = "sk-browser-test-1"
 CONFIG = {
-    "backends": {"slow": {"kind": "echo", "delay_s": 0.08}},
-    "models": {"routes": {"echo-slow": {"backend": "slow"}}},
+    "backends": {
+        "slow": {"kind": "echo", "delay_s": 0.08},
+        "broken": {"kind": "echo", "fail_after": 1},
+    },
+    "models": {"routes": {"echo-slow": {"backend": "slow"}, "echo-broken": {"backend": "broken"}}},
 }
 ARGS = [
     "--no-sandbox",
@@ -132,3 +135,58 @@ def test_root_sends_browsers_to_the_playground(browser, server: LiveServer) -> N
     page.goto(server.url + "/")
     assert page.url.endswith("/playground")
     page.close()
+
+
+def test_new_chat_mid_answer_and_a_failed_turn(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page()
+    page.goto(server.url + "/playground")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.select_option("#model", "echo-slow")
+    sent: list[dict] = []
+    page.on("request", lambda r: "/api/v1/chat" in r.url and sent.append(r.post_data_json))
+    send(page, " ".join(f"old{i}" for i in range(100)))
+    page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 5")
+    page.click("#new-chat")  # stops the answer: it is no part of the new chat
+    page.wait_for_function("!document.querySelector('#send').disabled")
+    page.select_option("#model", "echo")
+    send(page, "fresh start")
+    page.wait_for_selector(".msg.assistant .stats")
+    assert sent[-1]["messages"] == [{"role": "user", "content": "fresh start"}]
+    # Text goes as typed (indented code keeps its indentation); a failed turn puts it
+    # back in the prompt, to send again.
+    page.select_option("#model", "echo-broken")
+    send(page, "    indented code\n        more")
+    page.wait_for_selector(".msg .error")
+    assert sent[-1]["messages"][-1]["content"] == "    indented code\n        more"
+    assert page.input_value("#prompt") == "    indented code\n        more"
+    page.close()
+
+
+def test_enter_while_composing_does_not_send_and_escape_stops(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page()
+    page.goto(server.url + "/playground")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.select_option("#model", "echo-slow")
+    page.fill("#prompt", "かな")
+    page.dispatch_event("#prompt", "keydown", {"key": "Enter", "isComposing": True})
+    page.wait_for_timeout(200)
+    assert page.locator(".msg").count() == 0 and page.input_value("#prompt") == "かな"
+    page.press("#prompt", "Enter")
+    page.wait_for_function("document.querySelector('.msg.assistant .text')")
+    assert page.evaluate("document.activeElement.id") == "stop"  # the focus stays usable
+    page.keyboard.press("Escape")
+    page.wait_for_selector("text=stopped")
+    page.close()
+
+
+def test_a_refused_saved_key_is_dropped_and_the_form_says_so(browser) -> None:  # type: ignore[no-untyped-def]
+    with run_stella(env={"STELLA_API_KEYS": KEY}) as keyed:
+        page = browser.new_page()
+        page.goto(keyed.url + "/playground")
+        page.wait_for_selector("#key-form:not([hidden])")
+        page.fill("#api-key", "wrong-key-xxxxxxxx")
+        page.click("#key-form button")
+        page.wait_for_selector("text=The saved key was refused")
+        assert page.evaluate("localStorage.getItem('stella.apiKey')") is None
+        assert page.evaluate("document.activeElement.id") == "api-key"
+        page.close()

@@ -79,23 +79,42 @@ async function loadModels() {
     }
     notice("");
   } catch (err) {
-    if (err instanceof StellaError && err.status === 401) askForKey();
-    else notice(`Could not list models: ${err.message}`);
+    if (err instanceof StellaError && err.status === 401) {
+      // A saved key the server refuses is dropped, and the form says why.
+      const saved = apiKey();
+      localStorage.removeItem(KEY);
+      askForKey(saved ? `The saved key was refused (${err.message}); enter another.` : undefined);
+    } else notice(`Could not list models: ${err.message}`);
   }
 }
 
 function busy(on) {
-  $("send").disabled = on;
   $("stop").disabled = !on;
+  if (on) $("stop").focus(); // before Send is disabled, so the focus never drops to the page
+  $("send").disabled = on;
   $("prompt").disabled = on;
+}
+
+// Scroll to the newest text at most once a frame: a layout per token grows with the
+// answer and freezes the tab on long ones.
+let scrollPending = false;
+function follow(msg) {
+  if (scrollPending) return;
+  scrollPending = true;
+  requestAnimationFrame(() => {
+    scrollPending = false;
+    msg.scrollIntoView({ block: "end" });
+  });
 }
 
 async function send(text) {
   const messages = [];
   const system = $("system").value.trim();
   if (system) messages.push({ role: "system", content: system });
-  state.history.push({ role: "user", content: text });
-  messages.push(...state.history);
+  // This turn's conversation: "New chat" starts another one, which this answer stays out of.
+  const history = state.history;
+  history.push({ role: "user", content: text });
+  messages.push(...history);
   bubble("user", text);
   const msg = bubble("assistant", "");
   msg.classList.add("streaming");
@@ -112,11 +131,12 @@ async function send(text) {
       if (event.type === "delta") {
         if (ttft === null) ttft = performance.now() - t0;
         answer += event.text;
-        out.textContent = answer;
-        msg.scrollIntoView({ block: "end" });
+        out.append(event.text); // a text node per delta: no re-render of what is there
+        follow(msg);
       } else if (event.type === "tool_call") {
-        answer += `\n[tool call] ${event.name}(${JSON.stringify(event.arguments)})`;
-        out.textContent = answer;
+        const call = `\n[tool call] ${event.name}(${JSON.stringify(event.arguments)})`;
+        answer += call;
+        out.append(call);
       } else if (event.type === "done") {
         const u = event.usage || {};
         const t = event.timings || {};
@@ -130,35 +150,42 @@ async function send(text) {
       }
     }
     if (controller.signal.aborted) stats(msg, ["stopped"]);
-    state.history.push({ role: "assistant", content: answer });
+    history.push({ role: "assistant", content: answer });
   } catch (err) {
-    state.history.pop(); // the turn failed: let the user send it again
+    history.pop(); // the turn failed: its text goes back to the prompt, to send again
+    if (history === state.history && !$("prompt").value) $("prompt").value = text;
     showError(msg, err);
   } finally {
     msg.classList.remove("streaming");
-    state.controller = null;
+    if (state.controller === controller) state.controller = null;
     busy(false);
-    $("prompt").focus();
+    if ($("key-form").hidden) $("prompt").focus(); // else the key field keeps it
   }
 }
 
 $("composer").addEventListener("submit", (e) => {
   e.preventDefault();
-  const text = $("prompt").value.trim();
-  if (!text || state.controller) return;
+  const text = $("prompt").value; // as typed: leading indentation may be code
+  if (!text.trim() || state.controller) return;
   $("prompt").value = "";
   send(text);
 });
 $("prompt").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) {
+  // Enter while an input method composes (Chinese, Japanese, Korean) commits the text.
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) {
     e.preventDefault();
     $("composer").requestSubmit();
   }
 });
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+document.addEventListener("keydown", (e) => {
+  if (e.key === "Escape" && state.controller) state.controller.abort();
+});
 $("new-chat").addEventListener("click", () => {
+  if (state.controller) state.controller.abort(); // the running answer belongs to the old chat
   state.history = [];
   $("conversation").replaceChildren();
+  $("prompt").focus();
 });
 $("key-button").addEventListener("click", () => askForKey("API key for this server:"));
 $("key-form").addEventListener("submit", (e) => {

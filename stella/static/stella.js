@@ -49,17 +49,10 @@ export async function* parseNdjson(stream) {
     }
     finished = true;
     buffer += decoder.decode();
-    if (buffer.trim()) {
-      // A last line without its newline: whole (yielded), or cut off by a broken
-      // connection, which is not the server's protocol failing.
-      let last;
-      try {
-        last = JSON.parse(buffer);
-      } catch {
-        throw new Error("the connection broke off inside a line");
-      }
-      yield last;
-    }
+    // A last line without its newline. The body ended whole (a broken connection makes
+    // read() fail instead, a network error): what is left is the server's, and not
+    // JSON means not stella's protocol (a proxy's page, say).
+    if (buffer.trim()) yield JSON.parse(buffer);
   } finally {
     // Left before the end (break, return, an error): cancel the body, so the connection
     // closes and the server stops generating; releasing the lock alone keeps it open.

@@ -197,9 +197,21 @@ test("a line that is not an event is bad_response; unknown event types are skipp
 });
 
 test("a line cut off by a broken connection is network_error, not bad_response", async () => {
-  const cut = fakeFetch(['{"type":"start","id":"r"}\n', '{"type":"delta","text":"a"}\n', '{"type":"del']);
-  await assert.rejects(() => collect(chat({ messages: [] }, { fetch: cut })),
+  const { server, baseUrl } = await listen((req, res) => {
+    res.writeHead(200, { "Content-Type": "application/x-ndjson" });
+    res.write('{"type":"start","id":"r"}\n{"type":"delta","text":"a"}\n{"type":"del');
+    setTimeout(() => res.socket.destroy(), 50);
+  });
+  await assert.rejects(() => collect(chat({ messages: [] }, { baseUrl })),
     (err) => err instanceof StellaError && err.code === "network_error");
+  server.close();
+});
+
+test("a whole answer that is not stella's, even without a newline, is bad_response", async () => {
+  for (const body of ["<!doctype html><html></html>", '{"type":"start","id":"r"}\n{"type":"del']) {
+    await assert.rejects(() => collect(chat({ messages: [] }, { fetch: fakeFetch([body]) })),
+      (err) => err instanceof StellaError && err.code === "bad_response", body);
+  }
 });
 
 test("a baseUrl with a trailing slash works", async () => {
