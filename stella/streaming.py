@@ -288,7 +288,6 @@ class EventStream:
         """Notice a disconnect at once; send a ping after each silence."""
         loop = asyncio.get_running_loop()
         interval = self.ping_interval_s
-        ping = self.codec.ping()
         while True:
             remaining = self._last + interval - loop.time() if self._last else interval
             try:
@@ -304,6 +303,8 @@ class EventStream:
                     continue
                 if self._open and self._last and loop.time() - self._last >= interval:
                     self._last = loop.time()
+                    # Made when sent: a dialect's ping may carry the time and the model.
+                    ping = self.codec.ping()
                     try:
                         await send({"type": "http.response.body", "body": ping, "more_body": True})
                     except OSError:

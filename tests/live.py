@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -160,6 +161,9 @@ def run_stella(
         yield server
     finally:
         server.stop()
+        # Kept when a test failed, for its log (pytest shows where); else removed.
+        if sys.exc_info()[0] is None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _wait_up(server: LiveServer, timeout: float) -> None:

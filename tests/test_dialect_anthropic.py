@@ -13,8 +13,11 @@ from tests.live import LiveServer, run_stella
 
 KEY = "sk-ant-dialect-1"
 CONFIG = {
-    "backends": {"slow": {"kind": "echo", "delay_s": 0.05}},
-    "models": {"routes": {"echo-slow": {"backend": "slow"}}},
+    "backends": {
+        "slow": {"kind": "echo", "delay_s": 0.05},
+        "tired": {"kind": "echo", "fail_after": 1, "error_code": "overloaded"},
+    },
+    "models": {"routes": {"echo-slow": {"backend": "slow"}, "echo-tired": {"backend": "tired"}}},
 }
 
 
@@ -235,3 +238,71 @@ async def test_an_overload_is_a_529_the_client_knows() -> None:
             assert info.value.status_code == 529
             assert info.value.body["error"]["type"] == "overloaded_error"
             assert (await busy).status_code == 200
+
+
+def _sse(server: LiveServer, body: dict) -> list[tuple[str, dict]]:
+    """The (event, data) pairs of a streamed answer, pings left out."""
+    import json
+
+    events = []
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/messages",
+        json={"max_tokens": 50, "stream": True, **body},
+        headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+        timeout=30,
+    ) as r:
+        assert r.status_code == 200
+        name = ""
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+                assert data["type"] == name, (name, data)  # the API repeats it in the data
+                if name != "ping":
+                    events.append((name, data))
+    return events
+
+
+def test_the_stream_is_the_apis_event_sequence(server: LiveServer) -> None:
+    events = _sse(server, {"model": "echo", "messages": [{"role": "user", "content": "a b"}]})
+    assert [n for n, _ in events] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert events[1][1]["content_block"] == {"type": "text", "text": ""}
+    assert "".join(d["delta"]["text"] for n, d in events if n == "content_block_delta") == "a b"
+    assert {d["index"] for n, d in events if n.startswith("content_block")} == {0}
+    assert events[5][1]["delta"]["stop_reason"] == "end_turn"
+    assert events[5][1]["usage"]["output_tokens"] == 2
+    # A tool call: its own block, its input as JSON pieces, stop_reason tool_use.
+    tool = {"name": "lookup", "input_schema": {"type": "object"}}
+    events = _sse(
+        server,
+        {"model": "echo", "tools": [tool], "messages": [{"role": "user", "content": "x"}]},
+    )
+    names = [n for n, _ in events]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    start = next(d for n, d in events if n == "content_block_start")
+    assert (
+        start["content_block"]["type"] == "tool_use" and start["content_block"]["name"] == "lookup"
+    )
+    deltas = [d["delta"] for n, d in events if n == "content_block_delta"]
+    assert deltas and all(d["type"] == "input_json_delta" for d in deltas)
+    assert names.count("content_block_start") == names.count("content_block_stop")
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_an_overload_after_the_start_is_an_overloaded_error_event(server: LiveServer) -> None:
+    events = _sse(
+        server, {"model": "echo-tired", "messages": [{"role": "user", "content": "a b c"}]}
+    )
+    name, data = events[-1]
+    assert name == "error" and data["error"]["type"] == "overloaded_error", events
+    assert [n for n, _ in events][:2] == ["message_start", "content_block_start"]

@@ -139,3 +139,26 @@ def test_only_an_admin_key_unloads() -> None:
             server.url + "/api/generate", json={"model": "echo"}, headers={"X-API-Key": user}
         )
         assert r.json()["done_reason"] == "load"  # loading is what any request does
+
+
+def test_pings_are_empty_pieces_every_client_reads() -> None:
+    config = {
+        "backends": {"sleepy": {"kind": "echo", "delay_s": 0.4}},
+        "models": {"routes": {"echo-sleepy": {"backend": "sleepy"}}},
+        "stream": {"ping_interval_s": 0.1},
+    }
+    with run_stella(config) as server:
+        body = {"model": "echo-sleepy", "messages": [{"role": "user", "content": "a b"}]}
+        r = httpx.post(server.url + "/api/chat", json=body, timeout=30)
+        lines = [json.loads(line) for line in r.text.splitlines()]  # every line is JSON
+        pings = [x for x in lines if not x["done"] and x["message"]["content"] == ""]
+        assert len(pings) >= 2, lines
+        assert all(
+            p["model"] == "echo-sleepy" and p["message"]["role"] == "assistant" for p in pings
+        )
+        assert "".join(x["message"]["content"] for x in lines) == "a b" and lines[-1]["done"]
+        stamps = [x["created_at"] for x in lines]  # each line made when sent
+        assert stamps == sorted(stamps) and len({p["created_at"] for p in pings}) == len(pings)
+        c = ollama.Client(host=server.url)
+        parts = list(c.chat(model="echo-sleepy", messages=body["messages"], stream=True))
+        assert "".join(p.message.content for p in parts) == "a b"

@@ -324,6 +324,16 @@ def test_payload_too_large(server: LiveServer) -> None:
     r = post(server, content=gen(), headers={"content-type": "application/json"})
     error_of(r, 413, "payload_too_large")
 
+    # The limit is the last byte allowed: a body of exactly max_body_bytes is read.
+    def sized(n: int) -> bytes:
+        head = b'{"model":"echo","stream":false,"messages":[{"role":"user","content":"'
+        tail = b'"}]}'
+        return head + b"z" * (n - len(head) - len(tail)) + tail
+
+    json_type = {"content-type": "application/json"}
+    assert post(server, content=sized(4096), headers=json_type).status_code == 200
+    error_of(post(server, content=sized(4097), headers=json_type), 413, "payload_too_large")
+
 
 def test_unsupported_media_type(server: LiveServer) -> None:
     r = post(server, content=b"<xml/>", headers={"content-type": "application/xml"})

@@ -226,3 +226,72 @@ def test_a_named_key_the_client_echoes_is_masked_in_its_line(tmp_path: Path) -> 
     assert named not in captured
     assert ev["metadata"] == {"note": "my key is ***", "***": 1}
     assert ev["completion"] == "remember *** please"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "api_key",
+        "auth_key",
+        "access_key",
+        "session_key",
+        "signing_key",
+        "encryption_key",
+        "master_key",
+        "private_key",
+        "secret_key",
+        "aws_secret_access_key",
+        "x-auth-token",
+        "accessToken",
+        "client_secret",
+        "db_password",
+    ],
+)
+def test_field_names_that_hold_credentials_are_masked(name: str) -> None:
+    assert logs.is_secret_field(name)
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out)
+    sink.emit("inference", {"metadata": {name: "hunter2-value"}})
+    sink.close()
+    assert "hunter2-value" not in out.getvalue().decode()
+
+
+@pytest.mark.parametrize("name", ["key", "idempotency_key", "max_tokens", "primary_key", "tokens"])
+def test_field_names_that_do_not_hold_credentials_are_kept(name: str) -> None:
+    assert not logs.is_secret_field(name)
+
+
+def test_a_bearer_token_is_masked_whole() -> None:
+    token = "sk-stella-Ab3_x.y~z+w/v=="
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out)
+    sink.put({"event": "x", "note": f"upstream said: Bearer {token} is invalid"})
+    sink.close()
+    text = out.getvalue().decode()
+    assert "Ab3" not in text and "y~z" not in text and "w/v" not in text
+    assert json.loads(text)["note"] == "upstream said: Bearer *** is invalid"
+    assert logs.mask(f"Bearer {token}!") == "Bearer ***!"
+
+
+def test_a_configured_authorization_header_is_masked_without_its_scheme() -> None:
+    from stella.settings import load_settings, secret_values
+
+    settings = load_settings(
+        {
+            "backends": {
+                "up": {
+                    "kind": "openai",
+                    "base_url": "http://127.0.0.1:9",
+                    "headers": {"Authorization": "Bearer tok-in-config-123"},
+                }
+            }
+        },
+        environ={},
+    )
+    secrets = secret_values(settings)
+    assert "tok-in-config-123" in secrets
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out, secrets=secrets)
+    sink.put({"event": "x", "note": "rejected tok-in-config-123"})
+    sink.close()
+    assert "tok-in-config-123" not in out.getvalue().decode()

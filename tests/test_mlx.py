@@ -34,7 +34,8 @@ def mlx_server() -> Iterator[LiveServer]:
             time.sleep(0.2)
         yield server
         # One thread owned MLX, so the process ends cleanly (no abort at exit).
-        assert server.stop() == 0
+        code = server.stop()
+        assert code == 0, (code, server.lines()[-5:])
 
 
 def chat(server: LiveServer, messages: list, **body: object) -> dict:

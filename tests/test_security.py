@@ -432,3 +432,40 @@ def test_a_probe_that_raises_is_its_backends_answer_not_a_500() -> None:
     r = asyncio.run(call())
     assert r.status_code == 200, r.text
     assert r.json()["providers"]["echo"]["ok"] is False
+
+
+def test_every_model_listing_shows_a_scoped_key_only_its_models() -> None:
+    settings = load_settings(
+        {
+            **CONFIG,
+            "models": {"default": "echo", "routes": CONFIG["models"]["routes"]},
+            "backends": {**CONFIG["backends"], "local": {"enabled": False}},
+        },
+        environ={"PAID_KEY": UPSTREAM_SECRET},
+    )
+    app = create_app(settings)
+    narrow = {"Authorization": f"Bearer {NARROW}"}
+
+    async def listings() -> dict[str, set[str]]:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            native = (await c.get("/api/v1/models", headers=narrow)).json()
+            tags = (await c.get("/api/tags", headers=narrow)).json()
+            ps = (await c.get("/api/ps", headers=narrow)).json()
+            llm = (await c.get("/api/llm/models", headers=narrow)).json()
+            oai = (await c.get("/v1/models", headers=narrow)).json()
+            return {
+                "native": {m["name"] for m in native["models"]},
+                "tags": {m["name"].removesuffix(":latest") for m in tags["models"]},
+                "ps": {m["name"].removesuffix(":latest") for m in ps["models"]},
+                "llm": {m if isinstance(m, str) else m["name"] for m in llm["models"]},
+                "openai": {m["id"] for m in oai["data"]},
+            }
+
+    seen = asyncio.run(listings())
+    assert seen["native"] == {"echo"}, seen
+    for name, models in seen.items():
+        assert "paid-model" not in models, (name, models)
+        assert models <= {"echo"}, (name, models)
+    assert seen["tags"] == {"echo"} and seen["openai"] == {"echo"} and seen["llm"] == {"echo"}

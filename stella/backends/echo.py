@@ -13,7 +13,7 @@ import re
 from collections.abc import AsyncIterator
 
 from stella.backends.base import Backend, BackendConfig, BackendEvent, CallContext, first_stop
-from stella.errors import UpstreamError, UpstreamTimeout
+from stella.errors import Overloaded, StellaError, Unavailable, UpstreamError, UpstreamTimeout
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
 
 _WORDS = re.compile(r"\s*\S+")
@@ -30,6 +30,12 @@ class EchoConfig(BackendConfig, kw_only=True):
     error_code: str = "upstream_error"
     # Fixed reply instead of the echo, e.g. for load tests with a known size.
     reply: str = ""
+
+
+# The failures `error_code` can name: what a real backend may end a stream with.
+_FAILURES: dict[str, type[StellaError]] = {
+    e.code: e for e in (UpstreamError, UpstreamTimeout, Overloaded, Unavailable)
+}
 
 
 class EchoBackend(Backend):
@@ -105,7 +111,7 @@ class EchoBackend(Backend):
                 if sent == cfg.stall_after:
                     await asyncio.Event().wait()  # stall: only cancellation ends this
                 if sent == cfg.fail_after:
-                    err = UpstreamTimeout if cfg.error_code == "upstream_timeout" else UpstreamError
+                    err = _FAILURES.get(cfg.error_code, UpstreamError)
                     raise err(f"echo: failing after {sent} tokens, as configured")
                 if cfg.delay_s:
                     await asyncio.sleep(cfg.delay_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -176,10 +177,19 @@ class MlxBackend(Backend):
                     await asyncio.wrap_future(self.worker.call(model.release))
 
     async def aclose(self) -> None:
-        """Stop the worker thread (after the job it is running)."""
+        """Free the models on the worker thread, then stop it (after the job it is running).
+
+        Whatever MLX allocated is freed by the thread that owns MLX, before the process
+        ends: arrays left for the interpreter's exit would be freed there, from another
+        thread, while MLX's own threads are being torn down.
+        """
         for task in (self._reaper, self._preload):
             if task:
                 task.cancel()
+        models, self.loaded_models = list(self.loaded_models.values()), {}
+        for model in models:
+            self.worker.call(model.release)
+        self.worker.call(gc.collect)  # arrays in reference cycles go now, on that thread
         await asyncio.to_thread(self.worker.stop)
 
     # --- state -------------------------------------------------------------
