@@ -653,6 +653,8 @@ class Inference:
         }
         if self.engine_ttft_ms is not None:
             record["engine_ttft_ms"] = self.engine_ttft_ms
+        if ctx is not None and ctx.cached_tokens is not None:
+            record["cached_tokens"] = ctx.cached_tokens
         if self.request.metadata:
             record["metadata"] = self.request.metadata
         if pipeline.log_content:

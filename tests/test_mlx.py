@@ -156,7 +156,7 @@ async def test_queue_full_is_503(mlx_server: LiveServer) -> None:
     assert second.json()["timings"]["queue_ms"] > 100
 
 
-def test_prompt_cache_speeds_up_the_second_turn(mlx_server: LiveServer) -> None:
+def test_the_second_turn_reuses_the_first_ones_prompt(mlx_server: LiveServer) -> None:
     system = "You are a careful assistant. " + " ".join(
         f"Rule {i}: answer briefly and politely." for i in range(40)
     )
@@ -165,7 +165,13 @@ def test_prompt_cache_speeds_up_the_second_turn(mlx_server: LiveServer) -> None:
     again = turn + [first["message"], {"role": "user", "content": "And what is 2+2?"}]
     second = chat(mlx_server, again, options={"temperature": 0, "max_tokens": 8})
     assert first["usage"]["prompt_tokens"] > 300
-    assert second["timings"]["ttft_ms"] < 0.5 * first["timings"]["ttft_ms"]
+    # The second turn reads only what the first did not: the log says how much it reused
+    # (`stella bench mlx` reports what that does to its time to first token).
+    mlx_server.wait_event(lambda e: e.get("request_id") == second["id"])
+    logged = {e["request_id"]: e for e in mlx_server.events("inference")}
+    assert logged[first["id"]]["cached_tokens"] < 50  # at most the chat template's opening
+    reused = logged[second["id"]]["cached_tokens"]
+    assert first["usage"]["prompt_tokens"] <= reused < second["usage"]["prompt_tokens"]
 
 
 def test_gguf_import_round_trips_the_tokenizer(tmp_path: Path) -> None:

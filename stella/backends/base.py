@@ -48,6 +48,9 @@ class CallContext:
     # Set by a backend whose answer ended at one of the request's stop strings: which
     # one (Anthropic's Messages API reports it; finish_reason is "stop" either way).
     stop_sequence: str | None = None
+    # Set by an engine with a prompt cache: how many of the prompt's tokens it did not
+    # have to read again (a conversation's earlier turns).
+    cached_tokens: int | None = None
 
 
 def first_stop(text: str, stops: Iterable[str]) -> tuple[int, str] | None:

@@ -291,6 +291,9 @@ class MlxBackend(Backend):
                 if kind == "prompt":
                     ctx.prompt_tokens = item[1]
                     continue
+                if kind == "cached":
+                    ctx.cached_tokens = item[1]
+                    continue
                 _, text, finish, prompt_tokens, completion_tokens = item
                 if ctx.engine_ttft_ms is None and job.first_token:
                     ctx.engine_ttft_ms = round((job.first_token - job.started) * 1000, 2)

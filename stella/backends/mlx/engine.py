@@ -203,6 +203,7 @@ def generate_into(job: GenerationJob) -> None:
             cache = None
     if cache is None:
         cache, rest = make_prompt_cache(lm.model), prompt
+    job.emit(("cached", len(prompt) - len(rest)))
 
     def progress(done: int, total: int) -> None:
         if job.cancelled and done < total:
