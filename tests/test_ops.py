@@ -17,7 +17,7 @@ def test_info_for_api_clients_and_browsers(stella: LiveServer) -> None:
     assert info["name"] == "stella" and info["version"]
     assert info["links"]["chat"] == "/api/v1/chat"
     r = httpx.get(stella.url + "/", headers={"Accept": "text/html"}, follow_redirects=False)
-    assert r.status_code in (200, 307)
+    assert r.status_code == 307 and r.headers["location"] == "/playground"
 
 
 def test_a_trailing_slash_redirects_by_path_not_by_host_header(stella: LiveServer) -> None:
