@@ -277,7 +277,7 @@ async def test_a_pipelined_request_waits_without_a_deadline(
 async def test_each_body_gets_its_own_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     import stella.transport
 
-    monkeypatch.setattr(stella.transport, "BODY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(stella.transport, "BODY_TIMEOUT_S", 0.4)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         while (await receive()).get("more_body"):
@@ -288,14 +288,14 @@ async def test_each_body_gets_its_own_deadline(monkeypatch: pytest.MonkeyPatch) 
     proto, rec = _protocol(app)
     proto.data_received(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\n\r\nab")
     assert proto._body_timer is not None
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.25)
     proto.data_received(b"cd")  # complete: its deadline goes
     assert proto._body_timer is None
     await turn()
     proto.data_received(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 4\r\n\r\nab")
-    await asyncio.sleep(0.1)  # a fresh 0.2 s, not what was left of the first one
+    await asyncio.sleep(0.25)  # a fresh 0.4 s, not the 0.15 s left of the first one
     assert not rec.closed
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.45)
     assert rec.closed
     proto.connection_lost(None)
 
