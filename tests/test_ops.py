@@ -183,6 +183,24 @@ async def test_usage_in_memory_keeps_the_last_31_days() -> None:
     ]
 
 
+async def test_usage_rows_per_key_and_day_are_bounded() -> None:
+    # With models.allow_direct a key can name any model: its rows stop growing.
+    from stella.api.admin import MAX_MODELS_PER_KEY_DAY, usage_listener
+    from stella.state import MemoryState
+
+    state = MemoryState()
+    record = usage_listener(state)
+    for i in range(MAX_MODELS_PER_KEY_DAY + 50):
+        record({"key": "k", "model": f"up/model-{i}", "prompt_tokens": 1, "status": 200})
+    record({"key": "k", "model": "up/model-0", "prompt_tokens": 1, "status": 200})
+    record({"key": "j", "model": "up/model-999", "prompt_tokens": 1, "status": 200})
+    rows = await state.get_usage()
+    mine = {r["model"]: r["requests"] for r in rows if r["key"] == "k"}
+    assert len(mine) == MAX_MODELS_PER_KEY_DAY + 1
+    assert mine["other"] == 50 and mine["up/model-0"] == 2
+    assert {r["model"] for r in rows if r["key"] == "j"} == {"up/model-999"}
+
+
 def test_answers_match_the_openapi_document() -> None:
     """Each answer of stella's own routes is declared by /openapi.json for its status, with
     a body its schema accepts, and carries the headers declared as always sent."""

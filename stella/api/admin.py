@@ -15,18 +15,31 @@ from stella.core import Call
 from stella.errors import InvalidRequest
 from stella.protocol import UsageReport, UsageRow, UsageTotals
 
+# With models.allow_direct a key may name any upstream model: past this many models in
+# a day, a key's further ones are counted together as "other" (by this process).
+MAX_MODELS_PER_KEY_DAY = 256
+
 
 def usage_listener(state: Any) -> Any:
     """A pipeline listener counting each inference per key, model and UTC day."""
 
     today = ["", 0.0]  # the day's name and when it ends: formatted once a day, not per request
+    models: dict[str, set[str]] = {}  # per key, the models counted today
 
     def record(event: dict[str, Any]) -> None:
         now = time.time()
         if now >= today[1]:
             today[0] = time.strftime("%Y-%m-%d", time.gmtime(now))
             today[1] = (now // 86400 + 1) * 86400
-        state.record_usage(event["key"], event["model"], today[0], event)
+            models.clear()
+        key, model = event["key"], event["model"]
+        seen = models.setdefault(key, set())
+        if model not in seen:
+            if len(seen) >= MAX_MODELS_PER_KEY_DAY:
+                model = "other"
+            else:
+                seen.add(model)
+        state.record_usage(key, model, today[0], event)
 
     return record
 
