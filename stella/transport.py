@@ -154,6 +154,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _parsing: Any = None  # the scope of a request whose headers were incomplete at a look
     _head_bytes = 0  # received while the current request's headers were incomplete
     _refused = False  # answered 431 (the parser's complaint that may follow is not sent)
+    _idle_again = False  # a body answered early came whole: the keep-alive timer is due
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         """Accept as uvicorn does; from now on, a look every HEADER_TIMEOUT_S."""
@@ -230,6 +231,21 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
                 return
         elif self._head_bytes:
             self._head_bytes = 0
+        if self._idle_again:
+            self._idle_again = False
+            # Idle again, unless another request began in the same read: its keep-alive
+            # timer back, as uvicorn arms it after an answer.
+            if (
+                cycle is not None
+                and cycle.scope is scope
+                and cycle.response_complete
+                and not self.pipeline
+                and self.timeout_keep_alive_task is None
+                and not self.transport.is_closing()
+            ):
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
         # Nearly every body comes with its headers: no timer at all for those. A
         # pipelined request waits with reading paused, so its clock starts with it.
         self._arm()
@@ -241,19 +257,11 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self._body_timer.cancel()
             self._body_timer = None
         cycle = self.cycle
-        if (
-            cycle is not None
-            and cycle.response_complete
-            and not self.pipeline
-            and self.timeout_keep_alive_task is None
-            and not self.transport.is_closing()
-        ):
-            # The rest of a body answered before it came (a 401, a 413) arrived and
-            # cancelled the keep-alive timer on its way: the idle connection gets it back.
+        if cycle is not None and cycle.response_complete:
+            # The rest of a body answered before it came (a 401, a 413): its bytes
+            # cancelled the keep-alive timer on their way (see data_received).
             cycle.more_body = False
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
+            self._idle_again = True
 
     def on_response_complete(self) -> None:
         """A pipelined request may start now, with its body still to come."""

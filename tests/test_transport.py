@@ -416,3 +416,20 @@ async def test_a_body_answered_before_it_came_does_not_hold_the_connection(
     await asyncio.sleep(0.3)
     assert rec.closed  # closed by the keep-alive timeout once idle
     proto.connection_lost(None)
+
+    # The rest of the body and the next request in one read: the next one runs without
+    # a keep-alive timer cutting it.
+    async def slow(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/slow":
+            await asyncio.sleep(0.4)
+        await send({"type": "http.response.start", "status": 401, "headers": []})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    proto, rec = _protocol(slow, busy=False)
+    proto.timeout_keep_alive = 0.3
+    proto.data_received(head)
+    await turn()
+    proto.data_received(b"0123456789GET /slow HTTP/1.1\r\nhost: t\r\n\r\n")
+    await asyncio.sleep(0.55)  # a stale timer would have cut /slow at 0.3 s
+    assert not rec.closed and sum(b" 401 " in w for w in rec.writes) == 2
+    proto.connection_lost(None)
