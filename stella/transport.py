@@ -153,6 +153,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _header_timer: asyncio.TimerHandle | None = None
     _parsing: Any = None  # the scope of a request whose headers were incomplete at a look
     _head_bytes = 0  # received while the current request's headers were incomplete
+    _read = 0  # the size of the read being parsed
     _refused = False  # answered 431 (the parser's complaint that may follow is not sent)
     _idle_again = False  # a body answered early came whole: the keep-alive timer is due
 
@@ -161,11 +162,21 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         super().connection_made(transport)  # type: ignore[arg-type]
         self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._look)
 
+    def _head_size(self) -> int:
+        """The bytes of the current request's line and headers the parser has kept."""
+        return len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+
     def _refuse_head(self, why: str) -> None:
         """Answer 431 and close: the request's line and headers are past the limits."""
         if self._refused:
             return
         self._refused = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and cycle.scope is not self.scope:
+            # A pipelined request behind one still being answered: a 431 now would land
+            # inside that answer. The connection just ends.
+            self.transport.close()
+            return
         body = why.encode()
         self.transport.write(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
@@ -181,11 +192,14 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         """Start the request as uvicorn does, its scope carrying a way to drop the client."""
-        # Headers that came whole in one read: the limits, checked once per request.
+        # The limits, once per request: the size is summed only when this read, with what
+        # came before it, could hold that much.
         if len(self.headers) > MAX_HEADERS:
             self._refuse_head(f"more than {MAX_HEADERS} request headers")
-        elif len(self.url) > MAX_HEADER_BYTES:
-            self._refuse_head(f"request line over {MAX_HEADER_BYTES} bytes")
+        elif self._head_bytes + self._read > MAX_HEADER_BYTES and (
+            self._head_size() > MAX_HEADER_BYTES
+        ):
+            self._refuse_head(f"request line and headers over {MAX_HEADER_BYTES} bytes")
         if self._refused:
             raise ValueError("refused")  # stops the parser: this request never starts
         # For a stream whose client stopped reading (see `drop`).
@@ -218,11 +232,18 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         """Parse as uvicorn does; a running request's body still incomplete gets a deadline,
         and headers past the limits are refused."""
+        self._read = len(data)
+        before = self.scope
         super().data_received(data)
         scope, cycle = self.scope, self.cycle
         if scope is not None and (cycle is None or cycle.scope is not scope):
-            # Still in a request's headers (see _look): counted, as the parser keeps them.
-            self._head_bytes += len(data)
+            # Still in a request's headers (see _look), kept by the parser: counted. A
+            # read that began inside them was all headers; one where they began (after
+            # another request's bytes) is counted by what the parser kept of them.
+            if scope is before and self._head_bytes:
+                self._head_bytes += len(data)
+            else:
+                self._head_bytes = self._head_size()
             if self._head_bytes > MAX_HEADER_BYTES:
                 self._refuse_head(f"request line and headers over {MAX_HEADER_BYTES} bytes")
                 return

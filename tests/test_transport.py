@@ -364,6 +364,12 @@ async def test_headers_past_the_limits_get_431_and_the_connection_closes() -> No
     assert rec.closed and rec.writes[0].startswith(b"HTTP/1.1 431 ")
     proto.connection_lost(None)
 
+    # One header past the limit, in the very read that ends the headers.
+    proto, rec = _protocol(app)
+    proto.data_received(b"GET / HTTP/1.1\r\nx-big: " + b"b" * 100_000 + b"\r\n\r\n")
+    assert rec.closed and rec.writes[0].startswith(b"HTTP/1.1 431 ")
+    proto.connection_lost(None)
+
     # A long URL counts as well; a large but allowed request is served.
     proto, rec = _protocol(app)
     proto.data_received(b"GET /" + b"u" * MAX_HEADER_BYTES + b" HTTP/1.1\r\nhost: t\r\n\r\n")
@@ -432,4 +438,46 @@ async def test_a_body_answered_before_it_came_does_not_hold_the_connection(
     proto.data_received(b"0123456789GET /slow HTTP/1.1\r\nhost: t\r\n\r\n")
     await asyncio.sleep(0.55)  # a stale timer would have cut /slow at 0.3 s
     assert not rec.closed and sum(b" 401 " in w for w in rec.writes) == 2
+    proto.connection_lost(None)
+
+
+async def test_a_pipelined_body_is_not_counted_as_headers() -> None:
+    # A's large body and the first bytes of B in one read: A is answered, B is served.
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    proto, rec = _protocol(app, busy=False)
+    body = b"x" * 100_000
+    proto.data_received(
+        b"POST /a HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n" % len(body)
+        + body
+        + b"GET /b HTTP/1.1\r\nho"
+    )
+    await turn()
+    proto.data_received(b"st: t\r\n\r\n")
+    for _ in range(10):
+        await turn()
+    out = b"".join(rec.writes)
+    assert b" 431 " not in out and out.count(b" 200 ") == 2 and not rec.closed
+    assert out.index(b"/a") < out.index(b"/b")
+    proto.connection_lost(None)
+
+    # B over the limits while A still streams: no 431 inside A's answer, the
+    # connection just ends.
+    async def streaming(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for _ in range(5):
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            await asyncio.sleep(0.02)
+        await send({"type": "http.response.body", "body": b""})
+
+    proto, rec = _protocol(streaming, busy=False)
+    proto.data_received(b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n")
+    await turn()
+    proto.data_received(b"GET /b HTTP/1.1\r\n" + b"x: y\r\n" * 300 + b"\r\n")
+    await asyncio.sleep(0.2)
+    assert rec.closed and b" 431 " not in b"".join(rec.writes)
     proto.connection_lost(None)
