@@ -44,7 +44,7 @@ class Authenticator:
                 tokens_per_minute=k.tokens_per_minute or lim.tokens_per_minute,
                 max_concurrent=k.max_concurrent or lim.max_concurrent,
             )
-        # Quick start: STELLA_API_KEYS="k1,k2" or "alice=k1,bob=k2"; these keys are admins.
+        # Quick start: STELLA_API_KEYS="key1,key2" or "alice=key1,bob=key2": admin keys.
         for name, key in env_keys(environ.get(settings.auth.keys_env, ""), settings.auth.keys_env):
             self.keys[hash_key(key)] = Principal(
                 name=name,
@@ -99,24 +99,31 @@ _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 
 
 def env_keys(raw: str, source: str = "STELLA_API_KEYS") -> list[tuple[str, str]]:
-    """(name, key) pairs from "k1,k2" or "alice=k1,bob=k2"; ConfigError for a short key.
+    """(name, key) pairs from "k1,k2" or "alice=k1,bob=k2"; ConfigError for a short key
+    or a name that is not one.
 
-    An entry is read as name=key only when the part before its first `=` is a name and
-    the part after it is a whole key: a base64 key ends in `=` or `==`, and splitting
-    it there would make its padding the key and the key its logged name.
+    What follows an entry's first `=` is its key, unless it is only `=` signs: a base64
+    key ends in `=` or `==`, and splitting it there would make its padding the key and
+    the key its logged name.
     """
     out = []
     for i, entry in enumerate(e.strip() for e in raw.split(",") if e.strip()):
         name, sep, key = entry.partition("=")
-        if not (sep and _KEY_NAME.fullmatch(name) and len(key.strip()) >= MIN_KEY_LENGTH):
-            name, key = f"env-{i + 1}", entry
-        key = key.strip()
+        name, key = name.strip(), key.strip()
+        if not sep or not key.strip("="):
+            name, key = f"env-{i + 1}", entry  # one key, its padding included
+        elif not _KEY_NAME.fullmatch(name):
+            # Not quoted: it may be part of a key.
+            raise ConfigError(
+                f"{source}: entry {i + 1} is not name=key: what comes before its '=' is not "
+                "a name (up to 64 letters, digits, '_', '.', '@', '-')"
+            )
         if len(key) < MIN_KEY_LENGTH:
             raise ConfigError(
                 f"{source}: key {i + 1} is shorter than {MIN_KEY_LENGTH} characters "
                 "(`stella keys new NAME` makes one)"
             )
-        out.append((name.strip(), key))
+        out.append((name, key))
     return out
 
 

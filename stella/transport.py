@@ -154,6 +154,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _parsing: Any = None  # the scope of a request whose headers were incomplete at a look
     _head_bytes = 0  # received while the current request's headers were incomplete
     _read = 0  # the size of the read being parsed
+    _ended = False  # whether a request ended in the read being parsed
     _refused = False  # answered 431 (the parser's complaint that may follow is not sent)
     _idle_again = False  # a body answered early came whole: the keep-alive timer is due
 
@@ -233,17 +234,18 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         """Parse as uvicorn does; a running request's body still incomplete gets a deadline,
         and headers past the limits are refused."""
         self._read = len(data)
-        before = self.scope
+        self._ended = False
         super().data_received(data)
         scope, cycle = self.scope, self.cycle
         if scope is not None and (cycle is None or cycle.scope is not scope):
             # Still in a request's headers (see _look), kept by the parser: counted. A
-            # read that began inside them was all headers; one where they began (after
-            # another request's bytes) is counted by what the parser kept of them.
-            if scope is before and self._head_bytes:
-                self._head_bytes += len(data)
-            else:
+            # read in which no other request ended was all this request's headers; after
+            # one that ended in it (a body, then the next request), what the parser has
+            # kept of them so far is counted.
+            if self._ended:
                 self._head_bytes = self._head_size()
+            else:
+                self._head_bytes += len(data)
             if self._head_bytes > MAX_HEADER_BYTES:
                 self._refuse_head(f"request line and headers over {MAX_HEADER_BYTES} bytes")
                 return
@@ -273,6 +275,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         """The body is all there: its deadline goes."""
+        self._ended = True
         super().on_message_complete()
         if self._body_timer is not None:
             self._body_timer.cancel()

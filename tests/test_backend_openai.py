@@ -325,6 +325,7 @@ async def test_a_user_and_password_in_base_url_go_as_basic_auth(
 
     f, url = fake
     with_user = url.replace("http://", "http://bob:p%40ss@") + "/v1"
+    f.authorizations.clear()
     b = await backend(with_user)
     try:
         assert "p%40ss" not in b.base_url and "bob" not in b.base_url
@@ -334,7 +335,12 @@ async def test_a_user_and_password_in_base_url_go_as_basic_auth(
         await b.aclose()
     assert health.ok, health
     assert isinstance(events[-1], Done)
-    sent = f.headers[-1]["authorization"]
-    assert sent == "Basic " + base64.b64encode(b"bob:p@ss").decode()
+    basic = "Basic " + base64.b64encode(b"bob:p@ss").decode()
+    assert f.authorizations == [[basic], [basic]]  # the probe's and the chat's: once each
     with pytest.raises(ConfigError, match="api_key_env"):
         OpenAIBackend("up", OpenAIConfig(kind="openai", base_url=with_user, api_key_env="K"))
+    with pytest.raises(ConfigError, match="Authorization"):
+        OpenAIBackend(
+            "up",
+            OpenAIConfig(kind="openai", base_url=with_user, headers={"authorization": "Bearer x"}),
+        )

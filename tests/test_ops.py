@@ -279,3 +279,42 @@ def test_answers_match_the_openapi_document() -> None:
             server.url + "/api/v1/chat", json={"model": "e2", "messages": msg}, headers=auth
         )
         assert r.status_code == 404
+
+
+def test_a_draining_servers_refusals_are_declared_too() -> None:
+    import asyncio
+
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    app = create_app(
+        load_settings(
+            {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}, environ={}
+        )
+    )
+
+    async def calls() -> tuple[dict, list[tuple[str, str, int]]]:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://t"
+        ) as c:
+            spec = (await c.get("/openapi.json")).json()
+            r = await c.get("/", headers={"Accept": "text/html"}, follow_redirects=False)
+            out = [("get", "/", r.status_code)]
+            app.state.stella.drain.draining = True
+            for method, path in (
+                ("get", "/"),
+                ("get", "/metrics"),
+                ("get", "/api/v1/models"),
+                ("post", "/api/v1/chat"),
+                ("get", "/health"),
+                ("get", "/ready"),
+            ):
+                r = await c.request(method, path)
+                out.append((method, path, r.status_code))
+            return spec, out
+
+    spec, seen = asyncio.run(calls())
+    assert seen[0][2] == 307 and ("get", "/ready", 503) in seen
+    for method, path, status in seen:
+        assert str(status) in spec["paths"][path][method]["responses"], (method, path, status)
+    assert "503" not in spec["paths"]["/health"]["get"]["responses"]

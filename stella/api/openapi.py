@@ -30,9 +30,13 @@ class Operation:
     media: str = "application/json"  # the media type of `response`
     # Statuses answered with a body of their own, not ErrorResponse (GET /ready's 503).
     others: tuple[tuple[int, Any], ...] = ()
+    # Statuses answered without a body: (status, description), e.g. a redirect.
+    bare: tuple[tuple[int, str], ...] = ()
 
 
 OPERATIONS: list[Operation] = []
+# Probes answer while the server drains; every other route answers 503 shutting_down.
+UNDRAINED = ("/health", "/ready")
 
 
 def document(*ops: Operation) -> None:
@@ -72,7 +76,10 @@ def build_schema() -> dict[str, Any]:
         responses: dict[str, Any] = {
             ok: {"description": "OK", "headers": _headers(200, op), "content": content}
         }
-        for status in op.errors:
+        errors = op.errors
+        if 503 not in errors and op.path not in UNDRAINED:
+            errors = (*errors, 503)  # every other route refuses new work while draining
+        for status in errors:
             if op.public and status in (401, 403):
                 continue
             responses[str(status)] = {
@@ -80,6 +87,8 @@ def build_schema() -> dict[str, Any]:
                 "headers": _headers(status, op, error=True),
                 "content": {"application/json": {"schema": by_type[ErrorResponse]}},
             }
+        for status, text in op.bare:
+            responses[str(status)] = {"description": text, "headers": _headers(status, op)}
         for status, body in op.others:
             responses[str(status)] = {
                 "description": "see the body",

@@ -149,6 +149,7 @@ document(
         response=ServiceInfo,
         public=True,
         errors=(),
+        bare=((307, "a browser (Accept: text/html) is sent to /playground"),),
     ),
     Operation(
         "get",

@@ -79,10 +79,10 @@ class HttpBackend(Backend):
         # left in it, the pooled client would send them twice (and aiohttp refuses).
         self.basic: dict[str, str] = {}
         if parts.username is not None or parts.password is not None:
-            if config.api_key_env:
+            if config.api_key_env or any(h.lower() == "authorization" for h in config.headers):
                 raise ConfigError(
-                    f"backends.{name}.base_url: holds a user and password and api_key_env "
-                    "is set too; use one of them"
+                    f"backends.{name}.base_url: holds a user and password, and api_key_env "
+                    "or an Authorization header is set too; use one of them"
                 )
             pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
             self.basic = {"Authorization": "Basic " + b64encode(pair.encode()).decode()}

@@ -34,6 +34,8 @@ class FakeOpenAI:
         self.words = [f" w{i}" for i in range(words)]
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        # Every Authorization header of each request, repeated ones apart (chat and models).
+        self.authorizations: list[list[str]] = []
         self.closed_at: list[float] = []  # when a streaming response was cut by the client
         self.app = Starlette(
             routes=[
@@ -44,6 +46,7 @@ class FakeOpenAI:
         )
 
     async def models(self, request: Request) -> Response:
+        self.authorizations.append(request.headers.getlist("authorization"))
         return JSONResponse(
             {
                 "object": "list",
@@ -55,6 +58,7 @@ class FakeOpenAI:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        self.authorizations.append(request.headers.getlist("authorization"))
         model = body.get("model", "ok")
         for i, tool in enumerate(body.get("tools") or []):
             # As the API reference has it: `type` and `function.name` are required.
