@@ -304,7 +304,11 @@ class Inference:
                             break
                         last = opened
                         if last.retryable:
-                            breaker.failure()
+                            if getattr(last, "no_verdict", False):
+                                if probe:
+                                    breaker.release()
+                            else:
+                                breaker.failure()
                             if not last.same_again:
                                 break  # the same failure again: fall back
                             continue
@@ -499,8 +503,13 @@ class Inference:
                 err = UpstreamTimeout(
                     f"no {awaited} from {route.backend_name!r} within {limit:.3g}s"
                 )
-                # A long answer would only run as long again: fall back instead.
-                err.same_again = awaited != "answer"
+                # A long answer would only run as long again: fall back instead. So would
+                # an in-process engine's busy queue or long prompt (its own load, not a
+                # fault: the circuit breaker is not told).
+                local = route.backend.local_queue
+                err.same_again = awaited != "answer" and not local
+                if local:
+                    err.no_verdict = True  # type: ignore[attr-defined]
             else:
                 err = UpstreamTimeout(f"the total limit of {rs.total_timeout_s:g}s passed")
                 err.out_of_time = True  # type: ignore[attr-defined]

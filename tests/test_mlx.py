@@ -18,8 +18,20 @@ from tests.live import LiveServer, ndjson, run_stella
 pytestmark = pytest.mark.mlx
 
 CONFIG = {
-    "models": {"default": "smollm2-135m"},
+    "models": {
+        "default": "smollm2-135m",
+        # The same model with a short time to first token, retries and a fallback.
+        "routes": {
+            "smollm2-hasty": {
+                "backend": "local",
+                "upstream_model": "SmolLM2-135M-Instruct",
+                "ttft_timeout_s": 1.5,
+                "retries": 2,
+            }
+        },
+    },
     "backends": {"local": {"enabled": True, "max_queue": 1}},
+    "breaker": {"failure_threshold": 1},
     "log": {"content": True},
 }
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -399,3 +411,28 @@ def test_ollama_empty_requests_load_and_unload_the_model(mlx_server: LiveServer)
     assert "smollm2-135m" in ps()
     answer = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 24})
     assert "Paris" in answer["response"]
+
+
+def test_a_prompt_too_long_for_the_time_limit_is_not_read_again(mlx_server: LiveServer) -> None:
+    # Its time to first token ran out in the engine's own queue or prompt pass: trying
+    # again would read it again from the start (and keep everyone queued behind it
+    # waiting), and the engine is not broken, so its circuit stays closed.
+    long = " ".join(f"The cat sleeps on mat {i}." for i in range(200))
+    t = time.monotonic()
+    r = httpx.post(
+        mlx_server.url + "/api/v1/chat",
+        json={
+            "model": "smollm2-hasty",
+            "stream": False,
+            "messages": [{"role": "user", "content": long}],
+        },
+        timeout=60,
+    )
+    assert r.status_code == 504 and time.monotonic() - t < 6, r.text
+    rid = r.json()["error"]["request_id"]
+    ev = mlx_server.wait_event(lambda e: e.get("request_id") == rid)
+    assert [a["error"] for a in ev["attempts"]] == ["upstream_timeout"]
+    # The backend's next call is answered (breaker.failure_threshold is 1: one verdict
+    # would have opened its circuit for every route on it).
+    answer = chat(mlx_server, FRANCE, options={"max_tokens": 3})
+    assert answer["usage"]["completion_tokens"] >= 1

@@ -79,6 +79,10 @@ class Backend:
     # True when the backend passes tool_choice "none" on (the model then calls no tool
     # but still sees the tools); otherwise the pipeline withholds the tools.
     honours_tool_choice: ClassVar[bool] = False
+    # True for an engine whose calls wait in this process's own queue (the in-process
+    # MLX worker): a first-token timeout there is its load (a long prompt, a long queue),
+    # so the call is not tried again behind the same queue, and its circuit is not told.
+    local_queue: ClassVar[bool] = False
 
     def __init__(self, name: str, config: BackendConfig) -> None:
         self.name = name

@@ -51,6 +51,7 @@ class MlxBackend(Backend):
 
     kind = "mlx"
     Config = MlxConfig
+    local_queue = True
 
     def __init__(self, name: str, config: MlxConfig) -> None:
         super().__init__(name, config)
@@ -125,6 +126,10 @@ class MlxBackend(Backend):
         except ImportError as exc:
             raise _cannot_load(
                 f"mlx: {exc}; install the engine with pip install 'stella-gateway[mlx]'"
+            ) from None
+        except Exception as exc:  # a corrupt or unsupported model: say what, do not retry
+            raise _cannot_load(
+                f"mlx: model {self._source(key)!r} could not be loaded: {type(exc).__name__}: {exc}"
             ) from None
         return model
 
