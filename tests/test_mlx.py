@@ -436,3 +436,34 @@ def test_a_prompt_too_long_for_the_time_limit_is_not_read_again(mlx_server: Live
     # would have opened its circuit for every route on it).
     answer = chat(mlx_server, FRANCE, options={"max_tokens": 3})
     assert answer["usage"]["completion_tokens"] >= 1
+
+
+async def test_a_corrupt_model_is_a_clear_error_not_retried(tmp_path: Path) -> None:
+    from stella.backends.mlx import backend as mlx_backend
+    from stella.errors import UpstreamError
+
+    # A GGUF whose header MLX's reader trusts (it crashes a process reading it: the
+    # import runs in one of its own), and a model directory with a broken config.
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    broken_dir = tmp_path / "model"
+    broken_dir.mkdir()
+    (broken_dir / "config.json").write_text("{not json")
+    for source, words in (
+        (bad, ("broken.gguf", "corrupt")),
+        (broken_dir, ("could not be loaded",)),
+    ):
+        b = mlx_backend.MlxBackend(
+            "local",
+            mlx_backend.MlxConfig(
+                kind="mlx", preload=False, source=str(source), cache_dir=str(tmp_path / "cache")
+            ),
+        )
+        await b.start()
+        try:
+            with pytest.raises(UpstreamError) as info:
+                await b.ensure_loaded("")
+        finally:
+            await b.aclose()
+        assert all(w in info.value.message for w in words), info.value.message
+        assert info.value.same_again is False  # a fallback may answer; asking again would not

