@@ -467,3 +467,33 @@ async def test_a_corrupt_model_is_a_clear_error_not_retried(tmp_path: Path) -> N
             await b.aclose()
         assert all(w in info.value.message for w in words), info.value.message
         assert info.value.same_again is False  # a fallback may answer; asking again would not
+
+
+async def test_an_unload_while_answering_frees_the_model_after_the_answer(
+    mlx_server: LiveServer,
+) -> None:
+    # `ollama stop` during a generation: the answer ends whole, then the weights go.
+    url = mlx_server.url
+
+    async def answer() -> list[dict]:
+        async with httpx.AsyncClient(timeout=120) as c:
+            poem = [{"role": "user", "content": "Write a long poem about the sea at night."}]
+            body = {"messages": poem, "options": {"max_tokens": 60, "temperature": 0}}
+            r = await c.post(url + "/api/v1/chat", json=body)
+            return ndjson(r.text)
+
+    running = asyncio.create_task(answer())
+    async with httpx.AsyncClient(timeout=60) as c:
+        await asyncio.sleep(1.0)  # inside the answer (60 tokens take ~4 s here)
+        assert not running.done()
+        r = await c.post(url + "/api/generate", json={"model": "smollm2-135m", "keep_alive": 0})
+        assert r.status_code == 200 and r.json()["done_reason"] == "unload"
+        lines = await running
+        assert lines[-1]["type"] == "done" and lines[-1]["usage"]["completion_tokens"] >= 1
+        names = [m["name"] for m in (await c.get(url + "/api/ps")).json()["models"]]
+        assert "smollm2-135m" not in names
+    # The next request loads it again.
+    assert (
+        "Paris"
+        in chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 12})["response"]
+    )

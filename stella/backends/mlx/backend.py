@@ -139,13 +139,16 @@ class MlxBackend(Backend):
         self._last_used[self._key(upstream_model)] = time.monotonic()
 
     async def unload(self, upstream_model: str) -> bool:
-        """Free the model now (Ollama's keep_alive 0), unless a job is running on it."""
+        """Free the model (Ollama's keep_alive 0): at once when the worker is idle, else
+        once the jobs queued on it have run (the worker runs its jobs in order), as
+        Ollama does; a request from now on loads it again. False when it was not loaded."""
         key = self._key(upstream_model)
-        model = self.loaded_models.get(key)
-        if model is None or self.worker.busy or self.worker.waiting:
-            return False  # a job running or queued holds it
-        del self.loaded_models[key]
-        await asyncio.wrap_future(self.worker.call(model.release))
+        model = self.loaded_models.pop(key, None)
+        if model is None:
+            return False
+        released = self.worker.call(model.release)
+        if not (self.worker.busy or self.worker.waiting):
+            await asyncio.wrap_future(released)
         return True
 
     def _key(self, upstream_model: str) -> str:
