@@ -166,6 +166,7 @@ class Inference:
         "permit",
         "pipeline",
         "queue_ms",
+        "queued_before_ms",
         "request",
         "route",
         "slow",
@@ -225,6 +226,7 @@ class Inference:
         # back when it fails, settled with the usage when the call ends on it.
         self.fallback_permit: tuple[str, Permit] | None = None  # (route name, permit)
         self.fallback_wait_ms = 0.0  # waits for fallbacks' backend slots: part of queue_ms
+        self.queued_before_ms = 0.0  # earlier attempts' waits in their backends' queues
         self.ctx: CallContext | None = None  # the last attempt's
         self.collect = not request.stream or pipeline.log_content
 
@@ -335,7 +337,12 @@ class Inference:
                             elif kind is Done:
                                 self.completion_tokens = tokens
                                 breaker.success()
-                                self.queue_ms = self.admit_ms + self.fallback_wait_ms + ctx.queue_ms
+                                self.queue_ms = (
+                                    self.admit_ms
+                                    + self.fallback_wait_ms
+                                    + self.queued_before_ms
+                                    + ctx.queue_ms
+                                )
                                 # Done is the backend's last event: let it return normally so
                                 # its cleanup runs without a GeneratorExit (and its garbage).
                                 try:
@@ -394,7 +401,10 @@ class Inference:
                                 tokens = 0
                                 self.ttft = None
                                 self.engine_ttft_ms = None
-                                self.queue_ms = self.admit_ms + self.fallback_wait_ms
+                                self.queued_before_ms += ctx.queue_ms
+                                self.queue_ms = (
+                                    self.admit_ms + self.fallback_wait_ms + self.queued_before_ms
+                                )
                                 last = exc
                                 continue
                         # A stream's client has had tokens: a switch of model mid-answer
@@ -442,7 +452,7 @@ class Inference:
         finally:
             # A wait for the fallback's slot is queueing, as the wait for the first one.
             self.fallback_wait_ms += (time.perf_counter() - now) * 1000
-            self.queue_ms = self.admit_ms + self.fallback_wait_ms
+            self.queue_ms = self.admit_ms + self.fallback_wait_ms + self.queued_before_ms
         if permit is not None:
             self.fallback_permit = (route.name, permit)
         return None
@@ -496,8 +506,10 @@ class Inference:
         except asyncio.CancelledError:
             if not watchdog.expired():
                 # Cut from outside (client gone, shutdown): the attempt's record still ends.
-                record["ms"] = _ms(time.perf_counter() - t)
+                now = time.perf_counter()
+                record["ms"] = _ms(now - t)
                 record["error"] = self.call.cancel_reason or "cancelled"
+                self._queued(ctx, now)
                 raise
             if ttft < left:
                 err = UpstreamTimeout(
@@ -517,7 +529,9 @@ class Inference:
             _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
             err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")
         else:
-            self.queue_ms = self.admit_ms + self.fallback_wait_ms + ctx.queue_ms
+            self.queue_ms = (
+                self.admit_ms + self.fallback_wait_ms + self.queued_before_ms + ctx.queue_ms
+            )
             self.engine_ttft_ms = ctx.engine_ttft_ms
             record["ms"] = _ms(time.perf_counter() - t)
             record["error"] = None
@@ -525,11 +539,20 @@ class Inference:
         finally:
             watchdog.waiting = False
         await close_quietly(agen)
-        record["ms"] = _ms(time.perf_counter() - t)
+        now = time.perf_counter()
+        record["ms"] = _ms(now - t)
         record["error"] = err.code
+        self._queued(ctx, now)
         if isinstance(err, UpstreamStatus):
             record["upstream_status"] = err.upstream_status
         return err
+
+    def _queued(self, ctx: CallContext, now: float) -> None:
+        """Count the queue wait of an attempt that ended without a first token: until its
+        job started, or until now when it never did."""
+        waited = ctx.queue_ms or ((now - ctx.queued_at) * 1000 if ctx.queued_at else 0.0)
+        self.queued_before_ms += waited
+        self.queue_ms = self.admit_ms + self.fallback_wait_ms + self.queued_before_ms
 
     def _done(self, done: Done) -> Done:
         now = time.perf_counter()
@@ -662,8 +685,11 @@ class Inference:
         }
         if self.engine_ttft_ms is not None:
             record["engine_ttft_ms"] = self.engine_ttft_ms
-        if ctx is not None and ctx.cached_tokens is not None:
-            record["cached_tokens"] = ctx.cached_tokens
+        if ctx is not None:
+            if ctx.cached_tokens is not None:
+                record["cached_tokens"] = ctx.cached_tokens
+            if ctx.load_ms is not None:
+                record["load_ms"] = ctx.load_ms
         if self.request.metadata:
             record["metadata"] = self.request.metadata
         if pipeline.log_content:

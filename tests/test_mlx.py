@@ -244,12 +244,16 @@ async def test_a_request_given_up_in_the_queue_frees_its_place(mlx_server: LiveS
     async with httpx.AsyncClient(timeout=120) as client:
         running = asyncio.create_task(client.post(mlx_server.url + "/api/v1/chat", json=payload))
         await asyncio.sleep(0.5)
+        gave_up = {**payload, "metadata": {"who": "gave-up"}}
         with pytest.raises(httpx.ReadTimeout):
-            await client.post(mlx_server.url + "/api/v1/chat", json=payload, timeout=0.5)
+            await client.post(mlx_server.url + "/api/v1/chat", json=gave_up, timeout=0.5)
         await asyncio.sleep(0.2)
         after = await client.post(mlx_server.url + "/api/v1/chat", json=payload)
         assert after.status_code == 200, after.text
         assert (await running).status_code == 200
+    # Its log line says how long it waited in the queue before it left (not 0).
+    ev = mlx_server.wait_event(lambda e: (e.get("metadata") or {}).get("who") == "gave-up")
+    assert ev["finish_reason"] == "client_closed" and 300 <= ev["queue_ms"] <= 5000, ev
 
 
 async def test_a_cancelled_prompt_pass_stops_within_a_step(mlx_server: LiveServer) -> None:
@@ -492,8 +496,8 @@ async def test_an_unload_while_answering_frees_the_model_after_the_answer(
         assert lines[-1]["type"] == "done" and lines[-1]["usage"]["completion_tokens"] >= 1
         names = [m["name"] for m in (await c.get(url + "/api/ps")).json()["models"]]
         assert "smollm2-135m" not in names
-    # The next request loads it again.
-    assert (
-        "Paris"
-        in chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 12})["response"]
-    )
+    # The next request loads it again, and its log line says how long that took.
+    again = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 12})
+    assert "Paris" in again["response"]
+    ev = mlx_server.wait_event(lambda e: e.get("request_id") == again["id"])
+    assert ev["load_ms"] > 100 and ev["ttft_ms"] > ev["load_ms"]

@@ -34,8 +34,13 @@ class CallContext:
 
     request_id: str
     route: str = ""
-    # Filled by the backend when it queues work, so the core can report queue_ms.
+    # Filled by the backend when it queues work, so the core can report queue_ms: the
+    # wait, once the work starts, and when it was queued (time.perf_counter()), for a
+    # call that ends before it starts.
     queue_ms: float = 0.0
+    queued_at: float = 0.0
+    # Filled by an engine that had to load the model for this call: the load's share.
+    load_ms: float | None = None
     # Filled by an in-process engine: its own time from starting the job to the first
     # token, so the log can tell the model's share of TTFT from the gateway's.
     engine_ttft_ms: float | None = None

@@ -257,11 +257,15 @@ class MlxBackend(Backend):
         job = GenerationJob(run=generate_into, loop=loop, out=out)
         # Counted against max_queue from here, while the model may still be loading.
         self.worker.reserve(job)
+        must_load = self._key(request.model or "") not in self.loaded_models
+        started = time.perf_counter()
         try:
             model = await self.ensure_loaded(request.model or "")
         except BaseException:
             self.worker.discard(job)
             raise
+        if must_load:  # this call waited for the weights
+            ctx.load_ms = round((time.perf_counter() - started) * 1000, 2)
         opts = request.options
         job.params.update(
             {
@@ -282,7 +286,7 @@ class MlxBackend(Backend):
             }
         )
         stops = StopBuffer(opts.stop or ())
-        job.submitted = time.perf_counter()  # queue_ms: the wait for the worker, not the load
+        job.submitted = ctx.queued_at = time.perf_counter()  # queue_ms: not the load
         self.worker.generate(job)
         key = request.model if request.model in self.cfg.models else ""
         try:
