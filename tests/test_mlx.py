@@ -501,3 +501,89 @@ async def test_an_unload_while_answering_frees_the_model_after_the_answer(
     assert "Paris" in again["response"]
     ev = mlx_server.wait_event(lambda e: e.get("request_id") == again["id"])
     assert ev["load_ms"] > 100 and ev["ttft_ms"] > ev["load_ms"]
+
+
+def test_tool_calls_are_taken_out_of_the_text_however_the_text_is_cut() -> None:
+    from mlx_lm.tool_parsers import json_tools
+
+    from stella.backends.mlx.toolcalls import ToolCallBuffer
+
+    text = (
+        'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+        '</tool_call><tool_call>{"name": "get_time", "arguments": "{}"}</tool_call> Done <to'
+    )
+    for size in (1, 2, 3, 7, len(text)):
+        buf = ToolCallBuffer("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
+        out, calls = "", []
+        for i in range(0, len(text), size):
+            piece, made = buf.feed(text[i : i + size])
+            out, calls = out + piece, calls + made
+        rest, more = buf.flush()
+        out, calls = out + rest, calls + more
+        assert out == "Let me look.  Done <to", (size, out)
+        assert calls == [("get_weather", {"city": "Paris"}), ("get_time", {})], size
+    # Not JSON between the markers: text after all. A call cut off by max_tokens: text.
+    buf = ToolCallBuffer("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
+    assert buf.feed("<tool_call>oops</tool_call>") == ("<tool_call>oops</tool_call>", [])
+    assert buf.feed('<tool_call>{"name": "f", "argu') == ("", [])
+    assert buf.flush() == ('<tool_call>{"name": "f", "argu', [])
+
+
+async def test_the_engines_tool_calls_are_tool_call_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The backend's loop over what the engine emits, with a tokenizer that writes calls
+    # as Hermes/Qwen templates do: text, then the call as an event, finish tool_calls.
+    from types import SimpleNamespace
+
+    from mlx_lm.tool_parsers import json_tools
+
+    from stella.backends import CallContext
+    from stella.backends.mlx import backend as mlx_backend
+    from stella.backends.mlx.engine import LoadedModel
+    from stella.backends.mlx.worker import GenerationJob
+    from stella.protocol import ChatRequest, Done, FunctionSpec, Message, Tool, ToolCall
+
+    tokenizer = SimpleNamespace(
+        has_tool_calling=True,
+        tool_call_start="<tool_call>",
+        tool_call_end="</tool_call>",
+        tool_parser=json_tools.parse_tool_call,
+    )
+    model = LoadedModel(
+        path="fake", model=None, tokenizer=tokenizer, supports_tools=True, tool_calling=True
+    )
+    pieces = [
+        "Sure",
+        ". <tool",
+        '_call>{"name": "get_weather", ',
+        '"arguments": {"city": "Oslo"}}',
+        "</tool_call>",
+    ]
+
+    def scripted(job: GenerationJob) -> None:  # what engine.generate_into emits, per token
+        job.started = time.perf_counter()
+        job.emit(("started",))
+        job.emit(("prompt", 5))
+        for i, piece in enumerate(pieces):
+            job.first_token = job.first_token or time.perf_counter()
+            last = i == len(pieces) - 1
+            job.emit(("token", piece, "stop" if last else None, 5, i + 1))
+
+    monkeypatch.setattr(mlx_backend, "generate_into", scripted)
+    monkeypatch.setattr(mlx_backend.MlxBackend, "_load", staticmethod(lambda *a: model))
+    b = mlx_backend.MlxBackend("local", mlx_backend.MlxConfig(kind="mlx", preload=False))
+    await b.start()
+    try:
+        assert b.capabilities("") == ["chat"]  # not loaded yet
+        tool = Tool(function=FunctionSpec(name="get_weather", parameters={"type": "object"}))
+        req = ChatRequest(messages=[Message(role="user", content="weather?")], tools=[tool])
+        events = [e async for e in b.chat(req, CallContext(request_id="r"))]
+        assert b.capabilities("") == ["chat", "tools"]
+    finally:
+        await b.aclose()
+    text = "".join(e.text for e in events if hasattr(e, "text"))
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert text == "Sure. "
+    assert [(c.name, c.arguments, c.id) for c in calls] == [
+        ("get_weather", {"city": "Oslo"}, "call_0")
+    ]
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "tool_calls"

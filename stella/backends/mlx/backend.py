@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import msgspec
 import structlog
 from msgspec import Meta
 
@@ -17,9 +18,10 @@ from stella.backends.base import Backend, BackendConfig, BackendEvent, BackendHe
 from stella.backends.mlx.engine import LoadedModel, dequantize, generate_into, load_model
 from stella.backends.mlx.source import ModelSourceError, default_cache_dir, resolve
 from stella.backends.mlx.stops import StopBuffer
+from stella.backends.mlx.toolcalls import ToolCallBuffer
 from stella.backends.mlx.worker import GenerationJob, MlxWorker
 from stella.errors import Overloaded, StellaError, UpstreamError
-from stella.protocol import ChatRequest, Delta, Done, Usage
+from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
 
 _log = structlog.get_logger("stella")
 
@@ -226,10 +228,12 @@ class MlxBackend(Backend):
         return model.nbytes if model else None
 
     def capabilities(self, upstream_model: str) -> list[str]:
-        """Chat, plus tools when the chat template takes them."""
+        """Chat, plus tools when the chat template takes them and the tokenizer knows how
+        the model writes a call (its calls are then ToolCall events)."""
         key = upstream_model if upstream_model in self.cfg.models else ""
         model = self.loaded_models.get(key)
-        return ["chat", "tools"] if model and model.supports_tools else ["chat"]
+        tools = model is not None and model.supports_tools and model.tool_calling
+        return ["chat", "tools"] if tools else ["chat"]
 
     async def models(self) -> list[str]:
         """Configured model names."""
@@ -286,6 +290,8 @@ class MlxBackend(Backend):
             }
         )
         stops = StopBuffer(opts.stop or ())
+        calls = _tool_calls(model, request)
+        n_calls = 0
         job.submitted = ctx.queued_at = time.perf_counter()  # queue_ms: not the load
         self.worker.generate(job)
         key = request.model if request.model in self.cfg.models else ""
@@ -309,6 +315,17 @@ class MlxBackend(Backend):
                 _, text, finish, prompt_tokens, completion_tokens = item
                 if ctx.engine_ttft_ms is None and job.first_token:
                     ctx.engine_ttft_ms = round((job.first_token - job.started) * 1000, 2)
+                made: list[tuple[str, dict[str, Any]]] = []
+                if calls is not None:
+                    text, made = calls.feed(text)
+                    if finish is not None:
+                        rest, more = calls.flush()
+                        text, made = text + rest, made + more
+                for name, arguments in made:
+                    yield ToolCall(
+                        index=n_calls, id=f"call_{n_calls}", name=name, arguments=arguments
+                    )
+                    n_calls += 1
                 emit, stopped = stops.feed(text)
                 if emit:
                     yield Delta(text=emit)
@@ -320,6 +337,8 @@ class MlxBackend(Backend):
                 elif finish is not None:
                     if tail := stops.flush():
                         yield Delta(text=tail)
+                    if finish == "stop" and n_calls:
+                        finish = "tool_calls"
                 if stopped or finish is not None:
                     job.cancelled = True  # a stop string ends it here, not at max_tokens
                     yield Done(
@@ -335,6 +354,20 @@ class MlxBackend(Backend):
             self.worker.discard(job)
             job.handed.set()
             self._last_used[key] = time.monotonic()
+
+
+def _tool_calls(model: LoadedModel, request: ChatRequest) -> ToolCallBuffer | None:
+    """A buffer that takes the model's tool calls out of its text, when the request offers
+    tools and the model's tokenizer knows how its calls are written."""
+    tokenizer = model.tokenizer
+    if not (request.tools and model.supports_tools and model.tool_calling):
+        return None
+    return ToolCallBuffer(
+        tokenizer.tool_call_start,
+        tokenizer.tool_call_end,
+        tokenizer.tool_parser,
+        msgspec.to_builtins(request.tools),
+    )
 
 
 def _cannot_load(message: str) -> UpstreamError:

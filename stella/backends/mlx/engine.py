@@ -30,7 +30,8 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     nbytes: int = 0
-    supports_tools: bool = False
+    supports_tools: bool = False  # the chat template renders tools
+    tool_calling: bool = False  # the tokenizer knows the markers of a call and its parser
     caches: Any = None  # mlx_lm LRUPromptCache, made on first use
     meta: dict[str, Any] = field(default_factory=dict)
     context: int | None = None  # the model's context window in tokens, when it says
@@ -114,7 +115,11 @@ def load_model(path: str) -> LoadedModel:
     model, tokenizer = mlx_lm.load(path)
     template = getattr(tokenizer, "chat_template", None) or ""
     lm = LoadedModel(
-        path=path, model=model, tokenizer=tokenizer, supports_tools="tools" in str(template)
+        path=path,
+        model=model,
+        tokenizer=tokenizer,
+        supports_tools="tools" in str(template),
+        tool_calling=bool(getattr(tokenizer, "has_tool_calling", False)),
     )
     context = getattr(getattr(model, "args", None), "max_position_embeddings", None)
     lm.context = context if isinstance(context, int) and context > 0 else None

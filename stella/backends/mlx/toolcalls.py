@@ -1,0 +1,98 @@
+"""Tool calls in a model's streamed text, between its tokenizer's start and end markers.
+
+mlx-lm's tokenizer wrapper knows, per model family, the text that opens and closes
+a tool call (`<tool_call>` ... `</tool_call>` for Qwen/Hermes-style templates) and a
+parser for what comes between. The text outside the markers is the answer; what is
+inside becomes ToolCall events, never text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+Parser = Callable[[str, Any], Any]
+
+
+class ToolCallBuffer:
+    """Splits streamed text into answer text and parsed calls (name, arguments)."""
+
+    def __init__(self, start: str, end: str, parse: Parser, tools: Any) -> None:
+        self.start = start
+        self.end = end
+        self.parse = parse
+        self.tools = tools
+        self.inside = False
+        self.held = ""
+        self.made = 0  # calls parsed so far
+
+    def feed(self, text: str) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+        """(answer text safe to emit now, calls completed in it)."""
+        buf = self.held + text
+        out: list[str] = []
+        calls: list[tuple[str, dict[str, Any]]] = []
+        while buf:
+            if not self.inside:
+                at = buf.find(self.start)
+                if at < 0:
+                    keep = _partial(buf, self.start)
+                    out.append(buf[: len(buf) - keep])
+                    self.held = buf[len(buf) - keep :]
+                    return "".join(out), calls
+                out.append(buf[:at])
+                buf = buf[at + len(self.start) :]
+                self.inside = True
+            else:
+                at = buf.find(self.end)
+                if at < 0:
+                    self.held = buf
+                    return "".join(out), calls
+                body, buf = buf[:at], buf[at + len(self.end) :]
+                self.inside = False
+                parsed = self._parse(body)
+                if parsed is None:  # not a call after all: it was text
+                    out.append(self.start + body + self.end)
+                calls += parsed or []
+        self.held = ""
+        return "".join(out), calls
+
+    def flush(self) -> tuple[str, list[tuple[str, dict[str, Any]]]]:
+        """At the end of the answer: a call cut off (max_tokens) is parsed if it can be,
+        else given back as text, as is a partial start marker."""
+        held, self.held = self.held, ""
+        if not self.inside:
+            return held, []
+        self.inside = False
+        parsed = self._parse(held)
+        return ("", parsed) if parsed else (self.start + held, [])
+
+    def _parse(self, body: str) -> list[tuple[str, dict[str, Any]]] | None:
+        try:
+            parsed = self.parse(body, self.tools)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        items = parsed if isinstance(parsed, list) else [parsed]
+        calls = []
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                return None
+            args = item.get("arguments", {})
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args) if args.strip() else {}
+                except ValueError:
+                    return None
+            if not isinstance(args, dict):
+                return None
+            calls.append((item["name"], args))
+        self.made += len(calls)
+        return calls
+
+
+def _partial(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that begins `marker`."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
