@@ -504,9 +504,22 @@ async def test_an_unload_while_answering_frees_the_model_after_the_answer(
 
 
 def test_tool_calls_are_taken_out_of_the_text_however_the_text_is_cut() -> None:
-    from mlx_lm.tool_parsers import json_tools
+    from mlx_lm.tool_parsers import json_tools, mistral
 
     from stella.backends.mlx.toolcalls import ToolCallBuffer
+
+    def run(buf: ToolCallBuffer, text: str, size: int) -> list:
+        pieces: list = []
+        for i in range(0, len(text), size):
+            pieces += buf.feed(text[i : i + size])
+        pieces += buf.flush()
+        merged: list = []  # adjacent text joined, calls as they are
+        for p in pieces:
+            if isinstance(p, str) and merged and isinstance(merged[-1], str):
+                merged[-1] += p
+            else:
+                merged.append(p)
+        return merged
 
     text = (
         'Let me look. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
@@ -514,19 +527,22 @@ def test_tool_calls_are_taken_out_of_the_text_however_the_text_is_cut() -> None:
     )
     for size in (1, 2, 3, 7, len(text)):
         buf = ToolCallBuffer("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
-        out, calls = "", []
-        for i in range(0, len(text), size):
-            piece, made = buf.feed(text[i : i + size])
-            out, calls = out + piece, calls + made
-        rest, more = buf.flush()
-        out, calls = out + rest, calls + more
-        assert out == "Let me look.  Done <to", (size, out)
-        assert calls == [("get_weather", {"city": "Paris"}), ("get_time", {})], size
+        assert run(buf, text, size) == [
+            "Let me look. ",
+            ("get_weather", {"city": "Paris"}),
+            ("get_time", {}),
+            " Done <to",
+        ], size
+    # The Mistral family has no end marker: a call runs to the end of the answer.
+    call = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+    for size in (1, 5, len(call)):
+        buf = ToolCallBuffer("[TOOL_CALLS]", "", mistral.parse_tool_call, [])
+        assert run(buf, "Sure. " + call, size) == ["Sure. ", ("get_weather", {"city": "Paris"})]
     # Not JSON between the markers: text after all. A call cut off by max_tokens: text.
     buf = ToolCallBuffer("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
-    assert buf.feed("<tool_call>oops</tool_call>") == ("<tool_call>oops</tool_call>", [])
-    assert buf.feed('<tool_call>{"name": "f", "argu') == ("", [])
-    assert buf.flush() == ('<tool_call>{"name": "f", "argu', [])
+    assert buf.feed("<tool_call>oops</tool_call>") == ["<tool_call>oops</tool_call>"]
+    assert buf.feed('<tool_call>{"name": "f", "argu') == [] and buf.holding
+    assert buf.flush() == ['<tool_call>{"name": "f", "argu']
 
 
 async def test_the_engines_tool_calls_are_tool_call_events(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -540,7 +556,7 @@ async def test_the_engines_tool_calls_are_tool_call_events(monkeypatch: pytest.M
     from stella.backends.mlx import backend as mlx_backend
     from stella.backends.mlx.engine import LoadedModel
     from stella.backends.mlx.worker import GenerationJob
-    from stella.protocol import ChatRequest, Done, FunctionSpec, Message, Tool, ToolCall
+    from stella.protocol import ChatRequest, Done, FunctionSpec, Message, Options, Tool, ToolCall
 
     tokenizer = SimpleNamespace(
         has_tool_calling=True,
@@ -572,12 +588,22 @@ async def test_the_engines_tool_calls_are_tool_call_events(monkeypatch: pytest.M
     monkeypatch.setattr(mlx_backend.MlxBackend, "_load", staticmethod(lambda *a: model))
     b = mlx_backend.MlxBackend("local", mlx_backend.MlxConfig(kind="mlx", preload=False))
     await b.start()
+    tool = Tool(function=FunctionSpec(name="get_weather", parameters={"type": "object"}))
     try:
         assert b.capabilities("") == ["chat"]  # not loaded yet
-        tool = Tool(function=FunctionSpec(name="get_weather", parameters={"type": "object"}))
         req = ChatRequest(messages=[Message(role="user", content="weather?")], tools=[tool])
-        events = [e async for e in b.chat(req, CallContext(request_id="r"))]
+        ctx = CallContext(request_id="r")
+        events = [e async for e in b.chat(req, ctx)]
         assert b.capabilities("") == ["chat", "tools"]
+        # Every token was progress for the time limits, the silent ones of the call too.
+        assert ctx.beats == len(pieces)
+        # With a stop string: the text held back for it comes before the call, and a
+        # stop string after the call still ends the answer as tool_calls.
+        pieces[:] = ["Sure O", '<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>']
+        pieces += ["k", "\nObservation: rain"]
+        opts = Options(stop=["Obs"])
+        stopping = ChatRequest(messages=req.messages, tools=[tool], options=opts)
+        later = [e async for e in b.chat(stopping, CallContext(request_id="s"))]
     finally:
         await b.aclose()
     text = "".join(e.text for e in events if hasattr(e, "text"))
@@ -587,3 +613,6 @@ async def test_the_engines_tool_calls_are_tool_call_events(monkeypatch: pytest.M
         ("get_weather", {"city": "Oslo"}, "call_0")
     ]
     assert isinstance(events[-1], Done) and events[-1].finish_reason == "tool_calls"
+    shown = [e.text if hasattr(e, "text") else ("call", e.name) for e in later[:-1]]
+    assert shown == ["Sure ", "O", ("call", "get_weather"), "k", "\n"], shown
+    assert later[-1].finish_reason == "tool_calls"

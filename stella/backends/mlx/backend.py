@@ -315,20 +315,33 @@ class MlxBackend(Backend):
                 _, text, finish, prompt_tokens, completion_tokens = item
                 if ctx.engine_ttft_ms is None and job.first_token:
                     ctx.engine_ttft_ms = round((job.first_token - job.started) * 1000, 2)
-                made: list[tuple[str, dict[str, Any]]] = []
-                if calls is not None:
-                    text, made = calls.feed(text)
+                # Every token is progress for the time limits, also one that shows
+                # nothing yet (a tool call being written, a stop string's first letters).
+                ctx.beats += 1
+                stopped = False
+                if calls is None:
+                    emit, stopped = stops.feed(text)
+                    if emit:
+                        yield Delta(text=emit)
+                else:
+                    pieces = calls.feed(text)
                     if finish is not None:
-                        rest, more = calls.flush()
-                        text, made = text + rest, made + more
-                for name, arguments in made:
-                    yield ToolCall(
-                        index=n_calls, id=f"call_{n_calls}", name=name, arguments=arguments
-                    )
-                    n_calls += 1
-                emit, stopped = stops.feed(text)
-                if emit:
-                    yield Delta(text=emit)
+                        pieces += calls.flush()
+                    for piece in pieces:
+                        if isinstance(piece, str):
+                            emit, stopped = stops.feed(piece)
+                            if emit:
+                                yield Delta(text=emit)
+                            if stopped:
+                                break
+                            continue
+                        # A call: the text before it is final, a stop's first letters too.
+                        if held := stops.flush():
+                            yield Delta(text=held)
+                        yield ToolCall(
+                            index=n_calls, id=f"call_{n_calls}", name=piece[0], arguments=piece[1]
+                        )
+                        n_calls += 1
                 # Sent (or held back by a stop string): the worker may go on (see engine).
                 job.handed.set()
                 if stopped:
@@ -337,8 +350,8 @@ class MlxBackend(Backend):
                 elif finish is not None:
                     if tail := stops.flush():
                         yield Delta(text=tail)
-                    if finish == "stop" and n_calls:
-                        finish = "tool_calls"
+                if n_calls and finish == "stop":
+                    finish = "tool_calls"  # the answer's point was its calls
                 if stopped or finish is not None:
                     job.cancelled = True  # a stop string ends it here, not at max_tokens
                     yield Done(
