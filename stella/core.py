@@ -516,11 +516,11 @@ class Inference:
                     f"no {awaited} from {route.backend_name!r} within {limit:.3g}s"
                 )
                 # A long answer would only run as long again: fall back instead. So would
-                # an in-process engine's busy queue or long prompt (its own load, not a
-                # fault: the circuit breaker is not told).
+                # an in-process engine's long queue or prompt: its own load, not a fault,
+                # unless it showed no sign of work all that time (wedged: a verdict).
                 local = route.backend.local_queue
                 err.same_again = awaited != "answer" and not local
-                if local:
+                if local and route.backend.working(limit):
                     err.no_verdict = True  # type: ignore[attr-defined]
             else:
                 err = UpstreamTimeout(f"the total limit of {rs.total_timeout_s:g}s passed")

@@ -616,3 +616,19 @@ async def test_the_engines_tool_calls_are_tool_call_events(monkeypatch: pytest.M
     shown = [e.text if hasattr(e, "text") else ("call", e.name) for e in later[:-1]]
     assert shown == ["Sure ", "O", ("call", "get_weather"), "k", "\n"], shown
     assert later[-1].finish_reason == "tool_calls"
+
+
+async def test_a_wedged_engine_is_told_from_a_busy_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stella.backends.mlx import backend as mlx_backend
+
+    b = mlx_backend.MlxBackend("local", mlx_backend.MlxConfig(kind="mlx", preload=False))
+    await b.start()
+    try:
+        assert b.working(1.0)  # it just started: a sign of work
+        monkeypatch.setattr(mlx_backend, "WEDGED_AFTER_S", 0.2)
+        b.worker.stats.beat -= 5  # nothing for 5 s: wedged for a 1 s limit
+        assert not b.working(1.0)
+        await asyncio.wrap_future(b.worker.call(lambda: None))  # a job ran: working again
+        assert b.working(1.0)
+    finally:
+        await b.aclose()

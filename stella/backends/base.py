@@ -85,8 +85,9 @@ class Backend:
     # but still sees the tools); otherwise the pipeline withholds the tools.
     honours_tool_choice: ClassVar[bool] = False
     # True for an engine whose calls wait in this process's own queue (the in-process
-    # MLX worker): a first-token timeout there is its load (a long prompt, a long queue),
-    # so the call is not tried again behind the same queue, and its circuit is not told.
+    # MLX worker): a first-token timeout there is not tried again behind the same queue,
+    # and its circuit is told only when the engine showed no sign of work for that
+    # long (wedged, not busy: see `working`).
     local_queue: ClassVar[bool] = False
 
     def __init__(self, name: str, config: BackendConfig) -> None:
@@ -129,6 +130,10 @@ class Backend:
 
     async def load(self, upstream_model: str) -> None:
         """Make the model ready to answer (an engine in this process loads it now)."""
+
+    def working(self, seconds: float) -> bool:
+        """Whether a local-queue engine showed a sign of work in the last `seconds`."""
+        return False
 
     async def unload(self, upstream_model: str) -> bool:
         """Free the model's memory now; whether there was anything to free."""

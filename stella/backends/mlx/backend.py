@@ -48,6 +48,11 @@ class MlxConfig(BackendConfig, kw_only=True):
     max_tokens: Annotated[int, Meta(ge=1)] = 512  # when a request gives none
 
 
+# A worker that shows no sign of work (a job begun or ended, a prompt step, a token) for
+# this long is wedged, not busy: one prompt step or token takes far less on any machine.
+WEDGED_AFTER_S = 30.0
+
+
 class MlxBackend(Backend):
     """In-process MLX engine; the default model is SmolLM2-135M-Instruct."""
 
@@ -139,6 +144,11 @@ class MlxBackend(Backend):
         """Load the model now (Ollama's empty request), so the first chat does not wait."""
         await self.ensure_loaded(upstream_model)
         self._last_used[self._key(upstream_model)] = time.monotonic()
+
+    def working(self, seconds: float) -> bool:
+        """Whether the worker began or ended a job, read a prompt step or made a token in
+        the last `seconds`, or WEDGED_AFTER_S when longer (busy, not wedged)."""
+        return time.monotonic() - self.worker.stats.beat < max(seconds, WEDGED_AFTER_S)
 
     async def unload(self, upstream_model: str) -> bool:
         """Free the model (Ollama's keep_alive 0): at once when the worker is idle, else

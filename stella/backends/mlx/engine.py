@@ -211,6 +211,7 @@ def generate_into(job: GenerationJob) -> None:
     job.emit(("cached", len(prompt) - len(rest)))
 
     def progress(done: int, total: int) -> None:
+        stats.beat = time.monotonic()
         if job.cancelled and done < total:
             raise _Cancelled
 
@@ -239,6 +240,7 @@ def generate_into(job: GenerationJob) -> None:
                 cut = True
                 break
             stats.tokens += 1
+            stats.beat = time.monotonic()
             first = not job.first_token and bool(gen.text)
             if first:
                 # The first visible text, as a client sees it (the detokenizer may hold a

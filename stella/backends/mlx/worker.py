@@ -28,6 +28,9 @@ class Stats:
     # Tokens produced after the job was marked cancelled (stops "within one token": <= 1).
     tokens_after_cancel: int = 0
     max_tokens_after_cancel: int = 0
+    # time.monotonic() of the worker's last sign of work: a job begun or ended, a prompt
+    # step read, a token made (a wedged engine is one whose beat grows old).
+    beat: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)
@@ -117,6 +120,7 @@ class MlxWorker:
             item = self._jobs.get()
             if item is None:
                 return
+            self.stats.beat = time.monotonic()
             if item[0] == "call":
                 _, fn, args, future = item
                 if not future.set_running_or_notify_cancel():
@@ -125,6 +129,7 @@ class MlxWorker:
                     future.set_result(fn(*args))
                 except BaseException as exc:  # the caller gets it, the thread lives on
                     future.set_exception(exc)
+                self.stats.beat = time.monotonic()
                 continue
             job: GenerationJob = item[1]
             self._uncount(job)
@@ -139,3 +144,4 @@ class MlxWorker:
                 job.emit(exc)
             finally:
                 self.busy = False
+                self.stats.beat = time.monotonic()
