@@ -632,3 +632,51 @@ async def test_a_wedged_engine_is_told_from_a_busy_one(monkeypatch: pytest.Monke
         assert b.working(1.0)
     finally:
         await b.aclose()
+
+
+async def test_an_unload_right_after_a_load_does_not_free_a_waiters_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # keep_alive 0 in the loop turn between a load's end and its waiter's resumption:
+    # the waiter loads the model again instead of running on the released one.
+    from types import SimpleNamespace
+
+    from stella.backends import CallContext
+    from stella.backends.mlx import backend as mlx_backend
+    from stella.backends.mlx.engine import LoadedModel
+    from stella.backends.mlx.worker import GenerationJob
+    from stella.protocol import ChatRequest, Done, Message
+
+    loads: list[LoadedModel] = []
+
+    def load(*_: object) -> LoadedModel:
+        time.sleep(0.2)
+        loads.append(LoadedModel(path="fake", model=object(), tokenizer=SimpleNamespace()))
+        return loads[-1]
+
+    def scripted(job: GenerationJob) -> None:
+        if job.params["model"].model is None:
+            raise RuntimeError("ran on a released model")
+        job.emit(("started",))
+        job.emit(("token", "ok", "stop", 1, 1))
+
+    monkeypatch.setattr(mlx_backend, "generate_into", scripted)
+    monkeypatch.setattr(mlx_backend.MlxBackend, "_load", staticmethod(load))
+    monkeypatch.setattr(LoadedModel, "release", lambda self: setattr(self, "model", None))
+    b = mlx_backend.MlxBackend("local", mlx_backend.MlxConfig(kind="mlx", preload=False))
+    await b.start()
+    try:
+        loading = asyncio.ensure_future(b.ensure_loaded(""))
+        await asyncio.sleep(0)
+        unloads: list[asyncio.Task] = []
+        b._loading[""].add_done_callback(
+            lambda _: unloads.append(asyncio.ensure_future(b.unload("")))
+        )
+        req = ChatRequest(messages=[Message(role="user", content="hi")])
+        events = [e async for e in b.chat(req, CallContext(request_id="r"))]
+        await loading
+        assert await unloads[0] is True
+    finally:
+        await b.aclose()
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "stop", events
+    assert len(loads) == 2  # loaded again for the waiter

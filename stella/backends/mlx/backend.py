@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import sys
 import time
@@ -155,6 +156,10 @@ class MlxBackend(Backend):
         once the jobs queued on it have run (the worker runs its jobs in order), as
         Ollama does; a request from now on loads it again. False when it was not loaded."""
         key = self._key(upstream_model)
+        pending = self._loading.get(key)
+        if pending is not None:  # being loaded: unloaded once it is
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
         model = self.loaded_models.pop(key, None)
         if model is None:
             return False
@@ -275,6 +280,10 @@ class MlxBackend(Backend):
         started = time.perf_counter()
         try:
             model = await self.ensure_loaded(request.model or "")
+            while self.loaded_models.get(self._key(request.model or "")) is not model:
+                # Unloaded between its load and this call's turn (keep_alive 0): its
+                # release is queued ahead of this job, so the model is loaded again.
+                model = await self.ensure_loaded(request.model or "")
         except BaseException:
             self.worker.discard(job)
             raise
