@@ -287,8 +287,9 @@ class MlxBackend(Backend):
         except BaseException:
             self.worker.discard(job)
             raise
-        if must_load:  # this call waited for the weights
-            ctx.load_ms = round((time.perf_counter() - started) * 1000, 2)
+        finally:
+            if must_load:  # this call waited for the weights (also when it gave up)
+                ctx.load_ms = round((time.perf_counter() - started) * 1000, 2)
         opts = request.options
         job.params.update(
             {
