@@ -496,11 +496,19 @@ async def test_an_unload_while_answering_frees_the_model_after_the_answer(
         assert lines[-1]["type"] == "done" and lines[-1]["usage"]["completion_tokens"] >= 1
         names = [m["name"] for m in (await c.get(url + "/api/ps")).json()["models"]]
         assert "smollm2-135m" not in names
-    # The next request loads it again, and its log line says how long that took.
-    again = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 12})
-    assert "Paris" in again["response"]
-    ev = mlx_server.wait_event(lambda e: e.get("request_id") == again["id"])
+    # The next request loads it again; its log line and Ollama's load_duration say how
+    # long that took.
+    body = {
+        "model": "smollm2-135m",
+        "messages": FRANCE,
+        "stream": False,
+        "options": {"temperature": 0, "num_predict": 12},
+    }
+    r = httpx.post(url + "/api/chat", json=body, timeout=120)
+    assert r.status_code == 200 and "Paris" in r.json()["message"]["content"], r.text
+    ev = mlx_server.wait_event(lambda e: e.get("request_id") == r.headers["x-request-id"])
     assert ev["load_ms"] > 100 and ev["ttft_ms"] > ev["load_ms"]
+    assert r.json()["load_duration"] == int(ev["load_ms"] * 1e6)
 
 
 def test_tool_calls_are_taken_out_of_the_text_however_the_text_is_cut() -> None:

@@ -36,7 +36,7 @@ from stella.api.ollama_request import (
     to_options,
 )
 from stella.api.openapi import Operation, document
-from stella.core import Call
+from stella.core import Call, Inference
 from stella.errors import Forbidden, InvalidRequest, ModelNotFound, StellaError
 from stella.protocol import (
     ChatRequest,
@@ -83,6 +83,7 @@ class OllamaCodec(Codec):
         self.generate = generate
         self.model = b'""'
         self.start_ns = time.perf_counter_ns()
+        self.inference: Inference | None = None  # set once admitted (its load_ms)
 
     def start(self, event: Start) -> bytes:
         """Nothing yet: Ollama's first line carries the first text (headers go at once)."""
@@ -109,7 +110,9 @@ class OllamaCodec(Codec):
         """One line per event."""
         kind = type(event)
         if kind is Done:
-            return _enc.encode(final(event, self.model, self.generate, self.start_ns)) + b"\n"
+            ctx = self.inference.ctx if self.inference is not None else None
+            load = ctx.load_ms if ctx is not None else None
+            return _enc.encode(final(event, self.model, self.generate, self.start_ns, load)) + b"\n"
         if kind is ToolCall:
             calls = [{"function": {"name": event.name, "arguments": event.arguments}}]
             return self._line("", b',"tool_calls":' + _enc.encode(calls))
@@ -122,18 +125,21 @@ class OllamaCodec(Codec):
         return self._line("")
 
 
-def final(done: Done, model: bytes | str, generate: bool, start_ns: int) -> dict[str, Any]:
+def final(
+    done: Done, model: bytes | str, generate: bool, start_ns: int, load_ms: float | None = None
+) -> dict[str, Any]:
     """The last line's fields (also the body of a non-stream answer, minus the text)."""
     t = done.timings
     total_ns = time.perf_counter_ns() - start_ns
-    ttft_ns = int((t.ttft_ms or 0) * 1e6)
+    load_ns = int((load_ms or 0) * 1e6)  # the model's load, when this call waited for it
+    ttft_ns = max(0, int((t.ttft_ms or 0) * 1e6) - load_ns)
     out: dict[str, Any] = {
         "model": model.decode().strip('"') if isinstance(model, bytes) else model,
         "created_at": _now(),
         "done": True,
         "done_reason": "length" if done.finish_reason == "length" else "stop",
         "total_duration": total_ns,
-        "load_duration": 0,
+        "load_duration": load_ns,
         "prompt_eval_count": done.usage.prompt_tokens,
         "prompt_eval_duration": ttft_ns,
         "eval_count": done.usage.completion_tokens,
@@ -149,12 +155,13 @@ def final(done: Done, model: bytes | str, generate: bool, start_ns: int) -> dict
 async def _run(request: Request, call: Call, chat: ChatRequest, generate: bool) -> Response:
     svc = services(request)
     codec = OllamaCodec(generate)
-    inference = await svc.pipeline.prepare(chat, call)
+    inference = codec.inference = await svc.pipeline.prepare(chat, call)
     if chat.stream:
         return stream_response(request, inference, codec, OLLAMA)
     result = await run_to_end(request, inference)
     done = Done(finish_reason=result.finish_reason, usage=result.usage, timings=result.timings)
-    body = final(done, result.model, generate, codec.start_ns)
+    load = inference.ctx.load_ms if inference.ctx is not None else None
+    body = final(done, result.model, generate, codec.start_ns, load)
     if generate:
         body["response"] = result.response
     else:
