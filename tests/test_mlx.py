@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -508,7 +509,10 @@ async def test_an_unload_while_answering_frees_the_model_after_the_answer(
     assert r.status_code == 200 and "Paris" in r.json()["message"]["content"], r.text
     ev = mlx_server.wait_event(lambda e: e.get("request_id") == r.headers["x-request-id"])
     assert ev["load_ms"] > 100 and ev["ttft_ms"] > ev["load_ms"]
-    assert r.json()["load_duration"] == int(ev["load_ms"] * 1e6)
+    answer = r.json()
+    assert answer["load_duration"] == int(ev["load_ms"] * 1e6)
+    parts = answer["load_duration"] + answer["prompt_eval_duration"] + answer["eval_duration"]
+    assert parts <= answer["total_duration"], answer  # the load is counted once
 
 
 def test_tool_calls_are_taken_out_of_the_text_however_the_text_is_cut() -> None:
@@ -551,6 +555,10 @@ def test_tool_calls_are_taken_out_of_the_text_however_the_text_is_cut() -> None:
     assert buf.feed("<tool_call>oops</tool_call>") == ["<tool_call>oops</tool_call>"]
     assert buf.feed('<tool_call>{"name": "f", "argu') == [] and buf.holding
     assert buf.flush() == ['<tool_call>{"name": "f", "argu']
+    # A looping model's text that makes a parser recurse out is text too.
+    buf = ToolCallBuffer("<tool_call>", "</tool_call>", json_tools.parse_tool_call, [])
+    assert buf.feed("<tool_call>" + "[" * 5000) == []
+    assert buf.flush() == ["<tool_call>" + "[" * 5000]
 
 
 async def test_the_engines_tool_calls_are_tool_call_events(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -688,3 +696,55 @@ async def test_an_unload_right_after_a_load_does_not_free_a_waiters_model(
         await b.aclose()
     assert isinstance(events[-1], Done) and events[-1].finish_reason == "stop", events
     assert len(loads) == 2  # loaded again for the waiter
+
+
+async def test_a_load_is_work_and_its_wait_behind_other_jobs_is_queueing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from stella.backends import CallContext
+    from stella.backends.mlx import backend as mlx_backend
+    from stella.backends.mlx.engine import LoadedModel
+    from stella.backends.mlx.worker import GenerationJob
+    from stella.protocol import ChatRequest, Message
+
+    def load(source: str, *_: object) -> LoadedModel:
+        started = time.perf_counter()
+        time.sleep(0.3)
+        lm = LoadedModel(path=source, model=object(), tokenizer=SimpleNamespace())
+        lm.load_ms = (time.perf_counter() - started) * 1000
+        return lm
+
+    def scripted(job: GenerationJob) -> None:
+        job.started = time.perf_counter()
+        job.emit(("started",))
+        time.sleep(0.6 if job.params["messages"][0].content == "long" else 0)
+        job.emit(("token", "ok", "stop", 1, 1))
+
+    monkeypatch.setattr(mlx_backend, "generate_into", scripted)
+    monkeypatch.setattr(mlx_backend.MlxBackend, "_load", staticmethod(load))
+    monkeypatch.setattr(mlx_backend, "WEDGED_AFTER_S", 0.05)
+    config = mlx_backend.MlxConfig(kind="mlx", preload=False, models={"b": "b-source"})
+    b = mlx_backend.MlxBackend("local", config)
+    await b.start()
+    try:
+        await b.ensure_loaded("")
+        long = ChatRequest(messages=[Message(role="user", content="long")])
+        first = asyncio.ensure_future(_drain(b.chat(long, CallContext(request_id="1"))))
+        await asyncio.sleep(0.1)  # model "b" is loaded behind the 0.6 s job
+        ctx = CallContext(request_id="2")
+        other = ChatRequest(messages=[Message(role="user", content="x")], model="b")
+        second = asyncio.ensure_future(_drain(b.chat(other, ctx)))
+        await asyncio.sleep(0.6)
+        assert b.working(0.1)  # loading: work, though no token came for a while
+        await first
+        await second
+    finally:
+        await b.aclose()
+    assert 250 <= ctx.load_ms <= 450, ctx.load_ms  # the load's own time
+    assert ctx.queue_ms >= 350, ctx.queue_ms  # its wait behind the long job
+
+
+async def _drain(events: Any) -> list:
+    return [e async for e in events]

@@ -143,7 +143,7 @@ def final(
         "prompt_eval_count": done.usage.prompt_tokens,
         "prompt_eval_duration": ttft_ns,
         "eval_count": done.usage.completion_tokens,
-        "eval_duration": max(0, total_ns - ttft_ns),
+        "eval_duration": max(0, total_ns - load_ns - ttft_ns),
     }
     if generate:
         out["response"] = ""

@@ -17,7 +17,12 @@ from msgspec import Meta
 
 from stella.backends.base import Backend, BackendConfig, BackendEvent, BackendHealth, CallContext
 from stella.backends.mlx.engine import LoadedModel, dequantize, generate_into, load_model
-from stella.backends.mlx.source import ModelSourceError, default_cache_dir, resolve
+from stella.backends.mlx.source import (
+    IMPORT_TIMEOUT_S,
+    ModelSourceError,
+    default_cache_dir,
+    resolve,
+)
 from stella.backends.mlx.stops import StopBuffer
 from stella.backends.mlx.toolcalls import ToolCallBuffer
 from stella.backends.mlx.worker import GenerationJob, MlxWorker
@@ -52,6 +57,8 @@ class MlxConfig(BackendConfig, kw_only=True):
 # A worker that shows no sign of work (a job begun or ended, a prompt step, a token) for
 # this long is wedged, not busy: one prompt step or token takes far less on any machine.
 WEDGED_AFTER_S = 30.0
+# A model load counts as work for this long (an import's own limit); past it, wedged.
+LOAD_WORK_S = IMPORT_TIMEOUT_S
 
 
 class MlxBackend(Backend):
@@ -70,6 +77,7 @@ class MlxBackend(Backend):
         self._last_used: dict[str, float] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._preload: asyncio.Task[None] | None = None
+        self._load_queued = 0.0  # time.monotonic() of the last load queued
         self.load_error = ""
         self.default_model = ""
 
@@ -118,6 +126,7 @@ class MlxBackend(Backend):
             source = self._source(key)
             cache_dir = self.cfg.cache_dir
             future = self.worker.call(self._load, source, cache_dir, self._dtype())
+            self._load_queued = time.monotonic()
             pending = self._loading[key] = asyncio.wrap_future(future, loop=loop)
             # The load's outcome is kept by the load itself, not by a waiter: every
             # waiter may have given up (a timeout, a client gone) by the time it ends.
@@ -149,6 +158,8 @@ class MlxBackend(Backend):
     def working(self, seconds: float) -> bool:
         """Whether the worker began or ended a job, read a prompt step or made a token in
         the last `seconds`, or WEDGED_AFTER_S when longer (busy, not wedged)."""
+        if self._loading and time.monotonic() - self._load_queued < LOAD_WORK_S:
+            return True  # a load (a download, an import) shows no sign until it ends
         return time.monotonic() - self.worker.stats.beat < max(seconds, WEDGED_AFTER_S)
 
     async def unload(self, upstream_model: str) -> bool:
@@ -183,10 +194,12 @@ class MlxBackend(Backend):
 
     @staticmethod
     def _load(source: str, cache_dir: str, dtype: str) -> LoadedModel:
+        started = time.perf_counter()
         where = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         lm = load_model(resolve(source, where))
         if dtype != "native":
             dequantize(lm, dtype)
+        lm.load_ms = round((time.perf_counter() - started) * 1000, 2)
         return lm
 
     async def _reap(self) -> None:
@@ -290,6 +303,10 @@ class MlxBackend(Backend):
         finally:
             if must_load:  # this call waited for the weights (also when it gave up)
                 ctx.load_ms = round((time.perf_counter() - started) * 1000, 2)
+        waited_ms = ctx.load_ms or 0.0
+        if must_load and 0 < model.load_ms < waited_ms:
+            # The load waited on the worker behind other jobs: that part was queueing.
+            ctx.load_ms = model.load_ms
         opts = request.options
         job.params.update(
             {
@@ -312,7 +329,10 @@ class MlxBackend(Backend):
         stops = StopBuffer(opts.stop or ())
         calls = _tool_calls(model, request)
         n_calls = 0
-        job.submitted = ctx.queued_at = time.perf_counter()  # queue_ms: not the load
+        # queue_ms: the wait for the worker, the load's own time left out.
+        job.submitted = ctx.queued_at = (
+            time.perf_counter() - (waited_ms - (ctx.load_ms or 0)) / 1000
+        )
         self.worker.generate(job)
         key = request.model if request.model in self.cfg.models else ""
         try:

@@ -35,6 +35,7 @@ class LoadedModel:
     caches: Any = None  # mlx_lm LRUPromptCache, made on first use
     meta: dict[str, Any] = field(default_factory=dict)
     context: int | None = None  # the model's context window in tokens, when it says
+    load_ms: float = 0.0  # how long the load itself took on the worker (0: not measured)
 
     def encode_chat(self, messages: list[Message], tools: list[Tool] | None) -> list[int]:
         """Token ids of the conversation with the assistant's turn opened."""
