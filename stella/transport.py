@@ -155,6 +155,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _head_bytes = 0  # received while the current request's headers were incomplete
     _read = 0  # the size of the read being parsed
     _ended = False  # whether a request ended in the read being parsed
+    _inexact = False  # the count of the current headers may miss one still being read
     _refused = False  # answered 431 (the parser's complaint that may follow is not sent)
     _idle_again = False  # a body answered early came whole: the keep-alive timer is due
 
@@ -197,10 +198,11 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         # came before it, could hold that much.
         if len(self.headers) > MAX_HEADERS:
             self._refuse_head(f"more than {MAX_HEADERS} request headers")
-        elif self._head_bytes + self._read > MAX_HEADER_BYTES and (
+        elif (self._inexact or self._head_bytes + self._read > MAX_HEADER_BYTES) and (
             self._head_size() > MAX_HEADER_BYTES
         ):
             self._refuse_head(f"request line and headers over {MAX_HEADER_BYTES} bytes")
+        self._inexact = False
         if self._refused:
             raise ValueError("refused")  # stops the parser: this request never starts
         # For a stream whose client stopped reading (see `drop`).
@@ -244,6 +246,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             # kept of them so far is counted.
             if self._ended:
                 self._head_bytes = self._head_size()
+                self._inexact = True  # a header still being read is not in it yet
             else:
                 self._head_bytes += len(data)
             if self._head_bytes > MAX_HEADER_BYTES:

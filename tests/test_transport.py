@@ -465,6 +465,21 @@ async def test_a_pipelined_body_is_not_counted_as_headers() -> None:
     assert out.index(b"/a") < out.index(b"/b")
     proto.connection_lost(None)
 
+    # A request, then one whose single header runs past the limit in the same read
+    # (the parser holds it unfinished): refused once its headers end.
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(
+        b"GET /a HTTP/1.1\r\nhost: t\r\n\r\nGET /b HTTP/1.1\r\nx-big: " + b"b" * 150_000
+    )
+    for _ in range(5):
+        await turn()
+    proto.data_received(b"\r\n\r\n")
+    for _ in range(5):
+        await turn()
+    out = b"".join(rec.writes)
+    assert out.count(b" 200 ") == 1 and b" 431 " in out and rec.closed, out[:200]
+    proto.connection_lost(None)
+
     # B over the limits while A still streams: no 431 inside A's answer, the
     # connection just ends.
     async def streaming(scope: Any, receive: Any, send: Any) -> None:
