@@ -76,6 +76,7 @@ class Services:
             self.router, logs.emitter(), admission=self.admission, log_content=settings.log.content
         )
         self.drain = Drain(settings.server.drain_timeout_s)
+        self.pipeline.drain = self.drain
         # The backends' health as /v1/health last probed it (monotonic time, results).
         self.health: tuple[float, dict[str, Any]] | None = None
         self.health_lock = asyncio.Lock()

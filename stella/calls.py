@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Any
 
 from stella.errors import Forbidden, ModelNotFound
 from stella.protocol import ChatRequest, Usage
@@ -57,6 +58,9 @@ class Call:
     # The API key the caller presented: masked where its request's log line holds what
     # the client wrote (metadata, content), should the client have echoed it there.
     secret: str = ""
+    # The request's ASGI receive: a wait for a concurrency slot watches it for the
+    # client leaving (None outside HTTP).
+    receive: Any = None
 
 
 class Permit:

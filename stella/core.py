@@ -21,10 +21,12 @@ import structlog
 from stella.backends import BackendEvent, CallContext
 from stella.calls import ANONYMOUS, Admission, Call, Permit, Principal
 from stella.errors import (
+    ClientGone,
     ClientTooSlow,
     InvalidRequest,
     Overloaded,
     RateLimited,
+    ShuttingDown,
     StellaError,
     Unavailable,
     UpstreamError,
@@ -84,6 +86,9 @@ class Pipeline:
         self.log_content = log_content
         self.listeners: list[Listener] = []
         self.active: set[Inference] = set()
+        # The server's Drain (streaming.Drain), when there is one: a wait for a slot
+        # is one of the calls a shutdown ends.
+        self.drain: Any = None
 
     async def prepare(self, request: ChatRequest, call: Call) -> Inference:
         """Resolve and admit; raises a StellaError that becomes an HTTP error."""
@@ -137,11 +142,53 @@ class Pipeline:
         permit = admission.admit_now(call, route, request)
         waited = 0.0
         if permit is None:  # a wait is possible (a concurrency slot, Redis): it is timed
-            permit = await admission.admit(call, route, request)
+            permit = await self._admit_waiting(call, route, request)
             waited = (time.perf_counter() - started) * 1000
         inference = Inference(self, route, chain, request, call, permit, waited)
         self.active.add(inference)
         return inference
+
+    async def _admit_waiting(self, call: Call, route: Route, request: ChatRequest) -> Permit:
+        """Admission that may wait: a shutdown ends the wait (503 shutting_down), and a
+        client that leaves gives up its place (499 client_closed), before any backend."""
+        task = asyncio.current_task()
+        assert task is not None
+        drain = self.drain
+        if drain is not None:
+            drain.enter(call, task)
+        watcher = (
+            asyncio.get_running_loop().create_task(_watch_leaving(call, task))
+            if call.receive is not None
+            else None
+        )
+        try:
+            return await self.admission.admit(call, route, request)
+        except asyncio.CancelledError:
+            reason = call.cancel_reason
+            if reason is None:
+                raise
+            task.uncancel()
+            call.cancel_reason = None  # the call is over before it began: nothing to cut
+            if reason == "shutting_down":
+                raise ShuttingDown(
+                    "the server is shutting down; retry the request", retry_after=1
+                ) from None
+            raise ClientGone("the client left while waiting for a slot") from None
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if drain is not None:
+                drain.leave(task)
+
+
+async def _watch_leaving(call: Call, task: asyncio.Task[Any]) -> None:
+    """Cancel `task` when the client disconnects (its body has been read already)."""
+    while True:
+        message = await call.receive()
+        if message["type"] == "http.disconnect":
+            call.cancel_reason = "client_closed"
+            task.cancel()
+            return
 
 
 class Inference:

@@ -150,6 +150,12 @@ class Unavailable(StellaError):
     status, code, retryable = 503, "unavailable", True
 
 
+class ClientGone(StellaError):
+    """The client disconnected before its answer was ready; nothing can be sent."""
+
+    status, code = 499, "client_closed"
+
+
 class ShuttingDown(StellaError):
     """The server is draining and takes no new work."""
 

@@ -62,16 +62,20 @@ class Drain:
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
         self.draining = False
+        self.over = False  # cut: calls still running were ended
         self.tasks: dict[asyncio.Task[Any], Any] = {}
         self._timer: asyncio.TimerHandle | None = None
         self.idle = asyncio.Event()
         self.idle.set()
 
     def enter(self, call: Any, task: asyncio.Task[Any]) -> None:
-        """Register `task` as serving `call`."""
+        """Register `task` as serving `call` (ended at once when the drain is over)."""
         self.tasks[task] = call
         if len(self.tasks) == 1:
             self.idle.clear()
+        if self.over:  # admitted after the cut: it must not start now
+            call.cancel_reason = "shutting_down"
+            task.cancel()
 
     def leave(self, task: asyncio.Task[Any]) -> None:
         """Unregister `task`."""
@@ -89,6 +93,7 @@ class Drain:
 
     def cut(self) -> None:
         """End every running call now, each with a `shutting_down` outcome."""
+        self.over = True
         for task, call in list(self.tasks.items()):
             call.cancel_reason = "shutting_down"
             task.cancel()

@@ -88,3 +88,51 @@ async def test_draining_refusals_take_the_dialects_shape() -> None:
         assert r.headers["retry-after"] == "1"
         assert r.headers["x-request-id"] == "req-drain-1"
         assert (await c.get("/health")).status_code == 200  # probes still answer
+
+
+async def test_calls_waiting_for_a_slot_end_with_the_drain_or_when_their_client_leaves() -> None:
+    # One slot on the backend: calls behind the running one wait in admission. A client
+    # that leaves there gives up its place before any backend attempt; at SIGTERM the
+    # waiting ones get 503 shutting_down (they had not started), the running one its
+    # in-band error, and the process ends at the drain's end, not uvicorn's.
+    config = {
+        **CONFIG,
+        "server": {"drain_timeout_s": 1.0},
+        "limits": {"backends": {"slow": 1}, "queue_timeout_s": 30},
+    }
+    with run_stella(config) as server:
+        running: list[dict] = []
+        started = asyncio.Event()
+        t_running = asyncio.create_task(stream(server.url, 300, running, started))
+        await asyncio.wait_for(started.wait(), 10)
+        body = {"model": "slow", "messages": [{"role": "user", "content": "a b"}]}
+        async with httpx.AsyncClient(timeout=0.5) as c:  # leaves while queued
+            try:
+                await c.post(server.url + "/api/v1/chat", json={**body, "metadata": {"q": 1}})
+            except httpx.TimeoutException:
+                pass
+        async with httpx.AsyncClient(timeout=30) as c:
+            waiting = [
+                asyncio.create_task(c.post(server.url + "/api/v1/chat", json=body)),
+                asyncio.create_task(
+                    c.post(server.url + "/api/v1/chat", json={**body, "stream": False})
+                ),
+            ]
+            await asyncio.sleep(0.5)
+            t0 = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            answers = await asyncio.wait_for(asyncio.gather(*waiting), 15)
+        await asyncio.wait_for(t_running, 15)
+        code = await asyncio.to_thread(server.proc.wait, 15)
+        took = time.monotonic() - t0
+        assert code == 0 and took < 4, took  # the drain (1 s), not uvicorn's 6 s more
+        for r in answers:
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+            assert r.headers["retry-after"] == "1"
+        assert running[-1]["type"] == "error" and running[-1]["code"] == "shutting_down"
+        lines = "\n".join(server.lines())
+        assert "Exception in ASGI application" not in lines and "Traceback" not in lines
+        # The client that left: no backend attempt, no inference event; one refusal.
+        events = server.events("inference")
+        assert not [e for e in events if (e.get("metadata") or {}).get("q") == 1]
+        assert len(events) == 1  # the running call only

@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from stella.core import Call, Inference
 from stella.errors import (
+    ClientGone,
     Forbidden,
     InvalidRequest,
     PayloadTooLarge,
@@ -116,7 +117,7 @@ class Endpoint:
         svc = scope.get("stella") or request.app.state.stella
         dialect = self.dialect
         try:
-            call = Call(request_id=rid, api=dialect.name)
+            call = Call(request_id=rid, api=dialect.name, receive=receive)
             if self.auth != "none":
                 call.principal = svc.auth.authenticate(scope["headers"], call)
                 if self.auth == "admin" and not call.principal.admin:
@@ -314,12 +315,6 @@ def with_rate_headers(exc: StellaError, inference: Inference) -> StellaError:
         rate = {k.decode("latin-1"): v.decode("latin-1") for k, v in inference.permit.headers}
         exc.headers = {**rate, **exc.headers}
     return exc
-
-
-class ClientGone(StellaError):
-    """The client disconnected before its answer was ready; nothing can be sent."""
-
-    status, code = 499, "client_closed"
 
 
 async def _watch_disconnect(request: Request, task: asyncio.Task[Any], call: Call) -> None:
