@@ -157,7 +157,7 @@ class Pipeline:
         if drain is not None:
             drain.enter(call, task)
         watcher = (
-            asyncio.get_running_loop().create_task(_watch_leaving(call, task))
+            asyncio.get_running_loop().create_task(watch_leaving(call.receive, call, task))
             if call.receive is not None
             else None
         )
@@ -181,10 +181,11 @@ class Pipeline:
                 drain.leave(task)
 
 
-async def _watch_leaving(call: Call, task: asyncio.Task[Any]) -> None:
-    """Cancel `task` when the client disconnects (its body has been read already)."""
+async def watch_leaving(receive: Any, call: Call, task: asyncio.Task[Any]) -> None:
+    """Cancel `task`, as `call`'s client leaving, when ASGI `receive` says it disconnected
+    (the request's body has been read already)."""
     while True:
-        message = await call.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             call.cancel_reason = "client_closed"
             task.cancel()

@@ -16,7 +16,7 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 
-from stella.core import Call, Inference
+from stella.core import Call, Inference, watch_leaving
 from stella.errors import (
     ClientGone,
     Forbidden,
@@ -282,7 +282,9 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
     watcher: list[asyncio.Task[Any]] = []
     inference.slow = (
         WATCH_AFTER_S,
-        lambda: watcher.append(task.get_loop().create_task(_watch_disconnect(request, task, call))),
+        lambda: watcher.append(
+            task.get_loop().create_task(watch_leaving(request.receive, call, task))
+        ),
     )
     try:
         return await inference.result()
@@ -315,12 +317,3 @@ def with_rate_headers(exc: StellaError, inference: Inference) -> StellaError:
         rate = {k.decode("latin-1"): v.decode("latin-1") for k, v in inference.permit.headers}
         exc.headers = {**rate, **exc.headers}
     return exc
-
-
-async def _watch_disconnect(request: Request, task: asyncio.Task[Any], call: Call) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            call.cancel_reason = "client_closed"
-            task.cancel()
-            return
