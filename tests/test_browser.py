@@ -53,16 +53,22 @@ def server() -> Iterator[LiveServer]:
         yield s
 
 
+def playground(browser, url: str, model: str, **page_options: object):  # type: ignore[no-untyped-def]
+    """A page on the playground, its model list loaded and `model` chosen."""
+    page = browser.new_page(**page_options)
+    page.goto(url + "/playground")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.select_option("#model", model)
+    return page
+
+
 def send(page, text: str) -> None:  # type: ignore[no-untyped-def]
     page.fill("#prompt", text)
     page.click("#send")
 
 
 def test_prompt_streams_into_the_page(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
-    page = browser.new_page(viewport={"width": 1200, "height": 800})
-    page.goto(server.url + "/playground")
-    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
-    page.select_option("#model", "echo-slow")
+    page = playground(browser, server.url, "echo-slow", viewport={"width": 1200, "height": 800})
     send(page, "the quick brown fox jumps over the lazy dog")
     # While it streams, part of the text is already there.
     page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 3")
@@ -82,10 +88,7 @@ def test_prompt_streams_into_the_page(browser, server: LiveServer) -> None:  # t
 
 
 def test_stop_cancels_on_the_server(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
-    page = browser.new_page()
-    page.goto(server.url + "/playground")
-    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
-    page.select_option("#model", "echo-slow")
+    page = playground(browser, server.url, "echo-slow")
     with page.expect_response(lambda r: "/api/v1/chat" in r.url) as info:
         send(page, " ".join(f"word{i}" for i in range(200)))
     rid = info.value.headers["x-request-id"]
@@ -99,10 +102,7 @@ def test_stop_cancels_on_the_server(browser, server: LiveServer) -> None:  # typ
 
 
 def test_model_output_is_text_never_html(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
-    page = browser.new_page()
-    page.goto(server.url + "/playground")
-    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
-    page.select_option("#model", "echo")
+    page = playground(browser, server.url, "echo")
     payload = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script>'
     send(page, payload)
     page.wait_for_selector(".msg.assistant .stats")
@@ -138,10 +138,7 @@ def test_root_sends_browsers_to_the_playground(browser, server: LiveServer) -> N
 
 
 def test_new_chat_mid_answer_and_a_failed_turn(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
-    page = browser.new_page()
-    page.goto(server.url + "/playground")
-    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
-    page.select_option("#model", "echo-slow")
+    page = playground(browser, server.url, "echo-slow")
     sent: list[dict] = []
     page.on("request", lambda r: "/api/v1/chat" in r.url and sent.append(r.post_data_json))
     send(page, " ".join(f"old{i}" for i in range(100)))
@@ -163,10 +160,7 @@ def test_new_chat_mid_answer_and_a_failed_turn(browser, server: LiveServer) -> N
 
 
 def test_enter_while_composing_does_not_send_and_escape_stops(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
-    page = browser.new_page()
-    page.goto(server.url + "/playground")
-    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
-    page.select_option("#model", "echo-slow")
+    page = playground(browser, server.url, "echo-slow")
     page.fill("#prompt", "かな")
     page.dispatch_event("#prompt", "keydown", {"key": "Enter", "isComposing": True})
     page.wait_for_timeout(200)
