@@ -116,7 +116,7 @@ class MlxBackend(Backend):
 
     async def ensure_loaded(self, upstream_model: str) -> LoadedModel:
         """The loaded model for `upstream_model`, loading it on the worker if needed."""
-        key = upstream_model if upstream_model in self.cfg.models else ""
+        key = self._key(upstream_model)
         model = self.loaded_models.get(key)
         if model is not None:
             return model
@@ -234,31 +234,31 @@ class MlxBackend(Backend):
 
     def problem(self, upstream_model: str) -> str:
         """Why the default model's preload failed ("" when it did not)."""
-        key = upstream_model if upstream_model in self.cfg.models else ""
+        key = self._key(upstream_model)
         return self.load_error if key == "" else ""
 
     def loading(self, upstream_model: str) -> bool:
         """Whether the model is being loaded (or the default's preload has yet to start)."""
-        key = upstream_model if upstream_model in self.cfg.models else ""
+        key = self._key(upstream_model)
         if key in self._loading:
             return True
         return key == "" and self._preload is not None and not self._preload.done()
 
     def loaded(self, upstream_model: str) -> bool:
         """Whether the model is in memory."""
-        key = upstream_model if upstream_model in self.cfg.models else ""
+        key = self._key(upstream_model)
         return key in self.loaded_models
 
     def memory_bytes(self, upstream_model: str) -> int | None:
         """Bytes of the loaded weights."""
-        key = upstream_model if upstream_model in self.cfg.models else ""
+        key = self._key(upstream_model)
         model = self.loaded_models.get(key)
         return model.nbytes if model else None
 
     def capabilities(self, upstream_model: str) -> list[str]:
         """Chat, plus tools when the chat template takes them and the tokenizer knows how
         the model writes a call (its calls are then ToolCall events)."""
-        key = upstream_model if upstream_model in self.cfg.models else ""
+        key = self._key(upstream_model)
         model = self.loaded_models.get(key)
         tools = model is not None and model.supports_tools and model.tool_calling
         return ["chat", "tools"] if tools else ["chat"]
@@ -289,11 +289,12 @@ class MlxBackend(Backend):
         job = GenerationJob(run=generate_into, loop=loop, out=out)
         # Counted against max_queue from here, while the model may still be loading.
         self.worker.reserve(job)
-        must_load = self._key(request.model or "") not in self.loaded_models
+        key = self._key(request.model or "")
+        must_load = key not in self.loaded_models
         started = time.perf_counter()
         try:
             model = await self.ensure_loaded(request.model or "")
-            while self.loaded_models.get(self._key(request.model or "")) is not model:
+            while self.loaded_models.get(key) is not model:
                 # Unloaded between its load and this call's turn (keep_alive 0): its
                 # release is queued ahead of this job, so the model is loaded again.
                 model = await self.ensure_loaded(request.model or "")
@@ -334,7 +335,6 @@ class MlxBackend(Backend):
             time.perf_counter() - (waited_ms - (ctx.load_ms or 0)) / 1000
         )
         self.worker.generate(job)
-        key = request.model if request.model in self.cfg.models else ""
         try:
             while True:
                 item = await out.get()
