@@ -208,13 +208,11 @@ class Inference:
         "engine_ttft_ms",
         "error",
         "fallback_permit",
-        "fallback_wait_ms",
         "finish_reason",
         "logged",
         "permit",
         "pipeline",
         "queue_ms",
-        "queued_before_ms",
         "request",
         "route",
         "slow",
@@ -228,6 +226,7 @@ class Inference:
         "ttft",
         "upstream_model",
         "usage",
+        "waited_ms",
     )
 
     def __init__(
@@ -273,8 +272,10 @@ class Inference:
         # The permit of the fallback route being tried (its model's own limits): given
         # back when it fails, settled with the usage when the call ends on it.
         self.fallback_permit: tuple[str, Permit] | None = None  # (route name, permit)
-        self.fallback_wait_ms = 0.0  # waits for fallbacks' backend slots: part of queue_ms
-        self.queued_before_ms = 0.0  # earlier attempts' waits in their backends' queues
+        # The waits settled before the current attempt: for admission, for fallbacks'
+        # backend slots, in earlier attempts' backend queues (queue_ms adds the current
+        # attempt's own wait to it).
+        self.waited_ms = admit_ms
         self.ctx: CallContext | None = None  # the last attempt's
         self.collect = not request.stream or pipeline.log_content
 
@@ -385,12 +386,7 @@ class Inference:
                             elif kind is Done:
                                 self.completion_tokens = tokens
                                 breaker.success()
-                                self.queue_ms = (
-                                    self.admit_ms
-                                    + self.fallback_wait_ms
-                                    + self.queued_before_ms
-                                    + ctx.queue_ms
-                                )
+                                self.queue_ms = self.waited_ms + ctx.queue_ms
                                 # Done is the backend's last event: let it return normally so
                                 # its cleanup runs without a GeneratorExit (and its garbage).
                                 try:
@@ -449,10 +445,8 @@ class Inference:
                                 tokens = 0
                                 self.ttft = None
                                 self.engine_ttft_ms = None
-                                self.queued_before_ms += ctx.queue_ms
-                                self.queue_ms = (
-                                    self.admit_ms + self.fallback_wait_ms + self.queued_before_ms
-                                )
+                                self.waited_ms += ctx.queue_ms
+                                self.queue_ms = self.waited_ms
                                 last = exc
                                 continue
                         # A stream's client has had tokens: a switch of model mid-answer
@@ -499,8 +493,8 @@ class Inference:
             return exc
         finally:
             # A wait for the fallback's slot is queueing, as the wait for the first one.
-            self.fallback_wait_ms += (time.perf_counter() - now) * 1000
-            self.queue_ms = self.admit_ms + self.fallback_wait_ms + self.queued_before_ms
+            self.waited_ms += (time.perf_counter() - now) * 1000
+            self.queue_ms = self.waited_ms
         if permit is not None:
             self.fallback_permit = (route.name, permit)
         return None
@@ -577,9 +571,7 @@ class Inference:
             _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
             err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")
         else:
-            self.queue_ms = (
-                self.admit_ms + self.fallback_wait_ms + self.queued_before_ms + ctx.queue_ms
-            )
+            self.queue_ms = self.waited_ms + ctx.queue_ms
             self.engine_ttft_ms = ctx.engine_ttft_ms
             record["ms"] = _ms(time.perf_counter() - t)
             record["error"] = None
@@ -599,8 +591,8 @@ class Inference:
         """Count the queue wait of an attempt that ended without a first token: until its
         job started, or until now when it never did."""
         waited = ctx.queue_ms or ((now - ctx.queued_at) * 1000 if ctx.queued_at else 0.0)
-        self.queued_before_ms += waited
-        self.queue_ms = self.admit_ms + self.fallback_wait_ms + self.queued_before_ms
+        self.waited_ms += waited
+        self.queue_ms = self.waited_ms
 
     def _done(self, done: Done) -> Done:
         now = time.perf_counter()
