@@ -25,13 +25,7 @@ class StopBuffer:
             self.held = ""
             at, self.matched = hit
             return buf[:at], True
-        keep = 0
-        for s in self.stops:
-            # The longest end of `buf` that is the start of this stop string.
-            for n in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:n]):
-                    keep = n
-                    break
+        keep = max(partial_start(buf, s) for s in self.stops)
         self.held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], False
 
@@ -39,3 +33,12 @@ class StopBuffer:
         """What was held back, at the end of the text."""
         held, self.held = self.held, ""
         return held
+
+
+def partial_start(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that is the start of `marker` (the part
+    of it that could still become `marker`)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0

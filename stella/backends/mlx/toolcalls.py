@@ -13,6 +13,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from stella.backends.mlx.stops import partial_start
+
 Parser = Callable[[str, Any], Any]
 Call = tuple[str, dict[str, Any]]  # (name, arguments)
 Piece = str | Call  # answer text, or a call, in the order the model wrote them
@@ -43,7 +45,7 @@ class ToolCallBuffer:
             if not self.inside:
                 at = buf.find(self.start)
                 if at < 0:
-                    keep = _partial(buf, self.start)
+                    keep = partial_start(buf, self.start)
                     if len(buf) > keep:
                         out.append(buf[: len(buf) - keep])
                     self.held = buf[len(buf) - keep :]
@@ -100,11 +102,3 @@ class ToolCallBuffer:
             return None
         self.made += len(calls)
         return calls
-
-
-def _partial(text: str, marker: str) -> int:
-    """The length of the longest end of `text` that begins `marker`."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
