@@ -109,18 +109,14 @@ class HttpBackend(Backend):
         # (models, health); the hot chat call uses the same aiohttp session directly,
         # because httpx's per-request bookkeeping (URL merging, cookie extraction) was the
         # largest cost in a profile of stella under load.
+        headers = {**self.http.headers, **self.basic, **self.auth_headers()}
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=self.http.max_connections, keepalive_timeout=self.http.keepalive_s
             ),
             # Uncompressed answers: a proxy that gzips a stream may hold its events back.
             # Should one compress anyway, it is undone (httpx's requests decode their own).
-            headers={
-                "Accept-Encoding": "identity",
-                **self.http.headers,
-                **self.basic,
-                **self.auth_headers(),
-            },
+            headers={"Accept-Encoding": "identity", **headers},
             timeout=aiohttp.ClientTimeout(
                 sock_connect=self.http.connect_timeout_s, sock_read=self.http.read_timeout_s
             ),
@@ -131,7 +127,7 @@ class HttpBackend(Backend):
             base_url=self.base_url,
             transport=AiohttpTransport(client=self.session),
             timeout=httpx.Timeout(self.http.read_timeout_s, connect=self.http.connect_timeout_s),
-            headers={**self.http.headers, **self.basic, **self.auth_headers()},
+            headers=headers,
         )
 
     async def aclose(self) -> None:
