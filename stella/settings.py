@@ -371,6 +371,9 @@ def secret_values(settings: Settings) -> list[str]:
                 out.append(value)
                 # "Bearer xyz": the token alone, wherever it appears without its scheme.
                 out.append(value.rpartition(" ")[2])
+        base_url = table.get("base_url")
+        if isinstance(base_url, str):  # a user:password@ in it is sent as Basic auth
+            out += _url_secrets(base_url)
     out += _url_secrets(settings.state.redis_url)
     return [v for v in out if v.lower() not in PLAIN_VALUES and not v.isdigit()]
 

@@ -290,6 +290,12 @@ def test_a_configured_authorization_header_is_masked_without_its_scheme() -> Non
     )
     secrets = secret_values(settings)
     assert "tok-in-config-123" in secrets
+    # A password in a backend's base_url (sent as Basic auth) is one too.
+    with_user = load_settings(
+        {"backends": {"up": {"kind": "openai", "base_url": "http://bob:pw%2Fin-url-77@h:9/v1"}}},
+        environ={},
+    )
+    assert "pw/in-url-77" in secret_values(with_user)
     out = io.BytesIO()
     sink = logs.LogSink(stream=out, secrets=secrets)
     sink.put({"event": "x", "note": "rejected tok-in-config-123"})
