@@ -108,6 +108,16 @@ def test_latest_tags_and_null_content(stella: LiveServer) -> None:
     }
     r2 = httpx.post(stella.url + "/api/chat", json=body)
     assert r2.status_code == 200 and r2.json()["message"]["content"] == "yo"
+    # So does a null `stream` (true), `prompt` ("": a load) and `raw` (false).
+    body = {"model": "echo", "messages": [{"role": "user", "content": "a b"}], "stream": None}
+    with httpx.stream("POST", stella.url + "/api/chat", json=body) as r3:
+        lines = [json.loads(line) for line in r3.iter_lines() if line]
+    assert r3.status_code == 200 and len(lines) > 1 and lines[-1]["done"], lines
+    r4 = httpx.post(stella.url + "/api/generate", json={"model": "echo", "prompt": None})
+    assert r4.status_code == 200 and r4.json()["done_reason"] == "load", r4.text
+    body = {"model": "echo", "prompt": "z", "raw": None, "stream": False}
+    r5 = httpx.post(stella.url + "/api/generate", json=body)
+    assert r5.status_code == 200 and r5.json()["response"] == "z", r5.text
 
 
 def test_empty_requests_load_or_unload(stella: LiveServer) -> None:
@@ -115,13 +125,15 @@ def test_empty_requests_load_or_unload(stella: LiveServer) -> None:
     # or echo backend has nothing to load or free, and says which was asked.
     r = httpx.post(stella.url + "/api/chat", json={"model": "echo", "messages": []})
     assert r.json()["done_reason"] == "load" and r.json()["model"] == "echo"
-    for keep_alive in (0, "0", "0s", "0m"):
+    for keep_alive in (0, "0", "0s", "0m", "0m0s", "0h0m0.0s", "0ms"):
         r = httpx.post(
             stella.url + "/api/generate", json={"model": "echo", "keep_alive": keep_alive}
         )
         assert r.json()["done_reason"] == "unload", keep_alive
-    r = httpx.post(stella.url + "/api/generate", json={"model": "echo", "keep_alive": "5m"})
-    assert r.json()["done_reason"] == "load"
+    for keep_alive in ("5m", "1h0m", "0.5s", -1, "-1"):
+        body = {"model": "echo", "keep_alive": keep_alive}
+        r = httpx.post(stella.url + "/api/generate", json=body)
+        assert r.json()["done_reason"] == "load", keep_alive
     out = client(stella).generate(model="echo", prompt="", keep_alive=0)
     assert out.done_reason == "unload"
 

@@ -7,6 +7,7 @@ Streams are NDJSON with `done: false` lines and a last line carrying
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -209,7 +210,7 @@ async def chat(request: Request, call: Call) -> Response:
     chat_req = ChatRequest(
         messages=messages,
         model=model_name(request, req.model),
-        stream=req.stream,
+        stream=req.stream is not False,
         options=to_options(req.options),
         tools=tools_from(req.tools),
         response_format=to_format(req.format),
@@ -234,18 +235,26 @@ async def _load(request: Request, call: Call, model: str, keep_alive: Any) -> tu
 
 
 def _is_zero(keep_alive: Any) -> bool:
-    """Whether Ollama's keep_alive (seconds, or a duration such as "0s" or "5m") is 0."""
+    """Whether Ollama's keep_alive (seconds, or a Go duration such as "0s", "5m", "0m0s")
+    is 0."""
     if isinstance(keep_alive, bool) or keep_alive is None:
         return False
     if isinstance(keep_alive, int | float):
         return keep_alive == 0
     if isinstance(keep_alive, str):
-        number = keep_alive.strip().rstrip("hms")
+        text = keep_alive.strip().lstrip("+-")
+        if _DURATION.fullmatch(text):  # every part's number is 0: the sum is 0
+            return all(float(n) == 0 for n, _ in _DURATION_PART.findall(text))
         try:
-            return float(number) == 0
+            return float(text) == 0  # a bare number, as a lenient reading of seconds
         except ValueError:
             return False
     return False
+
+
+# Go's time.ParseDuration: one or more <number><unit>.
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION = re.compile(r"(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
 
 
 @endpoint(OLLAMA)
@@ -273,7 +282,7 @@ async def generate(request: Request, call: Call) -> Response:
     chat_req = ChatRequest(
         messages=messages,
         model=model_name(request, req.model),
-        stream=req.stream,
+        stream=req.stream is not False,
         options=to_options(req.options),
         response_format=to_format(req.format),
     )

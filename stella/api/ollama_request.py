@@ -59,7 +59,7 @@ class OllamaChat(msgspec.Struct, kw_only=True):
 
     model: str
     messages: list[OllamaMessage] = []
-    stream: bool = True
+    stream: bool | None = True  # Ollama (Go) reads null as not given: true
     options: OllamaOptions | None = None
     format: Any = None
     tools: list[LenientTool] | None = None
@@ -71,12 +71,12 @@ class OllamaGenerate(msgspec.Struct, kw_only=True):
     """POST /api/generate."""
 
     model: str
-    prompt: str = ""
+    prompt: str | None = ""  # null: not given, as Ollama reads it
     system: str | None = None
-    stream: bool = True
+    stream: bool | None = True
     options: OllamaOptions | None = None
     format: Any = None
-    raw: bool = False
+    raw: bool | None = False
     images: list[str] | None = None
     keep_alive: Any = None
 
