@@ -331,6 +331,13 @@ class Inference:
                     probe = breaker.state == "half_open"
                     try:
                         if attempt:
+                            hint = getattr(last, "retry_after_hint", None)
+                            if hint is not None and hint > rs.retry_max_backoff_s:
+                                # The upstream asked for a longer pause than the route
+                                # waits: asking it sooner would only be refused again.
+                                if probe:
+                                    breaker.release()
+                                break
                             pause = backoff(
                                 rs.retry_backoff_s, rs.retry_max_backoff_s, attempt, last
                             )
@@ -553,7 +560,9 @@ class Inference:
                 record["error"] = self.call.cancel_reason or "cancelled"
                 self._queued(ctx, now)
                 raise
-            if ttft < left:
+            if time.perf_counter() < watchdog.deadline:
+                # The silence limit, not the total one (output such as keep-alive
+                # chunks restarts the silence limit, so this may be long after `limit`).
                 err = UpstreamTimeout(
                     f"no {awaited} from {route.backend_name!r} within {limit:.3g}s"
                 )

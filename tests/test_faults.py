@@ -37,6 +37,8 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
             "flaky": {"kind": "openai", "base_url": url + "/v1"},
             "b-429": {"kind": "openai", "base_url": url + "/v1"},
             "b-hung": {"kind": "openai", "base_url": url + "/v1"},
+            "b-429-long": {"kind": "openai", "base_url": url + "/v1"},
+            "b-beats": {"kind": "openai", "base_url": url + "/v1"},
             "down": {
                 "kind": "openai",
                 "base_url": f"http://127.0.0.1:{free_port()}/v1",
@@ -89,6 +91,26 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
                     "upstream_model": "status-429",  # Retry-After: 1
                     "retries": 3,
                     "total_timeout_s": 0.6,
+                },
+                "up-429-long": {
+                    "backend": "b-429-long",
+                    "upstream_model": "status-429-30",  # Retry-After: 30
+                    "retries": 3,
+                    "retry_max_backoff_s": 0.2,
+                    "fallbacks": ["up-ok"],
+                },
+                "up-429-long-alone": {
+                    "backend": "b-429-long",
+                    "upstream_model": "status-429-30",
+                    "retries": 3,
+                    "retry_max_backoff_s": 0.2,
+                },
+                "up-beats": {
+                    "backend": "b-beats",
+                    "upstream_model": "beats",
+                    "retries": 0,
+                    "ttft_timeout_s": 0.3,
+                    "total_timeout_s": 1.0,
                 },
                 "flaky-bad": {"backend": "flaky", "upstream_model": "status-500", **fast},
                 "flaky-ok": {"backend": "flaky", "upstream_model": "ok", **fast},
@@ -182,6 +204,32 @@ def test_no_retry_starts_past_the_total_limit(gateway: LiveServer) -> None:
     assert r.headers["retry-after"] == "1"
     ev = gateway.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
     assert len(ev["attempts"]) == 1
+
+
+def test_a_retry_after_longer_than_the_backoff_cap_ends_the_retries(gateway: LiveServer) -> None:
+    # The upstream asks for 30 s; the route waits 0.2 s at most: asking again that soon
+    # would be refused again, so the fallback answers at once.
+    t = time.monotonic()
+    r = chat(gateway, "up-429-long", stream=False)
+    assert r.status_code == 200 and r.json()["backend"] == "up", r.text
+    ev = gateway.wait_event(lambda e: e["request_id"] == r.json()["id"])
+    assert [a["error"] for a in ev["attempts"]] == ["upstream_rate_limited", None]
+    # Without a fallback the client is told the upstream's wait, at once.
+    r = chat(gateway, "up-429-long-alone", stream=False)
+    assert r.status_code == 502 and r.headers["retry-after"] == "30"
+    ev = gateway.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+    assert len(ev["attempts"]) == 1
+    assert time.monotonic() - t < 1
+
+
+def test_output_without_text_runs_into_the_total_limit(gateway: LiveServer) -> None:
+    # Role-only chunks every 0.1 s keep the 0.3 s first-token limit from firing; the
+    # total limit ends it, and says so (the request's time, not the backend's fault).
+    lines = ndjson(chat(gateway, "up-beats").text)
+    assert lines[-1]["type"] == "error" and lines[-1]["code"] == "upstream_timeout"
+    assert "the total limit of 1s passed" in lines[-1]["message"], lines[-1]
+    ev = gateway.wait_event(lambda e: e["model"] == "up-beats")
+    assert ev["attempts"][0]["error"] == "upstream_timeout"
 
 
 def test_stall_after_tokens(gateway: LiveServer) -> None:

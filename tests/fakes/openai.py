@@ -77,7 +77,9 @@ class FakeOpenAI:
                 )
         if model.startswith("status-"):
             status = int(model.split("-")[1])
-            headers = {"Retry-After": "1"} if status == 429 else {}
+            # status-429 asks for 1 s; status-429-30 for 30 s.
+            wait = model.split("-")[2] if model.count("-") > 1 else "1"
+            headers = {"Retry-After": wait} if status == 429 else {}
             return JSONResponse(
                 {"error": {"message": f"fake {status}", "type": "server_error", "code": status}},
                 status,
@@ -149,6 +151,10 @@ class FakeOpenAI:
             if model == "stall":
                 await asyncio.sleep(3600)
             yield chunk({"role": "assistant", "content": ""})
+            if model == "beats":  # output without text, forever: alive, answering nothing
+                for _ in range(36_000):
+                    await asyncio.sleep(0.1)
+                    yield chunk({"role": "assistant"})
             if model == "endless":
                 yield b'data: {"choices":[{"delta":{"content":"'
                 for _ in range(320):
