@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -132,6 +133,21 @@ async def test_error_shapes(
         absurd = error_from_response("up", 429, {"retry-after": "1e400"}, b"{}")
         assert absurd.retry_after_hint == 86400.0  # a day at most, not an OverflowError
         assert info.value.headers["Retry-After"] == "1"  # passed on to the client
+
+
+def test_an_upstream_error_text_is_one_short_line() -> None:
+    # A proxy's HTML error page: its words, not its markup; any message: at most 500 chars.
+    page = (
+        b"<html><head><title>502 Bad Gateway</title><style>h1 {x: y}</style></head>\n"
+        b"<body><h1>Bad\n  Gateway</h1><script>var a = 1;</script></body></html>"
+    )
+    err = error_from_response("up", 502, {"content-type": "text/html"}, page)
+    assert err.message == "up: upstream answered 502: 502 Bad Gateway Bad Gateway"
+    huge = json.dumps({"error": {"message": "E" * 3_000_000}}).encode()
+    err = error_from_response("up", 500, {}, huge)
+    assert err.message.endswith("E...") and len(err.message) < 540
+    err = error_from_response("up", 500, {}, b"x" * 5000)
+    assert len(err.message) < 540
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from stella.backends import CallContext
+from stella.backends import CallContext, http
 from stella.backends.anthropic import AnthropicBackend, AnthropicConfig
 from stella.backends.http import HttpBackend
 from stella.backends.ollama import OllamaBackend, OllamaConfig
@@ -69,6 +70,7 @@ class Closer:
         self.connections = 0
         self.answered = 0
         self.answer_every = answer_every  # 0: never answers, closes at once
+        self.work_s = 0.0  # how long it seems to work on a request before closing instead
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -85,6 +87,7 @@ class Closer:
                 )
                 await reader.readexactly(length)
                 if served >= self.answer_every:
+                    await asyncio.sleep(self.work_s)
                     return  # closed without an answer, as a server closing an idle connection
                 body = BODIES[path]
                 writer.write(
@@ -155,6 +158,141 @@ async def test_an_upstream_that_never_answers_is_asked_twice_at_most(
         assert info.value.code == "upstream_error"
         assert info.value.retryable
         assert closer.connections == 2  # one resend on a new connection, no more
+    finally:
+        await backend.aclose()
+
+
+async def test_an_upstream_that_worked_then_dropped_the_request_is_not_asked_again(
+    upstream: tuple[Closer, str],
+) -> None:
+    # A drop after the upstream had the request for a while (a proxy's idle cut of a long
+    # generation) is no stale connection: the route's retries decide, and log, any retry.
+    closer, url = upstream
+    closer.answer_every, closer.work_s = 0, 0.7
+    backend = make("openai", url)
+    await backend.start()
+    try:
+        with pytest.raises(StellaError) as info:
+            await ask(backend)
+        assert info.value.code == "upstream_error" and info.value.retryable
+        assert closer.connections == 1
+    finally:
+        await backend.aclose()
+
+
+# Streamed answers whose HTTP body ends a moment after the answer's last event, as a
+# real server writes them (the final chunk's terminator, OpenAI's `data: [DONE]`).
+STREAMS: dict[str, tuple[bytes, bytes]] = {
+    "/v1/chat/completions": (
+        b"".join(
+            b"data: " + json.dumps(c).encode() + b"\n\n"
+            for c in (
+                {"choices": [{"index": 0, "delta": {"content": "hello"}}]},
+                {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}},
+            )
+        ),
+        b"data: [DONE]\n\n",
+    ),
+    "/api/chat": (
+        json.dumps({"message": {"content": "hello"}, "done": False}).encode()
+        + b"\n"
+        + json.dumps({"done": True, "done_reason": "stop", "eval_count": 1}).encode()
+        + b"\n",
+        b"",
+    ),
+    "/v1/messages": (BODIES["/v1/messages"], b""),
+}
+
+
+class Streamer:
+    """Streams each answer in chunks; the body's end comes `end_after_s` after its last
+    event (never, when None)."""
+
+    def __init__(self, end_after_s: float | None = 0.02) -> None:
+        self.connections = 0
+        self.answered = 0
+        self.end_after_s = end_after_s
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                length = next(
+                    int(v)
+                    for k, _, v in (x.partition(":") for x in lines[1:])
+                    if k.lower() == "content-length"
+                )
+                await reader.readexactly(length)
+                events, tail = STREAMS[lines[0].split()[1]]
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                    + f"{len(events):x}\r\n".encode()
+                    + events
+                    + b"\r\n"
+                )
+                await writer.drain()
+                self.answered += 1
+                if self.end_after_s is None:
+                    await asyncio.sleep(3600)
+                await asyncio.sleep(self.end_after_s)
+                if tail:
+                    writer.write(f"{len(tail):x}\r\n".encode() + tail + b"\r\n")
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def ask_stream(backend: HttpBackend) -> list[Any]:
+    req = ChatRequest(messages=[Message(role="user", content="hi")], model="m", stream=True)
+    return [e async for e in backend.chat(req, CallContext(request_id="req-pool"))]
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama", "anthropic"])
+async def test_a_stream_ending_after_its_last_event_keeps_its_connection(kind: str) -> None:
+    streamer = Streamer(end_after_s=0.3)
+    server = await asyncio.start_server(streamer.handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    backend = make(kind, url)
+    await backend.start()
+    try:
+        async with server:
+            for _ in range(3):
+                t = time.perf_counter()
+                events = await ask_stream(backend)
+                # The answer does not wait the 0.3 s for the body's end...
+                assert time.perf_counter() - t < 0.2
+                assert [type(e) for e in events] == [Delta, Done]
+                await asyncio.sleep(0.4)  # ...which is read meanwhile, off its path
+            assert streamer.answered == 3
+            assert streamer.connections == 1  # one pooled connection for every stream
+    finally:
+        await backend.aclose()
+
+
+async def test_a_body_that_never_ends_after_the_answer_is_let_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http, "DRAIN_S", 0.1)
+    streamer = Streamer(end_after_s=None)
+    server = await asyncio.start_server(streamer.handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    backend = make("ollama", url)
+    await backend.start()
+    try:
+        async with server:
+            for _ in range(2):
+                events = await ask_stream(backend)
+                assert [type(e) for e in events] == [Delta, Done]
+            await asyncio.sleep(0.3)
+            assert not backend._draining  # the reads gave up; their connections closed
+            assert streamer.connections == 2
     finally:
         await backend.aclose()
 

@@ -208,7 +208,7 @@ class AnthropicBackend(HttpBackend):
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         name = self.name
         try:
-            async with await self.post(self.base_url + "/v1/messages", body, headers) as r:
+            async with self.answer(self.base_url + "/v1/messages", body, headers) as r:
                 if r.status >= 300:
                     raise error_from_response(name, r.status, r.headers, await read_body(r, name))
                 usage = _Usage()

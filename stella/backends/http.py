@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import os
+import re
 import time
 from base64 import b64encode
 from collections.abc import AsyncIterator
@@ -55,6 +56,9 @@ class _ErrorBody(msgspec.Struct):
 
 
 _error_body = msgspec.json.Decoder(_ErrorBody)
+# An upstream's error message as the client and the log get it: at most this long.
+MAX_MESSAGE = 500
+_TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.S | re.I)
 
 
 class HttpBackend(Backend):
@@ -66,6 +70,7 @@ class HttpBackend(Backend):
     def __init__(self, name: str, config: HttpConfig) -> None:
         super().__init__(name, config)
         self.http = config
+        self._draining: set[asyncio.Task[None]] = set()
         url = config.base_url
         try:
             parts = urlsplit(url)
@@ -131,7 +136,9 @@ class HttpBackend(Backend):
         )
 
     async def aclose(self) -> None:
-        """Close the pool."""
+        """Close the pool (answers still being read to their end are closed)."""
+        for task in list(self._draining):
+            task.cancel()
         client = getattr(self, "client", None)
         if client is not None:
             await client.aclose()
@@ -139,27 +146,41 @@ class HttpBackend(Backend):
         if session is not None and not session.closed:
             await session.close()
 
+    def answer(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
+        """`async with backend.answer(url, body, headers) as response`: POST on the pool."""
+        return Answer(self, url, body, headers)
+
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
         """POST `body` on the pool; a connection the upstream closed under it is replaced once.
 
         A server may close a kept-alive connection whenever it likes (its keep-alive
         timeout, a restart, after an error it did not announce); a request written to
-        it just then fails before any answer. aiohttp sends such a request again on a
-        new connection only for idempotent methods (RFC 9112, 9.3.1). A chat request
-        is sent again too: an upstream that closed the connection before answering
-        has produced nothing for it, and at worst computes one answer twice. Only
-        this once, and only for a failure before the response began: a refused
-        connection or a failure mid-answer goes to the route's retries and fallbacks.
+        it just then fails at once, before any answer. aiohttp sends such a request
+        again on a new connection only for idempotent methods (RFC 9112, 9.3.1). A
+        chat request is sent again too when it failed that fast (within STALE_S): the
+        upstream cannot have worked on it. A failure after longer (an upstream that
+        worked, then dropped the connection) goes to the route's retries and
+        fallbacks, which count and log every attempt; so does a refused connection.
         """
+        sent = time.perf_counter()
         try:
             return await self.session.post(url, data=body, headers=headers, allow_redirects=False)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):
                 raise  # never connected: nothing was stale
+            if time.perf_counter() - sent > STALE_S:
+                raise  # the upstream may have worked on it: the route's retries decide
         # One loop turn first: the close of other pooled connections the upstream shut at
         # the same moment (a restart) is then seen, and the pool skips them.
         await asyncio.sleep(0)
         return await self.session.post(url, data=body, headers=headers, allow_redirects=False)
+
+    def finish_later(self, response: aiohttp.ClientResponse) -> None:
+        """Read the rest of an answer's body off the call's path, then give the connection
+        back to the pool (it is closed instead when the rest is too long or too slow)."""
+        task = asyncio.get_running_loop().create_task(_drain(response))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
 
     async def probe(self, path: str) -> BackendHealth:
         """GET a cheap path (a model list, a version): health without spending tokens."""
@@ -174,6 +195,56 @@ class HttpBackend(Backend):
                 )
             return BackendHealth(ok=False, detail=f"{type(exc).__name__}")
         return BackendHealth(ok=r.status_code < 400, detail=f"HTTP {r.status_code}")
+
+
+class Answer:
+    """An upstream answer's response as a context: its connection goes back to the pool.
+
+    A streaming adapter stops reading at the answer's final event; the end of the
+    HTTP body (OpenAI's `data: [DONE]`, the last chunk's terminator) often comes in a
+    later read. aiohttp closes a connection released with its body unread, so every
+    stream would open a new connection (and a TLS handshake). An answer that ended
+    normally before its body did is read to its end in the background instead; one
+    that failed is released as aiohttp would (closed, unless its body was read).
+    """
+
+    __slots__ = ("backend", "body", "headers", "response", "url")
+
+    def __init__(
+        self, backend: HttpBackend, url: str, body: bytes, headers: dict[str, str]
+    ) -> None:
+        self.backend = backend
+        self.url = url
+        self.body = body
+        self.headers = headers
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        self.response = await self.backend.post(self.url, self.body, self.headers)
+        return self.response
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: Any, tb: Any) -> None:
+        r = self.response
+        if kind is None and not r.content.at_eof():
+            self.backend.finish_later(r)
+            return
+        await r.__aexit__(kind, exc, tb)
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read what is left of a body (at most DRAIN_BYTES within DRAIN_S), then release it:
+    to the pool when the body ended, else closed."""
+    try:
+        async with asyncio.timeout(DRAIN_S):
+            left = DRAIN_BYTES
+            while left > 0:
+                chunk = await response.content.readany()
+                if not chunk:
+                    break
+                left -= len(chunk)
+    except Exception:  # slow, broken or cut: released below, which closes it
+        pass
+    finally:
+        response.release()
 
 
 def error_from_response(name: str, status: int, headers: Any, body: bytes) -> StellaError:
@@ -194,7 +265,13 @@ def error_from_response(name: str, status: int, headers: Any, body: bytes) -> St
         else:
             message = parsed.message or parsed.detail or ""
     except BAD_JSON:
-        message = message or body[:200].decode(errors="replace").strip()
+        if not message:
+            message = body[: MAX_MESSAGE * 4].decode(errors="replace")
+            if "html" in headers.get("content-type", "").lower() or message.lstrip()[:1] == "<":
+                message = _TAG.sub(" ", message)  # a proxy's error page: its words only
+            message = " ".join(message.split())
+    if len(message) > MAX_MESSAGE:  # whatever the upstream wrote, the client gets a line
+        message = message[: MAX_MESSAGE - 3] + "..."
     return UpstreamStatus(
         f"{name}: upstream answered {status}" + (f": {message}" if message else ""),
         upstream_status=status,
@@ -236,6 +313,13 @@ BAD_JSON = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, Re
 # ends a line must not fill the memory.
 MAX_LINE = 16 * 1024 * 1024
 MAX_BODY = 64 * 1024 * 1024
+# A request that failed on a pooled connection within this long was refused by a stale
+# connection (one round trip), not dropped after the upstream worked on it.
+STALE_S = 0.5
+# The rest of a body after an answer's final event: its end, a `[DONE]`, at most a few
+# bytes; an upstream that keeps sending is cut (the connection closed) past these.
+DRAIN_S = 2.0
+DRAIN_BYTES = 64 * 1024
 
 
 class LineBuffer:

@@ -139,7 +139,7 @@ class OllamaBackend(HttpBackend):
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         name = self.name
         try:
-            async with await self.post(self.base_url + "/api/chat", body, headers) as r:
+            async with self.answer(self.base_url + "/api/chat", body, headers) as r:
                 if r.status >= 300:
                     raise error_from_response(name, r.status, r.headers, await read_body(r, name))
                 index = 0

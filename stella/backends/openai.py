@@ -180,7 +180,7 @@ class OpenAIBackend(HttpBackend):
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         name = self.name
         try:
-            async with await self.post(self.chat_url, body, headers) as r:
+            async with self.answer(self.chat_url, body, headers) as r:
                 if r.status >= 300:
                     raise error_from_response(name, r.status, r.headers, await read_body(r, name))
                 if not stream:
