@@ -2,8 +2,9 @@
 
 Buckets live in a `BucketStore`: this process's memory, or Redis (one atomic
 Lua script per check, see stella.state_redis) so limits hold across workers
-and replicas. Requests are counted at admission; tokens are reserved from
-`max_tokens` at admission and settled with the real usage at the end.
+and replicas. Requests are counted at admission (and given back when a call waits
+for a concurrency slot in vain); tokens are reserved from `max_tokens` and an
+estimate of the prompt at admission, and settled with the real usage at the end.
 """
 
 from __future__ import annotations
@@ -239,6 +240,7 @@ class Limiter(Admission):
         self, plan: _Plan, request: ChatRequest, wait_s: float | None = None
     ) -> Permit:
         permit = LimitPermit(self, [])
+        checks: list[tuple[str, float, float, float]] = []
         if plan.buckets:
             checks = self._checks(plan, request)
             buckets = self.buckets
@@ -264,16 +266,25 @@ class Limiter(Admission):
                         )
                     held.append(slot)
             except BaseException:
-                # Refused, or the client left while queued: nothing stays held.
+                # Refused, or the client left while queued: nothing stays held, and the
+                # request it was counted as goes back (only admitted calls count).
                 permit.settle(Usage())
                 permit.release()
+                for i, (key, cap, per_s, _) in enumerate(checks):
+                    if not plan.buckets[i][3]:
+                        self.buckets.give(key, cap, per_s, 1.0)
                 raise
         return permit
 
     def _checks(self, plan: _Plan, request: ChatRequest) -> list[tuple[str, float, float, float]]:
         """What each bucket of the plan is asked for: a request, or the token reserve."""
-        # Never below one token: a negative reservation would settle as a huge charge.
-        reserve = float(max(request.options.max_tokens or self.limits.reserve_tokens, 1))
+        reserve = 1.0
+        if plan.token_buckets:
+            # The answer's tokens (max_tokens) and the prompt's, estimated at four characters
+            # a token: a burst of long prompts is refused before their usage is known.
+            # Never below one token: a negative reservation would settle as a huge charge.
+            answer = request.options.max_tokens or self.limits.reserve_tokens
+            reserve = float(max(answer, 1) + prompt_estimate(request))
         # All buckets of one admission in one step: one Redis round trip, and nothing is
         # taken from any bucket unless every bucket has room.
         return [
@@ -289,25 +300,40 @@ class Limiter(Admission):
     ) -> None:
         """Headers from the takes; RateLimited when a bucket had no room; the reservation."""
         headers = permit.headers
-        # The first bucket (the key's requests, when it has a limit) sets the headers.
+        for i, take in enumerate(takes):
+            if not take.allowed:
+                # The headers describe the limit that refused (its room, its reset).
+                _, n, _, tokens, who = plan.buckets[i]
+                self.rejections += 1
+                refused = {
+                    "x-ratelimit-limit": str(int(n)),
+                    "x-ratelimit-remaining": str(max(int(take.remaining), 0)),
+                    "x-ratelimit-reset": str(math.ceil(take.reset)),
+                }
+                raise RateLimited(
+                    f"rate limit of {int(n)} {'tokens' if tokens else 'requests'} per "
+                    f"minute reached for {who}",
+                    retry_after=take.retry_after,
+                    headers=refused,
+                )
+        # Admitted: the first bucket (the key's requests, when it has a limit) sets them.
         first = takes[0]
         left = first.remaining
         headers.append((b"x-ratelimit-limit", plan.limit_header))
         headers.append((b"x-ratelimit-remaining", b"%d" % left if left > 0 else b"0"))
         headers.append((b"x-ratelimit-reset", b"%d" % math.ceil(first.reset)))
-        for i, take in enumerate(takes):
-            if not take.allowed:
-                _, n, _, tokens, who = plan.buckets[i]
-                self.rejections += 1
-                raise RateLimited(
-                    f"rate limit of {int(n)} {'tokens' if tokens else 'requests'} per "
-                    f"minute reached for {who}",
-                    retry_after=take.retry_after,
-                    headers={k.decode(): v.decode() for k, v in headers},
-                )
         # Token buckets hold a reservation until the real usage is known.
         if plan.token_buckets:
             permit._reserved = [checks[i] for i in plan.token_buckets]
+
+
+def prompt_estimate(request: ChatRequest) -> int:
+    """The prompt's tokens, estimated before any tokenizer has read it: four characters
+    a token (a common rule of thumb for English text), settled with the real count."""
+    chars = 0
+    for m in request.messages:
+        chars += len(m.content)
+    return chars // 4
 
 
 class _Plan:

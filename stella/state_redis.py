@@ -34,6 +34,9 @@ USAGE_MARK_TTL_S = 3_600
 # While Redis is unreachable, admissions try it again at most this often.
 REDIS_RETRY_S = 1.0
 
+# Per key ARGV: capacity, rate, cost, want (the cost and a lease), and a settlement not
+# yet sent (refunds and charges of calls that ended), applied before the check. A key
+# lives until its bucket would be full again: a bucket in debt keeps its debt.
 TAKE_ALL = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -41,22 +44,23 @@ local n = #KEYS
 local levels = {}
 local ok = true
 for i = 1, n do
-  local capacity = tonumber(ARGV[4 * i - 3])
-  local rate = tonumber(ARGV[4 * i - 2])
-  local cost = tonumber(ARGV[4 * i - 1])
+  local capacity = tonumber(ARGV[5 * i - 4])
+  local rate = tonumber(ARGV[5 * i - 3])
+  local cost = tonumber(ARGV[5 * i - 2])
+  local settle = tonumber(ARGV[5 * i])
   local data = redis.call('HMGET', KEYS[i], 'level', 'at')
   local level = tonumber(data[1]) or capacity
   local at = tonumber(data[2]) or now
-  level = math.min(capacity, level + (now - at) * rate)
+  level = math.min(capacity, level + (now - at) * rate + settle)
   levels[i] = level
   if level < cost then ok = false end
 end
 local out = {}
 for i = 1, n do
-  local capacity = tonumber(ARGV[4 * i - 3])
-  local rate = tonumber(ARGV[4 * i - 2])
-  local cost = tonumber(ARGV[4 * i - 1])
-  local want = tonumber(ARGV[4 * i])
+  local capacity = tonumber(ARGV[5 * i - 4])
+  local rate = tonumber(ARGV[5 * i - 3])
+  local cost = tonumber(ARGV[5 * i - 2])
+  local want = tonumber(ARGV[5 * i - 1])
   local level = levels[i]
   local granted = 0
   if ok then
@@ -65,7 +69,7 @@ for i = 1, n do
     level = level - granted
   end
   redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', tostring(now))
-  redis.call('EXPIRE', KEYS[i], math.ceil(capacity / rate) + 5)
+  redis.call('EXPIRE', KEYS[i], math.ceil((capacity - level) / rate) + 5)
   out[3 * i - 2] = tostring(levels[i])
   out[3 * i - 1] = tostring(granted)
   out[3 * i] = tostring(level)
@@ -119,6 +123,32 @@ end
 return 1
 """
 
+# A routing change: KEYS[1] the routing version, KEYS[2] the key changed; ARGV[1] the
+# deadline (Redis's clock), ARGV[2] "set" | "hset" | "hdel", then its arguments. 0 when
+# it came too late: its client has given up on it and told its caller so.
+CHANGE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+if now > tonumber(ARGV[1]) then
+  return 0
+end
+local op = ARGV[2]
+if op == 'set' then
+  redis.call('SET', KEYS[2], ARGV[3])
+elseif op == 'hset' then
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+elseif op == 'hdel' then
+  redis.call('HDEL', KEYS[2], ARGV[3])
+else
+  return redis.error_reply('unknown change ' .. op)
+end
+redis.call('INCR', KEYS[1])
+return 1
+"""
+# How long after Redis's last answer a routing change may still be applied: under the
+# client's 1 s socket timeout, so a change whose answer timed out never lands later.
+WRITE_WINDOW_S = 0.5
+
 GIVE = """
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
@@ -130,7 +160,7 @@ local level = tonumber(data[1]) or capacity
 local at = tonumber(data[2]) or now
 level = math.min(capacity, level + (now - at) * rate + amount)
 redis.call('HSET', KEYS[1], 'level', tostring(level), 'at', tostring(now))
-redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate) + 5)
+redis.call('EXPIRE', KEYS[1], math.ceil((capacity - level) / rate) + 5)
 return tostring(level)
 """
 
@@ -157,6 +187,7 @@ class RedisState:
         self.retry_at = 0.0
         self._take_all = self.redis.register_script(TAKE_ALL)
         self._give = self.redis.register_script(GIVE)
+        self._change = self.redis.register_script(CHANGE)
         self._add_usage = self.redis.register_script(USAGE)
         self._take_slot = self.redis.register_script(TAKE_SLOT)
         self._renew_slots = self.redis.register_script(RENEW_SLOTS)
@@ -258,22 +289,36 @@ class RedisState:
 
     async def set_default_model(self, name: str) -> None:
         """Persist the default model."""
-        await self._write(lambda pipe: pipe.set(self._key("default_model"), name))
+        await self._write("set", self._key("default_model"), name)
 
-    async def _write(self, change: Any) -> None:
-        """One routing change and a bump of the routing version, in one transaction: the
-        other replicas poll the version (see `routing`) and reload when it moves."""
+    async def _write(self, op: str, key: str, *args: str | bytes) -> None:
+        """One routing change and a bump of the routing version, atomically: the other
+        replicas poll the version (see `routing`) and reload when it moves.
+
+        The change carries a deadline on Redis's clock, WRITE_WINDOW_S after Redis
+        last answered, well within the client's timeout: a change whose answer timed
+        out (Redis stalled with it in its socket) is refused when Redis runs it later,
+        so a 503 means "not applied", on every replica, for good.
+        """
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                change(pipe)
-                pipe.incr(self._key("routing_version"))
-                await pipe.execute()
+            sec, usec = await self.redis.time()
+            deadline = sec + usec / 1e6 + WRITE_WINDOW_S
+            done = await self._change(
+                keys=[self._key("routing_version"), key], args=[repr(deadline), op, *args]
+            )
         except (RedisError, OSError) as exc:
             self._failed(exc)
             raise Unavailable(
-                "the state store (Redis) is unreachable; try again", retry_after=5
+                "the state store (Redis) is unreachable; the change was not applied; try again",
+                retry_after=5,
             ) from None
         self._ok()
+        if not done:
+            raise Unavailable(
+                "the state store (Redis) answered too slowly; the change was not applied; "
+                "try again",
+                retry_after=1,
+            )
 
     async def routing(self) -> tuple[int, dict[str, dict[str, Any]], str | None] | None:
         """(version, runtime routes, default model) as one consistent read; None when
@@ -313,12 +358,11 @@ class RedisState:
 
     async def save_route(self, name: str, spec: dict[str, Any]) -> None:
         """Persist a runtime route."""
-        encoded = msgspec.json.encode(spec)
-        await self._write(lambda pipe: pipe.hset(self._key("routes"), name, encoded))
+        await self._write("hset", self._key("routes"), name, msgspec.json.encode(spec))
 
     async def delete_route(self, name: str) -> None:
         """Forget a runtime route."""
-        await self._write(lambda pipe: pipe.hdel(self._key("routes"), name))
+        await self._write("hdel", self._key("routes"), name)
 
     # --- usage ---------------------------------------------------------------------
 
@@ -506,14 +550,23 @@ class RedisBuckets:
                 return await st.local.take_all(checks)
             self._return_expired([checks[i] for i in remote], now)
             args: list[float] = []
-            for i in remote:
+            keys = [st._key("rl", checks[i][0]) for i in remote]
+            pending = st._gives
+            for key, i in zip(keys, remote, strict=True):
                 _, cap, per_s, cost = checks[i]
                 extra = min(cap * LEASE_SHARE, cost * LEASE_REQUESTS)
-                args += [cap, per_s, cost, cost + (extra if extra >= cost else 0.0)]
+                # What calls that ended owe or get back goes with this check, not 0.1 s
+                # later: the next call of a key sees its last one settled.
+                settle = pending.pop(key, None)
+                args += [
+                    cap,
+                    per_s,
+                    cost,
+                    cost + (extra if extra >= cost else 0.0),
+                    settle[2] if settle is not None else 0.0,
+                ]
             try:
-                flat = await st._take_all(
-                    keys=[st._key("rl", checks[i][0]) for i in remote], args=args
-                )
+                flat = await st._take_all(keys=keys, args=args)
             except (RedisError, OSError) as exc:
                 st._failed(exc)
                 return await st.local.take_all(checks)

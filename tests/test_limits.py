@@ -40,6 +40,49 @@ def test_tokens_per_minute_reserve_then_settle() -> None:
         assert r.status_code == 429 and "tokens per minute" in r.json()["error"]["message"]
 
 
+def test_a_refusal_s_headers_describe_the_limit_that_refused() -> None:
+    config = {
+        "auth": {
+            "keys": {"t": {"sha256": sha(KEY), "requests_per_minute": 30, "tokens_per_minute": 200}}
+        }
+    }
+    with run_stella(config) as server:
+        h = {"Authorization": f"Bearer {KEY}"}
+        # max_tokens over the bucket reserves all of it: the second call finds it short.
+        r = httpx.post(server.url + "/api/v1/chat", headers=h, json=body(max_tokens=300))
+        assert r.status_code == 200 and r.headers["x-ratelimit-limit"] == "30"
+        r = httpx.post(server.url + "/api/v1/chat", headers=h, json=body(max_tokens=300))
+        assert r.status_code == 429 and "200 tokens per minute" in r.json()["error"]["message"]
+        assert r.headers["x-ratelimit-limit"] == "200"  # not the requests' 30, with room left
+        assert int(r.headers["x-ratelimit-remaining"]) < 200
+        assert int(r.headers["retry-after"]) >= 1
+
+
+async def test_a_call_refused_for_want_of_a_slot_costs_no_request() -> None:
+    config = {
+        "auth": {"keys": {"t": {"sha256": sha(KEY), "requests_per_minute": 5}}},
+        "limits": {"max_concurrent": 1, "queue_timeout_s": 0.2},
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.3}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+    }
+    h = {"Authorization": f"Bearer {KEY}"}
+    slow = {"model": "slow", "stream": False, "messages": [{"role": "user", "content": "a b c"}]}
+    with run_stella(config) as server:
+        async with httpx.AsyncClient(timeout=10, headers=h) as c:
+            first = asyncio.create_task(c.post(server.url + "/api/v1/chat", json=slow))
+            await asyncio.sleep(0.1)
+            for _ in range(3):
+                r = await c.post(server.url + "/api/v1/chat", json=body())
+                assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+            assert (await first).status_code == 200
+            # Five a minute, one used: the three refusals gave theirs back.
+            codes = [(await c.post(server.url + "/api/v1/chat", json=body())).status_code]
+            codes += [(await c.post(server.url + "/api/v1/chat", json=body())).status_code]
+            codes += [(await c.post(server.url + "/api/v1/chat", json=body())).status_code]
+            codes += [(await c.post(server.url + "/api/v1/chat", json=body())).status_code]
+            assert codes == [200, 200, 200, 200]
+
+
 def test_per_model_requests_per_minute() -> None:
     config = {"limits": {"models": {"echo": {"requests_per_minute": 3}}}}
     with run_stella(config) as server:

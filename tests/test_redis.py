@@ -247,7 +247,8 @@ def test_token_reservations_are_settled_in_redis(redis: Redis) -> None:
             )
             time.sleep(0.15)  # settlements reach Redis every 0.1 s
         assert codes == [200] * 20
-        # A 300-word prompt reserves 1 token (max_tokens) but uses ~301: charged afterwards.
+        # A 300-word prompt reserves 151 tokens (max_tokens and 600 characters at four a
+        # token) but uses ~301: the rest is charged afterwards.
         big = {**BODY, "messages": [{"role": "user", "content": "w " * 300}]}
         big["options"] = {"max_tokens": 1}
         codes = []
@@ -256,6 +257,86 @@ def test_token_reservations_are_settled_in_redis(redis: Redis) -> None:
             codes.append(r.status_code)
             time.sleep(0.15)
         assert codes.count(200) <= 10 and codes.count(429) >= 10, codes  # 2,000 tokens + refill
+
+
+def test_a_burst_of_long_prompts_is_paid_for_across_replicas(redis: Redis) -> None:
+    # 40 calls at once over two replicas, each a 200-token prompt (four characters a word)
+    # and max_tokens 1, on 1,000 tokens a minute: the prompts' estimate is reserved, so
+    # about 1,000 tokens' worth go through (each reserving 1 token let 35 of them in).
+    cfg = config(redis, limits={"tokens_per_minute": 1000})
+    prompt = {**BODY, "messages": [{"role": "user", "content": "abc " * 200}]}
+    prompt["options"] = {"max_tokens": 1}
+
+    async def burst(urls: list[str]) -> list[int]:
+        async with httpx.AsyncClient(timeout=20) as c:
+            calls = [
+                c.post(urls[i % 2] + "/api/v1/chat", json=prompt, headers=AUTH) for i in range(40)
+            ]
+            return [r.status_code for r in await asyncio.gather(*calls)]
+
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        codes = asyncio.run(burst([a.url, b.url]))
+    assert 4 <= codes.count(200) <= 6, codes
+    assert codes.count(429) == 40 - codes.count(200)
+
+
+def test_a_key_s_next_call_sees_its_last_one_settled(redis: Redis) -> None:
+    # Each call reserves 600 of 1,000 tokens a minute and uses a few: the refund goes to
+    # Redis with the next check, so calls one after the other all fit.
+    cfg = config(redis, limits={"tokens_per_minute": 1000})
+    small = {**BODY, "options": {"max_tokens": 600}}
+    with run_stella(cfg, ENV) as s:
+        codes = [
+            httpx.post(s.url + "/api/v1/chat", json=small, headers=AUTH).status_code
+            for _ in range(6)
+        ]
+    assert codes == [200] * 6
+
+
+async def test_a_bucket_in_debt_keeps_it_until_it_has_refilled(redis: Redis) -> None:
+    st = redis_state(redis, "debt")
+    buckets = st.buckets()
+    try:
+        # 60 a minute (too few to lease), 300 owed: 360 to refill at 1 a second.
+        [take] = await buckets.take_all([("tpm:key:k", 60.0, 1.0, 1.0)])
+        assert take.allowed
+        buckets.give("tpm:key:k", 60.0, 1.0, -300.0)
+        await st._flush_gives()
+        ttl = await st.redis.ttl("debt:rl:tpm:key:k")
+        assert ttl > 300, ttl  # it used to expire after 65 s, its debt forgiven
+        [take] = await buckets.take_all([("tpm:key:k", 60.0, 1.0, 1.0)])
+        assert not take.allowed and take.retry_after > 200
+    finally:
+        await st.aclose()
+
+
+def test_a_change_sent_to_a_stalled_redis_is_not_applied_later(redis: Redis) -> None:
+    import os
+    import signal
+
+    cfg = config(redis)
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)  # the change waits in Redis's socket
+        try:
+            r = httpx.post(
+                a.url + "/api/v1/models",
+                headers=AUTH,
+                json={"name": "ghost", "backend": "echo"},
+                timeout=10,
+            )
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert r.status_code == 503 and "not applied" in r.json()["error"]["message"], r.text
+        time.sleep(1.5)  # the replicas poll the routing version every 0.5 s
+        for server in (a, b):
+            models = httpx.get(server.url + "/api/v1/models", headers=AUTH).json()["models"]
+            assert "ghost" not in {m["name"] for m in models}
+        # Redis answering again, the same change goes through.
+        r = httpx.post(
+            a.url + "/api/v1/models", headers=AUTH, json={"name": "ghost", "backend": "echo"}
+        )
+        assert r.status_code == 201, r.text
 
 
 def test_an_admin_change_the_store_refuses_is_not_applied(redis: Redis) -> None:
