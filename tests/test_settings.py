@@ -265,3 +265,15 @@ def test_an_unknown_default_lists_only_routes_that_can_serve() -> None:
     env = {"STELLA_MODELS__DEFAULT": "nope", "STELLA_BACKENDS__LOCAL__ENABLED": "false"}
     with pytest.raises(ConfigError, match=r"known: \['echo'\]$"):
         load_settings(environ=env)
+
+
+def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'[server]\nhost = "caf\xe9"\n')
+    for path, reason in ((tmp_path, "is a directory"), (latin, "not UTF-8")):
+        with pytest.raises(ConfigError, match=f"^config file {path}: {reason}"):
+            load_settings(environ={"STELLA_CONFIG": str(path)})
+    # A byte-order mark, as some editors write one, is not part of the TOML.
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b'\xef\xbb\xbf[models]\ndefault = "echo"\n')
+    assert load_settings(environ={"STELLA_CONFIG": str(bom)}).models.default == "echo"
