@@ -260,24 +260,44 @@ def decode_settings(data: Mapping[str, Any]) -> Settings:
     log = data.get("log")
     if isinstance(log, dict) and isinstance(log.get("level"), str):
         data = {**data, "log": {**log, "level": log["level"].lower()}}  # INFO as info
-    # Tables of named entries first, one by one: msgspec says `auth.keys[...]` for an
-    # entry of a dict, and with several keys or routes the name is what tells them apart.
-    for section, table, entry in _NAMED:
-        entries = data.get(section, {})
-        entries = entries.get(table, {}) if isinstance(entries, dict) else {}
+    # Tables of named entries first, one by one: msgspec says `backends[...]` for an
+    # entry of a dict, and with several keys, routes or backends the name is what tells
+    # them apart.
+    for path, entry in _NAMED:
+        entries: Any = data
+        for part in path:
+            entries = entries.get(part, {}) if isinstance(entries, dict) else {}
         if isinstance(entries, dict):
             for name, value in entries.items():
-                _convert(value, entry, f"{section}.{table}.{name}")
-    settings = _convert(data, Settings, "")
+                _convert(value, entry, ".".join((*path, name)))
+    settings = _convert(_enabled_flags(data), Settings, "")
     _check(settings)
     return settings
 
 
-_NAMED = (
-    ("auth", "keys", KeySettings),
-    ("models", "routes", RouteSettings),
-    ("limits", "models", ModelLimits),
+_NAMED: tuple[tuple[tuple[str, ...], Any], ...] = (
+    (("auth", "keys"), KeySettings),
+    (("models", "routes"), RouteSettings),
+    (("limits", "models"), ModelLimits),
+    (("limits", "backends"), Count),
+    (("backends",), dict[str, Any]),
 )
+
+
+def _enabled_flags(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`backends.NAME.enabled` decoded as a boolean (from the environment "false" or "0",
+    as every boolean key takes them): a backend table is otherwise kept as written for its
+    kind to decode, and a string there would leave the backend on."""
+    backends = data.get("backends")
+    if not isinstance(backends, dict):
+        return data
+    out = {}
+    for name, table in backends.items():
+        if "enabled" in table:
+            flag = _convert(table["enabled"], bool, f"backends.{name}.enabled")
+            table = {**table, "enabled": flag}
+        out[name] = table
+    return {**data, "backends": out}
 
 
 def _convert(value: Any, type_: type[Any], where: str) -> Any:
@@ -296,7 +316,7 @@ def enabled_backends(s: Settings) -> dict[str, dict[str, Any]]:
     return {
         name: {k: v for k, v in table.items() if k != "enabled"}
         for name, table in s.backends.items()
-        if table.get("enabled", True) is not False
+        if table.get("enabled", True)
     }
 
 
@@ -324,9 +344,6 @@ def _check(s: Settings) -> None:
             raise ConfigError(
                 f"limits.backends.{name}: unknown backend; known: {sorted(s.backends)}"
             )
-    for name, table in s.backends.items():
-        if not isinstance(table, dict):
-            raise ConfigError(f"backends.{name}: must be a table")
     for name, route in s.models.routes.items():
         if route.backend not in s.backends:
             raise ConfigError(

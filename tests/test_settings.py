@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from stella.backends import ConfigError
-from stella.settings import env_overrides, load_settings, redacted, secret_values
+from stella.settings import (
+    enabled_backends,
+    env_overrides,
+    load_settings,
+    redacted,
+    secret_values,
+)
 
 
 def test_defaults_match_the_shipped_file() -> None:
@@ -277,3 +283,33 @@ def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path: Path) -> None:
     bom = tmp_path / "bom.toml"
     bom.write_bytes(b'\xef\xbb\xbf[models]\ndefault = "echo"\n')
     assert load_settings(environ={"STELLA_CONFIG": str(bom)}).models.default == "echo"
+
+
+@pytest.mark.parametrize("value", ["False", "false", "0", '"false"'])
+def test_a_backend_turned_off_from_the_environment_is_off(value: str) -> None:
+    env = {"STELLA_MODELS__DEFAULT": "echo", "STELLA_BACKENDS__LOCAL__ENABLED": value}
+    assert "local" not in enabled_backends(load_settings(environ=env))
+
+
+@pytest.mark.parametrize("value", ["yes please", "no", "2"])
+def test_a_bad_enabled_names_the_key(tmp_path: Path, value: str) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[models]\ndefault = "echo"\n[backends.local]\nenabled = "{value}"\n')
+    with pytest.raises(ConfigError, match=r"^backends\.local\.enabled: Expected `bool`"):
+        load_settings(environ={"STELLA_CONFIG": str(conf)})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[backends]\nx = 1\n", "backends.x: Expected `object`, got `int`"),
+        ('[limits.backends]\necho = "x"\n', "limits.backends.echo: Expected `int`, got `str`"),
+        ("[limits.backends]\necho = -1\n", "limits.backends.echo: Expected `int` >= 0"),
+    ],
+)
+def test_entries_of_named_tables_are_named(tmp_path: Path, text: str, message: str) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"STELLA_CONFIG": str(conf)})
+    assert str(info.value) == message
