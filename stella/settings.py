@@ -252,7 +252,48 @@ def load_settings(
     data = merge(data, env_overrides(environ))
     if overrides:
         data = merge(data, overrides)
-    return decode_settings(data)
+    try:
+        return decode_settings(data)
+    except ConfigError as exc:
+        variable = _blamed_variable(str(exc), environ, overrides or {})
+        if variable is None:
+            raise
+        # The variable and its value too: a shell or a platform set it, not a file.
+        shown = _redact(environ[variable], variable.rpartition("__")[2].lower())
+        raise ConfigError(f"{variable}={shown}: {exc}") from None
+
+
+def _blamed_variable(
+    message: str, environ: Mapping[str, str], overrides: Mapping[str, Any]
+) -> str | None:
+    """The environment variable that set the key an error names, when one did (and no
+    command-line flag replaced it)."""
+    key = message.partition(": ")[0]
+    found = []
+    for name in environ:
+        if name == "PORT":
+            path = "server.port"
+        elif name.startswith("STELLA_") and "__" in name:
+            path = ".".join(p.lower() for p in name[len("STELLA_") :].split("__"))
+        else:
+            continue
+        # The key itself, a value inside it (a table, an array), or the one entry
+        # under a table that the error names (an unknown field).
+        if path == key or key.startswith(path + ".") or path.startswith(key + "."):
+            found.append((name, path))
+    if any(name == "PORT" for name, _ in found):  # PORT wins over STELLA_SERVER__PORT
+        found = [(n, p) for n, p in found if n != "STELLA_SERVER__PORT"]
+    if len(found) != 1 or _lookup(overrides, found[0][1]) is not None:
+        return None
+    return found[0][0]
+
+
+def _lookup(data: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path of nested tables, or None."""
+    node: Any = data
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
 
 
 def decode_settings(data: Mapping[str, Any]) -> Settings:

@@ -313,3 +313,33 @@ def test_entries_of_named_tables_are_named(tmp_path: Path, text: str, message: s
     with pytest.raises(ConfigError) as info:
         load_settings(environ={"STELLA_CONFIG": str(conf)})
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("env", "start"),
+    [
+        ({"PORT": "abc"}, "PORT=abc: server.port: Expected `int`"),
+        ({"PORT": "abc", "STELLA_SERVER__PORT": "9000"}, "PORT=abc: server.port:"),
+        ({"STELLA_SERVER__PORT": "x1"}, "STELLA_SERVER__PORT=x1: server.port:"),
+        (
+            {"STELLA_LIMITS__MODELS__ECHO__RPM": "5"},
+            "STELLA_LIMITS__MODELS__ECHO__RPM=5: limits.models.echo: Object contains",
+        ),
+        # The value is shown as /config would show it: a password in it masked.
+        (
+            {"STELLA_STATE__REDIS_URL": "http://u:hunter2@cache"},
+            "STELLA_STATE__REDIS_URL=http://***@cache: state.redis_url:",
+        ),
+    ],
+)
+def test_a_bad_environment_value_names_its_variable(env: dict[str, str], start: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ=env)
+    assert str(info.value).startswith(start)
+
+
+def test_a_flag_that_replaced_the_variable_is_not_blamed_on_it() -> None:
+    env = {"STELLA_MODELS__DEFAULT": "echo"}
+    with pytest.raises(ConfigError) as info:
+        load_settings({"models": {"default": "nope"}}, environ=env)
+    assert str(info.value).startswith("models.default: 'nope' is not a route")
