@@ -343,3 +343,12 @@ def test_a_flag_that_replaced_the_variable_is_not_blamed_on_it() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings({"models": {"default": "nope"}}, environ=env)
     assert str(info.value).startswith("models.default: 'nope' is not a route")
+
+
+def test_a_bad_header_of_a_backend_names_the_header() -> None:
+    from stella.backends import build_backend, registry
+
+    table = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "headers": {"X-Title": 1}}
+    with pytest.raises(ConfigError) as info:
+        build_backend("o", table, registry())
+    assert str(info.value) == "backends.o.headers.X-Title: Expected `str`, got `int`"
