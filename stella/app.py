@@ -353,10 +353,8 @@ def _app_hooks() -> list[Callable[[Starlette, Services], None]]:
     return out
 
 
-def configure_logs(settings: Settings) -> logs.LogSink:
-    """Point structlog at a sink that masks every secret this config knows of."""
-    names = [settings.auth.keys_env]
-    names += [t["api_key_env"] for t in settings.backends.values() if t.get("api_key_env")]
+def check_audit_path(settings: Settings) -> None:
+    """Make sure the audit file can be appended to (creating it and its directory)."""
     if path := settings.log.audit_path:
         # Found out now, not by audit lines silently dropped later.
         try:
@@ -364,6 +362,13 @@ def configure_logs(settings: Settings) -> logs.LogSink:
             Path(path).open("ab").close()
         except OSError as exc:
             raise ConfigError(f"log.audit_path: cannot write {path}: {exc.strerror}") from None
+
+
+def configure_logs(settings: Settings) -> logs.LogSink:
+    """Point structlog at a sink that masks every secret this config knows of."""
+    names = [settings.auth.keys_env]
+    names += [t["api_key_env"] for t in settings.backends.values() if t.get("api_key_env")]
+    check_audit_path(settings)
     return logs.configure(
         fmt=settings.log.format,
         level=settings.log.level,

@@ -227,6 +227,9 @@ def test_remote_pool_settings_are_checked(key: str, value: float) -> None:
     [
         # Found at start-up, not as audit lines silently dropped later.
         ({"STELLA_LOG__AUDIT_PATH": "/proc/nope/x.jsonl"}, "serve", "log.audit_path"),
+        # --check says what serve would.
+        ({"STELLA_LOG__AUDIT_PATH": "/proc/nope/x.jsonl"}, "config", "log.audit_path"),
+        ({"STELLA_LOG__AUDIT_PATH": "/tmp"}, "config", "log.audit_path: cannot write /tmp"),
         # Found by --check, not as a model that never loads.
         ({"STELLA_BACKENDS__LOCAL__DTYPE": "float8"}, "config", "backends.local: dtype"),
         # Found at start-up, not as a traceback, or as 502s on every call later.
