@@ -82,3 +82,14 @@ def test_a_port_in_use_is_one_error_before_anything_starts() -> None:
         )
     assert out.returncode != 0
     assert "Address already in use" in out.stderr and "serving on" not in out.stderr
+
+
+def test_uvicorn_factory_with_a_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "STELLA_SERVER__PORT": "abc"}
+    cmd = [sys.executable, "-m", "uvicorn", "stella.app:create_app", "--factory", "--port", "1"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines == [
+        "stella: config error: STELLA_SERVER__PORT=abc: server.port: Expected `int`, got `str`"
+    ]
