@@ -340,7 +340,10 @@ def _payload(
         for name, value in options.items():
             # JSON has no NaN or infinity (msgspec would send null: the server's default).
             if isinstance(value, float) and not math.isfinite(value):
-                raise BadRequestError(f"options.{name}: {value} is not a number JSON can carry")
+                raise BadRequestError(
+                    f"options.{name}: {value} is not a number JSON can carry",
+                    code="invalid_request",
+                )
         body["options"] = options
     return body
 

@@ -377,3 +377,10 @@ def test_keys_new_prints_valid_toml(tmp_path: Any) -> None:
     for bad in (["café"], ["k2", "--rpm", "-5"], ["k3", "--models"]):
         out = keys(*bad)
         assert out.returncode == 2 and not out.stdout, bad
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_an_option_json_cannot_carry_is_invalid_request(value: float) -> None:
+    with sc.Client("http://127.0.0.1:9") as c, pytest.raises(sc.BadRequestError) as info:
+        c.chat([{"role": "user", "content": "x"}], "echo", options={"temperature": value})
+    assert info.value.code == "invalid_request" and "options.temperature" in info.value.message
