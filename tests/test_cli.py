@@ -93,3 +93,34 @@ def test_uvicorn_factory_with_a_bad_config_is_one_line_and_exit_2(tmp_path: Path
     assert lines == [
         "stella: config error: STELLA_SERVER__PORT=abc: server.port: Expected `int`, got `str`"
     ]
+
+
+def test_import_gguf_says_what_is_wrong_with_its_paths(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file at all")
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        # The output's place is found out before the conversion starts.
+        ((str(fake), str(tmp_path / "afile" / "model")), f"cannot write {tmp_path / 'afile'}"),
+        ((str(fake), "/proc/nope/model"), "cannot write /proc/nope"),
+        ((str(tmp_path), str(tmp_path / "out")), f"{tmp_path} is a directory, not a GGUF file"),
+    ]
+    for args, message in cases:
+        out = stella("import-gguf", *args)
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_import_gguf_without_mlx_says_how_to_install_it(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file at all")
+    code = (
+        "import sys; sys.modules['mlx'] = sys.modules['mlx.core'] = None;"
+        "from stella.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    cmd = [sys.executable, "-c", code, "import-gguf", str(fake), str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'stella-gateway[mlx]'" in lines[0]
