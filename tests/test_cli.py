@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def stella(*args: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "stella", *args]
@@ -63,7 +65,8 @@ def test_import_gguf_of_another_file_says_so(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith(f"stella: {fake} is not a GGUF file")
 
 
-def test_a_port_in_use_is_one_error_before_anything_starts() -> None:
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"], ["--reload"]])
+def test_a_port_in_use_is_one_error_before_anything_starts(extra: list[str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -74,7 +77,7 @@ def test_a_port_in_use_is_one_error_before_anything_starts() -> None:
             "STELLA_BACKENDS__LOCAL__ENABLED": "false",
         }
         out = subprocess.run(
-            [sys.executable, "-m", "stella", "serve", "--port", str(port)],
+            [sys.executable, "-m", "stella", "serve", "--port", str(port), *extra],
             env=env,
             capture_output=True,
             text=True,
@@ -124,3 +127,10 @@ def test_import_gguf_without_mlx_says_how_to_install_it(tmp_path: Path) -> None:
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'stella-gateway[mlx]'" in lines[0]
+
+
+def test_the_announced_url_brackets_an_ipv6_host() -> None:
+    from stella.commands.serve import serving_url
+
+    assert serving_url("::1", 8000) == "http://[::1]:8000"
+    assert serving_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
