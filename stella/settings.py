@@ -238,6 +238,15 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def set_by_user(key: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether $STELLA_CONFIG or the environment sets `key` (dotted), beyond the defaults."""
+    environ = os.environ if environ is None else environ
+    data = env_overrides(environ)
+    if extra := environ.get("STELLA_CONFIG"):
+        data = merge(_read_toml(Path(extra)), data)
+    return _lookup(data, key) is not None
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     *,

@@ -134,3 +134,41 @@ def test_the_announced_url_brackets_an_ipv6_host() -> None:
 
     assert serving_url("::1", 8000) == "http://[::1]:8000"
     assert serving_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+
+
+def _first_log_line_on_a_terminal(config: str, tmp_path: Path) -> str:
+    """Start `stella serve` with its stdout on a terminal; its `started` log line."""
+    import os
+    import pty
+    import select
+    import time
+
+    from tests.live import free_port
+
+    conf = tmp_path / "c.toml"
+    conf.write_text(config)
+    env = {"PATH": "/usr/bin:/bin", "STELLA_CONFIG": str(conf), "PORT": str(free_port())}
+    env |= {"STELLA_MODELS__DEFAULT": "echo", "STELLA_BACKENDS__LOCAL__ENABLED": "false"}
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stella", "serve"], stdout=follower, stderr=follower, env=env
+    )
+    os.close(follower)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"started" not in seen and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                seen += os.read(leader, 65536)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        os.close(leader)
+    return next(line for line in seen.decode().splitlines() if "started" in line)
+
+
+def test_a_log_format_from_the_file_holds_on_a_terminal(tmp_path: Path) -> None:
+    line = _first_log_line_on_a_terminal('[log]\nformat = "json"\n', tmp_path)
+    assert line.startswith("{") and '"event":"started"' in line
+    # Without one, a terminal gets the console format.
+    assert not _first_log_line_on_a_terminal("", tmp_path).startswith("{")

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from stella.app import create_app
     from stella.backends import ConfigError
-    from stella.settings import load_settings
+    from stella.settings import load_settings, set_by_user
 
     if args.config:
         os.environ["STELLA_CONFIG"] = args.config
@@ -49,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
         overrides.setdefault("server", {})["workers"] = args.workers
     if args.log_format:
         overrides.setdefault("log", {})["format"] = args.log_format
-    elif sys.stdout.isatty() and "STELLA_LOG__FORMAT" not in os.environ:
-        overrides.setdefault("log", {})["format"] = "console"
     try:
+        # A terminal reads the console format better, unless the file or env chose one.
+        if not args.log_format and sys.stdout.isatty() and not set_by_user("log.format"):
+            overrides.setdefault("log", {})["format"] = "console"
         settings = load_settings(overrides)
         app = create_app(settings)
     except ConfigError as exc:
