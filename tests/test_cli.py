@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,62 @@ def test_a_log_format_from_the_file_holds_on_a_terminal(tmp_path: Path) -> None:
     assert line.startswith("{") and '"event":"started"' in line
     # Without one, a terminal gets the console format.
     assert not _first_log_line_on_a_terminal("", tmp_path).startswith("{")
+
+
+@pytest.fixture
+def counting_server() -> Iterator[tuple[str, list[str]]]:
+    """A loopback HTTP/1.1 server that answers 200 to /ok... and 500 to the rest; the
+    paths it was asked for."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append(self.path)
+            self.send_response(200 if self.path.startswith("/ok") else 500)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_bench_url_sends_n_requests_in_all_to_the_url_given(
+    counting_server: tuple[str, list[str]],
+) -> None:
+    base, seen = counting_server
+    for n in (10, 5):
+        seen.clear()
+        out = stella("bench", "url", f"{base}/ok?x=1&y=2", "-n", str(n), "-c", "1", "-d", "5")
+        assert out.returncode == 0, out.stderr
+        assert seen == ["/ok?x=1&y=2"] * n
+
+
+def test_bench_url_that_always_fails_exits_1(counting_server: tuple[str, list[str]]) -> None:
+    base, _ = counting_server
+    out = stella("bench", "url", f"{base}/fail", "-n", "3", "-c", "1", "-d", "5")
+    assert out.returncode == 1 and "no request" in out.stderr and "succeeded" in out.stderr
+
+
+@pytest.mark.parametrize("url", ["https://127.0.0.1:9/api/v1/chat", "127.0.0.1:9/api/v1/chat"])
+def test_bench_url_refuses_what_it_cannot_send(url: str) -> None:
+    out = stella("bench", "url", url, "-c", "1", "-d", "0.1")
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"stella: {url}: not an http:// URL " + (
+        "(https and URLs without one are not loaded)"
+    )
