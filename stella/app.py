@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -313,8 +314,22 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
-    """Build the app; a bad configuration raises ConfigError naming the key."""
-    settings = settings or load_settings()
+    """Build the app; a bad configuration raises ConfigError naming the key.
+
+    Without `settings` (`uvicorn stella.app:create_app --factory`, each worker of
+    `stella serve --workers N`) it reads the configuration itself, and a bad one ends
+    the process as `stella serve` ends it: one line and exit code 2.
+    """
+    if settings is not None:
+        return _build_app(settings)
+    try:
+        return _build_app(load_settings())
+    except ConfigError as exc:
+        print(f"stella: config error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _build_app(settings: Settings) -> Starlette:
     if logs.sink() is None:
         configure_logs(settings)
     svc = Services(settings)
@@ -353,10 +368,8 @@ def _app_hooks() -> list[Callable[[Starlette, Services], None]]:
     return out
 
 
-def configure_logs(settings: Settings) -> logs.LogSink:
-    """Point structlog at a sink that masks every secret this config knows of."""
-    names = [settings.auth.keys_env]
-    names += [t["api_key_env"] for t in settings.backends.values() if t.get("api_key_env")]
+def check_audit_path(settings: Settings) -> None:
+    """Make sure the audit file can be appended to (creating it and its directory)."""
     if path := settings.log.audit_path:
         # Found out now, not by audit lines silently dropped later.
         try:
@@ -364,6 +377,13 @@ def configure_logs(settings: Settings) -> logs.LogSink:
             Path(path).open("ab").close()
         except OSError as exc:
             raise ConfigError(f"log.audit_path: cannot write {path}: {exc.strerror}") from None
+
+
+def configure_logs(settings: Settings) -> logs.LogSink:
+    """Point structlog at a sink that masks every secret this config knows of."""
+    names = [settings.auth.keys_env]
+    names += [t["api_key_env"] for t in settings.backends.values() if t.get("api_key_env")]
+    check_audit_path(settings)
     return logs.configure(
         fmt=settings.log.format,
         level=settings.log.level,

@@ -120,6 +120,10 @@ class NetworkError(StellaClientError):
     stream that ended without its `done` or `error` line)."""
 
 
+class InvalidURLError(StellaClientError):
+    """code invalid_url: a base URL (or STELLA_URL) that is not one."""
+
+
 class ProtocolError(StellaClientError):
     """bad_response: the answer is not stella's protocol (a proxy's page, say)."""
 
@@ -340,7 +344,10 @@ def _payload(
         for name, value in options.items():
             # JSON has no NaN or infinity (msgspec would send null: the server's default).
             if isinstance(value, float) and not math.isfinite(value):
-                raise BadRequestError(f"options.{name}: {value} is not a number JSON can carry")
+                raise BadRequestError(
+                    f"options.{name}: {value} is not a number JSON can carry",
+                    code="invalid_request",
+                )
         body["options"] = options
     return body
 
@@ -370,6 +377,10 @@ def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, s
     url = (base_url or os.environ.get("STELLA_URL") or DEFAULT_URL).rstrip("/")
     if "://" not in url:
         url = "http://" + url  # "localhost:8000", as curl takes it
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise InvalidURLError(f"{url} is not a valid URL: {exc}", code="invalid_url") from None
     key = api_key if api_key is not None else os.environ.get("STELLA_API_KEY", "")
     return url, ({"Authorization": f"Bearer {key}"} if key else {})
 

@@ -249,8 +249,14 @@ class Router:
         route = self.routes.get(self._names.get(name, name))
         if route is None:
             raise ModelNotFound(f"model {name!r} not found")
-        if route.name in (self.configured_default, self.default):
+        if route.name == self.default:
             raise Conflict(f"model {route.name!r} is the default model; it can't be removed")
+        if route.name == self._names.get(self.configured_default, self.configured_default):
+            # Still protected after a switch: a restart (or an emptied Redis) goes back to it.
+            raise Conflict(
+                f"model {route.name!r} is the configured default (models.default); "
+                "it can't be removed"
+            )
         if not route.runtime:
             raise Conflict(f"model {route.name!r} comes from the config file; it can't be removed")
         del self.routes[route.name]

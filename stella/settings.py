@@ -192,10 +192,16 @@ def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        # utf-8-sig: a byte-order mark, as some Windows editors write, is not TOML.
+        return tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path}: not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path}: is a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
 
@@ -232,6 +238,15 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def set_by_user(key: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether $STELLA_CONFIG or the environment sets `key` (dotted), beyond the defaults."""
+    environ = os.environ if environ is None else environ
+    data = env_overrides(environ)
+    if extra := environ.get("STELLA_CONFIG"):
+        data = merge(_read_toml(Path(extra)), data)
+    return _lookup(data, key) is not None
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -246,7 +261,48 @@ def load_settings(
     data = merge(data, env_overrides(environ))
     if overrides:
         data = merge(data, overrides)
-    return decode_settings(data)
+    try:
+        return decode_settings(data)
+    except ConfigError as exc:
+        variable = _blamed_variable(str(exc), environ, overrides or {})
+        if variable is None:
+            raise
+        # The variable and its value too: a shell or a platform set it, not a file.
+        shown = _redact(environ[variable], variable.rpartition("__")[2].lower())
+        raise ConfigError(f"{variable}={shown}: {exc}") from None
+
+
+def _blamed_variable(
+    message: str, environ: Mapping[str, str], overrides: Mapping[str, Any]
+) -> str | None:
+    """The environment variable that set the key an error names, when one did (and no
+    command-line flag replaced it)."""
+    key = message.partition(": ")[0]
+    found = []
+    for name in environ:
+        if name == "PORT":
+            path = "server.port"
+        elif name.startswith("STELLA_") and "__" in name:
+            path = ".".join(p.lower() for p in name[len("STELLA_") :].split("__"))
+        else:
+            continue
+        # The key itself, a value inside it (a table, an array), or the one entry
+        # under a table that the error names (an unknown field).
+        if path == key or key.startswith(path + ".") or path.startswith(key + "."):
+            found.append((name, path))
+    if any(name == "PORT" for name, _ in found):  # PORT wins over STELLA_SERVER__PORT
+        found = [(n, p) for n, p in found if n != "STELLA_SERVER__PORT"]
+    if len(found) != 1 or _lookup(overrides, found[0][1]) is not None:
+        return None
+    return found[0][0]
+
+
+def _lookup(data: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path of nested tables, or None."""
+    node: Any = data
+    for part in path.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
 
 
 def decode_settings(data: Mapping[str, Any]) -> Settings:
@@ -254,24 +310,44 @@ def decode_settings(data: Mapping[str, Any]) -> Settings:
     log = data.get("log")
     if isinstance(log, dict) and isinstance(log.get("level"), str):
         data = {**data, "log": {**log, "level": log["level"].lower()}}  # INFO as info
-    # Tables of named entries first, one by one: msgspec says `auth.keys[...]` for an
-    # entry of a dict, and with several keys or routes the name is what tells them apart.
-    for section, table, entry in _NAMED:
-        entries = data.get(section, {})
-        entries = entries.get(table, {}) if isinstance(entries, dict) else {}
+    # Tables of named entries first, one by one: msgspec says `backends[...]` for an
+    # entry of a dict, and with several keys, routes or backends the name is what tells
+    # them apart.
+    for path, entry in _NAMED:
+        entries: Any = data
+        for part in path:
+            entries = entries.get(part, {}) if isinstance(entries, dict) else {}
         if isinstance(entries, dict):
             for name, value in entries.items():
-                _convert(value, entry, f"{section}.{table}.{name}")
-    settings = _convert(data, Settings, "")
+                _convert(value, entry, ".".join((*path, name)))
+    settings = _convert(_enabled_flags(data), Settings, "")
     _check(settings)
     return settings
 
 
-_NAMED = (
-    ("auth", "keys", KeySettings),
-    ("models", "routes", RouteSettings),
-    ("limits", "models", ModelLimits),
+_NAMED: tuple[tuple[tuple[str, ...], Any], ...] = (
+    (("auth", "keys"), KeySettings),
+    (("models", "routes"), RouteSettings),
+    (("limits", "models"), ModelLimits),
+    (("limits", "backends"), Count),
+    (("backends",), dict[str, Any]),
 )
+
+
+def _enabled_flags(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`backends.NAME.enabled` decoded as a boolean (from the environment "false" or "0",
+    as every boolean key takes them): a backend table is otherwise kept as written for its
+    kind to decode, and a string there would leave the backend on."""
+    backends = data.get("backends")
+    if not isinstance(backends, dict):
+        return data
+    out = {}
+    for name, table in backends.items():
+        if "enabled" in table:
+            flag = _convert(table["enabled"], bool, f"backends.{name}.enabled")
+            table = {**table, "enabled": flag}
+        out[name] = table
+    return {**data, "backends": out}
 
 
 def _convert(value: Any, type_: type[Any], where: str) -> Any:
@@ -290,7 +366,7 @@ def enabled_backends(s: Settings) -> dict[str, dict[str, Any]]:
     return {
         name: {k: v for k, v in table.items() if k != "enabled"}
         for name, table in s.backends.items()
-        if table.get("enabled", True) is not False
+        if table.get("enabled", True)
     }
 
 
@@ -318,9 +394,6 @@ def _check(s: Settings) -> None:
             raise ConfigError(
                 f"limits.backends.{name}: unknown backend; known: {sorted(s.backends)}"
             )
-    for name, table in s.backends.items():
-        if not isinstance(table, dict):
-            raise ConfigError(f"backends.{name}: must be a table")
     for name, route in s.models.routes.items():
         if route.backend not in s.backends:
             raise ConfigError(

@@ -5,7 +5,10 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 
 def stella(*args: str) -> subprocess.CompletedProcess[str]:
@@ -63,7 +66,8 @@ def test_import_gguf_of_another_file_says_so(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith(f"stella: {fake} is not a GGUF file")
 
 
-def test_a_port_in_use_is_one_error_before_anything_starts() -> None:
+@pytest.mark.parametrize("extra", [[], ["--workers", "2"], ["--reload"]])
+def test_a_port_in_use_is_one_error_before_anything_starts(extra: list[str]) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -74,7 +78,7 @@ def test_a_port_in_use_is_one_error_before_anything_starts() -> None:
             "STELLA_BACKENDS__LOCAL__ENABLED": "false",
         }
         out = subprocess.run(
-            [sys.executable, "-m", "stella", "serve", "--port", str(port)],
+            [sys.executable, "-m", "stella", "serve", "--port", str(port), *extra],
             env=env,
             capture_output=True,
             text=True,
@@ -82,3 +86,149 @@ def test_a_port_in_use_is_one_error_before_anything_starts() -> None:
         )
     assert out.returncode != 0
     assert "Address already in use" in out.stderr and "serving on" not in out.stderr
+
+
+def test_uvicorn_factory_with_a_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "STELLA_SERVER__PORT": "abc"}
+    cmd = [sys.executable, "-m", "uvicorn", "stella.app:create_app", "--factory", "--port", "1"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines == [
+        "stella: config error: STELLA_SERVER__PORT=abc: server.port: Expected `int`, got `str`"
+    ]
+
+
+def test_import_gguf_says_what_is_wrong_with_its_paths(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file at all")
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        # The output's place is found out before the conversion starts.
+        ((str(fake), str(tmp_path / "afile" / "model")), f"cannot write {tmp_path / 'afile'}"),
+        ((str(fake), "/proc/nope/model"), "cannot write /proc/nope"),
+        ((str(tmp_path), str(tmp_path / "out")), f"{tmp_path} is a directory, not a GGUF file"),
+    ]
+    for args, message in cases:
+        out = stella("import-gguf", *args)
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_import_gguf_without_mlx_says_how_to_install_it(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file at all")
+    code = (
+        "import sys; sys.modules['mlx'] = sys.modules['mlx.core'] = None;"
+        "from stella.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    cmd = [sys.executable, "-c", code, "import-gguf", str(fake), str(tmp_path / "out")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'stella-gateway[mlx]'" in lines[0]
+
+
+def test_the_announced_url_brackets_an_ipv6_host() -> None:
+    from stella.commands.serve import serving_url
+
+    assert serving_url("::1", 8000) == "http://[::1]:8000"
+    assert serving_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+
+
+def _first_log_line_on_a_terminal(config: str, tmp_path: Path) -> str:
+    """Start `stella serve` with its stdout on a terminal; its `started` log line."""
+    import os
+    import pty
+    import select
+    import time
+
+    from tests.live import free_port
+
+    conf = tmp_path / "c.toml"
+    conf.write_text(config)
+    env = {"PATH": "/usr/bin:/bin", "STELLA_CONFIG": str(conf), "PORT": str(free_port())}
+    env |= {"STELLA_MODELS__DEFAULT": "echo", "STELLA_BACKENDS__LOCAL__ENABLED": "false"}
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stella", "serve"], stdout=follower, stderr=follower, env=env
+    )
+    os.close(follower)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"started" not in seen and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                seen += os.read(leader, 65536)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        os.close(leader)
+    return next(line for line in seen.decode().splitlines() if "started" in line)
+
+
+def test_a_log_format_from_the_file_holds_on_a_terminal(tmp_path: Path) -> None:
+    line = _first_log_line_on_a_terminal('[log]\nformat = "json"\n', tmp_path)
+    assert line.startswith("{") and '"event":"started"' in line
+    # Without one, a terminal gets the console format.
+    assert not _first_log_line_on_a_terminal("", tmp_path).startswith("{")
+
+
+@pytest.fixture
+def counting_server() -> Iterator[tuple[str, list[str]]]:
+    """A loopback HTTP/1.1 server that answers 200 to /ok... and 500 to the rest; the
+    paths it was asked for."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append(self.path)
+            self.send_response(200 if self.path.startswith("/ok") else 500)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_bench_url_sends_n_requests_in_all_to_the_url_given(
+    counting_server: tuple[str, list[str]],
+) -> None:
+    base, seen = counting_server
+    for n in (10, 5):
+        seen.clear()
+        out = stella("bench", "url", f"{base}/ok?x=1&y=2", "-n", str(n), "-c", "1", "-d", "5")
+        assert out.returncode == 0, out.stderr
+        assert seen == ["/ok?x=1&y=2"] * n
+
+
+def test_bench_url_that_always_fails_exits_1(counting_server: tuple[str, list[str]]) -> None:
+    base, _ = counting_server
+    out = stella("bench", "url", f"{base}/fail", "-n", "3", "-c", "1", "-d", "5")
+    assert out.returncode == 1 and "no request" in out.stderr and "succeeded" in out.stderr
+
+
+@pytest.mark.parametrize("url", ["https://127.0.0.1:9/api/v1/chat", "127.0.0.1:9/api/v1/chat"])
+def test_bench_url_refuses_what_it_cannot_send(url: str) -> None:
+    out = stella("bench", "url", url, "-c", "1", "-d", "0.1")
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"stella: {url}: not an http:// URL " + (
+        "(https and URLs without one are not loaded)"
+    )

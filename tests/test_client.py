@@ -377,3 +377,26 @@ def test_keys_new_prints_valid_toml(tmp_path: Any) -> None:
     for bad in (["café"], ["k2", "--rpm", "-5"], ["k3", "--models"]):
         out = keys(*bad)
         assert out.returncode == 2 and not out.stdout, bad
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_an_option_json_cannot_carry_is_invalid_request(value: float) -> None:
+    with sc.Client("http://127.0.0.1:9") as c, pytest.raises(sc.BadRequestError) as info:
+        c.chat([{"role": "user", "content": "x"}], "echo", options={"temperature": value})
+    assert info.value.code == "invalid_request" and "options.temperature" in info.value.message
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://[::1"])
+def test_a_malformed_url_is_an_invalid_url_error(url: str) -> None:
+    with pytest.raises(sc.InvalidURLError) as info:
+        sc.Client(url)
+    assert info.value.code == "invalid_url" and url in info.value.message
+    with pytest.raises(sc.InvalidURLError):
+        sc.AsyncClient(url)
+    for args in (["chat", "hi"], ["models"]):
+        out = stella_cli(*args, "--url", url)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
+        assert out.stderr.startswith("stella: invalid_url: ")
+    env = {"PATH": "/usr/bin:/bin", "STELLA_URL": url}
+    assert stella_cli("models", env=env).returncode == 2

@@ -84,3 +84,15 @@ async def test_a_refused_change_does_not_undo_one_made_meanwhile() -> None:
     with pytest.raises(Unavailable):
         await x
     assert router.knows("y") and not router.knows("x")
+
+
+def test_the_configured_default_is_named_so_after_a_switch() -> None:
+    r = router({})
+    r.register("quick", RouteSettings(backend="other"))
+    with pytest.raises(Conflict, match="'echo' is the default model"):
+        r.remove("echo")
+    r.set_default("quick")
+    with pytest.raises(Conflict, match=r"^model 'echo' is the configured default \(models"):
+        r.remove("echo")
+    with pytest.raises(Conflict, match="'quick' is the default model"):
+        r.remove("quick")

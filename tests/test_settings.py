@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from stella.backends import ConfigError
-from stella.settings import env_overrides, load_settings, redacted, secret_values
+from stella.settings import (
+    enabled_backends,
+    env_overrides,
+    load_settings,
+    redacted,
+    secret_values,
+)
 
 
 def test_defaults_match_the_shipped_file() -> None:
@@ -221,6 +227,9 @@ def test_remote_pool_settings_are_checked(key: str, value: float) -> None:
     [
         # Found at start-up, not as audit lines silently dropped later.
         ({"STELLA_LOG__AUDIT_PATH": "/proc/nope/x.jsonl"}, "serve", "log.audit_path"),
+        # --check says what serve would.
+        ({"STELLA_LOG__AUDIT_PATH": "/proc/nope/x.jsonl"}, "config", "log.audit_path"),
+        ({"STELLA_LOG__AUDIT_PATH": "/tmp"}, "config", "log.audit_path: cannot write /tmp"),
         # Found by --check, not as a model that never loads.
         ({"STELLA_BACKENDS__LOCAL__DTYPE": "float8"}, "config", "backends.local: dtype"),
         # Found at start-up, not as a traceback, or as 502s on every call later.
@@ -265,3 +274,84 @@ def test_an_unknown_default_lists_only_routes_that_can_serve() -> None:
     env = {"STELLA_MODELS__DEFAULT": "nope", "STELLA_BACKENDS__LOCAL__ENABLED": "false"}
     with pytest.raises(ConfigError, match=r"known: \['echo'\]$"):
         load_settings(environ=env)
+
+
+def test_a_config_file_that_cannot_be_read_is_one_line(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'[server]\nhost = "caf\xe9"\n')
+    for path, reason in ((tmp_path, "is a directory"), (latin, "not UTF-8")):
+        with pytest.raises(ConfigError, match=f"^config file {path}: {reason}"):
+            load_settings(environ={"STELLA_CONFIG": str(path)})
+    # A byte-order mark, as some editors write one, is not part of the TOML.
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b'\xef\xbb\xbf[models]\ndefault = "echo"\n')
+    assert load_settings(environ={"STELLA_CONFIG": str(bom)}).models.default == "echo"
+
+
+@pytest.mark.parametrize("value", ["False", "false", "0", '"false"'])
+def test_a_backend_turned_off_from_the_environment_is_off(value: str) -> None:
+    env = {"STELLA_MODELS__DEFAULT": "echo", "STELLA_BACKENDS__LOCAL__ENABLED": value}
+    assert "local" not in enabled_backends(load_settings(environ=env))
+
+
+@pytest.mark.parametrize("value", ["yes please", "no", "2"])
+def test_a_bad_enabled_names_the_key(tmp_path: Path, value: str) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[models]\ndefault = "echo"\n[backends.local]\nenabled = "{value}"\n')
+    with pytest.raises(ConfigError, match=r"^backends\.local\.enabled: Expected `bool`"):
+        load_settings(environ={"STELLA_CONFIG": str(conf)})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[backends]\nx = 1\n", "backends.x: Expected `object`, got `int`"),
+        ('[limits.backends]\necho = "x"\n', "limits.backends.echo: Expected `int`, got `str`"),
+        ("[limits.backends]\necho = -1\n", "limits.backends.echo: Expected `int` >= 0"),
+    ],
+)
+def test_entries_of_named_tables_are_named(tmp_path: Path, text: str, message: str) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"STELLA_CONFIG": str(conf)})
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("env", "start"),
+    [
+        ({"PORT": "abc"}, "PORT=abc: server.port: Expected `int`"),
+        ({"PORT": "abc", "STELLA_SERVER__PORT": "9000"}, "PORT=abc: server.port:"),
+        ({"STELLA_SERVER__PORT": "x1"}, "STELLA_SERVER__PORT=x1: server.port:"),
+        (
+            {"STELLA_LIMITS__MODELS__ECHO__RPM": "5"},
+            "STELLA_LIMITS__MODELS__ECHO__RPM=5: limits.models.echo: Object contains",
+        ),
+        # The value is shown as /config would show it: a password in it masked.
+        (
+            {"STELLA_STATE__REDIS_URL": "http://u:hunter2@cache"},
+            "STELLA_STATE__REDIS_URL=http://***@cache: state.redis_url:",
+        ),
+    ],
+)
+def test_a_bad_environment_value_names_its_variable(env: dict[str, str], start: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ=env)
+    assert str(info.value).startswith(start)
+
+
+def test_a_flag_that_replaced_the_variable_is_not_blamed_on_it() -> None:
+    env = {"STELLA_MODELS__DEFAULT": "echo"}
+    with pytest.raises(ConfigError) as info:
+        load_settings({"models": {"default": "nope"}}, environ=env)
+    assert str(info.value).startswith("models.default: 'nope' is not a route")
+
+
+def test_a_bad_header_of_a_backend_names_the_header() -> None:
+    from stella.backends import build_backend, registry
+
+    table = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "headers": {"X-Title": 1}}
+    with pytest.raises(ConfigError) as info:
+        build_backend("o", table, registry())
+    assert str(info.value) == "backends.o.headers.X-Title: Expected `str`, got `int`"

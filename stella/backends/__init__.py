@@ -7,6 +7,7 @@ pyproject.toml: `[project.entry-points."stella.backends"] mykind = "pkg.mod:Cls"
 
 from __future__ import annotations
 
+import typing
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -51,11 +52,27 @@ def build_backend(name: str, table: dict[str, Any], kinds: dict[str, Any]) -> Ba
             f"backends.{name}.kind: {kind!r} cannot be imported ({exc}); "
             "is its extra installed? (e.g. pip install 'stella-gateway[mlx]')"
         ) from exc
+    _check_tables(name, table, cls.Config)
     try:
         config = msgspec.convert(table, cls.Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"backends.{name}: {_dotted(exc)}") from exc
     return cls(name, config)
+
+
+def _check_tables(name: str, table: dict[str, Any], config: type[Any]) -> None:
+    """Decode the config's tables (`headers`) entry by entry: msgspec says `headers[...]`
+    of a bad entry, and the entry's name is what the reader needs."""
+    for field in msgspec.structs.fields(config):
+        value = table.get(field.encode_name)
+        if typing.get_origin(field.type) is not dict or not isinstance(value, dict):
+            continue
+        item_type = typing.get_args(field.type)[1]
+        for key, item in value.items():
+            try:
+                msgspec.convert(item, item_type, strict=False)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(f"backends.{name}.{field.name}.{key}: {exc}") from exc
 
 
 def _dotted(exc: msgspec.ValidationError) -> str:

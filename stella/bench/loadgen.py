@@ -34,6 +34,9 @@ class Result(msgspec.Struct):
     ttfb_p50_ms: float
     tokens_per_s: float = 0.0
     tool: str = "stella-loadgen"
+    # Answers with a status below 400 (`requests` counts every answer, `errors` the
+    # answers of 400 and up and the connections that broke).
+    succeeded: int = 0
     # The server's CPU time per request during the run (microseconds; Linux), when known.
     cpu_us: float | None = None
 
@@ -43,6 +46,7 @@ class _Stats:
     latencies: list[float] = field(default_factory=list)
     ttfb: list[float] = field(default_factory=list)
     errors: int = 0
+    succeeded: int = 0
     tokens: int = 0
     sent: int = 0
 
@@ -113,6 +117,8 @@ async def _read_response(reader: asyncio.StreamReader, t0: float, st: _Stats) ->
         st.ttfb.append(time.perf_counter() - t0)
     if code >= 400:
         st.errors += 1
+    else:
+        st.succeeded += 1
 
 
 async def _worker(
@@ -122,6 +128,7 @@ async def _worker(
     try:
         while time.perf_counter() < deadline and budget[0] > 0:
             budget[0] -= 1
+            st.sent += 1
             t0 = time.perf_counter()
             writer.write(request)
             try:
@@ -148,12 +155,16 @@ async def run_load(
     warmup: float = 0.5,
     allow_remote: bool = False,
 ) -> Result:
-    """Keep `concurrency` connections busy for `duration` seconds (or `max_requests`)."""
+    """Keep `concurrency` connections busy for `duration` seconds (or `max_requests`, the
+    warm-up's included: it takes at most a tenth of them)."""
     parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    # Plain HTTP only: an https:// URL would be sent in clear text to its TLS port.
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"{url}: not an http:// URL (https and URLs without one are not loaded)")
+    host, port = parts.hostname, parts.port or 80
     if not allow_remote and not is_local(host):
         raise ValueError(f"{host} is not a loopback address; pass --allow-remote to load it")
-    path = parts.path or "/"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     method = "POST" if body is not None else "GET"
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
     for k, v in (headers or {}).items():
@@ -161,8 +172,9 @@ async def run_load(
     if body is not None:
         lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
-    if warmup:
-        await _phase(host, port, request, concurrency, warmup, max_requests)
+    if warmup and max_requests >= 10:
+        warm, _ = await _phase(host, port, request, concurrency, warmup, max_requests // 10)
+        max_requests -= warm.sent
     st, seconds = await _phase(host, port, request, concurrency, duration, max_requests)
     ms = [x * 1000 for x in st.latencies]
     return Result(
@@ -177,6 +189,7 @@ async def run_load(
         p99_ms=round(percentile(ms, 99), 3),
         ttfb_p50_ms=round(percentile([x * 1000 for x in st.ttfb], 50), 3),
         tokens_per_s=round(st.tokens / seconds, 1) if seconds else 0.0,
+        succeeded=st.succeeded,
     )
 
 

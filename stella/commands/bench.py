@@ -51,7 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
         p.add_argument("-d", "--duration", type=float, default=5.0, help="seconds per run")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    url.add_argument("-n", "--requests", type=int, default=1_000_000, help="at most this many")
+    url.add_argument(
+        "-n",
+        "--requests",
+        type=int,
+        default=1_000_000,
+        help="at most this many per concurrency level, the warm-up's included (a tenth at most)",
+    )
     up = sub.add_parser(
         "upstream",
         help="serve the fast fake OpenAI-compatible upstream on loopback (Ctrl-C ends it)",
@@ -188,4 +194,7 @@ def run(args: argparse.Namespace) -> int:
                 f"| {r.concurrency} | {r.rps:,.0f} | {r.p50_ms} | {r.p90_ms} | {r.p99_ms} | "
                 f"{r.ttfb_p50_ms} | {r.tokens_per_s:,.0f} | {r.errors} |"
             )
+    if not any(r.succeeded for r in results):
+        print(f"stella: no request to {args.url} succeeded", file=sys.stderr)
+        return 1
     return 0

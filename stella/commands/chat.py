@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")  # the error gets a line of its own
             sys.stdout.flush()
         print(client_error(exc), file=sys.stderr)
-        return 1
+        return 2 if exc.code == "invalid_url" else 1  # a usage error, like a bad flag
     except KeyboardInterrupt:
         if midline:  # the shell's prompt on a line of its own
             sys.stdout.write("\n")

@@ -27,9 +27,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
         if args.check:
-            from stella.app import Services
+            from stella.app import Services, check_audit_path
 
             Services(settings)  # builds backends and keys: catches what the file alone can't
+            check_audit_path(settings)
     except ConfigError as exc:
         print(f"stella: config error: {exc}", file=sys.stderr)
         return 2

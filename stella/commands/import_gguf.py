@@ -22,6 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Import once, then report where the model is."""
     try:
+        # The converter imports these only when it runs: asked for here, a missing extra
+        # is this message rather than a traceback halfway through.
+        import mlx.core  # noqa: F401
+        import tokenizers  # noqa: F401
+
         from stella.backends.mlx.gguf import GGUFError, import_gguf
         from stella.backends.mlx.source import BUNDLED, ModelSourceError, bundled_gguf
     except ImportError as exc:
@@ -30,13 +35,25 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    out = Path(args.out)
     try:
         src = bundled_gguf() if args.path == BUNDLED else Path(args.path)
+        if src.is_dir():
+            print(f"stella: {src} is a directory, not a GGUF file", file=sys.stderr)
+            return 2
         if not src.is_file():
             print(f"stella: {src} not found", file=sys.stderr)
             return 2
+        # Found now, not after the conversion's minutes: where the directory cannot be.
+        out.parent.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        out = import_gguf(src, Path(args.out))
+        out = import_gguf(src, out)
+    except OSError as exc:  # the output's place (missing, not a directory, read-only), or src
+        what = "read" if exc.filename == str(src) else "write"
+        print(
+            f"stella: cannot {what} {exc.filename or out}: {exc.strerror or exc}", file=sys.stderr
+        )
+        return 2
     except (GGUFError, ModelSourceError) as exc:
         print(f"stella: {exc}", file=sys.stderr)
         return 2

@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
             listing = client.models()
     except StellaClientError as exc:
         print(client_error(exc), file=sys.stderr)
-        return 1
+        return 2 if exc.code == "invalid_url" else 1  # a usage error, like a bad flag
     except OSError as exc:
         print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
         return 1

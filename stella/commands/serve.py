@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from stella.app import create_app
     from stella.backends import ConfigError
-    from stella.settings import load_settings
+    from stella.settings import load_settings, set_by_user
 
     if args.config:
         os.environ["STELLA_CONFIG"] = args.config
@@ -49,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
         overrides.setdefault("server", {})["workers"] = args.workers
     if args.log_format:
         overrides.setdefault("log", {})["format"] = args.log_format
-    elif sys.stdout.isatty() and "STELLA_LOG__FORMAT" not in os.environ:
-        overrides.setdefault("log", {})["format"] = "console"
     try:
+        # A terminal reads the console format better, unless the file or env chose one.
+        if not args.log_format and sys.stdout.isatty() and not set_by_user("log.format"):
+            overrides.setdefault("log", {})["format"] = "console"
         settings = load_settings(overrides)
         app = create_app(settings)
     except ConfigError as exc:
@@ -71,15 +72,14 @@ def run(args: argparse.Namespace) -> int:
     )
     workers = 1 if args.reload else server_cfg.workers
     announce = (
-        f"stella: serving on http://{server_cfg.host}:{server_cfg.port} "
+        f"stella: serving on {serving_url(server_cfg.host, server_cfg.port)} "
         f"(default model: {settings.models.default}"
         + (f", {workers} workers" if workers > 1 else "")
         + (", reloading on changes" if args.reload else "")
         + ")"
     )
     if workers > 1 or args.reload:
-        print(announce, file=sys.stderr, flush=True)
-        return _supervise(settings, overrides, options, workers, reload=args.reload)
+        return _supervise(settings, overrides, options, workers, args.reload, announce)
     config = uvicorn.Config(app, **options)
     # Bound first: a port in use ends here with uvicorn's one error line, before any
     # "serving on" or a model load.
@@ -90,8 +90,18 @@ def run(args: argparse.Namespace) -> int:
     return 0 if server.started else 1
 
 
+def serving_url(host: str, port: int) -> str:
+    """The URL a server bound to host:port answers on (an IPv6 address in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _supervise(
-    settings: Any, overrides: dict[str, Any], options: dict[str, Any], workers: int, reload: bool
+    settings: Any,
+    overrides: dict[str, Any],
+    options: dict[str, Any],
+    workers: int,
+    reload: bool,
+    announce: str,
 ) -> int:
     """Several worker processes on one socket (or one that restarts on code changes).
 
@@ -107,6 +117,15 @@ def _supervise(
     for section, values in overrides.items():
         for key, value in values.items():
             os.environ[f"STELLA_{section.upper()}__{key.upper()}"] = _toml_literal(value)
+    if reload:  # stella's own code, wherever it is installed, not the working directory
+        options["reload_dirs"] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    config = uvicorn.Config(
+        "stella.app:create_app", factory=True, workers=workers, reload=reload, **options
+    )
+    # Bound first, as with one worker: a port in use ends here with uvicorn's one
+    # error line, before any "serving on".
+    sock = config.bind_socket()
+    print(announce, file=sys.stderr, flush=True)
     if workers > 1 and not settings.state.redis_url:
         print(
             "stella: warning: with in-memory state each worker keeps its own rate limits, "
@@ -114,12 +133,6 @@ def _supervise(
             file=sys.stderr,
             flush=True,
         )
-    if reload:  # stella's own code, wherever it is installed, not the working directory
-        options["reload_dirs"] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-    config = uvicorn.Config(
-        "stella.app:create_app", factory=True, workers=workers, reload=reload, **options
-    )
-    sock = config.bind_socket()
     if reload:
         ChangeReload(config, target=Server(config).run, sockets=[sock]).run()
     else:
