@@ -183,7 +183,7 @@ class _StateCollector(Collector):
             worker = getattr(backend, "worker", None)
             if worker is not None:
                 depth.add_metric([name], getattr(worker, "waiting", 0))
-            breaker.add_metric([name], BREAKER.get(svc.router.breaker(name).state, 0))
+            breaker.add_metric([name], BREAKER.get(svc.router.breaker(name).now(), 0))
         yield depth
         yield breaker
         limiter = getattr(svc.admission, "rejections", None)

@@ -62,6 +62,13 @@ class CircuitBreaker:
         """A probe ended without a verdict (client left): let another probe go."""
         self.probing = False
 
+    def now(self) -> str:
+        """The state as of now, without claiming anything: an open circuit whose cool-down
+        has passed reads half_open (it lets the next request through as its probe)."""
+        if self.state == "open" and time.monotonic() - self.opened_at >= self.cooldown_s:
+            return "half_open"
+        return self.state
+
     def retry_after(self) -> float:
         """Seconds until a probe may go."""
         return max(0.0, self.cooldown_s - (time.monotonic() - self.opened_at))

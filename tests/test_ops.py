@@ -146,6 +146,39 @@ def test_a_model_that_loads_on_first_use_is_ready() -> None:
         assert r.json()["checks"]["default_model"] == "ok (loads on first use)"
 
 
+def test_ready_lets_the_probe_come_once_the_cool_down_has_passed() -> None:
+    # The default model's backend fails twice: its circuit opens and /ready says 503.
+    # After the cool-down, with no traffic at all, /ready is 200 again (a load balancer
+    # that kept requests away would otherwise keep the circuit open for good).
+    config = {
+        "backends": {"flaky": {"kind": "echo", "fail_first_calls": 2}},
+        "models": {"default": "flaky", "routes": {"flaky": {"backend": "flaky", "retries": 0}}},
+        "breaker": {"failure_threshold": 2, "cooldown_s": 1.0},
+    }
+    with run_stella(config) as server:
+        chat = {"model": "flaky", "stream": False, "messages": [{"role": "user", "content": "x"}]}
+        for _ in range(2):
+            assert httpx.post(server.url + "/api/v1/chat", json=chat).status_code == 502
+        r = httpx.get(server.url + "/ready")
+        assert r.status_code == 503 and r.json()["checks"]["circuit"] == "flaky: open"
+        assert (
+            'stella_circuit_state{backend="flaky"} 2.0' in httpx.get(server.url + "/metrics").text
+        )
+        time.sleep(1.1)
+        r = httpx.get(server.url + "/ready")
+        assert r.status_code == 200, r.text
+        assert "half_open" in r.json()["checks"]["circuit"]
+        assert (
+            'stella_circuit_state{backend="flaky"} 1.0' in httpx.get(server.url + "/metrics").text
+        )
+        models = httpx.get(server.url + "/api/v1/models").json()["models"]
+        assert next(m for m in models if m["name"] == "flaky")["circuit"] == "half_open"
+        # The probe answers (the backend works now): closed.
+        assert httpx.post(server.url + "/api/v1/chat", json=chat).status_code == 200
+        r = httpx.get(server.url + "/ready")
+        assert r.status_code == 200 and "circuit" not in r.json()["checks"]
+
+
 def test_stella_config_command() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "stella", "config"],

@@ -119,7 +119,7 @@ async def model_infos(request: Request) -> ModelList:
                 loaded=backend.loaded(route.upstream_model),
                 default=route.name == router.default,
                 capabilities=backend.capabilities(route.upstream_model),
-                circuit=router.breaker(route.backend_name).state,
+                circuit=router.breaker(route.backend_name).now(),
                 memory_bytes=backend.memory_bytes(route.upstream_model),
             )
         )

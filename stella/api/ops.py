@@ -59,8 +59,13 @@ async def ready(request: Request) -> Response:
         else:  # not preloaded, or unloaded after keep_alive_s: the next request loads it
             checks["default_model"] = "ok (loads on first use)"
         breaker = router.breaker(route.backend_name)
-        if breaker.state != "closed":
-            checks["circuit"] = f"{route.backend_name}: {breaker.state}"
+        state = breaker.now()
+        if state == "open":
+            checks["circuit"] = f"{route.backend_name}: open"
+        elif state == "half_open":
+            # Ready: the next request is the probe that closes it, and a load balancer
+            # that kept it from this instance would keep it open for good.
+            checks["circuit"] = f"ok (half_open: {route.backend_name}'s next request probes it)"
     except Exception as exc:  # a broken default must show here, not crash the probe
         checks["default_model"] = f"error: {exc}"
     if svc.drain.draining:
