@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from base64 import b64encode
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -382,7 +383,8 @@ def _check(s: Settings) -> None:
         raise ConfigError(f"server.public_url: {url!r} is not an http(s) URL")
     redis = s.state.redis_url
     if redis and not redis.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"state.redis_url: {redis!r} is not a redis://, rediss:// or unix:// URL")
+        shown = repr(_redact_url(redis)) if "@" in redis or "?" in redis else repr(redis)
+        raise ConfigError(f"state.redis_url: {shown} is not a redis://, rediss:// or unix:// URL")
     for name in s.limits.models:
         # Limits hold per route name: one set under an alias would never apply. (A name
         # no configured route has may be a runtime route's: the app warns at start-up.)
@@ -447,6 +449,7 @@ def secret_values(settings: Settings) -> list[str]:
         base_url = table.get("base_url")
         if isinstance(base_url, str):  # a user:password@ in it is sent as Basic auth
             out += _url_secrets(base_url)
+            out += _basic_token(base_url)
     out += _url_secrets(settings.state.redis_url)
     return [v for v in out if v.lower() not in PLAIN_VALUES and not v.isdigit()]
 
@@ -481,6 +484,20 @@ def _redact(node: Any, key: str = "") -> Any:
     if isinstance(node, str) and "://" in node:
         return _redact_url(node)
     return node
+
+
+def _basic_token(url: str) -> list[str]:
+    """The Basic credential a URL's user and password are sent as (an upstream's error
+    may quote the Authorization header it refused)."""
+    try:
+        parts = urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:
+        return []
+    if user is None and password is None:
+        return []
+    pair = f"{unquote(user or '')}:{unquote(password or '')}"
+    return [b64encode(pair.encode()).decode()]
 
 
 def _url_secrets(url: str) -> list[str]:

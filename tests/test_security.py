@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import subprocess
@@ -322,6 +323,17 @@ def test_credentials_an_upstream_echoes_or_the_config_holds_stay_hidden() -> Non
                         "X-Title": "stella-test",
                         "X-Bypass-Cache": "true",  # not a credential: masking it would
                     },  # turn every "true" in the logs into ***
+                },
+                # A user and password in the URL go as Basic auth: the token is a credential.
+                "basic": {
+                    "kind": "openai",
+                    "base_url": url.replace("//", "//bob:basic-pw-5150@", 1) + "/v1",
+                },
+            },
+            "models": {
+                "routes": {
+                    "paid-model": {"backend": "paid", "retries": 0},
+                    "basic-model": {"backend": "basic", "retries": 0},
                 }
             },
             "state": {"redis_url": redis_url},
@@ -330,16 +342,18 @@ def test_credentials_an_upstream_echoes_or_the_config_holds_stay_hidden() -> Non
         with run_stella(config, env) as server:
             admin = {"Authorization": f"Bearer {ADMIN}"}
             seen = []
-            for stream, path in (
-                (False, "/api/v1/chat"),
-                (True, "/api/v1/chat"),
-                (False, "/v1/chat/completions"),
+            for model, stream, path in (
+                ("paid-model", False, "/api/v1/chat"),
+                ("paid-model", True, "/api/v1/chat"),
+                ("paid-model", False, "/v1/chat/completions"),
+                ("basic-model", False, "/api/v1/chat"),
+                ("basic-model", True, "/v1/chat/completions"),
             ):
                 r = httpx.post(
                     server.url + path,
                     headers=admin,
                     json={
-                        "model": "paid-model",
+                        "model": model,
                         "stream": stream,
                         "messages": [{"role": "user", "content": "x"}],
                     },
@@ -361,7 +375,8 @@ def test_credentials_an_upstream_echoes_or_the_config_holds_stay_hidden() -> Non
             everything = "\n".join(seen + server.lines())
             events = [json.loads(line) for line in server.lines() if line.startswith("{")]
             assert any(e.get("stream") is True for e in events)  # "true" is not masked
-    for secret in (UPSTREAM_SECRET, "hdr-secret-777", "redis-secret-4242"):
+    basic = base64.b64encode(b"bob:basic-pw-5150").decode()
+    for secret in (UPSTREAM_SECRET, "hdr-secret-777", "redis-secret-4242", basic, "basic-pw-5150"):
         assert secret not in everything, secret
 
 

@@ -118,6 +118,13 @@ def test_bad_values_name_the_key(env: dict[str, str], needle: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_a_bad_redis_url_is_named_without_its_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"STELLA_STATE__REDIS_URL": "http://u:hunter2@x/0?password=pw9"})
+    assert "state.redis_url" in str(info.value)
+    assert "hunter2" not in str(info.value) and "pw9" not in str(info.value)
+
+
 def test_bad_route_backend(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text('[models.routes.x]\nbackend = "nowhere"\n')
