@@ -25,6 +25,10 @@ from stella.api.openapi import Operation, document
 from stella.calls import Call
 from stella.errors import Forbidden, StellaError
 
+# Attempts cut for the client's or the server's reasons, not because the backend failed
+# (a fallback refused by its limits or an open circuit never ran: it has no "ms").
+NOT_BACKEND_FAILURES = frozenset({"client_closed", "client_too_slow", "cancelled", "shutting_down"})
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -105,8 +109,9 @@ class Metrics:
         attempts = record["attempts"]
         if len(attempts) > 1 or (attempts and attempts[0].get("error")):
             for attempt in attempts:
-                if attempt.get("error"):
-                    self.failures[(attempt["backend"], attempt["error"])] += 1
+                error = attempt.get("error")
+                if error and error not in NOT_BACKEND_FAILURES and "ms" in attempt:
+                    self.failures[(attempt["backend"], error)] += 1
 
     def rejected(self, exc: StellaError, api: str) -> None:
         """Count a refusal before the first byte (401, 404, 429, 503, ...)."""

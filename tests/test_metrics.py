@@ -69,3 +69,25 @@ def test_a_failed_answer_is_counted_once_not_also_as_a_refusal(stella: LiveServe
     assert value(after, refused) == value(before, refused)
     failed = 'stella_requests_total{api="native",backend="failafter",model="echo-fail-after",'
     assert value(after, failed) - value(before, failed) == 1
+
+
+def test_a_client_leaving_is_not_a_backend_failure(stella: LiveServer) -> None:
+    # The client gives up before the first token: the attempt is cut (logged as
+    # client_closed), which says nothing of the backend's health.
+    body = {
+        "model": "echo-stall-first",
+        "stream": False,
+        "messages": [{"role": "user", "content": "a"}],
+    }
+    rid = "metrics-leaver-1"
+    try:
+        httpx.post(
+            stella.url + "/api/v1/chat", json=body, timeout=0.2, headers={"X-Request-ID": rid}
+        )
+    except httpx.TimeoutException:
+        pass
+    ev = stella.wait_event(lambda e: e["request_id"] == rid)
+    assert ev["finish_reason"] == "client_closed"
+    assert ev["attempts"][0]["error"] == "client_closed"
+    failures = 'stella_backend_failures_total{backend="stallfirst",code="client_closed"}'
+    assert failures not in scrape(stella)
