@@ -205,6 +205,7 @@ class Inference:
         "completion_tokens",
         "created",
         "ctx",
+        "discarded_tokens",
         "engine_ttft_ms",
         "error",
         "fallback_permit",
@@ -258,6 +259,9 @@ class Inference:
         self.upstream_model = route.upstream_model
         self.usage = Usage()
         self.completion_tokens = 0
+        # Tokens of non-stream attempts that failed after producing them and were answered
+        # again: the client never sees them, the upstream made (and may bill) them.
+        self.discarded_tokens = 0
         self.finish_reason: str = "error"
         self.error: StellaError | None = None
         self.texts: list[str] = []
@@ -449,6 +453,7 @@ class Inference:
                                 # the answer can start over (a retry, then a fallback).
                                 texts.clear()
                                 self.tool_calls.clear()
+                                self.discarded_tokens += tokens
                                 tokens = 0
                                 self.ttft = None
                                 self.engine_ttft_ms = None
@@ -687,6 +692,9 @@ class Inference:
             # Cut short before the backend's usage came: the prompt it read still counts.
             n = ctx.prompt_tokens
             usage = Usage(n, usage.completion_tokens, n + usage.completion_tokens)
+        if self.discarded_tokens:  # made, though never sent: they count for the limits too
+            n = self.discarded_tokens
+            usage = Usage(usage.prompt_tokens, usage.completion_tokens + n, usage.total_tokens + n)
         try:
             self.permit.settle(usage)
         finally:
@@ -734,6 +742,8 @@ class Inference:
         }
         if self.engine_ttft_ms is not None:
             record["engine_ttft_ms"] = self.engine_ttft_ms
+        if self.discarded_tokens:
+            record["discarded_tokens"] = self.discarded_tokens
         if ctx is not None:
             if ctx.cached_tokens is not None:
                 record["cached_tokens"] = ctx.cached_tokens

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from stella import logs
-from tests.live import run_stella
+from tests.live import LiveServer, run_stella
 
 KEY = "sk-audit-secret-key-42"
 
@@ -301,3 +301,17 @@ def test_a_configured_authorization_header_is_masked_without_its_scheme() -> Non
     sink.put({"event": "x", "note": "rejected tok-in-config-123"})
     sink.close()
     assert "tok-in-config-123" not in out.getvalue().decode()
+
+
+def test_tokens_of_a_non_stream_attempt_that_failed_are_still_counted(stella: LiveServer) -> None:
+    # Each attempt makes three tokens, then fails; a non-stream answer starts over, so
+    # the client sees none of them, but they were made: the log and the limits count them.
+    rid = "discarded-tokens-1"
+    body = {"model": "echo-fail-after", "stream": False}
+    body["messages"] = [{"role": "user", "content": "a b c d e"}]
+    r = httpx.post(stella.url + "/api/v1/chat", json=body, headers={"X-Request-ID": rid})
+    assert r.status_code == 502
+    ev = stella.wait_event(lambda e: e["request_id"] == rid)
+    assert len(ev["attempts"]) >= 2
+    assert ev["discarded_tokens"] == 3 * len(ev["attempts"])
+    assert ev["completion_tokens"] == ev["discarded_tokens"]
