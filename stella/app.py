@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import importlib
 import os
-import random
 import re
 import signal
 import sys
@@ -32,6 +31,7 @@ from stella.api.admin import usage_listener
 from stella.api.http import NATIVE, Dialect, Endpoint, with_header
 from stella.auth import Authenticator
 from stella.backends import Backend, ConfigError, build_backend, registry
+from stella.calls import new_request_id
 from stella.core import Admission, Pipeline
 from stella.errors import MethodNotAllowed, NotFound, ShuttingDown, StellaError
 from stella.routing import Router
@@ -53,7 +53,6 @@ DIALECTS = (
     "stella.api.aliases",
     "stella.api.admin",
 )
-_random = random.Random()
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _log = structlog.get_logger("stella")
 
@@ -289,11 +288,6 @@ class ExactPathRouter(StarletteRouter):
                         await route.handle(scope, receive, send)
                         return
         await super().app(scope, receive, send)
-
-
-def new_request_id() -> str:
-    """A sortable, unique request ID (not a secret: no system entropy call per request)."""
-    return f"req_{time.time_ns():x}{_random.getrandbits(40):010x}"
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import time
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -9,6 +11,13 @@ from typing import Any
 from stella.errors import Forbidden, ModelNotFound
 from stella.protocol import ChatRequest, Usage
 from stella.routing import Allowed, Route
+
+_random = random.Random()
+
+
+def new_request_id() -> str:
+    """A sortable, unique request ID (not a secret: no system entropy call per request)."""
+    return f"req_{time.time_ns():x}{_random.getrandbits(40):010x}"
 
 
 @dataclass(slots=True, frozen=True)

@@ -33,6 +33,8 @@ from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpToolsProtocol
 
+from stella.calls import new_request_id
+
 # A write this large goes out at once: joining it to what is held would only copy it.
 WRITE_THROUGH = 65_536
 # Seconds a request body may take to arrive after its headers (1 MiB at ~35 KB/s).
@@ -180,10 +182,11 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self.transport.close()
             return
         body = why.encode()
+        rid = new_request_id().encode()  # the client's own is in the headers not read
         self.transport.write(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: text/plain; charset=utf-8\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            b"content-type: text/plain; charset=utf-8\r\nx-request-id: %s\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (rid, len(body), body)
         )
         self.transport.close()
 

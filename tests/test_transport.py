@@ -356,6 +356,7 @@ async def test_headers_past_the_limits_get_431_and_the_connection_closes() -> No
         sent += len(chunk)
     assert rec.closed and sent <= MAX_HEADER_BYTES + 2000
     assert rec.writes[0].startswith(b"HTTP/1.1 431 ") and len(rec.writes) == 1
+    assert b"\r\nx-request-id: req_" in rec.writes[0]  # as every answer has one
     proto.connection_lost(None)
 
     # Many tiny headers: the count is limited too.
