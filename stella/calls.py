@@ -81,8 +81,9 @@ class Permit:
     def __init__(self) -> None:
         self.headers = []
 
-    def settle(self, usage: Usage) -> None:
-        """Correct reserved tokens with the real usage."""
+    def settle(self, usage: Usage, elsewhere: bool = False) -> None:
+        """Correct reserved tokens with the real usage; `elsewhere`: the answer came from
+        a fallback route, so the route asked for made none of it."""
 
     def release(self) -> None:
         """Give back concurrency slots."""

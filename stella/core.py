@@ -696,7 +696,8 @@ class Inference:
             n = self.discarded_tokens
             usage = Usage(usage.prompt_tokens, usage.completion_tokens + n, usage.total_tokens + n)
         try:
-            self.permit.settle(usage)
+            # The key pays for what was made; the model asked for only when it made it.
+            self.permit.settle(usage, ctx is not None and ctx.route != self.route.name)
         finally:
             self.permit.release()
             if self.fallback_permit is not None:

@@ -123,12 +123,14 @@ class LimitPermit(Permit):
         self.headers = headers
         self._limiter = limiter
 
-    def settle(self, usage: Usage) -> None:
-        """Give back what was reserved beyond the real token count."""
+    def settle(self, usage: Usage, elsewhere: bool = False) -> None:
+        """Give back what was reserved beyond the real token count (all of it, to the
+        asked route's model, when a fallback route answered: its own permit pays)."""
         if self._reserved:
             used = usage.prompt_tokens + usage.completion_tokens
             for key, cap, per_s, reserved in self._reserved:
-                self._limiter.buckets.give(key, cap, per_s, reserved - used)
+                spent = 0 if elsewhere and key.startswith("tpm:model:") else used
+                self._limiter.buckets.give(key, cap, per_s, reserved - spent)
             self._reserved = ()
 
     def release(self) -> None:

@@ -166,6 +166,23 @@ async def test_a_wait_for_a_slot_counts_as_queue_time_not_against_the_limits() -
         assert event["queue_ms"] >= 300 and event["total_ms"] >= event["queue_ms"]
 
 
+def test_tokens_a_fallback_made_count_for_its_model_not_the_one_asked_for() -> None:
+    # "primary" never answers, "echo" does: each call's 80 tokens are echo's, and the
+    # primary model's 200 tokens a minute stay whole however many calls there are.
+    config = {
+        "backends": {"down": {"kind": "echo", "fail_before_first": True}},
+        "models": {"routes": {"primary": {"backend": "down", "retries": 0, "fallbacks": ["echo"]}}},
+        "limits": {"models": {"primary": {"tokens_per_minute": 200}}},
+    }
+    ask = body("abc " * 40, max_tokens=50)
+    ask["model"] = "primary"
+    with run_stella(config) as server:
+        for _ in range(5):
+            r = httpx.post(server.url + "/api/v1/chat", json=ask)
+            assert r.status_code == 200, r.text
+            assert r.json()["backend"] == "echo" and r.json()["usage"]["total_tokens"] == 80
+
+
 def test_a_fallback_holds_to_the_keys_scope_and_its_own_limits() -> None:
     # A failing route's fallbacks are models like any other: a key reaches only those
     # in its scope, and each counts against its own model's limits.
