@@ -369,6 +369,28 @@ def test_a_line_cut_short_by_a_failed_write_does_not_swallow_the_next(tmp_path: 
     assert [json.loads(lines[0])["n"], json.loads(lines[2])["n"]] == [0, 2]
 
 
+def test_log_output_counters_are_in_metrics(tmp_path: Path) -> None:
+    with run_stella({"log": {"audit_path": "/dev/full"}}) as server:
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            json={"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a"}]},
+        )
+        assert r.status_code == 200
+        server.wait_event(lambda e: e["model"] == "echo")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            text = httpx.get(server.url + "/metrics").text
+            if 'stella_log_write_errors_total{output="audit"} 1.0' in text:
+                break
+            time.sleep(0.05)
+        assert 'stella_log_write_errors_total{output="audit"} 1.0' in text
+        assert 'stella_log_lines_dropped_total{output="audit"} 1.0' in text
+        assert 'stella_log_write_errors_total{output="stdout"} 0.0' in text
+        assert 'stella_log_lines_dropped_total{output="stdout"} 0.0' in text
+        server.wait_event(lambda e: e["output"] == "audit", name="log_write_failed")
+        assert len(server.events("log_write_failed")) == 1
+
+
 def test_sigterm_with_a_stalled_stdout_exits_and_the_audit_file_has_every_line(
     tmp_path: Path,
 ) -> None:
