@@ -429,7 +429,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
                 task.exception()
         _log.info("stopped")
         if sink := logs.sink():
-            sink.flush()
+            # Bounded: a stdout nobody reads must not keep the process alive. The audit
+            # file has a writer of its own, so it gets its lines even then.
+            sink.flush(LOG_FLUSH_TIMEOUT_S)
 
 
 async def _restore_state(svc: Services) -> None:
@@ -445,6 +447,8 @@ async def _restore_state(svc: Services) -> None:
 
 # At shutdown, the longest a backend or the state store may take to close.
 CLOSE_TIMEOUT_S = 10.0
+# At shutdown, the longest the log outputs may take to write what is queued.
+LOG_FLUSH_TIMEOUT_S = 5.0
 # How often a replica on shared state checks for routing changes made elsewhere.
 ROUTING_POLL_S = 1.0
 

@@ -1,9 +1,10 @@
-"""Structured logs: structlog on the event loop, rendering and writing on a thread.
+"""Structured logs: structlog on the event loop, writing on threads.
 
-The event loop only builds a dict and puts it on a queue; a writer thread
-redacts, renders (JSON through msgspec, or a console line), writes stdout and
-the optional JSONL audit file, and flushes on shutdown. So a slow terminal or
-disk never stalls a request.
+The event loop renders a line (JSON through msgspec, or a console line) and adds
+it to a batch; every HANDOVER_S the batch goes to the writers: one thread for
+stdout and one for the optional JSONL audit file, each with its own queue and a
+bounded backlog. So a slow terminal or disk never stalls a request, and a stalled
+or broken stdout never stalls or loses the audit file.
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ _FREE_FORM = ("metadata", "prompt", "completion")
 # Lines gathered on the event loop go to the writer thread at most this often: each
 # hand-over wakes the thread, and waking it per request costs more than the line.
 HANDOVER_S = 0.01
+# The most each output may have waiting to be written: past it, new lines are dropped
+# and counted, so a stalled terminal or disk holds at most this much memory. In bytes,
+# not lines: with `log.content` one line can hold a whole request.
+MAX_BACKLOG_BYTES = 32 << 20
 
 
 def _default(obj: Any) -> Any:
@@ -95,12 +100,118 @@ def _default(obj: Any) -> Any:
 _lenient_encoder = msgspec.json.Encoder(enc_hook=_default)
 
 
+class _Writer:
+    """One output and the thread that writes it, with its backlog and error counts.
+
+    The backlog is what the producers have queued minus what the thread has taken
+    off the queue and tried to write. Each side writes only its own counters (the
+    producers under the sink's lock, once per hand-over), so the thread never locks.
+    """
+
+    def __init__(
+        self,
+        output: str,
+        write: Callable[[bytes], None],
+        on_error: Callable[[str, BaseException], None],
+        limit: int,
+        done: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.output = output
+        self.limit = limit
+        self._write_out = write
+        self._on_error = on_error
+        self._done = done
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Producers' side (under the sink's lock).
+        self.queued = 0
+        self.dropped_full = 0
+        # The thread's side.
+        self.handled = 0
+        self.dropped_failed = 0
+        self.errors = 0
+        self.thread = threading.Thread(target=self._run, name=f"stella-log-{output}", daemon=True)
+        self.thread.start()
+
+    @property
+    def dropped(self) -> int:
+        """Lines that never reached the output: its backlog was full, or the write failed."""
+        return self.dropped_full + self.dropped_failed
+
+    def submit(self, lines: list[bytes]) -> None:
+        """Queue lines, or drop those past the backlog's bound (caller holds the lock)."""
+        size = sum(map(len, lines))
+        room = self.limit - (self.queued - self.handled)
+        if size > room:  # keep the oldest lines that fit, in order
+            kept: list[bytes] = []
+            size = 0
+            for line in lines:
+                if size + len(line) > room:
+                    break
+                size += len(line)
+                kept.append(line)
+            self.dropped_full += len(lines) - len(kept)
+            lines = kept
+            if not lines:
+                return
+        self.queued += size
+        self._queue.put(lines)
+
+    def mark(self) -> threading.Event:
+        """An Event set once everything queued before it has been handled."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done
+
+    def stop(self) -> None:
+        """Ask the thread to end once it has handled everything queued before."""
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            items = [self._queue.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(items) < 256:
+                    items.append(self._queue.get_nowait())
+            lines: list[bytes] = []
+            stop = False
+            for item in items:
+                if item is None:
+                    stop = True
+                elif isinstance(item, threading.Event):
+                    self._write(lines)
+                    lines = []
+                    item.set()
+                else:
+                    lines.extend(item)
+            self._write(lines)
+            if stop:
+                self._done()
+                return
+
+    def _write(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        data = b"".join(lines)
+        try:
+            self._write_out(data)
+        except Exception as exc:  # a broken output must not end its thread: count, go on
+            self.errors += 1
+            self.dropped_failed += len(lines)
+            self._on_error(self.output, exc)
+        finally:
+            self.handled += len(data)
+
+
 class LogSink:
-    """Renders events where they happen; a thread does the writing.
+    """Renders events where they happen; threads do the writing.
 
     `put` redacts and encodes one event (microseconds, with msgspec) and adds it
-    to a batch; on an event loop the batch is handed to the writer thread every
-    HANDOVER_S, so a burst of requests wakes the thread once.
+    to a batch; on an event loop the batch is handed to the writer threads every
+    HANDOVER_S, so a burst of requests wakes each thread once. stdout and the audit
+    file have a thread each: a stalled or broken one holds up or loses only its own
+    lines. Each keeps at most `max_backlog` bytes waiting (beyond it lines are
+    dropped and counted), counts its failed writes, and reports the first failure of
+    each kind as one JSON line on stderr.
     """
 
     def __init__(
@@ -110,6 +221,7 @@ class LogSink:
         stream: IO[bytes] | None = None,
         audit_path: str = "",
         secrets: Iterable[str] = (),
+        max_backlog: int = MAX_BACKLOG_BYTES,
     ) -> None:
         self.fmt = fmt
         self.stream = stream if stream is not None else sys.stdout.buffer
@@ -118,14 +230,23 @@ class LogSink:
         self._secret_bytes: list[bytes] = []
         self.add_secrets(secrets)
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._audit: IO[bytes] | None = None
-        self._batch: list[tuple[bytes, bytes | None]] = []
+        self._audit_torn = False
+        self._batch: list[bytes] = []
+        self._audit_batch: list[bytes] = []
         self._safe_keys: set[Any] = set()
         self._scheduled = False
-        self._thread = threading.Thread(target=self._run, name="stella-log", daemon=True)
         self._closed = False
-        self._thread.start()
+        # Hand-overs come from the event loop and from other threads (at start-up, the
+        # MLX worker): the lock keeps the writers' queued counts whole.
+        self._lock = threading.Lock()
+        self._reported: set[tuple[str, str, int | None]] = set()
+        self._out = _Writer("stdout", self._write_stdout, self._report, max_backlog)
+        self._audit_out = (
+            _Writer("audit", self._write_audit, self._report, max_backlog, self._close_audit)
+            if audit_path
+            else None
+        )
 
     def add_secrets(self, values: Iterable[str]) -> None:
         """Mask these values wherever they appear in a log line."""
@@ -148,9 +269,11 @@ class LogSink:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._queue.put([(line, audit)])  # not on the loop: hand over at once
+            self._submit([line], [audit] if audit is not None else [])  # not on the loop
             return
-        self._batch.append((line, audit))
+        self._batch.append(line)
+        if audit is not None:
+            self._audit_batch.append(audit)
         if not self._scheduled:
             self._scheduled = True
             loop.call_later(HANDOVER_S, self._handover)
@@ -171,9 +294,21 @@ class LogSink:
 
     def _handover(self) -> None:
         batch, self._batch = self._batch, []
+        audit, self._audit_batch = self._audit_batch, []
         self._scheduled = False
-        if batch:
-            self._queue.put(batch)
+        if batch or audit:
+            self._submit(batch, audit)
+
+    def _submit(self, lines: list[bytes], audit: list[bytes]) -> None:
+        with self._lock:
+            if lines:
+                self._out.submit(lines)
+            if audit and self._audit_out is not None:
+                self._audit_out.submit(audit)
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        """Per output (stdout, audit): lines dropped and failed writes since start."""
+        return {w.output: (w.dropped, w.errors) for w in self._writers()}
 
     def _encode(self, event: dict[str, Any], checked: bool = False) -> bytes:
         if not checked and self._has_secret_field(event):
@@ -235,65 +370,93 @@ class LogSink:
             record["log_error"] = "not rendered whole: RecursionError"
         self.put(record, checked=True)
 
-    def flush(self, timeout: float = 5.0) -> None:
-        """Wait until everything queued so far is written."""
-        if self._closed:
-            return
-        self._handover()
-        done = threading.Event()
-        self._queue.put(done)
-        done.wait(timeout)
+    def _writers(self) -> list[_Writer]:
+        return [w for w in (self._out, self._audit_out) if w is not None]
 
-    def close(self) -> None:
-        """Write what is queued, close the audit file, stop the thread."""
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait, up to `timeout` seconds in all, until every output has written what was
+        queued so far; whether all of them did."""
         if self._closed:
-            return
+            return True
+        self._handover()
+        deadline = time.monotonic() + timeout
+        # Each output waits on its own: a stalled stdout does not hold up the audit file.
+        marks = [w.mark() for w in self._writers()]
+        return all([m.wait(max(0.0, deadline - time.monotonic())) for m in marks])
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Write what is queued, close the audit file, stop the threads (waiting up to
+        `timeout` seconds in all); whether every thread ended."""
+        if self._closed:
+            return True
         self._handover()
         self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        deadline = time.monotonic() + timeout
+        writers = self._writers()
+        for w in writers:
+            w.stop()
+        for w in writers:
+            w.thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(w.thread.is_alive() for w in writers)
 
-    def _run(self) -> None:
-        while True:
-            items = [self._queue.get()]
-            with contextlib.suppress(queue.Empty):
-                while len(items) < 256:
-                    items.append(self._queue.get_nowait())
-            out: list[bytes] = []
-            audit: list[bytes] = []
-            stop = False
-            for item in items:
-                if item is None:
-                    stop = True
-                elif isinstance(item, threading.Event):
-                    self._write(out, audit)
-                    out, audit = [], []
-                    item.set()
-                else:
-                    for line, audit_line in item:
-                        out.append(line)
-                        if audit_line is not None:
-                            audit.append(audit_line)
-            self._write(out, audit)
-            if stop:
-                if self._audit:
-                    self._audit.close()
-                return
+    def _write_stdout(self, data: bytes) -> None:
+        self.stream.write(data)
+        self.stream.flush()
 
-    def _write(self, out: list[bytes], audit: list[bytes]) -> None:
+    def _write_audit(self, data: bytes) -> None:
+        if self._audit is None:
+            self._audit = self._open_audit()
         try:
-            if out:
-                self.stream.write(b"".join(out))
-                self.stream.flush()
-            if audit:
-                if self._audit is None:
-                    path = Path(self.audit_path)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    self._audit = path.open("ab")
-                self._audit.write(b"".join(audit))
-                self._audit.flush()
-        except (OSError, ValueError):
-            pass  # stdout closed or disk full: dropping a log line beats crashing
+            self._audit.write(data)
+            self._audit.flush()
+        except BaseException:
+            # Open afresh for the next batch: the file may have been moved, its disk
+            # remounted, or space freed. The failed write may have left half a line.
+            self._audit_torn = True
+            self._close_audit()
+            raise
+
+    def _open_audit(self) -> IO[bytes]:
+        path = Path(self.audit_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        audit = path.open("ab")
+        if self._audit_torn:
+            self._audit_torn = False
+            # A line cut short by the failed write ends here, so the next is whole.
+            with contextlib.suppress(OSError), path.open("rb") as done:
+                done.seek(-1, os.SEEK_END)
+                if done.read(1) != b"\n":
+                    audit.write(b"\n")
+        return audit
+
+    def _close_audit(self) -> None:
+        audit, self._audit = self._audit, None
+        if audit is not None:
+            with contextlib.suppress(OSError, ValueError):
+                audit.close()
+
+    def _report(self, output: str, exc: BaseException) -> None:
+        """Say on stderr, once per output and kind of error, that writes are failing."""
+        kind = (output, type(exc).__name__, getattr(exc, "errno", None))
+        if kind in self._reported:
+            return
+        self._reported.add(kind)
+        event: dict[str, Any] = {
+            "event": "log_write_failed",
+            "ts": time.time(),
+            "level": "error",
+            "output": output,
+            "error": f"{type(exc).__name__}: {exc}",
+            "note": "later failures like this one are only counted (stella_log_write_errors_total)",
+        }
+        if output == "audit":
+            event["path"] = self.audit_path
+        line = _lenient_encoder.encode(event) + b"\n"
+        # Best effort, from a thread of its own: stderr may be as stalled as stdout,
+        # and the writer that failed must not wait on it.
+        threading.Thread(
+            target=_to_stderr, args=(line,), name="stella-log-report", daemon=True
+        ).start()
 
     def _redact(self, ev: dict[str, Any]) -> dict[str, Any]:
         return {k: self._clean(k, v) for k, v in ev.items()}
@@ -306,6 +469,11 @@ class LogSink:
         if isinstance(value, list | tuple):
             return [self._clean(key, v) for v in value]
         return value
+
+
+def _to_stderr(line: bytes) -> None:
+    with contextlib.suppress(OSError):
+        os.write(2, line)
 
 
 def _console(ev: dict[str, Any]) -> bytes:

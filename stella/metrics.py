@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from stella import logs
 from stella.api.http import endpoint, services
 from stella.api.openapi import Operation, document
 from stella.calls import Call
@@ -165,7 +166,8 @@ class _CounterCollector(Collector):
 
 
 class _StateCollector(Collector):
-    """Gauges read at scrape time: streams in flight, queue depth, circuit state."""
+    """Values read at scrape time: streams in flight, queue depth, circuit state, and the
+    log outputs' dropped lines and failed writes."""
 
     def __init__(self, svc: Any) -> None:
         self.svc = svc
@@ -198,6 +200,20 @@ class _StateCollector(Collector):
             )
             limited.add_metric([], limiter)
             yield limited
+        if (sink := logs.sink()) is not None:
+            dropped = CounterMetricFamily(  # exposed as stella_log_lines_dropped_total
+                "stella_log_lines_dropped",
+                "Log lines not written: the output's backlog was full or its write failed",
+                labels=["output"],
+            )
+            errors = CounterMetricFamily(
+                "stella_log_write_errors", "Failed writes to a log output", labels=["output"]
+            )
+            for output, (lines, failures) in sink.counts().items():
+                dropped.add_metric([output], lines)
+                errors.add_metric([output], failures)
+            yield dropped
+            yield errors
 
 
 @endpoint(auth="user")

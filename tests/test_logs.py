@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from stella import logs
-from tests.live import LiveServer, run_stella
+from tests.live import NO_MLX, LiveServer, free_port, merge, run_stella, to_toml
 
 KEY = "sk-audit-secret-key-42"
 
@@ -197,6 +204,233 @@ def test_an_event_that_cannot_be_rendered_whole_still_leaves_its_audit_line(
         "r1",
         "r2",
     ]
+
+
+class BrokenPipe(io.RawIOBase):
+    """A stdout whose reader went away."""
+
+    def write(self, data: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+class Stalled(io.RawIOBase):
+    """A stdout nobody reads: each write waits until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.data = bytearray()
+
+    def write(self, data: object) -> int:
+        self.release.wait(30)
+        self.data += bytes(data)  # type: ignore[arg-type]
+        return len(data)  # type: ignore[arg-type]
+
+
+def audit_ids(path: Path) -> list[int]:
+    return [json.loads(line)["n"] for line in path.read_text().splitlines()]
+
+
+def test_a_broken_stdout_still_writes_every_audit_line(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    sink = logs.LogSink(stream=BrokenPipe(), audit_path=str(audit))
+
+    async def serve() -> None:  # on an event loop, as in the server: batches handed over
+        for n in range(200):
+            sink.emit("inference", {"n": n})
+            if n % 50 == 49:
+                await asyncio.sleep(2 * logs.HANDOVER_S)
+
+    asyncio.run(serve())
+    sink.emit("inference", {"n": 200})  # and off the loop
+    ended = sink.close()
+    assert audit_ids(audit) == list(range(201))
+    assert ended
+    dropped, errors = sink.counts()["stdout"]
+    assert dropped == 201 and errors >= 1
+    assert sink.counts()["audit"] == (0, 0)
+
+
+def test_a_stalled_stdout_does_not_hold_up_the_audit_file(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    out = Stalled()
+    sink = logs.LogSink(stream=out, audit_path=str(audit))
+    try:
+        for n in range(100):
+            sink.emit("inference", {"n": n})
+        started = time.monotonic()
+        assert not sink.flush(timeout=0.5)  # stdout could not finish: said so, in time
+        assert time.monotonic() - started < 2
+        assert audit_ids(audit) == list(range(100))
+        started = time.monotonic()
+        assert not sink.close(timeout=0.5)
+        assert time.monotonic() - started < 2
+    finally:
+        out.release.set()
+    # Once stdout moves again, everything queued reaches it too.
+    deadline = time.monotonic() + 5
+    while out.data.count(b"\n") < 100 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [json.loads(line)["n"] for line in out.data.splitlines()] == list(range(100))
+
+
+def test_a_full_backlog_drops_new_lines_and_counts_them() -> None:
+    out = Stalled()
+    sink = logs.LogSink(stream=out, max_backlog=2000)
+    try:
+        for n in range(100):
+            sink.put({"event": "x", "n": n, "pad": "p" * 60})  # about 100 bytes a line
+        dropped, errors = sink.counts()["stdout"]
+        assert 75 <= dropped <= 85 and errors == 0  # ~20 lines fit (one more in the write)
+    finally:
+        out.release.set()
+    assert sink.close(timeout=5)
+    written = [json.loads(line)["n"] for line in out.data.splitlines()]
+    assert written == list(range(len(written)))  # the oldest kept, in order
+    assert len(written) + dropped == 100
+    # With room again, lines are kept again.
+    sink = logs.LogSink(stream=io.BytesIO(), max_backlog=2000)
+    for n in range(100):
+        sink.put({"event": "x", "n": n, "pad": "p" * 60})
+        sink.flush()
+    assert sink.close() and sink.counts()["stdout"] == (0, 0)
+
+
+def test_audit_write_errors_are_counted_and_reported_once(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out, audit_path="/dev/full")  # every write: ENOSPC
+    for n in range(3):
+        sink.emit("inference", {"n": n})
+        sink.flush()
+    assert sink.close()
+    dropped, errors = sink.counts()["audit"]
+    assert dropped == 3 and errors == 3
+    assert out.getvalue().count(b"\n") == 3  # stdout unaffected
+    reports: list[dict] = []
+    deadline = time.monotonic() + 5
+    while not reports and time.monotonic() < deadline:
+        time.sleep(0.05)
+        err = capfd.readouterr().err
+        reports += [json.loads(line) for line in err.splitlines() if "log_write_failed" in line]
+    time.sleep(0.2)
+    err = capfd.readouterr().err
+    reports += [json.loads(line) for line in err.splitlines() if "log_write_failed" in line]
+    assert len(reports) == 1
+    report = reports[0]
+    assert report["output"] == "audit" and report["path"] == "/dev/full"
+    assert report["level"] == "error" and "OSError" in report["error"]
+
+
+def test_the_audit_file_is_opened_again_after_a_failed_write(tmp_path: Path) -> None:
+    blocker = tmp_path / "logs"
+    blocker.write_text("a file where the audit directory should be")
+    audit = blocker / "audit.jsonl"
+    sink = logs.LogSink(stream=io.BytesIO(), audit_path=str(audit))
+    sink.emit("inference", {"n": 0})
+    sink.flush()
+    assert sink.counts()["audit"] == (1, 1)
+    blocker.unlink()
+    sink.emit("inference", {"n": 1})
+    assert sink.close()
+    assert audit_ids(audit) == [1]
+    assert sink.counts()["audit"] == (1, 1)
+
+
+def test_a_line_cut_short_by_a_failed_write_does_not_swallow_the_next(tmp_path: Path) -> None:
+    class HalfFull:
+        """The disk fills up halfway through a write."""
+
+        def __init__(self, file: Any) -> None:
+            self.file = file
+
+        def write(self, data: bytes) -> int:
+            self.file.write(data[: len(data) // 2])
+            self.file.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self) -> None:
+            pass
+
+        def close(self) -> None:
+            self.file.close()
+
+    audit = tmp_path / "audit.jsonl"
+    sink = logs.LogSink(stream=io.BytesIO(), audit_path=str(audit))
+    sink.emit("inference", {"n": 0})
+    sink.flush()
+    sink._audit = HalfFull(sink._audit)
+    sink.emit("inference", {"n": 1})
+    sink.flush()
+    sink.emit("inference", {"n": 2})
+    assert sink.close()
+    lines = audit.read_text().splitlines()
+    assert len(lines) == 3 and not lines[1].endswith("}")
+    assert [json.loads(lines[0])["n"], json.loads(lines[2])["n"]] == [0, 2]
+
+
+def test_log_output_counters_are_in_metrics(tmp_path: Path) -> None:
+    with run_stella({"log": {"audit_path": "/dev/full"}}) as server:
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            json={"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a"}]},
+        )
+        assert r.status_code == 200
+        server.wait_event(lambda e: e["model"] == "echo")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            text = httpx.get(server.url + "/metrics").text
+            if 'stella_log_write_errors_total{output="audit"} 1.0' in text:
+                break
+            time.sleep(0.05)
+        assert 'stella_log_write_errors_total{output="audit"} 1.0' in text
+        assert 'stella_log_lines_dropped_total{output="audit"} 1.0' in text
+        assert 'stella_log_write_errors_total{output="stdout"} 0.0' in text
+        assert 'stella_log_lines_dropped_total{output="stdout"} 0.0' in text
+        server.wait_event(lambda e: e["output"] == "audit", name="log_write_failed")
+        assert len(server.events("log_write_failed")) == 1
+
+
+def test_sigterm_with_a_stalled_stdout_exits_and_the_audit_file_has_every_line(
+    tmp_path: Path,
+) -> None:
+    # stdout is a pipe nobody reads: it fills after a hundred lines or so.
+    port = free_port()
+    audit = tmp_path / "audit.jsonl"
+    conf = tmp_path / "stella.toml"
+    conf.write_text(to_toml(merge(NO_MLX, {"log": {"audit_path": str(audit)}})))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env.update({"STELLA_CONFIG": str(conf), "PORT": str(port)})
+    err = tmp_path / "stderr.log"
+    with err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stella", "serve", "--log-format", "json"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+            cwd=tmp_path,
+        )
+    server = LiveServer(proc, f"http://127.0.0.1:{port}", err)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        body = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a"}]}
+        with httpx.Client(base_url=server.url) as client:
+            for _ in range(400):
+                assert client.post("/api/v1/chat", json=body).status_code == 200
+        started = time.monotonic()
+        assert server.stop(timeout=30) == 0
+        assert time.monotonic() - started < 20
+        assert len(audit.read_text().splitlines()) == 400
+    finally:
+        server.stop()
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 def test_a_named_key_the_client_echoes_is_masked_in_its_line(tmp_path: Path) -> None:
