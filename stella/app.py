@@ -362,15 +362,25 @@ def _app_hooks() -> list[Callable[[Starlette, Services], None]]:
     return out
 
 
-def check_audit_path(settings: Settings) -> None:
-    """Make sure the audit file can be appended to (creating it and its directory)."""
-    if path := settings.log.audit_path:
-        # Found out now, not by audit lines silently dropped later.
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).open("ab").close()
-        except OSError as exc:
-            raise ConfigError(f"log.audit_path: cannot write {path}: {exc.strerror}") from None
+def check_audit_path(settings: Settings, create: bool = True) -> None:
+    """Make sure the audit file can be appended to, creating it and its directory (with
+    `create` false, whatever the check created is removed again)."""
+    path = settings.log.audit_path
+    if not path:
+        return
+    target = Path(path)
+    missing = [p for p in (target, *target.parents) if not p.exists()]
+    # Found out now, not by audit lines silently dropped later.
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.open("ab").close()
+    except OSError as exc:
+        raise ConfigError(f"log.audit_path: cannot write {path}: {exc.strerror}") from None
+    finally:
+        if not create:  # what did not exist before goes again, the file first
+            for made in missing:
+                with contextlib.suppress(OSError):
+                    made.unlink() if made == target else made.rmdir()
 
 
 def configure_logs(settings: Settings) -> logs.LogSink:

@@ -13,7 +13,7 @@ from base64 import b64encode
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -383,7 +383,7 @@ def _check(s: Settings) -> None:
         raise ConfigError(f"server.public_url: {url!r} is not an http(s) URL")
     redis = s.state.redis_url
     if redis and not redis.startswith(("redis://", "rediss://", "unix://")):
-        shown = repr(_redact_url(redis)) if "@" in redis or "?" in redis else repr(redis)
+        shown = repr(_redact_url(redis))
         raise ConfigError(f"state.redis_url: {shown} is not a redis://, rediss:// or unix:// URL")
     for name in s.limits.models:
         # Limits hold per route name: one set under an alias would never apply. (A name
@@ -481,7 +481,7 @@ def _redact(node: Any, key: str = "") -> Any:
         return node
     if isinstance(node, str) and node and any(m in lowered for m in SECRET_MARKERS):
         return "***"
-    if isinstance(node, str) and "://" in node:
+    if isinstance(node, str) and ("://" in node or lowered.endswith("url")):
         return _redact_url(node)
     return node
 
@@ -516,14 +516,16 @@ def _url_secrets(url: str) -> list[str]:
 
 
 def _redact_url(url: str) -> str:
-    """redis://user:pass@host -> redis://***@host; a secret query value -> ***."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    netloc, query = parts.netloc, parts.query
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
+    """redis://user:pass@host -> redis://***@host; a secret query value -> ***. Written
+    without its scheme or with a typo in it (user:pass@host), the user info still goes."""
+    base, mark, query = url.partition("?")
+    if "@" in base:
+        scheme, sep, rest = base.partition("://")
+        base = (
+            f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
+            if sep
+            else "***@" + base.rpartition("@")[2]
+        )
     if query:
         items = []
         for item in query.split("&"):
@@ -531,4 +533,4 @@ def _redact_url(url: str) -> str:
             secret = eq and _is_secret_name(unquote(name))
             items.append(f"{name}=***" if secret else item)
         query = "&".join(items)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    return base + mark + query

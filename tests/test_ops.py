@@ -173,6 +173,8 @@ def test_ready_lets_the_probe_come_once_the_cool_down_has_passed() -> None:
         )
         models = httpx.get(server.url + "/api/v1/models").json()["models"]
         assert next(m for m in models if m["name"] == "flaky")["circuit"] == "half_open"
+        health = httpx.get(server.url + "/v1/health").json()
+        assert health["providers"]["flaky"]["circuit"] == "half_open"
         # The probe answers (the backend works now): closed.
         assert httpx.post(server.url + "/api/v1/chat", json=chat).status_code == 200
         r = httpx.get(server.url + "/ready")

@@ -118,11 +118,19 @@ def test_bad_values_name_the_key(env: dict[str, str], needle: str) -> None:
     assert "\n" not in str(info.value)
 
 
-def test_a_bad_redis_url_is_named_without_its_password() -> None:
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://u:hunter2@x/0?password=pw9",
+        "u:hunter2@x:6379?password=pw9",  # no scheme at all
+        "redis//:hunter2@x:6379/0?password=pw9",  # a typo in it
+    ],
+)
+def test_a_bad_redis_url_is_named_without_its_password(url: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_settings(environ={"STELLA_STATE__REDIS_URL": "http://u:hunter2@x/0?password=pw9"})
+        load_settings(environ={"STELLA_STATE__REDIS_URL": url})
     assert "state.redis_url" in str(info.value)
-    assert "hunter2" not in str(info.value) and "pw9" not in str(info.value)
+    assert "hunter2" not in str(info.value) and "pw9" not in str(info.value), info.value
 
 
 def test_bad_route_backend(tmp_path: Path) -> None:
@@ -265,6 +273,21 @@ def test_values_only_use_reveals_are_checked_up_front(
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0]
+
+
+def test_config_check_leaves_no_audit_file_behind(tmp_path: Path) -> None:
+    where = tmp_path / "logs" / "deep" / "log.jsonl"
+    env = {"PATH": "/usr/bin:/bin", "STELLA_MODELS__DEFAULT": "echo"}
+    env["STELLA_LOG__AUDIT_PATH"] = str(where)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stella", "config", "--check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert list(tmp_path.iterdir()) == []  # checked by creating them, then removed again
 
 
 def test_a_key_variable_that_is_not_set_is_a_start_up_warning() -> None:

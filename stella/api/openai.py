@@ -413,7 +413,7 @@ async def v1_health(request: Request, call: Call) -> Response:
             "kind": svc.backends[name].kind,
             "ok": health.ok,
             "detail": health.detail,
-            "circuit": svc.router.breaker(name).state,
+            "circuit": svc.router.breaker(name).now(),
         }
     return JSONResponse({"status": "ok", "providers": providers})
 

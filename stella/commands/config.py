@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
             from stella.app import Services, check_audit_path
 
             Services(settings)  # builds backends and keys: catches what the file alone can't
-            check_audit_path(settings)
+            check_audit_path(settings, create=False)  # a check leaves nothing behind
     except ConfigError as exc:
         print(f"stella: config error: {exc}", file=sys.stderr)
         return 2
