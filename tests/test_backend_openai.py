@@ -148,6 +148,14 @@ def test_an_upstream_error_text_is_one_short_line() -> None:
     assert err.message.endswith("E...") and len(err.message) < 540
     err = error_from_response("up", 500, {}, b"x" * 5000)
     assert len(err.message) < 540
+    # A JSON message over several lines (a traceback) is one line too.
+    trace = json.dumps({"error": {"message": "Internal error\nTraceback:\n  File x.py"}})
+    err = error_from_response("up", 500, {}, trace.encode())
+    assert err.message == "up: upstream answered 500: Internal error Traceback: File x.py"
+    # A page whose style block runs long: its words, not its CSS.
+    styled = b"<html><style>" + b"body{margin:0}" * 300 + b"</style><h1>Bad Gateway</h1></html>"
+    err = error_from_response("up", 502, {"content-type": "text/html"}, styled)
+    assert err.message == "up: upstream answered 502: Bad Gateway"
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -71,6 +71,7 @@ class Closer:
         self.answered = 0
         self.answer_every = answer_every  # 0: never answers, closes at once
         self.work_s = 0.0  # how long it seems to work on a request before closing instead
+        self.answer_s = 0.0  # how long it takes to answer one
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -90,6 +91,7 @@ class Closer:
                     await asyncio.sleep(self.work_s)
                     return  # closed without an answer, as a server closing an idle connection
                 body = BODIES[path]
+                await asyncio.sleep(self.answer_s)
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                     + f"content-length: {len(body)}\r\n\r\n".encode()
@@ -113,12 +115,12 @@ async def upstream() -> AsyncIterator[tuple[Closer, str]]:
         yield closer, f"http://127.0.0.1:{port}"
 
 
-def make(kind: str, url: str) -> HttpBackend:
+def make(kind: str, url: str, **kw: Any) -> HttpBackend:
     if kind == "openai":
-        return OpenAIBackend("up", OpenAIConfig(kind="openai", base_url=url + "/v1"))
+        return OpenAIBackend("up", OpenAIConfig(kind="openai", base_url=url + "/v1", **kw))
     if kind == "ollama":
-        return OllamaBackend("up", OllamaConfig(kind="ollama", base_url=url))
-    return AnthropicBackend("up", AnthropicConfig(kind="anthropic", base_url=url))
+        return OllamaBackend("up", OllamaConfig(kind="ollama", base_url=url, **kw))
+    return AnthropicBackend("up", AnthropicConfig(kind="anthropic", base_url=url, **kw))
 
 
 async def ask(backend: HttpBackend) -> list[Any]:
@@ -176,6 +178,23 @@ async def test_an_upstream_that_worked_then_dropped_the_request_is_not_asked_aga
             await ask(backend)
         assert info.value.code == "upstream_error" and info.value.retryable
         assert closer.connections == 1
+    finally:
+        await backend.aclose()
+
+
+async def test_a_wait_for_the_pool_does_not_count_as_the_upstream_working(
+    upstream: tuple[Closer, str],
+) -> None:
+    # One connection: the second call waits 0.7 s for it, then finds it closed by the
+    # upstream. It failed at once on the connection it got: sent again, and answered.
+    closer, url = upstream
+    closer.answer_s = 0.7
+    backend = make("openai", url, max_connections=1)
+    await backend.start()
+    try:
+        results = await asyncio.gather(ask(backend), ask(backend))
+        assert all([type(e) for e in r] == [Delta, Done] for r in results)
+        assert closer.answered == 2 and closer.connections == 2
     finally:
         await backend.aclose()
 
@@ -272,6 +291,28 @@ async def test_a_stream_ending_after_its_last_event_keeps_its_connection(kind: s
                 await asyncio.sleep(0.4)  # ...which is read meanwhile, off its path
             assert streamer.answered == 3
             assert streamer.connections == 1  # one pooled connection for every stream
+    finally:
+        await backend.aclose()
+
+
+async def test_a_call_waiting_for_the_pool_takes_a_connection_being_read_to_its_end() -> None:
+    # One connection, a body that ends 1.5 s after its answer: the next call does not
+    # wait for that end; the connection being read is closed for it.
+    streamer = Streamer(end_after_s=1.5)
+    server = await asyncio.start_server(streamer.handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    backend = make("ollama", url, max_connections=1)
+    await backend.start()
+    try:
+        async with server:
+            for _ in range(3):
+                t = time.perf_counter()
+                events = await ask_stream(backend)
+                assert [type(e) for e in events] == [Delta, Done]
+                assert time.perf_counter() - t < 0.5
+            assert streamer.connections == 3
+            await asyncio.sleep(0.1)
+            assert backend.using == 1  # the last one's body, still being read
     finally:
         await backend.aclose()
 

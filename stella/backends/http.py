@@ -14,6 +14,7 @@ import re
 import time
 from base64 import b64encode
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Annotated, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -58,7 +59,25 @@ class _ErrorBody(msgspec.Struct):
 _error_body = msgspec.json.Decoder(_ErrorBody)
 # An upstream's error message as the client and the log get it: at most this long.
 MAX_MESSAGE = 500
+# How much of a non-JSON error body is read for its words (an HTML page's styles and
+# scripts come first and are dropped whole).
+HTML_SCAN = 64 * 1024
 _TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.S | re.I)
+
+
+# When this task's last request got its connection from the pool (time.perf_counter()):
+# a wait for a free connection is not time the upstream had the request.
+_connected_at: ContextVar[float] = ContextVar("stella_connected_at", default=0.0)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """The pool, noting when each request got its connection."""
+
+    async def connect(self, *args: Any, **kwargs: Any) -> aiohttp.connector.Connection:
+        """A connection from the pool (or a new one), the moment noted."""
+        conn = await super().connect(*args, **kwargs)
+        _connected_at.set(time.perf_counter())
+        return conn
 
 
 class HttpBackend(Backend):
@@ -71,6 +90,9 @@ class HttpBackend(Backend):
         super().__init__(name, config)
         self.http = config
         self._draining: set[asyncio.Task[None]] = set()
+        # Chat calls holding or waiting for a pooled connection (a body being read to its
+        # end included): over max_connections, someone waits for the pool.
+        self.using = 0
         url = config.base_url
         try:
             parts = urlsplit(url)
@@ -116,7 +138,7 @@ class HttpBackend(Backend):
         # largest cost in a profile of stella under load.
         headers = {**self.http.headers, **self.basic, **self.auth_headers()}
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
+            connector=_Connector(
                 limit=self.http.max_connections, keepalive_timeout=self.http.keepalive_s
             ),
             # Uncompressed answers: a proxy that gzips a stream may hold its events back.
@@ -162,13 +184,14 @@ class HttpBackend(Backend):
         worked, then dropped the connection) goes to the route's retries and
         fallbacks, which count and log every attempt; so does a refused connection.
         """
-        sent = time.perf_counter()
+        asked = time.perf_counter()
         try:
             return await self.session.post(url, data=body, headers=headers, allow_redirects=False)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):
                 raise  # never connected: nothing was stale
-            if time.perf_counter() - sent > STALE_S:
+            # From when the request had its connection (a wait for the pool is not counted).
+            if time.perf_counter() - max(asked, _connected_at.get()) > STALE_S:
                 raise  # the upstream may have worked on it: the route's retries decide
         # One loop turn first: the close of other pooled connections the upstream shut at
         # the same moment (a restart) is then seen, and the pool skips them.
@@ -180,7 +203,13 @@ class HttpBackend(Backend):
         back to the pool (it is closed instead when the rest is too long or too slow)."""
         task = asyncio.get_running_loop().create_task(_drain(response))
         self._draining.add(task)
-        task.add_done_callback(self._draining.discard)
+        task.add_done_callback(lambda done: self._drained(done, response))
+
+    def _drained(self, task: asyncio.Task[None], response: aiohttp.ClientResponse) -> None:
+        self._draining.discard(task)
+        self.using -= 1
+        # A read cancelled before it began never ran its own release (idempotent).
+        response.release()
 
     async def probe(self, path: str) -> BackendHealth:
         """GET a cheap path (a model list, a version): health without spending tokens."""
@@ -219,14 +248,26 @@ class Answer:
         self.headers = headers
 
     async def __aenter__(self) -> aiohttp.ClientResponse:
-        self.response = await self.backend.post(self.url, self.body, self.headers)
+        b = self.backend
+        b.using += 1
+        if b.using > b.http.max_connections and b._draining:
+            # The pool is full: a connection being read to its end is given up for this
+            # call rather than make it wait.
+            next(iter(b._draining)).cancel()
+        try:
+            self.response = await b.post(self.url, self.body, self.headers)
+        except BaseException:
+            b.using -= 1
+            raise
         return self.response
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: Any, tb: Any) -> None:
         r = self.response
-        if kind is None and not r.content.at_eof():
-            self.backend.finish_later(r)
+        b = self.backend
+        if kind is None and not r.content.at_eof() and b.using <= b.http.max_connections:
+            b.finish_later(r)  # `using` goes down when that read ends
             return
+        b.using -= 1
         await r.__aexit__(kind, exc, tb)
 
 
@@ -266,11 +307,12 @@ def error_from_response(name: str, status: int, headers: Any, body: bytes) -> St
             message = parsed.message or parsed.detail or ""
     except BAD_JSON:
         if not message:
-            message = body[: MAX_MESSAGE * 4].decode(errors="replace")
+            message = body[:HTML_SCAN].decode(errors="replace")
             if "html" in headers.get("content-type", "").lower() or message.lstrip()[:1] == "<":
                 message = _TAG.sub(" ", message)  # a proxy's error page: its words only
-            message = " ".join(message.split())
-    if len(message) > MAX_MESSAGE:  # whatever the upstream wrote, the client gets a line
+    # Whatever the upstream wrote (a traceback, a page), the client gets one short line.
+    message = " ".join(message[: MAX_MESSAGE * 4].split())
+    if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE - 3] + "..."
     return UpstreamStatus(
         f"{name}: upstream answered {status}" + (f": {message}" if message else ""),
@@ -317,8 +359,9 @@ MAX_BODY = 64 * 1024 * 1024
 # connection (one round trip), not dropped after the upstream worked on it.
 STALE_S = 0.5
 # The rest of a body after an answer's final event: its end, a `[DONE]`, at most a few
-# bytes; an upstream that keeps sending is cut (the connection closed) past these.
-DRAIN_S = 2.0
+# bytes; an upstream that keeps sending is cut (the connection closed) past these, and
+# so is one whose connection a caller waiting for the pool needs.
+DRAIN_S = 1.0
 DRAIN_BYTES = 64 * 1024
 
 
