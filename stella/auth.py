@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from stella.backends import ConfigError
 from stella.core import ANONYMOUS, Call, Principal
@@ -69,6 +70,18 @@ class Authenticator:
             or not is_loopback(host)
             else ANONYMOUS
         )
+        self.allow_anonymous = settings.auth.allow_anonymous
+        # Anonymous callers on a network address (a server bound by another name than
+        # server.host, as `uvicorn --host`): never admins, and refused without
+        # auth.allow_anonymous. Found per local address, once.
+        self._local: dict[str, bool] = {}
+        self.network_anonymous = Principal(
+            name="anonymous",
+            admin=False,
+            requests_per_minute=lim.requests_per_minute,
+            tokens_per_minute=lim.tokens_per_minute,
+            max_concurrent=lim.max_concurrent,
+        )
         if not self.enabled and not settings.auth.allow_anonymous and not is_loopback(host):
             raise ConfigError(
                 f"auth: no API keys configured and server.host={host!r} is not loopback; "
@@ -76,12 +89,31 @@ class Authenticator:
             )
 
     def authenticate(
-        self, headers: Iterable[tuple[bytes, bytes]], call: Call | None = None
+        self,
+        headers: Iterable[tuple[bytes, bytes]],
+        call: Call | None = None,
+        server: Any = None,
     ) -> Principal:
         """The caller's Principal from raw ASGI headers; Unauthorized when the key is wrong.
-        With `call`, the key presented is kept on it (see Call.secret)."""
+        With `call`, the key presented is kept on it (see Call.secret). `server` is the
+        ASGI scope's (local address, port): without keys, what a caller may do depends
+        on whether it came in on a loopback address."""
         if not self.enabled:
-            return self.anonymous
+            local = server[0] if server else ""
+            loopback = self._local.get(local)
+            if loopback is None:
+                # No address (a Unix socket) is local too.
+                loopback = not local or is_loopback(local)
+                if len(self._local) < 256:
+                    self._local[local] = loopback
+            if loopback:
+                return self.anonymous
+            if not self.allow_anonymous:
+                raise Unauthorized(
+                    "this server has no API keys and takes anonymous calls on loopback only; "
+                    "set keys (STELLA_API_KEYS) or auth.allow_anonymous"
+                )
+            return self.network_anonymous
         token = _token(headers)
         if not token:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")

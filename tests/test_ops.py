@@ -330,7 +330,7 @@ def test_a_draining_servers_refusals_are_declared_too() -> None:
 
     async def calls() -> tuple[dict, list[tuple[str, str, int]]]:
         async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://t"
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
         ) as c:
             spec = (await c.get("/openapi.json")).json()
             r = await c.get("/", headers={"Accept": "text/html"}, follow_redirects=False)

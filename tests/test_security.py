@@ -258,7 +258,7 @@ def test_anonymous_callers_are_admins_on_loopback_only() -> None:
     transport = httpx.ASGITransport(app=app)
 
     async def calls() -> list[int]:
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
             return [
                 (await c.post("/api/v1/models/switch/echo")).status_code,
                 (await c.get("/config")).status_code,
@@ -271,6 +271,43 @@ def test_anonymous_callers_are_admins_on_loopback_only() -> None:
             ]
 
     assert asyncio.run(calls()) == [403, 403, 200]
+
+
+def test_without_keys_a_call_on_a_network_address_is_refused_whatever_server_host_says() -> None:
+    # `uvicorn stella.app:create_app --factory --host 0.0.0.0` binds a network address
+    # that server.host (loopback by default) does not know of: each call is judged by
+    # the local address it came in on.
+    from stella.auth import Authenticator
+    from stella.errors import Unauthorized
+
+    local = load_settings({"models": {"default": "echo"}}, environ={})
+    auth = Authenticator(local, {})
+    assert auth.authenticate([], server=("127.0.0.1", 8000)).admin
+    assert auth.authenticate([], server=("::1", 8000)).admin
+    assert auth.authenticate([], server=None).admin  # a Unix socket
+    with pytest.raises(Unauthorized):
+        auth.authenticate([], server=("192.0.2.7", 8000))
+    app = create_app(local)
+
+    async def calls(host: str) -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=f"http://{host}") as c:
+            chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+            return [
+                (await c.get("/config")).status_code,
+                (await c.post("/api/v1/models/switch/echo")).status_code,
+                (await c.post("/api/v1/chat", json=chat)).status_code,
+            ]
+
+    # ASGITransport reports the URL's host as the local address.
+    assert asyncio.run(calls("192.0.2.7")) == [401, 401, 401]
+    assert asyncio.run(calls("127.0.0.1")) == [200, 200, 200]
+    # With auth.allow_anonymous, network callers are served, never as admins.
+    open_to_all = load_settings(
+        {"models": {"default": "echo"}, "auth": {"allow_anonymous": True}}, environ={}
+    )
+    app = create_app(open_to_all)
+    assert asyncio.run(calls("192.0.2.7")) == [403, 403, 200]
 
 
 @pytest.mark.parametrize("extra", [["--admin"], ["--models", "echo*", "gpt-*"]])
@@ -438,7 +475,7 @@ def test_a_probe_that_raises_is_its_backends_answer_not_a_500() -> None:
 
     async def call() -> httpx.Response:
         async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://t"
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
         ) as c:
             return await c.get("/v1/health")
 
@@ -461,7 +498,7 @@ def test_every_model_listing_shows_a_scoped_key_only_its_models() -> None:
 
     async def listings() -> dict[str, set[str]]:
         async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://t"
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
         ) as c:
             native = (await c.get("/api/v1/models", headers=narrow)).json()
             tags = (await c.get("/api/tags", headers=narrow)).json()

@@ -75,7 +75,7 @@ async def test_draining_refusals_take_the_dialects_shape() -> None:
     app = create_app(settings)
     app.state.stella.drain.draining = True
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
         r = await c.post("/v1/messages", json={})
         assert r.status_code == 503 and r.json()["type"] == "error"  # Anthropic
         r = await c.post("/api/chat", json={})

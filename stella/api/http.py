@@ -119,7 +119,7 @@ class Endpoint:
         try:
             call = Call(request_id=rid, api=dialect.name, receive=receive)
             if self.auth != "none":
-                call.principal = svc.auth.authenticate(scope["headers"], call)
+                call.principal = svc.auth.authenticate(scope["headers"], call, scope.get("server"))
                 if self.auth == "admin" and not call.principal.admin:
                     raise Forbidden("this route needs an admin key")
             response = await self.fn(request, call)
