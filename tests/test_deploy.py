@@ -80,6 +80,10 @@ def test_containerfile_promises() -> None:
     assert "USER " in text and "USER root" not in text.split(stages[-1])[1]
     assert "HEALTHCHECK" in text and "/health" in text
     assert "import-gguf" in text, "the embedded model is baked into the image"
+    # ...readable by the image's own user, who did not build it.
+    assert "chmod -R a+rX /opt/models" in text
+    # A runtime's 10 s stop timeout holds the drain and the shutdown.
+    assert "STELLA_SERVER__DRAIN_TIMEOUT_S=7" in text
 
 
 def test_workers_share_the_port_and_stop_cleanly() -> None:

@@ -194,11 +194,16 @@ def test_gguf_import_round_trips_the_tokenizer(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=300,
+        umask=0o022,
     )
     assert proc.returncode == 0, proc.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()
     }
+    # Readable by other users (a container's, which did not build it), as a new directory
+    # under the umask would be.
+    assert out.stat().st_mode & 0o777 == 0o777 & ~0o022
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in out.iterdir())
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     tok = load_tokenizer(out)

@@ -89,6 +89,13 @@ def _quant_bits(weights: dict[str, Any], module: str) -> tuple[int, int] | None:
     return (bits, group) if not rest and bits in (2, 3, 4, 5, 6, 8) else None
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def import_gguf(src: Path, out: Path) -> Path:
     """Convert `src` (.gguf) into an mlx-lm model directory at `out`; returns `out`."""
     import mlx.core as mx
@@ -153,6 +160,9 @@ def import_gguf(src: Path, out: Path) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         _write_tokenizer(tmp, metadata, vocab_tokens)
         out.parent.mkdir(parents=True, exist_ok=True)
+        # mkdtemp's directory is its owner's alone; the model is for whoever may read
+        # the place it goes (a container's user that did not build it).
+        tmp.chmod(0o777 & ~_umask())
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)  # atomic: a half-written import is never loaded
