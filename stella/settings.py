@@ -372,6 +372,9 @@ def enabled_backends(s: Settings) -> dict[str, dict[str, Any]]:
 
 
 def _check(s: Settings) -> None:
+    host = s.server.host
+    if host.startswith("[") and host.endswith("]"):
+        s.server.host = host[1:-1]  # an IPv6 address as a URL writes it: the address
     if not 0 < s.server.port < 65536:
         raise ConfigError(f"server.port: {s.server.port} is not a TCP port")
     if s.server.max_body_bytes <= 0:

@@ -385,3 +385,9 @@ def test_a_bad_header_of_a_backend_names_the_header() -> None:
     with pytest.raises(ConfigError) as info:
         build_backend("o", table, registry())
     assert str(info.value) == "backends.o.headers.X-Title: Expected `str`, got `int`"
+
+
+def test_an_ipv6_host_in_brackets_is_the_address() -> None:
+    # `--host '[::1]'`, as a URL writes it: uvicorn binds the address, not the brackets.
+    settings = load_settings(environ={"STELLA_SERVER__HOST": "[::1]"})
+    assert settings.server.host == "::1"
