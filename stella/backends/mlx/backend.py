@@ -195,7 +195,15 @@ class MlxBackend(Backend):
     @staticmethod
     def _load(source: str, cache_dir: str, dtype: str) -> LoadedModel:
         started = time.perf_counter()
-        where = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        import mlx.core  # noqa: F401  # the engine first: no model source helps without it
+
+        try:
+            where = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        except RuntimeError:  # no home directory to expand ~ with (a user without one)
+            raise ModelSourceError(
+                "no home directory for the model cache: set backends.NAME.cache_dir "
+                "or STELLA_CACHE_DIR"
+            ) from None
         lm = load_model(resolve(source, where))
         if dtype != "native":
             dequantize(lm, dtype)

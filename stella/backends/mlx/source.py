@@ -115,12 +115,19 @@ def imported(gguf: Path, cache_dir: Path) -> Path:
     # The index spares hashing ~100 MB at every start; the directory name is the hash.
     name = index.get(stamp) or cache_key(gguf)
     out = cache_dir / name
-    if not (out / "config.json").is_file():
-        _import_apart(gguf, out)
-    if index.get(stamp) != name:
-        index[stamp] = name
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = index_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(index, indent=1))
-        tmp.replace(index_path)
+    try:
+        if not (out / "config.json").is_file():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            _import_apart(gguf, out)
+        if index.get(stamp) != name:
+            index[stamp] = name
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = index_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(index, indent=1))
+            tmp.replace(index_path)
+    except OSError as exc:
+        raise ModelSourceError(
+            f"the model cache {cache_dir} cannot be written ({exc.strerror}): set "
+            "backends.NAME.cache_dir or STELLA_CACHE_DIR to a writable directory"
+        ) from None
     return out
