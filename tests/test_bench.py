@@ -113,3 +113,88 @@ def test_a_measurement_reports_the_servers_cpu_time_per_request(stella: LiveServ
     assert r.cpu_us is not None and 0 < r.cpu_us < 1e6
     line = table([Row("non-stream", 2, r, r, 1.0)]).splitlines()[-1]
     assert line.endswith(f"| {r.cpu_us:.1f} / {r.cpu_us:.1f} |")
+
+
+def test_wrk_socket_errors_count_as_errors() -> None:
+    from stella.bench.loadgen import parse_wrk
+
+    out = """Running 5s test @ http://127.0.0.1:8000/api/v1/chat
+  1 threads and 8 connections
+  Latency Distribution
+     50%  200.00us
+     90%  300.00us
+     99%    1.20ms
+  40000 requests in 5.00s, 10.00MB read
+  Socket errors: connect 0, read 2, write 1, timeout 3
+  Non-2xx or 3xx responses: 4
+Requests/sec:   8000.00
+"""
+    r = parse_wrk(out, "stella", 8, 5.0)
+    assert (r.requests, r.errors, r.succeeded, r.rps) == (40000, 10, 39996, 8000.0)
+    assert (r.p50_ms, r.p99_ms) == (0.2, 1.2)
+
+
+def test_a_run_with_errors_names_the_server_mode_and_count() -> None:
+    import pytest
+
+    from stella.bench.loadgen import BenchError, Result, require_clean
+
+    ok = Result("stella", 8, 100, 0, 1.0, 100.0, 1.0, 1.0, 1.0, 0.0)
+    assert require_clean(ok, "stream") is ok
+    bad = Result("stella", 8, 44782, 44782, 1.0, 100.0, 1.0, 1.0, 1.0, 0.0)
+    with pytest.raises(BenchError, match=r"^stella: 44782 errors .*non-stream, concurrency 8"):
+        require_clean(bad, "non-stream")
+
+
+def test_benchmarked_servers_do_not_inherit_stellas_settings(monkeypatch) -> None:
+    from stella.bench.servers import child_env
+
+    monkeypatch.setenv("STELLA_API_KEYS", "sk-from-the-shell")
+    monkeypatch.setenv("PORT", "1234")
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    env = child_env({"STELLA_CONFIG": "/tmp/x.toml"})
+    assert "STELLA_API_KEYS" not in env and "PORT" not in env
+    assert env["STELLA_CONFIG"] == "/tmp/x.toml" and env["PYTHONPATH"] == "/somewhere"
+
+
+def test_a_sample_answer_must_be_a_200(stella: LiveServer) -> None:
+    import pytest
+
+    from stella.bench.loadgen import BenchError
+    from stella.bench.servers import sample
+
+    assert b'"type":"done"' in sample(stella.url + "/api/v1/chat", _body(True))
+    with pytest.raises(BenchError, match="answered 404"):
+        sample(stella.url + "/api/v1/nothing-here", _body(False))
+
+
+def test_the_python_loadgen_runs_pinned_and_unpins_after() -> None:
+    import os
+
+    from stella.bench.loadgen import pinned
+
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    with pinned(cpu):
+        assert os.sched_getaffinity(0) == {cpu}
+    assert os.sched_getaffinity(0) == before
+
+
+def test_the_fake_upstream_sends_each_stream_event_in_a_write_of_its_own() -> None:
+    import asyncio
+
+    from stella.bench import upstream
+
+    sent: list[dict] = []
+    body = b'{"model":"bench","stream":true,"messages":[{"role":"user","content":"x"}]}'
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(upstream.app({"type": "http", "path": "/v1/chat/completions"}, receive, send))
+    pieces = [m["body"] for m in sent if m["type"] == "http.response.body" and m["body"]]
+    assert len(pieces) == 24 and all(p.count(b"data:") == 1 for p in pieces)
+    assert pieces[-1] == b"data: [DONE]\n\n"
