@@ -152,8 +152,10 @@ def test_benchmarked_servers_do_not_inherit_stellas_settings(monkeypatch) -> Non
     monkeypatch.setenv("STELLA_API_KEYS", "sk-from-the-shell")
     monkeypatch.setenv("PORT", "1234")
     monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    monkeypatch.setenv("STELLA_CACHE_DIR", "/models")
     env = child_env({"STELLA_CONFIG": "/tmp/x.toml"})
     assert "STELLA_API_KEYS" not in env and "PORT" not in env
+    assert env["STELLA_CACHE_DIR"] == "/models"
     assert env["STELLA_CONFIG"] == "/tmp/x.toml" and env["PYTHONPATH"] == "/somewhere"
 
 

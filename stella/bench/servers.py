@@ -82,10 +82,15 @@ class Proc:
 
 
 def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A benchmarked process's environment: the caller's without STELLA_* and PORT, plus `env`."""
+    """A benchmarked process's environment: the caller's without stella's settings, plus `env`."""
     # A STELLA_API_KEYS or PORT exported in the caller's shell would otherwise reach
     # every server and measure 401s or the wrong port instead of the setup compared.
-    keep = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_") and k != "PORT"}
+    # STELLA_CACHE_DIR only says where model files are: the MLX bench needs it.
+    keep = {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith("STELLA_") and k != "STELLA_CACHE_DIR") and k != "PORT"
+    }
     return {**keep, **(env or {})}
 
 
