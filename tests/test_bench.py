@@ -200,3 +200,27 @@ def test_the_fake_upstream_sends_each_stream_event_in_a_write_of_its_own() -> No
     pieces = [m["body"] for m in sent if m["type"] == "http.response.body" and m["body"]]
     assert len(pieces) == 24 and all(p.count(b"data:") == 1 for p in pieces)
     assert pieces[-1] == b"data: [DONE]\n\n"
+
+
+def test_a_comparison_with_errors_fails_the_command(monkeypatch, capsys) -> None:
+    import argparse
+
+    from stella.bench import echo
+    from stella.bench.loadgen import BenchError
+    from stella.commands import bench
+
+    def failing(*args: object, **kwargs: object) -> list[Row]:
+        raise BenchError(
+            "stella: 12 errors in 40 requests (stream, concurrency 8); nothing was compared"
+        )
+
+    monkeypatch.setattr(echo, "compare", failing)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["echo", "-c", "8", "--json"])) == 1
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err == (
+        "stella bench: stella: 12 errors in 40 requests (stream, concurrency 8); "
+        "nothing was compared\n"
+    )
