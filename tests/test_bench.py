@@ -224,3 +224,39 @@ def test_a_comparison_with_errors_fails_the_command(monkeypatch, capsys) -> None
         "stella bench: stella: 12 errors in 40 requests (stream, concurrency 8); "
         "nothing was compared\n"
     )
+
+
+def test_bench_asgi_ignores_keys_exported_in_the_shell() -> None:
+    import os
+
+    env = {**os.environ, "STELLA_API_KEYS": "sk-from-the-shell-0123"}
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "bench", "asgi", "-n", "100", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    # A 401 from stella would end the run: the bare app would replay it as an answer.
+    assert out.returncode == 0, out.stderr
+    assert {r["mode"] for r in json.loads(out.stdout)} == {"non-stream", "stream"}
+
+
+def test_bench_asgi_refuses_to_time_an_error_answer() -> None:
+    import asyncio
+
+    import pytest
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from stella.bench import asgi
+    from stella.bench.loadgen import BenchError
+
+    async def refuse(request: Request) -> Response:
+        return Response(b'{"error":{"code":"unauthorized"}}', status_code=401)
+
+    app = Starlette(routes=[Route("/api/v1/chat", refuse, methods=["POST"])])
+    with pytest.raises(BenchError, match="answered 401"):
+        asyncio.run(asgi._measure(app, 10))

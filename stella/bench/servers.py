@@ -86,12 +86,13 @@ def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     # A STELLA_API_KEYS or PORT exported in the caller's shell would otherwise reach
     # every server and measure 401s or the wrong port instead of the setup compared.
     # STELLA_CACHE_DIR only says where model files are: the MLX bench needs it.
-    keep = {
-        k: v
-        for k, v in os.environ.items()
-        if not (k.startswith("STELLA_") and k != "STELLA_CACHE_DIR") and k != "PORT"
-    }
+    keep = {k: v for k, v in os.environ.items() if not is_setting(k)}
     return {**keep, **(env or {})}
+
+
+def is_setting(name: str) -> bool:
+    """Whether an environment variable configures stella (STELLA_CACHE_DIR only locates files)."""
+    return (name.startswith("STELLA_") and name != "STELLA_CACHE_DIR") or name == "PORT"
 
 
 @contextmanager
