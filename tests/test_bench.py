@@ -113,3 +113,150 @@ def test_a_measurement_reports_the_servers_cpu_time_per_request(stella: LiveServ
     assert r.cpu_us is not None and 0 < r.cpu_us < 1e6
     line = table([Row("non-stream", 2, r, r, 1.0)]).splitlines()[-1]
     assert line.endswith(f"| {r.cpu_us:.1f} / {r.cpu_us:.1f} |")
+
+
+def test_wrk_socket_errors_count_as_errors() -> None:
+    from stella.bench.loadgen import parse_wrk
+
+    out = """Running 5s test @ http://127.0.0.1:8000/api/v1/chat
+  1 threads and 8 connections
+  Latency Distribution
+     50%  200.00us
+     90%  300.00us
+     99%    1.20ms
+  40000 requests in 5.00s, 10.00MB read
+  Socket errors: connect 0, read 2, write 1, timeout 3
+  Non-2xx or 3xx responses: 4
+Requests/sec:   8000.00
+"""
+    r = parse_wrk(out, "stella", 8, 5.0)
+    assert (r.requests, r.errors, r.succeeded, r.rps) == (40000, 10, 39996, 8000.0)
+    assert (r.p50_ms, r.p99_ms) == (0.2, 1.2)
+
+
+def test_a_run_with_errors_names_the_server_mode_and_count() -> None:
+    import pytest
+
+    from stella.bench.loadgen import BenchError, Result, require_clean
+
+    ok = Result("stella", 8, 100, 0, 1.0, 100.0, 1.0, 1.0, 1.0, 0.0)
+    assert require_clean(ok, "stream") is ok
+    bad = Result("stella", 8, 44782, 44782, 1.0, 100.0, 1.0, 1.0, 1.0, 0.0)
+    with pytest.raises(BenchError, match=r"^stella: 44782 errors .*non-stream, concurrency 8"):
+        require_clean(bad, "non-stream")
+
+
+def test_benchmarked_servers_do_not_inherit_stellas_settings(monkeypatch) -> None:
+    from stella.bench.servers import child_env
+
+    monkeypatch.setenv("STELLA_API_KEYS", "sk-from-the-shell")
+    monkeypatch.setenv("PORT", "1234")
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    monkeypatch.setenv("STELLA_CACHE_DIR", "/models")
+    env = child_env({"STELLA_CONFIG": "/tmp/x.toml"})
+    assert "STELLA_API_KEYS" not in env and "PORT" not in env
+    assert env["STELLA_CACHE_DIR"] == "/models"
+    assert env["STELLA_CONFIG"] == "/tmp/x.toml" and env["PYTHONPATH"] == "/somewhere"
+
+
+def test_a_sample_answer_must_be_a_200(stella: LiveServer) -> None:
+    import pytest
+
+    from stella.bench.loadgen import BenchError
+    from stella.bench.servers import sample
+
+    assert b'"type":"done"' in sample(stella.url + "/api/v1/chat", _body(True))
+    with pytest.raises(BenchError, match="answered 404"):
+        sample(stella.url + "/api/v1/nothing-here", _body(False))
+
+
+def test_the_python_loadgen_runs_pinned_and_unpins_after() -> None:
+    import os
+
+    from stella.bench.loadgen import pinned
+
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    with pinned(cpu):
+        assert os.sched_getaffinity(0) == {cpu}
+    assert os.sched_getaffinity(0) == before
+
+
+def test_the_fake_upstream_sends_each_stream_event_in_a_write_of_its_own() -> None:
+    import asyncio
+
+    from stella.bench import upstream
+
+    sent: list[dict] = []
+    body = b'{"model":"bench","stream":true,"messages":[{"role":"user","content":"x"}]}'
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(upstream.app({"type": "http", "path": "/v1/chat/completions"}, receive, send))
+    pieces = [m["body"] for m in sent if m["type"] == "http.response.body" and m["body"]]
+    assert len(pieces) == 24 and all(p.count(b"data:") == 1 for p in pieces)
+    assert pieces[-1] == b"data: [DONE]\n\n"
+
+
+def test_a_comparison_with_errors_fails_the_command(monkeypatch, capsys) -> None:
+    import argparse
+
+    from stella.bench import echo
+    from stella.bench.loadgen import BenchError
+    from stella.commands import bench
+
+    def failing(*args: object, **kwargs: object) -> list[Row]:
+        raise BenchError(
+            "stella: 12 errors in 40 requests (stream, concurrency 8); nothing was compared"
+        )
+
+    monkeypatch.setattr(echo, "compare", failing)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["echo", "-c", "8", "--json"])) == 1
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err == (
+        "stella bench: stella: 12 errors in 40 requests (stream, concurrency 8); "
+        "nothing was compared\n"
+    )
+
+
+def test_bench_asgi_ignores_keys_exported_in_the_shell() -> None:
+    import os
+
+    env = {**os.environ, "STELLA_API_KEYS": "sk-from-the-shell-0123"}
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "bench", "asgi", "-n", "100", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    # A 401 from stella would end the run: the bare app would replay it as an answer.
+    assert out.returncode == 0, out.stderr
+    assert {r["mode"] for r in json.loads(out.stdout)} == {"non-stream", "stream"}
+
+
+def test_bench_asgi_refuses_to_time_an_error_answer() -> None:
+    import asyncio
+
+    import pytest
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from stella.bench import asgi
+    from stella.bench.loadgen import BenchError
+
+    async def refuse(request: Request) -> Response:
+        return Response(b'{"error":{"code":"unauthorized"}}', status_code=401)
+
+    app = Starlette(routes=[Route("/api/v1/chat", refuse, methods=["POST"])])
+    with pytest.raises(BenchError, match="answered 401"):
+        asyncio.run(asgi._measure(app, 10))

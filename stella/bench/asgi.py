@@ -9,16 +9,21 @@ logging on (into /dev/null) and metrics on, as in production.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib
 import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
+
+from stella.bench.loadgen import BenchError
+from stella.bench.servers import is_setting
 
 WORDS = " ".join(f"word{i}" for i in range(20))  # the same 20-token answer as `bench echo`
 
@@ -99,17 +104,34 @@ async def _measure(app: Any, n: int) -> list[AsgiRow]:
             out: list[dict[str, Any]] = []
             await _call(app, _body(stream), out)
             bodies[stream] = b"".join(m.get("body", b"") for m in out if m["type"].endswith("body"))
-        tmp = Path(tempfile.mkdtemp(prefix="stella-bench-asgi-"))
-        (tmp / "body.json").write_bytes(bodies[False])
-        (tmp / "stream.ndjson").write_bytes(bodies[True])
-        os.environ["BARE_BODY"] = str(tmp / "body.json")
-        os.environ["BARE_STREAM"] = str(tmp / "stream.ndjson")
-        bare = importlib.reload(importlib.import_module("stella.bench.bare")).app
+            status = next(m["status"] for m in out if m["type"] == "http.response.start")
+            if status != 200:  # the bare app replays these bytes: they must be an answer
+                raise BenchError(f"stella answered {status} to a sample request in process")
+        with tempfile.TemporaryDirectory(prefix="stella-bench-asgi-") as name:
+            tmp = Path(name)
+            (tmp / "body.json").write_bytes(bodies[False])
+            (tmp / "stream.ndjson").write_bytes(bodies[True])
+            os.environ["BARE_BODY"] = str(tmp / "body.json")
+            os.environ["BARE_STREAM"] = str(tmp / "stream.ndjson")
+            # The bare app reads its bytes when imported: the files may go after this.
+            bare = importlib.reload(importlib.import_module("stella.bench.bare")).app
         for mode, stream in (("non-stream", False), ("stream", True)):
             s = await _per_request_us(app, _body(stream), n)
             b = await _per_request_us(bare, _body(stream), n)
             rows.append(AsgiRow(mode, s, b, round(b / s, 3)))
     return rows
+
+
+@contextlib.contextmanager
+def _without_settings() -> Iterator[None]:
+    """os.environ without stella's settings for the block."""
+    # The app is made in this process: a STELLA_API_KEYS in the caller's shell would
+    # otherwise make it answer 401s, and those would be timed.
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if is_setting(k)}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def compare(requests: int = 20_000) -> list[AsgiRow]:
@@ -121,9 +143,10 @@ def compare(requests: int = 20_000) -> list[AsgiRow]:
     with open(os.devnull, "wb") as devnull:
         sink = logs.configure(fmt="json", stream=devnull)
         overrides = {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}
-        app = create_app(load_settings(overrides))
         try:
-            return asyncio.run(_measure(app, requests))
+            with _without_settings():
+                app = create_app(load_settings(overrides))
+                return asyncio.run(_measure(app, requests))
         finally:
             sink.close()
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import msgspec
 
 from stella.bench.echo import _body, measure
-from stella.bench.loadgen import Result, have_wrk
-from stella.bench.servers import free_port, spawn, stella_args
+from stella.bench.loadgen import Result, have_wrk, require_clean
+from stella.bench.servers import free_port, sample, spawn, stella_args
 
 KEY = "sk-bench-auth-key"
 
@@ -50,8 +50,13 @@ def _redis() -> Iterator[str | None]:
 def compare(concurrency: int = 8, duration: float = 3.0, rounds: int = 3) -> list[AuthRow]:
     """Off vs memory limits vs Redis limits: all three servers up at once, measured in
     turn for `rounds` rounds; each setup keeps its best round (noise only slows)."""
+    with tempfile.TemporaryDirectory(prefix="stella-bench-auth-") as tmp:
+        return _compare(Path(tmp), concurrency, duration, rounds)
+
+
+def _compare(tmp: Path, concurrency: int, duration: float, rounds: int) -> list[AuthRow]:
     wrk = have_wrk()
-    tmp = Path(tempfile.mkdtemp(prefix="stella-bench-auth-"))
+    headers = {"Authorization": f"Bearer {KEY}"}
     base = '[models]\ndefault = "echo"\n[backends.local]\nenabled = false\n'
     limits = "[limits]\nrequests_per_minute = 100000000\ntokens_per_minute = 1000000000\n"
     body = _body(False)
@@ -76,6 +81,7 @@ def compare(concurrency: int = 8, duration: float = 3.0, rounds: int = 3) -> lis
             server = stack.enter_context(
                 spawn(stella_args(port), port=port, cpu=0, env={"STELLA_CONFIG": str(conf), **env})
             )
+            sample(server.url + "/api/v1/chat", body, headers)  # a 200, or nothing to compare
             urls.append(server.url)
         best: list[Result | None] = [None] * len(setups)
         for _ in range(rounds):
@@ -88,8 +94,9 @@ def compare(concurrency: int = 8, duration: float = 3.0, rounds: int = 3) -> lis
                     duration,
                     wrk,
                     1,
-                    headers={"Authorization": f"Bearer {KEY}"},
+                    headers=headers,
                 )
+                require_clean(r, "non-stream", name)
                 prev = best[i]
                 if prev is None or r.rps > prev.rps:
                     best[i] = r

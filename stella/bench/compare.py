@@ -19,8 +19,8 @@ from pathlib import Path
 
 import msgspec
 
-from stella.bench.loadgen import Result, have_wrk, run_load, run_wrk
-from stella.bench.servers import Proc, free_port, spawn, stella_args, uvicorn_args
+from stella.bench.loadgen import Result, have_wrk, pinned, require_clean, run_load, run_wrk
+from stella.bench.servers import Proc, free_port, sample, spawn, stella_args, uvicorn_args
 
 LITELLM_VENV = Path(
     os.environ.get("STELLA_LITELLM_VENV", Path(tempfile.gettempdir()) / "litellm-venv")
@@ -72,7 +72,8 @@ def _load(url: str, body: bytes, name: str, c: int, duration: float, wrk: bool) 
         return run_wrk(target, body, name=name, concurrency=c, duration=duration, cpu=1)
     import asyncio
 
-    return asyncio.run(run_load(target, body, name=name, concurrency=c, duration=duration))
+    with pinned(1):
+        return asyncio.run(run_load(target, body, name=name, concurrency=c, duration=duration))
 
 
 def install_litellm() -> Path | None:
@@ -99,7 +100,13 @@ SAME_SERVER = "stella.transport:HttpToolsProtocol"
 
 @contextlib.contextmanager
 def _gateways(upstream: str, litellm: bool, notes: list[str]) -> Iterator[dict[str, Proc]]:
-    tmp = Path(tempfile.mkdtemp(prefix="stella-compare-"))
+    with tempfile.TemporaryDirectory(prefix="stella-compare-") as tmp:
+        yield from _started(Path(tmp), upstream, litellm, notes)
+
+
+def _started(
+    tmp: Path, upstream: str, litellm: bool, notes: list[str]
+) -> Iterator[dict[str, Proc]]:
     conf = tmp / "stella.toml"
     conf.write_text(
         '[models]\ndefault = "bench"\n[models.routes.bench]\nbackend = "up"\nretries = 0\n'
@@ -166,12 +173,16 @@ def _gateways(upstream: str, litellm: bool, notes: list[str]) -> Iterator[dict[s
 
 
 def compare(
-    concurrency: tuple[int, ...] = (1, 8, 64), duration: float = 5.0, litellm: bool = False
+    concurrency: tuple[int, ...] = (1, 8, 64),
+    duration: float = 5.0,
+    litellm: bool = False,
+    rounds: int = 2,
 ) -> Report:
-    """Run every gateway against the same upstream under the same load."""
+    """Run every gateway against the same upstream under the same load, in turn, `rounds` times."""
     wrk = have_wrk()
     notes = [
         f"load: {'wrk' if wrk else 'stella loadgen'}; {duration:g} s per run; "
+        f"each target measured in turn, best of {rounds} rounds; "
         "gateways on core 0, upstream and load on core 1; "
         "the passthroughs on stella's server protocol (one write per loop turn)"
     ]
@@ -184,8 +195,17 @@ def compare(
             targets = {"upstream": up.url, **{n: p.url for n, p in gws.items()}}
             for mode, stream in (("non-stream", False), ("stream", True)):
                 body = _body(stream)
+                for url in targets.values():
+                    sample(url + "/v1/chat/completions", body)  # a 200, or nothing to compare
                 for c in concurrency:
-                    res = {n: _load(u, body, n, c, duration, wrk) for n, u in targets.items()}
+                    # In turn, `rounds` times; each keeps its best round (noise only slows),
+                    # so a slow spell of the machine does not fall on one target alone.
+                    res: dict[str, Result] = {}
+                    for _ in range(rounds):
+                        for n, u in targets.items():
+                            r = require_clean(_load(u, body, n, c, duration, wrk), mode)
+                            if n not in res or r.rps > res[n].rps:
+                                res[n] = r
                     # Ratios against the passthrough on stella's own client stack (aiohttp).
                     base = res["passthrough-aiohttp"].rps or 1
                     for name, r in res.items():

@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import msgspec
 
-from stella.bench.loadgen import Result, have_wrk, run_load, run_wrk
-from stella.bench.servers import cpu_seconds, free_port, spawn, stella_args, uvicorn_args
+from stella.bench.loadgen import Result, have_wrk, pinned, require_clean, run_load, run_wrk
+from stella.bench.servers import (
+    Proc,
+    cpu_seconds,
+    free_port,
+    sample,
+    spawn,
+    stella_args,
+    uvicorn_args,
+)
 
 WORDS = " ".join(f"word{i}" for i in range(20))  # a 20-token answer, as in the peer figures
+
+
+SERVERS = {
+    "bare": "the bare app on stock uvicorn",
+    "same": "the bare app on stella's server protocol",
+    "stella": "stella",
+}
 
 
 class Row(msgspec.Struct):
@@ -29,6 +45,16 @@ class Row(msgspec.Struct):
     # own cost, with the server's gain taken out of the comparison.
     same_server: Result | None = None
     same_server_ratio: float | None = None
+
+
+@contextlib.contextmanager
+def _echo_stella(tmp: Path) -> Iterator[Proc]:
+    """stella on the echo backend alone, pinned to core 0, its config written in `tmp`."""
+    conf = tmp / "stella.toml"
+    conf.write_text('[models]\ndefault = "echo"\n[backends.local]\nenabled = false\n')
+    port = free_port()
+    with spawn(stella_args(port), port=port, env={"STELLA_CONFIG": str(conf)}, cpu=0) as stella:
+        yield stella
 
 
 def _body(stream: bool) -> bytes:
@@ -48,10 +74,17 @@ def measure(
     headers: dict[str, str] | None = None,
     pid: int | None = None,
 ) -> Result:
-    """One load run, with wrk when asked and available; with `pid`, the server's CPU
-    time per request too."""
-    before = cpu_seconds(pid) if pid else None
+    """One load run from `client_cpu`, with wrk when asked and available; with `pid`, the
+    server's CPU time per request too."""
+    before: float | None = None
+
+    def start() -> None:
+        # Read when the measured phase starts: the requests counted are only its own.
+        nonlocal before
+        before = cpu_seconds(pid) if pid else None
+
     if wrk:
+        start()
         result = run_wrk(
             url + "/api/v1/chat",
             body,
@@ -62,16 +95,18 @@ def measure(
             headers=headers,
         )
     else:
-        result = asyncio.run(
-            run_load(
-                url + "/api/v1/chat",
-                body,
-                name=name,
-                concurrency=concurrency,
-                duration=duration,
-                headers=headers,
+        with pinned(client_cpu):
+            result = asyncio.run(
+                run_load(
+                    url + "/api/v1/chat",
+                    body,
+                    name=name,
+                    concurrency=concurrency,
+                    duration=duration,
+                    headers=headers,
+                    on_measure=start,
+                )
             )
-        )
     after = cpu_seconds(pid) if pid else None
     if before is not None and after is not None and result.requests:
         result.cpu_us = round((after - before) / result.requests * 1e6, 1)
@@ -85,26 +120,21 @@ def compare(
     rounds: int = 2,
 ) -> list[Row]:
     """The three servers up at once, pinned to core 0, load from core 1; same bytes, same load."""
-    wrk = have_wrk() if use_wrk is None else use_wrk
-    tmp = Path(tempfile.mkdtemp(prefix="stella-bench-"))
-    conf = tmp / "stella.toml"
-    conf.write_text('[models]\ndefault = "echo"\n[backends.local]\nenabled = false\n')
-    s_port, b_port, c_port = free_port(), free_port(), free_port()
-    env = {"STELLA_CONFIG": str(conf)}
+    with tempfile.TemporaryDirectory(prefix="stella-bench-") as tmp:
+        return _compare(
+            Path(tmp), concurrency, duration, have_wrk() if use_wrk is None else use_wrk, rounds
+        )
+
+
+def _compare(
+    tmp: Path, concurrency: tuple[int, ...], duration: float, wrk: bool, rounds: int
+) -> list[Row]:
+    b_port, c_port = free_port(), free_port()
     rows: list[Row] = []
-    with spawn(stella_args(s_port), port=s_port, env=env, cpu=0) as stella:
-        sample = httpx.post(
-            stella.url + "/api/v1/chat",
-            content=_body(False),
-            headers={"content-type": "application/json"},
-        ).content
-        stream = httpx.post(
-            stella.url + "/api/v1/chat",
-            content=_body(True),
-            headers={"content-type": "application/json"},
-        ).content
-        (tmp / "body.json").write_bytes(sample)
-        (tmp / "stream.ndjson").write_bytes(stream)
+    with _echo_stella(tmp) as stella:
+        # The bare app replays these bytes: they must be a real answer, not an error.
+        (tmp / "body.json").write_bytes(sample(stella.url + "/api/v1/chat", _body(False)))
+        (tmp / "stream.ndjson").write_bytes(sample(stella.url + "/api/v1/chat", _body(True)))
         bare_env = {"BARE_BODY": str(tmp / "body.json"), "BARE_STREAM": str(tmp / "stream.ndjson")}
         corked = "stella.transport:HttpToolsProtocol"
         with (
@@ -130,6 +160,7 @@ def compare(
                             ("stella", stella),
                         ):
                             r = measure(server.url, body, name, c, duration, wrk, 1, pid=server.pid)
+                            require_clean(r, mode, SERVERS[name])
                             if name not in best or r.rps > best[name].rps:
                                 best[name] = r
                     s, b, same = best["stella"], best["bare"], best["same"]
@@ -196,12 +227,11 @@ def compare_dialects(
 ) -> list[DialectRow]:
     """The OpenAI codec's cost over the native one, through the same pipeline."""
     wrk = have_wrk() if use_wrk is None else use_wrk
-    tmp = Path(tempfile.mkdtemp(prefix="stella-bench-"))
-    conf = tmp / "stella.toml"
-    conf.write_text('[models]\ndefault = "echo"\n[backends.local]\nenabled = false\n')
-    port = free_port()
     rows = []
-    with spawn(stella_args(port), port=port, env={"STELLA_CONFIG": str(conf)}, cpu=0) as stella:
+    with (
+        tempfile.TemporaryDirectory(prefix="stella-bench-") as tmp,
+        _echo_stella(Path(tmp)) as stella,
+    ):
         for mode, stream in (("non-stream", False), ("stream", True)):
             body = _body(stream)
             url = stella.url + "/v1/chat/completions"
@@ -209,13 +239,17 @@ def compare_dialects(
                 native = oa = None
                 for _ in range(rounds):  # in turn; each keeps its best round
                     rn = measure(stella.url, body, "native", c, duration, wrk, 1)
-                    ro = (
-                        run_wrk(url, body, name="openai", concurrency=c, duration=duration, cpu=1)
-                        if wrk
-                        else asyncio.run(
-                            run_load(url, body, name="openai", concurrency=c, duration=duration)
+                    require_clean(rn, mode, "stella, native API")
+                    if wrk:
+                        ro = run_wrk(
+                            url, body, name="openai", concurrency=c, duration=duration, cpu=1
                         )
-                    )
+                    else:
+                        with pinned(1):
+                            ro = asyncio.run(
+                                run_load(url, body, name="openai", concurrency=c, duration=duration)
+                            )
+                    require_clean(ro, mode, "stella, OpenAI dialect")
                     native = rn if native is None or rn.rps > native.rps else native
                     oa = ro if oa is None or ro.rps > oa.rps else oa
                 assert native is not None and oa is not None

@@ -8,11 +8,14 @@ tokens per second: the stream lines that carry text, in any dialect stella speak
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import os
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -39,6 +42,34 @@ class Result(msgspec.Struct):
     succeeded: int = 0
     # The server's CPU time per request during the run (microseconds; Linux), when known.
     cpu_us: float | None = None
+
+
+class BenchError(RuntimeError):
+    """A comparison that cannot stand: a server answered with errors."""
+
+
+def require_clean(result: Result, mode: str, server: str = "") -> Result:
+    """`result` when none of its requests failed; else a BenchError naming the server."""
+    if result.errors:
+        raise BenchError(
+            f"{server or result.name}: {result.errors} errors in {result.requests} requests "
+            f"({mode}, concurrency {result.concurrency}); nothing was compared"
+        )
+    return result
+
+
+@contextlib.contextmanager
+def pinned(cpu: int | None) -> Iterator[None]:
+    """Run the calling thread on `cpu` alone for the block (Linux; elsewhere a no-op)."""
+    if cpu is None or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 @dataclass
@@ -154,9 +185,11 @@ async def run_load(
     headers: dict[str, str] | None = None,
     warmup: float = 0.5,
     allow_remote: bool = False,
+    on_measure: Callable[[], None] | None = None,
 ) -> Result:
     """Keep `concurrency` connections busy for `duration` seconds (or `max_requests`, the
-    warm-up's included: it takes at most a tenth of them)."""
+    warm-up's included: it takes at most a tenth of them); `on_measure` is called when
+    the warm-up is over."""
     parts = urlsplit(url)
     # Plain HTTP only: an https:// URL would be sent in clear text to its TLS port.
     if parts.scheme != "http" or not parts.hostname:
@@ -175,6 +208,8 @@ async def run_load(
     if warmup and max_requests >= 10:
         warm, _ = await _phase(host, port, request, concurrency, warmup, max_requests // 10)
         max_requests -= warm.sent
+    if on_measure is not None:
+        on_measure()
     st, seconds = await _phase(host, port, request, concurrency, duration, max_requests)
     ms = [x * 1000 for x in st.latencies]
     return Result(
@@ -234,7 +269,11 @@ def run_wrk(
     host = urlsplit(url).hostname or ""
     if not is_local(host):
         raise ValueError(f"{host} is not a loopback address")
-    args = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency"]
+    seconds = max(1, round(duration))
+    # wrk counts an answer slower than its timeout (2 s by default) as an error; a slow
+    # gateway under load is slow, not broken, so the limit lies past the run's end.
+    args = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", f"--timeout={seconds + 10}s"]
+    args.append("--latency")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
         if body is not None:
             fh.write(WRK_LUA.format(body=json.dumps(body.decode())))
@@ -244,28 +283,41 @@ def run_wrk(
     args += ["-s", script, url]
     if cpu is not None:
         args = ["taskset", "-c", str(cpu), *args]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 30).stdout
-    rps = float(_after(out, "Requests/sec:") or 0)
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60).stdout
+    finally:
+        os.unlink(script)
+    return parse_wrk(out, name or url, concurrency, duration)
+
+
+def parse_wrk(out: str, name: str, concurrency: int, duration: float) -> Result:
+    """The Result of a `wrk --latency` report."""
     total = 0
+    non_2xx = 0
+    socket_errors = 0
     for line in out.splitlines():
         if "requests in" in line:
             total = int(line.split()[0])
-    errors = 0
-    for line in out.splitlines():
-        if "Non-2xx" in line:
-            errors = int(line.split()[-1])
+        elif "Non-2xx" in line:
+            non_2xx = int(line.split()[-1])
+        elif "Socket errors:" in line:
+            # "Socket errors: connect 0, read 1, write 0, timeout 2": connections that
+            # broke or answers that never came, none of them in `total`.
+            counts = line.split(":", 1)[1].replace(",", " ").split()
+            socket_errors = sum(int(n) for n in counts[1::2])
     return Result(
-        name=name or url,
+        name=name,
         concurrency=concurrency,
         requests=total,
-        errors=errors,
+        errors=non_2xx + socket_errors,
         seconds=duration,
-        rps=rps,
+        rps=float(_after(out, "Requests/sec:") or 0),
         p50_ms=_latency(out, "50%"),
         p90_ms=_latency(out, "90%"),
         p99_ms=_latency(out, "99%"),
         ttfb_p50_ms=0.0,
         tool="wrk",
+        succeeded=max(0, total - non_2xx),
     )
 
 

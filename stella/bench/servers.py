@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from stella.bench.loadgen import BenchError
+
 
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now."""
@@ -79,6 +81,20 @@ class Proc:
         return rss_bytes(self.popen.pid)
 
 
+def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A benchmarked process's environment: the caller's without stella's settings, plus `env`."""
+    # A STELLA_API_KEYS or PORT exported in the caller's shell would otherwise reach
+    # every server and measure 401s or the wrong port instead of the setup compared.
+    # STELLA_CACHE_DIR only says where model files are: the MLX bench needs it.
+    keep = {k: v for k, v in os.environ.items() if not is_setting(k)}
+    return {**keep, **(env or {})}
+
+
+def is_setting(name: str) -> bool:
+    """Whether an environment variable configures stella (STELLA_CACHE_DIR only locates files)."""
+    return (name.startswith("STELLA_") and name != "STELLA_CACHE_DIR") or name == "PORT"
+
+
 @contextmanager
 def spawn(
     args: list[str],
@@ -89,8 +105,8 @@ def spawn(
     ready_path: str = "/health",
     timeout: float = 60.0,
 ) -> Iterator[Proc]:
-    """Run `args` until the port answers `ready_path`; stop it (by its PID) afterwards."""
-    full_env = {**os.environ, **(env or {})}
+    """Run `args` in `child_env(env)` until the port answers `ready_path`; stop it (by PID) after."""
+    full_env = child_env(env)
     log = tempfile.TemporaryFile()
 
     def pin() -> None:
@@ -127,6 +143,20 @@ def spawn(
             popen.kill()
             popen.wait(5)
         log.close()
+
+
+def sample(url: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
+    """The body of one POST to `url`; a BenchError unless it was answered with a 200."""
+    r = httpx.post(
+        url,
+        content=body,
+        headers={"content-type": "application/json", **(headers or {})},
+        timeout=30,
+    )
+    if r.status_code != 200:
+        text = " ".join(r.text.split())[:200]
+        raise BenchError(f"{url} answered {r.status_code} to a sample request: {text}")
+    return r.content
 
 
 def uvicorn_args(

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "($STELLA_LITELLM_VENV, default /tmp/litellm-venv)",
     )
     echo = sub.add_parser("echo", help="stella on echo vs a bare Starlette app")
-    for p in (echo, dialects):
+    for p in (echo, dialects, gateway):
         p.add_argument("--rounds", type=int, default=2, help="each side keeps its best round")
     asgi = sub.add_parser(
         "asgi", help="in-process us per request: stella's app vs the bare app, no sockets"
@@ -105,6 +105,16 @@ def _show(args: argparse.Namespace, result: Any, table: Callable[[Any], str]) ->
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen measurement and print it."""
+    from stella.bench.loadgen import BenchError
+
+    try:
+        return _run(args)
+    except BenchError as exc:  # a server answered with errors: there is nothing to compare
+        print(f"stella bench: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     import msgspec
 
     if args.what == "echo":
@@ -120,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
         from stella.bench.compare import compare as compare_gw
         from stella.bench.compare import table as gw_table
 
-        return _show(args, compare_gw(_levels(args), args.duration, litellm=args.litellm), gw_table)
+        report = compare_gw(_levels(args), args.duration, litellm=args.litellm, rounds=args.rounds)
+        return _show(args, report, gw_table)
     if args.what == "auth":
         from stella.bench.auth import compare as compare_auth
         from stella.bench.auth import table as auth_table
