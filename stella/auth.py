@@ -74,7 +74,7 @@ class Authenticator:
         # Anonymous callers on a network address (a server bound by another name than
         # server.host, as `uvicorn --host`): never admins, and refused without
         # auth.allow_anonymous. Found per local address, once.
-        self._local: dict[str, bool] = {}
+        self._local: dict[tuple[str, bool], bool] = {}
         self.network_anonymous = Principal(
             name="anonymous",
             admin=False,
@@ -99,13 +99,15 @@ class Authenticator:
         ASGI scope's (local address, port): without keys, what a caller may do depends
         on whether it came in on a loopback address."""
         if not self.enabled:
-            local = server[0] if server else ""
-            loopback = self._local.get(local)
+            key = (server[0], server[1] is None) if server else ("", True)
+            loopback = self._local.get(key)
             if loopback is None:
-                # No address (a Unix socket) is local too.
-                loopback = not local or is_loopback(local)
+                # A Unix socket is local: no server at all, or (its path, None) as
+                # uvicorn gives it.
+                local, no_port = key
+                loopback = not local or (no_port and not _is_ip(local)) or is_loopback(local)
                 if len(self._local) < 256:
-                    self._local[local] = loopback
+                    self._local[key] = loopback
             if loopback:
                 return self.anonymous
             if not self.allow_anonymous:
@@ -171,6 +173,14 @@ def _token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
         elif name == b"x-api-key":
             api_key = value.strip()
     return api_key
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def is_loopback(host: str) -> bool:

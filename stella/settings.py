@@ -520,15 +520,22 @@ def _url_secrets(url: str) -> list[str]:
 
 def _redact_url(url: str) -> str:
     """redis://user:pass@host -> redis://***@host; a secret query value -> ***. Written
-    without its scheme or with a typo in it (user:pass@host), the user info still goes."""
-    base, mark, query = url.partition("?")
-    if "@" in base:
-        scheme, sep, rest = base.partition("://")
-        base = (
-            f"{scheme}{sep}***@{rest.rpartition('@')[2]}"
-            if sep
-            else "***@" + base.rpartition("@")[2]
-        )
+    without its scheme or with a typo in it (user:pass@host), all before its last `@`
+    goes (it is no URL to keep whole)."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        # The user info ends at the authority's last `@`; the authority ends at the first
+        # `/` (a `?` or `#` may be part of a password written raw).
+        authority, slash, path = rest.partition("/")
+        hidden = ""
+        if "@" in authority:
+            hidden, authority = "***@", authority.rpartition("@")[2]
+        head, tail = f"{scheme}{sep}{hidden}", f"{authority}{slash}{path}"
+    elif "@" in url:
+        head, tail = "***@", url.rpartition("@")[2]
+    else:
+        head, tail = "", url
+    tail, mark, query = tail.partition("?")
     if query:
         items = []
         for item in query.split("&"):
@@ -536,4 +543,4 @@ def _redact_url(url: str) -> str:
             secret = eq and _is_secret_name(unquote(name))
             items.append(f"{name}=***" if secret else item)
         query = "&".join(items)
-    return base + mark + query
+    return head + tail + mark + query

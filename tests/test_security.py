@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -285,6 +286,7 @@ def test_without_keys_a_call_on_a_network_address_is_refused_whatever_server_hos
     assert auth.authenticate([], server=("127.0.0.1", 8000)).admin
     assert auth.authenticate([], server=("::1", 8000)).admin
     assert auth.authenticate([], server=None).admin  # a Unix socket
+    assert auth.authenticate([], server=("/run/stella.sock", None)).admin  # as uvicorn says it
     with pytest.raises(Unauthorized):
         auth.authenticate([], server=("192.0.2.7", 8000))
     app = create_app(local)
@@ -519,3 +521,39 @@ def test_every_model_listing_shows_a_scoped_key_only_its_models() -> None:
         assert "paid-model" not in models, (name, models)
         assert models <= {"echo"}, (name, models)
     assert seen["tags"] == {"echo"} and seen["openai"] == {"echo"} and seen["llm"] == {"echo"}
+
+
+def test_without_keys_a_unix_socket_caller_is_local(tmp_path: Path) -> None:
+    # uvicorn --uds gives scope["server"] as (path, None): a local caller, the operator.
+    import os
+    import time
+
+    sock = tmp_path / "stella.sock"
+    env = {
+        **os.environ,
+        "STELLA_MODELS__DEFAULT": "echo",
+        "STELLA_BACKENDS__LOCAL__ENABLED": "false",
+    }
+    env.pop("STELLA_API_KEYS", None)
+    args = ["-m", "uvicorn", "stella.app:create_app", "--factory", "--uds", str(sock)]
+    proc = subprocess.Popen(
+        [sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "uvicorn did not start"
+            time.sleep(0.05)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://x") as c:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    r = c.get("/config")
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            assert r.status_code == 200, r.text
+    finally:
+        proc.terminate()
+        proc.wait(20)
