@@ -391,3 +391,23 @@ def test_an_ipv6_host_in_brackets_is_the_address() -> None:
     # `--host '[::1]'`, as a URL writes it: uvicorn binds the address, not the brackets.
     settings = load_settings(environ={"STELLA_SERVER__HOST": "[::1]"})
     assert settings.server.host == "::1"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:pass@h:6379/0", "redis://***@h:6379/0"),
+        ("redis://user:s3cr?et@127.0.0.1:6390/0", "redis://***@127.0.0.1:6390/0"),
+        ("redis://h:6379?password=pw", "redis://h:6379?password=***"),
+        ("redis://h/0?authToken=x&db=1", "redis://h/0?authToken=***&db=1"),
+        ("https://example.com/@team/v1", "https://example.com/@team/v1"),
+        ("https://example.com/x#frag@x", "https://example.com/x#frag@x"),
+        ("admin:s3cret@redis.example:6379", "***@redis.example:6379"),
+        ("redis//:s3cret@h:6379/0?password=s3cret", "***@h:6379/0?password=***"),
+        ("rediss://h:6380?ssl_cert_reqs=none", "rediss://h:6380?ssl_cert_reqs=none"),
+    ],
+)
+def test_urls_are_shown_without_their_credentials(url: str, shown: str) -> None:
+    from stella.settings import _redact_url
+
+    assert _redact_url(url) == shown
