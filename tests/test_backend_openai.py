@@ -156,6 +156,13 @@ def test_an_upstream_error_text_is_one_short_line() -> None:
     styled = b"<html><style>" + b"body{margin:0}" * 300 + b"</style><h1>Bad Gateway</h1></html>"
     err = error_from_response("up", 502, {"content-type": "text/html"}, styled)
     assert err.message == "up: upstream answered 502: Bad Gateway"
+    # A style block longer than what is read of the page: dropped, not shown as text.
+    huge_style = b"<html><style>" + b"a{color:red}" * 7000 + b"</style><body>Bad Gateway</body>"
+    err = error_from_response("up", 502, {"content-type": "text/html"}, huge_style)
+    assert err.message == "up: upstream answered 502"
+    # Unclosed script tags by the thousand (one pass, not one scan to the end per tag).
+    err = error_from_response("up", 502, {"content-type": "text/html"}, b"<script" * 9300)
+    assert err.message == "up: upstream answered 502"
 
 
 @pytest.mark.parametrize("stream", [True, False])

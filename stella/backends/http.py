@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import os
-import re
 import time
 from base64 import b64encode
 from collections.abc import AsyncIterator
@@ -62,7 +61,6 @@ MAX_MESSAGE = 500
 # How much of a non-JSON error body is read for its words (an HTML page's styles and
 # scripts come first and are dropped whole).
 HTML_SCAN = 64 * 1024
-_TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.S | re.I)
 
 
 # When this task's last request got its connection from the pool (time.perf_counter()):
@@ -288,6 +286,31 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
         response.release()
 
 
+def page_words(html: str) -> str:
+    """An HTML page's words: its tags removed, its scripts and styles dropped whole (one
+    cut off by the end of the text drops the rest). One pass: the page is untrusted."""
+    lower = html.lower()
+    out: list[str] = []
+    i, n = 0, len(html)
+    while i < n:
+        lt = html.find("<", i)
+        if lt < 0:
+            out.append(html[i:])
+            break
+        out.append(html[i:lt])
+        out.append(" ")
+        end = -1
+        for block in ("script", "style"):
+            if lower.startswith(block, lt + 1):
+                close = lower.find("</" + block, lt)
+                end = -1 if close < 0 else html.find(">", close)
+                break
+        else:
+            end = html.find(">", lt)
+        i = n if end < 0 else end + 1
+    return "".join(out)
+
+
 def error_from_response(name: str, status: int, headers: Any, body: bytes) -> StellaError:
     """The StellaError for an upstream error status (OpenAI's or a plain error shape)."""
     message = ""
@@ -309,7 +332,7 @@ def error_from_response(name: str, status: int, headers: Any, body: bytes) -> St
         if not message:
             message = body[:HTML_SCAN].decode(errors="replace")
             if "html" in headers.get("content-type", "").lower() or message.lstrip()[:1] == "<":
-                message = _TAG.sub(" ", message)  # a proxy's error page: its words only
+                message = page_words(message)  # a proxy's error page: its words only
     # Whatever the upstream wrote (a traceback, a page), the client gets one short line.
     message = " ".join(message[: MAX_MESSAGE * 4].split())
     if len(message) > MAX_MESSAGE:
