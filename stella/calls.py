@@ -81,9 +81,10 @@ class Permit:
     def __init__(self) -> None:
         self.headers = []
 
-    def settle(self, usage: Usage, elsewhere: bool = False) -> None:
-        """Correct reserved tokens with the real usage; `elsewhere`: the answer came from
-        a fallback route, so the route asked for made none of it."""
+    def settle(self, usage: Usage, model_usage: Usage | None = None) -> None:
+        """Correct reserved tokens with the real usage: `usage` for the key's limits,
+        `model_usage` (when given) for the model's, which made only part of it when a
+        fallback route answered."""
 
     def release(self) -> None:
         """Give back concurrency slots."""

@@ -205,6 +205,7 @@ class Inference:
         "completion_tokens",
         "created",
         "ctx",
+        "discarded_by",
         "discarded_tokens",
         "engine_ttft_ms",
         "error",
@@ -262,6 +263,7 @@ class Inference:
         # Tokens of non-stream attempts that failed after producing them and were answered
         # again: the client never sees them, the upstream made (and may bill) them.
         self.discarded_tokens = 0
+        self.discarded_by: dict[str, int] | None = None  # the same, by the route that made them
         self.finish_reason: str = "error"
         self.error: StellaError | None = None
         self.texts: list[str] = []
@@ -454,6 +456,9 @@ class Inference:
                                 texts.clear()
                                 self.tool_calls.clear()
                                 self.discarded_tokens += tokens
+                                if tokens:
+                                    made = self.discarded_by = self.discarded_by or {}
+                                    made[route.name] = made.get(route.name, 0) + tokens
                                 tokens = 0
                                 self.ttft = None
                                 self.engine_ttft_ms = None
@@ -511,17 +516,27 @@ class Inference:
             self.fallback_permit = (route.name, permit)
         return None
 
-    def _give_back_fallback(self, usage: Usage | None = None) -> None:
-        """Settle and release the fallback's permit: with `usage` when the call's last
-        attempt ran on that route, else as unused."""
+    def _give_back_fallback(self, final: Usage | None = None) -> None:
+        """Settle and release the fallback's permit with what its route made: the
+        answer's `final` usage when the call ended there, and tokens its failed
+        attempts made."""
         held, self.fallback_permit = self.fallback_permit, None
         if held is not None:
             name, permit = held
-            ran_there = self.ctx is not None and self.ctx.route == name
             try:
-                permit.settle(usage if usage is not None and ran_there else Usage())
+                permit.settle(self._made_on(name, final))
             finally:
                 permit.release()
+
+    def _made_on(self, name: str, final: Usage | None) -> Usage:
+        """The tokens route `name` made: its discarded attempts', and `final` (the last
+        attempt's usage) when the call ended on it."""
+        made = (self.discarded_by or {}).get(name, 0)
+        if final is not None and self.ctx is not None and self.ctx.route == name:
+            return Usage(
+                final.prompt_tokens, final.completion_tokens + made, final.total_tokens + made
+            )
+        return Usage(0, made, made)
 
     async def _first(
         self, route: Route, watchdog: Watchdog
@@ -692,17 +707,18 @@ class Inference:
             # Cut short before the backend's usage came: the prompt it read still counts.
             n = ctx.prompt_tokens
             usage = Usage(n, usage.completion_tokens, n + usage.completion_tokens)
+        final = usage
         if self.discarded_tokens:  # made, though never sent: they count for the limits too
             n = self.discarded_tokens
             usage = Usage(usage.prompt_tokens, usage.completion_tokens + n, usage.total_tokens + n)
         try:
-            # The key pays for what was made; the model asked for only when it made it.
-            self.permit.settle(usage, ctx is not None and ctx.route != self.route.name)
+            # The key pays for all that was made; each model for what it made.
+            self.permit.settle(usage, self._made_on(self.route.name, final))
         finally:
             self.permit.release()
             if self.fallback_permit is not None:
                 # The call ended on this fallback (answered, or cut short there).
-                self._give_back_fallback(usage)
+                self._give_back_fallback(final)
         reason = self.finish_reason
         err = self.error
         if reason == "client_closed":

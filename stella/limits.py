@@ -123,13 +123,16 @@ class LimitPermit(Permit):
         self.headers = headers
         self._limiter = limiter
 
-    def settle(self, usage: Usage, elsewhere: bool = False) -> None:
-        """Give back what was reserved beyond the real token count (all of it, to the
-        asked route's model, when a fallback route answered: its own permit pays)."""
+    def settle(self, usage: Usage, model_usage: Usage | None = None) -> None:
+        """Give back what was reserved beyond the real token count: the key's buckets
+        by `usage`, the model's by `model_usage` when given (what that model made)."""
         if self._reserved:
             used = usage.prompt_tokens + usage.completion_tokens
+            made = used
+            if model_usage is not None:
+                made = model_usage.prompt_tokens + model_usage.completion_tokens
             for key, cap, per_s, reserved in self._reserved:
-                spent = 0 if elsewhere and key.startswith("tpm:model:") else used
+                spent = made if key.startswith("tpm:model:") else used
                 self._limiter.buckets.give(key, cap, per_s, reserved - spent)
             self._reserved = ()
 

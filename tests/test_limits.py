@@ -183,6 +183,37 @@ def test_tokens_a_fallback_made_count_for_its_model_not_the_one_asked_for() -> N
             assert r.json()["backend"] == "echo" and r.json()["usage"]["total_tokens"] == 80
 
 
+def test_tokens_the_asked_model_made_before_failing_count_for_it() -> None:
+    # "primary" makes 40 tokens, then fails; "second" answers with 1. The 40 count for
+    # primary's 150 tokens a minute (its fourth call is refused), not for second's.
+    config = {
+        "backends": {
+            "dies": {"kind": "echo", "fail_after": 40, "reply": "word " * 100},
+            "short": {"kind": "echo", "reply": "ok"},
+        },
+        "models": {
+            "routes": {
+                "primary": {"backend": "dies", "retries": 0, "fallbacks": ["second"]},
+                "second": {"backend": "short"},
+            }
+        },
+        "limits": {
+            "models": {"primary": {"tokens_per_minute": 150}, "second": {"tokens_per_minute": 300}}
+        },
+    }
+    ask = body("hi", max_tokens=60)
+    ask["model"] = "primary"
+    with run_stella(config) as server:
+        codes = []
+        for _ in range(4):
+            r = httpx.post(server.url + "/api/v1/chat", json=ask)
+            codes.append(r.status_code)
+            if r.status_code == 200:
+                assert r.json()["backend"] == "short"
+        assert codes == [200, 200, 200, 429], codes
+        assert "model primary" in r.json()["error"]["message"]
+
+
 def test_a_fallback_holds_to_the_keys_scope_and_its_own_limits() -> None:
     # A failing route's fallbacks are models like any other: a key reaches only those
     # in its scope, and each counts against its own model's limits.
