@@ -369,7 +369,10 @@ def check_audit_path(settings: Settings, create: bool = True) -> None:
     if not path:
         return
     target = Path(path)
-    missing = [p for p in (target, *target.parents) if not p.exists()]
+    # What the check creates is where the path leads (through a link to a file not there
+    # yet, say): the link is the user's, not ours to remove.
+    real = target.resolve()
+    missing = [p for p in (real, *real.parents) if not os.path.lexists(p)]
     # Found out now, not by audit lines silently dropped later.
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -380,7 +383,7 @@ def check_audit_path(settings: Settings, create: bool = True) -> None:
         if not create:  # what did not exist before goes again, the file first
             for made in missing:
                 with contextlib.suppress(OSError):
-                    made.unlink() if made == target else made.rmdir()
+                    made.unlink() if made == real else made.rmdir()
 
 
 def configure_logs(settings: Settings) -> logs.LogSink:

@@ -288,6 +288,20 @@ def test_config_check_leaves_no_audit_file_behind(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert list(tmp_path.iterdir()) == []  # checked by creating them, then removed again
+    # A link to where the file will be is the user's: kept (what the check made goes).
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "audit.jsonl"
+    link.symlink_to(tmp_path / "data" / "audit.jsonl")
+    env["STELLA_LOG__AUDIT_PATH"] = str(link)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stella", "config", "--check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert link.is_symlink() and not (tmp_path / "data" / "audit.jsonl").exists()
 
 
 def test_a_key_variable_that_is_not_set_is_a_start_up_warning() -> None:
