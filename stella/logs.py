@@ -196,7 +196,8 @@ class _Writer:
             self._write_out(data)
         except Exception as exc:  # a broken output must not end its thread: count, go on
             self.errors += 1
-            self.dropped_failed += len(lines)
+            # The lines that did go (whole, or to be finished first) are not lost.
+            self.dropped_failed += len(lines) - getattr(exc, "lines_written", 0)
             self._on_error(self.output, exc)
         finally:
             self.handled += len(data)
@@ -225,13 +226,17 @@ class LogSink:
     ) -> None:
         self.fmt = fmt
         self.stream = stream if stream is not None else sys.stdout.buffer
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            # A stdout a parent made non-blocking (a shared pipe) would take part of a
+            # batch and keep the rest in its buffer: lines torn into each other.
+            os.set_blocking(self.stream.fileno(), True)
         self.audit_path = audit_path
         self.secrets: list[str] = []
         self._secret_bytes: list[bytes] = []
         self.add_secrets(secrets)
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._audit: IO[bytes] | None = None
-        self._audit_torn = False
+        self._audit_rest = b""  # the end of a line a failed write cut: written first next
         self._batch: list[bytes] = []
         self._audit_batch: list[bytes] = []
         self._safe_keys: set[Any] = set()
@@ -404,25 +409,44 @@ class LogSink:
         self.stream.flush()
 
     def _write_audit(self, data: bytes) -> None:
+        """Append whole lines: a line a failed write cut (a full disk) is finished first
+        the next time, so the file holds whole lines only; the lines after it in the
+        batch are lost, and counted (`lines_written` on the error says how many went)."""
         if self._audit is None:
             self._audit = self._open_audit()
+        fd = self._audit.fileno()
         try:
-            self._audit.write(data)
-            self._audit.flush()
+            if self._audit_rest:
+                try:
+                    _write_all(fd, self._audit_rest)
+                except _Cut as cut:
+                    self._audit_rest = self._audit_rest[cut.done :]
+                    cut.cause.lines_written = 0  # type: ignore[attr-defined]
+                    raise cut.cause from None
+                self._audit_rest = b""
+            try:
+                _write_all(fd, data)
+            except _Cut as cut:
+                done = cut.done
+                start = data.rfind(b"\n", 0, done) + 1  # where the line being written began
+                whole = data.count(b"\n", 0, start)
+                if done > start:  # begun: its end goes first next time, and it counts
+                    self._audit_rest = data[done : data.index(b"\n", done) + 1]
+                    whole += 1
+                cut.cause.lines_written = whole  # type: ignore[attr-defined]
+                raise cut.cause from None
         except BaseException:
             # Open afresh for the next batch: the file may have been moved, its disk
-            # remounted, or space freed. The failed write may have left half a line.
-            self._audit_torn = True
+            # remounted, or space freed.
             self._close_audit()
             raise
 
     def _open_audit(self) -> IO[bytes]:
         path = Path(self.audit_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        audit = path.open("ab")
-        if self._audit_torn:
-            self._audit_torn = False
-            # A line cut short by the failed write ends here, so the next is whole.
+        audit = path.open("ab", buffering=0)  # os.write on its descriptor: no buffer
+        if not self._audit_rest:
+            # A line an earlier process left cut short ends here, so the next is whole.
             with contextlib.suppress(OSError), path.open("rb") as done:
                 done.seek(-1, os.SEEK_END)
                 if done.read(1) != b"\n":
@@ -469,6 +493,26 @@ class LogSink:
         if isinstance(value, list | tuple):
             return [self._clean(key, v) for v in value]
         return value
+
+
+class _Cut(Exception):
+    """A write that failed after `done` bytes."""
+
+    def __init__(self, done: int, cause: OSError) -> None:
+        super().__init__(done, cause)
+        self.done = done
+        self.cause = cause
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd`, or raise _Cut saying how much went."""
+    view = memoryview(data)
+    done = 0
+    try:
+        while done < len(data):
+            done += os.write(fd, view[done:])
+    except OSError as exc:
+        raise _Cut(done, exc) from None
 
 
 def _to_stderr(line: bytes) -> None:

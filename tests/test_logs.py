@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -337,36 +336,34 @@ def test_the_audit_file_is_opened_again_after_a_failed_write(tmp_path: Path) -> 
     assert sink.counts()["audit"] == (1, 1)
 
 
-def test_a_line_cut_short_by_a_failed_write_does_not_swallow_the_next(tmp_path: Path) -> None:
-    class HalfFull:
-        """The disk fills up halfway through a write."""
+def test_a_line_cut_by_a_failed_write_is_finished_first_the_next_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The disk fills up halfway through a batch of three lines: the file keeps the first
+    # whole, the second's first half; the next write finishes the second, then goes on.
+    # Every line in the file is whole; only the third is lost, and counted as dropped.
+    real = logs._write_all
+    fail = [True]
 
-        def __init__(self, file: Any) -> None:
-            self.file = file
-
-        def write(self, data: bytes) -> int:
-            self.file.write(data[: len(data) // 2])
-            self.file.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def flush(self) -> None:
-            pass
-
-        def close(self) -> None:
-            self.file.close()
+    def half_then_full(fd: int, data: bytes) -> None:
+        if fail[0] and data.count(b"\n") == 3:
+            fail[0] = False
+            cut = data.index(b"\n") + 1 + 4  # into the second line
+            real(fd, data[:cut])
+            raise logs._Cut(cut, OSError(errno.ENOSPC, "No space left on device"))
+        real(fd, data)
 
     audit = tmp_path / "audit.jsonl"
     sink = logs.LogSink(stream=io.BytesIO(), audit_path=str(audit))
-    sink.emit("inference", {"n": 0})
-    sink.flush()
-    sink._audit = HalfFull(sink._audit)
-    sink.emit("inference", {"n": 1})
-    sink.flush()
-    sink.emit("inference", {"n": 2})
+    monkeypatch.setattr(logs, "_write_all", half_then_full)
+    # Off the loop each event is its own batch: three in one, by hand.
+    sink._submit([b"x\n"] * 3, [b'{"n":1}\n', b'{"n":2}\n', b'{"n":3}\n'])
+    assert sink.flush()
+    sink.emit("inference", {"n": 4})
     assert sink.close()
     lines = audit.read_text().splitlines()
-    assert len(lines) == 3 and not lines[1].endswith("}")
-    assert [json.loads(lines[0])["n"], json.loads(lines[2])["n"]] == [0, 2]
+    assert [json.loads(line)["n"] for line in lines] == [1, 2, 4]
+    assert sink.counts()["audit"] == (1, 1)  # the third line dropped; one failed write
 
 
 def test_log_output_counters_are_in_metrics(tmp_path: Path) -> None:
@@ -549,3 +546,16 @@ def test_tokens_of_a_non_stream_attempt_that_failed_are_still_counted(stella: Li
     assert len(ev["attempts"]) >= 2
     assert ev["discarded_tokens"] == 3 * len(ev["attempts"])
     assert ev["completion_tokens"] == ev["discarded_tokens"]
+
+
+def test_a_non_blocking_stdout_is_made_blocking() -> None:
+    # A pipe a parent shares non-blocking would take part of a batch and leave the rest
+    # in the buffer, to be torn into the next line.
+    import os
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    with os.fdopen(w, "wb") as out, os.fdopen(r, "rb"):
+        sink = logs.LogSink(stream=out)
+        assert os.get_blocking(w)
+        sink.close()
