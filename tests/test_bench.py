@@ -134,6 +134,35 @@ Requests/sec:   8000.00
     assert (r.p50_ms, r.p99_ms) == (0.2, 1.2)
 
 
+def test_a_stream_that_fails_in_band_is_an_error() -> None:
+    from stella.bench.loadgen import inband_error, parse_wrk
+
+    assert inband_error(b'{"type":"error","code":"upstream_error"}\n')  # native
+    assert inband_error(b'data: {"error":{"message":"x"}}\n\n')  # OpenAI
+    assert inband_error(b'{"error":"x"}\n')  # Ollama
+    assert inband_error(b"event: error\ndata: {}\n\n")  # Anthropic
+    assert not inband_error(b'{"type":"delta","text":"an error"}\n{"type":"done"}\n')
+    out = """  40000 requests in 5.00s, 10.00MB read
+Requests/sec:   8000.00
+In-band errors: 7
+"""
+    r = parse_wrk(out, "stella", 8, 5.0)
+    assert (r.errors, r.succeeded) == (7, 39993)
+
+
+def test_wrk_that_could_not_measure_is_an_error() -> None:
+    import pytest
+
+    from stella.bench.loadgen import BenchError, Result, require_clean, run_wrk
+    from tests.live import free_port
+
+    with pytest.raises(BenchError, match="wrk could not measure"):
+        run_wrk(f"http://127.0.0.1:{free_port()}/x", b"{}", concurrency=2, duration=1)
+    nothing = Result("stella", 8, 0, 0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    with pytest.raises(BenchError):
+        require_clean(nothing, "stream")
+
+
 def test_a_run_with_errors_names_the_server_mode_and_count() -> None:
     import pytest
 

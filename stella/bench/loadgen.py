@@ -49,13 +49,24 @@ class BenchError(RuntimeError):
 
 
 def require_clean(result: Result, mode: str, server: str = "") -> Result:
-    """`result` when none of its requests failed; else a BenchError naming the server."""
-    if result.errors:
+    """`result` when it measured requests and none of them failed; else a BenchError
+    naming the server."""
+    if result.errors or not result.requests:
         raise BenchError(
             f"{server or result.name}: {result.errors} errors in {result.requests} requests "
             f"({mode}, concurrency {result.concurrency}); nothing was compared"
         )
     return result
+
+
+# How a stream that began says it failed (status 200 already sent): a native `error`
+# line, an OpenAI or Ollama error object, Anthropic's error event.
+INBAND_ERRORS = (b'"type":"error"', b'{"error":', b"event: error")
+
+
+def inband_error(data: bytes) -> bool:
+    """Whether a stream's bytes hold an error sent after its start."""
+    return any(marker in data for marker in INBAND_ERRORS)
 
 
 @contextlib.contextmanager
@@ -131,6 +142,7 @@ async def _read_response(reader: asyncio.StreamReader, t0: float, st: _Stats) ->
         elif name == b"transfer-encoding" and b"chunked" in value.lower():
             chunked = True
     first = True
+    failed = False
     if chunked:
         while True:
             size = int((await reader.readline()).split(b";")[0], 16)
@@ -142,11 +154,12 @@ async def _read_response(reader: asyncio.StreamReader, t0: float, st: _Stats) ->
                 st.ttfb.append(time.perf_counter() - t0)
                 first = False
             st.tokens += text_lines(data)
+            failed = failed or inband_error(data)
     else:
         if length > 0:
             await reader.readexactly(length)
         st.ttfb.append(time.perf_counter() - t0)
-    if code >= 400:
+    if code >= 400 or failed:
         st.errors += 1
     else:
         st.succeeded += 1
@@ -245,6 +258,20 @@ WRK_LUA = """wrk.method = "POST"
 wrk.body = {body}
 wrk.headers["Content-Type"] = "application/json"
 """
+# For streams: a 200 whose body holds an in-band error is counted, and reported by done().
+WRK_INBAND_LUA = """
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+function init(args) inband = 0 end
+function response(status, headers, body)
+  if body and ({checks}) then inband = inband + 1 end
+end
+function done(summary, latency, requests)
+  local n = 0
+  for _, t in ipairs(threads) do n = n + (t:get("inband") or 0) end
+  io.write(string.format("In-band errors: %d\\n", n))
+end
+"""
 
 
 def have_wrk() -> bool:
@@ -277,6 +304,11 @@ def run_wrk(
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
         if body is not None:
             fh.write(WRK_LUA.format(body=json.dumps(body.decode())))
+            if (json.loads(body) or {}).get("stream"):
+                checks = " or ".join(
+                    f"body:find({json.dumps(m.decode())}, 1, true)" for m in INBAND_ERRORS
+                )
+                fh.write(WRK_INBAND_LUA.format(checks=checks))
         for k, v in (headers or {}).items():
             fh.write(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}\n")
         script = fh.name
@@ -284,10 +316,13 @@ def run_wrk(
     if cpu is not None:
         args = ["taskset", "-c", str(cpu), *args]
     try:
-        out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60).stdout
+        done = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
     finally:
         os.unlink(script)
-    return parse_wrk(out, name or url, concurrency, duration)
+    if done.returncode or "requests in" not in done.stdout:
+        why = " ".join((done.stderr or done.stdout).split())[:200]
+        raise BenchError(f"wrk could not measure {url} (exit {done.returncode}): {why}")
+    return parse_wrk(done.stdout, name or url, concurrency, duration)
 
 
 def parse_wrk(out: str, name: str, concurrency: int, duration: float) -> Result:
@@ -295,11 +330,14 @@ def parse_wrk(out: str, name: str, concurrency: int, duration: float) -> Result:
     total = 0
     non_2xx = 0
     socket_errors = 0
+    inband = 0
     for line in out.splitlines():
         if "requests in" in line:
             total = int(line.split()[0])
         elif "Non-2xx" in line:
             non_2xx = int(line.split()[-1])
+        elif line.startswith("In-band errors:"):
+            inband = int(line.split()[-1])
         elif "Socket errors:" in line:
             # "Socket errors: connect 0, read 1, write 0, timeout 2": connections that
             # broke or answers that never came, none of them in `total`.
@@ -309,7 +347,7 @@ def parse_wrk(out: str, name: str, concurrency: int, duration: float) -> Result:
         name=name,
         concurrency=concurrency,
         requests=total,
-        errors=non_2xx + socket_errors,
+        errors=non_2xx + socket_errors + inband,
         seconds=duration,
         rps=float(_after(out, "Requests/sec:") or 0),
         p50_ms=_latency(out, "50%"),
@@ -317,7 +355,7 @@ def parse_wrk(out: str, name: str, concurrency: int, duration: float) -> Result:
         p99_ms=_latency(out, "99%"),
         ttfb_p50_ms=0.0,
         tool="wrk",
-        succeeded=max(0, total - non_2xx),
+        succeeded=max(0, total - non_2xx - inband),
     )
 
 

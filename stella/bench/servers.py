@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from stella.bench.loadgen import BenchError
+from stella.bench.loadgen import BenchError, inband_error
 
 
 def free_port() -> int:
@@ -153,7 +153,7 @@ def sample(url: str, body: bytes, headers: Mapping[str, str] | None = None) -> b
         headers={"content-type": "application/json", **(headers or {})},
         timeout=30,
     )
-    if r.status_code != 200:
+    if r.status_code != 200 or inband_error(r.content):
         text = " ".join(r.text.split())[:200]
         raise BenchError(f"{url} answered {r.status_code} to a sample request: {text}")
     return r.content
