@@ -74,7 +74,7 @@ class Authenticator:
         # Anonymous callers on a network address (a server bound by another name than
         # server.host, as `uvicorn --host`): never admins, and refused without
         # auth.allow_anonymous. Found per local address, once.
-        self._local: dict[tuple[str, bool], bool] = {}
+        self._local: dict[tuple[Any, ...] | None, bool] = {}
         self.network_anonymous = Principal(
             name="anonymous",
             admin=False,
@@ -99,13 +99,14 @@ class Authenticator:
         ASGI scope's (local address, port): without keys, what a caller may do depends
         on whether it came in on a loopback address."""
         if not self.enabled:
-            key = (server[0], server[1] is None) if server else ("", True)
+            # The listening address: a handful per server, so each is judged once.
+            key = tuple(server) if server else None
             loopback = self._local.get(key)
             if loopback is None:
                 # A Unix socket is local: no server at all, or (its path, None) as
                 # uvicorn gives it.
-                local, no_port = key
-                loopback = not local or (no_port and not _is_ip(local)) or is_loopback(local)
+                local, port = key or ("", None)
+                loopback = not local or (port is None and not _is_ip(local)) or is_loopback(local)
                 if len(self._local) < 256:
                     self._local[key] = loopback
             if loopback:

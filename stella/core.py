@@ -711,9 +711,12 @@ class Inference:
         if self.discarded_tokens:  # made, though never sent: they count for the limits too
             n = self.discarded_tokens
             usage = Usage(usage.prompt_tokens, usage.completion_tokens + n, usage.total_tokens + n)
+        made = None  # the asked model made it all, as usual
+        if self.discarded_by or (ctx is not None and ctx.route != self.route.name):
+            made = self._made_on(self.route.name, final)
         try:
             # The key pays for all that was made; each model for what it made.
-            self.permit.settle(usage, self._made_on(self.route.name, final))
+            self.permit.settle(usage, made)
         finally:
             self.permit.release()
             if self.fallback_permit is not None:
