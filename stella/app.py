@@ -371,7 +371,7 @@ def check_audit_path(settings: Settings, create: bool = True) -> None:
     target = Path(path)
     # What the check creates is where the path leads (through a link to a file not there
     # yet, say): the link is the user's, not ours to remove.
-    real = target.resolve()
+    real = Path(os.path.realpath(target))  # never raises, a link loop included
     missing = [p for p in (real, *real.parents) if not os.path.lexists(p)]
     # Found out now, not by audit lines silently dropped later.
     try:

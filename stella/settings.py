@@ -519,23 +519,18 @@ def _url_secrets(url: str) -> list[str]:
 
 
 def _redact_url(url: str) -> str:
-    """redis://user:pass@host -> redis://***@host; a secret query value -> ***. Written
-    without its scheme or with a typo in it (user:pass@host), all before its last `@`
-    goes (it is no URL to keep whole)."""
+    """redis://user:pass@host -> redis://***@host; a secret query value -> ***.
+
+    A password may hold a raw `/`, `?` or `#`, and a path or a query an `@`: which `@`
+    ends the user info cannot always be told, so everything before the last one goes
+    (a URL with an `@` in its path or query shows less than it could, never a password).
+    """
     scheme, sep, rest = url.partition("://")
-    if sep:
-        # The user info ends at the authority's last `@`; the authority ends at the first
-        # `/` (a `?` or `#` may be part of a password written raw).
-        authority, slash, path = rest.partition("/")
-        hidden = ""
-        if "@" in authority:
-            hidden, authority = "***@", authority.rpartition("@")[2]
-        head, tail = f"{scheme}{sep}{hidden}", f"{authority}{slash}{path}"
-    elif "@" in url:
-        head, tail = "***@", url.rpartition("@")[2]
-    else:
-        head, tail = "", url
-    tail, mark, query = tail.partition("?")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    rest, mark, query = rest.partition("?")
     if query:
         items = []
         for item in query.split("&"):
@@ -543,4 +538,4 @@ def _redact_url(url: str) -> str:
             secret = eq and _is_secret_name(unquote(name))
             items.append(f"{name}=***" if secret else item)
         query = "&".join(items)
-    return head + tail + mark + query
+    return f"{scheme}{sep}{rest}{mark}{query}"

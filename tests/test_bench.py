@@ -150,6 +150,20 @@ In-band errors: 7
     assert (r.errors, r.succeeded) == (7, 39993)
 
 
+def test_an_error_status_on_a_stream_counts_once(stella: LiveServer) -> None:
+    import json
+
+    from stella.bench.loadgen import run_wrk
+
+    body = {
+        "model": "no-such-model",
+        "stream": True,
+        "messages": [{"role": "user", "content": "a"}],
+    }
+    r = run_wrk(stella.url + "/api/v1/chat", json.dumps(body).encode(), concurrency=2, duration=1)
+    assert r.requests > 0 and r.errors == r.requests  # a 404's error body is no in-band error
+
+
 def test_wrk_that_could_not_measure_is_an_error() -> None:
     import pytest
 

@@ -285,6 +285,7 @@ def test_without_keys_a_call_on_a_network_address_is_refused_whatever_server_hos
     auth = Authenticator(local, {})
     assert auth.authenticate([], server=("127.0.0.1", 8000)).admin
     assert auth.authenticate([], server=("::1", 8000)).admin
+    assert auth.authenticate([], server=("::ffff:127.0.0.1", 8000)).admin  # dual-stack ::
     assert auth.authenticate([], server=None).admin  # a Unix socket
     assert auth.authenticate([], server=("/run/stella.sock", None)).admin  # as uvicorn says it
     with pytest.raises(Unauthorized):

@@ -414,8 +414,11 @@ def test_an_ipv6_host_in_brackets_is_the_address() -> None:
         ("redis://user:s3cr?et@127.0.0.1:6390/0", "redis://***@127.0.0.1:6390/0"),
         ("redis://h:6379?password=pw", "redis://h:6379?password=***"),
         ("redis://h/0?authToken=x&db=1", "redis://h/0?authToken=***&db=1"),
-        ("https://example.com/@team/v1", "https://example.com/@team/v1"),
-        ("https://example.com/x#frag@x", "https://example.com/x#frag@x"),
+        ("redis://:Xy9/Qz+pw@127.0.0.1:6390/0", "redis://***@127.0.0.1:6390/0"),
+        ("https://bob:Xy9/Qz+pw@gw.example/v1", "https://***@gw.example/v1"),
+        # An @ in a path or a query: which one ends the user info is unclear; hidden.
+        ("https://example.com/@team/v1", "https://***@team/v1"),
+        ("https://example.com/v1", "https://example.com/v1"),
         ("admin:s3cret@redis.example:6379", "***@redis.example:6379"),
         ("redis//:s3cret@h:6379/0?password=s3cret", "***@h:6379/0?password=***"),
         ("rediss://h:6380?ssl_cert_reqs=none", "rediss://h:6380?ssl_cert_reqs=none"),
@@ -425,3 +428,20 @@ def test_urls_are_shown_without_their_credentials(url: str, shown: str) -> None:
     from stella.settings import _redact_url
 
     assert _redact_url(url) == shown
+
+
+def test_an_audit_path_that_is_a_link_loop_is_one_line(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(loop)
+    env = {"PATH": "/usr/bin:/bin", "STELLA_MODELS__DEFAULT": "echo"}
+    env["STELLA_LOG__AUDIT_PATH"] = str(loop)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stella", "config", "--check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "log.audit_path" in lines[0]

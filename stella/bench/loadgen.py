@@ -264,7 +264,7 @@ local threads = {{}}
 function setup(thread) table.insert(threads, thread) end
 function init(args) inband = 0 end
 function response(status, headers, body)
-  if body and ({checks}) then inband = inband + 1 end
+  if status < 300 and body and ({checks}) then inband = inband + 1 end
 end
 function done(summary, latency, requests)
   local n = 0
