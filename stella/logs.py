@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
 import os
 import queue
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import IO, Any
@@ -236,7 +237,6 @@ class LogSink:
         self.add_secrets(secrets)
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._audit: IO[bytes] | None = None
-        self._audit_rest = b""  # the end of a line a failed write cut: written first next
         self._batch: list[bytes] = []
         self._audit_batch: list[bytes] = []
         self._safe_keys: set[Any] = set()
@@ -409,48 +409,40 @@ class LogSink:
         self.stream.flush()
 
     def _write_audit(self, data: bytes) -> None:
-        """Append whole lines: a line a failed write cut (a full disk) is finished first
-        the next time, so the file holds whole lines only; the lines after it in the
-        batch are lost, and counted (`lines_written` on the error says how many went)."""
+        """Append whole lines. Each batch is written under an exclusive lock on the file
+        (workers of one server share it); a write a full disk cut short is cut back to
+        its last whole line, so the file never holds a torn one. The lines it lost are
+        counted (`lines_written` on the error says how many went)."""
         if self._audit is None:
             self._audit = self._open_audit()
         fd = self._audit.fileno()
-        try:
-            if self._audit_rest:
-                try:
-                    _write_all(fd, self._audit_rest)
-                except _Cut as cut:
-                    self._audit_rest = self._audit_rest[cut.done :]
-                    cut.cause.lines_written = 0  # type: ignore[attr-defined]
-                    raise cut.cause from None
-                self._audit_rest = b""
+        failed: OSError | None = None
+        with _locked(fd):
+            start = os.fstat(fd).st_size  # appended after this: nobody else writes now
             try:
                 _write_all(fd, data)
             except _Cut as cut:
-                done = cut.done
-                start = data.rfind(b"\n", 0, done) + 1  # where the line being written began
-                whole = data.count(b"\n", 0, start)
-                if done > start:  # begun: its end goes first next time, and it counts
-                    self._audit_rest = data[done : data.index(b"\n", done) + 1]
-                    whole += 1
-                cut.cause.lines_written = whole  # type: ignore[attr-defined]
-                raise cut.cause from None
-        except BaseException:
+                whole = data.rfind(b"\n", 0, cut.done) + 1  # bytes of whole lines written
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start + whole)
+                failed = cut.cause
+                failed.lines_written = data.count(b"\n", 0, whole)  # type: ignore[attr-defined]
+        if failed is not None:
             # Open afresh for the next batch: the file may have been moved, its disk
             # remounted, or space freed.
             self._close_audit()
-            raise
+            raise failed
 
     def _open_audit(self) -> IO[bytes]:
         path = Path(self.audit_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         audit = path.open("ab", buffering=0)  # os.write on its descriptor: no buffer
-        if not self._audit_rest:
-            # A line an earlier process left cut short ends here, so the next is whole.
-            with contextlib.suppress(OSError), path.open("rb") as done:
-                done.seek(-1, os.SEEK_END)
-                if done.read(1) != b"\n":
-                    audit.write(b"\n")
+        # A line a process that died mid-write left cut short ends here, so the next is
+        # whole.
+        with contextlib.suppress(OSError), _locked(audit.fileno()), path.open("rb") as done:
+            done.seek(-1, os.SEEK_END)
+            if done.read(1) != b"\n":
+                audit.write(b"\n")
         return audit
 
     def _close_audit(self) -> None:
@@ -502,6 +494,22 @@ class _Cut(Exception):
         super().__init__(done, cause)
         self.done = done
         self.cause = cause
+
+
+@contextlib.contextmanager
+def _locked(fd: int) -> Iterator[None]:
+    """An exclusive lock on an open file, best effort (a file system without locks
+    writes unlocked)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -336,12 +336,12 @@ def test_the_audit_file_is_opened_again_after_a_failed_write(tmp_path: Path) -> 
     assert sink.counts()["audit"] == (1, 1)
 
 
-def test_a_line_cut_by_a_failed_write_is_finished_first_the_next_time(
+def test_a_write_a_full_disk_cut_leaves_whole_lines_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The disk fills up halfway through a batch of three lines: the file keeps the first
-    # whole, the second's first half; the next write finishes the second, then goes on.
-    # Every line in the file is whole; only the third is lost, and counted as dropped.
+    # whole and loses the half of the second (cut back), and the third; the next write
+    # goes on after the first. Two lines lost, counted; one failed write.
     real = logs._write_all
     fail = [True]
 
@@ -362,8 +362,38 @@ def test_a_line_cut_by_a_failed_write_is_finished_first_the_next_time(
     sink.emit("inference", {"n": 4})
     assert sink.close()
     lines = audit.read_text().splitlines()
-    assert [json.loads(line)["n"] for line in lines] == [1, 2, 4]
-    assert sink.counts()["audit"] == (1, 1)  # the third line dropped; one failed write
+    assert [json.loads(line)["n"] for line in lines] == [1, 4]
+    assert sink.counts()["audit"] == (2, 1)
+
+
+def test_workers_sharing_the_audit_file_never_tear_each_others_lines(tmp_path: Path) -> None:
+    # Two sinks on one file, as two workers of one server: A's write is cut by the file
+    # size limit (a full disk), then B writes, then A again. Every line is whole JSON.
+    script = f"""
+import io, json, os, resource, signal
+from stella import logs
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+path = {str(tmp_path / "audit.jsonl")!r}
+a = logs.LogSink(stream=io.BytesIO(), audit_path=path)
+b = logs.LogSink(stream=io.BytesIO(), audit_path=path)
+a.emit("inference", {{"who": "A", "n": 1}}); a.flush()
+b.emit("inference", {{"who": "B", "n": 1}}); b.flush()
+soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 30, hard))
+a.emit("inference", {{"who": "A", "n": 2, "pad": "x" * 100}}); a.flush()
+resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+b.emit("inference", {{"who": "B", "n": 2}}); b.flush()
+a.emit("inference", {{"who": "A", "n": 3}}); a.close(); b.close()
+print(json.dumps([a.counts()["audit"], b.counts()["audit"]]))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(e["who"], e["n"]) for e in events] == [("A", 1), ("B", 1), ("B", 2), ("A", 3)]
+    assert counts == [[1, 1], [0, 0]]  # A lost its second line, and says so
 
 
 def test_log_output_counters_are_in_metrics(tmp_path: Path) -> None:
