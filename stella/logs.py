@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import os
 import queue
@@ -417,16 +418,25 @@ class LogSink:
             self._audit = self._open_audit()
         fd = self._audit.fileno()
         failed: OSError | None = None
-        with _locked(fd):
-            start = os.fstat(fd).st_size  # appended after this: nobody else writes now
-            try:
-                _write_all(fd, data)
-            except _Cut as cut:
-                whole = data.rfind(b"\n", 0, cut.done) + 1  # bytes of whole lines written
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, start + whole)
-                failed = cut.cause
-                failed.lines_written = data.count(b"\n", 0, whole)  # type: ignore[attr-defined]
+        try:
+            with _locked(fd) as held:
+                start = os.fstat(fd).st_size  # appended after this: nobody else writes now
+                try:
+                    _write_all(fd, data)
+                except _Cut as cut:
+                    whole = data.rfind(b"\n", 0, cut.done) + 1  # bytes of whole lines
+                    # Cut back only what is surely this write's: under the lock, or when
+                    # the file grew by exactly what went (nobody else appended).
+                    if held or os.fstat(fd).st_size == start + cut.done:
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(fd, start + whole)
+                        written = data.count(b"\n", 0, whole)
+                    else:
+                        written = data.count(b"\n", 0, cut.done)
+                    failed = cut.cause
+                    failed.lines_written = written  # type: ignore[attr-defined]
+        except OSError as exc:  # the lock never came
+            failed = exc
         if failed is not None:
             # Open afresh for the next batch: the file may have been moved, its disk
             # remounted, or space freed.
@@ -496,17 +506,31 @@ class _Cut(Exception):
         self.cause = cause
 
 
+# The longest the audit writer waits for another process's lock on the file (a worker
+# writing, a rotation script): past it, the batch is a failed write, counted.
+LOCK_WAIT_S = 2.0
+
+
 @contextlib.contextmanager
-def _locked(fd: int) -> Iterator[None]:
-    """An exclusive lock on an open file, best effort (a file system without locks
-    writes unlocked)."""
+def _locked(fd: int) -> Iterator[bool]:
+    """An exclusive lock on an open file, waited for at most LOCK_WAIT_S (OSError past
+    it); yields whether it is held (False on a file system without locks)."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise OSError(
+                    errno.EWOULDBLOCK, "the audit file stays locked by another process"
+                ) from None
+            time.sleep(0.01)
+        except OSError:  # no locks here: written unlocked
+            yield False
+            return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:
-        yield
-        return
-    try:
-        yield
+        yield True
     finally:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)

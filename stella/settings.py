@@ -8,6 +8,7 @@ names the environment variable that holds its key (`api_key_env`).
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from base64 import b64encode
 from collections.abc import Mapping
@@ -523,19 +524,22 @@ def _redact_url(url: str) -> str:
 
     A password may hold a raw `/`, `?` or `#`, and a path or a query an `@`: which `@`
     ends the user info cannot always be told, so everything before the last one goes
-    (a URL with an `@` in its path or query shows less than it could, never a password).
+    (a URL with an `@` in its path or query shows less than it could, never a
+    password), and secret-named parameters are masked wherever they are.
     """
+    url = _PARAM.sub(_mask_param, url)
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
     if "@" in rest:
         rest = "***@" + rest.rpartition("@")[2]
-    rest, mark, query = rest.partition("?")
-    if query:
-        items = []
-        for item in query.split("&"):
-            name, eq, _ = item.partition("=")
-            secret = eq and _is_secret_name(unquote(name))
-            items.append(f"{name}=***" if secret else item)
-        query = "&".join(items)
-    return f"{scheme}{sep}{rest}{mark}{query}"
+    return f"{scheme}{sep}{rest}"
+
+
+# A query parameter, anywhere in a URL: its separator, name and value.
+_PARAM = re.compile(r"([?&])([^=&#?]*)=([^&#]*)")
+
+
+def _mask_param(m: re.Match[str]) -> str:
+    sep, name, value = m.groups()
+    return f"{sep}{name}=***" if value and _is_secret_name(unquote(name)) else m.group(0)

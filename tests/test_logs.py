@@ -589,3 +589,25 @@ def test_a_non_blocking_stdout_is_made_blocking() -> None:
         sink = logs.LogSink(stream=out)
         assert os.get_blocking(w)
         sink.close()
+
+
+def test_an_audit_file_locked_for_good_is_a_counted_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process holds the file's lock and never lets go: the batch is a failed
+    # write after LOCK_WAIT_S (counted, reported), not a writer stuck with its lines.
+    import fcntl
+
+    monkeypatch.setattr(logs, "LOCK_WAIT_S", 0.2)
+    audit = tmp_path / "audit.jsonl"
+    sink = logs.LogSink(stream=io.BytesIO(), audit_path=str(audit))
+    sink.emit("inference", {"n": 1})
+    assert sink.flush()
+    with audit.open("ab") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        sink.emit("inference", {"n": 2})
+        assert sink.flush(5.0)
+        assert sink.counts()["audit"] == (1, 1)
+    sink.emit("inference", {"n": 3})
+    assert sink.close()
+    assert [json.loads(line)["n"] for line in audit.read_text().splitlines()] == [1, 3]

@@ -419,6 +419,12 @@ def test_an_ipv6_host_in_brackets_is_the_address() -> None:
         # An @ in a path or a query: which one ends the user info is unclear; hidden.
         ("https://example.com/@team/v1", "https://***@team/v1"),
         ("https://example.com/v1", "https://example.com/v1"),
+        # A query's @ before a secret parameter: the parameter is masked all the same.
+        (
+            "https://gw.example/v1?user=ops@corp.example&api_key=sk-LEAKED-123456",
+            "https://***@corp.example&api_key=***",
+        ),
+        ("redis://h:6379/0?client_name=ops@x&password=S3CRET", "redis://***@x&password=***"),
         ("admin:s3cret@redis.example:6379", "***@redis.example:6379"),
         ("redis//:s3cret@h:6379/0?password=s3cret", "***@h:6379/0?password=***"),
         ("rediss://h:6380?ssl_cert_reqs=none", "rediss://h:6380?ssl_cert_reqs=none"),
