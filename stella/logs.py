@@ -238,6 +238,7 @@ class LogSink:
         self.add_secrets(secrets)
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._audit: IO[bytes] | None = None
+        self._audit_fresh = False  # just opened: its last line not looked at yet
         self._batch: list[bytes] = []
         self._audit_batch: list[bytes] = []
         self._safe_keys: set[Any] = set()
@@ -420,6 +421,11 @@ class LogSink:
         failed: OSError | None = None
         try:
             with _locked(fd) as held:
+                if self._audit_fresh:
+                    # A line a process that died mid-write left cut short ends here, so
+                    # the next is whole.
+                    self._audit_fresh = False
+                    _end_line(fd)
                 start = os.fstat(fd).st_size  # appended after this: nobody else writes now
                 try:
                     _write_all(fd, data)
@@ -446,13 +452,9 @@ class LogSink:
     def _open_audit(self) -> IO[bytes]:
         path = Path(self.audit_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        audit = path.open("ab", buffering=0)  # os.write on its descriptor: no buffer
-        # A line a process that died mid-write left cut short ends here, so the next is
-        # whole.
-        with contextlib.suppress(OSError), _locked(audit.fileno()), path.open("rb") as done:
-            done.seek(-1, os.SEEK_END)
-            if done.read(1) != b"\n":
-                audit.write(b"\n")
+        # os.write on its descriptor (no buffer); readable, for the last line's check.
+        audit = path.open("a+b", buffering=0)
+        self._audit_fresh = True  # its last line is looked at under the first write's lock
         return audit
 
     def _close_audit(self) -> None:
@@ -534,6 +536,14 @@ def _locked(fd: int) -> Iterator[bool]:
     finally:
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _end_line(fd: int) -> None:
+    """End the file's last line if it was left without its newline."""
+    with contextlib.suppress(OSError):
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            os.write(fd, b"\n")
 
 
 def _write_all(fd: int, data: bytes) -> None:

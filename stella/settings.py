@@ -527,17 +527,16 @@ def _redact_url(url: str) -> str:
     (a URL with an `@` in its path or query shows less than it could, never a
     password), and secret-named parameters are masked wherever they are.
     """
-    url = _PARAM.sub(_mask_param, url)
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
-    if "@" in rest:
+    if "@" in rest:  # first: a password may hold what looks like a parameter
         rest = "***@" + rest.rpartition("@")[2]
-    return f"{scheme}{sep}{rest}"
+    return f"{scheme}{sep}{_PARAM.sub(_mask_param, rest)}"
 
 
-# A query parameter, anywhere in a URL: its separator, name and value.
-_PARAM = re.compile(r"([?&])([^=&#?]*)=([^&#]*)")
+# A parameter, in a query or a fragment (one more `?` too): separator, name, value.
+_PARAM = re.compile(r"([?&#])([^=&#?]*)=([^&#?]*)")
 
 
 def _mask_param(m: re.Match[str]) -> str:

@@ -611,3 +611,16 @@ def test_an_audit_file_locked_for_good_is_a_counted_failure(
     sink.emit("inference", {"n": 3})
     assert sink.close()
     assert [json.loads(line)["n"] for line in audit.read_text().splitlines()] == [1, 3]
+
+
+def test_a_line_an_earlier_process_left_cut_short_does_not_swallow_the_next(
+    tmp_path: Path,
+) -> None:
+    audit = tmp_path / "audit.jsonl"
+    audit.write_bytes(b'{"n":0}\n{"n":1,"cut sh')  # a process died in the middle of a line
+    sink = logs.LogSink(stream=io.BytesIO(), audit_path=str(audit))
+    sink.emit("inference", {"n": 2})
+    assert sink.close()
+    lines = audit.read_bytes().splitlines()
+    assert lines[0] == b'{"n":0}' and lines[1] == b'{"n":1,"cut sh'
+    assert json.loads(lines[2])["n"] == 2 and len(lines) == 3

@@ -425,6 +425,12 @@ def test_an_ipv6_host_in_brackets_is_the_address() -> None:
             "https://***@corp.example&api_key=***",
         ),
         ("redis://h:6379/0?client_name=ops@x&password=S3CRET", "redis://***@x&password=***"),
+        # A password that holds what looks like a parameter: hidden whole.
+        ("redis://default:Zq7&sign=Hx2@db.internal:6379/0", "redis://***@db.internal:6379/0"),
+        ("redis://:p?token=q@host:6379/0", "redis://***@host:6379/0"),
+        # In a fragment, or after a second ?: masked too.
+        ("https://h/v1#access_token=FRAG", "https://h/v1#access_token=***"),
+        ("https://h/v1?a=1?api_key=MULTIQ", "https://h/v1?a=1?api_key=***"),
         ("admin:s3cret@redis.example:6379", "***@redis.example:6379"),
         ("redis//:s3cret@h:6379/0?password=s3cret", "***@h:6379/0?password=***"),
         ("rediss://h:6380?ssl_cert_reqs=none", "rediss://h:6380?ssl_cert_reqs=none"),
