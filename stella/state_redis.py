@@ -21,6 +21,7 @@ import msgspec
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stella.errors import Unavailable
 from stella.limits import MemoryBuckets, MemorySlots, Take
@@ -33,6 +34,8 @@ _log = structlog.get_logger("stella")
 USAGE_MARK_TTL_S = 3_600
 # While Redis is unreachable, admissions try it again at most this often.
 REDIS_RETRY_S = 1.0
+# Connections to Redis per process; more callers at once wait for one.
+REDIS_MAX_CONNECTIONS = 256
 
 # Per key ARGV: capacity, rate, cost, want (the cost and a lease), and a settlement not
 # yet sent (refunds and charges of calls that ended), applied before the check. A key
@@ -51,7 +54,8 @@ for i = 1, n do
   local data = redis.call('HMGET', KEYS[i], 'level', 'at')
   local level = tonumber(data[1]) or capacity
   local at = tonumber(data[2]) or now
-  level = math.min(capacity, level + (now - at) * rate + settle)
+  -- A debt is bounded (an upstream may report any usage): a thousand buckets' worth.
+  level = math.max(math.min(capacity, level + (now - at) * rate + settle), -1000 * capacity)
   levels[i] = level
   if level < cost then ok = false end
 end
@@ -69,7 +73,7 @@ for i = 1, n do
     level = level - granted
   end
   redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', tostring(now))
-  redis.call('EXPIRE', KEYS[i], math.ceil((capacity - level) / rate) + 5)
+  redis.call('EXPIRE', KEYS[i], math.min(math.ceil((capacity - level) / rate) + 5, 2592000))
   out[3 * i - 2] = tostring(levels[i])
   out[3 * i - 1] = tostring(granted)
   out[3 * i] = tostring(level)
@@ -158,9 +162,9 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local data = redis.call('HMGET', KEYS[1], 'level', 'at')
 local level = tonumber(data[1]) or capacity
 local at = tonumber(data[2]) or now
-level = math.min(capacity, level + (now - at) * rate + amount)
+level = math.max(math.min(capacity, level + (now - at) * rate + amount), -1000 * capacity)
 redis.call('HSET', KEYS[1], 'level', tostring(level), 'at', tostring(now))
-redis.call('EXPIRE', KEYS[1], math.ceil((capacity - level) / rate) + 5)
+redis.call('EXPIRE', KEYS[1], math.min(math.ceil((capacity - level) / rate) + 5, 2592000))
 return tostring(level)
 """
 
@@ -176,9 +180,17 @@ class RedisState:
 
     def __init__(self, settings: StateSettings) -> None:
         self.prefix = settings.prefix
-        self.redis = aioredis.from_url(
-            settings.redis_url, socket_connect_timeout=1, socket_timeout=1, health_check_interval=0
+        # A caller past the pool's size waits for a connection (up to the socket timeout)
+        # instead of failing at once: a burst of admissions is load, not Redis gone.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            timeout=1,
+            socket_connect_timeout=1,
+            socket_timeout=1,
+            health_check_interval=0,
         )
+        self.redis = aioredis.Redis(connection_pool=pool)
         self.local = MemoryBuckets()  # the fallback while Redis is away
         self.errors = 0
         self.down_since: float | None = None
@@ -401,6 +413,19 @@ class RedisState:
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             self._failed(exc)
+            self.keep_gives(gives, exc)
+
+    def keep_gives(self, gives: dict[str, list[float]], exc: BaseException) -> None:
+        """Queue settlements again when their round trip surely never ran (a timeout may
+        have: sent again they could count twice, so they go)."""
+        if isinstance(exc, TimeoutError | RedisTimeoutError):
+            return
+        for key, (cap, per_s, amount) in gives.items():
+            pending = self._gives.get(key)
+            if pending is None:
+                self._gives[key] = [cap, per_s, amount]
+            else:
+                pending[2] += amount
 
     async def _flush(self) -> None:
         """Send the usage counters: first a batch whose reply was lost (with its ID, so it
@@ -552,12 +577,15 @@ class RedisBuckets:
             args: list[float] = []
             keys = [st._key("rl", checks[i][0]) for i in remote]
             pending = st._gives
+            carried: dict[str, list[float]] = {}
             for key, i in zip(keys, remote, strict=True):
                 _, cap, per_s, cost = checks[i]
                 extra = min(cap * LEASE_SHARE, cost * LEASE_REQUESTS)
                 # What calls that ended owe or get back goes with this check, not 0.1 s
                 # later: the next call of a key sees its last one settled.
                 settle = pending.pop(key, None)
+                if settle is not None:
+                    carried[key] = settle
                 args += [
                     cap,
                     per_s,
@@ -569,6 +597,7 @@ class RedisBuckets:
                 flat = await st._take_all(keys=keys, args=args)
             except (RedisError, OSError) as exc:
                 st._failed(exc)
+                st.keep_gives(carried, exc)
                 return await st.local.take_all(checks)
             st._ok()
             ok = all(float(flat[3 * j + 1]) > 0 for j in range(len(remote)))

@@ -726,3 +726,48 @@ async def test_a_follower_read_from_before_a_local_change_does_not_undo_it(
         )
         await asyncio.sleep(0.5)  # the stale read has come back
         assert router.knows("x")
+
+
+async def test_a_burst_of_checks_is_load_not_an_outage(redis: Redis) -> None:
+    # 300 admissions at once on one process: more than a pool's worth of connections.
+    # Callers wait for one; Redis is not declared unavailable.
+    st = redis_state(redis, "burst")
+    buckets = st.buckets()
+    try:
+        checks = [("rpm:key:k", 50.0, 50 / 60, 1.0)]  # too small to lease: each asks Redis
+        await asyncio.gather(*(buckets.take_all(checks) for _ in range(300)))
+        assert st.down_since is None and st.errors == 0
+    finally:
+        await st.aclose()
+
+
+async def test_a_debt_of_any_size_keeps_the_bucket_working(redis: Redis) -> None:
+    # An upstream may report any usage: the debt is bounded, the key's life too.
+    st = redis_state(redis, "huge")
+    buckets = st.buckets()
+    try:
+        await buckets.take_all([("tpm:key:k", 60.0, 1.0, 1.0)])
+        buckets.give("tpm:key:k", 60.0, 1.0, -1e18)
+        await st._flush_gives()
+        [take] = await buckets.take_all([("tpm:key:k", 60.0, 1.0, 1.0)])
+        assert not take.allowed and st.errors == 0 and st.down_since is None
+        assert 0 < await st.redis.ttl("huge:rl:tpm:key:k") <= 30 * 86400
+    finally:
+        await st.aclose()
+
+
+async def test_a_settlement_redis_never_got_is_sent_again(redis: Redis) -> None:
+    st = redis_state(redis, "kept")
+    buckets = st.buckets()
+    try:
+        await buckets.take_all([("tpm:key:k", 60.0, 1.0, 50.0)])  # level ~10
+        buckets.give("tpm:key:k", 60.0, 1.0, 40.0)  # the call used 10 of its 50
+        redis.stop()
+        await st._flush_gives()  # refused: nothing reached Redis
+        assert st._gives, "the settlement was dropped"
+        redis.start()
+        await st._flush_gives()
+        level = float(await st.redis.hget("kept:rl:tpm:key:k", "level"))
+        assert level >= 49, level
+    finally:
+        await st.aclose()
