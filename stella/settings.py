@@ -453,7 +453,9 @@ def secret_values(settings: Settings) -> list[str]:
         base_url = table.get("base_url")
         if isinstance(base_url, str):  # a user:password@ in it is sent as Basic auth
             out += _url_secrets(base_url)
-            out += _basic_token(base_url)
+            # An upstream's error may quote the Authorization header it refused.
+            if token := basic_credential(base_url):
+                out.append(token)
     out += _url_secrets(settings.state.redis_url)
     return [v for v in out if v.lower() not in PLAIN_VALUES and not v.isdigit()]
 
@@ -490,18 +492,16 @@ def _redact(node: Any, key: str = "") -> Any:
     return node
 
 
-def _basic_token(url: str) -> list[str]:
-    """The Basic credential a URL's user and password are sent as (an upstream's error
-    may quote the Authorization header it refused)."""
+def basic_credential(url: str) -> str:
+    """The Basic credential a URL's user and password are sent as ("" without them)."""
     try:
         parts = urlsplit(url)
         user, password = parts.username, parts.password
     except ValueError:
-        return []
+        return ""
     if user is None and password is None:
-        return []
-    pair = f"{unquote(user or '')}:{unquote(password or '')}"
-    return [b64encode(pair.encode()).decode()]
+        return ""
+    return b64encode(f"{unquote(user or '')}:{unquote(password or '')}".encode()).decode()
 
 
 def _url_secrets(url: str) -> list[str]:

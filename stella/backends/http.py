@@ -11,11 +11,10 @@ import asyncio
 import email.utils
 import os
 import time
-from base64 import b64encode
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import Annotated, Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import httpx
@@ -27,6 +26,7 @@ from msgspec import Meta
 from stella.backends import ConfigError
 from stella.backends.base import Backend, BackendConfig, BackendHealth
 from stella.errors import StellaError, UpstreamError, UpstreamStatus, UpstreamTimeout
+from stella.settings import basic_credential
 
 
 class HttpConfig(BackendConfig, kw_only=True):
@@ -109,8 +109,7 @@ class HttpBackend(Backend):
                     f"backends.{name}.base_url: holds a user and password, and api_key_env "
                     "or an Authorization header is set too; use one of them"
                 )
-            pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
-            self.basic = {"Authorization": "Basic " + b64encode(pair.encode()).decode()}
+            self.basic = {"Authorization": "Basic " + basic_credential(url)}
             url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
         self.base_url = url.rstrip("/")
         self.api_key = ""
