@@ -206,7 +206,6 @@ class Inference:
         "created",
         "ctx",
         "discarded_by",
-        "discarded_tokens",
         "engine_ttft_ms",
         "error",
         "fallback_permit",
@@ -261,9 +260,9 @@ class Inference:
         self.usage = Usage()
         self.completion_tokens = 0
         # Tokens of non-stream attempts that failed after producing them and were answered
-        # again: the client never sees them, the upstream made (and may bill) them.
-        self.discarded_tokens = 0
-        self.discarded_by: dict[str, int] | None = None  # the same, by the route that made them
+        # again, by the route that made them: the client never sees them, the upstream
+        # made (and may bill) them.
+        self.discarded_by: dict[str, int] | None = None
         self.finish_reason: str = "error"
         self.error: StellaError | None = None
         self.texts: list[str] = []
@@ -455,7 +454,6 @@ class Inference:
                                 # the answer can start over (a retry, then a fallback).
                                 texts.clear()
                                 self.tool_calls.clear()
-                                self.discarded_tokens += tokens
                                 if tokens:
                                     made = self.discarded_by = self.discarded_by or {}
                                     made[route.name] = made.get(route.name, 0) + tokens
@@ -708,9 +706,13 @@ class Inference:
             n = ctx.prompt_tokens
             usage = Usage(n, usage.completion_tokens, n + usage.completion_tokens)
         final = usage
-        if self.discarded_tokens:  # made, though never sent: they count for the limits too
-            n = self.discarded_tokens
-            usage = Usage(usage.prompt_tokens, usage.completion_tokens + n, usage.total_tokens + n)
+        discarded = sum(self.discarded_by.values()) if self.discarded_by else 0
+        if discarded:  # made, though never sent: they count for the limits too
+            usage = Usage(
+                usage.prompt_tokens,
+                usage.completion_tokens + discarded,
+                usage.total_tokens + discarded,
+            )
         made = None  # the asked model made it all, as usual
         if self.discarded_by or (ctx is not None and ctx.route != self.route.name):
             made = self._made_on(self.route.name, final)
@@ -762,8 +764,8 @@ class Inference:
         }
         if self.engine_ttft_ms is not None:
             record["engine_ttft_ms"] = self.engine_ttft_ms
-        if self.discarded_tokens:
-            record["discarded_tokens"] = self.discarded_tokens
+        if discarded:
+            record["discarded_tokens"] = discarded
         if ctx is not None:
             if ctx.cached_tokens is not None:
                 record["cached_tokens"] = ctx.cached_tokens

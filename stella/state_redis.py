@@ -421,11 +421,15 @@ class RedisState:
         if isinstance(exc, TimeoutError | RedisTimeoutError):
             return
         for key, (cap, per_s, amount) in gives.items():
-            pending = self._gives.get(key)
-            if pending is None:
-                self._gives[key] = [cap, per_s, amount]
-            else:
-                pending[2] += amount
+            self.owe(key, cap, per_s, amount)
+
+    def owe(self, key: str, capacity: float, per_s: float, amount: float) -> None:
+        """Queue a settlement of bucket `key` (its Redis key) for the next round trip."""
+        pending = self._gives.get(key)
+        if pending is None:
+            self._gives[key] = [capacity, per_s, amount]
+        else:
+            pending[2] += amount
 
     async def _flush(self) -> None:
         """Send the usage counters: first a batch whose reply was lost (with its ID, so it
@@ -642,11 +646,7 @@ class RedisBuckets:
 
         # Settled in batches every 0.1 s: a refund that waits that long changes nothing for
         # a per-minute bucket, and it spares every request a round trip.
-        pending = st._gives.get(st._key("rl", key))
-        if pending is None:
-            st._gives[st._key("rl", key)] = [capacity, per_s, amount]
-        else:
-            pending[2] += amount
+        st.owe(st._key("rl", key), capacity, per_s, amount)
 
 
 # A slot holder's claim lapses this long after its last renewal (a replica that died
