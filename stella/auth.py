@@ -106,7 +106,7 @@ class Authenticator:
                 # A Unix socket is local: no server at all, or (its path, None) as
                 # uvicorn gives it.
                 local, port = key or ("", None)
-                loopback = not local or (port is None and not _is_ip(local)) or is_loopback(local)
+                loopback = not local or (port is None and _ip(local) is None) or is_loopback(local)
                 if len(self._local) < 256:
                     self._local[key] = loopback
             if loopback:
@@ -176,21 +176,20 @@ def _token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     return api_key
 
 
-def _is_ip(text: str) -> bool:
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `text` writes (brackets allowed), or None when it is no address."""
     try:
-        ipaddress.ip_address(text.strip("[]"))
+        return ipaddress.ip_address(text.strip("[]"))
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def is_loopback(host: str) -> bool:
     """Whether a bind address only accepts local connections."""
     if host in ("localhost", ""):
         return host == "localhost"
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
+    ip = _ip(host)
+    if ip is None:
         return False
     # On a dual-stack `::` socket an IPv4 caller arrives as ::ffff:127.0.0.1.
     mapped = getattr(ip, "ipv4_mapped", None)
