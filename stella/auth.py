@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -75,13 +76,7 @@ class Authenticator:
         # server.host, as `uvicorn --host`): never admins, and refused without
         # auth.allow_anonymous. Found per local address, once.
         self._local: dict[tuple[Any, ...] | None, bool] = {}
-        self.network_anonymous = Principal(
-            name="anonymous",
-            admin=False,
-            requests_per_minute=lim.requests_per_minute,
-            tokens_per_minute=lim.tokens_per_minute,
-            max_concurrent=lim.max_concurrent,
-        )
+        self.network_anonymous = dataclasses.replace(self.anonymous, admin=False)
         if not self.enabled and not settings.auth.allow_anonymous and not is_loopback(host):
             raise ConfigError(
                 f"auth: no API keys configured and server.host={host!r} is not loopback; "
