@@ -198,7 +198,7 @@ class _Writer:
             self._write_out(data)
         except Exception as exc:  # a broken output must not end its thread: count, go on
             self.errors += 1
-            # The lines that did go (whole, or to be finished first) are not lost.
+            # The lines that went whole before the failure are not lost.
             self.dropped_failed += len(lines) - getattr(exc, "lines_written", 0)
             self._on_error(self.output, exc)
         finally:
@@ -267,10 +267,7 @@ class LogSink:
         try:
             for listener in self.listeners:
                 listener(event)
-            line = self._encode(event, checked)
-            audit = line if self.audit_path and event.get("event") == "inference" else None
-            if self.fmt != "json":
-                line = _console(msgspec.json.decode(line))
+            line, audit = self._lines(event, self._encode(event, checked))
         except Exception as exc:  # a log line must never break a request
             line, audit = self._reduced(event, exc)
         try:
@@ -291,13 +288,17 @@ class LogSink:
         try:
             reduced = {k: v for k, v in event.items() if k not in _FREE_FORM}
             reduced["log_error"] = f"not rendered whole: {type(exc).__name__}"
-            line = self._encode(reduced)
-            audit = line if self.audit_path and event.get("event") == "inference" else None
-            if self.fmt != "json":
-                line = _console(msgspec.json.decode(line))
-            return line, audit
+            return self._lines(event, self._encode(reduced))
         except Exception as again:
             return f"log render failed: {again!r}\n".encode(), None
+
+    def _lines(self, event: dict[str, Any], line: bytes) -> tuple[bytes, bytes | None]:
+        """An encoded event as stdout shows it, and as the audit file keeps it (an
+        inference's, when there is an audit file)."""
+        audit = line if self.audit_path and event.get("event") == "inference" else None
+        if self.fmt != "json":
+            line = _console(msgspec.json.decode(line))
+        return line, audit
 
     def _handover(self) -> None:
         batch, self._batch = self._batch, []
