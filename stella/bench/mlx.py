@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -89,6 +92,26 @@ def _stream(url: str, body: dict, rid: str = "") -> tuple[float, float, int, dic
     return (first - t0) * 1000, (usage_n - 1) / (end - first) if end > first else 0.0, usage_n, done
 
 
+@contextlib.contextmanager
+def _stella(source: str, prompt_cache_size: int) -> Iterator[Any]:
+    """stella serving the MLX model from `source`, with that prompt cache, until the
+    block ends."""
+    with tempfile.TemporaryDirectory(prefix="stella-bench-mlx-") as tmp:
+        conf = Path(tmp) / "stella.toml"
+        conf.write_text(
+            f'[backends.local]\nsource = "{source}"\nprompt_cache_size = {prompt_cache_size}\n'
+        )
+        port = free_port()
+        with spawn(
+            stella_args(port),
+            port=port,
+            env={"STELLA_CONFIG": str(conf)},
+            ready_path="/ready",
+            timeout=600,
+        ) as stella:
+            yield stella
+
+
 def compare(tokens: int = 64, runs: int = 3) -> Report:
     """Raw mlx-lm first, then stella over HTTP, each on its own process and model load."""
     from stella.backends.mlx.source import default_cache_dir, resolve
@@ -111,63 +134,36 @@ def compare(tokens: int = 64, runs: int = 3) -> Report:
     raw_tps = sum(r["tps"] for r in raw_data["runs"]) / len(raw_data["runs"])
     raw_ttft = sum(r["ttft_ms"] for r in raw_data["runs"]) / len(raw_data["runs"])
 
-    with tempfile.TemporaryDirectory(prefix="stella-bench-mlx-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        conf = tmp / "stella.toml"
-        conf.write_text(f'[backends.local]\nsource = "{path}"\nprompt_cache_size = 0\n')
-        port = free_port()
-        body = {
-            "messages": [{"role": "user", "content": PROMPT}],
-            "options": {"temperature": 0, "max_tokens": tokens},
-        }
-        with spawn(
-            stella_args(port),
-            port=port,
-            env={"STELLA_CONFIG": str(conf)},
-            ready_path="/ready",
-            timeout=600,
-        ) as stella:
-            rids = [f"bench-mlx-{i}" for i in range(runs + 1)]
-            results = [_stream(stella.url, body, rid) for rid in rids][1:]
-            stella_rss = stella.rss()
-            time.sleep(0.3)  # the log line is written off the request path
-            engine = {
-                e["request_id"]: e.get("engine_ttft_ms") for e in stella.log_events("inference")
-            }
-        s_tps = sum(r[1] for r in results) / len(results)
-        s_ttft = sum(r[0] for r in results) / len(results)
-        # In the same requests: the client's time to first token minus the engine's own
-        # (template, prefill, first step on the worker): what stella adds around the model.
-        own = [
-            r[0] - engine[rid] for r, rid in zip(results, rids[1:], strict=True) if engine.get(rid)
-        ]
-        own_ms = sum(own) / len(own) if own else -1.0
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "options": {"temperature": 0, "max_tokens": tokens},
+    }
+    with _stella(path, prompt_cache_size=0) as stella:
+        rids = [f"bench-mlx-{i}" for i in range(runs + 1)]
+        results = [_stream(stella.url, body, rid) for rid in rids][1:]
+        stella_rss = stella.rss()
+        time.sleep(0.3)  # the log line is written off the request path
+        engine = {e["request_id"]: e.get("engine_ttft_ms") for e in stella.log_events("inference")}
+    s_tps = sum(r[1] for r in results) / len(results)
+    s_ttft = sum(r[0] for r in results) / len(results)
+    # In the same requests: the client's time to first token minus the engine's own
+    # (template, prefill, first step on the worker): what stella adds around the model.
+    own = [r[0] - engine[rid] for r, rid in zip(results, rids[1:], strict=True) if engine.get(rid)]
+    own_ms = sum(own) / len(own) if own else -1.0
 
-        conf.write_text(f'[backends.local]\nsource = "{path}"\nprompt_cache_size = 8\n')
-        port = free_port()
-        with spawn(
-            stella_args(port),
-            port=port,
-            env={"STELLA_CONFIG": str(conf)},
-            ready_path="/ready",
-            timeout=600,
-        ) as stella:
-            turn = [
-                {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": "Hello! Who are you?"},
-            ]
-            opts = {"temperature": 0, "max_tokens": 16}
-            t1, _, _, _ = _stream(stella.url, {"messages": turn, "options": opts})
-            r = _client.post(
-                stella.url + "/api/v1/chat",
-                json={"messages": turn, "options": opts, "stream": False},
-            ).json()
-            follow = [
-                *turn,
-                r["message"],
-                {"role": "user", "content": "What can you help me with?"},
-            ]
-            t2, _, _, _ = _stream(stella.url, {"messages": follow, "options": opts})
+    with _stella(path, prompt_cache_size=8) as stella:
+        turn = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "Hello! Who are you?"},
+        ]
+        opts = {"temperature": 0, "max_tokens": 16}
+        t1, _, _, _ = _stream(stella.url, {"messages": turn, "options": opts})
+        r = _client.post(
+            stella.url + "/api/v1/chat",
+            json={"messages": turn, "options": opts, "stream": False},
+        ).json()
+        follow = [*turn, r["message"], {"role": "user", "content": "What can you help me with?"}]
+        t2, _, _, _ = _stream(stella.url, {"messages": follow, "options": opts})
     return Report(
         tokens=tokens,
         raw_tps=round(raw_tps, 2),
