@@ -10,6 +10,7 @@ closes the connection on the second without a word: the race, made deterministic
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -106,13 +107,30 @@ class Closer:
             writer.close()
 
 
+@contextlib.asynccontextmanager
+async def serving(handle: Any) -> AsyncIterator[str]:
+    """A raw upstream on a free loopback port, its URL, until the block ends."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
 @pytest.fixture
 async def upstream() -> AsyncIterator[tuple[Closer, str]]:
     closer = Closer()
-    server = await asyncio.start_server(closer.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        yield closer, f"http://127.0.0.1:{port}"
+    async with serving(closer.handle) as url:
+        yield closer, url
+
+
+@contextlib.asynccontextmanager
+async def started(kind: str, url: str, **kw: Any) -> AsyncIterator[HttpBackend]:
+    """A started backend of `kind` on `url`, closed when the block ends."""
+    backend = make(kind, url, **kw)
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
 
 
 def make(kind: str, url: str, **kw: Any) -> HttpBackend:
@@ -133,9 +151,7 @@ async def test_a_connection_closed_by_the_upstream_is_replaced(
     upstream: tuple[Closer, str], kind: str
 ) -> None:
     closer, url = upstream
-    backend = make(kind, url)
-    await backend.start()
-    try:
+    async with started(kind, url) as backend:
         for _ in range(3):
             events = await ask(backend)
             assert [type(e) for e in events] == [Delta, Done]
@@ -143,8 +159,6 @@ async def test_a_connection_closed_by_the_upstream_is_replaced(
         # Each request after the first met a connection the upstream closed on it.
         assert closer.answered == 3
         assert closer.connections == 3
-    finally:
-        await backend.aclose()
 
 
 async def test_an_upstream_that_never_answers_is_asked_twice_at_most(
@@ -152,16 +166,12 @@ async def test_an_upstream_that_never_answers_is_asked_twice_at_most(
 ) -> None:
     closer, url = upstream
     closer.answer_every = 0
-    backend = make("openai", url)
-    await backend.start()
-    try:
+    async with started("openai", url) as backend:
         with pytest.raises(StellaError) as info:
             await ask(backend)
         assert info.value.code == "upstream_error"
         assert info.value.retryable
         assert closer.connections == 2  # one resend on a new connection, no more
-    finally:
-        await backend.aclose()
 
 
 async def test_an_upstream_that_worked_then_dropped_the_request_is_not_asked_again(
@@ -171,15 +181,11 @@ async def test_an_upstream_that_worked_then_dropped_the_request_is_not_asked_aga
     # generation) is no stale connection: the route's retries decide, and log, any retry.
     closer, url = upstream
     closer.answer_every, closer.work_s = 0, 0.7
-    backend = make("openai", url)
-    await backend.start()
-    try:
+    async with started("openai", url) as backend:
         with pytest.raises(StellaError) as info:
             await ask(backend)
         assert info.value.code == "upstream_error" and info.value.retryable
         assert closer.connections == 1
-    finally:
-        await backend.aclose()
 
 
 async def test_a_wait_for_the_pool_does_not_count_as_the_upstream_working(
@@ -189,14 +195,10 @@ async def test_a_wait_for_the_pool_does_not_count_as_the_upstream_working(
     # upstream. It failed at once on the connection it got: sent again, and answered.
     closer, url = upstream
     closer.answer_s = 0.7
-    backend = make("openai", url, max_connections=1)
-    await backend.start()
-    try:
+    async with started("openai", url, max_connections=1) as backend:
         results = await asyncio.gather(ask(backend), ask(backend))
         assert all([type(e) for e in r] == [Delta, Done] for r in results)
         assert closer.answered == 2 and closer.connections == 2
-    finally:
-        await backend.aclose()
 
 
 # Streamed answers whose HTTP body ends a moment after the answer's last event, as a
@@ -276,45 +278,34 @@ async def ask_stream(backend: HttpBackend) -> list[Any]:
 @pytest.mark.parametrize("kind", ["openai", "ollama", "anthropic"])
 async def test_a_stream_ending_after_its_last_event_keeps_its_connection(kind: str) -> None:
     streamer = Streamer(end_after_s=0.3)
-    server = await asyncio.start_server(streamer.handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    backend = make(kind, url)
-    await backend.start()
-    try:
-        async with server:
-            for _ in range(3):
-                t = time.perf_counter()
-                events = await ask_stream(backend)
-                # The answer does not wait the 0.3 s for the body's end...
-                assert time.perf_counter() - t < 0.2
-                assert [type(e) for e in events] == [Delta, Done]
-                await asyncio.sleep(0.4)  # ...which is read meanwhile, off its path
-            assert streamer.answered == 3
-            assert streamer.connections == 1  # one pooled connection for every stream
-    finally:
-        await backend.aclose()
+    async with serving(streamer.handle) as url, started(kind, url) as backend:
+        for _ in range(3):
+            t = time.perf_counter()
+            events = await ask_stream(backend)
+            # The answer does not wait the 0.3 s for the body's end...
+            assert time.perf_counter() - t < 0.2
+            assert [type(e) for e in events] == [Delta, Done]
+            await asyncio.sleep(0.4)  # ...which is read meanwhile, off its path
+        assert streamer.answered == 3
+        assert streamer.connections == 1  # one pooled connection for every stream
 
 
 async def test_a_call_waiting_for_the_pool_takes_a_connection_being_read_to_its_end() -> None:
     # One connection, a body that ends 1.5 s after its answer: the next call does not
     # wait for that end; the connection being read is closed for it.
     streamer = Streamer(end_after_s=1.5)
-    server = await asyncio.start_server(streamer.handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    backend = make("ollama", url, max_connections=1)
-    await backend.start()
-    try:
-        async with server:
-            for _ in range(3):
-                t = time.perf_counter()
-                events = await ask_stream(backend)
-                assert [type(e) for e in events] == [Delta, Done]
-                assert time.perf_counter() - t < 0.5
-            assert streamer.connections == 3
-            await asyncio.sleep(0.1)
-            assert backend.using == 1  # the last one's body, still being read
-    finally:
-        await backend.aclose()
+    async with (
+        serving(streamer.handle) as url,
+        started("ollama", url, max_connections=1) as backend,
+    ):
+        for _ in range(3):
+            t = time.perf_counter()
+            events = await ask_stream(backend)
+            assert [type(e) for e in events] == [Delta, Done]
+            assert time.perf_counter() - t < 0.5
+        assert streamer.connections == 3
+        await asyncio.sleep(0.1)
+        assert backend.using == 1  # the last one's body, still being read
 
 
 async def test_a_body_that_never_ends_after_the_answer_is_let_go(
@@ -322,20 +313,13 @@ async def test_a_body_that_never_ends_after_the_answer_is_let_go(
 ) -> None:
     monkeypatch.setattr(http, "DRAIN_S", 0.1)
     streamer = Streamer(end_after_s=None)
-    server = await asyncio.start_server(streamer.handle, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    backend = make("ollama", url)
-    await backend.start()
-    try:
-        async with server:
-            for _ in range(2):
-                events = await ask_stream(backend)
-                assert [type(e) for e in events] == [Delta, Done]
-            await asyncio.sleep(0.3)
-            assert not backend._draining  # the reads gave up; their connections closed
-            assert streamer.connections == 2
-    finally:
-        await backend.aclose()
+    async with serving(streamer.handle) as url, started("ollama", url) as backend:
+        for _ in range(2):
+            events = await ask_stream(backend)
+            assert [type(e) for e in events] == [Delta, Done]
+        await asyncio.sleep(0.3)
+        assert not backend._draining  # the reads gave up; their connections closed
+        assert streamer.connections == 2
 
 
 async def test_health_of_a_refused_port_says_cannot_connect() -> None:
@@ -343,11 +327,7 @@ async def test_health_of_a_refused_port_says_cannot_connect() -> None:
     port = server.sockets[0].getsockname()[1]
     server.close()
     await server.wait_closed()  # nothing listens there now
-    backend = make("openai", f"http://127.0.0.1:{port}")
-    await backend.start()
-    try:
+    async with started("openai", f"http://127.0.0.1:{port}") as backend:
         health = await backend.health()
         assert not health.ok
         assert health.detail == "cannot connect (ConnectionRefusedError)"
-    finally:
-        await backend.aclose()
