@@ -275,31 +275,28 @@ def test_values_only_use_reveals_are_checked_up_front(
     assert len(lines) == 1 and needle in lines[0]
 
 
-def test_config_check_leaves_no_audit_file_behind(tmp_path: Path) -> None:
-    where = tmp_path / "logs" / "deep" / "log.jsonl"
+def check_with_audit_path(path: Path) -> subprocess.CompletedProcess[str]:
+    """`stella config --check` with log.audit_path set to `path`, on echo."""
     env = {"PATH": "/usr/bin:/bin", "STELLA_MODELS__DEFAULT": "echo"}
-    env["STELLA_LOG__AUDIT_PATH"] = str(where)
-    proc = subprocess.run(
+    env["STELLA_LOG__AUDIT_PATH"] = str(path)
+    return subprocess.run(
         [sys.executable, "-m", "stella", "config", "--check"],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_config_check_leaves_no_audit_file_behind(tmp_path: Path) -> None:
+    proc = check_with_audit_path(tmp_path / "logs" / "deep" / "log.jsonl")
     assert proc.returncode == 0, proc.stderr
     assert list(tmp_path.iterdir()) == []  # checked by creating them, then removed again
     # A link to where the file will be is the user's: kept (what the check made goes).
     (tmp_path / "data").mkdir()
     link = tmp_path / "audit.jsonl"
     link.symlink_to(tmp_path / "data" / "audit.jsonl")
-    env["STELLA_LOG__AUDIT_PATH"] = str(link)
-    proc = subprocess.run(
-        [sys.executable, "-m", "stella", "config", "--check"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = check_with_audit_path(link)
     assert proc.returncode == 0, proc.stderr
     assert link.is_symlink() and not (tmp_path / "data" / "audit.jsonl").exists()
 
@@ -445,15 +442,7 @@ def test_urls_are_shown_without_their_credentials(url: str, shown: str) -> None:
 def test_an_audit_path_that_is_a_link_loop_is_one_line(tmp_path: Path) -> None:
     loop = tmp_path / "loop.jsonl"
     loop.symlink_to(loop)
-    env = {"PATH": "/usr/bin:/bin", "STELLA_MODELS__DEFAULT": "echo"}
-    env["STELLA_LOG__AUDIT_PATH"] = str(loop)
-    proc = subprocess.run(
-        [sys.executable, "-m", "stella", "config", "--check"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = check_with_audit_path(loop)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "log.audit_path" in lines[0]
