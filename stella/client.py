@@ -17,6 +17,7 @@ import contextlib
 import email.utils
 import math
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -27,6 +28,8 @@ import msgspec
 from stella.protocol import ChatResponse, Done, Error, ModelList, Ping, StreamEvent
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+# What an HTTP header value may hold (visible ASCII and inner spaces).
+_HEADER_SAFE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 _event = msgspec.json.Decoder(StreamEvent)
 _response = msgspec.json.Decoder(ChatResponse)
 _models = msgspec.json.Decoder(ModelList)
@@ -141,6 +144,12 @@ def _network(url: str) -> Iterator[None]:
         ) from exc
     except httpx.ConnectError as exc:
         raise NetworkError(f"cannot reach {url}: {exc}", code="network_error") from exc
+    except httpx.LocalProtocolError:
+        # Its text quotes the offending header value, which may be a credential.
+        raise NetworkError(
+            f"the request to {url} is not valid HTTP (a header value, say): not sent",
+            code="network_error",
+        ) from None
     except httpx.TransportError as exc:
         message = f"connection to {url} failed: {exc or type(exc).__name__}"
         raise NetworkError(message, code="network_error") from exc
@@ -255,7 +264,14 @@ class _Lines:
         self.request_id = request_id
         self.ended = False
 
-    def event(self, line: str) -> Any:
+    def named(self, exc: StellaClientError) -> StellaClientError:
+        """`exc` carrying the stream's request ID once it is known (a timeout or a broken
+        connection mid-stream has none of its own)."""
+        if not exc.request_id:
+            exc.request_id = self.request_id
+        return exc
+
+    def event(self, line: bytes) -> Any:
         """The line's event, or None for a line to skip."""
         try:
             event = _event.decode(line)
@@ -328,7 +344,7 @@ def _encode(body: dict[str, Any]) -> bytes:
     `message` goes back into the next turn as it is)."""
     try:
         return _encoder.encode(body)
-    except TypeError as exc:
+    except (TypeError, UnicodeEncodeError) as exc:  # a lone surrogate is not UTF-8
         raise BadRequestError(f"cannot send the request: {exc}", code="invalid_request") from None
 
 
@@ -380,9 +396,63 @@ def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, s
     try:
         httpx.URL(url)
     except httpx.InvalidURL as exc:
-        raise InvalidURLError(f"{url} is not a valid URL: {exc}", code="invalid_url") from None
-    key = api_key if api_key is not None else os.environ.get("STELLA_API_KEY", "")
+        raise InvalidURLError(
+            f"{_shown(url)} is not a valid URL: {exc}", code="invalid_url"
+        ) from None
+    key = (api_key if api_key is not None else os.environ.get("STELLA_API_KEY", "")).strip()
+    # A key read from a file keeps its newline; outer spaces are never part of a key.
+    if key and not _HEADER_SAFE.fullmatch(key):
+        raise AuthenticationError(
+            "the API key holds characters an HTTP header cannot carry (non-ASCII or control)",
+            code="invalid_api_key",
+        )
     return url, ({"Authorization": f"Bearer {key}"} if key else {})
+
+
+def _shown(url: str) -> str:
+    """`url` without a user and password, as it appears in messages."""
+    if "@" not in url:
+        return url
+    try:
+        return str(httpx.URL(url).copy_with(username=None, password=None))
+    except httpx.InvalidURL:
+        scheme, _, rest = url.rpartition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def _headers(auth: dict[str, str], kwargs: dict[str, Any]) -> httpx.Headers:
+    """The caller's `headers=` (an httpx keyword), with the key's Authorization over them."""
+    headers = httpx.Headers(kwargs.pop("headers", None))
+    headers.update(auth)
+    return headers
+
+
+def _byte_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Lines split at b"\n" only: httpx's iter_lines also splits at U+2028, U+0085 and
+    others, which a JSON string may hold raw."""
+    rest = b""
+    for chunk in chunks:
+        if b"\n" not in chunk:
+            rest += chunk
+            continue
+        *lines, rest = (rest + chunk).split(b"\n")
+        yield from lines
+    if rest:
+        yield rest
+
+
+async def _abyte_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`_byte_lines` over an async iterator of chunks."""
+    rest = b""
+    async for chunk in chunks:
+        if b"\n" not in chunk:
+            rest += chunk
+            continue
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            yield line
+    if rest:
+        yield rest
 
 
 class Client:
@@ -395,8 +465,9 @@ class Client:
         timeout: float | httpx.Timeout = 600.0,
         **httpx_kwargs: Any,
     ) -> None:
-        url, headers = _config(base_url, api_key)
-        self.url = url
+        url, auth = _config(base_url, api_key)
+        self.url = _shown(url)
+        headers = _headers(auth, httpx_kwargs)
         self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout, **httpx_kwargs)
 
     def __enter__(self) -> Client:
@@ -417,19 +488,24 @@ class Client:
         return _decode(_response, r.content, self.url)
 
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[Any]:
-        with (
-            _network(self.url),
-            self._http.stream("POST", path, content=_encode(body), headers=_JSON) as r,
-        ):
-            if r.status_code >= 400:
-                raise error_for(r, r.read())
-            lines = _Lines(self.url, r.headers.get("x-request-id", ""))
-            for line in r.iter_lines():
-                if line:
-                    event = lines.event(line)
-                    if event is not None:
-                        yield event
-            lines.end()
+        lines = _Lines(self.url, "")
+        try:
+            with (
+                _network(self.url),
+                self._http.stream("POST", path, content=_encode(body), headers=_JSON) as r,
+            ):
+                if r.status_code >= 400:
+                    raise error_for(r, r.read())
+                lines.request_id = r.headers.get("x-request-id", "")
+                for line in _byte_lines(r.iter_bytes()):
+                    if line.strip():
+                        event = lines.event(line)
+                        if event is not None:
+                            yield event
+                lines.end()
+        except StellaClientError as exc:
+            lines.named(exc)
+            raise
 
     def chat(
         self,
@@ -501,8 +577,9 @@ class AsyncClient:
         timeout: float | httpx.Timeout = 600.0,
         **httpx_kwargs: Any,
     ) -> None:
-        url, headers = _config(base_url, api_key)
-        self.url = url
+        url, auth = _config(base_url, api_key)
+        self.url = _shown(url)
+        headers = _headers(auth, httpx_kwargs)
         self._http = httpx.AsyncClient(
             base_url=url, headers=headers, timeout=timeout, **httpx_kwargs
         )
@@ -525,17 +602,24 @@ class AsyncClient:
         return _decode(_response, r.content, self.url)
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Any]:
-        with _network(self.url):
-            async with self._http.stream("POST", path, content=_encode(body), headers=_JSON) as r:
-                if r.status_code >= 400:
-                    raise error_for(r, await r.aread())
-                lines = _Lines(self.url, r.headers.get("x-request-id", ""))
-                async for line in r.aiter_lines():
-                    if line:
-                        event = lines.event(line)
-                        if event is not None:
-                            yield event
-                lines.end()
+        lines = _Lines(self.url, "")
+        try:
+            with _network(self.url):
+                async with self._http.stream(
+                    "POST", path, content=_encode(body), headers=_JSON
+                ) as r:
+                    if r.status_code >= 400:
+                        raise error_for(r, await r.aread())
+                    lines.request_id = r.headers.get("x-request-id", "")
+                    async for line in _abyte_lines(r.aiter_bytes()):
+                        if line.strip():
+                            event = lines.event(line)
+                            if event is not None:
+                                yield event
+                    lines.end()
+        except StellaClientError as exc:
+            lines.named(exc)
+            raise
 
     async def chat(
         self,

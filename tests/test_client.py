@@ -400,3 +400,102 @@ def test_a_malformed_url_is_an_invalid_url_error(url: str) -> None:
         assert out.stderr.startswith("stella: invalid_url: ")
     env = {"PATH": "/usr/bin:/bin", "STELLA_URL": url}
     assert stella_cli("models", env=env).returncode == 2
+
+
+SEPARATORS = "one\u2028two three\u2029four five\x85six"
+
+
+def test_line_separators_inside_the_text_keep_their_line(stella: LiveServer) -> None:
+    # httpx's iter_lines splits at U+2028, U+2029 and U+0085 too, as str.splitlines does;
+    # the stream's lines end at b"\n" only.
+    msgs = [{"role": "user", "content": SEPARATORS}]
+    with sc.Client(stella.url) as c:
+        events = list(c.chat(msgs, "echo", stream=True))
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == SEPARATORS
+    assert isinstance(events[-1], Done)
+
+
+async def test_line_separators_inside_the_text_keep_their_line_async(stella: LiveServer) -> None:
+    async with sc.AsyncClient(stella.url) as c:
+        stream = await c.chat([{"role": "user", "content": SEPARATORS}], "echo", stream=True)
+        texts = [e.text async for e in stream if isinstance(e, Delta)]
+    assert "".join(texts) == SEPARATORS
+
+
+def test_a_key_with_outer_whitespace_is_trimmed(keyed: LiveServer) -> None:
+    with sc.Client(keyed.url, api_key=f" {KEY}\n") as c:
+        assert any(m.name == "echo" for m in c.models().models)
+    out = stella_cli("models", "--url", keyed.url, env={**os.environ, "STELLA_API_KEY": KEY + "\n"})
+    assert out.returncode == 0 and "echo" in out.stdout
+
+
+@pytest.mark.parametrize("key", ["sk-prod-\u20acbcdef", "sk-a\nb-secret", "sk-\x7fx"])
+def test_a_key_no_header_can_carry_is_refused_without_showing_it(key: str) -> None:
+    for make in (sc.Client, sc.AsyncClient):
+        with pytest.raises(sc.AuthenticationError) as info:
+            make("http://127.0.0.1:9", api_key=key)
+        assert info.value.code == "invalid_api_key" and key.strip() not in info.value.message
+    env = {**os.environ, "STELLA_API_KEY": key}
+    env.pop("STELLA_URL", None)
+    out = stella_cli("models", "--url", "http://127.0.0.1:9", env=env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
+    assert out.stderr.startswith("stella: invalid_api_key: ") and "secret" not in out.stderr
+
+
+def test_a_header_value_httpx_refuses_is_not_quoted() -> None:
+    with sc.Client("http://127.0.0.1:9", headers={"x-secret": "tok\n"}) as c:
+        with pytest.raises(sc.NetworkError) as info:
+            c.models()
+    assert "tok" not in info.value.message
+
+
+def test_a_password_in_the_url_stays_out_of_messages() -> None:
+    dead = f"http://user:hunter2@127.0.0.1:{free_port()}"
+    with sc.Client(dead) as c, pytest.raises(sc.NetworkError) as info:
+        c.models()
+    assert "hunter2" not in info.value.message and "127.0.0.1" in info.value.message
+    with pytest.raises(sc.InvalidURLError) as bad:
+        sc.Client("http://user:hunter2@127.0.0.1:abc")
+    assert "hunter2" not in bad.value.message
+
+
+def test_text_that_is_not_unicode_is_a_bad_request() -> None:
+    with sc.Client("http://127.0.0.1:9") as c, pytest.raises(sc.BadRequestError) as info:
+        c.chat([{"role": "user", "content": "caf\udce9"}], "echo")
+    assert info.value.code == "invalid_request"
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "chat", "--url", "http://127.0.0.1:9", "-m", "echo"],
+        input=b"caf\xe9 latin-1\n",
+        capture_output=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stderr
+    err = out.stderr.decode().strip()
+    assert err.splitlines() == [err] and err.startswith("stella: invalid_request: ")
+
+
+async def test_a_timeout_mid_stream_names_the_request(stella: LiveServer) -> None:
+    msgs = [{"role": "user", "content": "a b c d e"}]
+    with sc.Client(stella.url, timeout=0.2) as c, pytest.raises(sc.TimeoutError) as info:
+        for e in c.chat(msgs, "echo-stall", stream=True):
+            if isinstance(e, Start):
+                started = e.id
+    assert info.value.request_id == started
+    async with sc.AsyncClient(stella.url, timeout=0.2) as ac:
+        stream = await ac.chat(msgs, "echo-stall", stream=True)
+        with pytest.raises(sc.TimeoutError) as ainfo:
+            async for e in stream:
+                if isinstance(e, Start):
+                    started = e.id
+    assert ainfo.value.request_id == started
+
+
+def test_headers_of_the_caller_go_with_the_key(keyed: LiveServer) -> None:
+    rid = "trace-4711"
+    headers = {"X-Request-ID": rid, "Authorization": "Bearer not-this-one"}
+    with sc.Client(keyed.url, api_key=KEY, headers=headers) as c:
+        with c._http.stream("GET", "/api/v1/models") as r:
+            assert r.status_code == 200 and r.headers["x-request-id"] == rid
+    with sc.Client(keyed.url, headers={"Authorization": f"Bearer {KEY}"}) as c:
+        assert c.models().models  # no api_key given: the caller's own header is sent

@@ -15,3 +15,9 @@ def client_error(exc: StellaClientError) -> str:
     if exc.code == "unauthorized":
         hint = "; give the key with --api-key or STELLA_API_KEY"
     return f"stella: {exc.code}: {exc.message}{where}{hint}"
+
+
+def client_exit(exc: StellaClientError) -> int:
+    """The exit code for a client error: 2 for a bad URL or key given (a usage error, like
+    a bad flag), else 1."""
+    return 2 if exc.code in ("invalid_url", "invalid_api_key") else 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stella.commands import client_error
+from stella.commands import client_error, client_exit
 
 NAME = "chat"
 HELP = "send a prompt (or stdin) to a stella server and stream the answer"
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")  # the error gets a line of its own
             sys.stdout.flush()
         print(client_error(exc), file=sys.stderr)
-        return 2 if exc.code == "invalid_url" else 1  # a usage error, like a bad flag
+        return client_exit(exc)
     except KeyboardInterrupt:
         if midline:  # the shell's prompt on a line of its own
             sys.stdout.write("\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stella.commands import client_error
+from stella.commands import client_error, client_exit
 
 NAME = "models"
 HELP = "list the models of a stella server"
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
             listing = client.models()
     except StellaClientError as exc:
         print(client_error(exc), file=sys.stderr)
-        return 2 if exc.code == "invalid_url" else 1  # a usage error, like a bad flag
+        return client_exit(exc)
     except OSError as exc:
         print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
         return 1
