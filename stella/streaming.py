@@ -31,6 +31,24 @@ Send = Callable[[dict[str, Any]], Any]
 Receive = Callable[[], Any]
 
 
+def one_line(data: bytes) -> bytes:
+    """JSON `data` with U+2028, U+2029 and U+0085 escaped, so that it stays one line.
+
+    msgspec writes them raw inside strings (valid JSON), but readers that split lines
+    as Python's str.splitlines() does (httpx's iter_lines, and so the official ollama
+    client) would cut an NDJSON line at them. Go's encoder, Ollama's own, escapes the
+    first two as well. Their bytes occur only inside strings (JSON's syntax is ASCII)
+    and only as these characters (0xC2 and 0xE2 lead UTF-8 sequences).
+    """
+    if b"\xe2\x80\xa8" in data or b"\xe2\x80\xa9" in data or b"\xc2\x85" in data:
+        data = (
+            data.replace(b"\xe2\x80\xa8", b"\\u2028")
+            .replace(b"\xe2\x80\xa9", b"\\u2029")
+            .replace(b"\xc2\x85", b"\\u0085")
+        )
+    return data
+
+
 class Codec:
     """How a dialect writes events on the wire; the native one is NDJSON."""
 
@@ -41,11 +59,11 @@ class Codec:
 
     def start(self, event: Start) -> bytes:
         """Bytes for the start of the stream (b"" sends only the headers)."""
-        return self._encoder.encode(event) + b"\n"
+        return one_line(self._encoder.encode(event)) + b"\n"
 
     def encode(self, event: Any) -> bytes:
         """Bytes for one pipeline event (Delta, ToolCall, Done, Error)."""
-        return self._encoder.encode(event) + b"\n"
+        return one_line(self._encoder.encode(event)) + b"\n"
 
     def ping(self) -> bytes:
         """Bytes that keep the connection alive without meaning anything."""

@@ -35,6 +35,17 @@ def test_generate_stream_and_not(stella: LiveServer) -> None:
     assert "".join(p.response for p in parts) == "x y" and parts[-1].done_reason == "stop"
 
 
+def test_line_separators_in_text_reach_the_client_whole(stella: LiveServer) -> None:
+    # The client reads lines with httpx's iter_lines, which splits at these too; Ollama's
+    # Go encoder escapes U+2028 and U+2029, and stella escapes all three.
+    text = "a\u2028b c\u2029d e\x85f"
+    c = client(stella)
+    parts = list(c.chat(model="echo", messages=[{"role": "user", "content": text}], stream=True))
+    assert "".join(p.message.content for p in parts) == text
+    parts = list(c.generate(model="echo", prompt=text, stream=True))
+    assert "".join(p.response for p in parts) == text
+
+
 def test_options_map_num_predict(stella: LiveServer) -> None:
     r = client(stella).chat(
         model="echo", messages=[{"role": "user", "content": "a b c d"}], options={"num_predict": 2}

@@ -42,6 +42,16 @@ def test_every_line_ends_with_newline(stella: LiveServer) -> None:
     assert all(line for line in r.text.split("\n")[:-1])
 
 
+def test_line_separators_in_text_are_escaped(stella: LiveServer) -> None:
+    # Readers that split lines as str.splitlines() does would cut a raw one in two.
+    text = "a\u2028b c\u2029d e\x85f"
+    r = chat(stella, "echo", text)
+    for raw in ("\u2028", "\u2029", "\x85"):
+        assert raw not in r.text
+    assert r.text.splitlines() == r.text.split("\n")[:-1]
+    assert "".join(e.get("text", "") for e in ndjson(r.text)) == text
+
+
 def test_non_stream_response(stella: LiveServer) -> None:
     r = chat(stella, "echo", stream=False)
     assert r.status_code == 200

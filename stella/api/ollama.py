@@ -48,7 +48,7 @@ from stella.protocol import (
     ToolCall,
     tools_from,
 )
-from stella.streaming import Codec
+from stella.streaming import Codec, one_line
 
 _chat = msgspec.json.Decoder(OllamaChat)
 _generate = msgspec.json.Decoder(OllamaGenerate)
@@ -109,6 +109,9 @@ class OllamaCodec(Codec):
 
     def encode(self, event: Any) -> bytes:
         """One line per event."""
+        return one_line(self._encode(event))
+
+    def _encode(self, event: Any) -> bytes:
         kind = type(event)
         if kind is Done:
             ctx = self.inference.ctx if self.inference is not None else None
