@@ -38,6 +38,7 @@ from stella.routing import Router
 from stella.settings import (
     RouteSettings,
     Settings,
+    blamed,
     enabled_backends,
     load_settings,
     secret_values,
@@ -319,7 +320,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     try:
         return _build_app(load_settings())
     except ConfigError as exc:
-        print(f"stella: config error: {exc}", file=sys.stderr, flush=True)
+        print(f"stella: config error: {blamed(exc)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 

@@ -266,12 +266,23 @@ def load_settings(
     try:
         return decode_settings(data)
     except ConfigError as exc:
-        variable = _blamed_variable(str(exc), environ, overrides or {})
-        if variable is None:
-            raise
-        # The variable and its value too: a shell or a platform set it, not a file.
-        shown = _redact(environ[variable], variable.rpartition("__")[2].lower())
-        raise ConfigError(f"{variable}={shown}: {exc}") from None
+        raise blamed(exc, overrides, environ) from None
+
+
+def blamed(
+    exc: ConfigError,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ConfigError:
+    """`exc`, naming the environment variable that set the bad key when one did (also for
+    errors found after decoding: a backend's table, a key's digest)."""
+    environ = os.environ if environ is None else environ
+    variable = _blamed_variable(str(exc), environ, overrides or {})
+    if variable is None:
+        return exc
+    # The variable and its value too: a shell or a platform set it, not a file.
+    shown = _redact(environ[variable], variable.rpartition("__")[2].lower())
+    return ConfigError(f"{variable}={shown}: {exc}")
 
 
 def _blamed_variable(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -233,7 +234,7 @@ def test_remote_pool_settings_are_checked(key: str, value: float) -> None:
     from stella.backends import ConfigError, build_backend, registry
 
     table = {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", key: value}
-    with pytest.raises(ConfigError, match=f"backends.up: {key}"):
+    with pytest.raises(ConfigError, match=f"backends.up.{key}: "):
         build_backend("up", table, registry())
 
 
@@ -246,7 +247,7 @@ def test_remote_pool_settings_are_checked(key: str, value: float) -> None:
         ({"STELLA_LOG__AUDIT_PATH": "/proc/nope/x.jsonl"}, "config", "log.audit_path"),
         ({"STELLA_LOG__AUDIT_PATH": "/tmp"}, "config", "log.audit_path: cannot write /tmp"),
         # Found by --check, not as a model that never loads.
-        ({"STELLA_BACKENDS__LOCAL__DTYPE": "float8"}, "config", "backends.local: dtype"),
+        ({"STELLA_BACKENDS__LOCAL__DTYPE": "float8"}, "config", "backends.local.dtype: "),
         # Found at start-up, not as a traceback, or as 502s on every call later.
         ({"STELLA_STATE__REDIS_URL": "redis://127.0.0.1:notaport/0"}, "serve", "state.redis_url"),
         (
@@ -380,6 +381,37 @@ def test_a_bad_environment_value_names_its_variable(env: dict[str, str], start: 
     with pytest.raises(ConfigError) as info:
         load_settings(environ=env)
     assert str(info.value).startswith(start)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "start"),
+    [
+        # Found after decoding: when the backends and keys are built.
+        (
+            "STELLA_BACKENDS__ECHO__DELAY_S",
+            "abc",
+            "STELLA_BACKENDS__ECHO__DELAY_S=abc: backends.echo.delay_s: Expected `float`",
+        ),
+        (
+            "STELLA_AUTH__KEYS__ALICE__SHA256",
+            "xyz",
+            "STELLA_AUTH__KEYS__ALICE__SHA256=***: auth.keys.alice.sha256: not a SHA-256",
+        ),
+    ],
+)
+def test_a_bad_variable_found_when_building_is_named(variable: str, value: str, start: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env[variable] = value
+    for args in (["serve", "--port", "9"], ["config", "--check"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "stella", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith(f"stella: config error: {start}"), out.stderr
 
 
 def test_a_flag_that_replaced_the_variable_is_not_blamed_on_it() -> None:

@@ -56,7 +56,7 @@ def build_backend(name: str, table: dict[str, Any], kinds: dict[str, Any]) -> Ba
     try:
         config = msgspec.convert(table, cls.Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"backends.{name}: {_dotted(exc)}") from exc
+        raise ConfigError(f"backends.{name}{_dotted(exc)}") from exc
     return cls(name, config)
 
 
@@ -76,9 +76,9 @@ def _check_tables(name: str, table: dict[str, Any], config: type[Any]) -> None:
 
 
 def _dotted(exc: msgspec.ValidationError) -> str:
-    """msgspec's `... - at `$.a.b`` as `a.b: ...`."""
+    """msgspec's `... - at `$.a.b`` as `.a.b: ...` (`: ...` without a path)."""
     text = str(exc)
     if " - at `$." in text:
         message, _, path = text.rpartition(" - at `$.")
-        return f"{path.rstrip('`')}: {message}"
-    return text
+        return f".{path.rstrip('`')}: {message}"
+    return f": {text}"

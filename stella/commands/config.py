@@ -18,9 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load and validate the configuration as `stella serve` would."""
+    """Print the configuration as decoded from the file and environment; with --check,
+    also build the backends, keys and audit file as `stella serve` would."""
     from stella.backends import ConfigError
-    from stella.settings import load_settings, redacted
+    from stella.settings import blamed, load_settings, redacted
 
     if args.config:
         os.environ["STELLA_CONFIG"] = args.config
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             Services(settings)  # builds backends and keys: catches what the file alone can't
             check_audit_path(settings, create=False)  # a check leaves nothing behind
     except ConfigError as exc:
-        print(f"stella: config error: {exc}", file=sys.stderr)
+        print(f"stella: config error: {blamed(exc)}", file=sys.stderr)
         return 2
     if args.check:
         print("stella: configuration ok", file=sys.stderr)

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     from stella.app import create_app
     from stella.backends import ConfigError
-    from stella.settings import load_settings, set_by_user
+    from stella.settings import blamed, load_settings, set_by_user
 
     if args.config:
         os.environ["STELLA_CONFIG"] = args.config
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings(overrides)
         app = create_app(settings)
     except ConfigError as exc:
-        print(f"stella: config error: {exc}", file=sys.stderr)
+        print(f"stella: config error: {blamed(exc, overrides)}", file=sys.stderr)
         return 2
     server_cfg = settings.server
     options: dict[str, Any] = dict(
