@@ -63,6 +63,9 @@ def test_openapi_is_generated_from_the_structs(stella: LiveServer) -> None:
     assert {"messages", "model", "stream", "options", "tools", "metadata"} <= set(props)
     assert "application/x-ndjson" in chat["responses"]["200"]["content"]
     assert "Start" in spec["components"]["schemas"] and "Done" in spec["components"]["schemas"]
+    # Anthropic's API answers an overload with 529, and stella's dialect does too.
+    messages = spec["paths"]["/v1/messages"]["post"]["responses"]
+    assert "Retry-After" in messages["529"]["headers"]
 
 
 def test_docs_page_renders_the_schema(stella: LiveServer) -> None:

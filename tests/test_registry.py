@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import httpx
+import pytest
 
 from stella.backends import registry
 from tests.live import ndjson, run_stella
@@ -82,3 +83,23 @@ def test_backend_from_another_distribution_is_picked_up(tmp_path: Path) -> None:
         assert {"name": "loud", "kind": "shout"}.items() <= next(
             m for m in models if m["name"] == "loud"
         ).items()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("delay_s", -1), ("error_code", "bogus"), ("fail_after", -2), ("fail_first_calls", -1)],
+)
+def test_echo_knobs_are_checked(key: str, value: object) -> None:
+    from stella.backends import ConfigError, build_backend, registry
+
+    with pytest.raises(ConfigError, match=f"backends.e.{key}: "):
+        build_backend("e", {"kind": "echo", key: value}, registry())
+
+
+def test_every_echo_error_code_is_a_failure_it_can_raise() -> None:
+    import typing
+
+    from stella.backends.echo import _FAILURES, EchoConfig
+
+    hints = typing.get_type_hints(EchoConfig, include_extras=True)
+    assert set(typing.get_args(hints["error_code"])) == set(_FAILURES)

@@ -401,6 +401,8 @@ document(
         tag="anthropic",
         request=MessagesRequest,
         stream="text/event-stream",
+        # The API's own status for an overload (a full queue) is 529.
+        errors=(400, 401, 403, 404, 413, 415, 429, 502, 503, 504, 529),
     )
 )
 

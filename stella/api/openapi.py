@@ -130,7 +130,7 @@ HEADERS = {
 def _headers(status: int, op: Operation, error: bool = False) -> dict[str, Any]:
     """The headers a response with this status may carry, as references."""
     names = ["X-Request-ID"]
-    if error and status in (429, 503):
+    if error and status in (429, 503, 529):
         names.append("Retry-After")
     # An inference (an operation that can be rate limited) tells a limited key its limits.
     if 429 in op.errors and (status < 400 or status == 429):

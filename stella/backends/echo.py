@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
+from typing import Annotated, Literal
+
+from msgspec import Meta
 
 from stella.backends.base import Backend, BackendConfig, BackendEvent, CallContext, first_stop
 from stella.errors import Overloaded, StellaError, Unavailable, UpstreamError, UpstreamTimeout
@@ -22,17 +25,22 @@ _WORDS = re.compile(r"\s*\S+")
 class EchoConfig(BackendConfig, kw_only=True):
     """[backends.NAME] with kind = "echo"."""
 
-    delay_s: float = 0.0  # pause before each token
+    delay_s: Annotated[float, Meta(ge=0)] = 0.0  # pause before each token
     fail_before_first: bool = False  # raise before any token (a retryable upstream error)
-    fail_first_calls: int = 0  # the first N calls fail before any token, later ones work
-    fail_after: int = -1  # raise after this many tokens (-1: never)
-    stall_after: int = -1  # stop producing after this many tokens, forever (-1: never)
-    error_code: str = "upstream_error"
+    # The first N calls fail before any token, later ones work.
+    fail_first_calls: Annotated[int, Meta(ge=0)] = 0
+    fail_after: Annotated[int, Meta(ge=-1)] = -1  # raise after this many tokens (-1: never)
+    # Stop producing after this many tokens, forever (-1: never).
+    stall_after: Annotated[int, Meta(ge=-1)] = -1
+    # The failure the knobs above raise: what a real backend may end a stream with.
+    error_code: Literal["upstream_error", "upstream_timeout", "overloaded", "unavailable"] = (
+        "upstream_error"
+    )
     # Fixed reply instead of the echo, e.g. for load tests with a known size.
     reply: str = ""
 
 
-# The failures `error_code` can name: what a real backend may end a stream with.
+# The failures `error_code` can name.
 _FAILURES: dict[str, type[StellaError]] = {
     e.code: e for e in (UpstreamError, UpstreamTimeout, Overloaded, Unavailable)
 }
