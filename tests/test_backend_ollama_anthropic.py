@@ -250,3 +250,29 @@ def test_through_stella_with_fallback(
         ev = server.wait_event(lambda e: e["model"] == "sonnet")
         assert [a.get("upstream_status") for a in ev["attempts"]][:2] == [529, 529]
         assert KEY not in "\n".join(server.lines())
+
+
+async def test_a_malformed_model_list_is_an_upstream_error() -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from stella.backends.openai import OpenAIBackend, OpenAIConfig
+    from stella.errors import UpstreamError
+
+    def junk(request: object) -> Response:
+        return Response(b'{"models": 5, "data": "x"}', media_type="application/json")
+
+    app = Starlette(routes=[Route(p, junk) for p in ("/api/tags", "/v1/models", "/models")])
+    with serve(app) as url:
+        for backend in (
+            ollama(url),
+            claude(url),
+            OpenAIBackend("o", OpenAIConfig(kind="openai", base_url=url)),
+        ):
+            await backend.start()
+            try:
+                with pytest.raises(UpstreamError, match="malformed answer to GET"):
+                    await backend.models()
+            finally:
+                await backend.aclose()

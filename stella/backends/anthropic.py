@@ -14,9 +14,7 @@ from stella.backends.http import (
     HttpBackend,
     HttpConfig,
     aiohttp_error,
-    error_from_response,
     iter_lines,
-    read_body,
 )
 from stella.errors import UpstreamError, UpstreamStatus
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
@@ -193,10 +191,7 @@ class AnthropicBackend(HttpBackend):
 
     async def models(self) -> list[str]:
         """GET /v1/models."""
-        r = await self.client.get("/v1/models")
-        if r.status_code >= 400:
-            raise error_from_response(self.name, r.status_code, r.headers, r.content)
-        return [m.id for m in _models.decode(r.content).data]
+        return [m.id for m in (await self.get_json("/v1/models", _models)).data]
 
     async def health(self) -> BackendHealth:
         """GET /v1/models: no tokens spent."""
@@ -205,12 +200,9 @@ class AnthropicBackend(HttpBackend):
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream one message and translate the SSE events."""
         body = _enc.encode(request_body(request, self.cfg.max_tokens))
-        headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         name = self.name
         try:
-            async with self.answer(self.base_url + "/v1/messages", body, headers) as r:
-                if r.status >= 300:
-                    raise error_from_response(name, r.status, r.headers, await read_body(r, name))
+            async with self.answer(self.base_url + "/v1/messages", body, ctx.request_id) as r:
                 usage = _Usage()
                 tools: dict[int, list[str]] = {}  # index -> [id, name, json]
                 stop: str | None = None

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -27,6 +27,8 @@ from stella.backends import ConfigError
 from stella.backends.base import Backend, BackendConfig, BackendHealth
 from stella.errors import StellaError, UpstreamError, UpstreamStatus, UpstreamTimeout
 from stella.settings import basic_credential
+
+T = TypeVar("T")
 
 
 class HttpConfig(BackendConfig, kw_only=True):
@@ -165,9 +167,21 @@ class HttpBackend(Backend):
         if session is not None and not session.closed:
             await session.close()
 
-    def answer(self, url: str, body: bytes, headers: dict[str, str]) -> Answer:
-        """`async with backend.answer(url, body, headers) as response`: POST on the pool."""
+    def answer(self, url: str, body: bytes, request_id: str) -> Answer:
+        """`async with backend.answer(url, body, request_id) as response`: POST a JSON body
+        on the pool; an error status raises the StellaError it means."""
+        headers = {"content-type": "application/json", "x-request-id": request_id}
         return Answer(self, url, body, headers)
+
+    async def get_json(self, path: str, decoder: msgspec.json.Decoder[T]) -> T:
+        """GET `path` and decode its JSON; an error status or a malformed answer raises."""
+        r = await self.client.get(path)
+        if r.status_code >= 400:
+            raise error_from_response(self.name, r.status_code, r.headers, r.content)
+        try:
+            return decoder.decode(r.content)
+        except BAD_JSON:
+            raise UpstreamError(f"{self.name}: malformed answer to GET {path}") from None
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
         """POST `body` on the pool; a connection the upstream closed under it is replaced once.
@@ -252,11 +266,17 @@ class Answer:
             # call rather than make it wait.
             next(iter(b._draining)).cancel()
         try:
-            self.response = await b.post(self.url, self.body, self.headers)
+            r = self.response = await b.post(self.url, self.body, self.headers)
+            if r.status >= 300:
+                try:
+                    text = await read_body(r, b.name)
+                finally:
+                    r.release()  # read whole: the connection goes back to the pool
+                raise error_from_response(b.name, r.status, r.headers, text)
         except BaseException:
             b.using -= 1
             raise
-        return self.response
+        return r
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: Any, tb: Any) -> None:
         r = self.response

@@ -14,9 +14,7 @@ from stella.backends.http import (
     HttpBackend,
     HttpConfig,
     aiohttp_error,
-    error_from_response,
     iter_lines,
-    read_body,
 )
 from stella.errors import UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
@@ -124,10 +122,7 @@ class OllamaBackend(HttpBackend):
 
     async def models(self) -> list[str]:
         """GET /api/tags."""
-        r = await self.client.get("/api/tags")
-        if r.status_code >= 400:
-            raise error_from_response(self.name, r.status_code, r.headers, r.content)
-        return [m.name for m in _tags.decode(r.content).models]
+        return [m.name for m in (await self.get_json("/api/tags", _tags)).models]
 
     async def health(self) -> BackendHealth:
         """GET /api/version: no tokens spent."""
@@ -136,12 +131,9 @@ class OllamaBackend(HttpBackend):
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream /api/chat and translate its lines."""
         body = _enc.encode(request_body(request, self.cfg.keep_alive))
-        headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         name = self.name
         try:
-            async with self.answer(self.base_url + "/api/chat", body, headers) as r:
-                if r.status >= 300:
-                    raise error_from_response(name, r.status, r.headers, await read_body(r, name))
+            async with self.answer(self.base_url + "/api/chat", body, ctx.request_id) as r:
                 index = 0
                 async for raw in iter_lines(r, name):
                     if not raw.strip():

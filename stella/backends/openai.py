@@ -15,7 +15,6 @@ from stella.backends.http import (
     HttpConfig,
     LineBuffer,
     aiohttp_error,
-    error_from_response,
     read_body,
 )
 from stella.errors import UpstreamError
@@ -161,13 +160,7 @@ class OpenAIBackend(HttpBackend):
 
     async def models(self) -> list[str]:
         """GET /models."""
-        r = await self.client.get("/models")
-        if r.status_code >= 400:
-            raise error_from_response(self.name, r.status_code, r.headers, r.content)
-        try:
-            return [m.id for m in _models.decode(r.content).data]
-        except BAD_JSON:
-            raise UpstreamError(f"{self.name}: malformed model list") from None
+        return [m.id for m in (await self.get_json("/models", _models)).data]
 
     async def health(self) -> BackendHealth:
         """GET /models: reachable and authorised, no tokens spent."""
@@ -177,12 +170,9 @@ class OpenAIBackend(HttpBackend):
         """Stream (or fetch) one completion and translate it into events."""
         stream = request.stream
         body = _json.encode(request_body(request, stream, self.cfg.stream_usage))
-        headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         name = self.name
         try:
-            async with self.answer(self.chat_url, body, headers) as r:
-                if r.status >= 300:
-                    raise error_from_response(name, r.status, r.headers, await read_body(r, name))
+            async with self.answer(self.chat_url, body, ctx.request_id) as r:
                 if not stream:
                     async for event in self._whole(await read_body(r, name)):
                         yield event
