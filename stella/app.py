@@ -329,13 +329,7 @@ def _build_app(settings: Settings) -> Starlette:
         configure_logs(settings)
     svc = Services(settings)
     routes = [*native.routes, *ops.routes]
-    for name in DIALECTS:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
+    for mod in _optional(DIALECTS):
         routes = [*mod.routes, *routes]
         svc.error_prefixes += getattr(mod, "ERROR_PREFIXES", {}).items()
     svc.error_prefixes.sort(key=lambda item: len(item[0]), reverse=True)
@@ -351,15 +345,19 @@ def _build_app(settings: Settings) -> Starlette:
 
 def _app_hooks() -> list[Callable[[Starlette, Services], None]]:
     """Optional modules that wire themselves in (metrics, CORS)."""
+    return [mod.install for mod in _optional(("stella.metrics", "stella.cors"))]
+
+
+def _optional(names: tuple[str, ...]) -> list[Any]:
+    """The modules of `names` that exist (one missing is skipped; a module that fails
+    to import for another reason raises)."""
     out = []
-    for name in ("stella.metrics", "stella.cors"):
+    for name in names:
         try:
-            mod = importlib.import_module(name)
+            out.append(importlib.import_module(name))
         except ModuleNotFoundError as exc:
             if exc.name != name:
                 raise
-            continue
-        out.append(mod.install)
     return out
 
 
