@@ -432,13 +432,16 @@ class Inference:
                                 ) from None
                             except asyncio.CancelledError:
                                 if watchdog.expired():
-                                    if time.perf_counter() >= watchdog.deadline:
+                                    out_of_time = time.perf_counter() >= watchdog.deadline
+                                    if out_of_time:
                                         why = f"ran past the total limit of {rs.total_timeout_s:g}s"
                                     else:
                                         why = f"went silent for {idle:g}s"
-                                    raise UpstreamTimeout(
+                                    timeout = UpstreamTimeout(
                                         f"backend {route.backend_name!r} {why}"
-                                    ) from None
+                                    )
+                                    timeout.out_of_time = out_of_time  # type: ignore[attr-defined]
+                                    raise timeout from None
                                 raise
                             finally:
                                 watchdog.waiting = False
@@ -448,7 +451,11 @@ class Inference:
                     except StellaError as exc:
                         self.attempts[-1]["error"] = exc.code
                         if exc.retryable:
-                            breaker.failure()
+                            # The request's own time ran out, not the backend's: no verdict
+                            # (the probe, if this was one, goes back below), as before the
+                            # first token.
+                            if not getattr(exc, "out_of_time", False):
+                                breaker.failure()
                             if emit is None:
                                 # Nothing has reached the client of a non-stream call yet:
                                 # the answer can start over (a retry, then a fallback).
