@@ -489,20 +489,18 @@ async def _follow_routing(svc: Services) -> None:
 
 
 def apply_routing(router: Router, routes: dict[str, Any], default: str | None) -> None:
-    """Make the runtime part of `router` what the store holds: its routes, its default."""
+    """Make the runtime part of `router` what the store holds: its routes, its default
+    (what can't be applied is left out with a warning, every time it is read)."""
+    specs: dict[str, RouteSettings] = {}
+    skipped: list[str] = []
     for name, spec in routes.items():
-        with contextlib.suppress(StellaError, msgspec.ValidationError, KeyError):
-            router.register(name, msgspec.convert(spec, RouteSettings))
-    # No default in the store (never switched, or a Redis restarted empty): the
-    # configured one, as a replica starting now would have it.
-    target = default or router.configured_default
-    if target and target != router.default:
-        with contextlib.suppress(StellaError):
-            router.set_default(target)
-    for name, route in list(router.routes.items()):
-        if route.runtime and name not in routes:
-            with contextlib.suppress(StellaError):  # the default stays until switched
-                router.remove(name)
+        try:
+            specs[name] = msgspec.convert(spec, RouteSettings)
+        except msgspec.ValidationError as exc:
+            skipped.append(f"route {name!r}: {exc}")
+    skipped += router.apply_stored(specs, default)
+    for why in skipped:
+        _log.warning("stored_routing_skipped", reason=why)
 
 
 def _chain_signals(drain: Drain) -> None:

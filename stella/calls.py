@@ -89,15 +89,23 @@ class Permit:
     def release(self) -> None:
         """Give back concurrency slots."""
 
+    def release_backend(self) -> None:
+        """Give back the backend's concurrency slot alone (the call moved on to another)."""
+
 
 class Admission:
     """Limits and queues consulted before a call starts (see stella.limits)."""
 
-    def admit_now(self, call: Call, route: Route, request: ChatRequest) -> Permit | None:
-        """A permit decided without waiting (or a refusal raised), else None: then `admit`."""
+    def admit_now(
+        self, call: Call, route: Route, request: ChatRequest, backend_slot: bool = True
+    ) -> Permit | None:
+        """A permit decided without waiting (or a refusal raised), else None: then `admit`;
+        `backend_slot`: whether the call takes a slot of the route's backend."""
         return None
 
-    async def admit(self, call: Call, route: Route, request: ChatRequest) -> Permit:
+    async def admit(
+        self, call: Call, route: Route, request: ChatRequest, backend_slot: bool = True
+    ) -> Permit:
         """Admit or raise RateLimited / Overloaded."""
         return Permit()
 

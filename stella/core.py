@@ -133,22 +133,29 @@ class Pipeline:
             raise Unavailable(
                 f"model {route.name!r} is unavailable: its circuit is open", retry_after=wait
             )
+        # The route's own circuit is open, a fallback's is not: the fallbacks serve, and the
+        # call neither waits for nor holds a slot of a backend it will not use.
+        skip = r is not route
         # Backend admission (e.g. a full local queue) refuses before the first byte;
         # a route with fallbacks lets the chain try the next one instead.
         if len(chain) == 1:
             route.backend.admit(request)
         admission = self.admission
         started = time.perf_counter()
-        permit = admission.admit_now(call, route, request)
+        permit = admission.admit_now(call, route, request, not skip)
         waited = 0.0
         if permit is None:  # a wait is possible (a concurrency slot, Redis): it is timed
-            permit = await self._admit_waiting(call, route, request)
+            permit = await self._admit_waiting(call, route, request, not skip)
             waited = (time.perf_counter() - started) * 1000
         inference = Inference(self, route, chain, request, call, permit, waited)
+        inference.skip_first = skip
+        inference.backend_held = not skip
         self.active.add(inference)
         return inference
 
-    async def _admit_waiting(self, call: Call, route: Route, request: ChatRequest) -> Permit:
+    async def _admit_waiting(
+        self, call: Call, route: Route, request: ChatRequest, backend_slot: bool
+    ) -> Permit:
         """Admission that may wait: a shutdown ends the wait (503 shutting_down), and a
         client that leaves gives up its place (499 client_closed), before any backend."""
         task = asyncio.current_task()
@@ -162,7 +169,7 @@ class Pipeline:
             else None
         )
         try:
-            return await self.admission.admit(call, route, request)
+            return await self.admission.admit(call, route, request, backend_slot)
         except asyncio.CancelledError:
             reason = call.cancel_reason
             if reason is None:
@@ -198,6 +205,7 @@ class Inference:
     __slots__ = (
         "admit_ms",
         "attempts",
+        "backend_held",
         "backend_name",
         "call",
         "chain",
@@ -216,6 +224,7 @@ class Inference:
         "queue_ms",
         "request",
         "route",
+        "skip_first",
         "slow",
         "t0",
         "t_end",
@@ -277,6 +286,10 @@ class Inference:
         # The permit of the fallback route being tried (its model's own limits): given
         # back when it fails, settled with the usage when the call ends on it.
         self.fallback_permit: tuple[str, Permit] | None = None  # (route name, permit)
+        # Admitted without the route's backend's slot, its circuit open: not tried at all.
+        self.skip_first = False
+        # Whether the call holds its route's backend's slot (when limits.backends sets one).
+        self.backend_held = True
         # The waits settled before the current attempt: for admission, for fallbacks'
         # backend slots, in earlier attempts' backend queues (queue_ms adds the current
         # attempt's own wait to it).
@@ -308,8 +321,22 @@ class Inference:
         last: StellaError | None = None
         try:
             for route in self.chain:
+                if route is self.route and self.skip_first:
+                    self.attempts.append(
+                        {
+                            "backend": route.backend_name,
+                            "route": route.name,
+                            "error": "circuit_open",
+                        }
+                    )
+                    last = Unavailable(f"backend {route.backend_name!r}: circuit open")
+                    continue
                 if route is not self.route:
                     self._give_back_fallback()  # the one before failed: its place goes back
+                    if route.backend_name != self.route.backend_name:
+                        # On to another backend: the first one's slot may serve another call.
+                        self.permit.release_backend()
+                        self.backend_held = False
                     # An open circuit is recorded below, without spending the route's limits.
                     if router.breaker(route.backend_name).available():
                         refused = await self._admit_fallback(route)
@@ -432,13 +459,16 @@ class Inference:
                                 ) from None
                             except asyncio.CancelledError:
                                 if watchdog.expired():
-                                    if time.perf_counter() >= watchdog.deadline:
+                                    out_of_time = time.perf_counter() >= watchdog.deadline
+                                    if out_of_time:
                                         why = f"ran past the total limit of {rs.total_timeout_s:g}s"
                                     else:
                                         why = f"went silent for {idle:g}s"
-                                    raise UpstreamTimeout(
+                                    timeout = UpstreamTimeout(
                                         f"backend {route.backend_name!r} {why}"
-                                    ) from None
+                                    )
+                                    timeout.out_of_time = out_of_time  # type: ignore[attr-defined]
+                                    raise timeout from None
                                 raise
                             finally:
                                 watchdog.waiting = False
@@ -448,7 +478,11 @@ class Inference:
                     except StellaError as exc:
                         self.attempts[-1]["error"] = exc.code
                         if exc.retryable:
-                            breaker.failure()
+                            # The request's own time ran out, not the backend's: no verdict
+                            # (the probe, if this was one, goes back below), as before the
+                            # first token.
+                            if not getattr(exc, "out_of_time", False):
+                                breaker.failure()
                             if emit is None:
                                 # Nothing has reached the client of a non-stream call yet:
                                 # the answer can start over (a retry, then a fallback).
@@ -494,8 +528,9 @@ class Inference:
     async def _admit_fallback(self, route: Route) -> StellaError | None:
         """Admit the call to a fallback route under its own model's limits; the refusal
         (recorded as an attempt) when they are full."""
-        # The call holds its backend's slot already when the fallback is on the same one.
-        held = route.backend_name == self.route.backend_name
+        # The call holds its backend's slot already when the fallback is on the same one
+        # (unless it was admitted without it, or gave it back for another backend's turn).
+        held = route.backend_name == self.route.backend_name and self.backend_held
         # A slot is waited for within the route's total limit, as its attempts are.
         now = time.perf_counter()
         left = self.t0 + route.settings.total_timeout_s - now

@@ -175,7 +175,7 @@ class UpstreamTimeout(StellaError):
 class UpstreamStatus(UpstreamError):
     """An upstream answered with an HTTP error status.
 
-    `upstream_status` drives retries: 408, 429 and 5xx are worth another try.
+    `upstream_status` drives retries: 408, 409, 425, 429 and 5xx are worth another try.
     """
 
     def __init__(

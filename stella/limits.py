@@ -118,6 +118,7 @@ class LimitPermit(Permit):
     # Empty until admission fills them (most permits hold no slot): no lists per request.
     _reserved: list[tuple[str, float, float, float]] | tuple[()] = ()  # key, cap, per_s, cost
     _slots: list[Any] | tuple[()] = ()  # what the slot store handed out
+    _backend: Any = None  # the one of them that is the backend's slot
 
     def __init__(self, limiter: Limiter, headers: list[tuple[bytes, bytes]]) -> None:
         self.headers = headers
@@ -141,8 +142,19 @@ class LimitPermit(Permit):
         slots = self._slots
         self._slots = ()
         store = self._limiter.slots
+        self._backend = None
         for slot in slots:
             store.release(slot)
+
+    def release_backend(self) -> None:
+        """Free the backend's slot alone, once: the call went on to another backend,
+        and this one may serve someone else meanwhile (the key's slot stays held)."""
+        slot = self._backend
+        if slot is None:
+            return
+        self._backend = None
+        self._slots = [s for s in self._slots if s is not slot]
+        self._limiter.slots.release(slot)
 
 
 class Limiter(Admission):
@@ -204,10 +216,12 @@ class Limiter(Admission):
             self._plans[cache_key] = plan
         return plan
 
-    def admit_now(self, call: Call, route: Route, request: ChatRequest) -> Permit | None:
+    def admit_now(
+        self, call: Call, route: Route, request: ChatRequest, backend_slot: bool = True
+    ) -> Permit | None:
         """Admission decided without waiting: no limit applies, or only buckets in this
         process's memory (raises RateLimited). None when `admit` must wait (Redis, slots)."""
-        plan = self._plan(call.principal, route)
+        plan = self._plan(call.principal, route, backend_slot)
         if not plan.buckets and not plan.slots:
             return _FREE
         buckets = self.buckets
@@ -218,9 +232,12 @@ class Limiter(Admission):
         self._charge(plan, checks, buckets.take(checks), permit)
         return permit
 
-    async def admit(self, call: Call, route: Route, request: ChatRequest) -> Permit:
-        """Admit the call or raise RateLimited / Overloaded."""
-        plan = self._plan(call.principal, route)
+    async def admit(
+        self, call: Call, route: Route, request: ChatRequest, backend_slot: bool = True
+    ) -> Permit:
+        """Admit the call or raise RateLimited / Overloaded; without the route's backend's
+        slot when not `backend_slot` (its circuit is open: a fallback will serve)."""
+        plan = self._plan(call.principal, route, backend_slot)
         if not plan.buckets and not plan.slots:
             return _FREE
         return await self._admit(plan, request)
@@ -270,6 +287,8 @@ class Limiter(Admission):
                             f"{what} already has {size} requests running", retry_after=1
                         )
                     held.append(slot)
+                    if name.startswith("backend:"):
+                        permit._backend = slot
             except BaseException:
                 # Refused, or the client left while queued: nothing stays held, and the
                 # request it was counted as goes back (only admitted calls count).

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from stella.backends import Backend, ConfigError
-from stella.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound
+from stella.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, StellaError
 from stella.settings import BreakerSettings, RouteSettings, Settings
 
 
@@ -230,8 +230,9 @@ class Router:
         self.default = route.name
         return route.name
 
-    def register(self, name: str, rs: RouteSettings) -> Route:
-        """Add or replace a runtime route."""
+    def register(self, name: str, rs: RouteSettings, *, check_fallbacks: bool = True) -> Route:
+        """Add or replace a runtime route; `check_fallbacks`: refuse fallbacks not known (a
+        route the store holds already is taken as it is: an unknown fallback is skipped)."""
         if rs.backend not in self.backends:
             raise InvalidRequest(
                 f"$.backend: unknown backend {rs.backend!r}; known: {sorted(self.backends)}"
@@ -239,7 +240,7 @@ class Router:
         existing = self.routes.get(name)
         if existing is not None and not existing.runtime:
             raise Conflict(f"model {name!r} is configured in the config file; it can't be replaced")
-        for fb in rs.fallbacks:
+        for fb in rs.fallbacks if check_fallbacks else ():
             if fb not in self._names:
                 raise InvalidRequest(f"$.fallbacks: unknown route {fb!r}")
         # A name or alias that another route answers to stays that route's.
@@ -249,6 +250,51 @@ class Router:
         if existing is not None:  # replaced: its old aliases go with it
             self._names = {k: v for k, v in self._names.items() if v != name}
         return self._add(name, rs, runtime=True)
+
+    def apply_stored(self, specs: dict[str, RouteSettings], default: str | None) -> list[str]:
+        """Make the runtime routes and the default those the state store holds, whatever
+        order they come in; returns why each one that could not be applied was left out."""
+        snap = self.snapshot()
+        try:
+            return self._apply_stored(specs, default)
+        except BaseException:
+            self.restore(snap)
+            raise
+
+    def _apply_stored(self, specs: dict[str, RouteSettings], default: str | None) -> list[str]:
+        serving = self.routes.get(self.default)
+        # Built again from the configured routes: every replica, whatever it held before
+        # and in whatever order the store lists them, ends with the same table.
+        self.routes = {n: r for n, r in self.routes.items() if not r.runtime}
+        self._names = {}
+        for name, route in self.routes.items():
+            self._names[name] = name
+            for alias in route.aliases:
+                self._names.setdefault(alias, name)
+        skipped = []
+        # All routes first, fallbacks unchecked: two routes may fall back to each other.
+        # Sorted: should the store hold two routes claiming one alias (written before it
+        # refused that), every replica keeps the same one.
+        for name in sorted(specs):
+            try:
+                self.register(name, specs[name], check_fallbacks=False)
+            except StellaError as exc:
+                skipped.append(f"route {name!r}: {exc.message}")
+        # No default in the store (never switched, or a Redis restarted empty): the
+        # configured one, as a replica starting now would have it.
+        target = default or self.configured_default or self.default
+        try:
+            self.set_default(target)
+        except StellaError as exc:
+            # The default stays until switched: a runtime one the store no longer holds
+            # keeps serving rather than leave a default that nothing answers to.
+            if serving is not None and serving.name not in self.routes:
+                self.routes[serving.name] = serving
+                self._names[serving.name] = serving.name
+                for alias in serving.aliases:
+                    self._names.setdefault(alias, serving.name)
+            skipped.append(f"default {target!r}: {exc.message}")
+        return skipped
 
     def remove(self, name: str) -> str:
         """Remove a runtime route (by its name or an alias) and return its name; the

@@ -421,10 +421,20 @@ def _check(s: Settings) -> None:
             if fb not in s.models.routes:
                 raise ConfigError(f"models.routes.{name}.fallbacks: unknown route {fb!r}")
     live = enabled_backends(s)
-    default = s.models.routes.get(s.models.default)
+    # Named by an alias, the default is its route's: that route's backend must serve.
+    default_name = s.models.default
+    if default_name not in s.models.routes:
+        default_name = next(
+            (n for n, r in s.models.routes.items() if s.models.default in r.aliases),
+            default_name,
+        )
+    default = s.models.routes.get(default_name)
     if default is not None and default.backend not in live:
+        shown = repr(s.models.default)
+        if default_name != s.models.default:
+            shown += f" (an alias of {default_name!r})"
         raise ConfigError(
-            f"models.default: route {s.models.default!r} uses disabled backend {default.backend!r}"
+            f"models.default: route {shown} uses disabled backend {default.backend!r}"
         )
     if s.models.default and s.models.default not in s.models.routes:
         aliases = {a for r in s.models.routes.values() for a in r.aliases}

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from stella.errors import Conflict, ModelNotFound
+
 # Days of usage counters a process keeps in memory (Redis keeps them all: it is the
 # store of record); a long-running process would otherwise grow a little every day.
 USAGE_DAYS = 31
@@ -41,8 +43,10 @@ class MemoryState:
         """The default model set at runtime, if any."""
         return self.default_model
 
-    async def set_default_model(self, name: str) -> None:
-        """Persist the runtime default model."""
+    async def set_default_model(self, name: str, runtime: bool = False) -> None:
+        """Persist the runtime default model; a `runtime` route must be stored still."""
+        if runtime and name not in self.routes:
+            raise ModelNotFound(removed_meanwhile(name))
         self.default_model = name
 
     async def load_routes(self) -> dict[str, dict[str, Any]]:
@@ -50,11 +54,18 @@ class MemoryState:
         return dict(self.routes)
 
     async def save_route(self, name: str, spec: dict[str, Any]) -> None:
-        """Persist a runtime route."""
+        """Persist a runtime route, unless another one answers to its name or an alias."""
+        for other, held in self.routes.items():
+            if other != name:
+                for candidate in (name, *spec.get("aliases", ())):
+                    if candidate == other or candidate in held.get("aliases", ()):
+                        raise Conflict(taken(candidate, other))
         self.routes[name] = spec
 
     async def delete_route(self, name: str) -> None:
-        """Forget a runtime route."""
+        """Forget a runtime route, unless it is the default."""
+        if name == self.default_model:
+            raise Conflict(is_default(name))
         self.routes.pop(name, None)
 
     def record_usage(self, key: str, model: str, day: str, record: dict[str, Any]) -> None:
@@ -77,3 +88,21 @@ class MemoryState:
             for (k, m, d), row in sorted(self.usage.items())
             if day is None or d == day
         ]
+
+
+# The routing changes a store refuses, said as the router says them (stella.routing), so
+# that a conflict found in the store reads as one found in this process.
+def taken(candidate: str, owner: str) -> str:
+    """Why a route can't answer to `candidate`: route `owner` does."""
+    what = "the name" if candidate == owner else f"an alias of {owner!r}"
+    return f"{candidate!r} is already {what}"
+
+
+def is_default(name: str) -> str:
+    """Why route `name` can't be removed: it is the default."""
+    return f"model {name!r} is the default model; it can't be removed"
+
+
+def removed_meanwhile(name: str) -> str:
+    """Why route `name` can't become the default: it was removed."""
+    return f"model {name!r} not found (removed meanwhile)"

@@ -23,9 +23,10 @@ import structlog
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from stella.errors import Unavailable
+from stella.errors import Conflict, ModelNotFound, Unavailable
 from stella.limits import MemoryBuckets, MemorySlots, Take
 from stella.settings import StateSettings
+from stella.state import is_default, removed_meanwhile, taken
 
 _log = structlog.get_logger("stella")
 # How long Redis remembers the last usage batch of a process it applied (a resend after
@@ -127,22 +128,56 @@ end
 return 1
 """
 
-# A routing change: KEYS[1] the routing version, KEYS[2] the key changed; ARGV[1] the
-# deadline (Redis's clock), ARGV[2] "set" | "hset" | "hdel", then its arguments. 0 when
-# it came too late: its client has given up on it and told its caller so.
+# A routing change: KEYS[1] the routing version, KEYS[2] the runtime routes (a hash of
+# JSON specs), KEYS[3] the default model; ARGV[1] the deadline (Redis's clock), ARGV[2]
+# the change, ARGV[3] the route's name, then:
+#   "default" ARGV[4] "1" when the route is a runtime one (then it must be stored still)
+#   "save"    ARGV[4] its spec; refused when another stored route answers to its name
+#             or one of its aliases (ARGV[5..])
+#   "delete"  refused when it is the default
+# 0 when it came too late (its client has given up on it and told its caller so); a
+# refusal is {why, name, other route}: checked here, with the write, so two replicas
+# changing at once can't both succeed and end up each with a different table.
 CHANGE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if now > tonumber(ARGV[1]) then
   return 0
 end
-local op = ARGV[2]
-if op == 'set' then
-  redis.call('SET', KEYS[2], ARGV[3])
-elseif op == 'hset' then
-  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
-elseif op == 'hdel' then
-  redis.call('HDEL', KEYS[2], ARGV[3])
+local op, name = ARGV[2], ARGV[3]
+if op == 'default' then
+  if ARGV[4] == '1' and redis.call('HEXISTS', KEYS[2], name) == 0 then
+    return {'removed', name, name}
+  end
+  redis.call('SET', KEYS[3], name)
+elseif op == 'save' then
+  local claimed = {}
+  for i = 5, #ARGV do
+    claimed[ARGV[i]] = true
+  end
+  local stored = redis.call('HGETALL', KEYS[2])
+  for i = 1, #stored, 2 do
+    local other = stored[i]
+    if other ~= name then
+      if claimed[other] then
+        return {'taken', other, other}
+      end
+      local ok, spec = pcall(cjson.decode, stored[i + 1])
+      if ok and type(spec) == 'table' and type(spec.aliases) == 'table' then
+        for _, alias in ipairs(spec.aliases) do
+          if claimed[alias] then
+            return {'taken', alias, other}
+          end
+        end
+      end
+    end
+  end
+  redis.call('HSET', KEYS[2], name, ARGV[4])
+elseif op == 'delete' then
+  if redis.call('GET', KEYS[3]) == name then
+    return {'default', name, name}
+  end
+  redis.call('HDEL', KEYS[2], name)
 else
   return redis.error_reply('unknown change ' .. op)
 end
@@ -299,25 +334,26 @@ class RedisState:
         self._ok()
         return value.decode() if value else None
 
-    async def set_default_model(self, name: str) -> None:
-        """Persist the default model."""
-        await self._write("set", self._key("default_model"), name)
+    async def set_default_model(self, name: str, runtime: bool = False) -> None:
+        """Persist the default model; a `runtime` route must be stored still."""
+        await self._write("default", name, "1" if runtime else "0")
 
-    async def _write(self, op: str, key: str, *args: str | bytes) -> None:
+    async def _write(self, op: str, name: str, *args: str | bytes) -> None:
         """One routing change and a bump of the routing version, atomically: the other
         replicas poll the version (see `routing`) and reload when it moves.
 
         The change carries a deadline on Redis's clock, WRITE_WINDOW_S after Redis
         last answered, well within the client's timeout: a change whose answer timed
         out (Redis stalled with it in its socket) is refused when Redis runs it later,
-        so a 503 means "not applied", on every replica, for good.
+        so a 503 means "not applied", on every replica, for good. A change that conflicts
+        with what the store holds is refused there (409, or 404 for a default whose
+        route was removed), as the router refuses one that conflicts with its table.
         """
+        keys = [self._key("routing_version"), self._key("routes"), self._key("default_model")]
         try:
             sec, usec = await self.redis.time()
             deadline = sec + usec / 1e6 + WRITE_WINDOW_S
-            done = await self._change(
-                keys=[self._key("routing_version"), key], args=[repr(deadline), op, *args]
-            )
+            done = await self._change(keys=keys, args=[repr(deadline), op, name, *args])
         except (RedisError, OSError) as exc:
             self._failed(exc)
             raise Unavailable(
@@ -325,6 +361,11 @@ class RedisState:
                 retry_after=5,
             ) from None
         self._ok()
+        if isinstance(done, list):
+            why, candidate, owner = (part.decode() for part in done)
+            if why == "removed":
+                raise ModelNotFound(removed_meanwhile(candidate))
+            raise Conflict(is_default(candidate) if why == "default" else taken(candidate, owner))
         if not done:
             raise Unavailable(
                 "the state store (Redis) answered too slowly; the change was not applied; "
@@ -369,12 +410,13 @@ class RedisState:
         return {k.decode(): msgspec.json.decode(v) for k, v in raw.items()}
 
     async def save_route(self, name: str, spec: dict[str, Any]) -> None:
-        """Persist a runtime route."""
-        await self._write("hset", self._key("routes"), name, msgspec.json.encode(spec))
+        """Persist a runtime route, unless another one answers to its name or an alias."""
+        names = [name, *spec.get("aliases", ())]
+        await self._write("save", name, msgspec.json.encode(spec), *names)
 
     async def delete_route(self, name: str) -> None:
-        """Forget a runtime route."""
-        await self._write("hdel", self._key("routes"), name)
+        """Forget a runtime route, unless it is the default."""
+        await self._write("delete", name)
 
     # --- usage ---------------------------------------------------------------------
 

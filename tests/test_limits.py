@@ -435,3 +435,64 @@ def test_a_call_that_fails_after_admission_still_shows_its_rate_limits() -> None
         held = {"model": "bad", "stream": True, "messages": [{"role": "user", "content": "x"}]}
         r = httpx.post(server.url + "/v1/chat/completions", json=held)
         assert r.status_code == 502 and r.headers["x-ratelimit-remaining"] == "8", r.headers
+
+
+def fallback_to_another_backend(**breaker: object) -> dict:
+    """Route a's backend (one slot) fails; its fallback b runs on another backend."""
+    return {
+        "backends": {
+            "first": {"kind": "echo", "fail_before_first": True},
+            "other": {"kind": "echo", "delay_s": 0.3},
+        },
+        "models": {
+            "routes": {
+                "a": {"backend": "first", "retries": 0, "fallbacks": ["b"]},
+                "b": {"backend": "other"},
+            }
+        },
+        "limits": {"backends": {"first": 1}, "queue_timeout_s": 0.5},
+        "breaker": breaker,
+    }
+
+
+async def test_a_call_served_by_a_fallback_elsewhere_gives_its_first_backend_s_slot_back() -> None:
+    # Each call fails on `first` at once and is answered by `other` in about 0.9 s: it
+    # must not hold `first`'s one slot all that time, so none waits for it in vain.
+    with run_stella(fallback_to_another_backend(failure_threshold=0)) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            calls = [
+                client.post(server.url + "/api/v1/chat", json={**body("x y z"), "model": "a"})
+                for _ in range(3)
+            ]
+            answers = await asyncio.gather(*calls)
+        assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+        assert {r.json()["backend"] for r in answers} == {"other"}
+
+
+async def test_a_route_whose_circuit_is_open_takes_no_slot_of_its_backend() -> None:
+    # `first` fails once (its circuit opens), then its probe (route direct, on `first`)
+    # holds the one slot of `first` for about 1.8 s. Calls to a meanwhile go to b at
+    # once: `first`'s circuit is not available, so they neither wait for nor take its slot.
+    config = fallback_to_another_backend(failure_threshold=1, cooldown_s=0.3)
+    config["backends"]["first"] = {"kind": "echo", "fail_first_calls": 1, "delay_s": 0.3}
+    config["models"]["routes"]["direct"] = {"backend": "first"}
+    with run_stella(config) as server:
+        async with httpx.AsyncClient(timeout=30) as client:
+            url = server.url + "/api/v1/chat"
+            r = await client.post(url, json={**body("x"), "model": "a"})
+            assert r.status_code == 200 and r.json()["backend"] == "other", r.text
+            await asyncio.sleep(0.4)  # the cool-down has passed: the next call probes
+            probe = asyncio.create_task(
+                client.post(url, json={**body("p q r s t u"), "model": "direct"})
+            )
+            await asyncio.sleep(0.2)
+            answers = await asyncio.gather(
+                *(client.post(url, json={**body("x y z"), "model": "a"}) for _ in range(2))
+            )
+            assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+            assert (await probe).status_code == 200
+        event = server.wait_event(lambda e: e["request_id"] == answers[0].json()["id"])
+        assert [(a["route"], a["error"]) for a in event["attempts"]] == [
+            ("a", "circuit_open"),
+            ("b", None),
+        ]

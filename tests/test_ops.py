@@ -184,6 +184,29 @@ def test_ready_lets_the_probe_come_once_the_cool_down_has_passed() -> None:
         assert r.status_code == 200 and "circuit" not in r.json()["checks"]
 
 
+def test_ready_while_a_fallback_of_the_default_model_answers() -> None:
+    # The default model's backend circuit is open, but its fallback's is not: requests
+    # for the default model are answered, so the instance stays ready (and says why).
+    config = {
+        "backends": {"down": {"kind": "echo", "fail_before_first": True}},
+        "models": {
+            "default": "main",
+            "routes": {
+                "main": {"backend": "down", "retries": 0, "fallbacks": ["spare"]},
+                "spare": {"backend": "echo"},
+            },
+        },
+        "breaker": {"failure_threshold": 1, "cooldown_s": 60},
+    }
+    with run_stella(config) as server:
+        chat = {"stream": False, "messages": [{"role": "user", "content": "x"}]}
+        r = httpx.post(server.url + "/api/v1/chat", json=chat)
+        assert r.status_code == 200 and r.json()["backend"] == "echo", r.text
+        r = httpx.get(server.url + "/ready")
+        assert r.status_code == 200, r.text
+        assert r.json()["checks"]["circuit"] == "ok (down: open; fallback 'spare' answers)"
+
+
 def test_stella_config_command() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "stella", "config"],

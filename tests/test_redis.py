@@ -771,3 +771,84 @@ async def test_a_settlement_redis_never_got_is_sent_again(redis: Redis) -> None:
         assert level >= 49, level
     finally:
         await st.aclose()
+
+
+async def test_redis_refuses_what_would_leave_routing_inconsistent(redis: Redis) -> None:
+    from tests.test_routing import check_the_store_refuses_conflicts
+
+    state = redis_state(redis, "conflicts")
+    try:
+        await check_the_store_refuses_conflicts(state)
+    finally:
+        await state.aclose()
+
+
+def test_routes_that_fall_back_to_each_other_reach_every_replica_and_a_restart(
+    redis: Redis,
+) -> None:
+    cfg = config(redis)
+    chat = {**BODY, "model": "r2"}
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        for spec in (
+            {"name": "r1", "backend": "echo"},
+            {"name": "r2", "backend": "echo", "fallbacks": ["r1"]},
+            {"name": "r1", "backend": "echo", "fallbacks": ["r2"]},
+        ):
+            r = httpx.post(a.url + "/api/v1/models", headers=AUTH, json=spec)
+            assert r.status_code == 201, r.text
+        deadline = time.monotonic() + 5
+        while httpx.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code != 200:
+            assert time.monotonic() < deadline, "the other replica did not follow"
+            time.sleep(0.1)
+        assert not b.events("stored_routing_skipped")
+    with run_stella(cfg, ENV) as c:  # a restart reads them from the store
+        models = httpx.get(c.url + "/api/v1/models", headers=AUTH).json()["models"]
+        assert {m["name"] for m in models} >= {"r1", "r2"}
+        assert httpx.post(c.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+
+
+def test_two_replicas_claiming_one_alias_at_once_do_not_both_succeed(redis: Redis) -> None:
+    cfg = config(redis)
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        # Each replica asked before it could have followed the other's change.
+        first = httpx.post(
+            a.url + "/api/v1/models",
+            headers=AUTH,
+            json={"name": "x", "backend": "echo", "aliases": ["shared"]},
+        )
+        second = httpx.post(
+            b.url + "/api/v1/models",
+            headers=AUTH,
+            json={"name": "y", "backend": "echo", "aliases": ["shared"]},
+        )
+        assert first.status_code == 201, first.text
+        assert second.status_code == 409 and "alias of 'x'" in second.text, second.text
+        # A default switched to a route another replica removes at the same time: one wins.
+        deadline = time.monotonic() + 5
+        while httpx.post(
+            b.url + "/api/v1/chat", json={**BODY, "model": "x"}, headers=AUTH
+        ).is_error:
+            assert time.monotonic() < deadline, "the other replica did not follow"
+            time.sleep(0.1)
+        httpx.post(a.url + "/api/v1/models/switch/x", headers=AUTH).raise_for_status()
+        r = httpx.delete(b.url + "/api/v1/models/x", headers=AUTH)
+        assert r.status_code == 409 and "default model" in r.text, r.text
+
+
+async def test_two_changes_racing_on_one_replica_answer_for_what_it_serves(redis: Redis) -> None:
+    # Both validated against the table before either was written: the store takes one.
+    with run_stella(config(redis), ENV) as s:
+        async with httpx.AsyncClient(timeout=10, headers=AUTH) as client:
+            answers = await asyncio.gather(
+                *(
+                    client.post(
+                        s.url + "/api/v1/models",
+                        json={"name": name, "backend": "echo", "aliases": ["shared"]},
+                    )
+                    for name in ("x", "y")
+                )
+            )
+            assert sorted(r.status_code for r in answers) == [201, 409], [r.text for r in answers]
+            won = next(r.json()["registered"] for r in answers if r.status_code == 201)
+            r = await client.post(s.url + "/api/v1/chat", json={**BODY, "model": "shared"})
+            assert r.status_code == 200 and r.json()["model"] == won, r.text

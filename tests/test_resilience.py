@@ -150,6 +150,36 @@ def test_out_of_time_is_no_backends_fault() -> None:
         assert r.status_code == 200, r.text
 
 
+def test_a_request_that_runs_out_of_its_total_limit_midway_opens_no_circuit() -> None:
+    # Each answer outlasts the route's own total limit after its first token: the
+    # request's time ran out, the backend is answering; the route sharing that backend
+    # must not be refused for it.
+    config = {
+        "breaker": {"failure_threshold": 2, "cooldown_s": 30},
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.2}},
+        "models": {
+            "routes": {
+                "long": {"backend": "slow", "retries": 0, "total_timeout_s": 0.5},
+                "short": {"backend": "slow", "retries": 0},
+            }
+        },
+    }
+    words = "one two three four five six seven eight"
+    body = {"model": "long", "messages": [{"role": "user", "content": words}]}
+    with run_stella(config) as server:
+        for stream in (True, True, False, False):
+            r = httpx.post(server.url + "/api/v1/chat", json={**body, "stream": stream})
+            if stream:
+                last = ndjson(r.text)[-1]
+                assert last["type"] == "error" and "total limit" in last["message"], r.text
+            else:
+                assert r.status_code == 504 and "total limit" in r.json()["error"]["message"]
+        models = httpx.get(server.url + "/api/v1/models").json()["models"]
+        assert next(m for m in models if m["name"] == "short")["circuit"] == "closed"
+        r = chat(server.url, "short")
+        assert r.status_code == 200 and r.json()["response"] == "hi there"
+
+
 def test_a_failed_call_logs_no_first_token_time() -> None:
     # The primary had tokens before it broke; the fallback failed before any: the
     # inference as a whole had no first token, and its log must not claim one.

@@ -96,3 +96,73 @@ def test_the_configured_default_is_named_so_after_a_switch() -> None:
         r.remove("echo")
     with pytest.raises(Conflict, match="'quick' is the default model"):
         r.remove("quick")
+
+
+def test_stored_routes_apply_whatever_their_order() -> None:
+    from structlog.testing import capture_logs
+
+    from stella.app import apply_routing
+
+    # Two runtime routes that fall back to each other, listed with the one whose
+    # fallback comes later first; and two stored (before the store refused that) with
+    # one alias: every replica keeps the same one, whatever it held before.
+    stored = {
+        "r2": {"backend": "echo", "fallbacks": ["r1"]},
+        "r1": {"backend": "echo", "fallbacks": ["r2"]},
+        "zed": {"backend": "other", "aliases": ["shared"]},
+        "amy": {"backend": "echo", "aliases": ["shared"]},
+    }
+    fresh, held = router({}), router({})
+    held.register("zed", RouteSettings(backend="other", aliases=["shared"]))
+    for r in (fresh, held):
+        with capture_logs() as logs:
+            apply_routing(r, stored, None)
+        assert [x.name for x in r.chain(r.resolve("r1"))] == ["r1", "r2"]
+        assert [x.name for x in r.chain(r.resolve("r2"))] == ["r2", "r1"]
+        assert r.resolve("shared").name == "amy" and not r.knows("zed")
+        assert [(e["event"], e["log_level"]) for e in logs] == [
+            ("stored_routing_skipped", "warning")
+        ]
+        assert "'zed'" in logs[0]["reason"] and "alias of 'amy'" in logs[0]["reason"]
+
+
+def test_a_stored_default_that_names_no_route_is_a_warning_and_changes_nothing() -> None:
+    from structlog.testing import capture_logs
+
+    from stella.app import apply_routing
+
+    r = router({})
+    r.register("mine", RouteSettings(backend="echo"))
+    r.set_default("mine")
+    with capture_logs() as logs:
+        apply_routing(r, {}, "gone")  # neither "mine" nor "gone" is stored
+    assert r.default == "mine" and r.knows("mine")  # the default stays until switched
+    assert "default 'gone'" in logs[0]["reason"]
+
+
+async def test_the_memory_store_refuses_what_would_leave_routing_inconsistent() -> None:
+    from stella.state import MemoryState
+
+    await check_the_store_refuses_conflicts(MemoryState())
+
+
+async def check_the_store_refuses_conflicts(state: Any) -> None:
+    """A store (memory, Redis) refuses a change that conflicts with what it holds, as
+    the router does in one process: so replicas changing at once can't both succeed."""
+    await state.save_route("x", {"backend": "echo", "aliases": ["shared"]})
+    with pytest.raises(Conflict, match="'shared' is already an alias of 'x'"):
+        await state.save_route("y", {"backend": "echo", "aliases": ["shared"]})
+    with pytest.raises(Conflict, match="'x' is already the name"):
+        await state.save_route("y", {"backend": "echo", "aliases": ["x"]})
+    with pytest.raises(Conflict, match="'shared' is already an alias of 'x'"):
+        await state.save_route("shared", {"backend": "echo"})
+    await state.save_route("x", {"backend": "echo", "aliases": ["shared", "more"]})  # itself
+    with pytest.raises(ModelNotFound):
+        await state.set_default_model("y", runtime=True)  # never stored (or removed)
+    await state.set_default_model("x", runtime=True)
+    with pytest.raises(Conflict, match="'x' is the default model"):
+        await state.delete_route("x")
+    await state.set_default_model("echo")
+    await state.delete_route("x")
+    assert await state.load_routes() == {}
+    await state.save_route("y", {"backend": "echo", "aliases": ["shared"]})  # free again

@@ -478,3 +478,13 @@ def test_an_audit_path_that_is_a_link_loop_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "log.audit_path" in lines[0]
+
+
+def test_a_default_named_by_an_alias_of_a_disabled_backend_s_route_is_refused() -> None:
+    # smollm2 is an alias of the shipped smollm2-135m route, on the local backend.
+    env = {"STELLA_MODELS__DEFAULT": "smollm2", "STELLA_BACKENDS__LOCAL__ENABLED": "false"}
+    with pytest.raises(
+        ConfigError,
+        match=r"models.default: route 'smollm2' \(an alias of 'smollm2-135m'\) uses disabled",
+    ):
+        load_settings(environ=env)

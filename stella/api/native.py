@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import msgspec
+import structlog
 from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import Response
@@ -48,6 +48,7 @@ class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):
 
 _register = msgspec.json.Decoder(RegisterRoute)
 T = TypeVar("T")
+_log = structlog.get_logger("stella")
 
 
 async def respond(request: Request, call: Call, chat: ChatRequest) -> Response:
@@ -144,7 +145,9 @@ async def switch_model(request: Request, call: Call) -> Response:
     name = await _change(
         router,
         lambda: router.set_default(wanted),
-        svc.state.set_default_model,  # the route's own name, not the alias asked for
+        # The route's own name, not the alias asked for; a runtime route must still be
+        # in the store when the write lands (another replica may remove it meanwhile).
+        lambda name: svc.state.set_default_model(name, router.routes[name].runtime),
     )
     return JSONResponse(DefaultModel(name))
 
@@ -165,6 +168,9 @@ async def register_model(request: Request, call: Call) -> Response:
         router,
         lambda: router.register(spec.name, rs),
         lambda _: svc.state.save_route(spec.name, msgspec.to_builtins(rs)),
+        # Stored, it is applied as a stored route is: a fallback removed meanwhile is
+        # skipped (as for any route whose fallback goes), not a reason to drop the route.
+        lambda: router.register(spec.name, rs, check_fallbacks=False),
     )
     return JSONResponse(Registered(spec.name), status_code=201)
 
@@ -180,20 +186,31 @@ async def delete_model(request: Request, call: Call) -> Response:
     return JSONResponse(Removed(removed))
 
 
-async def _change(router: Any, apply: Callable[[], T], write: Callable[[T], Awaitable[Any]]) -> T:
+async def _change(
+    router: Any,
+    apply: Callable[[], T],
+    write: Callable[[T], Awaitable[Any]],
+    again: Callable[[], Any] | None = None,
+) -> T:
     """A routing change that stands only once the state store took it.
 
     `apply` runs first to validate (and compute what `write` is given), then the table
     goes back at once, with no await in between, so nothing else ever sees it; after
-    the store's write succeeds it is applied for good. A failed write leaves the table as it is:
-    it never rolls back changes others made during the write.
+    the store's write succeeds it is applied for good (by `again`, when given). A failed
+    write leaves the table as it is: it never rolls back changes others made during the
+    write. The store refuses a change that conflicts with what it holds, so one it took
+    applies here too.
     """
     snap = router.snapshot()
     result = apply()
     router.restore(snap)
     await write(result)
-    with contextlib.suppress(StellaError):  # a change that raced this one: the store wins
-        apply()
+    try:
+        (again or apply)()
+    except StellaError as exc:
+        # Not expected (the store checked it); should it happen, shared state brings the
+        # table in line at its next read (see app._follow_routing), and it is not silent.
+        _log.warning("routing_change_not_applied", reason=exc.message)
     router.local_changes += 1  # a follower's read from before this write is stale now
     return result
 

@@ -61,7 +61,22 @@ async def ready(request: Request) -> Response:
         breaker = router.breaker(route.backend_name)
         state = breaker.now()
         if state == "open":
-            checks["circuit"] = f"{route.backend_name}: open"
+            # A fallback whose circuit is not open answers for the default model: still
+            # ready (the open circuit is reported all the same).
+            serving = next(
+                (
+                    r
+                    for r in router.chain(route)[1:]
+                    if router.breaker(r.backend_name).now() != "open"
+                ),
+                None,
+            )
+            if serving is None:
+                checks["circuit"] = f"{route.backend_name}: open"
+            else:
+                checks["circuit"] = (
+                    f"ok ({route.backend_name}: open; fallback {serving.name!r} answers)"
+                )
         elif state == "half_open":
             # Ready: the next request is the probe that closes it, and a load balancer
             # that kept it from this instance would keep it open for good.
