@@ -70,17 +70,13 @@ class Metrics:
         self.queue: dict[str, _Hist] = defaultdict(_Hist)
         self.rejections: dict[tuple[str, str], int] = defaultdict(int)
         self.failures: dict[tuple[str, str], int] = defaultdict(int)
-        self._models: dict[str, str] = {}
         self.registry.register(_CounterCollector(self))
         self.registry.register(_StateCollector(svc))
 
     def _model(self, name: str) -> str:
-        model = self._models.get(name)
-        if model is None:
-            model = name if name in self.svc.router.routes else "other"
-            if len(self._models) < 10_000:
-                self._models[name] = model
-        return model
+        # A route's name, or "other": clients cannot grow the label set. Looked up each
+        # time: a route registered at runtime is counted under its name from then on.
+        return name if name in self.svc.router.routes else "other"
 
     def observe(self, record: dict[str, Any]) -> None:
         """Count one inference (runs for every request: keep it cheap)."""

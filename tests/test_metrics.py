@@ -91,3 +91,16 @@ def test_a_client_leaving_is_not_a_backend_failure(stella: LiveServer) -> None:
     assert ev["attempts"][0]["error"] == "client_closed"
     failures = 'stella_backend_failures_total{backend="stallfirst",code="client_closed"}'
     assert failures not in scrape(stella)
+
+
+def test_a_name_counted_as_other_gets_its_label_once_it_is_a_route() -> None:
+    body = {"stream": False, "messages": [{"role": "user", "content": "a"}]}
+    with run_stella({"models": {"allow_direct": True}}) as server:
+        chat = server.url + "/api/v1/chat"
+        assert httpx.post(chat, json={**body, "model": "echo/later"}).status_code == 200
+        assert 'model="echo/later"' not in scrape(server)  # a direct name: "other"
+        route = {"name": "echo/later", "backend": "echo"}
+        assert httpx.post(server.url + "/api/v1/models", json=route).status_code == 201
+        assert httpx.post(chat, json={**body, "model": "echo/later"}).status_code == 200
+        label = 'stella_requests_total{api="native",backend="echo",model="echo/later",status="200"}'
+        assert value(scrape(server), label) == 1
