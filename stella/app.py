@@ -303,6 +303,15 @@ async def http_error(request: Request, exc: Exception) -> Response:
     )
     err.status = status
     err.headers = dict(getattr(exc, "headers", None) or {})
+    if status == 405:
+        # Starlette names the methods of the first route on the path; a path served by
+        # several routes (GET and POST /api/v1/models) allows all of theirs.
+        allowed: set[str] = set()
+        for route in request.app.router.routes:
+            if isinstance(route, Route) and route.matches(request.scope)[0] is Match.PARTIAL:
+                allowed |= route.methods or set()
+        if allowed:
+            err.headers["Allow"] = ", ".join(sorted(allowed))
     rid = request.scope.get("state", {}).get("request_id", "")
     svc = request.scope.get("stella") or request.app.state.stella
     return svc.dialect_for(request.url.path).error_response(err, rid)

@@ -364,6 +364,28 @@ def test_unknown_path_and_method(server: LiveServer) -> None:
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
 
 
+def test_a_405_allows_every_method_of_the_path(server: LiveServer) -> None:
+    # GET and POST /api/v1/models are two routes (a user's list, an admin's registration).
+    r = httpx.put(server.url + "/api/v1/models", headers={"Authorization": f"Bearer {USER}"})
+    error_of(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "GET, HEAD, POST"
+
+
+def test_a_405_on_generate_takes_its_flat_shape(server: LiveServer) -> None:
+    r = httpx.put(server.url + "/generate", headers={"Authorization": f"Bearer {USER}"})
+    assert r.status_code == 405 and r.json()["code"] == "method_not_allowed"
+    assert isinstance(r.json()["error"], str)  # as /generate's own errors have it
+    r = post(server, {"prompt": 1}, path="/generate")
+    assert r.status_code == 400 and isinstance(r.json()["error"], str)
+
+
+@pytest.mark.parametrize("alias", ["", " spaced ", "a\u0001", "x" * 129])
+def test_a_runtime_alias_is_checked_as_a_name_is(server: LiveServer, alias: str) -> None:
+    route = {"name": "checked", "backend": "echo", "aliases": [alias]}
+    r = post(server, route, key=ADMIN, path="/api/v1/models")
+    assert "$.aliases[0]" in error_of(r, 400, "invalid_request")
+
+
 def test_router_errors_take_the_shape_of_the_paths_dialect(server: LiveServer) -> None:
     auth = {"Authorization": f"Bearer {USER}"}
     r = httpx.get(server.url + "/v1/messages", headers=auth)  # Anthropic

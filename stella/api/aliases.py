@@ -57,7 +57,7 @@ class SimpleDialect(Dialect):
 INVOKE = SimpleDialect("invoke")
 SIMPLE = SimpleDialect("simple")
 # Paths whose 404/405/draining errors take these shapes (longer than the Ollama /api/).
-ERROR_PREFIXES = {"/api/chat/invoke": INVOKE, "/api/llm/": SIMPLE}
+ERROR_PREFIXES = {"/api/chat/invoke": INVOKE, "/api/llm/": SIMPLE, "/generate": SIMPLE}
 LLM = SimpleDialect("llm")
 
 

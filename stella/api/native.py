@@ -36,13 +36,18 @@ _route = msgspec.json.Decoder(RouteSettings)
 NDJSON = Codec()
 
 
+RouteName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")]
+
+
 class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):
     """POST /api/v1/models: a runtime route."""
 
-    name: Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")]
+    name: RouteName
     backend: Annotated[str, Meta(min_length=1)]
     upstream_model: str = ""
-    aliases: list[str] = []
+    # Names a request can use (the `model` field takes at most 256 characters; "" is
+    # the default model): checked as the name is.
+    aliases: list[RouteName] = []
     fallbacks: list[str] = []
 
 
