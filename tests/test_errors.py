@@ -364,6 +364,22 @@ def test_unknown_path_and_method(server: LiveServer) -> None:
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
 
 
+def test_a_compressed_body_is_unsupported_not_malformed(server: LiveServer) -> None:
+    import gzip
+    import json
+
+    body = gzip.compress(json.dumps({"model": "echo", "messages": MSG}).encode())
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    r = post(server, None, content=body, headers=headers)
+    assert "'gzip'" in error_of(r, 415, "unsupported_media_type")
+    r = post(
+        server,
+        {"model": "echo", "messages": MSG, "stream": False},
+        headers={"content-encoding": "identity"},
+    )
+    assert r.status_code == 200
+
+
 def test_a_405_allows_every_method_of_the_path(server: LiveServer) -> None:
     # GET and POST /api/v1/models are two routes (a user's list, an admin's registration).
     r = httpx.put(server.url + "/api/v1/models", headers={"Authorization": f"Bearer {USER}"})

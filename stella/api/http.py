@@ -173,6 +173,12 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             ctype = value
         elif name == b"content-length":
             length = value
+        elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            # Read as JSON, compressed bytes would only be "malformed".
+            coding = value.decode("latin-1").strip()
+            raise UnsupportedMediaType(
+                f"content-encoding {coding!r} is not supported; send the body uncompressed"
+            )
     if ctype and ctype != b"application/json":
         kind = ctype.decode("latin-1").split(";", 1)[0].strip().lower()
         if kind not in _JSONISH and not kind.endswith("+json"):
