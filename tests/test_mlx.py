@@ -28,7 +28,13 @@ CONFIG = {
                 "upstream_model": "SmolLM2-135M-Instruct",
                 "ttft_timeout_s": 1.5,
                 "retries": 2,
-            }
+            },
+            # The same model with a fallback to the echo backend.
+            "smollm2-or-echo": {
+                "backend": "local",
+                "upstream_model": "SmolLM2-135M-Instruct",
+                "fallbacks": ["echo"],
+            },
         },
     },
     "backends": {"local": {"enabled": True, "max_queue": 1}},
@@ -242,6 +248,68 @@ def test_a_prompt_longer_than_the_context_is_refused(mlx_server: LiveServer) -> 
     lines = ndjson(r.text)
     assert lines[-1]["type"] == "error" and lines[-1]["code"] == "context_length_exceeded"
     assert not lines[-1]["retryable"]
+
+
+def test_json_mode_is_refused_not_ignored(mlx_server: LiveServer) -> None:
+    # The engine cannot constrain its output: JSON mode is a 400 naming the field, in every
+    # dialect, before the first byte (the stream's too), not an answer in prose.
+    url = mlx_server.url
+    says = "cannot constrain output to JSON"
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    formats = [
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    ]
+    for fmt in formats:
+        for stream in (False, True):
+            body = {"model": "smollm2-135m", "messages": FRANCE, "stream": stream}
+            r = httpx.post(url + "/v1/chat/completions", json={**body, "response_format": fmt})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["param"] == "response_format" and says in err["message"]
+            assert err["type"] == "invalid_request_error"
+            r = httpx.post(url + "/api/v1/chat", json={**body, "response_format": fmt})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["code"] == "invalid_request"
+            assert err["message"].startswith("$.response_format: ") and says in err["message"]
+    for fmt in ("json", schema):
+        for path, body in [
+            ("/api/chat", {"messages": FRANCE}),
+            ("/api/generate", {"prompt": "Hi"}),
+        ]:
+            r = httpx.post(url + path, json={"model": "smollm2-135m", "format": fmt, **body})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"].startswith("$.format: ") and says in r.json()["error"]
+    # Plain text is what the engine writes anyway.
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": "smollm2-135m",
+            "messages": FRANCE,
+            "max_tokens": 2,
+            "response_format": {"type": "text"},
+        },
+    )
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+    # With fallbacks, as a prompt too long for the context: the attempt fails as an invalid
+    # request, not retried, and the chain stops there (a fallback would ignore the format
+    # as well, or answer from another model).
+    body = {"model": "smollm2-or-echo", "messages": FRANCE, "response_format": formats[0]}
+    r = httpx.post(url + "/api/v1/chat", json={**body, "stream": False})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", r.text
+    event = mlx_server.wait_event(lambda e: e.get("request_id") == r.headers["x-request-id"])
+    assert [a["backend"] for a in event["attempts"]] == ["local"]
+    lines = ndjson(httpx.post(url + "/api/v1/chat", json=body).text)
+    assert [e["type"] for e in lines] == ["start", "error"]
+    assert lines[-1]["code"] == "invalid_request" and not lines[-1]["retryable"]
+    assert says in lines[-1]["message"]
+    r = httpx.post(
+        url + "/api/chat", json={"model": "smollm2-or-echo", "messages": FRANCE, "format": "json"}
+    )
+    last = json.loads(r.text.splitlines()[-1])
+    assert last["error"].startswith("$.format: ") and says in last["error"]
 
 
 async def test_a_request_given_up_in_the_queue_frees_its_place(mlx_server: LiveServer) -> None:
