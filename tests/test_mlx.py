@@ -461,6 +461,42 @@ async def test_a_prompt_cached_whole_is_answered(monkeypatch: pytest.MonkeyPatch
         await b.aclose()
 
 
+async def test_the_prompt_caches_stay_within_their_byte_budget() -> None:
+    # Entries are counted in bytes as well as in number: a few long prompts cannot hold
+    # gigabytes. A float32 cache of a prompt under 256 tokens takes 256 slots of ~46 KB.
+    from stella.backends import CallContext
+    from stella.backends.mlx.backend import MlxBackend, MlxConfig
+    from stella.protocol import ChatRequest, Done, Message, Options
+
+    entry = 256 * 46_080
+    budget = entry * 3 // 2  # room for one short prompt's cache, not two
+    b = MlxBackend("local", MlxConfig(kind="mlx", preload=False, prompt_cache_bytes=budget))
+    await b.start()
+
+    async def ask(content: str) -> None:
+        req = ChatRequest(
+            messages=[Message(role="user", content=content)],
+            options=Options(max_tokens=1, temperature=0),
+        )
+        events = [e async for e in b.chat(req, CallContext(request_id=content[:8]))]
+        assert isinstance(events[-1], Done)
+        # The worker stores the cache after the answer: a call queued behind it runs after.
+        await asyncio.wrap_future(b.worker.call(lambda: None))
+
+    try:
+        for colour in ("red", "green", "blue", "yellow"):
+            await ask(f"Name a fruit that is {colour}.")
+            caches = b.loaded_models[""].caches
+            assert len(caches) == 1 and 0 < caches.nbytes <= budget
+        kept = caches.nbytes
+        # A prompt whose cache alone is over the budget is not stored: it does not push
+        # out the one that fits.
+        await ask("a " * 250)  # ~280 tokens: 512 slots
+        assert len(caches) == 1 and caches.nbytes == kept
+    finally:
+        await b.aclose()
+
+
 def test_the_stop_buffer_holds_partial_stops_and_names_the_one_hit() -> None:
     from stella.backends.mlx.stops import StopBuffer
 

@@ -46,6 +46,9 @@ class MlxConfig(BackendConfig, kw_only=True):
     # the file's own (quantized) weights elsewhere; or "native", "float32", "float16".
     dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] = "auto"
     prompt_cache_size: Annotated[int, Meta(ge=0)] = 8  # KV caches kept for prefix reuse (LRU)
+    # Bytes those caches may hold together (a float32 SmolLM2-135M's take ~46 KB a token);
+    # the least recently used go first. 0: no cache.
+    prompt_cache_bytes: Annotated[int, Meta(ge=0)] = 512 * 1024 * 1024
     # Prompt tokens per step of the prompt pass: a cancelled request (client gone, a time
     # limit) stops after the step it is in. 0: 64 on Linux, where MLX runs on the CPU
     # unless built for CUDA (a step takes seconds there), 512 elsewhere (larger steps
@@ -341,6 +344,7 @@ class MlxBackend(Backend):
                 "seed": opts.seed,
                 "stats": self.worker.stats,
                 "prompt_cache_size": self.cfg.prompt_cache_size,
+                "prompt_cache_bytes": self.cfg.prompt_cache_bytes,
                 "prefill_step": self._prefill_step(),
                 "request_id": ctx.request_id,
             }

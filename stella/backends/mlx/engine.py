@@ -197,8 +197,10 @@ def generate_into(job: GenerationJob) -> None:
         if p["repetition_penalty"]
         else None
     )
+    budget = p["prompt_cache_bytes"]
+    keep = p["prompt_cache_size"] > 0 and budget > 0
     if lm.caches is None:
-        lm.caches = LRUPromptCache(max_size=max(1, p["prompt_cache_size"]))
+        lm.caches = LRUPromptCache(max_size=max(1, p["prompt_cache_size"]), max_bytes=budget)
     cache, rest = lm.caches.fetch_nearest_cache(lm.path, prompt)
     if cache is not None and not rest:
         # The very prompt was cached: the last token goes through again for its logits.
@@ -269,6 +271,8 @@ def generate_into(job: GenerationJob) -> None:
             tokens_after_cancel=after_cancel,
             in_prompt=prefill_cut,
         )
-    # A cache cut inside the prompt pass holds part of the prompt: not one to reuse.
-    if p["prompt_cache_size"] > 0 and not prefill_cut:
+    # A cache cut inside the prompt pass holds part of the prompt: not one to reuse. One
+    # over the whole budget is not stored either: it would only push out the others
+    # (its own prefixes first) before being dropped itself.
+    if keep and not prefill_cut and sum(c.nbytes for c in cache) <= budget:
         lm.caches.insert_cache(lm.path, key, cache)
