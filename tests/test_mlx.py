@@ -104,6 +104,16 @@ def test_same_seed_same_text(mlx_server: LiveServer) -> None:
     assert r["response"] and r["finish_reason"] in ("length", "stop")
 
 
+def test_top_p_0_keeps_only_the_top_token(mlx_server: LiveServer) -> None:
+    # The smallest nucleus is the most likely token alone, whatever the temperature (not
+    # "no nucleus", which samples from the whole vocabulary).
+    msgs = [{"role": "user", "content": "Write a short poem about the sea."}]
+    greedy = chat(mlx_server, msgs, options={"temperature": 0, "max_tokens": 10})
+    for seed in (7, 8):
+        opts = {"temperature": 1.5, "top_p": 0, "seed": seed, "max_tokens": 10}
+        assert chat(mlx_server, msgs, options=opts)["response"] == greedy["response"]
+
+
 def test_max_tokens_gives_length(mlx_server: LiveServer) -> None:
     body = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 3})
     assert body["finish_reason"] == "length"

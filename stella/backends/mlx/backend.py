@@ -330,13 +330,18 @@ class MlxBackend(Backend):
             # The load waited on the worker behind other jobs: that part was queueing.
             ctx.load_ms = model.load_ms
         opts = request.options
+        temperature = opts.temperature if opts.temperature is not None else 0.7
+        if opts.top_p == 0:
+            # The smallest nucleus, the top token alone (as OpenAI-style APIs read 0):
+            # mlx-lm reads 0 as no nucleus filtering at all, sampling from everything.
+            temperature = 0.0
         job.params.update(
             {
                 "model": model,
                 "messages": request.messages,
                 "tools": request.tools,
                 "max_tokens": opts.max_tokens or self.cfg.max_tokens,
-                "temperature": opts.temperature if opts.temperature is not None else 0.7,
+                "temperature": temperature,
                 "top_p": opts.top_p or 0.0,
                 "top_k": opts.top_k or 0,
                 "min_p": opts.min_p or 0.0,
