@@ -120,6 +120,21 @@ def test_max_tokens_gives_length(mlx_server: LiveServer) -> None:
     assert body["usage"]["completion_tokens"] == 3
 
 
+def test_a_character_cut_by_max_tokens_is_left_out(mlx_server: LiveServer) -> None:
+    # max_tokens ends the answer inside an emoji's bytes: the answer ends before it, not
+    # with U+FFFD.
+    msgs = [{"role": "user", "content": "Reply with only emoji: happy birthday"}]
+    r = httpx.post(
+        mlx_server.url + "/api/v1/chat",
+        timeout=120,
+        json={"messages": msgs, "options": {"temperature": 0, "max_tokens": 16}},
+    )
+    lines = ndjson(r.text)
+    text = "".join(e["text"] for e in lines if e["type"] == "delta")
+    assert lines[-1]["finish_reason"] == "length" and lines[-1]["usage"]["completion_tokens"] == 16
+    assert text.startswith("\U0001f31f") and "\ufffd" not in text, ascii(text)
+
+
 def test_stop_string_cuts_cleanly(mlx_server: LiveServer) -> None:
     body = chat(
         mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 24, "stop": [" Paris"]}

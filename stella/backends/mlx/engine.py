@@ -249,7 +249,14 @@ def generate_into(job: GenerationJob) -> None:
                 # The first visible text, as a client sees it (the detokenizer may hold a
                 # token back until its characters are complete).
                 job.first_token = time.perf_counter()
-            job.emit(("token", gen.text, gen.finish_reason, len(prompt), gen.generation_tokens))
+            text = gen.text
+            if gen.finish_reason == "length":
+                # The detokenizer holds back the bytes of a character until it is whole,
+                # and its finalize() decodes what it still holds with errors="replace": a
+                # character cut by max_tokens would end the answer as U+FFFD. Those bytes
+                # are dropped instead (the text before them was sent whole).
+                text = text.rstrip("\ufffd")
+            job.emit(("token", text, gen.finish_reason, len(prompt), gen.generation_tokens))
             if first:
                 # Building the next step holds the GIL for milliseconds at a time; the event
                 # loop would wait that long to send the first token. Let it send first.
