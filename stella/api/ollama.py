@@ -287,6 +287,15 @@ async def generate(request: Request, call: Call) -> Response:
                 "done_reason": reason,
             }
         )
+    if req.raw:
+        # A raw prompt is the model's whole input, template tokens and all; stella's
+        # request is a list of messages that each backend renders with its chat template
+        # (or an upstream's chat API does), so the prompt would be templated all the same.
+        raise InvalidRequest(
+            "$.raw: raw prompts are not supported: the prompt is always read through the "
+            "model's chat template; send it without raw",
+            param="raw",
+        )
     messages = [Message(role="user", content=req.prompt)]
     if req.system:
         messages.insert(0, Message(role="system", content=req.system))
