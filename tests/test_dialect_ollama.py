@@ -35,6 +35,18 @@ def test_generate_stream_and_not(stella: LiveServer) -> None:
     assert "".join(p.response for p in parts) == "x y" and parts[-1].done_reason == "stop"
 
 
+def test_raw_generate_is_refused_not_templated(stella: LiveServer) -> None:
+    # A raw prompt would still go through the model's chat template: refused, naming `raw`.
+    c = client(stella)
+    with pytest.raises(ollama.ResponseError) as info:
+        c.generate(model="echo", prompt="<|im_start|>user\nhi", raw=True)
+    assert info.value.status_code == 400
+    assert info.value.error.startswith("$.raw: ") and "chat template" in info.value.error
+    assert c.generate(model="echo", prompt="one two", raw=False).response == "one two"
+    # `format` reaches backends that take it: echo answers as before.
+    assert c.generate(model="echo", prompt="{}", format="json").response == "{}"
+
+
 def test_line_separators_in_text_reach_the_client_whole(stella: LiveServer) -> None:
     # The client reads lines with httpx's iter_lines, which splits at these too; Ollama's
     # Go encoder escapes U+2028 and U+2029, and stella escapes all three.

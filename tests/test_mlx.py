@@ -28,7 +28,13 @@ CONFIG = {
                 "upstream_model": "SmolLM2-135M-Instruct",
                 "ttft_timeout_s": 1.5,
                 "retries": 2,
-            }
+            },
+            # The same model with a fallback to the echo backend.
+            "smollm2-or-echo": {
+                "backend": "local",
+                "upstream_model": "SmolLM2-135M-Instruct",
+                "fallbacks": ["echo"],
+            },
         },
     },
     "backends": {"local": {"enabled": True, "max_queue": 1}},
@@ -98,10 +104,35 @@ def test_same_seed_same_text(mlx_server: LiveServer) -> None:
     assert r["response"] and r["finish_reason"] in ("length", "stop")
 
 
+def test_top_p_0_keeps_only_the_top_token(mlx_server: LiveServer) -> None:
+    # The smallest nucleus is the most likely token alone, whatever the temperature (not
+    # "no nucleus", which samples from the whole vocabulary).
+    msgs = [{"role": "user", "content": "Write a short poem about the sea."}]
+    greedy = chat(mlx_server, msgs, options={"temperature": 0, "max_tokens": 10})
+    for seed in (7, 8):
+        opts = {"temperature": 1.5, "top_p": 0, "seed": seed, "max_tokens": 10}
+        assert chat(mlx_server, msgs, options=opts)["response"] == greedy["response"]
+
+
 def test_max_tokens_gives_length(mlx_server: LiveServer) -> None:
     body = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 3})
     assert body["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == 3
+
+
+def test_a_character_cut_by_max_tokens_is_left_out(mlx_server: LiveServer) -> None:
+    # max_tokens ends the answer inside an emoji's bytes: the answer ends before it, not
+    # with U+FFFD.
+    msgs = [{"role": "user", "content": "Reply with only emoji: happy birthday"}]
+    r = httpx.post(
+        mlx_server.url + "/api/v1/chat",
+        timeout=120,
+        json={"messages": msgs, "options": {"temperature": 0, "max_tokens": 16}},
+    )
+    lines = ndjson(r.text)
+    text = "".join(e["text"] for e in lines if e["type"] == "delta")
+    assert lines[-1]["finish_reason"] == "length" and lines[-1]["usage"]["completion_tokens"] == 16
+    assert text.startswith("\U0001f31f") and "\ufffd" not in text, ascii(text)
 
 
 def test_stop_string_cuts_cleanly(mlx_server: LiveServer) -> None:
@@ -242,6 +273,68 @@ def test_a_prompt_longer_than_the_context_is_refused(mlx_server: LiveServer) -> 
     lines = ndjson(r.text)
     assert lines[-1]["type"] == "error" and lines[-1]["code"] == "context_length_exceeded"
     assert not lines[-1]["retryable"]
+
+
+def test_json_mode_is_refused_not_ignored(mlx_server: LiveServer) -> None:
+    # The engine cannot constrain its output: JSON mode is a 400 naming the field, in every
+    # dialect, before the first byte (the stream's too), not an answer in prose.
+    url = mlx_server.url
+    says = "cannot constrain output to JSON"
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    formats = [
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    ]
+    for fmt in formats:
+        for stream in (False, True):
+            body = {"model": "smollm2-135m", "messages": FRANCE, "stream": stream}
+            r = httpx.post(url + "/v1/chat/completions", json={**body, "response_format": fmt})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["param"] == "response_format" and says in err["message"]
+            assert err["type"] == "invalid_request_error"
+            r = httpx.post(url + "/api/v1/chat", json={**body, "response_format": fmt})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["code"] == "invalid_request"
+            assert err["message"].startswith("$.response_format: ") and says in err["message"]
+    for fmt in ("json", schema):
+        for path, body in [
+            ("/api/chat", {"messages": FRANCE}),
+            ("/api/generate", {"prompt": "Hi"}),
+        ]:
+            r = httpx.post(url + path, json={"model": "smollm2-135m", "format": fmt, **body})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"].startswith("$.format: ") and says in r.json()["error"]
+    # Plain text is what the engine writes anyway.
+    r = httpx.post(
+        url + "/v1/chat/completions",
+        timeout=120,
+        json={
+            "model": "smollm2-135m",
+            "messages": FRANCE,
+            "max_tokens": 2,
+            "response_format": {"type": "text"},
+        },
+    )
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+    # With fallbacks, as a prompt too long for the context: the attempt fails as an invalid
+    # request, not retried, and the chain stops there (a fallback would ignore the format
+    # as well, or answer from another model).
+    body = {"model": "smollm2-or-echo", "messages": FRANCE, "response_format": formats[0]}
+    r = httpx.post(url + "/api/v1/chat", json={**body, "stream": False})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", r.text
+    event = mlx_server.wait_event(lambda e: e.get("request_id") == r.headers["x-request-id"])
+    assert [a["backend"] for a in event["attempts"]] == ["local"]
+    lines = ndjson(httpx.post(url + "/api/v1/chat", json=body).text)
+    assert [e["type"] for e in lines] == ["start", "error"]
+    assert lines[-1]["code"] == "invalid_request" and not lines[-1]["retryable"]
+    assert says in lines[-1]["message"]
+    r = httpx.post(
+        url + "/api/chat", json={"model": "smollm2-or-echo", "messages": FRANCE, "format": "json"}
+    )
+    last = json.loads(r.text.splitlines()[-1])
+    assert last["error"].startswith("$.format: ") and says in last["error"]
 
 
 async def test_a_request_given_up_in_the_queue_frees_its_place(mlx_server: LiveServer) -> None:
@@ -389,6 +482,42 @@ async def test_a_prompt_cached_whole_is_answered(monkeypatch: pytest.MonkeyPatch
         done = again[-1]
         assert isinstance(done, Done) and done.usage.prompt_tokens == len(cached)
         assert done.usage.completion_tokens >= 1
+    finally:
+        await b.aclose()
+
+
+async def test_the_prompt_caches_stay_within_their_byte_budget() -> None:
+    # Entries are counted in bytes as well as in number: a few long prompts cannot hold
+    # gigabytes. A float32 cache of a prompt under 256 tokens takes 256 slots of ~46 KB.
+    from stella.backends import CallContext
+    from stella.backends.mlx.backend import MlxBackend, MlxConfig
+    from stella.protocol import ChatRequest, Done, Message, Options
+
+    entry = 256 * 46_080
+    budget = entry * 3 // 2  # room for one short prompt's cache, not two
+    b = MlxBackend("local", MlxConfig(kind="mlx", preload=False, prompt_cache_bytes=budget))
+    await b.start()
+
+    async def ask(content: str) -> None:
+        req = ChatRequest(
+            messages=[Message(role="user", content=content)],
+            options=Options(max_tokens=1, temperature=0),
+        )
+        events = [e async for e in b.chat(req, CallContext(request_id=content[:8]))]
+        assert isinstance(events[-1], Done)
+        # The worker stores the cache after the answer: a call queued behind it runs after.
+        await asyncio.wrap_future(b.worker.call(lambda: None))
+
+    try:
+        for colour in ("red", "green", "blue", "yellow"):
+            await ask(f"Name a fruit that is {colour}.")
+            caches = b.loaded_models[""].caches
+            assert len(caches) == 1 and 0 < caches.nbytes <= budget
+        kept = caches.nbytes
+        # A prompt whose cache alone is over the budget is not stored: it does not push
+        # out the one that fits.
+        await ask("a " * 250)  # ~280 tokens: 512 slots
+        assert len(caches) == 1 and caches.nbytes == kept
     finally:
         await b.aclose()
 

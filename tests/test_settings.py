@@ -238,6 +238,15 @@ def test_remote_pool_settings_are_checked(key: str, value: float) -> None:
         build_backend("up", table, registry())
 
 
+def test_the_mlx_prompt_cache_budget_is_checked() -> None:
+    from stella.backends import ConfigError, build_backend, registry
+
+    with pytest.raises(ConfigError, match=r"backends\.local: prompt_cache_bytes"):
+        build_backend("local", {"kind": "mlx", "prompt_cache_bytes": -1}, registry())
+    with pytest.raises(ConfigError, match=r"backends\.local: prompt_cache_bytes"):
+        build_backend("local", {"kind": "mlx", "prompt_cache_bytes": "1G"}, registry())
+
+
 @pytest.mark.parametrize(
     ("env", "command", "needle"),
     [

@@ -63,13 +63,21 @@ class OllamaDialect(Dialect):
 
     def error_body(self, exc: StellaError, request_id: str) -> Any:
         """Ollama's error object."""
-        return {"error": exc.message}
+        return {"error": own_names(exc.message)}
 
 
 OLLAMA = OllamaDialect()
 # Paths whose errors (404, 405, draining) take this shape; the longest prefix wins
 # (/api/v1/ is the native API's).
 ERROR_PREFIXES = {"/api/": OLLAMA}
+
+
+def own_names(message: str) -> str:
+    """An error `message` with the internal request's field named as Ollama's client sent
+    it (`response_format` is Ollama's `format`)."""
+    if message.startswith("$.response_format"):
+        return "$.format" + message[len("$.response_format") :]
+    return message
 
 
 def _now() -> str:
@@ -121,7 +129,7 @@ class OllamaCodec(Codec):
             calls = [{"function": {"name": event.name, "arguments": event.arguments}}]
             return self._line("", b',"tool_calls":' + _enc.encode(calls))
         if kind is Error:
-            return _enc.encode({"error": event.message}) + b"\n"
+            return _enc.encode({"error": own_names(event.message)}) + b"\n"
         return self._line(event.text)
 
     def ping(self) -> bytes:
@@ -278,6 +286,15 @@ async def generate(request: Request, call: Call) -> Response:
                 "done": True,
                 "done_reason": reason,
             }
+        )
+    if req.raw:
+        # A raw prompt is the model's whole input, template tokens and all; stella's
+        # request is a list of messages that each backend renders with its chat template
+        # (or an upstream's chat API does), so the prompt would be templated all the same.
+        raise InvalidRequest(
+            "$.raw: raw prompts are not supported: the prompt is always read through the "
+            "model's chat template; send it without raw",
+            param="raw",
         )
     messages = [Message(role="user", content=req.prompt)]
     if req.system:

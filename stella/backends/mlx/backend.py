@@ -26,7 +26,7 @@ from stella.backends.mlx.source import (
 from stella.backends.mlx.stops import StopBuffer
 from stella.backends.mlx.toolcalls import ToolCallBuffer
 from stella.backends.mlx.worker import GenerationJob, MlxWorker
-from stella.errors import Overloaded, StellaError, UpstreamError
+from stella.errors import InvalidRequest, Overloaded, StellaError, UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
 
 _log = structlog.get_logger("stella")
@@ -46,6 +46,9 @@ class MlxConfig(BackendConfig, kw_only=True):
     # the file's own (quantized) weights elsewhere; or "native", "float32", "float16".
     dtype: Literal["auto", "native", "float32", "float16", "bfloat16"] = "auto"
     prompt_cache_size: Annotated[int, Meta(ge=0)] = 8  # KV caches kept for prefix reuse (LRU)
+    # Bytes those caches may hold together (a float32 SmolLM2-135M's take ~46 KB a token);
+    # the least recently used go first. 0: no cache.
+    prompt_cache_bytes: Annotated[int, Meta(ge=0)] = 512 * 1024 * 1024
     # Prompt tokens per step of the prompt pass: a cancelled request (client gone, a time
     # limit) stops after the step it is in. 0: 64 on Linux, where MLX runs on the CPU
     # unless built for CUDA (a step takes seconds there), 512 elsewhere (larger steps
@@ -281,7 +284,17 @@ class MlxBackend(Backend):
         return BackendHealth(ok=alive, detail="ok" if alive else "worker stopped")
 
     def admit(self, request: ChatRequest) -> None:
-        """Refuse at once when the queue is full."""
+        """Refuse a JSON mode (the engine cannot keep to one) and, at once, a full queue."""
+        fmt = request.response_format
+        if fmt is not None and fmt.get("type") != "text":
+            # Nothing here constrains sampling: an answer in prose would pass for one
+            # that obeyed. Refused like a prompt too long for the context: not retried,
+            # and no fallback is tried for it.
+            raise InvalidRequest(
+                "$.response_format: the model's backend (mlx) cannot constrain output "
+                "to JSON; send the request without it",
+                param="response_format",
+            )
         if self.worker.full():
             raise Overloaded(
                 f"mlx: {self.worker.waiting} generations already waiting", retry_after=5
@@ -317,13 +330,18 @@ class MlxBackend(Backend):
             # The load waited on the worker behind other jobs: that part was queueing.
             ctx.load_ms = model.load_ms
         opts = request.options
+        temperature = opts.temperature if opts.temperature is not None else 0.7
+        if opts.top_p == 0:
+            # The smallest nucleus, the top token alone (as OpenAI-style APIs read 0):
+            # mlx-lm reads 0 as no nucleus filtering at all, sampling from everything.
+            temperature = 0.0
         job.params.update(
             {
                 "model": model,
                 "messages": request.messages,
                 "tools": request.tools,
                 "max_tokens": opts.max_tokens or self.cfg.max_tokens,
-                "temperature": opts.temperature if opts.temperature is not None else 0.7,
+                "temperature": temperature,
                 "top_p": opts.top_p or 0.0,
                 "top_k": opts.top_k or 0,
                 "min_p": opts.min_p or 0.0,
@@ -331,6 +349,7 @@ class MlxBackend(Backend):
                 "seed": opts.seed,
                 "stats": self.worker.stats,
                 "prompt_cache_size": self.cfg.prompt_cache_size,
+                "prompt_cache_bytes": self.cfg.prompt_cache_bytes,
                 "prefill_step": self._prefill_step(),
                 "request_id": ctx.request_id,
             }

@@ -197,8 +197,10 @@ def generate_into(job: GenerationJob) -> None:
         if p["repetition_penalty"]
         else None
     )
+    budget = p["prompt_cache_bytes"]
+    keep = p["prompt_cache_size"] > 0 and budget > 0
     if lm.caches is None:
-        lm.caches = LRUPromptCache(max_size=max(1, p["prompt_cache_size"]))
+        lm.caches = LRUPromptCache(max_size=max(1, p["prompt_cache_size"]), max_bytes=budget)
     cache, rest = lm.caches.fetch_nearest_cache(lm.path, prompt)
     if cache is not None and not rest:
         # The very prompt was cached: the last token goes through again for its logits.
@@ -247,7 +249,14 @@ def generate_into(job: GenerationJob) -> None:
                 # The first visible text, as a client sees it (the detokenizer may hold a
                 # token back until its characters are complete).
                 job.first_token = time.perf_counter()
-            job.emit(("token", gen.text, gen.finish_reason, len(prompt), gen.generation_tokens))
+            text = gen.text
+            if gen.finish_reason == "length":
+                # The detokenizer holds back the bytes of a character until it is whole,
+                # and its finalize() decodes what it still holds with errors="replace": a
+                # character cut by max_tokens would end the answer as U+FFFD. Those bytes
+                # are dropped instead (the text before them was sent whole).
+                text = text.rstrip("\ufffd")
+            job.emit(("token", text, gen.finish_reason, len(prompt), gen.generation_tokens))
             if first:
                 # Building the next step holds the GIL for milliseconds at a time; the event
                 # loop would wait that long to send the first token. Let it send first.
@@ -269,6 +278,8 @@ def generate_into(job: GenerationJob) -> None:
             tokens_after_cancel=after_cancel,
             in_prompt=prefill_cut,
         )
-    # A cache cut inside the prompt pass holds part of the prompt: not one to reuse.
-    if p["prompt_cache_size"] > 0 and not prefill_cut:
+    # A cache cut inside the prompt pass holds part of the prompt: not one to reuse. One
+    # over the whole budget is not stored either: it would only push out the others
+    # (its own prefixes first) before being dropped itself.
+    if keep and not prefill_cut and sum(c.nbytes for c in cache) <= budget:
         lm.caches.insert_cache(lm.path, key, cache)
