@@ -252,6 +252,31 @@ def test_through_stella_with_fallback(
         assert KEY not in "\n".join(server.lines())
 
 
+def test_anthropic_refuses_json_mode(anthropic_url: tuple[FakeAnthropic, str]) -> None:
+    config = {
+        "backends": {
+            "claude": {"kind": "anthropic", "base_url": anthropic_url[1], "api_key_env": "CK"}
+        },
+        "models": {"routes": {"sonnet": {"backend": "claude", "upstream_model": "claude-x"}}},
+    }
+    msgs = [{"role": "user", "content": "hi"}]
+    with run_stella(config, {"CK": KEY}) as server:
+        sent = len(anthropic_url[0].requests)
+        for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {}}):
+            r = httpx.post(
+                server.url + "/api/v1/chat",
+                json={"model": "sonnet", "messages": msgs, "response_format": fmt},
+            )
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["message"].startswith("$.response_format: ")
+        assert len(anthropic_url[0].requests) == sent  # never sent on
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            json={"model": "sonnet", "messages": msgs, "response_format": {"type": "text"}},
+        )
+        assert r.status_code == 200
+
+
 async def test_a_malformed_model_list_is_an_upstream_error() -> None:
     from starlette.applications import Starlette
     from starlette.responses import Response

@@ -197,8 +197,13 @@ class AnthropicBackend(HttpBackend):
         """GET /v1/models: no tokens spent."""
         return await self.probe("/v1/models")
 
+    def admit(self, request: ChatRequest) -> None:
+        """Refuse a JSON mode: the Messages API has none to map it to."""
+        self.refuse_json_mode(request)
+
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream one message and translate the SSE events."""
+        self.refuse_json_mode(request)  # also on a route with fallbacks (no admit())
         body = _enc.encode(request_body(request, self.cfg.max_tokens))
         name = self.name
         try:

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import msgspec
 
+from stella.errors import InvalidRequest
 from stella.protocol import ChatRequest, Delta, Done, ToolCall
 
 BackendEvent = Delta | ToolCall | Done
@@ -99,6 +100,18 @@ class Backend:
 
     def admit(self, request: ChatRequest) -> None:
         """Refuse at once (raise Overloaded) when the backend's queue is full."""
+
+    def refuse_json_mode(self, request: ChatRequest) -> None:
+        """Raise InvalidRequest for a JSON mode, for a backend that cannot keep to one."""
+        fmt = request.response_format
+        if fmt is not None and fmt.get("type") != "text":
+            # An answer in prose would pass for one that obeyed. Refused like a prompt
+            # too long for the context: not retried, and no fallback is tried for it.
+            raise InvalidRequest(
+                f"$.response_format: the model's backend ({self.kind}) cannot constrain "
+                "output to JSON; send the request without it",
+                param="response_format",
+            )
 
     def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Run one chat; `request.model` is already the upstream model name."""

@@ -26,7 +26,7 @@ from stella.backends.mlx.source import (
 from stella.backends.mlx.stops import StopBuffer
 from stella.backends.mlx.toolcalls import ToolCallBuffer
 from stella.backends.mlx.worker import GenerationJob, MlxWorker
-from stella.errors import InvalidRequest, Overloaded, StellaError, UpstreamError
+from stella.errors import Overloaded, StellaError, UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
 
 _log = structlog.get_logger("stella")
@@ -285,16 +285,7 @@ class MlxBackend(Backend):
 
     def admit(self, request: ChatRequest) -> None:
         """Refuse a JSON mode (the engine cannot keep to one) and, at once, a full queue."""
-        fmt = request.response_format
-        if fmt is not None and fmt.get("type") != "text":
-            # Nothing here constrains sampling: an answer in prose would pass for one
-            # that obeyed. Refused like a prompt too long for the context: not retried,
-            # and no fallback is tried for it.
-            raise InvalidRequest(
-                "$.response_format: the model's backend (mlx) cannot constrain output "
-                "to JSON; send the request without it",
-                param="response_format",
-            )
+        self.refuse_json_mode(request)  # nothing here constrains sampling
         if self.worker.full():
             raise Overloaded(
                 f"mlx: {self.worker.waiting} generations already waiting", retry_after=5
