@@ -58,6 +58,26 @@ def test_line_separators_in_text_reach_the_client_whole(stella: LiveServer) -> N
     assert "".join(p.response for p in parts) == text
 
 
+@pytest.mark.parametrize("value", ["garbage", [], {"a": 1}, True, "5 minutes"])
+def test_a_keep_alive_that_is_no_duration_is_refused(stella: LiveServer, value: object) -> None:
+    for path, body in (
+        ("/api/chat", {"messages": [{"role": "user", "content": "a"}]}),
+        ("/api/generate", {"prompt": "a"}),
+    ):
+        r = httpx.post(
+            stella.url + path, json={"model": "echo", "keep_alive": value, "stream": False, **body}
+        )
+        assert r.status_code == 400, r.text
+        assert "keep_alive" in r.json()["error"]
+
+
+@pytest.mark.parametrize("value", ["5m", "1h30m", "-1m", 300, -1, "0", None])
+def test_a_keep_alive_ollama_reads_is_taken(stella: LiveServer, value: object) -> None:
+    c = client(stella)
+    r = c.chat(model="echo", messages=[{"role": "user", "content": "a b"}], keep_alive=value)
+    assert r.message.content == "a b"
+
+
 def test_options_map_num_predict(stella: LiveServer) -> None:
     r = client(stella).chat(
         model="echo", messages=[{"role": "user", "content": "a b c d"}], options={"num_predict": 2}

@@ -206,6 +206,7 @@ async def chat(request: Request, call: Call) -> Response:
     req: OllamaChat = _decode(
         await read_body(request, services(request).settings.server.max_body_bytes), _chat
     )
+    _check_keep_alive(req.keep_alive)
     messages = to_messages(req)
     if not messages:
         name, reason = await _load(request, call, req.model, req.keep_alive)
@@ -263,6 +264,23 @@ def _is_zero(keep_alive: Any) -> bool:
     return False
 
 
+def _check_keep_alive(keep_alive: float | str | None) -> None:
+    """Refuse a keep_alive string that is neither a Go duration nor a number, as Ollama
+    does (its decoder fails on it: 400)."""
+    if not isinstance(keep_alive, str):
+        return
+    text = keep_alive.strip().lstrip("+-")
+    if _DURATION.fullmatch(text):
+        return
+    try:
+        float(text)  # a bare number, read leniently as seconds
+    except ValueError:
+        raise InvalidRequest(
+            f'$.keep_alive: {keep_alive[:40]!r} is not a duration (e.g. "5m", "30s", 0)',
+            param="keep_alive",
+        ) from None
+
+
 # Go's time.ParseDuration: one or more <number><unit>.
 _DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _DURATION = re.compile(r"(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
@@ -276,6 +294,7 @@ async def generate(request: Request, call: Call) -> Response:
     )
     if req.images:
         raise InvalidRequest("$.images: images are not supported")
+    _check_keep_alive(req.keep_alive)
     if not req.prompt:
         name, reason = await _load(request, call, req.model, req.keep_alive)
         return JSONResponse(

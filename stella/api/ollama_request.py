@@ -63,7 +63,7 @@ class OllamaChat(msgspec.Struct, kw_only=True):
     options: OllamaOptions | None = None
     format: Any = None
     tools: list[LenientTool] | None = None
-    keep_alive: Any = None
+    keep_alive: float | str | None = None  # seconds, or a Go duration ("5m")
     think: Any = None
 
 
@@ -78,7 +78,7 @@ class OllamaGenerate(msgspec.Struct, kw_only=True):
     format: Any = None
     raw: bool | None = False
     images: list[str] | None = None
-    keep_alive: Any = None
+    keep_alive: float | str | None = None  # seconds, or a Go duration ("5m")
 
 
 class ShowRequest(msgspec.Struct):
