@@ -262,11 +262,73 @@ async def test_usage_rows_per_key_and_day_are_bounded() -> None:
     assert {r["model"] for r in rows if r["key"] == "j"} == {"up/model-999"}
 
 
+def _sse_events(text: str) -> list[dict]:
+    """The events of an SSE body, as a reader sees them: `data` lines joined, the `event`
+    "message" when it has no name; comments are not events."""
+    events: list[dict] = []
+    name, data = "message", []
+    for line in text.split("\n"):
+        if not line:
+            if data:
+                events.append({"event": name, "data": "\n".join(data)})
+            name, data = "message", []
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "data":
+                data.append(value)
+            elif field == "event":
+                name = value
+    assert not data, "the stream ended inside an event"
+    return events
+
+
+def _validate(spec: dict, method: str, template: str, r: httpx.Response) -> list:
+    """Check an answer against what /openapi.json declares for its path, status and media
+    type; the bodies validated (each line of NDJSON, each event of SSE)."""
+    import jsonschema_rs
+
+    declared = spec["paths"][template][method]["responses"]
+    assert str(r.status_code) in declared, (method, template, r.status_code, r.text)
+    assert "x-request-id" in r.headers and "X-Request-ID" in declared[str(r.status_code)]["headers"]
+    content = declared[str(r.status_code)]["content"]
+    media = r.headers["content-type"].split(";")[0]
+    assert media in content, (method, template, r.status_code, media, list(content))
+    components = spec["components"]
+
+    class JsonText:
+        """contentMediaType application/json: the string's JSON is valid against its
+        contentSchema (JSON Schema leaves it an annotation; OpenAPI tools check it)."""
+
+        def __init__(self, parent: dict, value: str, path: list) -> None:
+            assert value == "application/json"
+            schema = {**parent["contentSchema"], "components": components}
+            self.validator = jsonschema_rs.validator_for(schema)
+
+        def validate(self, instance: object) -> None:
+            assert isinstance(instance, str)
+            self.validator.validate(json.loads(instance))
+
+    # The schema embeds the components, so that its $refs resolve.
+    schema = {**content[media]["schema"], "components": components}
+    validator = jsonschema_rs.validator_for(schema, keywords={"contentMediaType": JsonText})
+    if media == "application/x-ndjson":
+        items = [json.loads(line) for line in r.text.splitlines()]
+    elif media == "application/json":
+        items = [r.json()]
+    elif media == "text/event-stream":
+        items = _sse_events(r.text)
+    else:
+        items = [r.text]
+    for item in items:
+        errors = [e.message for e in validator.iter_errors(item)]
+        assert not errors, (method, template, r.status_code, item, errors)
+    return items
+
+
 def test_answers_match_the_openapi_document() -> None:
     """Each answer of stella's own routes is declared by /openapi.json for its status, with
     a body its schema accepts, and carries the headers declared as always sent."""
-    import jsonschema_rs
-
     key = "sk-openapi-admin-1234"
     auth = {"Authorization": f"Bearer {key}"}
     msg = [{"role": "user", "content": "a b"}]
@@ -314,25 +376,11 @@ def test_answers_match_the_openapi_document() -> None:
         for method, template, path, body, headers in calls:
             r = httpx.request(method, server.url + path, json=body, headers=headers)
             seen.append((path, r.status_code))
-            declared = spec["paths"][template][method]["responses"]
-            assert str(r.status_code) in declared, (method, path, r.status_code, r.text)
-            answer = declared[str(r.status_code)]
+            _validate(spec, method, template, r)
+            answer = spec["paths"][template][method]["responses"][str(r.status_code)]
             for name in answer.get("headers", {}):
-                if name in ("X-Request-ID",) or (name.startswith("X-RateLimit") and r.is_success):
+                if name.startswith("X-RateLimit") and r.is_success:
                     assert name.lower() in r.headers, (method, path, name)
-            media = r.headers["content-type"].split(";")[0]
-            content = answer["content"]
-            assert media in content, (method, path, media, list(content))
-            schema = {**content[media]["schema"], "components": spec["components"]}
-            validator = jsonschema_rs.validator_for(schema)
-            if media == "application/x-ndjson":
-                items = [json.loads(line) for line in r.text.splitlines()]
-            elif media == "application/json":
-                items = [r.json()]
-            else:
-                items = [r.text]
-            for item in items:
-                assert validator.is_valid(item), (method, path, item)
         assert ("/api/v1/models/e2-alias", 200) in seen and ("/api/v1/models/echo", 409) in seen
         assert ("/config", 401) in seen and ("/api/v1/chat", 404) in seen
         # Removed by an alias: answered with the route's own name, and gone by either name.
@@ -340,6 +388,140 @@ def test_answers_match_the_openapi_document() -> None:
             server.url + "/api/v1/chat", json={"model": "e2", "messages": msg}, headers=auth
         )
         assert r.status_code == 404
+
+
+def test_each_dialects_answers_match_the_openapi_document() -> None:
+    """The OpenAI, Ollama, Anthropic and alias routes declare their own shapes: JSON
+    answers, stream lines and errors are each valid against the schema /openapi.json
+    gives for that path, status and media type."""
+    key = "sk-openapi-dialects-1234"
+    auth = {"Authorization": f"Bearer {key}"}
+    config = {
+        "limits": {"requests_per_minute": 1000},
+        "backends": {"failafter": {"kind": "echo", "fail_after": 2}},
+        "models": {"routes": {"echo-fail-after": {"backend": "failafter"}}},
+    }
+    chat = [{"role": "user", "content": "a b c d"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    a_tools = [{"name": "f", "input_schema": {"type": "object"}}]
+    msgs = {"model": "echo", "max_tokens": 16, "messages": chat}
+    calls: list[tuple[str, str, str, dict | None, int, str]] = [
+        # OpenAI
+        ("post", "/v1/chat/completions", "", {"model": "echo", "messages": chat}, 200, "json"),
+        (
+            "post",
+            "/v1/chat/completions",
+            "",
+            {"model": "echo", "messages": chat, "tools": tools},
+            200,
+            "json",
+        ),
+        (
+            "post",
+            "/v1/chat/completions",
+            "",
+            {
+                "model": "echo",
+                "messages": chat,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+            200,
+            "event-stream",
+        ),
+        (
+            "post",
+            "/v1/chat/completions",
+            "",
+            {"model": "echo-fail-after", "messages": chat, "stream": True},
+            200,
+            "event-stream",
+        ),
+        ("post", "/v1/chat/completions", "", {"model": "echo", "messages": chat, "n": 2}, 400, ""),
+        ("post", "/v1/chat/completions", "", {"model": "nope", "messages": chat}, 404, ""),
+        ("post", "/v1/chat/stream", "", {"model": "echo", "messages": chat}, 200, "event-stream"),
+        ("post", "/v1/completions", "", {"model": "echo", "prompt": "a b"}, 200, "json"),
+        (
+            "post",
+            "/v1/completions",
+            "",
+            {"model": "echo", "prompt": "a b", "stream": True},
+            200,
+            "event-stream",
+        ),
+        ("post", "/v1/completions", "", {"model": "echo"}, 400, ""),
+        ("get", "/v1/models", "", None, 200, "json"),
+        ("get", "/v1/models/{model}", "/v1/models/echo", None, 200, "json"),
+        ("get", "/v1/models/{model}", "/v1/models/nope", None, 404, ""),
+        ("get", "/v1/health", "", None, 200, "json"),
+        # Ollama
+        ("post", "/api/chat", "", {"model": "echo", "messages": chat}, 200, "ndjson"),
+        (
+            "post",
+            "/api/chat",
+            "",
+            {"model": "echo", "messages": chat, "tools": tools},
+            200,
+            "ndjson",
+        ),
+        ("post", "/api/chat", "", {"model": "echo-fail-after", "messages": chat}, 200, "ndjson"),
+        (
+            "post",
+            "/api/chat",
+            "",
+            {"model": "echo", "messages": chat, "stream": False, "tools": tools},
+            200,
+            "json",
+        ),
+        ("post", "/api/chat", "", {"model": "echo", "messages": []}, 200, "json"),  # a load
+        ("post", "/api/chat", "", {"model": "echo", "messages": 1}, 400, ""),
+        ("post", "/api/generate", "", {"model": "echo", "prompt": "a b"}, 200, "ndjson"),
+        (
+            "post",
+            "/api/generate",
+            "",
+            {"model": "echo", "prompt": "a b", "stream": False},
+            200,
+            "json",
+        ),
+        ("post", "/api/generate", "", {"model": "echo"}, 200, "json"),  # a load
+        ("post", "/api/generate", "", {"prompt": "a b"}, 400, ""),
+        ("get", "/api/tags", "", None, 200, "json"),
+        ("get", "/api/ps", "", None, 200, "json"),
+        ("post", "/api/show", "", {"model": "echo"}, 200, "json"),
+        ("post", "/api/show", "", {"model": "nope"}, 404, ""),
+        ("post", "/api/show", "", {}, 400, ""),
+        ("get", "/api/version", "", None, 200, "json"),
+        # Anthropic
+        ("post", "/v1/messages", "", msgs, 200, "json"),
+        ("post", "/v1/messages", "", {**msgs, "tools": a_tools}, 200, "json"),
+        ("post", "/v1/messages", "", {**msgs, "stream": True}, 200, "event-stream"),
+        ("post", "/v1/messages", "", {"model": "echo", "messages": chat}, 400, ""),
+        # aliases
+        ("post", "/api/chat/invoke", "", {"input_data": {"input": "a b"}}, 200, "json"),
+        ("post", "/api/chat/invoke", "", {"input_data": {}}, 400, ""),
+        ("post", "/generate", "", {"prompt": "a b"}, 200, "json"),
+        ("post", "/generate", "", {}, 400, ""),
+        ("get", "/api/llm/health", "", None, 200, "json"),
+        ("get", "/api/llm/models", "", None, 200, "json"),
+        ("post", "/api/llm/generate", "", {"prompt": "a b"}, 200, "json"),
+        ("post", "/api/llm/generate", "", {"prompt": 1}, 400, ""),
+        ("post", "/api/llm/stream", "", {"prompt": "a b"}, 200, "ndjson"),
+        ("post", "/api/llm/stream", "", {}, 400, ""),
+    ]
+    with run_stella(config, env={"STELLA_API_KEYS": f"ops={key}"}) as server:
+        spec = httpx.get(server.url + "/openapi.json").json()
+        for method, template, path, body, status, media in calls:
+            r = httpx.request(method, server.url + (path or template), json=body, headers=auth)
+            assert r.status_code == status, (method, path or template, r.status_code, r.text)
+            assert media in r.headers["content-type"], (method, template, r.headers)
+            items = _validate(spec, method, template, r)
+            if template in ("/v1/chat/completions", "/api/chat") and "echo-fail" in str(body):
+                # The stream that failed after its start ended with its error.
+                assert "error" in (items[-1] if media == "ndjson" else r.text), r.text
+        for path in ("/v1/models", "/api/tags", "/api/llm/models", "/v1/messages"):
+            method = "post" if path == "/v1/messages" else "get"
+            _validate(spec, method, path, httpx.request(method, server.url + path))  # 401
 
 
 def test_a_draining_servers_refusals_are_declared_too() -> None:
@@ -379,3 +561,39 @@ def test_a_draining_servers_refusals_are_declared_too() -> None:
     for method, path, status in seen:
         assert str(status) in spec["paths"][path][method]["responses"], (method, path, status)
     assert "503" not in spec["paths"]["/health"]["get"]["responses"]
+
+
+def test_a_draining_servers_refusals_take_each_dialects_declared_shape() -> None:
+    import asyncio
+
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    app = create_app(
+        load_settings(
+            {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}, environ={}
+        )
+    )
+    paths = [
+        ("post", "/v1/chat/completions"),
+        ("get", "/v1/health"),
+        ("post", "/v1/messages"),
+        ("post", "/api/chat"),
+        ("get", "/api/version"),
+        ("post", "/api/chat/invoke"),
+        ("post", "/generate"),
+        ("get", "/api/llm/health"),
+    ]
+
+    async def calls() -> tuple[dict, list[tuple[str, str, httpx.Response]]]:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
+        ) as c:
+            spec = (await c.get("/openapi.json")).json()
+            app.state.stella.drain.draining = True
+            return spec, [(m, p, await c.request(m, p)) for m, p in paths]
+
+    spec, seen = asyncio.run(calls())
+    for method, path, r in seen:
+        assert r.status_code == 503, (path, r.text)
+        _validate(spec, method, path, r)

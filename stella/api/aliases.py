@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from stella.api import shapes
 from stella.api.http import (
     Dialect,
     JSONResponse,
@@ -56,7 +57,8 @@ class SimpleDialect(Dialect):
 
 INVOKE = SimpleDialect("invoke")
 SIMPLE = SimpleDialect("simple")
-# Paths whose 404/405/draining errors take these shapes (longer than the Ollama /api/).
+# Paths whose 404/405/draining errors take these shapes (longer than the Ollama /api/);
+# /generate's too, so that every answer of a route has the one shape it documents.
 ERROR_PREFIXES = {"/api/chat/invoke": INVOKE, "/api/llm/": SIMPLE, "/generate": SIMPLE}
 LLM = SimpleDialect("llm")
 
@@ -260,19 +262,45 @@ document(
         "Invoke shape: input_data.input -> output",
         tag="aliases",
         request=InvokeRequest,
+        response=shapes.INVOKE_RESPONSE,
+        error=shapes.FLAT_ERROR,
     ),
-    Operation("post", "/generate", "Prompt -> response", tag="aliases", request=PromptRequest),
+    Operation(
+        "post",
+        "/generate",
+        "Prompt -> response",
+        tag="aliases",
+        request=PromptRequest,
+        response=shapes.PROMPT_RESPONSE,
+        error=shapes.FLAT_ERROR,
+    ),
     Operation(
         "get",
         "/api/llm/health",
         "Health of the default model's backend",
         tag="aliases",
+        response=shapes.LLM_HEALTH,
         public=True,
         errors=(),
+        error=shapes.FLAT_ERROR,
     ),
-    Operation("get", "/api/llm/models", "Model names", tag="aliases", errors=(401,)),
     Operation(
-        "post", "/api/llm/generate", "Prompt -> response", tag="aliases", request=PromptRequest
+        "get",
+        "/api/llm/models",
+        "Model names",
+        tag="aliases",
+        response=shapes.LLM_MODELS,
+        errors=(401,),
+        error=shapes.FLAT_ERROR,
+    ),
+    Operation(
+        "post",
+        "/api/llm/generate",
+        "Prompt -> response",
+        tag="aliases",
+        request=PromptRequest,
+        response=shapes.LLM_RESPONSE,
+        error=shapes.FLAT_ERROR,
     ),
     Operation(
         "post",
@@ -280,7 +308,8 @@ document(
         "Prompt -> NDJSON stream",
         tag="aliases",
         request=PromptRequest,
-        stream="application/x-ndjson",
+        stream="application/x-ndjson",  # the native stream: StreamEvent lines
+        error=shapes.FLAT_ERROR,
     ),
 )
 

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from stella.api import shapes
 from stella.api.http import (
     Dialect,
     JSONResponse,
@@ -400,7 +401,10 @@ document(
         "Anthropic Messages API (SSE when stream)",
         tag="anthropic",
         request=MessagesRequest,
+        response=shapes.ANTHROPIC_MESSAGE,
         stream="text/event-stream",
+        stream_item=shapes.ANTHROPIC_EVENT,
+        error=shapes.ANTHROPIC_ERROR,
         # The API's own status for an overload (a full queue) is 529.
         errors=(400, 401, 403, 404, 413, 415, 429, 502, 503, 504, 529),
     )

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from stella import __version__
+from stella.api import shapes
 from stella.api.http import (
     Dialect,
     JSONResponse,
@@ -419,7 +420,10 @@ document(
         "Ollama chat (NDJSON stream by default)",
         tag="ollama",
         request=OllamaChat,
+        response=shapes.OLLAMA_CHAT,
         stream="application/x-ndjson",
+        stream_item=shapes.OLLAMA_CHAT_LINE,
+        error=shapes.OLLAMA_ERROR,
     ),
     Operation(
         "post",
@@ -427,20 +431,48 @@ document(
         "Ollama generate",
         tag="ollama",
         request=OllamaGenerate,
+        response=shapes.OLLAMA_GENERATE,
         stream="application/x-ndjson",
+        stream_item=shapes.OLLAMA_GENERATE_LINE,
+        error=shapes.OLLAMA_ERROR,
     ),
-    Operation("get", "/api/tags", "Ollama model list", tag="ollama", errors=(401,)),
-    Operation("get", "/api/ps", "Ollama loaded models", tag="ollama", errors=(401,)),
+    Operation(
+        "get",
+        "/api/tags",
+        "Ollama model list",
+        tag="ollama",
+        response=shapes.OLLAMA_TAGS,
+        errors=(401,),
+        error=shapes.OLLAMA_ERROR,
+    ),
+    Operation(
+        "get",
+        "/api/ps",
+        "Ollama loaded models",
+        tag="ollama",
+        response=shapes.OLLAMA_PS,
+        errors=(401,),
+        error=shapes.OLLAMA_ERROR,
+    ),
     Operation(
         "post",
         "/api/show",
         "Ollama model details",
         tag="ollama",
         request=ShowRequest,
+        response=shapes.OLLAMA_SHOW,
         errors=(400, 401, 404),
+        error=shapes.OLLAMA_ERROR,
     ),
     Operation(
-        "get", "/api/version", "Ollama-compatible version", tag="ollama", public=True, errors=()
+        "get",
+        "/api/version",
+        "Ollama-compatible version",
+        tag="ollama",
+        response=shapes.OLLAMA_VERSION,
+        public=True,
+        errors=(),
+        error=shapes.OLLAMA_ERROR,
     ),
 )
 

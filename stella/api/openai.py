@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from stella.api import shapes
 from stella.api.http import (
     Dialect,
     JSONResponse,
@@ -425,7 +426,10 @@ document(
         "OpenAI chat completions (SSE when stream)",
         tag="openai",
         request=ChatCompletionRequest,
+        response=shapes.OPENAI_CHAT,
         stream="text/event-stream",
+        stream_item=shapes.OPENAI_CHAT_EVENT,
+        error=shapes.OPENAI_ERROR,
     ),
     Operation(
         "post",
@@ -434,6 +438,8 @@ document(
         tag="openai",
         request=ChatCompletionRequest,
         stream="text/event-stream",
+        stream_item=shapes.OPENAI_CHAT_EVENT,
+        error=shapes.OPENAI_ERROR,
     ),
     Operation(
         "post",
@@ -441,19 +447,39 @@ document(
         "OpenAI text completions",
         tag="openai",
         request=CompletionRequest,
+        response=shapes.OPENAI_COMPLETION,
         stream="text/event-stream",
+        stream_item=shapes.OPENAI_TEXT_EVENT,
+        error=shapes.OPENAI_ERROR,
     ),
-    Operation("get", "/v1/models", "OpenAI model list", tag="openai", errors=(401,)),
+    Operation(
+        "get",
+        "/v1/models",
+        "OpenAI model list",
+        tag="openai",
+        response=shapes.OPENAI_MODELS,
+        errors=(401,),
+        error=shapes.OPENAI_ERROR,
+    ),
     Operation(
         "get",
         "/v1/models/{model}",
         "One OpenAI model",
         tag="openai",
+        response=shapes.OPENAI_MODEL,
         params=("model",),
         errors=(401, 404),
+        error=shapes.OPENAI_ERROR,
     ),
     Operation(
-        "get", "/v1/health", "Service and provider health", tag="openai", public=True, errors=()
+        "get",
+        "/v1/health",
+        "Service and provider health",
+        tag="openai",
+        response=shapes.OPENAI_HEALTH,
+        public=True,
+        errors=(),
+        error=shapes.OPENAI_ERROR,
     ),
 )
 

@@ -11,6 +11,23 @@ from stella import __version__
 from stella.protocol import ErrorResponse, StreamEvent
 
 
+@dataclass(frozen=True, eq=False)
+class Schema:
+    """A hand-written schema component, for a body a handler writes without a struct (a
+    dialect's dicts and hand-built stream bytes); `uses` are the structs and other
+    Schemas it names by $ref."""
+
+    name: str
+    schema: dict[str, Any]
+    uses: tuple[Any, ...] = ()
+
+
+def ref(target: Any) -> dict[str, Any]:
+    """A $ref to a Schema or a struct's component (the struct must be in some `uses`)."""
+    name = target.name if isinstance(target, Schema) else target.__name__
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
 @dataclass(frozen=True, slots=True)
 class Operation:
     """One documented operation."""
@@ -19,10 +36,16 @@ class Operation:
     path: str
     summary: str
     tag: str = "native"
+    # request, response, stream_item, error and the bodies of `others` are structs, or
+    # Schemas for bodies written without one.
     request: Any = None
     response: Any = None
     stream: str = ""  # media type of a streamed alternative, e.g. application/x-ndjson
+    # One line of an NDJSON stream, or one event of an SSE one (as OpenAPI 3.1 tools read a
+    # stream's schema: what 3.2 calls itemSchema).
     stream_item: Any = None
+    # The body of every error status: a dialect answers in its own shape.
+    error: Any = ErrorResponse
     admin: bool = False
     public: bool = False
     errors: tuple[int, ...] = (400, 401, 403, 404, 413, 415, 429, 502, 503, 504)
@@ -48,12 +71,24 @@ def build_schema() -> dict[str, Any]:
     """The OpenAPI 3.1 document for every registered operation."""
     types: list[Any] = [ErrorResponse, StreamEvent]
     for op in OPERATIONS:
-        types += [t for t in (op.request, op.response, op.stream_item) if t is not None]
+        types += [t for t in (op.request, op.response, op.stream_item, op.error) if t is not None]
         types += [t for _, t in op.others]
+    written = _written(types)
+    structs = [t for t in types if not isinstance(t, Schema)]
+    structs += [t for s in written for t in s.uses if not isinstance(t, Schema)]
     schemas, components = msgspec.json.schema_components(
-        types, ref_template="#/components/schemas/{name}"
+        structs, ref_template="#/components/schemas/{name}"
     )
-    by_type = dict(zip(types, schemas, strict=True))
+    by_type: dict[Any, Any] = dict(zip(structs, schemas, strict=True))
+    for s in written:
+        if components.get(s.name, s.schema) is not s.schema:
+            raise ValueError(f"two schemas are named {s.name}")
+        # msgspec qualifies a struct's name that two modules share: `ref` would miss it.
+        missing = [t for t in s.uses if ref(t)["$ref"].rsplit("/", 1)[1] not in components]
+        if any(not isinstance(t, Schema) for t in missing):
+            raise ValueError(f"{s.name} names a struct whose component has another name")
+        components[s.name] = s.schema
+        by_type[s] = ref(s)
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         item: dict[str, Any] = {"summary": op.summary, "tags": [op.tag]}
@@ -85,7 +120,7 @@ def build_schema() -> dict[str, Any]:
             responses[str(status)] = {
                 "description": "error",
                 "headers": _headers(status, op, error=True),
-                "content": {"application/json": {"schema": by_type[ErrorResponse]}},
+                "content": {"application/json": {"schema": by_type[op.error]}},
             }
         for status, text in op.bare:
             responses[str(status)] = {"description": text, "headers": _headers(status, op)}
@@ -112,6 +147,18 @@ def build_schema() -> dict[str, Any]:
             },
         },
     }
+
+
+def _written(types: list[Any]) -> list[Schema]:
+    """The Schemas among `types` and those they use, each once."""
+    out: dict[int, Schema] = {}
+    todo = [t for t in types if isinstance(t, Schema)]
+    while todo:
+        s = todo.pop()
+        if id(s) not in out:
+            out[id(s)] = s
+            todo += [t for t in s.uses if isinstance(t, Schema)]
+    return list(out.values())
 
 
 def _header(description: str, kind: str = "string") -> dict[str, Any]:

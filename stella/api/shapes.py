@@ -1,0 +1,460 @@
+"""The compatible dialects' answers, as /openapi.json declares them.
+
+Their handlers write vendor-shaped dicts (and stream bytes) rather than structs, so
+these are hand-written schemas: each names the fields those handlers always send and
+leaves room for more (no additionalProperties), so that the document never says
+something the route does not do. tests/test_ops.py checks real answers against them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stella.api.openapi import Schema, ref
+from stella.protocol import Usage
+
+STR: dict[str, Any] = {"type": "string"}
+INT: dict[str, Any] = {"type": "integer"}
+BOOL: dict[str, Any] = {"type": "boolean"}
+NULL: dict[str, Any] = {"type": "null"}
+OBJECT: dict[str, Any] = {"type": "object"}
+
+
+def obj(
+    required: dict[str, Any], optional: dict[str, Any] | None = None, description: str = ""
+) -> dict[str, Any]:
+    """An object schema: `required` fields are always sent, `optional` ones sometimes."""
+    out: dict[str, Any] = {
+        "type": "object",
+        "properties": {**required, **(optional or {})},
+        "required": list(required),
+    }
+    if description:
+        out["description"] = description
+    return out
+
+
+def const(value: Any) -> dict[str, Any]:
+    """Exactly this value."""
+    return {"const": value}
+
+
+def array(items: dict[str, Any]) -> dict[str, Any]:
+    """A list of `items`."""
+    return {"type": "array", "items": items}
+
+
+def sse_event(
+    description: str, data: dict[str, Any], event: dict[str, Any] | None = None, end: str = ""
+) -> dict[str, Any]:
+    """One event of a text/event-stream body, as OpenAPI 3.1 tools read its schema (3.2
+    calls it itemSchema): `data` is JSON text valid against `data` (or the end marker
+    `end`), `event` the event's name when it has one. Comments (pings) are not events."""
+    json_text = {"contentMediaType": "application/json", "contentSchema": data}
+    payload: dict[str, Any] = {"type": "string"}
+    payload |= {"if": {"const": end}, "else": json_text} if end else json_text
+    props: dict[str, Any] = {"data": payload}
+    if event is not None:
+        props["event"] = event
+    return {
+        "type": "object",
+        "description": description,
+        "properties": props,
+        "required": list(props),
+    }
+
+
+# --- OpenAI ------------------------------------------------------------------------------
+
+OPENAI_ERROR = Schema(
+    "OpenAIError",
+    obj(
+        {
+            "error": obj(
+                {
+                    "message": STR,
+                    "type": STR,
+                    "param": {"type": ["string", "null"]},
+                    "code": STR,
+                }
+            )
+        },
+        description="OpenAI's error object",
+    ),
+)
+_OPENAI_TOOL_CALL = obj(
+    {
+        "id": STR,
+        "type": const("function"),
+        "function": obj(
+            {"name": STR, "arguments": {"type": "string", "description": "a JSON object"}}
+        ),
+    }
+)
+OPENAI_CHAT = Schema(
+    "OpenAIChatCompletion",
+    obj(
+        {
+            "id": STR,
+            "object": const("chat.completion"),
+            "created": INT,
+            "model": STR,
+            "system_fingerprint": NULL,
+            "usage": ref(Usage),
+            "choices": array(
+                obj(
+                    {
+                        "index": INT,
+                        "message": obj(
+                            {"role": const("assistant"), "content": {"type": ["string", "null"]}},
+                            {"tool_calls": array(_OPENAI_TOOL_CALL)},
+                        ),
+                        "logprobs": NULL,
+                        "finish_reason": STR,
+                    }
+                )
+            ),
+        },
+        description="A chat completion (stream: false)",
+    ),
+    uses=(Usage,),
+)
+OPENAI_COMPLETION = Schema(
+    "OpenAITextCompletion",
+    obj(
+        {
+            "id": STR,
+            "object": const("text_completion"),
+            "created": INT,
+            "model": STR,
+            "usage": ref(Usage),
+            "choices": array(
+                obj({"index": INT, "text": STR, "logprobs": NULL, "finish_reason": STR})
+            ),
+        },
+        description="A text completion (stream: false)",
+    ),
+    uses=(Usage,),
+)
+OPENAI_STREAM_ERROR = Schema(
+    "OpenAIStreamError",
+    obj(
+        {"error": obj({"message": STR, "type": STR, "code": STR})},
+        description="A failure after the stream started: its last event (no [DONE] follows)",
+    ),
+)
+
+
+def _chunk(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+    """A streamed chunk; with stream_options.include_usage, the one before [DONE] has no
+    choices and carries `usage`."""
+    return obj(
+        {
+            "id": STR,
+            "object": const(kind),
+            "created": INT,
+            "model": STR,
+            "choices": array(choice),
+        },
+        {"usage": ref(Usage)},
+    )
+
+
+OPENAI_CHAT_CHUNK = Schema(
+    "OpenAIChatChunk",
+    _chunk(
+        "chat.completion.chunk",
+        obj(
+            {
+                "index": INT,
+                # The first carries the role, the last none of these and the finish_reason.
+                "delta": obj(
+                    {},
+                    {
+                        "role": const("assistant"),
+                        "content": {"type": ["string", "null"]},
+                        "tool_calls": array(
+                            obj(
+                                {
+                                    "index": INT,
+                                    "id": STR,
+                                    "type": const("function"),
+                                    "function": obj({"name": STR, "arguments": STR}),
+                                }
+                            )
+                        ),
+                    },
+                ),
+                "finish_reason": {"type": ["string", "null"]},
+            }
+        ),
+    ),
+    uses=(Usage,),
+)
+OPENAI_TEXT_CHUNK = Schema(
+    "OpenAITextChunk",
+    _chunk(
+        "text_completion",
+        obj(
+            {
+                "index": INT,
+                "text": STR,
+                "logprobs": NULL,
+                "finish_reason": {"type": ["string", "null"]},
+            }
+        ),
+    ),
+    uses=(Usage,),
+)
+OPENAI_CHAT_EVENT = Schema(
+    "OpenAIChatEvent",
+    sse_event(
+        "One server-sent event: `data: {chat.completion.chunk}`, and `data: [DONE]` at the"
+        " end; `: ping` comments keep the connection alive",
+        {"anyOf": [ref(OPENAI_CHAT_CHUNK), ref(OPENAI_STREAM_ERROR)]},
+        end="[DONE]",
+    ),
+    uses=(OPENAI_CHAT_CHUNK, OPENAI_STREAM_ERROR),
+)
+OPENAI_TEXT_EVENT = Schema(
+    "OpenAITextEvent",
+    sse_event(
+        "One server-sent event: `data: {text_completion chunk}`, and `data: [DONE]` at the"
+        " end; `: ping` comments keep the connection alive",
+        {"anyOf": [ref(OPENAI_TEXT_CHUNK), ref(OPENAI_STREAM_ERROR)]},
+        end="[DONE]",
+    ),
+    uses=(OPENAI_TEXT_CHUNK, OPENAI_STREAM_ERROR),
+)
+OPENAI_MODEL = Schema(
+    "OpenAIModel",
+    obj({"id": STR, "object": const("model"), "created": INT, "owned_by": STR}),
+)
+OPENAI_MODELS = Schema(
+    "OpenAIModelList",
+    obj({"object": const("list"), "data": array(ref(OPENAI_MODEL))}),
+    uses=(OPENAI_MODEL,),
+)
+OPENAI_HEALTH = Schema(
+    "ProviderHealth",
+    obj(
+        {
+            "status": const("ok"),
+            "providers": {
+                "type": "object",
+                "description": "each backend by name",
+                "additionalProperties": obj(
+                    {"kind": STR, "ok": BOOL, "detail": STR, "circuit": STR}
+                ),
+            },
+        }
+    ),
+)
+
+# --- Ollama ------------------------------------------------------------------------------
+
+OLLAMA_ERROR = Schema(
+    "OllamaError",
+    obj({"error": STR}, description="Ollama's error object (also a stream's last line)"),
+)
+_OLLAMA_MESSAGE = obj(
+    {"role": const("assistant"), "content": STR},
+    {
+        "tool_calls": array(
+            obj({"function": obj({"name": STR, "arguments": OBJECT})}),
+        )
+    },
+)
+# A finished answer's counts and durations (ns); an empty chat's load/unload reply has none.
+_OLLAMA_TOTALS = {
+    name: INT
+    for name in (
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_count",
+        "eval_duration",
+    )
+}
+
+
+def _ollama(name: str, body: dict[str, Any], what: str) -> tuple[Schema, Schema]:
+    """The answer and the stream line of /api/chat or /api/generate, `body` being the
+    field that carries the text."""
+    head = {"model": STR, "created_at": STR}
+    answer = Schema(
+        f"Ollama{name}Response",
+        obj(
+            {**head, **body, "done": const(True), "done_reason": STR},
+            _OLLAMA_TOTALS,
+            description=f"The {what} (stream: false), also a stream's last line",
+        ),
+    )
+    line = Schema(
+        f"Ollama{name}Line",
+        {
+            "description": "One line of the NDJSON stream: a piece of text (done: false),"
+            " the last line (done: true), or an error ending the stream",
+            "anyOf": [
+                obj({**head, **body, "done": const(False)}),
+                ref(answer),
+                ref(OLLAMA_ERROR),
+            ],
+        },
+        uses=(answer, OLLAMA_ERROR),
+    )
+    return answer, line
+
+
+OLLAMA_CHAT, OLLAMA_CHAT_LINE = _ollama("Chat", {"message": _OLLAMA_MESSAGE}, "answer")
+OLLAMA_GENERATE, OLLAMA_GENERATE_LINE = _ollama("Generate", {"response": STR}, "completion")
+_OLLAMA_DETAILS = {"format": STR, "family": STR, "parameter_size": STR, "quantization_level": STR}
+OLLAMA_MODEL = Schema(
+    "OllamaModel",
+    obj(
+        {
+            "name": STR,
+            "model": STR,
+            "modified_at": STR,
+            "size": INT,
+            "digest": STR,
+            "details": obj(_OLLAMA_DETAILS),
+        }
+    ),
+)
+OLLAMA_TAGS = Schema("OllamaModels", obj({"models": array(ref(OLLAMA_MODEL))}), (OLLAMA_MODEL,))
+OLLAMA_PS = Schema(
+    "OllamaRunningModels",
+    obj(
+        {
+            "models": array(
+                {"allOf": [ref(OLLAMA_MODEL), obj({"size_vram": INT, "expires_at": STR})]}
+            )
+        }
+    ),
+    (OLLAMA_MODEL,),
+)
+OLLAMA_SHOW = Schema(
+    "OllamaShow",
+    obj(
+        {
+            "modelfile": STR,
+            "parameters": STR,
+            "template": STR,
+            "details": obj({**_OLLAMA_DETAILS, "parent_model": STR}),
+            "model_info": {"type": "object", "additionalProperties": STR},
+            "capabilities": array(STR),
+            "modified_at": STR,
+        }
+    ),
+)
+OLLAMA_VERSION = Schema("OllamaVersion", obj({"version": STR}))
+
+# --- Anthropic ---------------------------------------------------------------------------
+
+_ANTHROPIC_USAGE = obj({"input_tokens": INT, "output_tokens": INT})
+_ANTHROPIC_TEXT = obj({"type": const("text"), "text": STR})
+_ANTHROPIC_TOOL_USE = obj({"type": const("tool_use"), "id": STR, "name": STR, "input": OBJECT})
+ANTHROPIC_ERROR = Schema(
+    "AnthropicError",
+    obj(
+        {"type": const("error"), "error": obj({"type": STR, "message": STR})},
+        description="Anthropic's error object",
+    ),
+)
+ANTHROPIC_MESSAGE = Schema(
+    "AnthropicMessage",
+    obj(
+        {
+            "id": STR,
+            "type": const("message"),
+            "role": const("assistant"),
+            "model": STR,
+            "content": array({"anyOf": [_ANTHROPIC_TEXT, _ANTHROPIC_TOOL_USE]}),
+            "stop_reason": STR,
+            "stop_sequence": {"type": ["string", "null"]},
+            "usage": _ANTHROPIC_USAGE,
+        },
+        description="A Message (stream: false)",
+    ),
+)
+_ANTHROPIC_EVENTS: dict[str, dict[str, Any]] = {
+    "message_start": {
+        "message": obj(
+            {
+                "id": STR,
+                "type": const("message"),
+                "role": const("assistant"),
+                "model": STR,
+                "content": array(OBJECT),
+                "stop_reason": NULL,
+                "stop_sequence": NULL,
+                "usage": _ANTHROPIC_USAGE,
+            }
+        )
+    },
+    "ping": {},
+    "content_block_start": {
+        "index": INT,
+        "content_block": {"anyOf": [_ANTHROPIC_TEXT, _ANTHROPIC_TOOL_USE]},
+    },
+    "content_block_delta": {
+        "index": INT,
+        "delta": {
+            "anyOf": [
+                obj({"type": const("text_delta"), "text": STR}),
+                obj({"type": const("input_json_delta"), "partial_json": STR}),
+            ]
+        },
+    },
+    "content_block_stop": {"index": INT},
+    "message_delta": {
+        "delta": obj({"stop_reason": STR, "stop_sequence": {"type": ["string", "null"]}}),
+        "usage": _ANTHROPIC_USAGE,
+    },
+    "message_stop": {},
+}
+ANTHROPIC_EVENT = Schema(
+    "AnthropicEvent",
+    sse_event(
+        "One server-sent event of the Messages API: message_start, ping, per content block"
+        " content_block_start, content_block_delta and content_block_stop, then message_delta"
+        " and message_stop; a failure after the stream started is a last `error` event",
+        {
+            "anyOf": [
+                *(
+                    obj({"type": const(name), **fields})
+                    for name, fields in _ANTHROPIC_EVENTS.items()
+                ),
+                ref(ANTHROPIC_ERROR),
+            ]
+        },
+        event={"enum": [*_ANTHROPIC_EVENTS, "error"]},
+    ),
+    uses=(ANTHROPIC_ERROR,),
+)
+
+# --- aliases -----------------------------------------------------------------------------
+
+FLAT_ERROR = Schema(
+    "FlatError",
+    obj({"error": STR, "code": STR, "request_id": STR}, description="The aliases' error object"),
+)
+INVOKE_RESPONSE = Schema(
+    "InvokeResponse",
+    obj({"output": STR, "metadata": obj({"model": STR, "request_id": STR, "usage": ref(Usage)})}),
+    (Usage,),
+)
+PROMPT_RESPONSE = Schema(
+    "PromptResponse", obj({"response": STR, "model": STR, "usage": ref(Usage)}), (Usage,)
+)
+LLM_RESPONSE = Schema(
+    "LLMResponse",
+    obj({"response": STR, "model": STR, "finish_reason": STR, "usage": ref(Usage)}),
+    (Usage,),
+)
+LLM_HEALTH = Schema(
+    "LLMHealth", obj({"status": const("ok"), "model": STR, "backend": STR, "loaded": BOOL})
+)
+LLM_MODELS = Schema("LLMModels", obj({"models": array(STR), "default": STR}))
