@@ -422,12 +422,13 @@ def _check(s: Settings) -> None:
                 raise ConfigError(f"models.routes.{name}.fallbacks: unknown route {fb!r}")
     live = enabled_backends(s)
     # Named by an alias, the default is its route's: that route's backend must serve.
+    # Routes on disabled backends are left out of the router, aliases and all, so an
+    # alias they share with a live route is that route's.
     default_name = s.models.default
     if default_name not in s.models.routes:
-        default_name = next(
-            (n for n, r in s.models.routes.items() if s.models.default in r.aliases),
-            default_name,
-        )
+        holders = [n for n, r in s.models.routes.items() if s.models.default in r.aliases]
+        serving = [n for n in holders if s.models.routes[n].backend in live]
+        default_name = (serving or holders or [default_name])[0]
     default = s.models.routes.get(default_name)
     if default is not None and default.backend not in live:
         shown = repr(s.models.default)
