@@ -262,7 +262,6 @@ class Router:
             raise
 
     def _apply_stored(self, specs: dict[str, RouteSettings], default: str | None) -> list[str]:
-        serving = self.routes.get(self.default)
         # Built again from the configured routes: every replica, whatever it held before
         # and in whatever order the store lists them, ends with the same table.
         self.routes = {n: r for n, r in self.routes.items() if not r.runtime}
@@ -286,14 +285,11 @@ class Router:
         try:
             self.set_default(target)
         except StellaError as exc:
-            # The default stays until switched: a runtime one the store no longer holds
-            # keeps serving rather than leave a default that nothing answers to.
-            if serving is not None and serving.name not in self.routes:
-                self.routes[serving.name] = serving
-                self._names[serving.name] = serving.name
-                for alias in serving.aliases:
-                    self._names.setdefault(alias, serving.name)
+            # A default naming a route the store no longer holds (written before the store
+            # refused that): the configured one, as on a replica starting now. What the
+            # replica served before must not decide, or replicas would differ for good.
             skipped.append(f"default {target!r}: {exc.message}")
+            self.set_default(self.configured_default)
         return skipped
 
     def remove(self, name: str) -> str:

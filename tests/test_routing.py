@@ -126,18 +126,20 @@ def test_stored_routes_apply_whatever_their_order() -> None:
         assert "'zed'" in logs[0]["reason"] and "alias of 'amy'" in logs[0]["reason"]
 
 
-def test_a_stored_default_that_names_no_route_is_a_warning_and_changes_nothing() -> None:
+def test_a_stored_default_that_names_no_route_is_the_configured_one_everywhere() -> None:
     from structlog.testing import capture_logs
 
     from stella.app import apply_routing
 
-    r = router({})
-    r.register("mine", RouteSettings(backend="echo"))
-    r.set_default("mine")
-    with capture_logs() as logs:
-        apply_routing(r, {}, "gone")  # neither "mine" nor "gone" is stored
-    assert r.default == "mine" and r.knows("mine")  # the default stays until switched
-    assert "default 'gone'" in logs[0]["reason"]
+    serving, fresh = router({}), router({})
+    serving.register("gone", RouteSettings(backend="other"))
+    serving.set_default("gone")  # served before the store lost the route
+    for r in (serving, fresh):
+        with capture_logs() as logs:
+            apply_routing(r, {}, "gone")  # the store: default "gone", no route "gone"
+        # Every replica alike: the configured default, as one starting now has it.
+        assert r.default == "echo" and not r.knows("gone")
+        assert "default 'gone'" in logs[0]["reason"]
 
 
 async def test_the_memory_store_refuses_what_would_leave_routing_inconsistent() -> None:
