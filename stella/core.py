@@ -459,7 +459,8 @@ class Inference:
                                 ) from None
                             except asyncio.CancelledError:
                                 if watchdog.expired():
-                                    out_of_time = time.perf_counter() >= watchdog.deadline
+                                    now = time.perf_counter()
+                                    out_of_time = now >= watchdog.deadline
                                     if out_of_time:
                                         why = f"ran past the total limit of {rs.total_timeout_s:g}s"
                                     else:
@@ -467,7 +468,12 @@ class Inference:
                                     timeout = UpstreamTimeout(
                                         f"backend {route.backend_name!r} {why}"
                                     )
-                                    timeout.out_of_time = out_of_time  # type: ignore[attr-defined]
+                                    # Cut by the total limit while still producing: the
+                                    # request's time ran out, no fault of the backend's.
+                                    # Silent for half the limit or more, it had stalled.
+                                    timeout.out_of_time = out_of_time and (  # type: ignore[attr-defined]
+                                        watchdog.silence(now) < rs.total_timeout_s / 2
+                                    )
                                     raise timeout from None
                                 raise
                             finally:

@@ -189,6 +189,10 @@ class Watchdog:
         self._fired = False
         return self._task is not None and self._task.uncancel() == 0
 
+    def silence(self, now: float) -> float:
+        """Seconds since the backend was last seen making progress (to a tick)."""
+        return now - self._since
+
     def _count(self) -> int:
         ctx = self.ctx
         return self.progress + ctx.beats if ctx is not None else self.progress

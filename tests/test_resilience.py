@@ -156,10 +156,11 @@ def test_a_request_that_runs_out_of_its_total_limit_midway_opens_no_circuit() ->
     # must not be refused for it.
     config = {
         "breaker": {"failure_threshold": 2, "cooldown_s": 30},
-        "backends": {"slow": {"kind": "echo", "delay_s": 0.2}},
+        # A token every 0.15 s: never silent for half the limit (0.35 s) when it is cut.
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.15}},
         "models": {
             "routes": {
-                "long": {"backend": "slow", "retries": 0, "total_timeout_s": 0.5},
+                "long": {"backend": "slow", "retries": 0, "total_timeout_s": 0.7},
                 "short": {"backend": "slow", "retries": 0},
             }
         },
@@ -178,6 +179,25 @@ def test_a_request_that_runs_out_of_its_total_limit_midway_opens_no_circuit() ->
         assert next(m for m in models if m["name"] == "short")["circuit"] == "closed"
         r = chat(server.url, "short")
         assert r.status_code == 200 and r.json()["response"] == "hi there"
+
+
+def test_a_backend_that_stalls_until_the_total_limit_still_opens_its_circuit() -> None:
+    # Silent after its first token until the total limit cut it (the idle limit is
+    # longer): stalled, not slow. Its circuit opens as an idle timeout would open it.
+    config = {
+        "breaker": {"failure_threshold": 2, "cooldown_s": 30},
+        "backends": {"hang": {"kind": "echo", "stall_after": 1}},
+        "models": {"routes": {"a": {"backend": "hang", "retries": 0, "total_timeout_s": 0.6}}},
+    }
+    body = {"model": "a", "messages": [{"role": "user", "content": "one two three"}]}
+    with run_stella(config) as server:
+        for stream in (True, False):
+            r = httpx.post(server.url + "/api/v1/chat", json={**body, "stream": stream})
+            assert "total limit" in r.text, r.text
+        models = httpx.get(server.url + "/api/v1/models").json()["models"]
+        assert next(m for m in models if m["name"] == "a")["circuit"] == "open"
+        r = httpx.post(server.url + "/api/v1/chat", json={**body, "stream": False})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
 
 
 def test_a_failed_call_logs_no_first_token_time() -> None:
