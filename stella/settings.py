@@ -280,8 +280,14 @@ def blamed(
     variable = _blamed_variable(str(exc), environ, overrides or {})
     if variable is None:
         return exc
-    # The variable and its value too: a shell or a platform set it, not a file.
-    shown = _redact(environ[variable], variable.rpartition("__")[2].lower())
+    # The variable and its value too: a shell or a platform set it, not a file. Masked
+    # as /config masks it: a header by its name, anything else by its key.
+    parts = variable.lower().split("__")
+    value = environ[variable]
+    if len(parts) > 2 and parts[-2] == "headers":
+        shown = "***" if value and _is_secret_name(parts[-1]) else value
+    else:
+        shown = _redact(value, parts[-1])
     return ConfigError(f"{variable}={shown}: {exc}")
 
 
@@ -291,6 +297,10 @@ def _blamed_variable(
     """The environment variable that set the key an error names, when one did (and no
     command-line flag replaced it)."""
     key = message.partition(": ")[0]
+    # An unknown field is blamed on the variable that names it, not on any variable
+    # that set something else in the same table.
+    unknown = _UNKNOWN_FIELD.search(message)
+    field = f"{key}.{unknown.group(1).lower()}" if unknown else None
     found = []
     for name in environ:
         if name == "PORT":
@@ -301,13 +311,16 @@ def _blamed_variable(
             continue
         # The key itself, a value inside it (a table, an array), or the one entry
         # under a table that the error names (an unknown field).
-        if path == key or key.startswith(path + ".") or path.startswith(key + "."):
+        if path == key or key.startswith(path + ".") or path == field:
             found.append((name, path))
     if any(name == "PORT" for name, _ in found):  # PORT wins over STELLA_SERVER__PORT
         found = [(n, p) for n, p in found if n != "STELLA_SERVER__PORT"]
     if len(found) != 1 or _lookup(overrides, found[0][1]) is not None:
         return None
     return found[0][0]
+
+
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 
 
 def _lookup(data: Mapping[str, Any], path: str) -> Any:

@@ -241,9 +241,9 @@ def test_remote_pool_settings_are_checked(key: str, value: float) -> None:
 def test_the_mlx_prompt_cache_budget_is_checked() -> None:
     from stella.backends import ConfigError, build_backend, registry
 
-    with pytest.raises(ConfigError, match=r"backends\.local: prompt_cache_bytes"):
+    with pytest.raises(ConfigError, match=r"backends\.local\.prompt_cache_bytes: "):
         build_backend("local", {"kind": "mlx", "prompt_cache_bytes": -1}, registry())
-    with pytest.raises(ConfigError, match=r"backends\.local: prompt_cache_bytes"):
+    with pytest.raises(ConfigError, match=r"backends\.local\.prompt_cache_bytes: "):
         build_backend("local", {"kind": "mlx", "prompt_cache_bytes": "1G"}, registry())
 
 
@@ -421,6 +421,43 @@ def test_a_bad_variable_found_when_building_is_named(variable: str, value: str, 
         )
         assert out.returncode == 2, out.stderr
         assert out.stderr.startswith(f"stella: config error: {start}"), out.stderr
+
+
+def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
+    tmp_path: Path,
+) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(
+        '[backends.r]\nkind = "openai"\nbase_url = "http://127.0.0.1:9"\ntimeout_s = 5\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env["STELLA_BACKENDS__R__HEADERS__COOKIE"] = "session=SUPERSECRET"
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "config", "--check", "--config", str(conf)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert (
+        out.stderr
+        == "stella: config error: backends.r: Object contains unknown field `timeout_s`\n"
+    )
+
+
+def test_a_bad_header_variable_is_shown_masked_as_config_masks_it() -> None:
+    env = {"STELLA_BACKENDS__R__KIND": "openai", "STELLA_BACKENDS__R__BASE_URL": "http://h"}
+    env["STELLA_BACKENDS__R__HEADERS__COOKIE"] = "[1]"  # not a string: refused when built
+    from stella.settings import blamed
+
+    with pytest.raises(ConfigError) as info:
+        from stella.backends import build_backend, registry
+
+        settings = load_settings(environ=env)
+        build_backend("r", settings.backends["r"], registry())
+    text = str(blamed(info.value, environ=env))
+    assert text.startswith("STELLA_BACKENDS__R__HEADERS__COOKIE=***: backends.r.headers.cookie")
 
 
 def test_a_flag_that_replaced_the_variable_is_not_blamed_on_it() -> None:
