@@ -396,8 +396,11 @@ def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, s
     try:
         httpx.URL(url)
     except httpx.InvalidURL as exc:
+        # httpx's reason may quote a part of the user info (a password holding a "/"
+        # reads as a port): none of it is shown then.
+        why = "percent-encode the user and password" if "@" in url else str(exc)
         raise InvalidURLError(
-            f"{_shown(url)} is not a valid URL: {exc}", code="invalid_url"
+            f"{_shown(url)} is not a valid URL: {why}", code="invalid_url"
         ) from None
     key = (api_key if api_key is not None else os.environ.get("STELLA_API_KEY", "")).strip()
     # A key read from a file keeps its newline; outer spaces are never part of a key.

@@ -40,7 +40,9 @@ def one_line(data: bytes) -> bytes:
     first two as well. Their bytes occur only inside strings (JSON's syntax is ASCII)
     and only as these characters (0xC2 and 0xE2 lead UTF-8 sequences).
     """
-    if b"\xe2\x80\xa8" in data or b"\xe2\x80\xa9" in data or b"\xc2\x85" in data:
+    if not data.isascii() and (
+        b"\xe2\x80\xa8" in data or b"\xe2\x80\xa9" in data or b"\xc2\x85" in data
+    ):
         data = (
             data.replace(b"\xe2\x80\xa8", b"\\u2028")
             .replace(b"\xe2\x80\xa9", b"\\u2029")

@@ -455,9 +455,14 @@ def test_a_password_in_the_url_stays_out_of_messages() -> None:
     with sc.Client(dead) as c, pytest.raises(sc.NetworkError) as info:
         c.models()
     assert "hunter2" not in info.value.message and "127.0.0.1" in info.value.message
-    with pytest.raises(sc.InvalidURLError) as bad:
-        sc.Client("http://user:hunter2@127.0.0.1:abc")
-    assert "hunter2" not in bad.value.message
+    for url in (
+        "http://user:hunter2@127.0.0.1:abc",
+        "http://admin:Zk9/pQ2x@127.0.0.1:1",  # httpx reads "Zk9" as a port
+        "http://admin:hunter2#x@127.0.0.1:1",
+    ):
+        with pytest.raises(sc.InvalidURLError) as bad:
+            sc.Client(url)
+        assert "hunter2" not in bad.value.message and "Zk9" not in bad.value.message
 
 
 def test_text_that_is_not_unicode_is_a_bad_request() -> None:
