@@ -162,7 +162,7 @@ class Pipeline:
         assert task is not None
         drain = self.drain
         if drain is not None:
-            drain.enter(call, task)
+            drain.enter(call, task, waiting=True)
         watcher = (
             asyncio.get_running_loop().create_task(watch_leaving(call.receive, call, task))
             if call.receive is not None

@@ -84,30 +84,41 @@ class Drain:
         self.draining = False
         self.over = False  # cut: calls still running were ended
         self.tasks: dict[asyncio.Task[Any], Any] = {}
+        self.waiting: set[asyncio.Task[Any]] = set()  # of those, the ones awaiting a slot
         self._timer: asyncio.TimerHandle | None = None
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def enter(self, call: Any, task: asyncio.Task[Any]) -> None:
-        """Register `task` as serving `call` (ended at once when the drain is over)."""
+    def enter(self, call: Any, task: asyncio.Task[Any], waiting: bool = False) -> None:
+        """Register `task` as serving `call` (ended at once when the drain is over), or
+        with `waiting` as waiting to be admitted (ended at once when the drain begins)."""
         self.tasks[task] = call
+        if waiting:
+            self.waiting.add(task)
         if len(self.tasks) == 1:
             self.idle.clear()
-        if self.over:  # admitted after the cut: it must not start now
+        if self.over or (waiting and self.draining):  # it must not start now
             call.cancel_reason = "shutting_down"
             task.cancel()
 
     def leave(self, task: asyncio.Task[Any]) -> None:
         """Unregister `task`."""
         self.tasks.pop(task, None)
+        self.waiting.discard(task)
         if not self.tasks:
             self.idle.set()
 
     def begin(self) -> None:
-        """Stop taking new calls; end the running ones after the timeout."""
+        """Stop taking new calls: those waiting for a slot end now (they would start new
+        work on a server going away), the running ones after the timeout."""
         if self.draining:
             return
         self.draining = True
+        for task in list(self.waiting):
+            call = self.tasks.get(task)
+            if call is not None:
+                call.cancel_reason = "shutting_down"
+                task.cancel()
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.timeout_s, self.cut)
 
