@@ -57,6 +57,7 @@ class CorkedTransport:
 
     __slots__ = (
         "_buf",
+        "_held",
         "_loop",
         "_tasks",
         "_transport",
@@ -81,6 +82,7 @@ class CorkedTransport:
         self._loop = loop
         self._tasks = in_flight  # the server's running requests: cork only when not alone
         self._buf: list[bytes] | None = None
+        self._held = 0  # bytes in _buf
         # Bound once: uvicorn calls these per request, and a __getattr__ hop costs more.
         self.can_write_eof = transport.can_write_eof
         self.get_extra_info = transport.get_extra_info
@@ -107,9 +109,15 @@ class CorkedTransport:
                 self._transport.write(data)  # alone: nothing to batch with
                 return
             self._buf = [data]
+            self._held = len(data)
             self._loop.call_soon(self.flush)
         else:
             buf.append(data)
+            self._held += len(data)
+            if self._held >= WRITE_THROUGH:
+                # Held past the limit (a backend producing without pause): out now, where
+                # the transport's flow control sees it and pauses a client not reading.
+                self.flush()
 
     def writelines(self, chunks: Any) -> None:
         """Queue each chunk."""
@@ -128,7 +136,7 @@ class CorkedTransport:
 
     def get_write_buffer_size(self) -> int:
         """Bytes not yet sent: held here plus the transport's own buffer."""
-        held = sum(len(b) for b in self._buf) if self._buf else 0
+        held = self._held if self._buf else 0
         return held + self._transport.get_write_buffer_size()
 
     def write_eof(self) -> None:

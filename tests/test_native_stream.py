@@ -325,6 +325,26 @@ def test_a_client_that_stops_reading_is_let_go_at_the_total_limit() -> None:
         assert not [line for line in server.lines() if "ERROR" in line]  # nor a server error
 
 
+def test_clients_that_stop_reading_together_are_each_let_go() -> None:
+    # With other requests in flight the server holds a turn's writes to send them as one:
+    # held past 64 KiB they still go out, where flow control pauses each stream.
+    config = {
+        "backends": {"flood": {"kind": "echo", "reply": "word " * 200000}},
+        "models": {"routes": {"flood": {"backend": "flood", "total_timeout_s": 1.5}}},
+    }
+    with run_stella(config) as server:
+        from stella.bench.servers import rss_bytes
+
+        rss = rss_bytes(server.proc.pid)
+        sockets = [stalled_reader(server, "flood", f"req-stalled-{i}") for i in range(4)]
+        for i in range(4):
+            ev = server.wait_event(lambda e, i=i: e["request_id"] == f"req-stalled-{i}", timeout=10)
+            assert ev["error_code"] == "client_too_slow" and ev["status"] == 408, ev
+        assert rss_bytes(server.proc.pid) - rss < 40_000_000  # not each whole answer held in memory
+        for s in sockets:
+            s.close()
+
+
 def test_a_client_that_stops_reading_before_the_last_line_is_let_go() -> None:
     # One 8 MB token: its write goes to the buffers, the terminal line is what waits.
     config = {

@@ -92,6 +92,18 @@ async def test_writes_in_one_turn_go_out_as_one() -> None:
     assert rec.writes[1:] == [b"next"]
 
 
+async def test_writes_held_past_the_limit_go_out_at_once() -> None:
+    # A backend producing without a pause never ends the turn: what it held goes to the
+    # transport, whose buffer limits then pause the stream.
+    rec = Recorder()
+    t = CorkedTransport(rec, asyncio.get_running_loop(), BUSY)  # type: ignore[arg-type]
+    chunk = b"x" * 1000
+    for _ in range(WRITE_THROUGH // len(chunk) + 1):
+        t.write(chunk)
+    assert rec.writes and sum(map(len, rec.writes)) >= WRITE_THROUGH
+    assert t.get_write_buffer_size() < WRITE_THROUGH
+
+
 async def test_a_lone_request_writes_straight_through() -> None:
     """With nothing else in flight the early header segment wakes the client sooner."""
     rec = Recorder()

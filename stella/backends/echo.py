@@ -40,6 +40,8 @@ class EchoConfig(BackendConfig, kw_only=True):
     reply: str = ""
 
 
+# Tokens of an answer without delay_s between two turns of the event loop.
+YIELD_EVERY = 256
 # The failures `error_code` can name.
 _FAILURES: dict[str, type[StellaError]] = {
     e.code: e for e in (UpstreamError, UpstreamTimeout, Overloaded, Unavailable)
@@ -123,6 +125,10 @@ class EchoBackend(Backend):
                     raise err(f"echo: failing after {sent} tokens, as configured")
                 if cfg.delay_s:
                     await asyncio.sleep(cfg.delay_s)
+                elif sent and not sent % YIELD_EVERY:
+                    # A long answer made without pauses would hold the event loop (and
+                    # every other request) until its end: a real backend waits on I/O.
+                    await asyncio.sleep(0)
                 yield Delta(text=piece)
             yield Done(finish_reason=finish, usage=Usage(prompt_tokens, n, prompt_tokens + n))
         finally:
