@@ -132,6 +132,7 @@ def test_sdk_strict_tools_are_accepted(server: LiveServer) -> None:
         ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
         ("/v1/completions", {"prompt": "x", "suffix": "}"}, "suffix"),
         ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
+        ("/v1/completions", {"prompt": "x", "best_of": 0}, "best_of"),
         (
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]},

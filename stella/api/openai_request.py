@@ -172,7 +172,9 @@ def check_completion(req: CompletionRequest) -> None:
     if req.suffix:
         raise InvalidRequest("suffix (fill-in-the-middle) is not supported", param="suffix")
     if req.best_of not in (None, 1):
-        raise InvalidRequest("best_of > 1 is not supported", param="best_of")
+        raise InvalidRequest(
+            f"$.best_of: {req.best_of} is not supported; only 1 (one completion)", param="best_of"
+        )
 
 
 def choice_from(value: Any) -> ToolChoice | None:
