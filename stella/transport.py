@@ -31,6 +31,7 @@ import asyncio
 from collections.abc import Sized
 from typing import Any, cast
 
+import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpToolsProtocol
 
 from stella.calls import new_request_id
@@ -189,12 +190,16 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             # inside that answer. The connection just ends.
             self.transport.close()
             return
-        body = why.encode()
-        rid = new_request_id().encode()  # the client's own is in the headers not read
+        rid = new_request_id()  # the client's own is in the headers not read
+        # stella's error object: JSON that the OpenAI and Anthropic clients read too (the
+        # dialect is not known: the path may be among what was not read).
+        body = msgspec.json.encode(
+            {"error": {"code": "headers_too_large", "message": why, "request_id": rid}}
+        )
         self.transport.write(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: text/plain; charset=utf-8\r\nx-request-id: %s\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (rid, len(body), body)
+            b"content-type: application/json\r\nx-request-id: %s\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (rid.encode(), len(body), body)
         )
         self.transport.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
 import pytest
 import uvicorn
 from uvicorn.server import ServerState
@@ -369,6 +370,10 @@ async def test_headers_past_the_limits_get_431_and_the_connection_closes() -> No
     assert rec.closed and sent <= MAX_HEADER_BYTES + 2000
     assert rec.writes[0].startswith(b"HTTP/1.1 431 ") and len(rec.writes) == 1
     assert b"\r\nx-request-id: req_" in rec.writes[0]  # as every answer has one
+    head, _, body = rec.writes[0].partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head
+    error = msgspec.json.decode(body)["error"]
+    assert error["code"] == "headers_too_large" and error["request_id"].startswith("req_")
     proto.connection_lost(None)
 
     # Many tiny headers: the count is limited too.
