@@ -58,7 +58,7 @@ class StellaClientError(Exception):
 
 
 class BadRequestError(StellaClientError):
-    """400 invalid_request."""
+    """400 invalid_request (431 headers_too_large: request headers past the server's limits)."""
 
 
 class ContextLengthError(BadRequestError):
@@ -166,6 +166,7 @@ BY_CODE: dict[str, type[StellaClientError]] = {
     "not_found": NotFoundError,
     "conflict": ConflictError,
     "payload_too_large": PayloadTooLargeError,
+    "headers_too_large": BadRequestError,
     "unsupported_media_type": UnsupportedMediaTypeError,
     "rate_limited": RateLimitError,
     "upstream_error": UpstreamError,
@@ -187,6 +188,7 @@ BY_STATUS: dict[int, type[StellaClientError]] = {
     413: PayloadTooLargeError,
     415: UnsupportedMediaTypeError,
     429: RateLimitError,
+    431: BadRequestError,
     500: InternalServerError,
     502: UpstreamError,
     503: OverloadedError,
