@@ -163,6 +163,7 @@ def test_the_codes_the_server_may_send_have_their_exceptions() -> None:
     for status, code, cls in (
         (405, "method_not_allowed", sc.MethodNotAllowedError),
         (500, "internal_error", sc.InternalServerError),
+        (431, "headers_too_large", sc.BadRequestError),
     ):
         r = httpx.Response(status, json={"error": {"code": code, "message": "m"}})
         assert isinstance(sc.error_for(r, r.content), cls)
