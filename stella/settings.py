@@ -434,21 +434,18 @@ def _check(s: Settings) -> None:
             if fb not in s.models.routes:
                 raise ConfigError(f"models.routes.{name}.fallbacks: unknown route {fb!r}")
     live = enabled_backends(s)
-    # Named by an alias, the default is its route's: that route's backend must serve.
-    # Routes on disabled backends are left out of the router, aliases and all, so an
-    # alias they share with a live route is that route's.
-    default_name = s.models.default
-    if default_name not in s.models.routes:
-        holders = [n for n, r in s.models.routes.items() if s.models.default in r.aliases]
-        serving = [n for n in holders if s.models.routes[n].backend in live]
-        default_name = (serving or holders or [default_name])[0]
-    default = s.models.routes.get(default_name)
-    if default is not None and default.backend not in live:
-        shown = repr(s.models.default)
-        if default_name != s.models.default:
-            shown += f" (an alias of {default_name!r})"
+    # The default is what the router will resolve it to. Routes on disabled backends are
+    # left out of it, aliases and all: a name or alias a live route answers to is served.
+    name, routes = s.models.default, s.models.routes
+    serves = [
+        n for n, r in routes.items() if r.backend in live and (n == name or name in r.aliases)
+    ]
+    held = [n for n, r in routes.items() if n == name or name in r.aliases]
+    if name and not serves and held:
+        holder = name if name in routes else held[0]
+        shown = repr(name) if holder == name else f"{name!r} (an alias of {holder!r})"
         raise ConfigError(
-            f"models.default: route {shown} uses disabled backend {default.backend!r}"
+            f"models.default: route {shown} uses disabled backend {routes[holder].backend!r}"
         )
     if s.models.default and s.models.default not in s.models.routes:
         aliases = {a for r in s.models.routes.values() for a in r.aliases}

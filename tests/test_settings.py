@@ -536,6 +536,26 @@ def test_a_default_named_by_an_alias_of_a_disabled_backend_s_route_is_refused() 
         load_settings(environ=env)
 
 
+def test_a_default_naming_a_disabled_route_that_a_live_route_has_as_alias_is_served() -> None:
+    overrides = {
+        "models": {
+            "default": "fast",
+            "routes": {
+                "fast": {"backend": "local"},
+                "quick": {"backend": "echo", "upstream_model": "echo", "aliases": ["fast"]},
+            },
+        }
+    }
+    settings = load_settings(overrides, environ={"STELLA_BACKENDS__LOCAL__ENABLED": "false"})
+    from stella.backends import build_backend, registry
+    from stella.routing import Router
+    from stella.settings import enabled_backends
+
+    kinds = registry()
+    backends = {n: build_backend(n, t, kinds) for n, t in enabled_backends(settings).items()}
+    assert Router(settings, backends).resolve(None).name == "quick"
+
+
 def test_a_default_alias_a_live_route_shares_with_a_disabled_one_is_the_live_ones() -> None:
     # "default" is also an alias of the shipped smollm2-135m route: with its backend off,
     # the alias is the user's route's.
