@@ -284,7 +284,9 @@ def blamed(
     # as /config masks it: a header by its name, anything else by its key.
     parts = variable.lower().split("__")
     value = environ[variable]
-    if len(parts) > 2 and parts[-2] == "headers":
+    if value.lstrip().startswith("{"):
+        shown = "{...}"  # a whole table: its secrets are named inside it
+    elif len(parts) > 2 and parts[-2] == "headers":
         shown = "***" if value and _is_secret_name(parts[-1]) else value
     else:
         shown = _redact(value, parts[-1])
@@ -298,9 +300,11 @@ def _blamed_variable(
     command-line flag replaced it)."""
     key = message.partition(": ")[0]
     # An unknown field is blamed on the variable that names it, not on any variable
-    # that set something else in the same table.
+    # that set something else in the same table (a variable's names are lower case: a
+    # file's `Host` is not STELLA_SERVER__HOST's). Any other error about a table (a
+    # field missing) is blamed on the one variable under it, if there is one.
     unknown = _UNKNOWN_FIELD.search(message)
-    field = f"{key}.{unknown.group(1).lower()}" if unknown else None
+    field = f"{key}.{unknown.group(1)}" if unknown else None
     found = []
     for name in environ:
         if name == "PORT":
@@ -309,9 +313,10 @@ def _blamed_variable(
             path = ".".join(p.lower() for p in name[len("STELLA_") :].split("__"))
         else:
             continue
-        # The key itself, a value inside it (a table, an array), or the one entry
-        # under a table that the error names (an unknown field).
-        if path == key or key.startswith(path + ".") or path == field:
+        # The key itself, a value inside it (a table, an array), or an entry under a
+        # table that the error names.
+        under = path.startswith(key + ".")
+        if path == key or key.startswith(path + ".") or (path == field if unknown else under):
             found.append((name, path))
     if any(name == "PORT" for name, _ in found):  # PORT wins over STELLA_SERVER__PORT
         found = [(n, p) for n, p in found if n != "STELLA_SERVER__PORT"]

@@ -446,6 +446,44 @@ def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
     )
 
 
+@pytest.mark.parametrize(
+    ("env", "file", "start"),
+    [
+        # A table only variables made, missing a field: its one variable is named.
+        (
+            {"STELLA_MODELS__ROUTES__GPU__UPSTREAM_MODEL": "llama3"},
+            "",
+            "STELLA_MODELS__ROUTES__GPU__UPSTREAM_MODEL=llama3: models.routes.gpu: Object missing",
+        ),
+        # A file's typo in capitals is not the variable's (whose names are lower case).
+        ({"STELLA_SERVER__HOST": "127.0.0.1"}, '[server]\nHost = "0.0.0.0"\n', "server: "),
+        # A whole table from one variable: shown as {...}, its secrets inside it.
+        (
+            {
+                "STELLA_BACKENDS__G__HEADERS": '{Cookie = "s3cret-cookie", X-N = 1}',
+                "STELLA_BACKENDS__G__KIND": "openai",
+                "STELLA_BACKENDS__G__BASE_URL": "http://h",
+            },
+            "",
+            "STELLA_BACKENDS__G__HEADERS={...}: backends.g.headers.X-N: Expected `str`",
+        ),
+    ],
+)
+def test_config_errors_name_the_variable_that_did_it(
+    tmp_path: Path, env: dict[str, str], file: str, start: str
+) -> None:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    args = [sys.executable, "-m", "stella", "config", "--check"]
+    if file:
+        conf = tmp_path / "c.toml"
+        conf.write_text(file)
+        args += ["--config", str(conf)]
+    out = subprocess.run(args, env={**full, **env}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"stella: config error: {start}"), out.stderr
+    assert "s3cret" not in out.stderr
+
+
 def test_a_bad_header_variable_is_shown_masked_as_config_masks_it() -> None:
     env = {"STELLA_BACKENDS__R__KIND": "openai", "STELLA_BACKENDS__R__BASE_URL": "http://h"}
     env["STELLA_BACKENDS__R__HEADERS__COOKIE"] = "[1]"  # not a string: refused when built
