@@ -97,7 +97,18 @@ class Drain:
             self.waiting.add(task)
         if len(self.tasks) == 1:
             self.idle.clear()
-        if self.over or (waiting and self.draining):  # it must not start now
+        if self.over:  # it must not start now
+            call.cancel_reason = "shutting_down"
+            task.cancel()
+        elif waiting and self.draining:
+            # Refused only if it really waits: a free slot is taken without a pause, and
+            # the call leaves the waiters before this runs (a cancel left pending would
+            # cut its backend call instead).
+            asyncio.get_running_loop().call_soon(self._refuse_waiting, task)
+
+    def _refuse_waiting(self, task: asyncio.Task[Any]) -> None:
+        call = self.tasks.get(task)
+        if task in self.waiting and call is not None:
             call.cancel_reason = "shutting_down"
             task.cancel()
 
@@ -115,10 +126,7 @@ class Drain:
             return
         self.draining = True
         for task in list(self.waiting):
-            call = self.tasks.get(task)
-            if call is not None:
-                call.cancel_reason = "shutting_down"
-                task.cancel()
+            self._refuse_waiting(task)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.timeout_s, self.cut)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import time
 
 import httpx
@@ -139,3 +140,41 @@ async def test_calls_waiting_for_a_slot_end_with_the_drain_or_when_their_client_
         events = server.events("inference")
         assert not [e for e in events if (e.get("metadata") or {}).get("q") == 1]
         assert len(events) == 1  # the running call only
+
+
+async def test_a_call_admitted_at_once_during_the_drain_is_served() -> None:
+    # Its request began before SIGTERM and its body came after: a free slot is taken
+    # without waiting, and the call runs as on a route without limits (only calls that
+    # would wait are refused).
+    config = {
+        "server": {"drain_timeout_s": 3.0},
+        "backends": {"echo": {"delay_s": 0.05}},
+        "limits": {"backends": {"echo": 5}},
+    }
+    with run_stella(config) as server:
+        body = json.dumps(
+            {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a b c"}]}
+        ).encode()
+        head = (
+            b"POST /api/v1/chat HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n" % len(body)
+        )
+        socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+        for s in socks:
+            s.sendall(head + body[:10])
+        await asyncio.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.05)
+        for s in socks:
+            s.sendall(body[10:])
+        for s in socks:
+            s.settimeout(10)
+            got = b""
+            while b'"done"' not in got and b"finish_reason" not in got:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+            s.close()
+        assert await asyncio.to_thread(server.proc.wait, 15) == 0
