@@ -634,7 +634,13 @@ class Inference:
                     err.no_verdict = True  # type: ignore[attr-defined]
             else:
                 err = UpstreamTimeout(f"the total limit of {rs.total_timeout_s:g}s passed")
-                err.out_of_time = True  # type: ignore[attr-defined]
+                # The request's time ran out: no verdict, unless the backend had been
+                # silent for half the limit or more (stalled, as in the stream phase). An
+                # in-process engine's queue or long prompt is its load, never a fault.
+                err.out_of_time = (  # type: ignore[attr-defined]
+                    route.backend.local_queue
+                    or watchdog.silence(time.perf_counter()) < rs.total_timeout_s / 2
+                )
         except Exception as exc:  # a backend bug must still end the stream properly
             _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
             err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")

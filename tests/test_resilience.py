@@ -200,6 +200,21 @@ def test_a_backend_that_stalls_until_the_total_limit_still_opens_its_circuit() -
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
 
 
+def test_a_backend_silent_until_the_total_limit_before_its_first_token_opens_its_circuit() -> None:
+    config = {
+        "breaker": {"failure_threshold": 2, "cooldown_s": 30},
+        "backends": {"hang": {"kind": "echo", "stall_after": 0}},
+        "models": {"routes": {"a": {"backend": "hang", "retries": 0, "total_timeout_s": 0.6}}},
+    }
+    body = {"model": "a", "messages": [{"role": "user", "content": "one two"}]}
+    with run_stella(config) as server:
+        for stream in (True, False):
+            r = httpx.post(server.url + "/api/v1/chat", json={**body, "stream": stream})
+            assert "total limit" in r.text, r.text
+        models = httpx.get(server.url + "/api/v1/models").json()["models"]
+        assert next(m for m in models if m["name"] == "a")["circuit"] == "open"
+
+
 def test_a_failed_call_logs_no_first_token_time() -> None:
     # The primary had tokens before it broke; the fallback failed before any: the
     # inference as a whole had no first token, and its log must not claim one.
