@@ -169,7 +169,15 @@ class Pipeline:
             else None
         )
         try:
-            return await self.admission.admit(call, route, request, backend_slot)
+            permit = await self.admission.admit(call, route, request, backend_slot)
+            if call.cancel_reason is not None and task.cancelling():
+                # Cancelled, and admitted all the same: a library's own timeout (redis-py
+                # wraps its socket calls in wait_for) returned its result instead of the
+                # cancel. The call still ends as the cancel meant, before any backend.
+                permit.settle(Usage(0, 0, 0))
+                permit.release()
+                raise asyncio.CancelledError
+            return permit
         except asyncio.CancelledError:
             reason = call.cancel_reason
             if reason is None:
@@ -639,6 +647,7 @@ class Inference:
                 # in-process engine's queue or long prompt is its load, never a fault.
                 err.out_of_time = (  # type: ignore[attr-defined]
                     route.backend.local_queue
+                    or awaited == "answer"  # a whole answer shows no progress before it
                     or watchdog.silence(time.perf_counter()) < rs.total_timeout_s / 2
                 )
         except Exception as exc:  # a backend bug must still end the stream properly

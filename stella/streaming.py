@@ -91,7 +91,7 @@ class Drain:
 
     def enter(self, call: Any, task: asyncio.Task[Any], waiting: bool = False) -> None:
         """Register `task` as serving `call` (ended at once when the drain is over), or
-        with `waiting` as waiting to be admitted (ended at once when the drain begins)."""
+        with `waiting` as waiting to be admitted (ended when the drain begins)."""
         self.tasks[task] = call
         if waiting:
             self.waiting.add(task)
@@ -100,11 +100,9 @@ class Drain:
         if self.over:  # it must not start now
             call.cancel_reason = "shutting_down"
             task.cancel()
-        elif waiting and self.draining:
-            # Refused only if it really waits: a free slot is taken without a pause, and
-            # the call leaves the waiters before this runs (a cancel left pending would
-            # cut its backend call instead).
-            asyncio.get_running_loop().call_soon(self._refuse_waiting, task)
+        # A call that comes to admission during the drain takes a free slot as usual
+        # (whether it will wait cannot be told beforehand: Redis answers either way after
+        # a round trip); still waiting at the drain's end, it is cut then.
 
     def _refuse_waiting(self, task: asyncio.Task[Any]) -> None:
         call = self.tasks.get(task)

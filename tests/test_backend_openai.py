@@ -375,3 +375,36 @@ async def test_a_user_and_password_in_base_url_go_as_basic_auth(
             "up",
             OpenAIConfig(kind="openai", base_url=with_user, headers={"authorization": "Bearer x"}),
         )
+
+
+def test_a_whole_answer_cut_by_the_total_limit_opens_no_circuit(
+    fake: tuple[FakeOpenAI, str],
+) -> None:
+    # A non-stream upstream shows nothing before its whole answer: cut by the route's
+    # total limit, it was not shown to be stalled, and its other routes stay open.
+    from tests.live import run_stella
+
+    config = {
+        "breaker": {"failure_threshold": 2, "cooldown_s": 30},
+        "backends": {"gpu": {"kind": "openai", "base_url": fake[1] + "/v1"}},
+        "models": {
+            "routes": {
+                "slow": {
+                    "backend": "gpu",
+                    "upstream_model": "think-1.5",
+                    "retries": 0,
+                    "total_timeout_s": 0.8,
+                },
+                "fast": {"backend": "gpu", "upstream_model": "ok", "retries": 0},
+            }
+        },
+    }
+    body = {"stream": False, "messages": [{"role": "user", "content": "hi"}]}
+    with run_stella(config) as server:
+        for _ in range(2):
+            r = httpx.post(server.url + "/api/v1/chat", json={**body, "model": "slow"})
+            assert r.status_code == 504, r.text
+        models = httpx.get(server.url + "/api/v1/models").json()["models"]
+        assert {m["name"]: m["circuit"] for m in models}["fast"] == "closed"
+        r = httpx.post(server.url + "/api/v1/chat", json={**body, "model": "fast"})
+        assert r.status_code == 200

@@ -178,3 +178,42 @@ async def test_a_call_admitted_at_once_during_the_drain_is_served() -> None:
             assert got.startswith(b"HTTP/1.1 200 "), got[:200]
             s.close()
         assert await asyncio.to_thread(server.proc.wait, 15) == 0
+
+
+async def test_a_cancel_that_admission_swallowed_still_ends_the_call() -> None:
+    # redis-py wraps its socket calls in wait_for, which (Python 3.11) may return the
+    # result of a call cancelled in the same turn: admitted, the call must still end as
+    # the drain's cancel meant, its permit given back, before any backend.
+    from stella.app import create_app
+    from stella.calls import Admission, Call, Permit
+    from stella.errors import ShuttingDown
+    from stella.protocol import ChatRequest, Message
+    from stella.settings import load_settings
+
+    overrides = {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}
+    app = create_app(load_settings(overrides, environ={}))
+    svc = app.services  # type: ignore[attr-defined]
+    given_back: list[str] = []
+
+    class Swallowing(Admission):
+        async def admit(self, call: Call, route: object, request: object, slot: bool = True):  # type: ignore[no-untyped-def, override]
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                pass  # the cancel is lost: a result comes back instead
+            permit = Permit()
+            permit.release = lambda: given_back.append("released")  # type: ignore[method-assign]
+            return permit
+
+    svc.pipeline.admission = Swallowing()
+    request = ChatRequest(messages=[Message(role="user", content="hi")], model="echo")
+    task = asyncio.create_task(svc.pipeline.prepare(request, Call(request_id="r1")))
+    await asyncio.sleep(0.05)
+    svc.drain.begin()
+    try:
+        await asyncio.wait_for(task, 2)
+        raise AssertionError("admitted")
+    except ShuttingDown:
+        pass
+    assert given_back == ["released"] and not svc.pipeline.active
+    assert task.cancelling() == 0
