@@ -257,35 +257,47 @@ def load_settings(
 ) -> Settings:
     """Defaults, then $STELLA_CONFIG, then the environment, then `overrides`."""
     environ = os.environ if environ is None else environ
-    data = _read_toml(path or default_config_path())
-    if extra := environ.get("STELLA_CONFIG"):
-        data = merge(data, _read_toml(Path(extra)))
-    data = merge(data, env_overrides(environ))
+    files = _files(environ, path)
+    data = merge(files, env_overrides(environ))
     if overrides:
         data = merge(data, overrides)
     try:
         return decode_settings(data)
     except ConfigError as exc:
-        raise blamed(exc, overrides, environ) from None
+        raise blamed(exc, overrides, environ, files) from None
+
+
+def _files(environ: Mapping[str, str], path: Path | None = None) -> dict[str, Any]:
+    """The defaults' file with the one STELLA_CONFIG names over it."""
+    data = _read_toml(path or default_config_path())
+    if extra := environ.get("STELLA_CONFIG"):
+        data = merge(data, _read_toml(Path(extra)))
+    return data
 
 
 def blamed(
     exc: ConfigError,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    files: Mapping[str, Any] | None = None,
 ) -> ConfigError:
     """`exc`, naming the environment variable that set the bad key when one did (also for
     errors found after decoding: a backend's table, a key's digest)."""
     environ = os.environ if environ is None else environ
-    variable = _blamed_variable(str(exc), environ, overrides or {})
+    if files is None:
+        try:
+            files = _files(environ)
+        except ConfigError:
+            files = {}
+    variable = _blamed_variable(str(exc), environ, overrides or {}, files)
     if variable is None:
         return exc
     # The variable and its value too: a shell or a platform set it, not a file. Masked
     # as /config masks it: a header by its name, anything else by its key.
     parts = variable.lower().split("__")
     value = environ[variable]
-    if value.lstrip().startswith("{"):
-        shown = "{...}"  # a whole table: its secrets are named inside it
+    if value.lstrip()[:1] in ("{", "[") or parts[-1] == "headers":
+        shown = "(not shown)"  # a table, or what should be one: its secrets are inside it
     elif len(parts) > 2 and parts[-2] == "headers":
         shown = "***" if value and _is_secret_name(parts[-1]) else value
     else:
@@ -294,20 +306,26 @@ def blamed(
 
 
 def _blamed_variable(
-    message: str, environ: Mapping[str, str], overrides: Mapping[str, Any]
+    message: str,
+    environ: Mapping[str, str],
+    overrides: Mapping[str, Any],
+    files: Mapping[str, Any],
 ) -> str | None:
     """The environment variable that set the key an error names, when one did (and no
-    command-line flag replaced it)."""
+    command-line flag replaced it, and no file holds the table it is in)."""
     key = message.partition(": ")[0]
     # An unknown field is blamed on the variable that names it, not on any variable
     # that set something else in the same table (a variable's names are lower case: a
     # file's `Host` is not STELLA_SERVER__HOST's). Any other error about a table (a
-    # field missing) is blamed on the one variable under it, if there is one.
+    # field missing) is blamed on the one variable under it, when no file has the table.
     unknown = _UNKNOWN_FIELD.search(message)
     field = f"{key}.{unknown.group(1)}" if unknown else None
+    in_files = _lookup(files, key) is not None
     found = []
     for name in environ:
         if name == "PORT":
+            if not environ[name]:
+                continue  # an empty PORT is not read (env_overrides)
             path = "server.port"
         elif name.startswith("STELLA_") and "__" in name:
             path = ".".join(p.lower() for p in name[len("STELLA_") :].split("__"))
@@ -315,7 +333,7 @@ def _blamed_variable(
             continue
         # The key itself, a value inside it (a table, an array), or an entry under a
         # table that the error names.
-        under = path.startswith(key + ".")
+        under = path.startswith(key + ".") and not in_files
         if path == key or key.startswith(path + ".") or (path == field if unknown else under):
             found.append((name, path))
     if any(name == "PORT" for name, _ in found):  # PORT wins over STELLA_SERVER__PORT

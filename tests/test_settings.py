@@ -457,7 +457,7 @@ def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
         ),
         # A file's typo in capitals is not the variable's (whose names are lower case).
         ({"STELLA_SERVER__HOST": "127.0.0.1"}, '[server]\nHost = "0.0.0.0"\n', "server: "),
-        # A whole table from one variable: shown as {...}, its secrets inside it.
+        # A whole table from one variable: not shown, its secrets are inside it.
         (
             {
                 "STELLA_BACKENDS__G__HEADERS": '{Cookie = "s3cret-cookie", X-N = 1}',
@@ -465,7 +465,29 @@ def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
                 "STELLA_BACKENDS__G__BASE_URL": "http://h",
             },
             "",
-            "STELLA_BACKENDS__G__HEADERS={...}: backends.g.headers.X-N: Expected `str`",
+            "STELLA_BACKENDS__G__HEADERS=(not shown): backends.g.headers.X-N: Expected `str`",
+        ),
+        # Headers written as one string: not shown either.
+        (
+            {
+                "STELLA_BACKENDS__G__HEADERS": "Authorization: Bearer sk-live-s3cret",
+                "STELLA_BACKENDS__G__KIND": "openai",
+                "STELLA_BACKENDS__G__BASE_URL": "http://h",
+            },
+            "",
+            "STELLA_BACKENDS__G__HEADERS=(not shown): backends.g.headers: Expected `object`",
+        ),
+        # A table the file has, missing a field: not the fault of a variable adding to it.
+        (
+            {"STELLA_MODELS__ROUTES__GPU__RETRIES": "3"},
+            '[models.routes.gpu]\nupstream_model = "llama3"\n',
+            "models.routes.gpu: Object missing required field `backend`",
+        ),
+        # An empty PORT is not read: the variable that was is named.
+        (
+            {"PORT": "", "STELLA_SERVER__PORT": "99999"},
+            "",
+            "STELLA_SERVER__PORT=99999: server.port:",
         ),
     ],
 )
@@ -485,17 +507,17 @@ def test_config_errors_name_the_variable_that_did_it(
 
 
 def test_a_bad_header_variable_is_shown_masked_as_config_masks_it() -> None:
-    env = {"STELLA_BACKENDS__R__KIND": "openai", "STELLA_BACKENDS__R__BASE_URL": "http://h"}
-    env["STELLA_BACKENDS__R__HEADERS__COOKIE"] = "[1]"  # not a string: refused when built
     from stella.settings import blamed
 
-    with pytest.raises(ConfigError) as info:
-        from stella.backends import build_backend, registry
-
-        settings = load_settings(environ=env)
-        build_backend("r", settings.backends["r"], registry())
-    text = str(blamed(info.value, environ=env))
+    env = {"STELLA_BACKENDS__R__HEADERS__COOKIE": "session=s3cret"}
+    err = ConfigError("backends.r.headers.cookie: Expected `str`, got `int`")
+    text = str(blamed(err, environ=env, files={}))
     assert text.startswith("STELLA_BACKENDS__R__HEADERS__COOKIE=***: backends.r.headers.cookie")
+    env = {"STELLA_BACKENDS__R__HEADERS__X_TITLE": "my app"}  # not a credential: shown
+    err = ConfigError("backends.r.headers.x_title: Expected `str`, got `int`")
+    assert str(blamed(err, environ=env, files={})).startswith(
+        "STELLA_BACKENDS__R__HEADERS__X_TITLE=my app: "
+    )
 
 
 def test_a_flag_that_replaced_the_variable_is_not_blamed_on_it() -> None:
