@@ -69,6 +69,11 @@ class SinkClosed(Exception):
 Listener = Callable[[dict[str, Any]], None]
 
 
+# How long a call that reaches admission during a drain may take to be admitted: a free
+# slot, not a wait for one.
+DRAIN_ADMIT_S = 0.5
+
+
 class Pipeline:
     """Routes, admits, runs and logs inferences."""
 
@@ -169,7 +174,19 @@ class Pipeline:
             else None
         )
         try:
-            permit = await self.admission.admit(call, route, request, backend_slot)
+            admit = self.admission.admit(call, route, request, backend_slot)
+            if drain is not None and drain.draining:
+                # Reached admission after the drain began: a free slot is taken (with Redis
+                # after a round trip), a real wait is refused, as calls waiting when the
+                # drain began were.
+                try:
+                    permit = await asyncio.wait_for(admit, DRAIN_ADMIT_S)
+                except TimeoutError:
+                    raise ShuttingDown(
+                        "the server is shutting down; retry the request", retry_after=1
+                    ) from None
+            else:
+                permit = await admit
             if call.cancel_reason is not None and task.cancelling():
                 # Cancelled, and admitted all the same: a library's own timeout (redis-py
                 # wraps its socket calls in wait_for) returned its result instead of the
@@ -647,7 +664,6 @@ class Inference:
                 # in-process engine's queue or long prompt is its load, never a fault.
                 err.out_of_time = (  # type: ignore[attr-defined]
                     route.backend.local_queue
-                    or awaited == "answer"  # a whole answer shows no progress before it
                     or watchdog.silence(time.perf_counter()) < rs.total_timeout_s / 2
                 )
         except Exception as exc:  # a backend bug must still end the stream properly

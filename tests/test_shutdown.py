@@ -180,6 +180,43 @@ async def test_a_call_admitted_at_once_during_the_drain_is_served() -> None:
         assert await asyncio.to_thread(server.proc.wait, 15) == 0
 
 
+async def test_a_call_that_would_wait_during_the_drain_is_refused_soon() -> None:
+    # The slot is taken by a long stream; a request whose body comes after SIGTERM would
+    # wait for it: 503 shutting_down soon, not at the drain's end (nor served then).
+    config = {
+        "server": {"drain_timeout_s": 6.0},
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.1}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+        "limits": {"backends": {"slow": 1}},
+    }
+    with run_stella(config) as server:
+        running: list[dict] = []
+        started = asyncio.Event()
+        holder = asyncio.create_task(stream(server.url, 300, running, started))
+        await asyncio.wait_for(started.wait(), 10)
+        body = json.dumps(
+            {"model": "slow", "stream": False, "messages": [{"role": "user", "content": "a"}]}
+        ).encode()
+        late = socket.create_connection(("127.0.0.1", server.port))
+        late.sendall(
+            b"POST /api/v1/chat HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body[:5])
+        )
+        await asyncio.sleep(0.2)
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        late.sendall(body[5:])
+        late.settimeout(10)
+        got = await asyncio.to_thread(late.recv, 65536)
+        took = time.monotonic() - t0
+        late.close()
+        assert got.startswith(b"HTTP/1.1 503 ") and b"shutting_down" in got, got[:300]
+        assert took < 3.0, took  # DRAIN_ADMIT_S, not the 6 s drain
+        await asyncio.wait_for(holder, 15)
+        assert await asyncio.to_thread(server.proc.wait, 15) == 0
+
+
 async def test_a_cancel_that_admission_swallowed_still_ends_the_call() -> None:
     # redis-py wraps its socket calls in wait_for, which (Python 3.11) may return the
     # result of a call cancelled in the same turn: admitted, the call must still end as
