@@ -256,8 +256,9 @@ def load_settings(
     path: Path | None = None,
 ) -> Settings:
     """Defaults, then $STELLA_CONFIG, then the environment, then `overrides`."""
+    global _last_files
     environ = os.environ if environ is None else environ
-    files = _files(environ, path)
+    files = _last_files = _files(environ, path)
     data = merge(files, env_overrides(environ))
     if overrides:
         data = merge(data, overrides)
@@ -265,6 +266,11 @@ def load_settings(
         return decode_settings(data)
     except ConfigError as exc:
         raise blamed(exc, overrides, environ, files) from None
+
+
+# What the last load_settings() read from the files: a later blamed() (an error found
+# while building the backends) reads it rather than open the files again.
+_last_files: dict[str, Any] = {}
 
 
 def _files(environ: Mapping[str, str], path: Path | None = None) -> dict[str, Any]:
@@ -285,10 +291,7 @@ def blamed(
     errors found after decoding: a backend's table, a key's digest)."""
     environ = os.environ if environ is None else environ
     if files is None:
-        try:
-            files = _files(environ)
-        except ConfigError:
-            files = {}
+        files = _last_files
     variable = _blamed_variable(str(exc), environ, overrides or {}, files)
     if variable is None:
         return exc
@@ -296,7 +299,7 @@ def blamed(
     # as /config masks it: a header by its name, anything else by its key.
     parts = variable.lower().split("__")
     value = environ[variable]
-    if value.lstrip()[:1] in ("{", "[") or parts[-1] == "headers":
+    if value.lstrip().startswith("{") or parts[-1] == "headers":
         shown = "(not shown)"  # a table, or what should be one: its secrets are inside it
     elif len(parts) > 2 and parts[-2] == "headers":
         shown = "***" if value and _is_secret_name(parts[-1]) else value
@@ -320,7 +323,9 @@ def _blamed_variable(
     # field missing) is blamed on the one variable under it, when no file has the table.
     unknown = _UNKNOWN_FIELD.search(message)
     field = f"{key}.{unknown.group(1)}" if unknown else None
-    in_files = _lookup(files, key) is not None
+    # Only a field missing is known not to be the file's own doing when the file has no
+    # such table; other errors about a table (an alias taken) may be a variable's.
+    in_files = "missing required field" in message and _lookup(files, key) is not None
     found = []
     for name in environ:
         if name == "PORT":

@@ -483,6 +483,12 @@ def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
             '[models.routes.gpu]\nupstream_model = "llama3"\n',
             "models.routes.gpu: Object missing required field `backend`",
         ),
+        # A clash a variable made in a table the defaults' file holds: its variable.
+        (
+            {"STELLA_MODELS__ROUTES__ECHO__ALIASES": '["smollm2"]'},
+            "",
+            'STELLA_MODELS__ROUTES__ECHO__ALIASES=["smollm2"]: models.routes.echo: ',
+        ),
         # An empty PORT is not read: the variable that was is named.
         (
             {"PORT": "", "STELLA_SERVER__PORT": "99999"},
@@ -504,6 +510,20 @@ def test_config_errors_name_the_variable_that_did_it(
     assert out.returncode == 2
     assert out.stderr.startswith(f"stella: config error: {start}"), out.stderr
     assert "s3cret" not in out.stderr
+
+
+def test_blame_reads_what_load_settings_read_not_the_files_again(tmp_path: Path) -> None:
+    # A config given as a pipe can be read once: an error found later (building the
+    # backends) is blamed with what was read then.
+    from stella.settings import blamed
+
+    conf = tmp_path / "c.toml"
+    conf.write_text('[models.routes.gpu]\nbackend = "echo"\n')
+    env = {"STELLA_CONFIG": str(conf), "STELLA_MODELS__ROUTES__GPU__RETRIES": "3"}
+    load_settings(environ=env)
+    conf.unlink()  # a second read would find nothing
+    err = ConfigError("models.routes.gpu: Object missing required field `x`")
+    assert str(blamed(err, environ=env)) == str(err)  # the file held the table
 
 
 def test_a_bad_header_variable_is_shown_masked_as_config_masks_it() -> None:
