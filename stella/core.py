@@ -180,7 +180,10 @@ class Pipeline:
                 # after a round trip), a real wait is refused, as calls waiting when the
                 # drain began were.
                 try:
-                    permit = await asyncio.wait_for(admit, DRAIN_ADMIT_S)
+                    # In this task (not wait_for's own): a cancel from outside meets the
+                    # check below, whatever admission did with it.
+                    async with asyncio.timeout(DRAIN_ADMIT_S):
+                        permit = await admit
                 except TimeoutError:
                     raise ShuttingDown(
                         "the server is shutting down; retry the request", retry_after=1

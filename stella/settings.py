@@ -241,11 +241,10 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def set_by_user(key: str, environ: Mapping[str, str] | None = None) -> bool:
-    """Whether $STELLA_CONFIG or the environment sets `key` (dotted), beyond the defaults."""
+    """Whether $STELLA_CONFIG or the environment sets `key` (dotted), beyond the defaults,
+    as the last load_settings() read them (a config given as a pipe is read once)."""
     environ = os.environ if environ is None else environ
-    data = env_overrides(environ)
-    if extra := environ.get("STELLA_CONFIG"):
-        data = merge(_read_toml(Path(extra)), data)
+    data = merge(_last_user_file, env_overrides(environ))
     return _lookup(data, key) is not None
 
 
@@ -268,16 +267,21 @@ def load_settings(
         raise blamed(exc, overrides, environ, files) from None
 
 
-# What the last load_settings() read from the files: a later blamed() (an error found
-# while building the backends) reads it rather than open the files again.
+# What the last load_settings() read from the files (all of them, and $STELLA_CONFIG's
+# alone): a later blamed() or set_by_user() reads it rather than open the files again.
 _last_files: dict[str, Any] = {}
+_last_user_file: dict[str, Any] = {}
 
 
 def _files(environ: Mapping[str, str], path: Path | None = None) -> dict[str, Any]:
     """The defaults' file with the one STELLA_CONFIG names over it."""
+    global _last_user_file
     data = _read_toml(path or default_config_path())
+    user: dict[str, Any] = {}
     if extra := environ.get("STELLA_CONFIG"):
-        data = merge(data, _read_toml(Path(extra)))
+        user = _read_toml(Path(extra))
+        data = merge(data, user)
+    _last_user_file = user
     return data
 
 
@@ -299,7 +303,8 @@ def blamed(
     # as /config masks it: a header by its name, anything else by its key.
     parts = variable.lower().split("__")
     value = environ[variable]
-    if value.lstrip().startswith("{") or parts[-1] == "headers":
+    text = value.lstrip()
+    if text.startswith("{") or (text.startswith("[") and "{" in text) or parts[-1] == "headers":
         shown = "(not shown)"  # a table, or what should be one: its secrets are inside it
     elif len(parts) > 2 and parts[-2] == "headers":
         shown = "***" if value and _is_secret_name(parts[-1]) else value
@@ -323,9 +328,9 @@ def _blamed_variable(
     # field missing) is blamed on the one variable under it, when no file has the table.
     unknown = _UNKNOWN_FIELD.search(message)
     field = f"{key}.{unknown.group(1)}" if unknown else None
-    # Only a field missing is known not to be the file's own doing when the file has no
-    # such table; other errors about a table (an alias taken) may be a variable's.
-    in_files = "missing required field" in message and _lookup(files, key) is not None
+    # A field missing from a table no file has is the doing of the variables that made
+    # it; other errors about a table (an alias taken) name no field a variable set.
+    missing = "missing required field" in message and _lookup(files, key) is None
     found = []
     for name in environ:
         if name == "PORT":
@@ -338,7 +343,7 @@ def _blamed_variable(
             continue
         # The key itself, a value inside it (a table, an array), or an entry under a
         # table that the error names.
-        under = path.startswith(key + ".") and not in_files
+        under = path.startswith(key + ".") and missing
         if path == key or key.startswith(path + ".") or (path == field if unknown else under):
             found.append((name, path))
     if any(name == "PORT" for name, _ in found):  # PORT wins over STELLA_SERVER__PORT

@@ -483,11 +483,20 @@ def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
             '[models.routes.gpu]\nupstream_model = "llama3"\n',
             "models.routes.gpu: Object missing required field `backend`",
         ),
-        # A clash a variable made in a table the defaults' file holds: its variable.
+        # A file's own clash in a table a variable added to: not the variable's.
         (
-            {"STELLA_MODELS__ROUTES__ECHO__ALIASES": '["smollm2"]'},
+            {"STELLA_MODELS__ROUTES__B__RETRIES": "3"},
+            '[models.routes.a]\nbackend = "echo"\naliases = ["chat"]\n'
+            '[models.routes.b]\nbackend = "echo"\naliases = ["chat"]\n',
+            "models.routes.b: 'chat' is already an alias of 'a'",
+        ),
+        # A table written as an array of tables: not shown (a key may be inside).
+        (
+            {
+                "STELLA_BACKENDS__GPU": '[{ kind = "openai", api_key = "sk-live-s3cret" }]',
+            },
             "",
-            'STELLA_MODELS__ROUTES__ECHO__ALIASES=["smollm2"]: models.routes.echo: ',
+            "STELLA_BACKENDS__GPU=(not shown): backends.gpu: Expected `object`",
         ),
         # An empty PORT is not read: the variable that was is named.
         (
@@ -524,6 +533,19 @@ def test_blame_reads_what_load_settings_read_not_the_files_again(tmp_path: Path)
     conf.unlink()  # a second read would find nothing
     err = ConfigError("models.routes.gpu: Object missing required field `x`")
     assert str(blamed(err, environ=env)) == str(err)  # the file held the table
+
+
+def test_set_by_user_reads_what_load_settings_read(tmp_path: Path) -> None:
+    # `stella serve` on a terminal asks after loading whether the user chose a log
+    # format: a config given as a pipe must not be read a second time (it is empty then).
+    from stella.settings import set_by_user
+
+    conf = tmp_path / "c.toml"
+    conf.write_text('[log]\nformat = "json"\n')
+    env = {"STELLA_CONFIG": str(conf)}
+    load_settings(environ=env)
+    conf.unlink()
+    assert set_by_user("log.format", env) and not set_by_user("log.level", env)
 
 
 def test_a_bad_header_variable_is_shown_masked_as_config_masks_it() -> None:

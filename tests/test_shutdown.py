@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import socket
@@ -254,3 +255,38 @@ async def test_a_cancel_that_admission_swallowed_still_ends_the_call() -> None:
         pass
     assert given_back == ["released"] and not svc.pipeline.active
     assert task.cancelling() == 0
+
+
+async def test_a_cancel_swallowed_while_admitted_during_the_drain_gives_the_permit_back() -> None:
+    # The drain began before the call came to admission, and its cut (or the client
+    # leaving) cancels the call there: a result that comes back anyway is given back.
+    from stella.app import create_app
+    from stella.calls import Admission, Call, Permit
+    from stella.errors import ShuttingDown
+    from stella.protocol import ChatRequest, Message
+    from stella.settings import load_settings
+
+    overrides = {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}
+    app = create_app(load_settings(overrides, environ={}))
+    svc = app.services  # type: ignore[attr-defined]
+    given_back: list[str] = []
+
+    class Swallowing(Admission):
+        async def admit(self, call: Call, route: object, request: object, slot: bool = True):  # type: ignore[no-untyped-def, override]
+            try:
+                await asyncio.sleep(0.3)
+            except asyncio.CancelledError:
+                pass
+            permit = Permit()
+            permit.release = lambda: given_back.append("released")  # type: ignore[method-assign]
+            return permit
+
+    svc.pipeline.admission = Swallowing()
+    svc.drain.timeout_s = 0.1
+    svc.drain.begin()
+    request = ChatRequest(messages=[Message(role="user", content="hi")], model="echo")
+    task = asyncio.create_task(svc.pipeline.prepare(request, Call(request_id="r2")))
+    with contextlib.suppress(ShuttingDown):
+        await asyncio.wait_for(task, 2)
+        raise AssertionError("admitted")
+    assert given_back == ["released"] and not svc.pipeline.active

@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     """Load the configuration, build the app, serve until SIGTERM; exit 2 on bad config."""
     import os
 
+    import msgspec
+
     from stella.app import create_app
     from stella.backends import ConfigError
     from stella.settings import blamed, load_settings, set_by_user
@@ -50,10 +52,14 @@ def run(args: argparse.Namespace) -> int:
     if args.log_format:
         overrides.setdefault("log", {})["format"] = args.log_format
     try:
-        # A terminal reads the console format better, unless the file or env chose one.
+        settings = load_settings(overrides)
+        # A terminal reads the console format better, unless the file or env chose one
+        # (known once the files are read: a config given as a pipe is read once).
         if not args.log_format and sys.stdout.isatty() and not set_by_user("log.format"):
             overrides.setdefault("log", {})["format"] = "console"
-        settings = load_settings(overrides)
+            settings = msgspec.structs.replace(
+                settings, log=msgspec.structs.replace(settings.log, format="console")
+            )
         app = create_app(settings)
     except ConfigError as exc:
         print(f"stella: config error: {blamed(exc, overrides)}", file=sys.stderr)
