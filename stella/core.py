@@ -11,6 +11,7 @@ whatever happens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -196,6 +197,10 @@ class Pipeline:
                 # cancel. The call still ends as the cancel meant, before any backend.
                 permit.settle(Usage(0, 0, 0))
                 permit.release()
+                # A cancel not delivered yet (admission never paused: the drain was over
+                # when the call came) is taken here, not at the caller's next await.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0)
                 raise asyncio.CancelledError
             return permit
         except asyncio.CancelledError:

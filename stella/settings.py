@@ -244,8 +244,11 @@ def set_by_user(key: str, environ: Mapping[str, str] | None = None) -> bool:
     """Whether $STELLA_CONFIG or the environment sets `key` (dotted), beyond the defaults,
     as the last load_settings() read them (a config given as a pipe is read once)."""
     environ = os.environ if environ is None else environ
-    data = merge(_last_user_file, env_overrides(environ))
-    return _lookup(data, key) is not None
+    extra = environ.get("STELLA_CONFIG", "")
+    user = (
+        _last_user_file if extra == _last_user_path else (_read_toml(Path(extra)) if extra else {})
+    )
+    return _lookup(merge(user, env_overrides(environ)), key) is not None
 
 
 def load_settings(
@@ -271,17 +274,18 @@ def load_settings(
 # alone): a later blamed() or set_by_user() reads it rather than open the files again.
 _last_files: dict[str, Any] = {}
 _last_user_file: dict[str, Any] = {}
+_last_user_path = ""
 
 
 def _files(environ: Mapping[str, str], path: Path | None = None) -> dict[str, Any]:
     """The defaults' file with the one STELLA_CONFIG names over it."""
-    global _last_user_file
+    global _last_user_file, _last_user_path
     data = _read_toml(path or default_config_path())
     user: dict[str, Any] = {}
     if extra := environ.get("STELLA_CONFIG"):
         user = _read_toml(Path(extra))
         data = merge(data, user)
-    _last_user_file = user
+    _last_user_file, _last_user_path = user, extra or ""
     return data
 
 
@@ -328,9 +332,10 @@ def _blamed_variable(
     # field missing) is blamed on the one variable under it, when no file has the table.
     unknown = _UNKNOWN_FIELD.search(message)
     field = f"{key}.{unknown.group(1)}" if unknown else None
-    # A field missing from a table no file has is the doing of the variables that made
-    # it; other errors about a table (an alias taken) name no field a variable set.
-    missing = "missing required field" in message and _lookup(files, key) is None
+    # An error about a table no file has is the doing of the variables that made it; in
+    # a table a file has, only of a variable whose value the error quotes (an alias
+    # taken), not of one that set something else there (a field missing is the file's).
+    file_table = _lookup(files, key) is not None
     found = []
     for name in environ:
         if name == "PORT":
@@ -343,7 +348,7 @@ def _blamed_variable(
             continue
         # The key itself, a value inside it (a table, an array), or an entry under a
         # table that the error names.
-        under = path.startswith(key + ".") and missing
+        under = path.startswith(key + ".") and (not file_table or _quoted(message, environ[name]))
         if path == key or key.startswith(path + ".") or (path == field if unknown else under):
             found.append((name, path))
     if any(name == "PORT" for name, _ in found):  # PORT wins over STELLA_SERVER__PORT
@@ -354,6 +359,13 @@ def _blamed_variable(
 
 
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
+
+
+def _quoted(message: str, raw: str) -> bool:
+    """Whether `message` quotes a string a variable's value holds ('smollm2')."""
+    value = _env_value(raw)
+    items = value if isinstance(value, list) else [value]
+    return any(isinstance(v, str) and v and f"'{v}'" in message for v in items)
 
 
 def _lookup(data: Mapping[str, Any], path: str) -> Any:

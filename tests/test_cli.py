@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import socket
 import subprocess
 import sys
@@ -86,6 +87,22 @@ def test_a_port_in_use_is_one_error_before_anything_starts(extra: list[str]) -> 
         )
     assert out.returncode != 0
     assert "Address already in use" in out.stderr and "serving on" not in out.stderr
+
+
+@pytest.mark.parametrize("extra", [["--workers", "2"], ["--reload"]])
+def test_a_config_pipe_with_workers_is_refused(extra: list[str]) -> None:
+    # Each worker reads STELLA_CONFIG again: a pipe is empty by then (they failed and
+    # were started again for good, and nothing was served).
+    env = {"PATH": "/usr/bin:/bin"}
+    script = (
+        f"{shlex.quote(sys.executable)} -m stella serve --port 9 {' '.join(extra)} "
+        "--config <(printf '[models]\\ndefault = \"echo\"\\n[backends.local]\\nenabled = false\\n')"
+    )
+    out = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2, out.stderr
+    assert "not a regular file" in out.stderr and "serving on" not in out.stderr
 
 
 def test_uvicorn_factory_with_a_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:

@@ -483,6 +483,19 @@ def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
             '[models.routes.gpu]\nupstream_model = "llama3"\n',
             "models.routes.gpu: Object missing required field `backend`",
         ),
+        # A clash a variable made in a table the defaults' file holds: the error quotes
+        # its value, so it is named.
+        (
+            {"STELLA_MODELS__ROUTES__ECHO__ALIASES": '["smollm2"]'},
+            "",
+            'STELLA_MODELS__ROUTES__ECHO__ALIASES=["smollm2"]: models.routes.echo: ',
+        ),
+        # A table only a variable made: its variable.
+        (
+            {"STELLA_LIMITS__MODELS__SMOLLM2__REQUESTS_PER_MINUTE": "5"},
+            "",
+            "STELLA_LIMITS__MODELS__SMOLLM2__REQUESTS_PER_MINUTE=5: limits.models.smollm2: ",
+        ),
         # A file's own clash in a table a variable added to: not the variable's.
         (
             {"STELLA_MODELS__ROUTES__B__RETRIES": "3"},
@@ -546,6 +559,11 @@ def test_set_by_user_reads_what_load_settings_read(tmp_path: Path) -> None:
     load_settings(environ=env)
     conf.unlink()
     assert set_by_user("log.format", env) and not set_by_user("log.level", env)
+    # Asked about another environment than the one loaded: that environment's own file.
+    other = tmp_path / "d.toml"
+    other.write_text('[log]\nlevel = "debug"\n')
+    assert set_by_user("log.level", {"STELLA_CONFIG": str(other)})
+    assert not set_by_user("log.format", {})
 
 
 def test_a_bad_header_variable_is_shown_masked_as_config_masks_it() -> None:

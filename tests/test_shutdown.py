@@ -290,3 +290,37 @@ async def test_a_cancel_swallowed_while_admitted_during_the_drain_gives_the_perm
         await asyncio.wait_for(task, 2)
         raise AssertionError("admitted")
     assert given_back == ["released"] and not svc.pipeline.active
+
+
+async def test_a_call_that_comes_after_the_drain_s_cut_leaves_no_cancel_pending() -> None:
+    # The cut is over when the call comes to admission, and a slot is free (admission
+    # never pauses): 503 shutting_down, and the cancel that said so is not left for the
+    # caller's next await.
+    from stella.app import create_app
+    from stella.calls import Call
+    from stella.errors import ShuttingDown
+    from stella.protocol import ChatRequest, Message
+    from stella.settings import load_settings
+
+    overrides = {
+        "models": {"default": "echo"},
+        "backends": {"local": {"enabled": False}},
+        "limits": {"backends": {"echo": 5}},
+    }
+    app = create_app(load_settings(overrides, environ={}))
+    svc = app.services  # type: ignore[attr-defined]
+    svc.drain.timeout_s = 0.05
+    svc.drain.begin()
+    await asyncio.sleep(0.1)
+    assert svc.drain.over
+
+    async def call() -> str:
+        request = ChatRequest(messages=[Message(role="user", content="hi")], model="echo")
+        try:
+            await svc.pipeline.prepare(request, Call(request_id="late"))
+        except ShuttingDown:
+            pass
+        await asyncio.sleep(0)  # the caller goes on: no cancel may be waiting for it
+        return "went on"
+
+    assert await asyncio.wait_for(asyncio.create_task(call()), 2) == "went on"

@@ -85,6 +85,15 @@ def run(args: argparse.Namespace) -> int:
         + ")"
     )
     if workers > 1 or args.reload:
+        extra = os.environ.get("STELLA_CONFIG", "")
+        if extra and not os.path.isfile(extra):
+            # Each worker reads the file again: a pipe (--config <(...)) is empty by then.
+            print(
+                f"stella: config error: config file {extra}: not a regular file; with "
+                "--workers or --reload each worker reads it again: write it to a file",
+                file=sys.stderr,
+            )
+            return 2
         return _supervise(settings, overrides, options, workers, args.reload, announce)
     config = uvicorn.Config(app, **options)
     # Bound first: a port in use ends here with uvicorn's one error line, before any
