@@ -11,7 +11,6 @@ whatever happens.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -168,6 +167,10 @@ class Pipeline:
         assert task is not None
         drain = self.drain
         if drain is not None:
+            if drain.over:
+                # Refused here: entering would cancel the task, and a free slot's admission
+                # never pauses to take that cancel (it would wait for the caller's next await).
+                raise ShuttingDown("the server is shutting down; retry the request", retry_after=1)
             drain.enter(call, task, waiting=True)
         watcher = (
             asyncio.get_running_loop().create_task(watch_leaving(call.receive, call, task))
@@ -197,10 +200,6 @@ class Pipeline:
                 # cancel. The call still ends as the cancel meant, before any backend.
                 permit.settle(Usage(0, 0, 0))
                 permit.release()
-                # A cancel not delivered yet (admission never paused: the drain was over
-                # when the call came) is taken here, not at the caller's next await.
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.sleep(0)
                 raise asyncio.CancelledError
             return permit
         except asyncio.CancelledError:

@@ -348,7 +348,9 @@ def _blamed_variable(
             continue
         # The key itself, a value inside it (a table, an array), or an entry under a
         # table that the error names.
-        under = path.startswith(key + ".") and (not file_table or _quoted(message, environ[name]))
+        under = path.startswith(key + ".") and (
+            not file_table or (path.endswith(".aliases") and _quoted(message, environ[name]))
+        )
         if path == key or key.startswith(path + ".") or (path == field if unknown else under):
             found.append((name, path))
     if any(name == "PORT" for name, _ in found):  # PORT wins over STELLA_SERVER__PORT
@@ -362,10 +364,12 @@ _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 
 
 def _quoted(message: str, raw: str) -> bool:
-    """Whether `message` quotes a string a variable's value holds ('smollm2')."""
+    """Whether the name `message` quotes first (the alias in "'x' is already an alias of
+    'y'") is one a variable's value holds."""
+    first = re.search(r"'([^']*)'", message)
     value = _env_value(raw)
     items = value if isinstance(value, list) else [value]
-    return any(isinstance(v, str) and v and f"'{v}'" in message for v in items)
+    return first is not None and first.group(1) in items
 
 
 def _lookup(data: Mapping[str, Any], path: str) -> Any:

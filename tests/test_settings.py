@@ -490,6 +490,18 @@ def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
             "",
             'STELLA_MODELS__ROUTES__ECHO__ALIASES=["smollm2"]: models.routes.echo: ',
         ),
+        # The file's own alias clash, with a variable naming the same names elsewhere in
+        # the route (a fallback, an upstream model): not the variable's.
+        (
+            {"STELLA_MODELS__ROUTES__ECHO__FALLBACKS": '["smollm2-135m"]'},
+            '[models.routes.echo]\naliases = ["smollm2"]\n',
+            "models.routes.echo: 'smollm2' is already an alias",
+        ),
+        (
+            {"STELLA_MODELS__ROUTES__ECHO__UPSTREAM_MODEL": "smollm2"},
+            '[models.routes.echo]\naliases = ["smollm2"]\n',
+            "models.routes.echo: 'smollm2' is already an alias",
+        ),
         # A table only a variable made: its variable.
         (
             {"STELLA_LIMITS__MODELS__SMOLLM2__REQUESTS_PER_MINUTE": "5"},
