@@ -170,7 +170,7 @@ class Pipeline:
             if drain.over:
                 # Refused here: entering would cancel the task, and a free slot's admission
                 # never pauses to take that cancel (it would wait for the caller's next await).
-                raise ShuttingDown("the server is shutting down; retry the request", retry_after=1)
+                raise _shutting_down()
             drain.enter(call, task, waiting=True)
         watcher = (
             asyncio.get_running_loop().create_task(watch_leaving(call.receive, call, task))
@@ -189,9 +189,7 @@ class Pipeline:
                     async with asyncio.timeout(DRAIN_ADMIT_S):
                         permit = await admit
                 except TimeoutError:
-                    raise ShuttingDown(
-                        "the server is shutting down; retry the request", retry_after=1
-                    ) from None
+                    raise _shutting_down() from None
             else:
                 permit = await admit
             if call.cancel_reason is not None and task.cancelling():
@@ -209,15 +207,25 @@ class Pipeline:
             task.uncancel()
             call.cancel_reason = None  # the call is over before it began: nothing to cut
             if reason == "shutting_down":
-                raise ShuttingDown(
-                    "the server is shutting down; retry the request", retry_after=1
-                ) from None
+                raise _shutting_down() from None
             raise ClientGone("the client left while waiting for a slot") from None
         finally:
             if watcher is not None:
                 watcher.cancel()
             if drain is not None:
                 drain.leave(task)
+
+
+def _shutting_down() -> ShuttingDown:
+    """The refusal of a call that a shutdown ends before any backend."""
+    return ShuttingDown("the server is shutting down; retry the request", retry_after=1)
+
+
+def _producing(watchdog: Watchdog, now: float, total_s: float) -> bool:
+    """Whether a backend cut by the total limit `total_s` was still producing: seen at
+    work within the last half of it. A cut while producing is the request's time running
+    out, no verdict on the backend; silent that long, it had stalled."""
+    return watchdog.silence(now) < total_s / 2
 
 
 async def watch_leaving(receive: Any, call: Call, task: asyncio.Task[Any]) -> None:
@@ -500,11 +508,8 @@ class Inference:
                                     timeout = UpstreamTimeout(
                                         f"backend {route.backend_name!r} {why}"
                                     )
-                                    # Cut by the total limit while still producing: the
-                                    # request's time ran out, no fault of the backend's.
-                                    # Silent for half the limit or more, it had stalled.
-                                    timeout.out_of_time = out_of_time and (  # type: ignore[attr-defined]
-                                        watchdog.silence(now) < rs.total_timeout_s / 2
+                                    timeout.out_of_time = out_of_time and _producing(  # type: ignore[attr-defined]
+                                        watchdog, now, rs.total_timeout_s
                                     )
                                     raise timeout from None
                                 raise
@@ -666,12 +671,9 @@ class Inference:
                     err.no_verdict = True  # type: ignore[attr-defined]
             else:
                 err = UpstreamTimeout(f"the total limit of {rs.total_timeout_s:g}s passed")
-                # The request's time ran out: no verdict, unless the backend had been
-                # silent for half the limit or more (stalled, as in the stream phase). An
-                # in-process engine's queue or long prompt is its load, never a fault.
-                err.out_of_time = (  # type: ignore[attr-defined]
-                    route.backend.local_queue
-                    or watchdog.silence(time.perf_counter()) < rs.total_timeout_s / 2
+                # An in-process engine's queue or long prompt is its load, never a fault.
+                err.out_of_time = route.backend.local_queue or _producing(  # type: ignore[attr-defined]
+                    watchdog, time.perf_counter(), rs.total_timeout_s
                 )
         except Exception as exc:  # a backend bug must still end the stream properly
             _log.error("backend_failed", backend=route.backend_name, exc_info=exc)

@@ -258,9 +258,14 @@ def load_settings(
     path: Path | None = None,
 ) -> Settings:
     """Defaults, then $STELLA_CONFIG, then the environment, then `overrides`."""
-    global _last_files
+    global _last_files, _last_user_file, _last_user_path
     environ = os.environ if environ is None else environ
-    files = _last_files = _files(environ, path)
+    files = _read_toml(path or default_config_path())
+    user: dict[str, Any] = {}
+    if extra := environ.get("STELLA_CONFIG"):
+        user = _read_toml(Path(extra))
+        files = merge(files, user)
+    _last_files, _last_user_file, _last_user_path = files, user, extra or ""
     data = merge(files, env_overrides(environ))
     if overrides:
         data = merge(data, overrides)
@@ -275,18 +280,6 @@ def load_settings(
 _last_files: dict[str, Any] = {}
 _last_user_file: dict[str, Any] = {}
 _last_user_path = ""
-
-
-def _files(environ: Mapping[str, str], path: Path | None = None) -> dict[str, Any]:
-    """The defaults' file with the one STELLA_CONFIG names over it."""
-    global _last_user_file, _last_user_path
-    data = _read_toml(path or default_config_path())
-    user: dict[str, Any] = {}
-    if extra := environ.get("STELLA_CONFIG"):
-        user = _read_toml(Path(extra))
-        data = merge(data, user)
-    _last_user_file, _last_user_path = user, extra or ""
-    return data
 
 
 def blamed(

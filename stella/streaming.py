@@ -98,17 +98,7 @@ class Drain:
         if len(self.tasks) == 1:
             self.idle.clear()
         if self.over:  # it must not start now
-            call.cancel_reason = "shutting_down"
-            task.cancel()
-        # A call that comes to admission during the drain takes a free slot as usual
-        # (whether it will wait cannot be told beforehand: Redis answers either way after
-        # a round trip); still waiting at the drain's end, it is cut then.
-
-    def _refuse_waiting(self, task: asyncio.Task[Any]) -> None:
-        call = self.tasks.get(task)
-        if task in self.waiting and call is not None:
-            call.cancel_reason = "shutting_down"
-            task.cancel()
+            _end(task, call)
 
     def leave(self, task: asyncio.Task[Any]) -> None:
         """Unregister `task`."""
@@ -124,7 +114,7 @@ class Drain:
             return
         self.draining = True
         for task in list(self.waiting):
-            self._refuse_waiting(task)
+            _end(task, self.tasks[task])
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self.timeout_s, self.cut)
 
@@ -132,14 +122,19 @@ class Drain:
         """End every running call now, each with a `shutting_down` outcome."""
         self.over = True
         for task, call in list(self.tasks.items()):
-            call.cancel_reason = "shutting_down"
-            task.cancel()
+            _end(task, call)
 
     async def wait(self, seconds: float) -> None:
         """Wait until every running call has ended, at most `seconds`."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self.idle.wait()
+
+
+def _end(task: asyncio.Task[Any], call: Any) -> None:
+    """Cancel `task`, its call ending as `shutting_down`."""
+    call.cancel_reason = "shutting_down"
+    task.cancel()
 
 
 class EventStream:
