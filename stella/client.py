@@ -432,15 +432,21 @@ def _headers(auth: dict[str, str], kwargs: dict[str, Any]) -> httpx.Headers:
     return headers
 
 
+def _split(rest: bytes, chunk: bytes) -> tuple[list[bytes], bytes]:
+    """The whole lines of `rest + chunk`, split at b"\n" only, and what is left over
+    (httpx's iter_lines also splits at U+2028, U+0085 and others, which a JSON string
+    may hold raw)."""
+    if b"\n" not in chunk:
+        return [], rest + chunk
+    *lines, rest = (rest + chunk).split(b"\n")
+    return lines, rest
+
+
 def _byte_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Lines split at b"\n" only: httpx's iter_lines also splits at U+2028, U+0085 and
-    others, which a JSON string may hold raw."""
+    """A body's lines, split as `_split` does."""
     rest = b""
     for chunk in chunks:
-        if b"\n" not in chunk:
-            rest += chunk
-            continue
-        *lines, rest = (rest + chunk).split(b"\n")
+        lines, rest = _split(rest, chunk)
         yield from lines
     if rest:
         yield rest
@@ -450,10 +456,7 @@ async def _abyte_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """`_byte_lines` over an async iterator of chunks."""
     rest = b""
     async for chunk in chunks:
-        if b"\n" not in chunk:
-            rest += chunk
-            continue
-        *lines, rest = (rest + chunk).split(b"\n")
+        lines, rest = _split(rest, chunk)
         for line in lines:
             yield line
     if rest:
