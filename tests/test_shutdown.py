@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import time
+from typing import Any
 
 import httpx
 
@@ -218,25 +219,27 @@ async def test_a_call_that_would_wait_during_the_drain_is_refused_soon() -> None
         assert await asyncio.to_thread(server.proc.wait, 15) == 0
 
 
-async def test_a_cancel_that_admission_swallowed_still_ends_the_call() -> None:
-    # redis-py wraps its socket calls in wait_for, which (Python 3.11) may return the
-    # result of a call cancelled in the same turn: admitted, the call must still end as
-    # the drain's cancel meant, its permit given back, before any backend.
+def in_process(**extra: object) -> Any:
+    """The services of an app built in this process on the echo backend (no server)."""
     from stella.app import create_app
-    from stella.calls import Admission, Call, Permit
-    from stella.errors import ShuttingDown
-    from stella.protocol import ChatRequest, Message
     from stella.settings import load_settings
 
     overrides = {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}
-    app = create_app(load_settings(overrides, environ={}))
-    svc = app.services  # type: ignore[attr-defined]
+    app = create_app(load_settings({**overrides, **extra}, environ={}))
+    return app.services  # type: ignore[attr-defined]
+
+
+def swallowing(svc: Any, sleep_s: float) -> list[str]:
+    """Make `svc`'s admission lose a cancel: it waits `sleep_s`, then returns a permit
+    whatever happened (as redis-py's wait_for may); what the permit had given back."""
+    from stella.calls import Admission, Call, Permit
+
     given_back: list[str] = []
 
     class Swallowing(Admission):
         async def admit(self, call: Call, route: object, request: object, slot: bool = True):  # type: ignore[no-untyped-def, override]
             try:
-                await asyncio.sleep(5)
+                await asyncio.sleep(sleep_s)
             except asyncio.CancelledError:
                 pass  # the cancel is lost: a result comes back instead
             permit = Permit()
@@ -244,8 +247,27 @@ async def test_a_cancel_that_admission_swallowed_still_ends_the_call() -> None:
             return permit
 
     svc.pipeline.admission = Swallowing()
+    return given_back
+
+
+def prepare(svc: Any, request_id: str) -> Any:
+    """The coroutine admitting one chat on the echo model."""
+    from stella.calls import Call
+    from stella.protocol import ChatRequest, Message
+
     request = ChatRequest(messages=[Message(role="user", content="hi")], model="echo")
-    task = asyncio.create_task(svc.pipeline.prepare(request, Call(request_id="r1")))
+    return svc.pipeline.prepare(request, Call(request_id=request_id))
+
+
+async def test_a_cancel_that_admission_swallowed_still_ends_the_call() -> None:
+    # redis-py wraps its socket calls in wait_for, which (Python 3.11) may return the
+    # result of a call cancelled in the same turn: admitted, the call must still end as
+    # the drain's cancel meant, its permit given back, before any backend.
+    from stella.errors import ShuttingDown
+
+    svc = in_process()
+    given_back = swallowing(svc, 5)
+    task = asyncio.create_task(prepare(svc, "r1"))
     await asyncio.sleep(0.05)
     svc.drain.begin()
     try:
@@ -260,32 +282,13 @@ async def test_a_cancel_that_admission_swallowed_still_ends_the_call() -> None:
 async def test_a_cancel_swallowed_while_admitted_during_the_drain_gives_the_permit_back() -> None:
     # The drain began before the call came to admission, and its cut (or the client
     # leaving) cancels the call there: a result that comes back anyway is given back.
-    from stella.app import create_app
-    from stella.calls import Admission, Call, Permit
     from stella.errors import ShuttingDown
-    from stella.protocol import ChatRequest, Message
-    from stella.settings import load_settings
 
-    overrides = {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}
-    app = create_app(load_settings(overrides, environ={}))
-    svc = app.services  # type: ignore[attr-defined]
-    given_back: list[str] = []
-
-    class Swallowing(Admission):
-        async def admit(self, call: Call, route: object, request: object, slot: bool = True):  # type: ignore[no-untyped-def, override]
-            try:
-                await asyncio.sleep(0.3)
-            except asyncio.CancelledError:
-                pass
-            permit = Permit()
-            permit.release = lambda: given_back.append("released")  # type: ignore[method-assign]
-            return permit
-
-    svc.pipeline.admission = Swallowing()
+    svc = in_process()
+    given_back = swallowing(svc, 0.3)
     svc.drain.timeout_s = 0.1
     svc.drain.begin()
-    request = ChatRequest(messages=[Message(role="user", content="hi")], model="echo")
-    task = asyncio.create_task(svc.pipeline.prepare(request, Call(request_id="r2")))
+    task = asyncio.create_task(prepare(svc, "r2"))
     with contextlib.suppress(ShuttingDown):
         await asyncio.wait_for(task, 2)
         raise AssertionError("admitted")
@@ -296,28 +299,17 @@ async def test_a_call_that_comes_after_the_drain_s_cut_leaves_no_cancel_pending(
     # The cut is over when the call comes to admission, and a slot is free (admission
     # never pauses): 503 shutting_down, and the cancel that said so is not left for the
     # caller's next await.
-    from stella.app import create_app
-    from stella.calls import Call
     from stella.errors import ShuttingDown
-    from stella.protocol import ChatRequest, Message
-    from stella.settings import load_settings
 
-    overrides = {
-        "models": {"default": "echo"},
-        "backends": {"local": {"enabled": False}},
-        "limits": {"backends": {"echo": 5}},
-    }
-    app = create_app(load_settings(overrides, environ={}))
-    svc = app.services  # type: ignore[attr-defined]
+    svc = in_process(limits={"backends": {"echo": 5}})
     svc.drain.timeout_s = 0.05
     svc.drain.begin()
     await asyncio.sleep(0.1)
     assert svc.drain.over
 
     async def call() -> str:
-        request = ChatRequest(messages=[Message(role="user", content="hi")], model="echo")
         try:
-            await svc.pipeline.prepare(request, Call(request_id="late"))
+            await prepare(svc, "late")
         except ShuttingDown:
             pass
         await asyncio.sleep(0)  # the caller goes on: no cancel may be waiting for it
