@@ -34,21 +34,31 @@ class Authenticator:
         environ = os.environ if environ is None else environ
         lim = settings.limits
         self.keys: dict[str, Principal] = {}
+        self._names: set[str] = set()
         for name, k in settings.auth.keys.items():
+            if not _KEY_NAME.fullmatch(name):
+                # Names go into logs, usage rows and Redis fields ("name|model|count").
+                raise ConfigError(f"auth.keys.{name!r}: not a key name ({_NAME_RULE})")
             digest = k.sha256.strip().lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ConfigError(f"auth.keys.{name}.sha256: not a SHA-256 hex digest")
-            self.keys[digest] = Principal(
+            self._add(
+                digest,
+                f"auth.keys.{name}",
                 name=name,
                 admin=k.admin,
-                models=tuple(k.models) or ("*",),
+                # An empty list is no model (a key for the admin routes only), never all.
+                models=tuple(k.models),
                 requests_per_minute=k.requests_per_minute or lim.requests_per_minute,
                 tokens_per_minute=k.tokens_per_minute or lim.tokens_per_minute,
                 max_concurrent=k.max_concurrent or lim.max_concurrent,
             )
         # Quick start: STELLA_API_KEYS="key1,key2" or "alice=key1,bob=key2": admin keys.
-        for name, key in env_keys(environ.get(settings.auth.keys_env, ""), settings.auth.keys_env):
-            self.keys[hash_key(key)] = Principal(
+        source = settings.auth.keys_env
+        for name, key in env_keys(environ.get(source, ""), source):
+            self._add(
+                hash_key(key),
+                f"{source} key {name!r}",
                 name=name,
                 admin=True,
                 requests_per_minute=lim.requests_per_minute,
@@ -82,6 +92,19 @@ class Authenticator:
                 f"auth: no API keys configured and server.host={host!r} is not loopback; "
                 "set keys (STELLA_API_KEYS or [auth.keys]) or auth.allow_anonymous = true"
             )
+
+    def _add(self, digest: str, where: str, **principal: Any) -> None:
+        """Register a key; ConfigError when its name or the key itself is taken already."""
+        # Logs, usage rows and limit buckets go by name: two keys under one name could
+        # not be told apart (nor limited apart), and one key twice would take one
+        # name's scopes and limits at random.
+        name = principal["name"]
+        if name in self._names:
+            raise ConfigError(f"{where}: the key name {name!r} is used twice")
+        if digest in self.keys:
+            raise ConfigError(f"{where}: the same key as {self.keys[digest].name!r}")
+        self._names.add(name)
+        self.keys[digest] = Principal(**principal)
 
     def authenticate(
         self,
@@ -126,6 +149,7 @@ class Authenticator:
 # A key shorter than this is refused at start-up: guessable, or a mistake.
 MIN_KEY_LENGTH = 12
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+_NAME_RULE = "up to 64 letters, digits, '_', '.', '@', '-'"
 
 
 def env_keys(raw: str, source: str = "STELLA_API_KEYS") -> list[tuple[str, str]]:
@@ -146,7 +170,7 @@ def env_keys(raw: str, source: str = "STELLA_API_KEYS") -> list[tuple[str, str]]
             # Not quoted: it may be part of a key.
             raise ConfigError(
                 f"{source}: entry {i + 1} is not name=key: what comes before its '=' is not "
-                "a name (up to 64 letters, digits, '_', '.', '@', '-')"
+                f"a name ({_NAME_RULE})"
             )
         if len(key) < MIN_KEY_LENGTH:
             raise ConfigError(

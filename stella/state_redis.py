@@ -523,7 +523,9 @@ class RedisState:
             rows: dict[tuple[str, str, str], dict[str, int]] = defaultdict(dict)
             for d in days:
                 for field, n in (await self.redis.hgetall(self._key("usage", d))).items():
-                    key, model, name = field.decode().rsplit("|", 2)
+                    # A key's name has no "|" (stella.auth checks); a direct model's may.
+                    key, rest = field.decode().split("|", 1)
+                    model, name = rest.rsplit("|", 1)
                     rows[(key, model, d)][name] = int(n)
         except (RedisError, OSError) as exc:
             self._failed(exc)

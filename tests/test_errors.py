@@ -426,6 +426,20 @@ def test_public_routes_need_no_key(server: LiveServer) -> None:
 
 def test_usage_day_must_be_a_date(server: LiveServer) -> None:
     auth = {"Authorization": f"Bearer {ADMIN}"}
-    for day, status in (("abcd-ef-gh", 400), ("2026-02-30", 400), ("2026-11-26", 200)):
+    cases = (("abcd-ef-gh", 400), ("2026-02-30", 400), ("2026-11-7", 400), ("2026-11-26", 200))
+    for day, status in cases:
         r = httpx.get(server.url + "/api/v1/usage", params={"day": day}, headers=auth)
         assert r.status_code == status, (day, r.text)
+
+
+def test_usage_without_a_day_is_todays(server: LiveServer) -> None:
+    import time
+
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    body = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(server.url + "/api/v1/chat", json=body, headers=auth).status_code == 200
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    rows = httpx.get(server.url + "/api/v1/usage", headers=auth).json()["usage"]
+    # The UTC day may turn between the call and the check: then the report is empty.
+    assert {r["day"] for r in rows} <= {today, time.strftime("%Y-%m-%d", time.gmtime())}
+    assert rows or time.strftime("%Y-%m-%d", time.gmtime()) != today

@@ -244,6 +244,30 @@ async def test_usage_in_memory_keeps_the_last_31_days() -> None:
     ]
 
 
+async def test_usage_without_a_day_reports_today_only() -> None:
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    app = create_app(
+        load_settings(
+            {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}, environ={}
+        )
+    )
+    state = app.state.stella.state
+    event = {"prompt_tokens": 2, "completion_tokens": 3, "status": 200}
+    state.record_usage("k", "echo", "2020-01-01", event)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    state.record_usage("k", "echo", today, event)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
+    ) as c:
+        rows = (await c.get("/api/v1/usage")).json()["usage"]
+        old = (await c.get("/api/v1/usage", params={"day": "2020-01-01"})).json()["usage"]
+    # The UTC day may turn between the two reads: then today's row is yesterday's.
+    assert [r["day"] for r in rows] in ([today], [])
+    assert [r["day"] for r in old] == ["2020-01-01"]
+
+
 async def test_usage_rows_per_key_and_day_are_bounded() -> None:
     # With models.allow_direct a key can name any model: its rows stop growing.
     from stella.api.admin import MAX_MODELS_PER_KEY_DAY, usage_listener

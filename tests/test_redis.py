@@ -432,6 +432,21 @@ async def test_a_usage_batch_whose_reply_is_lost_counts_once(redis: Redis) -> No
     await st.aclose()
 
 
+async def test_usage_of_a_direct_model_with_a_bar_in_its_name_stays_its_keys(redis: Redis) -> None:
+    # Fields are "key|model|count": a "|" in a direct model's name must not move the key.
+    st = redis_state(redis, "bar")
+    day = "2026-11-26"
+    record = {"prompt_tokens": 2, "completion_tokens": 3, "status": 200}
+    st.record_usage("rpm", "echo/x|admin", day, record)
+    st.record_usage("rpm", "echo/plain", day, record)
+    rows = await st.get_usage(day)
+    assert sorted((r["key"], r["model"], r["requests"]) for r in rows) == [
+        ("rpm", "echo/plain", 1),
+        ("rpm", "echo/x|admin", 1),
+    ]
+    await st.aclose()
+
+
 def test_a_stalled_redis_costs_one_request_its_timeout_not_every_request(redis: Redis) -> None:
     import os
     import signal

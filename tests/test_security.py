@@ -558,3 +558,70 @@ def test_without_keys_a_unix_socket_caller_is_local(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_a_key_with_no_models_may_use_none_and_names_and_keys_are_unique() -> None:
+    from stella.auth import Authenticator
+    from stella.backends import ConfigError
+
+    def settings(keys: dict[str, dict[str, object]]) -> object:
+        return load_settings({"models": {"default": "echo"}, "auth": {"keys": keys}}, environ={})
+
+    bearer = [(b"authorization", b"Bearer " + NARROW.encode())]
+    # An empty list reads as "no models", not as the default "*": the key fails closed.
+    ops = Authenticator(settings({"ops": {"sha256": sha(NARROW), "models": [], "admin": True}}), {})
+    p = ops.authenticate(bearer)
+    assert p.models == () and not p.may_use("echo") and p.scope is not None
+    assert p.admin
+    # One name for two keys (a config key and a quick-start one) would share logs,
+    # usage rows and limit buckets: refused, as is one key under two names.
+    narrow = settings({"rpm": {"sha256": sha(NARROW), "requests_per_minute": 5}})
+    with pytest.raises(ConfigError, match="'rpm' is used twice"):
+        Authenticator(narrow, {"STELLA_API_KEYS": f"rpm={ADMIN}"})
+    with pytest.raises(ConfigError, match="'env-1' is used twice"):
+        Authenticator(settings({"env-1": {"sha256": sha(NARROW)}}), {"STELLA_API_KEYS": ADMIN})
+    with pytest.raises(ConfigError, match="the same key as 'rpm'"):
+        Authenticator(narrow, {"STELLA_API_KEYS": f"root={NARROW}"})
+    with pytest.raises(ConfigError, match="the same key as 'a'"):
+        Authenticator(settings({"a": {"sha256": sha(NARROW)}, "b": {"sha256": sha(NARROW)}}), {})
+    with pytest.raises(ConfigError, match="'x' is used twice") as info:
+        Authenticator(settings({}), {"STELLA_API_KEYS": f"x={ADMIN},x={NARROW}"})
+    assert ADMIN not in str(info.value) and NARROW not in str(info.value)
+    # Names are written into usage fields "name|model|count": a "|" would move them.
+    for name in ("a|b", "", "-x", "n" * 65, "two words"):
+        with pytest.raises(ConfigError, match="not a key name"):
+            Authenticator(settings({name: {"sha256": sha(NARROW)}}), {})
+
+
+def test_metrics_and_models_refuse_a_key_with_no_models() -> None:
+    app = create_app(
+        load_settings(
+            {
+                "models": {"default": "echo"},
+                "backends": {"local": {"enabled": False}},
+                "auth": {"keys": {"ops": {"sha256": sha(NARROW), "models": []}}},
+            },
+            environ={},
+        )
+    )
+    h = {"Authorization": f"Bearer {NARROW}"}
+
+    async def calls() -> tuple[int, int, list[object]]:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
+        ) as c:
+            chat = await c.post(
+                "/api/v1/chat",
+                headers=h,
+                json={
+                    "model": "echo",
+                    "stream": False,
+                    "messages": [{"role": "user", "content": "x"}],
+                },
+            )
+            metrics = await c.get("/metrics", headers=h)
+            models = (await c.get("/api/v1/models", headers=h)).json()["models"]
+            return chat.status_code, metrics.status_code, models
+
+    chat, metrics, models = asyncio.run(calls())
+    assert (chat, metrics, models) == (403, 403, [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from stella.protocol import UsageReport, UsageRow, UsageTotals
 # With models.allow_direct a key may name any upstream model: past this many models in
 # a day, a key's further ones are counted together as "other" (by this process).
 MAX_MODELS_PER_KEY_DAY = 256
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def usage_listener(state: Any) -> Any:
@@ -49,8 +51,13 @@ async def usage(request: Request, call: Call) -> Response:
     """GET /api/v1/usage?day=YYYY-MM-DD&key=NAME&model=NAME: counters per key, model and day."""
     q = request.query_params
     day = q.get("day")
-    if day is not None:
+    if day is None:
+        day = time.strftime("%Y-%m-%d", time.gmtime())  # today, as the counters name it
+    else:
         try:
+            # strptime takes "2026-11-7" too: a day no counter is named by, answered empty.
+            if not _DAY.fullmatch(day):
+                raise ValueError
             time.strptime(day, "%Y-%m-%d")
         except ValueError:
             raise InvalidRequest("day: expected YYYY-MM-DD") from None

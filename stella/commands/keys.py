@@ -53,9 +53,13 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(hash_key(key))
         return 0
-    # A bare TOML key: ASCII letters, digits, - and _ (str.isalnum() would take "café").
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
-        print("stella: a key name may use ASCII letters, digits, - and _", file=sys.stderr)
+    # A bare TOML key that is also a key name (stella.auth): ASCII letters, digits, - and _
+    # (str.isalnum() would take "café"), a letter or digit first, 64 at most.
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", args.name):
+        print(
+            "stella: a key name is 1-64 ASCII letters, digits, - and _, a letter or digit first",
+            file=sys.stderr,
+        )
         return 2
     key = new_key()
     print(f"key: {key}", file=sys.stderr)
