@@ -217,3 +217,60 @@ def test_pings_are_empty_pieces_every_client_reads() -> None:
         c = ollama.Client(host=server.url)
         parts = list(c.chat(model="echo-sleepy", messages=body["messages"], stream=True))
         assert "".join(p.message.content for p in parts) == "a b"
+
+
+def test_tool_results_reach_id_linked_upstreams_linked() -> None:
+    # Ollama's clients send calls without ids and results with only the tool's name;
+    # OpenAI and Anthropic refuse a history whose results answer no call by id (the
+    # fakes answer 400 as they do).
+    from tests.fakes.anthropic import KEY, FakeAnthropic
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    oai, claude = FakeOpenAI(), FakeAnthropic()
+    history = [
+        {"role": "user", "content": "weather in paris and rome?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"function": {"name": "weather", "arguments": {"city": "Paris"}}},
+                {"function": {"name": "time", "arguments": {"city": "Paris"}}},
+                {"function": {"name": "weather", "arguments": {"city": "Rome"}}},
+            ],
+        },
+        {"role": "tool", "content": "12:00", "tool_name": "time"},
+        {"role": "tool", "content": "sunny", "tool_name": "weather"},
+        {"role": "tool", "content": "rainy", "tool_name": "weather"},
+    ]
+    with serve(oai.app) as oai_url, serve(claude.app) as claude_url:
+        config = {
+            "backends": {
+                "oai": {"kind": "openai", "base_url": oai_url + "/v1"},
+                "claude": {"kind": "anthropic", "base_url": claude_url, "api_key_env": "CLAUDE"},
+            },
+            "models": {
+                "routes": {
+                    "via-openai": {"backend": "oai", "upstream_model": "ok", "retries": 0},
+                    "via-claude": {
+                        "backend": "claude",
+                        "upstream_model": "claude-ok",
+                        "retries": 0,
+                    },
+                }
+            },
+        }
+        with run_stella(config, env={"CLAUDE": KEY}) as server:
+            c = client(server)
+            for model in ("via-openai", "via-claude"):
+                r = c.chat(model=model, messages=history, stream=False)
+                assert r.done and r.message.content, (model, r)
+    sent = oai.requests[-1]["messages"]
+    ids = [c["id"] for c in sent[1]["tool_calls"]]
+    assert len(set(ids)) == 3 and all(ids)
+    # Each result answers its own tool's call, in order.
+    assert [m["tool_call_id"] for m in sent[2:]] == [ids[1], ids[0], ids[2]]
+    blocks = claude.requests[-1]["messages"]
+    uses = [b["id"] for b in blocks[1]["content"] if b["type"] == "tool_use"]
+    results = [b["tool_use_id"] for b in blocks[2]["content"]]
+    assert results == [uses[1], uses[0], uses[2]]

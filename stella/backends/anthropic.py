@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from stella.backends.base import BackendEvent, BackendHealth, CallContext
+from stella.backends.base import BackendEvent, BackendHealth, CallContext, linked_tool_calls
 from stella.backends.http import (
     BAD_JSON,
     HttpBackend,
@@ -97,7 +97,7 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
     """The Messages API body: system pulled out, tool calls and results as blocks."""
     system = "\n\n".join(m.content for m in request.messages if m.role == "system")
     messages: list[dict[str, Any]] = []
-    for m in request.messages:
+    for m in linked_tool_calls(request.messages):
         if m.role == "system":
             continue
         if m.role == "tool":

@@ -18,7 +18,7 @@ from typing import ClassVar
 import msgspec
 
 from stella.errors import InvalidRequest
-from stella.protocol import ChatRequest, Delta, Done, ToolCall
+from stella.protocol import ChatRequest, Delta, Done, Message, ToolCall
 
 BackendEvent = Delta | ToolCall | Done
 
@@ -63,6 +63,42 @@ def first_stop(text: str, stops: Iterable[str]) -> tuple[int, str] | None:
     """Where the first of the stop strings in `text` begins, and which one; None if none."""
     hits = [(i, s) for s in stops if s and (i := text.find(s)) >= 0]
     return min(hits, key=lambda hit: hit[0]) if hits else None
+
+
+def linked_tool_calls(messages: list[Message]) -> list[Message]:
+    """`messages` with an id on every tool call of the history and, on every tool result,
+    the id of the call it answers.
+
+    Ollama's clients send calls without ids and results with only the tool's name (a
+    native client may too); OpenAI and Anthropic refuse a history whose results name no
+    call. A call without one gets `call_<message>_<call>`; a result without one answers
+    the first open call of its tool (`name`), else the first open call.
+    """
+    if all(
+        (m.tool_call_id if m.role == "tool" else all(c.id for c in m.tool_calls or ()))
+        for m in messages
+        if m.role == "tool" or m.tool_calls
+    ):
+        return messages  # the usual case: linked already
+    out = []
+    open_calls: list[tuple[str, str]] = []  # (id, tool name) not answered yet
+    for i, m in enumerate(messages):
+        if m.tool_calls:
+            calls = [
+                c if c.id else msgspec.structs.replace(c, id=f"call_{i}_{j}")
+                for j, c in enumerate(m.tool_calls)
+            ]
+            m = msgspec.structs.replace(m, tool_calls=calls)
+            open_calls = [(c.id, c.function.name) for c in calls]
+        elif m.role == "tool":
+            answered = next((c for c in open_calls if c[0] == m.tool_call_id), None)
+            if answered is None and not m.tool_call_id and open_calls:
+                answered = next((c for c in open_calls if c[1] == m.name), open_calls[0])
+                m = msgspec.structs.replace(m, tool_call_id=answered[0])
+            if answered is not None:
+                open_calls.remove(answered)
+        out.append(m)
+    return out
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from stella.backends.base import BackendEvent, BackendHealth, CallContext
+from stella.backends.base import BackendEvent, BackendHealth, CallContext, linked_tool_calls
 from stella.backends.http import (
     BAD_JSON,
     HttpBackend,
@@ -89,7 +89,7 @@ _any = msgspec.json.Decoder()
 def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict[str, Any]:
     """The chat completions body for a ChatRequest."""
     messages: list[dict[str, Any]] = []
-    for m in request.messages:
+    for m in linked_tool_calls(request.messages):
         msg: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.name:
             msg["name"] = m.name

@@ -10,6 +10,7 @@ sequence, anything else one Message object, as the API does.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,6 +59,8 @@ class FakeAnthropic:
         max_tokens = body.get("max_tokens")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             return err("invalid_request_error", "max_tokens: Field required", 400)
+        if (problem := _unlinked(body.get("messages") or [])) is not None:
+            return err("invalid_request_error", problem, 400)
         model = body["model"]
         if model == "claude-429":
             return err(
@@ -217,3 +220,29 @@ class FakeAnthropic:
             },
         )
         yield event("message_stop", {"type": "message_stop"})
+
+
+_TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
+
+
+def _unlinked(messages: list[dict[str, Any]]) -> str | None:
+    """What the API answers about tool_use and tool_result blocks that are not linked:
+    an id off the pattern, a result answering no tool_use of the message before it."""
+    ids: set[str] = set()
+    for i, m in enumerate(messages):
+        blocks = m.get("content") if isinstance(m.get("content"), list) else []
+        for j, b in enumerate(blocks):
+            if b.get("type") == "tool_use" and not _TOOL_ID.fullmatch(b.get("id") or ""):
+                return (
+                    f"messages.{i}.content.{j}.tool_use.id: String should match pattern "
+                    "'^[a-zA-Z0-9_-]+$'"
+                )
+            if b.get("type") == "tool_result" and b.get("tool_use_id") not in ids:
+                return (
+                    f"messages.{i}.content.{j}: unexpected `tool_use_id` found in "
+                    "`tool_result` blocks: "
+                    f"{b.get('tool_use_id')}. Each `tool_result` block must have a "
+                    "corresponding `tool_use` block in the previous message."
+                )
+        ids = {b["id"] for b in blocks if b.get("type") == "tool_use"}
+    return None

@@ -75,6 +75,19 @@ class FakeOpenAI:
                     },
                     400,
                 )
+        if (problem := _unlinked(body.get("messages") or [])) is not None:
+            param, message = problem
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": message,
+                        "type": "invalid_request_error",
+                        "param": param,
+                        "code": None,
+                    }
+                },
+                400,
+            )
         if model.startswith("status-"):
             status = int(model.split("-")[1])
             # status-429 asks for 1 s; status-429-30 for 30 s.
@@ -223,3 +236,36 @@ class FakeOpenAI:
         except asyncio.CancelledError:
             self.closed_at.append(time.monotonic())
             raise
+
+
+def _unlinked(messages: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """What the API answers about tool calls and results that are not linked by id:
+    an empty call id, a `tool` message without `tool_call_id` or answering no call of
+    the assistant message before it."""
+    ids: set[str] = set()
+    for i, m in enumerate(messages):
+        for j, call in enumerate(m.get("tool_calls") or []):
+            if not call.get("id"):
+                return (
+                    f"messages.[{i}].tool_calls.[{j}].id",
+                    f"Invalid 'messages[{i}].tool_calls[{j}].id': empty string. Expected a "
+                    "string with minimum length 1, but got an empty string instead.",
+                )
+        if m.get("tool_calls"):
+            ids = {c["id"] for c in m["tool_calls"]}
+        elif m.get("role") == "tool":
+            if not m.get("tool_call_id"):
+                return (
+                    "messages.tool_call_id",
+                    "Missing parameter 'tool_call_id': messages with role 'tool' must have "
+                    "a 'tool_call_id'.",
+                )
+            if m["tool_call_id"] not in ids:
+                return (
+                    f"messages.[{i}].role",
+                    "Invalid parameter: messages with role 'tool' must be a response to a "
+                    "preceeding message with 'tool_calls'.",
+                )
+        else:
+            ids = set()
+    return None
