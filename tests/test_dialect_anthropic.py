@@ -83,6 +83,17 @@ def test_max_tokens_and_stop_sequences(server: LiveServer) -> None:
         messages=[{"role": "user", "content": "a b"}],
     )
     assert m.stop_reason == "end_turn" and m.stop_sequence is None
+    # A stop sequence that begins inside a word already made: the answer ends before it.
+    for model in ("echo", "echo-slow"):
+        with client(server).messages.stream(
+            model=model,
+            max_tokens=20,
+            stop_sequences=["o b"],
+            messages=[{"role": "user", "content": "hello big world"}],
+        ) as stream:
+            text = "".join(stream.text_stream)
+            final = stream.get_final_message()
+        assert text == "hell" and final.stop_sequence == "o b", model
 
 
 def test_text_blocks_stay_apart_and_the_prompt_size_comes_first(server: LiveServer) -> None:

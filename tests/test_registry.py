@@ -103,3 +103,24 @@ def test_every_echo_error_code_is_a_failure_it_can_raise() -> None:
 
     hints = typing.get_type_hints(EchoConfig, include_extras=True)
     assert set(typing.get_args(hints["error_code"])) == set(_FAILURES)
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "stops", "pieces", "finish", "stop"),
+    [
+        ("hello big world", None, ["o b"], ["hell"], "stop", "o b"),
+        ("hello big world", None, ["big"], ["hello", " "], "stop", "big"),
+        ("hello big world", None, ["hello"], [], "stop", "hello"),
+        ("hello big world", 1, ["o b"], ["hello"], "length", None),
+        ("hello big world", 2, ["o b", "zz"], ["hell"], "stop", "o b"),
+        ("hello big world", 2, ["zz"], ["hello", " big"], "length", None),
+        ("hello big world", None, ["zz"], ["hello", " big", " world"], "stop", None),
+        ("a b", 5, [], ["a", " b"], "stop", None),
+    ],
+)
+def test_echo_cuts_at_a_stop_even_inside_a_word(
+    text: str, limit: int | None, stops: list[str], pieces: list[str], finish: str, stop: str | None
+) -> None:
+    from stella.backends.echo import _WORDS, _pieces
+
+    assert _pieces(_WORDS.findall(text), limit, stops) == (pieces, finish, stop)

@@ -146,21 +146,22 @@ def _pieces(
     words: list[str], limit: int | None, stops: tuple[str, ...] | list[str]
 ) -> tuple[list[str], str, str | None]:
     """The deltas of an answer: cut after `limit` words or where a stop string begins
-    (then also that stop string)."""
+    (then also that stop string), even one that begins inside a word."""
     if not stops and (limit is None or len(words) <= limit):
         return words, "stop", None  # the common case: nothing cuts the answer
+    kept = words if limit is None else words[:limit]
+    finish = "length" if len(kept) < len(words) else "stop"
+    hit = first_stop("".join(kept), stops) if stops else None
+    if hit is None:
+        return kept, finish, None
+    cut, stop = hit
     out: list[str] = []
-    emitted = ""
-    for word in words:
-        if limit is not None and len(out) >= limit:
-            return out, "length", None
-        if stops:
-            hit = first_stop(emitted + word, stops)
-            if hit is not None:
-                cut, stop = hit
-                if cut > len(emitted):
-                    out.append((emitted + word)[len(emitted) : cut])
-                return out, "stop", stop
-            emitted += word
+    at = 0  # where the word begins in the answer
+    for word in kept:
+        if at + len(word) >= cut:
+            if cut > at:
+                out.append(word[: cut - at])
+            break
         out.append(word)
-    return out, "stop", None
+        at += len(word)
+    return out, "stop", stop
