@@ -387,7 +387,21 @@ def test_an_option_json_cannot_carry_is_invalid_request(value: float) -> None:
     assert info.value.code == "invalid_request" and "options.temperature" in info.value.message
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://[::1"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:abc",
+        "http://[::1",
+        # httpx takes these: "http://" became "http://http:" (a host named "http"), and
+        # the others failed as network errors, exit 1.
+        "http://",
+        "https://",
+        "http://:8000",
+        "http:///api",
+        "ftp://127.0.0.1:9",
+        "ws://127.0.0.1:9",
+    ],
+)
 def test_a_malformed_url_is_an_invalid_url_error(url: str) -> None:
     with pytest.raises(sc.InvalidURLError) as info:
         sc.Client(url)
@@ -401,6 +415,14 @@ def test_a_malformed_url_is_an_invalid_url_error(url: str) -> None:
         assert out.stderr.startswith("stella: invalid_url: ")
     env = {"PATH": "/usr/bin:/bin", "STELLA_URL": url}
     assert stella_cli("models", env=env).returncode == 2
+
+
+def test_a_url_without_a_scheme_is_http(stella: LiveServer) -> None:
+    bare = stella.url.removeprefix("http://") + "/"  # "127.0.0.1:PORT/", as curl takes it
+    with sc.Client(bare) as c:
+        assert any(m.name == "echo" for m in c.models().models)
+    out = stella_cli("models", "--url", bare)
+    assert out.returncode == 0 and "echo" in out.stdout, out.stderr
 
 
 SEPARATORS = "one\u2028two three\u2029four five\x85six"
@@ -460,6 +482,9 @@ def test_a_password_in_the_url_stays_out_of_messages() -> None:
         "http://user:hunter2@127.0.0.1:abc",
         "http://admin:Zk9/pQ2x@127.0.0.1:1",  # httpx reads "Zk9" as a port
         "http://admin:hunter2#x@127.0.0.1:1",
+        "ftp://user:hunter2@127.0.0.1:1",
+        "http://user:hunter2@",
+        "user:hunter2@:1",  # no scheme and no host
     ):
         with pytest.raises(sc.InvalidURLError) as bad:
             sc.Client(url)
