@@ -6,10 +6,11 @@ import email.utils
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -251,6 +252,70 @@ async def test_an_unreachable_server_is_a_network_error(stella: LiveServer) -> N
         assert out.returncode == 1, out.stderr
         assert out.stderr.strip().splitlines() == [out.stderr.strip()]  # one line, no traceback
         assert "network_error" in out.stderr
+
+
+def _chat_typed(
+    url: str, then: Callable[[subprocess.Popen[bytes], int], None]
+) -> tuple[int, str, str]:
+    """Run `stella chat` with stdin and stderr on a terminal (stdout to a pipe); once it
+    says it reads stdin, `then(process, terminal)`; its exit code, stdout and what the
+    terminal showed."""
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stella", "chat", "--url", url, "-m", "echo"],
+        stdin=follower,
+        stderr=follower,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    os.close(follower)
+    shown = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"Ctrl-D" not in shown and proc.poll() is None and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.2)[0]:
+                shown += os.read(leader, 4096)
+        assert b"reading the prompt from stdin; end it with Ctrl-D" in shown, shown
+        then(proc, leader)
+        stdout, _ = proc.communicate(timeout=30)
+        while select.select([leader], [], [], 0)[0]:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's last writer is gone
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(leader)
+    return proc.returncode, stdout.decode(), shown.decode(errors="replace")
+
+
+def test_ctrl_c_while_a_prompt_is_typed_exits_130_quietly() -> None:
+    # It printed a KeyboardInterrupt traceback and died of the signal.
+    def interrupt(proc: subprocess.Popen[bytes], terminal: int) -> None:
+        os.write(terminal, b"half a prom")
+        proc.send_signal(signal.SIGINT)
+
+    code, out, shown = _chat_typed(f"http://127.0.0.1:{free_port()}", interrupt)
+    assert code == 130 and out == "", shown
+    assert "Traceback" not in shown and "KeyboardInterrupt" not in shown
+
+
+def test_a_prompt_typed_on_a_terminal_ends_with_ctrl_d(stella: LiveServer) -> None:
+    def type_it(proc: subprocess.Popen[bytes], terminal: int) -> None:
+        os.write(terminal, b"typed at a terminal\n\x04")
+
+    code, out, shown = _chat_typed(stella.url, type_it)
+    assert code == 0, shown
+    assert out.strip() == "typed at a terminal"
 
 
 def _misbehaving_app() -> Any:
