@@ -30,6 +30,7 @@ from stella.protocol import ChatResponse, Done, Error, ModelList, Ping, StreamEv
 DEFAULT_URL = "http://127.0.0.1:8000"
 # What an HTTP header value may hold (visible ASCII and inner spaces).
 _HEADER_SAFE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # the scheme of a URL as typed
 _event = msgspec.json.Decoder(StreamEvent)
 _response = msgspec.json.Decoder(ChatResponse)
 _models = msgspec.json.Decoder(ModelList)
@@ -392,18 +393,26 @@ def _generate_body(
 
 
 def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
-    url = (base_url or os.environ.get("STELLA_URL") or DEFAULT_URL).rstrip("/")
-    if "://" not in url:
-        url = "http://" + url  # "localhost:8000", as curl takes it
+    typed = base_url or os.environ.get("STELLA_URL") or DEFAULT_URL
+    # The scheme is looked for before trailing slashes go: "http://" stripped is "http:",
+    # which would read as a host named "http".
+    url = (typed if "://" in typed else "http://" + typed).rstrip("/")  # "localhost:8000"
     try:
-        httpx.URL(url)
+        parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
         # httpx's reason may quote a part of the user info (a password holding a "/"
         # reads as a port): none of it is shown then.
         why = "percent-encode the user and password" if "@" in url else str(exc)
-        raise InvalidURLError(
-            f"{_shown(url)} is not a valid URL: {why}", code="invalid_url"
-        ) from None
+    else:
+        # httpx takes any scheme and an empty host: the request would fail later as a
+        # network error, or go to a host read out of a scheme.
+        why = (
+            "the scheme must be http:// or https://"
+            if parsed.scheme not in ("http", "https")
+            else ("it names no host" if not parsed.host else "")
+        )
+    if why:
+        raise InvalidURLError(f"{_typed(typed)} is not a valid URL: {why}", code="invalid_url")
     key = (api_key if api_key is not None else os.environ.get("STELLA_API_KEY", "")).strip()
     # A key read from a file keeps its newline; outer spaces are never part of a key.
     if key and not _HEADER_SAFE.fullmatch(key):
@@ -423,6 +432,15 @@ def _shown(url: str) -> str:
     except httpx.InvalidURL:
         scheme, _, rest = url.rpartition("://")
         return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+def _typed(url: str) -> str:
+    """`url` as it was given, with its user and password (up to the last "@") masked."""
+    if "@" not in url:
+        return url
+    scheme = _SCHEME.match(url)
+    head = scheme.group() if scheme else ""
+    return f"{head}***@{url[len(head) :].rpartition('@')[2]}"
 
 
 def _headers(auth: dict[str, str], kwargs: dict[str, Any]) -> httpx.Headers:

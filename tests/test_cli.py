@@ -249,3 +249,29 @@ def test_bench_url_refuses_what_it_cannot_send(url: str) -> None:
     assert out.stderr.strip() == f"stella: {url}: not an http:// URL " + (
         "(https and URLs without one are not loaded)"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "line"),
+    [
+        ("http://", "http:// is not a valid URL: it names no host"),
+        ("ftp://127.0.0.1:9", "ftp://127.0.0.1:9 is not a valid URL: the scheme must be http://"),
+        ("ftp://me:hunter2@127.0.0.1:9", "ftp://***@127.0.0.1:9 is not a valid URL: the scheme"),
+    ],
+)
+def test_a_url_the_client_cannot_use_is_a_usage_error_shown_as_typed(url: str, line: str) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    runs = [["chat", "hi", "--url", url], ["models", "--url", url]]
+    for args, extra in [*((r, {}) for r in runs), (["models"], {"STELLA_URL": url})]:
+        out = subprocess.run(
+            [sys.executable, "-m", "stella", *args],
+            capture_output=True,
+            text=True,
+            env=env | extra,
+            timeout=60,
+        )
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith(f"stella: invalid_url: {line}"), out.stderr
+        assert out.stderr.count("\n") == 1 and "hunter2" not in out.stderr

@@ -6,10 +6,11 @@ import email.utils
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -253,6 +254,70 @@ async def test_an_unreachable_server_is_a_network_error(stella: LiveServer) -> N
         assert "network_error" in out.stderr
 
 
+def _chat_typed(
+    url: str, then: Callable[[subprocess.Popen[bytes], int], None]
+) -> tuple[int, str, str]:
+    """Run `stella chat` with stdin and stderr on a terminal (stdout to a pipe); once it
+    says it reads stdin, `then(process, terminal)`; its exit code, stdout and what the
+    terminal showed."""
+    import pty
+    import select
+
+    leader, follower = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stella", "chat", "--url", url, "-m", "echo"],
+        stdin=follower,
+        stderr=follower,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    os.close(follower)
+    shown = b""
+    try:
+        deadline = time.monotonic() + 30
+        while b"Ctrl-D" not in shown and proc.poll() is None and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.2)[0]:
+                shown += os.read(leader, 4096)
+        assert b"reading the prompt from stdin; end it with Ctrl-D" in shown, shown
+        then(proc, leader)
+        stdout, _ = proc.communicate(timeout=30)
+        while select.select([leader], [], [], 0)[0]:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's last writer is gone
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(leader)
+    return proc.returncode, stdout.decode(), shown.decode(errors="replace")
+
+
+def test_ctrl_c_while_a_prompt_is_typed_exits_130_quietly() -> None:
+    # It printed a KeyboardInterrupt traceback and died of the signal.
+    def interrupt(proc: subprocess.Popen[bytes], terminal: int) -> None:
+        os.write(terminal, b"half a prom")
+        proc.send_signal(signal.SIGINT)
+
+    code, out, shown = _chat_typed(f"http://127.0.0.1:{free_port()}", interrupt)
+    assert code == 130 and out == "", shown
+    assert "Traceback" not in shown and "KeyboardInterrupt" not in shown
+
+
+def test_a_prompt_typed_on_a_terminal_ends_with_ctrl_d(stella: LiveServer) -> None:
+    def type_it(proc: subprocess.Popen[bytes], terminal: int) -> None:
+        os.write(terminal, b"typed at a terminal\n\x04")
+
+    code, out, shown = _chat_typed(stella.url, type_it)
+    assert code == 0, shown
+    assert out.strip() == "typed at a terminal"
+
+
 def _misbehaving_app() -> Any:
     """A server that looks like stella until it doesn't: truncated streams, HTML, newer
     event types, error bodies with null fields."""
@@ -387,7 +452,21 @@ def test_an_option_json_cannot_carry_is_invalid_request(value: float) -> None:
     assert info.value.code == "invalid_request" and "options.temperature" in info.value.message
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://[::1"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:abc",
+        "http://[::1",
+        # httpx takes these: "http://" became "http://http:" (a host named "http"), and
+        # the others failed as network errors, exit 1.
+        "http://",
+        "https://",
+        "http://:8000",
+        "http:///api",
+        "ftp://127.0.0.1:9",
+        "ws://127.0.0.1:9",
+    ],
+)
 def test_a_malformed_url_is_an_invalid_url_error(url: str) -> None:
     with pytest.raises(sc.InvalidURLError) as info:
         sc.Client(url)
@@ -401,6 +480,14 @@ def test_a_malformed_url_is_an_invalid_url_error(url: str) -> None:
         assert out.stderr.startswith("stella: invalid_url: ")
     env = {"PATH": "/usr/bin:/bin", "STELLA_URL": url}
     assert stella_cli("models", env=env).returncode == 2
+
+
+def test_a_url_without_a_scheme_is_http(stella: LiveServer) -> None:
+    bare = stella.url.removeprefix("http://") + "/"  # "127.0.0.1:PORT/", as curl takes it
+    with sc.Client(bare) as c:
+        assert any(m.name == "echo" for m in c.models().models)
+    out = stella_cli("models", "--url", bare)
+    assert out.returncode == 0 and "echo" in out.stdout, out.stderr
 
 
 SEPARATORS = "one\u2028two three\u2029four five\x85six"
@@ -460,6 +547,9 @@ def test_a_password_in_the_url_stays_out_of_messages() -> None:
         "http://user:hunter2@127.0.0.1:abc",
         "http://admin:Zk9/pQ2x@127.0.0.1:1",  # httpx reads "Zk9" as a port
         "http://admin:hunter2#x@127.0.0.1:1",
+        "ftp://user:hunter2@127.0.0.1:1",
+        "http://user:hunter2@",
+        "user:hunter2@:1",  # no scheme and no host
     ):
         with pytest.raises(sc.InvalidURLError) as bad:
             sc.Client(url)

@@ -13,7 +13,9 @@ HELP = "send a prompt (or stdin) to a stella server and stream the answer"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `stella chat`."""
-    parser.add_argument("prompt", nargs="?", help="the message; read from stdin when absent")
+    parser.add_argument(
+        "prompt", nargs="?", help="the message; read from stdin when absent (Ctrl-D ends it)"
+    )
     parser.add_argument("--model", "-m", help="model name (default: the server's default)")
     parser.add_argument("--system", "-s", help="system prompt")
     parser.add_argument("--url", help="server URL (default: $STELLA_URL or http://127.0.0.1:8000)")
@@ -28,7 +30,19 @@ def run(args: argparse.Namespace) -> int:
     from stella.client import Client, StellaClientError
     from stella.protocol import Delta, Done, ToolCall
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.prompt is not None:
+        prompt = args.prompt
+    else:
+        typing = sys.stdin.isatty()
+        if typing:
+            # Without a word, `stella chat` on a terminal looks hung: it waits for text.
+            print("stella: reading the prompt from stdin; end it with Ctrl-D", file=sys.stderr)
+        try:
+            prompt = sys.stdin.read()
+        except KeyboardInterrupt:  # as mid-stream: exit 130, no traceback
+            if typing:  # the shell's prompt on a line of its own, after the terminal's "^C"
+                print(file=sys.stderr)
+            return 130
     if not prompt.strip():
         print("stella: nothing to send", file=sys.stderr)
         return 2
