@@ -151,12 +151,9 @@ class AnthropicDialect(Dialect):
         kind = _ERROR_TYPES.get(exc.status, "api_error")
         return {"type": "error", "error": {"type": kind, "message": exc.message}}
 
-    def error_response(self, exc: StellaError, request_id: str) -> Response:
+    def status(self, exc: StellaError) -> int:
         """The API's own status for an overload is 529 (its clients' OverloadedError)."""
-        response = super().error_response(exc, request_id)
-        if exc.code == "overloaded":
-            response.status_code = 529
-        return response
+        return 529 if exc.code == "overloaded" else exc.status
 
 
 ANTHROPIC = AnthropicDialect()
