@@ -169,6 +169,30 @@ def test_tool_use_round_trip(server: LiveServer) -> None:
     assert m2.content[0].text == "cold"
 
 
+def test_server_tools_are_refused_by_their_path(server: LiveServer) -> None:
+    # stella runs no server tool (web search, code execution): taken as a client tool,
+    # the model would call it and wait for a result no one sends.
+    lookup = {"name": "lookup", "input_schema": {"type": "object"}}
+    msgs = [{"role": "user", "content": "Oslo"}]
+    for tool in (
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 3},
+        {"type": "bash_20250124", "name": "bash"},
+    ):
+        with pytest.raises(anthropic.BadRequestError, match=r"tools\[1\]\.type") as info:
+            client(server).messages.create(
+                model="echo",
+                max_tokens=5,
+                tools=[lookup, tool],  # type: ignore[list-item]
+                messages=msgs,
+            )
+        assert info.value.body["error"]["type"] == "invalid_request_error"
+    # A client tool may say what it is.
+    m = client(server).messages.create(
+        model="echo", max_tokens=5, tools=[{**lookup, "type": "custom"}], messages=msgs
+    )
+    assert m.content[0].type == "tool_use" and m.content[0].name == "lookup"
+
+
 def test_errors(server: LiveServer) -> None:
     with pytest.raises(anthropic.AuthenticationError):
         client(server, "wrong").messages.create(

@@ -70,9 +70,13 @@ class AMessage(msgspec.Struct):
 
 
 class ATool(msgspec.Struct):
-    """A tool definition."""
+    """A client tool definition (the API's server tools, e.g. web_search, are refused)."""
 
     name: ToolName
+    # A server tool's type (web_search_20250305, bash_20250124, ...) is a 400 naming it:
+    # stella runs none, and taken as a client tool the model would call it and wait for
+    # a result no one sends.
+    type: Literal["custom"] | None = None
     description: str = ""
     input_schema: dict[str, Any] = {}
 
