@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
-from stella.errors import Forbidden, ModelNotFound
+from stella.errors import Forbidden, ModelNotFound, StellaError
 from stella.protocol import ChatRequest, Usage
 from stella.routing import Allowed, Route
 
@@ -70,6 +71,10 @@ class Call:
     # The request's ASGI receive: a wait for a concurrency slot watches it for the
     # client leaving (None outside HTTP).
     receive: Any = None
+    # The HTTP status the call's API gives an error, when not the error's own (the
+    # Anthropic dialect's 529 for an overload): the inference log records what the client
+    # got. None: the error's own status.
+    error_status: Callable[[StellaError], int] | None = None
 
 
 class Permit:

@@ -812,7 +812,9 @@ class Inference:
         elif reason == "cancelled":
             status = 503
         elif err is not None:
-            status = err.status
+            # The status the client got (or would have, had the stream not begun) in its API.
+            of = self.call.error_status
+            status = err.status if of is None else of(err)
         else:
             status = 200
         timings = self.timings  # the Done's, when the call got that far

@@ -46,6 +46,9 @@ class Message(Strict):
     name: str | None = None
     tool_calls: list[ToolCallRef] | None = None
     tool_call_id: str | None = None
+    # A tool message's: the call failed. The Anthropic backend sends it on as the
+    # tool_result's is_error; to others' models only the content can say so.
+    is_error: bool = False
 
 
 # Engines count tokens in 32-bit integers and take 64-bit seeds; bounds keep a

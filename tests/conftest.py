@@ -16,6 +16,7 @@ ECHO_ROUTES = {
         "failafter": {"kind": "echo", "fail_after": 3},
         "stall": {"kind": "echo", "stall_after": 2},
         "stallfirst": {"kind": "echo", "stall_after": 0},
+        "overloaded": {"kind": "echo", "fail_after": 0, "error_code": "overloaded"},
     },
     "models": {
         "routes": {
@@ -30,6 +31,7 @@ ECHO_ROUTES = {
             "echo-stall": {"backend": "stall", "idle_timeout_s": 0.5},
             "echo-slow-total": {"backend": "slow", "total_timeout_s": 0.4},
             "echo-stall-first": {"backend": "stallfirst", "ttft_timeout_s": 0.5, "retries": 0},
+            "echo-overloaded": {"backend": "overloaded", "retries": 0},
         }
     },
     "stream": {"ping_interval_s": 0.2},

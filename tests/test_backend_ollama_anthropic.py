@@ -252,6 +252,52 @@ def test_through_stella_with_fallback(
         assert KEY not in "\n".join(server.lines())
 
 
+def test_a_failed_tool_call_reaches_anthropic_as_one(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # The Anthropic dialect's is_error crosses the pipeline to the Anthropic backend,
+    # which sends it on; the text says so too (other backends' models read only that).
+    config = {
+        "backends": {
+            "claude": {"kind": "anthropic", "base_url": anthropic_url[1], "api_key_env": "CK"}
+        },
+        "models": {"routes": {"sonnet": {"backend": "claude", "upstream_model": "claude-ok"}}},
+    }
+    uses = [{"type": "tool_use", "id": f"toolu_{n}", "name": "lookup", "input": {}} for n in (1, 2)]
+    results = [
+        {
+            "type": "tool_result",
+            "tool_use_id": "toolu_1",
+            "content": "no such city",
+            "is_error": True,
+        },
+        {"type": "tool_result", "tool_use_id": "toolu_2", "content": "cold"},
+    ]
+    body = {
+        "model": "sonnet",
+        "max_tokens": 20,
+        "tools": [{"name": "lookup", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "Oslo and Atlantis"},
+            {"role": "assistant", "content": uses},
+            {"role": "user", "content": results},
+        ],
+    }
+    with run_stella(config, {"CK": KEY}) as server:
+        r = httpx.post(server.url + "/v1/messages", json=body)
+        assert r.status_code == 200, r.text
+    sent = anthropic_url[0].requests[-1]["messages"][-1]["content"]
+    assert sent == [
+        {
+            "type": "tool_result",
+            "tool_use_id": "toolu_1",
+            "content": "Error: no such city",
+            "is_error": True,
+        },
+        {"type": "tool_result", "tool_use_id": "toolu_2", "content": "cold"},
+    ]
+
+
 def test_anthropic_refuses_json_mode(anthropic_url: tuple[FakeAnthropic, str]) -> None:
     config = {
         "backends": {

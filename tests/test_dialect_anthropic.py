@@ -180,6 +180,77 @@ def test_tool_use_round_trip(server: LiveServer) -> None:
     assert m2.content[0].text == "cold"
 
 
+def test_server_tools_are_refused_by_their_path(server: LiveServer) -> None:
+    # stella runs no server tool (web search, code execution): taken as a client tool,
+    # the model would call it and wait for a result no one sends.
+    lookup = {"name": "lookup", "input_schema": {"type": "object"}}
+    msgs = [{"role": "user", "content": "Oslo"}]
+    for tool in (
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 3},
+        {"type": "bash_20250124", "name": "bash"},
+    ):
+        with pytest.raises(anthropic.BadRequestError, match=r"tools\[1\]\.type") as info:
+            client(server).messages.create(
+                model="echo",
+                max_tokens=5,
+                tools=[lookup, tool],  # type: ignore[list-item]
+                messages=msgs,
+            )
+        assert info.value.body["error"]["type"] == "invalid_request_error"
+    # A client tool may say what it is.
+    m = client(server).messages.create(
+        model="echo", max_tokens=5, tools=[{**lookup, "type": "custom"}], messages=msgs
+    )
+    assert m.content[0].type == "tool_use" and m.content[0].name == "lookup"
+
+
+def _tool_turns(result: dict) -> list[dict]:
+    use = {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}
+    return [
+        {"role": "user", "content": "Oslo"},
+        {"role": "assistant", "content": [use]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", **result}]},
+    ]
+
+
+def test_a_failed_tool_call_reads_as_one(server: LiveServer) -> None:
+    # The echo backend answers with the tool message as the model would read it.
+    for result, read in (
+        ({"content": "no such city", "is_error": True}, "Error: no such city"),
+        (
+            {"content": [{"type": "text", "text": "timed out"}], "is_error": True},
+            "Error: timed out",
+        ),
+        ({"content": "Error 404: no such city", "is_error": True}, "Error 404: no such city"),
+        ({"is_error": True}, "Error"),
+        ({"content": "cold", "is_error": False}, "cold"),
+    ):
+        m = client(server).messages.create(
+            model="echo", max_tokens=50, messages=_tool_turns(result)
+        )
+        assert m.content[0].text == read, result
+
+
+def test_blocks_that_are_not_text_are_refused_where_only_text_can_go(
+    server: LiveServer,
+) -> None:
+    image = {"type": "image", "source": {"type": "url", "url": "http://x/cat.png"}}
+    text = {"type": "text", "text": "look"}
+    with pytest.raises(
+        anthropic.BadRequestError, match=r"messages\[2\]\.content\[0\]\.content\[1\]\.type"
+    ):
+        client(server).messages.create(
+            model="echo", max_tokens=5, messages=_tool_turns({"content": [text, image]})
+        )
+    with pytest.raises(anthropic.BadRequestError, match=r"system\[1\]\.type"):
+        client(server).messages.create(
+            model="echo",
+            max_tokens=5,
+            system=[text, image],  # type: ignore[list-item]
+            messages=[{"role": "user", "content": "hi"}],
+        )
+
+
 def test_errors(server: LiveServer) -> None:
     with pytest.raises(anthropic.AuthenticationError):
         client(server, "wrong").messages.create(

@@ -624,3 +624,30 @@ def test_a_line_an_earlier_process_left_cut_short_does_not_swallow_the_next(
     lines = audit.read_bytes().splitlines()
     assert lines[0] == b'{"n":0}' and lines[1] == b'{"n":1,"cut sh'
     assert json.loads(lines[2])["n"] == 2 and len(lines) == 3
+
+
+def test_the_logged_status_is_the_one_the_clients_api_gave(stella: LiveServer) -> None:
+    # The same overload is a 503 in most APIs and a 529 in Anthropic's: the log and
+    # stella_requests_total say what each client got, streamed or not.
+    from tests.test_metrics import scrape, value
+
+    before = scrape(stella)
+    msgs = [{"role": "user", "content": "a b"}]
+    asks = [
+        ("/api/v1/chat", {"stream": False}, 503),
+        ("/v1/chat/completions", {"stream": True}, 503),
+        ("/api/chat", {"stream": False}, 503),
+        ("/v1/messages", {"stream": False, "max_tokens": 5}, 529),
+        ("/v1/messages", {"stream": True, "max_tokens": 5}, 529),
+    ]
+    for n, (path, extra, status) in enumerate(asks):
+        rid = f"api-status-{n}"
+        body = {"model": "echo-overloaded", "messages": msgs, **extra}
+        r = httpx.post(stella.url + path, json=body, headers={"X-Request-ID": rid})
+        assert r.status_code == status, (path, r.text)
+        ev = stella.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+        assert (ev["status"], ev["error_code"]) == (status, "overloaded"), path
+    after = scrape(stella)
+    label = 'stella_requests_total{api="anthropic",backend="overloaded",model="echo-overloaded",'
+    assert value(after, label + 'status="529"}') - value(before, label + 'status="529"}') == 2
+    assert value(after, label + 'status="503"}') == 0

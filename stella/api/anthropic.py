@@ -60,6 +60,7 @@ class Block(msgspec.Struct):
     input: dict[str, Any] = {}
     tool_use_id: str = ""
     content: str | list[Block] | None = None
+    is_error: bool = False  # a tool_result's: the tool failed
 
 
 class AMessage(msgspec.Struct):
@@ -70,9 +71,13 @@ class AMessage(msgspec.Struct):
 
 
 class ATool(msgspec.Struct):
-    """A tool definition."""
+    """A client tool definition (the API's server tools, e.g. web_search, are refused)."""
 
     name: ToolName
+    # A server tool's type (web_search_20250305, bash_20250124, ...) is a 400 naming it:
+    # stella runs none, and taken as a client tool the model would call it and wait for
+    # a result no one sends.
+    type: Literal["custom"] | None = None
     description: str = ""
     input_schema: dict[str, Any] = {}
 
@@ -151,12 +156,9 @@ class AnthropicDialect(Dialect):
         kind = _ERROR_TYPES.get(exc.status, "api_error")
         return {"type": "error", "error": {"type": kind, "message": exc.message}}
 
-    def error_response(self, exc: StellaError, request_id: str) -> Response:
+    def status(self, exc: StellaError) -> int:
         """The API's own status for an overload is 529 (its clients' OverloadedError)."""
-        response = super().error_response(exc, request_id)
-        if exc.code == "overloaded":
-            response.status_code = 529
-        return response
+        return 529 if exc.code == "overloaded" else exc.status
 
 
 ANTHROPIC = AnthropicDialect()
@@ -164,18 +166,38 @@ ANTHROPIC = AnthropicDialect()
 ERROR_PREFIXES = {"/v1/messages": ANTHROPIC}
 
 
-def _text(content: str | list[Block] | None) -> str:
+def _text(content: str | list[Block] | None, path: str) -> str:
+    """The text of `content`; a block that is not text (an image, a document) is refused
+    by its path, as in a message: dropped, the model would answer without it."""
     if content is None or isinstance(content, str):
         return content or ""
+    for k, b in enumerate(content):
+        if b.type != "text":
+            raise InvalidRequest(
+                f"$.{path}[{k}].type: {b.type!r} is not supported", param=f"{path}[{k}].type"
+            )
     # Blocks are separate pieces of text: run together, their words would merge.
-    return "\n".join(b.text for b in content if b.type == "text")
+    return "\n".join(b.text for b in content)
+
+
+def _tool_result(b: Block, path: str) -> Message:
+    """A tool_result block as a tool message.
+
+    Its is_error is kept on the message for a backend that can send it on (Anthropic's),
+    and said in the text for every other: the message's content is all a model behind
+    OpenAI's, Ollama's or the in-process engine's API reads, and without it a failed
+    call would read as a result."""
+    text = _text(b.content, path)
+    if b.is_error and text.lstrip()[:5].lower() != "error":
+        text = f"Error: {text}" if text else "Error"
+    return Message(role="tool", content=text, tool_call_id=b.tool_use_id, is_error=b.is_error)
 
 
 def to_chat(req: MessagesRequest) -> ChatRequest:
     """The internal request for a Messages API call."""
     messages: list[Message] = []
     if req.system:
-        messages.append(Message(role="system", content=_text(req.system)))
+        messages.append(Message(role="system", content=_text(req.system, "system")))
     for i, m in enumerate(req.messages):
         empty = not m.content or (
             not isinstance(m.content, str)
@@ -199,12 +221,11 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
                     ToolCallRef(id=b.id, function=FunctionCall(name=b.name, arguments=b.input))
                 )
             elif b.type == "tool_result":
-                messages.append(
-                    Message(role="tool", content=_text(b.content), tool_call_id=b.tool_use_id)
-                )
+                messages.append(_tool_result(b, f"messages[{i}].content[{j}].content"))
             else:
                 raise InvalidRequest(
-                    f"$.messages[{i}].content[{j}].type: {b.type!r} is not supported"
+                    f"$.messages[{i}].content[{j}].type: {b.type!r} is not supported",
+                    param=f"messages[{i}].content[{j}].type",
                 )
         if texts or calls:
             messages.append(

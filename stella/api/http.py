@@ -75,9 +75,13 @@ class Dialect:
         """The JSON body of an error response."""
         return ErrorResponse(ErrorDetail(code=exc.code, message=exc.message, request_id=request_id))
 
+    def status(self, exc: StellaError) -> int:
+        """The HTTP status of an error in this API (the error's own, unless overridden)."""
+        return exc.status
+
     def error_response(self, exc: StellaError, request_id: str) -> Response:
         """The whole error response, headers included."""
-        return JSONResponse(self.error_body(exc, request_id), exc.status, headers=exc.headers)
+        return JSONResponse(self.error_body(exc, request_id), self.status(exc), headers=exc.headers)
 
 
 NATIVE = Dialect()
@@ -107,6 +111,9 @@ class Endpoint:
     def __init__(self, fn: Handler, dialect: Dialect, auth: str) -> None:
         self.fn = fn
         self.dialect = dialect
+        # A dialect whose statuses differ from the errors' own tells its calls (for the
+        # inference log and metrics), bound once here: the others' calls carry nothing.
+        self.error_status = None if type(dialect).status is Dialect.status else dialect.status
         self.auth = auth
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
@@ -118,6 +125,8 @@ class Endpoint:
         dialect = self.dialect
         try:
             call = Call(request_id=rid, api=dialect.name, receive=receive)
+            if self.error_status is not None:
+                call.error_status = self.error_status
             if self.auth != "none":
                 call.principal = svc.auth.authenticate(scope["headers"], call, scope.get("server"))
                 if self.auth == "admin" and not call.principal.admin:

@@ -101,11 +101,13 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
         if m.role == "system":
             continue
         if m.role == "tool":
-            block = {
+            block: dict[str, Any] = {
                 "type": "tool_result",
                 "tool_use_id": m.tool_call_id or "",
                 "content": m.content,
             }
+            if m.is_error:
+                block["is_error"] = True
             if (
                 messages
                 and messages[-1]["role"] == "user"
