@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import tomllib
+import typing
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
-from stella.backends import ConfigError
+from stella.backends import BackendConfig, ConfigError, registry
+from stella.backends.http import HttpConfig
 from stella.settings import (
+    Settings,
+    decode_settings,
     enabled_backends,
     env_overrides,
     load_settings,
@@ -703,3 +712,275 @@ def test_a_default_alias_a_live_route_shares_with_a_disabled_one_is_the_live_one
     kinds = registry()
     backends = {n: build_backend(n, t, kinds) for n, t in enabled_backends(settings).items()}
     assert Router(settings, backends).resolve(None).name == "mine"
+
+
+# The configuration's documentation against the code: every key a user can set (the
+# Settings structs, and each built-in kind's Config for [backends.NAME]) is in
+# conf/stella.toml, set or in a commented-out line, and in README's tables, with the
+# code's default; and neither names a key the code lacks. An entry of a dict-valued
+# table (models.routes, auth.keys, limits.models, backends) is documented once for
+# every entry: README writes its keys under the placeholder NAME, conf/stella.toml
+# shows them in an entry of any name (a shipped route or backend, or a commented one).
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf" / "stella.toml"
+
+
+class _Marker:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+REQUIRED = _Marker("(required)")  # the default of a key that has none
+MISSING = _Marker("(none)")
+# `enabled` is read by settings.py (enabled_backends), not by a kind's Config.
+BACKEND_ENABLED_DEFAULT = True
+# An entry's own things, which conf/stella.toml shows as examples (README gives the
+# default): a route's upstream model and other names, a backend's server.
+EXAMPLE_VALUES = frozenset(
+    {"models.routes.NAME.upstream_model", "models.routes.NAME.aliases", "backends.NAME.base_url"}
+)
+# A commented-out table header or key of conf/stella.toml, at the start of a line.
+_COMMENTED = re.compile(r"# (\[[\w.-]+\].*|[\w-]+ = .*)")
+# One key of README's backend defaults table: `name = value`, or `name` required.
+_KIND_ITEM = re.compile(r"`(\w+)(?: = ([^`]*))?`( required)?")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as configuration values: 25 is 25.0, true is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return bool(a == b)
+
+
+def _literal(text: str) -> Any:
+    """A TOML literal (`8000`, `""`, `["*"]`), else the text itself (`127.0.0.1`)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _unannotated(type_: Any) -> Any:
+    return typing.get_args(type_)[0] if typing.get_origin(type_) is typing.Annotated else type_
+
+
+def _is_struct(type_: Any) -> bool:
+    return isinstance(type_, type) and issubclass(type_, msgspec.Struct)
+
+
+def _entry_struct(type_: Any) -> Any:
+    """The struct of each entry of a dict-valued table (dict[str, RouteSettings]), or None."""
+    if typing.get_origin(type_) is dict and _is_struct(typing.get_args(type_)[1]):
+        return typing.get_args(type_)[1]
+    return None
+
+
+def _default(field: msgspec.structs.FieldInfo) -> Any:
+    if field.default is not msgspec.NODEFAULT:
+        return msgspec.to_builtins(field.default)
+    if field.default_factory is not msgspec.NODEFAULT:
+        return msgspec.to_builtins(field.default_factory())
+    return REQUIRED
+
+
+def setting_defaults() -> dict[str, Any]:
+    """Every key of the Settings structs, dotted, with its default; [backends.NAME] as far
+    as settings.py reads it (kind, enabled): each kind's Config decodes the rest."""
+    out: dict[str, Any] = {}
+
+    def walk(struct: Any, prefix: str) -> None:
+        for field in msgspec.structs.fields(struct):
+            key, type_ = prefix + field.encode_name, _unannotated(field.type)
+            if key == "backends":
+                for base in msgspec.structs.fields(BackendConfig):
+                    out[f"backends.NAME.{base.encode_name}"] = _default(base)
+                out["backends.NAME.enabled"] = BACKEND_ENABLED_DEFAULT
+            elif _is_struct(type_):
+                walk(type_, key + ".")
+            elif (entry := _entry_struct(type_)) is not None:
+                walk(entry, key + ".NAME.")
+            else:
+                out[key] = _default(field)
+
+    walk(Settings, "")
+    return out
+
+
+def kind_configs() -> dict[str, Any]:
+    """The built-in backend kinds' Config structs (a plugin documents its own)."""
+    return {k: ep.load().Config for k, ep in registry().items() if ep.value.startswith("stella.")}
+
+
+def kind_defaults(config: Any) -> dict[str, Any]:
+    """A backend Config's own keys (BackendConfig's kind aside) with their defaults."""
+    base = {f.encode_name for f in msgspec.structs.fields(BackendConfig)}
+    fields = msgspec.structs.fields(config)
+    return {f.encode_name: _default(f) for f in fields if f.encode_name not in base}
+
+
+def _owner(config: Any, key: str) -> Any:
+    """The most basic Config that `config` has `key` from, with the same default: a key
+    shown for any kind below it documents it for them all (the remote kinds' connection
+    keys are documented once)."""
+    default = kind_defaults(config)[key]
+    bases = [c for c in config.__mro__ if isinstance(c, type) and issubclass(c, BackendConfig)]
+    return [c for c in bases if _same(kind_defaults(c).get(key, MISSING), default)][-1]
+
+
+def _documents(shown_for: Any, config: Any, key: str) -> bool:
+    """Whether `key` shown for Config `shown_for` documents it for `config`."""
+    shown = kind_defaults(shown_for).get(key, MISSING)
+    return issubclass(shown_for, _owner(config, key)) and _same(shown, kind_defaults(config)[key])
+
+
+def kind_units(kinds: dict[str, Any]) -> dict[str, tuple[Any, str, Any]]:
+    """Each built-in kind's key to document, once per Config it comes from, by name in
+    problems: (a Config that has it, key, default)."""
+    out = {}
+    for kind, config in kinds.items():
+        for key, default in kind_defaults(config).items():
+            owner = _owner(config, key)
+            by = f"kind {kind}" if owner is config else f"every kind with {owner.__name__}'s"
+            out[f"backends.NAME.{key} ({by})"] = (config, key, default)
+    return out
+
+
+def toml_documented() -> dict[str, Any]:
+    """conf/stella.toml with its commented-out tables and keys uncommented."""
+    lines = CONF.read_text().splitlines()
+    return tomllib.loads("\n".join(m[1] if (m := _COMMENTED.fullmatch(s)) else s for s in lines))
+
+
+def shown_keys(
+    doc: dict[str, Any],
+) -> tuple[dict[str, list[Any]], dict[tuple[str, str], list[Any]]]:
+    """The keys a config dict shows, dotted as setting_defaults() has them, each with the
+    values it is shown with; and the kinds' own keys of its backends, by (kind, key)."""
+    keys: dict[str, list[Any]] = defaultdict(list)
+    kind_keys: dict[tuple[str, str], list[Any]] = defaultdict(list)
+
+    def walk(node: dict[str, Any], struct: Any, prefix: str) -> None:
+        types = {f.encode_name: _unannotated(f.type) for f in msgspec.structs.fields(struct)}
+        for name, value in node.items():
+            key, type_ = prefix + name, types.get(name)
+            if key == "backends":
+                for table in value.values():
+                    for k, v in table.items():
+                        if k in ("kind", "enabled"):
+                            keys[f"backends.NAME.{k}"].append(v)
+                        else:
+                            kind_keys[table.get("kind"), k].append(v)
+            elif _is_struct(type_) and isinstance(value, dict):
+                walk(value, type_, key + ".")
+            elif (entry := _entry_struct(type_)) is not None and isinstance(value, dict):
+                for table in value.values():
+                    walk(table, entry, key + ".NAME.")
+            else:
+                keys[key].append(value)
+
+    walk(doc, Settings, "")
+    return keys, kind_keys
+
+
+def readme_rows(anchor: str) -> list[list[str]]:
+    """The body rows of README's first table after the line `anchor`, as cells."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index(anchor)
+    first = next(i for i in range(start, len(lines)) if lines[i].startswith("|"))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return [[c.strip() for c in row.strip("|").split("|")] for row in lines[first + 2 : end]]
+
+
+def test_the_default_file_shows_every_key_with_its_default() -> None:
+    defaults, kinds = setting_defaults(), kind_configs()
+    keys, kind_keys = shown_keys(toml_documented())
+    problems = []
+    for key, default in defaults.items():
+        values = keys.get(key, [])
+        if not values:
+            problems.append(f"{key}: not in the file")
+        elif default is not REQUIRED and key not in EXAMPLE_VALUES:
+            # A key outside named tables is shown once; in one, by any entry.
+            if not any(_same(v, default) for v in values):
+                problems.append(f"{key}: shown as {values}; the code's default is {default!r}")
+    problems += [f"{key}: not a key of the code" for key in keys.keys() - defaults.keys()]
+    for where, (config, key, default) in kind_units(kinds).items():
+        values = [
+            v
+            for (kind, name), vs in kind_keys.items()
+            if name == key and kind in kinds and _documents(kinds[kind], config, key)
+            for v in vs
+        ]
+        if not values:
+            problems.append(f"{where}: not in the file")
+        elif default is not REQUIRED and f"backends.NAME.{key}" not in EXAMPLE_VALUES:
+            if not any(_same(v, default) for v in values):
+                problems.append(f"{where}: shown as {values}; the default is {default!r}")
+    for kind, key in kind_keys:
+        if kind not in kinds or key not in kind_defaults(kinds[kind]):
+            problems.append(f"backends.NAME.{key} (kind {kind}): not a key of the code")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_default_file_with_its_examples_uncommented_is_valid() -> None:
+    doc = toml_documented()
+    decode_settings(doc)
+    kinds = kind_configs()
+    for table in doc["backends"].values():
+        table = {k: v for k, v in table.items() if k != "enabled"}
+        msgspec.convert(table, kinds[table["kind"]], strict=False)
+
+
+def test_readme_configuration_table_has_every_key_with_its_default() -> None:
+    defaults, kinds = setting_defaults(), kind_configs()
+    shipped = tomllib.loads(CONF.read_text())["backends"]
+    problems, rows = [], {}
+    for key_cell, default_cell, *_ in readme_rows("## Configuration"):
+        if key_cell.endswith(" (env)"):
+            continue  # an environment variable, not a key
+        match = re.fullmatch(r"`([\w.-]+)`", key_cell)
+        assert match, f"README configuration row {key_cell!r}: not a `key`"
+        key = match[1]
+        value = _literal(default_cell.strip("`")) if default_cell else REQUIRED
+        parts = key.split(".")
+        if parts[0] == "backends" and parts[1] in shipped and len(parts) == 3:
+            # A shipped backend's key (backends.local.source): its kind's default.
+            default = kind_defaults(kinds[shipped[parts[1]]["kind"]]).get(parts[2], MISSING)
+        else:
+            rows[key] = value
+            default = defaults.get(key, MISSING)
+        if default is MISSING:
+            problems.append(f"{key}: not a key of the code")
+        elif not _same(value, default):
+            problems.append(f"{key}: README says {value!r}; the code's default is {default!r}")
+    problems += [f"{key}: not in README" for key in defaults.keys() - rows.keys()]
+    assert not problems, "\n".join(problems)
+
+
+def test_readme_backend_defaults_have_every_kinds_keys() -> None:
+    kinds = kind_configs()
+    problems, rows = [], {}
+    for label, cell, *_ in readme_rows("Backend defaults (each a key of `[backends.NAME]`):"):
+        config = HttpConfig if label == "every remote kind" else kinds.get(label.strip("`"))
+        if config is None:
+            problems.append(f"README backend defaults: {label} is not a kind")
+            continue
+        rows[config] = {}
+        for name, value, required in _KIND_ITEM.findall(cell):
+            shown = REQUIRED if required else _literal(value) if value else MISSING
+            default = kind_defaults(config).get(name, MISSING)
+            rows[config][name] = shown
+            if default is MISSING:
+                problems.append(f"{label}: {name} is not a key of the code")
+            elif not _same(shown, default):
+                problems.append(
+                    f"{label}: README says {name} = {shown!r}; the default is {default!r}"
+                )
+    for where, (config, key, _) in kind_units(kinds).items():
+        if not any(key in shown and _documents(c, config, key) for c, shown in rows.items()):
+            problems.append(f"{where}: not in README")
+    assert not problems, "\n".join(problems)
