@@ -96,6 +96,15 @@ def test_echo_knobs_are_checked(key: str, value: object) -> None:
         build_backend("e", {"kind": "echo", key: value}, registry())
 
 
+@pytest.mark.parametrize("value", [0, -5])
+def test_anthropic_default_max_tokens_must_be_positive(value: int) -> None:
+    # The Messages API refuses max_tokens below 1: said at start-up, not on every call.
+    from stella.backends import ConfigError, build_backend, registry
+
+    with pytest.raises(ConfigError, match=r"backends\.a\.max_tokens: "):
+        build_backend("a", {"kind": "anthropic", "max_tokens": value}, registry())
+
+
 def test_every_echo_error_code_is_a_failure_it_can_raise() -> None:
     import typing
 

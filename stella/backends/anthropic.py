@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
 import msgspec
@@ -34,7 +34,8 @@ class AnthropicConfig(HttpConfig, kw_only=True):
 
     base_url: str = "https://api.anthropic.com"
     anthropic_version: str = "2023-06-01"
-    max_tokens: int = 1024  # the API requires one; used when a request sets none
+    # The API requires one (1 or more); used when a request sets none.
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 1024
 
 
 class _Block(msgspec.Struct):
