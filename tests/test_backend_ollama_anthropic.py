@@ -176,6 +176,15 @@ async def test_anthropic_tools(anthropic_url: tuple[FakeAnthropic, str]) -> None
         tool_choice="required",
     )
     assert fake.requests[-1]["tool_choice"] == {"type": "any"}  # Anthropic's word for it
+    # A compatible server may give a tool's input whole in content_block_start.
+    events = await run(
+        claude(anthropic_url[1]),
+        "claude-tools-whole",
+        tools=[Tool(function=FunctionSpec(name="get_weather"))],
+    )
+    assert events[0] == ToolCall(
+        index=0, id="toolu_1", name="get_weather", arguments={"location": "Paris"}
+    )
 
 
 @pytest.mark.parametrize(

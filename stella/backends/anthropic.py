@@ -212,7 +212,7 @@ class AnthropicBackend(HttpBackend):
         try:
             async with self.answer(self.base_url + "/v1/messages", body, ctx.request_id) as r:
                 usage = _Usage()
-                tools: dict[int, list[str]] = {}  # index -> [id, name, json]
+                tools: dict[int, list[Any]] = {}  # index -> [id, name, json, input at start]
                 stop: str | None = None
                 calls = 0
                 async for line in iter_lines(r, name):
@@ -232,12 +232,15 @@ class AnthropicBackend(HttpBackend):
                         elif ev.delta.type == "input_json_delta" and ev.index in tools:
                             tools[ev.index][2] += ev.delta.partial_json
                     elif kind == "content_block_start" and ev.content_block is not None:
-                        if ev.content_block.type == "tool_use":
-                            tools[ev.index] = [ev.content_block.id, ev.content_block.name, ""]
+                        block = ev.content_block
+                        if block.type == "tool_use":
+                            tools[ev.index] = [block.id, block.name, "", block.input]
                     elif kind == "content_block_stop" and ev.index in tools:
-                        call_id, tool, raw = tools.pop(ev.index)
+                        call_id, tool, raw, given = tools.pop(ev.index)
                         try:
-                            args = _any.decode(raw) if raw.strip() else {}
+                            # Anthropic starts a tool_use with `input: {}` and streams it
+                            # as deltas; a compatible server may give it whole at the start.
+                            args = _any.decode(raw) if raw.strip() else given or {}
                         except (msgspec.DecodeError, RecursionError):
                             args = {"_raw": raw}
                         yield ToolCall(

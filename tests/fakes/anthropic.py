@@ -1,6 +1,7 @@
 """A fake Anthropic Messages API following its docs (SSE event sequence, error shapes).
 
-The model name picks the behaviour: `claude-ok`, `claude-tools`, `claude-429`
+The model name picks the behaviour: `claude-ok`, `claude-tools` (`-whole`: its input
+at the start, no deltas), `claude-429`
 (rate limit with retry-after), `claude-529` (overloaded), `claude-error-mid`
 (an `error` event after a text delta), `claude-malformed`. Requests without the
 right x-api-key get 401, without `max_tokens` 400; `"stream": true` gets the event
@@ -135,7 +136,9 @@ class FakeAnthropic:
         )
         yield event("ping", {"type": "ping"})
         sequence: str | None = None
-        if model == "claude-tools":
+        if model in ("claude-tools", "claude-tools-whole"):
+            # claude-tools-whole: a compatible server giving the input whole at the start.
+            whole = model == "claude-tools-whole"
             yield event(
                 "content_block_start",
                 {
@@ -145,11 +148,11 @@ class FakeAnthropic:
                         "type": "tool_use",
                         "id": "toolu_1",
                         "name": "get_weather",
-                        "input": {},
+                        "input": {"location": "Paris"} if whole else {},
                     },
                 },
             )
-            for part in ('{"loc', 'ation": "Par', 'is"}'):
+            for part in () if whole else ('{"loc', 'ation": "Par', 'is"}'):
                 yield event(
                     "content_block_delta",
                     {
