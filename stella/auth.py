@@ -36,9 +36,12 @@ class Authenticator:
         self.keys: dict[str, Principal] = {}
         self._names: set[str] = set()
         for name, k in settings.auth.keys.items():
-            if not _KEY_NAME.fullmatch(name):
-                # Names go into logs, usage rows and Redis fields ("name|model|count").
-                raise ConfigError(f"auth.keys.{name!r}: not a key name ({_NAME_RULE})")
+            if not name or "|" in name or not name.isprintable():
+                # Names go into log lines and Redis usage fields ("name|model|count").
+                raise ConfigError(
+                    f"auth.keys.{name!r}: a key name may not be empty or hold '|' "
+                    "or control characters"
+                )
             digest = k.sha256.strip().lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ConfigError(f"auth.keys.{name}.sha256: not a SHA-256 hex digest")
@@ -149,7 +152,6 @@ class Authenticator:
 # A key shorter than this is refused at start-up: guessable, or a mistake.
 MIN_KEY_LENGTH = 12
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
-_NAME_RULE = "up to 64 letters, digits, '_', '.', '@', '-'"
 
 
 def env_keys(raw: str, source: str = "STELLA_API_KEYS") -> list[tuple[str, str]]:
@@ -170,7 +172,7 @@ def env_keys(raw: str, source: str = "STELLA_API_KEYS") -> list[tuple[str, str]]
             # Not quoted: it may be part of a key.
             raise ConfigError(
                 f"{source}: entry {i + 1} is not name=key: what comes before its '=' is not "
-                f"a name ({_NAME_RULE})"
+                "a name (up to 64 letters, digits, '_', '.', '@', '-')"
             )
         if len(key) < MIN_KEY_LENGTH:
             raise ConfigError(

@@ -133,3 +133,61 @@ def test_echo_cuts_at_a_stop_even_inside_a_word(
     from stella.backends.echo import _WORDS, _pieces
 
     assert _pieces(_WORDS.findall(text), limit, stops) == (pieces, finish, stop)
+
+
+def test_tool_results_are_linked_to_their_calls() -> None:
+    from stella.backends.base import linked_tool_calls
+    from stella.protocol import FunctionCall, Message, ToolCallRef
+
+    def call(name: str, id: str = "") -> ToolCallRef:
+        return ToolCallRef(id=id, function=FunctionCall(name=name, arguments={}))
+
+    def links(messages: list[Message]) -> list[tuple[str, str | None]]:
+        out = []
+        for m in linked_tool_calls(messages):
+            if m.tool_calls:
+                out += [("call", c.id) for c in m.tool_calls]
+            elif m.role == "tool":
+                out.append((m.content, m.tool_call_id))
+        return out
+
+    user = Message(role="user", content="q")
+    # Partly linked: a result naming its call keeps it, one without takes the call left.
+    partial = [
+        user,
+        Message(role="assistant", tool_calls=[call("w", "id_a"), call("w", "id_b")]),
+        Message(role="tool", content="res B"),
+        Message(role="tool", content="res A", tool_call_id="id_a"),
+    ]
+    assert links(partial) == [
+        ("call", "id_a"),
+        ("call", "id_b"),
+        ("res B", "id_b"),
+        ("res A", "id_a"),
+    ]
+    # Ollama's way: no ids; results by tool name (in any order), else in order; turn by turn.
+    ollama = [
+        user,
+        Message(role="assistant", tool_calls=[call("w"), call("t"), call("w")]),
+        Message(role="tool", content="t1", name="t"),
+        Message(role="tool", content="w1", name="w"),
+        Message(role="tool", content="w2"),
+        Message(role="assistant", content="and?"),
+        user,
+        Message(role="assistant", tool_calls=[call("w")]),
+        Message(role="tool", content="w3", name="w"),
+    ]
+    assert links(ollama) == [
+        ("call", "call_1_0"),
+        ("call", "call_1_1"),
+        ("call", "call_1_2"),
+        ("t1", "call_1_1"),
+        ("w1", "call_1_0"),
+        ("w2", "call_1_2"),
+        ("call", "call_7_0"),
+        ("w3", "call_7_0"),
+    ]
+    # Linked already: the very list comes back.
+    linked = [user, Message(role="assistant", tool_calls=[call("w", "x")])]
+    linked.append(Message(role="tool", content="r", tool_call_id="x"))
+    assert linked_tool_calls(linked) is linked

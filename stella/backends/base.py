@@ -81,7 +81,7 @@ def linked_tool_calls(messages: list[Message]) -> list[Message]:
     ):
         return messages  # the usual case: linked already
     out = []
-    open_calls: list[tuple[str, str]] = []  # (id, tool name) not answered yet
+    open_calls: list[tuple[str, str]] = []  # (id, tool name) no result answers yet
     for i, m in enumerate(messages):
         if m.tool_calls:
             calls = [
@@ -89,14 +89,17 @@ def linked_tool_calls(messages: list[Message]) -> list[Message]:
                 for j, c in enumerate(m.tool_calls)
             ]
             m = msgspec.structs.replace(m, tool_calls=calls)
-            open_calls = [(c.id, c.function.name) for c in calls]
-        elif m.role == "tool":
-            answered = next((c for c in open_calls if c[0] == m.tool_call_id), None)
-            if answered is None and not m.tool_call_id and open_calls:
-                answered = next((c for c in open_calls if c[1] == m.name), open_calls[0])
-                m = msgspec.structs.replace(m, tool_call_id=answered[0])
-            if answered is not None:
-                open_calls.remove(answered)
+            # A call a later result names by id is that result's, whatever comes first.
+            named = set()
+            for later in messages[i + 1 :]:
+                if later.role != "tool":
+                    break
+                named.add(later.tool_call_id)
+            open_calls = [(c.id, c.function.name) for c in calls if c.id not in named]
+        elif m.role == "tool" and not m.tool_call_id and open_calls:
+            answered = next((c for c in open_calls if c[1] == m.name), open_calls[0])
+            open_calls.remove(answered)
+            m = msgspec.structs.replace(m, tool_call_id=answered[0])
         out.append(m)
     return out
 
