@@ -265,7 +265,7 @@ def test_a_failed_tool_call_reaches_anthropic_as_one(
     anthropic_url: tuple[FakeAnthropic, str],
 ) -> None:
     # The Anthropic dialect's is_error crosses the pipeline to the Anthropic backend,
-    # which sends it on; the text says so too (other backends' models read only that).
+    # which sends it on with the text as written (other backends' models read it marked).
     config = {
         "backends": {
             "claude": {"kind": "anthropic", "base_url": anthropic_url[1], "api_key_env": "CK"}
@@ -300,7 +300,7 @@ def test_a_failed_tool_call_reaches_anthropic_as_one(
         {
             "type": "tool_result",
             "tool_use_id": "toolu_1",
-            "content": "Error: no such city",
+            "content": "no such city",
             "is_error": True,
         },
         {"type": "tool_result", "tool_use_id": "toolu_2", "content": "cold"},

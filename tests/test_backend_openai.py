@@ -406,3 +406,23 @@ def test_a_whole_answer_that_never_comes_within_the_total_limit_opens_the_circui
             assert r.status_code == 504, r.text
         r = httpx.post(server.url + "/api/v1/chat", json=body)
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+
+
+def test_a_failed_tool_result_reads_as_one_where_the_api_has_no_flag() -> None:
+    # OpenAI's and Ollama's APIs have no field for a failed call: the text says it.
+    from stella.backends.ollama import request_body as ollama_body
+    from stella.backends.openai import request_body
+
+    def tool(content: str, failed: bool) -> ChatRequest:
+        return ChatRequest(
+            messages=[Message(role="tool", content=content, tool_call_id="c1", is_error=failed)]
+        )
+
+    for content, failed, read in (
+        ("no such city", True, "Error: no such city"),
+        ("error 404", True, "error 404"),
+        ("", True, "Error"),
+        ("cold", False, "cold"),
+    ):
+        assert request_body(tool(content, failed), False, False)["messages"][0]["content"] == read
+        assert ollama_body(tool(content, failed), "")["messages"][0]["content"] == read

@@ -181,16 +181,13 @@ def _text(content: str | list[Block] | None, path: str) -> str:
 
 
 def _tool_result(b: Block, path: str) -> Message:
-    """A tool_result block as a tool message.
-
-    Its is_error is kept on the message for a backend that can send it on (Anthropic's),
-    and said in the text for every other: the message's content is all a model behind
-    OpenAI's, Ollama's or the in-process engine's API reads, and without it a failed
-    call would read as a result."""
-    text = _text(b.content, path)
-    if b.is_error and text.lstrip()[:5].lower() != "error":
-        text = f"Error: {text}" if text else "Error"
-    return Message(role="tool", content=text, tool_call_id=b.tool_use_id, is_error=b.is_error)
+    """A tool_result block as a tool message, its is_error kept (see backends' content_of)."""
+    return Message(
+        role="tool",
+        content=_text(b.content, path),
+        tool_call_id=b.tool_use_id,
+        is_error=b.is_error,
+    )
 
 
 def to_chat(req: MessagesRequest) -> ChatRequest:

@@ -104,6 +104,19 @@ def linked_tool_calls(messages: list[Message]) -> list[Message]:
     return out
 
 
+def content_of(m: Message) -> str:
+    """A message's text as a model reads it: a failed tool call's result says so.
+
+    For an API with no field for it (OpenAI's, Ollama's, a chat template): without
+    a word, the model would read the error as the tool's result. Anthropic's backend
+    sends the flag instead, and the text as the client wrote it.
+    """
+    if not m.is_error:
+        return m.content
+    text = m.content
+    return text if text.lstrip()[:5].lower() == "error" else f"Error: {text}" if text else "Error"
+
+
 @dataclass(slots=True)
 class BackendHealth:
     """Result of `Backend.health()`: never spends tokens."""

@@ -15,7 +15,14 @@ from typing import Annotated, Literal
 
 from msgspec import Meta
 
-from stella.backends.base import Backend, BackendConfig, BackendEvent, CallContext, first_stop
+from stella.backends.base import (
+    Backend,
+    BackendConfig,
+    BackendEvent,
+    CallContext,
+    content_of,
+    first_stop,
+)
 from stella.errors import Overloaded, StellaError, Unavailable, UpstreamError, UpstreamTimeout
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
 
@@ -138,7 +145,7 @@ class EchoBackend(Backend):
 def _last_text(request: ChatRequest) -> str:
     for message in reversed(request.messages):
         if message.role in ("user", "tool"):
-            return message.content
+            return content_of(message)  # as a model reads it (a failed call says so)
     return ""
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from stella.backends.base import BackendEvent, BackendHealth, CallContext
+from stella.backends.base import BackendEvent, BackendHealth, CallContext, content_of
 from stella.backends.http import (
     BAD_JSON,
     HttpBackend,
@@ -67,7 +67,7 @@ def request_body(request: ChatRequest, keep_alive: str) -> dict[str, Any]:
     """Ollama's /api/chat body for a ChatRequest."""
     messages = []
     for m in request.messages:
-        msg: dict[str, Any] = {"role": m.role, "content": m.content}
+        msg: dict[str, Any] = {"role": m.role, "content": content_of(m)}
         if m.tool_calls:
             msg["tool_calls"] = [
                 {"function": {"name": c.function.name, "arguments": c.function.arguments}}

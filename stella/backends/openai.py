@@ -8,7 +8,13 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from stella.backends.base import BackendEvent, BackendHealth, CallContext, linked_tool_calls
+from stella.backends.base import (
+    BackendEvent,
+    BackendHealth,
+    CallContext,
+    content_of,
+    linked_tool_calls,
+)
 from stella.backends.http import (
     BAD_JSON,
     HttpBackend,
@@ -90,7 +96,7 @@ def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict
     """The chat completions body for a ChatRequest."""
     messages: list[dict[str, Any]] = []
     for m in linked_tool_calls(request.messages):
-        msg: dict[str, Any] = {"role": m.role, "content": m.content}
+        msg: dict[str, Any] = {"role": m.role, "content": content_of(m)}
         if m.name:
             msg["name"] = m.name
         if m.tool_calls:

@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 
+from stella.backends.base import content_of
 from stella.backends.mlx.worker import GenerationJob
 from stella.errors import ContextTooLong
 from stella.protocol import Message, Tool
@@ -41,7 +42,7 @@ class LoadedModel:
         """Token ids of the conversation with the assistant's turn opened."""
         msgs: list[dict[str, Any]] = []
         for m in messages:
-            d: dict[str, Any] = {"role": m.role, "content": m.content}
+            d: dict[str, Any] = {"role": m.role, "content": content_of(m)}
             if m.tool_calls:
                 d["tool_calls"] = [
                     {
