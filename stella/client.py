@@ -31,6 +31,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 # What an HTTP header value may hold (visible ASCII and inner spaces).
 _HEADER_SAFE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # the scheme of a URL as typed
+_SLASH_SHORT = re.compile(r"https?:/?(?!/)", re.IGNORECASE)  # "http:/host", "https:host"
 _event = msgspec.json.Decoder(StreamEvent)
 _response = msgspec.json.Decoder(ChatResponse)
 _models = msgspec.json.Decoder(ModelList)
@@ -405,10 +406,11 @@ def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, s
         why = "percent-encode the user and password" if "@" in url else str(exc)
     else:
         # httpx takes any scheme and an empty host: the request would fail later as a
-        # network error, or go to a host read out of a scheme.
+        # network error, or go to a host read out of a scheme ("http:/host", a slash
+        # short, would name the host "http").
         why = (
             "the scheme must be http:// or https://"
-            if parsed.scheme not in ("http", "https")
+            if parsed.scheme not in ("http", "https") or _SLASH_SHORT.match(typed)
             else ("it names no host" if not parsed.host else "")
         )
     if why:

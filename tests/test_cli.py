@@ -275,3 +275,14 @@ def test_a_url_the_client_cannot_use_is_a_usage_error_shown_as_typed(url: str, l
         assert out.returncode == 2, out.stderr
         assert out.stderr.startswith(f"stella: invalid_url: {line}"), out.stderr
         assert out.stderr.count("\n") == 1 and "hunter2" not in out.stderr
+
+
+def test_chat_with_stdin_closed_has_nothing_to_send() -> None:
+    # Python gives a process started with fd 0 closed sys.stdin = None.
+    out = subprocess.run(
+        ["sh", "-c", f'exec "{sys.executable}" -m stella chat --url http://127.0.0.1:9 <&-'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and out.stderr == "stella: nothing to send\n", out.stderr

@@ -465,6 +465,9 @@ def test_an_option_json_cannot_carry_is_invalid_request(value: float) -> None:
         "http:///api",
         "ftp://127.0.0.1:9",
         "ws://127.0.0.1:9",
+        # A slash short: a host named "http" (a DNS lookup, then a network error).
+        "http:/127.0.0.1:9",
+        "HTTPS:/127.0.0.1:9",
     ],
 )
 def test_a_malformed_url_is_an_invalid_url_error(url: str) -> None:

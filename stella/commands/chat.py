@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.prompt is not None:
         prompt = args.prompt
+    elif sys.stdin is None:  # started with stdin closed: nothing can come
+        prompt = ""
     else:
         typing = sys.stdin.isatty()
         if typing:
