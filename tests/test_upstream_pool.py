@@ -331,3 +331,52 @@ async def test_health_of_a_refused_port_says_cannot_connect() -> None:
         health = await backend.health()
         assert not health.ok
         assert health.detail == "cannot connect (ConnectionRefusedError)"
+
+
+async def bad_chunk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers with a good chunk, then, in a later read, one whose size is not hex; closes."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        path = lines[0].split()[1]
+        length = next(
+            int(v)
+            for k, _, v in (x.partition(":") for x in lines[1:])
+            if k.lower() == "content-length"
+        )
+        if json.loads(await reader.readexactly(length)).get("stream"):
+            events = STREAMS[path][0]
+            end = events.index(b"\n", events.index(b"hello")) + 1
+            good = events[: end + 1 if events[end : end + 1] == b"\n" else end]  # one event
+        else:
+            good = BODIES[path][: len(BODIES[path]) // 2]  # half a JSON answer
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + f"{len(good):x}\r\n".encode() + good + b"\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the client has the first chunk: the bad one comes apart
+        writer.write(b"zz\r\nxxxx\r\n")
+        await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "stream"), [("openai", True), ("openai", False), ("ollama", True), ("anthropic", True)]
+)
+async def test_a_malformed_chunk_after_a_good_one_fails_the_answer(kind: str, stream: bool) -> None:
+    # aiohttp's parser fails the connection, not the body being read on it: without the
+    # body being told, the read waits past any limit of the backend's own.
+    req = ChatRequest(messages=[Message(role="user", content="hi")], model="m", stream=stream)
+    events: list[Any] = []
+    async with serving(bad_chunk) as url, started(kind, url) as backend:
+        with pytest.raises(StellaError) as info:
+            async with asyncio.timeout(10):  # a hang fails the test rather than holding it
+                async for event in backend.chat(req, CallContext(request_id="req-pool")):
+                    events.append(event)
+    assert info.value.code == "upstream_error", info.value
+    assert "ClientPayloadError" in info.value.message
+    assert [type(e) for e in events] == ([Delta] if stream else [])

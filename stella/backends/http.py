@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import os
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ import aiohttp
 import httpx
 import msgspec
 import structlog
+from aiohttp.client_proto import ResponseHandler
 from httpx_aiohttp import AiohttpTransport
 from msgspec import Meta
 
@@ -70,8 +72,35 @@ HTML_SCAN = 64 * 1024
 _connected_at: ContextVar[float] = ContextVar("stella_connected_at", default=0.0)
 
 
+class _Handler(ResponseHandler):
+    """A connection's protocol whose failure reaches the body being read on it.
+
+    aiohttp (3.14, its C parser) puts a parse error met inside a body (a malformed
+    chunk after good ones) on the connection only, closes it and stops its read timer:
+    the body already handed out gets neither data, an end, nor the error, and a read
+    of it waits for good. Every failure of the connection goes through this method
+    (parse error, connection lost, read timeout); the body is told here, once, when it
+    happens, so that reads cost nothing more.
+    """
+
+    def set_exception(self, exc: BaseException, *args: Any) -> None:
+        """Fail the connection, and the body it is reading (unless it ended or failed)."""
+        payload = self._payload
+        super().set_exception(exc, *args)
+        if payload is not None and not payload.is_eof() and payload.exception() is None:
+            if not isinstance(exc, aiohttp.ClientError):  # a parser's HttpProcessingError
+                cause = exc
+                exc = aiohttp.ClientPayloadError(f"Response payload is not completed: {exc!r}")
+                exc.__cause__ = cause
+            payload.set_exception(exc)
+
+
 class _Connector(aiohttp.TCPConnector):
     """The pool, noting when each request got its connection."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._factory = functools.partial(_Handler, loop=self._loop)
 
     async def connect(self, *args: Any, **kwargs: Any) -> aiohttp.connector.Connection:
         """A connection from the pool (or a new one), the moment noted."""
