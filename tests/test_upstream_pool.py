@@ -23,7 +23,7 @@ from stella.backends.anthropic import AnthropicBackend, AnthropicConfig
 from stella.backends.http import HttpBackend
 from stella.backends.ollama import OllamaBackend, OllamaConfig
 from stella.backends.openai import OpenAIBackend, OpenAIConfig
-from stella.errors import StellaError
+from stella.errors import StellaError, UpstreamStatus
 from stella.protocol import ChatRequest, Delta, Done, Message
 
 ANSWERS: dict[str, dict[str, Any]] = {
@@ -380,3 +380,63 @@ async def test_a_malformed_chunk_after_a_good_one_fails_the_answer(kind: str, st
     assert info.value.code == "upstream_error", info.value
     assert "ClientPayloadError" in info.value.message
     assert [type(e) for e in events] == ([Delta] if stream else [])
+
+
+class ErrorBody:
+    """Answers with an error status and a long HTML body (chunked, or with its length),
+    counting the bytes it managed to write before the connection was closed on it."""
+
+    def __init__(self, status: int, size: int, chunked: bool) -> None:
+        self.status, self.size, self.chunked = status, size, chunked
+        self.sent = 0
+        self.done = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            framing = (
+                "transfer-encoding: chunked" if self.chunked else f"content-length: {self.size}"
+            )
+            writer.write(
+                f"HTTP/1.1 {self.status} Oops\r\ncontent-type: text/html\r\n"
+                f"retry-after: 7\r\n{framing}\r\n\r\n".encode()
+            )
+            page = b"<html><body><p>upstream broke</p>"
+            piece = 64 * 1024
+            while self.sent < self.size:
+                data = (page if not self.sent else b"") + b"x" * piece
+                data = data[: min(piece, self.size - self.sent)]
+                writer.write(
+                    f"{len(data):x}\r\n".encode() + data + b"\r\n" if self.chunked else data
+                )
+                await writer.drain()
+                self.sent += len(data)
+            if self.chunked:
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self.done.set()
+
+
+@pytest.mark.parametrize(("status", "chunked"), [(500, True), (400, False), (429, True)])
+async def test_an_error_answer_is_read_no_further_than_its_words(
+    monkeypatch: pytest.MonkeyPatch, status: int, chunked: bool
+) -> None:
+    # Only the start of an error body is read, then its connection closed: a long one
+    # costs no memory, and one longer than MAX_BODY still tells its status (a 400 is no
+    # retryable upstream_error) and its Retry-After.
+    monkeypatch.setattr(http, "MAX_BODY", 4 * 1024 * 1024)
+    upstream = ErrorBody(status, size=32 * 1024 * 1024, chunked=chunked)
+    async with serving(upstream.handle) as url, started("openai", url) as backend:
+        with pytest.raises(UpstreamStatus) as info:
+            await ask(backend)
+        async with asyncio.timeout(10):
+            await upstream.done.wait()
+    err = info.value
+    assert err.upstream_status == status and "upstream broke" in err.message, err
+    codes = {500: "upstream_error", 400: "upstream_rejected", 429: "upstream_rate_limited"}
+    assert err.code == codes[status] and err.retry_after_hint == 7
+    assert upstream.sent < upstream.size  # the rest was never asked for: closed under it

@@ -62,8 +62,10 @@ class _ErrorBody(msgspec.Struct):
 _error_body = msgspec.json.Decoder(_ErrorBody)
 # An upstream's error message as the client and the log get it: at most this long.
 MAX_MESSAGE = 500
-# How much of a non-JSON error body is read for its words (an HTML page's styles and
-# scripts come first and are dropped whole).
+# How much of an error body is read: an API's JSON error fits; of a non-JSON one its
+# words are taken (an HTML page's styles and scripts come first and are dropped whole).
+# The rest is never read (its connection is closed): an upstream's error page, however
+# long, costs no memory and does not hide its status.
 HTML_SCAN = 64 * 1024
 
 
@@ -297,10 +299,7 @@ class Answer:
         try:
             r = self.response = await b.post(self.url, self.body, self.headers)
             if r.status >= 300:
-                try:
-                    text = await read_body(r, b.name)
-                finally:
-                    r.release()  # read whole: the connection goes back to the pool
+                text = await error_head(r)
                 raise error_from_response(b.name, r.status, r.headers, text)
         except BaseException:
             b.using -= 1
@@ -332,6 +331,30 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
         pass
     finally:
         response.release()
+
+
+async def error_head(response: aiohttp.ClientResponse) -> bytes:
+    """The start of an error answer's body: what error_from_response reads of it (at
+    most HTML_SCAN bytes, within ERROR_READ_S). Its connection goes back to the pool when
+    that was the whole body, else it is closed; a body cut or slow leaves what came."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(ERROR_READ_S):
+            while size < HTML_SCAN:
+                chunk = await response.content.read(HTML_SCAN - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+    except (aiohttp.ClientError, TimeoutError):
+        pass  # the status is the answer; its words are a courtesy
+    finally:
+        if response.content.at_eof():
+            response.release()
+        else:
+            response.close()  # never a connection with a body half read back to the pool
+    return b"".join(chunks)
 
 
 def page_words(html: str) -> str:
@@ -434,6 +457,8 @@ STALE_S = 0.5
 # so is one whose connection a caller waiting for the pool needs.
 DRAIN_S = 1.0
 DRAIN_BYTES = 64 * 1024
+# An error answer's words are read for at most this long: its status is told either way.
+ERROR_READ_S = 1.0
 
 
 class LineBuffer:
