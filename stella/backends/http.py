@@ -69,9 +69,11 @@ MAX_MESSAGE = 500
 HTML_SCAN = 64 * 1024
 
 
-# When this task's last request got its connection from the pool (time.perf_counter()):
-# a wait for a free connection is not time the upstream had the request.
-_connected_at: ContextVar[float] = ContextVar("stella_connected_at", default=0.0)
+# When this task's last request got its connection from the pool (time.perf_counter():
+# a wait for a free connection is not time the upstream had the request), and whether
+# that connection had served a request before (kept alive: the upstream may have closed
+# it meanwhile) or was new.
+_connected: ContextVar[tuple[float, bool]] = ContextVar("stella_connected", default=(0.0, False))
 
 
 class _Handler(ResponseHandler):
@@ -96,6 +98,9 @@ class _Handler(ResponseHandler):
                 exc.__cause__ = cause
             payload.set_exception(exc)
 
+    # Whether a request was given this connection already (set by _Connector.connect).
+    used = False
+
 
 class _Connector(aiohttp.TCPConnector):
     """The pool, noting when each request got its connection."""
@@ -105,9 +110,13 @@ class _Connector(aiohttp.TCPConnector):
         self._factory = functools.partial(_Handler, loop=self._loop)
 
     async def connect(self, *args: Any, **kwargs: Any) -> aiohttp.connector.Connection:
-        """A connection from the pool (or a new one), the moment noted."""
+        """A connection from the pool (or a new one), the moment and its reuse noted."""
         conn = await super().connect(*args, **kwargs)
-        _connected_at.set(time.perf_counter())
+        proto = conn.protocol
+        reused = proto.used if isinstance(proto, _Handler) else False
+        if isinstance(proto, _Handler):
+            proto.used = True
+        _connected.set((time.perf_counter(), reused))
         return conn
 
 
@@ -215,16 +224,19 @@ class HttpBackend(Backend):
             raise UpstreamError(f"{self.name}: malformed answer to GET {path}") from None
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
-        """POST `body` on the pool; a connection the upstream closed under it is replaced once.
+        """POST `body` on the pool; a kept-alive connection the upstream closed under it is
+        replaced once.
 
         A server may close a kept-alive connection whenever it likes (its keep-alive
         timeout, a restart, after an error it did not announce); a request written to
         it just then fails at once, before any answer. aiohttp sends such a request
         again on a new connection only for idempotent methods (RFC 9112, 9.3.1). A
-        chat request is sent again too when it failed that fast (within STALE_S): the
-        upstream cannot have worked on it. A failure after longer (an upstream that
-        worked, then dropped the connection) goes to the route's retries and
-        fallbacks, which count and log every attempt; so does a refused connection.
+        chat request is sent again too when it failed that fast (within STALE_S) on a
+        connection reused from the pool: the upstream cannot have worked on it. A
+        failure on a new connection (the upstream read the request and dropped it
+        itself), or after longer (an upstream that worked, then dropped the
+        connection), goes to the route's retries and fallbacks, which count and log
+        every attempt; so does a refused connection.
         """
         asked = time.perf_counter()
         try:
@@ -232,8 +244,11 @@ class HttpBackend(Backend):
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):
                 raise  # never connected: nothing was stale
+            connected_at, reused = _connected.get()
+            if not reused:
+                raise  # a new connection cannot be stale: the upstream dropped this request
             # From when the request had its connection (a wait for the pool is not counted).
-            if time.perf_counter() - max(asked, _connected_at.get()) > STALE_S:
+            if time.perf_counter() - max(asked, connected_at) > STALE_S:
                 raise  # the upstream may have worked on it: the route's retries decide
         # One loop turn first: the close of other pooled connections the upstream shut at
         # the same moment (a restart) is then seen, and the pool skips them.
