@@ -433,13 +433,13 @@ class Inference:
                             last = last or opened
                             break
                         last = opened
-                        if last.retryable:
+                        if last.retryable or last.falls_back:
                             if getattr(last, "no_verdict", False):
                                 if probe:
                                     breaker.release()
                             else:
                                 breaker.failure()
-                            if not last.same_again:
+                            if not last.retryable or not last.same_again:
                                 break  # the same failure again: fall back
                             continue
                         if probe:

@@ -19,6 +19,10 @@ class StellaError(Exception):
     # that cannot load, a whole answer that timed out): the route's fallbacks are tried,
     # its retries are not.
     same_again: bool = True
+    # Not retryable, yet another backend may serve the request (an upstream that refuses
+    # stella's key, which no retry will change): the route's fallbacks are tried and the
+    # backend's circuit breaker counts it as a failure.
+    falls_back: bool = False
     # Raised after admission (the inference ran and its one log event counts it), not a
     # refusal before the first byte.
     admitted: bool = False
@@ -175,7 +179,8 @@ class UpstreamTimeout(StellaError):
 class UpstreamStatus(UpstreamError):
     """An upstream answered with an HTTP error status.
 
-    `upstream_status` drives retries: 408, 409, 425, 429 and 5xx are worth another try.
+    `upstream_status` drives retries: 408, 409, 425, 429 and 5xx are worth another try;
+    401 and 403 (the backend's key expired or revoked) go to the fallbacks.
     """
 
     def __init__(
@@ -186,6 +191,8 @@ class UpstreamStatus(UpstreamError):
         self.upstream_status = upstream_status
         self.retry_after_hint = retry_after
         self.retryable = upstream_status in (408, 409, 425, 429) or upstream_status >= 500
+        # The same key again is refused again; another backend has its own key.
+        self.falls_back = upstream_status in (401, 403)
         if upstream_status == 429:
             self.code = "upstream_rate_limited"
         elif upstream_status in (400, 404, 413, 422):

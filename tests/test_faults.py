@@ -39,6 +39,9 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
             "b-hung": {"kind": "openai", "base_url": url + "/v1"},
             "b-429-long": {"kind": "openai", "base_url": url + "/v1"},
             "b-beats": {"kind": "openai", "base_url": url + "/v1"},
+            "b-401": {"kind": "openai", "base_url": url + "/v1"},
+            "b-403": {"kind": "openai", "base_url": url + "/v1"},
+            "b-400": {"kind": "openai", "base_url": url + "/v1"},
             "down": {
                 "kind": "openai",
                 "base_url": f"http://127.0.0.1:{free_port()}/v1",
@@ -111,6 +114,27 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
                     "retries": 0,
                     "ttft_timeout_s": 0.3,
                     "total_timeout_s": 1.0,
+                },
+                "up-401": {
+                    "backend": "b-401",
+                    "upstream_model": "status-401",
+                    "retries": 1,
+                    "retry_backoff_s": 0.01,
+                    "fallbacks": ["up-ok"],
+                },
+                "up-403": {
+                    "backend": "b-403",
+                    "upstream_model": "status-403",
+                    "retries": 1,
+                    "retry_backoff_s": 0.01,
+                },
+                "up-403-ok": {"backend": "b-403", "upstream_model": "ok", **fast},
+                "up-400": {
+                    "backend": "b-400",
+                    "upstream_model": "status-400",
+                    "retries": 1,
+                    "retry_backoff_s": 0.01,
+                    "fallbacks": ["up-ok"],
                 },
                 "flaky-bad": {"backend": "flaky", "upstream_model": "status-500", **fast},
                 "flaky-ok": {"backend": "flaky", "upstream_model": "ok", **fast},
@@ -237,6 +261,38 @@ def test_stall_after_tokens(gateway: LiveServer) -> None:
     types = [e["type"] for e in lines if e["type"] != "ping"]
     assert types == ["start", "delta", "delta", "error"]
     assert lines[-1]["code"] == "upstream_timeout"
+
+
+def test_a_key_the_upstream_refuses_goes_to_the_fallback(gateway: LiveServer) -> None:
+    # 401: the same key would be refused again (no retry); another backend may answer.
+    r = chat(gateway, "up-401", stream=False)
+    assert r.status_code == 200 and r.json()["backend"] == "up", r.text
+    ev = gateway.wait_event(lambda e: e["request_id"] == r.json()["id"])
+    assert [(a["backend"], a["error"]) for a in ev["attempts"]] == [
+        ("b-401", "upstream_error"),
+        ("up", None),
+    ]
+    assert ev["attempts"][0]["upstream_status"] == 401
+
+
+def test_a_key_the_upstream_refuses_counts_against_its_circuit(gateway: LiveServer) -> None:
+    # No fallback: 502 after one attempt; three of them (the threshold) open the circuit.
+    for _ in range(3):
+        r = chat(gateway, "up-403", stream=False)
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error", r.text
+        rid = r.headers["x-request-id"]
+        ev = gateway.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+        assert len(ev["attempts"]) == 1
+    r = chat(gateway, "up-403-ok", stream=False)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+
+
+def test_a_request_the_upstream_rejects_ends_the_chain(gateway: LiveServer) -> None:
+    # 400: the request itself is bad; no retry and no fallback would change that.
+    r = chat(gateway, "up-400", stream=False)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_rejected", r.text
+    ev = gateway.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+    assert [a["backend"] for a in ev["attempts"]] == ["b-400"]
 
 
 def test_breaker_opens_and_recovers_after_the_probe(gateway: LiveServer) -> None:

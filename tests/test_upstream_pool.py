@@ -23,7 +23,7 @@ from stella.backends.anthropic import AnthropicBackend, AnthropicConfig
 from stella.backends.http import HttpBackend
 from stella.backends.ollama import OllamaBackend, OllamaConfig
 from stella.backends.openai import OpenAIBackend, OpenAIConfig
-from stella.errors import StellaError
+from stella.errors import StellaError, UpstreamStatus
 from stella.protocol import ChatRequest, Delta, Done, Message
 
 ANSWERS: dict[str, dict[str, Any]] = {
@@ -161,17 +161,34 @@ async def test_a_connection_closed_by_the_upstream_is_replaced(
         assert closer.connections == 3
 
 
-async def test_an_upstream_that_never_answers_is_asked_twice_at_most(
+async def test_a_request_dropped_on_a_new_connection_is_not_sent_again(
     upstream: tuple[Closer, str],
 ) -> None:
+    # The upstream reads each request and drops its connection at once: no pooled
+    # connection went stale, the upstream refused this request. The route's retries
+    # decide (and log) whether it is asked again, not the pool behind their back.
     closer, url = upstream
     closer.answer_every = 0
     async with started("openai", url) as backend:
+        for _ in range(2):
+            with pytest.raises(StellaError) as info:
+                await ask(backend)
+            assert info.value.code == "upstream_error"
+            assert info.value.retryable
+        assert closer.connections == 2  # one per call: none sent twice
+
+
+async def test_a_request_is_sent_again_once_at_most(upstream: tuple[Closer, str]) -> None:
+    # A kept-alive connection closed under the request: sent again on a new connection,
+    # which the upstream drops too; that one is the route's to retry.
+    closer, url = upstream
+    async with started("openai", url) as backend:
+        await ask(backend)
+        closer.answer_every = 0
         with pytest.raises(StellaError) as info:
             await ask(backend)
         assert info.value.code == "upstream_error"
-        assert info.value.retryable
-        assert closer.connections == 2  # one resend on a new connection, no more
+        assert closer.connections == 2
 
 
 async def test_an_upstream_that_worked_then_dropped_the_request_is_not_asked_again(
@@ -331,3 +348,112 @@ async def test_health_of_a_refused_port_says_cannot_connect() -> None:
         health = await backend.health()
         assert not health.ok
         assert health.detail == "cannot connect (ConnectionRefusedError)"
+
+
+async def bad_chunk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers with a good chunk, then, in a later read, one whose size is not hex; closes."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        path = lines[0].split()[1]
+        length = next(
+            int(v)
+            for k, _, v in (x.partition(":") for x in lines[1:])
+            if k.lower() == "content-length"
+        )
+        if json.loads(await reader.readexactly(length)).get("stream"):
+            events = STREAMS[path][0]
+            end = events.index(b"\n", events.index(b"hello")) + 1
+            good = events[: end + 1 if events[end : end + 1] == b"\n" else end]  # one event
+        else:
+            good = BODIES[path][: len(BODIES[path]) // 2]  # half a JSON answer
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + f"{len(good):x}\r\n".encode() + good + b"\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the client has the first chunk: the bad one comes apart
+        writer.write(b"zz\r\nxxxx\r\n")
+        await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "stream"), [("openai", True), ("openai", False), ("ollama", True), ("anthropic", True)]
+)
+async def test_a_malformed_chunk_after_a_good_one_fails_the_answer(kind: str, stream: bool) -> None:
+    # aiohttp's parser fails the connection, not the body being read on it: without the
+    # body being told, the read waits past any limit of the backend's own.
+    req = ChatRequest(messages=[Message(role="user", content="hi")], model="m", stream=stream)
+    events: list[Any] = []
+    async with serving(bad_chunk) as url, started(kind, url) as backend:
+        with pytest.raises(StellaError) as info:
+            async with asyncio.timeout(10):  # a hang fails the test rather than holding it
+                async for event in backend.chat(req, CallContext(request_id="req-pool")):
+                    events.append(event)
+    assert info.value.code == "upstream_error", info.value
+    assert "ClientPayloadError" in info.value.message
+    assert [type(e) for e in events] == ([Delta] if stream else [])
+
+
+class ErrorBody:
+    """Answers with an error status and a long HTML body (chunked, or with its length),
+    counting the bytes it managed to write before the connection was closed on it."""
+
+    def __init__(self, status: int, size: int, chunked: bool) -> None:
+        self.status, self.size, self.chunked = status, size, chunked
+        self.sent = 0
+        self.done = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            framing = (
+                "transfer-encoding: chunked" if self.chunked else f"content-length: {self.size}"
+            )
+            writer.write(
+                f"HTTP/1.1 {self.status} Oops\r\ncontent-type: text/html\r\n"
+                f"retry-after: 7\r\n{framing}\r\n\r\n".encode()
+            )
+            page = b"<html><body><p>upstream broke</p>"
+            piece = 64 * 1024
+            while self.sent < self.size:
+                data = (page if not self.sent else b"") + b"x" * piece
+                data = data[: min(piece, self.size - self.sent)]
+                writer.write(
+                    f"{len(data):x}\r\n".encode() + data + b"\r\n" if self.chunked else data
+                )
+                await writer.drain()
+                self.sent += len(data)
+            if self.chunked:
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self.done.set()
+
+
+@pytest.mark.parametrize(("status", "chunked"), [(500, True), (400, False), (429, True)])
+async def test_an_error_answer_is_read_no_further_than_its_words(
+    monkeypatch: pytest.MonkeyPatch, status: int, chunked: bool
+) -> None:
+    # Only the start of an error body is read, then its connection closed: a long one
+    # costs no memory, and one longer than MAX_BODY still tells its status (a 400 is no
+    # retryable upstream_error) and its Retry-After.
+    monkeypatch.setattr(http, "MAX_BODY", 4 * 1024 * 1024)
+    upstream = ErrorBody(status, size=32 * 1024 * 1024, chunked=chunked)
+    async with serving(upstream.handle) as url, started("openai", url) as backend:
+        with pytest.raises(UpstreamStatus) as info:
+            await ask(backend)
+        async with asyncio.timeout(10):
+            await upstream.done.wait()
+    err = info.value
+    assert err.upstream_status == status and "upstream broke" in err.message, err
+    codes = {500: "upstream_error", 400: "upstream_rejected", 429: "upstream_rate_limited"}
+    assert err.code == codes[status] and err.retry_after_hint == 7
+    assert upstream.sent < upstream.size  # the rest was never asked for: closed under it

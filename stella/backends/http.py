@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import os
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ import aiohttp
 import httpx
 import msgspec
 import structlog
+from aiohttp.client_proto import ResponseHandler
 from httpx_aiohttp import AiohttpTransport
 from msgspec import Meta
 
@@ -60,23 +62,61 @@ class _ErrorBody(msgspec.Struct):
 _error_body = msgspec.json.Decoder(_ErrorBody)
 # An upstream's error message as the client and the log get it: at most this long.
 MAX_MESSAGE = 500
-# How much of a non-JSON error body is read for its words (an HTML page's styles and
-# scripts come first and are dropped whole).
+# How much of an error body is read: an API's JSON error fits; of a non-JSON one its
+# words are taken (an HTML page's styles and scripts come first and are dropped whole).
+# The rest is never read (its connection is closed): an upstream's error page, however
+# long, costs no memory and does not hide its status.
 HTML_SCAN = 64 * 1024
 
 
-# When this task's last request got its connection from the pool (time.perf_counter()):
-# a wait for a free connection is not time the upstream had the request.
-_connected_at: ContextVar[float] = ContextVar("stella_connected_at", default=0.0)
+# When this task's last request got its connection from the pool (time.perf_counter():
+# a wait for a free connection is not time the upstream had the request), and whether
+# that connection had served a request before (kept alive: the upstream may have closed
+# it meanwhile) or was new.
+_connected: ContextVar[tuple[float, bool]] = ContextVar("stella_connected", default=(0.0, False))
+
+
+class _Handler(ResponseHandler):
+    """A connection's protocol whose failure reaches the body being read on it.
+
+    aiohttp (3.14, its C parser) puts a parse error met inside a body (a malformed
+    chunk after good ones) on the connection only, closes it and stops its read timer:
+    the body already handed out gets neither data, an end, nor the error, and a read
+    of it waits for good. Every failure of the connection goes through this method
+    (parse error, connection lost, read timeout); the body is told here, once, when it
+    happens, so that reads cost nothing more.
+    """
+
+    def set_exception(self, exc: BaseException, *args: Any) -> None:
+        """Fail the connection, and the body it is reading (unless it ended or failed)."""
+        payload = self._payload
+        super().set_exception(exc, *args)
+        if payload is not None and not payload.is_eof() and payload.exception() is None:
+            if not isinstance(exc, aiohttp.ClientError):  # a parser's HttpProcessingError
+                cause = exc
+                exc = aiohttp.ClientPayloadError(f"Response payload is not completed: {exc!r}")
+                exc.__cause__ = cause
+            payload.set_exception(exc)
+
+    # Whether a request was given this connection already (set by _Connector.connect).
+    used = False
 
 
 class _Connector(aiohttp.TCPConnector):
     """The pool, noting when each request got its connection."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._factory = functools.partial(_Handler, loop=self._loop)
+
     async def connect(self, *args: Any, **kwargs: Any) -> aiohttp.connector.Connection:
-        """A connection from the pool (or a new one), the moment noted."""
+        """A connection from the pool (or a new one), the moment and its reuse noted."""
         conn = await super().connect(*args, **kwargs)
-        _connected_at.set(time.perf_counter())
+        proto = conn.protocol
+        reused = proto.used if isinstance(proto, _Handler) else False
+        if isinstance(proto, _Handler):
+            proto.used = True
+        _connected.set((time.perf_counter(), reused))
         return conn
 
 
@@ -184,16 +224,19 @@ class HttpBackend(Backend):
             raise UpstreamError(f"{self.name}: malformed answer to GET {path}") from None
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
-        """POST `body` on the pool; a connection the upstream closed under it is replaced once.
+        """POST `body` on the pool; a kept-alive connection the upstream closed under it is
+        replaced once.
 
         A server may close a kept-alive connection whenever it likes (its keep-alive
         timeout, a restart, after an error it did not announce); a request written to
         it just then fails at once, before any answer. aiohttp sends such a request
         again on a new connection only for idempotent methods (RFC 9112, 9.3.1). A
-        chat request is sent again too when it failed that fast (within STALE_S): the
-        upstream cannot have worked on it. A failure after longer (an upstream that
-        worked, then dropped the connection) goes to the route's retries and
-        fallbacks, which count and log every attempt; so does a refused connection.
+        chat request is sent again too when it failed that fast (within STALE_S) on a
+        connection reused from the pool: the upstream cannot have worked on it. A
+        failure on a new connection (the upstream read the request and dropped it
+        itself), or after longer (an upstream that worked, then dropped the
+        connection), goes to the route's retries and fallbacks, which count and log
+        every attempt; so does a refused connection.
         """
         asked = time.perf_counter()
         try:
@@ -201,8 +244,11 @@ class HttpBackend(Backend):
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
             if isinstance(exc, aiohttp.ClientConnectorError):
                 raise  # never connected: nothing was stale
+            connected_at, reused = _connected.get()
+            if not reused:
+                raise  # a new connection cannot be stale: the upstream dropped this request
             # From when the request had its connection (a wait for the pool is not counted).
-            if time.perf_counter() - max(asked, _connected_at.get()) > STALE_S:
+            if time.perf_counter() - max(asked, connected_at) > STALE_S:
                 raise  # the upstream may have worked on it: the route's retries decide
         # One loop turn first: the close of other pooled connections the upstream shut at
         # the same moment (a restart) is then seen, and the pool skips them.
@@ -268,10 +314,7 @@ class Answer:
         try:
             r = self.response = await b.post(self.url, self.body, self.headers)
             if r.status >= 300:
-                try:
-                    text = await read_body(r, b.name)
-                finally:
-                    r.release()  # read whole: the connection goes back to the pool
+                text = await error_head(r)
                 raise error_from_response(b.name, r.status, r.headers, text)
         except BaseException:
             b.using -= 1
@@ -303,6 +346,30 @@ async def _drain(response: aiohttp.ClientResponse) -> None:
         pass
     finally:
         response.release()
+
+
+async def error_head(response: aiohttp.ClientResponse) -> bytes:
+    """The start of an error answer's body: what error_from_response reads of it (at
+    most HTML_SCAN bytes, within ERROR_READ_S). Its connection goes back to the pool when
+    that was the whole body, else it is closed; a body cut or slow leaves what came."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(ERROR_READ_S):
+            while size < HTML_SCAN:
+                chunk = await response.content.read(HTML_SCAN - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+    except (aiohttp.ClientError, TimeoutError):
+        pass  # the status is the answer; its words are a courtesy
+    finally:
+        if response.content.at_eof():
+            response.release()
+        else:
+            response.close()  # never a connection with a body half read back to the pool
+    return b"".join(chunks)
 
 
 def page_words(html: str) -> str:
@@ -405,6 +472,8 @@ STALE_S = 0.5
 # so is one whose connection a caller waiting for the pool needs.
 DRAIN_S = 1.0
 DRAIN_BYTES = 64 * 1024
+# An error answer's words are read for at most this long: its status is told either way.
+ERROR_READ_S = 1.0
 
 
 class LineBuffer:
