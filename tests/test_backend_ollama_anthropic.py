@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -354,5 +354,47 @@ async def test_a_malformed_model_list_is_an_upstream_error() -> None:
             try:
                 with pytest.raises(UpstreamError, match="malformed answer to GET"):
                     await backend.models()
+            finally:
+                await backend.aclose()
+
+
+async def test_an_endless_model_list_or_error_page_is_read_within_bounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    from stella.backends import http
+    from stella.backends.openai import OpenAIBackend, OpenAIConfig
+    from stella.errors import UpstreamError, UpstreamStatus
+
+    monkeypatch.setattr(http, "MAX_LIST_BYTES", 1024 * 1024)
+
+    async def endless() -> AsyncIterator[bytes]:
+        yield b'{"error": {"message": "down for maintenance"}, "pad": "'
+        while True:
+            yield b"x" * 65536
+            await asyncio.sleep(0)
+
+    def models(request: Request) -> StreamingResponse:
+        status = 503 if request.url.path.startswith("/err") else 200
+        return StreamingResponse(endless(), status_code=status, media_type="application/json")
+
+    app = Starlette(routes=[Route("/ok/models", models), Route("/err/models", models)])
+    with serve(app) as url:
+        for prefix, raised, words in (
+            ("/ok", UpstreamError, "over 1048576 bytes"),
+            ("/err", UpstreamStatus, "down for maintenance"),
+        ):
+            backend = OpenAIBackend("o", OpenAIConfig(kind="openai", base_url=url + prefix))
+            await backend.start()
+            try:
+                with pytest.raises(raised, match=words):
+                    async with asyncio.timeout(20):  # read whole, it would never end
+                        await backend.models()
             finally:
                 await backend.aclose()

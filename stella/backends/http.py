@@ -215,11 +215,23 @@ class HttpBackend(Backend):
 
     async def get_json(self, path: str, decoder: msgspec.json.Decoder[T]) -> T:
         """GET `path` and decode its JSON; an error status or a malformed answer raises."""
-        r = await self.client.get(path)
-        if r.status_code >= 400:
-            raise error_from_response(self.name, r.status_code, r.headers, r.content)
+        # Read as it comes, within bounds: a broken or hostile upstream's endless answer
+        # would otherwise be held whole (a probe or a listing asks every few seconds).
+        async with self.client.stream("GET", path) as r:
+            failed = r.status_code >= 400
+            limit = HTML_SCAN if failed else MAX_LIST_BYTES
+            body = bytearray()
+            async for chunk in r.aiter_bytes():
+                body += chunk
+                if len(body) > limit:
+                    if failed:
+                        del body[limit:]  # the words of an error are at its start
+                        break
+                    raise UpstreamError(f"{self.name}: answer to GET {path} over {limit} bytes")
+        if failed:
+            raise error_from_response(self.name, r.status_code, r.headers, bytes(body))
         try:
-            return decoder.decode(r.content)
+            return decoder.decode(body)
         except BAD_JSON:
             raise UpstreamError(f"{self.name}: malformed answer to GET {path}") from None
 
@@ -464,6 +476,9 @@ BAD_JSON = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, Re
 # ends a line must not fill the memory.
 MAX_LINE = 16 * 1024 * 1024
 MAX_BODY = 64 * 1024 * 1024
+# The longest model list taken from an upstream (OpenRouter's hundreds of models with
+# their descriptions take about 1 MB).
+MAX_LIST_BYTES = 16 * 1024 * 1024
 # A request that failed on a pooled connection within this long was refused by a stale
 # connection (one round trip), not dropped after the upstream worked on it.
 STALE_S = 0.5
