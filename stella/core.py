@@ -434,7 +434,7 @@ class Inference:
                             break
                         last = opened
                         if last.retryable or last.falls_back:
-                            if getattr(last, "no_verdict", False):
+                            if last.no_verdict:
                                 if probe:
                                     breaker.release()
                             else:
@@ -668,7 +668,7 @@ class Inference:
                 local = route.backend.local_queue
                 err.same_again = awaited != "answer" and not local
                 if local and route.backend.working(limit):
-                    err.no_verdict = True  # type: ignore[attr-defined]
+                    err.no_verdict = True
             else:
                 err = UpstreamTimeout(f"the total limit of {rs.total_timeout_s:g}s passed")
                 # An in-process engine's queue or long prompt is its load, never a fault.

@@ -21,8 +21,10 @@ class StellaError(Exception):
     same_again: bool = True
     # Not retryable, yet another backend may serve the request (an upstream that refuses
     # stella's key, which no retry will change): the route's fallbacks are tried and the
-    # backend's circuit breaker counts it as a failure.
+    # backend's circuit breaker counts it as a failure, unless `no_verdict`.
     falls_back: bool = False
+    # The failure says nothing of the backend's health (its circuit is not told).
+    no_verdict: bool = False
     # Raised after admission (the inference ran and its one log event counts it), not a
     # refusal before the first byte.
     admitted: bool = False
@@ -193,6 +195,10 @@ class UpstreamStatus(UpstreamError):
         self.retryable = upstream_status in (408, 409, 425, 429) or upstream_status >= 500
         # The same key again is refused again; another backend has its own key.
         self.falls_back = upstream_status in (401, 403)
+        # A 401 refuses the backend's key, for every model on it: a verdict on the
+        # backend. A 403 often refuses one model to that key ("no access to model X"):
+        # the backend's other models still answer, so its circuit is not told.
+        self.no_verdict = upstream_status == 403
         if upstream_status == 429:
             self.code = "upstream_rate_limited"
         elif upstream_status in (400, 404, 413, 422):

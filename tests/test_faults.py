@@ -40,6 +40,7 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
             "b-429-long": {"kind": "openai", "base_url": url + "/v1"},
             "b-beats": {"kind": "openai", "base_url": url + "/v1"},
             "b-401": {"kind": "openai", "base_url": url + "/v1"},
+            "b-401-bare": {"kind": "openai", "base_url": url + "/v1"},
             "b-403": {"kind": "openai", "base_url": url + "/v1"},
             "b-400": {"kind": "openai", "base_url": url + "/v1"},
             "down": {
@@ -122,6 +123,13 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
                     "retry_backoff_s": 0.01,
                     "fallbacks": ["up-ok"],
                 },
+                "up-401-bare": {
+                    "backend": "b-401-bare",
+                    "upstream_model": "status-401",
+                    "retries": 1,
+                    "retry_backoff_s": 0.01,
+                },
+                "up-401-ok": {"backend": "b-401-bare", "upstream_model": "ok", **fast},
                 "up-403": {
                     "backend": "b-403",
                     "upstream_model": "status-403",
@@ -276,15 +284,20 @@ def test_a_key_the_upstream_refuses_goes_to_the_fallback(gateway: LiveServer) ->
 
 
 def test_a_key_the_upstream_refuses_counts_against_its_circuit(gateway: LiveServer) -> None:
-    # No fallback: 502 after one attempt; three of them (the threshold) open the circuit.
-    for _ in range(3):
-        r = chat(gateway, "up-403", stream=False)
-        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error", r.text
-        rid = r.headers["x-request-id"]
-        ev = gateway.wait_event(lambda e, rid=rid: e["request_id"] == rid)
-        assert len(ev["attempts"]) == 1
-    r = chat(gateway, "up-403-ok", stream=False)
+    # No fallback: 502 after one attempt. A 401 refuses the backend's key for every model:
+    # three of them (the threshold) open the backend's circuit. A 403 may refuse one model
+    # to that key (OpenAI: "does not have access to model"): the others still answer.
+    for route in ("up-401-bare", "up-403"):
+        for _ in range(3):
+            r = chat(gateway, route, stream=False)
+            assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error", r.text
+            rid = r.headers["x-request-id"]
+            ev = gateway.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+            assert len(ev["attempts"]) == 1
+    r = chat(gateway, "up-401-ok", stream=False)
     assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+    r = chat(gateway, "up-403-ok", stream=False)
+    assert r.status_code == 200, r.text
 
 
 def test_a_request_the_upstream_rejects_ends_the_chain(gateway: LiveServer) -> None:

@@ -313,17 +313,34 @@ def test_without_keys_a_call_on_a_network_address_is_refused_whatever_server_hos
     assert asyncio.run(calls("192.0.2.7")) == [403, 403, 200]
 
 
-@pytest.mark.parametrize("extra", [["--admin"], ["--models", "echo*", "gpt-*"]])
-def test_keys_new_prints_a_working_config_line(extra: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [
+        ("bob", ["--admin"]),
+        ("bob", ["--models", "echo*", "gpt-*"]),
+        ("ci bot", []),
+        ("a.b@corp", []),
+    ],
+)
+def test_keys_new_prints_a_working_config_line(name: str, extra: list[str]) -> None:
+    import tomllib
+
+    from stella.auth import Authenticator
+
     out = subprocess.run(
-        [sys.executable, "-m", "stella", "keys", "new", "bob", *extra],
+        [sys.executable, "-m", "stella", "keys", "new", name, *extra],
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert out.returncode == 0
+    assert out.returncode == 0, out.stderr
     key = out.stderr.split("key: ", 1)[1].split()[0]
-    assert f'sha256 = "{sha(key)}"' in out.stdout and "[auth.keys.bob]" in out.stdout
+    assert f'sha256 = "{sha(key)}"' in out.stdout
+    # The lines printed are a config the server takes, under the name given.
+    auth = tomllib.loads(out.stdout)["auth"]
+    settings = load_settings({"models": {"default": "echo"}, "auth": auth}, environ={})
+    who = Authenticator(settings, {}).authenticate([(b"authorization", f"Bearer {key}".encode())])
+    assert who.name == name and who.admin == ("--admin" in extra)
     hashed = subprocess.run(
         [sys.executable, "-m", "stella", "keys", "hash"],
         input=key + "\n",
@@ -332,6 +349,23 @@ def test_keys_new_prints_a_working_config_line(extra: list[str]) -> None:
         timeout=60,
     )
     assert hashed.stdout.strip() == sha(key)
+
+
+def test_keys_refuses_what_the_config_would_and_a_closed_stdin() -> None:
+    bad = subprocess.run(
+        [sys.executable, "-m", "stella", "keys", "new", "a|b"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "may not be empty or hold '|'" in bad.stderr
+    closed = subprocess.run(
+        ["sh", "-c", f'exec "{sys.executable}" -m stella keys hash <&-'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert closed.returncode == 2 and closed.stderr == "stella: no key on stdin\n", closed.stderr
 
 
 def test_credentials_an_upstream_echoes_or_the_config_holds_stay_hidden() -> None:

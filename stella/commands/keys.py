@@ -47,24 +47,27 @@ def run(args: argparse.Namespace) -> int:
     from stella.auth import hash_key, new_key
 
     if args.action == "hash":
-        key = sys.stdin.readline().strip()
+        key = sys.stdin.readline().strip() if sys.stdin is not None else ""  # None: fd 0 closed
         if not key:
             print("stella: no key on stdin", file=sys.stderr)
             return 2
         print(hash_key(key))
         return 0
-    # A bare TOML key that is also a key name (stella.auth): ASCII letters, digits, - and _
-    # (str.isalnum() would take "café"), a letter or digit first, 64 at most.
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", args.name):
+    # What the config takes as a key name (stella.auth): not empty, no "|" (usage fields
+    # are "name|model|count") and no control characters.
+    name = args.name
+    if not name or "|" in name or not name.isprintable():
         print(
-            "stella: a key name is 1-64 ASCII letters, digits, - and _, a letter or digit first",
+            "stella: a key name may not be empty or hold '|' or control characters",
             file=sys.stderr,
         )
         return 2
     key = new_key()
     print(f"key: {key}", file=sys.stderr)
     print("(shown once; stella stores only its hash)\n", file=sys.stderr)
-    lines = [f"[auth.keys.{args.name}]", f'sha256 = "{hash_key(key)}"']
+    # A bare TOML key when it can be one ("alice"), else quoted ("ci bot", "a.b@corp").
+    table = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _toml_string(name)
+    lines = [f"[auth.keys.{table}]", f'sha256 = "{hash_key(key)}"']
     if args.models:
         lines.append("models = [" + ", ".join(_toml_string(m) for m in args.models) + "]")
     if args.admin:
