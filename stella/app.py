@@ -448,7 +448,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         for task in closing:  # failures to close are not worth a traceback at exit
             if task.done() and not task.cancelled():
                 task.exception()
-        _log.info("stopped")
+        _log.info("stopped", pid=os.getpid())  # which worker, as "started" says
         if sink := logs.sink():
             # Bounded: a stdout nobody reads must not keep the process alive. The audit
             # file has a writer of its own, so it gets its lines even then.

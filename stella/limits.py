@@ -256,10 +256,11 @@ class Limiter(Admission):
         plan = self._plan(None, route, backend_slot=not backend_held)
         if not plan.buckets and not plan.slots:
             return None
-        return await self._admit(plan, request, wait_s)
+        # A fallback skipped for its model's limit refuses no client: not counted.
+        return await self._admit(plan, request, wait_s, count=False)
 
     async def _admit(
-        self, plan: _Plan, request: ChatRequest, wait_s: float | None = None
+        self, plan: _Plan, request: ChatRequest, wait_s: float | None = None, count: bool = True
     ) -> Permit:
         permit = LimitPermit(self, [])
         checks: list[tuple[str, float, float, float]] = []
@@ -271,7 +272,7 @@ class Limiter(Admission):
                 if type(buckets) is MemoryBuckets
                 else await buckets.take_all(checks)
             )
-            self._charge(plan, checks, takes, permit)
+            self._charge(plan, checks, takes, permit, count)
         if plan.slots:
             held: list[Any] = []
             permit._slots = held
@@ -321,14 +322,17 @@ class Limiter(Admission):
         checks: list[tuple[str, float, float, float]],
         takes: list[Take],
         permit: LimitPermit,
+        count: bool = True,
     ) -> None:
-        """Headers from the takes; RateLimited when a bucket had no room; the reservation."""
+        """Headers from the takes; RateLimited when a bucket had no room (counted in
+        `rejections` when `count`: a client's refusal); the reservation."""
         headers = permit.headers
         for i, take in enumerate(takes):
             if not take.allowed:
                 # The headers describe the limit that refused (its room, its reset).
                 _, n, _, tokens, who = plan.buckets[i]
-                self.rejections += 1
+                if count:
+                    self.rejections += 1
                 refused = {
                     "x-ratelimit-limit": str(int(n)),
                     "x-ratelimit-remaining": str(max(int(take.remaining), 0)),

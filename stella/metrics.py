@@ -75,8 +75,9 @@ class Metrics:
 
     def _model(self, name: str) -> str:
         # A route's name, or "other": clients cannot grow the label set. Looked up each
-        # time: a route registered at runtime is counted under its name from then on.
-        return name if name in self.svc.router.routes else "other"
+        # time: a route registered at runtime is counted under its name from then on, and
+        # a call on one removed while it ran still is.
+        return name if name in self.svc.router.ever else "other"
 
     def observe(self, record: dict[str, Any]) -> None:
         """Count one inference (runs for every request: keep it cheap)."""
@@ -171,9 +172,16 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Any]:
         """Current values."""
         svc = self.svc
+        drain = svc.drain
+        waiting = len(drain.waiting)
         inflight = GaugeMetricFamily("stella_inflight_requests", "Calls running now")
-        inflight.add_metric([], len(svc.drain.tasks))
+        inflight.add_metric([], len(drain.tasks) - waiting)
         yield inflight
+        admitting = GaugeMetricFamily(
+            "stella_waiting_requests", "Calls waiting for a concurrency slot (limits)"
+        )
+        admitting.add_metric([], waiting)
+        yield admitting
         depth = GaugeMetricFamily(
             "stella_queue_depth", "Generations waiting per backend", labels=["backend"]
         )

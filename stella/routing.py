@@ -107,6 +107,9 @@ class Router:
         self.default = settings.models.default
         self.local_changes = 0  # routing writes this process made (see app._follow_routing)
         self.routes: dict[str, Route] = {}
+        # Every name a route has had in this process: a call admitted on a route removed
+        # before it ended still counts under its name (metrics label only these).
+        self.ever: set[str] = set()
         self._names: dict[str, str] = {}
         b = breaker or settings.breaker
         self.breakers = {
@@ -141,6 +144,7 @@ class Router:
             runtime=runtime,
         )
         self.routes[name] = route
+        self.ever.add(name)
         self._names[name] = name
         for alias in rs.aliases:
             self._names.setdefault(alias, name)

@@ -395,11 +395,14 @@ def test_a_405_on_generate_takes_its_flat_shape(server: LiveServer) -> None:
     assert r.status_code == 400 and isinstance(r.json()["error"], str)
 
 
-@pytest.mark.parametrize("alias", ["", " spaced ", "a\u0001", "x" * 129])
+@pytest.mark.parametrize("alias", ["", " spaced ", "a\u0001", "x" * 129, "x7\n"])
 def test_a_runtime_alias_is_checked_as_a_name_is(server: LiveServer, alias: str) -> None:
     route = {"name": "checked", "backend": "echo", "aliases": [alias]}
     r = post(server, route, key=ADMIN, path="/api/v1/models")
     assert "$.aliases[0]" in error_of(r, 400, "invalid_request")
+    # The name itself too ("$" in a pattern also matches before a final newline).
+    r = post(server, {"name": alias, "backend": "echo"}, key=ADMIN, path="/api/v1/models")
+    assert "$.name" in error_of(r, 400, "invalid_request")
 
 
 def test_router_errors_take_the_shape_of_the_paths_dialect(server: LiveServer) -> None:

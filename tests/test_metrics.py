@@ -104,3 +104,86 @@ def test_a_name_counted_as_other_gets_its_label_once_it_is_a_route() -> None:
         assert httpx.post(chat, json={**body, "model": "echo/later"}).status_code == 200
         label = 'stella_requests_total{api="native",backend="echo",model="echo/later",status="200"}'
         assert value(scrape(server), label) == 1
+
+
+def test_a_call_on_a_route_removed_while_it_ran_keeps_its_label() -> None:
+    import threading
+    import time
+
+    config = {"backends": {"slow": {"kind": "echo", "delay_s": 0.2}}}
+    with run_stella(config) as server:
+        route = {"name": "rslow", "backend": "slow"}
+        assert httpx.post(server.url + "/api/v1/models", json=route).status_code == 201
+        body = {"model": "rslow", "messages": [{"role": "user", "content": "a b c d e"}]}
+        result: list[httpx.Response] = []
+        call = threading.Thread(
+            target=lambda: result.append(httpx.post(server.url + "/api/v1/chat", json=body))
+        )
+        call.start()
+        time.sleep(0.4)  # the call is running: two of its five words are out
+        assert httpx.delete(server.url + "/api/v1/models/rslow").status_code == 200
+        call.join(10)
+        assert result and result[0].status_code == 200
+        label = 'stella_requests_total{api="native",backend="slow",model="rslow",status="200"}'
+        text = scrape(server)
+        assert value(text, label) == 1, text
+        assert 'model="other"' not in text
+
+
+def test_a_fallback_skipped_for_its_limit_refuses_no_client() -> None:
+    # stella_rate_limited_total counts the clients refused, not the fallbacks passed over.
+    config = {
+        "backends": {"broken": {"kind": "echo", "fail_before_first": True}},
+        "models": {
+            "routes": {
+                "pfb": {"backend": "broken", "retries": 0, "fallbacks": ["echolim", "echo"]},
+                "echolim": {"backend": "echo"},
+            }
+        },
+        "limits": {"models": {"echolim": {"requests_per_minute": 1}}},
+    }
+    body = {"stream": False, "messages": [{"role": "user", "content": "a"}]}
+    with run_stella(config) as server:
+        for _ in range(3):
+            r = httpx.post(server.url + "/api/v1/chat", json={**body, "model": "pfb"})
+            assert r.status_code == 200, r.text
+        assert value(scrape(server), "stella_rate_limited_total") == 0
+        r = httpx.post(server.url + "/api/v1/chat", json={**body, "model": "echolim"})
+        assert r.status_code == 429
+        assert value(scrape(server), "stella_rate_limited_total") == 1
+
+
+def test_calls_waiting_for_a_slot_are_not_counted_as_running() -> None:
+    import threading
+    import time
+
+    config = {
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.3}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+        "limits": {"backends": {"slow": 1}, "queue_timeout_s": 10},
+    }
+    body = {"model": "slow", "stream": False, "messages": [{"role": "user", "content": "a b c"}]}
+    with run_stella(config) as server:
+        calls = [
+            threading.Thread(
+                target=httpx.post,
+                args=(server.url + "/api/v1/chat",),
+                kwargs={"json": body, "timeout": 30},
+            )
+            for _ in range(3)
+        ]
+        for c in calls:
+            c.start()
+        text = ""
+        for _ in range(50):  # until all three arrived: one runs, two wait for its slot
+            text = scrape(server)
+            if value(text, "stella_waiting_requests") == 2:
+                break
+            time.sleep(0.02)
+        assert value(text, "stella_inflight_requests") == 1, text
+        assert value(text, "stella_waiting_requests") == 2, text
+        for c in calls:
+            c.join(30)
+        after = scrape(server)
+        assert value(after, "stella_inflight_requests") == 0
+        assert value(after, "stella_waiting_requests") == 0

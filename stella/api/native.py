@@ -36,7 +36,9 @@ _route = msgspec.json.Decoder(RouteSettings)
 NDJSON = Codec()
 
 
-RouteName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+$")]
+# "(?!\n)$": Python's "$" also matches before a final newline ("x7\n" passed); "\Z" would
+# say it, but the pattern is also the OpenAPI document's, where "\Z" means nothing.
+RouteName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+(?!\n)$")]
 
 
 class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):

@@ -141,10 +141,13 @@ def _supervise(
     # error line, before any "serving on".
     sock = config.bind_socket()
     print(announce, file=sys.stderr, flush=True)
-    if workers > 1 and not settings.state.redis_url:
+    if workers > 1:
         print(
             "stella: warning: with in-memory state each worker keeps its own rate limits, "
-            "usage and runtime routes; set state.redis_url to share them",
+            "usage and runtime routes; set state.redis_url to share them; /metrics counts "
+            "per worker"
+            if not settings.state.redis_url
+            else "stella: note: /metrics counts per worker (a scrape reaches one of them)",
             file=sys.stderr,
             flush=True,
         )
