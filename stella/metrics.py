@@ -175,7 +175,9 @@ class _StateCollector(Collector):
         inflight.add_metric([], len(svc.drain.tasks))
         yield inflight
         depth = GaugeMetricFamily(
-            "stella_queue_depth", "Generations waiting per backend", labels=["backend"]
+            "stella_queue_depth",
+            "Generations waiting per backend, behind the one running (as max_queue counts)",
+            labels=["backend"],
         )
         breaker = GaugeMetricFamily(
             "stella_circuit_state",
@@ -185,7 +187,7 @@ class _StateCollector(Collector):
         for name, backend in svc.backends.items():
             worker = getattr(backend, "worker", None)
             if worker is not None:
-                depth.add_metric([name], getattr(worker, "waiting", 0))
+                depth.add_metric([name], getattr(worker, "behind", 0))
             breaker.add_metric([name], BREAKER.get(svc.router.breaker(name).now(), 0))
         yield depth
         yield breaker
