@@ -183,7 +183,9 @@ class _StateCollector(Collector):
         admitting.add_metric([], waiting)
         yield admitting
         depth = GaugeMetricFamily(
-            "stella_queue_depth", "Generations waiting per backend", labels=["backend"]
+            "stella_queue_depth",
+            "Generations waiting per backend, behind the one running (as max_queue counts)",
+            labels=["backend"],
         )
         breaker = GaugeMetricFamily(
             "stella_circuit_state",
@@ -193,7 +195,7 @@ class _StateCollector(Collector):
         for name, backend in svc.backends.items():
             worker = getattr(backend, "worker", None)
             if worker is not None:
-                depth.add_metric([name], getattr(worker, "waiting", 0))
+                depth.add_metric([name], getattr(worker, "behind", 0))
             breaker.add_metric([name], BREAKER.get(svc.router.breaker(name).now(), 0))
         yield depth
         yield breaker

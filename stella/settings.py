@@ -11,7 +11,7 @@ import os
 import re
 import tomllib
 from base64 import b64encode
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -498,10 +498,21 @@ def _check(s: Settings) -> None:
             )
 
 
-SECRET_MARKERS = ("key", "secret", "token", "password", "authorization", "sha256")
-# A backend's static header (or a URL's query parameter) is a credential when its name
-# says so: Helicone-Auth, X-AuthKey, X-Api-Key, Cookie, X-Signature, CB-ACCESS-PASSPHRASE.
-SECRET_PARTS = ("auth", "key", "token", "secret", "pass", "pwd", "cookie", "sign", "credential")
+# A configured value (a backend's field, a static header, a URL's query parameter) is a
+# credential when its name says so: Helicone-Auth, X-AuthKey, X-Api-Key, Cookie,
+# X-Signature, CB-ACCESS-PASSPHRASE, passwd, credentials; `sha256` is an API key's digest.
+SECRET_PARTS = (
+    "auth",
+    "key",
+    "token",
+    "secret",
+    "pass",
+    "pwd",
+    "cookie",
+    "sign",
+    "credential",
+    "sha256",
+)
 # Words of a name that contain one of those without naming a credential.
 NOT_SECRET_WORDS = frozenset({"bypass", "passthrough", "author", "authors"})
 # Configured values that are not secrets whatever their header: masking them wherever
@@ -515,15 +526,14 @@ def redacted(settings: Settings) -> dict[str, Any]:
 
 
 def secret_values(settings: Settings) -> list[str]:
-    """Credentials written in the configuration itself (a backend's auth header, a
-    password in a URL), for the logs and error messages to mask."""
+    """Credentials written in the configuration itself (a backend's auth header or any
+    field named as one, a password in a URL), for the logs and error messages to mask."""
     out = []
     for table in settings.backends.values():
-        for name, value in (table.get("headers") or {}).items():
-            if isinstance(value, str) and _is_secret_name(name):
-                out.append(value)
-                # "Bearer xyz": the token alone, wherever it appears without its scheme.
-                out.append(value.rpartition(" ")[2])
+        for value in _secret_leaves(table):
+            out.append(value)
+            # "Bearer xyz": the token alone, wherever it appears without its scheme.
+            out.append(value.rpartition(" ")[2])
         base_url = table.get("base_url")
         if isinstance(base_url, str):  # a user:password@ in it is sent as Basic auth
             out += _url_secrets(base_url)
@@ -545,23 +555,40 @@ def _is_secret_name(name: str) -> bool:
     )
 
 
-def _redact(node: Any, key: str = "") -> Any:
+def _names_secret(key: str) -> bool:
+    """Whether a configured string under this key (a field's or a header's name) is a
+    credential; `api_key_env`, `keys_env` name a variable, they are not the secret."""
+    return not key.lower().endswith("_env") and _is_secret_name(key)
+
+
+def _field_name(table: str, key: str, value: Any) -> str:
+    """The name the secret rule reads for `key` of `table`: a `models` table maps model
+    names to sources, and a model's name says nothing of its source."""
+    return "" if table == "models" and isinstance(value, str) else key
+
+
+def _secret_leaves(node: Any, key: str = "") -> Iterator[str]:
+    """The non-empty strings in a table that _redact masks by their name."""
     if isinstance(node, dict):
-        if key == "headers":
-            return {
-                k: "***" if isinstance(v, str) and v and _is_secret_name(k) else v
-                for k, v in node.items()
-            }
-        return {k: _redact(v, k) for k, v in node.items()}
+        for k, v in node.items():
+            yield from _secret_leaves(v, _field_name(key, k, v))
+    elif isinstance(node, list):
+        for v in node:
+            yield from _secret_leaves(v, key)
+    elif isinstance(node, str) and node and _names_secret(key):
+        yield node
+
+
+def _redact(node: Any, key: str = "") -> Any:
+    # Only strings are masked: a table named `auth`, a number (`max_tokens`) or a boolean
+    # under a secret-looking name is shown as it is.
+    if isinstance(node, dict):
+        return {k: _redact(v, _field_name(key, k, v)) for k, v in node.items()}
     if isinstance(node, list):
         return [_redact(v, key) for v in node]
-    lowered = key.lower()
-    # `api_key_env` names a variable, it is not the secret itself.
-    if lowered.endswith("_env"):
-        return node
-    if isinstance(node, str) and node and any(m in lowered for m in SECRET_MARKERS):
+    if isinstance(node, str) and node and _names_secret(key):
         return "***"
-    if isinstance(node, str) and ("://" in node or lowered.endswith("url")):
+    if isinstance(node, str) and ("://" in node or key.lower().endswith("url")):
         return _redact_url(node)
     return node
 

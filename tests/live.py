@@ -183,3 +183,18 @@ def _wait_up(server: LiveServer, timeout: float) -> None:
 def ndjson(text: str) -> list[dict[str, Any]]:
     """Parse an NDJSON body into a list of objects."""
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def install_plugin(
+    where: Path, module: str, source: str, kinds: Mapping[str, str]
+) -> dict[str, str]:
+    """Install `source` under `where` as a distribution with these backends (kind -> class
+    name), a module and its .dist-info; the environment a server needs to find it."""
+    (where / f"{module}.py").write_text(source)
+    dist = where / f"{module}-1.0.dist-info"
+    dist.mkdir()
+    name = module.replace("_", "-")
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    lines = "".join(f"{kind} = {module}:{cls}\n" for kind, cls in kinds.items())
+    (dist / "entry_points.txt").write_text("[stella.backends]\n" + lines)
+    return {"PYTHONPATH": os.pathsep.join([str(where), os.environ.get("PYTHONPATH", "")])}

@@ -200,6 +200,65 @@ async def test_queue_full_is_503(mlx_server: LiveServer) -> None:
     assert second.json()["timings"]["queue_ms"] > 100
 
 
+async def test_requests_that_arrive_together_at_an_idle_engine(mlx_server: LiveServer) -> None:
+    # max_queue = 1: of three requests sent at once to an idle engine, one runs and one
+    # waits behind it, though the worker has yet to take the first (here it waits for the
+    # model, unloaded first, for seconds); the third is refused.
+    url = mlx_server.url
+    payload = {
+        "messages": [{"role": "user", "content": "Name three rivers of Europe, briefly."}],
+        "stream": False,
+        "options": {"temperature": 0, "max_tokens": 2},
+    }
+    async with httpx.AsyncClient(timeout=120) as client:
+        for unload in (True, False):  # an engine loading its model, then one ready
+            if unload:
+                body = {"model": "smollm2-135m", "keep_alive": 0}
+                r = await client.post(url + "/api/generate", json=body)
+                assert r.json()["done_reason"] == "unload", r.text
+            answers = await asyncio.gather(
+                *(client.post(url + "/api/v1/chat", json=payload) for _ in range(3))
+            )
+            statuses = sorted(r.status_code for r in answers)
+            assert statuses == [200, 200, 503], [r.text for r in answers]
+            refused = next(r for r in answers if r.status_code == 503)
+            assert refused.json()["error"]["message"] == "mlx: 1 generations already waiting"
+
+
+def test_max_queue_counts_the_jobs_behind_the_one_that_runs() -> None:
+    # The worker alone, no model: a job the thread has yet to take on an idle engine runs
+    # at once, so it holds no place in the queue; one waiting behind it fills max_queue = 1.
+    import threading
+
+    from stella.backends.mlx.worker import GenerationJob, MlxWorker
+
+    began, release = threading.Event(), threading.Event()
+
+    def run(job: GenerationJob) -> None:
+        began.set()
+        release.wait(10)
+
+    loop = asyncio.new_event_loop()
+    worker = MlxWorker(max_queue=1)
+    try:
+        first, second = (GenerationJob(run=run, loop=loop, out=asyncio.Queue()) for _ in "ab")
+        worker.reserve(first)  # admitted, its model loading or the thread not there yet
+        assert not worker.full() and worker.behind == 0
+        worker.reserve(second)
+        assert worker.full() and worker.behind == 1
+        worker.generate(first)
+        assert began.wait(10)  # running now: the second still waits behind it
+        assert worker.full() and worker.behind == 1 and worker.waiting == 1
+        first.cancelled = True  # its answer is done: it stops at its next token
+        assert not worker.full() and worker.behind == 0
+        worker.discard(second)
+        assert worker.waiting == 0
+    finally:
+        release.set()
+        worker.stop()
+        loop.close()
+
+
 def test_the_second_turn_reuses_the_first_ones_prompt(mlx_server: LiveServer) -> None:
     system = "You are a careful assistant. " + " ".join(
         f"Rule {i}: answer briefly and politely." for i in range(40)
@@ -407,17 +466,19 @@ async def test_a_load_outlives_the_waiters_that_gave_up(monkeypatch: pytest.Monk
 
         b.loaded_models.clear()  # loading again: requests wait for it, and count
         req = ChatRequest(messages=[Message(role="user", content="hi")])
-        calls = [b.chat(req, CallContext(request_id=f"r{i}")) for i in range(3)]
-        waiting = [asyncio.ensure_future(anext(c)) for c in calls[:2]]
+        calls = [b.chat(req, CallContext(request_id=f"r{i}")) for i in range(4)]
+        # max_queue = 2: the first runs once the model is in, two wait behind it.
+        waiting = [asyncio.ensure_future(anext(c)) for c in calls[:3]]
         await asyncio.sleep(0.05)
+        assert not any(w.done() for w in waiting)  # none of the three was refused
         with pytest.raises(Overloaded):
-            await anext(calls[2])
+            await anext(calls[3])
         for w in waiting:
             w.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
         for c in calls:
             await c.aclose()
-        assert b.worker.waiting == 0  # the two that gave up hold no place
+        assert b.worker.waiting == 0  # the three that gave up hold no place
     finally:
         await b.aclose()
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
 import pytest
 
 from stella.backends import registry
-from tests.live import ndjson, run_stella
+from tests.live import install_plugin, ndjson, run_stella
 
 PLUGIN = """
 from stella.backends import Backend, BackendConfig
@@ -47,18 +46,12 @@ def test_builtins_are_entry_points() -> None:
 
 def test_backend_from_another_distribution_is_picked_up(tmp_path: Path) -> None:
     # An installed distribution is a package plus a .dist-info with entry_points.txt on sys.path.
-    (tmp_path / "stella_shout.py").write_text(PLUGIN)
-    dist = tmp_path / "stella_shout-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: stella-shout\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(
-        "[stella.backends]\nshout = stella_shout:ShoutBackend\nbuggy = stella_shout:BuggyBackend\n"
-    )
+    kinds = {"shout": "ShoutBackend", "buggy": "BuggyBackend"}
+    env = install_plugin(tmp_path, "stella_shout", PLUGIN, kinds)
     config = {
         "backends": {"loud": {"kind": "shout", "suffix": "!!"}, "bug": {"kind": "buggy"}},
         "models": {"routes": {"loud": {"backend": "loud"}, "bug": {"backend": "bug"}}},
     }
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     with run_stella(config, env) as server:
         r = httpx.post(
             server.url + "/api/v1/chat",

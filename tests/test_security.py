@@ -17,7 +17,7 @@ from starlette.routing import Mount, Route
 from stella.app import create_app
 from stella.settings import load_settings
 from tests.fakes.server import serve
-from tests.live import run_stella
+from tests.live import install_plugin, run_stella
 
 ADMIN = "sk-sec-admin-000111"
 NARROW = "sk-sec-narrow-000222"
@@ -451,6 +451,69 @@ def test_credentials_an_upstream_echoes_or_the_config_holds_stay_hidden() -> Non
             assert any(e.get("stream") is True for e in events)  # "true" is not masked
     basic = base64.b64encode(b"bob:basic-pw-5150").decode()
     for secret in (UPSTREAM_SECRET, "hdr-secret-777", "redis-secret-4242", basic, "basic-pw-5150"):
+        assert secret not in everything, secret
+
+
+LOGIN_PLUGIN = """
+import structlog
+
+from stella.backends import Backend, BackendConfig
+from stella.errors import UpstreamError
+
+
+class LoginConfig(BackendConfig, kw_only=True):
+    passwd: str = ""
+    credentials: str = ""
+    auth_retries: int = 0
+    sign_requests: bool = False
+
+
+class LoginBackend(Backend):
+    kind = "login"
+    Config = LoginConfig
+
+    async def chat(self, request, ctx):
+        cfg = self.config
+        structlog.get_logger("stella").info("login_tried", note=f"as {cfg.credentials}")
+        raise UpstreamError(f"login refused: {cfg.credentials} / {cfg.passwd}")
+        yield
+"""
+
+
+def test_a_plugin_backends_credentials_are_hidden_by_their_names(tmp_path: Path) -> None:
+    # A plugin kind's own fields are credentials by the words a header's name is read by
+    # (passwd, credentials), not only key/secret/token/password: /config shows them
+    # masked, and a log line or an error message that quotes them too.
+    env = install_plugin(tmp_path, "stella_login", LOGIN_PLUGIN, {"login": "LoginBackend"})
+    config = {
+        **CONFIG,
+        "backends": {
+            "corp": {
+                "kind": "login",
+                "passwd": "PlainPasswd123",
+                "credentials": "svc:CredSecret456",
+                "auth_retries": 2,
+                "sign_requests": True,
+            }
+        },
+        "models": {"routes": {"corp-model": {"backend": "corp", "retries": 0}}},
+    }
+    with run_stella(config, {**env, "STELLA_API_KEYS": f"admin={ADMIN}"}) as server:
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        chat = {"model": "corp-model", "messages": [{"role": "user", "content": "x"}]}
+        r = httpx.post(server.url + "/api/v1/chat", headers=admin, json=chat, timeout=10)
+        assert "login refused: *** / ***" in r.text, r.text
+        cfg = httpx.get(server.url + "/config", headers=admin).json()["config"]
+        corp = cfg["backends"]["corp"]
+        assert (corp["passwd"], corp["credentials"]) == ("***", "***")
+        # Not strings: shown as they are, whatever their names say.
+        assert (corp["auth_retries"], corp["sign_requests"]) == (2, True)
+        assert cfg["auth"]["allow_anonymous"] is False
+        assert cfg["auth"]["keys_env"] == "STELLA_API_KEYS"
+        assert server.wait_event(lambda e: True, name="login_tried")["note"] == "as ***"
+        server.stop()
+        everything = "\n".join([r.text, json.dumps(cfg), *server.lines()])
+    for secret in ("PlainPasswd123", "svc:CredSecret456", "CredSecret456"):
         assert secret not in everything, secret
 
 

@@ -205,6 +205,51 @@ def test_redaction_hides_secrets() -> None:
     assert "R_KEY" in text  # the variable's name is not the secret
 
 
+def test_a_backend_field_is_a_secret_by_the_same_words_as_a_header() -> None:
+    # A plugin kind's fields are read by the header rule: passwd, credentials, a cookie
+    # are masked in /config and in the logs; a number, a boolean, a variable's name and
+    # a model's source are not secrets, whatever their names say.
+    s = load_settings(
+        {
+            "backends": {
+                "corp": {
+                    "kind": "corp",
+                    "passwd": "PlainPasswd123",
+                    "credentials": "svc:CredSecret456",
+                    "session_cookie": "sid=CookieVal789",
+                    "signing": {"hmac_secret": "nested-hmac-000"},
+                    "auth_retries": 3,
+                    "sign_requests": True,
+                    "passwd_env": "CORP_PASSWD",
+                    "region": "eu-west",
+                },
+                "local": {"kind": "mlx", "models": {"passage-ranker": "/models/passage-ranker"}},
+            },
+            "auth": {"allow_anonymous": True, "keys": {"a": {"sha256": "cd" * 32}}},
+        },
+        environ={},
+    )
+    shown = redacted(s)
+    corp = shown["backends"]["corp"]
+    assert {k: corp[k] for k in ("passwd", "credentials", "session_cookie", "signing")} == {
+        "passwd": "***",
+        "credentials": "***",
+        "session_cookie": "***",
+        "signing": {"hmac_secret": "***"},
+    }
+    assert corp["auth_retries"] == 3 and corp["sign_requests"] is True
+    assert corp["passwd_env"] == "CORP_PASSWD" and corp["region"] == "eu-west"
+    assert shown["backends"]["local"]["models"] == {"passage-ranker": "/models/passage-ranker"}
+    assert shown["auth"]["allow_anonymous"] is True
+    assert shown["auth"]["keys"]["a"]["sha256"] == "***"
+    assert shown["auth"]["keys_env"] == "STELLA_API_KEYS"
+    values = secret_values(s)
+    for secret in ("PlainPasswd123", "svc:CredSecret456", "sid=CookieVal789", "nested-hmac-000"):
+        assert secret in values, secret
+    for plain in ("3", "CORP_PASSWD", "eu-west", "/models/passage-ranker"):
+        assert plain not in values, plain
+
+
 def test_credential_headers_and_url_passwords_are_found_by_name() -> None:
     headers = {
         "Authentication": "tok-ABCDEFGH12345",  # joined or camelCase words count too

@@ -40,7 +40,8 @@ class MlxConfig(BackendConfig, kw_only=True):
     models: dict[str, str] = {}
     preload: bool = True  # load at start (else on first use)
     keep_alive_s: Annotated[float, Meta(ge=0)] = 0.0  # unload after this long idle; 0: never
-    max_queue: Annotated[int, Meta(ge=1)] = 16  # waiting generations; past it: 503 overloaded
+    # Generations waiting behind the one running (or for a model load); past it: 503.
+    max_queue: Annotated[int, Meta(ge=1)] = 16
     cache_dir: str = ""  # where imported GGUF models go (default ~/.cache/stella/models)
     # "auto": float32 weights on a CPU-only Linux machine (faster there than 4-bit),
     # the file's own (quantized) weights elsewhere; or "native", "float32", "float16".
@@ -288,7 +289,7 @@ class MlxBackend(Backend):
         self.refuse_json_mode(request)  # nothing here constrains sampling
         if self.worker.full():
             raise Overloaded(
-                f"mlx: {self.worker.waiting} generations already waiting", retry_after=5
+                f"mlx: {self.worker.behind} generations already waiting", retry_after=5
             )
 
     # --- generation --------------------------------------------------------

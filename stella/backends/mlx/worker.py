@@ -67,6 +67,7 @@ class MlxWorker:
         self.stats = Stats()
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._waiting = 0
+        self._running: GenerationJob | None = None  # taken by the thread, not yet done
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="stella-mlx", daemon=True)
         self._thread.start()
@@ -77,9 +78,28 @@ class MlxWorker:
         """Generation jobs queued and not started."""
         return self._waiting
 
+    @property
+    def behind(self) -> int:
+        """Generation jobs waiting behind the one running (or the one that runs next)."""
+        with self._lock:
+            return max(self._held() - 1, 0)
+
     def full(self) -> bool:
-        """Whether a new generation job would exceed max_queue."""
-        return self._waiting >= self.max_queue
+        """Whether a new generation job would wait behind max_queue others.
+
+        The job that runs, or on an idle engine the first one queued (it runs at once),
+        holds no place in the queue: with max_queue = 1, two requests that arrive together
+        at an idle engine are both taken, whether or not the thread has begun the first.
+        """
+        with self._lock:
+            return self._held() > self.max_queue
+
+    def _held(self) -> int:
+        # A running job that was cancelled (its answer is done, or its client gone) stops
+        # at its next token: it no longer holds a place. Called with the lock held, so a
+        # job the thread is taking is counted once, as waiting or as running.
+        running = self._running
+        return self._waiting + (running is not None and not running.cancelled)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
         """Run `fn(*args)` on the MLX thread (after the jobs already queued)."""
@@ -132,9 +152,13 @@ class MlxWorker:
                 self.stats.beat = time.monotonic()
                 continue
             job: GenerationJob = item[1]
-            self._uncount(job)
-            if job.cancelled:
-                continue
+            with self._lock:  # from waiting to running in one step (see full)
+                if job.counted:
+                    job.counted = False
+                    self._waiting -= 1
+                if job.cancelled:
+                    continue
+                self._running = job
             job.started = time.perf_counter()
             self.busy = True
             self.stats.jobs += 1
@@ -143,5 +167,6 @@ class MlxWorker:
             except BaseException as exc:
                 job.emit(exc)
             finally:
+                self._running = None
                 self.busy = False
                 self.stats.beat = time.monotonic()
