@@ -20,7 +20,7 @@ import msgspec
 from msgspec import Meta
 
 from stella.backends import ConfigError
-from stella.logs import name_words
+from stella.logs import is_secret_field, name_words
 
 
 class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -306,7 +306,7 @@ def blamed(
     elif len(parts) > 2 and parts[-2] == "headers":
         shown = "***" if value and _is_secret_name(parts[-1]) else value
     else:
-        shown = _redact(value, parts[-1])
+        shown = _redact(value, (parts[-1],))
     return ConfigError(f"{variable}={shown}: {exc}")
 
 
@@ -513,8 +513,16 @@ SECRET_PARTS = (
     "credential",
     "sha256",
 )
-# Words of a name that contain one of those without naming a credential.
-NOT_SECRET_WORDS = frozenset({"bypass", "passthrough", "author", "authors"})
+# Words of a name that contain one of those without naming a credential (Portkey's
+# routing headers, x-portkey-provider, name a provider, not a key).
+NOT_SECRET_WORDS = frozenset(
+    {"bypass", "passthrough", "author", "authors", "portkey", "tokenizer", "tokenizers"}
+)
+# A header value only the broad rule finds is masked in every log line from this length
+# on: a short word ("openai") masked everywhere would wreck the lines. /config masks it
+# whatever its length; a field the log's own rule names (api_key, passwd) is always
+# masked.
+MIN_LOGGED_SECRET = 8
 # Configured values that are not secrets whatever their header: masking them wherever
 # they appear would hide ordinary text (`"stream":true` in every log line).
 PLAIN_VALUES = frozenset({"true", "false", "yes", "no", "on", "off", "none", "null"})
@@ -529,8 +537,8 @@ def secret_values(settings: Settings) -> list[str]:
     """Credentials written in the configuration itself (a backend's auth header or any
     field named as one, a password in a URL), for the logs and error messages to mask."""
     out = []
-    for table in settings.backends.values():
-        for value in _secret_leaves(table):
+    for name, table in settings.backends.items():
+        for value in _secret_leaves(table, ("backends", name)):
             out.append(value)
             # "Bearer xyz": the token alone, wherever it appears without its scheme.
             out.append(value.rpartition(" ")[2])
@@ -561,31 +569,45 @@ def _names_secret(key: str) -> bool:
     return not key.lower().endswith("_env") and _is_secret_name(key)
 
 
-def _field_name(table: str, key: str, value: Any) -> str:
-    """The name the secret rule reads for `key` of `table`: a `models` table maps model
-    names to sources, and a model's name says nothing of its source."""
-    return "" if table == "models" and isinstance(value, str) else key
+def _field_name(path: tuple[str, ...], key: str, value: Any) -> str:
+    """The name the secret rule reads for `key` of the table at `path`: a backend's
+    `models` table maps model names to sources, and a model's name says nothing of its
+    source."""
+    if len(path) == 3 and path[0] == "backends" and path[2] == "models":
+        return "" if isinstance(value, str) else key
+    return key
 
 
-def _secret_leaves(node: Any, key: str = "") -> Iterator[str]:
-    """The non-empty strings in a table that _redact masks by their name."""
+def _secret_leaves(node: Any, path: tuple[str, ...]) -> Iterator[str]:
+    """The non-empty strings under `node` (at `path`) that _redact masks by their name,
+    for the logs: a backend's headers by the header rule, its other fields by the log's
+    own (stricter) field rule (`auth_scheme = "Bearer"` is no credential)."""
     if isinstance(node, dict):
         for k, v in node.items():
-            yield from _secret_leaves(v, _field_name(key, k, v))
+            yield from _secret_leaves(v, (*path, _field_name(path, k, v)))
     elif isinstance(node, list):
         for v in node:
-            yield from _secret_leaves(v, key)
-    elif isinstance(node, str) and node and _names_secret(key):
-        yield node
+            yield from _secret_leaves(v, path)
+    elif isinstance(node, str) and node:
+        key = path[-1]
+        if not _names_secret(key):
+            return
+        if is_secret_field(key):
+            yield node
+        elif len(path) > 1 and path[-2] == "headers" and len(node) >= MIN_LOGGED_SECRET:
+            # A header the broad rule finds (X-Signature, Helicone-Auth): a credential
+            # often enough, and long enough not to be an ordinary word.
+            yield node
 
 
-def _redact(node: Any, key: str = "") -> Any:
+def _redact(node: Any, path: tuple[str, ...] = ()) -> Any:
     # Only strings are masked: a table named `auth`, a number (`max_tokens`) or a boolean
     # under a secret-looking name is shown as it is.
     if isinstance(node, dict):
-        return {k: _redact(v, _field_name(key, k, v)) for k, v in node.items()}
+        return {k: _redact(v, (*path, _field_name(path, k, v))) for k, v in node.items()}
     if isinstance(node, list):
-        return [_redact(v, key) for v in node]
+        return [_redact(v, path) for v in node]
+    key = path[-1] if path else ""
     if isinstance(node, str) and node and _names_secret(key):
         return "***"
     if isinstance(node, str) and ("://" in node or key.lower().endswith("url")):

@@ -366,6 +366,15 @@ def test_keys_refuses_what_the_config_would_and_a_closed_stdin() -> None:
         timeout=60,
     )
     assert closed.returncode == 2 and closed.stderr == "stella: no key on stdin\n", closed.stderr
+    binary = subprocess.run(
+        [sys.executable, "-m", "stella", "keys", "hash"],
+        input=b"ab\xffcd\n",
+        capture_output=True,
+        timeout=60,
+    )
+    assert (
+        binary.returncode == 2 and binary.stderr == b"stella: the key on stdin is not UTF-8 text\n"
+    )
 
 
 def test_credentials_an_upstream_echoes_or_the_config_holds_stay_hidden() -> None:

@@ -250,6 +250,47 @@ def test_a_backend_field_is_a_secret_by_the_same_words_as_a_header() -> None:
         assert plain not in values, plain
 
 
+def test_ordinary_words_in_secret_looking_names_are_not_masked_in_every_log_line() -> None:
+    # Masked values are replaced in every log line: a short common word found by a loose
+    # name ("openai" under x-portkey-provider, "gpt2" under tokenizer) would wreck them.
+    s = load_settings(
+        {
+            "backends": {
+                "portkey": {
+                    "kind": "openai",
+                    "base_url": "http://x/v1",
+                    "headers": {"x-portkey-provider": "openai", "X-Signature": "sig-ABCDEF123"},
+                },
+                "hf": {
+                    "kind": "hfplugin",
+                    "enabled": False,
+                    "tokenizer": "gpt2",
+                    "auth_scheme": "Bearer",
+                    "signing_name": "bedrock",
+                    "oauth_scope": "read",
+                    "key_id": "model",
+                    "api_key": "k-123456",
+                },
+                "models": {"kind": "x", "enabled": False, "secret_key": "s3cr3t-value-xyz"},
+            },
+            "auth": {"keys": {"models": {"sha256": "ab" * 32}}},
+        },
+        environ={},
+    )
+    values = secret_values(s)
+    for plain in ("openai", "gpt2", "Bearer", "bedrock", "read", "model"):
+        assert plain not in values, plain
+    for secret in ("sig-ABCDEF123", "k-123456", "s3cr3t-value-xyz"):
+        assert secret in values, secret
+    shown = redacted(s)
+    assert shown["backends"]["portkey"]["headers"]["x-portkey-provider"] == "openai"
+    assert shown["backends"]["hf"]["tokenizer"] == "gpt2"
+    # Only a backend's own `models` table maps names to sources: a backend or a key
+    # named "models" keeps its secrets masked.
+    assert shown["backends"]["models"]["secret_key"] == "***"
+    assert shown["auth"]["keys"]["models"]["sha256"] == "***"
+
+
 def test_credential_headers_and_url_passwords_are_found_by_name() -> None:
     headers = {
         "Authentication": "tok-ABCDEFGH12345",  # joined or camelCase words count too

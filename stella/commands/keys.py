@@ -51,7 +51,11 @@ def run(args: argparse.Namespace) -> int:
         if not key:
             print("stella: no key on stdin", file=sys.stderr)
             return 2
-        print(hash_key(key))
+        try:
+            print(hash_key(key))
+        except UnicodeEncodeError:  # bytes that are not UTF-8 (read as surrogates)
+            print("stella: the key on stdin is not UTF-8 text", file=sys.stderr)
+            return 2
         return 0
     # What the config takes as a key name (stella.auth): not empty, no "|" (usage fields
     # are "name|model|count") and no control characters.
