@@ -426,3 +426,25 @@ def test_a_failed_tool_result_reads_as_one_where_the_api_has_no_flag() -> None:
     ):
         assert request_body(tool(content, failed), False, False)["messages"][0]["content"] == read
         assert ollama_body(tool(content, failed), "")["messages"][0]["content"] == read
+
+
+async def test_a_finished_stream_held_open_without_its_usage_ends_with_the_answer(
+    fake: tuple[FakeOpenAI, str],
+) -> None:
+    import asyncio
+
+    from stella.backends import openai
+
+    b = await backend(fake[1] + "/v1")
+    try:
+        t = time.perf_counter()
+        async with asyncio.timeout(openai.USAGE_GRACE_S + 5):  # held open: it never ends
+            events = await collect(b, "finish-then-hold")
+        waited = time.perf_counter() - t
+    finally:
+        await b.aclose()
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == " w0 w1 w2 w3 w4"
+    done = events[-1]
+    assert isinstance(done, Done) and done.finish_reason == "stop"
+    assert done.usage.completion_tokens == 5  # counted: the usage never came
+    assert waited >= openai.USAGE_GRACE_S * 0.9

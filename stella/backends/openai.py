@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,6 +36,9 @@ FINISH = {
 }
 # What vLLM, SGLang and others say of an answer they cut short themselves: not a success.
 FAILED = frozenset({"abort", "error", "cancelled"})
+# How long a finished stream may keep the usage chunk it was asked for (it comes at
+# once from a server that sends it) before the answer ends with its deltas counted.
+USAGE_GRACE_S = 2.0
 
 
 class OpenAIConfig(HttpConfig, kw_only=True):
@@ -191,7 +195,21 @@ class OpenAIBackend(HttpBackend):
                 # One network read often holds several SSE events (a fast upstream, or a
                 # burst after a pause): their text goes out as one Delta, one send.
                 buf = LineBuffer(name)
-                async for raw in r.content.iter_any():
+                reads = r.content.iter_any().__aiter__()
+                while True:
+                    if finish is None:
+                        raw = await anext(reads, None)
+                    else:
+                        # The answer is whole, the usage asked for has not come: an
+                        # upstream that ignores stream_options may hold the stream open
+                        # without [DONE]. Wait briefly, then count the deltas instead.
+                        try:
+                            async with asyncio.timeout(USAGE_GRACE_S):
+                                raw = await anext(reads, None)
+                        except TimeoutError:
+                            break
+                    if raw is None:
+                        break
                     lines = buf.feed(raw)
                     if not lines:
                         continue

@@ -8,7 +8,9 @@ whatever the client accepts, as a careless proxy would), `redirect` (307 elsewhe
 `think-S` (S seconds before the answer: the first chunk, or the whole non-stream body),
 `endless` (a line that does not end: 20 MB without a newline), `latin1` (bytes that are
 not UTF-8 inside a chunk), `abort` (finish_reason "abort", as vLLM says of a request it
-cut short), `slow-tools` (a tool call whose arguments take 1.2 s to arrive).
+cut short), `slow-tools` (a tool call whose arguments take 1.2 s to arrive),
+`finish-then-hold` (the answer and its finish reason, then no usage, no [DONE], the
+stream held open).
 It records what it saw.
 """
 
@@ -214,6 +216,8 @@ class FakeOpenAI:
                         await asyncio.sleep(0.01)  # tokens spaced as a model makes them
                     yield chunk({"content": word})
                 yield chunk({}, "abort" if model == "abort" else "stop")
+            if model == "finish-then-hold":  # ignores include_usage, never says [DONE]
+                await asyncio.sleep(3600)
             if (body.get("stream_options") or {}).get("include_usage") and model != "no-usage":
                 usage = {
                     "prompt_tokens": 3,
