@@ -345,3 +345,12 @@ class HttpToolsProtocol(BodyDeadlineProtocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         corked = CorkedTransport(cast(asyncio.Transport, transport), self.loop, self.tasks)
         super().connection_made(cast(asyncio.Transport, corked))
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed (or left): what is held goes out before the connection
+        ends, as uvicorn ends it on end of input (an answer made in this loop turn was
+        dropped otherwise, and logged as sent)."""
+        transport = self.transport
+        if isinstance(transport, CorkedTransport):
+            transport.flush()
+        return super().eof_received()

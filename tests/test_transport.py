@@ -514,3 +514,45 @@ async def test_a_pipelined_body_is_not_counted_as_headers() -> None:
     await asyncio.sleep(0.2)
     assert rec.closed and b" 431 " not in b"".join(rec.writes)
     proto.connection_lost(None)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_made_as_the_client_half_closes_is_sent(stream: bool) -> None:
+    # A client may send its request and half-close (shutdown(SHUT_WR)) before reading.
+    # With another request in flight, the answer is held to the end of the loop turn:
+    # it must still go out before the connection ends (it was dropped, logged as sent).
+    import json
+    import socket
+    import time
+
+    from tests.live import run_stella
+
+    def post(text: str) -> bytes:
+        body = json.dumps(
+            {"model": "echo", "stream": stream, "messages": [{"role": "user", "content": text}]}
+        ).encode()
+        head = f"POST /api/v1/chat HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        return head.encode() + body
+
+    with run_stella() as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        # A request whose body never comes: in flight all along, so answers are held.
+        hold = socket.create_connection(("127.0.0.1", port))
+        hold.sendall(b"POST /api/v1/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        time.sleep(0.3)
+        try:
+            for i in range(5):
+                s = socket.create_connection(("127.0.0.1", port))
+                s.settimeout(10)
+                s.sendall(post(f"half closed {i}"))
+                s.shutdown(socket.SHUT_WR)
+                got = b""
+                while data := s.recv(65536):
+                    got += data
+                s.close()
+                assert got.startswith(b"HTTP/1.1 200"), (i, got)
+                body = got.split(b"\r\n\r\n", 1)[1]
+                whole = b'"type":"done"' in body if stream else f"closed {i}".encode() in body
+                assert whole, (i, got)
+        finally:
+            hold.close()
