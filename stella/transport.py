@@ -156,6 +156,20 @@ class CorkedTransport:
         self._transport.abort()
 
 
+class _Recorder:
+    """Takes what uvicorn writes in place of the transport."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        """Keep `data`."""
+        self.data.append(data)
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 class BodyDeadlineProtocol(_HttpToolsProtocol):
     """uvicorn's httptools protocol, closing a connection whose request headers or body
     stall."""
@@ -169,6 +183,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _inexact = False  # the count of the current headers may miss one still being read
     _refused = False  # answered 431 (the parser's complaint that may follow is not sent)
     _idle_again = False  # a body answered early came whole: the keep-alive timer is due
+    _deferred: bytes | None = None  # an error answer waiting for the running one to end
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         """Accept as uvicorn does; from now on, a look every HEADER_TIMEOUT_S."""
@@ -184,29 +199,41 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         if self._refused:
             return
         self._refused = True
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete and cycle.scope is not self.scope:
-            # A pipelined request behind one still being answered: a 431 now would land
-            # inside that answer. The connection just ends.
-            self.transport.close()
-            return
         rid = new_request_id()  # the client's own is in the headers not read
         # stella's error object: JSON that the OpenAI and Anthropic clients read too (the
         # dialect is not known: the path may be among what was not read).
         body = msgspec.json.encode(
             {"error": {"code": "headers_too_large", "message": why, "request_id": rid}}
         )
-        self.transport.write(
+        self._last_word(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
             b"content-type: application/json\r\nx-request-id: %s\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (rid.encode(), len(body), body)
         )
-        self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's 400 for a request it cannot parse, unless it was answered 431."""
-        if not self._refused:
+        if self._refused:
+            return
+        self._refused = True  # the broken parser's later complaints are not sent
+        real, record = self.transport, _Recorder()
+        self.transport = record  # type: ignore[assignment]
+        try:
             super().send_400_response(msg)
+        finally:
+            self.transport = real
+        self._last_word(b"".join(record.data))
+
+    def _last_word(self, answer: bytes) -> None:
+        """Send an error answer for the request being read, then close; after the answer
+        still being sent for the one before it (pipelined), which it would land inside."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not cycle.more_body:
+            self._deferred = answer
+            self.transport.pause_reading()  # nothing more is read: the parser is done
+            return
+        self.transport.write(answer)
+        self.transport.close()
 
     def on_headers_complete(self) -> None:
         """Start the request as uvicorn does, its scope carrying a way to drop the client."""
@@ -307,7 +334,14 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self._idle_again = True
 
     def on_response_complete(self) -> None:
-        """A pipelined request may start now, with its body still to come."""
+        """A pipelined request may start now, with its body still to come; or the error
+        answer that waited for this one goes out, and the connection ends."""
+        if self._deferred is not None:
+            self.server_state.total_requests += 1
+            self.transport.write(self._deferred)
+            self._deferred = None
+            self.transport.close()
+            return
         super().on_response_complete()
         self._arm()
 

@@ -498,8 +498,9 @@ async def test_a_pipelined_body_is_not_counted_as_headers() -> None:
     assert out.count(b" 200 ") == 1 and b" 431 " in out and rec.closed, out[:200]
     proto.connection_lost(None)
 
-    # B over the limits while A still streams: no 431 inside A's answer, the
-    # connection just ends.
+    # B over the limits (or malformed) while A still streams: A's answer ends whole,
+    # then B's error answer goes out and the connection ends (inside A's answer, the
+    # error would corrupt it; closing at once would cut it).
     async def streaming(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for _ in range(5):
@@ -507,13 +508,21 @@ async def test_a_pipelined_body_is_not_counted_as_headers() -> None:
             await asyncio.sleep(0.02)
         await send({"type": "http.response.body", "body": b""})
 
-    proto, rec = _protocol(streaming, busy=False)
-    proto.data_received(b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n")
-    await turn()
-    proto.data_received(b"GET /b HTTP/1.1\r\n" + b"x: y\r\n" * 300 + b"\r\n")
-    await asyncio.sleep(0.2)
-    assert rec.closed and b" 431 " not in b"".join(rec.writes)
-    proto.connection_lost(None)
+    bad_heads = (
+        (b"GET /b HTTP/1.1\r\n" + b"x: y\r\n" * 300 + b"\r\n", b" 431 "),
+        (b"POST /b HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello", b" 400 "),
+    )
+    for bad, status in bad_heads:
+        proto, rec = _protocol(streaming, busy=False)
+        proto.data_received(b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n")
+        await turn()
+        proto.data_received(bad)
+        await asyncio.sleep(0.2)
+        out = b"".join(rec.writes)
+        a, _, b = out.partition(b"0\r\n\r\n")  # A's chunked answer, whole, then B's
+        assert a.count(b"1\r\nx\r\n") == 5 and status not in a, out
+        assert b.startswith(b"HTTP/1.1" + status) and rec.closed, out
+        proto.connection_lost(None)
 
 
 @pytest.mark.parametrize("stream", [False, True])
