@@ -303,3 +303,92 @@ def test_bench_asgi_refuses_to_time_an_error_answer() -> None:
     app = Starlette(routes=[Route("/api/v1/chat", refuse, methods=["POST"])])
     with pytest.raises(BenchError, match="answered 401"):
         asyncio.run(asgi._measure(app, 10))
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie has ended: only its exit status is left)."""
+    from pathlib import Path
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _bench_with_servers_up(tmp_path) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """`stella bench echo` started with its temp files in `tmp_path`, once its three servers run."""
+    import os
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stella", "bench", "echo", "-c", "1", "-d", "1", "--rounds", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    deadline = time.monotonic() + 90
+    while len(children := _children(proc.pid)) < 3:
+        assert proc.poll() is None, "the bench ended before its servers were up"
+        assert time.monotonic() < deadline, "the bench's servers did not start"
+        time.sleep(0.1)
+    return proc, children
+
+
+def _gone(pids: list[int]) -> bool:
+    import time
+
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(_alive(p) for p in pids)
+
+
+def _stop(proc: subprocess.Popen[bytes], children: list[int]) -> None:
+    """Whatever the test saw survive is stopped, by PID: a failure leaves no server behind."""
+    import os
+    import signal
+
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    for pid in children:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_stops_the_benchs_servers_and_removes_its_files(tmp_path) -> None:
+    import os
+    import signal
+
+    proc, children = _bench_with_servers_up(tmp_path)
+    try:
+        assert list(tmp_path.glob("stella-bench-*"))  # its config and replayed bodies
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+        assert _gone(children)
+        assert list(tmp_path.iterdir()) == []  # no temp dir, no wrk script
+    finally:
+        _stop(proc, children)
+
+
+def test_a_killed_bench_takes_its_servers_with_it(tmp_path) -> None:
+    import os
+    import signal
+
+    proc, children = _bench_with_servers_up(tmp_path)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)  # no cleanup runs: the servers must die by themselves
+        proc.wait(10)
+        assert _gone(children)
+    finally:
+        _stop(proc, children)

@@ -14,7 +14,7 @@ import msgspec
 
 from stella.bench.echo import _body, measure
 from stella.bench.loadgen import Result, have_wrk, require_clean
-from stella.bench.servers import free_port, sample, spawn, stella_args
+from stella.bench.servers import die_with_parent, free_port, sample, spawn, stella_args
 
 KEY = "sk-bench-auth-key"
 
@@ -38,6 +38,7 @@ def _redis() -> Iterator[str | None]:
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
     )
     time.sleep(0.3)
     try:

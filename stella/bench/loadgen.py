@@ -316,7 +316,15 @@ def run_wrk(
     if cpu is not None:
         args = ["taskset", "-c", str(cpu), *args]
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
+        from stella.bench.servers import die_with_parent
+
+        done = subprocess.run(
+            args,
+            capture_output=True,
+            text=True,
+            timeout=duration + 60,
+            preexec_fn=die_with_parent,
+        )
     finally:
         os.unlink(script)
     if done.returncode or "requests in" not in done.stdout:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import msgspec
 
-from stella.bench.servers import free_port, spawn, stella_args
+from stella.bench.servers import die_with_parent, free_port, spawn, stella_args
 
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
 SYSTEM = "You are a helpful assistant. " + " ".join(
@@ -127,6 +127,7 @@ def compare(tokens: int = 64, runs: int = 3) -> Report:
         capture_output=True,
         text=True,
         timeout=1800,
+        preexec_fn=die_with_parent,
     )
     if raw.returncode != 0:
         raise RuntimeError(raw.stderr[-2000:])

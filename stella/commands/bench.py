@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -107,11 +108,30 @@ def run(args: argparse.Namespace) -> int:
     """Run the chosen measurement and print it."""
     from stella.bench.loadgen import BenchError
 
+    previous = _stop_on_signals()
     try:
         return _run(args)
     except BenchError as exc:  # a server answered with errors: there is nothing to compare
         print(f"stella bench: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """SIGTERM and SIGHUP unwind the bench as Ctrl-C does, so its servers and files go too."""
+
+    def stop(signum: int, frame: object) -> None:
+        # A second signal must not cut the cleanup (servers stopped, temp files removed) short.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, stop)
+    return previous
 
 
 def _run(args: argparse.Namespace) -> int:
