@@ -392,3 +392,56 @@ def test_a_killed_bench_takes_its_servers_with_it(tmp_path) -> None:
         assert _gone(children)
     finally:
         _stop(proc, children)
+
+
+def _fake_redis(tmp_path, script: str) -> str:
+    """A directory whose only redis-server is `script`."""
+    exe = tmp_path / "bin" / "redis-server"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\n" + script + "\n")
+    exe.chmod(0o755)
+    return str(exe.parent)
+
+
+def test_a_redis_that_does_not_start_fails_the_auth_bench(tmp_path, monkeypatch) -> None:
+    import pytest
+
+    from stella.bench.auth import _redis
+    from stella.bench.loadgen import BenchError
+
+    monkeypatch.setenv("PATH", _fake_redis(tmp_path, "echo 'Bad directive' >&2; exit 1"))
+    with pytest.raises(BenchError, match=r"redis-server exited \(1\): Bad directive"):
+        with _redis():
+            pass
+
+
+def test_a_redis_that_never_answers_fails_the_auth_bench(tmp_path, monkeypatch) -> None:
+    import pytest
+
+    from stella.bench.auth import _redis
+    from stella.bench.loadgen import BenchError
+
+    monkeypatch.setenv("PATH", _fake_redis(tmp_path, "exec /bin/sleep 30"))
+    with pytest.raises(BenchError, match="did not answer PING"):
+        with _redis(timeout=0.5):
+            pass
+
+
+def test_the_auth_bench_says_when_redis_is_not_installed(tmp_path) -> None:
+    import os
+    from pathlib import Path
+
+    # Neither redis-server nor wrk on PATH: the in-process load generator measures.
+    (tmp_path / "bin").mkdir()
+    env = {**os.environ, "PATH": str(tmp_path / "bin")}
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "bench", "auth", "-c", "1", "-d", "0.3", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| keys + limits in memory |" in out.stdout and "in Redis |" not in out.stdout
+    assert "- redis-server is not on PATH: the Redis setup was left out" in out.stdout
