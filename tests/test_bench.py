@@ -333,7 +333,7 @@ def _bench_with_servers_up(tmp_path) -> tuple[subprocess.Popen[bytes], list[int]
     proc = subprocess.Popen(
         [sys.executable, "-m", "stella", "bench", "echo", "-c", "1", "-d", "1", "--rounds", "1"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     deadline = time.monotonic() + 90
@@ -445,3 +445,52 @@ def test_the_auth_bench_says_when_redis_is_not_installed(tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     assert "| keys + limits in memory |" in out.stdout and "in Redis |" not in out.stdout
     assert "- redis-server is not on PATH: the Redis setup was left out" in out.stdout
+
+
+def test_ctrl_c_ends_the_bench_with_130_and_no_traceback(tmp_path) -> None:
+    import os
+    import signal
+
+    proc, children = _bench_with_servers_up(tmp_path)
+    try:
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 130
+        assert proc.stderr is not None
+        assert proc.stderr.read().decode() == "stella: interrupted\n"
+        assert _gone(children) and list(tmp_path.iterdir()) == []
+    finally:
+        _stop(proc, children)
+
+
+def test_a_server_that_does_not_start_is_one_line(monkeypatch, capsys) -> None:
+    import argparse
+
+    from stella.bench import echo
+    from stella.commands import bench
+
+    def failing(*args: object, **kwargs: object) -> list[Row]:
+        raise RuntimeError("python exited: Traceback (most recent call last):\n  ...\nOSError: x")
+
+    monkeypatch.setattr(echo, "compare", failing)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["echo", "-c", "1"])) == 1
+    err = capsys.readouterr().err
+    assert err == "stella: python exited: Traceback (most recent call last): ... OSError: x\n"
+
+
+def test_bench_mlx_without_mlx_says_how_to_install_it(tmp_path) -> None:
+    import os
+
+    # A module named mlx that fails to import, first on the path: as if MLX were absent.
+    (tmp_path / "mlx.py").write_text("raise ImportError(\"No module named 'mlx'\")\n")
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "bench", "mlx", "--runs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert len(out.stderr.splitlines()) == 1 and ".[mlx]" in out.stderr

@@ -110,13 +110,42 @@ def run(args: argparse.Namespace) -> int:
 
     previous = _stop_on_signals()
     try:
+        if args.what == "mlx" and not _have_mlx():
+            return 1
         return _run(args)
     except BenchError as exc:  # a server answered with errors: there is nothing to compare
         print(f"stella bench: {exc}", file=sys.stderr)
         return 1
+    except RuntimeError as exc:  # a server (or raw mlx-lm) that did not start or failed
+        print(f"stella: {_one_line(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the servers were stopped on the way out
+        print("stella: interrupted", file=sys.stderr)
+        return 130
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _have_mlx() -> bool:
+    """Whether MLX and mlx-lm import; if not, say how to install them."""
+    try:
+        import mlx.core  # noqa: F401
+        import mlx_lm  # noqa: F401
+    except ImportError as exc:
+        print(
+            f"stella: bench mlx needs MLX ({exc}): pip install 'stella-gateway[mlx]' "
+            "(or '.[mlx]' in a checkout)",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """`text` on one line; when long, its start and its end (where a traceback's error is)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else f"{flat[:100]} ... {flat[-(limit - 105) :]}"
 
 
 def _stop_on_signals() -> dict[int, Any]:
