@@ -494,3 +494,29 @@ def test_bench_mlx_without_mlx_says_how_to_install_it(tmp_path) -> None:
     )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert len(out.stderr.splitlines()) == 1 and ".[mlx]" in out.stderr
+
+
+BAD_OPTIONS = [
+    ["asgi", "-n", "0"],
+    ["echo", "--rounds", "0"],
+    ["auth", "--rounds", "0"],
+    ["auth", "-c", "0"],
+    ["mlx", "--runs", "0"],
+    ["mlx", "--tokens", "1"],
+    ["gateway", "--rounds", "-1"],
+    ["dialects", "-d", "0"],
+    ["url", "http://127.0.0.1:1/x", "-n", "0"],
+]
+
+
+def test_counts_below_their_minimum_are_usage_errors(capsys) -> None:
+    import pytest
+
+    from stella.cli import build_parser
+
+    parser = build_parser()
+    for args in BAD_OPTIONS:
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["bench", *args])
+        assert exit_.value.code == 2, args
+        assert "usage:" in capsys.readouterr().err, args

@@ -27,9 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     url.add_argument("--allow-remote", action="store_true", help="load a host that is not loopback")
     dialects = sub.add_parser("dialects", help="the OpenAI dialect's cost vs the native API")
     auth = sub.add_parser("auth", help="keys and rate limits off vs in memory vs in Redis")
-    auth.add_argument("-c", "--concurrency", type=int, default=8, help="clients")
-    auth.add_argument("-d", "--duration", type=float, default=3.0, help="seconds per round")
-    auth.add_argument("--rounds", type=int, default=3, help="each setup keeps its best round")
+    auth.add_argument("-c", "--concurrency", type=_at_least_1, default=8, help="clients")
+    auth.add_argument("-d", "--duration", type=_above_0, default=3.0, help="seconds per round")
+    auth.add_argument(
+        "--rounds", type=_at_least_1, default=3, help="each setup keeps its best round"
+    )
     auth.add_argument("--json", action="store_true", help="print JSON instead of a table")
     gateway = sub.add_parser("gateway", help="upstream vs passthrough vs stella (vs LiteLLM)")
     gateway.add_argument(
@@ -40,22 +42,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     echo = sub.add_parser("echo", help="stella on echo vs a bare Starlette app")
     for p in (echo, dialects, gateway):
-        p.add_argument("--rounds", type=int, default=2, help="each side keeps its best round")
+        p.add_argument(
+            "--rounds", type=_at_least_1, default=2, help="each side keeps its best round"
+        )
     asgi = sub.add_parser(
         "asgi", help="in-process us per request: stella's app vs the bare app, no sockets"
     )
-    asgi.add_argument("-n", "--requests", type=int, default=20_000, help="calls per round")
+    asgi.add_argument("-n", "--requests", type=_at_least_1, default=20_000, help="calls per round")
     asgi.add_argument("--json", action="store_true", help="print JSON instead of a table")
     for p in (url, echo, dialects, gateway):
         p.add_argument(
             "-c", "--concurrency", type=_concurrency, default="1,8,64", help="comma-separated"
         )
-        p.add_argument("-d", "--duration", type=float, default=5.0, help="seconds per run")
+        p.add_argument("-d", "--duration", type=_above_0, default=5.0, help="seconds per run")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     url.add_argument(
         "-n",
         "--requests",
-        type=int,
+        type=_at_least_1,
         default=1_000_000,
         help="at most this many per concurrency level, the warm-up's included (a tenth at most)",
     )
@@ -65,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     up.add_argument("--port", type=int, default=9100, help="loopback port to listen on")
     mlx = sub.add_parser("mlx", help="stella's MLX backend vs raw mlx_lm.stream_generate")
-    mlx.add_argument("--tokens", type=int, default=64, help="tokens per generation")
-    mlx.add_argument("--runs", type=int, default=3, help="generations per side")
+    # Decode speed is timed from the first token to the last: one token has none.
+    mlx.add_argument("--tokens", type=_at_least(2), default=64, help="tokens per generation")
+    mlx.add_argument("--runs", type=_at_least_1, default=3, help="generations per side")
     mlx.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -81,6 +86,35 @@ def _concurrency(text: str) -> tuple[int, ...]:
     if not levels or min(levels) < 1:
         raise argparse.ArgumentTypeError("each level must be at least 1")
     return levels
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """A count option's type: a whole number, `low` or more (0 rounds or requests divide by 0)."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}")
+        return value
+
+    return count
+
+
+_at_least_1 = _at_least(1)
+
+
+def _above_0(text: str) -> float:
+    """A duration in seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
 
 
 def _header(text: str) -> str:
