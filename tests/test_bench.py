@@ -520,3 +520,14 @@ def test_counts_below_their_minimum_are_usage_errors(capsys) -> None:
             parser.parse_args(["bench", *args])
         assert exit_.value.code == 2, args
         assert "usage:" in capsys.readouterr().err, args
+
+
+def test_bench_mlx_compares_peak_rss_with_peak_rss(stella: LiveServer) -> None:
+    from stella.bench.mlx import Report, table
+    from stella.bench.servers import peak_rss_bytes, rss_bytes
+
+    # The raw side reports its peak (ru_maxrss): stella's side must be its peak too.
+    now, peak = rss_bytes(stella.proc.pid), peak_rss_bytes(stella.proc.pid)
+    assert 0 < now <= peak
+    r = Report(64, 10.0, 10.0, 1.0, 100.0, 100.0, 0.0, 1.0, 50.0, 5.0, 0.1, 700.0, 690.0)
+    assert "| peak RSS (high-water mark) with the model, MB | 690.0 | 700.0 | |" in table(r)

@@ -28,15 +28,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (Linux /proc)."""
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident memory of a process now (or `field`="VmHWM": its peak) from Linux /proc; 0 if unknown."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The most resident memory a process has had (its high-water mark), or 0 if unknown."""
+    return rss_bytes(pid, "VmHWM")
 
 
 def cpu_seconds(pid: int) -> float | None:
