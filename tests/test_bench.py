@@ -531,3 +531,40 @@ def test_bench_mlx_compares_peak_rss_with_peak_rss(stella: LiveServer) -> None:
     assert 0 < now <= peak
     r = Report(64, 10.0, 10.0, 1.0, 100.0, 100.0, 0.0, 1.0, 50.0, 5.0, 0.1, 700.0, 690.0)
     assert "| peak RSS (high-water mark) with the model, MB | 690.0 | 700.0 | |" in table(r)
+
+
+def test_bench_url_fails_when_most_answers_are_errors() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class OneInTen(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the load generator expects
+        count = 0
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            OneInTen.count += 1
+            ok = OneInTen.count % 10 == 0
+            body = b'{"ok":true}' if ok else b'{"error":{"code":"overloaded"}}'
+            self.send_response(200 if ok else 503)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OneInTen)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/v1/chat"
+        out = _bench(url, "-c", "1", "-n", "100", "-d", "5", "--json")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode == 1, out.stdout
+    assert "failed at concurrency 1 (more than 1%)" in out.stderr
+    [r] = json.loads(out.stdout)
+    assert r["succeeded"] > 0 and r["errors"] > 5 * r["succeeded"]
+    assert abs(r["rps"] * r["seconds"] - r["succeeded"]) < 1  # successful answers only

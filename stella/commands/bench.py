@@ -14,10 +14,22 @@ NAME = "bench"
 HELP = "measure: `url URL` loads any stella/OpenAI-compatible URL; `upstream` serves a fast fake one; the rest compare"
 
 
+# `bench url` fails when more of a level's requests than this failed: its figures
+# would describe error answers, not the service.
+MAX_ERROR_SHARE = 0.01
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `stella bench`."""
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
-    url = sub.add_parser("url", help="load one URL (loopback unless --allow-remote)")
+    url = sub.add_parser(
+        "url",
+        help="load one URL (loopback unless --allow-remote)",
+        description="Load one URL at each concurrency level. req/s counts successful answers "
+        "(status below 400, no in-band error); the errors column counts the rest and broken "
+        f"connections. Exit 1 when more than {MAX_ERROR_SHARE:.0%} of a level's requests "
+        "failed, or nothing succeeded.",
+    )
     url.add_argument("url", help="e.g. http://127.0.0.1:8000/api/v1/chat")
     url.add_argument("--body", default="", help="JSON body (POST); default: a native chat on echo")
     url.add_argument("--openai", action="store_true", help="send an OpenAI chat completion body")
@@ -291,4 +303,12 @@ def _run(args: argparse.Namespace) -> int:
     if not any(r.succeeded for r in results):
         print(f"stella: no request to {args.url} succeeded", file=sys.stderr)
         return 1
+    for r in results:
+        if r.errors > MAX_ERROR_SHARE * (r.errors + r.succeeded):
+            print(
+                f"stella: {r.errors} of {r.errors + r.succeeded} requests to {args.url} failed "
+                f"at concurrency {r.concurrency} (more than {MAX_ERROR_SHARE:.0%})",
+                file=sys.stderr,
+            )
+            return 1
     return 0
