@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from stella.bench.echo import Row, _body, measure, table
 from stella.bench.loadgen import text_lines
@@ -568,3 +569,44 @@ def test_bench_url_fails_when_most_answers_are_errors() -> None:
     [r] = json.loads(out.stdout)
     assert r["succeeded"] > 0 and r["errors"] > 5 * r["succeeded"]
     assert abs(r["rps"] * r["seconds"] - r["succeeded"]) < 1  # successful answers only
+
+
+def _fake_litellm_venv(root: Path) -> Path:
+    """A venv-shaped directory whose litellm and python only print a version."""
+    venv = root / "litellm-venv"
+    (venv / "bin").mkdir(parents=True)
+    for name in ("litellm", "python"):
+        exe = venv / "bin" / name
+        exe.write_text("#!/bin/sh\necho 1.2.3\n")
+        exe.chmod(0o755)
+    venv.chmod(0o755)
+    (venv / "bin").chmod(0o755)
+    return venv
+
+
+def test_a_litellm_venv_others_can_write_is_refused(tmp_path) -> None:
+    import os
+
+    import pytest
+
+    from stella.bench.compare import install_litellm
+    from stella.bench.loadgen import BenchError
+
+    venv = _fake_litellm_venv(tmp_path)
+    assert install_litellm(venv) == venv / "bin" / "litellm"
+    for path in (venv, venv / "bin"):
+        path.chmod(0o777)
+        with pytest.raises(BenchError, match=r"refusing to run LiteLLM .* writable by its group"):
+            install_litellm(venv)
+        path.chmod(0o755)
+    if os.geteuid() == 0:  # only root can hand the venv to another user
+        os.chown(venv, 65534, -1)
+        with pytest.raises(BenchError, match="belongs to uid 65534, not to this user"):
+            install_litellm(venv)
+
+
+def test_the_litellm_version_measured_is_reported(tmp_path) -> None:
+    from stella.bench.compare import litellm_version
+
+    assert litellm_version(_fake_litellm_venv(tmp_path)) == "1.2.3"
+    assert litellm_version(tmp_path / "nothing-here") == "unknown"
