@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from stella.bench.echo import Row, _body, measure, table
 from stella.bench.loadgen import text_lines
@@ -303,3 +304,309 @@ def test_bench_asgi_refuses_to_time_an_error_answer() -> None:
     app = Starlette(routes=[Route("/api/v1/chat", refuse, methods=["POST"])])
     with pytest.raises(BenchError, match="answered 401"):
         asyncio.run(asgi._measure(app, 10))
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs (a zombie has ended: only its exit status is left)."""
+    from pathlib import Path
+
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _bench_with_servers_up(tmp_path) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """`stella bench echo` started with its temp files in `tmp_path`, once its three servers run."""
+    import os
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stella", "bench", "echo", "-c", "1", "-d", "1", "--rounds", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    deadline = time.monotonic() + 90
+    while len(children := _children(proc.pid)) < 3:
+        assert proc.poll() is None, "the bench ended before its servers were up"
+        assert time.monotonic() < deadline, "the bench's servers did not start"
+        time.sleep(0.1)
+    return proc, children
+
+
+def _gone(pids: list[int]) -> bool:
+    import time
+
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(_alive(p) for p in pids)
+
+
+def _stop(proc: subprocess.Popen[bytes], children: list[int]) -> None:
+    """Whatever the test saw survive is stopped, by PID: a failure leaves no server behind."""
+    import os
+    import signal
+
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    for pid in children:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_stops_the_benchs_servers_and_removes_its_files(tmp_path) -> None:
+    import os
+    import signal
+
+    proc, children = _bench_with_servers_up(tmp_path)
+    try:
+        assert list(tmp_path.glob("stella-bench-*"))  # its config and replayed bodies
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+        assert _gone(children)
+        assert list(tmp_path.iterdir()) == []  # no temp dir, no wrk script
+    finally:
+        _stop(proc, children)
+
+
+def test_a_killed_bench_takes_its_servers_with_it(tmp_path) -> None:
+    import os
+    import signal
+
+    proc, children = _bench_with_servers_up(tmp_path)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)  # no cleanup runs: the servers must die by themselves
+        proc.wait(10)
+        assert _gone(children)
+    finally:
+        _stop(proc, children)
+
+
+def _fake_redis(tmp_path, script: str) -> str:
+    """A directory whose only redis-server is `script`."""
+    exe = tmp_path / "bin" / "redis-server"
+    exe.parent.mkdir()
+    exe.write_text("#!/bin/sh\n" + script + "\n")
+    exe.chmod(0o755)
+    return str(exe.parent)
+
+
+def test_a_redis_that_does_not_start_fails_the_auth_bench(tmp_path, monkeypatch) -> None:
+    import pytest
+
+    from stella.bench.auth import _redis
+    from stella.bench.loadgen import BenchError
+
+    monkeypatch.setenv("PATH", _fake_redis(tmp_path, "echo 'Bad directive' >&2; exit 1"))
+    with pytest.raises(BenchError, match=r"redis-server exited \(1\): Bad directive"):
+        with _redis():
+            pass
+
+
+def test_a_redis_that_never_answers_fails_the_auth_bench(tmp_path, monkeypatch) -> None:
+    import pytest
+
+    from stella.bench.auth import _redis
+    from stella.bench.loadgen import BenchError
+
+    monkeypatch.setenv("PATH", _fake_redis(tmp_path, "exec /bin/sleep 30"))
+    with pytest.raises(BenchError, match="did not answer PING"):
+        with _redis(timeout=0.5):
+            pass
+
+
+def test_the_auth_bench_says_when_redis_is_not_installed(tmp_path) -> None:
+    import os
+    from pathlib import Path
+
+    # Neither redis-server nor wrk on PATH: the in-process load generator measures.
+    (tmp_path / "bin").mkdir()
+    env = {**os.environ, "PATH": str(tmp_path / "bin")}
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "bench", "auth", "-c", "1", "-d", "0.3", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| keys + limits in memory |" in out.stdout and "in Redis |" not in out.stdout
+    assert "- redis-server is not on PATH: the Redis setup was left out" in out.stdout
+
+
+def test_ctrl_c_ends_the_bench_with_130_and_no_traceback(tmp_path) -> None:
+    import os
+    import signal
+
+    proc, children = _bench_with_servers_up(tmp_path)
+    try:
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 130
+        assert proc.stderr is not None
+        assert proc.stderr.read().decode() == "stella: interrupted\n"
+        assert _gone(children) and list(tmp_path.iterdir()) == []
+    finally:
+        _stop(proc, children)
+
+
+def test_a_server_that_does_not_start_is_one_line(monkeypatch, capsys) -> None:
+    import argparse
+
+    from stella.bench import echo
+    from stella.commands import bench
+
+    def failing(*args: object, **kwargs: object) -> list[Row]:
+        raise RuntimeError("python exited: Traceback (most recent call last):\n  ...\nOSError: x")
+
+    monkeypatch.setattr(echo, "compare", failing)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["echo", "-c", "1"])) == 1
+    err = capsys.readouterr().err
+    assert err == "stella: python exited: Traceback (most recent call last): ... OSError: x\n"
+
+
+def test_bench_mlx_without_mlx_says_how_to_install_it(tmp_path) -> None:
+    import os
+
+    # A module named mlx that fails to import, first on the path: as if MLX were absent.
+    (tmp_path / "mlx.py").write_text("raise ImportError(\"No module named 'mlx'\")\n")
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "bench", "mlx", "--runs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert len(out.stderr.splitlines()) == 1 and ".[mlx]" in out.stderr
+
+
+BAD_OPTIONS = [
+    ["asgi", "-n", "0"],
+    ["echo", "--rounds", "0"],
+    ["auth", "--rounds", "0"],
+    ["auth", "-c", "0"],
+    ["mlx", "--runs", "0"],
+    ["mlx", "--tokens", "1"],
+    ["gateway", "--rounds", "-1"],
+    ["dialects", "-d", "0"],
+    ["url", "http://127.0.0.1:1/x", "-n", "0"],
+]
+
+
+def test_counts_below_their_minimum_are_usage_errors(capsys) -> None:
+    import pytest
+
+    from stella.cli import build_parser
+
+    parser = build_parser()
+    for args in BAD_OPTIONS:
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(["bench", *args])
+        assert exit_.value.code == 2, args
+        assert "usage:" in capsys.readouterr().err, args
+
+
+def test_bench_mlx_compares_peak_rss_with_peak_rss(stella: LiveServer) -> None:
+    from stella.bench.mlx import Report, table
+    from stella.bench.servers import peak_rss_bytes, rss_bytes
+
+    # The raw side reports its peak (ru_maxrss): stella's side must be its peak too.
+    now, peak = rss_bytes(stella.proc.pid), peak_rss_bytes(stella.proc.pid)
+    assert 0 < now <= peak
+    r = Report(64, 10.0, 10.0, 1.0, 100.0, 100.0, 0.0, 1.0, 50.0, 5.0, 0.1, 700.0, 690.0)
+    assert "| peak RSS (high-water mark) with the model, MB | 690.0 | 700.0 | |" in table(r)
+
+
+def test_bench_url_fails_when_most_answers_are_errors() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class OneInTen(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the load generator expects
+        count = 0
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            OneInTen.count += 1
+            ok = OneInTen.count % 10 == 0
+            body = b'{"ok":true}' if ok else b'{"error":{"code":"overloaded"}}'
+            self.send_response(200 if ok else 503)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OneInTen)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/v1/chat"
+        out = _bench(url, "-c", "1", "-n", "100", "-d", "5", "--json")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode == 1, out.stdout
+    assert "failed at concurrency 1 (more than 1%)" in out.stderr
+    [r] = json.loads(out.stdout)
+    assert r["succeeded"] > 0 and r["errors"] > 5 * r["succeeded"]
+    assert abs(r["rps"] * r["seconds"] - r["succeeded"]) < 1  # successful answers only
+
+
+def _fake_litellm_venv(root: Path) -> Path:
+    """A venv-shaped directory whose litellm and python only print a version."""
+    venv = root / "litellm-venv"
+    (venv / "bin").mkdir(parents=True)
+    for name in ("litellm", "python"):
+        exe = venv / "bin" / name
+        exe.write_text("#!/bin/sh\necho 1.2.3\n")
+        exe.chmod(0o755)
+    venv.chmod(0o755)
+    (venv / "bin").chmod(0o755)
+    return venv
+
+
+def test_a_litellm_venv_others_can_write_is_refused(tmp_path) -> None:
+    import os
+
+    import pytest
+
+    from stella.bench.compare import install_litellm
+    from stella.bench.loadgen import BenchError
+
+    venv = _fake_litellm_venv(tmp_path)
+    assert install_litellm(venv) == venv / "bin" / "litellm"
+    for path in (venv, venv / "bin"):
+        path.chmod(0o777)
+        with pytest.raises(BenchError, match=r"refusing to run LiteLLM .* writable by its group"):
+            install_litellm(venv)
+        path.chmod(0o755)
+    if os.geteuid() == 0:  # only root can hand the venv to another user
+        os.chown(venv, 65534, -1)
+        with pytest.raises(BenchError, match="belongs to uid 65534, not to this user"):
+            install_litellm(venv)
+
+
+def test_the_litellm_version_measured_is_reported(tmp_path) -> None:
+    from stella.bench.compare import litellm_version
+
+    assert litellm_version(_fake_litellm_venv(tmp_path)) == "1.2.3"
+    assert litellm_version(tmp_path / "nothing-here") == "unknown"

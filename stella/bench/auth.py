@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -13,8 +14,8 @@ from pathlib import Path
 import msgspec
 
 from stella.bench.echo import _body, measure
-from stella.bench.loadgen import Result, have_wrk, require_clean
-from stella.bench.servers import free_port, sample, spawn, stella_args
+from stella.bench.loadgen import BenchError, Result, have_wrk, require_clean
+from stella.bench.servers import die_with_parent, free_port, sample, spawn, stella_args
 
 KEY = "sk-bench-auth-key"
 
@@ -27,34 +28,74 @@ class AuthRow(msgspec.Struct):
     cost_vs_off: float  # time per request relative to auth and limits off
 
 
+class AuthReport(msgspec.Struct):
+    """The rows measured, and what was left out and why."""
+
+    rows: list[AuthRow]
+    notes: list[str]
+
+
+NO_REDIS = "redis-server is not on PATH: the Redis setup was left out"
+
+
+def _pong(port: int) -> bool:
+    """Whether a Redis on the loopback port answers PING."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
-def _redis() -> Iterator[str | None]:
+def _redis(timeout: float = 10.0) -> Iterator[str | None]:
+    """A throwaway redis-server's URL once it answers PING; None when there is none on PATH."""
     exe = shutil.which("redis-server")
     if exe is None:
         yield None
         return
     port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    time.sleep(0.3)
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
+        )
+        try:
+            # A Redis row measured against no Redis would time stella's fallback, not Redis.
+            deadline = time.monotonic() + timeout
+            while not _pong(port):
+                if proc.poll() is not None:
+                    log.seek(0)
+                    why = " ".join(log.read().decode(errors="replace").split())[-300:]
+                    raise BenchError(f"redis-server exited ({proc.returncode}): {why}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"redis-server did not answer PING on port {port}")
+                time.sleep(0.05)
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
-def compare(concurrency: int = 8, duration: float = 3.0, rounds: int = 3) -> list[AuthRow]:
+def compare(concurrency: int = 8, duration: float = 3.0, rounds: int = 3) -> AuthReport:
     """Off vs memory limits vs Redis limits: all three servers up at once, measured in
     turn for `rounds` rounds; each setup keeps its best round (noise only slows)."""
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="stella-bench-auth-") as tmp:
-        return _compare(Path(tmp), concurrency, duration, rounds)
+        rows = _compare(Path(tmp), concurrency, duration, rounds, notes)
+    return AuthReport(rows, notes)
 
 
-def _compare(tmp: Path, concurrency: int, duration: float, rounds: int) -> list[AuthRow]:
+def _compare(
+    tmp: Path, concurrency: int, duration: float, rounds: int, notes: list[str]
+) -> list[AuthRow]:
     wrk = have_wrk()
     headers = {"Authorization": f"Bearer {KEY}"}
     base = '[models]\ndefault = "echo"\n[backends.local]\nenabled = false\n'
@@ -65,7 +106,9 @@ def _compare(tmp: Path, concurrency: int, duration: float, rounds: int) -> list[
             ("off", base, {}),
             ("keys + limits in memory", base + limits, {"STELLA_API_KEYS": KEY}),
         ]
-        if redis_url:
+        if redis_url is None:
+            notes.append(NO_REDIS)
+        else:
             setups.append(
                 (
                     "keys + limits in Redis",
@@ -108,15 +151,16 @@ def _compare(tmp: Path, concurrency: int, duration: float, rounds: int) -> list[
     ]
 
 
-def table(rows: list[AuthRow]) -> str:
-    """Markdown table."""
+def table(report: AuthReport) -> str:
+    """Markdown table, then the notes."""
     out = [
         "| setup | req/s | p50 ms | p99 ms | time per request vs off |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for r in rows:
+    for r in report.rows:
         out.append(
             f"| {r.setup} | {r.result.rps:,.0f} | {r.result.p50_ms:.2f} | "
             f"{r.result.p99_ms:.2f} | {r.cost_vs_off:.2f}x |"
         )
-    return "\n".join(out)
+    notes = [f"- {n}" for n in report.notes]
+    return "\n".join([*out, "", *notes] if notes else out)

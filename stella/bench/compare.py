@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,15 @@ from pathlib import Path
 
 import msgspec
 
-from stella.bench.loadgen import Result, have_wrk, pinned, require_clean, run_load, run_wrk
+from stella.bench.loadgen import (
+    BenchError,
+    Result,
+    have_wrk,
+    pinned,
+    require_clean,
+    run_load,
+    run_wrk,
+)
 from stella.bench.servers import Proc, free_port, sample, spawn, stella_args, uvicorn_args
 
 LITELLM_VENV = Path(
@@ -76,15 +85,58 @@ def _load(url: str, body: bytes, name: str, c: int, duration: float, wrk: bool) 
         return asyncio.run(run_load(target, body, name=name, concurrency=c, duration=duration))
 
 
-def install_litellm() -> Path | None:
+def check_venv(venv: Path) -> None:
+    """A BenchError unless `venv` and its bin/ are this user's own and writable by no one else."""
+    # The default lies in the shared temp dir: a venv someone else put (or can write)
+    # there would run their code as this user.
+    for path in (venv, venv / "bin"):
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            why = "is not a directory"
+        elif st.st_uid != os.geteuid():
+            why = f"belongs to uid {st.st_uid}, not to this user"
+        elif st.st_mode & 0o022:
+            why = "is writable by its group or by everyone"
+        else:
+            continue
+        raise BenchError(
+            f"refusing to run LiteLLM from {venv}: {path} {why} (set STELLA_LITELLM_VENV)"
+        )
+
+
+def litellm_version(venv: Path) -> str:
+    """The LiteLLM version installed in `venv`, or "unknown"."""
+    try:
+        done = subprocess.run(
+            [
+                str(venv / "bin" / "python"),
+                "-c",
+                "import importlib.metadata as m; print(m.version('litellm'))",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (subprocess.SubprocessError, OSError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def install_litellm(venv: Path | None = None) -> Path | None:
     """LiteLLM's proxy in a venv of its own (never in stella's); None when it can't be had."""
-    exe = LITELLM_VENV / "bin" / "litellm"
+    venv = venv or LITELLM_VENV
+    check_venv(venv)
+    exe = venv / "bin" / "litellm"
     if exe.exists():
         return exe
     try:
-        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True, timeout=120)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        check_venv(venv)  # what was created is what will run
         subprocess.run(
-            [str(LITELLM_VENV / "bin" / "pip"), "install", "-q", "litellm[proxy]"],
+            [str(venv / "bin" / "pip"), "install", "-q", "litellm[proxy]"],
             check=True,
             timeout=1800,
         )
@@ -137,6 +189,9 @@ def _started(
             if exe is None:
                 notes.append("LiteLLM could not be installed; it is left out of this run")
             else:
+                notes.append(
+                    f"LiteLLM {litellm_version(exe.parent.parent)} from {exe.parent.parent}"
+                )
                 p = free_port()
                 try:
                     procs["litellm"] = stack.enter_context(

@@ -231,7 +231,8 @@ async def run_load(
         requests=len(ms),
         errors=st.errors,
         seconds=round(seconds, 3),
-        rps=round(len(ms) / seconds, 1) if seconds else 0.0,
+        # Answers per second that were answers: a server failing fast must not look fast.
+        rps=round(st.succeeded / seconds, 1) if seconds else 0.0,
         p50_ms=round(percentile(ms, 50), 3),
         p90_ms=round(percentile(ms, 90), 3),
         p99_ms=round(percentile(ms, 99), 3),
@@ -316,7 +317,15 @@ def run_wrk(
     if cpu is not None:
         args = ["taskset", "-c", str(cpu), *args]
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60)
+        from stella.bench.servers import die_with_parent
+
+        done = subprocess.run(
+            args,
+            capture_output=True,
+            text=True,
+            timeout=duration + 60,
+            preexec_fn=die_with_parent,
+        )
     finally:
         os.unlink(script)
     if done.returncode or "requests in" not in done.stdout:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,15 +28,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (Linux /proc)."""
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident memory of a process now (or `field`="VmHWM": its peak) from Linux /proc; 0 if unknown."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The most resident memory a process has had (its high-water mark), or 0 if unknown."""
+    return rss_bytes(pid, "VmHWM")
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -81,6 +88,32 @@ class Proc:
         return rss_bytes(self.popen.pid)
 
 
+def _find_prctl() -> Any:
+    """libc's prctl, looked up in the parent so that the forked child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl = _find_prctl()
+_parent = os.getpid()  # the process that will fork the children
+
+
+def die_with_parent() -> None:
+    """In a child before exec: be killed when the bench process dies, however it dies (Linux)."""
+    # A SIGKILLed bench runs no cleanup; without this its servers would live on,
+    # re-parented to PID 1, still listening and pinned to a core.
+    if _prctl is None:
+        return
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != _parent:  # the bench died before prctl took hold
+        os._exit(1)
+
+
 def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """A benchmarked process's environment: the caller's without stella's settings, plus `env`."""
     # A STELLA_API_KEYS or PORT exported in the caller's shell would otherwise reach
@@ -110,6 +143,7 @@ def spawn(
     log = tempfile.TemporaryFile()
 
     def pin() -> None:
+        die_with_parent()
         if cpu is not None and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, {cpu})
 

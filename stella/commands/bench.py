@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -13,10 +14,22 @@ NAME = "bench"
 HELP = "measure: `url URL` loads any stella/OpenAI-compatible URL; `upstream` serves a fast fake one; the rest compare"
 
 
+# `bench url` fails when more of a level's requests than this failed: its figures
+# would describe error answers, not the service.
+MAX_ERROR_SHARE = 0.01
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `stella bench`."""
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
-    url = sub.add_parser("url", help="load one URL (loopback unless --allow-remote)")
+    url = sub.add_parser(
+        "url",
+        help="load one URL (loopback unless --allow-remote)",
+        description="Load one URL at each concurrency level. req/s counts successful answers "
+        "(status below 400, no in-band error); the errors column counts the rest and broken "
+        f"connections. Exit 1 when more than {MAX_ERROR_SHARE:.0%} of a level's requests "
+        "failed, or nothing succeeded.",
+    )
     url.add_argument("url", help="e.g. http://127.0.0.1:8000/api/v1/chat")
     url.add_argument("--body", default="", help="JSON body (POST); default: a native chat on echo")
     url.add_argument("--openai", action="store_true", help="send an OpenAI chat completion body")
@@ -26,9 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     url.add_argument("--allow-remote", action="store_true", help="load a host that is not loopback")
     dialects = sub.add_parser("dialects", help="the OpenAI dialect's cost vs the native API")
     auth = sub.add_parser("auth", help="keys and rate limits off vs in memory vs in Redis")
-    auth.add_argument("-c", "--concurrency", type=int, default=8, help="clients")
-    auth.add_argument("-d", "--duration", type=float, default=3.0, help="seconds per round")
-    auth.add_argument("--rounds", type=int, default=3, help="each setup keeps its best round")
+    auth.add_argument("-c", "--concurrency", type=_at_least_1, default=8, help="clients")
+    auth.add_argument("-d", "--duration", type=_above_0, default=3.0, help="seconds per round")
+    auth.add_argument(
+        "--rounds", type=_at_least_1, default=3, help="each setup keeps its best round"
+    )
     auth.add_argument("--json", action="store_true", help="print JSON instead of a table")
     gateway = sub.add_parser("gateway", help="upstream vs passthrough vs stella (vs LiteLLM)")
     gateway.add_argument(
@@ -39,22 +54,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     echo = sub.add_parser("echo", help="stella on echo vs a bare Starlette app")
     for p in (echo, dialects, gateway):
-        p.add_argument("--rounds", type=int, default=2, help="each side keeps its best round")
+        p.add_argument(
+            "--rounds", type=_at_least_1, default=2, help="each side keeps its best round"
+        )
     asgi = sub.add_parser(
         "asgi", help="in-process us per request: stella's app vs the bare app, no sockets"
     )
-    asgi.add_argument("-n", "--requests", type=int, default=20_000, help="calls per round")
+    asgi.add_argument("-n", "--requests", type=_at_least_1, default=20_000, help="calls per round")
     asgi.add_argument("--json", action="store_true", help="print JSON instead of a table")
     for p in (url, echo, dialects, gateway):
         p.add_argument(
             "-c", "--concurrency", type=_concurrency, default="1,8,64", help="comma-separated"
         )
-        p.add_argument("-d", "--duration", type=float, default=5.0, help="seconds per run")
+        p.add_argument("-d", "--duration", type=_above_0, default=5.0, help="seconds per run")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     url.add_argument(
         "-n",
         "--requests",
-        type=int,
+        type=_at_least_1,
         default=1_000_000,
         help="at most this many per concurrency level, the warm-up's included (a tenth at most)",
     )
@@ -64,8 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     up.add_argument("--port", type=int, default=9100, help="loopback port to listen on")
     mlx = sub.add_parser("mlx", help="stella's MLX backend vs raw mlx_lm.stream_generate")
-    mlx.add_argument("--tokens", type=int, default=64, help="tokens per generation")
-    mlx.add_argument("--runs", type=int, default=3, help="generations per side")
+    # Decode speed is timed from the first token to the last: one token has none.
+    mlx.add_argument("--tokens", type=_at_least(2), default=64, help="tokens per generation")
+    mlx.add_argument("--runs", type=_at_least_1, default=3, help="generations per side")
     mlx.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -80,6 +98,35 @@ def _concurrency(text: str) -> tuple[int, ...]:
     if not levels or min(levels) < 1:
         raise argparse.ArgumentTypeError("each level must be at least 1")
     return levels
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """A count option's type: a whole number, `low` or more (0 rounds or requests divide by 0)."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}")
+        return value
+
+    return count
+
+
+_at_least_1 = _at_least(1)
+
+
+def _above_0(text: str) -> float:
+    """A duration in seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
 
 
 def _header(text: str) -> str:
@@ -107,11 +154,59 @@ def run(args: argparse.Namespace) -> int:
     """Run the chosen measurement and print it."""
     from stella.bench.loadgen import BenchError
 
+    previous = _stop_on_signals()
     try:
+        if args.what == "mlx" and not _have_mlx():
+            return 1
         return _run(args)
     except BenchError as exc:  # a server answered with errors: there is nothing to compare
         print(f"stella bench: {exc}", file=sys.stderr)
         return 1
+    except RuntimeError as exc:  # a server (or raw mlx-lm) that did not start or failed
+        print(f"stella: {_one_line(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the servers were stopped on the way out
+        print("stella: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _have_mlx() -> bool:
+    """Whether MLX and mlx-lm import; if not, say how to install them."""
+    try:
+        import mlx.core  # noqa: F401
+        import mlx_lm  # noqa: F401
+    except ImportError as exc:
+        print(
+            f"stella: bench mlx needs MLX ({exc}): pip install 'stella-gateway[mlx]' "
+            "(or '.[mlx]' in a checkout)",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """`text` on one line; when long, its start and its end (where a traceback's error is)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else f"{flat[:100]} ... {flat[-(limit - 105) :]}"
+
+
+def _stop_on_signals() -> dict[int, Any]:
+    """SIGTERM and SIGHUP unwind the bench as Ctrl-C does, so its servers and files go too."""
+
+    def stop(signum: int, frame: object) -> None:
+        # A second signal must not cut the cleanup (servers stopped, temp files removed) short.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        previous[sig] = signal.signal(sig, stop)
+    return previous
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -208,4 +303,12 @@ def _run(args: argparse.Namespace) -> int:
     if not any(r.succeeded for r in results):
         print(f"stella: no request to {args.url} succeeded", file=sys.stderr)
         return 1
+    for r in results:
+        if r.errors > MAX_ERROR_SHARE * (r.errors + r.succeeded):
+            print(
+                f"stella: {r.errors} of {r.errors + r.succeeded} requests to {args.url} failed "
+                f"at concurrency {r.concurrency} (more than {MAX_ERROR_SHARE:.0%})",
+                file=sys.stderr,
+            )
+            return 1
     return 0
