@@ -225,10 +225,19 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self._last_word(b"".join(record.data))
 
     def _last_word(self, answer: bytes) -> None:
-        """Send an error answer for the request being read, then close; after the answer
-        still being sent for the one before it (pipelined), which it would land inside."""
+        """Send an error answer for the request being read, then close; after the answers
+        still due to the requests before it (pipelined), which it would land inside."""
         cycle = self.cycle
-        if cycle is not None and not cycle.response_complete and not cycle.more_body:
+        if cycle is not None and cycle.more_body:
+            # The error is in this request's body: the one being answered (answered now),
+            # or one queued behind others, which will never start.
+            queued = [item for item in self.pipeline if item[0] is cycle]
+            for item in queued:
+                self.pipeline.remove(item)
+            busy = bool(queued)
+        else:
+            busy = bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
+        if busy:
             self._deferred = answer
             self.transport.pause_reading()  # nothing more is read: the parser is done
             return
@@ -255,8 +264,8 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     def _look(self) -> None:
         """Close a connection that sent nothing, or whose request's headers stalled."""
         self._header_timer = None
-        if self.transport.is_closing():
-            return
+        if self.transport.is_closing() or self._deferred is not None:
+            return  # an error answer waits for the answers before it: their limits hold
         # uvicorn makes a request's scope at its first byte and its cycle once the
         # headers are complete: a scope that no cycle has is a request still in its
         # headers, and the same one as at the last look has stalled a whole period.
@@ -337,6 +346,10 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         """A pipelined request may start now, with its body still to come; or the error
         answer that waited for this one goes out, and the connection ends."""
         if self._deferred is not None:
+            if self.pipeline:  # the next of those before it starts; the error waits
+                super().on_response_complete()
+                self.transport.pause_reading()
+                return
             self.server_state.total_requests += 1
             self.transport.write(self._deferred)
             self._deferred = None
@@ -349,6 +362,8 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         """Start the current request's body deadline, when its body is still to come
         (also after its answer: the connection is held until the rest of it arrives)."""
         cycle = self.cycle
+        if self._deferred is not None:
+            return  # the request still reading its body is the broken one: never served
         if cycle is not None and cycle.more_body and self._body_timer is None and not self.pipeline:
             self._body_timer = self.loop.call_later(BODY_TIMEOUT_S, self._body_late, cycle)
 
