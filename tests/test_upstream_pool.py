@@ -64,6 +64,16 @@ BODIES["/v1/messages"] = b"".join(
 )
 
 
+async def read_request(reader: asyncio.StreamReader) -> tuple[str, bytes]:
+    """One request from the connection: its path and its body (sized by content-length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    length = next(
+        int(v) for k, _, v in (x.partition(":") for x in lines[1:]) if k.lower() == "content-length"
+    )
+    return lines[0].split()[1], await reader.readexactly(length)
+
+
 class Closer:
     """Answers the first request of a connection; closes it when a later one arrives."""
 
@@ -79,15 +89,7 @@ class Closer:
         served = 0
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode().split("\r\n")
-                path = lines[0].split()[1]
-                length = next(
-                    int(v)
-                    for k, _, v in (x.partition(":") for x in lines[1:])
-                    if k.lower() == "content-length"
-                )
-                await reader.readexactly(length)
+                path, _ = await read_request(reader)
                 if served >= self.answer_every:
                     await asyncio.sleep(self.work_s)
                     return  # closed without an answer, as a server closing an idle connection
@@ -256,15 +258,8 @@ class Streamer:
         self.connections += 1
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode().split("\r\n")
-                length = next(
-                    int(v)
-                    for k, _, v in (x.partition(":") for x in lines[1:])
-                    if k.lower() == "content-length"
-                )
-                await reader.readexactly(length)
-                events, tail = STREAMS[lines[0].split()[1]]
+                path, _ = await read_request(reader)
+                events, tail = STREAMS[path]
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                     b"transfer-encoding: chunked\r\n\r\n"
@@ -353,15 +348,8 @@ async def test_health_of_a_refused_port_says_cannot_connect() -> None:
 async def bad_chunk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answers with a good chunk, then, in a later read, one whose size is not hex; closes."""
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.decode().split("\r\n")
-        path = lines[0].split()[1]
-        length = next(
-            int(v)
-            for k, _, v in (x.partition(":") for x in lines[1:])
-            if k.lower() == "content-length"
-        )
-        if json.loads(await reader.readexactly(length)).get("stream"):
+        path, body = await read_request(reader)
+        if json.loads(body).get("stream"):
             events = STREAMS[path][0]
             end = events.index(b"\n", events.index(b"hello")) + 1
             good = events[: end + 1 if events[end : end + 1] == b"\n" else end]  # one event

@@ -15,7 +15,7 @@ import msgspec
 
 from stella.bench.echo import _body, measure
 from stella.bench.loadgen import BenchError, Result, have_wrk, require_clean
-from stella.bench.servers import die_with_parent, free_port, sample, spawn, stella_args
+from stella.bench.servers import die_with_parent, end, free_port, sample, spawn, stella_args
 
 KEY = "sk-bench-auth-key"
 
@@ -76,12 +76,7 @@ def _redis(timeout: float = 10.0) -> Iterator[str | None]:
                 time.sleep(0.05)
             yield f"redis://127.0.0.1:{port}/0"
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            end(proc, 10)
 
 
 def compare(concurrency: int = 8, duration: float = 3.0, rounds: int = 3) -> AuthReport:

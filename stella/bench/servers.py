@@ -170,13 +170,18 @@ def spawn(
             time.sleep(0.02)
         yield Proc(popen, url, time.perf_counter() - t0, log)
     finally:
-        popen.terminate()
-        try:
-            popen.wait(20)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(5)
+        end(popen, 20)
         log.close()
+
+
+def end(proc: subprocess.Popen[Any], grace_s: float) -> None:
+    """Stop a process this bench started: SIGTERM, then SIGKILL after `grace_s`."""
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def sample(url: str, body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
