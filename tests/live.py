@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -198,3 +199,14 @@ def install_plugin(
     lines = "".join(f"{kind} = {module}:{cls}\n" for kind, cls in kinds.items())
     (dist / "entry_points.txt").write_text("[stella.backends]\n" + lines)
     return {"PYTHONPATH": os.pathsep.join([str(where), os.environ.get("PYTHONPATH", "")])}
+
+
+def stella_without_stdin(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m stella ARGS` with fd 0 closed (Python's sys.stdin is then None)."""
+    quoted = " ".join(shlex.quote(a) for a in args)
+    return subprocess.run(
+        ["sh", "-c", f'exec "{sys.executable}" -m stella {quoted} <&-'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.live import stella_without_stdin
+
 
 def stella(*args: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "stella", *args]
@@ -279,10 +281,5 @@ def test_a_url_the_client_cannot_use_is_a_usage_error_shown_as_typed(url: str, l
 
 def test_chat_with_stdin_closed_has_nothing_to_send() -> None:
     # Python gives a process started with fd 0 closed sys.stdin = None.
-    out = subprocess.run(
-        ["sh", "-c", f'exec "{sys.executable}" -m stella chat --url http://127.0.0.1:9 <&-'],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = stella_without_stdin("chat", "--url", "http://127.0.0.1:9")
     assert out.returncode == 2 and out.stderr == "stella: nothing to send\n", out.stderr

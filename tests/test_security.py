@@ -17,7 +17,7 @@ from starlette.routing import Mount, Route
 from stella.app import create_app
 from stella.settings import load_settings
 from tests.fakes.server import serve
-from tests.live import install_plugin, run_stella
+from tests.live import install_plugin, run_stella, stella_without_stdin
 
 ADMIN = "sk-sec-admin-000111"
 NARROW = "sk-sec-narrow-000222"
@@ -359,12 +359,7 @@ def test_keys_refuses_what_the_config_would_and_a_closed_stdin() -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "may not be empty or hold '|'" in bad.stderr
-    closed = subprocess.run(
-        ["sh", "-c", f'exec "{sys.executable}" -m stella keys hash <&-'],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    closed = stella_without_stdin("keys", "hash")
     assert closed.returncode == 2 and closed.stderr == "stella: no key on stdin\n", closed.stderr
     binary = subprocess.run(
         [sys.executable, "-m", "stella", "keys", "hash"],
