@@ -16,6 +16,14 @@ from stella.core import ANONYMOUS, Call, Principal
 from stella.errors import Unauthorized
 from stella.settings import Settings
 
+KEY_NAME_RULE = "a key name may not be empty or hold '|' or control characters"
+
+
+def is_key_name(name: str) -> bool:
+    """Whether `name` may name a key in the config (see KEY_NAME_RULE)."""
+    # Names go into log lines and Redis usage fields ("name|model|count").
+    return bool(name) and "|" not in name and name.isprintable()
+
 
 def hash_key(key: str) -> str:
     """The SHA-256 hex digest stored in the config instead of the key."""
@@ -36,12 +44,8 @@ class Authenticator:
         self.keys: dict[str, Principal] = {}
         self._names: set[str] = set()
         for name, k in settings.auth.keys.items():
-            if not name or "|" in name or not name.isprintable():
-                # Names go into log lines and Redis usage fields ("name|model|count").
-                raise ConfigError(
-                    f"auth.keys.{name!r}: a key name may not be empty or hold '|' "
-                    "or control characters"
-                )
+            if not is_key_name(name):
+                raise ConfigError(f"auth.keys.{name!r}: {KEY_NAME_RULE}")
             digest = k.sha256.strip().lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                 raise ConfigError(f"auth.keys.{name}.sha256: not a SHA-256 hex digest")

@@ -44,7 +44,7 @@ def _toml_string(value: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print the key once (it is not stored anywhere) and the lines to configure it."""
-    from stella.auth import hash_key, new_key
+    from stella.auth import KEY_NAME_RULE, hash_key, is_key_name, new_key
 
     if args.action == "hash":
         key = sys.stdin.readline().strip() if sys.stdin is not None else ""  # None: fd 0 closed
@@ -57,14 +57,9 @@ def run(args: argparse.Namespace) -> int:
             print("stella: the key on stdin is not UTF-8 text", file=sys.stderr)
             return 2
         return 0
-    # What the config takes as a key name (stella.auth): not empty, no "|" (usage fields
-    # are "name|model|count") and no control characters.
     name = args.name
-    if not name or "|" in name or not name.isprintable():
-        print(
-            "stella: a key name may not be empty or hold '|' or control characters",
-            file=sys.stderr,
-        )
+    if not is_key_name(name):  # what the config takes
+        print(f"stella: {KEY_NAME_RULE}", file=sys.stderr)
         return 2
     key = new_key()
     print(f"key: {key}", file=sys.stderr)
