@@ -153,8 +153,12 @@ def _network(url: str) -> Iterator[None]:
             code="network_error",
         ) from None
     except httpx.TransportError as exc:
-        message = f"connection to {url} failed: {exc or type(exc).__name__}"
+        message = f"connection to {url} failed: {str(exc) or type(exc).__name__}"
         raise NetworkError(message, code="network_error") from exc
+    except httpx.DecodingError as exc:  # a body its Content-Encoding does not decode
+        raise ProtocolError(
+            f"{url} sent a body that does not decode ({exc})", code="bad_response"
+        ) from None
 
 
 BY_CODE: dict[str, type[StellaClientError]] = {
@@ -209,8 +213,14 @@ def error_for(response: httpx.Response, body: bytes) -> StellaClientError:
                 err.get("message") or message,
                 err.get("request_id") or "",
             )
-    except (msgspec.DecodeError, AttributeError):
-        pass
+    except (msgspec.DecodeError, UnicodeDecodeError, AttributeError):
+        pass  # not stella's error shape: the status says what it can
+    if not isinstance(code, str):
+        code = f"http_{response.status_code}"
+    if not isinstance(message, str):
+        message = response.reason_phrase
+    if not isinstance(rid, str):
+        rid = ""
     retry = response.headers.get("retry-after")
     cls = BY_CODE.get(code) or BY_STATUS.get(response.status_code, StellaClientError)
     return cls(
@@ -252,7 +262,8 @@ def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | str, url: str) -> 
     """A stella answer decoded; anything else is a ProtocolError, not a traceback."""
     try:
         return decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a string.
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         start = data[:80] if isinstance(data, str) else data[:80].decode("utf-8", "replace")
         raise ProtocolError(
             f"{url} did not answer in stella's protocol ({exc}): {start!r}", code="bad_response"
@@ -286,7 +297,7 @@ class _Lines:
                     f"{self.url} sent a malformed {kind!r} line: {exc}", code="bad_response"
                 ) from None
             return None  # an event type this client does not know yet: skipped
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             _decode(_event, line, self.url)  # not JSON: raises the ProtocolError
         kind = type(event)
         if kind is Ping:

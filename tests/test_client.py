@@ -348,6 +348,19 @@ def _misbehaving_app() -> Any:
             ]
         elif content == "null-code":
             return Response(b'{"error":{"code":null,"message":null}}', status_code=500)
+        elif content == "list-code":
+            return Response(b'{"error":{"code":["x"],"message":7}}', status_code=502)
+        elif content == "bad-utf8-error":
+            return Response(b'{"error":{"code":"x","message":"bad \xff"}}', status_code=502)
+        elif content == "bad-utf8":
+            return Response(b'{"message":{"role":"assistant","content":"\xff"}}')
+        elif content == "bad-gzip":
+            return Response(b"not-gzip", headers={"content-encoding": "gzip"})
+        elif content == "bad-utf8-stream":
+            lines = [
+                b'{"type":"start","id":"r4","model":"m","backend":"b","created":1.0}\n',
+                b'{"type":"delta","text":"\xff"}\n',
+            ]
         else:
             return Response(b"<html>a proxy's page</html>", media_type="text/html")
 
@@ -411,6 +424,30 @@ async def test_answers_outside_the_protocol_are_client_errors(odd_server: str) -
         out = stella_cli(*args, "--url", odd_server)
         assert out.returncode == 1, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr  # one line, no traceback
+
+
+async def test_malformed_bytes_are_protocol_errors_not_tracebacks(odd_server: str) -> None:
+    # Invalid UTF-8 inside a JSON string (msgspec raises UnicodeDecodeError for it) and a
+    # body its Content-Encoding does not decode are answers outside the protocol.
+    with sc.Client(odd_server) as c:
+        for text in ("bad-utf8", "bad-gzip"):
+            with pytest.raises(sc.ProtocolError) as bad:
+                c.chat(_say(text))
+            assert bad.value.code == "bad_response", text
+        with pytest.raises(sc.ProtocolError):
+            list(c.chat(_say("bad-utf8-stream"), stream=True))
+        for text in ("bad-utf8-error", "list-code"):  # not stella's error shape
+            with pytest.raises(sc.UpstreamError) as err:
+                c.chat(_say(text))
+            assert err.value.code == "http_502" and err.value.status == 502, text
+            assert isinstance(err.value.message, str)
+    async with sc.AsyncClient(odd_server) as ac:
+        with pytest.raises(sc.ProtocolError):
+            await ac.chat(_say("bad-utf8"))
+        stream = await ac.chat(_say("bad-utf8-stream"), stream=True)
+        with pytest.raises(sc.ProtocolError):
+            async for _ in stream:
+                pass
 
 
 def test_cli_chat_error_line_and_a_reader_that_leaves(stella: LiveServer) -> None:
