@@ -10,10 +10,11 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from stella.backends import ConfigError
 from stella.core import ANONYMOUS, Call, Principal
-from stella.errors import Unauthorized
+from stella.errors import Forbidden, Unauthorized
 from stella.settings import Settings
 
 KEY_NAME_RULE = "a key name may not be empty or hold '|' or control characters"
@@ -91,8 +92,19 @@ class Authenticator:
         self.allow_anonymous = settings.auth.allow_anonymous
         # Anonymous callers on a network address (a server bound by another name than
         # server.host, as `uvicorn --host`): never admins, and refused without
-        # auth.allow_anonymous. Found per local address, once.
-        self._local: dict[tuple[Any, ...] | None, bool] = {}
+        # auth.allow_anonymous. Found per local address, once: NETWORK, TCP_LOOPBACK or
+        # LOCAL_SOCKET.
+        self._local: dict[tuple[Any, ...] | None, int] = {}
+        # The loopback rule trusts the machine, not every page its browser opens: a
+        # trusted call must name this machine in its Host (a page that rebinds its own
+        # name to 127.0.0.1 sends that name) and come from no other site's page.
+        self.guard_browsers = self.anonymous.admin
+        hosts = [*settings.server.allowed_hosts, urlsplit(settings.server.public_url).hostname]
+        self.hosts = frozenset(_config_host(h) for h in hosts if h)
+        origins = settings.cors.allowed_origins
+        self.any_origin = "*" in origins
+        self.origins = frozenset(o.strip().rstrip("/").lower() for o in origins)
+        self._host_ok: dict[bytes, bool] = {}  # Host header -> trusted; a handful per server
         self.network_anonymous = dataclasses.replace(self.anonymous, admin=False)
         if not self.enabled and not settings.auth.allow_anonymous and not is_loopback(host):
             raise ConfigError(
@@ -126,15 +138,23 @@ class Authenticator:
         if not self.enabled:
             # The listening address: a handful per server, so each is judged once.
             key = tuple(server) if server else None
-            loopback = self._local.get(key)
-            if loopback is None:
+            kind = self._local.get(key)
+            if kind is None:
                 # A Unix socket is local: no server at all, or (its path, None) as
                 # uvicorn gives it.
                 local, port = key or ("", None)
-                loopback = not local or (port is None and _ip(local) is None) or is_loopback(local)
+                kind = (
+                    LOCAL_SOCKET
+                    if not local or (port is None and _ip(local) is None)
+                    else TCP_LOOPBACK
+                    if is_loopback(local)
+                    else NETWORK
+                )
                 if len(self._local) < 256:
-                    self._local[key] = loopback
-            if loopback:
+                    self._local[key] = kind
+            if kind:
+                if self.guard_browsers:
+                    self._check_browser(headers, kind == TCP_LOOPBACK)
                 return self.anonymous
             if not self.allow_anonymous:
                 raise Unauthorized(
@@ -152,6 +172,50 @@ class Authenticator:
             call.secret = token.decode("latin-1")
         return principal
 
+    def _check_browser(self, headers: Iterable[tuple[bytes, bytes]], tcp: bool) -> None:
+        """Forbidden for a trusted (loopback, key-less) call a web page may have made:
+        a Host that is not this machine's name, or another site's Origin."""
+        host = origin = None
+        for name, value in headers:
+            if name == b"host":
+                host = value
+            elif name == b"origin":
+                origin = value
+        # Over a Unix socket (or in-process) the Host is whatever the client made up
+        # ("http://x"), and no browser reaches one unproxied: only the Origin counts.
+        if tcp and host is not None:
+            ok = self._host_ok.get(host)
+            if ok is None:
+                name = host_name(host.decode("latin-1"))
+                ok = is_loopback_name(name) or name in self.hosts
+                if len(self._host_ok) < 256:
+                    self._host_ok[host] = ok
+            if not ok:
+                raise Forbidden(
+                    f"Host {host.decode('latin-1')!r} is not a name of this machine: without "
+                    "API keys stella trusts calls to localhost or a loopback address only "
+                    "(a web page can point its own name at 127.0.0.1); list the name in "
+                    "server.allowed_hosts, or set keys"
+                )
+        # Every method, GET too: browsers send Origin only on a script's cross-origin
+        # call (and on any non-GET), never on a link or the playground's own GETs. A GET
+        # changes nothing and CORS hides its answer from the page, but refusing it here
+        # keeps the model list, the usage and any GET that costs work out of other sites'
+        # reach whatever the CORS settings, with a 403 that says why.
+        if origin is not None and not self.any_origin:
+            text = origin.decode("latin-1").strip().lower()
+            _, sep, authority = text.partition("://")
+            same = sep and host is not None and authority == host.decode("latin-1").lower()
+            if not same and text.rstrip("/") not in self.origins:
+                raise Forbidden(
+                    f"a page on {origin.decode('latin-1')!r} may not call this server: "
+                    "without API keys stella trusts its own pages and local clients, not "
+                    "other sites; list the origin in cors.allowed_origins, or set keys"
+                )
+
+
+# How a call reached the server, for the loopback rule (falsy: not trusted).
+NETWORK, TCP_LOOPBACK, LOCAL_SOCKET = 0, 1, 2
 
 # A key shorter than this is refused at start-up: guessable, or a mistake.
 MIN_KEY_LENGTH = 12
@@ -207,6 +271,32 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(text.strip("[]"))
     except ValueError:
         return None
+
+
+def host_name(value: str) -> str:
+    """The name in a Host header or URL authority: lower case, without port, brackets or
+    a final dot."""
+    v = value.strip().lower()
+    if v.startswith("["):  # an IPv6 address: its colons are no port
+        end = v.find("]")
+        name = v[1:end] if end > 0 else v
+    else:
+        name, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit():
+            name = v
+    return name.removesuffix(".")
+
+
+def _config_host(entry: str) -> str:
+    """A host name from the config as host_name() writes one (a bare IPv6 address too)."""
+    e = entry.strip().lower()
+    return e.strip("[]") if _ip(e) is not None else host_name(e)
+
+
+def is_loopback_name(name: str) -> bool:
+    """Whether a host name (from host_name()) can only mean this machine: localhost, a
+    *.localhost name (browsers resolve them to loopback themselves), a loopback address."""
+    return name == "localhost" or name.endswith(".localhost") or is_loopback(name)
 
 
 def is_loopback(host: str) -> bool:

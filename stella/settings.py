@@ -42,6 +42,9 @@ class ServerSettings(Section):
     drain_timeout_s: Seconds = 25.0
     workers: Annotated[int, Meta(ge=1)] = 1
     public_url: str = ""
+    # Host names (besides loopback ones and public_url's) under which a key-less
+    # loopback server trusts its callers (see stella.auth).
+    allowed_hosts: list[str] = []
     # Under load, one socket write per connection per loop turn (stella.transport).
     coalesce_writes: bool = True
 
@@ -451,6 +454,9 @@ def _check(s: Settings) -> None:
     url = s.server.public_url
     if url and (not url.startswith(("http://", "https://")) or " " in url):
         raise ConfigError(f"server.public_url: {url!r} is not an http(s) URL")
+    for host in s.server.allowed_hosts:
+        if not host.strip() or any(c in host for c in "/@ ") or not host.isprintable():
+            raise ConfigError(f"server.allowed_hosts: {host!r} is not a host name")
     redis = s.state.redis_url
     if redis and not redis.startswith(("redis://", "rediss://", "unix://")):
         shown = repr(_redact_url(redis))

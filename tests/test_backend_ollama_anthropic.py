@@ -38,7 +38,7 @@ def anthropic_url() -> Iterator[tuple[FakeAnthropic, str]]:
 async def run(backend, model: str, **kw: object) -> list:  # type: ignore[no-untyped-def]
     await backend.start()
     try:
-        req = ChatRequest(messages=HI, model=model, **kw)  # type: ignore[arg-type]
+        req = ChatRequest(model=model, **{"messages": HI, **kw})  # type: ignore[arg-type]
         return [e async for e in backend.chat(req, CallContext(request_id="rid-1"))]
     finally:
         await backend.aclose()
@@ -143,6 +143,28 @@ async def test_anthropic_stop_sequence_and_prompt_size_reach_the_context(
     assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How"
     assert events[-1].finish_reason == "stop"
     assert ctx.stop_sequence == " can" and ctx.prompt_tokens == 25
+
+
+async def test_an_empty_assistant_turn_is_left_out_for_anthropic(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # A turn stopped before its first token is an empty answer in the history; the API
+    # refuses empty content anywhere but in a final assistant message (a prefill).
+    fake, url = anthropic_url
+    stopped = [
+        Message(role="user", content="hi"),
+        Message(role="assistant", content=""),
+        Message(role="user", content="hi again"),
+    ]
+    events = await run(claude(url), "claude-ok", messages=stopped)
+    assert isinstance(events[-1], Done)
+    assert fake.requests[-1]["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "user", "content": "hi again"},
+    ]
+    prefill = [Message(role="user", content="hi"), Message(role="assistant", content="")]
+    assert isinstance((await run(claude(url), "claude-ok", messages=prefill))[-1], Done)
+    assert fake.requests[-1]["messages"][-1] == {"role": "assistant", "content": ""}
 
 
 async def test_ollama_thinking_counts_as_progress(ollama_url: tuple[FakeOllama, str]) -> None:

@@ -7,8 +7,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
 
+from tests.fakes.server import serve
 from tests.live import ROOT, LiveServer, run_stella
 
 pytestmark = pytest.mark.browser
@@ -19,8 +24,15 @@ CONFIG = {
     "backends": {
         "slow": {"kind": "echo", "delay_s": 0.08},
         "broken": {"kind": "echo", "fail_after": 1},
+        "mute": {"kind": "echo", "stall_after": 0},  # no first token until stopped
     },
-    "models": {"routes": {"echo-slow": {"backend": "slow"}, "echo-broken": {"backend": "broken"}}},
+    "models": {
+        "routes": {
+            "echo-slow": {"backend": "slow"},
+            "echo-broken": {"backend": "broken"},
+            "echo-mute": {"backend": "mute", "retries": 0},
+        }
+    },
 }
 ARGS = [
     "--no-sandbox",
@@ -184,3 +196,61 @@ def test_a_refused_saved_key_is_dropped_and_the_form_says_so(browser) -> None:  
         assert page.evaluate("localStorage.getItem('stella.apiKey')") is None
         assert page.evaluate("document.activeElement.id") == "api-key"
         page.close()
+
+
+def test_stop_before_the_first_token_keeps_no_empty_answer(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    # An empty assistant turn would go out with every later one (and Anthropic's API
+    # refuses a chat holding one): the stopped question is left out and comes back.
+    page = playground(browser, server.url, "echo-mute")
+    sent: list[dict] = []
+    page.on("request", lambda r: "/api/v1/chat" in r.url and sent.append(r.post_data_json))
+    with page.expect_response(lambda r: "/api/v1/chat" in r.url):
+        send(page, "are you there?")
+    page.click("#stop")
+    page.wait_for_selector("text=stopped")
+    assert "your message is back in the prompt" in page.inner_text(".msg.assistant .stats")
+    assert page.input_value("#prompt") == "are you there?"
+    page.select_option("#model", "echo")
+    send(page, "hello again")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length == 2")
+    assert sent[-1]["messages"] == [{"role": "user", "content": "hello again"}]
+    page.close()
+
+
+def test_a_held_enter_does_not_stop_the_answer_it_sent(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    # Sending moves the focus to Stop; the key's auto-repeat must not press it.
+    page = playground(browser, server.url, "echo-slow")
+    text = " ".join(f"w{i}" for i in range(20))
+    page.fill("#prompt", text)
+    page.focus("#prompt")
+    page.keyboard.down("Enter")
+    page.wait_for_timeout(500)
+    assert page.evaluate("document.activeElement.id") == "stop"
+    page.keyboard.down("Enter")  # a repeat, as a held key sends
+    page.keyboard.up("Enter")
+    page.wait_for_selector(".msg.assistant .stats")
+    assert page.inner_text(".msg.assistant .text") == text
+    assert "stopped" not in page.inner_text(".msg.assistant .stats")
+    page.close()
+
+
+def test_another_sites_page_cannot_drive_a_keyless_server(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    # Without keys a loopback caller is an admin; a page on another origin sends
+    # requests that need no preflight (no-cors) through the user's browser.
+    attack = f"""<script>
+    const S = {server.url!r};
+    window.done = Promise.allSettled([
+      fetch(S + "/api/v1/models/switch/echo-slow", {{method: "POST", mode: "no-cors"}}),
+      fetch(S + "/api/v1/models", {{method: "POST", mode: "no-cors",
+        body: JSON.stringify({{name: "planted", backend: "echo", aliases: ["gpt-4o"]}})}}),
+    ]).then(() => "sent");
+    </script>"""
+    site = Starlette(routes=[Route("/", lambda r: HTMLResponse(attack))])
+    with serve(site, health="/") as other:
+        page = browser.new_page()
+        page.goto(other.replace("127.0.0.1", "localhost") + "/")
+        assert page.evaluate("window.done") == "sent"
+        page.close()
+    listing = httpx.get(server.url + "/api/v1/models").json()
+    assert listing["default"] == "echo"
+    assert "planted" not in [m["name"] for m in listing["models"]]

@@ -224,7 +224,7 @@ async def test_client_gone_while_sending_the_body_is_not_an_error(stella: LiveSe
     rid = "req-upload-gone-1"
     _reader, writer = await asyncio.open_connection("127.0.0.1", stella.port)
     writer.write(
-        b"POST /api/v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"X-Request-ID: " + rid.encode() + b'\r\nContent-Length: 100\r\n\r\n{"messages":'
     )
     await writer.drain()
@@ -288,7 +288,7 @@ def stalled_reader(server: LiveServer, model: str, request_id: str) -> socket.so
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", server.port))
     s.sendall(
-        b"POST /api/v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"X-Request-ID: %s\r\nContent-Length: %d\r\n\r\n%s"
         % (request_id.encode(), len(body), body.encode())
     )

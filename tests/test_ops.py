@@ -20,6 +20,17 @@ def test_info_for_api_clients_and_browsers(stella: LiveServer) -> None:
     assert r.status_code == 307 and r.headers["location"] == "/playground"
 
 
+def test_the_playground_and_its_scripts_are_revalidated_before_use(stella: LiveServer) -> None:
+    # Cached by a browser's own rules, an upgraded server's playground would run old JS.
+    for path in ("/playground", "/static/playground.js", "/static/stella.js"):
+        r = httpx.get(stella.url + path)
+        assert r.status_code == 200 and r.headers["cache-control"] == "no-cache", path
+    for path in ("/static/playground.js", "/static/stella.js"):  # revalidated by ETag
+        etag = httpx.get(stella.url + path).headers["etag"]
+        again = httpx.get(stella.url + path, headers={"If-None-Match": etag})
+        assert again.status_code == 304 and again.headers["cache-control"] == "no-cache"
+
+
 def test_a_trailing_slash_redirects_by_path_not_by_host_header(stella: LiveServer) -> None:
     # A Location built from the Host header would point wherever the client (or a cache
     # poisoned by one) said: the redirect names the path only.

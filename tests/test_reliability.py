@@ -209,7 +209,7 @@ def test_faults_leave_one_outcome_each_and_nothing_behind(stella: LiveServer) ->
         {"model": "echo-slow", "messages": [{"role": "user", "content": " ".join(["w"] * 50)}]}
     )
     sock.sendall(
-        f"POST /api/v1/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
     )
     time.sleep(0.5)

@@ -241,6 +241,128 @@ def test_quick_start_keys_keep_their_equals_signs() -> None:
             Authenticator(settings, {"STELLA_API_KEYS": raw})
 
 
+def test_without_keys_other_sites_pages_are_not_trusted_as_the_local_caller() -> None:
+    # The loopback rule trusts this machine's clients. A page on another site reaches a
+    # key-less server through the user's browser too: "simple" cross-site requests
+    # (no preflight: a POST without body, text/plain JSON) carry that site's Origin,
+    # and a page whose own name was rebound to 127.0.0.1 sends that name as its Host.
+    config = {
+        "cors": {"allowed_origins": ["https://app.example"]},
+        "server": {"allowed_hosts": ["Stella.LAN"], "public_url": "https://llm.example.com/"},
+        "backends": {"two": {"kind": "echo"}},
+        "models": {"routes": {"echo-two": {"backend": "two"}}},
+    }
+    with run_stella(config) as server:
+        url, port = server.url, server.port
+        chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+
+        def default() -> str:
+            return httpx.get(url + "/api/v1/models").json()["default"]
+
+        # DNS rebinding: the page's own name in Host, read by every route needing trust,
+        # each dialect answering in its own shape.
+        rebound = {"Host": f"attacker.example:{port}"}
+        r = httpx.get(url + "/config", headers=rebound)
+        assert r.status_code == 403, r.text
+        err = r.json()["error"]
+        assert err["code"] == "forbidden" and "server.allowed_hosts" in err["message"]
+        r = httpx.post(url + "/v1/chat/completions", headers=rebound, json=chat)
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        r = httpx.post(url + "/v1/messages", headers=rebound, json={**chat, "max_tokens": 5})
+        assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+        r = httpx.post(url + "/api/chat", headers=rebound, json=chat)
+        assert r.status_code == 403 and "allowed_hosts" in r.json()["error"]
+        r = httpx.post(url + "/api/v1/models/switch/echo-two", headers=rebound)
+        assert r.status_code == 403 and default() == "echo"
+        # This machine's names, and the ones configured, are trusted (any port, any case).
+        for host in (
+            f"localhost:{port}",
+            "LOCALHOST",
+            f"localhost.:{port}",
+            f"app.localhost:{port}",
+            f"127.0.0.1:{port}",
+            "127.9.9.9",
+            f"[::1]:{port}",
+            f"stella.lan:{port}",
+            "llm.example.com",
+        ):
+            r = httpx.get(url + "/config", headers={"Host": host})
+            assert r.status_code == 200, (host, r.text)
+        for host in ("localhost.attacker.example", "127.0.0.1.nip.io", "0.0.0.0", "example.com"):
+            assert httpx.get(url + "/config", headers={"Host": host}).status_code == 403, host
+
+        # Another site's script, sent without a preflight (as `fetch(..., {mode:
+        # "no-cors"})` or a form sends it): refused before anything is done.
+        evil = {"Origin": "https://evil.example"}
+        r = httpx.post(url + "/api/v1/models/switch/echo-two", headers=evil)
+        assert r.status_code == 403, r.text
+        assert "cors.allowed_origins" in r.json()["error"]["message"]
+        planted = {"name": "planted", "backend": "echo", "aliases": ["gpt-4o"]}
+        r = httpx.post(
+            url + "/api/v1/models",
+            headers={**evil, "Content-Type": "text/plain"},
+            content=json.dumps(planted),
+        )
+        assert r.status_code == 403
+        for origin in ("null", f"http://attacker.example:{port}", f"https://127.0.0.1:{port}0"):
+            r = httpx.post(url + "/api/v1/chat", headers={"Origin": origin}, json=chat)
+            assert r.status_code == 403, origin
+        # GETs too: nothing of this server is another site's business.
+        assert httpx.get(url + "/config", headers=evil).status_code == 403
+        assert httpx.get(url + "/api/v1/models", headers=evil).status_code == 403
+        names = [m["name"] for m in httpx.get(url + "/api/v1/models").json()["models"]]
+        assert "planted" not in names and default() == "echo"
+
+        # The server's own pages (same origin), configured origins and clients that
+        # send no Origin (curl, the SDKs) go on working.
+        own = {"Origin": url}
+        assert httpx.post(url + "/api/v1/chat", headers=own, json=chat).status_code == 200
+        r = httpx.post(
+            url + "/api/v1/models/switch/echo-two", headers={"Origin": "https://app.example"}
+        )
+        assert r.status_code == 200 and default() == "echo-two"
+        r = httpx.post(
+            url + "/api/v1/models/switch/echo",
+            headers={"Origin": f"http://localhost:{port}", "Host": f"localhost:{port}"},
+        )
+        assert r.status_code == 200 and default() == "echo"
+        r = httpx.post(
+            url + "/api/v1/models", content=json.dumps({"name": "mine", "backend": "echo"})
+        )
+        assert r.status_code in (200, 201), r.text
+        # Public routes stay public.
+        assert httpx.get(url + "/health", headers={**rebound, **evil}).status_code == 200
+
+
+def test_a_keyed_call_is_judged_by_its_key_not_its_host_or_origin() -> None:
+    from stella.auth import Authenticator
+    from stella.errors import Forbidden
+
+    forged = [(b"host", b"attacker.example"), (b"origin", b"https://evil.example")]
+    settings = load_settings({"models": {"default": "echo"}}, environ={})
+    keyed = Authenticator(settings, {"STELLA_API_KEYS": ADMIN})
+    key = [(b"authorization", f"Bearer {ADMIN}".encode())]
+    assert keyed.authenticate([*forged, *key], server=("127.0.0.1", 8000)).admin
+    keyless = Authenticator(settings, {})
+    with pytest.raises(Forbidden):
+        keyless.authenticate(forged, server=("127.0.0.1", 8000))
+    # Over a Unix socket the Host is made up by the client ("http://x"); an Origin is not.
+    assert keyless.authenticate([(b"host", b"x")], server=("/run/stella.sock", None)).admin
+    with pytest.raises(Forbidden):
+        keyless.authenticate(forged, server=None)
+    # On a network address with auth.allow_anonymous, no caller is trusted more than
+    # any other: nothing to guard.
+    public = load_settings(
+        {
+            "models": {"default": "echo"},
+            "server": {"host": "0.0.0.0"},
+            "auth": {"allow_anonymous": True},
+        },
+        environ={},
+    )
+    assert not Authenticator(public, {}).authenticate(forged, server=("127.0.0.1", 8000)).admin
+
+
 def test_anonymous_callers_are_admins_on_loopback_only() -> None:
     from stella.auth import Authenticator
 

@@ -158,7 +158,7 @@ async def test_a_call_admitted_at_once_during_the_drain_is_served() -> None:
             {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a b c"}]}
         ).encode()
         head = (
-            b"POST /api/v1/chat HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"POST /api/v1/chat HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n\r\n" % len(body)
         )
         socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
@@ -201,7 +201,7 @@ async def test_a_call_that_would_wait_during_the_drain_is_refused_soon() -> None
         ).encode()
         late = socket.create_connection(("127.0.0.1", server.port))
         late.sendall(
-            b"POST /api/v1/chat HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"POST /api/v1/chat HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n\r\n%s" % (len(body), body[:5])
         )
         await asyncio.sleep(0.2)

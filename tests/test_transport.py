@@ -540,14 +540,18 @@ def test_an_answer_made_as_the_client_half_closes_is_sent(stream: bool) -> None:
         body = json.dumps(
             {"model": "echo", "stream": stream, "messages": [{"role": "user", "content": text}]}
         ).encode()
-        head = f"POST /api/v1/chat HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+        head = (
+            f"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
         return head.encode() + body
 
     with run_stella() as server:
         port = int(server.url.rsplit(":", 1)[1])
         # A request whose body never comes: in flight all along, so answers are held.
         hold = socket.create_connection(("127.0.0.1", port))
-        hold.sendall(b"POST /api/v1/chat HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        hold.sendall(
+            b"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"
+        )
         time.sleep(0.3)
         try:
             for i in range(5):

@@ -6,6 +6,7 @@ import asyncio
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
@@ -152,6 +153,17 @@ async def docs(request: Request) -> Response:
     return HTMLResponse(DOCS_HTML)
 
 
+class Static(StaticFiles):
+    """StaticFiles whose answers browsers check (by ETag) before each use: cached by
+    their own rules, the playground would run an old stella.js after an upgrade."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        """The file (or 304), marked no-cache."""
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 async def playground(request: Request) -> Response:
     """GET /playground."""
     page = STATIC / "playground.html"
@@ -208,5 +220,5 @@ routes = [
     Route("/openapi.json", openapi, methods=["GET"]),
     Route("/docs", docs, methods=["GET"]),
     Route("/playground", playground, methods=["GET"]),
-    Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static"),
+    Mount("/static", Static(directory=STATIC, check_dir=False), name="static"),
 ]

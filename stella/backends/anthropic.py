@@ -98,7 +98,8 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
     """The Messages API body: system pulled out, tool calls and results as blocks."""
     system = "\n\n".join(m.content for m in request.messages if m.role == "system")
     messages: list[dict[str, Any]] = []
-    for m in linked_tool_calls(request.messages):
+    history = linked_tool_calls(request.messages)
+    for m in history:
         if m.role == "system":
             continue
         if m.role == "tool":
@@ -132,6 +133,11 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
                 for c in m.tool_calls
             ]
             messages.append({"role": "assistant", "content": blocks})
+        elif m.role == "assistant" and not m.content.strip():
+            # A turn that answered nothing (stopped before its first token): the API
+            # refuses empty content but in a final prefill, and the turn says nothing.
+            if m is history[-1]:
+                messages.append({"role": "assistant", "content": m.content})
         else:
             messages.append({"role": m.role, "content": m.content})
     o = request.options

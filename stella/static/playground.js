@@ -107,6 +107,13 @@ function follow(msg) {
   });
 }
 
+// Take a turn's question out of its chat, and put its text back in the prompt (unless
+// the chat is gone, or something new is typed there).
+function giveBack(history, text) {
+  history.pop();
+  if (history === state.history && !$("prompt").value) $("prompt").value = text;
+}
+
 async function send(text) {
   const messages = [];
   const system = $("system").value.trim();
@@ -149,11 +156,19 @@ async function send(text) {
         ]);
       }
     }
-    if (controller.signal.aborted) stats(msg, ["stopped"]);
-    history.push({ role: "assistant", content: answer });
+    if (answer.trim()) {
+      if (controller.signal.aborted) stats(msg, ["stopped"]);
+      history.push({ role: "assistant", content: answer });
+    } else {
+      // No answer (stopped before the first token): the question is left out of the chat
+      // as well and goes back to the prompt, as a failed turn's does. An empty assistant
+      // turn would go out with every later one, and Anthropic's API refuses such a chat.
+      giveBack(history, text);
+      const why = "nothing answered: your message is back in the prompt";
+      stats(msg, controller.signal.aborted ? ["stopped", why] : [why]);
+    }
   } catch (err) {
-    history.pop(); // the turn failed: its text goes back to the prompt, to send again
-    if (history === state.history && !$("prompt").value) $("prompt").value = text;
+    giveBack(history, text); // the turn failed: its text goes back to the prompt, to send again
     showError(msg, err);
   } finally {
     msg.classList.remove("streaming");
@@ -178,6 +193,11 @@ $("prompt").addEventListener("keydown", (e) => {
   }
 });
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+$("stop").addEventListener("keydown", (e) => {
+  // Sending moves the focus to Stop: a held Enter's auto-repeat would land there and stop
+  // the answer it just sent. Only a fresh press stops (Esc does anywhere).
+  if (e.key === "Enter" && e.repeat) e.preventDefault();
+});
 document.addEventListener("keydown", (e) => {
   if (e.key === "Escape" && state.controller) state.controller.abort();
 });

@@ -4,7 +4,8 @@ The model name picks the behaviour: `claude-ok`, `claude-tools` (`-whole`: its i
 at the start, no deltas), `claude-429`
 (rate limit with retry-after), `claude-529` (overloaded), `claude-error-mid`
 (an `error` event after a text delta), `claude-malformed`. Requests without the
-right x-api-key get 401, without `max_tokens` 400; `"stream": true` gets the event
+right x-api-key get 401, without `max_tokens` (or with a message without content but
+a final assistant one) 400; `"stream": true` gets the event
 sequence, anything else one Message object, as the API does.
 """
 
@@ -61,6 +62,8 @@ class FakeAnthropic:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             return err("invalid_request_error", "max_tokens: Field required", 400)
         if (problem := _unlinked(body.get("messages") or [])) is not None:
+            return err("invalid_request_error", problem, 400)
+        if (problem := _empty(body.get("messages") or [])) is not None:
             return err("invalid_request_error", problem, 400)
         model = body["model"]
         if model == "claude-429":
@@ -248,4 +251,16 @@ def _unlinked(messages: list[dict[str, Any]]) -> str | None:
                     "corresponding `tool_use` block in the previous message."
                 )
         ids = {b["id"] for b in blocks if b.get("type") == "tool_use"}
+    return None
+
+
+def _empty(messages: list[dict[str, Any]]) -> str | None:
+    """What the API answers about a message without content (only a final assistant
+    message, a prefill, may have none)."""
+    for i, m in enumerate(messages):
+        if not m.get("content") and not (i == len(messages) - 1 and m.get("role") == "assistant"):
+            return (
+                f"messages.{i}: all messages must have non-empty content except for the "
+                "optional final assistant message"
+            )
     return None
