@@ -8,6 +8,7 @@ import ipaddress
 import os
 import re
 import secrets
+import socket
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -99,7 +100,13 @@ class Authenticator:
         # trusted call must name this machine in its Host (a page that rebinds its own
         # name to 127.0.0.1 sends that name) and come from no other site's page.
         self.guard_browsers = self.anonymous.admin
-        hosts = [*settings.server.allowed_hosts, urlsplit(settings.server.public_url).hostname]
+        # This machine's own name too (`curl http://$(hostname):8000`): a page can rebind
+        # only a name whose DNS its site controls.
+        hosts = [
+            *settings.server.allowed_hosts,
+            urlsplit(settings.server.public_url).hostname,
+            socket.gethostname(),
+        ]
         self.hosts = frozenset(_config_host(h) for h in hosts if h)
         origins = settings.cors.allowed_origins
         self.any_origin = "*" in origins
@@ -187,7 +194,9 @@ class Authenticator:
             ok = self._host_ok.get(host)
             if ok is None:
                 name = host_name(host.decode("latin-1"))
-                ok = is_loopback_name(name) or name in self.hosts
+                # Any address written out (0.0.0.0, a LAN address) is as safe: rebinding
+                # needs a name, and a page served from an address is that server's own.
+                ok = is_loopback_name(name) or name in self.hosts or _ip(name) is not None
                 if len(self._host_ok) < 256:
                     self._host_ok[host] = ok
             if not ok:

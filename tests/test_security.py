@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -285,10 +286,19 @@ def test_without_keys_other_sites_pages_are_not_trusted_as_the_local_caller() ->
             f"[::1]:{port}",
             f"stella.lan:{port}",
             "llm.example.com",
+            "0.0.0.0:8000",
+            "192.0.2.7",
+            f"[2001:db8::1]:{port}",
+            socket.gethostname(),
         ):
             r = httpx.get(url + "/config", headers={"Host": host})
             assert r.status_code == 200, (host, r.text)
-        for host in ("localhost.attacker.example", "127.0.0.1.nip.io", "0.0.0.0", "example.com"):
+        for host in (
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io",
+            "127.0.0.1.example:80",
+            "example.com",
+        ):
             assert httpx.get(url + "/config", headers={"Host": host}).status_code == 403, host
 
         # Another site's script, sent without a preflight (as `fetch(..., {mode:
