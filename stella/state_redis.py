@@ -20,6 +20,9 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -102,13 +105,15 @@ return 1
 
 # Concurrency slots: a sorted set per slot name, one member per holder, scored by when
 # the holder's claim lapses (a replica that died frees its slots after SLOT_TTL_S).
-# KEYS[1] the set; ARGV: time to live, size, member. 1 when the slot was taken.
+# KEYS[1] the set; ARGV: time to live, size, member. 1 when the slot was taken. A take
+# sent again after it ran (see the pool's retry) finds its member there: taken, once.
 TAKE_SLOT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ttl = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+if redis.call('ZSCORE', KEYS[1], ARGV[3])
+    or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
   redis.call('EXPIRE', KEYS[1], math.ceil(ttl) + 5)
   return 1
@@ -240,6 +245,21 @@ class RedisState:
             socket_connect_timeout=1,
             socket_timeout=1,
             health_check_interval=0,
+            # A pooled connection Redis closed while it sat idle (a restart, its idle
+            # timeout) fails its next command with a ConnectionError, the command lost
+            # with the old connection: sent once more on a fresh one, it does not fail
+            # the call or read as an outage. Only a ConnectionError, once, at once: a
+            # timeout (a stalled Redis, which may have run the command) is never sent
+            # again, so a stall still costs its 1 s. Should Redis close a connection
+            # after running a command (it died between running and answering), the
+            # resend is harmless for what stella sends: reads, the routing change (its
+            # effects are the same run twice), usage batches (numbered, counted once),
+            # slot takes and renewals (a member held is held once), releases; a
+            # settlement counts twice, as keep_gives would resend it anyway, and a
+            # bucket check pays twice (and loses the lease it took): a limit
+            # stricter for a moment, never looser.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            retry_on_error=[RedisConnectionError],
         )
         self.redis = aioredis.Redis(connection_pool=pool)
         self.local = MemoryBuckets()  # the fallback while Redis is away

@@ -419,7 +419,7 @@ def eventually(check: Any, seconds: float = 5.0) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("empty", ["flushall"])
+@pytest.mark.parametrize("empty", ["flushall", "restart"])
 def test_a_store_emptied_and_counted_back_to_a_replicas_version_still_moves_it(
     redis: Redis, empty: str
 ) -> None:
@@ -460,6 +460,49 @@ def test_a_store_emptied_and_counted_back_to_a_replicas_version_still_moves_it(
                 for m in httpx.get(server.url + "/api/v1/models", headers=AUTH).json()["models"]
             }
             assert "old" not in names and "new" in names
+
+
+def test_the_first_calls_after_a_redis_restart_succeed(redis: Redis) -> None:
+    import signal
+
+    async def usage_at_once(url: str) -> list[int]:
+        async with httpx.AsyncClient(timeout=10, headers=AUTH) as client:
+            calls = [client.get(url + "/api/v1/usage") for _ in range(8)]
+            return [r.status_code for r in await asyncio.gather(*calls)]
+
+    with run_stella(config(redis), ENV) as s:
+        # Several connections in the pool, each left idle there.
+        assert asyncio.run(usage_at_once(s.url)) == [200] * 8
+        # Redis restarts while stella holds still: stella never sees it down, only its
+        # pooled connections closed by the Redis that went.
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        try:
+            redis.stop()
+            redis.start()
+        finally:
+            os.kill(s.proc.pid, signal.SIGCONT)
+        for name in ("r1", "r2", "r3"):
+            r = httpx.post(
+                s.url + "/api/v1/models", headers=AUTH, json={"name": name, "backend": "echo"}
+            )
+            assert r.status_code == 201, r.text
+        assert asyncio.run(usage_at_once(s.url)) == [200] * 8
+        time.sleep(1.2)  # the routing follower's poll too
+        assert not s.events("redis_unavailable"), s.events("redis_unavailable")
+
+
+async def test_a_slot_take_sent_again_after_it_ran_holds_one_slot(redis: Redis) -> None:
+    # The pool sends a command again after a ConnectionError, which may come after
+    # Redis ran it: the second take must find the slot its member holds, not refuse.
+    st = redis_state(redis, "again")
+    try:
+        args = [30.0, 1, "member-1"]
+        assert await st._take_slot(keys=["again:slot:s"], args=args) == 1
+        assert await st._take_slot(keys=["again:slot:s"], args=args) == 1
+        assert await st.redis.zcard("again:slot:s") == 1
+        assert await st._take_slot(keys=["again:slot:s"], args=[30.0, 1, "member-2"]) == 0
+    finally:
+        await st.aclose()
 
 
 async def test_a_usage_batch_whose_reply_is_lost_counts_once(redis: Redis) -> None:
