@@ -27,7 +27,7 @@ from stella.protocol import (
     Registered,
     Removed,
 )
-from stella.settings import RouteSettings
+from stella.settings import ROUTE_NAME_PATTERN, ROUTE_NAME_RULE, RouteSettings
 from stella.streaming import Codec
 
 _chat = msgspec.json.Decoder(ChatRequest)
@@ -36,9 +36,13 @@ _route = msgspec.json.Decoder(RouteSettings)
 NDJSON = Codec()
 
 
-# "(?!\n)$": Python's "$" also matches before a final newline ("x7\n" passed); "\Z" would
-# say it, but the pattern is also the OpenAPI document's, where "\Z" means nothing.
-RouteName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+(?!\n)$")]
+# Letters, digits and "._:-" in parts split by "/", none empty or only dots (see
+# settings.ROUTE_NAME_PATTERN): a name the URL paths of the admin routes can name.
+RouteName = Annotated[str, Meta(min_length=1, max_length=128, pattern=ROUTE_NAME_PATTERN)]
+
+
+# The most aliases, and the most fallbacks, a runtime route may have.
+MAX_ROUTE_NAMES = 64
 
 
 class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):
@@ -48,9 +52,9 @@ class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):
     backend: Annotated[str, Meta(min_length=1)]
     upstream_model: str = ""
     # Names a request can use (the `model` field takes at most 256 characters; "" is
-    # the default model): checked as the name is.
-    aliases: list[RouteName] = []
-    fallbacks: list[str] = []
+    # the default model): checked as the name is. Each once (see _once).
+    aliases: Annotated[list[RouteName], Meta(max_length=MAX_ROUTE_NAMES)] = []
+    fallbacks: Annotated[list[str], Meta(max_length=MAX_ROUTE_NAMES)] = []
 
 
 _register = msgspec.json.Decoder(RegisterRoute)
@@ -159,11 +163,34 @@ async def switch_model(request: Request, call: Call) -> Response:
     return JSONResponse(DefaultModel(name))
 
 
+def _once(field: str, names: list[str]) -> None:
+    """Refuse a name listed twice (a route's aliases or fallbacks), by the repeat's path."""
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise InvalidRequest(f"$.{field}[{i}]: {name!r} is listed twice", param=f"{field}[{i}]")
+        seen.add(name)
+
+
+async def _read_route(request: Request) -> RegisterRoute:
+    try:
+        spec = await read_json(request, _register)
+    except InvalidRequest as exc:
+        if "matching regex" in exc.message:  # say the rule, not the pattern
+            exc.message = (
+                f"$.{exc.param}: a route name is letters, digits and '._:-' in {ROUTE_NAME_RULE}"
+            )
+        raise
+    _once("aliases", spec.aliases)
+    _once("fallbacks", spec.fallbacks)
+    return spec
+
+
 @endpoint(auth="admin")
 async def register_model(request: Request, call: Call) -> Response:
     """POST /api/v1/models: add a runtime route."""
     svc = services(request)
-    spec = await read_json(request, _register)
+    spec = await _read_route(request)
     rs = RouteSettings(
         backend=spec.backend,
         upstream_model=spec.upstream_model,
