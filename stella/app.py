@@ -479,8 +479,9 @@ async def _follow_routing(svc: Services) -> None:
     store: a cheap version poll, a full read only when the version moved."""
     state = svc.state
     # None: the first poll reads everything once, so a change made between the start-up
-    # restore and this loop is not missed.
-    seen: int | None = None
+    # restore and this loop is not missed. A version is (epoch, count): a count alone
+    # repeats after Redis restarts empty (see state_redis.RoutingVersion).
+    seen: tuple[str, int] | None = None
     while True:
         await asyncio.sleep(ROUTING_POLL_S)
         try:

@@ -49,6 +49,22 @@ class ServerSettings(Section):
     coalesce_writes: bool = True
 
 
+# A route's name or alias as a URL path names it (DELETE /api/v1/models/{name}): parts
+# split by "/", none empty or only dots. HTTP clients drop "." and ".." segments and
+# some merge "//", so a name such as "a/../b", "." or "x//y" could not be named there.
+_NAME_PART = r"\.*[A-Za-z0-9_:-][A-Za-z0-9._:-]*"  # one way to match: no backtracking
+# The runtime routes' names add a character set to the rule. "(?!\n)$": Python's "$" also
+# matches before a final newline ("x7\n" passed); "\Z" would say it, but the pattern is
+# also the OpenAPI document's, where "\Z" means nothing.
+ROUTE_NAME_PATTERN = rf"^{_NAME_PART}(?:/{_NAME_PART})*(?!\n)$"
+ROUTE_NAME_RULE = "parts split by '/', none empty or only dots, as a URL path names them"
+
+
+def addressable(name: str) -> bool:
+    """Whether a URL path can name this route name or alias (see ROUTE_NAME_RULE)."""
+    return all(part.strip(".") for part in name.split("/"))
+
+
 class RouteSettings(Section):
     """[models.routes.NAME]: how one model name reaches a backend."""
 
@@ -473,6 +489,16 @@ def _check(s: Settings) -> None:
                 f"limits.backends.{name}: unknown backend; known: {sorted(s.backends)}"
             )
     for name, route in s.models.routes.items():
+        # The admin routes name a route by its name or an alias in the URL path.
+        if not addressable(name):
+            raise ConfigError(
+                f"models.routes.{name}: {name!r} is not a route name: {ROUTE_NAME_RULE}"
+            )
+        for alias in route.aliases:
+            if not addressable(alias):
+                raise ConfigError(
+                    f"models.routes.{name}.aliases: {alias!r} is not a route name: {ROUTE_NAME_RULE}"
+                )
         if route.backend not in s.backends:
             raise ConfigError(
                 f"models.routes.{name}.backend: unknown backend {route.backend!r}; "

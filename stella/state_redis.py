@@ -20,6 +20,9 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -102,13 +105,15 @@ return 1
 
 # Concurrency slots: a sorted set per slot name, one member per holder, scored by when
 # the holder's claim lapses (a replica that died frees its slots after SLOT_TTL_S).
-# KEYS[1] the set; ARGV: time to live, size, member. 1 when the slot was taken.
+# KEYS[1] the set; ARGV: time to live, size, member. 1 when the slot was taken. A take
+# sent again after it ran (see the pool's retry) finds its member there: taken, once.
 TAKE_SLOT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ttl = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+if redis.call('ZSCORE', KEYS[1], ARGV[3])
+    or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
   redis.call('EXPIRE', KEYS[1], math.ceil(ttl) + 5)
   return 1
@@ -129,11 +134,12 @@ return 1
 """
 
 # A routing change: KEYS[1] the routing version, KEYS[2] the runtime routes (a hash of
-# JSON specs), KEYS[3] the default model; ARGV[1] the deadline (Redis's clock), ARGV[2]
-# the change, ARGV[3] the route's name, then:
-#   "default" ARGV[4] "1" when the route is a runtime one (then it must be stored still)
-#   "save"    ARGV[4] its spec; refused when another stored route answers to its name
-#             or one of its aliases (ARGV[5..])
+# JSON specs), KEYS[3] the default model, KEYS[4] the routing epoch; ARGV[1] the
+# deadline (Redis's clock), ARGV[2] a new epoch (used when the store has none), ARGV[3]
+# the change, ARGV[4] the route's name, then:
+#   "default" ARGV[5] "1" when the route is a runtime one (then it must be stored still)
+#   "save"    ARGV[5] its spec; refused when another stored route answers to its name
+#             or one of its aliases (ARGV[6..])
 #   "delete"  refused when it is the default
 # 0 when it came too late (its client has given up on it and told its caller so); a
 # refusal is {why, name, other route}: checked here, with the write, so two replicas
@@ -144,15 +150,15 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 if now > tonumber(ARGV[1]) then
   return 0
 end
-local op, name = ARGV[2], ARGV[3]
+local op, name = ARGV[3], ARGV[4]
 if op == 'default' then
-  if ARGV[4] == '1' and redis.call('HEXISTS', KEYS[2], name) == 0 then
+  if ARGV[5] == '1' and redis.call('HEXISTS', KEYS[2], name) == 0 then
     return {'removed', name, name}
   end
   redis.call('SET', KEYS[3], name)
 elseif op == 'save' then
   local claimed = {}
-  for i = 5, #ARGV do
+  for i = 6, #ARGV do
     claimed[ARGV[i]] = true
   end
   local stored = redis.call('HGETALL', KEYS[2])
@@ -172,7 +178,7 @@ elseif op == 'save' then
       end
     end
   end
-  redis.call('HSET', KEYS[2], name, ARGV[4])
+  redis.call('HSET', KEYS[2], name, ARGV[5])
 elseif op == 'delete' then
   if redis.call('GET', KEYS[3]) == name then
     return {'default', name, name}
@@ -180,6 +186,11 @@ elseif op == 'delete' then
   redis.call('HDEL', KEYS[2], name)
 else
   return redis.error_reply('unknown change ' .. op)
+end
+-- A store that lost its counter (restarted empty, flushed) counts from 0 again: a new
+-- epoch goes with it, so a version a replica read before never comes back.
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[4]) == 0 then
+  redis.call('SET', KEYS[4], ARGV[2])
 end
 redis.call('INCR', KEYS[1])
 return 1
@@ -204,6 +215,16 @@ return tostring(level)
 """
 
 
+# The routing version: the store's epoch and a count of changes in it. The count alone
+# starts from 0 again in a Redis that restarted empty or was flushed, and could come
+# back to the number a replica last read: the epoch, drawn anew then, never does.
+RoutingVersion = tuple[str, int]
+
+
+def _version(epoch: bytes | None, count: bytes | None) -> RoutingVersion:
+    return (epoch or b"").decode(), int(count or 0)
+
+
 # At shutdown, the longest wait for the flusher's round trip in progress to end.
 FLUSHER_STOP_S = 2.0
 
@@ -224,6 +245,21 @@ class RedisState:
             socket_connect_timeout=1,
             socket_timeout=1,
             health_check_interval=0,
+            # A pooled connection Redis closed while it sat idle (a restart, its idle
+            # timeout) fails its next command with a ConnectionError, the command lost
+            # with the old connection: sent once more on a fresh one, it does not fail
+            # the call or read as an outage. Only a ConnectionError, once, at once: a
+            # timeout (a stalled Redis, which may have run the command) is never sent
+            # again, so a stall still costs its 1 s. Should Redis close a connection
+            # after running a command (it died between running and answering), the
+            # resend is harmless for what stella sends: reads, the routing change (its
+            # effects are the same run twice), usage batches (numbered, counted once),
+            # slot takes and renewals (a member held is held once), releases; a
+            # settlement counts twice, as keep_gives would resend it anyway, and a
+            # bucket check pays twice (and loses the lease it took): a limit
+            # stricter for a moment, never looser.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            retry_on_error=[RedisConnectionError],
         )
         self.redis = aioredis.Redis(connection_pool=pool)
         self.local = MemoryBuckets()  # the fallback while Redis is away
@@ -349,11 +385,17 @@ class RedisState:
         with what the store holds is refused there (409, or 404 for a default whose
         route was removed), as the router refuses one that conflicts with its table.
         """
-        keys = [self._key("routing_version"), self._key("routes"), self._key("default_model")]
+        keys = [
+            self._key("routing_version"),
+            self._key("routes"),
+            self._key("default_model"),
+            self._key("routing_epoch"),
+        ]
+        epoch = secrets.token_hex(8)  # the store's new epoch, should it have none
         try:
             sec, usec = await self.redis.time()
             deadline = sec + usec / 1e6 + WRITE_WINDOW_S
-            done = await self._change(keys=keys, args=[repr(deadline), op, name, *args])
+            done = await self._change(keys=keys, args=[repr(deadline), epoch, op, name, *args])
         except (RedisError, OSError) as exc:
             self._failed(exc)
             raise Unavailable(
@@ -373,31 +415,34 @@ class RedisState:
                 retry_after=1,
             )
 
-    async def routing(self) -> tuple[int, dict[str, dict[str, Any]], str | None] | None:
+    async def routing(self) -> tuple[RoutingVersion, dict[str, dict[str, Any]], str | None] | None:
         """(version, runtime routes, default model) as one consistent read; None when
         Redis can't be read (then nothing should change)."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.get(self._key("routing_epoch"))
                 pipe.get(self._key("routing_version"))
                 pipe.hgetall(self._key("routes"))
                 pipe.get(self._key("default_model"))
-                version, raw, default = await pipe.execute()
+                epoch, version, raw, default = await pipe.execute()
         except (RedisError, OSError) as exc:
             self._failed(exc)
             return None
         self._ok()
         routes = {k.decode(): msgspec.json.decode(v) for k, v in raw.items()}
-        return int(version or 0), routes, default.decode() if default else None
+        return _version(epoch, version), routes, default.decode() if default else None
 
-    async def routing_version(self) -> int | None:
+    async def routing_version(self) -> RoutingVersion | None:
         """The routing version alone (a cheap poll); None when Redis can't be read."""
         try:
-            version = await self.redis.get(self._key("routing_version"))
+            epoch, version = await self.redis.mget(
+                self._key("routing_epoch"), self._key("routing_version")
+            )
         except (RedisError, OSError) as exc:
             self._failed(exc)
             return None
         self._ok()
-        return int(version or 0)
+        return _version(epoch, version)
 
     async def load_routes(self) -> dict[str, dict[str, Any]]:
         """Runtime routes by name."""

@@ -395,14 +395,50 @@ def test_a_405_on_generate_takes_its_flat_shape(server: LiveServer) -> None:
     assert r.status_code == 400 and isinstance(r.json()["error"], str)
 
 
-@pytest.mark.parametrize("alias", ["", " spaced ", "a\u0001", "x" * 129, "x7\n"])
+# The last ones a URL path can't name (HTTP clients drop "." and ".." segments).
+UNNAMEABLE = [".", "..", "...", "a/../b", "a/./b", "/lead", "trail/", "x//y"]
+
+
+@pytest.mark.parametrize("alias", ["", " spaced ", "a\u0001", "x" * 129, "x7\n", *UNNAMEABLE])
 def test_a_runtime_alias_is_checked_as_a_name_is(server: LiveServer, alias: str) -> None:
-    route = {"name": "checked", "backend": "echo", "aliases": [alias]}
+    route = {"name": "checked", "backend": "echo", "aliases": ["fine", alias]}
     r = post(server, route, key=ADMIN, path="/api/v1/models")
-    assert "$.aliases[0]" in error_of(r, 400, "invalid_request")
+    assert "$.aliases[1]" in error_of(r, 400, "invalid_request")
     # The name itself too ("$" in a pattern also matches before a final newline).
     r = post(server, {"name": alias, "backend": "echo"}, key=ADMIN, path="/api/v1/models")
     assert "$.name" in error_of(r, 400, "invalid_request")
+
+
+def test_a_route_named_with_slashes_dots_and_colons_is_reached_by_its_path(
+    server: LiveServer,
+) -> None:
+    route = {"name": "org/model:tag", "backend": "echo", "aliases": ["a.b", ".x/v1.2"]}
+    r = post(server, route, key=ADMIN, path="/api/v1/models")
+    assert r.status_code == 201, r.text
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    r = httpx.post(server.url + "/api/v1/models/switch/a.b", headers=auth)
+    assert r.json() == {"default": "org/model:tag"}, r.text
+    httpx.post(server.url + "/api/v1/models/switch/echo", headers=auth).raise_for_status()
+    r = httpx.delete(server.url + "/api/v1/models/.x/v1.2", headers=auth)
+    assert r.json() == {"removed": "org/model:tag"}, r.text
+
+
+def test_a_runtime_route_lists_each_alias_and_fallback_once_and_at_most_64(
+    server: LiveServer,
+) -> None:
+    def register(**fields: object) -> httpx.Response:
+        body = {"name": "listed", "backend": "echo", **fields}
+        return post(server, body, key=ADMIN, path="/api/v1/models")
+
+    message = error_of(register(aliases=["l1", "l2", "l1"]), 400, "invalid_request")
+    assert message == "$.aliases[2]: 'l1' is listed twice"
+    message = error_of(register(fallbacks=["other", "echo", "other"]), 400, "invalid_request")
+    assert message == "$.fallbacks[2]: 'other' is listed twice"
+    many = [f"l{i}" for i in range(65)]
+    assert "$.aliases" in error_of(register(aliases=many), 400, "invalid_request")
+    assert "$.fallbacks" in error_of(register(fallbacks=many), 400, "invalid_request")
+    r = register(aliases=many[:64])
+    assert r.status_code == 201, r.text
 
 
 def test_router_errors_take_the_shape_of_the_paths_dialect(server: LiveServer) -> None:

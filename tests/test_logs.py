@@ -651,3 +651,43 @@ def test_the_logged_status_is_the_one_the_clients_api_gave(stella: LiveServer) -
     label = 'stella_requests_total{api="anthropic",backend="overloaded",model="echo-overloaded",'
     assert value(after, label + 'status="529"}') - value(before, label + 'status="529"}') == 2
     assert value(after, label + 'status="503"}') == 0
+
+
+def test_each_admin_routing_change_is_one_event_with_its_outcome() -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with run_stella(env={"STELLA_API_KEYS": f"ops={KEY}"}) as server:
+        url = server.url + "/api/v1/models"
+        calls = [
+            ("post", url, {"name": "rt", "backend": "echo", "aliases": ["rt-a"]}, 201),
+            ("post", url, {"name": "rt2", "backend": "echo", "aliases": ["rt-a"]}, 409),
+            ("post", url, {"name": "a/../b", "backend": "echo"}, 400),
+            ("post", url + "/switch/rt-a", None, 200),
+            ("delete", url + "/rt", None, 409),  # the default
+            ("post", url + "/switch/echo", None, 200),
+            ("delete", url + "/rt-a", None, 200),
+            ("delete", url + "/nope", None, 404),
+        ]
+        rids = []
+        for method, target, body, status in calls:
+            r = httpx.request(method, target, json=body, headers=auth)
+            assert r.status_code == status, (target, r.text)
+            rids.append(r.headers["x-request-id"])
+        deadline = time.monotonic() + 5
+        while len(server.events("routing_change")) < len(calls):
+            assert time.monotonic() < deadline, server.events("routing_change")
+            time.sleep(0.05)
+        got = [
+            (e["action"], e["name"], e["route"], e["result"], e["key"], e["request_id"])
+            for e in server.events("routing_change")
+        ]
+        assert got == [
+            ("register", "rt", "rt", "ok", "ops", rids[0]),
+            ("register", "rt2", None, "conflict", "ops", rids[1]),
+            ("register", None, None, "invalid_request", "ops", rids[2]),
+            ("switch", "rt-a", "rt", "ok", "ops", rids[3]),
+            ("delete", "rt", None, "conflict", "ops", rids[4]),
+            ("switch", "echo", "echo", "ok", "ops", rids[5]),
+            ("delete", "rt-a", "rt", "ok", "ops", rids[6]),
+            ("delete", "nope", None, "model_not_found", "ops", rids[7]),
+        ]
+        assert KEY not in "\n".join(server.lines())

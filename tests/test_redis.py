@@ -77,6 +77,13 @@ class Redis:
             self.proc.terminate()
             self.proc.wait(10)
 
+    def restart_empty(self) -> None:
+        """Stop, forget what was persisted, start again: a Redis back with nothing."""
+        self.stop()
+        shutil.rmtree(self.dir / "appendonlydir", ignore_errors=True)
+        (self.dir / "dump.rdb").unlink(missing_ok=True)
+        self.start()
+
 
 @pytest.fixture
 def redis(tmp_path: Path) -> Iterator[Redis]:
@@ -402,6 +409,100 @@ def test_routing_changes_reach_the_other_replicas(redis: Redis) -> None:
                     httpx.get(s.url + "/api/v1/models", headers=AUTH).json()["default"] == "echo"
                 )
             )
+
+
+def eventually(check: Any, seconds: float = 5.0) -> None:
+    """Wait for `check()` to hold (a replica follows the store within a second)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "the replica did not follow the store"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("empty", ["flushall", "restart"])
+def test_a_store_emptied_and_counted_back_to_a_replicas_version_still_moves_it(
+    redis: Redis, empty: str
+) -> None:
+    import signal
+
+    cfg = config(redis)
+
+    def serves(server: Any, model: str) -> bool:
+        chat = {**BODY, "model": model}
+        return httpx.post(server.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        r = httpx.post(
+            a.url + "/api/v1/models", headers=AUTH, json={"name": "old", "backend": "echo"}
+        )
+        assert r.status_code == 201, r.text
+        eventually(lambda: serves(b, "old"))  # b has read the store's first change
+        # b holds still (it can't poll) while the store is emptied and its first change
+        # after that brings the count back to the number b last read.
+        os.kill(b.proc.pid, signal.SIGSTOP)
+        try:
+            if empty == "flushall":
+                subprocess.run(
+                    ["redis-cli", "-u", redis.url, "flushall"], check=True, capture_output=True
+                )
+            else:
+                redis.restart_empty()
+            r = httpx.post(
+                a.url + "/api/v1/models", headers=AUTH, json={"name": "new", "backend": "echo"}
+            )
+            assert r.status_code == 201, r.text
+        finally:
+            os.kill(b.proc.pid, signal.SIGCONT)
+        for server in (a, b):  # the writer too: it had "old" from before
+            eventually(lambda s=server: serves(s, "new") and not serves(s, "old"))  # type: ignore[misc]
+            names = {
+                m["name"]
+                for m in httpx.get(server.url + "/api/v1/models", headers=AUTH).json()["models"]
+            }
+            assert "old" not in names and "new" in names
+
+
+def test_the_first_calls_after_a_redis_restart_succeed(redis: Redis) -> None:
+    import signal
+
+    async def usage_at_once(url: str) -> list[int]:
+        async with httpx.AsyncClient(timeout=10, headers=AUTH) as client:
+            calls = [client.get(url + "/api/v1/usage") for _ in range(8)]
+            return [r.status_code for r in await asyncio.gather(*calls)]
+
+    with run_stella(config(redis), ENV) as s:
+        # Several connections in the pool, each left idle there.
+        assert asyncio.run(usage_at_once(s.url)) == [200] * 8
+        # Redis restarts while stella holds still: stella never sees it down, only its
+        # pooled connections closed by the Redis that went.
+        os.kill(s.proc.pid, signal.SIGSTOP)
+        try:
+            redis.stop()
+            redis.start()
+        finally:
+            os.kill(s.proc.pid, signal.SIGCONT)
+        for name in ("r1", "r2", "r3"):
+            r = httpx.post(
+                s.url + "/api/v1/models", headers=AUTH, json={"name": name, "backend": "echo"}
+            )
+            assert r.status_code == 201, r.text
+        assert asyncio.run(usage_at_once(s.url)) == [200] * 8
+        time.sleep(1.2)  # the routing follower's poll too
+        assert not s.events("redis_unavailable"), s.events("redis_unavailable")
+
+
+async def test_a_slot_take_sent_again_after_it_ran_holds_one_slot(redis: Redis) -> None:
+    # The pool sends a command again after a ConnectionError, which may come after
+    # Redis ran it: the second take must find the slot its member holds, not refuse.
+    st = redis_state(redis, "again")
+    try:
+        args = [30.0, 1, "member-1"]
+        assert await st._take_slot(keys=["again:slot:s"], args=args) == 1
+        assert await st._take_slot(keys=["again:slot:s"], args=args) == 1
+        assert await st.redis.zcard("again:slot:s") == 1
+        assert await st._take_slot(keys=["again:slot:s"], args=[30.0, 1, "member-2"]) == 0
+    finally:
+        await st.aclose()
 
 
 async def test_a_usage_batch_whose_reply_is_lost_counts_once(redis: Redis) -> None:

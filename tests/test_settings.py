@@ -150,6 +150,27 @@ def test_bad_route_backend(tmp_path: Path) -> None:
         load_settings(environ={"STELLA_CONFIG": str(conf)})
 
 
+@pytest.mark.parametrize("name", [".", "..", "a/../b", "a/./b", "/lead", "trail/", "x//y"])
+def test_a_route_name_or_alias_a_url_path_cannot_name_is_refused(tmp_path: Path, name: str) -> None:
+    # DELETE /api/v1/models/{name}: HTTP clients drop "." and ".." segments.
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[models.routes."{name}"]\nbackend = "echo"\n')
+    with pytest.raises(ConfigError, match=f"^models.routes.{re.escape(name)}: .*none empty"):
+        load_settings(environ={"STELLA_CONFIG": str(conf)})
+    conf.write_text(f'[models.routes.ok]\nbackend = "echo"\naliases = ["fine", "{name}"]\n')
+    with pytest.raises(ConfigError, match=r"^models\.routes\.ok\.aliases: "):
+        load_settings(environ={"STELLA_CONFIG": str(conf)})
+
+
+def test_route_names_with_dots_slashes_and_colons_still_load(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(
+        '[models.routes."org/model:tag"]\nbackend = "echo"\naliases = ["a.b", ".x/v1.2"]\n'
+    )
+    routes = load_settings(environ={"STELLA_CONFIG": str(conf)}).models.routes
+    assert routes["org/model:tag"].aliases == ["a.b", ".x/v1.2"]
+
+
 def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text("[server]\nport = 'eighty'\n")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -27,7 +29,7 @@ from stella.protocol import (
     Registered,
     Removed,
 )
-from stella.settings import RouteSettings
+from stella.settings import ROUTE_NAME_PATTERN, ROUTE_NAME_RULE, RouteSettings
 from stella.streaming import Codec
 
 _chat = msgspec.json.Decoder(ChatRequest)
@@ -36,9 +38,13 @@ _route = msgspec.json.Decoder(RouteSettings)
 NDJSON = Codec()
 
 
-# "(?!\n)$": Python's "$" also matches before a final newline ("x7\n" passed); "\Z" would
-# say it, but the pattern is also the OpenAPI document's, where "\Z" means nothing.
-RouteName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:/-]+(?!\n)$")]
+# Letters, digits and "._:-" in parts split by "/", none empty or only dots (see
+# settings.ROUTE_NAME_PATTERN): a name the URL paths of the admin routes can name.
+RouteName = Annotated[str, Meta(min_length=1, max_length=128, pattern=ROUTE_NAME_PATTERN)]
+
+
+# The most aliases, and the most fallbacks, a runtime route may have.
+MAX_ROUTE_NAMES = 64
 
 
 class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):
@@ -48,9 +54,9 @@ class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):
     backend: Annotated[str, Meta(min_length=1)]
     upstream_model: str = ""
     # Names a request can use (the `model` field takes at most 256 characters; "" is
-    # the default model): checked as the name is.
-    aliases: list[RouteName] = []
-    fallbacks: list[str] = []
+    # the default model): checked as the name is. Each once (see _once).
+    aliases: Annotated[list[RouteName], Meta(max_length=MAX_ROUTE_NAMES)] = []
+    fallbacks: Annotated[list[str], Meta(max_length=MAX_ROUTE_NAMES)] = []
 
 
 _register = msgspec.json.Decoder(RegisterRoute)
@@ -143,42 +149,96 @@ async def models(request: Request, call: Call) -> Response:
     return JSONResponse(listing)
 
 
+@contextlib.contextmanager
+def _logged(action: str, name: str | None, call: Call) -> Iterator[dict[str, Any]]:
+    """One `routing_change` event for an admin routing change, whatever its outcome:
+    `result` is "ok" or the error's code; the caller sets `route`, the route changed
+    (named by an alias, the route's own name)."""
+    fields: dict[str, Any] = {"name": name, "route": None}
+    result = "internal_error"
+    try:
+        yield fields
+        result = "ok"
+    except StellaError as exc:
+        result = exc.code
+        raise
+    except asyncio.CancelledError:  # cut short (shutdown): the store may or may not have it
+        result = "cancelled"
+        raise
+    finally:
+        _log.info(
+            "routing_change",
+            action=action,
+            **fields,
+            key=call.principal.name,  # the key's name, never the key
+            request_id=call.request_id,
+            result=result,
+        )
+
+
 @endpoint(auth="admin")
 async def switch_model(request: Request, call: Call) -> Response:
     """POST /api/v1/models/switch/{name}: make `name` the default model."""
     svc = services(request)
     router = svc.router
     wanted = request.path_params["name"]
-    name = await _change(
-        router,
-        lambda: router.set_default(wanted),
-        # The route's own name, not the alias asked for; a runtime route must still be
-        # in the store when the write lands (another replica may remove it meanwhile).
-        lambda name: svc.state.set_default_model(name, router.routes[name].runtime),
-    )
-    return JSONResponse(DefaultModel(name))
+    with _logged("switch", wanted, call) as logged:
+        logged["route"] = await _change(
+            router,
+            lambda: router.set_default(wanted),
+            # The route's own name, not the alias asked for; a runtime route must still
+            # be in the store when the write lands (another replica may remove it).
+            lambda name: svc.state.set_default_model(name, router.routes[name].runtime),
+        )
+    return JSONResponse(DefaultModel(logged["route"]))
+
+
+def _once(field: str, names: list[str]) -> None:
+    """Refuse a name listed twice (a route's aliases or fallbacks), by the repeat's path."""
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise InvalidRequest(f"$.{field}[{i}]: {name!r} is listed twice", param=f"{field}[{i}]")
+        seen.add(name)
+
+
+async def _read_route(request: Request) -> RegisterRoute:
+    try:
+        spec = await read_json(request, _register)
+    except InvalidRequest as exc:
+        if "matching regex" in exc.message:  # say the rule, not the pattern
+            exc.message = (
+                f"$.{exc.param}: a route name is letters, digits and '._:-' in {ROUTE_NAME_RULE}"
+            )
+        raise
+    _once("aliases", spec.aliases)
+    _once("fallbacks", spec.fallbacks)
+    return spec
 
 
 @endpoint(auth="admin")
 async def register_model(request: Request, call: Call) -> Response:
     """POST /api/v1/models: add a runtime route."""
     svc = services(request)
-    spec = await read_json(request, _register)
-    rs = RouteSettings(
-        backend=spec.backend,
-        upstream_model=spec.upstream_model,
-        aliases=spec.aliases,
-        fallbacks=spec.fallbacks,
-    )
-    router = svc.router
-    await _change(
-        router,
-        lambda: router.register(spec.name, rs),
-        lambda _: svc.state.save_route(spec.name, msgspec.to_builtins(rs)),
-        # Stored, it is applied as a stored route is: a fallback removed meanwhile is
-        # skipped (as for any route whose fallback goes), not a reason to drop the route.
-        lambda: router.register(spec.name, rs, check_fallbacks=False),
-    )
+    with _logged("register", None, call) as logged:
+        spec = await _read_route(request)
+        logged["name"] = spec.name
+        rs = RouteSettings(
+            backend=spec.backend,
+            upstream_model=spec.upstream_model,
+            aliases=spec.aliases,
+            fallbacks=spec.fallbacks,
+        )
+        router = svc.router
+        await _change(
+            router,
+            lambda: router.register(spec.name, rs),
+            lambda _: svc.state.save_route(spec.name, msgspec.to_builtins(rs)),
+            # Stored, it is applied as a stored route is: a fallback removed meanwhile is
+            # skipped (as for any route whose fallback goes), not a reason to drop it.
+            lambda: router.register(spec.name, rs, check_fallbacks=False),
+        )
+        logged["route"] = spec.name
     return JSONResponse(Registered(spec.name), status_code=201)
 
 
@@ -188,9 +248,10 @@ async def delete_model(request: Request, call: Call) -> Response:
     svc = services(request)
     name = request.path_params["name"]
     router = svc.router
-    # Named by an alias, the route itself goes, in the store too: answered by its name.
-    removed = await _change(router, lambda: router.remove(name), svc.state.delete_route)
-    return JSONResponse(Removed(removed))
+    with _logged("delete", name, call) as logged:
+        # Named by an alias, the route itself goes, in the store too: answered by its name.
+        logged["route"] = await _change(router, lambda: router.remove(name), svc.state.delete_route)
+    return JSONResponse(Removed(logged["route"]))
 
 
 async def _change(
