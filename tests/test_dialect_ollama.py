@@ -274,3 +274,33 @@ def test_tool_results_reach_id_linked_upstreams_linked() -> None:
     uses = [b["id"] for b in blocks[1]["content"] if b["type"] == "tool_use"]
     results = [b["tool_use_id"] for b in blocks[2]["content"]]
     assert results == [uses[1], uses[0], uses[2]]
+
+
+def test_prompt_eval_duration_leaves_out_the_wait_for_a_slot() -> None:
+    # Ollama's clients divide prompt_eval_count by prompt_eval_duration ("prompt eval
+    # rate"): time spent queued behind another call is not the prompt's processing.
+    config = {
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.5}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+        "limits": {"backends": {"slow": 1}},
+    }
+    with run_stella(config) as server:
+
+        async def both() -> list[dict]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+                body = {
+                    "model": "slow",
+                    "stream": False,
+                    "messages": [{"role": "user", "content": "a b"}],
+                }
+                first = asyncio.create_task(c.post("/api/chat", json=body))
+                await asyncio.sleep(0.1)  # the second waits ~0.9 s for the first's slot
+                second = await c.post("/api/chat", json=body)
+                return [(await first).json(), second.json()]
+
+        _, queued = asyncio.run(both())
+    # The first token comes after one 0.5 s delay, whatever the wait before it (~1.4 s
+    # counted with it).
+    assert queued["prompt_eval_duration"] < 0.9e9, queued
+    assert queued["total_duration"] > 1.5e9, queued  # the wait is in the total
+    assert queued["eval_duration"] < 0.9e9, queued  # the second token's 0.5 s

@@ -104,6 +104,19 @@ def test_same_seed_same_text(mlx_server: LiveServer) -> None:
     assert r["response"] and r["finish_reason"] in ("length", "stop")
 
 
+def test_a_seed_does_not_carry_over_to_the_next_unseeded_call(mlx_server: LiveServer) -> None:
+    # MLX's generator is global: a client's seed must not fix (or let it predict) the
+    # "random" answers of the unseeded calls that follow it.
+    seeded = {"temperature": 1.0, "seed": 7, "max_tokens": 4}
+    free = {"temperature": 1.5, "max_tokens": 8}
+    said = set()
+    for _ in range(3):
+        chat(mlx_server, [{"role": "user", "content": "Tell me a word"}], options=seeded)
+        r = chat(mlx_server, [{"role": "user", "content": "Invent a fantasy name"}], options=free)
+        said.add(r["response"])
+    assert len(said) > 1, said
+
+
 def test_top_p_0_keeps_only_the_top_token(mlx_server: LiveServer) -> None:
     # The smallest nucleus is the most likely token alone, whatever the temperature (not
     # "no nucleus", which samples from the whole vocabulary).

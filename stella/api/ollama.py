@@ -145,7 +145,10 @@ def final(
     t = done.timings
     total_ns = time.perf_counter_ns() - start_ns
     load_ns = int((load_ms or 0) * 1e6)  # the model's load, when this call waited for it
-    ttft_ns = max(0, int((t.ttft_ms or 0) * 1e6) - load_ns)
+    first_ns = int((t.ttft_ms or 0) * 1e6)
+    # Ollama's prompt_eval_duration is the prompt's processing alone: the first token's
+    # time less the load and the wait behind other calls (clients divide counts by it).
+    prompt_ns = max(0, first_ns - load_ns - int(t.queue_ms * 1e6))
     out: dict[str, Any] = {
         "model": model.decode().strip('"') if isinstance(model, bytes) else model,
         "created_at": _now(),
@@ -154,9 +157,9 @@ def final(
         "total_duration": total_ns,
         "load_duration": load_ns,
         "prompt_eval_count": done.usage.prompt_tokens,
-        "prompt_eval_duration": ttft_ns,
+        "prompt_eval_duration": prompt_ns,
         "eval_count": done.usage.completion_tokens,
-        "eval_duration": max(0, total_ns - load_ns - ttft_ns),
+        "eval_duration": max(0, total_ns - first_ns),
     }
     if generate:
         out["response"] = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -190,8 +191,12 @@ def generate_into(job: GenerationJob) -> None:
             )
         max_tokens = min(max_tokens, room)  # the answer ends at the context's end: "length"
     job.emit(("prompt", len(prompt)))  # a prompt that is read: charged even if cut short
-    if p["seed"] is not None and p["seed"] >= 0:  # a negative seed means unseeded, as llama.cpp
-        mx.random.seed(p["seed"])  # MLX's global seed: safe, this thread owns MLX
+    # MLX's generator is global (safe: this thread owns MLX). An unseeded call draws
+    # from fresh entropy: else a seeded call before it would fix its "random" answer.
+    seed = p["seed"]
+    if seed is None or seed < 0:  # a negative seed means unseeded, as llama.cpp has it
+        seed = int.from_bytes(os.urandom(8), "little")
+    mx.random.seed(seed)
     sampler = make_sampler(p["temperature"], p["top_p"], p["min_p"], 1, p["top_k"])
     processors = (
         make_logits_processors(repetition_penalty=p["repetition_penalty"])
