@@ -127,6 +127,9 @@ def test_an_empty_turn_is_refused_by_its_path_but_a_last_assistant_one(
         messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": []}],
     )
     assert m.content[0].text == "hi"
+    # No turn at all, a system prompt alone: refused, as the API refuses it.
+    with pytest.raises(anthropic.BadRequestError, match=r"\$\.messages"):
+        client(server).messages.create(model="echo", max_tokens=5, system="hi", messages=[])
 
 
 def test_tool_choice(server: LiveServer) -> None:

@@ -104,7 +104,7 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
 
     model: str
     max_tokens: int
-    messages: list[AMessage]
+    messages: Annotated[list[AMessage], Meta(min_length=1)]  # the API wants one turn at least
     system: str | list[Block] | None = None
     stop_sequences: list[str] | None = None
     stream: bool = False
