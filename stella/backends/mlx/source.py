@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -118,7 +119,12 @@ def imported(gguf: Path, cache_dir: Path) -> Path:
     try:
         if not (out / "config.json").is_file():
             cache_dir.mkdir(parents=True, exist_ok=True)
-            _import_apart(gguf, out)
+            # Workers starting together on a fresh cache import once: a second import
+            # would replace the directory the first one's process is loading from.
+            with open(cache_dir / ".import.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (out / "config.json").is_file():
+                    _import_apart(gguf, out)
         if index.get(stamp) != name:
             index[stamp] = name
             cache_dir.mkdir(parents=True, exist_ok=True)
