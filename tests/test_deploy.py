@@ -86,6 +86,20 @@ def test_containerfile_promises() -> None:
     assert "STELLA_SERVER__DRAIN_TIMEOUT_S=7" in text
 
 
+def test_containerfile_installs_the_dependencies_from_the_project_file_alone() -> None:
+    """The layer that installs mlx and the rest depends on pyproject.toml only: editing the
+    README, the shipped config or the code does not install them all again."""
+    build = (ROOT / "Containerfile").read_text().split("\nFROM ")[1]
+    lines = build.replace("\\\n", " ").splitlines()
+    install = next(i for i, line in enumerate(lines) if 'pip install ".[' in line)
+    before = [line.split() for line in lines[:install] if line.startswith(("COPY ", "ADD "))]
+    assert before == [["COPY", "pyproject.toml", "./"]]
+    after = " ".join(lines[install + 1 :])
+    for copied in ("COPY README.md", "COPY conf", "COPY stella"):
+        assert copied in after, copied
+    assert "pip install --no-deps --force-reinstall ." in after
+
+
 def test_workers_share_the_port_and_stop_cleanly() -> None:
     """server.workers = 2: two processes answer on one port; SIGTERM stops both, exit 0."""
     with run_stella({"server": {"workers": 2}}, args=("--model", "echo")) as server:
