@@ -320,9 +320,10 @@ async def http_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the app; a bad configuration raises ConfigError naming the key.
 
-    Without `settings` (`uvicorn stella.app:create_app --factory`, each worker of
-    `stella serve --workers N`) it reads the configuration itself, and a bad one ends
-    the process as `stella serve` ends it: one line and exit code 2.
+    Without `settings` (`uvicorn stella.app:create_app --factory`) it reads the
+    configuration itself, and a bad one ends the process as `stella serve` ends it: one
+    line and exit code 2. (`stella serve --workers N` starts its workers with
+    stella.commands.workers.worker_app, which adds the command line's flags.)
     """
     if settings is not None:
         return _build_app(settings)

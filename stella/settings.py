@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import msgspec
 from msgspec import Meta
 
-from stella.backends import ConfigError
+from stella.backends import ConfigError, check_finite
 from stella.logs import is_secret_field, name_words
 
 
@@ -242,18 +242,37 @@ def _env_value(raw: str) -> Any:
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """STELLA_SECTION__KEY=value (and PORT) as a nested dict."""
+    """STELLA_SECTION__KEY=value (and PORT) as a nested dict.
+
+    A table given whole (STELLA_BACKENDS__ECHO={kind="echo"}) and keys under it
+    (STELLA_BACKENDS__ECHO__REPLY=hi) deep-merge, the more specific keys on top, whatever
+    order the environment lists them in; two variables for one key, or a key under a
+    value that is not a table, are refused.
+    """
     out: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith("STELLA_") or "__" not in name:
-            continue
-        path = [p.lower() for p in name[len("STELLA_") :].split("__")]
+    found = []
+    for name in environ:
+        if name.startswith("STELLA_") and "__" in name:
+            found.append((tuple(p.lower() for p in name[len("STELLA_") :].split("__")), name))
+    # Shorter paths first: a table, then what goes into it (the environment's own order
+    # would decide otherwise which of the two is lost).
+    found.sort(key=lambda item: (len(item[0]), item))
+    setters: dict[tuple[str, ...], str] = {}
+    for path, name in found:
         node = out
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1], 1):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{name}: conflicts with another STELLA_ variable")
-        node[path[-1]] = _env_value(raw)
+                other = setters.get(path[:depth], "another STELLA_ variable")
+                raise ConfigError(f"{name}: conflicts with {other} (not a table)")
+        if path in setters:  # the same key in other capitals
+            raise ConfigError(f"{name}: conflicts with {setters[path]} (the same key)")
+        setters[path] = name
+        value = _env_value(environ[name])
+        last = path[-1]
+        if isinstance(value, dict) and isinstance(node.get(last), dict):
+            value = merge(node[last], value)  # a table within one given whole: both, merged
+        node[last] = value
     if port := environ.get("PORT"):
         out.setdefault("server", {})["port"] = _env_value(port)
     return out
@@ -337,7 +356,9 @@ def _blamed_variable(
 ) -> str | None:
     """The environment variable that set the key an error names, when one did (and no
     command-line flag replaced it, and no file holds the table it is in)."""
-    key = message.partition(": ")[0]
+    key, _, reason = message.partition(": ")
+    if reason.startswith("required"):  # a field missing, named by itself: its table's error
+        key = key.rpartition(".")[0] or key
     # An unknown field is blamed on the variable that names it, not on any variable
     # that set something else in the same table (a variable's names are lower case: a
     # file's `Host` is not STELLA_SERVER__HOST's). Any other error about a table (a
@@ -363,7 +384,9 @@ def _blamed_variable(
         under = path.startswith(key + ".") and (
             not file_table or (path.endswith(".aliases") and _quoted(message, environ[name]))
         )
-        if path == key or key.startswith(path + ".") or (path == field if unknown else under):
+        # An unknown field is the variable's that set it, or a key inside it.
+        named = field is not None and (path == field or path.startswith(field + "."))
+        if path == key or key.startswith(path + ".") or (named if unknown else under):
             found.append((name, path))
     if any(name == "PORT" for name, _ in found):  # PORT wins over STELLA_SERVER__PORT
         found = [(n, p) for n, p in found if n != "STELLA_SERVER__PORT"]
@@ -407,6 +430,12 @@ def decode_settings(data: Mapping[str, Any]) -> Settings:
         if isinstance(entries, dict):
             for name, value in entries.items():
                 _convert(value, entry, ".".join((*path, name)))
+    sections = [f.encode_name for f in msgspec.structs.fields(Settings)]
+    for name in data:
+        # Named by itself (msgspec says "config: ... unknown field"), so that the variable
+        # that made it is named too.
+        if name not in sections:
+            raise ConfigError(f"{name}: unknown section; known: {', '.join(sections)}")
     settings = _convert(_enabled_flags(data), Settings, "")
     _check(settings)
     return settings
@@ -439,13 +468,15 @@ def _enabled_flags(data: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _convert(value: Any, type_: type[Any], where: str) -> Any:
     try:
-        return msgspec.convert(value, type_, strict=False)
+        out = msgspec.convert(value, type_, strict=False)
     except msgspec.ValidationError as exc:
         text = str(exc)
         message, sep, path = text.rpartition(" - at `$")
         path = path.rstrip("`").lstrip(".") if sep else ""
         key = ".".join(p for p in (where, path) if p) or "config"
         raise ConfigError(f"{key}: {message if sep else text}") from None
+    check_finite(out, where)
+    return out
 
 
 def enabled_backends(s: Settings) -> dict[str, dict[str, Any]]:
@@ -461,6 +492,11 @@ def _check(s: Settings) -> None:
     host = s.server.host
     if host.startswith("[") and host.endswith("]"):
         s.server.host = host[1:-1]  # an IPv6 address as a URL writes it: the address
+    if not s.server.host.strip():
+        # uvicorn would listen on every interface ("" is INADDR_ANY) and say so nowhere.
+        raise ConfigError(
+            "server.host: empty; give the address to listen on (127.0.0.1, or 0.0.0.0 for all)"
+        )
     if not 0 < s.server.port < 65536:
         raise ConfigError(f"server.port: {s.server.port} is not a TCP port")
     if s.server.max_body_bytes <= 0:

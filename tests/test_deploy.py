@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.live import ROOT, free_port, ndjson, run_stella, to_toml
+from tests.live import ROOT, LiveServer, free_port, install_plugin, ndjson, run_stella, to_toml
 
 
 def test_procfile_starts_under_honcho(tmp_path: Path) -> None:
@@ -86,6 +86,20 @@ def test_containerfile_promises() -> None:
     assert "STELLA_SERVER__DRAIN_TIMEOUT_S=7" in text
 
 
+def test_containerfile_installs_the_dependencies_from_the_project_file_alone() -> None:
+    """The layer that installs mlx and the rest depends on pyproject.toml only: editing the
+    README, the shipped config or the code does not install them all again."""
+    build = (ROOT / "Containerfile").read_text().split("\nFROM ")[1]
+    lines = build.replace("\\\n", " ").splitlines()
+    install = next(i for i, line in enumerate(lines) if 'pip install ".[' in line)
+    before = [line.split() for line in lines[:install] if line.startswith(("COPY ", "ADD "))]
+    assert before == [["COPY", "pyproject.toml", "./"]]
+    after = " ".join(lines[install + 1 :])
+    for copied in ("COPY README.md", "COPY conf", "COPY stella"):
+        assert copied in after, copied
+    assert "pip install --no-deps --force-reinstall ." in after
+
+
 def test_workers_share_the_port_and_stop_cleanly() -> None:
     """server.workers = 2: two processes answer on one port; SIGTERM stops both, exit 0."""
     with run_stella({"server": {"workers": 2}}, args=("--model", "echo")) as server:
@@ -139,3 +153,119 @@ def test_draining_workers_refuse_new_connections_at_once() -> None:
             rest = [json.loads(x) for x in lines]
         assert rest[-1]["type"] == "done"  # the running stream still ended whole
         assert server.stop() == 0
+
+
+def _workers_started(server: LiveServer, count: int = 2, timeout: float = 30) -> set[int]:
+    """The PIDs of the first `count` workers that said "started", waiting up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [e["pid"] for e in server.events("started")]
+        if len(pids) >= count:
+            return set(pids[:count])
+        time.sleep(0.05)
+    raise AssertionError("workers did not start:\n" + "\n".join(server.lines()[-30:]))
+
+
+def _gone(pid: int) -> bool:
+    """Whether process `pid` has ended (a zombie nobody reaped yet has)."""
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
+def test_a_port_flag_wins_over_port_in_the_workers_too() -> None:
+    """--port beats PORT in every worker as in `stella serve` itself: a PORT that is no
+    port does not stop them (they were restarted, failing, for good), and /config says
+    the port they serve on."""
+    port = free_port()
+    args = ("--port", str(port), "--workers", "2")
+    with run_stella(env={"PORT": "abc"}, args=args, check_ready=False) as server:
+        _workers_started(server)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(4):  # whichever worker takes the connection
+            with httpx.Client() as client:  # a new connection each time
+                config = client.get(url + "/config", timeout=10).json()["config"]
+            assert config["server"]["port"] == port
+        assert not [line for line in server.lines() if "config error" in line]
+        assert server.stop() == 0
+
+
+def test_a_worker_whose_config_went_bad_stops_the_server() -> None:
+    """The file was edited while serving; a worker dies and its replacement cannot read
+    it: the whole server stops, with the one config error line and exit 2 (it was
+    restarted every half second for good, the port bound and /health green)."""
+    with run_stella({"server": {"workers": 2}}) as server:
+        pids = _workers_started(server)
+        conf = server.log_path.parent / "stella.toml"
+        conf.write_text(conf.read_text() + "\n[servr]\nport = 1\n")
+        os.kill(min(pids), signal.SIGKILL)
+        try:
+            code = server.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("still running:\n" + "\n".join(server.lines()[-10:])) from None
+        assert code == 2
+        errors = [line for line in server.lines() if "config error" in line]
+        assert errors == ["stella: config error: servr: unknown section; known: " + SECTIONS]
+        assert all(_gone(pid) for pid in pids)
+
+
+SECTIONS = "server, models, backends, stream, breaker, auth, limits, state, cors, log, metrics"
+
+FAILING_PLUGIN = """
+from stella.backends import Backend
+
+
+class BrokenBackend(Backend):
+    kind = "broken"
+
+    async def start(self):
+        raise RuntimeError("cannot start")
+
+    async def chat(self, request, ctx):
+        yield None
+"""
+
+
+def test_workers_that_fail_to_start_end_in_a_failure_exit_code(tmp_path: Path) -> None:
+    """uvicorn stops when its workers fail to start; `stella serve` says so in its exit
+    code (3, as with one worker), not 0."""
+    env = install_plugin(tmp_path, "stella_broken", FAILING_PLUGIN, {"broken": "BrokenBackend"})
+    config = {"server": {"workers": 2}, "backends": {"b": {"kind": "broken"}}}
+    with run_stella(config, env, check_ready=False) as server:
+        try:
+            code = server.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("still running:\n" + "\n".join(server.lines()[-10:])) from None
+        assert code == 3, server.lines()
+        assert server.events("worker_failed")
+
+
+def test_a_killed_worker_is_replaced_with_a_warning() -> None:
+    """A worker that crashed is restarted, and the supervisor says which and how."""
+    with run_stella({"server": {"workers": 2}}) as server:
+        pids = _workers_started(server)
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        died = server.wait_event(lambda e: True, timeout=30, name="worker_died")
+        assert died["level"] == "warning"
+        assert died["pid"] == victim and died["signal"] == "SIGKILL"
+        started = _workers_started(server, 3)
+        assert len(started - pids) == 1
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        assert server.stop() == 0
+
+
+def test_workers_stop_when_the_supervisor_is_killed() -> None:
+    """A SIGKILLed supervisor leaves no workers serving on as orphans: they drain and end."""
+    with run_stella({"server": {"workers": 2, "drain_timeout_s": 1}}) as server:
+        pids = _workers_started(server)
+        server.proc.kill()
+        server.proc.wait(10)
+        deadline = time.monotonic() + 30
+        while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(pid) for pid in pids)
+        assert {e["pid"] for e in server.events("stopped")} == pids  # they drained
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(server.url + "/health", timeout=5)

@@ -62,6 +62,48 @@ def test_env_values_parse_as_toml_literals() -> None:
     }
 
 
+def test_a_table_and_keys_under_it_merge_in_any_order() -> None:
+    # The more specific variable wins; the environment's order used to decide, and the
+    # key was lost in one of them.
+    table = {"STELLA_BACKENDS__ECHO": '{kind = "echo", delay_s = 0.5, headers = {A = "1"}}'}
+    keys = {"STELLA_BACKENDS__ECHO__REPLY": "hello", "STELLA_BACKENDS__ECHO__DELAY_S": "0"}
+    keys["STELLA_BACKENDS__ECHO__HEADERS"] = '{B = "2"}'
+    want = {
+        "backends": {
+            "echo": {
+                "kind": "echo",
+                "delay_s": "0",
+                "reply": "hello",
+                "headers": {"A": "1", "B": "2"},
+            }
+        }
+    }
+    assert env_overrides({**table, **keys}) == want
+    assert env_overrides({**keys, **table}) == want
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"STELLA_BACKENDS__ECHO__REPLY": "hello", "STELLA_BACKENDS__ECHO": "echo"},
+            "STELLA_BACKENDS__ECHO__REPLY: conflicts with STELLA_BACKENDS__ECHO (not a table)",
+        ),
+        (
+            {"STELLA_SERVER__HOST": "::1", "STELLA_Server__Host": "127.0.0.1"},
+            "STELLA_Server__Host: conflicts with STELLA_SERVER__HOST (the same key)",
+        ),
+    ],
+)
+def test_variables_that_contradict_each_other_are_refused(
+    env: dict[str, str], message: str
+) -> None:
+    for environ in (env, dict(reversed(env.items()))):
+        with pytest.raises(ConfigError) as info:
+            env_overrides(environ)
+        assert str(info.value) == message
+
+
 def test_log_level_in_capitals_and_limits_for_runtime_routes() -> None:
     s = load_settings(
         environ={
@@ -100,6 +142,22 @@ def test_env_numbers_take_the_keys_type() -> None:
         ({"STELLA_LOG__LEVEL": "loud"}, "log.level"),
         ({"STELLA_STREAM__PING_INTERVAL_S": "0"}, "stream.ping_interval_s"),
         ({"STELLA_SERVER__DRAIN_TIMEOUT_S": "-1"}, "server.drain_timeout_s"),
+        # inf passes `>= 0`, then ends `stella serve` in an OverflowError (NaN, any key).
+        (
+            {"STELLA_SERVER__DRAIN_TIMEOUT_S": "inf"},
+            "server.drain_timeout_s: inf is not a finite number",
+        ),
+        (
+            {"STELLA_MODELS__ROUTES__ECHO__TOTAL_TIMEOUT_S": "Infinity"},
+            "models.routes.echo.total_timeout_s: inf is not a finite number",
+        ),
+        (
+            {"STELLA_BACKENDS__ECHO": '{kind = "echo", delay_s = nan}'},
+            "backends.echo.delay_s: nan is not a finite number",
+        ),
+        # "" would listen on every interface.
+        ({"STELLA_SERVER__HOST": ""}, "server.host: empty"),
+        ({"STELLA_SERVER__HOST": '"[]"'}, "server.host: empty"),
         ({"STELLA_LIMITS__REQUESTS_PER_MINUTE": "-5"}, "limits.requests_per_minute"),
         (
             {"STELLA_MODELS__ROUTES__ECHO__TTFT_TIMEOUT_S": "-1"},
@@ -414,6 +472,28 @@ def check_with_audit_path(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def test_config_check_warns_of_a_key_variable_not_set() -> None:
+    # Start-up only warns (backend_key_missing) and serves; --check says so too, exit 0.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env.pop("UPSTREAM_TEST_KEY", None)
+    env.update(
+        STELLA_BACKENDS__UP__KIND="openai",
+        STELLA_BACKENDS__UP__BASE_URL="http://127.0.0.1:9/v1",
+        STELLA_BACKENDS__UP__API_KEY_ENV="UPSTREAM_TEST_KEY",
+    )
+    cmd = [sys.executable, "-m", "stella", "config", "--check"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [
+        "stella: warning: backends.up.api_key_env: UPSTREAM_TEST_KEY is not set; "
+        "requests to this backend go without a key",
+        "stella: configuration ok",
+    ]
+    env["UPSTREAM_TEST_KEY"] = "sk-test"
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
+
+
 def test_config_check_leaves_no_audit_file_behind(tmp_path: Path) -> None:
     proc = check_with_audit_path(tmp_path / "logs" / "deep" / "log.jsonl")
     assert proc.returncode == 0, proc.stderr
@@ -521,6 +601,12 @@ def test_a_bad_environment_value_names_its_variable(env: dict[str, str], start: 
             "STELLA_AUTH__KEYS__ALICE__SHA256",
             "xyz",
             "STELLA_AUTH__KEYS__ALICE__SHA256=***: auth.keys.alice.sha256: not a SHA-256",
+        ),
+        # serve ended in an OverflowError's traceback; --check said ok.
+        (
+            "STELLA_SERVER__DRAIN_TIMEOUT_S",
+            "inf",
+            "STELLA_SERVER__DRAIN_TIMEOUT_S=inf: server.drain_timeout_s: inf is not a finite",
         ),
     ],
 )
@@ -638,6 +724,29 @@ def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
             },
             "",
             "STELLA_BACKENDS__GPU=(not shown): backends.gpu: Expected `object`",
+        ),
+        # An unknown section, and a key under an unknown field: the variable that made it.
+        (
+            {"STELLA_SERVR__PORT": "9000"},
+            "",
+            "STELLA_SERVR__PORT=9000: servr: unknown section; known: server, models,",
+        ),
+        (
+            {"STELLA_SERVER__NOPE__X": "1"},
+            "",
+            "STELLA_SERVER__NOPE__X=1: server: Object contains unknown field `nope`",
+        ),
+        # A backend only a variable made, with no kind: that variable.
+        (
+            {"STELLA_BACKENDS__NEW__BASE_URL": "http://x"},
+            "",
+            "STELLA_BACKENDS__NEW__BASE_URL=http://x: backends.new.kind: required",
+        ),
+        # A number no setting takes, in a backend's table (its kind decodes it).
+        (
+            {"STELLA_BACKENDS__ECHO__DELAY_S": "inf"},
+            "",
+            "STELLA_BACKENDS__ECHO__DELAY_S=inf: backends.echo.delay_s: inf is not a finite",
         ),
         # An empty PORT is not read: the variable that was is named.
         (

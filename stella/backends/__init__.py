@@ -7,6 +7,7 @@ pyproject.toml: `[project.entry-points."stella.backends"] mykind = "pkg.mod:Cls"
 
 from __future__ import annotations
 
+import math
 import typing
 from importlib.metadata import entry_points
 from typing import Any
@@ -57,7 +58,27 @@ def build_backend(name: str, table: dict[str, Any], kinds: dict[str, Any]) -> Ba
         config = msgspec.convert(table, cls.Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"backends.{name}{_dotted(exc)}") from exc
+    check_finite(config, f"backends.{name}")
     return cls(name, config)
+
+
+def check_finite(value: Any, where: str) -> None:
+    """Refuse inf and NaN anywhere in a decoded config value (ConfigError names the key)."""
+    # A timeout of inf passes a range check (inf >= 0), then breaks what uses it (an
+    # OverflowError in int(), a wait that never ends); NaN compares false with anything.
+    try:
+        node = msgspec.to_builtins(value)
+    except TypeError:  # a plugin's config holding a type msgspec cannot walk: its own
+        return
+    stack: list[tuple[str, Any]] = [(where, node)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            raise ConfigError(f"{path or 'config'}: {node} is not a finite number")
+        if isinstance(node, dict):
+            stack += [(f"{path}.{k}" if path else str(k), v) for k, v in node.items()]
+        elif isinstance(node, list):
+            stack += [(f"{path}[{i}]", v) for i, v in enumerate(node)]
 
 
 def _check_tables(name: str, table: dict[str, Any], config: type[Any]) -> None:

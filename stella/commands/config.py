@@ -14,14 +14,18 @@ HELP = "print the effective configuration with secrets redacted (--check: valida
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `stella config`."""
     parser.add_argument("--config", help="a TOML file overlaid on the defaults (STELLA_CONFIG)")
-    parser.add_argument("--check", action="store_true", help="only validate; exit 2 on error")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only validate; exit 2 on error (0 with warnings, such as a key variable unset)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the configuration as decoded from the file and environment; with --check,
     also build the backends, keys and audit file as `stella serve` would."""
     from stella.backends import ConfigError
-    from stella.settings import blamed, load_settings, redacted
+    from stella.settings import blamed, enabled_backends, load_settings, redacted
 
     if args.config:
         os.environ["STELLA_CONFIG"] = args.config
@@ -36,6 +40,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"stella: config error: {blamed(exc)}", file=sys.stderr)
         return 2
     if args.check:
+        # What start-up only warns of (backend_key_missing): a warning here too, and still
+        # exit 0, as the server still starts (those requests go without a key).
+        for name, table in enabled_backends(settings).items():
+            variable = table.get("api_key_env")
+            if isinstance(variable, str) and variable and not os.environ.get(variable):
+                print(
+                    f"stella: warning: backends.{name}.api_key_env: {variable} is not set; "
+                    "requests to this backend go without a key",
+                    file=sys.stderr,
+                )
         print("stella: configuration ok", file=sys.stderr)
         return 0
     print(json.dumps(redacted(settings), indent=2))

@@ -121,21 +121,25 @@ def _supervise(
     """Several worker processes on one socket (or one that restarts on code changes).
 
     Each worker builds its own app from the environment, so the command line's
-    overrides travel there as STELLA_* variables.
+    overrides travel there in one variable (stella.commands.workers). The exit code:
+    0, or that of a worker that could not start (2: its configuration was bad).
     """
     import os
 
     from uvicorn.supervisors import ChangeReload
 
-    from stella.commands.workers import Workers
+    from stella import logs
+    from stella.commands.workers import Workers, pass_flags
 
-    for section, values in overrides.items():
-        for key, value in values.items():
-            os.environ[f"STELLA_{section.upper()}__{key.upper()}"] = _toml_literal(value)
+    pass_flags(overrides)
     if reload:  # stella's own code, wherever it is installed, not the working directory
         options["reload_dirs"] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
     config = uvicorn.Config(
-        "stella.app:create_app", factory=True, workers=workers, reload=reload, **options
+        "stella.commands.workers:worker_app",
+        factory=True,
+        workers=workers,
+        reload=reload,
+        **options,
     )
     # Bound first, as with one worker: a port in use ends here with uvicorn's one
     # error line, before any "serving on".
@@ -151,18 +155,16 @@ def _supervise(
             file=sys.stderr,
             flush=True,
         )
+    code = 0
     if reload:
         ChangeReload(config, target=Server(config).run, sockets=[sock]).run()
     else:
-        Workers(config, sockets=[sock]).run()
-    return 0
-
-
-def _toml_literal(value: Any) -> str:
-    """`value` as the TOML literal STELLA_* variables are read as."""
-    import json
-
-    return json.dumps(value) if isinstance(value, str) else str(value).lower()
+        supervisor = Workers(config, sockets=[sock])
+        supervisor.run()
+        code = supervisor.exit_code
+    if (sink := logs.sink()) is not None:
+        sink.flush()  # the supervisor's own lines (worker_died)
+    return code
 
 
 def _http_protocol(coalesce: bool) -> Any:

@@ -1,14 +1,71 @@
-"""The supervisor of `stella serve` with several workers."""
+"""The supervisor of `stella serve` with several workers, and each worker's app."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import json
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from typing import Any
 
-from uvicorn.supervisors import Multiprocess
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
+from stella import logs
+
+# `stella serve`'s command-line overrides, as JSON, for its workers: each worker reads
+# the configuration again, and a flag must win there as it did in `stella serve` (over
+# PORT too, which wins over any STELLA_SERVER__PORT).
+FLAGS_VARIABLE = "STELLA_SERVE_FLAGS"
+# A worker whose configuration is bad exits as `stella serve` does.
+CONFIG_ERROR = 2
+_PR_SET_PDEATHSIG = 1
+
+
+def pass_flags(overrides: Mapping[str, Any]) -> None:
+    """Hand the command line's overrides to the workers about to be started."""
+    os.environ[FLAGS_VARIABLE] = json.dumps(overrides)
+
+
+def worker_app() -> Any:
+    """The app of one worker: the configuration read again, `stella serve`'s flags on top;
+    a bad configuration is one line and exit 2 (the supervisor then stops)."""
+    from stella.app import create_app
+    from stella.backends import ConfigError
+    from stella.settings import blamed, load_settings
+
+    die_with_supervisor()
+    overrides = json.loads(os.environ.get(FLAGS_VARIABLE) or "{}")
+    try:
+        return create_app(load_settings(overrides))
+    except ConfigError as exc:
+        print(f"stella: config error: {blamed(exc, overrides)}", file=sys.stderr, flush=True)
+        raise SystemExit(CONFIG_ERROR) from None
+
+
+def die_with_supervisor() -> None:
+    """In a worker: get SIGTERM (and drain) when the supervisor dies, however it dies (Linux)."""
+    # A SIGKILLed supervisor runs no cleanup: its workers would go on serving, orphans
+    # nobody restarts or stops, holding the port.
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent.pid:  # it died before the signal was asked for
+        raise SystemExit(0)
 
 
 class Workers(Multiprocess):
-    """uvicorn's worker supervisor, letting go of the listening socket at shutdown.
+    """uvicorn's worker supervisor, letting go of the listening socket at shutdown,
+    saying when a worker died, and stopping when one cannot start.
 
     Each worker closes its copy of the socket as it starts draining; the
     supervisor's copy kept it listening, so new connections queued where nobody
@@ -16,9 +73,47 @@ class Workers(Multiprocess):
     once, as with one worker, and a load balancer tries another replica.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # 0, or the exit code of the worker that could not start (2: its configuration).
+        self.exit_code = 0
+
     def terminate_all(self) -> None:
         """Tell every worker to stop, then stop listening."""
         super().terminate_all()
         for sock in self.sockets:
             with contextlib.suppress(OSError):
                 sock.close()
+
+    def keep_subprocess_alive(self) -> None:
+        """Replace a worker that died (a warning says so); stop all when one cannot start."""
+        # uvicorn's own restarts a dead worker with an INFO line only, and restarts one
+        # whose configuration is bad forever (it stops only on its STARTUP_FAILURE).
+        if self.should_exit.is_set():
+            return
+        log = logs.get_logger()
+        for idx, process in enumerate(self.processes):
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            hung = process.process.is_alive()  # running, but no answer to the health check
+            process.kill()
+            process.join()
+            code = process.exitcode
+            if code in (CONFIG_ERROR, STARTUP_FAILURE):
+                # It would fail the same way on every restart. A config error was said
+                # in one line by the worker; a failed start is said here.
+                if code == STARTUP_FAILURE:
+                    log.error("worker_failed", pid=process.pid, detail="stopping the server")
+                self.exit_code = code
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            how: dict[str, Any] = {"exit_code": code}
+            if code is not None and code < 0:
+                with contextlib.suppress(ValueError):
+                    how = {"signal": signal.Signals(-code).name}
+            log.warning("worker_died", pid=process.pid, hung=hung, **how, detail="restarting it")
+            replacement = Process(self.config, self.sockets)
+            replacement.start()
+            self.processes[idx] = replacement
