@@ -135,7 +135,7 @@ return 1
 
 # A routing change: KEYS[1] the routing version, KEYS[2] the runtime routes (a hash of
 # JSON specs), KEYS[3] the default model, KEYS[4] the routing epoch; ARGV[1] the
-# deadline (Redis's clock), ARGV[2] a new epoch (used when the store has none), ARGV[3]
+# deadline (Redis's clock), ARGV[2] a new epoch (random, one per change), ARGV[3]
 # the change, ARGV[4] the route's name, then:
 #   "default" ARGV[5] "1" when the route is a runtime one (then it must be stored still)
 #   "save"    ARGV[5] its spec; refused when another stored route answers to its name
@@ -187,11 +187,10 @@ elseif op == 'delete' then
 else
   return redis.error_reply('unknown change ' .. op)
 end
--- A store that lost its counter (restarted empty, flushed) counts from 0 again: a new
--- epoch goes with it, so a version a replica read before never comes back.
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[4]) == 0 then
-  redis.call('SET', KEYS[4], ARGV[2])
-end
+-- Every change draws a new epoch: a store that lost its counter or went back to an
+-- older one (restarted empty, flushed, restored from a snapshot) may count again to a
+-- number a replica has read, never to a version (epoch, count) it has read.
+redis.call('SET', KEYS[4], ARGV[2])
 redis.call('INCR', KEYS[1])
 return 1
 """
@@ -215,9 +214,10 @@ return tostring(level)
 """
 
 
-# The routing version: the store's epoch and a count of changes in it. The count alone
-# starts from 0 again in a Redis that restarted empty or was flushed, and could come
-# back to the number a replica last read: the epoch, drawn anew then, never does.
+# The routing version: the last change's epoch and a count of changes. The count alone
+# starts over in a Redis that restarted empty, was flushed or was restored from an
+# older snapshot, and could come back to the number a replica last read: the epoch,
+# drawn anew by every change, never does.
 RoutingVersion = tuple[str, int]
 
 
@@ -391,7 +391,7 @@ class RedisState:
             self._key("default_model"),
             self._key("routing_epoch"),
         ]
-        epoch = secrets.token_hex(8)  # the store's new epoch, should it have none
+        epoch = secrets.token_hex(8)  # this change's epoch
         try:
             sec, usec = await self.redis.time()
             deadline = sec + usec / 1e6 + WRITE_WINDOW_S
