@@ -986,6 +986,13 @@ def test_processes_starting_together_import_a_gguf_once(
         (out / "config.json").write_text("{}")
 
     monkeypatch.setattr(source, "_import_apart", import_apart)
+    real_replace = Path.replace
+
+    def slow_replace(self: Path, target: Any) -> Path:
+        time.sleep(0.1)  # a busy disk: the other worker writes the index meanwhile
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", slow_replace)
     cache = tmp_path / "cache"
     got: list[Path] = []
     workers = [
@@ -997,3 +1004,5 @@ def test_processes_starting_together_import_a_gguf_once(
         w.join(10)
     assert len(runs) == 1 and len(got) == 2 and got[0] == got[1]
     assert (got[0] / "config.json").is_file()
+    index = json.loads((cache / "index.json").read_text())
+    assert list(index.values()) == [got[0].name]

@@ -104,33 +104,40 @@ def _import_apart(gguf: Path, out: Path) -> None:
         raise ModelSourceError(lines[-1].removeprefix("stella: "))
 
 
+def _read_index(path: Path) -> dict[str, str]:
+    """The cache's index (GGUF stamp -> directory name); empty when missing or unreadable."""
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
 def imported(gguf: Path, cache_dir: Path) -> Path:
     """The mlx-lm directory for a GGUF file, importing it on first use."""
     stat = gguf.stat()
     index_path = cache_dir / "index.json"
     stamp = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
+    index = _read_index(index_path)
     # The index spares hashing ~100 MB at every start; the directory name is the hash.
     name = index.get(stamp) or cache_key(gguf)
     out = cache_dir / name
     try:
-        if not (out / "config.json").is_file():
+        if not (out / "config.json").is_file() or index.get(stamp) != name:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            # Workers starting together on a fresh cache import once: a second import
-            # would replace the directory the first one's process is loading from.
+            # Workers starting together on a fresh cache import once (a second import
+            # would replace the directory the first one's process is loading from) and
+            # update the index one at a time, each on the index as the last one left it.
             with open(cache_dir / ".import.lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not (out / "config.json").is_file():
                     _import_apart(gguf, out)
-        if index.get(stamp) != name:
-            index[stamp] = name
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = index_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(index, indent=1))
-            tmp.replace(index_path)
+                index = _read_index(index_path)
+                if index.get(stamp) != name:
+                    index[stamp] = name
+                    tmp = index_path.with_name(f"index.{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps(index, indent=1))
+                    tmp.replace(index_path)  # atomic: readers without the lock see one whole
     except OSError as exc:
         raise ModelSourceError(
             f"the model cache {cache_dir} cannot be written ({exc.strerror}): set "
