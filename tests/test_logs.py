@@ -666,6 +666,7 @@ def test_each_admin_routing_change_is_one_event_with_its_outcome() -> None:
             ("post", url + "/switch/echo", None, 200),
             ("delete", url + "/rt-a", None, 200),
             ("delete", url + "/nope", None, 404),
+            ("post", url, {"name": "rt3", "backend": "echo", "fallbacks": ["echo", "echo"]}, 400),
         ]
         rids = []
         for method, target, body, status in calls:
@@ -689,5 +690,6 @@ def test_each_admin_routing_change_is_one_event_with_its_outcome() -> None:
             ("switch", "echo", "echo", "ok", "ops", rids[5]),
             ("delete", "rt-a", "rt", "ok", "ops", rids[6]),
             ("delete", "nope", None, "model_not_found", "ops", rids[7]),
+            ("register", "rt3", None, "invalid_request", "ops", rids[8]),  # its body was read
         ]
         assert KEY not in "\n".join(server.lines())

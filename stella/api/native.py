@@ -211,8 +211,6 @@ async def _read_route(request: Request) -> RegisterRoute:
                 f"$.{exc.param}: a route name is letters, digits and '._:-' in {ROUTE_NAME_RULE}"
             )
         raise
-    _once("aliases", spec.aliases)
-    _once("fallbacks", spec.fallbacks)
     return spec
 
 
@@ -222,7 +220,9 @@ async def register_model(request: Request, call: Call) -> Response:
     svc = services(request)
     with _logged("register", None, call) as logged:
         spec = await _read_route(request)
-        logged["name"] = spec.name
+        logged["name"] = spec.name  # named in the log from here, a refused list too
+        _once("aliases", spec.aliases)
+        _once("fallbacks", spec.fallbacks)
         rs = RouteSettings(
             backend=spec.backend,
             upstream_model=spec.upstream_model,
