@@ -232,6 +232,9 @@ class AnthropicBackend(HttpBackend):
                     if kind != "ping":
                         ctx.beats += 1  # tool input and thinking are progress, though silent
                     if kind == "content_block_delta" and ev.delta is not None:
+                        # Text and tool input alike: a stream cut before message_delta's
+                        # count is charged the pieces read.
+                        ctx.tokens_seen += 1
                         if ev.delta.type == "text_delta":
                             if ev.delta.text:
                                 yield Delta(text=ev.delta.text)

@@ -48,6 +48,11 @@ class CallContext:
     # Counted by a backend for upstream output that yields no event yet (tool-call
     # arguments in fragments, reasoning): the time limits take it as progress.
     beats: int = 0
+    # Counted by a backend that joins several upstream pieces into one Delta, or reads
+    # output that yields no Delta yet (tool-call arguments): the pieces (about a token
+    # each) read so far. A call that ends without the upstream's own count (cut short,
+    # or no usage sent) is charged these rather than its Deltas.
+    tokens_seen: int = 0
     # Set by a backend that knows the prompt's size before the answer ends: a call cut
     # short (client gone, a time limit) is still charged for its prompt.
     prompt_tokens: int = 0

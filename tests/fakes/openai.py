@@ -10,7 +10,8 @@ whatever the client accepts, as a careless proxy would), `redirect` (307 elsewhe
 not UTF-8 inside a chunk), `abort` (finish_reason "abort", as vLLM says of a request it
 cut short), `slow-tools` (a tool call whose arguments take 1.2 s to arrive),
 `finish-then-hold` (the answer and its finish reason, then no usage, no [DONE], the
-stream held open).
+stream held open), `burst` (forty one-token chunks in one write, 5 s of silence, then
+the finish and a usage of 10 prompt and 80 completion tokens).
 It records what it saw.
 """
 
@@ -188,6 +189,14 @@ class FakeOpenAI:
                     await asyncio.sleep(0.2)
                     yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
                 yield chunk({}, "tool_calls")
+            elif model == "burst":  # a fast upstream: many chunks reach one network read
+                yield b"".join(chunk({"content": f" t{i}"}) for i in range(40))
+                await asyncio.sleep(5)
+                yield chunk({}, "stop")
+                usage = {"prompt_tokens": 10, "completion_tokens": 80, "total_tokens": 90}
+                yield b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
+                return
             elif model == "tools":
                 yield chunk(
                     {
