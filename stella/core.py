@@ -634,6 +634,12 @@ class Inference:
         if req.tool_choice == "none" and not route.backend.honours_tool_choice:
             req = _without_tools(req)
         agen = route.backend.chat(req, ctx)
+        if (
+            req.parallel_tool_calls is False
+            and req.tools
+            and not route.backend.honours_parallel_tool_calls
+        ):
+            agen = _first_tool_call(agen)
         t = time.perf_counter()
         record: dict[str, Any] = {"backend": route.backend_name, "route": route.name}
         self.attempts.append(record)
@@ -944,6 +950,21 @@ def _masked(node: Any, secret: str) -> Any:
     if isinstance(node, list | tuple):
         return [_masked(v, secret) for v in node]
     return node
+
+
+async def _first_tool_call(agen: AsyncIterator[BackendEvent]) -> AsyncIterator[BackendEvent]:
+    """`agen`'s events with its first tool call alone: parallel_tool_calls false for a
+    backend that can't be told (its model may answer with several)."""
+    called = False
+    try:
+        async for event in agen:
+            if type(event) is ToolCall:
+                if called:
+                    continue
+                called = True
+            yield event
+    finally:
+        await close_quietly(agen)  # closed early (client gone, a limit): the upstream too
 
 
 def _without_tools(req: ChatRequest) -> ChatRequest:

@@ -190,6 +190,9 @@ class ChatRequest(Strict):
     options: Options = msgspec.field(default_factory=Options)
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
+    # false: at most one tool call per answer (OpenAI's parallel_tool_calls, Anthropic's
+    # disable_parallel_tool_use); None: the upstream's default (several allowed).
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
 

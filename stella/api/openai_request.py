@@ -95,6 +95,7 @@ class ChatCompletionRequest(CompletionCommon, kw_only=True):
     messages: list[OAIMessage]
     tools: list[LenientTool] | None = None
     tool_choice: Any = None  # see choice_from: shapes stella does not know are ignored
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     top_logprobs: int | None = None
     # The deprecated function-calling fields: refused with their replacement named,
@@ -252,6 +253,7 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
         options=to_options(req),
         tools=tools_from(req.tools),
         tool_choice=choice_from(req.tool_choice),
+        parallel_tool_calls=req.parallel_tool_calls,
         response_format=req.response_format,
         metadata=to_metadata(req),
     )

@@ -173,6 +173,9 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
             body["tool_choice"] = {"type": "any"}
         elif choice is not None and not isinstance(choice, str):
             body["tool_choice"] = {"type": "tool", "name": choice.function.name}
+        if request.parallel_tool_calls is False and choice != "none":
+            # The API's switch lives in tool_choice (auto, any or tool; none calls none).
+            body.setdefault("tool_choice", {"type": "auto"})["disable_parallel_tool_use"] = True
     return body
 
 
@@ -181,6 +184,7 @@ class AnthropicBackend(HttpBackend):
 
     kind = "anthropic"
     honours_tool_choice = True
+    honours_parallel_tool_calls = True
     Config = AnthropicConfig
 
     def __init__(self, name: str, config: AnthropicConfig) -> None:

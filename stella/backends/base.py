@@ -142,6 +142,9 @@ class Backend:
     # True when the backend passes tool_choice "none" on (the model then calls no tool
     # but still sees the tools); otherwise the pipeline withholds the tools.
     honours_tool_choice: ClassVar[bool] = False
+    # True when the backend passes parallel_tool_calls false on (the model then makes at
+    # most one call); otherwise the pipeline keeps the first call of the answer alone.
+    honours_parallel_tool_calls: ClassVar[bool] = False
     # True for an engine whose calls wait in this process's own queue (the in-process
     # MLX worker): a first-token timeout there is not tried again behind the same queue,
     # and its circuit is told only when the engine showed no sign of work for that

@@ -144,6 +144,8 @@ def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict
                 if isinstance(choice, str)
                 else {"type": "function", "function": {"name": choice.function.name}}
             )
+        if request.parallel_tool_calls is not None:  # the API takes it only with tools
+            body["parallel_tool_calls"] = request.parallel_tool_calls
     if request.response_format:
         body["response_format"] = request.response_format
     if stream and stream_usage:
@@ -157,6 +159,7 @@ class OpenAIBackend(HttpBackend):
     kind = "openai"
     whole_answers = True  # non-stream calls are non-stream upstream
     honours_tool_choice = True
+    honours_parallel_tool_calls = True
     Config = OpenAIConfig
 
     def __init__(self, name: str, config: OpenAIConfig) -> None:

@@ -11,7 +11,8 @@ not UTF-8 inside a chunk), `abort` (finish_reason "abort", as vLLM says of a req
 cut short), `slow-tools` (a tool call whose arguments take 1.2 s to arrive),
 `finish-then-hold` (the answer and its finish reason, then no usage, no [DONE], the
 stream held open), `burst` (forty one-token chunks in one write, 5 s of silence, then
-the finish and a usage of 10 prompt and 80 completion tokens).
+the finish and a usage of 10 prompt and 80 completion tokens), `two-tools` (two tool
+calls, one when `parallel_tool_calls` is false, as the API honours it).
 It records what it saw.
 """
 
@@ -78,6 +79,20 @@ class FakeOpenAI:
                     },
                     400,
                 )
+        if "parallel_tool_calls" in body and not body.get("tools"):
+            # As the API answers it.
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "Invalid value for 'parallel_tool_calls': "
+                        "'parallel_tool_calls' is only allowed when 'tools' are specified.",
+                        "type": "invalid_request_error",
+                        "param": "parallel_tool_calls",
+                        "code": None,
+                    }
+                },
+                400,
+            )
         if (problem := _unlinked(body.get("messages") or [])) is not None:
             param, message = problem
             return JSONResponse(
@@ -125,6 +140,9 @@ class FakeOpenAI:
                         }
                     ],
                 }
+                finish = "tool_calls"
+            if model == "two-tools":
+                message = {"role": "assistant", "content": None, "tool_calls": _calls(body)}
                 finish = "tool_calls"
             return self._maybe_gzip(
                 model,
@@ -197,6 +215,10 @@ class FakeOpenAI:
                 yield b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
                 yield b"data: [DONE]\n\n"
                 return
+            elif model == "two-tools":
+                for index, call in enumerate(_calls(body)):
+                    yield chunk({"tool_calls": [{"index": index, **call}]})
+                yield chunk({}, "tool_calls")
             elif model == "tools":
                 yield chunk(
                     {
@@ -249,6 +271,19 @@ class FakeOpenAI:
         except asyncio.CancelledError:
             self.closed_at.append(time.monotonic())
             raise
+
+
+def _calls(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `two-tools` answer's calls: one when parallel tool calls are off."""
+    cities = ["Paris"] if body.get("parallel_tool_calls") is False else ["Paris", "Oslo"]
+    return [
+        {
+            "id": f"call_{i + 1}",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+        }
+        for i, city in enumerate(cities)
+    ]
 
 
 def _unlinked(messages: list[dict[str, Any]]) -> tuple[str, str] | None:
