@@ -773,7 +773,12 @@ class Inference:
             raise self.error
         text = "".join(self.texts)
         calls = [
-            ToolCallRef(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            ToolCallRef(
+                id=c.id,
+                function=FunctionCall(
+                    name=c.name, arguments=c.arguments, raw_arguments=c.raw_arguments
+                ),
+            )
             for c in self.tool_calls
         ] or None
         return ChatResponse(

@@ -211,6 +211,14 @@ def test_tool_call_fragments_as_servers_send_them() -> None:
         ("d", "i", {"w": 4}),
         ("e", "abab", {}),
     ]
+    # Arguments that are no JSON object: an object all the same, the model's text beside.
+    calls = _Calls()
+    calls.add(frag(index=0, id="a", name="f", arguments='{"x": '))
+    calls.add(frag(index=1, id="b", name="g", arguments="[1]"))
+    assert [(e.arguments, e.raw_arguments) for e in calls.events()] == [
+        ({"_raw": '{"x": '}, '{"x": '),
+        ({"value": [1]}, "[1]"),
+    ]
 
 
 async def test_compressed_answer_and_redirect(fake: tuple[FakeOpenAI, str]) -> None:

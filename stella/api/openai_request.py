@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from stella.backends.base import arguments_of
 from stella.errors import InvalidRequest, field_path
 from stella.protocol import (
     ChatRequest,
@@ -222,18 +223,14 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
         if m.tool_calls:
             calls = []
             for c in m.tool_calls:
-                try:
-                    args = msgspec.json.decode(c.function.arguments or "{}")
-                except (msgspec.DecodeError, RecursionError):
-                    raise InvalidRequest(
-                        "tool call arguments are not JSON", param=f"messages[{i}].tool_calls"
-                    ) from None
+                # A model's arguments that were no JSON object come back as it wrote them
+                # (stella passed them on so): kept, as the answer had them.
+                args, raw = arguments_of(c.function.arguments)
                 calls.append(
                     ToolCallRef(
                         id=c.id,
                         function=FunctionCall(
-                            name=c.function.name,
-                            arguments=args if isinstance(args, dict) else {"value": args},
+                            name=c.function.name, arguments=args, raw_arguments=raw
                         ),
                     )
                 )

@@ -8,7 +8,13 @@ from typing import Annotated, Any
 import aiohttp
 import msgspec
 
-from stella.backends.base import BackendEvent, BackendHealth, CallContext, linked_tool_calls
+from stella.backends.base import (
+    BackendEvent,
+    BackendHealth,
+    CallContext,
+    arguments_of,
+    linked_tool_calls,
+)
 from stella.backends.http import (
     BAD_JSON,
     HttpBackend,
@@ -91,7 +97,6 @@ class _Models(msgspec.Struct):
 _event = msgspec.json.Decoder(_Event)
 _models = msgspec.json.Decoder(_Models)
 _enc = msgspec.json.Encoder()
-_any = msgspec.json.Decoder()
 
 
 def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
@@ -250,17 +255,11 @@ class AnthropicBackend(HttpBackend):
                             tools[ev.index] = [block.id, block.name, "", block.input]
                     elif kind == "content_block_stop" and ev.index in tools:
                         call_id, tool, raw, given = tools.pop(ev.index)
-                        try:
-                            # Anthropic starts a tool_use with `input: {}` and streams it
-                            # as deltas; a compatible server may give it whole at the start.
-                            args = _any.decode(raw) if raw.strip() else given or {}
-                        except (msgspec.DecodeError, RecursionError):
-                            args = {"_raw": raw}
+                        # Anthropic starts a tool_use with `input: {}` and streams it as
+                        # deltas; a compatible server may give it whole at the start.
+                        args, kept = arguments_of(raw) if raw.strip() else (given or {}, None)
                         yield ToolCall(
-                            index=calls,
-                            id=call_id,
-                            name=tool,
-                            arguments=args if isinstance(args, dict) else {"value": args},
+                            index=calls, id=call_id, name=tool, arguments=args, raw_arguments=kept
                         )
                         calls += 1
                     elif kind == "message_start" and ev.message is not None and ev.message.usage:

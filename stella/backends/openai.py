@@ -13,6 +13,7 @@ from stella.backends.base import (
     BackendEvent,
     BackendHealth,
     CallContext,
+    arguments_of,
     content_of,
     linked_tool_calls,
 )
@@ -93,7 +94,6 @@ class _Models(msgspec.Struct):
 _chunk = msgspec.json.Decoder(_Chunk)
 _models = msgspec.json.Decoder(_Models)
 _json = msgspec.json.Encoder()
-_any = msgspec.json.Decoder()
 
 
 def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict[str, Any]:
@@ -110,7 +110,10 @@ def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict
                     "type": "function",
                     "function": {
                         "name": c.function.name,
-                        "arguments": _json.encode(c.function.arguments).decode(),
+                        # The model's own text, when it wrote no JSON object.
+                        "arguments": c.function.raw_arguments
+                        if c.function.raw_arguments is not None
+                        else _json.encode(c.function.arguments).decode(),
                     },
                 }
                 for c in m.tool_calls
@@ -345,14 +348,15 @@ class _Calls:
         """One ToolCall per call, arguments decoded (kept raw when not JSON)."""
         out = []
         for index, (call_id, name, raw) in self.slots.items():
-            try:
-                args = _any.decode(raw) if raw.strip() else {}
-            except (msgspec.DecodeError, RecursionError):
-                args = {"_raw": raw}  # the model wrote invalid JSON: pass it on, don't lose it
-            if not isinstance(args, dict):
-                args = {"value": args}
+            args, kept = arguments_of(raw)
             out.append(
-                ToolCall(index=index, id=call_id or f"call_{index}", name=name, arguments=args)
+                ToolCall(
+                    index=index,
+                    id=call_id or f"call_{index}",
+                    name=name,
+                    arguments=args,
+                    raw_arguments=kept,
+                )
             )
         return out
 

@@ -12,7 +12,9 @@ cut short), `slow-tools` (a tool call whose arguments take 1.2 s to arrive),
 `finish-then-hold` (the answer and its finish reason, then no usage, no [DONE], the
 stream held open), `burst` (forty one-token chunks in one write, 5 s of silence, then
 the finish and a usage of 10 prompt and 80 completion tokens), `two-tools` (two tool
-calls, one when `parallel_tool_calls` is false, as the API honours it).
+calls, one when `parallel_tool_calls` is false, as the API honours it), `bad-args` (a
+tool call whose arguments are not JSON, as a model may write them; the API passes the
+string on), `list-args` (arguments that are JSON but not an object).
 It records what it saw.
 """
 
@@ -141,7 +143,7 @@ class FakeOpenAI:
                     ],
                 }
                 finish = "tool_calls"
-            if model == "two-tools":
+            if model in ("two-tools", "bad-args", "list-args"):
                 message = {"role": "assistant", "content": None, "tool_calls": _calls(body)}
                 finish = "tool_calls"
             return self._maybe_gzip(
@@ -215,9 +217,14 @@ class FakeOpenAI:
                 yield b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
                 yield b"data: [DONE]\n\n"
                 return
-            elif model == "two-tools":
+            elif model in ("two-tools", "bad-args", "list-args"):
                 for index, call in enumerate(_calls(body)):
-                    yield chunk({"tool_calls": [{"index": index, **call}]})
+                    head = {**call, "function": {**call["function"], "arguments": ""}}
+                    yield chunk({"tool_calls": [{"index": index, **head}]})
+                    args = call["function"]["arguments"]
+                    for part in (args[:5], args[5:]):  # in fragments, as the API streams
+                        delta = {"index": index, "function": {"arguments": part}}
+                        yield chunk({"tool_calls": [delta]})
                 yield chunk({}, "tool_calls")
             elif model == "tools":
                 yield chunk(
@@ -273,8 +280,23 @@ class FakeOpenAI:
             raise
 
 
+BAD_ARGS = '{"city": "Par'
+LIST_ARGS = '["Paris", "Oslo"]'
+
+
 def _calls(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The `two-tools` answer's calls: one when parallel tool calls are off."""
+    """The calls of `two-tools` (one when parallel tool calls are off), `bad-args` and
+    `list-args`."""
+    model = body.get("model")
+    if model in ("bad-args", "list-args"):
+        args = BAD_ARGS if model == "bad-args" else LIST_ARGS
+        return [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": args},
+            }
+        ]
     cities = ["Paris"] if body.get("parallel_tool_calls") is False else ["Paris", "Oslo"]
     return [
         {
