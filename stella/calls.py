@@ -77,6 +77,15 @@ class Call:
     error_status: Callable[[StellaError], int] | None = None
 
 
+def prompt_estimate(request: ChatRequest) -> int:
+    """The prompt's tokens, estimated before any tokenizer has read it: four characters
+    a token (a common rule of thumb for English text), settled with the real count."""
+    chars = 0
+    for m in request.messages:
+        chars += len(m.content)
+    return chars // 4
+
+
 class Permit:
     """What admission handed out: released when the inference ends."""
 

@@ -19,7 +19,7 @@ import msgspec
 import structlog
 
 from stella.backends import BackendEvent, CallContext
-from stella.calls import ANONYMOUS, Admission, Call, Permit, Principal
+from stella.calls import ANONYMOUS, Admission, Call, Permit, Principal, prompt_estimate
 from stella.errors import (
     ClientGone,
     ClientTooSlow,
@@ -256,6 +256,7 @@ class Inference:
         "discarded_by",
         "engine_ttft_ms",
         "error",
+        "estimated",
         "fallback_permit",
         "finish_reason",
         "logged",
@@ -307,7 +308,9 @@ class Inference:
         self.backend_name = route.backend_name
         self.upstream_model = route.upstream_model
         self.usage = Usage()
-        self.completion_tokens = 0
+        self.completion_tokens = 0  # the last attempt's Deltas
+        # Whether some of the usage is stella's count, not the backend's (see finish).
+        self.estimated = False
         # Tokens of non-stream attempts that failed after producing them and were answered
         # again, by the route that made them: the client never sees them, the upstream
         # made (and may bill) them.
@@ -531,10 +534,11 @@ class Inference:
                                 # the answer can start over (a retry, then a fallback).
                                 texts.clear()
                                 self.tool_calls.clear()
-                                if tokens:
+                                pieces = max(tokens, ctx.tokens_seen)
+                                if pieces:
                                     made = self.discarded_by = self.discarded_by or {}
-                                    made[route.name] = made.get(route.name, 0) + tokens
-                                tokens = 0
+                                    made[route.name] = made.get(route.name, 0) + pieces
+                                tokens = ctx.tokens_seen = 0  # counted once, as discarded
                                 self.ttft = None
                                 self.engine_ttft_ms = None
                                 self.waited_ms += ctx.queue_ms
@@ -630,6 +634,12 @@ class Inference:
         if req.tool_choice == "none" and not route.backend.honours_tool_choice:
             req = _without_tools(req)
         agen = route.backend.chat(req, ctx)
+        if (
+            req.parallel_tool_calls is False
+            and req.tools
+            and not route.backend.honours_parallel_tool_calls
+        ):
+            agen = _first_tool_call(agen)
         t = time.perf_counter()
         record: dict[str, Any] = {"backend": route.backend_name, "route": route.name}
         self.attempts.append(record)
@@ -702,9 +712,18 @@ class Inference:
         self.waited_ms += waited
         self.queue_ms = self.waited_ms
 
+    def _counted(self) -> int:
+        """The last attempt's output as stella counted it: its Deltas, or the pieces its
+        backend read when it joined several into one Delta (or read tool-call input)."""
+        ctx = self.ctx
+        return max(self.completion_tokens, ctx.tokens_seen if ctx is not None else 0)
+
     def _done(self, done: Done) -> Done:
         now = time.perf_counter()
-        usage = self.usage = _completed(done.usage, self.completion_tokens)
+        counted = self._counted()
+        if not done.usage.completion_tokens and counted:
+            self.estimated = True
+        usage = self.usage = _completed(done.usage, counted)
         self.finish_reason = done.finish_reason
         self.terminal = True
         self.t_end = now
@@ -754,7 +773,12 @@ class Inference:
             raise self.error
         text = "".join(self.texts)
         calls = [
-            ToolCallRef(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            ToolCallRef(
+                id=c.id,
+                function=FunctionCall(
+                    name=c.name, arguments=c.arguments, raw_arguments=c.raw_arguments
+                ),
+            )
             for c in self.tool_calls
         ] or None
         return ChatResponse(
@@ -780,12 +804,23 @@ class Inference:
         pipeline = self.pipeline
         pipeline.active.discard(self)
         now = self.t_end or time.perf_counter()
-        usage = _completed(self.usage, self.completion_tokens)
+        counted = self._counted()
+        if not self.usage.completion_tokens and counted:
+            self.estimated = True  # cut short before the backend's count came
+        usage = _completed(self.usage, counted)
         ctx = self.ctx
-        if not usage.prompt_tokens and ctx is not None and ctx.prompt_tokens:
-            # Cut short before the backend's usage came: the prompt it read still counts.
+        if not usage.prompt_tokens and ctx is not None:
+            # No count of the prompt from the backend (cut short before its usage came, or
+            # an upstream that sends none): the prompt it read still counts. The backend's
+            # figure when it had one early, else the estimate admission reserved, once the
+            # upstream began its answer (it read the prompt); a refusal before that is not.
             n = ctx.prompt_tokens
-            usage = Usage(n, usage.completion_tokens, n + usage.completion_tokens)
+            if not n and (ctx.beats or counted or self.ttft):
+                n = prompt_estimate(self.request)
+                if n:
+                    self.estimated = True
+            if n:
+                usage = Usage(n, usage.completion_tokens, n + usage.completion_tokens)
         final = usage
         discarded = sum(self.discarded_by.values()) if self.discarded_by else 0
         if discarded:  # made, though never sent: they count for the limits too
@@ -849,6 +884,8 @@ class Inference:
             record["engine_ttft_ms"] = self.engine_ttft_ms
         if discarded:
             record["discarded_tokens"] = discarded
+        if self.estimated:
+            record["usage_estimated"] = True
         if ctx is not None:
             if ctx.cached_tokens is not None:
                 record["cached_tokens"] = ctx.cached_tokens
@@ -918,6 +955,21 @@ def _masked(node: Any, secret: str) -> Any:
     if isinstance(node, list | tuple):
         return [_masked(v, secret) for v in node]
     return node
+
+
+async def _first_tool_call(agen: AsyncIterator[BackendEvent]) -> AsyncIterator[BackendEvent]:
+    """`agen`'s events with its first tool call alone: parallel_tool_calls false for a
+    backend that can't be told (its model may answer with several)."""
+    called = False
+    try:
+        async for event in agen:
+            if type(event) is ToolCall:
+                if called:
+                    continue
+                called = True
+            yield event
+    finally:
+        await close_quietly(agen)  # closed early (client gone, a limit): the upstream too
 
 
 def _without_tools(req: ChatRequest) -> ChatRequest:

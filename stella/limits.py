@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from stella.calls import Admission, Call, Permit, Principal
+from stella.calls import Admission, Call, Permit, Principal, prompt_estimate
 from stella.errors import Overloaded, RateLimited
 from stella.protocol import ChatRequest, Usage
 from stella.routing import Route
@@ -353,15 +353,6 @@ class Limiter(Admission):
         # Token buckets hold a reservation until the real usage is known.
         if plan.token_buckets:
             permit._reserved = [checks[i] for i in plan.token_buckets]
-
-
-def prompt_estimate(request: ChatRequest) -> int:
-    """The prompt's tokens, estimated before any tokenizer has read it: four characters
-    a token (a common rule of thumb for English text), settled with the real count."""
-    chars = 0
-    for m in request.messages:
-        chars += len(m.content)
-    return chars // 4
 
 
 class _Plan:

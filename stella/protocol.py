@@ -28,6 +28,8 @@ class FunctionCall(Strict):
 
     name: str
     arguments: dict[str, Any] = {}
+    # The model's own text of the arguments when it was not a JSON object (see ToolCall).
+    raw_arguments: str | None = None
 
 
 class ToolCallRef(Strict):
@@ -190,6 +192,9 @@ class ChatRequest(Strict):
     options: Options = msgspec.field(default_factory=Options)
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
+    # false: at most one tool call per answer (OpenAI's parallel_tool_calls, Anthropic's
+    # disable_parallel_tool_use); None: the upstream's default (several allowed).
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
 
@@ -261,13 +266,17 @@ class Ping(Event, tag="ping"):
     """Keeps the connection alive after a silence."""
 
 
-class ToolCall(Event, tag="tool_call"):
+class ToolCall(Event, tag="tool_call", omit_defaults=True):
     """A complete function call requested by the model."""
 
     index: int
     id: str
     name: str
     arguments: dict[str, Any]
+    # Set only when the model's arguments were not a JSON object: its text as written
+    # (the OpenAI dialect passes it on as the API does), while `arguments` holds
+    # {"_raw": text} for invalid JSON, {"value": v} for another JSON value.
+    raw_arguments: str | None = None
 
 
 class Done(Event, tag="done"):

@@ -420,3 +420,21 @@ async def test_an_endless_model_list_or_error_page_is_read_within_bounds(
                         await backend.models()
             finally:
                 await backend.aclose()
+
+
+def test_an_ollama_stream_cut_short_is_charged_its_prompt(
+    ollama_url: tuple[FakeOllama, str],
+) -> None:
+    # Ollama counts the prompt on its done line alone: a stream that fails before it has
+    # no count, and the prompt the upstream read is charged at admission's estimate.
+    config = {
+        "backends": {"gpu-box": {"kind": "ollama", "base_url": ollama_url[1]}},
+        "models": {"routes": {"mid": {"backend": "gpu-box", "upstream_model": "error-mid"}}},
+    }
+    with run_stella(config) as server:
+        ask = {"model": "mid", "messages": [{"role": "user", "content": "y" * 400}]}
+        r = httpx.post(server.url + "/api/v1/chat", json=ask)
+        assert ndjson(r.text)[-1]["type"] == "error"
+        ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+        assert (ev["prompt_tokens"], ev["completion_tokens"]) == (100, 2)
+        assert ev["usage_estimated"] is True

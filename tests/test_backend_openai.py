@@ -109,6 +109,19 @@ async def test_missing_usage_counts_deltas(fake: tuple[FakeOpenAI, str]) -> None
     assert events[-1].usage.completion_tokens == 5
 
 
+async def test_tool_call_fragments_count_as_output(fake: tuple[FakeOpenAI, str]) -> None:
+    # Without the upstream's usage, a streamed call's argument fragments are its tokens
+    # (a stream cut before the call is whole is charged them from ctx.tokens_seen).
+    b = await backend(fake[1] + "/v1", stream_usage=False)
+    tools = [Tool(function=FunctionSpec(name="get_weather"))]
+    ctx = CallContext(request_id="req-test-2")
+    req = ChatRequest(messages=[Message(role="user", content="hi")], model="tools", tools=tools)
+    events = [e async for e in b.chat(req, ctx)]
+    await b.aclose()
+    assert ctx.tokens_seen == 4  # the call's head and three argument fragments
+    assert events[-1].usage.completion_tokens == 4
+
+
 @pytest.mark.parametrize(
     ("model", "status", "retryable", "needle"),
     [
@@ -197,6 +210,14 @@ def test_tool_call_fragments_as_servers_send_them() -> None:
         ("c", "h", {"z": 3}),
         ("d", "i", {"w": 4}),
         ("e", "abab", {}),
+    ]
+    # Arguments that are no JSON object: an object all the same, the model's text beside.
+    calls = _Calls()
+    calls.add(frag(index=0, id="a", name="f", arguments='{"x": '))
+    calls.add(frag(index=1, id="b", name="g", arguments="[1]"))
+    assert [(e.arguments, e.raw_arguments) for e in calls.events()] == [
+        ({"_raw": '{"x": '}, '{"x": '),
+        ({"value": [1]}, "[1]"),
     ]
 
 

@@ -391,3 +391,45 @@ def test_an_overload_after_the_start_is_an_overloaded_error_event(server: LiveSe
     name, data = events[-1]
     assert name == "error" and data["error"]["type"] == "overloaded_error", events
     assert [n for n, _ in events][:2] == ["message_start", "content_block_start"]
+
+
+def test_disable_parallel_tool_use_reaches_the_upstream() -> None:
+    from tests.fakes.anthropic import KEY as UPSTREAM_KEY
+    from tests.fakes.anthropic import FakeAnthropic
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    claude, gpt = FakeAnthropic(), FakeOpenAI()
+    with serve(claude.app) as claude_url, serve(gpt.app) as gpt_url:
+        config = {
+            "backends": {
+                "claude": {"kind": "anthropic", "base_url": claude_url, "api_key_env": "CK"},
+                "gpt": {"kind": "openai", "base_url": gpt_url + "/v1"},
+            },
+            "models": {
+                "routes": {
+                    "sonnet": {"backend": "claude", "upstream_model": "claude-two-tools"},
+                    "gpt": {"backend": "gpt", "upstream_model": "two-tools"},
+                }
+            },
+        }
+        env = {"STELLA_API_KEYS": f"claude={KEY}", "CK": UPSTREAM_KEY}
+        with run_stella(config, env) as server:
+            c = client(server)
+            tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+            msgs = [{"role": "user", "content": "Paris and Oslo?"}]
+            for model in ("sonnet", "gpt"):
+                m = c.messages.create(model=model, max_tokens=50, tools=tools, messages=msgs)
+                assert [b.type for b in m.content] == ["tool_use", "tool_use"]
+                single = {"type": "auto", "disable_parallel_tool_use": True}
+                m = c.messages.create(
+                    model=model, max_tokens=50, tools=tools, messages=msgs, tool_choice=single
+                )
+                assert [b.type for b in m.content] == ["tool_use"]
+                with c.messages.stream(
+                    model=model, max_tokens=50, tools=tools, messages=msgs, tool_choice=single
+                ) as s:
+                    final = s.get_final_message()
+                assert [b.type for b in final.content] == ["tool_use"]
+            assert claude.requests[-1]["tool_choice"] == single
+            assert gpt.requests[-1]["parallel_tool_calls"] is False

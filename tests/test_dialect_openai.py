@@ -278,3 +278,111 @@ async def test_disconnect_cancels_and_logs_openai(server: LiveServer) -> None:
     assert ev["completion_tokens"] < 50
     time.sleep(0.1)
     assert len([e for e in server.events("inference") if e["request_id"] == rid]) == 1
+
+
+def test_parallel_tool_calls_false_reaches_the_upstream_or_keeps_one_call() -> None:
+    from tests.fakes.ollama import FakeOllama
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    up, box = FakeOpenAI(), FakeOllama()
+    with serve(up.app) as up_url, serve(box.app, "/api/version") as box_url:
+        config = {
+            "backends": {
+                "up": {"kind": "openai", "base_url": up_url + "/v1"},
+                "box": {"kind": "ollama", "base_url": box_url},
+            },
+            "models": {
+                "routes": {
+                    "gpt": {"backend": "up", "upstream_model": "two-tools", "retries": 0},
+                    "llama": {"backend": "box", "upstream_model": "two-tools", "retries": 0},
+                }
+            },
+        }
+        with run_stella(config, {"STELLA_API_KEYS": f"tester={KEY}"}) as server:
+            c = client(server)
+            msgs = [{"role": "user", "content": "Paris and Oslo?"}]
+
+            def calls(model: str, stream: bool, **kw: object) -> list[str]:
+                if not stream:
+                    r = c.chat.completions.create(model=model, messages=msgs, tools=WEATHER, **kw)
+                    return [t.function.arguments for t in r.choices[0].message.tool_calls or ()]
+                chunks = c.chat.completions.create(
+                    model=model, messages=msgs, tools=WEATHER, stream=True, **kw
+                )
+                return [
+                    t.function.arguments
+                    for ch in chunks
+                    if ch.choices
+                    for t in ch.choices[0].delta.tool_calls or ()
+                ]
+
+            for stream in (False, True):
+                # The OpenAI upstream is told, and answers with one call.
+                assert len(calls("gpt", stream)) == 2
+                assert "parallel_tool_calls" not in up.requests[-1]
+                assert len(calls("gpt", stream, parallel_tool_calls=False)) == 1
+                assert up.requests[-1]["parallel_tool_calls"] is False
+                # Ollama can't be told: the first of its calls alone reaches the client.
+                assert len(calls("llama", stream)) == 2
+                one = calls("llama", stream, parallel_tool_calls=False)
+                assert [json.loads(a) for a in one] == [{"city": "Toronto"}]
+
+
+@pytest.mark.parametrize("model", ["bad-args", "list-args"])
+def test_arguments_that_are_no_json_object_pass_through_as_the_model_wrote_them(
+    model: str,
+) -> None:
+    from tests.fakes.openai import BAD_ARGS, LIST_ARGS, FakeOpenAI
+    from tests.fakes.server import serve
+
+    written = BAD_ARGS if model == "bad-args" else LIST_ARGS
+    up = FakeOpenAI()
+    with serve(up.app) as up_url:
+        config = {
+            "backends": {"up": {"kind": "openai", "base_url": up_url + "/v1"}},
+            "models": {"routes": {"gpt": {"backend": "up", "upstream_model": model}}},
+        }
+        with run_stella(config, {"STELLA_API_KEYS": f"tester={KEY}"}) as server:
+            c = client(server)
+            msgs = [{"role": "user", "content": "Paris?"}]
+            r = c.chat.completions.create(model="gpt", messages=msgs, tools=WEATHER)
+            call = r.choices[0].message.tool_calls[0]
+            # As the API: the model's string, for the client to validate.
+            assert call.function.arguments == written
+            chunks = c.chat.completions.create(
+                model="gpt", messages=msgs, tools=WEATHER, stream=True
+            )
+            parts = [
+                t.function.arguments
+                for ch in chunks
+                if ch.choices
+                for t in ch.choices[0].delta.tool_calls or ()
+            ]
+            assert "".join(p or "" for p in parts) == written
+            # Sent back in the history, it reaches the upstream as written.
+            follow = [
+                *msgs,
+                r.choices[0].message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": "not valid JSON"},
+            ]
+            c.chat.completions.create(model="gpt", messages=follow, tools=WEATHER)
+            sent = up.requests[-1]["messages"][1]["tool_calls"][0]["function"]["arguments"]
+            assert sent == written
+            # The native API keeps an object in `arguments`, the text beside it.
+            native = httpx.post(
+                server.url + "/api/v1/chat",
+                headers={"Authorization": f"Bearer {KEY}"},
+                json={
+                    "model": "gpt",
+                    "stream": False,
+                    "messages": msgs,
+                    "tools": [{"function": {"name": "get_weather"}}],
+                },
+            ).json()["message"]["tool_calls"][0]["function"]
+            wrapped = {"_raw": written} if model == "bad-args" else {"value": ["Paris", "Oslo"]}
+            assert native == {
+                "name": "get_weather",
+                "arguments": wrapped,
+                "raw_arguments": written,
+            }

@@ -496,3 +496,104 @@ async def test_a_route_whose_circuit_is_open_takes_no_slot_of_its_backend() -> N
             ("a", "circuit_open"),
             ("b", None),
         ]
+
+
+ADMIN = "sk-limits-admin-0001"
+
+
+def burst_config(fake_url: str, **route: object) -> dict:
+    """Route `burst` to the fake OpenAI upstream's `burst` model, alice at 1,000 tokens a
+    minute, an admin key to read the usage report."""
+    return {
+        "auth": {
+            "keys": {
+                "alice": {"sha256": sha(KEY), "tokens_per_minute": 1000},
+                "root": {"sha256": sha(ADMIN), "admin": True},
+            }
+        },
+        "backends": {"fake": {"kind": "openai", "base_url": fake_url + "/v1"}},
+        "models": {
+            "routes": {
+                "burst": {"backend": "fake", "upstream_model": "burst", "retries": 0, **route}
+            }
+        },
+    }
+
+
+# 3,200 characters: 800 tokens at admission's four characters a token.
+BURST = {
+    "model": "burst",
+    "stream": True,
+    "max_tokens": 100,
+    "messages": [{"role": "user", "content": "x" * 3200}],
+}
+
+
+async def read_burst(url: str, leave: bool) -> str:
+    """Stream BURST through the OpenAI dialect; leave after its 40 tokens when `leave`,
+    else read to the end. The request's id."""
+    async with httpx.AsyncClient(timeout=20) as c:
+        h = {"Authorization": f"Bearer {KEY}"}
+        async with c.stream("POST", url + "/v1/chat/completions", json=BURST, headers=h) as r:
+            assert r.status_code == 200
+            rid = r.headers["x-request-id"]
+            seen = 0
+            async for line in r.aiter_lines():
+                seen += line.count(" t")
+                if leave and seen >= 40:
+                    break
+    return rid
+
+
+async def test_a_stream_cut_short_is_charged_its_prompt_and_every_token_read() -> None:
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    fake = FakeOpenAI()
+    with serve(fake.app) as up, run_stella(burst_config(up)) as server:
+        rid = await read_burst(server.url, leave=True)
+        ev = await asyncio.to_thread(server.wait_event, lambda e: e["request_id"] == rid)
+        # Forty tokens came in one network read (one delta to the client), and the usage
+        # never came: the log has the forty, and the prompt's estimate, marked as such.
+        assert ev["finish_reason"] == "client_closed"
+        assert (ev["prompt_tokens"], ev["completion_tokens"]) == (800, 40)
+        assert ev["usage_estimated"] is True
+        # The key was charged 840 of its 1,000: another 900-token reservation is refused.
+        h = {"Authorization": f"Bearer {KEY}"}
+        r = httpx.post(server.url + "/v1/chat/completions", json=BURST, headers=h)
+        assert r.status_code == 429 and "tokens per minute" in r.text
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        rows = httpx.get(server.url + "/api/v1/usage", headers=admin).json()["usage"]
+        row = next(r for r in rows if r["key"] == "alice")
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (800, 40)
+        metrics = httpx.get(server.url + "/metrics", headers=admin).text
+        prompt = [
+            line.rsplit(" ", 1)[1]
+            for line in metrics.splitlines()
+            if line.startswith("stella_tokens_total{")
+            and 'model="burst"' in line
+            and 'kind="prompt"' in line
+        ]
+        assert prompt and float(prompt[0]) == 800
+
+
+async def test_a_stream_that_goes_silent_is_charged_its_prompt_and_every_token_read() -> None:
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    fake = FakeOpenAI()
+    with serve(fake.app) as up, run_stella(burst_config(up, idle_timeout_s=2)) as server:
+        rid = await read_burst(server.url, leave=False)
+        ev = await asyncio.to_thread(server.wait_event, lambda e: e["request_id"] == rid)
+        assert ev["error_code"] == "upstream_timeout"
+        assert (ev["prompt_tokens"], ev["completion_tokens"]) == (800, 40)
+        assert ev["usage_estimated"] is True
+
+
+def test_usage_the_backend_reports_is_not_marked_estimated() -> None:
+    config = {"auth": {"keys": {"t": {"sha256": sha(KEY), "tokens_per_minute": 1000}}}}
+    with run_stella(config) as server:
+        h = {"Authorization": f"Bearer {KEY}"}
+        r = httpx.post(server.url + "/api/v1/chat", headers=h, json=body())
+        ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+        assert ev["prompt_tokens"] == 3 and "usage_estimated" not in ev

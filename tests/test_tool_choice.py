@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from stella.backends.anthropic import request_body as anthropic_body
 from stella.backends.openai import request_body as openai_body
 from stella.core import _without_tools
@@ -61,3 +63,27 @@ def test_for_backends_that_cant_be_told_none_withholds_the_tools() -> None:
     # ... unless the conversation already holds tool calls a template must render.
     kept = _without_tools(req(HISTORY, "none"))
     assert kept.tools == TOOLS
+
+
+def test_parallel_tool_calls_false_in_each_upstreams_words() -> None:
+    one = msgspec.structs.replace(req(ASK, None), parallel_tool_calls=False)
+    assert openai_body(one, False, False)["parallel_tool_calls"] is False
+    assert anthropic_body(one, 100)["tool_choice"] == {
+        "type": "auto",
+        "disable_parallel_tool_use": True,
+    }
+    named = NamedToolChoice(function=NamedFunction(name="lookup"))
+    body = anthropic_body(msgspec.structs.replace(one, tool_choice=named), 100)
+    assert body["tool_choice"] == {
+        "type": "tool",
+        "name": "lookup",
+        "disable_parallel_tool_use": True,
+    }
+    # "none" calls no tool: the API takes no flag there. Without tools OpenAI refuses it.
+    none = msgspec.structs.replace(one, tool_choice="none")
+    assert anthropic_body(none, 100)["tool_choice"] == {"type": "none"}
+    bare = msgspec.structs.replace(one, tools=None, tool_choice=None)
+    assert "parallel_tool_calls" not in openai_body(bare, False, False)
+    # Not set: the upstream's default, nothing sent.
+    assert "parallel_tool_calls" not in openai_body(req(ASK, None), False, False)
+    assert "tool_choice" not in anthropic_body(req(ASK, None), 100)

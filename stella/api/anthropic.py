@@ -87,6 +87,7 @@ class AToolChoice(msgspec.Struct):
 
     type: Literal["auto", "any", "tool", "none"]
     name: ToolName | None = None
+    disable_parallel_tool_use: bool | None = None
 
     def internal(self) -> ToolChoice:
         """The same choice in stella's (OpenAI's) terms."""
@@ -258,8 +259,16 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
         options=options,
         tools=tools,
         tool_choice=req.tool_choice.internal() if req.tool_choice else None,
+        parallel_tool_calls=_parallel(req.tool_choice),
         metadata=req.metadata,
     )
+
+
+def _parallel(choice: AToolChoice | None) -> bool | None:
+    """tool_choice.disable_parallel_tool_use as stella's parallel_tool_calls."""
+    if choice is None or choice.disable_parallel_tool_use is None:
+        return None
+    return not choice.disable_parallel_tool_use
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:

@@ -203,7 +203,11 @@ class ChunkCodec(Codec):
                 "type": "function",
                 "function": {
                     "name": event.name,
-                    "arguments": _enc.encode(event.arguments).decode(),
+                    # The model's own text when it wrote no JSON object: clients validate
+                    # it, as the API tells them to.
+                    "arguments": event.raw_arguments
+                    if event.raw_arguments is not None
+                    else _enc.encode(event.arguments).decode(),
                 },
             }
             return (
@@ -277,7 +281,9 @@ async def _run(
                 "type": "function",
                 "function": {
                     "name": c.function.name,
-                    "arguments": _enc.encode(c.function.arguments).decode(),
+                    "arguments": c.function.raw_arguments
+                    if c.function.raw_arguments is not None
+                    else _enc.encode(c.function.arguments).decode(),
                 },
             }
             for c in result.message.tool_calls

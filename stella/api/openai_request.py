@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from stella.backends.base import arguments_of
 from stella.errors import InvalidRequest, field_path
 from stella.protocol import (
     ChatRequest,
@@ -95,6 +96,7 @@ class ChatCompletionRequest(CompletionCommon, kw_only=True):
     messages: list[OAIMessage]
     tools: list[LenientTool] | None = None
     tool_choice: Any = None  # see choice_from: shapes stella does not know are ignored
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     top_logprobs: int | None = None
     # The deprecated function-calling fields: refused with their replacement named,
@@ -221,18 +223,14 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
         if m.tool_calls:
             calls = []
             for c in m.tool_calls:
-                try:
-                    args = msgspec.json.decode(c.function.arguments or "{}")
-                except (msgspec.DecodeError, RecursionError):
-                    raise InvalidRequest(
-                        "tool call arguments are not JSON", param=f"messages[{i}].tool_calls"
-                    ) from None
+                # A model's arguments that were no JSON object come back as it wrote them
+                # (stella passed them on so): kept, as the answer had them.
+                args, raw = arguments_of(c.function.arguments)
                 calls.append(
                     ToolCallRef(
                         id=c.id,
                         function=FunctionCall(
-                            name=c.function.name,
-                            arguments=args if isinstance(args, dict) else {"value": args},
+                            name=c.function.name, arguments=args, raw_arguments=raw
                         ),
                     )
                 )
@@ -252,6 +250,7 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
         options=to_options(req),
         tools=tools_from(req.tools),
         tool_choice=choice_from(req.tool_choice),
+        parallel_tool_calls=req.parallel_tool_calls,
         response_format=req.response_format,
         metadata=to_metadata(req),
     )

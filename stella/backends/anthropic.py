@@ -8,7 +8,13 @@ from typing import Annotated, Any
 import aiohttp
 import msgspec
 
-from stella.backends.base import BackendEvent, BackendHealth, CallContext, linked_tool_calls
+from stella.backends.base import (
+    BackendEvent,
+    BackendHealth,
+    CallContext,
+    arguments_of,
+    linked_tool_calls,
+)
 from stella.backends.http import (
     BAD_JSON,
     HttpBackend,
@@ -91,7 +97,6 @@ class _Models(msgspec.Struct):
 _event = msgspec.json.Decoder(_Event)
 _models = msgspec.json.Decoder(_Models)
 _enc = msgspec.json.Encoder()
-_any = msgspec.json.Decoder()
 
 
 def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
@@ -173,6 +178,9 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
             body["tool_choice"] = {"type": "any"}
         elif choice is not None and not isinstance(choice, str):
             body["tool_choice"] = {"type": "tool", "name": choice.function.name}
+        if request.parallel_tool_calls is False and choice != "none":
+            # The API's switch lives in tool_choice (auto, any or tool; none calls none).
+            body.setdefault("tool_choice", {"type": "auto"})["disable_parallel_tool_use"] = True
     return body
 
 
@@ -181,6 +189,7 @@ class AnthropicBackend(HttpBackend):
 
     kind = "anthropic"
     honours_tool_choice = True
+    honours_parallel_tool_calls = True
     Config = AnthropicConfig
 
     def __init__(self, name: str, config: AnthropicConfig) -> None:
@@ -232,6 +241,9 @@ class AnthropicBackend(HttpBackend):
                     if kind != "ping":
                         ctx.beats += 1  # tool input and thinking are progress, though silent
                     if kind == "content_block_delta" and ev.delta is not None:
+                        # Text and tool input alike: a stream cut before message_delta's
+                        # count is charged the pieces read.
+                        ctx.tokens_seen += 1
                         if ev.delta.type == "text_delta":
                             if ev.delta.text:
                                 yield Delta(text=ev.delta.text)
@@ -243,17 +255,11 @@ class AnthropicBackend(HttpBackend):
                             tools[ev.index] = [block.id, block.name, "", block.input]
                     elif kind == "content_block_stop" and ev.index in tools:
                         call_id, tool, raw, given = tools.pop(ev.index)
-                        try:
-                            # Anthropic starts a tool_use with `input: {}` and streams it
-                            # as deltas; a compatible server may give it whole at the start.
-                            args = _any.decode(raw) if raw.strip() else given or {}
-                        except (msgspec.DecodeError, RecursionError):
-                            args = {"_raw": raw}
+                        # Anthropic starts a tool_use with `input: {}` and streams it as
+                        # deltas; a compatible server may give it whole at the start.
+                        args, kept = arguments_of(raw) if raw.strip() else (given or {}, None)
                         yield ToolCall(
-                            index=calls,
-                            id=call_id,
-                            name=tool,
-                            arguments=args if isinstance(args, dict) else {"value": args},
+                            index=calls, id=call_id, name=tool, arguments=args, raw_arguments=kept
                         )
                         calls += 1
                     elif kind == "message_start" and ev.message is not None and ev.message.usage:

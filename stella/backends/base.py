@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -48,6 +48,11 @@ class CallContext:
     # Counted by a backend for upstream output that yields no event yet (tool-call
     # arguments in fragments, reasoning): the time limits take it as progress.
     beats: int = 0
+    # Counted by a backend that joins several upstream pieces into one Delta, or reads
+    # output that yields no Delta yet (tool-call arguments): the pieces (about a token
+    # each) read so far. A call that ends without the upstream's own count (cut short,
+    # or no usage sent) is charged these rather than its Deltas.
+    tokens_seen: int = 0
     # Set by a backend that knows the prompt's size before the answer ends: a call cut
     # short (client gone, a time limit) is still charged for its prompt.
     prompt_tokens: int = 0
@@ -104,6 +109,27 @@ def linked_tool_calls(messages: list[Message]) -> list[Message]:
     return out
 
 
+_any = msgspec.json.Decoder()
+
+
+def arguments_of(raw: str) -> tuple[dict[str, Any], str | None]:
+    """A model's tool-call arguments as an object, and its text when that was not one.
+
+    Invalid JSON becomes {"_raw": text}, another JSON value {"value": v}: every API
+    that takes an object still gets one, and the text goes on (ToolCall.raw_arguments)
+    to those that take the model's string as it is (OpenAI's).
+    """
+    if not raw.strip():
+        return {}, None
+    try:
+        args = _any.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return {"_raw": raw}, raw
+    if isinstance(args, dict):
+        return args, None
+    return {"value": args}, raw
+
+
 def content_of(m: Message) -> str:
     """A message's text as a model reads it: a failed tool call's result says so.
 
@@ -137,6 +163,9 @@ class Backend:
     # True when the backend passes tool_choice "none" on (the model then calls no tool
     # but still sees the tools); otherwise the pipeline withholds the tools.
     honours_tool_choice: ClassVar[bool] = False
+    # True when the backend passes parallel_tool_calls false on (the model then makes at
+    # most one call); otherwise the pipeline keeps the first call of the answer alone.
+    honours_parallel_tool_calls: ClassVar[bool] = False
     # True for an engine whose calls wait in this process's own queue (the in-process
     # MLX worker): a first-token timeout there is not tried again behind the same queue,
     # and its circuit is told only when the engine showed no sign of work for that

@@ -147,6 +147,10 @@ class OllamaBackend(HttpBackend):
                     ctx.beats += 1  # a thinking model's lines carry no content: still progress
                     msg = line.message
                     if msg is not None:
+                        if not line.done:
+                            # A line is a token (text, thinking or a call): what a stream
+                            # cut before the done line, which has the counts, is charged.
+                            ctx.tokens_seen += 1
                         if msg.content:
                             yield Delta(text=msg.content)
                         for call in msg.tool_calls or ():

@@ -13,6 +13,7 @@ from stella.backends.base import (
     BackendEvent,
     BackendHealth,
     CallContext,
+    arguments_of,
     content_of,
     linked_tool_calls,
 )
@@ -93,7 +94,6 @@ class _Models(msgspec.Struct):
 _chunk = msgspec.json.Decoder(_Chunk)
 _models = msgspec.json.Decoder(_Models)
 _json = msgspec.json.Encoder()
-_any = msgspec.json.Decoder()
 
 
 def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict[str, Any]:
@@ -110,7 +110,10 @@ def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict
                     "type": "function",
                     "function": {
                         "name": c.function.name,
-                        "arguments": _json.encode(c.function.arguments).decode(),
+                        # The model's own text, when it wrote no JSON object.
+                        "arguments": c.function.raw_arguments
+                        if c.function.raw_arguments is not None
+                        else _json.encode(c.function.arguments).decode(),
                     },
                 }
                 for c in m.tool_calls
@@ -144,6 +147,8 @@ def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict
                 if isinstance(choice, str)
                 else {"type": "function", "function": {"name": choice.function.name}}
             )
+        if request.parallel_tool_calls is not None:  # the API takes it only with tools
+            body["parallel_tool_calls"] = request.parallel_tool_calls
     if request.response_format:
         body["response_format"] = request.response_format
     if stream and stream_usage:
@@ -157,6 +162,7 @@ class OpenAIBackend(HttpBackend):
     kind = "openai"
     whole_answers = True  # non-stream calls are non-stream upstream
     honours_tool_choice = True
+    honours_parallel_tool_calls = True
     Config = OpenAIConfig
 
     def __init__(self, name: str, config: OpenAIConfig) -> None:
@@ -184,13 +190,12 @@ class OpenAIBackend(HttpBackend):
         try:
             async with self.answer(self.chat_url, body, ctx.request_id) as r:
                 if not stream:
-                    async for event in self._whole(await read_body(r, name)):
+                    async for event in self._whole(await read_body(r, name), ctx):
                         yield event
                     return
                 calls = _Calls()
                 finish: str | None = None
                 usage: _Usage | None = None
-                deltas = 0
                 ended = False
                 # One network read often holds several SSE events (a fast upstream, or a
                 # burst after a pause): their text goes out as one Delta, one send.
@@ -239,10 +244,13 @@ class OpenAIBackend(HttpBackend):
                         for choice in chunk.choices or ():
                             d = choice.delta
                             if d is not None:
+                                # Counted per piece, not per Delta (one read's pieces go out
+                                # as one): a stream cut before its usage is charged these.
                                 if d.content:
-                                    deltas += 1
+                                    ctx.tokens_seen += 1
                                     texts.append(d.content)
                                 if d.tool_calls:
+                                    ctx.tokens_seen += len(d.tool_calls)
                                     calls.add(d.tool_calls)
                             if choice.finish_reason:
                                 finish = choice.finish_reason
@@ -259,11 +267,13 @@ class OpenAIBackend(HttpBackend):
                     raise UpstreamError(f"{name}: stream ended without a finish reason")
                 if finish in FAILED:
                     raise UpstreamError(f"{name}: the upstream ended the answer ({finish})")
-                yield Done(finish_reason=FINISH.get(finish, "stop"), usage=_usage(usage, deltas))
+                yield Done(
+                    finish_reason=FINISH.get(finish, "stop"), usage=_usage(usage, ctx.tokens_seen)
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise aiohttp_error(name, exc) from None
 
-    async def _whole(self, raw: bytes) -> AsyncIterator[BackendEvent]:
+    async def _whole(self, raw: bytes, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         try:
             chunk = _chunk.decode(raw)
         except BAD_JSON:
@@ -283,11 +293,17 @@ class OpenAIBackend(HttpBackend):
         calls = _Calls()
         if msg.tool_calls:
             calls.add(msg.tool_calls)
-        for event in calls.events():
+        events = calls.events()
+        if chunk.usage is None:
+            # No count from the upstream: the answer's size at four characters a token, as
+            # admission estimates a prompt (one Delta would count as one token).
+            size = len(msg.content or "") + sum(len(slot[2]) for slot in calls.slots.values())
+            ctx.tokens_seen = max(size // 4, 1) if size else 0
+        for event in events:
             yield event
         yield Done(
             finish_reason=FINISH.get(choice.finish_reason or "stop", "stop"),
-            usage=_usage(chunk.usage, 1 if msg.content else 0),
+            usage=_usage(chunk.usage, ctx.tokens_seen),
         )
 
 
@@ -332,21 +348,22 @@ class _Calls:
         """One ToolCall per call, arguments decoded (kept raw when not JSON)."""
         out = []
         for index, (call_id, name, raw) in self.slots.items():
-            try:
-                args = _any.decode(raw) if raw.strip() else {}
-            except (msgspec.DecodeError, RecursionError):
-                args = {"_raw": raw}  # the model wrote invalid JSON: pass it on, don't lose it
-            if not isinstance(args, dict):
-                args = {"value": args}
+            args, kept = arguments_of(raw)
             out.append(
-                ToolCall(index=index, id=call_id or f"call_{index}", name=name, arguments=args)
+                ToolCall(
+                    index=index,
+                    id=call_id or f"call_{index}",
+                    name=name,
+                    arguments=args,
+                    raw_arguments=kept,
+                )
             )
         return out
 
 
-def _usage(usage: _Usage | None, deltas: int) -> Usage:
+def _usage(usage: _Usage | None, pieces: int) -> Usage:
     if usage is None:
-        return Usage(0, deltas, deltas)
+        return Usage(0, pieces, pieces)
     total = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
     return Usage(usage.prompt_tokens, usage.completion_tokens, total)
 

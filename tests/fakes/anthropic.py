@@ -1,7 +1,8 @@
 """A fake Anthropic Messages API following its docs (SSE event sequence, error shapes).
 
 The model name picks the behaviour: `claude-ok`, `claude-tools` (`-whole`: its input
-at the start, no deltas), `claude-429`
+at the start, no deltas), `claude-two-tools` (two tool_use blocks, one when
+`tool_choice.disable_parallel_tool_use` is true, as the API honours it), `claude-429`
 (rate limit with retry-after), `claude-529` (overloaded), `claude-error-mid`
 (an `error` event after a text delta), `claude-malformed`. Requests without the
 right x-api-key get 401, without `max_tokens` (or with a message without content but
@@ -97,6 +98,7 @@ class FakeAnthropic:
                 message = ev["message"]
             elif kind == "content_block_start":
                 blocks.append(dict(ev["content_block"]))
+                partial = ""
             elif kind == "content_block_delta":
                 delta = ev["delta"]
                 if delta["type"] == "text_delta":
@@ -139,32 +141,37 @@ class FakeAnthropic:
         )
         yield event("ping", {"type": "ping"})
         sequence: str | None = None
-        if model in ("claude-tools", "claude-tools-whole"):
+        if model in ("claude-tools", "claude-tools-whole", "claude-two-tools"):
             # claude-tools-whole: a compatible server giving the input whole at the start.
             whole = model == "claude-tools-whole"
-            yield event(
-                "content_block_start",
-                {
-                    "type": "content_block_start",
-                    "index": 0,
-                    "content_block": {
-                        "type": "tool_use",
-                        "id": "toolu_1",
-                        "name": "get_weather",
-                        "input": {"location": "Paris"} if whole else {},
-                    },
-                },
-            )
-            for part in () if whole else ('{"loc', 'ation": "Par', 'is"}'):
+            cities = ["Paris"]
+            single = (body.get("tool_choice") or {}).get("disable_parallel_tool_use")
+            if model == "claude-two-tools" and not single:
+                cities.append("Oslo")
+            for index, city in enumerate(cities):
                 yield event(
-                    "content_block_delta",
+                    "content_block_start",
                     {
-                        "type": "content_block_delta",
-                        "index": 0,
-                        "delta": {"type": "input_json_delta", "partial_json": part},
+                        "type": "content_block_start",
+                        "index": index,
+                        "content_block": {
+                            "type": "tool_use",
+                            "id": f"toolu_{index + 1}",
+                            "name": "get_weather",
+                            "input": {"location": city} if whole else {},
+                        },
                     },
                 )
-            yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                for part in () if whole else ('{"loc', 'ation": "', city, '"}'):
+                    yield event(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": index,
+                            "delta": {"type": "input_json_delta", "partial_json": part},
+                        },
+                    )
+                yield event("content_block_stop", {"type": "content_block_stop", "index": index})
             stop, out = "tool_use", 12
         else:
             yield event(

@@ -1,6 +1,7 @@
 """A fake Ollama server following its API docs (/api/chat NDJSON, /api/tags, /api/version).
 
-The model name picks the behaviour: `llama3` (ok), `tools`, `error-before` (HTTP 404
+The model name picks the behaviour: `llama3` (ok), `tools` (`two-tools`: two calls in
+one line, as Ollama sends parallel calls), `error-before` (HTTP 404
 {"error": ...}), `error-mid` (a final {"error": ...} line after two pieces),
 `malformed`, `busy` (429 with Retry-After). `"stream": false` gets one object, as
 the API does (its default is a stream).
@@ -91,18 +92,17 @@ class FakeOllama:
         def line(obj: dict[str, Any]) -> bytes:
             return json.dumps(obj).encode() + b"\n"
 
-        if model == "tools":
+        if model in ("tools", "two-tools"):
+            cities = ["Toronto", "Oslo"] if model == "two-tools" else ["Toronto"]
+            calls = [
+                {"function": {"name": "get_weather", "arguments": {"city": city}}}
+                for city in cities
+            ]
             yield line(
                 {
                     "model": model,
                     "created_at": CREATED,
-                    "message": {
-                        "role": "assistant",
-                        "content": "",
-                        "tool_calls": [
-                            {"function": {"name": "get_weather", "arguments": {"city": "Toronto"}}}
-                        ],
-                    },
+                    "message": {"role": "assistant", "content": "", "tool_calls": calls},
                     "done": False,
                 }
             )

@@ -10,7 +10,11 @@ whatever the client accepts, as a careless proxy would), `redirect` (307 elsewhe
 not UTF-8 inside a chunk), `abort` (finish_reason "abort", as vLLM says of a request it
 cut short), `slow-tools` (a tool call whose arguments take 1.2 s to arrive),
 `finish-then-hold` (the answer and its finish reason, then no usage, no [DONE], the
-stream held open).
+stream held open), `burst` (forty one-token chunks in one write, 5 s of silence, then
+the finish and a usage of 10 prompt and 80 completion tokens), `two-tools` (two tool
+calls, one when `parallel_tool_calls` is false, as the API honours it), `bad-args` (a
+tool call whose arguments are not JSON, as a model may write them; the API passes the
+string on), `list-args` (arguments that are JSON but not an object).
 It records what it saw.
 """
 
@@ -77,6 +81,20 @@ class FakeOpenAI:
                     },
                     400,
                 )
+        if "parallel_tool_calls" in body and not body.get("tools"):
+            # As the API answers it.
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "Invalid value for 'parallel_tool_calls': "
+                        "'parallel_tool_calls' is only allowed when 'tools' are specified.",
+                        "type": "invalid_request_error",
+                        "param": "parallel_tool_calls",
+                        "code": None,
+                    }
+                },
+                400,
+            )
         if (problem := _unlinked(body.get("messages") or [])) is not None:
             param, message = problem
             return JSONResponse(
@@ -124,6 +142,9 @@ class FakeOpenAI:
                         }
                     ],
                 }
+                finish = "tool_calls"
+            if model in ("two-tools", "bad-args", "list-args"):
+                message = {"role": "assistant", "content": None, "tool_calls": _calls(body)}
                 finish = "tool_calls"
             return self._maybe_gzip(
                 model,
@@ -188,6 +209,23 @@ class FakeOpenAI:
                     await asyncio.sleep(0.2)
                     yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
                 yield chunk({}, "tool_calls")
+            elif model == "burst":  # a fast upstream: many chunks reach one network read
+                yield b"".join(chunk({"content": f" t{i}"}) for i in range(40))
+                await asyncio.sleep(5)
+                yield chunk({}, "stop")
+                usage = {"prompt_tokens": 10, "completion_tokens": 80, "total_tokens": 90}
+                yield b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
+                return
+            elif model in ("two-tools", "bad-args", "list-args"):
+                for index, call in enumerate(_calls(body)):
+                    head = {**call, "function": {**call["function"], "arguments": ""}}
+                    yield chunk({"tool_calls": [{"index": index, **head}]})
+                    args = call["function"]["arguments"]
+                    for part in (args[:5], args[5:]):  # in fragments, as the API streams
+                        delta = {"index": index, "function": {"arguments": part}}
+                        yield chunk({"tool_calls": [delta]})
+                yield chunk({}, "tool_calls")
             elif model == "tools":
                 yield chunk(
                     {
@@ -240,6 +278,34 @@ class FakeOpenAI:
         except asyncio.CancelledError:
             self.closed_at.append(time.monotonic())
             raise
+
+
+BAD_ARGS = '{"city": "Par'
+LIST_ARGS = '["Paris", "Oslo"]'
+
+
+def _calls(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The calls of `two-tools` (one when parallel tool calls are off), `bad-args` and
+    `list-args`."""
+    model = body.get("model")
+    if model in ("bad-args", "list-args"):
+        args = BAD_ARGS if model == "bad-args" else LIST_ARGS
+        return [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": args},
+            }
+        ]
+    cities = ["Paris"] if body.get("parallel_tool_calls") is False else ["Paris", "Oslo"]
+    return [
+        {
+            "id": f"call_{i + 1}",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+        }
+        for i, city in enumerate(cities)
+    ]
 
 
 def _unlinked(messages: list[dict[str, Any]]) -> tuple[str, str] | None:
