@@ -241,15 +241,53 @@ def test_workers_that_fail_to_start_end_in_a_failure_exit_code(tmp_path: Path) -
         assert server.events("worker_failed")
 
 
+CRASHING_PLUGIN = """
+import os
+
+from stella.backends import Backend
+
+
+class CrashingBackend(Backend):
+    kind = "crashing"
+
+    async def start(self):
+        os.abort()  # as a native library's crash, or the OOM killer, while loading
+
+    async def chat(self, request, ctx):
+        yield None
+"""
+
+
+def test_workers_that_crash_before_they_serve_stop_the_server(tmp_path: Path) -> None:
+    """A worker killed by a signal before it ever served is restarted a few times, then
+    the server stops with exit 3 (it was restarted four times a second for good, the
+    port bound and nobody answering, and SIGTERM then ended it with 0)."""
+    env = install_plugin(
+        tmp_path, "stella_crashing", CRASHING_PLUGIN, {"crashing": "CrashingBackend"}
+    )
+    config = {"server": {"workers": 2}, "backends": {"c": {"kind": "crashing"}}}
+    with run_stella(config, env, check_ready=False) as server:
+        try:
+            code = server.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("still running:\n" + "\n".join(server.lines()[-10:])) from None
+        assert code == 3, server.lines()[-10:]
+        (failed,) = server.events("worker_failed")
+        assert failed["signal"] == "SIGABRT" and failed["failed_starts"] == 3
+        died = server.events("worker_died")
+        assert died and all(not e["served"] and e["signal"] == "SIGABRT" for e in died)
+
+
 def test_a_killed_worker_is_replaced_with_a_warning() -> None:
     """A worker that crashed is restarted, and the supervisor says which and how."""
     with run_stella({"server": {"workers": 2}}) as server:
         pids = _workers_started(server)
+        time.sleep(1.5)  # the supervisor's health checks (every 0.5 s) have seen them serve
         victim = min(pids)
         os.kill(victim, signal.SIGKILL)
         died = server.wait_event(lambda e: True, timeout=30, name="worker_died")
         assert died["level"] == "warning"
-        assert died["pid"] == victim and died["signal"] == "SIGKILL"
+        assert died["pid"] == victim and died["signal"] == "SIGKILL" and died["served"]
         started = _workers_started(server, 3)
         assert len(started - pids) == 1
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,9 @@ from stella import logs
 FLAGS_VARIABLE = "STELLA_SERVE_FLAGS"
 # A worker whose configuration is bad exits as `stella serve` does.
 CONFIG_ERROR = 2
+# Workers that die in one place before they ever serve, in a row, before the server
+# stops (a crash at start-up, not a fluke such as two models loading out of memory).
+MAX_FAILED_STARTS = 3
 _PR_SET_PDEATHSIG = 1
 
 
@@ -77,6 +81,20 @@ class Workers(Multiprocess):
         super().__init__(*args, **kwargs)
         # 0, or the exit code of the worker that could not start (2: its configuration).
         self.exit_code = 0
+        # Workers seen serving (their startup done), and per place in `processes`, how
+        # many workers in a row died there before they ever served.
+        self._served: weakref.WeakSet[Process] = weakref.WeakSet()
+        self._failed_starts: dict[int, int] = {}
+
+    def _answers(self, process: Process) -> bool:
+        """Whether a live worker answers the health check; notes when it first serves."""
+        timeout = self.config.timeout_worker_healthcheck
+        if process in self._served:
+            return process.ping(timeout)
+        if process.is_ready(timeout):
+            self._served.add(process)
+            return True
+        return process.ping(timeout)  # still starting (it answers), or hung (it does not)
 
     def terminate_all(self) -> None:
         """Tell every worker to stop, then stop listening."""
@@ -93,27 +111,47 @@ class Workers(Multiprocess):
             return
         log = logs.get_logger()
         for idx, process in enumerate(self.processes):
-            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+            if process.process.is_alive() and self._answers(process):
                 continue
             hung = process.process.is_alive()  # running, but no answer to the health check
             process.kill()
             process.join()
             code = process.exitcode
-            if code in (CONFIG_ERROR, STARTUP_FAILURE):
-                # It would fail the same way on every restart. A config error was said
-                # in one line by the worker; a failed start is said here.
-                if code == STARTUP_FAILURE:
-                    log.error("worker_failed", pid=process.pid, detail="stopping the server")
-                self.exit_code = code
-                self.should_exit.set()
-                return
-            if self.should_exit.is_set():
-                return
+            served = process in self._served
+            self._served.discard(process)
             how: dict[str, Any] = {"exit_code": code}
             if code is not None and code < 0:
                 with contextlib.suppress(ValueError):
                     how = {"signal": signal.Signals(-code).name}
-            log.warning("worker_died", pid=process.pid, hung=hung, **how, detail="restarting it")
+            failed = 0 if served else self._failed_starts.get(idx, 0) + 1
+            self._failed_starts[idx] = failed
+            if code in (CONFIG_ERROR, STARTUP_FAILURE) or failed >= MAX_FAILED_STARTS:
+                # It would fail the same way on every restart (a worker crashing before
+                # it serves, again and again, as one whose start fails). A config error
+                # was said in one line by the worker; the rest is said here.
+                if code != CONFIG_ERROR:
+                    log.error(
+                        "worker_failed",
+                        pid=process.pid,
+                        **how,
+                        failed_starts=failed,
+                        detail="stopping the server",
+                    )
+                self.exit_code = (
+                    code if code in (CONFIG_ERROR, STARTUP_FAILURE) else STARTUP_FAILURE
+                )
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            log.warning(
+                "worker_died",
+                pid=process.pid,
+                hung=hung,
+                **how,
+                served=served,
+                detail="restarting it",
+            )
             replacement = Process(self.config, self.sockets)
             replacement.start()
             self.processes[idx] = replacement
