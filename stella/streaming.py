@@ -27,6 +27,9 @@ from stella.watchdog import ticker
 _log = structlog.get_logger("stella")
 # Streams older than this get a task that watches for a disconnect and sends pings.
 WATCH_AFTER_S = 0.05
+# The longest a stream's last line (an error, the close) may take to go out before the
+# connection is dropped: a client that reads anything takes it at once.
+END_WRITE_S = 1.0
 Send = Callable[[dict[str, Any]], Any]
 Receive = Callable[[], Any]
 
@@ -311,13 +314,17 @@ class EventStream:
             await self._refuse(scope, receive, send, err)
             return
         body = self.codec.encode(Error(code=err.code, message=err.message, retryable=err.retryable))
-        with contextlib.suppress(OSError), anyio.CancelScope(shield=True):
+        # Bounded: to a client that stopped reading (its socket full) these writes would
+        # wait for good, a shutdown's cut until the server's own limit, past the drain.
+        with contextlib.suppress(OSError), anyio.move_on_after(END_WRITE_S, shield=True) as cut:
             if not self._ready:  # the watcher is sending the start: after it
                 await self._begin(send)
             await send({"type": "http.response.body", "body": body, "more_body": True})
             await send(
                 {"type": "http.response.body", "body": self.codec.close(), "more_body": False}
             )
+        if cut.cancelled_caught:
+            await _drop(scope, send, b"")
 
     async def _watch(
         self, receive: Receive, send: Send, task: asyncio.Task[Any], call: Any

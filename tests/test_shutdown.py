@@ -68,6 +68,33 @@ async def test_sigterm_drains_then_cuts_with_shutting_down() -> None:
         assert server.events("stopped"), "logs were flushed before exit"
 
 
+def test_a_client_that_stopped_reading_does_not_hold_the_shutdown() -> None:
+    """The drain's cut writes a `shutting_down` line; to a client that reads nothing (its
+    socket full) that write waited until uvicorn's own shutdown limit, 5 s past the
+    drain, past the grace period the drain is sized for, with a traceback."""
+    with run_stella({"server": {"drain_timeout_s": 1}}) as server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        body = json.dumps(
+            {"model": "echo", "messages": [{"role": "user", "content": "a " * 400_000}]}
+        ).encode()
+        head = b"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+        sock.sendall(head % len(body) + body)
+        try:
+            time.sleep(1)  # the stream is blocked on the full socket: never read
+            t0 = time.monotonic()
+            code = server.stop(timeout=30)
+            took = time.monotonic() - t0
+        finally:
+            sock.close()
+        assert code == 0
+        assert took < 4.5, took  # the drain (1 s), then at most ~1 s for the last write
+        assert not [line for line in server.lines() if "Exception in ASGI application" in line]
+        (cut,) = server.events("inference")
+        assert cut["error_code"] == "shutting_down"
+
+
 async def test_draining_refusals_take_the_dialects_shape() -> None:
     from stella.app import create_app
     from stella.settings import load_settings
