@@ -278,6 +278,57 @@ def test_workers_that_crash_before_they_serve_stop_the_server(tmp_path: Path) ->
         assert died and all(not e["served"] and e["signal"] == "SIGABRT" for e in died)
 
 
+SHORT_LIVED_PLUGIN = """
+import os
+import signal
+import threading
+import time
+
+from stella.backends.echo import EchoBackend
+
+
+class ShortLivedBackend(EchoBackend):
+    kind = "short_lived"
+
+    async def start(self):
+        await super().start()
+        threading.Thread(target=self._die_soon, daemon=True).start()
+
+    def _die_soon(self):
+        # Killed 0.2 s after it began serving (as by the OOM killer), a few times in all.
+        time.sleep(0.2)
+        with open(os.environ["KILLS_FILE"], "a+") as f:
+            f.seek(0)
+            if len(f.read()) >= int(os.environ["KILLS"]):
+                return
+            f.write("x")
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_killed_soon_after_they_served_are_not_failed_starts(tmp_path: Path) -> None:
+    """Only workers that never served count towards stopping the server: one killed
+    0.2 s after it started serving (before the supervisor's next health check) is
+    restarted however often it happens, and said to have served."""
+    env = install_plugin(
+        tmp_path, "stella_short", SHORT_LIVED_PLUGIN, {"short_lived": "ShortLivedBackend"}
+    )
+    env |= {"KILLS_FILE": str(tmp_path / "kills"), "KILLS": "6"}
+    config = {"server": {"workers": 2}, "backends": {"s": {"kind": "short_lived"}}}
+    with run_stella(config, env, check_ready=False) as server:
+        deadline = time.monotonic() + 60
+        while len(server.events("worker_died")) < 6:
+            assert server.proc.poll() is None, server.lines()[-10:]
+            assert time.monotonic() < deadline, server.lines()[-10:]
+            time.sleep(0.1)
+        died = server.events("worker_died")
+        assert all(e["served"] and e["signal"] == "SIGKILL" for e in died), died
+        assert not server.events("worker_failed")
+        _workers_started(server, 8)  # the two first, and six replacements
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+        assert server.stop() == 0
+
+
 def test_a_killed_worker_is_replaced_with_a_warning() -> None:
     """A worker that crashed is restarted, and the supervisor says which and how."""
     with run_stella({"server": {"workers": 2}}) as server:

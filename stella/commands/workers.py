@@ -9,11 +9,13 @@ import multiprocessing
 import os
 import signal
 import sys
-import weakref
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import multiprocess
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from stella import logs
@@ -67,6 +69,29 @@ def die_with_supervisor() -> None:
         raise SystemExit(0)
 
 
+class Worker(Process):
+    """A uvicorn worker that tells its supervisor, through shared memory, once it serves:
+    the supervisor's health check comes every half second, and a worker can die between
+    its start and the next one."""
+
+    def __init__(self, config: Any, sockets: list[Any]) -> None:
+        # Made before the process: a shared value crosses to it only as it is spawned.
+        self.serving = multiprocessing.get_context("spawn").RawValue("b", 0)
+        super().__init__(config, sockets)
+
+    def target(self, sockets: list[Any] | None = None) -> None:  # pragma: no cover
+        """In the worker: serve, and set `serving` once the server has started."""
+        server = self.server
+        threading.Thread(target=self._tell, args=(server,), daemon=True).start()
+        super().target(sockets)
+
+    def _tell(self, server: Any) -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.01)
+        if server.started:
+            self.serving.value = 1
+
+
 class Workers(Multiprocess):
     """uvicorn's worker supervisor, letting go of the listening socket at shutdown,
     saying when a worker died, and stopping when one cannot start.
@@ -81,20 +106,19 @@ class Workers(Multiprocess):
         super().__init__(*args, **kwargs)
         # 0, or the exit code of the worker that could not start (2: its configuration).
         self.exit_code = 0
-        # Workers seen serving (their startup done), and per place in `processes`, how
-        # many workers in a row died there before they ever served.
-        self._served: weakref.WeakSet[Process] = weakref.WeakSet()
+        # Per place in `processes`, how many workers in a row died there before they
+        # ever served.
         self._failed_starts: dict[int, int] = {}
+        # uvicorn makes its workers (at start, on SIGHUP, on SIGTTIN) from this module
+        # name: this process supervises, nothing else in it makes uvicorn workers.
+        multiprocess.Process = Worker  # type: ignore[misc]
 
-    def _answers(self, process: Process) -> bool:
-        """Whether a live worker answers the health check; notes when it first serves."""
-        timeout = self.config.timeout_worker_healthcheck
-        if process in self._served:
-            return process.ping(timeout)
-        if process.is_ready(timeout):
-            self._served.add(process)
-            return True
-        return process.ping(timeout)  # still starting (it answers), or hung (it does not)
+    def init_processes(self) -> None:
+        """Start the workers (each one a Worker that says when it serves)."""
+        for _ in range(self.processes_num):
+            process = Worker(self.config, self.sockets)
+            process.start()
+            self.processes.append(process)
 
     def terminate_all(self) -> None:
         """Tell every worker to stop, then stop listening."""
@@ -111,14 +135,13 @@ class Workers(Multiprocess):
             return
         log = logs.get_logger()
         for idx, process in enumerate(self.processes):
-            if process.process.is_alive() and self._answers(process):
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
                 continue
             hung = process.process.is_alive()  # running, but no answer to the health check
             process.kill()
             process.join()
             code = process.exitcode
-            served = process in self._served
-            self._served.discard(process)
+            served = bool(getattr(process, "serving", None) and process.serving.value)
             how: dict[str, Any] = {"exit_code": code}
             if code is not None and code < 0:
                 with contextlib.suppress(ValueError):
@@ -152,6 +175,6 @@ class Workers(Multiprocess):
                 served=served,
                 detail="restarting it",
             )
-            replacement = Process(self.config, self.sockets)
+            replacement = Worker(self.config, self.sockets)
             replacement.start()
             self.processes[idx] = replacement
