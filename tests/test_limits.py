@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.live import run_stella
+from tests.live import ndjson, run_stella
 
 KEY = "sk-limits-test-0001"
 
@@ -597,3 +597,70 @@ def test_usage_the_backend_reports_is_not_marked_estimated() -> None:
         r = httpx.post(server.url + "/api/v1/chat", headers=h, json=body())
         ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
         assert ev["prompt_tokens"] == 3 and "usage_estimated" not in ev
+
+
+def refusing_config(urls: dict[str, str]) -> dict:
+    """One route per upstream kind whose 200 holds only an error, for alice at 200 tokens
+    a minute; an admin key to read the usage report."""
+    return {
+        "auth": {
+            "keys": {
+                "alice": {"sha256": sha(KEY), "tokens_per_minute": 200},
+                "root": {"sha256": sha(ADMIN), "admin": True},
+            }
+        },
+        "backends": {
+            "claude": {"kind": "anthropic", "base_url": urls["anthropic"], "api_key_env": "CK"},
+            "oai": {"kind": "openai", "base_url": urls["openai"] + "/v1"},
+            "box": {"kind": "ollama", "base_url": urls["ollama"]},
+        },
+        "models": {
+            "routes": {
+                name: {"backend": backend, "upstream_model": upstream, "retries": 0}
+                for name, backend, upstream in (
+                    ("claude-overloaded", "claude", "claude-error-first"),
+                    ("claude-api-error", "claude", "claude-api-error-first"),
+                    ("openai-error", "oai", "error-first"),
+                    ("ollama-error", "box", "error-first"),
+                )
+            }
+        },
+    }
+
+
+def test_an_upstream_that_refuses_before_answering_is_not_charged_the_prompt() -> None:
+    from tests.fakes.anthropic import KEY as CLAUDE_KEY
+    from tests.fakes.anthropic import FakeAnthropic
+    from tests.fakes.ollama import FakeOllama
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    with (
+        serve(FakeAnthropic().app) as claude,
+        serve(FakeOpenAI().app) as oai,
+        serve(FakeOllama().app) as box,
+    ):
+        urls = {"anthropic": claude, "openai": oai, "ollama": box}
+        with run_stella(refusing_config(urls), env={"CK": CLAUDE_KEY}) as server:
+            h = {"Authorization": f"Bearer {KEY}"}
+            for model in ("claude-overloaded", "claude-api-error", "openai-error", "ollama-error"):
+                # 100 prompt tokens at admission's estimate and 100 reserved to answer:
+                # the whole of alice's 200, given back when the refusal is settled.
+                ask = {
+                    "model": model,
+                    "stream": True,
+                    "options": {"max_tokens": 100},
+                    "messages": [{"role": "user", "content": "y" * 400}],
+                }
+                for _ in range(2):  # the second finds the bucket full again
+                    r = httpx.post(server.url + "/api/v1/chat", headers=h, json=ask)
+                    assert r.status_code == 200, (model, r.text)
+                    assert ndjson(r.text)[-1]["type"] == "error", model
+                    rid = r.headers["x-request-id"]
+                    ev = server.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+                    assert ev["error_code"] is not None, model
+                    assert (ev["prompt_tokens"], ev["completion_tokens"]) == (0, 0), model
+                    assert "usage_estimated" not in ev, model
+            admin = {"Authorization": f"Bearer {ADMIN}"}
+            rows = httpx.get(server.url + "/api/v1/usage", headers=admin).json()["usage"]
+            assert all(row["prompt_tokens"] == 0 for row in rows if row["key"] == "alice")

@@ -2,7 +2,7 @@
 
 The model name picks the behaviour: `ok` (default), `tools`, `die-after-3`
 (three chunks then a dropped connection), `stall` (silence), `stall-after-2`,
-`malformed`, `status-500`, `status-429`, `status-400`, `no-usage`, `plain-error`
+`malformed`, `status-500`, `status-429`, `status-400`, `no-usage`, `error-first` (a 200 stream whose one event is an error), `plain-error`
 (`{"error": "text"}` as mlx_lm.server sends), `gzip` (a non-stream answer gzipped
 whatever the client accepts, as a careless proxy would), `redirect` (307 elsewhere),
 `think-S` (S seconds before the answer: the first chunk, or the whole non-stream body),
@@ -186,6 +186,10 @@ class FakeOpenAI:
         try:
             if model == "stall":
                 await asyncio.sleep(3600)
+            if model == "error-first":  # a refusal after the 200, before any output
+                error = {"message": "model overloaded", "type": "server_error", "code": None}
+                yield b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+                return
             yield chunk({"role": "assistant", "content": ""})
             if model == "beats":  # output without text, forever: alive, answering nothing
                 for _ in range(36_000):
