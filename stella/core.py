@@ -718,12 +718,35 @@ class Inference:
         ctx = self.ctx
         return max(self.completion_tokens, ctx.tokens_seen if ctx is not None else 0)
 
+    def _settled(self, usage: Usage, answered: bool) -> Usage:
+        """`usage` with what the backend did not count filled in with stella's count (the
+        output it read; the prompt's estimate once the upstream began its answer, or
+        `answered`), marking the call's usage estimated when it is: what the client is
+        told, the log, the limits and the usage report all take this one figure."""
+        counted = self._counted()
+        ctx = self.ctx
+        if ctx is not None and ctx.usage_estimated:
+            self.estimated = True  # the backend's figures are its own count, no upstream's
+        if not usage.completion_tokens and counted:
+            self.estimated = True
+        usage = _completed(usage, counted)
+        if not usage.prompt_tokens and ctx is not None:
+            # No count of the prompt from the backend (cut short before its usage came, or
+            # an upstream that sends none): the prompt it read still counts. The backend's
+            # figure when it had one early, else the estimate admission reserved, once the
+            # upstream began its answer (it read the prompt); a refusal before that is not.
+            n = ctx.prompt_tokens
+            if not n and (answered or ctx.beats or counted or self.ttft):
+                n = prompt_estimate(self.request)
+                if n:
+                    self.estimated = True
+            if n:
+                usage = Usage(n, usage.completion_tokens, n + usage.completion_tokens)
+        return usage
+
     def _done(self, done: Done) -> Done:
         now = time.perf_counter()
-        counted = self._counted()
-        if not done.usage.completion_tokens and counted:
-            self.estimated = True
-        usage = self.usage = _completed(done.usage, counted)
+        usage = self.usage = self._settled(done.usage, True)
         self.finish_reason = done.finish_reason
         self.terminal = True
         self.t_end = now
@@ -804,23 +827,10 @@ class Inference:
         pipeline = self.pipeline
         pipeline.active.discard(self)
         now = self.t_end or time.perf_counter()
-        counted = self._counted()
-        if not self.usage.completion_tokens and counted:
-            self.estimated = True  # cut short before the backend's count came
-        usage = _completed(self.usage, counted)
+        # After a Done, self.usage is settled already (as the client was told); a call
+        # cut short before one is settled here with what was counted.
+        usage = self._settled(self.usage, False)
         ctx = self.ctx
-        if not usage.prompt_tokens and ctx is not None:
-            # No count of the prompt from the backend (cut short before its usage came, or
-            # an upstream that sends none): the prompt it read still counts. The backend's
-            # figure when it had one early, else the estimate admission reserved, once the
-            # upstream began its answer (it read the prompt); a refusal before that is not.
-            n = ctx.prompt_tokens
-            if not n and (ctx.beats or counted or self.ttft):
-                n = prompt_estimate(self.request)
-                if n:
-                    self.estimated = True
-            if n:
-                usage = Usage(n, usage.completion_tokens, n + usage.completion_tokens)
         final = usage
         discarded = sum(self.discarded_by.values()) if self.discarded_by else 0
         if discarded:  # made, though never sent: they count for the limits too

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 
 import httpx
+import pytest
 
-from tests.live import run_stella
+from tests.live import ndjson, run_stella
 
 KEY = "sk-limits-test-0001"
 
@@ -597,3 +599,152 @@ def test_usage_the_backend_reports_is_not_marked_estimated() -> None:
         r = httpx.post(server.url + "/api/v1/chat", headers=h, json=body())
         ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
         assert ev["prompt_tokens"] == 3 and "usage_estimated" not in ev
+
+
+def refusing_config(urls: dict[str, str]) -> dict:
+    """One route per upstream kind whose 200 holds only an error, for alice at 200 tokens
+    a minute; an admin key to read the usage report."""
+    return {
+        "auth": {
+            "keys": {
+                "alice": {"sha256": sha(KEY), "tokens_per_minute": 200},
+                "root": {"sha256": sha(ADMIN), "admin": True},
+            }
+        },
+        "backends": {
+            "claude": {"kind": "anthropic", "base_url": urls["anthropic"], "api_key_env": "CK"},
+            "oai": {"kind": "openai", "base_url": urls["openai"] + "/v1"},
+            "box": {"kind": "ollama", "base_url": urls["ollama"]},
+        },
+        "models": {
+            "routes": {
+                name: {"backend": backend, "upstream_model": upstream, "retries": 0}
+                for name, backend, upstream in (
+                    ("claude-overloaded", "claude", "claude-error-first"),
+                    ("claude-api-error", "claude", "claude-api-error-first"),
+                    ("openai-error", "oai", "error-first"),
+                    ("ollama-error", "box", "error-first"),
+                )
+            }
+        },
+    }
+
+
+def test_an_upstream_that_refuses_before_answering_is_not_charged_the_prompt() -> None:
+    from tests.fakes.anthropic import KEY as CLAUDE_KEY
+    from tests.fakes.anthropic import FakeAnthropic
+    from tests.fakes.ollama import FakeOllama
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    with (
+        serve(FakeAnthropic().app) as claude,
+        serve(FakeOpenAI().app) as oai,
+        serve(FakeOllama().app) as box,
+    ):
+        urls = {"anthropic": claude, "openai": oai, "ollama": box}
+        with run_stella(refusing_config(urls), env={"CK": CLAUDE_KEY}) as server:
+            h = {"Authorization": f"Bearer {KEY}"}
+            for model in ("claude-overloaded", "claude-api-error", "openai-error", "ollama-error"):
+                # 100 prompt tokens at admission's estimate and 100 reserved to answer:
+                # the whole of alice's 200, given back when the refusal is settled.
+                ask = {
+                    "model": model,
+                    "stream": True,
+                    "options": {"max_tokens": 100},
+                    "messages": [{"role": "user", "content": "y" * 400}],
+                }
+                for _ in range(2):  # the second finds the bucket full again
+                    r = httpx.post(server.url + "/api/v1/chat", headers=h, json=ask)
+                    assert r.status_code == 200, (model, r.text)
+                    assert ndjson(r.text)[-1]["type"] == "error", model
+                    rid = r.headers["x-request-id"]
+                    ev = server.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+                    assert ev["error_code"] is not None, model
+                    assert (ev["prompt_tokens"], ev["completion_tokens"]) == (0, 0), model
+                    assert "usage_estimated" not in ev, model
+            admin = {"Authorization": f"Bearer {ADMIN}"}
+            rows = httpx.get(server.url + "/api/v1/usage", headers=admin).json()["usage"]
+            assert all(row["prompt_tokens"] == 0 for row in rows if row["key"] == "alice")
+
+
+def no_usage_config(fake_url: str) -> dict:
+    """Route `quiet` to the fake OpenAI upstream's `no-usage` model: no count, ever."""
+    return {
+        "backends": {"fake": {"kind": "openai", "base_url": fake_url + "/v1"}},
+        "models": {"routes": {"quiet": {"backend": "fake", "upstream_model": "no-usage"}}},
+    }
+
+
+def sse(text: str) -> list[dict]:
+    """The JSON objects of an SSE body's data lines ([DONE] left out)."""
+    return [
+        json.loads(line[5:])
+        for line in text.splitlines()
+        if line.startswith("data:") and line[5:].strip() != "[DONE]"
+    ]
+
+
+def told(url: str, dialect: str, stream: bool, prompt: str) -> tuple[str, tuple[int, int]]:
+    """Ask `quiet` through `dialect`: the request's id, and the (prompt, completion)
+    tokens the client was told."""
+    messages = [{"role": "user", "content": prompt}]
+    if dialect == "native":
+        ask = {"model": "quiet", "stream": stream, "messages": messages}
+        r = httpx.post(url + "/api/v1/chat", json=ask)
+        usage = ndjson(r.text)[-1]["usage"] if stream else r.json()["usage"]
+        counts = (usage["prompt_tokens"], usage["completion_tokens"])
+    elif dialect == "openai":
+        ask = {"model": "quiet", "stream": stream, "messages": messages}
+        if stream:
+            ask["stream_options"] = {"include_usage": True}
+        r = httpx.post(url + "/v1/chat/completions", json=ask)
+        usage = sse(r.text)[-1]["usage"] if stream else r.json()["usage"]
+        counts = (usage["prompt_tokens"], usage["completion_tokens"])
+    elif dialect == "anthropic":
+        ask = {"model": "quiet", "stream": stream, "max_tokens": 50, "messages": messages}
+        r = httpx.post(url + "/v1/messages", json=ask)
+        if stream:
+            usage = next(e for e in sse(r.text) if e["type"] == "message_delta")["usage"]
+        else:
+            usage = r.json()["usage"]
+        counts = (usage["input_tokens"], usage["output_tokens"])
+    else:
+        ask = {"model": "quiet", "stream": stream, "messages": messages}
+        r = httpx.post(url + "/api/chat", json=ask)
+        last = ndjson(r.text)[-1] if stream else r.json()
+        counts = (last["prompt_eval_count"], last["eval_count"])
+    assert r.status_code == 200, r.text
+    return r.headers["x-request-id"], counts
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_is_told_the_usage_it_is_charged_when_the_upstream_sends_none(
+    stream: bool,
+) -> None:
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    with serve(FakeOpenAI().app) as up, run_stella(no_usage_config(up)) as server:
+        for dialect in ("native", "openai", "anthropic", "ollama"):
+            # 400 characters: 100 tokens at admission's estimate, charged and told alike.
+            rid, counts = told(server.url, dialect, stream, "z" * 400)
+            ev = server.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+            assert counts == (ev["prompt_tokens"], ev["completion_tokens"]), dialect
+            assert ev["prompt_tokens"] == 100 and ev["usage_estimated"] is True, dialect
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_usage_an_upstream_never_sent_is_marked_estimated_however_short_the_prompt(
+    stream: bool,
+) -> None:
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    with serve(FakeOpenAI().app) as up, run_stella(no_usage_config(up)) as server:
+        # "hi" is 0 tokens at four characters a token: the completion alone is stella's.
+        rid, counts = told(server.url, "native", stream, "hi")
+        ev = server.wait_event(lambda e: e["request_id"] == rid)
+        assert ev["prompt_tokens"] == 0 and ev["completion_tokens"] > 0
+        assert counts == (0, ev["completion_tokens"])
+        assert ev["usage_estimated"] is True

@@ -238,6 +238,14 @@ class AnthropicBackend(HttpBackend):
                     except BAD_JSON:
                         raise UpstreamError(f"{name}: malformed event") from None
                     kind = ev.type
+                    if kind == "error" and ev.error is not None:
+                        # A refusal, not output: no beat (the core takes beats as the
+                        # upstream having begun its answer, which is charged its prompt).
+                        if ev.error.type == "overloaded_error":
+                            raise UpstreamStatus(
+                                f"{name}: overloaded: {ev.error.message}", upstream_status=529
+                            )
+                        raise UpstreamError(f"{name}: {ev.error.type}: {ev.error.message}")
                     if kind != "ping":
                         ctx.beats += 1  # tool input and thinking are progress, though silent
                     if kind == "content_block_delta" and ev.delta is not None:
@@ -283,12 +291,6 @@ class AnthropicBackend(HttpBackend):
                             ),
                         )
                         return
-                    elif kind == "error" and ev.error is not None:
-                        if ev.error.type == "overloaded_error":
-                            raise UpstreamStatus(
-                                f"{name}: overloaded: {ev.error.message}", upstream_status=529
-                            )
-                        raise UpstreamError(f"{name}: {ev.error.type}: {ev.error.message}")
                 raise UpstreamError(f"{name}: stream ended before message_stop")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise aiohttp_error(name, exc) from None

@@ -53,6 +53,9 @@ class CallContext:
     # each) read so far. A call that ends without the upstream's own count (cut short,
     # or no usage sent) is charged these rather than its Deltas.
     tokens_seen: int = 0
+    # Set by a backend whose Done's usage is (partly) its own count, not the upstream's
+    # (an upstream that sent none): the call's log says usage_estimated.
+    usage_estimated: bool = False
     # Set by a backend that knows the prompt's size before the answer ends: a call cut
     # short (client gone, a time limit) is still charged for its prompt.
     prompt_tokens: int = 0

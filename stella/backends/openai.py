@@ -267,9 +267,7 @@ class OpenAIBackend(HttpBackend):
                     raise UpstreamError(f"{name}: stream ended without a finish reason")
                 if finish in FAILED:
                     raise UpstreamError(f"{name}: the upstream ended the answer ({finish})")
-                yield Done(
-                    finish_reason=FINISH.get(finish, "stop"), usage=_usage(usage, ctx.tokens_seen)
-                )
+                yield Done(finish_reason=FINISH.get(finish, "stop"), usage=_usage(usage, ctx))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise aiohttp_error(name, exc) from None
 
@@ -303,7 +301,7 @@ class OpenAIBackend(HttpBackend):
             yield event
         yield Done(
             finish_reason=FINISH.get(choice.finish_reason or "stop", "stop"),
-            usage=_usage(chunk.usage, ctx.tokens_seen),
+            usage=_usage(chunk.usage, ctx),
         )
 
 
@@ -361,8 +359,12 @@ class _Calls:
         return out
 
 
-def _usage(usage: _Usage | None, pieces: int) -> Usage:
+def _usage(usage: _Usage | None, ctx: CallContext) -> Usage:
     if usage is None:
+        # No count from the upstream: the completion is the pieces stella counted, the
+        # prompt the core's estimate; the log says so even when both come to 0.
+        ctx.usage_estimated = True
+        pieces = ctx.tokens_seen
         return Usage(0, pieces, pieces)
     total = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
     return Usage(usage.prompt_tokens, usage.completion_tokens, total)

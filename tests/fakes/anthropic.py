@@ -4,7 +4,8 @@ The model name picks the behaviour: `claude-ok`, `claude-tools` (`-whole`: its i
 at the start, no deltas), `claude-two-tools` (two tool_use blocks, one when
 `tool_choice.disable_parallel_tool_use` is true, as the API honours it), `claude-429`
 (rate limit with retry-after), `claude-529` (overloaded), `claude-error-mid`
-(an `error` event after a text delta), `claude-malformed`. Requests without the
+(an `error` event after a text delta), `claude-error-first` and `claude-api-error-first`
+(a 200 whose one event is an `error`, overloaded_error or api_error), `claude-malformed`. Requests without the
 right x-api-key get 401, without `max_tokens` (or with a message without content but
 a final assistant one) 400; `"stream": true` gets the event
 sequence, anything else one Message object, as the API does.
@@ -116,6 +117,13 @@ class FakeAnthropic:
     async def _events(self, model: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         def event(name: str, data: dict[str, Any]) -> bytes:
             return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+        if model in ("claude-error-first", "claude-api-error-first"):
+            # A refusal after the 200: the stream's one event, before any message.
+            kind = "overloaded_error" if model == "claude-error-first" else "api_error"
+            message = "Overloaded" if model == "claude-error-first" else "Internal server error"
+            yield event("error", {"type": "error", "error": {"type": kind, "message": message}})
+            return
 
         def text_delta(text: str) -> bytes:
             delta = {"type": "text_delta", "text": text}

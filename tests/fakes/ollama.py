@@ -2,7 +2,8 @@
 
 The model name picks the behaviour: `llama3` (ok), `tools` (`two-tools`: two calls in
 one line, as Ollama sends parallel calls), `error-before` (HTTP 404
-{"error": ...}), `error-mid` (a final {"error": ...} line after two pieces),
+{"error": ...}), `error-mid` (a final {"error": ...} line after two pieces), `error-first` (a 200 whose
+one line is {"error": ...}),
 `malformed`, `busy` (429 with Retry-After). `"stream": false` gets one object, as
 the API does (its default is a stream).
 """
@@ -129,7 +130,7 @@ class FakeOllama:
         for word in words:
             if limit is not None and sent >= limit:
                 break
-            if model == "error-mid" and sent == 2:
+            if (model == "error-mid" and sent == 2) or model == "error-first":
                 yield line({"error": "an error was encountered while running the model"})
                 return
             if model == "malformed" and sent == 1:

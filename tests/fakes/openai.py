@@ -2,7 +2,8 @@
 
 The model name picks the behaviour: `ok` (default), `tools`, `die-after-3`
 (three chunks then a dropped connection), `stall` (silence), `stall-after-2`,
-`malformed`, `status-500`, `status-429`, `status-400`, `no-usage`, `plain-error`
+`malformed`, `status-500`, `status-429`, `status-400`, `no-usage` (no usage, streamed
+or not), `error-first` (a 200 stream whose one event is an error), `plain-error`
 (`{"error": "text"}` as mlx_lm.server sends), `gzip` (a non-stream answer gzipped
 whatever the client accepts, as a careless proxy would), `redirect` (307 elsewhere),
 `think-S` (S seconds before the answer: the first chunk, or the whole non-stream body),
@@ -146,23 +147,20 @@ class FakeOpenAI:
             if model in ("two-tools", "bad-args", "list-args"):
                 message = {"role": "assistant", "content": None, "tool_calls": _calls(body)}
                 finish = "tool_calls"
-            return self._maybe_gzip(
-                model,
-                JSONResponse(
-                    {
-                        "id": "chatcmpl-1",
-                        "object": "chat.completion",
-                        "created": 0,
-                        "model": model,
-                        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                        "usage": {
-                            "prompt_tokens": 3,
-                            "completion_tokens": len(self.words),
-                            "total_tokens": 3 + len(self.words),
-                        },
-                    }
-                ),
-            )
+            answer: dict[str, Any] = {
+                "id": "chatcmpl-1",
+                "object": "chat.completion",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            }
+            if model != "no-usage":
+                answer["usage"] = {
+                    "prompt_tokens": 3,
+                    "completion_tokens": len(self.words),
+                    "total_tokens": 3 + len(self.words),
+                }
+            return self._maybe_gzip(model, JSONResponse(answer))
         return StreamingResponse(self._stream(model, body), media_type="text/event-stream")
 
     def _maybe_gzip(self, model: str, response: Response) -> Response:
@@ -186,6 +184,10 @@ class FakeOpenAI:
         try:
             if model == "stall":
                 await asyncio.sleep(3600)
+            if model == "error-first":  # a refusal after the 200, before any output
+                error = {"message": "model overloaded", "type": "server_error", "code": None}
+                yield b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+                return
             yield chunk({"role": "assistant", "content": ""})
             if model == "beats":  # output without text, forever: alive, answering nothing
                 for _ in range(36_000):
