@@ -21,6 +21,13 @@ is closed: uvicorn itself never gives up on a client that connects and sends
 nothing, or part of its headers, or headers and then stalls (a slowloris), which
 holds a connection, and for a body a task, for as long as it likes.
 
+A connection closed after an answer while its request's body is still unread (a 413
+with `Connection: close`, a 400 or 431) closes lingering: closing a socket with
+unread input makes the kernel reset it, and the client's kernel then drops the
+answer it holds unread. The write side is shut after the answer, and what still
+comes is read and dropped until the client closes, for at most LINGER_S and
+LINGER_BYTES (at once during a shutdown).
+
 `stella serve` uses this protocol; plain uvicorn gets it with
 `--http stella.transport:HttpToolsProtocol`.
 """
@@ -50,6 +57,11 @@ MAX_HEADERS = 256
 # two such looks of their first byte (an idle kept-alive connection is left to
 # uvicorn's keep-alive timeout).
 HEADER_TIMEOUT_S = 10.0
+# After an answer that ends a connection whose request's body was not all read, what
+# still comes is read and dropped for at most this long and this much, then the
+# connection closes (see BodyDeadlineProtocol._linger).
+LINGER_S = 2.0
+LINGER_BYTES = 8 * 1024 * 1024
 
 
 class CorkedTransport:
@@ -170,6 +182,28 @@ class _Recorder:
         """Nothing to close."""
 
 
+class _BodyStillComing:
+    """A request cycle's transport while its body is still coming: closing it after a
+    whole answer closes lingering."""
+
+    __slots__ = ("_cycle", "_protocol", "is_closing", "write")
+
+    def __init__(self, protocol: BodyDeadlineProtocol, cycle: Any) -> None:
+        self._protocol = protocol
+        self._cycle = cycle
+        transport = cycle.transport
+        self.write = transport.write
+        self.is_closing = transport.is_closing
+
+    def close(self) -> None:
+        """Close lingering if the answer is whole and the body still unread, else close."""
+        cycle = self._cycle
+        if cycle.response_complete and cycle.more_body and cycle is self._protocol.cycle:
+            self._protocol._linger()
+        else:
+            self._protocol.transport.close()
+
+
 class BodyDeadlineProtocol(_HttpToolsProtocol):
     """uvicorn's httptools protocol, closing a connection whose request headers or body
     stall."""
@@ -184,6 +218,9 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _refused = False  # answered 431 (the parser's complaint that may follow is not sent)
     _idle_again = False  # a body answered early came whole: the keep-alive timer is due
     _deferred: bytes | None = None  # an error answer waiting for the running one to end
+    _linger_timer: asyncio.TimerHandle | None = None  # set while closing lingering
+    _lingered = 0  # bytes dropped while lingering
+    _shutting = False  # the server is shutting down: no lingering
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         """Accept as uvicorn does; from now on, a look every HEADER_TIMEOUT_S."""
@@ -242,7 +279,32 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self.transport.pause_reading()  # nothing more is read: the parser is done
             return
         self.transport.write(answer)
-        self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after the answer written, without a reset: shut the write side, then read
+        and drop what the client still sends until it closes, for at most LINGER_S and
+        LINGER_BYTES (a close with input unread resets the connection, and the client's
+        kernel drops the answer the client has not read yet)."""
+        transport = self.transport
+        if self._linger_timer is not None or transport.is_closing():
+            return
+        if self._shutting or not transport.can_write_eof():
+            transport.close()
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A request whose body broke off is never answered: its app hears it now.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        self._unset_keepalive_if_required()
+        self._linger_timer = self.loop.call_later(LINGER_S, transport.close)
+        transport.write_eof()  # after the answer: the client reads it, then sees the end
+        self.flow.read_paused = False
+        transport.resume_reading()
 
     def on_headers_complete(self) -> None:
         """Start the request as uvicorn does, its scope carrying a way to drop the client."""
@@ -266,6 +328,8 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self._header_timer = None
         if self.transport.is_closing() or self._deferred is not None:
             return  # an error answer waits for the answers before it: their limits hold
+        if self._linger_timer is not None:
+            return  # closing lingering: its own timer ends it
         # uvicorn makes a request's scope at its first byte and its cycle once the
         # headers are complete: a scope that no cycle has is a request still in its
         # headers, and the same one as at the last look has stalled a whole period.
@@ -287,6 +351,12 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         """Parse as uvicorn does; a running request's body still incomplete gets a deadline,
         and headers past the limits are refused."""
+        if self._linger_timer is not None:
+            # Answered and closing: dropped unparsed, up to the limit.
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES:
+                self.transport.close()
+            return
         self._read = len(data)
         self._ended = False
         super().data_received(data)
@@ -353,7 +423,10 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self.server_state.total_requests += 1
             self.transport.write(self._deferred)
             self._deferred = None
-            self.transport.close()
+            self._linger()
+            return
+        if self._linger_timer is not None:  # the answer closed the connection lingering
+            self.server_state.total_requests += 1
             return
         super().on_response_complete()
         self._arm()
@@ -366,6 +439,10 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             return  # the request still reading its body is the broken one: never served
         if cycle is not None and cycle.more_body and self._body_timer is None and not self.pipeline:
             self._body_timer = self.loop.call_later(BODY_TIMEOUT_S, self._body_late, cycle)
+            if cycle.transport is self.transport:
+                # Only a body that spans reads: an answer that closes the connection
+                # before the rest of it is read closes lingering (see _linger).
+                cycle.transport = _BodyStillComing(self, cycle)
 
     def _body_late(self, cycle: Any) -> None:
         self._body_timer = None
@@ -383,7 +460,19 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """Shut down as uvicorn does; a connection closing lingering closes at once, and
+        none starts lingering from now on."""
+        self._shutting = True
+        if self._linger_timer is not None:
+            self.transport.close()
+            return
+        super().shutdown()
 
 
 class HttpToolsProtocol(BodyDeadlineProtocol):

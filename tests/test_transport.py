@@ -21,6 +21,7 @@ class Recorder:
         self.closing = False
         self.closed = False
         self.aborted = False
+        self.eof = False  # the write side shut (an error answer's connection, lingering)
 
     def write(self, data: bytes) -> None:
         assert not self.closing, "write after close"
@@ -39,7 +40,12 @@ class Recorder:
         return 0
 
     def write_eof(self) -> None:
-        self.closing = True
+        self.eof = True
+
+    @property
+    def ended(self) -> bool:
+        """Closed, or closing lingering after its last answer."""
+        return self.closed or self.eof
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default
@@ -363,11 +369,11 @@ async def test_headers_past_the_limits_get_431_and_the_connection_closes() -> No
     proto, rec = _protocol(app)
     proto.data_received(b"GET / HTTP/1.1\r\nhost: t\r\n")
     sent = 0
-    while not rec.closing and sent < 4 * MAX_HEADER_BYTES:
+    while not rec.ended and sent < 4 * MAX_HEADER_BYTES:
         chunk = b"x-a: " + b"a" * 1000 + b"\r\n"
         proto.data_received(chunk)
         sent += len(chunk)
-    assert rec.closed and sent <= MAX_HEADER_BYTES + 2000
+    assert rec.ended and sent <= MAX_HEADER_BYTES + 2000
     assert rec.writes[0].startswith(b"HTTP/1.1 431 ") and len(rec.writes) == 1
     assert b"\r\nx-request-id: req_" in rec.writes[0]  # as every answer has one
     head, _, body = rec.writes[0].partition(b"\r\n\r\n")
@@ -379,19 +385,19 @@ async def test_headers_past_the_limits_get_431_and_the_connection_closes() -> No
     # Many tiny headers: the count is limited too.
     proto, rec = _protocol(app)
     proto.data_received(b"GET / HTTP/1.1\r\n" + b"x: y\r\n" * (MAX_HEADERS + 1) + b"\r\n")
-    assert rec.closed and rec.writes[0].startswith(b"HTTP/1.1 431 ")
+    assert rec.ended and rec.writes[0].startswith(b"HTTP/1.1 431 ")
     proto.connection_lost(None)
 
     # One header past the limit, in the very read that ends the headers.
     proto, rec = _protocol(app)
     proto.data_received(b"GET / HTTP/1.1\r\nx-big: " + b"b" * 100_000 + b"\r\n\r\n")
-    assert rec.closed and rec.writes[0].startswith(b"HTTP/1.1 431 ")
+    assert rec.ended and rec.writes[0].startswith(b"HTTP/1.1 431 ")
     proto.connection_lost(None)
 
     # A long URL counts as well; a large but allowed request is served.
     proto, rec = _protocol(app)
     proto.data_received(b"GET /" + b"u" * MAX_HEADER_BYTES + b" HTTP/1.1\r\nhost: t\r\n\r\n")
-    assert rec.closed and rec.writes[0].startswith(b"HTTP/1.1 431 ")
+    assert rec.ended and rec.writes[0].startswith(b"HTTP/1.1 431 ")
     proto.connection_lost(None)
     proto, rec = _protocol(app, busy=False)
     big = b"x-b: " + b"b" * 8000 + b"\r\n"
@@ -495,7 +501,7 @@ async def test_a_pipelined_body_is_not_counted_as_headers() -> None:
     for _ in range(5):
         await turn()
     out = b"".join(rec.writes)
-    assert out.count(b" 200 ") == 1 and b" 431 " in out and rec.closed, out[:200]
+    assert out.count(b" 200 ") == 1 and b" 431 " in out and rec.ended, out[:200]
     proto.connection_lost(None)
 
     # B over the limits (or malformed) while A still streams: A's answer ends whole,
@@ -521,7 +527,7 @@ async def test_a_pipelined_body_is_not_counted_as_headers() -> None:
         out = b"".join(rec.writes)
         a, _, b = out.partition(b"0\r\n\r\n")  # A's chunked answer, whole, then B's
         assert a.count(b"1\r\nx\r\n") == 5 and status not in a, out
-        assert b.startswith(b"HTTP/1.1" + status) and rec.closed, out
+        assert b.startswith(b"HTTP/1.1" + status) and rec.ended, out
         proto.connection_lost(None)
 
 
@@ -605,7 +611,7 @@ async def test_an_error_for_a_pipelined_request_waits_for_every_answer_before_it
         proto.data_received(data)
         for _ in range(40):
             await asyncio.sleep(0.02)
-            if rec.closed:
+            if rec.ended:
                 break
         out = b"".join(rec.writes)
         answers = out.split(b"HTTP/1.1 ")[1:]
@@ -613,5 +619,135 @@ async def test_an_error_for_a_pipelined_request_waits_for_every_answer_before_it
         assert answers[0].count(b"1\r\nx\r\n") == 5 and b"/a" in answers[0], out
         for answer, path in zip(answers[1:], between, strict=False):
             assert path in answer, out
-        assert rec.closed and started == ["/a", *(p.decode() for p in between)]
+        assert rec.ended and started == ["/a", *(p.decode() for p in between)]
         proto.connection_lost(None)
+
+
+def _answer_to(port: int, head: bytes, body: bytes) -> bytes:
+    """Send a request and its body in one sendall, then read: the whole answer, or what
+    came before the connection broke (with the error's name)."""
+    import socket
+
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            s.sendall(head + body)
+            while b"\r\n\r\n" not in got or not _whole(got):
+                data = s.recv(65536)
+                if not data:
+                    break
+                got += data
+        except OSError as exc:
+            return got + f" [{type(exc).__name__}]".encode()
+    return got
+
+
+def _whole(answer: bytes) -> bool:
+    """Whether `answer` holds a whole response with a Content-Length."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
+
+
+@pytest.mark.parametrize("coalesce", [True, False])
+def test_an_answer_before_the_body_is_read_is_not_lost_to_a_reset(coalesce: bool) -> None:
+    # Answered (413, or 400 for a broken body, or 431) before the rest of the request is
+    # read, a connection closed at once with that rest unread (or still coming) is reset
+    # by the kernel, and the client's kernel drops the answer it holds unread: closed
+    # lingering, the answer reaches the client every time.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.live import run_stella
+
+    body = b'{"model":"echo","messages":[{"role":"user","content":"' + b"x" * 4_000_000 + b'"}]}'
+    parts = [body[i : i + 200_000] for i in range(0, len(body), 200_000)]
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+    post = b"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+    close = b"Connection: close\r\n"
+    requests = (
+        (post + close + b"Content-Length: %d\r\n\r\n" % len(body), body, b"413"),
+        (post + b"Content-Length: %d\r\n\r\n" % len(body), body, b"413"),
+        (post + close + b"Transfer-Encoding: chunked\r\n\r\n", chunked, b"413"),
+        # A chunk size that is no number, after the first chunk: the parser's 400.
+        (
+            post + b"Transfer-Encoding: chunked\r\n\r\n",
+            b"10\r\n" + body[:16] + b"\r\nZZ\r\n" + body,
+            b"400",
+        ),
+        # Headers past the limit: 431.
+        (post + b"x-big: ", body + b"\r\n\r\n", b"431"),
+    )
+    config = {"server": {"max_body_bytes": 65_536, "coalesce_writes": coalesce}}
+    with run_stella(config) as server:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(
+                pool.map(
+                    lambda i: (requests[i % 5][2], _answer_to(server.port, *requests[i % 5][:2])),
+                    range(40),
+                )
+            )
+    bad = [
+        (status, a[:60] + a[-40:])
+        for status, a in answers
+        if not (a.startswith(b"HTTP/1.1 " + status + b" ") and _whole(a))
+    ]
+    assert not bad, f"{len(bad)} of {len(answers)}: {bad[:5]}"
+
+
+async def test_closing_lingering_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An answer that closes the connection before the body is all read shuts the write
+    # side and drops what still comes, unparsed; the connection closes after LINGER_S,
+    # past LINGER_BYTES, or at once in a shutdown. A body read whole closes at once.
+    import stella.transport as transport
+
+    monkeypatch.setattr(transport, "LINGER_S", 0.1)
+    monkeypatch.setattr(transport, "LINGER_BYTES", 1000)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"2"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    head = b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 100000\r\n\r\n"
+
+    async def answered() -> tuple[HttpToolsProtocol, Recorder]:
+        proto, rec = _protocol(app, busy=False)
+        proto.data_received(head + b"x" * 10)
+        await turn()
+        assert b" 413 " in rec.writes[0] and rec.eof and not rec.closed
+        return proto, rec
+
+    proto, rec = await answered()
+    sent = len(rec.writes)
+    proto.data_received(b"GET / HTTP/1.1\r\n\r\n" + b"x" * 500)  # dropped, never parsed
+    await turn()
+    assert len(rec.writes) == sent and not rec.closed
+    await asyncio.sleep(0.2)
+    assert rec.closed  # the client never closed: LINGER_S
+    proto.connection_lost(None)
+
+    proto, rec = await answered()
+    proto.data_received(b"x" * 1001)
+    assert rec.closed  # past LINGER_BYTES
+    proto.connection_lost(None)
+
+    proto, rec = await answered()
+    proto.shutdown()
+    assert rec.closed  # a shutdown does not wait
+    proto.connection_lost(None)
+
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(head + b"x" * 10)
+    proto.shutdown()  # shutting down before the answer: no lingering after it
+    await turn()
+    assert b" 413 " in rec.writes[0] and rec.closed and not rec.eof
+    proto.connection_lost(None)
+
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(head.replace(b"100000", b"3") + b"abc")  # the body read whole
+    await turn()
+    assert b" 413 " in rec.writes[0] and rec.closed and not rec.eof
+    proto.connection_lost(None)
