@@ -7,6 +7,7 @@ dialect's error shape, streams into an in-band `error` line.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 
 class StellaError(Exception):
@@ -112,6 +113,12 @@ class PayloadTooLarge(StellaError):
     """Body over server.max_body_bytes."""
 
     status, code = 413, "payload_too_large"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        # The rest of the body is not worth reading: the connection ends (closed
+        # lingering, bounded), instead of reading every byte announced to drop them.
+        self.headers.setdefault("Connection", "close")
 
 
 class ContextTooLong(StellaError):

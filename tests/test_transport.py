@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from typing import Any
 
 import msgspec
@@ -695,6 +697,39 @@ def test_an_answer_before_the_body_is_read_is_not_lost_to_a_reset(coalesce: bool
         if not (a.startswith(b"HTTP/1.1 " + status + b" ") and _whole(a))
     ]
     assert not bad, f"{len(bad)} of {len(answers)}: {bad[:5]}"
+
+
+def test_a_body_over_the_limit_is_not_read_to_its_end() -> None:
+    # A 413 on a keep-alive connection kept it open while stella read (and dropped)
+    # every byte the client announced, up to the 30 s body deadline: 413 closes the
+    # connection, after the bounded lingering close.
+    from tests.live import run_stella
+
+    with run_stella({"server": {"max_body_bytes": 65_536}}) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        try:
+            sock.sendall(
+                b"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"content-type: application/json\r\nContent-Length: 10000000000\r\n\r\n"
+                + b"x"
+                * 100_000
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 413 ")
+            assert b"connection: close" in answer.lower()
+            t0 = time.monotonic()
+            closed = False
+            while time.monotonic() - t0 < 6 and not closed:  # the client goes on sending
+                try:
+                    sock.sendall(b"x" * 65_536)
+                    time.sleep(0.05)
+                except OSError:  # reset or broken pipe: the server closed it
+                    closed = True
+            assert closed, "the connection was kept to read the announced body"
+        finally:
+            sock.close()
 
 
 async def test_closing_lingering_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
