@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import struct
+import sys
+import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,9 +31,12 @@ from stella.watchdog import ticker
 _log = structlog.get_logger("stella")
 # Streams older than this get a task that watches for a disconnect and sends pings.
 WATCH_AFTER_S = 0.05
-# The longest a stream's last line (an error, the close) may take to go out before the
-# connection is dropped: a client that reads anything takes it at once.
+# A stream's last line (an error, the close) goes out unless its client takes nothing
+# of what is waiting for it for END_WRITE_S (it stopped reading), or it takes longer
+# than END_WRITE_MAX_S in all (a reader too slow for a shutdown's budget): then the
+# connection is dropped.
 END_WRITE_S = 1.0
+END_WRITE_MAX_S = 3.0
 Send = Callable[[dict[str, Any]], Any]
 Receive = Callable[[], Any]
 
@@ -316,13 +323,22 @@ class EventStream:
         body = self.codec.encode(Error(code=err.code, message=err.message, retryable=err.retryable))
         # Bounded: to a client that stopped reading (its socket full) these writes would
         # wait for good, a shutdown's cut until the server's own limit, past the drain.
-        with contextlib.suppress(OSError), anyio.move_on_after(END_WRITE_S, shield=True) as cut:
-            if not self._ready:  # the watcher is sending the start: after it
-                await self._begin(send)
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-            await send(
-                {"type": "http.response.body", "body": self.codec.close(), "more_body": False}
+        with (
+            contextlib.suppress(OSError),
+            anyio.move_on_after(END_WRITE_MAX_S, shield=True) as cut,
+        ):
+            guard = asyncio.get_running_loop().create_task(
+                _cut_when_stalled(scope.get("stella.protocol"), cut)
             )
+            try:
+                if not self._ready:  # the watcher is sending the start: after it
+                    await self._begin(send)
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                await send(
+                    {"type": "http.response.body", "body": self.codec.close(), "more_body": False}
+                )
+            finally:
+                guard.cancel()
         if cut.cancelled_caught:
             await _drop(scope, send, b"")
 
@@ -359,6 +375,40 @@ class EventStream:
                     call.cancel_reason = "client_closed"
                     task.cancel()
                 return
+
+
+async def _cut_when_stalled(protocol: Any, cut: anyio.CancelScope) -> None:
+    """Cancel `cut` once the client has taken nothing of what waits for it for END_WRITE_S
+    (without stella's server protocol, which tells, after END_WRITE_S)."""
+    transport = getattr(protocol, "transport", None)
+    if transport is None:
+        await asyncio.sleep(END_WRITE_S)
+        cut.cancel()
+        return
+    step = END_WRITE_S / 4
+    waiting = _unsent(transport)
+    still = 0.0
+    while still < END_WRITE_S:
+        await asyncio.sleep(step)
+        now = _unsent(transport)
+        still = still + step if now >= waiting else 0.0  # taken: a reader, however slow
+        waiting = now
+    cut.cancel()
+
+
+def _unsent(transport: Any) -> int:
+    """Bytes written to a connection that its client has not taken yet: in the transport's
+    buffer, and (on Linux) in the kernel's send queue, where most of a backlog waits."""
+    size = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _OUTQ is not None:
+        with contextlib.suppress(OSError, ValueError):
+            size += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+    return size
+
+
+# SIOCOUTQ (Linux): the unsent bytes of a TCP socket's send queue.
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 
 
 async def _drop(scope: dict[str, Any], send: Send, last: bytes) -> None:

@@ -95,6 +95,42 @@ def test_a_client_that_stopped_reading_does_not_hold_the_shutdown() -> None:
         assert cut["error_code"] == "shutting_down"
 
 
+def test_a_client_reading_slowly_still_gets_the_shutting_down_line() -> None:
+    """A reader behind the stream (a backlog in the socket) still takes what waits for
+    it: the drain's cut waits while it takes anything, not a flat second."""
+    with run_stella({"server": {"drain_timeout_s": 1}}) as server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.settimeout(10)
+        body = json.dumps(
+            {"model": "echo", "messages": [{"role": "user", "content": "a " * 400_000}]}
+        ).encode()
+        head = b"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+        sock.sendall(head % len(body) + body)
+        got = bytearray()
+        time.sleep(0.5)  # the stream fills the socket
+        server.proc.send_signal(signal.SIGTERM)
+        cut = time.monotonic() + 1  # the drain's end
+        try:
+            while True:
+                now = time.monotonic()
+                if now > cut + 30:
+                    raise AssertionError("the stream did not end")
+                # Until 1.8 s past the cut a trickle (2 KB every 0.1 s), then all at once.
+                chunk = sock.recv(2048 if now < cut + 1.8 else 65536)
+                if not chunk:
+                    break
+                got += chunk
+                if cut - 0.5 < now < cut + 1.8:
+                    time.sleep(0.1)
+        finally:
+            sock.close()
+        assert server.proc.wait(15) == 0
+        assert got.endswith(b"0\r\n\r\n"), bytes(got[-200:])
+        assert b'"code":"shutting_down"' in got[-400:], bytes(got[-400:])
+
+
 async def test_draining_refusals_take_the_dialects_shape() -> None:
     from stella.app import create_app
     from stella.settings import load_settings
