@@ -727,8 +727,8 @@ class Inference:
         ctx = self.ctx
         if ctx is not None and ctx.usage_estimated:
             self.estimated = True  # the backend's figures are its own count, no upstream's
-        if not usage.completion_tokens and counted:
-            self.estimated = True
+        if (not usage.completion_tokens and counted) or self.discarded_by:
+            self.estimated = True  # discarded tokens are always stella's count
         usage = _completed(usage, counted)
         if not usage.prompt_tokens and ctx is not None:
             # No count of the prompt from the backend (cut short before its usage came, or
@@ -736,7 +736,8 @@ class Inference:
             # figure when it had one early, else the estimate admission reserved, once the
             # upstream began its answer (it read the prompt); a refusal before that is not.
             n = ctx.prompt_tokens
-            if not n and (answered or ctx.beats or counted or self.ttft):
+            # An attempt answered again after it made output read the prompt as well.
+            if not n and (answered or ctx.beats or counted or self.ttft or self.discarded_by):
                 n = prompt_estimate(self.request)
                 if n:
                     self.estimated = True

@@ -668,6 +668,46 @@ def test_an_upstream_that_refuses_before_answering_is_not_charged_the_prompt() -
             assert all(row["prompt_tokens"] == 0 for row in rows if row["key"] == "alice")
 
 
+def test_a_prompt_read_by_an_attempt_answered_again_is_charged() -> None:
+    # A non-stream call whose first attempt made two tokens, then failed, and whose
+    # fallback failed before any output: the first upstream read the prompt.
+    from tests.fakes.ollama import FakeOllama
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    with serve(FakeOpenAI().app) as oai, serve(FakeOllama().app) as box:
+        config = {
+            "backends": {
+                "oai": {"kind": "openai", "base_url": oai + "/v1"},
+                "box": {"kind": "ollama", "base_url": box},
+            },
+            "models": {
+                "routes": {
+                    "mid": {
+                        "backend": "box",
+                        "upstream_model": "error-mid",
+                        "retries": 0,
+                        "fallbacks": ["down"],
+                    },
+                    "down": {"backend": "oai", "upstream_model": "status-500", "retries": 0},
+                }
+            },
+        }
+        with run_stella(config) as server:
+            ask = {
+                "model": "mid",
+                "stream": False,
+                "messages": [{"role": "user", "content": "y" * 400}],
+            }
+            r = httpx.post(server.url + "/api/v1/chat", json=ask)
+            assert r.status_code == 502, r.text
+            rid = r.headers["x-request-id"]
+            ev = server.wait_event(lambda e: e["request_id"] == rid)
+    assert ev["discarded_tokens"] == 2, ev
+    assert ev["prompt_tokens"] == 100 and ev["completion_tokens"] == 2, ev
+    assert ev["usage_estimated"] is True, ev
+
+
 def no_usage_config(fake_url: str) -> dict:
     """Route `quiet` to the fake OpenAI upstream's `no-usage` model: no count, ever."""
     return {
