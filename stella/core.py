@@ -21,6 +21,7 @@ import structlog
 from stella.backends import BackendEvent, CallContext
 from stella.calls import ANONYMOUS, Admission, Call, Permit, Principal, prompt_estimate
 from stella.errors import (
+    DEFAULT_RETRY_AFTER_S,
     ClientGone,
     ClientTooSlow,
     InvalidRequest,
@@ -362,6 +363,9 @@ class Inference:
         if self.slow is not None:
             watchdog.at, watchdog.then = self.t0 + self.slow[0], self.slow[1]
         last: StellaError | None = None
+        # The soonest a route of the chain that could not be tried (its circuit open, its
+        # limits full) may take the call: the Retry-After of a 503 that ends the chain.
+        soonest: float | None = None
         try:
             for route in self.chain:
                 if route is self.route and self.skip_first:
@@ -372,7 +376,11 @@ class Inference:
                             "error": "circuit_open",
                         }
                     )
-                    last = Unavailable(f"backend {route.backend_name!r}: circuit open")
+                    wait = router.breaker(route.backend_name).retry_after()
+                    soonest = wait if soonest is None else min(soonest, wait)
+                    last = Unavailable(
+                        f"backend {route.backend_name!r}: circuit open", retry_after=wait
+                    )
                     continue
                 if route is not self.route:
                     self._give_back_fallback()  # the one before failed: its place goes back
@@ -384,6 +392,9 @@ class Inference:
                     if router.breaker(route.backend_name).available():
                         refused = await self._admit_fallback(route)
                         if refused is not None:
+                            if refused.retry_after is not None:
+                                wait = refused.retry_after
+                                soonest = wait if soonest is None else min(soonest, wait)
                             last = last or refused
                             continue
                 breaker = router.breaker(route.backend_name)
@@ -400,7 +411,11 @@ class Inference:
                                 "error": "circuit_open",
                             }
                         )
-                        last = last or Unavailable(f"backend {route.backend_name!r}: circuit open")
+                        wait = breaker.retry_after()
+                        soonest = wait if soonest is None else min(soonest, wait)
+                        last = last or Unavailable(
+                            f"backend {route.backend_name!r}: circuit open", retry_after=wait
+                        )
                         break
                     # Only the call that took a half-open circuit's probe may give it back.
                     probe = breaker.state == "half_open"
@@ -563,9 +578,20 @@ class Inference:
                         if getattr(agen, "ag_frame", True) is not None:  # not finished yet
                             await close_quietly(agen)
             err = last or Unavailable("no backend could take this request")
+            if (
+                soonest is not None
+                and isinstance(err, Unavailable | Overloaded)
+                and soonest < (err.retry_after or DEFAULT_RETRY_AFTER_S)
+            ):
+                # Another route of the chain may take the call sooner than this one.
+                err.retry_in(soonest)
             if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
                 code = err.code
-                err = UpstreamError(f"every backend failed; last: {err.message}")
+                # The code is kept, and with it when to come back (an `overloaded` is
+                # Anthropic's 529, which promises a Retry-After as a 503 does).
+                err = UpstreamError(
+                    f"every backend failed; last: {err.message}", retry_after=err.retry_after
+                )
                 err.code = code
             return self.fail(err)
         finally:

@@ -46,7 +46,22 @@ class StellaError(Exception):
         self.retry_after = retry_after
         self.headers = dict(headers or {})
         if retry_after is not None:
-            self.headers.setdefault("Retry-After", str(max(1, round(retry_after + 0.499))))
+            self.headers.setdefault("Retry-After", _whole_seconds(retry_after))
+
+    def retry_in(self, seconds: float) -> None:
+        """Tell the client to come back after `seconds` (`retry_after` and Retry-After)."""
+        self.retry_after = seconds
+        self.headers["Retry-After"] = _whole_seconds(seconds)
+
+
+# When a busy or unavailable server knows no better time to come back: soon, as a queue
+# moves or a backend comes back within moments, and late enough not to hammer it.
+DEFAULT_RETRY_AFTER_S = 1.0
+
+
+def _whole_seconds(seconds: float) -> str:
+    """Retry-After's value: whole seconds, rounded up, at least 1 (0 would invite a storm)."""
+    return str(max(1, round(seconds + 0.499)))
 
 
 # msgspec names a missing or unknown field apart from the path of the object holding it.
@@ -156,11 +171,23 @@ class Overloaded(StellaError):
 
     status, code, retryable = 503, "overloaded", True
 
+    def __init__(
+        self, message: str, *, retry_after: float = DEFAULT_RETRY_AFTER_S, **kwargs: Any
+    ) -> None:
+        # A 503 always says when to come back (README, /openapi.json).
+        super().__init__(message, retry_after=retry_after, **kwargs)
+
 
 class Unavailable(StellaError):
     """A circuit is open or the backend cannot serve now."""
 
     status, code, retryable = 503, "unavailable", True
+
+    def __init__(
+        self, message: str, *, retry_after: float = DEFAULT_RETRY_AFTER_S, **kwargs: Any
+    ) -> None:
+        # A 503 always says when to come back (README, /openapi.json).
+        super().__init__(message, retry_after=retry_after, **kwargs)
 
 
 class ClientGone(StellaError):

@@ -384,6 +384,27 @@ def test_the_stream_is_the_apis_event_sequence(server: LiveServer) -> None:
     assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
 
 
+def test_a_backends_overload_is_a_529_with_retry_after() -> None:
+    # Its own server: the failures would open the `tired` circuit of the shared one.
+    routes = {
+        **CONFIG["models"]["routes"],
+        # Every backend of the chain overloaded: a 529 all the same.
+        "echo-tired-twice": {"backend": "tired", "fallbacks": ["echo-tired"]},
+    }
+    config = {**CONFIG, "models": {"routes": routes}, "breaker": {"failure_threshold": 0}}
+    with run_stella(config) as s:
+        for model in ("echo-tired", "echo-tired-twice"):
+            body = {
+                "model": model,
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "a b"}],
+            }
+            r = httpx.post(s.url + "/v1/messages", json=body, timeout=10)
+            assert r.status_code == 529, (model, r.text)
+            assert r.json()["error"]["type"] == "overloaded_error", (model, r.text)
+            assert int(r.headers["retry-after"]) >= 1, (model, r.headers)
+
+
 def test_an_overload_after_the_start_is_an_overloaded_error_event(server: LiveServer) -> None:
     events = _sse(
         server, {"model": "echo-tired", "messages": [{"role": "user", "content": "a b c"}]}

@@ -357,6 +357,28 @@ def test_rate_limited_with_headers(server: LiveServer) -> None:
     assert r.headers["x-ratelimit-limit"] == "2" and r.headers["x-ratelimit-remaining"] == "0"
 
 
+def test_a_backends_overload_says_when_to_come_back() -> None:
+    # A backend that ends its answer with `overloaded` (no time of its own): the 503 (and
+    # Anthropic's 529) still carries a Retry-After, as every 503 does.
+    env = {
+        "STELLA_BACKENDS__ECHO__FAIL_AFTER": "1",
+        "STELLA_BACKENDS__ECHO__ERROR_CODE": "overloaded",
+    }
+    words = [{"role": "user", "content": "one two three"}]  # it fails after the first
+    body = {"model": "echo", "messages": words, "stream": False}
+    # No circuit opens on these failures: each call reaches the backend.
+    with run_stella({"breaker": {"failure_threshold": 0}}, env) as s:
+        for path, status in (
+            ("/api/v1/chat", 503),
+            ("/v1/chat/completions", 503),
+            ("/v1/messages", 529),
+        ):
+            extra = {"max_tokens": 5} if path == "/v1/messages" else {}
+            r = httpx.post(s.url + path, json={**body, **extra}, timeout=10)
+            assert r.status_code == status, (path, r.text)
+            assert int(r.headers["retry-after"]) >= 1, (path, r.headers)
+
+
 def test_unknown_path_and_method(server: LiveServer) -> None:
     r = httpx.get(server.url + "/nope")
     error_of(r, 404, "not_found")

@@ -98,6 +98,32 @@ def test_open_circuit_falls_back() -> None:
         assert lines[0]["backend"] == "down" and lines[-1]["backend"] == "echo"
 
 
+@pytest.mark.parametrize(("cooldown_s", "low", "high"), [(30, 1, 30), (600, 31, 60)])
+def test_an_open_circuit_whose_fallback_is_full_says_when_to_come_back(
+    cooldown_s: int, low: int, high: int
+) -> None:
+    # The route's circuit is open and its fallback's limit is spent: the 503 names the
+    # sooner of the cool-down's end (30 s) and the limit's reset (within a minute).
+    config = {
+        "breaker": {"failure_threshold": 1, "cooldown_s": cooldown_s},
+        "backends": {"dead": {"kind": "echo", "fail_before_first": True}},
+        "models": {"routes": {"a": {"backend": "dead", "retries": 0, "fallbacks": ["echo"]}}},
+        "limits": {"models": {"echo": {"requests_per_minute": 1}}},
+    }
+    with run_stella(config) as server:
+        r = chat(server.url, "a")  # the fallback answers; the circuit opens
+        assert r.status_code == 200 and r.json()["backend"] == "echo", r.text
+        r = chat(server.url, "a")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable", r.text
+        assert low <= int(r.headers["retry-after"]) <= high, r.headers
+        ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+        assert [a["error"] for a in ev["attempts"]] == ["circuit_open", "rate_limited"]
+        body = {"model": "a", "messages": MSG}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=10)
+        assert r.status_code == 503, r.text
+        assert low <= int(r.headers["retry-after"]) <= high, r.headers
+
+
 def test_a_non_stream_answer_that_breaks_midway_starts_over_on_the_fallback() -> None:
     # Nothing has reached a non-stream client when the backend fails after 3 tokens: the
     # fallback answers whole. A stream's client has had tokens: it gets the error.

@@ -130,6 +130,7 @@ _ERROR_TYPES = {
     429: "rate_limit_error",
     503: "overloaded_error",
     504: "api_error",
+    529: "overloaded_error",
 }
 STOP = {
     "stop": "end_turn",
@@ -154,7 +155,9 @@ class AnthropicDialect(Dialect):
 
     def error_body(self, exc: StellaError, request_id: str) -> Any:
         """Anthropic's error object."""
-        kind = _ERROR_TYPES.get(exc.status, "api_error")
+        # By the status the client gets: an `overloaded` that every fallback gave too is a
+        # 502 of stella's, a 529 here, and its type must say so as the status does.
+        kind = _ERROR_TYPES.get(self.status(exc), "api_error")
         return {"type": "error", "error": {"type": kind, "message": exc.message}}
 
     def status(self, exc: StellaError) -> int:
