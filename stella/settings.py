@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import msgspec
 from msgspec import Meta
 
-from stella.backends import ConfigError, check_finite
+from stella.backends import ConfigError, check_finite, effective_config, registry
 from stella.logs import is_secret_field, name_words
 
 
@@ -598,7 +598,14 @@ PLAIN_VALUES = frozenset({"true", "false", "yes", "no", "on", "off", "none", "nu
 
 def redacted(settings: Settings) -> dict[str, Any]:
     """The effective configuration as a dict, every secret-looking value masked."""
-    return _redact(msgspec.to_builtins(settings))
+    shown = msgspec.to_builtins(settings)
+    # A backend's table is kept as written for its kind to decode: shown as its kind reads
+    # it, with the defaults that apply (a base_url, the timeouts), then masked as the rest.
+    kinds = registry()
+    shown["backends"] = {
+        name: effective_config(table, kinds) for name, table in settings.backends.items()
+    }
+    return _redact(shown)
 
 
 def secret_values(settings: Settings) -> list[str]:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
-from tests.live import LiveServer, run_stella
+from tests.live import NO_MLX, LiveServer, merge, run_stella, to_toml
 
 
 def test_info_for_api_clients_and_browsers(stella: LiveServer) -> None:
@@ -235,6 +237,39 @@ def test_stella_config_command() -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "server.port" in bad.stderr
+
+
+def test_config_shows_each_backend_with_the_defaults_that_apply(tmp_path: Path) -> None:
+    # Only the kind written: /config and `stella config` show what the backend runs
+    # with (its kind's defaults), not the one line of the file; a plugin kind without a
+    # config struct is shown as written.
+    config = {"backends": {"gpu-box": {"kind": "ollama"}, "odd": {"kind": "x", "enabled": False}}}
+    expected = {
+        "kind": "ollama",
+        "enabled": True,
+        "base_url": "http://127.0.0.1:11434",
+        "connect_timeout_s": 10.0,
+        "read_timeout_s": 300.0,
+        "max_connections": 256,
+        "keepalive_s": 30.0,
+    }
+    with run_stella(config) as server:
+        shown = httpx.get(server.url + "/config").json()["config"]["backends"]
+    conf = tmp_path / "stella.toml"
+    conf.write_text(to_toml(merge(NO_MLX, config)))
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "config", "--config", str(conf)],
+        env={k: v for k, v in os.environ.items() if not k.startswith("STELLA_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    printed = json.loads(out.stdout)["backends"]
+    for backends in (shown, printed):
+        assert {k: backends["gpu-box"].get(k) for k in expected} == expected, backends
+        assert backends["odd"] == {"kind": "x", "enabled": False}, backends
+        assert backends["local"]["enabled"] is False and backends["local"]["max_queue"] == 16
 
 
 async def test_usage_in_memory_keeps_the_last_31_days() -> None:

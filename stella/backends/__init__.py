@@ -24,6 +24,7 @@ __all__ = [
     "CallContext",
     "ConfigError",
     "build_backend",
+    "effective_config",
     "registry",
 ]
 
@@ -60,6 +61,30 @@ def build_backend(name: str, table: dict[str, Any], kinds: dict[str, Any]) -> Ba
         raise ConfigError(f"backends.{name}{_dotted(exc)}") from exc
     check_finite(config, f"backends.{name}")
     return cls(name, config)
+
+
+def effective_config(table: dict[str, Any], kinds: dict[str, Any]) -> dict[str, Any]:
+    """A backend's table as its kind reads it, every default filled in; as written when
+    the kind is unknown, cannot be imported, has no config struct or refuses the table."""
+    kind = table.get("kind")
+    entry = kinds.get(kind) if isinstance(kind, str) else None
+    if entry is None:
+        return table
+    try:
+        config = getattr(entry.load(), "Config", None)
+    except Exception:  # a plugin that fails to import: the server says so at start-up
+        return table
+    if not (isinstance(config, type) and issubclass(config, msgspec.Struct)):
+        return table
+    # `enabled` is stella's key, not the kind's (enabled_backends removes it).
+    fields = {k: v for k, v in table.items() if k != "enabled"}
+    try:
+        shown = msgspec.to_builtins(msgspec.convert(fields, config, strict=False))
+    except (msgspec.ValidationError, TypeError):
+        return table
+    if not isinstance(shown, dict):
+        return table
+    return {"enabled": table.get("enabled", True), **shown}
 
 
 def check_finite(value: Any, where: str) -> None:
