@@ -28,7 +28,7 @@ from starlette.routing import Router as StarletteRouter
 from stella import __version__, logs
 from stella.api import native, ops
 from stella.api.admin import usage_listener
-from stella.api.http import NATIVE, Dialect, Endpoint, with_header
+from stella.api.http import CLOSE, NATIVE, Dialect, Endpoint, body_over_limit, with_header
 from stella.auth import Authenticator
 from stella.backends import Backend, ConfigError, build_backend, registry
 from stella.calls import new_request_id
@@ -314,7 +314,10 @@ async def http_error(request: Request, exc: Exception) -> Response:
             err.headers["Allow"] = ", ".join(sorted(allowed))
     rid = request.scope.get("state", {}).get("request_id", "")
     svc = request.scope.get("stella") or request.app.state.stella
-    return svc.dialect_for(request.url.path).error_response(err, rid)
+    response = svc.dialect_for(request.url.path).error_response(err, rid)
+    if body_over_limit(request.scope, svc.settings.server.max_body_bytes):
+        response.raw_headers.append(CLOSE)
+    return response
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

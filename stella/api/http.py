@@ -136,6 +136,8 @@ class Endpoint:
             if not exc.admitted:
                 svc.rejected(exc, dialect.name)
             response = dialect.error_response(exc, rid)
+            if exc.status != 413 and body_over_limit(scope, svc.settings.server.max_body_bytes):
+                response.raw_headers.append(CLOSE)  # see body_over_limit
         except Exception as exc:  # a bug: log it, answer in the dialect's shape
             _log.error("request_failed", path=scope["path"], exc_info=exc)
             response = dialect.error_response(
@@ -151,6 +153,22 @@ class Endpoint:
             else:
                 send = with_header(send, header)
         await response(scope, receive, send)
+
+
+CLOSE = (b"connection", b"close")
+
+
+def body_over_limit(scope: dict[str, Any], max_bytes: int) -> bool:
+    """Whether the request announced a body over the limit: an answer before it was read
+    (a 401, 403, 404) then ends the connection, lingering, instead of keeping it alive
+    by reading every byte announced to drop them."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value) > max_bytes
+            except ValueError:
+                return False
+    return False
 
 
 def with_header(send: Any, header: tuple[bytes, bytes]) -> Any:
