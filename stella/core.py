@@ -580,10 +580,11 @@ class Inference:
             err = last or Unavailable("no backend could take this request")
             if (
                 soonest is not None
-                and isinstance(err, Unavailable | Overloaded)
+                and (err.retry_after is not None or isinstance(err, Unavailable | Overloaded))
                 and soonest < (err.retry_after or DEFAULT_RETRY_AFTER_S)
             ):
-                # Another route of the chain may take the call sooner than this one.
+                # Another route of the chain may take the call sooner than this one (an
+                # upstream's own 429 may ask for an hour; a fallback's limit frees sooner).
                 err.retry_in(soonest)
             if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
                 code = err.code

@@ -124,6 +124,35 @@ def test_an_open_circuit_whose_fallback_is_full_says_when_to_come_back(
         assert low <= int(r.headers["retry-after"]) <= high, r.headers
 
 
+def test_a_chain_whose_upstream_asks_for_an_hour_says_when_a_fallback_frees() -> None:
+    # The route's upstream answers 429 asking for an hour; its fallback's limit resets
+    # within a minute: the chain's 502 says the sooner.
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    with serve(FakeOpenAI().app) as fake:
+        config = {
+            "breaker": {"failure_threshold": 0},
+            "backends": {"up": {"kind": "openai", "base_url": fake + "/v1"}},
+            "models": {
+                "routes": {
+                    "r": {
+                        "backend": "up",
+                        "upstream_model": "status-429-3600",
+                        "retries": 0,
+                        "fallbacks": ["echo"],
+                    }
+                }
+            },
+            "limits": {"models": {"echo": {"requests_per_minute": 1}}},
+        }
+        with run_stella(config) as server:
+            assert chat(server.url, "r").status_code == 200  # the fallback answers
+            r = chat(server.url, "r")
+            assert r.status_code == 502, r.text
+            assert 1 <= int(r.headers["retry-after"]) <= 60, r.headers
+
+
 def test_a_non_stream_answer_that_breaks_midway_starts_over_on_the_fallback() -> None:
     # Nothing has reached a non-stream client when the backend fails after 3 tokens: the
     # fallback answers whole. A stream's client has had tokens: it gets the error.
