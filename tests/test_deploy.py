@@ -166,6 +166,14 @@ def _workers_started(server: LiveServer, count: int = 2, timeout: float = 30) ->
     raise AssertionError("workers did not start:\n" + "\n".join(server.lines()[-30:]))
 
 
+def _exit_code(server: LiveServer, timeout: float) -> int:
+    """The server's exit code, once it ends by itself within `timeout`."""
+    try:
+        return server.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("still running:\n" + "\n".join(server.lines()[-10:])) from None
+
+
 def _gone(pid: int) -> bool:
     """Whether process `pid` has ended (a zombie nobody reaped yet has)."""
     try:
@@ -200,10 +208,7 @@ def test_a_worker_whose_config_went_bad_stops_the_server() -> None:
         conf = server.log_path.parent / "stella.toml"
         conf.write_text(conf.read_text() + "\n[servr]\nport = 1\n")
         os.kill(min(pids), signal.SIGKILL)
-        try:
-            code = server.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("still running:\n" + "\n".join(server.lines()[-10:])) from None
+        code = _exit_code(server, 30)
         assert code == 2
         errors = [line for line in server.lines() if "config error" in line]
         assert errors == ["stella: config error: servr: unknown section; known: " + SECTIONS]
@@ -233,10 +238,7 @@ def test_workers_that_fail_to_start_end_in_a_failure_exit_code(tmp_path: Path) -
     env = install_plugin(tmp_path, "stella_broken", FAILING_PLUGIN, {"broken": "BrokenBackend"})
     config = {"server": {"workers": 2}, "backends": {"b": {"kind": "broken"}}}
     with run_stella(config, env, check_ready=False) as server:
-        try:
-            code = server.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("still running:\n" + "\n".join(server.lines()[-10:])) from None
+        code = _exit_code(server, 60)
         assert code == 3, server.lines()
         assert server.events("worker_failed")
 
@@ -267,10 +269,7 @@ def test_workers_that_crash_before_they_serve_stop_the_server(tmp_path: Path) ->
     )
     config = {"server": {"workers": 2}, "backends": {"c": {"kind": "crashing"}}}
     with run_stella(config, env, check_ready=False) as server:
-        try:
-            code = server.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            raise AssertionError("still running:\n" + "\n".join(server.lines()[-10:])) from None
+        code = _exit_code(server, 60)
         assert code == 3, server.lines()[-10:]
         (failed,) = server.events("worker_failed")
         assert failed["signal"] == "SIGABRT" and failed["failed_starts"] == 3

@@ -113,13 +113,6 @@ class Workers(Multiprocess):
         # name: this process supervises, nothing else in it makes uvicorn workers.
         multiprocess.Process = Worker  # type: ignore[misc]
 
-    def init_processes(self) -> None:
-        """Start the workers (each one a Worker that says when it serves)."""
-        for _ in range(self.processes_num):
-            process = Worker(self.config, self.sockets)
-            process.start()
-            self.processes.append(process)
-
     def terminate_all(self) -> None:
         """Tell every worker to stop, then stop listening."""
         super().terminate_all()
