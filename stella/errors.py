@@ -129,12 +129,6 @@ class PayloadTooLarge(StellaError):
 
     status, code = 413, "payload_too_large"
 
-    def __init__(self, message: str, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        # The rest of the body is not worth reading: the connection ends (closed
-        # lingering, bounded), instead of reading every byte announced to drop them.
-        self.headers.setdefault("Connection", "close")
-
 
 class ContextTooLong(StellaError):
     """The prompt does not fit the model's context window."""

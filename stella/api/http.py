@@ -136,8 +136,12 @@ class Endpoint:
             if not exc.admitted:
                 svc.rejected(exc, dialect.name)
             response = dialect.error_response(exc, rid)
-            if exc.status != 413 and body_over_limit(scope, svc.settings.server.max_body_bytes):
-                response.raw_headers.append(CLOSE)  # see body_over_limit
+            if type(exc) is PayloadTooLarge or body_over_limit(
+                scope, svc.settings.server.max_body_bytes
+            ):
+                # The rest of the body is not worth reading (a chunked one over the
+                # limit too): the connection ends, lingering (bounded).
+                response.raw_headers.append(CLOSE)
         except Exception as exc:  # a bug: log it, answer in the dialect's shape
             _log.error("request_failed", path=scope["path"], exc_info=exc)
             response = dialect.error_response(
