@@ -11,6 +11,7 @@ whatever happens.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -365,7 +366,7 @@ class Inference:
         last: StellaError | None = None
         # The soonest a route of the chain that could not be tried (its circuit open, its
         # limits full) may take the call: the Retry-After of a 503 that ends the chain.
-        soonest: float | None = None
+        soonest = math.inf  # none known
         try:
             for route in self.chain:
                 if route is self.route and self.skip_first:
@@ -377,7 +378,7 @@ class Inference:
                         }
                     )
                     wait = router.breaker(route.backend_name).retry_after()
-                    soonest = wait if soonest is None else min(soonest, wait)
+                    soonest = min(soonest, wait)
                     last = Unavailable(
                         f"backend {route.backend_name!r}: circuit open", retry_after=wait
                     )
@@ -394,7 +395,7 @@ class Inference:
                         if refused is not None:
                             if refused.retry_after is not None:
                                 wait = refused.retry_after
-                                soonest = wait if soonest is None else min(soonest, wait)
+                                soonest = min(soonest, wait)
                             last = last or refused
                             continue
                 breaker = router.breaker(route.backend_name)
@@ -412,7 +413,7 @@ class Inference:
                             }
                         )
                         wait = breaker.retry_after()
-                        soonest = wait if soonest is None else min(soonest, wait)
+                        soonest = min(soonest, wait)
                         last = last or Unavailable(
                             f"backend {route.backend_name!r}: circuit open", retry_after=wait
                         )
@@ -579,10 +580,8 @@ class Inference:
                             await close_quietly(agen)
             err = last or Unavailable("no backend could take this request")
             if (
-                soonest is not None
-                and (err.retry_after is not None or isinstance(err, Unavailable | Overloaded))
-                and soonest < (err.retry_after or DEFAULT_RETRY_AFTER_S)
-            ):
+                err.retry_after is not None or isinstance(err, Unavailable | Overloaded)
+            ) and soonest < (err.retry_after or DEFAULT_RETRY_AFTER_S):
                 # Another route of the chain may take the call sooner than this one (an
                 # upstream's own 429 may ask for an hour; a fallback's limit frees sooner).
                 err.retry_in(soonest)
