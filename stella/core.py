@@ -532,6 +532,17 @@ class Inference:
                                     )
                                     raise timeout from None
                                 raise
+                            except StellaError:
+                                raise
+                            except Exception as exc:
+                                # A backend's bug is its failure, as before its first
+                                # token: recorded, counted, told to its breaker (below).
+                                _log.error(
+                                    "backend_failed", backend=route.backend_name, exc_info=exc
+                                )
+                                raise UpstreamError(
+                                    f"backend {route.backend_name!r} failed: {type(exc).__name__}"
+                                ) from None
                             finally:
                                 watchdog.waiting = False
                             watchdog.progress += 1
@@ -564,7 +575,7 @@ class Inference:
                         # A stream's client has had tokens: a switch of model mid-answer
                         # is worse than the error.
                         return self.fail(exc)
-                    except Exception as exc:  # a backend bug must still end the stream properly
+                    except Exception as exc:  # a bug past the backend still ends the stream
                         _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
                         err = UpstreamError(
                             f"backend {route.backend_name!r} failed: {type(exc).__name__}"
@@ -851,6 +862,10 @@ class Inference:
             # Ended before a terminal event: the client left, or shutdown cut it.
             shutdown = self.call.cancel_reason == "shutting_down"
             self.finish_reason = "cancelled" if shutdown else "client_closed"
+            last = self.attempts[-1] if self.attempts else None
+            if last is not None and last.get("error") is None:
+                # Cut after its first token: the attempt says why, as one cut before it.
+                last["error"] = "shutting_down" if shutdown else "client_closed"
         pipeline = self.pipeline
         pipeline.active.discard(self)
         now = self.t_end or time.perf_counter()

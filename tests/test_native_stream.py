@@ -174,6 +174,8 @@ async def test_disconnect_cancels_and_logs_client_closed(stella: LiveServer) -> 
     assert ev["finish_reason"] == "client_closed"
     assert ev["status"] == 499
     assert 3 <= ev["completion_tokens"] < 20
+    # Cut after its first token, the attempt says why, as one cut before it does.
+    assert ev["attempts"][-1]["error"] == "client_closed"
     events = [e for e in stella.events("inference") if e["request_id"] == rid]
     assert len(events) == 1
 
@@ -194,6 +196,7 @@ async def test_non_stream_disconnect_cancels_and_logs_client_closed(stella: Live
             )
     ev = await asyncio.to_thread(stella.wait_event, lambda e: e["request_id"] == rid)
     assert ev["finish_reason"] == "client_closed" and ev["status"] == 499
+    assert ev["attempts"][-1]["error"] == "client_closed"
     # Stopped within a tick or two of the client leaving, long before all 200 words.
     assert ev["completion_tokens"] < words / 2
     assert ev["total_ms"] < 1000

@@ -50,6 +50,7 @@ def test_backend_from_another_distribution_is_picked_up(tmp_path: Path) -> None:
     env = install_plugin(tmp_path, "stella_shout", PLUGIN, kinds)
     config = {
         "backends": {"loud": {"kind": "shout", "suffix": "!!"}, "bug": {"kind": "buggy"}},
+        "breaker": {"failure_threshold": 1},
         "models": {"routes": {"loud": {"backend": "loud"}, "bug": {"backend": "bug"}}},
     }
     with run_stella(config, env) as server:
@@ -70,6 +71,19 @@ def test_backend_from_another_distribution_is_picked_up(tmp_path: Path) -> None:
         assert lines[-1]["code"] == "upstream_error"
         ev = server.wait_event(lambda e: e["model"] == "bug")
         assert ev["status"] == 502 and ev["error_code"] == "upstream_error"
+        # A failure of the backend, as one before its first token: the attempt says so,
+        # it is counted, and its circuit (opened by one failure here) heard of it.
+        assert ev["attempts"] == [
+            {
+                "backend": "bug",
+                "route": "bug",
+                "ms": ev["attempts"][0]["ms"],
+                "error": "upstream_error",
+            }
+        ]
+        text = httpx.get(server.url + "/metrics").text
+        assert 'stella_backend_failures_total{backend="bug",code="upstream_error"} 1.0' in text
+        assert 'stella_circuit_state{backend="bug"} 2.0' in text
         # Every log line of a request carries its ID, not only the inference event.
         assert [e["request_id"] for e in server.events("backend_failed")] == [lines[0]["id"]]
         models = httpx.get(server.url + "/api/v1/models").json()["models"]

@@ -65,6 +65,7 @@ async def test_sigterm_drains_then_cuts_with_shutting_down() -> None:
         assert len(events) == 2
         cut = next(e for e in events if e["request_id"] == long[0]["id"])
         assert cut["finish_reason"] == "cancelled" and cut["error_code"] == "shutting_down"
+        assert cut["attempts"][-1]["error"] == "shutting_down"  # as one cut before a token
         assert server.events("stopped"), "logs were flushed before exit"
 
 
