@@ -416,6 +416,11 @@ class LogSink:
         (workers of one server share it); a write a full disk cut short is cut back to
         its last whole line, so the file never holds a torn one. The lines it lost are
         counted (`lines_written` on the error says how many went)."""
+        if self._audit is not None and self._audit_moved(self._audit):
+            # Rotated by rename (logrotate's default) or deleted: the open file is no
+            # longer the one at audit_path, and lines written to it would end up in the
+            # old file, then in none once it is removed. A new one is made at the path.
+            self._close_audit()
         if self._audit is None:
             self._audit = self._open_audit()
         fd = self._audit.fileno()
@@ -449,6 +454,16 @@ class LogSink:
             # remounted, or space freed.
             self._close_audit()
             raise failed
+
+    def _audit_moved(self, audit: IO[bytes]) -> bool:
+        """Whether audit_path no longer names the open `audit` file (two stat calls a
+        batch: cheap next to the write, and on the writer's thread)."""
+        try:
+            at_path = os.stat(self.audit_path)
+            held = os.fstat(audit.fileno())
+        except (OSError, ValueError):
+            return True
+        return (at_path.st_ino, at_path.st_dev) != (held.st_ino, held.st_dev)
 
     def _open_audit(self) -> IO[bytes]:
         path = Path(self.audit_path)

@@ -336,6 +336,53 @@ def test_the_audit_file_is_opened_again_after_a_failed_write(tmp_path: Path) -> 
     assert sink.counts()["audit"] == (1, 1)
 
 
+def test_an_audit_file_rotated_by_rename_or_copytruncate_loses_no_line(tmp_path: Path) -> None:
+    # logrotate's default renames the file away (then deletes it some rotations later):
+    # the next lines go to a new file at audit_path. With copytruncate they go on at the
+    # start of the truncated one. Each line in one file or the other, none lost.
+    audit = tmp_path / "logs" / "log.jsonl"
+    body = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a"}]}
+
+    def ask(client: httpx.Client, ids: range) -> None:
+        for i in ids:
+            r = client.post("/api/v1/chat", json=body, headers={"X-Request-ID": f"rot-{i}"})
+            assert r.status_code == 200
+
+    def ids_in(path: Path, count: int) -> list[str]:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if path.exists() and len(path.read_bytes().splitlines()) >= count:
+                break
+            time.sleep(0.02)
+        if not path.exists():
+            return []
+        return [json.loads(line)["request_id"] for line in path.read_bytes().splitlines()]
+
+    with run_stella({"log": {"audit_path": str(audit)}}) as server:
+        with httpx.Client(base_url=server.url) as client:
+            ask(client, range(0, 3))
+            assert ids_in(audit, 3) == ["rot-0", "rot-1", "rot-2"]
+            audit.rename(tmp_path / "logs" / "log.jsonl.1")
+            ask(client, range(3, 6))
+            assert ids_in(audit, 3) == ["rot-3", "rot-4", "rot-5"]
+            (tmp_path / "logs" / "log.jsonl.1").unlink()  # the old one goes for good
+            ask(client, range(6, 8))
+            assert ids_in(audit, 5)[3:] == ["rot-6", "rot-7"]
+            copied = tmp_path / "logs" / "log.jsonl.2"
+            copied.write_bytes(audit.read_bytes())
+            with audit.open("r+b") as f:
+                f.truncate(0)
+            ask(client, range(8, 10))
+            assert ids_in(audit, 2) == ["rot-8", "rot-9"]
+            text = client.get("/metrics").text
+        assert 'stella_log_lines_dropped_total{output="audit"} 0.0' in text
+        assert 'stella_log_write_errors_total{output="audit"} 0.0' in text
+        assert server.stop() == 0
+        assert not server.events("log_write_failed")
+    assert ids_in(copied, 5) == [f"rot-{i}" for i in range(3, 8)]
+    assert ids_in(audit, 2) == ["rot-8", "rot-9"]
+
+
 def test_a_write_a_full_disk_cut_leaves_whole_lines_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
