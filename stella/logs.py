@@ -10,6 +10,7 @@ or broken stdout never stalls or loses the audit file.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import errno
@@ -31,13 +32,16 @@ import structlog
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 # Field names whose values are masked at any depth, matched by their words (snake,
 # kebab or camelCase): any name with one of SECRET_WORDS (`client_secret`,
-# `db_password`); one ending in `token` (`access_token`, `x-auth-token`, but not
-# `max_tokens`); one ending in `key` after a word that makes it a credential
-# (`api_key`, `private_key`, `aws_secret_access_key`, but not `idempotency_key`, nor
-# `key`, which names an API key's owner in stella's own events).
+# `db_password`, `bearer`); one ending in `token` (`access_token`, `x-auth-token`, but
+# not `max_tokens`); one ending in `auth` after another word (`basic_auth`,
+# `proxy_auth`; not `auth` alone, stella's own events name the auth mode so); one
+# ending in `key` after a word that makes it a credential (`api_key`, `private_key`,
+# `aws_secret_access_key`, but not `idempotency_key`, nor `key`, which names an API
+# key's owner in stella's own events).
 SECRET_WORDS = frozenset(
     {
         "authorization",
+        "bearer",
         "secret",
         "secrets",
         "password",
@@ -74,7 +78,9 @@ def is_secret_field(name: str) -> bool:
     if not SECRET_WORDS.isdisjoint(words):
         return True
     last = words[-1]
-    if last == "token" or (last == "key" and len(words) > 1 and words[-2] in KEY_WORDS):
+    if last == "token" or (last == "auth" and len(words) > 1):
+        return True
+    if last == "key" and len(words) > 1 and words[-2] in KEY_WORDS:
         return True
     # Words run together (accesstoken, APIToken, dbpassword, xapikey).
     return "".join(words).endswith(SECRET_ENDINGS)
@@ -82,6 +88,51 @@ def is_secret_field(name: str) -> bool:
 
 BEARER_TEXT = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
 BEARER_BYTES = re.compile(BEARER_TEXT.pattern.encode())  # the same, for encoded lines
+# An Authorization or Proxy-Authorization header quoted in text (`Authorization: token
+# ghp_...`, `'authorization': 'Basic ...'`, `authorization=...`): its scheme word is
+# kept, its credential masked, whatever the scheme. Possessive: a scheme word with no
+# credential after it (`Bearer <key>`) is left as it is, not taken for the credential.
+_AUTH_HEADER = (
+    r"(?i)\b((?:proxy-)?authorization{q}\s*[:=]\s*{q})"  # the name, then `: ` or `": "`
+    r"([a-z]+[ \t]+)?+"  # the scheme, if any
+    r"([^\s\"'\\,;<>]+)"  # the credential
+)
+AUTH_HEADER_TEXT = re.compile(_AUTH_HEADER.format(q=r"[\"']?"))
+# In an encoded line a quote inside a string is escaped: a bare one ends the string, so
+# a JSON key named authorization (masked by its name) never matches, nor its `null`.
+AUTH_HEADER_BYTES = re.compile(_AUTH_HEADER.format(q=r"(?:\\\"|')?").encode())
+# `Basic <base64 of user:password>`, the colon checked: `basic idea` is no credential.
+BASIC_TEXT = re.compile(r"(?i)\b(basic)[ \t]+([A-Za-z0-9+/]{4,}={0,2})")
+BASIC_BYTES = re.compile(BASIC_TEXT.pattern.encode())
+
+
+def _basic_text(m: re.Match[str]) -> str:
+    return f"{m[1]} ***" if _is_basic(m[2].encode()) else m[0]
+
+
+def _basic_bytes(m: re.Match[bytes]) -> bytes:
+    return m[1] + b" ***" if _is_basic(m[2]) else m[0]
+
+
+def _is_basic(token: bytes) -> bool:
+    """Whether `token` is base64 of `user:password`, as a Basic credential is."""
+    try:
+        return b":" in base64.b64decode(token, validate=True)
+    except ValueError:  # binascii.Error: not base64
+        return False
+
+
+def _mask_schemes(line: bytes, lower: bytes) -> bytes:
+    """An encoded line with credentials in its text masked: an Authorization header's
+    (any scheme), a Basic one's, a bearer token (`lower` is the line lowercased)."""
+    if b"uthorization" in lower:
+        line = AUTH_HEADER_BYTES.sub(rb"\1\2***", line)
+    if b"earer" in lower:
+        line = BEARER_BYTES.sub(rb"\1 ***", line)
+    if b"asic" in lower:
+        line = BASIC_BYTES.sub(_basic_bytes, line)
+    return line
+
 
 _encoder = msgspec.json.Encoder()
 # What a client or a model wrote: left out of a line that could not be rendered whole.
@@ -325,10 +376,16 @@ class LogSink:
         for secret in self._secret_bytes:
             if secret in line:
                 line = line.replace(secret, b"***")
-        # A bearer token follows a space, and an encoded line holds a literal space only
-        # inside a string: one memchr spares most lines the slower substring search.
-        if b" " in line and b"earer" in line.lower():
-            line = BEARER_BYTES.sub(rb"\1 ***", line)
+        # A scheme's credential follows a space, and an encoded line holds a literal space
+        # only inside a string: one memchr spares most lines the slower substring search.
+        if b" " in line:
+            line = _mask_schemes(line, line.lower())
+        elif (not checked or "metadata" in event or "prompt" in event) and (
+            b"uthorization" in line or b"UTHORIZATION" in line
+        ):
+            # `Authorization:token`, no space: looked for where free text may be (an
+            # inference event has it only in a client's or a model's part).
+            line = AUTH_HEADER_BYTES.sub(rb"\1\2***", line)
         return line + b"\n"
 
     def _has_secret_field(self, node: dict[str, Any]) -> bool:
@@ -672,15 +729,21 @@ def sink() -> LogSink | None:
 
 
 def mask(text: str) -> str:
-    """`text` with every secret the sink knows of, and bearer tokens, masked: for text
+    """`text` with every secret the sink knows of, and credentials after a scheme or an
+    Authorization header, masked: for text
     that reaches a client from elsewhere, such as an upstream's error message."""
     current = _sink
     if current is not None:
         for secret in current.secrets:
             if secret in text:
                 text = text.replace(secret, "***")
-    if "earer" in text.lower():
+    lower = text.lower()
+    if "uthorization" in lower:
+        text = AUTH_HEADER_TEXT.sub(r"\1\2***", text)
+    if "earer" in lower:
         text = BEARER_TEXT.sub(r"\1 ***", text)
+    if "asic" in lower:
+        text = BASIC_TEXT.sub(_basic_text, text)
     return text
 
 

@@ -553,6 +553,11 @@ def test_a_named_key_the_client_echoes_is_masked_in_its_line(tmp_path: Path) -> 
         "accessToken",
         "client_secret",
         "db_password",
+        "basic_auth",
+        "proxyAuth",
+        "bearer",
+        "github_token",
+        "x-apikey",
     ],
 )
 def test_field_names_that_hold_credentials_are_masked(name: str) -> None:
@@ -564,9 +569,87 @@ def test_field_names_that_hold_credentials_are_masked(name: str) -> None:
     assert "hunter2-value" not in out.getvalue().decode()
 
 
-@pytest.mark.parametrize("name", ["key", "idempotency_key", "max_tokens", "primary_key", "tokens"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "key",
+        "idempotency_key",
+        "max_tokens",
+        "primary_key",
+        "tokens",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "tokens_per_s",
+        "auth",  # stella's `started` event: the auth mode
+        "auth_scheme",
+        "oauth_flow",
+    ],
+)
 def test_field_names_that_do_not_hold_credentials_are_kept(name: str) -> None:
     assert not logs.is_secret_field(name)
+
+
+def test_the_counts_of_an_inference_line_are_not_masked() -> None:
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out)
+    counts = {"prompt_tokens": 7, "completion_tokens": 9, "tokens_per_s": 12.5}
+    metadata = {"max_tokens": 64, "total_tokens": 16, "auth": "keys"}
+    sink.emit("inference", {**counts, "metadata": metadata})
+    sink.put({"event": "started", "auth": "keys"})
+    sink.close()
+    inference, started = (json.loads(line) for line in out.getvalue().splitlines())
+    assert {k: inference[k] for k in counts} == counts and inference["metadata"] == metadata
+    assert started["auth"] == "keys"
+
+
+def test_an_authorization_header_in_text_is_masked_whatever_its_scheme() -> None:
+    # A client quotes a header in its metadata or its prompt, a model in its answer:
+    # the scheme word stays (it says what was there), the credential goes.
+    basic = "dXNlcjpwYXNzd29yZA=="  # user:password
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out)
+    sink.emit(
+        "inference",
+        {
+            "metadata": {
+                "basic": f"Authorization: Basic {basic}",
+                "github": "authorization: token ghp_abc123XYZ",
+                "proxy": "Proxy-Authorization: Digest d1g3st-value",
+                "bare": "Authorization:no-space-tok-1",
+                "json": '{"Authorization": "sk-in-json-1", "other": 1}',
+                "header": "AUTHORIZATION=sk-in-query-1",
+                "alone": f"then Basic {basic} again",
+                "prose": "a basic idea, Basic arithmetic, and Authorization: Bearer <key>",
+                "authorization": None,
+            },
+            "prompt": [{"role": "user", "content": "Authorization: ApiKey sk-in-prompt-1"}],
+            "completion": "sent with Authorization: token sk-in-answer-1\nthen",
+        },
+    )
+    sink.put({"event": "x", "msg": "Authorization:sk-in-other-event"})  # no space at all
+    sink.close()
+    text = out.getvalue().decode()
+    for secret in (basic, "ghp_abc", "d1g3st", "no-space", "sk-in-", "sk-in-other"):
+        assert secret not in text
+    inference, other = (json.loads(line) for line in text.splitlines())  # still JSON
+    assert inference["metadata"] == {
+        "basic": "Authorization: Basic ***",
+        "github": "authorization: token ***",
+        "proxy": "Proxy-Authorization: Digest ***",
+        "bare": "Authorization:***",
+        "json": '{"Authorization": "***", "other": 1}',
+        "header": "AUTHORIZATION=***",
+        "alone": "then Basic *** again",
+        "prose": "a basic idea, Basic arithmetic, and Authorization: Bearer <key>",
+        "authorization": None,
+    }
+    assert inference["prompt"][0]["content"] == "Authorization: ApiKey ***"
+    assert inference["completion"] == "sent with Authorization: token ***\nthen"
+    assert other["msg"] == "Authorization:***"
+    # An upstream's error text that reaches a client is masked the same way.
+    said = f"refused 'Authorization: token ghp_x1' and Basic {basic}"
+    assert logs.mask(said) == "refused 'Authorization: token ***' and Basic ***"
 
 
 def test_a_bearer_token_is_masked_whole() -> None:
