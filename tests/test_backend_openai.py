@@ -178,6 +178,26 @@ def test_an_upstream_error_text_is_one_short_line() -> None:
     assert err.message == "up: upstream answered 502"
 
 
+def test_a_key_cut_with_an_upstream_error_text_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first 2000 characters are read of a message: a key quoted across that cut,
+    # after a traceback's worth of blank space, would otherwise show its start.
+    import io
+
+    from stella import logs
+    from stella.backends.http import upstream_text
+
+    key = "sk-upstream-secret-999"
+    sink = logs.LogSink(stream=io.BytesIO(), secrets=[key])
+    monkeypatch.setattr(logs, "_sink", sink)
+    try:
+        head = "refused key:" + " " * (2000 - len("refused key:") - 10)
+        assert upstream_text(head + key + " is not valid") == "refused key: ***"
+        assert upstream_text("refused key: " + key) == "refused key: ***"  # whole: masked
+        assert upstream_text(head + "sk-" + "x" * 20) == "refused key: sk-xxxxxxx"  # no key
+    finally:
+        sink.close()
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_an_aborted_answer_is_an_error(fake: tuple[FakeOpenAI, str], stream: bool) -> None:
     b = await backend(fake[1] + "/v1")
