@@ -198,6 +198,28 @@ def test_a_key_cut_with_an_upstream_error_text_is_masked(monkeypatch: pytest.Mon
         sink.close()
 
 
+@pytest.mark.parametrize(("model", "before"), [("huge-error-first", 0), ("huge-error-after", 1)])
+async def test_an_error_inside_a_stream_is_one_short_line(
+    fake: tuple[FakeOpenAI, str], model: str, before: int
+) -> None:
+    # The error event's megabyte over several lines, before any output or after some:
+    # the client gets one line of at most 500 characters, as with an error status.
+    b = await backend(fake[1] + "/v1")
+    got: list = []
+    req = ChatRequest(messages=[Message(role="user", content="hi")], model=model, stream=True)
+    try:
+        with pytest.raises(UpstreamError) as info:
+            async for e in b.chat(req, CallContext(request_id="r")):
+                got.append(e)
+    finally:
+        await b.aclose()
+    assert len([e for e in got if isinstance(e, Delta) and e.text]) == before
+    message = info.value.message
+    assert message.startswith("up: upstream error in stream: first line second line E")
+    assert message.endswith("E...") and len(message) <= len("up: upstream error in stream: ") + 500
+    assert "\n" not in message and "\r" not in message and "\t" not in message
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_an_aborted_answer_is_an_error(fake: tuple[FakeOpenAI, str], stream: bool) -> None:
     b = await backend(fake[1] + "/v1")

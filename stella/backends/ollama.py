@@ -15,6 +15,7 @@ from stella.backends.http import (
     HttpConfig,
     aiohttp_error,
     iter_lines,
+    upstream_text,
 )
 from stella.errors import UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
@@ -143,7 +144,7 @@ class OllamaBackend(HttpBackend):
                     except BAD_JSON:
                         raise UpstreamError(f"{name}: malformed stream line") from None
                     if line.error is not None:
-                        raise UpstreamError(f"{name}: {line.error}")
+                        raise UpstreamError(f"{name}: {upstream_text(line.error)}")
                     ctx.beats += 1  # a thinking model's lines carry no content: still progress
                     msg = line.message
                     if msg is not None:

@@ -24,6 +24,7 @@ from stella.backends.http import (
     LineBuffer,
     aiohttp_error,
     read_body,
+    upstream_text,
 )
 from stella.errors import UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
@@ -371,6 +372,7 @@ def _usage(usage: _Usage | None, ctx: CallContext) -> Usage:
 
 
 def _message(error: Any) -> str:
+    """An error chunk's message, as a client may get it (one short line, masked)."""
     if isinstance(error, dict):
-        return str(error.get("message") or error)
-    return str(error)
+        return upstream_text(str(error.get("message") or error))
+    return upstream_text(str(error))
