@@ -43,6 +43,7 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
             "b-401-bare": {"kind": "openai", "base_url": url + "/v1"},
             "b-403": {"kind": "openai", "base_url": url + "/v1"},
             "b-400": {"kind": "openai", "base_url": url + "/v1"},
+            "b-hold": {"kind": "openai", "base_url": url + "/v1"},
             "down": {
                 "kind": "openai",
                 "base_url": f"http://127.0.0.1:{free_port()}/v1",
@@ -143,6 +144,12 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
                     "retries": 1,
                     "retry_backoff_s": 0.01,
                     "fallbacks": ["up-ok"],
+                },
+                "up-hold": {
+                    "backend": "b-hold",
+                    "upstream_model": "finish-then-hold",
+                    "retries": 0,
+                    "idle_timeout_s": 1,
                 },
                 "flaky-bad": {"backend": "flaky", "upstream_model": "status-500", **fast},
                 "flaky-ok": {"backend": "flaky", "upstream_model": "ok", **fast},
@@ -269,6 +276,23 @@ def test_stall_after_tokens(gateway: LiveServer) -> None:
     types = [e["type"] for e in lines if e["type"] != "ping"]
     assert types == ["start", "delta", "delta", "error"]
     assert lines[-1]["code"] == "upstream_timeout"
+
+
+def test_a_finished_answer_held_open_ends_within_a_short_idle_limit(
+    gateway: LiveServer,
+) -> None:
+    # The answer and its finish reason, then neither the usage asked for nor [DONE]: the
+    # wait for the usage ends within the route's idle limit of 1 s, as a whole answer,
+    # not as a timeout counted against the backend's circuit.
+    t = time.monotonic()
+    lines = ndjson(chat(gateway, "up-hold").text)
+    assert lines[-1]["type"] == "done" and lines[-1]["finish_reason"] == "stop", lines[-1]
+    assert "".join(e["text"] for e in lines if e["type"] == "delta").split() == [
+        f"w{i}" for i in range(8)
+    ]
+    assert time.monotonic() - t < 1.5
+    ev = gateway.wait_event(lambda e: e["model"] == "up-hold")
+    assert ev["attempts"][0]["error"] is None and ev["usage_estimated"] is True
 
 
 def test_a_key_the_upstream_refuses_goes_to_the_fallback(gateway: LiveServer) -> None:
