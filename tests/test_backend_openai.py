@@ -35,7 +35,7 @@ from stella.protocol import (
     ToolCall,
 )
 from tests.fakes.openai import FakeOpenAI
-from tests.fakes.server import serve
+from tests.fakes.server import full_backlog, serve
 from tests.live import free_port
 
 
@@ -291,6 +291,23 @@ async def test_malformed_line_and_refused_connection(fake: tuple[FakeOpenAI, str
         await collect(dead, "ok")
     await dead.aclose()
     assert info.value.code == "upstream_unreachable"
+
+
+async def test_a_connection_never_made_is_unreachable() -> None:
+    # No answer to the connection within connect_timeout_s (a host down, a full
+    # backlog): no connection could be made, as when it is refused; not a slow answer.
+    with full_backlog() as port:
+        b = await backend(f"http://127.0.0.1:{port}/v1", connect_timeout_s=0.3)
+        t = time.perf_counter()
+        try:
+            with pytest.raises(StellaError) as info:
+                await collect(b, "ok")
+        finally:
+            await b.aclose()
+    assert 0.25 < time.perf_counter() - t < 2
+    err = info.value
+    assert (err.code, err.status, err.retryable) == ("upstream_unreachable", 502, True)
+    assert err.message == "up: cannot connect (timed out after 0.3s)"
 
 
 async def test_closing_the_stream_closes_the_upstream(fake: tuple[FakeOpenAI, str]) -> None:

@@ -296,4 +296,4 @@ class AnthropicBackend(HttpBackend):
                         return
                 raise UpstreamError(f"{name}: stream ended before message_stop")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise aiohttp_error(name, exc) from None
+            raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None

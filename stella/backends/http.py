@@ -468,10 +468,18 @@ def retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def aiohttp_error(name: str, exc: BaseException) -> StellaError:
-    """The StellaError for an aiohttp failure below HTTP (refused, reset, timed out)."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        err: StellaError = UpstreamError(f"{name}: cannot connect ({type(exc).__name__})")
+def aiohttp_error(name: str, exc: BaseException, connect_timeout_s: float = 0.0) -> StellaError:
+    """The StellaError for an aiohttp failure below HTTP (refused, reset, timed out);
+    `connect_timeout_s` is the backend's, named when a connection took longer."""
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        # No connection could be made (refused, or no answer to it within the connect
+        # timeout: a host down or a full backlog): unreachable, not a slow answer.
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            after = f" after {connect_timeout_s:g}s" if connect_timeout_s else ""
+            why = f"timed out{after}"
+        else:
+            why = type(exc).__name__
+        err: StellaError = UpstreamError(f"{name}: cannot connect ({why})")
         err.code = "upstream_unreachable"
         return err
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):

@@ -179,4 +179,4 @@ class OllamaBackend(HttpBackend):
                         return
                 raise UpstreamError(f"{name}: stream ended before done")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise aiohttp_error(name, exc) from None
+            raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None

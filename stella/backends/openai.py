@@ -275,7 +275,7 @@ class OpenAIBackend(HttpBackend):
                     raise UpstreamError(f"{name}: the upstream ended the answer ({finish})")
                 yield Done(finish_reason=FINISH.get(finish, "stop"), usage=_usage(usage, ctx))
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise aiohttp_error(name, exc) from None
+            raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
 
     async def _whole(self, raw: bytes, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         try:
