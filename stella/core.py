@@ -663,7 +663,9 @@ class Inference:
         self.backend_name = route.backend_name
         self.upstream_model = route.upstream_model
         ctx = self.ctx = watchdog.ctx = CallContext(
-            request_id=self.call.request_id, route=route.name
+            request_id=self.call.request_id,
+            route=route.name,
+            silence_limit_s=min(rs.ttft_timeout_s, rs.idle_timeout_s),
         )
         req = self.request
         if req.model != route.upstream_model:

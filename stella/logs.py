@@ -747,6 +747,27 @@ def mask(text: str) -> str:
     return text
 
 
+# The shortest start of a secret masked at the end of a text cut short: shorter ones
+# ("sk-") tell nothing of a key, and would mask the last letters of many a message.
+CUT_SECRET_MIN = 4
+
+
+def mask_cut(text: str) -> str:
+    """`text`, cut short, with the start of a secret the cut left at its end masked
+    too: a cut falling inside a credential an upstream quoted must not pass on its
+    first characters (mask() finds whole secrets only)."""
+    current = _sink
+    if current is None or not text:
+        return text
+    longest = 0
+    for secret in current.secrets:
+        for n in range(min(len(secret) - 1, len(text)), max(longest, CUT_SECRET_MIN - 1), -1):
+            if text.endswith(secret[:n]):
+                longest = n
+                break
+    return text[:-longest] + "***" if longest else text
+
+
 def secrets_from_env(names: Iterable[str]) -> list[str]:
     """Values of the named env vars that hold secrets, to be masked in logs."""
     out = []

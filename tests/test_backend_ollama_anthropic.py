@@ -111,6 +111,59 @@ async def test_ollama_mid_stream_error_and_malformed(ollama_url: tuple[FakeOllam
     await b.aclose()
 
 
+@pytest.mark.parametrize(("model", "before"), [("huge-error-first", 0), ("huge-error-mid", 2)])
+async def test_ollama_error_line_is_one_short_line(
+    ollama_url: tuple[FakeOllama, str], model: str, before: int
+) -> None:
+    # An error line of a megabyte over several lines, before the first token or after
+    # two: the client gets one line of at most 500 characters, as with an error status.
+    b = ollama(ollama_url[1])
+    await b.start()
+    got: list = []
+    try:
+        with pytest.raises(StellaError) as info:
+            async for e in b.chat(
+                ChatRequest(messages=HI, model=model), CallContext(request_id="r")
+            ):
+                got.append(e)
+    finally:
+        await b.aclose()
+    assert len(got) == before
+    message = info.value.message
+    assert message.startswith("o: first line second line E") and message.endswith("E...")
+    assert len(message) <= len("o: ") + 500 and not any(c in message for c in "\n\r\t")
+
+
+@pytest.mark.parametrize(
+    ("model", "before", "prefix", "head"),
+    [
+        ("claude-huge-error-first", 0, "a: overloaded: ", "first line second line E"),
+        ("claude-huge-error-mid", 1, "a: ", "api_error: first line second line E"),
+    ],
+)
+async def test_anthropic_error_event_is_one_short_line(
+    anthropic_url: tuple[FakeAnthropic, str], model: str, before: int, prefix: str, head: str
+) -> None:
+    # An error event of a megabyte over several lines, before the first token or after
+    # one: the client gets one line of at most 500 characters, as with an error status.
+    b = claude(anthropic_url[1])
+    await b.start()
+    got: list = []
+    try:
+        with pytest.raises(StellaError) as info:
+            async for e in b.chat(
+                ChatRequest(messages=HI, model=model), CallContext(request_id="r")
+            ):
+                got.append(e)
+    finally:
+        await b.aclose()
+    assert len(got) == before
+    message = info.value.message
+    assert message.startswith(prefix + head) and message.endswith("E...")
+    assert len(message) <= len(prefix) + 500
+    assert not any(c in message for c in "\n\r\t")
+
+
 async def test_anthropic_stream_system_usage_headers(
     anthropic_url: tuple[FakeAnthropic, str],
 ) -> None:

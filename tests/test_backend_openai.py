@@ -35,7 +35,7 @@ from stella.protocol import (
     ToolCall,
 )
 from tests.fakes.openai import FakeOpenAI
-from tests.fakes.server import serve
+from tests.fakes.server import full_backlog, serve
 from tests.live import free_port
 
 
@@ -178,6 +178,48 @@ def test_an_upstream_error_text_is_one_short_line() -> None:
     assert err.message == "up: upstream answered 502"
 
 
+def test_a_key_cut_with_an_upstream_error_text_is_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first 2000 characters are read of a message: a key quoted across that cut,
+    # after a traceback's worth of blank space, would otherwise show its start.
+    import io
+
+    from stella import logs
+    from stella.backends.http import upstream_text
+
+    key = "sk-upstream-secret-999"
+    sink = logs.LogSink(stream=io.BytesIO(), secrets=[key])
+    monkeypatch.setattr(logs, "_sink", sink)
+    try:
+        head = "refused key:" + " " * (2000 - len("refused key:") - 10)
+        assert upstream_text(head + key + " is not valid") == "refused key: ***"
+        assert upstream_text("refused key: " + key) == "refused key: ***"  # whole: masked
+        assert upstream_text(head + "sk-" + "x" * 20) == "refused key: sk-xxxxxxx"  # no key
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize(("model", "before"), [("huge-error-first", 0), ("huge-error-after", 1)])
+async def test_an_error_inside_a_stream_is_one_short_line(
+    fake: tuple[FakeOpenAI, str], model: str, before: int
+) -> None:
+    # The error event's megabyte over several lines, before any output or after some:
+    # the client gets one line of at most 500 characters, as with an error status.
+    b = await backend(fake[1] + "/v1")
+    got: list = []
+    req = ChatRequest(messages=[Message(role="user", content="hi")], model=model, stream=True)
+    try:
+        with pytest.raises(UpstreamError) as info:
+            async for e in b.chat(req, CallContext(request_id="r")):
+                got.append(e)
+    finally:
+        await b.aclose()
+    assert len([e for e in got if isinstance(e, Delta) and e.text]) == before
+    message = info.value.message
+    assert message.startswith("up: upstream error in stream: first line second line E")
+    assert message.endswith("E...") and len(message) <= len("up: upstream error in stream: ") + 500
+    assert "\n" not in message and "\r" not in message and "\t" not in message
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_an_aborted_answer_is_an_error(fake: tuple[FakeOpenAI, str], stream: bool) -> None:
     b = await backend(fake[1] + "/v1")
@@ -249,6 +291,23 @@ async def test_malformed_line_and_refused_connection(fake: tuple[FakeOpenAI, str
         await collect(dead, "ok")
     await dead.aclose()
     assert info.value.code == "upstream_unreachable"
+
+
+async def test_a_connection_never_made_is_unreachable() -> None:
+    # No answer to the connection within connect_timeout_s (a host down, a full
+    # backlog): no connection could be made, as when it is refused; not a slow answer.
+    with full_backlog() as port:
+        b = await backend(f"http://127.0.0.1:{port}/v1", connect_timeout_s=0.3)
+        t = time.perf_counter()
+        try:
+            with pytest.raises(StellaError) as info:
+                await collect(b, "ok")
+        finally:
+            await b.aclose()
+    assert 0.25 < time.perf_counter() - t < 2
+    err = info.value
+    assert (err.code, err.status, err.retryable) == ("upstream_unreachable", 502, True)
+    assert err.message == "up: cannot connect (timed out after 0.3s)"
 
 
 async def test_closing_the_stream_closes_the_upstream(fake: tuple[FakeOpenAI, str]) -> None:

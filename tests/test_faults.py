@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.fakes.openai import FakeOpenAI
-from tests.fakes.server import serve
+from tests.fakes.server import full_backlog, serve
 from tests.live import LiveServer, free_port, ndjson, run_stella
 
 
@@ -23,7 +23,13 @@ def upstream() -> Iterator[tuple[FakeOpenAI, str]]:
 
 
 @pytest.fixture(scope="module")
-def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
+def hole() -> Iterator[int]:
+    with full_backlog() as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]:
     url = upstream[1]
     fast = {"retries": 0, "ttft_timeout_s": 0.5, "idle_timeout_s": 0.5}
     config = {
@@ -43,10 +49,16 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
             "b-401-bare": {"kind": "openai", "base_url": url + "/v1"},
             "b-403": {"kind": "openai", "base_url": url + "/v1"},
             "b-400": {"kind": "openai", "base_url": url + "/v1"},
+            "b-hold": {"kind": "openai", "base_url": url + "/v1"},
             "down": {
                 "kind": "openai",
                 "base_url": f"http://127.0.0.1:{free_port()}/v1",
                 "connect_timeout_s": 1,
+            },
+            "b-hole": {
+                "kind": "openai",
+                "base_url": f"http://127.0.0.1:{hole}/v1",
+                "connect_timeout_s": 0.3,
             },
         },
         "models": {
@@ -57,6 +69,13 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
                     "retry_backoff_s": 0.01,
                     "fallbacks": ["up-ok"],
                 },
+                "hole": {
+                    "backend": "b-hole",
+                    "retries": 1,
+                    "retry_backoff_s": 0.01,
+                    "fallbacks": ["up-ok"],
+                },
+                "hole-alone": {"backend": "b-hole", "retries": 0},
                 "up-ok": {"backend": "up", "upstream_model": "ok", **fast},
                 "up-die": {"backend": "b-die", "upstream_model": "die-after-3", **fast},
                 "up-stall": {
@@ -144,6 +163,12 @@ def gateway(upstream: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
                     "retry_backoff_s": 0.01,
                     "fallbacks": ["up-ok"],
                 },
+                "up-hold": {
+                    "backend": "b-hold",
+                    "upstream_model": "finish-then-hold",
+                    "retries": 0,
+                    "idle_timeout_s": 1,
+                },
                 "flaky-bad": {"backend": "flaky", "upstream_model": "status-500", **fast},
                 "flaky-ok": {"backend": "flaky", "upstream_model": "ok", **fast},
             }
@@ -172,6 +197,22 @@ def test_refused_connection_falls_back(gateway: LiveServer) -> None:
         "upstream_unreachable",
         None,
     ]
+
+
+def test_a_connection_never_made_is_unreachable_and_falls_back(gateway: LiveServer) -> None:
+    # No answer to the connection within connect_timeout_s, as from a host that is down:
+    # retried and fallen back from as a refused connection is.
+    r = chat(gateway, "hole", stream=False)
+    assert r.status_code == 200 and r.json()["backend"] == "up", r.text
+    ev = gateway.wait_event(lambda e: e["request_id"] == r.json()["id"])
+    assert [a["error"] for a in ev["attempts"]] == [
+        "upstream_unreachable",
+        "upstream_unreachable",
+        None,
+    ]
+    r = chat(gateway, "hole-alone", stream=False)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"
+    assert "cannot connect (timed out after 0.3s)" in r.json()["error"]["message"]
 
 
 def test_upstream_dies_after_three_tokens(gateway: LiveServer) -> None:
@@ -269,6 +310,23 @@ def test_stall_after_tokens(gateway: LiveServer) -> None:
     types = [e["type"] for e in lines if e["type"] != "ping"]
     assert types == ["start", "delta", "delta", "error"]
     assert lines[-1]["code"] == "upstream_timeout"
+
+
+def test_a_finished_answer_held_open_ends_within_a_short_idle_limit(
+    gateway: LiveServer,
+) -> None:
+    # The answer and its finish reason, then neither the usage asked for nor [DONE]: the
+    # wait for the usage ends within the route's idle limit of 1 s, as a whole answer,
+    # not as a timeout counted against the backend's circuit.
+    t = time.monotonic()
+    lines = ndjson(chat(gateway, "up-hold").text)
+    assert lines[-1]["type"] == "done" and lines[-1]["finish_reason"] == "stop", lines[-1]
+    assert "".join(e["text"] for e in lines if e["type"] == "delta").split() == [
+        f"w{i}" for i in range(8)
+    ]
+    assert time.monotonic() - t < 1.5
+    ev = gateway.wait_event(lambda e: e["model"] == "up-hold")
+    assert ev["attempts"][0]["error"] is None and ev["usage_estimated"] is True
 
 
 def test_a_key_the_upstream_refuses_goes_to_the_fallback(gateway: LiveServer) -> None:

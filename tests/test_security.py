@@ -590,6 +590,61 @@ def test_credentials_an_upstream_echoes_or_the_config_holds_stay_hidden() -> Non
         assert secret not in everything, secret
 
 
+def test_a_quoted_key_cut_by_the_message_limit_leaves_none_of_it() -> None:
+    # An upstream's error text is cut to 500 characters; a key it quoted just where the
+    # cut falls must not reach the client in part, as an error status or inside a stream.
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route as StarletteRoute
+
+    async def refuse(request: Request) -> Response:
+        body = await request.json()
+        key = request.headers.get("authorization", "").split()[-1]
+        pad = int(body["messages"][-1]["content"])
+        message = "A" * pad + f" key: {key} is not valid"
+        if not body.get("stream"):
+            return JSONResponse({"error": {"message": message}}, status_code=401)
+        event = b"data: " + json.dumps({"error": {"message": message}}).encode() + b"\n\n"
+        return StreamingResponse(iter([event]), media_type="text/event-stream")
+
+    upstream = Starlette(routes=[StarletteRoute("/v1/chat/completions", refuse, methods=["POST"])])
+    with serve(upstream, health="/nothing") as url:
+        config = {
+            **CONFIG,
+            "backends": {
+                "paid": {"kind": "openai", "base_url": url + "/v1", "api_key_env": "PAID_KEY"}
+            },
+            "breaker": {"failure_threshold": 0},
+        }
+        env = {"STELLA_API_KEYS": f"admin={ADMIN}", "PAID_KEY": UPSTREAM_SECRET}
+        with run_stella(config, env) as server:
+            seen = []
+            # The key starts 476 characters into the message at 470: a cut at 500 would
+            # leave 21 of its characters; at 480, 11; at 487, 4 ("sk-u").
+            for pad in (470, 480, 487):
+                for stream, path in (
+                    (False, "/api/v1/chat"),
+                    (True, "/api/v1/chat"),
+                    (True, "/v1/chat/completions"),
+                ):
+                    r = httpx.post(
+                        server.url + path,
+                        headers={"Authorization": f"Bearer {ADMIN}"},
+                        json={
+                            "model": "paid-model",
+                            "stream": stream,
+                            "messages": [{"role": "user", "content": str(pad)}],
+                        },
+                        timeout=10,
+                    )
+                    assert "A" * 400 in r.text and "key: ***" in r.text, r.text
+                    seen.append(r.text)
+            server.stop()
+            everything = "\n".join(seen + server.lines())
+    assert UPSTREAM_SECRET[:4] not in everything
+
+
 LOGIN_PLUGIN = """
 import structlog
 

@@ -21,6 +21,7 @@ from stella.backends.http import (
     HttpConfig,
     aiohttp_error,
     iter_lines,
+    upstream_text,
 )
 from stella.errors import UpstreamError, UpstreamStatus
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
@@ -243,9 +244,11 @@ class AnthropicBackend(HttpBackend):
                         # upstream having begun its answer, which is charged its prompt).
                         if ev.error.type == "overloaded_error":
                             raise UpstreamStatus(
-                                f"{name}: overloaded: {ev.error.message}", upstream_status=529
+                                f"{name}: overloaded: {upstream_text(ev.error.message)}",
+                                upstream_status=529,
                             )
-                        raise UpstreamError(f"{name}: {ev.error.type}: {ev.error.message}")
+                        said = upstream_text(f"{ev.error.type}: {ev.error.message}")
+                        raise UpstreamError(f"{name}: {said}")
                     if kind != "ping":
                         ctx.beats += 1  # tool input and thinking are progress, though silent
                     if kind == "content_block_delta" and ev.delta is not None:
@@ -293,4 +296,4 @@ class AnthropicBackend(HttpBackend):
                         return
                 raise UpstreamError(f"{name}: stream ended before message_stop")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise aiohttp_error(name, exc) from None
+            raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None

@@ -35,6 +35,11 @@ class CallContext:
 
     request_id: str
     route: str = ""
+    # The longest silence the route's time limits allow (its time to first token or
+    # idle limit, the shorter; 0: none known). A backend's own wait for something the
+    # answer can do without (a usage count after the finish) must end well within it:
+    # the watchdog takes that wait for a silent upstream.
+    silence_limit_s: float = 0.0
     # Filled by the backend when it queues work, so the core can report queue_ms: the
     # wait, once the work starts, and when it was queued (time.perf_counter()), for a
     # call that ends before it starts.

@@ -28,6 +28,7 @@ from msgspec import Meta
 from stella.backends import ConfigError
 from stella.backends.base import Backend, BackendConfig, BackendHealth
 from stella.errors import StellaError, UpstreamError, UpstreamStatus, UpstreamTimeout
+from stella.logs import mask, mask_cut
 from stella.settings import basic_credential
 
 T = TypeVar("T")
@@ -409,6 +410,19 @@ def page_words(html: str) -> str:
     return "".join(out)
 
 
+def upstream_text(text: str) -> str:
+    """An upstream's own words (its error message) as the client and the log get them:
+    its credentials masked, on one line, at most MAX_MESSAGE characters."""
+    # Whatever the upstream wrote (a traceback, a page), the client gets one short line.
+    # Masked before each cut: a cut inside a quoted key would leave its start unmasked.
+    head = text[: MAX_MESSAGE * 4]
+    head = mask(head) if len(head) == len(text) else mask_cut(mask(head))
+    line = " ".join(head.split())
+    if len(line) > MAX_MESSAGE:
+        line = mask_cut(line[: MAX_MESSAGE - 3]) + "..."
+    return line
+
+
 def error_from_response(name: str, status: int, headers: Any, body: bytes) -> StellaError:
     """The StellaError for an upstream error status (OpenAI's or a plain error shape)."""
     message = ""
@@ -431,10 +445,7 @@ def error_from_response(name: str, status: int, headers: Any, body: bytes) -> St
             message = body[:HTML_SCAN].decode(errors="replace")
             if "html" in headers.get("content-type", "").lower() or message.lstrip()[:1] == "<":
                 message = page_words(message)  # a proxy's error page: its words only
-    # Whatever the upstream wrote (a traceback, a page), the client gets one short line.
-    message = " ".join(message[: MAX_MESSAGE * 4].split())
-    if len(message) > MAX_MESSAGE:
-        message = message[: MAX_MESSAGE - 3] + "..."
+    message = upstream_text(message)
     return UpstreamStatus(
         f"{name}: upstream answered {status}" + (f": {message}" if message else ""),
         upstream_status=status,
@@ -457,10 +468,18 @@ def retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def aiohttp_error(name: str, exc: BaseException) -> StellaError:
-    """The StellaError for an aiohttp failure below HTTP (refused, reset, timed out)."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        err: StellaError = UpstreamError(f"{name}: cannot connect ({type(exc).__name__})")
+def aiohttp_error(name: str, exc: BaseException, connect_timeout_s: float = 0.0) -> StellaError:
+    """The StellaError for an aiohttp failure below HTTP (refused, reset, timed out);
+    `connect_timeout_s` is the backend's, named when a connection took longer."""
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        # No connection could be made (refused, or no answer to it within the connect
+        # timeout: a host down or a full backlog): unreachable, not a slow answer.
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            after = f" after {connect_timeout_s:g}s" if connect_timeout_s else ""
+            why = f"timed out{after}"
+        else:
+            why = type(exc).__name__
+        err: StellaError = UpstreamError(f"{name}: cannot connect ({why})")
         err.code = "upstream_unreachable"
         return err
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):

@@ -15,6 +15,7 @@ from stella.backends.http import (
     HttpConfig,
     aiohttp_error,
     iter_lines,
+    upstream_text,
 )
 from stella.errors import UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
@@ -143,7 +144,7 @@ class OllamaBackend(HttpBackend):
                     except BAD_JSON:
                         raise UpstreamError(f"{name}: malformed stream line") from None
                     if line.error is not None:
-                        raise UpstreamError(f"{name}: {line.error}")
+                        raise UpstreamError(f"{name}: {upstream_text(line.error)}")
                     ctx.beats += 1  # a thinking model's lines carry no content: still progress
                     msg = line.message
                     if msg is not None:
@@ -178,4 +179,4 @@ class OllamaBackend(HttpBackend):
                         return
                 raise UpstreamError(f"{name}: stream ended before done")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise aiohttp_error(name, exc) from None
+            raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None

@@ -24,6 +24,7 @@ from stella.backends.http import (
     LineBuffer,
     aiohttp_error,
     read_body,
+    upstream_text,
 )
 from stella.errors import UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
@@ -38,8 +39,10 @@ FINISH = {
 # What vLLM, SGLang and others say of an answer they cut short themselves: not a success.
 FAILED = frozenset({"abort", "error", "cancelled"})
 # How long a finished stream may keep the usage chunk it was asked for (it comes at
-# once from a server that sends it) before the answer ends with its deltas counted.
+# once from a server that sends it) before the answer ends with its deltas counted;
+# at most this share of the route's silence limit, which the wait must not run into.
 USAGE_GRACE_S = 2.0
+USAGE_GRACE_SHARE = 0.5
 
 
 class OpenAIConfig(HttpConfig, kw_only=True):
@@ -201,6 +204,9 @@ class OpenAIBackend(HttpBackend):
                 # burst after a pause): their text goes out as one Delta, one send.
                 buf = LineBuffer(name)
                 reads = r.content.iter_any().__aiter__()
+                grace = USAGE_GRACE_S
+                if ctx.silence_limit_s:
+                    grace = min(grace, ctx.silence_limit_s * USAGE_GRACE_SHARE)
                 while True:
                     if finish is None:
                         raw = await anext(reads, None)
@@ -209,7 +215,7 @@ class OpenAIBackend(HttpBackend):
                         # upstream that ignores stream_options may hold the stream open
                         # without [DONE]. Wait briefly, then count the deltas instead.
                         try:
-                            async with asyncio.timeout(USAGE_GRACE_S):
+                            async with asyncio.timeout(grace):
                                 raw = await anext(reads, None)
                         except TimeoutError:
                             break
@@ -269,7 +275,7 @@ class OpenAIBackend(HttpBackend):
                     raise UpstreamError(f"{name}: the upstream ended the answer ({finish})")
                 yield Done(finish_reason=FINISH.get(finish, "stop"), usage=_usage(usage, ctx))
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise aiohttp_error(name, exc) from None
+            raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
 
     async def _whole(self, raw: bytes, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         try:
@@ -371,6 +377,7 @@ def _usage(usage: _Usage | None, ctx: CallContext) -> Usage:
 
 
 def _message(error: Any) -> str:
+    """An error chunk's message, as a client may get it (one short line, masked)."""
     if isinstance(error, dict):
-        return str(error.get("message") or error)
-    return str(error)
+        return upstream_text(str(error.get("message") or error))
+    return upstream_text(str(error))

@@ -5,7 +5,9 @@ at the start, no deltas), `claude-two-tools` (two tool_use blocks, one when
 `tool_choice.disable_parallel_tool_use` is true, as the API honours it), `claude-429`
 (rate limit with retry-after), `claude-529` (overloaded), `claude-error-mid`
 (an `error` event after a text delta), `claude-error-first` and `claude-api-error-first`
-(a 200 whose one event is an `error`, overloaded_error or api_error), `claude-malformed`. Requests without the
+(a 200 whose one event is an `error`, overloaded_error or api_error),
+`claude-huge-error-first` and `claude-huge-error-mid` (an overloaded_error, then an
+api_error after a text delta, of HUGE_ERROR), `claude-malformed`. Requests without the
 right x-api-key get 401, without `max_tokens` (or with a message without content but
 a final assistant one) 400; `"stream": true` gets the event
 sequence, anything else one Message object, as the API does.
@@ -24,6 +26,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 KEY = "sk-ant-fake-key"
+# An upstream's error text of a megabyte over several lines (a traceback, a dump).
+HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
 
 
 def err(kind: str, message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -124,6 +128,10 @@ class FakeAnthropic:
             message = "Overloaded" if model == "claude-error-first" else "Internal server error"
             yield event("error", {"type": "error", "error": {"type": kind, "message": message}})
             return
+        if model == "claude-huge-error-first":
+            error = {"type": "overloaded_error", "message": HUGE_ERROR}
+            yield event("error", {"type": "error", "error": error})
+            return
 
         def text_delta(text: str) -> bytes:
             delta = {"type": "text_delta", "text": text}
@@ -222,6 +230,10 @@ class FakeAnthropic:
                             "error": {"type": "overloaded_error", "message": "Overloaded"},
                         },
                     )
+                    return
+                if model == "claude-huge-error-mid" and out == 1:
+                    error = {"type": "api_error", "message": HUGE_ERROR}
+                    yield event("error", {"type": "error", "error": error})
                     return
                 if model == "claude-malformed" and out == 1:
                     yield b"event: content_block_delta\ndata: {broken\n\n"

@@ -3,8 +3,8 @@
 The model name picks the behaviour: `llama3` (ok), `tools` (`two-tools`: two calls in
 one line, as Ollama sends parallel calls), `error-before` (HTTP 404
 {"error": ...}), `error-mid` (a final {"error": ...} line after two pieces), `error-first` (a 200 whose
-one line is {"error": ...}),
-`malformed`, `busy` (429 with Retry-After). `"stream": false` gets one object, as
+one line is {"error": ...}), `huge-error-first` and `huge-error-mid` (the same with
+HUGE_ERROR), `malformed`, `busy` (429 with Retry-After). `"stream": false` gets one object, as
 the API does (its default is a stream).
 """
 
@@ -20,6 +20,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 CREATED = "2024-07-22T20:33:28.123648Z"
+# An upstream's error text of a megabyte over several lines (a traceback, a dump).
+HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
 
 
 class FakeOllama:
@@ -132,6 +134,9 @@ class FakeOllama:
                 break
             if (model == "error-mid" and sent == 2) or model == "error-first":
                 yield line({"error": "an error was encountered while running the model"})
+                return
+            if (model == "huge-error-mid" and sent == 2) or model == "huge-error-first":
+                yield line({"error": HUGE_ERROR})
                 return
             if model == "malformed" and sent == 1:
                 yield b"{this is not json\n"

@@ -15,7 +15,9 @@ stream held open), `burst` (forty one-token chunks in one write, 5 s of silence,
 the finish and a usage of 10 prompt and 80 completion tokens), `two-tools` (two tool
 calls, one when `parallel_tool_calls` is false, as the API honours it), `bad-args` (a
 tool call whose arguments are not JSON, as a model may write them; the API passes the
-string on), `list-args` (arguments that are JSON but not an object).
+string on), `list-args` (arguments that are JSON but not an object), `huge-error-first`
+and `huge-error-after` (an error event of HUGE_ERROR, before any output or after the
+first word).
 It records what it saw.
 """
 
@@ -32,6 +34,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+# An upstream's error text of a megabyte over several lines (a traceback, a dump).
+HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
 
 
 class FakeOpenAI:
@@ -188,7 +193,15 @@ class FakeOpenAI:
                 error = {"message": "model overloaded", "type": "server_error", "code": None}
                 yield b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
                 return
+            huge = {"error": {"message": HUGE_ERROR, "type": "server_error"}}
+            if model == "huge-error-first":
+                yield b"data: " + json.dumps(huge).encode() + b"\n\n"
+                return
             yield chunk({"role": "assistant", "content": ""})
+            if model == "huge-error-after":
+                yield chunk({"content": self.words[0]})
+                yield b"data: " + json.dumps(huge).encode() + b"\n\n"
+                return
             if model == "beats":  # output without text, forever: alive, answering nothing
                 for _ in range(36_000):
                     await asyncio.sleep(0.1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,27 @@ import httpx
 import uvicorn
 
 from tests.live import free_port
+
+
+@contextmanager
+def full_backlog() -> Iterator[int]:
+    """A loopback port whose listener never accepts and whose backlog is full: a new
+    connection to it is never made (its SYN is dropped), as to a host that is down."""
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(4):  # one fills a backlog of 0; the rest wait in SYN-SENT
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        yield port
+    finally:
+        for s in (*fillers, listener):
+            s.close()
 
 
 @contextmanager
