@@ -138,6 +138,7 @@ class ChunkCodec(Codec):
         self.include_usage = include_usage
         self.text = text
         self.head = b""
+        self.usage_head = b""  # the head of the last chunk, the one with the usage
         self.failed = False
         self.role_sent = text  # completions have no role chunk
 
@@ -146,7 +147,7 @@ class ChunkCodec(Codec):
         before tool calls, as OpenAI sends it)."""
         obj = "text_completion" if self.text else "chat.completion.chunk"
         prefix = "cmpl-" if self.text else "chatcmpl-"
-        self.head = (
+        head = (
             b'data: {"id":"'
             + (prefix + event.id).encode()
             + b'","object":"'
@@ -155,8 +156,14 @@ class ChunkCodec(Codec):
             + str(int(event.created)).encode()
             + b',"model":'
             + _enc.encode(event.model)
-            + b',"choices":'
+            + b","
         )
+        self.head = head + b'"choices":'
+        if self.include_usage:
+            # OpenAI's chunks before the usage one carry "usage": null when it was asked
+            # for (clients read the field on each): in the head, so no chunk costs more.
+            self.usage_head = self.head
+            self.head = head + b'"usage":null,"choices":'
         return b""
 
     def _role(self, kind: type) -> bytes:
@@ -194,7 +201,7 @@ class ChunkCodec(Codec):
                     + b'"}]}\n\n'
                 )
             if self.include_usage:
-                out += self.head + b'[],"usage":' + _enc.encode(event.usage) + b"}\n\n"
+                out += self.usage_head + b'[],"usage":' + _enc.encode(event.usage) + b"}\n\n"
             return out
         if kind is ToolCall:
             call = {

@@ -147,7 +147,7 @@ OPENAI_STREAM_ERROR = Schema(
 
 def _chunk(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
     """A streamed chunk; with stream_options.include_usage, the one before [DONE] has no
-    choices and carries `usage`."""
+    choices and carries `usage`, and every other has `"usage": null`."""
     return obj(
         {
             "id": STR,
@@ -156,7 +156,7 @@ def _chunk(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
             "model": STR,
             "choices": array(choice),
         },
-        {"usage": ref(Usage)},
+        {"usage": {"anyOf": [ref(Usage), NULL]}},
     )
 
 
