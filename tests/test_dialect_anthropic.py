@@ -132,6 +132,40 @@ def test_an_empty_turn_is_refused_by_its_path_but_a_last_assistant_one(
         client(server).messages.create(model="echo", max_tokens=5, system="hi", messages=[])
 
 
+def test_refusals_name_the_messages_apis_own_fields(server: LiveServer) -> None:
+    # In the Messages API's terms and paths, not those of the OpenAI request it becomes.
+    def refusal(**body: object) -> str:
+        r = httpx.post(
+            server.url + "/v1/messages",
+            json={"model": "echo", "max_tokens": 5, **body},
+            headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+        )
+        assert r.status_code == 400, r.text
+        return r.json()["error"]["message"]
+
+    hi = [{"role": "user", "content": "hi"}]
+    tool = {"name": "lookup", "input_schema": {"type": "object"}}
+    assert refusal(messages=hi, tool_choice={"type": "any"}) == (
+        "$.tool_choice: 'any' without tools"
+    )
+    assert refusal(messages=hi, tool_choice={"type": "tool", "name": "clock"}) == (
+        "$.tool_choice: tool 'clock' without tools"
+    )
+    assert refusal(messages=hi, tools=[tool], tool_choice={"type": "tool", "name": "clock"}) == (
+        "$.tool_choice.name: no tool named 'clock'"
+    )
+    assert refusal(messages=hi, tools=[tool], tool_choice={"type": "tool"}) == (
+        "$.tool_choice.name: required when type is tool"
+    )
+    for blocks in ([{"type": "text"}], [{"type": "text", "text": ""}] * 2):
+        assert refusal(messages=[{"role": "user", "content": blocks}]) == (
+            "$.messages[0].content[0].text: must not be empty"
+        )
+    assert refusal(messages=[{"role": "user", "content": []}]) == (
+        "$.messages[0].content: must not be empty"
+    )
+
+
 def test_tool_choice(server: LiveServer) -> None:
     tools = [
         {"name": "lookup", "input_schema": {"type": "object"}},

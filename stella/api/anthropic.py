@@ -89,14 +89,28 @@ class AToolChoice(msgspec.Struct):
     name: ToolName | None = None
     disable_parallel_tool_use: bool | None = None
 
-    def internal(self) -> ToolChoice:
-        """The same choice in stella's (OpenAI's) terms."""
+    def internal(self, tools: list[ATool] | None) -> ToolChoice:
+        """The same choice in stella's (OpenAI's) terms, checked against `tools` here: the
+        pipeline's own check would name OpenAI's fields ('required', function.name)."""
         if self.type == "any":
+            if not tools:
+                raise InvalidRequest("$.tool_choice: 'any' without tools", param="tool_choice")
             return "required"
         if self.type == "tool":
-            if not self.name:
-                raise InvalidRequest("$.tool_choice.name: required when type is tool")
-            return NamedToolChoice(function=NamedFunction(name=self.name))
+            name = self.name
+            if not name:
+                raise InvalidRequest(
+                    "$.tool_choice.name: required when type is tool", param="tool_choice.name"
+                )
+            if not tools:
+                raise InvalidRequest(
+                    f"$.tool_choice: tool {name!r} without tools", param="tool_choice"
+                )
+            if all(t.name != name for t in tools):
+                raise InvalidRequest(
+                    f"$.tool_choice.name: no tool named {name!r}", param="tool_choice.name"
+                )
+            return NamedToolChoice(function=NamedFunction(name=name))
         return self.type
 
 
@@ -206,9 +220,9 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
         )
         if empty and not (m.role == "assistant" and i == len(req.messages) - 1):
             # As the API: only a last assistant turn (a prefill to continue) may be empty.
-            raise InvalidRequest(
-                f"$.messages[{i}].content: must not be empty", param=f"messages[{i}].content"
-            )
+            # Blocks with no text are named by the first one's text, where the fault is.
+            path = f"messages[{i}].content" + ("[0].text" if m.content else "")
+            raise InvalidRequest(f"$.{path}: must not be empty", param=path)
         if isinstance(m.content, str):
             messages.append(Message(role=m.role, content=m.content))
             continue
@@ -261,7 +275,7 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
         stream=req.stream,
         options=options,
         tools=tools,
-        tool_choice=req.tool_choice.internal() if req.tool_choice else None,
+        tool_choice=req.tool_choice.internal(req.tools) if req.tool_choice else None,
         parallel_tool_calls=_parallel(req.tool_choice),
         metadata=req.metadata,
     )
