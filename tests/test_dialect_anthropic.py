@@ -310,6 +310,38 @@ def test_errors(server: LiveServer) -> None:
         )
 
 
+def test_every_answer_carries_the_request_id_as_the_api_does(server: LiveServer) -> None:
+    # The API's `request-id` header (stella's X-Request-ID) on each answer, and its
+    # `request_id` in each error body: the SDK reads both.
+    c = client(server)
+    hi = [{"role": "user", "content": "hi"}]
+    raw = c.messages.with_raw_response.create(model="echo", max_tokens=5, messages=hi)
+    rid = raw.headers["x-request-id"]
+    assert raw.headers["request-id"] == rid and raw.parse()._request_id == rid
+    with c.messages.stream(model="echo", max_tokens=5, messages=hi) as stream:
+        rid = stream.response.headers["x-request-id"]
+        assert stream.request_id == rid
+        assert stream.get_final_message().content[0].text == "hi"
+    failures = [
+        (anthropic.AuthenticationError, client(server, "wrong"), {"model": "echo"}),
+        (anthropic.NotFoundError, c, {"model": "claude-9"}),
+        (anthropic.NotFoundError, c, {"model": "claude-9", "stream": True}),
+        (anthropic.BadRequestError, c, {"model": "echo", "tool_choice": {"type": "any"}}),
+    ]
+    for error, who, body in failures:
+        with pytest.raises(error) as info:
+            who.messages.create(max_tokens=5, messages=hi, **body)
+        rid = info.value.response.headers["x-request-id"]
+        assert info.value.request_id == rid and info.value.body["request_id"] == rid, body
+    # Answered by the router, not the route: a path under /v1/messages it does not know.
+    r = httpx.post(server.url + "/v1/messages/nope", json={}, headers={"x-api-key": KEY})
+    assert r.status_code == 404 and r.json()["type"] == "error"
+    assert r.headers["request-id"] == r.headers["x-request-id"] == r.json()["request_id"]
+    spec = httpx.get(server.url + "/openapi.json").json()
+    answers = spec["paths"]["/v1/messages"]["post"]["responses"]
+    assert all("request-id" in a["headers"] for a in answers.values())
+
+
 async def test_disconnect_cancels_and_logs_anthropic(server: LiveServer) -> None:
     body = {
         "model": "echo-slow",
@@ -356,6 +388,7 @@ async def test_an_overload_is_a_529_the_client_knows() -> None:
                 )
             assert info.value.status_code == 529
             assert info.value.body["error"]["type"] == "overloaded_error"
+            assert info.value.request_id == info.value.response.headers["x-request-id"]
             assert (await busy).status_code == 200
 
 

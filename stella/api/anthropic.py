@@ -163,16 +163,23 @@ def stop_reason(finish_reason: str, inference: Inference) -> tuple[str, str | No
 
 
 class AnthropicDialect(Dialect):
-    """Errors as Anthropic's {"type": "error", "error": {"type", "message"}}."""
+    """Errors as Anthropic's {"type": "error", "error": {"type", "message"}, "request_id"}."""
 
     name = "anthropic"
+    # Every answer of the API carries it; its SDKs read it (message._request_id,
+    # APIStatusError.request_id).
+    id_header = b"request-id"
 
     def error_body(self, exc: StellaError, request_id: str) -> Any:
         """Anthropic's error object."""
         # By the status the client gets: an `overloaded` that every fallback gave too is a
         # 502 of stella's, a 529 here, and its type must say so as the status does.
         kind = _ERROR_TYPES.get(self.status(exc), "api_error")
-        return {"type": "error", "error": {"type": kind, "message": exc.message}}
+        return {
+            "type": "error",
+            "error": {"type": kind, "message": exc.message},
+            "request_id": request_id,
+        }
 
     def status(self, exc: StellaError) -> int:
         """The API's own status for an overload is 529 (its clients' OverloadedError)."""
@@ -451,6 +458,7 @@ document(
         error=shapes.ANTHROPIC_ERROR,
         # The API's own status for an overload (a full queue) is 529.
         errors=(400, 401, 403, 404, 413, 415, 429, 502, 503, 504, 529),
+        headers=("request-id",),
     )
 )
 

@@ -70,6 +70,8 @@ class Dialect:
     """An API's error shape; subclasses override `error_body`."""
 
     name = "native"
+    # The header the copied API names its request ID with, besides X-Request-ID (b"": none).
+    id_header = b""
 
     def error_body(self, exc: StellaError, request_id: str) -> Any:
         """The JSON body of an error response."""
@@ -81,7 +83,12 @@ class Dialect:
 
     def error_response(self, exc: StellaError, request_id: str) -> Response:
         """The whole error response, headers included."""
-        return JSONResponse(self.error_body(exc, request_id), self.status(exc), headers=exc.headers)
+        response = JSONResponse(
+            self.error_body(exc, request_id), self.status(exc), headers=exc.headers
+        )
+        if self.id_header:
+            response.raw_headers.append((self.id_header, request_id.encode()))
+        return response
 
 
 NATIVE = Dialect()
@@ -132,6 +139,8 @@ class Endpoint:
                 if self.auth == "admin" and not call.principal.admin:
                     raise Forbidden("this route needs an admin key")
             response = await self.fn(request, call)
+            if dialect.id_header:  # an error response has it from error_response
+                response.raw_headers.append((dialect.id_header, rid.encode()))
         except StellaError as exc:
             if not exc.admitted:
                 svc.rejected(exc, dialect.name)

@@ -360,7 +360,8 @@ ANTHROPIC_ERROR = Schema(
     "AnthropicError",
     obj(
         {"type": const("error"), "error": obj({"type": STR, "message": STR})},
-        description="Anthropic's error object",
+        {"request_id": STR},
+        description="Anthropic's error object (an error event of a stream has no request_id)",
     ),
 )
 ANTHROPIC_MESSAGE = Schema(
