@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import anthropic
 import httpx
@@ -340,6 +341,38 @@ def test_every_answer_carries_the_request_id_as_the_api_does(server: LiveServer)
     spec = httpx.get(server.url + "/openapi.json").json()
     answers = spec["paths"]["/v1/messages"]["post"]["responses"]
     assert all("request-id" in a["headers"] for a in answers.values())
+
+
+def test_models_come_in_the_apis_shape_to_its_clients(server: LiveServer) -> None:
+    # Anthropic's SDK sends anthropic-version: GET /v1/models answers as its API does.
+    c = client(server)
+    page = c.models.list()
+    ids = [m.id for m in page.data]
+    assert {"echo", "echo-slow", "echo-tired"} <= set(ids)
+    assert page.has_more is False and page.first_id == ids[0] and page.last_id == ids[-1]
+    assert [m.id for m in c.models.list()] == ids  # the SDK's paging ends
+    for m in page.data:
+        assert m.type == "model" and m.display_name == m.id
+        assert m.created_at == datetime(1970, 1, 1, tzinfo=UTC)
+    raw = c.models.with_raw_response.retrieve("echo")
+    m = raw.parse()
+    assert (m.id, m.type, m.display_name) == ("echo", "model", "echo")
+    assert raw.headers["request-id"] == raw.headers["x-request-id"]
+    for who, error, kind in (
+        (c, anthropic.NotFoundError, "not_found_error"),
+        (client(server, "wrong"), anthropic.AuthenticationError, "authentication_error"),
+    ):
+        with pytest.raises(error) as info:
+            who.models.retrieve("nope")
+        body = info.value.body
+        assert body["type"] == "error" and body["error"]["type"] == kind, body
+        assert body["request_id"] == info.value.request_id
+    # Without the header: OpenAI's shapes, as before.
+    r = httpx.get(server.url + "/v1/models", headers={"x-api-key": KEY})
+    assert r.json()["object"] == "list" and r.json()["data"][0]["object"] == "model"
+    r = httpx.get(server.url + "/v1/models/nope", headers={"x-api-key": KEY})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert "request-id" not in r.headers
 
 
 async def test_disconnect_cancels_and_logs_anthropic(server: LiveServer) -> None:

@@ -191,6 +191,25 @@ ANTHROPIC = AnthropicDialect()
 ERROR_PREFIXES = {"/v1/messages": ANTHROPIC}
 
 
+# A route has no release date: the API's own value for an unknown one is the epoch.
+_UNKNOWN_DATE = "1970-01-01T00:00:00Z"
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """A route as the API's ModelInfo (GET /v1/models/{id})."""
+    return {"type": "model", "id": name, "display_name": name, "created_at": _UNKNOWN_DATE}
+
+
+def model_page(names: list[str]) -> dict[str, Any]:
+    """Routes as the API's model list: one page, every route on it."""
+    return {
+        "data": [model_info(n) for n in names],
+        "has_more": False,
+        "first_id": names[0] if names else None,
+        "last_id": names[-1] if names else None,
+    }
+
+
 def _text(content: str | list[Block] | None, path: str) -> str:
     """The text of `content`; a block that is not text (an image, a document) is refused
     by its path, as in a message: dropped, the model would answer without it."""

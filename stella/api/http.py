@@ -115,13 +115,18 @@ class Endpoint:
     handler can raise is a StellaError and becomes the dialect's error shape.
     """
 
-    def __init__(self, fn: Handler, dialect: Dialect, auth: str) -> None:
+    def __init__(
+        self,
+        fn: Handler,
+        dialect: Dialect,
+        auth: str,
+        pick: Callable[[dict[str, Any]], Dialect] | None = None,
+    ) -> None:
         self.fn = fn
         self.dialect = dialect
-        # A dialect whose statuses differ from the errors' own tells its calls (for the
-        # inference log and metrics), bound once here: the others' calls carry nothing.
-        self.error_status = None if type(dialect).status is Dialect.status else dialect.status
+        self.error_status = _error_status(dialect)
         self.auth = auth
+        self.pick = pick  # chooses the dialect by the request, for a route two APIs share
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
 
@@ -130,10 +135,14 @@ class Endpoint:
         rid = scope["state"]["request_id"] if "state" in scope else ""
         svc = scope.get("stella") or request.app.state.stella
         dialect = self.dialect
+        error_status = self.error_status
+        if self.pick is not None:
+            dialect = self.pick(scope)
+            error_status = _error_status(dialect)
         try:
             call = Call(request_id=rid, api=dialect.name, receive=receive)
-            if self.error_status is not None:
-                call.error_status = self.error_status
+            if error_status is not None:
+                call.error_status = error_status
             if self.auth != "none":
                 call.principal = svc.auth.authenticate(scope["headers"], call, scope.get("server"))
                 if self.auth == "admin" and not call.principal.admin:
@@ -168,6 +177,12 @@ class Endpoint:
         await response(scope, receive, send)
 
 
+def _error_status(dialect: Dialect) -> Callable[[StellaError], int] | None:
+    """A dialect whose statuses differ from the errors' own tells its calls (for the
+    inference log and metrics), bound once per route: the others' calls carry nothing."""
+    return None if type(dialect).status is Dialect.status else dialect.status
+
+
 CLOSE = (b"connection", b"close")
 
 
@@ -195,11 +210,17 @@ def with_header(send: Any, header: tuple[bytes, bytes]) -> Any:
     return wrapped
 
 
-def endpoint(dialect: Dialect = NATIVE, *, auth: str = "user") -> Callable[[Handler], Endpoint]:
-    """Wrap a route handler: authenticate (auth = "user" | "admin" | "none"), map errors."""
+def endpoint(
+    dialect: Dialect = NATIVE,
+    *,
+    auth: str = "user",
+    pick: Callable[[dict[str, Any]], Dialect] | None = None,
+) -> Callable[[Handler], Endpoint]:
+    """Wrap a route handler: authenticate (auth = "user" | "admin" | "none"), map errors
+    in `dialect`'s shape (or in the one `pick` chooses from the request's ASGI scope)."""
 
     def wrap(fn: Handler) -> Endpoint:
-        return Endpoint(fn, dialect, auth)
+        return Endpoint(fn, dialect, auth, pick)
 
     return wrap
 

@@ -55,7 +55,7 @@ class Operation:
     others: tuple[tuple[int, Any], ...] = ()
     # Statuses answered without a body: (status, description), e.g. a redirect.
     bare: tuple[tuple[int, str], ...] = ()
-    # Names from HEADERS that every answer carries besides X-Request-ID (a dialect's own).
+    # Names from HEADERS that answers may carry besides X-Request-ID (a dialect's own).
     headers: tuple[str, ...] = ()
 
 

@@ -380,6 +380,25 @@ ANTHROPIC_MESSAGE = Schema(
         description="A Message (stream: false)",
     ),
 )
+ANTHROPIC_MODEL = Schema(
+    "AnthropicModel",
+    obj(
+        {"type": const("model"), "id": STR, "display_name": STR, "created_at": STR},
+        description="A model as Anthropic's API lists it (created_at in RFC 3339)",
+    ),
+)
+ANTHROPIC_MODELS = Schema(
+    "AnthropicModelList",
+    obj(
+        {
+            "data": array(ref(ANTHROPIC_MODEL)),
+            "has_more": BOOL,
+            "first_id": {"type": ["string", "null"]},
+            "last_id": {"type": ["string", "null"]},
+        }
+    ),
+    uses=(ANTHROPIC_MODEL,),
+)
 _ANTHROPIC_EVENTS: dict[str, dict[str, Any]] = {
     "message_start": {
         "message": obj(
