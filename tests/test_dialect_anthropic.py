@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import anthropic
 import httpx
@@ -130,6 +131,40 @@ def test_an_empty_turn_is_refused_by_its_path_but_a_last_assistant_one(
     # No turn at all, a system prompt alone: refused, as the API refuses it.
     with pytest.raises(anthropic.BadRequestError, match=r"\$\.messages"):
         client(server).messages.create(model="echo", max_tokens=5, system="hi", messages=[])
+
+
+def test_refusals_name_the_messages_apis_own_fields(server: LiveServer) -> None:
+    # In the Messages API's terms and paths, not those of the OpenAI request it becomes.
+    def refusal(**body: object) -> str:
+        r = httpx.post(
+            server.url + "/v1/messages",
+            json={"model": "echo", "max_tokens": 5, **body},
+            headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+        )
+        assert r.status_code == 400, r.text
+        return r.json()["error"]["message"]
+
+    hi = [{"role": "user", "content": "hi"}]
+    tool = {"name": "lookup", "input_schema": {"type": "object"}}
+    assert refusal(messages=hi, tool_choice={"type": "any"}) == (
+        "$.tool_choice: 'any' without tools"
+    )
+    assert refusal(messages=hi, tool_choice={"type": "tool", "name": "clock"}) == (
+        "$.tool_choice: tool 'clock' without tools"
+    )
+    assert refusal(messages=hi, tools=[tool], tool_choice={"type": "tool", "name": "clock"}) == (
+        "$.tool_choice.name: no tool named 'clock'"
+    )
+    assert refusal(messages=hi, tools=[tool], tool_choice={"type": "tool"}) == (
+        "$.tool_choice.name: required when type is tool"
+    )
+    for blocks in ([{"type": "text"}], [{"type": "text", "text": ""}] * 2):
+        assert refusal(messages=[{"role": "user", "content": blocks}]) == (
+            "$.messages[0].content[0].text: must not be empty"
+        )
+    assert refusal(messages=[{"role": "user", "content": []}]) == (
+        "$.messages[0].content: must not be empty"
+    )
 
 
 def test_tool_choice(server: LiveServer) -> None:
@@ -276,6 +311,70 @@ def test_errors(server: LiveServer) -> None:
         )
 
 
+def test_every_answer_carries_the_request_id_as_the_api_does(server: LiveServer) -> None:
+    # The API's `request-id` header (stella's X-Request-ID) on each answer, and its
+    # `request_id` in each error body: the SDK reads both.
+    c = client(server)
+    hi = [{"role": "user", "content": "hi"}]
+    raw = c.messages.with_raw_response.create(model="echo", max_tokens=5, messages=hi)
+    rid = raw.headers["x-request-id"]
+    assert raw.headers["request-id"] == rid and raw.parse()._request_id == rid
+    with c.messages.stream(model="echo", max_tokens=5, messages=hi) as stream:
+        rid = stream.response.headers["x-request-id"]
+        assert stream.request_id == rid
+        assert stream.get_final_message().content[0].text == "hi"
+    failures = [
+        (anthropic.AuthenticationError, client(server, "wrong"), {"model": "echo"}),
+        (anthropic.NotFoundError, c, {"model": "claude-9"}),
+        (anthropic.NotFoundError, c, {"model": "claude-9", "stream": True}),
+        (anthropic.BadRequestError, c, {"model": "echo", "tool_choice": {"type": "any"}}),
+    ]
+    for error, who, body in failures:
+        with pytest.raises(error) as info:
+            who.messages.create(max_tokens=5, messages=hi, **body)
+        rid = info.value.response.headers["x-request-id"]
+        assert info.value.request_id == rid and info.value.body["request_id"] == rid, body
+    # Answered by the router, not the route: a path under /v1/messages it does not know.
+    r = httpx.post(server.url + "/v1/messages/nope", json={}, headers={"x-api-key": KEY})
+    assert r.status_code == 404 and r.json()["type"] == "error"
+    assert r.headers["request-id"] == r.headers["x-request-id"] == r.json()["request_id"]
+    spec = httpx.get(server.url + "/openapi.json").json()
+    answers = spec["paths"]["/v1/messages"]["post"]["responses"]
+    assert all("request-id" in a["headers"] for a in answers.values())
+
+
+def test_models_come_in_the_apis_shape_to_its_clients(server: LiveServer) -> None:
+    # Anthropic's SDK sends anthropic-version: GET /v1/models answers as its API does.
+    c = client(server)
+    page = c.models.list()
+    ids = [m.id for m in page.data]
+    assert {"echo", "echo-slow", "echo-tired"} <= set(ids)
+    assert page.has_more is False and page.first_id == ids[0] and page.last_id == ids[-1]
+    assert [m.id for m in c.models.list()] == ids  # the SDK's paging ends
+    for m in page.data:
+        assert m.type == "model" and m.display_name == m.id
+        assert m.created_at == datetime(1970, 1, 1, tzinfo=UTC)
+    raw = c.models.with_raw_response.retrieve("echo")
+    m = raw.parse()
+    assert (m.id, m.type, m.display_name) == ("echo", "model", "echo")
+    assert raw.headers["request-id"] == raw.headers["x-request-id"]
+    for who, error, kind in (
+        (c, anthropic.NotFoundError, "not_found_error"),
+        (client(server, "wrong"), anthropic.AuthenticationError, "authentication_error"),
+    ):
+        with pytest.raises(error) as info:
+            who.models.retrieve("nope")
+        body = info.value.body
+        assert body["type"] == "error" and body["error"]["type"] == kind, body
+        assert body["request_id"] == info.value.request_id
+    # Without the header: OpenAI's shapes, as before.
+    r = httpx.get(server.url + "/v1/models", headers={"x-api-key": KEY})
+    assert r.json()["object"] == "list" and r.json()["data"][0]["object"] == "model"
+    r = httpx.get(server.url + "/v1/models/nope", headers={"x-api-key": KEY})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert "request-id" not in r.headers
+
+
 async def test_disconnect_cancels_and_logs_anthropic(server: LiveServer) -> None:
     body = {
         "model": "echo-slow",
@@ -322,6 +421,7 @@ async def test_an_overload_is_a_529_the_client_knows() -> None:
                 )
             assert info.value.status_code == 529
             assert info.value.body["error"]["type"] == "overloaded_error"
+            assert info.value.request_id == info.value.response.headers["x-request-id"]
             assert (await busy).status_code == 200
 
 

@@ -40,6 +40,9 @@ def test_anthropic_stream_failing_before_its_first_token_is_a_502(stella: LiveSe
         s.get_final_message()
     assert info.value.status_code == 502
     assert info.value.body["type"] == "error", info.value.body
+    # The refusal carries the request's ID as the API's own answers do (header and body).
+    rid = info.value.response.headers["x-request-id"]
+    assert info.value.request_id == rid and info.value.body["request_id"] == rid
 
 
 def test_ollama_stream_failing_before_its_first_token_is_a_502(stella: LiveServer) -> None:

@@ -66,6 +66,49 @@ def test_stream_with_usage(server: LiveServer) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 6
 
 
+def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(set(keys)), keys
+    return dict(pairs)
+
+
+def _sse_chunks(server: LiveServer, path: str, body: dict) -> list[dict]:
+    """The JSON chunks of a streamed answer, [DONE] left out."""
+    with httpx.stream(
+        "POST",
+        server.url + path,
+        json={"model": "echo", "stream": True, **body},
+        headers={"authorization": f"Bearer {KEY}"},
+        timeout=30,
+    ) as r:
+        assert r.status_code == 200
+        return [
+            json.loads(line[6:], object_pairs_hook=_no_repeated_keys)
+            for line in r.iter_lines()
+            if line.startswith("data: ") and line != "data: [DONE]"
+        ]
+
+
+def test_with_include_usage_every_chunk_before_the_usage_one_has_usage_null(
+    server: LiveServer,
+) -> None:
+    # As OpenAI documents stream_options.include_usage: every chunk but the last
+    # carries "usage": null; without the option no chunk has the field.
+    chat = {"messages": [{"role": "user", "content": "a b"}]}
+    tool = {**chat, "tools": WEATHER, "tool_choice": "required"}
+    for path, body in (
+        ("/v1/chat/completions", chat),
+        ("/v1/chat/completions", tool),
+        ("/v1/completions", {"prompt": "a b"}),
+    ):
+        chunks = _sse_chunks(server, path, {**body, "stream_options": {"include_usage": True}})
+        assert len(chunks) >= 3, chunks
+        assert all("usage" in c and c["usage"] is None for c in chunks[:-1]), (path, chunks)
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+        plain = _sse_chunks(server, path, body)
+        assert all("usage" not in c for c in plain), (path, plain)
+
+
 async def test_async_client_stream_and_not(server: LiveServer) -> None:
     c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
     r = await c.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a b"}])

@@ -89,14 +89,28 @@ class AToolChoice(msgspec.Struct):
     name: ToolName | None = None
     disable_parallel_tool_use: bool | None = None
 
-    def internal(self) -> ToolChoice:
-        """The same choice in stella's (OpenAI's) terms."""
+    def internal(self, tools: list[ATool] | None) -> ToolChoice:
+        """The same choice in stella's (OpenAI's) terms, checked against `tools` here: the
+        pipeline's own check would name OpenAI's fields ('required', function.name)."""
         if self.type == "any":
+            if not tools:
+                raise InvalidRequest("$.tool_choice: 'any' without tools", param="tool_choice")
             return "required"
         if self.type == "tool":
-            if not self.name:
-                raise InvalidRequest("$.tool_choice.name: required when type is tool")
-            return NamedToolChoice(function=NamedFunction(name=self.name))
+            name = self.name
+            if not name:
+                raise InvalidRequest(
+                    "$.tool_choice.name: required when type is tool", param="tool_choice.name"
+                )
+            if not tools:
+                raise InvalidRequest(
+                    f"$.tool_choice: tool {name!r} without tools", param="tool_choice"
+                )
+            if all(t.name != name for t in tools):
+                raise InvalidRequest(
+                    f"$.tool_choice.name: no tool named {name!r}", param="tool_choice.name"
+                )
+            return NamedToolChoice(function=NamedFunction(name=name))
         return self.type
 
 
@@ -149,16 +163,23 @@ def stop_reason(finish_reason: str, inference: Inference) -> tuple[str, str | No
 
 
 class AnthropicDialect(Dialect):
-    """Errors as Anthropic's {"type": "error", "error": {"type", "message"}}."""
+    """Errors as Anthropic's {"type": "error", "error": {"type", "message"}, "request_id"}."""
 
     name = "anthropic"
+    # Every answer of the API carries it; its SDKs read it (message._request_id,
+    # APIStatusError.request_id).
+    id_header = b"request-id"
 
     def error_body(self, exc: StellaError, request_id: str) -> Any:
         """Anthropic's error object."""
         # By the status the client gets: an `overloaded` that every fallback gave too is a
         # 502 of stella's, a 529 here, and its type must say so as the status does.
         kind = _ERROR_TYPES.get(self.status(exc), "api_error")
-        return {"type": "error", "error": {"type": kind, "message": exc.message}}
+        return {
+            "type": "error",
+            "error": {"type": kind, "message": exc.message},
+            "request_id": request_id,
+        }
 
     def status(self, exc: StellaError) -> int:
         """The API's own status for an overload is 529 (its clients' OverloadedError)."""
@@ -168,6 +189,25 @@ class AnthropicDialect(Dialect):
 ANTHROPIC = AnthropicDialect()
 # Paths whose errors (404, 405, draining) take this shape; the longest prefix wins.
 ERROR_PREFIXES = {"/v1/messages": ANTHROPIC}
+
+
+# A route has no release date: the API's own value for an unknown one is the epoch.
+_UNKNOWN_DATE = "1970-01-01T00:00:00Z"
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """A route as the API's ModelInfo (GET /v1/models/{id})."""
+    return {"type": "model", "id": name, "display_name": name, "created_at": _UNKNOWN_DATE}
+
+
+def model_page(names: list[str]) -> dict[str, Any]:
+    """Routes as the API's model list: one page, every route on it."""
+    return {
+        "data": [model_info(n) for n in names],
+        "has_more": False,
+        "first_id": names[0] if names else None,
+        "last_id": names[-1] if names else None,
+    }
 
 
 def _text(content: str | list[Block] | None, path: str) -> str:
@@ -206,9 +246,9 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
         )
         if empty and not (m.role == "assistant" and i == len(req.messages) - 1):
             # As the API: only a last assistant turn (a prefill to continue) may be empty.
-            raise InvalidRequest(
-                f"$.messages[{i}].content: must not be empty", param=f"messages[{i}].content"
-            )
+            # Blocks with no text are named by the first one's text, where the fault is.
+            path = f"messages[{i}].content" + ("[0].text" if m.content else "")
+            raise InvalidRequest(f"$.{path}: must not be empty", param=path)
         if isinstance(m.content, str):
             messages.append(Message(role=m.role, content=m.content))
             continue
@@ -261,7 +301,7 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
         stream=req.stream,
         options=options,
         tools=tools,
-        tool_choice=req.tool_choice.internal() if req.tool_choice else None,
+        tool_choice=req.tool_choice.internal(req.tools) if req.tool_choice else None,
         parallel_tool_calls=_parallel(req.tool_choice),
         metadata=req.metadata,
     )
@@ -437,6 +477,7 @@ document(
         error=shapes.ANTHROPIC_ERROR,
         # The API's own status for an overload (a full queue) is 529.
         errors=(400, 401, 403, 404, 413, 415, 429, 502, 503, 504, 529),
+        headers=("request-id",),
     )
 )
 

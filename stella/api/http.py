@@ -70,6 +70,8 @@ class Dialect:
     """An API's error shape; subclasses override `error_body`."""
 
     name = "native"
+    # The header the copied API names its request ID with, besides X-Request-ID (b"": none).
+    id_header = b""
 
     def error_body(self, exc: StellaError, request_id: str) -> Any:
         """The JSON body of an error response."""
@@ -81,7 +83,12 @@ class Dialect:
 
     def error_response(self, exc: StellaError, request_id: str) -> Response:
         """The whole error response, headers included."""
-        return JSONResponse(self.error_body(exc, request_id), self.status(exc), headers=exc.headers)
+        response = JSONResponse(
+            self.error_body(exc, request_id), self.status(exc), headers=exc.headers
+        )
+        if self.id_header:
+            response.raw_headers.append((self.id_header, request_id.encode()))
+        return response
 
 
 NATIVE = Dialect()
@@ -108,13 +115,18 @@ class Endpoint:
     handler can raise is a StellaError and becomes the dialect's error shape.
     """
 
-    def __init__(self, fn: Handler, dialect: Dialect, auth: str) -> None:
+    def __init__(
+        self,
+        fn: Handler,
+        dialect: Dialect,
+        auth: str,
+        pick: Callable[[dict[str, Any]], Dialect] | None = None,
+    ) -> None:
         self.fn = fn
         self.dialect = dialect
-        # A dialect whose statuses differ from the errors' own tells its calls (for the
-        # inference log and metrics), bound once here: the others' calls carry nothing.
-        self.error_status = None if type(dialect).status is Dialect.status else dialect.status
+        self.error_status = _error_status(dialect)
         self.auth = auth
+        self.pick = pick  # chooses the dialect by the request, for a route two APIs share
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
 
@@ -123,15 +135,21 @@ class Endpoint:
         rid = scope["state"]["request_id"] if "state" in scope else ""
         svc = scope.get("stella") or request.app.state.stella
         dialect = self.dialect
+        error_status = self.error_status
+        if self.pick is not None:
+            dialect = self.pick(scope)
+            error_status = _error_status(dialect)
         try:
             call = Call(request_id=rid, api=dialect.name, receive=receive)
-            if self.error_status is not None:
-                call.error_status = self.error_status
+            if error_status is not None:
+                call.error_status = error_status
             if self.auth != "none":
                 call.principal = svc.auth.authenticate(scope["headers"], call, scope.get("server"))
                 if self.auth == "admin" and not call.principal.admin:
                     raise Forbidden("this route needs an admin key")
             response = await self.fn(request, call)
+            if dialect.id_header:  # an error response has it from error_response
+                response.raw_headers.append((dialect.id_header, rid.encode()))
         except StellaError as exc:
             if not exc.admitted:
                 svc.rejected(exc, dialect.name)
@@ -157,6 +175,12 @@ class Endpoint:
             else:
                 send = with_header(send, header)
         await response(scope, receive, send)
+
+
+def _error_status(dialect: Dialect) -> Callable[[StellaError], int] | None:
+    """A dialect whose statuses differ from the errors' own tells its calls (for the
+    inference log and metrics), bound once per route: the others' calls carry nothing."""
+    return None if type(dialect).status is Dialect.status else dialect.status
 
 
 CLOSE = (b"connection", b"close")
@@ -186,11 +210,17 @@ def with_header(send: Any, header: tuple[bytes, bytes]) -> Any:
     return wrapped
 
 
-def endpoint(dialect: Dialect = NATIVE, *, auth: str = "user") -> Callable[[Handler], Endpoint]:
-    """Wrap a route handler: authenticate (auth = "user" | "admin" | "none"), map errors."""
+def endpoint(
+    dialect: Dialect = NATIVE,
+    *,
+    auth: str = "user",
+    pick: Callable[[dict[str, Any]], Dialect] | None = None,
+) -> Callable[[Handler], Endpoint]:
+    """Wrap a route handler: authenticate (auth = "user" | "admin" | "none"), map errors
+    in `dialect`'s shape (or in the one `pick` chooses from the request's ASGI scope)."""
 
     def wrap(fn: Handler) -> Endpoint:
-        return Endpoint(fn, dialect, auth)
+        return Endpoint(fn, dialect, auth, pick)
 
     return wrap
 

@@ -37,7 +37,7 @@ from stella.api.openai_request import (
     to_metadata,
     to_options,
 )
-from stella.api.openapi import Operation, document
+from stella.api.openapi import Operation, Schema, document, ref
 from stella.backends import BackendHealth
 from stella.core import Call
 from stella.errors import Forbidden, InvalidRequest, ModelNotFound, StellaError
@@ -51,6 +51,13 @@ from stella.protocol import (
     ToolCall,
 )
 from stella.streaming import Codec
+
+try:
+    import stella.api.anthropic as anthropic_dialect
+except ModuleNotFoundError as exc:  # a build without that dialect (see app.DIALECTS)
+    if exc.name != "stella.api.anthropic":
+        raise
+    anthropic_dialect = None  # type: ignore[assignment]
 
 _TYPES = {
     400: "invalid_request_error",
@@ -138,6 +145,7 @@ class ChunkCodec(Codec):
         self.include_usage = include_usage
         self.text = text
         self.head = b""
+        self.usage_head = b""  # the head of the last chunk, the one with the usage
         self.failed = False
         self.role_sent = text  # completions have no role chunk
 
@@ -146,7 +154,7 @@ class ChunkCodec(Codec):
         before tool calls, as OpenAI sends it)."""
         obj = "text_completion" if self.text else "chat.completion.chunk"
         prefix = "cmpl-" if self.text else "chatcmpl-"
-        self.head = (
+        head = (
             b'data: {"id":"'
             + (prefix + event.id).encode()
             + b'","object":"'
@@ -155,8 +163,14 @@ class ChunkCodec(Codec):
             + str(int(event.created)).encode()
             + b',"model":'
             + _enc.encode(event.model)
-            + b',"choices":'
+            + b","
         )
+        self.head = head + b'"choices":'
+        if self.include_usage:
+            # OpenAI's chunks before the usage one carry "usage": null when it was asked
+            # for (clients read the field on each): in the head, so no chunk costs more.
+            self.usage_head = self.head
+            self.head = head + b'"usage":null,"choices":'
         return b""
 
     def _role(self, kind: type) -> bytes:
@@ -194,7 +208,7 @@ class ChunkCodec(Codec):
                     + b'"}]}\n\n'
                 )
             if self.include_usage:
-                out += self.head + b'[],"usage":' + _enc.encode(event.usage) + b"}\n\n"
+                out += self.usage_head + b'[],"usage":' + _enc.encode(event.usage) + b"}\n\n"
             return out
         if kind is ToolCall:
             call = {
@@ -358,19 +372,28 @@ def _model_obj(name: str, owner: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": owner}
 
 
-@endpoint(OPENAI)
+def _models_dialect(scope: dict[str, Any]) -> Dialect:
+    """Anthropic's as well as OpenAI's SDKs ask GET /v1/models; Anthropic's send
+    anthropic-version with every call: they get that API's shapes, errors included."""
+    if anthropic_dialect is not None:
+        for name, _ in scope["headers"]:
+            if name == b"anthropic-version":
+                return anthropic_dialect.ANTHROPIC
+    return OPENAI
+
+
+@endpoint(OPENAI, pick=_models_dialect)
 async def list_models(request: Request, call: Call) -> Response:
     """GET /v1/models: every route the key may use."""
     router = services(request).router
-    data = [
-        _model_obj(r.name, r.backend_name)
-        for r in router.routes.values()
-        if call.principal.may_use(r.name)
-    ]
+    routes = [r for r in router.routes.values() if call.principal.may_use(r.name)]
+    if call.api == "anthropic":
+        return JSONResponse(anthropic_dialect.model_page([r.name for r in routes]))
+    data = [_model_obj(r.name, r.backend_name) for r in routes]
     return JSONResponse({"object": "list", "data": data})
 
 
-@endpoint(OPENAI)
+@endpoint(OPENAI, pick=_models_dialect)
 async def get_model(request: Request, call: Call) -> Response:
     """GET /v1/models/{id}."""
     router = services(request).router
@@ -383,6 +406,8 @@ async def get_model(request: Request, call: Call) -> Response:
     if route is None or route.name not in router.routes:
         raise ModelNotFound(f"model {name!r} not found")
     call.principal.check(route.name, hide=True)  # as /v1/models leaves it out
+    if call.api == "anthropic":
+        return JSONResponse(anthropic_dialect.model_info(route.name))
     return JSONResponse(_model_obj(route.name, route.backend_name))
 
 
@@ -425,6 +450,20 @@ async def v1_health(request: Request, call: Call) -> Response:
     return JSONResponse({"status": "ok", "providers": providers})
 
 
+def _either(name: str, first: Schema, second: Schema) -> Schema:
+    """OpenAI's shape, or (with anthropic-version) Anthropic's."""
+    return Schema(name, {"anyOf": [ref(first), ref(second)]}, uses=(first, second))
+
+
+if anthropic_dialect is None:
+    _MODELS, _MODEL, _MODELS_ERROR = shapes.OPENAI_MODELS, shapes.OPENAI_MODEL, shapes.OPENAI_ERROR
+    _MODELS_HEADERS: tuple[str, ...] = ()
+else:
+    _MODELS = _either("OpenAIOrAnthropicModelList", shapes.OPENAI_MODELS, shapes.ANTHROPIC_MODELS)
+    _MODEL = _either("OpenAIOrAnthropicModel", shapes.OPENAI_MODEL, shapes.ANTHROPIC_MODEL)
+    _MODELS_ERROR = _either("OpenAIOrAnthropicError", shapes.OPENAI_ERROR, shapes.ANTHROPIC_ERROR)
+    _MODELS_HEADERS = ("request-id",)
+
 document(
     Operation(
         "post",
@@ -461,21 +500,23 @@ document(
     Operation(
         "get",
         "/v1/models",
-        "OpenAI model list",
+        "OpenAI model list (Anthropic's, with an anthropic-version header)",
         tag="openai",
-        response=shapes.OPENAI_MODELS,
+        response=_MODELS,
         errors=(401,),
-        error=shapes.OPENAI_ERROR,
+        error=_MODELS_ERROR,
+        headers=_MODELS_HEADERS,
     ),
     Operation(
         "get",
         "/v1/models/{model}",
-        "One OpenAI model",
+        "One OpenAI model (Anthropic's, with an anthropic-version header)",
         tag="openai",
-        response=shapes.OPENAI_MODEL,
+        response=_MODEL,
         params=("model",),
         errors=(401, 404),
-        error=shapes.OPENAI_ERROR,
+        error=_MODELS_ERROR,
+        headers=_MODELS_HEADERS,
     ),
     Operation(
         "get",

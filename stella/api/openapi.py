@@ -55,6 +55,8 @@ class Operation:
     others: tuple[tuple[int, Any], ...] = ()
     # Statuses answered without a body: (status, description), e.g. a redirect.
     bare: tuple[tuple[int, str], ...] = ()
+    # Names from HEADERS that answers may carry besides X-Request-ID (a dialect's own).
+    headers: tuple[str, ...] = ()
 
 
 OPERATIONS: list[Operation] = []
@@ -167,6 +169,7 @@ def _header(description: str, kind: str = "string") -> dict[str, Any]:
 
 HEADERS = {
     "X-Request-ID": _header("The request's ID (the client's own when it sent a valid one)"),
+    "request-id": _header("The same ID, by the name Anthropic's API gives it"),
     "Retry-After": _header("Seconds to wait before trying again", "integer"),
     "X-RateLimit-Limit": _header("The limit of the key's first bucket (requests, or tokens)"),
     "X-RateLimit-Remaining": _header("What is left in that bucket", "integer"),
@@ -176,7 +179,7 @@ HEADERS = {
 
 def _headers(status: int, op: Operation, error: bool = False) -> dict[str, Any]:
     """The headers a response with this status may carry, as references."""
-    names = ["X-Request-ID"]
+    names = ["X-Request-ID", *op.headers]
     if error and status in (429, 503, 529):
         names.append("Retry-After")
     # An inference (an operation that can be rate limited) tells a limited key its limits.

@@ -147,7 +147,7 @@ OPENAI_STREAM_ERROR = Schema(
 
 def _chunk(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
     """A streamed chunk; with stream_options.include_usage, the one before [DONE] has no
-    choices and carries `usage`."""
+    choices and carries `usage`, and every other has `"usage": null`."""
     return obj(
         {
             "id": STR,
@@ -156,7 +156,7 @@ def _chunk(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
             "model": STR,
             "choices": array(choice),
         },
-        {"usage": ref(Usage)},
+        {"usage": {"anyOf": [ref(Usage), NULL]}},
     )
 
 
@@ -360,7 +360,8 @@ ANTHROPIC_ERROR = Schema(
     "AnthropicError",
     obj(
         {"type": const("error"), "error": obj({"type": STR, "message": STR})},
-        description="Anthropic's error object",
+        {"request_id": STR},
+        description="Anthropic's error object (an error event of a stream has no request_id)",
     ),
 )
 ANTHROPIC_MESSAGE = Schema(
@@ -378,6 +379,25 @@ ANTHROPIC_MESSAGE = Schema(
         },
         description="A Message (stream: false)",
     ),
+)
+ANTHROPIC_MODEL = Schema(
+    "AnthropicModel",
+    obj(
+        {"type": const("model"), "id": STR, "display_name": STR, "created_at": STR},
+        description="A model as Anthropic's API lists it (created_at in RFC 3339)",
+    ),
+)
+ANTHROPIC_MODELS = Schema(
+    "AnthropicModelList",
+    obj(
+        {
+            "data": array(ref(ANTHROPIC_MODEL)),
+            "has_more": BOOL,
+            "first_id": {"type": ["string", "null"]},
+            "last_id": {"type": ["string", "null"]},
+        }
+    ),
+    uses=(ANTHROPIC_MODEL,),
 )
 _ANTHROPIC_EVENTS: dict[str, dict[str, Any]] = {
     "message_start": {
