@@ -91,6 +91,33 @@ def test_a_port_in_use_is_one_error_before_anything_starts(extra: list[str]) -> 
     assert "Address already in use" in out.stderr and "serving on" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--host=", "stella: config error: server.host: empty"),
+        ("--model=", "stella: config error: models.default: empty"),
+        ("--config=", "stella: config error: --config: empty"),
+    ],
+)
+def test_an_empty_serve_flag_is_refused_not_ignored(flag: str, message: str) -> None:
+    # `--host=` served on 127.0.0.1 though STELLA_SERVER__HOST= is refused.
+    from tests.live import free_port
+
+    env = {"PATH": "/usr/bin:/bin", "STELLA_MODELS__DEFAULT": "echo"}
+    env["STELLA_BACKENDS__LOCAL__ENABLED"] = "false"
+    cmd = [sys.executable, "-m", "stella", "serve", "--port", str(free_port()), flag]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), out.stderr
+
+
+def test_an_empty_config_flag_is_refused_by_config_too() -> None:
+    out = stella("config", "--check", "--config=")
+    assert out.returncode == 2
+    assert out.stderr.startswith("stella: config error: --config: empty"), out.stderr
+
+
 @pytest.mark.parametrize("extra", [["--workers", "2"], ["--reload"]])
 def test_a_config_pipe_with_workers_is_refused(extra: list[str]) -> None:
     # Each worker reads STELLA_CONFIG again: a pipe is empty by then (they failed and

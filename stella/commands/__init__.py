@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the client (and httpx) load only with the commands that use them
@@ -21,3 +23,16 @@ def client_exit(exc: StellaClientError) -> int:
     """The exit code for a client error: 2 for a bad URL or key given (a usage error, like
     a bad flag), else 1."""
     return 2 if exc.code in ("invalid_url", "invalid_api_key") else 1
+
+
+def use_config_file(path: str | None) -> bool:
+    """Point STELLA_CONFIG at `--config`'s file when given; False (with the error line
+    said) when the flag is empty."""
+    if path is None:
+        return True
+    if not path:
+        # STELLA_CONFIG="" means no file: `--config=` would quietly serve the defaults.
+        print("stella: config error: --config: empty; name a TOML file", file=sys.stderr)
+        return False
+    os.environ["STELLA_CONFIG"] = path
+    return True
