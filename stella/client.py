@@ -205,6 +205,9 @@ BY_STATUS: dict[int, type[StellaClientError]] = {
 def error_for(response: httpx.Response, body: bytes) -> StellaClientError:
     """The exception for an error response."""
     code, message, rid = f"http_{response.status_code}", response.reason_phrase, ""
+    # What the server says of a retry, when it says (a 502 upstream_rejected is not worth
+    # one); else the status's guess, for other servers and proxies.
+    retryable = response.status_code == 429 or response.status_code >= 500
     try:
         err = msgspec.json.decode(body).get("error", {})
         if isinstance(err, dict):
@@ -213,6 +216,9 @@ def error_for(response: httpx.Response, body: bytes) -> StellaClientError:
                 err.get("message") or message,
                 err.get("request_id") or "",
             )
+            said = err.get("retryable")
+            if isinstance(said, bool):
+                retryable = said
     except (msgspec.DecodeError, UnicodeDecodeError, AttributeError):
         pass  # not stella's error shape: the status says what it can
     if not isinstance(code, str):
@@ -229,7 +235,7 @@ def error_for(response: httpx.Response, body: bytes) -> StellaClientError:
         code=code,
         request_id=rid or response.headers.get("x-request-id", ""),
         retry_after=_retry_after(retry),
-        retryable=response.status_code == 429 or response.status_code >= 500,
+        retryable=retryable,
     )
 
 

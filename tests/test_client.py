@@ -156,6 +156,21 @@ def test_overloaded_and_unavailable_map() -> None:
         assert sc.error_for(r, r.content).retry_after is None, odd
 
 
+def test_retryable_is_the_servers_word_when_it_gives_one() -> None:
+    said = {"error": {"code": "upstream_rejected", "message": "m", "retryable": False}}
+    r = httpx.Response(502, json=said)
+    assert sc.error_for(r, r.content).retryable is False
+    said = {"error": {"code": "invalid_request", "message": "m", "retryable": True}}
+    r = httpx.Response(400, json=said)
+    assert sc.error_for(r, r.content).retryable is True
+    # Another server (or a proxy) says nothing: the status's guess.
+    for status, guess in ((502, True), (429, True), (400, False)):
+        r = httpx.Response(status, json={"error": {"code": "x", "message": "m"}})
+        assert sc.error_for(r, r.content).retryable is guess
+        r = httpx.Response(status, json={"error": {"code": "x", "retryable": "no"}})
+        assert sc.error_for(r, r.content).retryable is guess
+
+
 def test_the_codes_the_server_may_send_have_their_exceptions() -> None:
     from stella.protocol import Error
 
