@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import email.utils
 import math
 import os
@@ -463,6 +464,46 @@ async def test_malformed_bytes_are_protocol_errors_not_tracebacks(odd_server: st
         with pytest.raises(sc.ProtocolError):
             async for _ in stream:
                 pass
+
+
+async def test_a_protocol_error_carries_the_answers_status(odd_server: str) -> None:
+    # It said 0, as for an in-band error, though the answer came with 200.
+    sync = sc.Client(odd_server)
+    async with sc.AsyncClient(odd_server) as ac:
+        for what in ("html", "bad-utf8", "bad-gzip"):
+            with pytest.raises(sc.ProtocolError) as bad:
+                sync.chat(_say(what))
+            assert bad.value.status == 200, what
+            with pytest.raises(sc.ProtocolError) as abad:
+                await ac.chat(_say(what))
+            assert abad.value.status == 200, what
+        with pytest.raises(sc.ProtocolError) as listing:
+            sync.models()
+        assert listing.value.status == 200
+        with pytest.raises(sc.ProtocolError) as alisting:
+            await ac.models()
+        assert alisting.value.status == 200
+        with pytest.raises(sc.ProtocolError) as streamed:
+            list(sync.chat(_say("bad-utf8-stream"), stream=True))
+        assert streamed.value.status == 200
+        stream = await ac.chat(_say("bad-utf8-stream"), stream=True)
+        with pytest.raises(sc.ProtocolError) as astreamed:
+            async for _ in stream:
+                pass
+        assert astreamed.value.status == 200
+    sync.close()
+
+
+def test_the_clients_timeout_error_is_the_builtin_one_too(stella: LiveServer) -> None:
+    # `from stella.client import *` shadows the builtin: an `except TimeoutError` meant
+    # for either catches both.
+    assert issubclass(sc.TimeoutError, builtins.TimeoutError)
+    assert issubclass(sc.TimeoutError, sc.StellaClientError)
+    msgs = [{"role": "user", "content": " ".join(["w"] * 50)}]
+    with sc.Client(stella.url, timeout=0.1) as c, pytest.raises(builtins.TimeoutError) as info:
+        c.chat(msgs, model="echo-slow")
+    assert isinstance(info.value, sc.TimeoutError) and info.value.code == "timeout"
+    assert str(info.value) == info.value.message
 
 
 def test_cli_chat_error_line_and_a_reader_that_leaves(stella: LiveServer) -> None:
