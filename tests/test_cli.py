@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.live import stella_without_stdin
+from tests.live import stella_to_dev_full, stella_without_stdin
 
 
 def stella(*args: str) -> subprocess.CompletedProcess[str]:
@@ -310,3 +310,48 @@ def test_chat_with_stdin_closed_has_nothing_to_send() -> None:
     # Python gives a process started with fd 0 closed sys.stdin = None.
     out = stella_without_stdin("chat", "--url", "http://127.0.0.1:9")
     assert out.returncode == 2 and out.stderr == "stella: nothing to send\n", out.stderr
+
+
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_output_that_cannot_be_written_is_one_line_and_exit_1(unbuffered: bool) -> None:
+    # An OSError traceback (or, block-buffered, "Exception ignored" and exit 120).
+    error = "stella: cannot write output: No space left on device"
+    assert stella_to_dev_full("config", unbuffered=unbuffered) == ["1", error]
+    lines = stella_to_dev_full("keys", "new", "x", unbuffered=unbuffered)
+    assert lines[0] == "1" and lines[-1] == error, lines
+    assert lines[1].startswith("key: sk-stella-") and "Traceback" not in "\n".join(lines)
+
+
+def _wait_reading_a_pipe(pid: int) -> None:
+    """Wait until process `pid` blocks reading a pipe (its stdin, here)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/wchan") as f:
+            if "pipe_read" in f.read():
+                return
+        time.sleep(0.05)
+    raise AssertionError("the command never waited on stdin")
+
+
+def test_ctrl_c_while_keys_hash_waits_for_stdin_exits_130_quietly() -> None:
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stella", "keys", "hash"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_reading_a_pipe(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, err  # it died of the signal after a traceback
+    assert err == "" and out == ""

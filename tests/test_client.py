@@ -8,6 +8,7 @@ import math
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import pytest
 
 from stella import client as sc
 from stella.protocol import ChatResponse, Delta, Done, Start
-from tests.live import LiveServer, free_port, run_stella
+from tests.live import LiveServer, free_port, run_stella, stella_to_dev_full
 
 KEY = "sk-client-test-1"
 
@@ -504,6 +505,44 @@ def test_the_clients_timeout_error_is_the_builtin_one_too(stella: LiveServer) ->
         c.chat(msgs, model="echo-slow")
     assert isinstance(info.value, sc.TimeoutError) and info.value.code == "timeout"
     assert str(info.value) == info.value.message
+
+
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_cli_output_that_cannot_be_written_is_said_so(stella: LiveServer, unbuffered: bool) -> None:
+    # `models` ended in an OSError traceback; `chat` blamed the server: "cannot reach the
+    # server: [Errno 28] No space left on device".
+    env = {"STELLA_URL": stella.url}
+    error = "stella: cannot write output: No space left on device"
+    for args in (["models"], ["models", "--json"], ["chat", "-m", "echo", "hi"]):
+        assert stella_to_dev_full(*args, unbuffered=unbuffered, env=env) == ["1", error], args
+
+
+def test_ctrl_c_while_models_waits_on_a_hung_server_exits_130_quietly() -> None:
+    # A KeyboardInterrupt traceback, and death by the signal.
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        hung.settimeout(30)
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stella", "models", "--url", url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            conn, _ = hung.accept()  # the request came: it waits for an answer that won't
+            with conn:
+                conn.settimeout(30)
+                assert conn.recv(4096).startswith(b"GET /api/v1/models ")
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert proc.returncode == 130, err
+    assert err == "" and out == ""
 
 
 def test_cli_chat_error_line_and_a_reader_that_leaves(stella: LiveServer) -> None:
