@@ -7,12 +7,14 @@ Each command module defines `NAME`, `HELP`, `add_arguments(parser)` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 from collections.abc import Sequence
 
 from stella import __version__
+from stella.commands import Output, OutputError
 
 COMMANDS = ("serve", "chat", "models", "config", "keys", "bench", "import_gguf")
 
@@ -42,12 +44,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    stdout = sys.stdout
+    if stdout is not None:  # None: started with fd 1 closed
+        sys.stdout = Output(stdout)
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        # A block-buffered stdout (a file, a pipe) writes here, where a failure can still
+        # be said in one line, not at exit as an "Exception ignored" and exit 120.
+        sys.stdout.flush()
+        return code
+    except KeyboardInterrupt:
+        # Ctrl-C (a hung server, a prompt for stdin): exit 130 as a shell reports it, no
+        # traceback; the shell's prompt on a line of its own, after the terminal's "^C".
+        if sys.stderr is not None and sys.stderr.isatty():
+            print(file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `stella config | head`: the reader left; say nothing more, as other tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _drop_output()
         return 1
+    except OutputError as exc:  # `stella config > /dev/full`
+        print(f"stella: cannot write output: {exc.strerror or exc}", file=sys.stderr)
+        _drop_output()
+        return 1
+    finally:
+        sys.stdout = stdout
+
+
+def _drop_output() -> None:
+    """Send what stdout still holds to /dev/null: flushed at exit into a broken stdout,
+    it would end in an "Exception ignored" message."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ closes the connection, and the server cancels the generation.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import email.utils
 import math
@@ -116,8 +117,11 @@ class UnavailableError(StellaClientError):
     """503 unavailable (circuit open)."""
 
 
-class TimeoutError(StellaClientError):
-    """504 upstream_timeout, or a timeout mid-stream."""
+class TimeoutError(StellaClientError, builtins.TimeoutError):
+    """504 upstream_timeout, or a timeout mid-stream (code timeout: the client's own).
+
+    Also the builtin TimeoutError, which `from stella.client import *` shadows: an
+    `except TimeoutError` written for either catches both."""
 
 
 class NetworkError(StellaClientError):
@@ -130,15 +134,23 @@ class InvalidURLError(StellaClientError):
 
 
 class ProtocolError(StellaClientError):
-    """bad_response: the answer is not stella's protocol (a proxy's page, say)."""
+    """bad_response: the answer is not stella's protocol (a proxy's page, say); `status`
+    is the answer's HTTP status."""
+
+
+class _Answer:
+    """The HTTP status of the answer being read, once its head has come (0 before)."""
+
+    status = 0
 
 
 @contextlib.contextmanager
-def _network(url: str) -> Iterator[None]:
+def _network(url: str) -> Iterator[_Answer]:
     """httpx's transport failures as this module's errors, like stella.js: a timeout is
     a TimeoutError (code timeout), anything else a NetworkError (code network_error)."""
+    answer = _Answer()
     try:
-        yield
+        yield answer
     except httpx.TimeoutException as exc:
         raise TimeoutError(
             f"no answer from {url} within the client's timeout ({type(exc).__name__})",
@@ -157,7 +169,9 @@ def _network(url: str) -> Iterator[None]:
         raise NetworkError(message, code="network_error") from exc
     except httpx.DecodingError as exc:  # a body its Content-Encoding does not decode
         raise ProtocolError(
-            f"{url} sent a body that does not decode ({exc})", code="bad_response"
+            f"{url} sent a body that does not decode ({exc})",
+            status=answer.status,
+            code="bad_response",
         ) from None
 
 
@@ -205,6 +219,9 @@ BY_STATUS: dict[int, type[StellaClientError]] = {
 def error_for(response: httpx.Response, body: bytes) -> StellaClientError:
     """The exception for an error response."""
     code, message, rid = f"http_{response.status_code}", response.reason_phrase, ""
+    # What the server says of a retry, when it says (a 502 upstream_rejected is not worth
+    # one); else the status's guess, for other servers and proxies.
+    retryable = response.status_code == 429 or response.status_code >= 500
     try:
         err = msgspec.json.decode(body).get("error", {})
         if isinstance(err, dict):
@@ -213,6 +230,9 @@ def error_for(response: httpx.Response, body: bytes) -> StellaClientError:
                 err.get("message") or message,
                 err.get("request_id") or "",
             )
+            said = err.get("retryable")
+            if isinstance(said, bool):
+                retryable = said
     except (msgspec.DecodeError, UnicodeDecodeError, AttributeError):
         pass  # not stella's error shape: the status says what it can
     if not isinstance(code, str):
@@ -229,7 +249,7 @@ def error_for(response: httpx.Response, body: bytes) -> StellaClientError:
         code=code,
         request_id=rid or response.headers.get("x-request-id", ""),
         retry_after=_retry_after(retry),
-        retryable=response.status_code == 429 or response.status_code >= 500,
+        retryable=retryable,
     )
 
 
@@ -258,15 +278,20 @@ def _inband(event: Error, request_id: str) -> StellaClientError:
     )
 
 
-def _decode(decoder: msgspec.json.Decoder[Any], data: bytes | str, url: str) -> Any:
-    """A stella answer decoded; anything else is a ProtocolError, not a traceback."""
+def _decode(
+    decoder: msgspec.json.Decoder[Any], data: bytes | str, url: str, status: int = 0
+) -> Any:
+    """A stella answer decoded; anything else is a ProtocolError (with the answer's HTTP
+    `status`), not a traceback."""
     try:
         return decoder.decode(data)
     # msgspec raises UnicodeDecodeError, not DecodeError, for invalid UTF-8 in a string.
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         start = data[:80] if isinstance(data, str) else data[:80].decode("utf-8", "replace")
         raise ProtocolError(
-            f"{url} did not answer in stella's protocol ({exc}): {start!r}", code="bad_response"
+            f"{url} did not answer in stella's protocol ({exc}): {start!r}",
+            status=status,
+            code="bad_response",
         ) from None
 
 
@@ -277,6 +302,7 @@ class _Lines:
     def __init__(self, url: str, request_id: str) -> None:
         self.url = url
         self.request_id = request_id
+        self.status = 0  # the stream's HTTP status, for a ProtocolError to carry
         self.ended = False
 
     def named(self, exc: StellaClientError) -> StellaClientError:
@@ -291,14 +317,16 @@ class _Lines:
         try:
             event = _event.decode(line)
         except msgspec.ValidationError as exc:
-            kind = _decode(_any_event, line, self.url).type
+            kind = _decode(_any_event, line, self.url, self.status).type
             if kind in _KNOWN:  # a known event in a shape stella never sends
                 raise ProtocolError(
-                    f"{self.url} sent a malformed {kind!r} line: {exc}", code="bad_response"
+                    f"{self.url} sent a malformed {kind!r} line: {exc}",
+                    status=self.status,
+                    code="bad_response",
                 ) from None
             return None  # an event type this client does not know yet: skipped
         except (msgspec.DecodeError, UnicodeDecodeError):
-            _decode(_event, line, self.url)  # not JSON: raises the ProtocolError
+            _decode(_event, line, self.url, self.status)  # not JSON: raises the ProtocolError
         kind = type(event)
         if kind is Ping:
             return None
@@ -519,20 +547,32 @@ class Client:
         """Close the connection pool."""
         self._http.close()
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
-        with _network(self.url):
-            r = self._http.post(path, content=_encode(body), headers=_JSON)
+    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        """One request and its whole answer, read once its status is known (for an error
+        in its body to carry); an error status raised as its exception."""
+        content, headers = (None, None) if body is None else (_encode(body), _JSON)
+        with (
+            _network(self.url) as answer,
+            self._http.stream(method, path, content=content, headers=headers) as r,
+        ):
+            answer.status = r.status_code
+            r.read()
         if r.status_code >= 400:
             raise error_for(r, r.content)
-        return _decode(_response, r.content, self.url)
+        return r
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        r = self._send("POST", path, body)
+        return _decode(_response, r.content, self.url, r.status_code)
 
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[Any]:
         lines = _Lines(self.url, "")
         try:
             with (
-                _network(self.url),
+                _network(self.url) as answer,
                 self._http.stream("POST", path, content=_encode(body), headers=_JSON) as r,
             ):
+                answer.status = lines.status = r.status_code
                 if r.status_code >= 400:
                     raise error_for(r, r.read())
                 lines.request_id = r.headers.get("x-request-id", "")
@@ -591,19 +631,13 @@ class Client:
 
     def models(self) -> ModelList:
         """The routable models."""
-        with _network(self.url):
-            r = self._http.get("/api/v1/models")
-        if r.status_code >= 400:
-            raise error_for(r, r.content)
-        return _decode(_models, r.content, self.url)
+        r = self._send("GET", "/api/v1/models")
+        return _decode(_models, r.content, self.url, r.status_code)
 
     def health(self) -> dict[str, Any]:
         """GET /health."""
-        with _network(self.url):
-            r = self._http.get("/health")
-        if r.status_code >= 400:
-            raise error_for(r, r.content)
-        return _decode(_json, r.content, self.url)  # type: ignore[no-any-return]
+        r = self._send("GET", "/health")
+        return _decode(_json, r.content, self.url, r.status_code)  # type: ignore[no-any-return]
 
 
 class AsyncClient:
@@ -633,20 +667,31 @@ class AsyncClient:
         """Close the connection pool."""
         await self._http.aclose()
 
-    async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        with _network(self.url):
-            r = await self._http.post(path, content=_encode(body), headers=_JSON)
+    async def _send(
+        self, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> httpx.Response:
+        """One request and its whole answer, as Client._send."""
+        content, headers = (None, None) if body is None else (_encode(body), _JSON)
+        with _network(self.url) as answer:
+            async with self._http.stream(method, path, content=content, headers=headers) as r:
+                answer.status = r.status_code
+                await r.aread()
         if r.status_code >= 400:
             raise error_for(r, r.content)
-        return _decode(_response, r.content, self.url)
+        return r
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        r = await self._send("POST", path, body)
+        return _decode(_response, r.content, self.url, r.status_code)
 
     async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Any]:
         lines = _Lines(self.url, "")
         try:
-            with _network(self.url):
+            with _network(self.url) as answer:
                 async with self._http.stream(
                     "POST", path, content=_encode(body), headers=_JSON
                 ) as r:
+                    answer.status = lines.status = r.status_code
                     if r.status_code >= 400:
                         raise error_for(r, await r.aread())
                     lines.request_id = r.headers.get("x-request-id", "")
@@ -705,16 +750,10 @@ class AsyncClient:
 
     async def models(self) -> ModelList:
         """The routable models."""
-        with _network(self.url):
-            r = await self._http.get("/api/v1/models")
-        if r.status_code >= 400:
-            raise error_for(r, r.content)
-        return _decode(_models, r.content, self.url)
+        r = await self._send("GET", "/api/v1/models")
+        return _decode(_models, r.content, self.url, r.status_code)
 
     async def health(self) -> dict[str, Any]:
         """GET /health."""
-        with _network(self.url):
-            r = await self._http.get("/health")
-        if r.status_code >= 400:
-            raise error_for(r, r.content)
-        return _decode(_json, r.content, self.url)  # type: ignore[no-any-return]
+        r = await self._send("GET", "/health")
+        return _decode(_json, r.content, self.url, r.status_code)  # type: ignore[no-any-return]

@@ -331,6 +331,9 @@ class ErrorDetail(msgspec.Struct):
     code: str
     message: str
     request_id: str = ""
+    # Whether sending the same request again may succeed, as a stream's `error` line says
+    # it: the status alone can't tell (a 502 upstream_rejected will fail again).
+    retryable: bool = False
 
 
 class ErrorResponse(msgspec.Struct):

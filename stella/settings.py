@@ -544,6 +544,14 @@ def _check(s: Settings) -> None:
             if fb not in s.models.routes:
                 raise ConfigError(f"models.routes.{name}.fallbacks: unknown route {fb!r}")
     live = enabled_backends(s)
+    if not s.models.default:
+        # A request without a model would have no route, and the router refuses "" as the
+        # default at start-up: refused here, where `config --check` sees it too.
+        usable = sorted(n for n, r in s.models.routes.items() if r.backend in live)
+        raise ConfigError(
+            f"models.default: empty; name the route a request without a model goes to; "
+            f"known: {usable}"
+        )
     # The default is what the router will resolve it to. Routes on disabled backends are
     # left out of it, aliases and all: a name or alias a live route answers to is served.
     name, routes = s.models.default, s.models.routes
@@ -551,13 +559,13 @@ def _check(s: Settings) -> None:
         n for n, r in routes.items() if r.backend in live and (n == name or name in r.aliases)
     ]
     held = [n for n, r in routes.items() if n == name or name in r.aliases]
-    if name and not serves and held:
+    if not serves and held:
         holder = name if name in routes else held[0]
         shown = repr(name) if holder == name else f"{name!r} (an alias of {holder!r})"
         raise ConfigError(
             f"models.default: route {shown} uses disabled backend {routes[holder].backend!r}"
         )
-    if s.models.default and s.models.default not in s.models.routes:
+    if s.models.default not in s.models.routes:
         aliases = {a for r in s.models.routes.values() for a in r.aliases}
         if s.models.default not in aliases:
             usable = sorted(n for n, r in s.models.routes.items() if r.backend in live)

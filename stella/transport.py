@@ -240,7 +240,14 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         # stella's error object: JSON that the OpenAI and Anthropic clients read too (the
         # dialect is not known: the path may be among what was not read).
         body = msgspec.json.encode(
-            {"error": {"code": "headers_too_large", "message": why, "request_id": rid}}
+            {
+                "error": {
+                    "code": "headers_too_large",
+                    "message": why,
+                    "request_id": rid,
+                    "retryable": False,
+                }
+            }
         )
         self._last_word(
             b"HTTP/1.1 431 Request Header Fields Too Large\r\n"

@@ -201,6 +201,26 @@ def install_plugin(
     return {"PYTHONPATH": os.pathsep.join([str(where), os.environ.get("PYTHONPATH", "")])}
 
 
+def stella_to_dev_full(
+    *args: str, unbuffered: bool, env: dict[str, str] | None = None
+) -> list[str]:
+    """Run `stella ARGS` with stdout on /dev/full (a disk that is full); its exit code and
+    stderr's lines."""
+    env = {"PATH": "/usr/bin:/bin", **(env or {})}
+    if unbuffered:  # each print fails at once; else the last flush does
+        env["PYTHONUNBUFFERED"] = "1"
+    with open("/dev/full", "w") as full:
+        out = subprocess.run(
+            [sys.executable, "-m", "stella", *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+    return [str(out.returncode), *out.stderr.strip().splitlines()]
+
+
 def stella_without_stdin(*args: str) -> subprocess.CompletedProcess[str]:
     """Run `python -m stella ARGS` with fd 0 closed (Python's sys.stdin is then None)."""
     quoted = " ".join(shlex.quote(a) for a in args)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.live import stella_without_stdin
+from tests.live import stella_to_dev_full, stella_without_stdin
 
 
 def stella(*args: str) -> subprocess.CompletedProcess[str]:
@@ -89,6 +89,33 @@ def test_a_port_in_use_is_one_error_before_anything_starts(extra: list[str]) -> 
         )
     assert out.returncode != 0
     assert "Address already in use" in out.stderr and "serving on" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--host=", "stella: config error: server.host: empty"),
+        ("--model=", "stella: config error: models.default: empty"),
+        ("--config=", "stella: config error: --config: empty"),
+    ],
+)
+def test_an_empty_serve_flag_is_refused_not_ignored(flag: str, message: str) -> None:
+    # `--host=` served on 127.0.0.1 though STELLA_SERVER__HOST= is refused.
+    from tests.live import free_port
+
+    env = {"PATH": "/usr/bin:/bin", "STELLA_MODELS__DEFAULT": "echo"}
+    env["STELLA_BACKENDS__LOCAL__ENABLED"] = "false"
+    cmd = [sys.executable, "-m", "stella", "serve", "--port", str(free_port()), flag]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), out.stderr
+
+
+def test_an_empty_config_flag_is_refused_by_config_too() -> None:
+    out = stella("config", "--check", "--config=")
+    assert out.returncode == 2
+    assert out.stderr.startswith("stella: config error: --config: empty"), out.stderr
 
 
 @pytest.mark.parametrize("extra", [["--workers", "2"], ["--reload"]])
@@ -283,3 +310,48 @@ def test_chat_with_stdin_closed_has_nothing_to_send() -> None:
     # Python gives a process started with fd 0 closed sys.stdin = None.
     out = stella_without_stdin("chat", "--url", "http://127.0.0.1:9")
     assert out.returncode == 2 and out.stderr == "stella: nothing to send\n", out.stderr
+
+
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_output_that_cannot_be_written_is_one_line_and_exit_1(unbuffered: bool) -> None:
+    # An OSError traceback (or, block-buffered, "Exception ignored" and exit 120).
+    error = "stella: cannot write output: No space left on device"
+    assert stella_to_dev_full("config", unbuffered=unbuffered) == ["1", error]
+    lines = stella_to_dev_full("keys", "new", "x", unbuffered=unbuffered)
+    assert lines[0] == "1" and lines[-1] == error, lines
+    assert lines[1].startswith("key: sk-stella-") and "Traceback" not in "\n".join(lines)
+
+
+def _wait_reading_a_pipe(pid: int) -> None:
+    """Wait until process `pid` blocks reading a pipe (its stdin, here)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/wchan") as f:
+            if "pipe_read" in f.read():
+                return
+        time.sleep(0.05)
+    raise AssertionError("the command never waited on stdin")
+
+
+def test_ctrl_c_while_keys_hash_waits_for_stdin_exits_130_quietly() -> None:
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stella", "keys", "hash"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_reading_a_pipe(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, err  # it died of the signal after a traceback
+    assert err == "" and out == ""

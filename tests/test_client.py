@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
 import email.utils
 import math
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ import pytest
 
 from stella import client as sc
 from stella.protocol import ChatResponse, Delta, Done, Start
-from tests.live import LiveServer, free_port, run_stella
+from tests.live import LiveServer, free_port, run_stella, stella_to_dev_full
 
 KEY = "sk-client-test-1"
 
@@ -154,6 +156,21 @@ def test_overloaded_and_unavailable_map() -> None:
     for odd in (b"soon", b"\xb2", b"9" * 400, b"-5"):  # b"\xb2" reads as "\u00b2", a digit
         r = httpx.Response(429, headers=[(b"retry-after", odd)])
         assert sc.error_for(r, r.content).retry_after is None, odd
+
+
+def test_retryable_is_the_servers_word_when_it_gives_one() -> None:
+    said = {"error": {"code": "upstream_rejected", "message": "m", "retryable": False}}
+    r = httpx.Response(502, json=said)
+    assert sc.error_for(r, r.content).retryable is False
+    said = {"error": {"code": "invalid_request", "message": "m", "retryable": True}}
+    r = httpx.Response(400, json=said)
+    assert sc.error_for(r, r.content).retryable is True
+    # Another server (or a proxy) says nothing: the status's guess.
+    for status, guess in ((502, True), (429, True), (400, False)):
+        r = httpx.Response(status, json={"error": {"code": "x", "message": "m"}})
+        assert sc.error_for(r, r.content).retryable is guess
+        r = httpx.Response(status, json={"error": {"code": "x", "retryable": "no"}})
+        assert sc.error_for(r, r.content).retryable is guess
 
 
 def test_the_codes_the_server_may_send_have_their_exceptions() -> None:
@@ -448,6 +465,84 @@ async def test_malformed_bytes_are_protocol_errors_not_tracebacks(odd_server: st
         with pytest.raises(sc.ProtocolError):
             async for _ in stream:
                 pass
+
+
+async def test_a_protocol_error_carries_the_answers_status(odd_server: str) -> None:
+    # It said 0, as for an in-band error, though the answer came with 200.
+    sync = sc.Client(odd_server)
+    async with sc.AsyncClient(odd_server) as ac:
+        for what in ("html", "bad-utf8", "bad-gzip"):
+            with pytest.raises(sc.ProtocolError) as bad:
+                sync.chat(_say(what))
+            assert bad.value.status == 200, what
+            with pytest.raises(sc.ProtocolError) as abad:
+                await ac.chat(_say(what))
+            assert abad.value.status == 200, what
+        with pytest.raises(sc.ProtocolError) as listing:
+            sync.models()
+        assert listing.value.status == 200
+        with pytest.raises(sc.ProtocolError) as alisting:
+            await ac.models()
+        assert alisting.value.status == 200
+        with pytest.raises(sc.ProtocolError) as streamed:
+            list(sync.chat(_say("bad-utf8-stream"), stream=True))
+        assert streamed.value.status == 200
+        stream = await ac.chat(_say("bad-utf8-stream"), stream=True)
+        with pytest.raises(sc.ProtocolError) as astreamed:
+            async for _ in stream:
+                pass
+        assert astreamed.value.status == 200
+    sync.close()
+
+
+def test_the_clients_timeout_error_is_the_builtin_one_too(stella: LiveServer) -> None:
+    # `from stella.client import *` shadows the builtin: an `except TimeoutError` meant
+    # for either catches both.
+    assert issubclass(sc.TimeoutError, builtins.TimeoutError)
+    assert issubclass(sc.TimeoutError, sc.StellaClientError)
+    msgs = [{"role": "user", "content": " ".join(["w"] * 50)}]
+    with sc.Client(stella.url, timeout=0.1) as c, pytest.raises(builtins.TimeoutError) as info:
+        c.chat(msgs, model="echo-slow")
+    assert isinstance(info.value, sc.TimeoutError) and info.value.code == "timeout"
+    assert str(info.value) == info.value.message
+
+
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_cli_output_that_cannot_be_written_is_said_so(stella: LiveServer, unbuffered: bool) -> None:
+    # `models` ended in an OSError traceback; `chat` blamed the server: "cannot reach the
+    # server: [Errno 28] No space left on device".
+    env = {"STELLA_URL": stella.url}
+    error = "stella: cannot write output: No space left on device"
+    for args in (["models"], ["models", "--json"], ["chat", "-m", "echo", "hi"]):
+        assert stella_to_dev_full(*args, unbuffered=unbuffered, env=env) == ["1", error], args
+
+
+def test_ctrl_c_while_models_waits_on_a_hung_server_exits_130_quietly() -> None:
+    # A KeyboardInterrupt traceback, and death by the signal.
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        hung.settimeout(30)
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stella", "models", "--url", url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            conn, _ = hung.accept()  # the request came: it waits for an answer that won't
+            with conn:
+                conn.settimeout(30)
+                assert conn.recv(4096).startswith(b"GET /api/v1/models ")
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert proc.returncode == 130, err
+    assert err == "" and out == ""
 
 
 def test_cli_chat_error_line_and_a_reader_that_leaves(stella: LiveServer) -> None:

@@ -50,6 +50,7 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
             "b-403": {"kind": "openai", "base_url": url + "/v1"},
             "b-400": {"kind": "openai", "base_url": url + "/v1"},
             "b-hold": {"kind": "openai", "base_url": url + "/v1"},
+            "b-400-client": {"kind": "openai", "base_url": url + "/v1"},
             "down": {
                 "kind": "openai",
                 "base_url": f"http://127.0.0.1:{free_port()}/v1",
@@ -169,6 +170,7 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
                     "retries": 0,
                     "idle_timeout_s": 1,
                 },
+                "up-400-client": {"backend": "b-400-client", "upstream_model": "status-400"},
                 "flaky-bad": {"backend": "flaky", "upstream_model": "status-500", **fast},
                 "flaky-ok": {"backend": "flaky", "upstream_model": "ok", **fast},
             }
@@ -364,6 +366,23 @@ def test_a_request_the_upstream_rejects_ends_the_chain(gateway: LiveServer) -> N
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_rejected", r.text
     ev = gateway.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
     assert [a["backend"] for a in ev["attempts"]] == ["b-400"]
+
+
+def test_a_rejected_request_is_not_retryable_with_or_without_a_stream(gateway: LiveServer) -> None:
+    # The 502's body says what the stream's error line says; the Python client guessed
+    # retryable from the status (5xx: yes) and told the two apart.
+    from stella import client as sc
+
+    r = chat(gateway, "up-400-client", stream=False)
+    assert r.status_code == 502 and r.json()["error"]["retryable"] is False, r.text
+    messages = [{"role": "user", "content": "hi"}]
+    with sc.Client(gateway.url) as c:
+        with pytest.raises(sc.UpstreamError) as whole:
+            c.chat(messages, "up-400-client")
+        with pytest.raises(sc.UpstreamError) as streamed:
+            list(c.chat(messages, "up-400-client", stream=True))
+    assert whole.value.status == 502 and whole.value.code == "upstream_rejected"
+    assert whole.value.retryable is False and streamed.value.retryable is False
 
 
 def test_breaker_opens_and_recovers_after_the_probe(gateway: LiveServer) -> None:

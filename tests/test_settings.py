@@ -625,6 +625,34 @@ def test_a_bad_variable_found_when_building_is_named(variable: str, value: str, 
         assert out.stderr.startswith(f"stella: config error: {start}"), out.stderr
 
 
+@pytest.mark.parametrize("source", ["file", "variable"])
+def test_an_empty_default_model_is_refused_by_check_and_serve(tmp_path: Path, source: str) -> None:
+    # --check said ok, then serve ended in a ModelNotFound traceback and exit 3.
+    from tests.live import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env["STELLA_BACKENDS__LOCAL__ENABLED"] = "false"
+    if source == "file":
+        conf = tmp_path / "c.toml"
+        conf.write_text('[models]\ndefault = ""\n')
+        env["STELLA_CONFIG"] = str(conf)
+        start = "stella: config error: models.default: empty"
+    else:
+        env["STELLA_MODELS__DEFAULT"] = ""
+        start = "stella: config error: STELLA_MODELS__DEFAULT=: models.default: empty"
+    for args in (["config", "--check"], ["serve", "--port", str(free_port())]):
+        out = subprocess.run(
+            [sys.executable, "-m", "stella", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 2, (args, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(start), (args, out.stderr)
+
+
 def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
     tmp_path: Path,
 ) -> None:

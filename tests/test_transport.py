@@ -382,6 +382,7 @@ async def test_headers_past_the_limits_get_431_and_the_connection_closes() -> No
     assert b"content-type: application/json" in head
     error = msgspec.json.decode(body)["error"]
     assert error["code"] == "headers_too_large" and error["request_id"].startswith("req_")
+    assert error["retryable"] is False  # the same headers are refused again
     proto.connection_lost(None)
 
     # Many tiny headers: the count is limited too.

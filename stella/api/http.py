@@ -75,7 +75,14 @@ class Dialect:
 
     def error_body(self, exc: StellaError, request_id: str) -> Any:
         """The JSON body of an error response."""
-        return ErrorResponse(ErrorDetail(code=exc.code, message=exc.message, request_id=request_id))
+        return ErrorResponse(
+            ErrorDetail(
+                code=exc.code,
+                message=exc.message,
+                request_id=request_id,
+                retryable=exc.retryable,
+            )
+        )
 
     def status(self, exc: StellaError) -> int:
         """The HTTP status of an error in this API (the error's own, unless overridden)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:  # the client (and httpx) load only with the commands that use them
     from stella.client import StellaClientError
@@ -21,3 +23,50 @@ def client_exit(exc: StellaClientError) -> int:
     """The exit code for a client error: 2 for a bad URL or key given (a usage error, like
     a bad flag), else 1."""
     return 2 if exc.code in ("invalid_url", "invalid_api_key") else 1
+
+
+def use_config_file(path: str | None) -> bool:
+    """Point STELLA_CONFIG at `--config`'s file when given; False (with the error line
+    said) when the flag is empty."""
+    if path is None:
+        return True
+    if not path:
+        # STELLA_CONFIG="" means no file: `--config=` would quietly serve the defaults.
+        print("stella: config error: --config: empty; name a TOML file", file=sys.stderr)
+        return False
+    os.environ["STELLA_CONFIG"] = path
+    return True
+
+
+class OutputError(OSError):
+    """Writing the command's output failed (a full disk, a terminal gone): told apart
+    from the network's OSErrors, which a command reports as its own."""
+
+
+class Output:
+    """stdout for a command: its write errors raise OutputError. A reader that left
+    (`| head`) stays a BrokenPipeError, which the CLI ends quietly."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        """Write `text`, as the stream does."""
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(*exc.args) from exc
+
+    def flush(self) -> None:
+        """Flush the stream, as it does."""
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise OutputError(*exc.args) from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)  # isatty(), buffer, fileno(), encoding, ...

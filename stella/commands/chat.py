@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stella.commands import client_error, client_exit
+from stella.commands import OutputError, client_error, client_exit
 
 NAME = "chat"
 HELP = "send a prompt (or stdin) to a stella server and stream the answer"
@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
             sys.stdout.flush()
         return 130
-    except BrokenPipeError:
-        raise  # the reader left (`| head`): the CLI ends quietly
+    except (BrokenPipeError, OutputError):
+        raise  # stdout's, not the server's: the CLI says so (or, for `| head`, nothing)
     except OSError as exc:
         print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
         return 1

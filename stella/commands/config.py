@@ -25,10 +25,11 @@ def run(args: argparse.Namespace) -> int:
     """Print the configuration as decoded from the file and environment; with --check,
     also build the backends, keys and audit file as `stella serve` would."""
     from stella.backends import ConfigError
+    from stella.commands import use_config_file
     from stella.settings import blamed, enabled_backends, load_settings, redacted
 
-    if args.config:
-        os.environ["STELLA_CONFIG"] = args.config
+    if not use_config_file(args.config):
+        return 2
     try:
         settings = load_settings()
         if args.check:

@@ -36,16 +36,19 @@ def run(args: argparse.Namespace) -> int:
 
     from stella.app import create_app
     from stella.backends import ConfigError
+    from stella.commands import use_config_file
     from stella.settings import blamed, load_settings, set_by_user
 
-    if args.config:
-        os.environ["STELLA_CONFIG"] = args.config
+    if not use_config_file(args.config):
+        return 2
+    # An empty flag (`--host=`) is a value to check, not an absent one: it goes on to be
+    # refused as the same empty variable is, rather than silently leave the default.
     overrides: dict = {}
-    if args.host:
+    if args.host is not None:
         overrides.setdefault("server", {})["host"] = args.host
     if args.port is not None:
         overrides.setdefault("server", {})["port"] = args.port
-    if args.model:
+    if args.model is not None:
         overrides.setdefault("models", {})["default"] = args.model
     if args.workers is not None:
         overrides.setdefault("server", {})["workers"] = args.workers
