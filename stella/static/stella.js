@@ -71,12 +71,15 @@ async function httpError(res) {
   let code = "http_" + res.status;
   let message = res.statusText || `HTTP ${res.status}`;
   let requestId = res.headers.get("X-Request-ID") || "";
+  // The server says whether asking again may help; other servers leave it to the status.
+  let retryable = res.status === 429 || res.status >= 500;
   try {
     const body = await res.json();
     if (body && body.error) {
       code = body.error.code || code;
       message = body.error.message || message;
       requestId = body.error.request_id || requestId;
+      if (typeof body.error.retryable === "boolean") retryable = body.error.retryable;
     }
   } catch {
     // not JSON: keep the status line
@@ -87,7 +90,7 @@ async function httpError(res) {
     message,
     requestId,
     retryAfter: retryAfter(res.headers.get("Retry-After")),
-    retryable: res.status === 429 || res.status >= 500,
+    retryable,
   });
 }
 

@@ -93,6 +93,15 @@ test("models() returns the listing and throws on 401", async () => {
     (err) => err.status === 401 && err.code === "unauthorized");
 });
 
+test("an error body's retryable wins over the status's guess", async () => {
+  const body = '{"error":{"code":"upstream_rejected","message":"no","retryable":false}}';
+  await assert.rejects(() => models({ fetch: async () => new Response(body, { status: 502 }) }),
+    (err) => err.status === 502 && err.code === "upstream_rejected" && err.retryable === false);
+  const plain = '{"error":{"code":"upstream_error","message":"no"}}';
+  await assert.rejects(() => models({ fetch: async () => new Response(plain, { status: 502 }) }),
+    (err) => err.retryable === true);
+});
+
 test("chat() sends tools and toolChoice as the native request has them", async () => {
   let sent;
   const capture = async (url, init) => {
