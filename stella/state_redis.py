@@ -275,6 +275,7 @@ class RedisState:
         self._take_slot = self.redis.register_script(TAKE_SLOT)
         self._renew_slots = self.redis.register_script(RENEW_SLOTS)
         self._slots: RedisSlots | None = None
+        self._buckets: RedisBuckets | None = None
         # A usage batch sent but not confirmed: (ID, keys, args), sent again as it is.
         self._unconfirmed: tuple[str, list[str], list[Any]] | None = None
         self._flushing = asyncio.Lock()
@@ -332,6 +333,8 @@ class RedisState:
                 # A batch cut in its round trip stays in doubt and is resent below, as it
                 # was. Never waited for without end: shutdown must not hang on Redis.
                 await asyncio.wait({self._flusher}, timeout=FLUSHER_STOP_S)
+            if self._buckets is not None:
+                self._buckets.return_leases()  # every lease: sent with the last settlement
             # Each last write bounded too (a flusher still stuck holds the usage lock).
             slots = self._slots
             for last in (
@@ -477,6 +480,10 @@ class RedisState:
         while not self._closing:
             await asyncio.sleep(0.1)
             try:
+                if self._buckets is not None:
+                    # A lease this process no longer uses goes back within LEASE_S and
+                    # a tick, not when its key is next checked here (maybe never).
+                    self._buckets.return_leases(time.monotonic())
                 await self._flush_gives()
                 if self._slots is not None:
                     await self._slots.upkeep()
@@ -593,8 +600,10 @@ class RedisState:
     # --- rate limits -------------------------------------------------------------------
 
     def buckets(self) -> RedisBuckets:
-        """The bucket store the limiter uses."""
-        return RedisBuckets(self)
+        """The bucket store the limiter uses (one per process: its leases go back on a timer)."""
+        if self._buckets is None:
+            self._buckets = RedisBuckets(self)
+        return self._buckets
 
     def slots(self) -> RedisSlots:
         """The concurrency slots the limiter uses, shared by every replica."""
@@ -666,6 +675,15 @@ class RedisBuckets:
             st = self.state
             st.owe(st._key("rl", key), lease.capacity, lease.per_s, lease.tokens)
         lease.tokens = 0.0
+
+    def return_leases(self, now: float | None = None) -> None:
+        """Send back the unused tokens of expired leases (of all of them when `now` is
+        None: shutting down) with the next settlement, so other replicas can use them."""
+        for key, lease in list(self._leases.items()):
+            if now is None or lease.expires < now:
+                self._return(key, lease)
+                if key not in self._asking:
+                    del self._leases[key]
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
         """All buckets of one admission: nothing is taken unless every bucket has room.

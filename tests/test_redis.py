@@ -275,6 +275,36 @@ async def test_a_burst_of_checks_takes_one_lease_at_a_time(redis: Redis) -> None
         await st.aclose()
 
 
+async def test_a_lease_left_idle_goes_back_to_the_shared_bucket(redis: Redis) -> None:
+    # Replica A takes a lease, then gets none of the key's calls: the lease goes back
+    # after a second, so replica B can use the whole bucket (it refills 1 token an hour).
+    check = ("rpm:key:k", 3200.0, 1 / 3600, 1.0)
+    a, b = redis_state(redis, "idle"), redis_state(redis, "idle")
+    await a.start()
+    await b.start()
+    try:
+        assert (await a.buckets().take_all([check]))[0].allowed  # and a lease of 32
+        rest = ("rpm:key:k", 3200.0, 1 / 3600, 3200.0 - 33)
+        assert (await b.buckets().take_all([rest]))[0].allowed
+        whole = ("rpm:key:k", 3200.0, 1 / 3600, 32.0)
+        assert not (await b.buckets().take_all([whole]))[0].allowed  # A holds it
+        await asyncio.sleep(1.5)
+        assert (await b.buckets().take_all([whole]))[0].allowed
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_leases_go_back_at_shutdown(redis: Redis) -> None:
+    check = ("rpm:key:k", 3200.0, 1 / 3600, 1.0)
+    st = redis_state(redis, "bye")
+    await st.start()
+    assert (await st.buckets().take_all([check]))[0].allowed  # and a lease of 32
+    await st.aclose()
+    level = float(await redis_state(redis, "bye").redis.hget("bye:rl:rpm:key:k", "level"))
+    assert level == pytest.approx(3199, abs=0.01)
+
+
 def test_token_reservations_are_settled_in_redis(redis: Redis) -> None:
     """Each request reserves tokens up front; the real usage is settled afterwards, in
     both directions, in the shared bucket."""
