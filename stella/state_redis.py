@@ -275,6 +275,7 @@ class RedisState:
         self._take_slot = self.redis.register_script(TAKE_SLOT)
         self._renew_slots = self.redis.register_script(RENEW_SLOTS)
         self._slots: RedisSlots | None = None
+        self._buckets: RedisBuckets | None = None
         # A usage batch sent but not confirmed: (ID, keys, args), sent again as it is.
         self._unconfirmed: tuple[str, list[str], list[Any]] | None = None
         self._flushing = asyncio.Lock()
@@ -332,6 +333,8 @@ class RedisState:
                 # A batch cut in its round trip stays in doubt and is resent below, as it
                 # was. Never waited for without end: shutdown must not hang on Redis.
                 await asyncio.wait({self._flusher}, timeout=FLUSHER_STOP_S)
+            if self._buckets is not None:
+                self._buckets.return_leases()  # every lease: sent with the last settlement
             # Each last write bounded too (a flusher still stuck holds the usage lock).
             slots = self._slots
             for last in (
@@ -477,6 +480,10 @@ class RedisState:
         while not self._closing:
             await asyncio.sleep(0.1)
             try:
+                if self._buckets is not None:
+                    # A lease this process no longer uses goes back within LEASE_S and
+                    # a tick, not when its key is next checked here (maybe never).
+                    self._buckets.return_leases(time.monotonic())
                 await self._flush_gives()
                 if self._slots is not None:
                     await self._slots.upkeep()
@@ -593,8 +600,10 @@ class RedisState:
     # --- rate limits -------------------------------------------------------------------
 
     def buckets(self) -> RedisBuckets:
-        """The bucket store the limiter uses."""
-        return RedisBuckets(self)
+        """The bucket store the limiter uses (one per process: its leases go back on a timer)."""
+        if self._buckets is None:
+            self._buckets = RedisBuckets(self)
+        return self._buckets
 
     def slots(self) -> RedisSlots:
         """The concurrency slots the limiter uses, shared by every replica."""
@@ -605,20 +614,33 @@ class RedisState:
 
 # A lease: tokens a process takes from a shared bucket beyond what one request needs,
 # to admit its next requests without a round trip. At most LEASE_SHARE of a bucket's
-# capacity and LEASE_REQUESTS requests' worth; unused tokens go back after LEASE_S.
-# Buckets under 1 / LEASE_SHARE per minute never lease: every request asks Redis.
+# capacity and LEASE_REQUESTS requests' worth, in whole requests; unused tokens go back
+# after LEASE_S. Buckets under 1 / LEASE_SHARE per minute never lease: every request
+# asks Redis.
 LEASE_SHARE = 0.01
 LEASE_REQUESTS = 32
 LEASE_S = 1.0
 
 
-class _Lease:
-    __slots__ = ("expires", "level", "tokens")
+def lease_size(capacity: float, cost: float) -> float:
+    """The most a lease of this bucket holds, in whole requests of `cost` (0: no lease)."""
+    if cost <= 0:
+        return 0.0
+    # Whole requests: a fraction left in a lease could pay no request, nor could the
+    # fraction it leaves in the bucket.
+    return cost * (min(capacity * LEASE_SHARE, cost * LEASE_REQUESTS) // cost)
 
-    def __init__(self) -> None:
+
+class _Lease:
+    __slots__ = ("capacity", "expires", "level", "per_s", "size", "tokens")
+
+    def __init__(self, capacity: float, per_s: float) -> None:
         self.tokens = 0.0  # held by this process, not yet handed to a request
         self.expires = 0.0
         self.level = 0.0  # the shared bucket's level after the last take
+        self.capacity = capacity
+        self.per_s = per_s
+        self.size = 0.0  # the most it holds (see lease_size)
 
 
 class RedisBuckets:
@@ -626,14 +648,19 @@ class RedisBuckets:
 
     Every admitted request is paid for by tokens taken atomically from the shared
     bucket, so replicas together never admit more than the limit. A busy
-    process takes a small lease with each call (see LEASE_SHARE) and admits from
+    process takes a small lease with a call (see LEASE_SHARE) and admits from
     it locally until it runs out or expires, which spares most requests the
-    round trip when limits are large.
+    round trip when limits are large. A lease holds one lease's worth at most,
+    and one top-up per bucket is on its way at a time: a burst of calls would
+    otherwise each take a lease and leave the bucket to leases nobody uses.
     """
 
     def __init__(self, state: RedisState) -> None:
         self.state = state
         self._leases: dict[str, _Lease] = {}
+        # Buckets whose lease is being refilled, with the lease's size: calls that it
+        # may pay wait for it (the round trip they would make anyway).
+        self._asking: dict[str, tuple[asyncio.Future[None], float]] = {}
 
     def _lease(self, key: str, cost: float, now: float) -> _Lease | None:
         """The key's lease when it can pay `cost` now."""
@@ -642,71 +669,130 @@ class RedisBuckets:
             return None
         return lease
 
-    def _return_expired(self, checks: list[tuple[str, float, float, float]], now: float) -> None:
-        for key, cap, per_s, _ in checks:
-            lease = self._leases.get(key)
-            if lease is not None and lease.expires < now and lease.tokens:
-                self.give(key, cap, per_s, lease.tokens)
-                lease.tokens = 0.0
+    def _return(self, key: str, lease: _Lease) -> None:
+        if lease.tokens > 0:
+            # Taken from Redis, so owed to Redis, even while it is away.
+            st = self.state
+            st.owe(st._key("rl", key), lease.capacity, lease.per_s, lease.tokens)
+        lease.tokens = 0.0
+
+    def return_leases(self, now: float | None = None) -> None:
+        """Send back the unused tokens of expired leases (of all of them when `now` is
+        None: shutting down) with the next settlement, so other replicas can use them."""
+        for key, lease in list(self._leases.items()):
+            if now is None or lease.expires < now:
+                self._return(key, lease)
+                if key not in self._asking:
+                    del self._leases[key]
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
         """All buckets of one admission: nothing is taken unless every bucket has room.
 
         Buckets whose lease can pay are paid locally; the others go to Redis in
-        one Lua call, each asking for a new lease only when its own ran short,
-        so a bucket that always needs the round trip (a large token reserve)
-        never makes another bucket's lease grow.
+        one Lua call, each topping its lease up only when it ran short and no
+        other call is doing so, so a bucket that always needs the round trip (a
+        large token reserve) never makes another bucket's lease grow. A call whose
+        bucket's lease is being topped up waits for that instead.
         """
+        waits = self._waits(checks)
+        if waits:
+            await asyncio.wait(waits)
+        out, short = await self._take_all(checks)
+        if short:
+            # Refused by Redis while a lease of this process held or was fetching what
+            # Redis lacked (a burst: the lease took the bucket's last tokens): once more.
+            waits = self._waits(short)
+            if waits:
+                await asyncio.wait(waits)
+            now = time.monotonic()
+            if all(self._lease(key, cost, now) for key, _, _, cost in short):
+                out, _ = await self._take_all(checks)
+        return out
+
+    def _waits(self, checks: list[tuple[str, float, float, float]]) -> set[asyncio.Future[None]]:
+        """The lease top-ups on their way that may pay a bucket its lease can't pay now."""
+        if not self._asking:
+            return set()
+        now = time.monotonic()
+        waits = set()
+        for key, _, _, cost in checks:
+            asking = self._asking.get(key)
+            if asking is not None and asking[1] >= cost and self._lease(key, cost, now) is None:
+                waits.add(asking[0])
+        return waits
+
+    async def _take_all(
+        self, checks: list[tuple[str, float, float, float]]
+    ) -> tuple[list[Take], list[tuple[str, float, float, float]]]:
+        """The takes, and when Redis refused them, the buckets it found short."""
         now = time.monotonic()
         leases = [self._lease(key, cost, now) for key, _, _, cost in checks]
+        # Leased buckets pay now (a lease may expire, and go back, during the round
+        # trip), and get it back if the admission fails.
+        for lease, (_, _, _, cost) in zip(leases, checks, strict=True):
+            if lease is not None:
+                lease.tokens -= cost
         remote = [i for i, lease in enumerate(leases) if lease is None]
         out: list[Take] = [Take(True, 0.0, 0.0, 0.0)] * len(checks)
+        short: list[tuple[str, float, float, float]] = []
         ok = True
         if remote:
             st = self.state
             if st.local_only(now):
-                return await st.local.take_all(checks)
-            self._return_expired([checks[i] for i in remote], now)
+                self._refund(leases, checks)
+                return await st.local.take_all(checks), []
             args: list[float] = []
             keys = [st._key("rl", checks[i][0]) for i in remote]
             pending = st._gives
             carried: dict[str, list[float]] = {}
+            asked: dict[str, asyncio.Future[None]] = {}
             for key, i in zip(keys, remote, strict=True):
-                _, cap, per_s, cost = checks[i]
-                extra = min(cap * LEASE_SHARE, cost * LEASE_REQUESTS)
+                name, cap, per_s, cost = checks[i]
+                lease = self._leases.get(name)
+                if lease is not None and lease.expires < now:
+                    self._return(name, lease)  # settled with this check
+                top_up = 0.0
+                size = lease_size(cap, cost)
+                if size and name not in self._asking:
+                    top_up = max(size - (lease.tokens if lease is not None else 0.0), 0.0)
+                    if top_up:
+                        asked[name] = asyncio.get_running_loop().create_future()
+                        self._asking[name] = (asked[name], size)
                 # What calls that ended owe or get back goes with this check, not 0.1 s
                 # later: the next call of a key sees its last one settled.
                 settle = pending.pop(key, None)
                 if settle is not None:
                     carried[key] = settle
-                args += [
-                    cap,
-                    per_s,
-                    cost,
-                    cost + (extra if extra >= cost else 0.0),
-                    settle[2] if settle is not None else 0.0,
-                ]
+                args += [cap, per_s, cost, cost + top_up, settle[2] if settle is not None else 0.0]
             try:
                 flat = await st._take_all(keys=keys, args=args)
             except (RedisError, OSError) as exc:
                 st._failed(exc)
                 st.keep_gives(carried, exc)
-                return await st.local.take_all(checks)
+                self._refund(leases, checks)
+                return await st.local.take_all(checks), []
+            except BaseException:
+                self._refund(leases, checks)
+                raise
+            finally:
+                for name, done in asked.items():
+                    del self._asking[name]
+                    done.set_result(None)
             st._ok()
             ok = all(float(flat[3 * j + 1]) > 0 for j in range(len(remote)))
             expires = time.monotonic() + LEASE_S
             for j, i in enumerate(remote):
-                key, cap, per_s, cost = checks[i]
+                name, cap, per_s, cost = checks[i]
                 before, granted, after = (float(x) for x in flat[3 * j : 3 * j + 3])
                 held = 0.0
                 if ok and granted > cost:
-                    lease = self._leases.get(key)
+                    lease = self._leases.get(name)
                     if lease is None:
-                        lease = self._leases[key] = _Lease()
-                    lease.tokens += granted - cost
-                    lease.expires = expires
-                    lease.level = after
-                    held = lease.tokens
+                        lease = self._leases[name] = _Lease(cap, per_s)
+                    lease.size = lease_size(cap, cost)
+                    held = self._credit(keys[j], lease, granted - cost, after, expires)
+                elif not ok and before < cost:
+                    short.append(checks[i])
                 left = after + held
                 out[i] = Take(
                     before >= cost if not ok else True,
@@ -714,15 +800,34 @@ class RedisBuckets:
                     0.0 if before >= cost else (cost - before) / per_s,
                     (cap - left) / per_s,
                 )
-        # The leased buckets pay only when the whole admission went through.
+            if not ok:
+                self._refund(leases, checks)
         for i, lease in enumerate(leases):
             if lease is not None:
-                _, cap, per_s, cost = checks[i]
-                if ok:
-                    lease.tokens -= cost
+                _, cap, per_s, _ = checks[i]
                 left = lease.level + lease.tokens
                 out[i] = Take(True, left, 0.0, (cap - left) / per_s)
-        return out
+        return out, short
+
+    def _credit(
+        self, key: str, lease: _Lease, tokens: float, level: float, expires: float
+    ) -> float:
+        """Add tokens Redis granted to a lease, up to its size (the rest goes back)."""
+        held = lease.tokens + tokens
+        if held > lease.size:  # never more than a lease's worth held here
+            self.state.owe(key, lease.capacity, lease.per_s, held - lease.size)
+            held = lease.size
+        lease.tokens = held
+        lease.expires = expires
+        lease.level = level
+        return held
+
+    @staticmethod
+    def _refund(leases: list[_Lease | None], checks: list[tuple[str, float, float, float]]) -> None:
+        """Give the leased buckets back what they paid for an admission that failed."""
+        for lease, (_, _, _, cost) in zip(leases, checks, strict=True):
+            if lease is not None:
+                lease.tokens += cost
 
     def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
         """Settle after the fact, in the background."""

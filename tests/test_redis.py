@@ -241,6 +241,70 @@ async def test_a_bucket_that_needs_redis_every_time_does_not_grow_another_lease(
     await st.aclose()
 
 
+def test_a_burst_on_one_replica_admits_the_whole_limit(redis: Redis) -> None:
+    # 130 calls at once on 120 a minute: each used to ask Redis for its own lease, the
+    # leases took the bucket and 75 calls were refused with it far from empty.
+    cfg = config(redis, limits={"requests_per_minute": 120})
+    with run_stella(cfg, ENV) as s:
+        t0 = time.monotonic()
+        codes = asyncio.run(_burst([s.url], 130))
+        refill = (time.monotonic() - t0) * 2
+    assert 120 <= codes.count(200) <= 120 + refill, codes.count(200)
+    assert codes.count(429) == 130 - codes.count(200)
+
+
+async def test_a_burst_of_checks_takes_one_lease_at_a_time(redis: Redis) -> None:
+    from stella.state_redis import LEASE_REQUESTS
+
+    st = redis_state(redis, "one-lease")
+    b = st.buckets()
+    try:
+        # Requests: 120 in the bucket (no refill to speak of), 130 at once: exactly 120.
+        requests = [("rpm:key:k", 120.0, 1e-6, 1.0)]
+        takes = await asyncio.gather(*(b.take_all(requests) for _ in range(130)))
+        assert sum(t.allowed for [t] in takes) == 120
+        # Tokens: 200 calls reserving 257 each, half of 100,000: all of them go through.
+        tokens = [("tpm:key:k", 100_000.0, 1e-6, 257.0)]
+        takes = await asyncio.gather(*(b.take_all(tokens) for _ in range(200)))
+        assert all(t.allowed for [t] in takes)
+        # A lease never holds more than its size: the rest is in the shared bucket.
+        assert b._leases["tpm:key:k"].tokens <= min(1000.0, 257.0 * LEASE_REQUESTS)
+        level = float(await st.redis.hget("one-lease:rl:tpm:key:k", "level"))
+        assert level + b._leases["tpm:key:k"].tokens == pytest.approx(100_000 - 200 * 257)
+    finally:
+        await st.aclose()
+
+
+async def test_a_lease_left_idle_goes_back_to_the_shared_bucket(redis: Redis) -> None:
+    # Replica A takes a lease, then gets none of the key's calls: the lease goes back
+    # after a second, so replica B can use the whole bucket (it refills 1 token an hour).
+    check = ("rpm:key:k", 3200.0, 1 / 3600, 1.0)
+    a, b = redis_state(redis, "idle"), redis_state(redis, "idle")
+    await a.start()
+    await b.start()
+    try:
+        assert (await a.buckets().take_all([check]))[0].allowed  # and a lease of 32
+        rest = ("rpm:key:k", 3200.0, 1 / 3600, 3200.0 - 33)
+        assert (await b.buckets().take_all([rest]))[0].allowed
+        whole = ("rpm:key:k", 3200.0, 1 / 3600, 32.0)
+        assert not (await b.buckets().take_all([whole]))[0].allowed  # A holds it
+        await asyncio.sleep(1.5)
+        assert (await b.buckets().take_all([whole]))[0].allowed
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_leases_go_back_at_shutdown(redis: Redis) -> None:
+    check = ("rpm:key:k", 3200.0, 1 / 3600, 1.0)
+    st = redis_state(redis, "bye")
+    await st.start()
+    assert (await st.buckets().take_all([check]))[0].allowed  # and a lease of 32
+    await st.aclose()
+    level = float(await redis_state(redis, "bye").redis.hget("bye:rl:rpm:key:k", "level"))
+    assert level == pytest.approx(3199, abs=0.01)
+
+
 def test_token_reservations_are_settled_in_redis(redis: Redis) -> None:
     """Each request reserves tokens up front; the real usage is settled afterwards, in
     both directions, in the shared bucket."""
