@@ -597,13 +597,14 @@ class Inference:
                 # upstream's own 429 may ask for an hour; a fallback's limit frees sooner).
                 err.retry_in(soonest)
             if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
-                code = err.code
+                code, last_retryable = err.code, err.retryable
                 # The code is kept, and with it when to come back (an `overloaded` is
                 # Anthropic's 529, which promises a Retry-After as a 503 does).
                 err = UpstreamError(
                     f"every backend failed; last: {err.message}", retry_after=err.retry_after
                 )
-                err.code = code
+                # And whether sending it again may help: the last failure's verdict.
+                err.code, err.retryable = code, last_retryable
             return self.fail(err)
         finally:
             watchdog.close()

@@ -51,6 +51,8 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
             "b-400": {"kind": "openai", "base_url": url + "/v1"},
             "b-hold": {"kind": "openai", "base_url": url + "/v1"},
             "b-400-client": {"kind": "openai", "base_url": url + "/v1"},
+            "b-chain-401": {"kind": "openai", "base_url": url + "/v1"},
+            "b-chain-403": {"kind": "openai", "base_url": url + "/v1"},
             "down": {
                 "kind": "openai",
                 "base_url": f"http://127.0.0.1:{free_port()}/v1",
@@ -171,6 +173,17 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
                     "idle_timeout_s": 1,
                 },
                 "up-400-client": {"backend": "b-400-client", "upstream_model": "status-400"},
+                "up-chain": {
+                    "backend": "b-chain-401",
+                    "upstream_model": "status-401",
+                    "retries": 0,
+                    "fallbacks": ["up-chain-403"],
+                },
+                "up-chain-403": {
+                    "backend": "b-chain-403",
+                    "upstream_model": "status-403",
+                    "retries": 0,
+                },
                 "flaky-bad": {"backend": "flaky", "upstream_model": "status-500", **fast},
                 "flaky-ok": {"backend": "flaky", "upstream_model": "ok", **fast},
             }
@@ -341,6 +354,19 @@ def test_a_key_the_upstream_refuses_goes_to_the_fallback(gateway: LiveServer) ->
         ("up", None),
     ]
     assert ev["attempts"][0]["upstream_status"] == 401
+
+
+def test_a_chain_that_every_backend_refused_is_not_worth_asking_again(
+    gateway: LiveServer,
+) -> None:
+    # Both upstreams refuse stella's key: the chain's error keeps the last one's verdict
+    # (and code), so a client trusting `retryable` does not send it again.
+    r = chat(gateway, "up-chain", stream=False)
+    err = r.json()["error"]
+    assert r.status_code == 502 and err["code"] == "upstream_error", r.text
+    assert err["message"].startswith("every backend failed") and err["retryable"] is False
+    lines = ndjson(chat(gateway, "up-chain").text)
+    assert lines[-1]["type"] == "error" and lines[-1]["retryable"] is False, lines
 
 
 def test_a_key_the_upstream_refuses_counts_against_its_circuit(gateway: LiveServer) -> None:
