@@ -8,6 +8,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 EXPOSE = [
     "X-Request-ID",
+    "request-id",  # the same ID, where the Anthropic SDKs read it
     "X-RateLimit-Limit",
     "X-RateLimit-Remaining",
     "X-RateLimit-Reset",
