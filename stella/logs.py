@@ -87,20 +87,33 @@ def is_secret_field(name: str) -> bool:
 
 
 BEARER_TEXT = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
-BEARER_BYTES = re.compile(BEARER_TEXT.pattern.encode())  # the same, for encoded lines
+# The same, for encoded lines: a tab there is the two characters `\t`.
+BEARER_BYTES = re.compile(rb"(?i)\b(bearer)(?:\s|\\t)+[A-Za-z0-9._~+/=-]+")
 # An Authorization or Proxy-Authorization header quoted in text (`Authorization: token
 # ghp_...`, `'authorization': 'Basic ...'`, `authorization=...`): its scheme word is
-# kept, its credential masked, whatever the scheme. Possessive: a scheme word with no
-# credential after it (`Bearer <key>`) is left as it is, not taken for the credential.
+# kept, its credential masked, whatever the scheme: a token, or a list of parameters
+# (`Digest username="u", response="..."`, `AWS4-HMAC-SHA256 Credential=..,
+# Signature=..`). Possessive: a scheme word with no credential after it (`Bearer <key>`)
+# is left as it is, not taken for the credential.
 _AUTH_HEADER = (
     r"(?i)\b((?:proxy-)?authorization{q}\s*[:=]\s*{q})"  # the name, then `: ` or `": "`
-    r"([a-z]+[ \t]+)?+"  # the scheme, if any
-    r"([^\s\"'\\,;<>]+)"  # the credential
+    r"([a-z][a-z0-9-]*{ws}+)?+"  # the scheme, if any
+    r"((?:{param}|[^\s\"'\\,;<>]+)(?:(?:{ws}*,{ws}*|{ws}+){param})*)"  # the credential
 )
-AUTH_HEADER_TEXT = re.compile(_AUTH_HEADER.format(q=r"[\"']?"))
+_PARAM = r"[a-z0-9_.-]+=(?:{string}|[^\s\"',;\\]+)"  # name=value, name="value"
+AUTH_HEADER_TEXT = re.compile(
+    _AUTH_HEADER.format(q=r"[\"']?", ws=r"[ \t]", param=_PARAM.format(string=r'"[^"\r\n]*"'))
+)
 # In an encoded line a quote inside a string is escaped: a bare one ends the string, so
-# a JSON key named authorization (masked by its name) never matches, nor its `null`.
-AUTH_HEADER_BYTES = re.compile(_AUTH_HEADER.format(q=r"(?:\\\"|')?").encode())
+# a JSON key named authorization (masked by its name) never matches, nor its `null`; a
+# tab is `\t`, and a quoted value is `\"..\"`, whole escapes only.
+AUTH_HEADER_BYTES = re.compile(
+    _AUTH_HEADER.format(
+        q=r"(?:\\\"|')?",
+        ws=r"(?:[ ]|\\t)",
+        param=_PARAM.format(string=r'\\"(?:[^"\\]|\\[^"])*\\"'),
+    ).encode()
+)
 # `Basic <base64 of user:password>`, the colon checked: `basic idea` is no credential.
 BASIC_TEXT = re.compile(r"(?i)\b(basic)[ \t]+([A-Za-z0-9+/]{4,}={0,2})")
 BASIC_BYTES = re.compile(BASIC_TEXT.pattern.encode())

@@ -622,6 +622,10 @@ def test_an_authorization_header_in_text_is_masked_whatever_its_scheme() -> None
                 "alone": f"then Basic {basic} again",
                 "prose": "a basic idea, Basic arithmetic, and Authorization: Bearer <key>",
                 "authorization": None,
+                "aws": "Authorization: AWS4-HMAC-SHA256 Credential=AKIAEX1/20250101/s3/"
+                "aws4_request, SignedHeaders=host, Signature=fe5f80sig1",
+                "digest": 'Authorization: Digest username="bob", response="6629resp1", then',
+                "tab": "Authorization: Bearer\ttab-tok-1 and Bearer\ttab-tok-2",
             },
             "prompt": [{"role": "user", "content": "Authorization: ApiKey sk-in-prompt-1"}],
             "completion": "sent with Authorization: token sk-in-answer-1\nthen",
@@ -630,7 +634,7 @@ def test_an_authorization_header_in_text_is_masked_whatever_its_scheme() -> None
     sink.put({"event": "x", "msg": "Authorization:sk-in-other-event"})  # no space at all
     sink.close()
     text = out.getvalue().decode()
-    for secret in (basic, "ghp_abc", "d1g3st", "no-space", "sk-in-", "sk-in-other"):
+    for secret in (basic, "ghp_abc", "d1g3st", "no-space", "sk-in-", "AKIAEX1", "sig1", "bob"):
         assert secret not in text
     inference, other = (json.loads(line) for line in text.splitlines())  # still JSON
     assert inference["metadata"] == {
@@ -643,6 +647,10 @@ def test_an_authorization_header_in_text_is_masked_whatever_its_scheme() -> None
         "alone": "then Basic *** again",
         "prose": "a basic idea, Basic arithmetic, and Authorization: Bearer <key>",
         "authorization": None,
+        # A scheme with parameters: all of them (the signature is one).
+        "aws": "Authorization: AWS4-HMAC-SHA256 ***",
+        "digest": "Authorization: Digest ***, then",
+        "tab": "Authorization: Bearer\t*** and Bearer ***",
     }
     assert inference["prompt"][0]["content"] == "Authorization: ApiKey ***"
     assert inference["completion"] == "sent with Authorization: token ***\nthen"
@@ -650,6 +658,8 @@ def test_an_authorization_header_in_text_is_masked_whatever_its_scheme() -> None
     # An upstream's error text that reaches a client is masked the same way.
     said = f"refused 'Authorization: token ghp_x1' and Basic {basic}"
     assert logs.mask(said) == "refused 'Authorization: token ***' and Basic ***"
+    digest = 'Authorization: Digest username="u", nonce="n", response="r1"'
+    assert logs.mask(digest) == "Authorization: Digest ***"
 
 
 def test_a_bearer_token_is_masked_whole() -> None:
