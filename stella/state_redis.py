@@ -622,13 +622,18 @@ LEASE_REQUESTS = 32
 LEASE_S = 1.0
 
 
-def lease_size(capacity: float, cost: float) -> float:
-    """The most a lease of this bucket holds, in whole requests of `cost` (0: no lease)."""
+def lease_size(capacity: float, cost: float, calls: int = 0) -> float:
+    """The most a lease of this bucket holds, in whole requests of `cost` (0: no lease):
+    LEASE_REQUESTS, or twice the `calls` waiting on the bucket when more, within
+    LEASE_SHARE of the bucket."""
     if cost <= 0:
         return 0.0
-    # Whole requests: a fraction left in a lease could pay no request, nor could the
-    # fraction it leaves in the bucket.
-    return cost * (min(capacity * LEASE_SHARE, cost * LEASE_REQUESTS) // cost)
+    # Sized to the demand: with more calls in flight than a lease pays, most would
+    # make the round trip the lease is there to spare. Whole requests: a fraction
+    # left in a lease could pay no request, nor could the fraction it leaves in the
+    # bucket.
+    want = cost * max(LEASE_REQUESTS, 2 * calls)
+    return cost * (min(capacity * LEASE_SHARE, want) // cost)
 
 
 class _Lease:
@@ -661,6 +666,13 @@ class RedisBuckets:
         # Buckets whose lease is being refilled, with the lease's size: calls that it
         # may pay wait for it (the round trip they would make anyway).
         self._asking: dict[str, tuple[asyncio.Future[None], float]] = {}
+        # Per bucket, the calls in take_all that have not been answered yet: the demand
+        # a top-up is sized to.
+        self._calls: dict[str, int] = {}
+        # Per bucket, the calls that waited for the top-up on its way, and for the last
+        # one: the calls a second's worth of round trips must pay, whose size it sets.
+        self._round: dict[str, int] = {}
+        self._demand: dict[str, int] = {}
 
     def _lease(self, key: str, cost: float, now: float) -> _Lease | None:
         """The key's lease when it can pay `cost` now."""
@@ -684,6 +696,7 @@ class RedisBuckets:
                 self._return(key, lease)
                 if key not in self._asking:
                     del self._leases[key]
+                    self._demand.pop(key, None)
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
         """All buckets of one admission: nothing is taken unless every bucket has room.
@@ -694,24 +707,42 @@ class RedisBuckets:
         large token reserve) never makes another bucket's lease grow. A call whose
         bucket's lease is being topped up waits for that instead.
         """
-        waits = self._waits(checks)
-        if waits:
-            await asyncio.wait(waits)
-        out, short = await self._take_all(checks)
-        if short:
-            # Refused by Redis while a lease of this process held or was fetching what
-            # Redis lacked (a burst: the lease took the bucket's last tokens): once more.
-            waits = self._waits(short)
-            if waits:
+        calls = self._calls
+        for key, _, _, _ in checks:
+            calls[key] = calls.get(key, 0) + 1
+        try:
+            # A top-up wakes the calls that waited for it: those it could not pay (it
+            # was sized to the calls before) wait for the next, a few times at most.
+            for _ in range(3):
+                waits = self._waits(checks)
+                if not waits:
+                    break
                 await asyncio.wait(waits)
-            now = time.monotonic()
-            if all(self._lease(key, cost, now) for key, _, _, cost in short):
-                out, _ = await self._take_all(checks)
-        return out
+            out, short = await self._take_all(checks)
+            if short:
+                # Refused by Redis while a lease of this process held or was fetching
+                # what Redis lacked (a burst: the lease took the bucket's last tokens):
+                # once more.
+                waits = self._waits(short)
+                if waits:
+                    await asyncio.wait(waits)
+                now = time.monotonic()
+                if all(self._lease(key, cost, now) for key, _, _, cost in short):
+                    out, _ = await self._take_all(checks)
+            return out
+        finally:
+            for key, _, _, _ in checks:
+                left = calls[key] - 1
+                if left:
+                    calls[key] = left
+                else:
+                    del calls[key]
 
     def _waits(self, checks: list[tuple[str, float, float, float]]) -> set[asyncio.Future[None]]:
         """The lease top-ups on their way that may pay a bucket its lease can't pay now."""
-        if not self._asking:
+        if not self._asking or self.state.down_since is not None:
+            # During an outage a top-up is the second's probe, which may take its whole
+            # timeout: the calls go to the local stand-in at once instead.
             return set()
         now = time.monotonic()
         waits = set()
@@ -719,6 +750,7 @@ class RedisBuckets:
             asking = self._asking.get(key)
             if asking is not None and asking[1] >= cost and self._lease(key, cost, now) is None:
                 waits.add(asking[0])
+                self._round[key] = self._round.get(key, 0) + 1
         return waits
 
     async def _take_all(
@@ -746,18 +778,22 @@ class RedisBuckets:
             pending = st._gives
             carried: dict[str, list[float]] = {}
             asked: dict[str, asyncio.Future[None]] = {}
+            sizes: dict[str, float] = {}  # the size of each lease topped up
             for key, i in zip(keys, remote, strict=True):
                 name, cap, per_s, cost = checks[i]
                 lease = self._leases.get(name)
                 if lease is not None and lease.expires < now:
                     self._return(name, lease)  # settled with this check
                 top_up = 0.0
-                size = lease_size(cap, cost)
-                if size and name not in self._asking:
+                calls = max(self._calls.get(name, 0), self._demand.get(name, 0))
+                size = lease_size(cap, cost, calls)
+                if size and name not in self._asking and st.down_since is None:
                     top_up = max(size - (lease.tokens if lease is not None else 0.0), 0.0)
                     if top_up:
                         asked[name] = asyncio.get_running_loop().create_future()
                         self._asking[name] = (asked[name], size)
+                        sizes[name] = size
+                        self._round[name] = 0
                 # What calls that ended owe or get back goes with this check, not 0.1 s
                 # later: the next call of a key sees its last one settled.
                 settle = pending.pop(key, None)
@@ -777,6 +813,7 @@ class RedisBuckets:
             finally:
                 for name, done in asked.items():
                     del self._asking[name]
+                    self._demand[name] = self._round.pop(name, 0)
                     done.set_result(None)
             st._ok()
             ok = all(float(flat[3 * j + 1]) > 0 for j in range(len(remote)))
@@ -789,7 +826,7 @@ class RedisBuckets:
                     lease = self._leases.get(name)
                     if lease is None:
                         lease = self._leases[name] = _Lease(cap, per_s)
-                    lease.size = lease_size(cap, cost)
+                    lease.size = sizes.get(name, lease.size)
                     held = self._credit(keys[j], lease, granted - cost, after, expires)
                 elif not ok and before < cost:
                     short.append(checks[i])

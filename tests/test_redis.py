@@ -275,6 +275,72 @@ async def test_a_burst_of_checks_takes_one_lease_at_a_time(redis: Redis) -> None
         await st.aclose()
 
 
+async def test_many_calls_in_flight_on_one_key_are_paid_by_leases(redis: Redis) -> None:
+    # 200 calls at a time on a key with a large limit, each yielding as a request does:
+    # a top-up is sized to the calls waiting for it, so most never make a round trip
+    # (with leases of 32 requests, most of them did).
+    st = redis_state(redis, "demand")
+    b = st.buckets()
+    trips = 0
+    take = st._take_all
+
+    async def counted(**kw: object) -> object:
+        nonlocal trips
+        trips += 1
+        return await take(**kw)
+
+    st._take_all = counted  # type: ignore[method-assign]
+    check = [("rpm:key:k", 1e7, 1e7 / 60, 1.0)]
+
+    async def caller() -> int:
+        ok = 0
+        for _ in range(50):
+            ok += (await b.take_all(check))[0].allowed
+            await asyncio.sleep(0)
+        return ok
+
+    try:
+        assert sum(await asyncio.gather(*(caller() for _ in range(200)))) == 200 * 50
+        assert trips < 0.05 * 200 * 50, trips
+    finally:
+        await st.aclose()
+
+
+async def test_a_stalled_redis_holds_up_only_its_probe_on_a_leased_key(redis: Redis) -> None:
+    import os
+    import signal
+
+    # 6000 a minute: the bucket leases. Once the outage is known, the second's probe
+    # waits for its timeout; the calls beside it go to the local stand-in at once,
+    # instead of waiting for the probe as for a lease top-up.
+    st = redis_state(redis, "stall-lease")
+    b = st.buckets()
+    check = [("rpm:key:k", 6000.0, 100.0, 1.0)]
+    assert redis.proc is not None
+    try:
+        assert (await b.take_all(check))[0].allowed
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(1.1)  # the lease expires: the next call asks Redis
+            await b.take_all(check)  # times out: the outage is known
+            await asyncio.sleep(1.1)  # the next call is the probe
+
+            async def timed() -> float:
+                t = time.monotonic()
+                await b.take_all(check)
+                return time.monotonic() - t
+
+            probe = asyncio.ensure_future(timed())
+            await asyncio.sleep(0.01)
+            others = await asyncio.gather(*(timed() for _ in range(10)))
+            await probe
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert max(others) < 0.5, others
+    finally:
+        await st.aclose()
+
+
 async def test_a_lease_left_idle_goes_back_to_the_shared_bucket(redis: Redis) -> None:
     # Replica A takes a lease, then gets none of the key's calls: the lease goes back
     # after a second, so replica B can use the whole bucket (it refills 1 token an hour).
