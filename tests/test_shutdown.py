@@ -96,6 +96,35 @@ def test_a_client_that_stopped_reading_does_not_hold_the_shutdown() -> None:
         assert cut["error_code"] == "shutting_down"
 
 
+def test_a_body_still_coming_at_sigterm_gets_503_and_does_not_hold_the_shutdown() -> None:
+    """A request whose body was still arriving waited in read_body past the drain until
+    uvicorn's own limit (drain + 5 s, past a runtime's stop timeout) cancelled it: a 500
+    and a traceback. It is answered 503 shutting_down when the drain begins."""
+    with run_stella({"server": {"drain_timeout_s": 4}}) as server:
+        sock = socket.socket()
+        sock.connect(("127.0.0.1", server.port))
+        body = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "hi"}]})
+        head = b"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+        sock.sendall(head % len(body) + body.encode()[:-5])  # 5 bytes short
+        try:
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            code = server.stop(timeout=30)
+            took = time.monotonic() - t0
+            sock.settimeout(5)
+            answer = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    answer += chunk
+        finally:
+            sock.close()
+        assert code == 0
+        assert took < 3, took  # nothing to drain: at once, not the drain + 5 s
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b'"shutting_down"' in answer
+        assert not [line for line in server.lines() if "Exception in ASGI application" in line]
+
+
 def test_a_client_reading_slowly_still_gets_the_shutting_down_line() -> None:
     """A reader behind the stream (a backlog in the socket) still takes what waits for
     it: the drain's cut waits while it takes anything, not a flat second."""

@@ -276,6 +276,11 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             chunks.append(chunk)
         if not message.get("more_body", False):
             break
+        svc = request.scope.get("stella")
+        if svc is not None and svc.drain.draining:
+            # Woken by the shutdown (see BodyDeadlineProtocol.shutdown): the rest of the
+            # body is not waited for.
+            raise ShuttingDown("the server is shutting down; retry on another instance")
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
