@@ -119,7 +119,10 @@ class CorkedTransport:
                 self._transport.write(data)
         elif buf is None:
             if len(self._tasks) < 2:
-                self._transport.write(data)  # alone: nothing to batch with
+                # Alone: nothing to batch with. A connection that closed under a cycle
+                # still running (a pipelining client that left) takes nothing.
+                if not self._transport.is_closing():
+                    self._transport.write(data)
                 return
             self._buf = [data]
             self._held = len(data)

@@ -795,3 +795,23 @@ async def test_closing_lingering_is_bounded(monkeypatch: pytest.MonkeyPatch) -> 
     await turn()
     assert b" 413 " in rec.writes[0] and rec.closed and not rec.eof
     proto.connection_lost(None)
+
+
+def test_a_pipelining_client_that_leaves_costs_no_traceback() -> None:
+    """A client that pipelined many requests, read nothing and left: the cycle still
+    running wrote to the closed connection ("unable to perform operation on
+    <TCPTransport closed=True>", an ASGI exception in the log)."""
+    from tests.live import run_stella
+
+    with run_stella({}) as server:
+        for _ in range(3):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n" * 100)
+            time.sleep(1)
+            sock.close()
+        time.sleep(0.5)
+        lines = server.lines()
+        assert not [line for line in lines if "Exception in ASGI application" in line]
+        assert not [line for line in lines if "closed=True" in line]
