@@ -729,6 +729,10 @@ class RedisBuckets:
                 now = time.monotonic()
                 if all(self._lease(key, cost, now) for key, _, _, cost in short):
                     out, _ = await self._take_all(checks)
+                elif self._give_back_short(short):
+                    # A call costing more than a lease pays, refused while this process's
+                    # lease held what Redis lacked: the lease goes back with the next try.
+                    out, _ = await self._take_all(checks)
             return out
         finally:
             for key, _, _, _ in checks:
@@ -737,6 +741,18 @@ class RedisBuckets:
                     calls[key] = left
                 else:
                     del calls[key]
+
+    def _give_back_short(self, short: list[tuple[str, float, float, float]]) -> bool:
+        """Return the leases of the buckets Redis found short when, with them, it would
+        not be (sent with the next check); whether any was."""
+        st = self.state
+        back = False
+        for key, _, _, cost in short:
+            lease = self._leases.get(key)
+            if lease is not None and lease.tokens > 0 and lease.level + lease.tokens >= cost:
+                self._return(key, lease)
+                back = True
+        return back and st.down_since is None
 
     def _waits(self, checks: list[tuple[str, float, float, float]]) -> set[asyncio.Future[None]]:
         """The lease top-ups on their way that may pay a bucket its lease can't pay now."""

@@ -341,6 +341,25 @@ async def test_a_stalled_redis_holds_up_only_its_probe_on_a_leased_key(redis: Re
         await st.aclose()
 
 
+async def test_a_call_larger_than_a_lease_gets_what_the_lease_holds(redis: Redis) -> None:
+    # 950 calls of 100 tokens leave ~4,000 in Redis and up to 1,000 in this process's
+    # lease: a call of 4,500 fits in both together. It was refused while the lease kept
+    # the tokens Redis lacked; the lease goes back with the next try.
+    st = redis_state(redis, "big-call")
+    b = st.buckets()
+    try:
+        small = [("tpm:key:k", 100_000.0, 1e-6, 100.0)]
+        takes = await asyncio.gather(*(b.take_all(small) for _ in range(950)))
+        assert all(t.allowed for [t] in takes)
+        held = b._leases["tpm:key:k"].tokens
+        level = float(await st.redis.hget("big-call:rl:tpm:key:k", "level"))
+        assert held > 0 and level < 4500 <= level + held, (level, held)
+        [big] = await b.take_all([("tpm:key:k", 100_000.0, 1e-6, 4500.0)])
+        assert big.allowed
+    finally:
+        await st.aclose()
+
+
 async def test_a_lease_left_idle_goes_back_to_the_shared_bucket(redis: Redis) -> None:
     # Replica A takes a lease, then gets none of the key's calls: the lease goes back
     # after a second, so replica B can use the whole bucket (it refills 1 token an hour).
