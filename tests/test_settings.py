@@ -459,6 +459,20 @@ def test_values_only_use_reveals_are_checked_up_front(
     assert len(lines) == 1 and needle in lines[0]
 
 
+def test_config_prints_nothing_that_serve_would_refuse() -> None:
+    # A backend table serve refuses was printed as written, exit 0, by plain `config`.
+    env = {"PATH": "/usr/bin:/bin", "STELLA_BACKENDS__ECHO__DELAY_S": "abc"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "stella", "config"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert "backends.echo.delay_s" in proc.stderr
+
+
 def check_with_audit_path(path: Path) -> subprocess.CompletedProcess[str]:
     """`stella config --check` with log.audit_path set to `path`, on echo."""
     env = {"PATH": "/usr/bin:/bin", "STELLA_MODELS__DEFAULT": "echo"}

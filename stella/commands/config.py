@@ -8,7 +8,10 @@ import os
 import sys
 
 NAME = "config"
-HELP = "print the effective configuration with secrets redacted (--check: validate only)"
+HELP = (
+    "print the effective configuration with secrets redacted, exit 2 when stella serve "
+    "would refuse it (--check: validate only)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the configuration as decoded from the file and environment; with --check,
-    also build the backends, keys and audit file as `stella serve` would."""
+    """Print the configuration as decoded from the file and environment, after building
+    the backends and keys as `stella serve` would (a bad backend table is exit 2, not a
+    table printed as it was written); --check also checks the audit file, prints nothing."""
     from stella.backends import ConfigError
     from stella.commands import use_config_file
     from stella.settings import blamed, enabled_backends, load_settings, redacted
@@ -32,10 +36,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         settings = load_settings()
-        if args.check:
-            from stella.app import Services, check_audit_path
+        from stella.app import Services, check_audit_path
 
-            Services(settings)  # builds backends and keys: catches what the file alone can't
+        Services(settings)  # builds backends and keys: catches what the file alone can't
+        if args.check:
             check_audit_path(settings, create=False)  # a check leaves nothing behind
     except ConfigError as exc:
         print(f"stella: config error: {blamed(exc)}", file=sys.stderr)
