@@ -667,3 +667,34 @@ def test_a_draining_servers_refusals_take_each_dialects_declared_shape() -> None
     for method, path, r in seen:
         assert r.status_code == 503, (path, r.text)
         _validate(spec, method, path, r)
+
+
+async def test_a_disabled_metrics_route_is_not_advertised() -> None:
+    # With metrics off, GET /metrics is a 404: / and /openapi.json named it all the same.
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    def app(metrics: bool) -> object:
+        overrides = {
+            "models": {"default": "echo"},
+            "backends": {"local": {"enabled": False}},
+            "metrics": {"enabled": metrics},
+        }
+        return create_app(load_settings(overrides, environ={}))
+
+    for enabled in (False, True):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app(enabled)), base_url="http://127.0.0.1"
+        ) as c:
+            links = (await c.get("/")).json()["links"]
+            paths = (await c.get("/openapi.json")).json()["paths"]
+            status = (await c.get("/metrics")).status_code
+        assert ("metrics" in links) is enabled and ("/metrics" in paths) is enabled
+        assert (status == 200) is enabled, status
+    # The usage report's filters are in the document.
+    usage = paths["/api/v1/usage"]["get"]["parameters"]
+    assert [(p["name"], p["in"]) for p in usage] == [
+        ("day", "query"),
+        ("key", "query"),
+        ("model", "query"),
+    ]

@@ -84,6 +84,11 @@ document(
         admin=True,
         response=UsageReport,
         errors=(400, 401, 403, 503),
+        query=(
+            ("day", "YYYY-MM-DD (UTC); today when absent"),
+            ("key", "only this key's rows"),
+            ("model", "only this model's rows"),
+        ),
     )
 )
 

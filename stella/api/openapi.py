@@ -50,6 +50,8 @@ class Operation:
     public: bool = False
     errors: tuple[int, ...] = (400, 401, 403, 404, 413, 415, 429, 502, 503, 504)
     params: tuple[str, ...] = field(default=())
+    # Optional query parameters: (name, description).
+    query: tuple[tuple[str, str], ...] = field(default=())
     media: str = "application/json"  # the media type of `response`
     # Statuses answered with a body of their own, not ErrorResponse (GET /ready's 503).
     others: tuple[tuple[int, Any], ...] = ()
@@ -69,10 +71,12 @@ def document(*ops: Operation) -> None:
     OPERATIONS.extend(ops)
 
 
-def build_schema() -> dict[str, Any]:
-    """The OpenAPI 3.1 document for every registered operation."""
+def build_schema(without: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for every registered operation but those on the paths
+    `without` (routes this server does not serve, such as a disabled /metrics)."""
     types: list[Any] = [ErrorResponse, StreamEvent]
-    for op in OPERATIONS:
+    operations = [op for op in OPERATIONS if op.path not in without]
+    for op in operations:
         types += [t for t in (op.request, op.response, op.stream_item, op.error) if t is not None]
         types += [t for _, t in op.others]
     written = _written(types)
@@ -92,12 +96,15 @@ def build_schema() -> dict[str, Any]:
         components[s.name] = s.schema
         by_type[s] = ref(s)
     paths: dict[str, dict[str, Any]] = {}
-    for op in OPERATIONS:
+    for op in operations:
         item: dict[str, Any] = {"summary": op.summary, "tags": [op.tag]}
-        if op.params:
+        if op.params or op.query:
             item["parameters"] = [
                 {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                 for p in op.params
+            ] + [
+                {"name": q, "in": "query", "description": d, "schema": {"type": "string"}}
+                for q, d in op.query
             ]
         if op.request is not None:
             item["requestBody"] = {

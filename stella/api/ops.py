@@ -128,23 +128,29 @@ async def info(request: Request) -> Response:
             description="An async LLM gateway",
             default_model=svc.router.default,
             uptime_s=round(time.monotonic() - svc.started, 1),
-            links={name: base + path for name, path in LINKS.items()},
+            links={
+                name: base + path
+                for name, path in LINKS.items()
+                if name != "metrics" or svc.settings.metrics.enabled
+            },
         )
     )
 
 
-_schemas: dict[str, bytes] = {}  # per public_url: built once
+_schemas: dict[tuple[str, bool], bytes] = {}  # per public_url and metrics on/off: built once
 
 
 async def openapi(request: Request) -> Response:
     """GET /openapi.json (with `servers` when server.public_url is set)."""
-    public_url = services(request).settings.server.public_url.rstrip("/")
-    body = _schemas.get(public_url)
+    settings = services(request).settings
+    public_url = settings.server.public_url.rstrip("/")
+    metrics = settings.metrics.enabled
+    body = _schemas.get((public_url, metrics))
     if body is None:
-        spec = build_schema()
+        spec = build_schema(frozenset() if metrics else frozenset({"/metrics"}))
         if public_url:
             spec["servers"] = [{"url": public_url}]
-        body = _schemas[public_url] = JSONResponse(spec).body
+        body = _schemas[public_url, metrics] = JSONResponse(spec).body
     return Response(body, media_type="application/json")
 
 

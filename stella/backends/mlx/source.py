@@ -21,7 +21,8 @@ class ModelSourceError(Exception):
 
 
 def default_cache_dir() -> Path:
-    """Where imported GGUF models live: $STELLA_CACHE_DIR, else ~/.cache/stella/models."""
+    """Where imported GGUF models live: $STELLA_CACHE_DIR, else $XDG_CACHE_HOME/stella/models
+    (~/.cache/stella/models)."""
     env = os.environ.get("STELLA_CACHE_DIR")
     if env:
         return Path(env).expanduser()
