@@ -87,36 +87,53 @@ def is_secret_field(name: str) -> bool:
 
 
 BEARER_TEXT = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
-# The same, for encoded lines: a tab there is the two characters `\t`.
-BEARER_BYTES = re.compile(rb"(?i)\b(bearer)(?:\s|\\t)+[A-Za-z0-9._~+/=-]+")
+# In an encoded line a tab, a newline or a return before a word is `\t`, `\n`, `\r`:
+# the word starts there too, though `\b` sees none (n, t, r are word characters).
+_START_BYTES = r"(?:\b|(?<=\\[tnr]))"
+_SPACE_BYTES = r"(?:\s|\\t)"
+BEARER_BYTES = re.compile(
+    (_START_BYTES + r"(?i:(bearer))" + _SPACE_BYTES + r"+[A-Za-z0-9._~+/=-]+").encode()
+)
 # An Authorization or Proxy-Authorization header quoted in text (`Authorization: token
 # ghp_...`, `'authorization': 'Basic ...'`, `authorization=...`): its scheme word is
 # kept, its credential masked, whatever the scheme: a token, or a list of parameters
 # (`Digest username="u", response="..."`, `AWS4-HMAC-SHA256 Credential=..,
-# Signature=..`). Possessive: a scheme word with no credential after it (`Bearer <key>`)
-# is left as it is, not taken for the credential.
+# SignedHeaders=a;b, Signature=..`). A scheme is a word of letters, or one with digits
+# and dashes when parameters follow it (AWS4-HMAC-SHA256): `sk-12ab is not valid`
+# is a credential, not a scheme. Possessive: a scheme word with no credential after
+# it (`Bearer <key>`) is left as it is, not taken for the credential.
 _AUTH_HEADER = (
-    r"(?i)\b((?:proxy-)?authorization{q}\s*[:=]\s*{q})"  # the name, then `: ` or `": "`
-    r"([a-z][a-z0-9-]*{ws}+)?+"  # the scheme, if any
+    r"(?i){start}((?:proxy-)?authorization{q}{sp}*[:=]{sp}*{q})"  # the name, `: ` or `": "`
+    r"((?:[a-z]+|[a-z][a-z0-9-]*(?={ws}+[a-z0-9_.-]+=)){ws}+)?+"  # the scheme, if any
     r"((?:{param}|[^\s\"'\\,;<>]+)(?:(?:{ws}*,{ws}*|{ws}+){param})*)"  # the credential
 )
-_PARAM = r"[a-z0-9_.-]+=(?:{string}|[^\s\"',;\\]+)"  # name=value, name="value"
+_PARAM = r"[a-z0-9_.-]+=(?:{string}|[^\s\"',\\]+)"  # name=value, name="value"
 AUTH_HEADER_TEXT = re.compile(
-    _AUTH_HEADER.format(q=r"[\"']?", ws=r"[ \t]", param=_PARAM.format(string=r'"[^"\r\n]*"'))
+    _AUTH_HEADER.format(
+        start=r"\b",
+        q=r"[\"']?",
+        sp=r"\s",
+        ws=r"[ \t]",
+        param=_PARAM.format(string=r'"[^"\r\n]*"'),
+    )
 )
 # In an encoded line a quote inside a string is escaped: a bare one ends the string, so
 # a JSON key named authorization (masked by its name) never matches, nor its `null`; a
-# tab is `\t`, and a quoted value is `\"..\"`, whole escapes only.
+# quoted value is `\"..\"`, whole escapes only.
 AUTH_HEADER_BYTES = re.compile(
     _AUTH_HEADER.format(
+        start=_START_BYTES,
         q=r"(?:\\\"|')?",
+        sp=_SPACE_BYTES,
         ws=r"(?:[ ]|\\t)",
         param=_PARAM.format(string=r'\\"(?:[^"\\]|\\[^"])*\\"'),
     ).encode()
 )
 # `Basic <base64 of user:password>`, the colon checked: `basic idea` is no credential.
 BASIC_TEXT = re.compile(r"(?i)\b(basic)[ \t]+([A-Za-z0-9+/]{4,}={0,2})")
-BASIC_BYTES = re.compile(BASIC_TEXT.pattern.encode())
+BASIC_BYTES = re.compile(
+    (_START_BYTES + r"(?i:(basic))(?:[ ]|\\t)+([A-Za-z0-9+/]{4,}={0,2})").encode()
+)
 
 
 def _basic_text(m: re.Match[str]) -> str:
@@ -389,9 +406,10 @@ class LogSink:
         for secret in self._secret_bytes:
             if secret in line:
                 line = line.replace(secret, b"***")
-        # A scheme's credential follows a space, and an encoded line holds a literal space
-        # only inside a string: one memchr spares most lines the slower substring search.
-        if b" " in line:
+        # A scheme's credential follows a space (or an escaped tab), and an encoded line
+        # holds a literal space only inside a string: a memchr or two spare most lines
+        # the slower substring search.
+        if b" " in line or b"\\t" in line:
             line = _mask_schemes(line, line.lower())
         elif (not checked or "metadata" in event or "prompt" in event) and (
             b"uthorization" in line or b"UTHORIZATION" in line

@@ -626,17 +626,25 @@ def test_an_authorization_header_in_text_is_masked_whatever_its_scheme() -> None
                 "aws4_request, SignedHeaders=host, Signature=fe5f80sig1",
                 "digest": 'Authorization: Digest username="bob", response="6629resp1", then',
                 "tab": "Authorization: Bearer\ttab-tok-1 and Bearer\ttab-tok-2",
+                # No scheme: the key is the credential, not a scheme for the next word.
+                "schemeless": "Authorization: sk-12ab34cd56 is not valid",
+                "hex": "Authorization: key-3ax6xnjp29jd6 was refused",
+                "sigv4": "Authorization: AWS4-HMAC-SHA256 Credential=AKIAEX2/s3/aws4_request, "
+                "SignedHeaders=host;range;x-amz-date, Signature=sigv4sig1",
+                # A header on its own line of a pasted request (`\n` in the line).
+                "pasted": "GET / HTTP/1.1\nAuthorization: token ghp_pasted1\nBearer sk-nl-1",
             },
             "prompt": [{"role": "user", "content": "Authorization: ApiKey sk-in-prompt-1"}],
             "completion": "sent with Authorization: token sk-in-answer-1\nthen",
         },
     )
     sink.put({"event": "x", "msg": "Authorization:sk-in-other-event"})  # no space at all
+    sink.put({"event": "x", "msg": "Bearer\tsk-tab-only"})  # an escaped tab, no space
     sink.close()
     text = out.getvalue().decode()
-    for secret in (basic, "ghp_abc", "d1g3st", "no-space", "sk-in-", "AKIAEX1", "sig1", "bob"):
+    for secret in (basic, "ghp_", "d1g3st", "no-space", "sk-", "AKIAEX", "sig1", "bob", "3ax6"):
         assert secret not in text
-    inference, other = (json.loads(line) for line in text.splitlines())  # still JSON
+    inference, other, tab = (json.loads(line) for line in text.splitlines())  # still JSON
     assert inference["metadata"] == {
         "basic": "Authorization: Basic ***",
         "github": "authorization: token ***",
@@ -651,10 +659,18 @@ def test_an_authorization_header_in_text_is_masked_whatever_its_scheme() -> None
         "aws": "Authorization: AWS4-HMAC-SHA256 ***",
         "digest": "Authorization: Digest ***, then",
         "tab": "Authorization: Bearer\t*** and Bearer ***",
+        "schemeless": "Authorization: *** is not valid",
+        "hex": "Authorization: *** was refused",
+        "sigv4": "Authorization: AWS4-HMAC-SHA256 ***",
+        "pasted": "GET / HTTP/1.1\nAuthorization: token ***\nBearer ***",
     }
     assert inference["prompt"][0]["content"] == "Authorization: ApiKey ***"
     assert inference["completion"] == "sent with Authorization: token ***\nthen"
     assert other["msg"] == "Authorization:***"
+    assert tab["msg"] == "Bearer ***"
+    assert logs.mask("Authorization: sk-12ab34cd56 is not valid") == (
+        "Authorization: *** is not valid"
+    )
     # An upstream's error text that reaches a client is masked the same way.
     said = f"refused 'Authorization: token ghp_x1' and Basic {basic}"
     assert logs.mask(said) == "refused 'Authorization: token ***' and Basic ***"
