@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -471,6 +472,23 @@ def test_config_prints_nothing_that_serve_would_refuse() -> None:
     )
     assert proc.returncode == 2 and proc.stdout == "", proc
     assert "backends.echo.delay_s" in proc.stderr
+
+
+def test_config_prints_json_alone_when_building_it_warns(tmp_path: Path) -> None:
+    # Limits for a route that does not exist: a warning while the backends are built,
+    # which went to stdout ahead of the JSON (`stella config | jq` broke).
+    conf = tmp_path / "c.toml"
+    conf.write_text("[limits.models.nosuch]\nrequests_per_minute = 10\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "stella", "config", "--config", str(conf)],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["limits"]["models"]["nosuch"]["requests_per_minute"] == 10
+    assert "limits_for_unknown_route" in proc.stderr
 
 
 def check_with_audit_path(path: Path) -> subprocess.CompletedProcess[str]:

@@ -36,8 +36,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         settings = load_settings()
+        from stella import logs
         from stella.app import Services, check_audit_path
 
+        # What building them warns of goes to stderr: stdout is the JSON alone.
+        logs.configure(fmt="console", stream=sys.stderr.buffer)
         Services(settings)  # builds backends and keys: catches what the file alone can't
         if args.check:
             check_audit_path(settings, create=False)  # a check leaves nothing behind
