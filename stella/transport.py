@@ -482,12 +482,6 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         if self._linger_timer is not None:
             self.transport.close()
             return
-        cycle = self.cycle
-        if cycle is not None and cycle.more_body and not cycle.response_started:
-            # The app waits for the rest of a body that may never come (or not before
-            # uvicorn's own limit cancels it, a 500): woken, it sees the drain and
-            # answers 503 shutting_down (read_body), and the connection ends with that.
-            cycle.message_event.set()
         super().shutdown()
 
 

@@ -262,26 +262,62 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise PayloadTooLarge(f"request body over {max_bytes} bytes")
     # Straight from ASGI `receive`: Starlette's stream() wrapper costs more than the read.
     receive = request.receive
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise ClientGone("the client disconnected while sending the body")
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > max_bytes:
-                raise PayloadTooLarge(f"request body over {max_bytes} bytes")
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-        svc = request.scope.get("stella")
-        if svc is not None and svc.drain.draining:
-            # Woken by the shutdown (see BodyDeadlineProtocol.shutdown): the rest of the
-            # body is not waited for.
-            raise ShuttingDown("the server is shutting down; retry on another instance")
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    message = await receive()
+    if message["type"] != "http.request":
+        raise ClientGone("the client disconnected while sending the body")
+    chunk = message.get("body", b"")
+    if not message.get("more_body", False):
+        if len(chunk) > max_bytes:
+            raise PayloadTooLarge(f"request body over {max_bytes} bytes")
+        return chunk  # the usual case: the whole body in one message
+    return await _read_rest(request, receive, [chunk] if chunk else [], max_bytes)
+
+
+class _BodyRead:
+    """What the drain ends for a body still arriving (it has no call yet)."""
+
+    __slots__ = ("cancel_reason",)
+
+    def __init__(self) -> None:
+        self.cancel_reason: str | None = None
+
+
+async def _read_rest(request: Request, receive: Any, chunks: list[bytes], max_bytes: int) -> bytes:
+    """The rest of a body that did not come in one message. A shutdown's drain waits
+    for it as for a running call, and ends it when the drain is over (503
+    shutting_down): uvicorn's own limit, past the drain, would cancel it with a 500."""
+    size = sum(map(len, chunks))
+    if size > max_bytes:
+        raise PayloadTooLarge(f"request body over {max_bytes} bytes")
+    svc = request.scope.get("stella")
+    task = asyncio.current_task()
+    read = _BodyRead()
+    drain = svc.drain if svc is not None and task is not None else None
+    if drain is not None:
+        drain.enter(read, task)
+    try:
+        while True:
+            try:
+                message = await receive()
+            except asyncio.CancelledError:
+                if read.cancel_reason == "shutting_down":
+                    raise ShuttingDown(
+                        "the server is shutting down; retry on another instance"
+                    ) from None
+                raise
+            if message["type"] != "http.request":
+                raise ClientGone("the client disconnected while sending the body")
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"request body over {max_bytes} bytes")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        if drain is not None:
+            drain.leave(task)  # type: ignore[arg-type]
 
 
 def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None = None) -> T:
