@@ -28,6 +28,12 @@ answer it holds unread. The write side is shut after the answer, and what still
 comes is read and dropped until the client closes, for at most LINGER_S and
 LINGER_BYTES (at once during a shutdown).
 
+A pipelining client's connection is read only while at most PIPELINE_MAX of its
+requests wait their turn, and a large read is parsed PARSE_STEP bytes at a time, the
+rest held unparsed until they drain: uvicorn reads again after every answer and
+parses all it reads, so a client that pipelined and never read its answers had the
+server queue all it sent (hundreds of MB).
+
 `stella serve` uses this protocol; plain uvicorn gets it with
 `--http stella.transport:HttpToolsProtocol`.
 """
@@ -39,6 +45,7 @@ from collections.abc import Sized
 from typing import Any, cast
 
 import msgspec
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpToolsProtocol
 
 from stella.calls import new_request_id
@@ -62,6 +69,37 @@ HEADER_TIMEOUT_S = 10.0
 # connection closes (see BodyDeadlineProtocol._linger).
 LINGER_S = 2.0
 LINGER_BYTES = 8 * 1024 * 1024
+# A connection with more than this many pipelined requests waiting for their turn is not
+# read from until they drain to it: uvicorn reads again after every answer, so a client
+# that pipelined and never read had the server parse and queue all it sent (hundreds of
+# MB). A few more than one: the next read of a pipelining client is parsed while the
+# last of its previous one are answered, and what waits is a few KB a request.
+PIPELINE_MAX = 16
+# A read larger than this is parsed this much at a time, and the rest held unparsed
+# while PIPELINE_MAX requests wait: one read (up to 256 KiB) of small pipelined requests
+# is thousands of them. A small request is parsed in one piece, as before.
+PARSE_STEP = 16_384
+
+
+class _PipelineFlow(FlowControl):
+    """uvicorn's flow control for one connection, which reads again only while few
+    pipelined requests wait, and parses what it held back before reading more."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: BodyDeadlineProtocol) -> None:
+        super().__init__(transport)
+        self._protocol = protocol
+
+    def resume_reading(self) -> None:
+        """Read again, unless more than PIPELINE_MAX requests already wait their turn."""
+        if self.read_paused:
+            protocol = self._protocol
+            if len(protocol.pipeline) > PIPELINE_MAX:
+                return
+            if protocol._held:
+                protocol._parse_held_soon()  # the held input first; reading after it
+                return
+            self.read_paused = False
+            self._transport.resume_reading()
 
 
 class CorkedTransport:
@@ -224,10 +262,14 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _linger_timer: asyncio.TimerHandle | None = None  # set while closing lingering
     _lingered = 0  # bytes dropped while lingering
     _shutting = False  # the server is shutting down: no lingering
+    _held = b""  # input not parsed yet: more than PIPELINE_MAX pipelined requests wait
+    _held_soon = False  # its parsing is scheduled
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         """Accept as uvicorn does; from now on, a look every HEADER_TIMEOUT_S."""
         super().connection_made(transport)  # type: ignore[arg-type]
+        # Before any request: each request's cycle takes the connection's flow control.
+        self.flow = _PipelineFlow(self.transport, self)
         self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._look)
 
     def _head_size(self) -> int:
@@ -311,6 +353,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self._body_timer.cancel()
             self._body_timer = None
         self._unset_keepalive_if_required()
+        self._held = b""  # requests behind this answer are never served
         self._linger_timer = self.loop.call_later(LINGER_S, transport.close)
         transport.write_eof()  # after the answer: the client reads it, then sees the end
         self.flow.read_paused = False
@@ -333,6 +376,37 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self.scope["stella.protocol"] = self
         super().on_headers_complete()
 
+    def _parse_steps(self, data: bytes) -> None:
+        """Parse `data` PARSE_STEP bytes at a time (each a read of its own); what is left
+        once more than PIPELINE_MAX requests wait is held, with reading paused, until
+        they drain."""
+        self._held = b""
+        start, end = 0, len(data)
+        while start < end:
+            if len(self.pipeline) > PIPELINE_MAX and self._linger_timer is None:
+                self._held = data[start:]
+                self.flow.pause_reading()
+                return
+            self.data_received(data[start : start + PARSE_STEP])
+            start += PARSE_STEP
+            if self._refused or self.transport.is_closing() or self.parser.should_upgrade():
+                return  # the parser is done with this connection: the rest is not read
+
+    def _parse_held_soon(self) -> None:
+        """Parse the held input in a loop turn of its own (not inside the answer that let
+        it in, which starts the next pipelined request after this returns)."""
+        if not self._held_soon:
+            self._held_soon = True
+            self.loop.call_soon(self._parse_held)
+
+    def _parse_held(self) -> None:
+        self._held_soon = False
+        if not self._held or self.transport.is_closing():
+            return
+        self._parse_steps(self._held)
+        if not self._held:
+            self.flow.resume_reading()  # all parsed and few wait: read on
+
     def _look(self) -> None:
         """Close a connection that sent nothing, or whose request's headers stalled."""
         self._header_timer = None
@@ -345,6 +419,10 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         # headers, and the same one as at the last look has stalled a whole period.
         scope, cycle = self.scope, self.cycle
         in_headers = scope is not None and (cycle is None or cycle.scope is not scope)
+        if self.pipeline:
+            # Not read while pipelined requests wait: headers cut short at the end of what
+            # was read are not the client's stall.
+            in_headers = False
         if scope is None or (in_headers and scope is self._parsing):
             self.transport.close()
             return
@@ -360,12 +438,16 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         """Parse as uvicorn does; a running request's body still incomplete gets a deadline,
-        and headers past the limits are refused."""
+        headers past the limits are refused, and a large read is parsed a step at a time
+        while few pipelined requests wait."""
         if self._linger_timer is not None:
             # Answered and closing: dropped unparsed, up to the limit.
             self._lingered += len(data)
             if self._lingered > LINGER_BYTES:
                 self.transport.close()
+            return
+        if self._held or len(data) > PARSE_STEP:
+            self._parse_steps(self._held + data if self._held else data)
             return
         self._read = len(data)
         self._ended = False
@@ -464,6 +546,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Drop the deadlines with the connection."""
+        self._held = b""
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
