@@ -27,6 +27,9 @@ unread input makes the kernel reset it, and the client's kernel then drops the
 answer it holds unread. The write side is shut after the answer, and what still
 comes is read and dropped until the client closes, for at most LINGER_S and
 LINGER_BYTES (at once during a shutdown).
+A body still coming after its request was answered (a 401 before a chunked body, whose
+size is not announced) is read and dropped up to LINGER_BYTES, the connection kept;
+past that the connection closes, lingering.
 
 A pipelining client's connection is read only while at most PIPELINE_MAX of its
 requests wait their turn, and a large read is parsed PARSE_STEP bytes at a time, the
@@ -261,6 +264,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _deferred: bytes | None = None  # an error answer waiting for the running one to end
     _linger_timer: asyncio.TimerHandle | None = None  # set while closing lingering
     _lingered = 0  # bytes dropped while lingering
+    _dropped = 0  # bytes of a body read after its request was answered
     _shutting = False  # the server is shutting down: no lingering
     _held = b""  # input not parsed yet: more than PIPELINE_MAX pipelined requests wait
     _held_soon = False  # its parsing is scheduled
@@ -449,6 +453,15 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         if self._held or len(data) > PARSE_STEP:
             self._parse_steps(self._held + data if self._held else data)
             return
+        if self._body_timer is not None and self.cycle.response_complete:
+            # The rest of a body answered before it came (a 401 say), dropped as it
+            # comes: up to LINGER_BYTES of it, as a body of a size the connection can
+            # be kept for; past that the connection ends, lingering. (A Content-Length
+            # over the limit ends it with the answer; a chunked body's size is unknown.)
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES:
+                self._linger()
+                return
         self._read = len(data)
         self._ended = False
         super().data_received(data)
@@ -531,6 +544,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             return  # the request still reading its body is the broken one: never served
         if cycle is not None and cycle.more_body and self._body_timer is None and not self.pipeline:
             self._body_timer = self.loop.call_later(BODY_TIMEOUT_S, self._body_late, cycle)
+            self._dropped = 0
             if cycle.transport is self.transport:
                 # Only a body that spans reads: an answer that closes the connection
                 # before the rest of it is read closes lingering (see _linger).

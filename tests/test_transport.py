@@ -996,3 +996,79 @@ def test_a_pipelining_client_gets_every_answer_in_order() -> None:
     assert out.count(b"HTTP/1.1 200 OK") == n
     ids = [int(x) for x in re.findall(rb"x-request-id: req_pipe(\d+)", out)]
     assert ids == list(range(n))
+
+
+async def test_a_chunked_body_answered_before_it_came_is_read_up_to_a_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A chunked body's size is not announced: after an early answer (a 401) its rest was
+    # read and dropped, without a cap, until the body deadline (gigabytes). Up to
+    # LINGER_BYTES of it is read (a body of a usual size keeps the connection); past
+    # that the connection ends, lingering.
+    import stella.transport as transport
+
+    monkeypatch.setattr(transport, "LINGER_BYTES", 1000)
+    monkeypatch.setattr(transport, "LINGER_S", 0.1)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    head = b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n%s\r\n" % (300, b"x" * 300)
+
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(head + chunk)
+    await turn()
+    assert b" 401 " in rec.writes[0] and not rec.ended
+    for _ in range(3):
+        proto.data_received(chunk)
+    assert not rec.ended  # 918 bytes of it so far: read
+    proto.data_received(chunk)
+    assert rec.eof and not rec.closed  # past the limit: the write side shut, lingering
+    proto.data_received(chunk)  # dropped unparsed
+    await asyncio.sleep(0.2)
+    assert rec.closed and b"".join(rec.writes).count(b"HTTP/1.1 ") == 1
+    proto.connection_lost(None)
+
+    # A body that ends within the limit: the connection serves the next request.
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(head + chunk)
+    await turn()
+    proto.data_received(chunk + b"0\r\n\r\n")
+    proto.data_received(head + chunk + b"0\r\n\r\n")
+    await turn()
+    assert sum(b" 401 " in w for w in rec.writes) == 2 and not rec.ended
+    proto.connection_lost(None)
+
+
+def test_a_chunked_body_answered_early_is_not_read_to_its_end() -> None:
+    # The server's 404 comes before the body; the client streams chunks on: the server
+    # stops reading them soon after LINGER_BYTES (it read for 30 s, ~80 GB on loopback).
+    from tests.live import run_stella
+
+    with run_stella({}) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        try:
+            sock.sendall(
+                b"POST /api/v1/nope HTTP/1.1\r\nHost: localhost\r\n"
+                b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                b"2\r\n{}\r\n"
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 404 "), answer[:200]
+            chunk = b"%x\r\n%s\r\n" % (65_536, bytes(65_536))
+            sent, t0, closed = 0, time.monotonic(), False
+            while time.monotonic() - t0 < 6 and not closed:
+                try:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+                except OSError:  # reset or broken pipe: the server closed it
+                    closed = True
+            assert closed, f"{sent >> 20} MiB read and the connection still open"
+            assert sent < 64 << 20  # LINGER_BYTES read, LINGER_BYTES lingering, buffers
+        finally:
+            sock.close()
