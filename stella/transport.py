@@ -21,6 +21,13 @@ is closed: uvicorn itself never gives up on a client that connects and sends
 nothing, or part of its headers, or headers and then stalls (a slowloris), which
 holds a connection, and for a body a task, for as long as it likes.
 
+A request the parser cannot read (smuggling shapes such as Content-Length with
+Transfer-Encoding, a broken chunk size, an unknown method), or without exactly one Host
+header (RFC 9112 3.2; an HTTP/1.0 one may have none), is answered 400 invalid_request
+in stella's JSON error shape, with an X-Request-ID, as the 431 is, and the connection
+closes: uvicorn's 400 was plain text without one, and a request without a Host, or
+with two, was served.
+
 A connection closed after an answer while its request's body is still unread (a 413
 with `Connection: close`, a 400 or 431) closes lingering: closing a socket with
 unread input makes the kernel reset it, and the client's kernel then drops the
@@ -44,9 +51,11 @@ server queue all it sent (hundreds of MB).
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Sized
 from typing import Any, cast
 
+import httptools
 import msgspec
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpToolsProtocol
@@ -212,20 +221,6 @@ class CorkedTransport:
         self._transport.abort()
 
 
-class _Recorder:
-    """Takes what uvicorn writes in place of the transport."""
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        """Keep `data`."""
-        self.data.append(data)
-
-    def close(self) -> None:
-        """Nothing to close."""
-
-
 class _BodyStillComing:
     """A request cycle's transport while its body is still coming: closing it after a
     whole answer closes lingering."""
@@ -265,6 +260,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _linger_timer: asyncio.TimerHandle | None = None  # set while closing lingering
     _lingered = 0  # bytes dropped while lingering
     _dropped = 0  # bytes of a body read after its request was answered
+    _hosts = 0  # Host headers of the request being read
     _shutting = False  # the server is shutting down: no lingering
     _held = b""  # input not parsed yet: more than PIPELINE_MAX pipelined requests wait
     _held_soon = False  # its parsing is scheduled
@@ -282,40 +278,43 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
 
     def _refuse_head(self, why: str) -> None:
         """Answer 431 and close: the request's line and headers are past the limits."""
-        if self._refused:
-            return
-        self._refused = True
-        rid = new_request_id()  # the client's own is in the headers not read
-        # stella's error object: JSON that the OpenAI and Anthropic clients read too (the
-        # dialect is not known: the path may be among what was not read).
-        body = msgspec.json.encode(
-            {
-                "error": {
-                    "code": "headers_too_large",
-                    "message": why,
-                    "request_id": rid,
-                    "retryable": False,
-                }
-            }
-        )
-        self._last_word(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: application/json\r\nx-request-id: %s\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (rid.encode(), len(body), body)
-        )
+        self._refuse(b"431 Request Header Fields Too Large", "headers_too_large", why)
 
-    def send_400_response(self, msg: str) -> None:
-        """uvicorn's 400 for a request it cannot parse, unless it was answered 431."""
+    def _refuse(self, status: bytes, code: str, why: str) -> None:
+        """Answer an error in stella's JSON shape and close: the request cannot be read
+        (or must not be served), so the connection's framing is not to be trusted."""
         if self._refused:
             return
         self._refused = True  # the broken parser's later complaints are not sent
-        real, record = self.transport, _Recorder()
-        self.transport = record  # type: ignore[assignment]
-        try:
-            super().send_400_response(msg)
-        finally:
-            self.transport = real
-        self._last_word(b"".join(record.data))
+        rid = new_request_id()  # the client's own may be among what was not read
+        # stella's error object: JSON that the OpenAI and Anthropic clients read too (the
+        # dialect is not known: the path may be among what was not read).
+        body = msgspec.json.encode(
+            {"error": {"code": code, "message": why, "request_id": rid, "retryable": False}}
+        )
+        self._last_word(
+            b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nx-request-id: %s\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status, rid.encode(), len(body), body)
+        )
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the parser cannot read: 400 invalid_request, in stella's JSON shape,
+        naming the parser's reason (uvicorn's is plain text with no request ID)."""
+        # Called from uvicorn's handler of the parser's error: the reason is that error's
+        # (llhttp's own words, none of the client's bytes).
+        exc = sys.exc_info()[1]
+        if isinstance(exc, httptools.HttpParserCallbackError):
+            cause = exc.__context__
+            reason = (
+                "the request target is not ASCII"
+                if isinstance(cause, UnicodeError)
+                else "the request could not be read"
+            )
+        else:
+            reason = str(exc).rstrip(".") if exc is not None else ""
+        why = f"malformed HTTP request: {reason}" if reason else "malformed HTTP request"
+        self._refuse(b"400 Bad Request", "invalid_request", why)
 
     def _last_word(self, answer: bytes) -> None:
         """Send an error answer for the request being read, then close; after the answers
@@ -363,6 +362,16 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self.flow.read_paused = False
         transport.resume_reading()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """Keep a header as uvicorn does, counting Host headers (uvicorn's own method,
+        which this replaces, so that a header costs one comparison more, not a call)."""
+        name = name.lower()
+        if name == b"host":
+            self._hosts += 1
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
     def on_headers_complete(self) -> None:
         """Start the request as uvicorn does, its scope carrying a way to drop the client."""
         # The limits, once per request: the size is summed only when this read, with what
@@ -373,6 +382,17 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self._head_size() > MAX_HEADER_BYTES
         ):
             self._refuse_head(f"request line and headers over {MAX_HEADER_BYTES} bytes")
+        elif self._hosts != 1 and (self._hosts or self.parser.get_http_version() == "1.1"):
+            # RFC 9112 3.2: an HTTP/1.1 request names its host once; any request names it
+            # at most once (two may be read differently by a proxy in front).
+            self._refuse(
+                b"400 Bad Request",
+                "invalid_request",
+                "an HTTP/1.1 request needs one Host header"
+                if self._hosts == 0
+                else "more than one Host header",
+            )
+        self._hosts = 0
         self._inexact = False
         if self._refused:
             raise ValueError("refused")  # stops the parser: this request never starts

@@ -1072,3 +1072,63 @@ def test_a_chunked_body_answered_early_is_not_read_to_its_end() -> None:
             assert sent < 64 << 20  # LINGER_BYTES read, LINGER_BYTES lingering, buffers
         finally:
             sock.close()
+
+
+MALFORMED = {
+    # Request smuggling shapes: framing two readers may read two ways.
+    "content-length and chunked": b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n"
+    b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    "two content-lengths": b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n"
+    b"content-length: 6\r\n\r\nhello!",
+    "chunked, identity": b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked, identity"
+    b"\r\n\r\n0\r\n\r\n",
+    "obs-fold": b"GET / HTTP/1.1\r\nhost: t\r\nx-a: a\r\n b\r\n\r\n",
+    "chunk size": b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\nZZ\r\nabc\r\n",
+    "method": b"FOO / HTTP/1.1\r\nhost: t\r\n\r\n",
+    "non-ASCII path": "GET /é HTTP/1.1\r\nhost: t\r\n\r\n".encode(),
+    # RFC 9112 3.2: one Host header, required in HTTP/1.1.
+    "no host": b"GET / HTTP/1.1\r\nx-a: b\r\n\r\n",
+    "two hosts": b"GET / HTTP/1.1\r\nhost: t\r\nhost: evil.example\r\n\r\n",
+    "two hosts, HTTP/1.0": b"GET / HTTP/1.0\r\nhost: t\r\nhost: evil.example\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("shape", MALFORMED)
+async def test_a_malformed_request_gets_a_json_400_and_the_connection_closes(shape: str) -> None:
+    # uvicorn's answer was plain text with no X-Request-ID; a request without a Host
+    # header, or with two, was served.
+    calls: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(MALFORMED[shape])
+    await turn()
+    out = b"".join(rec.writes)
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0] == b"http/1.1 400 bad request", out
+    assert b"content-type: application/json" in lines and b"connection: close" in lines
+    rid = next(line for line in lines if line.startswith(b"x-request-id: req_"))[14:]
+    error = msgspec.json.decode(body)["error"]
+    assert error["code"] == "invalid_request" and error["retryable"] is False
+    assert error["request_id"].encode() == rid and error["message"].strip()
+    # Only the 400 (a chunked body's request starts before its body breaks; never served).
+    assert rec.ended and out.count(b"\r\n\r\n") == 1
+    assert calls == ([] if shape != "chunk size" else ["/"])
+    proto.connection_lost(None)
+
+
+async def test_an_http_1_0_request_without_host_is_served() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(b"GET / HTTP/1.0\r\n\r\n")
+    await turn()
+    assert b"".join(rec.writes).startswith(b"HTTP/1.1 200 ")
+    proto.connection_lost(None)
