@@ -24,9 +24,9 @@ holds a connection, and for a body a task, for as long as it likes.
 A request the parser cannot read (smuggling shapes such as Content-Length with
 Transfer-Encoding, a broken chunk size, an unknown method), or without exactly one Host
 header (RFC 9112 3.2; an HTTP/1.0 one may have none), is answered 400 invalid_request
-in stella's JSON error shape, with an X-Request-ID, as the 431 is, and the connection
-closes: uvicorn's 400 was plain text without one, and a request without a Host, or
-with two, was served.
+in stella's JSON error shape, with an X-Request-ID (as a 431 for headers past the
+limits is), and the connection closes: uvicorn's 400 was plain text without one, and
+a request without a Host, or with two, was served.
 
 A connection closed after an answer while its request's body is still unread (a 413
 with `Connection: close`, a 400 or 431) closes lingering: closing a socket with
@@ -57,7 +57,7 @@ from typing import Any, cast
 
 import httptools
 import msgspec
-from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpToolsProtocol
 
 from stella.calls import new_request_id
@@ -105,7 +105,12 @@ class _PipelineFlow(FlowControl):
         """Read again, unless more than PIPELINE_MAX requests already wait their turn."""
         if self.read_paused:
             protocol = self._protocol
-            if len(protocol.pipeline) > PIPELINE_MAX:
+            pipeline = protocol.pipeline
+            if len(pipeline) > PIPELINE_MAX or (
+                pipeline and len(protocol.cycle.body) > HIGH_WATER_LIMIT
+            ):
+                # Or the last request's body, waiting its turn, is past uvicorn's own
+                # limit for an unread body: it is read on once that request runs.
                 return
             if protocol._held:
                 protocol._parse_held_soon()  # the held input first; reading after it

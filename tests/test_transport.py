@@ -932,6 +932,37 @@ async def test_headers_cut_short_behind_waiting_requests_are_not_a_stall(
     proto.connection_lost(None)
 
 
+async def test_a_waiting_request_body_is_not_read_far_ahead() -> None:
+    # A request's body waiting behind others (pipelined) is read up to uvicorn's limit
+    # for an unread body, then no more until that request runs: one read was let in
+    # after each answer before it.
+    from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    proto, rec = _reading_protocol(app)
+    proto.data_received(
+        b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n" * 12
+        + b"POST /c HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    last = proto.cycle
+    chunk = b"%x\r\n%s\r\n" % (16_000, b"y" * 16_000)
+    most = 0
+    for _ in range(300):
+        if rec.reading:
+            proto.data_received(chunk)
+        if proto.pipeline:
+            most = max(most, len(last.body))
+        await asyncio.sleep(0)
+    assert most <= HIGH_WATER_LIMIT + len(chunk), most
+    assert b"".join(rec.writes).count(b"HTTP/1.1 200") == 12 and rec.reading
+    proto.connection_lost(None)
+
+
 def _rss_kb(pid: int) -> int:
     """A process's resident memory, in KiB."""
     with open(f"/proc/{pid}/status") as f:
