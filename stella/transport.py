@@ -21,12 +21,28 @@ is closed: uvicorn itself never gives up on a client that connects and sends
 nothing, or part of its headers, or headers and then stalls (a slowloris), which
 holds a connection, and for a body a task, for as long as it likes.
 
+A request the parser cannot read (smuggling shapes such as Content-Length with
+Transfer-Encoding, a broken chunk size, an unknown method), or without exactly one Host
+header (RFC 9112 3.2; an HTTP/1.0 one may have none), is answered 400 invalid_request
+in stella's JSON error shape, with an X-Request-ID (as a 431 for headers past the
+limits is), and the connection closes: uvicorn's 400 was plain text without one, and
+a request without a Host, or with two, was served.
+
 A connection closed after an answer while its request's body is still unread (a 413
 with `Connection: close`, a 400 or 431) closes lingering: closing a socket with
 unread input makes the kernel reset it, and the client's kernel then drops the
 answer it holds unread. The write side is shut after the answer, and what still
 comes is read and dropped until the client closes, for at most LINGER_S and
 LINGER_BYTES (at once during a shutdown).
+A body still coming after its request was answered (a 401 before a chunked body, whose
+size is not announced) is read and dropped up to LINGER_BYTES, the connection kept;
+past that the connection closes, lingering.
+
+A pipelining client's connection is read only while at most PIPELINE_MAX of its
+requests wait their turn, and a large read is parsed PARSE_STEP bytes at a time, the
+rest held unparsed until they drain: uvicorn reads again after every answer and
+parses all it reads, so a client that pipelined and never read its answers had the
+server queue all it sent (hundreds of MB).
 
 `stella serve` uses this protocol; plain uvicorn gets it with
 `--http stella.transport:HttpToolsProtocol`.
@@ -35,10 +51,13 @@ LINGER_BYTES (at once during a shutdown).
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Sized
 from typing import Any, cast
 
+import httptools
 import msgspec
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpToolsProtocol
 
 from stella.calls import new_request_id
@@ -62,6 +81,42 @@ HEADER_TIMEOUT_S = 10.0
 # connection closes (see BodyDeadlineProtocol._linger).
 LINGER_S = 2.0
 LINGER_BYTES = 8 * 1024 * 1024
+# A connection with more than this many pipelined requests waiting for their turn is not
+# read from until they drain to it: uvicorn reads again after every answer, so a client
+# that pipelined and never read had the server parse and queue all it sent (hundreds of
+# MB). A few more than one: the next read of a pipelining client is parsed while the
+# last of its previous one are answered, and what waits is a few KB a request.
+PIPELINE_MAX = 16
+# A read larger than this is parsed this much at a time, and the rest held unparsed
+# while PIPELINE_MAX requests wait: one read (up to 256 KiB) of small pipelined requests
+# is thousands of them. A small request is parsed in one piece, as before.
+PARSE_STEP = 16_384
+
+
+class _PipelineFlow(FlowControl):
+    """uvicorn's flow control for one connection, which reads again only while few
+    pipelined requests wait, and parses what it held back before reading more."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: BodyDeadlineProtocol) -> None:
+        super().__init__(transport)
+        self._protocol = protocol
+
+    def resume_reading(self) -> None:
+        """Read again, unless more than PIPELINE_MAX requests already wait their turn."""
+        if self.read_paused:
+            protocol = self._protocol
+            pipeline = protocol.pipeline
+            if len(pipeline) > PIPELINE_MAX or (
+                pipeline and len(protocol.cycle.body) > HIGH_WATER_LIMIT
+            ):
+                # Or the last request's body, waiting its turn, is past uvicorn's own
+                # limit for an unread body: it is read on once that request runs.
+                return
+            if protocol._held:
+                protocol._parse_held_soon()  # the held input first; reading after it
+                return
+            self.read_paused = False
+            self._transport.resume_reading()
 
 
 class CorkedTransport:
@@ -171,20 +226,6 @@ class CorkedTransport:
         self._transport.abort()
 
 
-class _Recorder:
-    """Takes what uvicorn writes in place of the transport."""
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        """Keep `data`."""
-        self.data.append(data)
-
-    def close(self) -> None:
-        """Nothing to close."""
-
-
 class _BodyStillComing:
     """A request cycle's transport while its body is still coming: closing it after a
     whole answer closes lingering."""
@@ -223,11 +264,17 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _deferred: bytes | None = None  # an error answer waiting for the running one to end
     _linger_timer: asyncio.TimerHandle | None = None  # set while closing lingering
     _lingered = 0  # bytes dropped while lingering
+    _dropped = 0  # bytes of a body read after its request was answered
+    _hosts = 0  # Host headers of the request being read
     _shutting = False  # the server is shutting down: no lingering
+    _held = b""  # input not parsed yet: more than PIPELINE_MAX pipelined requests wait
+    _held_soon = False  # its parsing is scheduled
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         """Accept as uvicorn does; from now on, a look every HEADER_TIMEOUT_S."""
         super().connection_made(transport)  # type: ignore[arg-type]
+        # Before any request: each request's cycle takes the connection's flow control.
+        self.flow = _PipelineFlow(self.transport, self)
         self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._look)
 
     def _head_size(self) -> int:
@@ -236,40 +283,43 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
 
     def _refuse_head(self, why: str) -> None:
         """Answer 431 and close: the request's line and headers are past the limits."""
-        if self._refused:
-            return
-        self._refused = True
-        rid = new_request_id()  # the client's own is in the headers not read
-        # stella's error object: JSON that the OpenAI and Anthropic clients read too (the
-        # dialect is not known: the path may be among what was not read).
-        body = msgspec.json.encode(
-            {
-                "error": {
-                    "code": "headers_too_large",
-                    "message": why,
-                    "request_id": rid,
-                    "retryable": False,
-                }
-            }
-        )
-        self._last_word(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: application/json\r\nx-request-id: %s\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (rid.encode(), len(body), body)
-        )
+        self._refuse(b"431 Request Header Fields Too Large", "headers_too_large", why)
 
-    def send_400_response(self, msg: str) -> None:
-        """uvicorn's 400 for a request it cannot parse, unless it was answered 431."""
+    def _refuse(self, status: bytes, code: str, why: str) -> None:
+        """Answer an error in stella's JSON shape and close: the request cannot be read
+        (or must not be served), so the connection's framing is not to be trusted."""
         if self._refused:
             return
         self._refused = True  # the broken parser's later complaints are not sent
-        real, record = self.transport, _Recorder()
-        self.transport = record  # type: ignore[assignment]
-        try:
-            super().send_400_response(msg)
-        finally:
-            self.transport = real
-        self._last_word(b"".join(record.data))
+        rid = new_request_id()  # the client's own may be among what was not read
+        # stella's error object: JSON that the OpenAI and Anthropic clients read too (the
+        # dialect is not known: the path may be among what was not read).
+        body = msgspec.json.encode(
+            {"error": {"code": code, "message": why, "request_id": rid, "retryable": False}}
+        )
+        self._last_word(
+            b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nx-request-id: %s\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status, rid.encode(), len(body), body)
+        )
+
+    def send_400_response(self, msg: str) -> None:
+        """A request the parser cannot read: 400 invalid_request, in stella's JSON shape,
+        naming the parser's reason (uvicorn's is plain text with no request ID)."""
+        # Called from uvicorn's handler of the parser's error: the reason is that error's
+        # (llhttp's own words, none of the client's bytes).
+        exc = sys.exc_info()[1]
+        if isinstance(exc, httptools.HttpParserCallbackError):
+            cause = exc.__context__
+            reason = (
+                "the request target is not ASCII"
+                if isinstance(cause, UnicodeError)
+                else "the request could not be read"
+            )
+        else:
+            reason = str(exc).rstrip(".") if exc is not None else ""
+        why = f"malformed HTTP request: {reason}" if reason else "malformed HTTP request"
+        self._refuse(b"400 Bad Request", "invalid_request", why)
 
     def _last_word(self, answer: bytes) -> None:
         """Send an error answer for the request being read, then close; after the answers
@@ -311,10 +361,21 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self._body_timer.cancel()
             self._body_timer = None
         self._unset_keepalive_if_required()
+        self._held = b""  # requests behind this answer are never served
         self._linger_timer = self.loop.call_later(LINGER_S, transport.close)
         transport.write_eof()  # after the answer: the client reads it, then sees the end
         self.flow.read_paused = False
         transport.resume_reading()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """Keep a header as uvicorn does, counting Host headers (uvicorn's own method,
+        which this replaces, so that a header costs one comparison more, not a call)."""
+        name = name.lower()
+        if name == b"host":
+            self._hosts += 1
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         """Start the request as uvicorn does, its scope carrying a way to drop the client."""
@@ -326,12 +387,54 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self._head_size() > MAX_HEADER_BYTES
         ):
             self._refuse_head(f"request line and headers over {MAX_HEADER_BYTES} bytes")
+        elif self._hosts != 1 and (self._hosts or self.parser.get_http_version() == "1.1"):
+            # RFC 9112 3.2: an HTTP/1.1 request names its host once; any request names it
+            # at most once (two may be read differently by a proxy in front).
+            self._refuse(
+                b"400 Bad Request",
+                "invalid_request",
+                "an HTTP/1.1 request needs one Host header"
+                if self._hosts == 0
+                else "more than one Host header",
+            )
+        self._hosts = 0
         self._inexact = False
         if self._refused:
             raise ValueError("refused")  # stops the parser: this request never starts
         # For a stream whose client stopped reading (see `drop`).
         self.scope["stella.protocol"] = self
         super().on_headers_complete()
+
+    def _parse_steps(self, data: bytes) -> None:
+        """Parse `data` PARSE_STEP bytes at a time (each a read of its own); what is left
+        once more than PIPELINE_MAX requests wait is held, with reading paused, until
+        they drain."""
+        self._held = b""
+        start, end = 0, len(data)
+        while start < end:
+            if len(self.pipeline) > PIPELINE_MAX and self._linger_timer is None:
+                self._held = data[start:]
+                self.flow.pause_reading()
+                return
+            self.data_received(data[start : start + PARSE_STEP])
+            start += PARSE_STEP
+            if self._refused or self.transport.is_closing() or self.parser.should_upgrade():
+                return  # the parser is done with this connection: the rest is not read
+
+    def _parse_held_soon(self) -> None:
+        """Parse the held input in a loop turn of its own (not inside the answer that let
+        it in, which starts the next pipelined request after this returns)."""
+        if not self._held_soon:
+            self._held_soon = True
+            self.loop.call_soon(self._parse_held)
+
+    def _parse_held(self) -> None:
+        self._held_soon = False
+        if not self._held or self.transport.is_closing():
+            return
+        self._parse_steps(self._held)
+        if not self._held:
+            self.flow.resume_reading()  # all parsed and few wait: read on
 
     def _look(self) -> None:
         """Close a connection that sent nothing, or whose request's headers stalled."""
@@ -345,6 +448,10 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         # headers, and the same one as at the last look has stalled a whole period.
         scope, cycle = self.scope, self.cycle
         in_headers = scope is not None and (cycle is None or cycle.scope is not scope)
+        if self.pipeline:
+            # Not read while pipelined requests wait: headers cut short at the end of what
+            # was read are not the client's stall.
+            in_headers = False
         if scope is None or (in_headers and scope is self._parsing):
             self.transport.close()
             return
@@ -360,13 +467,26 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         """Parse as uvicorn does; a running request's body still incomplete gets a deadline,
-        and headers past the limits are refused."""
+        headers past the limits are refused, and a large read is parsed a step at a time
+        while few pipelined requests wait."""
         if self._linger_timer is not None:
             # Answered and closing: dropped unparsed, up to the limit.
             self._lingered += len(data)
             if self._lingered > LINGER_BYTES:
                 self.transport.close()
             return
+        if self._held or len(data) > PARSE_STEP:
+            self._parse_steps(self._held + data if self._held else data)
+            return
+        if self._body_timer is not None and self.cycle.response_complete:
+            # The rest of a body answered before it came (a 401 say), dropped as it
+            # comes: up to LINGER_BYTES of it, as a body of a size the connection can
+            # be kept for; past that the connection ends, lingering. (A Content-Length
+            # over the limit ends it with the answer; a chunked body's size is unknown.)
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES:
+                self._linger()
+                return
         self._read = len(data)
         self._ended = False
         super().data_received(data)
@@ -449,6 +569,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             return  # the request still reading its body is the broken one: never served
         if cycle is not None and cycle.more_body and self._body_timer is None and not self.pipeline:
             self._body_timer = self.loop.call_later(BODY_TIMEOUT_S, self._body_late, cycle)
+            self._dropped = 0
             if cycle.transport is self.transport:
                 # Only a body that spans reads: an answer that closes the connection
                 # before the rest of it is read closes lingering (see _linger).
@@ -464,6 +585,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Drop the deadlines with the connection."""
+        self._held = b""
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from typing import Any
@@ -815,3 +816,350 @@ def test_a_pipelining_client_that_leaves_costs_no_traceback() -> None:
         lines = server.lines()
         assert not [line for line in lines if "Exception in ASGI application" in line]
         assert not [line for line in lines if "closed=True" in line]
+
+
+class ReadingRecorder(Recorder):
+    """A Recorder that knows whether the connection is being read (a paused transport
+    delivers nothing)."""
+
+    reading = True
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+def _reading_protocol(app: Any) -> tuple[HttpToolsProtocol, ReadingRecorder]:
+    """A protocol on a ReadingRecorder, alone on its server."""
+    config = uvicorn.Config(app, lifespan="off", http=HttpToolsProtocol)
+    config.load()
+    proto = HttpToolsProtocol(
+        config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+    )
+    rec = ReadingRecorder()
+    proto.connection_made(rec)  # type: ignore[arg-type]
+    return proto, rec
+
+
+async def _path_app(scope: Any, receive: Any, send: Any) -> None:
+    """Answers with the request's path."""
+    while (await receive()).get("more_body"):
+        pass
+    body = scope["path"].encode()
+    headers = [(b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def test_pipelined_requests_are_not_read_far_ahead_of_their_answers() -> None:
+    # uvicorn reads again after every answer, and parses a whole read: a client that
+    # pipelines without reading its answers had every byte it sent parsed into a queued
+    # request (hundreds of MB). Few may wait; the rest waits unread (and unparsed).
+    from stella.transport import PARSE_STEP, PIPELINE_MAX
+
+    req = b"GET /%05d HTTP/1.1\r\nhost: t\r\n\r\n"
+    per_step = PARSE_STEP // len(req % 0) + 1  # requests one parsed step can hold
+
+    # One write of 3,000 requests (~100 KB, one or two reads): answered in order, with
+    # at most a step's worth waiting at a time.
+    proto, rec = _reading_protocol(_path_app)
+    proto.data_received(b"".join(req % i for i in range(3000)))
+    most = 0
+    for _ in range(10_000):
+        most = max(most, len(proto.pipeline))
+        await asyncio.sleep(0)
+        if rec.writes and rec.writes[-1].endswith(b"/02999"):
+            break
+    out = b"".join(rec.writes)
+    paths = [line[:6] for line in out.split(b"\r\n\r\n")[1:]]
+    assert paths == [b"/%05d" % i for i in range(3000)], out[-300:]
+    assert most <= PIPELINE_MAX + per_step, most
+    assert rec.reading and not rec.closed
+    proto.connection_lost(None)
+
+    # A client that sends 200 more requests whenever the connection is read: what waits
+    # stays bounded (uvicorn read again after each answer and queued 200 more).
+    proto, rec = _reading_protocol(_path_app)
+    batch = b"".join(req % i for i in range(200))
+    most = sent = 0
+    for _ in range(500):
+        if rec.reading:
+            proto.data_received(batch)
+            sent += 200
+        most = max(most, len(proto.pipeline))
+        await asyncio.sleep(0)
+    assert most <= PIPELINE_MAX + 200, most
+    answered = b"".join(rec.writes).count(b"HTTP/1.1 200")
+    assert sent - answered <= PIPELINE_MAX + 200 + 1, (sent, answered)
+    proto.connection_lost(None)
+
+
+async def test_headers_cut_short_behind_waiting_requests_are_not_a_stall(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # /a streams for a while; /b waits its turn, so the connection is not read, and /c's
+    # headers stop where the read stopped: the client is not stalling, and /c is served.
+    import stella.transport as transport
+
+    monkeypatch.setattr(transport, "HEADER_TIMEOUT_S", 0.05)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/a":
+            for _ in range(6):
+                await send({"type": "http.response.body", "body": b"x", "more_body": True})
+                await asyncio.sleep(0.05)
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    proto, rec = _reading_protocol(app)
+    proto.data_received(
+        b"GET /a HTTP/1.1\r\nhost: t\r\n\r\nGET /b HTTP/1.1\r\nhost: t\r\n\r\nGET /c HTTP/1.1\r\nho"
+    )
+    assert not rec.reading
+    await asyncio.sleep(0.25)
+    assert not rec.closed
+    while not rec.reading:
+        await asyncio.sleep(0.02)
+    proto.data_received(b"st: t\r\n\r\n")
+    await asyncio.sleep(0.1)
+    out = b"".join(rec.writes)
+    assert out.count(b"HTTP/1.1 200") == 3 and out.index(b"/b") < out.index(b"/c"), out
+    proto.connection_lost(None)
+
+
+async def test_a_waiting_request_body_is_not_read_far_ahead() -> None:
+    # A request's body waiting behind others (pipelined) is read up to uvicorn's limit
+    # for an unread body, then no more until that request runs: one read was let in
+    # after each answer before it.
+    from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    proto, rec = _reading_protocol(app)
+    proto.data_received(
+        b"GET /a HTTP/1.1\r\nhost: t\r\n\r\n" * 12
+        + b"POST /c HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    last = proto.cycle
+    chunk = b"%x\r\n%s\r\n" % (16_000, b"y" * 16_000)
+    most = 0
+    for _ in range(300):
+        if rec.reading:
+            proto.data_received(chunk)
+        if proto.pipeline:
+            most = max(most, len(last.body))
+        await asyncio.sleep(0)
+    assert most <= HIGH_WATER_LIMIT + len(chunk), most
+    assert b"".join(rec.writes).count(b"HTTP/1.1 200") == 12 and rec.reading
+    proto.connection_lost(None)
+
+
+def _rss_kb(pid: int) -> int:
+    """A process's resident memory, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_pipelining_client_that_never_reads_does_not_grow_the_server() -> None:
+    """Three connections pipeline /health for 4 s and read nothing: the server's memory
+    grew by hundreds of MB (every read parsed into queued requests)."""
+    import threading
+
+    import httpx
+
+    from tests.live import run_stella
+
+    req = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n" * 200
+    with run_stella({}) as server:
+        before = _rss_kb(server.proc.pid)
+        stop = time.monotonic() + 4
+
+        def flood() -> None:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.connect(("127.0.0.1", server.port))
+                sock.setblocking(False)
+                while time.monotonic() < stop:
+                    try:
+                        sock.send(req)
+                    except BlockingIOError:
+                        time.sleep(0.02)
+                grown.append(_rss_kb(server.proc.pid) - before)
+
+        grown: list[int] = []
+        threads = [threading.Thread(target=flood) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert max(grown) < 40_000, f"grew by {max(grown)} KiB"
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+
+def test_a_pipelining_client_gets_every_answer_in_order() -> None:
+    from tests.live import run_stella
+
+    n = 500
+    with (
+        run_stella({}) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock,
+    ):
+        sock.sendall(
+            b"".join(
+                b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Request-ID: req_pipe%05d\r\n\r\n" % i
+                for i in range(n)
+            )
+        )
+        out = b""
+        while out.count(b"x-request-id: req_pipe") < n or not out.endswith(b"}"):
+            data = sock.recv(65536)
+            assert data, out[-300:]
+            out += data
+    assert out.count(b"HTTP/1.1 200 OK") == n
+    ids = [int(x) for x in re.findall(rb"x-request-id: req_pipe(\d+)", out)]
+    assert ids == list(range(n))
+
+
+async def test_a_chunked_body_answered_before_it_came_is_read_up_to_a_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A chunked body's size is not announced: after an early answer (a 401) its rest was
+    # read and dropped, without a cap, until the body deadline (gigabytes). Up to
+    # LINGER_BYTES of it is read (a body of a usual size keeps the connection); past
+    # that the connection ends, lingering.
+    import stella.transport as transport
+
+    monkeypatch.setattr(transport, "LINGER_BYTES", 1000)
+    monkeypatch.setattr(transport, "LINGER_S", 0.1)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    head = b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+    chunk = b"%x\r\n%s\r\n" % (300, b"x" * 300)
+
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(head + chunk)
+    await turn()
+    assert b" 401 " in rec.writes[0] and not rec.ended
+    for _ in range(3):
+        proto.data_received(chunk)
+    assert not rec.ended  # 918 bytes of it so far: read
+    proto.data_received(chunk)
+    assert rec.eof and not rec.closed  # past the limit: the write side shut, lingering
+    proto.data_received(chunk)  # dropped unparsed
+    await asyncio.sleep(0.2)
+    assert rec.closed and b"".join(rec.writes).count(b"HTTP/1.1 ") == 1
+    proto.connection_lost(None)
+
+    # A body that ends within the limit: the connection serves the next request.
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(head + chunk)
+    await turn()
+    proto.data_received(chunk + b"0\r\n\r\n")
+    proto.data_received(head + chunk + b"0\r\n\r\n")
+    await turn()
+    assert sum(b" 401 " in w for w in rec.writes) == 2 and not rec.ended
+    proto.connection_lost(None)
+
+
+def test_a_chunked_body_answered_early_is_not_read_to_its_end() -> None:
+    # The server's 404 comes before the body; the client streams chunks on: the server
+    # stops reading them soon after LINGER_BYTES (it read for 30 s, ~80 GB on loopback).
+    from tests.live import run_stella
+
+    with run_stella({}) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        try:
+            sock.sendall(
+                b"POST /api/v1/nope HTTP/1.1\r\nHost: localhost\r\n"
+                b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+                b"2\r\n{}\r\n"
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 404 "), answer[:200]
+            chunk = b"%x\r\n%s\r\n" % (65_536, bytes(65_536))
+            sent, t0, closed = 0, time.monotonic(), False
+            while time.monotonic() - t0 < 6 and not closed:
+                try:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+                except OSError:  # reset or broken pipe: the server closed it
+                    closed = True
+            assert closed, f"{sent >> 20} MiB read and the connection still open"
+            assert sent < 64 << 20  # LINGER_BYTES read, LINGER_BYTES lingering, buffers
+        finally:
+            sock.close()
+
+
+MALFORMED = {
+    # Request smuggling shapes: framing two readers may read two ways.
+    "content-length and chunked": b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n"
+    b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    "two content-lengths": b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n"
+    b"content-length: 6\r\n\r\nhello!",
+    "chunked, identity": b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked, identity"
+    b"\r\n\r\n0\r\n\r\n",
+    "obs-fold": b"GET / HTTP/1.1\r\nhost: t\r\nx-a: a\r\n b\r\n\r\n",
+    "chunk size": b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\nZZ\r\nabc\r\n",
+    "method": b"FOO / HTTP/1.1\r\nhost: t\r\n\r\n",
+    "non-ASCII path": "GET /é HTTP/1.1\r\nhost: t\r\n\r\n".encode(),
+    # RFC 9112 3.2: one Host header, required in HTTP/1.1.
+    "no host": b"GET / HTTP/1.1\r\nx-a: b\r\n\r\n",
+    "two hosts": b"GET / HTTP/1.1\r\nhost: t\r\nhost: evil.example\r\n\r\n",
+    "two hosts, HTTP/1.0": b"GET / HTTP/1.0\r\nhost: t\r\nhost: evil.example\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("shape", MALFORMED)
+async def test_a_malformed_request_gets_a_json_400_and_the_connection_closes(shape: str) -> None:
+    # uvicorn's answer was plain text with no X-Request-ID; a request without a Host
+    # header, or with two, was served.
+    calls: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(MALFORMED[shape])
+    await turn()
+    out = b"".join(rec.writes)
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0] == b"http/1.1 400 bad request", out
+    assert b"content-type: application/json" in lines and b"connection: close" in lines
+    rid = next(line for line in lines if line.startswith(b"x-request-id: req_"))[14:]
+    error = msgspec.json.decode(body)["error"]
+    assert error["code"] == "invalid_request" and error["retryable"] is False
+    assert error["request_id"].encode() == rid and error["message"].strip()
+    # Only the 400 (a chunked body's request starts before its body breaks; never served).
+    assert rec.ended and out.count(b"\r\n\r\n") == 1
+    assert calls == ([] if shape != "chunk size" else ["/"])
+    proto.connection_lost(None)
+
+
+async def test_an_http_1_0_request_without_host_is_served() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(b"GET / HTTP/1.0\r\n\r\n")
+    await turn()
+    assert b"".join(rec.writes).startswith(b"HTTP/1.1 200 ")
+    proto.connection_lost(None)
