@@ -266,6 +266,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _lingered = 0  # bytes dropped while lingering
     _dropped = 0  # bytes of a body read after its request was answered
     _hosts = 0  # Host headers of the request being read
+    _trailing = False  # its head is read: fields now are a chunked body's trailer
     _shutting = False  # the server is shutting down: no lingering
     _held = b""  # input not parsed yet: more than PIPELINE_MAX pipelined requests wait
     _held_soon = False  # its parsing is scheduled
@@ -367,9 +368,20 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self.flow.read_paused = False
         transport.resume_reading()
 
+    def on_message_begin(self) -> None:
+        """Begin a request as uvicorn does, reading its head."""
+        self._trailing = False
+        super().on_message_begin()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         """Keep a header as uvicorn does, counting Host headers (uvicorn's own method,
         which this replaces, so that a header costs one comparison more, not a call)."""
+        if self._trailing:
+            # A chunked body's trailer fields come here too: uvicorn added them to the
+            # request's headers (a `Host` trailer made the request look sent from
+            # elsewhere, and was counted into the next request's Host headers). A
+            # trailer may not carry such fields (RFC 9110 6.5.1): none is kept.
+            return
         name = name.lower()
         if name == b"host":
             self._hosts += 1
@@ -398,6 +410,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
                 else "more than one Host header",
             )
         self._hosts = 0
+        self._trailing = True
         self._inexact = False
         if self._refused:
             raise ValueError("refused")  # stops the parser: this request never starts

@@ -1163,3 +1163,30 @@ async def test_an_http_1_0_request_without_host_is_served() -> None:
     await turn()
     assert b"".join(rec.writes).startswith(b"HTTP/1.1 200 ")
     proto.connection_lost(None)
+
+
+def test_a_host_trailer_does_not_refuse_the_next_request() -> None:
+    """A chunked body's trailer fields pass through on_header as headers do: a `Host`
+    trailer was counted into the next request's Host headers (400, "more than one")."""
+    from tests.live import run_stella
+
+    with run_stella({}) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        body = b'{"model":"echo","stream":false,"messages":[{"role":"user","content":"hi"}]}'
+        sock.sendall(
+            b"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/json\r\n\r\n"
+            + b"%x\r\n" % len(body)
+            + body
+            + b"\r\n0\r\nHost: trailer\r\n\r\n"
+            + b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        sock.settimeout(5)
+        got = b""
+        while got.count(b"HTTP/1.1 ") < 2 or not got.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        sock.close()
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", got) == [b"200", b"200"], got
