@@ -174,8 +174,10 @@ class _StateCollector(Collector):
         svc = self.svc
         drain = svc.drain
         waiting = len(drain.waiting)
+        # A body still arriving is in the drain's care, not a call yet.
+        reading = sum(1 for c in drain.tasks.values() if getattr(c, "reading_body", False))
         inflight = GaugeMetricFamily("stella_inflight_requests", "Calls running now")
-        inflight.add_metric([], len(drain.tasks) - waiting)
+        inflight.add_metric([], len(drain.tasks) - waiting - reading)
         yield inflight
         admitting = GaugeMetricFamily(
             "stella_waiting_requests", "Calls waiting for a concurrency slot (limits)"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import socket
+
 import httpx
 
 from tests.live import LiveServer, run_stella
@@ -187,3 +190,14 @@ def test_calls_waiting_for_a_slot_are_not_counted_as_running() -> None:
         after = scrape(server)
         assert value(after, "stella_inflight_requests") == 0
         assert value(after, "stella_waiting_requests") == 0
+        # A body still arriving (a slow upload) is no call running.
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        raw = json.dumps(body).encode()
+        sock.sendall(
+            b"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n"
+            % len(raw)
+            + raw[:10]
+        )
+        time.sleep(0.3)
+        assert value(scrape(server), "stella_inflight_requests") == 0
+        sock.close()

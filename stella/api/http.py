@@ -277,6 +277,7 @@ class _BodyRead:
     """What the drain ends for a body still arriving (it has no call yet)."""
 
     __slots__ = ("cancel_reason",)
+    reading_body = True  # not a call running: the in-flight gauge leaves it out
 
     def __init__(self) -> None:
         self.cancel_reason: str | None = None
