@@ -95,17 +95,24 @@ BEARER_BYTES = re.compile(
     (_START_BYTES + r"(?i:(bearer))" + _SPACE_BYTES + r"+[A-Za-z0-9._~+/=-]+").encode()
 )
 # An Authorization or Proxy-Authorization header quoted in text (`Authorization: token
-# ghp_...`, `'authorization': 'Basic ...'`, `authorization=...`): its scheme word is
-# kept, its credential masked, whatever the scheme: a token, or a list of parameters
-# (`Digest username="u", response="..."`, `AWS4-HMAC-SHA256 Credential=..,
-# SignedHeaders=a;b, Signature=..`). A scheme is a word of letters, or one with digits
-# and dashes when parameters follow it (AWS4-HMAC-SHA256): `sk-12ab is not valid`
-# is a credential, not a scheme. Possessive: a scheme word with no credential after
-# it (`Bearer <key>`) is left as it is, not taken for the credential.
+# ghp_...`, `'authorization': 'Basic ...'`, `authorization=...`): its credential is
+# masked, a token or a list of parameters (`Digest username="u", response="..."`,
+# `AWS4-HMAC-SHA256 Credential=.., SignedHeaders=a;b, Signature=..`). A known scheme
+# word stays (it says what was there), as does a word that parameters follow; any
+# other first word may be the credential itself (`sk-12ab is not valid`) or a scheme
+# stella does not know (`Klaviyo-API-Key pk_...`): it is masked, and so is the word
+# after it when that looks like a credential (a digit or one of `_.=+/` in it).
+# Possessive: a scheme with no credential after it (`Bearer <key>`) is left as it is.
+_SCHEMES = (
+    r"basic|bearer|digest|token|api-?key|key|negotiate|ntlm|oauth|hoba|mutual|vapid"
+    r"|dpop|jwt|ssws|scram-sha-(?:1|256)"
+)
+_TOKEN = r"[^\s\"'\\,;<>]+"
 _AUTH_HEADER = (
     r"(?i){start}((?:proxy-)?authorization{q}{sp}*[:=]{sp}*{q})"  # the name, `: ` or `": "`
-    r"((?:[a-z]+|[a-z][a-z0-9-]*(?={ws}+[a-z0-9_.-]+=)){ws}+)?+"  # the scheme, if any
-    r"((?:{param}|[^\s\"'\\,;<>]+)(?:(?:{ws}*,{ws}*|{ws}+){param})*)"  # the credential
+    r"((?:" + _SCHEMES + r"|[a-z][a-z0-9-]*(?={ws}+[a-z0-9_.-]+=)){ws}+)?+"  # the scheme
+    r"((?:{param}|" + _TOKEN + r")(?:(?:{ws}*,{ws}*|{ws}+){param})*"  # the credential
+    r"(?(2)|(?:{ws}+(?=[^\s\"'\\,;<>]*[0-9_.=+/])" + _TOKEN + r")?))"  # no scheme: a 2nd
 )
 _PARAM = r"[a-z0-9_.-]+=(?:{string}|[^\s\"',\\]+)"  # name=value, name="value"
 AUTH_HEADER_TEXT = re.compile(

@@ -629,6 +629,9 @@ def test_an_authorization_header_in_text_is_masked_whatever_its_scheme() -> None
                 # No scheme: the key is the credential, not a scheme for the next word.
                 "schemeless": "Authorization: sk-12ab34cd56 is not valid",
                 "hex": "Authorization: key-3ax6xnjp29jd6 was refused",
+                # A known scheme with a dash; one stella does not know goes with the key.
+                "dashed": "Authorization: Api-Key AbCd1234.s3cr3tKEY",
+                "unknown": "Authorization: Klaviyo-API-Key pk_abc123",
                 "sigv4": "Authorization: AWS4-HMAC-SHA256 Credential=AKIAEX2/s3/aws4_request, "
                 "SignedHeaders=host;range;x-amz-date, Signature=sigv4sig1",
                 # A header on its own line of a pasted request (`\n` in the line).
@@ -642,7 +645,19 @@ def test_an_authorization_header_in_text_is_masked_whatever_its_scheme() -> None
     sink.put({"event": "x", "msg": "Bearer\tsk-tab-only"})  # an escaped tab, no space
     sink.close()
     text = out.getvalue().decode()
-    for secret in (basic, "ghp_", "d1g3st", "no-space", "sk-", "AKIAEX", "sig1", "bob", "3ax6"):
+    for secret in (
+        basic,
+        "ghp_",
+        "d1g3st",
+        "no-space",
+        "sk-",
+        "AKIAEX",
+        "sig1",
+        "bob",
+        "3ax6",
+        "s3cr3t",
+        "pk_",
+    ):
         assert secret not in text
     inference, other, tab = (json.loads(line) for line in text.splitlines())  # still JSON
     assert inference["metadata"] == {
@@ -661,6 +676,8 @@ def test_an_authorization_header_in_text_is_masked_whatever_its_scheme() -> None
         "tab": "Authorization: Bearer\t*** and Bearer ***",
         "schemeless": "Authorization: *** is not valid",
         "hex": "Authorization: *** was refused",
+        "dashed": "Authorization: Api-Key ***",
+        "unknown": "Authorization: ***",
         "sigv4": "Authorization: AWS4-HMAC-SHA256 ***",
         "pasted": "GET / HTTP/1.1\nAuthorization: token ***\nBearer ***",
     }
