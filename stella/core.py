@@ -537,12 +537,7 @@ class Inference:
                             except Exception as exc:
                                 # A backend's bug is its failure, as before its first
                                 # token: recorded, counted, told to its breaker (below).
-                                _log.error(
-                                    "backend_failed", backend=route.backend_name, exc_info=exc
-                                )
-                                raise UpstreamError(
-                                    f"backend {route.backend_name!r} failed: {type(exc).__name__}"
-                                ) from None
+                                raise _backend_failed(route.backend_name, exc) from None
                             finally:
                                 watchdog.waiting = False
                             watchdog.progress += 1
@@ -576,11 +571,7 @@ class Inference:
                         # is worse than the error.
                         return self.fail(exc)
                     except Exception as exc:  # a bug past the backend still ends the stream
-                        _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
-                        err = UpstreamError(
-                            f"backend {route.backend_name!r} failed: {type(exc).__name__}"
-                        )
-                        return self.fail(err)
+                        return self.fail(_backend_failed(route.backend_name, exc))
                     finally:
                         self.completion_tokens = tokens
                         # A verdict (success, failure) already ended a probe; without one
@@ -726,8 +717,7 @@ class Inference:
                     watchdog, time.perf_counter(), rs.total_timeout_s
                 )
         except Exception as exc:  # a backend bug must still end the stream properly
-            _log.error("backend_failed", backend=route.backend_name, exc_info=exc)
-            err = UpstreamError(f"backend {route.backend_name!r} failed: {type(exc).__name__}")
+            err = _backend_failed(route.backend_name, exc)
         else:
             self.queue_ms = self.waited_ms + ctx.queue_ms
             self.engine_ttft_ms = ctx.engine_ttft_ms
@@ -965,6 +955,12 @@ class Inference:
             except Exception as exc:  # a metrics bug must not lose the log line
                 record.setdefault("listener_errors", []).append(repr(exc))
         pipeline.emit("inference", record)
+
+
+def _backend_failed(backend: str, exc: Exception) -> UpstreamError:
+    """Log an unexpected exception from a backend (or past it); the error it ends in."""
+    _log.error("backend_failed", backend=backend, exc_info=exc)
+    return UpstreamError(f"backend {backend!r} failed: {type(exc).__name__}")
 
 
 def _too_slow(watchdog: Watchdog, total_s: float) -> None:
