@@ -624,8 +624,8 @@ LEASE_S = 1.0
 
 def lease_size(capacity: float, cost: float, calls: int = 0) -> float:
     """The most a lease of this bucket holds, in whole requests of `cost` (0: no lease):
-    LEASE_REQUESTS, or twice the `calls` waiting on the bucket when more, within
-    LEASE_SHARE of the bucket."""
+    LEASE_REQUESTS, or twice the `calls` that waited for its last top-up when more,
+    within LEASE_SHARE of the bucket."""
     if cost <= 0:
         return 0.0
     # Sized to the demand: with more calls in flight than a lease pays, most would
@@ -666,9 +666,6 @@ class RedisBuckets:
         # Buckets whose lease is being refilled, with the lease's size: calls that it
         # may pay wait for it (the round trip they would make anyway).
         self._asking: dict[str, tuple[asyncio.Future[None], float]] = {}
-        # Per bucket, the calls in take_all that have not been answered yet: the demand
-        # a top-up is sized to.
-        self._calls: dict[str, int] = {}
         # Per bucket, the calls that waited for the top-up on its way, and for the last
         # one: the calls a second's worth of round trips must pay, whose size it sets.
         self._round: dict[str, int] = {}
@@ -707,40 +704,28 @@ class RedisBuckets:
         large token reserve) never makes another bucket's lease grow. A call whose
         bucket's lease is being topped up waits for that instead.
         """
-        calls = self._calls
-        for key, _, _, _ in checks:
-            calls[key] = calls.get(key, 0) + 1
-        try:
-            # A top-up wakes the calls that waited for it: those it could not pay (it
-            # was sized to the calls before) wait for the next, a few times at most.
-            for _ in range(3):
-                waits = self._waits(checks)
-                if not waits:
-                    break
+        # A top-up wakes the calls that waited for it: those it could not pay (it was
+        # sized to the calls before) wait for the next, a few times at most.
+        for _ in range(3):
+            waits = self._waits(checks)
+            if not waits:
+                break
+            await asyncio.wait(waits)
+        out, short = await self._take_all(checks)
+        if short:
+            # Refused by Redis while a lease of this process held or was fetching what
+            # Redis lacked (a burst: the lease took the bucket's last tokens): once more.
+            waits = self._waits(short)
+            if waits:
                 await asyncio.wait(waits)
-            out, short = await self._take_all(checks)
-            if short:
-                # Refused by Redis while a lease of this process held or was fetching
-                # what Redis lacked (a burst: the lease took the bucket's last tokens):
-                # once more.
-                waits = self._waits(short)
-                if waits:
-                    await asyncio.wait(waits)
-                now = time.monotonic()
-                if all(self._lease(key, cost, now) for key, _, _, cost in short):
-                    out, _ = await self._take_all(checks)
-                elif self._give_back_short(short):
-                    # A call costing more than a lease pays, refused while this process's
-                    # lease held what Redis lacked: the lease goes back with the next try.
-                    out, _ = await self._take_all(checks)
-            return out
-        finally:
-            for key, _, _, _ in checks:
-                left = calls[key] - 1
-                if left:
-                    calls[key] = left
-                else:
-                    del calls[key]
+            now = time.monotonic()
+            if all(self._lease(key, cost, now) for key, _, _, cost in short):
+                out, _ = await self._take_all(checks)
+            elif self._give_back_short(short):
+                # A call costing more than a lease pays, refused while this process's
+                # lease held what Redis lacked: the lease goes back with the next try.
+                out, _ = await self._take_all(checks)
+        return out
 
     def _give_back_short(self, short: list[tuple[str, float, float, float]]) -> bool:
         """Return the leases of the buckets Redis found short when, with them, it would
@@ -801,8 +786,7 @@ class RedisBuckets:
                 if lease is not None and lease.expires < now:
                     self._return(name, lease)  # settled with this check
                 top_up = 0.0
-                calls = max(self._calls.get(name, 0), self._demand.get(name, 0))
-                size = lease_size(cap, cost, calls)
+                size = lease_size(cap, cost, self._demand.get(name, 0))
                 if size and name not in self._asking and st.down_since is None:
                     top_up = max(size - (lease.tokens if lease is not None else 0.0), 0.0)
                     if top_up:
