@@ -201,6 +201,33 @@ def install_plugin(
     return {"PYTHONPATH": os.pathsep.join([str(where), os.environ.get("PYTHONPATH", "")])}
 
 
+def stella_cli(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the `stella` command with these arguments; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "stella", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def wait_in_kernel(pid: int, wait: str) -> None:
+    """Wait until process `pid` blocks in the kernel in a wait named like `wait` (its
+    /proc wchan: "pipe_read", "poll"): a signal sent then interrupts that wait (one
+    sent just before it is seen only when the wait ends, CPython's own race)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/wchan") as f:
+            if wait in f.read():
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} never waited in {wait}")
+
+
 def stella_to_dev_full(
     *args: str, unbuffered: bool, env: dict[str, str] | None = None
 ) -> list[str]:

@@ -11,12 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.live import stella_to_dev_full, stella_without_stdin
-
-
-def stella(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "stella", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+from tests.live import stella_cli as stella
+from tests.live import stella_to_dev_full, stella_without_stdin, wait_in_kernel
 
 
 def test_a_bad_concurrency_list_is_a_usage_error() -> None:
@@ -322,19 +318,6 @@ def test_output_that_cannot_be_written_is_one_line_and_exit_1(unbuffered: bool) 
     assert lines[1].startswith("key: sk-stella-") and "Traceback" not in "\n".join(lines)
 
 
-def _wait_reading_a_pipe(pid: int) -> None:
-    """Wait until process `pid` blocks reading a pipe (its stdin, here)."""
-    import time
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/wchan") as f:
-            if "pipe_read" in f.read():
-                return
-        time.sleep(0.05)
-    raise AssertionError("the command never waited on stdin")
-
-
 def test_ctrl_c_while_keys_hash_waits_for_stdin_exits_130_quietly() -> None:
     import signal
 
@@ -346,7 +329,7 @@ def test_ctrl_c_while_keys_hash_waits_for_stdin_exits_130_quietly() -> None:
         text=True,
     )
     try:
-        _wait_reading_a_pipe(proc.pid)
+        wait_in_kernel(proc.pid, "pipe_read")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:

@@ -20,23 +20,16 @@ import pytest
 
 from stella import client as sc
 from stella.protocol import ChatResponse, Delta, Done, Start
-from tests.live import LiveServer, free_port, run_stella, stella_to_dev_full
+from tests.live import (
+    LiveServer,
+    free_port,
+    run_stella,
+    stella_cli,
+    stella_to_dev_full,
+    wait_in_kernel,
+)
 
 KEY = "sk-client-test-1"
-
-
-def stella_cli(
-    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """Run the `stella` command with these arguments; its output as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "stella", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
 
 
 def test_chat_stream_and_not(stella: LiveServer) -> None:
@@ -535,15 +528,8 @@ def test_ctrl_c_while_models_waits_on_a_hung_server_exits_130_quietly() -> None:
             with conn:
                 conn.settimeout(30)
                 assert conn.recv(4096).startswith(b"GET /api/v1/models ")
-                # A SIGINT that lands between Python's check for signals and the wait for
-                # the answer is seen only when that wait ends (CPython's own race): sent
-                # once the client waits in the kernel, as a user's Ctrl-C would come.
-                deadline = time.monotonic() + 30
-                while time.monotonic() < deadline:
-                    with open(f"/proc/{proc.pid}/wchan") as f:
-                        if "poll" in f.read():
-                            break
-                    time.sleep(0.02)
+                # Once the client waits for the answer, as a user's Ctrl-C would come.
+                wait_in_kernel(proc.pid, "poll")
                 proc.send_signal(signal.SIGINT)
                 out, err = proc.communicate(timeout=30)
         finally:

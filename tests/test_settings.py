@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tomllib
 import typing
 from collections import defaultdict
@@ -27,6 +26,7 @@ from stella.settings import (
     redacted,
     secret_values,
 )
+from tests.live import stella_cli
 
 
 def test_defaults_match_the_shipped_file() -> None:
@@ -233,13 +233,7 @@ def test_route_names_with_dots_slashes_and_colons_still_load(tmp_path: Path) -> 
 def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text("[server]\nport = 'eighty'\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "stella", "serve"],
-        env={"STELLA_CONFIG": str(conf), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = stella_cli("serve", env={"STELLA_CONFIG": str(conf), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "server.port" in lines[0]
@@ -251,13 +245,7 @@ def test_unknown_backend_kind_names_the_key(tmp_path: Path) -> None:
         '[backends.x]\nkind = "warp"\n[backends.local]\nenabled = false\n'
         '[models]\ndefault = "echo"\n'
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "stella", "serve"],
-        env={"STELLA_CONFIG": str(conf), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = stella_cli("serve", env={"STELLA_CONFIG": str(conf), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert "backends.x.kind" in proc.stderr and "warp" in proc.stderr
 
@@ -448,13 +436,7 @@ def test_values_only_use_reveals_are_checked_up_front(
     base = {"PATH": "/usr/bin:/bin", "STELLA_MODELS__DEFAULT": "echo"}
     if command == "serve":
         base["STELLA_BACKENDS__LOCAL__ENABLED"] = "false"
-    proc = subprocess.run(
-        [sys.executable, "-m", "stella", *args],
-        env={**base, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = stella_cli(*args, env={**base, **env})
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0]
@@ -463,13 +445,7 @@ def test_values_only_use_reveals_are_checked_up_front(
 def test_config_prints_nothing_that_serve_would_refuse() -> None:
     # A backend table serve refuses was printed as written, exit 0, by plain `config`.
     env = {"PATH": "/usr/bin:/bin", "STELLA_BACKENDS__ECHO__DELAY_S": "abc"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "stella", "config"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = stella_cli("config", env=env)
     assert proc.returncode == 2 and proc.stdout == "", proc
     assert "backends.echo.delay_s" in proc.stderr
 
@@ -479,13 +455,7 @@ def test_config_prints_json_alone_when_building_it_warns(tmp_path: Path) -> None
     # which went to stdout ahead of the JSON (`stella config | jq` broke).
     conf = tmp_path / "c.toml"
     conf.write_text("[limits.models.nosuch]\nrequests_per_minute = 10\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "stella", "config", "--config", str(conf)],
-        env={"PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = stella_cli("config", "--config", str(conf), env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["limits"]["models"]["nosuch"]["requests_per_minute"] == 10
     assert "limits_for_unknown_route" in proc.stderr
@@ -495,13 +465,7 @@ def check_with_audit_path(path: Path) -> subprocess.CompletedProcess[str]:
     """`stella config --check` with log.audit_path set to `path`, on echo."""
     env = {"PATH": "/usr/bin:/bin", "STELLA_MODELS__DEFAULT": "echo"}
     env["STELLA_LOG__AUDIT_PATH"] = str(path)
-    return subprocess.run(
-        [sys.executable, "-m", "stella", "config", "--check"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return stella_cli("config", "--check", env=env)
 
 
 def test_config_check_warns_of_a_key_variable_not_set() -> None:
@@ -513,8 +477,7 @@ def test_config_check_warns_of_a_key_variable_not_set() -> None:
         STELLA_BACKENDS__UP__BASE_URL="http://127.0.0.1:9/v1",
         STELLA_BACKENDS__UP__API_KEY_ENV="UPSTREAM_TEST_KEY",
     )
-    cmd = [sys.executable, "-m", "stella", "config", "--check"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    out = stella_cli("config", "--check", env=env)
     assert out.returncode == 0, out.stderr
     assert out.stderr.splitlines() == [
         "stella: warning: backends.up.api_key_env: UPSTREAM_TEST_KEY is not set; "
@@ -522,7 +485,7 @@ def test_config_check_warns_of_a_key_variable_not_set() -> None:
         "stella: configuration ok",
     ]
     env["UPSTREAM_TEST_KEY"] = "sk-test"
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    out = stella_cli("config", "--check", env=env)
     assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
 
 
@@ -646,13 +609,7 @@ def test_a_bad_variable_found_when_building_is_named(variable: str, value: str, 
     env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
     env[variable] = value
     for args in (["serve", "--port", "9"], ["config", "--check"]):
-        out = subprocess.run(
-            [sys.executable, "-m", "stella", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = stella_cli(*args, env=env)
         assert out.returncode == 2, out.stderr
         assert out.stderr.startswith(f"stella: config error: {start}"), out.stderr
 
@@ -673,13 +630,7 @@ def test_an_empty_default_model_is_refused_by_check_and_serve(tmp_path: Path, so
         env["STELLA_MODELS__DEFAULT"] = ""
         start = "stella: config error: STELLA_MODELS__DEFAULT=: models.default: empty"
     for args in (["config", "--check"], ["serve", "--port", str(free_port())]):
-        out = subprocess.run(
-            [sys.executable, "-m", "stella", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        out = stella_cli(*args, env=env)
         assert out.returncode == 2, (args, out.stderr)
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(start), (args, out.stderr)
@@ -694,13 +645,7 @@ def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
     env["STELLA_BACKENDS__R__HEADERS__COOKIE"] = "session=SUPERSECRET"
-    out = subprocess.run(
-        [sys.executable, "-m", "stella", "config", "--check", "--config", str(conf)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = stella_cli("config", "--check", "--config", str(conf), env=env)
     assert out.returncode == 2
     assert (
         out.stderr
@@ -820,12 +765,12 @@ def test_config_errors_name_the_variable_that_did_it(
     tmp_path: Path, env: dict[str, str], file: str, start: str
 ) -> None:
     full = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
-    args = [sys.executable, "-m", "stella", "config", "--check"]
+    args = ["config", "--check"]
     if file:
         conf = tmp_path / "c.toml"
         conf.write_text(file)
         args += ["--config", str(conf)]
-    out = subprocess.run(args, env={**full, **env}, capture_output=True, text=True, timeout=60)
+    out = stella_cli(*args, env={**full, **env})
     assert out.returncode == 2
     assert out.stderr.startswith(f"stella: config error: {start}"), out.stderr
     assert "s3cret" not in out.stderr
