@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -373,6 +374,76 @@ def test_models_come_in_the_apis_shape_to_its_clients(server: LiveServer) -> Non
     r = httpx.get(server.url + "/v1/models/nope", headers={"x-api-key": KEY})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert "request-id" not in r.headers
+
+
+def test_the_model_list_comes_in_the_apis_pages() -> None:
+    # limit (1..1000, 20 by default), after_id and before_id as Anthropic's Models API
+    # takes them; the SDK's auto-paging walks every page, each model once.
+    narrow, none = "sk-ant-narrow-1", "sk-ant-none-12"
+    config = {
+        "models": {"routes": {f"m{i:02}": {"backend": "echo"} for i in range(25)}},
+        "auth": {
+            "keys": {
+                "narrow": {
+                    "sha256": hashlib.sha256(narrow.encode()).hexdigest(),
+                    "models": ["m1*"],
+                },
+                "none": {"sha256": hashlib.sha256(none.encode()).hexdigest(), "models": []},
+            }
+        },
+    }
+    with run_stella(config, {"STELLA_API_KEYS": f"claude={KEY}"}) as s:
+        c = client(s)
+        ids = [m.id for m in c.models.list(limit=1000).data]
+        assert len(ids) == 26 and set(ids) == {"echo", *(f"m{i:02}" for i in range(25))}
+        assert [m.id for m in c.models.list()] == ids  # auto-paging, 20 then 6
+        first = c.models.list()
+        assert [m.id for m in first.data] == ids[:20]
+        assert (first.has_more, first.first_id, first.last_id) == (True, ids[0], ids[19])
+        assert [m.id for m in c.models.list(limit=3)] == ids  # nine pages, each model once
+        page = c.models.list(limit=3, after_id=ids[22])
+        assert [m.id for m in page.data] == ids[23:] and page.has_more is False
+        page = c.models.list(limit=3, after_id=ids[-1])
+        assert page.data == [] and page.has_more is False
+        assert page.first_id is None and page.last_id is None
+        # before_id: the page just before it, in the list's order; has_more looks back.
+        page = c.models.list(limit=3, before_id=ids[10])
+        assert [m.id for m in page.data] == ids[7:10] and page.has_more is True
+        page = c.models.list(limit=3, before_id=ids[2])
+        assert [m.id for m in page.data] == ids[:2] and page.has_more is False
+        back = [m.id for m in c.models.list(limit=4, before_id=ids[-1])]
+        assert sorted(back) == sorted(ids[:-1]) and len(back) == len(set(back))
+        # A key sees its own routes only, and pages them alike; none at all: an empty page.
+        mine = [m.id for m in client(s, narrow).models.list(limit=4)]
+        assert mine == [i for i in ids if i.startswith("m1")]
+        page = client(s, none).models.list()
+        assert (page.data, page.has_more, page.first_id, page.last_id) == ([], False, None, None)
+        # Refusals: 400 invalid_request_error naming the parameter.
+        refused = [
+            ({"limit": "0"}, "limit"),
+            ({"limit": "1001"}, "limit"),
+            ({"limit": "ten"}, "limit"),
+            ({"limit": ""}, "limit"),
+            ({"limit": "+5"}, "limit"),
+            ({"after_id": "nope"}, "after_id"),
+            ({"before_id": "nope"}, "before_id"),
+            ({"after_id": ids[0], "before_id": ids[5]}, "after_id, before_id"),
+        ]
+        for query, param in refused:
+            with pytest.raises(anthropic.BadRequestError) as info:
+                c.models.list(extra_query=query)
+            error = info.value.body["error"]
+            assert error["type"] == "invalid_request_error", error
+            assert error["message"].startswith(param + ": "), error
+        # A route the key may not use is no cursor for it: as unknown, not a 403.
+        with pytest.raises(anthropic.BadRequestError) as info:
+            client(s, narrow).models.list(after_id="m00")
+        assert info.value.body["error"]["message"] == "after_id: no model 'm00' in this list"
+        page = c.models.list(limit=1)
+        assert [m.id for m in page.data] == ids[:1] and page.has_more is True
+        # Without anthropic-version: OpenAI's one list, the parameters not read.
+        r = httpx.get(s.url + "/v1/models?limit=0", headers={"x-api-key": KEY})
+        assert r.status_code == 200 and len(r.json()["data"]) == 26
 
 
 async def test_disconnect_cancels_and_logs_anthropic(server: LiveServer) -> None:

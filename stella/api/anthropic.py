@@ -7,6 +7,7 @@ internal request; errors come back as {"type": "error", "error": {...}}.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -200,14 +201,56 @@ def model_info(name: str) -> dict[str, Any]:
     return {"type": "model", "id": name, "display_name": name, "created_at": _UNKNOWN_DATE}
 
 
-def model_page(names: list[str]) -> dict[str, Any]:
-    """Routes as the API's model list: one page, every route on it."""
+# The API's page size when a request names none, and the most it allows.
+PAGE_LIMIT, MAX_PAGE_LIMIT = 20, 1000
+
+
+def model_page(names: list[str], query: Mapping[str, str]) -> dict[str, Any]:
+    """Routes as the API's model list: the page that `limit` and the cursor `after_id` or
+    `before_id` in `query` ask for, in the order of `names`."""
+    limit = _page_limit(query.get("limit"))
+    after, before = query.get("after_id"), query.get("before_id")
+    if after is not None and before is not None:
+        raise InvalidRequest("after_id, before_id: give one cursor, not both", param="before_id")
+    if before is not None:
+        end = _cursor(names, before, "before_id")
+        start = max(0, end - limit)
+        # has_more looks the way the client pages: here, towards the start.
+        more = start > 0
+    else:
+        start = _cursor(names, after, "after_id") + 1 if after is not None else 0
+        end = start + limit
+        more = end < len(names)
+    data = names[start:end]
     return {
-        "data": [model_info(n) for n in names],
-        "has_more": False,
-        "first_id": names[0] if names else None,
-        "last_id": names[-1] if names else None,
+        "data": [model_info(n) for n in data],
+        "has_more": more,
+        "first_id": data[0] if data else None,
+        "last_id": data[-1] if data else None,
     }
+
+
+def _page_limit(value: str | None) -> int:
+    """`limit` as a number from 1 to MAX_PAGE_LIMIT (PAGE_LIMIT when absent)."""
+    if value is None:
+        return PAGE_LIMIT
+    # isdigit() alone takes other scripts' digits, and int() takes "+5", " 5" and "1_0".
+    n = int(value) if value.isascii() and value.isdigit() else 0
+    if not 1 <= n <= MAX_PAGE_LIMIT:
+        raise InvalidRequest(
+            f"limit: expected an integer from 1 to {MAX_PAGE_LIMIT}, got {value!r}",
+            param="limit",
+        )
+    return n
+
+
+def _cursor(names: list[str], value: str, param: str) -> int:
+    """The position of the model a cursor names; one not on the list (gone since the last
+    page, or never there) is a 400: an empty page would read as the list's end."""
+    try:
+        return names.index(value)
+    except ValueError:
+        raise InvalidRequest(f"{param}: no model {value!r} in this list", param=param) from None
 
 
 def _text(content: str | list[Block] | None, path: str) -> str:

@@ -388,7 +388,9 @@ async def list_models(request: Request, call: Call) -> Response:
     router = services(request).router
     routes = [r for r in router.routes.values() if call.principal.may_use(r.name)]
     if call.api == "anthropic":
-        return JSONResponse(anthropic_dialect.model_page([r.name for r in routes]))
+        return JSONResponse(
+            anthropic_dialect.model_page([r.name for r in routes], request.query_params)
+        )
     data = [_model_obj(r.name, r.backend_name) for r in routes]
     return JSONResponse({"object": "list", "data": data})
 
@@ -458,11 +460,17 @@ def _either(name: str, first: Schema, second: Schema) -> Schema:
 if anthropic_dialect is None:
     _MODELS, _MODEL, _MODELS_ERROR = shapes.OPENAI_MODELS, shapes.OPENAI_MODEL, shapes.OPENAI_ERROR
     _MODELS_HEADERS: tuple[str, ...] = ()
+    _MODELS_QUERY: tuple[tuple[str, str], ...] = ()
 else:
     _MODELS = _either("OpenAIOrAnthropicModelList", shapes.OPENAI_MODELS, shapes.ANTHROPIC_MODELS)
     _MODEL = _either("OpenAIOrAnthropicModel", shapes.OPENAI_MODEL, shapes.ANTHROPIC_MODEL)
     _MODELS_ERROR = _either("OpenAIOrAnthropicError", shapes.OPENAI_ERROR, shapes.ANTHROPIC_ERROR)
     _MODELS_HEADERS = ("request-id",)
+    _MODELS_QUERY = (
+        ("limit", "with anthropic-version: models per page, 1 to 1000 (20)"),
+        ("after_id", "with anthropic-version: the page right after this model"),
+        ("before_id", "with anthropic-version: the page right before this model"),
+    )
 
 document(
     Operation(
@@ -503,9 +511,10 @@ document(
         "OpenAI model list (Anthropic's, with an anthropic-version header)",
         tag="openai",
         response=_MODELS,
-        errors=(401,),
+        errors=(400, 401) if _MODELS_QUERY else (401,),
         error=_MODELS_ERROR,
         headers=_MODELS_HEADERS,
+        query=_MODELS_QUERY,
     ),
     Operation(
         "get",
