@@ -28,7 +28,15 @@ from starlette.routing import Router as StarletteRouter
 from stella import __version__, logs
 from stella.api import native, ops
 from stella.api.admin import usage_listener
-from stella.api.http import CLOSE, NATIVE, Dialect, Endpoint, body_over_limit, with_header
+from stella.api.http import (
+    CLOSE,
+    NATIVE,
+    Dialect,
+    DialectPick,
+    Endpoint,
+    body_over_limit,
+    with_header,
+)
 from stella.auth import Authenticator
 from stella.backends import Backend, ConfigError, build_backend, registry
 from stella.calls import new_request_id
@@ -92,14 +100,15 @@ class Services:
                     detail="no configured route has this name; it applies if a runtime "
                     "route of that name is registered",
                 )
-        # Longest first: (prefix, dialect) from each dialect module's ERROR_PREFIXES.
-        self.error_prefixes: list[tuple[str, Dialect]] = [("/api/v1/", NATIVE)]
+        # Longest first: (prefix, dialect or DialectPick) from each dialect module's
+        # ERROR_PREFIXES.
+        self.error_prefixes: list[tuple[str, Dialect | DialectPick]] = [("/api/v1/", NATIVE)]
 
-    def dialect_for(self, path: str) -> Dialect:
+    def dialect_for(self, path: str, scope: dict[str, Any]) -> Dialect:
         """The dialect whose error shape a path's router-level errors take."""
         for prefix, dialect in self.error_prefixes:
             if path.startswith(prefix):
-                return dialect
+                return dialect if isinstance(dialect, Dialect) else dialect(scope)
         return NATIVE
 
     def rejected(self, exc: StellaError, api: str) -> None:
@@ -177,7 +186,7 @@ async def enter(
     header = (b"x-request-id", rid.encode())
     if svc.drain.draining and scope["path"] not in ("/health", "/ready"):
         exc = ShuttingDown("the server is shutting down; retry on another instance")
-        refusal = svc.dialect_for(scope["path"]).error_response(exc, rid)
+        refusal = svc.dialect_for(scope["path"], scope).error_response(exc, rid)
         refusal.raw_headers.append(header)
         await refusal(scope, receive, send)
         return
@@ -314,7 +323,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
             err.headers["Allow"] = ", ".join(sorted(allowed))
     rid = request.scope.get("state", {}).get("request_id", "")
     svc = request.scope.get("stella") or request.app.state.stella
-    response = svc.dialect_for(request.url.path).error_response(err, rid)
+    response = svc.dialect_for(request.url.path, request.scope).error_response(err, rid)
     if body_over_limit(request.scope, svc.settings.server.max_body_bytes):
         response.raw_headers.append(CLOSE)
     return response

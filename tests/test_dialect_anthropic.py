@@ -374,6 +374,15 @@ def test_models_come_in_the_apis_shape_to_its_clients(server: LiveServer) -> Non
     r = httpx.get(server.url + "/v1/models/nope", headers={"x-api-key": KEY})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert "request-id" not in r.headers
+    # The router's own answers there too: a 405 in the shape the request asks for.
+    for path in ("/v1/models", "/v1/models/echo"):
+        r = httpx.post(server.url + path, headers={"x-api-key": KEY, "anthropic-version": "1"})
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", r.text
+        error = r.json()["error"]
+        assert r.json()["type"] == "error" and error["message"] == f"POST is not allowed on {path}"
+        assert r.json()["request_id"] == r.headers["request-id"] == r.headers["x-request-id"]
+        r = httpx.post(server.url + path, headers={"x-api-key": KEY})
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_the_model_list_comes_in_the_apis_pages() -> None:

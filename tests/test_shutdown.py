@@ -179,6 +179,12 @@ async def test_draining_refusals_take_the_dialects_shape() -> None:
         assert r.status_code == 503 and isinstance(r.json()["error"], str)  # Ollama
         r = await c.post("/v1/chat/completions", json={})
         assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"  # OpenAI
+        # /v1/models is both APIs': Anthropic's SDK (anthropic-version) gets its shape.
+        r = await c.get("/v1/models", headers={"anthropic-version": "2023-06-01"})
+        assert r.status_code == 503 and r.json()["error"]["type"] == "overloaded_error"
+        assert r.json()["request_id"] == r.headers["request-id"]
+        r = await c.get("/v1/models")
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
         r = await c.post("/api/v1/chat", json={}, headers={"X-Request-ID": "req-drain-1"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
         # The retry can go elsewhere at once; the ID is in the headers, as on any answer.

@@ -99,6 +99,8 @@ class Dialect:
 
 
 NATIVE = Dialect()
+# Picks the dialect by the request's ASGI scope, for a path two APIs share.
+DialectPick = Callable[[dict[str, Any]], Dialect]
 
 
 def services(request: Request) -> Any:

@@ -21,6 +21,7 @@ from starlette.routing import Route
 from stella.api import shapes
 from stella.api.http import (
     Dialect,
+    DialectPick,
     JSONResponse,
     decode,
     endpoint,
@@ -92,8 +93,24 @@ class OpenAIDialect(Dialect):
 
 
 OPENAI = OpenAIDialect()
+
+
+def _models_dialect(scope: dict[str, Any]) -> Dialect:
+    """Anthropic's as well as OpenAI's SDKs ask GET /v1/models; Anthropic's send
+    anthropic-version with every call: they get that API's shapes, errors included."""
+    if anthropic_dialect is not None:
+        for name, _ in scope["headers"]:
+            if name == b"anthropic-version":
+                return anthropic_dialect.ANTHROPIC
+    return OPENAI
+
+
 # Paths whose errors (404, 405, draining) take this shape; the longest prefix wins.
-ERROR_PREFIXES = {"/v1/": OPENAI}
+# /v1/models (and /v1/models/{id}) is Anthropic's too, to a request that says so.
+ERROR_PREFIXES: dict[str, Dialect | DialectPick] = {
+    "/v1/": OPENAI,
+    "/v1/models": _models_dialect,
+}
 
 
 _chat_req = msgspec.json.Decoder(ChatCompletionRequest)
@@ -370,16 +387,6 @@ async def completions(request: Request, call: Call) -> Response:
 
 def _model_obj(name: str, owner: str) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": 0, "owned_by": owner}
-
-
-def _models_dialect(scope: dict[str, Any]) -> Dialect:
-    """Anthropic's as well as OpenAI's SDKs ask GET /v1/models; Anthropic's send
-    anthropic-version with every call: they get that API's shapes, errors included."""
-    if anthropic_dialect is not None:
-        for name, _ in scope["headers"]:
-            if name == b"anthropic-version":
-                return anthropic_dialect.ANTHROPIC
-    return OPENAI
 
 
 @endpoint(OPENAI, pick=_models_dialect)
