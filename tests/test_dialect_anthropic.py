@@ -380,6 +380,7 @@ def test_models_come_in_the_apis_shape_to_its_clients(server: LiveServer) -> Non
         assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", r.text
         error = r.json()["error"]
         assert r.json()["type"] == "error" and error["message"] == f"POST is not allowed on {path}"
+        assert error["type"] == "invalid_request_error"
         assert r.json()["request_id"] == r.headers["request-id"] == r.headers["x-request-id"]
         r = httpx.post(server.url + path, headers={"x-api-key": KEY})
         assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
