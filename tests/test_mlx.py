@@ -288,6 +288,8 @@ def test_the_second_turn_reuses_the_first_ones_prompt(mlx_server: LiveServer) ->
     assert logged[first["id"]]["cached_tokens"] < 50  # at most the chat template's opening
     reused = logged[second["id"]]["cached_tokens"]
     assert first["usage"]["prompt_tokens"] <= reused < second["usage"]["prompt_tokens"]
+    # The answer's usage says so too, as OpenAI's does.
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": reused}
 
 
 def test_gguf_import_round_trips_the_tokenizer(tmp_path: Path) -> None:

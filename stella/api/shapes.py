@@ -353,7 +353,12 @@ OLLAMA_VERSION = Schema("OllamaVersion", obj({"version": STR}))
 
 # --- Anthropic ---------------------------------------------------------------------------
 
-_ANTHROPIC_USAGE = obj({"input_tokens": INT, "output_tokens": INT})
+_ANTHROPIC_USAGE = obj(
+    {"input_tokens": INT, "output_tokens": INT},
+    # When the backend counted the prompt's tokens its cache spared it (input_tokens
+    # then leaves them out).
+    {"cache_read_input_tokens": INT},
+)
 _ANTHROPIC_TEXT = obj({"type": const("text"), "text": STR})
 _ANTHROPIC_TOOL_USE = obj({"type": const("tool_use"), "id": STR, "name": STR, "input": OBJECT})
 ANTHROPIC_ERROR = Schema(
