@@ -329,7 +329,13 @@ OLLAMA_PS = Schema(
     obj(
         {
             "models": array(
-                {"allOf": [ref(OLLAMA_MODEL), obj({"size_vram": INT, "expires_at": STR})]}
+                {
+                    "allOf": [
+                        ref(OLLAMA_MODEL),
+                        # context_length: when the backend knows the model's window
+                        obj({"size_vram": INT, "expires_at": STR}, {"context_length": INT}),
+                    ]
+                }
             )
         }
     ),
@@ -343,7 +349,8 @@ OLLAMA_SHOW = Schema(
             "parameters": STR,
             "template": STR,
             "details": obj({**_OLLAMA_DETAILS, "parent_model": STR}),
-            "model_info": {"type": "object", "additionalProperties": STR},
+            # "<architecture>.context_length" is a number (when the backend knows it)
+            "model_info": {"type": "object", "additionalProperties": {"anyOf": [STR, INT]}},
             "capabilities": array(STR),
             "modified_at": STR,
         }
