@@ -44,6 +44,7 @@ from stella.protocol import (
     Done,
     Error,
     FunctionCall,
+    PromptTokensDetails,
     Start,
     Timings,
     ToolCall,
@@ -777,7 +778,14 @@ class Inference:
 
     def _done(self, done: Done) -> Done:
         now = time.perf_counter()
-        usage = self.usage = self._settled(done.usage, True)
+        usage = self._settled(done.usage, True)
+        ctx = self.ctx
+        if ctx is not None and ctx.cached_tokens is not None:
+            # The backend's count of the prompt tokens its cache spared it; the answer
+            # says nothing of a cache when it gave none.
+            details = PromptTokensDetails(cached_tokens=ctx.cached_tokens)
+            usage = msgspec.structs.replace(usage, prompt_tokens_details=details)
+        self.usage = usage
         self.finish_reason = done.finish_reason
         self.terminal = True
         self.t_end = now

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal[
@@ -226,12 +226,21 @@ class GenerateRequest(Strict):
 # --- stream events ---------------------------------------------------------
 
 
+class PromptTokensDetails(msgspec.Struct):
+    """What of the prompt's tokens, as OpenAI's usage breaks them down."""
+
+    cached_tokens: int = 0  # read from the backend's prompt cache, not again
+
+
 class Usage(msgspec.Struct):
     """Token counts of one inference."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # Only when the backend reported how many prompt tokens its cache spared it (left
+    # out when it did not: an unknown count is not a 0).
+    prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
 
 
 class Timings(msgspec.Struct):

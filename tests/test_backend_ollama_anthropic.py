@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -11,12 +12,12 @@ import pytest
 
 from stella.backends import CallContext
 from stella.backends.anthropic import AnthropicBackend, AnthropicConfig
-from stella.backends.ollama import OllamaBackend, OllamaConfig
+from stella.backends.ollama import CONTEXT_WAIT_S, OllamaBackend, OllamaConfig
 from stella.errors import StellaError, UpstreamStatus
 from stella.protocol import ChatRequest, Delta, Done, FunctionSpec, Message, Options, Tool, ToolCall
 from tests.fakes.anthropic import KEY, FakeAnthropic
-from tests.fakes.ollama import FakeOllama
-from tests.fakes.server import serve
+from tests.fakes.ollama import CONTEXT, FakeOllama
+from tests.fakes.server import full_backlog, serve
 from tests.live import ndjson, run_stella
 
 HI = [Message(role="system", content="be nice"), Message(role="user", content="hi")]
@@ -78,6 +79,30 @@ async def test_ollama_tools_and_models(ollama_url: tuple[FakeOllama, str]) -> No
     await b.start()
     assert await b.models() == ["llama3:latest"] and (await b.health()).ok
     await b.aclose()
+
+
+async def test_ollama_context_length_is_the_running_models_window(
+    ollama_url: tuple[FakeOllama, str],
+) -> None:
+    # From Ollama's /api/ps (a route may leave out ":latest"); unknown is None, also
+    # when the upstream cannot be reached, within the wait a listing allows.
+    b = ollama(ollama_url[1])
+    await b.start()
+    try:
+        assert await b.context_length("llama3") == CONTEXT
+        assert await b.context_length("llama3:latest") == CONTEXT
+        assert await b.context_length("mistral") is None
+    finally:
+        await b.aclose()
+    with full_backlog() as port:
+        b = ollama(f"http://127.0.0.1:{port}")
+        await b.start()
+        try:
+            t = time.monotonic()
+            assert await b.context_length("llama3") is None
+            assert time.monotonic() - t < CONTEXT_WAIT_S + 1
+        finally:
+            await b.aclose()
 
 
 @pytest.mark.parametrize(

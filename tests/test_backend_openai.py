@@ -34,7 +34,7 @@ from stella.protocol import (
     Tool,
     ToolCall,
 )
-from tests.fakes.openai import FakeOpenAI
+from tests.fakes.openai import CACHED, FakeOpenAI
 from tests.fakes.server import full_backlog, serve
 from tests.live import free_port
 
@@ -107,6 +107,25 @@ async def test_missing_usage_counts_deltas(fake: tuple[FakeOpenAI, str]) -> None
     events = await collect(b, "no-usage")
     await b.aclose()
     assert events[-1].usage.completion_tokens == 5
+
+
+async def test_the_upstreams_cached_prompt_tokens_reach_the_call(
+    fake: tuple[FakeOpenAI, str],
+) -> None:
+    # usage.prompt_tokens_details.cached_tokens, streamed or not; None when not sent.
+    b = await backend(fake[1] + "/v1")
+    try:
+        for model, cached in (("cached", CACHED), ("ok", None)):
+            for stream in (True, False):
+                ctx = CallContext(request_id="req-cached")
+                req = ChatRequest(
+                    messages=[Message(role="user", content="hi")], model=model, stream=stream
+                )
+                events = [e async for e in b.chat(req, ctx)]
+                assert isinstance(events[-1], Done) and events[-1].usage.prompt_tokens == 3
+                assert ctx.cached_tokens == cached, (model, stream)
+    finally:
+        await b.aclose()
 
 
 async def test_tool_call_fragments_count_as_output(fake: tuple[FakeOpenAI, str]) -> None:

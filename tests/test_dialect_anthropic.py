@@ -595,6 +595,41 @@ def test_an_overload_after_the_start_is_an_overloaded_error_event(server: LiveSe
     assert [n for n, _ in events][:2] == ["message_start", "content_block_start"]
 
 
+def test_the_prompt_tokens_a_cache_spared_are_cache_read_input_tokens() -> None:
+    # The API's input_tokens leave out what was read from the cache; the backend's count
+    # of that is cache_read_input_tokens, left out when the backend gave none.
+    from tests.fakes.openai import CACHED, FakeOpenAI
+    from tests.fakes.server import serve
+
+    up = FakeOpenAI()
+    with serve(up.app) as up_url:
+        config = {
+            "backends": {"up": {"kind": "openai", "base_url": up_url + "/v1"}},
+            "models": {
+                "routes": {
+                    "cached": {"backend": "up", "upstream_model": "cached"},
+                    "plain": {"backend": "up", "upstream_model": "ok"},
+                }
+            },
+        }
+        with run_stella(config, {"STELLA_API_KEYS": f"claude={KEY}"}) as server:
+            msgs = [{"role": "user", "content": "hi"}]
+            m = client(server).messages.create(model="cached", max_tokens=50, messages=msgs)
+            assert (m.usage.input_tokens, m.usage.cache_read_input_tokens) == (3 - CACHED, CACHED)
+            events = _sse(server, {"model": "cached", "messages": msgs})
+            usage = next(d for n, d in events if n == "message_delta")["usage"]
+            assert usage == {
+                "input_tokens": 3 - CACHED,
+                "cache_read_input_tokens": CACHED,
+                "output_tokens": 5,
+            }
+            m = client(server).messages.create(model="plain", max_tokens=50, messages=msgs)
+            assert m.usage.input_tokens == 3 and m.usage.cache_read_input_tokens is None
+            events = _sse(server, {"model": "plain", "messages": msgs})
+            usage = next(d for n, d in events if n == "message_delta")["usage"]
+            assert usage == {"input_tokens": 3, "output_tokens": 5}
+
+
 def test_disable_parallel_tool_use_reaches_the_upstream() -> None:
     from tests.fakes.anthropic import KEY as UPSTREAM_KEY
     from tests.fakes.anthropic import FakeAnthropic

@@ -95,6 +95,44 @@ def test_list_show_ps_version(stella: LiveServer) -> None:
     assert httpx.get(stella.url + "/api/version").json()["version"]
 
 
+def test_show_and_ps_give_the_context_length_when_the_backend_knows_it() -> None:
+    # Ollama's own: /api/ps's context_length, /api/show's "<arch>.context_length" in
+    # model_info. An Ollama upstream says it of a model it runs; echo and a model the
+    # upstream is not running have none, and none is claimed.
+    from tests.fakes.ollama import CONTEXT, FakeOllama
+    from tests.fakes.server import serve
+
+    box = FakeOllama()
+    with serve(box.app, "/api/version") as box_url:
+        config = {
+            "backends": {"box": {"kind": "ollama", "base_url": box_url}},
+            "models": {
+                "routes": {
+                    "llama": {"backend": "box", "upstream_model": "llama3"},
+                    "idle": {"backend": "box", "upstream_model": "mistral"},
+                }
+            },
+        }
+        with run_stella(config) as server:
+            running = {m["name"]: m for m in httpx.get(server.url + "/api/ps").json()["models"]}
+            assert running["llama"]["context_length"] == CONTEXT
+            assert "context_length" not in running["idle"]
+            assert "context_length" not in running["echo"]
+            assert client(server).ps().models  # the official client reads it
+
+            def info(model: str) -> dict:
+                r = httpx.post(server.url + "/api/show", json={"model": model})
+                assert r.status_code == 200, r.text
+                return r.json()["model_info"]
+
+            shown = info("llama")
+            assert shown["general.architecture"] == "ollama"
+            assert shown["ollama.context_length"] == CONTEXT
+            assert client(server).show("llama").modelinfo["ollama.context_length"] == CONTEXT
+            for model in ("idle", "echo"):
+                assert not any(k.endswith(".context_length") for k in info(model)), model
+
+
 def test_tool_calls(stella: LiveServer) -> None:
     tools = [
         {

@@ -288,6 +288,21 @@ def test_the_second_turn_reuses_the_first_ones_prompt(mlx_server: LiveServer) ->
     assert logged[first["id"]]["cached_tokens"] < 50  # at most the chat template's opening
     reused = logged[second["id"]]["cached_tokens"]
     assert first["usage"]["prompt_tokens"] <= reused < second["usage"]["prompt_tokens"]
+    # The answer's usage says so too, as OpenAI's does.
+    assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": reused}
+
+
+def test_ollama_show_and_ps_give_the_models_context_length(mlx_server: LiveServer) -> None:
+    # The engine knows the loaded model's window from its config (max_position_embeddings,
+    # a GGUF's llama.context_length): SmolLM2-135M's 8192 tokens.
+    # An empty chat loads it, were it unloaded by an earlier test.
+    load = httpx.post(mlx_server.url + "/api/chat", json={"model": "smollm2-135m"}, timeout=180)
+    assert load.status_code == 200, load.text
+    running = {m["name"]: m for m in httpx.get(mlx_server.url + "/api/ps").json()["models"]}
+    assert running["smollm2-135m"]["context_length"] == 8192
+    r = httpx.post(mlx_server.url + "/api/show", json={"model": "smollm2-135m"})
+    info = r.json()["model_info"]
+    assert info["general.architecture"] == "mlx" and info["mlx.context_length"] == 8192
 
 
 def test_gguf_import_round_trips_the_tokenizer(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ from stella.protocol import (
     ToolCallRef,
     ToolChoice,
     ToolName,
+    Usage,
     options_from,
 )
 from stella.streaming import Codec
@@ -162,6 +163,25 @@ def stop_reason(finish_reason: str, inference: Inference) -> tuple[str, str | No
     if finish_reason == "stop" and ctx is not None and ctx.stop_sequence:
         return "stop_sequence", ctx.stop_sequence
     return STOP.get(finish_reason, "end_turn"), None
+
+
+def usage_of(prompt: int, completion: int, cached: int | None) -> dict[str, int]:
+    """The API's usage for stella's counts: the prompt's tokens the backend read from its
+    cache are `cache_read_input_tokens`, which the API's `input_tokens` leave out (only
+    when the backend gave that count)."""
+    if cached is None:
+        return {"input_tokens": prompt, "output_tokens": completion}
+    return {
+        "input_tokens": max(prompt - cached, 0),
+        "cache_read_input_tokens": cached,
+        "output_tokens": completion,
+    }
+
+
+def _final_usage(usage: Usage) -> dict[str, int]:
+    details = usage.prompt_tokens_details
+    cached = None if details is msgspec.UNSET else details.cached_tokens
+    return usage_of(usage.prompt_tokens, usage.completion_tokens, cached)
 
 
 class AnthropicDialect(Dialect):
@@ -378,6 +398,7 @@ class MessagesCodec(Codec):
         """message_start (with the prompt's size when the backend knows it by now), then a
         ping, as the API does."""
         ctx = self.inference.ctx
+        usage = usage_of(ctx.prompt_tokens, 0, ctx.cached_tokens) if ctx else usage_of(0, 0, None)
         msg = {
             "id": "msg_" + event.id,
             "type": "message",
@@ -386,7 +407,7 @@ class MessagesCodec(Codec):
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": ctx.prompt_tokens if ctx else 0, "output_tokens": 0},
+            "usage": usage,
         }
         return _event("message_start", {"type": "message_start", "message": msg}) + _event(
             "ping", {"type": "ping"}
@@ -450,10 +471,7 @@ class MessagesCodec(Codec):
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                    "usage": {
-                        "input_tokens": event.usage.prompt_tokens,
-                        "output_tokens": event.usage.completion_tokens,
-                    },
+                    "usage": _final_usage(event.usage),
                 },
             )
             return out + _event("message_stop", {"type": "message_stop"})
@@ -499,10 +517,7 @@ async def messages(request: Request, call: Call) -> Response:
             "content": content,
             "stop_reason": reason,
             "stop_sequence": sequence,
-            "usage": {
-                "input_tokens": result.usage.prompt_tokens,
-                "output_tokens": result.usage.completion_tokens,
-            },
+            "usage": _final_usage(result.usage),
         },
         headers=inference.permit.headers,
     )

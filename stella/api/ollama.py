@@ -7,6 +7,7 @@ Streams are NDJSON with `done: false` lines and a last line carrying
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from datetime import UTC, datetime
@@ -360,13 +361,21 @@ async def tags(request: Request, call: Call) -> Response:
 async def ps(request: Request, call: Call) -> Response:
     """GET /api/ps: loaded models."""
     router = services(request).router
+    routes = [
+        r
+        for r in router.routes.values()
+        if r.backend.loaded(r.upstream_model) and call.principal.may_use(r.name)
+    ]
+    # Asked together: a backend may ask its upstream (each within a few seconds).
+    contexts = await asyncio.gather(*(r.backend.context_length(r.upstream_model) for r in routes))
     out = []
-    for r in router.routes.values():
-        if r.backend.loaded(r.upstream_model) and call.principal.may_use(r.name):
-            entry = _model_entry(r)
-            entry["size_vram"] = 0
-            entry["expires_at"] = "0001-01-01T00:00:00Z"
-            out.append(entry)
+    for r, context in zip(routes, contexts, strict=True):
+        entry = _model_entry(r)
+        entry["size_vram"] = 0
+        entry["expires_at"] = "0001-01-01T00:00:00Z"
+        if context:  # as Ollama's own: the window the model runs with; unknown: left out
+            entry["context_length"] = context
+        out.append(entry)
     return JSONResponse({"models": out})
 
 
@@ -386,6 +395,16 @@ async def show(request: Request, call: Call) -> Response:
         raise ModelNotFound(f"model {name!r} not found")
     call.principal.check(route.name, hide=True)  # as /api/tags leaves it out
     backend = route.backend
+    info: dict[str, Any] = {
+        # Ollama's clients read "<general.architecture>.context_length"; the family is
+        # the backend's kind, as in `details`.
+        "general.architecture": backend.kind,
+        "stella.backend": route.backend_name,
+        "stella.upstream_model": route.upstream_model,
+    }
+    context = await backend.context_length(route.upstream_model)
+    if context:  # unknown: left out, as no length is claimed
+        info[f"{backend.kind}.context_length"] = context
     return JSONResponse(
         {
             "modelfile": "",
@@ -398,10 +417,7 @@ async def show(request: Request, call: Call) -> Response:
                 "parameter_size": "",
                 "quantization_level": "",
             },
-            "model_info": {
-                "stella.backend": route.backend_name,
-                "stella.upstream_model": route.upstream_model,
-            },
+            "model_info": info,
             "capabilities": [
                 "completion",
                 *(["tools"] if "tools" in backend.capabilities(route.upstream_model) else []),

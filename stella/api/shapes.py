@@ -329,7 +329,13 @@ OLLAMA_PS = Schema(
     obj(
         {
             "models": array(
-                {"allOf": [ref(OLLAMA_MODEL), obj({"size_vram": INT, "expires_at": STR})]}
+                {
+                    "allOf": [
+                        ref(OLLAMA_MODEL),
+                        # context_length: when the backend knows the model's window
+                        obj({"size_vram": INT, "expires_at": STR}, {"context_length": INT}),
+                    ]
+                }
             )
         }
     ),
@@ -343,7 +349,8 @@ OLLAMA_SHOW = Schema(
             "parameters": STR,
             "template": STR,
             "details": obj({**_OLLAMA_DETAILS, "parent_model": STR}),
-            "model_info": {"type": "object", "additionalProperties": STR},
+            # "<architecture>.context_length" is a number (when the backend knows it)
+            "model_info": {"type": "object", "additionalProperties": {"anyOf": [STR, INT]}},
             "capabilities": array(STR),
             "modified_at": STR,
         }
@@ -353,7 +360,12 @@ OLLAMA_VERSION = Schema("OllamaVersion", obj({"version": STR}))
 
 # --- Anthropic ---------------------------------------------------------------------------
 
-_ANTHROPIC_USAGE = obj({"input_tokens": INT, "output_tokens": INT})
+_ANTHROPIC_USAGE = obj(
+    {"input_tokens": INT, "output_tokens": INT},
+    # When the backend counted the prompt's tokens its cache spared it (input_tokens
+    # then leaves them out).
+    {"cache_read_input_tokens": INT},
+)
 _ANTHROPIC_TEXT = obj({"type": const("text"), "text": STR})
 _ANTHROPIC_TOOL_USE = obj({"type": const("tool_use"), "id": STR, "name": STR, "input": OBJECT})
 ANTHROPIC_ERROR = Schema(

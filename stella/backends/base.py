@@ -230,6 +230,12 @@ class Backend:
         """Memory the loaded model holds, when the backend knows it."""
         return None
 
+    async def context_length(self, upstream_model: str) -> int | None:
+        """The context window the model answers within, in tokens, when the backend knows
+        it (None: unknown, and left out of what the APIs report); asks nothing that spends
+        tokens, and answers within a few seconds."""
+        return None
+
     async def load(self, upstream_model: str) -> None:
         """Make the model ready to answer (an engine in this process loads it now)."""
 

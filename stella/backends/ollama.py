@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -59,8 +60,23 @@ class _Tags(msgspec.Struct):
     models: list[_Tag] = []
 
 
+class _Running(msgspec.Struct):
+    name: str = ""
+    model: str = ""
+    context_length: int = 0  # Ollama 0.10 and later; older ones leave it out
+
+
+class _Ps(msgspec.Struct):
+    models: list[_Running] = []
+
+
+# The longest a listing (stella's /api/ps, /api/show) waits for Ollama's own /api/ps.
+CONTEXT_WAIT_S = 2.0
+
+
 _line = msgspec.json.Decoder(_Line)
 _tags = msgspec.json.Decoder(_Tags)
+_ps = msgspec.json.Decoder(_Ps)
 _enc = msgspec.json.Encoder()
 
 
@@ -124,6 +140,23 @@ class OllamaBackend(HttpBackend):
     async def models(self) -> list[str]:
         """GET /api/tags."""
         return [m.name for m in (await self.get_json("/api/tags", _tags)).models]
+
+    async def context_length(self, upstream_model: str) -> int | None:
+        """The window Ollama runs the model with (GET /api/ps: its num_ctx, often less than
+        the model was trained for); None while it is not loaded there, or unknown."""
+        try:
+            async with asyncio.timeout(CONTEXT_WAIT_S):
+                running = (await self.get_json("/api/ps", _ps)).models
+        except Exception:  # unreachable, an old Ollama, a bad answer: not known, no error
+            return None
+        # Ollama names a model with its tag; a route may leave out ":latest".
+        names = {upstream_model}
+        if ":" not in upstream_model:
+            names.add(upstream_model + ":latest")
+        for m in running:
+            if (m.name in names or m.model in names) and m.context_length > 0:
+                return m.context_length
+        return None
 
     async def health(self) -> BackendHealth:
         """GET /api/version: no tokens spent."""

@@ -74,10 +74,16 @@ class _Choice(msgspec.Struct):
     finish_reason: str | None = None
 
 
+class _PromptDetails(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
 class _Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # OpenAI's, vLLM's, llama.cpp's (some send null, or leave out the count)
+    prompt_tokens_details: _PromptDetails | None = None
 
 
 class _Chunk(msgspec.Struct):
@@ -372,6 +378,9 @@ def _usage(usage: _Usage | None, ctx: CallContext) -> Usage:
         ctx.usage_estimated = True
         pieces = ctx.tokens_seen
         return Usage(0, pieces, pieces)
+    details = usage.prompt_tokens_details
+    if details is not None and details.cached_tokens is not None:
+        ctx.cached_tokens = details.cached_tokens  # the log's and the answer's usage
     total = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
     return Usage(usage.prompt_tokens, usage.completion_tokens, total)
 

@@ -1,11 +1,13 @@
-"""A fake Ollama server following its API docs (/api/chat NDJSON, /api/tags, /api/version).
+"""A fake Ollama server following its API docs (/api/chat NDJSON, /api/tags, /api/ps,
+/api/version).
 
 The model name picks the behaviour: `llama3` (ok), `tools` (`two-tools`: two calls in
 one line, as Ollama sends parallel calls), `error-before` (HTTP 404
 {"error": ...}), `error-mid` (a final {"error": ...} line after two pieces), `error-first` (a 200 whose
 one line is {"error": ...}), `huge-error-first` and `huge-error-mid` (the same with
 HUGE_ERROR), `malformed`, `busy` (429 with Retry-After). `"stream": false` gets one object, as
-the API does (its default is a stream).
+the API does (its default is a stream). /api/ps has `llama3:latest` running with a
+window of CONTEXT tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from starlette.routing import Route
 CREATED = "2024-07-22T20:33:28.123648Z"
 # An upstream's error text of a megabyte over several lines (a traceback, a dump).
 HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
+# The window /api/ps says llama3 runs with (its num_ctx).
+CONTEXT = 8192
 
 
 class FakeOllama:
@@ -33,6 +37,7 @@ class FakeOllama:
             routes=[
                 Route("/api/chat", self.chat, methods=["POST"]),
                 Route("/api/tags", self.tags),
+                Route("/api/ps", self.ps),
                 Route("/api/version", self.version),
                 Route("/health", self.version),
             ]
@@ -52,6 +57,24 @@ class FakeOllama:
                         "size": 1,
                         "digest": "x",
                         "details": {"family": "llama"},
+                    }
+                ]
+            }
+        )
+
+    async def ps(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "models": [
+                    {
+                        "name": "llama3:latest",
+                        "model": "llama3:latest",
+                        "size": 1,
+                        "digest": "x",
+                        "details": {"family": "llama"},
+                        "expires_at": CREATED,
+                        "size_vram": 1,
+                        "context_length": CONTEXT,
                     }
                 ]
             }

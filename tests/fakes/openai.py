@@ -17,7 +17,8 @@ calls, one when `parallel_tool_calls` is false, as the API honours it), `bad-arg
 tool call whose arguments are not JSON, as a model may write them; the API passes the
 string on), `list-args` (arguments that are JSON but not an object), `huge-error-first`
 and `huge-error-after` (an error event of HUGE_ERROR, before any output or after the
-first word).
+first word), `cached` (a usage whose `prompt_tokens_details` says CACHED of the prompt's
+tokens came from the upstream's cache, as OpenAI's and vLLM's do).
 It records what it saw.
 """
 
@@ -34,6 +35,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+# The prompt tokens model `cached` says its cache spared it.
+CACHED = 2
 
 # An upstream's error text of a megabyte over several lines (a traceback, a dump).
 HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
@@ -160,13 +164,19 @@ class FakeOpenAI:
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             }
             if model != "no-usage":
-                answer["usage"] = {
-                    "prompt_tokens": 3,
-                    "completion_tokens": len(self.words),
-                    "total_tokens": 3 + len(self.words),
-                }
+                answer["usage"] = self._usage(model)
             return self._maybe_gzip(model, JSONResponse(answer))
         return StreamingResponse(self._stream(model, body), media_type="text/event-stream")
+
+    def _usage(self, model: str) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "prompt_tokens": 3,
+            "completion_tokens": len(self.words),
+            "total_tokens": 3 + len(self.words),
+        }
+        if model == "cached":
+            usage["prompt_tokens_details"] = {"cached_tokens": CACHED}
+        return usage
 
     def _maybe_gzip(self, model: str, response: Response) -> Response:
         if model != "gzip":
@@ -272,11 +282,7 @@ class FakeOpenAI:
             if model == "finish-then-hold":  # ignores include_usage, never says [DONE]
                 await asyncio.sleep(3600)
             if (body.get("stream_options") or {}).get("include_usage") and model != "no-usage":
-                usage = {
-                    "prompt_tokens": 3,
-                    "completion_tokens": len(self.words),
-                    "total_tokens": 3 + len(self.words),
-                }
+                usage = self._usage(model)
                 yield (
                     b"data: "
                     + json.dumps(

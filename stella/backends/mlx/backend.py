@@ -267,6 +267,12 @@ class MlxBackend(Backend):
         model = self.loaded_models.get(key)
         return model.nbytes if model else None
 
+    async def context_length(self, upstream_model: str) -> int | None:
+        """The loaded model's context window (its config's max_position_embeddings), which
+        also bounds its prompts; None before it is loaded."""
+        model = self.loaded_models.get(self._key(upstream_model))
+        return model.context if model else None
+
     def capabilities(self, upstream_model: str) -> list[str]:
         """Chat, plus tools when the chat template takes them and the tokenizer knows how
         the model writes a call (its calls are then ToolCall events)."""
