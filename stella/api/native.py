@@ -115,13 +115,23 @@ async def generate(request: Request, call: Call) -> Response:
     return await respond(request, call, (await read_generate(request)).to_chat())
 
 
-async def model_infos(request: Request) -> ModelList:
-    """Every routable model with its state."""
+async def model_infos(request: Request, call: Call) -> ModelList:
+    """Every routable model the key may use, with its state: a key limited to some
+    models is told of no other route, as a fallback or the default either."""
     svc = services(request)
     router = svc.router
+    may_use = call.principal.may_use
+    scoped = call.principal.scope is not None
     out = []
     for route in router.routes.values():
+        if not may_use(route.name):
+            continue
         backend = route.backend
+        fallbacks = route.fallbacks
+        if scoped:  # as a call tries them: only those the key may use
+            fallbacks = [
+                fb for fb in fallbacks if router.knows(fb) and may_use(router.resolve(fb).name)
+            ]
         out.append(
             ModelInfo(
                 name=route.name,
@@ -129,7 +139,7 @@ async def model_infos(request: Request) -> ModelList:
                 kind=backend.kind,
                 upstream_model=route.upstream_model,
                 aliases=route.aliases,
-                fallbacks=route.fallbacks,
+                fallbacks=fallbacks,
                 loaded=backend.loaded(route.upstream_model),
                 default=route.name == router.default,
                 capabilities=backend.capabilities(route.upstream_model),
@@ -137,16 +147,13 @@ async def model_infos(request: Request) -> ModelList:
                 memory_bytes=backend.memory_bytes(route.upstream_model),
             )
         )
-    return ModelList(models=out, default=router.default)
+    return ModelList(models=out, default=router.default if may_use(router.default) else None)
 
 
 @endpoint()
 async def models(request: Request, call: Call) -> Response:
     """GET /api/v1/models."""
-    listing = await model_infos(request)
-    if call.principal.models != ("*",):
-        listing.models = [m for m in listing.models if call.principal.may_use(m.name)]
-    return JSONResponse(listing)
+    return JSONResponse(await model_infos(request, call))
 
 
 @contextlib.contextmanager
