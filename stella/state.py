@@ -103,7 +103,7 @@ class MemoryState:
 # that a conflict found in the store reads as one found in this process.
 def taken(candidate: str, owner: str) -> str:
     """Why a route can't answer to `candidate`: route `owner` does."""
-    what = "the name" if candidate == owner else f"an alias of {owner!r}"
+    what = "the name of another route" if candidate == owner else f"an alias of {owner!r}"
     return f"{candidate!r} is already {what}"
 
 

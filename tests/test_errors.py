@@ -493,6 +493,13 @@ def test_a_runtime_route_lists_each_alias_and_fallback_once_and_at_most_64(
     assert message == "$.aliases[2]: 'l1' is listed twice"
     message = error_of(register(fallbacks=["other", "echo", "other"]), 400, "invalid_request")
     assert message == "$.fallbacks[2]: 'other' is listed twice"
+    # Its own name is no alias; a fallback or backend it can't have is named by its path.
+    r = register(aliases=["l1", "listed"])
+    assert error_of(r, 400, "invalid_request") == "$.aliases[1]: 'listed' is the route's own name"
+    r = register(fallbacks=["echo", "nope"])
+    assert error_of(r, 400, "invalid_request") == "$.fallbacks[1]: unknown route 'nope'"
+    r = register(backend="nope")
+    assert error_of(r, 400, "invalid_request").startswith("$.backend: unknown backend 'nope'")
     many = [f"l{i}" for i in range(65)]
     assert "$.aliases" in error_of(register(aliases=many), 400, "invalid_request")
     assert "$.fallbacks" in error_of(register(fallbacks=many), 400, "invalid_request")

@@ -230,6 +230,11 @@ async def register_model(request: Request, call: Call) -> Response:
         logged["name"] = spec.name  # named in the log from here, a refused list too
         _once("aliases", spec.aliases)
         _once("fallbacks", spec.fallbacks)
+        for i, alias in enumerate(spec.aliases):
+            if alias == spec.name:  # an alias is another name, not the name again
+                raise InvalidRequest(
+                    f"$.aliases[{i}]: {alias!r} is the route's own name", param=f"aliases[{i}]"
+                )
         rs = RouteSettings(
             backend=spec.backend,
             upstream_model=spec.upstream_model,
