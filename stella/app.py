@@ -51,7 +51,7 @@ from stella.settings import (
     load_settings,
     secret_values,
 )
-from stella.state import MemoryState
+from stella.state import MemoryState, Unreadable
 from stella.streaming import Drain
 
 # Dialect modules beyond the native API; each exposes `routes` (and may be absent).
@@ -517,6 +517,9 @@ def apply_routing(router: Router, routes: dict[str, Any], default: str | None) -
     specs: dict[str, RouteSettings] = {}
     skipped: list[str] = []
     for name, spec in routes.items():
+        if isinstance(spec, Unreadable):
+            skipped.append(f"route {name!r}: {spec.reason}")
+            continue
         try:
             specs[name] = msgspec.convert(spec, RouteSettings)
         except msgspec.ValidationError as exc:

@@ -43,11 +43,12 @@ class Principal:
         """`may_use` for a key limited to some models; None for one that may use any."""
         return None if self.models == ("*",) else self.may_use
 
-    def check(self, model: str, *, hide: bool = False) -> None:
-        """Raise unless the key may use `model`: 403, or 404 where listings hide it."""
+    def check(self, model: str, *, hide: bool = False, asked: str | None = None) -> None:
+        """Raise unless the key may use `model`: 403, or 404 where listings hide it (named
+        as `asked`, the name the client used: an alias must not reveal its route)."""
         if not self.may_use(model):
             if hide:
-                raise ModelNotFound(f"model {model!r} not found")
+                raise ModelNotFound(f"model {asked or model!r} not found")
             raise Forbidden(f"this key may not use model {model!r}")
 
 

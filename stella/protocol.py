@@ -374,7 +374,8 @@ class ModelList(msgspec.Struct):
     """GET /api/v1/models."""
 
     models: list[ModelInfo]
-    default: str
+    # None for a key that may not use the default model (not its name either).
+    default: str | None
 
 
 class Health(msgspec.Struct):

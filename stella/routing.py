@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from stella.backends import Backend, ConfigError
 from stella.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, StellaError
 from stella.settings import BreakerSettings, RouteSettings, Settings
+from stella.state import taken
 
 
 class CircuitBreaker:
@@ -127,8 +128,7 @@ class Router:
         for candidate in (name, *rs.aliases):
             owner = self._names.get(candidate)
             if owner is not None and owner != name:
-                what = "the name" if candidate == owner else f"an alias of {owner!r}"
-                return f"{candidate!r} is already {what}"
+                return taken(candidate, owner)
         return ""
 
     def _add(self, name: str, rs: RouteSettings, *, runtime: bool) -> Route:
@@ -239,14 +239,17 @@ class Router:
         route the store holds already is taken as it is: an unknown fallback is skipped)."""
         if rs.backend not in self.backends:
             raise InvalidRequest(
-                f"$.backend: unknown backend {rs.backend!r}; known: {sorted(self.backends)}"
+                f"$.backend: unknown backend {rs.backend!r}; known: {sorted(self.backends)}",
+                param="backend",
             )
         existing = self.routes.get(name)
         if existing is not None and not existing.runtime:
             raise Conflict(f"model {name!r} is configured in the config file; it can't be replaced")
-        for fb in rs.fallbacks if check_fallbacks else ():
+        for i, fb in enumerate(rs.fallbacks if check_fallbacks else ()):
             if fb not in self._names:
-                raise InvalidRequest(f"$.fallbacks: unknown route {fb!r}")
+                raise InvalidRequest(
+                    f"$.fallbacks[{i}]: unknown route {fb!r}", param=f"fallbacks[{i}]"
+                )
         # A name or alias that another route answers to stays that route's.
         taken = self._taken(name, rs)
         if taken:

@@ -7,6 +7,7 @@ methods lets several workers and replicas share it and keeps it across restarts.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from stella.errors import Conflict, ModelNotFound
@@ -14,6 +15,14 @@ from stella.errors import Conflict, ModelNotFound
 # Days of usage counters a process keeps in memory (Redis keeps them all: it is the
 # store of record); a long-running process would otherwise grow a little every day.
 USAGE_DAYS = 31
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A stored route whose bytes are not JSON (written by hand, or by another program):
+    listed under its name with the decoder's reason, for the reader to skip alone."""
+
+    reason: str
 
 
 class MemoryState:
@@ -94,7 +103,7 @@ class MemoryState:
 # that a conflict found in the store reads as one found in this process.
 def taken(candidate: str, owner: str) -> str:
     """Why a route can't answer to `candidate`: route `owner` does."""
-    what = "the name" if candidate == owner else f"an alias of {owner!r}"
+    what = "the name of another route" if candidate == owner else f"an alias of {owner!r}"
     return f"{candidate!r} is already {what}"
 
 

@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from stella.errors import Conflict, ModelNotFound, Unavailable
 from stella.limits import MemoryBuckets, MemorySlots, Take
 from stella.settings import StateSettings
-from stella.state import is_default, removed_meanwhile, taken
+from stella.state import Unreadable, is_default, removed_meanwhile, taken
 
 _log = structlog.get_logger("stella")
 # How long Redis remembers the last usage batch of a process it applied (a resend after
@@ -225,6 +225,20 @@ def _version(epoch: bytes | None, count: bytes | None) -> RoutingVersion:
     return (epoch or b"").decode(), int(count or 0)
 
 
+def _routes(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    """The stored routes by name, each decoded alone: an entry that is not JSON is an
+    `Unreadable` (skipped where routes are applied), not a failed read of them all."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        # A name that is not UTF-8 (set by hand) still reads, with its bytes shown.
+        name = key.decode(errors="backslashreplace")
+        try:
+            out[name] = msgspec.json.decode(value)
+        except msgspec.DecodeError as exc:
+            out[name] = Unreadable(f"not JSON: {exc}")
+    return out
+
+
 # At shutdown, the longest wait for the flusher's round trip in progress to end.
 FLUSHER_STOP_S = 2.0
 
@@ -418,9 +432,10 @@ class RedisState:
                 retry_after=1,
             )
 
-    async def routing(self) -> tuple[RoutingVersion, dict[str, dict[str, Any]], str | None] | None:
+    async def routing(self) -> tuple[RoutingVersion, dict[str, Any], str | None] | None:
         """(version, runtime routes, default model) as one consistent read; None when
-        Redis can't be read (then nothing should change)."""
+        Redis can't be read (then nothing should change). A route that is not JSON is
+        an `Unreadable`."""
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.get(self._key("routing_epoch"))
@@ -432,8 +447,7 @@ class RedisState:
             self._failed(exc)
             return None
         self._ok()
-        routes = {k.decode(): msgspec.json.decode(v) for k, v in raw.items()}
-        return _version(epoch, version), routes, default.decode() if default else None
+        return _version(epoch, version), _routes(raw), default.decode() if default else None
 
     async def routing_version(self) -> RoutingVersion | None:
         """The routing version alone (a cheap poll); None when Redis can't be read."""
@@ -447,15 +461,15 @@ class RedisState:
         self._ok()
         return _version(epoch, version)
 
-    async def load_routes(self) -> dict[str, dict[str, Any]]:
-        """Runtime routes by name."""
+    async def load_routes(self) -> dict[str, Any]:
+        """Runtime routes by name (one that is not JSON: an `Unreadable`)."""
         try:
             raw = await self.redis.hgetall(self._key("routes"))
         except (RedisError, OSError) as exc:
             self._failed(exc)
             return {}
         self._ok()
-        return {k.decode(): msgspec.json.decode(v) for k, v in raw.items()}
+        return _routes(raw)
 
     async def save_route(self, name: str, spec: dict[str, Any]) -> None:
         """Persist a runtime route, unless another one answers to its name or an alias."""

@@ -11,6 +11,7 @@ import pytest
 from tests.live import LiveServer, run_stella
 
 ADMIN, LIMITED, USER = "sk-admin-0123456789", "sk-limited-0123456789", "sk-user-0123456789"
+SCOPED = "sk-scoped-0123456789"
 
 
 def sha(key: str) -> str:
@@ -19,12 +20,14 @@ def sha(key: str) -> str:
 
 CONFIG = {
     "server": {"max_body_bytes": 4096},
-    "models": {"routes": {"other": {"backend": "echo"}}},
+    "models": {"routes": {"other": {"backend": "echo", "aliases": ["oth"], "fallbacks": ["echo"]}}},
     "auth": {
         "keys": {
             "admin": {"sha256": sha(ADMIN), "admin": True},
             "limited": {"sha256": sha(LIMITED), "models": ["echo"], "requests_per_minute": 2},
             "user": {"sha256": sha(USER)},
+            # May not use the default model (echo).
+            "scoped": {"sha256": sha(SCOPED), "models": ["other"]},
         }
     },
 }
@@ -287,6 +290,40 @@ def test_models_outside_a_keys_scope_are_hidden_or_forbidden(server: LiveServer)
         assert post(server, {"model": "other"}, key=USER, path=path).status_code == 200
 
 
+def test_a_hidden_model_asked_for_by_an_alias_is_not_found_by_that_alias(
+    server: LiveServer,
+) -> None:
+    # "oth" names route "other", which this key may not use: its 404 names "oth" alone.
+    auth = {"Authorization": f"Bearer {LIMITED}"}
+    for r in (
+        httpx.get(server.url + "/v1/models/oth", headers=auth),
+        httpx.get(server.url + "/v1/models/oth", headers={**auth, "anthropic-version": "x"}),
+        httpx.post(server.url + "/api/show", headers=auth, json={"model": "oth"}),
+    ):
+        assert r.status_code == 404, r.text
+        assert "'oth'" in r.text and "other" not in r.text, r.text
+
+
+def test_listings_name_no_route_a_key_may_not_use(server: LiveServer) -> None:
+    # The default (echo) and other's fallback (echo) are routes this key may not use.
+    auth = {"Authorization": f"Bearer {SCOPED}"}
+    listing = httpx.get(server.url + "/api/v1/models", headers=auth).json()
+    assert listing["default"] is None
+    assert [(m["name"], m["aliases"], m["fallbacks"]) for m in listing["models"]] == [
+        ("other", ["oth"], [])
+    ]
+    assert httpx.get(server.url + "/api/llm/models", headers=auth).json() == {
+        "models": ["other"],
+        "default": None,
+    }
+    # A key that may use them is told of them.
+    auth = {"Authorization": f"Bearer {USER}"}
+    listing = httpx.get(server.url + "/api/v1/models", headers=auth).json()
+    assert listing["default"] == "echo"
+    assert next(m for m in listing["models"] if m["name"] == "other")["fallbacks"] == ["echo"]
+    assert httpx.get(server.url + "/api/llm/models", headers=auth).json()["default"] == "echo"
+
+
 def test_model_not_found_lists_known(server: LiveServer) -> None:
     msg = error_of(post(server, {"model": "gpt-17", "messages": MSG}), 404, "model_not_found")
     assert "echo" in msg and "other" in msg
@@ -456,6 +493,13 @@ def test_a_runtime_route_lists_each_alias_and_fallback_once_and_at_most_64(
     assert message == "$.aliases[2]: 'l1' is listed twice"
     message = error_of(register(fallbacks=["other", "echo", "other"]), 400, "invalid_request")
     assert message == "$.fallbacks[2]: 'other' is listed twice"
+    # Its own name is no alias; a fallback or backend it can't have is named by its path.
+    r = register(aliases=["l1", "listed"])
+    assert error_of(r, 400, "invalid_request") == "$.aliases[1]: 'listed' is the route's own name"
+    r = register(fallbacks=["echo", "nope"])
+    assert error_of(r, 400, "invalid_request") == "$.fallbacks[1]: unknown route 'nope'"
+    r = register(backend="nope")
+    assert error_of(r, 400, "invalid_request").startswith("$.backend: unknown backend 'nope'")
     many = [f"l{i}" for i in range(65)]
     assert "$.aliases" in error_of(register(aliases=many), 400, "invalid_request")
     assert "$.fallbacks" in error_of(register(fallbacks=many), 400, "invalid_request")

@@ -1133,3 +1133,42 @@ async def test_two_changes_racing_on_one_replica_answer_for_what_it_serves(redis
             won = next(r.json()["registered"] for r in answers if r.status_code == 201)
             r = await client.post(s.url + "/api/v1/chat", json={**BODY, "model": "shared"})
             assert r.status_code == 200 and r.json()["model"] == won, r.text
+
+
+def test_a_stored_route_that_is_not_json_is_skipped_alone_and_can_be_removed(
+    redis: Redis,
+) -> None:
+    import redis as redis_py
+
+    cfg = config(redis)
+    store = redis_py.Redis.from_url(redis.url)
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        store.hset("stella:routes", "junk", "not json")
+        r = httpx.post(
+            a.url + "/api/v1/models", headers=AUTH, json={"name": "rt", "backend": "echo"}
+        )
+        assert r.status_code == 201, r.text
+        # The other replica still follows the store: the junk is skipped, by its name.
+        eventually(
+            lambda: (
+                httpx.post(
+                    b.url + "/api/v1/chat", json={**BODY, "model": "rt"}, headers=AUTH
+                ).status_code
+                == 200
+            )
+        )
+        skipped = b.wait_event(lambda e: "'junk'" in e["reason"], name="stored_routing_skipped")
+        assert "not JSON" in skipped["reason"], skipped
+        # A replica started now starts, with the routes it can apply.
+        with run_stella(cfg, ENV) as c:
+            chat = {**BODY, "model": "rt"}
+            assert httpx.post(c.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+            assert c.events("stored_routing_skipped")
+            # An admin removes it by its name, though no replica serves it.
+            r = httpx.delete(c.url + "/api/v1/models/junk", headers=AUTH)
+            assert r.status_code == 200 and r.json() == {"removed": "junk"}, r.text
+            assert not store.hexists("stella:routes", "junk")
+            r = httpx.delete(c.url + "/api/v1/models/junk", headers=AUTH)
+            assert r.status_code == 404, r.text
+        for server in (a, b):
+            assert not server.events("routing_sync_failed"), server.events("routing_sync_failed")

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from stella.backends import ConfigError, build_backend, registry
-from stella.errors import Conflict, ModelNotFound
+from stella.errors import Conflict, InvalidRequest, ModelNotFound
 from stella.routing import Router
 from stella.settings import RouteSettings, enabled_backends, load_settings
 
@@ -29,9 +29,22 @@ def test_a_runtime_route_cannot_take_a_name_or_alias_of_another() -> None:
     r = router({"echo2": {"backend": "echo", "aliases": ["e2"]}})
     with pytest.raises(Conflict, match="alias of 'echo2'"):
         r.register("e2", RouteSettings(backend="other"))
-    with pytest.raises(Conflict, match="'echo2' is already the name"):
+    with pytest.raises(Conflict, match=r"^'echo2' is already the name of another route$"):
         r.register("mine", RouteSettings(backend="other", aliases=["echo2"]))
     assert r.resolve("e2").name == "echo2"
+
+
+def test_a_runtime_route_that_cant_be_added_names_the_field_at_fault() -> None:
+    r = router({})
+    with pytest.raises(InvalidRequest) as refused:
+        r.register("mine", RouteSettings(backend="other", fallbacks=["echo", "nope"]))
+    assert (refused.value.message, refused.value.param) == (
+        "$.fallbacks[1]: unknown route 'nope'",
+        "fallbacks[1]",
+    )
+    with pytest.raises(InvalidRequest) as refused:
+        r.register("mine", RouteSettings(backend="nope"))
+    assert refused.value.param == "backend"
 
 
 def test_replacing_a_runtime_route_drops_its_old_aliases() -> None:
@@ -154,7 +167,7 @@ async def check_the_store_refuses_conflicts(state: Any) -> None:
     await state.save_route("x", {"backend": "echo", "aliases": ["shared"]})
     with pytest.raises(Conflict, match="'shared' is already an alias of 'x'"):
         await state.save_route("y", {"backend": "echo", "aliases": ["shared"]})
-    with pytest.raises(Conflict, match="'x' is already the name"):
+    with pytest.raises(Conflict, match=r"^'x' is already the name of another route$"):
         await state.save_route("y", {"backend": "echo", "aliases": ["x"]})
     with pytest.raises(Conflict, match="'shared' is already an alias of 'x'"):
         await state.save_route("shared", {"backend": "echo"})

@@ -221,13 +221,8 @@ async def llm_health(request: Request, call: Call) -> Response:
 @endpoint(LLM)
 async def llm_models(request: Request, call: Call) -> Response:
     """GET /api/llm/models."""
-    listing = await model_infos(request)
-    return JSONResponse(
-        {
-            "models": [m.name for m in listing.models if call.principal.may_use(m.name)],
-            "default": listing.default,
-        }
-    )
+    listing = await model_infos(request, call)
+    return JSONResponse({"models": [m.name for m in listing.models], "default": listing.default})
 
 
 @endpoint(LLM)

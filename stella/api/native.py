@@ -17,7 +17,7 @@ from starlette.routing import Route
 from stella.api.http import JSONResponse, endpoint, read_json, run_to_end, services, stream_response
 from stella.api.openapi import Operation, document
 from stella.core import Call
-from stella.errors import InvalidRequest, StellaError
+from stella.errors import InvalidRequest, ModelNotFound, StellaError
 from stella.protocol import (
     ChatRequest,
     ChatResponse,
@@ -115,13 +115,23 @@ async def generate(request: Request, call: Call) -> Response:
     return await respond(request, call, (await read_generate(request)).to_chat())
 
 
-async def model_infos(request: Request) -> ModelList:
-    """Every routable model with its state."""
+async def model_infos(request: Request, call: Call) -> ModelList:
+    """Every routable model the key may use, with its state: a key limited to some
+    models is told of no other route, as a fallback or the default either."""
     svc = services(request)
     router = svc.router
+    may_use = call.principal.may_use
+    scoped = call.principal.scope is not None
     out = []
     for route in router.routes.values():
+        if not may_use(route.name):
+            continue
         backend = route.backend
+        fallbacks = route.fallbacks
+        if scoped:  # as a call tries them: only those the key may use
+            fallbacks = [
+                fb for fb in fallbacks if router.knows(fb) and may_use(router.resolve(fb).name)
+            ]
         out.append(
             ModelInfo(
                 name=route.name,
@@ -129,7 +139,7 @@ async def model_infos(request: Request) -> ModelList:
                 kind=backend.kind,
                 upstream_model=route.upstream_model,
                 aliases=route.aliases,
-                fallbacks=route.fallbacks,
+                fallbacks=fallbacks,
                 loaded=backend.loaded(route.upstream_model),
                 default=route.name == router.default,
                 capabilities=backend.capabilities(route.upstream_model),
@@ -137,16 +147,13 @@ async def model_infos(request: Request) -> ModelList:
                 memory_bytes=backend.memory_bytes(route.upstream_model),
             )
         )
-    return ModelList(models=out, default=router.default)
+    return ModelList(models=out, default=router.default if may_use(router.default) else None)
 
 
 @endpoint()
 async def models(request: Request, call: Call) -> Response:
     """GET /api/v1/models."""
-    listing = await model_infos(request)
-    if call.principal.models != ("*",):
-        listing.models = [m for m in listing.models if call.principal.may_use(m.name)]
-    return JSONResponse(listing)
+    return JSONResponse(await model_infos(request, call))
 
 
 @contextlib.contextmanager
@@ -223,6 +230,11 @@ async def register_model(request: Request, call: Call) -> Response:
         logged["name"] = spec.name  # named in the log from here, a refused list too
         _once("aliases", spec.aliases)
         _once("fallbacks", spec.fallbacks)
+        for i, alias in enumerate(spec.aliases):
+            if alias == spec.name:  # an alias is another name, not the name again
+                raise InvalidRequest(
+                    f"$.aliases[{i}]: {alias!r} is the route's own name", param=f"aliases[{i}]"
+                )
         rs = RouteSettings(
             backend=spec.backend,
             upstream_model=spec.upstream_model,
@@ -249,8 +261,20 @@ async def delete_model(request: Request, call: Call) -> Response:
     name = request.path_params["name"]
     router = svc.router
     with _logged("delete", name, call) as logged:
-        # Named by an alias, the route itself goes, in the store too: answered by its name.
-        logged["route"] = await _change(router, lambda: router.remove(name), svc.state.delete_route)
+        try:
+            # Named by an alias, the route itself goes, in the store too: answered by its
+            # name.
+            logged["route"] = await _change(
+                router, lambda: router.remove(name), svc.state.delete_route
+            )
+        except ModelNotFound:
+            # A stored route no replica could apply (not JSON, a backend unknown here:
+            # logged as stored_routing_skipped) is in no table, yet the admin must be able
+            # to remove it: by its exact name, from the store.
+            if name not in await svc.state.load_routes():
+                raise
+            await svc.state.delete_route(name)
+            logged["route"] = name
     return JSONResponse(Removed(logged["route"]))
 
 

@@ -393,7 +393,7 @@ async def show(request: Request, call: Call) -> Response:
         raise ModelNotFound(f"model {name!r} not found") from None
     if route.name not in router.routes:
         raise ModelNotFound(f"model {name!r} not found")
-    call.principal.check(route.name, hide=True)  # as /api/tags leaves it out
+    call.principal.check(route.name, hide=True, asked=name)  # as /api/tags leaves it out
     backend = route.backend
     info: dict[str, Any] = {
         # Ollama's clients read "<general.architecture>.context_length"; the family is

@@ -414,7 +414,7 @@ async def get_model(request: Request, call: Call) -> Response:
         route = None
     if route is None or route.name not in router.routes:
         raise ModelNotFound(f"model {name!r} not found")
-    call.principal.check(route.name, hide=True)  # as /v1/models leaves it out
+    call.principal.check(route.name, hide=True, asked=name)  # as /v1/models leaves it out
     if call.api == "anthropic":
         return JSONResponse(anthropic_dialect.model_info(route.name))
     return JSONResponse(_model_obj(route.name, route.backend_name))

@@ -489,4 +489,7 @@ LLM_RESPONSE = Schema(
 LLM_HEALTH = Schema(
     "LLMHealth", obj({"status": const("ok"), "model": STR, "backend": STR, "loaded": BOOL})
 )
-LLM_MODELS = Schema("LLMModels", obj({"models": array(STR), "default": STR}))
+# default: null for a key that may not use the default model.
+LLM_MODELS = Schema(
+    "LLMModels", obj({"models": array(STR), "default": {"type": ["string", "null"]}})
+)
