@@ -49,7 +49,7 @@ class Principal:
         if not self.may_use(model):
             if hide:
                 raise ModelNotFound(f"model {asked or model!r} not found")
-            raise Forbidden(f"this key may not use model {model!r}")
+            raise Forbidden(f"this key may not use model {asked or model!r}")
 
 
 ANONYMOUS = Principal(admin=True)

@@ -126,7 +126,7 @@ class Pipeline:
             route = self.router.direct(call.backend, request.model, scope)
         else:
             route = self.router.resolve(request.model, scope)
-        principal.check(route.name)
+        principal.check(route.name, asked=request.model)  # an alias keeps its route unnamed
         router = self.router
         chain = router.chain(route)
         if scope is not None and len(chain) > 1:

@@ -302,6 +302,18 @@ def test_a_hidden_model_asked_for_by_an_alias_is_not_found_by_that_alias(
     ):
         assert r.status_code == 404, r.text
         assert "'oth'" in r.text and "other" not in r.text, r.text
+    # A call by that alias is refused 403 (the key may not use it), by that alias too.
+    msgs = [{"role": "user", "content": "hi"}]
+    for path, body in (
+        ("/api/v1/chat", {"model": "oth", "messages": msgs}),
+        ("/v1/chat/completions", {"model": "oth", "messages": msgs}),
+        ("/api/chat", {"model": "oth", "messages": msgs}),
+        ("/api/chat", {"model": "oth"}),  # Ollama's empty "load" call
+        ("/v1/messages", {"model": "oth", "max_tokens": 5, "messages": msgs}),
+    ):
+        r = httpx.post(server.url + path, headers=auth, json=body)
+        assert r.status_code == 403, (path, r.text)
+        assert "'oth'" in r.text and "other" not in r.text, (path, r.text)
 
 
 def test_listings_name_no_route_a_key_may_not_use(server: LiveServer) -> None:

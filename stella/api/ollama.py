@@ -239,8 +239,9 @@ async def _load(request: Request, call: Call, model: str, keep_alive: Any) -> tu
     """An empty chat or generate, as Ollama reads it: load the model (an in-process
     engine does; a remote one is ready), or with `keep_alive` 0 unload it. The route's
     name and the done_reason."""
-    route = services(request).router.resolve(model_name(request, model), call.principal.scope)
-    call.principal.check(route.name)
+    asked = model_name(request, model)
+    route = services(request).router.resolve(asked, call.principal.scope)
+    call.principal.check(route.name, asked=asked)
     if _is_zero(keep_alive):
         # Every key's next request would wait for the weights again: an operator's call.
         if not call.principal.admin:
