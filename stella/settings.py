@@ -278,6 +278,27 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _under_values(environ: Mapping[str, str], files: Mapping[str, Any]) -> None:
+    """Refuse a variable that sets a key under a file's value that is not a table (as
+    env_overrides refuses one under another variable's), naming the variable: decoding
+    would blame the file's key alone, as a type error about an object no one wrote."""
+    whole = {name.lower() for name in environ}
+    for name in environ:
+        if not (name.startswith("STELLA_") and "__" in name):
+            continue
+        parts = name[len("STELLA_") :].lower().split("__")
+        node: Any = files
+        for depth, part in enumerate(parts[:-1], 1):
+            node = node.get(part) if isinstance(node, Mapping) else None
+            if node is None:
+                break  # no file has this table: the variables make it
+            if not isinstance(node, Mapping):
+                if "stella_" + "__".join(parts[:depth]) in whole:
+                    break  # a variable gives it whole, replacing the file's value
+                key = ".".join(parts[:depth])
+                raise ConfigError(f"{name}: {key} is not a table (a file sets it to a value)")
+
+
 def set_by_user(key: str, environ: Mapping[str, str] | None = None) -> bool:
     """Whether $STELLA_CONFIG or the environment sets `key` (dotted), beyond the defaults,
     as the last load_settings() read them (a config given as a pipe is read once)."""
@@ -304,7 +325,9 @@ def load_settings(
         user = _read_toml(Path(extra))
         files = merge(files, user)
     _last_files, _last_user_file, _last_user_path = files, user, extra or ""
-    data = merge(files, env_overrides(environ))
+    env = env_overrides(environ)
+    _under_values(environ, files)
+    data = merge(files, env)
     if overrides:
         data = merge(data, overrides)
     try:

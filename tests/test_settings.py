@@ -105,6 +105,22 @@ def test_variables_that_contradict_each_other_are_refused(
         assert str(info.value) == message
 
 
+def test_a_variable_under_a_files_value_that_is_not_a_table_is_named() -> None:
+    # conf/stella.toml sets log.level to a string: a key under it is the variable's error.
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"STELLA_LOG__LEVEL__X": "1"})
+    assert str(info.value) == (
+        "STELLA_LOG__LEVEL__X: log.level is not a table (a file sets it to a value)"
+    )
+    # A variable that gives the table whole replaces the file's value: decoding judges it.
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"STELLA_LOG__LEVEL": "{x = 1}", "STELLA_LOG__LEVEL__X": "1"})
+    assert str(info.value).startswith("STELLA_LOG__LEVEL=(not shown): log.level: Expected")
+    # Keys under a file's table (or one no file has) are fine.
+    s = load_settings(environ={"STELLA_BACKENDS__ECHO__REPLY": "hi"})
+    assert s.backends["echo"]["reply"] == "hi"
+
+
 def test_log_level_in_capitals_and_limits_for_runtime_routes() -> None:
     s = load_settings(
         environ={
