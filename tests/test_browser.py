@@ -79,6 +79,24 @@ def send(page, text: str) -> None:  # type: ignore[no-untyped-def]
     page.click("#send")
 
 
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[LiveServer]:
+    with run_stella(env={"STELLA_API_KEYS": KEY}) as s:
+        yield s
+
+
+def keyed_playground(browser, url: str):  # type: ignore[no-untyped-def]
+    """A page on a keyed server's playground with its key saved and the echo model chosen."""
+    page = browser.new_page()
+    page.goto(url + "/playground")
+    page.wait_for_selector("#key-form:not([hidden])")
+    page.fill("#api-key", KEY)
+    page.click("#key-form button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.select_option("#model", "echo")
+    return page
+
+
 def test_prompt_streams_into_the_page(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
     page = playground(browser, server.url, "echo-slow", viewport={"width": 1200, "height": 800})
     send(page, "the quick brown fox jumps over the lazy dog")
@@ -254,3 +272,30 @@ def test_another_sites_page_cannot_drive_a_keyless_server(browser, server: LiveS
     listing = httpx.get(server.url + "/api/v1/models").json()
     assert listing["default"] == "echo"
     assert "planted" not in [m["name"] for m in listing["models"]]
+
+
+def test_a_key_a_header_cannot_carry_is_refused_or_cleaned(browser, keyed: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page()
+    page.goto(keyed.url + "/playground")
+    page.wait_for_selector("#key-form:not([hidden])")
+    # A character inside the key: refused, in the form, and nothing is saved.
+    page.fill("#api-key", "sk-browser\u2011test-1")
+    page.click("#key-form button[type=submit]")
+    page.wait_for_selector("text=U+2011")
+    assert page.evaluate("localStorage.getItem('stella.apiKey')") is None
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    # Whitespace and zero-width characters around it (a paste's) are dropped.
+    page.fill("#api-key", f" {KEY}\u200b\ufeff\t")
+    page.click("#key-form button[type=submit]")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    assert page.evaluate("localStorage.getItem('stella.apiKey')") == KEY
+    page.close()
+    # Saved before the check: the client says what is wrong, and the key is dropped.
+    page = browser.new_page()
+    page.add_init_script("localStorage.setItem('stella.apiKey', 'sk-x\\u200b')")
+    page.goto(keyed.url + "/playground")
+    page.wait_for_selector("text=The saved key was refused")
+    assert "network_error" not in page.inner_text("body")
+    assert "U+200B" in page.inner_text("#key-form")
+    assert page.evaluate("localStorage.getItem('stella.apiKey')") is None
+    page.close()

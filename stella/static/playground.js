@@ -1,10 +1,13 @@
 // The playground: a multi-turn chat over stella's NDJSON API, with Stop, timings and
 // inline errors. Model output is always set with textContent: it is text, never HTML.
-import { chat, models, StellaError } from "/static/stella.js";
+import { apiKeyProblem, chat, models, StellaError } from "/static/stella.js";
 
 const $ = (id) => document.getElementById(id);
 const KEY = "stella.apiKey";
 const state = { history: [], controller: null };
+// Around a pasted key: whitespace, and zero-width characters .trim() keeps (U+200B-U+200D,
+// U+2060). Neither is ever part of a key.
+const PADDING = /^[\s\u200b-\u200d\u2060]+|[\s\u200b-\u200d\u2060]+$/g;
 
 function apiKey() {
   return localStorage.getItem(KEY) || "";
@@ -79,8 +82,9 @@ async function loadModels() {
     }
     notice("");
   } catch (err) {
-    if (err instanceof StellaError && err.status === 401) {
-      // A saved key the server refuses is dropped, and the form says why.
+    if (err instanceof StellaError && (err.status === 401 || err.code === "invalid_api_key")) {
+      // A saved key the server refuses (or no request can carry) is dropped, and the
+      // form says why.
       const saved = apiKey();
       localStorage.removeItem(KEY);
       askForKey(saved ? `The saved key was refused (${err.message}); enter another.` : undefined);
@@ -210,7 +214,10 @@ $("new-chat").addEventListener("click", () => {
 $("key-button").addEventListener("click", () => askForKey("API key for this server:"));
 $("key-form").addEventListener("submit", (e) => {
   e.preventDefault();
-  localStorage.setItem(KEY, $("api-key").value.trim());
+  const key = $("api-key").value.replace(PADDING, "");
+  const problem = apiKeyProblem(key);
+  if (problem) return askForKey(`This key cannot be used: ${problem}. Enter it again.`);
+  localStorage.setItem(KEY, key);
   $("api-key").value = "";
   $("key-form").hidden = true;
   loadModels();
