@@ -299,3 +299,15 @@ def test_a_key_a_header_cannot_carry_is_refused_or_cleaned(browser, keyed: LiveS
     assert "U+200B" in page.inner_text("#key-form")
     assert page.evaluate("localStorage.getItem('stella.apiKey')") is None
     page.close()
+
+
+def test_a_key_refused_on_send_is_dropped(browser, keyed: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = keyed_playground(browser, keyed.url)
+    # The key is revoked meanwhile (another one stands for it here).
+    page.evaluate("localStorage.setItem('stella.apiKey', 'sk-revoked-xxxxxxxx')")
+    send(page, "hello")
+    page.wait_for_selector(".msg .error")
+    page.wait_for_selector("text=The saved key was refused")
+    assert page.evaluate("localStorage.getItem('stella.apiKey')") is None
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    page.close()

@@ -25,6 +25,18 @@ function askForKey(message) {
   $("api-key").focus();
 }
 
+// A 401 for the saved key (or a key no request can carry) drops it, and the form says
+// why: kept, it would fail every later call. Only the key sent: another may be saved since.
+function refused(err, sent, otherwise) {
+  const dropped = sent !== "" && apiKey() === sent;
+  if (dropped) localStorage.removeItem(KEY);
+  askForKey(dropped ? `The saved key was refused (${err.message}); enter another.` : otherwise);
+}
+
+function refusal(err) {
+  return err instanceof StellaError && (err.status === 401 || err.code === "invalid_api_key");
+}
+
 function bubble(role, text) {
   const msg = document.createElement("div");
   msg.className = `msg ${role}`;
@@ -51,12 +63,12 @@ function stats(msg, parts) {
   msg.append(line);
 }
 
-function showError(msg, err) {
+function showError(msg, err, key) {
   const box = document.createElement("div");
   box.className = "error";
-  if (err instanceof StellaError && err.status === 401) {
+  if (refusal(err)) {
     box.textContent = "Unauthorized: enter an API key below, then send again.";
-    askForKey(err.message);
+    refused(err, key, err.message);
   } else if (err instanceof StellaError && err.status === 429) {
     const wait = err.retryAfter ?? "a few";
     box.textContent = `Rate limited: try again in ${wait} s.`;
@@ -70,8 +82,9 @@ function showError(msg, err) {
 
 async function loadModels() {
   const select = $("model");
+  const key = apiKey();
   try {
-    const listing = await models({ apiKey: apiKey() });
+    const listing = await models({ apiKey: key });
     select.replaceChildren();
     for (const m of listing.models) {
       const option = document.createElement("option");
@@ -82,13 +95,8 @@ async function loadModels() {
     }
     notice("");
   } catch (err) {
-    if (err instanceof StellaError && (err.status === 401 || err.code === "invalid_api_key")) {
-      // A saved key the server refuses (or no request can carry) is dropped, and the
-      // form says why.
-      const saved = apiKey();
-      localStorage.removeItem(KEY);
-      askForKey(saved ? `The saved key was refused (${err.message}); enter another.` : undefined);
-    } else notice(`Could not list models: ${err.message}`);
+    if (refusal(err)) refused(err, key);
+    else notice(`Could not list models: ${err.message}`);
   }
 }
 
@@ -131,6 +139,7 @@ async function send(text) {
   msg.classList.add("streaming");
   const out = msg.querySelector(".text");
   const controller = new AbortController();
+  const key = apiKey();
   state.controller = controller;
   busy(true);
   const t0 = performance.now();
@@ -138,7 +147,7 @@ async function send(text) {
   let answer = "";
   try {
     for await (const event of chat({ model: $("model").value || undefined, messages },
-                                   { signal: controller.signal, apiKey: apiKey() })) {
+                                   { signal: controller.signal, apiKey: key })) {
       if (event.type === "delta") {
         if (ttft === null) ttft = performance.now() - t0;
         answer += event.text;
@@ -173,7 +182,7 @@ async function send(text) {
     }
   } catch (err) {
     giveBack(history, text); // the turn failed: its text goes back to the prompt, to send again
-    showError(msg, err);
+    showError(msg, err, key);
   } finally {
     msg.classList.remove("streaming");
     if (state.controller === controller) state.controller = null;
