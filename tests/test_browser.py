@@ -311,3 +311,32 @@ def test_a_key_refused_on_send_is_dropped(browser, keyed: LiveServer) -> None:  
     assert page.evaluate("localStorage.getItem('stella.apiKey')") is None
     assert page.evaluate("document.activeElement.id") == "api-key"
     page.close()
+
+
+def test_the_focus_goes_back_to_the_prompt(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "echo")
+    page.click("#key-button")  # the key form is open, and a message is sent all the same
+    page.fill("#prompt", "hello")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".msg.assistant .stats")
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    # The form closes without saving: Cancel, or Esc in it.
+    page.click("#key-button")
+    page.fill("#api-key", "half-typed")
+    page.click("#key-cancel")
+    assert page.locator("#key-form").is_hidden()
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    assert page.evaluate("localStorage.getItem('stella.apiKey')") is None
+    page.click("#key-button")
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    page.keyboard.press("Escape")
+    assert page.locator("#key-form").is_hidden()
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    assert page.input_value("#api-key") == ""
+    page.close()
+
+
+def test_a_saved_key_leaves_the_focus_on_the_prompt(browser, keyed: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = keyed_playground(browser, keyed.url)
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    page.close()

@@ -187,7 +187,9 @@ async function send(text) {
     msg.classList.remove("streaming");
     if (state.controller === controller) state.controller = null;
     busy(false);
-    if ($("key-form").hidden) $("prompt").focus(); // else the key field keeps it
+    // Stop had the focus and is disabled now: back to the prompt, unless the key field
+    // has it (a 401 asked for a key, or one is being typed).
+    if (document.activeElement !== $("api-key")) $("prompt").focus();
   }
 }
 
@@ -221,14 +223,26 @@ $("new-chat").addEventListener("click", () => {
   $("prompt").focus();
 });
 $("key-button").addEventListener("click", () => askForKey("API key for this server:"));
+// Saved or not, the form closes and the focus goes to the prompt (a hidden field keeps
+// it otherwise, and the keyboard is left on the page).
+function closeKeyForm() {
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  $("prompt").focus();
+}
+$("key-cancel").addEventListener("click", closeKeyForm);
+$("key-form").addEventListener("keydown", (e) => {
+  if (e.key !== "Escape") return;
+  e.stopPropagation(); // closes the form, and stops no answer
+  closeKeyForm();
+});
 $("key-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const key = $("api-key").value.replace(PADDING, "");
   const problem = apiKeyProblem(key);
   if (problem) return askForKey(`This key cannot be used: ${problem}. Enter it again.`);
   localStorage.setItem(KEY, key);
-  $("api-key").value = "";
-  $("key-form").hidden = true;
+  closeKeyForm();
   loadModels();
 });
 
