@@ -340,3 +340,35 @@ def test_a_saved_key_leaves_the_focus_on_the_prompt(browser, keyed: LiveServer) 
     page = keyed_playground(browser, keyed.url)
     assert page.evaluate("document.activeElement.id") == "prompt"
     page.close()
+
+
+# The answer's end is in view, and the view had to scroll for it.
+AT_THE_END = """((m, a) => m.scrollTop > 100
+  && a.getBoundingClientRect().bottom <= m.getBoundingClientRect().bottom + 2
+)(document.querySelector('main'), document.querySelector('.msg.assistant'))"""
+
+
+def test_a_reader_who_scrolled_up_is_left_there(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "echo-slow", viewport={"width": 800, "height": 400})
+    # Lines, for an answer taller than the view, then words that wrap now and then.
+    send(page, "".join(f"line{i}\n" for i in range(20)) + " ".join(f"w{i}" for i in range(60)))
+    # Taller than the view, and followed while the reader stays at the bottom.
+    page.wait_for_function(
+        "document.querySelector('.msg.assistant .text').textContent.includes('line12')"
+    )
+    page.wait_for_function(AT_THE_END)
+    page.mouse.move(400, 200)
+    page.mouse.wheel(0, -5000)  # the reader goes back up to read
+    page.wait_for_function("document.querySelector('main').scrollTop === 0", timeout=5000)
+    page.wait_for_timeout(400)  # five deltas
+    assert page.evaluate("document.querySelector('main').scrollTop") == 0
+    # Back down at the end, the answer is followed again.
+    page.wait_for_function(
+        "document.querySelector('.msg.assistant .text').textContent.includes('w5')"
+    )
+    page.mouse.wheel(0, 20000)
+    page.wait_for_function(
+        "document.querySelector('.msg.assistant .text').textContent.includes('w50')"
+    )
+    page.wait_for_function(AT_THE_END, timeout=2000)
+    page.close()

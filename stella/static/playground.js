@@ -107,15 +107,31 @@ function busy(on) {
   $("prompt").disabled = on;
 }
 
+// Follow the answer only while its end is in view: a reader who scrolled up to read is
+// left there, and one who scrolls back down to the end is followed again. Judged when the
+// view scrolls (at most once a frame), not per delta. The end counts as in view a line
+// past the edge, and a scroll down that stops short of it changes nothing: text that
+// arrived while a scroll to the end was under way (ours, or the reader's) looks so.
+let pinned = true;
+let lastTop = 0;
+const main = document.querySelector("main");
+main.addEventListener("scroll", () => {
+  const last = $("conversation").lastElementChild;
+  if (!last || last.getBoundingClientRect().bottom <= main.getBoundingClientRect().bottom + 24) {
+    pinned = true;
+  } else if (main.scrollTop < lastTop) pinned = false;
+  lastTop = main.scrollTop;
+});
+
 // Scroll to the newest text at most once a frame: a layout per token grows with the
 // answer and freezes the tab on long ones.
 let scrollPending = false;
 function follow(msg) {
-  if (scrollPending) return;
+  if (scrollPending || !pinned) return;
   scrollPending = true;
   requestAnimationFrame(() => {
     scrollPending = false;
-    msg.scrollIntoView({ block: "end" });
+    if (pinned) msg.scrollIntoView({ block: "end" }); // scroll events run before this
   });
 }
 
@@ -136,6 +152,7 @@ async function send(text) {
   messages.push(...history);
   bubble("user", text);
   const msg = bubble("assistant", "");
+  pinned = true; // a new question is brought into view, and its answer followed
   msg.classList.add("streaming");
   const out = msg.querySelector(".text");
   const controller = new AbortController();
@@ -185,6 +202,7 @@ async function send(text) {
     showError(msg, err, key);
   } finally {
     msg.classList.remove("streaming");
+    follow(msg); // its stats or error line, below the text
     if (state.controller === controller) state.controller = null;
     busy(false);
     // Stop had the focus and is disabled now: back to the prompt, unless the key field
