@@ -372,3 +372,28 @@ def test_a_reader_who_scrolled_up_is_left_there(browser, server: LiveServer) -> 
     )
     page.wait_for_function(AT_THE_END, timeout=2000)
     page.close()
+
+
+# WCAG 2 contrast ratio of an element's text colour on its own background colour.
+CONTRAST = """el => {
+  const rgb = (c) => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
+  const lum = (c) => {
+    const [r, g, b] = rgb(c).map((v) => {
+      v /= 255;
+      return v <= 0.04045 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const s = getComputedStyle(el);
+  const [a, b] = [lum(s.color), lum(s.backgroundColor)].sort((x, y) => y - x);
+  return (a + 0.05) / (b + 0.05);
+}"""
+
+
+def test_stop_is_readable(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "echo-slow")
+    send(page, " ".join(f"w{i}" for i in range(50)))
+    page.wait_for_function("!document.querySelector('#stop').disabled")
+    assert page.eval_on_selector("#stop", CONTRAST) >= 4.5  # WCAG AA for its text
+    page.click("#stop")
+    page.close()
