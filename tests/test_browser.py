@@ -397,3 +397,17 @@ def test_stop_is_readable(browser, server: LiveServer) -> None:  # type: ignore[
     assert page.eval_on_selector("#stop", CONTRAST) >= 4.5  # WCAG AA for its text
     page.click("#stop")
     page.close()
+
+
+def test_a_streaming_answer_is_busy_for_screen_readers(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    # The conversation is a live region: busy while an answer streams, so a screen
+    # reader reads it once, whole, not a word at a time.
+    page = playground(browser, server.url, "echo-slow")
+    send(page, "one two three four five six")
+    page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 3")
+    assert page.get_attribute(".msg.assistant", "aria-busy") == "true"
+    assert page.get_attribute("#conversation", "aria-busy") == "true"
+    page.wait_for_selector(".msg.assistant .stats")
+    assert page.get_attribute(".msg.assistant", "aria-busy") == "false"
+    assert page.get_attribute("#conversation", "aria-busy") == "false"
+    page.close()

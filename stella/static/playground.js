@@ -154,6 +154,9 @@ async function send(text) {
   const msg = bubble("assistant", "");
   pinned = true; // a new question is brought into view, and its answer followed
   msg.classList.add("streaming");
+  // The conversation is a live region: busy while the answer streams, so a screen reader
+  // reads it once, whole, not a word at a time.
+  for (const el of [msg, $("conversation")]) el.setAttribute("aria-busy", "true");
   const out = msg.querySelector(".text");
   const controller = new AbortController();
   const key = apiKey();
@@ -202,6 +205,7 @@ async function send(text) {
     showError(msg, err, key);
   } finally {
     msg.classList.remove("streaming");
+    for (const el of [msg, $("conversation")]) el.setAttribute("aria-busy", "false");
     follow(msg); // its stats or error line, below the text
     if (state.controller === controller) state.controller = null;
     busy(false);
