@@ -411,3 +411,19 @@ def test_a_streaming_answer_is_busy_for_screen_readers(browser, server: LiveServ
     assert page.get_attribute(".msg.assistant", "aria-busy") == "false"
     assert page.get_attribute("#conversation", "aria-busy") == "false"
     page.close()
+
+
+def test_right_to_left_text_reads_right_to_left(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "echo")
+    arabic = "مرحبا بالعالم"
+    page.fill("#prompt", arabic)
+    assert page.eval_on_selector("#prompt", "el => getComputedStyle(el).direction") == "rtl"
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant .stats")
+    for sel in (".msg.user .text", ".msg.assistant .text"):
+        assert page.eval_on_selector(sel, "el => getComputedStyle(el).direction") == "rtl", sel
+    send(page, "hello")  # and English still left to right
+    page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length == 2")
+    last = page.locator(".msg.assistant .text").nth(1)
+    assert last.evaluate("el => getComputedStyle(el).direction") == "ltr"
+    page.close()

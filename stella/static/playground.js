@@ -45,6 +45,7 @@ function bubble(role, text) {
   who.textContent = role === "user" ? "You" : "Assistant";
   const body = document.createElement("div");
   body.className = "text";
+  body.dir = "auto"; // by its own first strong character: Arabic or Hebrew reads from the right
   body.textContent = text;
   msg.append(who, body);
   $("conversation").append(msg);
