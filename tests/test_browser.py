@@ -69,7 +69,7 @@ def playground(browser, url: str, model: str, **page_options: object):  # type: 
     """A page on the playground, its model list loaded and `model` chosen."""
     page = browser.new_page(**page_options)
     page.goto(url + "/playground")
-    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
     page.select_option("#model", model)
     return page
 
@@ -77,6 +77,17 @@ def playground(browser, url: str, model: str, **page_options: object):  # type: 
 def send(page, text: str) -> None:  # type: ignore[no-untyped-def]
     page.fill("#prompt", text)
     page.click("#send")
+
+
+# wait_for_function() predicates here are functions ("() => ..."): Playwright polls a bare
+# expression with eval(), which the playground's Content-Security-Policy forbids.
+
+
+def answer_has(page, text: str) -> None:  # type: ignore[no-untyped-def]
+    """Wait until the first answer's text holds `text`."""
+    page.wait_for_function(
+        "t => document.querySelector('.msg.assistant .text').textContent.includes(t)", arg=text
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +103,7 @@ def keyed_playground(browser, url: str):  # type: ignore[no-untyped-def]
     page.wait_for_selector("#key-form:not([hidden])")
     page.fill("#api-key", KEY)
     page.click("#key-form button[type=submit]")
-    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
     page.select_option("#model", "echo")
     return page
 
@@ -101,7 +112,9 @@ def test_prompt_streams_into_the_page(browser, server: LiveServer) -> None:  # t
     page = playground(browser, server.url, "echo-slow", viewport={"width": 1200, "height": 800})
     send(page, "the quick brown fox jumps over the lazy dog")
     # While it streams, part of the text is already there.
-    page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 3")
+    page.wait_for_function(
+        "() => document.querySelector('.msg.assistant .text').textContent.length > 3"
+    )
     partial = page.inner_text(".msg.assistant .text")
     assert partial and partial != "the quick brown fox jumps over the lazy dog"
     page.wait_for_selector(".msg.assistant .stats")
@@ -110,7 +123,7 @@ def test_prompt_streams_into_the_page(browser, server: LiveServer) -> None:  # t
     assert "TTFT" in stats and "tok/s" in stats and "9 out" in stats
     assert "via slow" in stats  # the backend that answered, from the done line
     send(page, "second turn")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length == 2")
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant .stats').length == 2")
     assert page.locator(".msg.assistant .text").nth(1).inner_text() == "second turn"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
@@ -122,7 +135,9 @@ def test_stop_cancels_on_the_server(browser, server: LiveServer) -> None:  # typ
     with page.expect_response(lambda r: "/api/v1/chat" in r.url) as info:
         send(page, " ".join(f"word{i}" for i in range(200)))
     rid = info.value.headers["x-request-id"]
-    page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 10")
+    page.wait_for_function(
+        "() => document.querySelector('.msg.assistant .text').textContent.length > 10"
+    )
     page.click("#stop")
     page.wait_for_selector("text=stopped")
     ev = server.wait_event(lambda e: e["request_id"] == rid)
@@ -149,7 +164,7 @@ def test_401_asks_for_the_key_and_then_works(browser) -> None:  # type: ignore[n
         page.wait_for_selector("#key-form:not([hidden])")
         page.fill("#api-key", KEY)
         page.click("#key-form button")
-        page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+        page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
         page.select_option("#model", "echo")
         send(page, "hello with a key")
         page.wait_for_selector(".msg.assistant .stats")
@@ -172,9 +187,11 @@ def test_new_chat_mid_answer_and_a_failed_turn(browser, server: LiveServer) -> N
     sent: list[dict] = []
     page.on("request", lambda r: "/api/v1/chat" in r.url and sent.append(r.post_data_json))
     send(page, " ".join(f"old{i}" for i in range(100)))
-    page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 5")
+    page.wait_for_function(
+        "() => document.querySelector('.msg.assistant .text').textContent.length > 5"
+    )
     page.click("#new-chat")  # stops the answer: it is no part of the new chat
-    page.wait_for_function("!document.querySelector('#send').disabled")
+    page.wait_for_function("() => !document.querySelector('#send').disabled")
     page.select_option("#model", "echo")
     send(page, "fresh start")
     page.wait_for_selector(".msg.assistant .stats")
@@ -196,7 +213,7 @@ def test_enter_while_composing_does_not_send_and_escape_stops(browser, server: L
     page.wait_for_timeout(200)
     assert page.locator(".msg").count() == 0 and page.input_value("#prompt") == "かな"
     page.press("#prompt", "Enter")
-    page.wait_for_function("document.querySelector('.msg.assistant .text')")
+    page.wait_for_function("() => document.querySelector('.msg.assistant .text')")
     assert page.evaluate("document.activeElement.id") == "stop"  # the focus stays usable
     page.keyboard.press("Escape")
     page.wait_for_selector("text=stopped")
@@ -230,7 +247,7 @@ def test_stop_before_the_first_token_keeps_no_empty_answer(browser, server: Live
     assert page.input_value("#prompt") == "are you there?"
     page.select_option("#model", "echo")
     send(page, "hello again")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length == 2")
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant .stats').length == 2")
     assert sent[-1]["messages"] == [{"role": "user", "content": "hello again"}]
     page.close()
 
@@ -287,7 +304,7 @@ def test_a_key_a_header_cannot_carry_is_refused_or_cleaned(browser, keyed: LiveS
     # Whitespace and zero-width characters around it (a paste's) are dropped.
     page.fill("#api-key", f" {KEY}\u200b\ufeff\t")
     page.click("#key-form button[type=submit]")
-    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
     assert page.evaluate("localStorage.getItem('stella.apiKey')") == KEY
     page.close()
     # Saved before the check: the client says what is wrong, and the key is dropped.
@@ -343,7 +360,7 @@ def test_a_saved_key_leaves_the_focus_on_the_prompt(browser, keyed: LiveServer) 
 
 
 # The answer's end is in view, and the view had to scroll for it.
-AT_THE_END = """((m, a) => m.scrollTop > 100
+AT_THE_END = """() => ((m, a) => m.scrollTop > 100
   && a.getBoundingClientRect().bottom <= m.getBoundingClientRect().bottom + 2
 )(document.querySelector('main'), document.querySelector('.msg.assistant'))"""
 
@@ -353,23 +370,17 @@ def test_a_reader_who_scrolled_up_is_left_there(browser, server: LiveServer) -> 
     # Lines, for an answer taller than the view, then words that wrap now and then.
     send(page, "".join(f"line{i}\n" for i in range(20)) + " ".join(f"w{i}" for i in range(60)))
     # Taller than the view, and followed while the reader stays at the bottom.
-    page.wait_for_function(
-        "document.querySelector('.msg.assistant .text').textContent.includes('line12')"
-    )
+    answer_has(page, "line12")
     page.wait_for_function(AT_THE_END)
     page.mouse.move(400, 200)
     page.mouse.wheel(0, -5000)  # the reader goes back up to read
-    page.wait_for_function("document.querySelector('main').scrollTop === 0", timeout=5000)
+    page.wait_for_function("() => document.querySelector('main').scrollTop === 0", timeout=5000)
     page.wait_for_timeout(400)  # five deltas
     assert page.evaluate("document.querySelector('main').scrollTop") == 0
     # Back down at the end, the answer is followed again.
-    page.wait_for_function(
-        "document.querySelector('.msg.assistant .text').textContent.includes('w5')"
-    )
+    answer_has(page, "w5")
     page.mouse.wheel(0, 20000)
-    page.wait_for_function(
-        "document.querySelector('.msg.assistant .text').textContent.includes('w50')"
-    )
+    answer_has(page, "w50")
     page.wait_for_function(AT_THE_END, timeout=2000)
     page.close()
 
@@ -393,7 +404,7 @@ CONTRAST = """el => {
 def test_stop_is_readable(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
     page = playground(browser, server.url, "echo-slow")
     send(page, " ".join(f"w{i}" for i in range(50)))
-    page.wait_for_function("!document.querySelector('#stop').disabled")
+    page.wait_for_function("() => !document.querySelector('#stop').disabled")
     assert page.eval_on_selector("#stop", CONTRAST) >= 4.5  # WCAG AA for its text
     page.click("#stop")
     page.close()
@@ -404,7 +415,9 @@ def test_a_streaming_answer_is_busy_for_screen_readers(browser, server: LiveServ
     # reader reads it once, whole, not a word at a time.
     page = playground(browser, server.url, "echo-slow")
     send(page, "one two three four five six")
-    page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 3")
+    page.wait_for_function(
+        "() => document.querySelector('.msg.assistant .text').textContent.length > 3"
+    )
     assert page.get_attribute(".msg.assistant", "aria-busy") == "true"
     assert page.get_attribute("#conversation", "aria-busy") == "true"
     page.wait_for_selector(".msg.assistant .stats")
@@ -423,7 +436,30 @@ def test_right_to_left_text_reads_right_to_left(browser, server: LiveServer) -> 
     for sel in (".msg.user .text", ".msg.assistant .text"):
         assert page.eval_on_selector(sel, "el => getComputedStyle(el).direction") == "rtl", sel
     send(page, "hello")  # and English still left to right
-    page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length == 2")
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant .stats').length == 2")
     last = page.locator(".msg.assistant .text").nth(1)
     assert last.evaluate("el => getComputedStyle(el).direction") == "ltr"
     page.close()
+
+
+def test_no_request_fails_and_the_page_works_under_its_csp(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page()
+    errors: list[str] = []
+    failed: list[str] = []
+    page.on("console", lambda m: m.type in ("error", "warning") and errors.append(m.text))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
+    page.on("requestfailed", lambda r: failed.append(f"failed {r.url}"))
+    response = page.goto(server.url + "/playground")
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
+    page.select_option("#model", "echo")
+    send(page, "under a content security policy")
+    page.wait_for_selector(".msg.assistant .stats")
+    assert page.inner_text(".msg.assistant .text") == "under a content security policy"
+    page.wait_for_timeout(300)  # a favicon is fetched after the load
+    # Headless Chromium fetches no icon, a headed one does: the page names one that is there.
+    icon = page.evaluate("document.querySelector('link[rel=icon]')?.href")
+    page.close()
+    assert not errors and not failed, (errors, failed)
+    assert icon and httpx.get(icon).status_code == 200
