@@ -69,7 +69,7 @@ def playground(browser, url: str, model: str, **page_options: object):  # type: 
     """A page on the playground, its model list loaded and `model` chosen."""
     page = browser.new_page(**page_options)
     page.goto(url + "/playground")
-    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
     page.select_option("#model", model)
     return page
 
@@ -79,11 +79,42 @@ def send(page, text: str) -> None:  # type: ignore[no-untyped-def]
     page.click("#send")
 
 
+# wait_for_function() predicates here are functions ("() => ..."): Playwright polls a bare
+# expression with eval(), which the playground's Content-Security-Policy forbids.
+
+
+def answer_has(page, text: str) -> None:  # type: ignore[no-untyped-def]
+    """Wait until the first answer's text holds `text`."""
+    page.wait_for_function(
+        "t => document.querySelector('.msg.assistant .text').textContent.includes(t)", arg=text
+    )
+
+
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[LiveServer]:
+    with run_stella(env={"STELLA_API_KEYS": KEY}) as s:
+        yield s
+
+
+def keyed_playground(browser, url: str):  # type: ignore[no-untyped-def]
+    """A page on a keyed server's playground with its key saved and the echo model chosen."""
+    page = browser.new_page()
+    page.goto(url + "/playground")
+    page.wait_for_selector("#key-form:not([hidden])")
+    page.fill("#api-key", KEY)
+    page.click("#key-form button[type=submit]")
+    page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
+    page.select_option("#model", "echo")
+    return page
+
+
 def test_prompt_streams_into_the_page(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
     page = playground(browser, server.url, "echo-slow", viewport={"width": 1200, "height": 800})
     send(page, "the quick brown fox jumps over the lazy dog")
     # While it streams, part of the text is already there.
-    page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 3")
+    page.wait_for_function(
+        "() => document.querySelector('.msg.assistant .text').textContent.length > 3"
+    )
     partial = page.inner_text(".msg.assistant .text")
     assert partial and partial != "the quick brown fox jumps over the lazy dog"
     page.wait_for_selector(".msg.assistant .stats")
@@ -92,7 +123,7 @@ def test_prompt_streams_into_the_page(browser, server: LiveServer) -> None:  # t
     assert "TTFT" in stats and "tok/s" in stats and "9 out" in stats
     assert "via slow" in stats  # the backend that answered, from the done line
     send(page, "second turn")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length == 2")
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant .stats').length == 2")
     assert page.locator(".msg.assistant .text").nth(1).inner_text() == "second turn"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
@@ -104,7 +135,9 @@ def test_stop_cancels_on_the_server(browser, server: LiveServer) -> None:  # typ
     with page.expect_response(lambda r: "/api/v1/chat" in r.url) as info:
         send(page, " ".join(f"word{i}" for i in range(200)))
     rid = info.value.headers["x-request-id"]
-    page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 10")
+    page.wait_for_function(
+        "() => document.querySelector('.msg.assistant .text').textContent.length > 10"
+    )
     page.click("#stop")
     page.wait_for_selector("text=stopped")
     ev = server.wait_event(lambda e: e["request_id"] == rid)
@@ -131,7 +164,7 @@ def test_401_asks_for_the_key_and_then_works(browser) -> None:  # type: ignore[n
         page.wait_for_selector("#key-form:not([hidden])")
         page.fill("#api-key", KEY)
         page.click("#key-form button")
-        page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+        page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
         page.select_option("#model", "echo")
         send(page, "hello with a key")
         page.wait_for_selector(".msg.assistant .stats")
@@ -154,9 +187,11 @@ def test_new_chat_mid_answer_and_a_failed_turn(browser, server: LiveServer) -> N
     sent: list[dict] = []
     page.on("request", lambda r: "/api/v1/chat" in r.url and sent.append(r.post_data_json))
     send(page, " ".join(f"old{i}" for i in range(100)))
-    page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 5")
+    page.wait_for_function(
+        "() => document.querySelector('.msg.assistant .text').textContent.length > 5"
+    )
     page.click("#new-chat")  # stops the answer: it is no part of the new chat
-    page.wait_for_function("!document.querySelector('#send').disabled")
+    page.wait_for_function("() => !document.querySelector('#send').disabled")
     page.select_option("#model", "echo")
     send(page, "fresh start")
     page.wait_for_selector(".msg.assistant .stats")
@@ -178,7 +213,7 @@ def test_enter_while_composing_does_not_send_and_escape_stops(browser, server: L
     page.wait_for_timeout(200)
     assert page.locator(".msg").count() == 0 and page.input_value("#prompt") == "かな"
     page.press("#prompt", "Enter")
-    page.wait_for_function("document.querySelector('.msg.assistant .text')")
+    page.wait_for_function("() => document.querySelector('.msg.assistant .text')")
     assert page.evaluate("document.activeElement.id") == "stop"  # the focus stays usable
     page.keyboard.press("Escape")
     page.wait_for_selector("text=stopped")
@@ -212,7 +247,7 @@ def test_stop_before_the_first_token_keeps_no_empty_answer(browser, server: Live
     assert page.input_value("#prompt") == "are you there?"
     page.select_option("#model", "echo")
     send(page, "hello again")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length == 2")
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant .stats').length == 2")
     assert sent[-1]["messages"] == [{"role": "user", "content": "hello again"}]
     page.close()
 
@@ -254,3 +289,177 @@ def test_another_sites_page_cannot_drive_a_keyless_server(browser, server: LiveS
     listing = httpx.get(server.url + "/api/v1/models").json()
     assert listing["default"] == "echo"
     assert "planted" not in [m["name"] for m in listing["models"]]
+
+
+def test_a_key_a_header_cannot_carry_is_refused_or_cleaned(browser, keyed: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page()
+    page.goto(keyed.url + "/playground")
+    page.wait_for_selector("#key-form:not([hidden])")
+    # A character inside the key: refused, in the form, and nothing is saved.
+    page.fill("#api-key", "sk-browser\u2011test-1")
+    page.click("#key-form button[type=submit]")
+    page.wait_for_selector("text=U+2011")
+    assert page.evaluate("localStorage.getItem('stella.apiKey')") is None
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    # Whitespace and zero-width characters around it (a paste's) are dropped.
+    page.fill("#api-key", f" {KEY}\u200b\ufeff\t")
+    page.click("#key-form button[type=submit]")
+    page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
+    assert page.evaluate("localStorage.getItem('stella.apiKey')") == KEY
+    page.close()
+    # Saved before the check: the client says what is wrong, and the key is dropped.
+    page = browser.new_page()
+    page.add_init_script("localStorage.setItem('stella.apiKey', 'sk-x\\u200b')")
+    page.goto(keyed.url + "/playground")
+    page.wait_for_selector("text=The saved key was refused")
+    assert "network_error" not in page.inner_text("body")
+    assert "U+200B" in page.inner_text("#key-form")
+    assert page.evaluate("localStorage.getItem('stella.apiKey')") is None
+    page.close()
+
+
+def test_a_key_refused_on_send_is_dropped(browser, keyed: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = keyed_playground(browser, keyed.url)
+    # The key is revoked meanwhile (another one stands for it here).
+    page.evaluate("localStorage.setItem('stella.apiKey', 'sk-revoked-xxxxxxxx')")
+    send(page, "hello")
+    page.wait_for_selector(".msg .error")
+    page.wait_for_selector("text=The saved key was refused")
+    assert page.evaluate("localStorage.getItem('stella.apiKey')") is None
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    page.close()
+
+
+def test_the_focus_goes_back_to_the_prompt(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "echo")
+    page.click("#key-button")  # the key form is open, and a message is sent all the same
+    page.fill("#prompt", "hello")
+    page.press("#prompt", "Enter")
+    page.wait_for_selector(".msg.assistant .stats")
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    # The form closes without saving: Cancel, or Esc in it.
+    page.click("#key-button")
+    page.fill("#api-key", "half-typed")
+    page.click("#key-cancel")
+    assert page.locator("#key-form").is_hidden()
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    assert page.evaluate("localStorage.getItem('stella.apiKey')") is None
+    page.click("#key-button")
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    page.keyboard.press("Escape")
+    assert page.locator("#key-form").is_hidden()
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    assert page.input_value("#api-key") == ""
+    page.close()
+
+
+def test_a_saved_key_leaves_the_focus_on_the_prompt(browser, keyed: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = keyed_playground(browser, keyed.url)
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    page.close()
+
+
+# The answer's end is in view, and the view had to scroll for it.
+AT_THE_END = """() => ((m, a) => m.scrollTop > 100
+  && a.getBoundingClientRect().bottom <= m.getBoundingClientRect().bottom + 2
+)(document.querySelector('main'), document.querySelector('.msg.assistant'))"""
+
+
+def test_a_reader_who_scrolled_up_is_left_there(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "echo-slow", viewport={"width": 800, "height": 400})
+    # Lines, for an answer taller than the view, then words that wrap now and then.
+    send(page, "".join(f"line{i}\n" for i in range(20)) + " ".join(f"w{i}" for i in range(60)))
+    # Taller than the view, and followed while the reader stays at the bottom.
+    answer_has(page, "line12")
+    page.wait_for_function(AT_THE_END)
+    page.mouse.move(400, 200)
+    page.mouse.wheel(0, -5000)  # the reader goes back up to read
+    page.wait_for_function("() => document.querySelector('main').scrollTop === 0", timeout=5000)
+    page.wait_for_timeout(400)  # five deltas
+    assert page.evaluate("document.querySelector('main').scrollTop") == 0
+    # Back down at the end, the answer is followed again.
+    answer_has(page, "w5")
+    page.mouse.wheel(0, 20000)
+    answer_has(page, "w50")
+    page.wait_for_function(AT_THE_END, timeout=2000)
+    page.close()
+
+
+# WCAG 2 contrast ratio of an element's text colour on its own background colour.
+CONTRAST = """el => {
+  const rgb = (c) => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
+  const lum = (c) => {
+    const [r, g, b] = rgb(c).map((v) => {
+      v /= 255;
+      return v <= 0.04045 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const s = getComputedStyle(el);
+  const [a, b] = [lum(s.color), lum(s.backgroundColor)].sort((x, y) => y - x);
+  return (a + 0.05) / (b + 0.05);
+}"""
+
+
+def test_stop_is_readable(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "echo-slow")
+    send(page, " ".join(f"w{i}" for i in range(50)))
+    page.wait_for_function("() => !document.querySelector('#stop').disabled")
+    assert page.eval_on_selector("#stop", CONTRAST) >= 4.5  # WCAG AA for its text
+    page.click("#stop")
+    page.close()
+
+
+def test_a_streaming_answer_is_busy_for_screen_readers(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    # The conversation is a live region: busy while an answer streams, so a screen
+    # reader reads it once, whole, not a word at a time.
+    page = playground(browser, server.url, "echo-slow")
+    send(page, "one two three four five six")
+    page.wait_for_function(
+        "() => document.querySelector('.msg.assistant .text').textContent.length > 3"
+    )
+    assert page.get_attribute(".msg.assistant", "aria-busy") == "true"
+    assert page.get_attribute("#conversation", "aria-busy") == "true"
+    page.wait_for_selector(".msg.assistant .stats")
+    assert page.get_attribute(".msg.assistant", "aria-busy") == "false"
+    assert page.get_attribute("#conversation", "aria-busy") == "false"
+    page.close()
+
+
+def test_right_to_left_text_reads_right_to_left(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "echo")
+    arabic = "مرحبا بالعالم"
+    page.fill("#prompt", arabic)
+    assert page.eval_on_selector("#prompt", "el => getComputedStyle(el).direction") == "rtl"
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant .stats")
+    for sel in (".msg.user .text", ".msg.assistant .text"):
+        assert page.eval_on_selector(sel, "el => getComputedStyle(el).direction") == "rtl", sel
+    send(page, "hello")  # and English still left to right
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant .stats').length == 2")
+    last = page.locator(".msg.assistant .text").nth(1)
+    assert last.evaluate("el => getComputedStyle(el).direction") == "ltr"
+    page.close()
+
+
+def test_no_request_fails_and_the_page_works_under_its_csp(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page()
+    errors: list[str] = []
+    failed: list[str] = []
+    page.on("console", lambda m: m.type in ("error", "warning") and errors.append(m.text))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
+    page.on("requestfailed", lambda r: failed.append(f"failed {r.url}"))
+    response = page.goto(server.url + "/playground")
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    page.wait_for_function("() => document.querySelectorAll('#model option').length > 0")
+    page.select_option("#model", "echo")
+    send(page, "under a content security policy")
+    page.wait_for_selector(".msg.assistant .stats")
+    assert page.inner_text(".msg.assistant .text") == "under a content security policy"
+    page.wait_for_timeout(300)  # a favicon is fetched after the load
+    # Headless Chromium fetches no icon, a headed one does: the page names one that is there.
+    icon = page.evaluate("document.querySelector('link[rel=icon]')?.href")
+    page.close()
+    assert not errors and not failed, (errors, failed)
+    assert icon and httpx.get(icon).status_code == 200

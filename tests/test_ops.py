@@ -33,6 +33,26 @@ def test_the_playground_and_its_scripts_are_revalidated_before_use(stella: LiveS
         assert again.status_code == 304 and again.headers["cache-control"] == "no-cache"
 
 
+def test_the_playground_and_its_files_carry_defence_in_depth_headers(stella: LiveServer) -> None:
+    # No MIME sniffing, no framing, only this origin's code; the playground page also names
+    # its icon, so no browser asks for /favicon.ico (a 404 on every load).
+    for path in (
+        "/playground",
+        "/static/playground.js",
+        "/static/stella.js",
+        "/static/favicon.svg",
+    ):
+        r = httpx.get(stella.url + path)
+        assert r.status_code == 200, path
+        assert r.headers["x-content-type-options"] == "nosniff", path
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, path
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp, path
+        assert r.headers["referrer-policy"] == "no-referrer", path
+    assert httpx.get(stella.url + "/static/favicon.svg").headers["content-type"] == "image/svg+xml"
+    assert 'rel="icon" href="/static/favicon.svg"' in httpx.get(stella.url + "/playground").text
+
+
 def test_a_trailing_slash_redirects_by_path_not_by_host_header(stella: LiveServer) -> None:
     # A Location built from the Host header would point wherever the client (or a cache
     # poisoned by one) said: the redirect names the path only.

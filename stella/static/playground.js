@@ -1,10 +1,13 @@
 // The playground: a multi-turn chat over stella's NDJSON API, with Stop, timings and
 // inline errors. Model output is always set with textContent: it is text, never HTML.
-import { chat, models, StellaError } from "/static/stella.js";
+import { apiKeyProblem, chat, models, StellaError } from "/static/stella.js";
 
 const $ = (id) => document.getElementById(id);
 const KEY = "stella.apiKey";
 const state = { history: [], controller: null };
+// Around a pasted key: whitespace, and zero-width characters .trim() keeps (U+200B-U+200D,
+// U+2060). Neither is ever part of a key.
+const PADDING = /^[\s\u200b-\u200d\u2060]+|[\s\u200b-\u200d\u2060]+$/g;
 
 function apiKey() {
   return localStorage.getItem(KEY) || "";
@@ -22,6 +25,18 @@ function askForKey(message) {
   $("api-key").focus();
 }
 
+// A 401 for the saved key (or a key no request can carry) drops it, and the form says
+// why: kept, it would fail every later call. Only the key sent: another may be saved since.
+function refused(err, sent, otherwise) {
+  const dropped = sent !== "" && apiKey() === sent;
+  if (dropped) localStorage.removeItem(KEY);
+  askForKey(dropped ? `The saved key was refused (${err.message}); enter another.` : otherwise);
+}
+
+function refusal(err) {
+  return err instanceof StellaError && (err.status === 401 || err.code === "invalid_api_key");
+}
+
 function bubble(role, text) {
   const msg = document.createElement("div");
   msg.className = `msg ${role}`;
@@ -30,6 +45,7 @@ function bubble(role, text) {
   who.textContent = role === "user" ? "You" : "Assistant";
   const body = document.createElement("div");
   body.className = "text";
+  body.dir = "auto"; // by its own first strong character: Arabic or Hebrew reads from the right
   body.textContent = text;
   msg.append(who, body);
   $("conversation").append(msg);
@@ -48,12 +64,12 @@ function stats(msg, parts) {
   msg.append(line);
 }
 
-function showError(msg, err) {
+function showError(msg, err, key) {
   const box = document.createElement("div");
   box.className = "error";
-  if (err instanceof StellaError && err.status === 401) {
+  if (refusal(err)) {
     box.textContent = "Unauthorized: enter an API key below, then send again.";
-    askForKey(err.message);
+    refused(err, key, err.message);
   } else if (err instanceof StellaError && err.status === 429) {
     const wait = err.retryAfter ?? "a few";
     box.textContent = `Rate limited: try again in ${wait} s.`;
@@ -67,8 +83,9 @@ function showError(msg, err) {
 
 async function loadModels() {
   const select = $("model");
+  const key = apiKey();
   try {
-    const listing = await models({ apiKey: apiKey() });
+    const listing = await models({ apiKey: key });
     select.replaceChildren();
     for (const m of listing.models) {
       const option = document.createElement("option");
@@ -79,12 +96,8 @@ async function loadModels() {
     }
     notice("");
   } catch (err) {
-    if (err instanceof StellaError && err.status === 401) {
-      // A saved key the server refuses is dropped, and the form says why.
-      const saved = apiKey();
-      localStorage.removeItem(KEY);
-      askForKey(saved ? `The saved key was refused (${err.message}); enter another.` : undefined);
-    } else notice(`Could not list models: ${err.message}`);
+    if (refusal(err)) refused(err, key);
+    else notice(`Could not list models: ${err.message}`);
   }
 }
 
@@ -95,15 +108,31 @@ function busy(on) {
   $("prompt").disabled = on;
 }
 
+// Follow the answer only while its end is in view: a reader who scrolled up to read is
+// left there, and one who scrolls back down to the end is followed again. Judged when the
+// view scrolls (at most once a frame), not per delta. The end counts as in view a line
+// past the edge, and a scroll down that stops short of it changes nothing: text that
+// arrived while a scroll to the end was under way (ours, or the reader's) looks so.
+let pinned = true;
+let lastTop = 0;
+const main = document.querySelector("main");
+main.addEventListener("scroll", () => {
+  const last = $("conversation").lastElementChild;
+  if (!last || last.getBoundingClientRect().bottom <= main.getBoundingClientRect().bottom + 24) {
+    pinned = true;
+  } else if (main.scrollTop < lastTop) pinned = false;
+  lastTop = main.scrollTop;
+});
+
 // Scroll to the newest text at most once a frame: a layout per token grows with the
 // answer and freezes the tab on long ones.
 let scrollPending = false;
 function follow(msg) {
-  if (scrollPending) return;
+  if (scrollPending || !pinned) return;
   scrollPending = true;
   requestAnimationFrame(() => {
     scrollPending = false;
-    msg.scrollIntoView({ block: "end" });
+    if (pinned) msg.scrollIntoView({ block: "end" }); // scroll events run before this
   });
 }
 
@@ -124,9 +153,14 @@ async function send(text) {
   messages.push(...history);
   bubble("user", text);
   const msg = bubble("assistant", "");
+  pinned = true; // a new question is brought into view, and its answer followed
   msg.classList.add("streaming");
+  // The conversation is a live region: busy while the answer streams, so a screen reader
+  // reads it once, whole, not a word at a time.
+  for (const el of [msg, $("conversation")]) el.setAttribute("aria-busy", "true");
   const out = msg.querySelector(".text");
   const controller = new AbortController();
+  const key = apiKey();
   state.controller = controller;
   busy(true);
   const t0 = performance.now();
@@ -134,7 +168,7 @@ async function send(text) {
   let answer = "";
   try {
     for await (const event of chat({ model: $("model").value || undefined, messages },
-                                   { signal: controller.signal, apiKey: apiKey() })) {
+                                   { signal: controller.signal, apiKey: key })) {
       if (event.type === "delta") {
         if (ttft === null) ttft = performance.now() - t0;
         answer += event.text;
@@ -169,12 +203,16 @@ async function send(text) {
     }
   } catch (err) {
     giveBack(history, text); // the turn failed: its text goes back to the prompt, to send again
-    showError(msg, err);
+    showError(msg, err, key);
   } finally {
     msg.classList.remove("streaming");
+    for (const el of [msg, $("conversation")]) el.setAttribute("aria-busy", "false");
+    follow(msg); // its stats or error line, below the text
     if (state.controller === controller) state.controller = null;
     busy(false);
-    if ($("key-form").hidden) $("prompt").focus(); // else the key field keeps it
+    // Stop had the focus and is disabled now: back to the prompt, unless the key field
+    // has it (a 401 asked for a key, or one is being typed).
+    if (document.activeElement !== $("api-key")) $("prompt").focus();
   }
 }
 
@@ -208,11 +246,26 @@ $("new-chat").addEventListener("click", () => {
   $("prompt").focus();
 });
 $("key-button").addEventListener("click", () => askForKey("API key for this server:"));
-$("key-form").addEventListener("submit", (e) => {
-  e.preventDefault();
-  localStorage.setItem(KEY, $("api-key").value.trim());
+// Saved or not, the form closes and the focus goes to the prompt (a hidden field keeps
+// it otherwise, and the keyboard is left on the page).
+function closeKeyForm() {
   $("api-key").value = "";
   $("key-form").hidden = true;
+  $("prompt").focus();
+}
+$("key-cancel").addEventListener("click", closeKeyForm);
+$("key-form").addEventListener("keydown", (e) => {
+  if (e.key !== "Escape") return;
+  e.stopPropagation(); // closes the form, and stops no answer
+  closeKeyForm();
+});
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const key = $("api-key").value.replace(PADDING, "");
+  const problem = apiKeyProblem(key);
+  if (problem) return askForKey(`This key cannot be used: ${problem}. Enter it again.`);
+  localStorage.setItem(KEY, key);
+  closeKeyForm();
   loadModels();
 });
 

@@ -11,7 +11,8 @@
 // that ends without its done line throws a StellaError. Aborting the AbortSignal (Stop)
 // cancels the request (the server stops generating) and ends the loop quietly; a
 // signal that times out (AbortSignal.timeout) throws code "timeout". Leaving the loop
-// early (break, return, an exception) cancels the request too.
+// early (break, return, an exception) cancels the request too. An API key an HTTP
+// header cannot carry is code "invalid_api_key", and nothing is sent.
 
 /** An error from stella: an HTTP status before the stream, or an in-band error line. */
 export class StellaError extends Error {
@@ -61,8 +62,25 @@ export async function* parseNdjson(stream) {
   }
 }
 
+// What an HTTP header value may hold: tab, space, visible ASCII, and Latin-1's upper half.
+const NOT_IN_HEADER = /[^\t\x20-\x7e\x80-\xff]/u;
+
+/**
+ * Why `apiKey` cannot go in an Authorization header ("" when it can): a pasted key may
+ * bring a zero-width space or a line break along, and fetch() then fails with a
+ * TypeError that reads like a network error.
+ */
+export function apiKeyProblem(apiKey) {
+  const bad = NOT_IN_HEADER.exec(apiKey || "");
+  if (!bad) return "";
+  const code = bad[0].codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+  return `the API key has U+${code} at position ${bad.index + 1}, which an HTTP header cannot carry`;
+}
+
 function headersFor(apiKey) {
   const headers = { "Content-Type": "application/json", Accept: "application/x-ndjson" };
+  const problem = apiKeyProblem(apiKey);
+  if (problem) throw new StellaError({ code: "invalid_api_key", message: problem });
   if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
   return headers;
 }

@@ -232,3 +232,15 @@ test("a baseUrl with a trailing slash works", async () => {
   await collect(chat({ messages: [] }, { fetch: capture, baseUrl: "http://h:1/" }));
   assert.equal(url, "http://h:1/api/v1/chat");
 });
+
+test("a key a header cannot carry is a clear client-side error, and nothing is sent", async () => {
+  let sent = 0;
+  const fetch = async (url, init) => { sent += 1; new Headers(init.headers); return new Response("{}"); };
+  const bad = (err) => err instanceof StellaError && err.code === "invalid_api_key" && err.status === 0
+    && err.message.includes("U+200B");
+  await assert.rejects(() => collect(chat({ messages: [] }, { fetch, apiKey: "sk-abc\u200b" })), bad);
+  await assert.rejects(() => models({ fetch, apiKey: "sk-abc\u200b" }), bad);
+  await assert.rejects(() => models({ fetch, apiKey: "sk-abc\r\nX-Evil: 1" }),
+    (err) => err instanceof StellaError && err.code === "invalid_api_key" && err.message.includes("U+000D"));
+  assert.equal(sent, 0);
+});
