@@ -208,10 +208,13 @@ def test_new_chat_mid_answer_and_a_failed_turn(browser, server: LiveServer) -> N
 
 def test_enter_while_composing_does_not_send_and_escape_stops(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
     page = playground(browser, server.url, "echo-slow")
-    page.fill("#prompt", "かな")
+    # Many words: the answer must still be streaming when Escape comes (one word at the
+    # slow route's pace could end first, and nothing would be left to stop).
+    text = "かな " + "word " * 40
+    page.fill("#prompt", text)
     page.dispatch_event("#prompt", "keydown", {"key": "Enter", "isComposing": True})
     page.wait_for_timeout(200)
-    assert page.locator(".msg").count() == 0 and page.input_value("#prompt") == "かな"
+    assert page.locator(".msg").count() == 0 and page.input_value("#prompt") == text
     page.press("#prompt", "Enter")
     page.wait_for_function("() => document.querySelector('.msg.assistant .text')")
     assert page.evaluate("document.activeElement.id") == "stop"  # the focus stays usable
