@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -101,8 +102,30 @@ async def test_ollama_context_length_is_the_running_models_window(
             t = time.monotonic()
             assert await b.context_length("llama3") is None
             assert time.monotonic() - t < CONTEXT_WAIT_S + 1
+            # The failure stands a while: a client polling /api/ps does not wait each time.
+            t = time.monotonic()
+            assert await b.context_length("llama3") is None
+            assert time.monotonic() - t < CONTEXT_WAIT_S / 2
         finally:
             await b.aclose()
+
+
+async def test_ollama_running_models_are_asked_once_for_many_routes(
+    ollama_url: tuple[FakeOllama, str],
+) -> None:
+    # A listing of several routes on one backend, and clients asking again soon after,
+    # share one GET /api/ps.
+    fake, url = ollama_url
+    b = ollama(url)
+    await b.start()
+    try:
+        before = fake.ps_asked
+        found = await asyncio.gather(*(b.context_length(m) for m in ("llama3", "mistral", "x")))
+        assert found == [CONTEXT, None, None]
+        assert await b.context_length("llama3:latest") == CONTEXT
+        assert fake.ps_asked == before + 1
+    finally:
+        await b.aclose()
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -72,6 +73,8 @@ class _Ps(msgspec.Struct):
 
 # The longest a listing (stella's /api/ps, /api/show) waits for Ollama's own /api/ps.
 CONTEXT_WAIT_S = 2.0
+# How long an /api/ps answer (or its failure) stands for the listings that read it.
+PS_TTL_S = 5.0
 
 
 _line = msgspec.json.Decoder(_Line)
@@ -132,6 +135,10 @@ class OllamaBackend(HttpBackend):
     def __init__(self, name: str, config: OllamaConfig) -> None:
         super().__init__(name, config)
         self.cfg = config
+        # The last /api/ps answer (monotonic time, models; None: it failed) and the ask in
+        # flight: listings of several routes, and clients polling, share one ask.
+        self._ps_seen: tuple[float, list[_Running] | None] | None = None
+        self._ps_ask: asyncio.Future[list[_Running] | None] | None = None
 
     def capabilities(self, upstream_model: str) -> list[str]:
         """Chat and tools."""
@@ -144,10 +151,8 @@ class OllamaBackend(HttpBackend):
     async def context_length(self, upstream_model: str) -> int | None:
         """The window Ollama runs the model with (GET /api/ps: its num_ctx, often less than
         the model was trained for); None while it is not loaded there, or unknown."""
-        try:
-            async with asyncio.timeout(CONTEXT_WAIT_S):
-                running = (await self.get_json("/api/ps", _ps)).models
-        except Exception:  # unreachable, an old Ollama, a bad answer: not known, no error
+        running = await self._running()
+        if running is None:
             return None
         # Ollama names a model with its tag; a route may leave out ":latest".
         names = {upstream_model}
@@ -157,6 +162,28 @@ class OllamaBackend(HttpBackend):
             if (m.name in names or m.model in names) and m.context_length > 0:
                 return m.context_length
         return None
+
+    async def _running(self) -> list[_Running] | None:
+        """The upstream's running models (GET /api/ps), at most PS_TTL_S old; None when it
+        could not say within CONTEXT_WAIT_S. One ask at a time: a failure is kept as long
+        as an answer, so a dead upstream costs a listing that wait once per PS_TTL_S."""
+        seen = self._ps_seen
+        if seen is not None and time.monotonic() - seen[0] < PS_TTL_S:
+            return seen[1]
+        if self._ps_ask is None:
+            self._ps_ask = asyncio.ensure_future(self._ask_ps())
+        # Shielded: a listing whose client left must not cancel the others' ask.
+        return await asyncio.shield(self._ps_ask)
+
+    async def _ask_ps(self) -> list[_Running] | None:
+        try:
+            async with asyncio.timeout(CONTEXT_WAIT_S):
+                models: list[_Running] | None = (await self.get_json("/api/ps", _ps)).models
+        except Exception:  # unreachable, an old Ollama, a bad answer: not known, no error
+            models = None
+        self._ps_seen = (time.monotonic(), models)
+        self._ps_ask = None
+        return models
 
     async def health(self) -> BackendHealth:
         """GET /api/version: no tokens spent."""

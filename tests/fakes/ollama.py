@@ -33,6 +33,7 @@ class FakeOllama:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.ps_asked = 0  # GET /api/ps requests
         self.app = Starlette(
             routes=[
                 Route("/api/chat", self.chat, methods=["POST"]),
@@ -63,6 +64,7 @@ class FakeOllama:
         )
 
     async def ps(self, request: Request) -> Response:
+        self.ps_asked += 1
         return JSONResponse(
             {
                 "models": [
