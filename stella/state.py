@@ -23,6 +23,9 @@ class Unreadable:
     listed under its name with the decoder's reason, for the reader to skip alone."""
 
     reason: str
+    # The name as stored is not UTF-8: shown with its bytes escaped, a name no request
+    # can give back, so only Redis itself (HDEL) can remove the entry.
+    escaped: bool = False
 
 
 class MemoryState:

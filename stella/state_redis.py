@@ -230,8 +230,13 @@ def _routes(raw: dict[bytes, bytes]) -> dict[str, Any]:
     `Unreadable` (skipped where routes are applied), not a failed read of them all."""
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        # A name that is not UTF-8 (set by hand) still reads, with its bytes shown.
-        name = key.decode(errors="backslashreplace")
+        try:
+            name = key.decode()
+        except UnicodeDecodeError:
+            # Set by hand: listed with its bytes shown, to be removed with redis-cli.
+            name = key.decode(errors="backslashreplace")
+            out[name] = Unreadable("the name is not UTF-8: HDEL it in Redis", escaped=True)
+            continue
         try:
             out[name] = msgspec.json.decode(value)
         except msgspec.DecodeError as exc:

@@ -1170,5 +1170,13 @@ def test_a_stored_route_that_is_not_json_is_skipped_alone_and_can_be_removed(
             assert not store.hexists("stella:routes", "junk")
             r = httpx.delete(c.url + "/api/v1/models/junk", headers=AUTH)
             assert r.status_code == 404, r.text
+            # A name that is not UTF-8 is shown with its bytes escaped: no request names
+            # it, so a DELETE of the escaped text removes nothing and says so (404).
+            store.hset("stella:routes", b"x\xff", "not json")
+            store.incr("stella:routing_version")
+            c.wait_event(lambda e: "HDEL" in e["reason"], name="stored_routing_skipped")
+            r = httpx.delete(c.url + "/api/v1/models/x%5Cxff", headers=AUTH)
+            assert r.status_code == 404, r.text
+            assert store.hexists("stella:routes", b"x\xff")
         for server in (a, b):
             assert not server.events("routing_sync_failed"), server.events("routing_sync_failed")

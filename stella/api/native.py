@@ -271,8 +271,9 @@ async def delete_model(request: Request, call: Call) -> Response:
             # A stored route no replica could apply (not JSON, a backend unknown here:
             # logged as stored_routing_skipped) is in no table, yet the admin must be able
             # to remove it: by its exact name, from the store.
-            if name not in await svc.state.load_routes():
-                raise
+            stored = await svc.state.load_routes()
+            if name not in stored or getattr(stored[name], "escaped", False):
+                raise  # not stored under this name (a name not UTF-8 is shown escaped)
             await svc.state.delete_route(name)
             logged["route"] = name
     return JSONResponse(Removed(logged["route"]))
