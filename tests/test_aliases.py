@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import httpx
@@ -71,6 +72,43 @@ def test_provider_field_and_chat_stream_and_v1_health(stella: LiveServer) -> Non
     assert r.text.rstrip().endswith("data: [DONE]")
     health = httpx.get(stella.url + "/v1/health").json()
     assert health["status"] == "ok" and health["providers"]["echo"]["ok"] is True
+
+
+SCOPED_KEY = "sk-scoped-0123456789"
+PROVIDER_ROUTES = {
+    "backends": {"up": {"kind": "echo"}},
+    "models": {
+        "routes": {
+            # Listed first: the route a `provider` call without a model used to get.
+            "secret-up": {"backend": "up", "upstream_model": "up-a", "aliases": ["hush"]},
+            "open-up": {"backend": "up", "upstream_model": "up-b", "aliases": ["echo-cheap"]},
+        }
+    },
+    "auth": {
+        "keys": {
+            "scoped": {
+                "sha256": hashlib.sha256(SCOPED_KEY.encode()).hexdigest(),
+                "models": ["open-up"],
+            }
+        }
+    },
+}
+
+
+def ask_provider(s: LiveServer, body: dict[str, object]) -> httpx.Response:
+    body = {"provider": "up", "messages": [{"role": "user", "content": "hi you"}], **body}
+    auth = {"Authorization": f"Bearer {SCOPED_KEY}"}
+    return httpx.post(s.url + "/v1/chat/completions", headers=auth, json=body)
+
+
+def test_provider_takes_a_route_an_alias_or_an_upstream_model() -> None:
+    with run_stella(PROVIDER_ROUTES) as s:
+        for body in ({"model": "echo-cheap"}, {"model": "up-b"}, {"model": "open-up"}):
+            r = ask_provider(s, body)
+            assert r.status_code == 200, (body, r.text)
+            assert r.json()["choices"][0]["message"]["content"] == "hi you"
+        r = ask_provider(s, {"model": "nope"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model", r.text
 
 
 def test_generate_plain_config_and_health_shape(stella: LiveServer) -> None:

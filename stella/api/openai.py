@@ -129,11 +129,13 @@ def resolve_provider(
         raise ModelNotFound(
             f"provider {provider!r} not found; known: {sorted(svc.backends)}", param="provider"
         )
+    model = chat.model
     for route in svc.router.routes.values():
-        if route.backend_name == provider and chat.model in (
-            route.name,
-            route.upstream_model,
-            None,
+        if route.backend_name == provider and (
+            model is None
+            or model == route.name
+            or model == route.upstream_model
+            or model in route.aliases
         ):
             return msgspec.structs.replace(chat, model=route.name)
     if not svc.settings.models.allow_direct:
