@@ -130,14 +130,26 @@ def resolve_provider(
             f"provider {provider!r} not found; known: {sorted(svc.backends)}", param="provider"
         )
     model = chat.model
-    for route in svc.router.routes.values():
-        if route.backend_name == provider and (
+    matches = [
+        route
+        for route in svc.router.routes.values()
+        if route.backend_name == provider
+        and (
             model is None
             or model == route.name
             or model == route.upstream_model
             or model in route.aliases
-        ):
-            return msgspec.structs.replace(chat, model=route.name)
+        )
+    ]
+    if matches:
+        allowed = call.principal.scope
+        for route in matches:
+            if allowed is None or allowed(route.name):
+                return msgspec.structs.replace(chat, model=route.name)
+        # Only routes this key may not use. Refused here, by the name the client sent:
+        # core would name the route, which this key's listings hide.
+        what = f"model {model!r}" if model else f"the models of provider {provider!r}"
+        raise Forbidden(f"this key may not use {what}")
     if not svc.settings.models.allow_direct:
         # Any upstream model by name is what models.allow_direct guards: routes only.
         raise ModelNotFound(
