@@ -51,7 +51,7 @@ from stella.protocol import (
     Start,
     ToolCall,
 )
-from stella.streaming import Codec
+from stella.streaming import Codec, json_text, one_line
 
 try:
     import stella.api.anthropic as anthropic_dialect
@@ -193,7 +193,7 @@ class ChunkCodec(Codec):
             + b'","created":'
             + str(int(event.created)).encode()
             + b',"model":'
-            + _enc.encode(event.model)
+            + one_line(_enc.encode(event.model))
             + b","
         )
         self.head = head + b'"choices":'
@@ -215,7 +215,7 @@ class ChunkCodec(Codec):
         )
 
     def encode(self, event: Any) -> bytes:
-        """One SSE event per pipeline event."""
+        """One SSE event per pipeline event (each `data:` JSON on one line)."""
         kind = type(event)
         if not self.role_sent and kind is not Error:
             return self._role(kind) + self._encode(event, kind)
@@ -258,24 +258,24 @@ class ChunkCodec(Codec):
             return (
                 self.head
                 + b'[{"index":0,"delta":{"tool_calls":['
-                + _enc.encode(call)
+                + one_line(_enc.encode(call))
                 + b']},"finish_reason":null}]}\n\n'
             )
         if kind is Error:
             self.failed = True
             body = {"error": {"message": event.message, "type": "server_error", "code": event.code}}
-            return b"data: " + _enc.encode(body) + b"\n\n"
+            return b"data: " + one_line(_enc.encode(body)) + b"\n\n"
         if self.text:
             return (
                 self.head
                 + b'[{"index":0,"text":'
-                + _enc.encode(event.text)
+                + json_text(event.text)
                 + b',"logprobs":null,"finish_reason":null}]}\n\n'
             )
         return (
             self.head
             + b'[{"index":0,"delta":{"content":'
-            + _enc.encode(event.text)
+            + json_text(event.text)
             + b'},"finish_reason":null}]}\n\n'
         )
 
