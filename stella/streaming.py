@@ -39,6 +39,7 @@ END_WRITE_S = 1.0
 END_WRITE_MAX_S = 3.0
 Send = Callable[[dict[str, Any]], Any]
 Receive = Callable[[], Any]
+_encode = msgspec.json.Encoder().encode
 
 
 def one_line(data: bytes) -> bytes:
@@ -46,19 +47,35 @@ def one_line(data: bytes) -> bytes:
 
     msgspec writes them raw inside strings (valid JSON), but readers that split lines
     as Python's str.splitlines() does (httpx's iter_lines, and so the official ollama
-    client) would cut an NDJSON line at them. Go's encoder, Ollama's own, escapes the
-    first two as well. Their bytes occur only inside strings (JSON's syntax is ASCII)
+    client) would cut an NDJSON line, or an SSE event's `data:` line, at them. Go's
+    encoder, Ollama's own, escapes the first two as well. Their bytes occur only inside strings (JSON's syntax is ASCII)
     and only as these characters (0xC2 and 0xE2 lead UTF-8 sequences).
     """
     if not data.isascii() and (
         b"\xe2\x80\xa8" in data or b"\xe2\x80\xa9" in data or b"\xc2\x85" in data
     ):
-        data = (
-            data.replace(b"\xe2\x80\xa8", b"\\u2028")
-            .replace(b"\xe2\x80\xa9", b"\\u2029")
-            .replace(b"\xc2\x85", b"\\u0085")
-        )
+        data = _escaped(data)
     return data
+
+
+def json_text(text: str) -> bytes:
+    """`text` as a JSON string that stays on one line, as one_line makes it.
+
+    For a stream's text pieces: the test is on the str (its ASCII flag, then a search
+    for each character), far cheaper than one_line's byte searches of a whole event.
+    """
+    data = _encode(text)
+    if text.isascii() or not ("\u2028" in text or "\u2029" in text or "\x85" in text):
+        return data
+    return _escaped(data)
+
+
+def _escaped(data: bytes) -> bytes:
+    return (
+        data.replace(b"\xe2\x80\xa8", b"\\u2028")
+        .replace(b"\xe2\x80\xa9", b"\\u2029")
+        .replace(b"\xc2\x85", b"\\u0085")
+    )
 
 
 class Codec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import httpx
@@ -71,6 +72,66 @@ def test_provider_field_and_chat_stream_and_v1_health(stella: LiveServer) -> Non
     assert r.text.rstrip().endswith("data: [DONE]")
     health = httpx.get(stella.url + "/v1/health").json()
     assert health["status"] == "ok" and health["providers"]["echo"]["ok"] is True
+
+
+SCOPED_KEY = "sk-scoped-0123456789"
+ELSEWHERE_KEY = "sk-elsewhere-0123456789"  # may use no route on `up`
+PROVIDER_ROUTES = {
+    "backends": {"up": {"kind": "echo"}},
+    "models": {
+        "routes": {
+            # Listed first: the one a `provider` call without a model found first.
+            "secret-up": {"backend": "up", "upstream_model": "up-a", "aliases": ["hush"]},
+            "open-up": {"backend": "up", "upstream_model": "up-b", "aliases": ["echo-cheap"]},
+        }
+    },
+    "auth": {
+        "keys": {
+            "scoped": {
+                "sha256": hashlib.sha256(SCOPED_KEY.encode()).hexdigest(),
+                "models": ["open-up"],
+            },
+            "elsewhere": {
+                "sha256": hashlib.sha256(ELSEWHERE_KEY.encode()).hexdigest(),
+                "models": ["echo"],
+            },
+        }
+    },
+}
+
+
+def ask_provider(s: LiveServer, body: dict[str, object], key: str = SCOPED_KEY) -> httpx.Response:
+    body = {"provider": "up", "messages": [{"role": "user", "content": "hi you"}], **body}
+    auth = {"Authorization": f"Bearer {key}"}
+    return httpx.post(s.url + "/v1/chat/completions", headers=auth, json=body)
+
+
+def test_provider_takes_a_route_an_alias_or_an_upstream_model() -> None:
+    with run_stella(PROVIDER_ROUTES) as s:
+        for body in ({"model": "echo-cheap"}, {"model": "up-b"}, {"model": "open-up"}):
+            r = ask_provider(s, body)
+            assert r.status_code == 200, (body, r.text)
+            assert r.json()["choices"][0]["message"]["content"] == "hi you"
+        r = ask_provider(s, {"model": "nope"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model", r.text
+
+
+def test_provider_never_names_a_route_the_key_may_not_use() -> None:
+    # A key limited to some models gets a route of its own on that backend; a refusal
+    # names what the client sent, never a route the key's listings hide.
+    with run_stella(PROVIDER_ROUTES) as s:
+        r = ask_provider(s, {})  # no model: any route on the backend, one the key may use
+        assert r.status_code == 200, r.text
+        for model in ("up-a", "hush", "secret-up"):  # the last is the client's own word
+            r = ask_provider(s, {"model": model})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
+            message = r.json()["error"]["message"]
+            assert message == f"this key may not use model {model!r}", message
+            assert "secret-up" not in r.text or model == "secret-up", r.text
+        r = ask_provider(s, {}, key=ELSEWHERE_KEY)
+        assert r.status_code == 403, r.text
+        message = r.json()["error"]["message"]
+        assert message == "this key may not use the models of provider 'up'", message
 
 
 def test_generate_plain_config_and_health_shape(stella: LiveServer) -> None:

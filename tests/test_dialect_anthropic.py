@@ -55,6 +55,15 @@ def test_messages_stream(server: LiveServer) -> None:
     assert final.stop_reason == "end_turn" and final.usage.output_tokens == 3
 
 
+def test_line_separators_reach_the_sdk_whole(server: LiveServer) -> None:
+    # Escaped inside each event's JSON (tests/test_native_stream.py checks the bytes).
+    text = "a\u2028b c\u2029d e\x85f"
+    with client(server).messages.stream(
+        model="echo", max_tokens=50, messages=[{"role": "user", "content": text}]
+    ) as stream:
+        assert "".join(stream.text_stream) == text
+
+
 def test_max_tokens_and_stop_sequences(server: LiveServer) -> None:
     m = client(server).messages.create(
         model="echo", max_tokens=2, messages=[{"role": "user", "content": "a b c d"}]

@@ -66,6 +66,19 @@ def test_stream_with_usage(server: LiveServer) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 6
 
 
+def test_line_separators_reach_the_sdk_whole(server: LiveServer) -> None:
+    # They go escaped inside each event's JSON (tests/test_native_stream.py checks the
+    # bytes); the SDK's decoding gives the text back as it was.
+    text = "a\u2028b c\u2029d e\x85f"
+    c = client(server)
+    stream = c.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": text}], stream=True
+    )
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == text
+    stream = c.completions.create(model="echo", prompt=text, stream=True)
+    assert "".join(ch.choices[0].text for ch in stream) == text
+
+
 def _no_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
     keys = [k for k, _ in pairs]
     assert len(keys) == len(set(keys)), keys

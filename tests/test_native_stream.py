@@ -52,6 +52,92 @@ def test_line_separators_in_text_are_escaped(stella: LiveServer) -> None:
     assert "".join(e.get("text", "") for e in ndjson(r.text)) == text
 
 
+SEPARATED = "a\u2028b c\u2029d e\x85f"
+MSGS = [{"role": "user", "content": SEPARATED}]
+
+
+def _data(text: str) -> list[dict]:
+    """The JSON of each SSE `data:` line (stella ends every line with \\n alone)."""
+    out = []
+    for line in text.split("\n"):
+        if line.startswith("data: ") and line != "data: [DONE]":
+            out.append(json.loads(line[6:]))
+    return out
+
+
+def _lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.split("\n") if line]
+
+
+# Every streaming dialect: its path, its request, its Accept, and its text from the body.
+STREAMS = {
+    "native": (
+        "/api/v1/chat",
+        {"messages": MSGS},
+        "",
+        lambda t: [e.get("text", "") for e in _lines(t)],
+    ),
+    "ollama chat": (
+        "/api/chat",
+        {"messages": MSGS},
+        "",
+        lambda t: [e.get("message", {}).get("content", "") for e in _lines(t)],
+    ),
+    "ollama generate": (
+        "/api/generate",
+        {"prompt": SEPARATED},
+        "",
+        lambda t: [e.get("response", "") for e in _lines(t)],
+    ),
+    "openai chat": (
+        "/v1/chat/completions",
+        {"messages": MSGS, "stream": True},
+        "",
+        lambda t: [c["delta"].get("content") or "" for e in _data(t) for c in e["choices"]],
+    ),
+    "openai chat stream": (
+        "/v1/chat/stream",
+        {"messages": MSGS},
+        "",
+        lambda t: [c["delta"].get("content") or "" for e in _data(t) for c in e["choices"]],
+    ),
+    "openai completions": (
+        "/v1/completions",
+        {"prompt": SEPARATED, "stream": True},
+        "",
+        lambda t: [c["text"] for e in _data(t) for c in e["choices"]],
+    ),
+    "anthropic": (
+        "/v1/messages",
+        {"messages": MSGS, "max_tokens": 50, "stream": True},
+        "",
+        lambda t: [
+            e["delta"].get("text", "") for e in _data(t) if e["type"] == "content_block_delta"
+        ],
+    ),
+    "generate sse": (
+        "/api/v1/generate",
+        {"prompt": SEPARATED, "stream": True},
+        "text/event-stream",
+        lambda t: [e.get("response", "") for e in _data(t)],
+    ),
+}
+
+
+@pytest.mark.parametrize("dialect", list(STREAMS))
+def test_no_stream_dialect_sends_a_raw_line_separator(stella: LiveServer, dialect: str) -> None:
+    # U+2028, U+2029 and U+0085 go as JSON escapes on every stream, SSE ones too: readers
+    # that split lines as str.splitlines() does would otherwise cut an event in two.
+    path, body, accept, texts = STREAMS[dialect]
+    headers = {"Accept": accept} if accept else {}
+    r = httpx.post(stella.url + path, json={"model": "echo", **body}, headers=headers, timeout=10)
+    assert r.status_code == 200, r.text
+    for raw in ("\u2028", "\u2029", "\x85"):
+        assert raw not in r.text, (dialect, raw)
+    assert r.text.splitlines() == r.text.split("\n")[:-1]
+    assert "".join(texts(r.text)) == SEPARATED, r.text
+
+
 def test_non_stream_response(stella: LiveServer) -> None:
     r = chat(stella, "echo", stream=False)
     assert r.status_code == 200

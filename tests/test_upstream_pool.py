@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import json
 import time
+import tracemalloc
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -445,3 +447,82 @@ async def test_an_error_answer_is_read_no_further_than_its_words(
     codes = {500: "upstream_error", 400: "upstream_rejected", 429: "upstream_rate_limited"}
     assert err.code == codes[status] and err.retry_after_hint == 7
     assert upstream.sent < upstream.size  # the rest was never asked for: closed under it
+
+
+def gzip_bomb(start: bytes, filler: bytes, size: int) -> bytes:
+    """`start`, then `filler` repeated to `size` bytes, gzipped (a few KB per 10 MiB)."""
+    z = zlib.compressobj(9, zlib.DEFLATED, 31)
+    piece = filler * (1024 * 1024 // len(filler))
+    out = [z.compress(start)]
+    for _ in range(size // len(piece)):
+        out.append(z.compress(piece))
+    out.append(z.flush())
+    return b"".join(out)
+
+
+class Bomb:
+    """Answers 200 with a gzipped body (despite `Accept-Encoding: identity`), its length
+    given or chunked, and keeps the connection until the client closes it."""
+
+    def __init__(self, body: bytes, chunked: bool) -> None:
+        self.body, self.chunked = body, chunked
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await read_request(reader)
+            framing = (
+                "transfer-encoding: chunked"
+                if self.chunked
+                else f"content-length: {len(self.body)}"
+            )
+            body = f"{len(self.body):x}\r\n".encode() + self.body + b"\r\n0\r\n\r\n"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                + f"content-encoding: gzip\r\n{framing}\r\n\r\n".encode()
+                + (body if self.chunked else self.body)
+            )
+            await writer.drain()
+            await reader.read()  # until stella closes the connection
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+BOMB_SIZE = 96 * 1024 * 1024  # inflated; each gzipped is a few hundred KB
+BOMB_CAP = 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("kind", "stream", "chunked"),
+    [
+        ("openai", False, False),
+        ("openai", False, True),
+        ("openai", True, True),
+        ("ollama", True, True),
+        ("anthropic", True, False),
+    ],
+)
+async def test_a_gzip_bomb_is_refused_within_the_body_limits(
+    monkeypatch: pytest.MonkeyPatch, kind: str, stream: bool, chunked: bool
+) -> None:
+    # An upstream that compresses anyway: the limits count inflated bytes, and no more
+    # than them is ever held, whatever length the compressed body declares.
+    monkeypatch.setattr(http, "MAX_BODY", BOMB_CAP)
+    monkeypatch.setattr(http, "MAX_LINE", BOMB_CAP)
+    start = {"openai": b"data: ", "ollama": b"", "anthropic": b"data: "}[kind] if stream else b""
+    upstream = Bomb(gzip_bomb(start + b'{"x": "', b"a", BOMB_SIZE), chunked)
+    req = ChatRequest(messages=[Message(role="user", content="hi")], model="m", stream=stream)
+    async with serving(upstream.handle) as url, started(kind, url) as backend:
+        tracemalloc.start()
+        try:
+            with pytest.raises(StellaError) as info:
+                async with asyncio.timeout(30):
+                    async for _ in backend.chat(req, CallContext(request_id="req-bomb")):
+                        pass
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert info.value.code == "upstream_error" and info.value.status == 502, info.value
+    assert "over" in info.value.message, info.value
+    assert peak < 4 * BOMB_CAP, peak  # the 96 MiB inflated never held

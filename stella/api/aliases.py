@@ -39,7 +39,7 @@ from stella.protocol import (
     Start,
     Temperature,
 )
-from stella.streaming import Codec
+from stella.streaming import Codec, json_text, one_line
 
 _enc = msgspec.json.Encoder()
 
@@ -155,14 +155,15 @@ class ResponseSseCodec(Codec):
         return b": stream " + event.id.encode() + b"\n\n"
 
     def encode(self, event: Any) -> bytes:
-        """Text pieces and the end marker."""
+        """Text pieces and the end marker (each `data:` JSON on one line)."""
         kind = type(event)
         if kind is Delta:
-            return b'data: {"response":' + _enc.encode(event.text) + b"}\n\n"
+            return b'data: {"response":' + json_text(event.text) + b"}\n\n"
         if kind is Done:
             return b"data: {}\n\n"
         if kind is Error:
-            return b"data: " + _enc.encode({"error": event.message, "code": event.code}) + b"\n\n"
+            body = _enc.encode({"error": event.message, "code": event.code})
+            return b"data: " + one_line(body) + b"\n\n"
         return b""
 
     def ping(self) -> bytes:

@@ -49,7 +49,7 @@ from stella.protocol import (
     Usage,
     options_from,
 )
-from stella.streaming import Codec
+from stella.streaming import Codec, json_text, one_line
 
 
 class Block(msgspec.Struct):
@@ -409,8 +409,9 @@ class MessagesCodec(Codec):
             "stop_sequence": None,
             "usage": usage,
         }
-        return _event("message_start", {"type": "message_start", "message": msg}) + _event(
-            "ping", {"type": "ping"}
+        return one_line(
+            _event("message_start", {"type": "message_start", "message": msg})
+            + _event("ping", {"type": "ping"})
         )
 
     def _close_block(self) -> bytes:
@@ -420,7 +421,12 @@ class MessagesCodec(Codec):
         return _event("content_block_stop", {"type": "content_block_stop", "index": self.block})
 
     def encode(self, event: Any) -> bytes:
-        """One or more SSE events per pipeline event."""
+        """One or more SSE events per pipeline event (each `data:` JSON on one line)."""
+        out = self._encode(event)
+        # A delta's text is escaped on its own: a stream's many deltas scan only their text.
+        return out if type(event) is Delta else one_line(out)
+
+    def _encode(self, event: Any) -> bytes:
         kind = type(event)
         if kind is Delta:
             out = b""
@@ -441,7 +447,7 @@ class MessagesCodec(Codec):
                     + str(self.block).encode()
                     + b',"delta":{"type":"text_delta","text":'
                 )
-            return out + self.text_prefix + _enc.encode(event.text) + b"}}\n\n"
+            return out + self.text_prefix + json_text(event.text) + b"}}\n\n"
         if kind is ToolCall:
             out = self._close_block()
             self.block += 1

@@ -51,7 +51,7 @@ from stella.protocol import (
     Start,
     ToolCall,
 )
-from stella.streaming import Codec
+from stella.streaming import Codec, json_text, one_line
 
 try:
     import stella.api.anthropic as anthropic_dialect
@@ -129,13 +129,27 @@ def resolve_provider(
         raise ModelNotFound(
             f"provider {provider!r} not found; known: {sorted(svc.backends)}", param="provider"
         )
-    for route in svc.router.routes.values():
-        if route.backend_name == provider and chat.model in (
-            route.name,
-            route.upstream_model,
-            None,
-        ):
-            return msgspec.structs.replace(chat, model=route.name)
+    model = chat.model
+    matches = [
+        route
+        for route in svc.router.routes.values()
+        if route.backend_name == provider
+        and (
+            model is None
+            or model == route.name
+            or model == route.upstream_model
+            or model in route.aliases
+        )
+    ]
+    if matches:
+        allowed = call.principal.scope
+        for route in matches:
+            if allowed is None or allowed(route.name):
+                return msgspec.structs.replace(chat, model=route.name)
+        # Only routes this key may not use. Refused here, by the name the client sent:
+        # core would name the route, which this key's listings hide.
+        what = f"model {model!r}" if model else f"the models of provider {provider!r}"
+        raise Forbidden(f"this key may not use {what}")
     if not svc.settings.models.allow_direct:
         # Any upstream model by name is what models.allow_direct guards: routes only.
         raise ModelNotFound(
@@ -179,7 +193,7 @@ class ChunkCodec(Codec):
             + b'","created":'
             + str(int(event.created)).encode()
             + b',"model":'
-            + _enc.encode(event.model)
+            + one_line(_enc.encode(event.model))
             + b","
         )
         self.head = head + b'"choices":'
@@ -201,7 +215,7 @@ class ChunkCodec(Codec):
         )
 
     def encode(self, event: Any) -> bytes:
-        """One SSE event per pipeline event."""
+        """One SSE event per pipeline event (each `data:` JSON on one line)."""
         kind = type(event)
         if not self.role_sent and kind is not Error:
             return self._role(kind) + self._encode(event, kind)
@@ -244,24 +258,24 @@ class ChunkCodec(Codec):
             return (
                 self.head
                 + b'[{"index":0,"delta":{"tool_calls":['
-                + _enc.encode(call)
+                + one_line(_enc.encode(call))
                 + b']},"finish_reason":null}]}\n\n'
             )
         if kind is Error:
             self.failed = True
             body = {"error": {"message": event.message, "type": "server_error", "code": event.code}}
-            return b"data: " + _enc.encode(body) + b"\n\n"
+            return b"data: " + one_line(_enc.encode(body)) + b"\n\n"
         if self.text:
             return (
                 self.head
                 + b'[{"index":0,"text":'
-                + _enc.encode(event.text)
+                + json_text(event.text)
                 + b',"logprobs":null,"finish_reason":null}]}\n\n'
             )
         return (
             self.head
             + b'[{"index":0,"delta":{"content":'
-            + _enc.encode(event.text)
+            + json_text(event.text)
             + b'},"finish_reason":null}]}\n\n'
         )
 

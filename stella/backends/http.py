@@ -562,9 +562,12 @@ async def iter_lines(response: aiohttp.ClientResponse, name: str) -> AsyncIterat
 
 
 async def read_body(response: aiohttp.ClientResponse, name: str) -> bytes:
-    """A whole response body, at most MAX_BODY bytes."""
+    """A whole response body, at most MAX_BODY bytes (inflated, if it came compressed)."""
     length = response.content_length
-    if length is not None:
+    # A compressed body's length is not what it inflates to (a few hundred KB of gzip
+    # can hold gigabytes): such a body is read in pieces and its inflated bytes counted.
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if length is not None and encoding in ("", "identity"):
         if length > MAX_BODY:
             raise UpstreamError(f"{name}: a response body of {length} bytes (over {MAX_BODY})")
         return await response.read()  # the common case, in one piece
