@@ -127,6 +127,50 @@ def test_top_p_0_keeps_only_the_top_token(mlx_server: LiveServer) -> None:
         assert chat(mlx_server, msgs, options=opts)["response"] == greedy["response"]
 
 
+def test_a_top_k_past_the_vocabulary_is_no_limit_in_every_dialect(mlx_server: LiveServer) -> None:
+    # SmolLM2's vocabulary holds 49152 tokens: a top_k at or past it keeps them all (as
+    # llama.cpp and Ollama read it). mlx-lm refuses one, and only when it samples, after
+    # the prompt pass: that was the engine's failure, retried, and it opened the circuit
+    # (one failure does in this server) for every caller.
+    opts = {"temperature": 0.7, "seed": 5, "max_tokens": 2}
+    free = chat(mlx_server, FRANCE, options=opts)
+    for top_k in (49152, 50000, 2**31 - 1):
+        r = chat(mlx_server, FRANCE, options={**opts, "top_k": top_k})
+        assert r["response"] == free["response"]
+        event = mlx_server.wait_event(lambda e, rid=r["id"]: e.get("request_id") == rid)
+        assert [a["error"] for a in event["attempts"]] == [None]
+    url, sampling = mlx_server.url, {"temperature": 0.7, "top_k": 50000}
+    body = {"model": "smollm2-135m", "messages": FRANCE, "max_tokens": 2, **sampling}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+    headers = {"anthropic-version": "2023-06-01"}
+    r = httpx.post(url + "/v1/messages", json=body, headers=headers, timeout=120)
+    assert r.status_code == 200 and r.json()["content"][0]["text"], r.text
+    ollama = {"model": "smollm2-135m", "messages": FRANCE, "stream": False}
+    r = httpx.post(url + "/api/chat", json={**ollama, "options": {**sampling, "num_predict": 2}})
+    assert r.status_code == 200 and r.json()["message"]["content"], r.text
+    models = httpx.get(url + "/api/v1/models").json()["models"]
+    assert next(m for m in models if m["name"] == "smollm2-135m")["circuit"] == "closed"
+
+
+def test_sampling_options_the_engine_refuses_are_the_requests_fault() -> None:
+    # What mlx-lm's sampler refuses is found on a trial draw before the prompt pass and
+    # is a 400 naming the option: neither retried nor counted against the engine.
+    from stella.backends.mlx.engine import sampling
+    from stella.errors import InvalidRequest
+
+    p = {"temperature": 0.7, "top_p": 0.0, "min_p": 0.0, "top_k": 10, "repetition_penalty": 1.1}
+    with pytest.raises(InvalidRequest) as refused:
+        sampling(p, 10)  # a top_k as wide as the logits (the backend makes it 0)
+    assert refused.value.param == "options.top_k" and "(0, 10)" in refused.value.message
+    # The refused draw leaves MLX's random state as it found it: usable.
+    sampler, processors = sampling({**p, "top_k": 9}, 10)
+    assert len(processors) == 1
+    import mlx.core as mx
+
+    assert 0 <= sampler(mx.zeros((1, 10))).item() < 9
+
+
 def test_max_tokens_gives_length(mlx_server: LiveServer) -> None:
     body = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 3})
     assert body["finish_reason"] == "length"

@@ -12,7 +12,7 @@ import structlog
 
 from stella.backends.base import content_of
 from stella.backends.mlx.worker import GenerationJob
-from stella.errors import ContextTooLong
+from stella.errors import ContextTooLong, InvalidRequest
 from stella.protocol import Message, Tool
 
 _log = structlog.get_logger("stella")
@@ -37,6 +37,7 @@ class LoadedModel:
     caches: Any = None  # mlx_lm LRUPromptCache, made on first use
     meta: dict[str, Any] = field(default_factory=dict)
     context: int | None = None  # the model's context window in tokens, when it says
+    vocab: int | None = None  # the width of the model's logits (its config's vocab_size)
     load_ms: float = 0.0  # how long the load itself took on the worker (0: not measured)
 
     def encode_chat(self, messages: list[Message], tools: list[Tool] | None) -> list[int]:
@@ -126,6 +127,8 @@ def load_model(path: str) -> LoadedModel:
     )
     context = getattr(getattr(model, "args", None), "max_position_embeddings", None)
     lm.context = context if isinstance(context, int) and context > 0 else None
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    lm.vocab = vocab if isinstance(vocab, int) and vocab > 0 else None
     lm.nbytes = _nbytes(model)
     return lm
 
@@ -164,6 +167,45 @@ def dequantize(lm: LoadedModel, dtype: str) -> None:
         lm.nbytes = _nbytes(lm.model)
 
 
+# mlx-lm's words for the options its sampler refuses, and the request field each is.
+_OPTION_WORDS = (
+    ("top_k", "options.top_k"),
+    ("top_p", "options.top_p"),
+    ("min_p", "options.min_p"),
+    ("penalty", "options.repetition_penalty"),
+    ("temp", "options.temperature"),
+)
+
+
+def sampling(p: dict[str, Any], vocab: int | None) -> tuple[Any, Any]:
+    """The request's sampler and logits processors, tried once on a row of the logits'
+    width: mlx-lm checks some options only when it samples (after the whole prompt
+    pass), and an option it refuses is the request's fault (400), not the engine's."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    try:
+        sampler = make_sampler(p["temperature"], p["top_p"], p["min_p"], 1, p["top_k"])
+        processors = (
+            make_logits_processors(repetition_penalty=p["repetition_penalty"])
+            if p["repetition_penalty"]
+            else None
+        )
+        if vocab:
+            logits = mx.zeros((1, vocab))
+            for processor in processors or ():
+                logits = processor(mx.array([0]), logits)
+            mx.eval(sampler(logits))
+    except ValueError as exc:
+        # A check that fails inside mlx-lm's compiled sampling leaves a traced placeholder
+        # as MLX's random state: every later draw would fail until it is seeded again.
+        mx.random.seed(int.from_bytes(os.urandom(8), "little"))
+        said = str(exc)
+        field = next((f for word, f in _OPTION_WORDS if word in said), "options")
+        raise InvalidRequest(f"$.{field}: {said}", param=field) from None
+    return sampler, processors
+
+
 def generate_into(job: GenerationJob) -> None:
     """Run one chat generation, emitting ("token", text, finish, prompt_n, completion_n)."""
     import mlx.core as mx
@@ -174,7 +216,6 @@ def generate_into(job: GenerationJob) -> None:
         make_prompt_cache,
         trim_prompt_cache,
     )
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
     p = job.params
     lm: LoadedModel = p["model"]
@@ -190,6 +231,9 @@ def generate_into(job: GenerationJob) -> None:
                 param="messages",
             )
         max_tokens = min(max_tokens, room)  # the answer ends at the context's end: "length"
+    # Tried before the prompt is read (a refused option costs no prompt pass) and before
+    # the seed is set (its trial draw must not shift a seeded answer).
+    sampler, processors = sampling(p, lm.vocab)
     job.emit(("prompt", len(prompt)))  # a prompt that is read: charged even if cut short
     # MLX's generator is global (safe: this thread owns MLX). An unseeded call draws
     # from fresh entropy: else a seeded call before it would fix its "random" answer.
@@ -197,12 +241,6 @@ def generate_into(job: GenerationJob) -> None:
     if seed is None or seed < 0:  # a negative seed means unseeded, as llama.cpp has it
         seed = int.from_bytes(os.urandom(8), "little")
     mx.random.seed(seed)
-    sampler = make_sampler(p["temperature"], p["top_p"], p["min_p"], 1, p["top_k"])
-    processors = (
-        make_logits_processors(repetition_penalty=p["repetition_penalty"])
-        if p["repetition_penalty"]
-        else None
-    )
     budget = p["prompt_cache_bytes"]
     keep = p["prompt_cache_size"] > 0 and budget > 0
     if lm.caches is None:
