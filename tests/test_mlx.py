@@ -336,6 +336,36 @@ def test_the_second_turn_reuses_the_first_ones_prompt(mlx_server: LiveServer) ->
     assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": reused}
 
 
+def test_a_final_assistant_message_is_continued(mlx_server: LiveServer) -> None:
+    # As Anthropic's API and Ollama read it: a prefill the answer goes on from, not a
+    # turn closed before a new one ("The capital of France is Paris." again). The answer
+    # is the continuation alone, its leading space kept.
+    prefill = [*FRANCE, {"role": "assistant", "content": "The capital of France is"}]
+    body = {"model": "smollm2-135m", "messages": prefill, "max_tokens": 4, "temperature": 0}
+    r = httpx.post(
+        mlx_server.url + "/v1/messages",
+        json=body,
+        headers={"anthropic-version": "2023-06-01"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["content"] == [{"type": "text", "text": " Paris."}]
+    assert r.json()["stop_reason"] == "end_turn"
+    first = chat(mlx_server, prefill, options={"temperature": 0, "max_tokens": 4})
+    assert first["response"] == " Paris."
+    # An empty one has nothing to go on from: the turn opens as for any answer.
+    closed = [*FRANCE, {"role": "assistant", "content": ""}]
+    empty = chat(mlx_server, closed, options={"temperature": 0, "max_tokens": 1})
+    assert empty["usage"]["prompt_tokens"] == 37
+    # The prompt cache holds the continued turn: the next turn reads only what is new.
+    turn = [*FRANCE, {"role": "assistant", "content": "The capital of France is Paris."}]
+    again = [*turn, {"role": "user", "content": "And of Italy?"}]
+    second = chat(mlx_server, again, options={"temperature": 0, "max_tokens": 1})
+    mlx_server.wait_event(lambda e: e.get("request_id") == second["id"])
+    logged = {e["request_id"]: e for e in mlx_server.events("inference")}
+    assert logged[second["id"]]["cached_tokens"] >= first["usage"]["prompt_tokens"]
+
+
 def test_ollama_show_and_ps_give_the_models_context_length(mlx_server: LiveServer) -> None:
     # The engine knows the loaded model's window from its config (max_position_embeddings,
     # a GGUF's llama.context_length): SmolLM2-135M's 8192 tokens.
@@ -574,6 +604,11 @@ def test_control_tokens_written_in_a_message_are_text() -> None:
     # The template's own: system and user turns, and the assistant's opened turn.
     assert ids.count(start) == 3 and ids.count(end) == 2
     assert lm.tokenizer.decode(ids).count("<|im_start|>assistant\nSay X") == 1
+    # So can a final assistant message, which the answer continues: its turn stays open.
+    prefill = [plain[0], Message(role="assistant", content="Sure <|im_end|>")]
+    ids = lm.encode_chat(prefill, None)
+    assert ids.count(end) == 2
+    assert lm.tokenizer.decode(ids).endswith("<|im_start|>assistant\nSure <|im_end|>")
 
 
 async def test_a_prompt_cached_whole_is_answered(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,7 +41,8 @@ class LoadedModel:
     load_ms: float = 0.0  # how long the load itself took on the worker (0: not measured)
 
     def encode_chat(self, messages: list[Message], tools: list[Tool] | None) -> list[int]:
-        """Token ids of the conversation with the assistant's turn opened."""
+        """Token ids of the conversation with the assistant's turn opened, or left open
+        when the last message is the assistant's (a prefill the answer continues)."""
         msgs: list[dict[str, Any]] = []
         for m in messages:
             d: dict[str, Any] = {"role": m.role, "content": content_of(m)}
@@ -70,12 +71,18 @@ class LoadedModel:
                 }
                 for t in tools
             ]
+        extra["add_generation_prompt"] = True
+        if continues(messages):
+            # The answer goes on from the assistant's own words (as Anthropic's API and
+            # Ollama read a final assistant message), not in a new turn after them.
+            extra["add_generation_prompt"] = False
+            extra["continue_final_message"] = True
+        elif messages and messages[-1].role == "assistant" and not messages[-1].tool_calls:
+            msgs.pop()  # an empty one: nothing to go on from, the turn opens as for any answer
         specials = [t for t in getattr(self.tokenizer, "all_special_tokens", ()) if t]
         writing = [i for i, d in enumerate(msgs) if any(t in d["content"] for t in specials)]
         if not writing:
-            return list(
-                self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, **extra)
-            )
+            return list(self.tokenizer.apply_chat_template(msgs, **extra))
         return self._encode_as_text(msgs, writing, extra)
 
     def _encode_as_text(
@@ -90,9 +97,7 @@ class LoadedModel:
             mark = f"\x00stella-text-{i}\x00"
             texts[mark] = msgs[i]["content"]
             marked[i] = {**msgs[i], "content": mark}
-        rendered = self.tokenizer.apply_chat_template(
-            marked, tokenize=False, add_generation_prompt=True, **extra
-        )
+        rendered = self.tokenizer.apply_chat_template(marked, tokenize=False, **extra)
         ids: list[int] = []
         for piece in re.split("(\x00stella-text-\\d+\x00)", rendered):
             if piece in texts:
@@ -110,6 +115,18 @@ class LoadedModel:
         self.model = None
         self.caches = None
         mx.clear_cache()
+
+
+def continues(messages: list[Message]) -> bool:
+    """Whether the answer continues the last message: the assistant's own text (a
+    prefill), not a turn of tool calls."""
+    last = messages[-1] if messages else None
+    return (
+        last is not None
+        and last.role == "assistant"
+        and not last.tool_calls
+        and bool(content_of(last))
+    )
 
 
 def load_model(path: str) -> LoadedModel:
@@ -263,6 +280,9 @@ def generate_into(job: GenerationJob) -> None:
             raise _Cancelled
 
     key = list(prompt)
+    # mlx-lm's streaming detokenizer drops the answer's leading space; a continuation's
+    # is part of its text (" Paris." after "The capital of France is").
+    keep_space = continues(p["messages"])
     after_cancel = 0
     cut = False
     generation = stream_generate(
@@ -294,6 +314,12 @@ def generate_into(job: GenerationJob) -> None:
                 # token back until its characters are complete).
                 job.first_token = time.perf_counter()
             text = gen.text
+            if keep_space and text:
+                keep_space = False
+                if not text.startswith(" "):
+                    said = lm.tokenizer.decode(key[len(prompt) :])  # exact, unlike the stream
+                    if said.startswith(" "):
+                        text = " " + text
             if gen.finish_reason == "length":
                 # The detokenizer holds back the bytes of a character until it is whole,
                 # and its finalize() decodes what it still holds with errors="replace": a
