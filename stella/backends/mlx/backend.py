@@ -333,6 +333,11 @@ class MlxBackend(Backend):
             # The smallest nucleus, the top token alone (as OpenAI-style APIs read 0):
             # mlx-lm reads 0 as no nucleus filtering at all, sampling from everything.
             temperature = 0.0
+        top_k = opts.top_k or 0
+        if model.vocab and top_k >= model.vocab:
+            # A top_k that keeps the whole vocabulary is no limit (as llama.cpp and Ollama
+            # read it); mlx-lm would refuse it, and only once the prompt has been read.
+            top_k = 0
         job.params.update(
             {
                 "model": model,
@@ -341,7 +346,7 @@ class MlxBackend(Backend):
                 "max_tokens": opts.max_tokens or self.cfg.max_tokens,
                 "temperature": temperature,
                 "top_p": opts.top_p or 0.0,
-                "top_k": opts.top_k or 0,
+                "top_k": top_k,
                 "min_p": opts.min_p or 0.0,
                 "repetition_penalty": opts.repetition_penalty,
                 "seed": opts.seed,

@@ -12,7 +12,7 @@ import structlog
 
 from stella.backends.base import content_of
 from stella.backends.mlx.worker import GenerationJob
-from stella.errors import ContextTooLong
+from stella.errors import ContextTooLong, InvalidRequest
 from stella.protocol import Message, Tool
 
 _log = structlog.get_logger("stella")
@@ -37,10 +37,12 @@ class LoadedModel:
     caches: Any = None  # mlx_lm LRUPromptCache, made on first use
     meta: dict[str, Any] = field(default_factory=dict)
     context: int | None = None  # the model's context window in tokens, when it says
+    vocab: int | None = None  # the width of the model's logits (its config's vocab_size)
     load_ms: float = 0.0  # how long the load itself took on the worker (0: not measured)
 
     def encode_chat(self, messages: list[Message], tools: list[Tool] | None) -> list[int]:
-        """Token ids of the conversation with the assistant's turn opened."""
+        """Token ids of the conversation with the assistant's turn opened, or left open
+        when the last message is the assistant's (a prefill the answer continues)."""
         msgs: list[dict[str, Any]] = []
         for m in messages:
             d: dict[str, Any] = {"role": m.role, "content": content_of(m)}
@@ -69,12 +71,18 @@ class LoadedModel:
                 }
                 for t in tools
             ]
+        extra["add_generation_prompt"] = True
+        if continues(messages):
+            # The answer goes on from the assistant's own words (as Anthropic's API and
+            # Ollama read a final assistant message), not in a new turn after them.
+            extra["add_generation_prompt"] = False
+            extra["continue_final_message"] = True
+        elif messages and messages[-1].role == "assistant" and not messages[-1].tool_calls:
+            msgs.pop()  # an empty one: nothing to go on from, the turn opens as for any answer
         specials = [t for t in getattr(self.tokenizer, "all_special_tokens", ()) if t]
         writing = [i for i, d in enumerate(msgs) if any(t in d["content"] for t in specials)]
         if not writing:
-            return list(
-                self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, **extra)
-            )
+            return list(self.tokenizer.apply_chat_template(msgs, **extra))
         return self._encode_as_text(msgs, writing, extra)
 
     def _encode_as_text(
@@ -89,9 +97,7 @@ class LoadedModel:
             mark = f"\x00stella-text-{i}\x00"
             texts[mark] = msgs[i]["content"]
             marked[i] = {**msgs[i], "content": mark}
-        rendered = self.tokenizer.apply_chat_template(
-            marked, tokenize=False, add_generation_prompt=True, **extra
-        )
+        rendered = self.tokenizer.apply_chat_template(marked, tokenize=False, **extra)
         ids: list[int] = []
         for piece in re.split("(\x00stella-text-\\d+\x00)", rendered):
             if piece in texts:
@@ -111,6 +117,18 @@ class LoadedModel:
         mx.clear_cache()
 
 
+def continues(messages: list[Message]) -> bool:
+    """Whether the answer continues the last message: the assistant's own text (a
+    prefill), not a turn of tool calls."""
+    last = messages[-1] if messages else None
+    return (
+        last is not None
+        and last.role == "assistant"
+        and not last.tool_calls
+        and bool(content_of(last))
+    )
+
+
 def load_model(path: str) -> LoadedModel:
     """mlx_lm.load on this thread."""
     import mlx_lm
@@ -126,6 +144,8 @@ def load_model(path: str) -> LoadedModel:
     )
     context = getattr(getattr(model, "args", None), "max_position_embeddings", None)
     lm.context = context if isinstance(context, int) and context > 0 else None
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
+    lm.vocab = vocab if isinstance(vocab, int) and vocab > 0 else None
     lm.nbytes = _nbytes(model)
     return lm
 
@@ -164,9 +184,49 @@ def dequantize(lm: LoadedModel, dtype: str) -> None:
         lm.nbytes = _nbytes(lm.model)
 
 
+# mlx-lm's words for the options its sampler refuses, and the request field each is.
+_OPTION_WORDS = (
+    ("top_k", "options.top_k"),
+    ("top_p", "options.top_p"),
+    ("min_p", "options.min_p"),
+    ("penalty", "options.repetition_penalty"),
+    ("temp", "options.temperature"),
+)
+
+
+def sampling(p: dict[str, Any], vocab: int | None) -> tuple[Any, Any]:
+    """The request's sampler and logits processors, tried once on a row of the logits'
+    width: mlx-lm checks some options only when it samples (after the whole prompt
+    pass), and an option it refuses is the request's fault (400), not the engine's."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    try:
+        sampler = make_sampler(p["temperature"], p["top_p"], p["min_p"], 1, p["top_k"])
+        processors = (
+            make_logits_processors(repetition_penalty=p["repetition_penalty"])
+            if p["repetition_penalty"]
+            else None
+        )
+        if vocab:
+            logits = mx.zeros((1, vocab))
+            for processor in processors or ():
+                logits = processor(mx.array([0]), logits)
+            mx.eval(sampler(logits))
+    except ValueError as exc:
+        # A check that fails inside mlx-lm's compiled sampling leaves a traced placeholder
+        # as MLX's random state: every later draw would fail until it is seeded again.
+        mx.random.seed(int.from_bytes(os.urandom(8), "little"))
+        said = str(exc)
+        field = next((f for word, f in _OPTION_WORDS if word in said), "options")
+        raise InvalidRequest(f"$.{field}: {said}", param=field) from None
+    return sampler, processors
+
+
 def generate_into(job: GenerationJob) -> None:
     """Run one chat generation, emitting ("token", text, finish, prompt_n, completion_n)."""
     import mlx.core as mx
+    from jinja2 import TemplateError
     from mlx_lm import stream_generate
     from mlx_lm.models.cache import (
         LRUPromptCache,
@@ -174,13 +234,19 @@ def generate_into(job: GenerationJob) -> None:
         make_prompt_cache,
         trim_prompt_cache,
     )
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
     p = job.params
     lm: LoadedModel = p["model"]
     stats = p["stats"]
     job.emit(("started",))
-    prompt = lm.encode_chat(p["messages"], p["tools"])
+    try:
+        prompt = lm.encode_chat(p["messages"], p["tools"])
+    except TemplateError as exc:
+        # The model's chat template refused the conversation (its raise_exception: a role
+        # it has no place for, roles that do not alternate): the request's fault.
+        raise InvalidRequest(
+            f"$.messages: the model's chat template refuses them: {exc}", param="messages"
+        ) from None
     max_tokens = p["max_tokens"]
     if lm.context:
         room = lm.context - len(prompt)
@@ -190,6 +256,9 @@ def generate_into(job: GenerationJob) -> None:
                 param="messages",
             )
         max_tokens = min(max_tokens, room)  # the answer ends at the context's end: "length"
+    # Tried before the prompt is read (a refused option costs no prompt pass) and before
+    # the seed is set (its trial draw must not shift a seeded answer).
+    sampler, processors = sampling(p, lm.vocab)
     job.emit(("prompt", len(prompt)))  # a prompt that is read: charged even if cut short
     # MLX's generator is global (safe: this thread owns MLX). An unseeded call draws
     # from fresh entropy: else a seeded call before it would fix its "random" answer.
@@ -197,12 +266,6 @@ def generate_into(job: GenerationJob) -> None:
     if seed is None or seed < 0:  # a negative seed means unseeded, as llama.cpp has it
         seed = int.from_bytes(os.urandom(8), "little")
     mx.random.seed(seed)
-    sampler = make_sampler(p["temperature"], p["top_p"], p["min_p"], 1, p["top_k"])
-    processors = (
-        make_logits_processors(repetition_penalty=p["repetition_penalty"])
-        if p["repetition_penalty"]
-        else None
-    )
     budget = p["prompt_cache_bytes"]
     keep = p["prompt_cache_size"] > 0 and budget > 0
     if lm.caches is None:
@@ -225,6 +288,9 @@ def generate_into(job: GenerationJob) -> None:
             raise _Cancelled
 
     key = list(prompt)
+    # mlx-lm's streaming detokenizer drops the answer's leading space; a continuation's
+    # is part of its text (" Paris." after "The capital of France is").
+    keep_space = continues(p["messages"])
     after_cancel = 0
     cut = False
     generation = stream_generate(
@@ -256,6 +322,12 @@ def generate_into(job: GenerationJob) -> None:
                 # token back until its characters are complete).
                 job.first_token = time.perf_counter()
             text = gen.text
+            if keep_space and text:
+                keep_space = False
+                if not text.startswith(" "):
+                    said = lm.tokenizer.decode(key[len(prompt) :])  # exact, unlike the stream
+                    if said.startswith(" "):
+                        text = " " + text
             if gen.finish_reason == "length":
                 # The detokenizer holds back the bytes of a character until it is whole,
                 # and its finalize() decodes what it still holds with errors="replace": a
