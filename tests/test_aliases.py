@@ -76,13 +76,20 @@ def test_provider_field_and_chat_stream_and_v1_health(stella: LiveServer) -> Non
 
 SCOPED_KEY = "sk-scoped-0123456789"
 ELSEWHERE_KEY = "sk-elsewhere-0123456789"  # may use no route on `up`
+ALL_KEY = "sk-all-0123456789"  # may use every route
 PROVIDER_ROUTES = {
     "backends": {"up": {"kind": "echo"}},
     "models": {
         "routes": {
             # Listed first: the one a `provider` call without a model found first.
             "secret-up": {"backend": "up", "upstream_model": "up-a", "aliases": ["hush"]},
-            "open-up": {"backend": "up", "upstream_model": "up-b", "aliases": ["echo-cheap"]},
+            # Serves upstream model "fast", which is also open-up's alias.
+            "by-upstream": {"backend": "up", "upstream_model": "fast"},
+            "open-up": {
+                "backend": "up",
+                "upstream_model": "up-b",
+                "aliases": ["echo-cheap", "fast"],
+            },
         }
     },
     "auth": {
@@ -95,6 +102,7 @@ PROVIDER_ROUTES = {
                 "sha256": hashlib.sha256(ELSEWHERE_KEY.encode()).hexdigest(),
                 "models": ["echo"],
             },
+            "all": {"sha256": hashlib.sha256(ALL_KEY.encode()).hexdigest()},
         }
     },
 }
@@ -114,6 +122,12 @@ def test_provider_takes_a_route_an_alias_or_an_upstream_model() -> None:
             assert r.json()["choices"][0]["message"]["content"] == "hi you"
         r = ask_provider(s, {"model": "nope"})
         assert r.status_code == 404 and r.json()["error"]["param"] == "model", r.text
+        # A name or alias wins over another route's upstream model, as without `provider`.
+        for body in ({"model": "fast"}, {"model": "fast", "provider": "up"}):
+            auth = {"Authorization": f"Bearer {ALL_KEY}"}
+            chat = {"messages": [{"role": "user", "content": "hi"}], **body}
+            r = httpx.post(s.url + "/v1/chat/completions", headers=auth, json=chat)
+            assert r.status_code == 200 and r.json()["model"] == "open-up", (body, r.text)
 
 
 def test_provider_never_names_a_route_the_key_may_not_use() -> None:

@@ -130,17 +130,11 @@ def resolve_provider(
             f"provider {provider!r} not found; known: {sorted(svc.backends)}", param="provider"
         )
     model = chat.model
-    matches = [
-        route
-        for route in svc.router.routes.values()
-        if route.backend_name == provider
-        and (
-            model is None
-            or model == route.name
-            or model == route.upstream_model
-            or model in route.aliases
-        )
-    ]
+    on = [route for route in svc.router.routes.values() if route.backend_name == provider]
+    # A route's name or alias first, as the model without `provider` would pick; then
+    # a route serving that upstream model.
+    matches = [r for r in on if model is None or model == r.name or model in r.aliases]
+    matches += [r for r in on if model is not None and model == r.upstream_model]
     if matches:
         allowed = call.principal.scope
         for route in matches:
