@@ -141,6 +141,24 @@ def test_an_empty_turn_is_refused_by_its_path_but_a_last_assistant_one(
     # No turn at all, a system prompt alone: refused, as the API refuses it.
     with pytest.raises(anthropic.BadRequestError, match=r"\$\.messages"):
         client(server).messages.create(model="echo", max_tokens=5, system="hi", messages=[])
+    # A prefill ending in whitespace: refused with the API's own words.
+    hi = {"role": "user", "content": "hi"}
+    for prefill in ("The answer is ", [{"type": "text", "text": "The answer is\n"}]):
+        with pytest.raises(anthropic.BadRequestError) as info:
+            client(server).messages.create(
+                model="echo", max_tokens=5, messages=[hi, {"role": "assistant", "content": prefill}]
+            )
+        assert info.value.body["error"]["message"] == (  # type: ignore[index]
+            "messages: final assistant content cannot end with trailing whitespace"
+        )
+    # Within the text, or in an earlier assistant turn, whitespace is fine.
+    turns = [
+        hi,
+        {"role": "assistant", "content": "ok "},
+        hi,
+        {"role": "assistant", "content": "a b"},
+    ]
+    assert client(server).messages.create(model="echo", max_tokens=5, messages=turns).content
 
 
 def test_refusals_name_the_messages_apis_own_fields(server: LiveServer) -> None:

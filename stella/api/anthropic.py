@@ -336,6 +336,14 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
             messages.append(
                 Message(role=m.role, content="\n".join(texts), tool_calls=calls or None)
             )
+    last = messages[-1] if messages else None
+    if last is not None and last.role == "assistant" and last.content[-1:].isspace():
+        # The API's own rule for a prefill: the answer would go on after the space, and a
+        # tokenizer reads a lone trailing space as an odd token (the output goes astray).
+        raise InvalidRequest(
+            "messages: final assistant content cannot end with trailing whitespace",
+            param="messages",
+        )
     try:
         options = options_from(
             {"stop": "stop_sequences"},
