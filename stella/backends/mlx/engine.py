@@ -43,6 +43,11 @@ class LoadedModel:
     def encode_chat(self, messages: list[Message], tools: list[Tool] | None) -> list[int]:
         """Token ids of the conversation with the assistant's turn opened, or left open
         when the last message is the assistant's (a prefill the answer continues)."""
+        return self.encode(messages, tools)[0]
+
+    def encode(self, messages: list[Message], tools: list[Tool] | None) -> tuple[list[int], bool]:
+        """encode_chat's ids, and whether the answer continues the last message (a
+        template that rewrites an assistant's text cannot leave it open: a new turn)."""
         msgs: list[dict[str, Any]] = []
         for m in messages:
             d: dict[str, Any] = {"role": m.role, "content": content_of(m)}
@@ -71,16 +76,24 @@ class LoadedModel:
                 }
                 for t in tools
             ]
-        extra["add_generation_prompt"] = True
+        specials = [t for t in getattr(self.tokenizer, "all_special_tokens", ()) if t]
+        writing = [i for i, d in enumerate(msgs) if any(t in d["content"] for t in specials)]
         if continues(messages):
             # The answer goes on from the assistant's own words (as Anthropic's API and
             # Ollama read a final assistant message), not in a new turn after them.
-            extra["add_generation_prompt"] = False
-            extra["continue_final_message"] = True
+            try:
+                return self._render(msgs, writing, {**extra, "continue_final_message": True}), True
+            except ValueError:
+                # The template rewrites an assistant's text (one that drops its reasoning,
+                # <think>...</think>), so transformers cannot find it to leave it open.
+                pass
         elif messages and messages[-1].role == "assistant" and not messages[-1].tool_calls:
             msgs.pop()  # an empty one: nothing to go on from, the turn opens as for any answer
-        specials = [t for t in getattr(self.tokenizer, "all_special_tokens", ()) if t]
-        writing = [i for i, d in enumerate(msgs) if any(t in d["content"] for t in specials)]
+        return self._render(msgs, writing, {**extra, "add_generation_prompt": True}), False
+
+    def _render(
+        self, msgs: list[dict[str, Any]], writing: list[int], extra: dict[str, Any]
+    ) -> list[int]:
         if not writing:
             return list(self.tokenizer.apply_chat_template(msgs, **extra))
         return self._encode_as_text(msgs, writing, extra)
@@ -240,7 +253,7 @@ def generate_into(job: GenerationJob) -> None:
     stats = p["stats"]
     job.emit(("started",))
     try:
-        prompt = lm.encode_chat(p["messages"], p["tools"])
+        prompt, keep_space = lm.encode(p["messages"], p["tools"])
     except TemplateError as exc:
         # The model's chat template refused the conversation (its raise_exception: a role
         # it has no place for, roles that do not alternate): the request's fault.
@@ -289,8 +302,7 @@ def generate_into(job: GenerationJob) -> None:
 
     key = list(prompt)
     # mlx-lm's streaming detokenizer drops the answer's leading space; a continuation's
-    # is part of its text (" Paris." after "The capital of France is").
-    keep_space = continues(p["messages"])
+    # (keep_space) is part of its text (" Paris." after "The capital of France is").
     after_cancel = 0
     cut = False
     generation = stream_generate(
