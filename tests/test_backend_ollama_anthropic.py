@@ -285,6 +285,16 @@ async def test_anthropic_tools(anthropic_url: tuple[FakeAnthropic, str]) -> None
         index=0, id="toolu_1", name="get_weather", arguments={"location": "Paris"}
     )
     assert events[-1].finish_reason == "tool_calls"
+    # A compatible server that ends a turn of tool_use blocks with end_turn: the turn
+    # waits for the tools' results all the same.
+    events = await run(
+        claude(anthropic_url[1]),
+        "claude-tools-end-turn",
+        tools=[Tool(function=FunctionSpec(name="get_weather"))],
+    )
+    assert isinstance(events[0], ToolCall) and events[-1].finish_reason == "tool_calls"
+    events = await run(claude(anthropic_url[1]), "claude-ok")
+    assert events[-1].finish_reason == "stop"
     fake = anthropic_url[0]
     await run(
         claude(anthropic_url[1]),

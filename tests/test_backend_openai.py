@@ -102,6 +102,24 @@ async def test_non_stream_and_tools(fake: tuple[FakeOpenAI, str]) -> None:
     await b.aclose()
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_tool_call_ended_with_stop_ends_as_tool_calls(
+    fake: tuple[FakeOpenAI, str], stream: bool
+) -> None:
+    # OpenAI ends a call forced by a named tool_choice with "stop" (vLLM and SGLang end
+    # others so): the turn waits for the tool's result all the same.
+    b = await backend(fake[1] + "/v1")
+    tools = [Tool(function=FunctionSpec(name="get_weather"))]
+    try:
+        events = await collect(b, "tools-stop", stream=stream, tools=tools)
+        assert [e.name for e in events if isinstance(e, ToolCall)] == ["get_weather"]
+        assert events[-1].finish_reason == "tool_calls"
+        events = await collect(b, "ok", stream=stream, tools=tools)
+        assert events[-1].finish_reason == "stop"  # no call: a plain stop stays one
+    finally:
+        await b.aclose()
+
+
 async def test_missing_usage_counts_deltas(fake: tuple[FakeOpenAI, str]) -> None:
     b = await backend(fake[1] + "/v1")
     events = await collect(b, "no-usage")

@@ -285,8 +285,13 @@ class AnthropicBackend(HttpBackend):
                                 ev.usage.input_tokens or usage.input_tokens, ev.usage.output_tokens
                             )
                     elif kind == "message_stop":
+                        finish = STOP.get(stop or "end_turn", "stop")
+                        if calls and finish == "stop":
+                            # A compatible server may end a turn of tool_use blocks with
+                            # end_turn: it waits for the tools' results all the same.
+                            finish = "tool_calls"
                         yield Done(
-                            finish_reason=STOP.get(stop or "end_turn", "stop"),
+                            finish_reason=finish,
                             usage=Usage(
                                 usage.input_tokens,
                                 usage.output_tokens,

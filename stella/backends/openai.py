@@ -279,7 +279,9 @@ class OpenAIBackend(HttpBackend):
                     raise UpstreamError(f"{name}: stream ended without a finish reason")
                 if finish in FAILED:
                     raise UpstreamError(f"{name}: the upstream ended the answer ({finish})")
-                yield Done(finish_reason=FINISH.get(finish, "stop"), usage=_usage(usage, ctx))
+                yield Done(
+                    finish_reason=_finish(finish, bool(calls.slots)), usage=_usage(usage, ctx)
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
 
@@ -312,7 +314,7 @@ class OpenAIBackend(HttpBackend):
         for event in events:
             yield event
         yield Done(
-            finish_reason=FINISH.get(choice.finish_reason or "stop", "stop"),
+            finish_reason=_finish(choice.finish_reason or "stop", bool(events)),
             usage=_usage(chunk.usage, ctx),
         )
 
@@ -369,6 +371,15 @@ class _Calls:
                 )
             )
         return out
+
+
+def _finish(reason: str, called: bool) -> str:
+    """The finish reason of an answer, `tool_calls` when it called a tool and ended."""
+    finish = FINISH.get(reason, "stop")
+    # OpenAI ends a call forced by a named tool_choice with "stop", vLLM and SGLang end
+    # others so: the turn waits for the tools' results all the same, and agent loops go
+    # on only on tool_calls. A call cut short by "length" stays cut short.
+    return "tool_calls" if called and finish == "stop" else finish
 
 
 def _usage(usage: _Usage | None, ctx: CallContext) -> Usage:
