@@ -546,3 +546,13 @@ def test_a_tool_call_the_upstream_ended_with_stop_finishes_as_tool_calls(
     finish, calls = _tool_answer(tool_server, "tools-stop", stream)
     assert calls == [("call_1", "get_weather", {"city": "Paris"})]
     assert finish == "tool_calls"
+
+
+@pytest.mark.parametrize("model", ["name-repeat", "name-pieces"])
+def test_a_streamed_tool_name_reaches_the_client_once(tool_server: LiveServer, model: str) -> None:
+    # An upstream repeating the whole name in every fragment, or sending it in pieces:
+    # the SDK user joins the name's fragments, and reads the name the model called.
+    for stream in (False, True):
+        finish, calls = _tool_answer(tool_server, model, stream)
+        assert calls == [("call_1", "get_weather", {"city": "Paris"})], stream
+        assert finish == "tool_calls"

@@ -202,7 +202,7 @@ class OpenAIBackend(HttpBackend):
                     async for event in self._whole(await read_body(r, name), ctx):
                         yield event
                     return
-                calls = _Calls()
+                calls = _Calls(frozenset(t.function.name for t in request.tools or ()))
                 finish: str | None = None
                 usage: _Usage | None = None
                 ended = False
@@ -323,13 +323,14 @@ class _Calls:
     """Tool calls assembled from streamed fragments: [id, name, arguments] per call.
 
     Servers differ: some send no index (each call whole), some reuse an index for
-    the next call (a new id), some repeat the whole name and id in every fragment,
-    some send the arguments as an object.
+    the next call (a new id), some repeat the whole name (with or without the id) in
+    every fragment, some send the name in pieces, some send the arguments as an object.
     """
 
-    __slots__ = ("slots", "where")
+    __slots__ = ("names", "slots", "where")
 
-    def __init__(self) -> None:
+    def __init__(self, names: frozenset[str] = frozenset()) -> None:
+        self.names = names  # the tools the request declared
         self.slots: dict[int, list[Any]] = {}  # in order of arrival
         self.where: dict[int, int] = {}  # the upstream's index -> its current call
 
@@ -346,8 +347,11 @@ class _Calls:
                 self.where[index] = key
             fn = t.function
             if fn is not None:
-                # The whole name again, with the same id, is a repeat, not more name.
-                if fn.name and not (fn.name == slot[1] and t.id and t.id == slot[0]):
+                # The whole name again (MiniMax through NIM and some proxies repeat it
+                # in every fragment, the id only in the first) is a repeat, not more
+                # name; pieces that happen to be equal are joined only when that makes
+                # a declared tool's name.
+                if fn.name and (fn.name != slot[1] or slot[1] + fn.name in self.names):
                     slot[1] += fn.name
                 if isinstance(fn.arguments, dict):
                     slot[2] = _json.encode(fn.arguments).decode()
