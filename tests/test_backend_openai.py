@@ -138,6 +138,30 @@ async def test_a_streamed_tool_name_is_the_name_however_its_fragments_carry_it(
         await b.aclose()
 
 
+@pytest.mark.parametrize(
+    ("model", "ids"), [("no-ids", ["call_0", "call_1"]), ("one-id", ["call_1", "call_1"])]
+)
+async def test_each_call_of_a_whole_answer_is_its_own_as_when_streamed(
+    fake: tuple[FakeOpenAI, str], model: str, ids: list[str]
+) -> None:
+    # A whole message's calls carry no index: each place in the list is a call, whatever
+    # ids they have (none, or one for all), as the streamed answer's indexes say.
+    b = await backend(fake[1] + "/v1")
+    tools = [Tool(function=FunctionSpec(name="get_weather"))]
+    try:
+        for stream in (True, False):
+            events = await collect(b, model, stream=stream, tools=tools)
+            calls = [
+                (e.index, e.id, e.name, e.arguments) for e in events if isinstance(e, ToolCall)
+            ]
+            assert calls == [
+                (0, ids[0], "get_weather", {"city": "Paris"}),
+                (1, ids[1], "get_weather", {"city": "Oslo"}),
+            ], stream
+    finally:
+        await b.aclose()
+
+
 async def test_missing_usage_counts_deltas(fake: tuple[FakeOpenAI, str]) -> None:
     b = await backend(fake[1] + "/v1")
     events = await collect(b, "no-usage")

@@ -556,3 +556,18 @@ def test_a_streamed_tool_name_reaches_the_client_once(tool_server: LiveServer, m
         finish, calls = _tool_answer(tool_server, model, stream)
         assert calls == [("call_1", "get_weather", {"city": "Paris"})], stream
         assert finish == "tool_calls"
+
+
+@pytest.mark.parametrize("model", ["no-ids", "one-id"])
+def test_the_calls_of_a_whole_answer_are_those_of_the_stream(
+    tool_server: LiveServer, model: str
+) -> None:
+    # Calls without ids, or sharing one: two calls either way, not one made of both.
+    answers = [_tool_answer(tool_server, model, stream) for stream in (False, True)]
+    assert answers[0] == answers[1]
+    finish, calls = answers[0]
+    assert finish == "tool_calls"
+    assert [(name, args) for _, name, args in calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_weather", {"city": "Oslo"}),
+    ]

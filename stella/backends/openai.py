@@ -303,8 +303,8 @@ class OpenAIBackend(HttpBackend):
         if msg.content:
             yield Delta(text=msg.content)
         calls = _Calls()
-        if msg.tool_calls:
-            calls.add(msg.tool_calls)
+        for call in msg.tool_calls or ():
+            calls.put(call)
         events = calls.events()
         if chunk.usage is None:
             # No count from the upstream: the answer's size at four characters a token, as
@@ -359,6 +359,15 @@ class _Calls:
                     slot[2] += fn.arguments
             if t.id:
                 slot[0] = t.id
+
+    def put(self, call: _ToolDelta) -> None:
+        """Take one call of a whole message: a call of its own, whatever its id."""
+        # A whole message's calls have no index, and may have no id or share one: each
+        # place in the list is a call, as each index is in the stream.
+        fn = call.function or _Fn()
+        args = fn.arguments
+        raw = _json.encode(args).decode() if isinstance(args, dict) else args or ""
+        self.slots[len(self.slots)] = [call.id or "", fn.name or "", raw]
 
     def events(self) -> list[ToolCall]:
         """One ToolCall per call, arguments decoded (kept raw when not JSON)."""
