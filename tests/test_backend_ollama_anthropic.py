@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -15,7 +16,18 @@ from stella.backends import CallContext
 from stella.backends.anthropic import AnthropicBackend, AnthropicConfig
 from stella.backends.ollama import CONTEXT_WAIT_S, OllamaBackend, OllamaConfig
 from stella.errors import StellaError, UpstreamStatus
-from stella.protocol import ChatRequest, Delta, Done, FunctionSpec, Message, Options, Tool, ToolCall
+from stella.protocol import (
+    ChatRequest,
+    Delta,
+    Done,
+    FunctionCall,
+    FunctionSpec,
+    Message,
+    Options,
+    Tool,
+    ToolCall,
+    ToolCallRef,
+)
 from tests.fakes.anthropic import KEY, FakeAnthropic
 from tests.fakes.ollama import CONTEXT, FakeOllama
 from tests.fakes.server import full_backlog, serve
@@ -262,6 +274,45 @@ async def test_an_empty_assistant_turn_is_left_out_for_anthropic(
     assert fake.requests[-1]["messages"][-1] == {"role": "assistant", "content": ""}
 
 
+# Ids other providers give tool calls (Kimi's, a hand-written one) and one the API takes.
+FOREIGN_IDS = ["functions.get_weather:0", "call 1", "call_abc-1"]
+
+
+def _history(ids: list[str]) -> list[Message]:
+    """A turn that called a tool per id, and the results, linked by those ids."""
+    calls = [
+        ToolCallRef(id=i, function=FunctionCall(name="get_weather", arguments={})) for i in ids
+    ]
+    return [
+        Message(role="user", content="weather?"),
+        Message(role="assistant", content="", tool_calls=calls),
+        *(Message(role="tool", content="sunny", tool_call_id=i) for i in ids),
+    ]
+
+
+async def test_tool_call_ids_from_other_providers_reach_anthropic_as_ids_it_takes(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # The API takes ids of letters, digits, _ and - only: a conversation begun on
+    # another backend goes on here with its ids mapped, each call still its result's.
+    fake, url = anthropic_url
+    tools = [Tool(function=FunctionSpec(name="get_weather"))]
+    events = await run(claude(url), "claude-ok", messages=_history(FOREIGN_IDS), tools=tools)
+    assert isinstance(events[-1], Done)
+    sent = fake.requests[-1]["messages"]
+    uses = [b["id"] for b in sent[1]["content"]]
+    assert uses == [b["tool_use_id"] for b in sent[2]["content"]]
+    assert uses[2] == "call_abc-1"  # a valid id goes as it came
+    assert len(set(uses)) == 3 and all(re.fullmatch(r"[a-zA-Z0-9_-]+", u) for u in uses)
+    # The same id maps the same way every time (a history is sent again each turn), and
+    # ids that differ only in what is replaced stay apart.
+    await run(claude(url), "claude-ok", messages=_history(FOREIGN_IDS), tools=tools)
+    assert [b["id"] for b in fake.requests[-1]["messages"][1]["content"]] == uses
+    await run(claude(url), "claude-ok", messages=_history(["a.b", "a:b"]), tools=tools)
+    apart = [b["id"] for b in fake.requests[-1]["messages"][1]["content"]]
+    assert len(set(apart)) == 2
+
+
 async def test_ollama_thinking_counts_as_progress(ollama_url: tuple[FakeOllama, str]) -> None:
     backend = ollama(ollama_url[1])
     await backend.start()
@@ -285,6 +336,16 @@ async def test_anthropic_tools(anthropic_url: tuple[FakeAnthropic, str]) -> None
         index=0, id="toolu_1", name="get_weather", arguments={"location": "Paris"}
     )
     assert events[-1].finish_reason == "tool_calls"
+    # A compatible server that ends a turn of tool_use blocks with end_turn: the turn
+    # waits for the tools' results all the same.
+    events = await run(
+        claude(anthropic_url[1]),
+        "claude-tools-end-turn",
+        tools=[Tool(function=FunctionSpec(name="get_weather"))],
+    )
+    assert isinstance(events[0], ToolCall) and events[-1].finish_reason == "tool_calls"
+    events = await run(claude(anthropic_url[1]), "claude-ok")
+    assert events[-1].finish_reason == "stop"
     fake = anthropic_url[0]
     await run(
         claude(anthropic_url[1]),
@@ -422,6 +483,36 @@ def test_a_failed_tool_call_reaches_anthropic_as_one(
         },
         {"type": "tool_result", "tool_use_id": "toolu_2", "content": "cold"},
     ]
+
+
+def test_a_conversation_begun_on_another_backend_goes_on_on_a_claude_route(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # Through the OpenAI dialect, with the ids another backend gave its calls: the
+    # upstream would refuse them (the client got 502 upstream_rejected).
+    config = {
+        "backends": {
+            "claude": {"kind": "anthropic", "base_url": anthropic_url[1], "api_key_env": "CK"}
+        },
+        "models": {"routes": {"sonnet": {"backend": "claude", "upstream_model": "claude-ok"}}},
+    }
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    with run_stella(config, {"CK": KEY}) as server:
+        for call_id in FOREIGN_IDS:
+            call = {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": "{}"},
+            }
+            messages = [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call_id, "content": "sunny"},
+            ]
+            body = {"model": "sonnet", "messages": messages, "tools": tools}
+            r = httpx.post(server.url + "/v1/chat/completions", json=body)
+            assert r.status_code == 200, (call_id, r.text)
+            assert r.json()["choices"][0]["message"]["content"] == "Hello! How can I help?"
 
 
 def test_anthropic_refuses_json_mode(anthropic_url: tuple[FakeAnthropic, str]) -> None:

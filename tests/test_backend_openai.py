@@ -102,6 +102,66 @@ async def test_non_stream_and_tools(fake: tuple[FakeOpenAI, str]) -> None:
     await b.aclose()
 
 
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_tool_call_ended_with_stop_ends_as_tool_calls(
+    fake: tuple[FakeOpenAI, str], stream: bool
+) -> None:
+    # OpenAI ends a call forced by a named tool_choice with "stop" (vLLM and SGLang end
+    # others so): the turn waits for the tool's result all the same.
+    b = await backend(fake[1] + "/v1")
+    tools = [Tool(function=FunctionSpec(name="get_weather"))]
+    try:
+        events = await collect(b, "tools-stop", stream=stream, tools=tools)
+        assert [e.name for e in events if isinstance(e, ToolCall)] == ["get_weather"]
+        assert events[-1].finish_reason == "tool_calls"
+        events = await collect(b, "ok", stream=stream, tools=tools)
+        assert events[-1].finish_reason == "stop"  # no call: a plain stop stays one
+    finally:
+        await b.aclose()
+
+
+@pytest.mark.parametrize("model", ["name-repeat", "name-pieces"])
+async def test_a_streamed_tool_name_is_the_name_however_its_fragments_carry_it(
+    fake: tuple[FakeOpenAI, str], model: str
+) -> None:
+    # Repeated whole in every fragment, or sent in pieces: the one name either way, as
+    # the whole (non-stream) answer has it.
+    b = await backend(fake[1] + "/v1")
+    tools = [Tool(function=FunctionSpec(name="get_weather"))]
+    try:
+        for stream in (True, False):
+            events = await collect(b, model, stream=stream, tools=tools)
+            assert [(e.id, e.name, e.arguments) for e in events if isinstance(e, ToolCall)] == [
+                ("call_1", "get_weather", {"city": "Paris"})
+            ], stream
+    finally:
+        await b.aclose()
+
+
+@pytest.mark.parametrize(
+    ("model", "ids"), [("no-ids", ["call_0", "call_1"]), ("one-id", ["call_1", "call_1"])]
+)
+async def test_each_call_of_a_whole_answer_is_its_own_as_when_streamed(
+    fake: tuple[FakeOpenAI, str], model: str, ids: list[str]
+) -> None:
+    # A whole message's calls carry no index: each place in the list is a call, whatever
+    # ids they have (none, or one for all), as the streamed answer's indexes say.
+    b = await backend(fake[1] + "/v1")
+    tools = [Tool(function=FunctionSpec(name="get_weather"))]
+    try:
+        for stream in (True, False):
+            events = await collect(b, model, stream=stream, tools=tools)
+            calls = [
+                (e.index, e.id, e.name, e.arguments) for e in events if isinstance(e, ToolCall)
+            ]
+            assert calls == [
+                (0, ids[0], "get_weather", {"city": "Paris"}),
+                (1, ids[1], "get_weather", {"city": "Oslo"}),
+            ], stream
+    finally:
+        await b.aclose()
+
+
 async def test_missing_usage_counts_deltas(fake: tuple[FakeOpenAI, str]) -> None:
     b = await backend(fake[1] + "/v1")
     events = await collect(b, "no-usage")
@@ -262,16 +322,26 @@ def test_tool_call_fragments_as_servers_send_them() -> None:
     # Index 0 reused for a later call: its fragments follow its id, not the first call.
     calls.add(frag(index=0, id="d", name="i", arguments='{"w"'))
     calls.add(frag(index=0, arguments=":4}"))
-    # A name in pieces that happen to repeat is still joined.
-    calls.add(frag(index=5, id="e", name="ab"))
-    calls.add(frag(index=5, name="ab", arguments="{}"))
+    # The whole name again without the id (MiniMax through NIM, some proxies): a repeat.
+    calls.add(frag(index=5, id="e", name="get_weather", arguments='{"v"'))
+    calls.add(frag(index=5, name="get_weather", arguments=":5}"))
+    # A name in pieces (Gemini's): joined.
+    calls.add(frag(index=6, id="f", name="get_"))
+    calls.add(frag(index=6, name="weather", arguments="{}"))
     assert [(e.id, e.name, e.arguments) for e in calls.events()] == [
         ("a", "f", {"x": 1}),
         ("b", "g", {"y": 2}),
         ("c", "h", {"z": 3}),
         ("d", "i", {"w": 4}),
-        ("e", "abab", {}),
+        ("e", "get_weather", {"v": 5}),
+        ("f", "get_weather", {}),
     ]
+    # Pieces that happen to repeat are joined when the request declares the whole name.
+    for names, name in ((frozenset(), "ab"), (frozenset({"abab"}), "abab")):
+        calls = _Calls(names)
+        calls.add(frag(index=0, id="a", name="ab"))
+        calls.add(frag(index=0, name="ab", arguments="{}"))
+        assert [e.name for e in calls.events()] == [name]
     # Arguments that are no JSON object: an object all the same, the model's text beside.
     calls = _Calls()
     calls.add(frag(index=0, id="a", name="f", arguments='{"x": '))

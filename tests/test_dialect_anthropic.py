@@ -697,3 +697,40 @@ def test_disable_parallel_tool_use_reaches_the_upstream() -> None:
                 assert [b.type for b in final.content] == ["tool_use"]
             assert claude.requests[-1]["tool_choice"] == single
             assert gpt.requests[-1]["parallel_tool_calls"] is False
+
+
+def test_a_turn_of_tool_calls_the_upstream_ended_with_stop_is_tool_use() -> None:
+    # An OpenAI-compatible upstream ending a call with "stop" (OpenAI for a named
+    # tool_choice, vLLM, SGLang), an Anthropic-compatible one with end_turn: an agent
+    # loop runs the tools on stop_reason tool_use, and would end here on end_turn.
+    from tests.fakes.anthropic import KEY as UPSTREAM_KEY
+    from tests.fakes.anthropic import FakeAnthropic
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    claude, gpt = FakeAnthropic(), FakeOpenAI()
+    with serve(claude.app) as claude_url, serve(gpt.app) as gpt_url:
+        config = {
+            "backends": {
+                "claude": {"kind": "anthropic", "base_url": claude_url, "api_key_env": "CK"},
+                "gpt": {"kind": "openai", "base_url": gpt_url + "/v1"},
+            },
+            "models": {
+                "routes": {
+                    "sonnet": {"backend": "claude", "upstream_model": "claude-tools-end-turn"},
+                    "gpt": {"backend": "gpt", "upstream_model": "tools-stop"},
+                }
+            },
+        }
+        env = {"STELLA_API_KEYS": f"claude={KEY}", "CK": UPSTREAM_KEY}
+        with run_stella(config, env) as server:
+            c = client(server)
+            tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+            msgs = [{"role": "user", "content": "Paris?"}]
+            for model in ("sonnet", "gpt"):
+                m = c.messages.create(model=model, max_tokens=50, tools=tools, messages=msgs)
+                assert ([b.type for b in m.content], m.stop_reason) == (["tool_use"], "tool_use")
+                with c.messages.stream(model=model, max_tokens=50, tools=tools, messages=msgs) as s:
+                    final = s.get_final_message()
+                assert [b.type for b in final.content] == ["tool_use"]
+                assert final.stop_reason == "tool_use", model

@@ -495,3 +495,79 @@ def test_arguments_that_are_no_json_object_pass_through_as_the_model_wrote_them(
                 "arguments": wrapped,
                 "raw_arguments": written,
             }
+
+
+@pytest.fixture(scope="module")
+def tool_server() -> Iterator[LiveServer]:
+    """A stella whose routes lead to the fake OpenAI upstream's tool-call shapes."""
+    from tests.fakes.openai import TOOL_MODELS, FakeOpenAI
+    from tests.fakes.server import serve
+
+    up = FakeOpenAI()
+    with serve(up.app) as up_url:
+        routes = {m: {"backend": "up", "upstream_model": m, "retries": 0} for m in TOOL_MODELS}
+        config = {
+            "backends": {"up": {"kind": "openai", "base_url": up_url + "/v1"}},
+            "models": {"routes": routes},
+        }
+        with run_stella(config, {"STELLA_API_KEYS": f"tester={KEY}"}) as server:
+            yield server
+
+
+def _tool_answer(server: LiveServer, model: str, stream: bool) -> tuple[str | None, list]:
+    """The finish reason and the calls (id, name, arguments) as an SDK user reads them."""
+    c = client(server)
+    msgs = [{"role": "user", "content": "Paris and Oslo?"}]
+    if not stream:
+        r = c.chat.completions.create(model=model, messages=msgs, tools=WEATHER)
+        calls = r.choices[0].message.tool_calls or ()
+        return r.choices[0].finish_reason, [
+            (t.id, t.function.name, json.loads(t.function.arguments)) for t in calls
+        ]
+    finish = None
+    parts: dict[int, list[str]] = {}
+    for ch in c.chat.completions.create(model=model, messages=msgs, tools=WEATHER, stream=True):
+        for choice in ch.choices:
+            finish = choice.finish_reason or finish
+            for t in choice.delta.tool_calls or ():
+                part = parts.setdefault(t.index, ["", "", ""])
+                part[0] += t.id or ""
+                part[1] += (t.function and t.function.name) or ""
+                part[2] += (t.function and t.function.arguments) or ""
+    return finish, [(i, n, json.loads(a)) for i, n, a in parts.values()]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_tool_call_the_upstream_ended_with_stop_finishes_as_tool_calls(
+    tool_server: LiveServer, stream: bool
+) -> None:
+    # OpenAI's finish_reason for a call forced by a named tool_choice (vLLM's and
+    # SGLang's for others): agent loops run the tools on tool_calls, and stop on stop.
+    finish, calls = _tool_answer(tool_server, "tools-stop", stream)
+    assert calls == [("call_1", "get_weather", {"city": "Paris"})]
+    assert finish == "tool_calls"
+
+
+@pytest.mark.parametrize("model", ["name-repeat", "name-pieces"])
+def test_a_streamed_tool_name_reaches_the_client_once(tool_server: LiveServer, model: str) -> None:
+    # An upstream repeating the whole name in every fragment, or sending it in pieces:
+    # the SDK user joins the name's fragments, and reads the name the model called.
+    for stream in (False, True):
+        finish, calls = _tool_answer(tool_server, model, stream)
+        assert calls == [("call_1", "get_weather", {"city": "Paris"})], stream
+        assert finish == "tool_calls"
+
+
+@pytest.mark.parametrize("model", ["no-ids", "one-id"])
+def test_the_calls_of_a_whole_answer_are_those_of_the_stream(
+    tool_server: LiveServer, model: str
+) -> None:
+    # Calls without ids, or sharing one: two calls either way, not one made of both.
+    answers = [_tool_answer(tool_server, model, stream) for stream in (False, True)]
+    assert answers[0] == answers[1]
+    finish, calls = answers[0]
+    assert finish == "tool_calls"
+    assert [(name, args) for _, name, args in calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_weather", {"city": "Oslo"}),
+    ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -34,6 +36,22 @@ STOP = {
     "refusal": "content_filter",
     "pause_turn": "stop",
 }
+
+
+# The ids the API takes for a tool_use (and so a tool_result's tool_use_id).
+_TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
+_NOT_IN_ID = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+def tool_use_id(call_id: str) -> str:
+    """`call_id` as an id the Messages API takes, the same for the same id every time."""
+    if not call_id or _TOOL_ID.fullmatch(call_id):
+        return call_id
+    # Other providers' ids (Kimi's `functions.get_weather:0`, a client's `call 1`) would
+    # make the API refuse the history. The digest keeps apart ids that differ only in
+    # what is replaced; the client's own ids are never touched, only what is sent here.
+    digest = hashlib.sha256(call_id.encode()).hexdigest()[:8]
+    return f"{_NOT_IN_ID.sub('_', call_id)}_{digest}"
 
 
 class AnthropicConfig(HttpConfig, kw_only=True):
@@ -111,7 +129,7 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
         if m.role == "tool":
             block: dict[str, Any] = {
                 "type": "tool_result",
-                "tool_use_id": m.tool_call_id or "",
+                "tool_use_id": tool_use_id(m.tool_call_id or ""),
                 "content": m.content,
             }
             if m.is_error:
@@ -132,7 +150,7 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
             blocks += [
                 {
                     "type": "tool_use",
-                    "id": c.id,
+                    "id": tool_use_id(c.id),
                     "name": c.function.name,
                     "input": c.function.arguments,
                 }
@@ -285,8 +303,13 @@ class AnthropicBackend(HttpBackend):
                                 ev.usage.input_tokens or usage.input_tokens, ev.usage.output_tokens
                             )
                     elif kind == "message_stop":
+                        finish = STOP.get(stop or "end_turn", "stop")
+                        if calls and finish == "stop":
+                            # A compatible server may end a turn of tool_use blocks with
+                            # end_turn: it waits for the tools' results all the same.
+                            finish = "tool_calls"
                         yield Done(
-                            finish_reason=STOP.get(stop or "end_turn", "stop"),
+                            finish_reason=finish,
                             usage=Usage(
                                 usage.input_tokens,
                                 usage.output_tokens,

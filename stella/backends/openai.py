@@ -202,7 +202,7 @@ class OpenAIBackend(HttpBackend):
                     async for event in self._whole(await read_body(r, name), ctx):
                         yield event
                     return
-                calls = _Calls()
+                calls = _Calls(frozenset(t.function.name for t in request.tools or ()))
                 finish: str | None = None
                 usage: _Usage | None = None
                 ended = False
@@ -279,7 +279,9 @@ class OpenAIBackend(HttpBackend):
                     raise UpstreamError(f"{name}: stream ended without a finish reason")
                 if finish in FAILED:
                     raise UpstreamError(f"{name}: the upstream ended the answer ({finish})")
-                yield Done(finish_reason=FINISH.get(finish, "stop"), usage=_usage(usage, ctx))
+                yield Done(
+                    finish_reason=_finish(finish, bool(calls.slots)), usage=_usage(usage, ctx)
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
 
@@ -301,8 +303,8 @@ class OpenAIBackend(HttpBackend):
         if msg.content:
             yield Delta(text=msg.content)
         calls = _Calls()
-        if msg.tool_calls:
-            calls.add(msg.tool_calls)
+        for call in msg.tool_calls or ():
+            calls.put(call)
         events = calls.events()
         if chunk.usage is None:
             # No count from the upstream: the answer's size at four characters a token, as
@@ -312,7 +314,7 @@ class OpenAIBackend(HttpBackend):
         for event in events:
             yield event
         yield Done(
-            finish_reason=FINISH.get(choice.finish_reason or "stop", "stop"),
+            finish_reason=_finish(choice.finish_reason or "stop", bool(events)),
             usage=_usage(chunk.usage, ctx),
         )
 
@@ -321,13 +323,14 @@ class _Calls:
     """Tool calls assembled from streamed fragments: [id, name, arguments] per call.
 
     Servers differ: some send no index (each call whole), some reuse an index for
-    the next call (a new id), some repeat the whole name and id in every fragment,
-    some send the arguments as an object.
+    the next call (a new id), some repeat the whole name (with or without the id) in
+    every fragment, some send the name in pieces, some send the arguments as an object.
     """
 
-    __slots__ = ("slots", "where")
+    __slots__ = ("names", "slots", "where")
 
-    def __init__(self) -> None:
+    def __init__(self, names: frozenset[str] = frozenset()) -> None:
+        self.names = names  # the tools the request declared
         self.slots: dict[int, list[Any]] = {}  # in order of arrival
         self.where: dict[int, int] = {}  # the upstream's index -> its current call
 
@@ -344,8 +347,11 @@ class _Calls:
                 self.where[index] = key
             fn = t.function
             if fn is not None:
-                # The whole name again, with the same id, is a repeat, not more name.
-                if fn.name and not (fn.name == slot[1] and t.id and t.id == slot[0]):
+                # The whole name again (MiniMax through NIM and some proxies repeat it
+                # in every fragment, the id only in the first) is a repeat, not more
+                # name; pieces that happen to be equal are joined only when that makes
+                # a declared tool's name.
+                if fn.name and (fn.name != slot[1] or slot[1] + fn.name in self.names):
                     slot[1] += fn.name
                 if isinstance(fn.arguments, dict):
                     slot[2] = _json.encode(fn.arguments).decode()
@@ -353,6 +359,15 @@ class _Calls:
                     slot[2] += fn.arguments
             if t.id:
                 slot[0] = t.id
+
+    def put(self, call: _ToolDelta) -> None:
+        """Take one call of a whole message: a call of its own, whatever its id."""
+        # A whole message's calls have no index, and may have no id or share one: each
+        # place in the list is a call, as each index is in the stream.
+        fn = call.function or _Fn()
+        args = fn.arguments
+        raw = _json.encode(args).decode() if isinstance(args, dict) else args or ""
+        self.slots[len(self.slots)] = [call.id or "", fn.name or "", raw]
 
     def events(self) -> list[ToolCall]:
         """One ToolCall per call, arguments decoded (kept raw when not JSON)."""
@@ -369,6 +384,15 @@ class _Calls:
                 )
             )
         return out
+
+
+def _finish(reason: str, called: bool) -> str:
+    """The finish reason of an answer, `tool_calls` when it called a tool and ended."""
+    finish = FINISH.get(reason, "stop")
+    # OpenAI ends a call forced by a named tool_choice with "stop", vLLM and SGLang end
+    # others so: the turn waits for the tools' results all the same, and agent loops go
+    # on only on tool_calls. A call cut short by "length" stays cut short.
+    return "tool_calls" if called and finish == "stop" else finish
 
 
 def _usage(usage: _Usage | None, ctx: CallContext) -> Usage:

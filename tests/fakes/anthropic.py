@@ -2,7 +2,9 @@
 
 The model name picks the behaviour: `claude-ok`, `claude-tools` (`-whole`: its input
 at the start, no deltas), `claude-two-tools` (two tool_use blocks, one when
-`tool_choice.disable_parallel_tool_use` is true, as the API honours it), `claude-429`
+`tool_choice.disable_parallel_tool_use` is true, as the API honours it),
+`claude-tools-end-turn` (the tool_use of `claude-tools` ended with `end_turn`, as a
+compatible server may end it), `claude-429`
 (rate limit with retry-after), `claude-529` (overloaded), `claude-error-mid`
 (an `error` event after a text delta), `claude-error-first` and `claude-api-error-first`
 (a 200 whose one event is an `error`, overloaded_error or api_error),
@@ -157,7 +159,12 @@ class FakeAnthropic:
         )
         yield event("ping", {"type": "ping"})
         sequence: str | None = None
-        if model in ("claude-tools", "claude-tools-whole", "claude-two-tools"):
+        if model in (
+            "claude-tools",
+            "claude-tools-whole",
+            "claude-two-tools",
+            "claude-tools-end-turn",
+        ):
             # claude-tools-whole: a compatible server giving the input whole at the start.
             whole = model == "claude-tools-whole"
             cities = ["Paris"]
@@ -188,7 +195,7 @@ class FakeAnthropic:
                         },
                     )
                 yield event("content_block_stop", {"type": "content_block_stop", "index": index})
-            stop, out = "tool_use", 12
+            stop, out = "end_turn" if model == "claude-tools-end-turn" else "tool_use", 12
         else:
             yield event(
                 "content_block_start",

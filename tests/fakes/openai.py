@@ -18,7 +18,12 @@ tool call whose arguments are not JSON, as a model may write them; the API passe
 string on), `list-args` (arguments that are JSON but not an object), `huge-error-first`
 and `huge-error-after` (an error event of HUGE_ERROR, before any output or after the
 first word), `cached` (a usage whose `prompt_tokens_details` says CACHED of the prompt's
-tokens came from the upstream's cache, as OpenAI's and vLLM's do).
+tokens came from the upstream's cache, as OpenAI's and vLLM's do), `tools-stop` (a tool
+call ended with finish_reason "stop", as OpenAI ends one forced by a named tool_choice,
+and vLLM and SGLang others), `no-ids` and `one-id` (two calls without ids, or both with
+the same one, as some servers send them), `name-repeat` (the tool's whole name again
+in every fragment, the id only in the first, as MiniMax through NIM and some proxies
+stream it) and `name-pieces` (the name itself in pieces, as Gemini's may come).
 It records what it saw.
 """
 
@@ -153,9 +158,9 @@ class FakeOpenAI:
                     ],
                 }
                 finish = "tool_calls"
-            if model in ("two-tools", "bad-args", "list-args"):
+            if model in TOOL_MODELS:
                 message = {"role": "assistant", "content": None, "tool_calls": _calls(body)}
-                finish = "tool_calls"
+                finish = "stop" if model == "tools-stop" else "tool_calls"
             answer: dict[str, Any] = {
                 "id": "chatcmpl-1",
                 "object": "chat.completion",
@@ -242,15 +247,23 @@ class FakeOpenAI:
                 yield b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
                 yield b"data: [DONE]\n\n"
                 return
-            elif model in ("two-tools", "bad-args", "list-args"):
+            elif model in TOOL_MODELS:
                 for index, call in enumerate(_calls(body)):
-                    head = {**call, "function": {**call["function"], "arguments": ""}}
+                    name = call["function"]["name"]
+                    pieces = [name[:4], name[4:]] if model == "name-pieces" else [name]
+                    head = {**call, "function": {"name": pieces[0], "arguments": ""}}
                     yield chunk({"tool_calls": [{"index": index, **head}]})
+                    for piece in pieces[1:]:
+                        yield chunk({"tool_calls": [{"index": index, "function": {"name": piece}}]})
                     args = call["function"]["arguments"]
                     for part in (args[:5], args[5:]):  # in fragments, as the API streams
-                        delta = {"index": index, "function": {"arguments": part}}
+                        fn: dict[str, Any] = {"arguments": part}
+                        delta = {"index": index, "function": fn}
+                        if model == "name-repeat":
+                            fn["name"] = name
+                            delta["type"] = "function"
                         yield chunk({"tool_calls": [delta]})
-                yield chunk({}, "tool_calls")
+                yield chunk({}, "stop" if model == "tools-stop" else "tool_calls")
             elif model == "tools":
                 yield chunk(
                     {
@@ -303,11 +316,16 @@ class FakeOpenAI:
 
 BAD_ARGS = '{"city": "Par'
 LIST_ARGS = '["Paris", "Oslo"]'
+# The models that answer with the calls of _calls(), streamed in fragments.
+TOOL_MODELS = frozenset(
+    ("two-tools", "bad-args", "list-args", "tools-stop", "no-ids", "one-id")
+    + ("name-repeat", "name-pieces")
+)
 
 
 def _calls(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The calls of `two-tools` (one when parallel tool calls are off), `bad-args` and
-    `list-args`."""
+    """The calls of TOOL_MODELS: two (one when parallel tool calls are off) but for
+    `bad-args`, `list-args`, `tools-stop`, `name-repeat` and `name-pieces`."""
     model = body.get("model")
     if model in ("bad-args", "list-args"):
         args = BAD_ARGS if model == "bad-args" else LIST_ARGS
@@ -318,15 +336,25 @@ def _calls(body: dict[str, Any]) -> list[dict[str, Any]]:
                 "function": {"name": "get_weather", "arguments": args},
             }
         ]
-    cities = ["Paris"] if body.get("parallel_tool_calls") is False else ["Paris", "Oslo"]
-    return [
+    one = body.get("parallel_tool_calls") is False or model in (
+        "tools-stop",
+        "name-repeat",
+        "name-pieces",
+    )
+    calls: list[dict[str, Any]] = [
         {
             "id": f"call_{i + 1}",
             "type": "function",
             "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
         }
-        for i, city in enumerate(cities)
+        for i, city in enumerate(["Paris"] if one else ["Paris", "Oslo"])
     ]
+    for call in calls:
+        if model == "no-ids":
+            del call["id"]
+        elif model == "one-id":
+            call["id"] = "call_1"
+    return calls
 
 
 def _unlinked(messages: list[dict[str, Any]]) -> tuple[str, str] | None:
