@@ -153,24 +153,6 @@ def test_a_top_k_past_the_vocabulary_is_no_limit_in_every_dialect(mlx_server: Li
     assert next(m for m in models if m["name"] == "smollm2-135m")["circuit"] == "closed"
 
 
-def test_sampling_options_the_engine_refuses_are_the_requests_fault() -> None:
-    # What mlx-lm's sampler refuses is found on a trial draw before the prompt pass and
-    # is a 400 naming the option: neither retried nor counted against the engine.
-    from stella.backends.mlx.engine import sampling
-    from stella.errors import InvalidRequest
-
-    p = {"temperature": 0.7, "top_p": 0.0, "min_p": 0.0, "top_k": 10, "repetition_penalty": 1.1}
-    with pytest.raises(InvalidRequest) as refused:
-        sampling(p, 10)  # a top_k as wide as the logits (the backend makes it 0)
-    assert refused.value.param == "options.top_k" and "(0, 10)" in refused.value.message
-    # The refused draw leaves MLX's random state as it found it: usable.
-    sampler, processors = sampling({**p, "top_k": 9}, 10)
-    assert len(processors) == 1
-    import mlx.core as mx
-
-    assert 0 <= sampler(mx.zeros((1, 10))).item() < 9
-
-
 def test_max_tokens_gives_length(mlx_server: LiveServer) -> None:
     body = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 3})
     assert body["finish_reason"] == "length"
@@ -714,7 +696,7 @@ async def test_a_prompt_cached_whole_is_answered(monkeypatch: pytest.MonkeyPatch
             await asyncio.sleep(0.05)
         lm = b.loaded_models[""]
         cached = keys[-1]
-        monkeypatch.setattr(lm, "encode_chat", lambda messages, tools: list(cached))
+        monkeypatch.setattr(lm, "encode", lambda messages, tools: (list(cached), False))
         again = [e async for e in b.chat(req, CallContext(request_id="r2"))]
         done = again[-1]
         assert isinstance(done, Done) and done.usage.prompt_tokens == len(cached)

@@ -197,42 +197,16 @@ def dequantize(lm: LoadedModel, dtype: str) -> None:
         lm.nbytes = _nbytes(lm.model)
 
 
-# mlx-lm's words for the options its sampler refuses, and the request field each is.
-_OPTION_WORDS = (
-    ("top_k", "options.top_k"),
-    ("top_p", "options.top_p"),
-    ("min_p", "options.min_p"),
-    ("penalty", "options.repetition_penalty"),
-    ("temp", "options.temperature"),
-)
-
-
-def sampling(p: dict[str, Any], vocab: int | None) -> tuple[Any, Any]:
-    """The request's sampler and logits processors, tried once on a row of the logits'
-    width: mlx-lm checks some options only when it samples (after the whole prompt
-    pass), and an option it refuses is the request's fault (400), not the engine's."""
-    import mlx.core as mx
+def sampling(p: dict[str, Any]) -> tuple[Any, Any]:
+    """The request's sampler and logits processors (mlx-lm's)."""
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    try:
-        sampler = make_sampler(p["temperature"], p["top_p"], p["min_p"], 1, p["top_k"])
-        processors = (
-            make_logits_processors(repetition_penalty=p["repetition_penalty"])
-            if p["repetition_penalty"]
-            else None
-        )
-        if vocab:
-            logits = mx.zeros((1, vocab))
-            for processor in processors or ():
-                logits = processor(mx.array([0]), logits)
-            mx.eval(sampler(logits))
-    except ValueError as exc:
-        # A check that fails inside mlx-lm's compiled sampling leaves a traced placeholder
-        # as MLX's random state: every later draw would fail until it is seeded again.
-        mx.random.seed(int.from_bytes(os.urandom(8), "little"))
-        said = str(exc)
-        field = next((f for word, f in _OPTION_WORDS if word in said), "options")
-        raise InvalidRequest(f"$.{field}: {said}", param=field) from None
+    sampler = make_sampler(p["temperature"], p["top_p"], p["min_p"], 1, p["top_k"])
+    processors = (
+        make_logits_processors(repetition_penalty=p["repetition_penalty"])
+        if p["repetition_penalty"]
+        else None
+    )
     return sampler, processors
 
 
@@ -269,9 +243,10 @@ def generate_into(job: GenerationJob) -> None:
                 param="messages",
             )
         max_tokens = min(max_tokens, room)  # the answer ends at the context's end: "length"
-    # Tried before the prompt is read (a refused option costs no prompt pass) and before
-    # the seed is set (its trial draw must not shift a seeded answer).
-    sampler, processors = sampling(p, lm.vocab)
+    # Not tried on a dummy row of logits before the prompt: such a draw leaves MLX state
+    # that makes the process abort at exit. The one option mlx-lm checks only when it
+    # samples (top_k against the vocabulary) the backend settles before the job.
+    sampler, processors = sampling(p)
     job.emit(("prompt", len(prompt)))  # a prompt that is read: charged even if cut short
     # MLX's generator is global (safe: this thread owns MLX). An unseeded call draws
     # from fresh entropy: else a seeded call before it would fix its "random" answer.
