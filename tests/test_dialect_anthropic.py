@@ -151,7 +151,8 @@ def test_an_empty_turn_is_refused_by_its_path_but_a_last_assistant_one(
         assert info.value.body["error"]["message"] == (  # type: ignore[index]
             "messages: final assistant content cannot end with trailing whitespace"
         )
-    # Within the text, or in an earlier assistant turn, whitespace is fine.
+    # Within the text, in an earlier assistant turn, or before a tool_use block that ends
+    # the turn, whitespace is fine.
     turns = [
         hi,
         {"role": "assistant", "content": "ok "},
@@ -159,6 +160,13 @@ def test_an_empty_turn_is_refused_by_its_path_but_a_last_assistant_one(
         {"role": "assistant", "content": "a b"},
     ]
     assert client(server).messages.create(model="echo", max_tokens=5, messages=turns).content
+    tool = {"name": "get_weather", "input_schema": {"type": "object"}}
+    use = {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}
+    calling = {"role": "assistant", "content": [{"type": "text", "text": "Let me check.\n"}, use]}
+    m = client(server).messages.create(
+        model="echo", max_tokens=5, messages=[hi, calling], tools=[tool]
+    )
+    assert m.content
 
 
 def test_refusals_name_the_messages_apis_own_fields(server: LiveServer) -> None:

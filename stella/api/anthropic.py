@@ -298,6 +298,14 @@ def _tool_result(b: Block, path: str) -> Message:
     )
 
 
+def _ends_in_space(content: str | list[Block]) -> bool:
+    """Whether a prefill's text ends in whitespace: its last block's, when that is text
+    (a turn ending in tool_use blocks continues no text)."""
+    if isinstance(content, str):
+        return content[-1:].isspace()
+    return bool(content) and content[-1].type == "text" and content[-1].text[-1:].isspace()
+
+
 def to_chat(req: MessagesRequest) -> ChatRequest:
     """The internal request for a Messages API call."""
     messages: list[Message] = []
@@ -336,8 +344,8 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
             messages.append(
                 Message(role=m.role, content="\n".join(texts), tool_calls=calls or None)
             )
-    last = messages[-1] if messages else None
-    if last is not None and last.role == "assistant" and last.content[-1:].isspace():
+    final = req.messages[-1] if req.messages else None
+    if final is not None and final.role == "assistant" and _ends_in_space(final.content):
         # The API's own rule for a prefill: the answer would go on after the space, and a
         # tokenizer reads a lone trailing space as an odd token (the output goes astray).
         raise InvalidRequest(
