@@ -139,13 +139,14 @@ async def test_a_streamed_tool_name_is_the_name_however_its_fragments_carry_it(
 
 
 @pytest.mark.parametrize(
-    ("model", "ids"), [("no-ids", ["call_0", "call_1"]), ("one-id", ["call_1", "call_1"])]
+    ("model", "ids"), [("no-ids", ["call_0", "call_1"]), ("one-id", ["call_1", "call_1_1"])]
 )
 async def test_each_call_of_a_whole_answer_is_its_own_as_when_streamed(
     fake: tuple[FakeOpenAI, str], model: str, ids: list[str]
 ) -> None:
     # A whole message's calls carry no index: each place in the list is a call, whatever
-    # ids they have (none, or one for all), as the streamed answer's indexes say.
+    # ids they have (none, or one for all), as the streamed answer's indexes say; a
+    # repeated id is made unique, so the results sent back can be told apart.
     b = await backend(fake[1] + "/v1")
     tools = [Tool(function=FunctionSpec(name="get_weather"))]
     try:

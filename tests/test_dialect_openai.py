@@ -571,3 +571,4 @@ def test_the_calls_of_a_whole_answer_are_those_of_the_stream(
         ("get_weather", {"city": "Paris"}),
         ("get_weather", {"city": "Oslo"}),
     ]
+    assert len({call_id for call_id, _, _ in calls}) == 2  # two ids, one per call

@@ -372,12 +372,19 @@ class _Calls:
     def events(self) -> list[ToolCall]:
         """One ToolCall per call, arguments decoded (kept raw when not JSON)."""
         out = []
+        seen: set[str] = set()
         for index, (call_id, name, raw) in self.slots.items():
             args, kept = arguments_of(raw)
+            call_id = call_id or f"call_{index}"
+            if call_id in seen:
+                # An upstream that gave two calls one id: their results could not be told
+                # apart (and Anthropic's API refuses a history with a tool_use id twice).
+                call_id = f"{call_id}_{index}"
+            seen.add(call_id)
             out.append(
                 ToolCall(
                     index=index,
-                    id=call_id or f"call_{index}",
+                    id=call_id,
                     name=name,
                     arguments=args,
                     raw_arguments=kept,
