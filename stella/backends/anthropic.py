@@ -15,6 +15,7 @@ from stella.backends.base import (
     BackendHealth,
     CallContext,
     arguments_of,
+    ended,
     linked_tool_calls,
 )
 from stella.backends.http import (
@@ -303,13 +304,8 @@ class AnthropicBackend(HttpBackend):
                                 ev.usage.input_tokens or usage.input_tokens, ev.usage.output_tokens
                             )
                     elif kind == "message_stop":
-                        finish = STOP.get(stop or "end_turn", "stop")
-                        if calls and finish == "stop":
-                            # A compatible server may end a turn of tool_use blocks with
-                            # end_turn: it waits for the tools' results all the same.
-                            finish = "tool_calls"
                         yield Done(
-                            finish_reason=finish,
+                            finish_reason=ended(STOP.get(stop or "end_turn", "stop"), calls > 0),
                             usage=Usage(
                                 usage.input_tokens,
                                 usage.output_tokens,

@@ -138,6 +138,17 @@ def arguments_of(raw: str) -> tuple[dict[str, Any], str | None]:
     return {"value": args}, raw
 
 
+def ended(finish: str, called: bool) -> str:
+    """An answer's finish reason, `tool_calls` when it called a tool and simply stopped.
+
+    OpenAI ends a call forced by a named tool_choice with "stop", vLLM, SGLang and some
+    Anthropic-compatible servers end others so (end_turn), Ollama says only "stop": the
+    turn waits for the tools' results all the same, and agent loops go on only on
+    tool_calls. A call cut short ("length") stays cut short.
+    """
+    return "tool_calls" if called and finish == "stop" else finish
+
+
 def content_of(m: Message) -> str:
     """A message's text as a model reads it: a failed tool call's result says so.
 

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from stella.backends.base import BackendEvent, BackendHealth, CallContext, content_of
+from stella.backends.base import BackendEvent, BackendHealth, CallContext, content_of, ended
 from stella.backends.http import (
     BAD_JSON,
     HttpBackend,
@@ -223,10 +223,8 @@ class OllamaBackend(HttpBackend):
                             )
                             index += 1
                     if line.done:
-                        reason = (
-                            "length"
-                            if line.done_reason == "length"
-                            else ("tool_calls" if index else "stop")
+                        reason = ended(
+                            "length" if line.done_reason == "length" else "stop", bool(index)
                         )
                         yield Done(
                             finish_reason=reason,

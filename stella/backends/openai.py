@@ -15,6 +15,7 @@ from stella.backends.base import (
     CallContext,
     arguments_of,
     content_of,
+    ended,
     linked_tool_calls,
 )
 from stella.backends.http import (
@@ -395,11 +396,7 @@ class _Calls:
 
 def _finish(reason: str, called: bool) -> str:
     """The finish reason of an answer, `tool_calls` when it called a tool and ended."""
-    finish = FINISH.get(reason, "stop")
-    # OpenAI ends a call forced by a named tool_choice with "stop", vLLM and SGLang end
-    # others so: the turn waits for the tools' results all the same, and agent loops go
-    # on only on tool_calls. A call cut short by "length" stays cut short.
-    return "tool_calls" if called and finish == "stop" else finish
+    return ended(FINISH.get(reason, "stop"), called)
 
 
 def _usage(usage: _Usage | None, ctx: CallContext) -> Usage:
