@@ -241,6 +241,14 @@ def _env_value(raw: str) -> Any:
     return raw
 
 
+def _env_path(name: str) -> tuple[str, ...] | None:
+    """The key a STELLA_SECTION__KEY variable sets, as its lower-case parts (None: the
+    variable sets none)."""
+    if name.startswith("STELLA_") and "__" in name:
+        return tuple(p.lower() for p in name[len("STELLA_") :].split("__"))
+    return None
+
+
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """STELLA_SECTION__KEY=value (and PORT) as a nested dict.
 
@@ -252,8 +260,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     found = []
     for name in environ:
-        if name.startswith("STELLA_") and "__" in name:
-            found.append((tuple(p.lower() for p in name[len("STELLA_") :].split("__")), name))
+        if (path := _env_path(name)) is not None:
+            found.append((path, name))
     # Shorter paths first: a table, then what goes into it (the environment's own order
     # would decide otherwise which of the two is lost).
     found.sort(key=lambda item: (len(item[0]), item))
@@ -282,18 +290,16 @@ def _under_values(environ: Mapping[str, str], files: Mapping[str, Any]) -> None:
     """Refuse a variable that sets a key under a file's value that is not a table (as
     env_overrides refuses one under another variable's), naming the variable: decoding
     would blame the file's key alone, as a type error about an object no one wrote."""
-    whole = {name.lower() for name in environ}
-    for name in environ:
-        if not (name.startswith("STELLA_") and "__" in name):
-            continue
-        parts = name[len("STELLA_") :].lower().split("__")
+    paths = {name: path for name in environ if (path := _env_path(name)) is not None}
+    whole = set(paths.values())
+    for name, parts in paths.items():
         node: Any = files
         for depth, part in enumerate(parts[:-1], 1):
             node = node.get(part) if isinstance(node, Mapping) else None
             if node is None:
                 break  # no file has this table: the variables make it
             if not isinstance(node, Mapping):
-                if "stella_" + "__".join(parts[:depth]) in whole:
+                if parts[:depth] in whole:
                     break  # a variable gives it whole, replacing the file's value
                 key = ".".join(parts[:depth])
                 raise ConfigError(f"{name}: {key} is not a table (a file sets it to a value)")
@@ -398,8 +404,8 @@ def _blamed_variable(
             if not environ[name]:
                 continue  # an empty PORT is not read (env_overrides)
             path = "server.port"
-        elif name.startswith("STELLA_") and "__" in name:
-            path = ".".join(p.lower() for p in name[len("STELLA_") :].split("__"))
+        elif (parts := _env_path(name)) is not None:
+            path = ".".join(parts)
         else:
             continue
         # The key itself, a value inside it (a table, an array), or an entry under a
