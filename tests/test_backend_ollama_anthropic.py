@@ -439,17 +439,20 @@ def test_through_stella_with_fallback(
         assert KEY not in "\n".join(server.lines())
 
 
+def claude_route(url: str, upstream_model: str) -> dict[str, Any]:
+    """A stella config with route "sonnet" on the fake Anthropic API at `url` (key in CK)."""
+    return {
+        "backends": {"claude": {"kind": "anthropic", "base_url": url, "api_key_env": "CK"}},
+        "models": {"routes": {"sonnet": {"backend": "claude", "upstream_model": upstream_model}}},
+    }
+
+
 def test_a_failed_tool_call_reaches_anthropic_as_one(
     anthropic_url: tuple[FakeAnthropic, str],
 ) -> None:
     # The Anthropic dialect's is_error crosses the pipeline to the Anthropic backend,
     # which sends it on with the text as written (other backends' models read it marked).
-    config = {
-        "backends": {
-            "claude": {"kind": "anthropic", "base_url": anthropic_url[1], "api_key_env": "CK"}
-        },
-        "models": {"routes": {"sonnet": {"backend": "claude", "upstream_model": "claude-ok"}}},
-    }
+    config = claude_route(anthropic_url[1], "claude-ok")
     uses = [{"type": "tool_use", "id": f"toolu_{n}", "name": "lookup", "input": {}} for n in (1, 2)]
     results = [
         {
@@ -490,12 +493,7 @@ def test_a_conversation_begun_on_another_backend_goes_on_on_a_claude_route(
 ) -> None:
     # Through the OpenAI dialect, with the ids another backend gave its calls: the
     # upstream would refuse them (the client got 502 upstream_rejected).
-    config = {
-        "backends": {
-            "claude": {"kind": "anthropic", "base_url": anthropic_url[1], "api_key_env": "CK"}
-        },
-        "models": {"routes": {"sonnet": {"backend": "claude", "upstream_model": "claude-ok"}}},
-    }
+    config = claude_route(anthropic_url[1], "claude-ok")
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
     with run_stella(config, {"CK": KEY}) as server:
         for call_id in FOREIGN_IDS:
@@ -516,12 +514,7 @@ def test_a_conversation_begun_on_another_backend_goes_on_on_a_claude_route(
 
 
 def test_anthropic_refuses_json_mode(anthropic_url: tuple[FakeAnthropic, str]) -> None:
-    config = {
-        "backends": {
-            "claude": {"kind": "anthropic", "base_url": anthropic_url[1], "api_key_env": "CK"}
-        },
-        "models": {"routes": {"sonnet": {"backend": "claude", "upstream_model": "claude-x"}}},
-    }
+    config = claude_route(anthropic_url[1], "claude-x")
     msgs = [{"role": "user", "content": "hi"}]
     with run_stella(config, {"CK": KEY}) as server:
         sent = len(anthropic_url[0].requests)

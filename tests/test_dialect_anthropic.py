@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -11,6 +12,8 @@ import anthropic
 import httpx
 import pytest
 
+from tests.fakes.anthropic import FakeAnthropic
+from tests.fakes.openai import FakeOpenAI
 from tests.live import LiveServer, run_stella
 
 KEY = "sk-ant-dialect-1"
@@ -633,42 +636,33 @@ def test_an_overload_after_the_start_is_an_overloaded_error_event(server: LiveSe
 def test_the_prompt_tokens_a_cache_spared_are_cache_read_input_tokens() -> None:
     # The API's input_tokens leave out what was read from the cache; the backend's count
     # of that is cache_read_input_tokens, left out when the backend gave none.
-    from tests.fakes.openai import CACHED, FakeOpenAI
-    from tests.fakes.server import serve
+    from tests.fakes.openai import CACHED, stella_counting_cache
 
-    up = FakeOpenAI()
-    with serve(up.app) as up_url:
-        config = {
-            "backends": {"up": {"kind": "openai", "base_url": up_url + "/v1"}},
-            "models": {
-                "routes": {
-                    "cached": {"backend": "up", "upstream_model": "cached"},
-                    "plain": {"backend": "up", "upstream_model": "ok"},
-                }
-            },
+    with stella_counting_cache({"STELLA_API_KEYS": f"claude={KEY}"}) as server:
+        msgs = [{"role": "user", "content": "hi"}]
+        m = client(server).messages.create(model="cached", max_tokens=50, messages=msgs)
+        assert (m.usage.input_tokens, m.usage.cache_read_input_tokens) == (3 - CACHED, CACHED)
+        events = _sse(server, {"model": "cached", "messages": msgs})
+        usage = next(d for n, d in events if n == "message_delta")["usage"]
+        assert usage == {
+            "input_tokens": 3 - CACHED,
+            "cache_read_input_tokens": CACHED,
+            "output_tokens": 5,
         }
-        with run_stella(config, {"STELLA_API_KEYS": f"claude={KEY}"}) as server:
-            msgs = [{"role": "user", "content": "hi"}]
-            m = client(server).messages.create(model="cached", max_tokens=50, messages=msgs)
-            assert (m.usage.input_tokens, m.usage.cache_read_input_tokens) == (3 - CACHED, CACHED)
-            events = _sse(server, {"model": "cached", "messages": msgs})
-            usage = next(d for n, d in events if n == "message_delta")["usage"]
-            assert usage == {
-                "input_tokens": 3 - CACHED,
-                "cache_read_input_tokens": CACHED,
-                "output_tokens": 5,
-            }
-            m = client(server).messages.create(model="plain", max_tokens=50, messages=msgs)
-            assert m.usage.input_tokens == 3 and m.usage.cache_read_input_tokens is None
-            events = _sse(server, {"model": "plain", "messages": msgs})
-            usage = next(d for n, d in events if n == "message_delta")["usage"]
-            assert usage == {"input_tokens": 3, "output_tokens": 5}
+        m = client(server).messages.create(model="plain", max_tokens=50, messages=msgs)
+        assert m.usage.input_tokens == 3 and m.usage.cache_read_input_tokens is None
+        events = _sse(server, {"model": "plain", "messages": msgs})
+        usage = next(d for n, d in events if n == "message_delta")["usage"]
+        assert usage == {"input_tokens": 3, "output_tokens": 5}
 
 
-def test_disable_parallel_tool_use_reaches_the_upstream() -> None:
+@contextlib.contextmanager
+def _claude_and_gpt(
+    claude_model: str, gpt_model: str
+) -> Iterator[tuple[LiveServer, FakeAnthropic, FakeOpenAI]]:
+    """stella with route "sonnet" on a fake Anthropic upstream's `claude_model` and route
+    "gpt" on a fake OpenAI-compatible one's `gpt_model`; the fakes keep what they got."""
     from tests.fakes.anthropic import KEY as UPSTREAM_KEY
-    from tests.fakes.anthropic import FakeAnthropic
-    from tests.fakes.openai import FakeOpenAI
     from tests.fakes.server import serve
 
     claude, gpt = FakeAnthropic(), FakeOpenAI()
@@ -680,65 +674,50 @@ def test_disable_parallel_tool_use_reaches_the_upstream() -> None:
             },
             "models": {
                 "routes": {
-                    "sonnet": {"backend": "claude", "upstream_model": "claude-two-tools"},
-                    "gpt": {"backend": "gpt", "upstream_model": "two-tools"},
+                    "sonnet": {"backend": "claude", "upstream_model": claude_model},
+                    "gpt": {"backend": "gpt", "upstream_model": gpt_model},
                 }
             },
         }
         env = {"STELLA_API_KEYS": f"claude={KEY}", "CK": UPSTREAM_KEY}
         with run_stella(config, env) as server:
-            c = client(server)
-            tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
-            msgs = [{"role": "user", "content": "Paris and Oslo?"}]
-            for model in ("sonnet", "gpt"):
-                m = c.messages.create(model=model, max_tokens=50, tools=tools, messages=msgs)
-                assert [b.type for b in m.content] == ["tool_use", "tool_use"]
-                single = {"type": "auto", "disable_parallel_tool_use": True}
-                m = c.messages.create(
-                    model=model, max_tokens=50, tools=tools, messages=msgs, tool_choice=single
-                )
-                assert [b.type for b in m.content] == ["tool_use"]
-                with c.messages.stream(
-                    model=model, max_tokens=50, tools=tools, messages=msgs, tool_choice=single
-                ) as s:
-                    final = s.get_final_message()
-                assert [b.type for b in final.content] == ["tool_use"]
-            assert claude.requests[-1]["tool_choice"] == single
-            assert gpt.requests[-1]["parallel_tool_calls"] is False
+            yield server, claude, gpt
+
+
+def test_disable_parallel_tool_use_reaches_the_upstream() -> None:
+    with _claude_and_gpt("claude-two-tools", "two-tools") as (server, claude, gpt):
+        c = client(server)
+        tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+        msgs = [{"role": "user", "content": "Paris and Oslo?"}]
+        for model in ("sonnet", "gpt"):
+            m = c.messages.create(model=model, max_tokens=50, tools=tools, messages=msgs)
+            assert [b.type for b in m.content] == ["tool_use", "tool_use"]
+            single = {"type": "auto", "disable_parallel_tool_use": True}
+            m = c.messages.create(
+                model=model, max_tokens=50, tools=tools, messages=msgs, tool_choice=single
+            )
+            assert [b.type for b in m.content] == ["tool_use"]
+            with c.messages.stream(
+                model=model, max_tokens=50, tools=tools, messages=msgs, tool_choice=single
+            ) as s:
+                final = s.get_final_message()
+            assert [b.type for b in final.content] == ["tool_use"]
+        assert claude.requests[-1]["tool_choice"] == single
+        assert gpt.requests[-1]["parallel_tool_calls"] is False
 
 
 def test_a_turn_of_tool_calls_the_upstream_ended_with_stop_is_tool_use() -> None:
     # An OpenAI-compatible upstream ending a call with "stop" (OpenAI for a named
     # tool_choice, vLLM, SGLang), an Anthropic-compatible one with end_turn: an agent
     # loop runs the tools on stop_reason tool_use, and would end here on end_turn.
-    from tests.fakes.anthropic import KEY as UPSTREAM_KEY
-    from tests.fakes.anthropic import FakeAnthropic
-    from tests.fakes.openai import FakeOpenAI
-    from tests.fakes.server import serve
-
-    claude, gpt = FakeAnthropic(), FakeOpenAI()
-    with serve(claude.app) as claude_url, serve(gpt.app) as gpt_url:
-        config = {
-            "backends": {
-                "claude": {"kind": "anthropic", "base_url": claude_url, "api_key_env": "CK"},
-                "gpt": {"kind": "openai", "base_url": gpt_url + "/v1"},
-            },
-            "models": {
-                "routes": {
-                    "sonnet": {"backend": "claude", "upstream_model": "claude-tools-end-turn"},
-                    "gpt": {"backend": "gpt", "upstream_model": "tools-stop"},
-                }
-            },
-        }
-        env = {"STELLA_API_KEYS": f"claude={KEY}", "CK": UPSTREAM_KEY}
-        with run_stella(config, env) as server:
-            c = client(server)
-            tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
-            msgs = [{"role": "user", "content": "Paris?"}]
-            for model in ("sonnet", "gpt"):
-                m = c.messages.create(model=model, max_tokens=50, tools=tools, messages=msgs)
-                assert ([b.type for b in m.content], m.stop_reason) == (["tool_use"], "tool_use")
-                with c.messages.stream(model=model, max_tokens=50, tools=tools, messages=msgs) as s:
-                    final = s.get_final_message()
-                assert [b.type for b in final.content] == ["tool_use"]
-                assert final.stop_reason == "tool_use", model
+    with _claude_and_gpt("claude-tools-end-turn", "tools-stop") as (server, _, _):
+        c = client(server)
+        tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+        msgs = [{"role": "user", "content": "Paris?"}]
+        for model in ("sonnet", "gpt"):
+            m = c.messages.create(model=model, max_tokens=50, tools=tools, messages=msgs)
+            assert ([b.type for b in m.content], m.stop_reason) == (["tool_use"], "tool_use")
+            with c.messages.stream(model=model, max_tokens=50, tools=tools, messages=msgs) as s:
+                final = s.get_final_message()
+            assert [b.type for b in final.content] == ["tool_use"]
+            assert final.stop_reason == "tool_use", model

@@ -125,54 +125,42 @@ def test_with_include_usage_every_chunk_before_the_usage_one_has_usage_null(
 def test_usage_says_the_cached_prompt_tokens_when_the_backend_counted_them() -> None:
     # As OpenAI's usage has it: prompt_tokens_details.cached_tokens, in the answer and in
     # the last chunk of a stream with include_usage; left out (not 0) when unknown.
-    from tests.fakes.openai import CACHED, FakeOpenAI
-    from tests.fakes.server import serve
+    from tests.fakes.openai import CACHED, stella_counting_cache
 
-    up = FakeOpenAI()
-    with serve(up.app) as up_url:
-        config = {
-            "backends": {"up": {"kind": "openai", "base_url": up_url + "/v1"}},
-            "models": {
-                "routes": {
-                    "cached": {"backend": "up", "upstream_model": "cached"},
-                    "plain": {"backend": "up", "upstream_model": "ok"},
-                }
-            },
-        }
-        with run_stella(config, {"STELLA_API_KEYS": f"tester={KEY}"}) as server:
-            c = client(server)
-            msgs = [{"role": "user", "content": "hi"}]
-            r = c.chat.completions.create(model="cached", messages=msgs)
-            assert r.usage is not None and r.usage.prompt_tokens == 3
-            assert r.usage.prompt_tokens_details is not None
-            assert r.usage.prompt_tokens_details.cached_tokens == CACHED
-            ask = {"messages": msgs, "stream_options": {"include_usage": True}}
-            last = _sse_chunks(server, "/v1/chat/completions", {**ask, "model": "cached"})[-1]
-            assert last["choices"] == []
-            assert last["usage"]["prompt_tokens_details"] == {"cached_tokens": CACHED}
-            ev = server.wait_event(lambda e: e["model"] == "cached" and e["stream"])
-            assert ev["cached_tokens"] == CACHED
-            # The native API's usage has the same shape.
-            native = httpx.post(
-                server.url + "/api/v1/chat",
-                headers={"Authorization": f"Bearer {KEY}"},
-                json={"model": "cached", "stream": False, "messages": msgs},
-            ).json()["usage"]
-            assert native["prompt_tokens_details"] == {"cached_tokens": CACHED}
-            # An upstream that gave no count: no claim of none cached.
-            for body in (
-                {"model": "plain", "messages": msgs, "stream": False},
-                {**ask, "model": "plain"},
-            ):
-                if body.get("stream") is False:
-                    usage = httpx.post(
-                        server.url + "/v1/chat/completions",
-                        headers={"Authorization": f"Bearer {KEY}"},
-                        json=body,
-                    ).json()["usage"]
-                else:
-                    usage = _sse_chunks(server, "/v1/chat/completions", body)[-1]["usage"]
-                assert usage["prompt_tokens"] == 3 and "prompt_tokens_details" not in usage
+    with stella_counting_cache({"STELLA_API_KEYS": f"tester={KEY}"}) as server:
+        c = client(server)
+        msgs = [{"role": "user", "content": "hi"}]
+        r = c.chat.completions.create(model="cached", messages=msgs)
+        assert r.usage is not None and r.usage.prompt_tokens == 3
+        assert r.usage.prompt_tokens_details is not None
+        assert r.usage.prompt_tokens_details.cached_tokens == CACHED
+        ask = {"messages": msgs, "stream_options": {"include_usage": True}}
+        last = _sse_chunks(server, "/v1/chat/completions", {**ask, "model": "cached"})[-1]
+        assert last["choices"] == []
+        assert last["usage"]["prompt_tokens_details"] == {"cached_tokens": CACHED}
+        ev = server.wait_event(lambda e: e["model"] == "cached" and e["stream"])
+        assert ev["cached_tokens"] == CACHED
+        # The native API's usage has the same shape.
+        native = httpx.post(
+            server.url + "/api/v1/chat",
+            headers={"Authorization": f"Bearer {KEY}"},
+            json={"model": "cached", "stream": False, "messages": msgs},
+        ).json()["usage"]
+        assert native["prompt_tokens_details"] == {"cached_tokens": CACHED}
+        # An upstream that gave no count: no claim of none cached.
+        for body in (
+            {"model": "plain", "messages": msgs, "stream": False},
+            {**ask, "model": "plain"},
+        ):
+            if body.get("stream") is False:
+                usage = httpx.post(
+                    server.url + "/v1/chat/completions",
+                    headers={"Authorization": f"Bearer {KEY}"},
+                    json=body,
+                ).json()["usage"]
+            else:
+                usage = _sse_chunks(server, "/v1/chat/completions", body)[-1]["usage"]
+            assert usage["prompt_tokens"] == 3 and "prompt_tokens_details" not in usage
 
 
 async def test_async_client_stream_and_not(server: LiveServer) -> None:

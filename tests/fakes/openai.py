@@ -30,10 +30,11 @@ It records what it saw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -388,3 +389,25 @@ def _unlinked(messages: list[dict[str, Any]]) -> tuple[str, str] | None:
         else:
             ids = set()
     return None
+
+
+@contextlib.contextmanager
+def stella_counting_cache(env: dict[str, str]) -> Iterator[Any]:
+    """stella (a tests.live LiveServer, `env` set) with two routes on this fake: "cached",
+    whose answers count CACHED prompt tokens read from a cache, and "plain", whose
+    answers say nothing of a cache."""
+    from tests.fakes.server import serve
+    from tests.live import run_stella
+
+    with serve(FakeOpenAI().app) as url:
+        config = {
+            "backends": {"up": {"kind": "openai", "base_url": url + "/v1"}},
+            "models": {
+                "routes": {
+                    "cached": {"backend": "up", "upstream_model": "cached"},
+                    "plain": {"backend": "up", "upstream_model": "ok"},
+                }
+            },
+        }
+        with run_stella(config, env) as server:
+            yield server
