@@ -466,3 +466,32 @@ def test_no_request_fails_and_the_page_works_under_its_csp(browser, server: Live
     page.close()
     assert not errors and not failed, (errors, failed)
     assert icon and httpx.get(icon).status_code == 200
+
+
+def test_the_docs_page_renders_under_its_csp(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    # Its inline script and style run by their hashes; nothing else inline would.
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("console", lambda m: m.type in ("error", "warning") and errors.append(m.text))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    response = page.goto(server.url + "/docs")
+    csp = response.headers["content-security-policy"]
+    assert "script-src 'sha256-" in csp and "'unsafe-inline'" not in csp
+    page.wait_for_selector("details.op code")
+    paths = page.eval_on_selector_all("details.op code", "els => els.map(e => e.textContent)")
+    colour = page.eval_on_selector("summary .m", "el => getComputedStyle(el).color")
+    blocked = page.evaluate(
+        """() => new Promise(done => {
+            document.addEventListener('securitypolicyviolation', () => done(true));
+            const s = document.createElement('script');
+            s.textContent = 'window.ran = true';
+            document.body.append(s);
+            setTimeout(() => done(false), 500);
+        })"""
+    )
+    ran = page.evaluate("window.ran === true")
+    page.close()
+    assert "/api/v1/chat" in paths
+    assert colour == "rgb(255, 255, 255)"  # the page's own style applies
+    assert blocked and not ran  # an injected inline script does not
+    assert [e for e in errors if "Content Security Policy" not in e] == []

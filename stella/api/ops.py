@@ -15,7 +15,7 @@ from starlette.staticfiles import StaticFiles
 
 from stella import __version__
 from stella.api.http import JSONResponse, endpoint, services
-from stella.api.openapi import DOCS_HTML, Operation, build_schema, document
+from stella.api.openapi import DOCS_HEADERS, DOCS_HTML, Operation, build_schema, document
 from stella.core import Call
 from stella.protocol import ConfigView, Health, Readiness, ServiceInfo
 from stella.settings import redacted
@@ -156,7 +156,7 @@ async def openapi(request: Request) -> Response:
 
 async def docs(request: Request) -> Response:
     """GET /docs: a page that renders the schema."""
-    return HTMLResponse(DOCS_HTML)
+    return HTMLResponse(DOCS_HTML, headers=DOCS_HEADERS)
 
 
 # Defence in depth for the playground and its files: no MIME sniffing, no framing (click-
