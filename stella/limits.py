@@ -338,10 +338,13 @@ class Limiter(Admission):
                     "x-ratelimit-remaining": str(max(int(take.remaining), 0)),
                     "x-ratelimit-reset": str(math.ceil(take.reset)),
                 }
+                # Retry-After waits for every bucket that was short: after the first's
+                # time alone, a client that obeys it would be refused again by another.
+                wait = max(t.retry_after for t in takes if not t.allowed)
                 raise RateLimited(
                     f"rate limit of {int(n)} {'tokens' if tokens else 'requests'} per "
                     f"minute reached for {who}",
-                    retry_after=take.retry_after,
+                    retry_after=wait,
                     headers=refused,
                 )
         # Admitted: the first bucket (the key's requests, when it has a limit) sets them.

@@ -60,6 +60,34 @@ def test_a_refusal_s_headers_describe_the_limit_that_refused() -> None:
         assert int(r.headers["retry-after"]) >= 1
 
 
+async def test_retry_after_waits_for_every_limit_that_refused() -> None:
+    # The key's tokens come back in seconds, the model's one request a minute in 60: a
+    # client that waits the key's time only would be refused again by the model.
+    config = {
+        "auth": {"keys": {"t": {"sha256": sha(KEY), "tokens_per_minute": 60}}},
+        "limits": {"models": {"slow": {"requests_per_minute": 1}}},
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.5}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+    }
+    h = {"Authorization": f"Bearer {KEY}"}
+
+    def slow(max_tokens: int) -> dict:
+        return {**body("a b", max_tokens=max_tokens), "model": "slow"}
+
+    with run_stella(config) as server:
+        async with httpx.AsyncClient(timeout=10, headers=h) as c:
+            # Holds the key's whole token reserve and the model's request while it runs.
+            first = asyncio.create_task(c.post(server.url + "/api/v1/chat", json=slow(100)))
+            await asyncio.sleep(0.3)
+            r = await c.post(server.url + "/api/v1/chat", json=slow(5))
+            assert r.status_code == 429, r.text
+            # The headers and message name the first limit that refused (the key's).
+            assert "tokens per minute reached for key t" in r.json()["error"]["message"]
+            assert r.headers["x-ratelimit-limit"] == "60"
+            assert int(r.headers["retry-after"]) >= 59
+            assert (await first).status_code == 200
+
+
 async def test_a_call_refused_for_want_of_a_slot_costs_no_request() -> None:
     config = {
         "auth": {"keys": {"t": {"sha256": sha(KEY), "requests_per_minute": 5}}},
