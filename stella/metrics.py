@@ -32,7 +32,8 @@ NOT_BACKEND_FAILURES = frozenset({"client_closed", "client_too_slow", "cancelled
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Floats, so a bound reads `1.0` as the Prometheus client libraries write it.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class _Hist:

@@ -43,6 +43,10 @@ def test_metrics_count_requests_tokens_and_latency(stella: LiveServer) -> None:
     assert value(after, label) - value(before, label) == 3
     assert value(after, 'stella_tokens_total{kind="completion",model="echo"}') >= 6
     assert 'stella_time_to_first_token_seconds_bucket{le="0.005",model="echo"}' in after
+    # Bounds as the Prometheus client libraries write them (and Prometheus 3 stores them):
+    # `1.0`, not `1`, or one bucket would be two series across exporters.
+    assert 'stella_time_to_first_token_seconds_bucket{le="1.0",model="echo"}' in after
+    assert 'stella_request_duration_seconds_bucket{le="120.0",model="echo"}' in after
     assert 'stella_request_duration_seconds_count{model="echo"}' in after
     assert value(after, 'stella_rejections_total{api="native",code="model_not_found"}') >= 1
     assert "no-such-model-xyz" not in after  # client-chosen names never become labels
