@@ -224,11 +224,12 @@ def _shutting_down() -> ShuttingDown:
     return ShuttingDown("the server is shutting down; retry the request", retry_after=1)
 
 
-def _producing(watchdog: Watchdog, now: float, total_s: float) -> bool:
-    """Whether a backend cut by the total limit `total_s` was still producing: seen at
-    work within the last half of it. A cut while producing is the request's time running
-    out, no verdict on the backend; silent that long, it had stalled."""
-    return watchdog.silence(now) < total_s / 2
+def _producing(watchdog: Watchdog, now: float, span_s: float) -> bool:
+    """Whether a backend cut by its total limit, `span_s` after its route's turn began,
+    was still producing: seen at work within the last half of that time. A cut while
+    producing is the request's time running out, no verdict on the backend; silent that
+    long, it had stalled."""
+    return watchdog.silence(now) < span_s / 2
 
 
 async def watch_leaving(receive: Any, call: Call, task: asyncio.Task[Any]) -> None:
@@ -361,13 +362,19 @@ class Inference:
         `emit` raises SinkClosed when the client can no longer be written to.
         """
         router = self.pipeline.router
-        watchdog = Watchdog(self.t0 + self.route.settings.total_timeout_s, self.task)
+        # The asked route's total limit bounds the whole request; a fallback's own limit
+        # runs from its turn, within that bound.
+        asked_total = self.route.settings.total_timeout_s
+        end = self.t0 + asked_total
+        watchdog = Watchdog(end, self.task)
         if self.slow is not None:
             watchdog.at, watchdog.then = self.t0 + self.slow[0], self.slow[1]
         last: StellaError | None = None
         # The soonest a route of the chain that could not be tried (its circuit open, its
         # limits full) may take the call: the Retry-After of a 503 that ends the chain.
         soonest = math.inf  # none known
+        # Fallbacks whose turn came after the request's time had run out: never tried.
+        untried: list[str] = []
         try:
             for route in self.chain:
                 if route is self.route and self.skip_first:
@@ -384,15 +391,28 @@ class Inference:
                         f"backend {route.backend_name!r}: circuit open", retry_after=wait
                     )
                     continue
+                rs = route.settings
+                start = self.t0
                 if route is not self.route:
                     self._give_back_fallback()  # the one before failed: its place goes back
                     if route.backend_name != self.route.backend_name:
                         # On to another backend: the first one's slot may serve another call.
                         self.permit.release_backend()
                         self.backend_held = False
+                    start = time.perf_counter()
+                    if start >= end:
+                        self._out_of_time(route, untried)
+                        continue
+                # This route's time: its own total limit from its turn, within the request's.
+                deadline = min(end, start + rs.total_timeout_s)
+                # The limit that ends it, as messages name it, and the time it had (a cut
+                # after half of that in silence is a stall).
+                total_s = rs.total_timeout_s if deadline < end else asked_total
+                span_s = deadline - start
+                if route is not self.route:
                     # An open circuit is recorded below, without spending the route's limits.
                     if router.breaker(route.backend_name).available():
-                        refused = await self._admit_fallback(route)
+                        refused = await self._admit_fallback(route, deadline)
                         if refused is not None:
                             if refused.retry_after is not None:
                                 wait = refused.retry_after
@@ -400,10 +420,11 @@ class Inference:
                             last = last or refused
                             continue
                 breaker = router.breaker(route.backend_name)
-                rs = route.settings
-                watchdog.deadline = self.t0 + rs.total_timeout_s
+                watchdog.deadline = deadline
                 for attempt in range(rs.retries + 1):
-                    if time.perf_counter() >= watchdog.deadline:
+                    if time.perf_counter() >= deadline:
+                        if not attempt:  # its wait for a slot took the time: not tried
+                            self._out_of_time(route, untried)
                         break  # out of time: no attempt, and no backend blamed for it
                     if not breaker.allow():
                         self.attempts.append(
@@ -433,12 +454,12 @@ class Inference:
                             pause = backoff(
                                 rs.retry_backoff_s, rs.retry_max_backoff_s, attempt, last
                             )
-                            if time.perf_counter() + pause >= watchdog.deadline:
+                            if time.perf_counter() + pause >= deadline:
                                 if probe:
                                     breaker.release()
                                 break  # no time left for another try within the total limit
                             await asyncio.sleep(pause)
-                        opened = await self._first(route, watchdog)
+                        opened = await self._first(route, watchdog, total_s, span_s)
                     except BaseException:
                         # Cut before any verdict (client gone, shutdown): a half-open
                         # circuit's probe must go back, or the circuit stays shut for good.
@@ -506,7 +527,7 @@ class Inference:
                                 try:
                                     await emit(event)
                                 except asyncio.CancelledError:
-                                    _too_slow(watchdog, rs.total_timeout_s)
+                                    _too_slow(watchdog, total_s)
                                     raise
                                 finally:
                                     watchdog.writing = False
@@ -520,16 +541,16 @@ class Inference:
                             except asyncio.CancelledError:
                                 if watchdog.expired():
                                     now = time.perf_counter()
-                                    out_of_time = now >= watchdog.deadline
+                                    out_of_time = now >= deadline
                                     if out_of_time:
-                                        why = f"ran past the total limit of {rs.total_timeout_s:g}s"
+                                        why = f"ran past the total limit of {total_s:g}s"
                                     else:
                                         why = f"went silent for {idle:g}s"
                                     timeout = UpstreamTimeout(
                                         f"backend {route.backend_name!r} {why}"
                                     )
                                     timeout.out_of_time = out_of_time and _producing(  # type: ignore[attr-defined]
-                                        watchdog, now, rs.total_timeout_s
+                                        watchdog, now, span_s
                                     )
                                     raise timeout from None
                                 raise
@@ -588,29 +609,45 @@ class Inference:
                 # Another route of the chain may take the call sooner than this one (an
                 # upstream's own 429 may ask for an hour; a fallback's limit frees sooner).
                 err.retry_in(soonest)
+            # Fallbacks never tried are named: not every backend failed.
+            late = (
+                f"; the request's time ran out before fallback {', '.join(map(repr, untried))}"
+                if untried
+                else ""
+            )
             if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
                 code, last_retryable = err.code, err.retryable
                 # The code is kept, and with it when to come back (an `overloaded` is
                 # Anthropic's 529, which promises a Retry-After as a 503 does).
+                head = "every backend tried failed" if untried else "every backend failed"
                 err = UpstreamError(
-                    f"every backend failed; last: {err.message}", retry_after=err.retry_after
+                    f"{head}; last: {err.message}{late}", retry_after=err.retry_after
                 )
                 # And whether sending it again may help: the last failure's verdict.
                 err.code, err.retryable = code, last_retryable
+            elif late:
+                err.message += late
             return self.fail(err)
         finally:
             watchdog.close()
             self.finish()
 
-    async def _admit_fallback(self, route: Route) -> StellaError | None:
+    def _out_of_time(self, route: Route, untried: list[str]) -> None:
+        """Record fallback `route` as not tried: the time for it had run out."""
+        self.attempts.append(
+            {"backend": route.backend_name, "route": route.name, "error": "out_of_time"}
+        )
+        untried.append(route.name)
+
+    async def _admit_fallback(self, route: Route, deadline: float) -> StellaError | None:
         """Admit the call to a fallback route under its own model's limits; the refusal
-        (recorded as an attempt) when they are full."""
+        (recorded as an attempt) when they are full. A slot is waited for until `deadline`."""
         # The call holds its backend's slot already when the fallback is on the same one
         # (unless it was admitted without it, or gave it back for another backend's turn).
         held = route.backend_name == self.route.backend_name and self.backend_held
-        # A slot is waited for within the route's total limit, as its attempts are.
+        # A slot is waited for within the route's time, as its attempts are.
         now = time.perf_counter()
-        left = self.t0 + route.settings.total_timeout_s - now
+        left = deadline - now
         try:
             permit = await self.pipeline.admission.admit_fallback(route, self.request, held, left)
         except (RateLimited, Overloaded) as exc:
@@ -649,9 +686,11 @@ class Inference:
         return Usage(0, made, made)
 
     async def _first(
-        self, route: Route, watchdog: Watchdog
+        self, route: Route, watchdog: Watchdog, total_s: float, span_s: float
     ) -> tuple[AsyncIterator[BackendEvent], CallContext, Any] | StellaError:
-        """Open the backend stream and wait for its first event within ttft_timeout_s."""
+        """Open the backend stream and wait for its first event within ttft_timeout_s
+        (and before `watchdog.deadline`: the total limit `total_s`, `span_s` after the
+        route's turn began)."""
         rs = route.settings
         self.backend_name = route.backend_name
         self.upstream_model = route.upstream_model
@@ -712,10 +751,10 @@ class Inference:
                 if local and route.backend.working(limit):
                     err.no_verdict = True
             else:
-                err = UpstreamTimeout(f"the total limit of {rs.total_timeout_s:g}s passed")
+                err = UpstreamTimeout(f"the total limit of {total_s:g}s passed")
                 # An in-process engine's queue or long prompt is its load, never a fault.
                 err.out_of_time = route.backend.local_queue or _producing(  # type: ignore[attr-defined]
-                    watchdog, time.perf_counter(), rs.total_timeout_s
+                    watchdog, time.perf_counter(), span_s
                 )
         except Exception as exc:  # a backend bug must still end the stream properly
             err = _backend_failed(route.backend_name, exc)

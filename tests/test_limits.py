@@ -406,10 +406,14 @@ def fallback_on_a_busy_backend(**b: object) -> dict:
     }
 
 
-async def test_a_fallbacks_wait_for_a_slot_ends_with_the_calls_time() -> None:
-    # The fallback's backend is busy: its slot is waited for within the fallback route's
-    # total limit (each route's limit runs from the call's start), not queue_timeout_s.
-    with run_stella(fallback_on_a_busy_backend(total_timeout_s=0.6)) as server:
+@pytest.mark.parametrize("short", ["a", "b"])
+async def test_a_fallbacks_wait_for_a_slot_ends_with_the_calls_time(short: str) -> None:
+    # The fallback's backend is busy: its slot is waited for within the fallback's time,
+    # not queue_timeout_s: its own total limit from its turn (b), within the request's,
+    # which the asked route's total limit bounds (a).
+    config = fallback_on_a_busy_backend()
+    config["models"]["routes"][short]["total_timeout_s"] = 0.6
+    with run_stella(config) as server:
         async with httpx.AsyncClient(timeout=30) as client:
             busy = asyncio.create_task(
                 client.post(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.live import ndjson, run_stella
+from tests.live import LiveServer, ndjson, run_stella
 
 MSG = [{"role": "user", "content": "hi there"}]
 
@@ -173,8 +174,8 @@ def test_a_non_stream_answer_that_breaks_midway_starts_over_on_the_fallback() ->
 
 
 def test_out_of_time_is_no_backends_fault() -> None:
-    # The primary uses up the total limit; the fallback (same limit) is not tried, so its
-    # circuit is not charged with a failure it did not have.
+    # The primary uses up the request's total limit; the fallback is not tried (recorded
+    # as such), so its circuit is not charged with a failure it did not have.
     config = {
         "breaker": {"failure_threshold": 2, "cooldown_s": 30},
         "backends": {
@@ -200,9 +201,131 @@ def test_out_of_time_is_no_backends_fault() -> None:
             assert r.status_code == 504 and "total limit" in r.json()["error"]["message"]
             rid = r.json()["error"]["request_id"]
             ev = server.wait_event(lambda e, rid=rid: e["request_id"] == rid)
-            assert [a["backend"] for a in ev["attempts"]] == ["slowpoke"]
+            assert [(a["backend"], a["error"]) for a in ev["attempts"]] == [
+                ("slowpoke", "upstream_timeout"),
+                ("good", "out_of_time"),
+            ]
         r = httpx.post(server.url + "/api/v1/chat", json={**body, "model": "good"})
         assert r.status_code == 200, r.text
+
+
+def _fallback_time_config() -> dict[str, Any]:
+    """Routes whose fallbacks' turns come late in the request."""
+    slow = {"retries": 0, "ttft_timeout_s": 1.0, "total_timeout_s": 5}
+    return {
+        "backends": {
+            "mute": {"kind": "echo", "stall_after": 0},  # never a first token
+            "mute-2": {"kind": "echo", "stall_after": 0},
+            "mute-3": {"kind": "echo", "stall_after": 0},
+            "mute-4": {"kind": "echo", "stall_after": 0},
+            # A slow token, then a failure: a non-stream answer cut midway, 0.6 s in.
+            "breaks": {"kind": "echo", "delay_s": 0.6, "fail_after": 1},
+            "quick": {"kind": "echo"},
+        },
+        "models": {
+            "routes": {
+                "mute-first": {"backend": "mute", **slow, "fallbacks": ["quick-short"]},
+                "breaks-first": {
+                    "backend": "breaks",
+                    "retries": 0,
+                    "total_timeout_s": 5,
+                    "fallbacks": ["quick-short"],
+                },
+                "mute-then-mute": {"backend": "mute-2", **slow, "fallbacks": ["mute-short"]},
+                "mute-out": {
+                    "backend": "mute-3",
+                    "retries": 0,
+                    "ttft_timeout_s": 9,
+                    "total_timeout_s": 0.6,
+                    "fallbacks": ["quick-short"],
+                },
+                # Its own total limit is shorter than the time its turn comes after.
+                "quick-short": {"backend": "quick", "total_timeout_s": 0.5},
+                "mute-short": {
+                    "backend": "mute-4",
+                    "retries": 0,
+                    "ttft_timeout_s": 9,
+                    "total_timeout_s": 0.6,
+                },
+            }
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def late_fallbacks() -> Iterator[LiveServer]:
+    with run_stella(_fallback_time_config()) as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("model", "failed", "stream"),
+    [
+        ("mute-first", "upstream_timeout", False),
+        ("mute-first", "upstream_timeout", True),
+        # Cut midway: only a non-stream answer, of which the client saw nothing, falls back.
+        ("breaks-first", "upstream_error", False),
+    ],
+)
+def test_a_fallback_runs_under_its_own_total_limit_from_its_turn(
+    late_fallbacks: LiveServer, model: str, failed: str, stream: bool
+) -> None:
+    # The primary takes 0.6-1 s to fail; the fallback's own total limit is 0.5 s, counted
+    # from its turn (not from the request's start, which it had passed already).
+    r = chat(late_fallbacks.url, model, stream=stream)
+    if stream:
+        lines = ndjson(r.text)
+        assert lines[-1]["type"] == "done" and lines[-1]["backend"] == "quick", r.text
+        rid = lines[0]["id"]
+    else:
+        assert r.status_code == 200 and r.json()["backend"] == "quick", r.text
+        rid = r.json()["id"]
+    ev = late_fallbacks.wait_event(lambda e: e["request_id"] == rid)
+    assert [(a["route"], a["error"]) for a in ev["attempts"]] == [
+        (model, failed),
+        ("quick-short", None),
+    ]
+
+
+def test_a_fallbacks_own_total_limit_still_bounds_it(late_fallbacks: LiveServer) -> None:
+    # The request may run 5 s; the silent fallback is cut at its own 0.6 s, counted
+    # from its turn (~1 s in), and the message names the limit that cut it.
+    t = time.monotonic()
+    r = chat(late_fallbacks.url, "mute-then-mute")
+    took = time.monotonic() - t
+    assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout", r.text
+    assert "the total limit of 0.6s passed" in r.json()["error"]["message"]
+    assert 1.4 < took < 2.5, took
+    ev = late_fallbacks.wait_event(lambda e: e["request_id"] == r.json()["error"]["request_id"])
+    assert [(a["route"], a["error"]) for a in ev["attempts"]] == [
+        ("mute-then-mute", "upstream_timeout"),
+        ("mute-short", "upstream_timeout"),
+    ]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_fallback_the_requests_time_ran_out_before_is_recorded(
+    late_fallbacks: LiveServer, stream: bool
+) -> None:
+    # The asked route's 0.6 s are spent on its silent backend: no time is left for the
+    # fallback, which is recorded as not tried, and the error says why.
+    r = chat(late_fallbacks.url, "mute-out", stream=stream)
+    if stream:
+        last = ndjson(r.text)[-1]
+        assert last["type"] == "error", r.text
+        rid = ndjson(r.text)[0]["id"]
+    else:
+        assert r.status_code == 504 and r.headers.get("retry-after") is None, r.text
+        last, rid = r.json()["error"], r.json()["error"]["request_id"]
+    assert last["code"] == "upstream_timeout" and last["retryable"] is True
+    assert "the total limit of 0.6s passed" in last["message"], last
+    assert "the request's time ran out before fallback 'quick-short'" in last["message"]
+    assert "every backend failed" not in last["message"]
+    ev = late_fallbacks.wait_event(lambda e: e["request_id"] == rid)
+    assert ev["attempts"][1:] == [
+        {"backend": "quick", "route": "quick-short", "error": "out_of_time"}
+    ]
+    assert ev["attempts"][0]["error"] == "upstream_timeout"
 
 
 def test_a_request_that_runs_out_of_its_total_limit_midway_opens_no_circuit() -> None:
