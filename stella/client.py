@@ -364,6 +364,7 @@ __all__ = [
     "ConflictError",
     "ContextLengthError",
     "InternalServerError",
+    "InvalidURLError",
     "MethodNotAllowedError",
     "NetworkError",
     "NotFoundError",
@@ -595,6 +596,7 @@ class Client:
         options: dict[str, Any] | None = None,
         tools: list[Any] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Any:
@@ -606,6 +608,7 @@ class Client:
             options,
             tools=tools,
             tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
             response_format=response_format,
             metadata=metadata,
         )
@@ -714,6 +717,7 @@ class AsyncClient:
         options: dict[str, Any] | None = None,
         tools: list[Any] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Any:
@@ -725,6 +729,7 @@ class AsyncClient:
             options,
             tools=tools,
             tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
             response_format=response_format,
             metadata=metadata,
         )

@@ -181,6 +181,44 @@ def test_the_codes_the_server_may_send_have_their_exceptions() -> None:
     assert "TimeoutError" in sc.__all__ and "httpx" not in sc.__all__
 
 
+def test_every_error_class_is_exported() -> None:
+    # InvalidURLError, documented, was left out: `from stella.client import *` missed it.
+    errors = {
+        name
+        for name, value in vars(sc).items()
+        if isinstance(value, type) and issubclass(value, sc.StellaClientError)
+    }
+    assert errors <= set(sc.__all__), errors - set(sc.__all__)
+
+
+async def test_parallel_tool_calls_reaches_the_upstream() -> None:
+    # A native request field the client had no way to send.
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    up = FakeOpenAI()
+    with serve(up.app) as up_url:
+        config = {
+            "backends": {"up": {"kind": "openai", "base_url": up_url + "/v1"}},
+            "models": {"routes": {"gpt": {"backend": "up", "upstream_model": "two-tools"}}},
+        }
+        with run_stella(config) as server:
+            msgs = _say("Paris and Oslo?")
+            with sc.Client(server.url) as c:
+                assert len(c.chat(msgs, "gpt", tools=tools).message.tool_calls) == 2
+                assert "parallel_tool_calls" not in up.requests[-1]  # unset: not sent
+                one = c.chat(msgs, "gpt", tools=tools, parallel_tool_calls=False)
+                assert len(one.message.tool_calls) == 1
+                assert up.requests[-1]["parallel_tool_calls"] is False
+            async with sc.AsyncClient(server.url) as ac:
+                stream = await ac.chat(
+                    msgs, "gpt", stream=True, tools=tools, parallel_tool_calls=False
+                )
+                calls = [e async for e in stream if type(e).__name__ == "ToolCall"]
+                assert len(calls) == 1 and up.requests[-1]["parallel_tool_calls"] is False
+
+
 def test_an_answer_goes_back_into_the_next_turn(stella: LiveServer) -> None:
     from stella.protocol import Message
 
