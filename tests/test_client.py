@@ -404,6 +404,11 @@ def _misbehaving_app() -> Any:
             return Response(b'{"message":{"role":"assistant","content":"\xff"}}')
         elif content == "bad-gzip":
             return Response(b"not-gzip", headers={"content-encoding": "gzip"})
+        elif content == "redirect":  # a proxy that serves https:// only
+            where = {"location": "https://proxy.example/api/v1/chat", "x-request-id": "req_moved"}
+            return Response(b"", status_code=308, headers=where)
+        elif content == "empty":
+            return Response(b"")
         elif content == "bad-utf8-stream":
             lines = [
                 b'{"type":"start","id":"r4","model":"m","backend":"b","created":1.0}\n',
@@ -524,6 +529,40 @@ async def test_a_protocol_error_carries_the_answers_status(odd_server: str) -> N
                 pass
         assert astreamed.value.status == 200
     sync.close()
+
+
+async def test_a_redirect_or_an_empty_body_is_a_protocol_error_streamed_or_not(
+    odd_server: str,
+) -> None:
+    # Streamed, both were a NetworkError with status 0: "ended without a done or error
+    # line"; without stream a ProtocolError with the status.
+    async def raised(text: str, stream: bool, asynchronous: bool) -> sc.StellaClientError:
+        try:
+            if asynchronous:
+                async with sc.AsyncClient(odd_server) as ac:
+                    answer = await ac.chat(_say(text), stream=stream)
+                    if stream:
+                        async for _ in answer:
+                            pass
+            else:
+                with sc.Client(odd_server) as c:
+                    answer = c.chat(_say(text), stream=stream)
+                    if stream:
+                        list(answer)
+        except sc.StellaClientError as exc:
+            return exc
+        raise AssertionError(f"{text}: no error")
+
+    for stream in (False, True):
+        for asynchronous in (False, True):
+            moved = await raised("redirect", stream, asynchronous)
+            assert isinstance(moved, sc.ProtocolError), (stream, asynchronous, moved)
+            assert moved.code == "bad_response" and moved.status == 308
+            assert "redirect to https://proxy.example/api/v1/chat" in moved.message
+            assert moved.request_id == "req_moved"
+            empty = await raised("empty", stream, asynchronous)
+            assert isinstance(empty, sc.ProtocolError), (stream, asynchronous, empty)
+            assert empty.code == "bad_response" and empty.status == 200
 
 
 def test_the_clients_timeout_error_is_the_builtin_one_too(stella: LiveServer) -> None:
