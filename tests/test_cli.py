@@ -338,3 +338,26 @@ def test_ctrl_c_while_keys_hash_waits_for_stdin_exits_130_quietly() -> None:
             proc.wait(10)
     assert proc.returncode == 130, err  # it died of the signal after a traceback
     assert err == "" and out == ""
+
+
+@pytest.mark.parametrize("decoder", ["utf-8:strict", "utf-8:surrogateescape"])
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["chat", "--url", "http://127.0.0.1:9"], "stella: the prompt on stdin is not UTF-8 text"),
+        (["keys", "hash"], "stella: the key on stdin is not UTF-8 text"),
+    ],
+)
+def test_stdin_that_is_not_utf8_is_one_line(decoder: str, args: list[str], line: str) -> None:
+    # A strict decoder (a UTF-8 locale's) raised a UnicodeDecodeError traceback; a lax
+    # one (the C locale's) sent chat's escapes on, to fail as "invalid_request".
+    env = {"PATH": "/usr/bin:/bin", "PYTHONIOENCODING": decoder}
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", *args],
+        input=b"\xff\xfe bad\n",
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.decode().splitlines() == [line] and out.stdout == b""
