@@ -45,8 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     stdout = sys.stdout
-    if stdout is not None:  # None: started with fd 1 closed
-        sys.stdout = Output(stdout)
+    sys.stdout = Output(stdout)  # stdout None (started with fd 1 closed): writes fail
     try:
         code = int(args.run(args) or 0)
         # A block-buffered stdout (a file, a pipe) writes here, where a failure can still

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from tests.live import stella_cli as stella
-from tests.live import stella_to_dev_full, stella_without_stdin, wait_in_kernel
+from tests.live import (
+    stella_to_dev_full,
+    stella_without_stdin,
+    stella_without_stdout,
+    wait_in_kernel,
+)
 
 
 def test_a_bad_concurrency_list_is_a_usage_error() -> None:
@@ -361,3 +366,10 @@ def test_stdin_that_is_not_utf8_is_one_line(decoder: str, args: list[str], line:
     )
     assert out.returncode == 2, out.stderr
     assert out.stderr.decode().splitlines() == [line] and out.stdout == b""
+
+
+def test_output_with_stdout_closed_is_one_line_and_exit_1() -> None:
+    # `print` to a None sys.stdout says nothing; the flush after it was an AttributeError.
+    out = stella_without_stdout("config")
+    assert out.returncode == 1
+    assert out.stderr == "stella: cannot write output: stdout is closed\n"

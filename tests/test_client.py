@@ -26,6 +26,7 @@ from tests.live import (
     run_stella,
     stella_cli,
     stella_to_dev_full,
+    stella_without_stdout,
     wait_in_kernel,
 )
 
@@ -585,6 +586,20 @@ def test_cli_output_that_cannot_be_written_is_said_so(stella: LiveServer, unbuff
     error = "stella: cannot write output: No space left on device"
     for args in (["models"], ["models", "--json"], ["chat", "-m", "echo", "hi"]):
         assert stella_to_dev_full(*args, unbuffered=unbuffered, env=env) == ["1", error], args
+
+
+def test_cli_chat_output_stdout_cannot_take_is_said_so(stella: LiveServer) -> None:
+    # A UnicodeEncodeError traceback (stdout's encoding without the answer's emoji), and
+    # an AttributeError one (stdout closed: sys.stdout is None).
+    env = {"PATH": "/usr/bin:/bin", "STELLA_URL": stella.url, "PYTHONIOENCODING": "ascii"}
+    out = stella_cli("chat", "-m", "echo", "party \N{PARTY POPPER}", env=env)
+    assert out.returncode == 1 and out.stdout == "party", out.stderr
+    assert out.stderr == (
+        "stella: cannot write output: stdout's encoding (ascii) has no '\\U0001f389'\n"
+    )
+    closed = stella_without_stdout("chat", "-m", "echo", "hi", env={"STELLA_URL": stella.url})
+    assert closed.returncode == 1
+    assert closed.stderr == "stella: cannot write output: stdout is closed\n"
 
 
 def test_ctrl_c_while_models_waits_on_a_hung_server_exits_130_quietly() -> None:
