@@ -2,6 +2,9 @@
 
 import sys
 
-from stella.cli import main
+try:
+    from stella.cli import main
+except KeyboardInterrupt:  # Ctrl-C while it loads: exit 130 and no traceback, as in main()
+    sys.exit(130)
 
 sys.exit(main())

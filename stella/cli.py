@@ -39,15 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `stella` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "run", None):
-        parser.print_help()
-        return 2
     stdout = sys.stdout
-    if stdout is not None:  # None: started with fd 1 closed
-        sys.stdout = Output(stdout)
+    sys.stdout = Output(stdout)  # stdout None (started with fd 1 closed): writes fail
     try:
+        # In the try: a Ctrl-C while the commands load is a Ctrl-C like any other.
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "run", None):
+            parser.print_help()
+            return 2
         code = int(args.run(args) or 0)
         # A block-buffered stdout (a file, a pipe) writes here, where a failure can still
         # be said in one line, not at exit as an "Exception ignored" and exit 120.

@@ -272,6 +272,22 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, float(math.ceil(at.timestamp() - time.time())))
 
 
+def _redirect(response: httpx.Response, url: str) -> ProtocolError | None:
+    """A 3xx as the error it is (a proxy sending http:// on to https://, say): the client
+    follows no redirect, so its body was read as an answer that is not stella's."""
+    if not 300 <= response.status_code < 400:
+        return None
+    where = response.headers.get("location")
+    to = f" to {_shown(where)}" if where else ""
+    return ProtocolError(
+        f"{url} answered {response.status_code} {response.reason_phrase}, a redirect{to}; "
+        "the client follows none: give the URL it points to as the base URL",
+        status=response.status_code,
+        code="bad_response",
+        request_id=response.headers.get("x-request-id", ""),
+    )
+
+
 def _inband(event: Error, request_id: str) -> StellaClientError:
     return BY_CODE.get(event.code, StellaClientError)(
         event.message, code=event.code, request_id=request_id, retryable=event.retryable
@@ -304,6 +320,7 @@ class _Lines:
         self.request_id = request_id
         self.status = 0  # the stream's HTTP status, for a ProtocolError to carry
         self.ended = False
+        self.seen = False  # a line came: the body was a stream, if cut short
 
     def named(self, exc: StellaClientError) -> StellaClientError:
         """`exc` carrying the stream's request ID once it is known (a timeout or a broken
@@ -314,6 +331,7 @@ class _Lines:
 
     def event(self, line: bytes) -> Any:
         """The line's event, or None for a line to skip."""
+        self.seen = True
         try:
             event = _event.decode(line)
         except msgspec.ValidationError as exc:
@@ -339,6 +357,14 @@ class _Lines:
 
     def end(self) -> None:
         """Raise unless the stream ended with its terminal line (the protocol's promise)."""
+        if not self.seen:
+            # stella sends its start line at once: an empty body (a proxy's bare 200, a
+            # 204) is an answer that is not stella's, as it is to a call without stream.
+            raise ProtocolError(
+                f"{self.url} did not answer in stella's protocol: an empty body",
+                status=self.status,
+                code="bad_response",
+            )
         if not self.ended:
             raise NetworkError(
                 f"the stream from {self.url} ended without a done or error line",
@@ -364,6 +390,7 @@ __all__ = [
     "ConflictError",
     "ContextLengthError",
     "InternalServerError",
+    "InvalidURLError",
     "MethodNotAllowedError",
     "NetworkError",
     "NotFoundError",
@@ -559,6 +586,8 @@ class Client:
             r.read()
         if r.status_code >= 400:
             raise error_for(r, r.content)
+        if redirect := _redirect(r, self.url):
+            raise redirect
         return r
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
@@ -575,6 +604,8 @@ class Client:
                 answer.status = lines.status = r.status_code
                 if r.status_code >= 400:
                     raise error_for(r, r.read())
+                if redirect := _redirect(r, self.url):
+                    raise redirect
                 lines.request_id = r.headers.get("x-request-id", "")
                 for line in _byte_lines(r.iter_bytes()):
                     if line.strip():
@@ -595,6 +626,7 @@ class Client:
         options: dict[str, Any] | None = None,
         tools: list[Any] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Any:
@@ -606,6 +638,7 @@ class Client:
             options,
             tools=tools,
             tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
             response_format=response_format,
             metadata=metadata,
         )
@@ -678,6 +711,8 @@ class AsyncClient:
                 await r.aread()
         if r.status_code >= 400:
             raise error_for(r, r.content)
+        if redirect := _redirect(r, self.url):
+            raise redirect
         return r
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
@@ -694,6 +729,8 @@ class AsyncClient:
                     answer.status = lines.status = r.status_code
                     if r.status_code >= 400:
                         raise error_for(r, await r.aread())
+                    if redirect := _redirect(r, self.url):
+                        raise redirect
                     lines.request_id = r.headers.get("x-request-id", "")
                     async for line in _abyte_lines(r.aiter_bytes()):
                         if line.strip():
@@ -714,6 +751,7 @@ class AsyncClient:
         options: dict[str, Any] | None = None,
         tools: list[Any] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Any:
@@ -725,6 +763,7 @@ class AsyncClient:
             options,
             tools=tools,
             tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
             response_format=response_format,
             metadata=metadata,
         )

@@ -250,10 +250,25 @@ def stella_to_dev_full(
 
 def stella_without_stdin(*args: str) -> subprocess.CompletedProcess[str]:
     """Run `python -m stella ARGS` with fd 0 closed (Python's sys.stdin is then None)."""
+    return _stella_with_closed(0, args)
+
+
+def stella_without_stdout(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m stella ARGS` with fd 1 closed (Python's sys.stdout is then None)."""
+    return _stella_with_closed(1, args, env)
+
+
+def _stella_with_closed(
+    fd: int, args: tuple[str, ...], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m stella ARGS` with file descriptor `fd` closed."""
     quoted = " ".join(shlex.quote(a) for a in args)
     return subprocess.run(
-        ["sh", "-c", f'exec "{sys.executable}" -m stella {quoted} <&-'],
+        ["sh", "-c", f'exec "{sys.executable}" -m stella {quoted} {fd}<&-'],
         capture_output=True,
         text=True,
+        env=env,
         timeout=60,
     )

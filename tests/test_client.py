@@ -26,6 +26,7 @@ from tests.live import (
     run_stella,
     stella_cli,
     stella_to_dev_full,
+    stella_without_stdout,
     wait_in_kernel,
 )
 
@@ -179,6 +180,44 @@ def test_the_codes_the_server_may_send_have_their_exceptions() -> None:
         r = httpx.Response(status, json={"error": {"code": code, "message": "m"}})
         assert isinstance(sc.error_for(r, r.content), cls)
     assert "TimeoutError" in sc.__all__ and "httpx" not in sc.__all__
+
+
+def test_every_error_class_is_exported() -> None:
+    # InvalidURLError, documented, was left out: `from stella.client import *` missed it.
+    errors = {
+        name
+        for name, value in vars(sc).items()
+        if isinstance(value, type) and issubclass(value, sc.StellaClientError)
+    }
+    assert errors <= set(sc.__all__), errors - set(sc.__all__)
+
+
+async def test_parallel_tool_calls_reaches_the_upstream() -> None:
+    # A native request field the client had no way to send.
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    up = FakeOpenAI()
+    with serve(up.app) as up_url:
+        config = {
+            "backends": {"up": {"kind": "openai", "base_url": up_url + "/v1"}},
+            "models": {"routes": {"gpt": {"backend": "up", "upstream_model": "two-tools"}}},
+        }
+        with run_stella(config) as server:
+            msgs = _say("Paris and Oslo?")
+            with sc.Client(server.url) as c:
+                assert len(c.chat(msgs, "gpt", tools=tools).message.tool_calls) == 2
+                assert "parallel_tool_calls" not in up.requests[-1]  # unset: not sent
+                one = c.chat(msgs, "gpt", tools=tools, parallel_tool_calls=False)
+                assert len(one.message.tool_calls) == 1
+                assert up.requests[-1]["parallel_tool_calls"] is False
+            async with sc.AsyncClient(server.url) as ac:
+                stream = await ac.chat(
+                    msgs, "gpt", stream=True, tools=tools, parallel_tool_calls=False
+                )
+                calls = [e async for e in stream if type(e).__name__ == "ToolCall"]
+                assert len(calls) == 1 and up.requests[-1]["parallel_tool_calls"] is False
 
 
 def test_an_answer_goes_back_into_the_next_turn(stella: LiveServer) -> None:
@@ -366,6 +405,11 @@ def _misbehaving_app() -> Any:
             return Response(b'{"message":{"role":"assistant","content":"\xff"}}')
         elif content == "bad-gzip":
             return Response(b"not-gzip", headers={"content-encoding": "gzip"})
+        elif content == "redirect":  # a proxy that serves https:// only
+            where = {"location": "https://proxy.example/api/v1/chat", "x-request-id": "req_moved"}
+            return Response(b"", status_code=308, headers=where)
+        elif content == "empty":
+            return Response(b"")
         elif content == "bad-utf8-stream":
             lines = [
                 b'{"type":"start","id":"r4","model":"m","backend":"b","created":1.0}\n',
@@ -488,6 +532,40 @@ async def test_a_protocol_error_carries_the_answers_status(odd_server: str) -> N
     sync.close()
 
 
+async def test_a_redirect_or_an_empty_body_is_a_protocol_error_streamed_or_not(
+    odd_server: str,
+) -> None:
+    # Streamed, both were a NetworkError with status 0: "ended without a done or error
+    # line"; without stream a ProtocolError with the status.
+    async def raised(text: str, stream: bool, asynchronous: bool) -> sc.StellaClientError:
+        try:
+            if asynchronous:
+                async with sc.AsyncClient(odd_server) as ac:
+                    answer = await ac.chat(_say(text), stream=stream)
+                    if stream:
+                        async for _ in answer:
+                            pass
+            else:
+                with sc.Client(odd_server) as c:
+                    answer = c.chat(_say(text), stream=stream)
+                    if stream:
+                        list(answer)
+        except sc.StellaClientError as exc:
+            return exc
+        raise AssertionError(f"{text}: no error")
+
+    for stream in (False, True):
+        for asynchronous in (False, True):
+            moved = await raised("redirect", stream, asynchronous)
+            assert isinstance(moved, sc.ProtocolError), (stream, asynchronous, moved)
+            assert moved.code == "bad_response" and moved.status == 308
+            assert "redirect to https://proxy.example/api/v1/chat" in moved.message
+            assert moved.request_id == "req_moved"
+            empty = await raised("empty", stream, asynchronous)
+            assert isinstance(empty, sc.ProtocolError), (stream, asynchronous, empty)
+            assert empty.code == "bad_response" and empty.status == 200
+
+
 def test_the_clients_timeout_error_is_the_builtin_one_too(stella: LiveServer) -> None:
     # `from stella.client import *` shadows the builtin: an `except TimeoutError` meant
     # for either catches both.
@@ -508,6 +586,20 @@ def test_cli_output_that_cannot_be_written_is_said_so(stella: LiveServer, unbuff
     error = "stella: cannot write output: No space left on device"
     for args in (["models"], ["models", "--json"], ["chat", "-m", "echo", "hi"]):
         assert stella_to_dev_full(*args, unbuffered=unbuffered, env=env) == ["1", error], args
+
+
+def test_cli_chat_output_stdout_cannot_take_is_said_so(stella: LiveServer) -> None:
+    # A UnicodeEncodeError traceback (stdout's encoding without the answer's emoji), and
+    # an AttributeError one (stdout closed: sys.stdout is None).
+    env = {"PATH": "/usr/bin:/bin", "STELLA_URL": stella.url, "PYTHONIOENCODING": "ascii"}
+    out = stella_cli("chat", "-m", "echo", "party \N{PARTY POPPER}", env=env)
+    assert out.returncode == 1 and out.stdout == "party", out.stderr
+    assert out.stderr == (
+        "stella: cannot write output: stdout's encoding (ascii) has no '\\U0001f389'\n"
+    )
+    closed = stella_without_stdout("chat", "-m", "echo", "hi", env={"STELLA_URL": stella.url})
+    assert closed.returncode == 1
+    assert closed.stderr == "stella: cannot write output: stdout is closed\n"
 
 
 def test_ctrl_c_while_models_waits_on_a_hung_server_exits_130_quietly() -> None:
@@ -698,9 +790,9 @@ def test_text_that_is_not_unicode_is_a_bad_request() -> None:
         capture_output=True,
         timeout=60,
     )
-    assert out.returncode == 1, out.stderr
-    err = out.stderr.decode().strip()
-    assert err.splitlines() == [err] and err.startswith("stella: invalid_request: ")
+    # Said of stdin, as `keys hash` does, not sent on to fail as invalid_request.
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.decode() == "stella: the prompt on stdin is not UTF-8 text\n"
 
 
 async def test_a_timeout_mid_stream_names_the_request(stella: LiveServer) -> None:

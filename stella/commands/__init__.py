@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
@@ -47,20 +48,29 @@ class Output:
     """stdout for a command: its write errors raise OutputError. A reader that left
     (`| head`) stays a BrokenPipeError, which the CLI ends quietly."""
 
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream  # None: the process started with fd 1 closed (`>&-`)
 
     def write(self, text: str) -> int:
         """Write `text`, as the stream does."""
+        if self._stream is None:
+            raise OutputError(errno.EBADF, "stdout is closed")
         try:
             return self._stream.write(text)
         except BrokenPipeError:
             raise
         except OSError as exc:
             raise OutputError(*exc.args) from exc
+        except UnicodeEncodeError as exc:  # PYTHONIOENCODING=ascii, a Latin-1 locale
+            what = ascii(exc.object[exc.start : exc.end])
+            raise OutputError(
+                errno.EILSEQ, f"stdout's encoding ({exc.encoding}) has no {what}"
+            ) from exc
 
     def flush(self) -> None:
         """Flush the stream, as it does."""
+        if self._stream is None:
+            return  # nothing was written
         try:
             self._stream.flush()
         except BrokenPipeError:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import signal
 import sys
@@ -254,6 +253,8 @@ def _run(args: argparse.Namespace) -> int:
         from stella.bench.mlx import table as mlx_table
 
         return _show(args, compare_mlx(tokens=args.tokens, runs=args.runs), mlx_table)
+    import asyncio  # here, not at the top: every command's start-up imports this module
+
     from stella.bench.loadgen import run_load
 
     if args.body:

@@ -41,10 +41,14 @@ def run(args: argparse.Namespace) -> int:
             print("stella: reading the prompt from stdin; end it with Ctrl-D", file=sys.stderr)
         try:
             prompt = sys.stdin.read()
+            prompt.encode()  # bytes the decoder let through as surrogates
         except KeyboardInterrupt:  # as mid-stream: exit 130, no traceback
             if typing:  # the shell's prompt on a line of its own, after the terminal's "^C"
                 print(file=sys.stderr)
             return 130
+        except UnicodeError:  # a strict decoder (a UTF-8 locale) raises, a lax one escapes
+            print(f"stella: the prompt on stdin is not {_encoding()} text", file=sys.stderr)
+            return 2
     if not prompt.strip():
         print("stella: nothing to send", file=sys.stderr)
         return 2
@@ -96,3 +100,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _encoding() -> str:
+    """The name of stdin's encoding as people write it ("UTF-8", not "utf-8")."""
+    import codecs
+
+    name = codecs.lookup(getattr(sys.stdin, "encoding", None) or "utf-8").name
+    return "UTF-8" if name == "utf-8" else name

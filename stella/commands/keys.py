@@ -47,7 +47,11 @@ def run(args: argparse.Namespace) -> int:
     from stella.auth import KEY_NAME_RULE, hash_key, is_key_name, new_key
 
     if args.action == "hash":
-        key = sys.stdin.readline().strip() if sys.stdin is not None else ""  # None: fd 0 closed
+        try:
+            key = sys.stdin.readline().strip() if sys.stdin is not None else ""  # None: fd 0 closed
+        except UnicodeDecodeError:  # a strict decoder (a UTF-8 locale); a lax one escapes
+            print("stella: the key on stdin is not UTF-8 text", file=sys.stderr)
+            return 2
         if not key:
             print("stella: no key on stdin", file=sys.stderr)
             return 2

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
+if TYPE_CHECKING:  # uvicorn loads with `serve` alone: every command's start-up builds this module
+    import uvicorn
 
 NAME = "serve"
 HELP = "run the gateway on uvicorn (server.workers processes; PORT and STELLA_* configure it)"
@@ -33,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     import msgspec
+    import uvicorn
 
     from stella.app import create_app
     from stella.backends import ConfigError
@@ -103,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     # "serving on" or a model load.
     sock = config.bind_socket()
     print(announce, file=sys.stderr, flush=True)
-    server = Server(config)
+    server = _server(config)
     server.run(sockets=[sock])
     return 0 if server.started else 1
 
@@ -129,6 +128,7 @@ def _supervise(
     """
     import os
 
+    import uvicorn
     from uvicorn.supervisors import ChangeReload
 
     from stella import logs
@@ -160,7 +160,7 @@ def _supervise(
         )
     code = 0
     if reload:
-        ChangeReload(config, target=Server(config).run, sockets=[sock]).run()
+        ChangeReload(config, target=_server(config).run, sockets=[sock]).run()
     else:
         supervisor = Workers(config, sockets=[sock])
         supervisor.run()
@@ -180,18 +180,8 @@ def _http_protocol(coalesce: bool) -> Any:
     return HttpToolsProtocol if coalesce else BodyDeadlineProtocol
 
 
-class Server(uvicorn.Server):
-    """uvicorn's server, except that a SIGTERM ends in exit 0 after the drain."""
+def _server(config: uvicorn.Config) -> uvicorn.Server:
+    """stella's uvicorn server (its module loads uvicorn, which `serve` alone needs)."""
+    from stella.commands.uvicorn_server import Server
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        """Handle SIGINT/SIGTERM without re-raising them after shutdown."""
-        # uvicorn re-raises the signal once it has shut down (exit 143); a gateway
-        # that drained its streams has finished its work and exits 0.
-        sigs = (signal.SIGINT, signal.SIGTERM)
-        original = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
-        try:
-            yield
-        finally:
-            for sig, handler in original.items():
-                signal.signal(sig, handler)
+    return Server(config)
