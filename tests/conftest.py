@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import pytest
 
 from tests.live import LiveServer, run_stella
+
+# A suite started with SIGINT ignored (a background job of a shell without job control)
+# would hand that to every command it starts, and Python keeps ignoring SIGINT for good
+# when it starts so: the Ctrl-C tests' children would never see theirs. Handled here, it
+# is default again in each child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Routes every foundation test may use: a plain echo plus echo with each failure knob.
 ECHO_ROUTES = {
