@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -112,6 +113,23 @@ class Workers(Multiprocess):
         # uvicorn makes its workers (at start, on SIGHUP, on SIGTTIN) from this module
         # name: this process supervises, nothing else in it makes uvicorn workers.
         multiprocess.Process = Worker  # type: ignore[misc]
+
+    def run(self) -> None:
+        """Supervise the workers until told to stop, their stdout lines kept whole."""
+        # One stdout for all: each process takes this file's lock around each write to
+        # it (stella.logs), so no worker's line lands inside another's. The file goes
+        # with the supervisor; a worker still writing keeps its open descriptor.
+        with tempfile.TemporaryDirectory(prefix="stella-") as tmp:
+            lock = os.path.join(tmp, "stdout.lock")
+            with open(lock, "wb"):
+                pass
+            os.environ[logs.STDOUT_LOCK_VARIABLE] = lock
+            if (sink := logs.sink()) is not None:
+                sink.share_stdout(lock)  # its own lines (worker_died) too
+            try:
+                super().run()
+            finally:
+                os.environ.pop(logs.STDOUT_LOCK_VARIABLE, None)
 
     def terminate_all(self) -> None:
         """Tell every worker to stop, then stop listening."""
