@@ -181,6 +181,10 @@ HANDOVER_S = 0.01
 # and counted, so a stalled terminal or disk holds at most this much memory. In bytes,
 # not lines: with `log.content` one line can hold a whole request.
 MAX_BACKLOG_BYTES = 32 << 20
+# The path of the file whose lock the processes of one server (its supervisor and its
+# workers, which share one stdout) take around each write to stdout; set by the
+# supervisor, unset with one process.
+STDOUT_LOCK_VARIABLE = "STELLA_STDOUT_LOCK"
 
 
 def _default(obj: Any) -> Any:
@@ -313,6 +317,7 @@ class LogSink:
         audit_path: str = "",
         secrets: Iterable[str] = (),
         max_backlog: int = MAX_BACKLOG_BYTES,
+        stdout_lock: str = "",
     ) -> None:
         self.fmt = fmt
         self.stream = stream if stream is not None else sys.stdout.buffer
@@ -327,6 +332,9 @@ class LogSink:
         self.listeners: list[Callable[[dict[str, Any]], None]] = []
         self._audit: IO[bytes] | None = None
         self._audit_fresh = False  # just opened: its last line not looked at yet
+        self._stdout_lock: int | None = None
+        if stdout_lock:
+            self.share_stdout(stdout_lock)
         self._batch: list[bytes] = []
         self._audit_batch: list[bytes] = []
         self._safe_keys: set[Any] = set()
@@ -342,6 +350,18 @@ class LogSink:
             if audit_path
             else None
         )
+
+    def share_stdout(self, lock_path: str) -> None:
+        """Write each batch to stdout under an exclusive lock on the file at `lock_path`,
+        which every other process writing to the same stdout takes too (see
+        _write_stdout); without the file, stdout is written unlocked as before. Once:
+        the writer thread may be using the descriptor."""
+        if self._stdout_lock is not None:
+            return
+        with contextlib.suppress(OSError):
+            # A descriptor of its own (not inherited): flock excludes another process
+            # only through another open file description.
+            self._stdout_lock = os.open(lock_path, os.O_RDWR)
 
     def add_secrets(self, values: Iterable[str]) -> None:
         """Mask these values wherever they appear in a log line."""
@@ -500,11 +520,45 @@ class LogSink:
             w.stop()
         for w in writers:
             w.thread.join(max(0.0, deadline - time.monotonic()))
+        if self._stdout_lock is not None and not self._out.thread.is_alive():
+            with contextlib.suppress(OSError):
+                os.close(self._stdout_lock)
+            self._stdout_lock = None
         return not any(w.thread.is_alive() for w in writers)
 
     def _write_stdout(self, data: bytes) -> None:
-        self.stream.write(data)
-        self.stream.flush()
+        """Write a batch to stdout, whole, under the shared lock when there is one.
+
+        Several workers share one stdout: a write to a pipe stays whole only up to
+        PIPE_BUF (4 KiB), and a batch, or one line with `log.content`, can be far more
+        than the pipe holds; another worker's lines would land in the middle of it. The
+        lock is waited for as long as it takes, as a blocked write would be (a stalled
+        reader holds up every worker alike; each one's backlog bound applies). A worker
+        that dies holding it lets go with its descriptors (the kernel's doing).
+        """
+        fd = self._stdout_lock
+        if fd is None:
+            self.stream.write(data)
+            self.stream.flush()
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # no locks on the lock file's file system: written unlocked
+            self.stream.write(data)
+            self.stream.flush()
+            return
+        try:
+            # Byte 0 of the lock file is 1 while a batch is being written: still 1, the
+            # last writer died or failed part-way, and its cut line ends here first.
+            if os.pread(fd, 1, 0) == b"1":
+                data = b"\n" + data
+            os.pwrite(fd, b"1", 0)
+            self.stream.write(data)
+            self.stream.flush()
+            os.pwrite(fd, b"0", 0)
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _write_audit(self, data: bytes) -> None:
         """Append whole lines. Each batch is written under an exclusive lock on the file
@@ -737,7 +791,13 @@ def configure(
     _level = LEVELS.get(level, 20)
     if _sink is not None:
         _sink.close()
-    _sink = LogSink(fmt=fmt, stream=stream, audit_path=audit_path, secrets=secrets)
+    _sink = LogSink(
+        fmt=fmt,
+        stream=stream,
+        audit_path=audit_path,
+        secrets=secrets,
+        stdout_lock=os.environ.get(STDOUT_LOCK_VARIABLE, ""),
+    )
     sink = _sink
     structlog.configure(
         processors=[

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -152,6 +153,38 @@ def test_draining_workers_refuse_new_connections_at_once() -> None:
             assert time.monotonic() - started < 1
             rest = [json.loads(x) for x in lines]
         assert rest[-1]["type"] == "done"  # the running stream still ended whole
+        assert server.stop() == 0
+
+
+def test_workers_stop_listening_as_soon_as_sigterm_comes() -> None:
+    """The supervisor answers SIGTERM at once, not at its next look at the signals (uvicorn
+    looks every half second): new connections are refused within a worker's own tick."""
+    with run_stella({"server": {"workers": 2}}) as server:
+        _workers_started(server)
+        # Its health check of the workers (a write to each, every half second) starts a
+        # wait of the supervisor: a signal just after one is the one it would see last.
+        io = Path(f"/proc/{server.proc.pid}/io")
+
+        def writes() -> int:
+            return int(io.read_text().split("syscw:")[1].split()[0])
+
+        checked = writes()
+        deadline = time.monotonic() + 10
+        while writes() == checked:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        time.sleep(0.02)  # past the health check
+        sent = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+            except ConnectionRefusedError:
+                break
+            assert time.monotonic() - sent < 10
+            time.sleep(0.002)
+        refused = time.monotonic() - sent
+        assert refused < 0.3, refused
         assert server.stop() == 0
 
 

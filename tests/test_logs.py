@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -866,3 +869,125 @@ def test_each_admin_routing_change_is_one_event_with_its_outcome() -> None:
             ("register", "rt3", None, "invalid_request", "ops", rids[8]),  # its body was read
         ]
         assert KEY not in "\n".join(server.lines())
+
+
+def test_workers_on_one_stdout_pipe_never_tear_each_others_lines(tmp_path: Path) -> None:
+    """`stella serve --workers 2 | slow reader`: lines of tens of KB (log.content), more
+    than a pipe holds, and two workers writing at once; every line arrives whole."""
+    port = free_port()
+    conf = tmp_path / "stella.toml"
+    config = {"server": {"workers": 2}, "log": {"content": True}}
+    conf.write_text(to_toml(merge(NO_MLX, config)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env.update({"STELLA_CONFIG": str(conf), "PORT": str(port)})
+    with (tmp_path / "stderr.log").open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stella", "serve", "--log-format", "json"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+            cwd=tmp_path,
+        )
+    assert proc.stdout is not None
+    out = bytearray()
+
+    def read_slowly(pipe: Any) -> None:
+        # A page at a time, with a pause: each worker's write blocks part-way through a
+        # line while the pipe is full, and the other's is waiting too.
+        while chunk := os.read(pipe.fileno(), 4096):
+            out.extend(chunk)
+            time.sleep(0.001)
+
+    reader = threading.Thread(target=read_slowly, args=(proc.stdout,), daemon=True)
+    reader.start()
+    url = f"http://127.0.0.1:{port}"
+    clients, each = 8, 6
+    try:
+        deadline = time.monotonic() + 60
+        while bytes(out).count(b'"event":"started"') < 2:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+
+        def chat(n: int) -> None:
+            text = f"client {n} " + "lorem ipsum " * 3000  # ~36 KB, twice in the line
+            body = {
+                "model": "echo",
+                "stream": False,
+                "messages": [{"role": "user", "content": text}],
+            }
+            with httpx.Client(base_url=url, timeout=30) as client:  # one connection, one worker
+                for _ in range(each):
+                    assert client.post("/api/v1/chat", json=body).status_code == 200
+
+        threads = [threading.Thread(target=chat, args=(n,)) for n in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        reader.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        proc.stdout.close()
+    bad, events = [], []
+    for line in bytes(out).splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            bad.append(line[:80])
+    assert not bad, f"{len(bad)} torn lines: {bad[:3]}"
+    inferences = [e for e in events if e["event"] == "inference"]
+    assert len(inferences) == clients * each
+    assert len({e["pid"] for e in events if e["event"] == "started"}) == 2
+
+
+def test_a_line_a_killed_worker_left_cut_short_on_stdout_ends_before_the_next(
+    tmp_path: Path,
+) -> None:
+    # A worker is killed half-way through a line longer than the pipe holds (its reader
+    # was slow): the next process to write ends that line first, so its own is whole.
+    import fcntl
+    import termios
+
+    lock = tmp_path / "stdout.lock"
+    lock.write_bytes(b"")
+    r, w = os.pipe()
+    script = f"""
+from stella import logs
+sink = logs.LogSink(stdout_lock={str(lock)!r})
+sink.emit("inference", {{"n": 1, "prompt": "x" * 200_000}})
+sink.flush(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=w)
+    try:
+        deadline = time.monotonic() + 30
+        size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+        while int.from_bytes(fcntl.ioctl(r, termios.FIONREAD, b"\0" * 4), sys.byteorder) < size:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        proc.kill()  # the pipe is full: the write blocked in the middle of the line
+        proc.wait(10)
+        cut = b""
+        os.set_blocking(r, False)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(r, 65536):
+                cut += chunk
+        assert cut.startswith(b'{"n":1') and b"\n" not in cut
+        with os.fdopen(w, "wb") as out:
+            sink = logs.LogSink(stream=out, stdout_lock=str(lock))
+            sink.emit("inference", {"n": 2})
+            assert sink.close()
+        os.set_blocking(r, True)
+        rest = b""
+        while chunk := os.read(r, 65536):
+            rest += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(r)
+    assert rest.startswith(b"\n")
+    assert json.loads(rest.splitlines()[1])["n"] == 2

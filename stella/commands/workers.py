@@ -7,11 +7,13 @@ import ctypes
 import json
 import multiprocessing
 import os
+import select
 import signal
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from uvicorn.config import STARTUP_FAILURE
@@ -92,9 +94,59 @@ class Worker(Process):
             self.serving.value = 1
 
 
+class SignalWakeEvent(threading.Event):
+    """An Event whose wait, in the main thread, ends as soon as a signal arrives there
+    or it is set, not only at its timeout; within `woken()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pipe: tuple[int, int] | None = None
+
+    @contextlib.contextmanager
+    def woken(self) -> Iterator[None]:
+        """While inside: a signal handled by Python wakes `wait` (signal.set_wakeup_fd)."""
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        self._pipe = (r, w)
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(old)
+            self._pipe = None
+            os.close(r)
+            os.close(w)
+
+    def set(self) -> None:
+        """Set the flag and wake a wait in progress."""
+        super().set()
+        if (pipe := self._pipe) is not None:
+            with contextlib.suppress(OSError):
+                os.write(pipe[1], b"\0")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until set, a signal, or `timeout`; whether the flag is set."""
+        pipe = self._pipe
+        if (
+            pipe is None
+            or self.is_set()
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return super().wait(timeout)
+        # The byte a signal writes stays in the pipe until read: one that came just
+        # before this wait ends it at once, as one during it does.
+        select.select([pipe[0]], [], [], timeout)
+        with contextlib.suppress(OSError):
+            while os.read(pipe[0], 512):
+                pass
+        return self.is_set()
+
+
 class Workers(Multiprocess):
-    """uvicorn's worker supervisor, letting go of the listening socket at shutdown,
-    saying when a worker died, and stopping when one cannot start.
+    """uvicorn's worker supervisor, answering signals at once, letting go of the
+    listening socket at shutdown, saying when a worker died, and stopping when one
+    cannot start.
 
     Each worker closes its copy of the socket as it starts draining; the
     supervisor's copy kept it listening, so new connections queued where nobody
@@ -112,6 +164,29 @@ class Workers(Multiprocess):
         # uvicorn makes its workers (at start, on SIGHUP, on SIGTTIN) from this module
         # name: this process supervises, nothing else in it makes uvicorn workers.
         multiprocess.Process = Worker  # type: ignore[misc]
+        # uvicorn's loop looks at the signals it queued once per `should_exit.wait(0.5)`:
+        # a SIGTERM would go unanswered, the port still taking connections, for up to
+        # half a second. Woken by the signal, it is handled at once.
+        self._woken = SignalWakeEvent()
+        self.should_exit = self._woken
+
+    def run(self) -> None:
+        """Supervise the workers until told to stop, their stdout lines kept whole."""
+        # One stdout for all: each process takes this file's lock around each write to
+        # it (stella.logs), so no worker's line lands inside another's. The file goes
+        # with the supervisor; a worker still writing keeps its open descriptor.
+        with tempfile.TemporaryDirectory(prefix="stella-") as tmp:
+            lock = os.path.join(tmp, "stdout.lock")
+            with open(lock, "wb"):
+                pass
+            os.environ[logs.STDOUT_LOCK_VARIABLE] = lock
+            if (sink := logs.sink()) is not None:
+                sink.share_stdout(lock)  # its own lines (worker_died) too
+            try:
+                with self._woken.woken():
+                    super().run()
+            finally:
+                os.environ.pop(logs.STDOUT_LOCK_VARIABLE, None)
 
     def terminate_all(self) -> None:
         """Tell every worker to stop, then stop listening."""
