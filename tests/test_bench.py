@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from stella.bench.echo import Row, _body, measure, table
 from stella.bench.loadgen import text_lines
@@ -59,37 +60,60 @@ def test_bench_url_says_when_nothing_listens() -> None:
     assert r.returncode == 1 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
 
 
+def _upstream(port: int, **kwargs: Any) -> tuple[subprocess.Popen, dict]:
+    """`stella bench upstream` on `port`, and its answer to a chat completion."""
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stella", "bench", "upstream", "--port", str(port)], **kwargs
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={"model": "bench", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("the fake upstream did not start") from None
+            time.sleep(0.1)
+    assert r.status_code == 200
+    return proc, r.json()
+
+
 def test_bench_upstream_serves_openai_chat_completions() -> None:
     from tests.live import free_port
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stella", "bench", "upstream", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, body = _upstream(free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                r = httpx.post(
-                    f"http://127.0.0.1:{port}/v1/chat/completions",
-                    json={"model": "bench", "messages": [{"role": "user", "content": "hi"}]},
-                )
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the fake upstream did not start"
-                time.sleep(0.1)
-        body = r.json()
-        assert r.status_code == 200 and body["object"] == "chat.completion"
+        assert body["object"] == "chat.completion"
         assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] == 20
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_ctrl_c_ends_bench_upstream_with_130_as_it_ends_the_other_commands() -> None:
+    # It exited 0: uvicorn shut down on the SIGINT and returned.
+    import signal
+
+    from tests.live import free_port
+
+    proc, _ = _upstream(free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 130
+        assert proc.stderr is not None
+        assert proc.stderr.read().decode().splitlines()[-1] == "stella: interrupted"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def test_bench_asgi_measures_both_apps_in_process() -> None:
