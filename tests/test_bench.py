@@ -26,6 +26,17 @@ def test_text_lines_count_text_in_every_dialect() -> None:
     assert [text_lines(x) for x in (native, openai, ollama, generate, anthropic)] == [2, 1, 1, 1, 1]
 
 
+def test_usage_tokens_reads_a_whole_answers_generated_tokens() -> None:
+    from stella.bench.loadgen import usage_tokens
+
+    native = b'{"type":"done","usage":{"prompt_tokens":8,"completion_tokens":5}}'
+    openai = b'{"choices":[],"usage": {"prompt_tokens": 8, "completion_tokens": 20}}'
+    anthropic = b'{"content":[],"usage":{"input_tokens":8,"output_tokens":7}}'
+    ollama = b'{"message":{"content":"a"},"prompt_eval_count":8,"eval_count":3}'
+    bodies = (native, openai, anthropic, ollama, b'{"choices":[]}')
+    assert [usage_tokens(b) for b in bodies] == [5, 20, 7, 3, 0]
+
+
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "stella", "bench", "url", *args],
@@ -46,6 +57,36 @@ def test_bench_url_reports_a_bounded_run(stella: LiveServer) -> None:
         assert 0 < r["requests"] <= 60 and r["errors"] == 0
         assert r["rps"] > 0 and 0 < r["p50_ms"] <= r["p99_ms"]
         assert r["tokens_per_s"] > 0 and r["ttfb_p50_ms"] <= r["p50_ms"]
+
+
+def test_bench_url_counts_the_tokens_of_whole_answers(stella: LiveServer) -> None:
+    # Non-stream tokens/s was 0 (native) or req/s (OpenAI: one "content" per answer).
+    import httpx
+
+    from tests.live import free_port
+
+    url = stella.url + "/api/v1/chat"
+    body = {
+        "model": "echo",
+        "stream": False,
+        "messages": [{"role": "user", "content": "hello there, how are you"}],
+    }
+    tokens = httpx.post(url, json=body).json()["usage"]["completion_tokens"]
+    assert tokens > 1
+    runs = [(url, tokens, [])]
+    port = free_port()
+    proc, _ = _upstream(port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        runs.append((f"http://127.0.0.1:{port}/v1/chat/completions", 20, ["--openai"]))
+        for target, per_answer, extra in runs:
+            out = _bench(target, *extra, "-c", "2", "-n", "100", "-d", "5", "--json")
+            assert out.returncode == 0, out.stderr
+            (row,) = json.loads(out.stdout)
+            assert row["succeeded"] > 0 and row["errors"] == 0
+            assert abs(row["tokens_per_s"] - per_answer * row["rps"]) <= per_answer, row
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_bench_url_refuses_a_remote_target() -> None:
