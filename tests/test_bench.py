@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from stella.bench.echo import Row, _body, measure, table
 from stella.bench.loadgen import text_lines
@@ -23,6 +24,17 @@ def test_text_lines_count_text_in_every_dialect() -> None:
     generate = b'{"response":"a","done":false}\n{"response":"","done":true}\n'
     anthropic = b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"type":"text_delta","text":"a"}}\n\n'
     assert [text_lines(x) for x in (native, openai, ollama, generate, anthropic)] == [2, 1, 1, 1, 1]
+
+
+def test_usage_tokens_reads_a_whole_answers_generated_tokens() -> None:
+    from stella.bench.loadgen import usage_tokens
+
+    native = b'{"type":"done","usage":{"prompt_tokens":8,"completion_tokens":5}}'
+    openai = b'{"choices":[],"usage": {"prompt_tokens": 8, "completion_tokens": 20}}'
+    anthropic = b'{"content":[],"usage":{"input_tokens":8,"output_tokens":7}}'
+    ollama = b'{"message":{"content":"a"},"prompt_eval_count":8,"eval_count":3}'
+    bodies = (native, openai, anthropic, ollama, b'{"choices":[]}')
+    assert [usage_tokens(b) for b in bodies] == [5, 20, 7, 3, 0]
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -47,6 +59,36 @@ def test_bench_url_reports_a_bounded_run(stella: LiveServer) -> None:
         assert r["tokens_per_s"] > 0 and r["ttfb_p50_ms"] <= r["p50_ms"]
 
 
+def test_bench_url_counts_the_tokens_of_whole_answers(stella: LiveServer) -> None:
+    # Non-stream tokens/s was 0 (native) or req/s (OpenAI: one "content" per answer).
+    import httpx
+
+    from tests.live import free_port
+
+    url = stella.url + "/api/v1/chat"
+    body = {
+        "model": "echo",
+        "stream": False,
+        "messages": [{"role": "user", "content": "hello there, how are you"}],
+    }
+    tokens = httpx.post(url, json=body).json()["usage"]["completion_tokens"]
+    assert tokens > 1
+    runs = [(url, tokens, [])]
+    port = free_port()
+    proc, _ = _upstream(port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        runs.append((f"http://127.0.0.1:{port}/v1/chat/completions", 20, ["--openai"]))
+        for target, per_answer, extra in runs:
+            out = _bench(target, *extra, "-c", "2", "-n", "100", "-d", "5", "--json")
+            assert out.returncode == 0, out.stderr
+            (row,) = json.loads(out.stdout)
+            assert row["succeeded"] > 0 and row["errors"] == 0
+            assert abs(row["tokens_per_s"] - per_answer * row["rps"]) <= per_answer, row
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_bench_url_refuses_a_remote_target() -> None:
     out = _bench("http://192.0.2.1:8000/api/v1/chat", "-n", "1")
     assert out.returncode == 2 and "loopback" in out.stderr
@@ -59,37 +101,60 @@ def test_bench_url_says_when_nothing_listens() -> None:
     assert r.returncode == 1 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
 
 
+def _upstream(port: int, **kwargs: Any) -> tuple[subprocess.Popen, dict]:
+    """`stella bench upstream` on `port`, and its answer to a chat completion."""
+    import time
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stella", "bench", "upstream", "--port", str(port)], **kwargs
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                json={"model": "bench", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            break
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("the fake upstream did not start") from None
+            time.sleep(0.1)
+    assert r.status_code == 200
+    return proc, r.json()
+
+
 def test_bench_upstream_serves_openai_chat_completions() -> None:
     from tests.live import free_port
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stella", "bench", "upstream", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, body = _upstream(free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        import time
-
-        import httpx
-
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                r = httpx.post(
-                    f"http://127.0.0.1:{port}/v1/chat/completions",
-                    json={"model": "bench", "messages": [{"role": "user", "content": "hi"}]},
-                )
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the fake upstream did not start"
-                time.sleep(0.1)
-        body = r.json()
-        assert r.status_code == 200 and body["object"] == "chat.completion"
+        assert body["object"] == "chat.completion"
         assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] == 20
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_ctrl_c_ends_bench_upstream_with_130_as_it_ends_the_other_commands() -> None:
+    # It exited 0: uvicorn shut down on the SIGINT and returned.
+    import signal
+
+    from tests.live import free_port
+
+    proc, _ = _upstream(free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 130
+        assert proc.stderr is not None
+        assert proc.stderr.read().decode().splitlines()[-1] == "stella: interrupted"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def test_bench_asgi_measures_both_apps_in_process() -> None:

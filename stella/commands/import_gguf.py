@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         import mlx.core  # noqa: F401
         import tokenizers  # noqa: F401
 
-        from stella.backends.mlx.gguf import GGUFError, import_gguf
+        from stella.backends.mlx.gguf import GGUFError, import_gguf, make_parent
         from stella.backends.mlx.source import BUNDLED, ModelSourceError, bundled_gguf
     except ImportError as exc:
         print(
@@ -45,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"stella: {src} not found", file=sys.stderr)
             return 2
         # Found now, not after the conversion's minutes: where the directory cannot be.
-        out.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(out)
         t = time.perf_counter()
         out = import_gguf(src, out)
-    except OSError as exc:  # the output's place (missing, not a directory, read-only), or src
+    except OSError as exc:  # src unreadable (the output's troubles are OutputErrors)
         what = "read" if exc.filename == str(src) else "write"
         print(
             f"stella: cannot {what} {exc.filename or out}: {exc.strerror or exc}", file=sys.stderr

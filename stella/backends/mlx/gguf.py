@@ -38,6 +38,13 @@ class GGUFError(Exception):
     """The GGUF file can't be imported (wrong architecture, missing metadata)."""
 
 
+class OutputError(GGUFError):
+    """The import's output directory can't be written (disk full, no permission)."""
+
+
+TMP_PREFIX = ".import-"  # an import's files while it writes them
+
+
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:
     """SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
@@ -94,6 +101,16 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def make_parent(out: Path) -> None:
+    """Make the directory `out` goes in, or say why it cannot be (an OutputError)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # mkdir's word for a file where a directory should be
+        raise OutputError(f"cannot write {out}: {exc.filename} is not a directory") from exc
+    except OSError as exc:
+        raise OutputError(f"cannot write {exc.filename or out}: {exc.strerror or exc}") from exc
 
 
 def import_gguf(src: Path, out: Path) -> Path:
@@ -154,18 +171,36 @@ def import_gguf(src: Path, out: Path) -> Path:
                 layout[key] = q
         config["quantization"] = layout
         config["quantization_config"] = layout
-    tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=out.parent if out.parent.exists() else None))
+    # An earlier import stays whole until the new one is: the new one is written to a
+    # temporary directory first. A new OUT is that directory renamed (atomic). An
+    # existing one (an earlier import, an empty directory) gets it inside and the files
+    # move within OUT: renaming over OUT itself fails on a mount point (EBUSY), and
+    # OUT's parent may be a directory we cannot write.
+    replace = out.is_dir()
+    make_parent(out)
     try:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _write_tokenizer(tmp, metadata, vocab_tokens)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # mkdtemp's directory is its owner's alone; the model is for whoever may read
-        # the place it goes (a container's user that did not build it).
-        tmp.chmod(0o777 & ~_umask())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)  # atomic: a half-written import is never loaded
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out if replace else out.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            _write_tokenizer(tmp, metadata, vocab_tokens)
+            if replace:
+                # config.json last: the server takes a directory holding one for a model.
+                for name in sorted(IMPORT_FILES, key=lambda n: n == "config.json"):
+                    os.replace(tmp / name, out / name)
+                tmp.rmdir()
+            else:
+                # mkdtemp's directory is its owner's alone; the model is for whoever may
+                # read the place it goes (a container's user that did not build it).
+                tmp.chmod(0o777 & ~_umask())
+                os.replace(tmp, out)
+        except OSError as exc:
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+        except RuntimeError as exc:  # MLX's writer: "[write] Unable to write N bytes ..."
+            raise OutputError(f"cannot write {out}: {str(exc).removeprefix('[write] ')}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -193,7 +228,12 @@ def _check_out(out: Path) -> None:
     here = Path.cwd().resolve()
     if out.resolve() in (here, *here.parents):
         raise GGUFError(f"{out}: is the current directory (or holds it); give a new directory")
-    others = sorted(p.name for p in out.iterdir() if p.name not in IMPORT_FILES)
+    # A .import-* directory is one a killed import left there.
+    others = sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name not in IMPORT_FILES and not p.name.startswith(TMP_PREFIX)
+    )
     if others:
         raise GGUFError(
             f"{out}: holds files an import does not write ({', '.join(others[:3])}"
@@ -218,7 +258,10 @@ def _write_tokenizer(out: Path, metadata: dict[str, Any], tokens: list[str]) -> 
     tokenizer.decoder = decoders.ByteLevel()
     special = [tokens[i] for i, t in enumerate(types) if int(t) == CONTROL]
     tokenizer.add_special_tokens(special)
-    tokenizer.save(str(out / "tokenizer.json"))
+    try:
+        tokenizer.save(str(out / "tokenizer.json"))
+    except Exception as exc:  # tokenizers' own, for an OS error: "File too large (os error 27)"
+        raise OSError(str(exc)) from exc
 
     def token(key: str) -> str | None:
         idx = metadata.get(key)
