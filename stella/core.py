@@ -224,12 +224,13 @@ def _shutting_down() -> ShuttingDown:
     return ShuttingDown("the server is shutting down; retry the request", retry_after=1)
 
 
-def _producing(watchdog: Watchdog, now: float, span_s: float) -> bool:
-    """Whether a backend cut by its total limit, `span_s` after its route's turn began,
-    was still producing: seen at work within the last half of that time. A cut while
-    producing is the request's time running out, no verdict on the backend; silent that
-    long, it had stalled."""
-    return watchdog.silence(now) < span_s / 2
+def _producing(watchdog: Watchdog, now: float, total_s: float) -> bool:
+    """Whether a backend cut by the request's time, on a route whose own total limit is
+    `total_s`, was still producing: seen at work within the last half of that limit. A
+    cut while producing is the request's time running out, no verdict on the backend;
+    silent that long, it had stalled. (A fallback given only the request's last moments
+    is judged by its own limit, not that sliver: it is no stall to be slower.)"""
+    return watchdog.silence(now) < total_s / 2
 
 
 async def watch_leaving(receive: Any, call: Call, task: asyncio.Task[Any]) -> None:
@@ -405,10 +406,8 @@ class Inference:
                         continue
                 # This route's time: its own total limit from its turn, within the request's.
                 deadline = min(end, start + rs.total_timeout_s)
-                # The limit that ends it, as messages name it, and the time it had (a cut
-                # after half of that in silence is a stall).
+                # The limit that ends it, as messages name it.
                 total_s = rs.total_timeout_s if deadline < end else asked_total
-                span_s = deadline - start
                 if route is not self.route:
                     # An open circuit is recorded below, without spending the route's limits.
                     if router.breaker(route.backend_name).available():
@@ -459,7 +458,7 @@ class Inference:
                                     breaker.release()
                                 break  # no time left for another try within the total limit
                             await asyncio.sleep(pause)
-                        opened = await self._first(route, watchdog, total_s, span_s)
+                        opened = await self._first(route, watchdog, total_s)
                     except BaseException:
                         # Cut before any verdict (client gone, shutdown): a half-open
                         # circuit's probe must go back, or the circuit stays shut for good.
@@ -550,7 +549,7 @@ class Inference:
                                         f"backend {route.backend_name!r} {why}"
                                     )
                                     timeout.out_of_time = out_of_time and _producing(  # type: ignore[attr-defined]
-                                        watchdog, now, span_s
+                                        watchdog, now, rs.total_timeout_s
                                     )
                                     raise timeout from None
                                 raise
@@ -686,11 +685,10 @@ class Inference:
         return Usage(0, made, made)
 
     async def _first(
-        self, route: Route, watchdog: Watchdog, total_s: float, span_s: float
+        self, route: Route, watchdog: Watchdog, total_s: float
     ) -> tuple[AsyncIterator[BackendEvent], CallContext, Any] | StellaError:
         """Open the backend stream and wait for its first event within ttft_timeout_s
-        (and before `watchdog.deadline`: the total limit `total_s`, `span_s` after the
-        route's turn began)."""
+        (and before `watchdog.deadline`, the total limit `total_s`)."""
         rs = route.settings
         self.backend_name = route.backend_name
         self.upstream_model = route.upstream_model
@@ -754,7 +752,7 @@ class Inference:
                 err = UpstreamTimeout(f"the total limit of {total_s:g}s passed")
                 # An in-process engine's queue or long prompt is its load, never a fault.
                 err.out_of_time = route.backend.local_queue or _producing(  # type: ignore[attr-defined]
-                    watchdog, time.perf_counter(), span_s
+                    watchdog, time.perf_counter(), rs.total_timeout_s
                 )
         except Exception as exc:  # a backend bug must still end the stream properly
             err = _backend_failed(route.backend_name, exc)

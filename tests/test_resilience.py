@@ -209,6 +209,39 @@ def test_out_of_time_is_no_backends_fault() -> None:
         assert r.status_code == 200, r.text
 
 
+def test_a_fallback_given_the_requests_last_moments_is_not_blamed() -> None:
+    # The primary fails 0.85 s into a 1 s request; the healthy fallback, whose first
+    # token takes 0.4 s, is cut by the request's end: its time ran out, no stall. It was
+    # judged against the sliver it had, so two such calls opened its circuit for all.
+    config = {
+        "breaker": {"failure_threshold": 2, "cooldown_s": 30},
+        "backends": {
+            "dying": {"kind": "echo", "delay_s": 0.85, "fail_after": 1},
+            "steady": {"kind": "echo", "delay_s": 0.4},
+        },
+        "models": {
+            "routes": {
+                "dying": {
+                    "backend": "dying",
+                    "retries": 0,
+                    "total_timeout_s": 1.0,
+                    "fallbacks": ["steady"],
+                },
+                "steady": {"backend": "steady", "retries": 0, "total_timeout_s": 10},
+            }
+        },
+    }
+    body = {"stream": False, "messages": [{"role": "user", "content": "a b"}]}
+    with run_stella(config) as server:
+        for _ in range(2):
+            r = httpx.post(server.url + "/api/v1/chat", json={**body, "model": "dying"})
+            assert r.status_code in (502, 504), r.text
+        models = httpx.get(server.url + "/api/v1/models").json()["models"]
+        assert {m["name"]: m["circuit"] for m in models}["steady"] == "closed"
+        r = httpx.post(server.url + "/api/v1/chat", json={**body, "model": "steady"})
+        assert r.status_code == 200, r.text
+
+
 def _fallback_time_config() -> dict[str, Any]:
     """Routes whose fallbacks' turns come late in the request."""
     slow = {"retries": 0, "ttft_timeout_s": 1.0, "total_timeout_s": 5}
