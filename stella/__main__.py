@@ -2,9 +2,15 @@
 
 import sys
 
-try:
-    from stella.cli import main
-except KeyboardInterrupt:  # Ctrl-C while it loads: exit 130 and no traceback, as in main()
-    sys.exit(130)
 
-sys.exit(main())
+def run() -> int:
+    """The `stella` console script: the CLI, with a Ctrl-C while it loads included."""
+    try:
+        from stella.cli import main
+    except KeyboardInterrupt:  # exit 130 and no traceback, as in main()
+        return 130
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

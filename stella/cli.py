@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import IO
 
 from stella import __version__
 from stella.commands import Output, OutputError
@@ -19,9 +20,19 @@ from stella.commands import Output, OutputError
 COMMANDS = ("serve", "chat", "models", "config", "keys", "bench", "import_gguf")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose help and version text reach the CLI's output handling: argparse
+    drops an OSError there, so with stdout closed `--help` said nothing and exited 0."""
+
+    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+        file = file or sys.stderr
+        if message and file is not None:  # stderr closed too: nowhere to say it
+            file.write(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every command that can be imported."""
-    parser = argparse.ArgumentParser(prog="stella", description="An async LLM gateway.")
+    parser = _Parser(prog="stella", description="An async LLM gateway.")
     parser.add_argument("--version", action="version", version=f"stella {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMANDS:

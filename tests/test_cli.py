@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.live import stella_cli as stella
 from tests.live import (
+    ROOT,
     stella_to_dev_full,
     stella_without_stdin,
     stella_without_stdout,
     wait_in_kernel,
 )
+from tests.live import stella_cli as stella
 
 
 def test_a_bad_concurrency_list_is_a_usage_error() -> None:
@@ -450,6 +451,13 @@ def test_output_with_stdout_closed_is_one_line_and_exit_1() -> None:
     assert out.stderr == "stella: cannot write output: stdout is closed\n"
 
 
+@pytest.mark.parametrize("args", [("--help",), ("--version",), ("chat", "--help")])
+def test_help_with_stdout_closed_is_one_line_and_exit_1(args: tuple[str, ...]) -> None:
+    # argparse dropped the write's error: nothing said, exit 0.
+    out = stella_without_stdout(*args)
+    assert (out.returncode, out.stderr) == (1, "stella: cannot write output: stdout is closed\n")
+
+
 def _interrupted_while_loading(*args: str) -> subprocess.CompletedProcess[str] | None:
     """Run `stella ARGS` and send it SIGINT while it loads Python modules: once it has
     loaded ssl (uvicorn's imports did, while every command's module loaded; httpx's do,
@@ -514,3 +522,25 @@ def test_ctrl_c_while_the_command_loads_exits_130_quietly() -> None:
     # eval() (namedtuple's) on its way to main(): a shell says 130 for that too.
     assert out.returncode in (130, -signal.SIGINT), out.stderr
     assert out.stderr == "" and out.stdout == ""
+
+
+def test_the_console_script_takes_a_ctrl_c_while_the_cli_loads() -> None:
+    # The script pip writes imported stella.cli outside any handling of Ctrl-C: a
+    # KeyboardInterrupt traceback, for a Ctrl-C in the first milliseconds.
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["stella"] == "stella.__main__:run"
+    code = (
+        "import builtins, sys\n"
+        "real = builtins.__import__\n"
+        "def interrupted(name, *args, **kwargs):\n"
+        "    if name == 'stella.cli':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupted\n"
+        "from stella.__main__ import run\n"  # what the console script does
+        "sys.exit(run())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (130, "")
