@@ -22,11 +22,17 @@ COMMANDS = ("serve", "chat", "models", "config", "keys", "bench", "import_gguf")
 
 class _Parser(argparse.ArgumentParser):
     """argparse, whose help and version text reach the CLI's output handling: argparse
-    drops an OSError there, so with stdout closed `--help` said nothing and exited 0."""
+    drops an OSError there, so with stdout closed `--help` said nothing and exited 0.
+    A usage message that stderr cannot take is still dropped, its exit code kept."""
 
     def _print_message(self, message: str, file: IO[str] | None = None) -> None:
         file = file or sys.stderr
-        if message and file is not None:  # stderr closed too: nowhere to say it
+        if not message or file is None:  # stderr closed too: nowhere to say it
+            return
+        if isinstance(file, Output):  # stdout: a failure is the CLI's to say
+            file.write(message)
+            return
+        with contextlib.suppress(OSError):  # stderr: as argparse does (a usage error stays 2)
             file.write(message)
 
 

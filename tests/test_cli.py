@@ -544,3 +544,14 @@ def test_the_console_script_takes_a_ctrl_c_while_the_cli_loads() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stderr) == (130, "")
+
+
+def test_a_usage_error_stderr_cannot_take_still_exits_2() -> None:
+    # The help fix let stderr's write error out of argparse: exit 1, a traceback unseen.
+    out = subprocess.run(
+        f"exec {shlex.quote(sys.executable)} -m stella --bogus 2>/dev/full",
+        shell=True,
+        capture_output=True,
+        timeout=60,
+    )
+    assert out.returncode == 2

@@ -991,3 +991,49 @@ sink.flush(60)
         os.close(r)
     assert rest.startswith(b"\n")
     assert json.loads(rest.splitlines()[1])["n"] == 2
+
+
+def test_the_workers_stdout_lock_needs_no_directory_and_leaves_nothing(tmp_path: Path) -> None:
+    # It was a file in a temporary directory: a server with no writable one could not
+    # start its workers, and a supervisor killed outright left the directory behind.
+    port = free_port()
+    conf = tmp_path / "stella.toml"
+    conf.write_text(to_toml(merge(NO_MLX, {"server": {"workers": 2}})))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env.update({"STELLA_CONFIG": str(conf), "PORT": str(port), "TMPDIR": str(temp)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stella", "serve", "--log-format", "json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        workers = [
+            int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        ]
+        assert workers
+        for pid in workers:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            lock = next(v for v in environ if v.startswith(b"STELLA_STDOUT_LOCK="))
+            assert lock.split(b"=", 1)[1].startswith(b"/proc/")
+        proc.kill()  # no cleanup runs: nothing may be left to clean
+        proc.wait(10)
+        deadline = time.monotonic() + 30  # the workers drain and go with it
+        while any(Path(f"/proc/{pid}").exists() for pid in workers):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert list(temp.iterdir()) == []

@@ -10,7 +10,6 @@ import os
 import select
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -32,6 +31,27 @@ CONFIG_ERROR = 2
 # stops (a crash at start-up, not a fluke such as two models loading out of memory).
 MAX_FAILED_STARTS = 3
 _PR_SET_PDEATHSIG = 1
+
+
+def _stdout_lock() -> tuple[int, str] | None:
+    """The file whose lock the processes of this server take around each write to their
+    one stdout, and the path a worker opens it by (its descriptor and that path); None
+    where there is none to make (stdout is then written unlocked)."""
+    # An anonymous file in memory, opened by its /proc path: no directory it needs to
+    # be written in (a read-only root, no /tmp), none it is left in when the supervisor
+    # is killed, none a cleaner can delete it from while the workers run. Each opening
+    # is a description of its own, as flock needs to keep processes apart.
+    try:
+        fd = os.memfd_create("stella-stdout-lock", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):  # not Linux
+        return None
+    path = f"/proc/{os.getpid()}/fd/{fd}"
+    try:
+        os.close(os.open(path, os.O_RDWR))
+    except OSError:  # no /proc to reach it by
+        os.close(fd)
+        return None
+    return fd, path
 
 
 def pass_flags(overrides: Mapping[str, Any]) -> None:
@@ -173,20 +193,20 @@ class Workers(Multiprocess):
     def run(self) -> None:
         """Supervise the workers until told to stop, their stdout lines kept whole."""
         # One stdout for all: each process takes this file's lock around each write to
-        # it (stella.logs), so no worker's line lands inside another's. The file goes
-        # with the supervisor; a worker still writing keeps its open descriptor.
-        with tempfile.TemporaryDirectory(prefix="stella-") as tmp:
-            lock = os.path.join(tmp, "stdout.lock")
-            with open(lock, "wb"):
-                pass
-            os.environ[logs.STDOUT_LOCK_VARIABLE] = lock
+        # it (stella.logs), so no worker's line lands inside another's.
+        lock = _stdout_lock()
+        if lock is not None:
+            os.environ[logs.STDOUT_LOCK_VARIABLE] = lock[1]
             if (sink := logs.sink()) is not None:
-                sink.share_stdout(lock)  # its own lines (worker_died) too
-            try:
-                with self._woken.woken():
-                    super().run()
-            finally:
-                os.environ.pop(logs.STDOUT_LOCK_VARIABLE, None)
+                sink.share_stdout(lock[1])  # its own lines (worker_died) too
+        try:
+            with self._woken.woken():
+                super().run()
+        finally:
+            os.environ.pop(logs.STDOUT_LOCK_VARIABLE, None)
+            if lock is not None:
+                with contextlib.suppress(OSError):
+                    os.close(lock[0])
 
     def terminate_all(self) -> None:
         """Tell every worker to stop, then stop listening."""
