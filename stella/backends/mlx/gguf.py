@@ -182,29 +182,85 @@ def import_gguf(src: Path, out: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out if replace else out.parent))
     except OSError as exc:
         raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    # Said of a failure where an import was: it is still there, whole.
+    earlier = replace and any(os.path.lexists(out / n) for n in IMPORT_FILES)
+    kept = " (the earlier import there is as it was)" if earlier else ""
     try:
         try:
             mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
             (tmp / "config.json").write_text(json.dumps(config, indent=2))
             _write_tokenizer(tmp, metadata, vocab_tokens)
             if replace:
-                # config.json last: the server takes a directory holding one for a model.
-                for name in sorted(IMPORT_FILES, key=lambda n: n == "config.json"):
-                    os.replace(tmp / name, out / name)
-                tmp.rmdir()
+                _move_in(tmp, out)
+                shutil.rmtree(tmp, ignore_errors=True)  # the earlier import's files
             else:
                 # mkdtemp's directory is its owner's alone; the model is for whoever may
                 # read the place it goes (a container's user that did not build it).
                 tmp.chmod(0o777 & ~_umask())
                 os.replace(tmp, out)
         except OSError as exc:
-            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}{kept}") from exc
         except RuntimeError as exc:  # MLX's writer: "[write] Unable to write N bytes ..."
-            raise OutputError(f"cannot write {out}: {str(exc).removeprefix('[write] ')}") from exc
+            why = str(exc).removeprefix("[write] ")
+            raise OutputError(f"cannot write {out}: {why}{kept}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _move_in(tmp: Path, out: Path) -> None:
+    """Replace the import in `out` with the one written in `tmp`, or leave the earlier one.
+
+    The earlier files go aside into `tmp` first, then the new ones in; a failure midway
+    (a full disk) puts the earlier ones back. config.json goes aside first and in
+    last: the server takes a directory holding one for a model, so a mix of two imports
+    (one killed midway) never has one.
+    """
+    aside = tmp / "earlier"
+    aside.mkdir()
+    order = sorted(IMPORT_FILES, key=lambda n: n != "config.json")  # config.json first
+    moved_aside: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for name in order:
+            if os.path.lexists(out / name):
+                os.replace(out / name, aside / name)
+                moved_aside.append(name)
+        for name in reversed(order):
+            os.replace(tmp / name, out / name)
+            moved_in.append(name)
+    except BaseException as exc:
+        # (A Ctrl-C stays one, whichever way the putting back went.)
+        if not _put_back(out, aside, moved_aside, moved_in) and isinstance(exc, Exception):
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise OutputError(
+                f"cannot write {out}: {why}, and the earlier import could not be put back: "
+                "it has no config.json (not a model) until an import there succeeds"
+            ) from exc
+        raise
+
+
+def _put_back(out: Path, aside: Path, moved_aside: list[str], moved_in: list[str]) -> bool:
+    """Undo a part-done `_move_in`; False if the earlier import could not be put back."""
+    whole = True
+    for name in moved_in:
+        if name not in moved_aside:  # new beside the earlier import: it goes
+            try:
+                (out / name).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                whole = False
+    # config.json last, and only onto the earlier import whole again.
+    for name in sorted(moved_aside, key=lambda n: n == "config.json"):
+        if name == "config.json" and not whole:
+            break
+        try:
+            os.replace(aside / name, out / name)
+        except OSError:
+            whole = False
+    return whole
 
 
 # What an import writes: an existing directory holding only these is a model to replace.
