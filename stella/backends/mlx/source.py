@@ -87,7 +87,7 @@ def _import_apart(gguf: Path, out: Path) -> None:
             text=True,
             timeout=IMPORT_TIMEOUT_S,
         )
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired:  # killed: its work directory goes at the next import
         raise ModelSourceError(
             f"importing {gguf.name} took over {IMPORT_TIMEOUT_S} s; gave up"
         ) from None
@@ -129,6 +129,8 @@ def imported(gguf: Path, cache_dir: Path) -> Path:
             # Workers starting together on a fresh cache import once (a second import
             # would replace the directory the first one's process is loading from) and
             # update the index one at a time, each on the index as the last one left it.
+            # (The import itself locks cache_dir, the directory, not this file: the child
+            # run under this lock never waits for it.)
             with open(cache_dir / ".import.lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not (out / "config.json").is_file():
