@@ -78,7 +78,13 @@ def test_containerfile_promises() -> None:
     stages = [line for line in text.splitlines() if line.startswith("FROM ")]
     assert len(stages) >= 2, "multi-stage build"
     assert "-slim" in stages[-1]
-    assert "USER " in text and "USER root" not in text.split(stages[-1])[1]
+    runtime = text.rpartition(stages[-1])[2]  # ("FROM x" begins "FROM x AS build" too)
+    assert "USER root" not in runtime
+    # Numeric, user and group: Kubernetes' runAsNonRoot refuses a user given by name, and
+    # the ids are the ones the user was created with.
+    users = [line.split()[1] for line in runtime.splitlines() if line.startswith("USER ")]
+    assert users == ["10001:10001"], users
+    assert "--uid 10001" in runtime and "--gid 10001" in runtime
     assert "HEALTHCHECK" in text and "/health" in text
     assert "import-gguf" in text, "the embedded model is baked into the image"
     # ...readable by the image's own user, who did not build it.
