@@ -591,6 +591,30 @@ def test_entries_of_named_tables_are_named(tmp_path: Path, text: str, message: s
             {"STELLA_STATE__REDIS_URL": "http://u:hunter2@cache"},
             "STELLA_STATE__REDIS_URL=http://***@cache: state.redis_url:",
         ),
+        # A key of stella's own holds no secret, whatever a word of its name says: its
+        # value is shown ("***" was: "token" in the name), cut when long.
+        (
+            {"STELLA_LIMITS__TOKENS_PER_MINUTE": "abc"},
+            "STELLA_LIMITS__TOKENS_PER_MINUTE=abc: limits.tokens_per_minute: Expected `int`",
+        ),
+        (
+            {"STELLA_LIMITS__RESERVE_TOKENS": "-1"},
+            "STELLA_LIMITS__RESERVE_TOKENS=-1: limits.reserve_tokens: Expected `int` >= 1",
+        ),
+        (
+            {"STELLA_LIMITS__MODELS__ECHO__TOKENS_PER_MINUTE": "x"},
+            "STELLA_LIMITS__MODELS__ECHO__TOKENS_PER_MINUTE=x: limits.models.echo.",
+        ),
+        ({"STELLA_SERVER__PORT": "x" * 100}, f"STELLA_SERVER__PORT={'x' * 60}…: server.port:"),
+        ({"STELLA_SERVER__PORT": "8\x1b[2J"}, "STELLA_SERVER__PORT='8\\x1b[2J': server.port:"),
+        # Still masked: a key stella does not know, which may be a credential put in the
+        # wrong place, and a variable the configuration names as holding a key.
+        ({"STELLA_AUTH__API_KEY": "sk-live-1"}, "STELLA_AUTH__API_KEY=***: auth: Object contains"),
+        (
+            {"STELLA_AUTH__KEYS_ENV": "STELLA_LIMITS__MAX_CONCURRENT"}
+            | {"STELLA_LIMITS__MAX_CONCURRENT": "sk-live-1"},
+            "STELLA_LIMITS__MAX_CONCURRENT=***: limits.max_concurrent:",
+        ),
     ],
 )
 def test_a_bad_environment_value_names_its_variable(env: dict[str, str], start: str) -> None:
@@ -612,6 +636,12 @@ def test_a_bad_environment_value_names_its_variable(env: dict[str, str], start: 
             "STELLA_AUTH__KEYS__ALICE__SHA256",
             "xyz",
             "STELLA_AUTH__KEYS__ALICE__SHA256=***: auth.keys.alice.sha256: not a SHA-256",
+        ),
+        # Shown: no key of stella's own holds a secret ("***" was: "token" in the name).
+        (
+            "STELLA_LIMITS__TOKENS_PER_MINUTE",
+            "abc",
+            "STELLA_LIMITS__TOKENS_PER_MINUTE=abc: limits.tokens_per_minute: Expected `int`",
         ),
         # serve ended in an OverflowError's traceback; --check said ok.
         (
