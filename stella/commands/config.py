@@ -41,13 +41,27 @@ def run(args: argparse.Namespace) -> int:
 
         # What building them warns of goes to stderr: stdout is the JSON alone.
         logs.configure(fmt="console", stream=sys.stderr.buffer)
-        Services(settings)  # builds backends and keys: catches what the file alone can't
+        services = Services(settings)  # builds backends and keys: what the file can't tell
         if args.check:
             check_audit_path(settings, create=False)  # a check leaves nothing behind
     except ConfigError as exc:
         print(f"stella: config error: {blamed(exc)}", file=sys.stderr)
         return 2
     if args.check:
+        # A model a route needs that could not load (the engine missing, its file not
+        # there): serve would start, and answer that route with errors only.
+        problems: dict[str, list[str]] = {}
+        for name, route in settings.models.routes.items():
+            backend = services.backends.get(route.backend)
+            if backend is not None and (problem := backend.preflight(route.upstream_model or name)):
+                problems.setdefault(problem, []).append(name)
+        for problem, routes in problems.items():
+            print(
+                f"stella: config error: {problem} (routes using it: {', '.join(routes)})",
+                file=sys.stderr,
+            )
+        if problems:
+            return 2
         # What start-up only warns of (backend_key_missing): a warning here too, and still
         # exit 0, as the server still starts (those requests go without a key).
         for name, table in enabled_backends(settings).items():
