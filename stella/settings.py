@@ -317,6 +317,42 @@ def set_by_user(key: str, environ: Mapping[str, str] | None = None) -> bool:
     return _lookup(merge(user, env_overrides(environ)), key) is not None
 
 
+def env_over_file(environ: Mapping[str, str] | None = None) -> tuple[str, dict[str, list[str]]]:
+    """$STELLA_CONFIG's path, and the environment variables that replace values that file
+    sets, each with the keys it replaces (the environment wins, and a file's value lost
+    to one is easily missed: an image's ENV, a platform's variables). Read as the last
+    load_settings() read the file; the shipped defaults are not asked about."""
+    environ = os.environ if environ is None else environ
+    extra = environ.get("STELLA_CONFIG", "")
+    if not extra:
+        return "", {}
+    user = _last_user_file if extra == _last_user_path else _read_toml(Path(extra))
+    found: dict[str, list[str]] = {}
+    for name, raw in environ.items():
+        if name == "PORT":
+            if not raw:
+                continue  # an empty PORT is not read (env_overrides)
+            path: tuple[str, ...] | None = ("server", "port")
+        else:
+            path = _env_path(name)
+        if path is None:
+            continue
+        # A table given whole replaces only the keys it gives: those the file sets too.
+        keys = [k for k in _leaves(_env_value(raw), path) if _lookup(user, k) is not None]
+        if keys:
+            found[name] = keys
+    return extra, dict(sorted(found.items()))
+
+
+def _leaves(value: Any, path: tuple[str, ...]) -> Iterator[str]:
+    """The dotted keys a value at `path` sets (a table: each of its keys, however deep)."""
+    if isinstance(value, Mapping) and value:
+        for key, inner in value.items():
+            yield from _leaves(inner, (*path, str(key)))
+    else:
+        yield ".".join(path)
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     *,

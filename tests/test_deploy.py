@@ -93,6 +93,17 @@ def test_containerfile_promises() -> None:
     assert "STELLA_SERVER__DRAIN_TIMEOUT_S=7" in text
 
 
+def test_serve_warns_once_of_variables_that_replace_the_config_files_values() -> None:
+    config = {"server": {"drain_timeout_s": 9, "max_body_bytes": 2048}}
+    env = {"STELLA_SERVER__DRAIN_TIMEOUT_S": "3"}
+    with run_stella(config, env) as server:
+        [event] = server.events("config_overridden")  # logged before it served
+        assert event["level"] == "warning"
+        assert event["file"].endswith("stella.toml")
+        # PORT is set too (run_stella's), but the file does not set server.port.
+        assert event["overrides"] == {"STELLA_SERVER__DRAIN_TIMEOUT_S": ["server.drain_timeout_s"]}
+
+
 def test_containerfile_installs_the_dependencies_from_the_project_file_alone() -> None:
     """The layer that installs mlx and the rest depends on pyproject.toml only: editing the
     README, the shipped config or the code does not install them all again."""

@@ -911,6 +911,56 @@ def test_set_by_user_reads_what_load_settings_read(tmp_path: Path) -> None:
     assert not set_by_user("log.format", {})
 
 
+def test_variables_that_replace_what_the_config_file_sets_are_found(tmp_path: Path) -> None:
+    from stella.settings import env_over_file
+
+    conf = tmp_path / "mine.toml"
+    conf.write_text(
+        "[server]\nport = 9000\ndrain_timeout_s = 50\n"
+        '[backends.local]\nsource = "/models/mine"\nmax_queue = 4\n'
+    )
+    env = {
+        "STELLA_CONFIG": str(conf),
+        "PORT": "8000",
+        "STELLA_SERVER__DRAIN_TIMEOUT_S": "7",
+        "STELLA_SERVER__HOST": "0.0.0.0",  # the file leaves it to the defaults: not said
+        "STELLA_BACKENDS__LOCAL": '{ source = "/opt/m", preload = false }',
+        "STELLA_MODELS__DEFAULT": "echo",  # a shipped default replaced: not said
+    }
+    load_settings(environ=env)
+    conf.unlink()  # read as load_settings read it (a pipe is read once)
+    assert env_over_file(env) == (
+        str(conf),
+        {
+            "PORT": ["server.port"],
+            "STELLA_BACKENDS__LOCAL": ["backends.local.source"],
+            "STELLA_SERVER__DRAIN_TIMEOUT_S": ["server.drain_timeout_s"],
+        },
+    )
+    assert env_over_file({**env, "STELLA_CONFIG": ""}) == ("", {})
+    assert env_over_file({"STELLA_CONFIG": str(conf), "PORT": ""})[1] == {}
+
+
+def test_config_says_which_variables_replace_the_files_values(tmp_path: Path) -> None:
+    # An image's ENV won over a mounted config file, and --check said ok and nothing else.
+    conf = tmp_path / "mine.toml"
+    conf.write_text('[server]\ndrain_timeout_s = 50\n[models]\ndefault = "echo"\n')
+    env = {"PATH": "/usr/bin:/bin", "STELLA_CONFIG": str(conf)}
+    env["STELLA_SERVER__DRAIN_TIMEOUT_S"] = "7"
+    note = (
+        f"stella: note: STELLA_SERVER__DRAIN_TIMEOUT_S overrides server.drain_timeout_s set "
+        f"in {conf} (the environment wins over the config file)"
+    )
+    out = stella_cli("config", "--check", env=env)
+    assert (out.returncode, out.stderr.splitlines()) == (0, [note, "stella: configuration ok"])
+    out = stella_cli("config", env=env)
+    assert out.returncode == 0 and out.stderr.splitlines() == [note]
+    assert json.loads(out.stdout)["server"]["drain_timeout_s"] == 7
+    del env["STELLA_SERVER__DRAIN_TIMEOUT_S"]
+    out = stella_cli("config", "--check", env=env)
+    assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
+
+
 def test_a_bad_header_variable_is_shown_masked_as_config_masks_it() -> None:
     from stella.settings import blamed
 

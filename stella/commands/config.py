@@ -30,7 +30,13 @@ def run(args: argparse.Namespace) -> int:
     table printed as it was written); --check also checks the audit file, prints nothing."""
     from stella.backends import ConfigError
     from stella.commands import use_config_file
-    from stella.settings import blamed, enabled_backends, load_settings, redacted
+    from stella.settings import (
+        blamed,
+        enabled_backends,
+        env_over_file,
+        load_settings,
+        redacted,
+    )
 
     if not use_config_file(args.config):
         return 2
@@ -47,6 +53,15 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"stella: config error: {blamed(exc)}", file=sys.stderr)
         return 2
+    # Values the config file sets that the environment replaces: easily missed (an
+    # image's ENV, a platform's variables), and the file then looks in force.
+    path, found = env_over_file()
+    for variable, keys in found.items():
+        print(
+            f"stella: note: {variable} overrides {', '.join(keys)} set in {path} "
+            "(the environment wins over the config file)",
+            file=sys.stderr,
+        )
     if args.check:
         # A model a route needs that could not load (the engine missing, its file not
         # there): serve would start, and answer that route with errors only.
