@@ -1300,6 +1300,23 @@ def test_the_default_file_shows_every_key_with_its_default() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_the_default_file_comments_every_key() -> None:
+    # Its header promises every key commented: a key's comment at any one of its lines
+    # (an entry's keys, in any route, backend or key of the file).
+    named = ("models.routes.", "auth.keys.", "limits.models.", "backends.")
+    table, commented = "", {}
+    for raw in CONF.read_text().splitlines():
+        line = m[1] if (m := _COMMENTED.fullmatch(raw)) else raw
+        if header := re.fullmatch(r"\[([\w.-]+)\].*", line):
+            table = header[1]
+            table = next((p + "NAME" for p in named if table.startswith(p)), table)
+        elif key := re.match(r"([\w-]+) = ", line):
+            dotted = f"{table}.{key[1]}"
+            has = re.search(r"\s#(\s|$)", line[key.end() :]) is not None
+            commented[dotted] = commented.get(dotted, False) or has
+    assert [k for k, has in commented.items() if not has] == []
+
+
 def test_the_default_file_with_its_examples_uncommented_is_valid() -> None:
     doc = toml_documented()
     decode_settings(doc)
