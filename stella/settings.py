@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import typing
 from base64 import b64encode
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -316,6 +317,42 @@ def set_by_user(key: str, environ: Mapping[str, str] | None = None) -> bool:
     return _lookup(merge(user, env_overrides(environ)), key) is not None
 
 
+def env_over_file(environ: Mapping[str, str] | None = None) -> tuple[str, dict[str, list[str]]]:
+    """$STELLA_CONFIG's path, and the environment variables that replace values that file
+    sets, each with the keys it replaces (the environment wins, and a file's value lost
+    to one is easily missed: an image's ENV, a platform's variables). Read as the last
+    load_settings() read the file; the shipped defaults are not asked about."""
+    environ = os.environ if environ is None else environ
+    extra = environ.get("STELLA_CONFIG", "")
+    if not extra:
+        return "", {}
+    user = _last_user_file if extra == _last_user_path else _read_toml(Path(extra))
+    found: dict[str, list[str]] = {}
+    for name, raw in environ.items():
+        if name == "PORT":
+            if not raw:
+                continue  # an empty PORT is not read (env_overrides)
+            path: tuple[str, ...] | None = ("server", "port")
+        else:
+            path = _env_path(name)
+        if path is None:
+            continue
+        # A table given whole replaces only the keys it gives: those the file sets too.
+        keys = [k for k in _leaves(_env_value(raw), path) if _lookup(user, k) is not None]
+        if keys:
+            found[name] = keys
+    return extra, dict(sorted(found.items()))
+
+
+def _leaves(value: Any, path: tuple[str, ...]) -> Iterator[str]:
+    """The dotted keys a value at `path` sets (a table: each of its keys, however deep)."""
+    if isinstance(value, Mapping) and value:
+        for key, inner in value.items():
+            yield from _leaves(inner, (*path, str(key)))
+    else:
+        yield ".".join(path)
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -364,17 +401,75 @@ def blamed(
     if variable is None:
         return exc
     # The variable and its value too: a shell or a platform set it, not a file. Masked
-    # as /config masks it: a header by its name, anything else by its key.
+    # as /config masks it: a header by its name, a key of stella's own that holds no
+    # secret not at all (STELLA_LIMITS__TOKENS_PER_MINUTE=abc), anything else by its key.
     parts = variable.lower().split("__")
     value = environ[variable]
     text = value.lstrip()
-    if text.startswith("{") or (text.startswith("[") and "{" in text) or parts[-1] == "headers":
+    try:
+        data = merge(files, env_overrides(environ))
+    except ConfigError:  # variables that contradict each other: the files tell what they can
+        data = dict(files)
+    if variable in _secret_variables(data):
+        shown = "***"  # the config names it as a key's holder: a secret whatever it sets
+    elif text.startswith("{") or (text.startswith("[") and "{" in text) or parts[-1] == "headers":
         shown = "(not shown)"  # a table, or what should be one: its secrets are inside it
     elif len(parts) > 2 and parts[-2] == "headers":
         shown = "***" if value and _is_secret_name(parts[-1]) else value
+    elif _plain_field(("server", "port") if variable == "PORT" else _env_path(variable) or ()):
+        shown = _redact_url(value) if parts[-1].endswith("url") else value
+        if len(shown) > MAX_SHOWN_VALUE:
+            shown = shown[:MAX_SHOWN_VALUE] + "…"
+        if not shown.isprintable():
+            shown = ascii(shown)  # a control character would garble the terminal's line
     else:
         shown = _redact(value, (parts[-1],))
     return ConfigError(f"{variable}={shown}: {exc}")
+
+
+# The most of a bad value an error line quotes.
+MAX_SHOWN_VALUE = 60
+
+
+def _secret_variables(data: Mapping[str, Any]) -> set[str]:
+    """The environment variables the configuration names as holding keys (auth.keys_env,
+    each backend's api_key_env), as far as `data` can be read."""
+    auth = data.get("auth")
+    keys_env = auth.get("keys_env") if isinstance(auth, Mapping) else None
+    out = {keys_env if isinstance(keys_env, str) else AuthSettings().keys_env}
+    backends = data.get("backends")
+    for table in backends.values() if isinstance(backends, Mapping) else ():
+        if isinstance(table, Mapping) and isinstance(table.get("api_key_env"), str):
+            out.add(table["api_key_env"])
+    return out
+
+
+def _plain_field(parts: tuple[str, ...]) -> bool:
+    """Whether a key is a field of stella's own settings that holds no secret (a number,
+    a name, a flag; not an API key's digest, nor anything in a backend's table, which its
+    kind decodes and which may name a credential)."""
+    type_: Any = Settings
+    i = 0
+    if not parts:
+        return False
+    while i < len(parts):
+        if not (isinstance(type_, type) and issubclass(type_, msgspec.Struct)):
+            return False
+        fields = {f.encode_name: f.type for f in msgspec.structs.fields(type_)}
+        if parts[i] not in fields:
+            return False  # an unknown key: what it holds is not known
+        type_ = fields[parts[i]]
+        i += 1
+        if typing.get_origin(type_) is dict:  # named entries: the next part is a name
+            type_ = typing.get_args(type_)[1]
+            i += 1
+        while typing.get_origin(type_) is Annotated:
+            type_ = typing.get_args(type_)[0]
+    if i > len(parts):
+        return False  # a whole table of entries
+    return parts[-1] != "sha256" and not (
+        isinstance(type_, type) and issubclass(type_, msgspec.Struct)
+    )
 
 
 def _blamed_variable(

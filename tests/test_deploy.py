@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from stella.settings import load_settings
 from tests.live import ROOT, LiveServer, free_port, install_plugin, ndjson, run_stella, to_toml
 
 
@@ -78,13 +80,91 @@ def test_containerfile_promises() -> None:
     stages = [line for line in text.splitlines() if line.startswith("FROM ")]
     assert len(stages) >= 2, "multi-stage build"
     assert "-slim" in stages[-1]
-    assert "USER " in text and "USER root" not in text.split(stages[-1])[1]
+    runtime = text.rpartition(stages[-1])[2]  # ("FROM x" begins "FROM x AS build" too)
+    assert "USER root" not in runtime
+    # Numeric, user and group: Kubernetes' runAsNonRoot refuses a user given by name, and
+    # the ids are the ones the user was created with.
+    users = [line.split()[1] for line in runtime.splitlines() if line.startswith("USER ")]
+    assert users == ["10001:10001"], users
+    assert "--uid 10001" in runtime and "--gid 10001" in runtime
     assert "HEALTHCHECK" in text and "/health" in text
     assert "import-gguf" in text, "the embedded model is baked into the image"
     # ...readable by the image's own user, who did not build it.
     assert "chmod -R a+rX /opt/models" in text
     # A runtime's 10 s stop timeout holds the drain and the shutdown.
-    assert "STELLA_SERVER__DRAIN_TIMEOUT_S=7" in text
+    assert "server.drain_timeout_s=7" in text
+
+
+def _image_defaults_step() -> list[str]:
+    """The build step that writes the image's defaults, as its arguments."""
+    text = (ROOT / "Containerfile").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if "conf/set_keys.py" in line)
+    return shlex.split(line.removeprefix("RUN ").partition(" && ")[0])
+
+
+def test_the_images_defaults_are_defaults_a_mounted_config_file_changes(tmp_path: Path) -> None:
+    """The image's host, drain and model are written into the shipped defaults file, not
+    set in ENV: a config file the operator mounts changes them (ENV won over it, silently),
+    and a variable still changes them too."""
+    runtime = (ROOT / "Containerfile").read_text().rpartition("\nFROM ")[2]
+    env_lines = " ".join(
+        line for line in runtime.replace("\\\n", " ").splitlines() if line.startswith("ENV ")
+    )
+    assert "STELLA_" not in env_lines and "PORT=" not in env_lines, env_lines
+    # The build step, run on a copy of the shipped file as the build runs it on its own.
+    python, script, target, *changes = _image_defaults_step()
+    assert (python, script, target) == ("python", "conf/set_keys.py", "conf/stella.toml")
+    shipped = tmp_path / "stella.toml"
+    original = (ROOT / target).read_text()
+    shipped.write_text(original)
+    done = subprocess.run([sys.executable, str(ROOT / script), str(shipped), *changes])
+    assert done.returncode == 0
+    # Three lines changed, their comments (and every other line) kept.
+    changed = [
+        (a, b)
+        for a, b in zip(original.splitlines(), shipped.read_text().splitlines(), strict=True)
+        if a != b
+    ]
+    assert len(changed) == 3 and all("#" in b for _, b in changed), changed
+    image = load_settings(environ={}, path=shipped)
+    assert image.server.host == "0.0.0.0" and image.server.drain_timeout_s == 7
+    assert image.backends["local"]["source"] == "/opt/models/smollm2-135m"
+    mine = tmp_path / "mine.toml"
+    mine.write_text(
+        '[server]\nport = 9000\ndrain_timeout_s = 50\n[backends.local]\nsource = "/models/other"\n'
+    )
+    mounted = load_settings(environ={"STELLA_CONFIG": str(mine)}, path=shipped)
+    assert (mounted.server.port, mounted.server.drain_timeout_s) == (9000, 50)
+    assert mounted.backends["local"]["source"] == "/models/other"
+    assert mounted.server.host == "0.0.0.0"  # what the file does not set stays the image's
+    env = {"STELLA_CONFIG": str(mine), "STELLA_SERVER__DRAIN_TIMEOUT_S": "3"}
+    assert load_settings(environ=env, path=shipped).server.drain_timeout_s == 3
+
+
+def test_serve_warns_once_of_variables_that_replace_the_config_files_values() -> None:
+    config = {"server": {"drain_timeout_s": 9, "max_body_bytes": 2048}}
+    env = {"STELLA_SERVER__DRAIN_TIMEOUT_S": "3"}
+    with run_stella(config, env) as server:
+        [event] = server.events("config_overridden")  # logged before it served
+        assert event["level"] == "warning"
+        assert event["file"].endswith("stella.toml")
+        # PORT is set too (run_stella's), but the file does not set server.port.
+        assert event["overrides"] == {"STELLA_SERVER__DRAIN_TIMEOUT_S": ["server.drain_timeout_s"]}
+
+
+def test_set_keys_keeps_comments_and_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "conf"))
+    try:
+        from set_keys import set_keys
+    finally:
+        sys.path.remove(str(ROOT / "conf"))
+    text = '[a]\nx = "p#q"   # the x\ny = 1\n[b.c]\nx = 2 # b\n'
+    out = set_keys(text, {"a.x": '"longer value"', "b.c.x": "3"})
+    assert out == '[a]\nx = "longer value" # the x\ny = 1\n[b.c]\nx = 3 # b\n'
+    with pytest.raises(ValueError, match=r"not in the file: a\.z"):
+        set_keys(text, {"a.z": "1"})
+    with pytest.raises(ValueError, match="not on one line"):
+        set_keys("[a]\nx = [\n  1,\n]\n", {"a.x": "2"})
 
 
 def test_containerfile_installs_the_dependencies_from_the_project_file_alone() -> None:

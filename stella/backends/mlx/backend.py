@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib.util
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from stella.backends.mlx.source import (
     ModelSourceError,
     default_cache_dir,
     resolve,
+    source_problem,
 )
 from stella.backends.mlx.stops import StopBuffer
 from stella.backends.mlx.toolcalls import ToolCallBuffer
@@ -89,6 +91,18 @@ class MlxBackend(Backend):
 
     def _source(self, upstream_model: str) -> str:
         return self.cfg.models.get(upstream_model, self.cfg.source)
+
+    def preflight(self, upstream_model: str) -> str:
+        """MLX missing, or a model source that is not there (no load: `config --check`)."""
+        if any(importlib.util.find_spec(m) is None for m in ("mlx", "mlx_lm")):
+            return (
+                f"backends.{self.name}: the mlx kind needs MLX, which is not installed: "
+                "pip install 'stella-gateway[mlx]'"
+            )
+        key = self._key(upstream_model)
+        problem = source_problem(self._source(key))
+        where = f"models.{key}" if key else "source"
+        return f"backends.{self.name}.{where}: {problem}" if problem else ""
 
     def _prefill_step(self) -> int:
         if self.cfg.prefill_step:

@@ -72,6 +72,32 @@ def resolve(source: str, cache_dir: Path) -> str:
     )
 
 
+def source_problem(source: str) -> str:
+    """Why `resolve` would refuse `source`, by what is on disk alone (no import, no
+    download; a hub repo id is taken as it is); "" when nothing is wrong."""
+    try:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                return f"{path} is a directory but not an mlx-lm model (no config.json)"
+            return ""
+        if source == BUNDLED:
+            bundled_gguf()
+            return ""
+        if path.suffix == ".gguf":
+            return "" if path.is_file() else f"GGUF file {path} not found"
+        if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+            return ""
+        return (
+            f"model source {source!r} not found: give an mlx-lm model directory, a .gguf "
+            f"file, a Hugging Face repo id (org/name), or {BUNDLED!r}"
+        )
+    except ModelSourceError as exc:
+        return str(exc)
+    except OSError as exc:  # a directory that cannot be read
+        return f"model source {source!r}: {exc.strerror or exc}"
+
+
 # The longest a GGUF import may take (a few seconds for the bundled model).
 IMPORT_TIMEOUT_S = 1800
 
