@@ -337,6 +337,8 @@ def env_over_file(environ: Mapping[str, str] | None = None) -> tuple[str, dict[s
             path = _env_path(name)
         if path is None:
             continue
+        if path == ("server", "port") and name != "PORT" and environ.get("PORT"):
+            continue  # PORT wins over it: it replaces nothing
         # A table given whole replaces only the keys it gives: those the file sets too.
         keys = [k for k in _leaves(_env_value(raw), path) if _lookup(user, k) is not None]
         if keys:
@@ -629,7 +631,8 @@ def _check(s: Settings) -> None:
         raise ConfigError("server.workers: must be at least 1")
     url = s.server.public_url
     if url and (not url.startswith(("http://", "https://")) or " " in url):
-        raise ConfigError(f"server.public_url: {url!r} is not an http(s) URL")
+        # Redacted as redis_url is: a URL may carry a password.
+        raise ConfigError(f"server.public_url: {_redact_url(url)!r} is not an http(s) URL")
     for host in s.server.allowed_hosts:
         if not host.strip() or any(c in host for c in "/@ ") or not host.isprintable():
             raise ConfigError(f"server.allowed_hosts: {host!r} is not a host name")

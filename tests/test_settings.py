@@ -523,6 +523,8 @@ def _check_without_mlx(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ("/nonexistent/model-dir", "model source '/nonexistent/model-dir' not found"),
         ("/nonexistent/model.gguf", "GGUF file /nonexistent/model.gguf not found"),
         ("/", "/ is a directory but not an mlx-lm model (no config.json)"),
+        # A traceback: pathlib's RuntimeError for a `~user` with no such user.
+        ("~no-such-user-here/m", "model source '~no-such-user-here/m': Could not determine"),
     ],
 )
 def test_config_check_refuses_a_local_model_that_is_not_there(source: str, problem: str) -> None:
@@ -939,6 +941,10 @@ def test_variables_that_replace_what_the_config_file_sets_are_found(tmp_path: Pa
     )
     assert env_over_file({**env, "STELLA_CONFIG": ""}) == ("", {})
     assert env_over_file({"STELLA_CONFIG": str(conf), "PORT": ""})[1] == {}
+    # PORT wins over STELLA_SERVER__PORT: that one replaces nothing, and is not named.
+    both = {**env, "STELLA_SERVER__PORT": "8001"}
+    assert env_over_file(both)[1]["PORT"] == ["server.port"]
+    assert "STELLA_SERVER__PORT" not in env_over_file(both)[1]
 
 
 def test_config_says_which_variables_replace_the_files_values(tmp_path: Path) -> None:
@@ -1375,3 +1381,9 @@ def test_readme_backend_defaults_have_every_kinds_keys() -> None:
         if not any(key in shown and _documents(c, config, key) for c, shown in rows.items()):
             problems.append(f"{where}: not in README")
     assert not problems, "\n".join(problems)
+
+
+def test_a_bad_public_url_s_password_is_not_shown() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings({"server": {"public_url": "ftp://user:hunter2@example.com/"}})
+    assert "hunter2" not in str(err.value) and "***@example.com" in str(err.value)

@@ -96,6 +96,8 @@ def source_problem(source: str) -> str:
         return str(exc)
     except OSError as exc:  # a directory that cannot be read
         return f"model source {source!r}: {exc.strerror or exc}"
+    except RuntimeError as exc:  # `~user` of no such user, or no home to expand `~` to
+        return f"model source {source!r}: {exc}"
 
 
 # The longest a GGUF import may take (a few seconds for the bundled model).
