@@ -618,3 +618,20 @@ async def test_a_finished_stream_held_open_without_its_usage_ends_with_the_answe
     assert isinstance(done, Done) and done.finish_reason == "stop"
     assert done.usage.completion_tokens == 5  # counted: the usage never came
     assert waited >= openai.USAGE_GRACE_S * 0.9
+
+
+def test_a_key_given_where_its_variable_name_goes_is_refused_unshown() -> None:
+    # It was taken as a variable's name, and the warning that no such variable is set
+    # logged it (the field's name is no secret's).
+    from stella.backends import ConfigError
+
+    key = "sk-proj-AbC123-xyz.secret/value"
+    with pytest.raises(ConfigError, match="api_key_env: not an environment variable") as err:
+        OpenAIBackend(
+            "up", OpenAIConfig(kind="openai", base_url="http://127.0.0.1:9", api_key_env=key)
+        )
+    assert key not in str(err.value)
+    OpenAIBackend(
+        "up",
+        OpenAIConfig(kind="openai", base_url="http://127.0.0.1:9", api_key_env="OPENAI_API_KEY"),
+    )

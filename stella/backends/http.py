@@ -11,6 +11,7 @@ import asyncio
 import email.utils
 import functools
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
@@ -32,6 +33,8 @@ from stella.logs import mask, mask_cut
 from stella.settings import basic_credential
 
 T = TypeVar("T")
+# What api_key_env must look like: a variable's name, as a shell would set it.
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class HttpConfig(BackendConfig, kw_only=True):
@@ -143,6 +146,13 @@ class HttpBackend(Backend):
         if not ok or any(c.isspace() for c in url):
             shown = repr(url) if "@" not in url else "the URL"  # it may hold a password
             raise ConfigError(f"backends.{name}.base_url: {shown} is not an http(s) URL")
+        if config.api_key_env and not _VARIABLE_NAME.fullmatch(config.api_key_env):
+            # Likely the key itself, pasted where its variable's name goes: not shown, and
+            # refused before a warning about the variable could log it.
+            raise ConfigError(
+                f"backends.{name}.api_key_env: not an environment variable name (letters, "
+                "digits, _): name the variable that holds the key, not the key"
+            )
         # A user and password in the URL go as a Basic Authorization header of their own:
         # left in it, the pooled client would send them twice (and aiohttp refuses).
         self.basic: dict[str, str] = {}
