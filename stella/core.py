@@ -610,7 +610,7 @@ class Inference:
                 err.retry_in(soonest)
             # Fallbacks never tried are named: not every backend failed.
             late = (
-                f"; the request's time ran out before fallback {', '.join(map(repr, untried))}"
+                f"; the time ran out before fallback {', '.join(map(repr, untried))} could run"
                 if untried
                 else ""
             )

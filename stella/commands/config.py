@@ -10,7 +10,8 @@ import sys
 NAME = "config"
 HELP = (
     "print the effective configuration with secrets redacted, exit 2 when stella serve "
-    "would refuse it (--check: validate only)"
+    "would refuse it (--check: validate only, and exit 2 too for a model a route needs "
+    "that cannot load)"
 )
 
 
