@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from tests.fakes.server import serve
-from tests.live import ROOT, LiveServer, run_stella
+from tests.live import ROOT, LiveServer, in_ci, run_stella
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -56,7 +55,7 @@ def browser() -> Iterator:
             path: str | None = CHROMIUM
         elif Path(p.chromium.executable_path).exists():
             path = None
-        elif os.environ.get("CI"):
+        elif in_ci():
             pytest.fail("no chromium: apt-get install chromium, or playwright install chromium")
         else:
             pytest.skip("chromium is not installed")

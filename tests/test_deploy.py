@@ -17,13 +17,22 @@ import httpx
 import pytest
 
 from stella.settings import load_settings
-from tests.live import ROOT, LiveServer, free_port, install_plugin, ndjson, run_stella, to_toml
+from tests.live import (
+    ROOT,
+    LiveServer,
+    free_port,
+    in_ci,
+    install_plugin,
+    ndjson,
+    run_stella,
+    to_toml,
+)
 
 
 def test_procfile_starts_under_honcho(tmp_path: Path) -> None:
     honcho = shutil.which("honcho") or str(Path(sys.executable).parent / "honcho")
     if not Path(honcho).exists():
-        if os.environ.get("CI"):
+        if in_ci():
             pytest.fail("honcho is missing: install the test extras")
         pytest.skip("honcho not installed")
     port = free_port()

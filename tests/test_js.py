@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
 import subprocess
 
 import pytest
 
-from tests.live import ROOT
+from tests.live import ROOT, in_ci
 
 
 def test_stella_js_with_node() -> None:
     node = shutil.which("node")
     if node is None:
-        if os.environ.get("CI"):
+        if in_ci():
             pytest.fail("node is missing")
         pytest.skip("node is not installed")
     proc = subprocess.run(
@@ -22,3 +22,6 @@ def test_stella_js_with_node() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "# fail 0" in proc.stdout
+    # node passes a folder where it found no test file: the suite must have run.
+    ran = re.search(r"^# tests (\d+)$", proc.stdout, re.M)
+    assert ran and int(ran.group(1)) > 0, proc.stdout[-500:]

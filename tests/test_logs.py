@@ -917,13 +917,15 @@ def test_workers_on_one_stdout_pipe_never_tear_each_others_lines(tmp_path: Path)
             }
             with httpx.Client(base_url=url, timeout=30) as client:  # one connection, one worker
                 for _ in range(each):
-                    assert client.post("/api/v1/chat", json=body).status_code == 200
+                    statuses.append(client.post("/api/v1/chat", json=body).status_code)
 
+        statuses: list[int] = []  # an assert in a thread would only warn
         threads = [threading.Thread(target=chat, args=(n,)) for n in range(clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(60)
+        assert statuses == [200] * clients * each
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         reader.join(30)

@@ -17,7 +17,7 @@ import pytest
 
 from stella.settings import StateSettings
 from stella.state_redis import RedisState
-from tests.live import free_port, run_stella
+from tests.live import free_port, in_ci, run_stella
 
 KEY = "sk-redis-admin-1"
 
@@ -37,7 +37,7 @@ class Redis:
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
-            if os.environ.get("CI"):
+            if in_ci():
                 pytest.fail("redis-server is missing: apt-get install redis-server")
             pytest.skip("redis-server is not installed")
         self.proc = subprocess.Popen(

@@ -31,7 +31,7 @@ from stella.protocol import (
     ToolCall,
     Usage,
 )
-from tests.live import LiveServer, run_stella
+from tests.live import LiveServer, in_ci, run_stella
 
 text = st.text(max_size=40)
 messages = st.lists(
@@ -228,7 +228,7 @@ def test_faults_leave_one_outcome_each_and_nothing_behind(stella: LiveServer) ->
 
 
 @pytest.mark.skipif(
-    not os.environ.get("STELLA_SOAK") and not os.environ.get("CI"),
+    not os.environ.get("STELLA_SOAK") and not in_ci(),
     reason="soak: set STELLA_SOAK=1 (CI runs it with short bounds)",
 )
 def test_soak_rss_growth_is_bounded() -> None:

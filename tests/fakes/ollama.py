@@ -89,7 +89,10 @@ class FakeOllama:
         if model == "error-before":
             return JSONResponse({"error": f"model '{model}' not found"}, 404)
         if model == "busy":
-            return JSONResponse({"error": "server busy"}, 429, headers={"Retry-After": "2"})
+            # As Ollama answers a full queue (server/routes.go, ErrMaxQueue): 503, no
+            # Retry-After.
+            busy = "server busy, please try again.  maximum pending requests exceeded"
+            return JSONResponse({"error": busy}, 503)
         words = ["The", " sky", " is", " blue", "."]
         limit = (body.get("options") or {}).get("num_predict")
         lines = self._lines(model, words, limit)
