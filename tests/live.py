@@ -137,8 +137,11 @@ def run_stella(
     args: tuple[str, ...] = (),
     ready_timeout: float = 60.0,
     check_ready: bool = True,
+    stdout: int | None = None,
 ) -> Iterator[LiveServer]:
-    """Start `python -m stella serve` with `config` overlaid; stop it afterwards."""
+    """Start `python -m stella serve` with `config` overlaid; stop it afterwards. Its
+    stdout and stderr go to the log file, or stdout to `stdout` (subprocess.PIPE: the
+    test reads it from `server.proc.stdout`, and closes it)."""
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="stella-test-"))
     conf = tmp / "stella.toml"
@@ -150,8 +153,8 @@ def run_stella(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "stella", "serve", "--log-format", "json", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            stdout=log if stdout is None else stdout,
+            stderr=subprocess.STDOUT if stdout is None else log,
             env=full_env,
             cwd=tmp,
         )

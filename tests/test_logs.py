@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from stella import logs
-from tests.live import NO_MLX, LiveServer, free_port, merge, run_stella, to_toml
+from tests.live import LiveServer, run_stella
 
 KEY = "sk-audit-secret-key-42"
 
@@ -472,42 +471,22 @@ def test_sigterm_with_a_stalled_stdout_exits_and_the_audit_file_has_every_line(
     tmp_path: Path,
 ) -> None:
     # stdout is a pipe nobody reads: it fills after a hundred lines or so.
-    port = free_port()
     audit = tmp_path / "audit.jsonl"
-    conf = tmp_path / "stella.toml"
-    conf.write_text(to_toml(merge(NO_MLX, {"log": {"audit_path": str(audit)}})))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
-    env.update({"STELLA_CONFIG": str(conf), "PORT": str(port)})
-    err = tmp_path / "stderr.log"
-    with err.open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stella", "serve", "--log-format", "json"],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            env=env,
-            cwd=tmp_path,
-        )
-    server = LiveServer(proc, f"http://127.0.0.1:{port}", err)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(server.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        body = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a"}]}
-        with httpx.Client(base_url=server.url) as client:
-            for _ in range(400):
-                assert client.post("/api/v1/chat", json=body).status_code == 200
-        started = time.monotonic()
-        assert server.stop(timeout=30) == 0
-        assert time.monotonic() - started < 20
-        assert len(audit.read_text().splitlines()) == 400
-    finally:
-        server.stop()
-        assert proc.stdout is not None
-        proc.stdout.close()
+    config = {"log": {"audit_path": str(audit)}}
+    body = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a"}]}
+    with run_stella(config, stdout=subprocess.PIPE) as server:
+        assert server.proc.stdout is not None
+        try:
+            with httpx.Client(base_url=server.url) as client:
+                for _ in range(400):
+                    assert client.post("/api/v1/chat", json=body).status_code == 200
+            started = time.monotonic()
+            assert server.stop(timeout=30) == 0
+            assert time.monotonic() - started < 20
+            assert len(audit.read_text().splitlines()) == 400
+        finally:
+            server.stop()
+            server.proc.stdout.close()
 
 
 def test_a_named_key_the_client_echoes_is_masked_in_its_line(tmp_path: Path) -> None:
@@ -874,21 +853,7 @@ def test_each_admin_routing_change_is_one_event_with_its_outcome() -> None:
 def test_workers_on_one_stdout_pipe_never_tear_each_others_lines(tmp_path: Path) -> None:
     """`stella serve --workers 2 | slow reader`: lines of tens of KB (log.content), more
     than a pipe holds, and two workers writing at once; every line arrives whole."""
-    port = free_port()
-    conf = tmp_path / "stella.toml"
     config = {"server": {"workers": 2}, "log": {"content": True}}
-    conf.write_text(to_toml(merge(NO_MLX, config)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
-    env.update({"STELLA_CONFIG": str(conf), "PORT": str(port)})
-    with (tmp_path / "stderr.log").open("wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stella", "serve", "--log-format", "json"],
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            env=env,
-            cwd=tmp_path,
-        )
-    assert proc.stdout is not None
     out = bytearray()
 
     def read_slowly(pipe: Any) -> None:
@@ -898,42 +863,41 @@ def test_workers_on_one_stdout_pipe_never_tear_each_others_lines(tmp_path: Path)
             out.extend(chunk)
             time.sleep(0.001)
 
-    reader = threading.Thread(target=read_slowly, args=(proc.stdout,), daemon=True)
-    reader.start()
-    url = f"http://127.0.0.1:{port}"
     clients, each = 8, 6
-    try:
-        deadline = time.monotonic() + 60
-        while bytes(out).count(b'"event":"started"') < 2:
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+    statuses: list[int] = []  # an assert in a thread would only warn
+    with run_stella(config, stdout=subprocess.PIPE) as server:
+        assert server.proc.stdout is not None
+        reader = threading.Thread(target=read_slowly, args=(server.proc.stdout,), daemon=True)
+        reader.start()
+        try:
+            deadline = time.monotonic() + 60
+            while bytes(out).count(b'"event":"started"') < 2:
+                assert server.proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
 
-        def chat(n: int) -> None:
-            text = f"client {n} " + "lorem ipsum " * 3000  # ~36 KB, twice in the line
-            body = {
-                "model": "echo",
-                "stream": False,
-                "messages": [{"role": "user", "content": text}],
-            }
-            with httpx.Client(base_url=url, timeout=30) as client:  # one connection, one worker
-                for _ in range(each):
-                    statuses.append(client.post("/api/v1/chat", json=body).status_code)
+            def chat(n: int) -> None:
+                text = f"client {n} " + "lorem ipsum " * 3000  # ~36 KB, twice in the line
+                body = {
+                    "model": "echo",
+                    "stream": False,
+                    "messages": [{"role": "user", "content": text}],
+                }
+                # One connection, one worker.
+                with httpx.Client(base_url=server.url, timeout=30) as client:
+                    for _ in range(each):
+                        statuses.append(client.post("/api/v1/chat", json=body).status_code)
 
-        statuses: list[int] = []  # an assert in a thread would only warn
-        threads = [threading.Thread(target=chat, args=(n,)) for n in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert statuses == [200] * clients * each
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        reader.join(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
-        proc.stdout.close()
+            threads = [threading.Thread(target=chat, args=(n,)) for n in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert statuses == [200] * clients * each
+            assert server.stop() == 0
+            reader.join(30)
+        finally:
+            server.stop()
+            server.proc.stdout.close()
     bad, events = [], []
     for line in bytes(out).splitlines():
         try:
@@ -998,28 +962,10 @@ sink.flush(60)
 def test_the_workers_stdout_lock_needs_no_directory_and_leaves_nothing(tmp_path: Path) -> None:
     # It was a file in a temporary directory: a server with no writable one could not
     # start its workers, and a supervisor killed outright left the directory behind.
-    port = free_port()
-    conf = tmp_path / "stella.toml"
-    conf.write_text(to_toml(merge(NO_MLX, {"server": {"workers": 2}})))
     temp = tmp_path / "temp"
     temp.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
-    env.update({"STELLA_CONFIG": str(conf), "PORT": str(port), "TMPDIR": str(temp)})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stella", "serve", "--log-format", "json"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        cwd=tmp_path,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            time.sleep(0.1)
+    with run_stella({"server": {"workers": 2}}, {"TMPDIR": str(temp)}) as server:
+        proc = server.proc
         workers = [
             int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         ]
@@ -1034,8 +980,4 @@ def test_the_workers_stdout_lock_needs_no_directory_and_leaves_nothing(tmp_path:
         while any(Path(f"/proc/{pid}").exists() for pid in workers):
             assert time.monotonic() < deadline
             time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
     assert list(temp.iterdir()) == []
