@@ -204,12 +204,24 @@ def install_plugin(
     return {"PYTHONPATH": os.pathsep.join([str(where), os.environ.get("PYTHONPATH", "")])}
 
 
+# `stella` in a process where MLX cannot be imported (as on a machine without it).
+_WITHOUT_MLX = (
+    "import sys; sys.modules['mlx'] = sys.modules['mlx.core'] = None;"
+    "from stella.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 def stella_cli(
-    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+    *args: str,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+    without_mlx: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the `stella` command with these arguments; its output as text."""
+    """Run the `stella` command with these arguments (`without_mlx`: MLX not importable);
+    its output as text."""
+    command = ["-c", _WITHOUT_MLX] if without_mlx else ["-m", "stella"]
     return subprocess.run(
-        [sys.executable, "-m", "stella", *args],
+        [sys.executable, *command, *args],
         input=stdin,
         capture_output=True,
         text=True,

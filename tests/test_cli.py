@@ -348,12 +348,7 @@ def test_import_gguf_replaces_an_earlier_import_on_a_mount_point(tmp_path: Path)
 def test_import_gguf_without_mlx_says_how_to_install_it(tmp_path: Path) -> None:
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not a gguf file at all")
-    code = (
-        "import sys; sys.modules['mlx'] = sys.modules['mlx.core'] = None;"
-        "from stella.cli import main; sys.exit(main(sys.argv[1:]))"
-    )
-    cmd = [sys.executable, "-c", code, "import-gguf", str(fake), str(tmp_path / "out")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    out = stella("import-gguf", str(fake), str(tmp_path / "out"), without_mlx=True)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'stella-gateway[mlx]'" in lines[0]

@@ -505,18 +505,6 @@ def test_config_check_warns_of_a_key_variable_not_set() -> None:
     assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
 
 
-def _check_without_mlx(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`stella config --check` in a process where MLX cannot be imported."""
-    import sys
-
-    code = (
-        "import sys; sys.modules['mlx'] = sys.modules['mlx.core'] = None;"
-        "from stella.cli import main; sys.exit(main(sys.argv[1:]))"
-    )
-    cmd = [sys.executable, "-c", code, "config", "--check"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
-
-
 @pytest.mark.parametrize(
     ("source", "problem"),
     [
@@ -552,7 +540,7 @@ def test_config_check_refuses_a_local_model_that_is_not_there(source: str, probl
 
 def test_config_check_refuses_a_local_backend_without_mlx() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
-    out = _check_without_mlx(env)
+    out = stella_cli("config", "--check", env=env, without_mlx=True)
     assert out.returncode == 2, out.stderr
     assert out.stderr.splitlines() == [
         "stella: config error: backends.local: the mlx kind needs MLX, which is not installed: "
@@ -560,7 +548,7 @@ def test_config_check_refuses_a_local_backend_without_mlx() -> None:
     ]
     # Without the local backend there is nothing MLX is needed for.
     env.update(STELLA_BACKENDS__LOCAL__ENABLED="false", STELLA_MODELS__DEFAULT="echo")
-    out = _check_without_mlx(env)
+    out = stella_cli("config", "--check", env=env, without_mlx=True)
     assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
 
 
