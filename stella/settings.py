@@ -317,11 +317,14 @@ def set_by_user(key: str, environ: Mapping[str, str] | None = None) -> bool:
     return _lookup(merge(user, env_overrides(environ)), key) is not None
 
 
-def env_over_file(environ: Mapping[str, str] | None = None) -> tuple[str, dict[str, list[str]]]:
+def env_over_file(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, list[str]]]:
     """$STELLA_CONFIG's path, and the environment variables that replace values that file
     sets, each with the keys it replaces (the environment wins, and a file's value lost
     to one is easily missed: an image's ENV, a platform's variables). Read as the last
-    load_settings() read the file; the shipped defaults are not asked about."""
+    load_settings() read the file; the shipped defaults are not asked about, nor keys
+    `overrides` (command-line flags) replace in turn."""
     environ = os.environ if environ is None else environ
     extra = environ.get("STELLA_CONFIG", "")
     if not extra:
@@ -340,7 +343,11 @@ def env_over_file(environ: Mapping[str, str] | None = None) -> tuple[str, dict[s
         if path == ("server", "port") and name != "PORT" and environ.get("PORT"):
             continue  # PORT wins over it: it replaces nothing
         # A table given whole replaces only the keys it gives: those the file sets too.
-        keys = [k for k in _leaves(_env_value(raw), path) if _lookup(user, k) is not None]
+        keys = [
+            k
+            for k in _leaves(_env_value(raw), path)
+            if _lookup(user, k) is not None and _lookup(overrides or {}, k) is None
+        ]
         if keys:
             found[name] = keys
     return extra, dict(sorted(found.items()))

@@ -929,6 +929,9 @@ def test_variables_that_replace_what_the_config_file_sets_are_found(tmp_path: Pa
     )
     assert env_over_file({**env, "STELLA_CONFIG": ""}) == ("", {})
     assert env_over_file({"STELLA_CONFIG": str(conf), "PORT": ""})[1] == {}
+    # A key a command-line flag sets in turn is not the environment's doing.
+    flagged = env_over_file(env, overrides={"server": {"port": 9100}})[1]
+    assert "PORT" not in flagged and "STELLA_SERVER__DRAIN_TIMEOUT_S" in flagged
     # PORT wins over STELLA_SERVER__PORT: that one replaces nothing, and is not named.
     both = {**env, "STELLA_SERVER__PORT": "8001"}
     assert env_over_file(both)[1]["PORT"] == ["server.port"]

@@ -116,12 +116,7 @@ def _say_overridden(flags: dict[str, Any]) -> None:
 
     from stella.settings import env_over_file
 
-    path, found = env_over_file()
-    over = {
-        name: kept
-        for name, keys in found.items()
-        if (kept := [k for k in keys if _lookup_flag(flags, k) is None])
-    }
+    path, over = env_over_file(overrides=flags)
     if over:
         structlog.get_logger("stella").warning(
             "config_overridden",
@@ -130,14 +125,6 @@ def _say_overridden(flags: dict[str, Any]) -> None:
             detail="environment variables win over the config file: unset them, or change "
             "these keys through them",
         )
-
-
-def _lookup_flag(flags: dict[str, Any], key: str) -> Any:
-    """A command-line flag's value for a dotted key, or None."""
-    node: Any = flags
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
 
 
 def serving_url(host: str, port: int) -> str:
