@@ -7,7 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from stella.backends.mlx.blas import use_blas
 from tests.live import LiveServer, run_stella
+
+# The tests that run the MLX engine in this process (not in a server) get the CBLAS a
+# server's engine loads: it must be loaded before anything imports MLX.
+use_blas("auto")
 
 # A suite started with SIGINT ignored (a background job of a shell without job control)
 # would hand that to every command it starts, and Python keeps ignoring SIGINT for good

@@ -617,8 +617,9 @@ def test_bench_mlx_compares_peak_rss_with_peak_rss(stella: LiveServer) -> None:
     # The raw side reports its peak (ru_maxrss): stella's side must be its peak too.
     now, peak = rss_bytes(stella.proc.pid), peak_rss_bytes(stella.proc.pid)
     assert 0 < now <= peak
-    r = Report(64, 10.0, 10.0, 1.0, 100.0, 100.0, 0.0, 1.0, 50.0, 5.0, 0.1, 700.0, 690.0)
+    r = Report(64, "bundled", 10.0, 10.0, 1.0, 100.0, 100.0, 0.0, 1.0, 50.0, 5.0, 0.1, 700.0, 690.0)
     assert "| peak RSS (high-water mark) with the model, MB | 690.0 | 700.0 | |" in table(r)
+    assert "MLX's CPU BLAS on both sides: bundled" in table(r)
 
 
 def test_bench_url_fails_when_most_answers_are_errors() -> None:

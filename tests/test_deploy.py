@@ -100,6 +100,8 @@ def test_containerfile_promises() -> None:
     assert "import-gguf" in text, "the embedded model is baked into the image"
     # ...readable by the image's own user, who did not build it.
     assert "chmod -R a+rX /opt/models" in text
+    # The engine's products on OpenBLAS, not MLX's bundled reference BLAS.
+    assert "libopenblas0" in runtime
     # A runtime's 10 s stop timeout holds the drain and the shutdown.
     assert "server.drain_timeout_s=7" in text
 
@@ -218,6 +220,7 @@ def _run_ci(
     venv_works: bool,
     apt_has_chromium: bool = True,
     python3_is_old: bool = False,
+    has_openblas: bool = True,
 ) -> list[str]:
     """Run a copy of .ci/run against stubs; return its log, one line per command."""
     repo, bin_, log = tmp_path / "repo", tmp_path / "bin", tmp_path / "log"
@@ -251,7 +254,10 @@ def _run_ci(
             for t in ("pip", "pytest", "playwright")
         )
     )
-    good = f'[ "$1" = -c ] && exec {sys.executable} "$@"\n{make_venv}'
+    good = (
+        f'[[ "$1" = -c && "$2" = *find_library* ]] && exit {0 if has_openblas else 1}\n'
+        f'[ "$1" = -c ] && exec {sys.executable} "$@"\n{make_venv}'
+    )
     old = '[ "$1" = -c ] && exit 1\necho "old python3 $*" >> ' + str(log)
     _stub(bin_ / "python3", old if python3_is_old else good)
     if python3_is_old:
@@ -282,11 +288,13 @@ def test_ci_skips_apt_when_every_tool_is_there(tmp_path: Path) -> None:
 
 def test_ci_installs_through_sudo_when_not_root(tmp_path: Path) -> None:
     """A GitHub runner: not root, passwordless sudo; no venv module, no chromium package."""
-    log = _run_ci(tmp_path, uid=1001, tools=(), venv_works=False, apt_has_chromium=False)
+    log = _run_ci(
+        tmp_path, uid=1001, tools=(), venv_works=False, apt_has_chromium=False, has_openblas=False
+    )
     apt = "apt-get (sudo) noninteractive"
     assert log == [
         f"{apt} update -qq",
-        f"{apt} install -y -qq redis-server wrk nodejs {VENV_PKG}",
+        f"{apt} install -y -qq redis-server wrk nodejs {VENV_PKG} libopenblas0",
         f"{apt} install -y -qq chromium",
         # Ubuntu: no chromium package, so Playwright's build, for the version the extras pin.
         "python3 -m venv .venv",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.live import LiveServer, ndjson, run_stella
+from tests.live import LiveServer, in_ci, ndjson, run_stella
 
 pytestmark = pytest.mark.mlx
 
@@ -298,6 +300,84 @@ def test_max_queue_counts_the_jobs_behind_the_one_that_runs() -> None:
         loop.close()
 
 
+def _openblas() -> bool:
+    return ctypes.util.find_library("openblas") is not None
+
+
+def test_the_engine_runs_on_the_systems_openblas(mlx_server: LiveServer) -> None:
+    # MLX's Linux wheels bundle the reference BLAS (a prompt read ~30x slower): the engine
+    # loads the system's OpenBLAS before MLX, and its load's log line says which it runs on.
+    if not _openblas():
+        if in_ci():
+            pytest.fail(".ci/run installs libopenblas0-pthread; OpenBLAS is missing")
+        pytest.skip("no OpenBLAS here (apt-get install libopenblas0)")
+    loaded = mlx_server.wait_event(lambda e: True, name="model_loaded")
+    assert loaded["level"] == "info" and loaded["backend"] == "local", loaded
+    assert "libopenblas" in loaded["blas"] and loaded["load_ms"] > 0, loaded
+    maps = Path(f"/proc/{mlx_server.proc.pid}/maps").read_text()
+    assert loaded["blas"] in maps
+
+
+BLAS_PROBE = """
+import json, sys
+from stella.backends.mlx import blas
+if sys.argv[2] == "late":
+    import mlx.core
+try:
+    used = blas.use_blas(sys.argv[1])
+except blas.BlasError as exc:
+    print(json.dumps({"error": str(exc)}))
+    raise SystemExit
+import mlx.core
+a = mlx.core.ones((64, 64))
+product = (a @ a)[0, 0].item()  # a product on the CPU, through whichever CBLAS
+again = blas.use_blas("bundled")  # the first choice holds for the process
+maps = open("/proc/self/maps").read()
+print(json.dumps({"used": used, "again": again, "why": blas.why_bundled(),
+                  "openblas": "libopenblas" in maps, "product": product}))
+"""
+
+
+def blas_probe(choice: str, when: str = "first") -> dict:
+    """What `use_blas(choice)` did in a fresh process (`late`: after MLX loaded)."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    out = subprocess.run(
+        [sys.executable, "-c", BLAS_PROBE, choice, when],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_the_blas_choice_is_made_once_before_mlx_loads() -> None:
+    bundled = blas_probe("bundled")
+    assert bundled == {"used": "", "again": "", "why": "", "openblas": False, "product": 64.0}
+    # A library that cannot be loaded, or one without the CBLAS interface, is an error
+    # (the model's load fails saying so), not a silent slow engine.
+    assert blas_probe("/nonexistent/libblas.so")["error"].startswith(
+        "cannot load '/nonexistent/libblas.so': "
+    )
+    assert blas_probe("libc.so.6") == {
+        "error": "'libc.so.6' has no cblas_sgemm: not a CBLAS library"
+    }
+    if not _openblas():
+        if in_ci():
+            pytest.fail(".ci/run installs libopenblas0-pthread; OpenBLAS is missing")
+        assert blas_probe("auto")["why"] == "no OpenBLAS found (libopenblas.so.0)"
+        pytest.skip("no OpenBLAS here (apt-get install libopenblas0)")
+    auto = blas_probe("auto")
+    assert "libopenblas" in auto["used"] and auto["again"] == auto["used"], auto
+    assert auto["openblas"] and auto["product"] == 64.0 and auto["why"] == "", auto
+    # Once MLX is loaded its names are bound: too late, and said so.
+    late = blas_probe("auto", "late")
+    assert (
+        late["used"] == "" and late["why"] == "MLX was loaded before stella could give it a CBLAS"
+    )
+
+
 def test_the_second_turn_reuses_the_first_ones_prompt(mlx_server: LiveServer) -> None:
     system = "You are a careful assistant. " + " ".join(
         f"Rule {i}: answer briefly and politely." for i in range(40)
@@ -525,15 +605,16 @@ async def test_a_load_outlives_the_waiters_that_gave_up(monkeypatch: pytest.Monk
     # waiting for a load count against max_queue.
     from stella.backends import CallContext
     from stella.backends.mlx import backend as mlx_backend
+    from stella.backends.mlx.engine import LoadedModel
     from stella.errors import Overloaded
     from stella.protocol import ChatRequest, Message
 
     loads = []
 
-    def slow_load(source: str, cache_dir: str, dtype: str) -> object:
+    def slow_load(source: str, cache_dir: str, dtype: str, blas: str) -> LoadedModel:
         loads.append(source)
         time.sleep(0.5)
-        return object()
+        return LoadedModel(path=source, model=object(), tokenizer=object())
 
     monkeypatch.setattr(mlx_backend.MlxBackend, "_load", staticmethod(slow_load))
     b = mlx_backend.MlxBackend(

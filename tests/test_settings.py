@@ -552,6 +552,22 @@ def test_config_check_refuses_a_local_backend_without_mlx() -> None:
     assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
 
 
+def test_config_check_refuses_a_blas_file_that_is_not_there(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env["STELLA_BACKENDS__LOCAL__BLAS"] = str(tmp_path / "libmkl_rt.so.2")
+    out = stella_cli("config", "--check", env=env)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == [
+        f"stella: config error: backends.local.blas: no such file: {tmp_path}/libmkl_rt.so.2 "
+        "(routes using it: smollm2-135m)"
+    ]
+    # A library name is for the dynamic loader to find, as "auto" and "bundled" need none.
+    for blas in ("libmkl_rt.so.2", "auto", "bundled"):
+        env["STELLA_BACKENDS__LOCAL__BLAS"] = blas
+        out = stella_cli("config", "--check", env=env)
+        assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n"), blas
+
+
 def test_config_check_leaves_no_audit_file_behind(tmp_path: Path) -> None:
     proc = check_with_audit_path(tmp_path / "logs" / "deep" / "log.jsonl")
     assert proc.returncode == 0, proc.stderr

@@ -25,6 +25,8 @@ SYSTEM = "You are a helpful assistant. " + " ".join(
 
 RAW = r"""
 import json, sys, time
+from stella.backends.mlx.blas import use_blas
+blas = use_blas("auto")  # the CBLAS stella's engine loads by default, before MLX
 import mlx.core as mx
 from mlx_lm import load, stream_generate
 from mlx_lm.sample_utils import make_sampler
@@ -46,7 +48,7 @@ for r in range(runs + 1):
         out.append({"ttft_ms": (first - t0) * 1000, "tokens": n, "tps": (n - 1) / (end - first)})
 import resource
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
-print(json.dumps({"runs": out, "peak_rss": peak if sys.platform == "darwin" else peak * 1024}))
+print(json.dumps({"runs": out, "peak_rss": peak if sys.platform == "darwin" else peak * 1024, "blas": blas}))
 """.replace("__PROMPT__", repr(PROMPT))
 
 
@@ -54,6 +56,7 @@ class Report(msgspec.Struct):
     """What the MLX comparison measured."""
 
     tokens: int
+    blas: str  # the CBLAS both sides ran on ("bundled": MLX's own)
     raw_tps: float
     stella_tps: float
     tps_ratio: float
@@ -174,6 +177,7 @@ def compare(tokens: int = 64, runs: int = 3) -> Report:
         t2, _, _, _ = _stream(stella.url, {"messages": follow, "options": opts})
     return Report(
         tokens=tokens,
+        blas=raw_data["blas"] or "bundled",
         raw_tps=round(raw_tps, 2),
         stella_tps=round(s_tps, 2),
         tps_ratio=round(s_tps / raw_tps, 3),
@@ -193,6 +197,8 @@ def table(r: Report) -> str:
     """Markdown summary."""
     return "\n".join(
         [
+            f"MLX's CPU BLAS on both sides: {r.blas}",
+            "",
             "| measure | raw mlx_lm | stella | ratio / delta |",
             "| --- | ---: | ---: | ---: |",
             f"| decode tokens/s ({r.tokens} tokens) | {r.raw_tps} | {r.stella_tps} | {r.tps_ratio}x |",

@@ -39,6 +39,7 @@ class LoadedModel:
     context: int | None = None  # the model's context window in tokens, when it says
     vocab: int | None = None  # the width of the model's logits (its config's vocab_size)
     load_ms: float = 0.0  # how long the load itself took on the worker (0: not measured)
+    blas: str = ""  # the CBLAS MLX's CPU products run on ("" for MLX's own)
 
     def encode_chat(self, messages: list[Message], tools: list[Tool] | None) -> list[int]:
         """Token ids of the conversation with the assistant's turn opened, or left open
