@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.live import LiveServer, in_ci, ndjson, run_stella
+from tests.live import LiveServer, free_port, in_ci, ndjson, run_stella
 
 pytestmark = pytest.mark.mlx
 
@@ -375,6 +375,39 @@ def test_the_blas_choice_is_made_once_before_mlx_loads() -> None:
     late = blas_probe("auto", "late")
     assert (
         late["used"] == "" and late["why"] == "MLX was loaded before stella could give it a CBLAS"
+    )
+
+
+def test_a_machine_without_openblas_is_told_how_to_get_it() -> None:
+    # A server on a machine with no OpenBLAS (its soname made one no system has) answers
+    # on MLX's bundled BLAS, and its load's log line is a warning that says what to do.
+    serve = (
+        "import sys; from stella.backends.mlx import blas;"
+        "blas.OPENBLAS = ('libopenblas-not-on-this-machine.so.0',);"
+        "from stella.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env.update(PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    env.pop("LD_PRELOAD", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", serve, "serve", "--log-format", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        loaded = next(e for e in map(json.loads, proc.stdout) if e["event"] == "model_loaded")
+        assert "libopenblas" not in Path(f"/proc/{proc.pid}/maps").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        proc.stdout.close()
+    assert loaded["level"] == "warning" and loaded["blas"] == "bundled", loaded
+    assert loaded["hint"] == (
+        "no OpenBLAS found (libopenblas.so.0): MLX runs on its own slow BLAS; install "
+        "OpenBLAS (apt-get install libopenblas0) for prompts read ~30x faster"
     )
 
 
