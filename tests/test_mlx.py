@@ -6,6 +6,7 @@ import asyncio
 import ctypes.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from stella.backends.mlx.blas import THREAD_VARIABLES, path_of, usable_cpus
 from tests.live import LiveServer, free_port, in_ci, ndjson, run_stella
 
 pytestmark = pytest.mark.mlx
@@ -300,22 +302,15 @@ def test_max_queue_counts_the_jobs_behind_the_one_that_runs() -> None:
         loop.close()
 
 
-def _openblas() -> bool:
-    return ctypes.util.find_library("openblas") is not None
-
-
 def test_the_engine_runs_on_the_systems_openblas(mlx_server: LiveServer) -> None:
     # MLX's Linux wheels bundle the reference BLAS (a prompt read ~30x slower): the engine
     # loads the system's OpenBLAS before MLX, and its load's log line says which it runs on.
-    if not _openblas():
-        if in_ci():
-            pytest.fail(".ci/run installs libopenblas0-pthread; OpenBLAS is missing")
-        pytest.skip("no OpenBLAS here (apt-get install libopenblas0)")
+    openblas = need_openblas()
     loaded = mlx_server.wait_event(lambda e: True, name="model_loaded")
     assert loaded["level"] == "info" and loaded["backend"] == "local", loaded
-    assert "libopenblas" in loaded["blas"] and loaded["load_ms"] > 0, loaded
-    maps = Path(f"/proc/{mlx_server.proc.pid}/maps").read_text()
-    assert loaded["blas"] in maps
+    assert loaded["blas"] == openblas and loaded["load_ms"] > 0, loaded
+    assert loaded["blas_threads"] == int(os.environ.get("OPENBLAS_NUM_THREADS") or usable_cpus())
+    assert openblas in Path(f"/proc/{mlx_server.proc.pid}/maps").read_text()
 
 
 BLAS_PROBE = """
@@ -334,27 +329,46 @@ product = (a @ a)[0, 0].item()  # a product on the CPU, through whichever CBLAS
 again = blas.use_blas("bundled")  # the first choice holds for the process
 maps = open("/proc/self/maps").read()
 print(json.dumps({"used": used, "again": again, "why": blas.why_bundled(),
-                  "openblas": "libopenblas" in maps, "product": product}))
+                  "openblas": "libopenblas" in maps, "product": product,
+                  "threads": blas.threads()}))
 """
 
 
-def blas_probe(choice: str, when: str = "first") -> dict:
+def blas_probe(choice: str, when: str = "first", **env: str) -> dict:
     """What `use_blas(choice)` did in a fresh process (`late`: after MLX loaded)."""
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    full = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", *THREAD_VARIABLES)}
     out = subprocess.run(
         [sys.executable, "-c", BLAS_PROBE, choice, when],
         capture_output=True,
         text=True,
         timeout=60,
-        env=env,
+        env=full | env,
         check=True,
     )
     return json.loads(out.stdout)
 
 
-def test_the_blas_choice_is_made_once_before_mlx_loads() -> None:
+def need_openblas() -> str:
+    """The system's OpenBLAS file; a skip where there is none (a failure in CI)."""
+    name = ctypes.util.find_library("openblas")
+    if name is None:
+        if in_ci():
+            pytest.fail(".ci/run installs libopenblas0; OpenBLAS is missing")
+        pytest.skip("no OpenBLAS here (apt-get install libopenblas0)")
+    lib = ctypes.CDLL(name)
+    return path_of(ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value)
+
+
+def test_the_blas_choice_is_made_once_before_mlx_loads(tmp_path: Path) -> None:
     bundled = blas_probe("bundled")
-    assert bundled == {"used": "", "again": "", "why": "", "openblas": False, "product": 64.0}
+    assert bundled == {
+        "used": "",
+        "again": "",
+        "why": "",
+        "openblas": False,
+        "product": 64.0,
+        "threads": None,
+    }
     # A library that cannot be loaded, or one without the CBLAS interface, is an error
     # (the model's load fails saying so), not a silent slow engine.
     assert blas_probe("/nonexistent/libblas.so")["error"].startswith(
@@ -363,19 +377,56 @@ def test_the_blas_choice_is_made_once_before_mlx_loads() -> None:
     assert blas_probe("libc.so.6") == {
         "error": "'libc.so.6' has no cblas_sgemm: not a CBLAS library"
     }
-    if not _openblas():
-        if in_ci():
-            pytest.fail(".ci/run installs libopenblas0-pthread; OpenBLAS is missing")
-        assert blas_probe("auto")["why"] == "no OpenBLAS found (libopenblas.so.0)"
-        pytest.skip("no OpenBLAS here (apt-get install libopenblas0)")
+    openblas = need_openblas()
     auto = blas_probe("auto")
-    assert "libopenblas" in auto["used"] and auto["again"] == auto["used"], auto
+    assert auto["used"] == openblas and auto["again"] == openblas, auto
     assert auto["openblas"] and auto["product"] == 64.0 and auto["why"] == "", auto
+    # A thread a CPU this process may use, or as many as its variable says.
+    assert auto["threads"] == usable_cpus()
+    assert blas_probe("auto", OPENBLAS_NUM_THREADS="1")["threads"] == 1
     # Once MLX is loaded its names are bound: too late, and said so.
     late = blas_probe("auto", "late")
-    assert (
-        late["used"] == "" and late["why"] == "MLX was loaded before stella could give it a CBLAS"
-    )
+    assert late["used"] == "" and late["why"].startswith("MLX was loaded before stella"), late
+    # A CBLAS preloaded is the one MLX binds to, whatever is asked.
+    preloaded = blas_probe("bundled", LD_PRELOAD=openblas)
+    assert preloaded["used"] == openblas and preloaded["why"] == "", preloaded
+    # A path under ~ is found as source and cache_dir are.
+    (tmp_path / "lib").mkdir()
+    shutil.copy(openblas, tmp_path / "lib" / "libopenblas.so.0")
+    home = blas_probe("~/lib/libopenblas.so.0", HOME=str(tmp_path))
+    assert home["used"] == str(tmp_path / "lib" / "libopenblas.so.0"), home
+
+
+def test_blas_threads_stay_within_the_cgroups_cpu_quota(tmp_path: Path) -> None:
+    # OpenBLAS counts the CPUs of its affinity; a container given 2 CPUs of a 64-core
+    # node would run 64 throttled threads. cgroup v2's cpu.max, or v1's cfs quota.
+    cpus = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == cpus
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: still one thread
+    assert usable_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text(f"{cpus * 300000} 100000\n")  # more than there are
+    assert usable_cpus(tmp_path) == cpus
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(tmp_path) == 1
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert usable_cpus(tmp_path) == cpus
+
+
+def test_workers_share_the_cpus_among_their_blas_threads() -> None:
+    # Two workers answering at once each ran a thread a CPU: 4 threads on 2 CPUs.
+    need_openblas()
+    env = {k: "" for k in THREAD_VARIABLES}
+    config = {"server": {"workers": 2}, "backends": {"local": {"enabled": True}}}
+    with run_stella(config, env, ready_timeout=180) as server:
+        deadline = time.monotonic() + 180
+        while len(loaded := server.events("model_loaded")) < 2:
+            assert time.monotonic() < deadline, server.lines()[-10:]
+            time.sleep(0.2)
+        assert [e["blas_threads"] for e in loaded] == [max(1, usable_cpus() // 2)] * 2, loaded
 
 
 def test_a_machine_without_openblas_is_told_how_to_get_it() -> None:
@@ -406,8 +457,8 @@ def test_a_machine_without_openblas_is_told_how_to_get_it() -> None:
         proc.stdout.close()
     assert loaded["level"] == "warning" and loaded["blas"] == "bundled", loaded
     assert loaded["hint"] == (
-        "no OpenBLAS found (libopenblas.so.0): MLX runs on its own slow BLAS; install "
-        "OpenBLAS (apt-get install libopenblas0) for prompts read ~30x faster"
+        "no OpenBLAS found (libopenblas.so.0): install it (apt-get install libopenblas0) "
+        "for float32 prompts read ~30x faster"
     )
 
 

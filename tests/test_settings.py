@@ -552,17 +552,24 @@ def test_config_check_refuses_a_local_backend_without_mlx() -> None:
     assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
 
 
-def test_config_check_refuses_a_blas_file_that_is_not_there(tmp_path: Path) -> None:
+def test_config_check_refuses_a_blas_that_cannot_be_loaded(tmp_path: Path) -> None:
+    # As the model's load would: a missing file, a typo of "auto", a library that is no
+    # CBLAS. A name is for the dynamic loader to find; "auto" and "bundled" need nothing.
     env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
-    env["STELLA_BACKENDS__LOCAL__BLAS"] = str(tmp_path / "libmkl_rt.so.2")
-    out = stella_cli("config", "--check", env=env)
-    assert out.returncode == 2, out.stderr
-    assert out.stderr.splitlines() == [
-        f"stella: config error: backends.local.blas: no such file: {tmp_path}/libmkl_rt.so.2 "
-        "(routes using it: smollm2-135m)"
-    ]
-    # A library name is for the dynamic loader to find, as "auto" and "bundled" need none.
-    for blas in ("libmkl_rt.so.2", "auto", "bundled"):
+    missing = tmp_path / "libmkl_rt.so.2"
+    cases = {
+        str(missing): f"cannot load '{missing}': {missing}: cannot open shared object file",
+        "Auto": "cannot load 'Auto': Auto: cannot open shared object file",
+        "libc.so.6": "'libc.so.6' has no cblas_sgemm: not a CBLAS library",
+    }
+    for blas, problem in cases.items():
+        env["STELLA_BACKENDS__LOCAL__BLAS"] = blas
+        out = stella_cli("config", "--check", env=env)
+        assert out.returncode == 2, out.stderr
+        [line] = out.stderr.splitlines()
+        assert line.startswith(f"stella: config error: backends.local.blas: {problem}"), line
+        assert line.endswith(" (routes using it: smollm2-135m)"), line
+    for blas in ("auto", "bundled"):
         env["STELLA_BACKENDS__LOCAL__BLAS"] = blas
         out = stella_cli("config", "--check", env=env)
         assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n"), blas

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the configuration, build the app, serve until SIGTERM; exit 2 on bad config."""
-    import os
-
     import msgspec
     import uvicorn
 
@@ -132,6 +131,16 @@ def serving_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _share_blas_threads(workers: int) -> None:
+    """Give each worker's OpenBLAS its share of the CPUs, unless a variable sets it."""
+    from stella.backends.mlx.blas import THREAD_VARIABLES, usable_cpus
+
+    # OpenBLAS starts a thread per CPU in every process: workers answering at once would
+    # run workers x CPUs threads on the CPUs, each slower than one alone.
+    if workers > 1 and not any(os.environ.get(v) for v in THREAD_VARIABLES):
+        os.environ["OPENBLAS_NUM_THREADS"] = str(max(1, usable_cpus() // workers))
+
+
 def _supervise(
     settings: Any,
     overrides: dict[str, Any],
@@ -146,8 +155,6 @@ def _supervise(
     overrides travel there in one variable (stella.commands.workers). The exit code:
     0, or that of a worker that could not start (2: its configuration was bad).
     """
-    import os
-
     import uvicorn
     from uvicorn.supervisors import ChangeReload
 
@@ -155,6 +162,7 @@ def _supervise(
     from stella.commands.workers import Workers, pass_flags
 
     pass_flags(overrides)
+    _share_blas_threads(workers)
     if reload:  # stella's own code, wherever it is installed, not the working directory
         options["reload_dirs"] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
     config = uvicorn.Config(
