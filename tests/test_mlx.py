@@ -50,7 +50,8 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def mlx_server() -> Iterator[LiveServer]:
-    with run_stella(CONFIG, ready_timeout=180) as server:
+    # OpenBLAS's threads as stella sets them, whatever the shell running the tests says.
+    with run_stella(CONFIG, {v: "" for v in THREAD_VARIABLES}, ready_timeout=180) as server:
         deadline = time.monotonic() + 180
         while httpx.get(server.url + "/ready").status_code != 200:
             assert time.monotonic() < deadline, "model did not load"
@@ -309,13 +310,16 @@ def test_the_engine_runs_on_the_systems_openblas(mlx_server: LiveServer) -> None
     loaded = mlx_server.wait_event(lambda e: True, name="model_loaded")
     assert loaded["level"] == "info" and loaded["backend"] == "local", loaded
     assert loaded["blas"] == openblas and loaded["load_ms"] > 0, loaded
-    assert loaded["blas_threads"] == int(os.environ.get("OPENBLAS_NUM_THREADS") or usable_cpus())
+    assert loaded["blas_threads"] == usable_cpus()
     assert openblas in Path(f"/proc/{mlx_server.proc.pid}/maps").read_text()
 
 
 BLAS_PROBE = """
 import json, sys
+from pathlib import Path
 from stella.backends.mlx import blas
+if len(sys.argv) > 3:  # a cgroup hierarchy of the test's
+    blas.CGROUP_ROOT = Path(sys.argv[3])
 if sys.argv[2] == "late":
     import mlx.core
 try:
@@ -334,11 +338,12 @@ print(json.dumps({"used": used, "again": again, "why": blas.why_bundled(),
 """
 
 
-def blas_probe(choice: str, when: str = "first", **env: str) -> dict:
-    """What `use_blas(choice)` did in a fresh process (`late`: after MLX loaded)."""
+def blas_probe(choice: str, when: str = "first", cgroup: str = "", **env: str) -> dict:
+    """What `use_blas(choice)` did in a fresh process (`late`: after MLX loaded; `cgroup`:
+    the cgroup hierarchy it reads its CPU quota from)."""
     full = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", *THREAD_VARIABLES)}
     out = subprocess.run(
-        [sys.executable, "-c", BLAS_PROBE, choice, when],
+        [sys.executable, "-c", BLAS_PROBE, choice, when, *([cgroup] if cgroup else [])],
         capture_output=True,
         text=True,
         timeout=60,
@@ -399,21 +404,50 @@ def test_the_blas_choice_is_made_once_before_mlx_loads(tmp_path: Path) -> None:
 
 def test_blas_threads_stay_within_the_cgroups_cpu_quota(tmp_path: Path) -> None:
     # OpenBLAS counts the CPUs of its affinity; a container given 2 CPUs of a 64-core
-    # node would run 64 throttled threads. cgroup v2's cpu.max, or v1's cfs quota.
+    # node would run 64 throttled threads. cgroup v2's cpu.max, or v1's cfs quota, of
+    # the process's cgroup and every one above it: the smallest holds.
     cpus = len(os.sched_getaffinity(0))
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert usable_cpus(tmp_path) == cpus
-    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: still one thread
-    assert usable_cpus(tmp_path) == 1
-    (tmp_path / "cpu.max").write_text(f"{cpus * 300000} 100000\n")  # more than there are
-    assert usable_cpus(tmp_path) == cpus
-    (tmp_path / "cpu.max").unlink()
-    (tmp_path / "cpu").mkdir()
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
-    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert usable_cpus(tmp_path) == 1
-    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    assert usable_cpus(tmp_path) == cpus
+    own = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
+    v2 = next((path for _, controllers, path in own if controllers == ""), None)
+    if v2 is not None:
+        leaf = tmp_path.joinpath(*[p for p in v2.split("/") if p])
+        leaf.mkdir(parents=True, exist_ok=True)
+        (leaf / "cpu.max").write_text("max 100000\n")
+        assert usable_cpus(tmp_path) == cpus
+        (tmp_path / "cpu.max").write_text("50000 100000\n")  # above it, half a CPU: one
+        assert usable_cpus(tmp_path) == 1
+        (tmp_path / "cpu.max").write_text(f"{cpus * 300000} 100000\n")  # more than there are
+        assert usable_cpus(tmp_path) == cpus
+        (tmp_path / "cpu.max").unlink()
+    v1 = next(((c, path) for _, c, path in own if "cpu" in c.split(",")), None)
+    if v1 is not None:
+        controllers, path = v1
+        mount = tmp_path / "v1" / controllers
+        leaf = mount.joinpath(*[p for p in path.split("/") if p])
+        leaf.mkdir(parents=True, exist_ok=True)
+        (leaf / "cpu.cfs_quota_us").write_text("-1\n")
+        (leaf / "cpu.cfs_period_us").write_text("100000\n")
+        assert usable_cpus(tmp_path / "v1") == cpus
+        (mount / "cpu.cfs_quota_us").write_text("100000\n")
+        (mount / "cpu.cfs_period_us").write_text("100000\n")
+        assert usable_cpus(tmp_path / "v1") == 1
+    if v2 is None and v1 is None:
+        pytest.skip("this process is in no cgroup with a cpu controller")
+    # The engine's OpenBLAS keeps to it, loaded by stella or preloaded (LD_PRELOAD).
+    openblas = need_openblas()
+    if cpus < 2:
+        pytest.skip("one CPU: no quota can make it fewer")
+    quota = tmp_path / "quota"
+    for _, controllers, _path in own:
+        if controllers == "" or "cpu" in controllers.split(","):
+            where = quota / ("" if controllers == "" else controllers)
+            where.mkdir(parents=True, exist_ok=True)
+            (where / "cpu.max").write_text("100000 100000\n")
+            (where / "cpu.cfs_quota_us").write_text("100000\n")
+            (where / "cpu.cfs_period_us").write_text("100000\n")
+    assert blas_probe("auto", cgroup=str(quota))["threads"] == 1
+    assert blas_probe("auto", cgroup=str(quota), LD_PRELOAD=openblas)["threads"] == 1
+    assert blas_probe("auto", cgroup=str(quota), OPENBLAS_NUM_THREADS="2")["threads"] == 2
 
 
 def test_workers_share_the_cpus_among_their_blas_threads() -> None:

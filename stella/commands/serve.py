@@ -137,8 +137,10 @@ def _share_blas_threads(workers: int) -> None:
 
     # OpenBLAS starts a thread per CPU in every process: workers answering at once would
     # run workers x CPUs threads on the CPUs, each slower than one alone.
+    # A pthread build reads OPENBLAS_NUM_THREADS, an OpenMP one OMP_NUM_THREADS.
     if workers > 1 and not any(os.environ.get(v) for v in THREAD_VARIABLES):
-        os.environ["OPENBLAS_NUM_THREADS"] = str(max(1, usable_cpus() // workers))
+        share = str(max(1, usable_cpus() // workers))
+        os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = share
 
 
 def _supervise(

@@ -23,7 +23,11 @@ BUNDLED = "bundled"
 # Variables that set OpenBLAS's thread count; without one stella sets it (usable_cpus).
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
 _lock = threading.Lock()
+# Whether the environment set OpenBLAS's thread count (before stella would).
+_user_threads = any(os.environ.get(v) for v in THREAD_VARIABLES)
 _chosen: str | None = None  # the library in use, "" for MLX's own; None until settled
 _why = ""  # why MLX's own is in use on Linux though a faster one was asked for
 
@@ -61,39 +65,79 @@ def check(choice: str) -> str:
     if choice in ("auto", BUNDLED) or sys.platform != "linux":
         return ""
     try:
-        _open(choice, ctypes.RTLD_LOCAL)
+        _open(choice, 0)
     except BlasError as exc:
         return str(exc)
     return ""
 
 
-def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """The CPUs this process may use: its affinity, within its cgroup's CPU quota (a
-    container limited to 2 CPUs on a 64-core node)."""
+def usable_cpus(root: Path | None = None) -> int:
+    """The CPUs this process may use: its affinity, within the CPU quota of its cgroup
+    and every one above it (a container given 2 CPUs of a 64-core node)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    quota = _cgroup_quota(cgroup)
-    return max(1, min(cpus or 1, int(quota) if quota else cpus or 1))
+    quota = _cgroup_quota(root or CGROUP_ROOT)
+    return max(1, min(cpus or 1, int(quota) if quota is not None else cpus or 1))
 
 
 def _cgroup_quota(root: Path) -> float | None:
-    """CPUs the cgroup v2 cpu.max (or v1 cfs quota) allows, None when unlimited/unknown."""
+    """The smallest CPU quota (in CPUs) from this process's cgroup up to the hierarchy's
+    root, cgroup v2's cpu.max or v1's cfs quota; None when there is none."""
     try:
-        own = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
-        own = []
-    v2 = [line.partition("::")[2] for line in own if line.startswith("0::")]
-    for where in ([root / v2[0].lstrip("/")] if v2 else []) + [root]:
-        try:
-            limit, _, period = (where / "cpu.max").read_text().partition(" ")
-            return None if limit == "max" else int(limit) / int(period)
-        except (OSError, ValueError):
+        lines = []
+    quotas = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2, one hierarchy at the root
+            base, files = root, ("cpu.max",)
+        elif "cpu" in controllers.split(","):  # v1, where its cpu controller is mounted
+            base = next((root / d for d in (controllers, "cpu") if (root / d).is_dir()), None)
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+            if base is None:
+                continue
+        else:
             continue
+        # Inside a cgroup namespace the path is relative to what is mounted at `root`.
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            quota = _quota_in(base.joinpath(*parts[:depth]), files)
+            if quota is not None:
+                quotas.append(quota)
+    return min(quotas) if quotas else None
+
+
+def _quota_in(where: Path, files: tuple[str, ...]) -> float | None:
     try:
-        limit = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
-        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        if len(files) == 1:  # "max 100000" or "200000 100000"
+            limit, _, period = (where / files[0]).read_text().partition(" ")
+            return None if limit == "max" else int(limit) / int(period)
+        limit, period = (int((where / f).read_text()) for f in files)
     except (OSError, ValueError):
         return None
     return limit / period if limit > 0 and period > 0 else None
+
+
+def _cap_threads() -> None:
+    """Keep OpenBLAS's threads within the CPUs this process may use, unless a variable
+    sets them: OpenBLAS counts its affinity's CPUs, and sees no cgroup quota."""
+    if _user_threads:
+        return
+    cpus = usable_cpus()
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
+    if cpus < affinity:
+        # Read when the library (and an OpenMP runtime under it) starts: a pthread
+        # build reads OPENBLAS_NUM_THREADS, an OpenMP one OMP_NUM_THREADS.
+        os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(cpus)
+
+
+def _recap(lib: ctypes.CDLL) -> None:
+    """The same for a library already running (LD_PRELOAD): its pool made smaller."""
+    current = getattr(lib, "openblas_get_num_threads", None)
+    change = getattr(lib, "openblas_set_num_threads", None)
+    if not _user_threads and current is not None and change is not None:
+        if usable_cpus() < current():
+            change(usable_cpus())
 
 
 def _settle(choice: str) -> str:
@@ -104,8 +148,11 @@ def _settle(choice: str) -> str:
     # One already in the global scope (LD_PRELOAD, a library loaded so before) is what
     # MLX's names bind to, whatever is asked.
     present = _global_cblas()
-    if present or choice == BUNDLED:
+    if present:
+        _recap(ctypes.CDLL(None))
         return present
+    if choice == BUNDLED:
+        return ""
     if "mlx.core" in sys.modules:
         _why = (
             "MLX was loaded before stella could give it a CBLAS: start the process with "
@@ -114,14 +161,18 @@ def _settle(choice: str) -> str:
         return ""
     if choice != "auto":
         return _load(choice)
+    refused = ""  # one that is there but cannot serve (an ILP64 build)
     for name in OPENBLAS:
         try:
             return _load(name)
-        except BlasError:
-            continue
+        except BlasError as exc:
+            if not str(exc).startswith("cannot load"):
+                refused = refused or str(exc)
     _why = (
-        "no OpenBLAS found (libopenblas.so.0): install it (apt-get install libopenblas0) "
-        "for float32 prompts read ~30x faster"
+        f"the system's OpenBLAS cannot serve MLX: {refused}"
+        if refused
+        else "no OpenBLAS found (libopenblas.so.0): install it (apt-get install "
+        "libopenblas0) for float32 prompts read ~30x faster"
     )
     return ""
 
@@ -139,7 +190,9 @@ def _global_cblas() -> str:
 def _open(name: str, mode: int) -> ctypes.CDLL:
     where = os.path.expanduser(name)  # as source and cache_dir are
     try:
-        lib = ctypes.CDLL(where, mode=os.RTLD_NOW | mode)
+        # Checked while local: a library refused must not be left in the global scope,
+        # where MLX's names would bind to it all the same.
+        lib = ctypes.CDLL(where, mode=os.RTLD_NOW | ctypes.RTLD_LOCAL)
     except OSError as exc:
         raise BlasError(f"cannot load {name!r}: {exc}") from None
     if not hasattr(lib, "cblas_sgemm"):  # a Fortran-only BLAS: MLX would not use it
@@ -149,18 +202,15 @@ def _open(name: str, mode: int) -> ctypes.CDLL:
         config.restype = ctypes.c_char_p
         if b"USE64BITINT" in (config() or b""):  # MLX passes 32-bit sizes
             raise BlasError(f"{name!r} takes 64-bit integers (ILP64); MLX needs an LP64 CBLAS")
+    if mode & os.RTLD_GLOBAL:  # the same library, its names now for every later one
+        lib = ctypes.CDLL(where, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
     return lib
 
 
 def _load(name: str) -> str:
+    _cap_threads()
     lib = _open(name, os.RTLD_GLOBAL)
-    if not any(os.environ.get(v) for v in THREAD_VARIABLES):
-        # OpenBLAS starts a thread per CPU of its affinity; a cgroup quota (a container
-        # given 2 CPUs of a large node) it does not see: its threads would be throttled.
-        current = getattr(lib, "openblas_get_num_threads", None)
-        change = getattr(lib, "openblas_set_num_threads", None)
-        if current is not None and change is not None and usable_cpus() < current():
-            change(usable_cpus())
+    _recap(lib)
     return path_of(ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value) or name
 
 
