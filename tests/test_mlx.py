@@ -219,17 +219,18 @@ async def test_disconnect_stops_the_worker_within_one_token(mlx_server: LiveServ
     assert inf["prompt_tokens"] > 10 and inf["completion_tokens"] >= 3
 
 
-def counting(max_tokens: int) -> dict:
-    """A non-stream request that keeps the worker busy for about max_tokens tokens."""
+def busy(max_tokens: int) -> dict:
+    """A non-stream request that keeps the worker busy for max_tokens tokens (~60 ms each
+    here): the story goes on past any limit these tests set."""
     return {
-        "messages": [{"role": "user", "content": "Count from one to fifty."}],
+        "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
         "stream": False,
         "options": {"temperature": 0, "max_tokens": max_tokens},
     }
 
 
 async def test_queue_full_is_503(mlx_server: LiveServer) -> None:
-    payload = counting(40)
+    payload = busy(40)
     async with httpx.AsyncClient(timeout=120) as client:
         running = asyncio.create_task(client.post(mlx_server.url + "/api/v1/chat", json=payload))
         await asyncio.sleep(0.5)
@@ -252,7 +253,8 @@ async def test_requests_that_arrive_together_at_an_idle_engine(mlx_server: LiveS
     payload = {
         "messages": [{"role": "user", "content": "Name three rivers of Europe, briefly."}],
         "stream": False,
-        "options": {"temperature": 0, "max_tokens": 2},
+        # ~1 s each once loaded: the three are all admitted while the first runs.
+        "options": {"temperature": 0, "max_tokens": 16},
     }
     async with httpx.AsyncClient(timeout=120) as client:
         for unload in (True, False):  # an engine loading its model, then one ready
@@ -680,7 +682,7 @@ def test_json_mode_is_refused_not_ignored(mlx_server: LiveServer) -> None:
 
 async def test_a_request_given_up_in_the_queue_frees_its_place(mlx_server: LiveServer) -> None:
     # max_queue = 1: a client that stops waiting for its turn leaves the place to the next.
-    payload = counting(30)
+    payload = busy(40)
     async with httpx.AsyncClient(timeout=120) as client:
         running = asyncio.create_task(client.post(mlx_server.url + "/api/v1/chat", json=payload))
         await asyncio.sleep(0.5)
@@ -691,15 +693,18 @@ async def test_a_request_given_up_in_the_queue_frees_its_place(mlx_server: LiveS
         after = await client.post(mlx_server.url + "/api/v1/chat", json=payload)
         assert after.status_code == 200, after.text
         assert (await running).status_code == 200
+    # It took the place while the first still ran: it waited behind that one.
+    assert after.json()["timings"]["queue_ms"] > 100, after.json()["timings"]
     # Its log line says how long it waited in the queue before it left (not 0).
     ev = mlx_server.wait_event(lambda e: (e.get("metadata") or {}).get("who") == "gave-up")
     assert ev["finish_reason"] == "client_closed" and 300 <= ev["queue_ms"] <= 5000, ev
 
 
 async def test_a_cancelled_prompt_pass_stops_within_a_step(mlx_server: LiveServer) -> None:
-    # A long prompt takes tens of seconds to read on this CPU; a client that leaves
-    # during it frees the worker after the step in progress, not at the prompt's end.
-    prompt = " ".join(f"Rule {i}: answer briefly and politely." for i in range(60))
+    # A ~2,600-token prompt takes ~10 s to read on this CPU (a 64-token step ~0.2 s);
+    # a client that leaves during it frees the worker after the step in progress, not
+    # at the prompt's end.
+    prompt = " ".join(f"Rule {i}: answer briefly and politely." for i in range(250))
     payload = {"messages": [{"role": "user", "content": prompt}], "options": {"max_tokens": 4}}
     async with httpx.AsyncClient(timeout=120) as client:
         async with client.stream("POST", mlx_server.url + "/api/v1/chat", json=payload) as r:
@@ -713,7 +718,7 @@ async def test_a_cancelled_prompt_pass_stops_within_a_step(mlx_server: LiveServe
     assert ev["in_prompt"] is True and ev["tokens"] == 0
     inf = mlx_server.wait_event(lambda e: e["request_id"] == rid)
     assert inf["finish_reason"] == "client_closed" and inf["prompt_tokens"] > 400
-    assert stopped_after < 10, stopped_after  # a 64-token step, not the ~30 s prompt
+    assert stopped_after < 4, stopped_after  # a 64-token step, not the ~10 s prompt
     short = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 2})
     assert short["finish_reason"] == "length"
 
@@ -989,10 +994,16 @@ def test_a_prompt_too_long_for_the_time_limit_is_not_read_again(mlx_server: Live
     rid = r.json()["error"]["request_id"]
     ev = mlx_server.wait_event(lambda e: e.get("request_id") == rid)
     assert [a["error"] for a in ev["attempts"]] == ["upstream_timeout"]
+    # The prompt pass stopped where the limit found it (not read to its end, ~7 s).
+    stopped = mlx_server.wait_event(
+        lambda e: e.get("request_id") == rid, 30, "mlx_generation_stopped"
+    )
+    assert stopped["in_prompt"] is True, stopped
     # The backend's next call is answered (breaker.failure_threshold is 1: one verdict
-    # would have opened its circuit for every route on it).
+    # would have opened its circuit for every route on it), and soon.
     answer = chat(mlx_server, FRANCE, options={"max_tokens": 3})
     assert answer["usage"]["completion_tokens"] >= 1
+    assert answer["timings"]["queue_ms"] < 3000, answer["timings"]
 
 
 async def test_a_corrupt_model_is_a_clear_error_not_retried(tmp_path: Path) -> None:
