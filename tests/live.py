@@ -131,7 +131,7 @@ class LiveServer:
 @contextmanager
 def run_stella(
     config: Mapping[str, Any] | None = None,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str | None] | None = None,
     *,
     base: Mapping[str, Any] = NO_MLX,
     args: tuple[str, ...] = (),
@@ -139,9 +139,10 @@ def run_stella(
     check_ready: bool = True,
     stdout: int | None = None,
 ) -> Iterator[LiveServer]:
-    """Start `python -m stella serve` with `config` overlaid; stop it afterwards. Its
-    stdout and stderr go to the log file, or stdout to `stdout` (subprocess.PIPE: the
-    test reads it from `server.proc.stdout`, and closes it)."""
+    """Start `python -m stella serve` with `config` overlaid (`env` over the environment,
+    a None leaving a variable out); stop it afterwards. Its stdout and stderr go to the
+    log file, or stdout to `stdout` (subprocess.PIPE: the test reads it from
+    `server.proc.stdout`, and closes it)."""
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="stella-test-"))
     conf = tmp / "stella.toml"
@@ -149,7 +150,11 @@ def run_stella(
     log_path = tmp / "server.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
     full_env.update({"STELLA_CONFIG": str(conf), "PORT": str(port), "PYTHONUNBUFFERED": "1"})
-    full_env.update(env or {})
+    for key, value in (env or {}).items():  # None: not in its environment at all
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "stella", "serve", "--log-format", "json", *args],

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from stella.backends.mlx.blas import THREAD_VARIABLES, path_of, usable_cpus
+from stella.backends.mlx.blas import THREAD_VARIABLES, default_threads, path_of, usable_cpus
 from tests.live import LiveServer, free_port, in_ci, ndjson, run_stella
 
 pytestmark = pytest.mark.mlx
@@ -51,7 +51,7 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def mlx_server() -> Iterator[LiveServer]:
     # OpenBLAS's threads as stella sets them, whatever the shell running the tests says.
-    with run_stella(CONFIG, {v: "" for v in THREAD_VARIABLES}, ready_timeout=180) as server:
+    with run_stella(CONFIG, dict.fromkeys(THREAD_VARIABLES), ready_timeout=180) as server:
         deadline = time.monotonic() + 180
         while httpx.get(server.url + "/ready").status_code != 200:
             assert time.monotonic() < deadline, "model did not load"
@@ -312,7 +312,7 @@ def test_the_engine_runs_on_the_systems_openblas(mlx_server: LiveServer) -> None
     loaded = mlx_server.wait_event(lambda e: True, name="model_loaded")
     assert loaded["level"] == "info" and loaded["backend"] == "local", loaded
     assert loaded["blas"] == openblas and loaded["load_ms"] > 0, loaded
-    assert loaded["blas_threads"] == usable_cpus()
+    assert loaded["blas_threads"] == default_threads()
     assert openblas in Path(f"/proc/{mlx_server.proc.pid}/maps").read_text()
 
 
@@ -388,15 +388,17 @@ def test_the_blas_choice_is_made_once_before_mlx_loads(tmp_path: Path) -> None:
     auto = blas_probe("auto")
     assert auto["used"] == openblas and auto["again"] == openblas, auto
     assert auto["openblas"] and auto["product"] == 64.0 and auto["why"] == "", auto
-    # A thread a CPU this process may use, or as many as its variable says.
-    assert auto["threads"] == usable_cpus()
-    assert blas_probe("auto", OPENBLAS_NUM_THREADS="1")["threads"] == 1
+    # A thread a CPU this process may use but one (its event loop's), or as many as its
+    # variable says (OpenBLAS alone would start one a CPU).
+    assert auto["threads"] == default_threads() == max(1, usable_cpus() - 1)
+    assert blas_probe("auto", OPENBLAS_NUM_THREADS="2")["threads"] == min(2, usable_cpus())
     # Once MLX is loaded its names are bound: too late, and said so.
     late = blas_probe("auto", "late")
     assert late["used"] == "" and late["why"].startswith("MLX was loaded before stella"), late
     # A CBLAS preloaded is the one MLX binds to, whatever is asked.
     preloaded = blas_probe("bundled", LD_PRELOAD=openblas)
     assert preloaded["used"] == openblas and preloaded["why"] == "", preloaded
+    assert preloaded["threads"] == default_threads()  # its running pool made smaller
     # A path under ~ is found as source and cache_dir are.
     (tmp_path / "lib").mkdir()
     shutil.copy(openblas, tmp_path / "lib" / "libopenblas.so.0")
@@ -435,10 +437,9 @@ def test_blas_threads_stay_within_the_cgroups_cpu_quota(tmp_path: Path) -> None:
         assert usable_cpus(tmp_path / "v1") == 1
     if v2 is None and v1 is None:
         pytest.skip("this process is in no cgroup with a cpu controller")
-    # The engine's OpenBLAS keeps to it, loaded by stella or preloaded (LD_PRELOAD).
+    # The engine's OpenBLAS keeps to it, loaded by stella or preloaded (LD_PRELOAD): one
+    # thread for a quota of one CPU (on 2 CPUs also the number without a quota).
     openblas = need_openblas()
-    if cpus < 2:
-        pytest.skip("one CPU: no quota can make it fewer")
     quota = tmp_path / "quota"
     for _, controllers, _path in own:
         if controllers == "" or "cpu" in controllers.split(","):
@@ -453,16 +454,17 @@ def test_blas_threads_stay_within_the_cgroups_cpu_quota(tmp_path: Path) -> None:
 
 
 def test_workers_share_the_cpus_among_their_blas_threads() -> None:
-    # Two workers answering at once each ran a thread a CPU: 4 threads on 2 CPUs.
+    # Two workers answering at once each ran a thread a CPU: 4 threads on 2 CPUs. Each
+    # gets its share (less one CPU for its event loop).
     need_openblas()
-    env = {k: "" for k in THREAD_VARIABLES}
+    env = dict.fromkeys(THREAD_VARIABLES)
     config = {"server": {"workers": 2}, "backends": {"local": {"enabled": True}}}
     with run_stella(config, env, ready_timeout=180) as server:
         deadline = time.monotonic() + 180
         while len(loaded := server.events("model_loaded")) < 2:
             assert time.monotonic() < deadline, server.lines()[-10:]
             time.sleep(0.2)
-        assert [e["blas_threads"] for e in loaded] == [max(1, usable_cpus() // 2)] * 2, loaded
+        assert [e["blas_threads"] for e in loaded] == [default_threads(2)] * 2, loaded
 
 
 def test_a_machine_without_openblas_is_told_how_to_get_it() -> None:

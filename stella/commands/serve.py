@@ -133,13 +133,13 @@ def serving_url(host: str, port: int) -> str:
 
 def _share_blas_threads(workers: int) -> None:
     """Give each worker's OpenBLAS its share of the CPUs, unless a variable sets it."""
-    from stella.backends.mlx.blas import THREAD_VARIABLES, usable_cpus
+    from stella.backends.mlx.blas import THREAD_VARIABLES, default_threads
 
-    # OpenBLAS starts a thread per CPU in every process: workers answering at once would
-    # run workers x CPUs threads on the CPUs, each slower than one alone.
-    # A pthread build reads OPENBLAS_NUM_THREADS, an OpenMP one OMP_NUM_THREADS.
+    # Each worker process would count every CPU: workers answering at once would run
+    # workers x CPUs threads on the CPUs, each slower than one alone. A pthread build
+    # reads OPENBLAS_NUM_THREADS, an OpenMP one OMP_NUM_THREADS.
     if workers > 1 and not any(os.environ.get(v) for v in THREAD_VARIABLES):
-        share = str(max(1, usable_cpus() // workers))
+        share = str(default_threads(workers))
         os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = share
 
 

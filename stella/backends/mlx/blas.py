@@ -20,7 +20,7 @@ from pathlib import Path
 OPENBLAS = ("libopenblas.so.0", "libopenblas.so")  # Debian/Ubuntu/Fedora's sonames
 
 BUNDLED = "bundled"
-# Variables that set OpenBLAS's thread count; without one stella sets it (usable_cpus).
+# Variables that set OpenBLAS's thread count; without one stella sets it (default_threads).
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -118,17 +118,22 @@ def _quota_in(where: Path, files: tuple[str, ...]) -> float | None:
     return limit / period if limit > 0 and period > 0 else None
 
 
+def default_threads(workers: int = 1) -> int:
+    """OpenBLAS threads for one of `workers` processes: its share of the usable CPUs, one
+    of them left for its event loop, at least one."""
+    # OpenBLAS's threads wait for work spinning: more of them than free CPUs, and a
+    # token took 8-10x longer on a loaded 2-core machine (a thread a CPU), ~2x with one.
+    return max(1, usable_cpus() // max(1, workers) - 1)
+
+
 def _cap_threads() -> None:
-    """Keep OpenBLAS's threads within the CPUs this process may use, unless a variable
-    sets them: OpenBLAS counts its affinity's CPUs, and sees no cgroup quota."""
+    """OpenBLAS's thread count, unless a variable sets it: OpenBLAS would start one a CPU
+    of its affinity, blind to a cgroup quota and to the event loop beside it."""
     if _user_threads:
         return
-    cpus = usable_cpus()
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
-    if cpus < affinity:
-        # Read when the library (and an OpenMP runtime under it) starts: a pthread
-        # build reads OPENBLAS_NUM_THREADS, an OpenMP one OMP_NUM_THREADS.
-        os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(cpus)
+    # Read when the library (and an OpenMP runtime under it) starts: a pthread build
+    # reads OPENBLAS_NUM_THREADS, an OpenMP one OMP_NUM_THREADS.
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(default_threads())
 
 
 def _recap(lib: ctypes.CDLL) -> None:
@@ -136,8 +141,8 @@ def _recap(lib: ctypes.CDLL) -> None:
     current = getattr(lib, "openblas_get_num_threads", None)
     change = getattr(lib, "openblas_set_num_threads", None)
     if not _user_threads and current is not None and change is not None:
-        if usable_cpus() < current():
-            change(usable_cpus())
+        if default_threads() < current():
+            change(default_threads())
 
 
 def _settle(choice: str) -> str:
