@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from stella.bench.echo import Row, _body, measure, table
 from stella.bench.loadgen import text_lines
 from tests.live import LiveServer
@@ -617,9 +619,13 @@ def test_bench_mlx_compares_peak_rss_with_peak_rss(stella: LiveServer) -> None:
     # The raw side reports its peak (ru_maxrss): stella's side must be its peak too.
     now, peak = rss_bytes(stella.proc.pid), peak_rss_bytes(stella.proc.pid)
     assert 0 < now <= peak
-    r = Report(64, "bundled", 10.0, 10.0, 1.0, 100.0, 100.0, 0.0, 1.0, 50.0, 5.0, 0.1, 700.0, 690.0)
+    r = Report(
+        64, "bundled", None, 10.0, 10.0, 1.0, 100.0, 100.0, 0.0, 1.0, 50.0, 5.0, 0.1, 700.0, 690.0
+    )
     assert "| peak RSS (high-water mark) with the model, MB | 690.0 | 700.0 | |" in table(r)
-    assert "MLX's CPU BLAS on both sides: bundled" in table(r)
+    assert "MLX's CPU BLAS on both sides: bundled\n" in table(r)
+    on = msgspec.structs.replace(r, blas="/usr/lib/libopenblas.so.0", blas_threads=1)
+    assert "MLX's CPU BLAS on both sides: /usr/lib/libopenblas.so.0 (1 thread)\n" in table(on)
 
 
 def test_bench_url_fails_when_most_answers_are_errors() -> None:

@@ -25,7 +25,7 @@ SYSTEM = "You are a helpful assistant. " + " ".join(
 
 RAW = r"""
 import json, sys, time
-from stella.backends.mlx.blas import use_blas
+from stella.backends.mlx.blas import threads, use_blas
 blas = use_blas("auto")  # the CBLAS stella's engine loads by default, before MLX
 import mlx.core as mx
 from mlx_lm import load, stream_generate
@@ -48,7 +48,8 @@ for r in range(runs + 1):
         out.append({"ttft_ms": (first - t0) * 1000, "tokens": n, "tps": (n - 1) / (end - first)})
 import resource
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
-print(json.dumps({"runs": out, "peak_rss": peak if sys.platform == "darwin" else peak * 1024, "blas": blas}))
+rss = peak if sys.platform == "darwin" else peak * 1024
+print(json.dumps({"runs": out, "peak_rss": rss, "blas": blas, "blas_threads": threads()}))
 """.replace("__PROMPT__", repr(PROMPT))
 
 
@@ -57,6 +58,7 @@ class Report(msgspec.Struct):
 
     tokens: int
     blas: str  # the CBLAS both sides ran on ("bundled": MLX's own)
+    blas_threads: int | None  # its threads (None: MLX's own, which says not)
     raw_tps: float
     stella_tps: float
     tps_ratio: float
@@ -178,6 +180,7 @@ def compare(tokens: int = 64, runs: int = 3) -> Report:
     return Report(
         tokens=tokens,
         blas=raw_data["blas"] or "bundled",
+        blas_threads=raw_data["blas_threads"],
         raw_tps=round(raw_tps, 2),
         stella_tps=round(s_tps, 2),
         tps_ratio=round(s_tps / raw_tps, 3),
@@ -197,7 +200,8 @@ def table(r: Report) -> str:
     """Markdown summary."""
     return "\n".join(
         [
-            f"MLX's CPU BLAS on both sides: {r.blas}",
+            f"MLX's CPU BLAS on both sides: {r.blas}"
+            + (f" ({r.blas_threads} thread{'s' * (r.blas_threads > 1)})" if r.blas_threads else ""),
             "",
             "| measure | raw mlx_lm | stella | ratio / delta |",
             "| --- | ---: | ---: | ---: |",
