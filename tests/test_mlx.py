@@ -17,7 +17,13 @@ from typing import Any
 import httpx
 import pytest
 
-from stella.backends.mlx.blas import THREAD_VARIABLES, default_threads, path_of, usable_cpus
+from stella.backends.mlx.blas import (
+    THREAD_VARIABLES,
+    default_threads,
+    path_of,
+    threads_for,
+    usable_cpus,
+)
 from tests.live import LiveServer, free_port, in_ci, ndjson, run_stella
 
 pytestmark = pytest.mark.mlx
@@ -317,7 +323,7 @@ def test_the_engine_runs_on_the_systems_openblas(mlx_server: LiveServer) -> None
 
 
 BLAS_PROBE = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 from stella.backends.mlx import blas
 if len(sys.argv) > 3:  # a cgroup hierarchy of the test's
@@ -334,9 +340,10 @@ a = mlx.core.ones((64, 64))
 product = (a @ a)[0, 0].item()  # a product on the CPU, through whichever CBLAS
 again = blas.use_blas("bundled")  # the first choice holds for the process
 maps = open("/proc/self/maps").read()
+env = [os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")]
 print(json.dumps({"used": used, "again": again, "why": blas.why_bundled(),
                   "openblas": "libopenblas" in maps, "product": product,
-                  "threads": blas.threads()}))
+                  "threads": blas.threads(), "env": env}))
 """
 
 
@@ -375,6 +382,7 @@ def test_the_blas_choice_is_made_once_before_mlx_loads(tmp_path: Path) -> None:
         "openblas": False,
         "product": 64.0,
         "threads": None,
+        "env": [None, None],
     }
     # A library that cannot be loaded, or one without the CBLAS interface, is an error
     # (the model's load fails saying so), not a silent slow engine.
@@ -391,7 +399,16 @@ def test_the_blas_choice_is_made_once_before_mlx_loads(tmp_path: Path) -> None:
     # A thread a CPU this process may use but one (its event loop's), or as many as its
     # variable says (OpenBLAS alone would start one a CPU).
     assert auto["threads"] == default_threads() == max(1, usable_cpus() - 1)
+    assert auto["env"] == [None, None]  # set while the library starts, for it alone
     assert blas_probe("auto", OPENBLAS_NUM_THREADS="2")["threads"] == min(2, usable_cpus())
+    # Set in code after stella's module was imported, before the engine loads: it holds.
+    code = (
+        "import os; from stella.backends.mlx import blas;"
+        "os.environ['OPENBLAS_NUM_THREADS'] = '2'; blas.use_blas('auto'); print(blas.threads())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == str(min(2, usable_cpus())), out
     # Once MLX is loaded its names are bound: too late, and said so.
     late = blas_probe("auto", "late")
     assert late["used"] == "" and late["why"].startswith("MLX was loaded before stella"), late
@@ -451,6 +468,24 @@ def test_blas_threads_stay_within_the_cgroups_cpu_quota(tmp_path: Path) -> None:
     assert blas_probe("auto", cgroup=str(quota))["threads"] == 1
     assert blas_probe("auto", cgroup=str(quota), LD_PRELOAD=openblas)["threads"] == 1
     assert blas_probe("auto", cgroup=str(quota), OPENBLAS_NUM_THREADS="2")["threads"] == 2
+
+
+def test_a_workers_share_is_its_cpus_less_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stella.commands.serve import _share_blas_threads
+
+    assert [threads_for(8, 1), threads_for(8, 2), threads_for(64, 4)] == [7, 3, 15]
+    assert [threads_for(2, 1), threads_for(2, 2), threads_for(1, 1), threads_for(3, 4)] == [1] * 4
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    _share_blas_threads(1)  # one worker works its count out itself
+    assert not any(name in os.environ for name in THREAD_VARIABLES)
+    _share_blas_threads(2)  # the supervisor hands the workers theirs
+    share = str(default_threads(2))
+    assert (os.environ["OPENBLAS_NUM_THREADS"], os.environ["OMP_NUM_THREADS"]) == (share, share)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    _share_blas_threads(2)  # the user's count holds
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "3" and "OMP_NUM_THREADS" not in os.environ
 
 
 def test_workers_share_the_cpus_among_their_blas_threads() -> None:

@@ -133,12 +133,12 @@ def serving_url(host: str, port: int) -> str:
 
 def _share_blas_threads(workers: int) -> None:
     """Give each worker's OpenBLAS its share of the CPUs, unless a variable sets it."""
-    from stella.backends.mlx.blas import THREAD_VARIABLES, default_threads
+    from stella.backends.mlx.blas import default_threads, threads_set
 
     # Each worker process would count every CPU: workers answering at once would run
     # workers x CPUs threads on the CPUs, each slower than one alone. A pthread build
     # reads OPENBLAS_NUM_THREADS, an OpenMP one OMP_NUM_THREADS.
-    if workers > 1 and not any(os.environ.get(v) for v in THREAD_VARIABLES):
+    if workers > 1 and not threads_set():
         share = str(default_threads(workers))
         os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = share
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 # MLX's Linux CPU wheels (mlx-cpu) bundle the reference BLAS, whose float32 matrix product
@@ -26,8 +28,6 @@ THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 _lock = threading.Lock()
-# Whether the environment set OpenBLAS's thread count (before stella would).
-_user_threads = any(os.environ.get(v) for v in THREAD_VARIABLES)
 _chosen: str | None = None  # the library in use, "" for MLX's own; None until settled
 _why = ""  # why MLX's own is in use on Linux though a faster one was asked for
 
@@ -121,26 +121,49 @@ def _quota_in(where: Path, files: tuple[str, ...]) -> float | None:
 def default_threads(workers: int = 1) -> int:
     """OpenBLAS threads for one of `workers` processes: its share of the usable CPUs, one
     of them left for its event loop, at least one."""
+    return threads_for(usable_cpus(), workers)
+
+
+def threads_for(cpus: int, workers: int) -> int:
+    """A worker's share of `cpus` less one, at least one."""
     # OpenBLAS's threads wait for work spinning: more of them than free CPUs, and a
     # token took 8-10x longer on a loaded 2-core machine (a thread a CPU), ~2x with one.
-    return max(1, usable_cpus() // max(1, workers) - 1)
+    return max(1, cpus // max(1, workers) - 1)
 
 
-def _cap_threads() -> None:
-    """OpenBLAS's thread count, unless a variable sets it: OpenBLAS would start one a CPU
-    of its affinity, blind to a cgroup quota and to the event loop beside it."""
-    if _user_threads:
+def threads_set() -> bool:
+    """Whether the environment sets OpenBLAS's thread count (0 is OpenBLAS's own default)."""
+    return any(os.environ.get(v, "").strip() not in ("", "0") for v in THREAD_VARIABLES)
+
+
+@contextlib.contextmanager
+def _capped_threads() -> Iterator[None]:
+    """OpenBLAS's thread count while the library starts, unless a variable sets it:
+    OpenBLAS would start one a CPU of its affinity, blind to a cgroup quota and to the
+    event loop beside it. The environment is put back after (children unaffected)."""
+    if threads_set():
+        yield
         return
     # Read when the library (and an OpenMP runtime under it) starts: a pthread build
     # reads OPENBLAS_NUM_THREADS, an OpenMP one OMP_NUM_THREADS.
-    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = str(default_threads())
+    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(dict.fromkeys(names, str(default_threads())))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _recap(lib: ctypes.CDLL) -> None:
     """The same for a library already running (LD_PRELOAD): its pool made smaller."""
     current = getattr(lib, "openblas_get_num_threads", None)
     change = getattr(lib, "openblas_set_num_threads", None)
-    if not _user_threads and current is not None and change is not None:
+    if not threads_set() and current is not None and change is not None:
         if default_threads() < current():
             change(default_threads())
 
@@ -213,8 +236,8 @@ def _open(name: str, mode: int) -> ctypes.CDLL:
 
 
 def _load(name: str) -> str:
-    _cap_threads()
-    lib = _open(name, os.RTLD_GLOBAL)
+    with _capped_threads():
+        lib = _open(name, os.RTLD_GLOBAL)
     _recap(lib)
     return path_of(ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value) or name
 
