@@ -471,20 +471,20 @@ def test_blas_threads_stay_within_the_cgroups_cpu_quota(tmp_path: Path) -> None:
 
 
 def test_a_workers_share_is_its_cpus_less_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stella.commands.serve import _share_blas_threads
+    from stella.commands.serve import _set_blas_threads
 
     assert [threads_for(8, 1), threads_for(8, 2), threads_for(64, 4)] == [7, 3, 15]
     assert [threads_for(2, 1), threads_for(2, 2), threads_for(1, 1), threads_for(3, 4)] == [1] * 4
-    for name in THREAD_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    _share_blas_threads(1)  # one worker works its count out itself
-    assert not any(name in os.environ for name in THREAD_VARIABLES)
-    _share_blas_threads(2)  # the supervisor hands the workers theirs
-    share = str(default_threads(2))
-    assert (os.environ["OPENBLAS_NUM_THREADS"], os.environ["OMP_NUM_THREADS"]) == (share, share)
+    # serve sets it before any thread runs, for its workers (or itself) to read.
+    for workers in (1, 2):
+        for name in THREAD_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        _set_blas_threads(workers)
+        share = str(default_threads(workers))
+        assert (os.environ["OPENBLAS_NUM_THREADS"], os.environ["OMP_NUM_THREADS"]) == (share,) * 2
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
     monkeypatch.delenv("OMP_NUM_THREADS")
-    _share_blas_threads(2)  # the user's count holds
+    _set_blas_threads(2)  # the user's count holds
     assert os.environ["OPENBLAS_NUM_THREADS"] == "3" and "OMP_NUM_THREADS" not in os.environ
 
 

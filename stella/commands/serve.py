@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(server_cfg.drain_timeout_s) + 5,
     )
     workers = 1 if args.reload else server_cfg.workers
+    _set_blas_threads(workers)
     announce = (
         f"stella: serving on {serving_url(server_cfg.host, server_cfg.port)} "
         f"(default model: {settings.models.default}"
@@ -131,14 +132,17 @@ def serving_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _share_blas_threads(workers: int) -> None:
-    """Give each worker's OpenBLAS its share of the CPUs, unless a variable sets it."""
+def _set_blas_threads(workers: int) -> None:
+    """Set each worker's OpenBLAS threads (its share of the CPUs, less one) in the
+    environment, unless a variable sets them."""
     from stella.backends.mlx.blas import default_threads, threads_set
 
     # Each worker process would count every CPU: workers answering at once would run
-    # workers x CPUs threads on the CPUs, each slower than one alone. A pthread build
-    # reads OPENBLAS_NUM_THREADS, an OpenMP one OMP_NUM_THREADS.
-    if workers > 1 and not threads_set():
+    # workers x CPUs threads on the CPUs, each slower than one alone. Set here, before
+    # any thread runs, rather than by the engine while it loads: setenv under a thread
+    # reading the environment is unsafe in C. A pthread build reads
+    # OPENBLAS_NUM_THREADS, an OpenMP one OMP_NUM_THREADS.
+    if not threads_set():
         share = str(default_threads(workers))
         os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = share
 
@@ -164,7 +168,6 @@ def _supervise(
     from stella.commands.workers import Workers, pass_flags
 
     pass_flags(overrides)
-    _share_blas_threads(workers)
     if reload:  # stella's own code, wherever it is installed, not the working directory
         options["reload_dirs"] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
     config = uvicorn.Config(

@@ -140,7 +140,9 @@ def threads_set() -> bool:
 def _capped_threads() -> Iterator[None]:
     """OpenBLAS's thread count while the library starts, unless a variable sets it:
     OpenBLAS would start one a CPU of its affinity, blind to a cgroup quota and to the
-    event loop beside it. The environment is put back after (children unaffected)."""
+    event loop beside it. The environment is put back after (children unaffected).
+    `stella serve` sets the variables before its threads start; this is for the engine
+    run elsewhere (a script, the tests, bench's raw side)."""
     if threads_set():
         yield
         return
