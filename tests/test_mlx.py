@@ -477,8 +477,9 @@ def test_a_workers_share_is_its_cpus_less_one(monkeypatch: pytest.MonkeyPatch) -
     assert [threads_for(2, 1), threads_for(2, 2), threads_for(1, 1), threads_for(3, 4)] == [1] * 4
     # serve sets it before any thread runs, for its workers (or itself) to read.
     for workers in (1, 2):
-        for name in THREAD_VARIABLES:
-            monkeypatch.delenv(name, raising=False)
+        for name in THREAD_VARIABLES:  # set first, so that monkeypatch puts back its absence
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
         _set_blas_threads(workers)
         share = str(default_threads(workers))
         assert (os.environ["OPENBLAS_NUM_THREADS"], os.environ["OMP_NUM_THREADS"]) == (share,) * 2

@@ -139,9 +139,9 @@ def _set_blas_threads(workers: int) -> None:
 
     # Each worker process would count every CPU: workers answering at once would run
     # workers x CPUs threads on the CPUs, each slower than one alone. Set here, before
-    # the server and the model load start (only the log writer, idle, runs yet), rather
-    # than by the engine while requests are served: setenv while another thread reads
-    # the environment is unsafe in C. A pthread build reads
+    # the server and the model load start (only the log and MLX threads, idle, run
+    # yet), rather than by the engine while requests are served: setenv while another
+    # thread reads the environment is unsafe in C. A pthread build reads
     # OPENBLAS_NUM_THREADS, an OpenMP one OMP_NUM_THREADS.
     if not threads_set():
         share = str(default_threads(workers))

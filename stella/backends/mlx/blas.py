@@ -141,8 +141,9 @@ def _capped_threads() -> Iterator[None]:
     """OpenBLAS's thread count while the library starts, unless a variable sets it:
     OpenBLAS would start one a CPU of its affinity, blind to a cgroup quota and to the
     event loop beside it. The environment is put back after (children unaffected).
-    `stella serve` sets the variables before its threads start; this is for the engine
-    run elsewhere (a script, the tests, bench's raw side)."""
+    `stella serve` sets the variables before it serves; this is for the engine run
+    elsewhere (uvicorn started on the app directly, a script, the tests, bench's raw
+    side), where the load's setenv may meet another thread's getenv."""
     if threads_set():
         yield
         return
