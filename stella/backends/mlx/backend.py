@@ -56,8 +56,8 @@ class MlxConfig(BackendConfig, kw_only=True):
     prompt_cache_bytes: Annotated[int, Meta(ge=0)] = 512 * 1024 * 1024
     # Prompt tokens per step of the prompt pass: a cancelled request (client gone, a time
     # limit) stops after the step it is in. 0: 64 on Linux, where MLX runs on the CPU
-    # unless built for CUDA (a step takes ~0.2 s there on OpenBLAS, seconds on the bundled BLAS), 512 elsewhere (larger steps
-    # are faster on a GPU).
+    # unless built for CUDA (a step takes ~0.2 s there on OpenBLAS, seconds on the bundled
+    # BLAS), 512 elsewhere (larger steps are faster on a GPU).
     prefill_step: Annotated[int, Meta(ge=0)] = 0
     max_tokens: Annotated[int, Meta(ge=1)] = 512  # when a request gives none
     # The CBLAS for MLX's float32 CPU products on Linux (its wheels bundle the slow

@@ -37,7 +37,8 @@ class BlasError(Exception):
 
 
 def use_blas(choice: str) -> str:
-    """Load the CBLAS `choice` names before MLX ("auto", "bundled" or a library); the one in use, or ""."""
+    """Load the CBLAS `choice` names ("auto", "bundled", a library) before MLX; the one in
+    use, or "" for MLX's own."""
     global _chosen
     with _lock:
         if _chosen is None:
@@ -76,7 +77,9 @@ def usable_cpus(root: Path | None = None) -> int:
     and every one above it (a container given 2 CPUs of a 64-core node)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     quota = _cgroup_quota(root or CGROUP_ROOT)
-    return max(1, min(cpus or 1, int(quota) if quota is not None else cpus or 1))
+    if quota is not None:
+        cpus = min(cpus or 1, int(quota))
+    return max(1, cpus or 1)
 
 
 def _cgroup_quota(root: Path) -> float | None:
@@ -167,8 +170,9 @@ def _recap(lib: ctypes.CDLL) -> None:
     current = getattr(lib, "openblas_get_num_threads", None)
     change = getattr(lib, "openblas_set_num_threads", None)
     if not threads_set() and current is not None and change is not None:
-        if default_threads() < current():
-            change(default_threads())
+        wanted = default_threads()
+        if wanted < current():
+            change(wanted)
 
 
 def _settle(choice: str) -> str:
