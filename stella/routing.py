@@ -11,6 +11,10 @@ from stella.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, St
 from stella.settings import BreakerSettings, RouteSettings, Settings
 from stella.state import taken
 
+# A model name no route claims that stands for the default model as it is now (after a
+# switch too); a route or alias named so in the configuration keeps it.
+DEFAULT_NAME = "default"
+
 
 class CircuitBreaker:
     """Opens after N consecutive failures; after a cool-down lets one probe through."""
@@ -155,14 +159,21 @@ class Router:
         return sorted(self._names)
 
     def knows(self, name: str) -> bool:
-        """Whether `name` is a route's name or alias."""
-        return name in self._names
+        """Whether `name` is a route's name or alias (or `default`)."""
+        return self._target(name) is not None
+
+    def _target(self, name: str) -> str | None:
+        """The route name `name` stands for, if any."""
+        target = self._names.get(name)
+        if target is None and name == DEFAULT_NAME:
+            target = self._names.get(self.default)
+        return target
 
     def resolve(self, model: str | None, allowed: Allowed | None = None) -> Route:
         """The route for a requested model name (None: the default). `allowed` (a key's
         scope) narrows the known models a 404 lists and the routes a direct name finds."""
         name = model or self.default
-        target = self._names.get(name)
+        target = self._target(name)
         if target is not None:
             return self.routes[target]
         if self.settings.models.allow_direct and "/" in name:

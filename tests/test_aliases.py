@@ -46,9 +46,14 @@ def test_generate_v1_json_ndjson_and_sse(stella: LiveServer) -> None:
 def test_switch_model_shape(stella: LiveServer) -> None:
     # Example: POST /api/v1/models/switch/{model}
     r = httpx.post(stella.url + "/api/v1/models/switch/echo-slow")
-    assert r.json() == {"default": "echo-slow"}
-    assert httpx.get(stella.url + "/api/v1/models").json()["default"] == "echo-slow"
-    httpx.post(stella.url + "/api/v1/models/switch/echo")
+    try:
+        assert r.json() == {"default": "echo-slow"}
+        assert httpx.get(stella.url + "/api/v1/models").json()["default"] == "echo-slow"
+        # "default" names the default as it is now: the switched one.
+        body = {"model": "default", "stream": False, "messages": [{"role": "user", "content": "a"}]}
+        assert httpx.post(stella.url + "/api/v1/chat", json=body).json()["model"] == "echo-slow"
+    finally:
+        httpx.post(stella.url + "/api/v1/models/switch/echo").raise_for_status()
 
 
 def test_provider_field_and_chat_stream_and_v1_health(stella: LiveServer) -> None:

@@ -66,6 +66,16 @@ def test_configured_routes_may_not_share_names() -> None:
         )
 
 
+def test_default_names_the_default_as_it_is_now_unless_a_route_claims_it() -> None:
+    r = router({"echo2": {"backend": "echo"}})
+    assert r.resolve("default").name == "echo"
+    r.set_default("echo2")
+    assert (r.resolve("default").name, r.knows("default")) == ("echo2", True)
+    claimed = router({"echo2": {"backend": "echo", "aliases": ["default"]}})
+    claimed.set_default("echo")
+    assert claimed.resolve("default").name == "echo2"
+
+
 def test_an_empty_name_is_not_the_default() -> None:
     with pytest.raises(ModelNotFound):
         router({}).set_default("")

@@ -1092,8 +1092,7 @@ def test_a_default_naming_a_disabled_route_that_a_live_route_has_as_alias_is_ser
 
 
 def test_a_default_alias_a_live_route_shares_with_a_disabled_one_is_the_live_ones() -> None:
-    # "default" is also an alias of the shipped smollm2-135m route: with its backend off,
-    # the alias is the user's route's.
+    # A route that claims the name "default" keeps it, with the shipped route's backend off.
     mine = {"backend": "echo", "upstream_model": "echo", "aliases": ["default"]}
     overrides = {"models": {"default": "default", "routes": {"mine": mine}}}
     env = {"STELLA_BACKENDS__LOCAL__ENABLED": "false"}
