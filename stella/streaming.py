@@ -116,16 +116,20 @@ class Drain:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def enter(self, call: Any, task: asyncio.Task[Any], waiting: bool = False) -> None:
-        """Register `task` as serving `call` (ended at once when the drain is over), or
-        with `waiting` as waiting to be admitted (ended when the drain begins)."""
+    def enter(self, call: Any, task: asyncio.Task[Any], waiting: bool = False) -> bool:
+        """Register `task` as serving `call`, or with `waiting` as waiting to be admitted
+        (ended when the drain begins); False, registering nothing, when the drain is over:
+        the call must not start (its cancel_reason says why)."""
+        if self.over:
+            # Not a cancel: a call that never pauses would take it only after its answer.
+            call.cancel_reason = "shutting_down"
+            return False
         self.tasks[task] = call
         if waiting:
             self.waiting.add(task)
         if len(self.tasks) == 1:
             self.idle.clear()
-        if self.over:  # it must not start now
-            _end(task, call)
+        return True
 
     def leave(self, task: asyncio.Task[Any]) -> None:
         """Unregister `task`."""
@@ -156,6 +160,10 @@ class Drain:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self.idle.wait()
+
+
+def _shutting_down() -> ShuttingDown:
+    return ShuttingDown("the server is shutting down; retry the request")
 
 
 def _end(task: asyncio.Task[Any], call: Any) -> None:
@@ -207,7 +215,7 @@ class EventStream:
         self._loop_time = loop.time
         task = asyncio.current_task(loop)
         assert task is not None
-        self.drain.enter(call, task)
+        entered = self.drain.enter(call, task)
         inference.task = task
         # Short streams end before anyone could notice a disconnect or need a ping:
         # the watcher task starts only once the stream has run for a moment.
@@ -230,6 +238,11 @@ class EventStream:
                 raise SinkClosed from None
 
         try:
+            if not entered:  # the drain is over: ended before it began
+                if self._started:
+                    await self._send_start(send)
+                await self._end(scope, receive, send, _shutting_down())
+                return
             if self._started:
                 await self._send_start(send)
             terminal = await inference.run(emit)
@@ -256,7 +269,9 @@ class EventStream:
                     {"type": "http.response.body", "body": self.codec.close(), "more_body": False}
                 )
             except asyncio.CancelledError:
-                if not stuck:
+                # The answer is settled (its event logged): a shutdown's cut sends no
+                # second terminal line, it ends the connection as a stuck client's is.
+                if not stuck and call.cancel_reason != "shutting_down":
                     raise
                 task.uncancel()
                 self._open = False
@@ -268,8 +283,7 @@ class EventStream:
                 raise  # cancelled by the server itself: let it through
             task.uncancel()
             if call.cancel_reason == "shutting_down":
-                err = ShuttingDown("the server is shutting down; retry the request")
-                await self._end(scope, receive, send, err)
+                await self._end(scope, receive, send, _shutting_down())
         except (OSError, SinkClosed):
             # The client went away and a write failed: same as a disconnect.
             call.cancel_reason = call.cancel_reason or "client_closed"

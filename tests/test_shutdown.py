@@ -418,3 +418,136 @@ async def test_a_call_that_comes_after_the_drain_s_cut_leaves_no_cancel_pending(
         return "went on"
 
     assert await asyncio.wait_for(asyncio.create_task(call()), 2) == "went on"
+
+
+class AsgiClient:
+    """One request to an ASGI app in this process: its body given when `ready` is set,
+    each message sent slow by `slow_s` when `slow` says so; what was sent."""
+
+    def __init__(self, app: Any, path: str, body: dict[str, Any]) -> None:
+        self.app, self.path, self.body = app, path, json.dumps(body).encode()
+        self.ready = asyncio.Event()
+        self.ready.set()
+        self.slow: Any = lambda message: False
+        self.slowed = asyncio.Event()  # a slow send began
+        self.sent: list[dict[str, Any]] = []
+
+    async def run(self) -> None:
+        given = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal given
+            if not given:
+                await self.ready.wait()
+                given = True
+                return {"type": "http.request", "body": self.body, "more_body": False}
+            await asyncio.Event().wait()  # the client stays
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if self.slow(message):
+                self.slowed.set()
+                await asyncio.sleep(0.5)  # a client taking its last bytes slowly
+            self.sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": self.path,
+            "raw_path": self.path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 8000),
+        }
+        await self.app(scope, receive, send)
+
+    @property
+    def status(self) -> int:
+        return next(m["status"] for m in self.sent if m["type"] == "http.response.start")
+
+    @property
+    def text(self) -> str:
+        return b"".join(m.get("body", b"") for m in self.sent if "body" in m["type"]).decode()
+
+
+def in_process_app(delay_s: float = 0.01) -> Any:
+    """An app built in this process on an echo backend (a token each `delay_s`)."""
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    overrides = {
+        "models": {"default": "e", "routes": {"e": {"backend": "e"}}},
+        "backends": {"local": {"enabled": False}, "e": {"kind": "echo", "delay_s": delay_s}},
+    }
+    return create_app(load_settings(overrides, environ={}))
+
+
+def chat(path: str, stream: bool) -> dict[str, Any]:
+    """A body for `path` asking the echo model for three words."""
+    body = {"model": "e", "messages": [{"role": "user", "content": "one two three"}]}
+    body["stream"] = stream
+    return {**body, "max_tokens": 9} if path == "/v1/messages" else body
+
+
+async def test_a_call_that_starts_after_the_cut_is_ended_shutting_down_and_not_left_cancelled() -> (
+    None
+):
+    # Its request began before the drain and its body came after the cut: it must not
+    # start, and its answer says so (nothing left to cancel its task after the answer).
+    cases = [
+        ("/api/v1/chat", False, 503),
+        ("/api/v1/chat", True, 200),  # a native stream starts at once: then its error line
+        ("/v1/chat/completions", False, 503),
+        ("/v1/chat/completions", True, 503),
+        ("/v1/messages", True, 503),
+    ]
+    for path, stream, status in cases:
+        app = in_process_app(delay_s=0)  # an answer that never pauses: no await takes a cancel
+        events: list[dict[str, Any]] = []
+        app.services.pipeline.listeners.append(events.append)
+        async with app.router.lifespan_context(app):
+            client = AsgiClient(app, path, chat(path, stream))
+            client.ready.clear()
+            task = asyncio.create_task(client.run())
+            await asyncio.sleep(0.05)
+            app.services.drain.begin()
+            app.services.drain.cut()
+            client.ready.set()
+            await asyncio.wait_for(task, 5)
+        assert not task.cancelled(), path
+        assert client.status == status, (path, stream)
+        assert "shutting down" in client.text and "one" not in client.text, client.text
+        assert [(e["status"], e["finish_reason"]) for e in events] == [(503, "cancelled")]
+
+
+async def test_a_cut_while_the_last_lines_go_out_sends_no_second_terminal_line() -> None:
+    # The answer is settled and logged before its last lines are written: a shutdown's
+    # cut then must not add an error after (or in place of) the `done` line.
+    for path in ("/api/v1/chat", "/v1/chat/completions", "/v1/messages"):
+        for slow_on in ("done", "close"):
+            app = in_process_app()
+            events: list[dict[str, Any]] = []
+            app.services.pipeline.listeners.append(events.append)
+            async with app.router.lifespan_context(app):
+                client = AsgiClient(app, path, chat(path, True))
+                if slow_on == "done":  # the terminal line's own send
+                    client.slow = lambda m: any(
+                        s in m.get("body", b"")
+                        for s in (b'"done"', b'"finish_reason":"stop"', b"message_delta")
+                    )
+                else:  # the send that closes the body
+                    client.slow = lambda m: (
+                        m["type"] == "http.response.body" and not m.get("more_body", False)
+                    )
+                task = asyncio.create_task(client.run())
+                await asyncio.wait_for(client.slowed.wait(), 5)
+                app.services.drain.begin()
+                app.services.drain.cut()
+                await asyncio.wait_for(task, 5)
+            assert "shutting_down" not in client.text, (path, slow_on, client.text)
+            assert [(e["status"], e["finish_reason"]) for e in events] == [(200, "stop")]

@@ -296,8 +296,8 @@ async def _read_rest(request: Request, receive: Any, chunks: list[bytes], max_by
     task = asyncio.current_task()
     read = _BodyRead()
     drain = svc.drain if svc is not None and task is not None else None
-    if drain is not None:
-        drain.enter(read, task)
+    if drain is not None and not drain.enter(read, task):
+        raise ShuttingDown("the server is shutting down; retry on another instance")
     try:
         while True:
             try:
@@ -392,7 +392,7 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
     call = inference.call
     task = asyncio.current_task()
     assert task is not None
-    svc.drain.enter(call, task)
+    entered = svc.drain.enter(call, task)
     inference.task = task
     # Most answers are ready long before a client gives up: watch for a disconnect
     # only once the call has taken a while (the call's watchdog says when), so fast
@@ -405,6 +405,8 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
         ),
     )
     try:
+        if not entered:  # the drain is over: ended before it began
+            raise ShuttingDown("the server is shutting down; retry the request")
         return await inference.result()
     except asyncio.CancelledError:
         if call.cancel_reason is None:
