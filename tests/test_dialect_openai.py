@@ -560,3 +560,23 @@ def test_the_calls_of_a_whole_answer_are_those_of_the_stream(
         ("get_weather", {"city": "Oslo"}),
     ]
     assert len({call_id for call_id, _, _ in calls}) == 2  # two ids, one per call
+
+
+def test_a_text_completion_s_errors_about_messages_name_its_prompt() -> None:
+    # /v1/completions' prompt is the pipeline's one user message: what the pipeline says
+    # of `messages` is said of `prompt`, the parameter the request has.
+    from stella.api.openai import OPENAI, OPENAI_TEXT
+    from stella.errors import ContextTooLong, InvalidRequest
+
+    err = InvalidRequest("$.messages[0].content: too odd", param="messages[0].content")
+    assert OPENAI_TEXT.error_body(err, "r")["error"] == {
+        "message": "$.prompt: too odd",
+        "type": "invalid_request_error",
+        "param": "prompt",
+        "code": "invalid_request",
+    }
+    too_long = ContextTooLong("the prompt is 9 tokens", param="messages")
+    assert OPENAI_TEXT.error_body(too_long, "r")["error"]["param"] == "prompt"
+    assert OPENAI.error_body(too_long, "r")["error"]["param"] == "messages"
+    other = InvalidRequest("$.temperature: over 2", param="temperature")
+    assert OPENAI_TEXT.error_body(other, "r") == OPENAI.error_body(other, "r")

@@ -655,6 +655,16 @@ def test_a_prompt_longer_than_the_context_is_refused(mlx_server: LiveServer) -> 
     lines = ndjson(r.text)
     assert lines[-1]["type"] == "error" and lines[-1]["code"] == "context_length_exceeded"
     assert not lines[-1]["retryable"]
+    # OpenAI's errors name the parameter: a text completion's is its prompt.
+    prompt = long[0]["content"]
+    for stream in (False, True):
+        body = {"model": "smollm2", "prompt": prompt, "max_tokens": 5, "stream": stream}
+        r = httpx.post(mlx_server.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "prompt", r.text
+    body = {"model": "smollm2", "messages": long, "max_tokens": 5}
+    r = httpx.post(mlx_server.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.json()["error"]["param"] == "messages", r.text
 
 
 def test_json_mode_is_refused_not_ignored(mlx_server: LiveServer) -> None:

@@ -95,6 +95,25 @@ class OpenAIDialect(Dialect):
 OPENAI = OpenAIDialect()
 
 
+class TextCompletionDialect(OpenAIDialect):
+    """/v1/completions' errors: its prompt is the pipeline's one user message, so an
+    error about `messages` names `prompt`, the parameter the request has."""
+
+    def error_body(self, exc: StellaError, request_id: str) -> Any:
+        """OpenAI's error object, `messages` named `prompt`."""
+        body = super().error_body(exc, request_id)
+        param = body["error"]["param"]
+        if param is not None and (param == "messages" or param.startswith("messages[")):
+            body["error"]["param"] = "prompt"
+            path, colon, rest = exc.message.partition(":")
+            if path.startswith("$.messages") and colon:
+                body["error"]["message"] = "$.prompt:" + rest
+        return body
+
+
+OPENAI_TEXT = TextCompletionDialect()
+
+
 def _models_dialect(scope: dict[str, Any]) -> Dialect:
     """Anthropic's as well as OpenAI's SDKs ask GET /v1/models; Anthropic's send
     anthropic-version with every call: they get that API's shapes, errors included."""
@@ -292,7 +311,8 @@ async def _run(
     inference = await svc.pipeline.prepare(chat, call)
     headers = inference.permit.headers
     if chat.stream:
-        return stream_response(request, inference, ChunkCodec(include_usage, text), OPENAI)
+        dialect = OPENAI_TEXT if text else OPENAI
+        return stream_response(request, inference, ChunkCodec(include_usage, text), dialect)
     result = await run_to_end(request, inference)
     usage = result.usage  # encoded as it is: msgspec writes structs directly
     reason = FINISH.get(result.finish_reason, result.finish_reason)
@@ -369,7 +389,7 @@ async def chat_stream(request: Request, call: Call) -> Response:
     return await _run(request, call, chat, include, text=False)
 
 
-@endpoint(OPENAI)
+@endpoint(OPENAI_TEXT)
 async def completions(request: Request, call: Call) -> Response:
     """POST /v1/completions: a prompt completed as the assistant's answer."""
     body = await read_body(request, services(request).settings.server.max_body_bytes)
