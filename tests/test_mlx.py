@@ -665,6 +665,8 @@ def test_a_prompt_longer_than_the_context_is_refused(mlx_server: LiveServer) -> 
     body = {"model": "smollm2", "messages": long, "max_tokens": 5}
     r = httpx.post(mlx_server.url + "/v1/chat/completions", json=body, timeout=60)
     assert r.json()["error"]["param"] == "messages", r.text
+    # The refusal is the whole word on it: no tokenizer's plain-text warning besides.
+    assert not [line for line in mlx_server.lines() if "Token indices" in line]
 
 
 def test_json_mode_is_refused_not_ignored(mlx_server: LiveServer) -> None:

@@ -158,6 +158,11 @@ def load_model(path: str) -> LoadedModel:
     )
     context = getattr(getattr(model, "args", None), "max_position_embeddings", None)
     lm.context = context if isinstance(context, int) and context > 0 else None
+    # A prompt past the context is refused before the model sees it (ContextTooLong): the
+    # tokenizer's own plain-text warning, on stderr, would only say it less well.
+    warned = getattr(getattr(tokenizer, "_tokenizer", tokenizer), "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
     vocab = getattr(getattr(model, "args", None), "vocab_size", None)
     lm.vocab = vocab if isinstance(vocab, int) and vocab > 0 else None
     lm.nbytes = _nbytes(model)
