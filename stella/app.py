@@ -297,6 +297,11 @@ class ExactPathRouter(StarletteRouter):
                         scope["path_params"] = {}
                         await route.handle(scope, receive, send)
                         return
+            if scope["path"].endswith("\n"):
+                # Starlette's route patterns end in `$`, which a final newline passes
+                # (`/v1/models/echo%0A` would be echo's): no route has such a path.
+                await self.not_found(scope, receive, send)
+                return
         await super().app(scope, receive, send)
 
 

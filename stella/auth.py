@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from stella.backends import ConfigError
 from stella.core import ANONYMOUS, Call, Principal
+from stella.cors import origin
 from stella.errors import Forbidden, Unauthorized
 from stella.settings import Settings
 
@@ -110,7 +111,7 @@ class Authenticator:
         self.hosts = frozenset(_config_host(h) for h in hosts if h)
         origins = settings.cors.allowed_origins
         self.any_origin = "*" in origins
-        self.origins = frozenset(o.strip().rstrip("/").lower() for o in origins)
+        self.origins = frozenset(map(origin, origins))
         self._host_ok: dict[bytes, bool] = {}  # Host header -> trusted; a handful per server
         self.network_anonymous = dataclasses.replace(self.anonymous, admin=False)
         if not self.enabled and not settings.auth.allow_anonymous and not is_loopback(host):

@@ -16,6 +16,11 @@ EXPOSE = [
 ]
 
 
+def origin(configured: str) -> str:
+    """A configured origin as browsers send it in `Origin`: no trailing slash, lower case."""
+    return configured.strip().rstrip("/").lower()
+
+
 def install(app: Any, svc: Any) -> None:
     """Add the CORS middleware when any origin is configured (none: no CORS headers)."""
     origins = svc.settings.cors.allowed_origins
@@ -23,7 +28,8 @@ def install(app: Any, svc: Any) -> None:
         return
     app.add_middleware(
         CORSMiddleware,
-        allow_origins=origins,
+        # Starlette compares them as they are: as the Host/Origin guard reads them.
+        allow_origins=[origin(o) for o in origins],
         allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
         # Any request header: the official SDKs send their own (x-stainless-*,
         # anthropic-version, ...), and keys travel in headers, not cookies.

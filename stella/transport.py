@@ -304,6 +304,10 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             % (status, rid.encode(), len(body), body)
         )
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """Nothing to say: stella serves no WebSocket, and a request asking to upgrade is
+        answered as plain HTTP (uvicorn's warnings would tell of a library to install)."""
+
     def send_400_response(self, msg: str) -> None:
         """A request the parser cannot read: 400 invalid_request, in stella's JSON shape,
         naming the parser's reason (uvicorn's is plain text with no request ID)."""

@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -51,7 +52,8 @@ CONFIG = {
         }
     },
     "models": {"routes": {"paid-model": {"backend": "paid", "retries": 0}}},
-    "cors": {"allowed_origins": ["https://app.example"]},
+    # The second as a user may write it: browsers send `https://caps.example:8443`.
+    "cors": {"allowed_origins": ["https://app.example", "https://Caps.Example:8443/"]},
     "server": {"max_body_bytes": 2048},
 }
 
@@ -159,6 +161,10 @@ def test_cors_allows_the_configured_origin_only() -> None:
         )
         assert pre.status_code == 200
         assert pre.headers["access-control-allow-origin"] == "https://app.example"
+        caps = {"Origin": "https://caps.example:8443", "Access-Control-Request-Method": "POST"}
+        pre = httpx.options(server.url + "/api/v1/chat", headers=caps)
+        assert pre.status_code == 200, pre.text
+        assert pre.headers["access-control-allow-origin"] == "https://caps.example:8443"
         # What the official browser SDKs ask to send.
         sdk = "content-type,anthropic-version,anthropic-dangerous-direct-browser-access,x-stainless-os"
         pre = httpx.options(
@@ -918,3 +924,73 @@ def test_metrics_and_models_refuse_a_key_with_no_models() -> None:
 
     chat, metrics, models = asyncio.run(calls())
     assert (chat, metrics, models) == (403, 403, [])
+
+
+def test_upgrades_and_malformed_requests_are_answered_by_stella_in_json_only() -> None:
+    # A WebSocket upgrade was answered by the websockets library (plain text, no request
+    # ID; one with a body was held 20 s), and each malformed request cost a plain-text
+    # uvicorn warning on stderr, which any client could repeat to flood it.
+    with run_stella() as server:
+        upgrade = (
+            b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n"
+        )
+        asks = {
+            "upgrade": upgrade + b"\r\n",
+            "upgrade with a body": upgrade + b"Content-Length: 2\r\n\r\n{}",
+            "malformed": b"GET /he\x01alth HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        }
+        for what, ask in asks.items():
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                sock.sendall(ask)
+                head = sock.recv(65536).split(b"\r\n\r\n")[0].lower()
+            status = b"400" if what == "malformed" else b"200"
+            assert head.startswith(b"http/1.1 " + status), (what, head)
+            assert b"content-type: application/json" in head and b"x-request-id: req_" in head
+        # Starlette's route patterns end in `$`, which lets a final newline through.
+        for path in ("/health%0A", "/v1/models/echo%0A", "/api/v1/models/switch/echo%0a"):
+            r = httpx.request("POST" if "switch" in path else "GET", server.url + path)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", path
+        # \d is any script's digit: a day is ASCII.
+        r = httpx.get(server.url + "/api/v1/usage", params={"day": "２０２６-01-01"})
+        assert r.status_code == 400 and "day" in r.json()["error"]["message"], r.text
+        time.sleep(0.3)  # the log writer's hand-over
+        other = [
+            line
+            for line in server.lines()
+            if not line.startswith("{") and not line.startswith("stella: serving on")
+        ]
+        assert other == []
+        assert not server.events("server_log")
+
+
+def test_uvicorns_records_are_stellas_json_events() -> None:
+    # What uvicorn itself logs (an app's exception, a failed bind) is a JSON event as
+    # stella's own, not plain text beside them.
+    import io
+    import logging
+
+    from stella import logs
+
+    out = io.BytesIO()
+    sink = logs.configure(fmt="json", stream=out)  # type: ignore[arg-type]
+    try:
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+        logging.getLogger("uvicorn.error").warning("Invalid HTTP request received.")
+        sink.flush()
+    finally:
+        sink.close()
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(events) == 1, events  # a client's malformed request is its JSON 400 alone
+    event = events[0]
+    assert (event["event"], event["level"], event["logger"]) == (
+        "server_log",
+        "error",
+        "uvicorn.error",
+    )
+    assert event["message"] == "Exception in ASGI application"
+    assert "RuntimeError: boom" in event["exception"]

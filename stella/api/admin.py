@@ -19,7 +19,7 @@ from stella.protocol import UsageReport, UsageRow, UsageTotals
 # With models.allow_direct a key may name any upstream model: past this many models in
 # a day, a key's further ones are counted together as "other" (by this process).
 MAX_MODELS_PER_KEY_DAY = 256
-_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)  # not other scripts' digits
 
 
 def usage_listener(state: Any) -> Any:
