@@ -131,6 +131,10 @@ def test_show_and_ps_give_the_context_length_when_the_backend_knows_it() -> None
             assert client(server).show("llama").modelinfo["ollama.context_length"] == CONTEXT
             for model in ("idle", "echo"):
                 assert not any(k.endswith(".context_length") for k in info(model)), model
+            # A name past the limit every other route has is refused, not quoted back.
+            r = httpx.post(server.url + "/api/show", json={"model": "m" * 5000})
+            assert r.status_code == 400 and len(r.text) < 300, r.text
+            assert r.json()["error"] == "$.model: over 256 characters"
 
 
 def test_tool_calls(stella: LiveServer) -> None:

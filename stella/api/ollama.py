@@ -39,7 +39,7 @@ from stella.api.ollama_request import (
     to_options,
 )
 from stella.api.openapi import Operation, document
-from stella.core import Call, Inference
+from stella.core import MAX_MODEL_NAME, Call, Inference
 from stella.errors import Forbidden, InvalidRequest, ModelNotFound, StellaError
 from stella.protocol import (
     ChatRequest,
@@ -388,6 +388,8 @@ async def show(request: Request, call: Call) -> Response:
     name = model_name(request, req.model or req.name)
     if not name:
         raise InvalidRequest("$.model: required")
+    if len(name) > MAX_MODEL_NAME:  # as a chat's model: not quoted back whole
+        raise InvalidRequest(f"$.model: over {MAX_MODEL_NAME} characters", param="model")
     try:
         route = router.resolve(name, call.principal.scope)
     except Forbidden:  # a route this key may not see: as if there were none
