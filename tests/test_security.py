@@ -952,6 +952,12 @@ def test_upgrades_and_malformed_requests_are_answered_by_stella_in_json_only() -
         for path in ("/health%0A", "/v1/models/echo%0A", "/api/v1/models/switch/echo%0a"):
             r = httpx.request("POST" if "switch" in path else "GET", server.url + path)
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", path
+        # The playground's files come whole whatever Range asks (Starlette's answer to a
+        # bad one was plain text).
+        for path in ("/playground", "/static/stella.js"):
+            for asked in ("bytes=999999-", "bytes=5-1", "garbage", "bytes=0-9"):
+                r = httpx.get(server.url + path, headers={"Range": asked})
+                assert r.status_code == 200 and len(r.content) > 100, (path, asked, r.text)
         # \d is any script's digit: a day is ASCII.
         r = httpx.get(server.url + "/api/v1/usage", params={"day": "２０２６-01-01"})
         assert r.status_code == 400 and "day" in r.json()["error"]["message"], r.text

@@ -172,9 +172,20 @@ PAGE_HEADERS = {
 }
 
 
+def _whole(scope: Any) -> None:
+    """Drop a Range header from `scope`: these files are small, a whole answer is one a
+    server may give (RFC 9110 14.2), and Starlette answers a bad range in plain text."""
+    scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"range"]
+
+
 class Static(StaticFiles):
     """StaticFiles whose answers browsers check (by ETag) before each use: cached by
     their own rules, the playground would run an old stella.js after an upgrade."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Serve the file whole, whatever Range was asked."""
+        _whole(scope)
+        await super().__call__(scope, receive, send)
 
     def file_response(self, *args: Any, **kwargs: Any) -> Response:
         """The file (or 304), marked no-cache, with the playground's headers."""
@@ -188,6 +199,7 @@ async def playground(request: Request) -> Response:
     page = STATIC / "playground.html"
     if not page.is_file():
         return JSONResponse({"error": {"code": "not_found", "message": "no playground"}}, 404)
+    _whole(request.scope)
     return FileResponse(page, headers=PAGE_HEADERS)
 
 
