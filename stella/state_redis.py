@@ -280,6 +280,10 @@ class RedisState:
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             retry_on_error=[RedisConnectionError],
         )
+        # Replies stay bytes whatever the URL says: redis-py takes any query argument as
+        # a keyword, and "?decode_responses=..." (even "false": a non-empty string) made
+        # every reply a str, failing each read of the routes, the default and the usage.
+        pool.connection_kwargs["decode_responses"] = False
         self.redis = aioredis.Redis(connection_pool=pool)
         self.local = MemoryBuckets()  # the fallback while Redis is away
         self.errors = 0

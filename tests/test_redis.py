@@ -713,6 +713,28 @@ async def test_usage_of_a_direct_model_with_a_bar_in_its_name_stays_its_keys(red
     await st.aclose()
 
 
+async def test_a_url_asking_for_decoded_replies_still_reads_the_store(redis: Redis) -> None:
+    # redis-py takes any query argument of the URL as a keyword: decode_responses (any
+    # value, "false" too, is a non-empty string) would make every reply a str.
+    url = redis.url + "?decode_responses=true"
+    st = RedisState(StateSettings(redis_url=url, prefix="decoded"))
+    await st.start()
+    try:
+        await st.set_default_model("echo")
+        assert await st.get_default_model() == "echo"
+        await st.save_route("rt", {"backend": "echo"})
+        assert await st.load_routes() == {"rt": {"backend": "echo"}}
+        read = await st.routing()
+        assert read is not None and read[1] == {"rt": {"backend": "echo"}} and read[2] == "echo"
+        assert await st.routing_version() == read[0]
+        day = "2026-11-26"
+        st.record_usage("rpm", "echo", day, {"prompt_tokens": 2, "completion_tokens": 3})
+        rows = await st.get_usage()
+        assert [(r["key"], r["model"], r["requests"]) for r in rows] == [("rpm", "echo", 1)]
+    finally:
+        await st.aclose()
+
+
 def test_a_stalled_redis_costs_one_request_its_timeout_not_every_request(redis: Redis) -> None:
     import os
     import signal
