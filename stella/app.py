@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Match, Route
 from starlette.routing import Router as StarletteRouter
+from starlette.types import Receive, Scope, Send
 
 from stella import __version__, logs
 from stella.api import native, ops
@@ -104,7 +105,7 @@ class Services:
         # ERROR_PREFIXES.
         self.error_prefixes: list[tuple[str, Dialect | DialectPick]] = [("/api/v1/", NATIVE)]
 
-    def dialect_for(self, path: str, scope: dict[str, Any]) -> Dialect:
+    def dialect_for(self, path: str, scope: Mapping[str, Any]) -> Dialect:
         """The dialect whose error shape a path's router-level errors take."""
         for prefix, dialect in self.error_prefixes:
             if path.startswith(prefix):
@@ -152,7 +153,7 @@ class RequestContext:
         self.app = app
         self.services = services
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -160,7 +161,7 @@ class RequestContext:
 
 
 async def enter(
-    svc: Services, app: Any, scope: dict[str, Any], receive: Any, send: Any, wrap: bool = True
+    svc: Services, app: Any, scope: Scope, receive: Any, send: Any, wrap: bool = True
 ) -> None:
     """Give the request its ID (the client's X-Request-ID when well formed), then run `app`.
 
@@ -226,7 +227,7 @@ class StellaApp(Starlette):
                     index.setdefault((route.path, method), route.app)
         return index
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Exact paths of Endpoints directly; all else through Starlette."""
         if scope["type"] == "http":
             if self._fast_size != len(self.router.routes):
@@ -256,9 +257,9 @@ class ExactPathRouter(StarletteRouter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Starlette's own slash redirect builds its Location from the request's Host
         # header; `not_found` below redirects with a path instead.
-        super().__init__(*args, redirect_slashes=False, **kwargs)
+        super().__init__(*args, **{**kwargs, "redirect_slashes": False})
 
-    async def not_found(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Redirect a path that exists with (or without) a trailing slash; else 404."""
         path = scope.get("path", "")
         if scope["type"] == "http" and path != "/":
@@ -284,7 +285,7 @@ class ExactPathRouter(StarletteRouter):
             self._index, self._indexed = index, len(self.routes)
         return self._index.get(path)
 
-    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Dispatch exact paths directly; everything else as Starlette does."""
         if scope["type"] == "http":
             routes = self._exact(scope["path"])
@@ -366,7 +367,7 @@ def _build_app(settings: Settings) -> Starlette:
     app.state.stella = svc
     for hook in _app_hooks():
         hook(app, svc)
-    app.add_middleware(RequestContext, services=svc)  # type: ignore[arg-type]
+    app.add_middleware(RequestContext, services=svc)
     return app
 
 

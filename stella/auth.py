@@ -194,10 +194,14 @@ class Authenticator:
         if tcp and host is not None:
             ok = self._host_ok.get(host)
             if ok is None:
-                name = host_name(host.decode("latin-1"))
+                hostname = host_name(host.decode("latin-1"))
                 # Any address written out (0.0.0.0, a LAN address) is as safe: rebinding
                 # needs a name, and a page served from an address is that server's own.
-                ok = is_loopback_name(name) or name in self.hosts or _ip(name) is not None
+                ok = (
+                    is_loopback_name(hostname)
+                    or hostname in self.hosts
+                    or _ip(hostname) is not None
+                )
                 if len(self._host_ok) < 256:
                     self._host_ok[host] = ok
             if not ok:

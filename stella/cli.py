@@ -12,10 +12,13 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import IO
+from typing import TYPE_CHECKING
 
 from stella import __version__
 from stella.commands import Output, OutputError
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 COMMANDS = ("serve", "chat", "models", "config", "keys", "bench", "import_gguf")
 
@@ -25,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
     drops an OSError there, so with stdout closed `--help` said nothing and exited 0.
     A usage message that stderr cannot take is still dropped, its exit code kept."""
 
-    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
         file = file or sys.stderr
         if not message or file is None:  # stderr closed too: nowhere to say it
             return

@@ -670,7 +670,7 @@ class Client:
     def health(self) -> dict[str, Any]:
         """GET /health."""
         r = self._send("GET", "/health")
-        return _decode(_json, r.content, self.url, r.status_code)  # type: ignore[no-any-return]
+        return _decode(_json, r.content, self.url, r.status_code)
 
 
 class AsyncClient:
@@ -795,4 +795,4 @@ class AsyncClient:
     async def health(self) -> dict[str, Any]:
         """GET /health."""
         r = await self._send("GET", "/health")
-        return _decode(_json, r.content, self.url, r.status_code)  # type: ignore[no-any-return]
+        return _decode(_json, r.content, self.url, r.status_code)

@@ -29,6 +29,7 @@ from typing import IO, Any
 
 import msgspec
 import structlog
+from structlog.typing import EventDict
 
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 # Field names whose values are masked at any depth, matched by their words (snake,
@@ -765,7 +766,7 @@ class QueueLogger:
 REQUEST_ID: ContextVar[str] = ContextVar("stella_request_id", default="")
 
 
-def _add_meta(_: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+def _add_meta(_: Any, method: str, event: EventDict) -> EventDict:
     if "request_id" not in event:
         rid = REQUEST_ID.get()
         if rid:

@@ -201,7 +201,7 @@ def default_config_path() -> Path:
     return checkout if checkout.is_file() else here / "conf" / "stella.toml"
 
 
-def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     """Deep-merge `over` into a copy of `base`: tables merge, other values replace."""
     out = dict(base)
     for key, value in over.items():

@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import redis.asyncio as aioredis
@@ -389,7 +389,8 @@ class RedisState:
     async def get_default_model(self) -> str | None:
         """The runtime default model, if one was set."""
         try:
-            value = await self.redis.get(self._key("default_model"))
+            # redis-py types every reply bytes | str; this pool's are bytes (__init__).
+            value = cast(bytes | None, await self.redis.get(self._key("default_model")))
         except (RedisError, OSError) as exc:
             self._failed(exc)
             return None
@@ -461,8 +462,9 @@ class RedisState:
     async def routing_version(self) -> RoutingVersion | None:
         """The routing version alone (a cheap poll); None when Redis can't be read."""
         try:
-            epoch, version = await self.redis.mget(
-                self._key("routing_epoch"), self._key("routing_version")
+            epoch, version = cast(  # bytes: see get_default_model
+                list[bytes | None],
+                await self.redis.mget(self._key("routing_epoch"), self._key("routing_version")),
             )
         except (RedisError, OSError) as exc:
             self._failed(exc)
@@ -473,7 +475,8 @@ class RedisState:
     async def load_routes(self) -> dict[str, Any]:
         """Runtime routes by name (one that is not JSON: an `Unreadable`)."""
         try:
-            raw = await self.redis.hgetall(self._key("routes"))
+            # bytes: see get_default_model
+            raw = cast(dict[bytes, bytes], await self.redis.hgetall(self._key("routes")))
         except (RedisError, OSError) as exc:
             self._failed(exc)
             return {}
@@ -593,11 +596,13 @@ class RedisState:
         days = [day] if day else []
         try:
             if not days:
-                keys = [k async for k in self.redis.scan_iter(self._key("usage", "*"))]
+                # bytes: see get_default_model
+                keys = [cast(bytes, k) async for k in self.redis.scan_iter(self._key("usage", "*"))]
                 days = sorted(k.decode().rsplit(":", 1)[1] for k in keys)
             rows: dict[tuple[str, str, str], dict[str, int]] = defaultdict(dict)
             for d in days:
-                for field, n in (await self.redis.hgetall(self._key("usage", d))).items():
+                counts = cast(dict[bytes, bytes], await self.redis.hgetall(self._key("usage", d)))
+                for field, n in counts.items():
                     # A key's name has no "|" (stella.auth checks); a direct model's may.
                     key, rest = field.decode().split("|", 1)
                     model, name = rest.rsplit("|", 1)

@@ -261,7 +261,12 @@ class EventStream:
             # (A Later on the loop's ticker: asyncio.timeout costs a stream ~10 us.)
             left = inference.t0 + inference.route.settings.total_timeout_s - time.perf_counter()
             stuck: list[bool] = []
-            limit = tk.later(max(left, 1.0), lambda: stuck.append(True) or task.cancel())
+
+            def cut() -> None:
+                stuck.append(True)
+                task.cancel()
+
+            limit = tk.later(max(left, 1.0), cut)
             try:
                 await emit(terminal)
                 self._open = False

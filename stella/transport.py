@@ -271,9 +271,9 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _held = b""  # input not parsed yet: more than PIPELINE_MAX pipelined requests wait
     _held_soon = False  # its parsing is scheduled
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Accept as uvicorn does; from now on, a look every HEADER_TIMEOUT_S."""
-        super().connection_made(transport)  # type: ignore[arg-type]
+        super().connection_made(transport)  # type: ignore[arg-type]  # uvloop: a Transport alike
         # Before any request: each request's cycle takes the connection's flow control.
         self.flow = _PipelineFlow(self.transport, self)
         self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._look)
@@ -418,8 +418,9 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self._inexact = False
         if self._refused:
             raise ValueError("refused")  # stops the parser: this request never starts
-        # For a stream whose client stopped reading (see `drop`).
-        self.scope["stella.protocol"] = self
+        # For a stream whose client stopped reading (see `drop`). ASGI lets a server add
+        # its own keys to the scope; uvicorn's HTTPScope TypedDict lists only the spec's.
+        self.scope["stella.protocol"] = self  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
 
     def _parse_steps(self, data: bytes) -> None:
@@ -590,7 +591,8 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             if cycle.transport is self.transport:
                 # Only a body that spans reads: an answer that closes the connection
                 # before the rest of it is read closes lingering (see _linger).
-                cycle.transport = _BodyStillComing(self, cycle)
+                # Alike, not a subclass: the cycle only writes to, asks and closes it.
+                cycle.transport = cast(asyncio.Transport, _BodyStillComing(self, cycle))
 
     def _body_late(self, cycle: Any) -> None:
         self._body_timer = None
@@ -627,17 +629,17 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
 class HttpToolsProtocol(BodyDeadlineProtocol):
     """uvicorn's httptools protocol on a CorkedTransport (with the body deadline)."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Wrap the connection's transport before uvicorn sees it."""
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         corked = CorkedTransport(cast(asyncio.Transport, transport), self.loop, self.tasks)
         super().connection_made(cast(asyncio.Transport, corked))
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> None:
         """The client half-closed (or left): what is held goes out before the connection
         ends, as uvicorn ends it on end of input (an answer made in this loop turn was
         dropped otherwise, and logged as sent)."""
         transport = self.transport
         if isinstance(transport, CorkedTransport):
             transport.flush()
-        return super().eof_received()
+        super().eof_received()

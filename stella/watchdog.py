@@ -111,7 +111,7 @@ def ticker() -> Ticker:
     """The running loop's ticker."""
     loop = asyncio.get_running_loop()
     if _current[0] is loop:
-        return _current[1]  # type: ignore[no-any-return]
+        return _current[1]
     found = _tickers.get(loop)
     if found is None:
         found = _tickers[loop] = Ticker(loop)

@@ -25,14 +25,16 @@ _DAY = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)  # not other scripts' digits
 def usage_listener(state: Any) -> Any:
     """A pipeline listener counting each inference per key, model and UTC day."""
 
-    today = ["", 0.0]  # the day's name and when it ends: formatted once a day, not per request
+    # The day's name and when it ends: formatted once a day, not per request.
+    today, today_ends = "", 0.0
     models: dict[str, set[str]] = {}  # per key, the models counted today
 
     def record(event: dict[str, Any]) -> None:
+        nonlocal today, today_ends
         now = time.time()
-        if now >= today[1]:
-            today[0] = time.strftime("%Y-%m-%d", time.gmtime(now))
-            today[1] = (now // 86400 + 1) * 86400
+        if now >= today_ends:
+            today = time.strftime("%Y-%m-%d", time.gmtime(now))
+            today_ends = (now // 86400 + 1) * 86400
             models.clear()
         key, model = event["key"], event["model"]
         seen = models.setdefault(key, set())
@@ -41,7 +43,7 @@ def usage_listener(state: Any) -> Any:
                 model = "other"
             else:
                 seen.add(model)
-        state.record_usage(key, model, today[0], event)
+        state.record_usage(key, model, today, event)
 
     return record
 

@@ -415,7 +415,7 @@ class MessagesCodec(Codec):
         ping, as the API does."""
         ctx = self.inference.ctx
         usage = usage_of(ctx.prompt_tokens, 0, ctx.cached_tokens) if ctx else usage_of(0, 0, None)
-        msg = {
+        msg: dict[str, Any] = {
             "id": "msg_" + event.id,
             "type": "message",
             "role": "assistant",

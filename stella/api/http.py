@@ -8,7 +8,7 @@ response, never a 500.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -100,7 +100,7 @@ class Dialect:
 
 NATIVE = Dialect()
 # Picks the dialect by the request's ASGI scope, for a path two APIs share.
-DialectPick = Callable[[dict[str, Any]], Dialect]
+DialectPick = Callable[[Mapping[str, Any]], Dialect]
 
 
 def services(request: Request) -> Any:
@@ -195,7 +195,7 @@ def _error_status(dialect: Dialect) -> Callable[[StellaError], int] | None:
 CLOSE = (b"connection", b"close")
 
 
-def body_over_limit(scope: dict[str, Any], max_bytes: int) -> bool:
+def body_over_limit(scope: Mapping[str, Any], max_bytes: int) -> bool:
     """Whether the request announced a body over the limit: an answer before it was read
     (a 401, 403, 404) then ends the connection, lingering, instead of keeping it alive
     by reading every byte announced to drop them."""
@@ -320,7 +320,7 @@ async def _read_rest(request: Request, receive: Any, chunks: list[bytes], max_by
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     finally:
         if drain is not None:
-            drain.leave(task)  # type: ignore[arg-type]
+            drain.leave(task)
 
 
 def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None = None) -> T:
@@ -352,7 +352,7 @@ def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None 
 async def read_json(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
     """Read and decode the body with a prebuilt decoder."""
     body = await read_body(request, services(request).settings.server.max_body_bytes)
-    return decode(body, object, decoder)  # type: ignore[arg-type]
+    return decode(body, decoder.type, decoder)
 
 
 def stream_response(

@@ -152,6 +152,6 @@ def to_messages(req: OllamaChat) -> list[Message]:
             else None
         )
         messages.append(
-            Message(role=m.role, content=m.content or "", tool_calls=calls, name=m.tool_name)  # type: ignore[arg-type]
-        )  # type: ignore[arg-type]
+            Message(role=m.role, content=m.content or "", tool_calls=calls, name=m.tool_name)  # type: ignore[arg-type]  # role: one of ROLES, checked above
+        )
     return messages

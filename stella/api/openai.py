@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -114,7 +115,7 @@ class TextCompletionDialect(OpenAIDialect):
 OPENAI_TEXT = TextCompletionDialect()
 
 
-def _models_dialect(scope: dict[str, Any]) -> Dialect:
+def _models_dialect(scope: Mapping[str, Any]) -> Dialect:
     """Anthropic's as well as OpenAI's SDKs ask GET /v1/models; Anthropic's send
     anthropic-version with every call: they get that API's shapes, errors included."""
     if anthropic_dialect is not None:

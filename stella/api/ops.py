@@ -150,7 +150,8 @@ async def openapi(request: Request) -> Response:
         spec = build_schema(frozenset() if metrics else frozenset({"/metrics"}))
         if public_url:
             spec["servers"] = [{"url": public_url}]
-        body = _schemas[public_url, metrics] = JSONResponse(spec).body
+        # bytes(): JSONResponse renders bytes (its stub allows a memoryview); no copy.
+        body = _schemas[public_url, metrics] = bytes(JSONResponse(spec).body)
     return Response(body, media_type="application/json")
 
 

@@ -27,9 +27,9 @@ from stella.backends.http import (
     upstream_text,
 )
 from stella.errors import UpstreamError, UpstreamStatus
-from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
+from stella.protocol import ChatRequest, Delta, Done, FinishReason, ToolCall, Usage
 
-STOP = {
+STOP: dict[str, FinishReason] = {
     "end_turn": "stop",
     "stop_sequence": "stop",
     "max_tokens": "length",

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from stella.errors import InvalidRequest
-from stella.protocol import ChatRequest, Delta, Done, Message, ToolCall
+from stella.protocol import ChatRequest, Delta, Done, FinishReason, Message, ToolCall
 
 BackendEvent = Delta | ToolCall | Done
 
@@ -138,7 +138,7 @@ def arguments_of(raw: str) -> tuple[dict[str, Any], str | None]:
     return {"value": args}, raw
 
 
-def ended(finish: str, called: bool) -> str:
+def ended(finish: FinishReason, called: bool) -> FinishReason:
     """An answer's finish reason, `tool_calls` when it called a tool and simply stopped.
 
     OpenAI ends a call forced by a named tool_choice with "stop", vLLM, SGLang and some

@@ -24,7 +24,7 @@ from stella.backends.base import (
     first_stop,
 )
 from stella.errors import Overloaded, StellaError, Unavailable, UpstreamError, UpstreamTimeout
-from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
+from stella.protocol import ChatRequest, Delta, Done, FinishReason, ToolCall, Usage
 
 _WORDS = re.compile(r"\s*\S+")
 
@@ -88,13 +88,14 @@ class EchoBackend(Backend):
             if cfg.fail_before_first or self.started <= cfg.fail_first_calls:
                 raise UpstreamError("echo: failing before the first token, as configured")
             last = request.messages[-1] if request.messages else None
-            wants_tool = request.tools and request.tool_choice != "none"
+            tools = request.tools or []
+            wants_tool = bool(tools) and request.tool_choice != "none"
             if wants_tool and last is not None and last.role == "user":
-                tool = request.tools[0].function
+                tool = tools[0].function
                 choice = request.tool_choice
                 if choice is not None and not isinstance(choice, str):  # the named one
                     tool = next(
-                        t.function for t in request.tools if t.function.name == choice.function.name
+                        t.function for t in tools if t.function.name == choice.function.name
                     )
                 yield ToolCall(
                     index=0, id="call_0", name=tool.name, arguments={"input": last.content}
@@ -151,13 +152,13 @@ def _last_text(request: ChatRequest) -> str:
 
 def _pieces(
     words: list[str], limit: int | None, stops: tuple[str, ...] | list[str]
-) -> tuple[list[str], str, str | None]:
+) -> tuple[list[str], FinishReason, str | None]:
     """The deltas of an answer: cut after `limit` words or where a stop string begins
     (then also that stop string), even one that begins inside a word."""
     if not stops and (limit is None or len(words) <= limit):
         return words, "stop", None  # the common case: nothing cuts the answer
     kept = words if limit is None else words[:limit]
-    finish = "length" if len(kept) < len(words) else "stop"
+    finish: FinishReason = "length" if len(kept) < len(words) else "stop"
     hit = first_stop("".join(kept), stops) if stops else None
     if hit is None:
         return kept, finish, None

@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -111,7 +111,11 @@ class _Connector(aiohttp.TCPConnector):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._factory = functools.partial(_Handler, loop=self._loop)
+        # aiohttp declares a partial of ResponseHandler, and partial's stub is invariant
+        # in what it makes: a partial making the subclass _Handler is one all the same.
+        self._factory = cast(
+            "functools.partial[ResponseHandler]", functools.partial(_Handler, loop=self._loop)
+        )
 
     async def connect(self, *args: Any, **kwargs: Any) -> aiohttp.connector.Connection:
         """A connection from the pool (or a new one), the moment and its reuse noted."""

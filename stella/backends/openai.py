@@ -28,9 +28,9 @@ from stella.backends.http import (
     upstream_text,
 )
 from stella.errors import UpstreamError
-from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
+from stella.protocol import ChatRequest, Delta, Done, FinishReason, ToolCall, Usage, wire_tools
 
-FINISH = {
+FINISH: dict[str, FinishReason] = {
     "stop": "stop",
     "length": "length",
     "tool_calls": "tool_calls",
@@ -394,7 +394,7 @@ class _Calls:
         return out
 
 
-def _finish(reason: str, called: bool) -> str:
+def _finish(reason: str, called: bool) -> FinishReason:
     """The finish reason of an answer, `tool_calls` when it called a tool and ended."""
     return ended(FINISH.get(reason, "stop"), called)
 

@@ -138,7 +138,7 @@ def _header(text: str) -> str:
 
 def _levels(args: argparse.Namespace) -> tuple[int, ...]:
     """The --concurrency levels."""
-    return args.concurrency  # type: ignore[no-any-return]
+    return args.concurrency
 
 
 def _show(args: argparse.Namespace, result: Any, table: Callable[[Any], str]) -> int:
@@ -202,7 +202,7 @@ def _stop_on_signals() -> dict[int, Any]:
             signal.signal(sig, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
-    previous = {}
+    previous: dict[int, Any] = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         previous[sig] = signal.signal(sig, stop)
     return previous

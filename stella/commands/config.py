@@ -81,10 +81,10 @@ def run(args: argparse.Namespace) -> int:
         # What start-up only warns of (backend_key_missing): a warning here too, and still
         # exit 0, as the server still starts (those requests go without a key).
         for name, table in enabled_backends(settings).items():
-            variable = table.get("api_key_env")
-            if isinstance(variable, str) and variable and not os.environ.get(variable):
+            key_env = table.get("api_key_env")
+            if isinstance(key_env, str) and key_env and not os.environ.get(key_env):
                 print(
-                    f"stella: warning: backends.{name}.api_key_env: {variable} is not set; "
+                    f"stella: warning: backends.{name}.api_key_env: {key_env} is not set; "
                     "requests to this backend go without a key",
                     file=sys.stderr,
                 )

@@ -229,7 +229,7 @@ class Workers(Multiprocess):
             process.kill()
             process.join()
             code = process.exitcode
-            served = bool(getattr(process, "serving", None) and process.serving.value)
+            served = isinstance(process, Worker) and bool(process.serving.value)
             how: dict[str, Any] = {"exit_code": code}
             if code is not None and code < 0:
                 with contextlib.suppress(ValueError):

@@ -89,9 +89,11 @@ def _cgroup_quota(root: Path) -> float | None:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         lines = []
-    quotas = []
+    quotas: list[float] = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
+        base: Path | None
+        files: tuple[str, ...]
         if controllers == "":  # v2, one hierarchy at the root
             base, files = root, ("cpu.max",)
         elif "cpu" in controllers.split(","):  # v1, where its cpu controller is mounted
@@ -113,8 +115,8 @@ def _cgroup_quota(root: Path) -> float | None:
 def _quota_in(where: Path, files: tuple[str, ...]) -> float | None:
     try:
         if len(files) == 1:  # "max 100000" or "200000 100000"
-            limit, _, period = (where / files[0]).read_text().partition(" ")
-            return None if limit == "max" else int(limit) / int(period)
+            max_text, _, period_text = (where / files[0]).read_text().partition(" ")
+            return None if max_text == "max" else int(max_text) / int(period_text)
         limit, period = (int((where / f).read_text()) for f in files)
     except (OSError, ValueError):
         return None

@@ -6,7 +6,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -147,7 +147,8 @@ def load_model(path: str) -> LoadedModel:
     """mlx_lm.load on this thread."""
     import mlx_lm
 
-    model, tokenizer = mlx_lm.load(path)
+    # A third item, the config, comes only with return_config (the stub allows both).
+    model, tokenizer = mlx_lm.load(path)[:2]
     template = getattr(tokenizer, "chat_template", None) or ""
     lm = LoadedModel(
         path=path,
@@ -172,7 +173,9 @@ def load_model(path: str) -> LoadedModel:
 def _nbytes(model: Any) -> int:
     from mlx.utils import tree_flatten
 
-    return int(sum(v.nbytes for _, v in tree_flatten(model.parameters())))
+    # A list of (name, array) pairs without a `destination` (the stub allows a dict too).
+    flat = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))
+    return int(sum(v.nbytes for _, v in flat))
 
 
 def dequantize(lm: LoadedModel, dtype: str) -> None:

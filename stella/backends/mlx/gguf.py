@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 # GGUF block tensor names -> mlx-lm llama module names.
 _BLOCK = {
@@ -123,7 +123,11 @@ def import_gguf(src: Path, out: Path) -> Path:
     src = Path(src)
     out = Path(out)
     _check_out(out)
-    tensors, metadata = mx.load(str(src), return_metadata=True)
+    # mx.load's stub gives one return type for every format and flag; with metadata
+    # asked for, a GGUF file loads as (tensors, metadata).
+    tensors, metadata = cast(
+        tuple[dict[str, mx.array], dict[str, Any]], mx.load(str(src), return_metadata=True)
+    )
     arch = _meta(metadata, "general.architecture")
     if arch != "llama":
         raise GGUFError(f"{src.name}: architecture {arch!r} is not supported (llama only)")
