@@ -713,11 +713,15 @@ async def test_usage_of_a_direct_model_with_a_bar_in_its_name_stays_its_keys(red
     await st.aclose()
 
 
-async def test_a_url_asking_for_decoded_replies_still_reads_the_store(redis: Redis) -> None:
+@pytest.mark.parametrize("query", ["decode_responses=true", "protocol=3"])
+async def test_a_url_asking_for_other_replies_still_reads_the_store(
+    redis: Redis, query: str
+) -> None:
     # redis-py takes any query argument of the URL as a keyword: decode_responses (any
-    # value, "false" too, is a non-empty string) would make every reply a str.
-    url = redis.url + "?decode_responses=true"
-    st = RedisState(StateSettings(redis_url=url, prefix="decoded"))
+    # value, "false" too, is a non-empty string) would make every reply a str, and RESP3
+    # other shapes.
+    url = f"{redis.url}?{query}"
+    st = RedisState(StateSettings(redis_url=url, prefix="decoded-" + query[:4]))
     await st.start()
     try:
         await st.set_default_model("echo")
