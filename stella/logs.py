@@ -10,12 +10,12 @@ or broken stdout never stalls or loses the audit file.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import contextlib
 import datetime as dt
 import errno
 import fcntl
-import logging
 import os
 import queue
 import re
@@ -811,43 +811,27 @@ def configure(
         logger_factory=lambda *_: QueueLogger(sink),
         cache_logger_on_first_use=False,
     )
-    _bridge_uvicorn()
+    if not _exit_hooked:
+        _hook_exit()
     return sink
 
 
-# uvicorn's own words for a client fault that stella answers itself (a JSON 400): not a
-# warning about the server, and one line per bad request would let any client flood it.
-_CLIENT_FAULTS = frozenset({"Invalid HTTP request received."})
+_exit_hooked = False
 
 
-class UvicornBridge(logging.Handler):
-    """uvicorn's log records (warnings, an app's exception) as stella's JSON events."""
+def _hook_exit() -> None:
+    """Close the sink in use when the interpreter exits: a line still queued (a warning
+    just before a failed start's exit) is written, and the writer threads end before
+    the interpreter tears stdout down under them (a fatal error, not just a lost line)."""
+    global _exit_hooked
+    _exit_hooked = True
 
-    def emit(self, record: logging.LogRecord) -> None:
-        """Write `record` as a `server_log` event at its level."""
-        if record.msg in _CLIENT_FAULTS:
-            return
-        try:
-            method = logging.getLevelName(record.levelno).lower()
-            fields: dict[str, Any] = {"logger": record.name, "message": record.getMessage()}
-            if record.exc_info:
-                fields["exc_info"] = record.exc_info
-            getattr(structlog.get_logger("stella"), method, structlog.get_logger().error)(
-                "server_log", **fields
-            )
-        except Exception:
-            self.handleError(record)
+    def close() -> None:
+        # A stream already closed (a test runner's captured stdout) has nothing to take.
+        if _sink is not None and not getattr(_sink.stream, "closed", False):
+            _sink.close(timeout=5.0)
 
-
-def _bridge_uvicorn() -> None:
-    """Send uvicorn's records to this sink, unless uvicorn's own configuration (its CLI's
-    log_config) has given them handlers: `stella serve` runs it with none."""
-    log = logging.getLogger("uvicorn")
-    theirs = [h for h in log.handlers if not isinstance(h, UvicornBridge)]
-    if theirs:
-        return
-    log.handlers = [UvicornBridge()]
-    log.propagate = False  # not also Python's last-resort handler's plain text on stderr
+    atexit.register(close)
 
 
 def emitter() -> Callable[[str, dict[str, Any]], None]:

@@ -51,6 +51,7 @@ server queue all it sent (hundreds of MB).
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import Sized
 from typing import Any, cast
@@ -91,6 +92,16 @@ PIPELINE_MAX = 16
 # while PIPELINE_MAX requests wait: one read (up to 256 KiB) of small pipelined requests
 # is thousands of them. A small request is parsed in one piece, as before.
 PARSE_STEP = 16_384
+
+
+def _not_a_client_fault(record: logging.LogRecord) -> bool:
+    """False for uvicorn's warning of a request its parser could not read: a client's
+    fault this protocol answers itself (a JSON 400), which any client could repeat to
+    flood the server's stderr; uvicorn's other records pass."""
+    return record.msg != "Invalid HTTP request received."
+
+
+logging.getLogger("uvicorn.error").addFilter(_not_a_client_fault)
 
 
 class _PipelineFlow(FlowControl):

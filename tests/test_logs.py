@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from stella import logs
-from tests.live import LiveServer, run_stella
+from tests.live import ROOT, LiveServer, run_stella
 
 KEY = "sk-audit-secret-key-42"
 
@@ -981,3 +981,23 @@ def test_the_workers_stdout_lock_needs_no_directory_and_leaves_nothing(tmp_path:
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert list(temp.iterdir()) == []
+
+
+def test_lines_queued_at_exit_are_written_before_it() -> None:
+    # A warning logged just before a failed start's exit (a port in use) was still on
+    # the writer thread's queue: lost, or written while the interpreter tore stdout
+    # down ("Fatal Python error: _enter_buffered_busy", an abort).
+    script = (
+        "import sys, structlog\n"
+        "from stella import logs\n"
+        "logs.configure(fmt='json')\n"
+        "log = structlog.get_logger('stella')\n"
+        "for i in range(3000): log.warning('queued', i=i, pad='x' * 200)\n"
+        "sys.exit(3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 3, done.stderr[-500:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3000 and json.loads(lines[-1])["i"] == 2999

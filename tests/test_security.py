@@ -968,35 +968,3 @@ def test_upgrades_and_malformed_requests_are_answered_by_stella_in_json_only() -
             if not line.startswith("{") and not line.startswith("stella: serving on")
         ]
         assert other == []
-        assert not server.events("server_log")
-
-
-def test_uvicorns_records_are_stellas_json_events() -> None:
-    # What uvicorn itself logs (an app's exception, a failed bind) is a JSON event as
-    # stella's own, not plain text beside them.
-    import io
-    import logging
-
-    from stella import logs
-
-    out = io.BytesIO()
-    sink = logs.configure(fmt="json", stream=out)  # type: ignore[arg-type]
-    try:
-        try:
-            raise RuntimeError("boom")
-        except RuntimeError:
-            logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
-        logging.getLogger("uvicorn.error").warning("Invalid HTTP request received.")
-        sink.flush()
-    finally:
-        sink.close()
-    events = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert len(events) == 1, events  # a client's malformed request is its JSON 400 alone
-    event = events[0]
-    assert (event["event"], event["level"], event["logger"]) == (
-        "server_log",
-        "error",
-        "uvicorn.error",
-    )
-    assert event["message"] == "Exception in ASGI application"
-    assert "RuntimeError: boom" in event["exception"]

@@ -76,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
         # stella has no WebSocket route: an upgrade is an HTTP request like any other,
         # answered by stella (not by the websockets library, in plain text).
         ws="none",
-        log_config=None,  # uvicorn's records go out as stella's JSON events (logs.py)
         log_level="warning",
         proxy_headers=True,
         server_header=False,
