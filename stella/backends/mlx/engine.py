@@ -41,11 +41,14 @@ class LoadedModel:
     load_ms: float = 0.0  # how long the load itself took on the worker (0: not measured)
     blas: str = ""  # the CBLAS MLX's CPU products run on ("" for MLX's own)
 
-    def encode(self, messages: list[Message], tools: list[Tool] | None) -> tuple[list[int], bool]:
+    def encode_chat(self, messages: list[Message], tools: list[Tool] | None) -> list[int]:
         """Token ids of the conversation with the assistant's turn opened, or left open
-        when the last message is the assistant's (a prefill the answer continues), and
-        whether the answer continues that message (a template that rewrites an
-        assistant's text cannot leave it open: a new turn)."""
+        when the last message is the assistant's (a prefill the answer continues)."""
+        return self.encode(messages, tools)[0]
+
+    def encode(self, messages: list[Message], tools: list[Tool] | None) -> tuple[list[int], bool]:
+        """encode_chat's ids, and whether the answer continues the last message (a
+        template that rewrites an assistant's text cannot leave it open: a new turn)."""
         msgs: list[dict[str, Any]] = []
         for m in messages:
             d: dict[str, Any] = {"role": m.role, "content": content_of(m)}

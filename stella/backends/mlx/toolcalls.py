@@ -32,6 +32,11 @@ class ToolCallBuffer:
         self.held = ""
         self.made = 0  # calls parsed so far
 
+    @property
+    def holding(self) -> bool:
+        """Whether text is held back (a call being written, or what may start one)."""
+        return self.inside or bool(self.held)
+
     def feed(self, text: str) -> list[Piece]:
         """The answer text safe to emit now and the calls completed, in order."""
         buf = self.held + text
