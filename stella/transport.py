@@ -281,6 +281,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _shutting = False  # the server is shutting down: no lingering
     _held = b""  # input not parsed yet: more than PIPELINE_MAX pipelined requests wait
     _held_soon = False  # its parsing is scheduled
+    _parsed: bytes = b""  # the read being parsed (an upgrade request's body is in it)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Accept as uvicorn does; from now on, a look every HEADER_TIMEOUT_S."""
@@ -316,8 +317,35 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         )
 
     def _unsupported_upgrade_warning(self) -> None:
-        """Nothing to say: stella serves no WebSocket, and a request asking to upgrade is
-        answered as plain HTTP (uvicorn's warnings would tell of a library to install)."""
+        """Serve a request that asks to upgrade (WebSocket, `curl --http2`'s h2c) as plain
+        HTTP/1.1: the parser stopped at its headers, so its body is taken from the read
+        here, and the connection ends with its answer (what follows is not read)."""
+        # Called in uvicorn's handler of the parser's HttpParserUpgrade (its argument: where
+        # the request's headers ended in the read); uvicorn's own warnings would only
+        # tell of a WebSocket library to install.
+        cycle = self.cycle
+        exc = sys.exc_info()[1]
+        # ASGI lets a server add its own keys to the scope; uvicorn's type names only the
+        # spec's.
+        scope = cast(dict[str, Any], cycle.scope) if cycle is not None else None
+        if cycle is None or scope is None or scope.get("stella.upgrade_seen"):
+            return
+        scope["stella.upgrade_seen"] = True
+        cycle.keep_alive = False
+        length = 0
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                length = int(value) if value.strip().isdigit() else -1
+            elif name == b"transfer-encoding":
+                length = -1
+        if not length:
+            return
+        at = exc.args[0] if exc is not None and exc.args else len(self._parsed)
+        body = self._parsed[at : at + length] if length > 0 else b""
+        if length > 0 and len(body) == length and not cycle.response_complete:
+            cycle.body += body  # before the app's first read: the parser said "no body"
+        else:  # a chunked body, or one still to come: the app says it cannot be read
+            scope["stella.body_unread"] = True
 
     def send_400_response(self, msg: str) -> None:
         """A request the parser cannot read: 400 invalid_request, in stella's JSON shape,
@@ -518,7 +546,9 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
                 return
         self._read = len(data)
         self._ended = False
+        self._parsed = data
         super().data_received(data)
+        self._parsed = b""
         scope, cycle = self.scope, self.cycle
         if scope is not None and (cycle is None or cycle.scope is not scope):
             # Still in a request's headers (see _look), kept by the parser: counted. A

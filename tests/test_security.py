@@ -948,6 +948,36 @@ def test_upgrades_and_malformed_requests_are_answered_by_stella_in_json_only() -
             status = b"400" if what == "malformed" else b"200"
             assert head.startswith(b"http/1.1 " + status), (what, head)
             assert b"content-type: application/json" in head and b"x-request-id: req_" in head
+        # A request that asks to upgrade is plain HTTP/1.1 to stella, its body included
+        # (`curl --http2` asks for h2c on every http:// request): the parser stops at
+        # its headers, which lost the body; the connection ends with the answer.
+        body = json.dumps(
+            {
+                "model": "echo",
+                "stream": False,
+                "messages": [{"role": "user", "content": "hi there"}],
+            }
+        ).encode()
+        head = (
+            b"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        then = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        for pieces in ([head + body + then], [head, body]):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                for piece in pieces:
+                    sock.sendall(piece)
+                    time.sleep(0.2)
+                got = b""
+                while chunk := sock.recv(65536):  # to the end: the server closes it
+                    got += chunk
+            answer = json.loads(got.split(b"\r\n\r\n", 1)[1])
+            assert got.count(b"HTTP/1.1 ") == 1 and b"connection: close" in got.lower()
+            if len(pieces) == 1:
+                assert answer["response"] == "hi there", got
+            else:  # a body after the headers: not read, and said so
+                assert "without Upgrade" in answer["error"]["message"], got
         # Starlette's route patterns end in `$`, which lets a final newline through.
         for path in ("/health%0A", "/v1/models/echo%0A", "/api/v1/models/switch/echo%0a"):
             r = httpx.request("POST" if "switch" in path else "GET", server.url + path)

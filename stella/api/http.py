@@ -271,6 +271,12 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if not message.get("more_body", False):
         if len(chunk) > max_bytes:
             raise PayloadTooLarge(f"request body over {max_bytes} bytes")
+        if not chunk and "stella.body_unread" in request.scope:  # see transport.py
+            raise InvalidRequest(
+                "the request asks to upgrade the connection (an Upgrade header), which "
+                "stella does not do, and its body did not come with its headers: send it "
+                "without Upgrade (curl: --http1.1)"
+            )
         return chunk  # the usual case: the whole body in one message
     return await _read_rest(request, receive, [chunk] if chunk else [], max_bytes)
 
