@@ -94,7 +94,8 @@ class Services:
         self.metrics: Any = None
         self.on_reject: list[Callable[[StellaError, str], None]] = []
         for name in settings.limits.models:
-            if not self.router.knows(name):
+            # A route's own name: the limits go by it (`default` names no route to them).
+            if name not in self.router.routes:
                 _log.warning(
                     "limits_for_unknown_route",
                     key=f"limits.models.{name}",

@@ -191,3 +191,25 @@ async def check_the_store_refuses_conflicts(state: Any) -> None:
     await state.delete_route("x")
     assert await state.load_routes() == {}
     await state.save_route("y", {"backend": "echo", "aliases": ["shared"]})  # free again
+
+
+def test_limits_under_a_name_that_is_no_route_are_warned_of() -> None:
+    # The limits go by a route's own name (an alias is refused): under `default`, the
+    # name of the default model to a request, they would never apply.
+    from structlog.testing import capture_logs
+
+    from stella.app import create_app
+
+    models = {
+        "default": "echo",
+        "routes": {"echo2": {"backend": "echo", "aliases": ["e2"]}},
+    }
+    limits = {name: {"requests_per_minute": 1} for name in ("default", "echo2")}
+    settings = load_settings(
+        {"backends": {"local": {"enabled": False}}, "models": models, "limits": {"models": limits}},
+        environ={},
+    )
+    with capture_logs() as logged:
+        create_app(settings)
+    warned = {e["key"] for e in logged if e["event"] == "limits_for_unknown_route"}
+    assert warned == {"limits.models.default"}
