@@ -451,7 +451,11 @@ class AsgiClient:
                 await asyncio.sleep(0.5)  # a client taking its last bytes slowly
             self.sent.append(message)
 
-        scope = {
+        await self.app(self.scope(), receive, send)
+
+    def scope(self) -> dict[str, Any]:
+        """The request's ASGI scope."""
+        return {
             "type": "http",
             "asgi": {"version": "3.0"},
             "http_version": "1.1",
@@ -465,7 +469,6 @@ class AsgiClient:
             "client": ("127.0.0.1", 50000),
             "server": ("127.0.0.1", 8000),
         }
-        await self.app(scope, receive, send)
 
     @property
     def status(self) -> int:
@@ -552,3 +555,27 @@ async def test_a_cut_while_the_last_lines_go_out_sends_no_second_terminal_line()
                 await asyncio.wait_for(task, 5)
             assert "shutting_down" not in client.text, (path, slow_on, client.text)
             assert [(e["status"], e["finish_reason"]) for e in events] == [(200, "stop")]
+
+
+async def test_a_body_that_starts_after_the_cut_is_not_waited_for() -> None:
+    # A request that began before the drain sends the first part of its body after the
+    # cut: 503 at once, not a read that waits for the rest as long as the client likes.
+    app = in_process_app()
+    sent: list[dict[str, Any]] = []
+    parts = [b'{"model": "e", "stream": false, ', None]  # the rest never comes
+
+    async def receive() -> dict[str, Any]:
+        part = parts.pop(0)
+        if part is None:
+            await asyncio.Event().wait()
+        return {"type": "http.request", "body": part, "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = AsgiClient(app, "/api/v1/chat", {}).scope()
+    async with app.router.lifespan_context(app):
+        app.services.drain.begin()
+        app.services.drain.cut()
+        await asyncio.wait_for(app(scope, receive, send), 5)
+    assert sent[0]["status"] == 503 and b"shutting_down" in sent[1]["body"]
