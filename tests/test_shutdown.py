@@ -563,8 +563,10 @@ async def test_a_body_that_starts_after_the_cut_is_not_waited_for() -> None:
     app = in_process_app()
     sent: list[dict[str, Any]] = []
     parts = [b'{"model": "e", "stream": false, ', None]  # the rest never comes
+    cut = asyncio.Event()
 
     async def receive() -> dict[str, Any]:
+        await cut.wait()
         part = parts.pop(0)
         if part is None:
             await asyncio.Event().wait()
@@ -575,7 +577,13 @@ async def test_a_body_that_starts_after_the_cut_is_not_waited_for() -> None:
 
     scope = AsgiClient(app, "/api/v1/chat", {}).scope()
     async with app.router.lifespan_context(app):
+        call = asyncio.create_task(app(scope, receive, send))
+        await asyncio.sleep(0.05)  # in, reading its body
         app.services.drain.begin()
         app.services.drain.cut()
-        await asyncio.wait_for(app(scope, receive, send), 5)
+        cut.set()
+        t0 = time.monotonic()
+        await asyncio.wait_for(call, 5)
+        # At once: not a wait for the rest (wait_for's own cancel would end it, as a cut).
+        assert time.monotonic() - t0 < 1
     assert sent[0]["status"] == 503 and b"shutting_down" in sent[1]["body"]
