@@ -158,7 +158,7 @@ class Watchdog:
         self.then: Callable[[], Any] | None = None
         self.limit = 0.0
         self.progress = 0
-        self.ctx: Any = None  # the call's CallContext: its `beats` count as progress too
+        self.ctx: Any = None  # the call's CallContext: its `beats`, `alive` count as progress
         self.waiting = False
         self.writing = False  # set around a write to the client, which may block
         self._seen = 0
@@ -195,7 +195,7 @@ class Watchdog:
 
     def _count(self) -> int:
         ctx = self.ctx
-        return self.progress + ctx.beats if ctx is not None else self.progress
+        return self.progress + ctx.beats + ctx.alive if ctx is not None else self.progress
 
     def tick(self, now: float) -> bool:
         """Cancel the waiting task after too long a silence; stay registered until closed."""

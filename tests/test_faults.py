@@ -138,6 +138,12 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
                     "ttft_timeout_s": 0.3,
                     "total_timeout_s": 1.0,
                 },
+                "up-keepalive": {
+                    "backend": "b-beats",
+                    "upstream_model": "keepalive",
+                    "retries": 0,
+                    "ttft_timeout_s": 0.3,
+                },
                 "up-401": {
                     "backend": "b-401",
                     "upstream_model": "status-401",
@@ -318,6 +324,25 @@ def test_output_without_text_runs_into_the_total_limit(gateway: LiveServer) -> N
     assert "the total limit of 1s passed" in lines[-1]["message"], lines[-1]
     ev = gateway.wait_event(lambda e: e["model"] == "up-beats")
     assert ev["attempts"][0]["error"] == "upstream_timeout"
+
+
+def test_keep_alive_comments_keep_the_first_token_limit_from_firing(
+    gateway: LiveServer,
+) -> None:
+    # An upstream reading a long prompt says it is alive in SSE comments (mlx_lm.server's
+    # `: keepalive N/M`) for longer than the 0.3 s first-token limit: not a silence.
+    lines = ndjson(chat(gateway, "up-keepalive").text)
+    assert lines[-1]["type"] == "done" and lines[-1]["finish_reason"] == "stop", lines[-1]
+    ev = gateway.wait_event(lambda e: e["model"] == "up-keepalive")
+    assert ev["attempts"] == [
+        {
+            "backend": "b-beats",
+            "route": "up-keepalive",
+            "ms": ev["attempts"][0]["ms"],
+            "error": None,
+        }
+    ]
+    assert "usage_estimated" not in ev
 
 
 def test_stall_after_tokens(gateway: LiveServer) -> None:

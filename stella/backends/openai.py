@@ -234,7 +234,9 @@ class OpenAIBackend(HttpBackend):
                     texts: list[str] = []
                     for line in lines:
                         if not line.startswith(b"data:"):
-                            continue  # comments (": ping"), event names, blank lines
+                            if line[:1] == b":":  # a comment (": keepalive"): alive
+                                ctx.alive += 1
+                            continue  # event names, blank lines
                         data = line[5:].strip()
                         if data == b"[DONE]":
                             ended = True

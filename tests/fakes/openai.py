@@ -23,7 +23,9 @@ call ended with finish_reason "stop", as OpenAI ends one forced by a named tool_
 and vLLM and SGLang others), `no-ids` and `one-id` (two calls without ids, or both with
 the same one, as some servers send them), `name-repeat` (the tool's whole name again
 in every fragment, the id only in the first, as MiniMax through NIM and some proxies
-stream it) and `name-pieces` (the name itself in pieces, as Gemini's may come).
+stream it), `name-pieces` (the name itself in pieces, as Gemini's may come) and
+`keepalive` (SSE comments `: keepalive N/M` for 0.6 s before the answer, as
+mlx_lm.server writes them while it reads a long prompt).
 It records what it saw.
 """
 
@@ -218,6 +220,10 @@ class FakeOpenAI:
                 yield chunk({"content": self.words[0]})
                 yield b"data: " + json.dumps(huge).encode() + b"\n\n"
                 return
+            if model == "keepalive":  # SSE comments while a long prompt is read (mlx_lm.server)
+                for i in range(6):
+                    await asyncio.sleep(0.1)
+                    yield b": keepalive %d/6\n\n" % i
             if model == "beats":  # output without text, forever: alive, answering nothing
                 for _ in range(36_000):
                     await asyncio.sleep(0.1)
