@@ -366,6 +366,26 @@ def test_the_announced_url_brackets_an_ipv6_host() -> None:
     assert serving_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
 
 
+def test_the_announced_default_says_when_redis_may_hold_another() -> None:
+    # A replica starting on a Redis where an admin switched the default serves that one:
+    # the line named the configured default alone.
+    from stella.commands.serve import announcement
+    from stella.settings import load_settings
+
+    plain = load_settings({"models": {"default": "echo"}}, environ={})
+    assert announcement(plain, 1, False) == (
+        "stella: serving on http://127.0.0.1:8000 (default model: echo)"
+    )
+    shared = load_settings(
+        {"models": {"default": "echo"}, "state": {"redis_url": "redis://127.0.0.1:1/0"}},
+        environ={},
+    )
+    assert announcement(shared, 2, False) == (
+        "stella: serving on http://127.0.0.1:8000 "
+        "(default model: echo unless Redis holds another, 2 workers)"
+    )
+
+
 def _first_log_line_on_a_terminal(config: str, tmp_path: Path) -> str:
     """Start `stella serve` with its stdout on a terminal; its `started` log line."""
     import os

@@ -83,13 +83,7 @@ def run(args: argparse.Namespace) -> int:
     )
     workers = 1 if args.reload else server_cfg.workers
     _set_blas_threads(workers)
-    announce = (
-        f"stella: serving on {serving_url(server_cfg.host, server_cfg.port)} "
-        f"(default model: {settings.models.default}"
-        + (f", {workers} workers" if workers > 1 else "")
-        + (", reloading on changes" if args.reload else "")
-        + ")"
-    )
+    announce = announcement(settings, workers, args.reload)
     if workers > 1 or args.reload:
         extra = os.environ.get("STELLA_CONFIG", "")
         if extra and not os.path.isfile(extra):
@@ -128,6 +122,20 @@ def _say_overridden(flags: dict[str, Any]) -> None:
             detail="environment variables win over the config file: unset them, or change "
             "these keys through them",
         )
+
+
+def announcement(settings: Any, workers: int, reload: bool) -> str:
+    """The line `serve` prints once it listens."""
+    server_cfg = settings.server
+    # With Redis the default an admin switched to is stored there, read once serving.
+    stored = " unless Redis holds another" if settings.state.redis_url else ""
+    return (
+        f"stella: serving on {serving_url(server_cfg.host, server_cfg.port)} "
+        f"(default model: {settings.models.default}{stored}"
+        + (f", {workers} workers" if workers > 1 else "")
+        + (", reloading on changes" if reload else "")
+        + ")"
+    )
 
 
 def serving_url(host: str, port: int) -> str:
