@@ -173,7 +173,7 @@ class Pipeline:
             if drain.over:
                 # Refused here: entering would cancel the task, and a free slot's admission
                 # never pauses to take that cancel (it would wait for the caller's next await).
-                raise _shutting_down()
+                raise ShuttingDown()
             drain.enter(call, task, waiting=True)
         watcher = (
             asyncio.get_running_loop().create_task(watch_leaving(call.receive, call, task))
@@ -192,7 +192,7 @@ class Pipeline:
                     async with asyncio.timeout(DRAIN_ADMIT_S):
                         permit = await admit
                 except TimeoutError:
-                    raise _shutting_down() from None
+                    raise ShuttingDown() from None
             else:
                 permit = await admit
             if call.cancel_reason is not None and task.cancelling():
@@ -210,18 +210,13 @@ class Pipeline:
             task.uncancel()
             call.cancel_reason = None  # the call is over before it began: nothing to cut
             if reason == "shutting_down":
-                raise _shutting_down() from None
+                raise ShuttingDown() from None
             raise ClientGone("the client left while waiting for a slot") from None
         finally:
             if watcher is not None:
                 watcher.cancel()
             if drain is not None:
                 drain.leave(task)
-
-
-def _shutting_down() -> ShuttingDown:
-    """The refusal of a call that a shutdown ends before any backend."""
-    return ShuttingDown("the server is shutting down; retry the request", retry_after=1)
 
 
 def _producing(watchdog: Watchdog, now: float, total_s: float) -> bool:

@@ -195,7 +195,12 @@ class ShuttingDown(StellaError):
 
     status, code, retryable = 503, "shutting_down", True
 
-    def __init__(self, message: str, *, retry_after: float | None = 1.0) -> None:
+    def __init__(
+        self,
+        message: str = "the server is shutting down; retry the request",
+        *,
+        retry_after: float | None = 1.0,
+    ) -> None:
         # Another replica (or this one, restarted) can take the retry at once.
         super().__init__(message, retry_after=retry_after)
 

@@ -162,10 +162,6 @@ class Drain:
                 await self.idle.wait()
 
 
-def _shutting_down() -> ShuttingDown:
-    return ShuttingDown("the server is shutting down; retry the request")
-
-
 def _end(task: asyncio.Task[Any], call: Any) -> None:
     """Cancel `task`, its call ending as `shutting_down`."""
     call.cancel_reason = "shutting_down"
@@ -241,7 +237,7 @@ class EventStream:
             if not entered:  # the drain is over: ended before it began
                 if self._started:
                     await self._send_start(send)
-                await self._end(scope, receive, send, _shutting_down())
+                await self._end(scope, receive, send, ShuttingDown())
                 return
             if self._started:
                 await self._send_start(send)
@@ -288,7 +284,7 @@ class EventStream:
                 raise  # cancelled by the server itself: let it through
             task.uncancel()
             if call.cancel_reason == "shutting_down":
-                await self._end(scope, receive, send, _shutting_down())
+                await self._end(scope, receive, send, ShuttingDown())
         except (OSError, SinkClosed):
             # The client went away and a write failed: same as a disconnect.
             call.cancel_reason = call.cancel_reason or "client_closed"

@@ -412,7 +412,7 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
     )
     try:
         if not entered:  # the drain is over: ended before it began
-            raise ShuttingDown("the server is shutting down; retry the request")
+            raise ShuttingDown()
         return await inference.result()
     except asyncio.CancelledError:
         if call.cancel_reason is None:
@@ -421,7 +421,7 @@ async def run_to_end(request: Request, inference: Inference) -> Any:
         gone: StellaError = (
             ClientGone("the client disconnected before the answer was ready")
             if call.cancel_reason == "client_closed"
-            else ShuttingDown("the server is shutting down; retry the request")
+            else ShuttingDown()
         )
         gone.admitted = True
         raise gone from None
