@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from stella.bench.asgi import post_scope
 from tests.live import run_stella
 
 CONFIG = {
@@ -451,24 +452,7 @@ class AsgiClient:
                 await asyncio.sleep(0.5)  # a client taking its last bytes slowly
             self.sent.append(message)
 
-        await self.app(self.scope(), receive, send)
-
-    def scope(self) -> dict[str, Any]:
-        """The request's ASGI scope."""
-        return {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": self.path,
-            "raw_path": self.path.encode(),
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
-            "client": ("127.0.0.1", 50000),
-            "server": ("127.0.0.1", 8000),
-        }
+        await self.app(post_scope(self.path, len(self.body)), receive, send)
 
     @property
     def status(self) -> int:
@@ -575,7 +559,7 @@ async def test_a_body_that_starts_after_the_cut_is_not_waited_for() -> None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = AsgiClient(app, "/api/v1/chat", {}).scope()
+    scope = post_scope("/api/v1/chat", 100)  # a body of 100 bytes, its first part alone sent
     async with app.router.lifespan_context(app):
         call = asyncio.create_task(app(scope, receive, send))
         await asyncio.sleep(0.05)  # in, reading its body

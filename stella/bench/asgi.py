@@ -43,21 +43,22 @@ def _body(stream: bool) -> bytes:
     ).encode()
 
 
-def _scope(body: bytes) -> dict[str, Any]:
+def post_scope(path: str, length: int) -> dict[str, Any]:
+    """The ASGI scope of a POST of `length` bytes of JSON to `path` from loopback."""
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": "/api/v1/chat",
-        "raw_path": b"/api/v1/chat",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
         "headers": [
             (b"host", b"127.0.0.1"),
             (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
+            (b"content-length", str(length).encode()),
         ],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8000),
@@ -80,7 +81,7 @@ async def _call(app: Any, body: bytes, out: list[dict[str, Any]] | None = None) 
         if out is not None:
             out.append(message)
 
-    await app(_scope(body), receive, send)
+    await app(post_scope("/api/v1/chat", len(body)), receive, send)
 
 
 async def _per_request_us(app: Any, body: bytes, n: int) -> float:
