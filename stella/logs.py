@@ -811,27 +811,17 @@ def configure(
         logger_factory=lambda *_: QueueLogger(sink),
         cache_logger_on_first_use=False,
     )
-    if not _exit_hooked:
-        _hook_exit()
     return sink
 
 
-_exit_hooked = False
-
-
-def _hook_exit() -> None:
+@atexit.register
+def _close_at_exit() -> None:
     """Close the sink in use when the interpreter exits: a line still queued (a warning
     just before a failed start's exit) is written, and the writer threads end before
     the interpreter tears stdout down under them (a fatal error, not just a lost line)."""
-    global _exit_hooked
-    _exit_hooked = True
-
-    def close() -> None:
-        # A stream already closed (a test runner's captured stdout) has nothing to take.
-        if _sink is not None and not getattr(_sink.stream, "closed", False):
-            _sink.close(timeout=5.0)
-
-    atexit.register(close)
+    # A stream already closed (a test runner's captured stdout) has nothing to take.
+    if _sink is not None and not getattr(_sink.stream, "closed", False):
+        _sink.close(timeout=5.0)
 
 
 def emitter() -> Callable[[str, dict[str, Any]], None]:
