@@ -47,6 +47,32 @@ def test_raw_generate_is_refused_not_templated(stella: LiveServer) -> None:
     assert c.generate(model="echo", prompt="{}", format="json").response == "{}"
 
 
+@pytest.mark.parametrize("value", ["yaml", 5, [], True, ["json"]])
+def test_a_format_that_is_neither_json_nor_a_schema_is_refused(
+    stella: LiveServer, value: object
+) -> None:
+    # As Ollama refuses it: dropped, the answer would come back in no format asked for.
+    for path, body in (
+        ("/api/chat", {"messages": [{"role": "user", "content": "a"}]}),
+        ("/api/generate", {"prompt": "a"}),
+    ):
+        r = httpx.post(
+            stella.url + path, json={"model": "echo", "format": value, "stream": False, **body}
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"].startswith("$.format: "), r.text
+
+
+@pytest.mark.parametrize("value", ["", None, "json", {"type": "object"}])
+def test_a_format_ollama_reads_is_taken(stella: LiveServer, value: object) -> None:
+    # "" and null are Ollama's "not set".
+    r = httpx.post(
+        stella.url + "/api/generate",
+        json={"model": "echo", "format": value, "stream": False, "prompt": "{}"},
+    )
+    assert r.status_code == 200 and r.json()["response"] == "{}", r.text
+
+
 def test_line_separators_in_text_reach_the_client_whole(stella: LiveServer) -> None:
     # The client reads lines with httpx's iter_lines, which splits at these too; Ollama's
     # Go encoder escapes U+2028 and U+2029, and stella escapes all three.

@@ -126,11 +126,19 @@ _OLLAMA_PATHS = {
 
 def to_format(fmt: Any) -> dict[str, Any] | None:
     """Ollama's `format` (\"json\" or a JSON schema) as an OpenAI-style response_format."""
+    # null and "" are Ollama's own "not set".
+    if fmt is None or fmt == "":
+        return None
     if fmt == "json":
         return {"type": "json_object"}
     if isinstance(fmt, dict):
         return {"type": "json_schema", "json_schema": {"name": "response", "schema": fmt}}
-    return None
+    # Ollama refuses any other: dropped, the answer would come in no format asked for.
+    shown = msgspec.json.encode(fmt).decode()
+    shown = shown if len(shown) <= 40 else shown[:40] + "…"
+    raise InvalidRequest(
+        f'$.format: expected "json" or a JSON schema object, got {shown}', param="format"
+    )
 
 
 def to_messages(req: OllamaChat) -> list[Message]:
