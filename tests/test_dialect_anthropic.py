@@ -281,6 +281,23 @@ def test_server_tools_are_refused_by_their_path(server: LiveServer) -> None:
     assert m.content[0].type == "tool_use" and m.content[0].name == "lookup"
 
 
+def test_mcp_servers_are_refused_by_their_field(server: LiveServer) -> None:
+    # The MCP connector's servers are the API's to call, as server tools are: stella
+    # calls none, and ignored, the model would answer without the tools asked for.
+    mcp = {"type": "url", "url": "https://mcp.example/sse", "name": "example"}
+    msgs = [{"role": "user", "content": "Oslo"}]
+    with pytest.raises(anthropic.BadRequestError, match=r"mcp_servers") as info:
+        client(server).messages.create(
+            model="echo", max_tokens=5, messages=msgs, extra_body={"mcp_servers": [mcp]}
+        )
+    assert info.value.body["error"]["type"] == "invalid_request_error"
+    # None asked for is no refusal.
+    m = client(server).messages.create(
+        model="echo", max_tokens=5, messages=msgs, extra_body={"mcp_servers": []}
+    )
+    assert m.content[0].text == "Oslo"
+
+
 def _tool_turns(result: dict) -> list[dict]:
     use = {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}
     return [

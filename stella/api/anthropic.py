@@ -131,6 +131,10 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     tools: list[ATool] | None = None
     tool_choice: AToolChoice | None = None
     metadata: dict[str, Any] | None = None
+    # The MCP connector's servers are called by the API, as its server tools are: a 400
+    # naming the field when any is given (stella calls none; ignored, the model would
+    # answer without the tools the client counts on).
+    mcp_servers: list[dict[str, Any]] | None = None
 
 
 _req = msgspec.json.Decoder(MessagesRequest)
@@ -308,6 +312,11 @@ def _ends_in_space(content: str | list[Block]) -> bool:
 
 def to_chat(req: MessagesRequest) -> ChatRequest:
     """The internal request for a Messages API call."""
+    if req.mcp_servers:
+        raise InvalidRequest(
+            "$.mcp_servers: MCP servers are not supported (stella runs no server tools)",
+            param="mcp_servers",
+        )
     messages: list[Message] = []
     if req.system:
         messages.append(Message(role="system", content=_text(req.system, "system")))
