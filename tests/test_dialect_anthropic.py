@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -296,6 +297,58 @@ def test_mcp_servers_are_refused_by_their_field(server: LiveServer) -> None:
         model="echo", max_tokens=5, messages=msgs, extra_body={"mcp_servers": []}
     )
     assert m.content[0].text == "Oslo"
+
+
+_THOUGHT = {"type": "thinking", "thinking": "Oslo is cold in May.", "signature": "c2ln"}
+_REDACTED = {"type": "redacted_thinking", "data": "ZW5jcnlwdGVk"}
+
+
+def _thought_turns() -> list[dict]:
+    """A conversation begun with extended thinking: its assistant turns carry thinking
+    blocks before their text and their tool calls, as the API gave them."""
+    use = {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}
+    return [
+        {"role": "user", "content": "Oslo?"},
+        {"role": "assistant", "content": [_REDACTED, _THOUGHT, {"type": "text", "text": "Cold."}]},
+        {"role": "user", "content": "And now?"},
+        {"role": "assistant", "content": [_THOUGHT, use]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "4C"}],
+        },
+    ]
+
+
+def test_an_assistants_thinking_is_taken_and_dropped(server: LiveServer) -> None:
+    # The API takes earlier turns' thinking back and ignores it: refused, a conversation
+    # begun with thinking (Claude Code, an SDK's tool loop) could not go on here.
+    m = client(server).messages.create(model="echo", max_tokens=50, messages=_thought_turns())
+    assert m.content[0].text == "4C"
+    # The request's own `thinking` is taken and not applied: the answer has no thinking.
+    m = client(server).messages.create(
+        model="echo",
+        max_tokens=2000,
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=_thought_turns(),
+    )
+    assert [b.type for b in m.content] == ["text"] and m.content[0].text == "4C"
+    # A user's turn holds no thinking, in the API as here.
+    with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\]\.content\[0\]\.type"):
+        client(server).messages.create(
+            model="echo", max_tokens=5, messages=[{"role": "user", "content": [_THOUGHT]}]
+        )
+
+
+def test_thinking_reaches_no_upstream() -> None:
+    # Another backend's model cannot read it, and an Anthropic one asked to think by no
+    # one would be sent blocks signed for another request.
+    with _claude_and_gpt("claude-ok", "ok") as (server, claude, gpt):
+        for model in ("sonnet", "gpt"):
+            client(server).messages.create(model=model, max_tokens=50, messages=_thought_turns())
+        sent = [claude.requests[-1]["messages"], gpt.requests[-1]["messages"]]
+        assert "thinking" not in json.dumps(sent) and "ZW5jcnlwdGVk" not in json.dumps(sent)
+        assert claude.requests[-1]["messages"][1]["content"] == "Cold."
+        assert gpt.requests[-1]["messages"][1]["content"] == "Cold."
 
 
 def _tool_turns(result: dict) -> list[dict]:

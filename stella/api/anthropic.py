@@ -53,7 +53,8 @@ from stella.streaming import Codec, json_text, one_line
 
 
 class Block(msgspec.Struct):
-    """A content block (text, tool_use, tool_result; others are refused)."""
+    """A content block (text, tool_use, tool_result; an assistant's thinking, dropped;
+    others are refused)."""
 
     type: str
     text: str = ""
@@ -310,6 +311,10 @@ def _ends_in_space(content: str | list[Block]) -> bool:
     return bool(content) and content[-1].type == "text" and content[-1].text[-1:].isspace()
 
 
+# An assistant turn's blocks of extended thinking, taken and dropped.
+_THOUGHTS = frozenset({"thinking", "redacted_thinking"})
+
+
 def to_chat(req: MessagesRequest) -> ChatRequest:
     """The internal request for a Messages API call."""
     if req.mcp_servers:
@@ -344,6 +349,11 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
                 )
             elif b.type == "tool_result":
                 messages.append(_tool_result(b, f"messages[{i}].content[{j}].content"))
+            elif b.type in _THOUGHTS and m.role == "assistant":
+                # An earlier answer's reasoning, sent back as the API's clients do: the API
+                # ignores it, another backend's model cannot read it, and no backend here
+                # is asked to think (blocks signed for another request would not pass).
+                continue
             else:
                 raise InvalidRequest(
                     f"$.messages[{i}].content[{j}].type: {b.type!r} is not supported",
