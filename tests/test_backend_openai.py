@@ -72,6 +72,17 @@ async def test_stream_with_usage_and_request_id(fake: tuple[FakeOpenAI, str]) ->
     assert f.headers[-1]["x-request-id"] == "req-test-1"
 
 
+async def test_a_participants_name_reaches_the_upstream(fake: tuple[FakeOpenAI, str]) -> None:
+    # The one kind of upstream whose API has it (README): alice and bob stay apart.
+    f, url = fake
+    b = await backend(url + "/v1")
+    turns = [Message(role="user", content="hi", name="alice"), Message(role="user", content="yo")]
+    req = ChatRequest(messages=turns, model="ok", stream=False)
+    [e async for e in b.chat(req, CallContext(request_id="req-test-1"))]
+    await b.aclose()
+    assert [m.get("name") for m in f.requests[-1]["messages"]] == ["alice", None]
+
+
 async def test_non_stream_and_tools(fake: tuple[FakeOpenAI, str]) -> None:
     b = await backend(url=fake[1] + "/v1")
     events = await collect(b, "ok", stream=False)
