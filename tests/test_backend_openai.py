@@ -34,7 +34,7 @@ from stella.protocol import (
     Tool,
     ToolCall,
 )
-from tests.fakes.openai import CACHED, FakeOpenAI
+from tests.fakes.openai import CACHED, REFUSAL, FakeOpenAI
 from tests.fakes.server import full_backlog, serve
 from tests.live import free_port
 
@@ -200,6 +200,25 @@ async def test_tool_call_fragments_count_as_output(fake: tuple[FakeOpenAI, str])
     await b.aclose()
     assert ctx.tokens_seen == 4  # the call's head and three argument fragments
     assert events[-1].usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize("model", ["refusal", "refusal-length"])
+async def test_a_refusal_is_the_answer_and_ends_as_content_filter(
+    fake: tuple[FakeOpenAI, str], model: str
+) -> None:
+    # OpenAI says a model declined in `refusal`, content null, finish_reason "stop":
+    # read as content alone, that was an empty success. The refusal wins over whatever
+    # finish reason came with it.
+    b = await backend(fake[1] + "/v1")
+    try:
+        for stream in (True, False):
+            events = await collect(b, model, stream=stream)
+            assert "".join(e.text for e in events if isinstance(e, Delta)) == REFUSAL, stream
+            done = events[-1]
+            assert isinstance(done, Done) and done.finish_reason == "content_filter", stream
+            assert done.usage.completion_tokens == 5
+    finally:
+        await b.aclose()
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,8 @@ import openai
 import pydantic
 import pytest
 
+from tests.fakes.openai import REFUSAL, FakeOpenAI
+from tests.fakes.server import serve
 from tests.live import LiveServer, run_stella
 
 KEY = "sk-openai-dialect-1"
@@ -580,3 +582,57 @@ def test_a_text_completion_s_errors_about_messages_name_its_prompt() -> None:
     assert OPENAI.error_body(too_long, "r")["error"]["param"] == "messages"
     other = InvalidRequest("$.temperature: over 2", param="temperature")
     assert OPENAI_TEXT.error_body(other, "r") == OPENAI.error_body(other, "r")
+
+
+@pytest.fixture(scope="module")
+def refusing() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
+    """A stella in front of the fake OpenAI upstream, whose `refusal` declines every request."""
+    up = FakeOpenAI()
+    with serve(up.app) as up_url:
+        config = {
+            "backends": {
+                "up": {"kind": "openai", "base_url": up_url + "/v1"},
+            },
+            "models": {
+                "routes": {
+                    "refusal": {"backend": "up", "upstream_model": "refusal", "retries": 0},
+                }
+            },
+        }
+        with run_stella(config, {"STELLA_API_KEYS": f"tester={KEY}"}) as server:
+            yield server, up
+
+
+class Answer(pydantic.BaseModel):
+    city: str
+
+
+def test_an_upstream_s_refusal_reaches_the_client_as_one(
+    refusing: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # OpenAI answers `refusal` (content null, finish_reason "stop") when a model declines,
+    # often to a json_schema: each dialect gets the text, ended as a refusal, not as an
+    # empty success.
+    server, _ = refusing
+    c = client(server)
+    msgs = [{"role": "user", "content": "Which city?"}]
+    r = c.chat.completions.create(model="refusal", messages=msgs)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (
+        REFUSAL,
+        "content_filter",
+    )
+    chunks = list(c.chat.completions.create(model="refusal", messages=msgs, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == REFUSAL
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "content_filter"
+    # The SDK's structured-output call says so, rather than failing to parse the text.
+    with pytest.raises(openai.ContentFilterFinishReasonError):
+        c.chat.completions.parse(model="refusal", messages=msgs, response_format=Answer)
+    m = httpx.post(
+        server.url + "/v1/messages",
+        json={"model": "refusal", "max_tokens": 50, "messages": msgs},
+        headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+    ).json()
+    assert (m["content"], m["stop_reason"]) == ([{"type": "text", "text": REFUSAL}], "refusal")
+    time.sleep(0.1)
+    logged = [e["finish_reason"] for e in server.events("inference") if e["model"] == "refusal"]
+    assert logged == ["content_filter"] * 4
