@@ -221,6 +221,35 @@ async def test_a_refusal_is_the_answer_and_ends_as_content_filter(
         await b.aclose()
 
 
+async def test_the_token_limit_goes_under_the_name_the_backend_is_set_to(
+    fake: tuple[FakeOpenAI, str],
+) -> None:
+    # OpenAI's reasoning models refuse max_tokens (a 400 naming max_completion_tokens);
+    # older compatible servers know only max_tokens, the default.
+    f, url = fake
+    limited = {"options": Options(max_tokens=7)}
+    plain, newer = (
+        await backend(url + "/v1"),
+        await backend(url + "/v1", max_tokens_param="max_completion_tokens"),
+    )
+    try:
+        for stream in (True, False):
+            await collect(plain, "ok", stream=stream, **limited)
+            assert f.requests[-1]["max_tokens"] == 7
+            assert "max_completion_tokens" not in f.requests[-1]
+            with pytest.raises(UpstreamStatus, match="max_completion_tokens"):
+                await collect(plain, "reasoning", stream=stream, **limited)
+            events = await collect(newer, "reasoning", stream=stream, **limited)
+            assert isinstance(events[-1], Done) and events[-1].finish_reason == "stop"
+            assert f.requests[-1]["max_completion_tokens"] == 7
+            assert "max_tokens" not in f.requests[-1]
+            await collect(newer, "ok", stream=stream)  # no limit asked: none sent
+            assert {"max_tokens", "max_completion_tokens"}.isdisjoint(f.requests[-1])
+    finally:
+        await plain.aclose()
+        await newer.aclose()
+
+
 @pytest.mark.parametrize(
     ("model", "status", "retryable", "needle"),
     [

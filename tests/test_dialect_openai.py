@@ -586,16 +586,23 @@ def test_a_text_completion_s_errors_about_messages_name_its_prompt() -> None:
 
 @pytest.fixture(scope="module")
 def refusing() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
-    """A stella in front of the fake OpenAI upstream, whose `refusal` declines every request."""
+    """A stella in front of the fake OpenAI upstream: `refusal` declines every request;
+    `reasoning` takes only max_completion_tokens, and its backend is set to send that."""
     up = FakeOpenAI()
     with serve(up.app) as up_url:
         config = {
             "backends": {
                 "up": {"kind": "openai", "base_url": up_url + "/v1"},
+                "o": {
+                    "kind": "openai",
+                    "base_url": up_url + "/v1",
+                    "max_tokens_param": "max_completion_tokens",
+                },
             },
             "models": {
                 "routes": {
                     "refusal": {"backend": "up", "upstream_model": "refusal", "retries": 0},
+                    "reasoning": {"backend": "o", "upstream_model": "reasoning", "retries": 0},
                 }
             },
         }
@@ -636,3 +643,25 @@ def test_an_upstream_s_refusal_reaches_the_client_as_one(
     time.sleep(0.1)
     logged = [e["finish_reason"] for e in server.events("inference") if e["model"] == "refusal"]
     assert logged == ["content_filter"] * 4
+
+
+def test_a_backend_set_to_max_completion_tokens_sends_the_limit_so(
+    refusing: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # OpenAI's reasoning models refuse max_tokens; the backend's max_tokens_param names
+    # the field, whichever of the two the client used.
+    server, up = refusing
+    c = client(server)
+    msgs = [{"role": "user", "content": "hi"}]
+    for limit in ({"max_tokens": 9}, {"max_completion_tokens": 9}):
+        for stream in (False, True):
+            if stream:
+                chunks = c.chat.completions.create(
+                    model="reasoning", messages=msgs, stream=True, **limit
+                )
+                assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+            else:
+                r = c.chat.completions.create(model="reasoning", messages=msgs, **limit)
+                assert r.choices[0].finish_reason == "stop"
+            sent = up.requests[-1]
+            assert sent["max_completion_tokens"] == 9 and "max_tokens" not in sent, limit

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import msgspec
@@ -51,6 +51,9 @@ class OpenAIConfig(HttpConfig, kw_only=True):
 
     # Send stream_options.include_usage (some older servers reject the field).
     stream_usage: bool = True
+    # The name the token limit goes under: OpenAI's reasoning models (o-series, gpt-5)
+    # refuse max_tokens; some older compatible servers know no other.
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
 
 
 class _Fn(msgspec.Struct):
@@ -108,8 +111,10 @@ _models = msgspec.json.Decoder(_Models)
 _json = msgspec.json.Encoder()
 
 
-def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict[str, Any]:
-    """The chat completions body for a ChatRequest."""
+def request_body(
+    request: ChatRequest, stream: bool, stream_usage: bool, max_tokens_param: str = "max_tokens"
+) -> dict[str, Any]:
+    """The chat completions body for a ChatRequest, its token limit named `max_tokens_param`."""
     messages: list[dict[str, Any]] = []
     for m in linked_tool_calls(request.messages):
         msg: dict[str, Any] = {"role": m.role, "content": content_of(m)}
@@ -149,7 +154,7 @@ def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict
     ):
         value = getattr(o, key)
         if value is not None:
-            body[key] = value
+            body[max_tokens_param if key == "max_tokens" else key] = value
     if request.tools:
         body["tools"] = wire_tools(request.tools)
         if request.tool_choice is not None:
@@ -197,7 +202,8 @@ class OpenAIBackend(HttpBackend):
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream (or fetch) one completion and translate it into events."""
         stream = request.stream
-        body = _json.encode(request_body(request, stream, self.cfg.stream_usage))
+        cfg = self.cfg
+        body = _json.encode(request_body(request, stream, cfg.stream_usage, cfg.max_tokens_param))
         name = self.name
         try:
             async with self.answer(self.chat_url, body, ctx.request_id) as r:

@@ -26,8 +26,9 @@ in every fragment, the id only in the first, as MiniMax through NIM and some pro
 stream it), `name-pieces` (the name itself in pieces, as Gemini's may come) and
 `keepalive` (SSE comments `: keepalive N/M` for 0.6 s before the answer, as
 mlx_lm.server writes them while it reads a long prompt), `refusal` (the model declines:
-REFUSAL in `refusal`, content null, finish_reason "stop", as OpenAI answers) and
-`refusal-length` (the same, ended with "length").
+REFUSAL in `refusal`, content null, finish_reason "stop", as OpenAI answers),
+`refusal-length` (the same, ended with "length") and `reasoning` (a 400 for
+`max_tokens`, as OpenAI's o-series and gpt-5 answer: they take `max_completion_tokens`).
 It records what it saw.
 """
 
@@ -140,6 +141,19 @@ class FakeOpenAI:
                 {"error": {"message": f"fake {status}", "type": "server_error", "code": status}},
                 status,
                 headers=headers,
+            )
+        if model == "reasoning" and "max_tokens" in body:
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "Unsupported parameter: 'max_tokens' is not supported with "
+                        "this model. Use 'max_completion_tokens' instead.",
+                        "type": "invalid_request_error",
+                        "param": "max_tokens",
+                        "code": "unsupported_parameter",
+                    }
+                },
+                400,
             )
         if model == "redirect":
             target = str(request.url).replace("/chat/completions", "/elsewhere")
