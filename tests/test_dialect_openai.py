@@ -585,9 +585,10 @@ def test_a_text_completion_s_errors_about_messages_name_its_prompt() -> None:
 
 
 @pytest.fixture(scope="module")
-def refusing() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
-    """A stella in front of the fake OpenAI upstream: `refusal` declines every request;
-    `reasoning` takes only max_completion_tokens, and its backend is set to send that."""
+def fake_upstream() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
+    """A stella in front of the fake OpenAI upstream: `plain` answers, `refusal` declines
+    every request, `reasoning` takes only max_completion_tokens (and its backend is set to
+    send that)."""
     up = FakeOpenAI()
     with serve(up.app) as up_url:
         config = {
@@ -601,6 +602,7 @@ def refusing() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
             },
             "models": {
                 "routes": {
+                    "plain": {"backend": "up", "upstream_model": "ok", "retries": 0},
                     "refusal": {"backend": "up", "upstream_model": "refusal", "retries": 0},
                     "reasoning": {"backend": "o", "upstream_model": "reasoning", "retries": 0},
                 }
@@ -615,12 +617,12 @@ class Answer(pydantic.BaseModel):
 
 
 def test_an_upstream_s_refusal_reaches_the_client_as_one(
-    refusing: tuple[LiveServer, FakeOpenAI],
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
 ) -> None:
     # OpenAI answers `refusal` (content null, finish_reason "stop") when a model declines,
     # often to a json_schema: each dialect gets the text, ended as a refusal, not as an
     # empty success.
-    server, _ = refusing
+    server, _ = fake_upstream
     c = client(server)
     msgs = [{"role": "user", "content": "Which city?"}]
     r = c.chat.completions.create(model="refusal", messages=msgs)
@@ -646,11 +648,11 @@ def test_an_upstream_s_refusal_reaches_the_client_as_one(
 
 
 def test_a_backend_set_to_max_completion_tokens_sends_the_limit_so(
-    refusing: tuple[LiveServer, FakeOpenAI],
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
 ) -> None:
     # OpenAI's reasoning models refuse max_tokens; the backend's max_tokens_param names
     # the field, whichever of the two the client used.
-    server, up = refusing
+    server, up = fake_upstream
     c = client(server)
     msgs = [{"role": "user", "content": "hi"}]
     for limit in ({"max_tokens": 9}, {"max_completion_tokens": 9}):
@@ -665,3 +667,33 @@ def test_a_backend_set_to_max_completion_tokens_sends_the_limit_so(
                 assert r.choices[0].finish_reason == "stop"
             sent = up.requests[-1]
             assert sent["max_completion_tokens"] == 9 and "max_tokens" not in sent, limit
+
+
+def test_a_refusal_in_the_history_reaches_the_upstream_as_that_turn_s_text(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # As the API gives a refusal back (content null, `refusal`), and as a content part of
+    # type "refusal", which it takes in an assistant message: the turn's text, not "".
+    server, up = fake_upstream
+    c = client(server)
+    ask = {"role": "user", "content": "Which city?"}
+    again = {"role": "user", "content": "Please?"}
+    for turn in (
+        {"role": "assistant", "content": None, "refusal": REFUSAL},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": REFUSAL}]},
+    ):
+        r = c.chat.completions.create(model="plain", messages=[ask, turn, again])
+        assert r.choices[0].finish_reason == "stop"
+        sent = up.requests[-1]["messages"]
+        assert sent[1] == {"role": "assistant", "content": REFUSAL}, turn
+    # A user's message holds none: a 400 naming the part.
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={
+            "model": "plain",
+            "messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}],
+        },
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages[0].content[0].type"
