@@ -255,6 +255,25 @@ def test_what_stella_cannot_honour_is_a_400(
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+@pytest.mark.parametrize("n", [0, 2, -1])
+def test_n_other_than_1_is_a_400_saying_only_1_is_taken(server: LiveServer, n: int) -> None:
+    # A 0 is not "more than one": the message names the value sent and the one taken.
+    for path, body in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+        ("/v1/completions", {"prompt": "x"}),
+    ):
+        r = httpx.post(
+            server.url + path,
+            json={"model": "echo", "n": n, **body},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "n"
+        assert r.json()["error"]["message"] == (
+            f"$.n: {n} is not supported; only 1 (one choice per request)"
+        )
+
+
 def test_legacy_function_fields_that_ask_for_nothing_pass(server: LiveServer) -> None:
     body = {"model": "echo", "messages": [{"role": "user", "content": "a b"}]}
     r = httpx.post(

@@ -1,6 +1,6 @@
 """OpenAI request shapes and how they become one ChatRequest.
 
-Fields stella can't honour (n > 1, logprobs, images) get a 400 naming the
+Fields stella can't honour (n other than 1, logprobs, images) get a 400 naming the
 parameter; other unknown fields are ignored, as OpenAI-compatible servers do.
 """
 
@@ -144,9 +144,12 @@ def _text(content: str | list[Part] | None, where: str, assistant: bool = False)
 
 
 def to_options(req: CompletionCommon) -> Options:
-    """Sampling options; 400 for what stella can't honour (n > 1, logprobs)."""
+    """Sampling options; 400 for what stella can't honour (n other than 1, logprobs)."""
     if req.n not in (1, None):
-        raise InvalidRequest("n > 1 is not supported: ask for one choice per request", param="n")
+        # Said of the value sent: a 0 is no request for more choices.
+        raise InvalidRequest(
+            f"$.n: {req.n} is not supported; only 1 (one choice per request)", param="n"
+        )
     if req.logprobs:
         raise InvalidRequest("logprobs are not supported", param="logprobs")
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
