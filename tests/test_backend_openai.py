@@ -34,7 +34,7 @@ from stella.protocol import (
     Tool,
     ToolCall,
 )
-from tests.fakes.openai import CACHED, FakeOpenAI
+from tests.fakes.openai import CACHED, REFUSAL, FakeOpenAI
 from tests.fakes.server import full_backlog, serve
 from tests.live import free_port
 
@@ -211,6 +211,54 @@ async def test_tool_call_fragments_count_as_output(fake: tuple[FakeOpenAI, str])
     await b.aclose()
     assert ctx.tokens_seen == 4  # the call's head and three argument fragments
     assert events[-1].usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize("model", ["refusal", "refusal-length"])
+async def test_a_refusal_is_the_answer_and_ends_as_content_filter(
+    fake: tuple[FakeOpenAI, str], model: str
+) -> None:
+    # OpenAI says a model declined in `refusal`, content null, finish_reason "stop":
+    # read as content alone, that was an empty success. The refusal wins over whatever
+    # finish reason came with it.
+    b = await backend(fake[1] + "/v1")
+    try:
+        for stream in (True, False):
+            events = await collect(b, model, stream=stream)
+            assert "".join(e.text for e in events if isinstance(e, Delta)) == REFUSAL, stream
+            done = events[-1]
+            assert isinstance(done, Done) and done.finish_reason == "content_filter", stream
+            assert done.usage.completion_tokens == 5
+    finally:
+        await b.aclose()
+
+
+async def test_the_token_limit_goes_under_the_name_the_backend_is_set_to(
+    fake: tuple[FakeOpenAI, str],
+) -> None:
+    # OpenAI's reasoning models refuse max_tokens (a 400 naming max_completion_tokens);
+    # older compatible servers know only max_tokens, the default.
+    f, url = fake
+    limited = {"options": Options(max_tokens=7)}
+    plain, newer = (
+        await backend(url + "/v1"),
+        await backend(url + "/v1", max_tokens_param="max_completion_tokens"),
+    )
+    try:
+        for stream in (True, False):
+            await collect(plain, "ok", stream=stream, **limited)
+            assert f.requests[-1]["max_tokens"] == 7
+            assert "max_completion_tokens" not in f.requests[-1]
+            with pytest.raises(UpstreamStatus, match="max_completion_tokens"):
+                await collect(plain, "reasoning", stream=stream, **limited)
+            events = await collect(newer, "reasoning", stream=stream, **limited)
+            assert isinstance(events[-1], Done) and events[-1].finish_reason == "stop"
+            assert f.requests[-1]["max_completion_tokens"] == 7
+            assert "max_tokens" not in f.requests[-1]
+            await collect(newer, "ok", stream=stream)  # no limit asked: none sent
+            assert {"max_tokens", "max_completion_tokens"}.isdisjoint(f.requests[-1])
+    finally:
+        await plain.aclose()
+        await newer.aclose()
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,8 @@ import openai
 import pydantic
 import pytest
 
+from tests.fakes.openai import REFUSAL, FakeOpenAI
+from tests.fakes.server import serve
 from tests.live import LiveServer, run_stella
 
 KEY = "sk-openai-dialect-1"
@@ -251,6 +253,25 @@ def test_what_stella_cannot_honour_is_a_400(
         headers={"Authorization": f"Bearer {KEY}"},
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("n", [0, 2, -1])
+def test_n_other_than_1_is_a_400_saying_only_1_is_taken(server: LiveServer, n: int) -> None:
+    # A 0 is not "more than one": the message names the value sent and the one taken.
+    for path, body in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+        ("/v1/completions", {"prompt": "x"}),
+    ):
+        r = httpx.post(
+            server.url + path,
+            json={"model": "echo", "n": n, **body},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "n"
+        assert r.json()["error"]["message"] == (
+            f"$.n: {n} is not supported; only 1 (one choice per request)"
+        )
 
 
 def test_legacy_function_fields_that_ask_for_nothing_pass(server: LiveServer) -> None:
@@ -580,3 +601,118 @@ def test_a_text_completion_s_errors_about_messages_name_its_prompt() -> None:
     assert OPENAI.error_body(too_long, "r")["error"]["param"] == "messages"
     other = InvalidRequest("$.temperature: over 2", param="temperature")
     assert OPENAI_TEXT.error_body(other, "r") == OPENAI.error_body(other, "r")
+
+
+@pytest.fixture(scope="module")
+def fake_upstream() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
+    """A stella in front of the fake OpenAI upstream: `plain` answers, `refusal` declines
+    every request, `reasoning` takes only max_completion_tokens (and its backend is set to
+    send that)."""
+    up = FakeOpenAI()
+    with serve(up.app) as up_url:
+        config = {
+            "backends": {
+                "up": {"kind": "openai", "base_url": up_url + "/v1"},
+                "o": {
+                    "kind": "openai",
+                    "base_url": up_url + "/v1",
+                    "max_tokens_param": "max_completion_tokens",
+                },
+            },
+            "models": {
+                "routes": {
+                    "plain": {"backend": "up", "upstream_model": "ok", "retries": 0},
+                    "refusal": {"backend": "up", "upstream_model": "refusal", "retries": 0},
+                    "reasoning": {"backend": "o", "upstream_model": "reasoning", "retries": 0},
+                }
+            },
+        }
+        with run_stella(config, {"STELLA_API_KEYS": f"tester={KEY}"}) as server:
+            yield server, up
+
+
+class Answer(pydantic.BaseModel):
+    city: str
+
+
+def test_an_upstream_s_refusal_reaches_the_client_as_one(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # OpenAI answers `refusal` (content null, finish_reason "stop") when a model declines,
+    # often to a json_schema: each dialect gets the text, ended as a refusal, not as an
+    # empty success.
+    server, _ = fake_upstream
+    c = client(server)
+    msgs = [{"role": "user", "content": "Which city?"}]
+    r = c.chat.completions.create(model="refusal", messages=msgs)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (
+        REFUSAL,
+        "content_filter",
+    )
+    chunks = list(c.chat.completions.create(model="refusal", messages=msgs, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == REFUSAL
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "content_filter"
+    # The SDK's structured-output call says so, rather than failing to parse the text.
+    with pytest.raises(openai.ContentFilterFinishReasonError):
+        c.chat.completions.parse(model="refusal", messages=msgs, response_format=Answer)
+    m = httpx.post(
+        server.url + "/v1/messages",
+        json={"model": "refusal", "max_tokens": 50, "messages": msgs},
+        headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+    ).json()
+    assert (m["content"], m["stop_reason"]) == ([{"type": "text", "text": REFUSAL}], "refusal")
+    time.sleep(0.1)
+    logged = [e["finish_reason"] for e in server.events("inference") if e["model"] == "refusal"]
+    assert logged == ["content_filter"] * 4
+
+
+def test_a_backend_set_to_max_completion_tokens_sends_the_limit_so(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # OpenAI's reasoning models refuse max_tokens; the backend's max_tokens_param names
+    # the field, whichever of the two the client used.
+    server, up = fake_upstream
+    c = client(server)
+    msgs = [{"role": "user", "content": "hi"}]
+    for limit in ({"max_tokens": 9}, {"max_completion_tokens": 9}):
+        for stream in (False, True):
+            if stream:
+                chunks = c.chat.completions.create(
+                    model="reasoning", messages=msgs, stream=True, **limit
+                )
+                assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+            else:
+                r = c.chat.completions.create(model="reasoning", messages=msgs, **limit)
+                assert r.choices[0].finish_reason == "stop"
+            sent = up.requests[-1]
+            assert sent["max_completion_tokens"] == 9 and "max_tokens" not in sent, limit
+
+
+def test_a_refusal_in_the_history_reaches_the_upstream_as_that_turn_s_text(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # As the API gives a refusal back (content null, `refusal`), and as a content part of
+    # type "refusal", which it takes in an assistant message: the turn's text, not "".
+    server, up = fake_upstream
+    c = client(server)
+    ask = {"role": "user", "content": "Which city?"}
+    again = {"role": "user", "content": "Please?"}
+    for turn in (
+        {"role": "assistant", "content": None, "refusal": REFUSAL},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": REFUSAL}]},
+    ):
+        r = c.chat.completions.create(model="plain", messages=[ask, turn, again])
+        assert r.choices[0].finish_reason == "stop"
+        sent = up.requests[-1]["messages"]
+        assert sent[1] == {"role": "assistant", "content": REFUSAL}, turn
+    # A user's message holds none: a 400 naming the part.
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={
+            "model": "plain",
+            "messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}],
+        },
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages[0].content[0].type"

@@ -112,6 +112,17 @@ def test_anthropic_default_max_tokens_must_be_positive(value: int) -> None:
         build_backend("a", {"kind": "anthropic", "max_tokens": value}, registry())
 
 
+def test_an_openai_backend_s_token_limit_name_is_one_of_the_apis() -> None:
+    # A typo would otherwise reach every call as an unknown field the upstream ignores.
+    from stella.backends import ConfigError, build_backend, registry
+
+    table = {"kind": "openai", "base_url": "http://127.0.0.1:1/v1"}
+    with pytest.raises(ConfigError, match=r"backends\.o\.max_tokens_param: .*'max_output_tokens'"):
+        build_backend("o", {**table, "max_tokens_param": "max_output_tokens"}, registry())
+    built = build_backend("o", {**table, "max_tokens_param": "max_completion_tokens"}, registry())
+    assert built.cfg.max_tokens_param == "max_completion_tokens"  # type: ignore[attr-defined]
+
+
 def test_every_echo_error_code_is_a_failure_it_can_raise() -> None:
     import typing
 

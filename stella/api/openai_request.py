@@ -1,6 +1,6 @@
 """OpenAI request shapes and how they become one ChatRequest.
 
-Fields stella can't honour (n > 1, logprobs, images) get a 400 naming the
+Fields stella can't honour (n other than 1, logprobs, images) get a 400 naming the
 parameter; other unknown fields are ignored, as OpenAI-compatible servers do.
 """
 
@@ -33,6 +33,7 @@ class Part(msgspec.Struct):
 
     type: str
     text: str = ""
+    refusal: str = ""  # of a `refusal` part, which an assistant message may hold
 
 
 class OAIFunctionCall(msgspec.Struct):
@@ -58,6 +59,8 @@ class OAIMessage(msgspec.Struct):
     name: str | None = None
     tool_calls: list[OAIToolCall] | None = None
     tool_call_id: str | None = None
+    # An assistant's answer that was a refusal, as the API gives it back (content null).
+    refusal: str | None = None
 
 
 class StreamOptions(msgspec.Struct):
@@ -120,23 +123,33 @@ class CompletionRequest(CompletionCommon, kw_only=True):
 # --- translation ----------------------------------------------------------------------
 
 
-def _text(content: str | list[Part] | None, where: str) -> str:
+def _text(content: str | list[Part] | None, where: str, assistant: bool = False) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     texts = []
     for i, part in enumerate(content):
+        if part.type == "refusal" and assistant:
+            # The API takes one in an assistant turn: the model's own words, as its text.
+            texts.append(part.refusal)
+            continue
         if part.type != "text":
-            raise InvalidRequest(
-                f"content part type {part.type!r} is not supported", param=f"{where}[{i}].type"
+            said = (
+                "a refusal part belongs in an assistant message"
+                if part.type == "refusal"
+                else f"content part type {part.type!r} is not supported"
             )
+            raise InvalidRequest(said, param=f"{where}[{i}].type")
         texts.append(part.text)
     return "\n".join(texts)
 
 
 def to_options(req: CompletionCommon) -> Options:
-    """Sampling options; 400 for what stella can't honour (n > 1, logprobs)."""
+    """Sampling options; 400 for what stella can't honour (n other than 1, logprobs)."""
     if req.n not in (1, None):
-        raise InvalidRequest("n > 1 is not supported: ask for one choice per request", param="n")
+        # Said of the value sent: a 0 is no request for more choices.
+        raise InvalidRequest(
+            f"$.n: {req.n} is not supported; only 1 (one choice per request)", param="n"
+        )
     if req.logprobs:
         raise InvalidRequest("logprobs are not supported", param="logprobs")
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
@@ -234,10 +247,15 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
                         ),
                     )
                 )
+        text = _text(m.content, f"messages[{i}].content", m.role == "assistant")
+        if m.role == "assistant" and m.refusal:
+            # An answer that was a refusal is that turn's text: left out, the model would
+            # read an empty turn, and the upstream get content "".
+            text = "\n".join(t for t in (text, m.refusal) if t)
         messages.append(
             Message(
                 role="system" if m.role == "developer" else m.role,
-                content=_text(m.content, f"messages[{i}].content"),
+                content=text,
                 name=m.name,
                 tool_calls=calls,
                 tool_call_id=m.tool_call_id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import msgspec
@@ -51,6 +51,9 @@ class OpenAIConfig(HttpConfig, kw_only=True):
 
     # Send stream_options.include_usage (some older servers reject the field).
     stream_usage: bool = True
+    # The name the token limit goes under: OpenAI's reasoning models (o-series, gpt-5)
+    # refuse max_tokens; some older compatible servers know no other.
+    max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
 
 
 class _Fn(msgspec.Struct):
@@ -66,6 +69,8 @@ class _ToolDelta(msgspec.Struct):
 
 class _Delta(msgspec.Struct):
     content: str | None = None
+    # OpenAI's answer when the model declines (content then null): the answer's text.
+    refusal: str | None = None
     tool_calls: list[_ToolDelta] | None = None
 
 
@@ -106,8 +111,10 @@ _models = msgspec.json.Decoder(_Models)
 _json = msgspec.json.Encoder()
 
 
-def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict[str, Any]:
-    """The chat completions body for a ChatRequest."""
+def request_body(
+    request: ChatRequest, stream: bool, stream_usage: bool, max_tokens_param: str = "max_tokens"
+) -> dict[str, Any]:
+    """The chat completions body for a ChatRequest, its token limit named `max_tokens_param`."""
     messages: list[dict[str, Any]] = []
     for m in linked_tool_calls(request.messages):
         msg: dict[str, Any] = {"role": m.role, "content": content_of(m)}
@@ -147,7 +154,7 @@ def request_body(request: ChatRequest, stream: bool, stream_usage: bool) -> dict
     ):
         value = getattr(o, key)
         if value is not None:
-            body[key] = value
+            body[max_tokens_param if key == "max_tokens" else key] = value
     if request.tools:
         body["tools"] = wire_tools(request.tools)
         if request.tool_choice is not None:
@@ -195,7 +202,8 @@ class OpenAIBackend(HttpBackend):
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream (or fetch) one completion and translate it into events."""
         stream = request.stream
-        body = _json.encode(request_body(request, stream, self.cfg.stream_usage))
+        cfg = self.cfg
+        body = _json.encode(request_body(request, stream, cfg.stream_usage, cfg.max_tokens_param))
         name = self.name
         try:
             async with self.answer(self.chat_url, body, ctx.request_id) as r:
@@ -207,6 +215,7 @@ class OpenAIBackend(HttpBackend):
                 finish: str | None = None
                 usage: _Usage | None = None
                 ended = False
+                refused = False
                 # One network read often holds several SSE events (a fast upstream, or a
                 # burst after a pause): their text goes out as one Delta, one send.
                 buf = LineBuffer(name)
@@ -264,6 +273,10 @@ class OpenAIBackend(HttpBackend):
                                 if d.content:
                                     ctx.tokens_seen += 1
                                     texts.append(d.content)
+                                if d.refusal:
+                                    ctx.tokens_seen += 1
+                                    texts.append(d.refusal)
+                                    refused = True
                                 if d.tool_calls:
                                     ctx.tokens_seen += len(d.tool_calls)
                                     calls.add(d.tool_calls)
@@ -283,7 +296,8 @@ class OpenAIBackend(HttpBackend):
                 if finish in FAILED:
                     raise UpstreamError(f"{name}: the upstream ended the answer ({finish})")
                 yield Done(
-                    finish_reason=_finish(finish, bool(calls.slots)), usage=_usage(usage, ctx)
+                    finish_reason=_finish(finish, bool(calls.slots), refused),
+                    usage=_usage(usage, ctx),
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
@@ -303,8 +317,9 @@ class OpenAIBackend(HttpBackend):
                 f"{self.name}: the upstream ended the answer ({choice.finish_reason})"
             )
         msg = choice.message or choice.delta or _Delta()
-        if msg.content:
-            yield Delta(text=msg.content)
+        text = (msg.content or "") + (msg.refusal or "")
+        if text:
+            yield Delta(text=text)
         calls = _Calls()
         for call in msg.tool_calls or ():
             calls.put(call)
@@ -312,12 +327,12 @@ class OpenAIBackend(HttpBackend):
         if chunk.usage is None:
             # No count from the upstream: the answer's size at four characters a token, as
             # admission estimates a prompt (one Delta would count as one token).
-            size = len(msg.content or "") + sum(len(slot[2]) for slot in calls.slots.values())
+            size = len(text) + sum(len(slot[2]) for slot in calls.slots.values())
             ctx.tokens_seen = max(size // 4, 1) if size else 0
         for event in events:
             yield event
         yield Done(
-            finish_reason=_finish(choice.finish_reason or "stop", bool(events)),
+            finish_reason=_finish(choice.finish_reason or "stop", bool(events), bool(msg.refusal)),
             usage=_usage(chunk.usage, ctx),
         )
 
@@ -396,8 +411,13 @@ class _Calls:
         return out
 
 
-def _finish(reason: str, called: bool) -> FinishReason:
-    """The finish reason of an answer, `tool_calls` when it called a tool and ended."""
+def _finish(reason: str, called: bool, refused: bool = False) -> FinishReason:
+    """The finish reason of an answer, `tool_calls` when it called a tool and ended,
+    `content_filter` when the model refused (whatever reason the upstream gave)."""
+    if refused:
+        # OpenAI ends a refusal with "stop": read so, a client would take it for an
+        # answer (a parse of the text as the schema asked fails, or passes empty).
+        return "content_filter"
     return ended(FINISH.get(reason, "stop"), called)
 
 

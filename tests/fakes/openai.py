@@ -25,7 +25,10 @@ the same one, as some servers send them), `name-repeat` (the tool's whole name a
 in every fragment, the id only in the first, as MiniMax through NIM and some proxies
 stream it), `name-pieces` (the name itself in pieces, as Gemini's may come) and
 `keepalive` (SSE comments `: keepalive N/M` for 0.6 s before the answer, as
-mlx_lm.server writes them while it reads a long prompt).
+mlx_lm.server writes them while it reads a long prompt), `refusal` (the model declines:
+REFUSAL in `refusal`, content null, finish_reason "stop", as OpenAI answers),
+`refusal-length` (the same, ended with "length") and `reasoning` (a 400 for
+`max_tokens`, as OpenAI's o-series and gpt-5 answer: they take `max_completion_tokens`).
 It records what it saw.
 """
 
@@ -46,6 +49,9 @@ from starlette.routing import Route
 
 # The prompt tokens model `cached` says its cache spared it.
 CACHED = 2
+
+# What the `refusal` models answer.
+REFUSAL = "I'm sorry, I cannot help with that."
 
 # An upstream's error text of a megabyte over several lines (a traceback, a dump).
 HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
@@ -136,6 +142,19 @@ class FakeOpenAI:
                 status,
                 headers=headers,
             )
+        if model == "reasoning" and "max_tokens" in body:
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "Unsupported parameter: 'max_tokens' is not supported with "
+                        "this model. Use 'max_completion_tokens' instead.",
+                        "type": "invalid_request_error",
+                        "param": "max_tokens",
+                        "code": "unsupported_parameter",
+                    }
+                },
+                400,
+            )
         if model == "redirect":
             target = str(request.url).replace("/chat/completions", "/elsewhere")
             return Response(status_code=307, headers={"Location": target})
@@ -164,6 +183,9 @@ class FakeOpenAI:
             if model in TOOL_MODELS:
                 message = {"role": "assistant", "content": None, "tool_calls": _calls(body)}
                 finish = "stop" if model == "tools-stop" else "tool_calls"
+            if model.startswith("refusal"):
+                message = {"role": "assistant", "content": None, "refusal": REFUSAL}
+                finish = "length" if model == "refusal-length" else "stop"
             answer: dict[str, Any] = {
                 "id": "chatcmpl-1",
                 "object": "chat.completion",
@@ -214,6 +236,16 @@ class FakeOpenAI:
             huge = {"error": {"message": HUGE_ERROR, "type": "server_error"}}
             if model == "huge-error-first":
                 yield b"data: " + json.dumps(huge).encode() + b"\n\n"
+                return
+            if model.startswith("refusal"):  # as OpenAI streams one: in pieces, content null
+                yield chunk({"role": "assistant", "content": None, "refusal": ""})
+                for part in (REFUSAL[:9], REFUSAL[9:]):
+                    yield chunk({"refusal": part})
+                yield chunk({}, "length" if model == "refusal-length" else "stop")
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    usage = self._usage(model)
+                    yield b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
                 return
             yield chunk({"role": "assistant", "content": ""})
             if model == "huge-error-after":
