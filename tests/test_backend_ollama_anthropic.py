@@ -27,6 +27,7 @@ from stella.protocol import (
     Tool,
     ToolCall,
     ToolCallRef,
+    Usage,
 )
 from tests.fakes.anthropic import KEY, FakeAnthropic
 from tests.fakes.ollama import CONTEXT, FakeOllama
@@ -252,6 +253,28 @@ async def test_anthropic_stop_sequence_and_prompt_size_reach_the_context(
     assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How"
     assert events[-1].finish_reason == "stop"
     assert ctx.stop_sequence == " can" and ctx.prompt_tokens == 25
+
+
+async def _call(url: str, model: str) -> tuple[list, CallContext]:
+    """The events of one call to the fake Anthropic API, and its context."""
+    b = claude(url)
+    await b.start()
+    try:
+        ctx = CallContext(request_id="rid-3")
+        return [e async for e in b.chat(ChatRequest(model=model, messages=HI), ctx)], ctx
+    finally:
+        await b.aclose()
+
+
+async def test_anthropic_counts_left_null_in_message_delta_are_message_starts(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # MessageDeltaUsage may send input_tokens and the cache's counts as null: not given,
+    # not a malformed event (which failed the answer after its text, and was retried).
+    events, ctx = await _call(anthropic_url[1], "claude-null-usage")
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How can I help?"
+    assert events[-1] == Done(finish_reason="stop", usage=Usage(25, 6, 31))
+    assert ctx.prompt_tokens == 25 and ctx.cached_tokens is None
 
 
 async def test_an_empty_assistant_turn_is_left_out_for_anthropic(

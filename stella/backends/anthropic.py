@@ -81,8 +81,16 @@ class _BlockDelta(msgspec.Struct):
 
 
 class _Usage(msgspec.Struct):
-    input_tokens: int = 0
+    # Only output_tokens is never null: message_delta's usage (MessageDeltaUsage) may
+    # send the others as null, counts it does not give again.
+    input_tokens: int | None = None
     output_tokens: int = 0
+
+
+def _cumulative(start: _Usage, delta: _Usage) -> _Usage:
+    """message_delta's counts over message_start's: theirs are cumulative, so one left
+    null (or 0) is message_start's."""
+    return _Usage(max(delta.input_tokens or 0, start.input_tokens or 0), delta.output_tokens)
 
 
 class _Message(msgspec.Struct):
@@ -294,23 +302,18 @@ class AnthropicBackend(HttpBackend):
                         calls += 1
                     elif kind == "message_start" and ev.message is not None and ev.message.usage:
                         usage = ev.message.usage
-                        ctx.prompt_tokens = usage.input_tokens
+                        ctx.prompt_tokens = usage.input_tokens or 0
                     elif kind == "message_delta":
                         if ev.delta is not None and ev.delta.stop_reason:
                             stop = ev.delta.stop_reason
                             ctx.stop_sequence = ev.delta.stop_sequence
-                        if ev.usage is not None:  # cumulative output tokens
-                            usage = _Usage(
-                                ev.usage.input_tokens or usage.input_tokens, ev.usage.output_tokens
-                            )
+                        if ev.usage is not None:
+                            usage = _cumulative(usage, ev.usage)
                     elif kind == "message_stop":
+                        prompt = usage.input_tokens or 0
                         yield Done(
                             finish_reason=ended(STOP.get(stop or "end_turn", "stop"), calls > 0),
-                            usage=Usage(
-                                usage.input_tokens,
-                                usage.output_tokens,
-                                usage.input_tokens + usage.output_tokens,
-                            ),
+                            usage=Usage(prompt, usage.output_tokens, prompt + usage.output_tokens),
                         )
                         return
                 raise UpstreamError(f"{name}: stream ended before message_stop")

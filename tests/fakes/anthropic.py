@@ -4,7 +4,8 @@ The model name picks the behaviour: `claude-ok`, `claude-tools` (`-whole`: its i
 at the start, no deltas), `claude-two-tools` (two tool_use blocks, one when
 `tool_choice.disable_parallel_tool_use` is true, as the API honours it),
 `claude-tools-end-turn` (the tool_use of `claude-tools` ended with `end_turn`, as a
-compatible server may end it), `claude-429`
+compatible server may end it), `claude-null-usage` (message_delta's usage with null
+for every count the API may send as null), `claude-429`
 (rate limit with retry-after), `claude-529` (overloaded), `claude-error-mid`
 (an `error` event after a text delta), `claude-error-first` and `claude-api-error-first`
 (a 200 whose one event is an `error`, overloaded_error or api_error),
@@ -30,6 +31,14 @@ from starlette.routing import Route
 KEY = "sk-ant-fake-key"
 # An upstream's error text of a megabyte over several lines (a traceback, a dump).
 HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
+# What message_delta's usage may carry as null (MessageDeltaUsage: only output_tokens
+# is never null): counts not given again, so message_start's stand.
+NULL_COUNTS = {
+    "input_tokens": None,
+    "cache_creation_input_tokens": None,
+    "cache_read_input_tokens": None,
+    "server_tool_use": None,
+}
 
 
 def err(kind: str, message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -256,7 +265,11 @@ class FakeAnthropic:
                     "stop_reason": stop,
                     "stop_sequence": sequence,
                 },
-                "usage": {"output_tokens": out},
+                "usage": (
+                    {**NULL_COUNTS, "output_tokens": out}
+                    if model == "claude-null-usage"
+                    else {"output_tokens": out}
+                ),
             },
         )
         yield event("message_stop", {"type": "message_stop"})
