@@ -287,6 +287,15 @@ async def test_anthropic_prompt_is_its_cached_tokens_too(
     assert ctx.prompt_tokens == 1225 and ctx.cached_tokens == 1000
 
 
+async def test_anthropic_context_window_exceeded_is_length(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # The answer filled the model's context window: cut short, as at max_tokens.
+    events, _ = await _call(anthropic_url[1], "claude-context-full")
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How can I help?"
+    assert events[-1].finish_reason == "length"
+
+
 def test_a_cached_prompt_is_counted_whole_in_every_dialect_and_the_log(
     anthropic_url: tuple[FakeAnthropic, str],
 ) -> None:

@@ -33,6 +33,8 @@ STOP: dict[str, FinishReason] = {
     "end_turn": "stop",
     "stop_sequence": "stop",
     "max_tokens": "length",
+    # The answer filled the model's context window: cut short, as at max_tokens.
+    "model_context_window_exceeded": "length",
     "tool_use": "tool_calls",
     "refusal": "content_filter",
     "pause_turn": "stop",

@@ -7,7 +7,8 @@ at the start, no deltas), `claude-two-tools` (two tool_use blocks, one when
 compatible server may end it), `claude-cached` (a prompt mostly read from the prompt
 cache: message_start's usage has `cache_creation_input_tokens` and
 `cache_read_input_tokens` beside the uncached `input_tokens`), `claude-null-usage`
-(message_delta's usage with null for every count the API may send as null), `claude-429`
+(message_delta's usage with null for every count the API may send as null),
+`claude-context-full` (the text ended with `model_context_window_exceeded`), `claude-429`
 (rate limit with retry-after), `claude-529` (overloaded), `claude-error-mid`
 (an `error` event after a text delta), `claude-error-first` and `claude-api-error-first`
 (a 200 whose one event is an `error`, overloaded_error or api_error),
@@ -221,7 +222,7 @@ class FakeAnthropic:
             )
             words = ["Hello", "!", " How", " can", " I", " help?"]
             limit = body.get("max_tokens", 1024)
-            stop = "end_turn"
+            stop = "model_context_window_exceeded" if model == "claude-context-full" else "end_turn"
             out = 0
             text = ""
             for word in words:
