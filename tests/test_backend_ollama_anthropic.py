@@ -27,6 +27,7 @@ from stella.protocol import (
     Tool,
     ToolCall,
     ToolCallRef,
+    Usage,
 )
 from tests.fakes.anthropic import KEY, FakeAnthropic
 from tests.fakes.ollama import CONTEXT, FakeOllama
@@ -252,6 +253,87 @@ async def test_anthropic_stop_sequence_and_prompt_size_reach_the_context(
     assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How"
     assert events[-1].finish_reason == "stop"
     assert ctx.stop_sequence == " can" and ctx.prompt_tokens == 25
+
+
+async def _call(url: str, model: str) -> tuple[list, CallContext]:
+    """The events of one call to the fake Anthropic API, and its context."""
+    b = claude(url)
+    await b.start()
+    try:
+        ctx = CallContext(request_id="rid-3")
+        return [e async for e in b.chat(ChatRequest(model=model, messages=HI), ctx)], ctx
+    finally:
+        await b.aclose()
+
+
+async def test_anthropic_counts_left_null_in_message_delta_are_message_starts(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # MessageDeltaUsage may send input_tokens and the cache's counts as null: not given,
+    # not a malformed event (which failed the answer after its text, and was retried).
+    events, ctx = await _call(anthropic_url[1], "claude-null-usage")
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How can I help?"
+    assert events[-1] == Done(finish_reason="stop", usage=Usage(25, 6, 31))
+    assert ctx.prompt_tokens == 25 and ctx.cached_tokens is None
+
+
+async def test_anthropic_prompt_is_its_cached_tokens_too(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # With prompt caching the API's input_tokens are only the tokens neither written to
+    # nor read from the cache: the prompt is all three, the cache's reads `cached_tokens`.
+    events, ctx = await _call(anthropic_url[1], "claude-cached")
+    assert events[-1] == Done(finish_reason="stop", usage=Usage(1225, 6, 1231))
+    assert ctx.prompt_tokens == 1225 and ctx.cached_tokens == 1000
+
+
+async def test_anthropic_context_window_exceeded_is_length(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # The answer filled the model's context window: cut short, as at max_tokens.
+    events, _ = await _call(anthropic_url[1], "claude-context-full")
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How can I help?"
+    assert events[-1].finish_reason == "length"
+
+
+def test_a_cached_prompt_is_counted_whole_in_every_dialect_and_the_log(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    config = claude_route(anthropic_url[1], "claude-cached")
+    hi = [{"role": "user", "content": "hi"}]
+    with run_stella(config, {"CK": KEY}) as server:
+        answers = []
+        r = httpx.post(
+            server.url + "/v1/chat/completions", json={"model": "sonnet", "messages": hi}
+        )
+        answers.append(r)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"] == {
+            "prompt_tokens": 1225,
+            "completion_tokens": 6,
+            "total_tokens": 1231,
+            "prompt_tokens_details": {"cached_tokens": 1000},
+        }
+        body = {"model": "sonnet", "max_tokens": 20, "messages": hi}
+        r = httpx.post(server.url + "/v1/messages", json=body)
+        answers.append(r)
+        assert r.status_code == 200, r.text
+        # The API's input_tokens leave out the cache's reads (stella has no separate
+        # count of the tokens written to it: they are in input_tokens).
+        assert r.json()["usage"] == {
+            "input_tokens": 225,
+            "cache_read_input_tokens": 1000,
+            "output_tokens": 6,
+        }
+        r = httpx.post(
+            server.url + "/api/chat", json={"model": "sonnet", "messages": hi, "stream": False}
+        )
+        answers.append(r)
+        assert r.status_code == 200 and r.json()["prompt_eval_count"] == 1225, r.text
+        for rid in (r.headers["x-request-id"] for r in answers):
+            # The log, and so the usage report and the limits, take the whole prompt too.
+            ev = server.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+            assert (ev["prompt_tokens"], ev["cached_tokens"]) == (1225, 1000)
 
 
 async def test_an_empty_assistant_turn_is_left_out_for_anthropic(

@@ -33,6 +33,8 @@ STOP: dict[str, FinishReason] = {
     "end_turn": "stop",
     "stop_sequence": "stop",
     "max_tokens": "length",
+    # The answer filled the model's context window: cut short, as at max_tokens.
+    "model_context_window_exceeded": "length",
     "tool_use": "tool_calls",
     "refusal": "content_filter",
     "pause_turn": "stop",
@@ -81,8 +83,38 @@ class _BlockDelta(msgspec.Struct):
 
 
 class _Usage(msgspec.Struct):
-    input_tokens: int = 0
+    # Only output_tokens is never null: message_delta's usage (MessageDeltaUsage) may
+    # send the others as null, counts it does not give again.
+    input_tokens: int | None = None
     output_tokens: int = 0
+    # With prompt caching, input_tokens are only the prompt's tokens after the last
+    # cache breakpoint: those written to the cache and read from it are counted apart.
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+    def prompt(self) -> int:
+        """The whole prompt's tokens: uncached, written to the cache and read from it."""
+        return (
+            (self.input_tokens or 0)
+            + (self.cache_creation_input_tokens or 0)
+            + (self.cache_read_input_tokens or 0)
+        )
+
+
+def _count(start: int | None, delta: int | None) -> int | None:
+    """A cumulative count: message_delta's, or message_start's where it left it null
+    (or 0); None when neither gave it."""
+    return start if delta is None else max(delta, start or 0)
+
+
+def _cumulative(start: _Usage, delta: _Usage) -> _Usage:
+    """message_delta's counts over message_start's."""
+    return _Usage(
+        _count(start.input_tokens, delta.input_tokens),
+        delta.output_tokens,
+        _count(start.cache_creation_input_tokens, delta.cache_creation_input_tokens),
+        _count(start.cache_read_input_tokens, delta.cache_read_input_tokens),
+    )
 
 
 class _Message(msgspec.Struct):
@@ -294,23 +326,22 @@ class AnthropicBackend(HttpBackend):
                         calls += 1
                     elif kind == "message_start" and ev.message is not None and ev.message.usage:
                         usage = ev.message.usage
-                        ctx.prompt_tokens = usage.input_tokens
+                        # Early, for a call cut short and the Messages dialect's message_start.
+                        ctx.prompt_tokens = usage.prompt()
+                        ctx.cached_tokens = usage.cache_read_input_tokens
                     elif kind == "message_delta":
                         if ev.delta is not None and ev.delta.stop_reason:
                             stop = ev.delta.stop_reason
                             ctx.stop_sequence = ev.delta.stop_sequence
-                        if ev.usage is not None:  # cumulative output tokens
-                            usage = _Usage(
-                                ev.usage.input_tokens or usage.input_tokens, ev.usage.output_tokens
-                            )
+                        if ev.usage is not None:
+                            usage = _cumulative(usage, ev.usage)
+                            ctx.prompt_tokens = usage.prompt()
+                            ctx.cached_tokens = usage.cache_read_input_tokens
                     elif kind == "message_stop":
+                        prompt = usage.prompt()
                         yield Done(
                             finish_reason=ended(STOP.get(stop or "end_turn", "stop"), calls > 0),
-                            usage=Usage(
-                                usage.input_tokens,
-                                usage.output_tokens,
-                                usage.input_tokens + usage.output_tokens,
-                            ),
+                            usage=Usage(prompt, usage.output_tokens, prompt + usage.output_tokens),
                         )
                         return
                 raise UpstreamError(f"{name}: stream ended before message_stop")

@@ -4,7 +4,11 @@ The model name picks the behaviour: `claude-ok`, `claude-tools` (`-whole`: its i
 at the start, no deltas), `claude-two-tools` (two tool_use blocks, one when
 `tool_choice.disable_parallel_tool_use` is true, as the API honours it),
 `claude-tools-end-turn` (the tool_use of `claude-tools` ended with `end_turn`, as a
-compatible server may end it), `claude-429`
+compatible server may end it), `claude-cached` (a prompt mostly read from the prompt
+cache: message_start's usage has `cache_creation_input_tokens` and
+`cache_read_input_tokens` beside the uncached `input_tokens`), `claude-null-usage`
+(message_delta's usage with null for every count the API may send as null),
+`claude-context-full` (the text ended with `model_context_window_exceeded`), `claude-429`
 (rate limit with retry-after), `claude-529` (overloaded), `claude-error-mid`
 (an `error` event after a text delta), `claude-error-first` and `claude-api-error-first`
 (a 200 whose one event is an `error`, overloaded_error or api_error),
@@ -30,6 +34,17 @@ from starlette.routing import Route
 KEY = "sk-ant-fake-key"
 # An upstream's error text of a megabyte over several lines (a traceback, a dump).
 HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
+# The cache's counts in message_start's usage, by model: the API's `input_tokens` are
+# only the prompt's tokens after the last cache breakpoint, neither written nor read.
+CACHE = {"claude-cached": {"cache_creation_input_tokens": 200, "cache_read_input_tokens": 1000}}
+# What message_delta's usage may carry as null (MessageDeltaUsage: only output_tokens
+# is never null): counts not given again, so message_start's stand.
+NULL_COUNTS = {
+    "input_tokens": None,
+    "cache_creation_input_tokens": None,
+    "cache_read_input_tokens": None,
+    "server_tool_use": None,
+}
 
 
 def err(kind: str, message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -153,7 +168,7 @@ class FakeAnthropic:
                     "model": model,
                     "stop_reason": None,
                     "stop_sequence": None,
-                    "usage": {"input_tokens": 25, "output_tokens": 1},
+                    "usage": {"input_tokens": 25, "output_tokens": 1, **CACHE.get(model, {})},
                 },
             },
         )
@@ -207,7 +222,7 @@ class FakeAnthropic:
             )
             words = ["Hello", "!", " How", " can", " I", " help?"]
             limit = body.get("max_tokens", 1024)
-            stop = "end_turn"
+            stop = "model_context_window_exceeded" if model == "claude-context-full" else "end_turn"
             out = 0
             text = ""
             for word in words:
@@ -256,7 +271,11 @@ class FakeAnthropic:
                     "stop_reason": stop,
                     "stop_sequence": sequence,
                 },
-                "usage": {"output_tokens": out},
+                "usage": (
+                    {**NULL_COUNTS, "output_tokens": out}
+                    if model in ("claude-null-usage", "claude-cached")
+                    else {"output_tokens": out}
+                ),
             },
         )
         yield event("message_stop", {"type": "message_stop"})

@@ -5,8 +5,8 @@ The model name picks the behaviour: `llama3` (ok), `tools` (`two-tools`: two cal
 one line, as Ollama sends parallel calls), `error-before` (HTTP 404
 {"error": ...}), `error-mid` (a final {"error": ...} line after two pieces), `error-first` (a 200 whose
 one line is {"error": ...}), `huge-error-first` and `huge-error-mid` (the same with
-HUGE_ERROR), `malformed`, `busy` (429 with Retry-After). `"stream": false` gets one object, as
-the API does (its default is a stream). /api/ps has `llama3:latest` running with a
+HUGE_ERROR), `malformed`, `busy` (503 without Retry-After, as Ollama answers a full
+queue). `"stream": false` gets one object, as the API does (its default is a stream). /api/ps has `llama3:latest` running with a
 window of CONTEXT tokens.
 """
 
