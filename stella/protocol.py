@@ -57,6 +57,18 @@ class Message(Strict):
 # 400-digit number from reaching either (or the rate limiter's arithmetic).
 MaxTokens = Annotated[int, Meta(ge=1, le=2**31 - 1)]
 Temperature = Annotated[float, Meta(ge=0, le=2)]
+# OpenAI's ranges. A token id is a JSON object key, so a string of digits; as an int it
+# reaches MLX as an index, and an unbounded one could point anywhere.
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]
+LogitBias = Annotated[
+    dict[TokenId, Annotated[float, Meta(ge=-100, le=100)]],
+    Meta(
+        max_length=300,
+        description="token id (a string of digits) -> added to its logit, -100..100 "
+        "(-100 bans the token, 100 all but forces it); at most 300 tokens",
+    ),
+]
 
 
 class Options(Strict):
@@ -67,6 +79,9 @@ class Options(Strict):
     top_k: Annotated[int, Meta(ge=0, le=2**31 - 1)] | None = None
     min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
     repetition_penalty: Annotated[float, Meta(gt=0)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: LogitBias | None = None
     max_tokens: MaxTokens | None = None
     stop: Annotated[list[str], Meta(max_length=16)] | None = None
     seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None  # < 0: unseeded
@@ -82,7 +97,8 @@ def options_from(paths: Mapping[str, str] | None = None, **fields: Any) -> Optio
     if not given:
         return Options()  # nothing to validate: most requests set no option
     try:
-        return msgspec.convert(given, Options)
+        # str_keys: logit_bias's token ids come as JSON keys, strings of digits.
+        return msgspec.convert(given, Options, str_keys=True)
     except msgspec.ValidationError as exc:
         if not paths:
             raise

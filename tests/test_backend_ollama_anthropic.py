@@ -523,6 +523,44 @@ def test_through_stella_with_fallback(
         assert KEY not in "\n".join(server.lines())
 
 
+def test_penalties_reach_ollama_by_its_names_and_anthropic_not_at_all(
+    ollama_url: tuple[FakeOllama, str], anthropic_url: tuple[FakeAnthropic, str]
+) -> None:
+    # Ollama takes presence_penalty and frequency_penalty in its options (no logit_bias);
+    # Anthropic's API has none of the three, so they are left out, not refused.
+    config = {
+        "backends": {
+            "gpu-box": {"kind": "ollama", "base_url": ollama_url[1]},
+            "claude": {"kind": "anthropic", "base_url": anthropic_url[1], "api_key_env": "CK"},
+        },
+        "models": {
+            "routes": {
+                "llama": {"backend": "gpu-box", "upstream_model": "llama3"},
+                "sonnet": {"backend": "claude", "upstream_model": "claude-ok"},
+            }
+        },
+    }
+    msgs = [{"role": "user", "content": "hi"}]
+    sampling = {"presence_penalty": 1.5, "frequency_penalty": 0.25}
+    native = {"messages": msgs, "options": {**sampling, "logit_bias": {"42": 10}}}
+    asks = [
+        ("/api/v1/chat", native),
+        ("/api/chat", {"messages": msgs, "options": sampling}),
+        ("/v1/chat/completions", {"messages": msgs, **sampling, "logit_bias": {"42": 10}}),
+    ]
+    with run_stella(config, {"CK": KEY}) as server:
+        for path, body in asks:
+            r = httpx.post(server.url + path, json={"model": "llama", "stream": False, **body})
+            assert r.status_code == 200, (path, r.text)
+            assert ollama_url[0].requests[-1]["options"] == sampling, path
+        r = httpx.post(
+            server.url + "/api/v1/chat", json={"model": "sonnet", "stream": False, **native}
+        )
+        assert r.status_code == 200, r.text
+    sent = anthropic_url[0].requests[-1]
+    assert not {"presence_penalty", "frequency_penalty", "logit_bias"} & sent.keys()
+
+
 def claude_route(url: str, upstream_model: str) -> dict[str, Any]:
     """A stella config with route "sonnet" on the fake Anthropic API at `url` (key in CK)."""
     return {

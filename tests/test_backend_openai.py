@@ -113,6 +113,44 @@ async def test_non_stream_and_tools(fake: tuple[FakeOpenAI, str]) -> None:
     await b.aclose()
 
 
+def test_penalties_and_logit_bias_reach_the_upstream_from_every_dialect(
+    fake: tuple[FakeOpenAI, str],
+) -> None:
+    # They were read by no dialect and sent by no backend: the upstream, which honours
+    # them, answered as if the client had not asked.
+    from tests.live import run_stella
+
+    f, url = fake
+    config = {
+        "backends": {"up": {"kind": "openai", "base_url": url + "/v1"}},
+        "models": {"routes": {"oai": {"backend": "up", "upstream_model": "ok", "retries": 0}}},
+    }
+    msgs = [{"role": "user", "content": "hi"}]
+    sampling = {"presence_penalty": 1.5, "frequency_penalty": -0.5}
+    bias = {"logit_bias": {"50256": -100, "7": 2.5}}
+    asks: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+        ("/api/v1/chat", {"messages": msgs, "options": {**sampling, **bias}}, bias),
+        ("/api/v1/generate", {"prompt": "hi", "options": {**sampling, **bias}}, bias),
+        ("/v1/chat/completions", {"messages": msgs, **sampling, **bias}, bias),
+        ("/v1/completions", {"prompt": "hi", **sampling, **bias}, bias),
+        # Ollama's options have no logit_bias.
+        ("/api/chat", {"messages": msgs, "options": sampling}, {}),
+        ("/api/generate", {"prompt": "hi", "options": sampling}, {}),
+    ]
+    with run_stella(config) as server:
+        for path, body, biased in asks:
+            r = httpx.post(server.url + path, json={"model": "oai", "stream": False, **body})
+            assert r.status_code == 200, (path, r.text)
+            sent = f.requests[-1]
+            assert {k: sent.get(k) for k in (*sampling, "logit_bias")} == {
+                **sampling,
+                "logit_bias": biased.get("logit_bias"),
+            }, path
+        # Not asked for, not sent: the upstream's own defaults stand.
+        httpx.post(server.url + "/v1/chat/completions", json={"model": "oai", "messages": msgs})
+        assert not {*sampling, "logit_bias"} & f.requests[-1].keys()
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_a_tool_call_ended_with_stop_ends_as_tool_calls(
     fake: tuple[FakeOpenAI, str], stream: bool

@@ -238,6 +238,11 @@ def test_an_answer_goes_back_into_the_next_turn(stella: LiveServer) -> None:
             c.chat([{"role": "user", "content": object()}], "echo")
         with pytest.raises(sc.BadRequestError, match=r"options\.temperature"):
             c.chat([{"role": "user", "content": "x"}], "echo", options={"temperature": math.nan})
+        # Options pass through as given: logit_bias's int token ids go as JSON's string keys.
+        biased = {"presence_penalty": 1.5, "logit_bias": {50256: -100}}
+        assert c.chat([{"role": "user", "content": "x"}], "echo", options=biased).response == "x"
+        with pytest.raises(sc.BadRequestError, match=r"options\.frequency_penalty"):
+            c.chat([{"role": "user", "content": "x"}], "echo", options={"frequency_penalty": 9})
 
 
 def test_leaving_a_stream_closes_the_connection(stella: LiveServer) -> None:

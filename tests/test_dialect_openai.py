@@ -295,6 +295,29 @@ def test_nullable_n_and_stream(server: LiveServer) -> None:
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "a b"
 
 
+def test_penalties_and_logit_bias_are_read_and_checked(server: LiveServer) -> None:
+    # The echo backend ignores sampling: here, what the SDK sends is accepted as it sends
+    # it, and a value out of OpenAI's ranges is the client's error, naming its field.
+    c = client(server)
+    msgs = [{"role": "user", "content": "a b"}]
+    sampling = {"presence_penalty": 1.5, "frequency_penalty": -2.0}
+    r = c.chat.completions.create(
+        model="echo", messages=msgs, logit_bias={"50256": -100}, **sampling
+    )
+    assert r.choices[0].message.content == "a b"
+    r2 = c.completions.create(model="echo", prompt="a b", logit_bias={"0": 100}, **sampling)
+    assert r2.choices[0].text == "a b"
+    for bad, param in (
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"logit_bias": {"token": 1}}, "logit_bias"),
+        ({"logit_bias": {"1": -101}}, "logit_bias[...]"),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            c.chat.completions.create(model="echo", messages=msgs, **bad)  # type: ignore[arg-type]
+        assert info.value.param == param, info.value
+
+
 def test_tool_choice(server: LiveServer) -> None:
     c = client(server)
     msgs = [{"role": "user", "content": "Paris"}]

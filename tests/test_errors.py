@@ -140,6 +140,42 @@ def test_out_of_range_numbers_are_400(
             "$.options.repeat_penalty",
         ),
         (
+            "/api/chat",
+            {"model": "echo", "messages": MSG, "options": {"presence_penalty": 2.5}},
+            "$.options.presence_penalty",
+        ),
+        (
+            "/api/generate",
+            {"model": "echo", "prompt": "x", "options": {"frequency_penalty": -3}},
+            "$.options.frequency_penalty",
+        ),
+        ("/v1/chat/completions", {"messages": MSG, "presence_penalty": 3}, "$.presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "frequency_penalty": -2.5}, "$.frequency_penalty"),
+        # logit_bias as OpenAI has it: token ids (strings of digits) to -100..100, bounded.
+        ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"a": 1}}, "$.logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"-1": 1}}, "$.logit_bias"),
+        ("/v1/chat/completions", {"messages": MSG, "logit_bias": {"5": 101}}, "$.logit_bias[...]"),
+        (
+            "/v1/chat/completions",
+            {"messages": MSG, "logit_bias": {str(i): 1 for i in range(301)}},
+            "$.logit_bias",
+        ),
+        (
+            "/api/v1/chat",
+            {"messages": MSG, "options": {"logit_bias": {"1.5": 1}}},
+            "$.options.logit_bias",
+        ),
+        (
+            "/api/v1/generate",
+            {"prompt": "x", "options": {"logit_bias": {"99999999999": 1}}},
+            "$.options.logit_bias",
+        ),
+        (
+            "/api/v1/chat",
+            {"messages": MSG, "options": {"presence_penalty": -2.1}},
+            "$.options.presence_penalty",
+        ),
+        (
             "/v1/chat/completions",
             {"messages": MSG, "max_completion_tokens": -1},
             "$.max_completion_tokens",

@@ -164,6 +164,33 @@ def test_a_top_k_past_the_vocabulary_is_no_limit_in_every_dialect(mlx_server: Li
     assert next(m for m in models if m["name"] == "smollm2-135m")["circuit"] == "closed"
 
 
+def test_logit_bias_and_penalties_steer_the_model(mlx_server: LiveServer) -> None:
+    # mlx-lm applies them; stella passed none on, so each answer was the greedy one.
+    banana = {"21285": 100}  # " banana" in SmolLM2's vocabulary: +100 all but forces it
+    opts = {"temperature": 0, "max_tokens": 3}
+    r = chat(mlx_server, FRANCE, options={**opts, "logit_bias": banana})
+    assert r["response"].split() == ["banana"] * 3, r
+    body = {"model": "smollm2-135m", "messages": FRANCE, **opts, "logit_bias": banana}
+    r = httpx.post(mlx_server.url + "/v1/chat/completions", json=body, timeout=120)
+    assert r.json()["choices"][0]["message"]["content"].split() == ["banana"] * 3, r.text
+    apple = [{"role": "user", "content": "Say the word apple ten times."}]
+    opts = {"temperature": 0, "max_tokens": 10}
+    greedy = chat(mlx_server, apple, options=opts)["response"]
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        steered = chat(mlx_server, apple, options={**opts, penalty: 2})["response"]
+        assert steered != greedy, (penalty, greedy)
+    # A token past the vocabulary is refused before MLX indexes with it (it does not
+    # check, and one far past the end crashed the process); the circuit stays closed.
+    for token in ("49152", str(2**31 - 1)):
+        body = {"messages": FRANCE, "stream": False, "options": {"logit_bias": {token: 1}}}
+        r = httpx.post(mlx_server.url + "/api/v1/chat", json=body, timeout=120)
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["message"].startswith("logit_bias: "), r.text
+    assert chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 1})["response"]
+    models = httpx.get(mlx_server.url + "/api/v1/models").json()["models"]
+    assert next(m for m in models if m["name"] == "smollm2-135m")["circuit"] == "closed"
+
+
 def test_max_tokens_gives_length(mlx_server: LiveServer) -> None:
     body = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 3})
     assert body["finish_reason"] == "length"

@@ -94,6 +94,13 @@ def test_openapi_is_generated_from_the_structs(stella: LiveServer) -> None:
     assert schema == {"$ref": "#/components/schemas/ChatRequest"}
     props = spec["components"]["schemas"]["ChatRequest"]["properties"]
     assert {"messages", "model", "stream", "options", "tools", "metadata"} <= set(props)
+    options = spec["components"]["schemas"]["Options"]["properties"]
+    penalty = {"type": "number", "minimum": -2, "maximum": 2}
+    assert options["presence_penalty"]["anyOf"][0] == penalty
+    assert options["frequency_penalty"]["anyOf"][0] == penalty
+    bias = options["logit_bias"]["anyOf"][0]
+    assert bias["maxProperties"] == 300 and "token id" in bias["description"]
+    assert bias["additionalProperties"] == {"type": "number", "minimum": -100, "maximum": 100}
     assert "application/x-ndjson" in chat["responses"]["200"]["content"]
     assert "Start" in spec["components"]["schemas"] and "Done" in spec["components"]["schemas"]
     # Anthropic's API answers an overload with 529, and stella's dialect does too.

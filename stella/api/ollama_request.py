@@ -25,6 +25,8 @@ class OllamaOptions(msgspec.Struct):
     top_k: int | None = None
     min_p: float | None = None
     repeat_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     num_predict: int | None = None
     stop: list[str] | None = None
     seed: int | None = None
@@ -103,6 +105,8 @@ def to_options(o: OllamaOptions | None) -> Options:
             top_k=o.top_k,
             min_p=o.min_p,
             repetition_penalty=o.repeat_penalty,
+            presence_penalty=o.presence_penalty,
+            frequency_penalty=o.frequency_penalty,
             max_tokens=o.num_predict if o.num_predict and o.num_predict > 0 else None,
             stop=o.stop,
             seed=o.seed,
@@ -118,6 +122,8 @@ _OLLAMA_PATHS = {
     "top_k": "options.top_k",
     "min_p": "options.min_p",
     "repetition_penalty": "options.repeat_penalty",
+    "presence_penalty": "options.presence_penalty",
+    "frequency_penalty": "options.frequency_penalty",
     "max_tokens": "options.num_predict",
     "stop": "options.stop",
     "seed": "options.seed",

@@ -81,6 +81,9 @@ class CompletionCommon(msgspec.Struct, kw_only=True):
     max_completion_tokens: int | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (digits) -> bias
     n: int | None = 1
     logprobs: bool | int | None = None
     user: str | None = None
@@ -166,6 +169,9 @@ def to_options(req: CompletionCommon) -> Options:
             top_k=req.top_k,
             min_p=req.min_p,
             repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logit_bias=req.logit_bias,
         )
     except msgspec.ValidationError as exc:
         text = str(exc)

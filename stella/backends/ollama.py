@@ -105,6 +105,8 @@ def request_body(request: ChatRequest, keep_alive: str) -> dict[str, Any]:
             "top_k": o.top_k,
             "min_p": o.min_p,
             "repeat_penalty": o.repetition_penalty,
+            "presence_penalty": o.presence_penalty,
+            "frequency_penalty": o.frequency_penalty,
             "num_predict": o.max_tokens,
             "stop": o.stop,
             "seed": o.seed,

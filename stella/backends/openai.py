@@ -151,6 +151,9 @@ def request_body(
         "top_k",
         "min_p",
         "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",  # token ids as ints: the JSON encoder writes them as string keys
     ):
         value = getattr(o, key)
         if value is not None:

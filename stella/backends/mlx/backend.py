@@ -30,7 +30,7 @@ from stella.backends.mlx.source import (
 from stella.backends.mlx.stops import StopBuffer
 from stella.backends.mlx.toolcalls import ToolCallBuffer
 from stella.backends.mlx.worker import GenerationJob, MlxWorker
-from stella.errors import Overloaded, StellaError, UpstreamError
+from stella.errors import InvalidRequest, Overloaded, StellaError, UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
 
 _log = structlog.get_logger("stella")
@@ -354,6 +354,7 @@ class MlxBackend(Backend):
                 # Unloaded between its load and this call's turn (keep_alive 0): its
                 # release is queued ahead of this job, so the model is loaded again.
                 model = await self.ensure_loaded(request.model or "")
+            _check_logit_bias(request.options.logit_bias, model.vocab)
         except BaseException:
             self.worker.discard(job)
             raise
@@ -386,6 +387,9 @@ class MlxBackend(Backend):
                 "top_k": top_k,
                 "min_p": opts.min_p or 0.0,
                 "repetition_penalty": opts.repetition_penalty,
+                "presence_penalty": opts.presence_penalty,
+                "frequency_penalty": opts.frequency_penalty,
+                "logit_bias": opts.logit_bias,
                 "seed": opts.seed,
                 "stats": self.worker.stats,
                 "prompt_cache_size": self.cfg.prompt_cache_size,
@@ -488,6 +492,28 @@ def _tool_calls(model: LoadedModel, request: ChatRequest) -> ToolCallBuffer | No
         tokenizer.tool_parser,
         msgspec.to_builtins(request.tools),
     )
+
+
+def _check_logit_bias(bias: dict[int, float] | None, vocab: int | None) -> None:
+    """400 for a logit_bias naming a token past the model's logits.
+
+    MLX does not check the index it adds to, and one far past the end crashes the
+    process. The field is named as OpenAI's API has it (natively: options.logit_bias).
+    """
+    if not bias:
+        return
+    if vocab is None:
+        raise InvalidRequest(
+            "logit_bias: this model does not say the size of its vocabulary, so its token "
+            "ids cannot be checked",
+            param="logit_bias",
+        )
+    past = max(bias)
+    if past >= vocab:
+        raise InvalidRequest(
+            f"logit_bias: token {past} is not in the model's vocabulary (ids 0 to {vocab - 1})",
+            param="logit_bias",
+        )
 
 
 def _cannot_load(message: str) -> UpstreamError:

@@ -211,12 +211,13 @@ def sampling(p: dict[str, Any]) -> tuple[Any, Any]:
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
     sampler = make_sampler(p["temperature"], p["top_p"], p["min_p"], 1, p["top_k"])
-    processors = (
-        make_logits_processors(repetition_penalty=p["repetition_penalty"])
-        if p["repetition_penalty"]
-        else None
+    processors = make_logits_processors(
+        logit_bias=p["logit_bias"],
+        repetition_penalty=p["repetition_penalty"],
+        presence_penalty=p["presence_penalty"],
+        frequency_penalty=p["frequency_penalty"],
     )
-    return sampler, processors
+    return sampler, processors or None
 
 
 def generate_into(job: GenerationJob) -> None:
