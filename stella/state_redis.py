@@ -38,6 +38,9 @@ _log = structlog.get_logger("stella")
 USAGE_MARK_TTL_S = 3_600
 # While Redis is unreachable, admissions try it again at most this often.
 REDIS_RETRY_S = 1.0
+# The longest /ready waits for Redis's PING (its timeout is 1 s, as is a readiness
+# probe's by default): a Redis that answers no sooner reads `degraded`, still ready.
+PING_WAIT_S = 0.25
 # Connections to Redis per process; more callers at once wait for one.
 REDIS_MAX_CONNECTIONS = 256
 
@@ -297,6 +300,7 @@ class RedisState:
         self._add_usage = self.redis.register_script(USAGE)
         self._take_slot = self.redis.register_script(TAKE_SLOT)
         self._renew_slots = self.redis.register_script(RENEW_SLOTS)
+        self._probe: asyncio.Task[bool] | None = None  # the PING in flight, if any
         self._slots: RedisSlots | None = None
         self._buckets: RedisBuckets | None = None
         # A usage batch sent but not confirmed: (ID, keys, args), sent again as it is.
@@ -371,11 +375,29 @@ class RedisState:
                     except (TimeoutError, RedisError, OSError) as exc:
                         _log.warning("redis_final_flush_failed", error=type(exc).__name__)
         finally:
+            if self._probe is not None:
+                self._probe.cancel()
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
 
     async def ping(self) -> bool:
-        """Whether Redis answers."""
+        """Whether Redis answers (for /ready): never waited for past PING_WAIT_S, and
+        while Redis is known down, as admissions last found it until the retry time."""
+        probe = self._probe
+        if probe is None:
+            now = time.monotonic()
+            if self.local_only(now):
+                return False  # known down: readiness probes must not each pay the timeout
+            # One PING in flight at a time, shared by every /ready that comes meanwhile.
+            probe = self._probe = asyncio.create_task(self._ping())
+            probe.add_done_callback(self._pinged)
+        try:
+            # Shielded: a caller that gives up leaves the probe to record what it finds.
+            return await asyncio.wait_for(asyncio.shield(probe), PING_WAIT_S)
+        except TimeoutError:
+            return False
+
+    async def _ping(self) -> bool:
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
@@ -383,6 +405,10 @@ class RedisState:
             return False
         self._ok()
         return True
+
+    def _pinged(self, probe: asyncio.Task[bool]) -> None:
+        if self._probe is probe:
+            self._probe = None
 
     # --- default model and runtime routes --------------------------------------------
 

@@ -762,6 +762,87 @@ def test_a_stalled_redis_costs_one_request_its_timeout_not_every_request(redis: 
         assert elapsed < 5, elapsed  # 1 s per request before: ~10 s
 
 
+def test_ready_answers_at_once_while_redis_stalls(redis: Redis) -> None:
+    import os
+    import signal
+
+    # Every replica shares one Redis: were each /ready to wait out Redis's 1 s timeout
+    # (a readiness probe's own, by default), a stall would take them all out of service.
+    with run_stella(config(redis), ENV) as s:
+        assert httpx.get(s.url + "/ready").json()["checks"]["state"] == "ok"
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)  # up, but not answering
+        times: list[float] = []
+        states: set[str] = set()
+        try:
+            stop = time.monotonic() + 3
+            with httpx.Client(timeout=10) as c:
+                while time.monotonic() < stop:
+                    t = time.monotonic()
+                    r = c.get(s.url + "/ready")
+                    times.append(time.monotonic() - t)
+                    assert r.status_code == 200, r.text
+                    states.add(r.json()["checks"]["state"])
+                    time.sleep(0.05)
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert max(times) < 0.5, times  # 1 s each before
+        assert states == {"degraded (unreachable)"}, states
+        # Redis answers again: the next probe (at most a second on) finds it.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if httpx.get(s.url + "/ready").json()["checks"]["state"] == "ok":
+                break
+            time.sleep(0.1)
+        assert httpx.get(s.url + "/ready").json()["checks"]["state"] == "ok"
+
+
+async def test_pings_of_a_stalled_redis_send_one_probe_at_a_time(redis: Redis) -> None:
+    import os
+    import signal
+
+    st = redis_state(redis, "ping")
+    assert await st.ping()
+    real = st.redis.ping
+    flying, most, sent = 0, 0, 0
+
+    async def counted() -> Any:
+        nonlocal flying, most, sent
+        flying += 1
+        sent += 1
+        most = max(most, flying)
+        try:
+            return await real()
+        finally:
+            flying -= 1
+
+    st.redis.ping = counted  # type: ignore[method-assign]
+
+    async def timed() -> tuple[bool, float]:
+        t = time.monotonic()
+        up = await st.ping()
+        return up, time.monotonic() - t
+
+    assert redis.proc is not None
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        results = []
+        stop = time.monotonic() + 2.5
+        while time.monotonic() < stop:
+            results += await asyncio.gather(*(timed() for _ in range(10)))
+            await asyncio.sleep(0.1)
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    assert not any(up for up, _ in results)
+    assert max(t for _, t in results) < 0.5, results
+    assert most == 1 and sent <= 4, (most, sent)  # a probe a second, not one per caller
+    deadline = time.monotonic() + 5
+    while not await st.ping() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert st.down_since is None
+    await st.aclose()
+
+
 def test_concurrency_slots_hold_across_replicas(redis: Redis) -> None:
     cfg = config(
         redis,
