@@ -125,12 +125,16 @@ return 0
 """
 
 # Keep held slots claimed: KEYS are sets, ARGV[1] the time to live, then a member per key.
+# A member no longer there (Redis restarted empty or was flushed, or the claim lapsed)
+# is added back: its call still runs here, and left out, another replica would admit
+# one more in its place. Should one have done so already, the set holds more than its
+# size until calls end: that is how many run, and takes are refused until it drops under.
 RENEW_SLOTS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ttl = tonumber(ARGV[1])
 for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i + 1])
+  redis.call('ZADD', KEYS[i], now + ttl, ARGV[i + 1])
   redis.call('EXPIRE', KEYS[i], math.ceil(ttl) + 5)
 end
 return 1
@@ -1042,13 +1046,14 @@ class RedisSlots:
         renew = not final and self.held and time.monotonic() - self._renewed >= SLOT_RENEW_S
         if not released and not renew:
             return
+        renewed = dict(self.held) if renew else {}
         try:
             async with st.redis.pipeline(transaction=False) as pipe:
                 for key, member in released:
                     pipe.zrem(key, member)
                 if renew:
-                    keys = list(self.held.values())
-                    members = list(self.held)
+                    keys = list(renewed.values())
+                    members = list(renewed)
                     await st._renew_slots(keys=keys, args=[SLOT_TTL_S, *members], client=pipe)
                 await pipe.execute()
         except asyncio.CancelledError:
@@ -1059,6 +1064,10 @@ class RedisSlots:
             if not final:
                 self._released = released + self._released  # again with the next flush
             return
+        finally:
+            # The renewal adds back what is missing: a slot released during its round
+            # trip (its removal may have landed first) is removed again, with the next.
+            self._released += [(k, m) for m, k in renewed.items() if m not in self.held]
         st._ok()
         if renew:
             self._renewed = time.monotonic()

@@ -897,6 +897,81 @@ async def test_slots_come_back_from_leavers_and_from_replicas_that_died(
         await st.aclose()
 
 
+async def test_slots_held_when_redis_comes_back_empty_are_claimed_again(redis: Redis) -> None:
+    from stella.state_redis import SLOT_RENEW_S
+
+    # Two calls hold a key's two slots on replica a when Redis restarts empty, or is
+    # flushed: a's next renewal puts them back, so b does not admit two more beside them.
+    a, b = redis_state(redis, "back"), redis_state(redis, "back")
+    sa, sb = a.slots(), b.slots()
+    for restart in (True, False):
+        held = [await sa.acquire("key:k", 2, 0.1) for _ in range(2)]
+        assert all(h is not None and h[0] == "redis" for h in held), held
+        if restart:
+            redis.restart_empty()
+        else:
+            await flushall(redis)
+        sa._renewed -= SLOT_RENEW_S  # the renewal is due
+        await sa.upkeep()
+        assert await a.redis.zcard("back:slot:key:k") == 2
+        assert await sb.acquire("key:k", 2, 0.2) is None  # before: taken, four at once
+        for h in held:
+            sa.release(h)
+        await sa.upkeep()
+        await asyncio.sleep(0.1)  # the releases go out in the background
+    assert a.down_since is None
+    # b took a freed place before a's renewal: the set then holds more than its size,
+    # as many as run, and no one more is admitted until it is back under.
+    held = [await sa.acquire("key:k", 2, 0.1) for _ in range(2)]
+    await flushall(redis)
+    other = await sb.acquire("key:k", 2, 0.1)
+    assert other is not None and other[0] == "redis"
+    sa._renewed -= SLOT_RENEW_S
+    await sa.upkeep()
+    assert await a.redis.zcard("back:slot:key:k") == 3
+    sa.release(held[0])
+    await asyncio.sleep(0.1)
+    assert await sb.acquire("key:k", 2, 0.1) is None  # 2 run: still full
+    sa.release(held[1])
+    await asyncio.sleep(0.1)
+    assert await sb.acquire("key:k", 2, 0.5) is not None
+    for st in (a, b):
+        await st.aclose()
+
+
+async def flushall(redis: Redis) -> None:
+    """Empty the test's Redis (every key of every prefix), on a connection of its own."""
+    st = redis_state(redis, "flush")
+    try:
+        await st.redis.flushall()
+    finally:
+        await st.aclose()
+
+
+async def test_a_slot_released_during_its_renewal_is_not_claimed_again(redis: Redis) -> None:
+    from stella.state_redis import SLOT_RENEW_S
+
+    # A renewal adds back what it misses: a release that lands before it (on another
+    # connection) must not leave a slot claimed that no call holds.
+    st = redis_state(redis, "race")
+    slots = st.slots()
+    await asyncio.gather(*(st.redis.ping() for _ in range(4)))  # a release finds a connection
+    for i in range(20):
+        held = await slots.acquire("key:k", 1, 1.0)
+        assert held is not None
+        slots._renewed -= SLOT_RENEW_S
+        renewal = asyncio.create_task(slots.upkeep())
+        for _ in range(i % 10):  # released at different points of its round trip
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.0001 * (i // 10))
+        slots.release(held)
+        await asyncio.wait_for(renewal, 5)
+        await asyncio.sleep(0.05)  # the release's own round trip
+        await slots.upkeep()
+        assert await st.redis.zcard("race:slot:key:k") == 0, i
+    await st.aclose()
+
+
 async def test_a_slot_given_back_goes_to_redis_at_once(redis: Redis) -> None:
     # A release goes to Redis at once (not with the 0.1 s flush): a client whose requests
     # follow one another waits at most one short pause for its own last one's slot.
