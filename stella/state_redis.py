@@ -253,6 +253,10 @@ def _routes(raw: dict[bytes, bytes]) -> dict[str, Any]:
 
 # At shutdown, the longest wait for the flusher's round trip in progress to end.
 FLUSHER_STOP_S = 2.0
+# Redis's clock is read by the flusher every this many ticks (0.1 s each): clocks drift
+# slowly. A reading whose round trip took longer than CLOCK_READ_MAX_S is not used.
+CLOCK_TICKS = 100
+CLOCK_READ_MAX_S = 0.1
 
 
 class RedisState:
@@ -320,6 +324,7 @@ class RedisState:
         # Token settlements waiting to go to Redis: key -> [capacity, per_s, amount].
         self._gives: dict[str, list[float]] = {}
         self._ticks = 0
+        self.clock_offset = 0.0  # Redis's clock minus this process's (see `wall`)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -532,6 +537,20 @@ class RedisState:
         row["completion_tokens"] += record.get("completion_tokens") or 0
         row["errors"] += 1 if record.get("status", 200) >= 500 else 0
 
+    def wall(self) -> float:
+        """Now, in seconds since the epoch, on Redis's clock (estimated locally)."""
+        # Usage days are named by it, as every limit's window is timed by it: replicas
+        # whose clocks disagree near midnight still file one instant under one day.
+        return time.time() + self.clock_offset
+
+    async def _read_clock(self) -> None:
+        """Measure how far Redis's clock is from this process's: one TIME."""
+        before = time.time()
+        sec, usec = await self.redis.time()
+        after = time.time()
+        if after - before <= CLOCK_READ_MAX_S:  # a slow answer says little about when
+            self.clock_offset = sec + usec / 1e6 - (before + after) / 2
+
     async def _flush_loop(self) -> None:
         while not self._closing:
             await asyncio.sleep(0.1)
@@ -546,6 +565,8 @@ class RedisState:
                 self._ticks += 1
                 if self._ticks % 5 == 0:  # usage counters every 0.5 s
                     await self._flush()
+                if self._ticks % CLOCK_TICKS == 1 and self.down_since is None:
+                    await self._read_clock()  # the first tick, then every 10 s
             except (RedisError, OSError) as exc:
                 self._failed(exc)
             except Exception as exc:  # a bug must not stop the settling for good

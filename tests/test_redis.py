@@ -698,6 +698,39 @@ async def test_a_usage_batch_whose_reply_is_lost_counts_once(redis: Redis) -> No
     await st.aclose()
 
 
+async def test_usage_days_are_named_on_redis_s_clock(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    from stella import state_redis
+    from stella.api import admin
+
+    # This replica's clock runs a day ahead (a skew of seconds does the same near
+    # midnight): its calls are still counted under the day Redis's clock says.
+    real = time.time
+    ahead = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if n[0] != "_"})
+    ahead.time = lambda: real() + 86_400
+    monkeypatch.setattr(admin, "time", ahead)
+    monkeypatch.setattr(state_redis, "time", ahead)
+    st = redis_state(redis, "clock")
+    record = admin.usage_listener(st)
+    # Before Redis's clock is read, this process's is all there is: tomorrow, here.
+    record({"key": "k", "model": "m", "prompt_tokens": 1, "status": 200})
+    await st.start()
+    try:
+        await asyncio.sleep(1.0)  # the flusher reads Redis's clock on its first tick
+        days = set()
+        for _ in range(2):  # the UTC day may turn meanwhile
+            sec, _ = await st.redis.time()
+            days.add(time.strftime("%Y-%m-%d", time.gmtime(sec)))
+            record({"key": "k", "model": "m", "prompt_tokens": 1, "status": 200})
+        rows = [r for day in sorted(days) for r in await st.get_usage(day)]
+        assert sum(r["requests"] for r in rows) == 2, rows
+    finally:
+        await st.aclose()
+
+
 async def test_usage_of_a_direct_model_with_a_bar_in_its_name_stays_its_keys(redis: Redis) -> None:
     # Fields are "key|model|count": a "|" in a direct model's name must not move the key.
     st = redis_state(redis, "bar")
