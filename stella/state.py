@@ -6,6 +6,7 @@ methods lets several workers and replicas share it and keeps it across restarts.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,10 @@ class MemoryState:
     async def ping(self) -> bool:
         """Whether the store is reachable."""
         return True
+
+    def wall(self) -> float:
+        """Now, in seconds since the epoch, on the store's clock (this process's)."""
+        return time.time()
 
     async def get_default_model(self) -> str | None:
         """The default model set at runtime, if any."""

@@ -38,6 +38,9 @@ _log = structlog.get_logger("stella")
 USAGE_MARK_TTL_S = 3_600
 # While Redis is unreachable, admissions try it again at most this often.
 REDIS_RETRY_S = 1.0
+# The longest /ready waits for Redis's PING (its timeout is 1 s, as is a readiness
+# probe's by default): a Redis that answers no sooner reads `degraded`, still ready.
+PING_WAIT_S = 0.25
 # Connections to Redis per process; more callers at once wait for one.
 REDIS_MAX_CONNECTIONS = 256
 
@@ -122,12 +125,16 @@ return 0
 """
 
 # Keep held slots claimed: KEYS are sets, ARGV[1] the time to live, then a member per key.
+# A member no longer there (Redis restarted empty or was flushed, or the claim lapsed)
+# is added back: its call still runs here, and left out, another replica would admit
+# one more in its place. Should one have done so already, the set holds more than its
+# size until calls end: that is how many run, and takes are refused until it drops under.
 RENEW_SLOTS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local ttl = tonumber(ARGV[1])
 for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', now + ttl, ARGV[i + 1])
+  redis.call('ZADD', KEYS[i], now + ttl, ARGV[i + 1])
   redis.call('EXPIRE', KEYS[i], math.ceil(ttl) + 5)
 end
 return 1
@@ -246,6 +253,10 @@ def _routes(raw: dict[bytes, bytes]) -> dict[str, Any]:
 
 # At shutdown, the longest wait for the flusher's round trip in progress to end.
 FLUSHER_STOP_S = 2.0
+# Redis's clock is read by the flusher every this many ticks (0.1 s each): clocks drift
+# slowly. A reading whose round trip took longer than CLOCK_READ_MAX_S is not used.
+CLOCK_TICKS = 100
+CLOCK_READ_MAX_S = 0.1
 
 
 class RedisState:
@@ -297,6 +308,7 @@ class RedisState:
         self._add_usage = self.redis.register_script(USAGE)
         self._take_slot = self.redis.register_script(TAKE_SLOT)
         self._renew_slots = self.redis.register_script(RENEW_SLOTS)
+        self._probe: asyncio.Task[bool] | None = None  # the PING in flight, if any
         self._slots: RedisSlots | None = None
         self._buckets: RedisBuckets | None = None
         # A usage batch sent but not confirmed: (ID, keys, args), sent again as it is.
@@ -312,6 +324,7 @@ class RedisState:
         # Token settlements waiting to go to Redis: key -> [capacity, per_s, amount].
         self._gives: dict[str, list[float]] = {}
         self._ticks = 0
+        self.clock_offset = 0.0  # Redis's clock minus this process's (see `wall`)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -371,11 +384,29 @@ class RedisState:
                     except (TimeoutError, RedisError, OSError) as exc:
                         _log.warning("redis_final_flush_failed", error=type(exc).__name__)
         finally:
+            if self._probe is not None:
+                self._probe.cancel()
             with contextlib.suppress(Exception):
                 await self.redis.aclose()
 
     async def ping(self) -> bool:
-        """Whether Redis answers."""
+        """Whether Redis answers (for /ready): never waited for past PING_WAIT_S, and
+        while Redis is known down, as admissions last found it until the retry time."""
+        probe = self._probe
+        if probe is None:
+            now = time.monotonic()
+            if self.local_only(now):
+                return False  # known down: readiness probes must not each pay the timeout
+            # One PING in flight at a time, shared by every /ready that comes meanwhile.
+            probe = self._probe = asyncio.create_task(self._ping())
+            probe.add_done_callback(self._pinged)
+        try:
+            # Shielded: a caller that gives up leaves the probe to record what it finds.
+            return await asyncio.wait_for(asyncio.shield(probe), PING_WAIT_S)
+        except TimeoutError:
+            return False
+
+    async def _ping(self) -> bool:
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
@@ -383,6 +414,10 @@ class RedisState:
             return False
         self._ok()
         return True
+
+    def _pinged(self, probe: asyncio.Task[bool]) -> None:
+        if self._probe is probe:
+            self._probe = None
 
     # --- default model and runtime routes --------------------------------------------
 
@@ -502,6 +537,20 @@ class RedisState:
         row["completion_tokens"] += record.get("completion_tokens") or 0
         row["errors"] += 1 if record.get("status", 200) >= 500 else 0
 
+    def wall(self) -> float:
+        """Now, in seconds since the epoch, on Redis's clock (estimated locally)."""
+        # Usage days are named by it, as every limit's window is timed by it: replicas
+        # whose clocks disagree near midnight still file one instant under one day.
+        return time.time() + self.clock_offset
+
+    async def _read_clock(self) -> None:
+        """Measure how far Redis's clock is from this process's: one TIME."""
+        before = time.time()
+        sec, usec = await self.redis.time()
+        after = time.time()
+        if after - before <= CLOCK_READ_MAX_S:  # a slow answer says little about when
+            self.clock_offset = sec + usec / 1e6 - (before + after) / 2
+
     async def _flush_loop(self) -> None:
         while not self._closing:
             await asyncio.sleep(0.1)
@@ -516,6 +565,8 @@ class RedisState:
                 self._ticks += 1
                 if self._ticks % 5 == 0:  # usage counters every 0.5 s
                     await self._flush()
+                if self._ticks % CLOCK_TICKS == 1 and self.down_since is None:
+                    await self._read_clock()  # the first tick, then every 10 s
             except (RedisError, OSError) as exc:
                 self._failed(exc)
             except Exception as exc:  # a bug must not stop the settling for good
@@ -1016,13 +1067,14 @@ class RedisSlots:
         renew = not final and self.held and time.monotonic() - self._renewed >= SLOT_RENEW_S
         if not released and not renew:
             return
+        renewed = dict(self.held) if renew else {}
         try:
             async with st.redis.pipeline(transaction=False) as pipe:
                 for key, member in released:
                     pipe.zrem(key, member)
                 if renew:
-                    keys = list(self.held.values())
-                    members = list(self.held)
+                    keys = list(renewed.values())
+                    members = list(renewed)
                     await st._renew_slots(keys=keys, args=[SLOT_TTL_S, *members], client=pipe)
                 await pipe.execute()
         except asyncio.CancelledError:
@@ -1033,6 +1085,10 @@ class RedisSlots:
             if not final:
                 self._released = released + self._released  # again with the next flush
             return
+        finally:
+            # The renewal adds back what is missing: a slot released during its round
+            # trip (its removal may have landed first) is removed again, with the next.
+            self._released += [(k, m) for m, k in renewed.items() if m not in self.held]
         st._ok()
         if renew:
             self._renewed = time.monotonic()

@@ -698,6 +698,39 @@ async def test_a_usage_batch_whose_reply_is_lost_counts_once(redis: Redis) -> No
     await st.aclose()
 
 
+async def test_usage_days_are_named_on_redis_s_clock(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    from stella import state_redis
+    from stella.api import admin
+
+    # This replica's clock runs a day ahead (a skew of seconds does the same near
+    # midnight): its calls are still counted under the day Redis's clock says.
+    real = time.time
+    ahead = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if n[0] != "_"})
+    ahead.time = lambda: real() + 86_400
+    monkeypatch.setattr(admin, "time", ahead)
+    monkeypatch.setattr(state_redis, "time", ahead)
+    st = redis_state(redis, "clock")
+    record = admin.usage_listener(st)
+    # Before Redis's clock is read, this process's is all there is: tomorrow, here.
+    record({"key": "k", "model": "m", "prompt_tokens": 1, "status": 200})
+    await st.start()
+    try:
+        await asyncio.sleep(1.0)  # the flusher reads Redis's clock on its first tick
+        days = set()
+        for _ in range(2):  # the UTC day may turn meanwhile
+            sec, _ = await st.redis.time()
+            days.add(time.strftime("%Y-%m-%d", time.gmtime(sec)))
+            record({"key": "k", "model": "m", "prompt_tokens": 1, "status": 200})
+        rows = [r for day in sorted(days) for r in await st.get_usage(day)]
+        assert sum(r["requests"] for r in rows) == 2, rows
+    finally:
+        await st.aclose()
+
+
 async def test_usage_of_a_direct_model_with_a_bar_in_its_name_stays_its_keys(redis: Redis) -> None:
     # Fields are "key|model|count": a "|" in a direct model's name must not move the key.
     st = redis_state(redis, "bar")
@@ -762,6 +795,87 @@ def test_a_stalled_redis_costs_one_request_its_timeout_not_every_request(redis: 
         assert elapsed < 5, elapsed  # 1 s per request before: ~10 s
 
 
+def test_ready_answers_at_once_while_redis_stalls(redis: Redis) -> None:
+    import os
+    import signal
+
+    # Every replica shares one Redis: were each /ready to wait out Redis's 1 s timeout
+    # (a readiness probe's own, by default), a stall would take them all out of service.
+    with run_stella(config(redis), ENV) as s:
+        assert httpx.get(s.url + "/ready").json()["checks"]["state"] == "ok"
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)  # up, but not answering
+        times: list[float] = []
+        states: set[str] = set()
+        try:
+            stop = time.monotonic() + 3
+            with httpx.Client(timeout=10) as c:
+                while time.monotonic() < stop:
+                    t = time.monotonic()
+                    r = c.get(s.url + "/ready")
+                    times.append(time.monotonic() - t)
+                    assert r.status_code == 200, r.text
+                    states.add(r.json()["checks"]["state"])
+                    time.sleep(0.05)
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert max(times) < 0.5, times  # 1 s each before
+        assert states == {"degraded (unreachable)"}, states
+        # Redis answers again: the next probe (at most a second on) finds it.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if httpx.get(s.url + "/ready").json()["checks"]["state"] == "ok":
+                break
+            time.sleep(0.1)
+        assert httpx.get(s.url + "/ready").json()["checks"]["state"] == "ok"
+
+
+async def test_pings_of_a_stalled_redis_send_one_probe_at_a_time(redis: Redis) -> None:
+    import os
+    import signal
+
+    st = redis_state(redis, "ping")
+    assert await st.ping()
+    real = st.redis.ping
+    flying, most, sent = 0, 0, 0
+
+    async def counted() -> Any:
+        nonlocal flying, most, sent
+        flying += 1
+        sent += 1
+        most = max(most, flying)
+        try:
+            return await real()
+        finally:
+            flying -= 1
+
+    st.redis.ping = counted  # type: ignore[method-assign]
+
+    async def timed() -> tuple[bool, float]:
+        t = time.monotonic()
+        up = await st.ping()
+        return up, time.monotonic() - t
+
+    assert redis.proc is not None
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        results = []
+        stop = time.monotonic() + 2.5
+        while time.monotonic() < stop:
+            results += await asyncio.gather(*(timed() for _ in range(10)))
+            await asyncio.sleep(0.1)
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    assert not any(up for up, _ in results)
+    assert max(t for _, t in results) < 0.5, results
+    assert most == 1 and sent <= 4, (most, sent)  # a probe a second, not one per caller
+    deadline = time.monotonic() + 5
+    while not await st.ping() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert st.down_since is None
+    await st.aclose()
+
+
 def test_concurrency_slots_hold_across_replicas(redis: Redis) -> None:
     cfg = config(
         redis,
@@ -814,6 +928,81 @@ async def test_slots_come_back_from_leavers_and_from_replicas_that_died(
     assert await slots.acquire("key:k", 2, 0.5) is not None
     for st in (live, dead):
         await st.aclose()
+
+
+async def test_slots_held_when_redis_comes_back_empty_are_claimed_again(redis: Redis) -> None:
+    from stella.state_redis import SLOT_RENEW_S
+
+    # Two calls hold a key's two slots on replica a when Redis restarts empty, or is
+    # flushed: a's next renewal puts them back, so b does not admit two more beside them.
+    a, b = redis_state(redis, "back"), redis_state(redis, "back")
+    sa, sb = a.slots(), b.slots()
+    for restart in (True, False):
+        held = [await sa.acquire("key:k", 2, 0.1) for _ in range(2)]
+        assert all(h is not None and h[0] == "redis" for h in held), held
+        if restart:
+            redis.restart_empty()
+        else:
+            await flushall(redis)
+        sa._renewed -= SLOT_RENEW_S  # the renewal is due
+        await sa.upkeep()
+        assert await a.redis.zcard("back:slot:key:k") == 2
+        assert await sb.acquire("key:k", 2, 0.2) is None  # before: taken, four at once
+        for h in held:
+            sa.release(h)
+        await sa.upkeep()
+        await asyncio.sleep(0.1)  # the releases go out in the background
+    assert a.down_since is None
+    # b took a freed place before a's renewal: the set then holds more than its size,
+    # as many as run, and no one more is admitted until it is back under.
+    held = [await sa.acquire("key:k", 2, 0.1) for _ in range(2)]
+    await flushall(redis)
+    other = await sb.acquire("key:k", 2, 0.1)
+    assert other is not None and other[0] == "redis"
+    sa._renewed -= SLOT_RENEW_S
+    await sa.upkeep()
+    assert await a.redis.zcard("back:slot:key:k") == 3
+    sa.release(held[0])
+    await asyncio.sleep(0.1)
+    assert await sb.acquire("key:k", 2, 0.1) is None  # 2 run: still full
+    sa.release(held[1])
+    await asyncio.sleep(0.1)
+    assert await sb.acquire("key:k", 2, 0.5) is not None
+    for st in (a, b):
+        await st.aclose()
+
+
+async def flushall(redis: Redis) -> None:
+    """Empty the test's Redis (every key of every prefix), on a connection of its own."""
+    st = redis_state(redis, "flush")
+    try:
+        await st.redis.flushall()
+    finally:
+        await st.aclose()
+
+
+async def test_a_slot_released_during_its_renewal_is_not_claimed_again(redis: Redis) -> None:
+    from stella.state_redis import SLOT_RENEW_S
+
+    # A renewal adds back what it misses: a release that lands before it (on another
+    # connection) must not leave a slot claimed that no call holds.
+    st = redis_state(redis, "race")
+    slots = st.slots()
+    await asyncio.gather(*(st.redis.ping() for _ in range(4)))  # a release finds a connection
+    for i in range(20):
+        held = await slots.acquire("key:k", 1, 1.0)
+        assert held is not None
+        slots._renewed -= SLOT_RENEW_S
+        renewal = asyncio.create_task(slots.upkeep())
+        for _ in range(i % 10):  # released at different points of its round trip
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.0001 * (i // 10))
+        slots.release(held)
+        await asyncio.wait_for(renewal, 5)
+        await asyncio.sleep(0.05)  # the release's own round trip
+        await slots.upkeep()
+        assert await st.redis.zcard("race:slot:key:k") == 0, i
+    await st.aclose()
 
 
 async def test_a_slot_given_back_goes_to_redis_at_once(redis: Redis) -> None:

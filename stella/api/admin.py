@@ -23,18 +23,21 @@ _DAY = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)  # not other scripts' digits
 
 
 def usage_listener(state: Any) -> Any:
-    """A pipeline listener counting each inference per key, model and UTC day."""
+    """A pipeline listener counting each inference per key, model and UTC day (on the
+    store's clock: with Redis, Redis's, so that every replica names an instant alike)."""
 
-    # The day's name and when it ends: formatted once a day, not per request.
-    today, today_ends = "", 0.0
+    # The day's name and its bounds: formatted once a day, not per request (and again
+    # should the store's clock, measured anew, put now outside of them).
+    today, today_starts, today_ends = "", 0.0, 0.0
     models: dict[str, set[str]] = {}  # per key, the models counted today
 
     def record(event: dict[str, Any]) -> None:
-        nonlocal today, today_ends
-        now = time.time()
-        if now >= today_ends:
+        nonlocal today, today_starts, today_ends
+        now = state.wall()
+        if not today_starts <= now < today_ends:
             today = time.strftime("%Y-%m-%d", time.gmtime(now))
-            today_ends = (now // 86400 + 1) * 86400
+            today_starts = now // 86400 * 86400
+            today_ends = today_starts + 86400
             models.clear()
         key, model = event["key"], event["model"]
         seen = models.setdefault(key, set())
@@ -54,7 +57,8 @@ async def usage(request: Request, call: Call) -> Response:
     q = request.query_params
     day = q.get("day")
     if day is None:
-        day = time.strftime("%Y-%m-%d", time.gmtime())  # today, as the counters name it
+        # today, as the counters name it
+        day = time.strftime("%Y-%m-%d", time.gmtime(services(request).state.wall()))
     else:
         try:
             # strptime takes "2026-11-7" too: a day no counter is named by, answered empty.
