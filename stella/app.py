@@ -58,6 +58,7 @@ from stella.streaming import Drain
 # Dialect modules beyond the native API; each exposes `routes` (and may be absent).
 DIALECTS = (
     "stella.api.openai",
+    "stella.api.responses",
     "stella.api.ollama",
     "stella.api.anthropic",
     "stella.api.aliases",

@@ -501,6 +501,7 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
     chat = [{"role": "user", "content": "a b c d"}]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     a_tools = [{"name": "f", "input_schema": {"type": "object"}}]
+    r_tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
     msgs = {"model": "echo", "max_tokens": 16, "messages": chat}
     calls: list[tuple[str, str, str, dict | None, int, str]] = [
         # OpenAI
@@ -551,6 +552,50 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
         ("get", "/v1/models/{model}", "/v1/models/echo", None, 200, "json"),
         ("get", "/v1/models/{model}", "/v1/models/nope", None, 404, ""),
         ("get", "/v1/health", "", None, 200, "json"),
+        # OpenAI Responses
+        ("post", "/v1/responses", "", {"model": "echo", "input": "a b"}, 200, "json"),
+        (
+            "post",
+            "/v1/responses",
+            "",
+            {"model": "echo", "input": "a", "tools": r_tools},
+            200,
+            "json",
+        ),
+        (
+            "post",
+            "/v1/responses",
+            "",
+            {"model": "echo", "input": "a b", "max_output_tokens": 1},
+            200,
+            "json",
+        ),
+        (
+            "post",
+            "/v1/responses",
+            "",
+            {"model": "echo", "input": "a b", "stream": True},
+            200,
+            "event-stream",
+        ),
+        (
+            "post",
+            "/v1/responses",
+            "",
+            {"model": "echo", "input": "a", "tools": r_tools, "stream": True},
+            200,
+            "event-stream",
+        ),
+        (
+            "post",
+            "/v1/responses",
+            "",
+            {"model": "echo-fail-after", "input": "a b c d", "stream": True},
+            200,
+            "event-stream",
+        ),
+        ("post", "/v1/responses", "", {"model": "echo", "input": "a", "background": True}, 400, ""),
+        ("post", "/v1/responses", "", {"model": "nope", "input": "a"}, 404, ""),
         # Ollama
         ("post", "/api/chat", "", {"model": "echo", "messages": chat}, 200, "ndjson"),
         (
@@ -613,11 +658,13 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
             assert r.status_code == status, (method, path or template, r.status_code, r.text)
             assert media in r.headers["content-type"], (method, template, r.headers)
             items = _validate(spec, method, template, r)
-            if template in ("/v1/chat/completions", "/api/chat") and "echo-fail" in str(body):
+            if template in ("/v1/chat/completions", "/api/chat", "/v1/responses") and (
+                "echo-fail" in str(body)
+            ):
                 # The stream that failed after its start ended with its error.
                 assert "error" in (items[-1] if media == "ndjson" else r.text), r.text
-        for path in ("/v1/models", "/api/tags", "/api/llm/models", "/v1/messages"):
-            method = "post" if path == "/v1/messages" else "get"
+        for path in ("/v1/models", "/api/tags", "/api/llm/models", "/v1/messages", "/v1/responses"):
+            method = "post" if path in ("/v1/messages", "/v1/responses") else "get"
             _validate(spec, method, path, httpx.request(method, server.url + path))  # 401
 
 

@@ -103,6 +103,7 @@ LINKS = {
     "generate": "/api/v1/generate",
     "models": "/api/v1/models",
     "openai": "/v1/chat/completions",
+    "responses": "/v1/responses",
     "ollama": "/api/chat",
     "anthropic": "/v1/messages",
     "health": "/health",

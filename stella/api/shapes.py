@@ -251,6 +251,97 @@ OPENAI_HEALTH = Schema(
     ),
 )
 
+# --- OpenAI Responses --------------------------------------------------------------------
+
+_RESPONSES_TEXT = obj({"type": const("output_text"), "text": STR, "annotations": array(OBJECT)})
+_RESPONSES_STATUS = {"enum": ["in_progress", "completed", "incomplete"]}
+_RESPONSES_MESSAGE = obj(
+    {
+        "type": const("message"),
+        "id": STR,
+        "status": _RESPONSES_STATUS,
+        "role": const("assistant"),
+        "content": array(_RESPONSES_TEXT),
+    }
+)
+_RESPONSES_CALL = obj(
+    {
+        "type": const("function_call"),
+        "id": STR,
+        "call_id": STR,
+        "name": STR,
+        "arguments": {"type": "string", "description": "a JSON object"},
+        "status": _RESPONSES_STATUS,
+    }
+)
+_RESPONSES_ITEM = {"anyOf": [_RESPONSES_MESSAGE, _RESPONSES_CALL]}
+_RESPONSES_USAGE = obj(
+    {
+        "input_tokens": INT,
+        "input_tokens_details": obj({"cached_tokens": INT}),
+        "output_tokens": INT,
+        "output_tokens_details": obj({"reasoning_tokens": INT}),
+        "total_tokens": INT,
+    }
+)
+RESPONSES_RESPONSE = Schema(
+    "OpenAIResponse",
+    obj(
+        {
+            "id": STR,
+            "object": const("response"),
+            "created_at": INT,
+            "completed_at": {"type": ["integer", "null"]},
+            "status": {"enum": ["in_progress", "completed", "incomplete", "failed"]},
+            "error": {"anyOf": [obj({"code": STR, "message": STR}), NULL]},
+            "incomplete_details": {"anyOf": [obj({"reason": STR}), NULL]},
+            "model": STR,
+            "output": array(_RESPONSES_ITEM),
+            "usage": {"anyOf": [_RESPONSES_USAGE, NULL]},
+            "parallel_tool_calls": BOOL,
+            "tool_choice": {"anyOf": [STR, OBJECT]},
+            "tools": array(OBJECT),
+            "store": const(False),
+        },
+        description="A Response (stream: false), the request's parameters repeated in it; "
+        "never stored",
+    ),
+)
+_WHERE = {"item_id": STR, "output_index": INT}
+_RESPONSES_EVENTS: dict[str, dict[str, Any]] = {
+    "response.created": {"response": ref(RESPONSES_RESPONSE)},
+    "response.in_progress": {"response": ref(RESPONSES_RESPONSE)},
+    "response.output_item.added": {"output_index": INT, "item": _RESPONSES_ITEM},
+    "response.content_part.added": {**_WHERE, "content_index": INT, "part": _RESPONSES_TEXT},
+    "response.output_text.delta": {**_WHERE, "content_index": INT, "delta": STR},
+    "response.output_text.done": {**_WHERE, "content_index": INT, "text": STR},
+    "response.content_part.done": {**_WHERE, "content_index": INT, "part": _RESPONSES_TEXT},
+    "response.function_call_arguments.delta": {**_WHERE, "delta": STR},
+    "response.function_call_arguments.done": {**_WHERE, "name": STR, "arguments": STR},
+    "response.output_item.done": {"output_index": INT, "item": _RESPONSES_ITEM},
+    "response.completed": {"response": ref(RESPONSES_RESPONSE)},
+    "response.incomplete": {"response": ref(RESPONSES_RESPONSE)},
+    "response.failed": {"response": ref(RESPONSES_RESPONSE)},
+}
+RESPONSES_EVENT = Schema(
+    "OpenAIResponseEvent",
+    sse_event(
+        "One server-sent event of the Responses API, each with its `type` and"
+        " `sequence_number`: response.created, response.in_progress, per output item its"
+        " added, text or argument and done events, then response.completed (or"
+        " response.incomplete); a failure after the stream started is a last"
+        " response.failed; `: ping` comments keep the connection alive",
+        {
+            "anyOf": [
+                obj({"type": const(name), "sequence_number": INT, **fields})
+                for name, fields in _RESPONSES_EVENTS.items()
+            ]
+        },
+        event={"enum": list(_RESPONSES_EVENTS)},
+    ),
+    uses=(RESPONSES_RESPONSE,),
+)
+
 # --- Ollama ------------------------------------------------------------------------------
 
 OLLAMA_ERROR = Schema(

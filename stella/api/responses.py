@@ -1,0 +1,347 @@
+"""The OpenAI Responses dialect: POST /v1/responses (a Response object, or its SSE events).
+
+Clients written for the Responses API (the `openai` SDK's `client.responses`, the
+OpenAI Agents SDK, Codex-style clients) use any backend through the one pipeline:
+`input` items and `instructions` become the conversation, function tools and their
+calls map onto stella's, and the answer comes back as a Response with `message` and
+`function_call` output items, or as the API's typed event stream. stella keeps no
+state: nothing is stored, and what would need it is refused (responses_request.py).
+Errors take OpenAI's shape, as on /v1/chat/completions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from stella.api import shapes
+from stella.api.http import (
+    JSONResponse,
+    decode,
+    endpoint,
+    read_body,
+    run_to_end,
+    services,
+    stream_response,
+)
+from stella.api.openai import OpenAIDialect, resolve_provider
+from stella.api.openapi import Operation, document
+from stella.api.responses_request import ResponsesRequest, echoed, to_chat
+from stella.core import Call
+from stella.errors import StellaError
+from stella.protocol import Delta, Done, Error, Start, ToolCall, Usage
+from stella.streaming import Codec, json_text, one_line
+
+_enc = msgspec.json.Encoder()
+_req = msgspec.json.Decoder(ResponsesRequest)
+
+# The pipeline's names for the request's parts, as this API names them.
+_PARAMS = {
+    "messages": "input",
+    "tool_choice.function.name": "tool_choice.name",
+    "response_format": "text.format",
+}
+
+
+class ResponsesDialect(OpenAIDialect):
+    """OpenAI's error object, naming the Responses API's own parameters."""
+
+    name = "responses"
+
+    def error_body(self, exc: StellaError, request_id: str) -> Any:
+        """OpenAI's error object; the pipeline's `messages` is this API's `input`."""
+        body = super().error_body(exc, request_id)
+        param = body["error"]["param"]
+        if param is not None:
+            head = param.split("[", 1)[0]
+            if head in _PARAMS:
+                # An index into the pipeline's messages is none into `input` (instructions
+                # and calls merged into one turn shift them): the field alone is named.
+                body["error"]["param"] = _PARAMS[head]
+                path, colon, rest = exc.message.partition(":")
+                if path.startswith("$." + head) and colon:
+                    body["error"]["message"] = f"$.{_PARAMS[head]}:{rest}"
+        return body
+
+
+RESPONSES = ResponsesDialect()
+# Paths whose errors (404, 405, draining) take this shape; the longest prefix wins.
+ERROR_PREFIXES = {"/v1/responses": RESPONSES}
+# stella's codes that OpenAI names otherwise (as chat completions' errors do).
+_CODES = {"rate_limited": "rate_limit_exceeded", "upstream_rate_limited": "rate_limit_exceeded"}
+
+
+def usage_of(usage: Usage) -> dict[str, Any]:
+    """The API's usage for stella's counts (cached_tokens 0 when the backend said none)."""
+    details = usage.prompt_tokens_details
+    cached = 0 if details is msgspec.UNSET else details.cached_tokens
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def status_of(finish_reason: str) -> tuple[str, dict[str, str] | None]:
+    """A Response's status and incomplete_details for a finish reason."""
+    if finish_reason == "length":
+        return "incomplete", {"reason": "max_output_tokens"}
+    if finish_reason == "content_filter":  # an upstream's refusal, as chat completions ends it
+        return "incomplete", {"reason": "content_filter"}
+    return "completed", None
+
+
+def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """An assistant `message` output item holding `text`."""
+    return {
+        "type": "message",
+        "id": item_id,
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
+
+
+def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    """A `function_call` output item."""
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "status": status,
+    }
+
+
+def _arguments(arguments: dict[str, Any], raw: str | None) -> str:
+    # The model's own text when it wrote no JSON object: clients validate it, as the API
+    # tells them to (the chat completions dialect passes it on the same way).
+    return raw if raw is not None else _enc.encode(arguments).decode()
+
+
+class Answer:
+    """The Response object of one call, as its parts become known."""
+
+    def __init__(self, rid: str, model: str, created: float, echo: dict[str, Any]) -> None:
+        self.rid = rid
+        self.model = model
+        self.created = int(created)
+        self.echo = echo
+        self.output: list[dict[str, Any]] = []
+
+    def item_id(self, prefix: str) -> str:
+        """The ID of the next output item."""
+        return f"{prefix}_{self.rid}_{len(self.output)}"
+
+    def body(
+        self,
+        status: str,
+        usage: Usage | None = None,
+        incomplete: dict[str, str] | None = None,
+        error: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The Response object as it stands."""
+        return {
+            "id": "resp_" + self.rid,
+            "object": "response",
+            "created_at": self.created,
+            "completed_at": int(time.time()) if status == "completed" else None,
+            "status": status,
+            "background": False,
+            "error": error,
+            "incomplete_details": incomplete,
+            "model": self.model,
+            "output": self.output,
+            "usage": usage_of(usage) if usage is not None else None,
+            **self.echo,
+        }
+
+
+def _event(name: str, seq: int, data: dict[str, Any]) -> bytes:
+    data = {"type": name, "sequence_number": seq, **data}
+    return b"event: " + name.encode() + b"\ndata: " + _enc.encode(data) + b"\n\n"
+
+
+class ResponsesCodec(Codec):
+    """Events as the Responses API's SSE sequence: response.created, in_progress, each
+    output item added, its text or arguments, done; then response.completed (or
+    .incomplete), or response.failed after a failure."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, echo: dict[str, Any]) -> None:
+        super().__init__()
+        self.echo = echo
+        self.answer: Answer | None = None
+        self.seq = 0
+        self.texts: list[str] | None = None  # the open message's text, while one is open
+        self.delta_head = b""
+
+    def _next(self, name: str, data: dict[str, Any]) -> bytes:
+        seq = self.seq
+        self.seq += 1
+        return _event(name, seq, data)
+
+    def start(self, event: Start) -> bytes:
+        """response.created and response.in_progress, with no output yet."""
+        answer = self.answer = Answer(event.id, event.model, event.created, self.echo)
+        body = answer.body("in_progress")
+        return one_line(
+            self._next("response.created", {"response": body})
+            + self._next("response.in_progress", {"response": body})
+        )
+
+    def _open_message(self) -> bytes:
+        answer = self.answer
+        assert answer is not None
+        index = len(answer.output)
+        item_id = answer.item_id("msg")
+        item = message_item(item_id, "", "in_progress")
+        item["content"] = []
+        answer.output.append(item)
+        self.texts = []
+        where = {"item_id": item_id, "output_index": index, "content_index": 0}
+        part = {"type": "output_text", "text": "", "annotations": []}
+        self.delta_head = (
+            b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+            + b'"item_id":'
+            + _enc.encode(item_id)
+            + b',"output_index":'
+            + str(index).encode()
+            + b',"content_index":0,"logprobs":[],"sequence_number":'
+        )
+        return self._next(
+            "response.output_item.added", {"output_index": index, "item": item}
+        ) + self._next("response.content_part.added", {**where, "part": part})
+
+    def _close_message(self, status: str) -> bytes:
+        """The open message's done events, its item then complete (b"" when none is open)."""
+        texts, answer = self.texts, self.answer
+        if texts is None or answer is None:
+            return b""
+        self.texts = None
+        index = len(answer.output) - 1
+        item = answer.output[index]
+        text = "".join(texts)
+        answer.output[index] = done = message_item(item["id"], text, status)
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        return (
+            self._next("response.output_text.done", {**where, "text": text, "logprobs": []})
+            + self._next("response.content_part.done", {**where, "part": done["content"][0]})
+            + self._next("response.output_item.done", {"output_index": index, "item": done})
+        )
+
+    def encode(self, event: Any) -> bytes:
+        """The API's events for one pipeline event (each `data:` JSON on one line)."""
+        kind = type(event)
+        if kind is Delta:
+            out = b"" if self.texts is not None else one_line(self._open_message())
+            assert self.texts is not None
+            self.texts.append(event.text)
+            seq = self.seq
+            self.seq += 1
+            # A delta's text is escaped on its own: a stream's many deltas scan only it.
+            return (
+                out
+                + self.delta_head
+                + str(seq).encode()
+                + b',"delta":'
+                + json_text(event.text)
+                + b"}\n\n"
+            )
+        return one_line(self._encode(event, kind))
+
+    def _encode(self, event: Any, kind: type) -> bytes:
+        answer = self.answer
+        assert answer is not None
+        if kind is ToolCall:
+            out = self._close_message("completed")
+            index = len(answer.output)
+            item_id = answer.item_id("fc")
+            arguments = _arguments(event.arguments, event.raw_arguments)
+            added = call_item(item_id, event.id, event.name, "", "in_progress")
+            done = call_item(item_id, event.id, event.name, arguments, "completed")
+            answer.output.append(done)
+            where = {"item_id": item_id, "output_index": index}
+            return (
+                out
+                + self._next("response.output_item.added", {"output_index": index, "item": added})
+                + self._next(
+                    "response.function_call_arguments.delta", {**where, "delta": arguments}
+                )
+                + self._next(
+                    "response.function_call_arguments.done",
+                    {**where, "name": event.name, "arguments": arguments},
+                )
+                + self._next("response.output_item.done", {"output_index": index, "item": done})
+            )
+        if kind is Done:
+            status, incomplete = status_of(event.finish_reason)
+            out = self._close_message("incomplete" if incomplete else "completed")
+            name = "response.incomplete" if incomplete else "response.completed"
+            body = answer.body(status, event.usage, incomplete)
+            return out + self._next(name, {"response": body})
+        if kind is Error:
+            if self.texts is not None:  # the message cut short, as far as it went
+                item = answer.output[-1]
+                answer.output[-1] = message_item(item["id"], "".join(self.texts), "incomplete")
+                self.texts = None
+            error = {"code": _CODES.get(event.code, event.code), "message": event.message}
+            return self._next("response.failed", {"response": answer.body("failed", error=error)})
+        return b""
+
+    def ping(self) -> bytes:
+        """An SSE comment."""
+        return b": ping\n\n"
+
+
+@endpoint(RESPONSES)
+async def responses(request: Request, call: Call) -> Response:
+    """POST /v1/responses."""
+    svc = services(request)
+    body = await read_body(request, svc.settings.server.max_body_bytes)
+    req = decode(body, ResponsesRequest, _req)
+    chat = resolve_provider(request, call, to_chat(req), req.provider)
+    echo = echoed(req)
+    inference = await svc.pipeline.prepare(chat, call)
+    if chat.stream:
+        return stream_response(request, inference, ResponsesCodec(echo), RESPONSES)
+    result = await run_to_end(request, inference)
+    status, incomplete = status_of(result.finish_reason)
+    answer = Answer(result.id, result.model, inference.created, echo)
+    calls = result.message.tool_calls or ()
+    if result.response or not calls:
+        item_status = "incomplete" if incomplete else "completed"
+        answer.output.append(message_item(answer.item_id("msg"), result.response, item_status))
+    for c in calls:
+        fn = c.function
+        arguments = _arguments(fn.arguments, fn.raw_arguments)
+        answer.output.append(call_item(answer.item_id("fc"), c.id, fn.name, arguments, "completed"))
+    return JSONResponse(
+        answer.body(status, result.usage, incomplete), headers=inference.permit.headers
+    )
+
+
+document(
+    Operation(
+        "post",
+        "/v1/responses",
+        "OpenAI Responses API, stateless (SSE events when stream)",
+        tag="openai",
+        request=ResponsesRequest,
+        response=shapes.RESPONSES_RESPONSE,
+        stream="text/event-stream",
+        stream_item=shapes.RESPONSES_EVENT,
+        error=shapes.OPENAI_ERROR,
+    )
+)
+
+routes = [Route("/v1/responses", responses, methods=["POST"])]

@@ -1,0 +1,348 @@
+"""OpenAI Responses API request shapes and how they become one ChatRequest.
+
+stella keeps no state: a request must carry its whole conversation in `input`.
+What only a stateful or tool-running server could honour (`previous_response_id`,
+`conversation`, stored `prompt`s, `background`, built-in tools, images, files,
+audio) is a 400 naming the field; other unknown fields are ignored, as in the
+chat completions dialect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from stella.backends.base import arguments_of
+from stella.errors import InvalidRequest, field_path
+from stella.protocol import (
+    ChatRequest,
+    FunctionCall,
+    FunctionSpec,
+    Message,
+    NamedFunction,
+    NamedToolChoice,
+    Options,
+    Role,
+    Tool,
+    ToolCallRef,
+    ToolChoice,
+    options_from,
+)
+
+
+class Part(msgspec.Struct):
+    """One content part of an input message (input_text, output_text, refusal, ...)."""
+
+    type: str
+    text: str = ""
+    refusal: str = ""
+
+
+class InputItem(msgspec.Struct):
+    """One item of `input`: a message (with or without `type: "message"`), a
+    function_call, a function_call_output, or another kind (refused or dropped)."""
+
+    type: str | None = None
+    role: str | None = None
+    content: str | list[Part] | None = None
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+    output: str | list[Part] | None = None
+
+
+class FormatSpec(msgspec.Struct, omit_defaults=True):
+    """text.format: {"type": "text" | "json_object" | "json_schema", ...}."""
+
+    type: str
+    name: str | None = None
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(msgspec.Struct):
+    """`text`: the output's format (`verbosity` and others are ignored)."""
+
+    format: FormatSpec | None = None
+
+
+class ResponsesRequest(msgspec.Struct, kw_only=True):
+    """POST /v1/responses."""
+
+    model: str | None = None
+    input: str | list[InputItem] | None = None
+    instructions: str | None = None
+    stream: bool | None = False
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    # Each a dict: a built-in tool's shape is whatever its type says, refused by that type.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    metadata: dict[str, Any] | None = None
+    user: str | None = None
+    # Taken, and not applied: stella stores nothing, runs no reasoning, trims no input.
+    store: bool | None = None
+    include: list[str] | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: str | None = None
+    top_logprobs: int | None = None
+    # Refused when given: they need a server that keeps state or runs in the background.
+    previous_response_id: str | None = None
+    conversation: Any = None
+    prompt: Any = None
+    background: bool | None = None
+    # stella extension, as in the chat completions dialect: a backend by its name.
+    provider: str | None = None
+
+
+# Fields that need state stella does not keep: a 400 naming each when it is given.
+_STATEFUL = {
+    "previous_response_id": "stella keeps no responses: send the whole conversation in input",
+    "conversation": "stella keeps no conversations: send the whole conversation in input",
+    "prompt": "stored prompts are not supported: send instructions and input",
+}
+# Parts of a message that are text, by role: an assistant's earlier output comes back
+# as output_text (or a refusal, which is that turn's text, as in chat completions).
+_TEXT_PARTS = {"input_text", "output_text", "text"}
+# A message's role as stella's (a developer message is a system prompt, as in chat).
+_ROLES: dict[str, Role] = {
+    "user": "user",
+    "assistant": "assistant",
+    "system": "system",
+    "developer": "system",
+}
+# Input items of a kind that carries nothing a backend could read, dropped: an earlier
+# turn's reasoning (stella never makes one; a history from elsewhere may hold it).
+_DROPPED = {"reasoning"}
+
+
+def _text(content: str | list[Part] | None, where: str, assistant: bool = False) -> str:
+    """The text of a message's content; a part that is not text (an image, a file, audio)
+    is a 400 naming its path: dropped, the model would answer without it."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for j, part in enumerate(content):
+        if part.type in _TEXT_PARTS:
+            texts.append(part.text)
+        elif part.type == "refusal" and assistant:
+            texts.append(part.refusal)
+        else:
+            raise InvalidRequest(
+                f"$.{where}[{j}].type: {part.type!r} is not supported (text only)",
+                param=f"{where}[{j}].type",
+            )
+    # Parts are separate pieces of text: run together, their words would merge.
+    return "\n".join(texts)
+
+
+def _messages(req: ResponsesRequest) -> list[Message]:
+    """The conversation: instructions first, then `input`'s items as chat messages, each
+    run of function_call items one assistant turn with its tool calls."""
+    messages: list[Message] = []
+    if req.instructions:
+        messages.append(Message(role="system", content=req.instructions))
+    if isinstance(req.input, str):
+        messages.append(Message(role="user", content=req.input))
+        return messages
+    for i, item in enumerate(req.input or ()):
+        kind = item.type or ("message" if item.role else None)
+        where = f"input[{i}]"
+        if kind == "message":
+            role = _ROLES.get(item.role or "")
+            if role is None:
+                raise InvalidRequest(
+                    f"$.{where}.role: {item.role!r} is not user, assistant, system or developer",
+                    param=f"{where}.role",
+                )
+            text = _text(item.content, f"{where}.content", role == "assistant")
+            messages.append(Message(role=role, content=text))
+        elif kind == "function_call":
+            if not item.name:
+                raise InvalidRequest(f"$.{where}.name: required", param=f"{where}.name")
+            args, raw = arguments_of(item.arguments)
+            call = ToolCallRef(
+                id=item.call_id,
+                function=FunctionCall(name=item.name, arguments=args, raw_arguments=raw),
+            )
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant":
+                # The calls of one answer (and its text before them) are one turn, as the
+                # chat format has them: each tool result then follows its call.
+                messages[-1] = msgspec.structs.replace(
+                    last, tool_calls=[*(last.tool_calls or ()), call]
+                )
+            else:
+                messages.append(Message(role="assistant", tool_calls=[call]))
+        elif kind == "function_call_output":
+            output = _text(item.output, f"{where}.output")
+            messages.append(Message(role="tool", content=output, tool_call_id=item.call_id))
+        elif kind in _DROPPED:
+            continue
+        else:
+            said = (
+                "refers to a stored item; stella keeps none: send the item itself"
+                if kind == "item_reference"
+                else "is not supported (messages, function_call and function_call_output only)"
+            )
+            raise InvalidRequest(f"$.{where}.type: {kind!r} {said}", param=f"{where}.type")
+    return messages
+
+
+_SPEC = ("name", "description", "parameters", "strict")
+
+
+def _tools(tools: list[dict[str, Any]] | None) -> list[Tool] | None:
+    """Function tools in stella's terms; a built-in tool (web_search, file_search, mcp,
+    ...) is a 400 naming its type: stella runs none, and the model would wait for it."""
+    if not tools:
+        return None
+    out = []
+    for i, t in enumerate(tools):
+        kind = t.get("type")
+        if kind != "function":
+            raise InvalidRequest(
+                f"$.tools[{i}].type: {kind!r} is not supported; only function tools "
+                "(stella runs no built-in tools)",
+                param=f"tools[{i}].type",
+            )
+        try:
+            # A null description or parameters is none given (the struct takes no null).
+            spec = msgspec.convert(
+                {k: t[k] for k in _SPEC if t.get(k) is not None},
+                FunctionSpec,
+            )
+        except msgspec.ValidationError as exc:
+            text = str(exc).replace("$.", f"$.tools[{i}].", 1)
+            raise InvalidRequest(text, param=field_path(text)) from None
+        out.append(Tool(function=spec))
+    return out
+
+
+def _choice(value: Any, tools: list[Tool] | None) -> ToolChoice | None:
+    """tool_choice: auto, none, required, {"type": "function", "name"}; allowed_tools
+    keeps its mode; a built-in tool's choice is a 400 (its tool would be one)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value in ("auto", "none", "required"):
+            return value  # type: ignore[return-value]
+        raise InvalidRequest(
+            f"$.tool_choice: {value!r} is not auto, none or required", param="tool_choice"
+        )
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "function":
+        name = value.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("$.tool_choice.name: required", param="tool_choice.name")
+        if not tools or all(t.function.name != name for t in tools):
+            raise InvalidRequest(
+                f"$.tool_choice.name: no tool named {name!r}", param="tool_choice.name"
+            )
+        return NamedToolChoice(function=NamedFunction(name=name))
+    if kind == "allowed_tools":  # a subset stella does not narrow: its mode stands
+        return "required" if value.get("mode") == "required" else "auto"
+    raise InvalidRequest(
+        f"$.tool_choice: {kind!r} is not supported (function tools only)", param="tool_choice"
+    )
+
+
+def _format(text: TextConfig | None) -> dict[str, Any] | None:
+    """text.format as chat completions' response_format."""
+    fmt = text.format if text is not None else None
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return {"type": "json_object"}
+    if fmt.type == "json_schema":
+        if fmt.schema is None:
+            raise InvalidRequest(
+                "$.text.format.schema: required for json_schema", param="text.format.schema"
+            )
+        spec: dict[str, Any] = {"name": fmt.name or "response", "schema": fmt.schema}
+        if fmt.description is not None:
+            spec["description"] = fmt.description
+        if fmt.strict is not None:
+            spec["strict"] = fmt.strict
+        return {"type": "json_schema", "json_schema": spec}
+    raise InvalidRequest(
+        f"$.text.format.type: {fmt.type!r} is not text, json_object or json_schema",
+        param="text.format.type",
+    )
+
+
+def _options(req: ResponsesRequest) -> Options:
+    try:
+        return options_from(
+            {"max_tokens": "max_output_tokens"},
+            temperature=req.temperature,
+            top_p=req.top_p,
+            max_tokens=req.max_output_tokens,
+        )
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        raise InvalidRequest(text, param=field_path(text)) from None
+
+
+def check(req: ResponsesRequest) -> None:
+    """400 for what needs state, background runs or logprobs, which stella can't give."""
+    for name, said in _STATEFUL.items():
+        if getattr(req, name) is not None:
+            raise InvalidRequest(f"$.{name}: {said}", param=name)
+    if req.background:
+        raise InvalidRequest(
+            "$.background: background responses are not supported (stella keeps none "
+            "to fetch later)",
+            param="background",
+        )
+    if req.top_logprobs:
+        raise InvalidRequest("$.top_logprobs: logprobs are not supported", param="top_logprobs")
+
+
+def to_chat(req: ResponsesRequest) -> ChatRequest:
+    """The internal request for a Responses API call."""
+    check(req)
+    messages = _messages(req)
+    if not any(m.role != "system" for m in messages):
+        raise InvalidRequest("$.input: required (the conversation so far)", param="input")
+    tools = _tools(req.tools)
+    meta = dict(req.metadata or {})
+    if req.user:
+        meta["user"] = req.user
+    return ChatRequest(
+        messages=messages,
+        model=req.model,
+        stream=bool(req.stream),
+        options=_options(req),
+        tools=tools,
+        tool_choice=_choice(req.tool_choice, tools),
+        parallel_tool_calls=req.parallel_tool_calls,
+        response_format=_format(req.text),
+        metadata=meta or None,
+    )
+
+
+def echoed(req: ResponsesRequest) -> dict[str, Any]:
+    """The request's parameters as a Response object repeats them."""
+    fmt = req.text.format if req.text is not None and req.text.format is not None else None
+    return {
+        "instructions": req.instructions,
+        "max_output_tokens": req.max_output_tokens,
+        "metadata": req.metadata or {},
+        "parallel_tool_calls": req.parallel_tool_calls is not False,
+        "previous_response_id": None,
+        "reasoning": None,
+        "store": False,  # whatever was asked: stella keeps nothing
+        "temperature": req.temperature,
+        "text": {"format": msgspec.to_builtins(fmt) if fmt else {"type": "text"}},
+        "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
+        "tools": req.tools or [],
+        "top_p": req.top_p,
+        "truncation": req.truncation or "disabled",
+        "user": req.user,
+    }

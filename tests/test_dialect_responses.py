@@ -1,0 +1,453 @@
+"""The OpenAI Responses dialect, driven by the official openai client against a live stella."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import serve
+from tests.live import LiveServer, run_stella
+
+KEY = "sk-responses-dialect-1"
+WEATHER = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"input": {"type": "string"}}},
+    }
+]
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
+    """stella with echo routes (slow, failing, rate-limited) and routes to the fake
+    OpenAI upstream, which records what it was sent."""
+    up = FakeOpenAI()
+    with serve(up.app) as up_url:
+        config = {
+            "backends": {
+                "slow": {"kind": "echo", "delay_s": 0.05},
+                "failing": {"kind": "echo", "fail_after": 2},
+                "up": {"kind": "openai", "base_url": up_url + "/v1"},
+            },
+            "models": {
+                "routes": {
+                    "echo-slow": {"backend": "slow"},
+                    "echo-fail": {"backend": "failing", "retries": 0},
+                    "once": {"backend": "echo"},
+                    "gpt": {"backend": "up", "upstream_model": "ok", "retries": 0},
+                    "gpt-tools": {"backend": "up", "upstream_model": "two-tools", "retries": 0},
+                }
+            },
+            "limits": {"models": {"once": {"requests_per_minute": 1}}},
+        }
+        with run_stella(config, {"STELLA_API_KEYS": f"tester={KEY}"}) as server:
+            yield server, up
+
+
+@pytest.fixture(scope="module")
+def server(stack: tuple[LiveServer, FakeOpenAI]) -> LiveServer:
+    return stack[0]
+
+
+def client(server: LiveServer, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+def native_usage(server: LiveServer, messages: list[dict[str, str]]) -> dict[str, Any]:
+    """The usage the native API gives for the same conversation on echo."""
+    return httpx.post(
+        server.url + "/api/v1/chat",
+        json={"model": "echo", "stream": False, "messages": messages},
+        headers={"Authorization": f"Bearer {KEY}"},
+    ).json()["usage"]
+
+
+def test_create_gives_a_response_whose_usage_is_the_native_api_s(server: LiveServer) -> None:
+    r = client(server).responses.create(
+        model="echo", instructions="Answer briefly.", input="hello there"
+    )
+    assert r.output_text == "hello there"
+    assert (r.object, r.status, r.model, r.error) == ("response", "completed", "echo", None)
+    assert r.id.startswith("resp_") and r.instructions == "Answer briefly."
+    [item] = r.output
+    assert item.type == "message" and item.role == "assistant" and item.status == "completed"
+    assert [(c.type, c.text, c.annotations) for c in item.content] == [
+        ("output_text", "hello there", [])
+    ]
+    native = native_usage(
+        server,
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "hello there"},
+        ],
+    )
+    assert r.usage is not None
+    assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens) == (
+        native["prompt_tokens"],
+        native["completion_tokens"],
+        native["total_tokens"],
+    )
+    assert r.usage.input_tokens_details.cached_tokens == 0
+    assert r.usage.output_tokens_details.reasoning_tokens == 0
+    ev = server.wait_event(lambda e: e["request_id"] == r.id.removeprefix("resp_"))
+    assert ev["api"] == "responses" and ev["stream"] is False
+
+
+def _types_in_order(events: list[Any]) -> list[str]:
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    return [e.type for e in events]
+
+
+def test_the_stream_helper_and_create_stream_true(server: LiveServer) -> None:
+    c = client(server)
+    with c.responses.stream(model="echo", input="one two three") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert final.output_text == "one two three" and final.status == "completed"
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == "one two three" and len(deltas) == 3
+    raw = list(c.responses.create(model="echo", input="one two three", stream=True))
+    assert _types_in_order(raw) == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * 3,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    item_id = raw[2].item.id
+    assert all(e.item_id == item_id for e in raw[3:-2] if hasattr(e, "item_id"))
+    assert raw[7].text == "one two three"
+    done = raw[-1].response
+    assert done.id == raw[0].response.id and done.output_text == "one two three"
+    # The same usage as a whole answer's.
+    whole = c.responses.create(model="echo", input="one two three")
+    assert done.usage == whole.usage
+
+
+async def test_async_client_stream_and_not(server: LiveServer) -> None:
+    c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    r = await c.responses.create(model="echo", input=[{"role": "user", "content": "a b"}])
+    assert r.output_text == "a b"
+    stream = await c.responses.create(model="echo", input="x y z", stream=True)
+    deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == "x y z"
+    async with c.responses.stream(model="echo", input="p q") as helper:
+        final = await helper.get_final_response()
+    assert final.output_text == "p q"
+    await c.close()
+
+
+def test_instructions_and_developer_messages_reach_the_model_as_system(
+    stack: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    server, up = stack
+    r = client(server).responses.create(
+        model="gpt",
+        instructions="Be brief.",
+        input=[
+            {"role": "developer", "content": "Use French."},
+            {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "salut"}]},
+            {"type": "message", "role": "user", "content": "again"},
+        ],
+    )
+    assert r.output_text == " w0 w1 w2 w3 w4"
+    assert up.requests[-1]["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": "Use French."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "salut"},
+        {"role": "user", "content": "again"},
+    ]
+
+
+def test_tool_calls_both_ways_and_the_result_back(server: LiveServer) -> None:
+    c = client(server)
+    r = c.responses.create(model="echo", input="Paris", tools=WEATHER)
+    [call] = r.output
+    assert call.type == "function_call" and call.status == "completed"
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"input": "Paris"}
+    assert call.call_id and call.id and r.status == "completed"
+    events = list(c.responses.create(model="echo", input="Paris", tools=WEATHER, stream=True))
+    assert _types_in_order(events) == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert events[4].arguments == call.arguments and events[4].name == "get_weather"
+    with c.responses.stream(model="echo", input="Paris", tools=WEATHER) as stream:
+        final = stream.get_final_response()
+    assert [(o.type, o.name, o.arguments) for o in final.output] == [
+        ("function_call", "get_weather", call.arguments)
+    ]
+    # The tool's result goes back in the next request; echo answers with it.
+    follow = [
+        {"role": "user", "content": "Paris"},
+        call.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21C"},
+    ]
+    r2 = c.responses.create(model="echo", input=follow, tools=WEATHER)
+    assert r2.output_text == "sunny, 21C"
+
+
+def test_function_call_outputs_reach_the_upstream_as_tool_messages(
+    stack: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    server, up = stack
+    c = client(server)
+    ask = {"role": "user", "content": "Paris and Oslo?"}
+    r = c.responses.create(model="gpt-tools", input=[ask], tools=WEATHER)
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert [json.loads(o.arguments) for o in calls] == [{"city": "Paris"}, {"city": "Oslo"}]
+    assert up.requests[-1]["tools"][0]["function"]["name"] == "get_weather"
+    results = [
+        {"type": "function_call_output", "call_id": o.call_id, "output": f"sunny {i}"}
+        for i, o in enumerate(calls)
+    ]
+    follow = [ask, *(o.model_dump(exclude_none=True) for o in r.output), *results]
+    c.responses.create(model="gpt", input=follow, tools=WEATHER)
+    sent = up.requests[-1]["messages"]
+    # One assistant turn holding both calls, then each result linked by its id (the
+    # fake answers 400 otherwise, as the API does).
+    assert [m["role"] for m in sent] == ["user", "assistant", "tool", "tool"]
+    assert [t["id"] for t in sent[1]["tool_calls"]] == [o.call_id for o in calls]
+    assert [json.loads(t["function"]["arguments"]) for t in sent[1]["tool_calls"]] == [
+        {"city": "Paris"},
+        {"city": "Oslo"},
+    ]
+    assert [(m["tool_call_id"], m["content"]) for m in sent[2:]] == [
+        (calls[0].call_id, "sunny 0"),
+        (calls[1].call_id, "sunny 1"),
+    ]
+
+
+def test_tool_choice_and_parallel_tool_calls(stack: tuple[LiveServer, FakeOpenAI]) -> None:
+    server, up = stack
+    c = client(server)
+    other = {"type": "function", "name": "get_time", "parameters": {"type": "object"}}
+    r = c.responses.create(model="echo", input="Paris", tools=WEATHER, tool_choice="none")
+    assert r.output_text == "Paris"
+    r = c.responses.create(
+        model="echo",
+        input="Paris",
+        tools=[*WEATHER, other],
+        tool_choice={"type": "function", "name": "get_time"},
+    )
+    assert r.output[0].name == "get_time"
+    c.responses.create(
+        model="gpt-tools",
+        input="Paris and Oslo?",
+        tools=WEATHER,
+        tool_choice="required",
+        parallel_tool_calls=False,
+    )
+    sent = up.requests[-1]
+    assert sent["tool_choice"] == "required" and sent["parallel_tool_calls"] is False
+    with pytest.raises(openai.BadRequestError) as info:
+        c.responses.create(
+            model="echo",
+            input="Paris",
+            tools=WEATHER,
+            tool_choice={"type": "function", "name": "nope"},
+        )
+    assert info.value.param == "tool_choice.name"
+
+
+def test_text_format_reaches_the_upstream_as_response_format(
+    stack: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    server, up = stack
+    c = client(server)
+    fmt = {"type": "json_schema", "name": "answer", "schema": SCHEMA, "strict": True}
+    r = c.responses.create(model="gpt", input="Which city?", text={"format": fmt})
+    assert up.requests[-1]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True},
+    }
+    assert r.text.format.type == "json_schema"
+    c.responses.create(model="gpt", input="JSON please", text={"format": {"type": "json_object"}})
+    assert up.requests[-1]["response_format"] == {"type": "json_object"}
+    c.responses.create(model="gpt", input="prose", text={"format": {"type": "text"}})
+    assert "response_format" not in up.requests[-1]
+
+
+def test_sampling_and_the_token_limit(stack: tuple[LiveServer, FakeOpenAI]) -> None:
+    server, up = stack
+    c = client(server)
+    c.responses.create(
+        model="gpt", input="hi", temperature=0.5, top_p=0.9, max_output_tokens=7, store=False
+    )
+    sent = up.requests[-1]
+    assert (sent["temperature"], sent["top_p"], sent["max_tokens"]) == (0.5, 0.9, 7)
+    r = c.responses.create(model="echo", input="a b c d e", max_output_tokens=2)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output_text == "a b" and r.output[0].status == "incomplete"
+    events = list(
+        c.responses.create(model="echo", input="a b c d e", max_output_tokens=2, stream=True)
+    )
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "max_output_tokens"
+    with pytest.raises(openai.BadRequestError) as info:
+        c.responses.create(model="echo", input="x", max_output_tokens=0)
+    assert info.value.param == "max_output_tokens"
+
+
+def test_fields_taken_and_not_applied_pass(server: LiveServer) -> None:
+    r = client(server).responses.create(
+        model="echo",
+        input="a b",
+        store=True,
+        include=["reasoning.encrypted_content"],
+        reasoning={"effort": "low"},
+        truncation="auto",
+        metadata={"ticket": "42"},
+        user="u-1",
+        extra_body={"some_future_field": 1},
+    )
+    assert r.output_text == "a b" and r.metadata == {"ticket": "42"}
+    rid = r.id.removeprefix("resp_")
+    ev = server.wait_event(lambda e: e["request_id"] == rid)
+    assert ev["metadata"] == {"ticket": "42", "user": "u-1"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"conversation": "conv_1"}, "conversation"),
+        ({"conversation": {"id": "conv_1"}}, "conversation"),
+        ({"prompt": {"id": "pmpt_1"}}, "prompt"),
+        ({"background": True}, "background"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        (
+            {"tools": [*WEATHER, {"type": "file_search", "vector_store_ids": ["v"]}]},
+            "tools[1].type",
+        ),
+        ({"tools": [{"type": "code_interpreter", "container": {"type": "auto"}}]}, "tools[0].type"),
+        ({"tools": [{"type": "computer_use_preview"}]}, "tools[0].type"),
+        ({"tools": [{"type": "mcp", "server_label": "x"}]}, "tools[0].type"),
+        ({"tools": [{"type": "image_generation"}]}, "tools[0].type"),
+        ({"tool_choice": {"type": "web_search_preview"}, "tools": WEATHER}, "tool_choice"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            "input[0].content[0].type",
+        ),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": "look"},
+                    {"role": "user", "content": [{"type": "input_file", "file_id": "f"}]},
+                ]
+            },
+            "input[1].content[0].type",
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_audio", "data": "x"}]}]},
+            "input[0].content[0].type",
+        ),
+        ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+        ({"input": []}, "input"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+    ],
+)
+def test_what_stella_cannot_honour_is_a_400_naming_the_field(
+    server: LiveServer, extra: dict[str, Any], param: str
+) -> None:
+    body = {"model": "echo", "input": "x", **extra}
+    r = httpx.post(
+        server.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["param"], error["type"]) == (param, "invalid_request_error"), r.text
+
+
+def test_a_refusal_reaches_the_sdk_as_bad_request(server: LiveServer) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client(server).responses.create(model="echo", input="x", previous_response_id="resp_1")
+    assert info.value.param == "previous_response_id"
+
+
+def test_errors_map_to_the_client_exceptions(server: LiveServer) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        client(server, "sk-wrong").responses.create(model="echo", input="x")
+    with pytest.raises(openai.NotFoundError) as nf:
+        client(server).responses.create(model="gpt-17", input="x")
+    assert nf.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):  # a stream's refusal too, before its start
+        client(server).responses.create(model="gpt-17", input="x", stream=True)
+    client(server).responses.create(model="once", input="x")
+    with pytest.raises(openai.RateLimitError) as info:
+        client(server).responses.create(model="once", input="x")
+    assert info.value.response.headers["retry-after"]
+    assert info.value.code == "rate_limit_exceeded"
+
+
+def test_a_failure_mid_stream_is_response_failed(server: LiveServer) -> None:
+    events = list(client(server).responses.create(model="echo-fail", input="a b c d", stream=True))
+    last = events[-1]
+    assert last.type == "response.failed", [e.type for e in events]
+    assert last.response.status == "failed"
+    assert last.response.error.code == "upstream_error"
+    assert "failing after 2 tokens" in last.response.error.message
+    # What came before the failure, as far as it went.
+    assert [(o.type, o.status, o.content[0].text) for o in last.response.output] == [
+        ("message", "incomplete", "a b")
+    ]
+    assert not any(e.type == "response.completed" for e in events)
+    _types_in_order(events)
+
+
+async def test_leaving_the_stream_cancels_the_backend_and_logs_once(server: LiveServer) -> None:
+    body = {"model": "echo-slow", "stream": True, "input": " ".join(["w"] * 100)}
+    async with httpx.AsyncClient(timeout=10) as c:
+        async with c.stream(
+            "POST",
+            server.url + "/v1/responses",
+            json=body,
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as r:
+            assert r.status_code == 200
+            rid = r.headers["x-request-id"]
+            n = 0
+            async for line in r.aiter_lines():
+                n += line.startswith("data:") and "output_text.delta" in line
+                if n == 3:
+                    break
+    ev = await asyncio.to_thread(server.wait_event, lambda e: e["request_id"] == rid)
+    assert ev["api"] == "responses" and ev["finish_reason"] == "client_closed"
+    assert ev["completion_tokens"] < 50
+    time.sleep(0.2)
+    assert len([e for e in server.events("inference") if e["request_id"] == rid]) == 1
+
+
+def test_openapi_lists_the_route(server: LiveServer) -> None:
+    spec = httpx.get(server.url + "/openapi.json").json()
+    op = spec["paths"]["/v1/responses"]["post"]
+    assert "text/event-stream" in op["responses"]["200"]["content"]
+    assert "application/json" in op["responses"]["200"]["content"]
+    assert op["tags"] == ["openai"]
