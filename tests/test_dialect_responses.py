@@ -144,6 +144,41 @@ def test_the_stream_helper_and_create_stream_true(server: LiveServer) -> None:
     assert done.usage == whole.usage
 
 
+def test_an_empty_answer_holds_an_empty_message_streamed_or_not(server: LiveServer) -> None:
+    c = client(server)
+    whole = c.responses.create(model="echo", input="")
+    events = list(c.responses.create(model="echo", input="", stream=True))
+    assert [e.type for e in events if e.type.startswith("response.output_")] == [
+        "response.output_item.added",
+        "response.output_text.done",
+        "response.output_item.done",
+    ]
+    streamed = events[-1].response
+    for r in (whole, streamed):
+        assert [(o.type, o.status, o.content[0].text) for o in r.output] == [
+            ("message", "completed", "")
+        ]
+        assert r.output_text == "" and r.status == "completed"
+
+
+def test_the_pipeline_s_errors_name_the_responses_api_s_fields() -> None:
+    # The pipeline speaks of chat completions' fields: the error names this API's own.
+    from stella.api.responses import RESPONSES
+    from stella.errors import ContextTooLong, InvalidRequest
+
+    too_long = ContextTooLong("$.messages: the prompt is 9 tokens", param="messages")
+    assert RESPONSES.error_body(too_long, "r")["error"] == {
+        "message": "$.input: the prompt is 9 tokens",
+        "type": "invalid_request_error",
+        "param": "input",
+        "code": "context_length_exceeded",
+    }
+    fmt = InvalidRequest("$.response_format: no JSON here", param="response_format")
+    assert RESPONSES.error_body(fmt, "r")["error"]["param"] == "text.format"
+    other = InvalidRequest("$.temperature: over 2", param="temperature")
+    assert RESPONSES.error_body(other, "r")["error"]["param"] == "temperature"
+
+
 async def test_async_client_stream_and_not(server: LiveServer) -> None:
     c = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
     r = await c.responses.create(model="echo", input=[{"role": "user", "content": "a b"}])

@@ -285,7 +285,10 @@ class ResponsesCodec(Codec):
             )
         if kind is Done:
             status, incomplete = status_of(event.finish_reason)
-            out = self._close_message("incomplete" if incomplete else "completed")
+            # An answer of no text and no call still holds its (empty) message, as a
+            # whole answer does: a client reading the output finds the turn ended.
+            out = self._open_message() if not answer.output else b""
+            out += self._close_message("incomplete" if incomplete else "completed")
             name = "response.incomplete" if incomplete else "response.completed"
             body = answer.body(status, event.usage, incomplete)
             return out + self._next(name, {"response": body})
