@@ -477,6 +477,8 @@ def in_process_app(delay_s: float = 0.01) -> Any:
 
 def chat(path: str, stream: bool) -> dict[str, Any]:
     """A body for `path` asking the echo model for three words."""
+    if path == "/v1/responses":
+        return {"model": "e", "input": "one two three", "stream": stream}
     body = {"model": "e", "messages": [{"role": "user", "content": "one two three"}]}
     body["stream"] = stream
     return {**body, "max_tokens": 9} if path == "/v1/messages" else body
@@ -493,6 +495,8 @@ async def test_a_call_that_starts_after_the_cut_is_ended_shutting_down_and_not_l
         ("/v1/chat/completions", False, 503),
         ("/v1/chat/completions", True, 503),
         ("/v1/messages", True, 503),
+        ("/v1/responses", False, 503),
+        ("/v1/responses", True, 503),
     ]
     for path, stream, status in cases:
         app = in_process_app(delay_s=0)  # an answer that never pauses: no await takes a cancel
@@ -516,7 +520,7 @@ async def test_a_call_that_starts_after_the_cut_is_ended_shutting_down_and_not_l
 async def test_a_cut_while_the_last_lines_go_out_sends_no_second_terminal_line() -> None:
     # The answer is settled and logged before its last lines are written: a shutdown's
     # cut then must not add an error after (or in place of) the `done` line.
-    for path in ("/api/v1/chat", "/v1/chat/completions", "/v1/messages"):
+    for path in ("/api/v1/chat", "/v1/chat/completions", "/v1/messages", "/v1/responses"):
         for slow_on in ("done", "close"):
             app = in_process_app()
             events: list[dict[str, Any]] = []
@@ -526,7 +530,12 @@ async def test_a_cut_while_the_last_lines_go_out_sends_no_second_terminal_line()
                 if slow_on == "done":  # the terminal line's own send
                     client.slow = lambda m: any(
                         s in m.get("body", b"")
-                        for s in (b'"done"', b'"finish_reason":"stop"', b"message_delta")
+                        for s in (
+                            b'"done"',
+                            b'"finish_reason":"stop"',
+                            b"message_delta",
+                            b"response.completed",
+                        )
                     )
                 else:  # the send that closes the body
                     client.slow = lambda m: (
