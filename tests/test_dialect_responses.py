@@ -378,6 +378,9 @@ def test_fields_taken_and_not_applied_pass(server: LiveServer) -> None:
         ({"prompt": {"id": "pmpt_1"}}, "prompt"),
         ({"background": True}, "background"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{"type": "function"}]}, "tools[0].name"),
+        ({"tools": [*WEATHER, {"type": "function", "name": "x" * 65}]}, "tools[1].name"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": []}]}, "tools[0].parameters"),
         (
             {"tools": [*WEATHER, {"type": "file_search", "vector_store_ids": ["v"]}]},
             "tools[1].type",

@@ -218,7 +218,12 @@ def _tools(tools: list[dict[str, Any]] | None) -> list[Tool] | None:
                 FunctionSpec,
             )
         except msgspec.ValidationError as exc:
-            text = str(exc).replace("$.", f"$.tools[{i}].", 1)
+            # Said of the tool: msgspec's path starts at the function's own fields.
+            text = str(exc)
+            if "$." in text:
+                text = text.replace("$.", f"$.tools[{i}].", 1)
+            else:
+                text += f" - at `$.tools[{i}]`"
             raise InvalidRequest(text, param=field_path(text)) from None
         out.append(Tool(function=spec))
     return out
