@@ -647,6 +647,8 @@ def fake_upstream() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
                     "plain": {"backend": "up", "upstream_model": "ok", "retries": 0},
                     "refusal": {"backend": "up", "upstream_model": "refusal", "retries": 0},
                     "reasoning": {"backend": "o", "upstream_model": "reasoning", "retries": 0},
+                    "rejected": {"backend": "up", "upstream_model": "status-400", "retries": 0},
+                    "limited": {"backend": "up", "upstream_model": "status-429", "retries": 0},
                 }
             },
         }
@@ -743,3 +745,33 @@ def test_a_refusal_in_the_history_reaches_the_upstream_as_that_turn_s_text(
     )
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "messages[0].content[0].type"
+
+
+def test_the_sdk_sends_again_only_what_may_pass_on_another_try(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # The SDK retries every 5xx unless told otherwise (x-should-retry): an upstream's
+    # refusal of the request (502 upstream_rejected) would only be refused again.
+    server, up = fake_upstream
+    msgs = [{"role": "user", "content": "hi"}]
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=2)
+    before = len(up.requests)
+    with pytest.raises(openai.InternalServerError) as err:
+        c.chat.completions.create(model="rejected", messages=msgs)
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert err.value.code == "upstream_rejected"
+    assert len(up.requests) - before == 1  # asked once: the SDK did not try again
+    # An upstream's rate limit may pass later: the SDK is told it may try again.
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "limited", "messages": msgs},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code >= 429 and r.headers["x-should-retry"] == "true"
+    # A client's own mistake is final too (the SDK does not retry a 400 anyway).
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "plain", "messages": []},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 400 and r.headers["x-should-retry"] == "false"

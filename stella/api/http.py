@@ -93,9 +93,16 @@ class Dialect:
         response = JSONResponse(
             self.error_body(exc, request_id), self.status(exc), headers=exc.headers
         )
+        # The official OpenAI and Anthropic SDKs obey this over their own rule (retry every
+        # 5xx): a failure stella knows is final (an upstream's refusal of the request) is
+        # not sent again, and one that may pass on another try is.
+        response.raw_headers.append((b"x-should-retry", _SHOULD_RETRY[exc.retryable]))
         if self.id_header:
             response.raw_headers.append((self.id_header, request_id.encode()))
         return response
+
+
+_SHOULD_RETRY = {True: b"true", False: b"false"}
 
 
 NATIVE = Dialect()
