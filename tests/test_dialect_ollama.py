@@ -121,6 +121,17 @@ def test_list_show_ps_version(stella: LiveServer) -> None:
     assert httpx.get(stella.url + "/api/version").json()["version"]
 
 
+def test_version_is_the_ollama_api_version_clients_check(stella: LiveServer) -> None:
+    # Clients compare it with Ollama's releases: VS Code's Copilot Chat refuses a server
+    # below 0.6.4 ("Ollama server version 0.1.0 is not supported"). stella's own rides along.
+    from stella import __version__
+
+    body = httpx.get(stella.url + "/api/version").json()
+    numbers = tuple(int(n) for n in body["version"].split("."))
+    assert len(numbers) == 3 and numbers >= (0, 6, 4), body
+    assert body["stella_version"] == __version__
+
+
 def test_show_and_ps_give_the_context_length_when_the_backend_knows_it() -> None:
     # Ollama's own: /api/ps's context_length, /api/show's "<arch>.context_length" in
     # model_info. An Ollama upstream says it of a model it runs; echo and a model the

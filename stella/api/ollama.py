@@ -52,6 +52,12 @@ from stella.protocol import (
 )
 from stella.streaming import Codec, one_line
 
+# The Ollama API version this dialect follows, which is what Ollama's clients read from
+# /api/version (stella's own version means nothing to them: VS Code's Copilot Chat refuses
+# a server below 0.6.4, Open WebUI keeps the lowest of its servers'). The release whose
+# docs/api.md, api/types.go and server/routes.go the dialect was last checked against.
+OLLAMA_API_VERSION = "0.32.15"
+
 _chat = msgspec.json.Decoder(OllamaChat)
 _generate = msgspec.json.Decoder(OllamaGenerate)
 _show = msgspec.json.Decoder(ShowRequest)
@@ -431,8 +437,10 @@ async def show(request: Request, call: Call) -> Response:
 
 
 async def version(request: Request) -> Response:
-    """GET /api/version."""
-    return JSONResponse({"version": __version__})
+    """GET /api/version: the Ollama API version the dialect follows, and stella's own."""
+    # Ollama's clients read `version` alone (ollama-js types it as {version}; ollama-python
+    # does not ask), so stella's own version rides along in a field of its own.
+    return JSONResponse({"version": OLLAMA_API_VERSION, "stella_version": __version__})
 
 
 document(

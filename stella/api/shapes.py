@@ -356,7 +356,14 @@ OLLAMA_SHOW = Schema(
         }
     ),
 )
-OLLAMA_VERSION = Schema("OllamaVersion", obj({"version": STR}))
+OLLAMA_VERSION = Schema(
+    "OllamaVersion",
+    obj(
+        # version: the Ollama API version the dialect follows (what Ollama's clients check)
+        {"version": STR, "stella_version": STR},
+        description="The Ollama API version stella's dialect follows, and stella's own",
+    ),
+)
 
 # --- Anthropic ---------------------------------------------------------------------------
 
