@@ -121,6 +121,16 @@ def test_list_show_ps_version(stella: LiveServer) -> None:
     assert httpx.get(stella.url + "/api/version").json()["version"]
 
 
+def test_root_passes_the_ollama_is_running_probe(stella: LiveServer) -> None:
+    # Ollama answers GET / with "Ollama is running"; clients look for it by substring
+    # (`text.includes("Ollama is running")`). stella's info document stays JSON.
+    for accept in ("*/*", "application/json"):
+        r = httpx.get(stella.url + "/", headers={"Accept": accept})
+        assert r.status_code == 200 and "Ollama is running" in r.text, r.text
+        info = r.json()
+        assert info["name"] == "stella" and info["links"]["ollama"] == "/api/chat"
+
+
 def test_version_is_the_ollama_api_version_clients_check(stella: LiveServer) -> None:
     # Clients compare it with Ollama's releases: VS Code's Copilot Chat refuses a server
     # below 0.6.4 ("Ollama server version 0.1.0 is not supported"). stella's own rides along.
