@@ -114,10 +114,10 @@ def test_options_map_num_predict(stella: LiveServer) -> None:
 def test_list_show_ps_version(stella: LiveServer) -> None:
     c = client(stella)
     names = {m.model for m in c.list().models}
-    assert "echo" in names
+    assert "echo:latest" in names
     shown = c.show("echo")
     assert shown.details.family == "echo"
-    assert "echo" in {m.model for m in c.ps().models}
+    assert "echo:latest" in {m.model for m in c.ps().models}
     assert httpx.get(stella.url + "/api/version").json()["version"]
 
 
@@ -162,9 +162,9 @@ def test_show_and_ps_give_the_context_length_when_the_backend_knows_it() -> None
         }
         with run_stella(config) as server:
             running = {m["name"]: m for m in httpx.get(server.url + "/api/ps").json()["models"]}
-            assert running["llama"]["context_length"] == CONTEXT
-            assert "context_length" not in running["idle"]
-            assert "context_length" not in running["echo"]
+            assert running["llama:latest"]["context_length"] == CONTEXT
+            assert "context_length" not in running["idle:latest"]
+            assert "context_length" not in running["echo:latest"]
             assert client(server).ps().models  # the official client reads it
 
             def info(model: str) -> dict:
@@ -196,6 +196,45 @@ def test_tool_calls(stella: LiveServer) -> None:
     )
     call = r.message.tool_calls[0]
     assert call.function.name == "lookup" and call.function.arguments == {"input": "Rome"}
+
+
+def test_models_are_listed_tagged_and_answer_by_that_name() -> None:
+    # Ollama lists every model as name:tag; Open WebUI completes a bare name with
+    # ":latest" and looks it up in /api/tags (its unload failed: "model not found").
+    config = {
+        "models": {
+            "routes": {
+                "coder:7b": {"backend": "echo"},  # tagged already: listed as is
+                "plain": {"backend": "echo"},
+                # "plain:latest" is another route's alias: "plain" stays bare, so no name
+                # in the list leads somewhere else.
+                "other": {"backend": "echo", "aliases": ["plain:latest"]},
+            }
+        }
+    }
+    with run_stella(config) as server:
+        c = client(server)
+        listed = {m.model for m in c.list().models}
+        assert {"echo:latest", "coder:7b", "plain", "other:latest"} <= listed, listed
+        for path in ("/api/tags", "/api/ps"):  # `name` too (the client reads `model`)
+            entries = httpx.get(server.url + path).json()["models"]
+            assert all(m["name"] == m["model"] for m in entries), entries
+        assert "echo:latest" in {m.model for m in c.ps().models}
+        hi = [{"role": "user", "content": "hi"}]
+        # Every endpoint takes the listed name, and answers with the name the client used.
+        for name in ("echo:latest", "echo", "coder:7b"):
+            assert c.chat(model=name, messages=hi).model == name
+            assert {p.model for p in c.chat(model=name, messages=hi, stream=True)} == {name}
+            assert c.generate(model=name, prompt="hi").model == name
+            assert {p.model for p in c.generate(model=name, prompt="x", stream=True)} == {name}
+            assert c.show(name).details.family == "echo"
+            assert c.generate(model=name).done_reason == "load"
+            assert c.chat(model=name).model == name
+            unloaded = c.generate(model=name, keep_alive=0)
+            assert unloaded.done_reason == "unload" and unloaded.model == name
+        assert c.chat(model="plain", messages=hi).model == "plain"
+        # An alias answers as its route, as in every dialect.
+        assert c.chat(model="plain:latest", messages=hi).model == "other"
 
 
 def test_errors_are_response_errors(stella: LiveServer) -> None:

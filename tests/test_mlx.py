@@ -623,7 +623,7 @@ def test_ollama_show_and_ps_give_the_models_context_length(mlx_server: LiveServe
     load = httpx.post(mlx_server.url + "/api/chat", json={"model": "smollm2-135m"}, timeout=180)
     assert load.status_code == 200, load.text
     running = {m["name"]: m for m in httpx.get(mlx_server.url + "/api/ps").json()["models"]}
-    assert running["smollm2-135m"]["context_length"] == 8192
+    assert running["smollm2-135m:latest"]["context_length"] == 8192
     r = httpx.post(mlx_server.url + "/api/show", json={"model": "smollm2-135m"})
     info = r.json()["model_info"]
     assert info["general.architecture"] == "mlx" and info["mlx.context_length"] == 8192
@@ -1047,10 +1047,10 @@ def test_ollama_empty_requests_load_and_unload_the_model(mlx_server: LiveServer)
 
     r = httpx.post(url + "/api/generate", json={"model": "smollm2-135m", "keep_alive": 0})
     assert r.status_code == 200 and r.json()["done_reason"] == "unload", r.text
-    assert "smollm2-135m" not in ps()
+    assert "smollm2-135m:latest" not in ps()
     r = httpx.post(url + "/api/chat", json={"model": "smollm2-135m", "messages": []}, timeout=180)
     assert r.status_code == 200 and r.json()["done_reason"] == "load", r.text
-    assert "smollm2-135m" in ps()
+    assert "smollm2-135m:latest" in ps()
     answer = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 24})
     assert "Paris" in answer["response"]
 
@@ -1139,7 +1139,7 @@ async def test_an_unload_while_answering_frees_the_model_after_the_answer(
         lines = await running
         assert lines[-1]["type"] == "done" and lines[-1]["usage"]["completion_tokens"] >= 1
         names = [m["name"] for m in (await c.get(url + "/api/ps")).json()["models"]]
-        assert "smollm2-135m" not in names
+        assert "smollm2-135m:latest" not in names
     # The next request loads it again; its log line and Ollama's load_duration say how
     # long that took.
     body = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,6 +51,7 @@ from stella.protocol import (
     ToolCall,
     tools_from,
 )
+from stella.routing import Router
 from stella.streaming import Codec, one_line
 
 # The Ollama API version this dialect follows, which is what Ollama's clients read from
@@ -95,16 +97,17 @@ def _now() -> str:
 class OllamaCodec(Codec):
     """Events as Ollama NDJSON lines (`message` for chat, `response` for generate)."""
 
-    def __init__(self, generate: bool) -> None:
+    def __init__(self, generate: bool, spell: Callable[[str], str] = str) -> None:
         super().__init__()
         self.generate = generate
+        self.spell = spell  # the route's name as the client spelled it (see answer_name)
         self.model = b'""'
         self.start_ns = time.perf_counter_ns()
         self.inference: Inference | None = None  # set once admitted (its load_ms)
 
     def start(self, event: Start) -> bytes:
         """Nothing yet: Ollama's first line carries the first text (headers go at once)."""
-        self.model = _enc.encode(event.model)
+        self.model = _enc.encode(self.spell(event.model))
         return b""
 
     def _line(self, text: str, extra: bytes = b"") -> bytes:
@@ -175,16 +178,19 @@ def final(
     return out
 
 
-async def _run(request: Request, call: Call, chat: ChatRequest, generate: bool) -> Response:
+async def _run(
+    request: Request, call: Call, chat: ChatRequest, generate: bool, asked: str
+) -> Response:
     svc = services(request)
-    codec = OllamaCodec(generate)
+    spell = answer_name(svc.router, asked)
+    codec = OllamaCodec(generate, spell)
     inference = codec.inference = await svc.pipeline.prepare(chat, call)
     if chat.stream:
         return stream_response(request, inference, codec, OLLAMA)
     result = await run_to_end(request, inference)
     done = Done(finish_reason=result.finish_reason, usage=result.usage, timings=result.timings)
     load = inference.ctx.load_ms if inference.ctx is not None else None
-    body = final(done, result.model, generate, codec.start_ns, load)
+    body = final(done, spell(result.model), generate, codec.start_ns, load)
     if generate:
         body["response"] = result.response
     else:
@@ -207,6 +213,26 @@ def model_name(request: Request, name: str | None) -> str | None:
     return name
 
 
+def listed_name(router: Router, name: str) -> str:
+    """A route's name as /api/tags and /api/ps list it: `<name>:latest` for a name with
+    no tag, as Ollama lists every model (`llama3.2:latest`); its clients (Open WebUI)
+    complete a bare name with `:latest` and look that up in the list."""
+    if ":" in name:
+        return name
+    tagged = name + ":latest"
+    # Another route or alias called that: the listing would name it, not this route.
+    return name if router.knows(tagged) else tagged
+
+
+def answer_name(router: Router, asked: str | None) -> Callable[[str], str]:
+    """How an answer names the route that answered, as Ollama echoes the request's model:
+    a name the client tagged `:latest` (the one /api/tags lists) comes back tagged; a
+    bare name, a tag of the route's own or an alias as the route's name."""
+    if asked and asked.endswith(":latest") and not router.knows(asked):
+        return lambda name: listed_name(router, name)
+    return str
+
+
 def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
     return decode(body, object, decoder)
 
@@ -223,7 +249,7 @@ async def chat(request: Request, call: Call) -> Response:
         name, reason = await _load(request, call, req.model, req.keep_alive)
         return JSONResponse(
             {
-                "model": name,
+                "model": answer_name(services(request).router, req.model)(name),
                 "created_at": _now(),
                 "done": True,
                 "done_reason": reason,
@@ -238,7 +264,7 @@ async def chat(request: Request, call: Call) -> Response:
         tools=tools_from(req.tools),
         response_format=to_format(req.format),
     )
-    return await _run(request, call, chat_req, generate=False)
+    return await _run(request, call, chat_req, generate=False, asked=req.model)
 
 
 async def _load(request: Request, call: Call, model: str, keep_alive: Any) -> tuple[str, str]:
@@ -311,7 +337,7 @@ async def generate(request: Request, call: Call) -> Response:
         name, reason = await _load(request, call, req.model, req.keep_alive)
         return JSONResponse(
             {
-                "model": name,
+                "model": answer_name(services(request).router, req.model)(name),
                 "created_at": _now(),
                 "response": "",
                 "done": True,
@@ -337,13 +363,14 @@ async def generate(request: Request, call: Call) -> Response:
         options=to_options(req.options),
         response_format=to_format(req.format),
     )
-    return await _run(request, call, chat_req, generate=True)
+    return await _run(request, call, chat_req, generate=True, asked=req.model)
 
 
-def _model_entry(route: Any, loaded: bool = False) -> dict[str, Any]:
+def _model_entry(router: Router, route: Any) -> dict[str, Any]:
+    name = listed_name(router, route.name)
     return {
-        "name": route.name,
-        "model": route.name,
+        "name": name,
+        "model": name,
         "modified_at": "1970-01-01T00:00:00Z",
         "size": route.backend.memory_bytes(route.upstream_model) or 0,
         "digest": "",
@@ -360,7 +387,9 @@ def _model_entry(route: Any, loaded: bool = False) -> dict[str, Any]:
 async def tags(request: Request, call: Call) -> Response:
     """GET /api/tags: routable models."""
     router = services(request).router
-    models = [_model_entry(r) for r in router.routes.values() if call.principal.may_use(r.name)]
+    models = [
+        _model_entry(router, r) for r in router.routes.values() if call.principal.may_use(r.name)
+    ]
     return JSONResponse({"models": models})
 
 
@@ -377,7 +406,7 @@ async def ps(request: Request, call: Call) -> Response:
     contexts = await asyncio.gather(*(r.backend.context_length(r.upstream_model) for r in routes))
     out = []
     for r, context in zip(routes, contexts, strict=True):
-        entry = _model_entry(r)
+        entry = _model_entry(router, r)
         entry["size_vram"] = 0
         entry["expires_at"] = "0001-01-01T00:00:00Z"
         if context:  # as Ollama's own: the window the model runs with; unknown: left out
