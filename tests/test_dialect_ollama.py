@@ -47,6 +47,39 @@ def test_raw_generate_is_refused_not_templated(stella: LiveServer) -> None:
     assert c.generate(model="echo", prompt="{}", format="json").response == "{}"
 
 
+def test_suffix_and_template_are_refused_not_dropped(stella: LiveServer) -> None:
+    # Dropped, a fill-in-the-middle request would come back an ordinary completion of its
+    # prompt; Ollama refuses a suffix for a model without the insert capability.
+    c = client(stella)
+    for fields, name in (
+        ({"prompt": "def f(", "suffix": "    return x"}, "suffix"),
+        ({"suffix": "    return x"}, "suffix"),  # no prompt: an insert still, not a load
+        ({"prompt": "hi", "template": "{{ .Prompt }}"}, "template"),
+    ):
+        with pytest.raises(ollama.ResponseError) as info:
+            c.generate(model="echo", **fields)
+        assert info.value.status_code == 400, fields
+        assert info.value.error.startswith(f"$.{name}: "), info.value.error
+    # The client sends "" for each when not given: none.
+    assert c.generate(model="echo", prompt="a b", suffix="", template="").response == "a b"
+
+
+def test_logprobs_are_refused(stella: LiveServer) -> None:
+    # As the OpenAI dialect refuses them: no backend gives them.
+    c = client(stella)
+    hi = [{"role": "user", "content": "hi"}]
+    for fields, name in (({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs")):
+        with pytest.raises(ollama.ResponseError) as chat:
+            c.chat(model="echo", messages=hi, **fields)
+        with pytest.raises(ollama.ResponseError) as generate:
+            c.generate(model="echo", prompt="hi", **fields)
+        for info in (chat, generate):
+            assert info.value.status_code == 400
+            assert info.value.error.startswith(f"$.{name}: "), info.value.error
+    r = c.chat(model="echo", messages=hi, logprobs=False, top_logprobs=0)
+    assert r.message.content == "hi"
+
+
 @pytest.mark.parametrize("value", ["yaml", 5, [], True, ["json"]])
 def test_a_format_that_is_neither_json_nor_a_schema_is_refused(
     stella: LiveServer, value: object

@@ -35,6 +35,7 @@ from stella.api.ollama_request import (
     OllamaChat,
     OllamaGenerate,
     ShowRequest,
+    check_logprobs,
     to_format,
     to_messages,
     to_options,
@@ -244,6 +245,7 @@ async def chat(request: Request, call: Call) -> Response:
         await read_body(request, services(request).settings.server.max_body_bytes), _chat
     )
     _check_keep_alive(req.keep_alive)
+    check_logprobs(req.logprobs, req.top_logprobs)
     messages = to_messages(req)
     if not messages:
         name, reason = await _load(request, call, req.model, req.keep_alive)
@@ -324,6 +326,27 @@ _DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _DURATION = re.compile(r"(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
 
 
+def _check_insert(req: OllamaGenerate) -> None:
+    """Refuse a suffix (fill-in-the-middle) and a request's own template: either would be
+    dropped, and the answer would be an ordinary completion of the prompt. Checked
+    before an empty prompt reads as a load: a suffix with no prompt is an insert too."""
+    if req.suffix:  # "" is none (the official client sends it so)
+        # Ollama refuses it for a model without the insert capability; no backend here has
+        # it: each reads the prompt through the model's chat template.
+        raise InvalidRequest(
+            "$.suffix: fill-in-the-middle is not supported: the prompt is always read "
+            "through the model's chat template, which has no place for a suffix; send the "
+            "prompt without one",
+            param="suffix",
+        )
+    if req.template:
+        raise InvalidRequest(
+            "$.template: a request's own template is not supported: the prompt is always "
+            "read through the model's chat template; send it without template",
+            param="template",
+        )
+
+
 @endpoint(OLLAMA)
 async def generate(request: Request, call: Call) -> Response:
     """POST /api/generate."""
@@ -333,6 +356,8 @@ async def generate(request: Request, call: Call) -> Response:
     if req.images:
         raise InvalidRequest("$.images: images are not supported")
     _check_keep_alive(req.keep_alive)
+    check_logprobs(req.logprobs, req.top_logprobs)
+    _check_insert(req)
     if not req.prompt:
         name, reason = await _load(request, call, req.model, req.keep_alive)
         return JSONResponse(
