@@ -175,6 +175,26 @@ def test_version_is_the_ollama_api_version_clients_check(stella: LiveServer) -> 
     assert body["stella_version"] == __version__
 
 
+def test_details_carry_every_field_ollama_sends(stella: LiveServer) -> None:
+    # Ollama's ModelDetails always has these; clients read `details.families.join(", ")`.
+    expected = {
+        "parent_model": "",
+        "format": "echo",
+        "family": "echo",
+        "families": ["echo"],
+        "parameter_size": "",
+        "quantization_level": "",
+    }
+    for path in ("/api/tags", "/api/ps"):
+        entries = httpx.get(stella.url + path).json()["models"]
+        echo = next(m for m in entries if m["model"] == "echo:latest")
+        assert echo["details"] == expected, (path, echo)
+    shown = httpx.post(stella.url + "/api/show", json={"model": "echo"}).json()
+    assert shown["details"] == expected
+    assert client(stella).show("echo").details.families == ["echo"]
+    assert all(m.details.families for m in client(stella).list().models)
+
+
 def test_show_and_ps_give_the_context_length_when_the_backend_knows_it() -> None:
     # Ollama's own: /api/ps's context_length, /api/show's "<arch>.context_length" in
     # model_info. An Ollama upstream says it of a model it runs; echo and a model the

@@ -399,12 +399,20 @@ def _model_entry(router: Router, route: Any) -> dict[str, Any]:
         "modified_at": "1970-01-01T00:00:00Z",
         "size": route.backend.memory_bytes(route.upstream_model) or 0,
         "digest": "",
-        "details": {
-            "format": route.backend.kind,
-            "family": route.backend.kind,
-            "parameter_size": "",
-            "quantization_level": "",
-        },
+        "details": details(route.backend.kind),
+    }
+
+
+def details(kind: str) -> dict[str, Any]:
+    """Ollama's ModelDetails, every field of it, as Ollama always sends them (clients
+    read `details.families.join(...)` unguarded); the family is the backend's kind."""
+    return {
+        "parent_model": "",
+        "format": kind,
+        "family": kind,
+        "families": [kind],
+        "parameter_size": "",
+        "quantization_level": "",
     }
 
 
@@ -473,13 +481,7 @@ async def show(request: Request, call: Call) -> Response:
             "modelfile": "",
             "parameters": "",
             "template": "",
-            "details": {
-                "format": backend.kind,
-                "family": backend.kind,
-                "parent_model": "",
-                "parameter_size": "",
-                "quantization_level": "",
-            },
+            "details": details(backend.kind),
             "model_info": info,
             "capabilities": [
                 "completion",
