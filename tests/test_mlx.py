@@ -629,6 +629,34 @@ def test_ollama_show_and_ps_give_the_models_context_length(mlx_server: LiveServe
     assert info["general.architecture"] == "mlx" and info["mlx.context_length"] == 8192
 
 
+def test_ollama_ps_says_when_the_engine_unloads_the_model() -> None:
+    # keep_alive_s after the model's last use, as Ollama's expires_at; with keep_alive_s 0
+    # never, which Ollama writes as now plus its longest duration (~292 years); a backend
+    # that does not say keeps Go's zero time.
+    from datetime import UTC, datetime, timedelta
+
+    import ollama
+
+    def expires(url: str) -> dict[str, datetime]:
+        return {m.model: m.expires_at for m in ollama.Client(host=url).ps().models}
+
+    env = dict.fromkeys(THREAD_VARIABLES)
+    config = {"backends": {"local": {"enabled": True, "keep_alive_s": 300}}}
+    with run_stella(config, env, ready_timeout=180) as server:
+        load = httpx.post(server.url + "/api/chat", json={"model": "smollm2-135m"}, timeout=180)
+        assert load.status_code == 200, load.text
+        now = datetime.now(UTC)
+        at = expires(server.url)
+        soon = at["smollm2-135m:latest"] - now
+        assert timedelta(seconds=290) < soon <= timedelta(seconds=301), at
+        assert at["echo:latest"] == datetime(1, 1, 1, tzinfo=UTC)
+    config = {"backends": {"local": {"enabled": True}}}
+    with run_stella(config, env, ready_timeout=180) as server:
+        load = httpx.post(server.url + "/api/chat", json={"model": "smollm2-135m"}, timeout=180)
+        assert load.status_code == 200, load.text
+        assert expires(server.url)["smollm2-135m:latest"].year > 2300
+
+
 def test_gguf_import_round_trips_the_tokenizer(tmp_path: Path) -> None:
     out = tmp_path / "smol"
     proc = subprocess.run(

@@ -8,6 +8,7 @@ Streams are NDJSON with `done: false` lines and a last line carrying
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections.abc import Callable
@@ -426,6 +427,23 @@ async def tags(request: Request, call: Call) -> Response:
     return JSONResponse({"models": models})
 
 
+# Go's zero time, which Ollama's clients parse: the backend does not say when (a remote
+# engine unloads by its own rules; echo holds nothing).
+UNKNOWN_EXPIRY = "0001-01-01T00:00:00Z"
+# Ollama's "never" (a negative keep_alive) is now plus Go's longest duration (~292 years).
+_FOREVER_S = (2**63 - 1) / 1e9
+
+
+def expiry(at: float | None) -> str:
+    """/api/ps's expires_at for a backend's expires_at (Unix time; math.inf: never)."""
+    if at is None:
+        return UNKNOWN_EXPIRY
+    if at == math.inf:
+        at = time.time() + _FOREVER_S
+    stamp = datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds")
+    return stamp.replace("+00:00", "Z")
+
+
 @endpoint(OLLAMA)
 async def ps(request: Request, call: Call) -> Response:
     """GET /api/ps: loaded models."""
@@ -441,7 +459,7 @@ async def ps(request: Request, call: Call) -> Response:
     for r, context in zip(routes, contexts, strict=True):
         entry = _model_entry(router, r)
         entry["size_vram"] = 0
-        entry["expires_at"] = "0001-01-01T00:00:00Z"
+        entry["expires_at"] = expiry(r.backend.expires_at(r.upstream_model))
         if context:  # as Ollama's own: the window the model runs with; unknown: left out
             entry["context_length"] = context
         out.append(entry)
