@@ -415,6 +415,11 @@ class ServiceInfo(msgspec.Struct):
     name: str
     version: str
     description: str
+    # Ollama answers GET / with the text "Ollama is running", and its clients (Open WebUI,
+    # editors' Ollama providers) probe a server for that phrase by substring: carried here,
+    # the probe succeeds and this stays the JSON document it is. A probe wanting that
+    # exact text still fails.
+    ollama: str
     default_model: str
     uptime_s: float
     links: dict[str, str]

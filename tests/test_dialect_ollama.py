@@ -47,6 +47,39 @@ def test_raw_generate_is_refused_not_templated(stella: LiveServer) -> None:
     assert c.generate(model="echo", prompt="{}", format="json").response == "{}"
 
 
+def test_suffix_and_template_are_refused_not_dropped(stella: LiveServer) -> None:
+    # Dropped, a fill-in-the-middle request would come back an ordinary completion of its
+    # prompt; Ollama refuses a suffix for a model without the insert capability.
+    c = client(stella)
+    for fields, name in (
+        ({"prompt": "def f(", "suffix": "    return x"}, "suffix"),
+        ({"suffix": "    return x"}, "suffix"),  # no prompt: an insert still, not a load
+        ({"prompt": "hi", "template": "{{ .Prompt }}"}, "template"),
+    ):
+        with pytest.raises(ollama.ResponseError) as info:
+            c.generate(model="echo", **fields)
+        assert info.value.status_code == 400, fields
+        assert info.value.error.startswith(f"$.{name}: "), info.value.error
+    # The client sends "" for each when not given: none.
+    assert c.generate(model="echo", prompt="a b", suffix="", template="").response == "a b"
+
+
+def test_logprobs_are_refused(stella: LiveServer) -> None:
+    # As the OpenAI dialect refuses them: no backend gives them.
+    c = client(stella)
+    hi = [{"role": "user", "content": "hi"}]
+    for fields, name in (({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs")):
+        with pytest.raises(ollama.ResponseError) as chat:
+            c.chat(model="echo", messages=hi, **fields)
+        with pytest.raises(ollama.ResponseError) as generate:
+            c.generate(model="echo", prompt="hi", **fields)
+        for info in (chat, generate):
+            assert info.value.status_code == 400
+            assert info.value.error.startswith(f"$.{name}: "), info.value.error
+    r = c.chat(model="echo", messages=hi, logprobs=False, top_logprobs=0)
+    assert r.message.content == "hi"
+
+
 @pytest.mark.parametrize("value", ["yaml", 5, [], True, ["json"]])
 def test_a_format_that_is_neither_json_nor_a_schema_is_refused(
     stella: LiveServer, value: object
@@ -114,11 +147,52 @@ def test_options_map_num_predict(stella: LiveServer) -> None:
 def test_list_show_ps_version(stella: LiveServer) -> None:
     c = client(stella)
     names = {m.model for m in c.list().models}
-    assert "echo" in names
+    assert "echo:latest" in names
     shown = c.show("echo")
     assert shown.details.family == "echo"
-    assert "echo" in {m.model for m in c.ps().models}
+    assert "echo:latest" in {m.model for m in c.ps().models}
     assert httpx.get(stella.url + "/api/version").json()["version"]
+
+
+def test_root_passes_the_ollama_is_running_probe(stella: LiveServer) -> None:
+    # Ollama answers GET / with "Ollama is running"; clients look for it by substring
+    # (`text.includes("Ollama is running")`). stella's info document stays JSON.
+    for accept in ("*/*", "application/json"):
+        r = httpx.get(stella.url + "/", headers={"Accept": accept})
+        assert r.status_code == 200 and "Ollama is running" in r.text, r.text
+        info = r.json()
+        assert info["name"] == "stella" and info["links"]["ollama"] == "/api/chat"
+
+
+def test_version_is_the_ollama_api_version_clients_check(stella: LiveServer) -> None:
+    # Clients compare it with Ollama's releases: VS Code's Copilot Chat refuses a server
+    # below 0.6.4 ("Ollama server version 0.1.0 is not supported"). stella's own rides along.
+    from stella import __version__
+
+    body = httpx.get(stella.url + "/api/version").json()
+    numbers = tuple(int(n) for n in body["version"].split("."))
+    assert len(numbers) == 3 and numbers >= (0, 6, 4), body
+    assert body["stella_version"] == __version__
+
+
+def test_details_carry_every_field_ollama_sends(stella: LiveServer) -> None:
+    # Ollama's ModelDetails always has these; clients read `details.families.join(", ")`.
+    expected = {
+        "parent_model": "",
+        "format": "echo",
+        "family": "echo",
+        "families": ["echo"],
+        "parameter_size": "",
+        "quantization_level": "",
+    }
+    for path in ("/api/tags", "/api/ps"):
+        entries = httpx.get(stella.url + path).json()["models"]
+        echo = next(m for m in entries if m["model"] == "echo:latest")
+        assert echo["details"] == expected, (path, echo)
+    shown = httpx.post(stella.url + "/api/show", json={"model": "echo"}).json()
+    assert shown["details"] == expected
+    assert client(stella).show("echo").details.families == ["echo"]
+    assert all(m.details.families for m in client(stella).list().models)
 
 
 def test_show_and_ps_give_the_context_length_when_the_backend_knows_it() -> None:
@@ -141,9 +215,9 @@ def test_show_and_ps_give_the_context_length_when_the_backend_knows_it() -> None
         }
         with run_stella(config) as server:
             running = {m["name"]: m for m in httpx.get(server.url + "/api/ps").json()["models"]}
-            assert running["llama"]["context_length"] == CONTEXT
-            assert "context_length" not in running["idle"]
-            assert "context_length" not in running["echo"]
+            assert running["llama:latest"]["context_length"] == CONTEXT
+            assert "context_length" not in running["idle:latest"]
+            assert "context_length" not in running["echo:latest"]
             assert client(server).ps().models  # the official client reads it
 
             def info(model: str) -> dict:
@@ -175,6 +249,45 @@ def test_tool_calls(stella: LiveServer) -> None:
     )
     call = r.message.tool_calls[0]
     assert call.function.name == "lookup" and call.function.arguments == {"input": "Rome"}
+
+
+def test_models_are_listed_tagged_and_answer_by_that_name() -> None:
+    # Ollama lists every model as name:tag; Open WebUI completes a bare name with
+    # ":latest" and looks it up in /api/tags (its unload failed: "model not found").
+    config = {
+        "models": {
+            "routes": {
+                "coder:7b": {"backend": "echo"},  # tagged already: listed as is
+                "plain": {"backend": "echo"},
+                # "plain:latest" is another route's alias: "plain" stays bare, so no name
+                # in the list leads somewhere else.
+                "other": {"backend": "echo", "aliases": ["plain:latest"]},
+            }
+        }
+    }
+    with run_stella(config) as server:
+        c = client(server)
+        listed = {m.model for m in c.list().models}
+        assert {"echo:latest", "coder:7b", "plain", "other:latest"} <= listed, listed
+        for path in ("/api/tags", "/api/ps"):  # `name` too (the client reads `model`)
+            entries = httpx.get(server.url + path).json()["models"]
+            assert all(m["name"] == m["model"] for m in entries), entries
+        assert "echo:latest" in {m.model for m in c.ps().models}
+        hi = [{"role": "user", "content": "hi"}]
+        # Every endpoint takes the listed name, and answers with the name the client used.
+        for name in ("echo:latest", "echo", "coder:7b"):
+            assert c.chat(model=name, messages=hi).model == name
+            assert {p.model for p in c.chat(model=name, messages=hi, stream=True)} == {name}
+            assert c.generate(model=name, prompt="hi").model == name
+            assert {p.model for p in c.generate(model=name, prompt="x", stream=True)} == {name}
+            assert c.show(name).details.family == "echo"
+            assert c.generate(model=name).done_reason == "load"
+            assert c.chat(model=name).model == name
+            unloaded = c.generate(model=name, keep_alive=0)
+            assert unloaded.done_reason == "unload" and unloaded.model == name
+        assert c.chat(model="plain", messages=hi).model == "plain"
+        # An alias answers as its route, as in every dialect.
+        assert c.chat(model="plain:latest", messages=hi).model == "other"
 
 
 def test_errors_are_response_errors(stella: LiveServer) -> None:

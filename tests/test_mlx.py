@@ -623,10 +623,38 @@ def test_ollama_show_and_ps_give_the_models_context_length(mlx_server: LiveServe
     load = httpx.post(mlx_server.url + "/api/chat", json={"model": "smollm2-135m"}, timeout=180)
     assert load.status_code == 200, load.text
     running = {m["name"]: m for m in httpx.get(mlx_server.url + "/api/ps").json()["models"]}
-    assert running["smollm2-135m"]["context_length"] == 8192
+    assert running["smollm2-135m:latest"]["context_length"] == 8192
     r = httpx.post(mlx_server.url + "/api/show", json={"model": "smollm2-135m"})
     info = r.json()["model_info"]
     assert info["general.architecture"] == "mlx" and info["mlx.context_length"] == 8192
+
+
+def test_ollama_ps_says_when_the_engine_unloads_the_model() -> None:
+    # keep_alive_s after the model's last use, as Ollama's expires_at; with keep_alive_s 0
+    # never, which Ollama writes as now plus its longest duration (~292 years); a backend
+    # that does not say keeps Go's zero time.
+    from datetime import UTC, datetime, timedelta
+
+    import ollama
+
+    def expires(url: str) -> dict[str, datetime]:
+        return {m.model: m.expires_at for m in ollama.Client(host=url).ps().models}
+
+    env = dict.fromkeys(THREAD_VARIABLES)
+    config = {"backends": {"local": {"enabled": True, "keep_alive_s": 300}}}
+    with run_stella(config, env, ready_timeout=180) as server:
+        load = httpx.post(server.url + "/api/chat", json={"model": "smollm2-135m"}, timeout=180)
+        assert load.status_code == 200, load.text
+        now = datetime.now(UTC)
+        at = expires(server.url)
+        soon = at["smollm2-135m:latest"] - now
+        assert timedelta(seconds=290) < soon <= timedelta(seconds=301), at
+        assert at["echo:latest"] == datetime(1, 1, 1, tzinfo=UTC)
+    config = {"backends": {"local": {"enabled": True}}}
+    with run_stella(config, env, ready_timeout=180) as server:
+        load = httpx.post(server.url + "/api/chat", json={"model": "smollm2-135m"}, timeout=180)
+        assert load.status_code == 200, load.text
+        assert expires(server.url)["smollm2-135m:latest"].year > 2300
 
 
 def test_gguf_import_round_trips_the_tokenizer(tmp_path: Path) -> None:
@@ -1047,10 +1075,10 @@ def test_ollama_empty_requests_load_and_unload_the_model(mlx_server: LiveServer)
 
     r = httpx.post(url + "/api/generate", json={"model": "smollm2-135m", "keep_alive": 0})
     assert r.status_code == 200 and r.json()["done_reason"] == "unload", r.text
-    assert "smollm2-135m" not in ps()
+    assert "smollm2-135m:latest" not in ps()
     r = httpx.post(url + "/api/chat", json={"model": "smollm2-135m", "messages": []}, timeout=180)
     assert r.status_code == 200 and r.json()["done_reason"] == "load", r.text
-    assert "smollm2-135m" in ps()
+    assert "smollm2-135m:latest" in ps()
     answer = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 24})
     assert "Paris" in answer["response"]
 
@@ -1139,7 +1167,7 @@ async def test_an_unload_while_answering_frees_the_model_after_the_answer(
         lines = await running
         assert lines[-1]["type"] == "done" and lines[-1]["usage"]["completion_tokens"] >= 1
         names = [m["name"] for m in (await c.get(url + "/api/ps")).json()["models"]]
-        assert "smollm2-135m" not in names
+        assert "smollm2-135m:latest" not in names
     # The next request loads it again; its log line and Ollama's load_duration say how
     # long that took.
     body = {

@@ -8,8 +8,10 @@ Streams are NDJSON with `done: false` lines and a last line carrying
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +36,7 @@ from stella.api.ollama_request import (
     OllamaChat,
     OllamaGenerate,
     ShowRequest,
+    check_logprobs,
     to_format,
     to_messages,
     to_options,
@@ -50,7 +53,14 @@ from stella.protocol import (
     ToolCall,
     tools_from,
 )
+from stella.routing import Router
 from stella.streaming import Codec, one_line
+
+# The Ollama API version this dialect follows, which is what Ollama's clients read from
+# /api/version (stella's own version means nothing to them: VS Code's Copilot Chat refuses
+# a server below 0.6.4, Open WebUI keeps the lowest of its servers'). The release whose
+# docs/api.md, api/types.go and server/routes.go the dialect was last checked against.
+OLLAMA_API_VERSION = "0.32.15"
 
 _chat = msgspec.json.Decoder(OllamaChat)
 _generate = msgspec.json.Decoder(OllamaGenerate)
@@ -89,16 +99,17 @@ def _now() -> str:
 class OllamaCodec(Codec):
     """Events as Ollama NDJSON lines (`message` for chat, `response` for generate)."""
 
-    def __init__(self, generate: bool) -> None:
+    def __init__(self, generate: bool, spell: Callable[[str], str] = str) -> None:
         super().__init__()
         self.generate = generate
+        self.spell = spell  # the route's name as the client spelled it (see answer_name)
         self.model = b'""'
         self.start_ns = time.perf_counter_ns()
         self.inference: Inference | None = None  # set once admitted (its load_ms)
 
     def start(self, event: Start) -> bytes:
         """Nothing yet: Ollama's first line carries the first text (headers go at once)."""
-        self.model = _enc.encode(event.model)
+        self.model = _enc.encode(self.spell(event.model))
         return b""
 
     def _line(self, text: str, extra: bytes = b"") -> bytes:
@@ -169,16 +180,19 @@ def final(
     return out
 
 
-async def _run(request: Request, call: Call, chat: ChatRequest, generate: bool) -> Response:
+async def _run(
+    request: Request, call: Call, chat: ChatRequest, generate: bool, asked: str
+) -> Response:
     svc = services(request)
-    codec = OllamaCodec(generate)
+    spell = answer_name(svc.router, asked)
+    codec = OllamaCodec(generate, spell)
     inference = codec.inference = await svc.pipeline.prepare(chat, call)
     if chat.stream:
         return stream_response(request, inference, codec, OLLAMA)
     result = await run_to_end(request, inference)
     done = Done(finish_reason=result.finish_reason, usage=result.usage, timings=result.timings)
     load = inference.ctx.load_ms if inference.ctx is not None else None
-    body = final(done, result.model, generate, codec.start_ns, load)
+    body = final(done, spell(result.model), generate, codec.start_ns, load)
     if generate:
         body["response"] = result.response
     else:
@@ -201,6 +215,26 @@ def model_name(request: Request, name: str | None) -> str | None:
     return name
 
 
+def listed_name(router: Router, name: str) -> str:
+    """A route's name as /api/tags and /api/ps list it: `<name>:latest` for a name with
+    no tag, as Ollama lists every model (`llama3.2:latest`); its clients (Open WebUI)
+    complete a bare name with `:latest` and look that up in the list."""
+    if ":" in name:
+        return name
+    tagged = name + ":latest"
+    # Another route or alias called that: the listing would name it, not this route.
+    return name if router.knows(tagged) else tagged
+
+
+def answer_name(router: Router, asked: str | None) -> Callable[[str], str]:
+    """How an answer names the route that answered, as Ollama echoes the request's model:
+    a name the client tagged `:latest` (the one /api/tags lists) comes back tagged; a
+    bare name, a tag of the route's own or an alias as the route's name."""
+    if asked and asked.endswith(":latest") and not router.knows(asked):
+        return lambda name: listed_name(router, name)
+    return str
+
+
 def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
     return decode(body, object, decoder)
 
@@ -212,12 +246,13 @@ async def chat(request: Request, call: Call) -> Response:
         await read_body(request, services(request).settings.server.max_body_bytes), _chat
     )
     _check_keep_alive(req.keep_alive)
+    check_logprobs(req.logprobs, req.top_logprobs)
     messages = to_messages(req)
     if not messages:
         name, reason = await _load(request, call, req.model, req.keep_alive)
         return JSONResponse(
             {
-                "model": name,
+                "model": answer_name(services(request).router, req.model)(name),
                 "created_at": _now(),
                 "done": True,
                 "done_reason": reason,
@@ -232,7 +267,7 @@ async def chat(request: Request, call: Call) -> Response:
         tools=tools_from(req.tools),
         response_format=to_format(req.format),
     )
-    return await _run(request, call, chat_req, generate=False)
+    return await _run(request, call, chat_req, generate=False, asked=req.model)
 
 
 async def _load(request: Request, call: Call, model: str, keep_alive: Any) -> tuple[str, str]:
@@ -292,6 +327,27 @@ _DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _DURATION = re.compile(r"(?:(?:\d+\.?\d*|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
 
 
+def _check_insert(req: OllamaGenerate) -> None:
+    """Refuse a suffix (fill-in-the-middle) and a request's own template: either would be
+    dropped, and the answer would be an ordinary completion of the prompt. Checked
+    before an empty prompt reads as a load: a suffix with no prompt is an insert too."""
+    if req.suffix:  # "" is none (the official client sends it so)
+        # Ollama refuses it for a model without the insert capability; no backend here has
+        # it: each reads the prompt through the model's chat template.
+        raise InvalidRequest(
+            "$.suffix: fill-in-the-middle is not supported: the prompt is always read "
+            "through the model's chat template, which has no place for a suffix; send the "
+            "prompt without one",
+            param="suffix",
+        )
+    if req.template:
+        raise InvalidRequest(
+            "$.template: a request's own template is not supported: the prompt is always "
+            "read through the model's chat template; send it without template",
+            param="template",
+        )
+
+
 @endpoint(OLLAMA)
 async def generate(request: Request, call: Call) -> Response:
     """POST /api/generate."""
@@ -301,11 +357,13 @@ async def generate(request: Request, call: Call) -> Response:
     if req.images:
         raise InvalidRequest("$.images: images are not supported")
     _check_keep_alive(req.keep_alive)
+    check_logprobs(req.logprobs, req.top_logprobs)
+    _check_insert(req)
     if not req.prompt:
         name, reason = await _load(request, call, req.model, req.keep_alive)
         return JSONResponse(
             {
-                "model": name,
+                "model": answer_name(services(request).router, req.model)(name),
                 "created_at": _now(),
                 "response": "",
                 "done": True,
@@ -331,22 +389,31 @@ async def generate(request: Request, call: Call) -> Response:
         options=to_options(req.options),
         response_format=to_format(req.format),
     )
-    return await _run(request, call, chat_req, generate=True)
+    return await _run(request, call, chat_req, generate=True, asked=req.model)
 
 
-def _model_entry(route: Any, loaded: bool = False) -> dict[str, Any]:
+def _model_entry(router: Router, route: Any) -> dict[str, Any]:
+    name = listed_name(router, route.name)
     return {
-        "name": route.name,
-        "model": route.name,
+        "name": name,
+        "model": name,
         "modified_at": "1970-01-01T00:00:00Z",
         "size": route.backend.memory_bytes(route.upstream_model) or 0,
         "digest": "",
-        "details": {
-            "format": route.backend.kind,
-            "family": route.backend.kind,
-            "parameter_size": "",
-            "quantization_level": "",
-        },
+        "details": details(route.backend.kind),
+    }
+
+
+def details(kind: str) -> dict[str, Any]:
+    """Ollama's ModelDetails, every field of it, as Ollama always sends them (clients
+    read `details.families.join(...)` unguarded); the family is the backend's kind."""
+    return {
+        "parent_model": "",
+        "format": kind,
+        "family": kind,
+        "families": [kind],
+        "parameter_size": "",
+        "quantization_level": "",
     }
 
 
@@ -354,8 +421,27 @@ def _model_entry(route: Any, loaded: bool = False) -> dict[str, Any]:
 async def tags(request: Request, call: Call) -> Response:
     """GET /api/tags: routable models."""
     router = services(request).router
-    models = [_model_entry(r) for r in router.routes.values() if call.principal.may_use(r.name)]
+    models = [
+        _model_entry(router, r) for r in router.routes.values() if call.principal.may_use(r.name)
+    ]
     return JSONResponse({"models": models})
+
+
+# Go's zero time, which Ollama's clients parse: the backend does not say when (a remote
+# engine unloads by its own rules; echo holds nothing).
+UNKNOWN_EXPIRY = "0001-01-01T00:00:00Z"
+# Ollama's "never" (a negative keep_alive) is now plus Go's longest duration (~292 years).
+_FOREVER_S = (2**63 - 1) / 1e9
+
+
+def expiry(at: float | None) -> str:
+    """/api/ps's expires_at for a backend's expires_at (Unix time; math.inf: never)."""
+    if at is None:
+        return UNKNOWN_EXPIRY
+    if at == math.inf:
+        at = time.time() + _FOREVER_S
+    stamp = datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds")
+    return stamp.replace("+00:00", "Z")
 
 
 @endpoint(OLLAMA)
@@ -371,9 +457,9 @@ async def ps(request: Request, call: Call) -> Response:
     contexts = await asyncio.gather(*(r.backend.context_length(r.upstream_model) for r in routes))
     out = []
     for r, context in zip(routes, contexts, strict=True):
-        entry = _model_entry(r)
+        entry = _model_entry(router, r)
         entry["size_vram"] = 0
-        entry["expires_at"] = "0001-01-01T00:00:00Z"
+        entry["expires_at"] = expiry(r.backend.expires_at(r.upstream_model))
         if context:  # as Ollama's own: the window the model runs with; unknown: left out
             entry["context_length"] = context
         out.append(entry)
@@ -413,13 +499,7 @@ async def show(request: Request, call: Call) -> Response:
             "modelfile": "",
             "parameters": "",
             "template": "",
-            "details": {
-                "format": backend.kind,
-                "family": backend.kind,
-                "parent_model": "",
-                "parameter_size": "",
-                "quantization_level": "",
-            },
+            "details": details(backend.kind),
             "model_info": info,
             "capabilities": [
                 "completion",
@@ -431,8 +511,10 @@ async def show(request: Request, call: Call) -> Response:
 
 
 async def version(request: Request) -> Response:
-    """GET /api/version."""
-    return JSONResponse({"version": __version__})
+    """GET /api/version: the Ollama API version the dialect follows, and stella's own."""
+    # Ollama's clients read `version` alone (ollama-js types it as {version}; ollama-python
+    # does not ask), so stella's own version rides along in a field of its own.
+    return JSONResponse({"version": OLLAMA_API_VERSION, "stella_version": __version__})
 
 
 document(

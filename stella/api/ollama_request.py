@@ -67,6 +67,9 @@ class OllamaChat(msgspec.Struct, kw_only=True):
     tools: list[LenientTool] | None = None
     keep_alive: float | str | None = None  # seconds, or a Go duration ("5m")
     think: Any = None
+    # Named so that they are refused (check_logprobs), not dropped unseen.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class OllamaGenerate(msgspec.Struct, kw_only=True):
@@ -81,6 +84,11 @@ class OllamaGenerate(msgspec.Struct, kw_only=True):
     raw: bool | None = False
     images: list[str] | None = None
     keep_alive: float | str | None = None  # seconds, or a Go duration ("5m")
+    # Named so that they are refused (generate, check_logprobs), not dropped unseen.
+    suffix: str | None = None
+    template: str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class ShowRequest(msgspec.Struct):
@@ -128,6 +136,17 @@ _OLLAMA_PATHS = {
     "stop": "options.stop",
     "seed": "options.seed",
 }
+
+
+def check_logprobs(logprobs: bool | None, top_logprobs: int | None) -> None:
+    """Refuse log probabilities, as the OpenAI dialect does: no backend gives them, and
+    an answer without them would read as one that has none to give."""
+    if logprobs:
+        raise InvalidRequest("$.logprobs: log probabilities are not supported", param="logprobs")
+    if top_logprobs:  # 0 and null ask for none
+        raise InvalidRequest(
+            "$.top_logprobs: log probabilities are not supported", param="top_logprobs"
+        )
 
 
 def to_format(fmt: Any) -> dict[str, Any] | None:

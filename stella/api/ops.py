@@ -98,6 +98,9 @@ async def config(request: Request, call: Call) -> Response:
     return JSONResponse(ConfigView(redacted(svc.settings), svc.router.default))
 
 
+# Found by the clients that probe GET / for Ollama's "Ollama is running" (see ServiceInfo).
+OLLAMA_RUNNING = "Ollama is running: stella answers Ollama's API under /api/"
+
 LINKS = {
     "chat": "/api/v1/chat",
     "generate": "/api/v1/generate",
@@ -127,6 +130,7 @@ async def info(request: Request) -> Response:
             name="stella",
             version=__version__,
             description="An async LLM gateway",
+            ollama=OLLAMA_RUNNING,
             default_model=svc.router.default,
             uptime_s=round(time.monotonic() - svc.started, 1),
             links={

@@ -400,7 +400,14 @@ def _ollama(name: str, body: dict[str, Any], what: str) -> tuple[Schema, Schema]
 
 OLLAMA_CHAT, OLLAMA_CHAT_LINE = _ollama("Chat", {"message": _OLLAMA_MESSAGE}, "answer")
 OLLAMA_GENERATE, OLLAMA_GENERATE_LINE = _ollama("Generate", {"response": STR}, "completion")
-_OLLAMA_DETAILS = {"format": STR, "family": STR, "parameter_size": STR, "quantization_level": STR}
+_OLLAMA_DETAILS = {
+    "parent_model": STR,
+    "format": STR,
+    "family": STR,
+    "families": array(STR),
+    "parameter_size": STR,
+    "quantization_level": STR,
+}
 OLLAMA_MODEL = Schema(
     "OllamaModel",
     obj(
@@ -439,7 +446,7 @@ OLLAMA_SHOW = Schema(
             "modelfile": STR,
             "parameters": STR,
             "template": STR,
-            "details": obj({**_OLLAMA_DETAILS, "parent_model": STR}),
+            "details": obj(_OLLAMA_DETAILS),
             # "<architecture>.context_length" is a number (when the backend knows it)
             "model_info": {"type": "object", "additionalProperties": {"anyOf": [STR, INT]}},
             "capabilities": array(STR),
@@ -447,7 +454,14 @@ OLLAMA_SHOW = Schema(
         }
     ),
 )
-OLLAMA_VERSION = Schema("OllamaVersion", obj({"version": STR}))
+OLLAMA_VERSION = Schema(
+    "OllamaVersion",
+    obj(
+        # version: the Ollama API version the dialect follows (what Ollama's clients check)
+        {"version": STR, "stella_version": STR},
+        description="The Ollama API version stella's dialect follows, and stella's own",
+    ),
+)
 
 # --- Anthropic ---------------------------------------------------------------------------
 

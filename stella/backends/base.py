@@ -250,6 +250,11 @@ class Backend:
         """Memory the loaded model holds, when the backend knows it."""
         return None
 
+    def expires_at(self, upstream_model: str) -> float | None:
+        """When the loaded model is unloaded unless a request uses it first (Unix time;
+        math.inf: never), when the backend knows it (None: unknown)."""
+        return None
+
     async def context_length(self, upstream_model: str) -> int | None:
         """The context window the model answers within, in tokens, when the backend knows
         it (None: unknown, and left out of what the APIs report); asks nothing that spends

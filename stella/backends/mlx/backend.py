@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import importlib.util
+import math
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -303,6 +304,18 @@ class MlxBackend(Backend):
         key = self._key(upstream_model)
         model = self.loaded_models.get(key)
         return model.nbytes if model else None
+
+    def expires_at(self, upstream_model: str) -> float | None:
+        """When the idle reaper unloads the model: keep_alive_s after its last use (never
+        with keep_alive_s 0); None when it is not loaded."""
+        key = self._key(upstream_model)
+        if key not in self.loaded_models:
+            return None
+        keep = self.cfg.keep_alive_s
+        if keep <= 0:
+            return math.inf
+        now = time.monotonic()
+        return time.time() + max(0.0, self._last_used.get(key, now) + keep - now)
 
     async def context_length(self, upstream_model: str) -> int | None:
         """The loaded model's context window (its config's max_position_embeddings), which
