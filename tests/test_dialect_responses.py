@@ -460,6 +460,27 @@ def test_fields_taken_and_not_applied_pass(server: LiveServer) -> None:
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
         ({"input": []}, "input"),
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+        ({"text": {"format": {"type": "json_schema", "schema": SCHEMA}}}, "text.format.name"),
+        ({"metadata": {"n": 1}}, "metadata"),
+        ({"metadata": {"k": None}}, "metadata"),
+        ({"metadata": {"k": {"nested": "v"}}}, "metadata"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"metadata": {"k": "v" * 513}}, "metadata"),
+        ({"input": [{"type": "message", "content": "hi"}]}, "input[0].role"),
+        ({"input": [{"content": "hi"}]}, "input[0].type"),
+        # An output answering no call before it, as the API refuses it.
+        ({"input": [{"type": "function_call_output", "call_id": "c1", "output": "o"}]}, "input"),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": "Paris"},
+                    {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                    {"type": "function_call_output", "call_id": "c2", "output": "o"},
+                ]
+            },
+            "input",
+        ),
     ],
 )
 def test_what_stella_cannot_honour_is_a_400_naming_the_field(
@@ -472,6 +493,49 @@ def test_what_stella_cannot_honour_is_a_400_naming_the_field(
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert (error["param"], error["type"]) == (param, "invalid_request_error"), r.text
+
+
+@pytest.mark.parametrize(
+    ("item", "said"),
+    [
+        (
+            {"type": "message", "content": "hi"},
+            "$.input[0].role: missing (user, assistant, system or developer)",
+        ),
+        ({"content": "hi"}, "$.input[0].type: missing (and no role:"),
+        (
+            {"type": "function_call_output", "call_id": "c9", "output": "o"},
+            "$.input[0].call_id: no function_call item before it has call_id 'c9'",
+        ),
+    ],
+)
+def test_what_is_missing_is_said_missing(
+    server: LiveServer, item: dict[str, Any], said: str
+) -> None:
+    r = post(server, {"model": "echo", "input": [item]})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(said), r.text
+    assert "None" not in r.json()["error"]["message"]
+
+
+def test_an_output_for_no_call_never_reaches_the_upstream(
+    stack: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    server, up = stack
+    sent = len(up.requests)
+    item = {"type": "function_call_output", "call_id": "call_gone", "output": "sunny"}
+    with pytest.raises(openai.BadRequestError) as info:
+        client(server).responses.create(
+            model="gpt", input=[{"role": "user", "content": "Paris?"}, item], tools=WEATHER
+        )
+    assert info.value.param == "input" and "call_gone" in info.value.message
+    assert len(up.requests) == sent
+
+
+def test_metadata_at_the_api_s_bounds_is_repeated_as_sent(server: LiveServer) -> None:
+    metadata = {"k" * 64: "v" * 512, **{f"k{i}": "" for i in range(15)}}
+    r = post(server, {"model": "echo", "input": "x", "metadata": metadata})
+    assert r.status_code == 200, r.text
+    assert Response.model_validate(r.json()).metadata == metadata
 
 
 def test_a_refusal_reaches_the_sdk_as_bad_request(server: LiveServer) -> None:
