@@ -10,7 +10,9 @@ from typing import Any
 
 import httpx
 import openai
+import pydantic
 import pytest
+from openai.types.responses import Response, ResponseFailedEvent, ResponseStreamEvent
 
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.server import serve
@@ -65,6 +67,29 @@ def server(stack: tuple[LiveServer, FakeOpenAI]) -> LiveServer:
     return stack[0]
 
 
+# The SDK's own event types, as strict as its models are (the client itself builds them
+# without validating: a body it would accept may still break a typed consumer).
+STREAM_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(ResponseStreamEvent)
+
+
+def post(server: LiveServer, body: dict[str, Any]) -> httpx.Response:
+    """POST /v1/responses as it is, past the SDK's own checks."""
+    return httpx.post(
+        server.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    )
+
+
+def validated_events(server: LiveServer, body: dict[str, Any]) -> list[Any]:
+    """A stream's events, each validated by the SDK's own type for it."""
+    r = post(server, {**body, "stream": True})
+    assert r.status_code == 200, r.text
+    return [
+        STREAM_EVENT.validate_python(json.loads(line[len("data: ") :]))
+        for line in r.text.splitlines()
+        if line.startswith("data: ")
+    ]
+
+
 def client(server: LiveServer, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
 
@@ -107,6 +132,31 @@ def test_create_gives_a_response_whose_usage_is_the_native_api_s(server: LiveSer
     assert r.usage.output_tokens_details.reasoning_tokens == 0
     ev = server.wait_event(lambda e: e["request_id"] == r.id.removeprefix("resp_"))
     assert ev["api"] == "responses" and ev["stream"] is False
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "echo", "input": "hello there", "metadata": {"k": "v"}, "user": "u"},
+        {"model": "echo", "input": "a b c d e", "max_output_tokens": 2},
+        {"model": "echo", "input": "Paris", "tools": WEATHER, "tool_choice": "required"},
+        {
+            "model": "echo",
+            "input": "{}",
+            "text": {"format": {"type": "json_schema", "name": "a", "schema": SCHEMA}},
+        },
+    ],
+)
+def test_bodies_and_events_validate_as_the_sdk_s_own_types(
+    server: LiveServer, body: dict[str, Any]
+) -> None:
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    whole = Response.model_validate(r.json())
+    assert whole.usage is not None and whole.usage.input_tokens_details.cache_write_tokens == 0
+    events = validated_events(server, body)
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert events[-1].response.status == whole.status
 
 
 def _types_in_order(events: list[Any]) -> list[str]:
@@ -410,6 +460,27 @@ def test_fields_taken_and_not_applied_pass(server: LiveServer) -> None:
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
         ({"input": []}, "input"),
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+        ({"text": {"format": {"type": "json_schema", "schema": SCHEMA}}}, "text.format.name"),
+        ({"metadata": {"n": 1}}, "metadata"),
+        ({"metadata": {"k": None}}, "metadata"),
+        ({"metadata": {"k": {"nested": "v"}}}, "metadata"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"metadata": {"k": "v" * 513}}, "metadata"),
+        ({"input": [{"type": "message", "content": "hi"}]}, "input[0].role"),
+        ({"input": [{"content": "hi"}]}, "input[0].type"),
+        # An output answering no call before it, as the API refuses it.
+        ({"input": [{"type": "function_call_output", "call_id": "c1", "output": "o"}]}, "input"),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": "Paris"},
+                    {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                    {"type": "function_call_output", "call_id": "c2", "output": "o"},
+                ]
+            },
+            "input",
+        ),
     ],
 )
 def test_what_stella_cannot_honour_is_a_400_naming_the_field(
@@ -422,6 +493,49 @@ def test_what_stella_cannot_honour_is_a_400_naming_the_field(
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert (error["param"], error["type"]) == (param, "invalid_request_error"), r.text
+
+
+@pytest.mark.parametrize(
+    ("item", "said"),
+    [
+        (
+            {"type": "message", "content": "hi"},
+            "$.input[0].role: missing (user, assistant, system or developer)",
+        ),
+        ({"content": "hi"}, "$.input[0].type: missing (and no role:"),
+        (
+            {"type": "function_call_output", "call_id": "c9", "output": "o"},
+            "$.input[0].call_id: no function_call item before it has call_id 'c9'",
+        ),
+    ],
+)
+def test_what_is_missing_is_said_missing(
+    server: LiveServer, item: dict[str, Any], said: str
+) -> None:
+    r = post(server, {"model": "echo", "input": [item]})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(said), r.text
+    assert "None" not in r.json()["error"]["message"]
+
+
+def test_an_output_for_no_call_never_reaches_the_upstream(
+    stack: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    server, up = stack
+    sent = len(up.requests)
+    item = {"type": "function_call_output", "call_id": "call_gone", "output": "sunny"}
+    with pytest.raises(openai.BadRequestError) as info:
+        client(server).responses.create(
+            model="gpt", input=[{"role": "user", "content": "Paris?"}, item], tools=WEATHER
+        )
+    assert info.value.param == "input" and "call_gone" in info.value.message
+    assert len(up.requests) == sent
+
+
+def test_metadata_at_the_api_s_bounds_is_repeated_as_sent(server: LiveServer) -> None:
+    metadata = {"k" * 64: "v" * 512, **{f"k{i}": "" for i in range(15)}}
+    r = post(server, {"model": "echo", "input": "x", "metadata": metadata})
+    assert r.status_code == 200, r.text
+    assert Response.model_validate(r.json()).metadata == metadata
 
 
 def test_a_refusal_reaches_the_sdk_as_bad_request(server: LiveServer) -> None:
@@ -450,7 +564,9 @@ def test_a_failure_mid_stream_is_response_failed(server: LiveServer) -> None:
     last = events[-1]
     assert last.type == "response.failed", [e.type for e in events]
     assert last.response.status == "failed"
-    assert last.response.error.code == "upstream_error"
+    # The API's code (the SDK takes no other); stella's own leads the message.
+    assert last.response.error.code == "server_error"
+    assert last.response.error.message.startswith("upstream_error: ")
     assert "failing after 2 tokens" in last.response.error.message
     # What came before the failure, as far as it went.
     assert [(o.type, o.status, o.content[0].text) for o in last.response.output] == [
@@ -458,6 +574,43 @@ def test_a_failure_mid_stream_is_response_failed(server: LiveServer) -> None:
     ]
     assert not any(e.type == "response.completed" for e in events)
     _types_in_order(events)
+
+
+def test_a_failed_response_validates_as_the_sdk_s_event(server: LiveServer) -> None:
+    [*_, last] = validated_events(server, {"model": "echo-fail", "input": "a b c d"})
+    assert last.type == "response.failed" and last.response.error.code == "server_error"
+
+
+@pytest.mark.parametrize(
+    ("code", "api_code"),
+    [
+        ("upstream_error", "server_error"),
+        ("upstream_timeout", "server_error"),
+        ("overloaded", "server_error"),
+        ("unavailable", "server_error"),
+        ("shutting_down", "server_error"),
+        ("internal_error", "server_error"),
+        ("rate_limited", "rate_limit_exceeded"),
+        ("upstream_rate_limited", "rate_limit_exceeded"),
+        ("context_length_exceeded", "invalid_prompt"),
+        ("invalid_request", "invalid_prompt"),
+        ("upstream_rejected", "invalid_prompt"),
+    ],
+)
+def test_every_code_of_a_failure_is_one_the_sdk_takes(code: str, api_code: str) -> None:
+    from stella.api.responses import ResponsesCodec
+    from stella.api.responses_request import ResponsesRequest, echoed
+    from stella.protocol import Error, Start
+
+    codec = ResponsesCodec(echoed(ResponsesRequest(model="m", input="x")))
+    codec.start(Start(id="r1", model="m", backend="b", created=1.0))
+    raw = codec.encode(Error(code=code, message="it broke"))
+    data = json.loads(raw.split(b"data: ", 1)[1])
+    event = ResponseFailedEvent.model_validate(data)
+    assert (event.response.error.code, event.response.error.message) == (
+        api_code,
+        f"{code}: it broke",
+    )
 
 
 async def test_leaving_the_stream_cancels_the_backend_and_logs_once(server: LiveServer) -> None:

@@ -72,8 +72,22 @@ class ResponsesDialect(OpenAIDialect):
 RESPONSES = ResponsesDialect()
 # Paths whose errors (404, 405, draining) take this shape; the longest prefix wins.
 ERROR_PREFIXES = {"/v1/responses": RESPONSES}
-# stella's codes that OpenAI names otherwise (as chat completions' errors do).
-_CODES = {"rate_limited": "rate_limit_exceeded", "upstream_rate_limited": "rate_limit_exceeded"}
+# A failed Response's error.code is one of the API's closed list (the SDK's
+# ResponseError rejects any other): stella's codes onto it, the rest server_error.
+# A request no backend will take as sent (too long, invalid, refused by the upstream)
+# is invalid_prompt; stella's own code still leads the message.
+_FAILED_CODES = {
+    "rate_limited": "rate_limit_exceeded",
+    "upstream_rate_limited": "rate_limit_exceeded",
+    "context_length_exceeded": "invalid_prompt",
+    "invalid_request": "invalid_prompt",
+    "upstream_rejected": "invalid_prompt",
+}
+
+
+def failed_error(code: str, message: str) -> dict[str, str]:
+    """A failed Response's error: the API's code for stella's, which leads the message."""
+    return {"code": _FAILED_CODES.get(code, "server_error"), "message": f"{code}: {message}"}
 
 
 def usage_of(usage: Usage) -> dict[str, Any]:
@@ -82,7 +96,9 @@ def usage_of(usage: Usage) -> dict[str, Any]:
     cached = 0 if details is msgspec.UNSET else details.cached_tokens
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": cached},
+        # cache_write_tokens is required by the SDK's type; no backend tells stella how many
+        # tokens it wrote to a cache, so 0, as reasoning_tokens is.
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": usage.total_tokens,
@@ -297,7 +313,7 @@ class ResponsesCodec(Codec):
                 item = answer.output[-1]
                 answer.output[-1] = message_item(item["id"], "".join(self.texts), "incomplete")
                 self.texts = None
-            error = {"code": _CODES.get(event.code, event.code), "message": event.message}
+            error = failed_error(event.code, event.message)
             return self._next("response.failed", {"response": answer.body("failed", error=error)})
         return b""
 

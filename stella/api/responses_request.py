@@ -150,14 +150,17 @@ def _messages(req: ResponsesRequest) -> list[Message]:
     if isinstance(req.input, str):
         messages.append(Message(role="user", content=req.input))
         return messages
+    # The call_ids of the function_call items so far: an output answers one of them.
+    called: set[str] = set()
     for i, item in enumerate(req.input or ()):
         kind = item.type or ("message" if item.role else None)
         where = f"input[{i}]"
         if kind == "message":
             role = _ROLES.get(item.role or "")
             if role is None:
+                said = "missing (" if item.role is None else f"{item.role!r} is not ("
                 raise InvalidRequest(
-                    f"$.{where}.role: {item.role!r} is not user, assistant, system or developer",
+                    f"$.{where}.role: {said}user, assistant, system or developer)",
                     param=f"{where}.role",
                 )
             text = _text(item.content, f"{where}.content", role == "assistant")
@@ -165,6 +168,7 @@ def _messages(req: ResponsesRequest) -> list[Message]:
         elif kind == "function_call":
             if not item.name:
                 raise InvalidRequest(f"$.{where}.name: required", param=f"{where}.name")
+            called.add(item.call_id)
             args, raw = arguments_of(item.arguments)
             call = ToolCallRef(
                 id=item.call_id,
@@ -180,17 +184,28 @@ def _messages(req: ResponsesRequest) -> list[Message]:
             else:
                 messages.append(Message(role="assistant", tool_calls=[call]))
         elif kind == "function_call_output":
+            if item.call_id not in called:
+                # As the API refuses it: an upstream would too, and its refusal is a 502.
+                raise InvalidRequest(
+                    f"$.{where}.call_id: no function_call item before it has call_id "
+                    f"{item.call_id!r}",
+                    param="input",
+                )
             output = _text(item.output, f"{where}.output")
             messages.append(Message(role="tool", content=output, tool_call_id=item.call_id))
         elif kind in _DROPPED:
             continue
         else:
-            said = (
-                "refers to a stored item; stella keeps none: send the item itself"
-                if kind == "item_reference"
-                else "is not supported (messages, function_call and function_call_output only)"
-            )
-            raise InvalidRequest(f"$.{where}.type: {kind!r} {said}", param=f"{where}.type")
+            if kind is None:
+                said = "missing (and no role: messages, function_call and function_call_output)"
+            elif kind == "item_reference":
+                said = f"{kind!r} refers to a stored item; stella keeps none: send the item itself"
+            else:
+                said = (
+                    f"{kind!r} is not supported (messages, function_call and "
+                    "function_call_output only)"
+                )
+            raise InvalidRequest(f"$.{where}.type: {said}", param=f"{where}.type")
     return messages
 
 
@@ -269,7 +284,11 @@ def _format(text: TextConfig | None) -> dict[str, Any] | None:
             raise InvalidRequest(
                 "$.text.format.schema: required for json_schema", param="text.format.schema"
             )
-        spec: dict[str, Any] = {"name": fmt.name or "response", "schema": fmt.schema}
+        if not fmt.name:
+            raise InvalidRequest(
+                "$.text.format.name: required for json_schema", param="text.format.name"
+            )
+        spec: dict[str, Any] = {"name": fmt.name, "schema": fmt.schema}
         if fmt.description is not None:
             spec["description"] = fmt.description
         if fmt.strict is not None:
@@ -294,8 +313,37 @@ def _options(req: ResponsesRequest) -> Options:
         raise InvalidRequest(text, param=field_path(text)) from None
 
 
+# metadata as the API bounds it (a Response repeats it, and the SDK's type is str to str).
+_META_KEYS, _META_KEY_CHARS, _META_VALUE_CHARS = 16, 64, 512
+_JSON_KINDS = {bool: "a boolean", dict: "an object", list: "an array"}
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> None:
+    """400 for metadata the API would refuse: its Response could not repeat it."""
+    if not metadata:
+        return
+    if len(metadata) > _META_KEYS:
+        raise InvalidRequest(
+            f"$.metadata: {len(metadata)} keys, at most {_META_KEYS}", param="metadata"
+        )
+    for key, value in metadata.items():
+        if len(key) > _META_KEY_CHARS:
+            raise InvalidRequest(
+                f"$.metadata: the key {key[:20]!r}... is over {_META_KEY_CHARS} characters",
+                param="metadata",
+            )
+        if not isinstance(value, str):
+            kind = "null" if value is None else _JSON_KINDS.get(type(value), "a number")
+            raise InvalidRequest(f"$.metadata.{key}: {kind}, not a string", param="metadata")
+        if len(value) > _META_VALUE_CHARS:
+            raise InvalidRequest(
+                f"$.metadata.{key}: over {_META_VALUE_CHARS} characters", param="metadata"
+            )
+
+
 def check(req: ResponsesRequest) -> None:
-    """400 for what needs state, background runs or logprobs, which stella can't give."""
+    """400 for what needs state, background runs or logprobs, which stella can't give,
+    and for metadata the API would refuse."""
     for name, said in _STATEFUL.items():
         if getattr(req, name) is not None:
             raise InvalidRequest(f"$.{name}: {said}", param=name)
@@ -307,6 +355,7 @@ def check(req: ResponsesRequest) -> None:
         )
     if req.top_logprobs:
         raise InvalidRequest("$.top_logprobs: logprobs are not supported", param="top_logprobs")
+    _check_metadata(req.metadata)
 
 
 def to_chat(req: ResponsesRequest) -> ChatRequest:

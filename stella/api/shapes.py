@@ -278,10 +278,21 @@ _RESPONSES_ITEM = {"anyOf": [_RESPONSES_MESSAGE, _RESPONSES_CALL]}
 _RESPONSES_USAGE = obj(
     {
         "input_tokens": INT,
-        "input_tokens_details": obj({"cached_tokens": INT}),
+        "input_tokens_details": obj({"cached_tokens": INT, "cache_write_tokens": INT}),
         "output_tokens": INT,
         "output_tokens_details": obj({"reasoning_tokens": INT}),
         "total_tokens": INT,
+    }
+)
+# A failed Response's error: the API's closed list of codes, stella's own code leading
+# the message.
+_RESPONSES_ERROR = obj(
+    {
+        "code": {"enum": ["server_error", "rate_limit_exceeded", "invalid_prompt"]},
+        "message": {
+            "type": "string",
+            "description": "stella's code first: `upstream_timeout: ...`",
+        },
     }
 )
 RESPONSES_RESPONSE = Schema(
@@ -293,7 +304,7 @@ RESPONSES_RESPONSE = Schema(
             "created_at": INT,
             "completed_at": {"type": ["integer", "null"]},
             "status": {"enum": ["in_progress", "completed", "incomplete", "failed"]},
-            "error": {"anyOf": [obj({"code": STR, "message": STR}), NULL]},
+            "error": {"anyOf": [_RESPONSES_ERROR, NULL]},
             "incomplete_details": {"anyOf": [obj({"reason": STR}), NULL]},
             "model": STR,
             "output": array(_RESPONSES_ITEM),
