@@ -780,10 +780,18 @@ def _is_secret_name(name: str) -> bool:
     )
 
 
+# stella's own settings whose names hold a credential's word without naming one (the
+# token limit's field name): shown, so that /config and `stella config` can be checked.
+NOT_SECRET_FIELDS = frozenset({"max_tokens_param"})
+
+
 def _names_secret(key: str) -> bool:
     """Whether a configured string under this key (a field's or a header's name) is a
     credential; `api_key_env`, `keys_env` name a variable, they are not the secret."""
-    return not key.lower().endswith("_env") and _is_secret_name(key)
+    lowered = key.lower()
+    return (
+        not lowered.endswith("_env") and lowered not in NOT_SECRET_FIELDS and _is_secret_name(key)
+    )
 
 
 def _field_name(path: tuple[str, ...], key: str, value: Any) -> str:

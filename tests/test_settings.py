@@ -289,6 +289,24 @@ def test_redaction_hides_secrets() -> None:
     assert "R_KEY" in text  # the variable's name is not the secret
 
 
+def test_the_token_limit_field_name_is_shown_not_masked() -> None:
+    # `max_tokens_param` holds a credential's word ("token") and names a field: an
+    # operator checks it in /config and `stella config`.
+    s = load_settings(
+        {
+            "backends": {
+                "o": {
+                    "kind": "openai",
+                    "base_url": "http://x/v1",
+                    "max_tokens_param": "max_completion_tokens",
+                }
+            }
+        },
+        environ={},
+    )
+    assert redacted(s)["backends"]["o"]["max_tokens_param"] == "max_completion_tokens"
+
+
 def test_a_backend_field_is_a_secret_by_the_same_words_as_a_header() -> None:
     # A plugin kind's fields are read by the header rule: passwd, credentials, a cookie
     # are masked in /config and in the logs; a number, a boolean, a variable's name and
