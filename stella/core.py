@@ -138,9 +138,15 @@ class Pipeline:
                 break
         else:
             wait = min(breakers[r.backend_name].retry_after() for r in chain)
-            raise Unavailable(
-                f"model {route.name!r} is unavailable: its circuit is open", retry_after=wait
+            # The breaker is a backend's, shared by every route on it: the message names
+            # it, or a model that never failed reads as the one at fault.
+            held = sorted({r.backend_name for r in chain})
+            why = (
+                f"backend {held[0]!r} has its circuit open"
+                if len(held) == 1
+                else f"backends {', '.join(map(repr, held))} have their circuits open"
             )
+            raise Unavailable(f"model {route.name!r} is unavailable: {why}", retry_after=wait)
         # The route's own circuit is open, a fallback's is not: the fallbacks serve, and the
         # call neither waits for nor holds a slot of a backend it will not use.
         skip = r is not route

@@ -99,6 +99,27 @@ def test_open_circuit_falls_back() -> None:
         assert lines[0]["backend"] == "down" and lines[-1]["backend"] == "echo"
 
 
+def test_an_open_circuit_is_named_as_its_backend_s() -> None:
+    # Two routes on one backend: one fails and opens the backend's circuit; the other,
+    # which never failed, is refused naming the backend, not as if it were at fault.
+    config = {
+        "breaker": {"failure_threshold": 1, "cooldown_s": 60},
+        "backends": {"shared": {"kind": "echo", "fail_first_calls": 1}},
+        "models": {
+            "routes": {
+                "a": {"backend": "shared", "retries": 0},
+                "b": {"backend": "shared", "retries": 0},
+            }
+        },
+    }
+    with run_stella(config) as server:
+        assert chat(server.url, "a").status_code == 502
+        r = chat(server.url, "b")
+        assert r.status_code == 503, r.text
+        message = r.json()["error"]["message"]
+        assert "'b'" in message and "backend 'shared' has its circuit open" in message
+
+
 @pytest.mark.parametrize(("cooldown_s", "low", "high"), [(30, 1, 30), (600, 31, 60)])
 def test_an_open_circuit_whose_fallback_is_full_says_when_to_come_back(
     cooldown_s: int, low: int, high: int
