@@ -54,6 +54,7 @@ def stack() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
                     "once": {"backend": "echo"},
                     "gpt": {"backend": "up", "upstream_model": "ok", "retries": 0},
                     "gpt-tools": {"backend": "up", "upstream_model": "two-tools", "retries": 0},
+                    "refusal": {"backend": "up", "upstream_model": "refusal", "retries": 0},
                 }
             },
             "limits": {"models": {"once": {"requests_per_minute": 1}}},
@@ -378,6 +379,24 @@ def test_text_format_reaches_the_upstream_as_response_format(
     assert up.requests[-1]["response_format"] == {"type": "json_object"}
     c.responses.create(model="gpt", input="prose", text={"format": {"type": "text"}})
     assert "response_format" not in up.requests[-1]
+
+
+def test_a_refusal_is_a_refusal_part_the_sdk_does_not_parse(server: LiveServer) -> None:
+    # The upstream declines (OpenAI's `refusal`, content null): the answer's message holds
+    # a `refusal` part, as the API's does, so `parse()` gives no parsed output instead of
+    # failing to read the refusal as the schema.
+    import pydantic
+
+    class City(pydantic.BaseModel):
+        city: str
+
+    r = client(server).responses.parse(model="refusal", input="Which city?", text_format=City)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "content_filter"
+    (part,) = r.output[0].content
+    assert part.type == "refusal" and part.refusal
+    assert r.output_parsed is None
+    body = post(server, {"model": "refusal", "input": "hi"}).json()
+    openai.types.responses.Response.model_validate(body)
 
 
 def test_sampling_and_the_token_limit(stack: tuple[LiveServer, FakeOpenAI]) -> None:

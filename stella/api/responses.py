@@ -114,14 +114,20 @@ def status_of(finish_reason: str) -> tuple[str, dict[str, str] | None]:
     return "completed", None
 
 
-def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    """An assistant `message` output item holding `text`."""
+def message_item(item_id: str, text: str, status: str, refused: bool = False) -> dict[str, Any]:
+    """An assistant `message` output item holding `text` (as a `refusal` part when the
+    model declined)."""
+    part = (
+        {"type": "refusal", "refusal": text}
+        if refused
+        else {"type": "output_text", "text": text, "annotations": []}
+    )
     return {
         "type": "message",
         "id": item_id,
         "status": status,
         "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": []}],
+        "content": [part],
     }
 
 
@@ -339,7 +345,12 @@ async def responses(request: Request, call: Call) -> Response:
     calls = result.message.tool_calls or ()
     if result.response or not calls:
         item_status = "incomplete" if incomplete else "completed"
-        answer.output.append(message_item(answer.item_id("msg"), result.response, item_status))
+        # A refusal's text is no answer: as a `refusal` part, the SDK's `parse()` leaves
+        # `output_parsed` empty instead of failing to read it as the schema asked.
+        refused = result.finish_reason == "content_filter" and bool(result.response)
+        answer.output.append(
+            message_item(answer.item_id("msg"), result.response, item_status, refused)
+        )
     for c in calls:
         fn = c.function
         arguments = _arguments(fn.arguments, fn.raw_arguments)
