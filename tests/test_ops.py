@@ -388,6 +388,9 @@ def _validate(spec: dict, method: str, template: str, r: httpx.Response) -> list
     declared = spec["paths"][template][method]["responses"]
     assert str(r.status_code) in declared, (method, template, r.status_code, r.text)
     assert "x-request-id" in r.headers and "X-Request-ID" in declared[str(r.status_code)]["headers"]
+    if r.status_code >= 400:  # every error says whether to try again, as declared
+        assert r.headers["x-should-retry"] in ("true", "false")
+        assert "x-should-retry" in declared[str(r.status_code)]["headers"]
     content = declared[str(r.status_code)]["content"]
     media = r.headers["content-type"].split(";")[0]
     assert media in content, (method, template, r.status_code, media, list(content))

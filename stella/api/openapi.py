@@ -180,6 +180,10 @@ HEADERS = {
     "X-Request-ID": _header("The request's ID (the client's own when it sent a valid one)"),
     "request-id": _header("The same ID, by the name Anthropic's API gives it"),
     "Retry-After": _header("Seconds to wait before trying again", "integer"),
+    "x-should-retry": _header(
+        "On an error: whether the same request may succeed if sent again (true or false),"
+        " as the body's retryable; the OpenAI and Anthropic SDKs obey it"
+    ),
     "X-RateLimit-Limit": _header("The limit of the key's first bucket (requests, or tokens)"),
     "X-RateLimit-Remaining": _header("What is left in that bucket", "integer"),
     "X-RateLimit-Reset": _header("Seconds until that bucket is full again", "integer"),
@@ -189,8 +193,11 @@ HEADERS = {
 def _headers(status: int, op: Operation, error: bool = False) -> dict[str, Any]:
     """The headers a response with this status may carry, as references."""
     names = ["X-Request-ID", *op.headers]
-    if error and status in (429, 503, 529):
-        names.append("Retry-After")
+    if error:
+        names.append("x-should-retry")
+        # 502: an upstream's own 429 (upstream_rate_limited) passes its wait on.
+        if status in (429, 502, 503, 529):
+            names.append("Retry-After")
     # An inference (an operation that can be rate limited) tells a limited key its limits.
     if 429 in op.errors and (status < 400 or status == 429):
         names += ["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]
