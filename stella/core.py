@@ -617,14 +617,17 @@ class Inference:
             )
             if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
                 code, last_retryable = err.code, err.retryable
+                overloaded = err.upstream_overloaded
                 # The code is kept, and with it when to come back (an `overloaded` is
                 # Anthropic's 529, which promises a Retry-After as a 503 does).
                 head = "every backend tried failed" if untried else "every backend failed"
                 err = UpstreamError(
                     f"{head}; last: {err.message}{late}", retry_after=err.retry_after
                 )
-                # And whether sending it again may help: the last failure's verdict.
+                # And whether sending it again may help, and whether the upstream said it
+                # is overloaded (a 529 in Anthropic's dialect): the last failure's verdict.
                 err.code, err.retryable = code, last_retryable
+                err.upstream_overloaded = overloaded
             elif late:
                 err.message += late
             return self.fail(err)

@@ -29,6 +29,10 @@ class StellaError(Exception):
     # Raised after admission (the inference ran and its one log event counts it), not a
     # refusal before the first byte.
     admitted: bool = False
+    # An upstream said it is overloaded (Anthropic's HTTP 529 or `overloaded_error`
+    # event): stella's 502 all the same, but the Anthropic dialect answers the API's own
+    # overload (529 `overloaded_error`), which its clients know to wait for.
+    upstream_overloaded: bool = False
 
     def __init__(
         self,
@@ -232,6 +236,7 @@ class UpstreamStatus(UpstreamError):
         # backend. A 403 often refuses one model to that key ("no access to model X"):
         # the backend's other models still answer, so its circuit is not told.
         self.no_verdict = upstream_status == 403
+        self.upstream_overloaded = upstream_status == 529
         if upstream_status == 429:
             self.code = "upstream_rate_limited"
         elif upstream_status in (400, 404, 413, 422):

@@ -791,3 +791,69 @@ def test_a_turn_of_tool_calls_the_upstream_ended_with_stop_is_tool_use() -> None
                 final = s.get_final_message()
             assert [b.type for b in final.content] == ["tool_use"]
             assert final.stop_reason == "tool_use", model
+
+
+def _error_object(body: dict) -> object:
+    """The error of an Anthropic error body, as the SDK's own strict types read it."""
+    from anthropic.types.shared import ErrorResponse
+
+    return ErrorResponse.model_validate(body, strict=True).error
+
+
+def test_an_anthropic_upstreams_overload_is_a_529_overloaded_error() -> None:
+    # An upstream's HTTP 529, or its overloaded_error as the stream's first event, is the
+    # API's overload to a Claude client (the SDK's OverloadedError), not a 502 api_error;
+    # one after the start is an overloaded_error event. Every route of a chain overloaded
+    # too. The native API keeps its 502 upstream_error.
+    from anthropic.types.shared import OverloadedErrorObject
+
+    from tests.fakes.anthropic import KEY as UPSTREAM_KEY
+    from tests.fakes.server import serve
+
+    fake = FakeAnthropic()
+    with serve(fake.app) as url:
+        routes = {
+            name: {"backend": "claude", "upstream_model": model, "retries": 0}
+            for name, model in (
+                ("c529", "claude-529"),
+                ("cfirst", "claude-error-first"),
+                ("cmid", "claude-error-mid"),
+                ("capi", "claude-api-error-first"),
+            )
+        }
+        routes["cchain"] = {**routes["c529"], "fallbacks": ["cfirst"]}
+        config = {
+            "backends": {"claude": {"kind": "anthropic", "base_url": url, "api_key_env": "CK"}},
+            "models": {"routes": routes},
+            "breaker": {"failure_threshold": 0},
+        }
+        with run_stella(config, {"CK": UPSTREAM_KEY}) as s:
+            c = anthropic.Anthropic(base_url=s.url, api_key="x", max_retries=0)
+            hi = [{"role": "user", "content": "hi"}]
+            for model in ("c529", "cfirst", "cchain"):
+                with pytest.raises(anthropic.OverloadedError) as info:
+                    c.messages.create(model=model, max_tokens=20, messages=hi)
+                assert info.value.status_code == 529, model
+                assert isinstance(_error_object(info.value.body), OverloadedErrorObject)
+                assert int(info.value.response.headers["retry-after"]) >= 1, model
+                for stream in (True, False):
+                    r = httpx.post(
+                        s.url + "/v1/messages",
+                        json={"model": model, "max_tokens": 20, "stream": stream, "messages": hi},
+                    )
+                    assert r.status_code == 529, (model, stream, r.text)
+                    assert int(r.headers["retry-after"]) >= 1, (model, stream)
+                    assert isinstance(_error_object(r.json()), OverloadedErrorObject)
+                # The native API: an upstream's failure is stella's 502.
+                native = {"model": model, "stream": False, "messages": hi}
+                r = httpx.post(s.url + "/api/v1/chat", json=native)
+                assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error"
+            # Any other upstream error stays an api_error.
+            with pytest.raises(anthropic.InternalServerError) as info:
+                c.messages.create(model="capi", max_tokens=20, messages=hi)
+            assert info.value.status_code == 502
+            assert info.value.body["error"]["type"] == "api_error"
+            events = _sse(s, {"model": "cmid", "messages": hi})
+            name, data = events[-1]
+            assert name == "error" and isinstance(_error_object(data), OverloadedErrorObject)
+            assert "content_block_delta" in [n for n, _ in events]

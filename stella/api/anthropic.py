@@ -29,7 +29,7 @@ from stella.api.http import (
 )
 from stella.api.openapi import Operation, document
 from stella.core import Call, Inference
-from stella.errors import InvalidRequest, StellaError
+from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, StellaError
 from stella.protocol import (
     ChatRequest,
     Delta,
@@ -154,6 +154,12 @@ _ERROR_TYPES = {
     504: "api_error",
     529: "overloaded_error",
 }
+# An error's type in an `error` event after the stream began, by stella's code: as
+# before the stream for an overload, api_error for the rest.
+_INBAND = {
+    "overloaded": "overloaded_error",
+    "shutting_down": "overloaded_error",
+}
 STOP = {
     "stop": "end_turn",
     "length": "max_tokens",
@@ -209,8 +215,17 @@ class AnthropicDialect(Dialect):
         }
 
     def status(self, exc: StellaError) -> int:
-        """The API's own status for an overload is 529 (its clients' OverloadedError)."""
-        return 529 if exc.code == "overloaded" else exc.status
+        """The API's own status for an overload is 529 (its clients' OverloadedError):
+        a full queue's, and an upstream's that said it is overloaded."""
+        return 529 if exc.code == "overloaded" or exc.upstream_overloaded else exc.status
+
+    def error_response(self, exc: StellaError, request_id: str) -> Response:
+        """The error response; a 529 always says when to come back, as a 503 does (an
+        upstream's overload may have given no Retry-After)."""
+        response = super().error_response(exc, request_id)
+        if response.status_code == 529 and "retry-after" not in response.headers:
+            response.headers["Retry-After"] = str(round(DEFAULT_RETRY_AFTER_S))
+        return response
 
 
 ANTHROPIC = AnthropicDialect()
@@ -517,8 +532,14 @@ class MessagesCodec(Codec):
             )
             return out + _event("message_stop", {"type": "message_stop"})
         if kind is Error:
+            err = self.inference.error
+            # The failure this line reports (the stream layer's own lines, a drain's, have
+            # none): an upstream's overload, a 529 before the stream, is one after it too.
+            upstream_overloaded = (
+                err is not None and err.code == event.code and err.upstream_overloaded
+            )
             kind_name = (
-                "overloaded_error" if event.code in ("overloaded", "shutting_down") else "api_error"
+                "overloaded_error" if upstream_overloaded else _INBAND.get(event.code, "api_error")
             )
             return _event(
                 "error", {"type": "error", "error": {"type": kind_name, "message": event.message}}
@@ -580,5 +601,6 @@ document(
         headers=("request-id",),
     )
 )
+
 
 routes = [Route("/v1/messages", messages, methods=["POST"])]
