@@ -857,3 +857,26 @@ def test_an_anthropic_upstreams_overload_is_a_529_overloaded_error() -> None:
             name, data = events[-1]
             assert name == "error" and isinstance(_error_object(data), OverloadedErrorObject)
             assert "content_block_delta" in [n for n, _ in events]
+
+
+def test_a_timeout_is_a_timeout_error() -> None:
+    # stella's 504 (upstream_timeout) is the API's timeout_error, before the stream and in
+    # an error event after it (the SDK's GatewayTimeoutErrorObject), not an api_error.
+    from anthropic.types.shared import GatewayTimeoutErrorObject
+
+    backends = {
+        "late": {"kind": "echo", "fail_after": 0, "error_code": "upstream_timeout"},
+        "stops": {"kind": "echo", "fail_after": 1, "error_code": "upstream_timeout"},
+    }
+    routes = {name: {"backend": name, "retries": 0} for name in backends}
+    with run_stella({"backends": backends, "models": {"routes": routes}}) as s:
+        hi = [{"role": "user", "content": "a b c"}]
+        for stream in (True, False):
+            r = httpx.post(
+                s.url + "/v1/messages",
+                json={"model": "late", "max_tokens": 20, "stream": stream, "messages": hi},
+            )
+            assert r.status_code == 504, (stream, r.text)
+            assert isinstance(_error_object(r.json()), GatewayTimeoutErrorObject)
+        name, data = _sse(s, {"model": "stops", "messages": hi})[-1]
+        assert name == "error" and isinstance(_error_object(data), GatewayTimeoutErrorObject)

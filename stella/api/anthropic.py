@@ -151,14 +151,15 @@ _ERROR_TYPES = {
     415: "invalid_request_error",
     429: "rate_limit_error",
     503: "overloaded_error",
-    504: "api_error",
+    504: "timeout_error",  # the API's own (its SDK's GatewayTimeoutErrorObject)
     529: "overloaded_error",
 }
 # An error's type in an `error` event after the stream began, by stella's code: as
-# before the stream for an overload, api_error for the rest.
+# before the stream for an overload and a timeout, api_error for the rest.
 _INBAND = {
     "overloaded": "overloaded_error",
     "shutting_down": "overloaded_error",
+    "upstream_timeout": "timeout_error",
 }
 STOP = {
     "stop": "end_turn",
