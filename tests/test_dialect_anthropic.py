@@ -793,6 +793,20 @@ def test_a_turn_of_tool_calls_the_upstream_ended_with_stop_is_tool_use() -> None
             assert final.stop_reason == "tool_use", model
 
 
+def test_model_objects_validate_as_the_sdks_model_info(server: LiveServer) -> None:
+    # The SDK builds its models leniently; strict validation holds them to its types,
+    # where `lifecycle` is required.
+    from anthropic.types import ModelInfo
+
+    headers = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+    listed = httpx.get(server.url + "/v1/models", headers=headers).json()["data"]
+    one = httpx.get(server.url + "/v1/models/echo", headers=headers).json()
+    for body in [*listed, one]:
+        m = ModelInfo.model_validate(body, strict=False)
+        ModelInfo.model_validate({**body, "created_at": m.created_at}, strict=True)
+        assert m.lifecycle == "active"
+
+
 def _error_object(body: dict) -> object:
     """The error of an Anthropic error body, as the SDK's own strict types read it."""
     from anthropic.types.shared import ErrorResponse

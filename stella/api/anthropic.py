@@ -240,7 +240,14 @@ _UNKNOWN_DATE = "1970-01-01T00:00:00Z"
 
 def model_info(name: str) -> dict[str, Any]:
     """A route as the API's ModelInfo (GET /v1/models/{id})."""
-    return {"type": "model", "id": name, "display_name": name, "created_at": _UNKNOWN_DATE}
+    # lifecycle: a route answers while it is configured (the SDK requires the field).
+    return {
+        "type": "model",
+        "id": name,
+        "display_name": name,
+        "created_at": _UNKNOWN_DATE,
+        "lifecycle": "active",
+    }
 
 
 # The API's page size when a request names none, and the most it allows.
