@@ -894,3 +894,23 @@ def test_a_timeout_is_a_timeout_error() -> None:
             assert isinstance(_error_object(r.json()), GatewayTimeoutErrorObject)
         name, data = _sse(s, {"model": "stops", "messages": hi})[-1]
         assert name == "error" and isinstance(_error_object(data), GatewayTimeoutErrorObject)
+
+
+def test_token_counting_is_a_404_saying_it_is_not_supported(server: LiveServer) -> None:
+    # Claude Code calls it; stella counts no tokens before a call (not every backend can,
+    # and an estimate is not a count): a clear not_found_error, not the router's 404.
+    from anthropic.types.shared import NotFoundErrorObject
+
+    with pytest.raises(anthropic.NotFoundError) as info:
+        client(server).messages.count_tokens(
+            model="echo", messages=[{"role": "user", "content": "hi"}]
+        )
+    error = _error_object(info.value.body)
+    assert isinstance(error, NotFoundErrorObject)
+    assert "token counting" in error.message and "not supported" in error.message
+    assert info.value.request_id == info.value.response.headers["x-request-id"]
+    # A key is still needed to learn it.
+    with pytest.raises(anthropic.AuthenticationError):
+        client(server, "wrong").messages.count_tokens(
+            model="echo", messages=[{"role": "user", "content": "hi"}]
+        )

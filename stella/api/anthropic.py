@@ -29,7 +29,7 @@ from stella.api.http import (
 )
 from stella.api.openapi import Operation, document
 from stella.core import Call, Inference
-from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, StellaError
+from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, NotFound, StellaError
 from stella.protocol import (
     ChatRequest,
     Delta,
@@ -611,4 +611,20 @@ document(
 )
 
 
-routes = [Route("/v1/messages", messages, methods=["POST"])]
+@endpoint(ANTHROPIC)
+async def count_tokens(request: Request, call: Call) -> Response:
+    """POST /v1/messages/count_tokens: a 404 saying stella does not count tokens."""
+    # Not every backend can count a prompt exactly (an upstream may have no such call),
+    # and an estimate passed off as a count would mislead a client's budget. A route of
+    # its own (not in /openapi.json: it answers nothing else) to say so, where the
+    # router's 404 would only say "no route".
+    raise NotFound(
+        "token counting (POST /v1/messages/count_tokens) is not supported by stella; "
+        "a message's usage.input_tokens gives the prompt's size"
+    )
+
+
+routes = [
+    Route("/v1/messages", messages, methods=["POST"]),
+    Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+]
