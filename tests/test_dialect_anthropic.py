@@ -914,3 +914,21 @@ def test_token_counting_is_a_404_saying_it_is_not_supported(server: LiveServer) 
         client(server, "wrong").messages.count_tokens(
             model="echo", messages=[{"role": "user", "content": "hi"}]
         )
+
+
+def test_user_id_is_logged_and_betas_are_not_forwarded() -> None:
+    # metadata.user_id is the inference log's metadata; neither it nor anthropic-beta
+    # reaches an Anthropic upstream (README: taken, not forwarded).
+    with _claude_and_gpt("claude-ok", "ok") as (server, claude, _):
+        raw = client(server).messages.with_raw_response.create(
+            model="sonnet",
+            max_tokens=20,
+            metadata={"user_id": "user-7"},
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"anthropic-beta": "prompt-caching-2024-07-31"},
+        )
+        rid = raw.headers["x-request-id"]
+        ev = server.wait_event(lambda e: e.get("request_id") == rid)
+        assert ev["metadata"] == {"user_id": "user-7"}
+        assert "metadata" not in claude.requests[-1]
+        assert "anthropic-beta" not in claude.headers[-1]
