@@ -485,3 +485,18 @@ def test_prompt_eval_duration_leaves_out_the_wait_for_a_slot() -> None:
     assert queued["prompt_eval_duration"] < 0.9e9, queued
     assert queued["total_duration"] > 1.5e9, queued  # the wait is in the total
     assert queued["eval_duration"] < 0.9e9, queued  # the second token's 0.5 s
+
+
+def test_a_keep_alive_past_any_date_expires_never_not_a_500() -> None:
+    # `keep_alive_s = 1e12`, meant as forever, puts the unload past year 9999: /api/ps
+    # says never, as Ollama writes it, where a date would not fit.
+    import math
+    import time
+
+    from stella.api.ollama import expiry
+
+    never = expiry(math.inf)
+    # Go's largest duration from now, some 292 years, as Ollama writes "never".
+    assert int(never[:4]) - time.gmtime().tm_year in (292, 293)
+    assert expiry(time.time() + 1e12)[:4] == never[:4]
+    assert expiry(None) == "0001-01-01T00:00:00Z"

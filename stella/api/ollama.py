@@ -8,7 +8,6 @@ Streams are NDJSON with `done: false` lines and a last line carrying
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import time
 from collections.abc import Callable
@@ -438,8 +437,9 @@ def expiry(at: float | None) -> str:
     """/api/ps's expires_at for a backend's expires_at (Unix time; math.inf: never)."""
     if at is None:
         return UNKNOWN_EXPIRY
-    if at == math.inf:
-        at = time.time() + _FOREVER_S
+    # A keep-alive too long for a date (past year 9999, a `keep_alive_s = 1e12` meant as
+    # forever) is never, as Ollama writes it, not a 500.
+    at = min(at, time.time() + _FOREVER_S)
     stamp = datetime.fromtimestamp(at, UTC).isoformat(timespec="microseconds")
     return stamp.replace("+00:00", "Z")
 
