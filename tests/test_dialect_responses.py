@@ -395,8 +395,12 @@ def test_a_refusal_is_a_refusal_part_the_sdk_does_not_parse(server: LiveServer) 
     (part,) = r.output[0].content
     assert part.type == "refusal" and part.refusal
     assert r.output_parsed is None
-    body = post(server, {"model": "refusal", "input": "hi"}).json()
-    openai.types.responses.Response.model_validate(body)
+    r = post(server, {"model": "refusal", "input": "hi"})
+    openai.types.responses.Response.model_validate(r.json())
+    # And as /openapi.json declares the answer (a generated client reads it so).
+    from tests.test_ops import _validate
+
+    _validate(httpx.get(server.url + "/openapi.json").json(), "post", "/v1/responses", r)
 
 
 def test_sampling_and_the_token_limit(stack: tuple[LiveServer, FakeOpenAI]) -> None:
@@ -534,6 +538,25 @@ def test_what_is_missing_is_said_missing(
     r = post(server, {"model": "echo", "input": [item]})
     assert r.status_code == 400 and r.json()["error"]["message"].startswith(said), r.text
     assert "None" not in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("choice", "said"),
+    [
+        ([], "$.tool_choice: expected a string or an object"),
+        (5, "$.tool_choice: expected a string or an object"),
+        (
+            {"type": "allowed_tools", "mode": "required", "tools": []},
+            "$.tool_choice: allowed_tools with mode required, and no tools",
+        ),
+    ],
+)
+def test_a_tool_choice_stella_cannot_read_is_said_as_sent(
+    server: LiveServer, choice: Any, said: str
+) -> None:
+    r = post(server, {"model": "echo", "input": "hi", "tool_choice": choice})
+    assert r.status_code == 400 and r.json()["error"]["message"] == said, r.text
+    assert r.json()["error"]["param"] == "tool_choice"
 
 
 def test_an_output_for_no_call_never_reaches_the_upstream(

@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 
+# A content part: the same shape as chat completions' (input_text, output_text, refusal).
+from stella.api.openai_request import Part
 from stella.backends.base import arguments_of
 from stella.errors import InvalidRequest, field_path
 from stella.protocol import (
@@ -29,14 +31,6 @@ from stella.protocol import (
     ToolChoice,
     options_from,
 )
-
-
-class Part(msgspec.Struct):
-    """One content part of an input message (input_text, output_text, refusal, ...)."""
-
-    type: str
-    text: str = ""
-    refusal: str = ""
 
 
 class InputItem(msgspec.Struct):
@@ -255,7 +249,9 @@ def _choice(value: Any, tools: list[Tool] | None) -> ToolChoice | None:
         raise InvalidRequest(
             f"$.tool_choice: {value!r} is not auto, none or required", param="tool_choice"
         )
-    kind = value.get("type") if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        raise InvalidRequest("$.tool_choice: expected a string or an object", param="tool_choice")
+    kind = value.get("type")
     if kind == "function":
         name = value.get("name")
         if not isinstance(name, str) or not name:
@@ -266,7 +262,14 @@ def _choice(value: Any, tools: list[Tool] | None) -> ToolChoice | None:
             )
         return NamedToolChoice(function=NamedFunction(name=name))
     if kind == "allowed_tools":  # a subset stella does not narrow: its mode stands
-        return "required" if value.get("mode") == "required" else "auto"
+        if value.get("mode") == "required":
+            if not tools:
+                raise InvalidRequest(
+                    "$.tool_choice: allowed_tools with mode required, and no tools",
+                    param="tool_choice",
+                )
+            return "required"
+        return "auto"
     raise InvalidRequest(
         f"$.tool_choice: {kind!r} is not supported (function tools only)", param="tool_choice"
     )

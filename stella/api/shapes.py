@@ -254,6 +254,8 @@ OPENAI_HEALTH = Schema(
 # --- OpenAI Responses --------------------------------------------------------------------
 
 _RESPONSES_TEXT = obj({"type": const("output_text"), "text": STR, "annotations": array(OBJECT)})
+# A whole answer's refusal (an upstream's, finished content_filter) is a part of its own.
+_RESPONSES_REFUSAL = obj({"type": const("refusal"), "refusal": STR})
 _RESPONSES_STATUS = {"enum": ["in_progress", "completed", "incomplete"]}
 _RESPONSES_MESSAGE = obj(
     {
@@ -261,7 +263,7 @@ _RESPONSES_MESSAGE = obj(
         "id": STR,
         "status": _RESPONSES_STATUS,
         "role": const("assistant"),
-        "content": array(_RESPONSES_TEXT),
+        "content": array({"anyOf": [_RESPONSES_TEXT, _RESPONSES_REFUSAL]}),
     }
 )
 _RESPONSES_CALL = obj(
