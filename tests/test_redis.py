@@ -819,7 +819,9 @@ def test_ready_answers_at_once_while_redis_stalls(redis: Redis) -> None:
                     time.sleep(0.05)
         finally:
             os.kill(redis.proc.pid, signal.SIGCONT)
-        assert max(times) < 0.5, times  # 1 s each before
+        # 1 s each before (Redis's timeout); now at most the 0.25 s wait, and a margin for
+        # a loaded machine's HTTP round trip.
+        assert max(times) < 0.9, times
         assert states == {"degraded (unreachable)"}, states
         # Redis answers again: the next probe (at most a second on) finds it.
         deadline = time.monotonic() + 5
@@ -867,7 +869,7 @@ async def test_pings_of_a_stalled_redis_send_one_probe_at_a_time(redis: Redis) -
     finally:
         os.kill(redis.proc.pid, signal.SIGCONT)
     assert not any(up for up, _ in results)
-    assert max(t for _, t in results) < 0.5, results
+    assert max(t for _, t in results) < 0.9, results  # not Redis's 1 s timeout
     assert most == 1 and sent <= 4, (most, sent)  # a probe a second, not one per caller
     deadline = time.monotonic() + 5
     while not await st.ping() and time.monotonic() < deadline:
@@ -999,9 +1001,16 @@ async def test_a_slot_released_during_its_renewal_is_not_claimed_again(redis: Re
         await asyncio.sleep(0.0001 * (i // 10))
         slots.release(held)
         await asyncio.wait_for(renewal, 5)
-        await asyncio.sleep(0.05)  # the release's own round trip
-        await slots.upkeep()
-        assert await st.redis.zcard("race:slot:key:k") == 0, i
+        # The release's own round trip, then any removal queued again by the renewal: a
+        # slot claimed again for no call would stay (until its 30 s lapse).
+        deadline = time.monotonic() + 3
+        while True:
+            await slots.upkeep()
+            left = await st.redis.zcard("race:slot:key:k")
+            if not left or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        assert left == 0, i
     await st.aclose()
 
 
