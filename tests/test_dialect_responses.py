@@ -14,7 +14,7 @@ import pydantic
 import pytest
 from openai.types.responses import Response, ResponseFailedEvent, ResponseStreamEvent
 
-from tests.fakes.openai import FakeOpenAI
+from tests.fakes.openai import TEXT_BEFORE, FakeOpenAI
 from tests.fakes.server import serve
 from tests.live import LiveServer, run_stella
 
@@ -55,6 +55,7 @@ def stack() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
                     "gpt": {"backend": "up", "upstream_model": "ok", "retries": 0},
                     "gpt-tools": {"backend": "up", "upstream_model": "two-tools", "retries": 0},
                     "refusal": {"backend": "up", "upstream_model": "refusal", "retries": 0},
+                    "text-tools": {"backend": "up", "upstream_model": "text-tools", "retries": 0},
                 }
             },
             "limits": {"models": {"once": {"requests_per_minute": 1}}},
@@ -298,6 +299,39 @@ def test_tool_calls_both_ways_and_the_result_back(server: LiveServer) -> None:
     ]
     r2 = c.responses.create(model="echo", input=follow, tools=WEATHER)
     assert r2.output_text == "sunny, 21C"
+
+
+def test_text_before_tool_calls_is_a_message_item_before_the_calls(server: LiveServer) -> None:
+    # A model may say what it is about to do, then call: its text is not lost, and the
+    # message is whole (closed) before the first call's item begins.
+    body = {"model": "text-tools", "input": "Paris and Oslo?", "tools": WEATHER}
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    whole = Response.model_validate(r.json())
+    assert [(o.type, o.status) for o in whole.output] == [
+        ("message", "completed"),
+        ("function_call", "completed"),
+        ("function_call", "completed"),
+    ]
+    assert whole.output_text == TEXT_BEFORE
+    events = validated_events(server, body)
+    _types_in_order(events)
+    kinds = [
+        (e.type, getattr(e, "item", None) and e.item.type)
+        for e in events
+        if e.type.startswith("response.output_") or e.type.startswith("response.content_")
+    ]
+    first_call = kinds.index(("response.output_item.added", "function_call"))
+    assert kinds[first_call - 3 : first_call] == [
+        ("response.output_text.done", None),
+        ("response.content_part.done", None),
+        ("response.output_item.done", "message"),
+    ]
+    assert [e.text for e in events if e.type == "response.output_text.done"] == [TEXT_BEFORE]
+    done = events[-1].response
+    assert done.output_text == TEXT_BEFORE
+    assert [(o.type, o.status) for o in done.output] == [(o.type, o.status) for o in whole.output]
+    assert [o.arguments for o in done.output[1:]] == [o.arguments for o in whole.output[1:]]
 
 
 def test_function_call_outputs_reach_the_upstream_as_tool_messages(

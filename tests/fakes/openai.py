@@ -27,7 +27,8 @@ stream it), `name-pieces` (the name itself in pieces, as Gemini's may come) and
 `keepalive` (SSE comments `: keepalive N/M` for 0.6 s before the answer, as
 mlx_lm.server writes them while it reads a long prompt), `refusal` (the model declines:
 REFUSAL in `refusal`, content null, finish_reason "stop", as OpenAI answers),
-`refusal-length` (the same, ended with "length") and `reasoning` (a 400 for
+`refusal-length` (the same, ended with "length"), `text-tools` (TEXT_BEFORE, then the
+calls of `two-tools`, as a model may say what it is about to do) and `reasoning` (a 400 for
 `max_tokens`, as OpenAI's o-series and gpt-5 answer: they take `max_completion_tokens`).
 It records what it saw.
 """
@@ -49,6 +50,9 @@ from starlette.routing import Route
 
 # The prompt tokens model `cached` says its cache spared it.
 CACHED = 2
+
+# What model `text-tools` says before its calls.
+TEXT_BEFORE = "Let me check."
 
 # What the `refusal` models answer.
 REFUSAL = "I'm sorry, I cannot help with that."
@@ -181,7 +185,8 @@ class FakeOpenAI:
                 }
                 finish = "tool_calls"
             if model in TOOL_MODELS:
-                message = {"role": "assistant", "content": None, "tool_calls": _calls(body)}
+                content = TEXT_BEFORE if model == "text-tools" else None
+                message = {"role": "assistant", "content": content, "tool_calls": _calls(body)}
                 finish = "stop" if model == "tools-stop" else "tool_calls"
             if model.startswith("refusal"):
                 message = {"role": "assistant", "content": None, "refusal": REFUSAL}
@@ -287,6 +292,9 @@ class FakeOpenAI:
                 yield b"data: [DONE]\n\n"
                 return
             elif model in TOOL_MODELS:
+                if model == "text-tools":
+                    for part in (TEXT_BEFORE[:4], TEXT_BEFORE[4:]):
+                        yield chunk({"content": part})
                 for index, call in enumerate(_calls(body)):
                     name = call["function"]["name"]
                     pieces = [name[:4], name[4:]] if model == "name-pieces" else [name]
@@ -357,7 +365,7 @@ BAD_ARGS = '{"city": "Par'
 LIST_ARGS = '["Paris", "Oslo"]'
 # The models that answer with the calls of _calls(), streamed in fragments.
 TOOL_MODELS = frozenset(
-    ("two-tools", "bad-args", "list-args", "tools-stop", "no-ids", "one-id")
+    ("two-tools", "text-tools", "bad-args", "list-args", "tools-stop", "no-ids", "one-id")
     + ("name-repeat", "name-pieces")
 )
 
