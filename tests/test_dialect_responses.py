@@ -415,6 +415,50 @@ def test_text_format_reaches_the_upstream_as_response_format(
     assert "response_format" not in up.requests[-1]
 
 
+def test_input_parts_reasoning_and_null_tool_fields_as_the_upstream_sees_them(
+    stack: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    server, up = stack
+    tool = {"type": "function", "name": "f", "description": None, "parameters": None}
+    fmt = {"type": "json_schema", "name": "a", "schema": SCHEMA, "description": "A city."}
+    body = {
+        "model": "gpt",
+        "input": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "a"},
+                    {"type": "input_text", "text": "b"},
+                ],
+            },
+            # An earlier turn's reasoning, from a history made elsewhere: nothing to send.
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            # An earlier refusal is that turn's text.
+            {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+            {"role": "user", "content": "again"},
+        ],
+        "tools": [tool],
+        "tool_choice": {"type": "allowed_tools", "mode": "required", "tools": [tool]},
+        "text": {"format": fmt},
+    }
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    sent = up.requests[-1]
+    assert sent["messages"] == [
+        {"role": "user", "content": "a\nb"},
+        {"role": "assistant", "content": "I can't."},
+        {"role": "user", "content": "again"},
+    ]
+    assert sent["tool_choice"] == "required"
+    assert [t["function"]["name"] for t in sent["tools"]] == ["f"]
+    assert "description" not in sent["tools"][0]["function"]
+    assert sent["response_format"]["json_schema"]["description"] == "A city."
+    auto = {"type": "allowed_tools", "mode": "auto", "tools": [tool]}
+    r = post(server, {**body, "tool_choice": auto})
+    assert r.status_code == 200, r.text
+    assert up.requests[-1]["tool_choice"] == "auto"
+
+
 def test_a_refusal_is_a_refusal_part_the_sdk_does_not_parse(server: LiveServer) -> None:
     # The upstream declines (OpenAI's `refusal`, content null): the answer's message holds
     # a `refusal` part, as the API's does, so `parse()` gives no parsed output instead of
@@ -515,6 +559,27 @@ def test_fields_taken_and_not_applied_pass(server: LiveServer) -> None:
             "input[0].content[0].type",
         ),
         ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+        # A refusal is an assistant's part: a user does not refuse.
+        (
+            {"input": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]},
+            "input[0].content[0].type",
+        ),
+        (
+            {
+                "input": [
+                    {"role": "user", "content": "Paris"},
+                    {"type": "function_call", "call_id": "c1", "arguments": "{}"},
+                ]
+            },
+            "input[1].name",
+        ),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"tool_choice": {"type": "function"}, "tools": WEATHER}, "tool_choice.name"),
+        ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        # Instructions or system messages alone are no conversation.
+        ({"instructions": "Be brief.", "input": None}, "input"),
+        ({"input": [{"role": "system", "content": "Be brief."}]}, "input"),
         ({"input": []}, "input"),
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
         ({"text": {"format": {"type": "json_schema", "schema": SCHEMA}}}, "text.format.name"),
@@ -564,6 +629,11 @@ def test_what_stella_cannot_honour_is_a_400_naming_the_field(
             {"type": "function_call_output", "call_id": "c9", "output": "o"},
             "$.input[0].call_id: no function_call item before it has call_id 'c9'",
         ),
+        (
+            {"type": "item_reference", "id": "msg_1"},
+            "$.input[0].type: 'item_reference' refers to a stored item; stella keeps none: "
+            "send the item itself",
+        ),
     ],
 )
 def test_what_is_missing_is_said_missing(
@@ -577,6 +647,7 @@ def test_what_is_missing_is_said_missing(
 @pytest.mark.parametrize(
     ("choice", "said"),
     [
+        ("sometimes", "$.tool_choice: 'sometimes' is not auto, none or required"),
         ([], "$.tool_choice: expected a string or an object"),
         (5, "$.tool_choice: expected a string or an object"),
         (
@@ -591,6 +662,17 @@ def test_a_tool_choice_stella_cannot_read_is_said_as_sent(
     r = post(server, {"model": "echo", "input": "hi", "tool_choice": choice})
     assert r.status_code == 400 and r.json()["error"]["message"] == said, r.text
     assert r.json()["error"]["param"] == "tool_choice"
+
+
+def test_a_function_tool_choice_without_a_name_is_said_required(server: LiveServer) -> None:
+    body = {"model": "echo", "input": "hi", "tools": WEATHER, "tool_choice": {"type": "function"}}
+    r = post(server, body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["message"], error["param"]) == (
+        "$.tool_choice.name: required",
+        "tool_choice.name",
+    )
 
 
 def test_an_output_for_no_call_never_reaches_the_upstream(
