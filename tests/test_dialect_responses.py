@@ -14,7 +14,7 @@ import pydantic
 import pytest
 from openai.types.responses import Response, ResponseFailedEvent, ResponseStreamEvent
 
-from tests.fakes.openai import TEXT_BEFORE, FakeOpenAI
+from tests.fakes.openai import CACHED, TEXT_BEFORE, FakeOpenAI
 from tests.fakes.server import serve
 from tests.live import LiveServer, run_stella
 
@@ -56,6 +56,7 @@ def stack() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
                     "gpt-tools": {"backend": "up", "upstream_model": "two-tools", "retries": 0},
                     "refusal": {"backend": "up", "upstream_model": "refusal", "retries": 0},
                     "text-tools": {"backend": "up", "upstream_model": "text-tools", "retries": 0},
+                    "cached": {"backend": "up", "upstream_model": "cached", "retries": 0},
                 }
             },
             "limits": {"models": {"once": {"requests_per_minute": 1}}},
@@ -518,6 +519,44 @@ def test_fields_taken_and_not_applied_pass(server: LiveServer) -> None:
     rid = r.id.removeprefix("resp_")
     ev = server.wait_event(lambda e: e["request_id"] == rid)
     assert ev["metadata"] == {"ticket": "42", "user": "u-1"}
+
+
+def test_a_response_echoes_what_it_was_asked_and_stores_nothing(server: LiveServer) -> None:
+    c = client(server)
+    for stream in (False, True):
+        body = {
+            "model": "echo",
+            "input": "a b",
+            "store": True,
+            "truncation": "auto",
+            "parallel_tool_calls": False,
+            "tools": WEATHER,
+            "tool_choice": "none",
+        }
+        if stream:
+            r = validated_events(server, body)[-1].response
+        else:
+            r = Response.model_validate(post(server, body).json())
+        assert r.status == "completed" and r.completed_at is not None
+        assert r.completed_at >= r.created_at
+        # Stored nothing, whatever was asked; the rest as sent.
+        assert (r.store, r.truncation, r.parallel_tool_calls) == (False, "auto", False)
+    r = c.responses.create(model="echo", input="a b")
+    assert (r.store, r.truncation, r.parallel_tool_calls) == (False, "disabled", True)
+    # Not completed: no completion time.
+    r = c.responses.create(model="echo", input="a b c d e", max_output_tokens=2)
+    assert r.status == "incomplete" and r.completed_at is None
+    events = list(c.responses.create(model="echo", input="a b c", stream=True))
+    assert events[0].response.completed_at is None and events[-1].response.completed_at
+
+
+def test_cached_prompt_tokens_are_the_backend_s_count(server: LiveServer) -> None:
+    c = client(server)
+    r = c.responses.create(model="cached", input="hi")
+    assert r.usage is not None and r.usage.input_tokens_details.cached_tokens == CACHED
+    events = list(c.responses.create(model="cached", input="hi", stream=True))
+    usage = events[-1].response.usage
+    assert usage is not None and usage.input_tokens_details.cached_tokens == CACHED
 
 
 @pytest.mark.parametrize(
