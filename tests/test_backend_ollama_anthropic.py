@@ -29,7 +29,7 @@ from stella.protocol import (
     ToolCallRef,
     Usage,
 )
-from tests.fakes.anthropic import KEY, FakeAnthropic
+from tests.fakes.anthropic import DELTA_COUNTS, KEY, FakeAnthropic
 from tests.fakes.ollama import CONTEXT, FakeOllama
 from tests.fakes.server import full_backlog, serve
 from tests.live import ndjson, run_stella
@@ -275,6 +275,27 @@ async def test_anthropic_counts_left_null_in_message_delta_are_message_starts(
     assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How can I help?"
     assert events[-1] == Done(finish_reason="stop", usage=Usage(25, 6, 31))
     assert ctx.prompt_tokens == 25 and ctx.cached_tokens is None
+
+
+async def test_anthropic_zero_in_message_delta_keeps_message_start_s_count(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # A 0 in message_delta is a count not given again, not a prompt of no tokens.
+    events, ctx = await _call(anthropic_url[1], "claude-zero-usage")
+    assert events[-1] == Done(finish_reason="stop", usage=Usage(25, 6, 31))
+    assert ctx.prompt_tokens == 25
+
+
+async def test_anthropic_message_delta_s_larger_counts_win(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # message_delta's counts are cumulative: grown since message_start, they stand, in
+    # the answer's usage and in the context the log and the dialects read.
+    events, ctx = await _call(anthropic_url[1], "claude-grown-usage")
+    prompt = DELTA_COUNTS["input_tokens"] + DELTA_COUNTS["cache_read_input_tokens"]
+    assert events[-1] == Done(finish_reason="stop", usage=Usage(prompt, 6, prompt + 6))
+    assert ctx.prompt_tokens == prompt
+    assert ctx.cached_tokens == DELTA_COUNTS["cache_read_input_tokens"]
 
 
 async def test_anthropic_prompt_is_its_cached_tokens_too(

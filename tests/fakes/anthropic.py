@@ -8,6 +8,9 @@ compatible server may end it), `claude-cached` (a prompt mostly read from the pr
 cache: message_start's usage has `cache_creation_input_tokens` and
 `cache_read_input_tokens` beside the uncached `input_tokens`), `claude-null-usage`
 (message_delta's usage with null for every count the API may send as null),
+`claude-zero-usage` (message_delta's input_tokens 0, as some compatible servers send a
+count they do not give again), `claude-grown-usage` (message_delta's cumulative counts
+larger than message_start's: DELTA_COUNTS),
 `claude-context-full` (the text ended with `model_context_window_exceeded`), `claude-429`
 (rate limit with retry-after), `claude-529` (overloaded), `claude-error-mid`
 (an `error` event after a text delta), `claude-error-first` and `claude-api-error-first`
@@ -45,6 +48,9 @@ NULL_COUNTS = {
     "cache_read_input_tokens": None,
     "server_tool_use": None,
 }
+# message_delta's usage of `claude-grown-usage`: the counts grew since message_start's
+# (cumulative, as the API's are; server tools read more input after the start).
+DELTA_COUNTS = {"input_tokens": 30, "cache_read_input_tokens": 40}
 
 
 def err(kind: str, message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -271,14 +277,21 @@ class FakeAnthropic:
                     "stop_reason": stop,
                     "stop_sequence": sequence,
                 },
-                "usage": (
-                    {**NULL_COUNTS, "output_tokens": out}
-                    if model in ("claude-null-usage", "claude-cached")
-                    else {"output_tokens": out}
-                ),
+                "usage": {**_delta_counts(model), "output_tokens": out},
             },
         )
         yield event("message_stop", {"type": "message_stop"})
+
+
+def _delta_counts(model: str) -> dict[str, Any]:
+    """message_delta's usage but for output_tokens, by model."""
+    if model in ("claude-null-usage", "claude-cached"):
+        return NULL_COUNTS
+    if model == "claude-zero-usage":
+        return {"input_tokens": 0}
+    if model == "claude-grown-usage":
+        return DELTA_COUNTS
+    return {}
 
 
 _TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
