@@ -550,6 +550,31 @@ async def test_a_cut_while_the_last_lines_go_out_sends_no_second_terminal_line()
             assert [(e["status"], e["finish_reason"]) for e in events] == [(200, "stop")]
 
 
+async def test_a_messages_stream_cut_by_the_drain_ends_with_an_overloaded_error_event() -> None:
+    # The Messages API has no shutting_down type: a stream cut by the drain ends with the
+    # `error` event an overloaded server sends, which its clients take as one to retry.
+    app = in_process_app(delay_s=0.05)
+    words = " ".join(["w"] * 200)
+    body = {"model": "e", "max_tokens": 400, "stream": True}
+    body["messages"] = [{"role": "user", "content": words}]
+    async with app.router.lifespan_context(app):
+        client = AsgiClient(app, "/v1/messages", body)
+        task = asyncio.create_task(client.run())
+        deadline = time.monotonic() + 10
+        while "text_delta" not in client.text:
+            assert time.monotonic() < deadline, client.text
+            await asyncio.sleep(0.02)
+        app.services.drain.begin()
+        app.services.drain.cut()
+        await asyncio.wait_for(task, 5)
+    assert client.status == 200
+    frames = [f for f in client.text.split("\n\n") if f.startswith("event: error")]
+    assert len(frames) == 1, client.text[-500:]
+    error = json.loads(frames[0].split("data: ", 1)[1])["error"]
+    assert error["type"] == "overloaded_error" and "shutting down" in error["message"]
+    assert "message_stop" not in client.text
+
+
 async def test_a_body_that_starts_after_the_cut_is_not_waited_for() -> None:
     # A request that began before the drain sends the first part of its body after the
     # cut: 503 at once, not a read that waits for the rest as long as the client likes.
