@@ -270,6 +270,21 @@ async def test_a_refusal_is_the_answer_and_ends_as_content_filter(
         await b.aclose()
 
 
+async def test_a_refusal_without_usage_is_charged_its_length(
+    fake: tuple[FakeOpenAI, str],
+) -> None:
+    # No count from the upstream: the refusal is the answer's text, estimated at four
+    # characters a token as any answer is (content null counts for nothing).
+    b = await backend(fake[1] + "/v1")
+    try:
+        events = await collect(b, "refusal-no-usage", stream=False)
+    finally:
+        await b.aclose()
+    done = events[-1]
+    assert isinstance(done, Done) and done.finish_reason == "content_filter"
+    assert done.usage.completion_tokens == len(REFUSAL) // 4
+
+
 async def test_the_token_limit_goes_under_the_name_the_backend_is_set_to(
     fake: tuple[FakeOpenAI, str],
 ) -> None:

@@ -726,14 +726,16 @@ def test_a_refusal_in_the_history_reaches_the_upstream_as_that_turn_s_text(
     c = client(server)
     ask = {"role": "user", "content": "Which city?"}
     again = {"role": "user", "content": "Please?"}
-    for turn in (
-        {"role": "assistant", "content": None, "refusal": REFUSAL},
-        {"role": "assistant", "content": [{"type": "refusal", "refusal": REFUSAL}]},
+    for turn, text in (
+        ({"role": "assistant", "content": None, "refusal": REFUSAL}, REFUSAL),
+        ({"role": "assistant", "content": [{"type": "refusal", "refusal": REFUSAL}]}, REFUSAL),
+        # Text and a refusal both: the turn said both, one line each.
+        ({"role": "assistant", "content": "Well.", "refusal": REFUSAL}, "Well.\n" + REFUSAL),
     ):
         r = c.chat.completions.create(model="plain", messages=[ask, turn, again])
         assert r.choices[0].finish_reason == "stop"
         sent = up.requests[-1]["messages"]
-        assert sent[1] == {"role": "assistant", "content": REFUSAL}, turn
+        assert sent[1] == {"role": "assistant", "content": text}, turn
     # A user's message holds none: a 400 naming the part.
     r = httpx.post(
         server.url + "/v1/chat/completions",
@@ -745,6 +747,7 @@ def test_a_refusal_in_the_history_reaches_the_upstream_as_that_turn_s_text(
     )
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "messages[0].content[0].type"
+    assert "a refusal part belongs in an assistant message" in r.json()["error"]["message"]
 
 
 def test_the_sdk_sends_again_only_what_may_pass_on_another_try(

@@ -27,7 +27,8 @@ stream it), `name-pieces` (the name itself in pieces, as Gemini's may come) and
 `keepalive` (SSE comments `: keepalive N/M` for 0.6 s before the answer, as
 mlx_lm.server writes them while it reads a long prompt), `refusal` (the model declines:
 REFUSAL in `refusal`, content null, finish_reason "stop", as OpenAI answers),
-`refusal-length` (the same, ended with "length"), `text-tools` (TEXT_BEFORE, then the
+`refusal-length` (the same, ended with "length"), `refusal-no-usage` (the same, with no
+usage in a whole answer), `text-tools` (TEXT_BEFORE, then the
 calls of `two-tools`, as a model may say what it is about to do) and `reasoning` (a 400 for
 `max_tokens`, as OpenAI's o-series and gpt-5 answer: they take `max_completion_tokens`).
 It records what it saw.
@@ -198,7 +199,7 @@ class FakeOpenAI:
                 "model": model,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             }
-            if model != "no-usage":
+            if model not in ("no-usage", "refusal-no-usage"):
                 answer["usage"] = self._usage(model)
             return self._maybe_gzip(model, JSONResponse(answer))
         return StreamingResponse(self._stream(model, body), media_type="text/event-stream")
