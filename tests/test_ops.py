@@ -18,6 +18,7 @@ def test_info_for_api_clients_and_browsers(stella: LiveServer) -> None:
     info = httpx.get(stella.url + "/").json()
     assert info["name"] == "stella" and info["version"]
     assert info["links"]["chat"] == "/api/v1/chat"
+    assert info["links"]["responses"] == "/v1/responses"
     r = httpx.get(stella.url + "/", headers={"Accept": "text/html"}, follow_redirects=False)
     assert r.status_code == 307 and r.headers["location"] == "/playground"
 
@@ -106,6 +107,9 @@ def test_openapi_is_generated_from_the_structs(stella: LiveServer) -> None:
     # Anthropic's API answers an overload with 529, and stella's dialect does too.
     messages = spec["paths"]["/v1/messages"]["post"]["responses"]
     assert "Retry-After" in messages["529"]["headers"]
+    # A 502 may be an upstream's own 429 (upstream_rate_limited), whose wait passes on.
+    completions = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert "Retry-After" in completions["502"]["headers"]
 
 
 def test_docs_page_renders_the_schema(stella: LiveServer) -> None:
