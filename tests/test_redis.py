@@ -731,6 +731,71 @@ async def test_usage_days_are_named_on_redis_s_clock(
         await st.aclose()
 
 
+def _skewed_time(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
+    """state_redis's clock made `skew` seconds ahead of the real one, and `step` more at
+    each reading (a round trip that takes that long): the dict sets both."""
+    import types
+
+    from stella import state_redis
+
+    real = time.time
+    knobs = {"skew": 86_400.0, "step": 0.0, "calls": 0.0}
+
+    def now() -> float:
+        knobs["calls"] += 1
+        return real() + knobs["skew"] + knobs["step"] * knobs["calls"]
+
+    skewed = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if n[0] != "_"})
+    skewed.time = now
+    monkeypatch.setattr(state_redis, "time", skewed)
+    return knobs
+
+
+async def test_a_slow_reading_of_redis_s_clock_is_not_used(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stella.state_redis import CLOCK_READ_MAX_S
+
+    knobs = _skewed_time(monkeypatch)
+    st = redis_state(redis, "slowclock")
+    try:
+        # Each reading of the local clock half a second on: the round trip seems slow,
+        # and its midpoint says little about when Redis read its clock.
+        knobs["step"] = CLOCK_READ_MAX_S * 5
+        await st._read_clock()
+        assert st.clock_offset == 0.0
+        knobs["step"] = 0.0
+        await st._read_clock()
+        assert abs(st.clock_offset + 86_400) < 60, st.clock_offset
+    finally:
+        await st.aclose()
+
+
+async def test_redis_s_clock_is_read_again_every_clock_ticks(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stella import state_redis
+
+    knobs = _skewed_time(monkeypatch)
+    monkeypatch.setattr(state_redis, "CLOCK_TICKS", 3)  # every 0.3 s, not 10 s
+
+    st = redis_state(redis, "clockticks")
+
+    async def offset_near(target: float) -> None:
+        deadline = time.monotonic() + 10
+        while abs(st.clock_offset - target) > 60:
+            assert time.monotonic() < deadline, st.clock_offset
+            await asyncio.sleep(0.05)
+
+    await st.start()
+    try:
+        await offset_near(-86_400)  # the first tick's reading
+        knobs["skew"] = 2 * 86_400  # this process's clock jumps a day more
+        await offset_near(-2 * 86_400)  # a later tick's reading sees it
+    finally:
+        await st.aclose()
+
+
 async def test_usage_of_a_direct_model_with_a_bar_in_its_name_stays_its_keys(redis: Redis) -> None:
     # Fields are "key|model|count": a "|" in a direct model's name must not move the key.
     st = redis_state(redis, "bar")
