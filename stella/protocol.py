@@ -304,6 +304,15 @@ class ToolCall(Event, tag="tool_call", omit_defaults=True):
     raw_arguments: str | None = None
 
 
+_arguments_json = msgspec.json.Encoder()
+
+
+def arguments_text(arguments: dict[str, Any], raw: str | None) -> str:
+    """A call's arguments as OpenAI's wire carries them (a JSON string): the model's own
+    text when it wrote no JSON object (clients validate it, as the API tells them to)."""
+    return raw if raw is not None else _arguments_json.encode(arguments).decode()
+
+
 class Done(Event, tag="done"):
     """Terminal line of a successful stream."""
 

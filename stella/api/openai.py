@@ -51,6 +51,7 @@ from stella.protocol import (
     Message,
     Start,
     ToolCall,
+    arguments_text,
 )
 from stella.streaming import Codec, json_text, one_line
 
@@ -262,11 +263,7 @@ class ChunkCodec(Codec):
                 "type": "function",
                 "function": {
                     "name": event.name,
-                    # The model's own text when it wrote no JSON object: clients validate
-                    # it, as the API tells them to.
-                    "arguments": event.raw_arguments
-                    if event.raw_arguments is not None
-                    else _enc.encode(event.arguments).decode(),
+                    "arguments": arguments_text(event.arguments, event.raw_arguments),
                 },
             }
             return (
@@ -341,9 +338,7 @@ async def _run(
                 "type": "function",
                 "function": {
                     "name": c.function.name,
-                    "arguments": c.function.raw_arguments
-                    if c.function.raw_arguments is not None
-                    else _enc.encode(c.function.arguments).decode(),
+                    "arguments": arguments_text(c.function.arguments, c.function.raw_arguments),
                 },
             }
             for c in result.message.tool_calls

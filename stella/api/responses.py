@@ -34,7 +34,7 @@ from stella.api.openapi import Operation, document
 from stella.api.responses_request import ResponsesRequest, echoed, to_chat
 from stella.core import Call
 from stella.errors import StellaError
-from stella.protocol import Delta, Done, Error, Start, ToolCall, Usage
+from stella.protocol import Delta, Done, Error, Start, ToolCall, Usage, arguments_text
 from stella.streaming import Codec, json_text, one_line
 
 _enc = msgspec.json.Encoder()
@@ -141,12 +141,6 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
         "arguments": arguments,
         "status": status,
     }
-
-
-def _arguments(arguments: dict[str, Any], raw: str | None) -> str:
-    # The model's own text when it wrote no JSON object: clients validate it, as the API
-    # tells them to (the chat completions dialect passes it on the same way).
-    return raw if raw is not None else _enc.encode(arguments).decode()
 
 
 class Answer:
@@ -288,7 +282,7 @@ class ResponsesCodec(Codec):
             out = self._close_message("completed")
             index = len(answer.output)
             item_id = answer.item_id("fc")
-            arguments = _arguments(event.arguments, event.raw_arguments)
+            arguments = arguments_text(event.arguments, event.raw_arguments)
             added = call_item(item_id, event.id, event.name, "", "in_progress")
             done = call_item(item_id, event.id, event.name, arguments, "completed")
             answer.output.append(done)
@@ -353,7 +347,7 @@ async def responses(request: Request, call: Call) -> Response:
         )
     for c in calls:
         fn = c.function
-        arguments = _arguments(fn.arguments, fn.raw_arguments)
+        arguments = arguments_text(fn.arguments, fn.raw_arguments)
         answer.output.append(call_item(answer.item_id("fc"), c.id, fn.name, arguments, "completed"))
     return JSONResponse(
         answer.body(status, result.usage, incomplete), headers=inference.permit.headers

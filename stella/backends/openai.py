@@ -28,7 +28,16 @@ from stella.backends.http import (
     upstream_text,
 )
 from stella.errors import UpstreamError
-from stella.protocol import ChatRequest, Delta, Done, FinishReason, ToolCall, Usage, wire_tools
+from stella.protocol import (
+    ChatRequest,
+    Delta,
+    Done,
+    FinishReason,
+    ToolCall,
+    Usage,
+    arguments_text,
+    wire_tools,
+)
 
 FINISH: dict[str, FinishReason] = {
     "stop": "stop",
@@ -127,10 +136,7 @@ def request_body(
                     "type": "function",
                     "function": {
                         "name": c.function.name,
-                        # The model's own text, when it wrote no JSON object.
-                        "arguments": c.function.raw_arguments
-                        if c.function.raw_arguments is not None
-                        else _json.encode(c.function.arguments).decode(),
+                        "arguments": arguments_text(c.function.arguments, c.function.raw_arguments),
                     },
                 }
                 for c in m.tool_calls
