@@ -91,6 +91,11 @@ class InvalidRequest(StellaError):
 
     status, code = 400, "invalid_request"
 
+    @classmethod
+    def blaming(cls, validation_message: str) -> InvalidRequest:
+        """The 400 for a msgspec validation message, its `param` the field it blames."""
+        return cls(validation_message, param=field_path(validation_message))
+
 
 class Unauthorized(StellaError):
     """Missing or wrong API key."""

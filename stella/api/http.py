@@ -25,7 +25,6 @@ from stella.errors import (
     ShuttingDown,
     StellaError,
     UnsupportedMediaType,
-    field_path,
 )
 from stella.protocol import ErrorDetail, ErrorResponse
 from stella.streaming import WATCH_AFTER_S, Codec, EventStream
@@ -347,8 +346,7 @@ def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None 
     try:
         return decoder.decode(body) if decoder else msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        raise InvalidRequest(text, param=field_path(text)) from None
+        raise InvalidRequest.blaming(str(exc)) from None
     except msgspec.DecodeError as exc:
         text = str(exc)  # "JSON is malformed: ... (byte N)" or "Input data was truncated"
         if not text.startswith("JSON is malformed"):

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import msgspec
 
 from stella.backends.base import arguments_of
-from stella.errors import InvalidRequest, field_path
+from stella.errors import InvalidRequest
 from stella.protocol import (
     ChatRequest,
     FunctionCall,
@@ -174,8 +174,7 @@ def to_options(req: CompletionCommon) -> Options:
             logit_bias=req.logit_bias,
         )
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        raise InvalidRequest(text, param=field_path(text)) from None
+        raise InvalidRequest.blaming(str(exc)) from None
 
 
 def to_metadata(req: CompletionCommon) -> dict[str, Any] | None:

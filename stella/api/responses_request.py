@@ -16,7 +16,7 @@ import msgspec
 # A content part: the same shape as chat completions' (input_text, output_text, refusal).
 from stella.api.openai_request import Part
 from stella.backends.base import arguments_of
-from stella.errors import InvalidRequest, field_path
+from stella.errors import InvalidRequest
 from stella.protocol import (
     ChatRequest,
     FunctionCall,
@@ -233,7 +233,7 @@ def _tools(tools: list[dict[str, Any]] | None) -> list[Tool] | None:
                 text = text.replace("$.", f"$.tools[{i}].", 1)
             else:
                 text += f" - at `$.tools[{i}]`"
-            raise InvalidRequest(text, param=field_path(text)) from None
+            raise InvalidRequest.blaming(text) from None
         out.append(Tool(function=spec))
     return out
 
@@ -312,8 +312,7 @@ def _options(req: ResponsesRequest) -> Options:
             max_tokens=req.max_output_tokens,
         )
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        raise InvalidRequest(text, param=field_path(text)) from None
+        raise InvalidRequest.blaming(str(exc)) from None
 
 
 # metadata as the API bounds it (a Response repeats it, and the SDK's type is str to str).
