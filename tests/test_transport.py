@@ -384,6 +384,7 @@ async def test_headers_past_the_limits_get_431_and_the_connection_closes() -> No
     error = msgspec.json.decode(body)["error"]
     assert error["code"] == "headers_too_large" and error["request_id"].startswith("req_")
     assert error["retryable"] is False  # the same headers are refused again
+    assert b"\r\nx-should-retry: false\r\n" in head  # as every error answer says it
     proto.connection_lost(None)
 
     # Many tiny headers: the count is limited too.
