@@ -205,3 +205,20 @@ def test_calls_waiting_for_a_slot_are_not_counted_as_running() -> None:
         time.sleep(0.3)
         assert value(scrape(server), "stella_inflight_requests") == 0
         sock.close()
+
+
+def test_a_refusal_is_counted_under_the_api_that_served_the_request(stella: LiveServer) -> None:
+    # /api/v1/generate's SSE form is the `simple` api in logs and request counts:
+    # its refusals go under the same label, not the route's native one.
+    before = scrape(stella)
+    r = httpx.post(
+        stella.url + "/api/v1/generate",
+        json={"model": "no-such-model-xyz", "prompt": "a"},
+        headers={"Accept": "text/event-stream"},
+    )
+    assert r.status_code == 404
+    after = scrape(stella)
+    simple = 'stella_rejections_total{api="simple",code="model_not_found"}'
+    native = 'stella_rejections_total{api="native",code="model_not_found"}'
+    assert value(after, simple) - value(before, simple) == 1
+    assert value(after, native) == value(before, native)

@@ -167,7 +167,9 @@ class Endpoint:
                 response.raw_headers.append((dialect.id_header, rid.encode()))
         except StellaError as exc:
             if not exc.admitted:
-                svc.rejected(exc, dialect.name)
+                # call.api, not the dialect's name: a route may answer in another
+                # shape once it has read the body (/api/v1/generate's SSE form).
+                svc.rejected(exc, call.api)
             response = dialect.error_response(exc, rid)
             if type(exc) is PayloadTooLarge or body_over_limit(
                 scope, svc.settings.server.max_body_bytes
