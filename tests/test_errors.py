@@ -431,6 +431,15 @@ def test_curl_default_content_type_is_accepted(server: LiveServer) -> None:
     assert r.status_code == 200 and r.json()["response"] == "hi there"
 
 
+def test_octet_stream_is_read_as_json_as_ollama_does(server: LiveServer) -> None:
+    # LiteLLM's async Ollama provider labels its JSON body so; Ollama reads it anyway.
+    body = b'{"model":"echo","stream":false,"messages":[{"role":"user","content":"hi there"}]}'
+    for path in ("/api/chat", "/api/v1/chat"):
+        headers = {"content-type": "application/octet-stream"}
+        r = post(server, content=body, headers=headers, path=path)
+        assert r.status_code == 200, r.text
+
+
 def test_rate_limited_with_headers(server: LiveServer) -> None:
     body = {"model": "echo", "messages": MSG, "stream": False}
     statuses = [post(server, body, key=LIMITED) for _ in range(4)]

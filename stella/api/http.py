@@ -34,8 +34,15 @@ _log = structlog.get_logger("stella")
 _json = msgspec.json.Encoder()
 
 # curl -d sends form-urlencoded by default; a JSON API accepts it rather than fail the
-# most common first try. Anything else that is clearly not JSON gets 415.
-_JSONISH = ("application/json", "text/plain", "application/x-www-form-urlencoded", "")
+# most common first try. LiteLLM's async Ollama calls send octet-stream (Ollama reads
+# any body as JSON). Anything else that is clearly not JSON gets 415.
+_JSONISH = (
+    "application/json",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "application/octet-stream",
+    "",
+)
 
 
 class JSONResponse(Response):
