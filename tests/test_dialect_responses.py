@@ -671,7 +671,8 @@ def test_what_stella_cannot_honour_is_a_400_naming_the_field(
         (
             {"type": "item_reference", "id": "msg_1"},
             "$.input[0].type: 'item_reference' refers to a stored item; stella keeps none: "
-            "send the item itself",
+            "send the item itself (the AI SDK's OpenAI provider does so when its "
+            "providerOptions say openai.store: false)",
         ),
     ],
 )

@@ -329,7 +329,9 @@ async def _run(
             },
             headers=headers,
         )
-    message: dict[str, Any] = {"role": "assistant", "content": result.response}
+    # `refusal` always, null: the API sends it so and the SDKs' types require it (an
+    # upstream's refusal is the content, finished content_filter).
+    message: dict[str, Any] = {"role": "assistant", "content": result.response, "refusal": None}
     if result.message.tool_calls:
         message["content"] = result.response or None
         message["tool_calls"] = [

@@ -193,7 +193,13 @@ def _messages(req: ResponsesRequest) -> list[Message]:
             if kind is None:
                 said = "missing (and no role: messages, function_call and function_call_output)"
             elif kind == "item_reference":
-                said = f"{kind!r} refers to a stored item; stella keeps none: send the item itself"
+                # The Vercel AI SDK's Responses provider sends these for earlier turns
+                # unless told `store: false`: say so, as the SDK's user cannot send items.
+                said = (
+                    f"{kind!r} refers to a stored item; stella keeps none: send the item "
+                    "itself (the AI SDK's OpenAI provider does so when its providerOptions "
+                    "say openai.store: false)"
+                )
             else:
                 said = (
                     f"{kind!r} is not supported (messages, function_call and "

@@ -106,7 +106,11 @@ OPENAI_CHAT = Schema(
                     {
                         "index": INT,
                         "message": obj(
-                            {"role": const("assistant"), "content": {"type": ["string", "null"]}},
+                            {
+                                "role": const("assistant"),
+                                "content": {"type": ["string", "null"]},
+                                "refusal": NULL,
+                            },
                             {"tool_calls": array(_OPENAI_TOOL_CALL)},
                         ),
                         "logprobs": NULL,

@@ -195,13 +195,15 @@ async function* streamEvents(path, body, { signal, apiKey, baseUrl = "", fetch: 
 }
 
 /** Stream a chat: yields start, delta, tool_call and done events. */
-export function chat({ model, messages, options, tools, toolChoice, tool_choice, responseFormat, response_format, metadata } = {}, opts = {}) {
+export function chat({ model, messages, options, tools, toolChoice, tool_choice, parallelToolCalls, parallel_tool_calls, responseFormat, response_format, metadata } = {}, opts = {}) {
   const body = { messages };
   if (model) body.model = model;
   if (options) body.options = options;
   if (tools) body.tools = tools;
   const choice = toolChoice ?? tool_choice; // camelCase, or the protocol's own name
   if (choice) body.tool_choice = choice;
+  const parallel = parallelToolCalls ?? parallel_tool_calls;
+  if (parallel !== undefined && parallel !== null) body.parallel_tool_calls = parallel;
   const format = responseFormat ?? response_format;
   if (format) body.response_format = format;
   if (metadata) body.metadata = metadata;

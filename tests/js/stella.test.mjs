@@ -112,6 +112,9 @@ test("chat() sends tools and toolChoice as the native request has them", async (
   for await (const _ of chat({ messages: [], tools, toolChoice: "none" }, { fetch: capture })) { /* drain */ }
   assert.deepEqual(sent.tools, tools);
   assert.equal(sent.tool_choice, "none");
+  assert.equal("parallel_tool_calls" in sent, false); // unset stays unset
+  for await (const _ of chat({ messages: [], tools, parallelToolCalls: false }, { fetch: capture })) { /* drain */ }
+  assert.equal(sent.parallel_tool_calls, false);
 });
 
 async function listen(handler) {
@@ -191,8 +194,9 @@ test("chat() takes the protocol's own field names too (tool_choice, response_for
     return new Response(streamOf(['{"type":"start","id":"r"}\n', '{"type":"done","finish_reason":"stop"}\n']), { status: 200 });
   };
   const format = { type: "json_object" };
-  for await (const _ of chat({ messages: [], tools: [], tool_choice: "none", response_format: format }, { fetch: capture })) { /* drain */ }
+  for await (const _ of chat({ messages: [], tools: [], tool_choice: "none", parallel_tool_calls: true, response_format: format }, { fetch: capture })) { /* drain */ }
   assert.equal(sent.tool_choice, "none");
+  assert.equal(sent.parallel_tool_calls, true);
   assert.deepEqual(sent.response_format, format);
 });
 
