@@ -656,10 +656,39 @@ def test_a_conversation_begun_on_another_backend_goes_on_on_a_claude_route(
             assert r.json()["choices"][0]["message"]["content"] == "Hello! How can I help?"
 
 
-def test_anthropic_refuses_json_mode(anthropic_url: tuple[FakeAnthropic, str]) -> None:
+def test_anthropic_takes_a_schema_and_refuses_json_mode_without_one(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # The API's structured outputs keep the answer to a JSON schema (output_config.format);
+    # it has no bare JSON mode, and one ignored would pass prose for JSON.
     config = claude_route(anthropic_url[1], "claude-x")
     msgs = [{"role": "user", "content": "hi"}]
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
     with run_stella(config, {"CK": KEY}) as server:
+        fmt = {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}
+        for stream in (False, True):
+            r = httpx.post(
+                server.url + "/api/v1/chat",
+                json={
+                    "model": "sonnet",
+                    "messages": msgs,
+                    "response_format": fmt,
+                    "stream": stream,
+                },
+            )
+            assert r.status_code == 200, r.text
+            sent = anthropic_url[0].requests[-1]
+            assert sent["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+            text = "".join(e.get("text", "") for e in ndjson(r.text)) if stream else ""
+            answer = text or r.json()["message"]["content"]
+            assert answer == '{"name": "Oslo"}'
+        # Ollama's format, a schema, goes the same way.
+        r = httpx.post(
+            server.url + "/api/chat",
+            json={"model": "sonnet", "messages": msgs, "format": schema, "stream": False},
+        )
+        assert r.status_code == 200, r.text
+        assert anthropic_url[0].requests[-1]["output_config"]["format"]["schema"] == schema
         sent = len(anthropic_url[0].requests)
         for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {}}):
             r = httpx.post(
@@ -668,6 +697,10 @@ def test_anthropic_refuses_json_mode(anthropic_url: tuple[FakeAnthropic, str]) -
             )
             assert r.status_code == 400, r.text
             assert r.json()["error"]["message"].startswith("$.response_format: ")
+        r = httpx.post(
+            server.url + "/api/chat", json={"model": "sonnet", "messages": msgs, "format": "json"}
+        )
+        assert r.status_code == 400 and r.json()["error"].startswith("$.format: "), r.text
         assert len(anthropic_url[0].requests) == sent  # never sent on
         r = httpx.post(
             server.url + "/api/v1/chat",

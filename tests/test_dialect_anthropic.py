@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import anthropic
 import httpx
+import pydantic
 import pytest
 
 from tests.fakes.anthropic import FakeAnthropic
@@ -297,6 +298,90 @@ def test_mcp_servers_are_refused_by_their_field(server: LiveServer) -> None:
         model="echo", max_tokens=5, messages=msgs, extra_body={"mcp_servers": []}
     )
     assert m.content[0].text == "Oslo"
+
+
+class City(pydantic.BaseModel):
+    """The answer a structured-outputs test asks for."""
+
+    name: str
+    population: int
+
+
+def test_structured_outputs_reach_the_backend_as_response_format() -> None:
+    # output_config.format (and the beta's top-level output_format) is the backend's
+    # response_format: ignored, the client would get prose where it asked for JSON.
+    msgs = [{"role": "user", "content": "The largest city of Norway?"}]
+    with _claude_and_gpt("claude-ok", "ok") as (server, claude, gpt):
+        c = client(server)
+        # The SDK's parse() sends the GA form; an Anthropic upstream gets it as sent.
+        m = c.messages.parse(model="sonnet", max_tokens=50, messages=msgs, output_format=City)
+        assert m.parsed_output == City(name="Oslo", population=4)
+        sent = claude.requests[-1]["output_config"]
+        assert sent["format"]["type"] == "json_schema"
+        schema = sent["format"]["schema"]
+        assert set(schema["properties"]) == {"name", "population"}
+        with c.messages.stream(
+            model="sonnet", max_tokens=50, messages=msgs, output_format=City
+        ) as stream:
+            final = stream.get_final_message()
+        assert final.parsed_output == City(name="Oslo", population=4)
+        assert claude.requests[-1]["output_config"] == sent
+        # An OpenAI-compatible upstream gets OpenAI's shape, in both forms.
+        fmt = {"type": "json_schema", "schema": schema}
+        for body in ({"output_config": {"format": fmt}}, {"output_format": fmt}):
+            c.messages.create(model="gpt", max_tokens=50, messages=msgs, extra_body=body)
+            assert gpt.requests[-1]["response_format"] == {
+                "type": "json_schema",
+                "json_schema": {"name": "response", "schema": schema, "strict": True},
+            }
+        # effort is taken and not applied: no format, nothing sent on.
+        for model in ("sonnet", "gpt"):
+            m = c.messages.create(
+                model=model,
+                max_tokens=50,
+                messages=msgs,
+                extra_body={"output_config": {"effort": "low", "later": 1}},
+            )
+            assert m.content[0].type == "text" and m.content[0].text, model
+        assert "output_config" not in claude.requests[-1]
+        assert "response_format" not in gpt.requests[-1]
+
+
+def test_an_output_format_stella_cannot_honour_is_refused_by_its_path(
+    server: LiveServer,
+) -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    for body, path in (
+        ({"output_config": {"format": {"type": "json_object"}}}, "output_config.format.type"),
+        ({"output_format": {"type": "text", "schema": schema}}, "output_format.type"),
+        ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format.schema"),
+        (
+            {
+                "output_config": {"format": {"type": "json_schema", "schema": schema}},
+                "output_format": {"type": "json_schema", "schema": schema},
+            },
+            "output_format",
+        ),
+        ({"output_format": {"schema": schema}}, "output_format"),
+    ):
+        with pytest.raises(anthropic.BadRequestError) as info:
+            client(server).messages.create(
+                model="echo", max_tokens=5, messages=msgs, extra_body=body
+            )
+        error = info.value.body["error"]
+        assert error["type"] == "invalid_request_error"
+        assert f"$.{path}" in error["message"], (body, error)
+
+
+def test_a_backends_format_refusal_names_output_config() -> None:
+    # The pipeline's refusal names its own field; a Claude client sent output_config.
+    from stella.api.anthropic import ANTHROPIC
+    from stella.errors import InvalidRequest
+
+    refusal = InvalidRequest("$.response_format: cannot constrain output", param="response_format")
+    error = ANTHROPIC.error_body(refusal, "r")["error"]
+    assert error["message"] == "$.output_config.format: cannot constrain output"
 
 
 _THOUGHT = {"type": "thinking", "thinking": "Oslo is cold in May.", "signature": "c2ln"}

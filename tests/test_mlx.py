@@ -749,6 +749,15 @@ def test_json_mode_is_refused_not_ignored(mlx_server: LiveServer) -> None:
             err = r.json()["error"]
             assert err["code"] == "invalid_request"
             assert err["message"].startswith("$.response_format: ") and says in err["message"]
+    # The Messages API's structured outputs, by their own field (output_config).
+    output = {"format": {"type": "json_schema", "schema": schema}}
+    for stream in (False, True):
+        body = {"model": "smollm2-135m", "max_tokens": 5, "messages": FRANCE, "stream": stream}
+        r = httpx.post(url + "/v1/messages", json={**body, "output_config": output})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and says in err["message"]
+        assert err["message"].startswith("$.output_config.format: ")
     for fmt in ("json", schema):
         for path, body in [
             ("/api/chat", {"messages": FRANCE}),
@@ -786,6 +795,17 @@ def test_json_mode_is_refused_not_ignored(mlx_server: LiveServer) -> None:
     )
     last = json.loads(r.text.splitlines()[-1])
     assert last["error"].startswith("$.format: ") and says in last["error"]
+    body = {
+        "model": "smollm2-or-echo",
+        "max_tokens": 5,
+        "stream": True,
+        "messages": FRANCE,
+        "output_config": output,
+    }
+    # The Messages API's stream holds its status for the first event: a 400 all the same.
+    r = httpx.post(url + "/v1/messages", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith("$.output_config.format: ")
 
 
 async def test_a_request_given_up_in_the_queue_frees_its_place(mlx_server: LiveServer) -> None:

@@ -117,6 +117,23 @@ class AToolChoice(msgspec.Struct):
         return self.type
 
 
+class AOutputFormat(msgspec.Struct):
+    """output_config.format: {"type": "json_schema", "schema": {...}} (the API's only
+    type; any other is refused by its path)."""
+
+    type: str
+    schema: dict[str, Any] | None = None
+
+
+class AOutputConfig(msgspec.Struct):
+    """output_config: the answer's format; other keys are taken and not applied."""
+
+    format: AOutputFormat | None = None
+    # How hard the model should work (Opus 4.5 on): no backend here is asked, as with
+    # `thinking`; taken as any string, the API adds levels.
+    effort: str | None = None
+
+
 class MessagesRequest(msgspec.Struct, kw_only=True):
     """POST /v1/messages."""
 
@@ -136,6 +153,10 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     # naming the field when any is given (stella calls none; ignored, the model would
     # answer without the tools the client counts on).
     mcp_servers: list[dict[str, Any]] | None = None
+    # Structured outputs, the backend's response_format (ignored, the client would get
+    # prose where it asked for its schema). `output_format`: the beta's top-level form.
+    output_config: AOutputConfig | None = None
+    output_format: AOutputFormat | None = None
 
 
 _req = msgspec.json.Decoder(MessagesRequest)
@@ -211,7 +232,7 @@ class AnthropicDialect(Dialect):
         kind = _ERROR_TYPES.get(self.status(exc), "api_error")
         return {
             "type": "error",
-            "error": {"type": kind, "message": exc.message},
+            "error": {"type": kind, "message": own_names(exc.message)},
             "request_id": request_id,
         }
 
@@ -426,7 +447,44 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
         tool_choice=req.tool_choice.internal(req.tools) if req.tool_choice else None,
         parallel_tool_calls=_parallel(req.tool_choice),
         metadata=req.metadata,
+        response_format=_response_format(req),
     )
+
+
+def _response_format(req: MessagesRequest) -> dict[str, Any] | None:
+    """output_config.format (or the beta's output_format) as stella's (OpenAI's)
+    response_format: a backend that cannot keep to a schema refuses it with a 400."""
+    fmt = req.output_config.format if req.output_config is not None else None
+    path = "output_config.format"
+    if req.output_format is not None:
+        if fmt is not None:
+            raise InvalidRequest(
+                "$.output_format: give output_config.format alone (output_format is its "
+                "deprecated form)",
+                param="output_format",
+            )
+        fmt, path = req.output_format, "output_format"
+    if fmt is None:
+        return None
+    if fmt.type != "json_schema":
+        raise InvalidRequest(
+            f"$.{path}.type: {fmt.type!r} is not supported (json_schema only)",
+            param=f"{path}.type",
+        )
+    if fmt.schema is None:
+        raise InvalidRequest(f"$.{path}.schema: required for json_schema", param=f"{path}.schema")
+    # The API holds the answer to the schema (constrained decoding): strict, as OpenAI
+    # names that. The API's format has no name; OpenAI's requires one.
+    spec = {"name": "response", "schema": fmt.schema, "strict": True}
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def own_names(message: str) -> str:
+    """An error `message` with the internal request's field named as this API names it
+    (`response_format` is output_config.format)."""
+    if message.startswith("$.response_format"):
+        return "$.output_config.format" + message[len("$.response_format") :]
+    return message
 
 
 def _parallel(choice: AToolChoice | None) -> bool | None:

@@ -26,7 +26,7 @@ from stella.backends.http import (
     iter_lines,
     upstream_text,
 )
-from stella.errors import UpstreamError, UpstreamStatus
+from stella.errors import InvalidRequest, UpstreamError, UpstreamStatus
 from stella.protocol import ChatRequest, Delta, Done, FinishReason, ToolCall, Usage
 
 STOP: dict[str, FinishReason] = {
@@ -151,6 +151,15 @@ _models = msgspec.json.Decoder(_Models)
 _enc = msgspec.json.Encoder()
 
 
+def _schema(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema of a `json_schema` response_format (None for any other)."""
+    if fmt is None or fmt.get("type") != "json_schema":
+        return None
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    return schema if isinstance(schema, dict) else None
+
+
 def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
     """The Messages API body: system pulled out, tool calls and results as blocks."""
     system = "\n\n".join(m.content for m in request.messages if m.role == "system")
@@ -214,6 +223,8 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
     ):
         if value is not None:
             body[key] = value
+    if (schema := _schema(request.response_format)) is not None:
+        body["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
     if request.tools:
         body["tools"] = [
             {
@@ -268,12 +279,23 @@ class AnthropicBackend(HttpBackend):
         return await self.probe("/v1/models")
 
     def admit(self, request: ChatRequest) -> None:
-        """Refuse a JSON mode: the Messages API has none to map it to."""
-        self.refuse_json_mode(request)
+        """Refuse a JSON mode without a schema: the Messages API's structured outputs
+        take a schema (output_config.format) and have no bare JSON mode."""
+        self._refuse_schemaless(request)
+
+    def _refuse_schemaless(self, request: ChatRequest) -> None:
+        fmt = request.response_format
+        if fmt is not None and fmt.get("type") != "text" and _schema(fmt) is None:
+            # As refuse_json_mode: an answer in prose would pass for one that obeyed.
+            raise InvalidRequest(
+                "$.response_format: the model's backend (anthropic) constrains output to a "
+                "JSON schema only (json_schema with a schema); send one, or none",
+                param="response_format",
+            )
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream one message and translate the SSE events."""
-        self.refuse_json_mode(request)  # also on a route with fallbacks (no admit())
+        self._refuse_schemaless(request)  # also on a route with fallbacks (no admit())
         body = _enc.encode(request_body(request, self.cfg.max_tokens))
         name = self.name
         try:

@@ -19,7 +19,10 @@ larger than message_start's: DELTA_COUNTS),
 api_error after a text delta, of HUGE_ERROR), `claude-malformed`. Requests without the
 right x-api-key get 401, without `max_tokens` (or with a message without content but
 a final assistant one) 400; `"stream": true` gets the event
-sequence, anything else one Message object, as the API does.
+sequence, anything else one Message object, as the API does. A text answer asked for in
+a JSON schema (`output_config.format`, structured outputs) is an instance of it
+(`instance`), in pieces; an `output_config` the API would refuse (a format type other
+than `json_schema`, no schema object, an unknown key) is a 400.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ class FakeAnthropic:
         if (problem := _unlinked(body.get("messages") or [])) is not None:
             return err("invalid_request_error", problem, 400)
         if (problem := _empty(body.get("messages") or [])) is not None:
+            return err("invalid_request_error", problem, 400)
+        if (problem := _output_config(body.get("output_config"))) is not None:
             return err("invalid_request_error", problem, 400)
         model = body["model"]
         if model == "claude-429":
@@ -227,6 +232,11 @@ class FakeAnthropic:
                 },
             )
             words = ["Hello", "!", " How", " can", " I", " help?"]
+            fmt = (body.get("output_config") or {}).get("format")
+            if fmt is not None:
+                # Constrained decoding: the text is the schema's JSON, in a few pieces.
+                answer = json.dumps(instance(fmt["schema"]))
+                words = [answer[i : i + 8] for i in range(0, len(answer), 8)]
             limit = body.get("max_tokens", 1024)
             stop = "model_context_window_exceeded" if model == "claude-context-full" else "end_turn"
             out = 0
@@ -281,6 +291,37 @@ class FakeAnthropic:
             },
         )
         yield event("message_stop", {"type": "message_stop"})
+
+
+def _output_config(config: Any) -> str | None:
+    """What the API answers about an output_config it refuses (None: it takes it)."""
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        return "output_config: Input should be a valid dictionary"
+    for key in config:
+        if key not in ("format", "effort"):
+            return f"output_config.{key}: Extra inputs are not permitted"
+    fmt = config.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return "output_config.format.type: Input should be 'json_schema'"
+    if not isinstance(fmt.get("schema"), dict):
+        return "output_config.format.schema: Input should be a valid dictionary"
+    return None
+
+
+def instance(schema: dict[str, Any]) -> Any:
+    """A value that keeps to a simple JSON schema (every property of an object given)."""
+    if "enum" in schema:
+        return schema["enum"][0]
+    kind = schema.get("type", "object")
+    if kind == "object":
+        return {k: instance(v) for k, v in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [instance(schema.get("items") or {"type": "string"})]
+    return {"string": "Oslo", "integer": 4, "number": 4.5, "boolean": True}.get(kind)
 
 
 def _delta_counts(model: str) -> dict[str, Any]:
