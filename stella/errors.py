@@ -6,6 +6,7 @@ dialect's error shape, streams into an in-band `error` line.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -65,7 +66,8 @@ DEFAULT_RETRY_AFTER_S = 1.0
 
 def _whole_seconds(seconds: float) -> str:
     """Retry-After's value: whole seconds, rounded up, at least 1 (0 would invite a storm)."""
-    return str(max(1, round(seconds + 0.499)))
+    # Up, never down: a client that waits exactly this long must find the way open.
+    return str(max(1, math.ceil(seconds)))
 
 
 # msgspec names a missing or unknown field apart from the path of the object holding it.
