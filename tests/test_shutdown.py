@@ -463,6 +463,46 @@ async def test_a_call_that_comes_after_the_drain_s_cut_leaves_no_cancel_pending(
     assert not svc.pipeline.active
 
 
+async def test_the_cut_ends_each_call_once_and_leaves_no_timer_to_cut_again() -> None:
+    # The lifespan begins the drain and cuts at once: the drain's timer, set by begin(),
+    # must not cut again later, nor may a second cut(); either would cancel a call that
+    # is still sending its last line after the first cancel.
+    from stella.calls import Call
+    from stella.streaming import Drain
+
+    drain = Drain(timeout_s=0.05)
+    ended: list[str] = []
+
+    async def call(request_id: str) -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        drain.enter(Call(request_id=request_id), task)
+        try:
+            await asyncio.sleep(10)
+            return "not cut"
+        except asyncio.CancelledError:
+            ended.append(request_id)
+            await asyncio.sleep(0.2)  # its last line, going out
+            return "ended once"
+        finally:
+            drain.leave(task)
+
+    task = asyncio.create_task(call("timer"))
+    await asyncio.sleep(0)
+    drain.begin()
+    drain.cut()
+    assert await asyncio.wait_for(task, 2) == "ended once"
+    drain = Drain(timeout_s=30)
+    task = asyncio.create_task(call("twice"))
+    await asyncio.sleep(0)
+    drain.begin()
+    drain.cut()
+    await asyncio.sleep(0.05)
+    drain.cut()
+    assert await asyncio.wait_for(task, 2) == "ended once"
+    assert ended == ["timer", "twice"]
+
+
 class AsgiClient:
     """One request to an ASGI app in this process: its body given when `ready` is set,
     each message sent slow by `slow_s` when `slow` says so; what was sent."""
