@@ -27,6 +27,13 @@ class StellaError(Exception):
     falls_back: bool = False
     # The failure says nothing of the backend's health (its circuit is not told).
     no_verdict: bool = False
+    # A timeout that is the request's time running out, not the backend failing (the
+    # total limit passed while it produced, or while an in-process engine worked through
+    # its queue): its circuit is not told, and its retries stop.
+    out_of_time: bool = False
+    # Seconds the upstream asked to wait before the next try (its Retry-After): a retry
+    # waits that long, or is not made when the route's backoff cap is shorter.
+    retry_after_hint: float | None = None
     # Raised after admission (the inference ran and its one log event counts it), not a
     # refusal before the first byte.
     admitted: bool = False
