@@ -529,6 +529,13 @@ class Inference:
                                 except asyncio.CancelledError:
                                     _too_slow(watchdog, total_s)
                                     raise
+                                except SinkClosed:
+                                    raise
+                                except Exception as exc:
+                                    # stella's own fault (a dialect's encoder, say), not the
+                                    # backend's: no retry, no verdict on its circuit, and the
+                                    # attempt, which the backend served, is no failure.
+                                    return self.fail(_stella_failed(exc))
                                 finally:
                                     watchdog.writing = False
                             watchdog.waiting = True
@@ -1010,6 +1017,12 @@ def _backend_failed(backend: str, exc: Exception) -> UpstreamError:
     """Log an unexpected exception from a backend (or past it); the error it ends in."""
     _log.error("backend_failed", backend=backend, exc_info=exc)
     return UpstreamError(f"backend {backend!r} failed: {type(exc).__name__}")
+
+
+def _stella_failed(exc: Exception) -> StellaError:
+    """Log a bug of stella's own past the backend; the 500 `internal_error` it ends in."""
+    _log.error("stream_failed", exc_info=exc)
+    return StellaError("internal error; see the server log")
 
 
 def _too_slow(watchdog: Watchdog, total_s: float) -> None:
