@@ -367,9 +367,11 @@ def _build_app(settings: Settings) -> Starlette:
     app.services = svc
     app.router = ExactPathRouter(routes=routes, lifespan=lifespan)
     app.state.stella = svc
+    # Added first so it is innermost: what the hooks add (CORS) wraps its answers too,
+    # the 503 it sends while draining included.
+    app.add_middleware(RequestContext, services=svc)
     for hook in _app_hooks():
         hook(app, svc)
-    app.add_middleware(RequestContext, services=svc)
     return app
 
 

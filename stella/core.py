@@ -444,7 +444,7 @@ class Inference:
                     probe = breaker.state == "half_open"
                     try:
                         if attempt:
-                            hint = getattr(last, "retry_after_hint", None)
+                            hint = last.retry_after_hint if last is not None else None
                             if hint is not None and hint > rs.retry_max_backoff_s:
                                 # The upstream asked for a longer pause than the route
                                 # waits: asking it sooner would only be refused again.
@@ -467,7 +467,7 @@ class Inference:
                             breaker.release()
                         raise
                     if isinstance(opened, StellaError):
-                        if getattr(opened, "out_of_time", False):
+                        if opened.out_of_time:
                             # The request's time ran out, not the backend: no verdict.
                             if probe:
                                 breaker.release()
@@ -529,6 +529,13 @@ class Inference:
                                 except asyncio.CancelledError:
                                     _too_slow(watchdog, total_s)
                                     raise
+                                except SinkClosed:
+                                    raise
+                                except Exception as exc:
+                                    # stella's own fault (a dialect's encoder, say), not the
+                                    # backend's: no retry, no verdict on its circuit, and the
+                                    # attempt, which the backend served, is no failure.
+                                    return self.fail(_stella_failed(exc))
                                 finally:
                                     watchdog.writing = False
                             watchdog.waiting = True
@@ -549,7 +556,7 @@ class Inference:
                                     timeout = UpstreamTimeout(
                                         f"backend {route.backend_name!r} {why}"
                                     )
-                                    timeout.out_of_time = out_of_time and _producing(  # type: ignore[attr-defined]
+                                    timeout.out_of_time = out_of_time and _producing(
                                         watchdog, now, rs.total_timeout_s
                                     )
                                     raise timeout from None
@@ -571,7 +578,7 @@ class Inference:
                             # The request's own time ran out, not the backend's: no verdict
                             # (the probe, if this was one, goes back below), as before the
                             # first token.
-                            if not getattr(exc, "out_of_time", False):
+                            if not exc.out_of_time:
                                 breaker.failure()
                             if emit is None:
                                 # Nothing has reached the client of a non-stream call yet:
@@ -755,7 +762,7 @@ class Inference:
             else:
                 err = UpstreamTimeout(f"the total limit of {total_s:g}s passed")
                 # An in-process engine's queue or long prompt is its load, never a fault.
-                err.out_of_time = route.backend.local_queue or _producing(  # type: ignore[attr-defined]
+                err.out_of_time = route.backend.local_queue or _producing(
                     watchdog, time.perf_counter(), rs.total_timeout_s
                 )
         except Exception as exc:  # a backend bug must still end the stream properly
@@ -1010,6 +1017,12 @@ def _backend_failed(backend: str, exc: Exception) -> UpstreamError:
     """Log an unexpected exception from a backend (or past it); the error it ends in."""
     _log.error("backend_failed", backend=backend, exc_info=exc)
     return UpstreamError(f"backend {backend!r} failed: {type(exc).__name__}")
+
+
+def _stella_failed(exc: Exception) -> StellaError:
+    """Log a bug of stella's own past the backend; the 500 `internal_error` it ends in."""
+    _log.error("stream_failed", exc_info=exc)
+    return StellaError("internal error; see the server log")
 
 
 def _too_slow(watchdog: Watchdog, total_s: float) -> None:

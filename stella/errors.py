@@ -6,6 +6,7 @@ dialect's error shape, streams into an in-band `error` line.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -26,6 +27,13 @@ class StellaError(Exception):
     falls_back: bool = False
     # The failure says nothing of the backend's health (its circuit is not told).
     no_verdict: bool = False
+    # A timeout that is the request's time running out, not the backend failing (the
+    # total limit passed while it produced, or while an in-process engine worked through
+    # its queue): its circuit is not told, and its retries stop.
+    out_of_time: bool = False
+    # Seconds the upstream asked to wait before the next try (its Retry-After): a retry
+    # waits that long, or is not made when the route's backoff cap is shorter.
+    retry_after_hint: float | None = None
     # Raised after admission (the inference ran and its one log event counts it), not a
     # refusal before the first byte.
     admitted: bool = False
@@ -65,7 +73,8 @@ DEFAULT_RETRY_AFTER_S = 1.0
 
 def _whole_seconds(seconds: float) -> str:
     """Retry-After's value: whole seconds, rounded up, at least 1 (0 would invite a storm)."""
-    return str(max(1, round(seconds + 0.499)))
+    # Up, never down: a client that waits exactly this long must find the way open.
+    return str(max(1, math.ceil(seconds)))
 
 
 # msgspec names a missing or unknown field apart from the path of the object holding it.

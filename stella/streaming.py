@@ -150,7 +150,13 @@ class Drain:
         self._timer = loop.call_later(self.timeout_s, self.cut)
 
     def cut(self) -> None:
-        """End every running call now, each with a `shutting_down` outcome."""
+        """End every running call now, each with a `shutting_down` outcome (once: a call
+        already ended may be sending its last line, which a second cancel would lose)."""
+        if self._timer is not None:  # the lifespan cuts before the timeout: no second cut
+            self._timer.cancel()
+            self._timer = None
+        if self.over:
+            return
         self.over = True
         for task, call in list(self.tasks.items()):
             _end(task, call)

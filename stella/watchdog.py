@@ -14,7 +14,7 @@ from stella.errors import StellaError
 
 def backoff(base: float, cap: float, attempt: int, last: StellaError | None) -> float:
     """Exponential backoff with full jitter; an upstream's Retry-After wins when given."""
-    hint = getattr(last, "retry_after_hint", None)
+    hint = last.retry_after_hint if last is not None else None
     if hint is not None:
         return min(float(hint), cap)
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))

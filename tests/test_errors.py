@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from stella.errors import RateLimited, Unavailable
 from tests.live import LiveServer, run_stella
 
 ADMIN, LIMITED, USER = "sk-admin-0123456789", "sk-limited-0123456789", "sk-user-0123456789"
@@ -449,6 +450,15 @@ def test_rate_limited_with_headers(server: LiveServer) -> None:
     error_of(r, 429, "rate_limited")
     assert 1 <= int(r.headers["retry-after"]) <= 30
     assert r.headers["x-ratelimit-limit"] == "2" and r.headers["x-ratelimit-remaining"] == "0"
+
+
+def test_retry_after_rounds_up_to_whole_seconds() -> None:
+    # A client that waits exactly Retry-After must not be refused again: 2.001 s is 3.
+    for seconds, header in ((2.001, "3"), (2.0, "2"), (2.6, "3"), (0.2, "1"), (0.0, "1")):
+        assert RateLimited("x", retry_after=seconds).headers["Retry-After"] == header, seconds
+    err = Unavailable("x")
+    err.retry_in(1.0001)
+    assert err.headers["Retry-After"] == "2" and err.retry_after == 1.0001
 
 
 def test_a_backends_overload_says_when_to_come_back() -> None:

@@ -198,6 +198,64 @@ def test_failure_after_tokens_keeps_tokens_then_error(stella: LiveServer) -> Non
     assert lines[-1]["code"] == "upstream_error"
 
 
+async def test_a_fault_in_the_dialect_s_encoder_is_stella_s_not_the_backend_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The backend answered; writing its delta failed in stella itself. That is a 500
+    # internal_error, not retryable, and says nothing of the backend: its circuit (one
+    # failure opens it here) and its failure count are untouched, and it serves on.
+    from structlog.testing import capture_logs
+
+    from stella.api import native
+    from stella.app import create_app
+    from stella.protocol import Delta
+    from stella.settings import load_settings
+
+    encode = native.NDJSON.encode
+
+    def broken(event: object) -> bytes:
+        if type(event) is Delta:
+            raise TypeError("a bug in the encoder")
+        return encode(event)
+
+    overrides = {
+        "models": {"default": "echo"},
+        "backends": {"local": {"enabled": False}},
+        "breaker": {"failure_threshold": 1},
+    }
+    app = create_app(load_settings(overrides, environ={}))
+    svc = app.state.stella
+    events: list[dict] = []
+    svc.pipeline.listeners.append(events.append)
+    body = {"messages": [{"role": "user", "content": "hi there"}]}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            monkeypatch.setattr(native.NDJSON, "encode", broken)
+            with capture_logs() as logged:
+                r = await c.post("/api/v1/chat", json=body)
+            monkeypatch.undo()
+            lines = ndjson(r.text)
+            assert [e["type"] for e in lines] == ["start", "error"]
+            assert lines[-1] == {
+                "type": "error",
+                "code": "internal_error",
+                "message": "internal error; see the server log",
+                "retryable": False,
+            }
+            errors = [e for e in logged if e["log_level"] == "error"]
+            assert [e["event"] for e in errors] == ["stream_failed"]
+            assert "a bug in the encoder" in repr(errors[0]["exc_info"])
+            ev = events[-1]
+            assert ev["status"] == 500 and ev["error_code"] == "internal_error"
+            assert [a["error"] for a in ev["attempts"]] == [None]  # the backend served
+            assert svc.router.breaker("echo").state == "closed"
+            metrics = (await c.get("/metrics")).text
+            assert 'stella_backend_failures_total{backend="echo"' not in metrics
+            r = await c.post("/api/v1/chat", json=body)
+            assert [e["type"] for e in ndjson(r.text)] == ["start", "delta", "delta", "done"]
+
+
 def test_stall_after_start_times_out_in_band(stella: LiveServer) -> None:
     t = time.monotonic()
     lines = ndjson(chat(stella, "echo-stall", "one two three four").text)

@@ -193,6 +193,47 @@ async def test_draining_refusals_take_the_dialects_shape() -> None:
         assert (await c.get("/health")).status_code == 200  # probes still answer
 
 
+async def test_draining_refusals_carry_the_cors_headers() -> None:
+    # A browser on an allowed origin must be able to read the 503, not see a bare
+    # network error: the CORS layer wraps the refusal as it wraps any answer.
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    settings = load_settings(
+        {
+            "cors": {"allowed_origins": ["https://app.example"]},
+            "models": {"default": "echo"},
+            "backends": {"local": {"enabled": False}},
+            "auth": {"allow_anonymous": True},
+        },
+        environ={},
+    )
+    app = create_app(settings)
+    app.state.stella.drain.draining = True
+    origin = {"Origin": "https://app.example"}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+        r = await c.post(
+            "/api/v1/chat",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+            headers={**origin, "X-Request-ID": "req-drain-cors"},
+        )
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        exposed = r.headers["access-control-expose-headers"].lower()
+        assert "retry-after" in exposed and "x-request-id" in exposed
+        assert r.headers["x-request-id"] == "req-drain-cors"
+        r = await c.post("/v1/chat/completions", json={}, headers=origin)
+        assert r.status_code == 503
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        # The preflight is answered, so the browser goes on to the request and its 503.
+        r = await c.options(
+            "/api/v1/chat", headers={**origin, "Access-Control-Request-Method": "POST"}
+        )
+        assert r.status_code == 200
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+
+
 async def test_calls_waiting_for_a_slot_end_with_the_drain_or_when_their_client_leaves() -> None:
     # One slot on the backend: calls behind the running one wait in admission. A client
     # that leaves there gives up its place before any backend attempt; at SIGTERM the
@@ -420,6 +461,46 @@ async def test_a_call_that_comes_after_the_drain_s_cut_leaves_no_cancel_pending(
 
     assert await asyncio.wait_for(asyncio.create_task(call()), 2) == "went on"
     assert not svc.pipeline.active
+
+
+async def test_the_cut_ends_each_call_once_and_leaves_no_timer_to_cut_again() -> None:
+    # The lifespan begins the drain and cuts at once: the drain's timer, set by begin(),
+    # must not cut again later, nor may a second cut(); either would cancel a call that
+    # is still sending its last line after the first cancel.
+    from stella.calls import Call
+    from stella.streaming import Drain
+
+    drain = Drain(timeout_s=0.05)
+    ended: list[str] = []
+
+    async def call(request_id: str) -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        drain.enter(Call(request_id=request_id), task)
+        try:
+            await asyncio.sleep(10)
+            return "not cut"
+        except asyncio.CancelledError:
+            ended.append(request_id)
+            await asyncio.sleep(0.2)  # its last line, going out
+            return "ended once"
+        finally:
+            drain.leave(task)
+
+    task = asyncio.create_task(call("timer"))
+    await asyncio.sleep(0)
+    drain.begin()
+    drain.cut()
+    assert await asyncio.wait_for(task, 2) == "ended once"
+    drain = Drain(timeout_s=30)
+    task = asyncio.create_task(call("twice"))
+    await asyncio.sleep(0)
+    drain.begin()
+    drain.cut()
+    await asyncio.sleep(0.05)
+    drain.cut()
+    assert await asyncio.wait_for(task, 2) == "ended once"
+    assert ended == ["timer", "twice"]
 
 
 class AsgiClient:
