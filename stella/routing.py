@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from stella.backends import Backend, ConfigError
 from stella.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, StellaError
-from stella.settings import BreakerSettings, RouteSettings, Settings
+from stella.settings import RouteSettings, Settings
 from stella.state import taken
 
 # A model name no route claims that stands for the default model as it is now (after a
@@ -100,12 +100,7 @@ class Route:
 class Router:
     """Resolves model names; owns the routes, the default and the breakers."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        backends: dict[str, Backend],
-        breaker: BreakerSettings | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, backends: dict[str, Backend]) -> None:
         self.settings = settings
         self.backends = backends
         self.configured_default = settings.models.default
@@ -116,7 +111,7 @@ class Router:
         # before it ended still counts under its name (metrics label only these).
         self.ever: set[str] = set()
         self._names: dict[str, str] = {}
-        b = breaker or settings.breaker
+        b = settings.breaker
         self.breakers = {
             name: CircuitBreaker(b.failure_threshold, b.cooldown_s) for name in backends
         }

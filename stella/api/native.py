@@ -34,7 +34,6 @@ from stella.streaming import Codec
 
 _chat = msgspec.json.Decoder(ChatRequest)
 _generate = msgspec.json.Decoder(GenerateRequest)
-_route = msgspec.json.Decoder(RouteSettings)
 NDJSON = Codec()
 
 
