@@ -88,7 +88,7 @@ class Codec:
 
     def start(self, event: Start) -> bytes:
         """Bytes for the start of the stream (b"" sends only the headers)."""
-        return one_line(self._encoder.encode(event)) + b"\n"
+        return self.encode(event)
 
     def encode(self, event: Any) -> bytes:
         """Bytes for one pipeline event (Delta, ToolCall, Done, Error)."""
