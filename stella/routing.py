@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from stella.backends import Backend, ConfigError
 from stella.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, StellaError
 from stella.settings import RouteSettings, Settings
-from stella.state import taken
+from stella.state import is_default, taken
 
 # A model name no route claims that stands for the default model as it is now (after a
 # switch too); a route or alias named so in the configuration keeps it.
@@ -312,7 +312,7 @@ class Router:
         if route is None:
             raise ModelNotFound(f"model {name!r} not found")
         if route.name == self.default:
-            raise Conflict(f"model {route.name!r} is the default model; it can't be removed")
+            raise Conflict(is_default(route.name))
         if route.name == self._names.get(self.configured_default, self.configured_default):
             # Still protected after a switch: a restart (or an emptied Redis) goes back to it.
             raise Conflict(
