@@ -284,9 +284,7 @@ class Limiter(Admission):
                     slot = await self.slots.acquire(name, size, queue_s)
                     if slot is None:
                         what = name.replace(":", " ", 1)
-                        raise Overloaded(
-                            f"{what} already has {size} requests running", retry_after=1
-                        )
+                        raise Overloaded(f"{what} already has {size} requests running")
                     held.append(slot)
                     if name.startswith("backend:"):
                         permit._backend = slot

@@ -472,9 +472,7 @@ class RedisState:
             raise Conflict(is_default(candidate) if why == "default" else taken(candidate, owner))
         if not done:
             raise Unavailable(
-                "the state store (Redis) answered too slowly; the change was not applied; "
-                "try again",
-                retry_after=1,
+                "the state store (Redis) answered too slowly; the change was not applied; try again"
             )
 
     async def routing(self) -> tuple[RoutingVersion, dict[str, Any], str | None] | None:
