@@ -138,16 +138,7 @@ class _Event(msgspec.Struct):
     error: _Error | None = None
 
 
-class _Model(msgspec.Struct):
-    id: str
-
-
-class _Models(msgspec.Struct):
-    data: list[_Model] = []
-
-
 _event = msgspec.json.Decoder(_Event)
-_models = msgspec.json.Decoder(_Models)
 _enc = msgspec.json.Encoder()
 
 
@@ -261,7 +252,7 @@ class AnthropicBackend(HttpBackend):
 
     async def models(self) -> list[str]:
         """GET /v1/models."""
-        return [m.id for m in (await self.get_json("/v1/models", _models)).data]
+        return await self.model_ids("/v1/models")
 
     async def health(self) -> BackendHealth:
         """GET /v1/models: no tokens spent."""
