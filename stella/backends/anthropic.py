@@ -14,7 +14,6 @@ from stella.backends.base import (
     BackendEvent,
     BackendHealth,
     CallContext,
-    arguments_of,
     ended,
     linked_tool_calls,
 )
@@ -27,7 +26,15 @@ from stella.backends.http import (
     upstream_text,
 )
 from stella.errors import UpstreamError, UpstreamStatus
-from stella.protocol import ChatRequest, Delta, Done, FinishReason, ToolCall, Usage
+from stella.protocol import (
+    ChatRequest,
+    Delta,
+    Done,
+    FinishReason,
+    ToolCall,
+    Usage,
+    arguments_of,
+)
 
 STOP: dict[str, FinishReason] = {
     "end_turn": "stop",

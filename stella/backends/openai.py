@@ -13,7 +13,6 @@ from stella.backends.base import (
     BackendEvent,
     BackendHealth,
     CallContext,
-    arguments_of,
     content_of,
     ended,
     linked_tool_calls,
@@ -35,6 +34,7 @@ from stella.protocol import (
     FinishReason,
     ToolCall,
     Usage,
+    arguments_of,
     arguments_text,
     wire_tools,
 )
