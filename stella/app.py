@@ -515,8 +515,10 @@ async def _follow_routing(svc: Services) -> None:
                 continue  # a local change landed meanwhile: read again next time
             seen, routes, default = read
             apply_routing(svc.router, routes, default)
-        except Exception as exc:  # a bad entry must not stop the following
+        except (OSError, StellaError) as exc:  # the store away, a change refused: in a line
             _log.warning("routing_sync_failed", error=repr(exc))
+        except Exception as exc:  # a bug: its traceback, and the following goes on
+            _log.error("routing_sync_failed", error=repr(exc), exc_info=exc)
 
 
 def apply_routing(router: Router, routes: dict[str, Any], default: str | None) -> None:
