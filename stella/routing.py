@@ -33,7 +33,7 @@ class CircuitBreaker:
         """Whether a request may go to this backend now (claims the probe when half-open)."""
         if self.state == "closed":
             return True
-        if self.state == "open" and time.monotonic() - self.opened_at >= self.cooldown_s:
+        if self.state == "open" and self._cooled():
             self.state = "half_open"
             self.probing = False
         if self.state == "half_open" and not self.probing:
@@ -46,8 +46,12 @@ class CircuitBreaker:
         if self.state == "closed":
             return True
         if self.state == "open":
-            return time.monotonic() - self.opened_at >= self.cooldown_s
+            return self._cooled()
         return not self.probing
+
+    def _cooled(self) -> bool:
+        # Read only once a circuit is open: a closed one (the usual case) answers first.
+        return time.monotonic() - self.opened_at >= self.cooldown_s
 
     def success(self) -> None:
         """The backend answered: close the circuit."""
@@ -70,7 +74,7 @@ class CircuitBreaker:
     def now(self) -> str:
         """The state as of now, without claiming anything: an open circuit whose cool-down
         has passed reads half_open (it lets the next request through as its probe)."""
-        if self.state == "open" and time.monotonic() - self.opened_at >= self.cooldown_s:
+        if self.state == "open" and self._cooled():
             return "half_open"
         return self.state
 
