@@ -14,7 +14,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from stella.api.http import JSONResponse, endpoint, read_json, run_to_end, services, stream_response
+from stella.api.http import (
+    JSONResponse,
+    Reply,
+    endpoint,
+    read_json,
+    run_to_end,
+    services,
+    stream_response,
+)
 from stella.api.openapi import Operation, document
 from stella.core import Call
 from stella.errors import InvalidRequest, ModelNotFound, StellaError
@@ -63,7 +71,7 @@ T = TypeVar("T")
 _log = structlog.get_logger("stella")
 
 
-async def respond(request: Request, call: Call, chat: ChatRequest) -> Response:
+async def respond(request: Request, call: Call, chat: ChatRequest) -> Reply:
     """Admit a chat and answer it as NDJSON stream or JSON, per `chat.stream`."""
     svc = services(request)
     inference = await svc.pipeline.prepare(chat, call)
@@ -91,7 +99,7 @@ def _hint(exc: InvalidRequest) -> InvalidRequest:
 
 
 @endpoint()
-async def chat(request: Request, call: Call) -> Response:
+async def chat(request: Request, call: Call) -> Reply:
     """POST /api/v1/chat."""
     try:
         req = await read_json(request, _chat)
@@ -109,7 +117,7 @@ async def read_generate(request: Request) -> GenerateRequest:
 
 
 @endpoint()
-async def generate(request: Request, call: Call) -> Response:
+async def generate(request: Request, call: Call) -> Reply:
     """POST /api/v1/generate: a chat with one user message and an optional system prompt."""
     return await respond(request, call, (await read_generate(request)).to_chat())
 
