@@ -37,6 +37,7 @@ from stella.protocol import (
     Registered,
     Removed,
 )
+from stella.routing import Router
 from stella.settings import ROUTE_NAME_PATTERN, ROUTE_NAME_RULE, RouteSettings
 from stella.streaming import Codec
 
@@ -287,7 +288,7 @@ async def delete_model(request: Request, call: Call) -> Response:
 
 
 async def _change(
-    router: Any,
+    router: Router,
     apply: Callable[[], T],
     write: Callable[[T], Awaitable[Any]],
     again: Callable[[], Any] | None = None,
