@@ -52,7 +52,7 @@ from stella.settings import (
     load_settings,
     secret_values,
 )
-from stella.state import MemoryState, Unreadable
+from stella.state import MemoryState, SharedState, StateStore, Unreadable
 from stella.streaming import Drain
 
 # Dialect modules beyond the native API; each exposes `routes` (and may be absent).
@@ -81,7 +81,7 @@ class Services:
         }
         self.router = Router(settings, self.backends)
         self.auth = Authenticator(settings)
-        self.state: Any = make_state(settings)
+        self.state: StateStore = make_state(settings)
         self.admission: Admission = make_admission(settings, self.state)
         self.pipeline = Pipeline(
             self.router, logs.emitter(), admission=self.admission, log_content=settings.log.content
@@ -120,7 +120,7 @@ class Services:
             hook(exc, api)
 
 
-def make_state(settings: Settings) -> Any:
+def make_state(settings: Settings) -> StateStore:
     """The state store: Redis when configured, else this process's memory."""
     if settings.state.redis_url:
         try:
@@ -137,7 +137,7 @@ def make_state(settings: Settings) -> Any:
     return MemoryState()
 
 
-def make_admission(settings: Settings, state: Any) -> Admission:
+def make_admission(settings: Settings, state: StateStore) -> Admission:
     """Rate limits and concurrency, when the limits module is present."""
     try:
         mod = importlib.import_module("stella.limits")
@@ -443,8 +443,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             await backend.start()
             started.append(backend)
         _chain_signals(svc.drain)
-        if hasattr(svc.state, "routing_version"):  # shared state: follow other replicas
-            follower = asyncio.create_task(_follow_routing(svc))
+        if isinstance(svc.state, SharedState):  # shared state: follow other replicas
+            follower = asyncio.create_task(_follow_routing(svc, svc.state))
         _log.info(
             "started",
             version=__version__,
@@ -497,13 +497,12 @@ LOG_FLUSH_TIMEOUT_S = 5.0
 ROUTING_POLL_S = 1.0
 
 
-async def _follow_routing(svc: Services) -> None:
+async def _follow_routing(svc: Services, state: SharedState) -> None:
     """Apply the runtime routes and default switches other replicas write to the state
     store: a cheap version poll, a full read only when the version moved."""
-    state = svc.state
     # None: the first poll reads everything once, so a change made between the start-up
     # restore and this loop is not missed. A version is (epoch, count): a count alone
-    # repeats after Redis restarts empty (see state_redis.RoutingVersion).
+    # repeats after Redis restarts empty (see state.RoutingVersion).
     seen: tuple[str, int] | None = None
     while True:
         await asyncio.sleep(ROUTING_POLL_S)
@@ -517,8 +516,10 @@ async def _follow_routing(svc: Services) -> None:
                 continue  # a local change landed meanwhile: read again next time
             seen, routes, default = read
             apply_routing(svc.router, routes, default)
-        except Exception as exc:  # a bad entry must not stop the following
+        except (OSError, StellaError) as exc:  # the store away, a change refused: in a line
             _log.warning("routing_sync_failed", error=repr(exc))
+        except Exception as exc:  # a bug: its traceback, and the following goes on
+            _log.error("routing_sync_failed", error=repr(exc), exc_info=exc)
 
 
 def apply_routing(router: Router, routes: dict[str, Any], default: str | None) -> None:

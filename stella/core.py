@@ -14,7 +14,7 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -53,6 +53,9 @@ from stella.protocol import (
 )
 from stella.routing import Route, Router
 from stella.watchdog import Watchdog, backoff, close_quietly
+
+if TYPE_CHECKING:  # streaming imports this module
+    from stella.streaming import Drain
 
 _log = structlog.get_logger("stella")
 Emit = Callable[[Delta | ToolCall], Awaitable[None]]
@@ -96,7 +99,7 @@ class Pipeline:
         self.active: set[Inference] = set()
         # The server's Drain (streaming.Drain), when there is one: a wait for a slot
         # is one of the calls a shutdown ends.
-        self.drain: Any = None
+        self.drain: Drain | None = None
 
     async def prepare(self, request: ChatRequest, call: Call) -> Inference:
         """Resolve and admit; raises a StellaError that becomes an HTTP error."""

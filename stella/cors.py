@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
+from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
+
+if TYPE_CHECKING:  # the app installs this module
+    from stella.app import Services
 
 EXPOSE = [
     "X-Request-ID",
@@ -21,7 +25,7 @@ def origin(configured: str) -> str:
     return configured.strip().rstrip("/").lower()
 
 
-def install(app: Any, svc: Any) -> None:
+def install(app: Starlette, svc: Services) -> None:
     """Add the CORS middleware when any origin is configured (none: no CORS headers)."""
     origins = svc.settings.cors.allowed_origins
     if not origins:

@@ -178,28 +178,27 @@ class ClientTooSlow(StellaError):
     status, code = 408, "client_too_slow"
 
 
-class Overloaded(StellaError):
+class _ComeBackLater(StellaError):
+    """A 503 that always says when to come back (README, /openapi.json)."""
+
+    status, retryable = 503, True
+
+    def __init__(
+        self, message: str, *, retry_after: float = DEFAULT_RETRY_AFTER_S, **kwargs: Any
+    ) -> None:
+        super().__init__(message, retry_after=retry_after, **kwargs)
+
+
+class Overloaded(_ComeBackLater):
     """A queue is full."""
 
-    status, code, retryable = 503, "overloaded", True
-
-    def __init__(
-        self, message: str, *, retry_after: float = DEFAULT_RETRY_AFTER_S, **kwargs: Any
-    ) -> None:
-        # A 503 always says when to come back (README, /openapi.json).
-        super().__init__(message, retry_after=retry_after, **kwargs)
+    code = "overloaded"
 
 
-class Unavailable(StellaError):
+class Unavailable(_ComeBackLater):
     """A circuit is open or the backend cannot serve now."""
 
-    status, code, retryable = 503, "unavailable", True
-
-    def __init__(
-        self, message: str, *, retry_after: float = DEFAULT_RETRY_AFTER_S, **kwargs: Any
-    ) -> None:
-        # A 503 always says when to come back (README, /openapi.json).
-        super().__init__(message, retry_after=retry_after, **kwargs)
+    code = "unavailable"
 
 
 class ClientGone(StellaError):
@@ -217,7 +216,7 @@ class ShuttingDown(StellaError):
         self,
         message: str = "the server is shutting down; retry the request",
         *,
-        retry_after: float | None = 1.0,
+        retry_after: float | None = DEFAULT_RETRY_AFTER_S,
     ) -> None:
         # Another replica (or this one, restarted) can take the retry at once.
         super().__init__(message, retry_after=retry_after)

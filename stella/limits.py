@@ -20,6 +20,7 @@ from stella.errors import Overloaded, RateLimited
 from stella.protocol import ChatRequest, Usage
 from stella.routing import Route
 from stella.settings import ModelLimits, Settings
+from stella.state import StateStore
 
 
 @dataclass(slots=True)
@@ -41,6 +42,18 @@ class BucketStore(Protocol):
 
     def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
         """Return `amount` (negative: charge more) to a bucket, never above capacity."""
+        ...
+
+
+class SlotStore(Protocol):
+    """Where concurrency slots are held."""
+
+    async def acquire(self, name: str, size: int, wait_s: float) -> Any | None:
+        """A held slot (whatever `release` takes back), or None after `wait_s` seconds."""
+        ...
+
+    def release(self, held: Any) -> None:
+        """Give a slot back."""
         ...
 
 
@@ -160,13 +173,13 @@ class LimitPermit(Permit):
 class Limiter(Admission):
     """Admission: per-key and per-model buckets, per-key concurrency."""
 
-    def __init__(self, settings: Settings, state: Any = None) -> None:
+    def __init__(self, settings: Settings, state: StateStore | None = None) -> None:
         self.settings = settings
         self.limits = settings.limits
         self.buckets: BucketStore = _buckets_for(state)
         make = getattr(state, "slots", None)
         # Shared through the state store when it offers slots (Redis), else this process's.
-        self.slots: Any = make() if callable(make) else MemorySlots()
+        self.slots: SlotStore = make() if callable(make) else MemorySlots()
         self._plans: dict[tuple[str, str, str], _Plan] = {}
         self.rejections = 0
 
@@ -284,9 +297,7 @@ class Limiter(Admission):
                     slot = await self.slots.acquire(name, size, queue_s)
                     if slot is None:
                         what = name.replace(":", " ", 1)
-                        raise Overloaded(
-                            f"{what} already has {size} requests running", retry_after=1
-                        )
+                        raise Overloaded(f"{what} already has {size} requests running")
                     held.append(slot)
                     if name.startswith("backend:"):
                         permit._backend = slot
@@ -379,6 +390,6 @@ class _Plan:
 _FREE = Permit()
 
 
-def _buckets_for(state: Any) -> BucketStore:
+def _buckets_for(state: StateStore | None) -> BucketStore:
     make = getattr(state, "buckets", None)
     return make() if callable(make) else MemoryBuckets()

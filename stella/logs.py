@@ -448,8 +448,13 @@ class LogSink:
             line = AUTH_HEADER_BYTES.sub(rb"\1\2***", line)
         return line + b"\n"
 
-    def _has_secret_field(self, node: dict[str, Any]) -> bool:
+    def _has_secret_field(self, node: dict[str, Any] | list[Any]) -> bool:
         """Whether any key, at any depth, names a secret (known-safe keys are cached)."""
+        if isinstance(node, list):
+            for item in node:
+                if (type(item) is dict or type(item) is list) and self._has_secret_field(item):
+                    return True
+            return False
         safe = self._safe_keys
         for key, value in node.items():
             if key not in safe:
@@ -459,19 +464,7 @@ class LogSink:
                     # An empty value now says nothing of the next one: never cached as safe.
                 elif len(safe) < 4096:
                     safe.add(key)
-            if type(value) is dict:
-                if self._has_secret_field(value):
-                    return True
-            elif type(value) is list and self._list_has_secret_field(value):
-                return True
-        return False
-
-    def _list_has_secret_field(self, items: list[Any]) -> bool:
-        for item in items:
-            if type(item) is dict:
-                if self._has_secret_field(item):
-                    return True
-            elif type(item) is list and self._list_has_secret_field(item):
+            if (type(value) is dict or type(value) is list) and self._has_secret_field(value):
                 return True
         return False
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -25,6 +26,9 @@ from stella.api.http import endpoint, services
 from stella.api.openapi import Operation, document
 from stella.calls import Call
 from stella.errors import Forbidden, StellaError
+
+if TYPE_CHECKING:  # the app installs this module
+    from stella.app import Services
 
 # Attempts cut for the client's or the server's reasons, not because the backend failed
 # (a fallback refused by its limits or an open circuit never ran: it has no "ms").
@@ -249,7 +253,7 @@ document(
 )
 
 
-def install(app: Any, svc: Any) -> None:
+def install(app: Starlette, svc: Services) -> None:
     """Wire metrics into an app: the listener, the refusal hook and the route."""
     if not svc.settings.metrics.enabled:
         return

@@ -313,6 +313,27 @@ def arguments_text(arguments: dict[str, Any], raw: str | None) -> str:
     return raw if raw is not None else _arguments_json.encode(arguments).decode()
 
 
+_arguments_any = msgspec.json.Decoder()
+
+
+def arguments_of(raw: str) -> tuple[dict[str, Any], str | None]:
+    """A model's tool-call arguments as an object, and its text when that was not one.
+
+    Invalid JSON becomes {"_raw": text}, another JSON value {"value": v}: every API
+    that takes an object still gets one, and the text goes on (ToolCall.raw_arguments)
+    to those that take the model's string as it is (OpenAI's).
+    """
+    if not raw.strip():
+        return {}, None
+    try:
+        args = _arguments_any.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return {"_raw": raw}, raw
+    if isinstance(args, dict):
+        return args, None
+    return {"value": args}, raw
+
+
 class Done(Event, tag="done"):
     """Terminal line of a successful stream."""
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from stella.backends import Backend, ConfigError
 from stella.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, StellaError
-from stella.settings import BreakerSettings, RouteSettings, Settings
-from stella.state import taken
+from stella.settings import RouteSettings, Settings
+from stella.state import is_default, taken
 
 # A model name no route claims that stands for the default model as it is now (after a
 # switch too); a route or alias named so in the configuration keeps it.
@@ -33,7 +33,7 @@ class CircuitBreaker:
         """Whether a request may go to this backend now (claims the probe when half-open)."""
         if self.state == "closed":
             return True
-        if self.state == "open" and time.monotonic() - self.opened_at >= self.cooldown_s:
+        if self.state == "open" and self._cooled():
             self.state = "half_open"
             self.probing = False
         if self.state == "half_open" and not self.probing:
@@ -46,8 +46,12 @@ class CircuitBreaker:
         if self.state == "closed":
             return True
         if self.state == "open":
-            return time.monotonic() - self.opened_at >= self.cooldown_s
+            return self._cooled()
         return not self.probing
+
+    def _cooled(self) -> bool:
+        # Read only once a circuit is open: a closed one (the usual case) answers first.
+        return time.monotonic() - self.opened_at >= self.cooldown_s
 
     def success(self) -> None:
         """The backend answered: close the circuit."""
@@ -70,7 +74,7 @@ class CircuitBreaker:
     def now(self) -> str:
         """The state as of now, without claiming anything: an open circuit whose cool-down
         has passed reads half_open (it lets the next request through as its probe)."""
-        if self.state == "open" and time.monotonic() - self.opened_at >= self.cooldown_s:
+        if self.state == "open" and self._cooled():
             return "half_open"
         return self.state
 
@@ -100,12 +104,7 @@ class Route:
 class Router:
     """Resolves model names; owns the routes, the default and the breakers."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        backends: dict[str, Backend],
-        breaker: BreakerSettings | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, backends: dict[str, Backend]) -> None:
         self.settings = settings
         self.backends = backends
         self.configured_default = settings.models.default
@@ -116,7 +115,7 @@ class Router:
         # before it ended still counts under its name (metrics label only these).
         self.ever: set[str] = set()
         self._names: dict[str, str] = {}
-        b = breaker or settings.breaker
+        b = settings.breaker
         self.breakers = {
             name: CircuitBreaker(b.failure_threshold, b.cooldown_s) for name in backends
         }
@@ -317,7 +316,7 @@ class Router:
         if route is None:
             raise ModelNotFound(f"model {name!r} not found")
         if route.name == self.default:
-            raise Conflict(f"model {route.name!r} is the default model; it can't be removed")
+            raise Conflict(is_default(route.name))
         if route.name == self._names.get(self.configured_default, self.configured_default):
             # Still protected after a switch: a restart (or an emptied Redis) goes back to it.
             raise Conflict(

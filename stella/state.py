@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from stella.errors import Conflict, ModelNotFound
 
@@ -27,6 +27,76 @@ class Unreadable:
     # The name as stored is not UTF-8: shown with its bytes escaped, a name no request
     # can give back, so only Redis itself (HDEL) can remove the entry.
     escaped: bool = False
+
+
+# The routing version: the last change's epoch and a count of changes. The count alone
+# starts over in a Redis that restarted empty, was flushed or was restored from an
+# older snapshot, and could come back to the number a replica last read: the epoch,
+# drawn anew by every change, never does.
+RoutingVersion = tuple[str, int]
+
+
+class StateStore(Protocol):
+    """What every state store offers (MemoryState, state_redis.RedisState)."""
+
+    kind: str
+
+    async def start(self) -> None:
+        """Connect."""
+        ...
+
+    async def aclose(self) -> None:
+        """Disconnect."""
+        ...
+
+    async def ping(self) -> bool:
+        """Whether the store is reachable."""
+        ...
+
+    def wall(self) -> float:
+        """Now, in seconds since the epoch, on the store's clock."""
+        ...
+
+    async def get_default_model(self) -> str | None:
+        """The default model set at runtime, if any."""
+        ...
+
+    async def set_default_model(self, name: str, runtime: bool = False) -> None:
+        """Persist the runtime default model."""
+        ...
+
+    async def load_routes(self) -> dict[str, Any]:
+        """Runtime-registered routes by name."""
+        ...
+
+    async def save_route(self, name: str, spec: dict[str, Any]) -> None:
+        """Persist a runtime route."""
+        ...
+
+    async def delete_route(self, name: str) -> None:
+        """Forget a runtime route."""
+        ...
+
+    def record_usage(self, key: str, model: str, day: str, record: dict[str, Any]) -> None:
+        """Count one inference for a key, a model and a day."""
+        ...
+
+    async def get_usage(self, day: str | None = None) -> list[dict[str, Any]]:
+        """Usage rows, optionally for one day (YYYY-MM-DD)."""
+        ...
+
+
+@runtime_checkable
+class SharedState(StateStore, Protocol):
+    """A store several replicas share: each follows the routing changes the others make."""
+
+    async def routing_version(self) -> RoutingVersion | None:
+        """The routing version alone (a cheap poll); None when it can't be read."""
+        ...
+
+    async def routing(self) -> tuple[RoutingVersion, dict[str, Any], str | None] | None:
+        """(version, runtime routes, default model) as one read; None when unreadable."""
+        ...
 
 
 class MemoryState:

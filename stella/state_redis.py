@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from stella.errors import Conflict, ModelNotFound, Unavailable
 from stella.limits import MemoryBuckets, MemorySlots, Take
 from stella.settings import StateSettings
-from stella.state import Unreadable, is_default, removed_meanwhile, taken
+from stella.state import RoutingVersion, Unreadable, is_default, removed_meanwhile, taken
 
 _log = structlog.get_logger("stella")
 # How long Redis remembers the last usage batch of a process it applied (a resend after
@@ -219,13 +219,6 @@ redis.call('HSET', KEYS[1], 'level', tostring(level), 'at', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.min(math.ceil((capacity - level) / rate) + 5, 2592000))
 return tostring(level)
 """
-
-
-# The routing version: the last change's epoch and a count of changes. The count alone
-# starts over in a Redis that restarted empty, was flushed or was restored from an
-# older snapshot, and could come back to the number a replica last read: the epoch,
-# drawn anew by every change, never does.
-RoutingVersion = tuple[str, int]
 
 
 def _version(epoch: bytes | None, count: bytes | None) -> RoutingVersion:
@@ -472,9 +465,7 @@ class RedisState:
             raise Conflict(is_default(candidate) if why == "default" else taken(candidate, owner))
         if not done:
             raise Unavailable(
-                "the state store (Redis) answered too slowly; the change was not applied; "
-                "try again",
-                retry_after=1,
+                "the state store (Redis) answered too slowly; the change was not applied; try again"
             )
 
     async def routing(self) -> tuple[RoutingVersion, dict[str, Any], str | None] | None:

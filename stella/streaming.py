@@ -17,7 +17,7 @@ import sys
 import termios
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -88,7 +88,7 @@ class Codec:
 
     def start(self, event: Start) -> bytes:
         """Bytes for the start of the stream (b"" sends only the headers)."""
-        return one_line(self._encoder.encode(event)) + b"\n"
+        return self.encode(event)
 
     def encode(self, event: Any) -> bytes:
         """Bytes for one pipeline event (Delta, ToolCall, Done, Error)."""
@@ -101,6 +101,12 @@ class Codec:
     def close(self) -> bytes:
         """Bytes after the terminal event (e.g. SSE's `data: [DONE]`)."""
         return b""
+
+
+class Cancellable(Protocol):
+    """What the drain ends: a call, or a body still arriving; `cancel_reason` says why."""
+
+    cancel_reason: str | None
 
 
 class Drain:
@@ -116,7 +122,7 @@ class Drain:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def enter(self, call: Any, task: asyncio.Task[Any], waiting: bool = False) -> bool:
+    def enter(self, call: Cancellable, task: asyncio.Task[Any], waiting: bool = False) -> bool:
         """Register `task` as serving `call`, or with `waiting` as waiting to be admitted
         (ended when the drain begins); False, registering nothing, when the drain is over:
         the call must not start (its cancel_reason says why)."""
@@ -168,7 +174,7 @@ class Drain:
                 await self.idle.wait()
 
 
-def _end(task: asyncio.Task[Any], call: Any) -> None:
+def _end(task: asyncio.Task[Any], call: Cancellable) -> None:
     """Cancel `task`, its call ending as `shutting_down`."""
     call.cancel_reason = "shutting_down"
     task.cancel()
@@ -381,7 +387,7 @@ class EventStream:
             await _drop(scope, send, b"")
 
     async def _watch(
-        self, receive: Receive, send: Send, task: asyncio.Task[Any], call: Any
+        self, receive: Receive, send: Send, task: asyncio.Task[Any], call: Cancellable
     ) -> None:
         """Notice a disconnect at once; send a ping after each silence."""
         loop = asyncio.get_running_loop()

@@ -9,7 +9,11 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import structlog
+
 from stella.errors import StellaError
+
+_log = structlog.get_logger("stella")
 
 
 def backoff(base: float, cap: float, attempt: int, last: StellaError | None) -> float:
@@ -29,8 +33,12 @@ async def close_quietly(agen: Any) -> None:
         return
     try:
         await aclose()
-    except Exception:  # its cleanup failing must not mask the outcome
-        pass
+    except Exception as exc:  # its cleanup failing must not mask the outcome, only be told
+        _log.warning(
+            "backend_cleanup_failed",
+            generator=getattr(agen, "__qualname__", type(agen).__name__),
+            error=repr(exc),
+        )
 
 
 # How often the shared ticker checks deadlines: time limits fire at most this late.
@@ -76,6 +84,7 @@ class Ticker:
             try:
                 keep = item.tick(now)
             except Exception:  # one bad callback must not stop the others' time limits
+                _log.error("tick_failed", item=repr(item), exc_info=True)
                 keep = False
             if not keep:
                 items.discard(item)

@@ -1298,6 +1298,42 @@ async def test_a_follower_read_from_before_a_local_change_does_not_undo_it(
         assert router.knows("x")
 
 
+async def test_a_follower_that_fails_logs_a_traceback_only_for_a_bug(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from structlog.testing import capture_logs
+
+    from stella import app as stella_app
+    from stella.settings import load_settings
+
+    monkeypatch.setattr(stella_app, "ROUTING_POLL_S", 0.05)
+    settings = load_settings(
+        {"models": {"default": "echo"}, "state": {"redis_url": redis.url, "prefix": "fails"}}
+    )
+    application = stella_app.create_app(settings)
+    svc = application.services  # type: ignore[attr-defined]
+    failures = [KeyError("a bug"), OSError("connection reset")]
+
+    async def routing() -> Any:
+        if failures:
+            raise failures.pop(0)
+        return None  # read nothing: the follower waits for the next version
+
+    with capture_logs() as logged:
+        async with application.router.lifespan_context(application):
+            await svc.state.save_route("r", {"backend": "echo"})  # moves the version
+            svc.state.routing = routing
+            for _ in range(100):
+                if not failures:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
+    bug, expected = [e for e in logged if e["event"] == "routing_sync_failed"][:2]
+    assert bug["log_level"] == "error" and isinstance(bug["exc_info"], KeyError)
+    assert expected["log_level"] == "warning" and "exc_info" not in expected
+    assert "connection reset" in expected["error"]
+
+
 async def test_a_burst_of_checks_is_load_not_an_outage(redis: Redis) -> None:
     # 300 admissions at once on one process: more than a pool's worth of connections.
     # Callers wait for one; Redis is not declared unavailable.

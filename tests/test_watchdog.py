@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import pytest
+from structlog.testing import capture_logs
 
-from stella.watchdog import TICK_S, Watchdog, ticker
+from stella.watchdog import TICK_S, Watchdog, close_quietly, ticker
 
 
 async def test_later_runs_once_and_cancel_withdraws() -> None:
@@ -100,3 +102,30 @@ async def test_the_callback_runs_once_and_a_failing_one_keeps_the_limits() -> No
             assert dog.expired()  # the silence limit still fired
             raise
     dog.close()
+
+
+async def test_a_failing_callback_is_logged_with_its_traceback() -> None:
+    def boom() -> None:
+        raise RuntimeError("a bug in the callback")
+
+    with capture_logs() as logged:
+        ticker().later(0, boom)
+        await asyncio.sleep(TICK_S * 3)
+    [event] = [e for e in logged if e["event"] == "tick_failed"]
+    assert event["log_level"] == "error" and event["exc_info"] is True
+
+
+async def test_a_backend_cleanup_that_fails_is_logged_not_raised() -> None:
+    async def chat() -> AsyncIterator[int]:
+        try:
+            yield 1
+        finally:
+            raise OSError("upstream socket already gone")
+
+    agen = chat()
+    await anext(agen)
+    with capture_logs() as logged:
+        await close_quietly(agen)
+    [event] = [e for e in logged if e["event"] == "backend_cleanup_failed"]
+    assert "upstream socket already gone" in event["error"]
+    assert event["generator"].endswith("chat")

@@ -12,9 +12,10 @@ from starlette.routing import Route
 
 from stella.api.http import JSONResponse, endpoint, services
 from stella.api.openapi import Operation, document
-from stella.core import Call
+from stella.core import Call, Listener
 from stella.errors import InvalidRequest
 from stella.protocol import UsageReport, UsageRow, UsageTotals
+from stella.state import StateStore
 
 # With models.allow_direct a key may name any upstream model: past this many models in
 # a day, a key's further ones are counted together as "other" (by this process).
@@ -22,7 +23,7 @@ MAX_MODELS_PER_KEY_DAY = 256
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)  # not other scripts' digits
 
 
-def usage_listener(state: Any) -> Any:
+def usage_listener(state: StateStore) -> Listener:
     """A pipeline listener counting each inference per key, model and UTC day (on the
     store's clock: with Redis, Redis's, so that every replica names an instant alike)."""
 

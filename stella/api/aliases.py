@@ -18,6 +18,7 @@ from stella.api import shapes
 from stella.api.http import (
     Dialect,
     JSONResponse,
+    Reply,
     endpoint,
     read_json,
     run_to_end,
@@ -172,7 +173,7 @@ class ResponseSseCodec(Codec):
 
 
 @endpoint()
-async def generate_v1(request: Request, call: Call) -> Response:
+async def generate_v1(request: Request, call: Call) -> Reply:
     """POST /api/v1/generate: native NDJSON/JSON, or SSE `response` events when asked for."""
     svc = services(request)
     chat = (await read_generate(request)).to_chat()
@@ -243,7 +244,7 @@ async def llm_generate(request: Request, call: Call) -> Response:
 
 
 @endpoint(LLM)
-async def llm_stream(request: Request, call: Call) -> Response:
+async def llm_stream(request: Request, call: Call) -> Reply:
     """POST /api/llm/stream: the native NDJSON stream."""
     svc = services(request)
     req: PromptRequest = await read_json(request, _prompt)

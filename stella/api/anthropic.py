@@ -20,6 +20,7 @@ from stella.api import shapes
 from stella.api.http import (
     Dialect,
     JSONResponse,
+    Reply,
     decode,
     endpoint,
     read_body,
@@ -618,7 +619,7 @@ class MessagesCodec(Codec):
 
 
 @endpoint(ANTHROPIC)
-async def messages(request: Request, call: Call) -> Response:
+async def messages(request: Request, call: Call) -> Reply:
     """POST /v1/messages."""
     svc = services(request)
     body = await read_body(request, svc.settings.server.max_body_bytes)

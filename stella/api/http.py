@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import structlog
@@ -26,8 +26,11 @@ from stella.errors import (
     StellaError,
     UnsupportedMediaType,
 )
-from stella.protocol import ErrorDetail, ErrorResponse
+from stella.protocol import ChatResponse, ErrorDetail, ErrorResponse
 from stella.streaming import WATCH_AFTER_S, Codec, EventStream
+
+if TYPE_CHECKING:  # the app imports every route module
+    from stella.app import Services
 
 T = TypeVar("T")
 _log = structlog.get_logger("stella")
@@ -116,7 +119,7 @@ NATIVE = Dialect()
 DialectPick = Callable[[Mapping[str, Any]], Dialect]
 
 
-def services(request: Request) -> Any:
+def services(request: Request) -> Services:
     """The app's Services (settings, pipeline, auth, ...)."""
     return request.scope.get("stella") or request.app.state.stella
 
@@ -126,7 +129,10 @@ def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id", "")
 
 
-Handler = Callable[[Request, Call], Awaitable[Response]]
+# What a route handler answers with: a response, or an inference's stream (an ASGI app
+# with raw_headers, as a Response has).
+Reply = Response | EventStream
+Handler = Callable[[Request, Call], Awaitable[Reply]]
 
 
 class Endpoint:
@@ -377,7 +383,7 @@ async def read_json(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
 
 def stream_response(
     request: Request, inference: Inference, codec: Codec, dialect: Dialect | None = None
-) -> Any:
+) -> EventStream:
     """The streaming response for an admitted inference, in a dialect's codec.
 
     The native stream starts at once (protocol.md). With a `dialect`, the status line
@@ -402,7 +408,7 @@ def stream_response(
     )
 
 
-async def run_to_end(request: Request, inference: Inference) -> Any:
+async def run_to_end(request: Request, inference: Inference) -> ChatResponse:
     """Run a non-stream inference to its end.
 
     A client that disconnects cancels the backend, as in a stream; shutdown past

@@ -14,7 +14,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from stella.api.http import JSONResponse, endpoint, read_json, run_to_end, services, stream_response
+from stella.api.http import (
+    JSONResponse,
+    Reply,
+    endpoint,
+    read_json,
+    run_to_end,
+    services,
+    stream_response,
+)
 from stella.api.openapi import Operation, document
 from stella.core import Call
 from stella.errors import InvalidRequest, ModelNotFound, StellaError
@@ -29,12 +37,12 @@ from stella.protocol import (
     Registered,
     Removed,
 )
+from stella.routing import Router
 from stella.settings import ROUTE_NAME_PATTERN, ROUTE_NAME_RULE, RouteSettings
 from stella.streaming import Codec
 
 _chat = msgspec.json.Decoder(ChatRequest)
 _generate = msgspec.json.Decoder(GenerateRequest)
-_route = msgspec.json.Decoder(RouteSettings)
 NDJSON = Codec()
 
 
@@ -64,7 +72,7 @@ T = TypeVar("T")
 _log = structlog.get_logger("stella")
 
 
-async def respond(request: Request, call: Call, chat: ChatRequest) -> Response:
+async def respond(request: Request, call: Call, chat: ChatRequest) -> Reply:
     """Admit a chat and answer it as NDJSON stream or JSON, per `chat.stream`."""
     svc = services(request)
     inference = await svc.pipeline.prepare(chat, call)
@@ -92,7 +100,7 @@ def _hint(exc: InvalidRequest) -> InvalidRequest:
 
 
 @endpoint()
-async def chat(request: Request, call: Call) -> Response:
+async def chat(request: Request, call: Call) -> Reply:
     """POST /api/v1/chat."""
     try:
         req = await read_json(request, _chat)
@@ -110,7 +118,7 @@ async def read_generate(request: Request) -> GenerateRequest:
 
 
 @endpoint()
-async def generate(request: Request, call: Call) -> Response:
+async def generate(request: Request, call: Call) -> Reply:
     """POST /api/v1/generate: a chat with one user message and an optional system prompt."""
     return await respond(request, call, (await read_generate(request)).to_chat())
 
@@ -280,7 +288,7 @@ async def delete_model(request: Request, call: Call) -> Response:
 
 
 async def _change(
-    router: Any,
+    router: Router,
     apply: Callable[[], T],
     write: Callable[[T], Awaitable[Any]],
     again: Callable[[], Any] | None = None,

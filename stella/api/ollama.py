@@ -24,6 +24,7 @@ from stella.api import shapes
 from stella.api.http import (
     Dialect,
     JSONResponse,
+    Reply,
     decode,
     endpoint,
     read_body,
@@ -181,7 +182,7 @@ def final(
 
 async def _run(
     request: Request, call: Call, chat: ChatRequest, generate: bool, asked: str
-) -> Response:
+) -> Reply:
     svc = services(request)
     spell = answer_name(svc.router, asked)
     codec = OllamaCodec(generate, spell)
@@ -239,7 +240,7 @@ def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
 
 
 @endpoint(OLLAMA)
-async def chat(request: Request, call: Call) -> Response:
+async def chat(request: Request, call: Call) -> Reply:
     """POST /api/chat."""
     req: OllamaChat = _decode(
         await read_body(request, services(request).settings.server.max_body_bytes), _chat
@@ -348,7 +349,7 @@ def _check_insert(req: OllamaGenerate) -> None:
 
 
 @endpoint(OLLAMA)
-async def generate(request: Request, call: Call) -> Response:
+async def generate(request: Request, call: Call) -> Reply:
     """POST /api/generate."""
     req: OllamaGenerate = _decode(
         await read_body(request, services(request).settings.server.max_body_bytes), _generate

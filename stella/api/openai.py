@@ -24,6 +24,7 @@ from stella.api.http import (
     Dialect,
     DialectPick,
     JSONResponse,
+    Reply,
     decode,
     endpoint,
     read_body,
@@ -304,7 +305,7 @@ class ChunkCodec(Codec):
 
 async def _run(
     request: Request, call: Call, chat: ChatRequest, include_usage: bool, text: bool
-) -> Response:
+) -> Reply:
     svc = services(request)
     inference = await svc.pipeline.prepare(chat, call)
     headers = inference.permit.headers
@@ -366,7 +367,7 @@ def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
 
 
 @endpoint(OPENAI)
-async def chat_completions(request: Request, call: Call) -> Response:
+async def chat_completions(request: Request, call: Call) -> Reply:
     """POST /v1/chat/completions."""
     body = await read_body(request, services(request).settings.server.max_body_bytes)
     req: ChatCompletionRequest = _decode(body, _chat_req)
@@ -376,7 +377,7 @@ async def chat_completions(request: Request, call: Call) -> Response:
 
 
 @endpoint(OPENAI)
-async def chat_stream(request: Request, call: Call) -> Response:
+async def chat_stream(request: Request, call: Call) -> Reply:
     """POST /v1/chat/stream: a chat completion that always streams (SSE)."""
     body = await read_body(request, services(request).settings.server.max_body_bytes)
     req: ChatCompletionRequest = _decode(body, _chat_req)
@@ -388,7 +389,7 @@ async def chat_stream(request: Request, call: Call) -> Response:
 
 
 @endpoint(OPENAI_TEXT)
-async def completions(request: Request, call: Call) -> Response:
+async def completions(request: Request, call: Call) -> Reply:
     """POST /v1/completions: a prompt completed as the assistant's answer."""
     body = await read_body(request, services(request).settings.server.max_body_bytes)
     req: CompletionRequest = _decode(body, _completion_req)

@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import msgspec
 
-from stella.backends.base import arguments_of
 from stella.errors import InvalidRequest
 from stella.protocol import (
     ChatRequest,
@@ -21,6 +20,7 @@ from stella.protocol import (
     Options,
     ToolCallRef,
     ToolChoice,
+    arguments_of,
     options_from,
     tools_from,
 )

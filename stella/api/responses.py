@@ -16,12 +16,12 @@ from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
 
 from stella.api import shapes
 from stella.api.http import (
     JSONResponse,
+    Reply,
     decode,
     endpoint,
     read_body,
@@ -323,7 +323,7 @@ class ResponsesCodec(Codec):
 
 
 @endpoint(RESPONSES)
-async def responses(request: Request, call: Call) -> Response:
+async def responses(request: Request, call: Call) -> Reply:
     """POST /v1/responses."""
     svc = services(request)
     body = await read_body(request, svc.settings.server.max_body_bytes)

@@ -15,7 +15,6 @@ import msgspec
 
 # A content part: the same shape as chat completions' (input_text, output_text, refusal).
 from stella.api.openai_request import Part
-from stella.backends.base import arguments_of
 from stella.errors import InvalidRequest
 from stella.protocol import (
     ChatRequest,
@@ -29,6 +28,7 @@ from stella.protocol import (
     Tool,
     ToolCallRef,
     ToolChoice,
+    arguments_of,
     options_from,
 )
 

@@ -14,7 +14,6 @@ from stella.backends.base import (
     BackendEvent,
     BackendHealth,
     CallContext,
-    arguments_of,
     ended,
     linked_tool_calls,
 )
@@ -27,7 +26,15 @@ from stella.backends.http import (
     upstream_text,
 )
 from stella.errors import InvalidRequest, UpstreamError, UpstreamStatus
-from stella.protocol import ChatRequest, Delta, Done, FinishReason, ToolCall, Usage
+from stella.protocol import (
+    ChatRequest,
+    Delta,
+    Done,
+    FinishReason,
+    ToolCall,
+    Usage,
+    arguments_of,
+)
 
 STOP: dict[str, FinishReason] = {
     "end_turn": "stop",
@@ -138,16 +145,7 @@ class _Event(msgspec.Struct):
     error: _Error | None = None
 
 
-class _Model(msgspec.Struct):
-    id: str
-
-
-class _Models(msgspec.Struct):
-    data: list[_Model] = []
-
-
 _event = msgspec.json.Decoder(_Event)
-_models = msgspec.json.Decoder(_Models)
 _enc = msgspec.json.Encoder()
 
 
@@ -272,7 +270,7 @@ class AnthropicBackend(HttpBackend):
 
     async def models(self) -> list[str]:
         """GET /v1/models."""
-        return [m.id for m in (await self.get_json("/v1/models", _models)).data]
+        return await self.model_ids("/v1/models")
 
     async def health(self) -> BackendHealth:
         """GET /v1/models: no tokens spent."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import msgspec
 
@@ -119,27 +119,6 @@ def linked_tool_calls(messages: list[Message]) -> list[Message]:
             m = msgspec.structs.replace(m, tool_call_id=answered[0])
         out.append(m)
     return out
-
-
-_any = msgspec.json.Decoder()
-
-
-def arguments_of(raw: str) -> tuple[dict[str, Any], str | None]:
-    """A model's tool-call arguments as an object, and its text when that was not one.
-
-    Invalid JSON becomes {"_raw": text}, another JSON value {"value": v}: every API
-    that takes an object still gets one, and the text goes on (ToolCall.raw_arguments)
-    to those that take the model's string as it is (OpenAI's).
-    """
-    if not raw.strip():
-        return {}, None
-    try:
-        args = _any.decode(raw)
-    except (msgspec.DecodeError, RecursionError):
-        return {"_raw": raw}, raw
-    if isinstance(args, dict):
-        return args, None
-    return {"value": args}, raw
 
 
 def ended(finish: FinishReason, called: bool) -> FinishReason:

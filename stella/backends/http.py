@@ -64,6 +64,19 @@ class _ErrorBody(msgspec.Struct):
 
 
 _error_body = msgspec.json.Decoder(_ErrorBody)
+
+
+class _Model(msgspec.Struct):
+    id: str
+
+
+class _Models(msgspec.Struct):
+    data: list[_Model] = []
+
+
+# OpenAI's model list and Anthropic's share this shape: {"data": [{"id": ...}, ...]}.
+_models = msgspec.json.Decoder(_Models)
+
 # An upstream's error message as the client and the log get it: at most this long.
 MAX_MESSAGE = 500
 # How much of an error body is read: an API's JSON error fits; of a non-JSON one its
@@ -227,6 +240,10 @@ class HttpBackend(Backend):
         on the pool; an error status raises the StellaError it means."""
         headers = {"content-type": "application/json", "x-request-id": request_id}
         return Answer(self, url, body, headers)
+
+    async def model_ids(self, path: str) -> list[str]:
+        """GET `path`, a model list shaped {"data": [{"id": ...}, ...]}: the ids."""
+        return [m.id for m in (await self.get_json(path, _models)).data]
 
     async def get_json(self, path: str, decoder: msgspec.json.Decoder[T]) -> T:
         """GET `path` and decode its JSON; an error status or a malformed answer raises."""

@@ -13,7 +13,6 @@ from stella.backends.base import (
     BackendEvent,
     BackendHealth,
     CallContext,
-    arguments_of,
     content_of,
     ended,
     linked_tool_calls,
@@ -35,6 +34,7 @@ from stella.protocol import (
     FinishReason,
     ToolCall,
     Usage,
+    arguments_of,
     arguments_text,
     wire_tools,
 )
@@ -107,16 +107,7 @@ class _Chunk(msgspec.Struct):
     error: Any = None
 
 
-class _Model(msgspec.Struct):
-    id: str
-
-
-class _Models(msgspec.Struct):
-    data: list[_Model] = []
-
-
 _chunk = msgspec.json.Decoder(_Chunk)
-_models = msgspec.json.Decoder(_Models)
 _json = msgspec.json.Encoder()
 
 
@@ -202,7 +193,7 @@ class OpenAIBackend(HttpBackend):
 
     async def models(self) -> list[str]:
         """GET /models."""
-        return [m.id for m in (await self.get_json("/models", _models)).data]
+        return await self.model_ids("/models")
 
     async def health(self) -> BackendHealth:
         """GET /models: reachable and authorised, no tokens spent."""
