@@ -197,6 +197,7 @@ def test_new_chat_mid_answer_and_a_failed_turn(browser, server: LiveServer) -> N
     )
     page.click("#new-chat")  # stops the answer: it is no part of the new chat
     page.wait_for_function("() => !document.querySelector('#send').disabled")
+    assert page.evaluate("document.activeElement.id") == "prompt"  # for the new chat
     page.select_option("#model", "echo")
     send(page, "fresh start")
     page.wait_for_selector(".msg.assistant .stats")
@@ -358,6 +359,23 @@ def test_the_focus_goes_back_to_the_prompt(browser, server: LiveServer) -> None:
     assert page.locator("#key-form").is_hidden()
     assert page.evaluate("document.activeElement.id") == "prompt"
     assert page.input_value("#api-key") == ""
+    page.close()
+
+
+def test_an_answer_ending_leaves_a_focus_elsewhere(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    # Only a focus Stop held (it is disabled now) goes back to the prompt: a system prompt
+    # being typed keeps it, and its text does not continue in the message box.
+    page = playground(browser, server.url, "echo-slow")
+    send(page, "one two three four five six")
+    page.wait_for_function("() => document.querySelector('.msg.assistant .text').textContent")
+    page.click("#system-box summary")
+    page.click("#system")
+    page.keyboard.type("You are a pir")
+    page.wait_for_selector(".msg.assistant .stats")
+    page.keyboard.type("ate.")
+    assert page.evaluate("document.activeElement.id") == "system"
+    assert page.input_value("#system") == "You are a pirate."
+    assert page.input_value("#prompt") == ""
     page.close()
 
 

@@ -210,9 +210,14 @@ async function send(text) {
     follow(msg); // its stats or error line, below the text
     if (state.controller === controller) state.controller = null;
     busy(false);
-    // Stop had the focus and is disabled now: back to the prompt, unless the key field
-    // has it (a 401 asked for a key, or one is being typed).
-    if (document.activeElement !== $("api-key")) $("prompt").focus();
+    // Stop had the focus and is disabled now (Chromium may have dropped it to the page),
+    // or New chat, pressed while the prompt was disabled: back to the prompt. A focus
+    // anywhere else stays: the key field a 401 asked for, or a system prompt being typed,
+    // whose next keys would otherwise land in the message box.
+    const focused = document.activeElement;
+    if (!focused || [$("stop"), $("new-chat"), document.body].includes(focused)) {
+      $("prompt").focus();
+    }
   }
 }
 
