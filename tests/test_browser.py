@@ -379,6 +379,16 @@ def test_an_answer_ending_leaves_a_focus_elsewhere(browser, server: LiveServer) 
     page.close()
 
 
+def test_saving_a_key_keeps_the_chosen_model(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "echo-slow")
+    page.eval_on_selector_all("#model option", "els => els.forEach(o => { o.dataset.old = 1; })")
+    page.click("#key-button")
+    page.press("#api-key", "Enter")  # an empty key: none is sent
+    page.wait_for_function("() => !document.querySelector('#model option[data-old]')")
+    assert page.input_value("#model") == "echo-slow"  # the listing again, and the choice kept
+    page.close()
+
+
 def test_a_saved_key_leaves_the_focus_on_the_prompt(browser, keyed: LiveServer) -> None:  # type: ignore[no-untyped-def]
     page = keyed_playground(browser, keyed.url)
     assert page.evaluate("document.activeElement.id") == "prompt"

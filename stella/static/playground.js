@@ -86,12 +86,15 @@ async function loadModels() {
   const key = apiKey();
   try {
     const listing = await models({ apiKey: key });
+    // A listing again (a key was saved) keeps the model chosen, if this key may use it.
+    const names = listing.models.map((m) => m.name);
+    const chosen = names.includes(select.value) ? select.value : listing.default;
     select.replaceChildren();
     for (const m of listing.models) {
       const option = document.createElement("option");
       option.value = m.name;
       option.textContent = m.loaded ? m.name : `${m.name} (not loaded)`;
-      option.selected = m.name === listing.default;
+      option.selected = m.name === chosen;
       select.append(option);
     }
     notice("");
