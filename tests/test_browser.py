@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -387,6 +388,20 @@ def test_saving_a_key_keeps_the_chosen_model(browser, server: LiveServer) -> Non
     page.wait_for_function("() => !document.querySelector('#model option[data-old]')")
     assert page.input_value("#model") == "echo-slow"  # the listing again, and the choice kept
     page.close()
+
+
+def test_a_key_allowed_no_models_is_told_so(browser) -> None:  # type: ignore[no-untyped-def]
+    digest = hashlib.sha256(KEY.encode()).hexdigest()
+    with run_stella({"auth": {"keys": {"none": {"sha256": digest, "models": []}}}}) as s:
+        page = browser.new_page()
+        page.goto(s.url + "/playground")
+        page.wait_for_selector("#key-form:not([hidden])")
+        page.fill("#api-key", KEY)
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("#notice:not([hidden])")
+        assert "no models" in page.inner_text("#notice")
+        assert page.locator("#model option").count() == 0
+        page.close()
 
 
 def test_a_saved_key_leaves_the_focus_on_the_prompt(browser, keyed: LiveServer) -> None:  # type: ignore[no-untyped-def]

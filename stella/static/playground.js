@@ -97,7 +97,8 @@ async function loadModels() {
       option.selected = m.name === chosen;
       select.append(option);
     }
-    notice("");
+    // An empty picker says nothing of why: a key's allowed models can be none.
+    notice(names.length ? "" : "This key may use no models: enter another API key.");
   } catch (err) {
     if (refusal(err)) refused(err, key);
     else notice(`Could not list models: ${err.message}`);
