@@ -436,6 +436,30 @@ def test_a_reader_who_scrolled_up_is_left_there(browser, server: LiveServer) -> 
     page.close()
 
 
+def test_the_chat_scrolls_from_beside_its_column(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    # On a wide window the margins beside the centred column scroll the chat too.
+    page = playground(browser, server.url, "echo", viewport={"width": 1400, "height": 600})
+    send(page, "".join(f"line {i}\n" for i in range(60)))
+    page.wait_for_selector(".msg.assistant .stats")
+    page.wait_for_function(AT_THE_END)
+    top = page.evaluate("document.querySelector('main').scrollTop")
+    page.mouse.move(60, 300)  # left of the column
+    page.mouse.wheel(0, -400)
+    page.wait_for_function(
+        "t => document.querySelector('main').scrollTop < t", arg=top, timeout=5000
+    )
+    column = page.eval_on_selector("#conversation", "el => el.getBoundingClientRect().width")
+    assert column <= 900
+    page.close()
+    for width in (360, 320):  # and a phone's window scrolls no way but down
+        page = playground(browser, server.url, "echo", viewport={"width": width, "height": 640})
+        send(page, "a message " * 30)
+        page.wait_for_selector(".msg.assistant .stats")
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        assert page.evaluate("document.querySelector('main').scrollWidth") <= width
+        page.close()
+
+
 # WCAG 2 contrast ratio of an element's text colour on its own background colour.
 CONTRAST = """el => {
   const rgb = (c) => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
