@@ -567,3 +567,12 @@ def test_the_docs_page_renders_under_its_csp(browser, server: LiveServer) -> Non
     assert colour == "rgb(255, 255, 255)"  # the page's own style applies
     assert blocked and not ran  # an injected inline script does not
     assert [e for e in errors if "Content Security Policy" not in e] == []
+
+
+def test_the_docs_page_fits_a_phone(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page(viewport={"width": 360, "height": 640})
+    page.goto(server.url + "/docs")
+    page.wait_for_selector("details.op code")
+    page.eval_on_selector_all("details.op", "els => els.forEach(d => { d.open = true; })")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    page.close()

@@ -204,6 +204,7 @@ def _headers(status: int, op: Operation, error: bool = False) -> dict[str, Any]:
     return {name: {"$ref": f"#/components/headers/{name}"} for name in names}
 
 
+# A summary wraps and a long path breaks anywhere: the page fits a 360 px phone.
 DOCS_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>stella API</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -212,7 +213,8 @@ DOCS_HTML = """<!doctype html>
 body{font:15px/1.5 system-ui,sans-serif;margin:0;background:#f7f7f9;color:#1d1d24}
 main{max-width:980px;margin:0 auto;padding:24px}
 h1{margin:0 0 4px} .op{background:#fff;border:1px solid #e3e3ea;border-radius:8px;margin:10px 0}
-summary{cursor:pointer;padding:10px 14px;display:flex;gap:12px;align-items:center}
+summary{cursor:pointer;padding:10px 14px;display:flex;flex-wrap:wrap;gap:4px 12px;align-items:center}
+summary code{min-width:0;overflow-wrap:anywhere}
 .m{font:600 12px monospace;padding:2px 8px;border-radius:4px;color:#fff;min-width:54px;text-align:center}
 .get{background:#2f7d4f}.post{background:#2e5ea8}.delete{background:#b03a2e}
 code,pre{font:13px ui-monospace,monospace} pre{background:#f2f2f6;padding:10px;overflow:auto;margin:0 14px 14px}
