@@ -367,11 +367,12 @@ def test_an_answer_ending_leaves_a_focus_elsewhere(browser, server: LiveServer) 
     # Only a focus Stop held (it is disabled now) goes back to the prompt: a system prompt
     # being typed keeps it, and its text does not continue in the message box.
     page = playground(browser, server.url, "echo-slow")
-    send(page, "one two three four five six")
+    send(page, " ".join(f"w{i}" for i in range(15)))
     page.wait_for_function("() => document.querySelector('.msg.assistant .text').textContent")
     page.click("#system-box summary")
     page.click("#system")
     page.keyboard.type("You are a pir")
+    assert page.evaluate("document.querySelector('#stop').disabled") is False  # still answering
     page.wait_for_selector(".msg.assistant .stats")
     page.keyboard.type("ate.")
     assert page.evaluate("document.activeElement.id") == "system"
