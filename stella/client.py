@@ -120,8 +120,11 @@ class UnavailableError(StellaClientError):
 class TimeoutError(StellaClientError, builtins.TimeoutError):
     """504 upstream_timeout, or a timeout mid-stream (code timeout: the client's own).
 
-    Also the builtin TimeoutError, which `from stella.client import *` shadows: an
-    `except TimeoutError` written for either catches both."""
+    A subclass of the builtin TimeoutError, so `except TimeoutError` with the builtin's
+    name catches it too. It is not in `__all__`: `from stella.client import *` leaves
+    the builtin name alone (an `except` of this class would miss the builtin timeouts
+    of `asyncio.timeout` and the like); import it by name, or catch
+    `stella.client.TimeoutError`, for stella's alone."""
 
 
 class NetworkError(StellaClientError):
@@ -400,7 +403,7 @@ __all__ = [
     "ProtocolError",
     "RateLimitError",
     "StellaClientError",
-    "TimeoutError",
+    # Not TimeoutError: `import *` would shadow the builtin with this narrower subclass.
     "UnavailableError",
     "UnsupportedMediaTypeError",
     "UpstreamError",
