@@ -270,6 +270,45 @@ def test_leaving_a_stream_closes_the_connection(stella: LiveServer) -> None:
     assert ev["finish_reason"] == "client_closed"
 
 
+def test_a_stream_held_and_left_closes_with_its_block(stella: LiveServer) -> None:
+    # A stream kept in a variable and left with `break` went on generating server-side
+    # until the client closed: the stream is a context manager, closed as its block ends.
+    words = [{"role": "user", "content": " ".join(["w"] * 100)}]
+    with sc.Client(stella.url) as c:
+        with c.chat(words, "echo-slow", stream=True) as stream:
+            for event in stream:
+                if isinstance(event, Start):
+                    rid = event.id
+                    break
+        # The stream is still referenced: no garbage collection closes it.
+        ev = stella.wait_event(lambda e: e["request_id"] == rid, timeout=2)
+        assert ev["finish_reason"] == "client_closed"
+        assert next(stream, None) is None  # closed: nothing more comes
+        held = c.generate("w " * 100, "echo-slow", stream=True)
+        start = next(held)
+        held.close()
+        ev = stella.wait_event(lambda e: e["request_id"] == start.id, timeout=2)
+        assert ev["finish_reason"] == "client_closed"
+
+
+async def test_an_async_stream_held_and_left_closes_with_its_block(stella: LiveServer) -> None:
+    words = [{"role": "user", "content": " ".join(["w"] * 100)}]
+    async with sc.AsyncClient(stella.url) as c:
+        async with await c.generate("w " * 100, "echo-slow", stream=True) as stream:
+            async for event in stream:
+                if isinstance(event, Start):
+                    rid = event.id
+                    break
+        ev = stella.wait_event(lambda e: e["request_id"] == rid, timeout=2)
+        assert ev["finish_reason"] == "client_closed"
+        held = await c.chat(words, "echo-slow", stream=True)
+        start = await anext(held)
+        await held.aclose()
+        assert await anext(held, None) is None
+        ev = stella.wait_event(lambda e: e["request_id"] == start.id, timeout=2)
+        assert ev["finish_reason"] == "client_closed"
+
+
 def test_cli_chat_and_models(stella: LiveServer) -> None:
     env = {"STELLA_URL": stella.url, "PATH": "/usr/bin:/bin"}
 
