@@ -35,6 +35,14 @@ def test_a_bad_header_is_a_usage_error() -> None:
     assert out.returncode == 2 and "is not NAME: VALUE" in out.stderr
 
 
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_bench_upstream_refuses_a_port_out_of_range(port: str) -> None:
+    # 99999 went on to uvicorn, after a line announcing the upstream on it.
+    out = stella("bench", "upstream", "--port", port)
+    assert out.returncode == 2 and not out.stdout
+    assert out.stderr == f"stella: --port: {port} is not a TCP port (1-65535)\n"
+
+
 def test_a_remote_target_names_the_flag() -> None:
     out = stella("bench", "url", "http://192.0.2.1/api/v1/chat", "-c", "1", "-d", "0.1")
     assert out.returncode == 2 and "--allow-remote" in out.stderr
