@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -79,6 +80,52 @@ def test_import_gguf_of_another_file_says_so(tmp_path: Path) -> None:
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"stella: {fake} is not a GGUF file")
+
+
+def _corrupt_gguf(case: str) -> bytes:
+    """A GGUF file spoilt as `case` says, from the bundled model's (its header is ~1.8 MB)."""
+    import random
+
+    from stella.backends.mlx.source import bundled_gguf
+
+    noise = random.Random(case).randbytes(100_000)
+    if case == "random after the magic":
+        return b"GGUF" + noise
+    if case == "random after the version":
+        return b"GGUF" + struct.pack("<I", 3) + noise
+    with bundled_gguf().open("rb") as fh:
+        real = fh.read(2_000_000)  # the header whole, the tensors' data cut off
+    if case == "truncated after the header":
+        return real
+    if case == "truncated in the metadata":
+        return real[:1_000_000]
+    if case == "a tensor count the file cannot hold":
+        return real[:8] + struct.pack("<Q", 2**40) + real[16:]
+    assert case == "a string length past the end"  # the first metadata key's
+    return real[:24] + struct.pack("<Q", 2**62) + real[32:]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "random after the magic",
+        "random after the version",
+        "truncated after the header",
+        "truncated in the metadata",
+        "a tensor count the file cannot hold",
+        "a string length past the end",
+    ],
+)
+def test_import_gguf_of_a_corrupt_file_is_one_line(tmp_path: Path, case: str) -> None:
+    # Random bytes after the magic crashed the process in MLX's reader (SIGSEGV, exit
+    # 139): the header is checked before MLX reads the file.
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(_corrupt_gguf(case))
+    out = stella("import-gguf", str(bad), str(tmp_path / "out"))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"stella: {bad} is a corrupt GGUF file: ")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("extra", [[], ["--workers", "2"], ["--reload"]])
