@@ -6,6 +6,7 @@ import builtins
 import email.utils
 import math
 import os
+import re
 import shlex
 import signal
 import socket
@@ -323,6 +324,15 @@ def test_cli_chat_and_models(stella: LiveServer) -> None:
     assert out.returncode == 1 and "model_not_found" in out.stderr
     out = cli("models")
     assert out.returncode == 0 and "echo" in out.stdout and "BACKEND" in out.stdout
+
+
+def test_cli_rate_limited_says_when_to_retry(keyed: LiveServer) -> None:
+    # The client has the 429's Retry-After; the CLI's line left it out.
+    env = {"STELLA_URL": keyed.url, "STELLA_API_KEY": KEY, "PATH": "/usr/bin:/bin"}
+    outs = [stella_cli("chat", "-m", "echo", "hi", env=env) for _ in range(3)]
+    limited = [o for o in outs if o.returncode == 1]
+    assert limited and limited[-1].stderr.startswith("stella: rate_limited: ")
+    assert re.search(r"; retry after \d+(\.\d+)?s\n\Z", limited[-1].stderr), limited[-1].stderr
 
 
 def test_cli_without_a_key_says_how_to_give_one(keyed: LiveServer) -> None:
@@ -715,6 +725,9 @@ def test_keys_new_prints_valid_toml(tmp_path: Any) -> None:
     out = keys("k1", "--models", 'a"b', "c\\d", "gpt-*", "--rpm", "5", "--concurrent", "2")
     table = tomllib.loads(out.stdout)["auth"]["keys"]["k1"]
     assert table["models"] == ['a"b', "c\\d", "gpt-*"] and table["requests_per_minute"] == 5
+    # Control characters, DEL included (printed raw: TOML forbids it), read back as given.
+    odd = ["m\x7f", "t\tab", "\x01x"]
+    assert tomllib.loads(keys("k2", "--models", *odd).stdout)["auth"]["keys"]["k2"]["models"] == odd
     assert table["max_concurrent"] == 2
     # Any name the config takes is printed as a TOML key that reads back as it.
     assert "café" in tomllib.loads(keys("café").stdout)["auth"]["keys"]
