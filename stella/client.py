@@ -3,12 +3,16 @@
     from stella.client import Client
     with Client() as c:                      # STELLA_URL / STELLA_API_KEY, or arguments
         print(c.chat([{"role": "user", "content": "hi"}]).response)
-        for event in c.chat([{"role": "user", "content": "hi"}], stream=True):
-            ...                              # stella.protocol.Start / Delta / ToolCall / Done
+        with c.chat([{"role": "user", "content": "hi"}], stream=True) as events:
+            for event in events:             # stella.protocol.Start / Delta / ToolCall / Done
+                ...
 
 Errors raise a `StellaClientError` subclass per error code; an in-band `error`
-line raises too, after the events already yielded. Leaving a stream early
-closes the connection, and the server cancels the generation.
+line raises too, after the events already yielded. A stream's connection closes,
+and the server cancels the generation, when the stream is closed: at the end of its
+`with` block (`async with` for the async client), by its `close()` (`aclose()`), or
+when the stream object is garbage-collected; a `break` out of a loop over a stream
+held in a variable leaves it open until one of these.
 """
 
 from __future__ import annotations
@@ -20,13 +24,23 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from typing import Any, Literal, overload
 
 import httpx
 import msgspec
 
-from stella.protocol import ChatResponse, Done, Error, ModelList, Ping, StreamEvent
+from stella.protocol import (
+    ChatResponse,
+    Delta,
+    Done,
+    Error,
+    ModelList,
+    Ping,
+    Start,
+    StreamEvent,
+    ToolCall,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # What an HTTP header value may hold (visible ASCII and inner spaces).
@@ -120,8 +134,11 @@ class UnavailableError(StellaClientError):
 class TimeoutError(StellaClientError, builtins.TimeoutError):
     """504 upstream_timeout, or a timeout mid-stream (code timeout: the client's own).
 
-    Also the builtin TimeoutError, which `from stella.client import *` shadows: an
-    `except TimeoutError` written for either catches both."""
+    A subclass of the builtin TimeoutError, so `except TimeoutError` with the builtin's
+    name catches it too. It is not in `__all__`: `from stella.client import *` leaves
+    the builtin name alone (an `except` of this class would miss the builtin timeouts
+    of `asyncio.timeout` and the like); import it by name, or catch
+    `stella.client.TimeoutError`, for stella's alone."""
 
 
 class NetworkError(StellaClientError):
@@ -384,6 +401,7 @@ _KNOWN = frozenset({"start", "delta", "tool_call", "done", "error", "ping"})
 
 __all__ = [
     "AsyncClient",
+    "AsyncStream",
     "AuthenticationError",
     "BadRequestError",
     "Client",
@@ -400,7 +418,8 @@ __all__ = [
     "ProtocolError",
     "RateLimitError",
     "StellaClientError",
-    "TimeoutError",
+    "Stream",
+    # Not TimeoutError: `import *` would shadow the builtin with this narrower subclass.
     "UnavailableError",
     "UnsupportedMediaTypeError",
     "UpstreamError",
@@ -549,6 +568,59 @@ async def _abyte_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         yield rest
 
 
+Event = Start | Delta | ToolCall | Done  # what a stream yields (pings skipped, errors raised)
+
+
+class Stream(Iterator[Event]):
+    """A stream's events, as `Client.chat(..., stream=True)` returns them. `close()`, or
+    the end of a `with` block, closes the connection, and the server cancels the
+    generation; a loop left early does not while the stream lives."""
+
+    def __init__(self, events: Generator[Event]) -> None:
+        self._events = events
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Close the connection (the server cancels the generation); idempotent."""
+        self._events.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncStream(AsyncIterator[Event]):
+    """A stream's events, as `await AsyncClient.chat(..., stream=True)` returns them.
+    `aclose()`, or the end of an `async with` block, closes the connection, and the
+    server cancels the generation; a loop left early does not while the stream lives."""
+
+    def __init__(self, events: AsyncGenerator[Event]) -> None:
+        self._events = events
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        """Close the connection (the server cancels the generation); idempotent."""
+        await self._events.aclose()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
 class Client:
     """Synchronous client."""
 
@@ -556,7 +628,7 @@ class Client:
         self,
         base_url: str | None = None,
         api_key: str | None = None,
-        timeout: float | httpx.Timeout = 600.0,
+        timeout: float | httpx.Timeout | None = 600.0,  # None: no timeout, as httpx
         **httpx_kwargs: Any,
     ) -> None:
         url, auth = _config(base_url, api_key)
@@ -590,11 +662,11 @@ class Client:
             raise redirect
         return r
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
+    def _post(self, path: str, body: dict[str, Any]) -> ChatResponse:
         r = self._send("POST", path, body)
         return _decode(_response, r.content, self.url, r.status_code)
 
-    def _stream(self, path: str, body: dict[str, Any]) -> Iterator[Any]:
+    def _stream(self, path: str, body: dict[str, Any]) -> Generator[Event]:
         lines = _Lines(self.url, "")
         try:
             with (
@@ -617,6 +689,51 @@ class Client:
             lines.named(exc)
             raise
 
+    @overload
+    def chat(
+        self,
+        messages: list[Any],
+        model: str | None = None,
+        *,
+        stream: Literal[False] = False,
+        options: dict[str, Any] | None = None,
+        tools: list[Any] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        response_format: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ChatResponse: ...
+
+    @overload
+    def chat(
+        self,
+        messages: list[Any],
+        model: str | None = None,
+        *,
+        stream: Literal[True],
+        options: dict[str, Any] | None = None,
+        tools: list[Any] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        response_format: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Stream: ...
+
+    @overload
+    def chat(
+        self,
+        messages: list[Any],
+        model: str | None = None,
+        *,
+        stream: bool,
+        options: dict[str, Any] | None = None,
+        tools: list[Any] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        response_format: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ChatResponse | Stream: ...
+
     def chat(
         self,
         messages: list[Any],
@@ -629,8 +746,8 @@ class Client:
         parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
-    ) -> Any:
-        """A chat: a ChatResponse, or (stream=True) an iterator of events."""
+    ) -> ChatResponse | Stream:
+        """A chat: a ChatResponse, or (stream=True) a Stream of events."""
         body = _body(
             messages,
             model,
@@ -642,7 +759,45 @@ class Client:
             response_format=response_format,
             metadata=metadata,
         )
-        return self._stream("/api/v1/chat", body) if stream else self._post("/api/v1/chat", body)
+        if stream:
+            return Stream(self._stream("/api/v1/chat", body))
+        return self._post("/api/v1/chat", body)
+
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        model: str | None = None,
+        *,
+        system: str | None = None,
+        stream: Literal[False] = False,
+        options: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ChatResponse: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        model: str | None = None,
+        *,
+        system: str | None = None,
+        stream: Literal[True],
+        options: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Stream: ...
+
+    @overload
+    def generate(
+        self,
+        prompt: str,
+        model: str | None = None,
+        *,
+        system: str | None = None,
+        stream: bool,
+        options: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ChatResponse | Stream: ...
 
     def generate(
         self,
@@ -653,14 +808,12 @@ class Client:
         stream: bool = False,
         options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
-    ) -> Any:
-        """One prompt: a ChatResponse, or (stream=True) an iterator of events."""
+    ) -> ChatResponse | Stream:
+        """One prompt: a ChatResponse, or (stream=True) a Stream of events."""
         body = _generate_body(prompt, model, system, stream, options, metadata)
-        return (
-            self._stream("/api/v1/generate", body)
-            if stream
-            else self._post("/api/v1/generate", body)
-        )
+        if stream:
+            return Stream(self._stream("/api/v1/generate", body))
+        return self._post("/api/v1/generate", body)
 
     def models(self) -> ModelList:
         """The routable models."""
@@ -680,7 +833,7 @@ class AsyncClient:
         self,
         base_url: str | None = None,
         api_key: str | None = None,
-        timeout: float | httpx.Timeout = 600.0,
+        timeout: float | httpx.Timeout | None = 600.0,  # None: no timeout, as httpx
         **httpx_kwargs: Any,
     ) -> None:
         url, auth = _config(base_url, api_key)
@@ -715,11 +868,11 @@ class AsyncClient:
             raise redirect
         return r
 
-    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+    async def _post(self, path: str, body: dict[str, Any]) -> ChatResponse:
         r = await self._send("POST", path, body)
         return _decode(_response, r.content, self.url, r.status_code)
 
-    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[Any]:
+    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncGenerator[Event]:
         lines = _Lines(self.url, "")
         try:
             with _network(self.url) as answer:
@@ -742,6 +895,51 @@ class AsyncClient:
             lines.named(exc)
             raise
 
+    @overload
+    async def chat(
+        self,
+        messages: list[Any],
+        model: str | None = None,
+        *,
+        stream: Literal[False] = False,
+        options: dict[str, Any] | None = None,
+        tools: list[Any] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        response_format: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ChatResponse: ...
+
+    @overload
+    async def chat(
+        self,
+        messages: list[Any],
+        model: str | None = None,
+        *,
+        stream: Literal[True],
+        options: dict[str, Any] | None = None,
+        tools: list[Any] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        response_format: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> AsyncStream: ...
+
+    @overload
+    async def chat(
+        self,
+        messages: list[Any],
+        model: str | None = None,
+        *,
+        stream: bool,
+        options: dict[str, Any] | None = None,
+        tools: list[Any] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        response_format: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ChatResponse | AsyncStream: ...
+
     async def chat(
         self,
         messages: list[Any],
@@ -754,8 +952,8 @@ class AsyncClient:
         parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
-    ) -> Any:
-        """A chat: a ChatResponse, or (stream=True) an async iterator of events."""
+    ) -> ChatResponse | AsyncStream:
+        """A chat: a ChatResponse, or (stream=True) an AsyncStream of events."""
         body = _body(
             messages,
             model,
@@ -768,8 +966,44 @@ class AsyncClient:
             metadata=metadata,
         )
         if stream:
-            return self._stream("/api/v1/chat", body)
+            return AsyncStream(self._stream("/api/v1/chat", body))
         return await self._post("/api/v1/chat", body)
+
+    @overload
+    async def generate(
+        self,
+        prompt: str,
+        model: str | None = None,
+        *,
+        system: str | None = None,
+        stream: Literal[False] = False,
+        options: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ChatResponse: ...
+
+    @overload
+    async def generate(
+        self,
+        prompt: str,
+        model: str | None = None,
+        *,
+        system: str | None = None,
+        stream: Literal[True],
+        options: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> AsyncStream: ...
+
+    @overload
+    async def generate(
+        self,
+        prompt: str,
+        model: str | None = None,
+        *,
+        system: str | None = None,
+        stream: bool,
+        options: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ChatResponse | AsyncStream: ...
 
     async def generate(
         self,
@@ -780,11 +1014,11 @@ class AsyncClient:
         stream: bool = False,
         options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
-    ) -> Any:
-        """One prompt: a ChatResponse, or (stream=True) an async iterator of events."""
+    ) -> ChatResponse | AsyncStream:
+        """One prompt: a ChatResponse, or (stream=True) an AsyncStream of events."""
         body = _generate_body(prompt, model, system, stream, options, metadata)
         if stream:
-            return self._stream("/api/v1/generate", body)
+            return AsyncStream(self._stream("/api/v1/generate", body))
         return await self._post("/api/v1/generate", body)
 
     async def models(self) -> ModelList:

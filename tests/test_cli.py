@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -33,6 +34,14 @@ def test_a_bad_concurrency_list_is_a_usage_error() -> None:
 def test_a_bad_header_is_a_usage_error() -> None:
     out = stella("bench", "url", "http://127.0.0.1:9/api/v1/chat", "--header", "foo")
     assert out.returncode == 2 and "is not NAME: VALUE" in out.stderr
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_bench_upstream_refuses_a_port_out_of_range(port: str) -> None:
+    # 99999 went on to uvicorn, after a line announcing the upstream on it.
+    out = stella("bench", "upstream", "--port", port)
+    assert out.returncode == 2 and not out.stdout
+    assert out.stderr == f"stella: --port: {port} is not a TCP port (1-65535)\n"
 
 
 def test_a_remote_target_names_the_flag() -> None:
@@ -71,6 +80,52 @@ def test_import_gguf_of_another_file_says_so(tmp_path: Path) -> None:
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"stella: {fake} is not a GGUF file")
+
+
+def _corrupt_gguf(case: str) -> bytes:
+    """A GGUF file spoilt as `case` says, from the bundled model's (its header is ~1.8 MB)."""
+    import random
+
+    from stella.backends.mlx.source import bundled_gguf
+
+    noise = random.Random(case).randbytes(100_000)
+    if case == "random after the magic":
+        return b"GGUF" + noise
+    if case == "random after the version":
+        return b"GGUF" + struct.pack("<I", 3) + noise
+    with bundled_gguf().open("rb") as fh:
+        real = fh.read(2_000_000)  # the header whole, the tensors' data cut off
+    if case == "truncated after the header":
+        return real
+    if case == "truncated in the metadata":
+        return real[:1_000_000]
+    if case == "a tensor count the file cannot hold":
+        return real[:8] + struct.pack("<Q", 2**40) + real[16:]
+    assert case == "a string length past the end"  # the first metadata key's
+    return real[:24] + struct.pack("<Q", 2**62) + real[32:]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "random after the magic",
+        "random after the version",
+        "truncated after the header",
+        "truncated in the metadata",
+        "a tensor count the file cannot hold",
+        "a string length past the end",
+    ],
+)
+def test_import_gguf_of_a_corrupt_file_is_one_line(tmp_path: Path, case: str) -> None:
+    # Random bytes after the magic crashed the process in MLX's reader (SIGSEGV, exit
+    # 139): the header is checked before MLX reads the file.
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(_corrupt_gguf(case))
+    out = stella("import-gguf", str(bad), str(tmp_path / "out"))
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"stella: {bad} is a corrupt GGUF file: ")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("extra", [[], ["--workers", "2"], ["--reload"]])

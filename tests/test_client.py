@@ -6,6 +6,7 @@ import builtins
 import email.utils
 import math
 import os
+import re
 import shlex
 import signal
 import socket
@@ -179,7 +180,7 @@ def test_the_codes_the_server_may_send_have_their_exceptions() -> None:
     ):
         r = httpx.Response(status, json={"error": {"code": code, "message": "m"}})
         assert isinstance(sc.error_for(r, r.content), cls)
-    assert "TimeoutError" in sc.__all__ and "httpx" not in sc.__all__
+    assert "httpx" not in sc.__all__
 
 
 def test_every_error_class_is_exported() -> None:
@@ -189,7 +190,20 @@ def test_every_error_class_is_exported() -> None:
         for name, value in vars(sc).items()
         if isinstance(value, type) and issubclass(value, sc.StellaClientError)
     }
-    assert errors <= set(sc.__all__), errors - set(sc.__all__)
+    # TimeoutError only by name: `import *` would shadow the builtin with it.
+    assert errors - {"TimeoutError"} <= set(sc.__all__), errors - set(sc.__all__)
+
+
+def test_import_star_leaves_the_builtin_timeout_error_alone() -> None:
+    # It shadowed the builtin: `except TimeoutError` after `import *` missed the builtin
+    # timeouts of asyncio.timeout and the like, though the docstring said it caught both.
+    names: dict[str, Any] = {}
+    exec("from stella.client import *", names)
+    assert "TimeoutError" not in names and "StellaClientError" in names
+    from stella.client import TimeoutError as StellaTimeout
+
+    assert StellaTimeout is sc.TimeoutError
+    assert issubclass(StellaTimeout, builtins.TimeoutError)
 
 
 async def test_parallel_tool_calls_reaches_the_upstream() -> None:
@@ -257,6 +271,45 @@ def test_leaving_a_stream_closes_the_connection(stella: LiveServer) -> None:
     assert ev["finish_reason"] == "client_closed"
 
 
+def test_a_stream_held_and_left_closes_with_its_block(stella: LiveServer) -> None:
+    # A stream kept in a variable and left with `break` went on generating server-side
+    # until the client closed: the stream is a context manager, closed as its block ends.
+    words = [{"role": "user", "content": " ".join(["w"] * 100)}]
+    with sc.Client(stella.url) as c:
+        with c.chat(words, "echo-slow", stream=True) as stream:
+            for event in stream:
+                if isinstance(event, Start):
+                    rid = event.id
+                    break
+        # The stream is still referenced: no garbage collection closes it.
+        ev = stella.wait_event(lambda e: e["request_id"] == rid, timeout=2)
+        assert ev["finish_reason"] == "client_closed"
+        assert next(stream, None) is None  # closed: nothing more comes
+        held = c.generate("w " * 100, "echo-slow", stream=True)
+        start = next(held)
+        held.close()
+        ev = stella.wait_event(lambda e: e["request_id"] == start.id, timeout=2)
+        assert ev["finish_reason"] == "client_closed"
+
+
+async def test_an_async_stream_held_and_left_closes_with_its_block(stella: LiveServer) -> None:
+    words = [{"role": "user", "content": " ".join(["w"] * 100)}]
+    async with sc.AsyncClient(stella.url) as c:
+        async with await c.generate("w " * 100, "echo-slow", stream=True) as stream:
+            async for event in stream:
+                if isinstance(event, Start):
+                    rid = event.id
+                    break
+        ev = stella.wait_event(lambda e: e["request_id"] == rid, timeout=2)
+        assert ev["finish_reason"] == "client_closed"
+        held = await c.chat(words, "echo-slow", stream=True)
+        start = await anext(held)
+        await held.aclose()
+        assert await anext(held, None) is None
+        ev = stella.wait_event(lambda e: e["request_id"] == start.id, timeout=2)
+        assert ev["finish_reason"] == "client_closed"
+
+
 def test_cli_chat_and_models(stella: LiveServer) -> None:
     env = {"STELLA_URL": stella.url, "PATH": "/usr/bin:/bin"}
 
@@ -271,6 +324,15 @@ def test_cli_chat_and_models(stella: LiveServer) -> None:
     assert out.returncode == 1 and "model_not_found" in out.stderr
     out = cli("models")
     assert out.returncode == 0 and "echo" in out.stdout and "BACKEND" in out.stdout
+
+
+def test_cli_rate_limited_says_when_to_retry(keyed: LiveServer) -> None:
+    # The client has the 429's Retry-After; the CLI's line left it out.
+    env = {"STELLA_URL": keyed.url, "STELLA_API_KEY": KEY, "PATH": "/usr/bin:/bin"}
+    outs = [stella_cli("chat", "-m", "echo", "hi", env=env) for _ in range(3)]
+    limited = [o for o in outs if o.returncode == 1]
+    assert limited and limited[-1].stderr.startswith("stella: rate_limited: ")
+    assert re.search(r"; retry after \d+(\.\d+)?s\n\Z", limited[-1].stderr), limited[-1].stderr
 
 
 def test_cli_without_a_key_says_how_to_give_one(keyed: LiveServer) -> None:
@@ -663,6 +725,9 @@ def test_keys_new_prints_valid_toml(tmp_path: Any) -> None:
     out = keys("k1", "--models", 'a"b', "c\\d", "gpt-*", "--rpm", "5", "--concurrent", "2")
     table = tomllib.loads(out.stdout)["auth"]["keys"]["k1"]
     assert table["models"] == ['a"b', "c\\d", "gpt-*"] and table["requests_per_minute"] == 5
+    # Control characters, DEL included (printed raw: TOML forbids it), read back as given.
+    odd = ["m\x7f", "t\tab", "\x01x"]
+    assert tomllib.loads(keys("k2", "--models", *odd).stdout)["auth"]["keys"]["k2"]["models"] == odd
     assert table["max_concurrent"] == 2
     # Any name the config takes is printed as a TOML key that reads back as it.
     assert "café" in tomllib.loads(keys("café").stdout)["auth"]["keys"]

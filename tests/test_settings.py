@@ -451,6 +451,8 @@ def test_the_mlx_prompt_cache_budget_is_checked() -> None:
         ({"STELLA_LOG__AUDIT_PATH": "/proc/nope/x.jsonl"}, "serve", "log.audit_path"),
         # --check says what serve would.
         ({"STELLA_LOG__AUDIT_PATH": "/proc/nope/x.jsonl"}, "config", "log.audit_path"),
+        # So does plain config (it printed the config, exit 0).
+        ({"STELLA_LOG__AUDIT_PATH": "/proc/nope/x.jsonl"}, "config-print", "log.audit_path"),
         ({"STELLA_LOG__AUDIT_PATH": "/tmp"}, "config", "log.audit_path: cannot write /tmp"),
         # Found by --check, not as a model that never loads.
         ({"STELLA_BACKENDS__LOCAL__DTYPE": "float8"}, "config", "backends.local.dtype: "),
@@ -466,14 +468,16 @@ def test_the_mlx_prompt_cache_budget_is_checked() -> None:
 def test_values_only_use_reveals_are_checked_up_front(
     env: dict[str, str], command: str, needle: str
 ) -> None:
-    args = ["serve", "--port", "1"] if command == "serve" else ["config", "--check"]
+    args = {"serve": ["serve", "--port", "1"], "config-print": ["config"]}.get(
+        command, ["config", "--check"]
+    )
     base = {"PATH": "/usr/bin:/bin", "STELLA_MODELS__DEFAULT": "echo"}
     if command == "serve":
         base["STELLA_BACKENDS__LOCAL__ENABLED"] = "false"
     proc = stella_cli(*args, env={**base, **env})
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0]
+    assert len(lines) == 1 and needle in lines[0] and not proc.stdout
 
 
 def test_config_prints_nothing_that_serve_would_refuse() -> None:

@@ -17,6 +17,8 @@ def client_error(exc: StellaClientError) -> str:
     hint = ""
     if exc.code == "unauthorized":
         hint = "; give the key with --api-key or STELLA_API_KEY"
+    if exc.retry_after is not None:  # a 429's or 503's Retry-After: when to try again
+        hint += f"; retry after {exc.retry_after:g}s"
     return f"stella: {exc.code}: {exc.message}{where}{hint}"
 
 

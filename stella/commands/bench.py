@@ -265,6 +265,11 @@ def _run(args: argparse.Namespace) -> int:
         rows = compare_dialects(_levels(args), args.duration, rounds=args.rounds)
         return _show(args, rows, dialect_table)
     if args.what == "upstream":
+        # As serve refuses server.port: uvicorn took 99999 and failed later, after this
+        # line had announced it (and 0 listens on a port the line does not name).
+        if not 0 < args.port < 65536:
+            print(f"stella: --port: {args.port} is not a TCP port (1-65535)", file=sys.stderr)
+            return 2
         print(f"stella: fake OpenAI upstream on http://127.0.0.1:{args.port}/v1", file=sys.stderr)
         return _serve_upstream(args.port)
     if args.what == "mlx":

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the configuration as decoded from the file and environment, after building
     the backends and keys as `stella serve` would (a bad backend table is exit 2, not a
-    table printed as it was written); --check also checks the audit file, prints nothing."""
+    table printed as it was written) and checking the audit file; --check prints nothing."""
     from stella.backends import ConfigError
     from stella.commands import use_config_file
     from stella.settings import (
@@ -49,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
         # What building them warns of goes to stderr: stdout is the JSON alone.
         logs.configure(fmt="console", stream=sys.stderr.buffer)
         services = Services(settings)  # builds backends and keys: what the file can't tell
-        if args.check:
-            check_audit_path(settings, create=False)  # a check leaves nothing behind
+        # serve refuses an audit file it cannot append to; plain `config` too, as its
+        # help says. The check leaves nothing behind.
+        check_audit_path(settings, create=False)
     except ConfigError as exc:
         print(f"stella: config error: {blamed(exc)}", file=sys.stderr)
         return 2

@@ -38,8 +38,9 @@ def _count(text: str) -> int:
 
 
 def _toml_string(value: str) -> str:
-    """`value` as a TOML basic string (JSON's escapes are TOML's)."""
-    return json.dumps(value, ensure_ascii=False)
+    """`value` as a TOML basic string (JSON's escapes are TOML's; JSON leaves DEL raw,
+    which TOML forbids in a string)."""
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,6 +118,168 @@ def make_parent(out: Path) -> None:
         raise OutputError(f"cannot write {exc.filename or out}: {exc.strerror or exc}") from exc
 
 
+# GGUF metadata value types (the spec's gguf_metadata_value_type) of a fixed size.
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+# ggml tensor types: (elements per block, bytes per block), as ggml's type traits.
+_GGML_TYPES = {
+    0: (1, 4),  # F32
+    1: (1, 2),  # F16
+    2: (32, 18),  # Q4_0
+    3: (32, 20),  # Q4_1
+    6: (32, 22),  # Q5_0
+    7: (32, 24),  # Q5_1
+    8: (32, 34),  # Q8_0
+    9: (32, 36),  # Q8_1
+    10: (256, 84),  # Q2_K
+    11: (256, 110),  # Q3_K
+    12: (256, 144),  # Q4_K
+    13: (256, 176),  # Q5_K
+    14: (256, 210),  # Q6_K
+    15: (256, 292),  # Q8_K
+    16: (256, 66),  # IQ2_XXS
+    17: (256, 74),  # IQ2_XS
+    18: (256, 98),  # IQ3_XXS
+    19: (256, 50),  # IQ1_S
+    20: (32, 18),  # IQ4_NL
+    21: (256, 110),  # IQ3_S
+    22: (256, 82),  # IQ2_S
+    23: (256, 136),  # IQ4_XS
+    24: (1, 1),  # I8
+    25: (1, 2),  # I16
+    26: (1, 4),  # I32
+    27: (1, 8),  # I64
+    28: (1, 8),  # F64
+    29: (256, 56),  # IQ1_M
+    30: (1, 2),  # BF16
+    34: (256, 54),  # TQ1_0
+    35: (256, 66),  # TQ2_0
+}
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NESTING = 8  # arrays of arrays: real files have none; a bound on a corrupt one
+
+
+class _Header:
+    """A GGUF file's header read through a buffered file, every read bounds-checked
+    against the file's size (nothing is read that the file does not hold)."""
+
+    def __init__(self, fh: Any, size: int) -> None:
+        self.fh = fh
+        self.size = size
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        """The next `n` bytes; a GGUFError if the file ends first."""
+        if n > self.size - self.pos:
+            raise GGUFError(f"{what} runs past the end of the file (at byte {self.pos})")
+        data = self.fh.read(n)
+        self.pos += n
+        return cast(bytes, data)
+
+    def skip(self, n: int, what: str) -> None:
+        """Pass `n` bytes without reading them."""
+        if n > self.size - self.pos:
+            raise GGUFError(f"{what} runs past the end of the file (at byte {self.pos})")
+        self.fh.seek(n, os.SEEK_CUR)
+        self.pos += n
+
+    def u32(self, what: str) -> int:
+        """A little-endian uint32."""
+        return cast(int, struct.unpack("<I", self.take(4, what))[0])
+
+    def u64(self, what: str) -> int:
+        """A little-endian uint64."""
+        return cast(int, struct.unpack("<Q", self.take(8, what))[0])
+
+    def string(self, what: str) -> str:
+        """A gguf_string_t: a uint64 length and that many bytes of UTF-8."""
+        raw = self.take(self.u64(what), what)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise GGUFError(f"{what} is not UTF-8 (at byte {self.pos})") from None
+
+    def value(self, kind: int, what: str, depth: int = 0) -> Any:
+        """A metadata value of type `kind`: a scalar's int; strings and arrays are passed."""
+        if kind in _SCALAR_SIZE:
+            raw = self.take(_SCALAR_SIZE[kind], what)
+            return int.from_bytes(raw, "little")
+        if kind == _STRING:  # passed: a value's bytes are MLX's and the tokenizer's to read
+            self.skip(self.u64(what), what)
+            return None
+        if kind != _ARRAY or depth >= _MAX_NESTING:
+            raise GGUFError(f"{what} has an unknown value type {kind}")
+        item, count = self.u32(what), self.u64(what)
+        if item in _SCALAR_SIZE:
+            self.skip(count * _SCALAR_SIZE[item], what)
+            return None
+        for _ in range(count):  # each item takes at least 8 bytes: bounded by the size
+            self.value(item, what, depth + 1)
+        return None
+
+
+def check_header(src: Path) -> None:
+    """Refuse a file whose GGUF header is not whole and consistent (per the GGUF spec:
+    version, metadata, tensor infos, each tensor's data inside the file), reading the
+    header alone: MLX's reader trusts it, and a corrupt one crashes the process."""
+    size = src.stat().st_size
+    with src.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise GGUFError(f"{src} is not a GGUF file (it does not start with GGUF)")
+        head = _Header(fh, size)
+        head.pos = 4
+        try:
+            _check_header(head)
+        except GGUFError as exc:
+            raise GGUFError(f"{src} is a corrupt GGUF file: {exc}") from None
+
+
+def _check_header(head: _Header) -> None:
+    version = head.u32("the version")
+    if version not in (2, 3):
+        raise GGUFError(f"version {version} (versions 2 and 3 are known)")
+    tensors, kvs = head.u64("the tensor count"), head.u64("the metadata count")
+    # Each entry takes some bytes: counts the file cannot hold are found before a loop.
+    if tensors * 24 + kvs * 12 > head.size:
+        raise GGUFError(f"{tensors} tensors and {kvs} metadata entries do not fit in the file")
+    alignment = 32
+    for i in range(kvs):
+        key = head.string(f"metadata key {i}")
+        value = head.value(head.u32(f"metadata {key!r}"), f"metadata {key!r}")
+        if key == "general.alignment":
+            if not isinstance(value, int) or value < 1 or value & (value - 1):
+                raise GGUFError(f"general.alignment {value!r} is not a power of two")
+            alignment = value
+    infos: list[tuple[str, int, int]] = []
+    names: set[str] = set()
+    for i in range(tensors):
+        name = head.string(f"tensor {i}'s name")
+        if name in names:
+            raise GGUFError(f"tensor {name!r} appears twice")
+        names.add(name)
+        n_dims = head.u32(f"tensor {name!r}")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise GGUFError(f"tensor {name!r} has {n_dims} dimensions")
+        dims = [head.u64(f"tensor {name!r}") for _ in range(n_dims)]
+        kind = head.u32(f"tensor {name!r}")
+        if kind not in _GGML_TYPES:
+            raise GGUFError(f"tensor {name!r} has an unknown type {kind}")
+        block, block_bytes = _GGML_TYPES[kind]
+        if dims[0] % block:
+            raise GGUFError(f"tensor {name!r}: a row of {dims[0]} is not whole blocks")
+        count = math.prod(dims)
+        infos.append((name, head.u64(f"tensor {name!r}"), count // block * block_bytes))
+    data = -(-head.pos // alignment) * alignment  # the data section starts aligned
+    for name, offset, nbytes in infos:
+        if offset % alignment:
+            raise GGUFError(f"tensor {name!r}'s offset {offset} is not aligned to {alignment}")
+        if data + offset + nbytes > head.size:
+            raise GGUFError(
+                f"tensor {name!r} ({nbytes} bytes at {data + offset}) runs past the end of "
+                f"the file ({head.size} bytes): an incomplete download?"
+            )
+
+
 def import_gguf(src: Path, out: Path) -> Path:
     """Convert `src` (.gguf) into an mlx-lm model directory at `out`; returns `out`."""
     import mlx.core as mx
@@ -123,6 +287,7 @@ def import_gguf(src: Path, out: Path) -> Path:
     src = Path(src)
     out = Path(out)
     _check_out(out)
+    check_header(src)  # before mx.load, which a corrupt header crashes
     # mx.load's stub gives one return type for every format and flag; with metadata
     # asked for, a GGUF file loads as (tensors, metadata).
     tensors, metadata = cast(
