@@ -689,6 +689,46 @@ def test_a_bearer_token_is_masked_whole() -> None:
     assert logs.mask(f"Bearer {token}!") == "Bearer ***!"
 
 
+# Every character `\s` matches in text: mask() takes any of them after a scheme word.
+WHITE_SPACE = [chr(c) for c in range(0x3001) if chr(c).isspace() and chr(c) != "\x00"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Bearer\nTOK123",
+        "Bearer\r\n  TOK123",
+        "x\fBearer TOK123",
+        "x\bBearer TOK123",
+        "x\x1bBearer TOK123",
+        "x\x0bBearer\x0b\u3000TOK123",
+        "Bearer\u00a0TOK123",
+        "Authorization: Bearer\nTOK123",
+        "Authorization:\nTOK123",
+        "Authorization:\r\nBearer TOK123",
+        "Proxy-Authorization:\tBearer\n\tTOK123",
+        "x\fAuthorization: TOK123",
+        'Authorization: Digest username="u",\n response="TOK123"',
+        "Basic\ndXNlcjpUT0sxMjM=",  # user:TOK123
+        *(f"a{c}Bearer{c}TOK123" for c in WHITE_SPACE),
+        *(f"{chr(c)}Bearer TOK123" for c in range(0x20)),
+    ],
+)
+def test_a_credential_after_white_space_is_masked_in_lines_as_in_text(text: str) -> None:
+    # A line masks what mask() masks, though the line holds a line break as `\n`, a
+    # control character as `\u001b` and a Unicode space as its UTF-8.
+    masked = logs.mask(text)
+    assert "TOK123" not in masked and "dXNlcjpUT0sxMjM" not in masked
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out)
+    sink.emit("inference", {"metadata": {"n": text}})
+    sink.put({"event": "x", "msg": text})
+    sink.close()
+    for line in out.getvalue().splitlines():
+        event = json.loads(line)
+        assert (event["metadata"]["n"] if "metadata" in event else event["msg"]) == masked
+
+
 def test_a_configured_authorization_header_is_masked_without_its_scheme() -> None:
     from stella.settings import load_settings, secret_values
 
