@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import unquote
 
 import msgspec
 import structlog
@@ -34,12 +35,15 @@ from structlog.typing import EventDict
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 # Field names whose values are masked at any depth, matched by their words (snake,
 # kebab or camelCase): any name with one of SECRET_WORDS (`client_secret`,
-# `db_password`, `bearer`); one ending in `token` (`access_token`, `x-auth-token`, but
-# not `max_tokens`); one ending in `auth` after another word (`basic_auth`,
+# `db_password`, `bearer`, `jwt`, `otp_code`); one ending in `token` (`access_token`,
+# `x-auth-token`, but not `max_tokens`) or `signature` (`webhook_signature`, but not
+# `signature_method`); one ending in `auth` after another word (`basic_auth`,
 # `proxy_auth`; not `auth` alone, stella's own events name the auth mode so); one
-# ending in `key` after a word that makes it a credential (`api_key`, `private_key`,
-# `aws_secret_access_key`, but not `idempotency_key`, nor `key`, which names an API
-# key's owner in stella's own events).
+# ending in `key` or `keys` after a word that makes it a credential (`api_key`,
+# `private_keys`, `aws_secret_access_key`, but not `idempotency_key`, nor `key`, which
+# names an API key's owner in stella's own events); one ending in `tokens` after a word
+# that makes them credentials (`refresh_tokens`, `access_tokens`: `tokens` alone, or
+# after any other word, is a count, as `prompt_tokens` or `max_tokens`).
 SECRET_WORDS = frozenset(
     {
         "authorization",
@@ -47,21 +51,53 @@ SECRET_WORDS = frozenset(
         "secret",
         "secrets",
         "password",
+        "passwords",
         "passwd",
+        "passwds",
         "passphrase",
+        "passphrases",
         "pwd",
         "cookie",
         "cookies",
         "credential",
         "credentials",
         "apikey",
+        "apikeys",
         "passkey",
+        "passkeys",
+        "jwt",
+        "jwts",
+        "otp",
+        "totp",
+        "hotp",
     }
 )
-SECRET_ENDINGS = ("token", "secret", "password", "passwd", "apikey")
+SECRET_ENDINGS = (
+    "token",
+    "secret",
+    "secrets",
+    "password",
+    "passwords",
+    "passwd",
+    "apikey",
+    "apikeys",
+)
+SECRET_LAST_WORDS = frozenset({"token", "signature", "signatures"})
 KEY_WORDS = frozenset(
     {"api", "secret", "private", "access", "auth", "signing", "encryption", "session", "master"}
 )
+TOKEN_WORDS = KEY_WORDS | {
+    "refresh",
+    "id",
+    "bearer",
+    "oauth",
+    "csrf",
+    "xsrf",
+    "github",
+    "bot",
+    "device",
+    "personal",
+}
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 _NAME_WORDS = re.compile(r"[a-z0-9]+")
 
@@ -80,9 +116,12 @@ def is_secret_field(name: str) -> bool:
     if not SECRET_WORDS.isdisjoint(words):
         return True
     last = words[-1]
-    if last == "token" or (last == "auth" and len(words) > 1):
+    if last in SECRET_LAST_WORDS or (last == "auth" and len(words) > 1):
         return True
-    if last == "key" and len(words) > 1 and words[-2] in KEY_WORDS:
+    if len(words) > 1 and (
+        (last in ("key", "keys") and words[-2] in KEY_WORDS)
+        or (last == "tokens" and words[-2] in TOKEN_WORDS)
+    ):
         return True
     # Words run together (accesstoken, APIToken, dbpassword, xapikey).
     return "".join(words).endswith(SECRET_ENDINGS)
@@ -178,6 +217,50 @@ def _is_basic(token: bytes) -> bool:
         return b":" in base64.b64decode(token, validate=True)
     except ValueError:  # binascii.Error: not base64
         return False
+
+
+# A URL's credentials in text: its user info (`postgres://u:pw@h/db`, a token as the
+# user, `https://ghp_..@github.com`) and the values of its parameters named like a
+# secret (`?token=..`, `&api_key=..`; also Google's `?key=..` and a SAS `&sig=..`). As
+# in /config, which `@` ends the user info cannot always be told (a password may hold a
+# `/`): everything before the URL's last `@` goes. A URL ends at white space, a quote,
+# `<`, `>`, or a backslash (an escape, in an encoded line).
+_URL_TEXT = re.compile(r"://([^\s\"'`\\<>]+)")
+_URL_BYTES = re.compile(rb"://([^\s\"'`\\<>]+)")
+_URL_PARAM_TEXT = re.compile(r"([?&#;])([^=&#?;]*)=([^&#?;]+)")
+_URL_PARAM_BYTES = re.compile(rb"([?&#;])([^=&#?;]*)=([^&#?;]+)")
+URL_SECRET_PARAMS = frozenset({"key", "sig"})
+
+
+def _is_url_secret(name: str) -> bool:
+    """Whether a URL's parameter of that name (percent-encoded) holds a credential."""
+    name = unquote(name)
+    return is_secret_field(name) or name.lower() in URL_SECRET_PARAMS
+
+
+def _url_text(m: re.Match[str]) -> str:
+    rest = m[1]
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    if "=" in rest:
+        rest = _URL_PARAM_TEXT.sub(
+            lambda p: p[1] + p[2] + "=***" if _is_url_secret(p[2]) else p[0], rest
+        )
+    return "://" + rest
+
+
+def _url_bytes(m: re.Match[bytes]) -> bytes:
+    rest = m[1]
+    if b"@" in rest:
+        rest = b"***@" + rest.rpartition(b"@")[2]
+    if b"=" in rest:
+        rest = _URL_PARAM_BYTES.sub(
+            lambda p: (
+                p[1] + p[2] + b"=***" if _is_url_secret(p[2].decode(errors="replace")) else p[0]
+            ),
+            rest,
+        )
+    return b"://" + rest
 
 
 def _mask_schemes(line: bytes, lower: bytes) -> bytes:
@@ -454,6 +537,8 @@ class LogSink:
         for secret in self._secret_bytes:
             if secret in line:
                 line = line.replace(secret, b"***")
+        if b"://" in line:
+            line = _URL_BYTES.sub(_url_bytes, line)
         # A scheme's credential follows white space: a space, an escape (`\n`) or a
         # Unicode space (not ASCII), and an encoded line holds a literal space only
         # inside a string: two memchr and an ASCII check spare most lines the slower
@@ -852,14 +937,16 @@ def sink() -> LogSink | None:
 
 
 def mask(text: str) -> str:
-    """`text` with every secret the sink knows of, and credentials after a scheme or an
-    Authorization header, masked: for text
+    """`text` with every secret the sink knows of, credentials after a scheme or an
+    Authorization header, and a URL's user info and secret parameters masked: for text
     that reaches a client from elsewhere, such as an upstream's error message."""
     current = _sink
     if current is not None:
         for secret in current.secrets:
             if secret in text:
                 text = text.replace(secret, "***")
+    if "://" in text:
+        text = _URL_TEXT.sub(_url_text, text)
     lower = text.lower()
     if "uthorization" in lower:
         text = AUTH_HEADER_TEXT.sub(r"\1\2***", text)

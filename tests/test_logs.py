@@ -540,6 +540,22 @@ def test_a_named_key_the_client_echoes_is_masked_in_its_line(tmp_path: Path) -> 
         "bearer",
         "github_token",
         "x-apikey",
+        "api_keys",
+        "apiKeys",
+        "private_keys",
+        "refresh_tokens",
+        "access_tokens",
+        "secrets",
+        "passwords",
+        "db_passwords",
+        "jwt",
+        "user_jwt",
+        "signature",
+        "webhook_signature",
+        "x-signature",
+        "otp",
+        "totp",
+        "otp_code",
     ],
 )
 def test_field_names_that_hold_credentials_are_masked(name: str) -> None:
@@ -563,6 +579,16 @@ def test_field_names_that_hold_credentials_are_masked(name: str) -> None:
         "completion_tokens",
         "total_tokens",
         "tokens_per_s",
+        "cached_tokens",
+        "input_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "discarded_tokens",
+        "max_completion_tokens",
+        "num_tokens",
+        "keys",
+        "cache_keys",
+        "signature_method",
         "auth",  # stella's `started` event: the auth mode
         "auth_scheme",
         "oauth_flow",
@@ -583,6 +609,55 @@ def test_the_counts_of_an_inference_line_are_not_masked() -> None:
     inference, started = (json.loads(line) for line in out.getvalue().splitlines())
     assert {k: inference[k] for k in counts} == counts and inference["metadata"] == metadata
     assert started["auth"] == "keys"
+
+
+def test_the_usage_counts_a_client_puts_in_its_metadata_are_not_masked() -> None:
+    # Plural names that hold credentials are masked (`refresh_tokens`), counts are not.
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out)
+    usage = {"prompt_tokens": 7, "completion_tokens": 9, "tokens": 16, "cached_tokens": 2}
+    sink.emit("inference", {"metadata": {"usage": usage, "refresh_tokens": ["rt-1", "rt-2"]}})
+    sink.close()
+    metadata = json.loads(out.getvalue())["metadata"]
+    assert metadata == {"usage": usage, "refresh_tokens": "***"}
+
+
+def test_a_urls_credentials_in_text_are_masked() -> None:
+    # A connection string or a webhook in a client's metadata (or its prompt, a model's
+    # answer, an upstream's error): the user info and secret parameters go.
+    texts = {
+        "dsn": "postgres://u:PW1@h/db",
+        "slash": "redis://:p/PW2@h:6379/0",
+        "user": "clone https://PW3@github.com/o/r.git, then",
+        "hook": "https://h/x?token=PW4&q=1",
+        "google": "https://h/v1?key=PW5#top",
+        "sas": "https://a.blob/c?sv=2020&sig=PW6&se=1",
+        "s3": "https://s3/o?X-Amz-Credential=PW7&X-Amz-Signature=PW8&X-Amz-Date=1",
+        "quoted": "url='https://u:PW9@h/' ok",
+        "plain": "https://example.com/search?q=tokens&page=2 and a@b.com",
+    }
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out)
+    sink.emit("inference", {"metadata": dict(texts), "completion": texts["dsn"]})
+    sink.close()
+    text = out.getvalue().decode()
+    assert "PW" not in text
+    event = json.loads(text)
+    expected = {
+        "dsn": "postgres://***@h/db",
+        "slash": "redis://***@h:6379/0",
+        "user": "clone https://***@github.com/o/r.git, then",
+        "hook": "https://h/x?token=***&q=1",
+        "google": "https://h/v1?key=***#top",
+        "sas": "https://a.blob/c?sv=2020&sig=***&se=1",
+        "s3": "https://s3/o?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Date=1",
+        "quoted": "url='https://***@h/' ok",
+        "plain": "https://example.com/search?q=tokens&page=2 and a@b.com",
+    }
+    assert event["metadata"] == expected
+    assert event["completion"] == expected["dsn"]
+    # An upstream's error text that reaches a client is masked the same way.
+    assert {k: logs.mask(v) for k, v in texts.items()} == expected
 
 
 def test_an_authorization_header_in_text_is_masked_whatever_its_scheme() -> None:
