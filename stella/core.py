@@ -44,12 +44,14 @@ from stella.protocol import (
     Done,
     Error,
     FunctionCall,
+    Message,
     PromptTokensDetails,
     Start,
     Timings,
     ToolCall,
     ToolCallRef,
     Usage,
+    arguments_text,
 )
 from stella.routing import Route, Router
 from stella.watchdog import Watchdog, backoff, close_quietly
@@ -998,14 +1000,19 @@ class Inference:
         if self.request.metadata:
             record["metadata"] = self.request.metadata
         if pipeline.log_content:
-            record["prompt"] = [
-                {"role": m.role, "content": m.content} for m in self.request.messages
-            ]
+            record["prompt"] = [_logged_message(m) for m in self.request.messages]
             record["completion"] = "".join(self.texts)
+            if self.tool_calls:
+                # What the model asked a tool to do is part of its answer: an audit
+                # trail without the arguments would miss what was done in its name.
+                record["tool_calls"] = [
+                    _logged_call(c.id, c.name, arguments_text(c.arguments, c.raw_arguments))
+                    for c in self.tool_calls
+                ]
         secret = self.call.secret
         if len(secret) >= 4 and (self.request.metadata or pipeline.log_content):
             # A client may echo its own key in what it writes: never logged as it is.
-            for field in ("metadata", "prompt", "completion"):
+            for field in ("metadata", "prompt", "completion", "tool_calls"):
                 if field in record:
                     record[field] = _masked(record[field], secret)
         for listener in pipeline.listeners:
@@ -1014,6 +1021,32 @@ class Inference:
             except Exception as exc:  # a metrics bug must not lose the log line
                 record.setdefault("listener_errors", []).append(repr(exc))
         pipeline.emit("inference", record)
+
+
+def _logged_call(call_id: str, name: str, arguments: str) -> dict[str, str]:
+    """A tool call as the inference event logs it (arguments as the JSON text OpenAI's
+    API carries, or the model's own text when it wrote no JSON object)."""
+    return {"id": call_id, "name": name, "arguments": arguments}
+
+
+def _logged_message(m: Message) -> dict[str, Any]:
+    """A message of the history as the inference event logs it: an assistant's tool
+    calls and the call a tool's answer belongs to included."""
+    logged: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        logged["tool_calls"] = [
+            _logged_call(
+                c.id,
+                c.function.name,
+                arguments_text(c.function.arguments, c.function.raw_arguments),
+            )
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        logged["tool_call_id"] = m.tool_call_id
+    if m.is_error:
+        logged["is_error"] = True
+    return logged
 
 
 def _backend_failed(backend: str, exc: Exception) -> UpstreamError:

@@ -104,6 +104,69 @@ def test_audit_file_content_and_no_secrets(tmp_path: Path) -> None:
     assert "Bearer" not in everything
 
 
+def test_content_logs_the_tool_calls_of_the_history_and_of_the_answer(tmp_path: Path) -> None:
+    audit = tmp_path / "log.jsonl"
+    config = {"log": {"audit_path": str(audit), "content": True}}
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    with run_stella(config, {"STELLA_API_KEYS": f"ops={KEY}"}) as server:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        for stream in (False, True):
+            r = httpx.post(
+                server.url + "/v1/chat/completions",
+                headers=headers,
+                json={
+                    "model": "echo",
+                    "stream": stream,
+                    "tools": tools,
+                    "messages": [{"role": "user", "content": f"find {KEY} and Paris"}],
+                },
+            )
+            assert r.status_code == 200
+        history = [
+            {"role": "user", "content": "find Paris"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_7",
+                        "type": "function",
+                        "function": {"name": "lookup", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_7", "content": "sunny"},
+        ]
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            headers=headers,
+            json={"model": "echo", "tools": tools, "messages": history},
+        )
+        assert r.status_code == 200
+        server.wait_event(lambda e: e["prompt"][-1]["role"] == "tool")
+        server.stop()
+        captured = "\n".join(server.lines())
+    rows = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [r["stream"] for r in rows] == [False, True, False]
+    for row in rows[:2]:
+        # The answer is the call, not an empty completion; its arguments are the model's.
+        assert row["finish_reason"] == "tool_calls" and row["completion"] == ""
+        assert row["tool_calls"] == [
+            {"id": "call_0", "name": "lookup", "arguments": '{"input":"find *** and Paris"}'}
+        ]
+    assert rows[2]["prompt"] == [
+        {"role": "user", "content": "find Paris"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "call_7", "name": "lookup", "arguments": '{"city":"Paris"}'}],
+        },
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_7"},
+    ]
+    assert "tool_calls" not in rows[2]  # the answer has none: no empty field
+    assert KEY not in captured + audit.read_text()
+
+
 def test_no_content_by_default(tmp_path: Path) -> None:
     audit = tmp_path / "a.jsonl"
     with run_stella({"log": {"audit_path": str(audit)}}) as server:
