@@ -109,6 +109,8 @@ class Pipeline:
             raise InvalidRequest("$.messages: must contain at least one message", param="messages")
         if request.metadata:
             _check_metadata(request.metadata)
+        if request.response_format is not None:
+            _check_response_format(request.response_format)
         model = request.model
         if model is not None and len(model) > MAX_MODEL_NAME:
             raise InvalidRequest(f"$.model: over {MAX_MODEL_NAME} characters", param="model")
@@ -1071,6 +1073,31 @@ def _too_slow(watchdog: Watchdog, total_s: float) -> None:
 
 def _choice_name(choice: Any) -> str:
     return repr(choice) if isinstance(choice, str) else f"tool {choice.function.name!r}"
+
+
+# The response_format types OpenAI's API takes (and so every backend knows).
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _check_response_format(fmt: dict[str, Any]) -> None:
+    """Refuse a response_format of a type no backend knows, as OpenAI's API does: passed
+    on, an upstream would refuse it or answer in prose a client takes for the format."""
+    kind = fmt.get("type")
+    if kind is None:
+        raise InvalidRequest(
+            "$.response_format.type: required (text, json_object or json_schema)",
+            param="response_format.type",
+        )
+    if kind not in RESPONSE_FORMATS:
+        raise InvalidRequest(
+            f"$.response_format.type: {kind!r} is not text, json_object or json_schema",
+            param="response_format.type",
+        )
+    if kind == "json_schema" and not isinstance(fmt.get("json_schema"), dict):
+        raise InvalidRequest(
+            "$.response_format.json_schema: required for json_schema (an object)",
+            param="response_format.json_schema",
+        )
 
 
 def _check_metadata(metadata: dict[str, Any]) -> None:
