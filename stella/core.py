@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -573,7 +574,9 @@ class Inference:
                             except Exception as exc:
                                 # A backend's bug is its failure, as before its first
                                 # token: recorded, counted, told to its breaker (below).
-                                raise _backend_failed(route.backend_name, exc) from None
+                                raise _backend_failed(
+                                    route.backend_name, exc, self.pipeline.log_content
+                                ) from None
                             finally:
                                 watchdog.waiting = False
                             watchdog.progress += 1
@@ -607,7 +610,9 @@ class Inference:
                         # is worse than the error.
                         return self.fail(exc)
                     except Exception as exc:  # a bug past the backend still ends the stream
-                        return self.fail(_backend_failed(route.backend_name, exc))
+                        return self.fail(
+                            _backend_failed(route.backend_name, exc, self.pipeline.log_content)
+                        )
                     finally:
                         self.completion_tokens = tokens
                         # A verdict (success, failure) already ended a probe; without one
@@ -773,7 +778,7 @@ class Inference:
                     watchdog, time.perf_counter(), rs.total_timeout_s
                 )
         except Exception as exc:  # a backend bug must still end the stream properly
-            err = _backend_failed(route.backend_name, exc)
+            err = _backend_failed(route.backend_name, exc, self.pipeline.log_content)
         else:
             self.queue_ms = self.waited_ms + ctx.queue_ms
             self.engine_ttft_ms = ctx.engine_ttft_ms
@@ -1051,10 +1056,38 @@ def _logged_message(m: Message) -> dict[str, Any]:
     return logged
 
 
-def _backend_failed(backend: str, exc: Exception) -> UpstreamError:
-    """Log an unexpected exception from a backend (or past it); the error it ends in."""
-    _log.error("backend_failed", backend=backend, exc_info=exc)
+def _backend_failed(backend: str, exc: Exception, content: bool) -> UpstreamError:
+    """Log an unexpected exception from a backend (or past it); the error it ends in.
+    Without `content` (log.content) its traceback is logged without the messages."""
+    if content:
+        _log.error("backend_failed", backend=backend, exc_info=exc)
+    else:
+        _log.error("backend_failed", backend=backend, exception=_traceback_only(exc))
     return UpstreamError(f"backend {backend!r} failed: {type(exc).__name__}")
+
+
+def _traceback_only(exc: BaseException) -> str:
+    """`exc`'s traceback as Python prints it (the exceptions that led to it first), each
+    exception's message left out: a backend's message is its own text, and may quote
+    what it was sent (`KeyError: '<a word of the prompt>'`)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 16:
+        chain.append(current)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    parts = []
+    for e in reversed(chain):
+        kind = type(e)
+        name = (
+            kind.__qualname__
+            if kind.__module__ == "builtins"
+            else (f"{kind.__module__}.{kind.__qualname__}")
+        )
+        tb = "".join(traceback.format_tb(e.__traceback__))
+        parts.append(f"Traceback (most recent call last):\n{tb}{name} (message not logged)\n")
+    return "\nwhich led to:\n\n".join(parts).rstrip("\n")
 
 
 def _stella_failed(exc: Exception) -> StellaError:
