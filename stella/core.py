@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -44,12 +45,14 @@ from stella.protocol import (
     Done,
     Error,
     FunctionCall,
+    Message,
     PromptTokensDetails,
     Start,
     Timings,
     ToolCall,
     ToolCallRef,
     Usage,
+    arguments_text,
 )
 from stella.routing import Route, Router
 from stella.watchdog import Watchdog, backoff, close_quietly
@@ -107,6 +110,8 @@ class Pipeline:
             raise InvalidRequest("$.messages: must contain at least one message", param="messages")
         if request.metadata:
             _check_metadata(request.metadata)
+        if request.response_format is not None:
+            _check_response_format(request.response_format)
         model = request.model
         if model is not None and len(model) > MAX_MODEL_NAME:
             raise InvalidRequest(f"$.model: over {MAX_MODEL_NAME} characters", param="model")
@@ -569,7 +574,9 @@ class Inference:
                             except Exception as exc:
                                 # A backend's bug is its failure, as before its first
                                 # token: recorded, counted, told to its breaker (below).
-                                raise _backend_failed(route.backend_name, exc) from None
+                                raise _backend_failed(
+                                    route.backend_name, exc, self.pipeline.log_content
+                                ) from None
                             finally:
                                 watchdog.waiting = False
                             watchdog.progress += 1
@@ -603,7 +610,9 @@ class Inference:
                         # is worse than the error.
                         return self.fail(exc)
                     except Exception as exc:  # a bug past the backend still ends the stream
-                        return self.fail(_backend_failed(route.backend_name, exc))
+                        return self.fail(
+                            _backend_failed(route.backend_name, exc, self.pipeline.log_content)
+                        )
                     finally:
                         self.completion_tokens = tokens
                         # A verdict (success, failure) already ended a probe; without one
@@ -769,7 +778,7 @@ class Inference:
                     watchdog, time.perf_counter(), rs.total_timeout_s
                 )
         except Exception as exc:  # a backend bug must still end the stream properly
-            err = _backend_failed(route.backend_name, exc)
+            err = _backend_failed(route.backend_name, exc, self.pipeline.log_content)
         else:
             self.queue_ms = self.waited_ms + ctx.queue_ms
             self.engine_ttft_ms = ctx.engine_ttft_ms
@@ -998,14 +1007,19 @@ class Inference:
         if self.request.metadata:
             record["metadata"] = self.request.metadata
         if pipeline.log_content:
-            record["prompt"] = [
-                {"role": m.role, "content": m.content} for m in self.request.messages
-            ]
+            record["prompt"] = [_logged_message(m) for m in self.request.messages]
             record["completion"] = "".join(self.texts)
+            if self.tool_calls:
+                # What the model asked a tool to do is part of its answer: an audit
+                # trail without the arguments would miss what was done in its name.
+                record["tool_calls"] = [
+                    _logged_call(c.id, c.name, arguments_text(c.arguments, c.raw_arguments))
+                    for c in self.tool_calls
+                ]
         secret = self.call.secret
         if len(secret) >= 4 and (self.request.metadata or pipeline.log_content):
             # A client may echo its own key in what it writes: never logged as it is.
-            for field in ("metadata", "prompt", "completion"):
+            for field in ("metadata", "prompt", "completion", "tool_calls"):
                 if field in record:
                     record[field] = _masked(record[field], secret)
         for listener in pipeline.listeners:
@@ -1016,10 +1030,64 @@ class Inference:
         pipeline.emit("inference", record)
 
 
-def _backend_failed(backend: str, exc: Exception) -> UpstreamError:
-    """Log an unexpected exception from a backend (or past it); the error it ends in."""
-    _log.error("backend_failed", backend=backend, exc_info=exc)
+def _logged_call(call_id: str, name: str, arguments: str) -> dict[str, str]:
+    """A tool call as the inference event logs it (arguments as the JSON text OpenAI's
+    API carries, or the model's own text when it wrote no JSON object)."""
+    return {"id": call_id, "name": name, "arguments": arguments}
+
+
+def _logged_message(m: Message) -> dict[str, Any]:
+    """A message of the history as the inference event logs it: an assistant's tool
+    calls and the call a tool's answer belongs to included."""
+    logged: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        logged["tool_calls"] = [
+            _logged_call(
+                c.id,
+                c.function.name,
+                arguments_text(c.function.arguments, c.function.raw_arguments),
+            )
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        logged["tool_call_id"] = m.tool_call_id
+    if m.is_error:
+        logged["is_error"] = True
+    return logged
+
+
+def _backend_failed(backend: str, exc: Exception, content: bool) -> UpstreamError:
+    """Log an unexpected exception from a backend (or past it); the error it ends in.
+    Without `content` (log.content) its traceback is logged without the messages."""
+    if content:
+        _log.error("backend_failed", backend=backend, exc_info=exc)
+    else:
+        _log.error("backend_failed", backend=backend, exception=_traceback_only(exc))
     return UpstreamError(f"backend {backend!r} failed: {type(exc).__name__}")
+
+
+def _traceback_only(exc: BaseException) -> str:
+    """`exc`'s traceback as Python prints it (the exceptions that led to it first), each
+    exception's message left out: a backend's message is its own text, and may quote
+    what it was sent (`KeyError: '<a word of the prompt>'`)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 16:
+        chain.append(current)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    parts = []
+    for e in reversed(chain):
+        kind = type(e)
+        name = (
+            kind.__qualname__
+            if kind.__module__ == "builtins"
+            else (f"{kind.__module__}.{kind.__qualname__}")
+        )
+        tb = "".join(traceback.format_tb(e.__traceback__))
+        parts.append(f"Traceback (most recent call last):\n{tb}{name} (message not logged)\n")
+    return "\nwhich led to:\n\n".join(parts).rstrip("\n")
 
 
 def _stella_failed(exc: Exception) -> StellaError:
@@ -1038,6 +1106,31 @@ def _too_slow(watchdog: Watchdog, total_s: float) -> None:
 
 def _choice_name(choice: Any) -> str:
     return repr(choice) if isinstance(choice, str) else f"tool {choice.function.name!r}"
+
+
+# The response_format types OpenAI's API takes (and so every backend knows).
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _check_response_format(fmt: dict[str, Any]) -> None:
+    """Refuse a response_format of a type no backend knows, as OpenAI's API does: passed
+    on, an upstream would refuse it or answer in prose a client takes for the format."""
+    kind = fmt.get("type")
+    if kind is None:
+        raise InvalidRequest(
+            "$.response_format.type: required (text, json_object or json_schema)",
+            param="response_format.type",
+        )
+    if kind not in RESPONSE_FORMATS:
+        raise InvalidRequest(
+            f"$.response_format.type: {kind!r} is not text, json_object or json_schema",
+            param="response_format.type",
+        )
+    if kind == "json_schema" and not isinstance(fmt.get("json_schema"), dict):
+        raise InvalidRequest(
+            "$.response_format.json_schema: required for json_schema (an object)",
+            param="response_format.json_schema",
+        )
 
 
 def _check_metadata(metadata: dict[str, Any]) -> None:

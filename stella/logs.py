@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import unquote
 
 import msgspec
 import structlog
@@ -34,12 +35,15 @@ from structlog.typing import EventDict
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 # Field names whose values are masked at any depth, matched by their words (snake,
 # kebab or camelCase): any name with one of SECRET_WORDS (`client_secret`,
-# `db_password`, `bearer`); one ending in `token` (`access_token`, `x-auth-token`, but
-# not `max_tokens`); one ending in `auth` after another word (`basic_auth`,
+# `db_password`, `bearer`, `jwt`, `otp_code`); one ending in `token` (`access_token`,
+# `x-auth-token`, but not `max_tokens`) or `signature` (`webhook_signature`, but not
+# `signature_method`); one ending in `auth` after another word (`basic_auth`,
 # `proxy_auth`; not `auth` alone, stella's own events name the auth mode so); one
-# ending in `key` after a word that makes it a credential (`api_key`, `private_key`,
-# `aws_secret_access_key`, but not `idempotency_key`, nor `key`, which names an API
-# key's owner in stella's own events).
+# ending in `key` or `keys` after a word that makes it a credential (`api_key`,
+# `private_keys`, `aws_secret_access_key`, but not `idempotency_key`, nor `key`, which
+# names an API key's owner in stella's own events); one ending in `tokens` after a word
+# that makes them credentials (`refresh_tokens`, `access_tokens`: `tokens` alone, or
+# after any other word, is a count, as `prompt_tokens` or `max_tokens`).
 SECRET_WORDS = frozenset(
     {
         "authorization",
@@ -47,21 +51,53 @@ SECRET_WORDS = frozenset(
         "secret",
         "secrets",
         "password",
+        "passwords",
         "passwd",
+        "passwds",
         "passphrase",
+        "passphrases",
         "pwd",
         "cookie",
         "cookies",
         "credential",
         "credentials",
         "apikey",
+        "apikeys",
         "passkey",
+        "passkeys",
+        "jwt",
+        "jwts",
+        "otp",
+        "totp",
+        "hotp",
     }
 )
-SECRET_ENDINGS = ("token", "secret", "password", "passwd", "apikey")
+SECRET_ENDINGS = (
+    "token",
+    "secret",
+    "secrets",
+    "password",
+    "passwords",
+    "passwd",
+    "apikey",
+    "apikeys",
+)
+SECRET_LAST_WORDS = frozenset({"token", "signature", "signatures"})
 KEY_WORDS = frozenset(
     {"api", "secret", "private", "access", "auth", "signing", "encryption", "session", "master"}
 )
+TOKEN_WORDS = KEY_WORDS | {
+    "refresh",
+    "id",
+    "bearer",
+    "oauth",
+    "csrf",
+    "xsrf",
+    "github",
+    "bot",
+    "device",
+    "personal",
+}
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 _NAME_WORDS = re.compile(r"[a-z0-9]+")
 
@@ -80,21 +116,34 @@ def is_secret_field(name: str) -> bool:
     if not SECRET_WORDS.isdisjoint(words):
         return True
     last = words[-1]
-    if last == "token" or (last == "auth" and len(words) > 1):
+    if last in SECRET_LAST_WORDS or (last == "auth" and len(words) > 1):
         return True
-    if last == "key" and len(words) > 1 and words[-2] in KEY_WORDS:
+    if len(words) > 1 and (
+        (last in ("key", "keys") and words[-2] in KEY_WORDS)
+        or (last == "tokens" and words[-2] in TOKEN_WORDS)
+    ):
         return True
     # Words run together (accesstoken, APIToken, dbpassword, xapikey).
     return "".join(words).endswith(SECRET_ENDINGS)
 
 
 BEARER_TEXT = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
-# In an encoded line a tab, a newline or a return before a word is `\t`, `\n`, `\r`:
-# the word starts there too, though `\b` sees none (n, t, r are word characters).
-_START_BYTES = r"(?:\b|(?<=\\[tnr]))"
-_SPACE_BYTES = r"(?:\s|\\t)"
+# In an encoded line a control character before a word is an escape (`\n`, `\f`,
+# `\u001b`) whose last character is a word character: the word starts there too,
+# though `\b` sees none. Checked after the word's first character, which the pattern
+# then starts with: the regex engine skips ahead to that character instead of trying
+# these look-behinds at every position of the line (3 times faster).
+_STARTED_BYTES = r"(?:(?<!\w.)|(?<=\\[bfnrt].)|(?<=\\u[0-9a-f]{4}.))"
+# What `\s` matches in text (and so in mask()), as an encoded line holds it: a space,
+# an escaped tab, newline, return, form feed, vertical tab or \x1c-\x1f, or the UTF-8
+# of a Unicode space (U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F,
+# U+205F, U+3000: msgspec writes them as they are).
+_SPACE_BYTES = (
+    r"(?:[ ]|\\[tnrf]|\\u00(?:0b|1[c-f])|\xc2[\x85\xa0]|\xe1\x9a\x80"
+    r"|\xe2\x80[\x80-\x8a\xa8\xa9\xaf]|\xe2\x81\x9f|\xe3\x80\x80)"
+)
 BEARER_BYTES = re.compile(
-    (_START_BYTES + r"(?i:(bearer))" + _SPACE_BYTES + r"+[A-Za-z0-9._~+/=-]+").encode()
+    (r"([Bb]" + _STARTED_BYTES + r"(?i:earer))" + _SPACE_BYTES + r"+[A-Za-z0-9._~+/=-]+").encode()
 )
 # An Authorization or Proxy-Authorization header quoted in text (`Authorization: token
 # ghp_...`, `'authorization': 'Basic ...'`, `authorization=...`): its credential is
@@ -105,23 +154,28 @@ BEARER_BYTES = re.compile(
 # stella does not know (`Klaviyo-API-Key pk_...`): it is masked, and so is the word
 # after it when that looks like a credential (a digit or one of `_.=+/` in it).
 # Possessive: a scheme with no credential after it (`Bearer <key>`) is left as it is.
+# The scheme's credential may follow on the next line (`{gap}`: any white space, as
+# after `Bearer`), and so may a parameter after a comma; a second word with no scheme
+# or a parameter with no comma is looked for on the same line only (`{ws}`).
 _SCHEMES = (
     r"basic|bearer|digest|token|api-?key|key|negotiate|ntlm|oauth|hoba|mutual|vapid"
     r"|dpop|jwt|ssws|scram-sha-(?:1|256)"
 )
 _TOKEN = r"[^\s\"'\\,;<>]+"
 _AUTH_HEADER = (
-    r"(?i){start}((?:proxy-)?authorization{q}{sp}*[:=]{sp}*{q})"  # the name, `: ` or `": "`
-    r"((?:" + _SCHEMES + r"|[a-z][a-z0-9-]*(?={ws}+[a-z0-9_.-]+=)){ws}+)?+"  # the scheme
-    r"((?:{param}|" + _TOKEN + r")(?:(?:{ws}*,{ws}*|{ws}+){param})*"  # the credential
+    r"(?i){start}((?:p{started}roxy-a|a{started})uthorization{q}{sp}*[:=]{sp}*{q})"  # name
+    r"((?:" + _SCHEMES + r"|[a-z][a-z0-9-]*(?={gap}+[a-z0-9_.-]+=)){gap}+)?+"  # the scheme
+    r"((?:{param}|" + _TOKEN + r")(?:(?:{gap}*,{gap}*|{ws}+){param})*"  # the credential
     r"(?(2)|(?:{ws}+(?=[^\s\"'\\,;<>]*[0-9_.=+/])" + _TOKEN + r")?))"  # no scheme: a 2nd
 )
 _PARAM = r"[a-z0-9_.-]+=(?:{string}|[^\s\"',\\]+)"  # name=value, name="value"
 AUTH_HEADER_TEXT = re.compile(
     _AUTH_HEADER.format(
         start=r"\b",
+        started="",
         q=r"[\"']?",
         sp=r"\s",
+        gap=r"\s",
         ws=r"[ \t]",
         param=_PARAM.format(string=r'"[^"\r\n]*"'),
     )
@@ -131,17 +185,21 @@ AUTH_HEADER_TEXT = re.compile(
 # quoted value is `\"..\"`, whole escapes only.
 AUTH_HEADER_BYTES = re.compile(
     _AUTH_HEADER.format(
-        start=_START_BYTES,
+        start="",
+        started=_STARTED_BYTES,
         q=r"(?:\\\"|')?",
         sp=_SPACE_BYTES,
+        gap=_SPACE_BYTES,
         ws=r"(?:[ ]|\\t)",
         param=_PARAM.format(string=r'\\"(?:[^"\\]|\\[^"])*\\"'),
     ).encode()
 )
 # `Basic <base64 of user:password>`, the colon checked: `basic idea` is no credential.
-BASIC_TEXT = re.compile(r"(?i)\b(basic)[ \t]+([A-Za-z0-9+/]{4,}={0,2})")
+BASIC_TEXT = re.compile(r"(?i)\b(basic)\s+([A-Za-z0-9+/]{4,}={0,2})")
 BASIC_BYTES = re.compile(
-    (_START_BYTES + r"(?i:(basic))(?:[ ]|\\t)+([A-Za-z0-9+/]{4,}={0,2})").encode()
+    (
+        r"([Bb]" + _STARTED_BYTES + r"(?i:asic))" + _SPACE_BYTES + r"+([A-Za-z0-9+/]{4,}={0,2})"
+    ).encode()
 )
 
 
@@ -161,6 +219,50 @@ def _is_basic(token: bytes) -> bool:
         return False
 
 
+# A URL's credentials in text: its user info (`postgres://u:pw@h/db`, a token as the
+# user, `https://ghp_..@github.com`) and the values of its parameters named like a
+# secret (`?token=..`, `&api_key=..`; also Google's `?key=..` and a SAS `&sig=..`). As
+# in /config, which `@` ends the user info cannot always be told (a password may hold a
+# `/`): everything before the URL's last `@` goes. A URL ends at white space, a quote,
+# `<`, `>`, or a backslash (an escape, in an encoded line).
+_URL_TEXT = re.compile(r"://([^\s\"'`\\<>]+)")
+_URL_BYTES = re.compile(rb"://([^\s\"'`\\<>]+)")
+_URL_PARAM_TEXT = re.compile(r"([?&#;])([^=&#?;]*)=([^&#?;]+)")
+_URL_PARAM_BYTES = re.compile(rb"([?&#;])([^=&#?;]*)=([^&#?;]+)")
+URL_SECRET_PARAMS = frozenset({"key", "sig"})
+
+
+def _is_url_secret(name: str) -> bool:
+    """Whether a URL's parameter of that name (percent-encoded) holds a credential."""
+    name = unquote(name)
+    return is_secret_field(name) or name.lower() in URL_SECRET_PARAMS
+
+
+def _url_text(m: re.Match[str]) -> str:
+    rest = m[1]
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    if "=" in rest:
+        rest = _URL_PARAM_TEXT.sub(
+            lambda p: p[1] + p[2] + "=***" if _is_url_secret(p[2]) else p[0], rest
+        )
+    return "://" + rest
+
+
+def _url_bytes(m: re.Match[bytes]) -> bytes:
+    rest = m[1]
+    if b"@" in rest:
+        rest = b"***@" + rest.rpartition(b"@")[2]
+    if b"=" in rest:
+        rest = _URL_PARAM_BYTES.sub(
+            lambda p: (
+                p[1] + p[2] + b"=***" if _is_url_secret(p[2].decode(errors="replace")) else p[0]
+            ),
+            rest,
+        )
+    return b"://" + rest
+
+
 def _mask_schemes(line: bytes, lower: bytes) -> bytes:
     """An encoded line with credentials in its text masked: an Authorization header's
     (any scheme), a Basic one's, a bearer token (`lower` is the line lowercased)."""
@@ -175,7 +277,7 @@ def _mask_schemes(line: bytes, lower: bytes) -> bytes:
 
 _encoder = msgspec.json.Encoder()
 # What a client or a model wrote: left out of a line that could not be rendered whole.
-_FREE_FORM = ("metadata", "prompt", "completion")
+_FREE_FORM = ("metadata", "prompt", "completion", "tool_calls")
 # Lines gathered on the event loop go to the writer thread at most this often: each
 # hand-over wakes the thread, and waking it per request costs more than the line.
 HANDOVER_S = 0.01
@@ -435,10 +537,15 @@ class LogSink:
         for secret in self._secret_bytes:
             if secret in line:
                 line = line.replace(secret, b"***")
-        # A scheme's credential follows a space (or an escaped tab), and an encoded line
-        # holds a literal space only inside a string: a memchr or two spare most lines
-        # the slower substring search.
-        if b" " in line or b"\\t" in line:
+        # A memchr for the slash first: most lines have none, and looking for `://`
+        # costs five times as much.
+        if b"/" in line and b"://" in line:
+            line = _URL_BYTES.sub(_url_bytes, line)
+        # A scheme's credential follows white space: a space, an escape (`\n`) or a
+        # Unicode space (not ASCII), and an encoded line holds a literal space only
+        # inside a string: two memchr and an ASCII check spare most lines the slower
+        # substring search.
+        if b" " in line or b"\\" in line or not line.isascii():
             line = _mask_schemes(line, line.lower())
         elif (not checked or "metadata" in event or "prompt" in event) and (
             b"uthorization" in line or b"UTHORIZATION" in line
@@ -832,14 +939,16 @@ def sink() -> LogSink | None:
 
 
 def mask(text: str) -> str:
-    """`text` with every secret the sink knows of, and credentials after a scheme or an
-    Authorization header, masked: for text
+    """`text` with every secret the sink knows of, credentials after a scheme or an
+    Authorization header, and a URL's user info and secret parameters masked: for text
     that reaches a client from elsewhere, such as an upstream's error message."""
     current = _sink
     if current is not None:
         for secret in current.secrets:
             if secret in text:
                 text = text.replace(secret, "***")
+    if "://" in text:
+        text = _URL_TEXT.sub(_url_text, text)
     lower = text.lower()
     if "uthorization" in lower:
         text = AUTH_HEADER_TEXT.sub(r"\1\2***", text)

@@ -255,6 +255,40 @@ def test_what_stella_cannot_honour_is_a_400(
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
+@pytest.mark.parametrize(
+    ("fmt", "param"),
+    [
+        ({"type": "xml"}, "response_format.type"),
+        ({"type": "JSON"}, "response_format.type"),
+        ({}, "response_format.type"),
+        ({"type": "json_schema"}, "response_format.json_schema"),
+    ],
+)
+def test_a_response_format_of_a_type_no_api_knows_is_a_400(
+    server: LiveServer, fmt: dict[str, object], param: str
+) -> None:
+    # OpenAI refuses it: passed on, an upstream would refuse it, or echo answer in prose.
+    msgs = [{"role": "user", "content": "x"}]
+    for path in ("/v1/chat/completions", "/api/v1/chat"):
+        r = httpx.post(
+            server.url + path,
+            json={"model": "echo", "stream": False, "messages": msgs, "response_format": fmt},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["message"].startswith(f"$.{param}: ")
+        if path.startswith("/v1/"):
+            assert error["param"] == param and error["type"] == "invalid_request_error"
+    for fmt in ({"type": "text"}, {"type": "json_object"}):
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={"model": "echo", "messages": msgs, "response_format": fmt},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("n", [0, 2, -1])
 def test_n_other_than_1_is_a_400_saying_only_1_is_taken(server: LiveServer, n: int) -> None:
     # A 0 is not "more than one": the message names the value sent and the one taken.

@@ -104,6 +104,69 @@ def test_audit_file_content_and_no_secrets(tmp_path: Path) -> None:
     assert "Bearer" not in everything
 
 
+def test_content_logs_the_tool_calls_of_the_history_and_of_the_answer(tmp_path: Path) -> None:
+    audit = tmp_path / "log.jsonl"
+    config = {"log": {"audit_path": str(audit), "content": True}}
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    with run_stella(config, {"STELLA_API_KEYS": f"ops={KEY}"}) as server:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        for stream in (False, True):
+            r = httpx.post(
+                server.url + "/v1/chat/completions",
+                headers=headers,
+                json={
+                    "model": "echo",
+                    "stream": stream,
+                    "tools": tools,
+                    "messages": [{"role": "user", "content": f"find {KEY} and Paris"}],
+                },
+            )
+            assert r.status_code == 200
+        history = [
+            {"role": "user", "content": "find Paris"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_7",
+                        "type": "function",
+                        "function": {"name": "lookup", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_7", "content": "sunny"},
+        ]
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            headers=headers,
+            json={"model": "echo", "tools": tools, "messages": history},
+        )
+        assert r.status_code == 200
+        server.wait_event(lambda e: e["prompt"][-1]["role"] == "tool")
+        server.stop()
+        captured = "\n".join(server.lines())
+    rows = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [r["stream"] for r in rows] == [False, True, False]
+    for row in rows[:2]:
+        # The answer is the call, not an empty completion; its arguments are the model's.
+        assert row["finish_reason"] == "tool_calls" and row["completion"] == ""
+        assert row["tool_calls"] == [
+            {"id": "call_0", "name": "lookup", "arguments": '{"input":"find *** and Paris"}'}
+        ]
+    assert rows[2]["prompt"] == [
+        {"role": "user", "content": "find Paris"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "call_7", "name": "lookup", "arguments": '{"city":"Paris"}'}],
+        },
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_7"},
+    ]
+    assert "tool_calls" not in rows[2]  # the answer has none: no empty field
+    assert KEY not in captured + audit.read_text()
+
+
 def test_no_content_by_default(tmp_path: Path) -> None:
     audit = tmp_path / "a.jsonl"
     with run_stella({"log": {"audit_path": str(audit)}}) as server:
@@ -540,6 +603,22 @@ def test_a_named_key_the_client_echoes_is_masked_in_its_line(tmp_path: Path) -> 
         "bearer",
         "github_token",
         "x-apikey",
+        "api_keys",
+        "apiKeys",
+        "private_keys",
+        "refresh_tokens",
+        "access_tokens",
+        "secrets",
+        "passwords",
+        "db_passwords",
+        "jwt",
+        "user_jwt",
+        "signature",
+        "webhook_signature",
+        "x-signature",
+        "otp",
+        "totp",
+        "otp_code",
     ],
 )
 def test_field_names_that_hold_credentials_are_masked(name: str) -> None:
@@ -563,6 +642,16 @@ def test_field_names_that_hold_credentials_are_masked(name: str) -> None:
         "completion_tokens",
         "total_tokens",
         "tokens_per_s",
+        "cached_tokens",
+        "input_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "discarded_tokens",
+        "max_completion_tokens",
+        "num_tokens",
+        "keys",
+        "cache_keys",
+        "signature_method",
         "auth",  # stella's `started` event: the auth mode
         "auth_scheme",
         "oauth_flow",
@@ -583,6 +672,55 @@ def test_the_counts_of_an_inference_line_are_not_masked() -> None:
     inference, started = (json.loads(line) for line in out.getvalue().splitlines())
     assert {k: inference[k] for k in counts} == counts and inference["metadata"] == metadata
     assert started["auth"] == "keys"
+
+
+def test_the_usage_counts_a_client_puts_in_its_metadata_are_not_masked() -> None:
+    # Plural names that hold credentials are masked (`refresh_tokens`), counts are not.
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out)
+    usage = {"prompt_tokens": 7, "completion_tokens": 9, "tokens": 16, "cached_tokens": 2}
+    sink.emit("inference", {"metadata": {"usage": usage, "refresh_tokens": ["rt-1", "rt-2"]}})
+    sink.close()
+    metadata = json.loads(out.getvalue())["metadata"]
+    assert metadata == {"usage": usage, "refresh_tokens": "***"}
+
+
+def test_a_urls_credentials_in_text_are_masked() -> None:
+    # A connection string or a webhook in a client's metadata (or its prompt, a model's
+    # answer, an upstream's error): the user info and secret parameters go.
+    texts = {
+        "dsn": "postgres://u:PW1@h/db",
+        "slash": "redis://:p/PW2@h:6379/0",
+        "user": "clone https://PW3@github.com/o/r.git, then",
+        "hook": "https://h/x?token=PW4&q=1",
+        "google": "https://h/v1?key=PW5#top",
+        "sas": "https://a.blob/c?sv=2020&sig=PW6&se=1",
+        "s3": "https://s3/o?X-Amz-Credential=PW7&X-Amz-Signature=PW8&X-Amz-Date=1",
+        "quoted": "url='https://u:PW9@h/' ok",
+        "plain": "https://example.com/search?q=tokens&page=2 and a@b.com",
+    }
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out)
+    sink.emit("inference", {"metadata": dict(texts), "completion": texts["dsn"]})
+    sink.close()
+    text = out.getvalue().decode()
+    assert "PW" not in text
+    event = json.loads(text)
+    expected = {
+        "dsn": "postgres://***@h/db",
+        "slash": "redis://***@h:6379/0",
+        "user": "clone https://***@github.com/o/r.git, then",
+        "hook": "https://h/x?token=***&q=1",
+        "google": "https://h/v1?key=***#top",
+        "sas": "https://a.blob/c?sv=2020&sig=***&se=1",
+        "s3": "https://s3/o?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Date=1",
+        "quoted": "url='https://***@h/' ok",
+        "plain": "https://example.com/search?q=tokens&page=2 and a@b.com",
+    }
+    assert event["metadata"] == expected
+    assert event["completion"] == expected["dsn"]
+    # An upstream's error text that reaches a client is masked the same way.
+    assert {k: logs.mask(v) for k, v in texts.items()} == expected
 
 
 def test_an_authorization_header_in_text_is_masked_whatever_its_scheme() -> None:
@@ -687,6 +825,46 @@ def test_a_bearer_token_is_masked_whole() -> None:
     assert "Ab3" not in text and "y~z" not in text and "w/v" not in text
     assert json.loads(text)["note"] == "upstream said: Bearer *** is invalid"
     assert logs.mask(f"Bearer {token}!") == "Bearer ***!"
+
+
+# Every character `\s` matches in text: mask() takes any of them after a scheme word.
+WHITE_SPACE = [chr(c) for c in range(0x3001) if chr(c).isspace() and chr(c) != "\x00"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Bearer\nTOK123",
+        "Bearer\r\n  TOK123",
+        "x\fBearer TOK123",
+        "x\bBearer TOK123",
+        "x\x1bBearer TOK123",
+        "x\x0bBearer\x0b\u3000TOK123",
+        "Bearer\u00a0TOK123",
+        "Authorization: Bearer\nTOK123",
+        "Authorization:\nTOK123",
+        "Authorization:\r\nBearer TOK123",
+        "Proxy-Authorization:\tBearer\n\tTOK123",
+        "x\fAuthorization: TOK123",
+        'Authorization: Digest username="u",\n response="TOK123"',
+        "Basic\ndXNlcjpUT0sxMjM=",  # user:TOK123
+        *(f"a{c}Bearer{c}TOK123" for c in WHITE_SPACE),
+        *(f"{chr(c)}Bearer TOK123" for c in range(0x20)),
+    ],
+)
+def test_a_credential_after_white_space_is_masked_in_lines_as_in_text(text: str) -> None:
+    # A line masks what mask() masks, though the line holds a line break as `\n`, a
+    # control character as `\u001b` and a Unicode space as its UTF-8.
+    masked = logs.mask(text)
+    assert "TOK123" not in masked and "dXNlcjpUT0sxMjM" not in masked
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out)
+    sink.emit("inference", {"metadata": {"n": text}})
+    sink.put({"event": "x", "msg": text})
+    sink.close()
+    for line in out.getvalue().splitlines():
+        event = json.loads(line)
+        assert (event["metadata"]["n"] if "metadata" in event else event["msg"]) == masked
 
 
 def test_a_configured_authorization_header_is_masked_without_its_scheme() -> None:

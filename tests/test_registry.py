@@ -92,6 +92,53 @@ def test_backend_from_another_distribution_is_picked_up(tmp_path: Path) -> None:
         ).items()
 
 
+@pytest.mark.parametrize("content", [False, True])
+def test_a_backend_s_failure_is_logged_with_its_message_only_with_content(
+    tmp_path: Path, content: bool
+) -> None:
+    # A backend's exception message is its own text, and may quote what it was sent
+    # (here the KeyError names a key of the prompt's): without log.content the traceback
+    # and the exception's type are logged, not its message.
+    env = install_plugin(tmp_path, "stella_quote", QUOTING_PLUGIN, {"quoting": "QuotingBackend"})
+    config = {
+        "log": {"content": content},
+        "backends": {"q": {"kind": "quoting"}},
+        "models": {"routes": {"q": {"backend": "q"}}},
+    }
+    with run_stella(config, env) as server:
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            json={
+                "model": "q",
+                "stream": False,
+                "messages": [{"role": "user", "content": "private plan"}],
+            },
+        )
+        assert r.status_code == 502
+        server.wait_event(lambda e: e["model"] == "q")
+        failures = server.events("backend_failed")  # one an attempt (retries)
+        logged = "\n".join(server.lines())
+    assert failures
+    for failed in failures:
+        trace = failed["exception"]
+        assert "Traceback (most recent call last)" in trace and "in chat" in trace
+        assert "KeyError" in trace and ("private plan" in trace) is content
+    assert ("private plan" in logged) is content
+
+
+QUOTING_PLUGIN = """
+from stella.backends import Backend
+
+
+class QuotingBackend(Backend):
+    kind = "quoting"
+
+    async def chat(self, request, ctx):
+        {}[request.messages[-1].content]
+        yield
+"""
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [("delay_s", -1), ("error_code", "bogus"), ("fail_after", -2), ("fail_first_calls", -1)],
