@@ -26,7 +26,10 @@ Transfer-Encoding, a broken chunk size, an unknown method), or without exactly o
 header (RFC 9112 3.2; an HTTP/1.0 one may have none), is answered 400 invalid_request
 in stella's JSON error shape, with an X-Request-ID (as a 431 for headers past the
 limits is), and the connection closes: uvicorn's 400 was plain text without one, and
-a request without a Host, or with two, was served.
+a request without a Host, or with two, was served. A chunked body's trailer fields are
+header fields, held to the same size limit (431, or the connection closed when the answer
+went out first): httptools copies a field whole for each piece of it read, so a trailer
+field without end stalled the event loop (for ~25 s at 40 MiB).
 
 A connection closed after an answer while its request's body is still unread (a 413
 with `Connection: close`, a 400 or 431) closes lingering: closing a socket with
@@ -278,6 +281,8 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _dropped = 0  # bytes of a body read after its request was answered
     _hosts = 0  # Host headers of the request being read
     _trailing = False  # its head is read: fields now are a chunked body's trailer
+    _chunk_empty = False  # a chunk's size line was read, none of its data: maybe the last
+    _trailer_bytes = 0  # read since then (the last chunk's trailer, counted to the limit)
     _shutting = False  # the server is shutting down: no lingering
     _held = b""  # input not parsed yet: more than PIPELINE_MAX pipelined requests wait
     _held_soon = False  # its parsing is scheduled
@@ -433,6 +438,41 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self.expect_100_continue = True
         self.headers.append((name, value))
 
+    def on_chunk_header(self) -> None:
+        """A chunk's size line is read: if no data follows, it is the last chunk (size 0),
+        and what comes until the body ends is its trailer, counted from the next read."""
+        # httptools tells neither the size nor where in the read the line ended: the
+        # read it is in is left out of the count (up to PARSE_STEP more may pass).
+        self._chunk_empty = True
+        self._trailer_bytes = -self._read
+
+    def on_body(self, body: bytes) -> None:
+        """Keep a body's bytes as uvicorn does (its own method, which this replaces, so
+        that a body costs one store more, not a call): the chunk they are in is no
+        trailer."""
+        self._chunk_empty = False
+        cycle = self.cycle
+        if cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
+            return  # answered already (or upgrading): dropped
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
+
+    def _refuse_trailer(self) -> None:
+        """A chunked body's trailer past the head's limit: 431 if nothing was answered yet,
+        else the connection ends (lingering)."""
+        # httptools builds each field by appending to it, copying it whole each time: a
+        # trailer field without end, read PARSE_STEP bytes at a time, stalled the loop for
+        # ~25 s at 40 MiB. Trailer fields are header fields (RFC 9112 7.1.2): the same limit.
+        self._chunk_empty = False
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self._refused = True  # nothing more is parsed: the answer is out
+            self._linger()
+            return
+        self._refuse_head(f"request trailer fields over {MAX_HEADER_BYTES} bytes")
+
     def on_headers_complete(self) -> None:
         """Start the request as uvicorn does, its scope carrying a way to drop the client."""
         # The limits, once per request: the size is summed only when this read, with what
@@ -550,6 +590,11 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self._parsed = data
         super().data_received(data)
         self._parsed = b""
+        if self._chunk_empty:  # in a chunked body's trailer, or before a chunk's data
+            self._trailer_bytes += len(data)
+            if self._trailer_bytes > MAX_HEADER_BYTES:
+                self._refuse_trailer()
+                return
         scope, cycle = self.scope, self.cycle
         if scope is not None and (cycle is None or cycle.scope is not scope):
             # Still in a request's headers (see _look), kept by the parser: counted. A
@@ -591,6 +636,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     def on_message_complete(self) -> None:
         """The body is all there: its deadline goes."""
         self._ended = True
+        self._chunk_empty = False  # the last chunk's trailer ended with it
         super().on_message_complete()
         if self._body_timer is not None:
             self._body_timer.cancel()

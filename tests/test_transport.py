@@ -1191,3 +1191,125 @@ def test_a_host_trailer_does_not_refuse_the_next_request() -> None:
             got += chunk
         sock.close()
         assert re.findall(rb"HTTP/1\.1 (\d{3}) ", got) == [b"200", b"200"], got
+
+
+async def test_a_trailer_past_the_limit_ends_the_request() -> None:
+    # A chunked body's trailer fields are header fields (RFC 9112 7.1.2): the head's limit
+    # holds for them. Nothing limited them, and httptools copies a field whole for each
+    # piece of it: one field without end stalled the server for seconds per MiB.
+    from stella.transport import MAX_HEADER_BYTES
+
+    bodies: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        body = message.get("body", b"")
+        while message.get("more_body") and message["type"] == "http.request":
+            message = await receive()
+            body += message.get("body", b"")
+        if message["type"] != "http.request":
+            return  # the client is gone (or refused): nothing to answer
+        bodies.append(body)
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    head = b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+    for field in (b"x-t: " + b"a" * 1000, b"x-t: a\r\n" * 125):  # one field; many fields
+        proto, rec = _protocol(app, busy=False)
+        proto.data_received(head + b"5\r\nhello\r\n0\r\n")
+        await turn()
+        sent = 0
+        while not rec.ended and sent < 4 * MAX_HEADER_BYTES:
+            proto.data_received(field)
+            sent += len(field)
+        assert rec.ended and sent <= MAX_HEADER_BYTES + 2000, sent
+        assert len(rec.writes) == 1 and rec.writes[0].startswith(b"HTTP/1.1 431 ")
+        error = msgspec.json.decode(rec.writes[0].partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "headers_too_large" and "trailer" in error["message"]
+        await turn()
+        assert bodies == []  # the request was never served
+        proto.connection_lost(None)
+
+    # Chunks larger than the limit, reads that end after a chunk's size line, and a short
+    # trailer: served as before, and the connection kept.
+    proto, rec = _protocol(app, busy=False)
+    chunk = b"x" * (3 * MAX_HEADER_BYTES)
+    proto.data_received(head + b"%x\r\n" % len(chunk))
+    for _ in range(2):
+        proto.data_received(chunk + b"\r\n")
+        proto.data_received(b"%x\r\n" % len(chunk))
+        await turn()
+    proto.data_received(chunk + b"\r\n0\r\nx-t: " + b"a" * 30_000 + b"\r\n\r\n")
+    await turn()
+    assert bodies == [chunk * 3] and b" 200 " in rec.writes[0] and not rec.ended
+    proto.connection_lost(None)
+
+    # Answered before the body came (a 401): a long trailer after it ends the connection,
+    # lingering, with no second answer.
+    async def early(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    proto, rec = _protocol(early, busy=False)
+    proto.data_received(head + b"5\r\nhello\r\n")
+    await turn()
+    assert b" 401 " in rec.writes[0]
+    proto.data_received(b"0\r\nx-t: ")
+    sent = 0
+    while not rec.ended and sent < 4 * MAX_HEADER_BYTES:
+        proto.data_received(b"a" * 1000)
+        sent += 1000
+    assert rec.eof and not rec.closed and sent <= MAX_HEADER_BYTES + 2000, sent
+    assert b"".join(rec.writes).count(b"HTTP/1.1 ") == 1
+    proto.connection_lost(None)
+
+
+def test_a_long_trailer_does_not_stall_the_server() -> None:
+    """One connection sending a trailer field without end froze every other one (a
+    /health took 18-30 s): it is refused 431 once past the limit, and /health answers
+    meanwhile."""
+    import threading
+
+    from tests.live import run_stella
+
+    with run_stella({}) as server:
+        waits: list[tuple[float, bytes]] = []
+        stop = threading.Event()
+
+        def probe() -> None:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+                        s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                        got = s.recv(100)[:12]
+                except OSError as exc:
+                    got = repr(exc).encode()
+                waits.append((time.monotonic() - t0, got))
+                time.sleep(0.02)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+                sock.sendall(
+                    b"POST /api/v1/chat HTTP/1.1\r\nHost: localhost\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: "
+                )
+                sent = 0
+                while sent < 16 << 20:  # the server stalled for seconds before this
+                    try:
+                        sock.sendall(b"a" * 65_536)
+                    except OSError:  # refused and closed: what was sent is dropped
+                        break
+                    sent += 65_536
+                answer = sock.recv(65_536)
+        finally:
+            stop.set()
+            prober.join()
+    assert answer.startswith(b"HTTP/1.1 431 "), (sent, answer[:200])
+    assert b'"code":"headers_too_large"' in answer
+    assert waits and all(got == b"HTTP/1.1 200" for _, got in waits), waits
+    assert max(wait for wait, _ in waits) < 5, waits
