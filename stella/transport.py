@@ -262,6 +262,42 @@ class _BodyStillComing:
             self._protocol.transport.close()
 
 
+class _AnsweredLast(_BodyStillComing):
+    """The transport of a request that asked to upgrade, the last of its connection:
+    closing it after a whole answer closes lingering (what followed it is not read)."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        """Close lingering if the answer is whole, else close."""
+        if self._cycle.response_complete:
+            self._protocol._linger()
+        else:
+            self._protocol.transport.close()
+
+
+class _Upgraded:
+    """The parser of a connection after a request that asked to upgrade: no request
+    follows it, and what comes is dropped unread, up to LINGER_BYTES (past that the
+    connection ends, lingering)."""
+
+    __slots__ = ("_dropped", "_protocol")
+
+    def __init__(self, protocol: BodyDeadlineProtocol) -> None:
+        self._protocol = protocol
+        self._dropped = 0
+
+    def feed_data(self, data: bytes) -> None:
+        """Drop `data`; past LINGER_BYTES, end the connection."""
+        self._dropped += len(data)
+        if self._dropped > LINGER_BYTES:
+            self._protocol._linger()
+
+    def should_upgrade(self) -> bool:
+        """True: the connection asked to upgrade (no more requests are parsed)."""
+        return True
+
+
 class BodyDeadlineProtocol(_HttpToolsProtocol):
     """uvicorn's httptools protocol, closing a connection whose request headers or body
     stall."""
@@ -287,6 +323,8 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _held = b""  # input not parsed yet: more than PIPELINE_MAX pipelined requests wait
     _held_soon = False  # its parsing is scheduled
     _parsed: bytes = b""  # the read being parsed (an upgrade request's body is in it)
+    _steps = b""  # a large read being parsed PARSE_STEP bytes at a time (_parsed: a piece)
+    _step_at = 0  # where in it the piece being parsed starts
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Accept as uvicorn does; from now on, a look every HEADER_TIMEOUT_S."""
@@ -325,7 +363,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     def _unsupported_upgrade_warning(self) -> None:
         """Serve a request that asks to upgrade (WebSocket, `curl --http2`'s h2c) as plain
         HTTP/1.1: the parser stopped at its headers, so its body is taken from the read
-        here, and the connection ends with its answer (what follows is not read)."""
+        here, and the connection ends with its answer, lingering (what follows is dropped)."""
         # Called in uvicorn's handler of the parser's HttpParserUpgrade (its argument: where
         # the request's headers ended in the read); uvicorn's own warnings would only
         # tell of a WebSocket library to install.
@@ -334,10 +372,16 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         # ASGI lets a server add its own keys to the scope; uvicorn's type names only the
         # spec's.
         scope = cast(dict[str, Any], cycle.scope) if cycle is not None else None
-        if cycle is None or scope is None or scope.get("stella.upgrade_seen"):
+        if cycle is None or scope is None:
             return
-        scope["stella.upgrade_seen"] = True
         cycle.keep_alive = False
+        # No request follows this one: what comes after it is dropped, not parsed (the
+        # parser, stopped, would refuse it, answering twice), and the connection closes
+        # lingering (a close with it unread resets the connection, and the client's
+        # kernel drops the answer).
+        self.parser = cast(httptools.HttpRequestParser, _Upgraded(self))
+        # Alike, not a subclass: the cycle only writes to, asks and closes it.
+        cycle.transport = cast(asyncio.Transport, _AnsweredLast(self, cycle))
         length = 0
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -347,7 +391,11 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         if not length:
             return
         at = exc.args[0] if exc is not None and exc.args else len(self._parsed)
-        body = self._parsed[at : at + length] if length > 0 else b""
+        # The whole read, not the PARSE_STEP piece of it the parser was given.
+        read = self._parsed
+        if self._steps:
+            read, at = self._steps, self._step_at + at
+        body = read[at : at + length] if length > 0 else b""
         if length > 0 and len(body) == length and not cycle.response_complete:
             cycle.body += body  # before the app's first read: the parser said "no body"
         else:  # a chunked body, or one still to come: the app says it cannot be read
@@ -509,15 +557,20 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         they drain."""
         self._held = b""
         start, end = 0, len(data)
-        while start < end:
-            if len(self.pipeline) > PIPELINE_MAX and self._linger_timer is None:
-                self._held = data[start:]
-                self.flow.pause_reading()
-                return
-            self.data_received(data[start : start + PARSE_STEP])
-            start += PARSE_STEP
-            if self._refused or self.transport.is_closing() or self.parser.should_upgrade():
-                return  # the parser is done with this connection: the rest is not read
+        self._steps = data  # an upgrade request's body is taken from it whole
+        try:
+            while start < end:
+                if len(self.pipeline) > PIPELINE_MAX and self._linger_timer is None:
+                    self._held = data[start:]
+                    self.flow.pause_reading()
+                    return
+                self._step_at = start
+                self.data_received(data[start : start + PARSE_STEP])
+                start += PARSE_STEP
+                if self._refused or self.transport.is_closing() or self.parser.should_upgrade():
+                    return  # the parser is done with this connection: the rest is not read
+        finally:
+            self._steps = b""
 
     def _parse_held_soon(self) -> None:
         """Parse the held input in a loop turn of its own (not inside the answer that let

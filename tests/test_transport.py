@@ -1313,3 +1313,93 @@ def test_a_long_trailer_does_not_stall_the_server() -> None:
     assert b'"code":"headers_too_large"' in answer
     assert waits and all(got == b"HTTP/1.1 200" for _, got in waits), waits
     assert max(wait for wait, _ in waits) < 5, waits
+
+
+async def test_an_upgrade_request_body_in_a_large_read_is_read_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A read over PARSE_STEP is parsed a piece at a time: the body of a request that asks
+    # to upgrade (the parser stops at its headers) was taken from the first piece alone,
+    # and a body over ~16 KiB that came with its headers was refused as not come.
+    import stella.transport as transport
+
+    monkeypatch.setattr(transport, "LINGER_BYTES", 1000)
+    got: list[tuple[bytes, bool]] = []
+    answer = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        got.append((message["body"], "stella.body_unread" in scope))
+        await answer.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    body = b"x" * (5 * transport.PARSE_STEP + 7)
+    head = (
+        b"POST / HTTP/1.1\r\nhost: t\r\nconnection: Upgrade\r\nupgrade: h2c\r\n"
+        b"content-length: %d\r\n\r\n" % len(body)
+    )
+    then = b"GET / HTTP/1.1\r\nhost: t\r\n\r\n"
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(head + body + then)
+    await turn()
+    assert got == [(body, False)]
+    answer.set()
+    await turn()
+    # Answered once (what came after it is not a request), and closed lingering.
+    assert b"".join(rec.writes).count(b"HTTP/1.1 ") == 1 and rec.eof and not rec.closed
+    proto.connection_lost(None)
+
+    # A body after its headers: said unread; what comes is dropped, not parsed, up to
+    # LINGER_BYTES (past it the connection ends, lingering, with no second answer).
+    answer.clear()
+    got.clear()
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(head)
+    await turn()
+    assert got == [(b"", True)]
+    proto.data_received(body[:900])
+    await turn()
+    assert rec.writes == [] and not rec.ended
+    proto.data_received(body[:200])
+    assert rec.eof and not rec.closed
+    answer.set()
+    await turn()
+    assert b"".join(rec.writes).count(b"HTTP/1.1 ") == 0  # the client heard the end
+    proto.connection_lost(None)
+
+
+def test_an_upgrade_request_is_answered_whole() -> None:
+    """`curl --http2` asks for h2c on every http:// request: a body over ~16 KiB sent with
+    its headers was refused as not sent with them, and a body too large for one read got
+    its 400 reset away (the connection closed with the rest of the body unread)."""
+    import json
+
+    from tests.live import run_stella
+
+    with run_stella({}) as server:
+        for size, status in ((100_000, b"200"), (600_000, b"400")):
+            body = json.dumps(
+                {
+                    "model": "echo",
+                    "stream": False,
+                    "messages": [{"role": "user", "content": "x" * size}],
+                }
+            ).encode()
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /api/v1/chat HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+                    b"Upgrade: h2c\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body) + body
+                )
+                time.sleep(0.2)  # the answer is there before the client reads it
+                got, end = b"", "EOF"
+                try:
+                    while data := sock.recv(65_536):
+                        got += data
+                except OSError as exc:  # a reset: what the client had not read yet is lost
+                    end = type(exc).__name__
+            assert got.startswith(b"HTTP/1.1 " + status + b" ") and _whole(got), (size, got[-200:])
+            assert end == "EOF", (size, end)
+            if status == b"400":
+                assert b"without Upgrade" in got
