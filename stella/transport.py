@@ -39,7 +39,10 @@ comes is read and dropped until the client closes, for at most LINGER_S and
 LINGER_BYTES (at once during a shutdown).
 A body still coming after its request was answered (a 401 before a chunked body, whose
 size is not announced) is read and dropped up to LINGER_BYTES, the connection kept;
-past that the connection closes, lingering.
+past that the connection closes, lingering. An answer to an `Expect: 100-continue`
+request made before its body was asked for (no 100 Continue sent) says `connection:
+close` and closes so: the client may hold the body back for good, and uvicorn kept the
+connection, waiting for it, or reading it where the next request should be.
 
 A pipelining client's connection is read only while at most PIPELINE_MAX of its
 requests wait their turn, and a large read is parsed PARSE_STEP bytes at a time, the
@@ -260,6 +263,23 @@ class _BodyStillComing:
             self._protocol._linger()
         else:
             self._protocol.transport.close()
+
+
+def _close_if_answered_first(cycle: Any) -> None:
+    """Have a request cycle end its connection if it answers before it asks for the body
+    its client holds back (`Expect: 100-continue`): a 401, a 404 before the body."""
+    send = cycle.send
+
+    async def send_closing(message: Any) -> None:
+        if cycle.waiting_for_100_continue and cycle.more_body:
+            # No 100 Continue went out: the client may never send the body (the server
+            # waited for it), or send it anyway, where the next request is expected. RFC
+            # 9110 10.1.1 asks the answer to say which: it closes (`connection: close`),
+            # lingering, as an early 413 does.
+            cycle.keep_alive = False
+        await send(message)
+
+    cycle.send = send_closing
 
 
 class _AnsweredLast(_BodyStillComing):
@@ -550,6 +570,10 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         # its own keys to the scope; uvicorn's HTTPScope TypedDict lists only the spec's.
         self.scope["stella.protocol"] = self  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
+        if self.expect_100_continue:
+            cycle = self.cycle
+            if cycle is not None and cycle.scope is self.scope:
+                _close_if_answered_first(cycle)
 
     def _parse_steps(self, data: bytes) -> None:
         """Parse `data` PARSE_STEP bytes at a time (each a read of its own); what is left

@@ -1403,3 +1403,86 @@ def test_an_upgrade_request_is_answered_whole() -> None:
             assert end == "EOF", (size, end)
             if status == b"400":
                 assert b"without Upgrade" in got
+
+
+async def test_an_answer_before_a_held_back_body_closes_the_connection() -> None:
+    # A client that sends `Expect: 100-continue` holds its body back until a 100 Continue:
+    # answered before it (a 401, a 404), the connection was kept with no word of it (RFC
+    # 9110 10.1.1 asks the answer to say), the server waiting for a body the client may
+    # never send, or reading the body it does send where the next request should be.
+    async def early(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    async def reads(scope: Any, receive: Any, send: Any) -> None:
+        body = (await receive())["body"]
+        headers = [(b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    head = b"POST / HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\ncontent-length: 5\r\n\r\n"
+    proto, rec = _protocol(early, busy=False)
+    proto.data_received(head)
+    await turn()
+    answer = b"".join(rec.writes)
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"\r\nconnection: close\r\n" in answer
+    assert rec.eof and not rec.closed  # lingering: the body may come after all
+    proto.connection_lost(None)
+
+    # Asked for (the 100 Continue), or come with its headers anyway: the connection is kept.
+    proto, rec = _protocol(reads, busy=False)
+    proto.data_received(head)
+    await turn()
+    assert rec.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    proto.data_received(b"hello")
+    await turn()
+    answer = b"".join(rec.writes[1:])
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nhello")
+    assert b"connection: close" not in answer and not rec.ended
+    proto.connection_lost(None)
+    proto, rec = _protocol(early, busy=False)
+    proto.data_received(head + b"hello")
+    await turn()
+    assert b" 401 " in rec.writes[0] and b"connection: close" not in rec.writes[0]
+    assert not rec.ended
+    proto.connection_lost(None)
+
+
+def test_an_early_answer_to_expect_100_continue_says_it_closes() -> None:
+    from tests.live import run_stella
+
+    with run_stella({"server": {"max_body_bytes": 65_536}}) as server:
+        for path, host, status in (
+            ("/api/v1/nope", "localhost", b"404"),
+            ("/api/v1/chat", "evil.example", b"403"),
+            ("/api/v1/chat", "localhost", b"413"),  # which said it already
+        ):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: {host}\r\n".encode()
+                    + b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: %d\r\n\r\n" % (100 if status != b"413" else 100_000)
+                )
+                got = b""
+                while data := sock.recv(65_536):  # to the end: the server closes it
+                    got += data
+            head = got.partition(b"\r\n\r\n")[0].lower()
+            assert head.startswith(b"http/1.1 " + status + b" ") and _whole(got), got
+            assert b"\r\nconnection: close" in head, got
+
+        # A body the server asks for: served, and the connection kept for the next request.
+        body = b'{"model":"echo","stream":false,"messages":[{"role":"user","content":"hi"}]}'
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /api/v1/chat HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            )
+            assert sock.recv(65_536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(body + b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            got = b""
+            while got.count(b"HTTP/1.1 200 ") < 2 or not got.endswith(b"}"):
+                data = sock.recv(65_536)
+                assert data, got
+                got += data
+            assert b"connection: close" not in got.lower()
