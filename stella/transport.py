@@ -26,7 +26,10 @@ Transfer-Encoding, a broken chunk size, an unknown method), or without exactly o
 header (RFC 9112 3.2; an HTTP/1.0 one may have none), is answered 400 invalid_request
 in stella's JSON error shape, with an X-Request-ID (as a 431 for headers past the
 limits is), and the connection closes: uvicorn's 400 was plain text without one, and
-a request without a Host, or with two, was served.
+a request without a Host, or with two, was served. A chunked body's trailer fields are
+header fields, held to the same size limit (431, or the connection closed when the answer
+went out first): httptools copies a field whole for each piece of it read, so a trailer
+field without end stalled the event loop (for ~25 s at 40 MiB).
 
 A connection closed after an answer while its request's body is still unread (a 413
 with `Connection: close`, a 400 or 431) closes lingering: closing a socket with
@@ -36,7 +39,10 @@ comes is read and dropped until the client closes, for at most LINGER_S and
 LINGER_BYTES (at once during a shutdown).
 A body still coming after its request was answered (a 401 before a chunked body, whose
 size is not announced) is read and dropped up to LINGER_BYTES, the connection kept;
-past that the connection closes, lingering.
+past that the connection closes, lingering. An answer to an `Expect: 100-continue`
+request made before its body was asked for (no 100 Continue sent) says `connection:
+close` and closes so: the client may hold the body back for good, and uvicorn kept the
+connection, waiting for it, or reading it where the next request should be.
 
 A pipelining client's connection is read only while at most PIPELINE_MAX of its
 requests wait their turn, and a large read is parsed PARSE_STEP bytes at a time, the
@@ -259,6 +265,59 @@ class _BodyStillComing:
             self._protocol.transport.close()
 
 
+def _close_if_answered_first(cycle: Any) -> None:
+    """Have a request cycle end its connection if it answers before it asks for the body
+    its client holds back (`Expect: 100-continue`): a 401, a 404 before the body."""
+    send = cycle.send
+
+    async def send_closing(message: Any) -> None:
+        if cycle.waiting_for_100_continue and cycle.more_body:
+            # No 100 Continue went out: the client may never send the body (the server
+            # waited for it), or send it anyway, where the next request is expected. RFC
+            # 9110 10.1.1 asks the answer to say which: it closes (`connection: close`),
+            # lingering, as an early 413 does.
+            cycle.keep_alive = False
+        await send(message)
+
+    cycle.send = send_closing
+
+
+class _AnsweredLast(_BodyStillComing):
+    """The transport of a request that asked to upgrade, the last of its connection:
+    closing it after a whole answer closes lingering (what followed it is not read)."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        """Close lingering if the answer is whole, else close."""
+        if self._cycle.response_complete:
+            self._protocol._linger()
+        else:
+            self._protocol.transport.close()
+
+
+class _Upgraded:
+    """The parser of a connection after a request that asked to upgrade: no request
+    follows it, and what comes is dropped unread, up to LINGER_BYTES (past that the
+    connection ends, lingering)."""
+
+    __slots__ = ("_dropped", "_protocol")
+
+    def __init__(self, protocol: BodyDeadlineProtocol) -> None:
+        self._protocol = protocol
+        self._dropped = 0
+
+    def feed_data(self, data: bytes) -> None:
+        """Drop `data`; past LINGER_BYTES, end the connection."""
+        self._dropped += len(data)
+        if self._dropped > LINGER_BYTES:
+            self._protocol._linger()
+
+    def should_upgrade(self) -> bool:
+        """True: the connection asked to upgrade (no more requests are parsed)."""
+        return True
+
+
 class BodyDeadlineProtocol(_HttpToolsProtocol):
     """uvicorn's httptools protocol, closing a connection whose request headers or body
     stall."""
@@ -278,10 +337,14 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _dropped = 0  # bytes of a body read after its request was answered
     _hosts = 0  # Host headers of the request being read
     _trailing = False  # its head is read: fields now are a chunked body's trailer
+    _chunk_empty = False  # a chunk's size line was read, none of its data: maybe the last
+    _trailer_bytes = 0  # read since then (the last chunk's trailer, counted to the limit)
     _shutting = False  # the server is shutting down: no lingering
     _held = b""  # input not parsed yet: more than PIPELINE_MAX pipelined requests wait
     _held_soon = False  # its parsing is scheduled
     _parsed: bytes = b""  # the read being parsed (an upgrade request's body is in it)
+    _steps = b""  # a large read being parsed PARSE_STEP bytes at a time (_parsed: a piece)
+    _step_at = 0  # where in it the piece being parsed starts
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Accept as uvicorn does; from now on, a look every HEADER_TIMEOUT_S."""
@@ -320,7 +383,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     def _unsupported_upgrade_warning(self) -> None:
         """Serve a request that asks to upgrade (WebSocket, `curl --http2`'s h2c) as plain
         HTTP/1.1: the parser stopped at its headers, so its body is taken from the read
-        here, and the connection ends with its answer (what follows is not read)."""
+        here, and the connection ends with its answer, lingering (what follows is dropped)."""
         # Called in uvicorn's handler of the parser's HttpParserUpgrade (its argument: where
         # the request's headers ended in the read); uvicorn's own warnings would only
         # tell of a WebSocket library to install.
@@ -329,10 +392,16 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         # ASGI lets a server add its own keys to the scope; uvicorn's type names only the
         # spec's.
         scope = cast(dict[str, Any], cycle.scope) if cycle is not None else None
-        if cycle is None or scope is None or scope.get("stella.upgrade_seen"):
+        if cycle is None or scope is None:
             return
-        scope["stella.upgrade_seen"] = True
         cycle.keep_alive = False
+        # No request follows this one: what comes after it is dropped, not parsed (the
+        # parser, stopped, would refuse it, answering twice), and the connection closes
+        # lingering (a close with it unread resets the connection, and the client's
+        # kernel drops the answer).
+        self.parser = cast(httptools.HttpRequestParser, _Upgraded(self))
+        # Alike, not a subclass: the cycle only writes to, asks and closes it.
+        cycle.transport = cast(asyncio.Transport, _AnsweredLast(self, cycle))
         length = 0
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -342,7 +411,11 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         if not length:
             return
         at = exc.args[0] if exc is not None and exc.args else len(self._parsed)
-        body = self._parsed[at : at + length] if length > 0 else b""
+        # The whole read, not the PARSE_STEP piece of it the parser was given.
+        read = self._parsed
+        if self._steps:
+            read, at = self._steps, self._step_at + at
+        body = read[at : at + length] if length > 0 else b""
         if length > 0 and len(body) == length and not cycle.response_complete:
             cycle.body += body  # before the app's first read: the parser said "no body"
         else:  # a chunked body, or one still to come: the app says it cannot be read
@@ -433,6 +506,41 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self.expect_100_continue = True
         self.headers.append((name, value))
 
+    def on_chunk_header(self) -> None:
+        """A chunk's size line is read: if no data follows, it is the last chunk (size 0),
+        and what comes until the body ends is its trailer, counted from the next read."""
+        # httptools tells neither the size nor where in the read the line ended: the
+        # read it is in is left out of the count (up to PARSE_STEP more may pass).
+        self._chunk_empty = True
+        self._trailer_bytes = -self._read
+
+    def on_body(self, body: bytes) -> None:
+        """Keep a body's bytes as uvicorn does (its own method, which this replaces, so
+        that a body costs one store more, not a call): the chunk they are in is no
+        trailer."""
+        self._chunk_empty = False
+        cycle = self.cycle
+        if cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
+            return  # answered already (or upgrading): dropped
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
+
+    def _refuse_trailer(self) -> None:
+        """A chunked body's trailer past the head's limit: 431 if nothing was answered yet,
+        else the connection ends (lingering)."""
+        # httptools builds each field by appending to it, copying it whole each time: a
+        # trailer field without end, read PARSE_STEP bytes at a time, stalled the loop for
+        # ~25 s at 40 MiB. Trailer fields are header fields (RFC 9112 7.1.2): the same limit.
+        self._chunk_empty = False
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self._refused = True  # nothing more is parsed: the answer is out
+            self._linger()
+            return
+        self._refuse_head(f"request trailer fields over {MAX_HEADER_BYTES} bytes")
+
     def on_headers_complete(self) -> None:
         """Start the request as uvicorn does, its scope carrying a way to drop the client."""
         # The limits, once per request: the size is summed only when this read, with what
@@ -462,6 +570,10 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         # its own keys to the scope; uvicorn's HTTPScope TypedDict lists only the spec's.
         self.scope["stella.protocol"] = self  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
+        if self.expect_100_continue:
+            cycle = self.cycle
+            if cycle is not None and cycle.scope is self.scope:
+                _close_if_answered_first(cycle)
 
     def _parse_steps(self, data: bytes) -> None:
         """Parse `data` PARSE_STEP bytes at a time (each a read of its own); what is left
@@ -469,15 +581,20 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         they drain."""
         self._held = b""
         start, end = 0, len(data)
-        while start < end:
-            if len(self.pipeline) > PIPELINE_MAX and self._linger_timer is None:
-                self._held = data[start:]
-                self.flow.pause_reading()
-                return
-            self.data_received(data[start : start + PARSE_STEP])
-            start += PARSE_STEP
-            if self._refused or self.transport.is_closing() or self.parser.should_upgrade():
-                return  # the parser is done with this connection: the rest is not read
+        self._steps = data  # an upgrade request's body is taken from it whole
+        try:
+            while start < end:
+                if len(self.pipeline) > PIPELINE_MAX and self._linger_timer is None:
+                    self._held = data[start:]
+                    self.flow.pause_reading()
+                    return
+                self._step_at = start
+                self.data_received(data[start : start + PARSE_STEP])
+                start += PARSE_STEP
+                if self._refused or self.transport.is_closing() or self.parser.should_upgrade():
+                    return  # the parser is done with this connection: the rest is not read
+        finally:
+            self._steps = b""
 
     def _parse_held_soon(self) -> None:
         """Parse the held input in a loop turn of its own (not inside the answer that let
@@ -550,6 +667,11 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self._parsed = data
         super().data_received(data)
         self._parsed = b""
+        if self._chunk_empty:  # in a chunked body's trailer, or before a chunk's data
+            self._trailer_bytes += len(data)
+            if self._trailer_bytes > MAX_HEADER_BYTES:
+                self._refuse_trailer()
+                return
         scope, cycle = self.scope, self.cycle
         if scope is not None and (cycle is None or cycle.scope is not scope):
             # Still in a request's headers (see _look), kept by the parser: counted. A
@@ -591,6 +713,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     def on_message_complete(self) -> None:
         """The body is all there: its deadline goes."""
         self._ended = True
+        self._chunk_empty = False  # the last chunk's trailer ended with it
         super().on_message_complete()
         if self._body_timer is not None:
             self._body_timer.cancel()

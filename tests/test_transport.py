@@ -1191,3 +1191,298 @@ def test_a_host_trailer_does_not_refuse_the_next_request() -> None:
             got += chunk
         sock.close()
         assert re.findall(rb"HTTP/1\.1 (\d{3}) ", got) == [b"200", b"200"], got
+
+
+async def test_a_trailer_past_the_limit_ends_the_request() -> None:
+    # A chunked body's trailer fields are header fields (RFC 9112 7.1.2): the head's limit
+    # holds for them. Nothing limited them, and httptools copies a field whole for each
+    # piece of it: one field without end stalled the server for seconds per MiB.
+    from stella.transport import MAX_HEADER_BYTES
+
+    bodies: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        body = message.get("body", b"")
+        while message.get("more_body") and message["type"] == "http.request":
+            message = await receive()
+            body += message.get("body", b"")
+        if message["type"] != "http.request":
+            return  # the client is gone (or refused): nothing to answer
+        bodies.append(body)
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    head = b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n"
+    for field in (b"x-t: " + b"a" * 1000, b"x-t: a\r\n" * 125):  # one field; many fields
+        proto, rec = _protocol(app, busy=False)
+        proto.data_received(head + b"5\r\nhello\r\n0\r\n")
+        await turn()
+        sent = 0
+        while not rec.ended and sent < 4 * MAX_HEADER_BYTES:
+            proto.data_received(field)
+            sent += len(field)
+        assert rec.ended and sent <= MAX_HEADER_BYTES + 2000, sent
+        assert len(rec.writes) == 1 and rec.writes[0].startswith(b"HTTP/1.1 431 ")
+        error = msgspec.json.decode(rec.writes[0].partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "headers_too_large" and "trailer" in error["message"]
+        await turn()
+        assert bodies == []  # the request was never served
+        proto.connection_lost(None)
+
+    # Chunks larger than the limit, reads that end after a chunk's size line, and a short
+    # trailer: served as before, and the connection kept.
+    proto, rec = _protocol(app, busy=False)
+    chunk = b"x" * (3 * MAX_HEADER_BYTES)
+    proto.data_received(head + b"%x\r\n" % len(chunk))
+    for _ in range(2):
+        proto.data_received(chunk + b"\r\n")
+        proto.data_received(b"%x\r\n" % len(chunk))
+        await turn()
+    proto.data_received(chunk + b"\r\n0\r\nx-t: " + b"a" * 30_000 + b"\r\n\r\n")
+    await turn()
+    assert bodies == [chunk * 3] and b" 200 " in rec.writes[0] and not rec.ended
+    proto.connection_lost(None)
+
+    # Answered before the body came (a 401): a long trailer after it ends the connection,
+    # lingering, with no second answer.
+    async def early(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    proto, rec = _protocol(early, busy=False)
+    proto.data_received(head + b"5\r\nhello\r\n")
+    await turn()
+    assert b" 401 " in rec.writes[0]
+    proto.data_received(b"0\r\nx-t: ")
+    sent = 0
+    while not rec.ended and sent < 4 * MAX_HEADER_BYTES:
+        proto.data_received(b"a" * 1000)
+        sent += 1000
+    assert rec.eof and not rec.closed and sent <= MAX_HEADER_BYTES + 2000, sent
+    assert b"".join(rec.writes).count(b"HTTP/1.1 ") == 1
+    proto.connection_lost(None)
+
+
+def test_a_long_trailer_does_not_stall_the_server() -> None:
+    """One connection sending a trailer field without end froze every other one (a
+    /health took 18-30 s): it is refused 431 once past the limit, and /health answers
+    meanwhile."""
+    import threading
+
+    from tests.live import run_stella
+
+    with run_stella({}) as server:
+        waits: list[tuple[float, bytes]] = []
+        stop = threading.Event()
+
+        def probe() -> None:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+                        s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                        got = s.recv(100)[:12]
+                except OSError as exc:
+                    got = repr(exc).encode()
+                waits.append((time.monotonic() - t0, got))
+                time.sleep(0.02)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        try:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+                sock.sendall(
+                    b"POST /api/v1/chat HTTP/1.1\r\nHost: localhost\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: "
+                )
+                sent = 0
+                while sent < 16 << 20:  # the server stalled for seconds before this
+                    try:
+                        sock.sendall(b"a" * 65_536)
+                    except OSError:  # refused and closed: what was sent is dropped
+                        break
+                    sent += 65_536
+                answer = sock.recv(65_536)
+        finally:
+            stop.set()
+            prober.join()
+    assert answer.startswith(b"HTTP/1.1 431 "), (sent, answer[:200])
+    assert b'"code":"headers_too_large"' in answer
+    assert waits and all(got == b"HTTP/1.1 200" for _, got in waits), waits
+    assert max(wait for wait, _ in waits) < 5, waits
+
+
+async def test_an_upgrade_request_body_in_a_large_read_is_read_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A read over PARSE_STEP is parsed a piece at a time: the body of a request that asks
+    # to upgrade (the parser stops at its headers) was taken from the first piece alone,
+    # and a body over ~16 KiB that came with its headers was refused as not come.
+    import stella.transport as transport
+
+    monkeypatch.setattr(transport, "LINGER_BYTES", 1000)
+    got: list[tuple[bytes, bool]] = []
+    answer = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        got.append((message["body"], "stella.body_unread" in scope))
+        await answer.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    body = b"x" * (5 * transport.PARSE_STEP + 7)
+    head = (
+        b"POST / HTTP/1.1\r\nhost: t\r\nconnection: Upgrade\r\nupgrade: h2c\r\n"
+        b"content-length: %d\r\n\r\n" % len(body)
+    )
+    then = b"GET / HTTP/1.1\r\nhost: t\r\n\r\n"
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(head + body + then)
+    await turn()
+    assert got == [(body, False)]
+    answer.set()
+    await turn()
+    # Answered once (what came after it is not a request), and closed lingering.
+    assert b"".join(rec.writes).count(b"HTTP/1.1 ") == 1 and rec.eof and not rec.closed
+    proto.connection_lost(None)
+
+    # A body after its headers: said unread; what comes is dropped, not parsed, up to
+    # LINGER_BYTES (past it the connection ends, lingering, with no second answer).
+    answer.clear()
+    got.clear()
+    proto, rec = _protocol(app, busy=False)
+    proto.data_received(head)
+    await turn()
+    assert got == [(b"", True)]
+    proto.data_received(body[:900])
+    await turn()
+    assert rec.writes == [] and not rec.ended
+    proto.data_received(body[:200])
+    assert rec.eof and not rec.closed
+    answer.set()
+    await turn()
+    assert b"".join(rec.writes).count(b"HTTP/1.1 ") == 0  # the client heard the end
+    proto.connection_lost(None)
+
+
+def test_an_upgrade_request_is_answered_whole() -> None:
+    """`curl --http2` asks for h2c on every http:// request: a body over ~16 KiB sent with
+    its headers was refused as not sent with them, and a body too large for one read got
+    its 400 reset away (the connection closed with the rest of the body unread)."""
+    import json
+
+    from tests.live import run_stella
+
+    with run_stella({}) as server:
+        for size, status in ((100_000, b"200"), (600_000, b"400")):
+            body = json.dumps(
+                {
+                    "model": "echo",
+                    "stream": False,
+                    "messages": [{"role": "user", "content": "x" * size}],
+                }
+            ).encode()
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(
+                    b"POST /api/v1/chat HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+                    b"Upgrade: h2c\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body) + body
+                )
+                time.sleep(0.2)  # the answer is there before the client reads it
+                got, end = b"", "EOF"
+                try:
+                    while data := sock.recv(65_536):
+                        got += data
+                except OSError as exc:  # a reset: what the client had not read yet is lost
+                    end = type(exc).__name__
+            assert got.startswith(b"HTTP/1.1 " + status + b" ") and _whole(got), (size, got[-200:])
+            assert end == "EOF", (size, end)
+            if status == b"400":
+                assert b"without Upgrade" in got
+
+
+async def test_an_answer_before_a_held_back_body_closes_the_connection() -> None:
+    # A client that sends `Expect: 100-continue` holds its body back until a 100 Continue:
+    # answered before it (a 401, a 404), the connection was kept with no word of it (RFC
+    # 9110 10.1.1 asks the answer to say), the server waiting for a body the client may
+    # never send, or reading the body it does send where the next request should be.
+    async def early(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 401, "headers": headers})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    async def reads(scope: Any, receive: Any, send: Any) -> None:
+        body = (await receive())["body"]
+        headers = [(b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    head = b"POST / HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\ncontent-length: 5\r\n\r\n"
+    proto, rec = _protocol(early, busy=False)
+    proto.data_received(head)
+    await turn()
+    answer = b"".join(rec.writes)
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"\r\nconnection: close\r\n" in answer
+    assert rec.eof and not rec.closed  # lingering: the body may come after all
+    proto.connection_lost(None)
+
+    # Asked for (the 100 Continue), or come with its headers anyway: the connection is kept.
+    proto, rec = _protocol(reads, busy=False)
+    proto.data_received(head)
+    await turn()
+    assert rec.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    proto.data_received(b"hello")
+    await turn()
+    answer = b"".join(rec.writes[1:])
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nhello")
+    assert b"connection: close" not in answer and not rec.ended
+    proto.connection_lost(None)
+    proto, rec = _protocol(early, busy=False)
+    proto.data_received(head + b"hello")
+    await turn()
+    assert b" 401 " in rec.writes[0] and b"connection: close" not in rec.writes[0]
+    assert not rec.ended
+    proto.connection_lost(None)
+
+
+def test_an_early_answer_to_expect_100_continue_says_it_closes() -> None:
+    from tests.live import run_stella
+
+    with run_stella({"server": {"max_body_bytes": 65_536}}) as server:
+        for path, host, status in (
+            ("/api/v1/nope", "localhost", b"404"),
+            ("/api/v1/chat", "evil.example", b"403"),
+            ("/api/v1/chat", "localhost", b"413"),  # which said it already
+        ):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+                sock.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: {host}\r\n".encode()
+                    + b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                    b"Content-Length: %d\r\n\r\n" % (100 if status != b"413" else 100_000)
+                )
+                got = b""
+                while data := sock.recv(65_536):  # to the end: the server closes it
+                    got += data
+            head = got.partition(b"\r\n\r\n")[0].lower()
+            assert head.startswith(b"http/1.1 " + status + b" ") and _whole(got), got
+            assert b"\r\nconnection: close" in head, got
+
+        # A body the server asks for: served, and the connection kept for the next request.
+        body = b'{"model":"echo","stream":false,"messages":[{"role":"user","content":"hi"}]}'
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /api/v1/chat HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            )
+            assert sock.recv(65_536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(body + b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            got = b""
+            while got.count(b"HTTP/1.1 200 ") < 2 or not got.endswith(b"}"):
+                data = sock.recv(65_536)
+                assert data, got
+                got += data
+            assert b"connection: close" not in got.lower()
