@@ -1486,3 +1486,30 @@ def test_an_early_answer_to_expect_100_continue_says_it_closes() -> None:
                 assert data, got
                 got += data
             assert b"connection: close" not in got.lower()
+
+
+# uvicorn's methods stella.transport replaces outright (copies plus its changes), as read
+# in uvicorn 0.54.0: a uvicorn whose copy differs needs a read before it is used.
+REPLACED = {
+    "_unsupported_upgrade_warning": "55bbd2762b189d9a",
+    "send_400_response": "ae5a4a3782b646fd",
+    "on_header": "65d62c044f61fdbd",
+    "on_body": "dba9c32aeba35b6a",
+}
+
+
+def test_the_uvicorn_methods_replaced_are_those_read() -> None:
+    import hashlib
+    import inspect
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+
+    seen = {
+        name: hashlib.sha256(inspect.getsource(getattr(Base, name)).encode()).hexdigest()[:16]
+        for name in REPLACED
+    }
+    assert seen == REPLACED, f"uvicorn {uvicorn.__version__} changed methods stella replaces"
+    for name in REPLACED:  # and each is still replaced, not inherited
+        assert name in vars(HttpToolsProtocol) or any(
+            name in vars(c) for c in HttpToolsProtocol.__mro__[1:] if c is not Base
+        )
