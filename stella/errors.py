@@ -232,7 +232,8 @@ class UpstreamStatus(UpstreamError):
     """An upstream answered with an HTTP error status.
 
     `upstream_status` drives retries: 408, 409, 425, 429 and 5xx are worth another try;
-    401 and 403 (the backend's key expired or revoked) go to the fallbacks.
+    401 and 403 (the backend's key expired or revoked) go to the fallbacks; 403 and 429
+    tell the backend's circuit nothing.
     """
 
     def __init__(
@@ -246,9 +247,10 @@ class UpstreamStatus(UpstreamError):
         # The same key again is refused again; another backend has its own key.
         self.falls_back = upstream_status in (401, 403)
         # A 401 refuses the backend's key, for every model on it: a verdict on the
-        # backend. A 403 often refuses one model to that key ("no access to model X"):
+        # backend. A 403 often refuses one model to that key ("no access to model X"),
+        # and a 429 is the upstream up and enforcing a limit, often per model or per key:
         # the backend's other models still answer, so its circuit is not told.
-        self.no_verdict = upstream_status == 403
+        self.no_verdict = upstream_status in (403, 429)
         self.upstream_overloaded = upstream_status == 529
         if upstream_status == 429:
             self.code = "upstream_rate_limited"

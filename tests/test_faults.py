@@ -48,6 +48,7 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
             "b-401": {"kind": "openai", "base_url": url + "/v1"},
             "b-401-bare": {"kind": "openai", "base_url": url + "/v1"},
             "b-403": {"kind": "openai", "base_url": url + "/v1"},
+            "b-429-many": {"kind": "openai", "base_url": url + "/v1"},
             "b-400": {"kind": "openai", "base_url": url + "/v1"},
             "b-hold": {"kind": "openai", "base_url": url + "/v1"},
             "b-400-client": {"kind": "openai", "base_url": url + "/v1"},
@@ -165,6 +166,13 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
                     "retry_backoff_s": 0.01,
                 },
                 "up-403-ok": {"backend": "b-403", "upstream_model": "ok", **fast},
+                "up-429-many": {
+                    "backend": "b-429-many",
+                    "upstream_model": "status-429-30",  # Retry-After: 30
+                    "retries": 2,
+                    "retry_max_backoff_s": 0.2,
+                },
+                "up-429-many-ok": {"backend": "b-429-many", "upstream_model": "ok", **fast},
                 "up-400": {
                     "backend": "b-400",
                     "upstream_model": "status-400",
@@ -408,6 +416,20 @@ def test_a_key_the_upstream_refuses_counts_against_its_circuit(gateway: LiveServ
     r = chat(gateway, "up-401-ok", stream=False)
     assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
     r = chat(gateway, "up-403-ok", stream=False)
+    assert r.status_code == 200, r.text
+
+
+def test_an_upstream_rate_limit_does_not_open_its_circuit(gateway: LiveServer) -> None:
+    # A 429 is the upstream up and enforcing a limit, often one model's or one key's:
+    # more of them than the threshold leave the circuit closed, and another model on the
+    # same backend still answers.
+    for _ in range(4):
+        r = chat(gateway, "up-429-many", stream=False)
+        assert r.status_code == 502, r.text
+        assert r.json()["error"]["code"] == "upstream_rate_limited"
+    ready = httpx.get(gateway.url + "/api/v1/models").json()["models"]
+    assert next(m for m in ready if m["name"] == "up-429-many-ok")["circuit"] == "closed"
+    r = chat(gateway, "up-429-many-ok", stream=False)
     assert r.status_code == 200, r.text
 
 
