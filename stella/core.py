@@ -380,8 +380,10 @@ class Inference:
         if self.slow is not None:
             watchdog.at, watchdog.then = self.t0 + self.slow[0], self.slow[1]
         last: StellaError | None = None
-        # The soonest a route of the chain that could not be tried (its circuit open, its
-        # limits full) may take the call: the Retry-After of a 503 that ends the chain.
+        # When (on the perf_counter clock) a route of the chain may take the call again,
+        # the soonest any said: one that could not be tried (its circuit open, its limits
+        # full) or whose upstream asked for a pause (its Retry-After). A client told to
+        # come back sooner would find the chain's first route still refusing it.
         soonest = math.inf  # none known
         # Fallbacks whose turn came after the request's time had run out: never tried.
         untried: list[str] = []
@@ -396,7 +398,7 @@ class Inference:
                         }
                     )
                     wait = router.breaker(route.backend_name).retry_after()
-                    soonest = min(soonest, wait)
+                    soonest = min(soonest, time.perf_counter() + wait)
                     last = Unavailable(
                         f"backend {route.backend_name!r}: circuit open", retry_after=wait
                     )
@@ -424,7 +426,7 @@ class Inference:
                         if refused is not None:
                             if refused.retry_after is not None:
                                 wait = refused.retry_after
-                                soonest = min(soonest, wait)
+                                soonest = min(soonest, time.perf_counter() + wait)
                             last = last or refused
                             continue
                 breaker = router.breaker(route.backend_name)
@@ -443,7 +445,7 @@ class Inference:
                             }
                         )
                         wait = breaker.retry_after()
-                        soonest = min(soonest, wait)
+                        soonest = min(soonest, time.perf_counter() + wait)
                         last = last or Unavailable(
                             f"backend {route.backend_name!r}: circuit open", retry_after=wait
                         )
@@ -475,6 +477,8 @@ class Inference:
                             breaker.release()
                         raise
                     if isinstance(opened, StellaError):
+                        if opened.retry_after_hint is not None:
+                            soonest = min(soonest, time.perf_counter() + opened.retry_after_hint)
                         if opened.out_of_time:
                             # The request's time ran out, not the backend: no verdict.
                             if probe:
@@ -622,12 +626,18 @@ class Inference:
                         if getattr(agen, "ag_frame", True) is not None:  # not finished yet
                             await close_quietly(agen)
             err = last or Unavailable("no backend could take this request")
-            if (
-                err.retry_after is not None or isinstance(err, Unavailable | Overloaded)
-            ) and soonest < (err.retry_after or DEFAULT_RETRY_AFTER_S):
+            wait = soonest - time.perf_counter()  # inf when none is known
+            own = err.retry_after
+            if own is None and isinstance(err, Unavailable | Overloaded):
+                own = DEFAULT_RETRY_AFTER_S  # what its answer says when nothing better is known
+            if own is not None and wait < own:
                 # Another route of the chain may take the call sooner than this one (an
                 # upstream's own 429 may ask for an hour; a fallback's limit frees sooner).
-                err.retry_in(soonest)
+                err.retry_in(max(wait, 0.0))
+            elif own is None and err.retryable and 0 < wait < math.inf:
+                # The last route said nothing of when to come back, an earlier one did (its
+                # upstream's 429 asked for 30 s, say): a retry sooner only asks it again.
+                err.retry_in(wait)
             # Fallbacks never tried are named: not every backend failed.
             late = (
                 f"; the time ran out before fallback {', '.join(map(repr, untried))} could run"

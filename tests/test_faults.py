@@ -49,6 +49,8 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
             "b-401-bare": {"kind": "openai", "base_url": url + "/v1"},
             "b-403": {"kind": "openai", "base_url": url + "/v1"},
             "b-429-many": {"kind": "openai", "base_url": url + "/v1"},
+            "b-429-then-500": {"kind": "openai", "base_url": url + "/v1"},
+            "b-500-after-429": {"kind": "openai", "base_url": url + "/v1"},
             "b-400": {"kind": "openai", "base_url": url + "/v1"},
             "b-hold": {"kind": "openai", "base_url": url + "/v1"},
             "b-400-client": {"kind": "openai", "base_url": url + "/v1"},
@@ -125,6 +127,19 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
                     "retries": 3,
                     "retry_max_backoff_s": 0.2,
                     "fallbacks": ["up-ok"],
+                },
+                "up-429-then-500": {
+                    "backend": "b-429-then-500",
+                    "upstream_model": "status-429-30",
+                    "retries": 3,
+                    "retry_max_backoff_s": 0.2,
+                    "fallbacks": ["up-500-after-429"],
+                },
+                "up-500-after-429": {
+                    "backend": "b-500-after-429",
+                    "upstream_model": "status-500",
+                    "retries": 1,
+                    "retry_backoff_s": 0.01,
                 },
                 "up-429-long-alone": {
                     "backend": "b-429-long",
@@ -322,6 +337,21 @@ def test_a_retry_after_longer_than_the_backoff_cap_ends_the_retries(gateway: Liv
     ev = gateway.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
     assert len(ev["attempts"]) == 1
     assert time.monotonic() - t < 1
+
+
+def test_an_earlier_routes_retry_after_outlives_a_fallbacks_failure(gateway: LiveServer) -> None:
+    # The primary's upstream asks for 30 s, the fallback then fails with a 500 that says
+    # nothing of when: a client retrying sooner than 30 s would only ask the rate-limited
+    # upstream again, so the chain's 502 says 30 s.
+    r = chat(gateway, "up-429-then-500", stream=False)
+    assert r.status_code == 502 and r.json()["error"]["retryable"] is True, r.text
+    assert r.headers["retry-after"] in ("29", "30"), r.headers
+    ev = gateway.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+    assert [(a["backend"], a["error"]) for a in ev["attempts"]] == [
+        ("b-429-then-500", "upstream_rate_limited"),
+        ("b-500-after-429", "upstream_error"),
+        ("b-500-after-429", "upstream_error"),
+    ]
 
 
 def test_output_without_text_runs_into_the_total_limit(gateway: LiveServer) -> None:
