@@ -306,8 +306,15 @@ def _redirect(response: httpx.Response, url: str) -> ProtocolError | None:
 
 
 def _inband(event: Error, request_id: str) -> StellaClientError:
+    """The exception for a stream's `error` line (status 0: the HTTP status was 200)."""
+    # The line's own wait: the stream's headers went out before the backend was asked.
+    wait = event.retry_after
     return BY_CODE.get(event.code, StellaClientError)(
-        event.message, code=event.code, request_id=request_id, retryable=event.retryable
+        event.message,
+        code=event.code,
+        request_id=request_id,
+        retry_after=None if wait is msgspec.UNSET else wait,
+        retryable=event.retryable,
     )
 
 

@@ -35,6 +35,7 @@ from stella.errors import (
     UpstreamError,
     UpstreamStatus,
     UpstreamTimeout,
+    whole_seconds,
 )
 from stella.logs import mask
 from stella.protocol import (
@@ -895,7 +896,7 @@ class Inference:
         self.finish_reason = "error"
         self.terminal = True
         self.t_end = time.perf_counter()
-        return Error(code=exc.code, message=exc.message, retryable=exc.retryable)
+        return error_event(exc)
 
     async def result(self) -> ChatResponse:
         """Run to the end and return the whole answer; raise the error if it failed."""
@@ -1098,6 +1099,18 @@ def _traceback_only(exc: BaseException) -> str:
         tb = "".join(traceback.format_tb(e.__traceback__))
         parts.append(f"Traceback (most recent call last):\n{tb}{name} (message not logged)\n")
     return "\nwhich led to:\n\n".join(parts).rstrip("\n")
+
+
+def error_event(exc: StellaError) -> Error:
+    """The terminal `error` event for `exc`: its code, message, whether to send the
+    request again and, when known, after how long (the seconds its Retry-After says)."""
+    wait = exc.retry_after
+    return Error(
+        code=exc.code,
+        message=exc.message,
+        retryable=exc.retryable,
+        retry_after=msgspec.UNSET if wait is None else whole_seconds(wait),
+    )
 
 
 def _stella_failed(exc: Exception) -> StellaError:

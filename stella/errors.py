@@ -71,10 +71,15 @@ class StellaError(Exception):
 DEFAULT_RETRY_AFTER_S = 1.0
 
 
-def _whole_seconds(seconds: float) -> str:
+def whole_seconds(seconds: float) -> int:
     """Retry-After's value: whole seconds, rounded up, at least 1 (0 would invite a storm)."""
     # Up, never down: a client that waits exactly this long must find the way open.
-    return str(max(1, math.ceil(seconds)))
+    return max(1, math.ceil(seconds))
+
+
+def _whole_seconds(seconds: float) -> str:
+    """Retry-After's header value (see whole_seconds)."""
+    return str(whole_seconds(seconds))
 
 
 # msgspec names a missing or unknown field apart from the path of the object holding it.

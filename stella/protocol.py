@@ -351,6 +351,20 @@ class Error(Event, tag="error"):
     code: str
     message: str
     retryable: bool = False
+    # Seconds to wait before sending it again, when stella knows (an upstream's
+    # Retry-After, an open circuit's cool-down): a stream's status and headers went out
+    # before the backend was asked. Whole seconds, as the Retry-After header; left out
+    # when unknown.
+    retry_after: (
+        Annotated[
+            float,
+            Meta(
+                description="seconds to wait before sending the request again, as a "
+                "Retry-After header would say (whole seconds, at least 1); absent when unknown"
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 StreamEvent = Start | Delta | Ping | ToolCall | Done | Error

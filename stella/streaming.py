@@ -23,7 +23,7 @@ import anyio
 import msgspec
 import structlog
 
-from stella.core import Inference, SinkClosed
+from stella.core import Inference, SinkClosed, error_event
 from stella.errors import ShuttingDown, StellaError
 from stella.protocol import Error, Start
 from stella.watchdog import ticker
@@ -364,7 +364,7 @@ class EventStream:
         if not self._started:
             await self._refuse(scope, receive, send, err)
             return
-        body = self.codec.encode(Error(code=err.code, message=err.message, retryable=err.retryable))
+        body = self.codec.encode(error_event(err))
         # Bounded: to a client that stopped reading (its socket full) these writes would
         # wait for good, a shutdown's cut until the server's own limit, past the drain.
         with (

@@ -354,6 +354,23 @@ def test_an_earlier_routes_retry_after_outlives_a_fallbacks_failure(gateway: Liv
     ]
 
 
+def test_a_streams_error_line_says_when_to_come_back(gateway: LiveServer) -> None:
+    # The stream's status and headers went out before the upstream answered 429 with
+    # Retry-After: 30; the `error` line carries the wait, and both clients read it.
+    from stella import client as sc
+
+    lines = ndjson(chat(gateway, "up-429-long-alone").text)
+    assert lines[-1]["type"] == "error" and lines[-1]["code"] == "upstream_rate_limited"
+    assert lines[-1]["retry_after"] == 30 and lines[-1]["retryable"] is True, lines[-1]
+    with sc.Client(gateway.url) as c:
+        with pytest.raises(sc.UpstreamError) as streamed:
+            list(c.chat([{"role": "user", "content": "hi"}], "up-429-long-alone", stream=True))
+    assert streamed.value.status == 0 and streamed.value.retry_after == 30
+    # When nothing is known of when, the line has no such field.
+    lines = ndjson(chat(gateway, "up-die").text)
+    assert lines[-1]["type"] == "error" and "retry_after" not in lines[-1], lines[-1]
+
+
 def test_output_without_text_runs_into_the_total_limit(gateway: LiveServer) -> None:
     # Role-only chunks every 0.1 s keep the 0.3 s first-token limit from firing; the
     # total limit ends it, and says so (the request's time, not the backend's fault).

@@ -104,6 +104,10 @@ def test_openapi_is_generated_from_the_structs(stella: LiveServer) -> None:
     assert bias["additionalProperties"] == {"type": "number", "minimum": -100, "maximum": 100}
     assert "application/x-ndjson" in chat["responses"]["200"]["content"]
     assert "Start" in spec["components"]["schemas"] and "Done" in spec["components"]["schemas"]
+    # A stream's error line says when to come back (its headers went out with `start`).
+    error = spec["components"]["schemas"]["Error"]
+    assert error["properties"]["retry_after"]["type"] == "number"
+    assert "retry_after" not in error["required"]
     # Anthropic's API answers an overload with 529, and stella's dialect does too.
     messages = spec["paths"]["/v1/messages"]["post"]["responses"]
     assert "Retry-After" in messages["529"]["headers"]

@@ -21,7 +21,7 @@ export class StellaError extends Error {
     this.name = "StellaError";
     this.status = status;
     this.code = code;
-    this.retryAfter = retryAfter; // seconds, from Retry-After, or null
+    this.retryAfter = retryAfter; // seconds, from Retry-After or an error line's retry_after, or null
     this.requestId = requestId;
     this.retryable = retryable;
   }
@@ -178,8 +178,10 @@ async function* streamEvents(path, body, { signal, apiKey, baseUrl = "", fetch: 
       if (event.type === "error") {
         ended = true;
         // status 0: an in-band error (the HTTP status was 200), as in the Python client
+        // The line's own wait: the stream's headers went out before the backend was asked.
+        const wait = typeof event.retry_after === "number" ? event.retry_after : null;
         throw new StellaError({ status: 0, code: event.code || "error", message: event.message,
-                                requestId, retryable: !!event.retryable });
+                                retryAfter: wait, requestId, retryable: !!event.retryable });
       }
       if (event.type === "done") ended = true;
       yield event;

@@ -178,7 +178,13 @@ test("a connection dropped mid-stream and a server that is down are StellaErrors
 
 test("in-band errors have status 0; Retry-After as an HTTP date is seconds", async () => {
   const inband = fakeFetch(['{"type":"start","id":"r"}\n', '{"type":"error","code":"upstream_error","message":"m"}\n']);
-  await assert.rejects(() => collect(chat({ messages: [] }, { fetch: inband })), (err) => err.status === 0 && err.code === "upstream_error");
+  await assert.rejects(() => collect(chat({ messages: [] }, { fetch: inband })),
+    (err) => err.status === 0 && err.code === "upstream_error" && err.retryAfter === null);
+  // A stream's status went out before the backend was asked: the line says when to come back.
+  const waited = fakeFetch(['{"type":"start","id":"r"}\n',
+    '{"type":"error","code":"upstream_rate_limited","message":"m","retryable":true,"retry_after":30}\n']);
+  await assert.rejects(() => collect(chat({ messages: [] }, { fetch: waited })),
+    (err) => err.status === 0 && err.retryable === true && err.retryAfter === 30);
   const when = new Date(Date.now() + 30_000).toUTCString();
   const dated = fakeFetch([], { status: 429, headers: { "Retry-After": when } });
   await assert.rejects(() => collect(chat({ messages: [] }, { fetch: dated })),
