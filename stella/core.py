@@ -631,10 +631,12 @@ class Inference:
             own = err.retry_after
             if own is None and isinstance(err, Unavailable | Overloaded):
                 own = DEFAULT_RETRY_AFTER_S  # what its answer says when nothing better is known
-            if own is not None and wait < own:
+            if own is not None and 0 < wait < own:
                 # Another route of the chain may take the call sooner than this one (an
                 # upstream's own 429 may ask for an hour; a fallback's limit frees sooner).
-                err.retry_in(max(wait, 0.0))
+                # A time already past is no such word: a pause the route waited out before
+                # asking again, whose later answer (`own`) is the one that stands.
+                err.retry_in(wait)
             elif own is None and err.retryable and 0 < wait < math.inf:
                 # The last route said nothing of when to come back, an earlier one did (its
                 # upstream's 429 asked for 30 s, say): a retry sooner only asks it again.

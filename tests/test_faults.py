@@ -50,6 +50,7 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
             "b-403": {"kind": "openai", "base_url": url + "/v1"},
             "b-429-many": {"kind": "openai", "base_url": url + "/v1"},
             "b-429-then-500": {"kind": "openai", "base_url": url + "/v1"},
+            "b-429-rising": {"kind": "openai", "base_url": url + "/v1"},
             "b-500-after-429": {"kind": "openai", "base_url": url + "/v1"},
             "b-400": {"kind": "openai", "base_url": url + "/v1"},
             "b-hold": {"kind": "openai", "base_url": url + "/v1"},
@@ -140,6 +141,12 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
                     "upstream_model": "status-500",
                     "retries": 1,
                     "retry_backoff_s": 0.01,
+                },
+                "up-429-rising": {
+                    "backend": "b-429-rising",
+                    "upstream_model": "status-429-rising",
+                    "retries": 1,
+                    "retry_max_backoff_s": 2,
                 },
                 "up-429-long-alone": {
                     "backend": "b-429-long",
@@ -352,6 +359,14 @@ def test_an_earlier_routes_retry_after_outlives_a_fallbacks_failure(gateway: Liv
         ("b-500-after-429", "upstream_error"),
         ("b-500-after-429", "upstream_error"),
     ]
+
+
+def test_a_pause_waited_out_is_not_the_answer_s_retry_after(gateway: LiveServer) -> None:
+    # The upstream asked for 1 s, was asked again after it, and then asked for 30 s: the
+    # answer says 30 s, not the first pause, long over (a client told 1 s asks at once).
+    r = chat(gateway, "up-429-rising", stream=False)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_rate_limited", r.text
+    assert r.headers["retry-after"] in ("29", "30"), r.headers
 
 
 def test_a_streams_error_line_says_when_to_come_back(gateway: LiveServer) -> None:

@@ -137,6 +137,15 @@ class FakeOpenAI:
                 },
                 400,
             )
+        if model == "status-429-rising":
+            # 1 s the first time, 30 s after (a limit that tightens as it is pressed).
+            asked = sum(r.get("model") == model for r in self.requests)
+            wait = "1" if asked <= 1 else "30"
+            return JSONResponse(
+                {"error": {"message": "fake 429", "type": "server_error", "code": 429}},
+                429,
+                headers={"Retry-After": wait},
+            )
         if model.startswith("status-"):
             status = int(model.split("-")[1])
             # status-429 asks for 1 s; status-429-30 for 30 s.
