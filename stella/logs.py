@@ -221,12 +221,21 @@ def _is_basic(token: bytes) -> bool:
 
 # A URL's credentials in text: its user info (`postgres://u:pw@h/db`, a token as the
 # user, `https://ghp_..@github.com`) and the values of its parameters named like a
-# secret (`?token=..`, `&api_key=..`; also Google's `?key=..` and a SAS `&sig=..`). As
-# in /config, which `@` ends the user info cannot always be told (a password may hold a
-# `/`): everything before the URL's last `@` goes. A URL ends at white space, a quote,
-# `<`, `>`, or a backslash (an escape, in an encoded line).
+# secret (`?token=..`, `&api_key=..`; also Google's `?key=..` and a SAS `&sig=..`). The
+# user info ends at the authority's last `@`, the authority at the first `/`, `?` or `#`
+# (RFC 3986: user info holds none of them unencoded), so an `@` further on (a package
+# version `repo@v1.2`, an e-mail address in text without spaces) takes nothing with it;
+# but an authority that looks like `user:password` cut short (a `:` not before a port's
+# digits: `redis://:p/w@h`, a password with a `/` as people write them) goes up to the
+# URL's last `@`, as /config has it.
+# A URL ends at white space, a quote, `<`, `>`, or a backslash (an escape, in an
+# encoded line).
 _URL_TEXT = re.compile(r"://([^\s\"'`\\<>]+)")
 _URL_BYTES = re.compile(rb"://([^\s\"'`\\<>]+)")
+_AFTER_AUTHORITY_TEXT = re.compile(r"[/?#]")
+_AFTER_AUTHORITY_BYTES = re.compile(rb"[/?#]")
+_CUT_PASSWORD_TEXT = re.compile(r":(?![0-9]*$)")
+_CUT_PASSWORD_BYTES = re.compile(rb":(?![0-9]*$)")
 _URL_PARAM_TEXT = re.compile(r"([?&#;])([^=&#?;]*)=([^&#?;]+)")
 _URL_PARAM_BYTES = re.compile(rb"([?&#;])([^=&#?;]*)=([^&#?;]+)")
 URL_SECRET_PARAMS = frozenset({"key", "sig"})
@@ -241,7 +250,12 @@ def _is_url_secret(name: str) -> bool:
 def _url_text(m: re.Match[str]) -> str:
     rest = m[1]
     if "@" in rest:
-        rest = "***@" + rest.rpartition("@")[2]
+        cut = _AFTER_AUTHORITY_TEXT.search(rest)
+        end = cut.start() if cut else len(rest)
+        if "@" in rest[:end]:
+            rest = "***@" + rest[:end].rpartition("@")[2] + rest[end:]
+        elif _CUT_PASSWORD_TEXT.search(rest[:end]):
+            rest = "***@" + rest.rpartition("@")[2]
     if "=" in rest:
         rest = _URL_PARAM_TEXT.sub(
             lambda p: p[1] + p[2] + "=***" if _is_url_secret(p[2]) else p[0], rest
@@ -252,7 +266,12 @@ def _url_text(m: re.Match[str]) -> str:
 def _url_bytes(m: re.Match[bytes]) -> bytes:
     rest = m[1]
     if b"@" in rest:
-        rest = b"***@" + rest.rpartition(b"@")[2]
+        cut = _AFTER_AUTHORITY_BYTES.search(rest)
+        end = cut.start() if cut else len(rest)
+        if b"@" in rest[:end]:
+            rest = b"***@" + rest[:end].rpartition(b"@")[2] + rest[end:]
+        elif _CUT_PASSWORD_BYTES.search(rest[:end]):
+            rest = b"***@" + rest.rpartition(b"@")[2]
     if b"=" in rest:
         rest = _URL_PARAM_BYTES.sub(
             lambda p: (

@@ -698,6 +698,11 @@ def test_a_urls_credentials_in_text_are_masked() -> None:
         "s3": "https://s3/o?X-Amz-Credential=PW7&X-Amz-Signature=PW8&X-Amz-Date=1",
         "quoted": "url='https://u:PW9@h/' ok",
         "plain": "https://example.com/search?q=tokens&page=2 and a@b.com",
+        # An `@` past the host is no user info: the text around it stays.
+        "cjk": "请访问https://example.com/页面，然后发邮件给我bob@example.com",
+        "pip": "pip install git+https://github.com/org/repo@v1.2",
+        "comma": "see https://example.com/docs,mail_me_at_bob@corp.com",
+        "port": "https://example.com:8080/a@b",
     }
     out = io.BytesIO()
     sink = logs.LogSink(stream=out)
@@ -716,6 +721,10 @@ def test_a_urls_credentials_in_text_are_masked() -> None:
         "s3": "https://s3/o?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Date=1",
         "quoted": "url='https://***@h/' ok",
         "plain": "https://example.com/search?q=tokens&page=2 and a@b.com",
+        "cjk": texts["cjk"],
+        "pip": texts["pip"],
+        "comma": texts["comma"],
+        "port": texts["port"],
     }
     assert event["metadata"] == expected
     assert event["completion"] == expected["dsn"]
