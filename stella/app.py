@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import importlib
 import os
-import re
 import signal
 import sys
 import threading
@@ -40,7 +39,7 @@ from stella.api.http import (
 )
 from stella.auth import Authenticator
 from stella.backends import Backend, ConfigError, build_backend, registry
-from stella.calls import new_request_id
+from stella.calls import request_id_for
 from stella.core import Admission, Pipeline
 from stella.errors import MethodNotAllowed, NotFound, ShuttingDown, StellaError
 from stella.routing import Router
@@ -64,7 +63,6 @@ DIALECTS = (
     "stella.api.aliases",
     "stella.api.admin",
 )
-_RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _log = structlog.get_logger("stella")
 
 
@@ -170,15 +168,12 @@ async def enter(
     With `wrap=False` the app is an Endpoint, which adds the X-Request-ID header
     to its response itself.
     """
-    rid = ""
+    given = None
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            candidate = value.decode("latin-1")
-            if _RID.match(candidate):
-                rid = candidate
+            given = value.decode("latin-1")
             break
-    if not rid:
-        rid = new_request_id()
+    rid = request_id_for(given)
     state = scope.get("state")
     if state is None:
         scope["state"] = {"request_id": rid}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,14 @@ _random = random.Random()
 def new_request_id() -> str:
     """A sortable, unique request ID (not a secret: no system entropy call per request)."""
     return f"req_{time.time_ns():x}{_random.getrandbits(40):010x}"
+
+
+_RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id_for(given: str | None) -> str:
+    """The request's ID: the client's `X-Request-ID` when well-formed, else a new one."""
+    return given if given is not None and _RID.match(given) else new_request_id()
 
 
 @dataclass(slots=True, frozen=True)

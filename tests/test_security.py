@@ -165,6 +165,10 @@ def test_cors_allows_the_configured_origin_only() -> None:
         pre = httpx.options(server.url + "/api/v1/chat", headers=caps)
         assert pre.status_code == 200, pre.text
         assert pre.headers["access-control-allow-origin"] == "https://caps.example:8443"
+        # Every answer has its request ID, a preflight's too (the client's when well formed).
+        assert pre.headers["x-request-id"].startswith("req_")
+        pre = httpx.options(server.url + "/api/v1/chat", headers={**caps, "X-Request-ID": "pf-1"})
+        assert pre.headers["x-request-id"] == "pf-1"
         # What the official browser SDKs ask to send.
         sdk = "content-type,anthropic-version,anthropic-dangerous-direct-browser-access,x-stainless-os"
         pre = httpx.options(
@@ -191,6 +195,7 @@ def test_cors_allows_the_configured_origin_only() -> None:
         )
         assert bad.status_code == 400
         assert "access-control-allow-origin" not in bad.headers
+        assert bad.headers["x-request-id"].startswith("req_")
 
 
 def test_oversized_body_is_413() -> None:
