@@ -221,6 +221,7 @@ def stella_cli(
     stdin: str | None = None,
     env: dict[str, str] | None = None,
     without_mlx: bool = False,
+    timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
     """Run the `stella` command with these arguments (`without_mlx`: MLX not importable);
     its output as text."""
@@ -231,7 +232,7 @@ def stella_cli(
         capture_output=True,
         text=True,
         env=env,
-        timeout=60,
+        timeout=timeout,
     )
 
 

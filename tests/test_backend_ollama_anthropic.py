@@ -709,6 +709,26 @@ def test_anthropic_takes_a_schema_and_refuses_json_mode_without_one(
         assert r.status_code == 200
 
 
+def test_anthropic_refuses_json_mode_without_a_schema_on_a_route_with_fallbacks(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # A route with fallbacks skips the backend's admit() (the chain would try the next
+    # one instead): chat() refuses the schemaless JSON mode itself, before any request.
+    config = claude_route(anthropic_url[1], "claude-x")
+    config["models"]["routes"]["sonnet"]["fallbacks"] = ["echo"]
+    msgs = [{"role": "user", "content": "hi"}]
+    sent = len(anthropic_url[0].requests)
+    with run_stella(config, {"CK": KEY}) as server:
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={"model": "sonnet", "messages": msgs, "response_format": {"type": "json_object"}},
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"].startswith("$.response_format: "), r.text
+        assert r.json()["error"]["param"] == "response_format"
+    assert len(anthropic_url[0].requests) == sent  # never sent on
+
+
 async def test_a_malformed_model_list_is_an_upstream_error() -> None:
     from starlette.applications import Starlette
     from starlette.responses import Response

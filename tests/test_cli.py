@@ -36,10 +36,15 @@ def test_a_bad_header_is_a_usage_error() -> None:
     assert out.returncode == 2 and "is not NAME: VALUE" in out.stderr
 
 
-@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+@pytest.mark.parametrize("port", ["99999", "65536", "0", "-1"])
 def test_bench_upstream_refuses_a_port_out_of_range(port: str) -> None:
-    # 99999 went on to uvicorn, after a line announcing the upstream on it.
-    out = stella("bench", "upstream", "--port", port)
+    # 99999 went on to uvicorn, after a line announcing the upstream on it, and served
+    # on port 34463 (99999 mod 65536). The refusal comes at once: a command that is still
+    # running after a few seconds is serving.
+    try:
+        out = stella("bench", "upstream", "--port", port, timeout=10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"--port {port} was taken: the fake upstream served")
     assert out.returncode == 2 and not out.stdout
     assert out.stderr == f"stella: --port: {port} is not a TCP port (1-65535)\n"
 
@@ -99,32 +104,49 @@ def _corrupt_gguf(case: str) -> bytes:
         return real
     if case == "truncated in the metadata":
         return real[:1_000_000]
+    if case == "a version no reader knows":
+        return real[:4] + struct.pack("<I", 99) + real[8:]
     if case == "a tensor count the file cannot hold":
         return real[:8] + struct.pack("<Q", 2**40) + real[16:]
+    if case == "a string value past the end":  # the first metadata value's length
+        key = real.index(b"general.architecture")  # its type (a string) follows the key
+        assert struct.unpack_from("<I", real, key + 20)[0] == 8
+        return real[: key + 24] + struct.pack("<Q", 2**62) + real[key + 32 :]
+    if case == "a tensor offset not aligned":  # the first tensor's, at the data's start
+        name = real.index(b"token_embd.weight")  # 2 dimensions: its offset after 28 bytes
+        assert struct.unpack_from("<IQ", real, name + 17) == (2, 576)
+        return real[: name + 41] + struct.pack("<Q", 1) + real[name + 49 :]
     assert case == "a string length past the end"  # the first metadata key's
     return real[:24] + struct.pack("<Q", 2**62) + real[32:]
 
 
 @pytest.mark.parametrize(
-    "case",
+    ("case", "said"),
     [
-        "random after the magic",
-        "random after the version",
-        "truncated after the header",
-        "truncated in the metadata",
-        "a tensor count the file cannot hold",
-        "a string length past the end",
+        ("random after the magic", ""),
+        ("random after the version", ""),
+        ("truncated after the header", "runs past the end of the file"),
+        ("truncated in the metadata", "runs past the end of the file"),
+        ("a version no reader knows", "version 99 (versions 2 and 3 are known)"),
+        ("a tensor count the file cannot hold", "do not fit in the file"),
+        ("a string length past the end", "metadata key 0 runs past the end of the file"),
+        (
+            "a string value past the end",
+            "metadata 'general.architecture' runs past the end of the file",
+        ),
+        ("a tensor offset not aligned", "'token_embd.weight''s offset 1 is not aligned to 32"),
     ],
 )
-def test_import_gguf_of_a_corrupt_file_is_one_line(tmp_path: Path, case: str) -> None:
+def test_import_gguf_of_a_corrupt_file_is_one_line(tmp_path: Path, case: str, said: str) -> None:
     # Random bytes after the magic crashed the process in MLX's reader (SIGSEGV, exit
-    # 139): the header is checked before MLX reads the file.
+    # 139): the header is checked before MLX reads the file, each fault named.
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(_corrupt_gguf(case))
     out = stella("import-gguf", str(bad), str(tmp_path / "out"))
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"stella: {bad} is a corrupt GGUF file: ")
+    assert said in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
 
 

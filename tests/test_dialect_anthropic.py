@@ -334,7 +334,8 @@ def test_structured_outputs_reach_the_backend_as_response_format() -> None:
                 "type": "json_schema",
                 "json_schema": {"name": "response", "schema": schema, "strict": True},
             }
-        # effort is taken and not applied: no format, nothing sent on.
+        # effort is taken and not applied: no format, nothing sent on (other keys of
+        # output_config are ignored).
         for model in ("sonnet", "gpt"):
             m = c.messages.create(
                 model=model,
@@ -345,6 +346,17 @@ def test_structured_outputs_reach_the_backend_as_response_format() -> None:
             assert m.content[0].type == "text" and m.content[0].text, model
         assert "output_config" not in claude.requests[-1]
         assert "response_format" not in gpt.requests[-1]
+        # Taken as a level's name: one of another type is refused by its path, as the API
+        # refuses it, rather than ignored as an unknown key is.
+        sent = len(claude.requests)
+        with pytest.raises(anthropic.BadRequestError, match=r"\$\.output_config\.effort"):
+            c.messages.create(
+                model="sonnet",
+                max_tokens=50,
+                messages=msgs,
+                extra_body={"output_config": {"effort": 5}},
+            )
+        assert len(claude.requests) == sent
 
 
 def test_an_output_format_stella_cannot_honour_is_refused_by_its_path(

@@ -256,16 +256,16 @@ def test_what_stella_cannot_honour_is_a_400(
 
 
 @pytest.mark.parametrize(
-    ("fmt", "param"),
+    ("fmt", "param", "said"),
     [
-        ({"type": "xml"}, "response_format.type"),
-        ({"type": "JSON"}, "response_format.type"),
-        ({}, "response_format.type"),
-        ({"type": "json_schema"}, "response_format.json_schema"),
+        ({"type": "xml"}, "response_format.type", "'xml' is not text"),
+        ({"type": "JSON"}, "response_format.type", "'JSON' is not text"),
+        ({}, "response_format.type", "required"),
+        ({"type": "json_schema"}, "response_format.json_schema", "required for json_schema"),
     ],
 )
 def test_a_response_format_of_a_type_no_api_knows_is_a_400(
-    server: LiveServer, fmt: dict[str, object], param: str
+    server: LiveServer, fmt: dict[str, object], param: str, said: str
 ) -> None:
     # OpenAI refuses it: passed on, an upstream would refuse it, or echo answer in prose.
     msgs = [{"role": "user", "content": "x"}]
@@ -277,7 +277,7 @@ def test_a_response_format_of_a_type_no_api_knows_is_a_400(
         )
         assert r.status_code == 400, r.text
         error = r.json()["error"]
-        assert error["message"].startswith(f"$.{param}: ")
+        assert error["message"].startswith(f"$.{param}: {said}"), error
         if path.startswith("/v1/"):
             assert error["param"] == param and error["type"] == "invalid_request_error"
     for fmt in ({"type": "text"}, {"type": "json_object"}):

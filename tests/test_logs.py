@@ -106,9 +106,13 @@ def test_audit_file_content_and_no_secrets(tmp_path: Path) -> None:
 
 def test_content_logs_the_tool_calls_of_the_history_and_of_the_answer(tmp_path: Path) -> None:
     audit = tmp_path / "log.jsonl"
-    config = {"log": {"audit_path": str(audit), "content": True}}
+    # A key known by its digest: the sink cannot mask it, the event's own masking must.
+    config = {
+        "log": {"audit_path": str(audit), "content": True},
+        "auth": {"keys": {"ops": {"sha256": hashlib.sha256(KEY.encode()).hexdigest()}}},
+    }
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
-    with run_stella(config, {"STELLA_API_KEYS": f"ops={KEY}"}) as server:
+    with run_stella(config) as server:
         headers = {"Authorization": f"Bearer {KEY}"}
         for stream in (False, True):
             r = httpx.post(
@@ -132,10 +136,16 @@ def test_content_logs_the_tool_calls_of_the_history_and_of_the_answer(tmp_path: 
                         "id": "call_7",
                         "type": "function",
                         "function": {"name": "lookup", "arguments": '{"city": "Paris"}'},
-                    }
+                    },
+                    {  # not JSON: logged as the model wrote it
+                        "id": "call_8",
+                        "type": "function",
+                        "function": {"name": "lookup", "arguments": "city=Oslo"},
+                    },
                 ],
             },
             {"role": "tool", "tool_call_id": "call_7", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "call_8", "content": "cold"},
         ]
         r = httpx.post(
             server.url + "/v1/chat/completions",
@@ -144,10 +154,34 @@ def test_content_logs_the_tool_calls_of_the_history_and_of_the_answer(tmp_path: 
         )
         assert r.status_code == 200
         server.wait_event(lambda e: e["prompt"][-1]["role"] == "tool")
+        # A failed call's result (the Anthropic dialect's is_error) is logged as one.
+        use = {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}
+        failed = {
+            "type": "tool_result",
+            "tool_use_id": "toolu_1",
+            "content": "no",
+            "is_error": True,
+        }
+        r = httpx.post(
+            server.url + "/v1/messages",
+            headers=headers,
+            json={
+                "model": "echo",
+                "max_tokens": 20,
+                "tools": [{"name": "lookup", "input_schema": {"type": "object"}}],
+                "messages": [
+                    {"role": "user", "content": "find Oslo"},
+                    {"role": "assistant", "content": [use]},
+                    {"role": "user", "content": [failed]},
+                ],
+            },
+        )
+        assert r.status_code == 200, r.text
+        server.wait_event(lambda e: e["api"] == "anthropic")
         server.stop()
         captured = "\n".join(server.lines())
     rows = [json.loads(line) for line in audit.read_text().splitlines()]
-    assert [r["stream"] for r in rows] == [False, True, False]
+    assert [r["stream"] for r in rows] == [False, True, False, False]
     for row in rows[:2]:
         # The answer is the call, not an empty completion; its arguments are the model's.
         assert row["finish_reason"] == "tool_calls" and row["completion"] == ""
@@ -159,11 +193,21 @@ def test_content_logs_the_tool_calls_of_the_history_and_of_the_answer(tmp_path: 
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [{"id": "call_7", "name": "lookup", "arguments": '{"city":"Paris"}'}],
+            "tool_calls": [
+                {"id": "call_7", "name": "lookup", "arguments": '{"city":"Paris"}'},
+                {"id": "call_8", "name": "lookup", "arguments": "city=Oslo"},
+            ],
         },
         {"role": "tool", "content": "sunny", "tool_call_id": "call_7"},
+        {"role": "tool", "content": "cold", "tool_call_id": "call_8"},
     ]
     assert "tool_calls" not in rows[2]  # the answer has none: no empty field
+    assert rows[3]["prompt"][-1] == {
+        "role": "tool",
+        "content": "no",
+        "tool_call_id": "toolu_1",
+        "is_error": True,
+    }
     assert KEY not in captured + audit.read_text()
 
 
@@ -258,15 +302,20 @@ def test_an_event_that_cannot_be_rendered_whole_still_leaves_its_audit_line(
     sink = logs.LogSink(stream=out, audit_path=str(audit))
     sink.emit("inference", {"request_id": "r1", "metadata": {"x": Unprintable()}, "status": 200})
     sink.emit("inference", {"request_id": "r2", "metadata": deep, "status": 200})
+    # A model's tool calls are free form too: left out with the rest.
+    calls = [{"id": "c1", "name": "f", "arguments": Unprintable()}]
+    sink.emit("inference", {"request_id": "r3", "tool_calls": calls, "status": 200})
     sink.close()
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [r["request_id"] for r in rows] == ["r1", "r2"]
+    assert [r["request_id"] for r in rows] == ["r1", "r2", "r3"]
     assert all(r["status"] == 200 and "metadata" not in r for r in rows)
+    assert "tool_calls" not in rows[2] and rows[2]["log_error"] == "not rendered whole: ValueError"
     assert rows[0]["log_error"] == "not rendered whole: ValueError"
     assert rows[1]["log_error"] == "not rendered whole: RecursionError"
     assert [json.loads(line)["request_id"] for line in audit.read_text().splitlines()] == [
         "r1",
         "r2",
+        "r3",
     ]
 
 
@@ -619,6 +668,25 @@ def test_a_named_key_the_client_echoes_is_masked_in_its_line(tmp_path: Path) -> 
         "otp",
         "totp",
         "otp_code",
+        "hotp",
+        "jwts",
+        "passwds",
+        "passphrases",
+        "passkeys",
+        "passwords_by_host",
+        "apikeys_by_env",
+        "clientsecrets",
+        "dbpasswords",
+        "xapikeys",
+        "webhook_signatures",
+        "id_tokens",
+        "oauth_tokens",
+        "csrf_tokens",
+        "xsrf_tokens",
+        "github_tokens",
+        "bot_tokens",
+        "device_tokens",
+        "personal_tokens",
     ],
 )
 def test_field_names_that_hold_credentials_are_masked(name: str) -> None:
@@ -703,6 +771,14 @@ def test_a_urls_credentials_in_text_are_masked() -> None:
         "pip": "pip install git+https://github.com/org/repo@v1.2",
         "comma": "see https://example.com/docs,mail_me_at_bob@corp.com",
         "port": "https://example.com:8080/a@b",
+        "at": "postgres://u:p@PW10@h/db",  # a password with an @: up to the last one goes
+        "encoded": "https://h/x?api%5Fkey=PW11&q=1",  # the name percent-encoded
+        "semicolon": "https://h/x?a=1;token=PW12",
+        "fragment": "https://app/cb#access_token=PW13&state=1",  # OAuth's implicit flow
+        # A URL ends at a quote and at white space (a line break), an address after it
+        # is no URL's user info.
+        "listed": "['https://h/a','bob@x.com']",
+        "next": "https://h/status\nbob@x.com wrote",
     }
     out = io.BytesIO()
     sink = logs.LogSink(stream=out)
@@ -725,11 +801,23 @@ def test_a_urls_credentials_in_text_are_masked() -> None:
         "pip": texts["pip"],
         "comma": texts["comma"],
         "port": texts["port"],
+        "at": "postgres://***@h/db",
+        "encoded": "https://h/x?api%5Fkey=***&q=1",
+        "semicolon": "https://h/x?a=1;token=***",
+        "fragment": "https://app/cb#access_token=***&state=1",
+        "listed": "['https://h/a','bob@x.com']",
+        "next": "https://h/status\nbob@x.com wrote",
     }
     assert event["metadata"] == expected
     assert event["completion"] == expected["dsn"]
     # An upstream's error text that reaches a client is masked the same way.
     assert {k: logs.mask(v) for k, v in texts.items()} == expected
+    # A line with a URL and no other sign of one (no @) is looked at all the same.
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out)
+    sink.put({"event": "x", "msg": texts["hook"]})
+    sink.close()
+    assert json.loads(out.getvalue())["msg"] == expected["hook"]
 
 
 def test_an_authorization_header_in_text_is_masked_whatever_its_scheme() -> None:
@@ -874,6 +962,20 @@ def test_a_credential_after_white_space_is_masked_in_lines_as_in_text(text: str)
     for line in out.getvalue().splitlines():
         event = json.loads(line)
         assert (event["metadata"]["n"] if "metadata" in event else event["msg"]) == masked
+
+
+@pytest.mark.parametrize(
+    "text", ["forbearer TOK123", "unbasic dXNlcjpUT0sxMjM=", "xauthorization: TOK123"]
+)
+def test_a_scheme_word_inside_another_word_is_kept_in_lines_as_in_text(text: str) -> None:
+    # A line's patterns look for the start of the word as `\b` does in mask(): the end
+    # of another word is no scheme.
+    assert logs.mask(text) == text
+    out = io.BytesIO()
+    sink = logs.LogSink(stream=out)
+    sink.put({"event": "x", "msg": text})
+    sink.close()
+    assert json.loads(out.getvalue())["msg"] == text
 
 
 def test_a_configured_authorization_header_is_masked_without_its_scheme() -> None:

@@ -434,6 +434,25 @@ def _validate(spec: dict, method: str, template: str, r: httpx.Response) -> list
     return items
 
 
+def _undeclared(schema: dict, item: object, components: dict, at: str = "$") -> list[str]:
+    """The paths of the keys of `item` its schema does not name among an object's
+    properties: sent, yet missing from the document (which allows more keys, so
+    validation alone lets a field the route always sends go undeclared)."""
+    while "$ref" in schema:
+        schema = components["schemas"][schema["$ref"].rpartition("/")[2]]
+    out = []
+    if isinstance(item, dict) and "properties" in schema:
+        for key, value in item.items():
+            if key not in schema["properties"]:
+                out.append(f"{at}.{key}")
+            else:
+                out += _undeclared(schema["properties"][key], value, components, f"{at}.{key}")
+    elif isinstance(item, list) and isinstance(schema.get("items"), dict):
+        for i, value in enumerate(item):
+            out += _undeclared(schema["items"], value, components, f"{at}[{i}]")
+    return out
+
+
 def test_answers_match_the_openapi_document() -> None:
     """Each answer of stella's own routes is declared by /openapi.json for its status, with
     a body its schema accepts, and carries the headers declared as always sent."""
@@ -669,6 +688,12 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
             assert r.status_code == status, (method, path or template, r.status_code, r.text)
             assert media in r.headers["content-type"], (method, template, r.headers)
             items = _validate(spec, method, template, r)
+            if "json" in r.headers["content-type"]:  # each field sent is declared
+                declared = spec["paths"][template][method]["responses"][str(r.status_code)]
+                schema = declared["content"][r.headers["content-type"].split(";")[0]]["schema"]
+                for item in items:
+                    left = _undeclared(schema, item, spec["components"])
+                    assert not left, (method, template, r.status_code, left)
             if template in ("/v1/chat/completions", "/api/chat", "/v1/responses") and (
                 "echo-fail" in str(body)
             ):

@@ -1304,6 +1304,7 @@ async def test_a_follower_that_fails_logs_a_traceback_only_for_a_bug(
     from structlog.testing import capture_logs
 
     from stella import app as stella_app
+    from stella.errors import Conflict
     from stella.settings import load_settings
 
     monkeypatch.setattr(stella_app, "ROUTING_POLL_S", 0.05)
@@ -1312,7 +1313,8 @@ async def test_a_follower_that_fails_logs_a_traceback_only_for_a_bug(
     )
     application = stella_app.create_app(settings)
     svc = application.services  # type: ignore[attr-defined]
-    failures = [KeyError("a bug"), OSError("connection reset")]
+    # A bug, the store away, a change refused (a StellaError: expected, as the store's).
+    failures = [KeyError("a bug"), OSError("connection reset"), Conflict("route r changed")]
 
     async def routing() -> Any:
         if failures:
@@ -1328,10 +1330,11 @@ async def test_a_follower_that_fails_logs_a_traceback_only_for_a_bug(
                     break
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.1)
-    bug, expected = [e for e in logged if e["event"] == "routing_sync_failed"][:2]
+    bug, away, refused = [e for e in logged if e["event"] == "routing_sync_failed"][:3]
     assert bug["log_level"] == "error" and isinstance(bug["exc_info"], KeyError)
-    assert expected["log_level"] == "warning" and "exc_info" not in expected
-    assert "connection reset" in expected["error"]
+    for expected, said in ((away, "connection reset"), (refused, "route r changed")):
+        assert expected["log_level"] == "warning" and "exc_info" not in expected, expected
+        assert said in expected["error"]
 
 
 async def test_a_burst_of_checks_is_load_not_an_outage(redis: Redis) -> None:

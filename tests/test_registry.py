@@ -106,19 +106,23 @@ def test_a_backend_s_failure_is_logged_with_its_message_only_with_content(
         "models": {"routes": {"q": {"backend": "q"}}},
     }
     with run_stella(config, env) as server:
-        r = httpx.post(
-            server.url + "/api/v1/chat",
-            json={
-                "model": "q",
-                "stream": False,
-                "messages": [{"role": "user", "content": "private plan"}],
-            },
-        )
-        assert r.status_code == 502
-        server.wait_event(lambda e: e["model"] == "q")
+        # Before its first token, and after it (a backend failing mid-answer).
+        for prompt in ("private plan", "late private plan"):
+            r = httpx.post(
+                server.url + "/api/v1/chat",
+                json={
+                    "model": "q",
+                    "stream": False,
+                    "messages": [{"role": "user", "content": prompt}],
+                },
+            )
+            assert r.status_code == 502
+            rid = r.headers["x-request-id"]
+            server.wait_event(lambda e, rid=rid: e["request_id"] == rid)
         failures = server.events("backend_failed")  # one an attempt (retries)
         logged = "\n".join(server.lines())
-    assert failures
+    # Both sites logged: the first event awaited (_first), and one mid-answer.
+    assert {", in _first\n" in f["exception"] for f in failures} == {True, False}
     for failed in failures:
         trace = failed["exception"]
         assert "Traceback (most recent call last)" in trace and "in chat" in trace
@@ -126,15 +130,53 @@ def test_a_backend_s_failure_is_logged_with_its_message_only_with_content(
     assert ("private plan" in logged) is content
 
 
+class PlanError(Exception):
+    """An exception of a module's own: named with its module in a traceback."""
+
+
+def test_a_traceback_without_messages_keeps_the_chain_and_each_type() -> None:
+    # What led to the failure is told as Python tells it, each exception's message left
+    # out; a context suppressed (`from None`) is left out as Python leaves it out.
+    from stella.core import _traceback_only
+
+    secret = "private plan"  # a variable: the source lines shown do not hold it
+    try:
+        try:
+            {}[secret]
+        except KeyError as exc:
+            raise PlanError(secret) from exc
+    except PlanError as exc:
+        caused = exc
+    try:
+        try:
+            raise ValueError(secret)
+        except ValueError:
+            raise PlanError(secret) from None
+    except PlanError as exc:
+        suppressed = exc
+    text = _traceback_only(caused)
+    assert "private" not in text
+    key = text.index("\nKeyError (message not logged)")
+    led = text.index("which led to")
+    assert key < led < text.index(f"\n{__name__}.PlanError (message not logged)")
+    assert text.startswith("Traceback (most recent call last):\n") and "in test_a" in text
+    text = _traceback_only(suppressed)
+    assert "ValueError" not in text and "which led to" not in text and "private" not in text
+
+
 QUOTING_PLUGIN = """
 from stella.backends import Backend
+from stella.protocol import Delta
 
 
 class QuotingBackend(Backend):
     kind = "quoting"
 
     async def chat(self, request, ctx):
-        {}[request.messages[-1].content]
+        text = request.messages[-1].content
+        if text.startswith("late "):
+            yield Delta(text="a")
+        {}[text]
         yield
 """
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import signal
 import socket
 import time
+import weakref
 from typing import Any
 
 import httpx
@@ -501,6 +503,13 @@ async def test_the_cut_ends_each_call_once_and_leaves_no_timer_to_cut_again() ->
     drain.cut()
     assert await asyncio.wait_for(task, 2) == "ended once"
     assert ended == ["timer", "twice"]
+    # The timer itself is gone, not merely made harmless by `over`: one still scheduled
+    # would keep the drain, and the calls it held, alive for its whole timeout.
+    cut = weakref.ref(drain)
+    drain = Drain(timeout_s=30)  # the cut one let go
+    del task
+    gc.collect()
+    assert cut() is None, "cut() left the drain's timer scheduled"
 
 
 class AsgiClient:

@@ -265,8 +265,9 @@ def _run(args: argparse.Namespace) -> int:
         rows = compare_dialects(_levels(args), args.duration, rounds=args.rounds)
         return _show(args, rows, dialect_table)
     if args.what == "upstream":
-        # As serve refuses server.port: uvicorn took 99999 and failed later, after this
-        # line had announced it (and 0 listens on a port the line does not name).
+        # As serve refuses server.port: uvicorn took 99999 and listened on 34463 (99999
+        # mod 65536), after this line had announced 99999 (and 0 listens on a port the
+        # line does not name).
         if not 0 < args.port < 65536:
             print(f"stella: --port: {args.port} is not a TCP port (1-65535)", file=sys.stderr)
             return 2
