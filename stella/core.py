@@ -56,7 +56,7 @@ from stella.protocol import (
     arguments_text,
 )
 from stella.routing import Route, Router
-from stella.watchdog import Watchdog, backoff, close_quietly
+from stella.watchdog import Watchdog, backoff, close_quietly, error_text
 
 if TYPE_CHECKING:  # streaming imports this module
     from stella.streaming import Drain
@@ -528,7 +528,7 @@ class Inference:
                                     _log.warning(
                                         "backend_cleanup_failed",
                                         backend=route.backend_name,
-                                        error=repr(exc),
+                                        error=error_text(exc, self.pipeline.log_content),
                                     )
                                 return self._done(event)
                             else:
@@ -548,7 +548,7 @@ class Inference:
                                     # stella's own fault (a dialect's encoder, say), not the
                                     # backend's: no retry, no verdict on its circuit, and the
                                     # attempt, which the backend served, is no failure.
-                                    return self.fail(_stella_failed(exc))
+                                    return self.fail(_stella_failed(exc, self.pipeline.log_content))
                                 finally:
                                     watchdog.writing = False
                             watchdog.waiting = True
@@ -625,7 +625,7 @@ class Inference:
                         if probe:
                             breaker.release()
                         if getattr(agen, "ag_frame", True) is not None:  # not finished yet
-                            await close_quietly(agen)
+                            await close_quietly(agen, self.pipeline.log_content)
             err = last or Unavailable("no backend could take this request")
             wait = soonest - time.perf_counter()  # inf when none is known
             own = err.retry_after
@@ -800,7 +800,7 @@ class Inference:
             return agen, ctx, first
         finally:
             watchdog.waiting = False
-        await close_quietly(agen)
+        await close_quietly(agen, self.pipeline.log_content)
         now = time.perf_counter()
         record["ms"] = _ms(now - t)
         record["error"] = err.code
@@ -1115,9 +1115,14 @@ def error_event(exc: StellaError) -> Error:
     )
 
 
-def _stella_failed(exc: Exception) -> StellaError:
-    """Log a bug of stella's own past the backend; the 500 `internal_error` it ends in."""
-    _log.error("stream_failed", exc_info=exc)
+def _stella_failed(exc: Exception, content: bool) -> StellaError:
+    """Log a bug of stella's own past the backend; the 500 `internal_error` it ends in.
+    Without `content` (log.content) its traceback is logged without the messages (one
+    may quote the event it failed to write)."""
+    if content:
+        _log.error("stream_failed", exc_info=exc)
+    else:
+        _log.error("stream_failed", exception=_traceback_only(exc))
     return StellaError("internal error; see the server log")
 
 

@@ -24,8 +24,10 @@ def backoff(base: float, cap: float, attempt: int, last: StellaError | None) -> 
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
-async def close_quietly(agen: Any) -> None:
-    """Close a backend generator (its cleanup closes upstream requests, stops workers)."""
+async def close_quietly(agen: Any, content: bool = False) -> None:
+    """Close a backend generator (its cleanup closes upstream requests, stops workers);
+    a failing cleanup is logged, its exception's message only with `content`
+    (log.content: a backend's message may quote what it was sent)."""
     if getattr(agen, "ag_frame", True) is None:
         return  # already finished: nothing to clean up
     aclose = getattr(agen, "aclose", None)
@@ -37,8 +39,14 @@ async def close_quietly(agen: Any) -> None:
         _log.warning(
             "backend_cleanup_failed",
             generator=getattr(agen, "__qualname__", type(agen).__name__),
-            error=repr(exc),
+            error=error_text(exc, content),
         )
+
+
+def error_text(exc: BaseException, content: bool) -> str:
+    """How a log line names an exception: its repr with `content` (log.content), else
+    its type alone (its message is a backend's own text, which may quote a prompt)."""
+    return repr(exc) if content else f"{type(exc).__name__} (message not logged)"
 
 
 # How often the shared ticker checks deadlines: time limits fire at most this late.
