@@ -1069,13 +1069,18 @@ def _logged_message(m: Message) -> dict[str, Any]:
     return logged
 
 
-def _backend_failed(backend: str, exc: Exception, content: bool) -> UpstreamError:
-    """Log an unexpected exception from a backend (or past it); the error it ends in.
-    Without `content` (log.content) its traceback is logged without the messages."""
+def log_fault(event: str, exc: BaseException, content: bool, **fields: Any) -> None:
+    """Log an unexpected exception as `event` with its traceback; without `content`
+    (log.content) each exception's message is left out (see _traceback_only)."""
     if content:
-        _log.error("backend_failed", backend=backend, exc_info=exc)
+        _log.error(event, exc_info=exc, **fields)
     else:
-        _log.error("backend_failed", backend=backend, exception=_traceback_only(exc))
+        _log.error(event, exception=_traceback_only(exc), **fields)
+
+
+def _backend_failed(backend: str, exc: Exception, content: bool) -> UpstreamError:
+    """Log an unexpected exception from a backend (or past it); the error it ends in."""
+    log_fault("backend_failed", exc, content, backend=backend)
     return UpstreamError(f"backend {backend!r} failed: {type(exc).__name__}")
 
 
@@ -1116,13 +1121,9 @@ def error_event(exc: StellaError) -> Error:
 
 
 def _stella_failed(exc: Exception, content: bool) -> StellaError:
-    """Log a bug of stella's own past the backend; the 500 `internal_error` it ends in.
-    Without `content` (log.content) its traceback is logged without the messages (one
-    may quote the event it failed to write)."""
-    if content:
-        _log.error("stream_failed", exc_info=exc)
-    else:
-        _log.error("stream_failed", exception=_traceback_only(exc))
+    """Log a bug of stella's own past the backend (its message may quote the event it
+    failed to write); the 500 `internal_error` it ends in."""
+    log_fault("stream_failed", exc, content)
     return StellaError("internal error; see the server log")
 
 
