@@ -23,7 +23,7 @@ import anyio
 import msgspec
 import structlog
 
-from stella.core import Inference, SinkClosed, error_event
+from stella.core import Inference, SinkClosed, error_event, log_fault
 from stella.errors import ShuttingDown, StellaError
 from stella.protocol import Error, Start
 from stella.watchdog import ticker
@@ -302,7 +302,13 @@ class EventStream:
             call.cancel_reason = call.cancel_reason or "client_closed"
         except Exception as exc:
             # A bug after the first byte: the stream still gets its one terminal line.
-            _log.error("stream_failed", request_id=call.request_id, exc_info=exc)
+            # Its message may quote what was being written: only with log.content.
+            log_fault(
+                "stream_failed",
+                exc,
+                inference.pipeline.log_content,
+                request_id=call.request_id,
+            )
             if self._open:
                 err = StellaError("internal error; see the server log")
                 await self._end(scope, receive, send, err)

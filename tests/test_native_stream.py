@@ -259,6 +259,44 @@ async def test_a_fault_in_the_dialect_s_encoder_is_stella_s_not_the_backend_s(
             assert [e["type"] for e in ndjson(r.text)] == ["start", "delta", "delta", "done"]
 
 
+async def test_a_fault_writing_the_last_line_ends_the_stream_and_keeps_its_message_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Writing the `done` line fails in stella itself (past the pipeline): the stream
+    # still gets one terminal line, and without log.content the log has the fault's
+    # traceback but not its message, which may quote what was being written.
+    from structlog.testing import capture_logs
+
+    from stella.api import native
+    from stella.app import create_app
+    from stella.protocol import Done
+    from stella.settings import load_settings
+
+    encode = native.NDJSON.encode
+
+    def broken(event: object) -> bytes:
+        if type(event) is Done:
+            raise ValueError("SECRET-PROMPT-WORD")
+        return encode(event)
+
+    overrides = {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}
+    app = create_app(load_settings(overrides, environ={}))
+    body = {"messages": [{"role": "user", "content": "hi there"}]}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            monkeypatch.setattr(native.NDJSON, "encode", broken)
+            with capture_logs() as logged:
+                r = await c.post("/api/v1/chat", json=body)
+            monkeypatch.undo()
+    lines = ndjson(r.text)
+    assert [e["type"] for e in lines] == ["start", "delta", "delta", "error"]
+    assert lines[-1]["code"] == "internal_error"
+    [fault] = [e for e in logged if e["event"] == "stream_failed"]
+    assert "ValueError (message not logged)" in fault["exception"]
+    assert "ValueError: SECRET-PROMPT-WORD" not in repr(fault) and "exc_info" not in fault
+
+
 def test_stall_after_start_times_out_in_band(stella: LiveServer) -> None:
     t = time.monotonic()
     lines = ndjson(chat(stella, "echo-stall", "one two three four").text)
