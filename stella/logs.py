@@ -232,12 +232,9 @@ def _is_basic(token: bytes) -> bool:
 # encoded line).
 _URL_TEXT = re.compile(r"://([^\s\"'`\\<>]+)")
 _URL_BYTES = re.compile(rb"://([^\s\"'`\\<>]+)")
-_AFTER_AUTHORITY_TEXT = re.compile(r"[/?#]")
-_AFTER_AUTHORITY_BYTES = re.compile(rb"[/?#]")
-_CUT_PASSWORD_TEXT = re.compile(r":(?![0-9]*$)")
-_CUT_PASSWORD_BYTES = re.compile(rb":(?![0-9]*$)")
-_URL_PARAM_TEXT = re.compile(r"([?&#;])([^=&#?;]*)=([^&#?;]+)")
-_URL_PARAM_BYTES = re.compile(rb"([?&#;])([^=&#?;]*)=([^&#?;]+)")
+_AFTER_AUTHORITY = re.compile(r"[/?#]")
+_CUT_PASSWORD = re.compile(r":(?![0-9]*$)")
+_URL_PARAM = re.compile(r"([?&#;])([^=&#?;]*)=([^&#?;]+)")
 URL_SECRET_PARAMS = frozenset({"key", "sig"})
 
 
@@ -247,39 +244,31 @@ def _is_url_secret(name: str) -> bool:
     return is_secret_field(name) or name.lower() in URL_SECRET_PARAMS
 
 
-def _url_text(m: re.Match[str]) -> str:
-    rest = m[1]
+def _masked_url(rest: str) -> str:
+    """A URL after its `://` with its user info and secret parameters masked."""
     if "@" in rest:
-        cut = _AFTER_AUTHORITY_TEXT.search(rest)
+        cut = _AFTER_AUTHORITY.search(rest)
         end = cut.start() if cut else len(rest)
         if "@" in rest[:end]:
             rest = "***@" + rest[:end].rpartition("@")[2] + rest[end:]
-        elif _CUT_PASSWORD_TEXT.search(rest[:end]):
+        elif _CUT_PASSWORD.search(rest[:end]):
             rest = "***@" + rest.rpartition("@")[2]
     if "=" in rest:
-        rest = _URL_PARAM_TEXT.sub(
+        rest = _URL_PARAM.sub(
             lambda p: p[1] + p[2] + "=***" if _is_url_secret(p[2]) else p[0], rest
         )
-    return "://" + rest
+    return rest
+
+
+def _url_text(m: re.Match[str]) -> str:
+    return "://" + _masked_url(m[1])
 
 
 def _url_bytes(m: re.Match[bytes]) -> bytes:
-    rest = m[1]
-    if b"@" in rest:
-        cut = _AFTER_AUTHORITY_BYTES.search(rest)
-        end = cut.start() if cut else len(rest)
-        if b"@" in rest[:end]:
-            rest = b"***@" + rest[:end].rpartition(b"@")[2] + rest[end:]
-        elif _CUT_PASSWORD_BYTES.search(rest[:end]):
-            rest = b"***@" + rest.rpartition(b"@")[2]
-    if b"=" in rest:
-        rest = _URL_PARAM_BYTES.sub(
-            lambda p: (
-                p[1] + p[2] + b"=***" if _is_url_secret(p[2].decode(errors="replace")) else p[0]
-            ),
-            rest,
-        )
-    return b"://" + rest
+    # An encoded line's URL as text (a line is UTF-8; surrogateescape keeps any byte as
+    # it was): one rule for both.
+    rest = m[1].decode(errors="surrogateescape")
+    return b"://" + _masked_url(rest).encode(errors="surrogateescape")
 
 
 def _mask_schemes(line: bytes, lower: bytes) -> bytes:
