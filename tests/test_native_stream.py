@@ -545,3 +545,45 @@ def test_a_client_that_stops_reading_before_the_last_line_is_let_go() -> None:
         got = read_to_the_end(s)
         assert not got.endswith(b"0\r\n\r\n")  # dropped, not held until the client read
         assert not [line for line in server.lines() if "ERROR" in line]
+
+
+@pytest.mark.parametrize("content", [False, True])
+async def test_a_bug_in_a_route_is_a_500_whose_log_keeps_the_message_out(
+    monkeypatch: pytest.MonkeyPatch, content: bool
+) -> None:
+    # A route's own fault (past the pipeline, before the answer) is stella's 500 in the
+    # dialect's shape; its log line has the traceback, and the exception's message
+    # (it may quote the request) only with log.content.
+    from structlog.testing import capture_logs
+
+    from stella.api import native
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("SECRET-PROMPT-WORD")
+
+    overrides = {
+        "models": {"default": "echo"},
+        "backends": {"local": {"enabled": False}},
+        "log": {"content": content},
+    }
+    app = create_app(load_settings(overrides, environ={}))
+    body = {"messages": [{"role": "user", "content": "hi there"}], "stream": False}
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            monkeypatch.setattr(native, "JSONResponse", broken)
+            with capture_logs() as logged:
+                r = await c.post("/api/v1/chat", json=body)
+            monkeypatch.undo()
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "internal_error"
+    assert "SECRET" not in r.text
+    [fault] = [e for e in logged if e["event"] == "request_failed"]
+    assert fault["path"] == "/api/v1/chat"
+    if content:
+        assert isinstance(fault["exc_info"], ValueError)
+    else:
+        assert "ValueError (message not logged)" in fault["exception"]
+        assert "ValueError: SECRET-PROMPT-WORD" not in repr(fault) and "exc_info" not in fault

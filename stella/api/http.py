@@ -16,7 +16,7 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 
-from stella.core import Call, Inference, watch_leaving
+from stella.core import Call, Inference, log_fault, watch_leaving
 from stella.errors import (
     ClientGone,
     Forbidden,
@@ -191,7 +191,8 @@ class Endpoint:
                 # limit too): the connection ends, lingering (bounded).
                 response.raw_headers.append(CLOSE)
         except Exception as exc:  # a bug: log it, answer in the dialect's shape
-            _log.error("request_failed", path=scope["path"], exc_info=exc)
+            # Its message may quote the request: only with log.content (see log_fault).
+            log_fault("request_failed", exc, svc.settings.log.content, path=scope["path"])
             response = dialect.error_response(
                 StellaError("internal error; see the server log"), rid
             )
