@@ -1074,7 +1074,7 @@ async def test_the_prompt_caches_stay_within_their_byte_budget() -> None:
 
 
 def test_the_stop_buffer_holds_partial_stops_and_names_the_one_hit() -> None:
-    from stella.backends.mlx.stops import StopBuffer
+    from stella.backends.stops import StopBuffer
 
     buf = StopBuffer(["END", "zz"])
     assert buf.feed("hello E") == ("hello ", False)  # "E" may start "END": held back

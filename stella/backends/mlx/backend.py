@@ -28,9 +28,9 @@ from stella.backends.mlx.source import (
     resolve,
     source_problem,
 )
-from stella.backends.mlx.stops import StopBuffer
 from stella.backends.mlx.toolcalls import ToolCallBuffer
 from stella.backends.mlx.worker import GenerationJob, MlxWorker
+from stella.backends.stops import StopBuffer
 from stella.errors import InvalidRequest, Overloaded, StellaError, UpstreamError
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage
 

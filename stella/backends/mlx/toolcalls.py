@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from stella.backends.mlx.stops import partial_start
+from stella.backends.stops import partial_start
 
 Parser = Callable[[str, Any], Any]
 Call = tuple[str, dict[str, Any]]  # (name, arguments)
