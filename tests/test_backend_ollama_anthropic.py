@@ -30,7 +30,7 @@ from stella.protocol import (
     Usage,
 )
 from tests.fakes.anthropic import DELTA_COUNTS, KEY, FakeAnthropic
-from tests.fakes.ollama import CONTEXT, FakeOllama
+from tests.fakes.ollama import CALL_IDS, CONTEXT, FakeOllama
 from tests.fakes.server import full_backlog, serve
 from tests.live import ndjson, run_stella
 
@@ -86,13 +86,42 @@ async def test_ollama_tools_and_models(ollama_url: tuple[FakeOllama, str]) -> No
         ollama(ollama_url[1]), "tools", tools=[Tool(function=FunctionSpec(name="get_weather"))]
     )
     assert events[0] == ToolCall(
-        index=0, id="call_0", name="get_weather", arguments={"city": "Toronto"}
+        index=0, id=CALL_IDS["Toronto"], name="get_weather", arguments={"city": "Toronto"}
     )
     assert events[-1].finish_reason == "tool_calls"
     b = ollama(ollama_url[1])
     await b.start()
     assert await b.models() == ["llama3:latest"] and (await b.health()).ok
     await b.aclose()
+
+
+async def test_ollama_call_ids_are_ollama_s_or_unique_ones(
+    ollama_url: tuple[FakeOllama, str],
+) -> None:
+    # Numbered per answer (call_0, call_1), two turns' calls had one id: Anthropic's API
+    # refuses such a history. Ollama's own ids are kept; without them (older versions)
+    # each call gets a fresh one in OpenAI's form.
+    tools = [Tool(function=FunctionSpec(name="get_weather"))]
+    events = await run(ollama(ollama_url[1]), "two-tools", tools=tools)
+    assert [e.id for e in events if isinstance(e, ToolCall)] == list(CALL_IDS.values())
+    ids = []
+    for _ in range(2):
+        events = await run(ollama(ollama_url[1]), "old-tools", tools=tools)
+        ids += [e.id for e in events if isinstance(e, ToolCall)]
+    assert len(ids) == 2 and ids[0] != ids[1]
+    assert all(re.fullmatch(r"call_[0-9a-f]{24}", i) for i in ids)
+
+
+async def test_ollama_call_with_null_arguments_is_a_call_without_any(
+    ollama_url: tuple[FakeOllama, str],
+) -> None:
+    # Go encodes a call's nil map of arguments as null: not a malformed line.
+    events = await run(
+        ollama(ollama_url[1]), "null-args", tools=[Tool(function=FunctionSpec(name="get_time"))]
+    )
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert [(c.name, c.arguments) for c in calls] == [("get_time", {})]
+    assert events[-1].finish_reason == "tool_calls"
 
 
 async def test_ollama_context_length_is_the_running_models_window(

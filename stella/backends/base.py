@@ -11,6 +11,7 @@ tell a worker to stop.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -80,6 +81,13 @@ def first_stop(text: str, stops: Iterable[str]) -> tuple[int, str] | None:
     """Where the first of the stop strings in `text` begins, and which one; None if none."""
     hits = [(i, s) for s in stops if s and (i := text.find(s)) >= 0]
     return min(hits, key=lambda hit: hit[0]) if hits else None
+
+
+def new_call_id() -> str:
+    """A fresh tool-call id in OpenAI's form, `call_` and 24 hex digits."""
+    # Unique across answers, not numbered per answer: a conversation's history holds the
+    # calls of many turns, and Anthropic's API refuses one whose tool_use ids repeat.
+    return "call_" + secrets.token_hex(12)
 
 
 def linked_tool_calls(messages: list[Message]) -> list[Message]:

@@ -10,7 +10,14 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from stella.backends.base import BackendEvent, BackendHealth, CallContext, content_of, ended
+from stella.backends.base import (
+    BackendEvent,
+    BackendHealth,
+    CallContext,
+    content_of,
+    ended,
+    new_call_id,
+)
 from stella.backends.http import (
     BAD_JSON,
     HttpBackend,
@@ -32,11 +39,15 @@ class OllamaConfig(HttpConfig, kw_only=True):
 
 class _Fn(msgspec.Struct):
     name: str
-    arguments: dict[str, Any] = {}
+    # Go encodes a call without arguments (a nil map) as null.
+    arguments: dict[str, Any] | None = None
 
 
 class _Call(msgspec.Struct):
     function: _Fn
+    # Recent Ollama names each call (`call_` and 8 random letters or digits); older
+    # versions leave it out.
+    id: str = ""
 
 
 class _Msg(msgspec.Struct):
@@ -219,9 +230,9 @@ class OllamaBackend(HttpBackend):
                         for call in msg.tool_calls or ():
                             yield ToolCall(
                                 index=index,
-                                id=f"call_{index}",
+                                id=call.id or new_call_id(),
                                 name=call.function.name,
-                                arguments=call.function.arguments,
+                                arguments=call.function.arguments or {},
                             )
                             index += 1
                     if line.done:

@@ -2,7 +2,10 @@
 /api/version).
 
 The model name picks the behaviour: `llama3` (ok), `tools` (`two-tools`: two calls in
-one line, as Ollama sends parallel calls), `error-before` (HTTP 404
+one line, as Ollama sends parallel calls; each call with its `id`, as recent Ollama
+names them, CALL_IDS), `old-tools` (the call of `tools` without an id, as older
+versions send it), `null-args` (a call of `get_time` whose `arguments` are null, as Go
+encodes a call without arguments), `error-before` (HTTP 404
 {"error": ...}), `error-mid` (a final {"error": ...} line after two pieces), `error-first` (a 200 whose
 one line is {"error": ...}), `huge-error-first` and `huge-error-mid` (the same with
 HUGE_ERROR), `malformed`, `busy` (503 without Retry-After, as Ollama answers a full
@@ -26,6 +29,9 @@ CREATED = "2024-07-22T20:33:28.123648Z"
 HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
 # The window /api/ps says llama3 runs with (its num_ctx).
 CONTEXT = 8192
+# The ids of the calls of `tools` and `two-tools`, by city: Ollama's shape, `call_` and 8
+# random lowercase letters or digits.
+CALL_IDS = {"Toronto": "call_k3v9x2qa", "Oslo": "call_7md0e4wz"}
 
 
 class FakeOllama:
@@ -123,12 +129,17 @@ class FakeOllama:
         def line(obj: dict[str, Any]) -> bytes:
             return json.dumps(obj).encode() + b"\n"
 
-        if model in ("tools", "two-tools"):
+        if model in ("tools", "two-tools", "old-tools", "null-args"):
             cities = ["Toronto", "Oslo"] if model == "two-tools" else ["Toronto"]
-            calls = [
+            calls: list[dict[str, Any]] = [
                 {"function": {"name": "get_weather", "arguments": {"city": city}}}
                 for city in cities
             ]
+            if model in ("tools", "two-tools"):
+                for call, city in zip(calls, cities, strict=True):
+                    call["id"] = CALL_IDS[city]
+            if model == "null-args":
+                calls = [{"function": {"name": "get_time", "arguments": None}}]
             yield line(
                 {
                     "model": model,
