@@ -17,7 +17,14 @@ import msgspec
 import structlog
 from msgspec import Meta
 
-from stella.backends.base import Backend, BackendConfig, BackendEvent, BackendHealth, CallContext
+from stella.backends.base import (
+    Backend,
+    BackendConfig,
+    BackendEvent,
+    BackendHealth,
+    CallContext,
+    new_call_id,
+)
 from stella.backends.mlx.blas import BlasError, threads, use_blas, why_bundled
 from stella.backends.mlx.blas import check as blas_problem
 from stella.backends.mlx.engine import LoadedModel, dequantize, generate_into, load_model
@@ -463,7 +470,7 @@ class MlxBackend(Backend):
                         if held := stops.flush():
                             yield Delta(text=held)
                         yield ToolCall(
-                            index=n_calls, id=f"call_{n_calls}", name=piece[0], arguments=piece[1]
+                            index=n_calls, id=new_call_id(), name=piece[0], arguments=piece[1]
                         )
                         n_calls += 1
                 # Sent (or held back by a stop string): the worker may go on (see engine).
