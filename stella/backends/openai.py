@@ -16,6 +16,7 @@ from stella.backends.base import (
     content_of,
     ended,
     linked_tool_calls,
+    new_call_id,
 )
 from stella.backends.http import (
     BAD_JSON,
@@ -393,7 +394,7 @@ class _Calls:
         seen: set[str] = set()
         for index, (call_id, name, raw) in self.slots.items():
             args, kept = arguments_of(raw)
-            call_id = call_id or f"call_{index}"
+            call_id = call_id or new_call_id()  # unique across turns, not call_<index>
             if call_id in seen:
                 # An upstream that gave two calls one id: their results could not be told
                 # apart (and Anthropic's API refuses a history with a tool_use id twice).
