@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from stella.backends import CallContext
-from stella.backends.anthropic import AnthropicBackend, AnthropicConfig
+from stella.backends.anthropic import AnthropicBackend, AnthropicConfig, tool_use_id
 from stella.backends.ollama import CONTEXT_WAIT_S, OllamaBackend, OllamaConfig
 from stella.errors import StellaError, UpstreamStatus
 from stella.protocol import (
@@ -445,6 +445,99 @@ async def test_tool_call_ids_from_other_providers_reach_anthropic_as_ids_it_take
     await run(claude(url), "claude-ok", messages=_history(["a.b", "a:b"]), tools=tools)
     apart = [b["id"] for b in fake.requests[-1]["messages"][1]["content"]]
     assert len(set(apart)) == 2
+
+
+def _turns(*turns: list[str]) -> list[Message]:
+    """A conversation of tool turns: per turn, calls with these ids, then their results
+    (each result's content names its call's place: turn.call)."""
+    out = [Message(role="user", content="weather?")]
+    for t, ids in enumerate(turns):
+        calls = [
+            ToolCallRef(
+                id=i, function=FunctionCall(name="get_weather", arguments={"n": f"{t}.{k}"})
+            )
+            for k, i in enumerate(ids)
+        ]
+        out.append(Message(role="assistant", content="", tool_calls=calls))
+        out += [Message(role="tool", content=f"{t}.{k}", tool_call_id=i) for k, i in enumerate(ids)]
+    return out
+
+
+def _pairs(sent: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Each tool_result sent, as (its tool_use_id, what the use it names asked, its own
+    content), and the ids of the tool_use blocks all apart."""
+    uses = {
+        b["id"]: b["input"]["n"]
+        for m in sent
+        if isinstance(m["content"], list)
+        for b in m["content"]
+        if b["type"] == "tool_use"
+    }
+    count = sum(
+        b["type"] == "tool_use"
+        for m in sent
+        if isinstance(m["content"], list)
+        for b in m["content"]
+    )
+    assert len(uses) == count, sent  # no id twice
+    return [
+        (b["tool_use_id"], uses[b["tool_use_id"]], b["content"])
+        for m in sent
+        if isinstance(m["content"], list)
+        for b in m["content"]
+        if b["type"] == "tool_result"
+    ]
+
+
+async def test_repeated_tool_call_ids_reach_anthropic_apart(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # A backend that numbered each answer's calls from call_0 (stella's did) left a
+    # history whose turns share ids: the API refuses it (`tool_use` ids must be unique).
+    # A later use of an id is renamed, with the results that answer it.
+    fake, url = anthropic_url
+    tools = [Tool(function=FunctionSpec(name="get_weather"))]
+    for turns in (
+        (["call_0"], ["call_0"], ["call_0", "call_1"]),
+        (["call_0"], ["call_0"], ["call_0_2"]),  # a renamed id must not become another's
+        (["x", "x"], ["x"]),  # twice in one turn: its results answer them in order
+        (["functions.f:0"], ["functions.f:0"]),  # mapped to the API's pattern, then apart
+    ):
+        events = await run(claude(url), "claude-ok", messages=_turns(*turns), tools=tools)
+        assert isinstance(events[-1], Done), turns
+        sent = fake.requests[-1]["messages"]
+        pairs = _pairs(sent)
+        assert all(asked == answer for _, asked, answer in pairs), pairs
+        # The same each time the history is sent (a conversation sends it every turn).
+        await run(claude(url), "claude-ok", messages=_turns(*turns), tools=tools)
+        assert fake.requests[-1]["messages"] == sent
+    assert [p[0] for p in _pairs(sent)[:1]] == [tool_use_id("functions.f:0")]
+
+
+async def test_the_fake_refuses_a_tool_use_id_twice(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # As the API does (400 "`tool_use` ids must be unique"): what the test above rests on.
+    _, url = anthropic_url
+    use = {"type": "tool_use", "id": "call_0", "name": "f", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "call_0", "content": "ok"}
+    body = {
+        "model": "claude-ok",
+        "max_tokens": 10,
+        "messages": [
+            {"role": "user", "content": "go"},
+            *[
+                m
+                for _ in range(2)
+                for m in (
+                    {"role": "assistant", "content": [use]},
+                    {"role": "user", "content": [result]},
+                )
+            ],
+        ],
+    }
+    r = httpx.post(url + "/v1/messages", json=body, headers={"x-api-key": KEY})
+    assert r.status_code == 400 and "`tool_use` ids must be unique" in r.text
 
 
 async def test_ollama_thinking_counts_as_progress(ollama_url: tuple[FakeOllama, str]) -> None:

@@ -31,6 +31,7 @@ from stella.protocol import (
     Delta,
     Done,
     FinishReason,
+    Message,
     ToolCall,
     Usage,
     arguments_of,
@@ -62,6 +63,50 @@ def tool_use_id(call_id: str) -> str:
     # what is replaced; the client's own ids are never touched, only what is sent here.
     digest = hashlib.sha256(call_id.encode()).hexdigest()[:8]
     return f"{_NOT_IN_ID.sub('_', call_id)}_{digest}"
+
+
+class _ToolUseIds:
+    """A history's tool_use ids as sent: each unique, each result naming its own call.
+
+    Clients keep the ids their backends gave, and some backends numbered every answer's
+    calls from call_0: the API refuses a history whose tool_use ids repeat. A repeated id
+    is renamed in the later tool_use and in the results that answer it (those after it,
+    before the id's next use), the same way each time the history is sent.
+    """
+
+    def __init__(self, history: list[Message]) -> None:
+        # Every id the history sends (a renamed one must not become another call's).
+        self.taken = {tool_use_id(c.id) for m in history for c in m.tool_calls or ()}
+        self.sent: set[str] = set()
+        # Per id as the client wrote it (mapped), the ids sent for it in the last turn
+        # that used it: its results answer those, in order.
+        self.latest: dict[str, list[str]] = {}
+
+    def turn(self, call_ids: list[str]) -> list[str]:
+        """The ids to send for one assistant turn's calls."""
+        out = []
+        fresh: dict[str, list[str]] = {}
+        for call_id in call_ids:
+            given = tool_use_id(call_id)
+            sent = given
+            n = 1
+            while sent in self.sent or (sent != given and sent in self.taken):
+                n += 1
+                sent = f"{given}_{n}"
+            self.sent.add(sent)
+            fresh.setdefault(given, []).append(sent)
+            out.append(sent)
+        self.latest.update(fresh)
+        return out
+
+    def result(self, call_id: str) -> str:
+        """The id a tool_result sends, for the id its client wrote."""
+        given = tool_use_id(call_id)
+        sent = self.latest.get(given)
+        if not sent:
+            return given
+        # A turn with the id twice: its results answer those calls one after another.
+        return sent.pop(0) if len(sent) > 1 else sent[0]
 
 
 class AnthropicConfig(HttpConfig, kw_only=True):
@@ -163,13 +208,14 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
     system = "\n\n".join(m.content for m in request.messages if m.role == "system")
     messages: list[dict[str, Any]] = []
     history = linked_tool_calls(request.messages)
+    ids = _ToolUseIds(history)
     for m in history:
         if m.role == "system":
             continue
         if m.role == "tool":
             block: dict[str, Any] = {
                 "type": "tool_result",
-                "tool_use_id": tool_use_id(m.tool_call_id or ""),
+                "tool_use_id": ids.result(m.tool_call_id or ""),
                 "content": m.content,
             }
             if m.is_error:
@@ -190,11 +236,13 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
             blocks += [
                 {
                     "type": "tool_use",
-                    "id": tool_use_id(c.id),
+                    "id": sent,
                     "name": c.function.name,
                     "input": c.function.arguments,
                 }
-                for c in m.tool_calls
+                for c, sent in zip(
+                    m.tool_calls, ids.turn([c.id for c in m.tool_calls]), strict=True
+                )
             ]
             messages.append({"role": "assistant", "content": blocks})
         elif m.role == "assistant" and not m.content.strip():

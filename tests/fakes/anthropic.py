@@ -16,9 +16,9 @@ larger than message_start's: DELTA_COUNTS),
 (an `error` event after a text delta), `claude-error-first` and `claude-api-error-first`
 (a 200 whose one event is an `error`, overloaded_error or api_error),
 `claude-huge-error-first` and `claude-huge-error-mid` (an overloaded_error, then an
-api_error after a text delta, of HUGE_ERROR), `claude-malformed`. Requests without the
-right x-api-key get 401, without `max_tokens` (or with a message without content but
-a final assistant one) 400; `"stream": true` gets the event
+api_error after a text delta, of HUGE_ERROR), `claude-malformed`. Requests without
+the right x-api-key get 401, without `max_tokens` (or with a message without content but a final assistant one, or a
+tool_use id used twice in the conversation) 400; `"stream": true` gets the event
 sequence, anything else one Message object, as the API does. A text answer asked for in
 a JSON schema (`output_config.format`, structured outputs) is an instance of it
 (`instance`), in pieces; an `output_config` the API would refuse (a format type other
@@ -340,8 +340,10 @@ _TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
 
 def _unlinked(messages: list[dict[str, Any]]) -> str | None:
     """What the API answers about tool_use and tool_result blocks that are not linked:
-    an id off the pattern, a result answering no tool_use of the message before it."""
+    an id off the pattern, an id used before in the conversation, a result answering no
+    tool_use of the message before it."""
     ids: set[str] = set()
+    used: set[str] = set()
     for i, m in enumerate(messages):
         blocks = m.get("content") if isinstance(m.get("content"), list) else []
         for j, b in enumerate(blocks):
@@ -350,6 +352,10 @@ def _unlinked(messages: list[dict[str, Any]]) -> str | None:
                     f"messages.{i}.content.{j}.tool_use.id: String should match pattern "
                     "'^[a-zA-Z0-9_-]+$'"
                 )
+            if b.get("type") == "tool_use":
+                if b["id"] in used:
+                    return f"messages.{i}.content.{j}: `tool_use` ids must be unique"
+                used.add(b["id"])
             if b.get("type") == "tool_result" and b.get("tool_use_id") not in ids:
                 return (
                     f"messages.{i}.content.{j}: unexpected `tool_use_id` found in "
