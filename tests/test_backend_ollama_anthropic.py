@@ -29,7 +29,7 @@ from stella.protocol import (
     ToolCallRef,
     Usage,
 )
-from tests.fakes.anthropic import DELTA_COUNTS, KEY, FakeAnthropic
+from tests.fakes.anthropic import DELTA_COUNTS, KEY, PINGS_S, FakeAnthropic
 from tests.fakes.ollama import CALL_IDS, CONTEXT, FakeOllama
 from tests.fakes.server import full_backlog, serve
 from tests.live import ndjson, run_stella
@@ -293,6 +293,25 @@ async def _call(url: str, model: str) -> tuple[list, CallContext]:
         return [e async for e in b.chat(ChatRequest(model=model, messages=HI), ctx)], ctx
     finally:
         await b.aclose()
+
+
+def test_anthropic_pings_keep_the_idle_limit_from_firing(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # The API pings through a slow stretch of an answer: a sign of life, as an OpenAI
+    # upstream's `: keepalive` comments are, not a silence (it was an upstream_timeout).
+    config = claude_route(anthropic_url[1], "claude-pings")
+    route = config["models"]["routes"]["sonnet"]
+    route.update(retries=0, ttft_timeout_s=PINGS_S / 3, idle_timeout_s=PINGS_S / 3)
+    with run_stella(config, {"CK": KEY}) as server:
+        body = {"model": "sonnet", "messages": [{"role": "user", "content": "hi"}]}
+        lines = ndjson(httpx.post(server.url + "/api/v1/chat", json=body, timeout=30).text)
+        assert lines[-1]["type"] == "done", lines[-1]
+        text = "".join(e.get("text", "") for e in lines)
+        assert text == "Hello! How can I help?"
+        ev = server.wait_event(lambda e: e["model"] == "sonnet")
+        assert [a["error"] for a in ev["attempts"]] == [None]
+        assert "usage_estimated" not in ev
 
 
 async def test_anthropic_counts_left_null_in_message_delta_are_message_starts(

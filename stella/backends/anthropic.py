@@ -368,8 +368,12 @@ class AnthropicBackend(HttpBackend):
                             )
                         said = upstream_text(f"{ev.error.type}: {ev.error.message}")
                         raise UpstreamError(f"{name}: {said}")
-                    if kind != "ping":
-                        ctx.beats += 1  # tool input and thinking are progress, though silent
+                    if kind == "ping":
+                        # A sign of life through a slow stretch, not output: the silence
+                        # limits take it, as an OpenAI upstream's `: keepalive` comments.
+                        ctx.alive += 1
+                        continue
+                    ctx.beats += 1  # tool input and thinking are progress, though silent
                     if kind == "content_block_delta" and ev.delta is not None:
                         # Text and tool input alike: a stream cut before message_delta's
                         # count is charged the pieces read.

@@ -16,7 +16,9 @@ larger than message_start's: DELTA_COUNTS),
 (an `error` event after a text delta), `claude-error-first` and `claude-api-error-first`
 (a 200 whose one event is an `error`, overloaded_error or api_error),
 `claude-huge-error-first` and `claude-huge-error-mid` (an overloaded_error, then an
-api_error after a text delta, of HUGE_ERROR), `claude-malformed`. Requests without
+api_error after a text delta, of HUGE_ERROR), `claude-malformed`, `claude-pings` (after
+the first text delta, a `ping` event every PING_EVERY_S for PINGS_S, then the rest: the
+API sends pings while the model is slow). Requests without
 the right x-api-key get 401, without `max_tokens` (or with a message without content but a final assistant one, or a
 tool_use id used twice in the conversation) 400; `"stream": true` gets the event
 sequence, anything else one Message object, as the API does. A text answer asked for in
@@ -27,6 +29,7 @@ than `json_schema`, no schema object, an unknown key) is a 400.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -54,6 +57,11 @@ NULL_COUNTS = {
 # message_delta's usage of `claude-grown-usage`: the counts grew since message_start's
 # (cumulative, as the API's are; server tools read more input after the start).
 DELTA_COUNTS = {"input_tokens": 30, "cache_read_input_tokens": 40}
+
+
+# `claude-pings`: how often, and how long, it pings between its first text and the rest.
+PING_EVERY_S = 0.1
+PINGS_S = 1.0
 
 
 def err(kind: str, message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -278,6 +286,10 @@ class FakeAnthropic:
                     return
                 yield text_delta(word)
                 out += 1
+                if model == "claude-pings" and out == 1:
+                    for _ in range(round(PINGS_S / PING_EVERY_S)):
+                        await asyncio.sleep(PING_EVERY_S)
+                        yield event("ping", {"type": "ping"})
             yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
         yield event(
             "message_delta",
