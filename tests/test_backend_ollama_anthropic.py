@@ -284,6 +284,38 @@ async def test_anthropic_stop_sequence_and_prompt_size_reach_the_context(
     assert ctx.stop_sequence == " can" and ctx.prompt_tokens == 25
 
 
+async def test_anthropic_whitespace_stops_are_stella_s_and_temperature_is_clamped(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # The API refuses a stop sequence of only whitespace ("\n", as OpenAI's clients send)
+    # and a temperature over 1 (OpenAI's go to 2): they were sent on, a 400 and a 502.
+    # Such stops end the answer here, as the API ends at its own; the temperature is
+    # the most random the API takes.
+    fake, url = anthropic_url
+    b = claude(url)
+    await b.start()
+    try:
+        opts = Options(stop=["\n", " ", "", "zzz"], temperature=1.7)
+        ctx = CallContext(request_id="rid-ws")
+        req = ChatRequest(model="claude-ok", messages=HI, options=opts)
+        events = [e async for e in b.chat(req, ctx)]
+        sent = fake.requests[-1]
+        assert sent["stop_sequences"] == ["zzz"] and sent["temperature"] == 1.0
+        assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello!"
+        assert events[-1].finish_reason == "stop" and ctx.stop_sequence == " "
+        assert events[-1].usage.prompt_tokens == 25 and ctx.usage_estimated
+        # Only such stops: none sent; a temperature in range goes as it came.
+        req = ChatRequest(model="claude-ok", messages=HI, options=Options(stop=["\n"]))
+        events = [e async for e in b.chat(req, CallContext(request_id="rid-nl"))]
+        assert "stop_sequences" not in fake.requests[-1]
+        assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How can I help?"
+        req = ChatRequest(model="claude-ok", messages=HI, options=Options(temperature=0.4))
+        assert isinstance([e async for e in b.chat(req, CallContext(request_id="r"))][-1], Done)
+        assert fake.requests[-1]["temperature"] == 0.4
+    finally:
+        await b.aclose()
+
+
 async def _call(url: str, model: str) -> tuple[list, CallContext]:
     """The events of one call to the fake Anthropic API, and its context."""
     b = claude(url)

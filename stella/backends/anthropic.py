@@ -25,6 +25,7 @@ from stella.backends.http import (
     iter_lines,
     upstream_text,
 )
+from stella.backends.stops import StopBuffer
 from stella.errors import InvalidRequest, UpstreamError, UpstreamStatus
 from stella.protocol import (
     ChatRequest,
@@ -203,6 +204,11 @@ def _schema(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
     return schema if isinstance(schema, dict) else None
 
 
+def local_stops(stop: list[str] | None) -> list[str]:
+    """The stop strings of only whitespace ("\\n"), which the API refuses: stella applies them."""
+    return [s for s in stop or () if s and not s.strip()]
+
+
 def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
     """The Messages API body: system pulled out, tool calls and results as blocks."""
     system = "\n\n".join(m.content for m in request.messages if m.role == "system")
@@ -262,10 +268,11 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
     if system:
         body["system"] = system
     for key, value in (
-        ("temperature", o.temperature),
+        # The API's range is 0 to 1 (OpenAI's 0 to 2): above it, the most random it takes.
+        ("temperature", None if o.temperature is None else min(o.temperature, 1.0)),
         ("top_p", o.top_p),
         ("top_k", o.top_k),
-        ("stop_sequences", o.stop),
+        ("stop_sequences", [s for s in o.stop or () if s.strip()] or None),
     ):
         if value is not None:
             body[key] = value
@@ -350,6 +357,8 @@ class AnthropicBackend(HttpBackend):
                 tools: dict[int, list[Any]] = {}  # index -> [id, name, json, input at start]
                 stop: str | None = None
                 calls = 0
+                # OpenAI's clients often stop at "\n": the API refuses it, so it is held here.
+                held = StopBuffer(local_stops(request.options.stop))
                 async for line in iter_lines(r, name):
                     if not line.startswith(b"data:"):
                         continue
@@ -379,8 +388,21 @@ class AnthropicBackend(HttpBackend):
                         # count is charged the pieces read.
                         ctx.tokens_seen += 1
                         if ev.delta.type == "text_delta":
-                            if ev.delta.text:
-                                yield Delta(text=ev.delta.text)
+                            text, hit = held.feed(ev.delta.text)
+                            if text:
+                                yield Delta(text=text)
+                            if hit:
+                                # Ended here, as the API ends at a stop sequence: the rest is
+                                # not read (nor waited for), and its count not known.
+                                ctx.stop_sequence = held.matched
+                                ctx.usage_estimated = True
+                                prompt = usage.prompt()
+                                out = ctx.tokens_seen
+                                yield Done(
+                                    finish_reason=ended("stop", calls > 0),
+                                    usage=Usage(prompt, out, prompt + out),
+                                )
+                                return
                         elif ev.delta.type == "input_json_delta" and ev.index in tools:
                             tools[ev.index][2] += ev.delta.partial_json
                     elif kind == "content_block_start" and ev.content_block is not None:
@@ -392,6 +414,8 @@ class AnthropicBackend(HttpBackend):
                         # Anthropic starts a tool_use with `input: {}` and streams it as
                         # deltas; a compatible server may give it whole at the start.
                         args, kept = arguments_of(raw) if raw.strip() else (given or {}, None)
+                        if text := held.flush():  # the text before the call is whole
+                            yield Delta(text=text)
                         yield ToolCall(
                             index=calls, id=call_id, name=tool, arguments=args, raw_arguments=kept
                         )
@@ -410,6 +434,8 @@ class AnthropicBackend(HttpBackend):
                             ctx.prompt_tokens = usage.prompt()
                             ctx.cached_tokens = usage.cache_read_input_tokens
                     elif kind == "message_stop":
+                        if text := held.flush():
+                            yield Delta(text=text)
                         prompt = usage.prompt()
                         yield Done(
                             finish_reason=ended(STOP.get(stop or "end_turn", "stop"), calls > 0),

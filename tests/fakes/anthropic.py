@@ -20,7 +20,8 @@ api_error after a text delta, of HUGE_ERROR), `claude-malformed`, `claude-pings`
 the first text delta, a `ping` event every PING_EVERY_S for PINGS_S, then the rest: the
 API sends pings while the model is slow). Requests without
 the right x-api-key get 401, without `max_tokens` (or with a message without content but a final assistant one, or a
-tool_use id used twice in the conversation) 400; `"stream": true` gets the event
+tool_use id used twice in the conversation, a temperature outside 0..1, a stop sequence
+of only whitespace) 400; `"stream": true` gets the event
 sequence, anything else one Message object, as the API does. A text answer asked for in
 a JSON schema (`output_config.format`, structured outputs) is an instance of it
 (`instance`), in pieces; an `output_config` the API would refuse (a format type other
@@ -106,6 +107,8 @@ class FakeAnthropic:
         if (problem := _empty(body.get("messages") or [])) is not None:
             return err("invalid_request_error", problem, 400)
         if (problem := _output_config(body.get("output_config"))) is not None:
+            return err("invalid_request_error", problem, 400)
+        if (problem := _sampling(body)) is not None:
             return err("invalid_request_error", problem, 400)
         model = body["model"]
         if model == "claude-429":
@@ -321,6 +324,16 @@ def _output_config(config: Any) -> str | None:
         return "output_config.format.type: Input should be 'json_schema'"
     if not isinstance(fmt.get("schema"), dict):
         return "output_config.format.schema: Input should be a valid dictionary"
+    return None
+
+
+def _sampling(body: dict[str, Any]) -> str | None:
+    """What the API answers about a temperature or stop sequence it refuses."""
+    temperature = body.get("temperature")
+    if temperature is not None and not 0 <= temperature <= 1:
+        return "temperature: range: 0..1"
+    if any(not s.strip() for s in body.get("stop_sequences") or ()):
+        return "stop_sequences: each stop sequence must contain non-whitespace"
     return None
 
 
