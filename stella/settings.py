@@ -232,7 +232,7 @@ def _env_value(raw: str) -> Any:
     """A TOML array, table, quoted string or boolean when it is one, else the string.
 
     Numbers stay strings: decoding turns "9000" into an int where the key is one, and a
-    string key keeps "123" (a prefix, a model name, Ollama's keep_alive "-1") as written.
+    string key keeps "123" (a prefix, a model name) as written.
     """
     if raw in ("true", "false") or raw[:1] in ("[", "{", '"', "'"):
         try:

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from stella.backends import CallContext
+from stella.backends import CallContext, ConfigError, build_backend, registry
 from stella.backends.anthropic import AnthropicBackend, AnthropicConfig, tool_use_id
 from stella.backends.ollama import CONTEXT_WAIT_S, OllamaBackend, OllamaConfig
 from stella.errors import StellaError, UpstreamStatus
@@ -122,6 +122,29 @@ async def test_ollama_call_with_null_arguments_is_a_call_without_any(
     calls = [e for e in events if isinstance(e, ToolCall)]
     assert [(c.name, c.arguments) for c in calls] == [("get_time", {})]
     assert events[-1].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [(-1, -1), (300, 300), (2.5, 2.5), ("-1", -1), ("90", 90), ("5m", "5m"), ("1h30m", "1h30m")],
+)
+async def test_ollama_keep_alive_is_seconds_or_a_go_duration(
+    ollama_url: tuple[FakeOllama, str], given: object, sent: object
+) -> None:
+    # Ollama takes a number of seconds (negative: for good) or a Go duration; a bare "-1"
+    # string it refuses (missing unit), so a number written as a string goes as a number.
+    fake, url = ollama_url
+    table = {"kind": "ollama", "base_url": url, "keep_alive": given}
+    events = await run(build_backend("o", table, registry()), "llama3")
+    assert isinstance(events[-1], Done)
+    assert fake.requests[-1]["keep_alive"] == sent
+    assert type(fake.requests[-1]["keep_alive"]) is type(sent)
+
+
+@pytest.mark.parametrize("given", ["soon", "5 min", "-1x", "1e3", "m", True])
+def test_ollama_keep_alive_ollama_would_refuse_stops_start_up(given: object) -> None:
+    with pytest.raises(ConfigError, match=r"^backends\.o\.keep_alive: "):
+        build_backend("o", {"kind": "ollama", "keep_alive": given}, registry())
 
 
 async def test_ollama_context_length_is_the_running_models_window(

@@ -463,6 +463,12 @@ def test_the_mlx_prompt_cache_budget_is_checked() -> None:
             "serve",
             "backends.up.base_url: 'gpu:8000/v1' is not an http(s) URL",
         ),
+        # Found at start-up, not as a 502 on every call (Ollama refuses it: no unit).
+        (
+            {"STELLA_BACKENDS__BOX__KIND": "ollama", "STELLA_BACKENDS__BOX__KEEP_ALIVE": "-1x"},
+            "serve",
+            "backends.box.keep_alive: '-1x' is neither a number of seconds nor a Go duration",
+        ),
     ],
 )
 def test_values_only_use_reveals_are_checked_up_front(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from stella.backends import ConfigError
 from stella.backends.base import (
     BackendEvent,
     BackendHealth,
@@ -34,7 +36,33 @@ class OllamaConfig(HttpConfig, kw_only=True):
     """[backends.NAME] with kind = "ollama"."""
 
     base_url: str = "http://127.0.0.1:11434"
-    keep_alive: str = ""  # passed to Ollama ("5m", "-1"); empty: Ollama's default
+    # How long Ollama keeps the model loaded after a call: seconds (negative: for good)
+    # or a Go duration ("5m", "1h30m", "-1s"); empty: Ollama's default.
+    keep_alive: int | float | str = ""
+
+
+# Go's time.ParseDuration, which Ollama reads a keep_alive string with: <number><unit>
+# parts after a sign, or a bare 0 (a bare "-1" it refuses: missing unit).
+_GO_DURATION = re.compile(r"[-+]?(?:0|(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h))+)")
+# A number of seconds written as a string (an environment variable's value is one).
+_SECONDS = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)")
+
+
+def keep_alive_of(name: str, value: int | float | str) -> int | float | str | None:
+    """The keep_alive to send Ollama (None: Ollama's default); ConfigError for one it
+    would refuse."""
+    if not isinstance(value, str):
+        return value  # seconds, which Ollama takes as a JSON number
+    if value == "":
+        return None
+    if _SECONDS.fullmatch(value):
+        return float(value) if "." in value else int(value)
+    if _GO_DURATION.fullmatch(value):
+        return value
+    raise ConfigError(
+        f"backends.{name}.keep_alive: {value[:40]!r} is neither a number of seconds nor a "
+        'Go duration ("5m", "1h30m", "-1s")'
+    )
 
 
 class _Fn(msgspec.Struct):
@@ -94,7 +122,7 @@ _ps = msgspec.json.Decoder(_Ps)
 _enc = msgspec.json.Encoder()
 
 
-def request_body(request: ChatRequest, keep_alive: str) -> dict[str, Any]:
+def request_body(request: ChatRequest, keep_alive: int | float | str | None) -> dict[str, Any]:
     """Ollama's /api/chat body for a ChatRequest."""
     messages = []
     for m in request.messages:
@@ -134,7 +162,7 @@ def request_body(request: ChatRequest, keep_alive: str) -> dict[str, Any]:
         body["format"] = "json"
     elif fmt.get("type") == "json_schema":
         body["format"] = (fmt.get("json_schema") or {}).get("schema", "json")
-    if keep_alive:
+    if keep_alive is not None:
         body["keep_alive"] = keep_alive
     return body
 
@@ -148,6 +176,7 @@ class OllamaBackend(HttpBackend):
     def __init__(self, name: str, config: OllamaConfig) -> None:
         super().__init__(name, config)
         self.cfg = config
+        self.keep_alive = keep_alive_of(name, config.keep_alive)
         # The last /api/ps answer (monotonic time, models; None: it failed) and the ask in
         # flight: listings of several routes, and clients polling, share one ask.
         self._ps_seen: tuple[float, list[_Running] | None] | None = None
@@ -204,7 +233,7 @@ class OllamaBackend(HttpBackend):
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream /api/chat and translate its lines."""
-        body = _enc.encode(request_body(request, self.cfg.keep_alive))
+        body = _enc.encode(request_body(request, self.keep_alive))
         name = self.name
         try:
             async with self.answer(self.base_url + "/api/chat", body, ctx.request_id) as r:

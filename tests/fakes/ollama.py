@@ -9,13 +9,15 @@ encodes a call without arguments), `error-before` (HTTP 404
 {"error": ...}), `error-mid` (a final {"error": ...} line after two pieces), `error-first` (a 200 whose
 one line is {"error": ...}), `huge-error-first` and `huge-error-mid` (the same with
 HUGE_ERROR), `malformed`, `busy` (503 without Retry-After, as Ollama answers a full
-queue). `"stream": false` gets one object, as the API does (its default is a stream). /api/ps has `llama3:latest` running with a
+queue). A `keep_alive` string Go's time.ParseDuration refuses (`"-1"`) is a 400, as
+Ollama answers it. `"stream": false` gets one object, as the API does (its default is a stream). /api/ps has `llama3:latest` running with a
 window of CONTEXT tokens.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,6 +34,8 @@ CONTEXT = 8192
 # The ids of the calls of `tools` and `two-tools`, by city: Ollama's shape, `call_` and 8
 # random lowercase letters or digits.
 CALL_IDS = {"Toronto": "call_k3v9x2qa", "Oslo": "call_7md0e4wz"}
+# What Go's time.ParseDuration takes: <number><unit> parts after a sign, or a bare 0.
+GO_DURATION = re.compile(r"[-+]?(?:0|(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h))+)")
 
 
 class FakeOllama:
@@ -91,6 +95,10 @@ class FakeOllama:
     async def chat(self, request: Request) -> Response:
         body = await request.json()
         self.requests.append(body)
+        keep_alive = body.get("keep_alive")
+        if isinstance(keep_alive, str) and not GO_DURATION.fullmatch(keep_alive):
+            # Ollama reads a string with Go's time.ParseDuration, a number as seconds.
+            return JSONResponse({"error": f"time: invalid duration {keep_alive!r}"}, 400)
         model = body["model"]
         if model == "error-before":
             return JSONResponse({"error": f"model '{model}' not found"}, 404)
