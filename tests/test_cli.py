@@ -672,6 +672,26 @@ def test_output_with_stdout_closed_is_one_line_and_exit_1() -> None:
     assert out.stderr == "stella: cannot write output: stdout is closed\n"
 
 
+def test_a_reader_that_left_is_exit_1_with_nothing_said() -> None:
+    # `stella config | head -30`: as README says, silent on purpose (as other tools are),
+    # unlike output that cannot be written for another reason. The reader is gone before
+    # stella writes, so the pipe is broken whatever the timing.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "stella", "config"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={"PATH": "/usr/bin:/bin"},
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (out.returncode, out.stderr) == (1, "")
+
+
 @pytest.mark.parametrize("args", [("--help",), ("--version",), ("chat", "--help")])
 def test_help_with_stdout_closed_is_one_line_and_exit_1(args: tuple[str, ...]) -> None:
     # argparse dropped the write's error: nothing said, exit 0.
