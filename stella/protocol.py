@@ -488,7 +488,7 @@ class Removed(msgspec.Struct):
 
 
 class ConfigView(msgspec.Struct):
-    """GET /config: the effective configuration, secrets redacted."""
+    """GET /config: the configuration stella started with (secrets redacted), the default now."""
 
     config: dict[str, Any]
     default_model: str

@@ -317,6 +317,12 @@ def set_by_user(key: str, environ: Mapping[str, str] | None = None) -> bool:
     return _lookup(merge(user, env_overrides(environ)), key) is not None
 
 
+def setting_variable(key: str, overrides: Mapping[str, Any] | None = None) -> str | None:
+    """The environment variable whose value `key` (dotted) has, when one sets it and no
+    flag in `overrides` replaces it (PORT before STELLA_SERVER__PORT)."""
+    return _blamed_variable(f"{key}: ", os.environ, overrides or {}, _last_files)
+
+
 def env_over_file(
     environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
 ) -> tuple[str, dict[str, list[str]]]:

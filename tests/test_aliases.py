@@ -56,6 +56,27 @@ def test_switch_model_shape(stella: LiveServer) -> None:
         httpx.post(stella.url + "/api/v1/models/switch/echo").raise_for_status()
 
 
+def test_config_is_the_configuration_started_with_and_models_the_routing_now(
+    stella: LiveServer,
+) -> None:
+    # README: /config's `config` stays as stella started (its `default_model` follows a
+    # switch); a registered route and the switched default show in /api/v1/models.
+    r = httpx.post(stella.url + "/api/v1/models", json={"name": "echo-later", "backend": "echo"})
+    r.raise_for_status()
+    try:
+        httpx.post(stella.url + "/api/v1/models/switch/echo-later").raise_for_status()
+        shown = httpx.get(stella.url + "/config").json()
+        assert shown["config"]["models"]["default"] == "echo"
+        assert "echo-later" not in shown["config"]["models"]["routes"]
+        assert shown["default_model"] == "echo-later"
+        listing = httpx.get(stella.url + "/api/v1/models").json()
+        assert listing["default"] == "echo-later"
+        assert "echo-later" in [m["name"] for m in listing["models"]]
+    finally:
+        httpx.post(stella.url + "/api/v1/models/switch/echo").raise_for_status()
+        httpx.delete(stella.url + "/api/v1/models/echo-later").raise_for_status()
+
+
 def test_provider_field_and_chat_stream_and_v1_health(stella: LiveServer) -> None:
     # Example: POST /v1/chat/completions {"provider": "...", "model": "...", "messages": [...]}
     body = {

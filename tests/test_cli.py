@@ -150,26 +150,44 @@ def test_import_gguf_of_a_corrupt_file_is_one_line(tmp_path: Path, case: str, sa
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("extra", [[], ["--workers", "2"], ["--reload"]])
-def test_a_port_in_use_is_one_error_before_anything_starts(extra: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("extra", "variable", "named"),
+    [
+        ([], "", "server.port, set by --port"),
+        (["--workers", "2"], "", "server.port, set by --port"),
+        (["--reload"], "", "server.port, set by --port"),
+        ([], "PORT", "server.port, set by PORT"),
+        (["--workers", "2"], "STELLA_SERVER__PORT", "server.port, set by STELLA_SERVER__PORT"),
+    ],
+)
+def test_a_port_in_use_is_one_error_before_anything_starts(
+    extra: list[str], variable: str, named: str
+) -> None:
+    # It was uvicorn's "ERROR:    [Errno 98] Address already in use", naming no address
+    # or key; the exit code stays a failed start's (3), as a worker's under --workers.
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
+        port = str(taken.getsockname()[1])
         env = {
             "PATH": "/usr/bin:/bin",
             "STELLA_MODELS__DEFAULT": "echo",
             "STELLA_BACKENDS__LOCAL__ENABLED": "false",
         }
+        if variable:
+            env[variable] = port
+        flags = [] if variable else ["--port", port]
         out = subprocess.run(
-            [sys.executable, "-m", "stella", "serve", "--port", str(port), *extra],
+            [sys.executable, "-m", "stella", "serve", *flags, *extra],
             env=env,
             capture_output=True,
             text=True,
             timeout=60,
         )
-    assert out.returncode != 0
-    assert "Address already in use" in out.stderr and "serving on" not in out.stderr
+    assert (out.returncode, out.stderr) == (
+        3,
+        f"stella: cannot listen on 127.0.0.1:{port} ({named}): address already in use\n",
+    )
 
 
 @pytest.mark.parametrize(
@@ -652,6 +670,26 @@ def test_output_with_stdout_closed_is_one_line_and_exit_1() -> None:
     out = stella_without_stdout("config")
     assert out.returncode == 1
     assert out.stderr == "stella: cannot write output: stdout is closed\n"
+
+
+def test_a_reader_that_left_is_exit_1_with_nothing_said() -> None:
+    # `stella config | head -30`: as README says, silent on purpose (as other tools are),
+    # unlike output that cannot be written for another reason. The reader is gone before
+    # stella writes, so the pipe is broken whatever the timing.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "stella", "config"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={"PATH": "/usr/bin:/bin"},
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (out.returncode, out.stderr) == (1, "")
 
 
 @pytest.mark.parametrize("args", [("--help",), ("--version",), ("chat", "--help")])

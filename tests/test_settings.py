@@ -780,6 +780,42 @@ def test_an_empty_default_model_is_refused_by_check_and_serve(tmp_path: Path, so
         assert len(lines) == 1 and lines[0].startswith(start), (args, out.stderr)
 
 
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        # "configuration ok", then serve's uvicorn line "[Errno -2] Name or service not
+        # known" naming no key, exit 3 (a slow resolver is cut short: "did not resolve").
+        ("999.1.1.1", "(does|did) not resolve"),
+        # Resolves, but no interface has it: "[Errno 99] Cannot assign requested address".
+        ("198.51.100.7", "is not an address of this machine"),
+    ],
+)
+def test_a_host_serve_cannot_listen_on_is_refused_by_config_and_serve(
+    host: str, reason: str
+) -> None:
+    from tests.live import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env["STELLA_BACKENDS__LOCAL__ENABLED"] = "false"
+    env["STELLA_MODELS__DEFAULT"] = "echo"
+    env["STELLA_API_KEYS"] = "sk-host-check-0123456789"  # a host off loopback needs keys
+    port = str(free_port())
+    bad = f"server.host: {re.escape(repr(host))} {reason}"
+    variable = {"STELLA_SERVER__HOST": host}
+    named = f"STELLA_SERVER__HOST={re.escape(host)}: {bad}"
+    runs = [
+        (["config", "--check"], variable, named),
+        (["config"], variable, named),
+        (["serve", "--port", port], variable, named),
+        (["serve", "--host", host, "--port", port], {}, bad),
+    ]
+    for args, extra, said in runs:
+        out = stella_cli(*args, env={**env, **extra}, timeout=30)
+        assert out.returncode == 2, (args, out.stderr)
+        assert re.fullmatch(f"stella: config error: {said}[^\\n]*\\n", out.stderr), (args, out)
+        assert not out.stdout
+
+
 def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
     tmp_path: Path,
 ) -> None:

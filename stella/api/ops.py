@@ -93,7 +93,7 @@ async def ready(request: Request) -> Response:
 # Admin only: besides secrets (redacted), it shows the upstream hosts and every limit.
 @endpoint(auth="admin")
 async def config(request: Request, call: Call) -> Response:
-    """GET /config: the effective configuration, every secret redacted."""
+    """GET /config: the configuration stella started with (secrets redacted), the default now."""
     svc = services(request)
     return JSONResponse(ConfigView(redacted(svc.settings), svc.router.default))
 
@@ -242,7 +242,7 @@ document(
     Operation(
         "get",
         "/config",
-        "Effective configuration, secrets redacted (admin)",
+        "The configuration stella started with, secrets redacted (admin)",
         tag="ops",
         response=ConfigView,
         errors=(401, 403),

@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     table printed as it was written) and checking the audit file; --check prints nothing."""
     from stella.backends import ConfigError
     from stella.commands import use_config_file
+    from stella.commands.listen import check_host
     from stella.settings import (
         blamed,
         enabled_backends,
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         settings = load_settings()
+        check_host(settings.server.host)  # one serve could not listen on
         from stella import logs
         from stella.app import Services, check_audit_path
 

@@ -8,6 +8,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # uvicorn loads with `serve` alone: every command's start-up builds this module
+    import socket
+
     import uvicorn
 
 NAME = "serve"
@@ -28,13 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the configuration, build the app, serve until SIGTERM; exit 2 on bad config."""
+    """Load the configuration, build the app, serve until SIGTERM (2: bad config; 3: cannot listen)."""
     import msgspec
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     from stella.app import create_app
     from stella.backends import ConfigError
     from stella.commands import use_config_file
+    from stella.commands.listen import CannotListen, bind, check_host
     from stella.settings import blamed, load_settings, set_by_user
 
     if not use_config_file(args.config):
@@ -54,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         overrides.setdefault("log", {})["format"] = args.log_format
     try:
         settings = load_settings(overrides)
+        check_host(settings.server.host)
         # A terminal reads the console format better, unless the file or env chose one
         # (known once the files are read: a config given as a pipe is read once).
         if not args.log_format and sys.stdout.isatty() and not set_by_user("log.format"):
@@ -94,11 +99,15 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        return _supervise(settings, overrides, options, workers, args.reload, announce)
+    try:
+        # Bound first: a port in use ends here, before any "serving on" or a model load.
+        sock = bind(server_cfg.host, server_cfg.port, overrides)
+    except CannotListen as exc:
+        print(f"stella: {exc}", file=sys.stderr)
+        return STARTUP_FAILURE  # 3, as a worker's failed start under --workers
+    if workers > 1 or args.reload:
+        return _supervise(settings, overrides, options, workers, args.reload, announce, sock)
     config = uvicorn.Config(app, **options)
-    # Bound first: a port in use ends here with uvicorn's one error line, before any
-    # "serving on" or a model load.
-    sock = config.bind_socket()
     print(announce, file=sys.stderr, flush=True)
     server = _server(config)
     server.run(sockets=[sock])
@@ -166,6 +175,7 @@ def _supervise(
     workers: int,
     reload: bool,
     announce: str,
+    sock: socket.socket,
 ) -> int:
     """Several worker processes on one socket (or one that restarts on code changes).
 
@@ -189,9 +199,6 @@ def _supervise(
         reload=reload,
         **options,
     )
-    # Bound first, as with one worker: a port in use ends here with uvicorn's one
-    # error line, before any "serving on".
-    sock = config.bind_socket()
     print(announce, file=sys.stderr, flush=True)
     if workers > 1:
         print(
