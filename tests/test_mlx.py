@@ -192,6 +192,63 @@ def test_logit_bias_and_penalties_steer_the_model(mlx_server: LiveServer) -> Non
     assert next(m for m in models if m["name"] == "smollm2-135m")["circuit"] == "closed"
 
 
+def test_a_penalty_answers_alike_whether_the_prompt_is_cached_or_not(
+    mlx_server: LiveServer,
+) -> None:
+    # mlx-lm's penalties see only the tokens it reads: on a prompt-cache hit (a prompt
+    # some other request read before) their window lost the cached prompt tokens, and the
+    # same greedy request answered "1) Bananas" once and "1. Bananas" after.
+    from stella.backends.mlx.engine import PENALTY_WINDOW
+
+    fruits = [
+        {
+            "role": "user",
+            "content": "Write a list of five fruits, one per line, and say why each is good.",
+        }
+    ]
+    opts = {"temperature": 0, "max_tokens": 3, "repetition_penalty": 1.8}
+    first = chat(mlx_server, fruits, options=opts)
+    second = chat(mlx_server, fruits, options=opts)
+    mlx_server.wait_event(lambda e: e.get("request_id") == second["id"])
+    logged = {e["request_id"]: e for e in mlx_server.events("inference")}
+    # The first read the whole window itself (at most the shared opening was cached).
+    assert first["usage"]["prompt_tokens"] - logged[first["id"]]["cached_tokens"] >= PENALTY_WINDOW
+    assert logged[second["id"]]["cached_tokens"] == second["usage"]["prompt_tokens"] - 1
+    assert second["response"] == first["response"], (first["response"], second["response"])
+    # Ollama's repeat_penalty is the same penalty.
+    body = {"model": "smollm2-135m", "messages": fruits, "stream": False}
+    options = {"temperature": 0, "num_predict": 3, "repeat_penalty": 1.8}
+    r = httpx.post(mlx_server.url + "/api/chat", json={**body, "options": options}, timeout=120)
+    assert r.json()["message"]["content"] == first["response"], r.text
+
+
+def test_the_penalties_see_the_cached_prompt_tokens_before_the_ones_read() -> None:
+    from stella.backends.mlx.engine import PENALTY_WINDOW, seeing
+    from stella.backends.mlx.worker import MlxWorker
+
+    seen: list[list[int]] = []
+
+    def recording(tokens: Any, logits: Any) -> Any:
+        seen.append(tokens.tolist())
+        return logits
+
+    def run() -> None:
+        import mlx.core as mx
+
+        (processor,) = seeing([recording], list(range(100)))
+        processor(mx.array([100]), mx.zeros((1, 8)))  # the prompt's last token, read again
+        processor(mx.array(list(range(100, 100 + PENALTY_WINDOW))), mx.zeros((1, 8)))
+        assert seeing(None, [1, 2]) is None and seeing([recording], []) == [recording]
+
+    worker = MlxWorker(max_queue=1)  # MLX runs on its own thread, as in the engine
+    try:
+        worker.call(run).result(timeout=60)
+    finally:
+        worker.stop()
+    # Only the window's worth of the cached prefix, and none once the history fills it.
+    assert seen == [list(range(100 - PENALTY_WINDOW, 101)), list(range(100, 100 + PENALTY_WINDOW))]
+
+
 def test_max_tokens_gives_length(mlx_server: LiveServer) -> None:
     body = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 3})
     assert body["finish_reason"] == "length"

@@ -18,6 +18,8 @@ from stella.protocol import Message, Tool
 _log = structlog.get_logger("stella")
 # How long the worker waits, once per generation, for the loop to send the first text.
 HANDOFF_WAIT_S = 0.05
+# How many tokens back the penalties look (mlx-lm's default window, prompt tokens too).
+PENALTY_WINDOW = 20
 
 
 class _Cancelled(Exception):
@@ -214,10 +216,36 @@ def sampling(p: dict[str, Any]) -> tuple[Any, Any]:
     processors = make_logits_processors(
         logit_bias=p["logit_bias"],
         repetition_penalty=p["repetition_penalty"],
+        repetition_context_size=PENALTY_WINDOW,
         presence_penalty=p["presence_penalty"],
+        presence_context_size=PENALTY_WINDOW,
         frequency_penalty=p["frequency_penalty"],
+        frequency_context_size=PENALTY_WINDOW,
     )
     return sampler, processors or None
+
+
+def seeing(processors: list[Any] | None, before: list[int]) -> list[Any] | None:
+    """The logits processors, each shown the last PENALTY_WINDOW of `before` (the cached
+    prompt prefix) ahead of the tokens mlx-lm gives it."""
+    if not processors or not before:
+        return processors
+    import mlx.core as mx
+
+    # mlx-lm's history starts at the first token it reads: without the cached prefix's
+    # tail, a penalty's window would reach less far into the prompt on a cache hit, and
+    # the same greedy request would answer otherwise once another had filled the cache.
+    head = mx.array(before[-PENALTY_WINDOW:])
+
+    def shown(processor: Any) -> Any:
+        def run(tokens: Any, logits: Any) -> Any:
+            if len(tokens) < PENALTY_WINDOW:  # past the window the prefix is out of sight
+                tokens = mx.concat([head, tokens])
+            return processor(tokens, logits)
+
+        return run
+
+    return [shown(processor) for processor in processors]
 
 
 def generate_into(job: GenerationJob) -> None:
@@ -279,6 +307,7 @@ def generate_into(job: GenerationJob) -> None:
     if cache is None:
         cache, rest = make_prompt_cache(lm.model), prompt
     job.emit(("cached", len(prompt) - len(rest)))
+    processors = seeing(processors, prompt[: len(prompt) - len(rest)])
 
     def progress(done: int, total: int) -> None:
         stats.beat = time.monotonic()
