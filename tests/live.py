@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -28,11 +29,34 @@ NO_MLX: dict[str, Any] = {
 }
 
 
+# Ports handed out by this process: never handed out twice (a test may keep one that
+# must stay closed, to see a refused connection, while it starts servers).
+_handed: set[int] = set()
+# Below the kernel's ephemeral range (32768 and up on Linux), split between the pytest
+# workers: a port one worker picked and binds a moment later is never the other's pick,
+# nor a port the kernel gives a client connection meanwhile.
+PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now, from this pytest worker's share of PORTS."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
+    index = int(worker) % count if worker.isdigit() else 0
+    span = len(PORTS) // count
+    first = PORTS.start + index * span
+    for _ in range(1000):
+        port = random.randrange(first, first + span)
+        if port in _handed:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed.add(port)
+        return port
+    raise RuntimeError(f"no free port in {first}-{first + span - 1}")
 
 
 def to_toml(data: Mapping[str, Any]) -> str:

@@ -847,17 +847,23 @@ def test_a_stalled_redis_costs_one_request_its_timeout_not_every_request(redis: 
         assert httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200
         assert redis.proc is not None
         os.kill(redis.proc.pid, signal.SIGSTOP)  # up, but not answering
+        codes, took = [], []
         try:
-            t0 = time.monotonic()
-            codes = [
-                httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH, timeout=30).status_code
-                for _ in range(10)
-            ]
-            elapsed = time.monotonic() - t0
+            with httpx.Client(timeout=30) as c:
+                for _ in range(10):
+                    t0 = time.monotonic()
+                    codes.append(
+                        c.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code
+                    )
+                    took.append(time.monotonic() - t0)
         finally:
             os.kill(redis.proc.pid, signal.SIGCONT)
         assert codes == [200] * 10
-        assert elapsed < 5, elapsed  # 1 s per request before: ~10 s
+        # One request a second probes the stalled Redis and waits out its 1 s timeout;
+        # the others go on at once. Counted, not summed: a busy machine makes the fast
+        # ones slower, and more probes fall due while they run (every one waited before).
+        waited = [round(t, 2) for t in took if t >= 0.9]
+        assert len(waited) <= 4, took
 
 
 def test_ready_answers_at_once_while_redis_stalls(redis: Redis) -> None:
