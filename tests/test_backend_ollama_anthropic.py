@@ -126,7 +126,17 @@ async def test_ollama_call_with_null_arguments_is_a_call_without_any(
 
 @pytest.mark.parametrize(
     ("given", "sent"),
-    [(-1, -1), (300, 300), (2.5, 2.5), ("-1", -1), ("90", 90), ("5m", "5m"), ("1h30m", "1h30m")],
+    [
+        (-1, -1),
+        (300, 300),
+        (2.5, 2.5),
+        ("-1", -1),
+        ("90", 90),
+        ("1e3", 1000.0),
+        ("5m", "5m"),
+        ("1h30m", "1h30m"),
+        ("2562047h", "2562047h"),  # Go's longest duration, to the hour
+    ],
 )
 async def test_ollama_keep_alive_is_seconds_or_a_go_duration(
     ollama_url: tuple[FakeOllama, str], given: object, sent: object
@@ -141,7 +151,23 @@ async def test_ollama_keep_alive_is_seconds_or_a_go_duration(
     assert type(fake.requests[-1]["keep_alive"]) is type(sent)
 
 
-@pytest.mark.parametrize("given", ["soon", "5 min", "-1x", "1e3", "m", True])
+@pytest.mark.parametrize(
+    "given",
+    [
+        "soon",
+        "5 min",
+        "-1x",
+        "m",
+        True,
+        # Past Go's longest duration (int64 nanoseconds): ParseDuration refuses the
+        # string, and the number would overflow Ollama's conversion.
+        "2562048h",
+        "-99999999999999999999s",
+        10**30,
+        float("nan"),
+        float("inf"),
+    ],
+)
 def test_ollama_keep_alive_ollama_would_refuse_stops_start_up(given: object) -> None:
     with pytest.raises(ConfigError, match=r"^backends\.o\.keep_alive: "):
         build_backend("o", {"kind": "ollama", "keep_alive": given}, registry())
@@ -337,6 +363,37 @@ async def test_anthropic_whitespace_stops_are_stella_s_and_temperature_is_clampe
         assert fake.requests[-1]["temperature"] == 0.4
     finally:
         await b.aclose()
+
+
+@pytest.mark.parametrize(
+    ("model", "pieces"),
+    [
+        # The space held (it may begin the stop) comes out when the stream ends...
+        ("claude-trailing-space", ["Hello", "!", " Bye.", " ", "done"]),
+        # ...and before a tool call, so the text stays ahead of the call it introduces.
+        (
+            "claude-text-then-tool",
+            ["Let me check.", " One moment.", " ", "get_weather", "done"],
+        ),
+    ],
+)
+async def test_anthropic_text_held_for_a_local_stop_is_sent_before_what_follows(
+    anthropic_url: tuple[FakeAnthropic, str], model: str, pieces: list[str]
+) -> None:
+    _, url = anthropic_url
+    b = claude(url)
+    await b.start()
+    try:
+        req = ChatRequest(model=model, messages=HI, options=Options(stop=["  "]))
+        events = [e async for e in b.chat(req, CallContext(request_id="rid-held"))]
+    finally:
+        await b.aclose()
+    seen = [
+        e.text if isinstance(e, Delta) else e.name if isinstance(e, ToolCall) else "done"
+        for e in events
+        if isinstance(e, Delta | ToolCall | Done)
+    ]
+    assert seen == pieces
 
 
 async def _call(url: str, model: str) -> tuple[list, CallContext]:

@@ -306,8 +306,9 @@ def _is_zero(keep_alive: Any) -> bool:
 
 
 def _check_keep_alive(keep_alive: float | str | None) -> None:
-    """Refuse a keep_alive string that is neither a Go duration nor a number, as Ollama
-    does (its decoder fails on it: 400)."""
+    """Refuse a keep_alive string that is neither a Go duration nor a number (Ollama's
+    decoder fails on it: 400); a bare number ("-1") is read as seconds, more leniently
+    than Ollama, which wants a unit: a client's value is only looked at for an unload."""
     if not isinstance(keep_alive, str):
         return
     text = keep_alive.strip().lstrip("+-")

@@ -43,26 +43,44 @@ class OllamaConfig(HttpConfig, kw_only=True):
 
 # Go's time.ParseDuration, which Ollama reads a keep_alive string with: <number><unit>
 # parts after a sign, or a bare 0 (a bare "-1" it refuses: missing unit).
-_GO_DURATION = re.compile(r"[-+]?(?:0|(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h))+)")
+_GO_PART = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h)"
+_GO_DURATION = re.compile(rf"[-+]?(?:0|(?:{_GO_PART})+)")
+_GO_PARTS = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 # A number of seconds written as a string (an environment variable's value is one).
-_SECONDS = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)")
+_SECONDS = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+# Go's longest duration (int64 nanoseconds, ~292 years): ParseDuration refuses a longer
+# one, and a longer number of seconds overflows Ollama's conversion.
+MAX_KEEP_ALIVE_S = (2**63 - 1) / 1e9
 
 
 def keep_alive_of(name: str, value: int | float | str) -> int | float | str | None:
     """The keep_alive to send Ollama (None: Ollama's default); ConfigError for one it
     would refuse."""
-    if not isinstance(value, str):
-        return value  # seconds, which Ollama takes as a JSON number
     if value == "":
         return None
-    if _SECONDS.fullmatch(value):
-        return float(value) if "." in value else int(value)
-    if _GO_DURATION.fullmatch(value):
-        return value
-    raise ConfigError(
-        f"backends.{name}.keep_alive: {value[:40]!r} is neither a number of seconds nor a "
-        'Go duration ("5m", "1h30m", "-1s")'
-    )
+    seconds: float
+    if not isinstance(value, str):
+        sent: int | float | str = value  # seconds, which Ollama takes as a JSON number
+        seconds = value
+    elif _SECONDS.fullmatch(value):
+        sent = seconds = float(value) if any(c in value for c in ".eE") else int(value)
+    elif _GO_DURATION.fullmatch(value):
+        sent = value
+        total = sum(float(n) * _UNIT_S[unit] for n, unit in _GO_PARTS.findall(value))
+        seconds = -total if value.startswith("-") else total
+    else:
+        raise ConfigError(
+            f"backends.{name}.keep_alive: {value[:40]!r} is neither a number of seconds nor "
+            'a Go duration ("5m", "1h30m", "-1s")'
+        )
+    # NaN and infinities have no JSON form (msgspec writes null, which Ollama refuses).
+    if not abs(seconds) <= MAX_KEEP_ALIVE_S:
+        raise ConfigError(
+            f"backends.{name}.keep_alive: {str(value)[:40]!r} is not a duration Ollama can "
+            "hold (at most ~292 years; -1 keeps the model loaded for good)"
+        )
+    return sent
 
 
 class _Fn(msgspec.Struct):

@@ -201,6 +201,7 @@ class FakeAnthropic:
             "claude-tools-whole",
             "claude-two-tools",
             "claude-tools-end-turn",
+            "claude-text-then-tool",
         ):
             # claude-tools-whole: a compatible server giving the input whole at the start.
             whole = model == "claude-tools-whole"
@@ -208,7 +209,20 @@ class FakeAnthropic:
             single = (body.get("tool_choice") or {}).get("disable_parallel_tool_use")
             if model == "claude-two-tools" and not single:
                 cities.append("Oslo")
-            for index, city in enumerate(cities):
+            first = 0
+            if model == "claude-text-then-tool":
+                # A sentence before the call, as Claude often writes, its last word's
+                # space included.
+                block = {"type": "text", "text": ""}
+                yield event(
+                    "content_block_start",
+                    {"type": "content_block_start", "index": 0, "content_block": block},
+                )
+                for word in ("Let me check. ", "One moment. "):
+                    yield text_delta(word)
+                yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
+                first = 1
+            for index, city in enumerate(cities, first):
                 yield event(
                     "content_block_start",
                     {
@@ -243,6 +257,8 @@ class FakeAnthropic:
                 },
             )
             words = ["Hello", "!", " How", " can", " I", " help?"]
+            if model == "claude-trailing-space":
+                words = ["Hello", "! ", "Bye. "]  # the last piece ends in white space
             fmt = (body.get("output_config") or {}).get("format")
             if fmt is not None:
                 # Constrained decoding: the text is the schema's JSON, in a few pieces.

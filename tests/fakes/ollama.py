@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import AsyncIterator
+from fractions import Fraction
 from typing import Any
 
 from starlette.applications import Starlette
@@ -36,6 +37,20 @@ CONTEXT = 8192
 CALL_IDS = {"Toronto": "call_k3v9x2qa", "Oslo": "call_7md0e4wz"}
 # What Go's time.ParseDuration takes: <number><unit> parts after a sign, or a bare 0.
 GO_DURATION = re.compile(r"[-+]?(?:0|(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h))+)")
+
+
+GO_UNIT_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9}
+GO_UNIT_NS |= {"m": 60 * 10**9, "h": 3600 * 10**9}
+
+
+def go_duration_ns(text: str) -> bool:
+    """Whether Go's time.ParseDuration takes `text`: its grammar, and at most int64
+    nanoseconds (it fails with "invalid duration" past that)."""
+    if not GO_DURATION.fullmatch(text):
+        return False
+    parts = re.findall(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)", text)
+    total = sum(Fraction(n) * GO_UNIT_NS[unit] for n, unit in parts)
+    return total <= 2**63 - 1 if not text.startswith("-") else total <= 2**63
 
 
 class FakeOllama:
@@ -96,7 +111,7 @@ class FakeOllama:
         body = await request.json()
         self.requests.append(body)
         keep_alive = body.get("keep_alive")
-        if isinstance(keep_alive, str) and not GO_DURATION.fullmatch(keep_alive):
+        if isinstance(keep_alive, str) and not go_duration_ns(keep_alive):
             # Ollama reads a string with Go's time.ParseDuration, a number as seconds.
             return JSONResponse({"error": f"time: invalid duration {keep_alive!r}"}, 400)
         model = body["model"]
