@@ -128,6 +128,9 @@ async def test_ollama_call_with_null_arguments_is_a_call_without_any(
     ("given", "sent"),
     [
         (-1, -1),
+        (0, 0),  # unload after each call: sent, not taken for "Ollama's default"
+        ("0", 0),
+        ("+90", 90),
         (300, 300),
         (2.5, 2.5),
         ("-1", -1),
@@ -353,6 +356,8 @@ async def test_anthropic_whitespace_stops_are_stella_s_and_temperature_is_clampe
         assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello!"
         assert events[-1].finish_reason == "stop" and ctx.stop_sequence == " "
         assert events[-1].usage.prompt_tokens == 25 and ctx.usage_estimated
+        # The pieces read: "Hello", "!" and " How", whose space ended the answer.
+        assert events[-1].usage.completion_tokens == 3
         # Only such stops: none sent; a temperature in range goes as it came.
         req = ChatRequest(model="claude-ok", messages=HI, options=Options(stop=["\n"]))
         events = [e async for e in b.chat(req, CallContext(request_id="rid-nl"))]
@@ -628,6 +633,7 @@ async def test_repeated_tool_call_ids_reach_anthropic_apart(
     # A later use of an id is renamed, with the results that answer it.
     fake, url = anthropic_url
     tools = [Tool(function=FunctionSpec(name="get_weather"))]
+    ids: list[list[str]] = []
     for turns in (
         (["call_0"], ["call_0"], ["call_0", "call_1"]),
         (["call_0"], ["call_0"], ["call_0_2"]),  # a renamed id must not become another's
@@ -637,12 +643,29 @@ async def test_repeated_tool_call_ids_reach_anthropic_apart(
         events = await run(claude(url), "claude-ok", messages=_turns(*turns), tools=tools)
         assert isinstance(events[-1], Done), turns
         sent = fake.requests[-1]["messages"]
+        ids.append(
+            [
+                b["id"]
+                for m in sent
+                if isinstance(m["content"], list)
+                for b in m["content"]
+                if b["type"] == "tool_use"
+            ]
+        )
         pairs = _pairs(sent)
         assert all(asked == answer for _, asked, answer in pairs), pairs
         # The same each time the history is sent (a conversation sends it every turn).
         await run(claude(url), "claude-ok", messages=_turns(*turns), tools=tools)
         assert fake.requests[-1]["messages"] == sent
     assert [p[0] for p in _pairs(sent)[:1]] == [tool_use_id("functions.f:0")]
+    # As README gives them: the later use gets _2, _3, ... past any id the history holds.
+    mapped = tool_use_id("functions.f:0")
+    assert ids == [
+        ["call_0", "call_0_2", "call_0_3", "call_1"],
+        ["call_0", "call_0_3", "call_0_2"],
+        ["x", "x_2", "x_3"],
+        [mapped, f"{mapped}_2"],
+    ]
 
 
 async def test_the_fake_refuses_a_tool_use_id_twice(

@@ -190,6 +190,68 @@ def test_a_port_in_use_is_one_error_before_anything_starts(
     )
 
 
+def test_an_ipv6_host_is_checked_bound_and_named_in_brackets() -> None:
+    # `::1` resolves as IPv6 (a colon in the host), and its address is written in
+    # brackets when its port is in use.
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "STELLA_MODELS__DEFAULT": "echo",
+        "STELLA_BACKENDS__LOCAL__ENABLED": "false",
+        "STELLA_SERVER__HOST": "::1",
+    }
+    assert stella("config", "--check", env=env).returncode == 0
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        out = subprocess.run(
+            [sys.executable, "-m", "stella", "serve", "--port", port],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert (out.returncode, out.stderr) == (
+        3,
+        f"stella: cannot listen on [::1]:{port} (server.port, set by --port): "
+        "address already in use\n",
+    )
+
+
+def test_the_listening_socket_is_bound_as_uvicorn_binds_one() -> None:
+    # Reused at once after a restart (SO_REUSEADDR), and inherited by --workers' children.
+    from stella.commands.listen import bind
+
+    with bind("127.0.0.1", 0, {}) as sock:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+        assert sock.get_inheritable()
+
+
+def test_a_host_name_that_resolves_too_slowly_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # getaddrinfo has no timeout of its own: start-up would wait on the resolver.
+    import threading
+
+    from stella.backends import ConfigError
+    from stella.commands import listen
+
+    release = threading.Event()
+
+    def slow(*args: object, **kwargs: object) -> list[object]:
+        release.wait(5)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(listen.socket, "getaddrinfo", slow)
+    try:
+        with pytest.raises(
+            ConfigError, match=r"^server\.host: 'slow\.example' did not resolve within 0\.05 s$"
+        ):
+            listen.check_host("slow.example", timeout_s=0.05)
+    finally:
+        release.set()
+
+
 @pytest.mark.parametrize(
     ("flag", "message"),
     [

@@ -338,6 +338,18 @@ def test_workers_share_the_port_and_stop_cleanly() -> None:
         assert {e["pid"] for e in server.events("stopped")} == pids  # each worker says so
 
 
+def test_reload_serves_from_a_child_of_the_reloader() -> None:
+    """`--reload` reaches uvicorn's reloader: the app is served by a child process, which
+    a change to stella's code would replace; SIGTERM stops both, exit 0."""
+    with run_stella(args=("--reload",)) as server:
+        started = server.wait_event(lambda e: True, name="started")
+        assert started["pid"] != server.proc.pid
+        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text()
+        assert started["pid"] in {int(p) for p in children.split()}
+        assert httpx.get(server.url + "/health").status_code == 200
+        assert server.stop() == 0
+
+
 def test_ctrl_c_drains_serve_as_sigterm_does_and_exits_0() -> None:
     """The README's word: Ctrl-C ends every command with 130 but `stella serve`, which
     takes it as SIGTERM (a running stream still ends whole) and exits 0."""
