@@ -139,6 +139,7 @@ async def test_ollama_call_with_null_arguments_is_a_call_without_any(
         ("5m", "5m"),
         ("1h30m", "1h30m"),
         ("2562047h", "2562047h"),  # Go's longest duration, to the hour
+        ("2562047h47m16.854775807s", "2562047h47m16.854775807s"),  # to the nanosecond
     ],
 )
 async def test_ollama_keep_alive_is_seconds_or_a_go_duration(
@@ -165,6 +166,8 @@ async def test_ollama_keep_alive_is_seconds_or_a_go_duration(
         # Past Go's longest duration (int64 nanoseconds): ParseDuration refuses the
         # string, and the number would overflow Ollama's conversion.
         "2562048h",
+        "2562047h47m16.854775808s",  # one nanosecond past: exact, not in float seconds
+        "9223372036.8547759",  # seconds whose nanoseconds overflow in float64
         "-99999999999999999999s",
         10**30,
         float("nan"),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections.abc import AsyncIterator
+from fractions import Fraction
 from typing import Any
 
 import aiohttp
@@ -46,12 +48,26 @@ class OllamaConfig(HttpConfig, kw_only=True):
 _GO_PART = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h)"
 _GO_DURATION = re.compile(rf"[-+]?(?:0|(?:{_GO_PART})+)")
 _GO_PARTS = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+_UNIT_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9}
+_UNIT_NS |= {"m": 60 * 10**9, "h": 3600 * 10**9}
 # A number of seconds written as a string (an environment variable's value is one).
 _SECONDS = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
-# Go's longest duration (int64 nanoseconds, ~292 years): ParseDuration refuses a longer
-# one, and a longer number of seconds overflows Ollama's conversion.
-MAX_KEEP_ALIVE_S = (2**63 - 1) / 1e9
+# Go's durations are int64 nanoseconds (~292 years): ParseDuration refuses a longer
+# one, and Ollama's conversion of a longer number of seconds overflows.
+_MAX_NS = 2**63 - 1
+
+
+def _fits(value: int | float | str) -> bool:
+    """Whether Ollama can hold `value` (seconds, or a Go duration) as a Go duration."""
+    if isinstance(value, str):  # exact, as ParseDuration counts: whole nanoseconds
+        parts = _GO_PARTS.findall(value)
+        ns = int(sum(Fraction(n) * _UNIT_NS[unit] for n, unit in parts))
+        return ns <= _MAX_NS + value.startswith("-")
+    if value != value or value in (math.inf, -math.inf):
+        return False  # no JSON form: msgspec writes null, which Ollama refuses
+    # Any negative number is "for good" to Ollama; a positive one is multiplied out in
+    # float64 (time.Duration(t * float64(time.Second))), as here.
+    return value < 0 or float(value) * 1e9 < 2.0**63
 
 
 def keep_alive_of(name: str, value: int | float | str) -> int | float | str | None:
@@ -59,23 +75,16 @@ def keep_alive_of(name: str, value: int | float | str) -> int | float | str | No
     would refuse."""
     if value == "":
         return None
-    seconds: float
-    if not isinstance(value, str):
-        sent: int | float | str = value  # seconds, which Ollama takes as a JSON number
-        seconds = value
-    elif _SECONDS.fullmatch(value):
-        sent = seconds = float(value) if any(c in value for c in ".eE") else int(value)
-    elif _GO_DURATION.fullmatch(value):
-        sent = value
-        total = sum(float(n) * _UNIT_S[unit] for n, unit in _GO_PARTS.findall(value))
-        seconds = -total if value.startswith("-") else total
-    else:
-        raise ConfigError(
-            f"backends.{name}.keep_alive: {value[:40]!r} is neither a number of seconds nor "
-            'a Go duration ("5m", "1h30m", "-1s")'
-        )
-    # NaN and infinities have no JSON form (msgspec writes null, which Ollama refuses).
-    if not abs(seconds) <= MAX_KEEP_ALIVE_S:
+    sent: int | float | str = value  # seconds, which Ollama takes as a JSON number
+    if isinstance(value, str):
+        if _SECONDS.fullmatch(value):
+            sent = float(value) if any(c in value for c in ".eE") else int(value)
+        elif not _GO_DURATION.fullmatch(value):
+            raise ConfigError(
+                f"backends.{name}.keep_alive: {value[:40]!r} is neither a number of seconds "
+                'nor a Go duration ("5m", "1h30m", "-1s")'
+            )
+    if not _fits(sent):
         raise ConfigError(
             f"backends.{name}.keep_alive: {str(value)[:40]!r} is not a duration Ollama can "
             "hold (at most ~292 years; -1 keeps the model loaded for good)"
