@@ -51,11 +51,14 @@ def anthropic_url() -> Iterator[tuple[FakeAnthropic, str]]:
         yield fake, url
 
 
-async def run(backend, model: str, **kw: object) -> list:  # type: ignore[no-untyped-def]
+async def run(  # type: ignore[no-untyped-def]
+    backend, model: str, ctx: CallContext | None = None, **kw: object
+) -> list:
+    """The events of one call of `model` on `backend` (started and closed around it)."""
     await backend.start()
     try:
         req = ChatRequest(model=model, **{"messages": HI, **kw})  # type: ignore[arg-type]
-        return [e async for e in backend.chat(req, CallContext(request_id="rid-1"))]
+        return [e async for e in backend.chat(req, ctx or CallContext(request_id="rid-1"))]
     finally:
         await backend.aclose()
 
@@ -347,30 +350,23 @@ async def test_anthropic_whitespace_stops_are_stella_s_and_temperature_is_clampe
     # Such stops end the answer here, as the API ends at its own; the temperature is
     # the most random the API takes.
     fake, url = anthropic_url
-    b = claude(url)
-    await b.start()
-    try:
-        opts = Options(stop=["\n", " ", "", "zzz"], temperature=1.7)
-        ctx = CallContext(request_id="rid-ws")
-        req = ChatRequest(model="claude-ok", messages=HI, options=opts)
-        events = [e async for e in b.chat(req, ctx)]
-        sent = fake.requests[-1]
-        assert sent["stop_sequences"] == ["zzz"] and sent["temperature"] == 1.0
-        assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello!"
-        assert events[-1].finish_reason == "stop" and ctx.stop_sequence == " "
-        assert events[-1].usage.prompt_tokens == 25 and ctx.usage_estimated
-        # The pieces read: "Hello", "!" and " How", whose space ended the answer.
-        assert events[-1].usage.completion_tokens == 3
-        # Only such stops: none sent; a temperature in range goes as it came.
-        req = ChatRequest(model="claude-ok", messages=HI, options=Options(stop=["\n"]))
-        events = [e async for e in b.chat(req, CallContext(request_id="rid-nl"))]
-        assert "stop_sequences" not in fake.requests[-1]
-        assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How can I help?"
-        req = ChatRequest(model="claude-ok", messages=HI, options=Options(temperature=0.4))
-        assert isinstance([e async for e in b.chat(req, CallContext(request_id="r"))][-1], Done)
-        assert fake.requests[-1]["temperature"] == 0.4
-    finally:
-        await b.aclose()
+    opts = Options(stop=["\n", " ", "", "zzz"], temperature=1.7)
+    ctx = CallContext(request_id="rid-ws")
+    events = await run(claude(url), "claude-ok", ctx, options=opts)
+    sent = fake.requests[-1]
+    assert sent["stop_sequences"] == ["zzz"] and sent["temperature"] == 1.0
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello!"
+    assert events[-1].finish_reason == "stop" and ctx.stop_sequence == " "
+    assert events[-1].usage.prompt_tokens == 25 and ctx.usage_estimated
+    # The pieces read: "Hello", "!" and " How", whose space ended the answer.
+    assert events[-1].usage.completion_tokens == 3
+    # Only such stops: none sent; a temperature in range goes as it came.
+    events = await run(claude(url), "claude-ok", options=Options(stop=["\n"]))
+    assert "stop_sequences" not in fake.requests[-1]
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How can I help?"
+    events = await run(claude(url), "claude-ok", options=Options(temperature=0.4))
+    assert isinstance(events[-1], Done)
+    assert fake.requests[-1]["temperature"] == 0.4
 
 
 @pytest.mark.parametrize(
@@ -388,14 +384,7 @@ async def test_anthropic_whitespace_stops_are_stella_s_and_temperature_is_clampe
 async def test_anthropic_text_held_for_a_local_stop_is_sent_before_what_follows(
     anthropic_url: tuple[FakeAnthropic, str], model: str, pieces: list[str]
 ) -> None:
-    _, url = anthropic_url
-    b = claude(url)
-    await b.start()
-    try:
-        req = ChatRequest(model=model, messages=HI, options=Options(stop=["  "]))
-        events = [e async for e in b.chat(req, CallContext(request_id="rid-held"))]
-    finally:
-        await b.aclose()
+    events = await run(claude(anthropic_url[1]), model, options=Options(stop=["  "]))
     seen = [
         e.text if isinstance(e, Delta) else e.name if isinstance(e, ToolCall) else "done"
         for e in events

@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -259,18 +260,41 @@ async def test_a_fault_in_the_dialect_s_encoder_is_stella_s_not_the_backend_s(
             assert [e["type"] for e in ndjson(r.text)] == ["start", "delta", "delta", "done"]
 
 
+async def _chat_with(
+    monkeypatch: pytest.MonkeyPatch,
+    target: object,
+    name: str,
+    broken: object,
+    body: dict[str, Any],
+    settings: dict[str, Any] | None = None,
+) -> tuple[httpx.Response, list[dict[str, Any]]]:
+    """One POST /api/v1/chat of `body` to an in-process app on echo, `target.name`
+    replaced by `broken` for it alone; the answer, and the log events written meanwhile."""
+    from structlog.testing import capture_logs
+
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    overrides = {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}
+    app = create_app(load_settings({**overrides, **(settings or {})}, environ={}))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            monkeypatch.setattr(target, name, broken)
+            with capture_logs() as logged:
+                r = await c.post("/api/v1/chat", json=body)
+            monkeypatch.undo()
+    return r, logged
+
+
 async def test_a_fault_writing_the_last_line_ends_the_stream_and_keeps_its_message_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Writing the `done` line fails in stella itself (past the pipeline): the stream
     # still gets one terminal line, and without log.content the log has the fault's
     # traceback but not its message, which may quote what was being written.
-    from structlog.testing import capture_logs
-
     from stella.api import native
-    from stella.app import create_app
     from stella.protocol import Done
-    from stella.settings import load_settings
 
     encode = native.NDJSON.encode
 
@@ -279,16 +303,8 @@ async def test_a_fault_writing_the_last_line_ends_the_stream_and_keeps_its_messa
             raise ValueError("SECRET-PROMPT-WORD")
         return encode(event)
 
-    overrides = {"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}}
-    app = create_app(load_settings(overrides, environ={}))
     body = {"messages": [{"role": "user", "content": "hi there"}]}
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
-            monkeypatch.setattr(native.NDJSON, "encode", broken)
-            with capture_logs() as logged:
-                r = await c.post("/api/v1/chat", json=body)
-            monkeypatch.undo()
+    r, logged = await _chat_with(monkeypatch, native.NDJSON, "encode", broken, body)
     lines = ndjson(r.text)
     assert [e["type"] for e in lines] == ["start", "delta", "delta", "error"]
     assert lines[-1]["code"] == "internal_error"
@@ -554,29 +570,14 @@ async def test_a_bug_in_a_route_is_a_500_whose_log_keeps_the_message_out(
     # A route's own fault (past the pipeline, before the answer) is stella's 500 in the
     # dialect's shape; its log line has the traceback, and the exception's message
     # (it may quote the request) only with log.content.
-    from structlog.testing import capture_logs
-
     from stella.api import native
-    from stella.app import create_app
-    from stella.settings import load_settings
 
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("SECRET-PROMPT-WORD")
 
-    overrides = {
-        "models": {"default": "echo"},
-        "backends": {"local": {"enabled": False}},
-        "log": {"content": content},
-    }
-    app = create_app(load_settings(overrides, environ={}))
     body = {"messages": [{"role": "user", "content": "hi there"}], "stream": False}
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
-            monkeypatch.setattr(native, "JSONResponse", broken)
-            with capture_logs() as logged:
-                r = await c.post("/api/v1/chat", json=body)
-            monkeypatch.undo()
+    settings = {"log": {"content": content}}
+    r, logged = await _chat_with(monkeypatch, native, "JSONResponse", broken, body, settings)
     assert r.status_code == 500
     assert r.json()["error"]["code"] == "internal_error"
     assert "SECRET" not in r.text
