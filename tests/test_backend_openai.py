@@ -35,7 +35,7 @@ from stella.protocol import (
     Tool,
     ToolCall,
 )
-from tests.fakes.openai import CACHED, REFUSAL, FakeOpenAI
+from tests.fakes.openai import CACHED, FILTERED, REFUSAL, FakeOpenAI
 from tests.fakes.server import full_backlog, serve
 from tests.live import free_port
 
@@ -53,11 +53,17 @@ async def backend(url: str, **kw: object) -> OpenAIBackend:
     return b
 
 
-async def collect(b: OpenAIBackend, model: str, stream: bool = True, **kw: object) -> list:
+async def collect(
+    b: OpenAIBackend,
+    model: str,
+    stream: bool = True,
+    ctx: CallContext | None = None,
+    **kw: object,
+) -> list:
     req = ChatRequest(
         messages=[Message(role="user", content="hi")], model=model, stream=stream, **kw
     )
-    return [e async for e in b.chat(req, CallContext(request_id="req-test-1"))]
+    return [e async for e in b.chat(req, ctx or CallContext(request_id="req-test-1"))]
 
 
 async def test_stream_with_usage_and_request_id(fake: tuple[FakeOpenAI, str]) -> None:
@@ -265,15 +271,36 @@ async def test_a_refusal_is_the_answer_and_ends_as_content_filter(
 ) -> None:
     # OpenAI says a model declined in `refusal`, content null, finish_reason "stop":
     # read as content alone, that was an empty success. The refusal wins over whatever
-    # finish reason came with it.
+    # finish reason came with it, and the call says its text is a refusal.
     b = await backend(fake[1] + "/v1")
     try:
         for stream in (True, False):
-            events = await collect(b, model, stream=stream)
+            ctx = CallContext(request_id="req-test-1")
+            events = await collect(b, model, stream=stream, ctx=ctx)
             assert "".join(e.text for e in events if isinstance(e, Delta)) == REFUSAL, stream
             done = events[-1]
             assert isinstance(done, Done) and done.finish_reason == "content_filter", stream
             assert done.usage.completion_tokens == 5
+            assert ctx.refused, stream
+    finally:
+        await b.aclose()
+
+
+async def test_an_answer_the_upstream_s_filter_cut_short_is_no_refusal(
+    fake: tuple[FakeOpenAI, str],
+) -> None:
+    # finish_reason "content_filter" after some content, no `refusal`: the upstream's
+    # filter stopped the answer, whose text is the answer as far as it went, not a
+    # refusal (the Responses dialect gives it as `output_text`).
+    b = await backend(fake[1] + "/v1")
+    try:
+        for stream in (True, False):
+            ctx = CallContext(request_id="req-test-1")
+            events = await collect(b, "filtered", stream=stream, ctx=ctx)
+            assert "".join(e.text for e in events if isinstance(e, Delta)) == FILTERED, stream
+            done = events[-1]
+            assert isinstance(done, Done) and done.finish_reason == "content_filter", stream
+            assert not ctx.refused, stream
     finally:
         await b.aclose()
 

@@ -14,7 +14,7 @@ import pydantic
 import pytest
 from openai.types.responses import Response, ResponseFailedEvent, ResponseStreamEvent
 
-from tests.fakes.openai import CACHED, TEXT_BEFORE, FakeOpenAI
+from tests.fakes.openai import CACHED, FILTERED, REFUSAL, TEXT_BEFORE, FakeOpenAI
 from tests.fakes.server import serve
 from tests.live import LiveServer, run_stella
 
@@ -55,6 +55,7 @@ def stack() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
                     "gpt": {"backend": "up", "upstream_model": "ok", "retries": 0},
                     "gpt-tools": {"backend": "up", "upstream_model": "two-tools", "retries": 0},
                     "refusal": {"backend": "up", "upstream_model": "refusal", "retries": 0},
+                    "filtered": {"backend": "up", "upstream_model": "filtered", "retries": 0},
                     "text-tools": {"backend": "up", "upstream_model": "text-tools", "retries": 0},
                     "cached": {"backend": "up", "upstream_model": "cached", "retries": 0},
                 }
@@ -480,6 +481,39 @@ def test_a_refusal_is_a_refusal_part_the_sdk_does_not_parse(server: LiveServer) 
     from tests.test_ops import _validate
 
     _validate(httpx.get(server.url + "/openapi.json").json(), "post", "/v1/responses", r)
+
+
+@pytest.mark.parametrize(
+    ("model", "part"), [("refusal", ("refusal", REFUSAL)), ("filtered", ("output_text", FILTERED))]
+)
+def test_only_a_refusal_is_a_refusal_part(server: LiveServer, model: str, part: object) -> None:
+    # Both end content_filter. A refusal (OpenAI's `refusal`) is no answer; text the
+    # upstream's content filter cut short (content_filter after some content) is the
+    # answer as far as it went, `output_text` as the API gives one, so `output_text`
+    # holds it.
+    r = client(server).responses.create(model=model, input="hi")
+    assert r.status == "incomplete" and r.incomplete_details.reason == "content_filter"
+    [item] = r.output
+    assert item.status == "incomplete"
+    [content] = item.content
+    text = content.refusal if content.type == "refusal" else content.text
+    assert (content.type, text) == part
+    assert r.output_text == (FILTERED if model == "filtered" else "")
+
+
+@pytest.mark.parametrize(("model", "text"), [("refusal", REFUSAL), ("filtered", FILTERED)])
+def test_a_stream_ended_by_content_filter_holds_its_text(
+    server: LiveServer, model: str, text: str
+) -> None:
+    # Streamed, either is `output_text` as it comes, the stream ending incomplete for
+    # content_filter: the text went out before the end said what it was.
+    events = validated_events(server, {"model": model, "input": "hi"})
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text
+    last = events[-1]
+    assert last.type == "response.incomplete"
+    assert last.response.incomplete_details.reason == "content_filter"
+    [item] = last.response.output
+    assert [(c.type, c.text) for c in item.content] == [("output_text", text)]
 
 
 def test_sampling_and_the_token_limit(stack: tuple[LiveServer, FakeOpenAI]) -> None:

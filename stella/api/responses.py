@@ -109,7 +109,9 @@ def status_of(finish_reason: str) -> tuple[str, dict[str, str] | None]:
     """A Response's status and incomplete_details for a finish reason."""
     if finish_reason == "length":
         return "incomplete", {"reason": "max_output_tokens"}
-    if finish_reason == "content_filter":  # an upstream's refusal, as chat completions ends it
+    # An upstream's refusal, or an answer its content filter cut short, as chat
+    # completions ends both.
+    if finish_reason == "content_filter":
         return "incomplete", {"reason": "content_filter"}
     return "completed", None
 
@@ -340,8 +342,11 @@ async def responses(request: Request, call: Call) -> Reply:
     if result.response or not calls:
         item_status = "incomplete" if incomplete else "completed"
         # A refusal's text is no answer: as a `refusal` part, the SDK's `parse()` leaves
-        # `output_parsed` empty instead of failing to read it as the schema asked.
-        refused = result.finish_reason == "content_filter" and bool(result.response)
+        # `output_parsed` empty instead of failing to read it as the schema asked. Text an
+        # upstream's content filter cut short is the answer as far as it went, as the API
+        # gives one: `output_text` (finished content_filter all the same).
+        ctx = inference.ctx
+        refused = bool(result.response) and ctx is not None and ctx.refused
         answer.output.append(
             message_item(answer.item_id("msg"), result.response, item_status, refused)
         )

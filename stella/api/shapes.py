@@ -258,7 +258,8 @@ OPENAI_HEALTH = Schema(
 # --- OpenAI Responses --------------------------------------------------------------------
 
 _RESPONSES_TEXT = obj({"type": const("output_text"), "text": STR, "annotations": array(OBJECT)})
-# A whole answer's refusal (an upstream's, finished content_filter) is a part of its own.
+# A whole answer's refusal (an upstream's `refusal`, finished content_filter) is a part of
+# its own; text an upstream's content filter cut short is `output_text`.
 _RESPONSES_REFUSAL = obj({"type": const("refusal"), "refusal": STR})
 _RESPONSES_STATUS = {"enum": ["in_progress", "completed", "incomplete"]}
 _RESPONSES_MESSAGE = obj(

@@ -75,6 +75,11 @@ class CallContext:
     # Set by an engine with a prompt cache: how many of the prompt's tokens it did not
     # have to read again (a conversation's earlier turns).
     cached_tokens: int | None = None
+    # Set by a backend whose upstream declined to answer (OpenAI's `refusal` field): the
+    # answer's text is the refusal, finished content_filter. An answer the upstream's
+    # content filter cut short also finishes content_filter, its text a partial answer
+    # (the Responses dialect gives the one a `refusal` part, the other `output_text`).
+    refused: bool = False
 
 
 def first_stop(text: str, stops: Iterable[str]) -> tuple[int, str] | None:

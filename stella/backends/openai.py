@@ -216,7 +216,6 @@ class OpenAIBackend(HttpBackend):
                 finish: str | None = None
                 usage: _Usage | None = None
                 ended = False
-                refused = False
                 # One network read often holds several SSE events (a fast upstream, or a
                 # burst after a pause): their text goes out as one Delta, one send.
                 buf = LineBuffer(name)
@@ -277,7 +276,9 @@ class OpenAIBackend(HttpBackend):
                                 if d.refusal:
                                     ctx.tokens_seen += 1
                                     texts.append(d.refusal)
-                                    refused = True
+                                    ctx.refused = (
+                                        True  # a refusal, not an answer (the Responses dialect)
+                                    )
                                 if d.tool_calls:
                                     ctx.tokens_seen += len(d.tool_calls)
                                     calls.add(d.tool_calls)
@@ -297,7 +298,7 @@ class OpenAIBackend(HttpBackend):
                 if finish in FAILED:
                     raise UpstreamError(f"{name}: the upstream ended the answer ({finish})")
                 yield Done(
-                    finish_reason=_finish(finish, bool(calls.slots), refused),
+                    finish_reason=_finish(finish, bool(calls.slots), ctx.refused),
                     usage=_usage(usage, ctx),
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -319,6 +320,7 @@ class OpenAIBackend(HttpBackend):
             )
         msg = choice.message or choice.delta or _Delta()
         text = (msg.content or "") + (msg.refusal or "")
+        ctx.refused = bool(msg.refusal)
         if text:
             yield Delta(text=text)
         calls = _Calls()
@@ -333,7 +335,7 @@ class OpenAIBackend(HttpBackend):
         for event in events:
             yield event
         yield Done(
-            finish_reason=_finish(choice.finish_reason or "stop", bool(events), bool(msg.refusal)),
+            finish_reason=_finish(choice.finish_reason or "stop", bool(events), ctx.refused),
             usage=_usage(chunk.usage, ctx),
         )
 

@@ -28,9 +28,11 @@ stream it), `name-pieces` (the name itself in pieces, as Gemini's may come) and
 mlx_lm.server writes them while it reads a long prompt), `refusal` (the model declines:
 REFUSAL in `refusal`, content null, finish_reason "stop", as OpenAI answers),
 `refusal-length` (the same, ended with "length"), `refusal-no-usage` (the same, with no
-usage in a whole answer), `text-tools` (TEXT_BEFORE, then the
-calls of `two-tools`, as a model may say what it is about to do) and `reasoning` (a 400 for
-`max_tokens`, as OpenAI's o-series and gpt-5 answer: they take `max_completion_tokens`).
+usage in a whole answer), `filtered` (FILTERED, then finish_reason "content_filter" and no
+`refusal`, as an upstream's content filter ends an answer it cuts short), `text-tools`
+(TEXT_BEFORE, then the calls of `two-tools`, as a model may say what it is about to do)
+and `reasoning` (a 400 for `max_tokens`, as OpenAI's o-series and gpt-5 answer: they take
+`max_completion_tokens`).
 It records what it saw.
 """
 
@@ -57,6 +59,9 @@ TEXT_BEFORE = "Let me check."
 
 # What the `refusal` models answer.
 REFUSAL = "I'm sorry, I cannot help with that."
+
+# What model `filtered` says before its content filter cuts the answer short.
+FILTERED = "Here is how to"
 
 # An upstream's error text of a megabyte over several lines (a traceback, a dump).
 HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
@@ -201,6 +206,9 @@ class FakeOpenAI:
             if model.startswith("refusal"):
                 message = {"role": "assistant", "content": None, "refusal": REFUSAL}
                 finish = "length" if model == "refusal-length" else "stop"
+            if model == "filtered":
+                message = {"role": "assistant", "content": FILTERED}
+                finish = "content_filter"
             answer: dict[str, Any] = {
                 "id": "chatcmpl-1",
                 "object": "chat.completion",
@@ -337,6 +345,10 @@ class FakeOpenAI:
                 for part in ('{"ci', 'ty": "Par', 'is"}'):
                     yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
                 yield chunk({}, "tool_calls")
+            elif model == "filtered":
+                for part in (FILTERED[:8], FILTERED[8:]):
+                    yield chunk({"content": part})
+                yield chunk({}, "content_filter")
             else:
                 for i, word in enumerate(self.words):
                     if model == "die-after-3" and i == 3:
