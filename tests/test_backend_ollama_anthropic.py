@@ -29,7 +29,7 @@ from stella.protocol import (
     ToolCallRef,
     Usage,
 )
-from tests.fakes.anthropic import DELTA_COUNTS, KEY, PINGS_S, FakeAnthropic
+from tests.fakes.anthropic import DELTA_COUNTS, KEY, PINGS_S, REFUSED_AT, FakeAnthropic
 from tests.fakes.ollama import CALL_IDS, CONTEXT, FakeOllama
 from tests.fakes.server import full_backlog, serve
 from tests.live import ndjson, run_stella
@@ -472,6 +472,42 @@ async def test_anthropic_context_window_exceeded_is_length(
     events, _ = await _call(anthropic_url[1], "claude-context-full")
     assert "".join(e.text for e in events if isinstance(e, Delta)) == "Hello! How can I help?"
     assert events[-1].finish_reason == "length"
+
+
+def test_anthropic_s_refusal_stop_is_an_answer_cut_short_in_every_dialect(
+    anthropic_url: tuple[FakeAnthropic, str],
+) -> None:
+    # The API's `refusal` stop reason: its classifiers stopped the answer, whose text is
+    # the answer as far as it went, not the model's words declining. It ends
+    # content_filter (`refusal` again in the Anthropic dialect); the Responses dialect
+    # gives the text as `output_text`, as the API gives an answer its filter cut short.
+    config = claude_route(anthropic_url[1], "claude-refusal")
+    hi = [{"role": "user", "content": "hi"}]
+    with run_stella(config, {"CK": KEY}) as server:
+        body = {"model": "sonnet", "max_tokens": 20, "messages": hi}
+        r = httpx.post(server.url + "/v1/messages", json=body)
+        assert r.status_code == 200, r.text
+        m = r.json()
+        assert (m["content"], m["stop_reason"]) == (
+            [{"type": "text", "text": REFUSED_AT}],
+            "refusal",
+        )
+        r = httpx.post(
+            server.url + "/v1/chat/completions", json={"model": "sonnet", "messages": hi}
+        )
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert (choice["message"]["content"], choice["finish_reason"]) == (
+            REFUSED_AT,
+            "content_filter",
+        )
+        r = httpx.post(server.url + "/v1/responses", json={"model": "sonnet", "input": "hi"})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["status"] == "incomplete"
+        assert answer["incomplete_details"] == {"reason": "content_filter"}
+        [item] = answer["output"]
+        assert item["content"] == [{"type": "output_text", "text": REFUSED_AT, "annotations": []}]
 
 
 def test_a_cached_prompt_is_counted_whole_in_every_dialect_and_the_log(

@@ -11,7 +11,9 @@ cache: message_start's usage has `cache_creation_input_tokens` and
 `claude-zero-usage` (message_delta's input_tokens 0, as some compatible servers send a
 count they do not give again), `claude-grown-usage` (message_delta's cumulative counts
 larger than message_start's: DELTA_COUNTS),
-`claude-context-full` (the text ended with `model_context_window_exceeded`), `claude-429`
+`claude-context-full` (the text ended with `model_context_window_exceeded`),
+`claude-refusal` (REFUSED_AT, then `refusal`: the API's streaming classifiers cut the
+answer short so), `claude-429`
 (rate limit with retry-after), `claude-529` (overloaded), `claude-error-mid`
 (an `error` event after a text delta), `claude-error-first` and `claude-api-error-first`
 (a 200 whose one event is an `error`, overloaded_error or api_error),
@@ -44,6 +46,8 @@ from starlette.routing import Route
 KEY = "sk-ant-fake-key"
 # An upstream's error text of a megabyte over several lines (a traceback, a dump).
 HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
+# What model `claude-refusal` says before the API's classifiers stop it.
+REFUSED_AT = "Hello!"
 # The cache's counts in message_start's usage, by model: the API's `input_tokens` are
 # only the prompt's tokens after the last cache breakpoint, neither written nor read.
 CACHE = {"claude-cached": {"cache_creation_input_tokens": 200, "cache_read_input_tokens": 1000}}
@@ -271,6 +275,9 @@ class FakeAnthropic:
             for word in words:
                 if out >= limit:
                     stop = "max_tokens"
+                    break
+                if model == "claude-refusal" and text == REFUSED_AT:
+                    stop = "refusal"
                     break
                 # A stop sequence ends the text where it begins, and is named in the end.
                 hits = [
