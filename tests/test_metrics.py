@@ -100,6 +100,34 @@ def test_a_client_leaving_is_not_a_backend_failure(stella: LiveServer) -> None:
     assert failures not in scrape(stella)
 
 
+def test_a_call_its_total_limit_cuts_while_producing_is_not_a_backend_failure() -> None:
+    # A token every 0.3 s, six of them, within a 1 s limit: the request's time runs out
+    # while the backend is answering. The circuit breaker takes that for no failure;
+    # the failure counter must agree with it.
+    config = {
+        "breaker": {"failure_threshold": 3},
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.3}},
+        "models": {"routes": {"cut": {"backend": "slow", "retries": 0, "total_timeout_s": 1}}},
+    }
+    body = {
+        "model": "cut",
+        "stream": False,
+        "messages": [{"role": "user", "content": "one two three four five six"}],
+    }
+    with run_stella(config) as server:
+        for i in range(4):
+            rid = f"metrics-cut-{i}"
+            r = httpx.post(server.url + "/api/v1/chat", json=body, headers={"X-Request-ID": rid})
+            assert r.status_code == 504, r.text
+        text = scrape(server)
+        assert 'stella_circuit_state{backend="slow"} 0.0' in text
+        assert 'stella_backend_failures_total{backend="slow"' not in text, text
+        # The log keeps the attempt's error, and says it was the request's time.
+        ev = server.wait_event(lambda e: e["request_id"] == rid)
+        [attempt] = ev["attempts"]
+        assert attempt["error"] == "upstream_timeout" and attempt["out_of_time"] is True
+
+
 def test_a_name_counted_as_other_gets_its_label_once_it_is_a_route() -> None:
     body = {"stream": False, "messages": [{"role": "user", "content": "a"}]}
     with run_stella({"models": {"allow_direct": True}}) as server:
