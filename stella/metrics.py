@@ -124,7 +124,7 @@ class Metrics:
                     self.failures[(attempt["backend"], error)] += 1
 
     def rejected(self, exc: StellaError, api: str) -> None:
-        """Count a refusal before the first byte (401, 404, 429, 503, ...)."""
+        """Count an inference request's refusal before the first byte (401, 404, 429, 503, ...)."""
         self.rejections[(api, exc.code)] += 1
 
 
@@ -161,7 +161,9 @@ class _CounterCollector(Collector):
                 family.add_metric([model], cumulative, h.sum)
             yield family
         rejections = CounterMetricFamily(
-            "stella_rejections", "Requests refused before the first byte", labels=["api", "code"]
+            "stella_rejections",
+            "Inference requests refused before the first byte",
+            labels=["api", "code"],
         )
         for labels, n in list(m.rejections.items()):
             rejections.add_metric(list(labels), n)
