@@ -113,7 +113,7 @@ class Services:
         return NATIVE
 
     def rejected(self, exc: StellaError, api: str) -> None:
-        """Tell observers about a refusal before the first byte (for metrics)."""
+        """Tell observers about an inference request refused before the first byte (metrics)."""
         for hook in self.on_reject:
             hook(exc, api)
 

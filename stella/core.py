@@ -589,6 +589,8 @@ class Inference:
                         raise
                     except StellaError as exc:
                         self.attempts[-1]["error"] = exc.code
+                        if exc.out_of_time:  # as before the first token (see _first)
+                            self.attempts[-1]["out_of_time"] = True
                         if exc.retryable:
                             # The request's own time ran out, not the backend's: no verdict
                             # (the probe, if this was one, goes back below), as before the
@@ -804,6 +806,9 @@ class Inference:
         now = time.perf_counter()
         record["ms"] = _ms(now - t)
         record["error"] = err.code
+        if err.out_of_time:
+            # The request's time, not the backend: no failure to the breaker nor to metrics.
+            record["out_of_time"] = True
         self._queued(ctx, now)
         if isinstance(err, UpstreamStatus):
             record["upstream_status"] = err.upstream_status

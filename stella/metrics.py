@@ -31,7 +31,9 @@ if TYPE_CHECKING:  # the app installs this module
     from stella.app import Services
 
 # Attempts cut for the client's or the server's reasons, not because the backend failed
-# (a fallback refused by its limits or an open circuit never ran: it has no "ms").
+# (a fallback refused by its limits or an open circuit never ran: it has no "ms"; one the
+# request's time cut while its backend was producing is marked "out_of_time", as the
+# circuit breaker takes it: no failure).
 NOT_BACKEND_FAILURES = frozenset({"client_closed", "client_too_slow", "cancelled", "shutting_down"})
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -113,11 +115,16 @@ class Metrics:
         if len(attempts) > 1 or (attempts and attempts[0].get("error")):
             for attempt in attempts:
                 error = attempt.get("error")
-                if error and error not in NOT_BACKEND_FAILURES and "ms" in attempt:
+                if (
+                    error
+                    and error not in NOT_BACKEND_FAILURES
+                    and "ms" in attempt
+                    and "out_of_time" not in attempt
+                ):
                     self.failures[(attempt["backend"], error)] += 1
 
     def rejected(self, exc: StellaError, api: str) -> None:
-        """Count a refusal before the first byte (401, 404, 429, 503, ...)."""
+        """Count an inference request's refusal before the first byte (401, 404, 429, 503, ...)."""
         self.rejections[(api, exc.code)] += 1
 
 
@@ -154,7 +161,9 @@ class _CounterCollector(Collector):
                 family.add_metric([model], cumulative, h.sum)
             yield family
         rejections = CounterMetricFamily(
-            "stella_rejections", "Requests refused before the first byte", labels=["api", "code"]
+            "stella_rejections",
+            "Inference requests refused before the first byte",
+            labels=["api", "code"],
         )
         for labels, n in list(m.rejections.items()):
             rejections.add_metric(list(labels), n)

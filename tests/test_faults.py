@@ -394,6 +394,11 @@ def test_output_without_text_runs_into_the_total_limit(gateway: LiveServer) -> N
     assert "the total limit of 1s passed" in lines[-1]["message"], lines[-1]
     ev = gateway.wait_event(lambda e: e["model"] == "up-beats")
     assert ev["attempts"][0]["error"] == "upstream_timeout"
+    # Cut while producing, before its first token: no failure of the backend, to its
+    # circuit breaker as to the metrics.
+    assert ev["attempts"][0]["out_of_time"] is True
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'stella_backend_failures_total{backend="b-beats"' not in metrics, metrics
 
 
 def test_keep_alive_comments_keep_the_first_token_limit_from_firing(

@@ -100,6 +100,34 @@ def test_a_client_leaving_is_not_a_backend_failure(stella: LiveServer) -> None:
     assert failures not in scrape(stella)
 
 
+def test_a_call_its_total_limit_cuts_while_producing_is_not_a_backend_failure() -> None:
+    # A token every 0.3 s, six of them, within a 1 s limit: the request's time runs out
+    # while the backend is answering. The circuit breaker takes that for no failure;
+    # the failure counter must agree with it.
+    config = {
+        "breaker": {"failure_threshold": 3},
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.3}},
+        "models": {"routes": {"cut": {"backend": "slow", "retries": 0, "total_timeout_s": 1}}},
+    }
+    body = {
+        "model": "cut",
+        "stream": False,
+        "messages": [{"role": "user", "content": "one two three four five six"}],
+    }
+    with run_stella(config) as server:
+        for i in range(4):
+            rid = f"metrics-cut-{i}"
+            r = httpx.post(server.url + "/api/v1/chat", json=body, headers={"X-Request-ID": rid})
+            assert r.status_code == 504, r.text
+        text = scrape(server)
+        assert 'stella_circuit_state{backend="slow"} 0.0' in text
+        assert 'stella_backend_failures_total{backend="slow"' not in text, text
+        # The log keeps the attempt's error, and says it was the request's time.
+        ev = server.wait_event(lambda e: e["request_id"] == rid)
+        [attempt] = ev["attempts"]
+        assert attempt["error"] == "upstream_timeout" and attempt["out_of_time"] is True
+
+
 def test_a_name_counted_as_other_gets_its_label_once_it_is_a_route() -> None:
     body = {"stream": False, "messages": [{"role": "user", "content": "a"}]}
     with run_stella({"models": {"allow_direct": True}}) as server:
@@ -222,3 +250,49 @@ def test_a_refusal_is_counted_under_the_api_that_served_the_request(stella: Live
     native = 'stella_rejections_total{api="native",code="model_not_found"}'
     assert value(after, simple) - value(before, simple) == 1
     assert value(after, native) == value(before, native)
+
+
+def test_only_an_inference_routes_refusals_are_counted(stella: LiveServer) -> None:
+    # A lookup's 404 or a report's 400 refuses no inference: counted, they would skew
+    # refusals / (requests + refusals). A chat's 404 is one.
+    before = value(scrape(stella), "stella_rejections_total")
+    assert httpx.get(stella.url + "/v1/models/no-such-model-xyz").status_code == 404
+    assert httpx.get(stella.url + "/api/v1/usage?day=bad").status_code == 400
+    show = httpx.post(stella.url + "/api/show", json={"model": "no-such-model-xyz"})
+    assert show.status_code == 404
+    assert value(scrape(stella), "stella_rejections_total") == before
+    r = httpx.post(
+        stella.url + "/v1/chat/completions",
+        json={"model": "no-such-model-xyz", "messages": [{"role": "user", "content": "a"}]},
+    )
+    assert r.status_code == 404
+    after = scrape(stella)
+    assert value(after, "stella_rejections_total") - before == 1
+    assert value(after, 'stella_rejections_total{api="openai",code="model_not_found"}') >= 1
+
+
+def test_refusals_of_metrics_and_admin_routes_are_not_counted() -> None:
+    import hashlib
+
+    def sha(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    keys = {
+        "boss": {"sha256": sha("sk-metrics-admin-1"), "admin": True},
+        "some": {"sha256": sha("sk-metrics-user-1"), "models": ["echo"]},
+    }
+    admin = {"Authorization": "Bearer sk-metrics-admin-1"}
+    with run_stella({"auth": {"keys": keys}}) as server:
+        assert httpx.get(server.url + "/metrics").status_code == 401
+        user = {"Authorization": "Bearer sk-metrics-user-1"}
+        assert httpx.get(server.url + "/metrics", headers=user).status_code == 403
+        route = {"name": "echo", "backend": "echo"}  # a configured route's name: 409
+        r = httpx.post(server.url + "/api/v1/models", json=route, headers=admin)
+        assert r.status_code == 409, r.text
+        text = scrape(server, headers=admin)
+        assert value(text, "stella_rejections_total") == 0, text
+        # An inference refused for want of a key still is.
+        body = {"model": "echo", "messages": [{"role": "user", "content": "a"}]}
+        assert httpx.post(server.url + "/api/v1/chat", json=body).status_code == 401
+        text = scrape(server, headers=admin)
+        assert value(text, 'stella_rejections_total{api="native",code="unauthorized"}') == 1

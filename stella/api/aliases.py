@@ -118,7 +118,7 @@ async def _answer(request: Request, call: Call, chat: ChatRequest) -> Any:
 # 1. {"input_data": {"input": "..."}} -> {"output": "..."}
 
 
-@endpoint(INVOKE)
+@endpoint(INVOKE, inference=True)
 async def invoke(request: Request, call: Call) -> Response:
     """POST /api/chat/invoke."""
     req: InvokeRequest = await read_json(request, _invoke)
@@ -172,7 +172,7 @@ class ResponseSseCodec(Codec):
         return b": ping\n\n"
 
 
-@endpoint()
+@endpoint(inference=True)
 async def generate_v1(request: Request, call: Call) -> Reply:
     """POST /api/v1/generate: native NDJSON/JSON, or SSE `response` events when asked for."""
     svc = services(request)
@@ -187,7 +187,7 @@ async def generate_v1(request: Request, call: Call) -> Reply:
 # 4. POST /generate {"prompt"} -> {"response"}
 
 
-@endpoint(SIMPLE)
+@endpoint(SIMPLE, inference=True)
 async def generate_plain(request: Request, call: Call) -> Response:
     """POST /generate."""
     req: PromptRequest = await read_json(request, _prompt)
@@ -227,7 +227,7 @@ async def llm_models(request: Request, call: Call) -> Response:
     return JSONResponse({"models": [m.name for m in listing.models], "default": listing.default})
 
 
-@endpoint(LLM)
+@endpoint(LLM, inference=True)
 async def llm_generate(request: Request, call: Call) -> Response:
     """POST /api/llm/generate -> {"response"}."""
     req: PromptRequest = await read_json(request, _prompt)
@@ -243,7 +243,7 @@ async def llm_generate(request: Request, call: Call) -> Response:
     )
 
 
-@endpoint(LLM)
+@endpoint(LLM, inference=True)
 async def llm_stream(request: Request, call: Call) -> Reply:
     """POST /api/llm/stream: the native NDJSON stream."""
     svc = services(request)

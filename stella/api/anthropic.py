@@ -618,7 +618,7 @@ class MessagesCodec(Codec):
         return _event("ping", {"type": "ping"})
 
 
-@endpoint(ANTHROPIC)
+@endpoint(ANTHROPIC, inference=True)
 async def messages(request: Request, call: Call) -> Reply:
     """POST /v1/messages."""
     svc = services(request)

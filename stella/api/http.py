@@ -149,12 +149,17 @@ class Endpoint:
         dialect: Dialect,
         auth: str,
         pick: Callable[[dict[str, Any]], Dialect] | None = None,
+        inference: bool = False,
     ) -> None:
         self.fn = fn
         self.dialect = dialect
         self.error_status = _error_status(dialect)
         self.auth = auth
         self.pick = pick  # chooses the dialect by the request, for a route two APIs share
+        # An inference route's refusals are counted (stella_rejections_total): a lookup's
+        # 404 or an admin's 409 is no inference refused, and would skew the ratio of
+        # refusals to inferences.
+        self.inference = inference
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
 
@@ -179,7 +184,7 @@ class Endpoint:
             if dialect.id_header:  # an error response has it from error_response
                 response.raw_headers.append((dialect.id_header, rid.encode()))
         except StellaError as exc:
-            if not exc.admitted:
+            if self.inference and not exc.admitted:
                 # call.api, not the dialect's name: a route may answer in another
                 # shape once it has read the body (/api/v1/generate's SSE form).
                 svc.rejected(exc, call.api)
@@ -246,12 +251,14 @@ def endpoint(
     *,
     auth: str = "user",
     pick: Callable[[dict[str, Any]], Dialect] | None = None,
+    inference: bool = False,
 ) -> Callable[[Handler], Endpoint]:
     """Wrap a route handler: authenticate (auth = "user" | "admin" | "none"), map errors
-    in `dialect`'s shape (or in the one `pick` chooses from the request's ASGI scope)."""
+    in `dialect`'s shape (or in the one `pick` chooses from the request's ASGI scope);
+    an `inference` route (one that runs the pipeline) reports its refusals to metrics."""
 
     def wrap(fn: Handler) -> Endpoint:
-        return Endpoint(fn, dialect, auth, pick)
+        return Endpoint(fn, dialect, auth, pick, inference)
 
     return wrap
 

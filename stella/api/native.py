@@ -99,7 +99,7 @@ def _hint(exc: InvalidRequest) -> InvalidRequest:
     return exc
 
 
-@endpoint()
+@endpoint(inference=True)
 async def chat(request: Request, call: Call) -> Reply:
     """POST /api/v1/chat."""
     try:
@@ -117,7 +117,7 @@ async def read_generate(request: Request) -> GenerateRequest:
         raise _hint(exc) from None
 
 
-@endpoint()
+@endpoint(inference=True)
 async def generate(request: Request, call: Call) -> Reply:
     """POST /api/v1/generate: a chat with one user message and an optional system prompt."""
     return await respond(request, call, (await read_generate(request)).to_chat())

@@ -239,7 +239,7 @@ def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
     return decode(body, object, decoder)
 
 
-@endpoint(OLLAMA)
+@endpoint(OLLAMA, inference=True)
 async def chat(request: Request, call: Call) -> Reply:
     """POST /api/chat."""
     req: OllamaChat = _decode(
@@ -349,7 +349,7 @@ def _check_insert(req: OllamaGenerate) -> None:
         )
 
 
-@endpoint(OLLAMA)
+@endpoint(OLLAMA, inference=True)
 async def generate(request: Request, call: Call) -> Reply:
     """POST /api/generate."""
     req: OllamaGenerate = _decode(

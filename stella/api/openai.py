@@ -366,7 +366,7 @@ def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
     return decode(body, object, decoder)
 
 
-@endpoint(OPENAI)
+@endpoint(OPENAI, inference=True)
 async def chat_completions(request: Request, call: Call) -> Reply:
     """POST /v1/chat/completions."""
     body = await read_body(request, services(request).settings.server.max_body_bytes)
@@ -376,7 +376,7 @@ async def chat_completions(request: Request, call: Call) -> Reply:
     return await _run(request, call, chat, include, text=False)
 
 
-@endpoint(OPENAI)
+@endpoint(OPENAI, inference=True)
 async def chat_stream(request: Request, call: Call) -> Reply:
     """POST /v1/chat/stream: a chat completion that always streams (SSE)."""
     body = await read_body(request, services(request).settings.server.max_body_bytes)
@@ -388,7 +388,7 @@ async def chat_stream(request: Request, call: Call) -> Reply:
     return await _run(request, call, chat, include, text=False)
 
 
-@endpoint(OPENAI_TEXT)
+@endpoint(OPENAI_TEXT, inference=True)
 async def completions(request: Request, call: Call) -> Reply:
     """POST /v1/completions: a prompt completed as the assistant's answer."""
     body = await read_body(request, services(request).settings.server.max_body_bytes)

@@ -324,7 +324,7 @@ class ResponsesCodec(Codec):
         return b": ping\n\n"
 
 
-@endpoint(RESPONSES)
+@endpoint(RESPONSES, inference=True)
 async def responses(request: Request, call: Call) -> Reply:
     """POST /v1/responses."""
     svc = services(request)
