@@ -531,9 +531,12 @@ def test_a_client_that_stops_reading_is_let_go_at_the_total_limit() -> None:
 
 def test_clients_that_stop_reading_together_are_each_let_go() -> None:
     # With other requests in flight the server holds a turn's writes to send them as one:
-    # held past 64 KiB they still go out, where flow control pauses each stream.
+    # held past 64 KiB they still go out, where flow control pauses each stream. Words of
+    # a kilobyte fill the kernel's buffers (4 MiB at most) in a few thousand lines, well
+    # within the limit on a busy machine (as small words might not: then the limit cuts
+    # a backend still producing, a 504).
     config = {
-        "backends": {"flood": {"kind": "echo", "reply": "word " * 200000}},
+        "backends": {"flood": {"kind": "echo", "reply": ("w" * 999 + " ") * 6000}},
         "models": {"routes": {"flood": {"backend": "flood", "total_timeout_s": 1.5}}},
     }
     with run_stella(config) as server:
