@@ -119,6 +119,21 @@ class KeySettings(Section):
     max_concurrent: Count = 0
 
 
+# What a `*_env` key (api_key_env, keys_env) holds: a variable's name, as a shell sets it.
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def pasted_secret(key: str, value: Any) -> bool:
+    """Whether `value`, under a key that names an environment variable (`api_key_env`,
+    `keys_env`), is no variable's name: likely the secret itself, pasted in its place."""
+    return (
+        key.lower().endswith("_env")
+        and isinstance(value, str)
+        and bool(value)
+        and not VARIABLE_NAME.fullmatch(value)
+    )
+
+
 class AuthSettings(Section):
     """[auth]"""
 
@@ -427,6 +442,8 @@ def blamed(
         data = dict(files)
     if variable in _secret_variables(data):
         shown = "***"  # the config names it as a key's holder: a secret whatever it sets
+    elif pasted_secret(parts[-1], value):
+        shown = "***"  # a key where its variable's name goes; a name is shown (below)
     elif text.startswith("{") or (text.startswith("[") and "{" in text) or parts[-1] == "headers":
         shown = "(not shown)"  # a table, or what should be one: its secrets are inside it
     elif len(parts) > 2 and parts[-2] == "headers":
@@ -650,6 +667,12 @@ def _check(s: Settings) -> None:
         if not host.strip() or any(c in host for c in "/@ ") or not host.isprintable():
             raise ConfigError(f"server.allowed_hosts: {host!r} is not a host name")
     redis = s.state.redis_url
+    if pasted_secret("keys_env", s.auth.keys_env):
+        # Not shown (blamed() masks it too): likely a key, which /config would show.
+        raise ConfigError(
+            "auth.keys_env: not an environment variable name (letters, digits, _): name "
+            "the variable that holds the keys, not a key"
+        )
     if redis and not redis.startswith(("redis://", "rediss://", "unix://")):
         shown = repr(_redact_url(redis))
         raise ConfigError(f"state.redis_url: {shown} is not a redis://, rediss:// or unix:// URL")
@@ -840,6 +863,8 @@ def _redact(node: Any, path: tuple[str, ...] = ()) -> Any:
         return [_redact(v, path) for v in node]
     key = path[-1] if path else ""
     if isinstance(node, str) and node and _names_secret(key):
+        return "***"
+    if pasted_secret(key, node):  # e.g. a disabled backend's, which nothing refused
         return "***"
     if isinstance(node, str) and ("://" in node or key.lower().endswith("url")):
         return _redact_url(node)

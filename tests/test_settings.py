@@ -289,6 +289,24 @@ def test_redaction_hides_secrets() -> None:
     assert "R_KEY" in text  # the variable's name is not the secret
 
 
+def test_a_key_pasted_into_a_disabled_backends_api_key_env_is_masked() -> None:
+    # A disabled backend is not built, so nothing refuses it: /config and `stella config`
+    # would show it, as a variable's name is shown.
+    table = {"kind": "openai", "base_url": "http://x/v1", "enabled": False}
+    s = load_settings(
+        {
+            "backends": {
+                "off": {**table, "api_key_env": "sk-proj-AbCdEf0123456789"},
+                "named": {**table, "api_key_env": "OFF_KEY"},
+            }
+        },
+        environ={},
+    )
+    shown = redacted(s)["backends"]
+    assert shown["off"]["api_key_env"] == "***"
+    assert shown["named"]["api_key_env"] == "OFF_KEY"
+
+
 def test_the_token_limit_field_name_is_shown_not_masked() -> None:
     # `max_tokens_param` holds a credential's word ("token") and names a field: an
     # operator checks it in /config and `stella config`.
@@ -968,6 +986,55 @@ def test_blame_reads_what_load_settings_read_not_the_files_again(tmp_path: Path)
     conf.unlink()  # a second read would find nothing
     err = ConfigError("models.routes.gpu: Object missing required field `x`")
     assert str(blamed(err, environ=env)) == str(err)  # the file held the table
+
+
+@pytest.mark.parametrize(
+    ("variable", "key", "extra"),
+    [
+        (
+            "STELLA_BACKENDS__O__API_KEY_ENV",
+            "backends.o.api_key_env",
+            {"STELLA_BACKENDS__O__KIND": "openai", "STELLA_BACKENDS__O__BASE_URL": "http://h/v1"},
+        ),
+        ("STELLA_AUTH__KEYS_ENV", "auth.keys_env", {}),
+    ],
+)
+def test_a_key_pasted_where_its_variable_name_goes_is_not_shown(
+    tmp_path: Path, variable: str, key: str, extra: dict[str, str]
+) -> None:
+    # The variable's value is shown with an error about it, and a `*_env` key's name is
+    # no secret: but a value that is no variable's name is likely the key itself.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    secret = "sk-proj-AbCdEf0123456789"
+    out = stella_cli("config", "--check", env={**env, **extra, variable: secret})
+    assert out.returncode == 2
+    assert out.stderr.startswith(
+        f"stella: config error: {variable}=***: {key}: not an environment variable name"
+    ), out.stderr
+    assert "AbCdEf" not in out.stderr + out.stdout
+    # The same in a file: the error quotes no value.
+    section, _, field = key.rpartition(".")
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[{section}]\n{field} = "{secret}"\n')
+    out = stella_cli("config", "--check", "--config", str(conf), env={**env, **extra})
+    assert out.returncode == 2 and "AbCdEf" not in out.stderr, out.stderr
+    assert out.stderr.startswith(f"stella: config error: {key}: not an environment variable")
+
+
+def test_a_variable_name_in_an_env_key_is_still_shown_in_an_error() -> None:
+    # A name is what the reader checks the error against (a typo in it, the wrong one).
+    from stella.settings import blamed
+
+    env = {"STELLA_BACKENDS__O__API_KEY_ENV": "OPENAI_KEY"}
+    err = ConfigError("backends.o.api_key_env: some error")
+    assert str(blamed(err, environ=env, files={})) == (
+        "STELLA_BACKENDS__O__API_KEY_ENV=OPENAI_KEY: backends.o.api_key_env: some error"
+    )
+    env = {"STELLA_AUTH__KEYS_ENV": "MY_KEYS"}
+    err = ConfigError("auth.keys_env: some error")
+    assert str(blamed(err, environ=env, files={})) == (
+        "STELLA_AUTH__KEYS_ENV=MY_KEYS: auth.keys_env: some error"
+    )
 
 
 def test_set_by_user_reads_what_load_settings_read(tmp_path: Path) -> None:
