@@ -945,6 +945,19 @@ def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
             "",
             "STELLA_BACKENDS__NEW__BASE_URL=http://x: backends.new.kind: required",
         ),
+        # A kind of the wrong type, in a table a file has or not: the variable that set it.
+        (
+            {"STELLA_BACKENDS__ECHO__KIND": '["echo"]'},
+            "",
+            'STELLA_BACKENDS__ECHO__KIND=["echo"]: backends.echo.kind: Expected `str`, got `array`',
+        ),
+        (
+            {"STELLA_BACKENDS__NEW__KIND": '["echo"]'},
+            "",
+            'STELLA_BACKENDS__NEW__KIND=["echo"]: backends.new.kind: Expected `str`, got `array`',
+        ),
+        # The same in a file: the key alone.
+        ({}, "[backends.echo]\nkind = 5\n", "backends.echo.kind: Expected `str`, got `int`"),
         # A number no setting takes, in a backend's table (its kind decodes it).
         (
             {"STELLA_BACKENDS__ECHO__DELAY_S": "inf"},
