@@ -171,6 +171,21 @@ class StateSettings(Section):
     prefix: str = "stella"
 
 
+# An origin as a browser sends it in `Origin`: scheme://host[:port], nothing after it.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(?:[a-z0-9_~.-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?")
+ORIGIN_RULE = (
+    "scheme://host[:port] as a browser sends it, no path or query "
+    "(https://app.example.com, http://localhost:5173), or '*' for any"
+)
+
+
+def is_origin(entry: str) -> bool:
+    """Whether a `cors.allowed_origins` entry can equal a browser's Origin, read as
+    stella.cors reads it (case, surrounding space and a trailing `/` aside)."""
+    m = _ORIGIN.fullmatch(entry.strip().rstrip("/").lower())
+    return m is not None and int(m.group(1) or 0) < 65536
+
+
 class CorsSettings(Section):
     """[cors]"""
 
@@ -449,7 +464,8 @@ def blamed(
     elif len(parts) > 2 and parts[-2] == "headers":
         shown = "***" if value and _is_secret_name(parts[-1]) else value
     elif _plain_field(("server", "port") if variable == "PORT" else _env_path(variable) or ()):
-        shown = _redact_url(value) if parts[-1].endswith("url") else value
+        # A URL may carry a password, under any key (an origin with a user in it).
+        shown = _redact_url(value) if parts[-1].endswith("url") or "://" in value else value
         if len(shown) > MAX_SHOWN_VALUE:
             shown = shown[:MAX_SHOWN_VALUE] + "…"
         if not shown.isprintable():
@@ -666,6 +682,12 @@ def _check(s: Settings) -> None:
     for host in s.server.allowed_hosts:
         if not host.strip() or any(c in host for c in "/@ ") or not host.isprintable():
             raise ConfigError(f"server.allowed_hosts: {host!r} is not a host name")
+    for entry in s.cors.allowed_origins:
+        # "app.example.com" or a path would pass into the CORS list and match no Origin.
+        if entry != "*" and not is_origin(entry):
+            raise ConfigError(
+                f"cors.allowed_origins: {_redact_url(entry)!r} is not an origin: {ORIGIN_RULE}"
+            )
     redis = s.state.redis_url
     if pasted_secret("keys_env", s.auth.keys_env):
         # Not shown (blamed() masks it too): likely a key, which /config would show.

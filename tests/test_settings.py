@@ -1544,3 +1544,58 @@ def test_a_bad_public_url_s_password_is_not_shown() -> None:
     with pytest.raises(ConfigError) as err:
         load_settings({"server": {"public_url": "ftp://user:hunter2@example.com/"}})
     assert "hunter2" not in str(err.value) and "***@example.com" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "app.example.com",  # no scheme: a browser's Origin always has one
+        "https://app.example.com/app",  # a path
+        "https://app.example.com?x=1",
+        "https://app.example.com#top",
+        "https://*.example.com",  # no wildcards but "*" itself
+        "null",
+        "https://a.example:99999",
+        "https://",
+        " *",
+    ],
+)
+def test_a_cors_origin_that_no_browser_sends_is_refused(entry: str) -> None:
+    # It passed, and no Origin could ever equal it: the page's calls failed in the browser.
+    with pytest.raises(ConfigError) as err:
+        load_settings({"cors": {"allowed_origins": ["https://ok.example", entry]}}, environ={})
+    assert str(err.value).startswith(
+        f"cors.allowed_origins: {entry!r} is not an origin: scheme://host[:port]"
+    )
+
+
+def test_a_cors_origin_as_browsers_send_it_passes() -> None:
+    entries = [
+        "*",
+        "https://app.example.com",
+        "https://App.Example.com:8443/",  # case and a trailing "/" do not matter
+        "http://localhost:5173",
+        "http://127.0.0.1:8000",
+        "http://[::1]:8000",
+        "chrome-extension://abcdefghijklmnop",
+    ]
+    s = load_settings({"cors": {"allowed_origins": entries}}, environ={})
+    assert s.cors.allowed_origins == entries
+
+
+def test_a_bad_cors_origin_from_the_environment_stops_start_up_on_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env["STELLA_MODELS__DEFAULT"] = "echo"
+    env["STELLA_CORS__ALLOWED_ORIGINS"] = '["app.example.com"]'
+    for args in (["config", "--check"], ["serve", "--port", "1"]):
+        out = stella_cli(*args, env=env)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stderr.startswith(
+            'stella: config error: STELLA_CORS__ALLOWED_ORIGINS=["app.example.com"]: '
+            "cors.allowed_origins: 'app.example.com' is not an origin: "
+        ), out.stderr
+        assert out.stderr.count("\n") == 1
+    # A user and password in one: not shown, in the message or the variable's value.
+    env["STELLA_CORS__ALLOWED_ORIGINS"] = '["https://u:hunter2@app.example"]'
+    out = stella_cli("config", "--check", env=env)
+    assert out.returncode == 2 and "hunter2" not in out.stderr and "***@app.example" in out.stderr
