@@ -119,6 +119,21 @@ class KeySettings(Section):
     max_concurrent: Count = 0
 
 
+# What a `*_env` key (api_key_env, keys_env) holds: a variable's name, as a shell sets it.
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def pasted_secret(key: str, value: Any) -> bool:
+    """Whether `value`, under a key that names an environment variable (`api_key_env`,
+    `keys_env`), is no variable's name: likely the secret itself, pasted in its place."""
+    return (
+        key.lower().endswith("_env")
+        and isinstance(value, str)
+        and bool(value)
+        and not VARIABLE_NAME.fullmatch(value)
+    )
+
+
 class AuthSettings(Section):
     """[auth]"""
 
@@ -154,6 +169,21 @@ class StateSettings(Section):
 
     redis_url: str = ""
     prefix: str = "stella"
+
+
+# An origin as a browser sends it in `Origin`: scheme://host[:port], nothing after it.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(?:[a-z0-9_~.-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?")
+ORIGIN_RULE = (
+    "scheme://host[:port] as a browser sends it, no path or query "
+    "(https://app.example.com, http://localhost:5173), or '*' for any"
+)
+
+
+def is_origin(entry: str) -> bool:
+    """Whether a `cors.allowed_origins` entry can equal a browser's Origin, read as
+    stella.cors reads it (case, surrounding space and a trailing `/` aside)."""
+    m = _ORIGIN.fullmatch(entry.strip().rstrip("/").lower())
+    return m is not None and int(m.group(1) or 0) < 65536
 
 
 class CorsSettings(Section):
@@ -427,12 +457,15 @@ def blamed(
         data = dict(files)
     if variable in _secret_variables(data):
         shown = "***"  # the config names it as a key's holder: a secret whatever it sets
+    elif pasted_secret(parts[-1], value):
+        shown = "***"  # a key where its variable's name goes; a name is shown (below)
     elif text.startswith("{") or (text.startswith("[") and "{" in text) or parts[-1] == "headers":
         shown = "(not shown)"  # a table, or what should be one: its secrets are inside it
     elif len(parts) > 2 and parts[-2] == "headers":
         shown = "***" if value and _is_secret_name(parts[-1]) else value
     elif _plain_field(("server", "port") if variable == "PORT" else _env_path(variable) or ()):
-        shown = _redact_url(value) if parts[-1].endswith("url") else value
+        # A URL may carry a password, under any key (an origin with a user in it).
+        shown = _redact_url(value) if parts[-1].endswith("url") or "://" in value else value
         if len(shown) > MAX_SHOWN_VALUE:
             shown = shown[:MAX_SHOWN_VALUE] + "…"
         if not shown.isprintable():
@@ -649,7 +682,19 @@ def _check(s: Settings) -> None:
     for host in s.server.allowed_hosts:
         if not host.strip() or any(c in host for c in "/@ ") or not host.isprintable():
             raise ConfigError(f"server.allowed_hosts: {host!r} is not a host name")
+    for entry in s.cors.allowed_origins:
+        # "app.example.com" or a path would pass into the CORS list and match no Origin.
+        if entry != "*" and not is_origin(entry):
+            raise ConfigError(
+                f"cors.allowed_origins: {_redact_url(entry)!r} is not an origin: {ORIGIN_RULE}"
+            )
     redis = s.state.redis_url
+    if pasted_secret("keys_env", s.auth.keys_env):
+        # Not shown (blamed() masks it too): likely a key, which /config would show.
+        raise ConfigError(
+            "auth.keys_env: not an environment variable name (letters, digits, _): name "
+            "the variable that holds the keys, not a key"
+        )
     if redis and not redis.startswith(("redis://", "rediss://", "unix://")):
         shown = repr(_redact_url(redis))
         raise ConfigError(f"state.redis_url: {shown} is not a redis://, rediss:// or unix:// URL")
@@ -840,6 +885,8 @@ def _redact(node: Any, path: tuple[str, ...] = ()) -> Any:
         return [_redact(v, path) for v in node]
     key = path[-1] if path else ""
     if isinstance(node, str) and node and _names_secret(key):
+        return "***"
+    if pasted_secret(key, node):  # e.g. a disabled backend's, which nothing refused
         return "***"
     if isinstance(node, str) and ("://" in node or key.lower().endswith("url")):
         return _redact_url(node)

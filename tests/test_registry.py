@@ -192,6 +192,20 @@ def test_echo_knobs_are_checked(key: str, value: object) -> None:
         build_backend("e", {"kind": "echo", key: value}, registry())
 
 
+@pytest.mark.parametrize(
+    ("value", "got"), [(5, "int"), (["echo"], "array"), ({"a": 1}, "object"), (True, "bool")]
+)
+def test_a_kind_of_the_wrong_type_is_said_to_be_one(value: object, got: str) -> None:
+    # It was reported as missing ("required"), which it is not.
+    from stella.backends import ConfigError, build_backend, registry
+
+    with pytest.raises(ConfigError) as err:
+        build_backend("e", {"kind": value}, registry())
+    assert str(err.value) == f"backends.e.kind: Expected `str`, got `{got}`"
+    with pytest.raises(ConfigError, match=r"^backends\.e\.kind: required, one of \["):
+        build_backend("e", {}, registry())
+
+
 @pytest.mark.parametrize("value", [0, -5])
 def test_anthropic_default_max_tokens_must_be_positive(value: int) -> None:
     # The Messages API refuses max_tokens below 1: said at start-up, not on every call.

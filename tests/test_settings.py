@@ -289,6 +289,24 @@ def test_redaction_hides_secrets() -> None:
     assert "R_KEY" in text  # the variable's name is not the secret
 
 
+def test_a_key_pasted_into_a_disabled_backends_api_key_env_is_masked() -> None:
+    # A disabled backend is not built, so nothing refuses it: /config and `stella config`
+    # would show it, as a variable's name is shown.
+    table = {"kind": "openai", "base_url": "http://x/v1", "enabled": False}
+    s = load_settings(
+        {
+            "backends": {
+                "off": {**table, "api_key_env": "sk-proj-AbCdEf0123456789"},
+                "named": {**table, "api_key_env": "OFF_KEY"},
+            }
+        },
+        environ={},
+    )
+    shown = redacted(s)["backends"]
+    assert shown["off"]["api_key_env"] == "***"
+    assert shown["named"]["api_key_env"] == "OFF_KEY"
+
+
 def test_the_token_limit_field_name_is_shown_not_masked() -> None:
     # `max_tokens_param` holds a credential's word ("token") and names a field: an
     # operator checks it in /config and `stella config`.
@@ -927,6 +945,19 @@ def test_an_unknown_field_in_a_file_is_not_blamed_on_a_variable_of_its_table(
             "",
             "STELLA_BACKENDS__NEW__BASE_URL=http://x: backends.new.kind: required",
         ),
+        # A kind of the wrong type, in a table a file has or not: the variable that set it.
+        (
+            {"STELLA_BACKENDS__ECHO__KIND": '["echo"]'},
+            "",
+            'STELLA_BACKENDS__ECHO__KIND=["echo"]: backends.echo.kind: Expected `str`, got `array`',
+        ),
+        (
+            {"STELLA_BACKENDS__NEW__KIND": '["echo"]'},
+            "",
+            'STELLA_BACKENDS__NEW__KIND=["echo"]: backends.new.kind: Expected `str`, got `array`',
+        ),
+        # The same in a file: the key alone.
+        ({}, "[backends.echo]\nkind = 5\n", "backends.echo.kind: Expected `str`, got `int`"),
         # A number no setting takes, in a backend's table (its kind decodes it).
         (
             {"STELLA_BACKENDS__ECHO__DELAY_S": "inf"},
@@ -968,6 +999,55 @@ def test_blame_reads_what_load_settings_read_not_the_files_again(tmp_path: Path)
     conf.unlink()  # a second read would find nothing
     err = ConfigError("models.routes.gpu: Object missing required field `x`")
     assert str(blamed(err, environ=env)) == str(err)  # the file held the table
+
+
+@pytest.mark.parametrize(
+    ("variable", "key", "extra"),
+    [
+        (
+            "STELLA_BACKENDS__O__API_KEY_ENV",
+            "backends.o.api_key_env",
+            {"STELLA_BACKENDS__O__KIND": "openai", "STELLA_BACKENDS__O__BASE_URL": "http://h/v1"},
+        ),
+        ("STELLA_AUTH__KEYS_ENV", "auth.keys_env", {}),
+    ],
+)
+def test_a_key_pasted_where_its_variable_name_goes_is_not_shown(
+    tmp_path: Path, variable: str, key: str, extra: dict[str, str]
+) -> None:
+    # The variable's value is shown with an error about it, and a `*_env` key's name is
+    # no secret: but a value that is no variable's name is likely the key itself.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    secret = "sk-proj-AbCdEf0123456789"
+    out = stella_cli("config", "--check", env={**env, **extra, variable: secret})
+    assert out.returncode == 2
+    assert out.stderr.startswith(
+        f"stella: config error: {variable}=***: {key}: not an environment variable name"
+    ), out.stderr
+    assert "AbCdEf" not in out.stderr + out.stdout
+    # The same in a file: the error quotes no value.
+    section, _, field = key.rpartition(".")
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[{section}]\n{field} = "{secret}"\n')
+    out = stella_cli("config", "--check", "--config", str(conf), env={**env, **extra})
+    assert out.returncode == 2 and "AbCdEf" not in out.stderr, out.stderr
+    assert out.stderr.startswith(f"stella: config error: {key}: not an environment variable")
+
+
+def test_a_variable_name_in_an_env_key_is_still_shown_in_an_error() -> None:
+    # A name is what the reader checks the error against (a typo in it, the wrong one).
+    from stella.settings import blamed
+
+    env = {"STELLA_BACKENDS__O__API_KEY_ENV": "OPENAI_KEY"}
+    err = ConfigError("backends.o.api_key_env: some error")
+    assert str(blamed(err, environ=env, files={})) == (
+        "STELLA_BACKENDS__O__API_KEY_ENV=OPENAI_KEY: backends.o.api_key_env: some error"
+    )
+    env = {"STELLA_AUTH__KEYS_ENV": "MY_KEYS"}
+    err = ConfigError("auth.keys_env: some error")
+    assert str(blamed(err, environ=env, files={})) == (
+        "STELLA_AUTH__KEYS_ENV=MY_KEYS: auth.keys_env: some error"
+    )
 
 
 def test_set_by_user_reads_what_load_settings_read(tmp_path: Path) -> None:
@@ -1464,3 +1544,58 @@ def test_a_bad_public_url_s_password_is_not_shown() -> None:
     with pytest.raises(ConfigError) as err:
         load_settings({"server": {"public_url": "ftp://user:hunter2@example.com/"}})
     assert "hunter2" not in str(err.value) and "***@example.com" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "app.example.com",  # no scheme: a browser's Origin always has one
+        "https://app.example.com/app",  # a path
+        "https://app.example.com?x=1",
+        "https://app.example.com#top",
+        "https://*.example.com",  # no wildcards but "*" itself
+        "null",
+        "https://a.example:99999",
+        "https://",
+        " *",
+    ],
+)
+def test_a_cors_origin_that_no_browser_sends_is_refused(entry: str) -> None:
+    # It passed, and no Origin could ever equal it: the page's calls failed in the browser.
+    with pytest.raises(ConfigError) as err:
+        load_settings({"cors": {"allowed_origins": ["https://ok.example", entry]}}, environ={})
+    assert str(err.value).startswith(
+        f"cors.allowed_origins: {entry!r} is not an origin: scheme://host[:port]"
+    )
+
+
+def test_a_cors_origin_as_browsers_send_it_passes() -> None:
+    entries = [
+        "*",
+        "https://app.example.com",
+        "https://App.Example.com:8443/",  # case and a trailing "/" do not matter
+        "http://localhost:5173",
+        "http://127.0.0.1:8000",
+        "http://[::1]:8000",
+        "chrome-extension://abcdefghijklmnop",
+    ]
+    s = load_settings({"cors": {"allowed_origins": entries}}, environ={})
+    assert s.cors.allowed_origins == entries
+
+
+def test_a_bad_cors_origin_from_the_environment_stops_start_up_on_one_line() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env["STELLA_MODELS__DEFAULT"] = "echo"
+    env["STELLA_CORS__ALLOWED_ORIGINS"] = '["app.example.com"]'
+    for args in (["config", "--check"], ["serve", "--port", "1"]):
+        out = stella_cli(*args, env=env)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stderr.startswith(
+            'stella: config error: STELLA_CORS__ALLOWED_ORIGINS=["app.example.com"]: '
+            "cors.allowed_origins: 'app.example.com' is not an origin: "
+        ), out.stderr
+        assert out.stderr.count("\n") == 1
+    # A user and password in one: not shown, in the message or the variable's value.
+    env["STELLA_CORS__ALLOWED_ORIGINS"] = '["https://u:hunter2@app.example"]'
+    out = stella_cli("config", "--check", env=env)
+    assert out.returncode == 2 and "hunter2" not in out.stderr and "***@app.example" in out.stderr

@@ -43,8 +43,15 @@ def registry() -> dict[str, Any]:
 def build_backend(name: str, table: dict[str, Any], kinds: dict[str, Any]) -> Backend:
     """Build backend `name` from its config table; ConfigError names the bad key."""
     kind = table.get("kind")
-    if not isinstance(kind, str):
+    if kind is None:
         raise ConfigError(f"backends.{name}.kind: required, one of {sorted(kinds)}")
+    if not isinstance(kind, str):
+        # Said as every other key's wrong type is (msgspec's words): "required" sent the
+        # reader looking for a key that is there.
+        try:
+            msgspec.convert(kind, str)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"backends.{name}.kind: {exc}") from None
     if kind not in kinds:
         raise ConfigError(f"backends.{name}.kind: unknown kind {kind!r}; known: {sorted(kinds)}")
     try:

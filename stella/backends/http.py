@@ -11,7 +11,6 @@ import asyncio
 import email.utils
 import functools
 import os
-import re
 import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
@@ -30,11 +29,9 @@ from stella.backends import ConfigError
 from stella.backends.base import Backend, BackendConfig, BackendHealth
 from stella.errors import StellaError, UpstreamError, UpstreamStatus, UpstreamTimeout
 from stella.logs import mask, mask_cut
-from stella.settings import basic_credential
+from stella.settings import basic_credential, pasted_secret
 
 T = TypeVar("T")
-# What api_key_env must look like: a variable's name, as a shell would set it.
-_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class HttpConfig(BackendConfig, kw_only=True):
@@ -163,7 +160,7 @@ class HttpBackend(Backend):
         if not ok or any(c.isspace() for c in url):
             shown = repr(url) if "@" not in url else "the URL"  # it may hold a password
             raise ConfigError(f"backends.{name}.base_url: {shown} is not an http(s) URL")
-        if config.api_key_env and not _VARIABLE_NAME.fullmatch(config.api_key_env):
+        if pasted_secret("api_key_env", config.api_key_env):
             # Likely the key itself, pasted where its variable's name goes: not shown, and
             # refused before a warning about the variable could log it.
             raise ConfigError(
