@@ -24,9 +24,19 @@ EXPOSE = [
 ]
 
 
+# Browsers leave a scheme's default port out of `Origin` (https://a.example, never
+# https://a.example:443).
+_DEFAULT_PORTS = {"https": ":443", "http": ":80"}
+
+
 def origin(configured: str) -> str:
-    """A configured origin as browsers send it in `Origin`: no trailing slash, lower case."""
-    return configured.strip().rstrip("/").lower()
+    """A configured origin as browsers send it in `Origin`: no trailing slash, lower case,
+    no default port."""
+    text = configured.strip().rstrip("/").lower()
+    port = _DEFAULT_PORTS.get(text.partition("://")[0])
+    if port and text.endswith(port):
+        return text[: -len(port)]
+    return text
 
 
 class _CORS(CORSMiddleware):

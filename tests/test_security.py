@@ -17,6 +17,7 @@ import pytest
 from starlette.routing import Mount, Route
 
 from stella.app import create_app
+from stella.cors import origin
 from stella.settings import load_settings
 from tests.fakes.server import serve
 from tests.live import install_plugin, run_stella, stella_without_stdin
@@ -147,6 +148,20 @@ def test_every_route_needs_a_key_and_nothing_leaks() -> None:
     for secret in (ADMIN, NARROW, UPSTREAM_SECRET, sha(ADMIN), sha(NARROW)):
         assert secret not in everything, secret
     assert "Bearer sk-" not in everything
+
+
+@pytest.mark.parametrize(
+    ("configured", "sent"),
+    [
+        ("https://App.example:443/", "https://app.example"),  # browsers omit default ports
+        ("http://app.example:80", "http://app.example"),
+        ("https://app.example:80", "https://app.example:80"),  # not https's default
+        ("http://app.example:8080", "http://app.example:8080"),
+        ("*", "*"),
+    ],
+)
+def test_a_configured_origin_reads_as_browsers_send_it(configured: str, sent: str) -> None:
+    assert origin(configured) == sent
 
 
 def test_cors_allows_the_configured_origin_only() -> None:
