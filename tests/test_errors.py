@@ -266,9 +266,9 @@ def test_metadata_is_bounded(server: LiveServer) -> None:
     with run_stella() as roomy:  # the default body limit, 1 MiB
         r = httpx.post(
             roomy.url + "/api/v1/chat",
-            json={"model": "echo", "messages": MSG, "metadata": {"a": "x" * 20_000}},
+            json={"model": "echo", "messages": MSG, "metadata": {"a": "x" * 70_000}},
         )
-        assert r.status_code == 400 and "$.metadata: over 16384 bytes" in r.text, r.text
+        assert r.status_code == 400 and "$.metadata: over 65536 bytes" in r.text, r.text
 
 
 def test_bad_role_and_missing_messages(server: LiveServer) -> None:
