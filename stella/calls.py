@@ -52,13 +52,16 @@ class Principal:
         """`may_use` for a key limited to some models; None for one that may use any."""
         return None if self.models == ("*",) else self.may_use
 
-    def check(self, model: str, *, hide: bool = False, asked: str | None = None) -> None:
+    def check(self, model: str, *, asked: str | None, hide: bool = False) -> None:
         """Raise unless the key may use `model`: 403, or 404 where listings hide it (named
         as `asked`, the name the client used: an alias must not reveal its route)."""
         if not self.may_use(model):
+            # No name asked for is the default model, which this key's listings hide
+            # (`default: null`): the refusal names it no more than they do.
+            what = f"model {asked!r}" if asked else "the default model"
             if hide:
-                raise ModelNotFound(f"model {asked or model!r} not found")
-            raise Forbidden(f"this key may not use model {asked or model!r}")
+                raise ModelNotFound(f"{what} not found")
+            raise Forbidden(f"this key may not use {what}")
 
 
 ANONYMOUS = Principal(admin=True)

@@ -67,8 +67,13 @@ Emit = Callable[[Delta | ToolCall], Awaitable[None]]
 # and counted (with models.allow_direct, any name reaches the usage counters).
 MAX_MODEL_NAME = 256
 # Client metadata goes into every log line of its request: bounded like the rest of it.
+# The ceiling holds metadata within OpenAI's documented bounds (16 keys of up to 64
+# characters, values up to 512: the Responses dialect keeps to them, OpenAI's clients
+# send no more) with a `user` beside it (up to 512 characters), whatever characters
+# they are: each is at most 6 bytes of JSON (`\u0001`), 58,475 bytes in all with the
+# quotes, colons and commas. Metadata within those bounds never fails on its bytes.
 MAX_METADATA_DEPTH = 16
-MAX_METADATA_BYTES = 16_384
+MAX_METADATA_BYTES = 65_536
 _metadata_json = msgspec.json.Encoder()
 
 

@@ -1013,6 +1013,24 @@ def test_token_counting_is_a_404_saying_it_is_not_supported(server: LiveServer) 
         )
 
 
+def test_a_user_id_within_the_api_s_bound_passes_whatever_its_characters(
+    server: LiveServer,
+) -> None:
+    # The API bounds metadata.user_id at 256 characters: however many bytes of JSON
+    # they are (6 for a control character), the log's metadata ceiling holds them.
+    for char in ("日", '"', "\x01"):
+        user_id = char * 256
+        raw = client(server).messages.with_raw_response.create(
+            model="echo",
+            max_tokens=5,
+            metadata={"user_id": user_id},
+            messages=[{"role": "user", "content": "hi"}],
+        )
+        rid = raw.headers["x-request-id"]
+        ev = server.wait_event(lambda e, rid=rid: e.get("request_id") == rid)
+        assert ev["metadata"] == {"user_id": user_id}
+
+
 def test_user_id_is_logged_and_betas_are_not_forwarded() -> None:
     # metadata.user_id is the inference log's metadata; neither it nor anthropic-beta
     # reaches an Anthropic upstream (README: taken, not forwarded).

@@ -407,6 +407,51 @@ def test_errors_map_to_the_client_exceptions(server: LiveServer) -> None:
     assert bad.value.param == "n"
 
 
+def test_metadata_within_the_api_s_bounds_passes_whatever_its_characters(
+    server: LiveServer,
+) -> None:
+    # OpenAI bounds metadata by characters (16 keys of 64, values of 512): CJK (3 bytes
+    # of JSON each), quotes (2) and control characters (6) at those bounds, with a
+    # `user` at its own, pass and are the inference log's metadata.
+    c = client(server)
+    user = "\x01" * 512
+    for char in ("日", '"', "\x01"):
+        metadata = {f"{char * 61}{i:03}": char * 512 for i in range(16)}
+        for raw in (
+            c.chat.completions.with_raw_response.create(
+                model="echo",
+                messages=[{"role": "user", "content": "x"}],
+                metadata=metadata,
+                user=user,
+            ),
+            c.completions.with_raw_response.create(
+                model="echo", prompt="x", extra_body={"metadata": metadata}, user=user
+            ),
+        ):
+            rid = raw.headers["x-request-id"]
+            ev = server.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+            assert ev["metadata"] == {**metadata, "user": user}
+
+
+def test_user_is_bounded_and_named_on_its_own(server: LiveServer) -> None:
+    # `user` joins the metadata in the log: a long one is a 400 naming `user`, though
+    # the client sent no metadata.
+    auth = {"Authorization": f"Bearer {KEY}"}
+    msgs = [{"role": "user", "content": "x"}]
+    for user in ("u" * 513, "u" * 20_000):
+        for path, body in (
+            ("/v1/chat/completions", {"messages": msgs}),
+            ("/v1/completions", {"prompt": "x"}),
+        ):
+            body = {"model": "echo", "user": user, **body}
+            r = httpx.post(server.url + path, json=body, headers=auth)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert (error["param"], error["message"]) == ("user", "$.user: over 512 characters")
+    r = client(server).chat.completions.create(model="echo", messages=msgs, user="日" * 512)
+    assert r.choices[0].message.content == "x"
+
+
 def test_rate_limit_error() -> None:
     config = {"limits": {"models": {"echo": {"requests_per_minute": 1}}}}
     with run_stella(config) as s:

@@ -770,6 +770,34 @@ def test_metadata_at_the_api_s_bounds_is_repeated_as_sent(server: LiveServer) ->
     assert Response.model_validate(r.json()).metadata == metadata
 
 
+def test_metadata_at_the_api_s_bounds_passes_whatever_its_characters(
+    server: LiveServer,
+) -> None:
+    # The API counts characters: CJK (3 bytes of JSON each), quotes (2) and control
+    # characters (6) at its bounds are no 400, with a `user` at its bound beside them.
+    user = "\x01" * 512
+    for char in ("日", '"', "\x01"):
+        metadata = {f"{char * 61}{i:03}": char * 512 for i in range(16)}
+        r = post(server, {"model": "echo", "input": "x", "metadata": metadata, "user": user})
+        assert r.status_code == 200, r.text[:300]
+        assert Response.model_validate(r.json()).metadata == metadata
+        rid = r.json()["id"].removeprefix("resp_")
+        ev = server.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+        assert ev["metadata"] == {**metadata, "user": user}
+
+
+def test_user_is_bounded_and_named_on_its_own(server: LiveServer) -> None:
+    # `user` joins the metadata in the log: a long one is a 400 naming `user`, though
+    # the client sent no metadata.
+    for user in ("u" * 513, "u" * 20_000):
+        r = post(server, {"model": "echo", "input": "hi", "user": user})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (error["param"], error["message"]) == ("user", "$.user: over 512 characters")
+    r = post(server, {"model": "echo", "input": "hi", "user": "日" * 512})
+    assert r.status_code == 200, r.text
+
+
 def test_a_refusal_reaches_the_sdk_as_bad_request(server: LiveServer) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client(server).responses.create(model="echo", input="x", previous_response_id="resp_1")

@@ -266,9 +266,9 @@ def test_metadata_is_bounded(server: LiveServer) -> None:
     with run_stella() as roomy:  # the default body limit, 1 MiB
         r = httpx.post(
             roomy.url + "/api/v1/chat",
-            json={"model": "echo", "messages": MSG, "metadata": {"a": "x" * 20_000}},
+            json={"model": "echo", "messages": MSG, "metadata": {"a": "x" * 70_000}},
         )
-        assert r.status_code == 400 and "$.metadata: over 16384 bytes" in r.text, r.text
+        assert r.status_code == 400 and "$.metadata: over 65536 bytes" in r.text, r.text
 
 
 def test_bad_role_and_missing_messages(server: LiveServer) -> None:
@@ -371,6 +371,36 @@ def test_listings_name_no_route_a_key_may_not_use(server: LiveServer) -> None:
     assert listing["default"] == "echo"
     assert next(m for m in listing["models"] if m["name"] == "other")["fallbacks"] == ["echo"]
     assert httpx.get(server.url + "/api/llm/models", headers=auth).json()["default"] == "echo"
+
+
+def test_a_call_for_the_default_model_a_key_may_not_use_names_no_route(
+    server: LiveServer,
+) -> None:
+    # No model asked for is the default (echo), which this key's listings hide: the 403
+    # says "the default model", in every dialect, and names no route.
+    auth = {"Authorization": f"Bearer {SCOPED}"}
+    for path, body in (
+        ("/api/v1/chat", {"messages": MSG}),
+        ("/api/v1/generate", {"prompt": "hi"}),
+        ("/v1/chat/completions", {"messages": MSG}),
+        ("/v1/completions", {"prompt": "hi"}),
+        ("/v1/responses", {"input": "hi"}),
+        ("/v1/messages", {"model": "", "max_tokens": 5, "messages": MSG}),
+        ("/api/chat", {"model": "", "messages": MSG}),
+        ("/api/chat", {"model": ""}),  # Ollama's empty "load" call
+        ("/api/generate", {"model": "", "prompt": "hi"}),
+        ("/generate", {"prompt": "hi"}),
+        ("/api/chat/invoke", {"input_data": {"input": "hi"}}),
+        ("/api/llm/generate", {"prompt": "hi"}),
+        ("/api/llm/stream", {"prompt": "hi"}),
+    ):
+        r = httpx.post(server.url + path, headers=auth, json=body)
+        assert r.status_code == 403, (path, r.text)
+        assert "this key may not use the default model" in r.text, (path, r.text)
+        assert "echo" not in r.text, (path, r.text)
+    # A key that may use it is answered by it.
+    r = post(server, {"messages": MSG, "stream": False})
+    assert r.status_code == 200 and r.json()["model"] == "echo", r.text
 
 
 def test_model_not_found_lists_known(server: LiveServer) -> None:

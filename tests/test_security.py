@@ -876,6 +876,21 @@ def test_without_keys_a_unix_socket_caller_is_local(tmp_path: Path) -> None:
         proc.wait(20)
 
 
+def test_keys_are_read_once_at_start_and_no_route_makes_or_revokes_one() -> None:
+    # README: keys come from the config and STELLA_API_KEYS alone; a key taken out of
+    # the config is still accepted until the process restarts.
+    assert not [path for _, path in all_routes() if "key" in path.lower()]
+    chat = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "x"}]}
+    with run_stella(CONFIG, {"STELLA_API_KEYS": f"admin={ADMIN}"}) as server:
+        conf = server.log_path.parent / "stella.toml"
+        assert sha(NARROW) in conf.read_text()
+        conf.write_text(conf.read_text().replace(sha(NARROW), sha("sk-another-key-000333")))
+        r = httpx.post(
+            server.url + "/api/v1/chat", headers={"Authorization": f"Bearer {NARROW}"}, json=chat
+        )
+        assert r.status_code == 200, r.text
+
+
 def test_a_key_with_no_models_may_use_none_and_names_and_keys_are_unique() -> None:
     from stella.auth import Authenticator
     from stella.backends import ConfigError

@@ -177,8 +177,21 @@ def to_options(req: CompletionCommon) -> Options:
         raise InvalidRequest.blaming(str(exc)) from None
 
 
+# `user` goes into the inference log with the metadata. OpenAI documents no limit for it
+# (its successor, safety_identifier, is 64 characters); stella's is that of a metadata
+# value, which core's metadata ceiling allows for.
+MAX_USER_CHARS = 512
+
+
+def check_user(user: str | None) -> None:
+    """400 naming `user` for one over MAX_USER_CHARS characters."""
+    if user is not None and len(user) > MAX_USER_CHARS:
+        raise InvalidRequest(f"$.user: over {MAX_USER_CHARS} characters", param="user")
+
+
 def to_metadata(req: CompletionCommon) -> dict[str, Any] | None:
     """The request's metadata (and `user`) for the inference log."""
+    check_user(req.user)
     meta = dict(req.metadata or {})
     if req.user:
         meta["user"] = req.user

@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 # A content part: the same shape as chat completions' (input_text, output_text, refusal).
-from stella.api.openai_request import Part
+from stella.api.openai_request import Part, check_user
 from stella.errors import InvalidRequest
 from stella.protocol import (
     ChatRequest,
@@ -351,7 +351,7 @@ def _check_metadata(metadata: dict[str, Any] | None) -> None:
 
 def check(req: ResponsesRequest) -> None:
     """400 for what needs state, background runs or logprobs, which stella can't give,
-    and for metadata the API would refuse."""
+    and for metadata (or a `user`) over its bounds."""
     for name, said in _STATEFUL.items():
         if getattr(req, name) is not None:
             raise InvalidRequest(f"$.{name}: {said}", param=name)
@@ -364,6 +364,7 @@ def check(req: ResponsesRequest) -> None:
     if req.top_logprobs:
         raise InvalidRequest("$.top_logprobs: logprobs are not supported", param="top_logprobs")
     _check_metadata(req.metadata)
+    check_user(req.user)
 
 
 def to_chat(req: ResponsesRequest) -> ChatRequest:
