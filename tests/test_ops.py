@@ -159,12 +159,31 @@ def test_a_model_that_cannot_load_falls_back_without_retries() -> None:
                     "retries": 2,
                     "retry_backoff_s": 1.0,
                     "fallbacks": ["echo"],
-                }
+                },
+                "alone": {"backend": "local", "retries": 2},
             },
         },
         "backends": {"local": {"enabled": True, "preload": False, "source": "/nonexistent/m.gguf"}},
     }
     with run_stella(config, base={}) as server:
+        # With no fallback, the client is told not to ask again (the SDKs obey it).
+        for stream in (False, True):
+            r = httpx.post(
+                server.url + "/api/v1/chat",
+                json={
+                    "model": "alone",
+                    "stream": stream,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+                timeout=30,
+            )
+            if stream:  # begun at once: the error is the stream's last line
+                last = json.loads(r.text.splitlines()[-1])
+                assert last["type"] == "error" and last["retryable"] is False, r.text
+            else:
+                assert r.status_code == 502, r.text
+                assert r.headers["x-should-retry"] == "false"
+                assert r.json()["error"]["retryable"] is False, r.text
         r = httpx.post(
             server.url + "/api/v1/chat",
             json={

@@ -539,5 +539,8 @@ def _check_logit_bias(bias: dict[int, float] | None, vocab: int | None) -> None:
 def _cannot_load(message: str) -> UpstreamError:
     """A model that cannot load: a route's fallback may answer, asking again would not."""
     err = UpstreamError(message)
-    err.same_again = False
+    # Not retryable (no retry of stella's, and the client's error says so: the SDKs would
+    # send it again), but the route's fallbacks are tried and the circuit counts it.
+    err.retryable = False
+    err.falls_back = True
     return err
