@@ -1220,7 +1220,8 @@ async def test_a_corrupt_model_is_a_clear_error_not_retried(tmp_path: Path) -> N
         finally:
             await b.aclose()
         assert all(w in info.value.message for w in words), info.value.message
-        assert info.value.same_again is False  # a fallback may answer; asking again would not
+        # A fallback may answer; asking again would not (nor a client's retry).
+        assert info.value.falls_back and not info.value.retryable
 
 
 async def test_an_unload_while_answering_frees_the_model_after_the_answer(
