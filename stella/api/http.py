@@ -441,7 +441,14 @@ async def run_to_end(request: Request, inference: Inference) -> ChatResponse:
     try:
         if not entered:  # the drain is over: ended before it began
             raise ShuttingDown()
-        return await inference.result()
+        result = await inference.result()
+        protocol = request.scope.get("stella.protocol")
+        if protocol is not None:
+            # Its write gets what is left of the total limit, at least a second: a client
+            # that stops reading is then dropped (stella.transport), as a stream's is.
+            protocol.send_by = inference.t0 + inference.route.settings.total_timeout_s
+            protocol.send_rid = call.request_id
+        return result
     except asyncio.CancelledError:
         if call.cancel_reason is None:
             raise
