@@ -17,7 +17,8 @@ must send a request's first byte within HEADER_TIMEOUT_S of opening, a request's
 headers must be complete one to two HEADER_TIMEOUT_S after its first byte (one
 timer per connection looks every HEADER_TIMEOUT_S: nothing to do per request),
 and its body must have arrived BODY_TIMEOUT_S after its headers, or the connection
-is closed: uvicorn itself never gives up on a client that connects and sends
+is closed (the app's read of a body cut so fails as 408 client_too_slow, not as a
+client that left): uvicorn itself never gives up on a client that connects and sends
 nothing, or part of its headers, or headers and then stalls (a slowloris), which
 holds a connection, and for a body a task, for as long as it likes.
 
@@ -800,6 +801,9 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             return
         if cycle.more_body and not self.transport.is_closing():
             # The app's receive() sees a disconnect; the client sees the connection close.
+            # The mark tells the app it was the server that gave up (408 client_too_slow,
+            # not a client that left: stella.api.http.read_body).
+            cycle.scope["stella.body_late"] = BODY_TIMEOUT_S  # type: ignore[typeddict-unknown-key]
             self.transport.close()
 
     def pause_writing(self) -> None:

@@ -265,6 +265,42 @@ async def test_a_body_that_stalls_closes_the_connection(monkeypatch: pytest.Monk
     proto.connection_lost(None)
 
 
+async def test_a_body_that_stalls_is_counted_as_too_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server's own body limit closes the connection, and the app's read of the body
+    # sees a disconnect: it was counted as a client that left (499 client_closed). It is
+    # the server that gave up waiting: 408 client_too_slow.
+    import httpx
+
+    import stella.transport
+    from stella.app import create_app
+    from stella.settings import load_settings
+    from tests.live import NO_MLX, free_port
+
+    monkeypatch.setattr(stella.transport, "BODY_TIMEOUT_S", 0.2)
+    app = create_app(load_settings(NO_MLX, environ={}))
+    port = free_port()
+    config = uvicorn.Config(app, port=port, http=HttpToolsProtocol, log_level="warning")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing sent
+        writer.close()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            metrics = (await c.get("/metrics")).text
+        assert 'stella_rejections_total{api="openai",code="client_too_slow"} 1.0' in metrics
+        assert 'code="client_closed"' not in metrics
+    finally:
+        server.should_exit = True
+        await serving
+
+
 async def test_a_pipelined_request_waits_without_a_deadline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
