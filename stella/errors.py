@@ -178,7 +178,8 @@ class UpstreamError(StellaError):
 
 
 class ClientTooSlow(StellaError):
-    """A streaming client stopped reading and the route's total limit passed."""
+    """A client too slow to wait for: a streaming client stopped reading and the route's
+    total limit passed, or a request's body did not arrive within the server's limit."""
 
     status, code = 408, "client_too_slow"
 

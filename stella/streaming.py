@@ -26,6 +26,7 @@ import structlog
 from stella.core import Inference, SinkClosed, error_event, log_fault
 from stella.errors import ShuttingDown, StellaError
 from stella.protocol import Error, Start
+from stella.transport import SELF_BOUNDED
 from stella.watchdog import ticker
 
 _log = structlog.get_logger("stella")
@@ -225,6 +226,11 @@ class EventStream:
         assert task is not None
         entered = self.drain.enter(call, task)
         inference.task = task
+        protocol = scope.get("stella.protocol")
+        if protocol is not None:
+            # No write limit of the server's own while the stream runs: it cuts a client
+            # that stopped reading itself, at its total limit (408 client_too_slow).
+            protocol.send_by = SELF_BOUNDED
         # Short streams end before anyone could notice a disconnect or need a ping:
         # the watcher task starts only once the stream has run for a moment.
         watcher: list[asyncio.Task[Any]] = []
@@ -267,7 +273,10 @@ class EventStream:
             # The last lines get what is left of the total limit (at least a second): a
             # client that stopped reading must not hold the connection after the answer.
             # (A Later on the loop's ticker: asyncio.timeout costs a stream ~10 us.)
-            left = inference.t0 + inference.route.settings.total_timeout_s - time.perf_counter()
+            end_by = inference.t0 + inference.route.settings.total_timeout_s
+            left = end_by - time.perf_counter()
+            if protocol is not None:
+                protocol.send_by = end_by  # so do their bytes still unsent at the end
             stuck: list[bool] = []
 
             def cut() -> None:

@@ -17,7 +17,8 @@ must send a request's first byte within HEADER_TIMEOUT_S of opening, a request's
 headers must be complete one to two HEADER_TIMEOUT_S after its first byte (one
 timer per connection looks every HEADER_TIMEOUT_S: nothing to do per request),
 and its body must have arrived BODY_TIMEOUT_S after its headers, or the connection
-is closed: uvicorn itself never gives up on a client that connects and sends
+is closed (the app's read of a body cut so fails as 408 client_too_slow, not as a
+client that left): uvicorn itself never gives up on a client that connects and sends
 nothing, or part of its headers, or headers and then stalls (a slowloris), which
 holds a connection, and for a body a task, for as long as it likes.
 
@@ -44,6 +45,14 @@ request made before its body was asked for (no 100 Continue sent) says `connecti
 close` and closes so: the client may hold the body back for good, and uvicorn kept the
 connection, waiting for it, or reading it where the next request should be.
 
+An answer whose write waits (its client takes too little of it to drain the
+transport's buffer, uvicorn's flow control) waits at most SEND_TIMEOUT_S, a
+non-stream inference answer what is left of its route's total limit (at least
+SEND_MIN_S), and then the connection is aborted: uvicorn waits for good, so a
+client that stopped reading held its connection and the answer's bytes. One timer,
+armed only when a write waits (`pause_writing`); a stream, while it runs, bounds
+its own writes (streaming.py) and arms none.
+
 A pipelining client's connection is read only while at most PIPELINE_MAX of its
 requests wait their turn, and a large read is parsed PARSE_STEP bytes at a time, the
 rest held unparsed until they drain: uvicorn reads again after every answer and
@@ -58,12 +67,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
+import time
 from collections.abc import Sized
 from typing import Any, cast
 
 import httptools
 import msgspec
+import structlog
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpToolsProtocol
 
@@ -98,6 +110,17 @@ PIPELINE_MAX = 16
 # while PIPELINE_MAX requests wait: one read (up to 256 KiB) of small pipelined requests
 # is thousands of them. A small request is parsed in one piece, as before.
 PARSE_STEP = 16_384
+# An answer's write may wait this long for its client to take some of it (nginx's
+# send_timeout): past it the client is taken to have stopped reading, and the connection
+# is aborted. A non-stream inference answer waits what is left of its route's total
+# limit instead, at least SEND_MIN_S (the answer set `send_by`).
+SEND_TIMEOUT_S = 60.0
+SEND_MIN_S = 1.0
+# `send_by` while a stream runs: its writes are bounded by the stream itself (a client
+# that stops reading ends as 408 client_too_slow), not by a timer here.
+SELF_BOUNDED = math.inf
+
+_log = structlog.get_logger("stella")
 
 
 def _not_a_client_fault(record: logging.LogRecord) -> bool:
@@ -345,6 +368,11 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _parsed: bytes = b""  # the read being parsed (an upgrade request's body is in it)
     _steps = b""  # a large read being parsed PARSE_STEP bytes at a time (_parsed: a piece)
     _step_at = 0  # where in it the piece being parsed starts
+    # When the answer being written must be out by (time.perf_counter()), set by the app
+    # (see pause_writing): None for SEND_TIMEOUT_S, SELF_BOUNDED for a running stream.
+    send_by: float | None = None
+    send_rid = ""  # its request ID, for the log line if it is dropped
+    _send_timer: asyncio.TimerHandle | None = None  # set while a write waits
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Accept as uvicorn does; from now on, a look every HEADER_TIMEOUT_S."""
@@ -728,6 +756,14 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     def on_response_complete(self) -> None:
         """A pipelined request may start now, with its body still to come; or the error
         answer that waited for this one goes out, and the connection ends."""
+        by = self.send_by
+        if by is not None:
+            # The next answer has its own limit (none: SEND_TIMEOUT_S). A stream's last
+            # bytes, if they still wait, get one now: the stream no longer bounds them.
+            self.send_by = None
+            self.send_rid = ""
+            if self.flow.write_paused and self._send_timer is None:
+                self._arm_send(None if by == SELF_BOUNDED else by)
         if self._deferred is not None:
             if self.pipeline:  # the next of those before it starts; the error waits
                 super().on_response_complete()
@@ -765,11 +801,59 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             return
         if cycle.more_body and not self.transport.is_closing():
             # The app's receive() sees a disconnect; the client sees the connection close.
+            # The mark tells the app it was the server that gave up (408 client_too_slow,
+            # not a client that left: stella.api.http.read_body).
+            cycle.scope["stella.body_late"] = BODY_TIMEOUT_S  # type: ignore[typeddict-unknown-key]
             self.transport.close()
+
+    def pause_writing(self) -> None:
+        """The client is behind: the answer's writes wait, as in uvicorn, and for at most
+        the answer's limit (see SEND_TIMEOUT_S)."""
+        self.flow.pause_writing()
+        if self._send_timer is None:
+            self._arm_send(self.send_by)
+
+    def resume_writing(self) -> None:
+        """The client took enough: the answer's writes go on, as in uvicorn."""
+        self.flow.resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _arm_send(self, by: float | None) -> None:
+        """Abort the connection if its writes still wait once `by` (or SEND_TIMEOUT_S)
+        has passed."""
+        if by is None:
+            wait = SEND_TIMEOUT_S
+        elif by == SELF_BOUNDED:
+            return  # a stream cuts a client that stopped reading itself (client_too_slow)
+        else:
+            wait = max(by - time.perf_counter(), SEND_MIN_S)
+        self._send_timer = self.loop.call_later(wait, self._send_late, wait, self.send_rid)
+
+    def _send_late(self, wait: float, rid: str) -> None:
+        """The client took nothing for `wait` seconds: it stopped reading."""
+        self._send_timer = None
+        if not self.flow.write_paused:
+            return
+        # An answer already logged (a non-stream inference's event says 200) did not
+        # reach its client: said once, here.
+        fields = {"request_id": rid} if rid else {}
+        _log.warning(
+            "answer_dropped",
+            reason="client_too_slow",
+            waited_s=round(wait, 1),
+            unsent=self.transport.get_write_buffer_size(),
+            **fields,
+        )
+        self.drop()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Drop the deadlines with the connection."""
         self._held = b""
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None

@@ -484,10 +484,14 @@ def test_client_request_id_is_kept(stella: LiveServer) -> None:
     assert bad.headers["x-request-id"].startswith("req_")
 
 
-def stalled_reader(server: LiveServer, model: str, request_id: str) -> socket.socket:
+def stalled_reader(
+    server: LiveServer, model: str, request_id: str, stream: bool = True
+) -> socket.socket:
     """A chat on `model` from a client with a tiny receive buffer that reads the start
     of the response and then nothing more."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "x"}]})
+    body = json.dumps(
+        {"model": model, "stream": stream, "messages": [{"role": "user", "content": "x"}]}
+    )
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", server.port))
@@ -563,6 +567,28 @@ def test_a_client_that_stops_reading_before_the_last_line_is_let_go() -> None:
         time.sleep(2.5)  # past the limit (and its one-second grace for the last lines)
         got = read_to_the_end(s)
         assert not got.endswith(b"0\r\n\r\n")  # dropped, not held until the client read
+        assert not [line for line in server.lines() if "ERROR" in line]
+
+
+def test_a_non_stream_answer_to_a_client_that_stops_reading_is_let_go() -> None:
+    # An 8 MB answer made at once: its write, not the call, is what waits on the client.
+    # It gets what is left of the route's total limit (at least a second); then the
+    # connection is dropped, instead of held (with the answer) until the client reads.
+    config = {
+        "backends": {"big": {"kind": "echo", "reply": "w" * 8_000_000}},
+        "models": {"routes": {"big": {"backend": "big", "total_timeout_s": 1.0}}},
+    }
+    with run_stella(config) as server:
+        t0 = time.monotonic()
+        s = stalled_reader(server, "big", "req-stalled-json", stream=False)
+        ev = server.wait_event(lambda e: e["request_id"] == "req-stalled-json")
+        assert ev["status"] == 200  # the answer was made and logged as such
+        dropped = server.wait_event(lambda e: True, name="answer_dropped")
+        assert dropped["request_id"] == "req-stalled-json", dropped
+        assert dropped["reason"] == "client_too_slow" and dropped["level"] == "warning"
+        assert time.monotonic() - t0 < 5
+        got = read_to_the_end(s)
+        assert len(got) < 8_000_000  # dropped, not held until the client read it all
         assert not [line for line in server.lines() if "ERROR" in line]
 
 

@@ -265,6 +265,42 @@ async def test_a_body_that_stalls_closes_the_connection(monkeypatch: pytest.Monk
     proto.connection_lost(None)
 
 
+async def test_a_body_that_stalls_is_counted_as_too_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server's own body limit closes the connection, and the app's read of the body
+    # sees a disconnect: it was counted as a client that left (499 client_closed). It is
+    # the server that gave up waiting: 408 client_too_slow.
+    import httpx
+
+    import stella.transport
+    from stella.app import create_app
+    from stella.settings import load_settings
+    from tests.live import NO_MLX, free_port
+
+    monkeypatch.setattr(stella.transport, "BODY_TIMEOUT_S", 0.2)
+    app = create_app(load_settings(NO_MLX, environ={}))
+    port = free_port()
+    config = uvicorn.Config(app, port=port, http=HttpToolsProtocol, log_level="warning")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing sent
+        writer.close()
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            metrics = (await c.get("/metrics")).text
+        assert 'stella_rejections_total{api="openai",code="client_too_slow"} 1.0' in metrics
+        assert 'code="client_closed"' not in metrics
+    finally:
+        server.should_exit = True
+        await serving
+
+
 async def test_a_pipelined_request_waits_without_a_deadline(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -319,6 +355,83 @@ async def test_each_body_gets_its_own_deadline(monkeypatch: pytest.MonkeyPatch) 
     assert not rec.closed
     await asyncio.sleep(0.45)
     assert rec.closed
+    proto.connection_lost(None)
+
+
+async def test_an_answer_whose_write_waits_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # uvicorn holds an answer's writes while its client takes nothing (flow control), for
+    # good: an answer whose write waits SEND_TIMEOUT_S (a non-stream inference answer: what
+    # is left of its total limit, at least SEND_MIN_S) ends the connection. One the client
+    # takes on is let be, and so is a running stream, which bounds its own writes.
+    import stella.transport
+
+    monkeypatch.setattr(stella.transport, "SEND_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(stella.transport, "SEND_MIN_S", 0.1)
+    start = {"type": "http.response.start", "status": 200, "headers": []}
+    done = asyncio.Event()
+
+    async def answer(scope: Any, receive: Any, send: Any) -> None:
+        await send(start)
+        await send({"type": "http.response.body", "body": b"x" * 100})
+
+    async def stream(scope: Any, receive: Any, send: Any) -> None:
+        scope["stella.protocol"].send_by = stella.transport.SELF_BOUNDED
+        await send(start)
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        await done.wait()
+        await send({"type": "http.response.body", "body": b"x"})
+
+    # The client takes nothing: the connection is aborted.
+    proto, rec = _protocol(answer)
+    proto.data_received(REQUEST)
+    await turn()
+    proto.pause_writing()  # as the transport does: its buffer is past the high-water mark
+    await asyncio.sleep(0.25)
+    assert rec.aborted
+    proto.connection_lost(None)
+
+    # The client takes some of it in time: the wait starts over.
+    proto, rec = _protocol(answer)
+    proto.data_received(REQUEST)
+    await turn()
+    proto.pause_writing()
+    await asyncio.sleep(0.05)
+    proto.resume_writing()
+    await asyncio.sleep(0.15)
+    assert not rec.closing
+    proto.connection_lost(None)
+
+    # A non-stream inference answer's limit (send_by) long past: still SEND_MIN_S.
+    proto, rec = _protocol(answer)
+    proto.send_by = time.perf_counter() - 5
+    proto.data_received(REQUEST)
+    await turn()
+    proto.pause_writing()
+    await asyncio.sleep(0.05)
+    assert not rec.closing
+    await asyncio.sleep(0.15)
+    assert rec.aborted
+    proto.connection_lost(None)
+
+    # A stream: no timer while it runs; its last bytes, still waiting once it is over, get
+    # SEND_TIMEOUT_S.
+    proto, rec = _protocol(stream, busy=False)
+    proto.data_received(REQUEST)
+    await turn()
+    proto.pause_writing()
+    await asyncio.sleep(0.25)
+    assert not rec.closing
+    proto.resume_writing()
+    write = rec.write
+
+    def overflowing(data: bytes) -> None:
+        write(data)
+        proto.pause_writing()  # the last write is past the high-water mark too
+
+    rec.write = overflowing  # type: ignore[method-assign]
+    done.set()
+    await asyncio.sleep(0.25)
+    assert rec.aborted
     proto.connection_lost(None)
 
 
@@ -1495,6 +1608,8 @@ REPLACED = {
     "send_400_response": "ae5a4a3782b646fd",
     "on_header": "65d62c044f61fdbd",
     "on_body": "dba9c32aeba35b6a",
+    "pause_writing": "17a8fd215d96a13c",
+    "resume_writing": "7844bbaa8cceb1ef",
 }
 
 

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from stella.core import Call, Inference, log_fault, watch_leaving
 from stella.errors import (
     ClientGone,
+    ClientTooSlow,
     Forbidden,
     InvalidRequest,
     PayloadTooLarge,
@@ -295,7 +296,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     receive = request.receive
     message = await receive()
     if message["type"] != "http.request":
-        raise ClientGone("the client disconnected while sending the body")
+        raise body_gone(request.scope)
     chunk = message.get("body", b"")
     if not message.get("more_body", False):
         if len(chunk) > max_bytes:
@@ -308,6 +309,15 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             )
         return chunk  # the usual case: the whole body in one message
     return await _read_rest(request, receive, [chunk] if chunk else [], max_bytes)
+
+
+def body_gone(scope: Mapping[str, Any]) -> StellaError:
+    """Why a request's body stopped coming: the client left (499 client_closed), or the
+    server stopped waiting for it (408 client_too_slow; stella.transport's body limit)."""
+    late = scope.get("stella.body_late")
+    if late is not None:
+        return ClientTooSlow(f"the request body did not arrive within {late:g}s of its headers")
+    return ClientGone("the client disconnected while sending the body")
 
 
 class _BodyRead:
@@ -344,7 +354,7 @@ async def _read_rest(request: Request, receive: Any, chunks: list[bytes], max_by
                     ) from None
                 raise
             if message["type"] != "http.request":
-                raise ClientGone("the client disconnected while sending the body")
+                raise body_gone(request.scope)
             chunk = message.get("body", b"")
             if chunk:
                 size += len(chunk)
@@ -441,7 +451,14 @@ async def run_to_end(request: Request, inference: Inference) -> ChatResponse:
     try:
         if not entered:  # the drain is over: ended before it began
             raise ShuttingDown()
-        return await inference.result()
+        result = await inference.result()
+        protocol = request.scope.get("stella.protocol")
+        if protocol is not None:
+            # Its write gets what is left of the total limit, at least a second: a client
+            # that stops reading is then dropped (stella.transport), as a stream's is.
+            protocol.send_by = inference.t0 + inference.route.settings.total_timeout_s
+            protocol.send_rid = call.request_id
+        return result
     except asyncio.CancelledError:
         if call.cancel_reason is None:
             raise
