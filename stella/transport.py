@@ -256,9 +256,15 @@ class CorkedTransport:
         self._transport.write_eof()
 
     def close(self) -> None:
-        """Send what is held, then close."""
+        """Send what is held, then close; what the client still has not taken
+        SEND_TIMEOUT_S later is dropped with the connection."""
         self.flush()
-        self._transport.close()
+        transport = self._transport
+        transport.close()
+        if transport.get_write_buffer_size():
+            # asyncio keeps a closing connection until its buffer drains, for good if the
+            # client stopped reading (a keep-alive's end, a `connection: close` answer).
+            self._loop.call_later(SEND_TIMEOUT_S, transport.abort)
 
     def abort(self) -> None:
         """Drop what is held and close at once."""

@@ -140,6 +140,28 @@ async def test_close_sends_what_is_held_abort_drops_it() -> None:
     assert rec2.writes == [] and rec2.aborted
 
 
+async def test_a_close_with_bytes_the_client_never_takes_ends_after_the_send_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # asyncio would keep the connection until its buffer drains: for good, for a client
+    # that stopped reading with less than a pause's worth left to send.
+    import stella.transport as transport
+
+    monkeypatch.setattr(transport, "SEND_TIMEOUT_S", 0.05)
+
+    class Unsent(Recorder):
+        def get_write_buffer_size(self) -> int:
+            return 0 if self.aborted else 1000
+
+    stuck, done = Unsent(), Recorder()
+    for rec in (stuck, done):
+        CorkedTransport(rec, asyncio.get_running_loop(), BUSY).close()  # type: ignore[arg-type]
+    assert stuck.closed and not stuck.aborted
+    await asyncio.sleep(0.2)
+    assert stuck.aborted
+    assert done.closed and not done.aborted  # all sent: closed as asked, nothing more
+
+
 async def test_client_gone_before_the_flush_is_not_an_error() -> None:
     rec = Recorder()
     t = CorkedTransport(rec, asyncio.get_running_loop(), BUSY)  # type: ignore[arg-type]
