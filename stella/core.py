@@ -35,6 +35,7 @@ from stella.errors import (
     UpstreamError,
     UpstreamStatus,
     UpstreamTimeout,
+    waited_out,
     whole_seconds,
 )
 from stella.logs import mask
@@ -762,6 +763,7 @@ class Inference:
             ttft, awaited = rs.answer_timeout_s or rs.ttft_timeout_s, "answer"
         left = watchdog.deadline - t
         limit = max(min(ttft, left), 0.001)
+        ctx.first_by = t + limit
         watchdog.watch(limit)
         watchdog.waiting = True
         try:
@@ -778,7 +780,12 @@ class Inference:
                 record["error"] = self.call.cancel_reason or "cancelled"
                 self._queued(ctx, now)
                 raise
-            if time.perf_counter() < watchdog.deadline:
+            if ctx.waiting_for:
+                # Still waiting for a place of stella's own (a free pooled connection): the
+                # upstream never had the request. stella's load: no verdict, fallbacks tried.
+                err = waited_out(ctx.waiting_for, limit)
+                err.out_of_time = time.perf_counter() >= watchdog.deadline
+            elif time.perf_counter() < watchdog.deadline:
                 # The silence limit, not the total one (output such as keep-alive
                 # chunks restarts the silence limit, so this may be long after `limit`).
                 err = UpstreamTimeout(

@@ -201,6 +201,17 @@ class Overloaded(_ComeBackLater):
     code = "overloaded"
 
 
+def waited_out(what: str, seconds: float) -> Overloaded:
+    """The error of a call whose time ran out while it waited for a place of stella's
+    own (`what`, a free pooled connection): the request was never sent."""
+    err = Overloaded(f"waited {seconds:.3g}s for {what}; the request was not sent upstream")
+    # stella's load, not the upstream's fault: its circuit is not told, and the route's
+    # fallbacks are tried rather than the same full pool again.
+    err.no_verdict = True
+    err.same_again = False
+    return err
+
+
 class Unavailable(_ComeBackLater):
     """A circuit is open or the backend cannot serve now."""
 

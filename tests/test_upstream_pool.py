@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
 from stella.backends import CallContext, http
@@ -25,8 +27,11 @@ from stella.backends.anthropic import AnthropicBackend, AnthropicConfig
 from stella.backends.http import HttpBackend
 from stella.backends.ollama import OllamaBackend, OllamaConfig
 from stella.backends.openai import OpenAIBackend, OpenAIConfig
-from stella.errors import StellaError, UpstreamStatus
+from stella.errors import Overloaded, StellaError, UpstreamStatus
 from stella.protocol import ChatRequest, Delta, Done, Message
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import serve
+from tests.live import run_stella
 
 ANSWERS: dict[str, dict[str, Any]] = {
     "/v1/chat/completions": {
@@ -220,6 +225,115 @@ async def test_a_wait_for_the_pool_does_not_count_as_the_upstream_working(
         results = await asyncio.gather(ask(backend), ask(backend))
         assert all([type(e) for e in r] == [Delta, Done] for r in results)
         assert closer.answered == 2 and closer.connections == 2
+
+
+async def test_a_call_whose_time_ran_out_waiting_for_the_pool_is_not_sent(
+    upstream: tuple[Closer, str],
+) -> None:
+    # One connection, held 0.5 s by the first call. The second call's time to its first
+    # event ends at 0.2 s; it gets the connection at 0.5 s, before the core's ticker could
+    # cancel it: it gives the connection up unsent, overloaded, rather than ask the
+    # upstream for an answer nobody waits for.
+    closer, url = upstream
+    closer.answer_every, closer.answer_s = 100, 0.5
+    req = ChatRequest(messages=[Message(role="user", content="hi")], model="m", stream=False)
+    async with started("openai", url, max_connections=1) as backend:
+        first = asyncio.create_task(ask(backend))
+        await asyncio.sleep(0.1)  # it holds the one connection
+        ctx = CallContext(request_id="late", first_by=time.perf_counter() + 0.1)
+        with pytest.raises(Overloaded) as info:
+            async for _ in backend.chat(req, ctx):
+                pass
+        assert [type(e) for e in await first] == [Delta, Done]
+        # A third call in time: it waits for the connection, which it is given.
+        third = CallContext(request_id="in-time", first_by=time.perf_counter() + 5)
+        t = time.perf_counter()
+        second = asyncio.create_task(ask(backend))
+        await asyncio.sleep(0.1)
+        assert [type(e) async for e in backend.chat(req, third)] == [Delta, Done]
+        assert [type(e) for e in await second] == [Delta, Done]
+    err = info.value
+    assert err.status == 503 and err.code == "overloaded" and err.retryable, err
+    assert err.no_verdict and not err.same_again
+    assert "backend 'up'" in err.message and "max_connections = 1" in err.message, err
+    assert "not sent" in err.message, err
+    assert closer.answered == 3  # the late call's request never reached it
+    assert 0.3 <= ctx.queue_ms / 1000 < 0.6 and not ctx.waiting_for  # its wait, as queueing
+    assert 0.3 <= third.queue_ms / 1000 <= time.perf_counter() - t
+
+
+def test_a_call_waiting_for_a_full_pool_is_overloaded_and_opens_no_circuit() -> None:
+    # Two long streams hold both connections of max_connections = 2. Calls past them wait
+    # for stella's own pool: their limit passes before the upstream ever has them. That is
+    # stella's load: 503 overloaded, the route's fallbacks tried, the circuit left closed
+    # (its threshold of 2 would have opened it), the wait reported in queue_ms.
+    fake = FakeOpenAI()
+    with serve(fake.app) as up:
+        quick = {
+            "backend": "up",
+            "upstream_model": "ok",
+            "retries": 0,
+            "ttft_timeout_s": 1,
+            "answer_timeout_s": 1,
+            "total_timeout_s": 20,
+        }
+        config = {
+            "breaker": {"failure_threshold": 2, "cooldown_s": 60},
+            "backends": {"up": {"kind": "openai", "base_url": up + "/v1", "max_connections": 2}},
+            "models": {
+                "routes": {
+                    "long": {"backend": "up", "upstream_model": "think-12", "ttft_timeout_s": 30},
+                    "r": quick,
+                    "rf": {**quick, "fallbacks": ["echo"]},
+                }
+            },
+        }
+        with run_stella(config) as server:
+            body = {"model": "long", "messages": MSG, "stream": True}
+            for _ in range(2):
+                threading.Thread(target=hold, args=(server.url, body), daemon=True).start()
+            deadline = time.monotonic() + 10
+            while len(fake.requests) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(fake.requests) == 2
+            for stream in (False, False, True):
+                r = httpx.post(
+                    server.url + "/v1/chat/completions",
+                    json={"model": "r", "messages": MSG, "stream": stream},
+                    timeout=10,
+                )
+                assert r.status_code == 503, r.text  # a stream's too: before its first byte
+                assert r.json()["error"]["code"] == "overloaded", r.text
+                message = r.json()["error"]["message"]
+                assert "backend 'up'" in message and "max_connections = 2" in message, message
+                assert "retry-after" in r.headers
+                rid = r.headers["x-request-id"]
+                ev = server.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+                assert [a["error"] for a in ev["attempts"]] == ["overloaded"], ev
+                assert ev["queue_ms"] >= 900, ev
+            assert len(fake.requests) == 2  # the upstream never saw them
+            models = httpx.get(server.url + "/api/v1/models", timeout=5).json()["models"]
+            assert next(m for m in models if m["name"] == "r")["circuit"] == "closed"
+            r = httpx.post(
+                server.url + "/v1/chat/completions",
+                json={"model": "rf", "messages": MSG},
+                timeout=10,
+            )
+            assert r.status_code == 200, r.text
+            ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+            assert [a["error"] for a in ev["attempts"]] == ["overloaded", None], ev
+            assert ev["backend"] == "echo"
+
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def hold(url: str, body: dict[str, Any]) -> None:
+    """Stream `body` from stella and read it to its end (or until stella goes)."""
+    with contextlib.suppress(httpx.HTTPError):
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            for _ in r.iter_bytes():
+                pass
 
 
 # Streamed answers whose HTTP body ends a moment after the answer's last event, as a

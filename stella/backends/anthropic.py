@@ -352,7 +352,7 @@ class AnthropicBackend(HttpBackend):
         body = _enc.encode(request_body(request, self.cfg.max_tokens))
         name = self.name
         try:
-            async with self.answer(self.base_url + "/v1/messages", body, ctx.request_id) as r:
+            async with self.answer(self.base_url + "/v1/messages", body, ctx) as r:
                 usage = _Usage()
                 tools: dict[int, list[Any]] = {}  # index -> [id, name, json, input at start]
                 stop: str | None = None

@@ -46,6 +46,14 @@ class CallContext:
     # call that ends before it starts.
     queue_ms: float = 0.0
     queued_at: float = 0.0
+    # Set by a backend while the call waits for a place of its own (a free connection in
+    # its pool): what it waits for, naming the backend and its size ("" once it has one).
+    # A time limit that passes meanwhile is stella's load, not the upstream's fault.
+    waiting_for: str = ""
+    # When (time.perf_counter()) the core stops waiting for the call's first event (its
+    # time to first token, answer or total limit; 0: none set). A backend that had to wait
+    # for a place sends nothing once this has passed: the core gives up within a tick.
+    first_by: float = 0.0
     # Filled by an engine that had to load the model for this call: the load's share.
     load_ms: float | None = None
     # Filled by an in-process engine: its own time from starting the job to the first

@@ -26,8 +26,14 @@ from httpx_aiohttp import AiohttpTransport
 from msgspec import Meta
 
 from stella.backends import ConfigError
-from stella.backends.base import Backend, BackendConfig, BackendHealth
-from stella.errors import StellaError, UpstreamError, UpstreamStatus, UpstreamTimeout
+from stella.backends.base import Backend, BackendConfig, BackendHealth, CallContext
+from stella.errors import (
+    StellaError,
+    UpstreamError,
+    UpstreamStatus,
+    UpstreamTimeout,
+    waited_out,
+)
 from stella.logs import mask, mask_cut
 from stella.settings import basic_credential, pasted_secret
 
@@ -88,6 +94,9 @@ HTML_SCAN = 64 * 1024
 # that connection had served a request before (kept alive: the upstream may have closed
 # it meanwhile) or was new.
 _connected: ContextVar[tuple[float, bool]] = ContextVar("stella_connected", default=(0.0, False))
+# The chat call whose request the task is sending (set around its POST): a wait for the
+# pool is told to it. None for the httpx client's requests (model lists, health checks).
+_call: ContextVar[CallContext | None] = ContextVar("stella_call", default=None)
 
 
 class _Handler(ResponseHandler):
@@ -117,10 +126,12 @@ class _Handler(ResponseHandler):
 
 
 class _Connector(aiohttp.TCPConnector):
-    """The pool, noting when each request got its connection."""
+    """The pool, noting when each request got its connection, and telling a chat call
+    that had to wait for one (a wait is queueing: stella's load, not the upstream's)."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, name: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.name = name
         # aiohttp declares a partial of ResponseHandler, and partial's stub is invariant
         # in what it makes: a partial making the subclass _Handler is one all the same.
         self._factory = cast(
@@ -136,6 +147,38 @@ class _Connector(aiohttp.TCPConnector):
             proto.used = True
         _connected.set((time.perf_counter(), reused))
         return conn
+
+    async def _wait_for_available_connection(self, key: Any, traces: list[Any]) -> None:
+        """Wait for a free connection as aiohttp does; a chat call is told of its wait,
+        and gives its place up, unsent, when it got one after its time ran out."""
+        # Reached only when every connection is taken: the uncontended call pays nothing.
+        ctx = _call.get()
+        if ctx is None:
+            await super()._wait_for_available_connection(key, traces)
+            return
+        start = time.perf_counter()
+        if not ctx.queue_ms:
+            ctx.queued_at = start
+        ctx.waiting_for = (
+            f"a free connection to backend {self.name!r} "
+            f"(all of its max_connections = {self.limit} in use)"
+        )
+        try:
+            await super()._wait_for_available_connection(key, traces)
+        except asyncio.CancelledError:
+            # Woken for a free connection just before being cancelled (its time limit, its
+            # client gone): the connection goes to the next in line, not to the next release.
+            if self._available_connections(key) > 0:
+                self._release_waiter()
+            raise  # `waiting_for` stays set: the core reads the cut as a wait for the pool
+        now = time.perf_counter()
+        what, ctx.waiting_for = ctx.waiting_for, ""
+        ctx.queue_ms += (now - start) * 1000
+        if ctx.first_by and now >= ctx.first_by:
+            # Its limit passed while it waited (the core's ticker cancels it within a tick):
+            # a request sent now would be one the upstream works on for nobody.
+            self._release_waiter()
+            raise waited_out(what, now - start)
 
 
 class HttpBackend(Backend):
@@ -203,7 +246,7 @@ class HttpBackend(Backend):
         headers = {**self.http.headers, **self.basic, **self.auth_headers()}
         self.session = aiohttp.ClientSession(
             connector=_Connector(
-                limit=self.http.max_connections, keepalive_timeout=self.http.keepalive_s
+                self.name, limit=self.http.max_connections, keepalive_timeout=self.http.keepalive_s
             ),
             # Uncompressed answers: a proxy that gzips a stream may hold its events back.
             # Should one compress anyway, it is undone (httpx's requests decode their own).
@@ -232,11 +275,11 @@ class HttpBackend(Backend):
         if session is not None and not session.closed:
             await session.close()
 
-    def answer(self, url: str, body: bytes, request_id: str) -> Answer:
-        """`async with backend.answer(url, body, request_id) as response`: POST a JSON body
-        on the pool; an error status raises the StellaError it means."""
-        headers = {"content-type": "application/json", "x-request-id": request_id}
-        return Answer(self, url, body, headers)
+    def answer(self, url: str, body: bytes, ctx: CallContext) -> Answer:
+        """`async with backend.answer(url, body, ctx) as response`: POST a JSON body on the
+        pool for the call `ctx`; an error status raises the StellaError it means."""
+        headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
+        return Answer(self, url, body, headers, ctx)
 
     async def model_ids(self, path: str) -> list[str]:
         """GET `path`, a model list shaped {"data": [{"id": ...}, ...]}: the ids."""
@@ -335,15 +378,21 @@ class Answer:
     that failed is released as aiohttp would (closed, unless its body was read).
     """
 
-    __slots__ = ("backend", "body", "headers", "response", "url")
+    __slots__ = ("backend", "body", "ctx", "headers", "response", "url")
 
     def __init__(
-        self, backend: HttpBackend, url: str, body: bytes, headers: dict[str, str]
+        self,
+        backend: HttpBackend,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        ctx: CallContext,
     ) -> None:
         self.backend = backend
         self.url = url
         self.body = body
         self.headers = headers
+        self.ctx = ctx
 
     async def __aenter__(self) -> aiohttp.ClientResponse:
         b = self.backend
@@ -352,8 +401,12 @@ class Answer:
             # The pool is full: a connection being read to its end is given up for this
             # call rather than make it wait.
             next(iter(b._draining)).cancel()
+        token = _call.set(self.ctx)
         try:
-            r = self.response = await b.post(self.url, self.body, self.headers)
+            try:
+                r = self.response = await b.post(self.url, self.body, self.headers)
+            finally:
+                _call.reset(token)
             if r.status >= 300:
                 text = await error_head(r)
                 raise error_from_response(b.name, r.status, r.headers, text)

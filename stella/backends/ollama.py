@@ -263,7 +263,7 @@ class OllamaBackend(HttpBackend):
         body = _enc.encode(request_body(request, self.keep_alive))
         name = self.name
         try:
-            async with self.answer(self.base_url + "/api/chat", body, ctx.request_id) as r:
+            async with self.answer(self.base_url + "/api/chat", body, ctx) as r:
                 index = 0
                 async for raw in iter_lines(r, name):
                     if not raw.strip():

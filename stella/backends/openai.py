@@ -207,7 +207,7 @@ class OpenAIBackend(HttpBackend):
         body = _json.encode(request_body(request, stream, cfg.stream_usage, cfg.max_tokens_param))
         name = self.name
         try:
-            async with self.answer(self.chat_url, body, ctx.request_id) as r:
+            async with self.answer(self.chat_url, body, ctx) as r:
                 if not stream:
                     async for event in self._whole(await read_body(r, name), ctx):
                         yield event
