@@ -86,6 +86,7 @@ class Closer:
 
     def __init__(self, answer_every: int = 1) -> None:
         self.connections = 0
+        self.open = 0  # connections not closed yet
         self.answered = 0
         self.answer_every = answer_every  # 0: never answers, closes at once
         self.work_s = 0.0  # how long it seems to work on a request before closing instead
@@ -93,6 +94,7 @@ class Closer:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open += 1
         served = 0
         try:
             while True:
@@ -113,6 +115,7 @@ class Closer:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.open -= 1
             writer.close()
 
 
@@ -168,6 +171,24 @@ async def test_a_connection_closed_by_the_upstream_is_replaced(
         # Each request after the first met a connection the upstream closed on it.
         assert closer.answered == 3
         assert closer.connections == 3
+
+
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+async def test_keepalive_0_closes_each_connection_after_its_answer(
+    upstream: tuple[Closer, str], kind: str
+) -> None:
+    # aiohttp's keep-alive of 0 alone reuses no connection and never closes an idle one:
+    # each request left one open for good. No keep-alive: one connection per request,
+    # closed once its answer is read.
+    closer, url = upstream
+    closer.answer_every = 100
+    async with started(kind, url, keepalive_s=0) as backend:
+        for _ in range(4):
+            assert [type(e) for e in await ask(backend)] == [Delta, Done]
+        async with asyncio.timeout(5):
+            while closer.open:
+                await asyncio.sleep(0.02)
+        assert closer.connections == 4 and closer.answered == 4
 
 
 async def test_a_request_dropped_on_a_new_connection_is_not_sent_again(

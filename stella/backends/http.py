@@ -50,7 +50,8 @@ class HttpConfig(BackendConfig, kw_only=True):
     # Per read; the route's idle timeout is usually shorter.
     read_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
     max_connections: Annotated[int, Meta(ge=1)] = 256
-    # An idle pooled connection is closed after this long.
+    # An idle pooled connection is closed after this long (0: none is kept, each request
+    # has a connection of its own, closed after its answer).
     keepalive_s: Annotated[float, Meta(ge=0)] = 30.0
 
 
@@ -194,6 +195,8 @@ class HttpBackend(Backend):
         # Chat calls holding or waiting for a pooled connection (a body being read to its
         # end included): over max_connections, someone waits for the pool.
         self.using = 0
+        # Whether connections are kept for the next request (keepalive_s = 0: never).
+        self.keep = config.keepalive_s > 0
         url = config.base_url
         try:
             parts = urlsplit(url)
@@ -244,10 +247,13 @@ class HttpBackend(Backend):
         # because httpx's per-request bookkeeping (URL merging, cookie extraction) was the
         # largest cost in a profile of stella under load.
         headers = {**self.http.headers, **self.basic, **self.auth_headers()}
+        # aiohttp's keep-alive of 0 reuses no connection and schedules no close of idle
+        # ones either (they stayed open for good): no keep-alive at all is force_close.
+        pool: dict[str, Any] = (
+            {"keepalive_timeout": self.http.keepalive_s} if self.keep else {"force_close": True}
+        )
         self.session = aiohttp.ClientSession(
-            connector=_Connector(
-                self.name, limit=self.http.max_connections, keepalive_timeout=self.http.keepalive_s
-            ),
+            connector=_Connector(self.name, limit=self.http.max_connections, **pool),
             # Uncompressed answers: a proxy that gzips a stream may hold its events back.
             # Should one compress anyway, it is undone (httpx's requests decode their own).
             headers={"Accept-Encoding": "identity", **headers},
@@ -418,7 +424,12 @@ class Answer:
     async def __aexit__(self, kind: type[BaseException] | None, exc: Any, tb: Any) -> None:
         r = self.response
         b = self.backend
-        if kind is None and not r.content.at_eof() and b.using <= b.http.max_connections:
+        if (
+            kind is None
+            and not r.content.at_eof()
+            and b.using <= b.http.max_connections
+            and b.keep  # else the connection is closed either way: nothing to read it for
+        ):
             b.finish_later(r)  # `using` goes down when that read ends
             return
         b.using -= 1
