@@ -498,7 +498,7 @@ class Inference:
                                 if probe:
                                     breaker.release()
                             else:
-                                breaker.failure()
+                                breaker.failure(last.code)
                             if not last.retryable or not last.same_again:
                                 break  # the same failure again: fall back
                             continue
@@ -602,7 +602,7 @@ class Inference:
                             # (the probe, if this was one, goes back below), as before the
                             # first token.
                             if not exc.out_of_time:
-                                breaker.failure()
+                                breaker.failure(exc.code)
                             if emit is None:
                                 # Nothing has reached the client of a non-stream call yet:
                                 # the answer can start over (a retry, then a fallback).

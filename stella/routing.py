@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import structlog
+
 from stella.backends import Backend, ConfigError
 from stella.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, StellaError
 from stella.settings import RouteSettings, Settings
@@ -15,13 +17,20 @@ from stella.state import is_default, taken
 # switch too); a route or alias named so in the configuration keeps it.
 DEFAULT_NAME = "default"
 
+_log = structlog.get_logger("stella")
+
 
 class CircuitBreaker:
-    """Opens after N consecutive failures; after a cool-down lets one probe through."""
+    """Opens after N consecutive failures; after a cool-down lets one probe through.
 
-    __slots__ = ("cooldown_s", "failures", "opened_at", "probing", "state", "threshold")
+    Each change of state is logged once (`circuit_opened`, `circuit_half_open`,
+    `circuit_closed`): a call that finds the state as it was logs nothing.
+    """
 
-    def __init__(self, threshold: int, cooldown_s: float) -> None:
+    __slots__ = ("cooldown_s", "failures", "name", "opened_at", "probing", "state", "threshold")
+
+    def __init__(self, threshold: int, cooldown_s: float, name: str = "") -> None:
+        self.name = name  # the backend's, for the log
         self.threshold = threshold
         self.cooldown_s = cooldown_s
         self.state = "closed"
@@ -36,6 +45,7 @@ class CircuitBreaker:
         if self.state == "open" and self._cooled():
             self.state = "half_open"
             self.probing = False
+            _log.info("circuit_half_open", backend=self.name, failures=self.failures)
         if self.state == "half_open" and not self.probing:
             self.probing = True
             return True
@@ -55,17 +65,29 @@ class CircuitBreaker:
 
     def success(self) -> None:
         """The backend answered: close the circuit."""
-        self.state = "closed"
+        if self.state != "closed":
+            self.state = "closed"
+            _log.info("circuit_closed", backend=self.name, failures=self.failures)
         self.failures = 0
         self.probing = False
 
-    def failure(self) -> None:
-        """The backend failed in a way that says it is unhealthy."""
+    def failure(self, error: str = "") -> None:
+        """The backend failed in a way that says it is unhealthy (`error`: its code)."""
         self.failures += 1
         self.probing = False
-        if self.state == "half_open" or (self.threshold and self.failures >= self.threshold):
+        was = self.state
+        if was == "half_open" or (self.threshold and self.failures >= self.threshold):
             self.state = "open"
             self.opened_at = time.monotonic()
+            if was != "open":  # a call that failed after it opened keeps it open: no news
+                _log.warning(
+                    "circuit_opened",
+                    backend=self.name,
+                    failures=self.failures,
+                    cooldown_s=self.cooldown_s,
+                    error=error,
+                    probe_failed=was == "half_open",
+                )
 
     def release(self) -> None:
         """A probe ended without a verdict (client left): let another probe go."""
@@ -117,7 +139,7 @@ class Router:
         self._names: dict[str, str] = {}
         b = settings.breaker
         self.breakers = {
-            name: CircuitBreaker(b.failure_threshold, b.cooldown_s) for name in backends
+            name: CircuitBreaker(b.failure_threshold, b.cooldown_s, name) for name in backends
         }
         for name, rs in settings.models.routes.items():
             if rs.backend in backends:  # routes to a disabled backend are left out

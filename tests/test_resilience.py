@@ -57,6 +57,24 @@ def test_breaker_opens_then_probe_closes_it() -> None:
         assert chat(server.url, "flaky").status_code == 200
         models = httpx.get(server.url + "/api/v1/models").json()["models"]
         assert next(m for m in models if m["name"] == "flaky")["circuit"] == "closed"
+        # One log event per change of state; the calls refused while open log none.
+        changes = [
+            e
+            for e in server.events()
+            if e.get("event") in ("circuit_opened", "circuit_half_open", "circuit_closed")
+        ]
+        assert [(e["event"], e["level"]) for e in changes] == [
+            ("circuit_opened", "warning"),
+            ("circuit_half_open", "info"),
+            ("circuit_opened", "warning"),
+            ("circuit_half_open", "info"),
+            ("circuit_closed", "info"),
+        ], changes
+        assert all(e["backend"] == "flaky" for e in changes), changes
+        first, again = changes[0], changes[2]
+        assert first["failures"] == 2 and first["cooldown_s"] == 0.5, first
+        assert first["error"] == "upstream_error" and not first["probe_failed"], first
+        assert again["failures"] == 3 and again["probe_failed"], again
 
 
 def test_a_probe_whose_client_leaves_lets_the_next_one_probe() -> None:
