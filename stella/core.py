@@ -656,6 +656,7 @@ class Inference:
                 else ""
             )
             if len(self.chain) > 1 and not isinstance(err, UpstreamTimeout | Unavailable):
+                last_err = err
                 code, last_retryable = err.code, err.retryable
                 overloaded = err.upstream_overloaded
                 # The code is kept, and with it when to come back (an `overloaded` is
@@ -668,6 +669,9 @@ class Inference:
                 # is overloaded (a 529 in Anthropic's dialect): the last failure's verdict.
                 err.code, err.retryable = code, last_retryable
                 err.upstream_overloaded = overloaded
+                if isinstance(last_err, Overloaded):
+                    # stella's own load (a full queue or pool), as its code says: a 503.
+                    err.status = last_err.status
             elif late:
                 err.message += late
             return self.fail(err)

@@ -306,6 +306,7 @@ def test_a_call_waiting_for_a_full_pool_is_overloaded_and_opens_no_circuit() -> 
                     "long": {"backend": "up", "upstream_model": "think-12", "ttft_timeout_s": 30},
                     "r": quick,
                     "rf": {**quick, "fallbacks": ["echo"]},
+                    "rr": {**quick, "fallbacks": ["r"]},  # its fallback on the same pool
                 }
             },
         }
@@ -344,6 +345,14 @@ def test_a_call_waiting_for_a_full_pool_is_overloaded_and_opens_no_circuit() -> 
             ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
             assert [a["error"] for a in ev["attempts"]] == ["overloaded", None], ev
             assert ev["backend"] == "echo"
+            # A chain that waited out the pool on every route: still stella's 503.
+            r = httpx.post(
+                server.url + "/v1/chat/completions",
+                json={"model": "rr", "messages": MSG},
+                timeout=10,
+            )
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+            assert r.json()["error"]["message"].startswith("every backend failed"), r.text
 
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -661,3 +670,32 @@ async def test_a_gzip_bomb_is_refused_within_the_body_limits(
     assert info.value.code == "upstream_error" and info.value.status == 502, info.value
     assert "over" in info.value.message, info.value
     assert peak < 4 * BOMB_CAP, peak  # the 96 MiB inflated never held
+
+
+# aiohttp's private methods stella.backends.http extends or calls (its pool's wait for a
+# free connection, the body a failed connection was reading), as read in aiohttp 3.14: an
+# aiohttp whose copy differs needs a read before it is used (pyproject bounds it).
+EXTENDED = {
+    ("BaseConnector", "_wait_for_available_connection"): "4e686d9205a054fa",
+    ("BaseConnector", "_available_connections"): "6ef7610bcba48aeb",
+    ("BaseConnector", "_release_waiter"): "bbdfe8abaff81295",
+    ("ResponseHandler", "set_exception"): "83971750bbd9f2f9",
+}
+
+
+def test_the_aiohttp_methods_extended_are_those_read() -> None:
+    import hashlib
+    import inspect
+
+    import aiohttp
+    from aiohttp.client_proto import ResponseHandler
+    from aiohttp.connector import BaseConnector
+
+    classes = {"BaseConnector": BaseConnector, "ResponseHandler": ResponseHandler}
+    seen = {
+        (cls, name): hashlib.sha256(
+            inspect.getsource(getattr(classes[cls], name)).encode()
+        ).hexdigest()[:16]
+        for cls, name in EXTENDED
+    }
+    assert seen == EXTENDED, f"aiohttp {aiohttp.__version__} changed methods stella extends"
