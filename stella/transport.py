@@ -12,7 +12,8 @@ With a single request in flight there is nothing to gain and a little to lose:
 the early header segment wakes the client while the body is still being
 written, so a lone request writes straight through, as uvicorn does.
 
-Either way (`BodyDeadlineProtocol` is the same without the corking) a connection
+Either way (`BodyDeadlineProtocol` is the same without the corking: its
+CorkedTransport writes straight through) a connection
 must send a request's first byte within HEADER_TIMEOUT_S of opening, a request's
 headers must be complete one to two HEADER_TIMEOUT_S after its first byte (one
 timer per connection looks every HEADER_TIMEOUT_S: nothing to do per request),
@@ -380,9 +381,18 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     send_rid = ""  # its request ID, for the log line if it is dropped
     _send_timer: asyncio.TimerHandle | None = None  # set while a write waits
 
+    # Whether writes are held to the end of the loop turn while other requests are in
+    # flight (HttpToolsProtocol); either way the connection's transport is a
+    # CorkedTransport, whose flush and close the write limits rely on.
+    coalesce = False
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Accept as uvicorn does; from now on, a look every HEADER_TIMEOUT_S."""
-        super().connection_made(transport)  # type: ignore[arg-type]  # uvloop: a Transport alike
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        corked = CorkedTransport(
+            cast(asyncio.Transport, transport), self.loop, self.tasks if self.coalesce else ()
+        )
+        super().connection_made(cast(asyncio.Transport, corked))
         # Before any request: each request's cycle takes the connection's flow control.
         self.flow = _PipelineFlow(self.transport, self)
         self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._look)
@@ -764,6 +774,9 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         answer that waited for this one goes out, and the connection ends."""
         by = self.send_by
         if by is not None:
+            # What the loop turn holds of this answer goes out now: a pause it causes is
+            # judged by this answer's limit, not by the next one's (or none's).
+            cast(CorkedTransport, self.transport).flush()
             # The next answer has its own limit (none: SEND_TIMEOUT_S). A stream's last
             # bytes, if they still wait, get one now: the stream no longer bounds them.
             self.send_by = None
@@ -882,13 +895,10 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
 
 
 class HttpToolsProtocol(BodyDeadlineProtocol):
-    """uvicorn's httptools protocol on a CorkedTransport (with the body deadline)."""
+    """uvicorn's httptools protocol on a CorkedTransport that holds writes while other
+    requests are in flight (with the body deadline)."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Wrap the connection's transport before uvicorn sees it."""
-        # uvloop's transports are not asyncio.Transport subclasses, only alike.
-        corked = CorkedTransport(cast(asyncio.Transport, transport), self.loop, self.tasks)
-        super().connection_made(cast(asyncio.Transport, corked))
+    coalesce = True
 
     def eof_received(self) -> None:
         """The client half-closed (or left): what is held goes out before the connection

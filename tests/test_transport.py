@@ -1650,3 +1650,79 @@ def test_the_uvicorn_methods_replaced_are_those_read() -> None:
         assert name in vars(HttpToolsProtocol) or any(
             name in vars(c) for c in HttpToolsProtocol.__mro__[1:] if c is not Base
         )
+
+
+async def test_a_held_answer_is_judged_by_its_own_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Other requests in flight: the answer's writes are held to the end of the loop turn,
+    # after uvicorn has called it complete. Its bytes go out as it completes, so a pause
+    # they cause is judged by its limit (what is left of its total), not by the default.
+    import structlog
+
+    import stella.transport
+
+    monkeypatch.setattr(stella.transport, "SEND_TIMEOUT_S", 10.0)
+    monkeypatch.setattr(stella.transport, "SEND_MIN_S", 0.01)
+
+    async def answer(scope: Any, receive: Any, send: Any) -> None:
+        protocol = scope["stella.protocol"]
+        protocol.send_by, protocol.send_rid = time.perf_counter() + 0.2, "req-held"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x" * 100})
+
+    proto, rec = _protocol(answer)  # busy: writes are held
+    write = rec.write
+
+    def overflowing(data: bytes) -> None:
+        write(data)
+        proto.pause_writing()  # the answer is past the transport's high-water mark
+
+    rec.write = overflowing  # type: ignore[method-assign]
+    with structlog.testing.capture_logs() as logs:
+        proto.data_received(REQUEST)
+        await asyncio.sleep(0.1)
+        assert rec.writes and not rec.closing  # out, and waiting on the client
+        await asyncio.sleep(0.3)
+        assert rec.aborted
+    dropped = [e for e in logs if e["event"] == "answer_dropped"]
+    assert len(dropped) == 1 and dropped[0]["request_id"] == "req-held", logs
+    proto.connection_lost(None)
+
+
+async def test_without_coalescing_the_write_limits_hold_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # server.coalesce_writes = false: writes go straight out, and a close with bytes the
+    # client never takes still ends SEND_TIMEOUT_S later (the limits live on the transport).
+    import stella.transport
+    from stella.transport import BodyDeadlineProtocol, CorkedTransport
+
+    monkeypatch.setattr(stella.transport, "SEND_TIMEOUT_S", 0.2)
+
+    class Unsent(Recorder):
+        def get_write_buffer_size(self) -> int:
+            return 0 if self.aborted else 1000
+
+    async def answer(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"last"})
+
+    config = uvicorn.Config(answer, lifespan="off", http=BodyDeadlineProtocol)
+    config.load()
+    state = ServerState()
+    state.tasks.add(asyncio.get_running_loop().create_future())  # type: ignore[arg-type]
+    proto = BodyDeadlineProtocol(
+        config=config, server_state=state, app_state={}, _loop=asyncio.get_running_loop()
+    )
+    rec = Unsent()
+    proto.connection_made(rec)  # type: ignore[arg-type]
+    assert isinstance(proto.transport, CorkedTransport)
+    proto.data_received(REQUEST)
+    await turn()
+    assert len(rec.writes) == 2  # not held: uvicorn's own two writes, busy server or not
+    assert rec.closed and not rec.aborted
+    await asyncio.sleep(0.05)
+    assert not rec.aborted
+    await asyncio.sleep(0.35)
+    assert rec.aborted
+    proto.connection_lost(None)
