@@ -147,7 +147,7 @@ async def test_a_close_with_bytes_the_client_never_takes_ends_after_the_send_lim
     # that stopped reading with less than a pause's worth left to send.
     import stella.transport as transport
 
-    monkeypatch.setattr(transport, "SEND_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(transport, "SEND_TIMEOUT_S", 0.2)
 
     class Unsent(Recorder):
         def get_write_buffer_size(self) -> int:
@@ -157,7 +157,9 @@ async def test_a_close_with_bytes_the_client_never_takes_ends_after_the_send_lim
     for rec in (stuck, done):
         CorkedTransport(rec, asyncio.get_running_loop(), BUSY).close()  # type: ignore[arg-type]
     assert stuck.closed and not stuck.aborted
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.05)
+    assert not stuck.aborted  # the client still has the send limit to take the rest
+    await asyncio.sleep(0.35)
     assert stuck.aborted
     assert done.closed and not done.aborted  # all sent: closed as asked, nothing more
 
@@ -388,13 +390,15 @@ async def test_an_answer_whose_write_waits_is_bounded(monkeypatch: pytest.Monkey
     import stella.transport
 
     monkeypatch.setattr(stella.transport, "SEND_TIMEOUT_S", 0.1)
-    monkeypatch.setattr(stella.transport, "SEND_MIN_S", 0.1)
+    # Far from SEND_TIMEOUT_S: an answer without a limit of its own waits SEND_TIMEOUT_S.
+    monkeypatch.setattr(stella.transport, "SEND_MIN_S", 10.0)
     start = {"type": "http.response.start", "status": 200, "headers": []}
+    body = {"type": "http.response.body", "body": b"x" * 100}
     done = asyncio.Event()
 
     async def answer(scope: Any, receive: Any, send: Any) -> None:
         await send(start)
-        await send({"type": "http.response.body", "body": b"x" * 100})
+        await send(body)
 
     async def stream(scope: Any, receive: Any, send: Any) -> None:
         scope["stella.protocol"].send_by = stella.transport.SELF_BOUNDED
@@ -423,16 +427,37 @@ async def test_an_answer_whose_write_waits_is_bounded(monkeypatch: pytest.Monkey
     assert not rec.closing
     proto.connection_lost(None)
 
-    # A non-stream inference answer's limit (send_by) long past: still SEND_MIN_S.
+    # ... and a wait after that has the whole limit again, not what the first one left.
+    monkeypatch.setattr(stella.transport, "SEND_TIMEOUT_S", 0.4)
     proto, rec = _protocol(answer)
-    proto.send_by = time.perf_counter() - 5
     proto.data_received(REQUEST)
     await turn()
     proto.pause_writing()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)
+    proto.resume_writing()
+    await asyncio.sleep(0.1)
+    proto.pause_writing()
+    await asyncio.sleep(0.3)  # past the first wait's limit, within the second's
     assert not rec.closing
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.25)
     assert rec.aborted
+    proto.connection_lost(None)
+    monkeypatch.setattr(stella.transport, "SEND_TIMEOUT_S", 0.1)
+
+    # An answer's limit is its own: the next answer on the connection has none set, and
+    # one that went out whole leaves no timer behind.
+    async def bounded(scope: Any, receive: Any, send: Any) -> None:
+        scope["stella.protocol"].send_by = 123.0
+        scope["stella.protocol"].send_rid = "r"
+        await send(start)
+        await send(body)
+
+    proto, rec = _protocol(bounded)
+    proto.data_received(REQUEST)
+    await turn()
+    assert rec.writes  # answered, never paused
+    assert proto.send_by is None and proto.send_rid == ""
+    assert proto._send_timer is None
     proto.connection_lost(None)
 
     # A stream: no timer while it runs; its last bytes, still waiting once it is over, get
@@ -453,6 +478,27 @@ async def test_an_answer_whose_write_waits_is_bounded(monkeypatch: pytest.Monkey
     rec.write = overflowing  # type: ignore[method-assign]
     done.set()
     await asyncio.sleep(0.25)
+    assert rec.aborted
+    proto.connection_lost(None)
+
+    # A non-stream inference answer whose limit (send_by) is long past when its write
+    # waits: still SEND_MIN_S, not SEND_TIMEOUT_S, not at once.
+    monkeypatch.setattr(stella.transport, "SEND_TIMEOUT_S", 10.0)
+    monkeypatch.setattr(stella.transport, "SEND_MIN_S", 0.2)
+
+    async def late(scope: Any, receive: Any, send: Any) -> None:
+        protocol = scope["stella.protocol"]
+        protocol.send_by = time.perf_counter() - 5
+        await send(start)
+        protocol.pause_writing()  # the client takes nothing: the body's write waits
+        await send(body)
+
+    proto, rec = _protocol(late)
+    proto.data_received(REQUEST)
+    await turn()
+    await asyncio.sleep(0.05)
+    assert not rec.closing
+    await asyncio.sleep(0.3)
     assert rec.aborted
     proto.connection_lost(None)
 
