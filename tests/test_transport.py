@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import socket
 import time
@@ -501,6 +502,57 @@ async def test_an_answer_whose_write_waits_is_bounded(monkeypatch: pytest.Monkey
     await asyncio.sleep(0.3)
     assert rec.aborted
     proto.connection_lost(None)
+
+
+async def test_a_stream_bounds_its_own_writes_and_its_last_lines_get_its_limit() -> None:
+    # While a stream runs the server sets no write limit of its own (send_by infinite:
+    # the stream cuts a client that stopped reading itself); its terminal lines, written
+    # after, get what is left of the route's total limit.
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    config = {
+        "backends": {"local": {"enabled": False}, "e": {"kind": "echo"}},
+        "models": {"default": "e", "routes": {"e": {"backend": "e", "total_timeout_s": 7.0}}},
+    }
+    app = create_app(load_settings(config, environ={}))
+    limits: list[float | None] = []  # the protocol's send_by at each body write
+
+    async def watched(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        protocol = scope["stella.protocol"]
+
+        async def send_watched(message: Any) -> None:
+            if message["type"] == "http.response.body":
+                limits.append(protocol.send_by)
+            await send(message)
+
+        await app(scope, receive, send_watched)
+
+    body = b'{"stream":true,"messages":[{"role":"user","content":"one two three"}]}'
+    async with app.router.lifespan_context(app):
+        proto, rec = _protocol(watched)
+        t0 = time.perf_counter()
+        proto.data_received(
+            b"POST /api/v1/chat HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        for _ in range(300):
+            if b"".join(rec.writes).endswith(b"0\r\n\r\n"):
+                break
+            await asyncio.sleep(0.01)
+        t1 = time.perf_counter()
+        proto.connection_lost(None)
+    text = b"".join(rec.writes)
+    assert text.startswith(b"HTTP/1.1 200 ") and b'"type":"done"' in text
+    running = limits.count(math.inf)
+    assert 0 < running < len(limits) and limits[:running] == [math.inf] * running, limits
+    end_by = limits[-1]
+    assert end_by is not None and t0 + 7.0 <= end_by <= t1 + 7.0
+    assert limits[running:] == [end_by] * (len(limits) - running)
+    assert proto.send_by is None  # the answer is over: the next one has its own
 
 
 async def test_headers_that_stall_close_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
