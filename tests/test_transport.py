@@ -290,10 +290,14 @@ async def test_a_body_that_stalls_closes_the_connection(monkeypatch: pytest.Monk
     proto.connection_lost(None)
 
 
-async def test_a_body_that_stalls_is_counted_as_too_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("sent", [b"{", b""], ids=["part_of_it", "none_of_it"])
+async def test_a_body_that_stalls_is_counted_as_too_slow(
+    monkeypatch: pytest.MonkeyPatch, sent: bytes
+) -> None:
     # The server's own body limit closes the connection, and the app's read of the body
     # sees a disconnect: it was counted as a client that left (499 client_closed). It is
-    # the server that gave up waiting: 408 client_too_slow.
+    # the server that gave up waiting: 408 client_too_slow, whether some of the body came
+    # (the app reading its rest) or none (the app's first read).
     import httpx
 
     import stella.transport
@@ -313,7 +317,7 @@ async def test_a_body_that_stalls_is_counted_as_too_slow(monkeypatch: pytest.Mon
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + sent
         )
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing sent
         writer.close()
