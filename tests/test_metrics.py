@@ -6,6 +6,7 @@ import json
 import socket
 
 import httpx
+import pytest
 
 from tests.live import LiveServer, run_stella
 
@@ -269,6 +270,68 @@ def test_only_an_inference_routes_refusals_are_counted(stella: LiveServer) -> No
     after = scrape(stella)
     assert value(after, "stella_rejections_total") - before == 1
     assert value(after, 'stella_rejections_total{api="openai",code="model_not_found"}') >= 1
+
+
+_MSGS = [{"role": "user", "content": "a"}]
+_NO_SUCH = "no-such-model-xyz"
+
+
+@pytest.mark.parametrize(
+    ("path", "api", "body"),
+    [
+        ("/api/v1/chat", "native", {"messages": _MSGS}),
+        ("/api/v1/generate", "native", {"prompt": "a"}),
+        ("/v1/chat/completions", "openai", {"messages": _MSGS}),
+        ("/v1/chat/stream", "openai", {"messages": _MSGS}),
+        ("/v1/completions", "openai", {"prompt": "a"}),
+        ("/v1/responses", "responses", {"input": "a"}),
+        ("/v1/messages", "anthropic", {"max_tokens": 5, "messages": _MSGS}),
+        ("/api/chat", "ollama", {"messages": _MSGS}),
+        ("/api/generate", "ollama", {"prompt": "a"}),
+        ("/api/chat/invoke", "invoke", {"input_data": {"input": "a"}}),
+        ("/generate", "simple", {"prompt": "a"}),
+        ("/api/llm/generate", "llm", {"prompt": "a"}),
+        ("/api/llm/stream", "llm", {"prompt": "a"}),
+    ],
+)
+def test_every_inference_route_counts_its_refusals(
+    stella: LiveServer, path: str, api: str, body: dict[str, object]
+) -> None:
+    # The routes README lists as inference routes: a refusal of each is counted once,
+    # under the api that refused it (refusals / (requests + refusals) covers them all).
+    before = scrape(stella)
+    r = httpx.post(stella.url + path, json={"model": _NO_SUCH, **body})
+    assert r.status_code == 404, r.text
+    after = scrape(stella)
+    label = f'stella_rejections_total{{api="{api}",code="model_not_found"}}'
+    assert value(after, label) - value(before, label) == 1
+    assert value(after, "stella_rejections_total") - value(before, "stella_rejections_total") == 1
+
+
+async def test_the_native_generate_counts_its_refusals_without_the_aliases(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # /api/v1/generate is the aliases module's (its SSE form) when that module is there;
+    # without it (a dialect module may be absent) the native route serves it, and its
+    # refusals count as well.
+    import stella.app
+    from stella.api import native
+    from stella.app import create_app
+    from stella.settings import load_settings
+    from tests.live import NO_MLX
+
+    dialects = tuple(d for d in stella.app.DIALECTS if d != "stella.api.aliases")
+    monkeypatch.setattr(stella.app, "DIALECTS", dialects)
+    app = create_app(load_settings(NO_MLX, environ={}))
+    [route] = [r for r in app.routes if getattr(r, "path", "") == "/api/v1/generate"]
+    assert route.endpoint is native.generate  # type: ignore[attr-defined]
+    label = 'stella_rejections_total{api="native",code="model_not_found"}'
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            r = await c.post("/api/v1/generate", json={"model": _NO_SUCH, "prompt": "a"})
+            assert r.status_code == 404, r.text
+            assert value((await c.get("/metrics")).text, label) == 1
 
 
 def test_refusals_of_metrics_and_admin_routes_are_not_counted() -> None:

@@ -270,6 +270,23 @@ def test_quick_start_keys_keep_their_equals_signs() -> None:
             Authenticator(settings, {"STELLA_API_KEYS": raw})
 
 
+def test_an_origin_configured_with_its_default_port_is_the_one_browsers_send() -> None:
+    # Browsers leave https's :443 out of Origin: the origin configured with it is allowed
+    # by CORS and trusted by the key-less Origin guard as browsers send it.
+    with run_stella({"cors": {"allowed_origins": ["https://app.example:443"]}}) as server:
+        sent = {"Origin": "https://app.example"}
+        pre = httpx.options(
+            server.url + "/v1/chat/completions",
+            headers={**sent, "Access-Control-Request-Method": "POST"},
+        )
+        assert pre.status_code == 200, pre.text
+        assert pre.headers["access-control-allow-origin"] == "https://app.example"
+        chat = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(server.url + "/v1/chat/completions", headers=sent, json=chat)
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+
+
 def test_without_keys_other_sites_pages_are_not_trusted_as_the_local_caller() -> None:
     # The loopback rule trusts this machine's clients. A page on another site reaches a
     # key-less server through the user's browser too: "simple" cross-site requests

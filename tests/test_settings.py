@@ -1558,6 +1558,8 @@ def test_a_bad_public_url_s_password_is_not_shown() -> None:
         "https://a.example:99999",
         "https://",
         " *",
+        "https:app.example",  # no "//"
+        "https:/app.example",
     ],
 )
 def test_a_cors_origin_that_no_browser_sends_is_refused(entry: str) -> None:
@@ -1578,6 +1580,7 @@ def test_a_cors_origin_as_browsers_send_it_passes() -> None:
         "http://127.0.0.1:8000",
         "http://[::1]:8000",
         "chrome-extension://abcdefghijklmnop",
+        " https://a.example ",  # spaces around it do not matter either
     ]
     s = load_settings({"cors": {"allowed_origins": entries}}, environ={})
     assert s.cors.allowed_origins == entries

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import socket
 import time
@@ -147,7 +148,7 @@ async def test_a_close_with_bytes_the_client_never_takes_ends_after_the_send_lim
     # that stopped reading with less than a pause's worth left to send.
     import stella.transport as transport
 
-    monkeypatch.setattr(transport, "SEND_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(transport, "SEND_TIMEOUT_S", 0.2)
 
     class Unsent(Recorder):
         def get_write_buffer_size(self) -> int:
@@ -157,7 +158,9 @@ async def test_a_close_with_bytes_the_client_never_takes_ends_after_the_send_lim
     for rec in (stuck, done):
         CorkedTransport(rec, asyncio.get_running_loop(), BUSY).close()  # type: ignore[arg-type]
     assert stuck.closed and not stuck.aborted
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.05)
+    assert not stuck.aborted  # the client still has the send limit to take the rest
+    await asyncio.sleep(0.35)
     assert stuck.aborted
     assert done.closed and not done.aborted  # all sent: closed as asked, nothing more
 
@@ -287,10 +290,14 @@ async def test_a_body_that_stalls_closes_the_connection(monkeypatch: pytest.Monk
     proto.connection_lost(None)
 
 
-async def test_a_body_that_stalls_is_counted_as_too_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("sent", [b"{", b""], ids=["part_of_it", "none_of_it"])
+async def test_a_body_that_stalls_is_counted_as_too_slow(
+    monkeypatch: pytest.MonkeyPatch, sent: bytes
+) -> None:
     # The server's own body limit closes the connection, and the app's read of the body
     # sees a disconnect: it was counted as a client that left (499 client_closed). It is
-    # the server that gave up waiting: 408 client_too_slow.
+    # the server that gave up waiting: 408 client_too_slow, whether some of the body came
+    # (the app reading its rest) or none (the app's first read).
     import httpx
 
     import stella.transport
@@ -310,7 +317,7 @@ async def test_a_body_that_stalls_is_counted_as_too_slow(monkeypatch: pytest.Mon
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + sent
         )
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing sent
         writer.close()
@@ -388,13 +395,15 @@ async def test_an_answer_whose_write_waits_is_bounded(monkeypatch: pytest.Monkey
     import stella.transport
 
     monkeypatch.setattr(stella.transport, "SEND_TIMEOUT_S", 0.1)
-    monkeypatch.setattr(stella.transport, "SEND_MIN_S", 0.1)
+    # Far from SEND_TIMEOUT_S: an answer without a limit of its own waits SEND_TIMEOUT_S.
+    monkeypatch.setattr(stella.transport, "SEND_MIN_S", 10.0)
     start = {"type": "http.response.start", "status": 200, "headers": []}
+    body = {"type": "http.response.body", "body": b"x" * 100}
     done = asyncio.Event()
 
     async def answer(scope: Any, receive: Any, send: Any) -> None:
         await send(start)
-        await send({"type": "http.response.body", "body": b"x" * 100})
+        await send(body)
 
     async def stream(scope: Any, receive: Any, send: Any) -> None:
         scope["stella.protocol"].send_by = stella.transport.SELF_BOUNDED
@@ -423,16 +432,37 @@ async def test_an_answer_whose_write_waits_is_bounded(monkeypatch: pytest.Monkey
     assert not rec.closing
     proto.connection_lost(None)
 
-    # A non-stream inference answer's limit (send_by) long past: still SEND_MIN_S.
+    # ... and a wait after that has the whole limit again, not what the first one left.
+    monkeypatch.setattr(stella.transport, "SEND_TIMEOUT_S", 0.4)
     proto, rec = _protocol(answer)
-    proto.send_by = time.perf_counter() - 5
     proto.data_received(REQUEST)
     await turn()
     proto.pause_writing()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)
+    proto.resume_writing()
+    await asyncio.sleep(0.1)
+    proto.pause_writing()
+    await asyncio.sleep(0.3)  # past the first wait's limit, within the second's
     assert not rec.closing
-    await asyncio.sleep(0.15)
+    await asyncio.sleep(0.25)
     assert rec.aborted
+    proto.connection_lost(None)
+    monkeypatch.setattr(stella.transport, "SEND_TIMEOUT_S", 0.1)
+
+    # An answer's limit is its own: the next answer on the connection has none set, and
+    # one that went out whole leaves no timer behind.
+    async def bounded(scope: Any, receive: Any, send: Any) -> None:
+        scope["stella.protocol"].send_by = 123.0
+        scope["stella.protocol"].send_rid = "r"
+        await send(start)
+        await send(body)
+
+    proto, rec = _protocol(bounded)
+    proto.data_received(REQUEST)
+    await turn()
+    assert rec.writes  # answered, never paused
+    assert proto.send_by is None and proto.send_rid == ""
+    assert proto._send_timer is None
     proto.connection_lost(None)
 
     # A stream: no timer while it runs; its last bytes, still waiting once it is over, get
@@ -455,6 +485,78 @@ async def test_an_answer_whose_write_waits_is_bounded(monkeypatch: pytest.Monkey
     await asyncio.sleep(0.25)
     assert rec.aborted
     proto.connection_lost(None)
+
+    # A non-stream inference answer whose limit (send_by) is long past when its write
+    # waits: still SEND_MIN_S, not SEND_TIMEOUT_S, not at once.
+    monkeypatch.setattr(stella.transport, "SEND_TIMEOUT_S", 10.0)
+    monkeypatch.setattr(stella.transport, "SEND_MIN_S", 0.2)
+
+    async def late(scope: Any, receive: Any, send: Any) -> None:
+        protocol = scope["stella.protocol"]
+        protocol.send_by = time.perf_counter() - 5
+        await send(start)
+        protocol.pause_writing()  # the client takes nothing: the body's write waits
+        await send(body)
+
+    proto, rec = _protocol(late)
+    proto.data_received(REQUEST)
+    await turn()
+    await asyncio.sleep(0.05)
+    assert not rec.closing
+    await asyncio.sleep(0.3)
+    assert rec.aborted
+    proto.connection_lost(None)
+
+
+async def test_a_stream_bounds_its_own_writes_and_its_last_lines_get_its_limit() -> None:
+    # While a stream runs the server sets no write limit of its own (send_by infinite:
+    # the stream cuts a client that stopped reading itself); its terminal lines, written
+    # after, get what is left of the route's total limit.
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    config = {
+        "backends": {"local": {"enabled": False}, "e": {"kind": "echo"}},
+        "models": {"default": "e", "routes": {"e": {"backend": "e", "total_timeout_s": 7.0}}},
+    }
+    app = create_app(load_settings(config, environ={}))
+    limits: list[float | None] = []  # the protocol's send_by at each body write
+
+    async def watched(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        protocol = scope["stella.protocol"]
+
+        async def send_watched(message: Any) -> None:
+            if message["type"] == "http.response.body":
+                limits.append(protocol.send_by)
+            await send(message)
+
+        await app(scope, receive, send_watched)
+
+    body = b'{"stream":true,"messages":[{"role":"user","content":"one two three"}]}'
+    async with app.router.lifespan_context(app):
+        proto, rec = _protocol(watched)
+        t0 = time.perf_counter()
+        proto.data_received(
+            b"POST /api/v1/chat HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        for _ in range(300):
+            if b"".join(rec.writes).endswith(b"0\r\n\r\n"):
+                break
+            await asyncio.sleep(0.01)
+        t1 = time.perf_counter()
+        proto.connection_lost(None)
+    text = b"".join(rec.writes)
+    assert text.startswith(b"HTTP/1.1 200 ") and b'"type":"done"' in text
+    running = limits.count(math.inf)
+    assert 0 < running < len(limits) and limits[:running] == [math.inf] * running, limits
+    end_by = limits[-1]
+    assert end_by is not None and t0 + 7.0 <= end_by <= t1 + 7.0
+    assert limits[running:] == [end_by] * (len(limits) - running)
+    assert proto.send_by is None  # the answer is over: the next one has its own
 
 
 async def test_headers_that_stall_close_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
