@@ -186,7 +186,9 @@ async def test_large_write_goes_through_in_order() -> None:
     assert rec.writes == [b"head", big, b"tail"]
 
 
-def _protocol(app: Any, busy: bool = True) -> tuple[HttpToolsProtocol, Recorder]:
+def _protocol(
+    app: Any, busy: bool = True, rec: Recorder | None = None
+) -> tuple[HttpToolsProtocol, Recorder]:
     config = uvicorn.Config(app, lifespan="off", http=HttpToolsProtocol)
     config.load()
     state = ServerState()
@@ -195,7 +197,7 @@ def _protocol(app: Any, busy: bool = True) -> tuple[HttpToolsProtocol, Recorder]
     proto = HttpToolsProtocol(
         config=config, server_state=state, app_state={}, _loop=asyncio.get_running_loop()
     )
-    rec = Recorder()
+    rec = rec or Recorder()
     proto.connection_made(rec)  # type: ignore[arg-type]
     return proto, rec
 
@@ -1756,8 +1758,9 @@ def test_the_uvicorn_methods_replaced_are_those_read() -> None:
 
 async def test_a_held_answer_is_judged_by_its_own_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     # Other requests in flight: the answer's writes are held to the end of the loop turn,
-    # after uvicorn has called it complete. Its bytes go out as it completes, so a pause
-    # they cause is judged by its limit (what is left of its total), not by the default.
+    # after uvicorn has called it complete. With the client behind, its bytes go out as it
+    # completes, so the pause they cause is judged by its limit (what is left of its
+    # total), not by the default.
     import structlog
 
     import stella.transport
@@ -1771,7 +1774,11 @@ async def test_a_held_answer_is_judged_by_its_own_limit(monkeypatch: pytest.Monk
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"x" * 100})
 
-    proto, rec = _protocol(answer)  # busy: writes are held
+    class Behind(Recorder):
+        def get_write_buffer_size(self) -> int:
+            return 1000  # an earlier answer's bytes still wait: the client is behind
+
+    proto, rec = _protocol(answer, rec=Behind())  # busy: writes are held
     write = rec.write
 
     def overflowing(data: bytes) -> None:
