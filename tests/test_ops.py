@@ -166,17 +166,18 @@ def test_a_model_that_cannot_load_falls_back_without_retries() -> None:
         "backends": {"local": {"enabled": True, "preload": False, "source": "/nonexistent/m.gguf"}},
     }
     with run_stella(config, base={}) as server:
+
+        def ask(model: str, stream: bool = False) -> httpx.Response:
+            body = {
+                "model": model,
+                "stream": stream,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            return httpx.post(server.url + "/api/v1/chat", json=body, timeout=30)
+
         # With no fallback, the client is told not to ask again (the SDKs obey it).
         for stream in (False, True):
-            r = httpx.post(
-                server.url + "/api/v1/chat",
-                json={
-                    "model": "alone",
-                    "stream": stream,
-                    "messages": [{"role": "user", "content": "hi"}],
-                },
-                timeout=30,
-            )
+            r = ask("alone", stream)
             if stream:  # begun at once: the error is the stream's last line
                 last = json.loads(r.text.splitlines()[-1])
                 assert last["type"] == "error" and last["retryable"] is False, r.text
@@ -184,15 +185,7 @@ def test_a_model_that_cannot_load_falls_back_without_retries() -> None:
                 assert r.status_code == 502, r.text
                 assert r.headers["x-should-retry"] == "false"
                 assert r.json()["error"]["retryable"] is False, r.text
-        r = httpx.post(
-            server.url + "/api/v1/chat",
-            json={
-                "model": "broken",
-                "stream": False,
-                "messages": [{"role": "user", "content": "hi"}],
-            },
-            timeout=30,
-        )
+        r = ask("broken")
         assert r.status_code == 200, r.text
         assert r.json()["backend"] == "echo", r.json()
         event = server.wait_event(lambda ev: ev["model"] == "broken")
