@@ -753,6 +753,10 @@ def test_a_draining_servers_refusals_are_declared_too() -> None:
     for method, path, status in seen:
         assert str(status) in spec["paths"][path][method]["responses"], (method, path, status)
     assert "503" not in spec["paths"]["/health"]["get"]["responses"]
+    # A fault of stella's own may meet any route: each documents its 500.
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            assert "500" in op["responses"], (method, path)
 
 
 def test_a_draining_servers_refusals_take_each_dialects_declared_shape() -> None:

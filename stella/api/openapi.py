@@ -125,6 +125,8 @@ def build_schema(without: frozenset[str] = frozenset()) -> dict[str, Any]:
         errors = op.errors
         if 503 not in errors and op.path not in UNDRAINED:
             errors = (*errors, 503)  # every other route refuses new work while draining
+        # And any route may meet a fault of stella's own: 500 internal_error, in its shape.
+        errors = (*errors, 500)
         for status in errors:
             if op.public and status in (401, 403):
                 continue
