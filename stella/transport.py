@@ -67,8 +67,11 @@ server queue all it sent (hundreds of MB).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import socket
+import struct
 import sys
 import time
 from collections.abc import Sized
@@ -124,6 +127,8 @@ SEND_MIN_S = 1.0
 SELF_BOUNDED = math.inf
 
 _log = structlog.get_logger("stella")
+# SO_LINGER on, for 0 s: closing the socket resets the connection, dropping what it holds.
+_RESET = struct.pack("ii", 1, 0)
 
 
 def _not_a_client_fault(record: logging.LogRecord) -> bool:
@@ -685,10 +690,17 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._look)
 
     def drop(self) -> None:
-        """Abort the connection at once: the running response is over, nothing waits on it."""
+        """Abort the connection at once, with a reset: the running response is over,
+        nothing waits on it, and what the kernel still holds of it is discarded."""
         cycle = self.cycle
         if cycle is not None:
             cycle.disconnected = True  # known now, not a loop turn later (no server error)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                # A plain close leaves the unsent bytes (megabytes, for a client that stopped
+                # reading) to the kernel, which keeps trying to send them for minutes.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
