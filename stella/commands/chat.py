@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             # Without a word, `stella chat` on a terminal looks hung: it waits for text.
             print("stella: reading the prompt from stdin; end it with Ctrl-D", file=sys.stderr)
         try:
-            prompt = sys.stdin.read()
+            prompt = _read_stdin() if typing else sys.stdin.read()
             prompt.encode()  # bytes the decoder let through as surrogates
         except KeyboardInterrupt:  # as mid-stream: exit 130, no traceback
             if typing:  # the shell's prompt on a line of its own, after the terminal's "^C"
@@ -100,6 +100,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _read_stdin() -> str:
+    """stdin to its end, as `sys.stdin.read()` reads it, waking every half second.
+
+    A Ctrl-C that lands just before a blocking read begins is noted by Python's handler
+    but interrupts nothing: the read waits on (for good, at a terminal). Waiting in
+    `select` with a timeout lets the interrupt come through.
+    """
+    import io
+    import os
+    import select
+
+    fd = sys.stdin.fileno()
+    chunks: list[bytes] = []
+    while True:
+        if not select.select([fd], [], [], 0.5)[0]:
+            continue  # the interpreter looks at signals between the waits
+        chunk = os.read(fd, 65_536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    # Decoded as sys.stdin would: its encoding, its error handler, universal newlines.
+    text = io.TextIOWrapper(
+        io.BytesIO(b"".join(chunks)), encoding=sys.stdin.encoding, errors=sys.stdin.errors
+    )
+    return text.read()
 
 
 def _encoding() -> str:
