@@ -275,6 +275,7 @@ class Inference:
         "created",
         "ctx",
         "discarded_by",
+        "ends_at",
         "engine_ttft_ms",
         "error",
         "estimated",
@@ -320,6 +321,9 @@ class Inference:
         # Time limits run from here; a wait for a concurrency slot before it (admit_ms)
         # is added to the reported queue_ms, ttft and total, not to the limits.
         self.t0 = time.perf_counter()
+        # When the asked route's total limit ends: the whole request's, its answer's last
+        # write included (the stream's last lines, a non-stream answer's bytes).
+        self.ends_at = self.t0 + route.settings.total_timeout_s
         self.admit_ms = admit_ms
         self.created = time.time()
         self.ttft: float | None = None
@@ -382,7 +386,7 @@ class Inference:
         # The asked route's total limit bounds the whole request; a fallback's own limit
         # runs from its turn, within that bound.
         asked_total = self.route.settings.total_timeout_s
-        end = self.t0 + asked_total
+        end = self.ends_at
         watchdog = Watchdog(end, self.task)
         if self.slow is not None:
             watchdog.at, watchdog.then = self.t0 + self.slow[0], self.slow[1]

@@ -273,10 +273,9 @@ class EventStream:
             # The last lines get what is left of the total limit (at least a second): a
             # client that stopped reading must not hold the connection after the answer.
             # (A Later on the loop's ticker: asyncio.timeout costs a stream ~10 us.)
-            end_by = inference.t0 + inference.route.settings.total_timeout_s
-            left = end_by - time.perf_counter()
+            left = inference.ends_at - time.perf_counter()
             if protocol is not None:
-                protocol.send_by = end_by  # so do their bytes still unsent at the end
+                protocol.send_by = inference.ends_at  # so do their bytes still unsent at the end
             stuck: list[bool] = []
 
             def cut() -> None:

@@ -456,7 +456,7 @@ async def run_to_end(request: Request, inference: Inference) -> ChatResponse:
         if protocol is not None:
             # Its write gets what is left of the total limit, at least a second: a client
             # that stops reading is then dropped (stella.transport), as a stream's is.
-            protocol.send_by = inference.t0 + inference.route.settings.total_timeout_s
+            protocol.send_by = inference.ends_at
             protocol.send_rid = call.request_id
         return result
     except asyncio.CancelledError:
