@@ -15,9 +15,8 @@ from urllib.parse import urlsplit
 
 from stella.backends import ConfigError
 from stella.core import ANONYMOUS, Call, Principal
-from stella.cors import origin
 from stella.errors import Forbidden, Unauthorized
-from stella.settings import Settings
+from stella.settings import Settings, origin
 
 KEY_NAME_RULE = "a key name may not be empty or hold '|' or control characters"
 

@@ -10,6 +10,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from stella.calls import request_id_for
+from stella.settings import origin
 
 if TYPE_CHECKING:  # the app installs this module
     from stella.app import Services
@@ -22,21 +23,6 @@ EXPOSE = [
     "X-RateLimit-Reset",
     "Retry-After",
 ]
-
-
-# Browsers leave a scheme's default port out of `Origin` (https://a.example, never
-# https://a.example:443).
-_DEFAULT_PORTS = {"https": ":443", "http": ":80"}
-
-
-def origin(configured: str) -> str:
-    """A configured origin as browsers send it in `Origin`: no trailing slash, lower case,
-    no default port."""
-    text = configured.strip().rstrip("/").lower()
-    port = _DEFAULT_PORTS.get(text.partition("://")[0])
-    if port and text.endswith(port):
-        return text[: -len(port)]
-    return text
 
 
 class _CORS(CORSMiddleware):

@@ -179,10 +179,25 @@ ORIGIN_RULE = (
 )
 
 
+# Browsers leave a scheme's default port out of `Origin` (https://a.example, never
+# https://a.example:443).
+_DEFAULT_PORTS = {"https": ":443", "http": ":80"}
+
+
+def origin(configured: str) -> str:
+    """A configured origin as browsers send it in `Origin`: no trailing slash, lower case,
+    no default port (CORS and the keyless Origin guard compare it so)."""
+    text = configured.strip().rstrip("/").lower()
+    port = _DEFAULT_PORTS.get(text.partition("://")[0])
+    if port and text.endswith(port):
+        return text[: -len(port)]
+    return text
+
+
 def is_origin(entry: str) -> bool:
-    """Whether a `cors.allowed_origins` entry can equal a browser's Origin, read as
-    stella.cors reads it (case, surrounding space and a trailing `/` aside)."""
-    m = _ORIGIN.fullmatch(entry.strip().rstrip("/").lower())
+    """Whether a `cors.allowed_origins` entry, read as `origin` reads it, can equal a
+    browser's Origin."""
+    m = _ORIGIN.fullmatch(origin(entry))
     return m is not None and int(m.group(1) or 0) < 65536
 
 

@@ -17,8 +17,7 @@ import pytest
 from starlette.routing import Mount, Route
 
 from stella.app import create_app
-from stella.cors import origin
-from stella.settings import load_settings
+from stella.settings import load_settings, origin
 from tests.fakes.server import serve
 from tests.live import install_plugin, run_stella, stella_without_stdin
 
