@@ -45,13 +45,14 @@ class OllamaConfig(HttpConfig, kw_only=True):
 
 # Go's time.ParseDuration, which Ollama reads a keep_alive string with: <number><unit>
 # parts after a sign, or a bare 0 (a bare "-1" it refuses: missing unit).
-_GO_PART = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h)"
-_GO_DURATION = re.compile(rf"[-+]?(?:0|(?:{_GO_PART})+)")
-_GO_PARTS = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_NUMBER = r"[0-9]+\.?[0-9]*|\.[0-9]+"
+_GO_UNIT = r"ns|us|µs|μs|ms|s|m|h"
+_GO_DURATION = re.compile(rf"[-+]?(?:0|(?:(?:{_GO_NUMBER})(?:{_GO_UNIT}))+)")
+_GO_PARTS = re.compile(rf"({_GO_NUMBER})({_GO_UNIT})")
 _UNIT_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9}
 _UNIT_NS |= {"m": 60 * 10**9, "h": 3600 * 10**9}
 # A number of seconds written as a string (an environment variable's value is one).
-_SECONDS = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+_SECONDS = re.compile(rf"[-+]?(?:{_GO_NUMBER})(?:[eE][-+]?[0-9]+)?")
 # Go's durations are int64 nanoseconds (~292 years): ParseDuration refuses a longer
 # one, and Ollama's conversion of a longer number of seconds overflows.
 _MAX_NS = 2**63 - 1
