@@ -929,7 +929,5 @@ class HttpToolsProtocol(BodyDeadlineProtocol):
         """The client half-closed (or left): what is held goes out before the connection
         ends, as uvicorn ends it on end of input (an answer made in this loop turn was
         dropped otherwise, and logged as sent)."""
-        transport = self.transport
-        if isinstance(transport, CorkedTransport):
-            transport.flush()
+        cast(CorkedTransport, self.transport).flush()
         super().eof_received()

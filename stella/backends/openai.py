@@ -276,9 +276,8 @@ class OpenAIBackend(HttpBackend):
                                 if d.refusal:
                                     ctx.tokens_seen += 1
                                     texts.append(d.refusal)
-                                    ctx.refused = (
-                                        True  # a refusal, not an answer (the Responses dialect)
-                                    )
+                                    # A refusal, not an answer (the Responses dialect).
+                                    ctx.refused = True
                                 if d.tool_calls:
                                     ctx.tokens_seen += len(d.tool_calls)
                                     calls.add(d.tool_calls)
