@@ -82,9 +82,14 @@ def keyed() -> Iterator[LiveServer]:
             "routes": {
                 "down": {"backend": "down", "retries": 0},
                 "stall": {"backend": "stall", "ttft_timeout_s": 0.3, "retries": 0},
+                "metered": {"backend": "echo"},
             },
         },
-        "limits": {"models": {"echo": {"requests_per_minute": 2}}},
+        # metered: an answer's tokens, charged after it, leave it short for an hour (a
+        # Retry-After past the client's cap, raised without a retry).
+        "limits": {
+            "models": {"echo": {"requests_per_minute": 2}, "metered": {"tokens_per_minute": 2}}
+        },
         "breaker": {"failure_threshold": 0},
         "auth": {
             "keys": {
@@ -105,7 +110,7 @@ def test_every_error_code_maps_to_its_exception(keyed: LiveServer) -> None:
     with pytest.raises(sc.AuthenticationError) as e401:
         sc.Client(url, "wrong").chat(msg, "echo")
     assert e401.value.status == 401
-    c = sc.Client(url, KEY)
+    c = sc.Client(url, KEY, max_retries=0)  # each error as it comes
     with pytest.raises(sc.NotFoundError):
         c.chat(msg, "nope")
     with pytest.raises(sc.BadRequestError):
@@ -329,10 +334,13 @@ def test_cli_chat_and_models(stella: LiveServer) -> None:
 def test_cli_rate_limited_says_when_to_retry(keyed: LiveServer) -> None:
     # The client has the 429's Retry-After; the CLI's line left it out.
     env = {"STELLA_URL": keyed.url, "STELLA_API_KEY": KEY, "PATH": "/usr/bin:/bin"}
-    outs = [stella_cli("chat", "-m", "echo", "hi", env=env) for _ in range(3)]
-    limited = [o for o in outs if o.returncode == 1]
-    assert limited and limited[-1].stderr.startswith("stella: rate_limited: ")
-    assert re.search(r"; retry after \d+(\.\d+)?s\n\Z", limited[-1].stderr), limited[-1].stderr
+    first = stella_cli("chat", "-m", "metered", " ".join(["w"] * 60), env=env)
+    assert first.returncode == 0, first.stderr
+    t0 = time.monotonic()
+    limited = stella_cli("chat", "-m", "metered", "hi", env=env)
+    assert time.monotonic() - t0 < 30  # the wait is past the retries' cap: not slept
+    assert limited.returncode == 1 and limited.stderr.startswith("stella: rate_limited: ")
+    assert re.search(r"; retry after \d+(\.\d+)?s\n\Z", limited.stderr), limited.stderr
 
 
 def test_cli_without_a_key_says_how_to_give_one(keyed: LiveServer) -> None:
@@ -355,12 +363,12 @@ def test_a_client_timeout_is_a_timeout_error(stella: LiveServer) -> None:
 async def test_an_unreachable_server_is_a_network_error(stella: LiveServer) -> None:
     dead = f"127.0.0.1:{free_port()}"  # no scheme: taken as http://, as curl does
     msgs = [{"role": "user", "content": "x"}]
-    with sc.Client(dead) as c, pytest.raises(sc.NetworkError) as info:
+    with sc.Client(dead, max_retries=0) as c, pytest.raises(sc.NetworkError) as info:
         c.chat(msgs)
     assert info.value.code == "network_error" and dead in info.value.message
-    with sc.Client(dead) as c, pytest.raises(sc.NetworkError):
-        list(c.chat(msgs, stream=True))
-    async with sc.AsyncClient(dead) as ac:
+    with sc.Client(dead, max_retries=0) as c, pytest.raises(sc.NetworkError):
+        c.chat(msgs, stream=True)
+    async with sc.AsyncClient(dead, max_retries=0) as ac:
         with pytest.raises(sc.NetworkError):
             await ac.models()
     for args in (["chat", "hi"], ["models"]):
