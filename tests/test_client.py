@@ -348,7 +348,13 @@ def test_cli_without_a_key_says_how_to_give_one(keyed: LiveServer) -> None:
     for args in (["chat", "hi"], ["models"]):
         out = stella_cli(*args, env=env)
         assert out.returncode == 1 and "unauthorized" in out.stderr
-        assert "--api-key or STELLA_API_KEY" in out.stderr
+        assert out.stderr.endswith("; give the key with --api-key or STELLA_API_KEY\n")
+        # A key given and refused: the hint to give one was wrong.
+        out = stella_cli(*args, env={**env, "STELLA_API_KEY": "sk-wrong"})
+        assert out.returncode == 1 and "invalid API key" in out.stderr
+        assert out.stderr.endswith("; check the key (from STELLA_API_KEY)\n"), out.stderr
+        out = stella_cli(*args, "--api-key", "sk-wrong", env=env)
+        assert out.stderr.endswith("; check the key (from --api-key)\n"), out.stderr
     out = stella_cli("models", env={**env, "STELLA_API_KEY": KEY})
     assert out.returncode == 0 and "echo" in out.stdout
 
@@ -675,6 +681,34 @@ def test_cli_chat_output_stdout_cannot_take_is_said_so(stella: LiveServer) -> No
     closed = stella_without_stdout("chat", "-m", "echo", "hi", env={"STELLA_URL": stella.url})
     assert closed.returncode == 1
     assert closed.stderr == "stella: cannot write output: stdout is closed\n"
+
+
+def test_cli_chat_error_line_after_partial_output_starts_a_line(stella: LiveServer) -> None:
+    # On a terminal (stdout and stderr one file) it read "abcstella: cannot write output".
+    env = {"PATH": "/usr/bin:/bin", "STELLA_URL": stella.url, "PYTHONIOENCODING": "ascii"}
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "chat", "-m", "echo", "abc h\u00e9llo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert (
+        out.stdout == "abc\nstella: cannot write output: stdout's encoding (ascii) has no '\\xe9'\n"
+    )
+
+
+def test_cli_chat_numbers_are_checked_and_explained() -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    for bad in ("nan", "inf", "-inf", "warm"):
+        out = stella_cli("chat", "--url", "http://127.0.0.1:9", "--temperature", bad, "hi", env=env)
+        # A usage error, as any bad flag (it was exit 1: refused by the client).
+        assert out.returncode == 2 and "--temperature" in out.stderr, (bad, out.stderr)
+    helped = " ".join(stella_cli("chat", "--help", env=env).stdout.split())
+    assert "--max-tokens MAX_TOKENS at most this many tokens in the answer" in helped
+    assert "--temperature TEMPERATURE sampling temperature" in helped
 
 
 def test_ctrl_c_while_models_waits_on_a_hung_server_exits_130_quietly() -> None:

@@ -11,15 +11,28 @@ if TYPE_CHECKING:  # the client (and httpx) load only with the commands that use
     from stella.client import StellaClientError
 
 
-def client_error(exc: StellaClientError) -> str:
-    """The CLI's line for an error the server sent: code, message, request ID, what to do."""
+def client_error(exc: StellaClientError, key_from: str = "") -> str:
+    """The CLI's line for an error the server sent: code, message, request ID, what to do
+    (`key_from`: where the key sent came from, "" when none was)."""
     where = f" (request {exc.request_id})" if exc.request_id else ""
     hint = ""
     if exc.code == "unauthorized":
-        hint = "; give the key with --api-key or STELLA_API_KEY"
+        hint = (
+            f"; check the key (from {key_from})"
+            if key_from
+            else "; give the key with --api-key or STELLA_API_KEY"
+        )
     if exc.retry_after is not None:  # a 429's or 503's Retry-After: when to try again
         hint += f"; retry after {exc.retry_after:g}s"
     return f"stella: {exc.code}: {exc.message}{where}{hint}"
+
+
+def key_from(given: str | None) -> str:
+    """Where the API key the client sends comes from: "--api-key", "STELLA_API_KEY", or ""
+    for none (the client's rule: the flag when given, else the variable; blank is none)."""
+    if given is not None:
+        return "--api-key" if given.strip() else ""
+    return "STELLA_API_KEY" if os.environ.get("STELLA_API_KEY", "").strip() else ""
 
 
 def client_exit(exc: StellaClientError) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stella.commands import client_error, client_exit
+from stella.commands import client_error, client_exit, key_from
 
 NAME = "models"
 HELP = "list the models of a stella server"
@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         with Client(args.url, args.api_key) as client:
             listing = client.models()
     except StellaClientError as exc:
-        print(client_error(exc), file=sys.stderr)
+        print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
         return client_exit(exc)
     except OSError as exc:
         print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
