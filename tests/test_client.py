@@ -359,6 +359,54 @@ def test_cli_without_a_key_says_how_to_give_one(keyed: LiveServer) -> None:
     assert out.returncode == 0 and "echo" in out.stdout
 
 
+def _hung_server() -> socket.socket:
+    """A loopback socket that takes connections (the kernel's backlog) and never answers."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    return hung
+
+
+def test_cli_timeout_is_one_line_and_exit_1() -> None:
+    # `stella models` and `stella chat` waited 600 s for a server that never answers.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    with _hung_server() as hung:
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        for args, extra in (
+            (["models", "--timeout", "0.5"], {}),
+            (["chat", "hi", "--timeout", "0.5"], {}),
+            (["chat", "hi"], {"STELLA_TIMEOUT": "0.5"}),
+        ):
+            t0 = time.monotonic()
+            out = stella_cli(*args, "--url", url, env={**env, **extra})
+            assert time.monotonic() - t0 < 20
+            assert out.returncode == 1, out.stderr
+            assert out.stderr == (
+                f"stella: timeout: no answer from {url} within the client's timeout of 0.5 s "
+                "(ReadTimeout); wait longer with --timeout SECONDS (or STELLA_TIMEOUT)\n"
+            )
+    for bad in ("0", "-1", "nan", "soon"):
+        out = stella_cli("models", "--url", url, "--timeout", bad, env=env)
+        assert out.returncode == 2 and "--timeout" in out.stderr, bad
+        out = stella_cli("models", "--url", url, env={**env, "STELLA_TIMEOUT": bad})
+        assert out.returncode == 2 and out.stderr.startswith("stella: STELLA_TIMEOUT: "), bad
+
+
+def test_cli_waits_long_for_an_answer_and_briefly_for_a_connection(monkeypatch: Any) -> None:
+    from stella.commands import CONNECT_TIMEOUT_S, client_timeout
+    from stella.commands.chat import CHAT_TIMEOUT_S
+    from stella.commands.models import MODELS_TIMEOUT_S
+
+    monkeypatch.delenv("STELLA_TIMEOUT", raising=False)
+    assert client_timeout(None, CHAT_TIMEOUT_S) == httpx.Timeout(600, connect=10)
+    assert client_timeout(None, MODELS_TIMEOUT_S) == httpx.Timeout(30, connect=10)
+    assert client_timeout(2.5, MODELS_TIMEOUT_S) == httpx.Timeout(2.5)
+    monkeypatch.setenv("STELLA_TIMEOUT", "120")
+    assert client_timeout(None, MODELS_TIMEOUT_S) == httpx.Timeout(120, connect=CONNECT_TIMEOUT_S)
+    # The library's own default is the same long read and short connect.
+    assert sc.Client("http://127.0.0.1:9")._http.timeout == httpx.Timeout(600, connect=10)
+
+
 def test_a_client_timeout_is_a_timeout_error(stella: LiveServer) -> None:
     msgs = [{"role": "user", "content": " ".join(["w"] * 50)}]
     with sc.Client(stella.url, timeout=0.1) as c, pytest.raises(sc.TimeoutError) as info:

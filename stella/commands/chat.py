@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stella.commands import OutputError, client_error, client_exit, key_from
+from stella.commands import (
+    OutputError,
+    add_timeout,
+    client_error,
+    client_exit,
+    client_timeout,
+    key_from,
+)
 
 NAME = "chat"
 HELP = "send a prompt (or stdin) to a stella server and stream the answer"
@@ -32,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the model's)",
     )
     parser.add_argument("--stats", action="store_true", help="print usage and timings at the end")
+    add_timeout(parser, CHAT_TIMEOUT_S, "each part of the answer")
+
+
+# The wait for each read of the answer: a long prompt on a slow engine takes minutes
+# before its first token.
+CHAT_TIMEOUT_S = 600.0
 
 
 def _number(text: str) -> float:
@@ -82,9 +95,12 @@ def run(args: argparse.Namespace) -> int:
         for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
         if v is not None
     }
+    timeout = client_timeout(args.timeout, CHAT_TIMEOUT_S)
+    if timeout is None:
+        return 2
     midline = False  # text written without its line end yet
     try:
-        with Client(args.url, args.api_key) as client:
+        with Client(args.url, args.api_key, timeout=timeout) as client:
             for event in client.chat(messages, args.model, stream=True, options=options or None):
                 if isinstance(event, Delta):
                     sys.stdout.write(event.text)
