@@ -7,25 +7,32 @@
             for event in events:             # stella.protocol.Start / Delta / ToolCall / Done
                 ...
 
-Errors raise a `StellaClientError` subclass per error code; an in-band `error`
-line raises too, after the events already yielded. A stream's connection closes,
-and the server cancels the generation, when the stream is closed: at the end of its
-`with` block (`async with` for the async client), by its `close()` (`aclose()`), or
-when the stream object is garbage-collected; a `break` out of a loop over a stream
-held in a variable leaves it open until one of these.
+Errors raise a `StellaClientError` subclass per error code; a stream's HTTP error
+raises from the call that makes it (the request is sent, and the answer's head read,
+before it returns; the body is read as the stream is iterated), and an in-band `error`
+line raises too, after the events already yielded. A request is sent again, up to
+`max_retries` times (default 2), after a retryable error: the server's word, or a
+connection that was never made; a stream only before it started. A stream's
+connection closes, and the server cancels the generation, when the stream is closed:
+at the end of its `with` block (`async with` for the async client), by its `close()`
+(`aclose()`), or when the stream object is garbage-collected; a `break` out of a loop
+over a stream held in a variable leaves it open until one of these.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import contextlib
+import copy
 import email.utils
 import math
 import os
+import random
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
-from typing import Any, Literal, overload
+from typing import Any, Literal, cast, overload
 
 import httpx
 import msgspec
@@ -43,6 +50,9 @@ from stella.protocol import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+# As the OpenAI SDK: a long wait for an answer, a short one for a connection.
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+DEFAULT_MAX_RETRIES = 2
 # What an HTTP header value may hold (visible ASCII and inner spaces).
 _HEADER_SAFE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # the scheme of a URL as typed
@@ -162,19 +172,32 @@ class _Answer:
 
 
 @contextlib.contextmanager
-def _network(url: str) -> Iterator[_Answer]:
+def _network(url: str, timeout: httpx.Timeout | None = None) -> Iterator[_Answer]:
     """httpx's transport failures as this module's errors, like stella.js: a timeout is
-    a TimeoutError (code timeout), anything else a NetworkError (code network_error)."""
+    a TimeoutError (code timeout), anything else a NetworkError (code network_error).
+    A failure to connect is retryable: nothing was sent (a server restarting refuses
+    connections for a moment); one after the request went out is not."""
     answer = _Answer()
     try:
         yield answer
-    except httpx.TimeoutException as exc:
+    except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        waited = _seconds(timeout, "connect" if isinstance(exc, httpx.ConnectTimeout) else "pool")
+        what = "connect to" if isinstance(exc, httpx.ConnectTimeout) else "get a connection to"
         raise TimeoutError(
-            f"no answer from {url} within the client's timeout ({type(exc).__name__})",
+            f"could not {what} {url} within the client's timeout{waited}",
+            code="timeout",
+            retryable=True,
+        ) from exc
+    except httpx.TimeoutException as exc:
+        waited = _seconds(timeout, "write" if isinstance(exc, httpx.WriteTimeout) else "read")
+        raise TimeoutError(
+            f"no answer from {url} within the client's timeout{waited} ({type(exc).__name__})",
             code="timeout",
         ) from exc
     except httpx.ConnectError as exc:
-        raise NetworkError(f"cannot reach {url}: {exc}", code="network_error") from exc
+        raise NetworkError(
+            f"cannot reach {url}: {exc}", code="network_error", retryable=True
+        ) from exc
     except httpx.LocalProtocolError:
         # Its text quotes the offending header value, which may be a credential.
         raise NetworkError(
@@ -190,6 +213,12 @@ def _network(url: str) -> Iterator[_Answer]:
             status=answer.status,
             code="bad_response",
         ) from None
+
+
+def _seconds(timeout: httpx.Timeout | None, which: str) -> str:
+    """The client's `which` timeout as words for a message ("" when it has none)."""
+    limit = getattr(timeout, which, None)
+    return f" of {limit:g} s" if isinstance(limit, int | float) else ""
 
 
 BY_CODE: dict[str, type[StellaClientError]] = {
@@ -287,6 +316,26 @@ def _retry_after(value: str | None) -> float | None:
     if at.tzinfo is None:
         return None
     return max(0.0, float(math.ceil(at.timestamp() - time.time())))
+
+
+# Retries (max_retries): a wait the server asks for beyond this is the caller's to decide,
+# so the error is raised at once; else exponential backoff from the first wait to the last.
+RETRY_AFTER_CAP_S = 60.0
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 8.0
+
+
+def retry_wait(exc: StellaClientError, retry: int, max_retries: int) -> float | None:
+    """Seconds to wait before sending a request again after `exc` (`retry` counts the
+    retries made, from 0), or None when `exc` is to be raised: not retryable, no retries
+    left, or a Retry-After longer than RETRY_AFTER_CAP_S."""
+    if not exc.retryable or retry >= max_retries:
+        return None
+    if exc.retry_after is not None:
+        return exc.retry_after if exc.retry_after <= RETRY_AFTER_CAP_S else None
+    # Jittered down by up to a quarter, as the OpenAI SDK does: clients refused together
+    # do not all come back at once.
+    return min(BACKOFF_FIRST_S * 2**retry, BACKOFF_MAX_S) * (1 - 0.25 * random.random())
 
 
 def _redirect(response: httpx.Response, url: str) -> ProtocolError | None:
@@ -517,6 +566,13 @@ def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, s
     return url, ({"Authorization": f"Bearer {key}"} if key else {})
 
 
+def _retries(max_retries: int) -> int:
+    """`max_retries`, checked: a whole number, 0 or more."""
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries must be a whole number, 0 or more: {max_retries!r}")
+    return max_retries
+
+
 def _shown(url: str) -> str:
     """`url` without a user and password, as it appears in messages."""
     if "@" not in url:
@@ -579,18 +635,21 @@ Event = Start | Delta | ToolCall | Done  # what a stream yields (pings skipped, 
 
 
 class Stream(Iterator[Event]):
-    """A stream's events, as `Client.chat(..., stream=True)` returns them. `close()`, or
-    the end of a `with` block, closes the connection, and the server cancels the
-    generation; a loop left early does not while the stream lives."""
+    """A stream's events, as `Client.chat(..., stream=True)` returns them: the request
+    was sent and its answer's head read (an HTTP error raised) when it was made; the
+    body is read as it is iterated. `close()`, or the end of a `with` block, closes the
+    connection, and the server cancels the generation; a loop left early does not while
+    the stream lives."""
 
-    def __init__(self, events: Generator[Event]) -> None:
+    def __init__(self, events: Generator[Event | None]) -> None:
+        next(events)  # the request sent, the head read: None, or an error raised
         self._events = events
 
     def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> Event:
-        return next(self._events)
+        return cast(Event, next(self._events))  # None came first only, taken above
 
     def close(self) -> None:
         """Close the connection (the server cancels the generation); idempotent."""
@@ -604,18 +663,25 @@ class Stream(Iterator[Event]):
 
 
 class AsyncStream(AsyncIterator[Event]):
-    """A stream's events, as `await AsyncClient.chat(..., stream=True)` returns them.
-    `aclose()`, or the end of an `async with` block, closes the connection, and the
-    server cancels the generation; a loop left early does not while the stream lives."""
+    """A stream's events, as `await AsyncClient.chat(..., stream=True)` returns them: the
+    request was sent and its answer's head read (an HTTP error raised) by that `await`;
+    the body is read as it is iterated. `aclose()`, or the end of an `async with` block,
+    closes the connection, and the server cancels the generation; a loop left early does
+    not while the stream lives."""
 
-    def __init__(self, events: AsyncGenerator[Event]) -> None:
+    def __init__(self, events: AsyncGenerator[Event | None]) -> None:
         self._events = events
+
+    async def _opened(self) -> AsyncStream:
+        """The stream once its request is sent and its head read (an error raised)."""
+        await anext(self._events)
+        return self
 
     def __aiter__(self) -> AsyncStream:
         return self
 
     async def __anext__(self) -> Event:
-        return await anext(self._events)
+        return cast(Event, await anext(self._events))  # None came first only, in _opened
 
     async def aclose(self) -> None:
         """Close the connection (the server cancels the generation); idempotent."""
@@ -635,13 +701,22 @@ class Client:
         self,
         base_url: str | None = None,
         api_key: str | None = None,
-        timeout: float | httpx.Timeout | None = 600.0,  # None: no timeout, as httpx
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,  # None: no timeout, as httpx
+        max_retries: int = DEFAULT_MAX_RETRIES,
         **httpx_kwargs: Any,
     ) -> None:
         url, auth = _config(base_url, api_key)
         self.url = _shown(url)
+        self.max_retries = _retries(max_retries)
         headers = _headers(auth, httpx_kwargs)
         self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout, **httpx_kwargs)
+
+    def with_options(self, *, max_retries: int) -> Client:
+        """This client with another `max_retries`, on the same connection pool (closing
+        either closes it)."""
+        clone = copy.copy(self)
+        clone.max_retries = _retries(max_retries)
+        return clone
 
     def __enter__(self) -> Client:
         return self
@@ -653,39 +728,62 @@ class Client:
         """Close the connection pool."""
         self._http.close()
 
-    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
-        """One request and its whole answer, read once its status is known (for an error
-        in its body to carry); an error status raised as its exception."""
+    def _open(self, method: str, path: str, body: dict[str, Any] | None) -> httpx.Response:
+        """The answer to one request, its head read (its body not yet), sent again as
+        `max_retries` allows while the failure is retryable; an error status or a
+        redirect raised, with its connection released. The caller closes the answer."""
         content, headers = (None, None) if body is None else (_encode(body), _JSON)
-        with (
-            _network(self.url) as answer,
-            self._http.stream(method, path, content=content, headers=headers) as r,
-        ):
+        retry = 0
+        while True:
+            try:
+                return self._try(method, path, content, headers)
+            except StellaClientError as exc:
+                wait = retry_wait(exc, retry, self.max_retries)
+                if wait is None:
+                    raise
+            time.sleep(wait)
+            retry += 1
+
+    def _try(
+        self, method: str, path: str, content: bytes | None, headers: dict[str, str] | None
+    ) -> httpx.Response:
+        """One attempt of `_open`."""
+        with _network(self.url, self._http.timeout) as answer:
+            request = self._http.build_request(method, path, content=content, headers=headers)
+            r = self._http.send(request, stream=True)
+            try:
+                answer.status = r.status_code
+                if r.status_code >= 400:
+                    raise error_for(r, r.read())  # the body, for its error to carry
+                if redirect := _redirect(r, self.url):
+                    raise redirect
+            except BaseException:
+                r.close()
+                raise
+        return r
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        """One request and its whole answer, an error status raised as its exception."""
+        r = self._open(method, path, body)
+        with _network(self.url, self._http.timeout) as answer, contextlib.closing(r):
             answer.status = r.status_code
             r.read()
-        if r.status_code >= 400:
-            raise error_for(r, r.content)
-        if redirect := _redirect(r, self.url):
-            raise redirect
         return r
 
     def _post(self, path: str, body: dict[str, Any]) -> ChatResponse:
         r = self._send("POST", path, body)
         return _decode(_response, r.content, self.url, r.status_code)
 
-    def _stream(self, path: str, body: dict[str, Any]) -> Generator[Event]:
+    def _stream(self, path: str, body: dict[str, Any]) -> Generator[Event | None]:
+        """A stream's events, after a None once the answer's head is read (Stream takes
+        it as it is made, so that an HTTP error raises from the call)."""
         lines = _Lines(self.url, "")
         try:
-            with (
-                _network(self.url) as answer,
-                self._http.stream("POST", path, content=_encode(body), headers=_JSON) as r,
-            ):
+            r = self._open("POST", path, body)
+            with _network(self.url, self._http.timeout) as answer, contextlib.closing(r):
                 answer.status = lines.status = r.status_code
-                if r.status_code >= 400:
-                    raise error_for(r, r.read())
-                if redirect := _redirect(r, self.url):
-                    raise redirect
                 lines.request_id = r.headers.get("x-request-id", "")
+                yield None
                 for line in _byte_lines(r.iter_bytes()):
                     if line.strip():
                         event = lines.event(line)
@@ -754,7 +852,8 @@ class Client:
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> ChatResponse | Stream:
-        """A chat: a ChatResponse, or (stream=True) a Stream of events."""
+        """A chat: a ChatResponse, or (stream=True) a Stream of events, its request sent
+        (an HTTP error raised) before it returns."""
         body = _body(
             messages,
             model,
@@ -816,7 +915,8 @@ class Client:
         options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> ChatResponse | Stream:
-        """One prompt: a ChatResponse, or (stream=True) a Stream of events."""
+        """One prompt: a ChatResponse, or (stream=True) a Stream of events, its request
+        sent (an HTTP error raised) before it returns."""
         body = _generate_body(prompt, model, system, stream, options, metadata)
         if stream:
             return Stream(self._stream("/api/v1/generate", body))
@@ -840,15 +940,24 @@ class AsyncClient:
         self,
         base_url: str | None = None,
         api_key: str | None = None,
-        timeout: float | httpx.Timeout | None = 600.0,  # None: no timeout, as httpx
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,  # None: no timeout, as httpx
+        max_retries: int = DEFAULT_MAX_RETRIES,
         **httpx_kwargs: Any,
     ) -> None:
         url, auth = _config(base_url, api_key)
         self.url = _shown(url)
+        self.max_retries = _retries(max_retries)
         headers = _headers(auth, httpx_kwargs)
         self._http = httpx.AsyncClient(
             base_url=url, headers=headers, timeout=timeout, **httpx_kwargs
         )
+
+    def with_options(self, *, max_retries: int) -> AsyncClient:
+        """This client with another `max_retries`, on the same connection pool (closing
+        either closes it)."""
+        clone = copy.copy(self)
+        clone.max_retries = _retries(max_retries)
+        return clone
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -860,44 +969,73 @@ class AsyncClient:
         """Close the connection pool."""
         await self._http.aclose()
 
+    async def _open(self, method: str, path: str, body: dict[str, Any] | None) -> httpx.Response:
+        """The answer's head, sent again while retryable, as Client._open."""
+        content, headers = (None, None) if body is None else (_encode(body), _JSON)
+        retry = 0
+        while True:
+            try:
+                return await self._try(method, path, content, headers)
+            except StellaClientError as exc:
+                wait = retry_wait(exc, retry, self.max_retries)
+                if wait is None:
+                    raise
+            await asyncio.sleep(wait)
+            retry += 1
+
+    async def _try(
+        self, method: str, path: str, content: bytes | None, headers: dict[str, str] | None
+    ) -> httpx.Response:
+        """One attempt of `_open`."""
+        with _network(self.url, self._http.timeout) as answer:
+            request = self._http.build_request(method, path, content=content, headers=headers)
+            r = await self._http.send(request, stream=True)
+            try:
+                answer.status = r.status_code
+                if r.status_code >= 400:
+                    raise error_for(r, await r.aread())  # the body, for its error to carry
+                if redirect := _redirect(r, self.url):
+                    raise redirect
+            except BaseException:
+                await r.aclose()
+                raise
+        return r
+
     async def _send(
         self, method: str, path: str, body: dict[str, Any] | None = None
     ) -> httpx.Response:
         """One request and its whole answer, as Client._send."""
-        content, headers = (None, None) if body is None else (_encode(body), _JSON)
-        with _network(self.url) as answer:
-            async with self._http.stream(method, path, content=content, headers=headers) as r:
+        r = await self._open(method, path, body)
+        with _network(self.url, self._http.timeout) as answer:
+            try:
                 answer.status = r.status_code
                 await r.aread()
-        if r.status_code >= 400:
-            raise error_for(r, r.content)
-        if redirect := _redirect(r, self.url):
-            raise redirect
+            finally:
+                await r.aclose()
         return r
 
     async def _post(self, path: str, body: dict[str, Any]) -> ChatResponse:
         r = await self._send("POST", path, body)
         return _decode(_response, r.content, self.url, r.status_code)
 
-    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncGenerator[Event]:
+    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncGenerator[Event | None]:
+        """A stream's events after a None, as Client._stream."""
         lines = _Lines(self.url, "")
         try:
-            with _network(self.url) as answer:
-                async with self._http.stream(
-                    "POST", path, content=_encode(body), headers=_JSON
-                ) as r:
+            r = await self._open("POST", path, body)
+            try:
+                with _network(self.url, self._http.timeout) as answer:
                     answer.status = lines.status = r.status_code
-                    if r.status_code >= 400:
-                        raise error_for(r, await r.aread())
-                    if redirect := _redirect(r, self.url):
-                        raise redirect
                     lines.request_id = r.headers.get("x-request-id", "")
+                    yield None
                     async for line in _abyte_lines(r.aiter_bytes()):
                         if line.strip():
                             event = lines.event(line)
                             if event is not None:
                                 yield event
                     lines.end()
+            finally:
+                await r.aclose()
         except StellaClientError as exc:
             lines.named(exc)
             raise
@@ -960,7 +1098,8 @@ class AsyncClient:
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> ChatResponse | AsyncStream:
-        """A chat: a ChatResponse, or (stream=True) an AsyncStream of events."""
+        """A chat: a ChatResponse, or (stream=True) an AsyncStream of events, its request
+        sent (an HTTP error raised) by the await."""
         body = _body(
             messages,
             model,
@@ -973,7 +1112,7 @@ class AsyncClient:
             metadata=metadata,
         )
         if stream:
-            return AsyncStream(self._stream("/api/v1/chat", body))
+            return await AsyncStream(self._stream("/api/v1/chat", body))._opened()
         return await self._post("/api/v1/chat", body)
 
     @overload
@@ -1022,10 +1161,11 @@ class AsyncClient:
         options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> ChatResponse | AsyncStream:
-        """One prompt: a ChatResponse, or (stream=True) an AsyncStream of events."""
+        """One prompt: a ChatResponse, or (stream=True) an AsyncStream of events, its
+        request sent (an HTTP error raised) by the await."""
         body = _generate_body(prompt, model, system, stream, options, metadata)
         if stream:
-            return AsyncStream(self._stream("/api/v1/generate", body))
+            return await AsyncStream(self._stream("/api/v1/generate", body))._opened()
         return await self._post("/api/v1/generate", body)
 
     async def models(self) -> ModelList:

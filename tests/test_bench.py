@@ -12,7 +12,7 @@ import msgspec
 
 from stella.bench.echo import Row, _body, measure, table
 from stella.bench.loadgen import text_lines
-from tests.live import LiveServer
+from tests.live import LiveServer, run_stella
 
 
 def test_text_lines_count_text_in_every_dialect() -> None:
@@ -101,6 +101,55 @@ def test_bench_url_says_when_nothing_listens() -> None:
 
     r = _bench(f"http://127.0.0.1:{free_port()}/api/v1/chat", "-c", "1", "-d", "0.2")
     assert r.returncode == 1 and "cannot reach" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_url_that_nothing_succeeded_on_says_what_failed(stella: LiveServer) -> None:
+    # It said only "no request to ... succeeded": not why.
+    url = stella.url + "/api/v1/chat"
+    r = _bench(url, "--model", "no-such-model", "-c", "1", "-n", "5", "-d", "5")
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"stella: no request to {url} succeeded; the first failure: 404 ")
+    assert "model_not_found: " in r.stderr and "no-such-model" in r.stderr
+    inband = _bench(url, "--model", "echo-fail-after", "--stream", "-c", "1", "-n", "3", "-d", "5")
+    assert inband.returncode == 1
+    assert "; the first failure: 200 OK with an in-band error: " in inband.stderr
+    assert '"code":"upstream_error"' in inband.stderr
+
+
+def test_bench_url_latencies_are_of_the_successful_answers() -> None:
+    # A fast refusal counted in the percentiles made a refusing server look fast.
+    config = {
+        "backends": {"slowish": {"kind": "echo", "delay_s": 0.05}},
+        "models": {"routes": {"limited": {"backend": "slowish"}}},
+        "limits": {"models": {"limited": {"requests_per_minute": 2}}},
+    }
+    with run_stella(config) as server:
+        # -n 9: no warm-up; 2 answers of ~250 ms, then 7 quick 429s.
+        out = _bench(
+            server.url + "/api/v1/chat", "--model", "limited", "-c", "1", "-n", "9", "--json"
+        )
+    assert out.returncode == 1  # most of them failed
+    [row] = json.loads(out.stdout)
+    assert (row["requests"], row["succeeded"], row["errors"]) == (9, 2, 7), row
+    assert row["p50_ms"] >= 200 and row["ttfb_p50_ms"] >= 200, row
+    assert row["first_error"].startswith("429 Too Many Requests: rate_limited: "), row
+    assert "the first failure: 429 Too Many Requests" in out.stderr
+
+
+def test_bench_url_gives_up_on_an_answer_that_never_comes() -> None:
+    # It waited for good on a server that accepts and never answers.
+    import socket
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}/api/v1/chat"
+        r = _bench(url, "-c", "1", "-n", "3", "-d", "0.2", "--timeout", "0.5")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == (
+        f"stella: no request to {url} succeeded; the first failure: "
+        "no whole answer within 0.5 s (--timeout)\n"
+    )
 
 
 def _upstream(port: int, **kwargs: Any) -> tuple[subprocess.Popen, dict]:

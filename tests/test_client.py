@@ -82,9 +82,14 @@ def keyed() -> Iterator[LiveServer]:
             "routes": {
                 "down": {"backend": "down", "retries": 0},
                 "stall": {"backend": "stall", "ttft_timeout_s": 0.3, "retries": 0},
+                "metered": {"backend": "echo"},
             },
         },
-        "limits": {"models": {"echo": {"requests_per_minute": 2}}},
+        # metered: an answer's tokens, charged after it, leave it short for an hour (a
+        # Retry-After past the client's cap, raised without a retry).
+        "limits": {
+            "models": {"echo": {"requests_per_minute": 2}, "metered": {"tokens_per_minute": 2}}
+        },
         "breaker": {"failure_threshold": 0},
         "auth": {
             "keys": {
@@ -105,7 +110,7 @@ def test_every_error_code_maps_to_its_exception(keyed: LiveServer) -> None:
     with pytest.raises(sc.AuthenticationError) as e401:
         sc.Client(url, "wrong").chat(msg, "echo")
     assert e401.value.status == 401
-    c = sc.Client(url, KEY)
+    c = sc.Client(url, KEY, max_retries=0)  # each error as it comes
     with pytest.raises(sc.NotFoundError):
         c.chat(msg, "nope")
     with pytest.raises(sc.BadRequestError):
@@ -329,10 +334,13 @@ def test_cli_chat_and_models(stella: LiveServer) -> None:
 def test_cli_rate_limited_says_when_to_retry(keyed: LiveServer) -> None:
     # The client has the 429's Retry-After; the CLI's line left it out.
     env = {"STELLA_URL": keyed.url, "STELLA_API_KEY": KEY, "PATH": "/usr/bin:/bin"}
-    outs = [stella_cli("chat", "-m", "echo", "hi", env=env) for _ in range(3)]
-    limited = [o for o in outs if o.returncode == 1]
-    assert limited and limited[-1].stderr.startswith("stella: rate_limited: ")
-    assert re.search(r"; retry after \d+(\.\d+)?s\n\Z", limited[-1].stderr), limited[-1].stderr
+    first = stella_cli("chat", "-m", "metered", " ".join(["w"] * 60), env=env)
+    assert first.returncode == 0, first.stderr
+    t0 = time.monotonic()
+    limited = stella_cli("chat", "-m", "metered", "hi", env=env)
+    assert time.monotonic() - t0 < 30  # the wait is past the retries' cap: not slept
+    assert limited.returncode == 1 and limited.stderr.startswith("stella: rate_limited: ")
+    assert re.search(r"; retry after \d+(\.\d+)?s\n\Z", limited.stderr), limited.stderr
 
 
 def test_cli_without_a_key_says_how_to_give_one(keyed: LiveServer) -> None:
@@ -340,9 +348,63 @@ def test_cli_without_a_key_says_how_to_give_one(keyed: LiveServer) -> None:
     for args in (["chat", "hi"], ["models"]):
         out = stella_cli(*args, env=env)
         assert out.returncode == 1 and "unauthorized" in out.stderr
-        assert "--api-key or STELLA_API_KEY" in out.stderr
+        assert out.stderr.endswith("; give the key with --api-key or STELLA_API_KEY\n")
+        # A key given and refused: the hint to give one was wrong.
+        out = stella_cli(*args, env={**env, "STELLA_API_KEY": "sk-wrong"})
+        assert out.returncode == 1 and "invalid API key" in out.stderr
+        assert out.stderr.endswith("; check the key (from STELLA_API_KEY)\n"), out.stderr
+        out = stella_cli(*args, "--api-key", "sk-wrong", env=env)
+        assert out.stderr.endswith("; check the key (from --api-key)\n"), out.stderr
     out = stella_cli("models", env={**env, "STELLA_API_KEY": KEY})
     assert out.returncode == 0 and "echo" in out.stdout
+
+
+def _hung_server() -> socket.socket:
+    """A loopback socket that takes connections (the kernel's backlog) and never answers."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    return hung
+
+
+def test_cli_timeout_is_one_line_and_exit_1() -> None:
+    # `stella models` and `stella chat` waited 600 s for a server that never answers.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    with _hung_server() as hung:
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        for args, extra in (
+            (["models", "--timeout", "0.5"], {}),
+            (["chat", "hi", "--timeout", "0.5"], {}),
+            (["chat", "hi"], {"STELLA_TIMEOUT": "0.5"}),
+        ):
+            t0 = time.monotonic()
+            out = stella_cli(*args, "--url", url, env={**env, **extra})
+            assert time.monotonic() - t0 < 20
+            assert out.returncode == 1, out.stderr
+            assert out.stderr == (
+                f"stella: timeout: no answer from {url} within the client's timeout of 0.5 s "
+                "(ReadTimeout); wait longer with --timeout SECONDS (or STELLA_TIMEOUT)\n"
+            )
+    for bad in ("0", "-1", "nan", "soon"):
+        out = stella_cli("models", "--url", url, "--timeout", bad, env=env)
+        assert out.returncode == 2 and "--timeout" in out.stderr, bad
+        out = stella_cli("models", "--url", url, env={**env, "STELLA_TIMEOUT": bad})
+        assert out.returncode == 2 and out.stderr.startswith("stella: STELLA_TIMEOUT: "), bad
+
+
+def test_cli_waits_long_for_an_answer_and_briefly_for_a_connection(monkeypatch: Any) -> None:
+    from stella.commands import CONNECT_TIMEOUT_S, client_timeout
+    from stella.commands.chat import CHAT_TIMEOUT_S
+    from stella.commands.models import MODELS_TIMEOUT_S
+
+    monkeypatch.delenv("STELLA_TIMEOUT", raising=False)
+    assert client_timeout(None, CHAT_TIMEOUT_S) == httpx.Timeout(600, connect=10)
+    assert client_timeout(None, MODELS_TIMEOUT_S) == httpx.Timeout(30, connect=10)
+    assert client_timeout(2.5, MODELS_TIMEOUT_S) == httpx.Timeout(2.5)
+    monkeypatch.setenv("STELLA_TIMEOUT", "120")
+    assert client_timeout(None, MODELS_TIMEOUT_S) == httpx.Timeout(120, connect=CONNECT_TIMEOUT_S)
+    # The library's own default is the same long read and short connect.
+    assert sc.Client("http://127.0.0.1:9")._http.timeout == httpx.Timeout(600, connect=10)
 
 
 def test_a_client_timeout_is_a_timeout_error(stella: LiveServer) -> None:
@@ -355,12 +417,12 @@ def test_a_client_timeout_is_a_timeout_error(stella: LiveServer) -> None:
 async def test_an_unreachable_server_is_a_network_error(stella: LiveServer) -> None:
     dead = f"127.0.0.1:{free_port()}"  # no scheme: taken as http://, as curl does
     msgs = [{"role": "user", "content": "x"}]
-    with sc.Client(dead) as c, pytest.raises(sc.NetworkError) as info:
+    with sc.Client(dead, max_retries=0) as c, pytest.raises(sc.NetworkError) as info:
         c.chat(msgs)
     assert info.value.code == "network_error" and dead in info.value.message
-    with sc.Client(dead) as c, pytest.raises(sc.NetworkError):
-        list(c.chat(msgs, stream=True))
-    async with sc.AsyncClient(dead) as ac:
+    with sc.Client(dead, max_retries=0) as c, pytest.raises(sc.NetworkError):
+        c.chat(msgs, stream=True)
+    async with sc.AsyncClient(dead, max_retries=0) as ac:
         with pytest.raises(sc.NetworkError):
             await ac.models()
     for args in (["chat", "hi"], ["models"]):
@@ -667,6 +729,34 @@ def test_cli_chat_output_stdout_cannot_take_is_said_so(stella: LiveServer) -> No
     closed = stella_without_stdout("chat", "-m", "echo", "hi", env={"STELLA_URL": stella.url})
     assert closed.returncode == 1
     assert closed.stderr == "stella: cannot write output: stdout is closed\n"
+
+
+def test_cli_chat_error_line_after_partial_output_starts_a_line(stella: LiveServer) -> None:
+    # On a terminal (stdout and stderr one file) it read "abcstella: cannot write output".
+    env = {"PATH": "/usr/bin:/bin", "STELLA_URL": stella.url, "PYTHONIOENCODING": "ascii"}
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "chat", "-m", "echo", "abc h\u00e9llo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert (
+        out.stdout == "abc\nstella: cannot write output: stdout's encoding (ascii) has no '\\xe9'\n"
+    )
+
+
+def test_cli_chat_numbers_are_checked_and_explained() -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    for bad in ("nan", "inf", "-inf", "warm"):
+        out = stella_cli("chat", "--url", "http://127.0.0.1:9", "--temperature", bad, "hi", env=env)
+        # A usage error, as any bad flag (it was exit 1: refused by the client).
+        assert out.returncode == 2 and "--temperature" in out.stderr, (bad, out.stderr)
+    helped = " ".join(stella_cli("chat", "--help", env=env).stdout.split())
+    assert "--max-tokens MAX_TOKENS at most this many tokens in the answer" in helped
+    assert "--temperature TEMPERATURE sampling temperature" in helped
 
 
 def test_ctrl_c_while_models_waits_on_a_hung_server_exits_130_quietly() -> None:

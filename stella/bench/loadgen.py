@@ -43,6 +43,10 @@ class Result(msgspec.Struct):
     succeeded: int = 0
     # The server's CPU time per request during the run (microseconds; Linux), when known.
     cpu_us: float | None = None
+    # What the first failed request got ("401 Unauthorized: invalid API key", an in-band
+    # error line, a broken connection); "" when none failed. The latency figures are of
+    # the successful answers only: a fast refusal must not make a server look fast.
+    first_error: str = ""
 
 
 class BenchError(RuntimeError):
@@ -86,12 +90,20 @@ def pinned(cpu: int | None) -> Iterator[None]:
 
 @dataclass
 class _Stats:
-    latencies: list[float] = field(default_factory=list)
-    ttfb: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # of the successful answers
+    ttfb: list[float] = field(default_factory=list)  # of the successful answers
     errors: int = 0
     succeeded: int = 0
+    answered: int = 0  # answers of any status
     tokens: int = 0
     sent: int = 0
+    first_error: str = ""
+
+    def failed(self, why: str) -> None:
+        """Count a failed request; the first one's `why` is kept."""
+        self.errors += 1
+        if not self.first_error:
+            self.first_error = why
 
 
 def is_local(host: str) -> bool:
@@ -148,7 +160,9 @@ async def _read_response(reader: asyncio.StreamReader, t0: float, st: _Stats) ->
     status = await reader.readline()
     if not status:
         raise ConnectionError("closed")
-    code = int(status.split(b" ", 2)[1])
+    head = status.split(b" ", 2)
+    code = int(head[1])
+    reason = head[2].strip().decode("latin-1") if len(head) > 2 else ""
     length = -1
     chunked = False
     whole = False  # a JSON answer (not a stream): its tokens are in its usage
@@ -164,8 +178,8 @@ async def _read_response(reader: asyncio.StreamReader, t0: float, st: _Stats) ->
             chunked = True
         elif name == b"content-type":
             whole = value.strip().lower().startswith(b"application/json")
-    first = True
-    failed = False
+    ttfb = 0.0
+    inband = b""  # the chunk that holds an in-band error
     if chunked:
         parts: list[bytes] = []
         while True:
@@ -174,31 +188,91 @@ async def _read_response(reader: asyncio.StreamReader, t0: float, st: _Stats) ->
                 await reader.readline()
                 break
             data = await reader.readexactly(size + 2)
-            if first:
-                st.ttfb.append(time.perf_counter() - t0)
-                first = False
-            if whole:
+            if not ttfb:
+                ttfb = time.perf_counter() - t0
+            if whole or code >= 400:
                 parts.append(data[:-2])
             else:
                 st.tokens += text_lines(data)
-            failed = failed or inband_error(data)
-        if whole and code < 400:
-            st.tokens += usage_tokens(b"".join(parts))
+            if not inband and inband_error(data):
+                inband = data
+        body = b"".join(parts)
     else:
-        data = await reader.readexactly(length) if length > 0 else b""
-        st.ttfb.append(time.perf_counter() - t0)
-        if whole and code < 400:
-            st.tokens += usage_tokens(data)
-    if code >= 400 or failed:
-        st.errors += 1
+        body = await reader.readexactly(length) if length > 0 else b""
+        ttfb = time.perf_counter() - t0
+    st.answered += 1
+    if code >= 400:
+        st.failed(_status_error(code, reason, body))
+    elif inband:
+        st.failed(f"{code} {reason} with an in-band error: {_inband_line(inband)}")
     else:
+        if whole:
+            st.tokens += usage_tokens(body)
         st.succeeded += 1
+        st.ttfb.append(ttfb)
+        st.latencies.append(time.perf_counter() - t0)
+
+
+def _status_error(code: int, reason: str, body: bytes) -> str:
+    """An error answer in words: its status, and what its body says when it is an error
+    object (stella's, OpenAI's, Anthropic's or Ollama's)."""
+    said = ""
+    try:
+        err = msgspec.json.decode(body).get("error")
+    except (msgspec.DecodeError, UnicodeDecodeError, AttributeError):
+        err = None
+    if isinstance(err, str):
+        said = err
+    elif isinstance(err, dict):
+        words = [err.get(k) for k in ("code", "message")]
+        said = ": ".join(w for w in words if isinstance(w, str) and w)
+    line = f"{code} {reason}".strip() + (f": {said}" if said else "")
+    return line[:300]
+
+
+def _inband_line(data: bytes) -> str:
+    """The line of `data` that says a stream failed (an SSE `event: error`'s data line),
+    at most 300 characters of it."""
+    lines = data.splitlines()
+    for i, line in enumerate(lines):
+        if inband_error(line):
+            if line.startswith(b"event:") and i + 1 < len(lines):
+                line = lines[i + 1]
+            return line.decode("utf-8", "replace").strip()[:300]
+    return data.decode("utf-8", "replace").strip()[:300]
+
+
+def _broken(exc: BaseException, answer_timeout_s: float | None) -> str:
+    """A request that got no whole answer, in words."""
+    if isinstance(exc, TimeoutError):
+        return f"no whole answer within {answer_timeout_s:g} s (--timeout)"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "the connection closed in the middle of an answer"
+    if isinstance(exc, ValueError):
+        return f"an answer that is not HTTP/1.1 ({exc})"
+    return f"the connection broke before an answer ({exc or type(exc).__name__})"
+
+
+async def _connect(
+    host: str, port: int, answer_timeout_s: float | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the target, waited for at most `answer_timeout_s` seconds."""
+    try:
+        return await asyncio.wait_for(asyncio.open_connection(host, port), answer_timeout_s)
+    except TimeoutError:
+        raise ConnectionError(f"no connection within {answer_timeout_s:g} s") from None
 
 
 async def _worker(
-    host: str, port: int, request: bytes, deadline: float, budget: list[int], st: _Stats
+    host: str,
+    port: int,
+    request: bytes,
+    deadline: float,
+    budget: list[int],
+    st: _Stats,
+    answer_timeout_s: float | None = None,
 ) -> None:
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await _connect(host, port, answer_timeout_s)
     try:
         while time.perf_counter() < deadline and budget[0] > 0:
             budget[0] -= 1
@@ -206,13 +280,12 @@ async def _worker(
             t0 = time.perf_counter()
             writer.write(request)
             try:
-                await _read_response(reader, t0, st)
-            except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-                st.errors += 1
+                async with asyncio.timeout(answer_timeout_s):  # a handle, not a task per request
+                    await _read_response(reader, t0, st)
+            except (ConnectionError, asyncio.IncompleteReadError, ValueError, TimeoutError) as exc:
+                st.failed(_broken(exc, answer_timeout_s))
                 writer.close()
-                reader, writer = await asyncio.open_connection(host, port)
-                continue
-            st.latencies.append(time.perf_counter() - t0)
+                reader, writer = await _connect(host, port, answer_timeout_s)
     finally:
         writer.close()
 
@@ -229,10 +302,12 @@ async def run_load(
     warmup: float = 0.5,
     allow_remote: bool = False,
     on_measure: Callable[[], None] | None = None,
+    answer_timeout_s: float | None = None,
 ) -> Result:
     """Keep `concurrency` connections busy for `duration` seconds (or `max_requests`, the
     warm-up's included: it takes at most a tenth of them); `on_measure` is called when
-    the warm-up is over."""
+    the warm-up is over. A request without its whole answer within `answer_timeout_s` seconds
+    (None: no limit) is a failure, and its connection is replaced."""
     parts = urlsplit(url)
     # Plain HTTP only: an https:// URL would be sent in clear text to its TLS port.
     if parts.scheme != "http" or not parts.hostname:
@@ -249,16 +324,20 @@ async def run_load(
         lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
     if warmup and max_requests >= 10:
-        warm, _ = await _phase(host, port, request, concurrency, warmup, max_requests // 10)
+        warm, _ = await _phase(
+            host, port, request, concurrency, warmup, max_requests // 10, answer_timeout_s
+        )
         max_requests -= warm.sent
     if on_measure is not None:
         on_measure()
-    st, seconds = await _phase(host, port, request, concurrency, duration, max_requests)
+    st, seconds = await _phase(
+        host, port, request, concurrency, duration, max_requests, answer_timeout_s
+    )
     ms = [x * 1000 for x in st.latencies]
     return Result(
         name=name or url,
         concurrency=concurrency,
-        requests=len(ms),
+        requests=st.answered,
         errors=st.errors,
         seconds=round(seconds, 3),
         # Answers per second that were answers: a server failing fast must not look fast.
@@ -269,18 +348,28 @@ async def run_load(
         ttfb_p50_ms=round(percentile([x * 1000 for x in st.ttfb], 50), 3),
         tokens_per_s=round(st.tokens / seconds, 1) if seconds else 0.0,
         succeeded=st.succeeded,
+        first_error=st.first_error,
     )
 
 
 async def _phase(
-    host: str, port: int, request: bytes, concurrency: int, duration: float, max_requests: int
+    host: str,
+    port: int,
+    request: bytes,
+    concurrency: int,
+    duration: float,
+    max_requests: int,
+    answer_timeout_s: float | None = None,
 ) -> tuple[_Stats, float]:
     st = _Stats()
     budget = [max_requests]
     t0 = time.perf_counter()
     deadline = t0 + duration
     await asyncio.gather(
-        *(_worker(host, port, request, deadline, budget, st) for _ in range(concurrency))
+        *(
+            _worker(host, port, request, deadline, budget, st, answer_timeout_s)
+            for _ in range(concurrency)
+        )
     )
     return st, time.perf_counter() - t0
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
+import math
 import os
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
@@ -11,15 +13,89 @@ if TYPE_CHECKING:  # the client (and httpx) load only with the commands that use
     from stella.client import StellaClientError
 
 
-def client_error(exc: StellaClientError) -> str:
-    """The CLI's line for an error the server sent: code, message, request ID, what to do."""
+def client_error(exc: StellaClientError, key_from: str = "") -> str:
+    """The CLI's line for an error the server sent: code, message, request ID, what to do
+    (`key_from`: where the key sent came from, "" when none was)."""
     where = f" (request {exc.request_id})" if exc.request_id else ""
     hint = ""
     if exc.code == "unauthorized":
-        hint = "; give the key with --api-key or STELLA_API_KEY"
+        hint = (
+            f"; check the key (from {key_from})"
+            if key_from
+            else "; give the key with --api-key or STELLA_API_KEY"
+        )
+    elif exc.code == "timeout":  # the client's own wait, not the server's 504
+        hint = "; wait longer with --timeout SECONDS (or STELLA_TIMEOUT)"
     if exc.retry_after is not None:  # a 429's or 503's Retry-After: when to try again
         hint += f"; retry after {exc.retry_after:g}s"
     return f"stella: {exc.code}: {exc.message}{where}{hint}"
+
+
+def key_from(given: str | None) -> str:
+    """Where the API key the client sends comes from: "--api-key", "STELLA_API_KEY", or ""
+    for none (the client's rule: the flag when given, else the variable; blank is none)."""
+    if given is not None:
+        return "--api-key" if given.strip() else ""
+    return "STELLA_API_KEY" if os.environ.get("STELLA_API_KEY", "").strip() else ""
+
+
+# How long a command waits to connect, whatever --timeout says (when it says more): a
+# server that is down or unreachable is known in seconds, not at the end of a long wait.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def seconds(text: str) -> float:
+    """A --timeout value: a number of seconds, more than 0 (ValueError otherwise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if not (value > 0 and math.isfinite(value)):  # NaN too
+        raise ValueError(f"{text!r}: must be a number of seconds more than 0")
+    return value
+
+
+def seconds_option(text: str) -> float:
+    """`seconds` as an argparse type (its error a usage error, exit 2)."""
+    try:
+        return seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_timeout(parser: argparse.ArgumentParser, default_s: float, what: str) -> None:
+    """The --timeout option of a command that calls a server with the client."""
+    parser.add_argument(
+        "--timeout",
+        type=seconds_option,
+        metavar="SECONDS",
+        help=f"seconds to wait for {what} (default: $STELLA_TIMEOUT, else {default_s:g}); "
+        f"at most {CONNECT_TIMEOUT_S:g} for a connection",
+    )
+
+
+def timeout_seconds(given: float | None, default_s: float) -> float | None:
+    """--timeout, else STELLA_TIMEOUT, else `default_s`; None, with the error line said,
+    when STELLA_TIMEOUT is not a number of seconds."""
+    if given is not None:
+        return given
+    env = os.environ.get("STELLA_TIMEOUT", "").strip()
+    try:
+        return seconds(env) if env else default_s
+    except ValueError as exc:
+        print(f"stella: STELLA_TIMEOUT: {exc}", file=sys.stderr)
+        return None
+
+
+def client_timeout(given: float | None, default_s: float) -> Any:
+    """The client's httpx.Timeout for `timeout_seconds`, the connection waited for at most
+    CONNECT_TIMEOUT_S; None when STELLA_TIMEOUT is bad (said)."""
+    import httpx
+
+    limit = timeout_seconds(given, default_s)
+    if limit is None:
+        return None
+    return httpx.Timeout(limit, connect=min(limit, CONNECT_TIMEOUT_S))
 
 
 def client_exit(exc: StellaClientError) -> int:

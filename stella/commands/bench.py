@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from stella.commands import seconds_option, timeout_seconds
+
 NAME = "bench"
 HELP = "measure: `url URL` loads any stella/OpenAI-compatible URL; `upstream` serves a fast fake one; the rest compare"
 
@@ -16,6 +18,9 @@ HELP = "measure: `url URL` loads any stella/OpenAI-compatible URL; `upstream` se
 # `bench url` fails when more of a level's requests than this failed: its figures
 # would describe error answers, not the service.
 MAX_ERROR_SHARE = 0.01
+# `bench url`'s wait for one answer: a server that takes no more (a hung one) fails the
+# request, and the run still ends.
+URL_TIMEOUT_S = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     url.add_argument("--model", default="echo", help="model in the default body")
     url.add_argument("--header", action="append", default=[], type=_header, help="NAME: VALUE")
     url.add_argument("--allow-remote", action="store_true", help="load a host that is not loopback")
+    url.add_argument(
+        "--timeout",
+        type=seconds_option,
+        metavar="SECONDS",
+        help="seconds to wait for a connection and for each whole answer, a failure past "
+        f"them (default: $STELLA_TIMEOUT, else {URL_TIMEOUT_S:g})",
+    )
     dialects = sub.add_parser("dialects", help="the OpenAI dialect's cost vs the native API")
     auth = sub.add_parser("auth", help="keys and rate limits off vs in memory vs in Redis")
     auth.add_argument("-c", "--concurrency", type=_at_least_1, default=8, help="clients")
@@ -294,6 +306,9 @@ def _run(args: argparse.Namespace) -> int:
             payload["stream_options"] = {"include_usage": True}
         body = json.dumps(payload).encode()
     headers = dict(h.split(":", 1) for h in args.header)
+    answer_timeout_s = timeout_seconds(args.timeout, URL_TIMEOUT_S)
+    if answer_timeout_s is None:
+        return 2
     results = []
     for c in _levels(args):
         try:
@@ -307,6 +322,7 @@ def _run(args: argparse.Namespace) -> int:
                         max_requests=args.requests,
                         headers={k.strip(): v.strip() for k, v in headers.items()},
                         allow_remote=args.allow_remote,
+                        answer_timeout_s=answer_timeout_s,
                     )
                 )
             )
@@ -327,13 +343,16 @@ def _run(args: argparse.Namespace) -> int:
                 f"{r.ttfb_p50_ms} | {r.tokens_per_s:,.0f} | {r.errors} |"
             )
     if not any(r.succeeded for r in results):
-        print(f"stella: no request to {args.url} succeeded", file=sys.stderr)
+        first = next((r.first_error for r in results if r.first_error), "")
+        why = f"; the first failure: {first}" if first else ""
+        print(f"stella: no request to {args.url} succeeded{why}", file=sys.stderr)
         return 1
     for r in results:
         if r.errors > MAX_ERROR_SHARE * (r.errors + r.succeeded):
             print(
                 f"stella: {r.errors} of {r.errors + r.succeeded} requests to {args.url} failed "
-                f"at concurrency {r.concurrency} (more than {MAX_ERROR_SHARE:.0%})",
+                f"at concurrency {r.concurrency} (more than {MAX_ERROR_SHARE:.0%}); "
+                f"the first failure: {r.first_error}",
                 file=sys.stderr,
             )
             return 1

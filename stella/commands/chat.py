@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stella.commands import OutputError, client_error, client_exit
+from stella.commands import (
+    OutputError,
+    add_timeout,
+    client_error,
+    client_exit,
+    client_timeout,
+    key_from,
+)
 
 NAME = "chat"
 HELP = "send a prompt (or stdin) to a stella server and stream the answer"
@@ -20,9 +27,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", "-s", help="system prompt")
     parser.add_argument("--url", help="server URL (default: $STELLA_URL or http://127.0.0.1:8000)")
     parser.add_argument("--api-key", help="API key (default: $STELLA_API_KEY)")
-    parser.add_argument("--max-tokens", type=int)
-    parser.add_argument("--temperature", type=float)
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        help="at most this many tokens in the answer (default: the model's)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=_number,
+        help="sampling temperature: 0 for the likeliest answer, higher for more varied ones "
+        "(default: the model's)",
+    )
     parser.add_argument("--stats", action="store_true", help="print usage and timings at the end")
+    add_timeout(parser, CHAT_TIMEOUT_S, "each part of the answer")
+
+
+# The wait for each read of the answer: a long prompt on a slow engine takes minutes
+# before its first token.
+CHAT_TIMEOUT_S = 600.0
+
+
+def _number(text: str) -> float:
+    """A finite number (JSON has no NaN or infinity: the client would refuse it)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,9 +95,12 @@ def run(args: argparse.Namespace) -> int:
         for k, v in (("max_tokens", args.max_tokens), ("temperature", args.temperature))
         if v is not None
     }
+    timeout = client_timeout(args.timeout, CHAT_TIMEOUT_S)
+    if timeout is None:
+        return 2
     midline = False  # text written without its line end yet
     try:
-        with Client(args.url, args.api_key) as client:
+        with Client(args.url, args.api_key, timeout=timeout) as client:
             for event in client.chat(messages, args.model, stream=True, options=options or None):
                 if isinstance(event, Delta):
                     sys.stdout.write(event.text)
@@ -87,19 +125,38 @@ def run(args: argparse.Namespace) -> int:
         if midline:
             sys.stdout.write("\n")  # the error gets a line of its own
             sys.stdout.flush()
-        print(client_error(exc), file=sys.stderr)
+        print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
         return client_exit(exc)
     except KeyboardInterrupt:
         if midline:  # the shell's prompt on a line of its own
             sys.stdout.write("\n")
             sys.stdout.flush()
         return 130
-    except (BrokenPipeError, OutputError):
-        raise  # stdout's, not the server's: the CLI says so (or, for `| head`, nothing)
+    except OutputError:
+        if midline and _same_file(sys.stdout, sys.stderr):
+            # The CLI's line would be glued to the answer's last words (stdout cannot
+            # take the line end: it may be full, or closed).
+            print(file=sys.stderr)
+        raise  # stdout's, not the server's: the CLI says so
+    except BrokenPipeError:
+        raise  # the reader left (`| head`): the CLI says nothing
     except OSError as exc:
         print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _same_file(one: object, other: object) -> bool:
+    """Whether two streams write to one file (a terminal, a pipe, `2>&1`)."""
+    import os
+
+    try:
+        return os.path.samestat(
+            os.fstat(one.fileno()),  # type: ignore[attr-defined]
+            os.fstat(other.fileno()),  # type: ignore[attr-defined]
+        )
+    except (AttributeError, OSError, ValueError):  # closed, or not a file
+        return False
 
 
 def _read_stdin() -> str:

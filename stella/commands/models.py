@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stella.commands import client_error, client_exit
+from stella.commands import add_timeout, client_error, client_exit, client_timeout, key_from
 
 NAME = "models"
 HELP = "list the models of a stella server"
@@ -16,6 +16,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help="server URL (default: $STELLA_URL or http://127.0.0.1:8000)")
     parser.add_argument("--api-key", help="API key (default: $STELLA_API_KEY)")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    add_timeout(parser, MODELS_TIMEOUT_S, "the list")
+
+
+# A short list that every replica answers from memory: a wait longer than this is a
+# server that will not answer.
+MODELS_TIMEOUT_S = 30.0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,11 +30,14 @@ def run(args: argparse.Namespace) -> int:
 
     from stella.client import Client, StellaClientError
 
+    timeout = client_timeout(args.timeout, MODELS_TIMEOUT_S)
+    if timeout is None:
+        return 2
     try:
-        with Client(args.url, args.api_key) as client:
+        with Client(args.url, args.api_key, timeout=timeout) as client:
             listing = client.models()
     except StellaClientError as exc:
-        print(client_error(exc), file=sys.stderr)
+        print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
         return client_exit(exc)
     except OSError as exc:
         print(f"stella: cannot reach the server: {exc}", file=sys.stderr)

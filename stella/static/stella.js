@@ -136,13 +136,29 @@ function whenAborted(err, signal) {
   return null;
 }
 
-function networkError(err, requestId = "") {
+// What node's fetch names as the cause of a connection that was never made (nothing was
+// sent: asking again is safe, and a server restarting refuses connections for a moment).
+// A browser's fetch says only "Failed to fetch", whatever happened: never retryable there.
+const NOT_CONNECTED = new Set(["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH",
+  "UND_ERR_CONNECT_TIMEOUT"]);
+
+function notConnected(cause) {
+  if (!cause) return false;
+  if (NOT_CONNECTED.has(cause.code)) return true;
+  // Several addresses tried (happy eyeballs): each of them refused.
+  return Array.isArray(cause.errors) && cause.errors.length > 0 && cause.errors.every(notConnected);
+}
+
+/** A failure of fetch() or of reading its body as a StellaError; `beforeAnswer`: fetch()
+ * itself failed, so a cause that says no connection was made makes it retryable. */
+function networkError(err, requestId = "", beforeAnswer = false) {
   if (err instanceof StellaError) return err;
   if (err instanceof SyntaxError) {
     return new StellaError({ code: "bad_response", message: `not stella's protocol: ${err.message}`, requestId });
   }
   const cause = err && err.cause ? `: ${err.cause.message || err.cause}` : "";
-  return new StellaError({ code: "network_error", message: String((err && err.message) || err) + cause, requestId });
+  return new StellaError({ code: "network_error", message: String((err && err.message) || err) + cause, requestId,
+                           retryable: beforeAnswer && notConnected(err && err.cause) });
 }
 
 const KNOWN = new Set(["start", "delta", "tool_call", "done", "error"]);
@@ -164,7 +180,7 @@ async function* streamEvents(path, body, { signal, apiKey, baseUrl = "", fetch: 
   } catch (err) {
     const abort = whenAborted(err, signal);
     if (abort === null) return;
-    throw abort || networkError(err);
+    throw abort || networkError(err, "", true);
   }
   if (!res.ok) throw await httpError(res);
   const requestId = res.headers.get("X-Request-ID") || "";
@@ -224,11 +240,14 @@ export function generate({ prompt, system, model, options, metadata } = {}, opts
 
 /** The routable models: {models: [...], default}. */
 export async function models({ apiKey, baseUrl = "", signal, fetch: fetchImpl = globalThis.fetch } = {}) {
+  let answered = false;
   try {
     const res = await fetchImpl(base(baseUrl) + "/api/v1/models", { headers: headersFor(apiKey), signal });
+    answered = true;
     if (!res.ok) throw await httpError(res);
     return await res.json();
   } catch (err) {
-    throw whenAborted(err, signal) || networkError(err); // a Stop here is an error too: no models
+    // A Stop here is an error too: no models.
+    throw whenAborted(err, signal) || networkError(err, "", !answered);
   }
 }

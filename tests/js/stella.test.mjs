@@ -254,3 +254,23 @@ test("a key a header cannot carry is a clear client-side error, and nothing is s
     (err) => err instanceof StellaError && err.code === "invalid_api_key" && err.message.includes("U+000D"));
   assert.equal(sent, 0);
 });
+
+test("a connection refused is retryable: nothing was sent; a drop after the answer began is not", async () => {
+  const { server, baseUrl: refused } = await listen(() => {});
+  await new Promise((r) => server.close(r)); // the port is free again: connections are refused
+  for (const call of [() => models({ baseUrl: refused }), () => collect(chat({ messages: [] }, { baseUrl: refused }))]) {
+    await assert.rejects(call, (err) => err instanceof StellaError && err.code === "network_error" && err.retryable === true
+      && /ECONNREFUSED/.test(err.message));
+  }
+  const dropped = await listen((req, res) => {
+    res.writeHead(200, { "Content-Type": "application/x-ndjson" });
+    res.write('{"type":"start","id":"x"}\n');
+    setTimeout(() => res.socket.destroy(), 50);
+  });
+  await assert.rejects(() => collect(chat({ messages: [] }, { baseUrl: dropped.baseUrl })),
+    (err) => err instanceof StellaError && err.code === "network_error" && err.retryable === false);
+  dropped.server.close();
+  // A browser's fetch names no cause: it cannot be told from a drop, so it is not retryable.
+  const opaque = { fetch: async () => { throw new TypeError("Failed to fetch"); } };
+  await assert.rejects(() => models(opaque), (err) => err.code === "network_error" && err.retryable === false);
+});
