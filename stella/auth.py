@@ -265,17 +265,29 @@ def env_keys(raw: str, source: str = "STELLA_API_KEYS") -> list[tuple[str, str]]
 
 
 def _token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """The key from `Authorization: Bearer` (preferred) or `X-API-Key`."""
-    api_key = b""
+    """The key from `Authorization: Bearer` (preferred) or `X-API-Key`; Unauthorized when
+    either header gives two different keys."""
+    # Every header is read: which of two keys counts must not depend on the header's
+    # order (a proxy that adds its own would decide it), so two are no key at all.
+    bearer = api_key = b""
     for name, value in headers:
         if name == b"authorization":
             scheme, _, rest = value.partition(b" ")
             token = rest.strip()
             if token and scheme.lower() == b"bearer":  # an empty one leaves X-API-Key its say
-                return token
+                if bearer and token != bearer:
+                    raise Unauthorized(TWO_KEYS)
+                bearer = token
         elif name == b"x-api-key":
-            api_key = value.strip()
-    return api_key
+            token = value.strip()
+            if token:
+                if api_key and token != api_key:
+                    raise Unauthorized(TWO_KEYS)
+                api_key = token
+    return bearer or api_key
+
+
+TWO_KEYS = "more than one API key given: send one 'Authorization: Bearer <key>' or one 'X-API-Key'"
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -1049,3 +1049,30 @@ def test_upgrades_and_malformed_requests_are_answered_by_stella_in_json_only() -
             if not line.startswith("{") and not line.startswith("stella: serving on")
         ]
         assert other == []
+
+
+def test_two_different_keys_in_one_request_are_refused() -> None:
+    # The first `Authorization: Bearer` counted and the last `X-API-Key`: which of two keys
+    # a request carried depended on the header and on their order (a proxy that adds its
+    # own key decided it). Two different keys in one header are no key at all.
+    chat = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "x"}]}
+    with run_stella(CONFIG, {"STELLA_API_KEYS": f"admin={ADMIN}"}) as server:
+
+        def status(*headers: tuple[str, str]) -> tuple[int, str]:
+            sent = [(name, value.strip()) for name, value in headers]  # h11: no end space
+            r = httpx.post(server.url + "/api/v1/chat", json=chat, headers=sent)
+            return r.status_code, r.json().get("error", {}).get("message", "")
+
+        for name, value in (("authorization", "Bearer {}"), ("x-api-key", "{}")):
+            for pair in ((ADMIN, NARROW), (NARROW, ADMIN), (ADMIN, "sk-wrong-000000")):
+                code, message = status(*((name, value.format(k)) for k in pair))
+                assert code == 401 and "more than one API key given" in message, (name, pair)
+            # The same key twice is one key; an empty second value gives none.
+            assert status((name, value.format(ADMIN)), (name, value.format(ADMIN)))[0] == 200
+            assert status((name, value.format(ADMIN)), (name, value.format("")))[0] == 200
+        # One of each: the Bearer key counts, as before, whatever the other says.
+        assert status(("authorization", f"Bearer {ADMIN}"), ("x-api-key", "sk-wrong-0"))[0] == 200
+        assert status(("x-api-key", ADMIN), ("authorization", "Bearer sk-wrong-0"))[0] == 401
+        # A Bearer whose key is empty, or another scheme, leaves X-API-Key its say.
+        assert status(("authorization", "Bearer"), ("x-api-key", ADMIN))[0] == 200
+        assert status(("authorization", "Basic dTpw"), ("x-api-key", ADMIN))[0] == 200
