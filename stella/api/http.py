@@ -25,6 +25,7 @@ from stella.errors import (
     PayloadTooLarge,
     ShuttingDown,
     StellaError,
+    Unauthorized,
     UnsupportedMediaType,
 )
 from stella.protocol import ChatResponse, ErrorDetail, ErrorResponse
@@ -185,6 +186,9 @@ class Endpoint:
             if dialect.id_header:  # an error response has it from error_response
                 response.raw_headers.append((dialect.id_header, rid.encode()))
         except StellaError as exc:
+            if isinstance(exc, Unauthorized | Forbidden):
+                # A key refused by its scope is known: its name goes with the event.
+                svc.auth.failed(exc, scope, rid, call.principal if exc.reason == "scope" else None)
             if self.inference and not exc.admitted:
                 # call.api, not the dialect's name: a route may answer in another
                 # shape once it has read the body (/api/v1/generate's SSE form).
