@@ -434,6 +434,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self._last_word(
             b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nx-request-id: %s\r\n"
             b"x-should-retry: false\r\n"  # as every error says (the same bytes fail again)
+            b"x-content-type-options: nosniff\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
             % (status, rid.encode(), len(body), body)
         )

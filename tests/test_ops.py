@@ -411,6 +411,9 @@ def _validate(spec: dict, method: str, template: str, r: httpx.Response) -> list
     if r.status_code >= 400:  # every error says whether to try again, as declared
         assert r.headers["x-should-retry"] in ("true", "false")
         assert "x-should-retry" in declared[str(r.status_code)]["headers"]
+        # An error's body may quote the request: a browser reads it as JSON, nothing else.
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert "X-Content-Type-Options" in declared[str(r.status_code)]["headers"]
     content = declared[str(r.status_code)]["content"]
     media = r.headers["content-type"].split(";")[0]
     assert media in content, (method, template, r.status_code, media, list(content))

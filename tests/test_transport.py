@@ -624,6 +624,7 @@ async def test_headers_past_the_limits_get_431_and_the_connection_closes() -> No
     assert error["code"] == "headers_too_large" and error["request_id"].startswith("req_")
     assert error["retryable"] is False  # the same headers are refused again
     assert b"\r\nx-should-retry: false\r\n" in head  # as every error answer says it
+    assert b"\r\nx-content-type-options: nosniff\r\n" in head  # JSON only, for a browser
     proto.connection_lost(None)
 
     # Many tiny headers: the count is limited too.
@@ -1385,6 +1386,7 @@ async def test_a_malformed_request_gets_a_json_400_and_the_connection_closes(sha
     lines = head.lower().split(b"\r\n")
     assert lines[0] == b"http/1.1 400 bad request", out
     assert b"content-type: application/json" in lines and b"connection: close" in lines
+    assert b"x-content-type-options: nosniff" in lines
     rid = next(line for line in lines if line.startswith(b"x-request-id: req_"))[14:]
     error = msgspec.json.decode(body)["error"]
     assert error["code"] == "invalid_request" and error["retryable"] is False

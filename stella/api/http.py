@@ -104,16 +104,22 @@ class Dialect:
         response = JSONResponse(
             self.error_body(exc, request_id), self.status(exc), headers=exc.headers
         )
-        # The official OpenAI and Anthropic SDKs obey this over their own rule (retry every
-        # 5xx): a failure stella knows is final (an upstream's refusal of the request) is
-        # not sent again, and one that may pass on another try is.
-        response.raw_headers.append((b"x-should-retry", _SHOULD_RETRY[exc.retryable]))
+        # x-should-retry: the official OpenAI and Anthropic SDKs obey it over their own
+        # rule (retry every 5xx): a failure stella knows is final (an upstream's refusal of
+        # the request) is not sent again, and one that may pass on another try is. And
+        # nosniff: an error's body may quote the request (a path, a model's name), and no
+        # browser may read it as anything but JSON (a successful answer, on the hot path,
+        # goes without).
+        response.raw_headers += _ERROR_HEADERS[exc.retryable]
         if self.id_header:
             response.raw_headers.append((self.id_header, request_id.encode()))
         return response
 
 
-_SHOULD_RETRY = {True: b"true", False: b"false"}
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+_ERROR_HEADERS = {
+    retry: [(b"x-should-retry", b"true" if retry else b"false"), NOSNIFF] for retry in (True, False)
+}
 
 
 NATIVE = Dialect()

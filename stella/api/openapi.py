@@ -186,6 +186,7 @@ HEADERS = {
         "On an error: whether the same request may succeed if sent again (true or false),"
         " as the body's retryable; the OpenAI and Anthropic SDKs obey it"
     ),
+    "X-Content-Type-Options": _header("On an error: nosniff (its body is JSON, nothing else)"),
     "X-RateLimit-Limit": _header("The limit of the key's first bucket (requests, or tokens)"),
     "X-RateLimit-Remaining": _header("What is left in that bucket", "integer"),
     "X-RateLimit-Reset": _header("Seconds until that bucket is full again", "integer"),
@@ -196,7 +197,7 @@ def _headers(status: int, op: Operation, error: bool = False) -> dict[str, Any]:
     """The headers a response with this status may carry, as references."""
     names = ["X-Request-ID", *op.headers]
     if error:
-        names.append("x-should-retry")
+        names += ["x-should-retry", "X-Content-Type-Options"]
         # 502: an upstream's own 429 (upstream_rate_limited) passes its wait on.
         if status in (429, 502, 503, 529):
             names.append("Retry-After")
