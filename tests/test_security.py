@@ -210,6 +210,19 @@ def test_cors_allows_the_configured_origin_only() -> None:
         assert bad.status_code == 400
         assert "access-control-allow-origin" not in bad.headers
         assert bad.headers["x-request-id"].startswith("req_")
+        # In stella's error shape, as every other refusal (Starlette's was plain text).
+        assert bad.headers["content-type"] == "application/json"
+        assert bad.headers["x-content-type-options"] == "nosniff"
+        error = bad.json()["error"]
+        assert error["code"] == "invalid_request" and error["retryable"] is False, error
+        assert error["request_id"] == bad.headers["x-request-id"]
+        assert "'https://evil.example' is not one of cors.allowed_origins" in error["message"]
+        bad = httpx.options(
+            server.url + "/api/v1/chat",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "PUT"},
+        )
+        assert bad.status_code == 400 and "'PUT' is not one of" in bad.json()["error"]["message"]
+        assert bad.headers["access-control-allow-origin"] == "https://app.example"
 
 
 def test_oversized_body_is_413() -> None:
