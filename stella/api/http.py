@@ -8,6 +8,7 @@ response, never a 500.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -393,7 +394,13 @@ def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None 
     except msgspec.DecodeError as exc:
         text = str(exc)  # "JSON is malformed: ... (byte N)" or "Input data was truncated"
         if not text.startswith("JSON is malformed"):
-            text = f"JSON is malformed: {text[:1].lower()}{text[1:]}"
+            # msgspec reads the 6 bytes after an escaped high surrogate as the low one it
+            # needs, and calls fewer left "truncated", though the string ends right there.
+            lone = _LONE_HIGH_SURROGATE.search(body)
+            if lone is not None:
+                text = f"JSON is malformed: invalid utf-16 surrogate pair (byte {lone.end()})"
+            else:
+                text = f"JSON is malformed: {text[:1].lower()}{text[1:]}"
         raise InvalidRequest(text) from None
     # Neither is a msgspec error: bad bytes inside a string, and a body nested deeper
     # than Python's recursion limit (a few KB of brackets in any free-form field).
@@ -401,6 +408,15 @@ def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None 
         raise InvalidRequest("request body is not valid UTF-8") from None
     except RecursionError:
         raise InvalidRequest("request body is nested too deeply") from None
+
+
+# An escaped high surrogate (an unescaped backslash before its `\u`) followed neither by
+# an escaped low one nor by the start of one cut off by the body's end (a real truncation).
+_LONE_HIGH_SURROGATE = re.compile(
+    rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}"
+    rb"(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"(?!(?:\\(?:u(?:[dD](?:[c-fC-F][0-9a-fA-F]{0,2})?)?)?)?\Z)"
+)
 
 
 async def read_json(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
