@@ -61,6 +61,8 @@ class Operation:
     bare: tuple[tuple[int, str], ...] = ()
     # Names from HEADERS that answers may carry besides X-Request-ID (a dialect's own).
     headers: tuple[str, ...] = ()
+    # False for a route that only refuses (Anthropic's count_tokens): no 200 is declared.
+    succeeds: bool = True
 
 
 OPERATIONS: list[Operation] = []
@@ -119,9 +121,9 @@ def build_schema(without: frozenset[str] = frozenset()) -> dict[str, Any]:
         if op.stream:
             content[op.stream] = {"schema": by_type[op.stream_item or StreamEvent]}
         ok = "201" if op.method == "post" and op.admin and op.request else "200"
-        responses: dict[str, Any] = {
-            ok: {"description": "OK", "headers": _headers(200, op), "content": content}
-        }
+        responses: dict[str, Any] = {}
+        if op.succeeds:
+            responses[ok] = {"description": "OK", "headers": _headers(200, op), "content": content}
         errors = op.errors
         if 503 not in errors and op.path not in UNDRAINED:
             errors = (*errors, 503)  # every other route refuses new work while draining
