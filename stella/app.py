@@ -402,7 +402,7 @@ def check_audit_path(settings: Settings, create: bool = True) -> None:
     # Found out now, not by audit lines silently dropped later.
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.open("ab").close()
+        os.close(logs.open_audit(target))
     except OSError as exc:
         raise ConfigError(f"log.audit_path: cannot write {path}: {exc.strerror}") from None
     finally:

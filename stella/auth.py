@@ -9,14 +9,26 @@ import os
 import re
 import secrets
 import socket
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
+
+import structlog
 
 from stella.backends import ConfigError
 from stella.core import ANONYMOUS, Call, Principal
 from stella.errors import Forbidden, Unauthorized
 from stella.settings import Settings, origin
+
+_log = structlog.get_logger("stella")
+
+# At most this many `auth_failed` events a second in a process: a flood of bad keys
+# must not flood the logs (nor fill the writers' backlog and push other lines out).
+AUTH_FAILED_PER_S = 10
+# A refused request's path is cut to this many characters in its event (a request line
+# may be 64 KiB).
+AUTH_FAILED_PATH = 256
 
 KEY_NAME_RULE = "a key name may not be empty or hold '|' or control characters"
 
@@ -113,6 +125,11 @@ class Authenticator:
         self.origins = frozenset(map(origin, origins))
         self._host_ok: dict[bytes, bool] = {}  # Host header -> trusted; a handful per server
         self.network_anonymous = dataclasses.replace(self.anonymous, admin=False)
+        # The `auth_failed` events' budget (see failed): the second it counts from, the
+        # events written in it, and those left out since the last one written.
+        self._second = 0.0
+        self._written = 0
+        self._suppressed = 0
         if not self.enabled and not settings.auth.allow_anonymous and not is_loopback(host):
             raise ConfigError(
                 f"auth: no API keys configured and server.host={host!r} is not loopback; "
@@ -166,18 +183,53 @@ class Authenticator:
             if not self.allow_anonymous:
                 raise Unauthorized(
                     "this server has no API keys and takes anonymous calls on loopback only; "
-                    "set keys (STELLA_API_KEYS) or auth.allow_anonymous"
+                    "set keys (STELLA_API_KEYS) or auth.allow_anonymous",
+                    reason="missing",
                 )
             return self.network_anonymous
         token = _token(headers)
         if not token:
-            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'")
+            raise Unauthorized(
+                "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'",
+                reason="missing",
+            )
         principal = self.keys.get(hashlib.sha256(token).hexdigest())
         if principal is None:
             raise Unauthorized("invalid API key")
         if call is not None:
             call.secret = token.decode("latin-1")
         return principal
+
+    def failed(
+        self,
+        exc: Unauthorized | Forbidden,
+        scope: Mapping[str, Any],
+        request_id: str,
+        principal: Principal | None = None,
+    ) -> None:
+        """Log a refused call as an `auth_failed` warning (never its key, nor any part of
+        it), at most AUTH_FAILED_PER_S a second; the next one written says how many were
+        left out (`suppressed`)."""
+        now = time.monotonic()
+        if now - self._second >= 1.0:
+            self._second, self._written = now, 0
+        if self._written >= AUTH_FAILED_PER_S:
+            self._suppressed += 1
+            return
+        self._written += 1
+        client = scope.get("client")
+        event: dict[str, Any] = {
+            "reason": exc.reason,
+            "method": scope.get("method"),
+            "path": scope.get("path", "")[:AUTH_FAILED_PATH],
+            "client": client[0] if client else None,
+            "request_id": request_id,
+        }
+        if principal is not None:  # the key was right, its scope was not: its name
+            event["key"] = principal.name
+        if self._suppressed:
+            event["suppressed"], self._suppressed = self._suppressed, 0
+        _log.warning("auth_failed", **event)
 
     def _check_browser(self, headers: Iterable[tuple[bytes, bytes]], tcp: bool) -> None:
         """Forbidden for a trusted (loopback, key-less) call a web page may have made:
@@ -208,7 +260,8 @@ class Authenticator:
                     f"Host {host.decode('latin-1')!r} is not a name of this machine: without "
                     "API keys stella trusts calls to localhost or a loopback address only "
                     "(a web page can point its own name at 127.0.0.1); list the name in "
-                    "server.allowed_hosts, or set keys"
+                    "server.allowed_hosts, or set keys",
+                    reason="browser",
                 )
         # Every method, GET too: browsers send Origin only on a script's cross-origin
         # call (and on any non-GET), never on a link or the playground's own GETs. A GET
@@ -223,7 +276,8 @@ class Authenticator:
                 raise Forbidden(
                     f"a page on {origin.decode('latin-1')!r} may not call this server: "
                     "without API keys stella trusts its own pages and local clients, not "
-                    "other sites; list the origin in cors.allowed_origins, or set keys"
+                    "other sites; list the origin in cors.allowed_origins, or set keys",
+                    reason="browser",
                 )
 
 
@@ -265,17 +319,29 @@ def env_keys(raw: str, source: str = "STELLA_API_KEYS") -> list[tuple[str, str]]
 
 
 def _token(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """The key from `Authorization: Bearer` (preferred) or `X-API-Key`."""
-    api_key = b""
+    """The key from `Authorization: Bearer` (preferred) or `X-API-Key`; Unauthorized when
+    either header gives two different keys."""
+    # Every header is read: which of two keys counts must not depend on the header's
+    # order (a proxy that adds its own would decide it), so two are no key at all.
+    bearer = api_key = b""
     for name, value in headers:
         if name == b"authorization":
             scheme, _, rest = value.partition(b" ")
             token = rest.strip()
             if token and scheme.lower() == b"bearer":  # an empty one leaves X-API-Key its say
-                return token
+                if bearer and token != bearer:
+                    raise Unauthorized(TWO_KEYS, reason="duplicate")
+                bearer = token
         elif name == b"x-api-key":
-            api_key = value.strip()
-    return api_key
+            token = value.strip()
+            if token:
+                if api_key and token != api_key:
+                    raise Unauthorized(TWO_KEYS, reason="duplicate")
+                api_key = token
+    return bearer or api_key
+
+
+TWO_KEYS = "more than one API key given: send one 'Authorization: Bearer <key>' or one 'X-API-Key'"
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

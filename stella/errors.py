@@ -116,11 +116,22 @@ class Unauthorized(StellaError):
 
     status, code = 401, "unauthorized"
 
+    def __init__(self, message: str, *, reason: str = "invalid") -> None:
+        super().__init__(message)
+        # Why, for the `auth_failed` log event: missing, invalid or duplicate.
+        self.reason = reason
+
 
 class Forbidden(StellaError):
     """The key may not use this model or route."""
 
     status, code = 403, "forbidden"
+
+    def __init__(self, message: str, *, reason: str = "scope") -> None:
+        super().__init__(message)
+        # Why, for the `auth_failed` log event: scope (the key's models, or admin), or
+        # browser (a keyless server's guard against other sites' pages).
+        self.reason = reason
 
 
 class ModelNotFound(StellaError):

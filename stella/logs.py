@@ -728,7 +728,7 @@ class LogSink:
         path = Path(self.audit_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # os.write on its descriptor (no buffer); readable, for the last line's check.
-        audit = path.open("a+b", buffering=0)
+        audit = os.fdopen(open_audit(path, os.O_RDWR), "a+b", buffering=0)
         self._audit_fresh = True  # its last line is looked at under the first write's lock
         return audit
 
@@ -772,6 +772,17 @@ class LogSink:
         if isinstance(value, list | tuple):
             return [self._clean(key, v) for v in value]
         return value
+
+
+# A new audit file is its owner's alone: with log.content its lines hold every prompt and
+# answer (an existing file, made by the operator or a log rotator, keeps its mode).
+AUDIT_MODE = 0o600
+
+
+def open_audit(path: str | Path, access: int = os.O_WRONLY) -> int:
+    """A descriptor appending to the audit file, which is created with AUDIT_MODE when it
+    does not exist."""
+    return os.open(path, access | os.O_APPEND | os.O_CREAT, AUDIT_MODE)
 
 
 class _Cut(Exception):

@@ -24,11 +24,12 @@ nothing, or part of its headers, or headers and then stalls (a slowloris), which
 holds a connection, and for a body a task, for as long as it likes.
 
 A request the parser cannot read (smuggling shapes such as Content-Length with
-Transfer-Encoding, a broken chunk size, an unknown method), or without exactly one Host
-header (RFC 9112 3.2; an HTTP/1.0 one may have none), is answered 400 invalid_request
-in stella's JSON error shape, with an X-Request-ID (as a 431 for headers past the
-limits is), and the connection closes: uvicorn's 400 was plain text without one, and
-a request without a Host, or with two, was served. A chunked body's trailer fields are
+Transfer-Encoding, a broken chunk size, an unknown method), without exactly one Host
+header (RFC 9112 3.2; an HTTP/1.0 one may have none), or in HTTP/1.0 with a
+Transfer-Encoding (RFC 9112 6.1: faulty framing) is answered 400 invalid_request in
+stella's JSON error shape, with an X-Request-ID (as a 431 for headers past the limits
+is), and the connection closes: uvicorn's 400 was plain text without one, a request
+without a Host, or with two, was served, and an HTTP/1.0 body was read as chunked. A chunked body's trailer fields are
 header fields, held to the same size limit (431, or the connection closed when the answer
 went out first): httptools copies a field whole for each piece of it read, so a trailer
 field without end stalled the event loop (for ~25 s at 40 MiB).
@@ -378,6 +379,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _lingered = 0  # bytes dropped while lingering
     _dropped = 0  # bytes of a body read after its request was answered
     _hosts = 0  # Host headers of the request being read
+    _framed = False  # it has a Transfer-Encoding header
     _trailing = False  # its head is read: fields now are a chunked body's trailer
     _chunk_empty = False  # a chunk's size line was read, none of its data: maybe the last
     _trailer_bytes = 0  # read since then (the last chunk's trailer, counted to the limit)
@@ -432,6 +434,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self._last_word(
             b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nx-request-id: %s\r\n"
             b"x-should-retry: false\r\n"  # as every error says (the same bytes fail again)
+            b"x-content-type-options: nosniff\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
             % (status, rid.encode(), len(body), body)
         )
@@ -547,8 +550,9 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         super().on_message_begin()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """Keep a header as uvicorn does, counting Host headers (uvicorn's own method,
-        which this replaces, so that a header costs one comparison more, not a call)."""
+        """Keep a header as uvicorn does, counting Host headers and noting Transfer-Encoding
+        (uvicorn's own method, which this replaces, so that a header costs two comparisons
+        more, not a call)."""
         if self._trailing:
             # A chunked body's trailer fields come here too: uvicorn added them to the
             # request's headers (a `Host` trailer made the request look sent from
@@ -560,6 +564,8 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self._hosts += 1
         elif name == b"expect" and value.lower() == b"100-continue":
             self.expect_100_continue = True
+        elif name == b"transfer-encoding":
+            self._framed = True
         self.headers.append((name, value))
 
     def on_chunk_header(self) -> None:
@@ -617,7 +623,17 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
                 if self._hosts == 0
                 else "more than one Host header",
             )
+        elif self._framed and self.parser.get_http_version() != "1.1":
+            # RFC 9112 6.1: HTTP/1.0 has no Transfer-Encoding, so its framing is faulty (a
+            # proxy in front that speaks 1.0 reads the body by its end, or its length, and
+            # the chunks llhttp reads could hide a request of their own).
+            self._refuse(
+                b"400 Bad Request",
+                "invalid_request",
+                "Transfer-Encoding in an HTTP/1.0 request (send HTTP/1.1, or a Content-Length)",
+            )
         self._hosts = 0
+        self._framed = False
         self._trailing = True
         self._inexact = False
         if self._refused:

@@ -1011,6 +1011,20 @@ def test_token_counting_is_a_404_saying_it_is_not_supported(server: LiveServer) 
         client(server, "wrong").messages.count_tokens(
             model="echo", messages=[{"role": "user", "content": "hi"}]
         )
+    # /openapi.json lists the route as it answers: a refusal in the API's shape, no 200.
+    spec = httpx.get(server.url + "/openapi.json").json()
+    counting = spec["paths"]["/v1/messages/count_tokens"]["post"]
+    assert counting["tags"] == ["anthropic"] and "not supported" in counting["summary"]
+    answers = counting["responses"]
+    assert "200" not in answers and {"401", "404"} <= set(answers)
+    schema = answers["404"]["content"]["application/json"]["schema"]
+    assert (
+        schema
+        == spec["paths"]["/v1/messages"]["post"]["responses"]["404"]["content"]["application/json"][
+            "schema"
+        ]
+    )
+    assert "request-id" in answers["404"]["headers"]
 
 
 def test_a_user_id_within_the_api_s_bound_passes_whatever_its_characters(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -69,6 +70,37 @@ def test_malformed_json(server: LiveServer) -> None:
     r = post(server, content=b'{"messages": [{"role": "user", "content": "x"}]} x')
     message = error_of(r, 400, "invalid_request")
     assert message.startswith("JSON is malformed: trailing characters (byte ")
+
+
+def test_a_lone_surrogate_escape_is_named_as_such(server: LiveServer) -> None:
+    # msgspec calls a lone high surrogate near a string's end "truncated" (it reads the
+    # next 6 bytes as the low one it needs), a lone low one an invalid pair: both are one.
+    json_type = {"content-type": "application/json"}
+
+    def message(text: str) -> str:
+        body = '{"model":"echo","messages":[{"role":"user","content":"' + text + '"}]}'
+        return error_of(
+            post(server, content=body.encode(), headers=json_type), 400, "invalid_request"
+        )
+
+    at = len('{"model":"echo","messages":[{"role":"user","content":"a\\ud800')
+    for text in ("a\\ud800", "a\\ud800b"):  # fewer than 6 bytes follow the escape
+        assert message(text) == f"JSON is malformed: invalid utf-16 surrogate pair (byte {at})"
+    assert message("a\\udc00b").startswith("JSON is malformed: invalid utf-16 surrogate pair")
+    # Cut off inside (or right after) the escape, the body is what msgspec says it is.
+    for cut in ('{"messages":[{"content":"\\ud800', '{"messages":[{"content":"\\ud800\\ud'):
+        r = post(server, content=cut.encode(), headers=json_type)
+        assert error_of(r, 400, "invalid_request") == "JSON is malformed: input data was truncated"
+    # An escaped backslash before `ud800` is no escape; a whole pair is a character.
+    r = post(server, content=b'{"messages": [{"role":"x\\\\ud800', headers=json_type)
+    assert error_of(r, 400, "invalid_request") == "JSON is malformed: input data was truncated"
+    pair = {
+        "model": "echo",
+        "stream": False,
+        "messages": [{"role": "user", "content": "\U0001f600"}],
+    }
+    r = post(server, content=json.dumps(pair).encode(), headers=json_type)  # as \\ud83d\\ude00
+    assert r.status_code == 200 and r.json()["message"]["content"] == "\U0001f600", r.text
 
 
 # Each route's smallest valid body, and a field of it that takes any JSON.

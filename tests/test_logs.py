@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -495,6 +496,35 @@ def test_an_audit_file_rotated_by_rename_or_copytruncate_loses_no_line(tmp_path:
         assert not server.events("log_write_failed")
     assert ids_in(copied, 5) == [f"rot-{i}" for i in range(3, 8)]
     assert ids_in(audit, 2) == ["rot-8", "rot-9"]
+
+
+def test_the_audit_file_stella_creates_is_its_owners_alone(tmp_path: Path) -> None:
+    # With log.content the audit file holds every prompt and answer: it was created
+    # readable by every user (umask 022). A file that exists keeps the mode it was given.
+    audit = tmp_path / "logs" / "log.jsonl"
+    kept = tmp_path / "kept.jsonl"
+    kept.touch()
+    kept.chmod(0o640)
+    body = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a"}]}
+    old_umask = os.umask(0o022)  # the usual one, inherited by the server
+    try:
+        with run_stella({"log": {"audit_path": str(audit), "content": True}}) as server:
+            assert stat.S_IMODE(audit.stat().st_mode) == 0o600  # made at start-up
+            audit.rename(tmp_path / "logs" / "log.jsonl.1")  # rotated away: made anew
+            r = httpx.post(server.url + "/api/v1/chat", json=body)
+            assert r.status_code == 200
+            server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+            deadline = time.monotonic() + 10
+            while not audit.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert stat.S_IMODE(audit.stat().st_mode) == 0o600
+        with run_stella({"log": {"audit_path": str(kept)}}) as server:
+            r = httpx.post(server.url + "/api/v1/chat", json=body)
+            assert r.status_code == 200
+            server.stop()
+    finally:
+        os.umask(old_umask)
+    assert kept.read_text().count("\n") == 1 and stat.S_IMODE(kept.stat().st_mode) == 0o640
 
 
 def test_a_write_a_full_disk_cut_leaves_whole_lines_only(

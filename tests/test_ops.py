@@ -411,6 +411,9 @@ def _validate(spec: dict, method: str, template: str, r: httpx.Response) -> list
     if r.status_code >= 400:  # every error says whether to try again, as declared
         assert r.headers["x-should-retry"] in ("true", "false")
         assert "x-should-retry" in declared[str(r.status_code)]["headers"]
+        # An error's body may quote the request: a browser reads it as JSON, nothing else.
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert "X-Content-Type-Options" in declared[str(r.status_code)]["headers"]
     content = declared[str(r.status_code)]["content"]
     media = r.headers["content-type"].split(";")[0]
     assert media in content, (method, template, r.status_code, media, list(content))
@@ -681,6 +684,7 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
         ("post", "/v1/messages", "", {**msgs, "tools": a_tools}, 200, "json"),
         ("post", "/v1/messages", "", {**msgs, "stream": True}, 200, "event-stream"),
         ("post", "/v1/messages", "", {"model": "echo", "messages": chat}, 400, ""),
+        ("post", "/v1/messages/count_tokens", "", {"model": "echo", "messages": chat}, 404, ""),
         # aliases
         ("post", "/api/chat/invoke", "", {"input_data": {"input": "a b"}}, 200, "json"),
         ("post", "/api/chat/invoke", "", {"input_data": {}}, 400, ""),

@@ -210,6 +210,19 @@ def test_cors_allows_the_configured_origin_only() -> None:
         assert bad.status_code == 400
         assert "access-control-allow-origin" not in bad.headers
         assert bad.headers["x-request-id"].startswith("req_")
+        # In stella's error shape, as every other refusal (Starlette's was plain text).
+        assert bad.headers["content-type"] == "application/json"
+        assert bad.headers["x-content-type-options"] == "nosniff"
+        error = bad.json()["error"]
+        assert error["code"] == "invalid_request" and error["retryable"] is False, error
+        assert error["request_id"] == bad.headers["x-request-id"]
+        assert "'https://evil.example' is not one of cors.allowed_origins" in error["message"]
+        bad = httpx.options(
+            server.url + "/api/v1/chat",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "PUT"},
+        )
+        assert bad.status_code == 400 and "'PUT' is not one of" in bad.json()["error"]["message"]
+        assert bad.headers["access-control-allow-origin"] == "https://app.example"
 
 
 def test_oversized_body_is_413() -> None:
@@ -311,6 +324,10 @@ def test_without_keys_other_sites_pages_are_not_trusted_as_the_local_caller() ->
         assert r.status_code == 403, r.text
         err = r.json()["error"]
         assert err["code"] == "forbidden" and "server.allowed_hosts" in err["message"]
+        # Logged as a refused call, by what refused it (no key is involved).
+        rid = r.headers["x-request-id"]
+        event = server.wait_event(lambda e: e["request_id"] == rid, name="auth_failed")
+        assert event["reason"] == "browser" and "key" not in event, event
         r = httpx.post(url + "/v1/chat/completions", headers=rebound, json=chat)
         assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
         r = httpx.post(url + "/v1/messages", headers=rebound, json={**chat, "max_tokens": 5})
@@ -1049,3 +1066,104 @@ def test_upgrades_and_malformed_requests_are_answered_by_stella_in_json_only() -
             if not line.startswith("{") and not line.startswith("stella: serving on")
         ]
         assert other == []
+
+
+def test_two_different_keys_in_one_request_are_refused() -> None:
+    # The first `Authorization: Bearer` counted and the last `X-API-Key`: which of two keys
+    # a request carried depended on the header and on their order (a proxy that adds its
+    # own key decided it). Two different keys in one header are no key at all.
+    chat = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "x"}]}
+    with run_stella(CONFIG, {"STELLA_API_KEYS": f"admin={ADMIN}"}) as server:
+
+        def status(*headers: tuple[str, str]) -> tuple[int, str]:
+            sent = [(name, value.strip()) for name, value in headers]  # h11: no end space
+            r = httpx.post(server.url + "/api/v1/chat", json=chat, headers=sent)
+            return r.status_code, r.json().get("error", {}).get("message", "")
+
+        for name, value in (("authorization", "Bearer {}"), ("x-api-key", "{}")):
+            for pair in ((ADMIN, NARROW), (NARROW, ADMIN), (ADMIN, "sk-wrong-000000")):
+                code, message = status(*((name, value.format(k)) for k in pair))
+                assert code == 401 and "more than one API key given" in message, (name, pair)
+            # The same key twice is one key; an empty second value gives none.
+            assert status((name, value.format(ADMIN)), (name, value.format(ADMIN)))[0] == 200
+            assert status((name, value.format(ADMIN)), (name, value.format("")))[0] == 200
+        # One of each: the Bearer key counts, as before, whatever the other says.
+        assert status(("authorization", f"Bearer {ADMIN}"), ("x-api-key", "sk-wrong-0"))[0] == 200
+        assert status(("x-api-key", ADMIN), ("authorization", "Bearer sk-wrong-0"))[0] == 401
+        # A Bearer whose key is empty, or another scheme, leaves X-API-Key its say.
+        assert status(("authorization", "Bearer"), ("x-api-key", ADMIN))[0] == 200
+        assert status(("authorization", "Basic dTpw"), ("x-api-key", ADMIN))[0] == 200
+
+
+def test_refused_keys_are_logged_without_the_key() -> None:
+    # A key tried and refused left no trace but a counter: nothing told which client, on
+    # which route, nor whether the key was missing, unknown or out of its scope.
+    wrong = ADMIN[:-3] + "999"  # a near miss: none of it may show
+    chat = {"model": "paid-model", "messages": [{"role": "user", "content": "x"}]}
+    with run_stella(CONFIG, {"STELLA_API_KEYS": f"admin={ADMIN}"}) as server:
+        url = server.url
+        calls = [
+            ("missing", None, httpx.post(url + "/api/v1/chat", json=chat)),
+            ("invalid", None, httpx.get(url + "/config", headers={"x-api-key": wrong})),
+            (
+                "duplicate",
+                None,
+                httpx.get(url + "/metrics", headers=[("x-api-key", ADMIN), ("x-api-key", wrong)]),
+            ),
+            (
+                "scope",
+                "narrow",
+                httpx.post(url + "/api/v1/chat", json=chat, headers=bearer(NARROW)),
+            ),
+            ("scope", "narrow", httpx.get(url + "/metrics", headers=bearer(NARROW))),
+            (
+                "scope",
+                "narrow",
+                httpx.post(url + "/api/v1/models/switch/echo", headers=bearer(NARROW)),
+            ),
+        ]
+        for reason, key, r in calls:
+            assert r.status_code == (403 if reason == "scope" else 401), r.text
+            rid = r.headers["x-request-id"]
+            event = server.wait_event(lambda e, rid=rid: e["request_id"] == rid, name="auth_failed")
+            assert event["level"] == "warning" and event["reason"] == reason, event
+            assert event["method"] == r.request.method and event["path"] == r.request.url.path
+            assert event["client"] == "127.0.0.1" and event.get("key") == key, event
+            assert "suppressed" not in event
+        # A call that passes is no failure.
+        r = httpx.get(url + "/config", headers=bearer(ADMIN))
+        assert r.status_code == 200
+        server.stop()
+        lines = [line for line in server.lines() if '"auth_failed"' in line]
+    assert len(lines) == len(calls)
+    for line in lines:
+        for secret in (ADMIN, NARROW, wrong):
+            # No part of a key: not even its first characters after the common "sk-".
+            assert secret[3:9] not in line, (secret, line)
+        assert "sk-" not in line
+
+
+def test_a_flood_of_bad_keys_is_logged_at_most_ten_times_a_second() -> None:
+    sent = 60
+    with run_stella(CONFIG, {"STELLA_API_KEYS": f"admin={ADMIN}"}) as server:
+        started = time.monotonic()
+        with httpx.Client(base_url=server.url) as client:
+            for i in range(sent):
+                r = client.get("/config", headers={"x-api-key": f"sk-guess-{i:06d}"})
+                assert r.status_code == 401
+        elapsed = time.monotonic() - started
+        time.sleep(1.1)  # a second later: the next failure is written, and tells the rest
+        last = httpx.get(server.url + "/config").headers["x-request-id"]
+        event = server.wait_event(lambda e: e["request_id"] == last, name="auth_failed")
+        events = server.events("auth_failed")
+    written = len(events) - 1
+    left_out = sum(e.get("suppressed", 0) for e in events)
+    # Every failure is either written or counted in the `suppressed` of a later one (the
+    # last, written a second after the flood, tells those of its last second).
+    assert event["reason"] == "missing" and left_out > 0, events
+    assert written + left_out == sent, (written, left_out)
+    assert 10 <= written <= 10 * (int(elapsed) + 1), (written, elapsed)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

@@ -624,6 +624,7 @@ async def test_headers_past_the_limits_get_431_and_the_connection_closes() -> No
     assert error["code"] == "headers_too_large" and error["request_id"].startswith("req_")
     assert error["retryable"] is False  # the same headers are refused again
     assert b"\r\nx-should-retry: false\r\n" in head  # as every error answer says it
+    assert b"\r\nx-content-type-options: nosniff\r\n" in head  # JSON only, for a browser
     proto.connection_lost(None)
 
     # Many tiny headers: the count is limited too.
@@ -1361,6 +1362,8 @@ MALFORMED = {
     "no host": b"GET / HTTP/1.1\r\nx-a: b\r\n\r\n",
     "two hosts": b"GET / HTTP/1.1\r\nhost: t\r\nhost: evil.example\r\n\r\n",
     "two hosts, HTTP/1.0": b"GET / HTTP/1.0\r\nhost: t\r\nhost: evil.example\r\n\r\n",
+    # RFC 9112 6.1: HTTP/1.0 has no Transfer-Encoding; a message with one is faulty framing.
+    "chunked, HTTP/1.0": b"POST / HTTP/1.0\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
 }
 
 
@@ -1383,6 +1386,7 @@ async def test_a_malformed_request_gets_a_json_400_and_the_connection_closes(sha
     lines = head.lower().split(b"\r\n")
     assert lines[0] == b"http/1.1 400 bad request", out
     assert b"content-type: application/json" in lines and b"connection: close" in lines
+    assert b"x-content-type-options: nosniff" in lines
     rid = next(line for line in lines if line.startswith(b"x-request-id: req_"))[14:]
     error = msgspec.json.decode(body)["error"]
     assert error["code"] == "invalid_request" and error["retryable"] is False
@@ -1430,6 +1434,50 @@ def test_a_host_trailer_does_not_refuse_the_next_request() -> None:
             got += chunk
         sock.close()
         assert re.findall(rb"HTTP/1\.1 (\d{3}) ", got) == [b"200", b"200"], got
+
+
+def test_an_http_1_0_request_with_transfer_encoding_is_refused() -> None:
+    """RFC 9112 6.1: a server that receives HTTP/1.0 with Transfer-Encoding must treat its
+    framing as faulty. Read as chunked, its body's end was where a proxy reading it as
+    HTTP/1.0 saw none, and the request after it was served on the same connection."""
+    from tests.live import run_stella
+
+    body = b'{"model":"echo","stream":false,"messages":[{"role":"user","content":"hi"}]}'
+    with run_stella({}) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(
+            b"POST /api/v1/chat HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n"
+            b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n"
+            + b"%x\r\n" % len(body)
+            + body
+            + b"\r\n0\r\n\r\n"
+            + b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        got = b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break  # the server closed it: nothing after the 400 was read
+            got += chunk
+        else:
+            raise AssertionError(f"the connection stayed open: {got!r}")
+        sock.close()
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", got) == [b"400"], got
+        head, _, answer = got.partition(b"\r\n\r\n")
+        assert b"connection: close" in head.lower()
+        error = msgspec.json.decode(answer)["error"]
+        assert error["code"] == "invalid_request" and "HTTP/1.0" in error["message"], error
+        # HTTP/1.0 with a Content-Length is served as ever.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(
+                b"POST /api/v1/chat HTTP/1.0\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+        assert got.startswith(b"HTTP/1.1 200 ") and b'"hi"' in got, got
 
 
 async def test_a_trailer_past_the_limit_ends_the_request() -> None:

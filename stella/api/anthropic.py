@@ -670,13 +670,28 @@ document(
 )
 
 
+document(
+    Operation(
+        "post",
+        "/v1/messages/count_tokens",
+        "Anthropic token counting: not supported, always a 404 not_found_error saying so "
+        "(a message's usage.input_tokens gives the prompt's size); the body is not read",
+        tag="anthropic",
+        error=shapes.ANTHROPIC_ERROR,
+        errors=(401, 404),
+        headers=("request-id",),
+        succeeds=False,
+    )
+)
+
+
 @endpoint(ANTHROPIC)
 async def count_tokens(request: Request, call: Call) -> Response:
     """POST /v1/messages/count_tokens: a 404 saying stella does not count tokens."""
     # Not every backend can count a prompt exactly (an upstream may have no such call),
     # and an estimate passed off as a count would mislead a client's budget. A route of
-    # its own (not in /openapi.json: it answers nothing else) to say so, where the
-    # router's 404 would only say "no route".
+    # its own to say so, where the router's 404 would only say "no route" (/openapi.json
+    # lists it as what it is: a refusal).
     raise NotFound(
         "token counting (POST /v1/messages/count_tokens) is not supported by stella; "
         "a message's usage.input_tokens gives the prompt's size"

@@ -8,6 +8,7 @@ response, never a 500.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -25,6 +26,7 @@ from stella.errors import (
     PayloadTooLarge,
     ShuttingDown,
     StellaError,
+    Unauthorized,
     UnsupportedMediaType,
 )
 from stella.protocol import ChatResponse, ErrorDetail, ErrorResponse
@@ -103,16 +105,22 @@ class Dialect:
         response = JSONResponse(
             self.error_body(exc, request_id), self.status(exc), headers=exc.headers
         )
-        # The official OpenAI and Anthropic SDKs obey this over their own rule (retry every
-        # 5xx): a failure stella knows is final (an upstream's refusal of the request) is
-        # not sent again, and one that may pass on another try is.
-        response.raw_headers.append((b"x-should-retry", _SHOULD_RETRY[exc.retryable]))
+        # x-should-retry: the official OpenAI and Anthropic SDKs obey it over their own
+        # rule (retry every 5xx): a failure stella knows is final (an upstream's refusal of
+        # the request) is not sent again, and one that may pass on another try is. And
+        # nosniff: an error's body may quote the request (a path, a model's name), and no
+        # browser may read it as anything but JSON (a successful answer, on the hot path,
+        # goes without).
+        response.raw_headers += _ERROR_HEADERS[exc.retryable]
         if self.id_header:
             response.raw_headers.append((self.id_header, request_id.encode()))
         return response
 
 
-_SHOULD_RETRY = {True: b"true", False: b"false"}
+NOSNIFF = (b"x-content-type-options", b"nosniff")
+_ERROR_HEADERS = {
+    retry: [(b"x-should-retry", b"true" if retry else b"false"), NOSNIFF] for retry in (True, False)
+}
 
 
 NATIVE = Dialect()
@@ -185,6 +193,9 @@ class Endpoint:
             if dialect.id_header:  # an error response has it from error_response
                 response.raw_headers.append((dialect.id_header, rid.encode()))
         except StellaError as exc:
+            if isinstance(exc, Unauthorized | Forbidden):
+                # A key refused by its scope is known: its name goes with the event.
+                svc.auth.failed(exc, scope, rid, call.principal if exc.reason == "scope" else None)
             if self.inference and not exc.admitted:
                 # call.api, not the dialect's name: a route may answer in another
                 # shape once it has read the body (/api/v1/generate's SSE form).
@@ -383,7 +394,13 @@ def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None 
     except msgspec.DecodeError as exc:
         text = str(exc)  # "JSON is malformed: ... (byte N)" or "Input data was truncated"
         if not text.startswith("JSON is malformed"):
-            text = f"JSON is malformed: {text[:1].lower()}{text[1:]}"
+            # msgspec reads the 6 bytes after an escaped high surrogate as the low one it
+            # needs, and calls fewer left "truncated", though the string ends right there.
+            lone = _LONE_HIGH_SURROGATE.search(body)
+            if lone is not None:
+                text = f"JSON is malformed: invalid utf-16 surrogate pair (byte {lone.end()})"
+            else:
+                text = f"JSON is malformed: {text[:1].lower()}{text[1:]}"
         raise InvalidRequest(text) from None
     # Neither is a msgspec error: bad bytes inside a string, and a body nested deeper
     # than Python's recursion limit (a few KB of brackets in any free-form field).
@@ -391,6 +408,15 @@ def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None 
         raise InvalidRequest("request body is not valid UTF-8") from None
     except RecursionError:
         raise InvalidRequest("request body is nested too deeply") from None
+
+
+# An escaped high surrogate (an unescaped backslash before its `\u`) followed neither by
+# an escaped low one nor by the start of one cut off by the body's end (a real truncation).
+_LONE_HIGH_SURROGATE = re.compile(
+    rb"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}"
+    rb"(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"(?!(?:\\(?:u(?:[dD](?:[c-fC-F][0-9a-fA-F]{0,2})?)?)?)?\Z)"
+)
 
 
 async def read_json(request: Request, decoder: msgspec.json.Decoder[T]) -> T:

@@ -61,6 +61,8 @@ class Operation:
     bare: tuple[tuple[int, str], ...] = ()
     # Names from HEADERS that answers may carry besides X-Request-ID (a dialect's own).
     headers: tuple[str, ...] = ()
+    # False for a route that only refuses (Anthropic's count_tokens): no 200 is declared.
+    succeeds: bool = True
 
 
 OPERATIONS: list[Operation] = []
@@ -119,9 +121,9 @@ def build_schema(without: frozenset[str] = frozenset()) -> dict[str, Any]:
         if op.stream:
             content[op.stream] = {"schema": by_type[op.stream_item or StreamEvent]}
         ok = "201" if op.method == "post" and op.admin and op.request else "200"
-        responses: dict[str, Any] = {
-            ok: {"description": "OK", "headers": _headers(200, op), "content": content}
-        }
+        responses: dict[str, Any] = {}
+        if op.succeeds:
+            responses[ok] = {"description": "OK", "headers": _headers(200, op), "content": content}
         errors = op.errors
         if 503 not in errors and op.path not in UNDRAINED:
             errors = (*errors, 503)  # every other route refuses new work while draining
@@ -186,6 +188,7 @@ HEADERS = {
         "On an error: whether the same request may succeed if sent again (true or false),"
         " as the body's retryable; the OpenAI and Anthropic SDKs obey it"
     ),
+    "X-Content-Type-Options": _header("On an error: nosniff (its body is JSON, nothing else)"),
     "X-RateLimit-Limit": _header("The limit of the key's first bucket (requests, or tokens)"),
     "X-RateLimit-Remaining": _header("What is left in that bucket", "integer"),
     "X-RateLimit-Reset": _header("Seconds until that bucket is full again", "integer"),
@@ -196,7 +199,7 @@ def _headers(status: int, op: Operation, error: bool = False) -> dict[str, Any]:
     """The headers a response with this status may carry, as references."""
     names = ["X-Request-ID", *op.headers]
     if error:
-        names.append("x-should-retry")
+        names += ["x-should-retry", "X-Content-Type-Options"]
         # 502: an upstream's own 429 (upstream_rate_limited) passes its wait on.
         if status in (429, 502, 503, 529):
             names.append("Retry-After")
