@@ -800,8 +800,9 @@ class Inference:
                     f"no {awaited} from {route.backend_name!r} within {limit:.3g}s"
                 )
                 # A long answer would only run as long again: fall back instead. So would
-                # an in-process engine's long queue or prompt: its own load, not a fault,
-                # unless it showed no sign of work all that time (wedged: a verdict).
+                # an in-process engine's long queue (its steps through this call's prompt
+                # restart the limit): its own load, not a fault, unless it showed no sign
+                # of work all that time (wedged: a verdict).
                 local = route.backend.local_queue
                 err.same_again = awaited != "answer" and not local
                 if local and route.backend.working(limit):

@@ -32,13 +32,19 @@ pytestmark = pytest.mark.mlx
 CONFIG = {
     "models": {
         "default": "smollm2-135m",
-        # The same model with a short time to first token, retries and a fallback.
+        # The same model with a short time to first token and retries.
         "routes": {
             "smollm2-hasty": {
                 "backend": "local",
                 "upstream_model": "SmolLM2-135M-Instruct",
-                "ttft_timeout_s": 1.5,
+                "ttft_timeout_s": 2.5,
                 "retries": 2,
+            },
+            # The same model with a short total limit.
+            "smollm2-brief": {
+                "backend": "local",
+                "upstream_model": "SmolLM2-135M-Instruct",
+                "total_timeout_s": 2,
             },
             # The same model with a fallback to the echo backend.
             "smollm2-or-echo": {
@@ -48,7 +54,10 @@ CONFIG = {
             },
         },
     },
-    "backends": {"local": {"enabled": True, "max_queue": 1}},
+    # 16-token prompt steps (a fraction of a second here, about 1 s at most on a machine
+    # busy with other work): each a sign of life, well within smollm2-hasty's time to
+    # first token.
+    "backends": {"local": {"enabled": True, "max_queue": 1, "prefill_step": 16}},
     "breaker": {"failure_threshold": 1},
     "log": {"content": True},
 }
@@ -887,7 +896,7 @@ async def test_a_request_given_up_in_the_queue_frees_its_place(mlx_server: LiveS
 
 
 async def test_a_cancelled_prompt_pass_stops_within_a_step(mlx_server: LiveServer) -> None:
-    # A ~2,600-token prompt takes ~10 s to read on this CPU (a 64-token step ~0.2 s);
+    # A ~2,600-token prompt takes ~10 s to read on this CPU (a 16-token step ~0.1 s);
     # a client that leaves during it frees the worker after the step in progress, not
     # at the prompt's end.
     prompt = " ".join(f"Rule {i}: answer briefly and politely." for i in range(250))
@@ -904,7 +913,7 @@ async def test_a_cancelled_prompt_pass_stops_within_a_step(mlx_server: LiveServe
     assert ev["in_prompt"] is True and ev["tokens"] == 0
     inf = mlx_server.wait_event(lambda e: e["request_id"] == rid)
     assert inf["finish_reason"] == "client_closed" and inf["prompt_tokens"] > 400
-    assert stopped_after < 4, stopped_after  # a 64-token step, not the ~10 s prompt
+    assert stopped_after < 4, stopped_after  # a step, not the ~10 s prompt
     short = chat(mlx_server, FRANCE, options={"temperature": 0, "max_tokens": 2})
     assert short["finish_reason"] == "length"
 
@@ -1161,32 +1170,66 @@ def test_ollama_empty_requests_load_and_unload_the_model(mlx_server: LiveServer)
     assert "Paris" in answer["response"]
 
 
-def test_a_prompt_too_long_for_the_time_limit_is_not_read_again(mlx_server: LiveServer) -> None:
-    # Its time to first token ran out in the engine's own queue or prompt pass: trying
-    # again would read it again from the start (and keep everyone queued behind it
-    # waiting), and the engine is not broken, so its circuit stays closed.
+async def test_prompt_steps_keep_a_call_alive_and_a_queued_one_is_still_cut(
+    mlx_server: LiveServer,
+) -> None:
+    # Each step of the prompt pass is a sign of life, as an upstream's keep-alive while it
+    # reads: a prompt that takes seconds to read (~1,200 tokens, 5 s or more here, far
+    # longer on a busy machine) is answered on a route whose time to first token is 2.5 s.
+    # A call waiting in the queue behind it reads nothing yet, so it is cut at that limit;
+    # trying it again would only queue it again (and the engine is not broken, so its
+    # circuit stays closed).
+    long = " ".join(f"The owl counts star {i} twice." for i in range(120))
+    hasty = {"model": "smollm2-hasty", "stream": False, "options": {"max_tokens": 2}}
+    url = mlx_server.url + "/api/v1/chat"
+    async with httpx.AsyncClient(timeout=180) as client:
+        reading = asyncio.create_task(
+            client.post(url, json={**hasty, "messages": [{"role": "user", "content": long}]})
+        )
+        await asyncio.sleep(0.5)  # the long prompt is being read
+        t = time.monotonic()
+        queued = await client.post(url, json={**hasty, "messages": FRANCE})
+        assert queued.status_code == 504 and time.monotonic() - t < 5, queued.text
+        assert not reading.done()  # it is still reading its prompt, past the limit
+        answered = await reading
+    assert answered.status_code == 200, answered.text
+    # Its first token came after the prompt, past the limit; the steps were neither a
+    # first token nor tokens.
+    assert answered.json()["timings"]["ttft_ms"] > 2500, answered.json()["timings"]
+    assert answered.json()["usage"]["completion_tokens"] <= 2, answered.json()["usage"]
+    rid = queued.json()["error"]["request_id"]
+    ev = mlx_server.wait_event(lambda e: e.get("request_id") == rid)
+    assert [a["error"] for a in ev["attempts"]] == ["upstream_timeout"]
+    # The backend's next call is answered (breaker.failure_threshold is 1: one verdict
+    # would have opened its circuit for every route on it).
+    answer = chat(mlx_server, FRANCE, model="smollm2-hasty", options={"max_tokens": 3})
+    assert answer["usage"]["completion_tokens"] >= 1
+
+
+def test_a_prompt_cut_by_the_total_limit_stops_within_a_step(mlx_server: LiveServer) -> None:
+    # Steps keep a prompt pass alive, never past total_timeout_s (2 s on this route): the
+    # pass stops where the limit found it, not read to its end (~7 s), and the engine,
+    # busy, not broken, keeps its circuit closed.
     long = " ".join(f"The cat sleeps on mat {i}." for i in range(200))
     t = time.monotonic()
     r = httpx.post(
         mlx_server.url + "/api/v1/chat",
         json={
-            "model": "smollm2-hasty",
+            "model": "smollm2-brief",
             "stream": False,
             "messages": [{"role": "user", "content": long}],
         },
         timeout=60,
     )
-    assert r.status_code == 504 and time.monotonic() - t < 6, r.text
+    assert r.status_code == 504 and time.monotonic() - t < 5, r.text
     rid = r.json()["error"]["request_id"]
     ev = mlx_server.wait_event(lambda e: e.get("request_id") == rid)
     assert [a["error"] for a in ev["attempts"]] == ["upstream_timeout"]
-    # The prompt pass stopped where the limit found it (not read to its end, ~7 s).
     stopped = mlx_server.wait_event(
         lambda e: e.get("request_id") == rid, 30, "mlx_generation_stopped"
     )
     assert stopped["in_prompt"] is True, stopped
-    # The backend's next call is answered (breaker.failure_threshold is 1: one verdict
-    # would have opened its circuit for every route on it), and soon.
+    # The backend's next call is answered, and soon (the prompt pass did not go on).
     answer = chat(mlx_server, FRANCE, options={"max_tokens": 3})
     assert answer["usage"]["completion_tokens"] >= 1
     assert answer["timings"]["queue_ms"] < 3000, answer["timings"]

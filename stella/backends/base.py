@@ -63,8 +63,9 @@ class CallContext:
     # arguments in fragments, reasoning): the time limits take it as progress.
     beats: int = 0
     # Counted by a backend for an upstream's signs of life that carry no output (an SSE
-    # comment such as mlx_lm.server's ": keepalive" while it reads a long prompt): the
-    # silence limits take them as progress; the usage (unlike `beats`) does not.
+    # comment such as mlx_lm.server's ": keepalive" while it reads a long prompt, a step
+    # of the embedded engine's prompt pass): the silence limits take them as progress;
+    # the usage (unlike `beats`) does not.
     alive: int = 0
     # Counted by a backend that joins several upstream pieces into one Delta, or reads
     # output that yields no Delta yet (tool-call arguments): the pieces (about a token

@@ -62,10 +62,11 @@ class MlxConfig(BackendConfig, kw_only=True):
     # Bytes those caches may hold together (a float32 SmolLM2-135M's take ~46 KB a token);
     # the least recently used go first. 0: no cache.
     prompt_cache_bytes: Annotated[int, Meta(ge=0)] = 512 * 1024 * 1024
-    # Prompt tokens per step of the prompt pass: a cancelled request (client gone, a time
-    # limit) stops after the step it is in. 0: 64 on Linux, where MLX runs on the CPU
-    # unless built for CUDA (a step takes ~0.2 s there on OpenBLAS, seconds on the bundled
-    # BLAS), 512 elsewhere (larger steps are faster on a GPU).
+    # Prompt tokens per step of the prompt pass: each step restarts the call's time to
+    # first token, and a cancelled request (client gone, a time limit) stops after the
+    # step it is in. 0: 64 on Linux, where MLX runs on the CPU unless built for CUDA (a
+    # step takes ~0.2 s there on OpenBLAS, seconds on the bundled BLAS), 512 elsewhere
+    # (larger steps are faster on a GPU).
     prefill_step: Annotated[int, Meta(ge=0)] = 0
     max_tokens: Annotated[int, Meta(ge=1)] = 512  # when a request gives none
     # The CBLAS for MLX's float32 CPU products on Linux (its wheels bundle the slow
@@ -442,6 +443,12 @@ class MlxBackend(Backend):
                     continue
                 if kind == "cached":
                     ctx.cached_tokens = item[1]
+                    continue
+                if kind == "step":
+                    # A step of this call's prompt pass: a sign of life that restarts the
+                    # silence limit (time to first token), as an upstream's keep-alive
+                    # does; no token, no output. A call still queued gets none.
+                    ctx.alive += 1
                     continue
                 _, text, finish, prompt_tokens, completion_tokens = item
                 if ctx.engine_ttft_ms is None and job.first_token:

@@ -249,7 +249,9 @@ def seeing(processors: list[Any] | None, before: list[int]) -> list[Any] | None:
 
 
 def generate_into(job: GenerationJob) -> None:
-    """Run one chat generation, emitting ("token", text, finish, prompt_n, completion_n)."""
+    """Run one chat generation, emitting ("token", text, finish, prompt_n, completion_n);
+    before them ("started",), ("prompt", n), ("cached", n), and ("step", done) for each
+    step of the prompt pass."""
     import mlx.core as mx
     from jinja2 import TemplateError
     from mlx_lm import stream_generate
@@ -311,8 +313,12 @@ def generate_into(job: GenerationJob) -> None:
 
     def progress(done: int, total: int) -> None:
         stats.beat = time.monotonic()
-        if job.cancelled and done < total:
-            raise _Cancelled
+        if done < total:  # (total, total) comes with the first token: no step of its own
+            if job.cancelled:
+                raise _Cancelled
+            # A sign of life for the call's time limits, as an upstream's keep-alive while
+            # it reads a long prompt: one item per step of the prompt pass, none per token.
+            job.emit(("step", done))
 
     key = list(prompt)
     # mlx-lm's streaming detokenizer drops the answer's leading space; a continuation's
