@@ -37,7 +37,7 @@ from stella.protocol import (
 )
 from tests.fakes.openai import CACHED, FILTERED, REFUSAL, FakeOpenAI
 from tests.fakes.server import full_backlog, serve
-from tests.live import free_port
+from tests.live import free_port, ndjson
 
 
 @pytest.fixture(scope="module")
@@ -781,4 +781,251 @@ def test_a_key_given_where_its_variable_name_goes_is_refused_unshown() -> None:
     OpenAIBackend(
         "up",
         OpenAIConfig(kind="openai", base_url="http://127.0.0.1:9", api_key_env="OPENAI_API_KEY"),
+    )
+
+
+# --- real servers' wire quirks, through stella ---------------------------------------------
+
+# The fake's models stella is put in front of (see `quirks`), each with what its route sets
+# besides the defaults.
+QUIRKS: dict[str, dict[str, Any]] = {
+    "ctx-openai": {"backend": "b-ctx"},
+    "ctx-llamacpp": {},
+    "ctx-vllm": {},
+    "ctx-vllm-old": {},
+    "error-field-context": {"backend": "b-ctx"},
+    "error-field-400": {},
+    "error-field-500": {},
+}
+
+
+@pytest.fixture(scope="module")
+def quirks(fake: tuple[FakeOpenAI, str]) -> Iterator[Any]:
+    """stella with a route per quirk (retried twice, quickly), each on a backend of its own
+    whose circuit opens at its second failure; `ctx-ok` shares two context routes' backend."""
+    from tests.live import run_stella
+
+    url = fake[1] + "/v1"
+    routes: dict[str, Any] = {
+        model: {
+            "backend": backend_of(model),
+            "upstream_model": model,
+            "retries": 2,
+            "retry_backoff_s": 0.01,
+            "retry_max_backoff_s": 2,
+            "ttft_timeout_s": 0.3,
+            **extra,
+        }
+        for model, extra in QUIRKS.items()
+    }
+    routes["ctx-ok"] = {"backend": "b-ctx", "upstream_model": "ok"}
+    backends = {route["backend"]: {"kind": "openai", "base_url": url} for route in routes.values()}
+    config = {
+        "backends": backends,
+        "models": {"routes": routes},
+        "breaker": {"failure_threshold": 2, "cooldown_s": 60},
+    }
+    with run_stella(config) as server:
+        yield server
+
+
+def backend_of(model: str) -> str:
+    """The backend of a quirk's route."""
+    return QUIRKS[model].get("backend", f"b-{model}")
+
+
+def ask(server: Any, route: str, api: str, stream: bool, **extra: Any) -> httpx.Response:
+    """One chat to `route` on the native API (`native`) or OpenAI's (`openai`)."""
+    path = "/api/v1/chat" if api == "native" else "/v1/chat/completions"
+    body: dict[str, Any] = {"model": route, "stream": stream}
+    body["messages"] = [{"role": "user", "content": "hi"}]
+    if api == "openai" and stream:
+        body["stream_options"] = {"include_usage": True}
+    return httpx.post(server.url + path, json={**body, **extra}, timeout=20)
+
+
+def outcome(r: httpx.Response, api: str, stream: bool) -> dict[str, Any]:
+    """What a call came to, the same for each API and mode: the HTTP status, the text, the
+    tool calls, finish_reason and usage, or the error's code, message and retryability."""
+    if r.status_code != 200:
+        error = r.json()["error"]
+        return {
+            "status": r.status_code,
+            "code": error["code"],
+            "message": error["message"],
+        }
+    if not stream:
+        answer = r.json()
+        if api == "native":
+            calls = [(c["name"], c["arguments"]) for c in answer.get("tool_calls") or []]
+            text, finish, usage = (
+                answer["response"],
+                answer["finish_reason"],
+                answer["usage"],
+            )
+        else:
+            message, finish = (
+                answer["choices"][0]["message"],
+                answer["choices"][0]["finish_reason"],
+            )
+            calls = [
+                (c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in message.get("tool_calls") or []
+            ]
+            text, usage = message["content"] or "", answer["usage"]
+        return {
+            "status": 200,
+            "text": text,
+            "calls": calls,
+            "finish": finish,
+            "usage": usage,
+        }
+    if api == "native":
+        lines = [e for e in ndjson(r.text) if e["type"] != "ping"]
+        if lines[-1]["type"] == "error":
+            last = lines[-1]
+            return {"status": 200, "code": last["code"], "message": last["message"]}
+        text = "".join(e["text"] for e in lines if e["type"] == "delta")
+        calls = [(e["name"], e["arguments"]) for e in lines if e["type"] == "tool_call"]
+        done = lines[-1]
+        return {
+            "status": 200,
+            "text": text,
+            "calls": calls,
+            "finish": done["finish_reason"],
+            "usage": done["usage"],
+        }
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    if "error" in chunks[-1]:
+        error = chunks[-1]["error"]
+        return {"status": 200, "code": error["code"], "message": error["message"]}
+    text, finish, usage, calls = "", None, None, {}
+    for c in chunks:
+        usage = c.get("usage") or usage
+        for choice in c.get("choices") or ():
+            text += choice["delta"].get("content") or ""
+            finish = choice["finish_reason"] or finish
+            for call in choice["delta"].get("tool_calls") or ():
+                name, args = calls.get(call["index"], ("", ""))
+                fn = call.get("function") or {}
+                calls[call["index"]] = (
+                    name + (fn.get("name") or ""),
+                    args + (fn.get("arguments") or ""),
+                )
+    return {
+        "status": 200,
+        "text": text,
+        "calls": [(n, json.loads(a)) for n, a in calls.values()],
+        "finish": finish,
+        "usage": usage,
+    }
+
+
+MODES = [(api, stream) for api in ("native", "openai") for stream in (True, False)]
+
+
+def event(server: Any, r: httpx.Response) -> dict[str, Any]:
+    """The call's inference log event."""
+    rid = r.headers["x-request-id"]
+    return server.wait_event(lambda e: e["request_id"] == rid)
+
+
+def attempts(server: Any, r: httpx.Response) -> list[dict[str, Any]]:
+    """The attempts the call's inference log event records."""
+    return event(server, r)["attempts"]
+
+
+@pytest.mark.parametrize("model", ["ctx-openai", "ctx-llamacpp", "ctx-vllm", "ctx-vllm-old"])
+def test_an_upstreams_context_overflow_is_context_length_exceeded(quirks: Any, model: str) -> None:
+    # OpenAI's code, llama.cpp's type, vLLM's words (under `error`, or at the top in older
+    # builds): the embedded engine's 400 `context_length_exceeded`, in the upstream's
+    # words, not a 502 `upstream_rejected`; never retried, and no failure of the backend
+    # (its circuit opens at the second: every ask gets the same answer, and the backend's
+    # other route answers).
+    from tests.fakes.openai import CONTEXT_ERRORS
+
+    error = CONTEXT_ERRORS[model]
+    words = (error.get("error") or error)["message"]
+    for api, stream in MODES:
+        r = ask(quirks, model, api, stream)
+        got = outcome(r, api, stream)
+        # A native stream has started (200) when the error comes: it is in-band.
+        assert got["status"] == (200 if (api, stream) == ("native", True) else 400), got
+        assert got["code"] == "context_length_exceeded", (api, stream, got)
+        assert got["message"].startswith(f"{backend_of(model)}: upstream answered 400: ")
+        assert words[:60] in got["message"]
+        tried = attempts(quirks, r)
+        assert [(a["error"], a.get("upstream_status")) for a in tried] == [
+            ("context_length_exceeded", 400)
+        ], (api, stream)
+        if api == "openai" and not stream:
+            assert r.json()["error"]["param"] == "messages"
+            assert r.headers["x-should-retry"] == "false"
+    assert outcome(ask(quirks, "ctx-ok", "native", False), "native", False)["status"] == 200
+
+
+def test_only_a_refusal_of_the_request_is_read_as_a_context_overflow() -> None:
+    # The words in a 5xx or a 429 (a server's trace, a limit's explanation) are no refusal
+    # of the prompt: retried as before. A 413 or 422 with the code is one.
+    from stella.errors import ContextTooLong
+
+    body = json.dumps({"error": {"message": "maximum context length is 8192 tokens"}}).encode()
+    for status in (429, 500, 503):
+        err = error_from_response("up", status, {}, body)
+        assert err.code != "context_length_exceeded" and err.retryable, status
+    coded = {"error": {"message": "too long", "code": "context_length_exceeded"}}
+    for status in (413, 422):
+        err = error_from_response("up", status, {}, json.dumps(coded).encode())
+        assert isinstance(err, ContextTooLong) and err.status == 400, status
+        assert (err.code, err.retryable, err.falls_back) == (
+            "context_length_exceeded",
+            False,
+            False,
+        )
+        assert err.message == f"up: upstream answered {status}: too long"
+
+
+def test_llama_cpps_error_field_is_the_streams_failure(quirks: Any) -> None:
+    # llama.cpp before #16109 streams a failure as `error: {...}` then `data: [DONE]`: it
+    # was no line stella read, and the stream "ended without a finish reason" (retried).
+    # Its message is the error; a 4xx is not retried; a prompt over the context is the
+    # 400 `context_length_exceeded` an error status would be, and no failure of the
+    # backend (whose circuit opens at the second; the backend's other route answers).
+    from tests.fakes.openai import LLAMA_CONTEXT
+
+    for model, code, retryable in (
+        ("error-field-context", "context_length_exceeded", False),
+        ("error-field-400", "upstream_rejected", False),
+        ("error-field-500", "upstream_error", True),
+    ):
+        for api in ("native", "openai"):
+            r = ask(quirks, model, api, True)
+            got = outcome(r, api, True)
+            assert got["code"] == code, (model, api, got)
+            words = {
+                "error-field-context": LLAMA_CONTEXT,
+                "error-field-400": "'messages' must",
+            }
+            said = words.get(model, "boom")
+            assert got["message"].startswith(
+                f"{backend_of(model)}: upstream error in stream: {said}"
+            ), got
+            tried = attempts(quirks, r)
+            if model == "error-field-500":  # after the first word: in-band, not retried
+                assert got["status"] == 200 and ndjson_text(r, api) == " w0", r.text
+                assert [a["error"] for a in tried] == ["upstream_error"]
+            else:
+                assert [a["error"] for a in tried] == [code], (model, api)
+            if api == "native":
+                assert ndjson(r.text)[-1]["retryable"] is retryable
+    assert outcome(ask(quirks, "ctx-ok", "openai", True), "openai", True)["status"] == 200
+
+
+def ndjson_text(r: httpx.Response, api: str) -> str:
+    """The text a stream sent before it ended (native NDJSON or OpenAI's SSE)."""
+    if api == "native":
+        return "".join(e["text"] for e in ndjson(r.text) if e["type"] == "delta")
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    return "".join(
+        choice["delta"].get("content") or "" for c in chunks for choice in c.get("choices") or ()
     )

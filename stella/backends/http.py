@@ -29,6 +29,7 @@ from stella.backends import ConfigError
 from stella.backends.base import Backend, BackendConfig, BackendHealth, CallContext
 from stella.errors import (
     StellaError,
+    UpstreamContextTooLong,
     UpstreamError,
     UpstreamStatus,
     UpstreamTimeout,
@@ -518,6 +519,8 @@ def upstream_text(text: str) -> str:
 def error_from_response(name: str, status: int, headers: Any, body: bytes) -> StellaError:
     """The StellaError for an upstream error status (OpenAI's or a plain error shape)."""
     message = ""
+    code: object = None
+    kind: object = None
     if status < 400:
         # Never followed: the prompt and the key go only to base_url's host.
         where = headers.get("location", "")
@@ -528,21 +531,41 @@ def error_from_response(name: str, status: int, headers: Any, body: bytes) -> St
         err = parsed.error
         if isinstance(err, _OpenAIError):
             message = err.message or str(err.code or "")
+            code, kind = err.code, err.type
         elif isinstance(err, str):
             message = err
         else:
-            message = parsed.message or parsed.detail or ""
+            message = parsed.message or parsed.detail or ""  # old vLLM's, at the top
     except BAD_JSON:
         if not message:
             message = body[:HTML_SCAN].decode(errors="replace")
             if "html" in headers.get("content-type", "").lower() or message.lstrip()[:1] == "<":
                 message = page_words(message)  # a proxy's error page: its words only
     message = upstream_text(message)
+    text = f"{name}: upstream answered {status}" + (f": {message}" if message else "")
+    if status in (400, 413, 422) and context_overflow(code, kind, message):
+        return UpstreamContextTooLong(text, upstream_status=status)
     return UpstreamStatus(
-        f"{name}: upstream answered {status}" + (f": {message}" if message else ""),
-        upstream_status=status,
-        retry_after=retry_after(headers.get("retry-after")),
+        text, upstream_status=status, retry_after=retry_after(headers.get("retry-after"))
     )
+
+
+# What upstreams say of a prompt longer than the model's context: OpenAI's error code and
+# llama.cpp's error type; vLLM's message (OpenAI's too, and most servers' modelled on
+# either) and older llama.cpp builds' say it only in words.
+CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+CONTEXT_WORDS = ("maximum context length", "exceeds the available context size")
+
+
+def context_overflow(code: object, kind: object, message: str) -> bool:
+    """Whether an upstream's error (its `code`, `type` and message) says the prompt is
+    longer than the model's context."""
+    if (isinstance(code, str) and code in CONTEXT_CODES) or (
+        isinstance(kind, str) and kind in CONTEXT_CODES
+    ):
+        return True
+    lower = message.lower()
+    return any(words in lower for words in CONTEXT_WORDS)
 
 
 def retry_after(value: str | None) -> float | None:

@@ -24,10 +24,11 @@ from stella.backends.http import (
     HttpConfig,
     LineBuffer,
     aiohttp_error,
+    context_overflow,
     read_body,
     upstream_text,
 )
-from stella.errors import UpstreamError
+from stella.errors import StellaError, UpstreamContextTooLong, UpstreamError, UpstreamStatus
 from stella.protocol import (
     ChatRequest,
     Delta,
@@ -243,9 +244,17 @@ class OpenAIBackend(HttpBackend):
                     texts: list[str] = []
                     for line in lines:
                         if not line.startswith(b"data:"):
+                            if not line:  # the blank line after each event
+                                continue
                             if line[:1] == b":":  # a comment (": keepalive"): alive
                                 ctx.alive += 1
-                            continue  # event names, blank lines
+                            elif line.startswith(b"error:"):
+                                # llama.cpp before ggml-org/llama.cpp#16109 told a failure
+                                # in a field of its own, `error: {...}`, then `data: [DONE]`.
+                                if texts:
+                                    yield Delta(text="".join(texts))
+                                raise _failure(name, _error_field(line[6:]))
+                            continue  # event names, ids, a CRLF stream's blank lines
                         data = line[5:].strip()
                         if data == b"[DONE]":
                             ended = True
@@ -259,9 +268,7 @@ class OpenAIBackend(HttpBackend):
                         if chunk.error is not None:
                             if texts:
                                 yield Delta(text="".join(texts))
-                            raise UpstreamError(
-                                f"{name}: upstream error in stream: {_message(chunk.error)}"
-                            )
+                            raise _failure(name, chunk.error)
                         ctx.beats += 1  # upstream output, with or without text: progress
                         if chunk.usage is not None:
                             usage = chunk.usage
@@ -309,7 +316,7 @@ class OpenAIBackend(HttpBackend):
         except BAD_JSON:
             raise UpstreamError(f"{self.name}: malformed response body") from None
         if chunk.error is not None:
-            raise UpstreamError(f"{self.name}: upstream error: {_message(chunk.error)}")
+            raise _failure(self.name, chunk.error, "upstream error")
         if not chunk.choices:
             raise UpstreamError(f"{self.name}: response has no choices")
         choice = chunk.choices[0]
@@ -337,6 +344,32 @@ class OpenAIBackend(HttpBackend):
             finish_reason=_finish(choice.finish_reason or "stop", bool(events), ctx.refused),
             usage=_usage(chunk.usage, ctx),
         )
+
+
+def _error_field(raw: bytes) -> Any:
+    """The value of an SSE `error:` field: its JSON, or its text."""
+    try:
+        return msgspec.json.decode(raw)
+    except BAD_JSON:
+        return raw.decode(errors="replace")
+
+
+def _failure(name: str, error: Any, where: str = "upstream error in stream") -> StellaError:
+    """The error an upstream's error object (in a stream, or as its whole answer) means: a
+    prompt over the context is stella's 400 `context_length_exceeded`, a 4xx `code` the
+    upstream's refusal (not retried but where its status would be), anything else an
+    upstream failure."""
+    message = _message(error)
+    text = f"{name}: {where}: {message}"
+    code = kind = None
+    if isinstance(error, dict):
+        code, kind = error.get("code"), error.get("type")
+    status = code if type(code) is int and 400 <= code < 500 else None
+    if context_overflow(code, kind, message):
+        return UpstreamContextTooLong(text, upstream_status=status or 400)
+    if status is not None:
+        return UpstreamStatus(text, upstream_status=status)
+    return UpstreamError(text)
 
 
 class _Calls:

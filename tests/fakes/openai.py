@@ -33,6 +33,13 @@ usage in a whole answer), `filtered` (FILTERED, then finish_reason "content_filt
 (TEXT_BEFORE, then the calls of `two-tools`, as a model may say what it is about to do)
 and `reasoning` (a 400 for `max_tokens`, as OpenAI's o-series and gpt-5 answer: they take
 `max_completion_tokens`).
+Wire quirks of real servers:
+- `ctx-openai`, `ctx-llamacpp`, `ctx-vllm`, `ctx-vllm-old`: a 400 for a prompt over the
+  context, in each server's shape (OpenAI's `code`, llama.cpp's `type`, vLLM's words
+  under `error` or, older, at the top);
+- `error-field-context`, `error-field-400`, `error-field-500`: a failure in llama.cpp's
+  own SSE field `error: {...}` then `data: [DONE]`, as its builds before #16109 stream it
+  (over the context, a 400, a 500 after the first word).
 It records what it saw.
 """
 
@@ -65,6 +72,50 @@ FILTERED = "Here is how to"
 
 # An upstream's error text of a megabyte over several lines (a traceback, a dump).
 HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
+
+# What the `ctx-` models answer, each in its server's shape (status 400).
+CONTEXT_ERRORS: dict[str, dict[str, Any]] = {
+    "ctx-openai": {
+        "error": {
+            "message": "This model's maximum context length is 128000 tokens. However, your "
+            "messages resulted in 130000 tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    },
+    "ctx-llamacpp": {
+        "error": {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 5000,
+            "n_ctx": 4096,
+        }
+    },
+    "ctx-vllm": {
+        "error": {
+            "message": "This model's maximum context length is 4096 tokens. However, your "
+            "request has 5000 input tokens. Please reduce the length of the input messages.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    },
+    "ctx-vllm-old": {
+        "object": "error",
+        "message": "This model's maximum context length is 4096 tokens. However, you "
+        "requested 5000 tokens (4000 in the messages, 1000 in the completion).",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    },
+}
+# llama.cpp's words for a prompt over its context, before it had an error type for it.
+LLAMA_CONTEXT = (
+    "the request exceeds the available context size. try increasing the context size or "
+    "enable context shift"
+)
 
 
 class FakeOpenAI:
@@ -174,6 +225,8 @@ class FakeOpenAI:
                 },
                 400,
             )
+        if model in CONTEXT_ERRORS:
+            return JSONResponse(CONTEXT_ERRORS[model], 400)
         if model == "redirect":
             target = str(request.url).replace("/chat/completions", "/elsewhere")
             return Response(status_code=307, headers={"Location": target})
@@ -268,6 +321,17 @@ class FakeOpenAI:
                 if (body.get("stream_options") or {}).get("include_usage"):
                     usage = self._usage(model)
                     yield b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
+                return
+            if model.startswith("error-field"):  # llama.cpp's own field, before #16109
+                fields = {"code": 400, "message": LLAMA_CONTEXT, "type": "invalid_request_error"}
+                if model == "error-field-400":
+                    fields = {**fields, "message": "'messages' must be an array"}
+                if model == "error-field-500":
+                    yield chunk({"role": "assistant", "content": ""})
+                    yield chunk({"content": self.words[0]})
+                    fields = {"code": 500, "message": "boom", "type": "server_error"}
+                yield b"error: " + json.dumps(fields).encode() + b"\n\n"
                 yield b"data: [DONE]\n\n"
                 return
             yield chunk({"role": "assistant", "content": ""})
