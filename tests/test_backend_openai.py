@@ -796,6 +796,8 @@ QUIRKS: dict[str, dict[str, Any]] = {
     "error-field-context": {"backend": "b-ctx"},
     "error-field-400": {},
     "error-field-500": {},
+    "limit-ms": {"retries": 1},
+    "limit-reset": {"retries": 1},
 }
 
 
@@ -1029,3 +1031,50 @@ def ndjson_text(r: httpx.Response, api: str) -> str:
     return "".join(
         choice["delta"].get("content") or "" for c in chunks for choice in c.get("choices") or ()
     )
+
+
+@pytest.mark.parametrize(("model", "wait"), [("limit-ms", 1.5), ("limit-reset", 1.2)])
+def test_a_429s_other_hints_say_when_to_ask_again(quirks: Any, model: str, wait: float) -> None:
+    # Azure OpenAI's retry-after-ms, OpenAI's x-ratelimit-reset-* (no Retry-After): the
+    # retry waits that long, and the client is told it as Retry-After.
+    for api, stream in (("native", False), ("openai", True)):
+        t = time.perf_counter()
+        r = ask(quirks, model, api, stream)
+        took = time.perf_counter() - t
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_rate_limited"
+        assert r.headers["retry-after"] == "2", r.headers  # whole seconds, rounded up
+        assert wait * 0.95 <= took < wait + 1.5, took
+        assert [a["error"] for a in attempts(quirks, r)] == ["upstream_rate_limited"] * 2
+
+
+def test_the_hints_of_a_429_and_their_bounds() -> None:
+    from stella.backends.http import go_seconds, retry_hint
+
+    assert retry_hint(429, {"retry-after-ms": "1500", "retry-after": "7"}) == 1.5  # preferred
+    assert retry_hint(503, {"retry-after-ms": "20"}) == 0.02
+    assert retry_hint(429, {"retry-after-ms": "soon", "retry-after": "7"}) == 7.0
+    for absurd in ("1e400", "inf"):
+        assert retry_hint(429, {"retry-after-ms": absurd}) == 86400.0
+    assert retry_hint(429, {"retry-after-ms": "-5"}) == 0.0
+    resets = {"x-ratelimit-reset-requests": "7s", "x-ratelimit-reset-tokens": "6m0s"}
+    assert retry_hint(429, resets) == 360.0  # the later: after it, either limit has room
+    assert retry_hint(429, {**resets, "retry-after": "3"}) == 3.0  # Retry-After first
+    assert retry_hint(500, resets) is None  # a limit's reset says nothing of a 500
+    assert retry_hint(429, {"x-ratelimit-reset-tokens": "20ms"}) == 0.02
+    assert retry_hint(429, {"x-ratelimit-reset-requests": "99999h"}) == 86400.0
+    assert retry_hint(429, {"x-ratelimit-reset-requests": "soon"}) is None
+    assert retry_hint(429, {}) is None
+    for text, seconds in (
+        ("7s", 7),
+        ("1.5s", 1.5),
+        ("20ms", 0.02),
+        ("1h2m3s", 3723),
+        ("0", 0),
+    ):
+        assert go_seconds(text) == pytest.approx(seconds), text
+    for text in ("", "7", "s", "1.5 s", "1e3s"):
+        assert go_seconds(text) is None, text
+    far = (time.time() + 10 * 86400) * 1.0
+    from email.utils import formatdate
+
+    assert retry_hint(429, {"retry-after": formatdate(far, usegmt=True)}) == 86400.0

@@ -39,7 +39,9 @@ Wire quirks of real servers:
   under `error` or, older, at the top);
 - `error-field-context`, `error-field-400`, `error-field-500`: a failure in llama.cpp's
   own SSE field `error: {...}` then `data: [DONE]`, as its builds before #16109 stream it
-  (over the context, a 400, a 500 after the first word).
+  (over the context, a 400, a 500 after the first word);
+- `limit-ms`, `limit-reset`: a 429 with Azure OpenAI's `retry-after-ms` LIMIT_MS, or with
+  OpenAI's `x-ratelimit-reset-requests`/`-tokens` LIMIT_RESETS and no Retry-After.
 It records what it saw.
 """
 
@@ -116,6 +118,9 @@ LLAMA_CONTEXT = (
     "the request exceeds the available context size. try increasing the context size or "
     "enable context shift"
 )
+# Model `limit-ms`'s retry-after-ms, and `limit-reset`'s rate-limit resets (requests, tokens).
+LIMIT_MS = "1500"
+LIMIT_RESETS = ("1.2s", "20ms")
 
 
 class FakeOpenAI:
@@ -227,6 +232,19 @@ class FakeOpenAI:
             )
         if model in CONTEXT_ERRORS:
             return JSONResponse(CONTEXT_ERRORS[model], 400)
+        if model in ("limit-ms", "limit-reset"):
+            limit = {"message": "Rate limit reached", "type": "requests"}
+            headers = (
+                {"retry-after-ms": LIMIT_MS}
+                if model == "limit-ms"
+                else {
+                    "x-ratelimit-reset-requests": LIMIT_RESETS[0],
+                    "x-ratelimit-reset-tokens": LIMIT_RESETS[1],
+                }
+            )
+            return JSONResponse(
+                {"error": {**limit, "code": "rate_limit_exceeded"}}, 429, headers=headers
+            )
         if model == "redirect":
             target = str(request.url).replace("/chat/completions", "/elsewhere")
             return Response(status_code=307, headers={"Location": target})
