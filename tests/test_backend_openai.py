@@ -798,6 +798,8 @@ QUIRKS: dict[str, dict[str, Any]] = {
     "error-field-500": {},
     "limit-ms": {"retries": 1},
     "limit-reset": {"retries": 1},
+    "empty-data": {},
+    "multi-data": {},
 }
 
 
@@ -1078,3 +1080,16 @@ def test_the_hints_of_a_429_and_their_bounds() -> None:
     from email.utils import formatdate
 
     assert retry_hint(429, {"retry-after": formatdate(far, usegmt=True)}) == 86400.0
+
+
+@pytest.mark.parametrize("model", ["empty-data", "multi-data"])
+def test_a_stream_as_servers_and_relays_send_it_is_its_answer(quirks: Any, model: str) -> None:
+    # Empty `data:` events (a relay's heartbeats; here also for longer than the 0.3 s
+    # first-token limit, which they keep from firing, as comments do), an event's JSON
+    # over several `data:` lines (SSE joins them): the answer, streamed whole, every time.
+    for api, stream in MODES:
+        r = ask(quirks, model, api, stream)
+        got = outcome(r, api, stream)
+        assert got.get("text") == " w0 w1 w2 w3 w4", (api, stream, got)
+        assert got["finish"] == "stop"
+        assert [a["error"] for a in attempts(quirks, r)] == [None], (api, stream)

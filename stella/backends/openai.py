@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import itertools
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
 import aiohttp
@@ -20,6 +21,7 @@ from stella.backends.base import (
 )
 from stella.backends.http import (
     BAD_JSON,
+    MAX_LINE,
     HttpBackend,
     HttpConfig,
     LineBuffer,
@@ -217,6 +219,9 @@ class OpenAIBackend(HttpBackend):
                 finish: str | None = None
                 usage: _Usage | None = None
                 ended = False
+                # The data of an event split over several `data:` lines whose end (a
+                # blank line) has not come yet (see _gather).
+                pending = b""
                 # One network read often holds several SSE events (a fast upstream, or a
                 # burst after a pause): their text goes out as one Delta, one send.
                 buf = LineBuffer(name)
@@ -241,8 +246,20 @@ class OpenAIBackend(HttpBackend):
                     lines = buf.feed(raw)
                     if not lines:
                         continue
+                    rest: Iterator[bytes] = iter(lines)
+                    if pending:
+                        data, whole = _gather(name, pending, rest)
+                        if not whole:
+                            pending = data
+                            continue
+                        pending = b""
+                        try:
+                            _chunk.decode(data)
+                        except BAD_JSON:
+                            raise UpstreamError(f"{name}: malformed stream line") from None
+                        rest = itertools.chain((b"data:" + data,), rest)
                     texts: list[str] = []
-                    for line in lines:
+                    for line in rest:
                         if not line.startswith(b"data:"):
                             if not line:  # the blank line after each event
                                 continue
@@ -262,9 +279,21 @@ class OpenAIBackend(HttpBackend):
                         try:
                             chunk = _chunk.decode(data)
                         except BAD_JSON:
-                            if texts:
-                                yield Delta(text="".join(texts))
-                            raise UpstreamError(f"{name}: malformed stream line") from None
+                            if not data:
+                                # An empty event (a relay's heartbeat): alive, as a comment.
+                                ctx.alive += 1
+                                continue
+                            # The first of the event's data lines, or a malformed one.
+                            data, whole = _gather(name, data, rest)
+                            if not whole:  # its end comes in a later read
+                                pending = data
+                                continue
+                            try:
+                                chunk = _chunk.decode(data)
+                            except BAD_JSON:
+                                if texts:
+                                    yield Delta(text="".join(texts))
+                                raise UpstreamError(f"{name}: malformed stream line") from None
                         if chunk.error is not None:
                             if texts:
                                 yield Delta(text="".join(texts))
@@ -297,6 +326,8 @@ class OpenAIBackend(HttpBackend):
                         yield Delta(text="".join(texts))
                     if ended:
                         break
+                if pending:  # an event cut before its end
+                    raise UpstreamError(f"{name}: malformed stream line")
                 for event in calls.events():
                     yield event
                 if finish is None:
@@ -344,6 +375,24 @@ class OpenAIBackend(HttpBackend):
             finish_reason=_finish(choice.finish_reason or "stop", bool(events), ctx.refused),
             usage=_usage(chunk.usage, ctx),
         )
+
+
+def _gather(name: str, data: bytes, lines: Iterator[bytes]) -> tuple[bytes, bool]:
+    """An event's data, `data` and the `data:` lines that follow it in `lines`, joined with
+    newlines as SSE joins them, up to the blank line that ends the event; and whether it
+    ended there (else `lines` ran out first)."""
+    parts = [data]
+    size = len(data)
+    for line in lines:
+        if line == b"" or line == b"\r":
+            return b"\n".join(parts), True
+        if line.startswith(b"data:"):  # other fields (comments, event names) are no data
+            piece = line[5:].strip()
+            parts.append(piece)
+            size += len(piece) + 1
+            if size > MAX_LINE:
+                raise UpstreamError(f"{name}: a stream line over {MAX_LINE} bytes")
+    return b"\n".join(parts), False
 
 
 def _error_field(raw: bytes) -> Any:

@@ -41,7 +41,10 @@ Wire quirks of real servers:
   own SSE field `error: {...}` then `data: [DONE]`, as its builds before #16109 stream it
   (over the context, a 400, a 500 after the first word);
 - `limit-ms`, `limit-reset`: a 429 with Azure OpenAI's `retry-after-ms` LIMIT_MS, or with
-  OpenAI's `x-ratelimit-reset-requests`/`-tokens` LIMIT_RESETS and no Retry-After.
+  OpenAI's `x-ratelimit-reset-requests`/`-tokens` LIMIT_RESETS and no Retry-After;
+- `empty-data`: empty `data:` events between the chunks, and for 0.6 s before them, as
+  relays send heartbeats;
+- `multi-data`: each chunk's JSON over several `data:` lines, one of them in two writes.
 It records what it saw.
 """
 
@@ -353,6 +356,10 @@ class FakeOpenAI:
                 yield b"data: [DONE]\n\n"
                 return
             yield chunk({"role": "assistant", "content": ""})
+            if model == "empty-data":  # a relay's heartbeats, while a long prompt is read
+                for i in range(6):
+                    await asyncio.sleep(0.1)
+                    yield b"data: \n\n" if i % 2 else b"data:\n\n"
             if model == "huge-error-after":
                 yield chunk({"content": self.words[0]})
                 yield b"data: " + json.dumps(huge).encode() + b"\n\n"
@@ -427,12 +434,26 @@ class FakeOpenAI:
                 for part in ('{"ci', 'ty": "Par', 'is"}'):
                     yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
                 yield chunk({}, "tool_calls")
+            elif model == "multi-data":  # each event's JSON over several data lines
+                for i, part in enumerate([*self.words, None]):
+                    event = chunk({"content": part} if part else {}, None if part else "stop")
+                    lines = json.dumps(json.loads(event[6:]), indent=1).split("\n")
+                    event = b"".join(b"data: " + line.encode() + b"\n" for line in lines) + b"\n"
+                    if i == 1:  # an event over two reads, cut inside a line
+                        yield event[:50]
+                        await asyncio.sleep(0.05)
+                        event = event[50:]
+                    yield event
+                yield b"data: [DONE]\n\n"
+                return
             elif model == "filtered":
                 for part in (FILTERED[:8], FILTERED[8:]):
                     yield chunk({"content": part})
                 yield chunk({}, "content_filter")
             else:
                 for i, word in enumerate(self.words):
+                    if model == "empty-data":
+                        yield b"data: \n\n"
                     if model == "die-after-3" and i == 3:
                         raise RuntimeError("connection dropped on purpose")
                     if model == "stall-after-2" and i == 2:
