@@ -215,6 +215,18 @@ class OpenAIBackend(HttpBackend):
                     async for event in self._whole(await read_body(r, name), ctx):
                         yield event
                     return
+                reads: AsyncIterator[bytes] = r.content.iter_any().__aiter__()
+                if r.content_type == "application/json":
+                    # A server that ignored `stream: true`, or a proxy's 200 with an error
+                    # body, answers with one JSON body: its answer or its error, as a whole
+                    # answer's. A stream labelled so is still read as one.
+                    head = await anext(reads, b"")
+                    if head.lstrip()[:1] in (b"{", b""):
+                        answer = head + await read_body(r, name)
+                        async for event in self._whole(answer, ctx):
+                            yield event
+                        return
+                    reads = _after(head, reads)
                 calls = _Calls(frozenset(t.function.name for t in request.tools or ()))
                 finish: str | None = None
                 usage: _Usage | None = None
@@ -225,7 +237,6 @@ class OpenAIBackend(HttpBackend):
                 # One network read often holds several SSE events (a fast upstream, or a
                 # burst after a pause): their text goes out as one Delta, one send.
                 buf = LineBuffer(name)
-                reads = r.content.iter_any().__aiter__()
                 grace = USAGE_GRACE_S
                 if ctx.silence_limit_s:
                     grace = min(grace, ctx.silence_limit_s * USAGE_GRACE_SHARE)
@@ -375,6 +386,13 @@ class OpenAIBackend(HttpBackend):
             finish_reason=_finish(choice.finish_reason or "stop", bool(events), ctx.refused),
             usage=_usage(chunk.usage, ctx),
         )
+
+
+async def _after(head: bytes, reads: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The reads of a body whose first one was taken already (`head`)."""
+    yield head
+    async for raw in reads:
+        yield raw
 
 
 def _gather(name: str, data: bytes, lines: Iterator[bytes]) -> tuple[bytes, bool]:

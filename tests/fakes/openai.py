@@ -44,7 +44,9 @@ Wire quirks of real servers:
   OpenAI's `x-ratelimit-reset-requests`/`-tokens` LIMIT_RESETS and no Retry-After;
 - `empty-data`: empty `data:` events between the chunks, and for 0.6 s before them, as
   relays send heartbeats;
-- `multi-data`: each chunk's JSON over several `data:` lines, one of them in two writes.
+- `multi-data`: each chunk's JSON over several `data:` lines, one of them in two writes;
+- `json-answer`, `json-error`: a stream asked for, a 200 `application/json` body given
+  (the whole answer, or an error); `sse-as-json`: a stream labelled `application/json`.
 It records what it saw.
 """
 
@@ -248,6 +250,12 @@ class FakeOpenAI:
             return JSONResponse(
                 {"error": {**limit, "code": "rate_limit_exceeded"}}, 429, headers=headers
             )
+        if body.get("stream") and model in ("json-answer", "json-error"):
+            # A server that ignores `stream: true`, or a proxy's 200 with an error body.
+            if model == "json-error":
+                error = {"message": "No models loaded.", "type": "invalid_request_error"}
+                return JSONResponse({"error": error})
+            body = {**body, "stream": False}
         if model == "redirect":
             target = str(request.url).replace("/chat/completions", "/elsewhere")
             return Response(status_code=307, headers={"Location": target})
@@ -293,7 +301,9 @@ class FakeOpenAI:
             if model not in ("no-usage", "refusal-no-usage"):
                 answer["usage"] = self._usage(model)
             return self._maybe_gzip(model, JSONResponse(answer))
-        return StreamingResponse(self._stream(model, body), media_type="text/event-stream")
+        # `sse-as-json`: a stream labelled application/json, as some servers label it.
+        kind = "application/json" if model == "sse-as-json" else "text/event-stream"
+        return StreamingResponse(self._stream(model, body), media_type=kind)
 
     def _usage(self, model: str) -> dict[str, Any]:
         usage: dict[str, Any] = {
