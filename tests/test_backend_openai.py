@@ -803,6 +803,7 @@ QUIRKS: dict[str, dict[str, Any]] = {
     "json-answer": {},
     "json-error": {"retries": 0},  # asked once per stream mode: its circuit stays shut
     "sse-as-json": {},
+    "finish-then-cut": {},
 }
 
 
@@ -1085,19 +1086,24 @@ def test_the_hints_of_a_429_and_their_bounds() -> None:
     assert retry_hint(429, {"retry-after": formatdate(far, usegmt=True)}) == 86400.0
 
 
-@pytest.mark.parametrize("model", ["empty-data", "multi-data", "json-answer", "sse-as-json"])
+@pytest.mark.parametrize(
+    "model", ["empty-data", "multi-data", "json-answer", "sse-as-json", "finish-then-cut"]
+)
 def test_a_stream_as_servers_and_relays_send_it_is_its_answer(quirks: Any, model: str) -> None:
     # Empty `data:` events (a relay's heartbeats; here also for longer than the 0.3 s
     # first-token limit, which they keep from firing, as comments do), an event's JSON
     # over several `data:` lines (SSE joins them), a whole JSON answer to a stream request
     # (a server that ignored `stream: true`; and a stream labelled as JSON, still read as
-    # a stream): the answer, streamed whole, every time.
+    # a stream), a connection cut after the finish reason, before the usage: the answer,
+    # streamed whole, every time.
     for api, stream in MODES:
         r = ask(quirks, model, api, stream)
         got = outcome(r, api, stream)
         assert got.get("text") == " w0 w1 w2 w3 w4", (api, stream, got)
         assert got["finish"] == "stop"
         assert [a["error"] for a in attempts(quirks, r)] == [None], (api, stream)
+        if model == "finish-then-cut" and stream:  # counted: the usage never came
+            assert got["usage"]["completion_tokens"] == 5, got
 
 
 def test_a_200_error_body_to_a_stream_request_is_the_error(quirks: Any) -> None:

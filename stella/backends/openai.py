@@ -246,11 +246,12 @@ class OpenAIBackend(HttpBackend):
                     else:
                         # The answer is whole, the usage asked for has not come: an
                         # upstream that ignores stream_options may hold the stream open
-                        # without [DONE]. Wait briefly, then count the deltas instead.
+                        # without [DONE]. Wait briefly, then count the deltas instead. A
+                        # connection cut meanwhile costs only the usage too.
                         try:
                             async with asyncio.timeout(grace):
                                 raw = await anext(reads, None)
-                        except TimeoutError:
+                        except (TimeoutError, aiohttp.ClientError):
                             break
                     if raw is None:
                         break

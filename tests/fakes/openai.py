@@ -46,7 +46,9 @@ Wire quirks of real servers:
   relays send heartbeats;
 - `multi-data`: each chunk's JSON over several `data:` lines, one of them in two writes;
 - `json-answer`, `json-error`: a stream asked for, a 200 `application/json` body given
-  (the whole answer, or an error); `sse-as-json`: a stream labelled `application/json`.
+  (the whole answer, or an error); `sse-as-json`: a stream labelled `application/json`;
+- `finish-then-cut`: the answer and its finish reason, then the connection cut before
+  the usage.
 It records what it saw.
 """
 
@@ -476,6 +478,9 @@ class FakeOpenAI:
                 yield chunk({}, "abort" if model == "abort" else "stop")
             if model == "finish-then-hold":  # ignores include_usage, never says [DONE]
                 await asyncio.sleep(3600)
+            if model == "finish-then-cut":  # the connection cut before the usage and [DONE]
+                await asyncio.sleep(0.05)
+                raise RuntimeError("connection dropped on purpose")
             if (body.get("stream_options") or {}).get("include_usage") and model != "no-usage":
                 usage = self._usage(model)
                 yield (
