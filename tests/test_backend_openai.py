@@ -804,6 +804,7 @@ QUIRKS: dict[str, dict[str, Any]] = {
     "json-error": {"retries": 0},  # asked once per stream mode: its circuit stays shut
     "sse-as-json": {},
     "finish-then-cut": {},
+    "reasoning-no-usage": {},
 }
 
 
@@ -1113,3 +1114,19 @@ def test_a_200_error_body_to_a_stream_request_is_the_error(quirks: Any) -> None:
         got = outcome(r, api, True)
         assert got["code"] == "upstream_error", got
         assert got["message"] == "b-json-error: upstream error: No models loaded.", got
+
+
+def test_a_reasoning_answer_without_usage_is_charged_its_reasoning(quirks: Any) -> None:
+    # The reasoning pieces are tokens the model made: with no usage from the upstream,
+    # the answer's count (and the log's, and the token limits') has them, streamed or not.
+    from tests.fakes.openai import REASONING
+
+    whole = len(" w0 w1 w2 w3 w4" + "".join(REASONING)) // 4  # four characters a token
+    for api, stream in MODES:
+        r = ask(quirks, "reasoning-no-usage", api, stream)
+        got = outcome(r, api, stream)
+        assert got["text"] == " w0 w1 w2 w3 w4", got
+        made = len(REASONING) + 5 if stream else whole
+        assert got["usage"]["completion_tokens"] == made, (api, stream, got)
+        ev = event(quirks, r)
+        assert ev["completion_tokens"] == made and ev["usage_estimated"] is True

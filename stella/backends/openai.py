@@ -85,6 +85,11 @@ class _Delta(msgspec.Struct):
     # OpenAI's answer when the model declines (content then null): the answer's text.
     refusal: str | None = None
     tool_calls: list[_ToolDelta] | None = None
+    # A reasoning model's thinking (vLLM's and DeepSeek's `reasoning_content`, OpenRouter's
+    # and Groq's `reasoning`): no text of the answer, but tokens it made. Any type: a
+    # server's other shape for it must not fail the answer.
+    reasoning_content: Any = None
+    reasoning: Any = None
 
 
 class _Choice(msgspec.Struct):
@@ -321,6 +326,8 @@ class OpenAIBackend(HttpBackend):
                                 if d.content:
                                     ctx.tokens_seen += 1
                                     texts.append(d.content)
+                                elif d.reasoning_content or d.reasoning:
+                                    ctx.tokens_seen += 1  # made, and charged, but not sent
                                 if d.refusal:
                                     ctx.tokens_seen += 1
                                     texts.append(d.refusal)
@@ -378,8 +385,10 @@ class OpenAIBackend(HttpBackend):
         events = calls.events()
         if chunk.usage is None:
             # No count from the upstream: the answer's size at four characters a token, as
-            # admission estimates a prompt (one Delta would count as one token).
+            # admission estimates a prompt (one Delta would count as one token), its
+            # reasoning included (tokens the model made).
             size = len(text) + sum(len(slot[2]) for slot in calls.slots.values())
+            size += sum(len(r) for r in (msg.reasoning_content, msg.reasoning) if type(r) is str)
             ctx.tokens_seen = max(size // 4, 1) if size else 0
         for event in events:
             yield event

@@ -48,7 +48,9 @@ Wire quirks of real servers:
 - `json-answer`, `json-error`: a stream asked for, a 200 `application/json` body given
   (the whole answer, or an error); `sse-as-json`: a stream labelled `application/json`;
 - `finish-then-cut`: the answer and its finish reason, then the connection cut before
-  the usage.
+  the usage;
+- `reasoning-no-usage`: REASONING in `reasoning_content` and `reasoning` chunks, then the
+  answer, no usage, streamed or not.
 It records what it saw.
 """
 
@@ -128,6 +130,8 @@ LLAMA_CONTEXT = (
 # Model `limit-ms`'s retry-after-ms, and `limit-reset`'s rate-limit resets (requests, tokens).
 LIMIT_MS = "1500"
 LIMIT_RESETS = ("1.2s", "20ms")
+# What model `reasoning-no-usage` thinks, in pieces: three `reasoning_content`, one `reasoning`.
+REASONING = ("Let ", "me ", "think. ", "Done.")
 
 
 class FakeOpenAI:
@@ -287,6 +291,8 @@ class FakeOpenAI:
                 content = TEXT_BEFORE if model == "text-tools" else None
                 message = {"role": "assistant", "content": content, "tool_calls": _calls(body)}
                 finish = "stop" if model == "tools-stop" else "tool_calls"
+            if model == "reasoning-no-usage":
+                message["reasoning_content"] = "".join(REASONING)
             if model.startswith("refusal"):
                 message = {"role": "assistant", "content": None, "refusal": REFUSAL}
                 finish = "length" if model == "refusal-length" else "stop"
@@ -300,7 +306,7 @@ class FakeOpenAI:
                 "model": model,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             }
-            if model not in ("no-usage", "refusal-no-usage"):
+            if model not in ("no-usage", "refusal-no-usage", "reasoning-no-usage"):
                 answer["usage"] = self._usage(model)
             return self._maybe_gzip(model, JSONResponse(answer))
         # `sse-as-json`: a stream labelled application/json, as some servers label it.
@@ -446,6 +452,16 @@ class FakeOpenAI:
                 for part in ('{"ci', 'ty": "Par', 'is"}'):
                     yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
                 yield chunk({}, "tool_calls")
+            elif model == "reasoning-no-usage":
+                for i, part in enumerate(REASONING):
+                    yield chunk(
+                        {"content": None, "reasoning" if i == 3 else "reasoning_content": part}
+                    )
+                for word in self.words:
+                    yield chunk({"content": word})
+                yield chunk({}, "stop")
+                yield b"data: [DONE]\n\n"
+                return
             elif model == "multi-data":  # each event's JSON over several data lines
                 for i, part in enumerate([*self.words, None]):
                     event = chunk({"content": part} if part else {}, None if part else "stop")
