@@ -500,6 +500,58 @@ def test_tool_call_fragments_as_servers_send_them() -> None:
     ]
 
 
+def test_whole_tool_calls_without_index_or_id_are_told_apart_by_their_names() -> None:
+    def frag(**kw: Any) -> list[_ToolDelta]:
+        return [_ToolDelta(function=_Fn(**kw))]
+
+    declared = frozenset({"get_weather", "get_time", "get_weather_v2"})
+    calls = _Calls(declared)
+    # A declared name whole, then another: two calls (the second's arguments in pieces).
+    calls.add(frag(name="get_weather"))
+    calls.add(frag(arguments='{"city": "Paris"}'))
+    calls.add(frag(name="get_time", arguments='{"tz":'))
+    calls.add(frag(arguments=' "UTC"}'))
+    # Arguments whole already, then a name (the same tool again): another call.
+    calls.add(frag(name="get_time", arguments='{"tz": "CET"}'))
+    # The end of a longer declared name: more of the same name, not a call.
+    calls.add(frag(name="get_weather", arguments=""))
+    calls.add(frag(name="_v2", arguments="{}"))
+    assert [(e.name, e.arguments) for e in calls.events()] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {"tz": "UTC"}),
+        ("get_time", {"tz": "CET"}),
+        ("get_weather_v2", {}),
+    ]
+    # A name in pieces, repeated whole, or with no tools declared: one call, as before,
+    # until its arguments are whole.
+    for pieces, name in (
+        (["get_", "weather"], "get_weather"),
+        (["get_weather", "get_weather"], "get_weather"),
+    ):
+        for names in (declared, frozenset()):
+            calls = _Calls(names)
+            calls.add(frag(name=pieces[0], arguments='{"city"'))
+            calls.add(frag(name=pieces[1], arguments=': "Paris"}'))
+            assert [(e.name, e.arguments) for e in calls.events()] == [(name, {"city": "Paris"})], (
+                pieces,
+                names,
+            )
+    # The first fragment's id, none after: the names still tell the calls apart.
+    calls = _Calls(declared)
+    calls.add([_ToolDelta(id="a", function=_Fn(name="get_weather", arguments="{}"))])
+    calls.add([_ToolDelta(id="b", function=_Fn(name="get_time", arguments="{}"))])
+    calls.add(frag(name="get_weather", arguments="{}"))
+    assert [(e.id, e.name) for e in calls.events()][:2] == [
+        ("a", "get_weather"),
+        ("b", "get_time"),
+    ]
+    assert [e.name for e in calls.events()] == [
+        "get_weather",
+        "get_time",
+        "get_weather",
+    ]
+
+
 async def test_compressed_answer_and_redirect(fake: tuple[FakeOpenAI, str]) -> None:
     f, url = fake
     b = await backend(url + "/v1")
@@ -805,6 +857,8 @@ QUIRKS: dict[str, dict[str, Any]] = {
     "sse-as-json": {},
     "finish-then-cut": {},
     "reasoning-no-usage": {},
+    "whole-calls": {},
+    "whole-calls-same": {},
 }
 
 
@@ -1130,3 +1184,24 @@ def test_a_reasoning_answer_without_usage_is_charged_its_reasoning(quirks: Any) 
         assert got["usage"]["completion_tokens"] == made, (api, stream, got)
         ev = event(quirks, r)
         assert ev["completion_tokens"] == made and ev["usage_estimated"] is True
+
+
+TWO_TOOLS = [
+    {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+    for n in ("get_weather", "get_time")
+]
+
+
+@pytest.mark.parametrize("model", ["whole-calls", "whole-calls-same"])
+def test_whole_tool_calls_without_index_or_id_are_each_a_call(quirks: Any, model: str) -> None:
+    # Each call in one chunk with neither index nor id: two calls, not one whose name is
+    # both names ("get_weatherget_time") and whose arguments are both objects.
+    first = "get_weather"
+    second = "get_time" if model == "whole-calls" else "get_weather"
+    for api in ("native", "openai"):
+        got = outcome(ask(quirks, model, api, True, tools=TWO_TOOLS), api, True)
+        assert got["calls"] == [
+            (first, {"city": "Paris"}),
+            (second, {"city": "Oslo"}),
+        ], got
+        assert got["finish"] == "tool_calls"

@@ -452,9 +452,10 @@ def _failure(name: str, error: Any, where: str = "upstream error in stream") -> 
 class _Calls:
     """Tool calls assembled from streamed fragments: [id, name, arguments] per call.
 
-    Servers differ: some send no index (each call whole), some reuse an index for
-    the next call (a new id), some repeat the whole name (with or without the id) in
-    every fragment, some send the name in pieces, some send the arguments as an object.
+    Servers differ: some send no index (each call whole, with or without an id), some
+    reuse an index for the next call (a new id), some repeat the whole name (with or
+    without the id) in every fragment, some send the name in pieces, some send the
+    arguments as an object.
     """
 
     __slots__ = ("names", "slots", "where")
@@ -471,11 +472,22 @@ class _Calls:
             index = -1 if t.index is None else t.index
             key = self.where.get(index)
             slot = slots.get(key) if key is not None else None
-            if slot is None or (t.id and slot[0] and t.id != slot[0]):
+            fn = t.function
+            if (
+                slot is None
+                or (t.id and slot[0] and t.id != slot[0])
+                # No index, and no ids to tell: the name says whether a call begins.
+                or (
+                    t.index is None
+                    and not (t.id and slot[0])
+                    and fn is not None
+                    and fn.name
+                    and self._begins(slot, fn.name)
+                )
+            ):
                 key = len(slots)  # a call of its own (a new id under a reused index)
                 slot = slots[key] = ["", "", ""]
                 self.where[index] = key
-            fn = t.function
             if fn is not None:
                 # The whole name again (MiniMax through NIM and some proxies repeat it
                 # in every fragment, the id only in the first) is a repeat, not more
@@ -489,6 +501,23 @@ class _Calls:
                     slot[2] += fn.arguments
             if t.id:
                 slot[0] = t.id
+
+    def _begins(self, slot: list[Any], name: str) -> bool:
+        """Whether a fragment naming `name`, with neither index nor id, begins a call after
+        the one in `slot` (servers that send each call whole say so in no other way)."""
+        have = slot[1]
+        if not have:
+            return False  # the call's first name
+        names = self.names
+        if name != have and have in names and have + name not in names:
+            return True  # a declared tool's whole name, then not a piece of a longer one
+        if not slot[2]:
+            return False
+        try:  # arguments that are whole JSON already: more name is another call's
+            msgspec.json.decode(slot[2])
+        except BAD_JSON:
+            return False
+        return True
 
     def put(self, call: _ToolDelta) -> None:
         """Take one call of a whole message: a call of its own, whatever its id."""

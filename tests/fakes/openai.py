@@ -50,7 +50,9 @@ Wire quirks of real servers:
 - `finish-then-cut`: the answer and its finish reason, then the connection cut before
   the usage;
 - `reasoning-no-usage`: REASONING in `reasoning_content` and `reasoning` chunks, then the
-  answer, no usage, streamed or not.
+  answer, no usage, streamed or not;
+- `whole-calls`, `whole-calls-same`: two tool calls each in one chunk with neither index
+  nor id (two tools, or one tool twice).
 It records what it saw.
 """
 
@@ -451,6 +453,14 @@ class FakeOpenAI:
                 )
                 for part in ('{"ci', 'ty": "Par', 'is"}'):
                     yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
+                yield chunk({}, "tool_calls")
+            elif model in ("whole-calls", "whole-calls-same"):  # each call whole, no index nor id
+                tools = (
+                    ["get_weather", "get_time"] if model == "whole-calls" else ["get_weather"] * 2
+                )
+                for name, city in zip(tools, ["Paris", "Oslo"], strict=True):
+                    call = {"name": name, "arguments": json.dumps({"city": city})}
+                    yield chunk({"tool_calls": [{"type": "function", "function": call}]})
                 yield chunk({}, "tool_calls")
             elif model == "reasoning-no-usage":
                 for i, part in enumerate(REASONING):
