@@ -285,3 +285,18 @@ class UpstreamStatus(UpstreamError):
         elif upstream_status in (400, 404, 413, 422):
             # The upstream rejected what we sent: retrying or falling back won't help.
             self.code = "upstream_rejected"
+
+
+class UpstreamContextTooLong(UpstreamStatus, ContextTooLong):
+    """An upstream refused the prompt as longer than its model's context: stella's own 400
+    `context_length_exceeded`, as the embedded engine answers it, in the upstream's words."""
+
+    status, code = 400, "context_length_exceeded"
+
+    def __init__(self, message: str, *, upstream_status: int) -> None:
+        super().__init__(message, upstream_status=upstream_status)
+        self.code = ContextTooLong.code
+        self.param = "messages"
+        # The same prompt is as long on every try: as with the embedded engine's refusal,
+        # no retry, no fallback, and no verdict on the backend, which answered.
+        self.retryable = self.falls_back = False

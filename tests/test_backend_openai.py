@@ -37,7 +37,7 @@ from stella.protocol import (
 )
 from tests.fakes.openai import CACHED, FILTERED, REFUSAL, FakeOpenAI
 from tests.fakes.server import full_backlog, serve
-from tests.live import free_port
+from tests.live import free_port, ndjson
 
 
 @pytest.fixture(scope="module")
@@ -500,6 +500,58 @@ def test_tool_call_fragments_as_servers_send_them() -> None:
     ]
 
 
+def test_whole_tool_calls_without_index_or_id_are_told_apart_by_their_names() -> None:
+    def frag(**kw: Any) -> list[_ToolDelta]:
+        return [_ToolDelta(function=_Fn(**kw))]
+
+    declared = frozenset({"get_weather", "get_time", "get_weather_v2"})
+    calls = _Calls(declared)
+    # A declared name whole, then another: two calls (the second's arguments in pieces).
+    calls.add(frag(name="get_weather"))
+    calls.add(frag(arguments='{"city": "Paris"}'))
+    calls.add(frag(name="get_time", arguments='{"tz":'))
+    calls.add(frag(arguments=' "UTC"}'))
+    # Arguments whole already, then a name (the same tool again): another call.
+    calls.add(frag(name="get_time", arguments='{"tz": "CET"}'))
+    # The end of a longer declared name: more of the same name, not a call.
+    calls.add(frag(name="get_weather", arguments=""))
+    calls.add(frag(name="_v2", arguments="{}"))
+    assert [(e.name, e.arguments) for e in calls.events()] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {"tz": "UTC"}),
+        ("get_time", {"tz": "CET"}),
+        ("get_weather_v2", {}),
+    ]
+    # A name in pieces, repeated whole, or with no tools declared: one call, as before,
+    # until its arguments are whole.
+    for pieces, name in (
+        (["get_", "weather"], "get_weather"),
+        (["get_weather", "get_weather"], "get_weather"),
+    ):
+        for names in (declared, frozenset()):
+            calls = _Calls(names)
+            calls.add(frag(name=pieces[0], arguments='{"city"'))
+            calls.add(frag(name=pieces[1], arguments=': "Paris"}'))
+            assert [(e.name, e.arguments) for e in calls.events()] == [(name, {"city": "Paris"})], (
+                pieces,
+                names,
+            )
+    # The first fragment's id, none after: the names still tell the calls apart.
+    calls = _Calls(declared)
+    calls.add([_ToolDelta(id="a", function=_Fn(name="get_weather", arguments="{}"))])
+    calls.add([_ToolDelta(id="b", function=_Fn(name="get_time", arguments="{}"))])
+    calls.add(frag(name="get_weather", arguments="{}"))
+    assert [(e.id, e.name) for e in calls.events()][:2] == [
+        ("a", "get_weather"),
+        ("b", "get_time"),
+    ]
+    assert [e.name for e in calls.events()] == [
+        "get_weather",
+        "get_time",
+        "get_weather",
+    ]
+
+
 async def test_compressed_answer_and_redirect(fake: tuple[FakeOpenAI, str]) -> None:
     f, url = fake
     b = await backend(url + "/v1")
@@ -782,3 +834,374 @@ def test_a_key_given_where_its_variable_name_goes_is_refused_unshown() -> None:
         "up",
         OpenAIConfig(kind="openai", base_url="http://127.0.0.1:9", api_key_env="OPENAI_API_KEY"),
     )
+
+
+# --- real servers' wire quirks, through stella ---------------------------------------------
+
+# The fake's models stella is put in front of (see `quirks`), each with what its route sets
+# besides the defaults.
+QUIRKS: dict[str, dict[str, Any]] = {
+    "ctx-openai": {"backend": "b-ctx"},
+    "ctx-llamacpp": {},
+    "ctx-vllm": {},
+    "ctx-vllm-old": {},
+    "error-field-context": {"backend": "b-ctx"},
+    "error-field-400": {},
+    "error-field-500": {},
+    "limit-ms": {"retries": 1},
+    "limit-reset": {"retries": 1},
+    "empty-data": {},
+    "multi-data": {},
+    "json-answer": {},
+    "json-error": {"retries": 0},  # asked once per stream mode: its circuit stays shut
+    "sse-as-json": {},
+    "finish-then-cut": {},
+    "reasoning-no-usage": {},
+    "whole-calls": {},
+    "whole-calls-same": {},
+}
+
+
+@pytest.fixture(scope="module")
+def quirks(fake: tuple[FakeOpenAI, str]) -> Iterator[Any]:
+    """stella with a route per quirk (retried twice, quickly), each on a backend of its own
+    whose circuit opens at its second failure; `ctx-ok` shares two context routes' backend."""
+    from tests.live import run_stella
+
+    url = fake[1] + "/v1"
+    routes: dict[str, Any] = {
+        model: {
+            "backend": backend_of(model),
+            "upstream_model": model,
+            "retries": 2,
+            "retry_backoff_s": 0.01,
+            "retry_max_backoff_s": 2,
+            "ttft_timeout_s": 0.3,
+            **extra,
+        }
+        for model, extra in QUIRKS.items()
+    }
+    routes["ctx-ok"] = {"backend": "b-ctx", "upstream_model": "ok"}
+    backends = {route["backend"]: {"kind": "openai", "base_url": url} for route in routes.values()}
+    config = {
+        "backends": backends,
+        "models": {"routes": routes},
+        "breaker": {"failure_threshold": 2, "cooldown_s": 60},
+    }
+    with run_stella(config) as server:
+        yield server
+
+
+def backend_of(model: str) -> str:
+    """The backend of a quirk's route."""
+    return QUIRKS[model].get("backend", f"b-{model}")
+
+
+def ask(server: Any, route: str, api: str, stream: bool, **extra: Any) -> httpx.Response:
+    """One chat to `route` on the native API (`native`) or OpenAI's (`openai`)."""
+    path = "/api/v1/chat" if api == "native" else "/v1/chat/completions"
+    body: dict[str, Any] = {"model": route, "stream": stream}
+    body["messages"] = [{"role": "user", "content": "hi"}]
+    if api == "openai" and stream:
+        body["stream_options"] = {"include_usage": True}
+    return httpx.post(server.url + path, json={**body, **extra}, timeout=20)
+
+
+def outcome(r: httpx.Response, api: str, stream: bool) -> dict[str, Any]:
+    """What a call came to, the same for each API and mode: the HTTP status, the text, the
+    tool calls, finish_reason and usage, or the error's code, message and retryability."""
+    if r.status_code != 200:
+        error = r.json()["error"]
+        return {
+            "status": r.status_code,
+            "code": error["code"],
+            "message": error["message"],
+        }
+    if not stream:
+        answer = r.json()
+        if api == "native":
+            calls = [(c["name"], c["arguments"]) for c in answer.get("tool_calls") or []]
+            text, finish, usage = (
+                answer["response"],
+                answer["finish_reason"],
+                answer["usage"],
+            )
+        else:
+            message, finish = (
+                answer["choices"][0]["message"],
+                answer["choices"][0]["finish_reason"],
+            )
+            calls = [
+                (c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in message.get("tool_calls") or []
+            ]
+            text, usage = message["content"] or "", answer["usage"]
+        return {
+            "status": 200,
+            "text": text,
+            "calls": calls,
+            "finish": finish,
+            "usage": usage,
+        }
+    if api == "native":
+        lines = [e for e in ndjson(r.text) if e["type"] != "ping"]
+        if lines[-1]["type"] == "error":
+            last = lines[-1]
+            return {"status": 200, "code": last["code"], "message": last["message"]}
+        text = "".join(e["text"] for e in lines if e["type"] == "delta")
+        calls = [(e["name"], e["arguments"]) for e in lines if e["type"] == "tool_call"]
+        done = lines[-1]
+        return {
+            "status": 200,
+            "text": text,
+            "calls": calls,
+            "finish": done["finish_reason"],
+            "usage": done["usage"],
+        }
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    if "error" in chunks[-1]:
+        error = chunks[-1]["error"]
+        return {"status": 200, "code": error["code"], "message": error["message"]}
+    text, finish, usage, calls = "", None, None, {}
+    for c in chunks:
+        usage = c.get("usage") or usage
+        for choice in c.get("choices") or ():
+            text += choice["delta"].get("content") or ""
+            finish = choice["finish_reason"] or finish
+            for call in choice["delta"].get("tool_calls") or ():
+                name, args = calls.get(call["index"], ("", ""))
+                fn = call.get("function") or {}
+                calls[call["index"]] = (
+                    name + (fn.get("name") or ""),
+                    args + (fn.get("arguments") or ""),
+                )
+    return {
+        "status": 200,
+        "text": text,
+        "calls": [(n, json.loads(a)) for n, a in calls.values()],
+        "finish": finish,
+        "usage": usage,
+    }
+
+
+MODES = [(api, stream) for api in ("native", "openai") for stream in (True, False)]
+
+
+def event(server: Any, r: httpx.Response) -> dict[str, Any]:
+    """The call's inference log event."""
+    rid = r.headers["x-request-id"]
+    return server.wait_event(lambda e: e["request_id"] == rid)
+
+
+def attempts(server: Any, r: httpx.Response) -> list[dict[str, Any]]:
+    """The attempts the call's inference log event records."""
+    return event(server, r)["attempts"]
+
+
+@pytest.mark.parametrize("model", ["ctx-openai", "ctx-llamacpp", "ctx-vllm", "ctx-vllm-old"])
+def test_an_upstreams_context_overflow_is_context_length_exceeded(quirks: Any, model: str) -> None:
+    # OpenAI's code, llama.cpp's type, vLLM's words (under `error`, or at the top in older
+    # builds): the embedded engine's 400 `context_length_exceeded`, in the upstream's
+    # words, not a 502 `upstream_rejected`; never retried, and no failure of the backend
+    # (its circuit opens at the second: every ask gets the same answer, and the backend's
+    # other route answers).
+    from tests.fakes.openai import CONTEXT_ERRORS
+
+    error = CONTEXT_ERRORS[model]
+    words = (error.get("error") or error)["message"]
+    for api, stream in MODES:
+        r = ask(quirks, model, api, stream)
+        got = outcome(r, api, stream)
+        # A native stream has started (200) when the error comes: it is in-band.
+        assert got["status"] == (200 if (api, stream) == ("native", True) else 400), got
+        assert got["code"] == "context_length_exceeded", (api, stream, got)
+        assert got["message"].startswith(f"{backend_of(model)}: upstream answered 400: ")
+        assert words[:60] in got["message"]
+        tried = attempts(quirks, r)
+        assert [(a["error"], a.get("upstream_status")) for a in tried] == [
+            ("context_length_exceeded", 400)
+        ], (api, stream)
+        if api == "openai" and not stream:
+            assert r.json()["error"]["param"] == "messages"
+            assert r.headers["x-should-retry"] == "false"
+    assert outcome(ask(quirks, "ctx-ok", "native", False), "native", False)["status"] == 200
+
+
+def test_only_a_refusal_of_the_request_is_read_as_a_context_overflow() -> None:
+    # The words in a 5xx or a 429 (a server's trace, a limit's explanation) are no refusal
+    # of the prompt: retried as before. A 413 or 422 with the code is one.
+    from stella.errors import ContextTooLong
+
+    body = json.dumps({"error": {"message": "maximum context length is 8192 tokens"}}).encode()
+    for status in (429, 500, 503):
+        err = error_from_response("up", status, {}, body)
+        assert err.code != "context_length_exceeded" and err.retryable, status
+    coded = {"error": {"message": "too long", "code": "context_length_exceeded"}}
+    for status in (413, 422):
+        err = error_from_response("up", status, {}, json.dumps(coded).encode())
+        assert isinstance(err, ContextTooLong) and err.status == 400, status
+        assert (err.code, err.retryable, err.falls_back) == (
+            "context_length_exceeded",
+            False,
+            False,
+        )
+        assert err.message == f"up: upstream answered {status}: too long"
+
+
+def test_llama_cpps_error_field_is_the_streams_failure(quirks: Any) -> None:
+    # llama.cpp before #16109 streams a failure as `error: {...}` then `data: [DONE]`: it
+    # was no line stella read, and the stream "ended without a finish reason" (retried).
+    # Its message is the error; a 4xx is not retried; a prompt over the context is the
+    # 400 `context_length_exceeded` an error status would be, and no failure of the
+    # backend (whose circuit opens at the second; the backend's other route answers).
+    from tests.fakes.openai import LLAMA_CONTEXT
+
+    for model, code, retryable in (
+        ("error-field-context", "context_length_exceeded", False),
+        ("error-field-400", "upstream_rejected", False),
+        ("error-field-500", "upstream_error", True),
+    ):
+        for api in ("native", "openai"):
+            r = ask(quirks, model, api, True)
+            got = outcome(r, api, True)
+            assert got["code"] == code, (model, api, got)
+            words = {
+                "error-field-context": LLAMA_CONTEXT,
+                "error-field-400": "'messages' must",
+            }
+            said = words.get(model, "boom")
+            assert got["message"].startswith(
+                f"{backend_of(model)}: upstream error in stream: {said}"
+            ), got
+            tried = attempts(quirks, r)
+            if model == "error-field-500":  # after the first word: in-band, not retried
+                assert got["status"] == 200 and ndjson_text(r, api) == " w0", r.text
+                assert [a["error"] for a in tried] == ["upstream_error"]
+            else:
+                assert [a["error"] for a in tried] == [code], (model, api)
+            if api == "native":
+                assert ndjson(r.text)[-1]["retryable"] is retryable
+    assert outcome(ask(quirks, "ctx-ok", "openai", True), "openai", True)["status"] == 200
+
+
+def ndjson_text(r: httpx.Response, api: str) -> str:
+    """The text a stream sent before it ended (native NDJSON or OpenAI's SSE)."""
+    if api == "native":
+        return "".join(e["text"] for e in ndjson(r.text) if e["type"] == "delta")
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    return "".join(
+        choice["delta"].get("content") or "" for c in chunks for choice in c.get("choices") or ()
+    )
+
+
+@pytest.mark.parametrize(("model", "wait"), [("limit-ms", 1.5), ("limit-reset", 1.2)])
+def test_a_429s_other_hints_say_when_to_ask_again(quirks: Any, model: str, wait: float) -> None:
+    # Azure OpenAI's retry-after-ms, OpenAI's x-ratelimit-reset-* (no Retry-After): the
+    # retry waits that long, and the client is told it as Retry-After.
+    for api, stream in (("native", False), ("openai", True)):
+        t = time.perf_counter()
+        r = ask(quirks, model, api, stream)
+        took = time.perf_counter() - t
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_rate_limited"
+        assert r.headers["retry-after"] == "2", r.headers  # whole seconds, rounded up
+        assert wait * 0.95 <= took < wait + 1.5, took
+        assert [a["error"] for a in attempts(quirks, r)] == ["upstream_rate_limited"] * 2
+
+
+def test_the_hints_of_a_429_and_their_bounds() -> None:
+    from stella.backends.http import go_seconds, retry_hint
+
+    assert retry_hint(429, {"retry-after-ms": "1500", "retry-after": "7"}) == 1.5  # preferred
+    assert retry_hint(503, {"retry-after-ms": "20"}) == 0.02
+    assert retry_hint(429, {"retry-after-ms": "soon", "retry-after": "7"}) == 7.0
+    for absurd in ("1e400", "inf"):
+        assert retry_hint(429, {"retry-after-ms": absurd}) == 86400.0
+    assert retry_hint(429, {"retry-after-ms": "-5"}) == 0.0
+    resets = {"x-ratelimit-reset-requests": "7s", "x-ratelimit-reset-tokens": "6m0s"}
+    assert retry_hint(429, resets) == 360.0  # the later: after it, either limit has room
+    assert retry_hint(429, {**resets, "retry-after": "3"}) == 3.0  # Retry-After first
+    assert retry_hint(500, resets) is None  # a limit's reset says nothing of a 500
+    assert retry_hint(429, {"x-ratelimit-reset-tokens": "20ms"}) == 0.02
+    assert retry_hint(429, {"x-ratelimit-reset-requests": "99999h"}) == 86400.0
+    assert retry_hint(429, {"x-ratelimit-reset-requests": "soon"}) is None
+    assert retry_hint(429, {}) is None
+    for text, seconds in (
+        ("7s", 7),
+        ("1.5s", 1.5),
+        ("20ms", 0.02),
+        ("1h2m3s", 3723),
+        ("0", 0),
+    ):
+        assert go_seconds(text) == pytest.approx(seconds), text
+    for text in ("", "7", "s", "1.5 s", "1e3s"):
+        assert go_seconds(text) is None, text
+    far = (time.time() + 10 * 86400) * 1.0
+    from email.utils import formatdate
+
+    assert retry_hint(429, {"retry-after": formatdate(far, usegmt=True)}) == 86400.0
+
+
+@pytest.mark.parametrize(
+    "model", ["empty-data", "multi-data", "json-answer", "sse-as-json", "finish-then-cut"]
+)
+def test_a_stream_as_servers_and_relays_send_it_is_its_answer(quirks: Any, model: str) -> None:
+    # Empty `data:` events (a relay's heartbeats; here also for longer than the 0.3 s
+    # first-token limit, which they keep from firing, as comments do), an event's JSON
+    # over several `data:` lines (SSE joins them), a whole JSON answer to a stream request
+    # (a server that ignored `stream: true`; and a stream labelled as JSON, still read as
+    # a stream), a connection cut after the finish reason, before the usage: the answer,
+    # streamed whole, every time.
+    for api, stream in MODES:
+        r = ask(quirks, model, api, stream)
+        got = outcome(r, api, stream)
+        assert got.get("text") == " w0 w1 w2 w3 w4", (api, stream, got)
+        assert got["finish"] == "stop"
+        assert [a["error"] for a in attempts(quirks, r)] == [None], (api, stream)
+        if model == "finish-then-cut" and stream:  # counted: the usage never came
+            assert got["usage"]["completion_tokens"] == 5, got
+
+
+def test_a_200_error_body_to_a_stream_request_is_the_error(quirks: Any) -> None:
+    # It was read as an SSE stream without events: "ended without a finish reason".
+    for api in ("native", "openai"):
+        r = ask(quirks, "json-error", api, True)
+        got = outcome(r, api, True)
+        assert got["code"] == "upstream_error", got
+        assert got["message"] == "b-json-error: upstream error: No models loaded.", got
+
+
+def test_a_reasoning_answer_without_usage_is_charged_its_reasoning(quirks: Any) -> None:
+    # The reasoning pieces are tokens the model made: with no usage from the upstream,
+    # the answer's count (and the log's, and the token limits') has them, streamed or not.
+    from tests.fakes.openai import REASONING
+
+    whole = len(" w0 w1 w2 w3 w4" + "".join(REASONING)) // 4  # four characters a token
+    for api, stream in MODES:
+        r = ask(quirks, "reasoning-no-usage", api, stream)
+        got = outcome(r, api, stream)
+        assert got["text"] == " w0 w1 w2 w3 w4", got
+        made = len(REASONING) + 5 if stream else whole
+        assert got["usage"]["completion_tokens"] == made, (api, stream, got)
+        ev = event(quirks, r)
+        assert ev["completion_tokens"] == made and ev["usage_estimated"] is True
+
+
+TWO_TOOLS = [
+    {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+    for n in ("get_weather", "get_time")
+]
+
+
+@pytest.mark.parametrize("model", ["whole-calls", "whole-calls-same"])
+def test_whole_tool_calls_without_index_or_id_are_each_a_call(quirks: Any, model: str) -> None:
+    # Each call in one chunk with neither index nor id: two calls, not one whose name is
+    # both names ("get_weatherget_time") and whose arguments are both objects.
+    first = "get_weather"
+    second = "get_time" if model == "whole-calls" else "get_weather"
+    for api in ("native", "openai"):
+        got = outcome(ask(quirks, model, api, True, tools=TWO_TOOLS), api, True)
+        assert got["calls"] == [
+            (first, {"city": "Paris"}),
+            (second, {"city": "Oslo"}),
+        ], got
+        assert got["finish"] == "tool_calls"

@@ -11,6 +11,7 @@ import asyncio
 import email.utils
 import functools
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
@@ -29,6 +30,7 @@ from stella.backends import ConfigError
 from stella.backends.base import Backend, BackendConfig, BackendHealth, CallContext
 from stella.errors import (
     StellaError,
+    UpstreamContextTooLong,
     UpstreamError,
     UpstreamStatus,
     UpstreamTimeout,
@@ -518,6 +520,8 @@ def upstream_text(text: str) -> str:
 def error_from_response(name: str, status: int, headers: Any, body: bytes) -> StellaError:
     """The StellaError for an upstream error status (OpenAI's or a plain error shape)."""
     message = ""
+    code: object = None
+    kind: object = None
     if status < 400:
         # Never followed: the prompt and the key go only to base_url's host.
         where = headers.get("location", "")
@@ -528,21 +532,62 @@ def error_from_response(name: str, status: int, headers: Any, body: bytes) -> St
         err = parsed.error
         if isinstance(err, _OpenAIError):
             message = err.message or str(err.code or "")
+            code, kind = err.code, err.type
         elif isinstance(err, str):
             message = err
         else:
-            message = parsed.message or parsed.detail or ""
+            message = parsed.message or parsed.detail or ""  # old vLLM's, at the top
     except BAD_JSON:
         if not message:
             message = body[:HTML_SCAN].decode(errors="replace")
             if "html" in headers.get("content-type", "").lower() or message.lstrip()[:1] == "<":
                 message = page_words(message)  # a proxy's error page: its words only
     message = upstream_text(message)
-    return UpstreamStatus(
-        f"{name}: upstream answered {status}" + (f": {message}" if message else ""),
-        upstream_status=status,
-        retry_after=retry_after(headers.get("retry-after")),
-    )
+    text = f"{name}: upstream answered {status}" + (f": {message}" if message else "")
+    if status in (400, 413, 422) and context_overflow(code, kind, message):
+        return UpstreamContextTooLong(text, upstream_status=status)
+    return UpstreamStatus(text, upstream_status=status, retry_after=retry_hint(status, headers))
+
+
+# What upstreams say of a prompt longer than the model's context: OpenAI's error code and
+# llama.cpp's error type; vLLM's message (OpenAI's too, and most servers' modelled on
+# either) and older llama.cpp builds' say it only in words.
+CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+CONTEXT_WORDS = ("maximum context length", "exceeds the available context size")
+
+
+def context_overflow(code: object, kind: object, message: str) -> bool:
+    """Whether an upstream's error (its `code`, `type` and message) says the prompt is
+    longer than the model's context."""
+    if (isinstance(code, str) and code in CONTEXT_CODES) or (
+        isinstance(kind, str) and kind in CONTEXT_CODES
+    ):
+        return True
+    lower = message.lower()
+    return any(words in lower for words in CONTEXT_WORDS)
+
+
+def retry_hint(status: int, headers: Any) -> float | None:
+    """Seconds an upstream's error answer asks to wait before the next try: Azure OpenAI's
+    `retry-after-ms` when present, else Retry-After, else (a 429's) OpenAI's rate-limit
+    resets, the later of the two: the answer does not say which limit refused it, and
+    after the later both have room."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return _bounded(float(ms) / 1000)
+        except ValueError:
+            pass
+    seconds = retry_after(headers.get("retry-after"))
+    if seconds is None and status == 429:
+        resets = [
+            s
+            for key in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+            if (s := go_seconds(headers.get(key))) is not None
+        ]
+        if resets:
+            seconds = _bounded(max(resets))
+    return seconds
 
 
 def retry_after(value: str | None) -> float | None:
@@ -550,14 +595,38 @@ def retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return min(max(0.0, float(value)), 86_400.0)  # a day at most ("inf" is a float too)
+        return _bounded(float(value))
     except ValueError:
         pass
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return _bounded(when.timestamp() - time.time())
+
+
+def _bounded(seconds: float) -> float:
+    """An upstream's wait, within 0 and a day ("inf" and "nan" are floats too)."""
+    return min(max(0.0, seconds), 86_400.0)
+
+
+# Go's time.ParseDuration: <number><unit> parts after a sign, or a bare 0 (a bare "-1" it
+# refuses: missing unit). Ollama reads a keep_alive so; OpenAI writes its rate-limit
+# resets so ("6m0s", "1.5s", "20ms").
+GO_NUMBER = r"[0-9]+\.?[0-9]*|\.[0-9]+"
+GO_UNIT = r"ns|us|µs|μs|ms|s|m|h"
+GO_DURATION = re.compile(rf"[-+]?(?:0|(?:(?:{GO_NUMBER})(?:{GO_UNIT}))+)")
+GO_PARTS = re.compile(rf"({GO_NUMBER})({GO_UNIT})")
+GO_UNIT_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9}
+GO_UNIT_NS |= {"m": 60 * 10**9, "h": 3600 * 10**9}
+
+
+def go_seconds(value: str | None) -> float | None:
+    """The seconds of a Go duration ("7s", "6m0s", "20ms"); None when it is not one."""
+    if not value or not GO_DURATION.fullmatch(value := value.strip()):
+        return None
+    seconds = sum(float(n) * GO_UNIT_NS[unit] for n, unit in GO_PARTS.findall(value)) / 1e9
+    return -seconds if value.startswith("-") else seconds
 
 
 def aiohttp_error(name: str, exc: BaseException, connect_timeout_s: float = 0.0) -> StellaError:

@@ -24,6 +24,10 @@ from stella.backends.base import (
 )
 from stella.backends.http import (
     BAD_JSON,
+    GO_DURATION,
+    GO_NUMBER,
+    GO_PARTS,
+    GO_UNIT_NS,
     HttpBackend,
     HttpConfig,
     aiohttp_error,
@@ -43,16 +47,8 @@ class OllamaConfig(HttpConfig, kw_only=True):
     keep_alive: int | float | str = ""
 
 
-# Go's time.ParseDuration, which Ollama reads a keep_alive string with: <number><unit>
-# parts after a sign, or a bare 0 (a bare "-1" it refuses: missing unit).
-_GO_NUMBER = r"[0-9]+\.?[0-9]*|\.[0-9]+"
-_GO_UNIT = r"ns|us|µs|μs|ms|s|m|h"
-_GO_DURATION = re.compile(rf"[-+]?(?:0|(?:(?:{_GO_NUMBER})(?:{_GO_UNIT}))+)")
-_GO_PARTS = re.compile(rf"({_GO_NUMBER})({_GO_UNIT})")
-_UNIT_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9}
-_UNIT_NS |= {"m": 60 * 10**9, "h": 3600 * 10**9}
 # A number of seconds written as a string (an environment variable's value is one).
-_SECONDS = re.compile(rf"[-+]?(?:{_GO_NUMBER})(?:[eE][-+]?[0-9]+)?")
+_SECONDS = re.compile(rf"[-+]?(?:{GO_NUMBER})(?:[eE][-+]?[0-9]+)?")
 # Go's durations are int64 nanoseconds (~292 years): ParseDuration refuses a longer
 # one, and Ollama's conversion of a longer number of seconds overflows.
 _MAX_NS = 2**63 - 1
@@ -61,8 +57,8 @@ _MAX_NS = 2**63 - 1
 def _fits(value: int | float | str) -> bool:
     """Whether Ollama can hold `value` (seconds, or a Go duration) as a Go duration."""
     if isinstance(value, str):  # exact, as ParseDuration counts: whole nanoseconds
-        parts = _GO_PARTS.findall(value)
-        ns = int(sum(Fraction(n) * _UNIT_NS[unit] for n, unit in parts))
+        parts = GO_PARTS.findall(value)
+        ns = int(sum(Fraction(n) * GO_UNIT_NS[unit] for n, unit in parts))
         return ns <= _MAX_NS + value.startswith("-")
     if value != value or value in (math.inf, -math.inf):
         return False  # no JSON form: msgspec writes null, which Ollama refuses
@@ -80,7 +76,7 @@ def keep_alive_of(name: str, value: int | float | str) -> int | float | str | No
     if isinstance(value, str):
         if _SECONDS.fullmatch(value):
             sent = float(value) if any(c in value for c in ".eE") else int(value)
-        elif not _GO_DURATION.fullmatch(value):
+        elif not GO_DURATION.fullmatch(value):
             raise ConfigError(
                 f"backends.{name}.keep_alive: {value[:40]!r} is neither a number of seconds "
                 'nor a Go duration ("5m", "1h30m", "-1s")'

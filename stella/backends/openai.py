@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import itertools
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
 import aiohttp
@@ -20,14 +21,16 @@ from stella.backends.base import (
 )
 from stella.backends.http import (
     BAD_JSON,
+    MAX_LINE,
     HttpBackend,
     HttpConfig,
     LineBuffer,
     aiohttp_error,
+    context_overflow,
     read_body,
     upstream_text,
 )
-from stella.errors import UpstreamError
+from stella.errors import StellaError, UpstreamContextTooLong, UpstreamError, UpstreamStatus
 from stella.protocol import (
     ChatRequest,
     Delta,
@@ -82,6 +85,11 @@ class _Delta(msgspec.Struct):
     # OpenAI's answer when the model declines (content then null): the answer's text.
     refusal: str | None = None
     tool_calls: list[_ToolDelta] | None = None
+    # A reasoning model's thinking (vLLM's and DeepSeek's `reasoning_content`, OpenRouter's
+    # and Groq's `reasoning`): no text of the answer, but tokens it made. Any type: a
+    # server's other shape for it must not fail the answer.
+    reasoning_content: Any = None
+    reasoning: Any = None
 
 
 class _Choice(msgspec.Struct):
@@ -212,14 +220,28 @@ class OpenAIBackend(HttpBackend):
                     async for event in self._whole(await read_body(r, name), ctx):
                         yield event
                     return
+                reads: AsyncIterator[bytes] = r.content.iter_any().__aiter__()
+                if r.content_type == "application/json":
+                    # A server that ignored `stream: true`, or a proxy's 200 with an error
+                    # body, answers with one JSON body: its answer or its error, as a whole
+                    # answer's. A stream labelled so is still read as one.
+                    head = await anext(reads, b"")
+                    if head.lstrip()[:1] in (b"{", b""):
+                        answer = head + await read_body(r, name)
+                        async for event in self._whole(answer, ctx):
+                            yield event
+                        return
+                    reads = _after(head, reads)
                 calls = _Calls(frozenset(t.function.name for t in request.tools or ()))
                 finish: str | None = None
                 usage: _Usage | None = None
                 ended = False
+                # The data of an event split over several `data:` lines whose end (a
+                # blank line) has not come yet (see _gather).
+                pending = b""
                 # One network read often holds several SSE events (a fast upstream, or a
                 # burst after a pause): their text goes out as one Delta, one send.
                 buf = LineBuffer(name)
-                reads = r.content.iter_any().__aiter__()
                 grace = USAGE_GRACE_S
                 if ctx.silence_limit_s:
                     grace = min(grace, ctx.silence_limit_s * USAGE_GRACE_SHARE)
@@ -229,23 +251,44 @@ class OpenAIBackend(HttpBackend):
                     else:
                         # The answer is whole, the usage asked for has not come: an
                         # upstream that ignores stream_options may hold the stream open
-                        # without [DONE]. Wait briefly, then count the deltas instead.
+                        # without [DONE]. Wait briefly, then count the deltas instead. A
+                        # connection cut meanwhile costs only the usage too.
                         try:
                             async with asyncio.timeout(grace):
                                 raw = await anext(reads, None)
-                        except TimeoutError:
+                        except (TimeoutError, aiohttp.ClientError):
                             break
                     if raw is None:
                         break
                     lines = buf.feed(raw)
                     if not lines:
                         continue
+                    rest: Iterator[bytes] = iter(lines)
+                    if pending:
+                        data, whole = _gather(name, pending, rest)
+                        if not whole:
+                            pending = data
+                            continue
+                        pending = b""
+                        try:
+                            _chunk.decode(data)
+                        except BAD_JSON:
+                            raise UpstreamError(f"{name}: malformed stream line") from None
+                        rest = itertools.chain((b"data:" + data,), rest)
                     texts: list[str] = []
-                    for line in lines:
+                    for line in rest:
                         if not line.startswith(b"data:"):
+                            if not line:  # the blank line after each event
+                                continue
                             if line[:1] == b":":  # a comment (": keepalive"): alive
                                 ctx.alive += 1
-                            continue  # event names, blank lines
+                            elif line.startswith(b"error:"):
+                                # llama.cpp before ggml-org/llama.cpp#16109 told a failure
+                                # in a field of its own, `error: {...}`, then `data: [DONE]`.
+                                if texts:
+                                    yield Delta(text="".join(texts))
+                                raise _failure(name, _error_field(line[6:]))
+                            continue  # event names, ids, a CRLF stream's blank lines
                         data = line[5:].strip()
                         if data == b"[DONE]":
                             ended = True
@@ -253,15 +296,25 @@ class OpenAIBackend(HttpBackend):
                         try:
                             chunk = _chunk.decode(data)
                         except BAD_JSON:
-                            if texts:
-                                yield Delta(text="".join(texts))
-                            raise UpstreamError(f"{name}: malformed stream line") from None
+                            if not data:
+                                # An empty event (a relay's heartbeat): alive, as a comment.
+                                ctx.alive += 1
+                                continue
+                            # The first of the event's data lines, or a malformed one.
+                            data, whole = _gather(name, data, rest)
+                            if not whole:  # its end comes in a later read
+                                pending = data
+                                continue
+                            try:
+                                chunk = _chunk.decode(data)
+                            except BAD_JSON:
+                                if texts:
+                                    yield Delta(text="".join(texts))
+                                raise UpstreamError(f"{name}: malformed stream line") from None
                         if chunk.error is not None:
                             if texts:
                                 yield Delta(text="".join(texts))
-                            raise UpstreamError(
-                                f"{name}: upstream error in stream: {_message(chunk.error)}"
-                            )
+                            raise _failure(name, chunk.error)
                         ctx.beats += 1  # upstream output, with or without text: progress
                         if chunk.usage is not None:
                             usage = chunk.usage
@@ -273,6 +326,8 @@ class OpenAIBackend(HttpBackend):
                                 if d.content:
                                     ctx.tokens_seen += 1
                                     texts.append(d.content)
+                                elif d.reasoning_content or d.reasoning:
+                                    ctx.tokens_seen += 1  # made, and charged, but not sent
                                 if d.refusal:
                                     ctx.tokens_seen += 1
                                     texts.append(d.refusal)
@@ -290,6 +345,8 @@ class OpenAIBackend(HttpBackend):
                         yield Delta(text="".join(texts))
                     if ended:
                         break
+                if pending:  # an event cut before its end
+                    raise UpstreamError(f"{name}: malformed stream line")
                 for event in calls.events():
                     yield event
                 if finish is None:
@@ -309,7 +366,7 @@ class OpenAIBackend(HttpBackend):
         except BAD_JSON:
             raise UpstreamError(f"{self.name}: malformed response body") from None
         if chunk.error is not None:
-            raise UpstreamError(f"{self.name}: upstream error: {_message(chunk.error)}")
+            raise _failure(self.name, chunk.error, "upstream error")
         if not chunk.choices:
             raise UpstreamError(f"{self.name}: response has no choices")
         choice = chunk.choices[0]
@@ -328,8 +385,10 @@ class OpenAIBackend(HttpBackend):
         events = calls.events()
         if chunk.usage is None:
             # No count from the upstream: the answer's size at four characters a token, as
-            # admission estimates a prompt (one Delta would count as one token).
+            # admission estimates a prompt (one Delta would count as one token), its
+            # reasoning included (tokens the model made).
             size = len(text) + sum(len(slot[2]) for slot in calls.slots.values())
+            size += sum(len(r) for r in (msg.reasoning_content, msg.reasoning) if type(r) is str)
             ctx.tokens_seen = max(size // 4, 1) if size else 0
         for event in events:
             yield event
@@ -339,12 +398,64 @@ class OpenAIBackend(HttpBackend):
         )
 
 
+async def _after(head: bytes, reads: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The reads of a body whose first one was taken already (`head`)."""
+    yield head
+    async for raw in reads:
+        yield raw
+
+
+def _gather(name: str, data: bytes, lines: Iterator[bytes]) -> tuple[bytes, bool]:
+    """An event's data, `data` and the `data:` lines that follow it in `lines`, joined with
+    newlines as SSE joins them, up to the blank line that ends the event; and whether it
+    ended there (else `lines` ran out first)."""
+    parts = [data]
+    size = len(data)
+    for line in lines:
+        if line == b"" or line == b"\r":
+            return b"\n".join(parts), True
+        if line.startswith(b"data:"):  # other fields (comments, event names) are no data
+            piece = line[5:].strip()
+            parts.append(piece)
+            size += len(piece) + 1
+            if size > MAX_LINE:
+                raise UpstreamError(f"{name}: a stream line over {MAX_LINE} bytes")
+    return b"\n".join(parts), False
+
+
+def _error_field(raw: bytes) -> Any:
+    """The value of an SSE `error:` field: its JSON, or its text."""
+    try:
+        return msgspec.json.decode(raw)
+    except BAD_JSON:
+        return raw.decode(errors="replace")
+
+
+def _failure(name: str, error: Any, where: str = "upstream error in stream") -> StellaError:
+    """The error an upstream's error object (in a stream, or as its whole answer) means: a
+    prompt over the context is stella's 400 `context_length_exceeded`, a 4xx `code` the
+    upstream's refusal (not retried but where its status would be), anything else an
+    upstream failure."""
+    message = _message(error)
+    text = f"{name}: {where}: {message}"
+    code = kind = None
+    if isinstance(error, dict):
+        code, kind = error.get("code"), error.get("type")
+    status = code if type(code) is int and 400 <= code < 500 else None
+    if context_overflow(code, kind, message):
+        return UpstreamContextTooLong(text, upstream_status=status or 400)
+    if status is not None:
+        return UpstreamStatus(text, upstream_status=status)
+    return UpstreamError(text)
+
+
 class _Calls:
     """Tool calls assembled from streamed fragments: [id, name, arguments] per call.
 
-    Servers differ: some send no index (each call whole), some reuse an index for
-    the next call (a new id), some repeat the whole name (with or without the id) in
-    every fragment, some send the name in pieces, some send the arguments as an object.
+    Servers differ: some send no index (each call whole, with or without an id), some
+    reuse an index for the next call (a new id), some repeat the whole name (with or
+    without the id) in every fragment, some send the name in pieces, some send the
+    arguments as an object.
     """
 
     __slots__ = ("names", "slots", "where")
@@ -361,11 +472,22 @@ class _Calls:
             index = -1 if t.index is None else t.index
             key = self.where.get(index)
             slot = slots.get(key) if key is not None else None
-            if slot is None or (t.id and slot[0] and t.id != slot[0]):
+            fn = t.function
+            if (
+                slot is None
+                or (t.id and slot[0] and t.id != slot[0])
+                # No index, and no ids to tell: the name says whether a call begins.
+                or (
+                    t.index is None
+                    and not (t.id and slot[0])
+                    and fn is not None
+                    and fn.name
+                    and self._begins(slot, fn.name)
+                )
+            ):
                 key = len(slots)  # a call of its own (a new id under a reused index)
                 slot = slots[key] = ["", "", ""]
                 self.where[index] = key
-            fn = t.function
             if fn is not None:
                 # The whole name again (MiniMax through NIM and some proxies repeat it
                 # in every fragment, the id only in the first) is a repeat, not more
@@ -379,6 +501,23 @@ class _Calls:
                     slot[2] += fn.arguments
             if t.id:
                 slot[0] = t.id
+
+    def _begins(self, slot: list[Any], name: str) -> bool:
+        """Whether a fragment naming `name`, with neither index nor id, begins a call after
+        the one in `slot` (servers that send each call whole say so in no other way)."""
+        have = slot[1]
+        if not have:
+            return False  # the call's first name
+        names = self.names
+        if name != have and have in names and have + name not in names:
+            return True  # a declared tool's whole name, then not a piece of a longer one
+        if not slot[2]:
+            return False
+        try:  # arguments that are whole JSON already: more name is another call's
+            msgspec.json.decode(slot[2])
+        except BAD_JSON:
+            return False
+        return True
 
     def put(self, call: _ToolDelta) -> None:
         """Take one call of a whole message: a call of its own, whatever its id."""

@@ -33,6 +33,26 @@ usage in a whole answer), `filtered` (FILTERED, then finish_reason "content_filt
 (TEXT_BEFORE, then the calls of `two-tools`, as a model may say what it is about to do)
 and `reasoning` (a 400 for `max_tokens`, as OpenAI's o-series and gpt-5 answer: they take
 `max_completion_tokens`).
+Wire quirks of real servers:
+- `ctx-openai`, `ctx-llamacpp`, `ctx-vllm`, `ctx-vllm-old`: a 400 for a prompt over the
+  context, in each server's shape (OpenAI's `code`, llama.cpp's `type`, vLLM's words
+  under `error` or, older, at the top);
+- `error-field-context`, `error-field-400`, `error-field-500`: a failure in llama.cpp's
+  own SSE field `error: {...}` then `data: [DONE]`, as its builds before #16109 stream it
+  (over the context, a 400, a 500 after the first word);
+- `limit-ms`, `limit-reset`: a 429 with Azure OpenAI's `retry-after-ms` LIMIT_MS, or with
+  OpenAI's `x-ratelimit-reset-requests`/`-tokens` LIMIT_RESETS and no Retry-After;
+- `empty-data`: empty `data:` events between the chunks, and for 0.6 s before them, as
+  relays send heartbeats;
+- `multi-data`: each chunk's JSON over several `data:` lines, one of them in two writes;
+- `json-answer`, `json-error`: a stream asked for, a 200 `application/json` body given
+  (the whole answer, or an error); `sse-as-json`: a stream labelled `application/json`;
+- `finish-then-cut`: the answer and its finish reason, then the connection cut before
+  the usage;
+- `reasoning-no-usage`: REASONING in `reasoning_content` and `reasoning` chunks, then the
+  answer, no usage, streamed or not;
+- `whole-calls`, `whole-calls-same`: two tool calls each in one chunk with neither index
+  nor id (two tools, or one tool twice).
 It records what it saw.
 """
 
@@ -65,6 +85,55 @@ FILTERED = "Here is how to"
 
 # An upstream's error text of a megabyte over several lines (a traceback, a dump).
 HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
+
+# What the `ctx-` models answer, each in its server's shape (status 400).
+CONTEXT_ERRORS: dict[str, dict[str, Any]] = {
+    "ctx-openai": {
+        "error": {
+            "message": "This model's maximum context length is 128000 tokens. However, your "
+            "messages resulted in 130000 tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    },
+    "ctx-llamacpp": {
+        "error": {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": 5000,
+            "n_ctx": 4096,
+        }
+    },
+    "ctx-vllm": {
+        "error": {
+            "message": "This model's maximum context length is 4096 tokens. However, your "
+            "request has 5000 input tokens. Please reduce the length of the input messages.",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    },
+    "ctx-vllm-old": {
+        "object": "error",
+        "message": "This model's maximum context length is 4096 tokens. However, you "
+        "requested 5000 tokens (4000 in the messages, 1000 in the completion).",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    },
+}
+# llama.cpp's words for a prompt over its context, before it had an error type for it.
+LLAMA_CONTEXT = (
+    "the request exceeds the available context size. try increasing the context size or "
+    "enable context shift"
+)
+# Model `limit-ms`'s retry-after-ms, and `limit-reset`'s rate-limit resets (requests, tokens).
+LIMIT_MS = "1500"
+LIMIT_RESETS = ("1.2s", "20ms")
+# What model `reasoning-no-usage` thinks, in pieces: three `reasoning_content`, one `reasoning`.
+REASONING = ("Let ", "me ", "think. ", "Done.")
 
 
 class FakeOpenAI:
@@ -174,6 +243,27 @@ class FakeOpenAI:
                 },
                 400,
             )
+        if model in CONTEXT_ERRORS:
+            return JSONResponse(CONTEXT_ERRORS[model], 400)
+        if model in ("limit-ms", "limit-reset"):
+            limit = {"message": "Rate limit reached", "type": "requests"}
+            headers = (
+                {"retry-after-ms": LIMIT_MS}
+                if model == "limit-ms"
+                else {
+                    "x-ratelimit-reset-requests": LIMIT_RESETS[0],
+                    "x-ratelimit-reset-tokens": LIMIT_RESETS[1],
+                }
+            )
+            return JSONResponse(
+                {"error": {**limit, "code": "rate_limit_exceeded"}}, 429, headers=headers
+            )
+        if body.get("stream") and model in ("json-answer", "json-error"):
+            # A server that ignores `stream: true`, or a proxy's 200 with an error body.
+            if model == "json-error":
+                error = {"message": "No models loaded.", "type": "invalid_request_error"}
+                return JSONResponse({"error": error})
+            body = {**body, "stream": False}
         if model == "redirect":
             target = str(request.url).replace("/chat/completions", "/elsewhere")
             return Response(status_code=307, headers={"Location": target})
@@ -203,6 +293,8 @@ class FakeOpenAI:
                 content = TEXT_BEFORE if model == "text-tools" else None
                 message = {"role": "assistant", "content": content, "tool_calls": _calls(body)}
                 finish = "stop" if model == "tools-stop" else "tool_calls"
+            if model == "reasoning-no-usage":
+                message["reasoning_content"] = "".join(REASONING)
             if model.startswith("refusal"):
                 message = {"role": "assistant", "content": None, "refusal": REFUSAL}
                 finish = "length" if model == "refusal-length" else "stop"
@@ -216,10 +308,12 @@ class FakeOpenAI:
                 "model": model,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             }
-            if model not in ("no-usage", "refusal-no-usage"):
+            if model not in ("no-usage", "refusal-no-usage", "reasoning-no-usage"):
                 answer["usage"] = self._usage(model)
             return self._maybe_gzip(model, JSONResponse(answer))
-        return StreamingResponse(self._stream(model, body), media_type="text/event-stream")
+        # `sse-as-json`: a stream labelled application/json, as some servers label it.
+        kind = "application/json" if model == "sse-as-json" else "text/event-stream"
+        return StreamingResponse(self._stream(model, body), media_type=kind)
 
     def _usage(self, model: str) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -270,7 +364,22 @@ class FakeOpenAI:
                     yield b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n"
                 yield b"data: [DONE]\n\n"
                 return
+            if model.startswith("error-field"):  # llama.cpp's own field, before #16109
+                fields = {"code": 400, "message": LLAMA_CONTEXT, "type": "invalid_request_error"}
+                if model == "error-field-400":
+                    fields = {**fields, "message": "'messages' must be an array"}
+                if model == "error-field-500":
+                    yield chunk({"role": "assistant", "content": ""})
+                    yield chunk({"content": self.words[0]})
+                    fields = {"code": 500, "message": "boom", "type": "server_error"}
+                yield b"error: " + json.dumps(fields).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
+                return
             yield chunk({"role": "assistant", "content": ""})
+            if model == "empty-data":  # a relay's heartbeats, while a long prompt is read
+                for i in range(6):
+                    await asyncio.sleep(0.1)
+                    yield b"data: \n\n" if i % 2 else b"data:\n\n"
             if model == "huge-error-after":
                 yield chunk({"content": self.words[0]})
                 yield b"data: " + json.dumps(huge).encode() + b"\n\n"
@@ -345,12 +454,44 @@ class FakeOpenAI:
                 for part in ('{"ci', 'ty": "Par', 'is"}'):
                     yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
                 yield chunk({}, "tool_calls")
+            elif model in ("whole-calls", "whole-calls-same"):  # each call whole, no index nor id
+                tools = (
+                    ["get_weather", "get_time"] if model == "whole-calls" else ["get_weather"] * 2
+                )
+                for name, city in zip(tools, ["Paris", "Oslo"], strict=True):
+                    call = {"name": name, "arguments": json.dumps({"city": city})}
+                    yield chunk({"tool_calls": [{"type": "function", "function": call}]})
+                yield chunk({}, "tool_calls")
+            elif model == "reasoning-no-usage":
+                for i, part in enumerate(REASONING):
+                    yield chunk(
+                        {"content": None, "reasoning" if i == 3 else "reasoning_content": part}
+                    )
+                for word in self.words:
+                    yield chunk({"content": word})
+                yield chunk({}, "stop")
+                yield b"data: [DONE]\n\n"
+                return
+            elif model == "multi-data":  # each event's JSON over several data lines
+                for i, part in enumerate([*self.words, None]):
+                    event = chunk({"content": part} if part else {}, None if part else "stop")
+                    lines = json.dumps(json.loads(event[6:]), indent=1).split("\n")
+                    event = b"".join(b"data: " + line.encode() + b"\n" for line in lines) + b"\n"
+                    if i == 1:  # an event over two reads, cut inside a line
+                        yield event[:50]
+                        await asyncio.sleep(0.05)
+                        event = event[50:]
+                    yield event
+                yield b"data: [DONE]\n\n"
+                return
             elif model == "filtered":
                 for part in (FILTERED[:8], FILTERED[8:]):
                     yield chunk({"content": part})
                 yield chunk({}, "content_filter")
             else:
                 for i, word in enumerate(self.words):
+                    if model == "empty-data":
+                        yield b"data: \n\n"
                     if model == "die-after-3" and i == 3:
                         raise RuntimeError("connection dropped on purpose")
                     if model == "stall-after-2" and i == 2:
@@ -363,6 +504,9 @@ class FakeOpenAI:
                 yield chunk({}, "abort" if model == "abort" else "stop")
             if model == "finish-then-hold":  # ignores include_usage, never says [DONE]
                 await asyncio.sleep(3600)
+            if model == "finish-then-cut":  # the connection cut before the usage and [DONE]
+                await asyncio.sleep(0.05)
+                raise RuntimeError("connection dropped on purpose")
             if (body.get("stream_options") or {}).get("include_usage") and model != "no-usage":
                 usage = self._usage(model)
                 yield (
