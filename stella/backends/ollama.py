@@ -153,15 +153,29 @@ _enc = msgspec.json.Encoder()
 def request_body(request: ChatRequest, keep_alive: int | float | str | None) -> dict[str, Any]:
     """Ollama's /api/chat body for a ChatRequest."""
     messages = []
+    # The tool each call of the history named, by its id: a result that came with only
+    # the call's id (OpenAI's, Anthropic's clients) names its tool for Ollama too. Older
+    # Ollama versions ignore the ids, and read the tool's name alone.
+    tools: dict[str, str] = {}
     for m in request.messages:
         msg: dict[str, Any] = {"role": m.role, "content": content_of(m)}
         if m.tool_calls:
-            msg["tool_calls"] = [
-                {"function": {"name": c.function.name, "arguments": c.function.arguments}}
-                for c in m.tool_calls
-            ]
-        if m.role == "tool" and m.name:
-            msg["tool_name"] = m.name
+            calls = []
+            for c in m.tool_calls:
+                call: dict[str, Any] = {
+                    "function": {"name": c.function.name, "arguments": c.function.arguments}
+                }
+                if c.id:  # Ollama 0.12.10 and later link a result to its call by it
+                    call["id"] = c.id
+                    tools[c.id] = c.function.name
+                calls.append(call)
+            msg["tool_calls"] = calls
+        if m.role == "tool":
+            name = m.name or tools.get(m.tool_call_id or "")
+            if name:
+                msg["tool_name"] = name
+            if m.tool_call_id:
+                msg["tool_call_id"] = m.tool_call_id
         messages.append(msg)
     o = request.options
     options = {
