@@ -44,6 +44,8 @@ class OllamaToolCall(msgspec.Struct):
     """A tool call in a message."""
 
     function: OllamaFunctionCall
+    # Ollama 0.12.10 and later name each call; a result names the call it answers by it.
+    id: str | None = None
 
 
 class OllamaMessage(msgspec.Struct):
@@ -54,6 +56,7 @@ class OllamaMessage(msgspec.Struct):
     images: list[str] | None = None
     tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
+    tool_call_id: str | None = None  # a tool result's: the id of the call it answers
 
 
 class OllamaChat(msgspec.Struct, kw_only=True):
@@ -177,7 +180,8 @@ def to_messages(req: OllamaChat) -> list[Message]:
         calls = (
             [
                 ToolCallRef(
-                    function=FunctionCall(name=c.function.name, arguments=c.function.arguments)
+                    function=FunctionCall(name=c.function.name, arguments=c.function.arguments),
+                    id=c.id or "",  # none: linked to its result by the tool's name
                 )
                 for c in m.tool_calls
             ]
@@ -185,6 +189,12 @@ def to_messages(req: OllamaChat) -> list[Message]:
             else None
         )
         messages.append(
-            Message(role=m.role, content=m.content or "", tool_calls=calls, name=m.tool_name)  # type: ignore[arg-type]  # role: one of ROLES, checked above
+            Message(
+                role=m.role,  # type: ignore[arg-type]  # one of ROLES, checked above
+                content=m.content or "",
+                tool_calls=calls,
+                name=m.tool_name,
+                tool_call_id=m.tool_call_id or None,
+            )
         )
     return messages

@@ -381,7 +381,10 @@ _OLLAMA_MESSAGE = obj(
     {"role": const("assistant"), "content": STR},
     {
         "tool_calls": array(
-            obj({"function": obj({"name": STR, "arguments": OBJECT})}),
+            obj(
+                {"function": obj({"index": INT, "name": STR, "arguments": OBJECT})},
+                {"id": STR},  # the id a tool result names its call by, when the backend gave one
+            ),
         )
     },
 )
