@@ -49,6 +49,7 @@ from stella.protocol import (
     Done,
     Error,
     Message,
+    PromptTokensDetails,
     Start,
     ToolCall,
     tools_from,
@@ -180,6 +181,9 @@ def final(
         "eval_count": done.usage.completion_tokens,
         "eval_duration": max(0, total_ns - first_ns),
     }
+    details = done.usage.prompt_tokens_details
+    if isinstance(details, PromptTokensDetails):  # as newer Ollama says it; else left out
+        out["prompt_eval_cached_count"] = details.cached_tokens
     if generate:
         out["response"] = ""
     else:

@@ -115,8 +115,12 @@ class _Line(msgspec.Struct):
     message: _Msg | None = None
     done: bool = False
     done_reason: str | None = None
-    prompt_eval_count: int = 0
+    prompt_eval_count: int = 0  # the whole prompt, its cached tokens included
     eval_count: int = 0
+    # Nanoseconds the model took to load (or, loaded, to be found ready) for this call.
+    load_duration: int = 0
+    # The prompt's tokens read from the model's cache (newer Ollama; absent: not said).
+    prompt_eval_cached_count: int | None = None
     error: str | None = None
 
 
@@ -307,6 +311,10 @@ class OllamaBackend(HttpBackend):
                             )
                             index += 1
                     if line.done:
+                        if line.load_duration > 0:  # Ollama's own share of the wait
+                            ctx.load_ms = (ctx.load_ms or 0.0) + line.load_duration / 1e6
+                        if line.prompt_eval_cached_count is not None:
+                            ctx.cached_tokens = line.prompt_eval_cached_count
                         reason = ended(
                             "length" if line.done_reason == "length" else "stop", bool(index)
                         )
