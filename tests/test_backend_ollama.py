@@ -12,7 +12,7 @@ import pytest
 from stella.backends import CallContext
 from stella.backends.ollama import OllamaBackend, OllamaConfig
 from stella.protocol import ChatRequest, Done, Message
-from tests.fakes.ollama import CACHED, FakeOllama
+from tests.fakes.ollama import CACHED, SIGNIN_URL, FakeOllama
 from tests.fakes.server import serve
 from tests.live import run_stella
 
@@ -95,3 +95,53 @@ def test_ollama_s_load_and_cached_tokens_in_every_dialect_and_the_log(
             server.url + "/api/chat", json={"model": "echo", "messages": hi, "stream": False}
         ).json()
         assert "prompt_eval_cached_count" not in body and body["load_duration"] == 0, body
+
+
+def test_a_cloud_model_s_sign_in_refuses_that_model_not_the_backend(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # Ollama's 401 for a cloud model while the server is not signed in: the message says
+    # how to sign in, a fallback serves the route, and the backend's circuit, which one
+    # failure opens here, is not told: its local models still answer.
+    url = box[1]
+    config = route(url, "cloud", retries=2, fallbacks=["local"])
+    config["models"]["routes"]["local"] = {"backend": "box", "upstream_model": "llama3"}
+    config["models"]["routes"]["alone"] = {"backend": "box", "upstream_model": "cloud"}
+    config["breaker"] = {"failure_threshold": 1}
+    hi = [{"role": "user", "content": "hi"}]
+    with run_stella(config) as server:
+        for _ in range(2):
+            r = httpx.post(
+                server.url + "/api/v1/chat",
+                json={"model": "alone", "messages": hi, "stream": False},
+            )
+            assert r.status_code == 502, r.text
+            error = r.json()["error"]
+            assert error["code"] == "upstream_rejected" and not error["retryable"], error
+            assert "`ollama signin`" in error["message"], error
+            # The link names the host; its key is masked, as any URL's is.
+            link = SIGNIN_URL.partition("&key=")[0] + "&key=***"
+            assert error["message"].endswith(f"its sign-in link: {link}"), error
+        ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+        assert len(ev["attempts"]) == 1, ev  # not asked again: it would refuse again
+        r = httpx.post(
+            server.url + "/api/v1/chat", json={"model": "m", "messages": hi, "stream": False}
+        )
+        assert r.status_code == 200 and r.json()["response"] == "The sky is blue.", r.text
+        r = httpx.get(server.url + "/api/v1/models").json()
+        assert {m["circuit"] for m in r["models"] if m["backend"] == "box"} == {"closed"}, r
+
+
+def test_a_401_to_a_key_stella_sends_is_still_the_backend_s() -> None:
+    # Behind a proxy, or at ollama.com itself, a 401 without Ollama's signin_url refuses
+    # the key stella sends: every model of the backend alike.
+    b = OllamaBackend("box", OllamaConfig(kind="ollama", headers={"Authorization": "Bearer k"}))
+    err = b.status_error(401, {}, b'{"error":"unauthorized"}')
+    assert err.code == "upstream_error" and not err.no_verdict and err.falls_back
+    signed = b.status_error(
+        401, {}, b'{"error":"unauthorized","signin_url":"https://ollama.com/c"}'
+    )
+    assert signed.code == "upstream_rejected" and signed.no_verdict
+    # Without a key of stella's, Ollama's bare 401 is its own refusal too.
+    bare = ollama("http://127.0.0.1:9").status_error(401, {}, b'{"error":"unauthorized"}')
+    assert bare.code == "upstream_rejected" and "`ollama signin`" in bare.message

@@ -30,7 +30,7 @@ from stella.backends.http import (
     iter_lines,
     upstream_text,
 )
-from stella.errors import UpstreamError
+from stella.errors import StellaError, UpstreamError, UpstreamStatus
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
 
 
@@ -124,6 +124,12 @@ class _Line(msgspec.Struct):
     error: str | None = None
 
 
+class _Refusal(msgspec.Struct):
+    """Ollama's 401 for a cloud model while the server is not signed in to ollama.com."""
+
+    signin_url: str = ""
+
+
 class _Tag(msgspec.Struct):
     name: str
 
@@ -149,6 +155,7 @@ PS_TTL_S = 5.0
 
 
 _line = msgspec.json.Decoder(_Line)
+_refusal = msgspec.json.Decoder(_Refusal)
 _tags = msgspec.json.Decoder(_Tags)
 _ps = msgspec.json.Decoder(_Ps)
 _enc = msgspec.json.Encoder()
@@ -272,6 +279,33 @@ class OllamaBackend(HttpBackend):
         self._ps_seen = (time.monotonic(), models)
         self._ps_ask = None
         return models
+
+    def status_error(self, status: int, headers: Any, body: bytes) -> StellaError:
+        """A 401 is Ollama refusing one model (a cloud model, the server not signed in to
+        ollama.com), not stella's key: its other models still answer."""
+        err = super().status_error(status, headers, body)
+        if status != 401:
+            return err
+        try:
+            signin = _refusal.decode(body).signin_url
+        except BAD_JSON:
+            signin = ""
+        if not signin and (self.api_key or self.basic or self.http.headers):
+            return err  # a key stella sends, refused (a proxy's, ollama.com's): the backend's
+        how = "run `ollama signin` on the Ollama server"
+        if signin:
+            # Its `key` (the server's public key) is masked, as any URL's: whoever opened the
+            # link would sign the server in to their own account. The host's `name` shows.
+            how += f"; its sign-in link: {upstream_text(signin)}"
+        refused = UpstreamStatus(
+            f"{err.message}; a cloud model needs the Ollama server signed in to ollama.com: {how}",
+            upstream_status=status,
+        )
+        # One model refused, as a 404 would be: the backend's circuit is not told, and
+        # another backend (a fallback) may serve the route.
+        refused.code = "upstream_rejected"
+        refused.no_verdict = True
+        return refused
 
     async def health(self) -> BackendHealth:
         """GET /api/version: no tokens spent."""
