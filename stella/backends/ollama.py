@@ -7,11 +7,13 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator
+from contextvars import Context
 from fractions import Fraction
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
 import msgspec
+from msgspec import Meta
 
 from stella.backends import ConfigError
 from stella.backends.base import (
@@ -27,10 +29,12 @@ from stella.backends.http import (
     HttpBackend,
     HttpConfig,
     aiohttp_error,
+    error_head,
     iter_lines,
+    read_body,
     upstream_text,
 )
-from stella.errors import StellaError, UpstreamError, UpstreamStatus
+from stella.errors import StellaError, UpstreamError, UpstreamStatus, UpstreamTimeout
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
 
 
@@ -41,6 +45,9 @@ class OllamaConfig(HttpConfig, kw_only=True):
     # How long Ollama keeps the model loaded after a call: seconds (negative: for good)
     # or a Go duration ("5m", "1h30m", "-1s"); empty: Ollama's default.
     keep_alive: int | float | str = ""
+    # The longest a model's load may take (a request of its own, which no call's time
+    # limit cuts); 0: no load of its own, a call not loaded waits for it within its limits.
+    load_timeout_s: Annotated[float, Meta(ge=0)] = 600.0
 
 
 # Go's time.ParseDuration, which Ollama reads a keep_alive string with: <number><unit>
@@ -91,6 +98,37 @@ def keep_alive_of(name: str, value: int | float | str) -> int | float | str | No
             "hold (at most ~292 years; -1 keeps the model loaded for good)"
         )
     return sent
+
+
+def _unloads(keep_alive: int | float | str) -> bool:
+    """Whether Ollama reads `keep_alive` (as keep_alive_of sends it) as 0, which on a
+    request without messages unloads the model."""
+    if isinstance(keep_alive, str):
+        return not any(Fraction(n) for n, _ in _GO_PARTS.findall(keep_alive))
+    return keep_alive == 0
+
+
+def _cloud(model: str) -> bool:
+    """Whether Ollama runs `model` on ollama.com (a `:cloud` tag, or one ending `-cloud`):
+    nothing loads on the server, and /api/ps never lists it."""
+    tag = model.rpartition(":")[2].strip().lower() if ":" in model else ""
+    return tag == "cloud" or (tag.endswith("-cloud") and "/" not in tag)
+
+
+def _listed(running: list[_Running], model: str) -> bool:
+    """Whether /api/ps's `running` holds `model` (a route may leave out ":latest")."""
+    names = {model} if ":" in model else {model, model + ":latest"}
+    return any(m.name in names or m.model in names for m in running)
+
+
+def _fresh(exc: StellaError) -> StellaError:
+    """A copy of a shared load's error for one of the calls that waited for it: the core
+    amends the error it is given (its message, when to come back)."""
+    copy = type(exc).__new__(type(exc))
+    copy.args = exc.args
+    copy.__dict__.update(exc.__dict__)
+    copy.headers = dict(exc.headers)
+    return copy
 
 
 class _Fn(msgspec.Struct):
@@ -234,6 +272,8 @@ class OllamaBackend(HttpBackend):
         # flight: listings of several routes, and clients polling, share one ask.
         self._ps_seen: tuple[float, list[_Running] | None] | None = None
         self._ps_ask: asyncio.Future[list[_Running] | None] | None = None
+        # The load under way of each model, shared by the calls that wait for it.
+        self._loads: dict[str, asyncio.Task[None]] = {}
 
     def capabilities(self, upstream_model: str) -> list[str]:
         """Chat and tools."""
@@ -311,8 +351,103 @@ class OllamaBackend(HttpBackend):
         """GET /api/version: no tokens spent."""
         return await self.probe("/api/version")
 
+    async def aclose(self) -> None:
+        """Stop the loads under way, then close the pool."""
+        for load in list(self._loads.values()):
+            load.cancel()
+        await super().aclose()
+
+    async def _loaded(self, model: str, ctx: CallContext) -> None:
+        """Return once `model` is loaded upstream: at once when Ollama's /api/ps (at most
+        PS_TTL_S old) lists it, or cannot be read; else after its load.
+
+        Ollama sends nothing, headers included, until the model is loaded, and aborts the
+        load when the request that began it goes (its client's connection closed): a
+        call cut at its time to first token took the load with it, and each retry began
+        it again. The load is a request of its own (a chat without messages), bounded by
+        load_timeout_s alone and shared by every call of the model; a call waiting for it
+        counts as alive, so only its total limit ends the wait.
+        """
+        if not self.cfg.load_timeout_s or not model or _cloud(model):
+            return
+        running = await self._running()
+        if running is None or _listed(running, model):
+            return  # loaded, or not known: the call itself loads it, within its limits
+        load = self._loads.get(model)
+        if load is None:
+            # Not the call's context: nothing of the call (its pool wait) reaches the load.
+            load = asyncio.get_running_loop().create_task(self._load(model), context=Context())
+            self._loads[model] = load
+            load.add_done_callback(lambda done: self._load_done(model, done))
+        started = time.perf_counter()
+        # A beat within a quarter of the call's shortest silence limit (at most 1 s).
+        beat = min(1.0, ctx.silence_limit_s / 4) if ctx.silence_limit_s else 1.0
+        try:
+            while not load.done():
+                # A wait, not an await of the load: a call cut here leaves it running.
+                await asyncio.wait((load,), timeout=beat)
+                ctx.alive += 1
+        finally:
+            waited = time.perf_counter() - started
+            ctx.load_ms = (ctx.load_ms or 0.0) + waited * 1000
+            if ctx.first_by:
+                # Its time to first token ran from the last beat: a chat sent now (after a
+                # wait for a pooled connection) is no longer past it.
+                ctx.first_by += waited
+        if load.cancelled():
+            raise UpstreamError(f"{self.name}: the load of {model!r} was stopped")
+        exc = load.exception()
+        if exc is not None:
+            raise _fresh(exc) if isinstance(exc, StellaError) else exc
+
+    def _load_done(self, model: str, load: asyncio.Task[None]) -> None:
+        if self._loads.get(model) is load:
+            del self._loads[model]
+        if not load.cancelled() and load.exception() is None:
+            self._ps_seen = None  # /api/ps is asked again: it lists the model now
+
+    async def _load(self, model: str) -> None:
+        """Have Ollama load `model` (POST /api/chat without messages: it answers once the
+        model is loaded), within load_timeout_s; a failure raises its StellaError."""
+        body: dict[str, Any] = {"model": model, "messages": []}
+        if self.keep_alive is not None and not _unloads(self.keep_alive):
+            body["keep_alive"] = self.keep_alive  # 0 would unload it: the chat's sets it
+        limit = self.cfg.load_timeout_s
+        timeout = aiohttp.ClientTimeout(total=limit, sock_connect=self.http.connect_timeout_s)
+        try:
+            async with self.session.post(
+                self.base_url + "/api/chat",
+                data=_enc.encode(body),
+                headers={"content-type": "application/json"},
+                timeout=timeout,
+                allow_redirects=False,
+            ) as r:
+                if r.status >= 300:
+                    raise self.status_error(r.status, r.headers, await error_head(r))
+                raw = await read_body(r, self.name)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError) and not isinstance(
+                exc, aiohttp.ConnectionTimeoutError
+            ):
+                err = UpstreamTimeout(
+                    f"{self.name}: {model!r} did not load within load_timeout_s = {limit:g}s"
+                )
+                # The model's trouble, not the backend's; asked again, the load would
+                # begin again from nothing: a fallback is tried instead.
+                err.no_verdict = True
+                err.same_again = False
+                raise err from None
+            raise aiohttp_error(self.name, exc, self.http.connect_timeout_s) from None
+        try:
+            error = _line.decode(raw).error
+        except BAD_JSON:
+            raise UpstreamError(f"{self.name}: malformed answer to a load of {model!r}") from None
+        if error is not None:
+            raise UpstreamError(f"{self.name}: {upstream_text(error)}")
+
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream /api/chat and translate its lines."""
+        await self._loaded(request.model or "", ctx)
         body = _enc.encode(request_body(request, self.keep_alive))
         name = self.name
         try:

@@ -77,6 +77,7 @@ class FakeOllama:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.ps_asked = 0  # GET /api/ps requests
+        self.ps_fails = False  # set: /api/ps answers 500
         self.loaded = {"llama3:latest"}  # the models loaded, by name and tag
         self.loads: list[str] = []  # each load begun, by model
         self.aborted: list[str] = []  # each load its client's disconnect aborted
@@ -113,6 +114,8 @@ class FakeOllama:
 
     async def ps(self, request: Request) -> Response:
         self.ps_asked += 1
+        if self.ps_fails:
+            return JSONResponse({"error": "internal error"}, 500)
         return JSONResponse(
             {
                 "models": [
