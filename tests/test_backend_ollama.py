@@ -320,3 +320,28 @@ def test_a_load_longer_than_the_time_to_first_token_is_waited_for(
         r = ask("short")
         assert r.status_code == 200 and time.monotonic() - t < LOAD_S, r.text
     assert fake.aborted == [] and loads(fake) == ["slow-load", "slow-load-2"]
+
+
+def test_think_reaches_ollama_from_its_dialect_and_the_native_api(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # Ollama's `think` (a bool or an effort): an Ollama backend passes it on; another
+    # backend (echo) answers as before; a value Ollama would refuse is a 400 naming it.
+    fake, url = box
+    hi = [{"role": "user", "content": "hi"}]
+    with run_stella(route(url, "llama3")) as server:
+        asks = [
+            ("/api/chat", {"messages": hi, "think": False}, False),
+            ("/api/chat", {"messages": hi, "think": "high"}, "high"),
+            ("/api/generate", {"prompt": "hi", "think": True}, True),
+            ("/api/v1/chat", {"messages": hi, "think": "low"}, "low"),
+            ("/api/chat", {"messages": hi}, None),
+        ]
+        for path, body, sent in asks:
+            for model in ("m", "echo"):
+                r = httpx.post(server.url + path, json={"model": model, "stream": False, **body})
+                assert r.status_code == 200, (path, model, r.text)
+            assert fake.requests[-1].get("think") == sent, (path, fake.requests[-1])
+        for path, body in (("/api/chat", {"messages": hi}), ("/api/generate", {"prompt": "hi"})):
+            r = httpx.post(server.url + path, json={"model": "m", "think": "hard", **body})
+            assert r.status_code == 400 and "$.think" in r.json()["error"], r.text

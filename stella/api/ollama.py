@@ -277,6 +277,7 @@ async def chat(request: Request, call: Call) -> Reply:
         options=to_options(req.options),
         tools=tools_from(req.tools),
         response_format=to_format(req.format),
+        think=req.think,
     )
     return await _run(request, call, chat_req, generate=False, asked=req.model)
 
@@ -400,6 +401,7 @@ async def generate(request: Request, call: Call) -> Reply:
         stream=req.stream is not False,
         options=to_options(req.options),
         response_format=to_format(req.format),
+        think=req.think,
     )
     return await _run(request, call, chat_req, generate=True, asked=req.model)
 

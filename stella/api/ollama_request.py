@@ -12,6 +12,7 @@ from stella.protocol import (
     LenientTool,
     Message,
     Options,
+    Think,
     ToolCallRef,
     options_from,
 )
@@ -69,7 +70,7 @@ class OllamaChat(msgspec.Struct, kw_only=True):
     format: Any = None
     tools: list[LenientTool] | None = None
     keep_alive: float | str | None = None  # seconds, or a Go duration ("5m")
-    think: Any = None
+    think: Think | None = None  # anything else Ollama refuses: a 400 naming it
     # Named so that they are refused (check_logprobs), not dropped unseen.
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -87,6 +88,7 @@ class OllamaGenerate(msgspec.Struct, kw_only=True):
     raw: bool | None = False
     images: list[str] | None = None
     keep_alive: float | str | None = None  # seconds, or a Go duration ("5m")
+    think: Think | None = None
     # Named so that they are refused (generate, check_logprobs), not dropped unseen.
     suffix: str | None = None
     template: str | None = None

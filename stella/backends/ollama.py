@@ -194,6 +194,8 @@ def request_body(request: ChatRequest, keep_alive: int | float | str | None) -> 
         body["format"] = (fmt.get("json_schema") or {}).get("schema", "json")
     if keep_alive is not None:
         body["keep_alive"] = keep_alive
+    if request.think is not None:
+        body["think"] = request.think
     return body
 
 
