@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from stella.backends import CallContext
+from stella.backends import ollama as ollama_backend
 from stella.backends.ollama import OllamaBackend, OllamaConfig
 from stella.errors import UpstreamStatus, UpstreamTimeout
 from stella.protocol import ChatRequest, Done, Message
@@ -203,6 +204,35 @@ async def test_a_call_cut_while_its_model_loads_leaves_the_load_running(
     finally:
         await b.aclose()
     assert loads(fake) == ["slow-load"]
+
+
+async def test_while_a_model_loads_other_calls_wait_for_no_api_ps(
+    box: tuple[FakeOllama, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ollama's /api/ps answers once a load under way has ended: a call of a loaded model
+    # does not wait on it (CONTEXT_WAIT_S, 2 s), and one of the model loading joins its
+    # load without asking.
+    fake, url = box
+    monkeypatch.setattr(ollama_backend, "PS_TTL_S", 0.2)  # /api/ps's answer soon stale
+    b = ollama(url)
+    await b.start()
+
+    async def one(model: str, ctx: CallContext) -> list:
+        return [e async for e in b.chat(ChatRequest(model=model, messages=HI), ctx)]
+
+    try:
+        first = asyncio.create_task(one("slow-load-2", CallContext(request_id="r1")))
+        await asyncio.sleep(0.5)
+        t = time.monotonic()
+        assert isinstance((await one("llama3", CallContext(request_id="r2")))[-1], Done)
+        assert time.monotonic() - t < 0.5
+        ctx = CallContext(request_id="r3")
+        assert isinstance((await one("slow-load-2", ctx))[-1], Done)
+        assert ctx.load_ms is not None and ctx.load_ms > LOAD_S * 1000, ctx  # it waited
+        assert isinstance((await first)[-1], Done)
+    finally:
+        await b.aclose()
+    assert loads(fake) == ["slow-load-2"]
 
 
 async def test_a_load_past_load_timeout_s_fails_that_model_not_the_backend(

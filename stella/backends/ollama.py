@@ -239,12 +239,17 @@ class OllamaBackend(HttpBackend):
                 return m.context_length
         return None
 
+    def _ps_known(self) -> bool:
+        """Whether an /api/ps answer (or its failure) younger than PS_TTL_S is at hand."""
+        seen = self._ps_seen
+        return seen is not None and time.monotonic() - seen[0] < PS_TTL_S
+
     async def _running(self) -> list[_Running] | None:
         """The upstream's running models (GET /api/ps), at most PS_TTL_S old; None when it
         could not say within CONTEXT_WAIT_S. One ask at a time: a failure is kept as long
         as an answer, so a dead upstream costs a listing that wait once per PS_TTL_S."""
         seen = self._ps_seen
-        if seen is not None and time.monotonic() - seen[0] < PS_TTL_S:
+        if seen is not None and self._ps_known():
             return seen[1]
         if self._ps_ask is None:
             self._ps_ask = asyncio.ensure_future(self._ask_ps())
@@ -300,7 +305,8 @@ class OllamaBackend(HttpBackend):
 
     async def _loaded(self, model: str, ctx: CallContext) -> None:
         """Return once `model` is loaded upstream: at once when Ollama's /api/ps (at most
-        PS_TTL_S old) lists it, or cannot be read; else after its load.
+        PS_TTL_S old) lists it, or cannot say (nor is asked while another model loads);
+        else after its load, the one under way when there is one.
 
         Ollama sends nothing, headers included, until the model is loaded, and aborts the
         load when the request that began it goes (its client's connection closed): a
@@ -311,10 +317,17 @@ class OllamaBackend(HttpBackend):
         """
         if not self.cfg.load_timeout_s or not model or _cloud(model):
             return
-        running = await self._running()
-        if running is None or _listed(running, model):
-            return  # loaded, or not known: the call itself loads it, within its limits
         load = self._loads.get(model)
+        if load is None:
+            if self._loads and not self._ps_known():
+                # Ollama's /api/ps waits for a load under way to end (sched.go's
+                # loadedModels takes each runner's lock, which a loading one holds): asked
+                # now, it would only cost this call CONTEXT_WAIT_S. Not known, then.
+                return
+            running = await self._running()
+            if running is None or _listed(running, model):
+                return  # loaded, or not known: the call itself loads it, within its limits
+            load = self._loads.get(model)  # begun while this call asked
         if load is None:
             # Not the call's context: nothing of the call (its pool wait) reaches the load.
             load = asyncio.get_running_loop().create_task(self._load(model), context=Context())

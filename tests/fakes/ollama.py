@@ -21,7 +21,8 @@ others none), and a client that drops its connection meanwhile aborts it (the ne
 starts over); loaded, it stays. A chat without messages only loads the model and answers
 `done_reason: "load"`. The done line's `load_duration` is the load this chat waited for.
 /api/ps lists the loaded models, `llama3:latest` from the start, with a window of
-CONTEXT tokens.
+CONTEXT tokens; while a load is under way it answers once the load has ended, as Ollama's
+does.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ class FakeOllama:
         self.ps_asked += 1
         if self.ps_fails:
             return JSONResponse({"error": "internal error"}, 500)
+        while self._loading:  # sched.go's loadedModels waits on each loading runner's lock
+            await asyncio.sleep(0.02)
         return JSONResponse(
             {
                 "models": [
