@@ -14,6 +14,8 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 Role = Literal["system", "user", "assistant", "tool"]
+# Ollama's ThinkValue (api/types.go): a bool, or an effort.
+Think = bool | Literal["high", "medium", "low", "max"]
 FinishReason = Literal[
     "stop", "length", "tool_calls", "cancelled", "content_filter", "client_closed", "error"
 ]
@@ -213,6 +215,9 @@ class ChatRequest(Strict):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    # Ollama's `think`: whether a thinking model thinks first, or how hard. Passed on by an
+    # Ollama backend alone (None: Ollama's default, which is to think); others ignore it.
+    think: Think | None = None
 
 
 class GenerateRequest(Strict):

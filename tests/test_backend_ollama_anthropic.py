@@ -127,6 +127,36 @@ async def test_ollama_call_with_null_arguments_is_a_call_without_any(
     assert events[-1].finish_reason == "tool_calls"
 
 
+async def test_ollama_tool_results_name_their_calls_by_id(
+    ollama_url: tuple[FakeOllama, str],
+) -> None:
+    # Ollama links a result to its call by `tool_call_id` (and the call's `id`), and reads
+    # the tool's name from `tool_name`: a result that came with only the call's id (an
+    # OpenAI or Anthropic client's) is named after the call it answers.
+    fake, url = ollama_url
+    calls = [
+        ToolCallRef(id="call_w", function=FunctionCall(name="get_weather", arguments={"c": 1})),
+        ToolCallRef(id="call_t", function=FunctionCall(name="get_time", arguments={})),
+    ]
+    history = [
+        Message(role="user", content="weather and time?"),
+        Message(role="assistant", content="", tool_calls=calls),
+        Message(role="tool", content="12:00", tool_call_id="call_t"),
+        Message(role="tool", content="sunny", tool_call_id="call_w", name="get_weather"),
+    ]
+    events = await run(ollama(url), "llama3", messages=history)
+    assert isinstance(events[-1], Done)
+    sent = fake.requests[-1]["messages"]
+    assert sent[1]["tool_calls"] == [
+        {"id": "call_w", "function": {"name": "get_weather", "arguments": {"c": 1}}},
+        {"id": "call_t", "function": {"name": "get_time", "arguments": {}}},
+    ]
+    assert sent[2:] == [
+        {"role": "tool", "content": "12:00", "tool_name": "get_time", "tool_call_id": "call_t"},
+        {"role": "tool", "content": "sunny", "tool_name": "get_weather", "tool_call_id": "call_w"},
+    ]
+
+
 @pytest.mark.parametrize(
     ("given", "sent"),
     [

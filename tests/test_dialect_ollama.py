@@ -251,6 +251,82 @@ def test_tool_calls(stella: LiveServer) -> None:
     assert call.function.name == "lookup" and call.function.arguments == {"input": "Rome"}
 
 
+def test_tool_calls_carry_their_ids_as_ollama_s_do(stella: LiveServer) -> None:
+    # Ollama names each call (`id`) and numbers it (`function.index`); a client's tool
+    # result names the call it answers by that id.
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+    body = {"model": "echo", "messages": [{"role": "user", "content": "Rome"}], "tools": tools}
+    whole = httpx.post(stella.url + "/api/chat", json={**body, "stream": False}).json()
+    lines = [
+        json.loads(line)
+        for line in httpx.post(stella.url + "/api/chat", json=body).text.splitlines()
+    ]
+    streamed = [c for line in lines for c in line["message"].get("tool_calls", ())]
+    for calls in (whole["message"]["tool_calls"], streamed):
+        assert len(calls) == 1, calls
+        assert calls[0]["id"].startswith("call_"), calls
+        assert calls[0]["function"] == {
+            "index": 0,
+            "name": "lookup",
+            "arguments": {"input": "Rome"},
+        }
+
+
+def test_tool_results_name_their_calls_by_id_to_every_upstream() -> None:
+    # A client that sends the calls' ids and each result's tool_call_id (results here in
+    # another order than the calls, both of one tool) has its results linked by them:
+    # the same ids reach an Ollama upstream, and an OpenAI-compatible one, which the
+    # name alone would have linked in order.
+    from tests.fakes.ollama import FakeOllama
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    oai, oll = FakeOpenAI(), FakeOllama()
+    history = [
+        {"role": "user", "content": "weather in paris and rome?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "call_p", "function": {"name": "weather", "arguments": {"city": "Paris"}}},
+                {"id": "call_r", "function": {"name": "weather", "arguments": {"city": "Rome"}}},
+            ],
+        },
+        {"role": "tool", "content": "rainy", "tool_name": "weather", "tool_call_id": "call_r"},
+        {"role": "tool", "content": "sunny", "tool_name": "weather", "tool_call_id": "call_p"},
+    ]
+    with serve(oai.app) as oai_url, serve(oll.app) as oll_url:
+        config = {
+            "backends": {
+                "oai": {"kind": "openai", "base_url": oai_url + "/v1"},
+                "oll": {"kind": "ollama", "base_url": oll_url},
+            },
+            "models": {
+                "routes": {
+                    "via-openai": {"backend": "oai", "upstream_model": "ok", "retries": 0},
+                    "via-ollama": {"backend": "oll", "upstream_model": "llama3", "retries": 0},
+                }
+            },
+        }
+        with run_stella(config) as server:
+            for model in ("via-openai", "via-ollama"):
+                body = {"model": model, "messages": history, "stream": False}
+                r = httpx.post(server.url + "/api/chat", json=body)
+                assert r.status_code == 200 and r.json()["done"], (model, r.text)
+    sent = oai.requests[-1]["messages"]
+    assert [c["id"] for c in sent[1]["tool_calls"]] == ["call_p", "call_r"]
+    assert [(m["tool_call_id"], m["content"]) for m in sent[2:]] == [
+        ("call_r", "rainy"),
+        ("call_p", "sunny"),
+    ]
+    sent = oll.requests[-1]["messages"]
+    assert [c["id"] for c in sent[1]["tool_calls"]] == ["call_p", "call_r"]
+    assert [(m["tool_call_id"], m["content"]) for m in sent[2:]] == [
+        ("call_r", "rainy"),
+        ("call_p", "sunny"),
+    ]
+
+
 def test_models_are_listed_tagged_and_answer_by_that_name() -> None:
     # Ollama lists every model as name:tag; Open WebUI completes a bare name with
     # ":latest" and looks it up in /api/tags (its unload failed: "model not found").

@@ -149,6 +149,8 @@ def make(kind: str, url: str, **kw: Any) -> HttpBackend:
     if kind == "openai":
         return OpenAIBackend("up", OpenAIConfig(kind="openai", base_url=url + "/v1", **kw))
     if kind == "ollama":
+        # These upstreams answer chats alone (no /api/ps): no load of its own is asked for.
+        kw = {"load_timeout_s": 0, **kw}
         return OllamaBackend("up", OllamaConfig(kind="ollama", base_url=url, **kw))
     return AnthropicBackend("up", AnthropicConfig(kind="anthropic", base_url=url, **kw))
 

@@ -49,6 +49,7 @@ from stella.protocol import (
     Done,
     Error,
     Message,
+    PromptTokensDetails,
     Start,
     ToolCall,
     tools_from,
@@ -139,8 +140,8 @@ class OllamaCodec(Codec):
             load = ctx.load_ms if ctx is not None else None
             return _enc.encode(final(event, self.model, self.generate, self.start_ns, load)) + b"\n"
         if kind is ToolCall:
-            calls = [{"function": {"name": event.name, "arguments": event.arguments}}]
-            return self._line("", b',"tool_calls":' + _enc.encode(calls))
+            call = tool_call(event.index, event.id, event.name, event.arguments)
+            return self._line("", b',"tool_calls":' + _enc.encode([call]))
         if kind is Error:
             return _enc.encode({"error": own_names(event.message)}) + b"\n"
         return self._line(event.text)
@@ -148,6 +149,13 @@ class OllamaCodec(Codec):
     def ping(self) -> bytes:
         """An empty piece of text keeps the connection alive; clients just append ''."""
         return self._line("")
+
+
+def tool_call(index: int, call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """A call as Ollama writes it: its id, which the client's result names it by (Ollama
+    0.12.10 and later), and its place among the answer's calls."""
+    function = {"index": index, "name": name, "arguments": arguments}
+    return {"id": call_id, "function": function} if call_id else {"function": function}
 
 
 def final(
@@ -173,6 +181,9 @@ def final(
         "eval_count": done.usage.completion_tokens,
         "eval_duration": max(0, total_ns - first_ns),
     }
+    details = done.usage.prompt_tokens_details
+    if isinstance(details, PromptTokensDetails):  # as newer Ollama says it; else left out
+        out["prompt_eval_cached_count"] = details.cached_tokens
     if generate:
         out["response"] = ""
     else:
@@ -199,8 +210,8 @@ async def _run(
         message: dict[str, Any] = {"role": "assistant", "content": result.response}
         if result.message.tool_calls:
             message["tool_calls"] = [
-                {"function": {"name": c.function.name, "arguments": c.function.arguments}}
-                for c in result.message.tool_calls
+                tool_call(i, c.id, c.function.name, c.function.arguments)
+                for i, c in enumerate(result.message.tool_calls)
             ]
         body["message"] = message
     return JSONResponse(body, headers=inference.permit.headers)
@@ -266,6 +277,7 @@ async def chat(request: Request, call: Call) -> Reply:
         options=to_options(req.options),
         tools=tools_from(req.tools),
         response_format=to_format(req.format),
+        think=req.think,
     )
     return await _run(request, call, chat_req, generate=False, asked=req.model)
 
@@ -389,6 +401,7 @@ async def generate(request: Request, call: Call) -> Reply:
         stream=req.stream is not False,
         options=to_options(req.options),
         response_format=to_format(req.format),
+        think=req.think,
     )
     return await _run(request, call, chat_req, generate=True, asked=req.model)
 

@@ -12,6 +12,7 @@ from stella.protocol import (
     LenientTool,
     Message,
     Options,
+    Think,
     ToolCallRef,
     options_from,
 )
@@ -44,6 +45,8 @@ class OllamaToolCall(msgspec.Struct):
     """A tool call in a message."""
 
     function: OllamaFunctionCall
+    # Ollama 0.12.10 and later name each call; a result names the call it answers by it.
+    id: str | None = None
 
 
 class OllamaMessage(msgspec.Struct):
@@ -54,6 +57,7 @@ class OllamaMessage(msgspec.Struct):
     images: list[str] | None = None
     tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
+    tool_call_id: str | None = None  # a tool result's: the id of the call it answers
 
 
 class OllamaChat(msgspec.Struct, kw_only=True):
@@ -66,7 +70,7 @@ class OllamaChat(msgspec.Struct, kw_only=True):
     format: Any = None
     tools: list[LenientTool] | None = None
     keep_alive: float | str | None = None  # seconds, or a Go duration ("5m")
-    think: Any = None
+    think: Think | None = None  # anything else Ollama refuses: a 400 naming it
     # Named so that they are refused (check_logprobs), not dropped unseen.
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -84,6 +88,7 @@ class OllamaGenerate(msgspec.Struct, kw_only=True):
     raw: bool | None = False
     images: list[str] | None = None
     keep_alive: float | str | None = None  # seconds, or a Go duration ("5m")
+    think: Think | None = None
     # Named so that they are refused (generate, check_logprobs), not dropped unseen.
     suffix: str | None = None
     template: str | None = None
@@ -177,7 +182,8 @@ def to_messages(req: OllamaChat) -> list[Message]:
         calls = (
             [
                 ToolCallRef(
-                    function=FunctionCall(name=c.function.name, arguments=c.function.arguments)
+                    function=FunctionCall(name=c.function.name, arguments=c.function.arguments),
+                    id=c.id or "",  # none: linked to its result by the tool's name
                 )
                 for c in m.tool_calls
             ]
@@ -185,6 +191,12 @@ def to_messages(req: OllamaChat) -> list[Message]:
             else None
         )
         messages.append(
-            Message(role=m.role, content=m.content or "", tool_calls=calls, name=m.tool_name)  # type: ignore[arg-type]  # role: one of ROLES, checked above
+            Message(
+                role=m.role,  # type: ignore[arg-type]  # one of ROLES, checked above
+                content=m.content or "",
+                tool_calls=calls,
+                name=m.tool_name,
+                tool_call_id=m.tool_call_id or None,
+            )
         )
     return messages

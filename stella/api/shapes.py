@@ -381,7 +381,10 @@ _OLLAMA_MESSAGE = obj(
     {"role": const("assistant"), "content": STR},
     {
         "tool_calls": array(
-            obj({"function": obj({"name": STR, "arguments": OBJECT})}),
+            obj(
+                {"function": obj({"index": INT, "name": STR, "arguments": OBJECT})},
+                {"id": STR},  # the id a tool result names its call by, when the backend gave one
+            ),
         )
     },
 )
@@ -397,6 +400,8 @@ _OLLAMA_TOTALS = {
         "eval_duration",
     )
 }
+# Sent when the backend counted them: the prompt's tokens its cache spared it.
+_OLLAMA_CACHED = {"prompt_eval_cached_count": INT}
 
 
 def _ollama(name: str, body: dict[str, Any], what: str) -> tuple[Schema, Schema]:
@@ -407,7 +412,7 @@ def _ollama(name: str, body: dict[str, Any], what: str) -> tuple[Schema, Schema]
         f"Ollama{name}Response",
         obj(
             {**head, **body, "done": const(True), "done_reason": STR},
-            _OLLAMA_TOTALS,
+            {**_OLLAMA_TOTALS, **_OLLAMA_CACHED},
             description=f"The {what} (stream: false), also a stream's last line",
         ),
     )

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import math
-import re
 import time
 from collections.abc import AsyncIterator
-from fractions import Fraction
-from typing import Any
+from contextvars import Context
+from typing import Annotated, Any
 
 import aiohttp
 import msgspec
+from msgspec import Meta
 
-from stella.backends import ConfigError
 from stella.backends.base import (
     BackendEvent,
     BackendHealth,
@@ -24,17 +22,16 @@ from stella.backends.base import (
 )
 from stella.backends.http import (
     BAD_JSON,
-    GO_DURATION,
-    GO_NUMBER,
-    GO_PARTS,
-    GO_UNIT_NS,
     HttpBackend,
     HttpConfig,
     aiohttp_error,
+    error_head,
     iter_lines,
+    read_body,
     upstream_text,
 )
-from stella.errors import UpstreamError
+from stella.backends.ollama_keep_alive import keep_alive_of, unloads
+from stella.errors import StellaError, UpstreamError, UpstreamStatus, UpstreamTimeout
 from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
 
 
@@ -45,48 +42,32 @@ class OllamaConfig(HttpConfig, kw_only=True):
     # How long Ollama keeps the model loaded after a call: seconds (negative: for good)
     # or a Go duration ("5m", "1h30m", "-1s"); empty: Ollama's default.
     keep_alive: int | float | str = ""
+    # The longest a model's load may take (a request of its own, which no call's time
+    # limit cuts); 0: no load of its own, a call not loaded waits for it within its limits.
+    load_timeout_s: Annotated[float, Meta(ge=0)] = 600.0
 
 
-# A number of seconds written as a string (an environment variable's value is one).
-_SECONDS = re.compile(rf"[-+]?(?:{GO_NUMBER})(?:[eE][-+]?[0-9]+)?")
-# Go's durations are int64 nanoseconds (~292 years): ParseDuration refuses a longer
-# one, and Ollama's conversion of a longer number of seconds overflows.
-_MAX_NS = 2**63 - 1
+def _cloud(model: str) -> bool:
+    """Whether Ollama runs `model` on ollama.com (a `:cloud` tag, or one ending `-cloud`):
+    nothing loads on the server, and /api/ps never lists it."""
+    tag = model.rpartition(":")[2].strip().lower() if ":" in model else ""
+    return tag == "cloud" or (tag.endswith("-cloud") and "/" not in tag)
 
 
-def _fits(value: int | float | str) -> bool:
-    """Whether Ollama can hold `value` (seconds, or a Go duration) as a Go duration."""
-    if isinstance(value, str):  # exact, as ParseDuration counts: whole nanoseconds
-        parts = GO_PARTS.findall(value)
-        ns = int(sum(Fraction(n) * GO_UNIT_NS[unit] for n, unit in parts))
-        return ns <= _MAX_NS + value.startswith("-")
-    if value != value or value in (math.inf, -math.inf):
-        return False  # no JSON form: msgspec writes null, which Ollama refuses
-    # Any negative number is "for good" to Ollama; a positive one is multiplied out in
-    # float64 (time.Duration(t * float64(time.Second))), as here.
-    return value < 0 or float(value) * 1e9 < 2.0**63
+def _listed(running: list[_Running], model: str) -> bool:
+    """Whether /api/ps's `running` holds `model` (a route may leave out ":latest")."""
+    names = {model} if ":" in model else {model, model + ":latest"}
+    return any(m.name in names or m.model in names for m in running)
 
 
-def keep_alive_of(name: str, value: int | float | str) -> int | float | str | None:
-    """The keep_alive to send Ollama (None: Ollama's default); ConfigError for one it
-    would refuse."""
-    if value == "":
-        return None
-    sent: int | float | str = value  # seconds, which Ollama takes as a JSON number
-    if isinstance(value, str):
-        if _SECONDS.fullmatch(value):
-            sent = float(value) if any(c in value for c in ".eE") else int(value)
-        elif not GO_DURATION.fullmatch(value):
-            raise ConfigError(
-                f"backends.{name}.keep_alive: {value[:40]!r} is neither a number of seconds "
-                'nor a Go duration ("5m", "1h30m", "-1s")'
-            )
-    if not _fits(sent):
-        raise ConfigError(
-            f"backends.{name}.keep_alive: {str(value)[:40]!r} is not a duration Ollama can "
-            "hold (at most ~292 years; -1 keeps the model loaded for good)"
-        )
-    return sent
+def _fresh(exc: StellaError) -> StellaError:
+    """A copy of a shared load's error for one of the calls that waited for it: the core
+    amends the error it is given (its message, when to come back)."""
+    copy = type(exc).__new__(type(exc))
+    copy.args = exc.args
+    copy.__dict__.update(exc.__dict__)
+    copy.headers = dict(exc.headers)
+    return copy
 
 
 class _Fn(msgspec.Struct):
@@ -111,9 +92,19 @@ class _Line(msgspec.Struct):
     message: _Msg | None = None
     done: bool = False
     done_reason: str | None = None
-    prompt_eval_count: int = 0
+    prompt_eval_count: int = 0  # the whole prompt, its cached tokens included
     eval_count: int = 0
+    # Nanoseconds the model took to load (or, loaded, to be found ready) for this call.
+    load_duration: int = 0
+    # The prompt's tokens read from the model's cache (newer Ollama; absent: not said).
+    prompt_eval_cached_count: int | None = None
     error: str | None = None
+
+
+class _Refusal(msgspec.Struct):
+    """Ollama's 401 for a cloud model while the server is not signed in to ollama.com."""
+
+    signin_url: str = ""
 
 
 class _Tag(msgspec.Struct):
@@ -141,6 +132,7 @@ PS_TTL_S = 5.0
 
 
 _line = msgspec.json.Decoder(_Line)
+_refusal = msgspec.json.Decoder(_Refusal)
 _tags = msgspec.json.Decoder(_Tags)
 _ps = msgspec.json.Decoder(_Ps)
 _enc = msgspec.json.Encoder()
@@ -149,15 +141,29 @@ _enc = msgspec.json.Encoder()
 def request_body(request: ChatRequest, keep_alive: int | float | str | None) -> dict[str, Any]:
     """Ollama's /api/chat body for a ChatRequest."""
     messages = []
+    # The tool each call of the history named, by its id: a result that came with only
+    # the call's id (OpenAI's, Anthropic's clients) names its tool for Ollama too. Older
+    # Ollama versions ignore the ids, and read the tool's name alone.
+    tools: dict[str, str] = {}
     for m in request.messages:
         msg: dict[str, Any] = {"role": m.role, "content": content_of(m)}
         if m.tool_calls:
-            msg["tool_calls"] = [
-                {"function": {"name": c.function.name, "arguments": c.function.arguments}}
-                for c in m.tool_calls
-            ]
-        if m.role == "tool" and m.name:
-            msg["tool_name"] = m.name
+            calls = []
+            for c in m.tool_calls:
+                call: dict[str, Any] = {
+                    "function": {"name": c.function.name, "arguments": c.function.arguments}
+                }
+                if c.id:  # Ollama 0.12.10 and later link a result to its call by it
+                    call["id"] = c.id
+                    tools[c.id] = c.function.name
+                calls.append(call)
+            msg["tool_calls"] = calls
+        if m.role == "tool":
+            name = m.name or tools.get(m.tool_call_id or "")
+            if name:
+                msg["tool_name"] = name
+            if m.tool_call_id:
+                msg["tool_call_id"] = m.tool_call_id
         messages.append(msg)
     o = request.options
     options = {
@@ -188,6 +194,8 @@ def request_body(request: ChatRequest, keep_alive: int | float | str | None) -> 
         body["format"] = (fmt.get("json_schema") or {}).get("schema", "json")
     if keep_alive is not None:
         body["keep_alive"] = keep_alive
+    if request.think is not None:
+        body["think"] = request.think
     return body
 
 
@@ -205,6 +213,8 @@ class OllamaBackend(HttpBackend):
         # flight: listings of several routes, and clients polling, share one ask.
         self._ps_seen: tuple[float, list[_Running] | None] | None = None
         self._ps_ask: asyncio.Future[list[_Running] | None] | None = None
+        # The load under way of each model, shared by the calls that wait for it.
+        self._loads: dict[str, asyncio.Task[None]] = {}
 
     def capabilities(self, upstream_model: str) -> list[str]:
         """Chat and tools."""
@@ -229,12 +239,17 @@ class OllamaBackend(HttpBackend):
                 return m.context_length
         return None
 
+    def _ps_known(self) -> bool:
+        """Whether an /api/ps answer (or its failure) younger than PS_TTL_S is at hand."""
+        seen = self._ps_seen
+        return seen is not None and time.monotonic() - seen[0] < PS_TTL_S
+
     async def _running(self) -> list[_Running] | None:
         """The upstream's running models (GET /api/ps), at most PS_TTL_S old; None when it
         could not say within CONTEXT_WAIT_S. One ask at a time: a failure is kept as long
         as an answer, so a dead upstream costs a listing that wait once per PS_TTL_S."""
         seen = self._ps_seen
-        if seen is not None and time.monotonic() - seen[0] < PS_TTL_S:
+        if seen is not None and self._ps_known():
             return seen[1]
         if self._ps_ask is None:
             self._ps_ask = asyncio.ensure_future(self._ask_ps())
@@ -251,12 +266,142 @@ class OllamaBackend(HttpBackend):
         self._ps_ask = None
         return models
 
+    def status_error(self, status: int, headers: Any, body: bytes) -> StellaError:
+        """A 401 is Ollama refusing one model (a cloud model, the server not signed in to
+        ollama.com), not stella's key: its other models still answer."""
+        err = super().status_error(status, headers, body)
+        if status != 401:
+            return err
+        try:
+            signin = _refusal.decode(body).signin_url
+        except BAD_JSON:
+            signin = ""
+        if not signin and (self.api_key or self.basic or self.http.headers):
+            return err  # a key stella sends, refused (a proxy's, ollama.com's): the backend's
+        how = "run `ollama signin` on the Ollama server"
+        if signin:
+            # Its `key` (the server's public key) is masked, as any URL's: whoever opened the
+            # link would sign the server in to their own account. The host's `name` shows.
+            how += f"; its sign-in link: {upstream_text(signin)}"
+        refused = UpstreamStatus(
+            f"{err.message}; a cloud model needs the Ollama server signed in to ollama.com: {how}",
+            upstream_status=status,
+        )
+        # One model refused, as a 404 would be: the backend's circuit is not told, and
+        # another backend (a fallback) may serve the route.
+        refused.code = "upstream_rejected"
+        refused.no_verdict = True
+        return refused
+
     async def health(self) -> BackendHealth:
         """GET /api/version: no tokens spent."""
         return await self.probe("/api/version")
 
+    async def aclose(self) -> None:
+        """Stop the loads under way, then close the pool."""
+        for load in list(self._loads.values()):
+            load.cancel()
+        await super().aclose()
+
+    async def _loaded(self, model: str, ctx: CallContext) -> None:
+        """Return once `model` is loaded upstream: at once when Ollama's /api/ps (at most
+        PS_TTL_S old) lists it, or cannot say (nor is asked while another model loads);
+        else after its load, the one under way when there is one.
+
+        Ollama sends nothing, headers included, until the model is loaded, and aborts the
+        load when the request that began it goes (its client's connection closed): a
+        call cut at its time to first token took the load with it, and each retry began
+        it again. The load is a request of its own (a chat without messages), bounded by
+        load_timeout_s alone and shared by every call of the model; a call waiting for it
+        counts as alive, so only its total limit ends the wait.
+        """
+        if not self.cfg.load_timeout_s or not model or _cloud(model):
+            return
+        load = self._loads.get(model)
+        if load is None:
+            if self._loads and not self._ps_known():
+                # Ollama's /api/ps waits for a load under way to end (sched.go's
+                # loadedModels takes each runner's lock, which a loading one holds): asked
+                # now, it would only cost this call CONTEXT_WAIT_S. Not known, then.
+                return
+            running = await self._running()
+            if running is None or _listed(running, model):
+                return  # loaded, or not known: the call itself loads it, within its limits
+            load = self._loads.get(model)  # begun while this call asked
+        if load is None:
+            # Not the call's context: nothing of the call (its pool wait) reaches the load.
+            load = asyncio.get_running_loop().create_task(self._load(model), context=Context())
+            self._loads[model] = load
+            load.add_done_callback(lambda done: self._load_done(model, done))
+        started = time.perf_counter()
+        # A beat within a quarter of the call's shortest silence limit (at most 1 s).
+        beat = min(1.0, ctx.silence_limit_s / 4) if ctx.silence_limit_s else 1.0
+        try:
+            while not load.done():
+                # A wait, not an await of the load: a call cut here leaves it running.
+                await asyncio.wait((load,), timeout=beat)
+                ctx.alive += 1
+        finally:
+            waited = time.perf_counter() - started
+            ctx.load_ms = (ctx.load_ms or 0.0) + waited * 1000
+            if ctx.first_by:
+                # Its time to first token ran from the last beat: a chat sent now (after a
+                # wait for a pooled connection) is no longer past it.
+                ctx.first_by += waited
+        if load.cancelled():
+            raise UpstreamError(f"{self.name}: the load of {model!r} was stopped")
+        exc = load.exception()
+        if exc is not None:
+            raise _fresh(exc) if isinstance(exc, StellaError) else exc
+
+    def _load_done(self, model: str, load: asyncio.Task[None]) -> None:
+        if self._loads.get(model) is load:
+            del self._loads[model]
+        if not load.cancelled() and load.exception() is None:
+            self._ps_seen = None  # /api/ps is asked again: it lists the model now
+
+    async def _load(self, model: str) -> None:
+        """Have Ollama load `model` (POST /api/chat without messages: it answers once the
+        model is loaded), within load_timeout_s; a failure raises its StellaError."""
+        body: dict[str, Any] = {"model": model, "messages": []}
+        if self.keep_alive is not None and not unloads(self.keep_alive):
+            body["keep_alive"] = self.keep_alive  # 0 would unload it: the chat's sets it
+        limit = self.cfg.load_timeout_s
+        timeout = aiohttp.ClientTimeout(total=limit, sock_connect=self.http.connect_timeout_s)
+        try:
+            async with self.session.post(
+                self.base_url + "/api/chat",
+                data=_enc.encode(body),
+                headers={"content-type": "application/json"},
+                timeout=timeout,
+                allow_redirects=False,
+            ) as r:
+                if r.status >= 300:
+                    raise self.status_error(r.status, r.headers, await error_head(r))
+                raw = await read_body(r, self.name)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError) and not isinstance(
+                exc, aiohttp.ConnectionTimeoutError
+            ):
+                err = UpstreamTimeout(
+                    f"{self.name}: {model!r} did not load within load_timeout_s = {limit:g}s"
+                )
+                # The model's trouble, not the backend's; asked again, the load would
+                # begin again from nothing: a fallback is tried instead.
+                err.no_verdict = True
+                err.same_again = False
+                raise err from None
+            raise aiohttp_error(self.name, exc, self.http.connect_timeout_s) from None
+        try:
+            error = _line.decode(raw).error
+        except BAD_JSON:
+            raise UpstreamError(f"{self.name}: malformed answer to a load of {model!r}") from None
+        if error is not None:
+            raise UpstreamError(f"{self.name}: {upstream_text(error)}")
+
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream /api/chat and translate its lines."""
+        await self._loaded(request.model or "", ctx)
         body = _enc.encode(request_body(request, self.keep_alive))
         name = self.name
         try:
@@ -289,6 +434,10 @@ class OllamaBackend(HttpBackend):
                             )
                             index += 1
                     if line.done:
+                        if line.load_duration > 0:  # Ollama's own share of the wait
+                            ctx.load_ms = (ctx.load_ms or 0.0) + line.load_duration / 1e6
+                        if line.prompt_eval_cached_count is not None:
+                            ctx.cached_tokens = line.prompt_eval_cached_count
                         reason = ended(
                             "length" if line.done_reason == "length" else "stop", bool(index)
                         )

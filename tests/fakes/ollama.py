@@ -9,15 +9,28 @@ encodes a call without arguments), `error-before` (HTTP 404
 {"error": ...}), `error-mid` (a final {"error": ...} line after two pieces), `error-first` (a 200 whose
 one line is {"error": ...}), `huge-error-first` and `huge-error-mid` (the same with
 HUGE_ERROR), `malformed`, `busy` (503 without Retry-After, as Ollama answers a full
-queue). A `keep_alive` string Go's time.ParseDuration refuses (`"-1"`) is a 400, as
-Ollama answers it. `"stream": false` gets one object, as the API does (its default is a stream). /api/ps has `llama3:latest` running with a
-window of CONTEXT tokens.
+queue), `cloud` (401 with a `signin_url`, as Ollama answers a cloud model while it is not
+signed in), `cached` (the done line says CACHED of its prompt's tokens came from the
+cache, `prompt_eval_cached_count`). A `keep_alive` string Go's time.ParseDuration refuses
+(`"-1"`) is a 400, as Ollama answers it. `"stream": false` gets one object, as the API
+does (its default is a stream).
+
+Models load as Ollama loads them: a chat of a model not loaded sends nothing, headers
+included, until the load is done (`slow-load` takes LOAD_S, `slow-load-2` twice that, the
+others none), and a client that drops its connection meanwhile aborts it (the next chat
+starts over); loaded, it stays. A chat without messages only loads the model and answers
+`done_reason: "load"`. The done line's `load_duration` is the load this chat waited for.
+/api/ps lists the loaded models, `llama3:latest` from the start, with a window of
+CONTEXT tokens; while a load is under way it answers once the load has ended, as Ollama's
+does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from fractions import Fraction
 from typing import Any
@@ -32,6 +45,12 @@ CREATED = "2024-07-22T20:33:28.123648Z"
 HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
 # The window /api/ps says llama3 runs with (its num_ctx).
 CONTEXT = 8192
+# How long `slow-load` takes to load (`slow-load-2` twice as long).
+LOAD_S = 1.5
+# The prompt tokens of `cached` that its done line says were read from the cache.
+CACHED = 20
+# Ollama's answer to a cloud model while the server is not signed in to ollama.com.
+SIGNIN_URL = "https://ollama.com/connect?name=box&key=c3NoLWVkMjU1MTk"
 # The ids of the calls of `tools` and `two-tools`, by city: Ollama's shape, `call_` and 8
 # random lowercase letters or digits.
 CALL_IDS = {"Toronto": "call_k3v9x2qa", "Oslo": "call_7md0e4wz"}
@@ -59,6 +78,12 @@ class FakeOllama:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.ps_asked = 0  # GET /api/ps requests
+        self.ps_fails = False  # set: /api/ps answers 500
+        self.loaded = {"llama3:latest"}  # the models loaded, by name and tag
+        self.loads: list[str] = []  # each load begun, by model
+        self.aborted: list[str] = []  # each load its client's disconnect aborted
+        # The load under way of each model, which every chat of it waits for.
+        self._loading: dict[str, asyncio.Task[None]] = {}
         self.app = Starlette(
             routes=[
                 Route("/api/chat", self.chat, methods=["POST"]),
@@ -90,12 +115,16 @@ class FakeOllama:
 
     async def ps(self, request: Request) -> Response:
         self.ps_asked += 1
+        if self.ps_fails:
+            return JSONResponse({"error": "internal error"}, 500)
+        while self._loading:  # sched.go's loadedModels waits on each loading runner's lock
+            await asyncio.sleep(0.02)
         return JSONResponse(
             {
                 "models": [
                     {
-                        "name": "llama3:latest",
-                        "model": "llama3:latest",
+                        "name": name,
+                        "model": name,
                         "size": 1,
                         "digest": "x",
                         "details": {"family": "llama"},
@@ -103,9 +132,44 @@ class FakeOllama:
                         "size_vram": 1,
                         "context_length": CONTEXT,
                     }
+                    for name in sorted(self.loaded)
                 ]
             }
         )
+
+    async def _load(self, request: Request, model: str) -> int | None:
+        """Load `model` for this chat, as Ollama's scheduler does: the nanoseconds this
+        chat waited for it (0 when it was loaded); None when the client left first. A load
+        is tied to the request that began it (sched.go, WaitUntilRunning(req.ctx)): its
+        client gone, the load is aborted, and a chat that waited for it begins another."""
+        tagged = model if ":" in model else model + ":latest"
+        if tagged in self.loaded:
+            return 0
+        started = time.perf_counter_ns()
+        while tagged not in self.loaded:
+            load = self._loading.get(tagged)
+            own = load is None
+            if load is None:
+                self.loads.append(model)
+                seconds = {"slow-load": LOAD_S, "slow-load-2": 2 * LOAD_S}.get(model, 0.0)
+                load = self._loading[tagged] = asyncio.create_task(asyncio.sleep(seconds))
+                load.add_done_callback(lambda done: self._loaded(tagged, done))
+            while not load.done():
+                if await request.is_disconnected():
+                    if own:
+                        # llama_server.go: "client connection closed before llama-server
+                        # finished loading, aborting load".
+                        self.aborted.append(model)
+                        load.cancel()
+                    return None
+                await asyncio.sleep(0.02)
+        return time.perf_counter_ns() - started
+
+    def _loaded(self, tagged: str, load: asyncio.Task[None]) -> None:
+        if self._loading.get(tagged) is load:
+            del self._loading[tagged]
+        if not load.cancelled():
+            self.loaded.add(tagged)
 
     async def chat(self, request: Request) -> Response:
         body = await request.json()
@@ -122,9 +186,17 @@ class FakeOllama:
             # Retry-After.
             busy = "server busy, please try again.  maximum pending requests exceeded"
             return JSONResponse({"error": busy}, 503)
+        if model == "cloud":  # routes.go: a cloud model, the server not signed in
+            return JSONResponse({"error": "unauthorized", "signin_url": SIGNIN_URL}, 401)
+        load_ns = await self._load(request, model)
+        if load_ns is None:
+            return Response(status_code=499)  # nobody to read it
+        if not body.get("messages"):
+            done = {"model": model, "created_at": CREATED, "done": True, "done_reason": "load"}
+            return JSONResponse({**done, "message": {"role": "assistant", "content": ""}})
         words = ["The", " sky", " is", " blue", "."]
         limit = (body.get("options") or {}).get("num_predict")
-        lines = self._lines(model, words, limit)
+        lines = self._lines(model, words, limit, load_ns or 1_000)
         if body.get("stream", True) is False:  # one object, the pieces joined
             return await self._whole(lines)
         return StreamingResponse(lines, media_type="application/x-ndjson")
@@ -148,7 +220,9 @@ class FakeOllama:
             last["message"]["tool_calls"] = calls
         return JSONResponse(last)
 
-    async def _lines(self, model: str, words: list[str], limit: int | None) -> AsyncIterator[bytes]:
+    async def _lines(
+        self, model: str, words: list[str], limit: int | None, load_ns: int
+    ) -> AsyncIterator[bytes]:
         def line(obj: dict[str, Any]) -> bytes:
             return json.dumps(obj).encode() + b"\n"
 
@@ -219,9 +293,10 @@ class FakeOllama:
                 "message": {"role": "assistant", "content": ""},
                 "done": True,
                 "done_reason": "length" if limit is not None and sent >= limit else "stop",
-                "total_duration": 5_000_000,
-                "load_duration": 1_000,
+                "total_duration": 5_000_000 + load_ns,
+                "load_duration": load_ns,
                 "prompt_eval_count": 26,
+                **({"prompt_eval_cached_count": CACHED} if model == "cached" else {}),
                 "prompt_eval_duration": 100_000,
                 "eval_count": sent,
                 "eval_duration": 900_000,

@@ -1,0 +1,377 @@
+"""The ollama backend against the fake Ollama (tests/fakes/ollama.py): what its done line
+reports, a model's load, a cloud model's sign-in, through the adapter and through stella."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from stella.backends import CallContext
+from stella.backends import ollama as ollama_backend
+from stella.backends.ollama import OllamaBackend, OllamaConfig
+from stella.errors import UpstreamStatus, UpstreamTimeout
+from stella.protocol import ChatRequest, Done, Message
+from tests.fakes.ollama import CACHED, LOAD_S, SIGNIN_URL, FakeOllama
+from tests.fakes.server import serve
+from tests.live import run_stella
+
+HI = [Message(role="user", content="hi")]
+
+
+@pytest.fixture
+def box() -> Iterator[tuple[FakeOllama, str]]:
+    """A fresh fake Ollama (its models loaded as a test leaves them) and its URL."""
+    fake = FakeOllama()
+    with serve(fake.app, "/api/version") as url:
+        yield fake, url
+
+
+def ollama(url: str, **config: object) -> OllamaBackend:
+    return OllamaBackend("box", OllamaConfig(kind="ollama", base_url=url, **config))  # type: ignore[arg-type]
+
+
+async def call(backend: OllamaBackend, model: str, ctx: CallContext) -> list:
+    """The events of one chat of `model` (the backend started and closed around it)."""
+    await backend.start()
+    try:
+        req = ChatRequest(model=model, messages=HI)
+        return [e async for e in backend.chat(req, ctx)]
+    finally:
+        await backend.aclose()
+
+
+def route(url: str, upstream_model: str, **settings: object) -> dict:
+    """A stella config with route "m" on the fake Ollama at `url`."""
+    return {
+        "backends": {"box": {"kind": "ollama", "base_url": url}},
+        "models": {
+            "routes": {"m": {"backend": "box", "upstream_model": upstream_model, **settings}}
+        },
+    }
+
+
+async def test_the_done_line_s_load_and_cached_tokens_reach_the_call(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # Ollama's load_duration (ns) is the call's load_ms; its prompt_eval_cached_count
+    # (newer versions) the prompt's cached tokens, part of prompt_eval_count.
+    fake, url = box
+    fake.loaded.add("cached:latest")
+    ctx = CallContext(request_id="r")
+    events = await call(ollama(url), "cached", ctx)
+    assert isinstance(events[-1], Done) and events[-1].usage.prompt_tokens == 26
+    assert ctx.cached_tokens == CACHED and ctx.load_ms == 0.001
+    ctx = CallContext(request_id="r")
+    await call(ollama(url), "llama3", ctx)
+    assert ctx.cached_tokens is None  # not said: not known, not 0
+
+
+def test_ollama_s_load_and_cached_tokens_in_every_dialect_and_the_log(
+    box: tuple[FakeOllama, str],
+) -> None:
+    fake, url = box
+    fake.loaded.add("cached:latest")
+    hi = [{"role": "user", "content": "hi"}]
+    with run_stella(route(url, "cached")) as server:
+        body = httpx.post(
+            server.url + "/api/chat", json={"model": "m", "messages": hi, "stream": False}
+        ).json()
+        # As Ollama writes them: the load (1 us here) apart from the prompt's reading.
+        assert body["load_duration"] == 1_000, body
+        assert body["prompt_eval_cached_count"] == CACHED and body["prompt_eval_count"] == 26
+        text = httpx.post(server.url + "/api/chat", json={"model": "m", "messages": hi}).text
+        last = json.loads(text.splitlines()[-1])
+        assert last["done"] and last["prompt_eval_cached_count"] == CACHED, last
+        assert last["load_duration"] == 1_000, last
+        r = httpx.post(
+            server.url + "/api/v1/chat", json={"model": "m", "messages": hi, "stream": False}
+        )
+        assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": CACHED}
+        ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+        assert ev["cached_tokens"] == CACHED and ev["load_ms"] == 0.001, ev
+        # A backend that counted none: none claimed, not 0.
+        body = httpx.post(
+            server.url + "/api/chat", json={"model": "echo", "messages": hi, "stream": False}
+        ).json()
+        assert "prompt_eval_cached_count" not in body and body["load_duration"] == 0, body
+
+
+def test_a_cloud_model_s_sign_in_refuses_that_model_not_the_backend(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # Ollama's 401 for a cloud model while the server is not signed in: the message says
+    # how to sign in, a fallback serves the route, and the backend's circuit, which one
+    # failure opens here, is not told: its local models still answer.
+    url = box[1]
+    config = route(url, "cloud", retries=2, fallbacks=["local"])
+    config["models"]["routes"]["local"] = {"backend": "box", "upstream_model": "llama3"}
+    config["models"]["routes"]["alone"] = {"backend": "box", "upstream_model": "cloud"}
+    config["breaker"] = {"failure_threshold": 1}
+    hi = [{"role": "user", "content": "hi"}]
+    with run_stella(config) as server:
+        for _ in range(2):
+            r = httpx.post(
+                server.url + "/api/v1/chat",
+                json={"model": "alone", "messages": hi, "stream": False},
+            )
+            assert r.status_code == 502, r.text
+            error = r.json()["error"]
+            assert error["code"] == "upstream_rejected" and not error["retryable"], error
+            assert "`ollama signin`" in error["message"], error
+            # The link names the host; its key is masked, as any URL's is.
+            link = SIGNIN_URL.partition("&key=")[0] + "&key=***"
+            assert error["message"].endswith(f"its sign-in link: {link}"), error
+        ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+        assert len(ev["attempts"]) == 1, ev  # not asked again: it would refuse again
+        r = httpx.post(
+            server.url + "/api/v1/chat", json={"model": "m", "messages": hi, "stream": False}
+        )
+        assert r.status_code == 200 and r.json()["response"] == "The sky is blue.", r.text
+        r = httpx.get(server.url + "/api/v1/models").json()
+        assert {m["circuit"] for m in r["models"] if m["backend"] == "box"} == {"closed"}, r
+
+
+def test_a_401_to_a_key_stella_sends_is_still_the_backend_s() -> None:
+    # Behind a proxy, or at ollama.com itself, a 401 without Ollama's signin_url refuses
+    # the key stella sends: every model of the backend alike.
+    b = OllamaBackend("box", OllamaConfig(kind="ollama", headers={"Authorization": "Bearer k"}))
+    err = b.status_error(401, {}, b'{"error":"unauthorized"}')
+    assert err.code == "upstream_error" and not err.no_verdict and err.falls_back
+    signed = b.status_error(
+        401, {}, b'{"error":"unauthorized","signin_url":"https://ollama.com/c"}'
+    )
+    assert signed.code == "upstream_rejected" and signed.no_verdict
+    # Without a key of stella's, Ollama's bare 401 is its own refusal too.
+    bare = ollama("http://127.0.0.1:9").status_error(401, {}, b'{"error":"unauthorized"}')
+    assert bare.code == "upstream_rejected" and "`ollama signin`" in bare.message
+
+
+def loads(fake: FakeOllama) -> list[str]:
+    """The models of the loads stella asked for (chats without messages), in order."""
+    return [r["model"] for r in fake.requests if not r.get("messages")]
+
+
+async def test_a_model_not_loaded_is_loaded_once_for_every_call_waiting(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # Ollama sends nothing until the model is loaded: the calls waiting for it count as
+    # alive (their silence limit, 0.4 s here, does not fire) and share one load.
+    fake, url = box
+    b = ollama(url, keep_alive=0)
+    await b.start()
+    try:
+        ctxs = [CallContext(request_id=f"r{i}", silence_limit_s=0.4) for i in range(3)]
+
+        async def one(ctx: CallContext) -> list:
+            return [e async for e in b.chat(ChatRequest(model="slow-load", messages=HI), ctx)]
+
+        answers = await asyncio.gather(*(one(ctx) for ctx in ctxs))
+    finally:
+        await b.aclose()
+    assert all(isinstance(events[-1], Done) for events in answers)
+    assert fake.loads == ["slow-load"] and loads(fake) == ["slow-load"]
+    for ctx in ctxs:
+        assert ctx.alive >= LOAD_S / 0.1 * 0.8, ctx  # a beat every quarter of 0.4 s
+        assert ctx.load_ms is not None and ctx.load_ms >= LOAD_S * 1000 * 0.9, ctx
+    load, chat = fake.requests[0], fake.requests[-1]
+    # keep_alive 0 would unload the model again: the load leaves it to the chat.
+    assert "keep_alive" not in load and chat["keep_alive"] == 0
+
+
+async def test_a_call_cut_while_its_model_loads_leaves_the_load_running(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # A call cut short (its time limit, its client gone) took the load with it when the
+    # load was its own request: each retry began it again.
+    fake, url = box
+    b = ollama(url)
+    await b.start()
+    try:
+        req = ChatRequest(model="slow-load", messages=HI)
+        cut = asyncio.create_task(anext(b.chat(req, CallContext(request_id="r1"))))
+        await asyncio.sleep(LOAD_S / 3)
+        cut.cancel()
+        await asyncio.sleep(LOAD_S)
+        assert fake.loaded >= {"slow-load:latest"} and fake.aborted == []
+        ctx = CallContext(request_id="r2")
+        events = [e async for e in b.chat(req, ctx)]
+        assert isinstance(events[-1], Done) and ctx.load_ms == 0.001  # Ollama's: loaded
+    finally:
+        await b.aclose()
+    assert loads(fake) == ["slow-load"]
+
+
+async def test_while_a_model_loads_other_calls_wait_for_no_api_ps(
+    box: tuple[FakeOllama, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ollama's /api/ps answers once a load under way has ended: a call of a loaded model
+    # does not wait on it (CONTEXT_WAIT_S, 2 s), and one of the model loading joins its
+    # load without asking.
+    fake, url = box
+    monkeypatch.setattr(ollama_backend, "PS_TTL_S", 0.2)  # /api/ps's answer soon stale
+    b = ollama(url)
+    await b.start()
+
+    async def one(model: str, ctx: CallContext) -> list:
+        return [e async for e in b.chat(ChatRequest(model=model, messages=HI), ctx)]
+
+    try:
+        first = asyncio.create_task(one("slow-load-2", CallContext(request_id="r1")))
+        await asyncio.sleep(0.5)
+        t = time.monotonic()
+        assert isinstance((await one("llama3", CallContext(request_id="r2")))[-1], Done)
+        assert time.monotonic() - t < 0.5
+        ctx = CallContext(request_id="r3")
+        assert isinstance((await one("slow-load-2", ctx))[-1], Done)
+        assert ctx.load_ms is not None and ctx.load_ms > LOAD_S * 1000, ctx  # it waited
+        assert isinstance((await first)[-1], Done)
+    finally:
+        await b.aclose()
+    assert loads(fake) == ["slow-load-2"]
+
+
+async def test_a_load_past_load_timeout_s_fails_that_model_not_the_backend(
+    box: tuple[FakeOllama, str],
+) -> None:
+    fake, url = box
+    ctx = CallContext(request_id="r")
+    with pytest.raises(UpstreamTimeout) as info:
+        await call(ollama(url, load_timeout_s=0.3), "slow-load", ctx)
+    err = info.value
+    assert "did not load within load_timeout_s = 0.3s" in err.message, err.message
+    # No verdict on the backend's circuit; the same load again would fare no better.
+    assert err.no_verdict and not err.same_again and err.code == "upstream_timeout"
+    assert ctx.load_ms is not None and ctx.load_ms >= 300
+    for _ in range(50):  # Ollama sees its client leave, and aborts the load
+        if fake.aborted:
+            break
+        await asyncio.sleep(0.02)
+    assert fake.aborted == ["slow-load"] and "slow-load:latest" not in fake.loaded
+
+
+async def test_a_load_s_refusal_is_each_waiting_call_s(box: tuple[FakeOllama, str]) -> None:
+    # A model Ollama does not have: its 404 comes from the load, to every call waiting.
+    fake, url = box
+    b = ollama(url)
+    await b.start()
+    try:
+        req = ChatRequest(model="error-before", messages=HI)
+
+        async def one() -> BaseException | None:
+            try:
+                [e async for e in b.chat(req, CallContext(request_id="r"))]
+            except UpstreamStatus as exc:
+                return exc
+            return None
+
+        errors = await asyncio.gather(one(), one())
+    finally:
+        await b.aclose()
+    assert loads(fake) == ["error-before"]
+    assert all(isinstance(e, UpstreamStatus) and e.upstream_status == 404 for e in errors)
+    assert errors[0] is not errors[1]  # each call's own: the core amends what it gets
+
+
+@pytest.mark.parametrize(
+    ("model", "setup"),
+    [
+        ("llama3", "loaded"),  # /api/ps lists it: the common path, no request more
+        ("tools", "ps fails"),  # /api/ps cannot say: the call loads it, as before
+        ("tools", "load_timeout_s = 0"),  # no load of its own
+        ("gpt-oss:120b-cloud", ""),  # run on ollama.com: nothing loads on the server
+        ("qwen3:cloud", ""),
+    ],
+)
+async def test_no_load_of_its_own_where_none_is_needed_or_known(
+    box: tuple[FakeOllama, str], model: str, setup: str
+) -> None:
+    fake, url = box
+    fake.ps_fails = setup == "ps fails"
+    config = {"load_timeout_s": 0} if setup == "load_timeout_s = 0" else {}
+    b = ollama(url, **config)
+    await b.start()
+    try:
+        for _ in range(3):
+            req = ChatRequest(model=model, messages=HI)
+            events = [e async for e in b.chat(req, CallContext(request_id="r"))]
+            assert isinstance(events[-1], Done)
+    finally:
+        await b.aclose()
+    assert loads(fake) == [] and len(fake.requests) == 3
+    # /api/ps asked at most once for the three calls (its answer stands PS_TTL_S).
+    assert fake.ps_asked == (0 if setup == "load_timeout_s = 0" or "cloud" in model else 1)
+
+
+def test_a_load_longer_than_the_time_to_first_token_is_waited_for(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # Through stella: a route whose time to first token (0.5 s) is shorter than its
+    # model's load answers once the model is loaded; one whose total limit ends the wait
+    # first is a 504 that tells the backend's circuit nothing (one failure would open it
+    # here), and its load, not aborted, serves the next call.
+    fake, url = box
+    limits = {"ttft_timeout_s": 0.5, "idle_timeout_s": 0.5, "retries": 0}
+    config = route(url, "slow-load", **limits)
+    config["models"]["routes"]["short"] = {
+        "backend": "box",
+        "upstream_model": "slow-load-2",
+        "total_timeout_s": LOAD_S,
+        **limits,
+    }
+    config["models"]["routes"]["local"] = {"backend": "box", "upstream_model": "llama3"}
+    config["breaker"] = {"failure_threshold": 1}
+    hi = [{"role": "user", "content": "hi"}]
+
+    def ask(model: str) -> httpx.Response:
+        body = {"model": model, "messages": hi, "stream": False}
+        return httpx.post(server.url + "/api/chat", json=body, timeout=30)
+
+    with run_stella(config) as server:
+        r = ask("m")
+        assert r.status_code == 200 and r.json()["message"]["content"] == "The sky is blue."
+        body = r.json()
+        assert body["load_duration"] >= LOAD_S * 0.9e9, body
+        assert body["prompt_eval_duration"] < 0.5e9, body  # the load is not the prompt's
+        ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+        assert ev["load_ms"] >= LOAD_S * 900 and ev["status"] == 200, ev
+        t = time.monotonic()
+        r = ask("short")
+        assert r.status_code == 504 and "total limit" in r.json()["error"], r.text
+        ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+        assert ev["attempts"][0].get("out_of_time") and ev["load_ms"] >= LOAD_S * 900, ev
+        assert ask("local").status_code == 200  # the circuit is closed
+        time.sleep(max(0.0, 2 * LOAD_S - (time.monotonic() - t)) + 0.3)
+        t = time.monotonic()
+        r = ask("short")
+        assert r.status_code == 200 and time.monotonic() - t < LOAD_S, r.text
+    assert fake.aborted == [] and loads(fake) == ["slow-load", "slow-load-2"]
+
+
+def test_think_reaches_ollama_from_its_dialect_and_the_native_api(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # Ollama's `think` (a bool or an effort): an Ollama backend passes it on; another
+    # backend (echo) answers as before; a value Ollama would refuse is a 400 naming it.
+    fake, url = box
+    hi = [{"role": "user", "content": "hi"}]
+    with run_stella(route(url, "llama3")) as server:
+        asks = [
+            ("/api/chat", {"messages": hi, "think": False}, False),
+            ("/api/chat", {"messages": hi, "think": "high"}, "high"),
+            ("/api/generate", {"prompt": "hi", "think": True}, True),
+            ("/api/v1/chat", {"messages": hi, "think": "low"}, "low"),
+            ("/api/chat", {"messages": hi}, None),
+        ]
+        for path, body, sent in asks:
+            for model in ("m", "echo"):
+                r = httpx.post(server.url + path, json={"model": model, "stream": False, **body})
+                assert r.status_code == 200, (path, model, r.text)
+            assert fake.requests[-1].get("think") == sent, (path, fake.requests[-1])
+        for path, body in (("/api/chat", {"messages": hi}), ("/api/generate", {"prompt": "hi"})):
+            r = httpx.post(server.url + path, json={"model": "m", "think": "hard", **body})
+            assert r.status_code == 400 and "$.think" in r.json()["error"], r.text
