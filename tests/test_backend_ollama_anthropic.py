@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from stella.backends import CallContext, ConfigError, build_backend, registry
-from stella.backends.anthropic import AnthropicBackend, AnthropicConfig, tool_use_id
+from stella.backends.anthropic import AnthropicBackend, AnthropicConfig
+from stella.backends.anthropic_request import tool_use_id
 from stella.backends.ollama import CONTEXT_WAIT_S, OllamaBackend, OllamaConfig
 from stella.errors import StellaError, UpstreamStatus
 from stella.protocol import (
