@@ -380,6 +380,14 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
             # Blocks with no text are named by the first one's text, where the fault is.
             path = f"messages[{i}].content" + ("[0].text" if m.content else "")
             raise InvalidRequest(f"$.{path}: must not be empty", param=path)
+        if m.role == "user" and (
+            not m.content.strip()
+            if isinstance(m.content, str)
+            else all(b.type == "text" and not b.text.strip() for b in m.content)
+        ):
+            # As the API: text of only whitespace is no text (its backend refuses it too).
+            path = f"messages[{i}].content" + ("" if isinstance(m.content, str) else "[0].text")
+            raise InvalidRequest(f"$.{path}: must not be only whitespace", param=path)
         if isinstance(m.content, str):
             messages.append(Message(role=m.role, content=m.content))
             continue

@@ -12,6 +12,7 @@ from stella.backends.anthropic_request import (
     local_stops,
     request_body,
     schema_of,
+    unsendable,
 )
 from stella.backends.base import (
     BackendEvent,
@@ -168,9 +169,12 @@ class AnthropicBackend(HttpBackend):
         return await self.probe("/v1/models")
 
     def admit(self, request: ChatRequest) -> None:
-        """Refuse a JSON mode without a schema: the Messages API's structured outputs
-        take a schema (output_config.format) and have no bare JSON mode."""
+        """Refuse, before a stream begins, what the API would: a JSON mode without a
+        schema (its structured outputs take one, output_config.format, and it has no bare
+        JSON mode), and a conversation it would refuse (see unsendable)."""
         self._refuse_schemaless(request)
+        if (refused := unsendable(request.messages)) is not None:
+            raise refused
 
     def _refuse_schemaless(self, request: ChatRequest) -> None:
         fmt = request.response_format

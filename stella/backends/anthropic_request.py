@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from stella.backends.base import linked_tool_calls
+from stella.errors import InvalidRequest
 from stella.protocol import ChatRequest, Message
 
 # The ids the API takes for a tool_use (and so a tool_result's tool_use_id).
@@ -83,12 +84,51 @@ def local_stops(stop: list[str] | None) -> list[str]:
     return [s for s in stop or () if s and not s.strip()]
 
 
+def unsendable(messages: list[Message]) -> InvalidRequest | None:
+    """The 400 for a conversation the API would refuse in a way stella cannot mend by
+    leaving out what says nothing (None: it can be sent)."""
+    kept = False
+    last = len(messages) - 1
+    for i, m in enumerate(messages):
+        if m.role == "system":
+            continue
+        if m.role == "user" and not m.content.strip():
+            # The API refuses a text of only whitespace (and an empty message): a 400
+            # naming the message, not a 502 with the upstream's words for it.
+            return InvalidRequest(
+                f"$.messages[{i}].content: the model's backend (anthropic) takes no user "
+                "message without text (empty or only whitespace)",
+                param=f"messages[{i}].content",
+            )
+        if m.role == "assistant" and not m.tool_calls:
+            if i == last and m.content[-1:].isspace():
+                # A prefill the API refuses (the Anthropic dialect's own words for it).
+                return InvalidRequest(
+                    f"$.messages[{i}].content: final assistant content cannot end with "
+                    "trailing whitespace",
+                    param=f"messages[{i}].content",
+                )
+            if i != last and not m.content.strip():
+                continue  # left out (see request_body)
+        kept = True
+    if not kept:
+        # The API wants a turn besides the system prompt ("at least one message").
+        return InvalidRequest(
+            "$.messages: the model's backend (anthropic) needs a user or assistant "
+            "message besides the system prompt",
+            param="messages",
+        )
+    return None
+
+
 def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
     """The Messages API body: system pulled out, tool calls and results as blocks."""
     system = "\n\n".join(m.content for m in request.messages if m.role == "system")
     messages: list[dict[str, Any]] = []
     history = linked_tool_calls(request.messages)
     ids = _ToolUseIds(history)
+    if (refused := unsendable(history)) is not None:
+        raise refused
     for m in history:
         if m.role == "system":
             continue
@@ -110,8 +150,10 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
                 messages.append({"role": "user", "content": [block]})
             continue
         if m.tool_calls:
+            # The text before the calls, unless only whitespace (Qwen-style models write
+            # "\n\n" there): the API refuses a text block of only whitespace.
             blocks: list[dict[str, Any]] = (
-                [{"type": "text", "text": m.content}] if m.content else []
+                [{"type": "text", "text": m.content}] if m.content.strip() else []
             )
             blocks += [
                 {
@@ -126,8 +168,8 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
             ]
             messages.append({"role": "assistant", "content": blocks})
         elif m.role == "assistant" and not m.content.strip():
-            # A turn that answered nothing (stopped before its first token): the API
-            # refuses empty content but in a final prefill, and the turn says nothing.
+            # A turn that answered nothing (stopped before its first token), or only
+            # whitespace: the API refuses it but an empty final prefill, and it says nothing.
             if m is history[-1]:
                 messages.append({"role": "assistant", "content": m.content})
         else:
@@ -139,12 +181,14 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
         "stream": True,
         "max_tokens": o.max_tokens or default_max,
     }
-    if system:
+    if system.strip():  # one of only whitespace says nothing (and the API refuses it)
         body["system"] = system
     for key, value in (
         # The API's range is 0 to 1 (OpenAI's 0 to 2): above it, the most random it takes.
         ("temperature", None if o.temperature is None else min(o.temperature, 1.0)),
-        ("top_p", o.top_p),
+        # Current models (Sonnet 4.5, Haiku 4.5, Opus 4.1 and later) refuse both at once:
+        # given both, only the temperature is sent (the one sampling knob all backends take).
+        ("top_p", o.top_p if o.temperature is None else None),
         ("top_k", o.top_k),
         ("stop_sequences", [s for s in o.stop or () if s.strip()] or None),
     ):

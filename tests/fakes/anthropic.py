@@ -23,7 +23,8 @@ the first text delta, a `ping` event every PING_EVERY_S for PINGS_S, then the re
 API sends pings while the model is slow). Requests without
 the right x-api-key get 401, without `max_tokens` (or with a message without content but a final assistant one, or a
 tool_use id used twice in the conversation, a temperature outside 0..1, a stop sequence
-of only whitespace) 400; `"stream": true` gets the event
+of only whitespace, text of only whitespace, no message at all, a final assistant turn
+ending in whitespace, both `temperature` and `top_p`) 400; `"stream": true` gets the event
 sequence, anything else one Message object, as the API does. A text answer asked for in
 a JSON schema (`output_config.format`, structured outputs) is an instance of it
 (`instance`), in pieces; an `output_config` the API would refuse (a format type other
@@ -109,6 +110,8 @@ class FakeAnthropic:
         if (problem := _unlinked(body.get("messages") or [])) is not None:
             return err("invalid_request_error", problem, 400)
         if (problem := _empty(body.get("messages") or [])) is not None:
+            return err("invalid_request_error", problem, 400)
+        if (problem := _blank(body.get("messages") or [])) is not None:
             return err("invalid_request_error", problem, 400)
         if (problem := _output_config(body.get("output_config"))) is not None:
             return err("invalid_request_error", problem, 400)
@@ -355,6 +358,9 @@ def _sampling(body: dict[str, Any]) -> str | None:
     temperature = body.get("temperature")
     if temperature is not None and not 0 <= temperature <= 1:
         return "temperature: range: 0..1"
+    if temperature is not None and body.get("top_p") is not None:
+        # As current models (Sonnet 4.5, Haiku 4.5, Opus 4.1 and later) answer.
+        return "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
     if any(not s.strip() for s in body.get("stop_sequences") or ()):
         return "stop_sequences: each stop sequence must contain non-whitespace"
     return None
@@ -412,6 +418,32 @@ def _unlinked(messages: list[dict[str, Any]]) -> str | None:
                     "corresponding `tool_use` block in the previous message."
                 )
         ids = {b["id"] for b in blocks if b.get("type") == "tool_use"}
+    return None
+
+
+def _blank(messages: list[dict[str, Any]]) -> str | None:
+    """What the API answers about no message at all, a text of only whitespace, and a
+    final assistant turn (a prefill) ending in whitespace."""
+    if not messages:
+        return "messages: at least one message is required"
+    for m in messages:
+        content = m.get("content")
+        texts = (
+            [content]
+            if isinstance(content, str) and content
+            else [b.get("text", "") for b in content or () if b.get("type") == "text"]
+            if isinstance(content, list)
+            else []
+        )
+        if any(not t.strip() for t in texts):
+            return "messages: text content blocks must contain non-whitespace text"
+    last = messages[-1]
+    content = last.get("content")
+    text = content if isinstance(content, str) else ""
+    if isinstance(content, list) and content and content[-1].get("type") == "text":
+        text = content[-1].get("text", "")
+    if last.get("role") == "assistant" and text[-1:].isspace():
+        return "messages: final assistant content cannot end with trailing whitespace"
     return None
 
 

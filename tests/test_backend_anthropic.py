@@ -1,0 +1,343 @@
+"""The anthropic adapter against the fake Messages API: what the API refuses, what it
+sends besides its events, and answers a stream may end or start otherwise, on their own
+and through stella's native, OpenAI and Anthropic dialects, streamed and not."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+
+from stella.backends import CallContext
+from stella.backends.anthropic import (
+    AnthropicBackend,
+    AnthropicConfig,
+)
+from stella.backends.anthropic_request import request_body
+from stella.errors import InvalidRequest
+from stella.protocol import (
+    ChatRequest,
+    Done,
+    FunctionCall,
+    FunctionSpec,
+    Message,
+    Options,
+    Tool,
+    ToolCallRef,
+)
+from tests.fakes.anthropic import KEY, FakeAnthropic
+from tests.fakes.server import serve
+from tests.live import LiveServer, ndjson, run_stella
+
+HELLO = "Hello! How can I help?"
+HI = [{"role": "user", "content": "hi"}]
+# Each dialect's chat path, streamed and not.
+DIALECTS = [
+    (path, stream)
+    for path in ("/api/v1/chat", "/v1/chat/completions", "/v1/messages")
+    for stream in (True, False)
+]
+# The fake's models that get a route of their own name in the shared server.
+MODELS = [
+    "claude-ok",
+]
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[tuple[FakeAnthropic, str]]:
+    api = FakeAnthropic()
+    with serve(api.app) as url:
+        yield api, url
+
+
+@pytest.fixture(scope="module")
+def server(fake: tuple[FakeAnthropic, str]) -> Iterator[LiveServer]:
+    routes: dict[str, Any] = {
+        m: {"backend": "claude", "upstream_model": m, "retries": 2, "retry_backoff_s": 0.01}
+        for m in MODELS
+    }
+    config = {
+        "backends": {"claude": {"kind": "anthropic", "base_url": fake[1], "api_key_env": "CK"}},
+        "models": {"routes": routes},
+        "breaker": {"failure_threshold": 0},  # failures on purpose here
+    }
+    with run_stella(config, {"CK": KEY}) as live:
+        yield live
+
+
+@dataclass
+class Reply:
+    """One dialect's answer, in common terms."""
+
+    status: int
+    text: str = ""
+    end: str = ""  # finish_reason, or the Anthropic dialect's stop_reason
+    error: str = ""  # an error's code (its type in the Anthropic dialect)
+    message: str = ""  # an error's message
+    usage: dict[str, Any] = field(default_factory=dict)
+    request_id: str = ""
+
+
+def ask(server: LiveServer, path: str, stream: bool, model: str, **body: Any) -> Reply:
+    """POST a chat to `path` and read its answer (a stream to its end) as a Reply."""
+    payload: dict[str, Any] = {"model": model, "stream": stream, "messages": HI, **body}
+    if path == "/v1/messages":
+        payload.setdefault("max_tokens", 50)
+    if path == "/v1/chat/completions" and stream:
+        payload["stream_options"] = {"include_usage": True}
+    r = httpx.post(server.url + path, json=payload, timeout=30)
+    reply = Reply(r.status_code, request_id=r.headers.get("x-request-id", ""))
+    if r.status_code != 200:
+        err = r.json()["error"]
+        reply.error = err.get("code") or err["type"]
+        reply.message = err["message"]
+        return reply
+    if path == "/api/v1/chat":
+        lines = ndjson(r.text) if stream else [{"type": "done", **r.json()}]
+        for line in lines:
+            if line["type"] == "delta":
+                reply.text += line["text"]
+            elif line["type"] == "done":
+                reply.text += line.get("response", "")
+                reply.end, reply.usage = line["finish_reason"], line["usage"]
+            elif line["type"] == "error":
+                reply.error, reply.message = line["code"], line["message"]
+        return reply
+    if path == "/v1/chat/completions":
+        if not stream:
+            choice = r.json()["choices"][0]
+            reply.text, reply.end = choice["message"]["content"] or "", choice["finish_reason"]
+            reply.usage = r.json()["usage"]
+            return reply
+        for data in _sse_data(r.text):
+            if "error" in data:
+                reply.error, reply.message = data["error"]["code"], data["error"]["message"]
+            for choice in data.get("choices") or ():
+                reply.text += choice["delta"].get("content") or ""
+                reply.end = choice.get("finish_reason") or reply.end
+            reply.usage = data.get("usage") or reply.usage
+        return reply
+    if not stream:
+        m = r.json()
+        reply.text = "".join(b.get("text", "") for b in m["content"])
+        reply.end, reply.usage = m["stop_reason"], m["usage"]
+        return reply
+    for data in _sse_data(r.text):
+        if data["type"] == "content_block_delta" and data["delta"]["type"] == "text_delta":
+            reply.text += data["delta"]["text"]
+        elif data["type"] == "message_delta":
+            reply.end, reply.usage = data["delta"]["stop_reason"], data["usage"]
+        elif data["type"] == "error":
+            reply.error, reply.message = data["error"]["type"], data["error"]["message"]
+    return reply
+
+
+def _sse_data(text: str) -> list[dict[str, Any]]:
+    """The JSON of each `data:` line of an SSE body (OpenAI's [DONE] left out)."""
+    return [
+        json.loads(line[5:])
+        for line in text.splitlines()
+        if line.startswith("data:") and line[5:].strip() != "[DONE]"
+    ]
+
+
+def claude(url: str) -> AnthropicBackend:
+    os.environ["TEST_ANTHROPIC_KEY"] = KEY
+    return AnthropicBackend(
+        "a", AnthropicConfig(kind="anthropic", base_url=url, api_key_env="TEST_ANTHROPIC_KEY")
+    )
+
+
+async def run(url: str, model: str, ctx: CallContext | None = None, **kw: Any) -> list[Any]:
+    """The events of one call of `model` on a backend to the fake at `url`."""
+    backend = claude(url)
+    await backend.start()
+    try:
+        req = ChatRequest(model=model, **{"messages": [Message(role="user", content="hi")], **kw})
+        return [e async for e in backend.chat(req, ctx or CallContext(request_id="rid-1"))]
+    finally:
+        await backend.aclose()
+
+
+def _asked(fake: FakeAnthropic, model: str) -> int:
+    return sum(1 for r in fake.requests if r["model"] == model)
+
+
+async def test_whitespace_before_tool_calls_is_no_text_block(
+    fake: tuple[FakeAnthropic, str],
+) -> None:
+    # A Qwen-style turn writes "\n\n" before its calls: sent as a text block, which the
+    # API refuses ("text content blocks must contain non-whitespace text").
+    call = ToolCallRef(id="toolu_1", function=FunctionCall(name="get_weather", arguments={}))
+    history = [
+        Message(role="user", content="weather?"),
+        Message(role="assistant", content="\n\n", tool_calls=[call]),
+        Message(role="tool", content="sunny", tool_call_id="toolu_1"),
+    ]
+    tools = [Tool(function=FunctionSpec(name="get_weather"))]
+    events = await run(fake[1], "claude-ok", messages=history, tools=tools)
+    assert isinstance(events[-1], Done)
+    turn = fake[0].requests[-1]["messages"][1]
+    assert [b["type"] for b in turn["content"]] == ["tool_use"]
+    # Text beside them goes as it came.
+    history[1] = Message(role="assistant", content="Let me see. ", tool_calls=[call])
+    await run(fake[1], "claude-ok", messages=history, tools=tools)
+    turn = fake[0].requests[-1]["messages"][1]
+    assert turn["content"][0] == {"type": "text", "text": "Let me see. "}
+
+
+@pytest.mark.parametrize("path", ["/api/v1/chat", "/v1/chat/completions"])
+def test_a_qwen_style_tool_turn_goes_on_on_a_claude_route(server: LiveServer, path: str) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather"}}
+    call["function"]["arguments"] = {} if path == "/api/v1/chat" else "{}"  # type: ignore[index]
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "\n\n", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_1"},
+    ]
+    reply = ask(server, path, False, "claude-ok", messages=messages)
+    assert (reply.status, reply.text) == (200, HELLO), reply
+
+
+async def test_temperature_and_top_p_together_send_the_temperature(
+    fake: tuple[FakeAnthropic, str],
+) -> None:
+    # Current models refuse both at once (a 400, a 502 to the client).
+    events = await run(fake[1], "claude-ok", options=Options(temperature=0.5, top_p=0.9))
+    assert isinstance(events[-1], Done)
+    sent = fake[0].requests[-1]
+    assert sent["temperature"] == 0.5 and "top_p" not in sent
+    await run(fake[1], "claude-ok", options=Options(top_p=0.9))
+    assert fake[0].requests[-1]["top_p"] == 0.9 and "temperature" not in fake[0].requests[-1]
+
+
+@pytest.mark.parametrize(("path", "stream"), DIALECTS)
+def test_temperature_and_top_p_together_are_answered_in_every_dialect(
+    server: LiveServer, path: str, stream: bool
+) -> None:
+    sampling = {"temperature": 0.3, "top_p": 0.5}
+    body = {"options": sampling} if path == "/api/v1/chat" else sampling
+    reply = ask(server, path, stream, "claude-ok", **body)
+    assert (reply.status, reply.text, reply.error) == (200, HELLO, ""), reply
+
+
+def _refusal(messages: list[Message]) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as info:
+        request_body(ChatRequest(model="m", messages=messages), 100)
+    return info.value
+
+
+def test_requests_the_api_refuses_are_400s_naming_the_field() -> None:
+    system = Message(role="system", content="be nice")
+    blank = _refusal([system, Message(role="user", content=" \n")])
+    assert blank.param == "messages[1].content" and blank.message.startswith(
+        "$.messages[1].content: "
+    )
+    assert _refusal([Message(role="user", content="")]).param == "messages[0].content"
+    alone = _refusal([system])
+    assert alone.param == "messages" and "besides the system prompt" in alone.message
+    prefill = _refusal(
+        [Message(role="user", content="hi"), Message(role="assistant", content="A ")]
+    )
+    assert prefill.param == "messages[1].content"
+    assert prefill.message == (
+        "$.messages[1].content: final assistant content cannot end with trailing whitespace"
+    )
+    assert _refusal([Message(role="user", content="hi"), Message(role="assistant", content="\n")])
+    # What the API takes: an empty prefill, a blank turn earlier (left out), a blank system.
+    body = request_body(
+        ChatRequest(
+            model="m",
+            messages=[
+                Message(role="system", content="\n"),
+                Message(role="user", content="hi"),
+                Message(role="assistant", content=" "),
+                Message(role="user", content="again"),
+                Message(role="assistant", content=""),
+            ],
+        ),
+        100,
+    )
+    assert "system" not in body
+    assert [m["content"] for m in body["messages"]] == ["hi", "again", ""]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/chat", "/v1/chat/completions"])
+def test_requests_the_api_refuses_are_400s_in_the_dialects(
+    server: LiveServer, fake: tuple[FakeAnthropic, str], path: str
+) -> None:
+    # They were sent, and the API's 400 came back a 502 upstream_rejected. Refused before
+    # a stream begins, they are a 400 in the native stream too.
+    before = len(fake[0].requests)
+    cases = [
+        ([{"role": "user", "content": "  "}], "messages[0].content"),
+        ([{"role": "system", "content": "be nice"}], "messages"),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure: "}],
+            "messages[1].content",
+        ),
+    ]
+    for messages, param in cases:
+        for stream in (True, False):
+            reply = ask(server, path, stream, "claude-ok", messages=messages)
+            assert (reply.status, reply.error) == (400, "invalid_request"), reply
+            assert reply.message.startswith(f"$.{param}: "), reply
+    assert len(fake[0].requests) == before
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_anthropic_dialect_refuses_a_user_turn_of_only_whitespace(
+    server: LiveServer, fake: tuple[FakeAnthropic, str], stream: bool
+) -> None:
+    # As the API does, naming the message as the client wrote it (the backend would
+    # count the system prompt among the messages).
+    before = len(fake[0].requests)
+    for content, param in (
+        ("\n ", "messages[0].content"),
+        ([{"type": "text", "text": "\t"}], "messages[0].content[0].text"),
+    ):
+        reply = ask(
+            server,
+            "/v1/messages",
+            stream,
+            "claude-ok",
+            system="be nice",
+            messages=[{"role": "user", "content": content}],
+        )
+        assert (reply.status, reply.error) == (400, "invalid_request_error"), reply
+        assert reply.message == f"$.{param}: must not be only whitespace"
+    assert len(fake[0].requests) == before
+
+
+def test_the_fake_refuses_what_the_api_refuses(fake: tuple[FakeAnthropic, str]) -> None:
+    # The cases above are the API's refusals, not the fake's inventions of them.
+    def sent(**body: Any) -> httpx.Response:
+        return httpx.post(
+            fake[1] + "/v1/messages",
+            json={"model": "claude-ok", "max_tokens": 5, "messages": HI, **body},
+            headers={"x-api-key": KEY},
+        )
+
+    assert sent(temperature=0.5, top_p=0.5).status_code == 400
+    assert sent(messages=[]).status_code == 400
+    assert sent(messages=[{"role": "user", "content": " "}]).status_code == 400
+    tool_turn = [
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "\n\n"},
+                {"type": "tool_use", "id": "t1", "name": "f", "input": {}},
+            ],
+        },
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1"}]},
+    ]
+    assert sent(messages=tool_turn).status_code == 400
+    prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a "}]
+    assert sent(messages=prefill).status_code == 400
+    assert sent().status_code == 200
