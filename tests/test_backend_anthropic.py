@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -17,9 +18,10 @@ from stella.backends import CallContext
 from stella.backends.anthropic import (
     AnthropicBackend,
     AnthropicConfig,
+    ratelimit_wait,
 )
 from stella.backends.anthropic_request import request_body
-from stella.errors import InvalidRequest
+from stella.errors import ContextTooLong, InvalidRequest, UpstreamStatus
 from stella.protocol import (
     ChatRequest,
     Done,
@@ -30,7 +32,7 @@ from stella.protocol import (
     Tool,
     ToolCallRef,
 )
-from tests.fakes.anthropic import KEY, FakeAnthropic
+from tests.fakes.anthropic import KEY, LIMITS, TOO_LONG, FakeAnthropic
 from tests.fakes.server import serve
 from tests.live import LiveServer, ndjson, run_stella
 
@@ -45,6 +47,7 @@ DIALECTS = [
 # The fake's models that get a route of their own name in the shared server.
 MODELS = [
     "claude-ok",
+    *TOO_LONG,
 ]
 
 
@@ -341,3 +344,107 @@ def test_the_fake_refuses_what_the_api_refuses(fake: tuple[FakeAnthropic, str]) 
     prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a "}]
     assert sent(messages=prefill).status_code == 400
     assert sent().status_code == 200
+
+
+@pytest.mark.parametrize("model", list(TOO_LONG))
+async def test_a_prompt_too_long_is_context_too_long_with_the_api_s_words(
+    fake: tuple[FakeAnthropic, str], model: str
+) -> None:
+    with pytest.raises(ContextTooLong) as info:
+        await run(fake[1], model)
+    err = info.value
+    assert (err.status, err.code, err.param) == (400, "context_length_exceeded", "messages")
+    assert err.message == f"a: {TOO_LONG[model]}"
+    assert not err.retryable and not err.falls_back
+
+
+@pytest.mark.parametrize(("path", "stream"), DIALECTS)
+def test_a_prompt_too_long_is_a_400_not_retried_in_every_dialect(
+    server: LiveServer, fake: tuple[FakeAnthropic, str], path: str, stream: bool
+) -> None:
+    # The API's 400 for a prompt past the window was a 502 upstream_rejected: it is the
+    # request's fault, as the embedded engine's context_length_exceeded.
+    for model, words in TOO_LONG.items():
+        before = _asked(fake[0], model)
+        reply = ask(server, path, stream, model)
+        kind = "invalid_request_error" if path == "/v1/messages" else "context_length_exceeded"
+        if path == "/api/v1/chat" and stream:
+            # The native stream's start line went out at once: an in-band error line.
+            assert (reply.status, reply.error) == (200, "context_length_exceeded")
+        else:
+            assert (reply.status, reply.error) == (400, kind), reply
+        assert words in reply.message
+        assert _asked(fake[0], model) == before + 1  # not retried (the route allows 2)
+        ev = server.wait_event(lambda e, rid=reply.request_id: e["request_id"] == rid)
+        assert [a["error"] for a in ev["attempts"]] == ["context_length_exceeded"]
+        assert ev["error_code"] == "context_length_exceeded"
+
+
+def test_a_429_without_retry_after_waits_for_its_spent_limits() -> None:
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+
+    def at(seconds: float) -> str:
+        return (now + timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
+
+    headers = {
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": at(2),
+        "anthropic-ratelimit-input-tokens-remaining": "0",
+        "anthropic-ratelimit-input-tokens-reset": at(7.5),
+        # Not spent: its later reset is not waited for.
+        "anthropic-ratelimit-output-tokens-remaining": "100",
+        "anthropic-ratelimit-output-tokens-reset": at(60),
+    }
+    assert ratelimit_wait(headers, now.timestamp()) == 7.5
+    # Past resets wait nothing; none spent, or no reset that reads as a moment: no word.
+    assert ratelimit_wait(headers, now.timestamp() + 100) == 0.0
+    left = {**headers, "anthropic-ratelimit-input-tokens-remaining": "5"}
+    assert ratelimit_wait(left, now.timestamp()) == 2
+    assert ratelimit_wait({"anthropic-ratelimit-tokens-remaining": "0"}) is None
+    spent = {"anthropic-ratelimit-tokens-remaining": "0"}
+    assert ratelimit_wait({**spent, "anthropic-ratelimit-tokens-reset": "soon"}) is None
+    no_zone = {**spent, "anthropic-ratelimit-tokens-reset": "2025-01-01T00:00:07"}
+    assert ratelimit_wait(no_zone) is None
+    assert ratelimit_wait({**spent, "anthropic-ratelimit-tokens-reset": at(10**9)}, 0) == 86_400
+
+
+async def test_a_429_without_retry_after_says_when_its_limits_reset(
+    fake: tuple[FakeAnthropic, str],
+) -> None:
+    with pytest.raises(UpstreamStatus) as info:
+        await run(fake[1], "claude-429-limits")
+    err = info.value
+    latest = max(reset for left, reset in LIMITS.values() if left == 0)
+    assert err.upstream_status == 429 and err.retryable
+    assert err.retry_after_hint is not None and latest - 1 < err.retry_after_hint <= latest
+    assert err.headers["Retry-After"] == str(latest)
+
+
+def test_a_429_without_retry_after_is_not_retried_at_once(
+    fake: tuple[FakeAnthropic, str],
+) -> None:
+    # It was asked again at once, twice, and refused each time: now its wait (3 s) is
+    # longer than the route's retry_max_backoff_s, which ends the retries there, and the
+    # client is told when to come back.
+    config = {
+        "backends": {"claude": {"kind": "anthropic", "base_url": fake[1], "api_key_env": "CK"}},
+        "models": {
+            "routes": {
+                "limited": {
+                    "backend": "claude",
+                    "upstream_model": "claude-429-limits",
+                    "retries": 2,
+                    "retry_backoff_s": 0.01,
+                    "retry_max_backoff_s": 1,
+                }
+            }
+        },
+    }
+    with run_stella(config, {"CK": KEY}) as live:
+        before = _asked(fake[0], "claude-429-limits")
+        r = httpx.post(
+            live.url + "/api/v1/chat", json={"model": "limited", "stream": False, "messages": HI}
+        )
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_rate_limited"
+        assert r.headers["retry-after"] == "3", r.headers
+        assert _asked(fake[0], "claude-429-limits") == before + 1

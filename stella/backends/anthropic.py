@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import re
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
 from typing import Annotated, Any
 
 import aiohttp
@@ -29,7 +32,13 @@ from stella.backends.http import (
     upstream_text,
 )
 from stella.backends.stops import StopBuffer
-from stella.errors import InvalidRequest, UpstreamError, UpstreamStatus
+from stella.errors import (
+    ContextTooLong,
+    InvalidRequest,
+    StellaError,
+    UpstreamError,
+    UpstreamStatus,
+)
 from stella.protocol import (
     ChatRequest,
     Delta,
@@ -133,8 +142,55 @@ class _Event(msgspec.Struct):
     error: _Error | None = None
 
 
+class _ErrorBody(msgspec.Struct):
+    error: _Error | None = None
+
+
 _event = msgspec.json.Decoder(_Event)
+_error_body = msgspec.json.Decoder(_ErrorBody)
 _enc = msgspec.json.Encoder()
+
+
+# The API's words for a prompt past the model's context window (its 400
+# invalid_request_error): "prompt is too long: 210000 tokens > 200000 maximum", and
+# "input length and `max_tokens` exceed context limit: 180000 + 30000 > 200000, ...".
+_TOO_LONG = re.compile(r"prompt is too long|exceed context limit", re.IGNORECASE)
+
+
+def context_too_long(name: str, error: _Error | None) -> ContextTooLong | None:
+    """The ContextTooLong an upstream's error means, its own words kept (None: another)."""
+    if error is None or not _TOO_LONG.search(error.message):
+        return None
+    return ContextTooLong(f"{name}: {upstream_text(error.message)}", param="messages")
+
+
+# The API's rate limit headers: per limit (requests, tokens, input-tokens, ...) what is
+# left of it and when it is whole again (RFC 3339).
+_RESET = re.compile(r"anthropic-ratelimit-(.+)-reset", re.IGNORECASE)
+
+
+def ratelimit_wait(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds until every exhausted rate limit (`anthropic-ratelimit-*-remaining` 0) is
+    reset, from their `-reset` times; None when none says so. At most a day."""
+    latest: float | None = None
+    for name, value in headers.items():
+        limit = _RESET.fullmatch(name)
+        if limit is None:
+            continue
+        left = headers.get(f"anthropic-ratelimit-{limit[1]}-remaining", "").strip()
+        if left != "0":
+            continue  # not the limit that refused (another one is, or none said)
+        try:
+            when = datetime.fromisoformat(value.strip())
+        except ValueError:
+            continue
+        if when.tzinfo is None:
+            continue  # no time zone: no moment
+        # The latest: a retry before every exhausted limit is reset is refused again.
+        latest = when.timestamp() if latest is None else max(latest, when.timestamp())
+    if latest is None:
+        return None
+    return min(max(0.0, latest - (time.time() if now is None else now)), 86_400.0)
 
 
 class AnthropicBackend(HttpBackend):
@@ -185,6 +241,28 @@ class AnthropicBackend(HttpBackend):
                 "JSON schema only (json_schema with a schema); send one, or none",
                 param="response_format",
             )
+
+    def status_error(self, status: int, headers: Mapping[str, str], body: bytes) -> StellaError:
+        """The error for an error status; the API's prompt too long is the request's
+        ContextTooLong, and a 429 without Retry-After waits for its exhausted limits."""
+        err = super().status_error(status, headers, body)
+        if not isinstance(err, UpstreamStatus):
+            return err
+        if status == 400:
+            try:
+                said = _error_body.decode(body).error
+            except BAD_JSON:
+                said = None
+            # A prompt the model cannot take: not retried, no failure of the backend's.
+            return context_too_long(self.name, said) or err
+        if status == 429 and err.retry_after_hint is None:
+            # The API always sends retry-after; a compatible proxy may send only the
+            # limits' headers, and a retry at once would be refused again.
+            wait = ratelimit_wait(headers)
+            if wait is not None:
+                err.retry_in(wait)
+                err.retry_after_hint = wait
+        return err
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream one message and translate the SSE events."""

@@ -287,6 +287,11 @@ class HttpBackend(Backend):
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         return Answer(self, url, body, headers, ctx)
 
+    def status_error(self, status: int, headers: Any, body: bytes) -> StellaError:
+        """The StellaError for a chat call's error status (an adapter may know its API's
+        errors better)."""
+        return error_from_response(self.name, status, headers, body)
+
     async def model_ids(self, path: str) -> list[str]:
         """GET `path`, a model list shaped {"data": [{"id": ...}, ...]}: the ids."""
         return [m.id for m in (await self.get_json(path, _models)).data]
@@ -415,7 +420,7 @@ class Answer:
                 _call.reset(token)
             if r.status >= 300:
                 text = await error_head(r)
-                raise error_from_response(b.name, r.status, r.headers, text)
+                raise b.status_error(r.status, r.headers, text)
         except BaseException:
             b.using -= 1
             raise

@@ -20,7 +20,10 @@ answer short so), `claude-429`
 `claude-huge-error-first` and `claude-huge-error-mid` (an overloaded_error, then an
 api_error after a text delta, of HUGE_ERROR), `claude-malformed`, `claude-pings` (after
 the first text delta, a `ping` event every PING_EVERY_S for PINGS_S, then the rest: the
-API sends pings while the model is slow). Requests without
+API sends pings while the model is slow), `claude-too-long` and `claude-too-long-max`
+(the API's 400s for a prompt past the context window: TOO_LONG), `claude-429-limits` (a
+429 without retry-after, its `anthropic-ratelimit-*` headers saying which limits are
+spent and when they reset: LIMITS). Requests without
 the right x-api-key get 401, without `max_tokens` (or with a message without content but a final assistant one, or a
 tool_use id used twice in the conversation, a temperature outside 0..1, a stop sequence
 of only whitespace, text of only whitespace, no message at all, a final assistant turn
@@ -37,6 +40,7 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from starlette.applications import Starlette
@@ -68,6 +72,17 @@ DELTA_COUNTS = {"input_tokens": 30, "cache_read_input_tokens": 40}
 # `claude-pings`: how often, and how long, it pings between its first text and the rest.
 PING_EVERY_S = 0.1
 PINGS_S = 1.0
+# The API's messages for a prompt past the model's context window, by model.
+TOO_LONG = {
+    "claude-too-long": "prompt is too long: 210000 tokens > 200000 maximum",
+    "claude-too-long-max": (
+        "input length and `max_tokens` exceed context limit: 188240 + 21333 > 200000, "
+        "decrease input length or `max_tokens` and try again"
+    ),
+}
+# `claude-429-limits`: per rate limit, what is left of it and the seconds until its reset.
+# Two are spent: a retry succeeds only once both are reset, after the later one's 3 s.
+LIMITS = {"requests": (0, 2), "input-tokens": (0, 3), "output-tokens": (8000, 30)}
 
 
 def err(kind: str, message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -127,6 +142,16 @@ class FakeAnthropic:
             )
         if model == "claude-529":
             return err("overloaded_error", "Overloaded", 529)
+        if model in TOO_LONG:
+            return err("invalid_request_error", TOO_LONG[model], 400)
+        if model == "claude-429-limits":
+            now = datetime.now(UTC)
+            headers = {}
+            for limit, (left, reset_s) in LIMITS.items():
+                reset = (now + timedelta(seconds=reset_s)).isoformat().replace("+00:00", "Z")
+                headers[f"anthropic-ratelimit-{limit}-remaining"] = str(left)
+                headers[f"anthropic-ratelimit-{limit}-reset"] = reset
+            return err("rate_limit_error", "Rate limited", 429, headers)
         if not body.get("stream"):  # the API's default: one Message object
             return await self._message(model, body)
         return StreamingResponse(self._events(model, body), media_type="text/event-stream")
