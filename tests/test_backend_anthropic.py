@@ -21,18 +21,20 @@ from stella.backends.anthropic import (
     ratelimit_wait,
 )
 from stella.backends.anthropic_request import request_body
-from stella.errors import ContextTooLong, InvalidRequest, UpstreamStatus
+from stella.errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamStatus
 from stella.protocol import (
     ChatRequest,
+    Delta,
     Done,
     FunctionCall,
     FunctionSpec,
     Message,
     Options,
     Tool,
+    ToolCall,
     ToolCallRef,
 )
-from tests.fakes.anthropic import KEY, LIMITS, TOO_LONG, FakeAnthropic
+from tests.fakes.anthropic import KEY, LIMITS, PINGS_S, TEXT_START, TOO_LONG, FakeAnthropic
 from tests.fakes.server import serve
 from tests.live import LiveServer, ndjson, run_stella
 
@@ -47,6 +49,12 @@ DIALECTS = [
 # The fake's models that get a route of their own name in the shared server.
 MODELS = [
     "claude-ok",
+    "claude-comments",
+    "claude-no-message-stop",
+    "claude-cut",
+    "claude-text-start",
+    "claude-json-anyway",
+    "claude-json-error-anyway",
     *TOO_LONG,
 ]
 
@@ -64,6 +72,8 @@ def server(fake: tuple[FakeAnthropic, str]) -> Iterator[LiveServer]:
         m: {"backend": "claude", "upstream_model": m, "retries": 2, "retry_backoff_s": 0.01}
         for m in MODELS
     }
+    # A slow stretch kept open by SSE comments only, longer than the silence limits.
+    routes["claude-comments"].update(ttft_timeout_s=PINGS_S / 3, idle_timeout_s=PINGS_S / 3)
     config = {
         "backends": {"claude": {"kind": "anthropic", "base_url": fake[1], "api_key_env": "CK"}},
         "models": {"routes": routes},
@@ -448,3 +458,98 @@ def test_a_429_without_retry_after_is_not_retried_at_once(
         assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_rate_limited"
         assert r.headers["retry-after"] == "3", r.headers
         assert _asked(fake[0], "claude-429-limits") == before + 1
+
+
+@pytest.mark.parametrize(("path", "stream"), DIALECTS)
+def test_sse_comments_keep_the_silence_limits_from_firing(
+    server: LiveServer, path: str, stream: bool
+) -> None:
+    # OpenRouter and proxies keep a slow stream open with `: keepalive` comment lines:
+    # signs of life, as the API's pings are (it was an upstream_timeout).
+    reply = ask(server, path, stream, "claude-comments")
+    assert (reply.status, reply.text, reply.error) == (200, HELLO, ""), reply
+
+
+@pytest.mark.parametrize(("path", "stream"), DIALECTS)
+def test_a_stream_with_its_stop_reason_but_no_message_stop_is_whole(
+    server: LiveServer, fake: tuple[FakeAnthropic, str], path: str, stream: bool
+) -> None:
+    # As the API's SDK takes it: it failed ("stream ended before message_stop"), and a
+    # non-stream call was asked three times.
+    before = _asked(fake[0], "claude-no-message-stop")
+    reply = ask(server, path, stream, "claude-no-message-stop")
+    assert (reply.status, reply.text, reply.error) == (200, HELLO, ""), reply
+    assert reply.end in ("stop", "end_turn")
+    assert _asked(fake[0], "claude-no-message-stop") == before + 1
+
+
+async def test_a_stream_cut_before_its_stop_reason_still_fails(
+    fake: tuple[FakeAnthropic, str],
+) -> None:
+    got: list[Any] = []
+    with pytest.raises(UpstreamError, match="ended before message_stop"):
+        got += await run(fake[1], "claude-cut")
+    events = await run(fake[1], "claude-no-message-stop")
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == HELLO
+    assert events[-1].finish_reason == "stop" and events[-1].usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize(("path", "stream"), DIALECTS)
+def test_text_in_a_text_block_s_start_is_kept(server: LiveServer, path: str, stream: bool) -> None:
+    reply = ask(server, path, stream, "claude-text-start")
+    assert (reply.status, reply.text) == (200, TEXT_START + HELLO), reply
+
+
+async def test_text_in_a_text_block_s_start_meets_the_stop_strings(
+    fake: tuple[FakeAnthropic, str],
+) -> None:
+    # Held for a local stop (only whitespace, which the API refuses) as any text is.
+    events = await run(fake[1], "claude-text-start", options=Options(stop=["\n", " "]))
+    assert [e.text for e in events if isinstance(e, Delta)] == [TEXT_START.split(" ")[0]]
+    assert events[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(("path", "stream"), DIALECTS)
+def test_a_whole_message_answered_to_a_stream_is_the_answer(
+    server: LiveServer, fake: tuple[FakeAnthropic, str], path: str, stream: bool
+) -> None:
+    # An upstream that ignores `stream: true` and answers one JSON Message: it failed as
+    # a stream without message_stop, three times.
+    before = _asked(fake[0], "claude-json-anyway")
+    reply = ask(server, path, stream, "claude-json-anyway")
+    assert (reply.status, reply.text, reply.error) == (200, HELLO, ""), reply
+    assert reply.end in ("stop", "end_turn")
+    assert _asked(fake[0], "claude-json-anyway") == before + 1
+    prompt = reply.usage.get("prompt_tokens", reply.usage.get("input_tokens"))
+    assert prompt == 25
+
+
+async def test_a_whole_message_s_tools_usage_and_errors(fake: tuple[FakeAnthropic, str]) -> None:
+    events = await run(fake[1], "claude-json-anyway")
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == HELLO
+    assert events[-1].usage.prompt_tokens == 25 and events[-1].usage.completion_tokens == 6
+    with pytest.raises(UpstreamStatus) as info:
+        await run(fake[1], "claude-json-error-anyway")
+    assert info.value.upstream_status == 529  # an overloaded_error object, as the event
+
+
+def test_a_whole_error_object_answered_to_a_stream_is_the_upstream_s_overload(
+    server: LiveServer, fake: tuple[FakeAnthropic, str]
+) -> None:
+    before = _asked(fake[0], "claude-json-error-anyway")
+    reply = ask(server, "/v1/messages", True, "claude-json-error-anyway")
+    assert (reply.status, reply.error) == (529, "overloaded_error"), reply
+    assert _asked(fake[0], "claude-json-error-anyway") == before + 3  # retryable: 2 retries
+
+
+async def test_a_whole_message_s_tool_call(fake: tuple[FakeAnthropic, str]) -> None:
+    # A whole Message's tool_use has its input whole: the call, as from a stream.
+    events = await run(
+        fake[1],
+        "claude-tools-json-anyway",
+        tools=[Tool(function=FunctionSpec(name="get_weather"))],
+    )
+    assert events[0] == ToolCall(
+        index=0, id="toolu_1", name="get_weather", arguments={"location": "Paris"}
+    )
+    assert events[-1].finish_reason == "tool_calls"

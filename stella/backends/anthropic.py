@@ -29,6 +29,7 @@ from stella.backends.http import (
     HttpConfig,
     aiohttp_error,
     iter_lines,
+    read_body,
     upstream_text,
 )
 from stella.backends.stops import StopBuffer
@@ -142,13 +143,39 @@ class _Event(msgspec.Struct):
     error: _Error | None = None
 
 
+class _Whole(msgspec.Struct):
+    """A whole Message (or an error object), from an upstream that did not stream."""
+
+    type: str = ""
+    content: list[_Block] = []
+    stop_reason: str | None = None
+    stop_sequence: str | None = None
+    usage: _Usage | None = None
+    error: _Error | None = None
+
+
 class _ErrorBody(msgspec.Struct):
     error: _Error | None = None
 
 
 _event = msgspec.json.Decoder(_Event)
+_whole = msgspec.json.Decoder(_Whole)
 _error_body = msgspec.json.Decoder(_ErrorBody)
 _enc = msgspec.json.Encoder()
+
+
+def _as_events(message: _Whole) -> list[_Event]:
+    """A whole Message as the events a stream of it would have sent."""
+    if message.type == "error" and message.error is not None:
+        return [_Event("error", error=message.error)]
+    events = [_Event("message_start", message=_Message(usage=message.usage))]
+    for i, block in enumerate(message.content):
+        events += [
+            _Event("content_block_start", index=i, content_block=block),
+            _Event("content_block_stop", index=i),
+        ]
+    end = _BlockDelta(stop_reason=message.stop_reason, stop_sequence=message.stop_sequence)
+    return [*events, _Event("message_delta", delta=end), _Event("message_stop")]
 
 
 # The API's words for a prompt past the model's context window (its 400
@@ -265,7 +292,8 @@ class AnthropicBackend(HttpBackend):
         return err
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
-        """Stream one message and translate the SSE events."""
+        """Stream one message and translate the SSE events (or a whole Message, from an
+        upstream that answers one though asked for a stream)."""
         self._refuse_schemaless(request)  # also on a route with fallbacks (no admit())
         body = _enc.encode(request_body(request, self.cfg.max_tokens))
         name = self.name
@@ -277,13 +305,9 @@ class AnthropicBackend(HttpBackend):
                 calls = 0
                 # OpenAI's clients often stop at "\n": the API refuses it, so it is held here.
                 held = StopBuffer(local_stops(request.options.stop))
-                async for line in iter_lines(r, name):
-                    if not line.startswith(b"data:"):
-                        continue
-                    try:
-                        ev = _event.decode(line[5:])
-                    except BAD_JSON:
-                        raise UpstreamError(f"{name}: malformed event") from None
+                whole = r.content_type == "application/json"
+                events = _whole_events(r, name) if whole else _sse_events(r, name, ctx)
+                async for ev in events:
                     kind = ev.type
                     if kind == "error" and ev.error is not None:
                         # A refusal, not output: no beat (the core takes beats as the
@@ -301,32 +325,24 @@ class AnthropicBackend(HttpBackend):
                         ctx.alive += 1
                         continue
                     ctx.beats += 1  # tool input and thinking are progress, though silent
+                    piece = ""
                     if kind == "content_block_delta" and ev.delta is not None:
                         # Text and tool input alike: a stream cut before message_delta's
                         # count is charged the pieces read.
                         ctx.tokens_seen += 1
                         if ev.delta.type == "text_delta":
-                            text, hit = held.feed(ev.delta.text)
-                            if text:
-                                yield Delta(text=text)
-                            if hit:
-                                # Ended here, as the API ends at a stop sequence: the rest is
-                                # not read (nor waited for), and its count not known.
-                                ctx.stop_sequence = held.matched
-                                ctx.usage_estimated = True
-                                prompt = usage.prompt()
-                                out = ctx.tokens_seen
-                                yield Done(
-                                    finish_reason=ended("stop", calls > 0),
-                                    usage=Usage(prompt, out, prompt + out),
-                                )
-                                return
+                            piece = ev.delta.text
                         elif ev.delta.type == "input_json_delta" and ev.index in tools:
                             tools[ev.index][2] += ev.delta.partial_json
                     elif kind == "content_block_start" and ev.content_block is not None:
                         block = ev.content_block
                         if block.type == "tool_use":
                             tools[ev.index] = [block.id, block.name, "", block.input]
+                        elif block.type == "text" and block.text:
+                            # The API starts a text block empty; a compatible server (or a
+                            # whole Message) may start it with text.
+                            ctx.tokens_seen += 1
+                            piece = block.text
                     elif kind == "content_block_stop" and ev.index in tools:
                         call_id, tool, raw, given = tools.pop(ev.index)
                         # Anthropic starts a tool_use with `input: {}` and streams it as
@@ -341,25 +357,77 @@ class AnthropicBackend(HttpBackend):
                     elif kind == "message_start" and ev.message is not None and ev.message.usage:
                         usage = ev.message.usage
                         # Early, for a call cut short and the Messages dialect's message_start.
-                        ctx.prompt_tokens = usage.prompt()
-                        ctx.cached_tokens = usage.cache_read_input_tokens
+                        _tell(ctx, usage)
                     elif kind == "message_delta":
                         if ev.delta is not None and ev.delta.stop_reason:
                             stop = ev.delta.stop_reason
                             ctx.stop_sequence = ev.delta.stop_sequence
                         if ev.usage is not None:
                             usage = _cumulative(usage, ev.usage)
-                            ctx.prompt_tokens = usage.prompt()
-                            ctx.cached_tokens = usage.cache_read_input_tokens
+                            _tell(ctx, usage)
                     elif kind == "message_stop":
-                        if text := held.flush():
+                        break
+                    if piece:
+                        text, hit = held.feed(piece)
+                        if text:
                             yield Delta(text=text)
-                        prompt = usage.prompt()
-                        yield Done(
-                            finish_reason=ended(STOP.get(stop or "end_turn", "stop"), calls > 0),
-                            usage=Usage(prompt, usage.output_tokens, prompt + usage.output_tokens),
-                        )
-                        return
-                raise UpstreamError(f"{name}: stream ended before message_stop")
+                        if hit:
+                            # Ended here, as the API ends at a stop sequence: the rest is
+                            # not read (nor waited for), and its count not known.
+                            ctx.stop_sequence = held.matched
+                            ctx.usage_estimated = True
+                            prompt = usage.prompt()
+                            out = ctx.tokens_seen
+                            yield Done(
+                                finish_reason=ended("stop", calls > 0),
+                                usage=Usage(prompt, out, prompt + out),
+                            )
+                            return
+                else:
+                    # Ended without message_stop: whole all the same once its stop reason
+                    # came (message_delta), as the API's SDK takes it; cut short if not.
+                    if stop is None:
+                        raise UpstreamError(f"{name}: stream ended before message_stop")
+                if text := held.flush():
+                    yield Delta(text=text)
+                prompt = usage.prompt()
+                yield Done(
+                    finish_reason=ended(STOP.get(stop or "end_turn", "stop"), calls > 0),
+                    usage=Usage(prompt, usage.output_tokens, prompt + usage.output_tokens),
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
+
+
+def _tell(ctx: CallContext, usage: _Usage) -> None:
+    """The counts so far, where the core and the dialects read them."""
+    ctx.prompt_tokens = usage.prompt()
+    ctx.cached_tokens = usage.cache_read_input_tokens
+
+
+async def _sse_events(
+    response: aiohttp.ClientResponse, name: str, ctx: CallContext
+) -> AsyncIterator[_Event]:
+    """The events of an SSE answer; its comments (`: keepalive`) are signs of life."""
+    async for line in iter_lines(response, name):
+        if not line.startswith(b"data:"):
+            # OpenRouter and proxies keep a slow stream open with SSE comments: a sign of
+            # life for the silence limits, as the API's own pings are.
+            if line[:1] == b":":
+                ctx.alive += 1
+            continue  # event names, blank lines
+        try:
+            yield _event.decode(line[5:])
+        except BAD_JSON:
+            raise UpstreamError(f"{name}: malformed event") from None
+
+
+async def _whole_events(response: aiohttp.ClientResponse, name: str) -> AsyncIterator[_Event]:
+    """The events of a whole Message (or error) answered in one JSON body."""
+    body = await read_body(response, name)
+    try:
+        message = _whole.decode(body)
+    except BAD_JSON:
+        raise UpstreamError(f"{name}: malformed answer") from None
+    for ev in _as_events(message):
+        yield ev

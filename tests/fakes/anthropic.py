@@ -23,7 +23,14 @@ the first text delta, a `ping` event every PING_EVERY_S for PINGS_S, then the re
 API sends pings while the model is slow), `claude-too-long` and `claude-too-long-max`
 (the API's 400s for a prompt past the context window: TOO_LONG), `claude-429-limits` (a
 429 without retry-after, its `anthropic-ratelimit-*` headers saying which limits are
-spent and when they reset: LIMITS). Requests without
+spent and when they reset: LIMITS), `claude-comments` (as `claude-pings`, with SSE
+comment lines, `: keepalive`, as OpenRouter and proxies keep a stream open),
+`claude-no-message-stop` (the stream ends after message_delta, without message_stop),
+`claude-cut` (the stream ends after the first text delta), `claude-text-start` (a text
+block that starts with TEXT_START), `<model>-json-anyway` (`<model>`'s answer as one
+whole Message though a stream was asked for, as a proxy may give it; `claude-json-anyway`
+a text), `claude-json-error-anyway` (an overloaded_error object, with status 200, to a
+stream). Requests without
 the right x-api-key get 401, without `max_tokens` (or with a message without content but a final assistant one, or a
 tool_use id used twice in the conversation, a temperature outside 0..1, a stop sequence
 of only whitespace, text of only whitespace, no message at all, a final assistant turn
@@ -83,6 +90,8 @@ TOO_LONG = {
 # `claude-429-limits`: per rate limit, what is left of it and the seconds until its reset.
 # Two are spent: a retry succeeds only once both are reset, after the later one's 3 s.
 LIMITS = {"requests": (0, 2), "input-tokens": (0, 3), "output-tokens": (8000, 30)}
+# What the text block of `claude-text-start` starts with, in content_block_start.
+TEXT_START = "Well, "
 
 
 def err(kind: str, message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -152,6 +161,11 @@ class FakeAnthropic:
                 headers[f"anthropic-ratelimit-{limit}-remaining"] = str(left)
                 headers[f"anthropic-ratelimit-{limit}-reset"] = reset
             return err("rate_limit_error", "Rate limited", 429, headers)
+        if model == "claude-json-error-anyway":
+            return err("overloaded_error", "Overloaded", 200)
+        if model.endswith("-json-anyway"):
+            # A proxy's answer to a stream: one Message, as to the model without the suffix.
+            return await self._message(model.removesuffix("-json-anyway"), body)
         if not body.get("stream"):  # the API's default: one Message object
             return await self._message(model, body)
         return StreamingResponse(self._events(model, body), media_type="text/event-stream")
@@ -280,12 +294,13 @@ class FakeAnthropic:
                 yield event("content_block_stop", {"type": "content_block_stop", "index": index})
             stop, out = "end_turn" if model == "claude-tools-end-turn" else "tool_use", 12
         else:
+            start = TEXT_START if model == "claude-text-start" else ""
             yield event(
                 "content_block_start",
                 {
                     "type": "content_block_start",
                     "index": 0,
-                    "content_block": {"type": "text", "text": ""},
+                    "content_block": {"type": "text", "text": start},
                 },
             )
             words = ["Hello", "!", " How", " can", " I", " help?"]
@@ -340,10 +355,15 @@ class FakeAnthropic:
                     return
                 yield text_delta(word)
                 out += 1
-                if model == "claude-pings" and out == 1:
+                if model == "claude-cut":
+                    return
+                if model in ("claude-pings", "claude-comments") and out == 1:
                     for _ in range(round(PINGS_S / PING_EVERY_S)):
                         await asyncio.sleep(PING_EVERY_S)
-                        yield event("ping", {"type": "ping"})
+                        if model == "claude-pings":
+                            yield event("ping", {"type": "ping"})
+                        else:
+                            yield b": keepalive\n\n"
             yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
         yield event(
             "message_delta",
@@ -356,7 +376,8 @@ class FakeAnthropic:
                 "usage": {**_delta_counts(model), "output_tokens": out},
             },
         )
-        yield event("message_stop", {"type": "message_stop"})
+        if model != "claude-no-message-stop":
+            yield event("message_stop", {"type": "message_stop"})
 
 
 def _output_config(config: Any) -> str | None:
