@@ -13,6 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from stella.backends import CallContext
 from stella.backends.anthropic import (
@@ -21,6 +25,7 @@ from stella.backends.anthropic import (
     ratelimit_wait,
 )
 from stella.backends.anthropic_request import request_body
+from stella.backends.http import upstream_request_id
 from stella.errors import ContextTooLong, InvalidRequest, UpstreamError, UpstreamStatus
 from stella.protocol import (
     ChatRequest,
@@ -353,7 +358,8 @@ def test_the_fake_refuses_what_the_api_refuses(fake: tuple[FakeAnthropic, str]) 
     assert sent(messages=tool_turn).status_code == 400
     prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a "}]
     assert sent(messages=prefill).status_code == 400
-    assert sent().status_code == 200
+    r = sent()
+    assert r.status_code == 200 and r.headers["request-id"].startswith("req_fake_")
 
 
 @pytest.mark.parametrize("model", list(TOO_LONG))
@@ -553,3 +559,84 @@ async def test_a_whole_message_s_tool_call(fake: tuple[FakeAnthropic, str]) -> N
         index=0, id="toolu_1", name="get_weather", arguments={"location": "Paris"}
     )
     assert events[-1].finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize(("path", "stream"), DIALECTS)
+def test_the_upstream_s_request_id_is_in_the_log(
+    server: LiveServer, fake: tuple[FakeAnthropic, str], path: str, stream: bool
+) -> None:
+    reply = ask(server, path, stream, "claude-ok")
+    assert reply.status == 200, reply
+    given = fake[0].request_ids[-1]
+    ev = server.wait_event(lambda e: e["request_id"] == reply.request_id)
+    assert ev["upstream_request_id"] == given
+    assert [a.get("upstream_request_id") for a in ev["attempts"]] == [given]
+
+
+def test_each_failed_attempt_s_upstream_request_id_is_in_the_log(
+    server: LiveServer, fake: tuple[FakeAnthropic, str]
+) -> None:
+    reply = ask(server, "/api/v1/chat", False, "claude-cut")
+    assert reply.status == 502, reply
+    ev = server.wait_event(lambda e: e["request_id"] == reply.request_id)
+    ids = [a.get("upstream_request_id") for a in ev["attempts"]]
+    assert ids == fake[0].request_ids[-3:] and len(set(ids)) == 3
+    assert ev["upstream_request_id"] == ids[-1]
+
+
+async def test_the_upstream_s_request_id_reaches_the_call_on_an_error_status(
+    fake: tuple[FakeAnthropic, str],
+) -> None:
+    ctx = CallContext(request_id="rid-429")
+    with pytest.raises(UpstreamStatus):
+        await run(fake[1], "claude-429", ctx)
+    assert ctx.upstream_request_id == fake[0].request_ids[-1]
+
+
+def test_an_upstream_request_id_is_read_from_either_header() -> None:
+    assert upstream_request_id({"request-id": "req_011CS"}, "mine") == "req_011CS"
+    assert upstream_request_id({"x-request-id": "req_abc"}, "mine") == "req_abc"
+    both = {"request-id": "req_a", "x-request-id": "req_b"}
+    assert upstream_request_id(both, "mine") == "req_a"
+    # An upstream that sends stella's own back (echoing X-Request-ID) gave none of its own.
+    assert upstream_request_id({"x-request-id": "mine"}, "mine") == ""
+    assert upstream_request_id({}, "mine") == ""
+    # Kept short and printable: it goes into the log as it came.
+    assert upstream_request_id({"request-id": "a\tb c" + "x" * 500}, "mine") == "abc" + "x" * 123
+
+
+def test_an_openai_compatible_upstream_s_x_request_id_is_in_the_log() -> None:
+    async def chat(request: Request) -> Response:
+        answer = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "hi"},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+        return JSONResponse(answer, headers={"x-request-id": "req_openai_1"})
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    with serve(app, health="/") as url:
+        config = {
+            "backends": {"gpt": {"kind": "openai", "base_url": url + "/v1"}},
+            "models": {"routes": {"gpt": {"backend": "gpt", "upstream_model": "m"}}},
+        }
+        with run_stella(config) as live:
+            r = httpx.post(
+                live.url + "/v1/chat/completions",
+                json={"model": "gpt", "messages": HI},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+            rid = r.headers["x-request-id"]
+            ev = live.wait_event(lambda e: e["request_id"] == rid)
+            assert ev["upstream_request_id"] == "req_openai_1"
+            assert ev["attempts"][0]["upstream_request_id"] == "req_openai_1"

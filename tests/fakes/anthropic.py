@@ -20,17 +20,18 @@ answer short so), `claude-429`
 `claude-huge-error-first` and `claude-huge-error-mid` (an overloaded_error, then an
 api_error after a text delta, of HUGE_ERROR), `claude-malformed`, `claude-pings` (after
 the first text delta, a `ping` event every PING_EVERY_S for PINGS_S, then the rest: the
-API sends pings while the model is slow), `claude-too-long` and `claude-too-long-max`
-(the API's 400s for a prompt past the context window: TOO_LONG), `claude-429-limits` (a
-429 without retry-after, its `anthropic-ratelimit-*` headers saying which limits are
-spent and when they reset: LIMITS), `claude-comments` (as `claude-pings`, with SSE
-comment lines, `: keepalive`, as OpenRouter and proxies keep a stream open),
+API sends pings while the model is slow), `claude-comments` (the same with SSE comment
+lines, `: keepalive`, as OpenRouter and proxies keep a stream open), `claude-too-long`
+and `claude-too-long-max` (the API's 400s for a prompt past the context window:
+TOO_LONG), `claude-429-limits` (a 429 without retry-after, its `anthropic-ratelimit-*`
+headers saying which limits are spent and when they reset: LIMITS),
 `claude-no-message-stop` (the stream ends after message_delta, without message_stop),
 `claude-cut` (the stream ends after the first text delta), `claude-text-start` (a text
 block that starts with TEXT_START), `<model>-json-anyway` (`<model>`'s answer as one
 whole Message though a stream was asked for, as a proxy may give it; `claude-json-anyway`
 a text), `claude-json-error-anyway` (an overloaded_error object, with status 200, to a
-stream). Requests without
+stream). Every answer has a `request-id` header (`req_fake_` and a number), as
+the API's do. Requests without
 the right x-api-key get 401, without `max_tokens` (or with a message without content but a final assistant one, or a
 tool_use id used twice in the conversation, a temperature outside 0..1, a stop sequence
 of only whitespace, text of only whitespace, no message at all, a final assistant turn
@@ -106,9 +107,11 @@ class FakeAnthropic:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        # The request-id header of each answer of /v1/messages, in order.
+        self.request_ids: list[str] = []
         self.app = Starlette(
             routes=[
-                Route("/v1/messages", self.messages, methods=["POST"]),
+                Route("/v1/messages", self.with_request_id, methods=["POST"]),
                 Route("/v1/models", self.models),
                 Route("/health", self.models),
             ]
@@ -121,6 +124,13 @@ class FakeAnthropic:
                 "has_more": False,
             }
         )
+
+    async def with_request_id(self, request: Request) -> Response:
+        response = await self.messages(request)
+        rid = f"req_fake_{len(self.request_ids) + 1}"
+        self.request_ids.append(rid)
+        response.headers["request-id"] = rid
+        return response
 
     async def messages(self, request: Request) -> Response:
         if request.headers.get("x-api-key") != KEY:
