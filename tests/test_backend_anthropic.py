@@ -54,6 +54,7 @@ DIALECTS = [
 # The fake's models that get a route of their own name in the shared server.
 MODELS = [
     "claude-ok",
+    "claude-cached",
     "claude-comments",
     "claude-no-message-stop",
     "claude-cut",
@@ -640,3 +641,36 @@ def test_an_openai_compatible_upstream_s_x_request_id_is_in_the_log() -> None:
             ev = live.wait_event(lambda e: e["request_id"] == rid)
             assert ev["upstream_request_id"] == "req_openai_1"
             assert ev["attempts"][0]["upstream_request_id"] == "req_openai_1"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_cache_writes_are_cache_creation_input_tokens_on_v1_messages(
+    server: LiveServer, stream: bool
+) -> None:
+    # The fake's claude-cached: 25 input tokens, 200 written to the cache, 1000 read.
+    reply = ask(server, "/v1/messages", stream, "claude-cached")
+    assert reply.status == 200, reply
+    assert reply.usage == {
+        "input_tokens": 25,
+        "cache_creation_input_tokens": 200,
+        "cache_read_input_tokens": 1000,
+        "output_tokens": 6,
+    }
+    # The prompt is whole everywhere else (README's usage paragraph).
+    reply = ask(server, "/api/v1/chat", stream, "claude-cached")
+    assert reply.usage["prompt_tokens"] == 1225
+
+
+def test_message_start_counts_cache_writes_apart(server: LiveServer) -> None:
+    r = httpx.post(
+        server.url + "/v1/messages",
+        json={"model": "claude-cached", "max_tokens": 50, "stream": True, "messages": HI},
+        timeout=30,
+    )
+    start = next(d for d in _sse_data(r.text) if d["type"] == "message_start")
+    assert start["message"]["usage"] == {
+        "input_tokens": 25,
+        "cache_creation_input_tokens": 200,
+        "cache_read_input_tokens": 1000,
+        "output_tokens": 0,
+    }

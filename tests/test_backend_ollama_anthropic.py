@@ -533,10 +533,10 @@ def test_a_cached_prompt_is_counted_whole_in_every_dialect_and_the_log(
         r = httpx.post(server.url + "/v1/messages", json=body)
         answers.append(r)
         assert r.status_code == 200, r.text
-        # The API's input_tokens leave out the cache's reads (stella has no separate
-        # count of the tokens written to it: they are in input_tokens).
+        # The API's input_tokens leave out the cache's writes and reads.
         assert r.json()["usage"] == {
-            "input_tokens": 225,
+            "input_tokens": 25,
+            "cache_creation_input_tokens": 200,
             "cache_read_input_tokens": 1000,
             "output_tokens": 6,
         }

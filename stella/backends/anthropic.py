@@ -403,6 +403,7 @@ def _tell(ctx: CallContext, usage: _Usage) -> None:
     """The counts so far, where the core and the dialects read them."""
     ctx.prompt_tokens = usage.prompt()
     ctx.cached_tokens = usage.cache_read_input_tokens
+    ctx.cache_write_tokens = usage.cache_creation_input_tokens
 
 
 async def _sse_events(
