@@ -820,6 +820,8 @@ class Inference:
             self.engine_ttft_ms = ctx.engine_ttft_ms
             record["ms"] = _ms(time.perf_counter() - t)
             record["error"] = None
+            if ctx.upstream_request_id:
+                record["upstream_request_id"] = ctx.upstream_request_id
             return agen, ctx, first
         finally:
             watchdog.waiting = False
@@ -833,6 +835,8 @@ class Inference:
         self._queued(ctx, now)
         if isinstance(err, UpstreamStatus):
             record["upstream_status"] = err.upstream_status
+        if ctx.upstream_request_id:  # the upstream's own id of the failed answer
+            record["upstream_request_id"] = ctx.upstream_request_id
         return err
 
     def _queued(self, ctx: CallContext, now: float) -> None:
@@ -1039,6 +1043,8 @@ class Inference:
         if self.estimated:
             record["usage_estimated"] = True
         if ctx is not None:
+            if ctx.upstream_request_id:
+                record["upstream_request_id"] = ctx.upstream_request_id
             if ctx.cached_tokens is not None:
                 record["cached_tokens"] = ctx.cached_tokens
             if ctx.load_ms is not None:

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from stella.backends import CallContext, ConfigError, build_backend, registry
-from stella.backends.anthropic import AnthropicBackend, AnthropicConfig, tool_use_id
+from stella.backends.anthropic import AnthropicBackend, AnthropicConfig
+from stella.backends.anthropic_request import tool_use_id
 from stella.backends.ollama import CONTEXT_WAIT_S, OllamaBackend, OllamaConfig
 from stella.errors import StellaError, UpstreamStatus
 from stella.protocol import (
@@ -562,10 +563,10 @@ def test_a_cached_prompt_is_counted_whole_in_every_dialect_and_the_log(
         r = httpx.post(server.url + "/v1/messages", json=body)
         answers.append(r)
         assert r.status_code == 200, r.text
-        # The API's input_tokens leave out the cache's reads (stella has no separate
-        # count of the tokens written to it: they are in input_tokens).
+        # The API's input_tokens leave out the cache's writes and reads.
         assert r.json()["usage"] == {
-            "input_tokens": 225,
+            "input_tokens": 25,
+            "cache_creation_input_tokens": 200,
             "cache_read_input_tokens": 1000,
             "output_tokens": 6,
         }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from stella.backends.anthropic import request_body as anthropic_body
+from stella.backends.anthropic_request import request_body as anthropic_body
 from stella.backends.openai import request_body as openai_body
 from stella.core import _without_tools
 from stella.protocol import (

@@ -103,9 +103,12 @@ class Closer:
                     await asyncio.sleep(self.work_s)
                     return  # closed without an answer, as a server closing an idle connection
                 body = BODIES[path]
+                # Anthropic's answer is an SSE stream, and says so (the adapter reads a
+                # JSON body as one whole Message).
+                media = "text/event-stream" if path == "/v1/messages" else "application/json"
                 await asyncio.sleep(self.answer_s)
                 writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    f"HTTP/1.1 200 OK\r\ncontent-type: {media}\r\n".encode()
                     + f"content-length: {len(body)}\r\n\r\n".encode()
                     + body
                 )
@@ -610,8 +613,8 @@ class Bomb:
     """Answers 200 with a gzipped body (despite `Accept-Encoding: identity`), its length
     given or chunked, and keeps the connection until the client closes it."""
 
-    def __init__(self, body: bytes, chunked: bool) -> None:
-        self.body, self.chunked = body, chunked
+    def __init__(self, body: bytes, chunked: bool, media: str = "application/json") -> None:
+        self.body, self.chunked, self.media = body, chunked, media
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -623,7 +626,7 @@ class Bomb:
             )
             body = f"{len(self.body):x}\r\n".encode() + self.body + b"\r\n0\r\n\r\n"
             writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                f"HTTP/1.1 200 OK\r\ncontent-type: {self.media}\r\n".encode()
                 + f"content-encoding: gzip\r\n{framing}\r\n\r\n".encode()
                 + (body if self.chunked else self.body)
             )
@@ -657,7 +660,8 @@ async def test_a_gzip_bomb_is_refused_within_the_body_limits(
     monkeypatch.setattr(http, "MAX_BODY", BOMB_CAP)
     monkeypatch.setattr(http, "MAX_LINE", BOMB_CAP)
     start = {"openai": b"data: ", "ollama": b"", "anthropic": b"data: "}[kind] if stream else b""
-    upstream = Bomb(gzip_bomb(start + b'{"x": "', b"a", BOMB_SIZE), chunked)
+    media = "text/event-stream" if kind == "anthropic" else "application/json"
+    upstream = Bomb(gzip_bomb(start + b'{"x": "', b"a", BOMB_SIZE), chunked, media)
     req = ChatRequest(messages=[Message(role="user", content="hi")], model="m", stream=stream)
     async with serving(upstream.handle) as url, started(kind, url) as backend:
         tracemalloc.start()

@@ -199,23 +199,27 @@ def stop_reason(finish_reason: str, inference: Inference) -> tuple[str, str | No
     return STOP.get(finish_reason, "end_turn"), None
 
 
-def usage_of(prompt: int, completion: int, cached: int | None) -> dict[str, int]:
+def usage_of(
+    prompt: int, completion: int, cached: int | None, written: int | None = None
+) -> dict[str, int]:
     """The API's usage for stella's counts: the prompt's tokens the backend read from its
-    cache are `cache_read_input_tokens`, which the API's `input_tokens` leave out (only
-    when the backend gave that count)."""
-    if cached is None:
-        return {"input_tokens": prompt, "output_tokens": completion}
-    return {
-        "input_tokens": max(prompt - cached, 0),
-        "cache_read_input_tokens": cached,
-        "output_tokens": completion,
-    }
+    cache are `cache_read_input_tokens`, those it wrote to it `cache_creation_input_tokens`,
+    and the API's `input_tokens` leave both out (each only when the backend gave it)."""
+    usage = {"input_tokens": max(prompt - (cached or 0) - (written or 0), 0)}
+    if written is not None:
+        usage["cache_creation_input_tokens"] = written
+    if cached is not None:
+        usage["cache_read_input_tokens"] = cached
+    usage["output_tokens"] = completion
+    return usage
 
 
-def _final_usage(usage: Usage) -> dict[str, int]:
+def _final_usage(usage: Usage, inference: Inference) -> dict[str, int]:
     details = usage.prompt_tokens_details
     cached = None if details is msgspec.UNSET else details.cached_tokens
-    return usage_of(usage.prompt_tokens, usage.completion_tokens, cached)
+    ctx = inference.ctx  # the attempt that answered
+    written = ctx.cache_write_tokens if ctx is not None else None
+    return usage_of(usage.prompt_tokens, usage.completion_tokens, cached, written)
 
 
 class AnthropicDialect(Dialect):
@@ -380,6 +384,14 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
             # Blocks with no text are named by the first one's text, where the fault is.
             path = f"messages[{i}].content" + ("[0].text" if m.content else "")
             raise InvalidRequest(f"$.{path}: must not be empty", param=path)
+        if m.role == "user" and (
+            not m.content.strip()
+            if isinstance(m.content, str)
+            else all(b.type == "text" and not b.text.strip() for b in m.content)
+        ):
+            # As the API: text of only whitespace is no text (its backend refuses it too).
+            path = f"messages[{i}].content" + ("" if isinstance(m.content, str) else "[0].text")
+            raise InvalidRequest(f"$.{path}: must not be only whitespace", param=path)
         if isinstance(m.content, str):
             messages.append(Message(role=m.role, content=m.content))
             continue
@@ -515,7 +527,11 @@ class MessagesCodec(Codec):
         """message_start (with the prompt's size when the backend knows it by now), then a
         ping, as the API does."""
         ctx = self.inference.ctx
-        usage = usage_of(ctx.prompt_tokens, 0, ctx.cached_tokens) if ctx else usage_of(0, 0, None)
+        usage = (
+            usage_of(ctx.prompt_tokens, 0, ctx.cached_tokens, ctx.cache_write_tokens)
+            if ctx
+            else usage_of(0, 0, None)
+        )
         msg: dict[str, Any] = {
             "id": "msg_" + event.id,
             "type": "message",
@@ -594,7 +610,7 @@ class MessagesCodec(Codec):
                 {
                     "type": "message_delta",
                     "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                    "usage": _final_usage(event.usage),
+                    "usage": _final_usage(event.usage, self.inference),
                 },
             )
             return out + _event("message_stop", {"type": "message_stop"})
@@ -646,7 +662,7 @@ async def messages(request: Request, call: Call) -> Reply:
             "content": content,
             "stop_reason": reason,
             "stop_sequence": sequence,
-            "usage": _final_usage(result.usage),
+            "usage": _final_usage(result.usage, inference),
         },
         headers=inference.permit.headers,
     )

@@ -501,9 +501,9 @@ OLLAMA_VERSION = Schema(
 
 _ANTHROPIC_USAGE = obj(
     {"input_tokens": INT, "output_tokens": INT},
-    # When the backend counted the prompt's tokens its cache spared it (input_tokens
-    # then leaves them out).
-    {"cache_read_input_tokens": INT},
+    # When the backend counted the prompt's tokens it wrote to its cache and read from
+    # it (input_tokens then leaves them out).
+    {"cache_creation_input_tokens": INT, "cache_read_input_tokens": INT},
 )
 _ANTHROPIC_TEXT = obj({"type": const("text"), "text": STR})
 _ANTHROPIC_TOOL_USE = obj({"type": const("tool_use"), "id": STR, "name": STR, "input": OBJECT})

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
 from typing import Annotated, Any
 
 import aiohttp
 import msgspec
 
+from stella.backends.anthropic_request import (
+    local_stops,
+    request_body,
+    schema_of,
+    unsendable,
+)
 from stella.backends.base import (
     BackendEvent,
     BackendHealth,
     CallContext,
     ended,
-    linked_tool_calls,
 )
 from stella.backends.http import (
     BAD_JSON,
@@ -23,16 +29,22 @@ from stella.backends.http import (
     HttpConfig,
     aiohttp_error,
     iter_lines,
+    read_body,
     upstream_text,
 )
 from stella.backends.stops import StopBuffer
-from stella.errors import InvalidRequest, UpstreamError, UpstreamStatus
+from stella.errors import (
+    ContextTooLong,
+    InvalidRequest,
+    StellaError,
+    UpstreamError,
+    UpstreamStatus,
+)
 from stella.protocol import (
     ChatRequest,
     Delta,
     Done,
     FinishReason,
-    Message,
     ToolCall,
     Usage,
     arguments_of,
@@ -48,66 +60,6 @@ STOP: dict[str, FinishReason] = {
     "refusal": "content_filter",
     "pause_turn": "stop",
 }
-
-
-# The ids the API takes for a tool_use (and so a tool_result's tool_use_id).
-_TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
-_NOT_IN_ID = re.compile(r"[^a-zA-Z0-9_-]")
-
-
-def tool_use_id(call_id: str) -> str:
-    """`call_id` as an id the Messages API takes, the same for the same id every time."""
-    if not call_id or _TOOL_ID.fullmatch(call_id):
-        return call_id
-    # Other providers' ids (Kimi's `functions.get_weather:0`, a client's `call 1`) would
-    # make the API refuse the history. The digest keeps apart ids that differ only in
-    # what is replaced; the client's own ids are never touched, only what is sent here.
-    digest = hashlib.sha256(call_id.encode()).hexdigest()[:8]
-    return f"{_NOT_IN_ID.sub('_', call_id)}_{digest}"
-
-
-class _ToolUseIds:
-    """A history's tool_use ids as sent: each unique, each result naming its own call.
-
-    Clients keep the ids their backends gave, and some backends numbered every answer's
-    calls from call_0: the API refuses a history whose tool_use ids repeat. A repeated id
-    is renamed in the later tool_use and in the results that answer it (those after it,
-    before the id's next use), the same way each time the history is sent.
-    """
-
-    def __init__(self, history: list[Message]) -> None:
-        # Every id the history sends (a renamed one must not become another call's).
-        self.taken = {tool_use_id(c.id) for m in history for c in m.tool_calls or ()}
-        self.sent: set[str] = set()
-        # Per id as the client wrote it (mapped), the ids sent for it in the last turn
-        # that used it: its results answer those, in order.
-        self.latest: dict[str, list[str]] = {}
-
-    def turn(self, call_ids: list[str]) -> list[str]:
-        """The ids to send for one assistant turn's calls."""
-        out = []
-        fresh: dict[str, list[str]] = {}
-        for call_id in call_ids:
-            given = tool_use_id(call_id)
-            sent = given
-            n = 1
-            while sent in self.sent or (sent != given and sent in self.taken):
-                n += 1
-                sent = f"{given}_{n}"
-            self.sent.add(sent)
-            fresh.setdefault(given, []).append(sent)
-            out.append(sent)
-        self.latest.update(fresh)
-        return out
-
-    def result(self, call_id: str) -> str:
-        """The id a tool_result sends, for the id its client wrote."""
-        given = tool_use_id(call_id)
-        sent = self.latest.get(given)
-        if not sent:
-            return given
-        # A turn with the id twice: its results answer those calls one after another.
-        return sent.pop(0) if len(sent) > 1 else sent[0]
 
 
 class AnthropicConfig(HttpConfig, kw_only=True):
@@ -191,113 +143,81 @@ class _Event(msgspec.Struct):
     error: _Error | None = None
 
 
+class _Whole(msgspec.Struct):
+    """A whole Message (or an error object), from an upstream that did not stream."""
+
+    type: str = ""
+    content: list[_Block] = []
+    stop_reason: str | None = None
+    stop_sequence: str | None = None
+    usage: _Usage | None = None
+    error: _Error | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _Error | None = None
+
+
 _event = msgspec.json.Decoder(_Event)
+_whole = msgspec.json.Decoder(_Whole)
+_error_body = msgspec.json.Decoder(_ErrorBody)
 _enc = msgspec.json.Encoder()
 
 
-def _schema(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The JSON schema of a `json_schema` response_format (None for any other)."""
-    if fmt is None or fmt.get("type") != "json_schema":
-        return None
-    spec = fmt.get("json_schema")
-    schema = spec.get("schema") if isinstance(spec, dict) else None
-    return schema if isinstance(schema, dict) else None
-
-
-def local_stops(stop: list[str] | None) -> list[str]:
-    """The stop strings of only whitespace ("\\n"), which the API refuses: stella applies them."""
-    return [s for s in stop or () if s and not s.strip()]
-
-
-def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
-    """The Messages API body: system pulled out, tool calls and results as blocks."""
-    system = "\n\n".join(m.content for m in request.messages if m.role == "system")
-    messages: list[dict[str, Any]] = []
-    history = linked_tool_calls(request.messages)
-    ids = _ToolUseIds(history)
-    for m in history:
-        if m.role == "system":
-            continue
-        if m.role == "tool":
-            block: dict[str, Any] = {
-                "type": "tool_result",
-                "tool_use_id": ids.result(m.tool_call_id or ""),
-                "content": m.content,
-            }
-            if m.is_error:
-                block["is_error"] = True
-            if (
-                messages
-                and messages[-1]["role"] == "user"
-                and isinstance(messages[-1]["content"], list)
-            ):
-                messages[-1]["content"].append(block)
-            else:
-                messages.append({"role": "user", "content": [block]})
-            continue
-        if m.tool_calls:
-            blocks: list[dict[str, Any]] = (
-                [{"type": "text", "text": m.content}] if m.content else []
-            )
-            blocks += [
-                {
-                    "type": "tool_use",
-                    "id": sent,
-                    "name": c.function.name,
-                    "input": c.function.arguments,
-                }
-                for c, sent in zip(
-                    m.tool_calls, ids.turn([c.id for c in m.tool_calls]), strict=True
-                )
-            ]
-            messages.append({"role": "assistant", "content": blocks})
-        elif m.role == "assistant" and not m.content.strip():
-            # A turn that answered nothing (stopped before its first token): the API
-            # refuses empty content but in a final prefill, and the turn says nothing.
-            if m is history[-1]:
-                messages.append({"role": "assistant", "content": m.content})
-        else:
-            messages.append({"role": m.role, "content": m.content})
-    o = request.options
-    body: dict[str, Any] = {
-        "model": request.model,
-        "messages": messages,
-        "stream": True,
-        "max_tokens": o.max_tokens or default_max,
-    }
-    if system:
-        body["system"] = system
-    for key, value in (
-        # The API's range is 0 to 1 (OpenAI's 0 to 2): above it, the most random it takes.
-        ("temperature", None if o.temperature is None else min(o.temperature, 1.0)),
-        ("top_p", o.top_p),
-        ("top_k", o.top_k),
-        ("stop_sequences", [s for s in o.stop or () if s.strip()] or None),
-    ):
-        if value is not None:
-            body[key] = value
-    if (schema := _schema(request.response_format)) is not None:
-        body["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
-    if request.tools:
-        body["tools"] = [
-            {
-                "name": t.function.name,
-                "description": t.function.description,
-                "input_schema": t.function.parameters or {"type": "object"},
-            }
-            for t in request.tools
+def _as_events(message: _Whole) -> list[_Event]:
+    """A whole Message as the events a stream of it would have sent."""
+    if message.type == "error" and message.error is not None:
+        return [_Event("error", error=message.error)]
+    events = [_Event("message_start", message=_Message(usage=message.usage))]
+    for i, block in enumerate(message.content):
+        events += [
+            _Event("content_block_start", index=i, content_block=block),
+            _Event("content_block_stop", index=i),
         ]
-        choice = request.tool_choice
-        if choice == "none":
-            body["tool_choice"] = {"type": "none"}
-        elif choice == "required":
-            body["tool_choice"] = {"type": "any"}
-        elif choice is not None and not isinstance(choice, str):
-            body["tool_choice"] = {"type": "tool", "name": choice.function.name}
-        if request.parallel_tool_calls is False and choice != "none":
-            # The API's switch lives in tool_choice (auto, any or tool; none calls none).
-            body.setdefault("tool_choice", {"type": "auto"})["disable_parallel_tool_use"] = True
-    return body
+    end = _BlockDelta(stop_reason=message.stop_reason, stop_sequence=message.stop_sequence)
+    return [*events, _Event("message_delta", delta=end), _Event("message_stop")]
+
+
+# The API's words for a prompt past the model's context window (its 400
+# invalid_request_error): "prompt is too long: 210000 tokens > 200000 maximum", and
+# "input length and `max_tokens` exceed context limit: 180000 + 30000 > 200000, ...".
+_TOO_LONG = re.compile(r"prompt is too long|exceed context limit", re.IGNORECASE)
+
+
+def context_too_long(name: str, error: _Error | None) -> ContextTooLong | None:
+    """The ContextTooLong an upstream's error means, its own words kept (None: another)."""
+    if error is None or not _TOO_LONG.search(error.message):
+        return None
+    return ContextTooLong(f"{name}: {upstream_text(error.message)}", param="messages")
+
+
+# The API's rate limit headers: per limit (requests, tokens, input-tokens, ...) what is
+# left of it and when it is whole again (RFC 3339).
+_RESET = re.compile(r"anthropic-ratelimit-(.+)-reset", re.IGNORECASE)
+
+
+def ratelimit_wait(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds until every exhausted rate limit (`anthropic-ratelimit-*-remaining` 0) is
+    reset, from their `-reset` times; None when none says so. At most a day."""
+    latest: float | None = None
+    for name, value in headers.items():
+        limit = _RESET.fullmatch(name)
+        if limit is None:
+            continue
+        left = headers.get(f"anthropic-ratelimit-{limit[1]}-remaining", "").strip()
+        if left != "0":
+            continue  # not the limit that refused (another one is, or none said)
+        try:
+            when = datetime.fromisoformat(value.strip())
+        except ValueError:
+            continue
+        if when.tzinfo is None:
+            continue  # no time zone: no moment
+        # The latest: a retry before every exhausted limit is reset is refused again.
+        latest = when.timestamp() if latest is None else max(latest, when.timestamp())
+    if latest is None:
+        return None
+    return min(max(0.0, latest - (time.time() if now is None else now)), 86_400.0)
 
 
 class AnthropicBackend(HttpBackend):
@@ -332,13 +252,16 @@ class AnthropicBackend(HttpBackend):
         return await self.probe("/v1/models")
 
     def admit(self, request: ChatRequest) -> None:
-        """Refuse a JSON mode without a schema: the Messages API's structured outputs
-        take a schema (output_config.format) and have no bare JSON mode."""
+        """Refuse, before a stream begins, what the API would: a JSON mode without a
+        schema (its structured outputs take one, output_config.format, and it has no bare
+        JSON mode), and a conversation it would refuse (see unsendable)."""
         self._refuse_schemaless(request)
+        if (refused := unsendable(request.messages)) is not None:
+            raise refused
 
     def _refuse_schemaless(self, request: ChatRequest) -> None:
         fmt = request.response_format
-        if fmt is not None and fmt.get("type") != "text" and _schema(fmt) is None:
+        if fmt is not None and fmt.get("type") != "text" and schema_of(fmt) is None:
             # As refuse_json_mode: an answer in prose would pass for one that obeyed.
             raise InvalidRequest(
                 "$.response_format: the model's backend (anthropic) constrains output to a "
@@ -346,8 +269,31 @@ class AnthropicBackend(HttpBackend):
                 param="response_format",
             )
 
+    def status_error(self, status: int, headers: Mapping[str, str], body: bytes) -> StellaError:
+        """The error for an error status; the API's prompt too long is the request's
+        ContextTooLong, and a 429 without Retry-After waits for its exhausted limits."""
+        err = super().status_error(status, headers, body)
+        if not isinstance(err, UpstreamStatus):
+            return err
+        if status == 400:
+            try:
+                said = _error_body.decode(body).error
+            except BAD_JSON:
+                said = None
+            # A prompt the model cannot take: not retried, no failure of the backend's.
+            return context_too_long(self.name, said) or err
+        if status == 429 and err.retry_after_hint is None:
+            # The API always sends retry-after; a compatible proxy may send only the
+            # limits' headers, and a retry at once would be refused again.
+            wait = ratelimit_wait(headers)
+            if wait is not None:
+                err.retry_in(wait)
+                err.retry_after_hint = wait
+        return err
+
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
-        """Stream one message and translate the SSE events."""
+        """Stream one message and translate the SSE events (or a whole Message, from an
+        upstream that answers one though asked for a stream)."""
         self._refuse_schemaless(request)  # also on a route with fallbacks (no admit())
         body = _enc.encode(request_body(request, self.cfg.max_tokens))
         name = self.name
@@ -359,13 +305,9 @@ class AnthropicBackend(HttpBackend):
                 calls = 0
                 # OpenAI's clients often stop at "\n": the API refuses it, so it is held here.
                 held = StopBuffer(local_stops(request.options.stop))
-                async for line in iter_lines(r, name):
-                    if not line.startswith(b"data:"):
-                        continue
-                    try:
-                        ev = _event.decode(line[5:])
-                    except BAD_JSON:
-                        raise UpstreamError(f"{name}: malformed event") from None
+                whole = r.content_type == "application/json"
+                events = _whole_events(r, name) if whole else _sse_events(r, name, ctx)
+                async for ev in events:
                     kind = ev.type
                     if kind == "error" and ev.error is not None:
                         # A refusal, not output: no beat (the core takes beats as the
@@ -383,32 +325,24 @@ class AnthropicBackend(HttpBackend):
                         ctx.alive += 1
                         continue
                     ctx.beats += 1  # tool input and thinking are progress, though silent
+                    piece = ""
                     if kind == "content_block_delta" and ev.delta is not None:
                         # Text and tool input alike: a stream cut before message_delta's
                         # count is charged the pieces read.
                         ctx.tokens_seen += 1
                         if ev.delta.type == "text_delta":
-                            text, hit = held.feed(ev.delta.text)
-                            if text:
-                                yield Delta(text=text)
-                            if hit:
-                                # Ended here, as the API ends at a stop sequence: the rest is
-                                # not read (nor waited for), and its count not known.
-                                ctx.stop_sequence = held.matched
-                                ctx.usage_estimated = True
-                                prompt = usage.prompt()
-                                out = ctx.tokens_seen
-                                yield Done(
-                                    finish_reason=ended("stop", calls > 0),
-                                    usage=Usage(prompt, out, prompt + out),
-                                )
-                                return
+                            piece = ev.delta.text
                         elif ev.delta.type == "input_json_delta" and ev.index in tools:
                             tools[ev.index][2] += ev.delta.partial_json
                     elif kind == "content_block_start" and ev.content_block is not None:
                         block = ev.content_block
                         if block.type == "tool_use":
                             tools[ev.index] = [block.id, block.name, "", block.input]
+                        elif block.type == "text" and block.text:
+                            # The API starts a text block empty; a compatible server (or a
+                            # whole Message) may start it with text.
+                            ctx.tokens_seen += 1
+                            piece = block.text
                     elif kind == "content_block_stop" and ev.index in tools:
                         call_id, tool, raw, given = tools.pop(ev.index)
                         # Anthropic starts a tool_use with `input: {}` and streams it as
@@ -423,25 +357,78 @@ class AnthropicBackend(HttpBackend):
                     elif kind == "message_start" and ev.message is not None and ev.message.usage:
                         usage = ev.message.usage
                         # Early, for a call cut short and the Messages dialect's message_start.
-                        ctx.prompt_tokens = usage.prompt()
-                        ctx.cached_tokens = usage.cache_read_input_tokens
+                        _tell(ctx, usage)
                     elif kind == "message_delta":
                         if ev.delta is not None and ev.delta.stop_reason:
                             stop = ev.delta.stop_reason
                             ctx.stop_sequence = ev.delta.stop_sequence
                         if ev.usage is not None:
                             usage = _cumulative(usage, ev.usage)
-                            ctx.prompt_tokens = usage.prompt()
-                            ctx.cached_tokens = usage.cache_read_input_tokens
+                            _tell(ctx, usage)
                     elif kind == "message_stop":
-                        if text := held.flush():
+                        break
+                    if piece:
+                        text, hit = held.feed(piece)
+                        if text:
                             yield Delta(text=text)
-                        prompt = usage.prompt()
-                        yield Done(
-                            finish_reason=ended(STOP.get(stop or "end_turn", "stop"), calls > 0),
-                            usage=Usage(prompt, usage.output_tokens, prompt + usage.output_tokens),
-                        )
-                        return
-                raise UpstreamError(f"{name}: stream ended before message_stop")
+                        if hit:
+                            # Ended here, as the API ends at a stop sequence: the rest is
+                            # not read (nor waited for), and its count not known.
+                            ctx.stop_sequence = held.matched
+                            ctx.usage_estimated = True
+                            prompt = usage.prompt()
+                            out = ctx.tokens_seen
+                            yield Done(
+                                finish_reason=ended("stop", calls > 0),
+                                usage=Usage(prompt, out, prompt + out),
+                            )
+                            return
+                else:
+                    # Ended without message_stop: whole all the same once its stop reason
+                    # came (message_delta), as the API's SDK takes it; cut short if not.
+                    if stop is None:
+                        raise UpstreamError(f"{name}: stream ended before message_stop")
+                if text := held.flush():
+                    yield Delta(text=text)
+                prompt = usage.prompt()
+                yield Done(
+                    finish_reason=ended(STOP.get(stop or "end_turn", "stop"), calls > 0),
+                    usage=Usage(prompt, usage.output_tokens, prompt + usage.output_tokens),
+                )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
+
+
+def _tell(ctx: CallContext, usage: _Usage) -> None:
+    """The counts so far, where the core and the dialects read them."""
+    ctx.prompt_tokens = usage.prompt()
+    ctx.cached_tokens = usage.cache_read_input_tokens
+    ctx.cache_write_tokens = usage.cache_creation_input_tokens
+
+
+async def _sse_events(
+    response: aiohttp.ClientResponse, name: str, ctx: CallContext
+) -> AsyncIterator[_Event]:
+    """The events of an SSE answer; its comments (`: keepalive`) are signs of life."""
+    async for line in iter_lines(response, name):
+        if not line.startswith(b"data:"):
+            # OpenRouter and proxies keep a slow stream open with SSE comments: a sign of
+            # life for the silence limits, as the API's own pings are.
+            if line[:1] == b":":
+                ctx.alive += 1
+            continue  # event names, blank lines
+        try:
+            yield _event.decode(line[5:])
+        except BAD_JSON:
+            raise UpstreamError(f"{name}: malformed event") from None
+
+
+async def _whole_events(response: aiohttp.ClientResponse, name: str) -> AsyncIterator[_Event]:
+    """The events of a whole Message (or error) answered in one JSON body."""
+    body = await read_body(response, name)
+    try:
+        message = _whole.decode(body)
+    except BAD_JSON:
+        raise UpstreamError(f"{name}: malformed answer") from None
+    for ev in _as_events(message):
+        yield ev

@@ -84,6 +84,12 @@ class CallContext:
     # Set by an engine with a prompt cache: how many of the prompt's tokens it did not
     # have to read again (a conversation's earlier turns).
     cached_tokens: int | None = None
+    # Set by a backend whose upstream counts the prompt's tokens it wrote to its cache
+    # (Anthropic's cache_creation_input_tokens): the Messages dialect reports them.
+    cache_write_tokens: int | None = None
+    # The id the upstream gave its answer (its `request-id` or `x-request-id` header),
+    # to find the call in the upstream's own logs and support requests.
+    upstream_request_id: str = ""
     # Set by a backend whose upstream declined to answer (OpenAI's `refusal` field): the
     # answer's text is the refusal, finished content_filter. An answer the upstream's
     # content filter cut short also finishes content_filter, its text a partial answer

@@ -420,6 +420,7 @@ class Answer:
                 r = self.response = await b.post(self.url, self.body, self.headers)
             finally:
                 _call.reset(token)
+            self.ctx.upstream_request_id = upstream_request_id(r.headers, self.ctx.request_id)
             if r.status >= 300:
                 text = await error_head(r)
                 raise b.status_error(r.status, r.headers, text)
@@ -745,3 +746,17 @@ async def read_body(response: aiohttp.ClientResponse, name: str) -> bytes:
             raise UpstreamError(f"{name}: a response body over {MAX_BODY} bytes")
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+# The longest upstream request id taken (Anthropic's are ~30 characters, OpenAI's ~40).
+MAX_REQUEST_ID = 128
+
+
+def upstream_request_id(headers: Any, own: str) -> str:
+    """The id an upstream gave its answer (Anthropic's `request-id`, `x-request-id` from
+    OpenAI-compatible ones), for its logs; "" when it gave none or sent back `own`."""
+    given = headers.get("request-id") or headers.get("x-request-id") or ""
+    # Short, printable ASCII without spaces: whatever an upstream sends reaches the log,
+    # where it is an id to search for, not text.
+    given = "".join(c for c in given[:MAX_REQUEST_ID] if " " < c < "\x7f")
+    return "" if given == own else given

@@ -20,10 +20,22 @@ answer short so), `claude-429`
 `claude-huge-error-first` and `claude-huge-error-mid` (an overloaded_error, then an
 api_error after a text delta, of HUGE_ERROR), `claude-malformed`, `claude-pings` (after
 the first text delta, a `ping` event every PING_EVERY_S for PINGS_S, then the rest: the
-API sends pings while the model is slow). Requests without
+API sends pings while the model is slow), `claude-comments` (the same with SSE comment
+lines, `: keepalive`, as OpenRouter and proxies keep a stream open), `claude-too-long`
+and `claude-too-long-max` (the API's 400s for a prompt past the context window:
+TOO_LONG), `claude-429-limits` (a 429 without retry-after, its `anthropic-ratelimit-*`
+headers saying which limits are spent and when they reset: LIMITS),
+`claude-no-message-stop` (the stream ends after message_delta, without message_stop),
+`claude-cut` (the stream ends after the first text delta), `claude-text-start` (a text
+block that starts with TEXT_START), `<model>-json-anyway` (`<model>`'s answer as one
+whole Message though a stream was asked for, as a proxy may give it; `claude-json-anyway`
+a text), `claude-json-error-anyway` (an overloaded_error object, with status 200, to a
+stream). Every answer has a `request-id` header (`req_fake_` and a number), as
+the API's do. Requests without
 the right x-api-key get 401, without `max_tokens` (or with a message without content but a final assistant one, or a
 tool_use id used twice in the conversation, a temperature outside 0..1, a stop sequence
-of only whitespace) 400; `"stream": true` gets the event
+of only whitespace, text of only whitespace, no message at all, a final assistant turn
+ending in whitespace, both `temperature` and `top_p`) 400; `"stream": true` gets the event
 sequence, anything else one Message object, as the API does. A text answer asked for in
 a JSON schema (`output_config.format`, structured outputs) is an instance of it
 (`instance`), in pieces; an `output_config` the API would refuse (a format type other
@@ -36,6 +48,7 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from starlette.applications import Starlette
@@ -67,6 +80,19 @@ DELTA_COUNTS = {"input_tokens": 30, "cache_read_input_tokens": 40}
 # `claude-pings`: how often, and how long, it pings between its first text and the rest.
 PING_EVERY_S = 0.1
 PINGS_S = 1.0
+# The API's messages for a prompt past the model's context window, by model.
+TOO_LONG = {
+    "claude-too-long": "prompt is too long: 210000 tokens > 200000 maximum",
+    "claude-too-long-max": (
+        "input length and `max_tokens` exceed context limit: 188240 + 21333 > 200000, "
+        "decrease input length or `max_tokens` and try again"
+    ),
+}
+# `claude-429-limits`: per rate limit, what is left of it and the seconds until its reset.
+# Two are spent: a retry succeeds only once both are reset, after the later one's 3 s.
+LIMITS = {"requests": (0, 2), "input-tokens": (0, 3), "output-tokens": (8000, 30)}
+# What the text block of `claude-text-start` starts with, in content_block_start.
+TEXT_START = "Well, "
 
 
 def err(kind: str, message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -81,9 +107,11 @@ class FakeAnthropic:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        # The request-id header of each answer of /v1/messages, in order.
+        self.request_ids: list[str] = []
         self.app = Starlette(
             routes=[
-                Route("/v1/messages", self.messages, methods=["POST"]),
+                Route("/v1/messages", self.with_request_id, methods=["POST"]),
                 Route("/v1/models", self.models),
                 Route("/health", self.models),
             ]
@@ -97,6 +125,13 @@ class FakeAnthropic:
             }
         )
 
+    async def with_request_id(self, request: Request) -> Response:
+        response = await self.messages(request)
+        rid = f"req_fake_{len(self.request_ids) + 1}"
+        self.request_ids.append(rid)
+        response.headers["request-id"] = rid
+        return response
+
     async def messages(self, request: Request) -> Response:
         if request.headers.get("x-api-key") != KEY:
             return err("authentication_error", "invalid x-api-key", 401)
@@ -109,6 +144,8 @@ class FakeAnthropic:
         if (problem := _unlinked(body.get("messages") or [])) is not None:
             return err("invalid_request_error", problem, 400)
         if (problem := _empty(body.get("messages") or [])) is not None:
+            return err("invalid_request_error", problem, 400)
+        if (problem := _blank(body.get("messages") or [])) is not None:
             return err("invalid_request_error", problem, 400)
         if (problem := _output_config(body.get("output_config"))) is not None:
             return err("invalid_request_error", problem, 400)
@@ -124,6 +161,21 @@ class FakeAnthropic:
             )
         if model == "claude-529":
             return err("overloaded_error", "Overloaded", 529)
+        if model in TOO_LONG:
+            return err("invalid_request_error", TOO_LONG[model], 400)
+        if model == "claude-429-limits":
+            now = datetime.now(UTC)
+            headers = {}
+            for limit, (left, reset_s) in LIMITS.items():
+                reset = (now + timedelta(seconds=reset_s)).isoformat().replace("+00:00", "Z")
+                headers[f"anthropic-ratelimit-{limit}-remaining"] = str(left)
+                headers[f"anthropic-ratelimit-{limit}-reset"] = reset
+            return err("rate_limit_error", "Rate limited", 429, headers)
+        if model == "claude-json-error-anyway":
+            return err("overloaded_error", "Overloaded", 200)
+        if model.endswith("-json-anyway"):
+            # A proxy's answer to a stream: one Message, as to the model without the suffix.
+            return await self._message(model.removesuffix("-json-anyway"), body)
         if not body.get("stream"):  # the API's default: one Message object
             return await self._message(model, body)
         return StreamingResponse(self._events(model, body), media_type="text/event-stream")
@@ -252,12 +304,13 @@ class FakeAnthropic:
                 yield event("content_block_stop", {"type": "content_block_stop", "index": index})
             stop, out = "end_turn" if model == "claude-tools-end-turn" else "tool_use", 12
         else:
+            start = TEXT_START if model == "claude-text-start" else ""
             yield event(
                 "content_block_start",
                 {
                     "type": "content_block_start",
                     "index": 0,
-                    "content_block": {"type": "text", "text": ""},
+                    "content_block": {"type": "text", "text": start},
                 },
             )
             words = ["Hello", "!", " How", " can", " I", " help?"]
@@ -312,10 +365,15 @@ class FakeAnthropic:
                     return
                 yield text_delta(word)
                 out += 1
-                if model == "claude-pings" and out == 1:
+                if model == "claude-cut":
+                    return
+                if model in ("claude-pings", "claude-comments") and out == 1:
                     for _ in range(round(PINGS_S / PING_EVERY_S)):
                         await asyncio.sleep(PING_EVERY_S)
-                        yield event("ping", {"type": "ping"})
+                        if model == "claude-pings":
+                            yield event("ping", {"type": "ping"})
+                        else:
+                            yield b": keepalive\n\n"
             yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
         yield event(
             "message_delta",
@@ -328,7 +386,8 @@ class FakeAnthropic:
                 "usage": {**_delta_counts(model), "output_tokens": out},
             },
         )
-        yield event("message_stop", {"type": "message_stop"})
+        if model != "claude-no-message-stop":
+            yield event("message_stop", {"type": "message_stop"})
 
 
 def _output_config(config: Any) -> str | None:
@@ -355,6 +414,9 @@ def _sampling(body: dict[str, Any]) -> str | None:
     temperature = body.get("temperature")
     if temperature is not None and not 0 <= temperature <= 1:
         return "temperature: range: 0..1"
+    if temperature is not None and body.get("top_p") is not None:
+        # As current models (Sonnet 4.5, Haiku 4.5, Opus 4.1 and later) answer.
+        return "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
     if any(not s.strip() for s in body.get("stop_sequences") or ()):
         return "stop_sequences: each stop sequence must contain non-whitespace"
     return None
@@ -412,6 +474,32 @@ def _unlinked(messages: list[dict[str, Any]]) -> str | None:
                     "corresponding `tool_use` block in the previous message."
                 )
         ids = {b["id"] for b in blocks if b.get("type") == "tool_use"}
+    return None
+
+
+def _blank(messages: list[dict[str, Any]]) -> str | None:
+    """What the API answers about no message at all, a text of only whitespace, and a
+    final assistant turn (a prefill) ending in whitespace."""
+    if not messages:
+        return "messages: at least one message is required"
+    for m in messages:
+        content = m.get("content")
+        texts = (
+            [content]
+            if isinstance(content, str) and content
+            else [b.get("text", "") for b in content or () if b.get("type") == "text"]
+            if isinstance(content, list)
+            else []
+        )
+        if any(not t.strip() for t in texts):
+            return "messages: text content blocks must contain non-whitespace text"
+    last = messages[-1]
+    content = last.get("content")
+    text = content if isinstance(content, str) else ""
+    if isinstance(content, list) and content and content[-1].get("type") == "text":
+        text = content[-1].get("text", "")
+    if last.get("role") == "assistant" and text[-1:].isspace():
+        return "messages: final assistant content cannot end with trailing whitespace"
     return None
 
 

@@ -1,0 +1,218 @@
+"""The Messages API request the `anthropic` backend sends for a ChatRequest."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from stella.backends.base import linked_tool_calls
+from stella.errors import InvalidRequest
+from stella.protocol import ChatRequest, Message
+
+# The ids the API takes for a tool_use (and so a tool_result's tool_use_id).
+_TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
+_NOT_IN_ID = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+def tool_use_id(call_id: str) -> str:
+    """`call_id` as an id the Messages API takes, the same for the same id every time."""
+    if not call_id or _TOOL_ID.fullmatch(call_id):
+        return call_id
+    # Other providers' ids (Kimi's `functions.get_weather:0`, a client's `call 1`) would
+    # make the API refuse the history. The digest keeps apart ids that differ only in
+    # what is replaced; the client's own ids are never touched, only what is sent here.
+    digest = hashlib.sha256(call_id.encode()).hexdigest()[:8]
+    return f"{_NOT_IN_ID.sub('_', call_id)}_{digest}"
+
+
+class _ToolUseIds:
+    """A history's tool_use ids as sent: each unique, each result naming its own call.
+
+    Clients keep the ids their backends gave, and some backends numbered every answer's
+    calls from call_0: the API refuses a history whose tool_use ids repeat. A repeated id
+    is renamed in the later tool_use and in the results that answer it (those after it,
+    before the id's next use), the same way each time the history is sent.
+    """
+
+    def __init__(self, history: list[Message]) -> None:
+        # Every id the history sends (a renamed one must not become another call's).
+        self.taken = {tool_use_id(c.id) for m in history for c in m.tool_calls or ()}
+        self.sent: set[str] = set()
+        # Per id as the client wrote it (mapped), the ids sent for it in the last turn
+        # that used it: its results answer those, in order.
+        self.latest: dict[str, list[str]] = {}
+
+    def turn(self, call_ids: list[str]) -> list[str]:
+        """The ids to send for one assistant turn's calls."""
+        out = []
+        fresh: dict[str, list[str]] = {}
+        for call_id in call_ids:
+            given = tool_use_id(call_id)
+            sent = given
+            n = 1
+            while sent in self.sent or (sent != given and sent in self.taken):
+                n += 1
+                sent = f"{given}_{n}"
+            self.sent.add(sent)
+            fresh.setdefault(given, []).append(sent)
+            out.append(sent)
+        self.latest.update(fresh)
+        return out
+
+    def result(self, call_id: str) -> str:
+        """The id a tool_result sends, for the id its client wrote."""
+        given = tool_use_id(call_id)
+        sent = self.latest.get(given)
+        if not sent:
+            return given
+        # A turn with the id twice: its results answer those calls one after another.
+        return sent.pop(0) if len(sent) > 1 else sent[0]
+
+
+def schema_of(fmt: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema of a `json_schema` response_format (None for any other)."""
+    if fmt is None or fmt.get("type") != "json_schema":
+        return None
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    return schema if isinstance(schema, dict) else None
+
+
+def local_stops(stop: list[str] | None) -> list[str]:
+    """The stop strings of only whitespace ("\\n"), which the API refuses: stella applies them."""
+    return [s for s in stop or () if s and not s.strip()]
+
+
+def unsendable(messages: list[Message]) -> InvalidRequest | None:
+    """The 400 for a conversation the API would refuse in a way stella cannot mend by
+    leaving out what says nothing (None: it can be sent)."""
+    kept = False
+    last = len(messages) - 1
+    for i, m in enumerate(messages):
+        if m.role == "system":
+            continue
+        if m.role == "user" and not m.content.strip():
+            # The API refuses a text of only whitespace (and an empty message): a 400
+            # naming the message, not a 502 with the upstream's words for it.
+            return InvalidRequest(
+                f"$.messages[{i}].content: the model's backend (anthropic) takes no user "
+                "message without text (empty or only whitespace)",
+                param=f"messages[{i}].content",
+            )
+        if m.role == "assistant" and not m.tool_calls:
+            if i == last and m.content[-1:].isspace():
+                # A prefill the API refuses (the Anthropic dialect's own words for it).
+                return InvalidRequest(
+                    f"$.messages[{i}].content: final assistant content cannot end with "
+                    "trailing whitespace",
+                    param=f"messages[{i}].content",
+                )
+            if i != last and not m.content.strip():
+                continue  # left out (see request_body)
+        kept = True
+    if not kept:
+        # The API wants a turn besides the system prompt ("at least one message").
+        return InvalidRequest(
+            "$.messages: the model's backend (anthropic) needs a user or assistant "
+            "message besides the system prompt",
+            param="messages",
+        )
+    return None
+
+
+def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
+    """The Messages API body: system pulled out, tool calls and results as blocks."""
+    system = "\n\n".join(m.content for m in request.messages if m.role == "system")
+    messages: list[dict[str, Any]] = []
+    history = linked_tool_calls(request.messages)
+    ids = _ToolUseIds(history)
+    if (refused := unsendable(history)) is not None:
+        raise refused
+    for m in history:
+        if m.role == "system":
+            continue
+        if m.role == "tool":
+            block: dict[str, Any] = {
+                "type": "tool_result",
+                "tool_use_id": ids.result(m.tool_call_id or ""),
+                "content": m.content,
+            }
+            if m.is_error:
+                block["is_error"] = True
+            if (
+                messages
+                and messages[-1]["role"] == "user"
+                and isinstance(messages[-1]["content"], list)
+            ):
+                messages[-1]["content"].append(block)
+            else:
+                messages.append({"role": "user", "content": [block]})
+            continue
+        if m.tool_calls:
+            # The text before the calls, unless only whitespace (Qwen-style models write
+            # "\n\n" there): the API refuses a text block of only whitespace.
+            blocks: list[dict[str, Any]] = (
+                [{"type": "text", "text": m.content}] if m.content.strip() else []
+            )
+            blocks += [
+                {
+                    "type": "tool_use",
+                    "id": sent,
+                    "name": c.function.name,
+                    "input": c.function.arguments,
+                }
+                for c, sent in zip(
+                    m.tool_calls, ids.turn([c.id for c in m.tool_calls]), strict=True
+                )
+            ]
+            messages.append({"role": "assistant", "content": blocks})
+        elif m.role == "assistant" and not m.content.strip():
+            # A turn that answered nothing (stopped before its first token), or only
+            # whitespace: the API refuses it but an empty final prefill, and it says nothing.
+            if m is history[-1]:
+                messages.append({"role": "assistant", "content": m.content})
+        else:
+            messages.append({"role": m.role, "content": m.content})
+    o = request.options
+    body: dict[str, Any] = {
+        "model": request.model,
+        "messages": messages,
+        "stream": True,
+        "max_tokens": o.max_tokens or default_max,
+    }
+    if system.strip():  # one of only whitespace says nothing (and the API refuses it)
+        body["system"] = system
+    for key, value in (
+        # The API's range is 0 to 1 (OpenAI's 0 to 2): above it, the most random it takes.
+        ("temperature", None if o.temperature is None else min(o.temperature, 1.0)),
+        # Current models (Sonnet 4.5, Haiku 4.5, Opus 4.1 and later) refuse both at once:
+        # given both, only the temperature is sent (the one sampling knob all backends take).
+        ("top_p", o.top_p if o.temperature is None else None),
+        ("top_k", o.top_k),
+        ("stop_sequences", [s for s in o.stop or () if s.strip()] or None),
+    ):
+        if value is not None:
+            body[key] = value
+    if (schema := schema_of(request.response_format)) is not None:
+        body["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
+    if request.tools:
+        body["tools"] = [
+            {
+                "name": t.function.name,
+                "description": t.function.description,
+                "input_schema": t.function.parameters or {"type": "object"},
+            }
+            for t in request.tools
+        ]
+        choice = request.tool_choice
+        if choice == "none":
+            body["tool_choice"] = {"type": "none"}
+        elif choice == "required":
+            body["tool_choice"] = {"type": "any"}
+        elif choice is not None and not isinstance(choice, str):
+            body["tool_choice"] = {"type": "tool", "name": choice.function.name}
+        if request.parallel_tool_calls is False and choice != "none":
+            # The API's switch lives in tool_choice (auto, any or tool; none calls none).
+            body.setdefault("tool_choice", {"type": "auto"})["disable_parallel_tool_use"] = True
+    return body
