@@ -96,8 +96,9 @@ def usage_of(usage: Usage) -> dict[str, Any]:
     cached = 0 if details is msgspec.UNSET else details.cached_tokens
     return {
         "input_tokens": usage.prompt_tokens,
-        # cache_write_tokens is required by the SDK's type; no backend tells stella how many
-        # tokens it wrote to a cache, so 0, as reasoning_tokens is.
+        # cache_write_tokens is required by the SDK's type; the native usage this is read
+        # from has no count of cache writes (only an Anthropic upstream gives one, which
+        # /v1/messages reports), so 0, as reasoning_tokens is.
         "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
