@@ -163,6 +163,9 @@ class FakeOllama:
                         load.cancel()
                     return None
                 await asyncio.sleep(0.02)
+            # Its done callback may not have run yet: without this the loop would spin,
+            # the load done but not yet counted, and never yield to let it run.
+            self._loaded(tagged, load)
         return time.perf_counter_ns() - started
 
     def _loaded(self, tagged: str, load: asyncio.Task[None]) -> None:
