@@ -1118,12 +1118,20 @@ def test_the_hints_of_a_429_and_their_bounds() -> None:
         assert retry_hint(429, {"retry-after-ms": absurd}) == 86400.0
     assert retry_hint(429, {"retry-after-ms": "-5"}) == 0.0
     resets = {"x-ratelimit-reset-requests": "7s", "x-ratelimit-reset-tokens": "6m0s"}
-    assert retry_hint(429, resets) == 360.0  # the later: after it, either limit has room
-    assert retry_hint(429, {**resets, "retry-after": "3"}) == 3.0  # Retry-After first
-    assert retry_hint(500, resets) is None  # a limit's reset says nothing of a 500
-    assert retry_hint(429, {"x-ratelimit-reset-tokens": "20ms"}) == 0.02
-    assert retry_hint(429, {"x-ratelimit-reset-requests": "99999h"}) == 86400.0
-    assert retry_hint(429, {"x-ratelimit-reset-requests": "soon"}) is None
+    requests_spent = {**resets, "x-ratelimit-remaining-requests": "0"}
+    # Only a spent limit's reset counts: the tokens' 6 min is their full refill, not when
+    # a retry passes the requests limit that refused this one.
+    assert retry_hint(429, {**requests_spent, "x-ratelimit-remaining-tokens": "39000"}) == 7.0
+    both_spent = {**requests_spent, "x-ratelimit-remaining-tokens": "0"}
+    assert retry_hint(429, both_spent) == 360.0  # the later: after it, both have room
+    assert retry_hint(429, resets) is None  # no limit said spent: the usual backoff
+    assert retry_hint(429, {**both_spent, "retry-after": "3"}) == 3.0  # Retry-After first
+    assert retry_hint(500, both_spent) is None  # a limit's reset says nothing of a 500
+    spent = {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-remaining-requests": "0"}
+    assert retry_hint(429, {**spent, "x-ratelimit-reset-tokens": "20ms"}) == 0.02
+    assert retry_hint(429, {**spent, "x-ratelimit-reset-requests": "99999h"}) == 86400.0
+    assert retry_hint(429, {**spent, "x-ratelimit-reset-requests": "soon"}) is None
+    assert retry_hint(429, {**resets, "x-ratelimit-remaining-requests": "n/a"}) is None
     assert retry_hint(429, {}) is None
     for text, seconds in (
         ("7s", 7),

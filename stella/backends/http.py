@@ -575,9 +575,11 @@ def context_overflow(code: object, kind: object, message: str) -> bool:
 
 def retry_hint(status: int, headers: Any) -> float | None:
     """Seconds an upstream's error answer asks to wait before the next try: Azure OpenAI's
-    `retry-after-ms` when present, else Retry-After, else (a 429's) OpenAI's rate-limit
-    resets, the later of the two: the answer does not say which limit refused it, and
-    after the later both have room."""
+    `retry-after-ms` when present, else Retry-After, else (a 429's) the latest of OpenAI's
+    rate-limit resets among the limits its headers say are spent (`x-ratelimit-remaining-*`
+    0). A reset is when that limit is whole again: a limit with room left says nothing
+    of when a retry passes, and its reset (a token bucket's full refill, minutes) would
+    hold back a retry the spent limit allows in a second."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:
@@ -588,12 +590,21 @@ def retry_hint(status: int, headers: Any) -> float | None:
     if seconds is None and status == 429:
         resets = [
             s
-            for key in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
-            if (s := go_seconds(headers.get(key))) is not None
+            for limit in ("requests", "tokens")
+            if _spent(headers.get(f"x-ratelimit-remaining-{limit}"))
+            and (s := go_seconds(headers.get(f"x-ratelimit-reset-{limit}"))) is not None
         ]
         if resets:
             seconds = _bounded(max(resets))
     return seconds
+
+
+def _spent(remaining: str | None) -> bool:
+    """Whether an `x-ratelimit-remaining-*` value says the limit has nothing left."""
+    try:
+        return remaining is not None and float(remaining) <= 0
+    except ValueError:
+        return False
 
 
 def retry_after(value: str | None) -> float | None:

@@ -41,7 +41,8 @@ Wire quirks of real servers:
   own SSE field `error: {...}` then `data: [DONE]`, as its builds before #16109 stream it
   (over the context, a 400, a 500 after the first word);
 - `limit-ms`, `limit-reset`: a 429 with Azure OpenAI's `retry-after-ms` LIMIT_MS, or with
-  OpenAI's `x-ratelimit-reset-requests`/`-tokens` LIMIT_RESETS and no Retry-After;
+  OpenAI's `x-ratelimit-reset-requests`/`-tokens` LIMIT_RESETS and no Retry-After (the
+  requests limit spent, the tokens one with room: its reset is a full refill);
 - `empty-data`: empty `data:` events between the chunks, and for 0.6 s before them, as
   relays send heartbeats;
 - `multi-data`: each chunk's JSON over several `data:` lines, one of them in two writes;
@@ -131,7 +132,7 @@ LLAMA_CONTEXT = (
 )
 # Model `limit-ms`'s retry-after-ms, and `limit-reset`'s rate-limit resets (requests, tokens).
 LIMIT_MS = "1500"
-LIMIT_RESETS = ("1.2s", "20ms")
+LIMIT_RESETS = ("1.2s", "6m0s")
 # What model `reasoning-no-usage` thinks, in pieces: three `reasoning_content`, one `reasoning`.
 REASONING = ("Let ", "me ", "think. ", "Done.")
 
@@ -251,7 +252,9 @@ class FakeOpenAI:
                 {"retry-after-ms": LIMIT_MS}
                 if model == "limit-ms"
                 else {
+                    "x-ratelimit-remaining-requests": "0",  # the limit that refused it
                     "x-ratelimit-reset-requests": LIMIT_RESETS[0],
+                    "x-ratelimit-remaining-tokens": "39000",  # room: its reset is a refill
                     "x-ratelimit-reset-tokens": LIMIT_RESETS[1],
                 }
             )
