@@ -805,6 +805,10 @@ class Inference:
                 # of work all that time (wedged: a verdict).
                 local = route.backend.local_queue
                 err.same_again = awaited != "answer" and not local
+                if awaited == "answer":
+                    # The upstream may still be generating it: a client's retry (the
+                    # SDKs follow `retryable`) would double the work, as ours would.
+                    err.retryable, err.falls_back = False, True
                 if local and route.backend.working(limit):
                     err.no_verdict = True
             else:
