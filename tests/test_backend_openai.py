@@ -1046,6 +1046,15 @@ def test_only_a_refusal_of_the_request_is_read_as_a_context_overflow() -> None:
             False,
         )
         assert err.message == f"up: upstream answered {status}: too long"
+    # In a stream too: an error object whose code is a server error's stays one.
+    from stella.backends.openai import _failure
+
+    words = "This model's maximum context length is 8192 tokens"
+    for code in (500, 503):
+        err = _failure("up", {"code": code, "message": words})
+        assert err.code != "context_length_exceeded" and err.retryable, code
+    assert _failure("up", {"code": 400, "message": words}).code == "context_length_exceeded"
+    assert _failure("up", {"message": words}).code == "context_length_exceeded"
 
 
 def test_llama_cpps_error_field_is_the_streams_failure(quirks: Any) -> None:

@@ -442,7 +442,9 @@ def _failure(name: str, error: Any, where: str = "upstream error in stream") -> 
     if isinstance(error, dict):
         code, kind = error.get("code"), error.get("type")
     status = code if type(code) is int and 400 <= code < 500 else None
-    if context_overflow(code, kind, message):
+    # A server error's words are not a verdict on the prompt (as an HTTP 5xx's are not).
+    failed = type(code) is int and code >= 500
+    if not failed and context_overflow(code, kind, message):
         return UpstreamContextTooLong(text, upstream_status=status or 400)
     if status is not None:
         return UpstreamStatus(text, upstream_status=status)
