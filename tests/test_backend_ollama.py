@@ -235,6 +235,37 @@ async def test_while_a_model_loads_other_calls_wait_for_no_api_ps(
     assert loads(fake) == ["slow-load-2"]
 
 
+async def test_a_load_by_another_client_does_not_hold_a_call_of_a_loaded_model(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # Open WebUI or `ollama run` loads a model on the same Ollama: stella has no load of
+    # its own to tell it, and /api/ps answers only once that load ends. A call of a model
+    # already loaded glances at the ask (PS_GLANCE_S) and goes ahead; the ask is shared.
+    fake, url = box
+    b = ollama(url)
+    await b.start()
+    try:
+        async with httpx.AsyncClient() as other:
+            body = {"model": "slow-load-2", "messages": []}
+            load = asyncio.create_task(other.post(url + "/api/chat", json=body, timeout=30))
+            try:
+                await asyncio.sleep(0.3)
+                for i in range(2):
+                    t = time.monotonic()
+                    req = ChatRequest(model="llama3", messages=HI)
+                    events = [e async for e in b.chat(req, CallContext(request_id=f"r{i}"))]
+                    assert isinstance(events[-1], Done)
+                    took = time.monotonic() - t
+                    assert took < ollama_backend.CONTEXT_WAIT_S / 2, took
+                assert (await load).status_code == 200
+            finally:
+                load.cancel()  # a failed test leaves no request behind
+    finally:
+        await b.aclose()
+    assert fake.ps_asked == 1  # one ask for both calls, left to run past the first
+    assert loads(fake) == ["slow-load-2"]  # the other client's: none of stella's
+
+
 async def test_a_load_past_load_timeout_s_fails_that_model_not_the_backend(
     box: tuple[FakeOllama, str],
 ) -> None:

@@ -129,6 +129,12 @@ class _Ps(msgspec.Struct):
 CONTEXT_WAIT_S = 2.0
 # How long an /api/ps answer (or its failure) stands for the listings that read it.
 PS_TTL_S = 5.0
+# The longest a chat waits for /api/ps before it decides on a load of its own. Ollama
+# answers /api/ps only once a load under way has ended, another client's (Open WebUI,
+# `ollama run`) included, which stella cannot see: a call would stall on it for
+# CONTEXT_WAIT_S. Past this wait the call loads the model itself, within its limits,
+# while the ask goes on and its answer serves the calls after it.
+PS_GLANCE_S = 0.25
 
 
 _line = msgspec.json.Decoder(_Line)
@@ -251,10 +257,14 @@ class OllamaBackend(HttpBackend):
         seen = self._ps_seen
         if seen is not None and self._ps_known():
             return seen[1]
+        # Shielded: a listing whose client left must not cancel the others' ask.
+        return await asyncio.shield(self._ps_asked())
+
+    def _ps_asked(self) -> asyncio.Future[list[_Running] | None]:
+        """The /api/ps ask in flight, begun if there is none."""
         if self._ps_ask is None:
             self._ps_ask = asyncio.ensure_future(self._ask_ps())
-        # Shielded: a listing whose client left must not cancel the others' ask.
-        return await asyncio.shield(self._ps_ask)
+        return self._ps_ask
 
     async def _ask_ps(self) -> list[_Running] | None:
         try:
@@ -305,8 +315,8 @@ class OllamaBackend(HttpBackend):
 
     async def _loaded(self, model: str, ctx: CallContext) -> None:
         """Return once `model` is loaded upstream: at once when Ollama's /api/ps (at most
-        PS_TTL_S old) lists it, or cannot say (nor is asked while another model loads);
-        else after its load, the one under way when there is one.
+        PS_TTL_S old) lists it, or cannot say within PS_GLANCE_S (nor is asked while
+        another model loads); else after its load, the one under way when there is one.
 
         Ollama sends nothing, headers included, until the model is loaded, and aborts the
         load when the request that began it goes (its client's connection closed): a
@@ -322,9 +332,19 @@ class OllamaBackend(HttpBackend):
             if self._loads and not self._ps_known():
                 # Ollama's /api/ps waits for a load under way to end (sched.go's
                 # loadedModels takes each runner's lock, which a loading one holds): asked
-                # now, it would only cost this call CONTEXT_WAIT_S. Not known, then.
+                # now, it could not answer in time. Not known, then.
                 return
-            running = await self._running()
+            seen = self._ps_seen
+            if seen is not None and self._ps_known():
+                running = seen[1]
+            else:
+                ask = self._ps_asked()
+                # A wait, not an await: a call cut here, or past PS_GLANCE_S, leaves the
+                # shared ask running (_ask_ps raises nothing, so no error goes unread).
+                await asyncio.wait((ask,), timeout=PS_GLANCE_S)
+                if not ask.done() or ask.cancelled():
+                    return  # no answer yet (a load under way, maybe another client's)
+                running = ask.result()
             if running is None or _listed(running, model):
                 return  # loaded, or not known: the call itself loads it, within its limits
             load = self._loads.get(model)  # begun while this call asked
