@@ -12,7 +12,9 @@ raises from the call that makes it (the request is sent, and the answer's head r
 before it returns; the body is read as the stream is iterated), and an in-band `error`
 line raises too, after the events already yielded. A request is sent again, up to
 `max_retries` times (default 2), after a retryable error: the server's word, or a
-connection that was never made; a stream only before it started. A stream's
+connection that was never made; a stream only before it started. `on_retry(error,
+seconds)`, when given, is called before each wait, to say so (an exception it raises
+ends the retries, raised from the call). A stream's
 connection closes, and the server cancels the generation, when the stream is closed:
 at the end of its `with` block (`async with` for the async client), by its `close()`
 (`aclose()`), or when the stream object is garbage-collected; a `break` out of a loop
@@ -31,7 +33,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from typing import Any, Literal, cast, overload
 
 import httpx
@@ -323,6 +325,9 @@ def _retry_after(value: str | None) -> float | None:
 RETRY_AFTER_CAP_S = 60.0
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 8.0
+# A client's `on_retry`: told the error and the seconds about to be waited before each
+# retry (to say so, as the CLI does); what it raises ends the retries.
+OnRetry = Callable[[StellaClientError, float], None]
 
 
 def retry_wait(exc: StellaClientError, retry: int, max_retries: int) -> float | None:
@@ -703,17 +708,19 @@ class Client:
         api_key: str | None = None,
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,  # None: no timeout, as httpx
         max_retries: int = DEFAULT_MAX_RETRIES,
+        on_retry: OnRetry | None = None,
         **httpx_kwargs: Any,
     ) -> None:
         url, auth = _config(base_url, api_key)
         self.url = _shown(url)
         self.max_retries = _retries(max_retries)
+        self.on_retry = on_retry
         headers = _headers(auth, httpx_kwargs)
         self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout, **httpx_kwargs)
 
     def with_options(self, *, max_retries: int) -> Client:
-        """This client with another `max_retries`, on the same connection pool (closing
-        either closes it)."""
+        """This client with another `max_retries` (its `on_retry` kept), on the same
+        connection pool (closing either closes it)."""
         clone = copy.copy(self)
         clone.max_retries = _retries(max_retries)
         return clone
@@ -741,6 +748,9 @@ class Client:
                 wait = retry_wait(exc, retry, self.max_retries)
                 if wait is None:
                     raise
+                error = exc
+            if self.on_retry is not None:
+                self.on_retry(error, wait)
             time.sleep(wait)
             retry += 1
 
@@ -942,19 +952,21 @@ class AsyncClient:
         api_key: str | None = None,
         timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,  # None: no timeout, as httpx
         max_retries: int = DEFAULT_MAX_RETRIES,
+        on_retry: OnRetry | None = None,
         **httpx_kwargs: Any,
     ) -> None:
         url, auth = _config(base_url, api_key)
         self.url = _shown(url)
         self.max_retries = _retries(max_retries)
+        self.on_retry = on_retry
         headers = _headers(auth, httpx_kwargs)
         self._http = httpx.AsyncClient(
             base_url=url, headers=headers, timeout=timeout, **httpx_kwargs
         )
 
     def with_options(self, *, max_retries: int) -> AsyncClient:
-        """This client with another `max_retries`, on the same connection pool (closing
-        either closes it)."""
+        """This client with another `max_retries` (its `on_retry` kept), on the same
+        connection pool (closing either closes it)."""
         clone = copy.copy(self)
         clone.max_retries = _retries(max_retries)
         return clone
@@ -980,6 +992,9 @@ class AsyncClient:
                 wait = retry_wait(exc, retry, self.max_retries)
                 if wait is None:
                     raise
+                error = exc
+            if self.on_retry is not None:
+                self.on_retry(error, wait)
             await asyncio.sleep(wait)
             retry += 1
 

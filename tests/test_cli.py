@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import pytest
 
 from tests.live import (
     ROOT,
+    free_port,
     in_ci,
+    run_stella,
     stella_to_dev_full,
     stella_without_stdin,
     stella_without_stdout,
@@ -657,6 +661,65 @@ def test_a_url_the_client_cannot_use_is_a_usage_error_shown_as_typed(url: str, l
         assert out.returncode == 2, out.stderr
         assert out.stderr.startswith(f"stella: invalid_url: {line}"), out.stderr
         assert out.stderr.count("\n") == 1 and "hunter2" not in out.stderr
+
+
+def test_chat_says_each_retry_and_raises_a_retry_after_past_its_timeout() -> None:
+    # `stella chat --timeout 5` slept through a 60 s Retry-After in silence, then answered.
+    import hashlib
+
+    tight, roomy = "sk-cli-retry-tight", "sk-cli-retry-roomy"
+    config = {
+        "limits": {"requests_per_minute": 1},  # per key: a second request waits ~60 s
+        "auth": {
+            "keys": {
+                # A bucket of 600 tokens a minute (10 a second) that `--max-tokens 1000`
+                # reserves whole: the next request waits for the 40 tokens the answer used
+                # to come back, 4 s after it (less the next command's start).
+                "roomy": {
+                    "sha256": hashlib.sha256(roomy.encode()).hexdigest(),
+                    "requests_per_minute": 1000,
+                    "tokens_per_minute": 600,
+                }
+            }
+        },
+    }
+    with run_stella(config, {"STELLA_API_KEYS": tight}) as server:
+        env = {**os.environ, "STELLA_URL": server.url}
+        words = " ".join(["w"] * 20)
+        chat = ("chat", "-m", "echo", "--timeout", "8", "--max-tokens", "1000", words)
+        for key in (roomy, tight):
+            out = stella(*chat, env={**env, "STELLA_API_KEY": key}, timeout=30)
+            assert out.returncode == 0 and out.stdout == words + "\n", out.stderr
+        # A wait within --timeout: said on stderr, waited, sent again.
+        out = stella(*chat, env={**env, "STELLA_API_KEY": roomy}, timeout=30)
+        assert out.returncode == 0 and out.stdout == words + "\n", out.stderr
+        assert re.fullmatch(
+            r"stella: rate_limited: .+; retrying in [1-4] s \(1 of 2\)\n", out.stderr
+        ), out.stderr
+        # A Retry-After longer than --timeout: raised at once, as the CLI says any error.
+        t0 = time.monotonic()
+        out = stella(*chat, env={**env, "STELLA_API_KEY": tight}, timeout=30)
+        assert time.monotonic() - t0 < 20  # the 60 s wait was not slept
+        assert out.returncode == 1 and out.stdout == "", out.stderr
+        assert out.stderr.startswith("stella: rate_limited: "), out.stderr
+        after = re.search(r"; retry after (\d+)s\n\Z", out.stderr)
+        assert after and 8 < int(after[1]) <= 60, out.stderr  # past --timeout, within the cap
+        assert out.stderr.count("\n") == 1, out.stderr
+
+
+def test_models_says_each_retry_of_a_refused_connection() -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: retried with backoff
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    out = stella("models", "--url", url, "--timeout", "2", env=env, timeout=30)
+    lines = out.stderr.splitlines()
+    assert out.returncode == 1 and len(lines) == 3, out.stderr
+    for n, line in enumerate(lines[:2], 1):
+        assert line.startswith(f"stella: network_error: cannot reach {url}: "), line
+        assert re.search(rf"; retrying in [01]\.\d+ s \({n} of 2\)\Z", line), line
+    assert lines[2].startswith(f"stella: network_error: cannot reach {url}: "), lines[2]
+    # A backoff longer than --timeout is not waited either: the error at once.
+    out = stella("models", "--url", url, "--timeout", "0.3", env=env, timeout=30)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
 
 
 def test_chat_with_stdin_closed_has_nothing_to_send() -> None:

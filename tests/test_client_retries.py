@@ -25,24 +25,25 @@ LONG = [{"role": "user", "content": " ".join(["w"] * 60)}]
 # Reserves the whole of a 600-token bucket: the next request waits for it to refill
 # the few tokens the answer used (Retry-After: 1).
 WHOLE_BUCKET = {"max_tokens": 1000}
+METERED = ("sync", "stream", "async", "told")
 
 
 @pytest.fixture(scope="module")
 def flaky() -> Iterator[LiveServer]:
     """Routes that fail their first calls with a retryable 502, and rate-limited ones."""
-    names = ("sync", "async", "zero", "stream", "backoff")
+    names = ("sync", "async", "zero", "stream", "backoff", "told", "atold", "stop")
     config = {
         "backends": {f"flaky-{n}": {"kind": "echo", "fail_first_calls": 2} for n in names},
         "models": {
             "routes": {
                 **{f"flaky-{n}": {"backend": f"flaky-{n}", "retries": 0} for n in names},
-                **{f"metered-{n}": {"backend": "echo"} for n in ("sync", "stream", "async")},
+                **{f"metered-{n}": {"backend": "echo"} for n in METERED},
                 "starved": {"backend": "echo"},
             }
         },
         "limits": {
             "models": {
-                **{f"metered-{n}": {"tokens_per_minute": 600} for n in ("sync", "stream", "async")},
+                **{f"metered-{n}": {"tokens_per_minute": 600} for n in METERED},
                 "starved": {"tokens_per_minute": 2},
             }
         },
@@ -163,6 +164,53 @@ async def test_the_async_client_retries_too(flaky: LiveServer) -> None:
         once = ac.with_options(max_retries=0)
         with pytest.raises(sc.RateLimitError):
             await once.generate("hi", "metered-async", options=WHOLE_BUCKET)
+
+
+def test_on_retry_is_told_each_error_and_its_wait(flaky: LiveServer) -> None:
+    told: list[tuple[sc.StellaClientError, float]] = []
+    seen, hooks = _statuses()
+
+    def on_retry(exc: sc.StellaClientError, wait: float) -> None:
+        told.append((exc, wait))
+        seen.append(-1)  # where in the attempts it was called
+
+    with sc.Client(flaky.url, on_retry=on_retry, **hooks) as c:
+        assert c.chat(HI, "flaky-told").response == "hi"
+        assert seen == [502, -1, 502, -1, 200]
+        assert [(type(e), e.status) for e, _ in told] == [(sc.UpstreamError, 502)] * 2
+        # The backoff it is about to sleep: 0.5 s, then 1 s, each jittered down.
+        assert 0.375 <= told[0][1] <= 0.5 and 0.75 <= told[1][1] <= 1.0, told
+        c.chat(HI, "metered-told", options=WHOLE_BUCKET)
+        told.clear()
+        clone = c.with_options(max_retries=1)  # the hook goes with the clone
+        assert clone.chat(HI, "metered-told", options=WHOLE_BUCKET).response == "hi"
+        assert [(type(e), w) for e, w in told] == [(sc.RateLimitError, 1.0)]
+        assert told[0][0].retry_after == 1.0
+        told.clear()
+        with pytest.raises(sc.NotFoundError):  # not retried: not told
+            c.chat(HI, "no-such-model")
+        assert told == []
+
+
+def test_what_on_retry_raises_ends_the_retries(flaky: LiveServer) -> None:
+    seen, hooks = _statuses()
+
+    def give_up(exc: sc.StellaClientError, wait: float) -> None:
+        raise exc
+
+    with sc.Client(flaky.url, on_retry=give_up, **hooks) as c:
+        with pytest.raises(sc.UpstreamError) as info:
+            c.chat(HI, "flaky-stop")
+    assert seen == [502] and info.value.status == 502
+
+
+async def test_the_async_client_tells_on_retry_too(flaky: LiveServer) -> None:
+    told: list[tuple[str, float]] = []
+    on_retry = lambda exc, wait: told.append((exc.code, wait))  # noqa: E731
+    async with sc.AsyncClient(flaky.url, on_retry=on_retry) as ac:
+        assert (await ac.with_options(max_retries=2).chat(HI, "flaky-atold")).response == "hi"
+    assert [code for code, _ in told] == ["upstream_error"] * 2
+    assert 0.375 <= told[0][1] <= 0.5 and 0.75 <= told[1][1] <= 1.0, told
 
 
 # --- network failures -----------------------------------------------------------------

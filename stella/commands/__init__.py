@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import math
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:  # the client (and httpx) load only with the commands that use them
     from stella.client import StellaClientError
 
 
+def _said(exc: StellaClientError) -> str:
+    """The start of the CLI's line for a client error: code, message, request ID."""
+    where = f" (request {exc.request_id})" if exc.request_id else ""
+    return f"stella: {exc.code}: {exc.message}{where}"
+
+
 def client_error(exc: StellaClientError, key_from: str = "") -> str:
     """The CLI's line for an error the server sent: code, message, request ID, what to do
     (`key_from`: where the key sent came from, "" when none was)."""
-    where = f" (request {exc.request_id})" if exc.request_id else ""
     hint = ""
     if exc.code == "unauthorized":
         hint = (
@@ -28,7 +35,31 @@ def client_error(exc: StellaClientError, key_from: str = "") -> str:
         hint = "; wait longer with --timeout SECONDS (or STELLA_TIMEOUT)"
     if exc.retry_after is not None:  # a 429's or 503's Retry-After: when to try again
         hint += f"; retry after {exc.retry_after:g}s"
-    return f"stella: {exc.code}: {exc.message}{where}{hint}"
+    return f"{_said(exc)}{hint}"
+
+
+# How many times a command sends a request again after a retryable error (the client's
+# default, said in each retry's line).
+CLI_MAX_RETRIES = 2
+
+
+def retry_notice(limit_s: float) -> Callable[[StellaClientError, float], None]:
+    """The client's `on_retry` for a command: a line on stderr before each retry's wait,
+    or the error raised at once when the wait is longer than `limit_s` (its --timeout:
+    a command told to give up after so long does not sit silent for longer)."""
+    retries = 0
+
+    def on_retry(exc: StellaClientError, wait: float) -> None:
+        nonlocal retries
+        if wait > limit_s:
+            raise exc
+        retries += 1
+        line = f"{_said(exc)}; retrying in {wait:.3g} s ({retries} of {CLI_MAX_RETRIES})"
+        if sys.stderr is not None:
+            with contextlib.suppress(OSError):  # a notice that cannot be said ends no request
+                print(line, file=sys.stderr, flush=True)
+
+    return on_retry
 
 
 def key_from(given: str | None) -> str:

@@ -6,12 +6,14 @@ import argparse
 import sys
 
 from stella.commands import (
+    CLI_MAX_RETRIES,
     OutputError,
     add_timeout,
     client_error,
     client_exit,
     client_timeout,
     key_from,
+    retry_notice,
 )
 
 NAME = "chat"
@@ -100,7 +102,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     midline = False  # text written without its line end yet
     try:
-        with Client(args.url, args.api_key, timeout=timeout) as client:
+        with Client(
+            args.url,
+            args.api_key,
+            timeout=timeout,
+            max_retries=CLI_MAX_RETRIES,
+            on_retry=retry_notice(timeout.read),
+        ) as client:
             for event in client.chat(messages, args.model, stream=True, options=options or None):
                 if isinstance(event, Delta):
                     sys.stdout.write(event.text)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stella.commands import add_timeout, client_error, client_exit, client_timeout, key_from
+from stella.commands import (
+    CLI_MAX_RETRIES,
+    add_timeout,
+    client_error,
+    client_exit,
+    client_timeout,
+    key_from,
+    retry_notice,
+)
 
 NAME = "models"
 HELP = "list the models of a stella server"
@@ -34,7 +42,13 @@ def run(args: argparse.Namespace) -> int:
     if timeout is None:
         return 2
     try:
-        with Client(args.url, args.api_key, timeout=timeout) as client:
+        with Client(
+            args.url,
+            args.api_key,
+            timeout=timeout,
+            max_retries=CLI_MAX_RETRIES,
+            on_retry=retry_notice(timeout.read),
+        ) as client:
             listing = client.models()
     except StellaClientError as exc:
         print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
