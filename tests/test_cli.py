@@ -672,13 +672,13 @@ def test_chat_says_each_retry_and_raises_a_retry_after_past_its_timeout() -> Non
         "limits": {"requests_per_minute": 1},  # per key: a second request waits ~60 s
         "auth": {
             "keys": {
-                # A bucket of 600 tokens a minute (10 a second) that `--max-tokens 1000`
+                # A bucket of 300 tokens a minute (5 a second) that `--max-tokens 1000`
                 # reserves whole: the next request waits for the 40 tokens the answer used
-                # to come back, 4 s after it (less the next command's start).
+                # to come back, 8 s after it (less the next command's start).
                 "roomy": {
                     "sha256": hashlib.sha256(roomy.encode()).hexdigest(),
                     "requests_per_minute": 1000,
-                    "tokens_per_minute": 600,
+                    "tokens_per_minute": 300,
                 }
             }
         },
@@ -686,16 +686,9 @@ def test_chat_says_each_retry_and_raises_a_retry_after_past_its_timeout() -> Non
     with run_stella(config, {"STELLA_API_KEYS": tight}) as server:
         env = {**os.environ, "STELLA_URL": server.url}
         words = " ".join(["w"] * 20)
-        chat = ("chat", "-m", "echo", "--timeout", "8", "--max-tokens", "1000", words)
-        for key in (roomy, tight):
-            out = stella(*chat, env={**env, "STELLA_API_KEY": key}, timeout=30)
-            assert out.returncode == 0 and out.stdout == words + "\n", out.stderr
-        # A wait within --timeout: said on stderr, waited, sent again.
-        out = stella(*chat, env={**env, "STELLA_API_KEY": roomy}, timeout=30)
+        chat = ("chat", "-m", "echo", "--timeout", "12", "--max-tokens", "1000", words)
+        out = stella(*chat, env={**env, "STELLA_API_KEY": tight}, timeout=30)
         assert out.returncode == 0 and out.stdout == words + "\n", out.stderr
-        assert re.fullmatch(
-            r"stella: rate_limited: .+; retrying in [1-4] s \(1 of 2\)\n", out.stderr
-        ), out.stderr
         # A Retry-After longer than --timeout: raised at once, as the CLI says any error.
         t0 = time.monotonic()
         out = stella(*chat, env={**env, "STELLA_API_KEY": tight}, timeout=30)
@@ -703,8 +696,17 @@ def test_chat_says_each_retry_and_raises_a_retry_after_past_its_timeout() -> Non
         assert out.returncode == 1 and out.stdout == "", out.stderr
         assert out.stderr.startswith("stella: rate_limited: "), out.stderr
         after = re.search(r"; retry after (\d+)s\n\Z", out.stderr)
-        assert after and 8 < int(after[1]) <= 60, out.stderr  # past --timeout, within the cap
+        assert after and 12 < int(after[1]) <= 60, out.stderr  # past --timeout, within the cap
         assert out.stderr.count("\n") == 1, out.stderr
+        # A wait within --timeout: said on stderr, waited, sent again. The second command
+        # follows the first at once: its wait (up to 8 s) has not run out when it asks.
+        out = stella(*chat, env={**env, "STELLA_API_KEY": roomy}, timeout=30)
+        assert out.returncode == 0 and out.stdout == words + "\n", out.stderr
+        out = stella(*chat, env={**env, "STELLA_API_KEY": roomy}, timeout=30)
+        assert out.returncode == 0 and out.stdout == words + "\n", out.stderr
+        assert re.fullmatch(
+            r"stella: rate_limited: .+; retrying in [1-8] s \(1 of 2\)\n", out.stderr
+        ), out.stderr
 
 
 def test_models_says_each_retry_of_a_refused_connection() -> None:
