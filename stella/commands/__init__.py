@@ -62,6 +62,20 @@ def retry_notice(limit_s: float) -> Callable[[StellaClientError, float], None]:
     return on_retry
 
 
+def command_client(args: argparse.Namespace, timeout: Any) -> Any:
+    """The client a command calls its server with: --url, --api-key, `timeout` (from
+    client_timeout), its retries said on stderr and none waited for longer than it."""
+    from stella.client import Client
+
+    return Client(
+        args.url,
+        args.api_key,
+        timeout=timeout,
+        max_retries=CLI_MAX_RETRIES,
+        on_retry=retry_notice(timeout.read),
+    )
+
+
 def key_from(given: str | None) -> str:
     """Where the API key the client sends comes from: "--api-key", "STELLA_API_KEY", or ""
     for none (the client's rule: the flag when given, else the variable; blank is none)."""

@@ -6,14 +6,13 @@ import argparse
 import sys
 
 from stella.commands import (
-    CLI_MAX_RETRIES,
     OutputError,
     add_timeout,
     client_error,
     client_exit,
     client_timeout,
+    command_client,
     key_from,
-    retry_notice,
 )
 
 NAME = "chat"
@@ -64,7 +63,7 @@ def _number(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     """Stream the answer; exit 1 with one line on error."""
-    from stella.client import Client, StellaClientError
+    from stella.client import StellaClientError
     from stella.protocol import Delta, Done, ToolCall
 
     if args.prompt is not None:
@@ -102,13 +101,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     midline = False  # text written without its line end yet
     try:
-        with Client(
-            args.url,
-            args.api_key,
-            timeout=timeout,
-            max_retries=CLI_MAX_RETRIES,
-            on_retry=retry_notice(timeout.read),
-        ) as client:
+        with command_client(args, timeout) as client:
             for event in client.chat(messages, args.model, stream=True, options=options or None):
                 if isinstance(event, Delta):
                     sys.stdout.write(event.text)

@@ -6,13 +6,12 @@ import argparse
 import sys
 
 from stella.commands import (
-    CLI_MAX_RETRIES,
     add_timeout,
     client_error,
     client_exit,
     client_timeout,
+    command_client,
     key_from,
-    retry_notice,
 )
 
 NAME = "models"
@@ -36,19 +35,13 @@ def run(args: argparse.Namespace) -> int:
     """Print a table (or JSON) of the models."""
     import msgspec
 
-    from stella.client import Client, StellaClientError
+    from stella.client import StellaClientError
 
     timeout = client_timeout(args.timeout, MODELS_TIMEOUT_S)
     if timeout is None:
         return 2
     try:
-        with Client(
-            args.url,
-            args.api_key,
-            timeout=timeout,
-            max_retries=CLI_MAX_RETRIES,
-            on_retry=retry_notice(timeout.read),
-        ) as client:
+        with command_client(args, timeout) as client:
             listing = client.models()
     except StellaClientError as exc:
         print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
