@@ -28,6 +28,7 @@ from stella.backends.http import (
     HttpBackend,
     HttpConfig,
     aiohttp_error,
+    bounded_wait,
     iter_lines,
     read_body,
     upstream_text,
@@ -37,6 +38,7 @@ from stella.errors import (
     ContextTooLong,
     InvalidRequest,
     StellaError,
+    UpstreamContextTooLong,
     UpstreamError,
     UpstreamStatus,
 )
@@ -185,10 +187,11 @@ _TOO_LONG = re.compile(r"prompt is too long|exceed context limit", re.IGNORECASE
 
 
 def context_too_long(name: str, error: _Error | None) -> ContextTooLong | None:
-    """The ContextTooLong an upstream's error means, its own words kept (None: another)."""
+    """The ContextTooLong an upstream's 400 means, its own words kept (None: another), the
+    same error an OpenAI-compatible upstream's refusal of a long prompt is."""
     if error is None or not _TOO_LONG.search(error.message):
         return None
-    return ContextTooLong(f"{name}: {upstream_text(error.message)}", param="messages")
+    return UpstreamContextTooLong(f"{name}: {upstream_text(error.message)}", upstream_status=400)
 
 
 # The API's rate limit headers: per limit (requests, tokens, input-tokens, ...) what is
@@ -217,7 +220,7 @@ def ratelimit_wait(headers: Mapping[str, str], now: float | None = None) -> floa
         latest = when.timestamp() if latest is None else max(latest, when.timestamp())
     if latest is None:
         return None
-    return min(max(0.0, latest - (time.time() if now is None else now)), 86_400.0)
+    return bounded_wait(latest - (time.time() if now is None else now))
 
 
 class AnthropicBackend(HttpBackend):

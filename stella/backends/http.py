@@ -583,7 +583,7 @@ def retry_hint(status: int, headers: Any) -> float | None:
     ms = headers.get("retry-after-ms")
     if ms:
         try:
-            return _bounded(float(ms) / 1000)
+            return bounded_wait(float(ms) / 1000)
         except ValueError:
             pass
     seconds = retry_after(headers.get("retry-after"))
@@ -595,7 +595,7 @@ def retry_hint(status: int, headers: Any) -> float | None:
             and (s := go_seconds(headers.get(f"x-ratelimit-reset-{limit}"))) is not None
         ]
         if resets:
-            seconds = _bounded(max(resets))
+            seconds = bounded_wait(max(resets))
     return seconds
 
 
@@ -612,18 +612,18 @@ def retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return _bounded(float(value))
+        return bounded_wait(float(value))
     except ValueError:
         pass
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return _bounded(when.timestamp() - time.time())
+    return bounded_wait(when.timestamp() - time.time())
 
 
-def _bounded(seconds: float) -> float:
-    """An upstream's wait, within 0 and a day ("inf" and "nan" are floats too)."""
+def bounded_wait(seconds: float) -> float:
+    """An upstream's wait in seconds, within 0 and a day ("inf" and "nan" are floats too)."""
     return min(max(0.0, seconds), 86_400.0)
 
 
