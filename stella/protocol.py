@@ -444,10 +444,11 @@ class ModelList(msgspec.Struct):
 
 
 class Health(msgspec.Struct):
-    """GET /health: liveness, plus which backend serves the default model and when."""
+    """GET /health: liveness, plus which backend serves the default model (null when keys
+    are configured: the route is public) and when."""
 
     status: str = "ok"
-    backend: str = ""
+    backend: str | None = None
     timestamp: str = ""
 
 
@@ -469,7 +470,7 @@ class ServiceInfo(msgspec.Struct):
     # the probe succeeds and this stays the JSON document it is. A probe wanting that
     # exact text still fails.
     ollama: str
-    default_model: str
+    default_model: str | None  # null when keys are configured: the route is public
     uptime_s: float
     links: dict[str, str]
 

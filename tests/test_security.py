@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,7 +20,7 @@ from starlette.routing import Mount, Route
 from stella.app import create_app
 from stella.settings import load_settings, origin
 from tests.fakes.server import serve
-from tests.live import install_plugin, run_stella, stella_without_stdin
+from tests.live import install_plugin, merge, run_stella, stella_without_stdin
 
 ADMIN = "sk-sec-admin-000111"
 NARROW = "sk-sec-narrow-000222"
@@ -834,6 +835,77 @@ def test_a_probe_that_raises_is_its_backends_answer_not_a_500() -> None:
     r = asyncio.run(call())
     assert r.status_code == 200, r.text
     assert r.json()["providers"]["echo"]["ok"] is False
+
+
+def test_with_keys_the_public_routes_name_no_model_and_no_backend() -> None:
+    # A key limited to some models sees `default: null`: a route anyone may call must
+    # not name the default model, its backend or its fallback, in any circuit state;
+    # the probes still answer as they did, with their statuses. Without keys they do.
+    hidden = ("secret/internal-model", "slowbox", "spare-model", "spare-box")
+    cfg: dict[str, Any] = {
+        "models": {
+            "default": "secret/internal-model",
+            "routes": {
+                "secret/internal-model": {"backend": "slowbox", "fallbacks": ["spare-model"]},
+                "spare-model": {"backend": "spare-box"},
+            },
+        },
+        "backends": {
+            "local": {"enabled": False},
+            "slowbox": {"kind": "echo"},
+            "spare-box": {"kind": "echo"},
+        },
+    }
+    keys = {"auth": {"keys": {"narrow": {"sha256": sha(NARROW), "models": ["echo"]}}}}
+
+    async def public(app: Any) -> list[tuple[str, int, str]]:
+        router = app.state.stella.router
+        main, spare = router.breaker("slowbox"), router.breaker("spare-box")
+        seen = []
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
+        ) as c:
+            # closed; open with the fallback answering; both open; half-open.
+            for main_state, spare_state in (
+                ("closed", "closed"),
+                ("open", "closed"),
+                ("open", "open"),
+                ("half_open", "closed"),
+            ):
+                main.state = "open" if main_state != "closed" else "closed"
+                main.opened_at = time.monotonic() - (3600 if main_state == "half_open" else 0)
+                spare.state, spare.opened_at = spare_state, time.monotonic()
+                for path in ("/health", "/", "/api/llm/health", "/ready"):
+                    r = await c.get(path)
+                    seen.append((f"{path} {main_state}/{spare_state}", r.status_code, r.text))
+        return seen
+
+    for with_keys in (True, False):
+        app = create_app(load_settings(merge(cfg, keys) if with_keys else cfg, environ={}))
+        seen = asyncio.run(public(app))
+        statuses = {what: status for what, status, _ in seen}
+        assert statuses["/ready open/open"] == 503, seen  # no backend left to answer
+        assert all(v == 200 for k, v in statuses.items() if k != "/ready open/open"), seen
+        named = {what for what, _, text in seen if any(name in text for name in hidden)}
+        if with_keys:
+            assert not named, [s for s in seen if s[0] in named]
+            bodies = {what: json.loads(text) for what, _, text in seen}
+            assert bodies["/health closed/closed"]["backend"] is None
+            assert bodies["/ closed/closed"]["default_model"] is None
+            llm = bodies["/api/llm/health closed/closed"]
+            assert llm["model"] is None and llm["backend"] is None and llm["status"] == "ok"
+            circuits = [
+                bodies[f"/ready {s}"]["checks"]["circuit"]
+                for s in ("open/closed", "open/open", "half_open/closed")
+            ]
+            assert circuits == [
+                "ok (open; a fallback answers)",
+                "open",
+                "ok (half_open: the next request probes it)",
+            ], circuits
+        else:  # the same routes, keyless on loopback: the operator's own, names and all
+            assert {"/health closed/closed", "/ closed/closed"} <= named, named
+            assert "/ready open/closed" in named and "/api/llm/health closed/closed" in named
 
 
 def test_every_model_listing_shows_a_scoped_key_only_its_models() -> None:

@@ -20,6 +20,7 @@ from stella.api.http import (
     JSONResponse,
     Reply,
     endpoint,
+    names_shown,
     read_json,
     run_to_end,
     services,
@@ -210,11 +211,12 @@ async def llm_health(request: Request, call: Call) -> Response:
     """GET /api/llm/health: no backend is touched."""
     router = services(request).router
     route = router.resolve(None)
+    named = names_shown(request)  # with keys, a public route names no model
     return JSONResponse(
         {
             "status": "ok",
-            "model": route.name,
-            "backend": route.backend_name,
+            "model": route.name if named else None,
+            "backend": route.backend_name if named else None,
             "loaded": route.backend.loaded(route.upstream_model),
         }
     )

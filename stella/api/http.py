@@ -133,6 +133,13 @@ def services(request: Request) -> Services:
     return request.scope.get("stella") or request.app.state.stella
 
 
+def names_shown(request: Request) -> bool:
+    """Whether a public (keyless) route may name models and backends: only without keys.
+    With keys, a key limited to some models is shown `default: null` in the model lists;
+    a route anyone may call must not tell what they hide."""
+    return not services(request).auth.enabled
+
+
 def request_id(request: Request) -> str:
     """The request's ID, set by the RequestContext middleware."""
     return request.scope.get("state", {}).get("request_id", "")

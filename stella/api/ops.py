@@ -14,7 +14,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from stella import __version__
-from stella.api.http import JSONResponse, endpoint, services
+from stella.api.http import JSONResponse, endpoint, names_shown, services
 from stella.api.openapi import DOCS_HEADERS, DOCS_HTML, Operation, build_schema, document
 from stella.core import Call
 from stella.protocol import ConfigView, Health, Readiness, ServiceInfo
@@ -29,7 +29,7 @@ async def health(request: Request) -> Response:
     route = router.routes.get(router.default)
     return JSONResponse(
         Health(
-            backend=route.backend_name if route else "",
+            backend=route.backend_name if route and names_shown(request) else None,
             timestamp=datetime.now(UTC).isoformat(timespec="milliseconds"),
         )
     )
@@ -48,19 +48,25 @@ async def ready(request: Request) -> Response:
         # Limits fall back to this process; serving goes on, so report but stay ready.
         checks["state"] = f"degraded ({checks['state']})"
     router = svc.router
+    named = names_shown(request)
     try:
         route = router.resolve(None)
         backend, model = route.backend, route.upstream_model
+        # With keys, no backend or fallback is named (see names_shown), nor why a load
+        # failed: the reason names the model's source.
         if backend.loaded(model):
             checks["default_model"] = "ok"
         elif why := backend.problem(model):
-            checks["default_model"] = f"failed: {why}"
+            checks["default_model"] = (
+                f"failed: {why}" if named else "failed (the model_load_failed log line says why)"
+            )
         elif backend.loading(model):
             checks["default_model"] = "loading"
         else:  # not preloaded, or unloaded after keep_alive_s: the next request loads it
             checks["default_model"] = "ok (loads on first use)"
         breaker = router.breaker(route.backend_name)
         state = breaker.now()
+        who = f"{route.backend_name}: " if named else ""
         if state == "open":
             # A fallback whose circuit is not open answers for the default model: still
             # ready (the open circuit is reported all the same).
@@ -73,17 +79,18 @@ async def ready(request: Request) -> Response:
                 None,
             )
             if serving is None:
-                checks["circuit"] = f"{route.backend_name}: open"
+                checks["circuit"] = f"{who}open"
             else:
-                checks["circuit"] = (
-                    f"ok ({route.backend_name}: open; fallback {serving.name!r} answers)"
-                )
+                fallback = f"fallback {serving.name!r}" if named else "a fallback"
+                checks["circuit"] = f"ok ({who}open; {fallback} answers)"
         elif state == "half_open":
             # Ready: the next request is the probe that closes it, and a load balancer
             # that kept it from this instance would keep it open for good.
-            checks["circuit"] = f"ok (half_open: {route.backend_name}'s next request probes it)"
+            whose = f"{route.backend_name}'s" if named else "the"
+            checks["circuit"] = f"ok (half_open: {whose} next request probes it)"
     except Exception as exc:  # a broken default must show here, not crash the probe
-        checks["default_model"] = f"error: {exc}"
+        # Its message may list the routes (a 404's "known models").
+        checks["default_model"] = f"error: {exc if named else type(exc).__name__}"
     if svc.drain.draining:
         checks["server"] = "draining"
     ok = all(v.startswith(("ok", "degraded")) for v in checks.values())
@@ -131,7 +138,7 @@ async def info(request: Request) -> Response:
             version=__version__,
             description="An async LLM gateway",
             ollama=OLLAMA_RUNNING,
-            default_model=svc.router.default,
+            default_model=svc.router.default if names_shown(request) else None,
             uptime_s=round(time.monotonic() - svc.started, 1),
             links={
                 name: base + path

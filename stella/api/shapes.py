@@ -625,8 +625,11 @@ LLM_RESPONSE = Schema(
     obj({"response": STR, "model": STR, "finish_reason": STR, "usage": ref(Usage)}),
     (Usage,),
 )
+# model and backend: null when keys are configured (the route is public).
+_NAME = {"type": ["string", "null"]}
 LLM_HEALTH = Schema(
-    "LLMHealth", obj({"status": const("ok"), "model": STR, "backend": STR, "loaded": BOOL})
+    "LLMHealth",
+    obj({"status": const("ok"), "model": _NAME, "backend": _NAME, "loaded": BOOL}),
 )
 # default: null for a key that may not use the default model.
 LLM_MODELS = Schema(
