@@ -593,18 +593,22 @@ class RedisState:
         else:
             pending[2] += amount
 
-    async def _flush(self) -> None:
+    async def _flush(self, errors: int | None = None) -> bool:
         """Send the usage counters: first a batch whose reply was lost (with its ID, so it
         counts once), then what was counted since, as a new batch. One flush at a time:
-        the flusher and get_usage() must not overlap (one batch in doubt at most)."""
+        the flusher and get_usage() must not overlap (one batch in doubt at most). False
+        when Redis failed it; with `errors` (self.errors when the caller began), also when
+        a failure came while it waited for the flusher: nothing is sent then."""
         async with self._flushing:
-            await self._flush_once()
+            if errors is not None and self.errors != errors:
+                return False
+            return await self._flush_once()
 
-    async def _flush_once(self) -> None:
+    async def _flush_once(self) -> bool:
         if self._unconfirmed is not None and not await self._send_usage(*self._unconfirmed):
-            return
+            return False
         if not self._usage:
-            return
+            return True
         pending, self._usage = self._usage, defaultdict(lambda: defaultdict(int))
         self._batches += 1
         keys = [self._key("usage_last", self._instance)]
@@ -615,8 +619,8 @@ class RedisState:
                     keys.append(self._key("usage", day))
                     args += [f"{key}|{model}|{field}", n]
         if len(keys) == 1:
-            return
-        await self._send_usage(keys[0], keys, args)
+            return True
+        return await self._send_usage(keys[0], keys, args)
 
     async def _send_usage(self, batch: str, keys: list[str], args: list[Any]) -> bool:
         try:
@@ -633,8 +637,13 @@ class RedisState:
         return True
 
     async def get_usage(self, day: str | None = None) -> list[dict[str, Any]]:
-        """Usage rows from Redis (plus what is not flushed yet)."""
-        await self._flush()
+        """Usage rows from Redis (plus what is not flushed yet); Unavailable at once while
+        Redis is known down, as admissions skip it then (one call a second probes it)."""
+        # Each wait for a stalled Redis is its 1 s timeout: the flush's and then the
+        # read's would make the report wait seconds for its 503. The call that probes
+        # pays one of them at most.
+        if self.local_only(time.monotonic()) or not await self._flush(self.errors):
+            raise _unreachable()
         days = [day] if day else []
         try:
             if not days:
@@ -651,9 +660,7 @@ class RedisState:
                     rows[(key, model, d)][name] = int(n)
         except (RedisError, OSError) as exc:
             self._failed(exc)
-            raise Unavailable(
-                "the state store (Redis) is unreachable; try again", retry_after=5
-            ) from None
+            raise _unreachable() from None
         return [
             {
                 "key": k,
@@ -690,6 +697,11 @@ class RedisState:
 LEASE_SHARE = 0.01
 LEASE_REQUESTS = 32
 LEASE_S = 1.0
+
+
+def _unreachable() -> Unavailable:
+    """The 503 of a read that needs Redis while it does not answer."""
+    return Unavailable("the state store (Redis) is unreachable; try again", retry_after=5)
 
 
 def lease_size(capacity: float, cost: float, calls: int = 0) -> float:

@@ -102,6 +102,11 @@ def redis_state(redis: Redis, prefix: str) -> RedisState:
     return RedisState(StateSettings(redis_url=redis.url, prefix=prefix))
 
 
+async def past_outage(st: RedisState) -> None:
+    """Wait until `st` asks Redis again after a failure (get_usage skips it till then)."""
+    await asyncio.sleep(max(0.0, st.retry_at - time.monotonic()))
+
+
 AUTH = {"Authorization": f"Bearer {KEY}"}
 ENV = {"STELLA_API_KEYS": f"ops={KEY}"}
 BODY = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "hi there"}]}
@@ -695,6 +700,7 @@ async def test_a_usage_batch_whose_reply_is_lost_counts_once(redis: Redis) -> No
         os.kill(redis.proc.pid, signal.SIGCONT)
     assert st._unconfirmed is not None
     st.record_usage("k", "m", day, record)  # counted while the batch was in doubt
+    await past_outage(st)
     rows = await st.get_usage(day)  # flushes: the batch again, then the new one
     assert [(r["requests"], r["prompt_tokens"]) for r in rows] == [(5, 10)]
     # Three batches, one key telling resends: not a key per batch piling up for an hour.
@@ -868,6 +874,48 @@ def test_a_stalled_redis_costs_one_request_its_timeout_not_every_request(redis: 
         # ones slower, and more probes fall due while they run (every one waited before).
         waited = [round(t, 2) for t in took if t >= 0.9]
         assert len(waited) <= 4, took
+
+
+def test_usage_answers_503_at_once_while_redis_is_known_down(redis: Redis) -> None:
+    import os
+    import signal
+
+    # As admissions do, a usage report skips a Redis known to be down: before, each
+    # report waited out the flush's 1 s timeout, then the read's, for its 503.
+    cfg = config(redis, limits={"requests_per_minute": 90})  # every admission asks Redis
+    with run_stella(cfg, ENV) as s, httpx.Client(timeout=30, headers=AUTH) as c:
+        assert c.post(s.url + "/api/v1/chat", json=BODY).status_code == 200
+        assert c.get(s.url + "/api/v1/usage").status_code == 200
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)  # up, but not answering
+        codes, took = [], []
+        try:
+            t = time.monotonic()
+            # Its admission waits out the timeout: Redis is known down from now on.
+            assert c.post(s.url + "/api/v1/chat", json=BODY).status_code == 200
+            assert time.monotonic() - t >= 0.9
+            stop = time.monotonic() + 2.5
+            while time.monotonic() < stop:
+                t = time.monotonic()
+                codes.append(c.get(s.url + "/api/v1/usage").status_code)
+                took.append(round(time.monotonic() - t, 2))
+                time.sleep(0.05)
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert set(codes) == {503}, codes
+        assert took[0] < 0.5, took  # right after the outage was found: no wait at all
+        # A report that probes Redis (one a second at most) waits out one timeout, not
+        # the flush's and the read's; the others answer at once.
+        assert all(t < 1.8 for t in took), took
+        assert len([t for t in took if t >= 0.5]) <= 3, took
+        # Redis answers again: the counts are all there, the one made meanwhile too.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            r = c.get(s.url + "/api/v1/usage")
+            if r.status_code == 200 and r.json()["totals"]["requests"] == 2:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200 and r.json()["totals"]["requests"] == 2, r.text
 
 
 def test_ready_answers_at_once_while_redis_stalls(redis: Redis) -> None:
@@ -1267,6 +1315,7 @@ async def test_overlapping_usage_flushes_lose_nothing(redis: Redis) -> None:
     await asyncio.sleep(0.02)
     st.record_usage("bob", "m", day, record)
     await asyncio.gather(first, st._flush())  # get_usage's flush, at the same time
+    await past_outage(st)
     rows = await st.get_usage(day)
     assert sorted((r["key"], r["requests"]) for r in rows) == [("alice", 1), ("bob", 1)]
     await st.aclose()
