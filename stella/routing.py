@@ -181,10 +181,10 @@ class Router:
 
     def knows(self, name: str) -> bool:
         """Whether `name` is a route's name or alias (or `default`)."""
-        return self._target(name) is not None
+        return self.target(name) is not None
 
-    def _target(self, name: str) -> str | None:
-        """The route name `name` stands for, if any."""
+    def target(self, name: str) -> str | None:
+        """The route name `name` stands for (its own, an alias's route, `default`'s), if any."""
         target = self._names.get(name)
         if target is None and name == DEFAULT_NAME:
             target = self._names.get(self.default)
@@ -194,7 +194,7 @@ class Router:
         """The route for a requested model name (None: the default). `allowed` (a key's
         scope) narrows the known models a 404 lists and the routes a direct name finds."""
         name = model or self.default
-        target = self._target(name)
+        target = self.target(name)
         if target is not None:
             return self.routes[target]
         if self.settings.models.allow_direct and "/" in name:

@@ -361,6 +361,62 @@ async def test_usage_without_a_day_reports_today_only() -> None:
     assert [r["day"] for r in old] == ["2020-01-01"]
 
 
+def test_usage_counts_what_reached_a_backend_and_a_model_filter_takes_an_alias() -> None:
+    # README (Keys, limits and shared state): what /api/v1/usage counts.
+    config = {
+        "backends": {
+            "broken": {"kind": "echo", "fail_before_first": True},
+            "midway": {"kind": "echo", "fail_after": 1},
+            "slow": {"kind": "echo", "delay_s": 0.5},
+        },
+        "models": {
+            "routes": {
+                "chatty": {"backend": "echo", "aliases": ["chat-alias"]},
+                "limited": {"backend": "echo"},
+                "broken": {"backend": "broken", "retries": 0},
+                "midway": {"backend": "midway", "retries": 0},
+                "slow": {"backend": "slow"},
+            }
+        },
+        "limits": {"models": {"limited": {"requests_per_minute": 1}}},
+    }
+
+    def chat(model: str, stream: bool = False) -> httpx.Response:
+        body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "a b"}]}
+        return httpx.post(server.url + "/api/v1/chat", json=body, timeout=10)
+
+    with run_stella(config) as server:
+        assert chat("chat-alias").status_code == 200  # counted under its route, chatty
+        assert chat("nope").status_code == 404  # never reaches a backend: not counted
+        assert [chat("limited").status_code for _ in range(2)] == [200, 429]  # 429: not
+        assert chat("broken").status_code == 502  # before the first token: an error
+        lines = chat("midway", stream=True).text.splitlines()
+        assert json.loads(lines[-1])["type"] == "error"  # in-band, status 200: an error
+        body = {"model": "slow", "messages": [{"role": "user", "content": "a b c d"}]}
+        with httpx.stream("POST", server.url + "/api/v1/chat", json=body) as r:
+            next(r.iter_lines())  # the start line, then the client leaves
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+            e["finish_reason"] == "client_closed" for e in server.events("inference")
+        ):
+            time.sleep(0.05)
+        usage = httpx.get(server.url + "/api/v1/usage").json()
+        rows = {r["model"]: (r["requests"], r["errors"]) for r in usage["usage"]}
+        assert rows == {
+            "chatty": (1, 0),
+            "limited": (1, 0),
+            "broken": (1, 1),
+            "midway": (1, 1),
+            "slow": (1, 0),  # the client left: a request, no error
+        }, rows
+        assert usage["totals"]["requests"] == 5 and usage["totals"]["errors"] == 2
+        for asked in ("chat-alias", "chatty"):  # an alias keeps its route's rows
+            r = httpx.get(server.url + "/api/v1/usage", params={"model": asked}).json()
+            assert [(u["model"], u["requests"]) for u in r["usage"]] == [("chatty", 1)], asked
+        r = httpx.get(server.url + "/api/v1/usage", params={"model": "nope"}).json()
+        assert r["usage"] == [] and r["totals"]["requests"] == 0
+
+
 async def test_usage_rows_per_key_and_day_are_bounded() -> None:
     # With models.allow_direct a key can name any model: its rows stop growing.
     from stella.api.admin import MAX_MODELS_PER_KEY_DAY, usage_listener

@@ -72,7 +72,10 @@ async def usage(request: Request, call: Call) -> Response:
     if key := q.get("key"):
         rows = [r for r in rows if r["key"] == key]
     if model := q.get("model"):
-        rows = [r for r in rows if r["model"] == model]
+        # Rows are by route name: an alias (or `default`) keeps the rows of the route it
+        # stands for now, and rows under the name itself (a route since removed).
+        names = {model, services(request).router.target(model) or model}
+        rows = [r for r in rows if r["model"] in names]
     totals = {
         f: sum(r[f] for r in rows)
         for f in ("requests", "prompt_tokens", "completion_tokens", "errors")
@@ -94,7 +97,7 @@ document(
         query=(
             ("day", "YYYY-MM-DD (UTC); today when absent"),
             ("key", "only this key's rows"),
-            ("model", "only this model's rows"),
+            ("model", "only this model's rows (a route's name, or an alias of it)"),
         ),
     )
 )
