@@ -34,6 +34,7 @@ class _Parser(argparse.ArgumentParser):
             return
         if isinstance(file, Output):  # stdout: a failure is the CLI's to say
             file.write(message)
+            file.flush()  # argparse exits next, past main's flush
             return
         with contextlib.suppress(OSError):  # stderr: as argparse does (a usage error stays 2)
             file.write(message)
@@ -88,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _drop_output()
         return 1
     finally:
+        # What a command wrote before it ended otherwise (a SystemExit, Ctrl-C) is
+        # written, as Python does with a buffered stdout at exit.
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
         sys.stdout = stdout
 
 

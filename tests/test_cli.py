@@ -812,6 +812,32 @@ def test_a_reader_that_left_is_exit_1_with_nothing_said() -> None:
     assert (out.returncode, out.stderr) == (1, "")
 
 
+def test_a_pipe_gets_the_output_in_one_write_even_unbuffered() -> None:
+    # PYTHONUNBUFFERED (the Containerfile sets it) made print() two writes, the JSON and
+    # its newline: `stella config | head -30` often found the reader gone at the newline
+    # (exit 1). A SEQPACKET socket keeps each write a message of its own.
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "stella", "config"],
+            stdout=writer.fileno(),
+            stderr=subprocess.PIPE,
+            text=True,
+            env={"PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"},
+            timeout=60,
+        )
+        writer.close()
+        messages = []
+        while message := reader.recv(1 << 20):
+            messages.append(message)
+    finally:
+        reader.close()
+        writer.close()
+    assert out.returncode == 0, out.stderr
+    assert len(messages) == 1, [m[-20:] for m in messages]
+    assert messages[0].startswith(b"{") and messages[0].endswith(b"}\n")
+
+
 @pytest.mark.parametrize("args", [("--help",), ("--version",), ("chat", "--help")])
 def test_help_with_stdout_closed_is_one_line_and_exit_1(args: tuple[str, ...]) -> None:
     # argparse dropped the write's error: nothing said, exit 0.

@@ -167,17 +167,52 @@ class OutputError(OSError):
     from the network's OSErrors, which a command reports as its own."""
 
 
+HOLD_CHARS = 1 << 16  # what Output holds at most before it writes
+
+
+def _is_tty(stream: TextIO | None) -> bool:
+    """Whether `stream` is a terminal (False when it cannot say)."""
+    try:
+        return stream is not None and stream.isatty()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class Output:
     """stdout for a command: its write errors raise OutputError. A reader that left
     (`| head`) stays a BrokenPipeError, which the CLI ends quietly."""
 
     def __init__(self, stream: TextIO | None) -> None:
         self._stream = stream  # None: the process started with fd 1 closed (`>&-`)
+        # A pipe or a file gets what is written until the next flush in one write, even
+        # with PYTHONUNBUFFERED (the Containerfile sets it), where every print() is two
+        # writes: `stella config | head -30` would find the reader gone at the newline.
+        self._held: list[str] | None = None if _is_tty(stream) else []
+        self._held_chars = 0
 
     def write(self, text: str) -> int:
-        """Write `text`, as the stream does."""
+        """Write `text`, as the stream does (held until the next flush off a terminal)."""
         if self._stream is None:
             raise OutputError(errno.EBADF, "stdout is closed")
+        if self._held is not None:
+            self._held.append(text)
+            self._held_chars += len(text)
+            if self._held_chars >= HOLD_CHARS:
+                self._release()
+            return len(text)
+        return self._send(text)
+
+    def _release(self) -> None:
+        """Write what is held, in one write."""
+        if self._held:
+            text = "".join(self._held)
+            self._held.clear()
+            self._held_chars = 0
+            self._send(text)
+
+    def _send(self, text: str) -> int:
+        """Write `text` to the stream, its errors as OutputError."""
+        assert self._stream is not None
         try:
             return self._stream.write(text)
         except BrokenPipeError:
@@ -194,6 +229,7 @@ class Output:
         """Flush the stream, as it does."""
         if self._stream is None:
             return  # nothing was written
+        self._release()
         try:
             self._stream.flush()
         except BrokenPipeError:
