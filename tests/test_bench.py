@@ -564,6 +564,27 @@ def test_the_auth_bench_says_when_redis_is_not_installed(tmp_path) -> None:
     assert "- redis-server is not on PATH: the Redis setup was left out" in out.stdout
 
 
+def test_the_auth_bench_says_when_redis_support_is_not_installed(tmp_path) -> None:
+    import os
+    from pathlib import Path
+
+    # README's first command installs .[mlx] alone: the bench left the Redis row out
+    # only for a missing redis-server, and failed when the redis package was missing.
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "redis" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{Path(__file__).parent.parent}"}
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "bench", "auth", "-c", "1", "-d", "0.3", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "| keys + limits in memory |" in out.stdout and "in Redis |" not in out.stdout
+    assert "- Redis support is not installed (pip install 'stella-gateway[redis]')" in out.stdout
+
+
 def test_ctrl_c_ends_the_bench_with_130_and_no_traceback(tmp_path) -> None:
     import os
     import signal

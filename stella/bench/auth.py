@@ -36,6 +36,19 @@ class AuthReport(msgspec.Struct):
 
 
 NO_REDIS = "redis-server is not on PATH: the Redis setup was left out"
+NO_REDIS_PY = (
+    "Redis support is not installed (pip install 'stella-gateway[redis]'): "
+    "the Redis setup was left out"
+)
+
+
+def _redis_missing() -> str | None:
+    """Why the Redis setup cannot run here, or None when it can."""
+    try:
+        import redis.asyncio  # noqa: F401  # stella's Redis state needs it in the servers
+    except ImportError:
+        return NO_REDIS_PY
+    return None if shutil.which("redis-server") else NO_REDIS
 
 
 def _pong(port: int) -> bool:
@@ -96,13 +109,15 @@ def _compare(
     base = '[models]\ndefault = "echo"\n[backends.local]\nenabled = false\n'
     limits = "[limits]\nrequests_per_minute = 100000000\ntokens_per_minute = 1000000000\n"
     body = _body(False)
-    with _redis() as redis_url, contextlib.ExitStack() as stack:
+    missing = _redis_missing()
+    redis = contextlib.nullcontext() if missing else _redis()
+    with redis as redis_url, contextlib.ExitStack() as stack:
         setups = [
             ("off", base, {}),
             ("keys + limits in memory", base + limits, {"STELLA_API_KEYS": KEY}),
         ]
         if redis_url is None:
-            notes.append(NO_REDIS)
+            notes.append(missing or NO_REDIS)
         else:
             setups.append(
                 (
