@@ -564,6 +564,22 @@ def test_routing_changes_reach_the_other_replicas(redis: Redis) -> None:
             )
 
 
+def test_workers_that_share_redis_take_routing_changes(redis: Redis) -> None:
+    # Several workers refuse routing changes only when nothing shares them.
+    with run_stella(config(redis, server={"workers": 2}), ENV) as s:
+        r = httpx.post(
+            s.url + "/api/v1/models", headers=AUTH, json={"name": "rt", "backend": "echo"}
+        )
+        assert r.status_code == 201, r.text
+        chat = {**BODY, "model": "rt"}
+        eventually(
+            lambda: all(
+                httpx.post(s.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+                for _ in range(6)
+            )
+        )
+
+
 def eventually(check: Any, seconds: float = 5.0) -> None:
     """Wait for `check()` to hold (a replica follows the store within a second)."""
     deadline = time.monotonic() + seconds

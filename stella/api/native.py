@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
 import structlog
@@ -25,7 +25,7 @@ from stella.api.http import (
 )
 from stella.api.openapi import Operation, document
 from stella.core import Call
-from stella.errors import InvalidRequest, ModelNotFound, StellaError
+from stella.errors import Conflict, InvalidRequest, ModelNotFound, StellaError
 from stella.protocol import (
     ChatRequest,
     ChatResponse,
@@ -40,6 +40,9 @@ from stella.protocol import (
 from stella.routing import Router
 from stella.settings import ROUTE_NAME_PATTERN, ROUTE_NAME_RULE, RouteSettings
 from stella.streaming import Codec
+
+if TYPE_CHECKING:  # stella.app imports this module
+    from stella.app import Services
 
 _chat = msgspec.json.Decoder(ChatRequest)
 _generate = msgspec.json.Decoder(GenerateRequest)
@@ -191,6 +194,19 @@ def _logged(action: str, name: str | None, call: Call) -> Iterator[dict[str, Any
         )
 
 
+def _shared_routing(svc: Services) -> None:
+    """Refuse a routing change that would reach only the worker taking it: with several
+    workers the table is shared only through Redis."""
+    count, key = svc.workers
+    if count > 1 and not svc.settings.state.redis_url:
+        said = f"{key}={count}" if key.isupper() else f"{key} = {count}"
+        raise Conflict(
+            f"runtime routing with several workers ({said}) needs state.redis_url: "
+            "without it a change would reach only the worker that takes the call; set "
+            "state.redis_url, or change the routes in the config file and restart"
+        )
+
+
 @endpoint(auth="admin")
 async def switch_model(request: Request, call: Call) -> Response:
     """POST /api/v1/models/switch/{name}: make `name` the default model."""
@@ -198,6 +214,7 @@ async def switch_model(request: Request, call: Call) -> Response:
     router = svc.router
     wanted = request.path_params["name"]
     with _logged("switch", wanted, call) as logged:
+        _shared_routing(svc)
         logged["route"] = await _change(
             router,
             lambda: router.set_default(wanted),
@@ -234,6 +251,7 @@ async def register_model(request: Request, call: Call) -> Response:
     """POST /api/v1/models: add a runtime route."""
     svc = services(request)
     with _logged("register", None, call) as logged:
+        _shared_routing(svc)
         spec = await _read_route(request)
         logged["name"] = spec.name  # named in the log from here, a refused list too
         _once("aliases", spec.aliases)
@@ -269,6 +287,7 @@ async def delete_model(request: Request, call: Call) -> Response:
     name = request.path_params["name"]
     router = svc.router
     with _logged("delete", name, call) as logged:
+        _shared_routing(svc)
         try:
             # Named by an alias, the route itself goes, in the store too: answered by its
             # name.
@@ -352,7 +371,7 @@ document(
         response=DefaultModel,
         admin=True,
         params=("name",),
-        errors=(401, 403, 404, 503),
+        errors=(401, 403, 404, 409, 503),
     ),
     Operation(
         "delete",
