@@ -611,6 +611,31 @@ def test_a_route_named_with_slashes_dots_and_colons_is_reached_by_its_path(
     assert r.json() == {"removed": "org/model:tag"}, r.text
 
 
+def test_registering_a_runtime_route_s_name_again_replaces_it_and_says_so(
+    server: LiveServer,
+) -> None:
+    def register(**fields: object) -> httpx.Response:
+        body = {"name": "again", "backend": "echo", **fields}
+        return post(server, body, key=ADMIN, path="/api/v1/models")
+
+    r = register(aliases=["again-1"])
+    assert (r.status_code, r.json()) == (201, {"registered": "again"}), r.text
+    r = register(backend="echo", aliases=["again-2"])
+    assert (r.status_code, r.json()) == (200, {"registered": "again"}), r.text
+    chat = {"stream": False, "messages": MSG}
+    assert post(server, {**chat, "model": "again-2"}).status_code == 200
+    assert post(server, {**chat, "model": "again-1"}).status_code == 404  # gone with it
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    assert httpx.delete(server.url + "/api/v1/models/again", headers=auth).status_code == 200
+    assert register().status_code == 201  # removed, it is new again
+    responses = httpx.get(server.url + "/openapi.json").json()["paths"]["/api/v1/models"]
+    answers = responses["post"]["responses"]
+    assert (
+        answers["201"]["description"] == "Created" and "Replaced" in answers["200"]["description"]
+    )
+    assert answers["200"]["content"] == answers["201"]["content"]
+
+
 def test_a_runtime_route_lists_each_alias_and_fallback_once_and_at_most_64(
     server: LiveServer,
 ) -> None:

@@ -1424,13 +1424,13 @@ def test_routes_that_fall_back_to_each_other_reach_every_replica_and_a_restart(
     cfg = config(redis)
     chat = {**BODY, "model": "r2"}
     with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
-        for spec in (
-            {"name": "r1", "backend": "echo"},
-            {"name": "r2", "backend": "echo", "fallbacks": ["r1"]},
-            {"name": "r1", "backend": "echo", "fallbacks": ["r2"]},
+        for spec, status in (
+            ({"name": "r1", "backend": "echo"}, 201),
+            ({"name": "r2", "backend": "echo", "fallbacks": ["r1"]}, 201),
+            ({"name": "r1", "backend": "echo", "fallbacks": ["r2"]}, 200),  # replaced
         ):
             r = httpx.post(a.url + "/api/v1/models", headers=AUTH, json=spec)
-            assert r.status_code == 201, r.text
+            assert r.status_code == status, r.text
         deadline = time.monotonic() + 5
         while httpx.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code != 200:
             assert time.monotonic() < deadline, "the other replica did not follow"
@@ -1440,6 +1440,30 @@ def test_routes_that_fall_back_to_each_other_reach_every_replica_and_a_restart(
         models = httpx.get(c.url + "/api/v1/models", headers=AUTH).json()["models"]
         assert {m["name"] for m in models} >= {"r1", "r2"}
         assert httpx.post(c.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+
+
+def test_a_route_another_replica_registered_is_replaced_and_said_so(redis: Redis) -> None:
+    cfg = config(redis)
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        r = httpx.post(
+            a.url + "/api/v1/models", headers=AUTH, json={"name": "rt", "backend": "echo"}
+        )
+        assert r.status_code == 201, r.text
+        # Asked at once, before b could have followed: the store, not b's table, says.
+        r = httpx.post(
+            b.url + "/api/v1/models",
+            headers=AUTH,
+            json={"name": "rt", "backend": "echo", "aliases": ["rt-b"]},
+        )
+        assert r.status_code == 200, r.text
+        eventually(
+            lambda: (
+                httpx.post(
+                    a.url + "/api/v1/chat", json={**BODY, "model": "rt-b"}, headers=AUTH
+                ).status_code
+                == 200
+            )
+        )
 
 
 def test_two_replicas_claiming_one_alias_at_once_do_not_both_succeed(redis: Redis) -> None:

@@ -174,14 +174,15 @@ async def test_the_memory_store_refuses_what_would_leave_routing_inconsistent() 
 async def check_the_store_refuses_conflicts(state: Any) -> None:
     """A store (memory, Redis) refuses a change that conflicts with what it holds, as
     the router does in one process: so replicas changing at once can't both succeed."""
-    await state.save_route("x", {"backend": "echo", "aliases": ["shared"]})
+    assert await state.save_route("x", {"backend": "echo", "aliases": ["shared"]}) is False
     with pytest.raises(Conflict, match="'shared' is already an alias of 'x'"):
         await state.save_route("y", {"backend": "echo", "aliases": ["shared"]})
     with pytest.raises(Conflict, match=r"^'x' is already the name of another route$"):
         await state.save_route("y", {"backend": "echo", "aliases": ["x"]})
     with pytest.raises(Conflict, match="'shared' is already an alias of 'x'"):
         await state.save_route("shared", {"backend": "echo"})
-    await state.save_route("x", {"backend": "echo", "aliases": ["shared", "more"]})  # itself
+    # Itself, replaced: the store says so (the register answers 200, not 201).
+    assert await state.save_route("x", {"backend": "echo", "aliases": ["shared", "more"]}) is True
     with pytest.raises(ModelNotFound):
         await state.set_default_model("y", runtime=True)  # never stored (or removed)
     await state.set_default_model("x", runtime=True)

@@ -248,8 +248,9 @@ async def _read_route(request: Request) -> RegisterRoute:
 
 @endpoint(auth="admin")
 async def register_model(request: Request, call: Call) -> Response:
-    """POST /api/v1/models: add a runtime route."""
+    """POST /api/v1/models: add a runtime route (201), or replace the one of its name (200)."""
     svc = services(request)
+    replaced = False
     with _logged("register", None, call) as logged:
         _shared_routing(svc)
         spec = await _read_route(request)
@@ -268,16 +269,23 @@ async def register_model(request: Request, call: Call) -> Response:
             fallbacks=spec.fallbacks,
         )
         router = svc.router
+
+        async def save(_: object) -> None:
+            nonlocal replaced
+            # The store says, not this table: another replica's route of this name may
+            # not have reached it yet.
+            replaced = await svc.state.save_route(spec.name, msgspec.to_builtins(rs))
+
         await _change(
             router,
             lambda: router.register(spec.name, rs),
-            lambda _: svc.state.save_route(spec.name, msgspec.to_builtins(rs)),
+            save,
             # Stored, it is applied as a stored route is: a fallback removed meanwhile is
             # skipped (as for any route whose fallback goes), not a reason to drop it.
             lambda: router.register(spec.name, rs, check_fallbacks=False),
         )
         logged["route"] = spec.name
-    return JSONResponse(Registered(spec.name), status_code=201)
+    return JSONResponse(Registered(spec.name), status_code=200 if replaced else 201)
 
 
 @endpoint(auth="admin")
@@ -360,6 +368,8 @@ document(
         tag="admin",
         request=RegisterRoute,
         response=Registered,
+        # 201 a new route; 200 one of that name replaced: its backend, aliases, fallbacks.
+        replaced=True,
         admin=True,
         errors=(400, 401, 403, 409, 413, 415, 503),
     ),
