@@ -190,6 +190,11 @@ class Router:
             target = self._names.get(self.default)
         return target
 
+    def configured(self, name: str) -> bool:
+        """Whether `name` (a name, an alias or `default`) stands for a configured route."""
+        target = self._target(name)
+        return target is not None and not self.routes[target].runtime
+
     def resolve(self, model: str | None, allowed: Allowed | None = None) -> Route:
         """The route for a requested model name (None: the default). `allowed` (a key's
         scope) narrows the known models a 404 lists and the routes a direct name finds."""

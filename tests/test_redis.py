@@ -1558,3 +1558,42 @@ def test_a_stored_route_that_is_not_json_is_skipped_alone_and_can_be_removed(
             assert store.hexists("stella:routes", b"x\xff")
         for server in (a, b):
             assert not server.events("routing_sync_failed"), server.events("routing_sync_failed")
+
+
+def test_a_stored_route_named_as_a_configured_one_here_can_be_removed_here(
+    redis: Redis,
+) -> None:
+    # Replicas with different configs: `slowm` is a route of a's file, not of b's.
+    slowm = {"routes": {"slowm": {"backend": "echo", "aliases": ["sm"]}}}
+    with run_stella(config(redis, models=slowm), ENV) as a, run_stella(config(redis), ENV) as b:
+        for name in ("slowm", "sm"):
+            r = httpx.post(
+                b.url + "/api/v1/models", headers=AUTH, json={"name": name, "backend": "echo"}
+            )
+            assert r.status_code == 201, r.text
+        a.wait_event(lambda e: "'sm'" in e["reason"], name="stored_routing_skipped")
+        store = redis_store(redis)
+        for name in ("slowm", "sm"):  # by its name, or by an alias of a's route
+            r = httpx.delete(a.url + f"/api/v1/models/{name}", headers=AUTH)
+            assert r.status_code == 200, r.text
+            assert r.json() == {
+                "removed": name,
+                "detail": f"removed the stored runtime route {name!r}; the route this "
+                "replica's config file names so stays",
+            }
+            assert not store.hexists("stella:routes", name)
+        chat = {**BODY, "model": "slowm"}
+        eventually(
+            lambda: httpx.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 404
+        )
+        assert httpx.post(a.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+        # Nothing stored under the name any more: a's own route is protected, as before.
+        r = httpx.delete(a.url + "/api/v1/models/slowm", headers=AUTH)
+        assert r.status_code == 409 and "comes from the config file" in r.text, r.text
+
+
+def redis_store(redis: Redis) -> Any:
+    """A redis-py client of the test's server, to read what stella stored."""
+    import redis as redis_py
+
+    return redis_py.Redis.from_url(redis.url)

@@ -294,6 +294,7 @@ async def delete_model(request: Request, call: Call) -> Response:
     svc = services(request)
     name = request.path_params["name"]
     router = svc.router
+    detail = ""
     with _logged("delete", name, call) as logged:
         _shared_routing(svc)
         try:
@@ -306,12 +307,30 @@ async def delete_model(request: Request, call: Call) -> Response:
             # A stored route no replica could apply (not JSON, a backend unknown here:
             # logged as stored_routing_skipped) is in no table, yet the admin must be able
             # to remove it: by its exact name, from the store.
-            stored = await svc.state.load_routes()
-            if name not in stored or getattr(stored[name], "escaped", False):
-                raise  # not stored under this name (a name not UTF-8 is shown escaped)
+            if not await _stored(svc, name):
+                raise
             await svc.state.delete_route(name)
             logged["route"] = name
-    return JSONResponse(Removed(logged["route"]))
+        except Conflict:
+            # A route of this replica's config file: another replica, whose config lacks
+            # it, may have stored a runtime route of that name, which this one skips. It
+            # must be removable here too, by its exact name; the configured one stays.
+            if not router.configured(name) or not await _stored(svc, name):
+                raise
+            await svc.state.delete_route(name)  # the store still guards its default
+            logged["route"] = name
+            detail = (
+                f"removed the stored runtime route {name!r}; the route this replica's "
+                "config file names so stays"
+            )
+    return JSONResponse(Removed(logged["route"], detail=detail))
+
+
+async def _stored(svc: Services, name: str) -> bool:
+    """Whether the store holds a runtime route under exactly this name (one whose name
+    is not UTF-8 is shown escaped: no request names it)."""
+    stored = await svc.state.load_routes()
+    return name in stored and not getattr(stored[name], "escaped", False)
 
 
 async def _change(
