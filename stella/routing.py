@@ -275,10 +275,14 @@ class Router:
         """Add or replace a runtime route; `check_fallbacks`: refuse fallbacks not known (a
         route the store holds already is taken as it is: an unknown fallback is skipped)."""
         if rs.backend not in self.backends:
-            raise InvalidRequest(
-                f"$.backend: unknown backend {rs.backend!r}; known: {sorted(self.backends)}",
-                param="backend",
+            wanted = rs.backend
+            why = (
+                # Left out of the table, yet named in the file: "unknown" would mislead.
+                f"backend {wanted!r} is configured but disabled (backends.{wanted}.enabled = false)"
+                if wanted in self.settings.backends
+                else f"unknown backend {wanted!r}; known: {sorted(self.backends)}"
             )
+            raise InvalidRequest(f"$.backend: {why}", param="backend")
         existing = self.routes.get(name)
         if existing is not None and not existing.runtime:
             raise Conflict(f"model {name!r} is configured in the config file; it can't be replaced")

@@ -47,6 +47,18 @@ def test_a_runtime_route_that_cant_be_added_names_the_field_at_fault() -> None:
     assert refused.value.param == "backend"
 
 
+def test_a_runtime_route_on_a_disabled_backend_is_told_so() -> None:
+    r = router({})  # backends.local.enabled = false
+    with pytest.raises(InvalidRequest) as refused:
+        r.register("mine", RouteSettings(backend="local"))
+    assert (refused.value.message, refused.value.param) == (
+        "$.backend: backend 'local' is configured but disabled (backends.local.enabled = false)",
+        "backend",
+    )
+    with pytest.raises(InvalidRequest, match=r"unknown backend 'nope'; known: \['echo', 'other'\]"):
+        r.register("mine", RouteSettings(backend="nope"))
+
+
 def test_replacing_a_runtime_route_drops_its_old_aliases() -> None:
     r = router({})
     r.register("mine", RouteSettings(backend="other", aliases=["m1"]))
