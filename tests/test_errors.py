@@ -597,6 +597,26 @@ def test_a_runtime_alias_is_checked_as_a_name_is(server: LiveServer, alias: str)
     assert "$.name" in error_of(r, 400, "invalid_request")
 
 
+@pytest.mark.parametrize(
+    ("upstream", "why"),
+    [
+        ("m" * 257, "length <= 256"),
+        ("a\nb", "holds a control character ('\\n' at 1)"),
+        ("a\u0000b", "holds a control character ('\\x00' at 1)"),
+        ("tab\tbed", "holds a control character ('\\t' at 3)"),
+    ],
+)
+def test_a_runtime_route_s_upstream_model_is_bounded_and_printable(
+    server: LiveServer, upstream: str, why: str
+) -> None:
+    body = {"name": "upstreamed", "backend": "echo", "upstream_model": upstream}
+    message = error_of(post(server, body, key=ADMIN, path="/api/v1/models"), 400, "invalid_request")
+    assert message.startswith("$.upstream_model") or "`$.upstream_model`" in message, message
+    assert why in message, message
+    r = post(server, {**body, "upstream_model": "m" * 256}, key=ADMIN, path="/api/v1/models")
+    assert r.status_code in (200, 201), r.text
+
+
 def test_a_route_named_with_slashes_dots_and_colons_is_reached_by_its_path(
     server: LiveServer,
 ) -> None:

@@ -38,7 +38,13 @@ from stella.protocol import (
     Removed,
 )
 from stella.routing import Router
-from stella.settings import ROUTE_NAME_PATTERN, ROUTE_NAME_RULE, RouteSettings
+from stella.settings import (
+    MAX_UPSTREAM_MODEL,
+    ROUTE_NAME_PATTERN,
+    ROUTE_NAME_RULE,
+    RouteSettings,
+    upstream_model_problem,
+)
 from stella.streaming import Codec
 
 if TYPE_CHECKING:  # stella.app imports this module
@@ -63,7 +69,8 @@ class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):
 
     name: RouteName
     backend: Annotated[str, Meta(min_length=1)]
-    upstream_model: str = ""
+    # As a configured route's (see settings.upstream_model_problem); "": the name.
+    upstream_model: Annotated[str, Meta(max_length=MAX_UPSTREAM_MODEL)] = ""
     # Names a request can use (the `model` field takes at most 256 characters; "" is
     # the default model): checked as the name is. Each once (see _once).
     aliases: Annotated[list[RouteName], Meta(max_length=MAX_ROUTE_NAMES)] = []
@@ -257,6 +264,9 @@ async def register_model(request: Request, call: Call) -> Response:
         logged["name"] = spec.name  # named in the log from here, a refused list too
         _once("aliases", spec.aliases)
         _once("fallbacks", spec.fallbacks)
+        problem = upstream_model_problem(spec.upstream_model)
+        if problem:
+            raise InvalidRequest(f"$.upstream_model: {problem}", param="upstream_model")
         for i, alias in enumerate(spec.aliases):
             if alias == spec.name:  # an alias is another name, not the name again
                 raise InvalidRequest(
