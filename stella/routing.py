@@ -343,9 +343,11 @@ class Router:
     def remove(self, name: str) -> str:
         """Remove a runtime route (by its name or an alias) and return its name; the
         configured ones and the default are protected."""
-        route = self.routes.get(self._names.get(name, name))
-        if route is None:
+        # `default`, unless a route claims the name, is the default model as it is now.
+        target = self._target(name)
+        if target is None:
             raise ModelNotFound(f"model {name!r} not found")
+        route = self.routes[target]
         if route.name == self.default:
             raise Conflict(is_default(route.name))
         if route.name == self._names.get(self.configured_default, self.configured_default):

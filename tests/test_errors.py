@@ -656,6 +656,12 @@ def test_registering_a_runtime_route_s_name_again_replaces_it_and_says_so(
     assert answers["200"]["content"] == answers["201"]["content"]
 
 
+def test_deleting_default_is_deleting_the_default_model(server: LiveServer) -> None:
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    r = httpx.delete(server.url + "/api/v1/models/default", headers=auth)
+    assert error_of(r, 409, "conflict") == "model 'echo' is the default model; it can't be removed"
+
+
 def test_a_runtime_route_lists_each_alias_and_fallback_once_and_at_most_64(
     server: LiveServer,
 ) -> None:

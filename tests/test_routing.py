@@ -88,6 +88,14 @@ def test_default_names_the_default_as_it_is_now_unless_a_route_claims_it() -> No
     assert claimed.resolve("default").name == "echo2"
 
 
+def test_default_can_be_removed_only_as_the_route_that_claims_it() -> None:
+    r = router({})
+    with pytest.raises(Conflict, match=r"^model 'echo' is the default model; it can't be removed$"):
+        r.remove("default")  # the default now, as a request's `default` is
+    r.register("default", RouteSettings(backend="other"))  # a route of that name
+    assert r.remove("default") == "default"
+
+
 def test_an_empty_name_is_not_the_default() -> None:
     with pytest.raises(ModelNotFound):
         router({}).set_default("")
