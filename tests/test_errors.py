@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from stella.errors import RateLimited, Unavailable
-from tests.live import LiveServer, run_stella
+from tests.live import ROOT, LiveServer, run_stella
 
 ADMIN, LIMITED, USER = "sk-admin-0123456789", "sk-limited-0123456789", "sk-user-0123456789"
 SCOPED = "sk-scoped-0123456789"
@@ -615,6 +615,15 @@ def test_a_runtime_route_s_upstream_model_is_bounded_and_printable(
     assert why in message, message
     r = post(server, {**body, "upstream_model": "m" * 256}, key=ADMIN, path="/api/v1/models")
     assert r.status_code in (200, 201), r.text
+
+
+def test_a_route_name_is_ascii(server: LiveServer) -> None:
+    # README: ASCII letters; a letter such as "é" is refused, and the rule says why.
+    r = post(server, {"name": "café", "backend": "echo"}, key=ADMIN, path="/api/v1/models")
+    message = error_of(r, 400, "invalid_request")
+    assert message.startswith("$.name: a route name is ASCII letters, digits and '._:-'"), message
+    readme = (ROOT / "README.md").read_text()
+    assert "a name or alias is ASCII letters, digits and `._:-`" in readme
 
 
 def test_a_route_named_with_slashes_dots_and_colons_is_reached_by_its_path(

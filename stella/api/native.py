@@ -55,7 +55,7 @@ _generate = msgspec.json.Decoder(GenerateRequest)
 NDJSON = Codec()
 
 
-# Letters, digits and "._:-" in parts split by "/", none empty or only dots (see
+# ASCII letters, digits and "._:-" in parts split by "/", none empty or only dots (see
 # settings.ROUTE_NAME_PATTERN): a name the URL paths of the admin routes can name.
 RouteName = Annotated[str, Meta(min_length=1, max_length=128, pattern=ROUTE_NAME_PATTERN)]
 
@@ -247,7 +247,8 @@ async def _read_route(request: Request) -> RegisterRoute:
     except InvalidRequest as exc:
         if "matching regex" in exc.message:  # say the rule, not the pattern
             exc.message = (
-                f"$.{exc.param}: a route name is letters, digits and '._:-' in {ROUTE_NAME_RULE}"
+                f"$.{exc.param}: a route name is ASCII letters, digits and '._:-' in "
+                f"{ROUTE_NAME_RULE}"
             )
         raise
     return spec
