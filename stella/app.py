@@ -69,9 +69,12 @@ _log = structlog.get_logger("stella")
 class Services:
     """Everything a route needs, built once per app: no hidden globals."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, workers: tuple[int, str] | None = None) -> None:
         self.settings = settings
         self.started = time.monotonic()
+        # How many processes serve this app's port, and the setting that says so: a
+        # routing change in memory reaches only the process that takes it.
+        self.workers = workers or (settings.server.workers, "server.workers")
         kinds = registry()
         self.backends: dict[str, Backend] = {
             name: build_backend(name, table, kinds)
@@ -343,16 +346,27 @@ def create_app(settings: Settings | None = None) -> Starlette:
     if settings is not None:
         return _build_app(settings)
     try:
-        return _build_app(load_settings())
+        settings = load_settings()
+        return _build_app(settings, uvicorn_workers(settings))
     except ConfigError as exc:
         print(f"stella: config error: {blamed(exc)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 
-def _build_app(settings: Settings) -> Starlette:
+def uvicorn_workers(settings: Settings) -> tuple[int, str]:
+    """The workers a plain uvicorn runs this app in, as far as the app can tell, and the
+    setting that says so: uvicorn's --workers reaches no app, but without the flag
+    uvicorn (and gunicorn) takes WEB_CONCURRENCY, which this process inherits."""
+    value = os.environ.get("WEB_CONCURRENCY", "").strip()
+    if value.isdigit() and int(value) > settings.server.workers:
+        return int(value), "WEB_CONCURRENCY"
+    return settings.server.workers, "server.workers"
+
+
+def _build_app(settings: Settings, workers: tuple[int, str] | None = None) -> Starlette:
     if logs.sink() is None:
         configure_logs(settings)
-    svc = Services(settings)
+    svc = Services(settings, workers)
     routes = [*native.routes, *ops.routes]
     for mod in _optional(DIALECTS):
         routes = [*mod.routes, *routes]

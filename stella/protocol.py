@@ -487,10 +487,12 @@ class DefaultModel(msgspec.Struct):
     default: str
 
 
-class Removed(msgspec.Struct):
+class Removed(msgspec.Struct, omit_defaults=True):
     """DELETE /api/v1/models/{name}: the runtime route removed."""
 
     removed: str
+    # What else to know: a stored route removed while this replica's own one stays.
+    detail: str = ""
 
 
 class ConfigView(msgspec.Struct):

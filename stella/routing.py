@@ -190,6 +190,11 @@ class Router:
             target = self._names.get(self.default)
         return target
 
+    def configured(self, name: str) -> bool:
+        """Whether `name` (a name, an alias or `default`) stands for a configured route."""
+        target = self._target(name)
+        return target is not None and not self.routes[target].runtime
+
     def resolve(self, model: str | None, allowed: Allowed | None = None) -> Route:
         """The route for a requested model name (None: the default). `allowed` (a key's
         scope) narrows the known models a 404 lists and the routes a direct name finds."""
@@ -270,10 +275,14 @@ class Router:
         """Add or replace a runtime route; `check_fallbacks`: refuse fallbacks not known (a
         route the store holds already is taken as it is: an unknown fallback is skipped)."""
         if rs.backend not in self.backends:
-            raise InvalidRequest(
-                f"$.backend: unknown backend {rs.backend!r}; known: {sorted(self.backends)}",
-                param="backend",
+            wanted = rs.backend
+            why = (
+                # Left out of the table, yet named in the file: "unknown" would mislead.
+                f"backend {wanted!r} is configured but disabled (backends.{wanted}.enabled = false)"
+                if wanted in self.settings.backends
+                else f"unknown backend {wanted!r}; known: {sorted(self.backends)}"
             )
+            raise InvalidRequest(f"$.backend: {why}", param="backend")
         existing = self.routes.get(name)
         if existing is not None and not existing.runtime:
             raise Conflict(f"model {name!r} is configured in the config file; it can't be replaced")
@@ -334,9 +343,11 @@ class Router:
     def remove(self, name: str) -> str:
         """Remove a runtime route (by its name or an alias) and return its name; the
         configured ones and the default are protected."""
-        route = self.routes.get(self._names.get(name, name))
-        if route is None:
+        # `default`, unless a route claims the name, is the default model as it is now.
+        target = self._target(name)
+        if target is None:
             raise ModelNotFound(f"model {name!r} not found")
+        route = self.routes[target]
         if route.name == self.default:
             raise Conflict(is_default(route.name))
         if route.name == self._names.get(self.configured_default, self.configured_default):

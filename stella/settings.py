@@ -61,6 +61,23 @@ ROUTE_NAME_PATTERN = rf"^{_NAME_PART}(?:/{_NAME_PART})*(?!\n)$"
 ROUTE_NAME_RULE = "parts split by '/', none empty or only dots, as a URL path names them"
 
 
+# A route's upstream model: sent in every upstream request and shown by every model list
+# (and, for runtime routes, read by every replica), so bounded as a request's `model` is
+# (core.MAX_MODEL_NAME), and free of control characters, which no engine's names hold.
+MAX_UPSTREAM_MODEL = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def upstream_model_problem(name: str) -> str:
+    """Why `name` can't be a route's upstream model ("" when it can)."""
+    if len(name) > MAX_UPSTREAM_MODEL:
+        return f"over {MAX_UPSTREAM_MODEL} characters"
+    control = _CONTROL.search(name)
+    if control:
+        return f"holds a control character ({control.group()!r} at {control.start()})"
+    return ""
+
+
 def addressable(name: str) -> bool:
     """Whether a URL path can name this route name or alias (see ROUTE_NAME_RULE)."""
     return all(part.strip(".") for part in name.split("/"))
@@ -735,6 +752,9 @@ def _check(s: Settings) -> None:
                 raise ConfigError(
                     f"models.routes.{name}.aliases: {alias!r} is not a route name: {ROUTE_NAME_RULE}"
                 )
+        problem = upstream_model_problem(route.upstream_model)
+        if problem:
+            raise ConfigError(f"models.routes.{name}.upstream_model: {problem}")
         if route.backend not in s.backends:
             raise ConfigError(
                 f"models.routes.{name}.backend: unknown backend {route.backend!r}; "

@@ -69,8 +69,8 @@ class StateStore(Protocol):
         """Runtime-registered routes by name."""
         ...
 
-    async def save_route(self, name: str, spec: dict[str, Any]) -> None:
-        """Persist a runtime route."""
+    async def save_route(self, name: str, spec: dict[str, Any]) -> bool:
+        """Persist a runtime route; whether it replaced one stored under its name."""
         ...
 
     async def delete_route(self, name: str) -> None:
@@ -140,14 +140,17 @@ class MemoryState:
         """Runtime-registered routes by name."""
         return dict(self.routes)
 
-    async def save_route(self, name: str, spec: dict[str, Any]) -> None:
-        """Persist a runtime route, unless another one answers to its name or an alias."""
+    async def save_route(self, name: str, spec: dict[str, Any]) -> bool:
+        """Persist a runtime route, unless another one answers to its name or an alias;
+        whether it replaced one stored under its name."""
         for other, held in self.routes.items():
             if other != name:
                 for candidate in (name, *spec.get("aliases", ())):
                     if candidate == other or candidate in held.get("aliases", ()):
                         raise Conflict(taken(candidate, other))
+        replaced = name in self.routes
         self.routes[name] = spec
+        return replaced
 
     async def delete_route(self, name: str) -> None:
         """Forget a runtime route, unless it is the default."""

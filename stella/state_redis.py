@@ -146,7 +146,7 @@ return 1
 # the change, ARGV[4] the route's name, then:
 #   "default" ARGV[5] "1" when the route is a runtime one (then it must be stored still)
 #   "save"    ARGV[5] its spec; refused when another stored route answers to its name
-#             or one of its aliases (ARGV[6..])
+#             or one of its aliases (ARGV[6..]); 2 when it replaced one of its name
 #   "delete"  refused when it is the default
 # 0 when it came too late (its client has given up on it and told its caller so); a
 # refusal is {why, name, other route}: checked here, with the write, so two replicas
@@ -158,6 +158,7 @@ if now > tonumber(ARGV[1]) then
   return 0
 end
 local op, name = ARGV[3], ARGV[4]
+local done = 1
 if op == 'default' then
   if ARGV[5] == '1' and redis.call('HEXISTS', KEYS[2], name) == 0 then
     return {'removed', name, name}
@@ -185,7 +186,9 @@ elseif op == 'save' then
       end
     end
   end
-  redis.call('HSET', KEYS[2], name, ARGV[5])
+  if redis.call('HSET', KEYS[2], name, ARGV[5]) == 0 then
+    done = 2
+  end
 elseif op == 'delete' then
   if redis.call('GET', KEYS[3]) == name then
     return {'default', name, name}
@@ -199,7 +202,7 @@ end
 -- number a replica has read, never to a version (epoch, count) it has read.
 redis.call('SET', KEYS[4], ARGV[2])
 redis.call('INCR', KEYS[1])
-return 1
+return done
 """
 # How long after Redis's last answer a routing change may still be applied: under the
 # client's 1 s socket timeout, so a change whose answer timed out never lands later.
@@ -429,7 +432,7 @@ class RedisState:
         """Persist the default model; a `runtime` route must be stored still."""
         await self._write("default", name, "1" if runtime else "0")
 
-    async def _write(self, op: str, name: str, *args: str | bytes) -> None:
+    async def _write(self, op: str, name: str, *args: str | bytes) -> int:
         """One routing change and a bump of the routing version, atomically: the other
         replicas poll the version (see `routing`) and reload when it moves.
 
@@ -439,6 +442,7 @@ class RedisState:
         so a 503 means "not applied", on every replica, for good. A change that conflicts
         with what the store holds is refused there (409, or 404 for a default whose
         route was removed), as the router refuses one that conflicts with its table.
+        Returns 1, or 2 for a save that replaced a route stored under its name.
         """
         keys = [
             self._key("routing_version"),
@@ -467,6 +471,7 @@ class RedisState:
             raise Unavailable(
                 "the state store (Redis) answered too slowly; the change was not applied; try again"
             )
+        return int(done)
 
     async def routing(self) -> tuple[RoutingVersion, dict[str, Any], str | None] | None:
         """(version, runtime routes, default model) as one consistent read; None when
@@ -509,10 +514,11 @@ class RedisState:
         self._ok()
         return _routes(raw)
 
-    async def save_route(self, name: str, spec: dict[str, Any]) -> None:
-        """Persist a runtime route, unless another one answers to its name or an alias."""
+    async def save_route(self, name: str, spec: dict[str, Any]) -> bool:
+        """Persist a runtime route, unless another one answers to its name or an alias;
+        whether it replaced one stored under its name."""
         names = [name, *spec.get("aliases", ())]
-        await self._write("save", name, msgspec.json.encode(spec), *names)
+        return await self._write("save", name, msgspec.json.encode(spec), *names) == 2
 
     async def delete_route(self, name: str) -> None:
         """Forget a runtime route, unless it is the default."""

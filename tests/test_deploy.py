@@ -361,6 +361,69 @@ def test_workers_share_the_port_and_stop_cleanly() -> None:
         assert {e["pid"] for e in server.events("stopped")} == pids  # each worker says so
 
 
+def _refused_for_workers(r: httpx.Response, said: str) -> None:
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "conflict"
+    assert f"several workers ({said}) needs state.redis_url" in error["message"], error
+
+
+def test_runtime_routing_with_workers_and_no_redis_is_refused() -> None:
+    """Each worker keeps its own table in memory: a change would reach only the worker
+    that took it, so every routing change is refused, saying what it needs."""
+    with run_stella({"server": {"workers": 2}}) as server:
+        _workers_started(server)
+        register = {"name": "rt", "backend": "echo"}
+        for r in (
+            httpx.post(server.url + "/api/v1/models", json=register),
+            httpx.post(server.url + "/api/v1/models/switch/echo"),
+            httpx.delete(server.url + "/api/v1/models/rt"),
+        ):
+            _refused_for_workers(r, "server.workers = 2")
+        chat = {"model": "rt", "stream": False, "messages": [{"role": "user", "content": "x"}]}
+        for _ in range(6):  # whichever worker answers, none has it
+            assert httpx.post(server.url + "/api/v1/chat", json=chat).status_code == 404
+        assert httpx.get(server.url + "/api/v1/models").json()["default"] == "echo"
+    # The reloader runs one process, whatever server.workers says: changes stand there.
+    with run_stella({"server": {"workers": 2}}, args=("--reload",)) as server:
+        r = httpx.post(server.url + "/api/v1/models", json=register)
+        assert r.status_code == 201, r.text
+
+
+def test_plain_uvicorn_counts_web_concurrency_as_its_workers(tmp_path: Path) -> None:
+    """uvicorn without --workers runs WEB_CONCURRENCY workers, an app it builds sees it."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    env |= {
+        "STELLA_MODELS__DEFAULT": "echo",
+        "STELLA_BACKENDS__LOCAL__ENABLED": "false",
+        "WEB_CONCURRENCY": "2",
+    }
+    args = ["stella.app:create_app", "--factory", "--port", str(port)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", *args],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "uvicorn did not start"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        r = httpx.post(url + "/api/v1/models", json={"name": "rt", "backend": "echo"})
+        _refused_for_workers(r, "WEB_CONCURRENCY=2")
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
 def test_reload_serves_from_a_child_of_the_reloader() -> None:
     """`--reload` reaches uvicorn's reloader: the app is served by a child process, which
     a change to stella's code would replace; SIGTERM stops both, exit 0."""

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from stella.errors import RateLimited, Unavailable
-from tests.live import LiveServer, run_stella
+from tests.live import ROOT, LiveServer, run_stella
 
 ADMIN, LIMITED, USER = "sk-admin-0123456789", "sk-limited-0123456789", "sk-user-0123456789"
 SCOPED = "sk-scoped-0123456789"
@@ -597,6 +597,35 @@ def test_a_runtime_alias_is_checked_as_a_name_is(server: LiveServer, alias: str)
     assert "$.name" in error_of(r, 400, "invalid_request")
 
 
+@pytest.mark.parametrize(
+    ("upstream", "why"),
+    [
+        ("m" * 257, "length <= 256"),
+        ("a\nb", "holds a control character ('\\n' at 1)"),
+        ("a\u0000b", "holds a control character ('\\x00' at 1)"),
+        ("tab\tbed", "holds a control character ('\\t' at 3)"),
+    ],
+)
+def test_a_runtime_route_s_upstream_model_is_bounded_and_printable(
+    server: LiveServer, upstream: str, why: str
+) -> None:
+    body = {"name": "upstreamed", "backend": "echo", "upstream_model": upstream}
+    message = error_of(post(server, body, key=ADMIN, path="/api/v1/models"), 400, "invalid_request")
+    assert message.startswith("$.upstream_model") or "`$.upstream_model`" in message, message
+    assert why in message, message
+    r = post(server, {**body, "upstream_model": "m" * 256}, key=ADMIN, path="/api/v1/models")
+    assert r.status_code in (200, 201), r.text
+
+
+def test_a_route_name_is_ascii(server: LiveServer) -> None:
+    # README: ASCII letters; a letter such as "é" is refused, and the rule says why.
+    r = post(server, {"name": "café", "backend": "echo"}, key=ADMIN, path="/api/v1/models")
+    message = error_of(r, 400, "invalid_request")
+    assert message.startswith("$.name: a route name is ASCII letters, digits and '._:-'"), message
+    readme = (ROOT / "README.md").read_text()
+    assert "a name or alias is ASCII letters, digits and `._:-`" in readme
+
+
 def test_a_route_named_with_slashes_dots_and_colons_is_reached_by_its_path(
     server: LiveServer,
 ) -> None:
@@ -609,6 +638,37 @@ def test_a_route_named_with_slashes_dots_and_colons_is_reached_by_its_path(
     httpx.post(server.url + "/api/v1/models/switch/echo", headers=auth).raise_for_status()
     r = httpx.delete(server.url + "/api/v1/models/.x/v1.2", headers=auth)
     assert r.json() == {"removed": "org/model:tag"}, r.text
+
+
+def test_registering_a_runtime_route_s_name_again_replaces_it_and_says_so(
+    server: LiveServer,
+) -> None:
+    def register(**fields: object) -> httpx.Response:
+        body = {"name": "again", "backend": "echo", **fields}
+        return post(server, body, key=ADMIN, path="/api/v1/models")
+
+    r = register(aliases=["again-1"])
+    assert (r.status_code, r.json()) == (201, {"registered": "again"}), r.text
+    r = register(backend="echo", aliases=["again-2"])
+    assert (r.status_code, r.json()) == (200, {"registered": "again"}), r.text
+    chat = {"stream": False, "messages": MSG}
+    assert post(server, {**chat, "model": "again-2"}).status_code == 200
+    assert post(server, {**chat, "model": "again-1"}).status_code == 404  # gone with it
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    assert httpx.delete(server.url + "/api/v1/models/again", headers=auth).status_code == 200
+    assert register().status_code == 201  # removed, it is new again
+    responses = httpx.get(server.url + "/openapi.json").json()["paths"]["/api/v1/models"]
+    answers = responses["post"]["responses"]
+    assert (
+        answers["201"]["description"] == "Created" and "Replaced" in answers["200"]["description"]
+    )
+    assert answers["200"]["content"] == answers["201"]["content"]
+
+
+def test_deleting_default_is_deleting_the_default_model(server: LiveServer) -> None:
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    r = httpx.delete(server.url + "/api/v1/models/default", headers=auth)
+    assert error_of(r, 409, "conflict") == "model 'echo' is the default model; it can't be removed"
 
 
 def test_a_runtime_route_lists_each_alias_and_fallback_once_and_at_most_64(

@@ -569,6 +569,22 @@ def test_routing_changes_reach_the_other_replicas(redis: Redis) -> None:
             )
 
 
+def test_workers_that_share_redis_take_routing_changes(redis: Redis) -> None:
+    # Several workers refuse routing changes only when nothing shares them.
+    with run_stella(config(redis, server={"workers": 2}), ENV) as s:
+        r = httpx.post(
+            s.url + "/api/v1/models", headers=AUTH, json={"name": "rt", "backend": "echo"}
+        )
+        assert r.status_code == 201, r.text
+        chat = {**BODY, "model": "rt"}
+        eventually(
+            lambda: all(
+                httpx.post(s.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+                for _ in range(6)
+            )
+        )
+
+
 def eventually(check: Any, seconds: float = 5.0) -> None:
     """Wait for `check()` to hold (a replica follows the store within a second)."""
     deadline = time.monotonic() + seconds
@@ -1457,13 +1473,13 @@ def test_routes_that_fall_back_to_each_other_reach_every_replica_and_a_restart(
     cfg = config(redis)
     chat = {**BODY, "model": "r2"}
     with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
-        for spec in (
-            {"name": "r1", "backend": "echo"},
-            {"name": "r2", "backend": "echo", "fallbacks": ["r1"]},
-            {"name": "r1", "backend": "echo", "fallbacks": ["r2"]},
+        for spec, status in (
+            ({"name": "r1", "backend": "echo"}, 201),
+            ({"name": "r2", "backend": "echo", "fallbacks": ["r1"]}, 201),
+            ({"name": "r1", "backend": "echo", "fallbacks": ["r2"]}, 200),  # replaced
         ):
             r = httpx.post(a.url + "/api/v1/models", headers=AUTH, json=spec)
-            assert r.status_code == 201, r.text
+            assert r.status_code == status, r.text
         deadline = time.monotonic() + 5
         while httpx.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code != 200:
             assert time.monotonic() < deadline, "the other replica did not follow"
@@ -1473,6 +1489,30 @@ def test_routes_that_fall_back_to_each_other_reach_every_replica_and_a_restart(
         models = httpx.get(c.url + "/api/v1/models", headers=AUTH).json()["models"]
         assert {m["name"] for m in models} >= {"r1", "r2"}
         assert httpx.post(c.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+
+
+def test_a_route_another_replica_registered_is_replaced_and_said_so(redis: Redis) -> None:
+    cfg = config(redis)
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        r = httpx.post(
+            a.url + "/api/v1/models", headers=AUTH, json={"name": "rt", "backend": "echo"}
+        )
+        assert r.status_code == 201, r.text
+        # Asked at once, before b could have followed: the store, not b's table, says.
+        r = httpx.post(
+            b.url + "/api/v1/models",
+            headers=AUTH,
+            json={"name": "rt", "backend": "echo", "aliases": ["rt-b"]},
+        )
+        assert r.status_code == 200, r.text
+        eventually(
+            lambda: (
+                httpx.post(
+                    a.url + "/api/v1/chat", json={**BODY, "model": "rt-b"}, headers=AUTH
+                ).status_code
+                == 200
+            )
+        )
 
 
 def test_two_replicas_claiming_one_alias_at_once_do_not_both_succeed(redis: Redis) -> None:
@@ -1567,3 +1607,42 @@ def test_a_stored_route_that_is_not_json_is_skipped_alone_and_can_be_removed(
             assert store.hexists("stella:routes", b"x\xff")
         for server in (a, b):
             assert not server.events("routing_sync_failed"), server.events("routing_sync_failed")
+
+
+def test_a_stored_route_named_as_a_configured_one_here_can_be_removed_here(
+    redis: Redis,
+) -> None:
+    # Replicas with different configs: `slowm` is a route of a's file, not of b's.
+    slowm = {"routes": {"slowm": {"backend": "echo", "aliases": ["sm"]}}}
+    with run_stella(config(redis, models=slowm), ENV) as a, run_stella(config(redis), ENV) as b:
+        for name in ("slowm", "sm"):
+            r = httpx.post(
+                b.url + "/api/v1/models", headers=AUTH, json={"name": name, "backend": "echo"}
+            )
+            assert r.status_code == 201, r.text
+        a.wait_event(lambda e: "'sm'" in e["reason"], name="stored_routing_skipped")
+        store = redis_store(redis)
+        for name in ("slowm", "sm"):  # by its name, or by an alias of a's route
+            r = httpx.delete(a.url + f"/api/v1/models/{name}", headers=AUTH)
+            assert r.status_code == 200, r.text
+            assert r.json() == {
+                "removed": name,
+                "detail": f"removed the stored runtime route {name!r}; the route this "
+                "replica's config file names so stays",
+            }
+            assert not store.hexists("stella:routes", name)
+        chat = {**BODY, "model": "slowm"}
+        eventually(
+            lambda: httpx.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 404
+        )
+        assert httpx.post(a.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+        # Nothing stored under the name any more: a's own route is protected, as before.
+        r = httpx.delete(a.url + "/api/v1/models/slowm", headers=AUTH)
+        assert r.status_code == 409 and "comes from the config file" in r.text, r.text
+
+
+def redis_store(redis: Redis) -> Any:
+    """A redis-py client of the test's server, to read what stella stored."""
+    import redis as redis_py
+
+    return redis_py.Redis.from_url(redis.url)

@@ -47,6 +47,18 @@ def test_a_runtime_route_that_cant_be_added_names_the_field_at_fault() -> None:
     assert refused.value.param == "backend"
 
 
+def test_a_runtime_route_on_a_disabled_backend_is_told_so() -> None:
+    r = router({})  # backends.local.enabled = false
+    with pytest.raises(InvalidRequest) as refused:
+        r.register("mine", RouteSettings(backend="local"))
+    assert (refused.value.message, refused.value.param) == (
+        "$.backend: backend 'local' is configured but disabled (backends.local.enabled = false)",
+        "backend",
+    )
+    with pytest.raises(InvalidRequest, match=r"unknown backend 'nope'; known: \['echo', 'other'\]"):
+        r.register("mine", RouteSettings(backend="nope"))
+
+
 def test_replacing_a_runtime_route_drops_its_old_aliases() -> None:
     r = router({})
     r.register("mine", RouteSettings(backend="other", aliases=["m1"]))
@@ -74,6 +86,14 @@ def test_default_names_the_default_as_it_is_now_unless_a_route_claims_it() -> No
     claimed = router({"echo2": {"backend": "echo", "aliases": ["default"]}})
     claimed.set_default("echo")
     assert claimed.resolve("default").name == "echo2"
+
+
+def test_default_can_be_removed_only_as_the_route_that_claims_it() -> None:
+    r = router({})
+    with pytest.raises(Conflict, match=r"^model 'echo' is the default model; it can't be removed$"):
+        r.remove("default")  # the default now, as a request's `default` is
+    r.register("default", RouteSettings(backend="other"))  # a route of that name
+    assert r.remove("default") == "default"
 
 
 def test_an_empty_name_is_not_the_default() -> None:
@@ -174,14 +194,15 @@ async def test_the_memory_store_refuses_what_would_leave_routing_inconsistent() 
 async def check_the_store_refuses_conflicts(state: Any) -> None:
     """A store (memory, Redis) refuses a change that conflicts with what it holds, as
     the router does in one process: so replicas changing at once can't both succeed."""
-    await state.save_route("x", {"backend": "echo", "aliases": ["shared"]})
+    assert await state.save_route("x", {"backend": "echo", "aliases": ["shared"]}) is False
     with pytest.raises(Conflict, match="'shared' is already an alias of 'x'"):
         await state.save_route("y", {"backend": "echo", "aliases": ["shared"]})
     with pytest.raises(Conflict, match=r"^'x' is already the name of another route$"):
         await state.save_route("y", {"backend": "echo", "aliases": ["x"]})
     with pytest.raises(Conflict, match="'shared' is already an alias of 'x'"):
         await state.save_route("shared", {"backend": "echo"})
-    await state.save_route("x", {"backend": "echo", "aliases": ["shared", "more"]})  # itself
+    # Itself, replaced: the store says so (the register answers 200, not 201).
+    assert await state.save_route("x", {"backend": "echo", "aliases": ["shared", "more"]}) is True
     with pytest.raises(ModelNotFound):
         await state.set_default_model("y", runtime=True)  # never stored (or removed)
     await state.set_default_model("x", runtime=True)

@@ -237,6 +237,25 @@ def test_a_route_name_or_alias_a_url_path_cannot_name_is_refused(tmp_path: Path,
         load_settings(environ={"STELLA_CONFIG": str(conf)})
 
 
+@pytest.mark.parametrize(
+    ("upstream", "why"),
+    [
+        ("m" * 257, "over 256 characters"),
+        ("a\nb", r"holds a control character \('\\n' at 1\)"),
+        ("a\u0000b", "holds a control character"),
+    ],
+)
+def test_an_upstream_model_is_bounded_and_without_control_characters(
+    upstream: str, why: str
+) -> None:
+    # As a runtime route's is (POST /api/v1/models): one rule for both.
+    routes = {"x": {"backend": "echo", "upstream_model": upstream}}
+    with pytest.raises(ConfigError, match=f"^models\\.routes\\.x\\.upstream_model: {why}"):
+        load_settings({"models": {"routes": routes}}, environ={})
+    routes["x"]["upstream_model"] = "org/Model-7B:q4_K_M" + "m" * 237  # 256 in all
+    assert load_settings({"models": {"routes": routes}}, environ={}).models.routes["x"]
+
+
 def test_route_names_with_dots_slashes_and_colons_still_load(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text(

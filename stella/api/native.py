@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
 import structlog
@@ -25,7 +25,7 @@ from stella.api.http import (
 )
 from stella.api.openapi import Operation, document
 from stella.core import Call
-from stella.errors import InvalidRequest, ModelNotFound, StellaError
+from stella.errors import Conflict, InvalidRequest, ModelNotFound, StellaError
 from stella.protocol import (
     ChatRequest,
     ChatResponse,
@@ -38,15 +38,24 @@ from stella.protocol import (
     Removed,
 )
 from stella.routing import Router
-from stella.settings import ROUTE_NAME_PATTERN, ROUTE_NAME_RULE, RouteSettings
+from stella.settings import (
+    MAX_UPSTREAM_MODEL,
+    ROUTE_NAME_PATTERN,
+    ROUTE_NAME_RULE,
+    RouteSettings,
+    upstream_model_problem,
+)
 from stella.streaming import Codec
+
+if TYPE_CHECKING:  # stella.app imports this module
+    from stella.app import Services
 
 _chat = msgspec.json.Decoder(ChatRequest)
 _generate = msgspec.json.Decoder(GenerateRequest)
 NDJSON = Codec()
 
 
-# Letters, digits and "._:-" in parts split by "/", none empty or only dots (see
+# ASCII letters, digits and "._:-" in parts split by "/", none empty or only dots (see
 # settings.ROUTE_NAME_PATTERN): a name the URL paths of the admin routes can name.
 RouteName = Annotated[str, Meta(min_length=1, max_length=128, pattern=ROUTE_NAME_PATTERN)]
 
@@ -60,7 +69,8 @@ class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):
 
     name: RouteName
     backend: Annotated[str, Meta(min_length=1)]
-    upstream_model: str = ""
+    # As a configured route's (see settings.upstream_model_problem); "": the name.
+    upstream_model: Annotated[str, Meta(max_length=MAX_UPSTREAM_MODEL)] = ""
     # Names a request can use (the `model` field takes at most 256 characters; "" is
     # the default model): checked as the name is. Each once (see _once).
     aliases: Annotated[list[RouteName], Meta(max_length=MAX_ROUTE_NAMES)] = []
@@ -191,6 +201,19 @@ def _logged(action: str, name: str | None, call: Call) -> Iterator[dict[str, Any
         )
 
 
+def _shared_routing(svc: Services) -> None:
+    """Refuse a routing change that would reach only the worker taking it: with several
+    workers the table is shared only through Redis."""
+    count, key = svc.workers
+    if count > 1 and not svc.settings.state.redis_url:
+        said = f"{key}={count}" if key.isupper() else f"{key} = {count}"
+        raise Conflict(
+            f"runtime routing with several workers ({said}) needs state.redis_url: "
+            "without it a change would reach only the worker that takes the call; set "
+            "state.redis_url, or change the routes in the config file and restart"
+        )
+
+
 @endpoint(auth="admin")
 async def switch_model(request: Request, call: Call) -> Response:
     """POST /api/v1/models/switch/{name}: make `name` the default model."""
@@ -198,6 +221,7 @@ async def switch_model(request: Request, call: Call) -> Response:
     router = svc.router
     wanted = request.path_params["name"]
     with _logged("switch", wanted, call) as logged:
+        _shared_routing(svc)
         logged["route"] = await _change(
             router,
             lambda: router.set_default(wanted),
@@ -223,7 +247,8 @@ async def _read_route(request: Request) -> RegisterRoute:
     except InvalidRequest as exc:
         if "matching regex" in exc.message:  # say the rule, not the pattern
             exc.message = (
-                f"$.{exc.param}: a route name is letters, digits and '._:-' in {ROUTE_NAME_RULE}"
+                f"$.{exc.param}: a route name is ASCII letters, digits and '._:-' in "
+                f"{ROUTE_NAME_RULE}"
             )
         raise
     return spec
@@ -231,13 +256,18 @@ async def _read_route(request: Request) -> RegisterRoute:
 
 @endpoint(auth="admin")
 async def register_model(request: Request, call: Call) -> Response:
-    """POST /api/v1/models: add a runtime route."""
+    """POST /api/v1/models: add a runtime route (201), or replace the one of its name (200)."""
     svc = services(request)
+    replaced = False
     with _logged("register", None, call) as logged:
+        _shared_routing(svc)
         spec = await _read_route(request)
         logged["name"] = spec.name  # named in the log from here, a refused list too
         _once("aliases", spec.aliases)
         _once("fallbacks", spec.fallbacks)
+        problem = upstream_model_problem(spec.upstream_model)
+        if problem:
+            raise InvalidRequest(f"$.upstream_model: {problem}", param="upstream_model")
         for i, alias in enumerate(spec.aliases):
             if alias == spec.name:  # an alias is another name, not the name again
                 raise InvalidRequest(
@@ -250,16 +280,23 @@ async def register_model(request: Request, call: Call) -> Response:
             fallbacks=spec.fallbacks,
         )
         router = svc.router
+
+        async def save(_: object) -> None:
+            nonlocal replaced
+            # The store says, not this table: another replica's route of this name may
+            # not have reached it yet.
+            replaced = await svc.state.save_route(spec.name, msgspec.to_builtins(rs))
+
         await _change(
             router,
             lambda: router.register(spec.name, rs),
-            lambda _: svc.state.save_route(spec.name, msgspec.to_builtins(rs)),
+            save,
             # Stored, it is applied as a stored route is: a fallback removed meanwhile is
             # skipped (as for any route whose fallback goes), not a reason to drop it.
             lambda: router.register(spec.name, rs, check_fallbacks=False),
         )
         logged["route"] = spec.name
-    return JSONResponse(Registered(spec.name), status_code=201)
+    return JSONResponse(Registered(spec.name), status_code=200 if replaced else 201)
 
 
 @endpoint(auth="admin")
@@ -268,7 +305,9 @@ async def delete_model(request: Request, call: Call) -> Response:
     svc = services(request)
     name = request.path_params["name"]
     router = svc.router
+    detail = ""
     with _logged("delete", name, call) as logged:
+        _shared_routing(svc)
         try:
             # Named by an alias, the route itself goes, in the store too: answered by its
             # name.
@@ -279,12 +318,30 @@ async def delete_model(request: Request, call: Call) -> Response:
             # A stored route no replica could apply (not JSON, a backend unknown here:
             # logged as stored_routing_skipped) is in no table, yet the admin must be able
             # to remove it: by its exact name, from the store.
-            stored = await svc.state.load_routes()
-            if name not in stored or getattr(stored[name], "escaped", False):
-                raise  # not stored under this name (a name not UTF-8 is shown escaped)
+            if not await _stored(svc, name):
+                raise
             await svc.state.delete_route(name)
             logged["route"] = name
-    return JSONResponse(Removed(logged["route"]))
+        except Conflict:
+            # A route of this replica's config file: another replica, whose config lacks
+            # it, may have stored a runtime route of that name, which this one skips. It
+            # must be removable here too, by its exact name; the configured one stays.
+            if not router.configured(name) or not await _stored(svc, name):
+                raise
+            await svc.state.delete_route(name)  # the store still guards its default
+            logged["route"] = name
+            detail = (
+                f"removed the stored runtime route {name!r}; the route this replica's "
+                "config file names so stays"
+            )
+    return JSONResponse(Removed(logged["route"], detail=detail))
+
+
+async def _stored(svc: Services, name: str) -> bool:
+    """Whether the store holds a runtime route under exactly this name (one whose name
+    is not UTF-8 is shown escaped: no request names it)."""
+    stored = await svc.state.load_routes()
+    return name in stored and not getattr(stored[name], "escaped", False)
 
 
 async def _change(
@@ -341,6 +398,8 @@ document(
         tag="admin",
         request=RegisterRoute,
         response=Registered,
+        # 201 a new route; 200 one of that name replaced: its backend, aliases, fallbacks.
+        replaced=True,
         admin=True,
         errors=(400, 401, 403, 409, 413, 415, 503),
     ),
@@ -352,7 +411,7 @@ document(
         response=DefaultModel,
         admin=True,
         params=("name",),
-        errors=(401, 403, 404, 503),
+        errors=(401, 403, 404, 409, 503),
     ),
     Operation(
         "delete",

@@ -63,6 +63,8 @@ class Operation:
     headers: tuple[str, ...] = ()
     # False for a route that only refuses (Anthropic's count_tokens): no 200 is declared.
     succeeds: bool = True
+    # An admin POST that creates (201) and may replace what it names instead (200).
+    replaced: bool = False
 
 
 OPERATIONS: list[Operation] = []
@@ -124,6 +126,13 @@ def build_schema(without: frozenset[str] = frozenset()) -> dict[str, Any]:
         responses: dict[str, Any] = {}
         if op.succeeds:
             responses[ok] = {"description": "OK", "headers": _headers(200, op), "content": content}
+        if op.replaced:
+            responses[ok]["description"] = "Created"
+            responses["200"] = {
+                "description": "Replaced: the one of that name",
+                "headers": _headers(200, op),
+                "content": content,
+            }
         errors = op.errors
         if 503 not in errors and op.path not in UNDRAINED:
             errors = (*errors, 503)  # every other route refuses new work while draining

@@ -105,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
     except CannotListen as exc:
         print(f"stella: {exc}", file=sys.stderr)
         return STARTUP_FAILURE  # 3, as a worker's failed start under --workers
+    if args.reload and server_cfg.workers != 1:
+        # The reloader runs one process: its app must not take server.workers for the
+        # count of processes sharing its port (see native._shared_routing).
+        overrides.setdefault("server", {})["workers"] = 1
     if workers > 1 or args.reload:
         return _supervise(settings, overrides, options, workers, args.reload, announce, sock)
     config = uvicorn.Config(app, **options)
@@ -202,9 +206,9 @@ def _supervise(
     print(announce, file=sys.stderr, flush=True)
     if workers > 1:
         print(
-            "stella: warning: with in-memory state each worker keeps its own rate limits, "
-            "usage and runtime routes; set state.redis_url to share them; /metrics counts "
-            "per worker"
+            "stella: warning: with in-memory state each worker keeps its own rate limits "
+            "and usage, and runtime routing changes (POST /api/v1/models, switch, DELETE) "
+            "are refused; set state.redis_url to share them; /metrics counts per worker"
             if not settings.state.redis_url
             else "stella: note: /metrics counts per worker (a scrape reaches one of them)",
             file=sys.stderr,
