@@ -928,3 +928,24 @@ def test_an_earlier_audio_answer_is_refused_not_sent_as_an_empty_turn(
     r = client(server).chat.completions.create(model="plain", messages=msgs)  # type: ignore[arg-type]
     assert r.choices[0].finish_reason == "stop"
     assert up.requests[-1]["messages"][1] == {"role": "assistant", "content": "Hi!"}
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}},
+        {"type": "input_audio", "input_audio": {"data": "aGk=", "format": "wav"}},
+        {"type": "file", "file": {"file_data": "data:application/pdf;base64,aGk="}},
+    ],
+)
+def test_a_content_part_that_is_not_text_is_refused(
+    fake_upstream: tuple[LiveServer, FakeOpenAI], part: dict[str, object]
+) -> None:
+    # Dropped, the model would answer as if it had seen no image, audio or file.
+    server, up = fake_upstream
+    before = len(up.requests)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]
+    error = _refused(server, {"messages": msgs})
+    assert error["param"] == "messages[0].content[1].type", error
+    assert f"content part type {part['type']!r} is not supported" in str(error["message"])
+    assert len(up.requests) == before
