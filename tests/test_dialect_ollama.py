@@ -109,6 +109,19 @@ def test_images_are_refused_naming_the_field(stella: LiveServer) -> None:
         assert r.status_code == 200 and "a b" in r.text, (path, r.text)
 
 
+def test_openapi_says_images_are_refused(stella: LiveServer) -> None:
+    # A generated client reads the field's schema: an array of strings, refused when not
+    # empty, as the dialect answers it.
+    schemas = httpx.get(stella.url + "/openapi.json").json()["components"]["schemas"]
+    for name in ("OllamaMessage", "OllamaGenerate"):
+        images = schemas[name]["properties"]["images"]["anyOf"][0]
+        assert images["type"] == "array" and images["items"] == {"type": "string"}
+        assert images["description"] == (
+            "images are not supported: a non-empty list is a 400 naming this field; "
+            "an empty one is taken"
+        ), name
+
+
 @pytest.mark.parametrize("value", ["yaml", 5, [], True, ["json"]])
 def test_a_format_that_is_neither_json_nor_a_schema_is_refused(
     stella: LiveServer, value: object

@@ -949,3 +949,19 @@ def test_a_content_part_that_is_not_text_is_refused(
     assert error["param"] == "messages[0].content[1].type", error
     assert f"content part type {part['type']!r} is not supported" in str(error["message"])
     assert len(up.requests) == before
+
+
+def test_ollama_style_images_on_a_message_are_refused(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # Some clients send a message's images as Ollama takes them: refused, not ignored.
+    server, up = fake_upstream
+    before = len(up.requests)
+    msgs = [{"role": "user", "content": "What is this?", "images": ["aGk="]}]
+    error = _refused(server, {"messages": msgs})
+    assert error["param"] == "messages[0].images", error
+    assert error["message"] == "$.messages[0].images: images are not supported"
+    assert len(up.requests) == before
+    msgs[0]["images"] = []
+    r = client(server).chat.completions.create(model="plain", messages=msgs)  # type: ignore[arg-type]
+    assert r.choices[0].finish_reason == "stop"

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from stella.api.ollama_request import Images, check_images
 from stella.errors import InvalidRequest
 from stella.protocol import (
     ChatRequest,
@@ -64,6 +65,8 @@ class OAIMessage(msgspec.Struct):
     # An earlier audio answer, as the API has a client send it back ({"id": ...}): named
     # so that it is refused, not read as an empty turn.
     audio: Any = None
+    # Ollama's shape of images, which some clients send here too: refused, not ignored.
+    images: Images | None = None
 
 
 class StreamOptions(msgspec.Struct):
@@ -266,6 +269,7 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
                 "send its transcript as the message's content",
                 param=f"messages[{i}].audio",
             )
+        check_images(m.images, f"messages[{i}].images")
         if m.role in ("user", "system", "developer") and (m.content is None or m.content == []):
             # OpenAI requires it; an empty turn would only get an empty answer.
             raise InvalidRequest(
