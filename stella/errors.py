@@ -260,8 +260,8 @@ class UpstreamStatus(UpstreamError):
     """An upstream answered with an HTTP error status.
 
     `upstream_status` drives retries: 408, 409, 425, 429 and 5xx are worth another try;
-    401 and 403 (the backend's key expired or revoked) go to the fallbacks; 403 and 429
-    tell the backend's circuit nothing.
+    401 and 403 (the backend's key expired or revoked) and 404 (no such model there) go
+    to the fallbacks; 403, 404 and 429 tell the backend's circuit nothing.
     """
 
     def __init__(
@@ -272,18 +272,22 @@ class UpstreamStatus(UpstreamError):
         self.upstream_status = upstream_status
         self.retry_after_hint = retry_after
         self.retryable = upstream_status in (408, 409, 425, 429) or upstream_status >= 500
-        # The same key again is refused again; another backend has its own key.
-        self.falls_back = upstream_status in (401, 403)
+        # The same key again is refused again; another backend has its own key. A 404 is
+        # the upstream without the model (not pulled on an Ollama box, a name another
+        # provider spells otherwise): asked again it would not have it, a fallback may.
+        self.falls_back = upstream_status in (401, 403, 404)
         # A 401 refuses the backend's key, for every model on it: a verdict on the
-        # backend. A 403 often refuses one model to that key ("no access to model X"),
-        # and a 429 is the upstream up and enforcing a limit, often per model or per key:
-        # the backend's other models still answer, so its circuit is not told.
-        self.no_verdict = upstream_status in (403, 429)
+        # backend. A 403 often refuses one model to that key ("no access to model X"), a
+        # 404 is one model's absence, and a 429 is the upstream up and enforcing a limit,
+        # often per model or per key: the backend's other models still answer, so its
+        # circuit is not told.
+        self.no_verdict = upstream_status in (403, 404, 429)
         self.upstream_overloaded = upstream_status == 529
         if upstream_status == 429:
             self.code = "upstream_rate_limited"
         elif upstream_status in (400, 404, 413, 422):
-            # The upstream rejected what we sent: retrying or falling back won't help.
+            # The upstream rejected what we sent: retrying won't help (nor, but for a 404's
+            # missing model, falling back).
             self.code = "upstream_rejected"
 
 

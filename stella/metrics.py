@@ -33,8 +33,21 @@ if TYPE_CHECKING:  # the app installs this module
 # Attempts cut for the client's or the server's reasons, not because the backend failed
 # (a fallback refused by its limits or an open circuit never ran: it has no "ms"; one the
 # request's time cut while its backend was producing is marked "out_of_time", as the
-# circuit breaker takes it: no failure).
-NOT_BACKEND_FAILURES = frozenset({"client_closed", "client_too_slow", "cancelled", "shutting_down"})
+# circuit breaker takes it: no failure), and the client's own request refused by a backend
+# that answered (a prompt over the model's context, a JSON mode or conversation it cannot
+# serve as asked), which its circuit breaker is not told of either. An upstream's 429 (or
+# 403, 404) is counted: the backend did not serve the attempt, though its circuit, as for
+# one model's or one key's refusal, is not told.
+NOT_BACKEND_FAILURES = frozenset(
+    {
+        "client_closed",
+        "client_too_slow",
+        "cancelled",
+        "shutting_down",
+        "context_length_exceeded",
+        "invalid_request",
+    }
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}

@@ -210,3 +210,35 @@ def test_direct_names_and_providers_only_with_allow_direct() -> None:
         assert r.status_code == 200 and r.json()["model"] == "slow/x"
         r = httpx.post(s.url + "/api/v1/chat", json={**body, "model": "nope/anything"})
         assert r.status_code == 404
+
+
+def test_images_are_refused_not_ignored(stella: LiveServer) -> None:
+    # Some clients send Ollama's `images` to these shapes too: dropped, the model would
+    # answer as if it had seen none. A 400 naming the field; an empty list asks for none.
+    for path, body, field in (
+        ("/generate", {"prompt": "what is this?", "images": ["aGk="]}, "images"),
+        ("/api/llm/generate", {"prompt": "what is this?", "images": ["aGk="]}, "images"),
+        ("/api/llm/stream", {"prompt": "what is this?", "images": ["aGk="]}, "images"),
+        (
+            "/api/chat/invoke",
+            {"input_data": {"input": "what is this?", "images": ["aGk="]}},
+            "input_data.images",
+        ),
+    ):
+        r = httpx.post(stella.url + path, json={"model": "echo", **body})
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["code"] == "invalid_request", r.text
+        assert r.json()["error"] == f"$.{field}: images are not supported", r.text
+    for path, body in (
+        ("/generate", {"prompt": "ab", "images": []}),
+        ("/api/llm/generate", {"prompt": "ab", "images": []}),
+        ("/api/llm/stream", {"prompt": "ab", "images": None}),
+        ("/api/chat/invoke", {"input_data": {"input": "ab", "images": []}}),
+    ):
+        r = httpx.post(stella.url + path, json={"model": "echo", **body})
+        assert r.status_code == 200 and "ab" in r.text, (path, r.text)
+    # /openapi.json says so where it documents the field.
+    schemas = httpx.get(stella.url + "/openapi.json").json()["components"]["schemas"]
+    for name in ("PromptRequest", "InputData"):
+        described = schemas[name]["properties"]["images"]["anyOf"][0]["description"]
+        assert described.startswith("images are not supported: a non-empty list is a 400")

@@ -136,6 +136,53 @@ def test_a_cloud_model_s_sign_in_refuses_that_model_not_the_backend(
         assert {m["circuit"] for m in r["models"] if m["backend"] == "box"} == {"closed"}, r
 
 
+def test_a_model_the_upstream_does_not_have_goes_to_the_fallbacks(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # README's Backends example: a model not pulled on the Ollama box answers 404. The
+    # route's fallback answers; the model is not asked for again on that box, and the
+    # box's circuit, which one failure opens here, is not told: its other models answer.
+    url = box[1]
+    config = route(url, "error-before", retries=2, fallbacks=["echo"])
+    config["models"]["routes"]["alone"] = {
+        "backend": "box",
+        "upstream_model": "error-before",
+        "retries": 2,
+    }
+    config["models"]["routes"]["other"] = {"backend": "box", "upstream_model": "llama3"}
+    config["breaker"] = {"failure_threshold": 1}
+    hi = [{"role": "user", "content": "hi there"}]
+    with run_stella(config) as server:
+        for _ in range(2):
+            r = httpx.post(
+                server.url + "/api/v1/chat", json={"model": "m", "messages": hi, "stream": False}
+            )
+            assert r.status_code == 200 and r.json()["backend"] == "echo", r.text
+            assert r.json()["response"] == "hi there"
+            ev = server.wait_event(lambda e, r=r: e["request_id"] == r.json()["id"])
+            assert [(a["backend"], a["error"]) for a in ev["attempts"]] == [
+                ("box", "upstream_rejected"),
+                ("echo", None),
+            ], ev
+            assert ev["attempts"][0]["upstream_status"] == 404
+        # Without a fallback, the 404 is the answer: asked once, and final.
+        r = httpx.post(
+            server.url + "/api/v1/chat", json={"model": "alone", "messages": hi, "stream": False}
+        )
+        assert r.status_code == 502 and r.headers["x-should-retry"] == "false", r.text
+        error = r.json()["error"]
+        assert error["code"] == "upstream_rejected" and not error["retryable"], error
+        assert "model 'error-before' not found" in error["message"], error
+        ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+        assert len(ev["attempts"]) == 1, ev
+        r = httpx.post(
+            server.url + "/api/v1/chat", json={"model": "other", "messages": hi, "stream": False}
+        )
+        assert r.status_code == 200 and r.json()["response"] == "The sky is blue.", r.text
+        r = httpx.get(server.url + "/api/v1/models").json()
+        assert {m["circuit"] for m in r["models"] if m["backend"] == "box"} == {"closed"}, r
+
+
 def test_a_401_to_a_key_stella_sends_is_still_the_backend_s() -> None:
     # Behind a proxy, or at ollama.com itself, a 401 without Ollama's signin_url refuses
     # the key stella sends: every model of the backend alike.

@@ -80,6 +80,48 @@ def test_logprobs_are_refused(stella: LiveServer) -> None:
     assert r.message.content == "hi"
 
 
+def test_images_are_refused_naming_the_field(stella: LiveServer) -> None:
+    # No backend of stella's reads an image: dropped, the model would answer as if it had
+    # seen none. An empty list asks for none.
+    c = client(stella)
+    with pytest.raises(ollama.ResponseError) as chat:
+        c.chat(
+            model="echo",
+            messages=[
+                {"role": "user", "content": "hi"},
+                {"role": "user", "content": "what is this?", "images": [b"not a png"]},
+            ],
+        )
+    assert chat.value.status_code == 400
+    assert chat.value.error == "$.messages[1].images: images are not supported"
+    with pytest.raises(ollama.ResponseError) as generate:
+        c.generate(model="echo", prompt="what is this?", images=[b"not a png"])
+    assert generate.value.status_code == 400
+    assert generate.value.error == "$.images: images are not supported"
+    # Not a load either: an empty prompt with images is refused the same way.
+    r = httpx.post(stella.url + "/api/generate", json={"model": "echo", "images": ["aGk="]})
+    assert r.status_code == 400 and r.json() == {"error": "$.images: images are not supported"}
+    for path, body in (
+        ("/api/chat", {"messages": [{"role": "user", "content": "a b", "images": []}]}),
+        ("/api/generate", {"prompt": "a b", "images": []}),
+    ):
+        r = httpx.post(stella.url + path, json={"model": "echo", "stream": False, **body})
+        assert r.status_code == 200 and "a b" in r.text, (path, r.text)
+
+
+def test_openapi_says_images_are_refused(stella: LiveServer) -> None:
+    # A generated client reads the field's schema: an array of strings, refused when not
+    # empty, as the dialect answers it.
+    schemas = httpx.get(stella.url + "/openapi.json").json()["components"]["schemas"]
+    for name in ("OllamaMessage", "OllamaGenerate"):
+        images = schemas[name]["properties"]["images"]["anyOf"][0]
+        assert images["type"] == "array" and images["items"] == {"type": "string"}
+        assert images["description"] == (
+            "images are not supported: a non-empty list is a 400 naming this field; "
+            "an empty one is taken"
+        ), name
+
+
 @pytest.mark.parametrize("value", ["yaml", 5, [], True, ["json"]])
 def test_a_format_that_is_neither_json_nor_a_schema_is_refused(
     stella: LiveServer, value: object

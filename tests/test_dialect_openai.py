@@ -862,3 +862,106 @@ def test_the_sdk_sends_again_only_what_may_pass_on_another_try(
         headers={"Authorization": f"Bearer {KEY}"},
     )
     assert r.status_code == 400 and r.headers["x-should-retry"] == "false"
+
+
+def _refused(server: LiveServer, body: dict[str, object]) -> dict[str, object]:
+    """The OpenAI error object of a chat completion stella must refuse with a 400."""
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "plain", **body},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_request", error
+    return error
+
+
+def test_audio_output_is_refused_not_answered_in_text(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # A client asking for audio (modalities, audio) would wait for audio that never comes:
+    # a 400 naming the parameter, before any upstream is asked.
+    server, up = fake_upstream
+    msgs = [{"role": "user", "content": "Say hi"}]
+    voice = {"voice": "alloy", "format": "wav"}
+    before = len(up.requests)
+    for body, param, said in (
+        ({"modalities": ["text", "audio"], "audio": voice}, "modalities", "'audio'"),
+        ({"modalities": ["audio"]}, "modalities", "'audio'"),
+        ({"audio": voice}, "audio", "audio output is not supported"),
+        ({"modalities": ["text"], "audio": voice}, "audio", "audio output is not supported"),
+    ):
+        error = _refused(server, {"messages": msgs, **body})
+        assert error["param"] == param and said in str(error["message"]), (body, error)
+    assert len(up.requests) == before
+    # Text only, said so or not: answered (audio null is none asked for).
+    c = client(server)
+    for extra in (
+        {"modalities": ["text"]},
+        {"audio": None},
+        {"modalities": ["text"], "audio": None},
+    ):
+        r = c.chat.completions.create(model="plain", messages=msgs, **extra)  # type: ignore[call-overload]
+        assert r.choices[0].finish_reason == "stop", extra
+    assert len(up.requests) == before + 3
+
+
+def test_an_earlier_audio_answer_is_refused_not_sent_as_an_empty_turn(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # The SDK sends an audio answer back by its id, content null: read as text, the turn
+    # would reach the model empty (and an Anthropic upstream not at all).
+    server, up = fake_upstream
+    before = len(up.requests)
+    msgs = [
+        {"role": "user", "content": "Say hi"},
+        {"role": "assistant", "content": None, "audio": {"id": "audio_abc"}},
+        {"role": "user", "content": "Again?"},
+    ]
+    error = _refused(server, {"messages": msgs})
+    assert error["param"] == "messages[1].audio", error
+    assert str(error["message"]).startswith("$.messages[1].audio: "), error
+    assert len(up.requests) == before
+    # Null, as a client may send every field of a message: none.
+    msgs[1] = {"role": "assistant", "content": "Hi!", "audio": None}
+    r = client(server).chat.completions.create(model="plain", messages=msgs)  # type: ignore[arg-type]
+    assert r.choices[0].finish_reason == "stop"
+    assert up.requests[-1]["messages"][1] == {"role": "assistant", "content": "Hi!"}
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}},
+        {"type": "input_audio", "input_audio": {"data": "aGk=", "format": "wav"}},
+        {"type": "file", "file": {"file_data": "data:application/pdf;base64,aGk="}},
+    ],
+)
+def test_a_content_part_that_is_not_text_is_refused(
+    fake_upstream: tuple[LiveServer, FakeOpenAI], part: dict[str, object]
+) -> None:
+    # Dropped, the model would answer as if it had seen no image, audio or file.
+    server, up = fake_upstream
+    before = len(up.requests)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]}]
+    error = _refused(server, {"messages": msgs})
+    assert error["param"] == "messages[0].content[1].type", error
+    assert f"content part type {part['type']!r} is not supported" in str(error["message"])
+    assert len(up.requests) == before
+
+
+def test_ollama_style_images_on_a_message_are_refused(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # Some clients send a message's images as Ollama takes them: refused, not ignored.
+    server, up = fake_upstream
+    before = len(up.requests)
+    msgs = [{"role": "user", "content": "What is this?", "images": ["aGk="]}]
+    error = _refused(server, {"messages": msgs})
+    assert error["param"] == "messages[0].images", error
+    assert error["message"] == "$.messages[0].images: images are not supported"
+    assert len(up.requests) == before
+    msgs[0]["images"] = []
+    r = client(server).chat.completions.create(model="plain", messages=msgs)  # type: ignore[arg-type]
+    assert r.choices[0].finish_reason == "stop"

@@ -53,6 +53,7 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
             "b-429-rising": {"kind": "openai", "base_url": url + "/v1"},
             "b-500-after-429": {"kind": "openai", "base_url": url + "/v1"},
             "b-400": {"kind": "openai", "base_url": url + "/v1"},
+            "b-404": {"kind": "openai", "base_url": url + "/v1"},
             "b-hold": {"kind": "openai", "base_url": url + "/v1"},
             "b-400-client": {"kind": "openai", "base_url": url + "/v1"},
             "b-chain-401": {"kind": "openai", "base_url": url + "/v1"},
@@ -202,6 +203,20 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
                     "retry_backoff_s": 0.01,
                     "fallbacks": ["up-ok"],
                 },
+                "up-404": {
+                    "backend": "b-404",
+                    "upstream_model": "status-404",
+                    "retries": 1,
+                    "retry_backoff_s": 0.01,
+                    "fallbacks": ["up-ok"],
+                },
+                "up-404-alone": {
+                    "backend": "b-404",
+                    "upstream_model": "status-404",
+                    "retries": 1,
+                    "retry_backoff_s": 0.01,
+                },
+                "up-404-ok": {"backend": "b-404", "upstream_model": "ok", **fast},
                 "up-hold": {
                     "backend": "b-hold",
                     "upstream_model": "finish-then-hold",
@@ -512,6 +527,40 @@ def test_a_request_the_upstream_rejects_ends_the_chain(gateway: LiveServer) -> N
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_rejected", r.text
     ev = gateway.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
     assert [a["backend"] for a in ev["attempts"]] == ["b-400"]
+
+
+def test_a_model_the_upstream_does_not_have_goes_to_the_fallback(gateway: LiveServer) -> None:
+    # 404: this upstream has no such model. Asked again it still would not; another
+    # backend may have it. One model's absence says nothing of the backend's health.
+    for stream in (False, True):
+        r = chat(gateway, "up-404", stream=stream)
+        assert r.status_code == 200, r.text
+        rid = r.headers["x-request-id"]
+        if stream:
+            lines = ndjson(r.text)
+            assert lines[-1]["type"] == "done" and lines[-1]["backend"] == "up", lines
+        else:
+            assert r.json()["backend"] == "up", r.text
+        ev = gateway.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+        assert [(a["backend"], a["error"]) for a in ev["attempts"]] == [
+            ("b-404", "upstream_rejected"),
+            ("up", None),
+        ], ev
+        assert ev["attempts"][0]["upstream_status"] == 404
+    # Without a fallback it is the answer, final: more of them than the breaker's
+    # threshold leave the backend's circuit closed, and its other models answer.
+    for _ in range(4):
+        r = chat(gateway, "up-404-alone", stream=False)
+        assert r.status_code == 502 and r.headers["x-should-retry"] == "false", r.text
+        error = r.json()["error"]
+        assert error["code"] == "upstream_rejected" and error["retryable"] is False, error
+        rid = r.headers["x-request-id"]
+        ev = gateway.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+        assert len(ev["attempts"]) == 1, ev
+    r = chat(gateway, "up-404-ok", stream=False)
+    assert r.status_code == 200, r.text
+    models = httpx.get(gateway.url + "/api/v1/models").json()["models"]
+    assert next(m for m in models if m["name"] == "up-404-ok")["circuit"] == "closed"
 
 
 def test_a_rejected_request_is_not_retryable_with_or_without_a_stream(gateway: LiveServer) -> None:

@@ -129,6 +129,59 @@ def test_a_call_its_total_limit_cuts_while_producing_is_not_a_backend_failure() 
         assert attempt["error"] == "upstream_timeout" and attempt["out_of_time"] is True
 
 
+def test_a_request_the_backend_cannot_serve_as_asked_is_not_its_failure() -> None:
+    # A prompt over the model's context, or a JSON mode the backend cannot keep to, is the
+    # client's request, refused by a backend that answered: no failure of it, as its
+    # circuit breaker takes it. An upstream's 429 is one: it did not serve the attempt
+    # (though, as one model's or one key's limit, its circuit is not told).
+    from tests.fakes.anthropic import FakeAnthropic
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    claude, openai_up = FakeAnthropic(), FakeOpenAI()
+    with serve(claude.app) as claude_url, serve(openai_up.app) as openai_url:
+        config = {
+            "backends": {
+                "up": {"kind": "openai", "base_url": openai_url + "/v1"},
+                "lim": {"kind": "openai", "base_url": openai_url + "/v1"},
+                "claude": {"kind": "anthropic", "base_url": claude_url, "api_key_env": "CK"},
+            },
+            "models": {
+                "routes": {
+                    "ctx": {"backend": "up", "upstream_model": "ctx-openai", "retries": 0},
+                    "lim": {"backend": "lim", "upstream_model": "status-429", "retries": 0},
+                    # With a fallback, the backend's own refusal comes in its attempt.
+                    "json": {
+                        "backend": "claude",
+                        "upstream_model": "claude-x",
+                        "retries": 0,
+                        "fallbacks": ["echo"],
+                    },
+                }
+            },
+        }
+        with run_stella(config, {"CK": "sk-ant-metrics"}) as server:
+            hi = [{"role": "user", "content": "hi"}]
+            for model, extra, status, code in (
+                ("ctx", {}, 400, "context_length_exceeded"),
+                ("json", {"response_format": {"type": "json_object"}}, 400, "invalid_request"),
+                ("lim", {}, 502, "upstream_rate_limited"),
+            ):
+                r = httpx.post(
+                    server.url + "/api/v1/chat",
+                    json={"model": model, "messages": hi, "stream": False, **extra},
+                )
+                assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+                rid = r.headers["x-request-id"]
+                ev = server.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+                assert [a["error"] for a in ev["attempts"]] == [code], ev
+            text = scrape(server)
+    assert 'stella_backend_failures_total{backend="up"' not in text, text
+    assert 'stella_backend_failures_total{backend="claude"' not in text, text
+    assert value(text, 'stella_backend_failures_total{backend="lim",code="upstream_rate_limited"}')
+    assert 'stella_circuit_state{backend="lim"} 0.0' in text
+
+
 def test_a_name_counted_as_other_gets_its_label_once_it_is_a_route() -> None:
     body = {"stream": False, "messages": [{"role": "user", "content": "a"}]}
     with run_stella({"models": {"allow_direct": True}}) as server:

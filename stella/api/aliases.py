@@ -27,6 +27,7 @@ from stella.api.http import (
     stream_response,
 )
 from stella.api.native import NDJSON, model_infos, read_generate, respond
+from stella.api.ollama_request import Images, check_images
 from stella.api.openapi import Operation, document
 from stella.core import Call
 from stella.errors import StellaError
@@ -70,6 +71,8 @@ class InputData(msgspec.Struct):
 
     input: str
     system: str | None = None
+    # Some clients send Ollama's images here too: refused, not ignored.
+    images: Images | None = None
 
 
 class InvokeRequest(msgspec.Struct):
@@ -90,6 +93,7 @@ class PromptRequest(msgspec.Struct):
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     options: Options | None = None
+    images: Images | None = None  # as on InputData: refused, not ignored
 
 
 _invoke = msgspec.json.Decoder(InvokeRequest)
@@ -97,6 +101,7 @@ _prompt = msgspec.json.Decoder(PromptRequest)
 
 
 def _chat_from_prompt(req: PromptRequest, stream: bool) -> ChatRequest:
+    check_images(req.images, "images")
     options = req.options or Options()
     if req.max_tokens is not None or req.temperature is not None:
         options = msgspec.structs.replace(
@@ -123,6 +128,7 @@ async def _answer(request: Request, call: Call, chat: ChatRequest) -> Any:
 async def invoke(request: Request, call: Call) -> Response:
     """POST /api/chat/invoke."""
     req: InvokeRequest = await read_json(request, _invoke)
+    check_images(req.input_data.images, "input_data.images")
     messages = [Message(role="user", content=req.input_data.input)]
     if req.input_data.system:
         messages.insert(0, Message(role="system", content=req.input_data.system))

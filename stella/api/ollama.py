@@ -36,6 +36,7 @@ from stella.api.ollama_request import (
     OllamaChat,
     OllamaGenerate,
     ShowRequest,
+    check_images,
     check_logprobs,
     to_format,
     to_messages,
@@ -367,8 +368,7 @@ async def generate(request: Request, call: Call) -> Reply:
     req: OllamaGenerate = _decode(
         await read_body(request, services(request).settings.server.max_body_bytes), _generate
     )
-    if req.images:
-        raise InvalidRequest("$.images: images are not supported")
+    check_images(req.images, "images")
     _check_keep_alive(req.keep_alive)
     check_logprobs(req.logprobs, req.top_logprobs)
     _check_insert(req)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 from stella.errors import InvalidRequest
 from stella.protocol import (
@@ -16,6 +17,22 @@ from stella.protocol import (
     ToolCallRef,
     options_from,
 )
+
+# Ollama's images (base64 strings), which some clients send on other shapes too: no backend
+# of stella's reads one, and dropped, the model would answer as if it had seen none.
+Images = Annotated[
+    list[str],
+    Meta(
+        description="images are not supported: a non-empty list is a 400 naming this "
+        "field; an empty one is taken"
+    ),
+]
+
+
+def check_images(images: list[str] | None, where: str) -> None:
+    """400 naming `where` for a non-empty `images` list; an empty one asks for nothing."""
+    if images:
+        raise InvalidRequest(f"$.{where}: images are not supported", param=where)
 
 
 class OllamaOptions(msgspec.Struct):
@@ -54,7 +71,7 @@ class OllamaMessage(msgspec.Struct):
 
     role: str
     content: str | None = ""  # Ollama (Go) reads null as ""
-    images: list[str] | None = None
+    images: Images | None = None
     tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
     tool_call_id: str | None = None  # a tool result's: the id of the call it answers
@@ -86,7 +103,7 @@ class OllamaGenerate(msgspec.Struct, kw_only=True):
     options: OllamaOptions | None = None
     format: Any = None
     raw: bool | None = False
-    images: list[str] | None = None
+    images: Images | None = None
     keep_alive: float | str | None = None  # seconds, or a Go duration ("5m")
     think: Think | None = None
     # Named so that they are refused (generate, check_logprobs), not dropped unseen.
@@ -177,8 +194,7 @@ def to_messages(req: OllamaChat) -> list[Message]:
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
             raise InvalidRequest(f"$.messages[{i}].role: {m.role!r} is not one of {sorted(ROLES)}")
-        if m.images:
-            raise InvalidRequest(f"$.messages[{i}].images: images are not supported")
+        check_images(m.images, f"messages[{i}].images")
         calls = (
             [
                 ToolCallRef(

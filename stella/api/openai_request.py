@@ -1,7 +1,7 @@
 """OpenAI request shapes and how they become one ChatRequest.
 
-Fields stella can't honour (n other than 1, logprobs, images) get a 400 naming the
-parameter; other unknown fields are ignored, as OpenAI-compatible servers do.
+Fields stella can't honour (n other than 1, logprobs, images, audio in or out) get a 400
+naming the parameter; other unknown fields are ignored, as OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from stella.api.ollama_request import Images, check_images
 from stella.errors import InvalidRequest
 from stella.protocol import (
     ChatRequest,
@@ -61,6 +62,11 @@ class OAIMessage(msgspec.Struct):
     tool_call_id: str | None = None
     # An assistant's answer that was a refusal, as the API gives it back (content null).
     refusal: str | None = None
+    # An earlier audio answer, as the API has a client send it back ({"id": ...}): named
+    # so that it is refused, not read as an empty turn.
+    audio: Any = None
+    # Ollama's shape of images, which some clients send here too: refused, not ignored.
+    images: Images | None = None
 
 
 class StreamOptions(msgspec.Struct):
@@ -109,6 +115,10 @@ class ChatCompletionRequest(CompletionCommon, kw_only=True):
     # rather than ignored (the model would answer in text to a client awaiting a call).
     functions: list[Any] | None = None
     function_call: Any = None
+    # Output other than text (audio): named so that they are refused, not dropped unseen
+    # (the client would wait for audio that never comes).
+    modalities: list[str] | None = None
+    audio: Any = None
 
 
 class CompletionRequest(CompletionCommon, kw_only=True):
@@ -243,8 +253,23 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
             raise InvalidRequest(
                 f"{legacy} is deprecated and not supported: use {current}", param=legacy
             )
+    other = [m for m in req.modalities or () if m != "text"]
+    if other:
+        raise InvalidRequest(
+            f"$.modalities: {other[0]!r} is not supported; only text", param="modalities"
+        )
+    if req.audio is not None:
+        raise InvalidRequest("$.audio: audio output is not supported (text only)", param="audio")
     messages = []
     for i, m in enumerate(req.messages):
+        if m.audio is not None:
+            # Dropped, the turn would reach the model empty (or not at all, upstream).
+            raise InvalidRequest(
+                f"$.messages[{i}].audio: an earlier answer's audio is not supported; "
+                "send its transcript as the message's content",
+                param=f"messages[{i}].audio",
+            )
+        check_images(m.images, f"messages[{i}].images")
         if m.role in ("user", "system", "developer") and (m.content is None or m.content == []):
             # OpenAI requires it; an empty turn would only get an empty answer.
             raise InvalidRequest(
