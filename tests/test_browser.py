@@ -577,3 +577,12 @@ def test_the_docs_page_fits_a_phone(browser, server: LiveServer) -> None:  # typ
     page.eval_on_selector_all("details.op", "els => els.forEach(d => { d.open = true; })")
     assert page.evaluate("document.documentElement.scrollWidth") <= 360
     page.close()
+
+
+def test_native_controls_are_drawn_dark(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    # The page is dark only: the browser's own parts (scrollbars, the model list's popup)
+    # are drawn dark too, not light on a dark page.
+    page = playground(browser, server.url, "echo")
+    scheme = page.evaluate("getComputedStyle(document.documentElement).colorScheme")
+    assert scheme == "dark"
+    page.close()
