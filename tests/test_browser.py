@@ -586,3 +586,17 @@ def test_native_controls_are_drawn_dark(browser, server: LiveServer) -> None:  #
     scheme = page.evaluate("getComputedStyle(document.documentElement).colorScheme")
     assert scheme == "dark"
     page.close()
+
+
+def test_the_key_form_keeps_its_own_words(browser, keyed: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    # A message sent with no key: the form asks for one in the reader's words, not in the
+    # server's (which tell a developer which header to send).
+    page = browser.new_page()
+    page.goto(keyed.url + "/playground")
+    page.wait_for_selector("#key-form:not([hidden])")
+    page.click("#key-cancel")
+    send(page, "hello")
+    page.wait_for_selector(".msg .error")
+    page.wait_for_selector("#key-form:not([hidden])")
+    assert page.inner_text("#key-form label") == "This server needs an API key."
+    page.close()

@@ -27,10 +27,12 @@ function askForKey(message) {
 
 // A 401 for the saved key (or a key no request can carry) drops it, and the form says
 // why: kept, it would fail every later call. Only the key sent: another may be saved since.
-function refused(err, sent, otherwise) {
+// Otherwise the form keeps its own words: the server's message ("missing API key: send
+// 'Authorization: Bearer <key>' ...") is for a developer, not for the reader of this page.
+function refused(err, sent) {
   const dropped = sent !== "" && apiKey() === sent;
   if (dropped) localStorage.removeItem(KEY);
-  askForKey(dropped ? `The saved key was refused (${err.message}); enter another.` : otherwise);
+  askForKey(dropped ? `The saved key was refused (${err.message}); enter another.` : "");
 }
 
 function refusal(err) {
@@ -69,7 +71,7 @@ function showError(msg, err, key) {
   box.className = "error";
   if (refusal(err)) {
     box.textContent = "Unauthorized: enter an API key below, then send again.";
-    refused(err, key, err.message);
+    refused(err, key);
   } else if (err instanceof StellaError && err.status === 429) {
     const wait = err.retryAfter ?? "a few";
     box.textContent = `Rate limited: try again in ${wait} s.`;
