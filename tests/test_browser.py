@@ -13,8 +13,9 @@ from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
+from tests.fakes.openai import FakeOpenAI
 from tests.fakes.server import serve
-from tests.live import ROOT, LiveServer, in_ci, run_stella
+from tests.live import ROOT, LiveServer, in_ci, merge, run_stella
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -31,8 +32,10 @@ CONFIG = {
             "echo-slow": {"backend": "slow"},
             "echo-broken": {"backend": "broken"},
             "echo-mute": {"backend": "mute", "retries": 0},
+            "echo-limited": {"backend": "echo"},
         }
     },
+    "limits": {"models": {"echo-limited": {"requests_per_minute": 1}}},
 }
 ARGS = [
     "--no-sandbox",
@@ -67,8 +70,22 @@ def browser() -> Iterator:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LiveServer]:
-    with run_stella(CONFIG) as s:
-        yield s
+    with serve(FakeOpenAI(words=8).app) as upstream:
+        # An upstream that answers 429 with Retry-After: 30 (stella's error line says so).
+        limited = {
+            "backends": {"up-429": {"kind": "openai", "base_url": upstream + "/v1"}},
+            "models": {
+                "routes": {
+                    "up-429": {
+                        "backend": "up-429",
+                        "upstream_model": "status-429-30",
+                        "retries": 0,
+                    }
+                }
+            },
+        }
+        with run_stella(merge(CONFIG, limited)) as s:
+            yield s
 
 
 def playground(browser, url: str, model: str, **page_options: object):  # type: ignore[no-untyped-def]
@@ -599,4 +616,41 @@ def test_the_key_form_keeps_its_own_words(browser, keyed: LiveServer) -> None:  
     page.wait_for_selector(".msg .error")
     page.wait_for_selector("#key-form:not([hidden])")
     assert page.inner_text("#key-form label") == "This server needs an API key."
+    page.close()
+
+
+def error_after(page, model: str, text: str = "hello") -> str:  # type: ignore[no-untyped-def]
+    """The error line of the answer to `text` sent to `model` (a turn of its own)."""
+    count = page.locator(".msg .error").count()
+    page.select_option("#model", model)
+    send(page, text)
+    page.wait_for_function("n => document.querySelectorAll('.msg .error').length > n", arg=count)
+    return str(page.locator(".msg .error").nth(count).inner_text())
+
+
+def test_an_error_says_when_to_try_again(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "echo")
+    # An upstream's rate limit comes in the stream (HTTP 200), its wait in the error line.
+    text = error_after(page, "up-429")
+    assert text.startswith("upstream_rate_limited: ") and text.endswith(" Try again in 30 s."), text
+    # stella's own 429 keeps its message, which names the limit hit.
+    hello = {"role": "user", "content": "hello"}
+    body = {"model": "echo-limited", "messages": [hello], "stream": False}
+    assert httpx.post(server.url + "/api/v1/chat", json=body).status_code == 200  # the minute's one
+    text = error_after(page, "echo-limited")
+    assert text.startswith(
+        "Rate limited: rate limit of 1 requests per minute reached for model echo-limited."
+    ), text
+    assert "Try again in " in text and " s." in text, text
+    # A 429 from something in front of stella (a proxy) with no Retry-After, or one whose
+    # date is past, says no wait at all.
+    refusal = {"error": {"code": "rate_limited", "message": "slow down"}}
+    for retry_after in (None, "Wed, 21 Oct 2015 07:28:00 GMT"):
+        headers = {"Retry-After": retry_after} if retry_after else {}
+        page.route(
+            "**/api/v1/chat",
+            lambda route, _, h=headers: route.fulfill(status=429, headers=h, json=refusal),
+        )
+        assert error_after(page, "echo") == "Rate limited: slow down"
+        page.unroute("**/api/v1/chat")
     page.close()

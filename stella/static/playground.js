@@ -66,17 +66,32 @@ function stats(msg, parts) {
   msg.append(line);
 }
 
+// The wait a server asked for, in words: "" when it named none, or one already over (a
+// Retry-After date in the past).
+function waitText(seconds) {
+  if (seconds === null || seconds === undefined || !(seconds > 0)) return "";
+  const s = Math.ceil(seconds);
+  return s < 120 ? `Try again in ${s} s.` : `Try again in ${Math.ceil(s / 60)} min.`;
+}
+
+// A sentence of `text`, ended by a full stop unless it has its own.
+function sentence(text) {
+  return /[.!?]$/.test(text) ? text : `${text}.`;
+}
+
 function showError(msg, err, key) {
   const box = document.createElement("div");
   box.className = "error";
   if (refusal(err)) {
     box.textContent = "Unauthorized: enter an API key below, then send again.";
     refused(err, key);
-  } else if (err instanceof StellaError && err.status === 429) {
-    const wait = err.retryAfter ?? "a few";
-    box.textContent = `Rate limited: try again in ${wait} s.`;
   } else if (err instanceof StellaError) {
-    box.textContent = `${err.code}: ${err.message}`;
+    // The server's message names the limit hit or the reason; the wait comes from a 429's
+    // or 503's Retry-After, or an in-band error line's retry_after (an upstream's rate
+    // limit, a server draining), whatever the HTTP status.
+    const head = err.status === 429 ? `Rate limited: ${err.message}` : `${err.code}: ${err.message}`;
+    const wait = waitText(err.retryAfter);
+    box.textContent = wait ? `${sentence(head)} ${wait}` : head;
   } else {
     box.textContent = String(err && err.message || err);
   }
