@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -654,3 +655,26 @@ def test_an_error_says_when_to_try_again(browser, server: LiveServer) -> None:  
         assert error_after(page, "echo") == "Rate limited: slow down"
         page.unroute("**/api/v1/chat")
     page.close()
+
+
+def test_a_lost_server_is_told_in_plain_words(browser) -> None:  # type: ignore[no-untyped-def]
+    slow = {
+        "backends": {"slow": CONFIG["backends"]["slow"]},
+        "models": {"routes": {"echo-slow": {"backend": "slow"}}},
+    }
+    with run_stella(slow) as s:
+        page = playground(browser, s.url, "echo-slow")
+        send(page, " ".join(f"w{i}" for i in range(100)))
+        answer_has(page, "w3")
+        s.stop(signal.SIGKILL)  # gone mid-answer: the stream breaks
+        page.wait_for_selector(".msg .error")
+        box = page.locator(".msg .error").first
+        assert box.inner_text().startswith("Lost the connection to the server — "), box.inner_text()
+        raw = box.get_attribute("title")
+        assert raw and raw in box.inner_text()  # fetch's own words are kept
+        # Sent again: nothing is there to answer.
+        page.click("#send")
+        page.wait_for_function("() => document.querySelectorAll('.msg .error').length == 2")
+        text = page.locator(".msg .error").nth(1).inner_text()
+        assert text.startswith("Could not reach the server — "), text
+        page.close()

@@ -79,12 +79,21 @@ function sentence(text) {
   return /[.!?]$/.test(text) ? text : `${text}.`;
 }
 
-function showError(msg, err, key) {
+// `started`: the answer's stream had begun, so a network error broke it rather than
+// never reaching the server (so did one after the answer's headers, which name its ID).
+function showError(msg, err, key, started) {
   const box = document.createElement("div");
   box.className = "error";
   if (refusal(err)) {
     box.textContent = "Unauthorized: enter an API key below, then send again.";
     refused(err, key);
+  } else if (err instanceof StellaError && err.code === "network_error") {
+    // fetch's own words ("Failed to fetch", "network error") say little to a reader:
+    // they follow the dash, for whoever needs them.
+    const broke = started || err.requestId;
+    const what = broke ? "Lost the connection to the server" : "Could not reach the server";
+    box.textContent = `${what} — ${err.message}`;
+    box.title = err.message;
   } else if (err instanceof StellaError) {
     // The server's message names the limit hit or the reason; the wait comes from a 429's
     // or 503's Retry-After, or an in-band error line's retry_after (an upstream's rate
@@ -187,9 +196,11 @@ async function send(text) {
   const t0 = performance.now();
   let ttft = null;
   let answer = "";
+  let started = false; // a line of the answer came
   try {
     for await (const event of chat({ model: $("model").value || undefined, messages },
                                    { signal: controller.signal, apiKey: key })) {
+      started = true;
       if (event.type === "delta") {
         if (ttft === null) ttft = performance.now() - t0;
         answer += event.text;
@@ -224,7 +235,7 @@ async function send(text) {
     }
   } catch (err) {
     giveBack(history, text); // the turn failed: its text goes back to the prompt, to send again
-    showError(msg, err, key);
+    showError(msg, err, key, started);
   } finally {
     msg.classList.remove("streaming");
     for (const el of [msg, $("conversation")]) el.setAttribute("aria-busy", "false");
