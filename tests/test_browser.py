@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from tests.fakes.openai import FakeOpenAI
 from tests.fakes.server import serve
-from tests.live import ROOT, LiveServer, in_ci, merge, run_stella
+from tests.live import ROOT, LiveServer, in_ci, install_plugin, merge, run_stella
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -27,6 +27,7 @@ CONFIG = {
         "slow": {"kind": "echo", "delay_s": 0.08},
         "broken": {"kind": "echo", "fail_after": 1},
         "mute": {"kind": "echo", "stall_after": 0},  # no first token until stopped
+        "lazy": {"kind": "lazy"},
     },
     "models": {
         "routes": {
@@ -34,10 +35,22 @@ CONFIG = {
             "echo-broken": {"backend": "broken"},
             "echo-mute": {"backend": "mute", "retries": 0},
             "echo-limited": {"backend": "echo"},
+            "lazy": {"backend": "lazy"},
         }
     },
     "limits": {"models": {"echo-limited": {"requests_per_minute": 1}}},
 }
+# A backend whose model is not loaded until its first call, as the in-process engine's.
+LAZY_PLUGIN = """
+from stella.backends.echo import EchoBackend
+
+
+class LazyBackend(EchoBackend):
+    kind = "lazy"
+
+    def loaded(self, upstream_model):
+        return self.started > 0
+"""
 ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -70,7 +83,10 @@ def browser() -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[LiveServer]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    env = install_plugin(
+        tmp_path_factory.mktemp("plugin"), "stella_lazy", LAZY_PLUGIN, {"lazy": "LazyBackend"}
+    )
     with serve(FakeOpenAI(words=8).app) as upstream:
         # An upstream that answers 429 with Retry-After: 30 (stella's error line says so).
         limited = {
@@ -85,7 +101,7 @@ def server() -> Iterator[LiveServer]:
                 }
             },
         }
-        with run_stella(merge(CONFIG, limited)) as s:
+        with run_stella(merge(CONFIG, limited), env=env) as s:
             yield s
 
 
@@ -678,3 +694,22 @@ def test_a_lost_server_is_told_in_plain_words(browser) -> None:  # type: ignore[
         text = page.locator(".msg .error").nth(1).inner_text()
         assert text.startswith("Could not reach the server — "), text
         page.close()
+
+
+def test_the_model_list_follows_loads_and_removals(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    r = httpx.post(server.url + "/api/v1/models", json={"name": "doomed", "backend": "echo"})
+    assert r.status_code in (200, 201), r.text
+    page = playground(browser, server.url, "lazy")
+    option = "() => document.querySelector('#model option[value=lazy]').textContent"
+    assert page.evaluate(option) == "lazy (not loaded)"
+    send(page, "load it")
+    page.wait_for_function(f"() => ({option})() === 'lazy'")  # loaded by that call
+    assert page.input_value("#model") == "lazy"  # the choice kept
+    # A route removed meanwhile: sending to it is refused, and it leaves the list.
+    page.select_option("#model", "doomed")
+    assert httpx.delete(server.url + "/api/v1/models/doomed").status_code in (200, 204)
+    send(page, "anyone there?")
+    page.wait_for_selector("text=model_not_found")
+    page.wait_for_function("() => !document.querySelector('#model option[value=doomed]')")
+    assert page.input_value("#model") == "echo"  # the default, the choice being gone
+    page.close()

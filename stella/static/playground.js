@@ -4,7 +4,8 @@ import { apiKeyProblem, chat, models, StellaError } from "/static/stella.js";
 
 const $ = (id) => document.getElementById(id);
 const KEY = "stella.apiKey";
-const state = { history: [], controller: null };
+// `unloaded`: the model list shown marks some model not loaded.
+const state = { history: [], controller: null, unloaded: false };
 // Around a pasted key: whitespace, and zero-width characters .trim() keeps (U+200B-U+200D,
 // U+2060). Neither is ever part of a key.
 const PADDING = /^[\s\u200b-\u200d\u2060]+|[\s\u200b-\u200d\u2060]+$/g;
@@ -114,6 +115,9 @@ async function loadModels() {
     const listing = await models({ apiKey: key });
     // A listing again (a key was saved) keeps the model chosen, if this key may use it.
     const names = listing.models.map((m) => m.name);
+    // A model marked not loaded is loaded by its first call: the listing is asked again
+    // after an answer, so the mark goes.
+    state.unloaded = listing.models.some((m) => !m.loaded);
     const chosen = names.includes(select.value) ? select.value : listing.default;
     select.replaceChildren();
     for (const m of listing.models) {
@@ -197,6 +201,7 @@ async function send(text) {
   let ttft = null;
   let answer = "";
   let started = false; // a line of the answer came
+  let done = false;
   try {
     for await (const event of chat({ model: $("model").value || undefined, messages },
                                    { signal: controller.signal, apiKey: key })) {
@@ -211,6 +216,7 @@ async function send(text) {
         answer += call;
         out.append(call);
       } else if (event.type === "done") {
+        done = true;
         const u = event.usage || {};
         const t = event.timings || {};
         stats(msg, [
@@ -222,6 +228,7 @@ async function send(text) {
         ]);
       }
     }
+    if (done && state.unloaded) loadModels();
     if (answer.trim()) {
       if (controller.signal.aborted) stats(msg, ["stopped"]);
       history.push({ role: "assistant", content: answer });
@@ -236,6 +243,8 @@ async function send(text) {
   } catch (err) {
     giveBack(history, text); // the turn failed: its text goes back to the prompt, to send again
     showError(msg, err, key, started);
+    // The model is gone (a route removed through the API): the list shows what is left.
+    if (err instanceof StellaError && err.code === "model_not_found") loadModels();
   } finally {
     msg.classList.remove("streaming");
     for (const el of [msg, $("conversation")]) el.setAttribute("aria-busy", "false");
