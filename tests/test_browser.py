@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import signal
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ KEY = "sk-browser-test-1"
 CONFIG = {
     "backends": {
         "slow": {"kind": "echo", "delay_s": 0.08},
+        "brisk": {"kind": "echo", "delay_s": 0.002},  # some hundreds of tokens a second
         "broken": {"kind": "echo", "fail_after": 1},
         "mute": {"kind": "echo", "stall_after": 0},  # no first token until stopped
         "lazy": {"kind": "lazy"},
@@ -32,6 +34,7 @@ CONFIG = {
     "models": {
         "routes": {
             "echo-slow": {"backend": "slow"},
+            "echo-brisk": {"backend": "brisk"},
             "echo-broken": {"backend": "broken"},
             "echo-mute": {"backend": "mute", "retries": 0},
             "echo-limited": {"backend": "echo"},
@@ -712,4 +715,32 @@ def test_the_model_list_follows_loads_and_removals(browser, server: LiveServer) 
     page.wait_for_selector("text=model_not_found")
     page.wait_for_function("() => !document.querySelector('#model option[value=doomed]')")
     assert page.input_value("#model") == "echo"  # the default, the choice being gone
+    page.close()
+
+
+def test_the_rate_is_rounded_and_left_out_of_a_short_answer(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "echo")
+    send(page, "an instant answer of some words")  # a few microseconds of generation
+    page.wait_for_selector(".msg.assistant .stats")
+    stats = page.inner_text(".msg.assistant .stats")
+    assert "tok/s" not in stats and "6 out" in stats, stats
+
+    def rate(n: int) -> str:
+        line = page.locator(".msg.assistant .stats").nth(n).inner_text()
+        found = re.search(r"(\S+) tok/s", line)
+        assert found, line
+        return found[1]
+
+    for n, model in enumerate(("echo-slow", "echo-brisk"), start=1):
+        page.select_option("#model", model)
+        send(page, " ".join(f"w{i}" for i in range(40 if model == "echo-brisk" else 6)))
+        page.wait_for_function(
+            "n => document.querySelectorAll('.msg.assistant .stats').length > n", arg=n
+        )
+        # One decimal below 100, whole numbers above.
+        figure = rate(n)
+        assert (re.fullmatch(r"\d+\.\d", figure) and float(figure) <= 100) or (
+            re.fullmatch(r"\d+", figure) and int(figure) >= 100
+        ), figure
+    assert "." in rate(1)  # echo-slow: about 12 a second
     page.close()

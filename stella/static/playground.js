@@ -56,6 +56,16 @@ function bubble(role, text) {
   return msg;
 }
 
+// Tokens per second, rounded as a reader takes it in, or null when the answer is too
+// short for a rate to mean anything: a single token, or a few milliseconds of generation
+// (the echo backend's instant answer makes tens of thousands a second).
+function rate(usage, timings) {
+  const tps = timings.tokens_per_s;
+  const generating = (timings.total_ms ?? 0) - (timings.ttft_ms ?? 0);
+  if (typeof tps !== "number" || (usage.completion_tokens ?? 0) < 2 || generating < 50) return null;
+  return `${tps >= 100 ? Math.round(tps) : tps.toFixed(1)} tok/s`;
+}
+
 function stats(msg, parts) {
   const line = document.createElement("div");
   line.className = "stats";
@@ -219,9 +229,10 @@ async function send(text) {
         done = true;
         const u = event.usage || {};
         const t = event.timings || {};
+        const speed = rate(u, t);
         stats(msg, [
           `TTFT ${Math.round(ttft ?? t.ttft_ms ?? 0)} ms`,
-          `${t.tokens_per_s ?? "–"} tok/s`,
+          ...(speed ? [speed] : []),
           `${u.prompt_tokens ?? 0} in / ${u.completion_tokens ?? 0} out`,
           event.finish_reason,
           ...(event.backend ? [`via ${event.backend}`] : []),
