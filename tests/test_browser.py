@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,8 +15,9 @@ from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
+from tests.fakes.openai import FakeOpenAI
 from tests.fakes.server import serve
-from tests.live import ROOT, LiveServer, in_ci, run_stella
+from tests.live import ROOT, LiveServer, in_ci, install_plugin, merge, run_stella
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -23,17 +26,34 @@ KEY = "sk-browser-test-1"
 CONFIG = {
     "backends": {
         "slow": {"kind": "echo", "delay_s": 0.08},
+        "brisk": {"kind": "echo", "delay_s": 0.002},  # some hundreds of tokens a second
         "broken": {"kind": "echo", "fail_after": 1},
         "mute": {"kind": "echo", "stall_after": 0},  # no first token until stopped
+        "lazy": {"kind": "lazy"},
     },
     "models": {
         "routes": {
             "echo-slow": {"backend": "slow"},
+            "echo-brisk": {"backend": "brisk"},
             "echo-broken": {"backend": "broken"},
             "echo-mute": {"backend": "mute", "retries": 0},
+            "echo-limited": {"backend": "echo"},
+            "lazy": {"backend": "lazy"},
         }
     },
+    "limits": {"models": {"echo-limited": {"requests_per_minute": 1}}},
 }
+# A backend whose model is not loaded until its first call, as the in-process engine's.
+LAZY_PLUGIN = """
+from stella.backends.echo import EchoBackend
+
+
+class LazyBackend(EchoBackend):
+    kind = "lazy"
+
+    def loaded(self, upstream_model):
+        return self.started > 0
+"""
 ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -66,9 +86,26 @@ def browser() -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[LiveServer]:
-    with run_stella(CONFIG) as s:
-        yield s
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    env = install_plugin(
+        tmp_path_factory.mktemp("plugin"), "stella_lazy", LAZY_PLUGIN, {"lazy": "LazyBackend"}
+    )
+    with serve(FakeOpenAI(words=8).app) as upstream:
+        # An upstream that answers 429 with Retry-After: 30 (stella's error line says so).
+        limited = {
+            "backends": {"up-429": {"kind": "openai", "base_url": upstream + "/v1"}},
+            "models": {
+                "routes": {
+                    "up-429": {
+                        "backend": "up-429",
+                        "upstream_model": "status-429-30",
+                        "retries": 0,
+                    }
+                }
+            },
+        }
+        with run_stella(merge(CONFIG, limited), env=env) as s:
+            yield s
 
 
 def playground(browser, url: str, model: str, **page_options: object):  # type: ignore[no-untyped-def]
@@ -576,4 +613,134 @@ def test_the_docs_page_fits_a_phone(browser, server: LiveServer) -> None:  # typ
     page.wait_for_selector("details.op code")
     page.eval_on_selector_all("details.op", "els => els.forEach(d => { d.open = true; })")
     assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    page.close()
+
+
+def test_native_controls_are_drawn_dark(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    # The page is dark only: the browser's own parts (scrollbars, the model list's popup)
+    # are drawn dark too, not light on a dark page.
+    page = playground(browser, server.url, "echo")
+    scheme = page.evaluate("getComputedStyle(document.documentElement).colorScheme")
+    assert scheme == "dark"
+    page.close()
+
+
+def test_the_key_form_keeps_its_own_words(browser, keyed: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    # A message sent with no key: the form asks for one in the reader's words, not in the
+    # server's (which tell a developer which header to send).
+    page = browser.new_page()
+    page.goto(keyed.url + "/playground")
+    page.wait_for_selector("#key-form:not([hidden])")
+    page.click("#key-cancel")
+    send(page, "hello")
+    page.wait_for_selector(".msg .error")
+    page.wait_for_selector("#key-form:not([hidden])")
+    assert page.inner_text("#key-form label") == "This server needs an API key."
+    page.close()
+
+
+def error_after(page, model: str, text: str = "hello") -> str:  # type: ignore[no-untyped-def]
+    """The error line of the answer to `text` sent to `model` (a turn of its own)."""
+    count = page.locator(".msg .error").count()
+    page.select_option("#model", model)
+    send(page, text)
+    page.wait_for_function("n => document.querySelectorAll('.msg .error').length > n", arg=count)
+    return str(page.locator(".msg .error").nth(count).inner_text())
+
+
+def test_an_error_says_when_to_try_again(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "echo")
+    # An upstream's rate limit comes in the stream (HTTP 200), its wait in the error line.
+    text = error_after(page, "up-429")
+    assert text.startswith("upstream_rate_limited: ") and text.endswith(" Try again in 30 s."), text
+    # stella's own 429 keeps its message, which names the limit hit.
+    hello = {"role": "user", "content": "hello"}
+    body = {"model": "echo-limited", "messages": [hello], "stream": False}
+    assert httpx.post(server.url + "/api/v1/chat", json=body).status_code == 200  # the minute's one
+    text = error_after(page, "echo-limited")
+    assert text.startswith(
+        "Rate limited: rate limit of 1 requests per minute reached for model echo-limited."
+    ), text
+    assert "Try again in " in text and " s." in text, text
+    # A 429 from something in front of stella (a proxy) with no Retry-After, or one whose
+    # date is past, says no wait at all.
+    refusal = {"error": {"code": "rate_limited", "message": "slow down"}}
+    for retry_after in (None, "Wed, 21 Oct 2015 07:28:00 GMT"):
+        headers = {"Retry-After": retry_after} if retry_after else {}
+        page.route(
+            "**/api/v1/chat",
+            lambda route, _, h=headers: route.fulfill(status=429, headers=h, json=refusal),
+        )
+        assert error_after(page, "echo") == "Rate limited: slow down"
+        page.unroute("**/api/v1/chat")
+    page.close()
+
+
+def test_a_lost_server_is_told_in_plain_words(browser) -> None:  # type: ignore[no-untyped-def]
+    slow = {
+        "backends": {"slow": CONFIG["backends"]["slow"]},
+        "models": {"routes": {"echo-slow": {"backend": "slow"}}},
+    }
+    with run_stella(slow) as s:
+        page = playground(browser, s.url, "echo-slow")
+        send(page, " ".join(f"w{i}" for i in range(100)))
+        answer_has(page, "w3")
+        s.stop(signal.SIGKILL)  # gone mid-answer: the stream breaks
+        page.wait_for_selector(".msg .error")
+        box = page.locator(".msg .error").first
+        assert box.inner_text().startswith("Lost the connection to the server — "), box.inner_text()
+        raw = box.get_attribute("title")
+        assert raw and raw in box.inner_text()  # fetch's own words are kept
+        # Sent again: nothing is there to answer.
+        page.click("#send")
+        page.wait_for_function("() => document.querySelectorAll('.msg .error').length == 2")
+        text = page.locator(".msg .error").nth(1).inner_text()
+        assert text.startswith("Could not reach the server — "), text
+        page.close()
+
+
+def test_the_model_list_follows_loads_and_removals(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    r = httpx.post(server.url + "/api/v1/models", json={"name": "doomed", "backend": "echo"})
+    assert r.status_code in (200, 201), r.text
+    page = playground(browser, server.url, "lazy")
+    option = "() => document.querySelector('#model option[value=lazy]').textContent"
+    assert page.evaluate(option) == "lazy (not loaded)"
+    send(page, "load it")
+    page.wait_for_function(f"() => ({option})() === 'lazy'")  # loaded by that call
+    assert page.input_value("#model") == "lazy"  # the choice kept
+    # A route removed meanwhile: sending to it is refused, and it leaves the list.
+    page.select_option("#model", "doomed")
+    assert httpx.delete(server.url + "/api/v1/models/doomed").status_code in (200, 204)
+    send(page, "anyone there?")
+    page.wait_for_selector("text=model_not_found")
+    page.wait_for_function("() => !document.querySelector('#model option[value=doomed]')")
+    assert page.input_value("#model") == "echo"  # the default, the choice being gone
+    page.close()
+
+
+def test_the_rate_is_rounded_and_left_out_of_a_short_answer(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "echo")
+    send(page, "an instant answer of some words")  # a few microseconds of generation
+    page.wait_for_selector(".msg.assistant .stats")
+    stats = page.inner_text(".msg.assistant .stats")
+    assert "tok/s" not in stats and "6 out" in stats, stats
+
+    def rate(n: int) -> str:
+        line = page.locator(".msg.assistant .stats").nth(n).inner_text()
+        found = re.search(r"(\S+) tok/s", line)
+        assert found, line
+        return found[1]
+
+    for n, model in enumerate(("echo-slow", "echo-brisk"), start=1):
+        page.select_option("#model", model)
+        send(page, " ".join(f"w{i}" for i in range(40 if model == "echo-brisk" else 6)))
+        page.wait_for_function(
+            "n => document.querySelectorAll('.msg.assistant .stats').length > n", arg=n
+        )
+        # One decimal below 100, whole numbers above.
+        figure = rate(n)
+        assert (re.fullmatch(r"\d+\.\d", figure) and float(figure) <= 100) or (
+            re.fullmatch(r"\d+", figure) and int(figure) >= 100
+        ), figure
+    assert "." in rate(1)  # echo-slow: about 12 a second
     page.close()

@@ -39,7 +39,8 @@ class EchoConfig(BackendConfig, kw_only=True):
     fail_after: Annotated[int, Meta(ge=-1)] = -1  # raise after this many tokens (-1: never)
     # Stop producing after this many tokens, forever (-1: never).
     stall_after: Annotated[int, Meta(ge=-1)] = -1
-    # The failure the knobs above raise: what a real backend may end a stream with.
+    # The failure fail_after raises: what a real backend may end a stream with
+    # (fail_before_first and fail_first_calls always raise upstream_error).
     error_code: Literal["upstream_error", "upstream_timeout", "overloaded", "unavailable"] = (
         "upstream_error"
     )

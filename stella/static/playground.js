@@ -4,7 +4,8 @@ import { apiKeyProblem, chat, models, StellaError } from "/static/stella.js";
 
 const $ = (id) => document.getElementById(id);
 const KEY = "stella.apiKey";
-const state = { history: [], controller: null };
+// `unloaded`: the model list shown marks some model not loaded.
+const state = { history: [], controller: null, unloaded: false };
 // Around a pasted key: whitespace, and zero-width characters .trim() keeps (U+200B-U+200D,
 // U+2060). Neither is ever part of a key.
 const PADDING = /^[\s\u200b-\u200d\u2060]+|[\s\u200b-\u200d\u2060]+$/g;
@@ -27,10 +28,12 @@ function askForKey(message) {
 
 // A 401 for the saved key (or a key no request can carry) drops it, and the form says
 // why: kept, it would fail every later call. Only the key sent: another may be saved since.
-function refused(err, sent, otherwise) {
+// Otherwise the form keeps its own words: the server's message ("missing API key: send
+// 'Authorization: Bearer <key>' ...") is for a developer, not for the reader of this page.
+function refused(err, sent) {
   const dropped = sent !== "" && apiKey() === sent;
   if (dropped) localStorage.removeItem(KEY);
-  askForKey(dropped ? `The saved key was refused (${err.message}); enter another.` : otherwise);
+  askForKey(dropped ? `The saved key was refused (${err.message}); enter another.` : "");
 }
 
 function refusal(err) {
@@ -53,6 +56,16 @@ function bubble(role, text) {
   return msg;
 }
 
+// Tokens per second, rounded as a reader takes it in, or null when the answer is too
+// short for a rate to mean anything: a single token, or a few milliseconds of generation
+// (the echo backend's instant answer makes tens of thousands a second).
+function rate(usage, timings) {
+  const tps = timings.tokens_per_s;
+  const generating = (timings.total_ms ?? 0) - (timings.ttft_ms ?? 0);
+  if (typeof tps !== "number" || (usage.completion_tokens ?? 0) < 2 || generating < 50) return null;
+  return `${tps >= 100 ? Math.round(tps) : tps.toFixed(1)} tok/s`;
+}
+
 function stats(msg, parts) {
   const line = document.createElement("div");
   line.className = "stats";
@@ -64,17 +77,41 @@ function stats(msg, parts) {
   msg.append(line);
 }
 
-function showError(msg, err, key) {
+// The wait a server asked for, in words: "" when it named none, or one already over (a
+// Retry-After date in the past).
+function waitText(seconds) {
+  if (seconds === null || seconds === undefined || !(seconds > 0)) return "";
+  const s = Math.ceil(seconds);
+  return s < 120 ? `Try again in ${s} s.` : `Try again in ${Math.ceil(s / 60)} min.`;
+}
+
+// A sentence of `text`, ended by a full stop unless it has its own.
+function sentence(text) {
+  return /[.!?]$/.test(text) ? text : `${text}.`;
+}
+
+// `started`: the answer's stream had begun, so a network error broke it rather than
+// never reaching the server (so did one after the answer's headers, which name its ID).
+function showError(msg, err, key, started) {
   const box = document.createElement("div");
   box.className = "error";
   if (refusal(err)) {
     box.textContent = "Unauthorized: enter an API key below, then send again.";
-    refused(err, key, err.message);
-  } else if (err instanceof StellaError && err.status === 429) {
-    const wait = err.retryAfter ?? "a few";
-    box.textContent = `Rate limited: try again in ${wait} s.`;
+    refused(err, key);
+  } else if (err instanceof StellaError && err.code === "network_error") {
+    // fetch's own words ("Failed to fetch", "network error") say little to a reader:
+    // they follow the dash, for whoever needs them.
+    const broke = started || err.requestId;
+    const what = broke ? "Lost the connection to the server" : "Could not reach the server";
+    box.textContent = `${what} — ${err.message}`;
+    box.title = err.message;
   } else if (err instanceof StellaError) {
-    box.textContent = `${err.code}: ${err.message}`;
+    // The server's message names the limit hit or the reason; the wait comes from a 429's
+    // or 503's Retry-After, or an in-band error line's retry_after (an upstream's rate
+    // limit, a server draining), whatever the HTTP status.
+    const head = err.status === 429 ? `Rate limited: ${err.message}` : `${err.code}: ${err.message}`;
+    const wait = waitText(err.retryAfter);
+    box.textContent = wait ? `${sentence(head)} ${wait}` : head;
   } else {
     box.textContent = String(err && err.message || err);
   }
@@ -88,6 +125,9 @@ async function loadModels() {
     const listing = await models({ apiKey: key });
     // A listing again (a key was saved) keeps the model chosen, if this key may use it.
     const names = listing.models.map((m) => m.name);
+    // A model marked not loaded is loaded by its first call: the listing is asked again
+    // after an answer, so the mark goes.
+    state.unloaded = listing.models.some((m) => !m.loaded);
     const chosen = names.includes(select.value) ? select.value : listing.default;
     select.replaceChildren();
     for (const m of listing.models) {
@@ -170,9 +210,12 @@ async function send(text) {
   const t0 = performance.now();
   let ttft = null;
   let answer = "";
+  let started = false; // a line of the answer came
+  let done = false;
   try {
     for await (const event of chat({ model: $("model").value || undefined, messages },
                                    { signal: controller.signal, apiKey: key })) {
+      started = true;
       if (event.type === "delta") {
         if (ttft === null) ttft = performance.now() - t0;
         answer += event.text;
@@ -183,17 +226,20 @@ async function send(text) {
         answer += call;
         out.append(call);
       } else if (event.type === "done") {
+        done = true;
         const u = event.usage || {};
         const t = event.timings || {};
+        const speed = rate(u, t);
         stats(msg, [
           `TTFT ${Math.round(ttft ?? t.ttft_ms ?? 0)} ms`,
-          `${t.tokens_per_s ?? "–"} tok/s`,
+          ...(speed ? [speed] : []),
           `${u.prompt_tokens ?? 0} in / ${u.completion_tokens ?? 0} out`,
           event.finish_reason,
           ...(event.backend ? [`via ${event.backend}`] : []),
         ]);
       }
     }
+    if (done && state.unloaded) loadModels();
     if (answer.trim()) {
       if (controller.signal.aborted) stats(msg, ["stopped"]);
       history.push({ role: "assistant", content: answer });
@@ -207,7 +253,9 @@ async function send(text) {
     }
   } catch (err) {
     giveBack(history, text); // the turn failed: its text goes back to the prompt, to send again
-    showError(msg, err, key);
+    showError(msg, err, key, started);
+    // The model is gone (a route removed through the API): the list shows what is left.
+    if (err instanceof StellaError && err.code === "model_not_found") loadModels();
   } finally {
     msg.classList.remove("streaming");
     for (const el of [msg, $("conversation")]) el.setAttribute("aria-busy", "false");
