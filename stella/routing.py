@@ -192,7 +192,7 @@ class Router:
 
     def configured(self, name: str) -> bool:
         """Whether `name` (a name, an alias or `default`) stands for a configured route."""
-        target = self._target(name)
+        target = self.target(name)
         return target is not None and not self.routes[target].runtime
 
     def resolve(self, model: str | None, allowed: Allowed | None = None) -> Route:
@@ -344,7 +344,7 @@ class Router:
         """Remove a runtime route (by its name or an alias) and return its name; the
         configured ones and the default are protected."""
         # `default`, unless a route claims the name, is the default model as it is now.
-        target = self._target(name)
+        target = self.target(name)
         if target is None:
             raise ModelNotFound(f"model {name!r} not found")
         route = self.routes[target]
