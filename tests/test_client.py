@@ -733,6 +733,42 @@ def test_cli_chat_output_stdout_cannot_take_is_said_so(stella: LiveServer) -> No
     assert closed.stderr == "stella: cannot write output: stdout is closed\n"
 
 
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_cli_chat_to_a_pipe_streams_and_keeps_its_lines_in_order(
+    stella: LiveServer, unbuffered: bool
+) -> None:
+    # stdout and stderr one pipe (`2>&1 | cat`): the --stats line was glued to the
+    # answer, the answer's line end coming after it; the answer still streams.
+    env = {"PATH": "/usr/bin:/bin", "STELLA_URL": stella.url}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stella",
+            "chat",
+            "-m",
+            "echo-slow",
+            "--stats",
+            " ".join(["w"] * 30),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    assert proc.stdout is not None
+    try:
+        first = proc.stdout.read1(64)  # the first words, while the answer goes on
+        assert first.startswith(b"w") and proc.poll() is None, first
+        rest = proc.stdout.read()
+    finally:
+        proc.kill() if proc.poll() is None else None
+        proc.wait(timeout=30)
+    answer, stats, end = (first + rest).decode().split("\n")
+    assert answer == " ".join(["w"] * 30) and stats.startswith("[stop] ") and end == ""
+
+
 def test_cli_chat_error_line_after_partial_output_starts_a_line(stella: LiveServer) -> None:
     # On a terminal (stdout and stderr one file) it read "abcstella: cannot write output".
     env = {"PATH": "/usr/bin:/bin", "STELLA_URL": stella.url, "PYTHONIOENCODING": "ascii"}

@@ -167,9 +167,6 @@ class OutputError(OSError):
     from the network's OSErrors, which a command reports as its own."""
 
 
-HOLD_CHARS = 1 << 16  # what Output holds at most before it writes
-
-
 def _is_tty(stream: TextIO | None) -> bool:
     """Whether `stream` is a terminal (False when it cannot say)."""
     try:
@@ -184,30 +181,31 @@ class Output:
 
     def __init__(self, stream: TextIO | None) -> None:
         self._stream = stream  # None: the process started with fd 1 closed (`>&-`)
-        # A pipe or a file gets what is written until the next flush in one write, even
-        # with PYTHONUNBUFFERED (the Containerfile sets it), where every print() is two
-        # writes: `stella config | head -30` would find the reader gone at the newline.
-        self._held: list[str] | None = None if _is_tty(stream) else []
-        self._held_chars = 0
+        # Off a terminal, text without its line end waits for the next write or flush:
+        # with PYTHONUNBUFFERED (the Containerfile sets it) print() is two writes, the
+        # text and its newline, and `stella config | head -30` found the reader gone at
+        # the newline. Whole lines still go at once, in order with stderr's.
+        self._hold = not _is_tty(stream)
+        self._held = ""
 
     def write(self, text: str) -> int:
-        """Write `text`, as the stream does (held until the next flush off a terminal)."""
+        """Write `text`, as the stream does (off a terminal, an unended line waits for
+        the next write or flush)."""
         if self._stream is None:
             raise OutputError(errno.EBADF, "stdout is closed")
-        if self._held is not None:
-            self._held.append(text)
-            self._held_chars += len(text)
-            if self._held_chars >= HOLD_CHARS:
-                self._release()
-            return len(text)
-        return self._send(text)
+        if not self._hold:
+            return self._send(text)
+        line, self._held = self._held + text, ""
+        if not line.endswith("\n"):
+            self._held = line
+        else:
+            self._send(line)
+        return len(text)
 
     def _release(self) -> None:
-        """Write what is held, in one write."""
+        """Write the line that waits, if any."""
         if self._held:
-            text = "".join(self._held)
-            self._held.clear()
-            self._held_chars = 0
+            text, self._held = self._held, ""
             self._send(text)
 
     def _send(self, text: str) -> int:

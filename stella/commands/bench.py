@@ -342,6 +342,7 @@ def _run(args: argparse.Namespace) -> int:
                 f"| {r.concurrency} | {r.rps:,.0f} | {r.p50_ms} | {r.p90_ms} | {r.p99_ms} | "
                 f"{r.ttfb_p50_ms} | {r.tokens_per_s:,.0f} | {r.errors} |"
             )
+    sys.stdout.flush()  # the table before a verdict on stderr, which may be the same file
     if not any(r.succeeded for r in results):
         first = next((r.first_error for r in results if r.first_error), "")
         why = f"; the first failure: {first}" if first else ""

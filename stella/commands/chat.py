@@ -109,9 +109,11 @@ def run(args: argparse.Namespace) -> int:
                     midline = bool(event.text) and not event.text.endswith("\n")
                 elif isinstance(event, ToolCall):
                     sys.stdout.write(f"\n[tool call] {event.name} {event.arguments}\n")
+                    sys.stdout.flush()
                     midline = False
                 elif isinstance(event, Done):
                     sys.stdout.write("\n")
+                    sys.stdout.flush()  # before --stats' line on stderr, which may be the same file
                     midline = False
                     if args.stats:
                         u, t = event.usage, event.timings
