@@ -12,7 +12,7 @@ import openai
 import pydantic
 import pytest
 
-from tests.fakes.openai import REFUSAL, FakeOpenAI
+from tests.fakes.openai import FILTERED, REFUSAL, FakeOpenAI
 from tests.fakes.server import serve
 from tests.live import LiveServer, run_stella
 
@@ -730,6 +730,7 @@ def fake_upstream() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
                 "routes": {
                     "plain": {"backend": "up", "upstream_model": "ok", "retries": 0},
                     "refusal": {"backend": "up", "upstream_model": "refusal", "retries": 0},
+                    "filtered": {"backend": "up", "upstream_model": "filtered", "retries": 0},
                     "reasoning": {"backend": "o", "upstream_model": "reasoning", "retries": 0},
                     "rejected": {"backend": "up", "upstream_model": "status-400", "retries": 0},
                     "limited": {"backend": "up", "upstream_model": "status-429", "retries": 0},
@@ -749,21 +750,34 @@ def test_an_upstream_s_refusal_reaches_the_client_as_one(
 ) -> None:
     # OpenAI answers `refusal` (content null, finish_reason "stop") when a model declines,
     # often to a json_schema: each dialect gets the text, ended as a refusal, not as an
-    # empty success.
+    # empty success. Chat completions give it back as the API does, in `refusal`.
     server, _ = fake_upstream
     c = client(server)
     msgs = [{"role": "user", "content": "Which city?"}]
     r = c.chat.completions.create(model="refusal", messages=msgs)
-    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (
+    message = r.choices[0].message
+    assert (message.content, message.refusal, r.choices[0].finish_reason) == (
+        None,
         REFUSAL,
-        "content_filter",
+        "stop",
     )
     chunks = list(c.chat.completions.create(model="refusal", messages=msgs, stream=True))
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == REFUSAL
-    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "content_filter"
-    # The SDK's structured-output call says so, rather than failing to parse the text.
-    with pytest.raises(openai.ContentFilterFinishReasonError):
-        c.chat.completions.parse(model="refusal", messages=msgs, response_format=Answer)
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert "".join(d.refusal or "" for d in deltas) == REFUSAL
+    assert all(not d.content for d in deltas)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+    # The SDK's structured-output helpers leave `parsed` empty and say why in `refusal`,
+    # rather than failing to read the text as the schema asked.
+    parsed = c.chat.completions.parse(model="refusal", messages=msgs, response_format=Answer)
+    assert (parsed.choices[0].message.refusal, parsed.choices[0].message.parsed) == (REFUSAL, None)
+    with c.chat.completions.stream(
+        model="refusal", messages=msgs, response_format=Answer
+    ) as stream:
+        events = list(stream)
+        final = stream.get_final_completion()
+    assert "".join(e.delta for e in events if e.type == "refusal.delta") == REFUSAL
+    assert (final.choices[0].message.refusal, final.choices[0].message.parsed) == (REFUSAL, None)
+    assert final.choices[0].finish_reason == "stop"
     m = httpx.post(
         server.url + "/v1/messages",
         json={"model": "refusal", "max_tokens": 50, "messages": msgs},
@@ -773,10 +787,56 @@ def test_an_upstream_s_refusal_reaches_the_client_as_one(
     deadline = time.monotonic() + 10  # the last line may still be on its way
     while True:
         logged = [e["finish_reason"] for e in server.events("inference") if e["model"] == "refusal"]
-        if len(logged) >= 4 or time.monotonic() > deadline:
+        if len(logged) >= 5 or time.monotonic() > deadline:
             break
         time.sleep(0.02)
-    assert logged == ["content_filter"] * 4
+    assert logged == ["content_filter"] * 5
+
+
+def test_an_answer_a_content_filter_cut_short_is_content_not_a_refusal(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # Text the upstream's content filter cut short (content_filter, no `refusal`) is the
+    # answer as far as it went: `content`, finished content_filter, as the API gives it.
+    server, _ = fake_upstream
+    c = client(server)
+    msgs = [{"role": "user", "content": "hi"}]
+    r = c.chat.completions.create(model="filtered", messages=msgs)
+    message = r.choices[0].message
+    assert (message.content, message.refusal, r.choices[0].finish_reason) == (
+        FILTERED,
+        None,
+        "content_filter",
+    )
+    chunks = list(c.chat.completions.create(model="filtered", messages=msgs, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert "".join(d.content or "" for d in deltas) == FILTERED
+    assert all(d.refusal is None for d in deltas)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "content_filter"
+    with pytest.raises(openai.ContentFilterFinishReasonError):
+        c.chat.completions.parse(model="filtered", messages=msgs, response_format=Answer)
+
+
+def test_a_refusal_is_as_openapi_json_declares_it(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # A generated client reads the answer and each chunk as /openapi.json declares them.
+    from tests.test_ops import _validate
+
+    server, _ = fake_upstream
+    spec = httpx.get(server.url + "/openapi.json").json()
+    for stream in (False, True):
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={
+                "model": "refusal",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": stream,
+            },
+            headers={"authorization": f"Bearer {KEY}"},
+        )
+        assert r.status_code == 200, r.text
+        _validate(spec, "post", "/v1/chat/completions", r)
 
 
 def test_a_backend_set_to_max_completion_tokens_sends_the_limit_so(

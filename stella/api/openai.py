@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -42,10 +42,11 @@ from stella.api.openai_request import (
 )
 from stella.api.openapi import Operation, Schema, document, ref
 from stella.backends import BackendHealth
-from stella.core import Call
+from stella.core import Call, Inference
 from stella.errors import Forbidden, InvalidRequest, ModelNotFound, StellaError
 from stella.protocol import (
     ChatRequest,
+    Delta,
     Done,
     Error,
     FunctionSpec,
@@ -182,15 +183,27 @@ def resolve_provider(
 FINISH = {"cancelled": "stop", "client_closed": "stop", "error": "stop"}
 
 
+def refused(inference: Inference) -> bool:
+    """Whether the answer is an upstream's refusal (OpenAI's `refusal` field) rather than
+    text: one its content filter cut short is text, as far as it went."""
+    ctx = inference.ctx
+    return ctx is not None and ctx.refused
+
+
 class ChunkCodec(Codec):
     """Events as chat.completion.chunk SSE lines (or text_completion chunks)."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, include_usage: bool, text: bool = False) -> None:
+    def __init__(
+        self, include_usage: bool, text: bool = False, refusal: Callable[[], bool] | None = None
+    ) -> None:
         super().__init__()
         self.include_usage = include_usage
         self.text = text
+        # Asked at each piece of text: the backend marks a refusal before it yields it.
+        self.refusal = refusal
+        self.refusing = False  # pieces went out as `delta.refusal`
         self.head = b""
         self.usage_head = b""  # the head of the last chunk, the one with the usage
         self.failed = False
@@ -222,17 +235,22 @@ class ChunkCodec(Codec):
 
     def _role(self, kind: type) -> bytes:
         self.role_sent = True
-        content = b"null" if kind is ToolCall else b'""'
+        if self.refusing:  # as OpenAI opens a refusal
+            delta = b'"content":null,"refusal":""'
+        else:
+            delta = b'"content":null' if kind is ToolCall else b'"content":""'
         return (
             self.head
-            + b'[{"index":0,"delta":{"role":"assistant","content":'
-            + content
+            + b'[{"index":0,"delta":{"role":"assistant",'
+            + delta
             + b'},"finish_reason":null}]}\n\n'
         )
 
     def encode(self, event: Any) -> bytes:
         """One SSE event per pipeline event (each `data:` JSON on one line)."""
         kind = type(event)
+        if kind is Delta and self.refusal is not None and not self.refusing:
+            self.refusing = self.refusal()
         if not self.role_sent and kind is not Error:
             return self._role(kind) + self._encode(event, kind)
         return self._encode(event, kind)
@@ -240,6 +258,9 @@ class ChunkCodec(Codec):
     def _encode(self, event: Any, kind: type) -> bytes:
         if kind is Done:
             reason = FINISH.get(event.finish_reason, event.finish_reason)
+            if self.refusing and reason == "content_filter":
+                # The refusal's pieces said what it is; OpenAI ends one with "stop".
+                reason = "stop"
             if self.text:
                 out = (
                     self.head
@@ -286,7 +307,11 @@ class ChunkCodec(Codec):
             )
         return (
             self.head
-            + b'[{"index":0,"delta":{"content":'
+            + (
+                b'[{"index":0,"delta":{"refusal":'
+                if self.refusing
+                else b'[{"index":0,"delta":{"content":'
+            )
             + json_text(event.text)
             + b'},"finish_reason":null}]}\n\n'
         )
@@ -311,7 +336,10 @@ async def _run(
     headers = inference.permit.headers
     if chat.stream:
         dialect = OPENAI_TEXT if text else OPENAI
-        return stream_response(request, inference, ChunkCodec(include_usage, text), dialect)
+        # A text completion has no field for a refusal: its text, finished content_filter.
+        refusal = None if text else lambda: refused(inference)
+        codec = ChunkCodec(include_usage, text, refusal)
+        return stream_response(request, inference, codec, dialect)
     result = await run_to_end(request, inference)
     usage = result.usage  # encoded as it is: msgspec writes structs directly
     reason = FINISH.get(result.finish_reason, result.finish_reason)
@@ -330,9 +358,19 @@ async def _run(
             },
             headers=headers,
         )
-    # `refusal` always, null: the API sends it so and the SDKs' types require it (an
-    # upstream's refusal is the content, finished content_filter).
+    # `refusal` always, null but for an upstream's refusal: the API sends it so and the
+    # SDKs' types require it.
     message: dict[str, Any] = {"role": "assistant", "content": result.response, "refusal": None}
+    if (
+        reason == "content_filter"
+        and result.response
+        and not result.message.tool_calls
+        and refused(inference)
+    ):
+        # As OpenAI gives one back, content null and finished "stop": the SDK's parse()
+        # leaves `parsed` empty and says why in `refusal`.
+        message["content"], message["refusal"] = None, result.response
+        reason = "stop"
     if result.message.tool_calls:
         message["content"] = result.response or None
         message["tool_calls"] = [

@@ -109,7 +109,8 @@ OPENAI_CHAT = Schema(
                             {
                                 "role": const("assistant"),
                                 "content": {"type": ["string", "null"]},
-                                "refusal": NULL,
+                                # An upstream's refusal: its text here, content null.
+                                "refusal": {"type": ["string", "null"]},
                             },
                             {"tool_calls": array(_OPENAI_TOOL_CALL)},
                         ),
@@ -177,6 +178,8 @@ OPENAI_CHAT_CHUNK = Schema(
                     {
                         "role": const("assistant"),
                         "content": {"type": ["string", "null"]},
+                        # An upstream's refusal, in pieces (the first, with the role, "").
+                        "refusal": STR,
                         "tool_calls": array(
                             obj(
                                 {

@@ -93,7 +93,8 @@ class CallContext:
     # Set by a backend whose upstream declined to answer (OpenAI's `refusal` field): the
     # answer's text is the refusal, finished content_filter. An answer the upstream's
     # content filter cut short also finishes content_filter, its text a partial answer
-    # (the Responses dialect gives the one a `refusal` part, the other `output_text`).
+    # (chat completions give the one as `refusal`, the Responses dialect as a `refusal`
+    # part; the other as `content`, `output_text`).
     refused: bool = False
 
 
