@@ -38,6 +38,7 @@ from stella.api.ollama_request import (
     ShowRequest,
     check_images,
     check_logprobs,
+    think_error,
     to_format,
     to_messages,
     to_options,
@@ -248,7 +249,12 @@ def answer_name(router: Router, asked: str | None) -> Callable[[str], str]:
 
 
 def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
-    return decode(body, object, decoder)
+    try:
+        return decode(body, object, decoder)
+    except InvalidRequest as exc:
+        if exc.param == "think":
+            raise think_error(body) from None
+        raise
 
 
 @endpoint(OLLAMA, inference=True)
