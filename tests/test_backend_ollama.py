@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import ollama as ollama_client
 import pytest
 
 from stella.backends import CallContext
@@ -383,6 +384,66 @@ async def test_no_load_of_its_own_where_none_is_needed_or_known(
     assert loads(fake) == [] and len(fake.requests) == 3
     # /api/ps asked at most once for the three calls (its answer stands PS_TTL_S).
     assert fake.ps_asked == (0 if setup == "load_timeout_s = 0" or "cloud" in model else 1)
+
+
+def test_ollama_s_own_load_and_unload_reach_the_upstream(box: tuple[FakeOllama, str]) -> None:
+    # `ollama run` warms a model with an empty chat, `ollama stop` frees it with an empty
+    # generate whose keep_alive is 0: stella passes both on, by the upstream's model name.
+    fake, url = box
+
+    def running() -> set[str]:
+        return {m["name"] for m in httpx.get(url + "/api/ps").json()["models"]}
+
+    config = route(url, "slow-load")
+    config["models"]["routes"]["gone"] = {"backend": "box", "upstream_model": "error-before"}
+    with run_stella(config) as server:
+        c = ollama_client.Client(host=server.url)
+        assert "slow-load:latest" not in running()
+        started = time.perf_counter()
+        loaded = c.chat(model="m", messages=[])
+        assert loaded.done_reason == "load" and loaded.model == "m"
+        # Answered once the model is loaded, not before: the next chat waits for nothing.
+        assert time.perf_counter() - started >= LOAD_S * 0.9
+        assert fake.loads == ["slow-load"] and "slow-load:latest" in running()
+        assert c.generate(model="m").done_reason == "load"  # loaded: Ollama answers at once
+        unloaded = c.generate(model="m", keep_alive=0)
+        assert unloaded.done_reason == "unload" and unloaded.model == "m"
+        assert fake.unloads == ["slow-load"] and "slow-load:latest" not in running()
+        assert fake.requests[-1] == {"model": "slow-load", "keep_alive": 0}
+        # The upstream's refusal is the client's answer (a 502 naming it, as a chat's),
+        # not an unload or a load that did nothing.
+        with pytest.raises(ollama_client.ResponseError) as info:
+            c.generate(model="gone", keep_alive=0)
+        assert (
+            info.value.status_code == 502
+            and "404: model 'error-before' not found" in info.value.error
+        )
+        with pytest.raises(ollama_client.ResponseError) as info:
+            c.chat(model="gone", messages=[])
+        assert (
+            info.value.status_code == 502
+            and "404: model 'error-before' not found" in info.value.error
+        )
+    assert fake.unloads == ["slow-load"]
+
+
+async def test_an_unload_while_the_model_loads_frees_it_once_loaded(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # As Ollama frees a model after the requests before its unload: the shared load
+    # ends first, and the model is not left loaded by it after the unload.
+    fake, url = box
+    b = ollama(url)
+    await b.start()
+    try:
+        load = asyncio.create_task(b.load("slow-load"))
+        await asyncio.sleep(LOAD_S / 3)
+        assert await b.unload("slow-load") is True
+        await load
+    finally:
+        await b.aclose()
+    assert fake.loads == ["slow-load"] and fake.unloads == ["slow-load"]
+    assert "slow-load:latest" not in fake.loaded
 
 
 def test_a_load_longer_than_the_time_to_first_token_is_waited_for(

@@ -480,6 +480,17 @@ def test_empty_requests_load_or_unload(stella: LiveServer) -> None:
     assert out.done_reason == "unload"
 
 
+def test_a_think_ollama_refuses_is_a_400_naming_what_it_takes(stella: LiveServer) -> None:
+    # Worded as stella's other 400s (`$.field: ...`), not in msgspec's words.
+    takes = '$.think: expected true, false or an effort ("high", "medium", "low", "max")'
+    hi = [{"role": "user", "content": "hi"}]
+    for think, shown in (("extreme", '"extreme"'), (5, "5"), ("High", '"High"'), ([], "[]")):
+        for path, body in (("/api/chat", {"messages": hi}), ("/api/generate", {"prompt": "hi"})):
+            r = httpx.post(stella.url + path, json={"model": "echo", "think": think, **body})
+            assert r.status_code == 400, r.text
+            assert r.json() == {"error": f"{takes}, got {shown}"}, (path, think)
+
+
 def test_only_an_admin_key_unloads() -> None:
     user, admin = "sk-ollama-user-1", "sk-ollama-admin-1"
     config = {"auth": {"keys": {"u": {"sha256": hashlib.sha256(user.encode()).hexdigest()}}}}

@@ -38,6 +38,7 @@ from stella.api.ollama_request import (
     ShowRequest,
     check_images,
     check_logprobs,
+    think_error,
     to_format,
     to_messages,
     to_options,
@@ -248,7 +249,12 @@ def answer_name(router: Router, asked: str | None) -> Callable[[str], str]:
 
 
 def _decode(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
-    return decode(body, object, decoder)
+    try:
+        return decode(body, object, decoder)
+    except InvalidRequest as exc:
+        if exc.param == "think":
+            raise think_error(body) from None
+        raise
 
 
 @endpoint(OLLAMA, inference=True)
@@ -284,9 +290,10 @@ async def chat(request: Request, call: Call) -> Reply:
 
 
 async def _load(request: Request, call: Call, model: str, keep_alive: Any) -> tuple[str, str]:
-    """An empty chat or generate, as Ollama reads it: load the model (an in-process
-    engine does; a remote one is ready), or with `keep_alive` 0 unload it. The route's
-    name and the done_reason."""
+    """An empty chat or generate, as Ollama reads it: load the model, or with
+    `keep_alive` 0 unload it (the in-process engine its weights, an Ollama upstream its
+    own; a backend that holds no model has none to load or free). The route's name and
+    the done_reason."""
     asked = model_name(request, model)
     route = services(request).router.resolve(asked, call.principal.scope)
     call.principal.check(route.name, asked=asked)
@@ -294,6 +301,8 @@ async def _load(request: Request, call: Call, model: str, keep_alive: Any) -> tu
         # Every key's next request would wait for the weights again: an operator's call.
         if not call.principal.admin:
             raise Forbidden("unloading a model needs an admin key")
+        # Nothing to free (not loaded, or a backend holding no model) is still "unload",
+        # as Ollama answers one of a model it has not loaded; a failure raises.
         await route.backend.unload(route.upstream_model)
         return route.name, "unload"
     await route.backend.load(route.upstream_model)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import msgspec
 from msgspec import Meta
@@ -158,6 +158,22 @@ _OLLAMA_PATHS = {
     "stop": "options.stop",
     "seed": "options.seed",
 }
+
+
+def think_error(body: bytes) -> InvalidRequest:
+    """The 400 for a request body whose `think` Ollama refuses: the values it takes, and
+    the one sent (msgspec's own words name neither the same way)."""
+    try:
+        sent = msgspec.json.decode(body).get("think")
+    except (msgspec.DecodeError, AttributeError):
+        sent = None
+    shown = msgspec.json.encode(sent).decode()
+    shown = shown if len(shown) <= 40 else shown[:40] + "…"
+    effort = next(t for t in get_args(Think) if get_args(t))  # the Literal of efforts
+    efforts = ", ".join(f'"{e}"' for e in get_args(effort))
+    return InvalidRequest(
+        f"$.think: expected true, false or an effort ({efforts}), got {shown}", param="think"
+    )
 
 
 def check_logprobs(logprobs: bool | None, top_logprobs: int | None) -> None:

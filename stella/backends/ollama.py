@@ -347,12 +347,7 @@ class OllamaBackend(HttpBackend):
                 running = ask.result()
             if running is None or _listed(running, model):
                 return  # loaded, or not known: the call itself loads it, within its limits
-            load = self._loads.get(model)  # begun while this call asked
-        if load is None:
-            # Not the call's context: nothing of the call (its pool wait) reaches the load.
-            load = asyncio.get_running_loop().create_task(self._load(model), context=Context())
-            self._loads[model] = load
-            load.add_done_callback(lambda done: self._load_done(model, done))
+        load = self._shared_load(model)  # the one begun while this call asked, if any
         started = time.perf_counter()
         # A beat within a quarter of the call's shortest silence limit (at most 1 s).
         beat = min(1.0, ctx.silence_limit_s / 4) if ctx.silence_limit_s else 1.0
@@ -368,11 +363,71 @@ class OllamaBackend(HttpBackend):
                 # Its time to first token ran from the last beat: a chat sent now (after a
                 # wait for a pooled connection) is no longer past it.
                 ctx.first_by += waited
+        self._raise_failed(load, model)
+
+    def _shared_load(self, model: str) -> asyncio.Task[None]:
+        """The load of `model` under way, begun if there is none."""
+        load = self._loads.get(model)
+        if load is None:
+            # Not the caller's context: nothing of the call (its pool wait) reaches the load.
+            load = asyncio.get_running_loop().create_task(self._load(model), context=Context())
+            self._loads[model] = load
+            load.add_done_callback(lambda done: self._load_done(model, done))
+        return load
+
+    def _raise_failed(self, load: asyncio.Task[None], model: str) -> None:
+        """Raise a finished load's error, a copy for each caller that waited for it."""
         if load.cancelled():
             raise UpstreamError(f"{self.name}: the load of {model!r} was stopped")
         exc = load.exception()
         if exc is not None:
             raise _fresh(exc) if isinstance(exc, StellaError) else exc
+
+    async def load(self, upstream_model: str) -> None:
+        """Have Ollama load the model now (Ollama's empty chat): the load every call of it
+        shares, joined when one is under way, within load_timeout_s."""
+        if not upstream_model or _cloud(upstream_model):
+            return  # a cloud model runs on ollama.com: nothing loads on the server
+        load = self._shared_load(upstream_model)
+        # A wait, not an await of the load: a caller gone leaves it running for the others.
+        await asyncio.wait((load,))
+        self._raise_failed(load, upstream_model)
+
+    async def unload(self, upstream_model: str) -> bool:
+        """Have Ollama free the model now (POST /api/generate with keep_alive 0 and no
+        prompt, Ollama's documented unload), after a load of it under way, as Ollama frees
+        a model once the requests before the unload are done. True once Ollama took it
+        (it does not say whether the model was loaded); False for a cloud model, which
+        holds nothing on the server."""
+        if not upstream_model or _cloud(upstream_model):
+            return False
+        load = self._loads.get(upstream_model)
+        if load is not None:
+            await asyncio.wait((load,))  # its failure is the calls' that waited for it
+        body = _enc.encode({"model": upstream_model, "keep_alive": 0})
+        try:
+            async with self.session.post(
+                self.base_url + "/api/generate",
+                data=body,
+                headers={"content-type": "application/json"},
+                allow_redirects=False,
+            ) as r:
+                if r.status >= 300:
+                    raise self.status_error(r.status, r.headers, await error_head(r))
+                raw = await read_body(r, self.name)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise aiohttp_error(self.name, exc, self.http.connect_timeout_s) from None
+        finally:
+            self._ps_seen = None  # /api/ps is asked again: it may no longer list the model
+        try:
+            error = _line.decode(raw).error
+        except BAD_JSON:
+            raise UpstreamError(
+                f"{self.name}: malformed answer to an unload of {upstream_model!r}"
+            ) from None
+        if error is not None:
+            raise UpstreamError(f"{self.name}: {upstream_text(error)}")
+        return True
 
     def _load_done(self, model: str, load: asyncio.Task[None]) -> None:
         if self._loads.get(model) is load:
@@ -386,7 +441,9 @@ class OllamaBackend(HttpBackend):
         body: dict[str, Any] = {"model": model, "messages": []}
         if self.keep_alive is not None and not unloads(self.keep_alive):
             body["keep_alive"] = self.keep_alive  # 0 would unload it: the chat's sets it
-        limit = self.cfg.load_timeout_s
+        # load_timeout_s 0 (no load before a chat) still bounds an empty chat's load.
+        limit = self.cfg.load_timeout_s or self.http.read_timeout_s
+        key = "load_timeout_s" if self.cfg.load_timeout_s else "read_timeout_s"
         timeout = aiohttp.ClientTimeout(total=limit, sock_connect=self.http.connect_timeout_s)
         try:
             async with self.session.post(
@@ -404,7 +461,7 @@ class OllamaBackend(HttpBackend):
                 exc, aiohttp.ConnectionTimeoutError
             ):
                 err = UpstreamTimeout(
-                    f"{self.name}: {model!r} did not load within load_timeout_s = {limit:g}s"
+                    f"{self.name}: {model!r} did not load within {key} = {limit:g}s"
                 )
                 # The model's trouble, not the backend's; asked again, the load would
                 # begin again from nothing: a fallback is tried instead.

@@ -19,7 +19,9 @@ Models load as Ollama loads them: a chat of a model not loaded sends nothing, he
 included, until the load is done (`slow-load` takes LOAD_S, `slow-load-2` twice that, the
 others none), and a client that drops its connection meanwhile aborts it (the next chat
 starts over); loaded, it stays. A chat without messages only loads the model and answers
-`done_reason: "load"`. The done line's `load_duration` is the load this chat waited for.
+`done_reason: "load"`; `POST /api/generate` with `keep_alive` 0 and no prompt (Ollama's
+unload, the only generate the fake takes) frees it and answers `done_reason: "unload"`,
+loaded or not, as Ollama does (an unknown model, `error-before`, is a 404). The done line's `load_duration` is the load this chat waited for.
 /api/ps lists the loaded models, `llama3:latest` from the start, with a window of
 CONTEXT tokens; while a load is under way it answers once the load has ended, as Ollama's
 does.
@@ -82,11 +84,13 @@ class FakeOllama:
         self.loaded = {"llama3:latest"}  # the models loaded, by name and tag
         self.loads: list[str] = []  # each load begun, by model
         self.aborted: list[str] = []  # each load its client's disconnect aborted
+        self.unloads: list[str] = []  # each unload asked, by model
         # The load under way of each model, which every chat of it waits for.
         self._loading: dict[str, asyncio.Task[None]] = {}
         self.app = Starlette(
             routes=[
                 Route("/api/chat", self.chat, methods=["POST"]),
+                Route("/api/generate", self.generate, methods=["POST"]),
                 Route("/api/tags", self.tags),
                 Route("/api/ps", self.ps),
                 Route("/api/version", self.version),
@@ -203,6 +207,21 @@ class FakeOllama:
         if body.get("stream", True) is False:  # one object, the pieces joined
             return await self._whole(lines)
         return StreamingResponse(lines, media_type="application/x-ndjson")
+
+    async def generate(self, request: Request) -> Response:
+        """Ollama's unload: routes.go's GenerateHandler expires the model's runner for a
+        request without a prompt whose keep_alive is 0."""
+        body = await request.json()
+        self.requests.append(body)
+        model = body["model"]
+        if body.get("prompt") or body.get("keep_alive") not in (0, "0", "0s"):
+            return JSONResponse({"error": "the fake only unloads"}, 400)
+        if model == "error-before":
+            return JSONResponse({"error": f"model '{model}' not found"}, 404)
+        self.unloads.append(model)
+        self.loaded.discard(model if ":" in model else model + ":latest")
+        done = {"model": model, "created_at": CREATED, "response": "", "done": True}
+        return JSONResponse({**done, "done_reason": "unload"})
 
     async def _whole(self, lines: AsyncIterator[bytes]) -> Response:
         """The non-stream answer: the last line, with the content of all of them."""
