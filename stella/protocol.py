@@ -120,7 +120,9 @@ class FunctionSpec(Strict):
     name: ToolName
     description: str = ""
     parameters: dict[str, Any] = {}
-    strict: bool | None = None  # OpenAI's exact-schema flag, passed on to OpenAI-compatible APIs
+    # The arguments held to `parameters` (OpenAI's strict, Anthropic's strict tool use):
+    # passed on to OpenAI-compatible and Anthropic APIs.
+    strict: bool | None = None
 
 
 class Tool(Strict):

@@ -873,6 +873,38 @@ def test_disable_parallel_tool_use_reaches_the_upstream() -> None:
         assert gpt.requests[-1]["parallel_tool_calls"] is False
 
 
+def test_a_tool_s_strict_reaches_the_upstream() -> None:
+    # Strict tool use holds the call's input to its schema: dropped, the model may send
+    # input the client's code then fails on.
+    with _claude_and_gpt("claude-two-tools", "two-tools") as (server, claude, gpt):
+        c = client(server)
+        schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+        tools = [{"name": "get_weather", "input_schema": schema, "strict": True}]
+        msgs = [{"role": "user", "content": "Paris?"}]
+        for model in ("sonnet", "gpt"):
+            c.messages.create(model=model, max_tokens=50, tools=tools, messages=msgs)
+        assert claude.requests[-1]["tools"] == [
+            {"name": "get_weather", "description": "", "input_schema": schema, "strict": True}
+        ]
+        assert gpt.requests[-1]["tools"][0]["function"]["strict"] is True
+        # An OpenAI client's strict function reaches an Anthropic upstream the same way;
+        # a tool that does not say sends no strict, the upstream's default.
+        fn = {"name": "get_weather", "parameters": schema}
+        for function, sent in ((fn | {"strict": False}, False), (fn, None)):
+            chat = {
+                "model": "sonnet",
+                "messages": msgs,
+                "tools": [{"type": "function", "function": function}],
+            }
+            r = httpx.post(
+                server.url + "/v1/chat/completions",
+                json=chat,
+                headers={"Authorization": f"Bearer {KEY}"},
+            )
+            assert r.status_code == 200, r.text
+            assert claude.requests[-1]["tools"][0].get("strict") is sent
+
+
 def test_a_turn_of_tool_calls_the_upstream_ended_with_stop_is_tool_use() -> None:
     # An OpenAI-compatible upstream ending a call with "stop" (OpenAI for a named
     # tool_choice, vLLM, SGLang), an Anthropic-compatible one with end_turn: an agent

@@ -84,6 +84,8 @@ class ATool(msgspec.Struct):
     type: Literal["custom"] | None = None
     description: str = ""
     input_schema: dict[str, Any] = {}
+    # Strict tool use: the call's input held to input_schema (the native FunctionSpec's).
+    strict: bool | None = None
 
 
 class AToolChoice(msgspec.Struct):
@@ -443,7 +445,10 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
         [
             Tool(
                 function=FunctionSpec(
-                    name=t.name, description=t.description, parameters=t.input_schema
+                    name=t.name,
+                    description=t.description,
+                    parameters=t.input_schema,
+                    strict=t.strict,
                 )
             )
             for t in req.tools

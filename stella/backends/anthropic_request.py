@@ -8,7 +8,7 @@ from typing import Any
 
 from stella.backends.base import linked_tool_calls
 from stella.errors import InvalidRequest
-from stella.protocol import ChatRequest, Message
+from stella.protocol import ChatRequest, Message, Tool
 
 # The ids the API takes for a tool_use (and so a tool_result's tool_use_id).
 _TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
@@ -197,14 +197,7 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
     if (schema := schema_of(request.response_format)) is not None:
         body["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
     if request.tools:
-        body["tools"] = [
-            {
-                "name": t.function.name,
-                "description": t.function.description,
-                "input_schema": t.function.parameters or {"type": "object"},
-            }
-            for t in request.tools
-        ]
+        body["tools"] = [_tool(t) for t in request.tools]
         choice = request.tool_choice
         if choice == "none":
             body["tool_choice"] = {"type": "none"}
@@ -216,3 +209,16 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
             # The API's switch lives in tool_choice (auto, any or tool; none calls none).
             body.setdefault("tool_choice", {"type": "auto"})["disable_parallel_tool_use"] = True
     return body
+
+
+def _tool(tool: Tool) -> dict[str, Any]:
+    """A tool in the API's shape; `strict` only when set, so the upstream's default holds."""
+    fn = tool.function
+    spec: dict[str, Any] = {
+        "name": fn.name,
+        "description": fn.description,
+        "input_schema": fn.parameters or {"type": "object"},
+    }
+    if fn.strict is not None:
+        spec["strict"] = fn.strict
+    return spec
