@@ -366,19 +366,15 @@ def test_tool_choice(server: LiveServer) -> None:
         model="echo", messages=msgs, tools=[*WEATHER, other], tool_choice=named
     )
     assert r.choices[0].message.tool_calls[0].function.name == "get_time"
-    # Shapes stella can't narrow are ignored, as before: the model decides.
-    for choice in (
-        {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}},
-        {"type": "custom", "custom": {"name": "x"}},
-        {"type": "allowed_tools", "allowed_tools": ["get_weather"]},  # not the spec's shape
-    ):
-        r = c.chat.completions.create(
-            model="echo",
-            messages=msgs,
-            tools=WEATHER,
-            tool_choice=choice,  # type: ignore[arg-type]
-        )
-        assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    # allowed_tools listing none: no tool may be called, as "none".
+    none = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}
+    r = c.chat.completions.create(
+        model="echo",
+        messages=msgs,
+        tools=WEATHER,
+        tool_choice=none,  # type: ignore[arg-type]
+    )
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == "Paris"
     r = c.chat.completions.create(model="echo", messages=msgs, tools=[], tool_choice="auto")
     assert r.choices[0].message.content == "Paris"
     with pytest.raises(openai.BadRequestError, match="no tool named 'nope'"):
@@ -388,6 +384,85 @@ def test_tool_choice(server: LiveServer) -> None:
             tools=WEATHER,
             tool_choice={"type": "function", "function": {"name": "nope"}},
         )
+
+
+def _allowed(mode: str, *names: str) -> dict[str, object]:
+    tools = [{"type": "function", "function": {"name": n}} for n in names]
+    return {"type": "allowed_tools", "allowed_tools": {"mode": mode, "tools": tools}}
+
+
+@pytest.mark.parametrize(
+    ("choice", "said", "param"),
+    [
+        # Anthropic's shape, sent to the wrong API: taken as auto, the model would be free
+        # not to call the tool the client forces.
+        (
+            {"type": "tool", "name": "get_weather"},
+            "$.tool_choice.type: 'tool' is not supported",
+            "tool_choice.type",
+        ),
+        ({"type": "custom", "custom": {"name": "x"}}, "$.tool_choice.type", "tool_choice.type"),
+        ({"name": "get_weather"}, "$.tool_choice.type: None", "tool_choice.type"),
+        (5, "$.tool_choice: expected a string or an object", "tool_choice"),
+        (
+            {"type": "allowed_tools", "allowed_tools": ["get_weather"]},
+            "$.tool_choice.allowed_tools: expected an object",
+            "tool_choice.allowed_tools",
+        ),
+        (
+            _allowed("sometimes", "get_weather"),
+            "$.tool_choice.allowed_tools.mode: expected auto or required, got 'sometimes'",
+            "tool_choice.allowed_tools.mode",
+        ),
+        (
+            _allowed("required", "get_weather", "get_time"),
+            "$.tool_choice.allowed_tools.tools[1].function.name: no tool named 'get_time'",
+            "tool_choice.allowed_tools.tools[1].function.name",
+        ),
+        (
+            {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{}]}},
+            "$.tool_choice.allowed_tools.tools[0].function.name: required",
+            "tool_choice.allowed_tools.tools[0].function.name",
+        ),
+        (
+            _allowed("required"),
+            "$.tool_choice: allowed_tools with mode required, and no tools",
+            "tool_choice",
+        ),
+    ],
+)
+def test_a_tool_choice_stella_cannot_honour_is_a_400_naming_it(
+    server: LiveServer, choice: object, said: str, param: str
+) -> None:
+    msgs = [{"role": "user", "content": "Paris"}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client(server).chat.completions.create(
+            model="echo",
+            messages=msgs,
+            tools=WEATHER,
+            tool_choice=choice,  # type: ignore[arg-type]
+        )
+    assert info.value.body["message"].startswith(said), info.value.body  # type: ignore[index]
+    assert info.value.param == param
+
+
+def test_allowed_tools_sends_only_those_tools_with_its_mode(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # A tool the client left out is not offered: the model cannot call it.
+    server, up = fake_upstream
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {}}}
+    msgs = [{"role": "user", "content": "Paris"}]
+    for mode in ("required", "auto"):
+        client(server).chat.completions.create(
+            model="plain",
+            messages=msgs,
+            tools=[*WEATHER, other],
+            tool_choice=_allowed(mode, "get_time"),  # type: ignore[arg-type]
+        )
+        sent = up.requests[-1]
+        assert [t["function"]["name"] for t in sent["tools"]] == ["get_time"]
+        assert sent["tool_choice"] == mode
 
 
 def test_errors_map_to_the_client_exceptions(server: LiveServer) -> None:

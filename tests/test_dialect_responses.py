@@ -439,7 +439,8 @@ def test_input_parts_reasoning_and_null_tool_fields_as_the_upstream_sees_them(
             {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
             {"role": "user", "content": "again"},
         ],
-        "tools": [tool],
+        # Only the allowed tools are offered: the model cannot call one left out.
+        "tools": [*WEATHER, tool],
         "tool_choice": {"type": "allowed_tools", "mode": "required", "tools": [tool]},
         "text": {"format": fmt},
     }
@@ -459,6 +460,7 @@ def test_input_parts_reasoning_and_null_tool_fields_as_the_upstream_sees_them(
     r = post(server, {**body, "tool_choice": auto})
     assert r.status_code == 200, r.text
     assert up.requests[-1]["tool_choice"] == "auto"
+    assert [t["function"]["name"] for t in up.requests[-1]["tools"]] == ["f"]
 
 
 def test_a_refusal_is_a_refusal_part_the_sdk_does_not_parse(server: LiveServer) -> None:
@@ -613,7 +615,26 @@ def test_cached_prompt_tokens_are_the_backend_s_count(server: LiveServer) -> Non
         ({"tools": [{"type": "computer_use_preview"}]}, "tools[0].type"),
         ({"tools": [{"type": "mcp", "server_label": "x"}]}, "tools[0].type"),
         ({"tools": [{"type": "image_generation"}]}, "tools[0].type"),
-        ({"tool_choice": {"type": "web_search_preview"}, "tools": WEATHER}, "tool_choice"),
+        ({"tool_choice": {"type": "web_search_preview"}, "tools": WEATHER}, "tool_choice.type"),
+        # allowed_tools as on chat completions: a tool not among `tools` is named.
+        (
+            {
+                "tool_choice": {
+                    "type": "allowed_tools",
+                    "mode": "required",
+                    "tools": [{"type": "function", "name": "get_time"}],
+                },
+                "tools": WEATHER,
+            },
+            "tool_choice.tools[0].name",
+        ),
+        (
+            {
+                "tool_choice": {"type": "allowed_tools", "tools": [WEATHER[0]]},
+                "tools": WEATHER,
+            },
+            "tool_choice.mode",
+        ),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
             "input[0].content[0].type",

@@ -6,6 +6,7 @@ naming the parameter; other unknown fields are ignored, as OpenAI-compatible ser
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import msgspec
@@ -19,6 +20,7 @@ from stella.protocol import (
     Message,
     NamedToolChoice,
     Options,
+    Tool,
     ToolCallRef,
     ToolChoice,
     arguments_of,
@@ -107,7 +109,7 @@ class ChatCompletionRequest(CompletionCommon, kw_only=True):
 
     messages: list[OAIMessage]
     tools: list[LenientTool] | None = None
-    tool_choice: Any = None  # see choice_from: shapes stella does not know are ignored
+    tool_choice: Any = None  # read by tools_and_choice: its shapes differ by type
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     top_logprobs: int | None = None
@@ -220,28 +222,83 @@ def check_completion(req: CompletionRequest) -> None:
         )
 
 
-def choice_from(value: Any) -> ToolChoice | None:
-    """OpenAI's tool_choice as stella's; shapes it can't honour are ignored, as before."""
+def tools_and_choice(
+    tools: list[Tool] | None, value: Any
+) -> tuple[list[Tool] | None, ToolChoice | None]:
+    """OpenAI's tool_choice as stella's, with the tools to send: `allowed_tools` narrows
+    them; a shape stella can't honour is a 400, not a choice the model never got."""
     if value is None:
-        return None
+        return tools, None
     if isinstance(value, str):
         if value in ("auto", "none", "required"):
-            return value  # type: ignore[return-value]
+            return tools, value  # type: ignore[return-value]
         raise InvalidRequest(
-            f"tool_choice {value!r} is not auto, none or required", param="tool_choice"
+            f"$.tool_choice: {value!r} is not auto, none or required", param="tool_choice"
         )
-    if isinstance(value, dict):
-        kind = value.get("type")
-        if kind == "function":
-            try:
-                return msgspec.convert(value, NamedToolChoice)
-            except msgspec.ValidationError as exc:
-                raise InvalidRequest(f"tool_choice: {exc}", param="tool_choice") from None
-        if kind == "allowed_tools":  # a subset stella does not narrow: its mode stands
-            allowed = value.get("allowed_tools")
-            mode = allowed.get("mode") if isinstance(allowed, dict) else None
-            return "required" if mode == "required" else "auto"
-    return None  # custom tools and future shapes: the model decides
+    if not isinstance(value, dict):
+        raise InvalidRequest("$.tool_choice: expected a string or an object", param="tool_choice")
+    kind = value.get("type")
+    if kind == "function":
+        try:
+            return tools, msgspec.convert(value, NamedToolChoice)
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(f"tool_choice: {exc}", param="tool_choice") from None
+    if kind == "allowed_tools":
+        allowed = value.get("allowed_tools")
+        if not isinstance(allowed, dict):
+            raise InvalidRequest(
+                "$.tool_choice.allowed_tools: expected an object with mode and tools",
+                param="tool_choice.allowed_tools",
+            )
+        return allowed_tools(tools, allowed, "tool_choice.allowed_tools", _chat_tool_name)
+    # Custom tools, another API's shape ({"type": "tool", "name"}): taken as auto, the
+    # model would be free to answer where the client asked for a call.
+    raise InvalidRequest(
+        f"$.tool_choice.type: {kind!r} is not supported (function, allowed_tools)",
+        param="tool_choice.type",
+    )
+
+
+def _chat_tool_name(entry: Any) -> tuple[str, Any]:
+    """The name an allowed_tools entry of chat completions gives, and its field."""
+    fn = entry.get("function") if isinstance(entry, dict) else None
+    return "function.name", fn.get("name") if isinstance(fn, dict) else None
+
+
+def allowed_tools(
+    tools: list[Tool] | None,
+    allowed: dict[str, Any],
+    path: str,
+    name_of: Callable[[Any], tuple[str, Any]],
+) -> tuple[list[Tool] | None, ToolChoice | None]:
+    """An `allowed_tools` choice (at `path`): only the tools it lists are sent, with its
+    mode, so the model cannot call one the client left out; listing none calls none."""
+    mode = allowed.get("mode")
+    if mode not in ("auto", "required"):
+        raise InvalidRequest(
+            f"$.{path}.mode: expected auto or required, got {mode!r}", param=f"{path}.mode"
+        )
+    listed = allowed.get("tools")
+    if not isinstance(listed, list):
+        raise InvalidRequest(f"$.{path}.tools: expected a list of tools", param=f"{path}.tools")
+    known = {t.function.name for t in tools or ()}
+    names = set()
+    for i, entry in enumerate(listed):
+        field, name = name_of(entry)
+        at = f"{path}.tools[{i}]"
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest(f"$.{at}.{field}: required", param=f"{at}.{field}")
+        if name not in known:
+            raise InvalidRequest(f"$.{at}.{field}: no tool named {name!r}", param=f"{at}.{field}")
+        names.add(name)
+    if not names:
+        if mode == "required":
+            raise InvalidRequest(
+                "$.tool_choice: allowed_tools with mode required, and no tools",
+                param="tool_choice",
+            )
+        return tools, "none" if tools else None
+    return [t for t in tools or () if t.function.name in names], mode
 
 
 def to_chat(req: ChatCompletionRequest) -> ChatRequest:
@@ -304,13 +361,14 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
                 tool_call_id=m.tool_call_id,
             )
         )
+    tools, choice = tools_and_choice(tools_from(req.tools), req.tool_choice)
     return ChatRequest(
         messages=messages,
         model=req.model,
         stream=bool(req.stream),
         options=to_options(req),
-        tools=tools_from(req.tools),
-        tool_choice=choice_from(req.tool_choice),
+        tools=tools,
+        tool_choice=choice,
         parallel_tool_calls=req.parallel_tool_calls,
         response_format=req.response_format,
         metadata=to_metadata(req),

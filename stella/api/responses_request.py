@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 # A content part: the same shape as chat completions' (input_text, output_text, refusal).
-from stella.api.openai_request import Part, check_user
+from stella.api.openai_request import Part, allowed_tools, check_user
 from stella.errors import InvalidRequest
 from stella.protocol import (
     ChatRequest,
@@ -244,14 +244,15 @@ def _tools(tools: list[dict[str, Any]] | None) -> list[Tool] | None:
     return out
 
 
-def _choice(value: Any, tools: list[Tool] | None) -> ToolChoice | None:
+def _choice(value: Any, tools: list[Tool] | None) -> tuple[list[Tool] | None, ToolChoice | None]:
     """tool_choice: auto, none, required, {"type": "function", "name"}; allowed_tools
-    keeps its mode; a built-in tool's choice is a 400 (its tool would be one)."""
+    narrows the tools sent, as on chat completions; a built-in tool's choice is a 400
+    (its tool would be one). With the tools to send."""
     if value is None:
-        return None
+        return tools, None
     if isinstance(value, str):
         if value in ("auto", "none", "required"):
-            return value  # type: ignore[return-value]
+            return tools, value  # type: ignore[return-value]
         raise InvalidRequest(
             f"$.tool_choice: {value!r} is not auto, none or required", param="tool_choice"
         )
@@ -266,19 +267,18 @@ def _choice(value: Any, tools: list[Tool] | None) -> ToolChoice | None:
             raise InvalidRequest(
                 f"$.tool_choice.name: no tool named {name!r}", param="tool_choice.name"
             )
-        return NamedToolChoice(function=NamedFunction(name=name))
-    if kind == "allowed_tools":  # a subset stella does not narrow: its mode stands
-        if value.get("mode") == "required":
-            if not tools:
-                raise InvalidRequest(
-                    "$.tool_choice: allowed_tools with mode required, and no tools",
-                    param="tool_choice",
-                )
-            return "required"
-        return "auto"
+        return tools, NamedToolChoice(function=NamedFunction(name=name))
+    if kind == "allowed_tools":
+        return allowed_tools(tools, value, "tool_choice", _tool_name)
     raise InvalidRequest(
-        f"$.tool_choice: {kind!r} is not supported (function tools only)", param="tool_choice"
+        f"$.tool_choice.type: {kind!r} is not supported (function tools only)",
+        param="tool_choice.type",
     )
+
+
+def _tool_name(entry: Any) -> tuple[str, Any]:
+    """The name an allowed_tools entry gives (the API's flat shape), and its field."""
+    return "name", entry.get("name") if isinstance(entry, dict) else None
 
 
 def _format(text: TextConfig | None) -> dict[str, Any] | None:
@@ -373,7 +373,7 @@ def to_chat(req: ResponsesRequest) -> ChatRequest:
     messages = _messages(req)
     if not any(m.role != "system" for m in messages):
         raise InvalidRequest("$.input: required (the conversation so far)", param="input")
-    tools = _tools(req.tools)
+    tools, choice = _choice(req.tool_choice, _tools(req.tools))
     meta = dict(req.metadata or {})
     if req.user:
         meta["user"] = req.user
@@ -383,7 +383,7 @@ def to_chat(req: ResponsesRequest) -> ChatRequest:
         stream=bool(req.stream),
         options=_options(req),
         tools=tools,
-        tool_choice=_choice(req.tool_choice, tools),
+        tool_choice=choice,
         parallel_tool_calls=req.parallel_tool_calls,
         response_format=_format(req.text),
         metadata=meta or None,
