@@ -69,12 +69,9 @@ _log = structlog.get_logger("stella")
 class Services:
     """Everything a route needs, built once per app: no hidden globals."""
 
-    def __init__(self, settings: Settings, workers: tuple[int, str] | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started = time.monotonic()
-        # How many processes serve this app's port, and the setting that says so: a
-        # routing change in memory reaches only the process that takes it.
-        self.workers = workers or (settings.server.workers, "server.workers")
         kinds = registry()
         self.backends: dict[str, Backend] = {
             name: build_backend(name, table, kinds)
@@ -347,26 +344,41 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return _build_app(settings)
     try:
         settings = load_settings()
-        return _build_app(settings, uvicorn_workers(settings))
+        app = _build_app(settings)
     except ConfigError as exc:
         print(f"stella: config error: {blamed(exc)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    warn_web_concurrency(settings)
+    return app
 
 
-def uvicorn_workers(settings: Settings) -> tuple[int, str]:
-    """The workers a plain uvicorn runs this app in, as far as the app can tell, and the
-    setting that says so: uvicorn's --workers reaches no app, but without the flag
-    uvicorn (and gunicorn) takes WEB_CONCURRENCY, which this process inherits."""
+def warn_web_concurrency(settings: Settings) -> None:
+    """Warn once when a plain uvicorn may run several workers that the settings do not know of.
+
+    Without --workers, uvicorn runs WEB_CONCURRENCY workers, but the app cannot tell
+    whether a --workers flag overrode it (`--workers 1`, `--reload`: one process), and
+    some platforms set the variable themselves: it is no reason to refuse anything, only
+    to say what several workers without shared state would mean.
+    """
     value = os.environ.get("WEB_CONCURRENCY", "").strip()
-    if value.isdigit() and int(value) > settings.server.workers:
-        return int(value), "WEB_CONCURRENCY"
-    return settings.server.workers, "server.workers"
+    if not (value.isdigit() and int(value) > 1):
+        return
+    if settings.server.workers > 1 or settings.state.redis_url:
+        return
+    _log.warning(
+        "web_concurrency_unshared",
+        key="WEB_CONCURRENCY",
+        value=int(value),
+        detail="if uvicorn runs several workers, runtime routes, rate limits and usage are "
+        "per worker: set server.workers to their number (routing changes are then refused) "
+        "or state.redis_url (to share them)",
+    )
 
 
-def _build_app(settings: Settings, workers: tuple[int, str] | None = None) -> Starlette:
+def _build_app(settings: Settings) -> Starlette:
     if logs.sink() is None:
         configure_logs(settings)
-    svc = Services(settings, workers)
+    svc = Services(settings)
     routes = [*native.routes, *ops.routes]
     for mod in _optional(DIALECTS):
         routes = [*mod.routes, *routes]

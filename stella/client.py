@@ -241,6 +241,7 @@ BY_CODE: dict[str, type[StellaClientError]] = {
     "upstream_unreachable": UpstreamError,
     "upstream_rate_limited": UpstreamError,
     "upstream_rejected": UpstreamError,
+    "upstream_path_not_found": UpstreamError,
     "overloaded": OverloadedError,
     "shutting_down": OverloadedError,
     "unavailable": UnavailableError,

@@ -261,7 +261,8 @@ class UpstreamStatus(UpstreamError):
 
     `upstream_status` drives retries: 408, 409, 425, 429 and 5xx are worth another try;
     401 and 403 (the backend's key expired or revoked) and 404 (no such model there) go
-    to the fallbacks; 403, 404 and 429 tell the backend's circuit nothing.
+    to the fallbacks; 403, 404 and 429 tell the backend's circuit nothing. A 404 that
+    names no model is UpstreamNoSuchPath.
     """
 
     def __init__(
@@ -289,6 +290,21 @@ class UpstreamStatus(UpstreamError):
             # The upstream rejected what we sent: retrying won't help (nor, but for a 404's
             # missing model, falling back).
             self.code = "upstream_rejected"
+
+
+class UpstreamNoSuchPath(UpstreamStatus):
+    """An upstream's 404 whose body names no model: it has no such path (a wrong base_url),
+    the backend's fault for every model on it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, upstream_status=404)
+        self.code = "upstream_path_not_found"
+        # The same path is missing again on a retry; another backend may answer. Unlike a
+        # missing model, it fails every call to the backend: its circuit is told, so a
+        # misconfigured backend shows (/ready, circuit_opened, the metrics) rather than
+        # hiding behind the fallbacks.
+        self.falls_back = True
+        self.no_verdict = False
 
 
 class UpstreamContextTooLong(UpstreamStatus, ContextTooLong):

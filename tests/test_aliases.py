@@ -224,6 +224,11 @@ def test_images_are_refused_not_ignored(stella: LiveServer) -> None:
             {"input_data": {"input": "what is this?", "images": ["aGk="]}},
             "input_data.images",
         ),
+        (
+            "/api/chat/invoke",
+            {"input_data": {"input": "what is this?"}, "images": ["aGk="]},
+            "images",
+        ),
     ):
         r = httpx.post(stella.url + path, json={"model": "echo", **body})
         assert r.status_code == 400, (path, r.text)
@@ -234,11 +239,12 @@ def test_images_are_refused_not_ignored(stella: LiveServer) -> None:
         ("/api/llm/generate", {"prompt": "ab", "images": []}),
         ("/api/llm/stream", {"prompt": "ab", "images": None}),
         ("/api/chat/invoke", {"input_data": {"input": "ab", "images": []}}),
+        ("/api/chat/invoke", {"input_data": {"input": "ab"}, "images": []}),
     ):
         r = httpx.post(stella.url + path, json={"model": "echo", **body})
         assert r.status_code == 200 and "ab" in r.text, (path, r.text)
     # /openapi.json says so where it documents the field.
     schemas = httpx.get(stella.url + "/openapi.json").json()["components"]["schemas"]
-    for name in ("PromptRequest", "InputData"):
+    for name in ("PromptRequest", "InputData", "InvokeRequest"):
         described = schemas[name]["properties"]["images"]["anyOf"][0]["description"]
         assert described.startswith("images are not supported: a non-empty list is a 400")

@@ -674,3 +674,89 @@ def test_message_start_counts_cache_writes_apart(server: LiveServer) -> None:
         "cache_read_input_tokens": 1000,
         "output_tokens": 0,
     }
+
+
+def test_a_wrong_base_url_s_404_is_the_backend_s_fault_a_missing_model_s_is_not(
+    fake: tuple[FakeAnthropic, str],
+) -> None:
+    # A base_url ending in /v1 makes /v1/v1/messages: the API's 404 "Not Found" to every
+    # call. It falls back, and counts against the backend's circuit, so /ready and the
+    # metrics show the misconfiguration; the API's 404 for a model it does not have
+    # ("model: x") falls back too but says nothing of the backend.
+    good = {"kind": "anthropic", "base_url": fake[1], "api_key_env": "CK"}
+    tries = {"retries": 2, "retry_backoff_s": 0.01}
+    config = {
+        "backends": {"claude": good, "wrong": {**good, "base_url": fake[1] + "/v1"}},
+        "models": {
+            "default": "wrong-alone",
+            "routes": {
+                "missing": {"backend": "claude", "upstream_model": "claude-missing", **tries},
+                "missing-fb": {
+                    "backend": "claude",
+                    "upstream_model": "claude-missing",
+                    "fallbacks": ["echo"],
+                    **tries,
+                },
+                "wrong": {
+                    "backend": "wrong",
+                    "upstream_model": "claude-ok",
+                    "fallbacks": ["echo"],
+                    **tries,
+                },
+                "wrong-alone": {"backend": "wrong", "upstream_model": "claude-ok", **tries},
+            },
+        },
+        "breaker": {"failure_threshold": 3, "cooldown_s": 60},
+    }
+
+    def attempts(live: LiveServer, r: httpx.Response) -> list[tuple[str, str | None]]:
+        rid = r.headers["x-request-id"]
+        ev = live.wait_event(lambda e: e["request_id"] == rid)
+        assert all(a.get("upstream_status", 404) == 404 for a in ev["attempts"]), ev
+        return [(a["backend"], a["error"]) for a in ev["attempts"]]
+
+    with run_stella(config, {"CK": KEY}) as live:
+        for _ in range(2):
+            r = httpx.post(live.url + "/api/v1/chat", json={"model": "missing-fb", "messages": HI})
+            assert r.status_code == 200 and ndjson(r.text)[-1]["backend"] == "echo", r.text
+            assert attempts(live, r) == [("claude", "upstream_rejected"), ("echo", None)]
+            r = httpx.post(
+                live.url + "/v1/messages",
+                json={"model": "missing", "max_tokens": 9, "messages": HI},
+            )
+            assert r.status_code == 502, r.text
+            assert (
+                r.json()["error"]["message"]
+                == "claude: upstream answered 404: model: claude-missing"
+            )
+            assert attempts(live, r) == [("claude", "upstream_rejected")]
+        models = httpx.get(live.url + "/api/v1/models").json()["models"]
+        assert {m["circuit"] for m in models if m["backend"] == "claude"} == {"closed"}
+
+        # The wrong path: not retried, fallen back from, streamed (before the first
+        # token) and not; the third failure opens the circuit.
+        for stream in (True, False):
+            r = httpx.post(
+                live.url + "/api/v1/chat",
+                json={"model": "wrong", "stream": stream, "messages": HI},
+            )
+            assert r.status_code == 200, r.text
+            said = ndjson(r.text)[-1] if stream else r.json()
+            assert said["backend"] == "echo", r.text
+            assert attempts(live, r) == [("wrong", "upstream_path_not_found"), ("echo", None)]
+        r = httpx.post(live.url + "/api/v1/chat", json={"stream": False, "messages": HI})
+        assert r.status_code == 502, r.text
+        error = r.json()["error"]
+        assert error["code"] == "upstream_path_not_found" and error["retryable"] is False
+        assert error["message"] == (
+            "wrong: upstream answered 404 for /v1/v1/messages: Not Found; the upstream has "
+            "no such path: check the backend's base_url"
+        ), error
+        assert attempts(live, r) == [("wrong", "upstream_path_not_found")]
+        opened = live.wait_event(lambda e: e["backend"] == "wrong", name="circuit_opened")
+        assert opened["error"] == "upstream_path_not_found", opened
+        ready = httpx.get(live.url + "/ready")
+        assert ready.status_code == 503 and ready.json()["checks"]["circuit"] == "wrong: open"
+        metrics = httpx.get(live.url + "/metrics").text
+        assert 'stella_circuit_state{backend="wrong"} 2.0' in metrics
+        assert 'stella_circuit_state{backend="claude"} 0.0' in metrics

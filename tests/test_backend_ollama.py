@@ -19,7 +19,7 @@ from stella.errors import UpstreamStatus, UpstreamTimeout
 from stella.protocol import ChatRequest, Done, Message
 from tests.fakes.ollama import CACHED, LOAD_S, SIGNIN_URL, FakeOllama
 from tests.fakes.server import serve
-from tests.live import run_stella
+from tests.live import ndjson, run_stella
 
 HI = [Message(role="user", content="hi")]
 
@@ -147,7 +147,7 @@ def test_a_model_the_upstream_does_not_have_goes_to_the_fallbacks(
     config = route(url, "error-before", retries=2, fallbacks=["echo"])
     config["models"]["routes"]["alone"] = {
         "backend": "box",
-        "upstream_model": "error-before",
+        "upstream_model": "not-pulled",  # older Ollama's words
         "retries": 2,
     }
     config["models"]["routes"]["other"] = {"backend": "box", "upstream_model": "llama3"}
@@ -173,7 +173,7 @@ def test_a_model_the_upstream_does_not_have_goes_to_the_fallbacks(
         assert r.status_code == 502 and r.headers["x-should-retry"] == "false", r.text
         error = r.json()["error"]
         assert error["code"] == "upstream_rejected" and not error["retryable"], error
-        assert "model 'error-before' not found" in error["message"], error
+        assert 'model "not-pulled" not found, try pulling it first' in error["message"], error
         ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
         assert len(ev["attempts"]) == 1, ev
         r = httpx.post(
@@ -182,6 +182,41 @@ def test_a_model_the_upstream_does_not_have_goes_to_the_fallbacks(
         assert r.status_code == 200 and r.json()["response"] == "The sky is blue.", r.text
         r = httpx.get(server.url + "/api/v1/models").json()
         assert {m["circuit"] for m in r["models"] if m["backend"] == "box"} == {"closed"}, r
+
+
+def test_a_path_the_box_does_not_have_is_the_backend_s_fault(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # A base_url with a path Ollama does not serve (a proxy's prefix left in it): Go's
+    # plain "404 page not found" to every call, which names no model. Not retried, the
+    # fallback answers (a stream too, before its first token), and the box's circuit is
+    # told: one failure opens it here.
+    url = box[1]
+    config = route(url + "/ollama", "llama3", retries=2, fallbacks=["echo"])
+    config["breaker"] = {"failure_threshold": 1, "cooldown_s": 60}
+    hi = [{"role": "user", "content": "hi there"}]
+    with run_stella(config) as server:
+        r = httpx.post(server.url + "/api/chat", json={"model": "m", "messages": hi})
+        assert r.status_code == 200, r.text
+        lines = [json.loads(line) for line in r.text.splitlines()]
+        assert "".join(line["message"]["content"] for line in lines) == "hi there", lines
+        assert lines[-1]["done"] is True, lines
+        ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+        assert [(a["backend"], a["error"]) for a in ev["attempts"]] == [
+            ("box", "upstream_path_not_found"),
+            ("echo", None),
+        ], ev
+        assert ev["attempts"][0]["upstream_status"] == 404
+        opened = server.wait_event(lambda e: e["backend"] == "box", name="circuit_opened")
+        assert opened["error"] == "upstream_path_not_found", opened
+        models = httpx.get(server.url + "/api/v1/models").json()["models"]
+        assert next(m for m in models if m["name"] == "m")["circuit"] == "open"
+        # Its circuit open, the fallback answers without asking the box.
+        r = httpx.post(server.url + "/api/v1/chat", json={"model": "m", "messages": hi})
+        assert r.status_code == 200 and ndjson(r.text)[-1]["backend"] == "echo", r.text
+        ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
+        assert [a["backend"] for a in ev["attempts"]] == ["box", "echo"], ev
+        assert "ms" not in ev["attempts"][0], ev  # skipped: its circuit is open
 
 
 def test_a_401_to_a_key_stella_sends_is_still_the_backend_s() -> None:

@@ -22,7 +22,7 @@ from stella.backends.openai import (
     _Fn,
     _ToolDelta,
 )
-from stella.errors import StellaError, UpstreamError, UpstreamStatus
+from stella.errors import StellaError, UpstreamError, UpstreamNoSuchPath, UpstreamStatus
 from stella.protocol import (
     ChatRequest,
     Delta,
@@ -373,6 +373,75 @@ async def test_error_shapes(
         absurd = error_from_response("up", 429, {"retry-after": "1e400"}, b"{}")
         assert absurd.retry_after_hint == 86400.0  # a day at most, not an OverflowError
         assert info.value.headers["Retry-After"] == "1"  # passed on to the client
+
+
+MODEL_404 = [
+    # OpenAI (and Groq, LiteLLM): the code says it.
+    {
+        "error": {
+            "message": "The model `gpt-9` does not exist or you do not have access to it.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "model_not_found",
+        }
+    },
+    # vLLM: at the top of the body (older) or under `error`.
+    {
+        "object": "error",
+        "message": "The model `qwen` does not exist.",
+        "type": "NotFoundError",
+        "param": None,
+        "code": 404,
+    },
+    {
+        "error": {
+            "message": "The model `qwen` does not exist.",
+            "type": "NotFoundError",
+            "code": 404,
+        }
+    },
+    # Ollama, now and in older versions; mlx_lm.server.
+    {"error": "model 'llama9' not found"},
+    {"error": 'model "llama9" not found, try pulling it first'},
+    {"error": "model not loaded"},
+    # Anthropic.
+    {"type": "error", "error": {"type": "not_found_error", "message": "model: claude-9"}},
+]
+PATH_404 = [
+    # A proxy's page (a base_url without /v1), Go's (Ollama's) plain text, FastAPI's (vLLM's)
+    # and Starlette's, OpenAI's and Anthropic's for a path they do not serve.
+    (b"<html><head><title>404 Not Found</title></head><body>nginx</body></html>", "text/html"),
+    (b"404 page not found\n", "text/plain"),
+    (b'{"detail":"Not Found"}', "application/json"),
+    (b"Not Found", "text/plain"),
+    (
+        b'{"error":{"message":"Invalid URL (POST /v1/v1/models)","type":"invalid_request_error",'
+        b'"param":null,"code":null}}',
+        "application/json",
+    ),
+    (b'{"type":"error","error":{"type":"not_found_error","message":"Not Found"}}', "json"),
+    (b"model not found", "text/plain"),  # words, not the server's JSON: not a model's refusal
+]
+
+
+@pytest.mark.parametrize("body", MODEL_404)
+def test_a_404_that_names_a_model_is_that_model_s_refusal(body: dict[str, Any]) -> None:
+    err = error_from_response("up", 404, {}, json.dumps(body).encode(), "http://h/v1/chat")
+    assert type(err) is UpstreamStatus and err.code == "upstream_rejected", err.message
+    assert err.falls_back and err.no_verdict and not err.retryable
+
+
+@pytest.mark.parametrize(("body", "kind"), PATH_404)
+def test_a_404_that_names_no_model_is_the_backend_s_wrong_path(body: bytes, kind: str) -> None:
+    url = "http://h:1/v1/v1/chat/completions"
+    err = error_from_response("up", 404, {"content-type": kind}, body, url)
+    assert isinstance(err, UpstreamNoSuchPath) and err.code == "upstream_path_not_found"
+    # Another backend may serve it; this one's circuit is told; asked again, the same.
+    assert err.falls_back and not err.no_verdict and not err.retryable
+    assert err.message.startswith("up: upstream answered 404 for /v1/v1/chat/completions")
+    assert err.message.endswith("; the upstream has no such path: check the backend's base_url"), (
+        err.message
+    )
 
 
 def test_an_upstream_error_text_is_one_short_line() -> None:

@@ -11,7 +11,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -390,23 +393,23 @@ def test_runtime_routing_with_workers_and_no_redis_is_refused() -> None:
         assert r.status_code == 201, r.text
 
 
-def test_plain_uvicorn_counts_web_concurrency_as_its_workers(tmp_path: Path) -> None:
-    """uvicorn without --workers runs WEB_CONCURRENCY workers, an app it builds sees it."""
+@contextmanager
+def _plain_uvicorn(tmp_path: Path, env: dict[str, str], *flags: str) -> Iterator[tuple[str, Path]]:
+    """`uvicorn stella.app:create_app --factory` with `flags`: its URL and its stdout."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
-    env |= {
-        "STELLA_MODELS__DEFAULT": "echo",
-        "STELLA_BACKENDS__LOCAL__ENABLED": "false",
-        "WEB_CONCURRENCY": "2",
-    }
-    args = ["stella.app:create_app", "--factory", "--port", str(port)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", *args],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    full = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+    full |= {"STELLA_MODELS__DEFAULT": "echo", "STELLA_BACKENDS__LOCAL__ENABLED": "false"}
+    full |= env
+    args = ["stella.app:create_app", "--factory", "--port", str(port), *flags]
+    out = tmp_path / "stdout"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", *args],
+            env=full,
+            cwd=tmp_path,
+            stdout=sink,
+            stderr=subprocess.DEVNULL,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -417,11 +420,52 @@ def test_plain_uvicorn_counts_web_concurrency_as_its_workers(tmp_path: Path) -> 
                     break
             except httpx.TransportError:
                 time.sleep(0.05)
-        r = httpx.post(url + "/api/v1/models", json={"name": "rt", "backend": "echo"})
-        _refused_for_workers(r, "WEB_CONCURRENCY=2")
+        yield url, out
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def _logged(out: Path, event: str) -> list[dict[str, Any]]:
+    """The `event` lines a server logged before its `started` line (waited for)."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(x) for x in out.read_text().splitlines() if x.startswith("{")]
+        events = [line.get("event") for line in lines]
+        if "started" in events:
+            return [line for line in lines[: events.index("started")] if line["event"] == event]
+        assert time.monotonic() < deadline, "no started line"
+        time.sleep(0.05)
+
+
+def test_plain_uvicorn_counts_server_workers_not_web_concurrency(tmp_path: Path) -> None:
+    """uvicorn's --workers and WEB_CONCURRENCY reach no app as a count it can trust: a
+    plain uvicorn with several workers is refused routing changes by server.workers."""
+    env = {"WEB_CONCURRENCY": "2", "STELLA_SERVER__WORKERS": "2"}
+    with _plain_uvicorn(tmp_path, env) as (url, out):
+        r = httpx.post(url + "/api/v1/models", json={"name": "rt", "backend": "echo"})
+        _refused_for_workers(r, "server.workers = 2")
+        # server.workers says it already: nothing to warn of.
+        assert _logged(out, "web_concurrency_unshared") == []
+
+
+def test_plain_uvicorn_with_one_worker_and_web_concurrency_changes_routes(
+    tmp_path: Path,
+) -> None:
+    """WEB_CONCURRENCY=4 with `--workers 1` is one process (Heroku's buildpack sets the
+    variable by itself): a routing change stands, and one warning says what several
+    workers would mean."""
+    with _plain_uvicorn(tmp_path, {"WEB_CONCURRENCY": "4"}, "--workers", "1") as (url, out):
+        r = httpx.post(url + "/api/v1/models", json={"name": "rt", "backend": "echo"})
+        assert r.status_code == 201, r.text
+        chat = {"model": "rt", "stream": False, "messages": [{"role": "user", "content": "x"}]}
+        assert httpx.post(url + "/api/v1/chat", json=chat).status_code == 200
+        r = httpx.post(url + "/api/v1/models/switch/rt")
+        assert r.status_code == 200, r.text
+        (warning,) = _logged(out, "web_concurrency_unshared")
+        assert warning["level"] == "warning" and warning["value"] == 4
+        assert "if uvicorn runs several workers" in warning["detail"]
+        assert "server.workers" in warning["detail"] and "state.redis_url" in warning["detail"]
 
 
 def test_reload_serves_from_a_child_of_the_reloader() -> None:

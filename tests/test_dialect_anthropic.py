@@ -495,6 +495,23 @@ def test_blocks_that_are_not_text_are_refused_where_only_text_can_go(
         )
 
 
+def test_ollama_style_images_on_a_message_are_refused(server: LiveServer) -> None:
+    # Some clients send a message's images as Ollama takes them: refused, as an image
+    # block is and as the OpenAI dialect refuses them, not ignored.
+    url, headers = server.url + "/v1/messages", {"x-api-key": KEY}
+    msgs = [{"role": "user", "content": "What is this?", "images": ["aGk="]}]
+    r = httpx.post(url, headers=headers, json={"model": "echo", "max_tokens": 5, "messages": msgs})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error == {
+        "type": "invalid_request_error",
+        "message": "$.messages[0].images: images are not supported",
+    }, error
+    msgs[0]["images"] = []  # an empty list asks for nothing
+    r = httpx.post(url, headers=headers, json={"model": "echo", "max_tokens": 5, "messages": msgs})
+    assert r.status_code == 200 and r.json()["content"][0]["text"] == "What is this?", r.text
+
+
 def test_errors(server: LiveServer) -> None:
     with pytest.raises(anthropic.AuthenticationError):
         client(server, "wrong").messages.create(

@@ -54,6 +54,8 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
             "b-500-after-429": {"kind": "openai", "base_url": url + "/v1"},
             "b-400": {"kind": "openai", "base_url": url + "/v1"},
             "b-404": {"kind": "openai", "base_url": url + "/v1"},
+            # Without /v1: every chat is a 404 page, the upstream having no such path.
+            "b-no-path": {"kind": "openai", "base_url": url},
             "b-hold": {"kind": "openai", "base_url": url + "/v1"},
             "b-400-client": {"kind": "openai", "base_url": url + "/v1"},
             "b-chain-401": {"kind": "openai", "base_url": url + "/v1"},
@@ -205,14 +207,27 @@ def gateway(upstream: tuple[FakeOpenAI, str], hole: int) -> Iterator[LiveServer]
                 },
                 "up-404": {
                     "backend": "b-404",
-                    "upstream_model": "status-404",
+                    "upstream_model": "missing",
                     "retries": 1,
                     "retry_backoff_s": 0.01,
                     "fallbacks": ["up-ok"],
                 },
                 "up-404-alone": {
                     "backend": "b-404",
-                    "upstream_model": "status-404",
+                    "upstream_model": "missing-vllm",
+                    "retries": 1,
+                    "retry_backoff_s": 0.01,
+                },
+                "up-no-path": {
+                    "backend": "b-no-path",
+                    "upstream_model": "ok",
+                    "retries": 1,
+                    "retry_backoff_s": 0.01,
+                    "fallbacks": ["up-ok"],
+                },
+                "up-no-path-alone": {
+                    "backend": "b-no-path",
+                    "upstream_model": "ok",
                     "retries": 1,
                     "retry_backoff_s": 0.01,
                 },
@@ -561,6 +576,48 @@ def test_a_model_the_upstream_does_not_have_goes_to_the_fallback(gateway: LiveSe
     assert r.status_code == 200, r.text
     models = httpx.get(gateway.url + "/api/v1/models").json()["models"]
     assert next(m for m in models if m["name"] == "up-404-ok")["circuit"] == "closed"
+
+
+def test_a_path_the_upstream_does_not_have_falls_back_and_opens_its_circuit(
+    gateway: LiveServer,
+) -> None:
+    # A base_url without /v1: every chat is a 404 page that names no model. Asked again
+    # it is the same; another backend answers; and the backend's circuit is told, so the
+    # misconfiguration shows rather than hide behind the fallback.
+    for stream in (False, True):
+        r = chat(gateway, "up-no-path", stream=stream)
+        assert r.status_code == 200, r.text
+        rid = r.headers["x-request-id"]
+        if stream:  # fallen back from before its first token
+            lines = ndjson(r.text)
+            assert [line["type"] for line in lines if line["type"] != "delta"] == [
+                "start",
+                "done",
+            ], lines
+            assert lines[-1]["backend"] == "up", lines
+        else:
+            assert r.json()["backend"] == "up", r.text
+        ev = gateway.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+        assert [(a["backend"], a["error"]) for a in ev["attempts"]] == [
+            ("b-no-path", "upstream_path_not_found"),
+            ("up", None),
+        ], ev
+        assert ev["attempts"][0]["upstream_status"] == 404
+    # Without a fallback it is the answer, saying what is wrong; the third failure opens
+    # the circuit (failure_threshold 3).
+    r = chat(gateway, "up-no-path-alone", stream=False)
+    assert r.status_code == 502 and r.headers["x-should-retry"] == "false", r.text
+    error = r.json()["error"]
+    assert error["code"] == "upstream_path_not_found" and error["retryable"] is False, error
+    assert error["message"] == (
+        "b-no-path: upstream answered 404 for /chat/completions: 404 Not Found 404 Not Found "
+        "nginx; the upstream has no such path: check the backend's base_url"
+    ), error
+    rid = r.headers["x-request-id"]
+    ev = gateway.wait_event(lambda e, rid=rid: e["request_id"] == rid)
+    assert len(ev["attempts"]) == 1, ev
+    opened = gateway.wait_event(lambda e: e.get("backend") == "b-no-path", name="circuit_opened")
+    assert opened["error"] == "upstream_path_not_found" and opened["failures"] == 3, opened
 
 
 def test_a_rejected_request_is_not_retryable_with_or_without_a_stream(gateway: LiveServer) -> None:

@@ -792,8 +792,13 @@ def test_the_public_health_route_asks_the_upstreams_at_most_every_few_seconds() 
         }
         env = {"STELLA_API_KEYS": f"admin={ADMIN}", "PAID_KEY": UPSTREAM_SECRET}
         with run_stella(config, env) as server:
-            for _ in range(20):  # no key needed, and none given
+            for _ in range(20):  # no key: the status alone, and no upstream asked
                 r = httpx.get(server.url + "/v1/health")
+                assert r.status_code == 200 and r.json() == {"status": "ok"}, r.text
+            assert calls == []
+            admin = {"Authorization": f"Bearer {ADMIN}"}
+            for _ in range(20):
+                r = httpx.get(server.url + "/v1/health", headers=admin)
                 assert r.status_code == 200 and r.json()["providers"]["paid"]["ok"] is True
     assert len(calls) == 1, calls  # one probe for 20 calls within the 5 s it is kept
 
@@ -858,7 +863,7 @@ def test_with_keys_the_public_routes_name_no_model_and_no_backend() -> None:
     }
     keys = {"auth": {"keys": {"narrow": {"sha256": sha(NARROW), "models": ["echo"]}}}}
 
-    async def public(app: Any) -> list[tuple[str, int, str]]:
+    async def public(app: Any) -> tuple[list[tuple[str, int, str]], dict[str, Any]]:
         router = app.state.stella.router
         main, spare = router.breaker("slowbox"), router.breaker("spare-box")
         seen = []
@@ -875,14 +880,19 @@ def test_with_keys_the_public_routes_name_no_model_and_no_backend() -> None:
                 main.state = "open" if main_state != "closed" else "closed"
                 main.opened_at = time.monotonic() - (3600 if main_state == "half_open" else 0)
                 spare.state, spare.opened_at = spare_state, time.monotonic()
-                for path in ("/health", "/", "/api/llm/health", "/ready"):
+                for path in ("/health", "/", "/api/llm/health", "/ready", "/v1/health"):
                     r = await c.get(path)
                     seen.append((f"{path} {main_state}/{spare_state}", r.status_code, r.text))
-        return seen
+            # A wrong key is no key; any valid one, however narrow, sees the backends.
+            keyed = {}
+            for key in ("sk-wrong-key-000333", NARROW):
+                r = await c.get("/v1/health", headers={"Authorization": f"Bearer {key}"})
+                keyed[key] = (r.status_code, r.json())
+        return seen, keyed
 
     for with_keys in (True, False):
         app = create_app(load_settings(merge(cfg, keys) if with_keys else cfg, environ={}))
-        seen = asyncio.run(public(app))
+        seen, keyed = asyncio.run(public(app))
         statuses = {what: status for what, status, _ in seen}
         assert statuses["/ready open/open"] == 503, seen  # no backend left to answer
         assert all(v == 200 for k, v in statuses.items() if k != "/ready open/open"), seen
@@ -894,6 +904,18 @@ def test_with_keys_the_public_routes_name_no_model_and_no_backend() -> None:
             assert bodies["/ closed/closed"]["default_model"] is None
             llm = bodies["/api/llm/health closed/closed"]
             assert llm["model"] is None and llm["backend"] is None and llm["status"] == "ok"
+            for state in ("closed/closed", "open/open"):
+                assert bodies[f"/v1/health {state}"] == {"status": "ok"}, bodies
+            assert keyed["sk-wrong-key-000333"] == (200, {"status": "ok"}), keyed
+            status, full = keyed[NARROW]
+            assert status == 200 and full["status"] == "ok", keyed
+            assert full["providers"]["slowbox"] == {
+                "kind": "echo",
+                "ok": True,
+                "detail": "ok",
+                "circuit": "half_open",  # as the loop left it
+            }, full
+            assert {"slowbox", "spare-box", "echo"} <= set(full["providers"]), full
             circuits = [
                 bodies[f"/ready {s}"]["checks"]["circuit"]
                 for s in ("open/closed", "open/open", "half_open/closed")
@@ -906,6 +928,7 @@ def test_with_keys_the_public_routes_name_no_model_and_no_backend() -> None:
         else:  # the same routes, keyless on loopback: the operator's own, names and all
             assert {"/health closed/closed", "/ closed/closed"} <= named, named
             assert "/ready open/closed" in named and "/api/llm/health closed/closed" in named
+            assert "/v1/health closed/closed" in named, named
 
 
 def test_every_model_listing_shows_a_scoped_key_only_its_models() -> None:

@@ -81,6 +81,7 @@ class InvokeRequest(msgspec.Struct):
     input_data: InputData
     model: str | None = None
     options: Options = msgspec.field(default_factory=Options)
+    images: Images | None = None  # beside input_data too: refused, not ignored
 
 
 class PromptRequest(msgspec.Struct):
@@ -128,6 +129,7 @@ async def _answer(request: Request, call: Call, chat: ChatRequest) -> Any:
 async def invoke(request: Request, call: Call) -> Response:
     """POST /api/chat/invoke."""
     req: InvokeRequest = await read_json(request, _invoke)
+    check_images(req.images, "images")
     check_images(req.input_data.images, "input_data.images")
     messages = [Message(role="user", content=req.input_data.input)]
     if req.input_data.system:

@@ -28,6 +28,7 @@ from stella.api.http import (
     services,
     stream_response,
 )
+from stella.api.ollama_request import Images, check_images
 from stella.api.openapi import Operation, document
 from stella.core import Call, Inference
 from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, NotFound, StellaError
@@ -72,6 +73,9 @@ class AMessage(msgspec.Struct):
 
     role: Literal["user", "assistant"]
     content: str | list[Block]
+    # Ollama's shape of images, which some clients send here too: refused, as an image
+    # block is, not ignored.
+    images: Images | None = None
 
 
 class ATool(msgspec.Struct):
@@ -377,6 +381,7 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
     if req.system:
         messages.append(Message(role="system", content=_text(req.system, "system")))
     for i, m in enumerate(req.messages):
+        check_images(m.images, f"messages[{i}].images")
         empty = not m.content or (
             not isinstance(m.content, str)
             and all(b.type == "text" and not b.text for b in m.content)

@@ -204,13 +204,13 @@ def _logged(action: str, name: str | None, call: Call) -> Iterator[dict[str, Any
 def _shared_routing(svc: Services) -> None:
     """Refuse a routing change that would reach only the worker taking it: with several
     workers the table is shared only through Redis."""
-    count, key = svc.workers
+    count = svc.settings.server.workers
     if count > 1 and not svc.settings.state.redis_url:
-        said = f"{key}={count}" if key.isupper() else f"{key} = {count}"
         raise Conflict(
-            f"runtime routing with several workers ({said}) needs state.redis_url: "
-            "without it a change would reach only the worker that takes the call; set "
-            "state.redis_url, or change the routes in the config file and restart"
+            f"runtime routing with several workers (server.workers = {count}) needs "
+            "state.redis_url: without it a change would reach only the worker that takes "
+            "the call; set state.redis_url, or change the routes in the config file and "
+            "restart"
         )
 
 

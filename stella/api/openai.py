@@ -43,7 +43,7 @@ from stella.api.openai_request import (
 from stella.api.openapi import Operation, Schema, document, ref
 from stella.backends import BackendHealth
 from stella.core import Call, Inference
-from stella.errors import Forbidden, InvalidRequest, ModelNotFound, StellaError
+from stella.errors import Forbidden, InvalidRequest, ModelNotFound, StellaError, Unauthorized
 from stella.protocol import (
     ChatRequest,
     Delta,
@@ -485,8 +485,8 @@ async def get_model(request: Request, call: Call) -> Response:
     return JSONResponse(_model_obj(route.name, route.backend_name))
 
 
-# /v1/health needs no key: anyone may call it, so the upstreams are asked at most
-# this often (in parallel), whatever the rate of calls.
+# /v1/health probes the upstreams for anyone without keys set, and for any key's holder
+# with them: they are asked at most this often (in parallel), whatever the rate of calls.
 HEALTH_TTL_S = 5.0
 
 
@@ -513,6 +513,14 @@ async def _backend_health(svc: Any) -> dict[str, BackendHealth]:
 async def v1_health(request: Request, call: Call) -> Response:
     """GET /v1/health: the service and each provider (backend), no tokens spent."""
     svc = services(request)
+    if svc.auth.enabled:
+        try:
+            svc.auth.authenticate(request.scope["headers"])
+        except Unauthorized:
+            # Anyone may call it; with keys set, only a key's holder sees the backends
+            # (names, kinds, probe details, circuits), as the other public routes hide
+            # them. Nor are the upstreams probed for an anonymous caller.
+            return JSONResponse({"status": "ok"})
     providers = {}
     for name, health in (await _backend_health(svc)).items():
         providers[name] = {

@@ -245,16 +245,17 @@ OPENAI_MODELS = Schema(
 OPENAI_HEALTH = Schema(
     "ProviderHealth",
     obj(
+        {"status": const("ok")},
         {
-            "status": const("ok"),
             "providers": {
                 "type": "object",
-                "description": "each backend by name",
+                "description": "each backend by name; left out when keys are set and the "
+                "request has no valid key",
                 "additionalProperties": obj(
                     {"kind": STR, "ok": BOOL, "detail": STR, "circuit": STR}
                 ),
             },
-        }
+        },
     ),
 )
 

@@ -272,10 +272,12 @@ class AnthropicBackend(HttpBackend):
                 param="response_format",
             )
 
-    def status_error(self, status: int, headers: Mapping[str, str], body: bytes) -> StellaError:
+    def status_error(
+        self, status: int, headers: Mapping[str, str], body: bytes, url: str = ""
+    ) -> StellaError:
         """The error for an error status; the API's prompt too long is the request's
         ContextTooLong, and a 429 without Retry-After waits for its exhausted limits."""
-        err = super().status_error(status, headers, body)
+        err = super().status_error(status, headers, body, url)
         if not isinstance(err, UpstreamStatus):
             return err
         if status == 400:

@@ -32,6 +32,7 @@ from stella.errors import (
     StellaError,
     UpstreamContextTooLong,
     UpstreamError,
+    UpstreamNoSuchPath,
     UpstreamStatus,
     UpstreamTimeout,
     waited_out,
@@ -289,10 +290,10 @@ class HttpBackend(Backend):
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         return Answer(self, url, body, headers, ctx)
 
-    def status_error(self, status: int, headers: Any, body: bytes) -> StellaError:
-        """The StellaError for a chat call's error status (an adapter may read its
+    def status_error(self, status: int, headers: Any, body: bytes, url: str = "") -> StellaError:
+        """The StellaError for a chat call's error status to `url` (an adapter may read its
         upstream's own words more closely)."""
-        return error_from_response(self.name, status, headers, body)
+        return error_from_response(self.name, status, headers, body, url)
 
     async def model_ids(self, path: str) -> list[str]:
         """GET `path`, a model list shaped {"data": [{"id": ...}, ...]}: the ids."""
@@ -314,7 +315,7 @@ class HttpBackend(Backend):
                         break
                     raise UpstreamError(f"{self.name}: answer to GET {path} over {limit} bytes")
         if failed:
-            raise error_from_response(self.name, r.status_code, r.headers, bytes(body))
+            raise error_from_response(self.name, r.status_code, r.headers, bytes(body), str(r.url))
         try:
             return decoder.decode(body)
         except BAD_JSON:
@@ -423,7 +424,7 @@ class Answer:
             self.ctx.upstream_request_id = upstream_request_id(r.headers, self.ctx.request_id)
             if r.status >= 300:
                 text = await error_head(r)
-                raise b.status_error(r.status, r.headers, text)
+                raise b.status_error(r.status, r.headers, text, self.url)
         except BaseException:
             b.using -= 1
             raise
@@ -523,11 +524,15 @@ def upstream_text(text: str) -> str:
     return line
 
 
-def error_from_response(name: str, status: int, headers: Any, body: bytes) -> StellaError:
-    """The StellaError for an upstream error status (OpenAI's or a plain error shape)."""
+def error_from_response(
+    name: str, status: int, headers: Any, body: bytes, url: str = ""
+) -> StellaError:
+    """The StellaError for an upstream error status to `url` (OpenAI's or a plain error
+    shape)."""
     message = ""
     code: object = None
     kind: object = None
+    said = False  # the body is an error in JSON, the upstream's own words
     if status < 400:
         # Never followed: the prompt and the key go only to base_url's host.
         where = headers.get("location", "")
@@ -535,6 +540,7 @@ def error_from_response(name: str, status: int, headers: Any, body: bytes) -> St
         body = b""
     try:
         parsed = _error_body.decode(body)
+        said = True
         err = parsed.error
         if isinstance(err, _OpenAIError):
             message = err.message or str(err.code or "")
@@ -552,7 +558,32 @@ def error_from_response(name: str, status: int, headers: Any, body: bytes) -> St
     text = f"{name}: upstream answered {status}" + (f": {message}" if message else "")
     if status in (400, 413, 422) and context_overflow(code, kind, message):
         return UpstreamContextTooLong(text, upstream_status=status)
+    if status == 404 and not (said and names_a_model(code, kind, message)):
+        path = urlsplit(url).path
+        return UpstreamNoSuchPath(
+            f"{name}: upstream answered 404"
+            + (f" for {path}" if path else "")
+            + (f": {message}" if message else "")
+            + "; the upstream has no such path: check the backend's base_url"
+        )
     return UpstreamStatus(text, upstream_status=status, retry_after=retry_hint(status, headers))
+
+
+# A 404 that refuses one model says so in JSON: OpenAI's (and LiteLLM's) `code`
+# `model_not_found`; vLLM's "The model `x` does not exist.", Ollama's "model 'x' not found"
+# (older: `model "x" not found, try pulling it first`), mlx_lm.server's "model not
+# loaded", Anthropic's `not_found_error` "model: x". A wrong base_url's 404 is a page, a
+# plain "404 page not found" or a JSON "Not Found" / "Invalid URL (POST /v1/v1/...)".
+# The word alone: "/v1/models" in a path is not it.
+_MODEL_WORD = re.compile(r"\bmodel\b", re.IGNORECASE)
+
+
+def names_a_model(code: object, kind: object, message: str) -> bool:
+    """Whether an upstream's JSON error names a model (its 404: that model is missing)."""
+    for field in (code, kind):
+        if isinstance(field, str) and "model" in field.lower():
+            return True
+    return _MODEL_WORD.search(message) is not None
 
 
 # What upstreams say of a prompt longer than the model's context: OpenAI's error code and

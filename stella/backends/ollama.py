@@ -276,10 +276,10 @@ class OllamaBackend(HttpBackend):
         self._ps_ask = None
         return models
 
-    def status_error(self, status: int, headers: Any, body: bytes) -> StellaError:
+    def status_error(self, status: int, headers: Any, body: bytes, url: str = "") -> StellaError:
         """A 401 is Ollama refusing one model (a cloud model, the server not signed in to
         ollama.com), not stella's key: its other models still answer."""
-        err = super().status_error(status, headers, body)
+        err = super().status_error(status, headers, body, url)
         if status != 401:
             return err
         try:
@@ -454,7 +454,9 @@ class OllamaBackend(HttpBackend):
                 allow_redirects=False,
             ) as r:
                 if r.status >= 300:
-                    raise self.status_error(r.status, r.headers, await error_head(r))
+                    raise self.status_error(
+                        r.status, r.headers, await error_head(r), self.base_url + "/api/chat"
+                    )
                 raw = await read_body(r, self.name)
         except (aiohttp.ClientError, TimeoutError) as exc:
             if isinstance(exc, TimeoutError) and not isinstance(

@@ -30,7 +30,9 @@ headers saying which limits are spent and when they reset: LIMITS),
 block that starts with TEXT_START), `<model>-json-anyway` (`<model>`'s answer as one
 whole Message though a stream was asked for, as a proxy may give it; `claude-json-anyway`
 a text), `claude-json-error-anyway` (an overloaded_error object, with status 200, to a
-stream). Every answer has a `request-id` header (`req_fake_` and a number), as
+stream), `claude-missing` (the API's 404 for a model it does not have: `not_found_error`,
+"model: claude-missing"). A path it does not serve (a base_url ending in `/v1`, which
+makes `/v1/v1/messages`) is the API's 404 `not_found_error` "Not Found". Every answer has a `request-id` header (`req_fake_` and a number), as
 the API's do. Requests without
 the right x-api-key get 401, without `max_tokens` (or with a message without content but a final assistant one, or a
 tool_use id used twice in the conversation, a temperature outside 0..1, a stop sequence
@@ -101,6 +103,11 @@ def err(kind: str, message: str, status: int, headers: dict[str, str] | None = N
     )
 
 
+async def no_such_path(request: Request, exc: Exception) -> Response:
+    """The API's 404 for a path it does not serve."""
+    return err("not_found_error", "Not Found", 404)
+
+
 class FakeAnthropic:
     """The app plus the bodies and headers it received."""
 
@@ -114,7 +121,8 @@ class FakeAnthropic:
                 Route("/v1/messages", self.with_request_id, methods=["POST"]),
                 Route("/v1/models", self.models),
                 Route("/health", self.models),
-            ]
+            ],
+            exception_handlers={404: no_such_path},
         )
 
     async def models(self, request: Request) -> Response:
@@ -159,6 +167,8 @@ class FakeAnthropic:
                 429,
                 {"retry-after": "3"},
             )
+        if model == "claude-missing":
+            return err("not_found_error", f"model: {model}", 404)
         if model == "claude-529":
             return err("overloaded_error", "Overloaded", 529)
         if model in TOO_LONG:

@@ -6,12 +6,14 @@ one line, as Ollama sends parallel calls; each call with its `id`, as recent Oll
 names them, CALL_IDS), `old-tools` (the call of `tools` without an id, as older
 versions send it), `null-args` (a call of `get_time` whose `arguments` are null, as Go
 encodes a call without arguments), `error-before` (HTTP 404
-{"error": ...}), `error-mid` (a final {"error": ...} line after two pieces), `error-first` (a 200 whose
+{"error": "model 'error-before' not found"}), `not-pulled` (HTTP 404 in older Ollama's
+words, `model "not-pulled" not found, try pulling it first`), `error-mid` (a final {"error": ...} line after two pieces), `error-first` (a 200 whose
 one line is {"error": ...}), `huge-error-first` and `huge-error-mid` (the same with
 HUGE_ERROR), `malformed`, `busy` (503 without Retry-After, as Ollama answers a full
 queue), `cloud` (401 with a `signin_url`, as Ollama answers a cloud model while it is not
 signed in), `cached` (the done line says CACHED of its prompt's tokens came from the
-cache, `prompt_eval_cached_count`). A `keep_alive` string Go's time.ParseDuration refuses
+cache, `prompt_eval_cached_count`). A path it does not serve is Go's plain-text 404,
+`404 page not found`, as Ollama answers one. A `keep_alive` string Go's time.ParseDuration refuses
 (`"-1"`) is a 400, as Ollama answers it. `"stream": false` gets one object, as the API
 does (its default is a stream).
 
@@ -39,7 +41,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 CREATED = "2024-07-22T20:33:28.123648Z"
@@ -74,6 +76,11 @@ def go_duration_ns(text: str) -> bool:
     return total <= 2**63 - 1 if not text.startswith("-") else total <= 2**63
 
 
+async def no_such_path(request: Request, exc: Exception) -> Response:
+    """Go's net/http 404, as Ollama answers a path it does not serve."""
+    return PlainTextResponse("404 page not found", 404)
+
+
 class FakeOllama:
     """The app plus the bodies it received."""
 
@@ -95,7 +102,8 @@ class FakeOllama:
                 Route("/api/ps", self.ps),
                 Route("/api/version", self.version),
                 Route("/health", self.version),
-            ]
+            ],
+            exception_handlers={404: no_such_path},
         )
 
     async def version(self, request: Request) -> Response:
@@ -188,6 +196,8 @@ class FakeOllama:
         model = body["model"]
         if model == "error-before":
             return JSONResponse({"error": f"model '{model}' not found"}, 404)
+        if model == "not-pulled":
+            return JSONResponse({"error": f'model "{model}" not found, try pulling it first'}, 404)
         if model == "busy":
             # As Ollama answers a full queue (server/routes.go, ErrMaxQueue): 503, no
             # Retry-After.

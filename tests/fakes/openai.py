@@ -32,7 +32,10 @@ usage in a whole answer), `filtered` (FILTERED, then finish_reason "content_filt
 `refusal`, as an upstream's content filter ends an answer it cuts short), `text-tools`
 (TEXT_BEFORE, then the calls of `two-tools`, as a model may say what it is about to do)
 and `reasoning` (a 400 for `max_tokens`, as OpenAI's o-series and gpt-5 answer: they take
-`max_completion_tokens`).
+`max_completion_tokens`), `missing` and `missing-vllm` (a 404 for a model the server does
+not have: OpenAI's `code` `model_not_found`, vLLM's "The model `x` does not exist." at the
+top of the body). A path it does not serve (a base_url without `/v1`, or with it twice)
+is a 404 HTML page, as nginx in front of a server answers it.
 Wire quirks of real servers:
 - `ctx-openai`, `ctx-llamacpp`, `ctx-vllm`, `ctx-vllm-old`: a 400 for a prompt over the
   context, in each server's shape (OpenAI's `code`, llama.cpp's `type`, vLLM's words
@@ -69,7 +72,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 # The prompt tokens model `cached` says its cache spared it.
@@ -152,7 +155,8 @@ class FakeOpenAI:
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/models", self.models),
                 Route("/health", self.models),
-            ]
+            ],
+            exception_handlers={404: no_such_page},
         )
 
     async def models(self, request: Request) -> Response:
@@ -221,6 +225,23 @@ class FakeOpenAI:
                 429,
                 headers={"Retry-After": wait},
             )
+        if model == "missing":
+            error = {
+                "message": f"The model `{model}` does not exist or you do not have access to it.",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "model_not_found",
+            }
+            return JSONResponse({"error": error}, 404)
+        if model == "missing-vllm":
+            error = {
+                "object": "error",
+                "message": f"The model `{model}` does not exist.",
+                "type": "NotFoundError",
+                "param": None,
+                "code": 404,
+            }
+            return JSONResponse(error, 404)
         if model.startswith("status-"):
             status = int(model.split("-")[1])
             # status-429 asks for 1 s; status-429-30 for 30 s.
@@ -537,6 +558,19 @@ TOOL_MODELS = frozenset(
     ("two-tools", "text-tools", "bad-args", "list-args", "tools-stop", "no-ids", "one-id")
     + ("name-repeat", "name-pieces")
 )
+
+
+# nginx's own 404 page, as a proxy in front of an upstream answers a path it does not have.
+NOT_FOUND_PAGE = (
+    "<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n"
+    "<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
+
+
+async def no_such_page(request: Request, exc: Exception) -> Response:
+    """The 404 of a path the fake does not serve: an HTML page."""
+    return HTMLResponse(NOT_FOUND_PAGE, 404)
 
 
 def _calls(body: dict[str, Any]) -> list[dict[str, Any]]:
