@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterator
 
@@ -203,6 +204,12 @@ def test_tool_calls_both_ways(server: LiveServer) -> None:
     ]
     r2 = c.chat.completions.create(model="echo", messages=follow, tools=WEATHER)
     assert r2.choices[0].message.content == "sunny, 21C"
+    # Each call has an id of its own, a later turn's too: Anthropic's API refuses a
+    # history whose tool_use ids repeat.
+    again = [*follow, r2.choices[0].message.model_dump(exclude_none=True), *msgs]
+    r3 = c.chat.completions.create(model="echo", messages=again, tools=WEATHER)
+    later = r3.choices[0].message.tool_calls[0].id
+    assert re.fullmatch("call_[0-9a-f]{24}", call.id) and later != call.id, (call.id, later)
 
 
 def test_sdk_strict_tools_are_accepted(server: LiveServer) -> None:
