@@ -14,7 +14,7 @@ import asyncio
 import math
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -135,6 +135,21 @@ class Pipeline:
                     f"$.tool_choice.function.name: no tool named {choice.function.name!r}",
                     param="tool_choice.function.name",
                 )
+        if (orphan := orphan_result(request.messages)) is not None:
+            # A client's mistake, refused as every upstream would (OpenAI's and Anthropic's
+            # with a 400 that reached the client as a 502), before any backend is asked.
+            i, stray = orphan
+            if stray is None:
+                raise InvalidRequest(
+                    f"$.messages[{i}]: a tool message must follow an assistant message "
+                    "with tool_calls (only other tool messages between)",
+                    param=f"messages[{i}]",
+                )
+            raise InvalidRequest(
+                f"$.messages[{i}].tool_call_id: {stray!r} is no call of the assistant "
+                "message before it",
+                param=f"messages[{i}].tool_call_id",
+            )
         principal = call.principal
         scope = principal.scope
         if call.backend:
@@ -1198,6 +1213,27 @@ def _check_response_format(fmt: dict[str, Any]) -> None:
             "$.response_format.json_schema: required for json_schema (an object)",
             param="response_format.json_schema",
         )
+
+
+def orphan_result(messages: Sequence[Message]) -> tuple[int, str | None] | None:
+    """The first tool message that answers no call: its index, and the id it names when
+    that is none of the calls of the assistant message before it (None when no assistant
+    message with calls comes before it, only tool messages between); None if all answer.
+
+    A tool message without an id (Ollama's histories link results by the tool's name, in
+    order) needs only the calls before it."""
+    calls: set[str] | None = None  # the ids of the turn the tool messages answer
+    for i, m in enumerate(messages):
+        if m.role == "tool":
+            if calls is None:
+                return i, None
+            if m.tool_call_id and m.tool_call_id not in calls:
+                return i, m.tool_call_id
+        elif m.role == "assistant" and m.tool_calls:
+            calls = {c.id for c in m.tool_calls}
+        else:
+            calls = None
+    return None
 
 
 def _check_metadata(metadata: dict[str, Any]) -> None:

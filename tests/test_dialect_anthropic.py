@@ -208,6 +208,71 @@ def test_refusals_name_the_messages_apis_own_fields(server: LiveServer) -> None:
     )
 
 
+def test_a_tool_result_that_answers_no_tool_use_is_refused_by_its_block(
+    server: LiveServer,
+) -> None:
+    # As the API refuses it (a 400 invalid_request_error), not a 502 with an upstream's
+    # words for it, nor an answer from a backend that read a result of no call.
+    def refusal(messages: list[dict[str, object]]) -> str:
+        r = httpx.post(
+            server.url + "/v1/messages",
+            json={"model": "echo", "max_tokens": 5, "system": "Be brief.", "messages": messages},
+            headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        return r.json()["error"]["message"]
+
+    hi = {"role": "user", "content": "Weather in Paris?"}
+
+    def use(call_id: str) -> dict[str, object]:
+        return {"type": "tool_use", "id": call_id, "name": "get_weather", "input": {}}
+
+    def result(call_id: str) -> dict[str, object]:
+        return {"type": "tool_result", "tool_use_id": call_id, "content": "sunny"}
+
+    calling = {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "Let me look."}, use("t1")],
+    }
+    assert refusal([hi, calling, {"role": "user", "content": [result("t1"), result("t9")]}]) == (
+        "$.messages[2].content[1].tool_use_id: 't9' is no tool_use of the assistant message "
+        "before it"
+    )
+    assert refusal(
+        [{"role": "user", "content": [{"type": "text", "text": "x"}, result("t1")]}]
+    ) == (
+        "$.messages[0].content[1].tool_use_id: 't1' answers no tool_use: a tool_result must "
+        "be in the message right after an assistant message with tool_use blocks"
+    )
+    later = [
+        hi,
+        calling,
+        {"role": "user", "content": [result("t1")]},
+        {"role": "assistant", "content": "ok"},
+    ]
+    assert refusal([*later, {"role": "user", "content": [result("t1")]}]).startswith(
+        "$.messages[4].content[0].tool_use_id: 't1' answers no tool_use"
+    )
+    twice = {"role": "assistant", "content": [use("t1"), use("t2"), use("t1")]}
+    assert refusal([hi, twice]) == (
+        "$.messages[1].content[2].id: tool_use id 't1' is used twice in this message"
+    )
+    # Each turn's results answer that turn's calls, whatever the turns before used.
+    again = {"role": "assistant", "content": [use("t2")]}
+    m = client(server).messages.create(
+        model="echo",
+        max_tokens=5,
+        messages=[
+            *later,
+            {"role": "user", "content": "And now?"},
+            again,
+            {"role": "user", "content": [result("t2")]},
+        ],  # type: ignore[list-item]
+    )
+    assert m.content
+
+
 def test_tool_choice(server: LiveServer) -> None:
     tools = [
         {"name": "lookup", "input_schema": {"type": "object"}},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterator
 
@@ -203,6 +204,12 @@ def test_tool_calls_both_ways(server: LiveServer) -> None:
     ]
     r2 = c.chat.completions.create(model="echo", messages=follow, tools=WEATHER)
     assert r2.choices[0].message.content == "sunny, 21C"
+    # Each call has an id of its own, a later turn's too: Anthropic's API refuses a
+    # history whose tool_use ids repeat.
+    again = [*follow, r2.choices[0].message.model_dump(exclude_none=True), *msgs]
+    r3 = c.chat.completions.create(model="echo", messages=again, tools=WEATHER)
+    later = r3.choices[0].message.tool_calls[0].id
+    assert re.fullmatch("call_[0-9a-f]{24}", call.id) and later != call.id, (call.id, later)
 
 
 def test_sdk_strict_tools_are_accepted(server: LiveServer) -> None:
@@ -967,6 +974,75 @@ def test_a_refusal_in_the_history_reaches_the_upstream_as_that_turn_s_text(
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "messages[0].content[0].type"
     assert "a refusal part belongs in an assistant message" in r.json()["error"]["message"]
+
+
+def test_a_tool_result_that_answers_no_call_is_a_400_in_every_dialect(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # The upstream would refuse it (OpenAI: "must be a response to a preceeding message
+    # with 'tool_calls'"), or an Ollama model read a result of no call: a 400 naming the
+    # field, before any backend is asked.
+    server, up = fake_upstream
+    ask = {"role": "user", "content": "Weather in Paris?"}
+    answer = {"role": "tool", "tool_call_id": "a", "content": "sunny"}
+    stray = {"role": "tool", "tool_call_id": "b", "content": "rain"}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    before = len(up.requests)
+    for path, stream, arguments in (
+        ("/v1/chat/completions", False, "{}"),  # OpenAI's arguments are a JSON string
+        ("/v1/chat/completions", True, "{}"),
+        ("/api/v1/chat", True, {}),
+        ("/api/chat", False, {}),
+    ):
+        call = {"id": "a", "type": "function", "function": {"name": "get_weather"}}
+        call["function"]["arguments"] = arguments  # type: ignore[index]
+        calling = {"role": "assistant", "content": "", "tool_calls": [call]}
+        for messages, field in (
+            ([ask, calling, answer, stray], "messages[3].tool_call_id"),
+            ([ask, calling, stray], "messages[2].tool_call_id"),
+            ([ask, answer], "messages[1]"),
+            # Only other tool messages may come between a call and its result.
+            ([ask, calling, answer, {"role": "user", "content": "And?"}, answer], "messages[4]"),
+        ):
+            body = {"model": "plain", "messages": messages, "stream": stream}
+            r = httpx.post(server.url + path, json=body, headers=headers)
+            assert r.status_code == 400, (path, r.text)
+            error = r.json()["error"]
+            message = error if isinstance(error, str) else error["message"]
+            assert message.startswith(f"$.{field}: "), (path, message)
+            if path == "/v1/chat/completions":
+                assert error["param"] == field
+    assert len(up.requests) == before
+    # Ollama's results may name their call by the tool's name alone, in order.
+    by_name = {"role": "tool", "tool_name": "get_weather", "content": "sunny"}
+    ollama_call = {"function": {"name": "get_weather", "arguments": {}}}
+    r = httpx.post(
+        server.url + "/api/chat",
+        json={
+            "model": "plain",
+            "stream": False,
+            "messages": [ask, {"role": "assistant", "tool_calls": [ollama_call]}, by_name],
+        },
+        headers=headers,
+    )
+    assert r.status_code == 200, r.text
+    r = httpx.post(
+        server.url + "/api/chat",
+        json={"model": "plain", "stream": False, "messages": [ask, by_name]},
+        headers=headers,
+    )
+    assert r.status_code == 400 and r.json()["error"].startswith("$.messages[1]: "), r.text
+    # The Responses API's own check names the item; the pipeline's, the field alone.
+    fc = {"type": "function_call", "call_id": "a", "name": "get_weather", "arguments": "{}"}
+    output = {"type": "function_call_output", "call_id": "a", "output": "sunny"}
+    later = {"role": "user", "content": "And?"}
+    for items in ([later, output], [later, fc, later, output]):
+        r = httpx.post(
+            server.url + "/v1/responses",
+            json={"model": "plain", "input": items},
+            headers=headers,
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
 
 
 def test_the_sdk_sends_again_only_what_may_pass_on_another_try(

@@ -186,9 +186,13 @@ def test_content_logs_the_tool_calls_of_the_history_and_of_the_answer(tmp_path: 
     for row in rows[:2]:
         # The answer is the call, not an empty completion; its arguments are the model's.
         assert row["finish_reason"] == "tool_calls" and row["completion"] == ""
-        assert row["tool_calls"] == [
-            {"id": "call_0", "name": "lookup", "arguments": '{"input":"find *** and Paris"}'}
-        ]
+        (call,) = row["tool_calls"]
+        assert call == {
+            "id": call["id"],
+            "name": "lookup",
+            "arguments": '{"input":"find *** and Paris"}',
+        }
+        assert call["id"].startswith("call_")
     assert rows[2]["prompt"] == [
         {"role": "user", "content": "find Paris"},
         {

@@ -30,7 +30,7 @@ from stella.api.http import (
 )
 from stella.api.ollama_request import Images, check_images
 from stella.api.openapi import Operation, document
-from stella.core import Call, Inference
+from stella.core import Call, Inference, orphan_result
 from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, NotFound, StellaError
 from stella.protocol import (
     ChatRequest,
@@ -380,6 +380,9 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
     messages: list[Message] = []
     if req.system:
         messages.append(Message(role="system", content=_text(req.system, "system")))
+    # Where each tool_result came from, by its place among `messages`: the pipeline's own
+    # check would name a message of the internal request, not the client's block.
+    results: dict[int, str] = {}
     for i, m in enumerate(req.messages):
         check_images(m.images, f"messages[{i}].images")
         empty = not m.content or (
@@ -408,10 +411,18 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
             if b.type == "text":
                 texts.append(b.text)
             elif b.type == "tool_use":
+                if any(c.id == b.id for c in calls):
+                    # As the API refuses it: the turn's results could not tell them apart.
+                    path = f"messages[{i}].content[{j}].id"
+                    raise InvalidRequest(
+                        f"$.{path}: tool_use id {b.id!r} is used twice in this message",
+                        param=path,
+                    )
                 calls.append(
                     ToolCallRef(id=b.id, function=FunctionCall(name=b.name, arguments=b.input))
                 )
             elif b.type == "tool_result":
+                results[len(messages)] = f"messages[{i}].content[{j}]"
                 messages.append(_tool_result(b, f"messages[{i}].content[{j}].content"))
             elif b.type in _THOUGHTS and m.role == "assistant":
                 # An earlier answer's reasoning, sent back as the API's clients do: the API
@@ -427,6 +438,17 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
             messages.append(
                 Message(role=m.role, content="\n".join(texts), tool_calls=calls or None)
             )
+    if (orphan := orphan_result(messages)) is not None:
+        # As the API refuses it (a 502 with an upstream's words for it, else).
+        k, stray = orphan
+        path = results[k] + ".tool_use_id"
+        why = (
+            "is no tool_use of the assistant message before it"
+            if stray is not None
+            else "answers no tool_use: a tool_result must be in the message right after "
+            "an assistant message with tool_use blocks"
+        )
+        raise InvalidRequest(f"$.{path}: {messages[k].tool_call_id!r} {why}", param=path)
     final = req.messages[-1] if req.messages else None
     if final is not None and final.role == "assistant" and _ends_in_space(final.content):
         # The API's own rule for a prefill: the answer would go on after the space, and a

@@ -22,6 +22,7 @@ from stella.backends.base import (
     CallContext,
     content_of,
     first_stop,
+    new_call_id,
 )
 from stella.errors import Overloaded, StellaError, Unavailable, UpstreamError, UpstreamTimeout
 from stella.protocol import ChatRequest, Delta, Done, FinishReason, ToolCall, Usage
@@ -98,8 +99,10 @@ class EchoBackend(Backend):
                     tool = next(
                         t.function for t in tools if t.function.name == choice.function.name
                     )
+                # A fresh id each answer, as for an upstream that names its calls none:
+                # a history's ids must not repeat (Anthropic's API refuses it).
                 yield ToolCall(
-                    index=0, id="call_0", name=tool.name, arguments={"input": last.content}
+                    index=0, id=new_call_id(), name=tool.name, arguments={"input": last.content}
                 )
                 yield Done(
                     finish_reason="tool_calls",
