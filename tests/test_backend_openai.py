@@ -406,6 +406,22 @@ MODEL_404 = [
     {"error": "model not loaded"},
     # Anthropic.
     {"type": "error", "error": {"type": "not_found_error", "message": "model: claude-9"}},
+    # OpenRouter: no provider of this model takes the request (tools, a tool_choice, a
+    # data policy); the base_url is right, and the backend's other models answer.
+    {
+        "error": {
+            "message": "No endpoints found that support tool use. To learn more about "
+            "provider routing, visit: https://openrouter.ai/docs/provider-routing",
+            "code": 404,
+        }
+    },
+    # Azure OpenAI: the deployment, the request's model, is not there.
+    {
+        "error": {
+            "code": "DeploymentNotFound",
+            "message": "The API deployment for this resource does not exist.",
+        }
+    },
 ]
 PATH_404 = [
     # A proxy's page (a base_url without /v1), Go's (Ollama's) plain text, FastAPI's (vLLM's)
@@ -420,6 +436,8 @@ PATH_404 = [
         "application/json",
     ),
     (b'{"type":"error","error":{"type":"not_found_error","message":"Not Found"}}', "json"),
+    (b'{"error":"404 page not found"}', "application/json"),
+    (b'{"error":{"message":""}}', "application/json"),
     (b"model not found", "text/plain"),  # words, not the server's JSON: not a model's refusal
 ]
 

@@ -558,7 +558,7 @@ def error_from_response(
     text = f"{name}: upstream answered {status}" + (f": {message}" if message else "")
     if status in (400, 413, 422) and context_overflow(code, kind, message):
         return UpstreamContextTooLong(text, upstream_status=status)
-    if status == 404 and not (said and names_a_model(code, kind, message)):
+    if status == 404 and not (said and refuses_the_request(code, kind, message)):
         path = urlsplit(url).path
         return UpstreamNoSuchPath(
             f"{name}: upstream answered 404"
@@ -569,21 +569,31 @@ def error_from_response(
     return UpstreamStatus(text, upstream_status=status, retry_after=retry_hint(status, headers))
 
 
-# A 404 that refuses one model says so in JSON: OpenAI's (and LiteLLM's) `code`
-# `model_not_found`; vLLM's "The model `x` does not exist.", Ollama's "model 'x' not found"
-# (older: `model "x" not found, try pulling it first`), mlx_lm.server's "model not
-# loaded", Anthropic's `not_found_error` "model: x". A wrong base_url's 404 is a page, a
-# plain "404 page not found" or a JSON "Not Found" / "Invalid URL (POST /v1/v1/...)".
-# The word alone: "/v1/models" in a path is not it.
-_MODEL_WORD = re.compile(r"\bmodel\b", re.IGNORECASE)
+# A 404 in the upstream's own JSON error refuses this model or this request: OpenAI's (and
+# LiteLLM's) `code` `model_not_found`, vLLM's "The model `x` does not exist.", Ollama's
+# "model 'x' not found" (older: `model "x" not found, try pulling it first`),
+# mlx_lm.server's "model not loaded", Anthropic's `not_found_error` "model: x",
+# OpenRouter's "No endpoints found that support tool use" (the model's providers, not the
+# path), Azure's `DeploymentNotFound` (the deployment is the request's model). A wrong
+# base_url's 404 is a page, a plain "404 page not found", or a JSON error saying only
+# that: "Not Found" (FastAPI's, Anthropic's), "Invalid URL (POST /v1/v1/...)" (OpenAI's).
+_MODEL_WORD = re.compile(r"\bmodel\b", re.IGNORECASE)  # "/v1/models" in a path is not it
+_PATH_MISS = re.compile(
+    r"(404\s*)?(page\s+)?not\s+found\W*|invalid\s+url\b.*|unknown\s+(url|path|route|endpoint)\b.*"
+    r"|no\s+(such\s+)?(route|path|endpoint)\b.*|cannot\s+(get|post)\b.*",
+    re.IGNORECASE | re.DOTALL,
+)
 
 
-def names_a_model(code: object, kind: object, message: str) -> bool:
-    """Whether an upstream's JSON error names a model (its 404: that model is missing)."""
+def refuses_the_request(code: object, kind: object, message: str) -> bool:
+    """Whether an upstream's JSON 404 refuses this model or request (it names a model,
+    or says more than that the path is unknown), not the path itself."""
     for field in (code, kind):
         if isinstance(field, str) and "model" in field.lower():
             return True
-    return _MODEL_WORD.search(message) is not None
+    if _MODEL_WORD.search(message):
+        return True
+    return bool(message.strip()) and _PATH_MISS.fullmatch(message.strip()) is None
 
 
 # What upstreams say of a prompt longer than the model's context: OpenAI's error code and
