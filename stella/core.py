@@ -147,7 +147,7 @@ class Pipeline:
                 )
             raise InvalidRequest(
                 f"$.messages[{i}].tool_call_id: {stray!r} is no call of the assistant "
-                "message before it",
+                "turn before it",
                 param=f"messages[{i}].tool_call_id",
             )
         principal = call.principal
@@ -1217,22 +1217,28 @@ def _check_response_format(fmt: dict[str, Any]) -> None:
 
 def orphan_result(messages: Sequence[Message]) -> tuple[int, str | None] | None:
     """The first tool message that answers no call: its index, and the id it names when
-    that is none of the calls of the assistant message before it (None when no assistant
+    that is none of the calls of the assistant turn before it (None when no assistant
     message with calls comes before it, only tool messages between); None if all answer.
 
-    A tool message without an id (Ollama's histories link results by the tool's name, in
-    order) needs only the calls before it."""
+    Consecutive assistant messages with calls are one turn: Anthropic's API merges
+    consecutive assistant messages, and a Responses input may put a text item between a
+    turn's function calls. A tool message without an id (Ollama's histories link results
+    by the tool's name, in order) needs only the calls before it."""
     calls: set[str] | None = None  # the ids of the turn the tool messages answer
+    after_calls = False  # the message before was an assistant message with calls
     for i, m in enumerate(messages):
         if m.role == "tool":
             if calls is None:
                 return i, None
             if m.tool_call_id and m.tool_call_id not in calls:
                 return i, m.tool_call_id
+            after_calls = False
         elif m.role == "assistant" and m.tool_calls:
-            calls = {c.id for c in m.tool_calls}
+            ids = {c.id for c in m.tool_calls}
+            calls = calls | ids if after_calls and calls is not None else ids
+            after_calls = True
         else:
-            calls = None
+            calls, after_calls = None, False
     return None
 
 

@@ -44,8 +44,9 @@ class ToolCallRef(Strict):
 
 class Message(Strict):
     """One chat message. A tool message follows an assistant message with `tool_calls`
-    (only other tool messages between) and its `tool_call_id`, when given, names one of
-    them; otherwise the request is a 400."""
+    (only other tool messages between; consecutive assistant messages with calls are one
+    turn) and its `tool_call_id`, when given, names one of them; otherwise the request is
+    a 400."""
 
     role: Role
     content: str = ""

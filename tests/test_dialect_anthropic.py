@@ -236,8 +236,7 @@ def test_a_tool_result_that_answers_no_tool_use_is_refused_by_its_block(
         "content": [{"type": "text", "text": "Let me look."}, use("t1")],
     }
     assert refusal([hi, calling, {"role": "user", "content": [result("t1"), result("t9")]}]) == (
-        "$.messages[2].content[1].tool_use_id: 't9' is no tool_use of the assistant message "
-        "before it"
+        "$.messages[2].content[1].tool_use_id: 't9' is no tool_use of the assistant turn before it"
     )
     assert refusal(
         [{"role": "user", "content": [{"type": "text", "text": "x"}, result("t1")]}]
@@ -254,6 +253,19 @@ def test_a_tool_result_that_answers_no_tool_use_is_refused_by_its_block(
     assert refusal([*later, {"role": "user", "content": [result("t1")]}]).startswith(
         "$.messages[4].content[0].tool_use_id: 't1' answers no tool_use"
     )
+    # Consecutive assistant messages are one turn, as the API merges them: both calls'
+    # results answer it.
+    split = [
+        {"role": "assistant", "content": [use("t1")]},
+        {"role": "assistant", "content": [use("t2")]},
+        {"role": "user", "content": [result("t1"), result("t2")]},
+    ]
+    r = httpx.post(
+        server.url + "/v1/messages",
+        json={"model": "echo", "max_tokens": 5, "messages": [hi, *split]},
+        headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+    )
+    assert r.status_code == 200, r.text
     twice = {"role": "assistant", "content": [use("t1"), use("t2"), use("t1")]}
     assert refusal([hi, twice]) == (
         "$.messages[1].content[2].id: tool_use id 't1' is used twice in this message"

@@ -739,6 +739,37 @@ def test_what_is_missing_is_said_missing(
     assert "None" not in r.json()["error"]["message"]
 
 
+def test_a_text_item_between_a_turn_s_function_calls_keeps_their_outputs_answering(
+    server: LiveServer,
+) -> None:
+    # The text item starts an assistant message of its own: the outputs of the first
+    # call read as answering no call, a 400, though the input is the API's.
+    def call(call_id: str) -> dict[str, Any]:
+        return {"type": "function_call", "call_id": call_id, "name": "f", "arguments": "{}"}
+
+    def output(call_id: str) -> dict[str, Any]:
+        return {"type": "function_call_output", "call_id": call_id, "output": "o"}
+
+    text = {
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": "thinking"}],
+    }
+    body = {
+        "model": "echo",
+        "input": [
+            {"role": "user", "content": "hi"},
+            call("a"),
+            text,
+            call("b"),
+            output("a"),
+            output("b"),
+        ],
+    }
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize(
     ("choice", "said"),
     [

@@ -443,7 +443,7 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
         k, stray = orphan
         path = results[k] + ".tool_use_id"
         why = (
-            "is no tool_use of the assistant message before it"
+            "is no tool_use of the assistant turn before it"
             if stray is not None
             else "answers no tool_use: a tool_result must be in the message right after "
             "an assistant message with tool_use blocks"
