@@ -405,15 +405,17 @@ class OllamaBackend(HttpBackend):
         if load is not None:
             await asyncio.wait((load,))  # its failure is the calls' that waited for it
         body = _enc.encode({"model": upstream_model, "keep_alive": 0})
+        url = self.base_url + "/api/generate"
         try:
             async with self.session.post(
-                self.base_url + "/api/generate",
+                url,
                 data=body,
                 headers={"content-type": "application/json"},
                 allow_redirects=False,
             ) as r:
                 if r.status >= 300:
-                    raise self.status_error(r.status, r.headers, await error_head(r))
+                    # The URL: a 404 that names no model is a wrong base_url, said with its path.
+                    raise self.status_error(r.status, r.headers, await error_head(r), url)
                 raw = await read_body(r, self.name)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise aiohttp_error(self.name, exc, self.http.connect_timeout_s) from None
