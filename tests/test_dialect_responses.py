@@ -503,19 +503,162 @@ def test_only_a_refusal_is_a_refusal_part(server: LiveServer, model: str, part: 
     assert r.output_text == (FILTERED if model == "filtered" else "")
 
 
-@pytest.mark.parametrize(("model", "text"), [("refusal", REFUSAL), ("filtered", FILTERED)])
-def test_a_stream_ended_by_content_filter_holds_its_text(
-    server: LiveServer, model: str, text: str
-) -> None:
-    # Streamed, either is `output_text` as it comes, the stream ending incomplete for
-    # content_filter: the text went out before the end said what it was.
-    events = validated_events(server, {"model": model, "input": "hi"})
-    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text
+def test_a_stream_a_content_filter_cut_short_holds_its_text(server: LiveServer) -> None:
+    # Text the upstream's content filter cut short (content_filter, no `refusal`) is the
+    # answer as far as it went: `output_text` as it comes, the stream ending incomplete
+    # for content_filter, as chat completions streams it as `content`.
+    events = validated_events(server, {"model": "filtered", "input": "hi"})
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == FILTERED
+    assert not any(e.type.startswith("response.refusal.") for e in events)
     last = events[-1]
     assert last.type == "response.incomplete"
     assert last.response.incomplete_details.reason == "content_filter"
     [item] = last.response.output
-    assert [(c.type, c.text) for c in item.content] == [("output_text", text)]
+    assert [(c.type, c.text) for c in item.content] == [("output_text", FILTERED)]
+
+
+def test_a_streamed_refusal_is_a_refusal_part_as_the_api_streams_one(server: LiveServer) -> None:
+    # The upstream declines (OpenAI's `refusal`, in pieces): the stream says so as the API
+    # does, a `refusal` part whose pieces are response.refusal.delta events, not
+    # output_text, ended by response.completed holding the whole answer's Response.
+    from tests.test_ops import _sse_events, _validate
+
+    r = post(server, {"model": "refusal", "input": "hi", "stream": True})
+    assert r.status_code == 200, r.text
+    _validate(httpx.get(server.url + "/openapi.json").json(), "post", "/v1/responses", r)
+    events = [(e["event"], json.loads(e["data"])) for e in _sse_events(r.text)]
+    for name, data in events:
+        assert data["type"] == name
+        STREAM_EVENT.validate_python(data)
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    deltas = [data for name, data in events if name == "response.refusal.delta"]
+    assert deltas and "".join(d["delta"] for d in deltas) == REFUSAL
+    assert [name for name, _ in events] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.refusal.delta"] * len(deltas),
+        "response.refusal.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    item_id = events[2][1]["item"]["id"]
+    assert events[2][1]["item"]["content"] == []
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    assert events[3][1] == {
+        "type": "response.content_part.added",
+        "sequence_number": 3,
+        **where,
+        "part": {"type": "refusal", "refusal": ""},
+    }
+    for d in deltas:  # the API's fields, and no others (no `logprobs`, as output_text has)
+        seq = d["sequence_number"]
+        assert d == {"type": "response.refusal.delta", "sequence_number": seq, **where} | {
+            "delta": d["delta"]
+        }
+    n = 4 + len(deltas)
+    part = {"type": "refusal", "refusal": REFUSAL}
+    assert events[n][1] == {
+        "type": "response.refusal.done",
+        "sequence_number": n,
+        **where,
+        "refusal": REFUSAL,
+    }
+    assert events[n + 1][1] == {
+        "type": "response.content_part.done",
+        "sequence_number": n + 1,
+        **where,
+        "part": part,
+    }
+    item = events[n + 2][1]["item"]
+    assert item == {
+        "type": "message",
+        "id": item_id,
+        "status": "incomplete",
+        "role": "assistant",
+        "content": [part],
+    }
+    # The end is the whole answer's Response, which is as it was: incomplete for
+    # content_filter, its message a `refusal` part.
+    done = events[-1][1]["response"]
+    whole = post(server, {"model": "refusal", "input": "hi"}).json()
+    assert (whole["status"], whole["incomplete_details"]) == (
+        "incomplete",
+        {"reason": "content_filter"},
+    )
+    assert [{**o, "id": ""} for o in whole["output"]] == [{**item, "id": ""}]
+    assert done["output"] == [item]
+    for key in ("status", "incomplete_details", "completed_at", "usage"):
+        assert done[key] == whole[key], key
+
+
+def test_the_sdk_s_stream_helper_leaves_a_refusal_unparsed(server: LiveServer) -> None:
+    # `responses.stream(text_format=...)` parses each output_text as the schema: a refusal
+    # read so failed. As the API streams one, the helper ends with nothing parsed and the
+    # refusal in its part, as `parse()` gives it.
+    class City(pydantic.BaseModel):
+        city: str
+
+    c = client(server)
+    with c.responses.stream(model="refusal", input="Which city?", text_format=City) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert "".join(e.delta for e in events if e.type == "response.refusal.delta") == REFUSAL
+    [done] = [e for e in events if e.type == "response.refusal.done"]
+    assert done.refusal == REFUSAL
+    assert not any(e.type.startswith("response.output_text.") for e in events)
+    assert final.output_parsed is None and final.output_text == ""
+    [item] = final.output
+    [part] = item.content
+    assert (part.type, part.refusal) == ("refusal", REFUSAL)
+    assert (final.status, final.incomplete_details.reason) == ("incomplete", "content_filter")
+
+
+def test_a_refusal_after_text_is_a_refusal_part_after_it() -> None:
+    # An upstream that refuses after some text: what went out as output_text ends as it
+    # went, the refusal a part of its own after it in the same message.
+    from stella.api.responses import ResponsesCodec
+    from stella.api.responses_request import ResponsesRequest, echoed
+    from stella.protocol import Delta, Done, Start, Usage
+
+    said = [False]
+    codec = ResponsesCodec(echoed(ResponsesRequest(model="m", input="x")), lambda: said[0])
+    raw = codec.start(Start(id="r1", model="m", backend="b", created=1.0))
+    raw += codec.encode(Delta(text="Sure: "))
+    said[0] = True
+    raw += codec.encode(Delta(text="I'm "))
+    raw += codec.encode(Delta(text="sorry."))
+    raw += codec.encode(Done(finish_reason="content_filter", usage=Usage(1, 3, 4)))
+    events = [
+        STREAM_EVENT.validate_python(json.loads(line[len(b"data: ") :]))
+        for line in raw.split(b"\n")
+        if line.startswith(b"data: ")
+    ]
+    assert [(e.type, getattr(e, "content_index", None)) for e in events] == [
+        ("response.created", None),
+        ("response.in_progress", None),
+        ("response.output_item.added", None),
+        ("response.content_part.added", 0),
+        ("response.output_text.delta", 0),
+        ("response.output_text.done", 0),
+        ("response.content_part.done", 0),
+        ("response.content_part.added", 1),
+        ("response.refusal.delta", 1),
+        ("response.refusal.delta", 1),
+        ("response.refusal.done", 1),
+        ("response.content_part.done", 1),
+        ("response.output_item.done", None),
+        ("response.completed", None),
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[7].part.type == "refusal" and events[10].refusal == "I'm sorry."
+    [item] = events[-1].response.output
+    assert [c.model_dump() for c in item.content] == [
+        {"type": "output_text", "text": "Sure: ", "annotations": [], "logprobs": None},
+        {"type": "refusal", "refusal": "I'm sorry."},
+    ]
 
 
 def test_sampling_and_the_token_limit(stack: tuple[LiveServer, FakeOpenAI]) -> None:

@@ -12,6 +12,7 @@ Errors take OpenAI's shape, as on /v1/chat/completions.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -29,7 +30,7 @@ from stella.api.http import (
     services,
     stream_response,
 )
-from stella.api.openai import OpenAIDialect, resolve_provider
+from stella.api.openai import OpenAIDialect, refused, resolve_provider
 from stella.api.openapi import Operation, document
 from stella.api.responses_request import ResponsesRequest, echoed, to_chat
 from stella.core import Call
@@ -117,12 +118,12 @@ def status_of(finish_reason: str) -> tuple[str, dict[str, str] | None]:
     return "completed", None
 
 
-def message_item(item_id: str, text: str, status: str, refused: bool = False) -> dict[str, Any]:
+def message_item(item_id: str, text: str, status: str, refusal: bool = False) -> dict[str, Any]:
     """An assistant `message` output item holding `text` (as a `refusal` part when the
     model declined)."""
     part = (
         {"type": "refusal", "refusal": text}
-        if refused
+        if refusal
         else {"type": "output_text", "text": text, "annotations": []}
     )
     return {
@@ -191,17 +192,21 @@ def _event(name: str, seq: int, data: dict[str, Any]) -> bytes:
 
 class ResponsesCodec(Codec):
     """Events as the Responses API's SSE sequence: response.created, in_progress, each
-    output item added, its text or arguments, done; then response.completed (or
-    .incomplete), or response.failed after a failure."""
+    output item added, its text (or refusal) or arguments, done; then response.completed
+    (or .incomplete), or response.failed after a failure."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, echo: dict[str, Any]) -> None:
+    def __init__(self, echo: dict[str, Any], refusal: Callable[[], bool] | None = None) -> None:
         super().__init__()
         self.echo = echo
         self.answer: Answer | None = None
         self.seq = 0
-        self.texts: list[str] | None = None  # the open message's text, while one is open
+        self.texts: list[str] | None = None  # the open content part's text, while one is open
+        # Asked at each piece of output_text: the backend marks a refusal before it yields
+        # its text. None once refusing, so a refusal's pieces ask nothing.
+        self.refusal = refusal
+        self.refusing = False  # the upstream refused: the open part is a `refusal` part
         self.delta_head = b""
 
     def _next(self, name: str, data: dict[str, Any]) -> bytes:
@@ -222,47 +227,105 @@ class ResponsesCodec(Codec):
         answer = self.answer
         assert answer is not None
         index = len(answer.output)
-        item_id = answer.item_id("msg")
-        item = message_item(item_id, "", "in_progress")
+        item = message_item(answer.item_id("msg"), "", "in_progress")
         item["content"] = []
         answer.output.append(item)
-        self.texts = []
-        where = {"item_id": item_id, "output_index": index, "content_index": 0}
-        part = {"type": "output_text", "text": "", "annotations": []}
-        self.delta_head = (
-            b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
-            + b'"item_id":'
-            + _enc.encode(item_id)
-            + b',"output_index":'
-            + str(index).encode()
-            + b',"content_index":0,"logprobs":[],"sequence_number":'
+        if self.refusal is not None and self.refusal():
+            self.refusal, self.refusing = None, True
+        return (
+            self._next("response.output_item.added", {"output_index": index, "item": item})
+            + self._open_part()
         )
-        return self._next(
-            "response.output_item.added", {"output_index": index, "item": item}
-        ) + self._next("response.content_part.added", {**where, "part": part})
 
-    def _close_message(self, status: str) -> bytes:
-        """The open message's done events, its item then complete (b"" when none is open)."""
-        texts, answer = self.texts, self.answer
-        if texts is None or answer is None:
-            return b""
-        self.texts = None
+    def _open_part(self) -> bytes:
+        """The open message's next content part: `refusal` once the upstream refused, as
+        the API streams one (its pieces `response.refusal.delta`), else `output_text`."""
+        answer = self.answer
+        assert answer is not None
         index = len(answer.output) - 1
         item = answer.output[index]
-        text = "".join(texts)
-        answer.output[index] = done = message_item(item["id"], text, status)
-        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        return (
-            self._next("response.output_text.done", {**where, "text": text, "logprobs": []})
-            + self._next("response.content_part.done", {**where, "part": done["content"][0]})
-            + self._next("response.output_item.done", {"output_index": index, "item": done})
+        content_index = len(item["content"])
+        self.texts = []
+        if self.refusing:
+            name = b"response.refusal.delta"
+            part: dict[str, Any] = {"type": "refusal", "refusal": ""}
+            tail = b',"sequence_number":'
+        else:
+            name = b"response.output_text.delta"
+            part = {"type": "output_text", "text": "", "annotations": []}
+            tail = b',"logprobs":[],"sequence_number":'
+        self.delta_head = (
+            b"event: "
+            + name
+            + b'\ndata: {"type":"'
+            + name
+            + b'","item_id":'
+            + _enc.encode(item["id"])
+            + b',"output_index":'
+            + str(index).encode()
+            + b',"content_index":'
+            + str(content_index).encode()
+            + tail
         )
+        where = {"item_id": item["id"], "output_index": index, "content_index": content_index}
+        return self._next("response.content_part.added", {**where, "part": part})
+
+    def _end_part(self) -> tuple[dict[str, Any], str]:
+        """The open part as it ends, added to its message's content, and its text."""
+        texts, answer = self.texts, self.answer
+        assert texts is not None and answer is not None
+        self.texts = None
+        text = "".join(texts)
+        part = (
+            {"type": "refusal", "refusal": text}
+            if self.refusing
+            else {"type": "output_text", "text": text, "annotations": []}
+        )
+        answer.output[-1]["content"].append(part)
+        return part, text
+
+    def _close_part(self) -> bytes:
+        """The open part's done events."""
+        answer = self.answer
+        assert answer is not None
+        index = len(answer.output) - 1
+        content_index = len(answer.output[index]["content"])
+        where = {
+            "item_id": answer.output[index]["id"],
+            "output_index": index,
+            "content_index": content_index,
+        }
+        part, text = self._end_part()
+        if part["type"] == "refusal":
+            out = self._next("response.refusal.done", {**where, "refusal": text})
+        else:
+            out = self._next("response.output_text.done", {**where, "text": text, "logprobs": []})
+        return out + self._next("response.content_part.done", {**where, "part": part})
+
+    def _close_message(self, status: str) -> bytes:
+        """The open message's done events, its part then itself (b"" when none is open)."""
+        answer = self.answer
+        if self.texts is None or answer is None:
+            return b""
+        out = self._close_part()
+        index = len(answer.output) - 1
+        answer.output[index] = done = {**answer.output[index], "status": status}
+        return out + self._next("response.output_item.done", {"output_index": index, "item": done})
 
     def encode(self, event: Any) -> bytes:
         """The API's events for one pipeline event (each `data:` JSON on one line)."""
         kind = type(event)
         if kind is Delta:
-            out = b"" if self.texts is not None else one_line(self._open_message())
+            if self.texts is None:
+                out = one_line(self._open_message())
+            elif self.refusal is not None and self.refusal():
+                # The upstream refused after text went out as output_text: that part
+                # ends as it is, the refusal a part of its own after it.
+                closed = self._close_part()
+                self.refusal, self.refusing = None, True
+                out = one_line(closed + self._open_part())
+            else:
+                out = b""
             assert self.texts is not None
             self.texts.append(event.text)
             seq = self.seq
@@ -308,14 +371,18 @@ class ResponsesCodec(Codec):
             # whole answer does: a client reading the output finds the turn ended.
             out = self._open_message() if not answer.output else b""
             out += self._close_message("incomplete" if incomplete else "completed")
-            name = "response.incomplete" if incomplete else "response.completed"
+            # A refusal ends as the API ends one, response.completed, its Response as the
+            # whole answer's (incomplete, content_filter): the SDK's stream helper gives
+            # a final response only after that event.
+            name = (
+                "response.incomplete" if incomplete and not self.refusing else "response.completed"
+            )
             body = answer.body(status, event.usage, incomplete)
             return out + self._next(name, {"response": body})
         if kind is Error:
             if self.texts is not None:  # the message cut short, as far as it went
-                item = answer.output[-1]
-                answer.output[-1] = message_item(item["id"], "".join(self.texts), "incomplete")
-                self.texts = None
+                self._end_part()
+                answer.output[-1] = {**answer.output[-1], "status": "incomplete"}
             error = failed_error(event.code, event.message)
             return self._next("response.failed", {"response": answer.body("failed", error=error)})
         return b""
@@ -335,7 +402,8 @@ async def responses(request: Request, call: Call) -> Reply:
     echo = echoed(req)
     inference = await svc.pipeline.prepare(chat, call)
     if chat.stream:
-        return stream_response(request, inference, ResponsesCodec(echo), RESPONSES)
+        codec = ResponsesCodec(echo, lambda: refused(inference))
+        return stream_response(request, inference, codec, RESPONSES)
     result = await run_to_end(request, inference)
     status, incomplete = status_of(result.finish_reason)
     answer = Answer(result.id, result.model, inference.created, echo)
@@ -346,10 +414,9 @@ async def responses(request: Request, call: Call) -> Reply:
         # `output_parsed` empty instead of failing to read it as the schema asked. Text an
         # upstream's content filter cut short is the answer as far as it went, as the API
         # gives one: `output_text` (finished content_filter all the same).
-        ctx = inference.ctx
-        refused = bool(result.response) and ctx is not None and ctx.refused
+        refusal = bool(result.response) and refused(inference)
         answer.output.append(
-            message_item(answer.item_id("msg"), result.response, item_status, refused)
+            message_item(answer.item_id("msg"), result.response, item_status, refusal)
         )
     for c in calls:
         fn = c.function

@@ -262,9 +262,10 @@ OPENAI_HEALTH = Schema(
 # --- OpenAI Responses --------------------------------------------------------------------
 
 _RESPONSES_TEXT = obj({"type": const("output_text"), "text": STR, "annotations": array(OBJECT)})
-# A whole answer's refusal (an upstream's `refusal`, finished content_filter) is a part of
-# its own; text an upstream's content filter cut short is `output_text`.
+# An answer's refusal (an upstream's `refusal`, finished content_filter) is a part of its
+# own, streamed too; text an upstream's content filter cut short is `output_text`.
 _RESPONSES_REFUSAL = obj({"type": const("refusal"), "refusal": STR})
+_RESPONSES_PART = {"anyOf": [_RESPONSES_TEXT, _RESPONSES_REFUSAL]}
 _RESPONSES_STATUS = {"enum": ["in_progress", "completed", "incomplete"]}
 _RESPONSES_MESSAGE = obj(
     {
@@ -272,7 +273,7 @@ _RESPONSES_MESSAGE = obj(
         "id": STR,
         "status": _RESPONSES_STATUS,
         "role": const("assistant"),
-        "content": array({"anyOf": [_RESPONSES_TEXT, _RESPONSES_REFUSAL]}),
+        "content": array(_RESPONSES_PART),
     }
 )
 _RESPONSES_CALL = obj(
@@ -345,10 +346,12 @@ _RESPONSES_EVENTS: dict[str, dict[str, Any]] = {
     "response.created": {"response": ref(RESPONSES_RESPONSE)},
     "response.in_progress": {"response": ref(RESPONSES_RESPONSE)},
     "response.output_item.added": {"output_index": INT, "item": _RESPONSES_ITEM},
-    "response.content_part.added": {**_WHERE, "content_index": INT, "part": _RESPONSES_TEXT},
+    "response.content_part.added": {**_WHERE, "content_index": INT, "part": _RESPONSES_PART},
     "response.output_text.delta": {**_WHERE, "content_index": INT, "delta": STR},
     "response.output_text.done": {**_WHERE, "content_index": INT, "text": STR},
-    "response.content_part.done": {**_WHERE, "content_index": INT, "part": _RESPONSES_TEXT},
+    "response.refusal.delta": {**_WHERE, "content_index": INT, "delta": STR},
+    "response.refusal.done": {**_WHERE, "content_index": INT, "refusal": STR},
+    "response.content_part.done": {**_WHERE, "content_index": INT, "part": _RESPONSES_PART},
     "response.function_call_arguments.delta": {**_WHERE, "delta": STR},
     "response.function_call_arguments.done": {**_WHERE, "name": STR, "arguments": STR},
     "response.output_item.done": {"output_index": INT, "item": _RESPONSES_ITEM},
@@ -361,9 +364,9 @@ RESPONSES_EVENT = Schema(
     sse_event(
         "One server-sent event of the Responses API, each with its `type` and"
         " `sequence_number`: response.created, response.in_progress, per output item its"
-        " added, text or argument and done events, then response.completed (or"
-        " response.incomplete); a failure after the stream started is a last"
-        " response.failed; `: ping` comments keep the connection alive",
+        " added, text (or an upstream's refusal) or argument and done events, then"
+        " response.completed (or response.incomplete); a failure after the stream started"
+        " is a last response.failed; `: ping` comments keep the connection alive",
         {
             "anyOf": [
                 obj({"type": const(name), "sequence_number": INT, **fields})
