@@ -473,7 +473,8 @@ def test_a_refusal_is_a_refusal_part_the_sdk_does_not_parse(server: LiveServer) 
         city: str
 
     r = client(server).responses.parse(model="refusal", input="Which city?", text_format=City)
-    assert r.status == "incomplete" and r.incomplete_details.reason == "content_filter"
+    # A refusal is a finished answer, as the API gives one: completed.
+    assert r.status == "completed" and r.incomplete_details is None
     (part,) = r.output[0].content
     assert part.type == "refusal" and part.refusal
     assert r.output_parsed is None
@@ -489,14 +490,17 @@ def test_a_refusal_is_a_refusal_part_the_sdk_does_not_parse(server: LiveServer) 
     ("model", "part"), [("refusal", ("refusal", REFUSAL)), ("filtered", ("output_text", FILTERED))]
 )
 def test_only_a_refusal_is_a_refusal_part(server: LiveServer, model: str, part: object) -> None:
-    # Both end content_filter. A refusal (OpenAI's `refusal`) is no answer; text the
-    # upstream's content filter cut short (content_filter after some content) is the
-    # answer as far as it went, `output_text` as the API gives one, so `output_text`
-    # holds it.
+    # A refusal (OpenAI's `refusal`) is no answer, a completed Response holding a
+    # `refusal` part as the API gives one; text the upstream's content filter cut short
+    # (content_filter after some content) is the answer as far as it went, `output_text`,
+    # incomplete for content_filter.
     r = client(server).responses.create(model=model, input="hi")
-    assert r.status == "incomplete" and r.incomplete_details.reason == "content_filter"
+    if model == "refusal":
+        assert r.status == "completed" and r.incomplete_details is None
+    else:
+        assert r.status == "incomplete" and r.incomplete_details.reason == "content_filter"
     [item] = r.output
-    assert item.status == "incomplete"
+    assert item.status == ("completed" if model == "refusal" else "incomplete")
     [content] = item.content
     text = content.refusal if content.type == "refusal" else content.text
     assert (content.type, text) == part
@@ -576,18 +580,14 @@ def test_a_streamed_refusal_is_a_refusal_part_as_the_api_streams_one(server: Liv
     assert item == {
         "type": "message",
         "id": item_id,
-        "status": "incomplete",
+        "status": "completed",
         "role": "assistant",
         "content": [part],
     }
-    # The end is the whole answer's Response, which is as it was: incomplete for
-    # content_filter, its message a `refusal` part.
+    # The end is the whole answer's Response: completed, its message a `refusal` part.
     done = events[-1][1]["response"]
     whole = post(server, {"model": "refusal", "input": "hi"}).json()
-    assert (whole["status"], whole["incomplete_details"]) == (
-        "incomplete",
-        {"reason": "content_filter"},
-    )
+    assert (whole["status"], whole["incomplete_details"]) == ("completed", None)
     assert [{**o, "id": ""} for o in whole["output"]] == [{**item, "id": ""}]
     assert done["output"] == [item]
     for key in ("status", "incomplete_details", "completed_at", "usage"):
@@ -613,7 +613,7 @@ def test_the_sdk_s_stream_helper_leaves_a_refusal_unparsed(server: LiveServer) -
     [item] = final.output
     [part] = item.content
     assert (part.type, part.refusal) == ("refusal", REFUSAL)
-    assert (final.status, final.incomplete_details.reason) == ("incomplete", "content_filter")
+    assert (final.status, final.incomplete_details) == ("completed", None)
 
 
 def test_a_refusal_after_text_is_a_refusal_part_after_it() -> None:
@@ -654,7 +654,10 @@ def test_a_refusal_after_text_is_a_refusal_part_after_it() -> None:
     ]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert events[7].part.type == "refusal" and events[10].refusal == "I'm sorry."
-    [item] = events[-1].response.output
+    final = events[-1].response
+    assert (final.status, final.incomplete_details) == ("completed", None)
+    [item] = final.output
+    assert item.status == "completed"
     assert [c.model_dump() for c in item.content] == [
         {"type": "output_text", "text": "Sure: ", "annotations": [], "logprobs": None},
         {"type": "refusal", "refusal": "I'm sorry."},

@@ -111,8 +111,8 @@ def status_of(finish_reason: str) -> tuple[str, dict[str, str] | None]:
     """A Response's status and incomplete_details for a finish reason."""
     if finish_reason == "length":
         return "incomplete", {"reason": "max_output_tokens"}
-    # An upstream's refusal, or an answer its content filter cut short, as chat
-    # completions ends both.
+    # An answer an upstream's content filter cut short (a refusal is completed: the
+    # codec and the route decide that before asking).
     if finish_reason == "content_filter":
         return "incomplete", {"reason": "content_filter"}
     return "completed", None
@@ -366,17 +366,17 @@ class ResponsesCodec(Codec):
                 + self._next("response.output_item.done", {"output_index": index, "item": done})
             )
         if kind is Done:
-            status, incomplete = status_of(event.finish_reason)
+            # A refusal is a finished answer, as the API ends one: completed, its refusal
+            # part the output (the SDK's stream helper gives a final response only after
+            # response.completed).
+            status, incomplete = (
+                ("completed", None) if self.refusing else status_of(event.finish_reason)
+            )
             # An answer of no text and no call still holds its (empty) message, as a
             # whole answer does: a client reading the output finds the turn ended.
             out = self._open_message() if not answer.output else b""
             out += self._close_message("incomplete" if incomplete else "completed")
-            # A refusal ends as the API ends one, response.completed, its Response as the
-            # whole answer's (incomplete, content_filter): the SDK's stream helper gives
-            # a final response only after that event.
-            name = (
-                "response.incomplete" if incomplete and not self.refusing else "response.completed"
-            )
+            name = "response.incomplete" if incomplete else "response.completed"
             body = answer.body(status, event.usage, incomplete)
             return out + self._next(name, {"response": body})
         if kind is Error:
@@ -405,16 +405,17 @@ async def responses(request: Request, call: Call) -> Reply:
         codec = ResponsesCodec(echo, lambda: refused(inference))
         return stream_response(request, inference, codec, RESPONSES)
     result = await run_to_end(request, inference)
-    status, incomplete = status_of(result.finish_reason)
+    # A refusal's text is no answer: as a `refusal` part, the SDK's `parse()` leaves
+    # `output_parsed` empty instead of failing to read it as the schema asked; the
+    # Response is completed, as the API answers one. Text an upstream's content filter
+    # cut short is the answer as far as it went, as the API gives one: `output_text`,
+    # incomplete with reason content_filter.
+    refusal = bool(result.response) and refused(inference)
+    status, incomplete = ("completed", None) if refusal else status_of(result.finish_reason)
     answer = Answer(result.id, result.model, inference.created, echo)
     calls = result.message.tool_calls or ()
     if result.response or not calls:
         item_status = "incomplete" if incomplete else "completed"
-        # A refusal's text is no answer: as a `refusal` part, the SDK's `parse()` leaves
-        # `output_parsed` empty instead of failing to read it as the schema asked. Text an
-        # upstream's content filter cut short is the answer as far as it went, as the API
-        # gives one: `output_text` (finished content_filter all the same).
-        refusal = bool(result.response) and refused(inference)
         answer.output.append(
             message_item(answer.item_id("msg"), result.response, item_status, refusal)
         )
