@@ -1,7 +1,7 @@
 """Prometheus metrics at GET /metrics, fed by the pipeline's one record per inference.
 
-Labels are bounded: models are configured route names (anything else counts as
-"other"), never request IDs. Gauges that describe state (streams in flight,
+Labels are bounded: models are route names (anything else counts as "(other)"),
+never request IDs. Gauges that describe state (streams in flight,
 queue depth, circuit breakers) are read at scrape time, so the hot path pays
 only for a few counter and histogram updates.
 """
@@ -51,6 +51,9 @@ NOT_BACKEND_FAILURES = frozenset(
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
+# The model label of every name that is no route's: parentheses, which no route name can
+# hold (settings.ROUTE_NAME_PATTERN), so a route named "other" keeps a series of its own.
+OTHER_MODEL = "(other)"
 # Floats, so a bound reads `1.0` as the Prometheus client libraries write it.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -94,10 +97,10 @@ class Metrics:
         self.registry.register(_StateCollector(svc))
 
     def _model(self, name: str) -> str:
-        # A route's name, or "other": clients cannot grow the label set. Looked up each
+        # A route's name, or OTHER_MODEL: clients cannot grow the label set. Looked up each
         # time: a route registered at runtime is counted under its name from then on, and
         # a call on one removed while it ran still is.
-        return name if name in self.svc.router.ever else "other"
+        return name if name in self.svc.router.ever else OTHER_MODEL
 
     def observe(self, record: dict[str, Any]) -> None:
         """Count one inference (runs for every request: keep it cheap)."""

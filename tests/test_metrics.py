@@ -187,12 +187,25 @@ def test_a_name_counted_as_other_gets_its_label_once_it_is_a_route() -> None:
     with run_stella({"models": {"allow_direct": True}}) as server:
         chat = server.url + "/api/v1/chat"
         assert httpx.post(chat, json={**body, "model": "echo/later"}).status_code == 200
-        assert 'model="echo/later"' not in scrape(server)  # a direct name: "other"
+        assert 'model="echo/later"' not in scrape(server)  # a direct name: "(other)"
         route = {"name": "echo/later", "backend": "echo"}
         assert httpx.post(server.url + "/api/v1/models", json=route).status_code == 201
         assert httpx.post(chat, json={**body, "model": "echo/later"}).status_code == 200
         label = 'stella_requests_total{api="native",backend="echo",model="echo/later",status="200"}'
         assert value(scrape(server), label) == 1
+
+
+def test_a_route_named_other_is_not_counted_with_names_that_are_no_route() -> None:
+    config = {"models": {"allow_direct": True, "routes": {"other": {"backend": "echo"}}}}
+    body = {"stream": False, "messages": [{"role": "user", "content": "a"}]}
+    with run_stella(config) as server:
+        chat = server.url + "/api/v1/chat"
+        for model in ("other", "echo/direct", "echo/direct"):
+            assert httpx.post(chat, json={**body, "model": model}).status_code == 200
+        text = scrape(server)
+    series = 'stella_requests_total{api="native",backend="echo",model="%s",status="200"}'
+    assert value(text, series % "other") == 1, text
+    assert value(text, series % "(other)") == 2, text
 
 
 def test_a_call_on_a_route_removed_while_it_ran_keeps_its_label() -> None:
@@ -216,7 +229,7 @@ def test_a_call_on_a_route_removed_while_it_ran_keeps_its_label() -> None:
         label = 'stella_requests_total{api="native",backend="slow",model="rslow",status="200"}'
         text = scrape(server)
         assert value(text, label) == 1, text
-        assert 'model="other"' not in text
+        assert 'model="(other)"' not in text
 
 
 def test_a_fallback_skipped_for_its_limit_refuses_no_client() -> None:
