@@ -56,23 +56,31 @@ BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 OTHER_MODEL = "(other)"
 # Floats, so a bound reads `1.0` as the Prometheus client libraries write it.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# A whole inference runs up to its route's total_timeout_s (600 s by default): above 120 s
+# it would fall in +Inf alone, and no quantile could be read there.
+DURATION_BUCKETS = (*LATENCY_BUCKETS, 300.0, 600.0)
 
 
 class _Hist:
-    """A histogram's state: bucket counts (not cumulative), sum and count."""
+    """A histogram's state: its bounds, bucket counts (not cumulative), sum and count."""
 
-    __slots__ = ("buckets", "count", "sum")
+    __slots__ = ("bounds", "buckets", "count", "sum")
 
-    def __init__(self) -> None:
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)
         self.sum = 0.0
         self.count = 0
 
     def observe(self, value: float) -> None:
         """Record one value."""
-        self.buckets[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.buckets[bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
+
+
+def _duration_hist() -> _Hist:
+    return _Hist(DURATION_BUCKETS)
 
 
 class Metrics:
@@ -89,7 +97,7 @@ class Metrics:
         self.requests: dict[tuple[str, str, str, int], int] = defaultdict(int)
         self.tokens: dict[tuple[str, str], int] = defaultdict(int)
         self.ttft: dict[str, _Hist] = defaultdict(_Hist)
-        self.total: dict[str, _Hist] = defaultdict(_Hist)
+        self.total: dict[str, _Hist] = defaultdict(_duration_hist)
         self.queue: dict[str, _Hist] = defaultdict(_Hist)
         self.rejections: dict[tuple[str, str], int] = defaultdict(int)
         self.failures: dict[tuple[str, str], int] = defaultdict(int)
@@ -119,7 +127,7 @@ class Metrics:
             h.count += 1
         total = record["total_ms"] / 1000
         h = self.total[model]
-        h.buckets[bisect_left(LATENCY_BUCKETS, total)] += 1
+        h.buckets[bisect_left(DURATION_BUCKETS, total)] += 1
         h.sum += total
         h.count += 1
         queue = record["queue_ms"] / 1000
@@ -171,7 +179,7 @@ class _CounterCollector(Collector):
             family = HistogramMetricFamily(name, doc, labels=["model"])
             for model, h in list(hists.items()):
                 cumulative, running = [], 0
-                for bound, n in zip((*LATENCY_BUCKETS, float("inf")), h.buckets, strict=True):
+                for bound, n in zip((*h.bounds, float("inf")), h.buckets, strict=True):
                     running += n
                     cumulative.append((str(bound) if bound != float("inf") else "+Inf", running))
                 family.add_metric([model], cumulative, h.sum)

@@ -60,6 +60,27 @@ def test_metrics_count_requests_tokens_and_latency(stella: LiveServer) -> None:
     assert types["stella_requests"] == "counter" and types["stella_inflight_requests"] == "gauge"
 
 
+def test_a_whole_inference_is_bucketed_up_to_the_default_total_timeout(stella: LiveServer) -> None:
+    body = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a"}]}
+    assert httpx.post(stella.url + "/api/v1/chat", json=body).status_code == 200
+    text = scrape(stella)
+
+    def top(family: str) -> list[str]:
+        prefix = family + '_bucket{le="'
+        bounds = [
+            line[len(prefix) :].split('"', 1)[0]
+            for line in text.splitlines()
+            if line.startswith(prefix) and 'model="echo"' in line
+        ]
+        return bounds[-4:]
+
+    # total_timeout_s is 600 s by default: a long answer's time still lands in a bucket.
+    assert top("stella_request_duration_seconds") == ["120.0", "300.0", "600.0", "+Inf"]
+    # A first token waits for ttft_timeout_s, 120 s by default.
+    assert top("stella_time_to_first_token_seconds") == ["30.0", "60.0", "120.0", "+Inf"]
+    assert top("stella_queue_wait_seconds") == ["30.0", "60.0", "120.0", "+Inf"]
+
+
 def test_metrics_need_a_key_when_keys_are_set() -> None:
     with run_stella(env={"STELLA_API_KEYS": "sk-metrics-key-1"}) as server:
         assert httpx.get(server.url + "/metrics").status_code == 401
