@@ -174,7 +174,12 @@ class _CounterCollector(Collector):
         for name, doc, hists in (
             ("stella_time_to_first_token_seconds", "Time to first token", m.ttft),
             ("stella_request_duration_seconds", "Whole inference time", m.total),
-            ("stella_queue_wait_seconds", "Time waiting for a backend slot", m.queue),
+            (
+                "stella_queue_wait_seconds",
+                "Time waiting for a place: the key's and the backend's concurrency slots, "
+                "and a backend's own queue",
+                m.queue,
+            ),
         ):
             family = HistogramMetricFamily(name, doc, labels=["model"])
             for model, h in list(hists.items()):

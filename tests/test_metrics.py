@@ -276,6 +276,33 @@ def test_a_fallback_skipped_for_its_limit_refuses_no_client() -> None:
         assert value(scrape(server), "stella_rate_limited_total") == 1
 
 
+async def test_a_wait_for_the_key_s_slot_is_queue_wait() -> None:
+    import asyncio
+    import hashlib
+
+    key = "sk-metrics-queue-01"
+    config = {
+        "auth": {
+            "keys": {"k": {"sha256": hashlib.sha256(key.encode()).hexdigest(), "admin": True}}
+        },
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.2}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+        # The key's slot alone: the backend has no limit of its own.
+        "limits": {"max_concurrent": 1, "queue_timeout_s": 10},
+    }
+    body = {"model": "slow", "stream": False, "messages": [{"role": "user", "content": "a b c"}]}
+    auth = {"Authorization": f"Bearer {key}"}
+    with run_stella(config) as server:
+        async with httpx.AsyncClient(timeout=30, headers=auth) as c:
+            calls = [c.post(server.url + "/api/v1/chat", json=body) for _ in range(2)]
+            assert [r.status_code for r in await asyncio.gather(*calls)] == [200, 200]
+        text = scrape(server, headers=auth)
+    # The second call waited ~0.6 s for the first's slot: queue wait, and said so.
+    assert value(text, 'stella_queue_wait_seconds_sum{model="slow"}') >= 0.4, text
+    help_line = next(x for x in text.splitlines() if x.startswith("# HELP stella_queue_wait"))
+    assert "key's" in help_line and "backend's" in help_line, help_line
+
+
 def test_calls_waiting_for_a_slot_are_not_counted_as_running() -> None:
     import threading
     import time
