@@ -81,6 +81,26 @@ def test_a_whole_inference_is_bucketed_up_to_the_default_total_timeout(stella: L
     assert top("stella_queue_wait_seconds") == ["30.0", "60.0", "120.0", "+Inf"]
 
 
+def test_every_family_is_in_the_readme_s_table(stella: LiveServer) -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    exposed = dict(
+        line.split()[2:4] for line in scrape(stella).splitlines() if line.startswith("# TYPE ")
+    )
+    # Every name metrics.py gives a family is exposed here (a counter's with `_total`),
+    # so this server's scrape names them all, those exposed only sometimes included.
+    source = (root / "stella" / "metrics.py").read_text()
+    for name in set(re.findall(r'"(stella_[a-z_]+)"', source)):
+        assert name in exposed or name + "_total" in exposed, name
+    readme = (root / "README.md").read_text()
+    section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    # The table's rows: each family once, with its type.
+    rows = dict(re.findall(r"^\| `(stella_[a-z_]+)` \| ([a-z]+) \|", section, re.MULTILINE))
+    assert rows == exposed
+
+
 def test_metrics_need_a_key_when_keys_are_set() -> None:
     with run_stella(env={"STELLA_API_KEYS": "sk-metrics-key-1"}) as server:
         assert httpx.get(server.url + "/metrics").status_code == 401
