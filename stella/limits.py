@@ -293,8 +293,12 @@ class Limiter(Admission):
                 queue_s = self.limits.queue_timeout_s
                 if wait_s is not None:
                     queue_s = max(0.0, min(queue_s, wait_s))
+                # One deadline for all the slots: a call that waited for its key's slot
+                # waits for its backend's only for what is left of queue_timeout_s.
+                deadline = time.monotonic() + queue_s
                 for name, size in plan.slots:
-                    slot = await self.slots.acquire(name, size, queue_s)
+                    left = max(deadline - time.monotonic(), 0.0)
+                    slot = await self.slots.acquire(name, size, left)
                     if slot is None:
                         what = name.replace(":", " ", 1)
                         raise Overloaded(f"{what} already has {size} requests running")

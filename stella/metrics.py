@@ -1,7 +1,7 @@
 """Prometheus metrics at GET /metrics, fed by the pipeline's one record per inference.
 
-Labels are bounded: models are configured route names (anything else counts as
-"other"), never request IDs. Gauges that describe state (streams in flight,
+Labels are bounded: models are route names (anything else counts as "(other)"),
+never request IDs. Gauges that describe state (streams in flight,
 queue depth, circuit breakers) are read at scrape time, so the hot path pays
 only for a few counter and histogram updates.
 """
@@ -51,25 +51,36 @@ NOT_BACKEND_FAILURES = frozenset(
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BREAKER = {"closed": 0, "half_open": 1, "open": 2}
+# The model label of every name that is no route's: parentheses, which no route name can
+# hold (settings.ROUTE_NAME_PATTERN), so a route named "other" keeps a series of its own.
+OTHER_MODEL = "(other)"
 # Floats, so a bound reads `1.0` as the Prometheus client libraries write it.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# A whole inference runs up to its route's total_timeout_s (600 s by default): above 120 s
+# it would fall in +Inf alone, and no quantile could be read there.
+DURATION_BUCKETS = (*LATENCY_BUCKETS, 300.0, 600.0)
 
 
 class _Hist:
-    """A histogram's state: bucket counts (not cumulative), sum and count."""
+    """A histogram's state: its bounds, bucket counts (not cumulative), sum and count."""
 
-    __slots__ = ("buckets", "count", "sum")
+    __slots__ = ("bounds", "buckets", "count", "sum")
 
-    def __init__(self) -> None:
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)
         self.sum = 0.0
         self.count = 0
 
     def observe(self, value: float) -> None:
         """Record one value."""
-        self.buckets[bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.buckets[bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
+
+
+def _duration_hist() -> _Hist:
+    return _Hist(DURATION_BUCKETS)
 
 
 class Metrics:
@@ -86,7 +97,7 @@ class Metrics:
         self.requests: dict[tuple[str, str, str, int], int] = defaultdict(int)
         self.tokens: dict[tuple[str, str], int] = defaultdict(int)
         self.ttft: dict[str, _Hist] = defaultdict(_Hist)
-        self.total: dict[str, _Hist] = defaultdict(_Hist)
+        self.total: dict[str, _Hist] = defaultdict(_duration_hist)
         self.queue: dict[str, _Hist] = defaultdict(_Hist)
         self.rejections: dict[tuple[str, str], int] = defaultdict(int)
         self.failures: dict[tuple[str, str], int] = defaultdict(int)
@@ -94,10 +105,10 @@ class Metrics:
         self.registry.register(_StateCollector(svc))
 
     def _model(self, name: str) -> str:
-        # A route's name, or "other": clients cannot grow the label set. Looked up each
+        # A route's name, or OTHER_MODEL: clients cannot grow the label set. Looked up each
         # time: a route registered at runtime is counted under its name from then on, and
         # a call on one removed while it ran still is.
-        return name if name in self.svc.router.ever else "other"
+        return name if name in self.svc.router.ever else OTHER_MODEL
 
     def observe(self, record: dict[str, Any]) -> None:
         """Count one inference (runs for every request: keep it cheap)."""
@@ -116,7 +127,7 @@ class Metrics:
             h.count += 1
         total = record["total_ms"] / 1000
         h = self.total[model]
-        h.buckets[bisect_left(LATENCY_BUCKETS, total)] += 1
+        h.buckets[bisect_left(DURATION_BUCKETS, total)] += 1
         h.sum += total
         h.count += 1
         queue = record["queue_ms"] / 1000
@@ -163,12 +174,17 @@ class _CounterCollector(Collector):
         for name, doc, hists in (
             ("stella_time_to_first_token_seconds", "Time to first token", m.ttft),
             ("stella_request_duration_seconds", "Whole inference time", m.total),
-            ("stella_queue_wait_seconds", "Time waiting for a backend slot", m.queue),
+            (
+                "stella_queue_wait_seconds",
+                "Time waiting for a place: the key's and the backend's concurrency slots, "
+                "and a backend's own queue",
+                m.queue,
+            ),
         ):
             family = HistogramMetricFamily(name, doc, labels=["model"])
             for model, h in list(hists.items()):
                 cumulative, running = [], 0
-                for bound, n in zip((*LATENCY_BUCKETS, float("inf")), h.buckets, strict=True):
+                for bound, n in zip((*h.bounds, float("inf")), h.buckets, strict=True):
                     running += n
                     cumulative.append((str(bound) if bound != float("inf") else "+Inf", running))
                 family.add_metric([model], cumulative, h.sum)

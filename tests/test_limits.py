@@ -171,6 +171,56 @@ async def test_per_backend_concurrency() -> None:
             assert (await first).status_code == 200
 
 
+async def one_wait_for_every_slot(extra: dict[str, object]) -> None:
+    """A call that waits for its key's slot, then finds its backend's full, is refused
+    once queue_timeout_s has passed since it began to wait: not that again per slot
+    (`extra`: more config, e.g. Redis for shared slots)."""
+    user = "sk-limits-queue-user-01"
+    config = {
+        **extra,
+        "auth": {"keys": {"u": {"sha256": sha(user), "max_concurrent": 1}}},
+        "limits": {"backends": {"held": 1}, "queue_timeout_s": 1.0},
+        "backends": {
+            "held": {"kind": "echo", "delay_s": 0.2},
+            "free": {"kind": "echo", "delay_s": 0.2},
+        },
+        "models": {"routes": {"held": {"backend": "held"}, "free": {"backend": "free"}}},
+    }
+
+    def call(key: str, model: str, words: int) -> dict:
+        return {
+            "json": {**body(" ".join(["w"] * words)), "model": model},
+            "headers": {"Authorization": f"Bearer {key}"},
+        }
+
+    with run_stella(config, {"STELLA_API_KEYS": f"admin={KEY}"}) as server:
+        url = server.url + "/api/v1/chat"
+        async with httpx.AsyncClient(timeout=30) as c:
+            # The admin's call holds the backend's one slot for ~3 s; the key's first
+            # call holds the key's one slot for ~0.8 s, on another backend.
+            holders = [
+                asyncio.create_task(c.post(url, **call(KEY, "held", 15))),
+                asyncio.create_task(c.post(url, **call(user, "free", 4))),
+            ]
+            try:
+                await asyncio.sleep(0.1)
+                started = time.monotonic()
+                r = await c.post(url, **call(user, "held", 1))
+                waited = time.monotonic() - started
+            finally:
+                held = await asyncio.gather(*holders)
+    assert [h.status_code for h in held] == [200, 200]
+    assert r.status_code == 503, r.text
+    # It got the key's slot (~0.7 s) and was refused for the backend's.
+    assert "backend held" in r.json()["error"]["message"], r.text
+    # One queue_timeout_s in all (1.7 s when each slot had its own).
+    assert 0.9 <= waited < 1.4, waited
+
+
+async def test_a_wait_for_several_slots_is_one_queue_timeout() -> None:
+    await one_wait_for_every_slot({})
+
+
 async def test_a_wait_for_a_slot_counts_as_queue_time_not_against_the_limits() -> None:
     # The queued call waits ~0.55 s for the slot, then needs ~0.6 s of its own: within
     # its 1 s total limit, which runs from admission, not from the start of the wait.

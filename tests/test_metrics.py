@@ -60,6 +60,47 @@ def test_metrics_count_requests_tokens_and_latency(stella: LiveServer) -> None:
     assert types["stella_requests"] == "counter" and types["stella_inflight_requests"] == "gauge"
 
 
+def test_a_whole_inference_is_bucketed_up_to_the_default_total_timeout(stella: LiveServer) -> None:
+    body = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a"}]}
+    assert httpx.post(stella.url + "/api/v1/chat", json=body).status_code == 200
+    text = scrape(stella)
+
+    def top(family: str) -> list[str]:
+        prefix = family + '_bucket{le="'
+        bounds = [
+            line[len(prefix) :].split('"', 1)[0]
+            for line in text.splitlines()
+            if line.startswith(prefix) and 'model="echo"' in line
+        ]
+        return bounds[-4:]
+
+    # total_timeout_s is 600 s by default: a long answer's time still lands in a bucket.
+    assert top("stella_request_duration_seconds") == ["120.0", "300.0", "600.0", "+Inf"]
+    # A first token waits for ttft_timeout_s, 120 s by default.
+    assert top("stella_time_to_first_token_seconds") == ["30.0", "60.0", "120.0", "+Inf"]
+    assert top("stella_queue_wait_seconds") == ["30.0", "60.0", "120.0", "+Inf"]
+
+
+def test_every_family_is_in_the_readme_s_table(stella: LiveServer) -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    exposed = dict(
+        line.split()[2:4] for line in scrape(stella).splitlines() if line.startswith("# TYPE ")
+    )
+    # Every name metrics.py gives a family is exposed here (a counter's with `_total`),
+    # so this server's scrape names them all, those exposed only sometimes included.
+    source = (root / "stella" / "metrics.py").read_text()
+    for name in set(re.findall(r'"(stella_[a-z_]+)"', source)):
+        assert name in exposed or name + "_total" in exposed, name
+    readme = (root / "README.md").read_text()
+    section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    # The table's rows: each family once, with its type.
+    rows = dict(re.findall(r"^\| `(stella_[a-z_]+)` \| ([a-z]+) \|", section, re.MULTILINE))
+    assert rows == exposed
+
+
 def test_metrics_need_a_key_when_keys_are_set() -> None:
     with run_stella(env={"STELLA_API_KEYS": "sk-metrics-key-1"}) as server:
         assert httpx.get(server.url + "/metrics").status_code == 401
@@ -187,12 +228,25 @@ def test_a_name_counted_as_other_gets_its_label_once_it_is_a_route() -> None:
     with run_stella({"models": {"allow_direct": True}}) as server:
         chat = server.url + "/api/v1/chat"
         assert httpx.post(chat, json={**body, "model": "echo/later"}).status_code == 200
-        assert 'model="echo/later"' not in scrape(server)  # a direct name: "other"
+        assert 'model="echo/later"' not in scrape(server)  # a direct name: "(other)"
         route = {"name": "echo/later", "backend": "echo"}
         assert httpx.post(server.url + "/api/v1/models", json=route).status_code == 201
         assert httpx.post(chat, json={**body, "model": "echo/later"}).status_code == 200
         label = 'stella_requests_total{api="native",backend="echo",model="echo/later",status="200"}'
         assert value(scrape(server), label) == 1
+
+
+def test_a_route_named_other_is_not_counted_with_names_that_are_no_route() -> None:
+    config = {"models": {"allow_direct": True, "routes": {"other": {"backend": "echo"}}}}
+    body = {"stream": False, "messages": [{"role": "user", "content": "a"}]}
+    with run_stella(config) as server:
+        chat = server.url + "/api/v1/chat"
+        for model in ("other", "echo/direct", "echo/direct"):
+            assert httpx.post(chat, json={**body, "model": model}).status_code == 200
+        text = scrape(server)
+    series = 'stella_requests_total{api="native",backend="echo",model="%s",status="200"}'
+    assert value(text, series % "other") == 1, text
+    assert value(text, series % "(other)") == 2, text
 
 
 def test_a_call_on_a_route_removed_while_it_ran_keeps_its_label() -> None:
@@ -216,7 +270,7 @@ def test_a_call_on_a_route_removed_while_it_ran_keeps_its_label() -> None:
         label = 'stella_requests_total{api="native",backend="slow",model="rslow",status="200"}'
         text = scrape(server)
         assert value(text, label) == 1, text
-        assert 'model="other"' not in text
+        assert 'model="(other)"' not in text
 
 
 def test_a_fallback_skipped_for_its_limit_refuses_no_client() -> None:
@@ -240,6 +294,33 @@ def test_a_fallback_skipped_for_its_limit_refuses_no_client() -> None:
         r = httpx.post(server.url + "/api/v1/chat", json={**body, "model": "echolim"})
         assert r.status_code == 429
         assert value(scrape(server), "stella_rate_limited_total") == 1
+
+
+async def test_a_wait_for_the_key_s_slot_is_queue_wait() -> None:
+    import asyncio
+    import hashlib
+
+    key = "sk-metrics-queue-01"
+    config = {
+        "auth": {
+            "keys": {"k": {"sha256": hashlib.sha256(key.encode()).hexdigest(), "admin": True}}
+        },
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.2}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+        # The key's slot alone: the backend has no limit of its own.
+        "limits": {"max_concurrent": 1, "queue_timeout_s": 10},
+    }
+    body = {"model": "slow", "stream": False, "messages": [{"role": "user", "content": "a b c"}]}
+    auth = {"Authorization": f"Bearer {key}"}
+    with run_stella(config) as server:
+        async with httpx.AsyncClient(timeout=30, headers=auth) as c:
+            calls = [c.post(server.url + "/api/v1/chat", json=body) for _ in range(2)]
+            assert [r.status_code for r in await asyncio.gather(*calls)] == [200, 200]
+        text = scrape(server, headers=auth)
+    # The second call waited ~0.6 s for the first's slot: queue wait, and said so.
+    assert value(text, 'stella_queue_wait_seconds_sum{model="slow"}') >= 0.4, text
+    help_line = next(x for x in text.splitlines() if x.startswith("# HELP stella_queue_wait"))
+    assert "key's" in help_line and "backend's" in help_line, help_line
 
 
 def test_calls_waiting_for_a_slot_are_not_counted_as_running() -> None:

@@ -18,6 +18,7 @@ import pytest
 from stella.settings import StateSettings
 from stella.state_redis import RedisState
 from tests.live import free_port, in_ci, run_stella
+from tests.test_limits import one_wait_for_every_slot
 
 KEY = "sk-redis-admin-1"
 
@@ -1039,6 +1040,10 @@ def test_concurrency_slots_hold_across_replicas(redis: Redis) -> None:
         time.sleep(0.3)  # releases reach Redis with the next flush
         # The slots came back: the same again, not four refusals.
         assert asyncio.run(four([b.url, a.url])) == [200, 200, 503, 503]
+
+
+async def test_a_wait_for_several_shared_slots_is_one_queue_timeout(redis: Redis) -> None:
+    await one_wait_for_every_slot(config(redis))
 
 
 async def test_slots_come_back_from_leavers_and_from_replicas_that_died(
