@@ -431,7 +431,7 @@ async def test_usage_rows_per_key_and_day_are_bounded() -> None:
     rows = await state.get_usage()
     mine = {r["model"]: r["requests"] for r in rows if r["key"] == "k"}
     assert len(mine) == MAX_MODELS_PER_KEY_DAY + 1
-    assert mine["other"] == 50 and mine["up/model-0"] == 2
+    assert mine["(other)"] == 50 and mine["up/model-0"] == 2
     assert {r["model"] for r in rows if r["key"] == "j"} == {"up/model-999"}
 
 

@@ -14,11 +14,13 @@ from stella.api.http import JSONResponse, endpoint, services
 from stella.api.openapi import Operation, document
 from stella.core import Call, Listener
 from stella.errors import InvalidRequest
+from stella.metrics import OTHER_MODEL
 from stella.protocol import UsageReport, UsageRow, UsageTotals
 from stella.state import StateStore
 
 # With models.allow_direct a key may name any upstream model: past this many models in
-# a day, a key's further ones are counted together as "other" (by this process).
+# a day, a key's further ones are counted together as "(other)" (by this process), a
+# name no route can take, as the metrics' catch-all.
 MAX_MODELS_PER_KEY_DAY = 256
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)  # not other scripts' digits
 
@@ -44,7 +46,7 @@ def usage_listener(state: StateStore) -> Listener:
         seen = models.setdefault(key, set())
         if model not in seen:
             if len(seen) >= MAX_MODELS_PER_KEY_DAY:
-                model = "other"
+                model = OTHER_MODEL
             else:
                 seen.add(model)
         state.record_usage(key, model, today, event)
