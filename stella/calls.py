@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
 
+import msgspec
+
 from stella.errors import Forbidden, ModelNotFound, StellaError
 from stella.protocol import ChatRequest, Usage
 from stella.routing import Allowed, Route
@@ -96,7 +98,19 @@ def prompt_estimate(request: ChatRequest) -> int:
     chars = 0
     for m in request.messages:
         chars += len(m.content)
+    tools = request.tools
+    if tools:
+        # The model reads the tool definitions as part of its prompt: a request with large
+        # ones reserves for them too, rather than passing as a short prompt.
+        for tool in tools:
+            fn = tool.function
+            chars += len(fn.name) + len(fn.description)
+            if fn.parameters:
+                chars += len(_encode(fn.parameters))
     return chars // 4
+
+
+_encode = msgspec.json.encode
 
 
 class Permit:

@@ -506,6 +506,36 @@ def test_only_an_admin_key_unloads() -> None:
         assert r.json()["done_reason"] == "load"  # loading is what any request does
 
 
+def test_an_admin_only_key_unloads_any_model_it_may_not_use() -> None:
+    # An admin key administers every route: `models = []` keeps it from chatting, not
+    # from an unload; a key limited to other models is refused for not being an admin.
+    ops, user = "sk-ollama-ops-only-1", "sk-ollama-user-other-1"
+
+    def key(secret: str, **fields: object) -> dict[str, object]:
+        return {"sha256": hashlib.sha256(secret.encode()).hexdigest(), **fields}
+
+    keys = {"ops": key(ops, models=[], admin=True), "u": key(user, models=["other*"])}
+    with run_stella({"auth": {"keys": keys}}) as server:
+        for path, body in (
+            ("/api/generate", {"model": "echo", "keep_alive": 0}),
+            ("/api/chat", {"model": "echo", "messages": [], "keep_alive": "0s"}),
+        ):
+            r = httpx.post(server.url + path, json=body, headers={"X-API-Key": ops})
+            assert r.status_code == 200, (path, r.text)
+            assert r.json()["done_reason"] == "unload" and r.json()["model"] == "echo"
+            r = httpx.post(server.url + path, json=body, headers={"X-API-Key": user})
+            assert r.status_code == 403, (path, r.text)
+            assert r.json() == {"error": "unloading a model needs an admin key"}
+            # A load is a use of the model: the admin-only key may not.
+            load = {k: v for k, v in body.items() if k != "keep_alive"}
+            r = httpx.post(server.url + path, json=load, headers={"X-API-Key": ops})
+            assert r.status_code == 403, (path, r.text)
+            assert r.json() == {"error": "this key may not use model 'echo'"}
+        hi = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(server.url + "/api/chat", json=hi, headers={"X-API-Key": ops})
+        assert r.status_code == 403
+
+
 def test_pings_are_empty_pieces_every_client_reads() -> None:
     config = {
         "backends": {"sleepy": {"kind": "echo", "delay_s": 0.4}},

@@ -42,6 +42,33 @@ def test_tokens_per_minute_reserve_then_settle() -> None:
         assert r.status_code == 429 and "tokens per minute" in r.json()["error"]["message"]
 
 
+def test_tool_definitions_are_reserved_as_part_of_the_prompt() -> None:
+    # The model reads the tools as prompt: large ones reserve their four characters a
+    # token, where only the messages counted and such a request passed as a short one.
+    params = {"type": "object", "properties": {"q": {"type": "string", "description": "y" * 2000}}}
+    tool = {"type": "function", "function": {"name": "find", "description": "x" * 4000}}
+    tool["function"]["parameters"] = params
+    compact = json.dumps(params, separators=(",", ":"))
+    estimate = (len("hi") + len("find") + 4000 + len(compact)) // 4
+    other = "sk-limits-test-0002"
+    keys = {
+        "t": {"sha256": sha(KEY), "tokens_per_minute": 100_000},
+        "u": {"sha256": sha(other), "tokens_per_minute": 100_000},
+    }
+    with run_stella({"auth": {"keys": keys}}) as server:
+        plain = body("hi", max_tokens=10)
+        r = httpx.post(server.url + "/api/v1/chat", headers={"X-API-Key": KEY}, json=plain)
+        assert r.status_code == 200 and r.headers["x-ratelimit-remaining"] == str(100_000 - 10)
+        # Each key's bucket starts full: what is left is the reservation, read at admission.
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            headers={"X-API-Key": other},
+            json={**plain, "tools": [tool]},
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["x-ratelimit-remaining"] == str(100_000 - 10 - estimate)
+
+
 def test_a_refusal_s_headers_describe_the_limit_that_refused() -> None:
     config = {
         "auth": {

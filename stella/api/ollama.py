@@ -295,16 +295,21 @@ async def _load(request: Request, call: Call, model: str, keep_alive: Any) -> tu
     own; a backend that holds no model has none to load or free). The route's name and
     the done_reason."""
     asked = model_name(request, model)
-    route = services(request).router.resolve(asked, call.principal.scope)
-    call.principal.check(route.name, asked=asked)
+    principal = call.principal
+    router = services(request).router
     if _is_zero(keep_alive):
         # Every key's next request would wait for the weights again: an operator's call.
-        if not call.principal.admin:
+        if not principal.admin:
             raise Forbidden("unloading a model needs an admin key")
+        # An admin key administers every route, as it switches or removes any: it unloads
+        # a model it may not chat with (an admin-only key has `models = []`).
+        route = router.resolve(asked)
         # Nothing to free (not loaded, or a backend holding no model) is still "unload",
         # as Ollama answers one of a model it has not loaded; a failure raises.
         await route.backend.unload(route.upstream_model)
         return route.name, "unload"
+    route = router.resolve(asked, principal.scope)
+    principal.check(route.name, asked=asked)
     await route.backend.load(route.upstream_model)
     return route.name, "load"
 

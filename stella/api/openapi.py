@@ -198,7 +198,11 @@ HEADERS = {
         " as the body's retryable; the OpenAI and Anthropic SDKs obey it"
     ),
     "X-Content-Type-Options": _header("On an error: nosniff (its body is JSON, nothing else)"),
-    "X-RateLimit-Limit": _header("The limit of the key's first bucket (requests, or tokens)"),
+    "X-RateLimit-Limit": _header(
+        "The per-minute limit, and size, of one token bucket: the first that applies of the"
+        " key's requests, its tokens, the model's requests, its tokens (on a 429, the first"
+        " that refused)"
+    ),
     "X-RateLimit-Remaining": _header("What is left in that bucket", "integer"),
     "X-RateLimit-Reset": _header("Seconds until that bucket is full again", "integer"),
 }
