@@ -3,12 +3,20 @@ number its own answer to the same request reports, and a clear refusal where it 
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from stella.backends import CallContext
 from stella.backends.anthropic import AnthropicBackend, AnthropicConfig
@@ -29,7 +37,7 @@ from stella.protocol import (
 from tests.fakes.anthropic import KEY as UPSTREAM_KEY
 from tests.fakes.anthropic import FakeAnthropic, tokens
 from tests.fakes.server import serve
-from tests.live import free_port
+from tests.live import LiveServer, free_port, run_stella
 
 WEATHER = Tool(function=FunctionSpec(name="get_weather", parameters={"type": "object"}))
 CALL = ToolCallRef(id="call_1", function=FunctionCall(name="get_weather", arguments={"at": "Oslo"}))
@@ -261,3 +269,303 @@ async def test_an_anthropic_upstream_s_refusals_of_a_count_are_as_a_chat_s(
     finally:
         await backend.aclose()
     assert len(fake.counts) == sent
+
+
+# --- POST /v1/messages/count_tokens, through the official SDK against a live stella ---
+
+KEY = "sk-count-tokens-admin"
+NARROW = "sk-count-tokens-narrow"  # a key that may use the echo routes alone
+LIMITED = "sk-count-tokens-limited"  # a key allowed three requests a minute
+SYSTEM = "Be brief."
+TOOL = {"name": "get_weather", "input_schema": {"type": "object"}}
+TURNS: list[Any] = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": "Let me look."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"at": "Oslo"}},
+        ],
+    },
+    {
+        "role": "user",
+        "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "4C and rain"},
+            {"type": "text", "text": "And tomorrow?"},
+        ],
+    },
+]
+HI = [{"role": "user", "content": "hi there"}]
+
+
+@pytest.fixture(scope="module")
+def counted() -> Iterator[tuple[LiveServer, FakeAnthropic]]:
+    """stella with echo routes, an Anthropic route and an OpenAI-compatible one, keys set,
+    and a request rate limit low enough for a count to show if it were counted."""
+    claude = FakeAnthropic()
+    with serve(claude.app) as claude_url:
+        config = {
+            "backends": {
+                "claude": {"kind": "anthropic", "base_url": claude_url, "api_key_env": "CK"},
+                # Never asked: it has no count, and a message to it is not sent here.
+                "gpt": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"},
+            },
+            "models": {
+                "routes": {
+                    "echo-too": {"backend": "echo", "aliases": ["parrot"]},
+                    "sonnet": {"backend": "claude", "upstream_model": "claude-ok"},
+                    "busy": {"backend": "claude", "upstream_model": "claude-529"},
+                    "gone": {"backend": "claude", "upstream_model": "claude-missing"},
+                    # A fallback counts with another tokenizer: never asked for a count.
+                    "gpt": {"backend": "gpt", "upstream_model": "m", "fallbacks": ["echo"]},
+                }
+            },
+            "auth": {
+                "keys": {
+                    "narrow": {"sha256": _sha(NARROW), "models": ["echo*", "parrot"]},
+                    "limited": {"sha256": _sha(LIMITED), "requests_per_minute": 3},
+                }
+            },
+            "server": {"max_body_bytes": 65536},
+        }
+        env = {"STELLA_API_KEYS": f"admin={KEY}", "CK": UPSTREAM_KEY}
+        with run_stella(config, env) as server:
+            yield server, claude
+
+
+def _sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _sdk(server: LiveServer, key: str = KEY) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0)
+
+
+def test_the_sdk_counts_on_echo_what_a_message_reports(
+    counted: tuple[LiveServer, FakeAnthropic],
+) -> None:
+    server, _ = counted
+    c = _sdk(server, NARROW)
+    for model in ("echo", "parrot"):  # an alias resolves as for /v1/messages
+        for body in (
+            {"messages": HI},
+            {"messages": TURNS, "system": SYSTEM, "tools": [TOOL]},
+            {
+                "messages": TURNS,
+                "system": [{"type": "text", "text": SYSTEM}],
+                "tools": [TOOL],
+                "tool_choice": {"type": "auto", "disable_parallel_tool_use": True},
+                "thinking": {"type": "enabled", "budget_tokens": 1024},  # taken, not applied
+            },
+        ):
+            n = c.messages.count_tokens(model=model, **body)
+            beta = c.beta.messages.count_tokens(model=model, **body)  # ?beta=true
+            m = c.messages.create(model=model, max_tokens=20, **body)
+            assert n.input_tokens == beta.input_tokens == m.usage.input_tokens > 0, body
+            raw = c.messages.with_raw_response.count_tokens(model=model, **body)
+            assert raw.status_code == 200 and raw.headers["content-type"] == "application/json"
+            assert raw.headers["request-id"] == raw.headers["x-request-id"]
+            assert raw.http_response.json() == {"input_tokens": n.input_tokens}
+
+
+def test_a_count_is_no_inference(counted: tuple[LiveServer, FakeAnthropic]) -> None:
+    # Not logged, not in the usage nor the metrics, not against the rate limits: Claude
+    # Code sends dozens as it starts. The key still needs the model.
+    server, _ = counted
+    c = _sdk(server, LIMITED)
+    before = server.events("inference")
+    answered = _answered(server)
+    ids = []
+    for _ in range(12):  # four times the key's requests a minute
+        raw = c.messages.with_raw_response.count_tokens(model="echo-too", messages=HI)
+        assert raw.status_code == 200
+        assert not any(h.startswith("x-ratelimit") for h in raw.headers), raw.headers
+        ids.append(raw.headers["x-request-id"])
+    # The key's own requests are all still there: three messages, then its 429.
+    for _ in range(3):
+        c.messages.create(model="echo-too", max_tokens=5, messages=HI)
+    with pytest.raises(anthropic.RateLimitError):
+        c.messages.create(model="echo-too", max_tokens=5, messages=HI)
+    server.wait_event(lambda e: len(server.events("inference")) >= len(before) + 3)
+    events = server.events("inference")
+    assert len(events) == len(before) + 3
+    assert not {e["request_id"] for e in events} & set(ids)
+    usage = httpx.get(
+        server.url + "/api/v1/usage",
+        params={"model": "echo-too", "key": "limited"},
+        headers=_bearer(KEY),
+    ).json()
+    assert usage["totals"]["requests"] == 3
+    assert _answered(server) == answered + 3
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _answered(server: LiveServer) -> float:
+    """stella_requests_total of the Anthropic dialect's answers on route echo-too."""
+    metrics = httpx.get(server.url + "/metrics", headers=_bearer(KEY)).text
+    label = 'stella_requests_total{api="anthropic",backend="echo",model="echo-too",status="200"}'
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(label))
+
+
+def test_a_count_is_refused_as_a_message_is(counted: tuple[LiveServer, FakeAnthropic]) -> None:
+    server, _ = counted
+    c = _sdk(server)
+    refused: list[tuple[type[Exception], dict[str, Any], str]] = [
+        # The same 400s, by the field's path; no max_tokens needed.
+        (
+            anthropic.BadRequestError,
+            {"model": "echo", "messages": [{"role": "user", "content": " "}]},
+            r"\$\.messages\[0\]\.content: must not be only whitespace",
+        ),
+        (
+            anthropic.BadRequestError,
+            {
+                "model": "echo",
+                "messages": [
+                    {"role": "user", "content": [{"type": "image", "source": {"type": "url"}}]}
+                ],
+            },
+            r"\$\.messages\[0\]\.content\[0\]\.type",
+        ),
+        (
+            anthropic.BadRequestError,
+            {"model": "echo", "messages": HI, "tools": [{"type": "web_search_20250305"}]},
+            r"tools\[0\]",
+        ),
+        (
+            anthropic.BadRequestError,
+            {"model": "echo", "messages": HI, "tool_choice": {"type": "any"}},
+            r"\$\.tool_choice: 'any' without tools",
+        ),
+        (anthropic.BadRequestError, {"model": "echo", "messages": []}, r"\$\.messages"),
+        (anthropic.NotFoundError, {"model": "claude-9", "messages": HI}, "model 'claude-9'"),
+        # A backend with no exact count: a 400 saying so, not a fallback's number.
+        (
+            anthropic.BadRequestError,
+            {"model": "gpt", "messages": HI},
+            "token counting is not available for model 'gpt'",
+        ),
+    ]
+    for error, body, words in refused:
+        with pytest.raises(error, match=words) as info:
+            c.messages.count_tokens(**body)
+        assert info.value.body["type"] == "error", body
+        assert info.value.request_id == info.value.response.headers["x-request-id"]
+    with pytest.raises(anthropic.BadRequestError, match="not available") as info:
+        c.messages.count_tokens(model="gpt", messages=HI)
+    assert info.value.body["error"]["type"] == "invalid_request_error"
+    assert info.value.response.headers["x-should-retry"] == "false"
+    # A key: wrong, or one the model is not for.
+    with pytest.raises(anthropic.AuthenticationError):
+        _sdk(server, "sk-wrong").messages.count_tokens(model="echo", messages=HI)
+    with pytest.raises(anthropic.PermissionDeniedError, match="may not use model 'sonnet'"):
+        _sdk(server, NARROW).beta.messages.count_tokens(model="sonnet", messages=HI)
+    events = server.wait_event(
+        lambda e: e.get("reason") == "scope" and e.get("key") == "narrow", name="auth_failed"
+    )
+    assert events["path"] == "/v1/messages/count_tokens"
+    # A body past server.max_body_bytes.
+    big = [{"role": "user", "content": "word " * 20_000}]
+    with pytest.raises(anthropic.APIStatusError) as info:
+        c.messages.count_tokens(model="echo", messages=big)
+    assert info.value.status_code == 413
+    assert info.value.body["error"]["type"] == "request_too_large"
+
+
+def test_an_anthropic_route_counts_on_its_upstream(
+    counted: tuple[LiveServer, FakeAnthropic],
+) -> None:
+    server, claude = counted
+    c = _sdk(server)
+    body: dict[str, Any] = {"messages": TURNS, "system": SYSTEM, "tools": [TOOL]}
+    c.messages.create(model="sonnet", max_tokens=20, **body)
+    chat = claude.requests[-1]
+    n = c.messages.count_tokens(model="sonnet", **body)
+    sent = claude.counts[-1]
+    assert sent["model"] == "claude-ok"  # the route's upstream model
+    assert sent == {k: v for k, v in chat.items() if k in PROMPT_KEYS}
+    assert n.input_tokens == tokens(sent)
+    assert c.beta.messages.count_tokens(model="sonnet", **body).input_tokens == n.input_tokens
+    # The upstream's refusals, as a message's: its overload is the API's 529.
+    with pytest.raises(anthropic.OverloadedError):
+        c.messages.count_tokens(model="busy", messages=HI)
+    with pytest.raises(anthropic.InternalServerError, match="model: claude-missing") as info:
+        c.messages.count_tokens(model="gone", messages=HI)
+    assert info.value.status_code == 502
+
+
+def test_a_count_that_does_not_come_is_a_timeout_error() -> None:
+    # An upstream that does not answer: the route's time to first token bounds the wait.
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(3)
+        return JSONResponse({"input_tokens": 1})
+
+    app = Starlette(
+        routes=[
+            Route("/v1/messages/count_tokens", slow, methods=["POST"]),
+            Route("/health", lambda request: JSONResponse({})),
+        ]
+    )
+    with serve(app) as url:
+        config = {
+            "backends": {"slow": {"kind": "anthropic", "base_url": url}},
+            "models": {"routes": {"slow": {"backend": "slow", "ttft_timeout_s": 0.5}}},
+        }
+        with run_stella(config) as server:
+            started = time.monotonic()
+            with pytest.raises(anthropic.APIStatusError) as info:
+                _sdk(server).messages.count_tokens(model="slow", messages=HI)
+            assert time.monotonic() - started < 2.5
+    assert info.value.status_code == 504
+    assert info.value.body["error"]["type"] == "timeout_error"
+    assert "no token count from 'slow' within 0.5s" in info.value.body["error"]["message"]
+
+
+def test_the_route_is_documented_as_it_answers(counted: tuple[LiveServer, FakeAnthropic]) -> None:
+    spec = httpx.get(counted[0].url + "/openapi.json").json()
+    op = spec["paths"]["/v1/messages/count_tokens"]["post"]
+    assert op["tags"] == ["anthropic"]
+    body = op["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    request = spec["components"]["schemas"][body]
+    assert set(request["required"]) == {"model", "messages"}  # no max_tokens
+    assert {"system", "tools", "tool_choice"} <= set(request["properties"])
+    answers = op["responses"]
+    ok = answers["200"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert spec["components"]["schemas"][ok]["properties"] == {"input_tokens": {"type": "integer"}}
+    assert {"400", "401", "403", "404", "413", "502", "503", "529"} <= set(answers)
+    assert "429" not in answers  # no rate limit refuses a count
+    assert all("request-id" in a["headers"] for a in answers.values())
+    errors = spec["paths"]["/v1/messages"]["post"]["responses"]["404"]["content"]
+    assert answers["404"]["content"] == errors
+
+
+@pytest.mark.mlx
+def test_the_sdk_counts_on_the_embedded_model_what_a_message_reads() -> None:
+    # The exact prompt the model reads: a message's usage says the same, its input_tokens
+    # and the part its prompt cache spared it together.
+    config = {"models": {"default": "smollm2-135m"}, "backends": {"local": {"enabled": True}}}
+    with run_stella(config, ready_timeout=180) as server:
+        deadline = time.monotonic() + 180
+        while httpx.get(server.url + "/ready").status_code != 200:
+            assert time.monotonic() < deadline, "model did not load"
+            time.sleep(0.2)
+        c = _sdk(server)
+        prefill = [*HI, {"role": "assistant", "content": "Hello"}]
+        counts = []
+        for body in (
+            {"messages": HI},
+            {"messages": TURNS, "system": SYSTEM, "tools": [TOOL]},
+            {"messages": prefill, "system": SYSTEM},
+        ):
+            n = c.messages.count_tokens(model="smollm2", **body).input_tokens
+            assert n == c.beta.messages.count_tokens(model="smollm2", **body).input_tokens
+            m = c.messages.create(model="smollm2", max_tokens=1, **body)
+            read = m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)
+            assert n == read, (body, m.usage)
+            counts.append(n)
+        assert len(set(counts)) == len(counts)
+        server.wait_event(lambda e: len(server.events("inference")) >= 3)
+        assert len(server.events("inference")) == 3  # the messages alone
