@@ -27,6 +27,7 @@ from stella.errors import (
     ClientGone,
     ClientTooSlow,
     InvalidRequest,
+    NotSupported,
     Overloaded,
     RateLimited,
     ShuttingDown,
@@ -111,8 +112,8 @@ class Pipeline:
         # is one of the calls a shutdown ends.
         self.drain: Drain | None = None
 
-    async def prepare(self, request: ChatRequest, call: Call) -> Inference:
-        """Resolve and admit; raises a StellaError that becomes an HTTP error."""
+    def _route(self, request: ChatRequest, call: Call) -> Route:
+        """The checked request's route, one the caller's key may use."""
         if not request.messages:
             raise InvalidRequest("$.messages: must contain at least one message", param="messages")
         if request.metadata:
@@ -157,8 +158,14 @@ class Pipeline:
         else:
             route = self.router.resolve(request.model, scope)
         principal.check(route.name, asked=request.model)  # an alias keeps its route unnamed
+        return route
+
+    async def prepare(self, request: ChatRequest, call: Call) -> Inference:
+        """Resolve and admit; raises a StellaError that becomes an HTTP error."""
+        route = self._route(request, call)
         router = self.router
         chain = router.chain(route)
+        scope = call.principal.scope
         if scope is not None and len(chain) > 1:
             # A fallback is a model like any other: a key reaches only those in its scope.
             chain = [r for r in chain if r is route or scope(r.name)]
@@ -196,6 +203,32 @@ class Pipeline:
         inference.backend_held = not skip
         self.active.add(inference)
         return inference
+
+    async def count(self, request: ChatRequest, call: Call) -> int:
+        """The prompt tokens of `request` as the model asked for reads them, counted by its
+        route's backend. Checked, resolved and scoped as an inference is, but none: no
+        admission (rate limits, slots), no log event, no usage."""
+        route = self._route(request, call)
+        # The route's own backend, never a fallback: another tokenizer's count is another
+        # number, and the client sizes its context for the model it asks.
+        backend = route.backend
+        ctx = CallContext(request_id=call.request_id, route=route.name)
+        limit = min(route.settings.ttft_timeout_s, route.settings.total_timeout_s)
+        try:
+            async with asyncio.timeout(limit) as within:
+                return await backend.count_tokens(for_backend(request, route), ctx)
+        except NotSupported as exc:
+            what = f"model {request.model!r}" if request.model else "the default model"
+            raise NotSupported(
+                f"token counting is not available for {what}: {exc.message}"
+            ) from None
+        except TimeoutError:
+            if not within.expired():
+                raise
+            # A count is one short answer: the wait a call's first token is allowed bounds it.
+            raise UpstreamTimeout(
+                f"no token count from {route.backend_name!r} within {limit:g}s"
+            ) from None
 
     async def _admit_waiting(
         self, call: Call, route: Route, request: ChatRequest, backend_slot: bool
@@ -764,11 +797,7 @@ class Inference:
             route=route.name,
             silence_limit_s=min(rs.ttft_timeout_s, rs.idle_timeout_s),
         )
-        req = self.request
-        if req.model != route.upstream_model:
-            req = msgspec.structs.replace(req, model=route.upstream_model)
-        if req.tool_choice == "none" and not route.backend.honours_tool_choice:
-            req = _without_tools(req)
+        req = for_backend(self.request, route)
         agen = route.backend.chat(req, ctx)
         if (
             req.parallel_tool_calls is False
@@ -1288,6 +1317,17 @@ async def _first_tool_call(agen: AsyncIterator[BackendEvent]) -> AsyncIterator[B
             yield event
     finally:
         await close_quietly(agen)  # closed early (client gone, a limit): the upstream too
+
+
+def for_backend(request: ChatRequest, route: Route) -> ChatRequest:
+    """`request` as `route`'s backend gets it: its upstream model's name, and no tools for
+    a tool_choice "none" it cannot be told."""
+    req = request
+    if req.model != route.upstream_model:
+        req = msgspec.structs.replace(req, model=route.upstream_model)
+    if req.tool_choice == "none" and not route.backend.honours_tool_choice:
+        req = _without_tools(req)
+    return req
 
 
 def _without_tools(req: ChatRequest) -> ChatRequest:

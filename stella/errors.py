@@ -134,6 +134,13 @@ class Forbidden(StellaError):
         self.reason = reason
 
 
+class NotSupported(StellaError):
+    """The model's backend cannot do what the request asks (count a prompt's tokens): the
+    request's fault for that model, as another model's backend may do it."""
+
+    status, code = 400, "not_supported"
+
+
 class ModelNotFound(StellaError):
     """No route for the requested model."""
 

@@ -1119,40 +1119,6 @@ def test_a_timeout_is_a_timeout_error() -> None:
         assert name == "error" and isinstance(_error_object(data), GatewayTimeoutErrorObject)
 
 
-def test_token_counting_is_a_404_saying_it_is_not_supported(server: LiveServer) -> None:
-    # Claude Code calls it; stella counts no tokens before a call (not every backend can,
-    # and an estimate is not a count): a clear not_found_error, not the router's 404.
-    from anthropic.types.shared import NotFoundErrorObject
-
-    with pytest.raises(anthropic.NotFoundError) as info:
-        client(server).messages.count_tokens(
-            model="echo", messages=[{"role": "user", "content": "hi"}]
-        )
-    error = _error_object(info.value.body)
-    assert isinstance(error, NotFoundErrorObject)
-    assert "token counting" in error.message and "not supported" in error.message
-    assert info.value.request_id == info.value.response.headers["x-request-id"]
-    # A key is still needed to learn it.
-    with pytest.raises(anthropic.AuthenticationError):
-        client(server, "wrong").messages.count_tokens(
-            model="echo", messages=[{"role": "user", "content": "hi"}]
-        )
-    # /openapi.json lists the route as it answers: a refusal in the API's shape, no 200.
-    spec = httpx.get(server.url + "/openapi.json").json()
-    counting = spec["paths"]["/v1/messages/count_tokens"]["post"]
-    assert counting["tags"] == ["anthropic"] and "not supported" in counting["summary"]
-    answers = counting["responses"]
-    assert "200" not in answers and {"401", "404"} <= set(answers)
-    schema = answers["404"]["content"]["application/json"]["schema"]
-    assert (
-        schema
-        == spec["paths"]["/v1/messages"]["post"]["responses"]["404"]["content"]["application/json"][
-            "schema"
-        ]
-    )
-    assert "request-id" in answers["404"]["headers"]
-
-
 def test_a_user_id_within_the_api_s_bound_passes_whatever_its_characters(
     server: LiveServer,
 ) -> None:

@@ -740,7 +740,8 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
         ("post", "/v1/messages", "", {**msgs, "tools": a_tools}, 200, "json"),
         ("post", "/v1/messages", "", {**msgs, "stream": True}, 200, "event-stream"),
         ("post", "/v1/messages", "", {"model": "echo", "messages": chat}, 400, ""),
-        ("post", "/v1/messages/count_tokens", "", {"model": "echo", "messages": chat}, 404, ""),
+        ("post", "/v1/messages/count_tokens", "", {"model": "echo", "messages": chat}, 200, "json"),
+        ("post", "/v1/messages/count_tokens", "", {"model": "echo", "messages": []}, 400, ""),
         # aliases
         ("post", "/api/chat/invoke", "", {"input_data": {"input": "a b"}}, 200, "json"),
         ("post", "/api/chat/invoke", "", {"input_data": {}}, 400, ""),

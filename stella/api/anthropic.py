@@ -1,4 +1,5 @@
-"""The Anthropic dialect: POST /v1/messages (SSE event sequence or a Message object).
+"""The Anthropic dialect: POST /v1/messages (SSE event sequence or a Message object),
+and POST /v1/messages/count_tokens (the prompt's tokens, as the route's backend counts).
 
 Claude-style clients (the `anthropic` SDK) can use any backend: system prompts,
 stop sequences, tool_use / tool_result blocks and usage map onto the one
@@ -31,7 +32,7 @@ from stella.api.http import (
 from stella.api.ollama_request import Images, check_images
 from stella.api.openapi import Operation, document
 from stella.core import Call, Inference, orphan_result
-from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, NotFound, StellaError
+from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, StellaError
 from stella.protocol import (
     ChatRequest,
     Delta,
@@ -42,6 +43,7 @@ from stella.protocol import (
     Message,
     NamedFunction,
     NamedToolChoice,
+    Options,
     Start,
     Tool,
     ToolCall,
@@ -141,21 +143,15 @@ class AOutputConfig(msgspec.Struct):
     effort: str | None = None
 
 
-class MessagesRequest(msgspec.Struct, kw_only=True):
-    """POST /v1/messages."""
+class Prompt(msgspec.Struct, kw_only=True):
+    """What a Messages API request gives the model to read: the fields /v1/messages and
+    /v1/messages/count_tokens share (others, `thinking` among them, taken and not applied)."""
 
     model: str
-    max_tokens: int
     messages: Annotated[list[AMessage], Meta(min_length=1)]  # the API wants one turn at least
     system: str | list[Block] | None = None
-    stop_sequences: list[str] | None = None
-    stream: bool = False
-    temperature: Annotated[float, Meta(ge=0, le=1)] | None = None  # Anthropic's range
-    top_p: float | None = None
-    top_k: int | None = None
     tools: list[ATool] | None = None
     tool_choice: AToolChoice | None = None
-    metadata: dict[str, Any] | None = None
     # The MCP connector's servers are called by the API, as its server tools are: a 400
     # naming the field when any is given (stella calls none; ignored, the model would
     # answer without the tools the client counts on).
@@ -166,7 +162,26 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     output_format: AOutputFormat | None = None
 
 
+class MessagesRequest(Prompt, kw_only=True):
+    """POST /v1/messages."""
+
+    max_tokens: int
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    temperature: Annotated[float, Meta(ge=0, le=1)] | None = None  # Anthropic's range
+    top_p: float | None = None
+    top_k: int | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class CountTokensRequest(Prompt, kw_only=True):
+    """POST /v1/messages/count_tokens: a message's prompt, without max_tokens (the API's
+    cache_control, thinking and the beta's context_management are taken and not applied,
+    as on /v1/messages)."""
+
+
 _req = msgspec.json.Decoder(MessagesRequest)
+_count_req = msgspec.json.Decoder(CountTokensRequest)
 _enc = msgspec.json.Encoder()
 
 _ERROR_TYPES = {
@@ -370,8 +385,8 @@ def _ends_in_space(content: str | list[Block]) -> bool:
 _THOUGHTS = frozenset({"thinking", "redacted_thinking"})
 
 
-def to_chat(req: MessagesRequest) -> ChatRequest:
-    """The internal request for a Messages API call."""
+def to_chat(req: Prompt) -> ChatRequest:
+    """The internal request for a Messages API call (a count's: no sampling, no stream)."""
     if req.mcp_servers:
         raise InvalidRequest(
             "$.mcp_servers: MCP servers are not supported (stella runs no server tools)",
@@ -457,17 +472,20 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
             "messages: final assistant content cannot end with trailing whitespace",
             param="messages",
         )
-    try:
-        options = options_from(
-            {"stop": "stop_sequences"},
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            max_tokens=req.max_tokens,
-            stop=req.stop_sequences,
-        )
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(str(exc)) from None
+    options, stream, metadata = Options(), False, None
+    if isinstance(req, MessagesRequest):
+        stream, metadata = req.stream, req.metadata
+        try:
+            options = options_from(
+                {"stop": "stop_sequences"},
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.top_k,
+                max_tokens=req.max_tokens,
+                stop=req.stop_sequences,
+            )
+        except msgspec.ValidationError as exc:
+            raise InvalidRequest(str(exc)) from None
     tools = (
         [
             Tool(
@@ -486,17 +504,17 @@ def to_chat(req: MessagesRequest) -> ChatRequest:
     return ChatRequest(
         messages=messages,
         model=req.model,
-        stream=req.stream,
+        stream=stream,
         options=options,
         tools=tools,
         tool_choice=req.tool_choice.internal(req.tools) if req.tool_choice else None,
         parallel_tool_calls=_parallel(req.tool_choice),
-        metadata=req.metadata,
+        metadata=metadata,
         response_format=_response_format(req),
     )
 
 
-def _response_format(req: MessagesRequest) -> dict[str, Any] | None:
+def _response_format(req: Prompt) -> dict[str, Any] | None:
     """output_config.format (or the beta's output_format) as stella's (OpenAI's)
     response_format: a backend that cannot keep to a schema refuses it with a 400."""
     fmt = req.output_config.format if req.output_config is not None else None
@@ -722,28 +740,31 @@ document(
     Operation(
         "post",
         "/v1/messages/count_tokens",
-        "Anthropic token counting: not supported, always a 404 not_found_error saying so "
-        "(a message's usage.input_tokens gives the prompt's size); the body is not read",
+        "Anthropic token counting: the prompt's tokens as the model reads them, counted by "
+        "its route's backend (the embedded engine's tokenizer, an Anthropic upstream's own "
+        "count, echo's); a backend with no exact count answers 400 saying so",
         tag="anthropic",
+        request=CountTokensRequest,
+        response=shapes.ANTHROPIC_TOKEN_COUNT,
         error=shapes.ANTHROPIC_ERROR,
-        errors=(401, 404),
+        # Not an inference: no rate limit refuses it (a 429 upstream is a 502 here).
+        errors=(400, 401, 403, 404, 413, 415, 502, 503, 504, 529),
         headers=("request-id",),
-        succeeds=False,
     )
 )
 
 
 @endpoint(ANTHROPIC)
 async def count_tokens(request: Request, call: Call) -> Response:
-    """POST /v1/messages/count_tokens: a 404 saying stella does not count tokens."""
-    # Not every backend can count a prompt exactly (an upstream may have no such call),
-    # and an estimate passed off as a count would mislead a client's budget. A route of
-    # its own to say so, where the router's 404 would only say "no route" (/openapi.json
-    # lists it as what it is: a refusal).
-    raise NotFound(
-        "token counting (POST /v1/messages/count_tokens) is not supported by stella; "
-        "a message's usage.input_tokens gives the prompt's size"
-    )
+    """POST /v1/messages/count_tokens: {"input_tokens": N}, the backend's exact count."""
+    svc = services(request)
+    body = await read_body(request, svc.settings.server.max_body_bytes)
+    req = decode(body, CountTokensRequest, _count_req)
+    # Claude Code asks this many times as it starts and for its /context view: no
+    # inference, so no rate limit, log event or usage; the key's scope holds as for a
+    # message, and the same request's faults are the same 400s.
+    n = await svc.pipeline.count(to_chat(req), call)
+    return JSONResponse({"input_tokens": n})
 
 
 routes = [

@@ -61,8 +61,6 @@ class Operation:
     bare: tuple[tuple[int, str], ...] = ()
     # Names from HEADERS that answers may carry besides X-Request-ID (a dialect's own).
     headers: tuple[str, ...] = ()
-    # False for a route that only refuses (Anthropic's count_tokens): no 200 is declared.
-    succeeds: bool = True
     # An admin POST that creates (201) and may replace what it names instead (200).
     replaced: bool = False
 
@@ -123,9 +121,9 @@ def build_schema(without: frozenset[str] = frozenset()) -> dict[str, Any]:
         if op.stream:
             content[op.stream] = {"schema": by_type[op.stream_item or StreamEvent]}
         ok = "201" if op.method == "post" and op.admin and op.request else "200"
-        responses: dict[str, Any] = {}
-        if op.succeeds:
-            responses[ok] = {"description": "OK", "headers": _headers(200, op), "content": content}
+        responses: dict[str, Any] = {
+            ok: {"description": "OK", "headers": _headers(200, op), "content": content}
+        }
         if op.replaced:
             responses[ok]["description"] = "Created"
             responses["200"] = {

@@ -538,6 +538,14 @@ ANTHROPIC_MESSAGE = Schema(
         description="A Message (stream: false)",
     ),
 )
+ANTHROPIC_TOKEN_COUNT = Schema(
+    "AnthropicTokenCount",
+    obj(
+        {"input_tokens": INT},
+        description="POST /v1/messages/count_tokens: the prompt's tokens, system and tools "
+        "included",
+    ),
+)
 ANTHROPIC_MODEL = Schema(
     "AnthropicModel",
     obj(

@@ -64,6 +64,10 @@ STOP: dict[str, FinishReason] = {
 }
 
 
+# What of a chat's body POST /v1/messages/count_tokens takes: the prompt, not the answer.
+_COUNTED = frozenset({"model", "system", "messages", "tools", "tool_choice", "output_config"})
+
+
 class AnthropicConfig(HttpConfig, kw_only=True):
     """[backends.NAME] with kind = "anthropic"."""
 
@@ -160,7 +164,14 @@ class _ErrorBody(msgspec.Struct):
     error: _Error | None = None
 
 
+class _TokenCount(msgspec.Struct):
+    """POST /v1/messages/count_tokens's answer."""
+
+    input_tokens: int
+
+
 _event = msgspec.json.Decoder(_Event)
+_token_count = msgspec.json.Decoder(_TokenCount)
 _whole = msgspec.json.Decoder(_Whole)
 _error_body = msgspec.json.Decoder(_ErrorBody)
 _enc = msgspec.json.Encoder()
@@ -295,6 +306,25 @@ class AnthropicBackend(HttpBackend):
                 err.retry_in(wait)
                 err.retry_after_hint = wait
         return err
+
+    async def count_tokens(self, request: ChatRequest, ctx: CallContext) -> int:
+        """The upstream's own count (POST /v1/messages/count_tokens) of the prompt a chat
+        of `request` sends: the same model, system prompt, tools and messages."""
+        self._refuse_schemaless(request)
+        chat = request_body(request, self.cfg.max_tokens)
+        # The prompt's parts alone: the endpoint refuses the answer's (max_tokens, stream,
+        # sampling) as inputs it does not take.
+        body = _enc.encode({k: v for k, v in chat.items() if k in _COUNTED})
+        name = self.name
+        try:
+            async with self.answer(self.base_url + "/v1/messages/count_tokens", body, ctx) as r:
+                raw = await read_body(r, name)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
+        try:
+            return _token_count.decode(raw).input_tokens
+        except BAD_JSON:
+            raise UpstreamError(f"{name}: malformed answer to count_tokens") from None
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream one message and translate the SSE events (or a whole Message, from an

@@ -7,6 +7,10 @@ A backend turns one `ChatRequest` into an async iterator of events: `Delta` and
 decides about retries, fallbacks and what the client sees. Closing the iterator
 (`aclose()`, or cancellation) must stop the work: close the upstream response,
 tell a worker to stop.
+
+A backend that can count a prompt's tokens exactly, as its model reads them, overrides
+`count_tokens` (the Anthropic dialect's POST /v1/messages/count_tokens asks it); the
+default refuses with NotSupported.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import ClassVar
 
 import msgspec
 
-from stella.errors import InvalidRequest
+from stella.errors import InvalidRequest, NotSupported
 from stella.protocol import ChatRequest, Delta, Done, FinishReason, Message, ToolCall
 
 BackendEvent = Delta | ToolCall | Done
@@ -228,6 +232,14 @@ class Backend:
     def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Run one chat; `request.model` is already the upstream model name."""
         raise NotImplementedError
+
+    async def count_tokens(self, request: ChatRequest, ctx: CallContext) -> int:
+        """The prompt tokens a chat of `request` would feed the model (`request.model` is
+        already the upstream model name): an exact count, never an estimate; asks nothing
+        that spends tokens. A backend with no way to count raises NotSupported."""
+        # An estimate (four characters a token) would pass for the model's own count, and
+        # a client sizing its context by it would be wrong without a word.
+        raise NotSupported(f"the {self.kind} backend has no way to count a prompt's tokens")
 
     async def models(self) -> list[str]:
         """Model names the engine offers."""

@@ -78,15 +78,17 @@ class EchoBackend(Backend):
         """One model, named after the backend."""
         return ["echo"]
 
+    async def count_tokens(self, request: ChatRequest, ctx: CallContext) -> int:
+        """The prompt tokens its answer to `request` reports: the messages' words (the
+        failure and pacing knobs are the answer's, not the count's)."""
+        return _prompt_tokens(request)
+
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream the last user message back, word by word."""
         cfg = self.cfg
         self.started += 1
         try:
-            prompt_tokens = 0
-            for m in request.messages:
-                prompt_tokens += len(m.content.split())
-            ctx.prompt_tokens = prompt_tokens
+            prompt_tokens = ctx.prompt_tokens = _prompt_tokens(request)
             if cfg.fail_before_first or self.started <= cfg.fail_first_calls:
                 raise UpstreamError("echo: failing before the first token, as configured")
             last = request.messages[-1] if request.messages else None
@@ -145,6 +147,14 @@ class EchoBackend(Backend):
             yield Done(finish_reason=finish, usage=Usage(prompt_tokens, n, prompt_tokens + n))
         finally:
             self.closed += 1
+
+
+def _prompt_tokens(request: ChatRequest) -> int:
+    """The prompt's size as echo counts it: a token a word, of every message."""
+    n = 0
+    for m in request.messages:
+        n += len(m.content.split())
+    return n
 
 
 def _last_text(request: ChatRequest) -> str:

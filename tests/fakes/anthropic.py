@@ -42,6 +42,13 @@ sequence, anything else one Message object, as the API does. A text answer asked
 a JSON schema (`output_config.format`, structured outputs) is an instance of it
 (`instance`), in pieces; an `output_config` the API would refuse (a format type other
 than `json_schema`, no schema object, an unknown key) is a 400.
+
+`POST /v1/messages/count_tokens` answers `{"input_tokens": n}`, `n` the `tokens()` of
+the body: it takes the documented parameters alone (a message's `max_tokens`, `stream`,
+`temperature`, ... are a 400 "Extra inputs are not permitted"), wants `model` and
+`messages`, refuses what `/v1/messages` refuses of them, and answers `claude-429`,
+`claude-529` and `claude-missing` as `/v1/messages` does; its requests and headers are
+kept in `counts` and `count_headers`.
 """
 
 from __future__ import annotations
@@ -97,6 +104,35 @@ LIMITS = {"requests": (0, 2), "input-tokens": (0, 3), "output-tokens": (8000, 30
 TEXT_START = "Well, "
 
 
+# What POST /v1/messages/count_tokens takes (the API's MessageCountTokensParams and the
+# beta's): the prompt, not the answer.
+COUNT_PARAMS = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "output_config",
+        "output_format",
+        "cache_control",
+        "speed",
+        "mcp_servers",
+        "context_management",
+        "compaction",
+        "billing_policy",
+    }
+)
+
+
+def tokens(body: dict[str, Any]) -> int:
+    """The fake's count of a count_tokens body: the words and signs of its prompt (all but
+    the model's name), a number that changes with any of it."""
+    prompt = {k: v for k, v in body.items() if k != "model"}
+    return len(re.findall(r"\w+|[^\w\s]", json.dumps(prompt, sort_keys=True)))
+
+
 def err(kind: str, message: str, status: int, headers: dict[str, str] | None = None) -> Response:
     return JSONResponse(
         {"type": "error", "error": {"type": kind, "message": message}}, status, headers=headers
@@ -116,9 +152,13 @@ class FakeAnthropic:
         self.headers: list[dict[str, str]] = []
         # The request-id header of each answer of /v1/messages, in order.
         self.request_ids: list[str] = []
+        # The bodies and headers POST /v1/messages/count_tokens received.
+        self.counts: list[dict[str, Any]] = []
+        self.count_headers: list[dict[str, str]] = []
         self.app = Starlette(
             routes=[
                 Route("/v1/messages", self.with_request_id, methods=["POST"]),
+                Route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"]),
                 Route("/v1/models", self.models),
                 Route("/health", self.models),
             ],
@@ -138,6 +178,40 @@ class FakeAnthropic:
         rid = f"req_fake_{len(self.request_ids) + 1}"
         self.request_ids.append(rid)
         response.headers["request-id"] = rid
+        return response
+
+    async def count_tokens(self, request: Request) -> Response:
+        if request.headers.get("x-api-key") != KEY:
+            return err("authentication_error", "invalid x-api-key", 401)
+        if not request.headers.get("anthropic-version"):
+            return err("invalid_request_error", "anthropic-version: header is required", 400)
+        body = await request.json()
+        self.counts.append(body)
+        self.count_headers.append(dict(request.headers))
+        for key in body:
+            if key not in COUNT_PARAMS:
+                return err("invalid_request_error", f"{key}: Extra inputs are not permitted", 400)
+        for key in ("model", "messages"):
+            if key not in body:
+                return err("invalid_request_error", f"{key}: Field required", 400)
+        messages = body["messages"]
+        for problem in (
+            _unlinked(messages),
+            _empty(messages),
+            _blank(messages),
+            _output_config(body.get("output_config")),
+        ):
+            if problem is not None:
+                return err("invalid_request_error", problem, 400)
+        model = body["model"]
+        if model == "claude-429":
+            return err("rate_limit_error", "Rate limited", 429, {"retry-after": "3"})
+        if model == "claude-missing":
+            return err("not_found_error", f"model: {model}", 404)
+        if model == "claude-529":
+            return err("overloaded_error", "Overloaded", 529)
+        response = JSONResponse({"input_tokens": tokens(body)})
+        response.headers["request-id"] = f"req_fake_count_{len(self.counts)}"
         return response
 
     async def messages(self, request: Request) -> Response:

@@ -27,7 +27,13 @@ from stella.backends.base import (
 )
 from stella.backends.mlx.blas import BlasError, threads, use_blas, why_bundled
 from stella.backends.mlx.blas import check as blas_problem
-from stella.backends.mlx.engine import LoadedModel, dequantize, generate_into, load_model
+from stella.backends.mlx.engine import (
+    LoadedModel,
+    dequantize,
+    generate_into,
+    load_model,
+    prompt_of,
+)
 from stella.backends.mlx.source import (
     IMPORT_TIMEOUT_S,
     ModelSourceError,
@@ -357,6 +363,18 @@ class MlxBackend(Backend):
             )
 
     # --- generation --------------------------------------------------------
+
+    async def count_tokens(self, request: ChatRequest, ctx: CallContext) -> int:
+        """The prompt's tokens as a chat of `request` feeds them to the model: the same
+        chat template (with the tools it renders) and tokenizer, the model loaded first
+        when it is not."""
+        self.refuse_json_mode(request)  # a chat of it is refused: so is its count
+        model = await self.ensure_loaded(request.model or "")
+        # On a thread of its own, not the worker's: a count does not wait behind the
+        # generations queued there (Claude Code asks dozens as it starts), and a long
+        # conversation's template and tokenizer would hold the event loop.
+        ids, _ = await asyncio.to_thread(prompt_of, model, request.messages, request.tools)
+        return len(ids)
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Generate on the worker; stop strings and cancellation handled here."""

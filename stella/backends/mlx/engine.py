@@ -248,12 +248,29 @@ def seeing(processors: list[Any] | None, before: list[int]) -> list[Any] | None:
     return [shown(processor) for processor in processors]
 
 
+def prompt_of(
+    lm: LoadedModel, messages: list[Message], tools: list[Tool] | None
+) -> tuple[list[int], bool]:
+    """The prompt a generation of `messages` reads (LoadedModel.encode: its token ids, and
+    whether the answer continues the last message); a conversation the model's chat
+    template refuses is a 400. It runs the tokenizer alone, no MLX: any thread may."""
+    from jinja2 import TemplateError
+
+    try:
+        return lm.encode(messages, tools)
+    except TemplateError as exc:
+        # The model's chat template refused the conversation (its raise_exception: a role
+        # it has no place for, roles that do not alternate): the request's fault.
+        raise InvalidRequest(
+            f"$.messages: the model's chat template refuses them: {exc}", param="messages"
+        ) from None
+
+
 def generate_into(job: GenerationJob) -> None:
     """Run one chat generation, emitting ("token", text, finish, prompt_n, completion_n);
     before them ("started",), ("prompt", n), ("cached", n), and ("step", done) for each
     step of the prompt pass."""
     import mlx.core as mx
-    from jinja2 import TemplateError
     from mlx_lm import stream_generate
     from mlx_lm.models.cache import (
         LRUPromptCache,
@@ -266,14 +283,7 @@ def generate_into(job: GenerationJob) -> None:
     lm: LoadedModel = p["model"]
     stats = p["stats"]
     job.emit(("started",))
-    try:
-        prompt, keep_space = lm.encode(p["messages"], p["tools"])
-    except TemplateError as exc:
-        # The model's chat template refused the conversation (its raise_exception: a role
-        # it has no place for, roles that do not alternate): the request's fault.
-        raise InvalidRequest(
-            f"$.messages: the model's chat template refuses them: {exc}", param="messages"
-        ) from None
+    prompt, keep_space = prompt_of(lm, p["messages"], p["tools"])
     max_tokens = p["max_tokens"]
     if lm.context:
         room = lm.context - len(prompt)
