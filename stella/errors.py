@@ -261,8 +261,9 @@ class UpstreamStatus(UpstreamError):
 
     `upstream_status` drives retries: 408, 409, 425, 429 and 5xx are worth another try;
     401 and 403 (the backend's key expired or revoked) and 404 (no such model there) go
-    to the fallbacks; 403, 404 and 429 tell the backend's circuit nothing. A 404 that
-    names no model is UpstreamNoSuchPath.
+    to the fallbacks; 403, 404 and 429 tell the backend's circuit nothing. A 404 whose
+    body is a page, or a JSON error saying no more than "Not Found" or "Invalid URL", is
+    UpstreamNoSuchPath; any other JSON 404 refuses that model or request.
     """
 
     def __init__(
@@ -293,8 +294,9 @@ class UpstreamStatus(UpstreamError):
 
 
 class UpstreamNoSuchPath(UpstreamStatus):
-    """An upstream's 404 whose body names no model: it has no such path (a wrong base_url),
-    the backend's fault for every model on it."""
+    """An upstream's 404 whose body is a page, or a JSON error saying no more than "Not
+    Found" or "Invalid URL": it has no such path (a wrong base_url), the backend's fault
+    for every model on it."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, upstream_status=404)

@@ -36,8 +36,9 @@ if TYPE_CHECKING:  # the app installs this module
 # circuit breaker takes it: no failure), and the client's own request refused by a backend
 # that answered (a prompt over the model's context, a JSON mode or conversation it cannot
 # serve as asked), which its circuit breaker is not told of either. An upstream's 429 (or
-# 403, or a 404 naming a model) is counted: the backend did not serve the attempt, though
-# its circuit, as for one model's or one key's refusal, is not told.
+# 403, or a JSON 404 that refuses the model or request, not a missing path) is counted: the
+# backend did not serve the attempt, though its circuit, as for one model's or one key's
+# refusal, is not told.
 NOT_BACKEND_FAILURES = frozenset(
     {
         "client_closed",
