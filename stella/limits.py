@@ -1,4 +1,5 @@
-"""Rate limits and concurrency: token buckets per key and per model, slots per key.
+"""Rate limits and concurrency: token buckets per key and per model, slots per key and
+per backend (`limits.backends`).
 
 Buckets live in a `BucketStore`: this process's memory, or Redis (one atomic
 Lua script per check, see stella.state_redis) so limits hold across workers
@@ -171,7 +172,7 @@ class LimitPermit(Permit):
 
 
 class Limiter(Admission):
-    """Admission: per-key and per-model buckets, per-key concurrency."""
+    """Admission: per-key and per-model buckets, per-key and per-backend concurrency."""
 
     def __init__(self, settings: Settings, state: StateStore | None = None) -> None:
         self.settings = settings
