@@ -175,10 +175,6 @@ class Router:
             self._names.setdefault(alias, name)
         return route
 
-    def names(self) -> list[str]:
-        """Every routable name, aliases included."""
-        return sorted(self._names)
-
     def knows(self, name: str) -> bool:
         """Whether `name` is a route's name or alias (or `default`)."""
         return self.target(name) is not None
