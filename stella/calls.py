@@ -140,8 +140,8 @@ class Admission:
         self,
         route: Route,
         request: ChatRequest,
-        backend_held: bool = False,
-        wait_s: float | None = None,
+        backend_held: bool,
+        wait_s: float,
     ) -> Permit | None:
         """Admission to a route the call falls back to (its model's own limits), or None;
         `backend_held`: the call holds that backend's slot already; `wait_s`: the longest

@@ -260,8 +260,8 @@ class Limiter(Admission):
         self,
         route: Route,
         request: ChatRequest,
-        backend_held: bool = False,
-        wait_s: float | None = None,
+        backend_held: bool,
+        wait_s: float,
     ) -> Permit | None:
         """Admission to a fallback route: its model's limits and its backend's slots (the
         key's were taken for the call, and the backend's too when `backend_held`), a slot
