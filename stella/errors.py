@@ -1,7 +1,10 @@
 """stella's exceptions: each one carries its HTTP status and its `code`.
 
 Every failure that reaches a client is one of these; routes turn them into the
-dialect's error shape, streams into an in-band `error` line.
+dialect's error shape, streams into an in-band `error` line. The one exception is what
+the HTTP transport (stella.transport) answers itself, before the app sees a request:
+its own 400 `invalid_request` for one it cannot parse and 431 `headers_too_large` for a
+head past its limits, in the same JSON shape.
 """
 
 from __future__ import annotations
@@ -186,6 +189,13 @@ class UpstreamError(StellaError):
     """The backend failed (and every fallback too)."""
 
     status, code, retryable = 502, "upstream_error", True
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection to the upstream could be made: refused, or not made within the
+    backend's connect timeout (a host down, a full backlog), not a slow answer."""
+
+    code = "upstream_unreachable"
 
 
 class ClientTooSlow(StellaError):
