@@ -245,19 +245,15 @@ class ClientGone(StellaError):
     status, code = 499, "client_closed"
 
 
-class ShuttingDown(StellaError):
+class ShuttingDown(_ComeBackLater):
     """The server is draining and takes no new work."""
 
-    status, code, retryable = 503, "shutting_down", True
+    code = "shutting_down"
 
-    def __init__(
-        self,
-        message: str = "the server is shutting down; retry the request",
-        *,
-        retry_after: float | None = DEFAULT_RETRY_AFTER_S,
-    ) -> None:
-        # Another replica (or this one, restarted) can take the retry at once.
-        super().__init__(message, retry_after=retry_after)
+    def __init__(self, message: str = "the server is shutting down; retry the request") -> None:
+        # Another replica (or this one, restarted) can take the retry at once: the default
+        # Retry-After, soon.
+        super().__init__(message)
 
 
 class UpstreamTimeout(StellaError):
