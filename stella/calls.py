@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any
+
+from starlette.types import Receive
 
 from stella.errors import Forbidden, ModelNotFound, StellaError
 from stella.protocol import ChatRequest, Usage
@@ -83,7 +84,7 @@ class Call:
     secret: str = ""
     # The request's ASGI receive: a wait for a concurrency slot watches it for the
     # client leaving (None outside HTTP).
-    receive: Any = None
+    receive: Receive | None = None
     # The HTTP status the call's API gives an error, when not the error's own (the
     # Anthropic dialect's 529 for an overload): the inference log records what the client
     # got. None: the error's own status.

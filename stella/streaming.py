@@ -25,7 +25,7 @@ import structlog
 
 from stella.core import Inference, SinkClosed, error_event, log_fault
 from stella.errors import ShuttingDown, StellaError
-from stella.protocol import Error, Start
+from stella.protocol import Delta, Done, Error, Start, ToolCall
 from stella.transport import SELF_BOUNDED
 from stella.watchdog import ticker
 
@@ -89,9 +89,9 @@ class Codec:
 
     def start(self, event: Start) -> bytes:
         """Bytes for the start of the stream (b"" sends only the headers)."""
-        return self.encode(event)
+        return one_line(self._encoder.encode(event)) + b"\n"
 
-    def encode(self, event: Any) -> bytes:
+    def encode(self, event: Delta | ToolCall | Done | Error) -> bytes:
         """Bytes for one pipeline event (Delta, ToolCall, Done, Error)."""
         return one_line(self._encoder.encode(event)) + b"\n"
 
@@ -117,7 +117,7 @@ class Drain:
         self.timeout_s = timeout_s
         self.draining = False
         self.over = False  # cut: calls still running were ended
-        self.tasks: dict[asyncio.Task[Any], Any] = {}
+        self.tasks: dict[asyncio.Task[Any], Cancellable] = {}
         self.waiting: set[asyncio.Task[Any]] = set()  # of those, the ones awaiting a slot
         self._timer: asyncio.TimerHandle | None = None
         self.idle = asyncio.Event()
