@@ -1,10 +1,12 @@
-"""Streaming responses: first byte at once, heartbeats, disconnect, drain.
+"""Streaming responses: an early first byte, heartbeats, disconnect, drain.
 
 `EventStream` is a plain ASGI response. It sends the headers and the `start`
-event immediately, encodes each pipeline event with the dialect's codec, sends
-a ping after a silence, cancels the backend when the client goes away, and on
-shutdown ends the stream with an in-band `shutting_down` error. Every stream
-ends with exactly one terminal event from the pipeline or from here.
+event immediately (given a dialect's `refuse`, the status line waits for the first
+event, at most `ping_interval_s`, so a failure before it is an HTTP error status),
+encodes each pipeline event with the dialect's codec, sends a ping after a silence,
+cancels the backend when the client goes away, and on shutdown ends the stream with
+an in-band `shutting_down` error. Every stream ends with exactly one terminal event
+from the pipeline or from here.
 """
 
 from __future__ import annotations
