@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any
 
 import msgspec
+from starlette.types import Receive
 
 from stella.errors import Forbidden, ModelNotFound, StellaError
 from stella.protocol import ChatRequest, Usage
@@ -85,7 +85,7 @@ class Call:
     secret: str = ""
     # The request's ASGI receive: a wait for a concurrency slot watches it for the
     # client leaving (None outside HTTP).
-    receive: Any = None
+    receive: Receive | None = None
     # The HTTP status the call's API gives an error, when not the error's own (the
     # Anthropic dialect's 529 for an overload): the inference log records what the client
     # got. None: the error's own status.
@@ -154,8 +154,8 @@ class Admission:
         self,
         route: Route,
         request: ChatRequest,
-        backend_held: bool = False,
-        wait_s: float | None = None,
+        backend_held: bool,
+        wait_s: float,
     ) -> Permit | None:
         """Admission to a route the call falls back to (its model's own limits), or None;
         `backend_held`: the call holds that backend's slot already; `wait_s`: the longest

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
+from starlette.types import Receive
 
 from stella.backends import BackendEvent, CallContext
 from stella.calls import ANONYMOUS, Admission, Call, Permit, Principal, prompt_estimate
@@ -54,6 +55,7 @@ from stella.protocol import (
     Timings,
     ToolCall,
     ToolCallRef,
+    ToolChoice,
     Usage,
     arguments_text,
 )
@@ -297,7 +299,7 @@ def _producing(watchdog: Watchdog, now: float, total_s: float) -> bool:
     return watchdog.silence(now) < total_s / 2
 
 
-async def watch_leaving(receive: Any, call: Call, task: asyncio.Task[Any]) -> None:
+async def watch_leaving(receive: Receive, call: Call, task: asyncio.Task[Any]) -> None:
     """Cancel `task`, as `call`'s client leaving, when ASGI `receive` says it disconnected
     (the request's body has been read already)."""
     while True:
@@ -1215,7 +1217,7 @@ def _too_slow(watchdog: Watchdog, total_s: float) -> None:
         ) from None
 
 
-def _choice_name(choice: Any) -> str:
+def _choice_name(choice: ToolChoice) -> str:
     return repr(choice) if isinstance(choice, str) else f"tool {choice.function.name!r}"
 
 

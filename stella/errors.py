@@ -1,7 +1,10 @@
 """stella's exceptions: each one carries its HTTP status and its `code`.
 
 Every failure that reaches a client is one of these; routes turn them into the
-dialect's error shape, streams into an in-band `error` line.
+dialect's error shape, streams into an in-band `error` line. The one exception is what
+the HTTP transport (stella.transport) answers itself, before the app sees a request:
+its own 400 `invalid_request` for one it cannot parse and 431 `headers_too_large` for a
+head past its limits, in the same JSON shape.
 """
 
 from __future__ import annotations
@@ -195,6 +198,13 @@ class UpstreamError(StellaError):
     status, code, retryable = 502, "upstream_error", True
 
 
+class UpstreamUnreachable(UpstreamError):
+    """No connection to the upstream could be made: refused, or not made within the
+    backend's connect timeout (a host down, a full backlog), not a slow answer."""
+
+    code = "upstream_unreachable"
+
+
 class ClientTooSlow(StellaError):
     """A client too slow to wait for: a streaming client stopped reading and the route's
     total limit passed, or a request's body did not arrive within the server's limit."""
@@ -242,19 +252,15 @@ class ClientGone(StellaError):
     status, code = 499, "client_closed"
 
 
-class ShuttingDown(StellaError):
+class ShuttingDown(_ComeBackLater):
     """The server is draining and takes no new work."""
 
-    status, code, retryable = 503, "shutting_down", True
+    code = "shutting_down"
 
-    def __init__(
-        self,
-        message: str = "the server is shutting down; retry the request",
-        *,
-        retry_after: float | None = DEFAULT_RETRY_AFTER_S,
-    ) -> None:
-        # Another replica (or this one, restarted) can take the retry at once.
-        super().__init__(message, retry_after=retry_after)
+    def __init__(self, message: str = "the server is shutting down; retry the request") -> None:
+        # Another replica (or this one, restarted) can take the retry at once: the default
+        # Retry-After, soon.
+        super().__init__(message)
 
 
 class UpstreamTimeout(StellaError):
@@ -268,8 +274,9 @@ class UpstreamStatus(UpstreamError):
 
     `upstream_status` drives retries: 408, 409, 425, 429 and 5xx are worth another try;
     401 and 403 (the backend's key expired or revoked) and 404 (no such model there) go
-    to the fallbacks; 403, 404 and 429 tell the backend's circuit nothing. A 404 that
-    names no model is UpstreamNoSuchPath.
+    to the fallbacks; 403, 404 and 429 tell the backend's circuit nothing. A 404 whose
+    body is a page, or a JSON error saying no more than "Not Found" or "Invalid URL", is
+    UpstreamNoSuchPath; any other JSON 404 refuses that model or request.
     """
 
     def __init__(
@@ -300,8 +307,9 @@ class UpstreamStatus(UpstreamError):
 
 
 class UpstreamNoSuchPath(UpstreamStatus):
-    """An upstream's 404 whose body names no model: it has no such path (a wrong base_url),
-    the backend's fault for every model on it."""
+    """An upstream's 404 whose body is a page, or a JSON error saying no more than "Not
+    Found" or "Invalid URL": it has no such path (a wrong base_url), the backend's fault
+    for every model on it."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message, upstream_status=404)

@@ -1,4 +1,5 @@
-"""Rate limits and concurrency: token buckets per key and per model, slots per key.
+"""Rate limits and concurrency: token buckets per key and per model, slots per key and
+per backend (`limits.backends`).
 
 Buckets live in a `BucketStore`: this process's memory, or Redis (one atomic
 Lua script per check, see stella.state_redis) so limits hold across workers
@@ -171,7 +172,7 @@ class LimitPermit(Permit):
 
 
 class Limiter(Admission):
-    """Admission: per-key and per-model buckets, per-key concurrency."""
+    """Admission: per-key and per-model buckets, per-key and per-backend concurrency."""
 
     def __init__(self, settings: Settings, state: StateStore | None = None) -> None:
         self.settings = settings
@@ -259,8 +260,8 @@ class Limiter(Admission):
         self,
         route: Route,
         request: ChatRequest,
-        backend_held: bool = False,
-        wait_s: float | None = None,
+        backend_held: bool,
+        wait_s: float,
     ) -> Permit | None:
         """Admission to a fallback route: its model's limits and its backend's slots (the
         key's were taken for the call, and the backend's too when `backend_held`), a slot

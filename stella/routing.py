@@ -175,10 +175,6 @@ class Router:
             self._names.setdefault(alias, name)
         return route
 
-    def names(self) -> list[str]:
-        """Every routable name, aliases included."""
-        return sorted(self._names)
-
     def knows(self, name: str) -> bool:
         """Whether `name` is a route's name or alias (or `default`)."""
         return self.target(name) is not None
@@ -212,7 +208,9 @@ class Router:
     def direct(
         self, backend: str, upstream_model: str | None, allowed: Allowed | None = None
     ) -> Route:
-        """A one-off route to a configured backend (never to a host from a request)."""
+        """The route (configured or runtime) serving `backend`'s `upstream_model`, one the
+        key may use (None: the default model's upstream model), else a one-off route to
+        that backend (never to a host from a request)."""
         if backend not in self.backends:
             raise ModelNotFound(f"backend {backend!r} not found; known: {sorted(self.backends)}")
         upstream = upstream_model or self.resolve(None).upstream_model
@@ -262,12 +260,14 @@ class Router:
         self.routes, self._names, self.default = dict(snap[0]), dict(snap[1]), snap[2]
 
     def set_default(self, name: str) -> str:
-        """Make a known route (or alias) the default; returns the route name."""
+        """Make a route, configured or runtime (by its name or an alias), the default;
+        returns the route name. A direct `backend/model` name that no route serves is
+        refused: a one-off route cannot be the default."""
         if not name:
             raise ModelNotFound("no model named")
         route = self.resolve(name)
         if route.name not in self.routes:
-            raise ModelNotFound(f"model {name!r} is not a configured route")
+            raise ModelNotFound(f"model {name!r} is not a route")
         self.default = route.name
         return route.name
 

@@ -1,10 +1,12 @@
-"""Streaming responses: first byte at once, heartbeats, disconnect, drain.
+"""Streaming responses: an early first byte, heartbeats, disconnect, drain.
 
 `EventStream` is a plain ASGI response. It sends the headers and the `start`
-event immediately, encodes each pipeline event with the dialect's codec, sends
-a ping after a silence, cancels the backend when the client goes away, and on
-shutdown ends the stream with an in-band `shutting_down` error. Every stream
-ends with exactly one terminal event from the pipeline or from here.
+event immediately (given a dialect's `refuse`, the status line waits for the first
+event, at most `ping_interval_s`, so a failure before it is an HTTP error status),
+encodes each pipeline event with the dialect's codec, sends a ping after a silence,
+cancels the backend when the client goes away, and on shutdown ends the stream with
+an in-band `shutting_down` error. Every stream ends with exactly one terminal event
+from the pipeline or from here.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import structlog
 
 from stella.core import Inference, SinkClosed, error_event, log_fault
 from stella.errors import ShuttingDown, StellaError
-from stella.protocol import Error, Start
+from stella.protocol import Delta, Done, Error, Start, ToolCall
 from stella.transport import SELF_BOUNDED
 from stella.watchdog import ticker
 
@@ -89,9 +91,9 @@ class Codec:
 
     def start(self, event: Start) -> bytes:
         """Bytes for the start of the stream (b"" sends only the headers)."""
-        return self.encode(event)
+        return one_line(self._encoder.encode(event)) + b"\n"
 
-    def encode(self, event: Any) -> bytes:
+    def encode(self, event: Delta | ToolCall | Done | Error) -> bytes:
         """Bytes for one pipeline event (Delta, ToolCall, Done, Error)."""
         return one_line(self._encoder.encode(event)) + b"\n"
 
@@ -117,7 +119,7 @@ class Drain:
         self.timeout_s = timeout_s
         self.draining = False
         self.over = False  # cut: calls still running were ended
-        self.tasks: dict[asyncio.Task[Any], Any] = {}
+        self.tasks: dict[asyncio.Task[Any], Cancellable] = {}
         self.waiting: set[asyncio.Task[Any]] = set()  # of those, the ones awaiting a slot
         self._timer: asyncio.TimerHandle | None = None
         self.idle = asyncio.Event()

@@ -212,6 +212,24 @@ def test_direct_names_and_providers_only_with_allow_direct() -> None:
         assert r.status_code == 404
 
 
+def test_a_direct_name_switches_to_the_route_serving_it_or_is_not_a_route() -> None:
+    # A direct "backend/upstream-model" name is the route serving that model, a runtime
+    # one too, and that route becomes the default; a one-off route cannot be the default.
+    with run_stella({**ECHO_ROUTES, "models": {"allow_direct": True}}) as s:
+        rt = {"name": "rt", "backend": "slow", "upstream_model": "x"}
+        assert httpx.post(s.url + "/api/v1/models", json=rt).status_code == 201
+        r = httpx.post(s.url + "/api/v1/models/switch/slow/x")
+        assert r.status_code == 200 and r.json() == {"default": "rt"}, r.text
+        r = httpx.post(s.url + "/api/v1/models/switch/slow/other")
+        assert r.status_code == 404, r.text
+        error = r.json()["error"]
+        assert (error["code"], error["message"]) == (
+            "model_not_found",
+            "model 'slow/other' is not a route",
+        )
+        assert httpx.get(s.url + "/api/v1/models").json()["default"] == "rt"
+
+
 def test_images_are_refused_not_ignored(stella: LiveServer) -> None:
     # Some clients send Ollama's `images` to these shapes too: dropped, the model would
     # answer as if it had seen none. A 400 naming the field; an empty list asks for none.

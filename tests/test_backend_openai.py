@@ -22,7 +22,13 @@ from stella.backends.openai import (
     _Fn,
     _ToolDelta,
 )
-from stella.errors import StellaError, UpstreamError, UpstreamNoSuchPath, UpstreamStatus
+from stella.errors import (
+    StellaError,
+    UpstreamError,
+    UpstreamNoSuchPath,
+    UpstreamStatus,
+    UpstreamUnreachable,
+)
 from stella.protocol import (
     ChatRequest,
     Delta,
@@ -663,7 +669,7 @@ async def test_malformed_line_and_refused_connection(fake: tuple[FakeOpenAI, str
         await collect(b, "endless")
     await b.aclose()
     dead = await backend(f"http://127.0.0.1:{free_port()}/v1")
-    with pytest.raises(StellaError) as info:
+    with pytest.raises(UpstreamUnreachable) as info:
         await collect(dead, "ok")
     await dead.aclose()
     assert info.value.code == "upstream_unreachable"
@@ -676,7 +682,7 @@ async def test_a_connection_never_made_is_unreachable() -> None:
         b = await backend(f"http://127.0.0.1:{port}/v1", connect_timeout_s=0.3)
         t = time.perf_counter()
         try:
-            with pytest.raises(StellaError) as info:
+            with pytest.raises(UpstreamUnreachable) as info:
                 await collect(b, "ok")
         finally:
             await b.aclose()

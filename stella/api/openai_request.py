@@ -222,6 +222,21 @@ def check_completion(req: CompletionRequest) -> None:
         )
 
 
+def open_tool_choice(value: Any) -> Literal["auto", "none", "required"] | dict[str, Any]:
+    """A tool_choice string as stella's, or the object to read on (both OpenAI APIs
+    take the same strings); any other string or value is a 400."""
+    match value:
+        case "auto" | "none" | "required":
+            return value
+        case str():
+            raise InvalidRequest(
+                f"$.tool_choice: {value!r} is not auto, none or required", param="tool_choice"
+            )
+        case dict():
+            return value
+    raise InvalidRequest("$.tool_choice: expected a string or an object", param="tool_choice")
+
+
 def tools_and_choice(
     tools: list[Tool] | None, value: Any
 ) -> tuple[list[Tool] | None, ToolChoice | None]:
@@ -229,22 +244,17 @@ def tools_and_choice(
     them; a shape stella can't honour is a 400, not a choice the model never got."""
     if value is None:
         return tools, None
-    if isinstance(value, str):
-        if value in ("auto", "none", "required"):
-            return tools, value  # type: ignore[return-value]
-        raise InvalidRequest(
-            f"$.tool_choice: {value!r} is not auto, none or required", param="tool_choice"
-        )
-    if not isinstance(value, dict):
-        raise InvalidRequest("$.tool_choice: expected a string or an object", param="tool_choice")
-    kind = value.get("type")
+    choice = open_tool_choice(value)
+    if isinstance(choice, str):
+        return tools, choice
+    kind = choice.get("type")
     if kind == "function":
         try:
-            return tools, msgspec.convert(value, NamedToolChoice)
+            return tools, msgspec.convert(choice, NamedToolChoice)
         except msgspec.ValidationError as exc:
             raise InvalidRequest(f"tool_choice: {exc}", param="tool_choice") from None
     if kind == "allowed_tools":
-        allowed = value.get("allowed_tools")
+        allowed = choice.get("allowed_tools")
         if not isinstance(allowed, dict):
             raise InvalidRequest(
                 "$.tool_choice.allowed_tools: expected an object with mode and tools",

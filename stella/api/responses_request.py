@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 # A content part: the same shape as chat completions' (input_text, output_text, refusal).
-from stella.api.openai_request import Part, allowed_tools, check_user
+from stella.api.openai_request import Part, allowed_tools, check_user, open_tool_choice
 from stella.errors import InvalidRequest
 from stella.protocol import (
     ChatRequest,
@@ -250,17 +250,12 @@ def _choice(value: Any, tools: list[Tool] | None) -> tuple[list[Tool] | None, To
     (its tool would be one). With the tools to send."""
     if value is None:
         return tools, None
-    if isinstance(value, str):
-        if value in ("auto", "none", "required"):
-            return tools, value  # type: ignore[return-value]
-        raise InvalidRequest(
-            f"$.tool_choice: {value!r} is not auto, none or required", param="tool_choice"
-        )
-    if not isinstance(value, dict):
-        raise InvalidRequest("$.tool_choice: expected a string or an object", param="tool_choice")
-    kind = value.get("type")
+    choice = open_tool_choice(value)
+    if isinstance(choice, str):
+        return tools, choice
+    kind = choice.get("type")
     if kind == "function":
-        name = value.get("name")
+        name = choice.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidRequest("$.tool_choice.name: required", param="tool_choice.name")
         if not tools or all(t.function.name != name for t in tools):
@@ -269,7 +264,7 @@ def _choice(value: Any, tools: list[Tool] | None) -> tuple[list[Tool] | None, To
             )
         return tools, NamedToolChoice(function=NamedFunction(name=name))
     if kind == "allowed_tools":
-        return allowed_tools(tools, value, "tool_choice", _tool_name)
+        return allowed_tools(tools, choice, "tool_choice", _tool_name)
     raise InvalidRequest(
         f"$.tool_choice.type: {kind!r} is not supported (function tools only)",
         param="tool_choice.type",

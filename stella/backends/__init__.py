@@ -1,4 +1,6 @@
-"""The backend registry: a dict from `kind` to class, filled from entry points.
+"""The backend registry: a dict from `kind` to its entry point, read from the
+installed packages' metadata; a kind's class is imported only when a backend of that
+kind is built (or its config shown), so an unused kind's dependencies need not load.
 
 Built-in backends register through the same `stella.backends` entry point group
 a third-party package uses, so adding one is a module plus one line in its own
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import math
 import typing
-from importlib.metadata import entry_points
+from collections.abc import Mapping
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 import msgspec
@@ -35,12 +38,12 @@ class ConfigError(Exception):
     """A configuration value that stops start-up; the message names the key."""
 
 
-def registry() -> dict[str, Any]:
+def registry() -> dict[str, EntryPoint]:
     """Kinds known to this installation, each an entry point not yet imported."""
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
-def build_backend(name: str, table: dict[str, Any], kinds: dict[str, Any]) -> Backend:
+def build_backend(name: str, table: dict[str, Any], kinds: Mapping[str, EntryPoint]) -> Backend:
     """Build backend `name` from its config table; ConfigError names the bad key."""
     kind = table.get("kind")
     if kind is None:
@@ -70,7 +73,7 @@ def build_backend(name: str, table: dict[str, Any], kinds: dict[str, Any]) -> Ba
     return cls(name, config)
 
 
-def effective_config(table: dict[str, Any], kinds: dict[str, Any]) -> dict[str, Any]:
+def effective_config(table: dict[str, Any], kinds: Mapping[str, EntryPoint]) -> dict[str, Any]:
     """A backend's table as its kind reads it, every default filled in; as written when
     the kind is unknown, cannot be imported, has no config struct or refuses the table."""
     kind = table.get("kind")

@@ -35,6 +35,7 @@ from stella.errors import (
     UpstreamNoSuchPath,
     UpstreamStatus,
     UpstreamTimeout,
+    UpstreamUnreachable,
     waited_out,
 )
 from stella.logs import mask, mask_cut
@@ -698,9 +699,7 @@ def aiohttp_error(name: str, exc: BaseException, connect_timeout_s: float = 0.0)
             why = f"timed out{after}"
         else:
             why = type(exc).__name__
-        err: StellaError = UpstreamError(f"{name}: cannot connect ({why})")
-        err.code = "upstream_unreachable"
-        return err
+        return UpstreamUnreachable(f"{name}: cannot connect ({why})")
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamTimeout(f"{name}: upstream timed out ({type(exc).__name__})")
     return UpstreamError(f"{name}: upstream connection failed ({type(exc).__name__})")
