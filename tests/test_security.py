@@ -202,8 +202,9 @@ def test_cors_allows_the_configured_origin_only() -> None:
         )
         assert r.headers["access-control-allow-origin"] == "https://app.example"
         exposed = {h.strip() for h in r.headers["access-control-expose-headers"].lower().split(",")}
-        # request-id: where the Anthropic SDK reads a response's ID (in a browser too).
-        assert {"x-request-id", "request-id", "retry-after"} <= exposed
+        # request-id: where the Anthropic SDK reads a response's ID (in a browser too);
+        # x-should-retry: whether the OpenAI and Anthropic SDKs send a failure again.
+        assert {"x-request-id", "request-id", "retry-after", "x-should-retry"} <= exposed
         bad = httpx.options(
             server.url + "/api/v1/chat",
             headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
