@@ -220,6 +220,11 @@ class Endpoint:
             response = dialect.error_response(
                 StellaError("internal error; see the server log"), rid
             )
+        if scope["method"] in _READS:
+            # What a GET answers depends on the caller's key, which X-API-Key carries where
+            # a shared cache keeps no answer apart (RFC 9111 3.5 protects Authorization
+            # alone), or on the server's state now: no cache may keep it.
+            response.raw_headers.append(NO_STORE)
         # Reached without the RequestContext middleware (see StellaApp): the ID header
         # goes straight into the response instead of through a wrapped `send`.
         header = scope.get("rid_header")
@@ -239,6 +244,8 @@ def _error_status(dialect: Dialect) -> Callable[[StellaError], int] | None:
 
 
 CLOSE = (b"connection", b"close")
+NO_STORE = (b"cache-control", b"no-store")
+_READS = ("GET", "HEAD")
 
 
 def body_over_limit(scope: Mapping[str, Any], max_bytes: int) -> bool:

@@ -201,12 +201,17 @@ HEADERS = {
     "X-RateLimit-Limit": _header("The limit of the key's first bucket (requests, or tokens)"),
     "X-RateLimit-Remaining": _header("What is left in that bucket", "integer"),
     "X-RateLimit-Reset": _header("Seconds until that bucket is full again", "integer"),
+    "Cache-Control": _header(
+        "On a GET's answer: no-store (it depends on the caller's key, or on the moment)"
+    ),
 }
 
 
 def _headers(status: int, op: Operation, error: bool = False) -> dict[str, Any]:
     """The headers a response with this status may carry, as references."""
     names = ["X-Request-ID", *op.headers]
+    if op.method == "get":
+        names.append("Cache-Control")
     if error:
         names += ["x-should-retry", "X-Content-Type-Options"]
         # 502: an upstream's own 429 (upstream_rate_limited) passes its wait on.
