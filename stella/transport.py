@@ -308,6 +308,19 @@ class _BodyStillComing:
             self._protocol.transport.close()
 
 
+def unknown_codings(codings: bytes) -> str:
+    """The transfer codings of a Transfer-Encoding list, other than its final chunked,
+    as a client would read them ("" when there are none, or when chunked is not last:
+    the parser refuses that framing itself, 400 as RFC 9112 6.3 has it)."""
+    names = [c.split(b";", 1)[0].strip().lower() for c in codings.split(b",")]
+    names = [n for n in names if n]
+    if not names or names[-1] != b"chunked":
+        return ""
+    other = dict.fromkeys(n for n in names[:-1] if n != b"chunked")
+    shown = ", ".join(repr(n.decode("latin-1")) for n in other)
+    return shown if len(shown) <= 200 else shown[:200] + "…"
+
+
 def _close_if_answered_first(cycle: Any) -> None:
     """Have a request cycle end its connection if it answers before it asks for the body
     its client holds back (`Expect: 100-continue`): a 401, a 404 before the body."""
@@ -380,6 +393,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _dropped = 0  # bytes of a body read after its request was answered
     _hosts = 0  # Host headers of the request being read
     _framed = False  # it has a Transfer-Encoding header
+    _codings = b""  # its values, joined by commas (as one field's list)
     _trailing = False  # its head is read: fields now are a chunked body's trailer
     _chunk_empty = False  # a chunk's size line was read, none of its data: maybe the last
     _trailer_bytes = 0  # read since then (the last chunk's trailer, counted to the limit)
@@ -566,6 +580,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self.expect_100_continue = True
         elif name == b"transfer-encoding":
             self._framed = True
+            self._codings = self._codings + b"," + value if self._codings else value
         self.headers.append((name, value))
 
     def on_chunk_header(self) -> None:
@@ -632,8 +647,18 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
                 "invalid_request",
                 "Transfer-Encoding in an HTTP/1.0 request (send HTTP/1.1, or a Content-Length)",
             )
+        elif self._framed and (unknown := unknown_codings(self._codings)):
+            # RFC 9112 6.1: a transfer coding the server does not understand is a 501 (llhttp
+            # undoes the chunks alone: a gzip under them reached the app, "malformed" JSON).
+            self._refuse(
+                b"501 Not Implemented",
+                "not_implemented",
+                f"transfer coding {unknown} is not supported: send the body chunked alone, "
+                "or with a Content-Length",
+            )
         self._hosts = 0
         self._framed = False
+        self._codings = b""
         self._trailing = True
         self._inexact = False
         if self._refused:

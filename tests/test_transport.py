@@ -1480,6 +1480,58 @@ def test_an_http_1_0_request_with_transfer_encoding_is_refused() -> None:
         assert got.startswith(b"HTTP/1.1 200 ") and b'"hi"' in got, got
 
 
+def test_a_transfer_coding_other_than_chunked_is_refused_with_501() -> None:
+    """RFC 9112 6.1: a transfer coding the server does not understand is answered 501.
+    llhttp undoes the chunks alone: the gzip under them reached the JSON decoder ("JSON is
+    malformed"), as if the client had sent bad JSON."""
+    import gzip
+
+    from tests.live import run_stella
+
+    body = b'{"model":"echo","stream":false,"messages":[{"role":"user","content":"hi"}]}'
+    zipped = gzip.compress(body)
+
+    def answer(port: int, codings: bytes, data: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\n%s"
+                b"Content-Type: application/json\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % (codings, len(data), data)
+            )
+            got = b""
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return got  # closed: nothing after the refusal was read
+                got += chunk
+                if got.count(b"HTTP/1.1 ") == 2 and got.endswith(b"}"):
+                    return got
+        raise AssertionError(f"the connection stayed open: {got!r}")
+
+    with run_stella({}) as server:
+        for codings in (
+            b"Transfer-Encoding: gzip, chunked\r\n",
+            b"Transfer-Encoding: GZIP ,chunked\r\n",
+            b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",  # one list
+        ):
+            got = answer(server.port, codings, zipped)
+            assert re.findall(rb"HTTP/1\.1 (\d{3}) ", got) == [b"501"], (codings, got)
+            head, _, text = got.partition(b"\r\n\r\n")
+            assert b"connection: close" in head.lower() and b"x-should-retry: false" in head
+            error = msgspec.json.decode(text)["error"]
+            assert error["code"] == "not_implemented" and error["retryable"] is False, error
+            assert "'gzip'" in error["message"], error
+            assert head.lower().count(b"x-request-id: " + error["request_id"].encode()) == 1
+        # Chunked alone (any case) is read as ever, and the next request served.
+        for codings in (b"Transfer-Encoding: chunked\r\n", b"Transfer-Encoding: Chunked\r\n"):
+            got = answer(server.port, codings, body)
+            assert re.findall(rb"HTTP/1\.1 (\d{3}) ", got) == [b"200", b"200"], got
+        # Chunked not last stays the parser's 400 (RFC 9112 6.3: the length is unknown).
+        got = answer(server.port, b"Transfer-Encoding: chunked, gzip\r\n", body)
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", got) == [b"400"], got
+
+
 async def test_a_trailer_past_the_limit_ends_the_request() -> None:
     # A chunked body's trailer fields are header fields (RFC 9112 7.1.2): the head's limit
     # holds for them. Nothing limited them, and httptools copies a field whole for each
