@@ -336,6 +336,30 @@ def test_missing_and_wrong_key(server: LiveServer) -> None:
     assert ok.status_code == 200, ok.text
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/api/v1/chat"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/responses"),
+        ("POST", "/v1/messages"),
+        ("POST", "/api/chat"),
+        ("POST", "/generate"),
+        ("POST", "/api/llm/generate"),
+        ("POST", "/api/chat/invoke"),
+        ("GET", "/config"),
+        ("GET", "/v1/models"),
+    ],
+)
+def test_a_401_names_the_scheme_that_would_pass(server: LiveServer, method: str, path: str) -> None:
+    # RFC 9110 11.6.1: a 401 MUST carry WWW-Authenticate, in every dialect's shape.
+    for key in (None, "sk-wrong-0123456789"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = httpx.request(method, server.url + path, headers=headers, json={})
+        assert r.status_code == 401, (path, r.text)
+        assert r.headers["www-authenticate"] == "Bearer", (path, r.headers)
+
+
 def test_forbidden_model_and_admin_route(server: LiveServer) -> None:
     # Register a second route as admin, then the limited key may not use it.
     r = post(server, {"name": "echo2", "backend": "echo"}, key=ADMIN, path="/api/v1/models")

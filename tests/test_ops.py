@@ -511,6 +511,9 @@ def _validate(spec: dict, method: str, template: str, r: httpx.Response) -> list
         # An error's body may quote the request: a browser reads it as JSON, nothing else.
         assert r.headers["x-content-type-options"] == "nosniff"
         assert "X-Content-Type-Options" in declared[str(r.status_code)]["headers"]
+    if r.status_code == 401:  # RFC 9110 11.6.1
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert "WWW-Authenticate" in declared["401"]["headers"]
     if method == "get" and r.status_code != 503:  # (a draining server's, before any route)
         # A GET's answer depends on the key or the moment: no cache keeps it.
         assert r.headers["cache-control"] == "no-store", (template, r.headers)

@@ -201,6 +201,7 @@ HEADERS = {
     "X-RateLimit-Limit": _header("The limit of the key's first bucket (requests, or tokens)"),
     "X-RateLimit-Remaining": _header("What is left in that bucket", "integer"),
     "X-RateLimit-Reset": _header("Seconds until that bucket is full again", "integer"),
+    "WWW-Authenticate": _header("On a 401: Bearer, the scheme a key is sent with"),
     "Cache-Control": _header(
         "On a GET's answer: no-store (it depends on the caller's key, or on the moment)"
     ),
@@ -217,6 +218,8 @@ def _headers(status: int, op: Operation, error: bool = False) -> dict[str, Any]:
         # 502: an upstream's own 429 (upstream_rate_limited) passes its wait on.
         if status in (429, 502, 503, 529):
             names.append("Retry-After")
+        if status == 401:
+            names.append("WWW-Authenticate")
     # An inference (an operation that can be rate limited) tells a limited key its limits.
     if 429 in op.errors and (status < 400 or status == 429):
         names += ["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]
