@@ -445,12 +445,15 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         body = msgspec.json.encode(
             {"error": {"code": code, "message": why, "request_id": rid, "retryable": False}}
         )
+        # uvicorn's own headers, as on every other answer: the Date it keeps once a second
+        # (RFC 9110 6.6.1: an origin server with a clock sends one), a Server if configured.
+        default = b"".join(b"%s: %s\r\n" % pair for pair in self.server_state.default_headers)
         self._last_word(
-            b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nx-request-id: %s\r\n"
+            b"HTTP/1.1 %s\r\n%scontent-type: application/json\r\nx-request-id: %s\r\n"
             b"x-should-retry: false\r\n"  # as every error says (the same bytes fail again)
             b"x-content-type-options: nosniff\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-            % (status, rid.encode(), len(body), body)
+            % (status, default, rid.encode(), len(body), body)
         )
 
     def _unsupported_upgrade_warning(self) -> None:

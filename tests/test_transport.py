@@ -1397,6 +1397,36 @@ async def test_a_malformed_request_gets_a_json_400_and_the_connection_closes(sha
     proto.connection_lost(None)
 
 
+def test_the_transports_own_answers_carry_a_date() -> None:
+    """RFC 9110 6.6.1: an origin server with a clock sends Date on its answers; the ones
+    the transport writes itself (a request it cannot read or serve) had none."""
+    from email.utils import parsedate_to_datetime
+
+    from tests.live import run_stella
+
+    with run_stella({}) as server:
+        for request, status in (
+            (b"GET /health HTTP/1.1\r\n\r\n", b"400"),  # no Host
+            (b"GET /health HTTP/1.1\r\nHost: t\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
+            (b"CONNECT t:443 HTTP/1.1\r\nHost: t\r\n\r\n", b"400"),
+            (
+                b"POST /api/v1/chat HTTP/1.1\r\nHost: t\r\n"
+                b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                b"501",
+            ),
+        ):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                sock.sendall(request)
+                got = b""
+                while chunk := sock.recv(65536):  # to the end: the server closes it
+                    got += chunk
+            head = got.partition(b"\r\n\r\n")[0].decode("latin-1").lower().split("\r\n")
+            assert head[0].startswith("http/1.1 " + status.decode()), got
+            dates = [line[6:] for line in head if line.startswith("date: ")]
+            assert len(dates) == 1, got
+            assert abs(parsedate_to_datetime(dates[0]).timestamp() - time.time()) < 5, dates
+
+
 async def test_an_http_1_0_request_without_host_is_served() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
