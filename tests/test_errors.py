@@ -584,6 +584,8 @@ def test_a_compressed_body_is_unsupported_not_malformed(server: LiveServer) -> N
     headers = {"content-type": "application/json", "content-encoding": "gzip"}
     r = post(server, None, content=body, headers=headers)
     assert "'gzip'" in error_of(r, 415, "unsupported_media_type")
+    # RFC 9110 15.5.16: a 415 for a coding says which the server takes.
+    assert r.headers["accept-encoding"] == "identity"
     r = post(
         server,
         {"model": "echo", "messages": MSG, "stream": False},

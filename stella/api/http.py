@@ -302,7 +302,9 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             # Read as JSON, compressed bytes would only be "malformed".
             coding = value.decode("latin-1").strip()
             raise UnsupportedMediaType(
-                f"content-encoding {coding!r} is not supported; send the body uncompressed"
+                f"content-encoding {coding!r} is not supported; send the body uncompressed",
+                # RFC 9110 15.5.16: the codings a request may use.
+                headers={"Accept-Encoding": "identity"},
             )
     if ctype and ctype != b"application/json":
         kind = ctype.decode("latin-1").split(";", 1)[0].strip().lower()
