@@ -195,6 +195,13 @@ def _whole(scope: Any) -> None:
     scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"range"]
 
 
+def _no_ranges(response: Response) -> Response:
+    """`response` without the Accept-Ranges: bytes Starlette gives every file: a range
+    asked for gets the whole file (see _whole), and the header promised a part."""
+    del response.headers["accept-ranges"]
+    return response
+
+
 class Static(StaticFiles):
     """StaticFiles whose answers browsers check (by ETag) before each use: cached by
     their own rules, the playground would run an old stella.js after an upgrade."""
@@ -208,7 +215,7 @@ class Static(StaticFiles):
         """The file (or 304), marked no-cache, with the playground's headers."""
         response = super().file_response(*args, **kwargs)
         response.headers.update(PAGE_HEADERS)
-        return response
+        return _no_ranges(response)
 
 
 async def playground(request: Request) -> Response:
@@ -217,7 +224,7 @@ async def playground(request: Request) -> Response:
     if not page.is_file():
         return JSONResponse({"error": {"code": "not_found", "message": "no playground"}}, 404)
     _whole(request.scope)
-    return FileResponse(page, headers=PAGE_HEADERS)
+    return _no_ranges(FileResponse(page, headers=PAGE_HEADERS))
 
 
 document(
