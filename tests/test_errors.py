@@ -739,6 +739,24 @@ def test_router_errors_take_the_shape_of_the_paths_dialect(server: LiveServer) -
     assert r.status_code == 404 and r.json()["code"] == "not_found"
 
 
+def test_a_404_or_405_names_the_path_routing_read(server: LiveServer) -> None:
+    # request.url's path is urlsplit's, which drops \n, \r and \t: a miss of
+    # /v1/models/echo%0A named /v1/models/echo, a path that has a route.
+    auth = {"Authorization": f"Bearer {USER}"}
+    r = httpx.get(server.url + "/v1/models/echo%0A", headers=auth)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["message"] == "no route for /v1/models/echo\\n", r.text
+    r = httpx.put(server.url + "/v1/models/ec%09ho", headers=auth)  # a route, not its method
+    assert r.status_code == 405, r.text
+    assert r.json()["error"]["message"] == "PUT is not allowed on /v1/models/ec\\tho", r.text
+    r = httpx.get(server.url + "/api/v1/nope%0D%00", headers=auth)  # the native shape too
+    assert error_of(r, 404, "not_found") == "no route for /api/v1/nope\\r\\x00"
+    # A long path is cut (the request line may hold 64 KiB of it).
+    r = httpx.get(server.url + "/api/v1/" + "a" * 10_000, headers=auth)
+    message = error_of(r, 404, "not_found")
+    assert message == "no route for /api/v1/" + "a" * 192 + "…", message
+
+
 def test_public_routes_need_no_key(server: LiveServer) -> None:
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["timestamp"]
