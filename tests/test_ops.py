@@ -157,6 +157,17 @@ def test_openapi_is_generated_from_the_structs(stella: LiveServer) -> None:
     assert "Retry-After" in completions["502"]["headers"]
 
 
+def test_the_request_id_a_client_may_give_is_stated_as_it_is_checked(stella: LiveServer) -> None:
+    from stella.calls import RID_PATTERN
+
+    spec = httpx.get(stella.url + "/openapi.json").json()
+    assert RID_PATTERN in spec["components"]["headers"]["X-Request-ID"]["description"]
+    assert f"`{RID_PATTERN}`" in (Path(__file__).parent.parent / "README.md").read_text()
+    for given, kept in (("a.B-9:_" * 16, True), ("a" * 129, False), ("a b", False), ("a/b", False)):
+        r = httpx.get(stella.url + "/health", headers={"X-Request-ID": given})
+        assert (r.headers["x-request-id"] == given) is kept, given
+
+
 def test_docs_page_renders_the_schema(stella: LiveServer) -> None:
     r = httpx.get(stella.url + "/docs")
     assert r.status_code == 200 and "openapi.json" in r.text

@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from stella import __version__
+from stella.calls import RID_PATTERN
 from stella.protocol import ErrorResponse, StreamEvent
 
 
@@ -190,7 +191,9 @@ def _header(description: str, kind: str = "string") -> dict[str, Any]:
 
 
 HEADERS = {
-    "X-Request-ID": _header("The request's ID (the client's own when it sent a valid one)"),
+    "X-Request-ID": _header(
+        f"The request's ID: the client's own when it matches {RID_PATTERN}, else a new one"
+    ),
     "request-id": _header("The same ID, by the name Anthropic's API gives it"),
     "Retry-After": _header("Seconds to wait before trying again", "integer"),
     "x-should-retry": _header(
