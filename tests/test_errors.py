@@ -132,6 +132,41 @@ def test_bad_bytes_and_deep_nesting_are_400(server: LiveServer, path: str) -> No
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("path", JSON_ROUTES)
+def test_a_body_in_another_charset_is_415_and_a_utf8_bom_is_ignored(
+    server: LiveServer, path: str
+) -> None:
+    # Both read as "JSON is malformed: invalid character (byte 0)".
+    body = JSON_ROUTES[path][0] + b"}"
+
+    def send(content: bytes, ctype: str = "application/json") -> httpx.Response:
+        return post(server, content=content, path=path, headers={"content-type": ctype})
+
+    # RFC 8259 8.1: a parser may ignore a UTF-8 byte-order mark.
+    for ctype in ("application/json", "text/plain"):
+        r = send(b"\xef\xbb\xbf" + body, ctype)
+        assert r.status_code == 200, (ctype, r.text)
+    # Not two, nor one inside; a body of a mark alone is empty.
+    assert "malformed" in send(b"\xef\xbb\xbf" * 2 + body).text
+    assert "empty" in send(b"\xef\xbb\xbf").text
+    for ctype in (
+        "application/json; charset=UTF-8",
+        'application/json;charset="utf8"',
+        "text/plain;charset=us-ascii",
+    ):
+        assert send(body, ctype).status_code == 200, ctype
+    utf16 = body.decode().encode("utf-16")  # with its byte-order mark
+    for content, ctype, said in (
+        (utf16, "application/json; charset=utf-16", "charset='utf-16'"),
+        (utf16[2:], "application/json; Charset=UTF-16LE", "charset='utf-16le'"),
+        (body, "text/plain; charset=iso-8859-1", "charset='iso-8859-1'"),
+        (utf16, "application/json", "UTF-16 byte-order mark"),
+    ):
+        r = send(content, ctype)
+        assert r.status_code == 415, (ctype, r.text)
+        assert "must be UTF-8" in r.text and said in r.text, r.text
+
+
 @pytest.mark.parametrize(
     ("path", "body", "where"),
     [
