@@ -306,10 +306,13 @@ class ExactPathRouter(StarletteRouter):
 async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's 404/405 in stella's error shape."""
     status = getattr(exc, "status_code", 500)
+    # The scope's path, as routing read it: request.url's is urlsplit's, which drops \n,
+    # \r and \t (`/v1/models/echo%0A` read as echo's path, the route it missed).
+    path = request.scope["path"]
     err: StellaError = (
-        NotFound(f"no route for {request.url.path}")
+        NotFound(f"no route for {shown_path(path)}")
         if status == 404
-        else MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        else MethodNotAllowed(f"{request.method} is not allowed on {shown_path(path)}")
         if status == 405
         else StellaError(str(getattr(exc, "detail", "error")))
     )
@@ -326,10 +329,23 @@ async def http_error(request: Request, exc: Exception) -> Response:
             err.headers["Allow"] = ", ".join(sorted(allowed))
     rid = request.scope.get("state", {}).get("request_id", "")
     svc = request.scope.get("stella") or request.app.state.stella
-    response = svc.dialect_for(request.url.path, request.scope).error_response(err, rid)
+    response = svc.dialect_for(path, request.scope).error_response(err, rid)
     if body_over_limit(request.scope, svc.settings.server.max_body_bytes):
         response.raw_headers.append(CLOSE)
     return response
+
+
+SHOWN_PATH_MAX = 200
+
+
+def shown_path(path: str) -> str:
+    """A request's path as a message quotes it: its control characters escaped (`\\n`),
+    cut at SHOWN_PATH_MAX characters (the request line may hold 64 KiB of it)."""
+    if len(path) > SHOWN_PATH_MAX:
+        path = path[:SHOWN_PATH_MAX] + "…"
+    if path.isprintable():
+        return path
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in path)
 
 
 def create_app(settings: Settings | None = None) -> Starlette:

@@ -24,7 +24,9 @@ def new_request_id() -> str:
     return f"req_{time.time_ns():x}{_random.getrandbits(40):010x}"
 
 
-_RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# A client's X-Request-ID that is kept (README and /openapi.json quote it).
+RID_PATTERN = "[A-Za-z0-9._:-]{1,128}"
+_RID = re.compile(f"^{RID_PATTERN}$")
 
 
 def request_id_for(given: str | None) -> str:

@@ -24,6 +24,9 @@ EXPOSE = [
     "X-RateLimit-Remaining",
     "X-RateLimit-Reset",
     "Retry-After",
+    # Whether to send a failed request again: the OpenAI and Anthropic SDKs obey it, and
+    # without it in a browser fall back to retrying every 5xx.
+    "x-should-retry",
 ]
 
 

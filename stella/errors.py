@@ -120,7 +120,8 @@ class Unauthorized(StellaError):
     status, code = 401, "unauthorized"
 
     def __init__(self, message: str, *, reason: str = "invalid") -> None:
-        super().__init__(message)
+        # RFC 9110 11.6.1: a 401 names the scheme that would pass (X-API-Key too is taken).
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
         # Why, for the `auth_failed` log event: missing, invalid or duplicate.
         self.reason = reason
 

@@ -308,6 +308,19 @@ class _BodyStillComing:
             self._protocol.transport.close()
 
 
+def unknown_codings(codings: bytes) -> str:
+    """The transfer codings of a Transfer-Encoding list, other than its final chunked,
+    as a client would read them ("" when there are none, or when chunked is not last:
+    the parser refuses that framing itself, 400 as RFC 9112 6.3 has it)."""
+    names = [c.split(b";", 1)[0].strip().lower() for c in codings.split(b",")]
+    names = [n for n in names if n]
+    if not names or names[-1] != b"chunked":
+        return ""
+    other = dict.fromkeys(n for n in names[:-1] if n != b"chunked")
+    shown = ", ".join(repr(n.decode("latin-1")) for n in other)
+    return shown if len(shown) <= 200 else shown[:200] + "…"
+
+
 def _close_if_answered_first(cycle: Any) -> None:
     """Have a request cycle end its connection if it answers before it asks for the body
     its client holds back (`Expect: 100-continue`): a 401, a 404 before the body."""
@@ -380,6 +393,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     _dropped = 0  # bytes of a body read after its request was answered
     _hosts = 0  # Host headers of the request being read
     _framed = False  # it has a Transfer-Encoding header
+    _codings = b""  # its values, joined by commas (as one field's list)
     _trailing = False  # its head is read: fields now are a chunked body's trailer
     _chunk_empty = False  # a chunk's size line was read, none of its data: maybe the last
     _trailer_bytes = 0  # read since then (the last chunk's trailer, counted to the limit)
@@ -431,12 +445,15 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         body = msgspec.json.encode(
             {"error": {"code": code, "message": why, "request_id": rid, "retryable": False}}
         )
+        # uvicorn's own headers, as on every other answer: the Date it keeps once a second
+        # (RFC 9110 6.6.1: an origin server with a clock sends one), a Server if configured.
+        default = b"".join(b"%s: %s\r\n" % pair for pair in self.server_state.default_headers)
         self._last_word(
-            b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nx-request-id: %s\r\n"
+            b"HTTP/1.1 %s\r\n%scontent-type: application/json\r\nx-request-id: %s\r\n"
             b"x-should-retry: false\r\n"  # as every error says (the same bytes fail again)
             b"x-content-type-options: nosniff\r\n"
             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-            % (status, rid.encode(), len(body), body)
+            % (status, default, rid.encode(), len(body), body)
         )
 
     def _unsupported_upgrade_warning(self) -> None:
@@ -566,6 +583,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
             self.expect_100_continue = True
         elif name == b"transfer-encoding":
             self._framed = True
+            self._codings = self._codings + b"," + value if self._codings else value
         self.headers.append((name, value))
 
     def on_chunk_header(self) -> None:
@@ -632,8 +650,18 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
                 "invalid_request",
                 "Transfer-Encoding in an HTTP/1.0 request (send HTTP/1.1, or a Content-Length)",
             )
+        elif self._framed and (unknown := unknown_codings(self._codings)):
+            # RFC 9112 6.1: a transfer coding the server does not understand is a 501 (llhttp
+            # undoes the chunks alone: a gzip under them reached the app, "malformed" JSON).
+            self._refuse(
+                b"501 Not Implemented",
+                "not_implemented",
+                f"transfer coding {unknown} is not supported: send the body chunked alone, "
+                "or with a Content-Length",
+            )
         self._hosts = 0
         self._framed = False
+        self._codings = b""
         self._trailing = True
         self._inexact = False
         if self._refused:

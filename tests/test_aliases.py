@@ -43,6 +43,27 @@ def test_generate_v1_json_ndjson_and_sse(stella: LiveServer) -> None:
     assert r.headers["content-type"] == "application/x-ndjson"
 
 
+def test_generate_v1_weighs_the_accept_header(stella: LiveServer) -> None:
+    # A substring test took a refused SSE (q=0) for a request of it, and missed one
+    # written in capitals (media types are case-insensitive, RFC 9110 8.3.1).
+    body = {"prompt": "a b", "model": "echo"}
+    for accept, media in (
+        ("text/event-stream;q=0, application/x-ndjson", "application/x-ndjson"),
+        ("TEXT/EVENT-STREAM", "text/event-stream"),
+        ("application/x-ndjson;q=0.5, text/event-stream", "text/event-stream"),
+        ("text/event-stream;q=0.5, application/x-ndjson", "application/x-ndjson"),
+        ("*/*", "application/x-ndjson"),
+        ("application/json, text/event-stream", "text/event-stream"),
+        ("", "application/x-ndjson"),
+    ):
+        r = httpx.post(stella.url + "/api/v1/generate", json=body, headers={"Accept": accept})
+        assert r.status_code == 200 and r.headers["content-type"].startswith(media), accept
+        # The form depends on Accept: a cache must not give one for the other.
+        assert "accept" in r.headers["vary"].lower(), (accept, r.headers)
+    r = httpx.post(stella.url + "/api/v1/generate", json={**body, "stream": False})
+    assert r.json()["response"] == "a b" and "accept" in r.headers["vary"].lower()
+
+
 def test_switch_model_shape(stella: LiveServer) -> None:
     # Example: POST /api/v1/models/switch/{model}
     r = httpx.post(stella.url + "/api/v1/models/switch/echo-slow")

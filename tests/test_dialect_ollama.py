@@ -489,6 +489,10 @@ def test_a_think_ollama_refuses_is_a_400_naming_what_it_takes(stella: LiveServer
             r = httpx.post(stella.url + path, json={"model": "echo", "think": think, **body})
             assert r.status_code == 400, r.text
             assert r.json() == {"error": f"{takes}, got {shown}"}, (path, think)
+    # After a UTF-8 byte-order mark, which the body's decode ignores, the same.
+    body = json.dumps({"model": "echo", "think": "extreme", "messages": hi}).encode()
+    r = httpx.post(stella.url + "/api/chat", content=b"\xef\xbb\xbf" + body)
+    assert r.json() == {"error": f'{takes}, got "extreme"'}, r.text
 
 
 def test_only_an_admin_key_unloads() -> None:

@@ -132,6 +132,41 @@ def test_bad_bytes_and_deep_nesting_are_400(server: LiveServer, path: str) -> No
     assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("path", JSON_ROUTES)
+def test_a_body_in_another_charset_is_415_and_a_utf8_bom_is_ignored(
+    server: LiveServer, path: str
+) -> None:
+    # Both read as "JSON is malformed: invalid character (byte 0)".
+    body = JSON_ROUTES[path][0] + b"}"
+
+    def send(content: bytes, ctype: str = "application/json") -> httpx.Response:
+        return post(server, content=content, path=path, headers={"content-type": ctype})
+
+    # RFC 8259 8.1: a parser may ignore a UTF-8 byte-order mark.
+    for ctype in ("application/json", "text/plain"):
+        r = send(b"\xef\xbb\xbf" + body, ctype)
+        assert r.status_code == 200, (ctype, r.text)
+    # Not two, nor one inside; a body of a mark alone is empty.
+    assert "malformed" in send(b"\xef\xbb\xbf" * 2 + body).text
+    assert "empty" in send(b"\xef\xbb\xbf").text
+    for ctype in (
+        "application/json; charset=UTF-8",
+        'application/json;charset="utf8"',
+        "text/plain;charset=us-ascii",
+    ):
+        assert send(body, ctype).status_code == 200, ctype
+    utf16 = body.decode().encode("utf-16")  # with its byte-order mark
+    for content, ctype, said in (
+        (utf16, "application/json; charset=utf-16", "charset='utf-16'"),
+        (utf16[2:], "application/json; Charset=UTF-16LE", "charset='utf-16le'"),
+        (body, "text/plain; charset=iso-8859-1", "charset='iso-8859-1'"),
+        (utf16, "application/json", "UTF-16 byte-order mark"),
+    ):
+        r = send(content, ctype)
+        assert r.status_code == 415, (ctype, r.text)
+        assert "must be UTF-8" in r.text and said in r.text, r.text
+
+
 @pytest.mark.parametrize(
     ("path", "body", "where"),
     [
@@ -334,6 +369,30 @@ def test_missing_and_wrong_key(server: LiveServer) -> None:
         headers={"Authorization": "Bearer", "X-API-Key": USER},
     )
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/api/v1/chat"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/responses"),
+        ("POST", "/v1/messages"),
+        ("POST", "/api/chat"),
+        ("POST", "/generate"),
+        ("POST", "/api/llm/generate"),
+        ("POST", "/api/chat/invoke"),
+        ("GET", "/config"),
+        ("GET", "/v1/models"),
+    ],
+)
+def test_a_401_names_the_scheme_that_would_pass(server: LiveServer, method: str, path: str) -> None:
+    # RFC 9110 11.6.1: a 401 MUST carry WWW-Authenticate, in every dialect's shape.
+    for key in (None, "sk-wrong-0123456789"):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        r = httpx.request(method, server.url + path, headers=headers, json={})
+        assert r.status_code == 401, (path, r.text)
+        assert r.headers["www-authenticate"] == "Bearer", (path, r.headers)
 
 
 def test_forbidden_model_and_admin_route(server: LiveServer) -> None:
@@ -560,6 +619,8 @@ def test_a_compressed_body_is_unsupported_not_malformed(server: LiveServer) -> N
     headers = {"content-type": "application/json", "content-encoding": "gzip"}
     r = post(server, None, content=body, headers=headers)
     assert "'gzip'" in error_of(r, 415, "unsupported_media_type")
+    # RFC 9110 15.5.16: a 415 for a coding says which the server takes.
+    assert r.headers["accept-encoding"] == "identity"
     r = post(
         server,
         {"model": "echo", "messages": MSG, "stream": False},
@@ -703,12 +764,32 @@ def test_router_errors_take_the_shape_of_the_paths_dialect(server: LiveServer) -
     assert r.json()["type"] == "error" and r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/chat/completion", headers=auth)  # OpenAI, a typo
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.delete(server.url + "/v1/chat/completions", headers=auth)  # the client's fault
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(server.url + "/api/embed", headers=auth)  # Ollama: the error is a string
     assert r.status_code == 404 and isinstance(r.json()["error"], str)
     r = httpx.post(server.url + "/api/v1/nope", headers=auth)  # the native API
     assert r.json()["error"]["code"] == "not_found"
     r = httpx.post(server.url + "/api/llm/nope", headers=auth)  # stella's simple aliases
     assert r.status_code == 404 and r.json()["code"] == "not_found"
+
+
+def test_a_404_or_405_names_the_path_routing_read(server: LiveServer) -> None:
+    # request.url's path is urlsplit's, which drops \n, \r and \t: a miss of
+    # /v1/models/echo%0A named /v1/models/echo, a path that has a route.
+    auth = {"Authorization": f"Bearer {USER}"}
+    r = httpx.get(server.url + "/v1/models/echo%0A", headers=auth)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["message"] == "no route for /v1/models/echo\\n", r.text
+    r = httpx.put(server.url + "/v1/models/ec%09ho", headers=auth)  # a route, not its method
+    assert r.status_code == 405, r.text
+    assert r.json()["error"]["message"] == "PUT is not allowed on /v1/models/ec\\tho", r.text
+    r = httpx.get(server.url + "/api/v1/nope%0D%00", headers=auth)  # the native shape too
+    assert error_of(r, 404, "not_found") == "no route for /api/v1/nope\\r\\x00"
+    # A long path is cut (the request line may hold 64 KiB of it).
+    r = httpx.get(server.url + "/api/v1/" + "a" * 10_000, headers=auth)
+    message = error_of(r, 404, "not_found")
+    assert message == "no route for /api/v1/" + "a" * 192 + "…", message
 
 
 def test_public_routes_need_no_key(server: LiveServer) -> None:

@@ -54,6 +54,47 @@ def test_the_playground_and_its_files_carry_defence_in_depth_headers(stella: Liv
     assert 'rel="icon" href="/static/favicon.svg"' in httpx.get(stella.url + "/playground").text
 
 
+def test_get_answers_are_not_stored_by_any_cache() -> None:
+    # RFC 9111 3.5 keeps a shared cache from reusing an answer to a request with
+    # Authorization, not one with X-API-Key: one key's models, usage or config could reach
+    # the next caller; health and readiness are the state of one moment.
+    key = "sk-cache-0123456789"
+    with run_stella({}, env={"STELLA_API_KEYS": f"ops={key}"}) as server:
+        auth = {"X-API-Key": key}
+        for path in (
+            "/config",
+            "/api/v1/usage",
+            "/metrics",
+            "/api/v1/models",
+            "/v1/models",
+            "/v1/models/echo",
+            "/v1/health",
+            "/api/llm/models",
+            "/api/llm/health",
+            "/api/tags",
+            "/api/ps",
+            "/api/version",
+            "/health",
+            "/ready",
+            "/",
+        ):
+            for method in ("GET", "HEAD"):
+                r = httpx.request(method, server.url + path, headers=auth)
+                assert r.status_code == 200, (method, path, r.text)
+                assert r.headers["cache-control"] == "no-store", (method, path, r.headers)
+        # Refusals too (a 404 is heuristically cacheable).
+        for path, status in (("/v1/models/nope", 404), ("/config", 401)):
+            r = httpx.get(server.url + path, headers=auth if status != 401 else {})
+            assert r.status_code == status and r.headers["cache-control"] == "no-store", path
+        # An inference's answer is no GET's: nothing added on the hot path.
+        body = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "x"}]}
+        r = httpx.post(server.url + "/api/v1/chat", json=body, headers=auth)
+        assert r.status_code == 200 and "cache-control" not in r.headers
+        # The files keep their own rule: revalidated by ETag.
+        for path in ("/playground", "/static/stella.js"):
+            assert httpx.get(server.url + path).headers["cache-control"] == "no-cache", path
+
+
 def test_a_trailing_slash_redirects_by_path_not_by_host_header(stella: LiveServer) -> None:
     # A Location built from the Host header would point wherever the client (or a cache
     # poisoned by one) said: the redirect names the path only.
@@ -114,6 +155,17 @@ def test_openapi_is_generated_from_the_structs(stella: LiveServer) -> None:
     # A 502 may be an upstream's own 429 (upstream_rate_limited), whose wait passes on.
     completions = spec["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert "Retry-After" in completions["502"]["headers"]
+
+
+def test_the_request_id_a_client_may_give_is_stated_as_it_is_checked(stella: LiveServer) -> None:
+    from stella.calls import RID_PATTERN
+
+    spec = httpx.get(stella.url + "/openapi.json").json()
+    assert RID_PATTERN in spec["components"]["headers"]["X-Request-ID"]["description"]
+    assert f"`{RID_PATTERN}`" in (Path(__file__).parent.parent / "README.md").read_text()
+    for given, kept in (("a.B-9:_" * 16, True), ("a" * 129, False), ("a b", False), ("a/b", False)):
+        r = httpx.get(stella.url + "/health", headers={"X-Request-ID": given})
+        assert (r.headers["x-request-id"] == given) is kept, given
 
 
 def test_docs_page_renders_the_schema(stella: LiveServer) -> None:
@@ -470,6 +522,13 @@ def _validate(spec: dict, method: str, template: str, r: httpx.Response) -> list
         # An error's body may quote the request: a browser reads it as JSON, nothing else.
         assert r.headers["x-content-type-options"] == "nosniff"
         assert "X-Content-Type-Options" in declared[str(r.status_code)]["headers"]
+    if r.status_code == 401:  # RFC 9110 11.6.1
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert "WWW-Authenticate" in declared["401"]["headers"]
+    if method == "get" and r.status_code != 503:  # (a draining server's, before any route)
+        # A GET's answer depends on the key or the moment: no cache keeps it.
+        assert r.headers["cache-control"] == "no-store", (template, r.headers)
+        assert "Cache-Control" in declared[str(r.status_code)]["headers"]
     content = declared[str(r.status_code)]["content"]
     media = r.headers["content-type"].split(";")[0]
     assert media in content, (method, template, r.status_code, media, list(content))

@@ -202,8 +202,9 @@ def test_cors_allows_the_configured_origin_only() -> None:
         )
         assert r.headers["access-control-allow-origin"] == "https://app.example"
         exposed = {h.strip() for h in r.headers["access-control-expose-headers"].lower().split(",")}
-        # request-id: where the Anthropic SDK reads a response's ID (in a browser too).
-        assert {"x-request-id", "request-id", "retry-after"} <= exposed
+        # request-id: where the Anthropic SDK reads a response's ID (in a browser too);
+        # x-should-retry: whether the OpenAI and Anthropic SDKs send a failure again.
+        assert {"x-request-id", "request-id", "retry-after", "x-should-retry"} <= exposed
         bad = httpx.options(
             server.url + "/api/v1/chat",
             headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
@@ -1151,6 +1152,8 @@ def test_upgrades_and_malformed_requests_are_answered_by_stella_in_json_only() -
             for asked in ("bytes=999999-", "bytes=5-1", "garbage", "bytes=0-9"):
                 r = httpx.get(server.url + path, headers={"Range": asked})
                 assert r.status_code == 200 and len(r.content) > 100, (path, asked, r.text)
+                # And no Accept-Ranges promises a part (RFC 9110 14.3).
+                assert "accept-ranges" not in r.headers, (path, r.headers)
         # \d is any script's digit: a day is ASCII.
         r = httpx.get(server.url + "/api/v1/usage", params={"day": "２０２６-01-01"})
         assert r.status_code == 400 and "day" in r.json()["error"]["message"], r.text

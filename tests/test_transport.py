@@ -1397,6 +1397,36 @@ async def test_a_malformed_request_gets_a_json_400_and_the_connection_closes(sha
     proto.connection_lost(None)
 
 
+def test_the_transports_own_answers_carry_a_date() -> None:
+    """RFC 9110 6.6.1: an origin server with a clock sends Date on its answers; the ones
+    the transport writes itself (a request it cannot read or serve) had none."""
+    from email.utils import parsedate_to_datetime
+
+    from tests.live import run_stella
+
+    with run_stella({}) as server:
+        for request, status in (
+            (b"GET /health HTTP/1.1\r\n\r\n", b"400"),  # no Host
+            (b"GET /health HTTP/1.1\r\nHost: t\r\nx-big: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
+            (b"CONNECT t:443 HTTP/1.1\r\nHost: t\r\n\r\n", b"400"),
+            (
+                b"POST /api/v1/chat HTTP/1.1\r\nHost: t\r\n"
+                b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                b"501",
+            ),
+        ):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                sock.sendall(request)
+                got = b""
+                while chunk := sock.recv(65536):  # to the end: the server closes it
+                    got += chunk
+            head = got.partition(b"\r\n\r\n")[0].decode("latin-1").lower().split("\r\n")
+            assert head[0].startswith("http/1.1 " + status.decode()), got
+            dates = [line[6:] for line in head if line.startswith("date: ")]
+            assert len(dates) == 1, got
+            assert abs(parsedate_to_datetime(dates[0]).timestamp() - time.time()) < 5, dates
+
+
 async def test_an_http_1_0_request_without_host_is_served() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -1478,6 +1508,58 @@ def test_an_http_1_0_request_with_transfer_encoding_is_refused() -> None:
             while chunk := sock.recv(65536):
                 got += chunk
         assert got.startswith(b"HTTP/1.1 200 ") and b'"hi"' in got, got
+
+
+def test_a_transfer_coding_other_than_chunked_is_refused_with_501() -> None:
+    """RFC 9112 6.1: a transfer coding the server does not understand is answered 501.
+    llhttp undoes the chunks alone: the gzip under them reached the JSON decoder ("JSON is
+    malformed"), as if the client had sent bad JSON."""
+    import gzip
+
+    from tests.live import run_stella
+
+    body = b'{"model":"echo","stream":false,"messages":[{"role":"user","content":"hi"}]}'
+    zipped = gzip.compress(body)
+
+    def answer(port: int, codings: bytes, data: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(
+                b"POST /api/v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\n%s"
+                b"Content-Type: application/json\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % (codings, len(data), data)
+            )
+            got = b""
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return got  # closed: nothing after the refusal was read
+                got += chunk
+                if got.count(b"HTTP/1.1 ") == 2 and got.endswith(b"}"):
+                    return got
+        raise AssertionError(f"the connection stayed open: {got!r}")
+
+    with run_stella({}) as server:
+        for codings in (
+            b"Transfer-Encoding: gzip, chunked\r\n",
+            b"Transfer-Encoding: GZIP ,chunked\r\n",
+            b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",  # one list
+        ):
+            got = answer(server.port, codings, zipped)
+            assert re.findall(rb"HTTP/1\.1 (\d{3}) ", got) == [b"501"], (codings, got)
+            head, _, text = got.partition(b"\r\n\r\n")
+            assert b"connection: close" in head.lower() and b"x-should-retry: false" in head
+            error = msgspec.json.decode(text)["error"]
+            assert error["code"] == "not_implemented" and error["retryable"] is False, error
+            assert "'gzip'" in error["message"], error
+            assert head.lower().count(b"x-request-id: " + error["request_id"].encode()) == 1
+        # Chunked alone (any case) is read as ever, and the next request served.
+        for codings in (b"Transfer-Encoding: chunked\r\n", b"Transfer-Encoding: Chunked\r\n"):
+            got = answer(server.port, codings, body)
+            assert re.findall(rb"HTTP/1\.1 (\d{3}) ", got) == [b"200", b"200"], got
+        # Chunked not last stays the parser's 400 (RFC 9112 6.3: the length is unknown).
+        got = answer(server.port, b"Transfer-Encoding: chunked, gzip\r\n", body)
+        assert re.findall(rb"HTTP/1\.1 (\d{3}) ", got) == [b"400"], got
 
 
 async def test_a_trailer_past_the_limit_ends_the_request() -> None:

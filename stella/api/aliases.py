@@ -7,6 +7,7 @@ log) is stella's. The `api` field of the inference log names the shape.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgspec
@@ -186,11 +187,55 @@ async def generate_v1(request: Request, call: Call) -> Reply:
     """POST /api/v1/generate: native NDJSON/JSON, or SSE `response` events when asked for."""
     svc = services(request)
     chat = (await read_generate(request)).to_chat()
-    if "text/event-stream" in request.headers.get("accept", "") and chat.stream:
+    reply: Reply
+    if chat.stream and prefers_sse(request.headers.get("accept", "")):
         call.api = "simple"
         inference = await svc.pipeline.prepare(chat, call)
-        return stream_response(request, inference, ResponseSseCodec())
-    return await respond(request, call, chat)
+        reply = stream_response(request, inference, ResponseSseCodec())
+    else:
+        reply = await respond(request, call, chat)
+    reply.raw_headers.append(_VARY_ACCEPT)  # a cache must not give one form for the other
+    return reply
+
+
+_VARY_ACCEPT = (b"vary", b"Accept")
+# How specific each media range is for the two forms (RFC 9110 12.5.1: a type's weight is
+# that of the most specific range that matches it): (SSE's, NDJSON's), -1 for no match.
+_SPECIFIC = {
+    "text/event-stream": (2, -1),
+    "text/*": (1, -1),
+    "application/x-ndjson": (-1, 2),
+    "application/*": (-1, 1),
+    "*/*": (0, 0),
+}
+
+
+def prefers_sse(accept: str) -> bool:
+    """Whether an Accept header weighs SSE above NDJSON (a tie keeps NDJSON, the default:
+    no header, `*/*`, or neither acceptable)."""
+    if "," not in accept and ";" not in accept:  # one range, unweighted: no parsing
+        return accept.strip().lower() in ("text/event-stream", "text/*")
+    sse = ndjson = (-1, 0.0)  # (how specific the range that matched is, its weight)
+    for item in accept.lower().split(","):
+        kind, *params = item.split(";")
+        rank = _SPECIFIC.get(kind.strip())
+        if rank is None:
+            continue
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = math.nan
+        if not 0.0 <= weight <= 1.0:
+            continue  # no weight RFC 9110 12.4.2 allows: the range says nothing
+        if rank[0] > sse[0]:
+            sse = (rank[0], weight)
+        if rank[1] > ndjson[0]:
+            ndjson = (rank[1], weight)
+    return sse[1] > ndjson[1]
 
 
 # 4. POST /generate {"prompt"} -> {"response"}

@@ -220,6 +220,11 @@ class Endpoint:
             response = dialect.error_response(
                 StellaError("internal error; see the server log"), rid
             )
+        if scope["method"] in _READS:
+            # What a GET answers depends on the caller's key, which X-API-Key carries where
+            # a shared cache keeps no answer apart (RFC 9111 3.5 protects Authorization
+            # alone), or on the server's state now: no cache may keep it.
+            response.raw_headers.append(NO_STORE)
         # Reached without the RequestContext middleware (see StellaApp): the ID header
         # goes straight into the response instead of through a wrapped `send`.
         header = scope.get("rid_header")
@@ -239,6 +244,8 @@ def _error_status(dialect: Dialect) -> Callable[[StellaError], int] | None:
 
 
 CLOSE = (b"connection", b"close")
+NO_STORE = (b"cache-control", b"no-store")
+_READS = ("GET", "HEAD")
 
 
 def body_over_limit(scope: Mapping[str, Any], max_bytes: int) -> bool:
@@ -295,13 +302,22 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             # Read as JSON, compressed bytes would only be "malformed".
             coding = value.decode("latin-1").strip()
             raise UnsupportedMediaType(
-                f"content-encoding {coding!r} is not supported; send the body uncompressed"
+                f"content-encoding {coding!r} is not supported; send the body uncompressed",
+                # RFC 9110 15.5.16: the codings a request may use.
+                headers={"Accept-Encoding": "identity"},
             )
     if ctype and ctype != b"application/json":
-        kind = ctype.decode("latin-1").split(";", 1)[0].strip().lower()
+        kind, _, params = ctype.decode("latin-1").partition(";")
+        kind = kind.strip().lower()
         if kind not in _JSONISH and not kind.endswith("+json"):
             raise UnsupportedMediaType(
                 f"content-type {kind!r} is not supported; send application/json"
+            )
+        if params and (charset := _charset(params)) not in _UTF8:
+            # Read as UTF-8, a UTF-16 body is only "malformed" at its first byte.
+            raise UnsupportedMediaType(
+                f"JSON bodies must be UTF-8; the content-type says charset={charset!r}: "
+                "send UTF-8 (charset=utf-8, or none)"
             )
     if length is not None:
         try:
@@ -327,6 +343,20 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             )
         return chunk  # the usual case: the whole body in one message
     return await _read_rest(request, receive, [chunk] if chunk else [], max_bytes)
+
+
+# The charsets a JSON body is read in: UTF-8, none said, or ASCII (a part of UTF-8).
+_UTF8 = ("utf-8", "utf8", "", "us-ascii")
+
+
+def _charset(params: str) -> str:
+    """The charset a Content-Type's parameters name, lowercased ("" when none)."""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+            return charset if len(charset) <= 40 else charset[:40] + "…"
+    return ""
 
 
 def body_gone(scope: Mapping[str, Any]) -> StellaError:
@@ -399,6 +429,14 @@ def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None 
     except msgspec.ValidationError as exc:
         raise InvalidRequest.blaming(str(exc)) from None
     except msgspec.DecodeError as exc:
+        if body.startswith(_UTF8_BOM) and not body.startswith(_UTF8_BOM, 3):
+            # RFC 8259 8.1: a parser may ignore a leading byte-order mark. Looked for only
+            # once a body failed (at its byte 0): a body without one pays nothing for it.
+            return decode(body[3:], type_, decoder)
+        if body.startswith(_UTF16_BOMS):
+            raise UnsupportedMediaType(
+                "JSON bodies must be UTF-8; this one starts with a UTF-16 byte-order mark"
+            ) from None
         text = str(exc)  # "JSON is malformed: ... (byte N)" or "Input data was truncated"
         if not text.startswith("JSON is malformed"):
             # msgspec reads the 6 bytes after an escaped high surrogate as the low one it
@@ -415,6 +453,10 @@ def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None 
         raise InvalidRequest("request body is not valid UTF-8") from None
     except RecursionError:
         raise InvalidRequest("request body is nested too deeply") from None
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # (UTF-32's begin as UTF-16's little-endian one)
 
 
 # An escaped high surrogate (an unescaped backslash before its `\u`) followed neither by

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from stella import __version__
 from stella.api import shapes
 from stella.api.http import (
+    NO_STORE,
     Dialect,
     JSONResponse,
     Reply,
@@ -543,7 +544,10 @@ async def version(request: Request) -> Response:
     """GET /api/version: the Ollama API version the dialect follows, and stella's own."""
     # Ollama's clients read `version` alone (ollama-js types it as {version}; ollama-python
     # does not ask), so stella's own version rides along in a field of its own.
-    return JSONResponse({"version": OLLAMA_API_VERSION, "stella_version": __version__})
+    return JSONResponse(
+        {"version": OLLAMA_API_VERSION, "stella_version": __version__},
+        headers=[NO_STORE],  # as every GET of the API (see Endpoint)
+    )
 
 
 document(

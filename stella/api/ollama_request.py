@@ -164,7 +164,8 @@ def think_error(body: bytes) -> InvalidRequest:
     """The 400 for a request body whose `think` Ollama refuses: the values it takes, and
     the one sent (msgspec's own words name neither the same way)."""
     try:
-        sent = msgspec.json.decode(body).get("think")
+        # (Without the byte-order mark the body's decode ignored, see http.decode.)
+        sent = msgspec.json.decode(body.removeprefix(b"\xef\xbb\xbf")).get("think")
     except (msgspec.DecodeError, AttributeError):
         sent = None
     shown = msgspec.json.encode(sent).decode()

@@ -69,6 +69,7 @@ _TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "invalid_request_error",
+    405: "invalid_request_error",  # a method the path does not take: the caller's fault
     409: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",

@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 
 from stella import __version__
+from stella.calls import RID_PATTERN
 from stella.protocol import ErrorResponse, StreamEvent
 
 
@@ -188,7 +189,9 @@ def _header(description: str, kind: str = "string") -> dict[str, Any]:
 
 
 HEADERS = {
-    "X-Request-ID": _header("The request's ID (the client's own when it sent a valid one)"),
+    "X-Request-ID": _header(
+        f"The request's ID: the client's own when it matches {RID_PATTERN}, else a new one"
+    ),
     "request-id": _header("The same ID, by the name Anthropic's API gives it"),
     "Retry-After": _header("Seconds to wait before trying again", "integer"),
     "x-should-retry": _header(
@@ -203,17 +206,25 @@ HEADERS = {
     ),
     "X-RateLimit-Remaining": _header("What is left in that bucket", "integer"),
     "X-RateLimit-Reset": _header("Seconds until that bucket is full again", "integer"),
+    "WWW-Authenticate": _header("On a 401: Bearer, the scheme a key is sent with"),
+    "Cache-Control": _header(
+        "On a GET's answer: no-store (it depends on the caller's key, or on the moment)"
+    ),
 }
 
 
 def _headers(status: int, op: Operation, error: bool = False) -> dict[str, Any]:
     """The headers a response with this status may carry, as references."""
     names = ["X-Request-ID", *op.headers]
+    if op.method == "get":
+        names.append("Cache-Control")
     if error:
         names += ["x-should-retry", "X-Content-Type-Options"]
         # 502: an upstream's own 429 (upstream_rate_limited) passes its wait on.
         if status in (429, 502, 503, 529):
             names.append("Retry-After")
+        if status == 401:
+            names.append("WWW-Authenticate")
     # An inference (an operation that can be rate limited) tells a limited key its limits.
     if 429 in op.errors and (status < 400 or status == 429):
         names += ["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]

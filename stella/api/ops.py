@@ -14,7 +14,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from stella import __version__
-from stella.api.http import JSONResponse, endpoint, names_shown, services
+from stella.api.http import NO_STORE, JSONResponse, endpoint, names_shown, services
 from stella.api.openapi import DOCS_HEADERS, DOCS_HTML, Operation, build_schema, document
 from stella.core import Call
 from stella.protocol import ConfigView, Health, Readiness, ServiceInfo
@@ -31,7 +31,8 @@ async def health(request: Request) -> Response:
         Health(
             backend=route.backend_name if route and names_shown(request) else None,
             timestamp=datetime.now(UTC).isoformat(timespec="milliseconds"),
-        )
+        ),
+        headers=[NO_STORE],  # the state now: as every GET of the API (see Endpoint)
     )
 
 
@@ -94,7 +95,9 @@ async def ready(request: Request) -> Response:
     if svc.drain.draining:
         checks["server"] = "draining"
     ok = all(v.startswith(("ok", "degraded")) for v in checks.values())
-    return JSONResponse(Readiness("ok" if ok else "unavailable", checks), 200 if ok else 503)
+    return JSONResponse(
+        Readiness("ok" if ok else "unavailable", checks), 200 if ok else 503, headers=[NO_STORE]
+    )
 
 
 # Admin only: besides secrets (redacted), it shows the upstream hosts and every limit.
@@ -145,7 +148,8 @@ async def info(request: Request) -> Response:
                 for name, path in LINKS.items()
                 if name != "metrics" or svc.settings.metrics.enabled
             },
-        )
+        ),
+        headers=[NO_STORE],
     )
 
 
@@ -191,6 +195,13 @@ def _whole(scope: Any) -> None:
     scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"range"]
 
 
+def _no_ranges(response: Response) -> Response:
+    """`response` without the Accept-Ranges: bytes Starlette gives every file: a range
+    asked for gets the whole file (see _whole), and the header promised a part."""
+    del response.headers["accept-ranges"]
+    return response
+
+
 class Static(StaticFiles):
     """StaticFiles whose answers browsers check (by ETag) before each use: cached by
     their own rules, the playground would run an old stella.js after an upgrade."""
@@ -204,7 +215,7 @@ class Static(StaticFiles):
         """The file (or 304), marked no-cache, with the playground's headers."""
         response = super().file_response(*args, **kwargs)
         response.headers.update(PAGE_HEADERS)
-        return response
+        return _no_ranges(response)
 
 
 async def playground(request: Request) -> Response:
@@ -213,7 +224,7 @@ async def playground(request: Request) -> Response:
     if not page.is_file():
         return JSONResponse({"error": {"code": "not_found", "message": "no playground"}}, 404)
     _whole(request.scope)
-    return FileResponse(page, headers=PAGE_HEADERS)
+    return _no_ranges(FileResponse(page, headers=PAGE_HEADERS))
 
 
 document(
