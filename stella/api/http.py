@@ -313,8 +313,10 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise UnsupportedMediaType(
                 f"content-type {kind!r} is not supported; send application/json"
             )
-        if params and (charset := _charset(params)) not in _UTF8:
-            # Read as UTF-8, a UTF-16 body is only "malformed" at its first byte.
+        if params and (charset := _charset(params)).startswith(_NOT_ASCII):
+            # Read as UTF-8, a UTF-16 body is only "malformed" at its first byte. Other
+            # labels (latin-1, as old HTTP clients put on every body) are read as UTF-8:
+            # their ASCII JSON is the same bytes, and anything else is a clear 400.
             raise UnsupportedMediaType(
                 f"JSON bodies must be UTF-8; the content-type says charset={charset!r}: "
                 "send UTF-8 (charset=utf-8, or none)"
@@ -345,8 +347,8 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return await _read_rest(request, receive, [chunk] if chunk else [], max_bytes)
 
 
-# The charsets a JSON body is read in: UTF-8, none said, or ASCII (a part of UTF-8).
-_UTF8 = ("utf-8", "utf8", "", "us-ascii")
+# Charsets whose text is not ASCII's bytes: a body in one cannot be read as UTF-8.
+_NOT_ASCII = ("utf-16", "utf16", "utf-32", "utf32", "ucs-2", "ucs2", "ucs-4", "ucs4", "utf-7")
 
 
 def _charset(params: str) -> str:
