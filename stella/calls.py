@@ -26,12 +26,12 @@ def new_request_id() -> str:
 
 # A client's X-Request-ID that is kept (README and /openapi.json quote it).
 RID_PATTERN = "[A-Za-z0-9._:-]{1,128}"
-_RID = re.compile(f"^{RID_PATTERN}$")
+_RID = re.compile(RID_PATTERN)
 
 
 def request_id_for(given: str | None) -> str:
     """The request's ID: the client's `X-Request-ID` when well-formed, else a new one."""
-    return given if given is not None and _RID.match(given) else new_request_id()
+    return given if given is not None and _RID.fullmatch(given) else new_request_id()
 
 
 @dataclass(slots=True, frozen=True)

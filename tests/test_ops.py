@@ -944,3 +944,12 @@ async def test_a_disabled_metrics_route_is_not_advertised() -> None:
         ("key", "query"),
         ("model", "query"),
     ]
+
+
+def test_a_request_id_is_kept_only_as_a_whole_match() -> None:
+    # `$` would also match before a last newline: an ID is kept only when it is all of it.
+    from stella.calls import request_id_for
+
+    assert request_id_for("trace-1.a:b") == "trace-1.a:b"
+    for given in ("abc\n", "abc\r\n", "a b", "x" * 129, ""):
+        assert request_id_for(given) != given
