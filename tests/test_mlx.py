@@ -1095,7 +1095,7 @@ async def test_a_prompt_cached_whole_is_answered(monkeypatch: pytest.MonkeyPatch
             await asyncio.sleep(0.05)
         lm = b.loaded_models[""]
         cached = keys[-1]
-        monkeypatch.setattr(lm, "encode", lambda messages, tools: (list(cached), False))
+        monkeypatch.setattr(lm, "encode", lambda messages, tools, tok=None: (list(cached), False))
         again = [e async for e in b.chat(req, CallContext(request_id="r2"))]
         done = again[-1]
         assert isinstance(done, Done) and done.usage.prompt_tokens == len(cached)

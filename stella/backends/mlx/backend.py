@@ -8,8 +8,10 @@ import gc
 import importlib.util
 import math
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,10 +31,10 @@ from stella.backends.mlx.blas import BlasError, threads, use_blas, why_bundled
 from stella.backends.mlx.blas import check as blas_problem
 from stella.backends.mlx.engine import (
     LoadedModel,
+    count_prompt,
     dequantize,
     generate_into,
     load_model,
-    prompt_of,
 )
 from stella.backends.mlx.source import (
     IMPORT_TIMEOUT_S,
@@ -58,7 +60,8 @@ class MlxConfig(BackendConfig, kw_only=True):
     models: dict[str, str] = {}
     preload: bool = True  # load at start (else on first use)
     keep_alive_s: Annotated[float, Meta(ge=0)] = 0.0  # unload after this long idle; 0: never
-    # Generations waiting behind the one running (or for a model load); past it: 503.
+    # Generations waiting behind the one running (or for a model load), and token counts
+    # waiting behind the one being counted; past it: 503 (529 on Anthropic's API).
     max_queue: Annotated[int, Meta(ge=1)] = 16
     cache_dir: str = ""  # where imported GGUF models go (default ~/.cache/stella/models)
     # "auto": float32 weights on a CPU-only Linux machine (faster there than 4-bit),
@@ -99,6 +102,12 @@ class MlxBackend(Backend):
         super().__init__(name, config)
         self.cfg = config
         self.worker = MlxWorker(config.max_queue)
+        # Token counts run on one thread of their own, one at a time (a count of a long
+        # prompt holds a core for seconds), with their own copy of the tokenizer: not
+        # behind the generations queued on the worker, and never beside another count.
+        self._counter = ThreadPoolExecutor(1, thread_name_prefix=f"stella-count-{name}")
+        # The one being counted and max_queue waiting for it.
+        self._count_places = threading.Semaphore(config.max_queue + 1)
         self.loaded_models: dict[str, LoadedModel] = {}
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
         self._last_used: dict[str, float] = {}
@@ -292,6 +301,7 @@ class MlxBackend(Backend):
         for model in models:
             self.worker.call(model.release)
         self.worker.call(gc.collect)  # arrays in reference cycles go now, on that thread
+        self._counter.shutdown(wait=False, cancel_futures=True)  # no MLX there: not waited
         await asyncio.to_thread(self.worker.stop)
 
     # --- state -------------------------------------------------------------
@@ -370,11 +380,22 @@ class MlxBackend(Backend):
         when it is not."""
         self.refuse_json_mode(request)  # a chat of it is refused: so is its count
         model = await self.ensure_loaded(request.model or "")
-        # On a thread of its own, not the worker's: a count does not wait behind the
+        # On the counting thread, not the worker's: a count does not wait behind the
         # generations queued there (Claude Code asks dozens as it starts), and a long
         # conversation's template and tokenizer would hold the event loop.
-        ids, _ = await asyncio.to_thread(prompt_of, model, request.messages, request.tools)
-        return len(ids)
+        if not self._count_places.acquire(blocking=False):
+            raise Overloaded(
+                f"mlx: {self.cfg.max_queue} token counts already waiting", retry_after=5
+            )
+        try:
+            job = self._counter.submit(count_prompt, model, request.messages, request.tools)
+        except BaseException:
+            self._count_places.release()
+            raise
+        # Its place is held until the thread is done with it (or it is dropped unstarted),
+        # also when its caller gave up waiting (a timeout, a client gone).
+        job.add_done_callback(lambda _: self._count_places.release())
+        return await asyncio.wrap_future(job)
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Generate on the worker; stop strings and cancellation handled here."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import time
@@ -42,15 +43,23 @@ class LoadedModel:
     vocab: int | None = None  # the width of the model's logits (its config's vocab_size)
     load_ms: float = 0.0  # how long the load itself took on the worker (0: not measured)
     blas: str = ""  # the CBLAS MLX's CPU products run on ("" for MLX's own)
+    # Token counts' own copy of the tokenizer (made by the first count, on the counting
+    # thread): an HF tokenizer keeps state between calls (whether control tokens are
+    # split, which _encode_as_text switches), so two threads may not share one.
+    count_tokenizer: Any = None
 
     def encode_chat(self, messages: list[Message], tools: list[Tool] | None) -> list[int]:
         """Token ids of the conversation with the assistant's turn opened, or left open
         when the last message is the assistant's (a prefill the answer continues)."""
         return self.encode(messages, tools)[0]
 
-    def encode(self, messages: list[Message], tools: list[Tool] | None) -> tuple[list[int], bool]:
+    def encode(
+        self, messages: list[Message], tools: list[Tool] | None, tokenizer: Any = None
+    ) -> tuple[list[int], bool]:
         """encode_chat's ids, and whether the answer continues the last message (a
-        template that rewrites an assistant's text cannot leave it open: a new turn)."""
+        template that rewrites an assistant's text cannot leave it open: a new turn);
+        read with `tokenizer`, a copy of the model's, when given."""
+        tok = self.tokenizer if tokenizer is None else tokenizer
         msgs: list[dict[str, Any]] = []
         for m in messages:
             d: dict[str, Any] = {"role": m.role, "content": content_of(m)}
@@ -79,30 +88,31 @@ class LoadedModel:
                 }
                 for t in tools
             ]
-        specials = [t for t in getattr(self.tokenizer, "all_special_tokens", ()) if t]
+        specials = [t for t in getattr(tok, "all_special_tokens", ()) if t]
         writing = [i for i, d in enumerate(msgs) if any(t in d["content"] for t in specials)]
         if continues(messages):
             # The answer goes on from the assistant's own words (as Anthropic's API and
             # Ollama read a final assistant message), not in a new turn after them.
             try:
-                return self._render(msgs, writing, {**extra, "continue_final_message": True}), True
+                extra_open = {**extra, "continue_final_message": True}
+                return self._render(tok, msgs, writing, extra_open), True
             except ValueError:
                 # The template rewrites an assistant's text (one that drops its reasoning,
                 # <think>...</think>), so transformers cannot find it to leave it open.
                 pass
         elif messages and messages[-1].role == "assistant" and not messages[-1].tool_calls:
             msgs.pop()  # an empty one: nothing to go on from, the turn opens as for any answer
-        return self._render(msgs, writing, {**extra, "add_generation_prompt": True}), False
+        return self._render(tok, msgs, writing, {**extra, "add_generation_prompt": True}), False
 
     def _render(
-        self, msgs: list[dict[str, Any]], writing: list[int], extra: dict[str, Any]
+        self, tok: Any, msgs: list[dict[str, Any]], writing: list[int], extra: dict[str, Any]
     ) -> list[int]:
         if not writing:
-            return list(self.tokenizer.apply_chat_template(msgs, **extra))
-        return self._encode_as_text(msgs, writing, extra)
+            return list(tok.apply_chat_template(msgs, **extra))
+        return self._encode_as_text(tok, msgs, writing, extra)
 
     def _encode_as_text(
-        self, msgs: list[dict[str, Any]], writing: list[int], extra: dict[str, Any]
+        self, tok: Any, msgs: list[dict[str, Any]], writing: list[int], extra: dict[str, Any]
     ) -> list[int]:
         """The template's tokens, with the text of the messages at `writing` (those that
         write a control token such as `<|im_end|><|im_start|>assistant`) encoded as text,
@@ -113,23 +123,24 @@ class LoadedModel:
             mark = f"\x00stella-text-{i}\x00"
             texts[mark] = msgs[i]["content"]
             marked[i] = {**msgs[i], "content": mark}
-        rendered = self.tokenizer.apply_chat_template(marked, tokenize=False, **extra)
+        rendered = tok.apply_chat_template(marked, tokenize=False, **extra)
         ids: list[int] = []
         for piece in re.split("(\x00stella-text-\\d+\x00)", rendered):
             if piece in texts:
-                ids += self.tokenizer.encode(
-                    texts[piece], add_special_tokens=False, split_special_tokens=True
-                )
+                # Switches the tokenizer's encode_special_tokens, which it keeps between
+                # calls (the next encode switches it back): one thread per tokenizer.
+                ids += tok.encode(texts[piece], add_special_tokens=False, split_special_tokens=True)
             elif piece:
-                ids += self.tokenizer.encode(piece, add_special_tokens=False)
+                ids += tok.encode(piece, add_special_tokens=False)
         return ids
 
     def release(self) -> None:
-        """Drop the weights and caches (on the MLX thread)."""
+        """Drop the weights, caches and the counts' tokenizer (on the MLX thread)."""
         import mlx.core as mx
 
         self.model = None
         self.caches = None
+        self.count_tokenizer = None
         mx.clear_cache()
 
 
@@ -249,21 +260,34 @@ def seeing(processors: list[Any] | None, before: list[int]) -> list[Any] | None:
 
 
 def prompt_of(
-    lm: LoadedModel, messages: list[Message], tools: list[Tool] | None
+    lm: LoadedModel, messages: list[Message], tools: list[Tool] | None, tokenizer: Any = None
 ) -> tuple[list[int], bool]:
     """The prompt a generation of `messages` reads (LoadedModel.encode: its token ids, and
     whether the answer continues the last message); a conversation the model's chat
-    template refuses is a 400. It runs the tokenizer alone, no MLX: any thread may."""
+    template refuses is a 400. It runs the tokenizer alone, no MLX; read with `tokenizer`
+    when given, a copy of the model's that no other thread uses (see count_prompt)."""
     from jinja2 import TemplateError
 
     try:
-        return lm.encode(messages, tools)
+        return lm.encode(messages, tools, tokenizer)
     except TemplateError as exc:
         # The model's chat template refused the conversation (its raise_exception: a role
         # it has no place for, roles that do not alternate): the request's fault.
         raise InvalidRequest(
             f"$.messages: the model's chat template refuses them: {exc}", param="messages"
         ) from None
+
+
+def count_prompt(lm: LoadedModel, messages: list[Message], tools: list[Tool] | None) -> int:
+    """The tokens of the prompt a generation of `messages` reads, counted on the backend's
+    one counting thread with the model's copy of its tokenizer: the worker keeps the
+    original to itself, so a count never switches a generation's control-token reading."""
+    tokenizer = lm.count_tokenizer  # once: an unload may clear the field meanwhile
+    if tokenizer is None:
+        # Only read from the original (a fast tokenizer's state goes as its serialized
+        # form), and every encode sets the switches it needs, whatever the copy's were.
+        tokenizer = lm.count_tokenizer = copy.deepcopy(lm.tokenizer)
+    return len(prompt_of(lm, messages, tools, tokenizer)[0])
 
 
 def generate_into(job: GenerationJob) -> None:
