@@ -176,16 +176,7 @@ class Pipeline:
             if breakers[r.backend_name].available():
                 break
         else:
-            wait = min(breakers[r.backend_name].retry_after() for r in chain)
-            # The breaker is a backend's, shared by every route on it: the message names
-            # it, or a model that never failed reads as the one at fault.
-            held = sorted({r.backend_name for r in chain})
-            why = (
-                f"backend {held[0]!r} has its circuit open"
-                if len(held) == 1
-                else f"backends {', '.join(map(repr, held))} have their circuits open"
-            )
-            raise Unavailable(f"model {route.name!r} is unavailable: {why}", retry_after=wait)
+            raise self._circuits_open(route, chain)
         # The route's own circuit is open, a fallback's is not: the fallbacks serve, and the
         # call neither waits for nor holds a slot of a backend it will not use.
         skip = r is not route
@@ -206,14 +197,33 @@ class Pipeline:
         self.active.add(inference)
         return inference
 
+    def _circuits_open(self, route: Route, chain: list[Route]) -> Unavailable:
+        """The 503 for a call whose chain has no backend with a circuit that lets it go."""
+        breakers = self.router.breakers
+        wait = min(breakers[r.backend_name].retry_after() for r in chain)
+        # The breaker is a backend's, shared by every route on it: the message names
+        # it, or a model that never failed reads as the one at fault.
+        held = sorted({r.backend_name for r in chain})
+        why = (
+            f"backend {held[0]!r} has its circuit open"
+            if len(held) == 1
+            else f"backends {', '.join(map(repr, held))} have their circuits open"
+        )
+        return Unavailable(f"model {route.name!r} is unavailable: {why}", retry_after=wait)
+
     async def count(self, request: ChatRequest, call: Call) -> int:
         """The prompt tokens of `request` as the model asked for reads them, counted by its
         route's backend. Checked, resolved and scoped as an inference is, but none: no
-        admission (rate limits, slots), no log event, no usage."""
+        admission (rate limits, slots), no log event, no usage; an open circuit refuses it."""
         route = self._route(request, call)
         # The route's own backend, never a fallback: another tokenizer's count is another
         # number, and the client sizes its context for the model it asks.
         backend = route.backend
+        if not self.router.breakers[route.backend_name].available():
+            # Refused as a message with no fallback is, not sent to a backend known to be
+            # down; a half-open circuit's probe is left to a message, whose answer says
+            # whether the backend generates again (a count's says less).
+            raise self._circuits_open(route, [route])
         ctx = CallContext(request_id=call.request_id, route=route.name)
         limit = min(route.settings.ttft_timeout_s, route.settings.total_timeout_s)
         try:

@@ -550,6 +550,42 @@ def test_an_anthropic_route_counts_on_its_upstream(
     assert info.value.status_code == 502
 
 
+def test_an_open_circuit_refuses_a_count_as_it_refuses_a_message(
+    claude_api: tuple[FakeAnthropic, str],
+) -> None:
+    # A backend known to be down is not asked for a count either: the same 503 a message
+    # with no fallback gets, in the API's shape, and nothing sent upstream.
+    fake, url = claude_api
+    config = {
+        "breaker": {"failure_threshold": 1, "cooldown_s": 60},
+        "backends": {"down": {"kind": "anthropic", "base_url": url, "api_key_env": "CK"}},
+        "models": {
+            "routes": {
+                "down-busy": {"backend": "down", "upstream_model": "claude-529", "retries": 0},
+                "down-ok": {"backend": "down", "upstream_model": "claude-ok", "retries": 0},
+            }
+        },
+    }
+    with run_stella(config, {"CK": UPSTREAM_KEY}) as server:
+        c = _sdk(server)
+        assert c.messages.count_tokens(model="down-ok", messages=HI).input_tokens > 0
+        with pytest.raises(anthropic.OverloadedError):  # the backend's failure: it opens
+            c.messages.create(model="down-busy", max_tokens=5, messages=HI)
+        with pytest.raises(anthropic.APIStatusError) as message:
+            c.messages.create(model="down-ok", max_tokens=5, messages=HI)
+        sent = len(fake.counts)
+        with pytest.raises(anthropic.APIStatusError) as count:
+            c.messages.count_tokens(model="down-ok", messages=HI)
+        assert len(fake.counts) == sent
+    for err in (message.value, count.value):
+        assert err.status_code == 503, err.body
+        assert err.body["error"]["message"] == (
+            "model 'down-ok' is unavailable: backend 'down' has its circuit open"
+        )
+        assert 0 < int(err.response.headers["retry-after"]) <= 60
+    assert count.value.body["error"]["type"] == message.value.body["error"]["type"]
+
+
 def test_a_count_that_does_not_come_is_a_timeout_error() -> None:
     # An upstream that does not answer: the route's time to first token bounds the wait.
     async def slow(request: Request) -> Response:
