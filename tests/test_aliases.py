@@ -55,6 +55,16 @@ def test_generate_v1_weighs_the_accept_header(stella: LiveServer) -> None:
         ("*/*", "application/x-ndjson"),
         ("application/json, text/event-stream", "text/event-stream"),
         ("", "application/x-ndjson"),
+        # At the same q the range that names a form more specifically wins it: a client
+        # that lists SSE, then */* for its errors' JSON, asks for SSE.
+        ("text/event-stream, */*", "text/event-stream"),
+        ("*/*, text/event-stream", "text/event-stream"),
+        ("text/event-stream;q=0.5, application/*;q=0.5", "text/event-stream"),
+        ("application/x-ndjson, text/*", "application/x-ndjson"),
+        # Named alike, or neither acceptable: NDJSON, the default.
+        ("text/event-stream, application/x-ndjson", "application/x-ndjson"),
+        ("text/*, application/*", "application/x-ndjson"),
+        ("text/event-stream;q=0, */*;q=0", "application/x-ndjson"),
     ):
         r = httpx.post(stella.url + "/api/v1/generate", json=body, headers={"Accept": accept})
         assert r.status_code == 200 and r.headers["content-type"].startswith(media), accept
@@ -62,6 +72,10 @@ def test_generate_v1_weighs_the_accept_header(stella: LiveServer) -> None:
         assert "accept" in r.headers["vary"].lower(), (accept, r.headers)
     r = httpx.post(stella.url + "/api/v1/generate", json={**body, "stream": False})
     assert r.json()["response"] == "a b" and "accept" in r.headers["vary"].lower()
+    # /openapi.json says so.
+    spec = httpx.get(stella.url + "/openapi.json").json()
+    said = spec["paths"]["/api/v1/generate"]["post"]["description"]
+    assert "text/event-stream, */*" in said and "Vary: Accept" in said
 
 
 def test_switch_model_shape(stella: LiveServer) -> None:

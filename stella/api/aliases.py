@@ -211,8 +211,9 @@ _SPECIFIC = {
 
 
 def prefers_sse(accept: str) -> bool:
-    """Whether an Accept header weighs SSE above NDJSON (a tie keeps NDJSON, the default:
-    no header, `*/*`, or neither acceptable)."""
+    """Whether an Accept header weighs SSE above NDJSON, or at the same weight names it
+    more specifically (`text/event-stream, */*`); a tie keeps NDJSON, the default: no
+    header, `*/*`, both named alike, or neither acceptable."""
     if "," not in accept and ";" not in accept:  # one range, unweighted: no parsing
         return accept.strip().lower() in ("text/event-stream", "text/*")
     sse = ndjson = (-1, 0.0)  # (how specific the range that matched is, its weight)
@@ -235,7 +236,11 @@ def prefers_sse(accept: str) -> bool:
             sse = (rank[0], weight)
         if rank[1] > ndjson[0]:
             ndjson = (rank[1], weight)
-    return sse[1] > ndjson[1]
+    if sse[1] != ndjson[1]:
+        return sse[1] > ndjson[1]
+    # The same weight: the form the client named more specifically, as a client that lists
+    # text/event-stream and then */* (for its errors' JSON) asks for SSE.
+    return sse[1] > 0 and sse[0] > ndjson[0]
 
 
 # 4. POST /generate {"prompt"} -> {"response"}

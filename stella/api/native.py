@@ -386,6 +386,16 @@ document(
         "post",
         "/api/v1/generate",
         "Generate: one prompt in, text out",
+        description=(
+            'A stream (the default) is NDJSON, or SSE (`data: {"response": ...}` events, '
+            "then `data: {}`) when the Accept header weighs text/event-stream above "
+            "application/x-ndjson: by its q values, case-insensitively, each form weighed by "
+            "the most specific range that matches it (text/event-stream or text/*, "
+            "application/x-ndjson or application/*, */*); at the same q, by which range is "
+            "more specific (`text/event-stream, */*` is SSE). No Accept, `*/*`, a tie between "
+            "ranges as specific (`text/event-stream, application/x-ndjson`) or neither "
+            "acceptable keeps NDJSON. Its answers carry `Vary: Accept`."
+        ),
         request=GenerateRequest,
         response=ChatResponse,
         stream="application/x-ndjson",

@@ -39,6 +39,7 @@ class Operation:
     path: str
     summary: str
     tag: str = "native"
+    description: str = ""  # more than the summary says, when there is more
     # request, response, stream_item, error and the bodies of `others` are structs, or
     # Schemas for bodies written without one.
     request: Any = None
@@ -103,6 +104,8 @@ def build_schema(without: frozenset[str] = frozenset()) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
         item: dict[str, Any] = {"summary": op.summary, "tags": [op.tag]}
+        if op.description:
+            item["description"] = op.description
         if op.params or op.query:
             item["parameters"] = [
                 {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
