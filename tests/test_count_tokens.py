@@ -306,6 +306,10 @@ async def test_an_anthropic_upstream_s_refusals_of_a_count_are_as_a_chat_s(
     assert isinstance(err, UpstreamStatus) and err.upstream_status == 401
     err = await count("claude-ok", at=f"http://127.0.0.1:{free_port()}")  # refused
     assert err.code == "upstream_unreachable"
+    # A count below 0 is no count: the upstream's answer is malformed (a 502).
+    err = await count("claude-negative-count")
+    assert (err.status, err.code) == (502, "upstream_error"), err
+    assert err.message == "claude: malformed answer to count_tokens"
     # A conversation the API would refuse is the request's 400, not sent.
     sent = len(fake.counts)
     backend = _claude(url)

@@ -165,9 +165,9 @@ class _ErrorBody(msgspec.Struct):
 
 
 class _TokenCount(msgspec.Struct):
-    """POST /v1/messages/count_tokens's answer."""
+    """POST /v1/messages/count_tokens's answer (a count below 0 is no count: malformed)."""
 
-    input_tokens: int
+    input_tokens: Annotated[int, msgspec.Meta(ge=0)]
 
 
 _event = msgspec.json.Decoder(_Event)

@@ -47,8 +47,9 @@ than `json_schema`, no schema object, an unknown key) is a 400.
 the body: it takes the documented parameters alone (a message's `max_tokens`, `stream`,
 `temperature`, ... are a 400 "Extra inputs are not permitted"), wants `model` and
 `messages`, refuses what `/v1/messages` refuses of them, and answers `claude-429`,
-`claude-529` and `claude-missing` as `/v1/messages` does; its requests and headers are
-kept in `counts` and `count_headers`.
+`claude-529` and `claude-missing` as `/v1/messages` does, and `claude-negative-count` with
+`{"input_tokens": -5}`, no count; its requests and headers are kept in `counts` and
+`count_headers`.
 """
 
 from __future__ import annotations
@@ -210,6 +211,8 @@ class FakeAnthropic:
             return err("not_found_error", f"model: {model}", 404)
         if model == "claude-529":
             return err("overloaded_error", "Overloaded", 529)
+        if model == "claude-negative-count":
+            return JSONResponse({"input_tokens": -5})
         response = JSONResponse({"input_tokens": tokens(body)})
         response.headers["request-id"] = f"req_fake_count_{len(self.counts)}"
         return response
