@@ -82,10 +82,21 @@ def test_get_answers_are_not_stored_by_any_cache() -> None:
                 r = httpx.request(method, server.url + path, headers=auth)
                 assert r.status_code == 200, (method, path, r.text)
                 assert r.headers["cache-control"] == "no-store", (method, path, r.headers)
-        # Refusals too (a 404 is heuristically cacheable).
-        for path, status in (("/v1/models/nope", 404), ("/config", 401)):
-            r = httpx.get(server.url + path, headers=auth if status != 401 else {})
-            assert r.status_code == status and r.headers["cache-control"] == "no-store", path
+        # Refusals too (a 404 is heuristically cacheable), the router's own among them: a
+        # path no route has, a method the path's routes do not take.
+        for path, status in (
+            ("/v1/models/nope", 404),
+            ("/config", 401),
+            ("/nope", 404),
+            ("/v1/chat/completions", 405),
+        ):
+            for method in ("GET", "HEAD"):
+                r = httpx.request(method, server.url + path, headers=auth if status != 401 else {})
+                assert r.status_code == status, (method, path)
+                assert r.headers["cache-control"] == "no-store", (method, path, r.headers)
+        # The router's refusal of another method is no GET's answer.
+        r = httpx.post(server.url + "/nope", headers=auth)
+        assert r.status_code == 404 and "cache-control" not in r.headers
         # An inference's answer is no GET's: nothing added on the hot path.
         body = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "x"}]}
         r = httpx.post(server.url + "/api/v1/chat", json=body, headers=auth)
