@@ -155,6 +155,9 @@ def test_a_body_in_another_charset_is_415_and_a_utf8_bom_is_ignored(
         "text/plain;charset=us-ascii",
         # Old HTTP clients label every body latin-1: its ASCII JSON is UTF-8's bytes.
         "text/plain; charset=ISO-8859-1",
+        # A quoted value's `;` is part of it (RFC 9110 5.6.6): no parameter follows.
+        'application/json; foo="a;charset=utf-16"',
+        'application/json; foo="a\\";charset=utf-16"',
     ):
         assert send(body, ctype).status_code == 200, ctype
     utf16 = body.decode().encode("utf-16")  # with its byte-order mark
@@ -162,6 +165,7 @@ def test_a_body_in_another_charset_is_415_and_a_utf8_bom_is_ignored(
         (utf16, "application/json; charset=utf-16", "charset='utf-16'"),
         (utf16[2:], "application/json; Charset=UTF-16LE", "charset='utf-16le'"),
         (utf16, "application/json; charset=UTF-32", "charset='utf-32'"),
+        (utf16, 'application/json; foo="a;b"; charset="UTF-16"', "charset='utf-16'"),
         (utf16, "application/json", "UTF-16 byte-order mark"),
     ):
         r = send(content, ctype)

@@ -351,12 +351,20 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 _NOT_ASCII = ("utf-16", "utf16", "utf-32", "utf32", "ucs-2", "ucs2", "ucs-4", "ucs4", "utf-7")
 
 
+# One parameter of a media type (RFC 9110 5.6.6): its name, and its value, a quoted string
+# (whose `;` is part of it; an unended one runs to the end, and what follows its end up to
+# the next `;` is dropped) or a token.
+_PARAM = re.compile(r'\s*([^=;]*?)\s*(?:=\s*(?:"((?:[^"\\]|\\.)*)"?[^;]*|([^;]*)))?(?:;|$)')
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
 def _charset(params: str) -> str:
     """The charset a Content-Type's parameters name, lowercased ("" when none)."""
-    for param in params.split(";"):
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "charset":
-            charset = value.strip().strip('"').lower()
+    for match in _PARAM.finditer(params):
+        name, quoted, token = match.groups()
+        if name.lower() == "charset":
+            value = _QUOTED_PAIR.sub(r"\1", quoted) if quoted is not None else token or ""
+            charset = value.strip().lower()
             return charset if len(charset) <= 40 else charset[:40] + "…"
     return ""
 
