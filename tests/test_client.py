@@ -1017,3 +1017,23 @@ def test_headers_of_the_caller_go_with_the_key(keyed: LiveServer) -> None:
             assert r.status_code == 200 and r.headers["x-request-id"] == rid
     with sc.Client(keyed.url, headers={"Authorization": f"Bearer {KEY}"}) as c:
         assert c.models().models  # no api_key given: the caller's own header is sent
+
+
+def test_every_code_stella_sends_has_its_client_error() -> None:
+    # A code with no entry falls to its status's class, or the base one: the client's
+    # table follows the server's codes, the transport's own included.
+    import re
+    from pathlib import Path
+
+    from stella.client import BY_CODE, BY_STATUS
+
+    root = Path(__file__).parent.parent / "stella"
+    errors = (root / "errors.py").read_text()
+    codes = set(re.findall(r'code(?: =|: str =| = \d+,) "([a-z_]+)"', errors))
+    codes |= set(re.findall(r'status, code = \d+, "([a-z_]+)"', errors))
+    codes |= {"headers_too_large", "not_implemented"}  # stella.transport's own
+    # Never read by a client: the connection is gone.
+    codes -= {"client_too_slow", "client_closed"}
+    assert {"not_supported", "upstream_path_not_found", "internal_error"} <= codes
+    assert codes <= set(BY_CODE), codes - set(BY_CODE)
+    assert {400, 431, 501} <= set(BY_STATUS)
