@@ -168,7 +168,8 @@ async def openapi(request: Request) -> Response:
             spec["servers"] = [{"url": public_url}]
         # bytes(): JSONResponse renders bytes (its stub allows a memoryview); no copy.
         body = _schemas[public_url, metrics] = bytes(JSONResponse(spec).body)
-    return Response(body, media_type="application/json")
+    # It changes with the configuration (public_url, metrics): asked again, not kept.
+    return Response(body, media_type="application/json", headers={"Cache-Control": "no-cache"})
 
 
 async def docs(request: Request) -> Response:
