@@ -3,8 +3,9 @@
 Every failure that reaches a client is one of these; routes turn them into the
 dialect's error shape, streams into an in-band `error` line. The one exception is what
 the HTTP transport (stella.transport) answers itself, before the app sees a request:
-its own 400 `invalid_request` for one it cannot parse and 431 `headers_too_large` for a
-head past its limits, in the same JSON shape.
+its own 400 `invalid_request` for one it cannot parse, 431 `headers_too_large` for a
+head past its limits and 501 `not_implemented` for a transfer coding other than chunked,
+in the same JSON shape.
 """
 
 from __future__ import annotations

@@ -394,7 +394,7 @@ document(
             "application/x-ndjson or application/*, */*); at the same q, by which range is "
             "more specific (`text/event-stream, */*` is SSE). No Accept, `*/*`, a tie between "
             "ranges as specific (`text/event-stream, application/x-ndjson`) or neither "
-            "acceptable keeps NDJSON. Its answers carry `Vary: Accept`."
+            "acceptable keeps NDJSON. Its successful answers carry `Vary: Accept`."
         ),
         request=GenerateRequest,
         response=ChatResponse,

@@ -205,7 +205,8 @@ HEADERS = {
     "X-RateLimit-Limit": _header(
         "The per-minute limit, and size, of one token bucket: the first that applies of the"
         " key's requests, its tokens, the model's requests, its tokens (on a 429, the first"
-        " that refused)"
+        " that refused)",
+        "integer",
     ),
     "X-RateLimit-Remaining": _header("What is left in that bucket", "integer"),
     "X-RateLimit-Reset": _header("Seconds until that bucket is full again", "integer"),
