@@ -1153,3 +1153,105 @@ def test_user_id_is_logged_and_betas_are_not_forwarded() -> None:
         assert ev["metadata"] == {"user_id": "user-7"}
         assert "metadata" not in claude.requests[-1]
         assert "anthropic-beta" not in claude.headers[-1]
+
+
+# A request shaped as Claude Code's with the mid-conversation system beta: the user's turn
+# in text blocks (one with cache_control), then a system message after it.
+_AGENTS = "Available agent types for the Agent tool: general-purpose"
+
+
+def _claude_code_body(system: str | list[dict]) -> dict:
+    user = [
+        {"type": "text", "text": "<system-reminder>be careful</system-reminder>"},
+        {"type": "text", "text": "say hi", "cache_control": {"type": "ephemeral"}},
+    ]
+    return {
+        "model": "echo",
+        "max_tokens": 50,
+        "system": [{"type": "text", "text": "You are an agent."}],
+        "messages": [
+            {"role": "user", "content": user},
+            {"role": "system", "content": system},
+        ],
+    }
+
+
+def test_a_system_message_in_the_conversation_is_taken(server: LiveServer) -> None:
+    # Claude Code sends it with any model name that is not a Claude one; a 400 here ends
+    # its session at the first request.
+    headers = {"x-api-key": KEY, "anthropic-beta": "mid-conversation-system-2026-04-07"}
+    url = server.url + "/v1/messages?beta=true"
+    blocks = [{"type": "text", "text": _AGENTS, "cache_control": {"type": "ephemeral"}}]
+    for system in (_AGENTS, blocks):
+        body = _claude_code_body(system)
+        r = httpx.post(url, json=body, headers=headers)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert (
+            answer["content"][0]["text"] == "<system-reminder>be careful</system-reminder>\nsay hi"
+        )
+        # Every message is read: 4 words of system prompt, 4 of the turn, 8 of the message.
+        assert answer["usage"]["input_tokens"] == 4 + 4 + 8
+        events = _sse(server, body)
+        assert events[-1][0] == "message_stop"
+        r = httpx.post(
+            server.url + "/v1/messages/count_tokens?beta=true", json=body, headers=headers
+        )
+        assert r.status_code == 200, r.text
+        assert r.json() == {"input_tokens": 4 + 4 + 8}
+    # The official client sends it as any other message.
+    m = client(server).messages.create(
+        model="echo",
+        max_tokens=50,
+        messages=[
+            {"role": "user", "content": "hello there"},
+            {"role": "system", "content": _AGENTS},  # type: ignore[misc, list-item]
+        ],
+    )
+    assert m.content[0].text == "hello there"
+
+
+def test_a_system_message_holds_text_only(server: LiveServer) -> None:
+    use = {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "cold"}
+    image = {"type": "image", "source": {"type": "url", "url": "http://x/cat.png"}}
+    for block in (use, result, image):
+        r = httpx.post(
+            server.url + "/v1/messages",
+            json=_claude_code_body([block]),
+            headers={"x-api-key": KEY},
+        )
+        assert r.status_code == 400, r.text
+        assert "$.messages[1].content[0].type" in r.json()["error"]["message"]
+    for blank in ("  \n", [{"type": "text", "text": " "}]):
+        r = httpx.post(
+            server.url + "/v1/messages", json=_claude_code_body(blank), headers={"x-api-key": KEY}
+        )
+        assert r.status_code == 400, r.text
+        assert "only whitespace" in r.json()["error"]["message"]
+    # After a turn's tool results, it answers no call and needs none.
+    msgs = [*_tool_turns({"content": "cold"}), {"role": "system", "content": _AGENTS}]
+    r = httpx.post(
+        server.url + "/v1/messages",
+        json={"model": "echo", "max_tokens": 50, "messages": msgs},
+        headers={"x-api-key": KEY},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["content"][0]["text"] == "cold"
+
+
+def test_a_system_message_reaches_each_upstream_where_it_takes_one() -> None:
+    with _claude_and_gpt("claude-ok", "ok") as (server, claude, gpt):
+        for model in ("sonnet", "gpt"):
+            body = _claude_code_body(_AGENTS) | {"model": model}
+            r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": KEY})
+            assert r.status_code == 200, r.text
+        # The Messages API's top-level system, after the request's own system prompt.
+        sent = claude.requests[-1]
+        assert sent["system"] == "You are an agent.\n\n" + _AGENTS
+        assert [m["role"] for m in sent["messages"]] == ["user"]
+        # An OpenAI-compatible API takes a system message in place.
+        assert [(m["role"], m["content"]) for m in gpt.requests[-1]["messages"]][-1] == (
+            "system",
+            _AGENTS,
+        )

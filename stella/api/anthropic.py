@@ -73,7 +73,9 @@ class Block(msgspec.Struct):
 class AMessage(msgspec.Struct):
     """One message of the conversation."""
 
-    role: Literal["user", "assistant"]
+    # "system": an instruction at its place in the conversation, as the API takes with the
+    # mid-conversation system beta (Claude Code sends one after the first user turn).
+    role: Literal["user", "assistant", "system"]
     content: str | list[Block]
     # Ollama's shape of images, which some clients send here too: refused, as an image
     # block is, not ignored.
@@ -409,7 +411,7 @@ def to_chat(req: Prompt) -> ChatRequest:
             # Blocks with no text are named by the first one's text, where the fault is.
             path = f"messages[{i}].content" + ("[0].text" if m.content else "")
             raise InvalidRequest(f"$.{path}: must not be empty", param=path)
-        if m.role == "user" and (
+        if m.role != "assistant" and (
             not m.content.strip()
             if isinstance(m.content, str)
             else all(b.type == "text" and not b.text.strip() for b in m.content)
@@ -417,6 +419,13 @@ def to_chat(req: Prompt) -> ChatRequest:
             # As the API: text of only whitespace is no text (its backend refuses it too).
             path = f"messages[{i}].content" + ("" if isinstance(m.content, str) else "[0].text")
             raise InvalidRequest(f"$.{path}: must not be only whitespace", param=path)
+        if m.role == "system":
+            # Text only, as the top-level system prompt: a tool_use, tool_result or image
+            # here is refused by its path (each backend puts the text where its API takes
+            # a system message: the Anthropic backend into its top-level system).
+            text = _text(m.content, f"messages[{i}].content")
+            messages.append(Message(role="system", content=text))
+            continue
         if isinstance(m.content, str):
             messages.append(Message(role=m.role, content=m.content))
             continue
