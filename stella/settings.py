@@ -39,7 +39,9 @@ class ServerSettings(Section):
 
     host: str = "127.0.0.1"
     port: int = 8000
-    max_body_bytes: Annotated[int, Meta(ge=1)] = 1_048_576
+    # 8 MiB: a long agent session (Claude Code on a 1M-token context model) sends its whole
+    # history, system prompt and tools in each request, past 1 MiB.
+    max_body_bytes: Annotated[int, Meta(ge=1)] = 8 * 1024 * 1024
     drain_timeout_s: Seconds = 25.0
     workers: Annotated[int, Meta(ge=1)] = 1
     public_url: str = ""

@@ -90,7 +90,8 @@ from stella.calls import new_request_id
 # No more than the transports' high-water mark (64 KiB in asyncio and uvloop): what is
 # held then never pauses a client whose buffer was empty (see on_response_complete).
 WRITE_THROUGH = 65_536
-# Seconds a request body may take to arrive after its headers (1 MiB at ~35 KB/s).
+# Seconds a request body may take to arrive after its headers (1 MiB at ~35 KB/s, the
+# default server.max_body_bytes, 8 MiB, at ~280 KB/s).
 BODY_TIMEOUT_S = 30.0
 # A request's line and headers together may be this large, in at most MAX_HEADERS
 # headers: past either it is answered 431 and the connection closed (uvicorn's

@@ -1255,3 +1255,20 @@ def test_a_system_message_reaches_each_upstream_where_it_takes_one() -> None:
             "system",
             _AGENTS,
         )
+
+
+def test_a_long_agent_sessions_request_is_taken(server: LiveServer) -> None:
+    # Claude Code resends a whole session (history, system prompt, tools) each request: on
+    # a 1M-token context model that passes 1 MiB, and a 413 there ends the session.
+    turns: list[dict] = []
+    for k in range(300):
+        turns += [
+            {"role": "user", "content": f"step {k}: " + "read the file " * 600},
+            {"role": "assistant", "content": "done " * 100},
+        ]
+    turns.append({"role": "user", "content": "next"})
+    body = {"model": "echo", "max_tokens": 5, "messages": turns}
+    assert 2 * 1024 * 1024 < len(json.dumps(body)) < 8 * 1024 * 1024
+    r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": KEY})
+    assert r.status_code == 200, r.text[:200]
+    assert r.json()["content"][0]["text"] == "next"

@@ -191,7 +191,7 @@ def test_ready_and_config(stella: LiveServer) -> None:
     assert ready.json()["checks"]["default_model"] == "ok"
     cfg = httpx.get(stella.url + "/config").json()
     assert cfg["default_model"] == "echo"
-    assert cfg["config"]["server"]["max_body_bytes"] == 1048576
+    assert cfg["config"]["server"]["max_body_bytes"] == 8 * 1024 * 1024
 
 
 def test_ready_says_why_the_default_model_failed_to_load() -> None:
