@@ -404,32 +404,43 @@ class OllamaBackend(HttpBackend):
         load = self._loads.get(upstream_model)
         if load is not None:
             await asyncio.wait((load,))  # its failure is the calls' that waited for it
-        body = _enc.encode({"model": upstream_model, "keep_alive": 0})
-        url = self.base_url + "/api/generate"
+        body = {"model": upstream_model, "keep_alive": 0}
         try:
-            async with self.session.post(
-                url,
-                data=body,
-                headers={"content-type": "application/json"},
-                allow_redirects=False,
-            ) as r:
-                if r.status >= 300:
-                    # The URL: a 404 that names no model is a wrong base_url, said with its path.
-                    raise self.status_error(r.status, r.headers, await error_head(r), url)
-                raw = await read_body(r, self.name)
+            await self._post_one_line("/api/generate", body, f"an unload of {upstream_model!r}")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise aiohttp_error(self.name, exc, self.http.connect_timeout_s) from None
         finally:
             self._ps_seen = None  # /api/ps is asked again: it may no longer list the model
+        return True
+
+    async def _post_one_line(
+        self,
+        path: str,
+        body: dict[str, Any],
+        what: str,
+        limits: aiohttp.ClientTimeout | None = None,
+    ) -> None:
+        """POST `body` to Ollama's `path`, whose answer is one JSON line (a load's, an
+        unload's): an error status, a malformed answer or its `error` raises a StellaError
+        (`what` names the request: "a load of 'm'"); aiohttp's own errors pass through."""
+        url = self.base_url + path
+        async with self.session.post(
+            url,
+            data=_enc.encode(body),
+            headers={"content-type": "application/json"},
+            timeout=limits or self.session.timeout,  # the load's own, else the session's
+            allow_redirects=False,
+        ) as r:
+            if r.status >= 300:
+                # The URL: a 404 that names no model is a wrong base_url, said with its path.
+                raise self.status_error(r.status, r.headers, await error_head(r), url)
+            raw = await read_body(r, self.name)
         try:
             error = _line.decode(raw).error
         except BAD_JSON:
-            raise UpstreamError(
-                f"{self.name}: malformed answer to an unload of {upstream_model!r}"
-            ) from None
+            raise UpstreamError(f"{self.name}: malformed answer to {what}") from None
         if error is not None:
             raise UpstreamError(f"{self.name}: {upstream_text(error)}")
-        return True
 
     def _load_done(self, model: str, load: asyncio.Task[None]) -> None:
         if self._loads.get(model) is load:
@@ -448,18 +459,7 @@ class OllamaBackend(HttpBackend):
         key = "load_timeout_s" if self.cfg.load_timeout_s else "read_timeout_s"
         timeout = aiohttp.ClientTimeout(total=limit, sock_connect=self.http.connect_timeout_s)
         try:
-            async with self.session.post(
-                self.base_url + "/api/chat",
-                data=_enc.encode(body),
-                headers={"content-type": "application/json"},
-                timeout=timeout,
-                allow_redirects=False,
-            ) as r:
-                if r.status >= 300:
-                    raise self.status_error(
-                        r.status, r.headers, await error_head(r), self.base_url + "/api/chat"
-                    )
-                raw = await read_body(r, self.name)
+            await self._post_one_line("/api/chat", body, f"a load of {model!r}", timeout)
         except (aiohttp.ClientError, TimeoutError) as exc:
             if isinstance(exc, TimeoutError) and not isinstance(
                 exc, aiohttp.ConnectionTimeoutError
@@ -473,12 +473,6 @@ class OllamaBackend(HttpBackend):
                 err.same_again = False
                 raise err from None
             raise aiohttp_error(self.name, exc, self.http.connect_timeout_s) from None
-        try:
-            error = _line.decode(raw).error
-        except BAD_JSON:
-            raise UpstreamError(f"{self.name}: malformed answer to a load of {model!r}") from None
-        if error is not None:
-            raise UpstreamError(f"{self.name}: {upstream_text(error)}")
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream /api/chat and translate its lines."""
