@@ -32,6 +32,7 @@ from stella.api.http import (
     CLOSE,
     NATIVE,
     NO_STORE,
+    READS,
     Dialect,
     DialectPick,
     Endpoint,
@@ -333,7 +334,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
     response = svc.dialect_for(path, request.scope).error_response(err, rid)
     if body_over_limit(request.scope, svc.settings.server.max_body_bytes):
         response.raw_headers.append(CLOSE)
-    if request.method in ("GET", "HEAD"):
+    if request.method in READS:
         # As every GET of the API answers, its errors too (see Endpoint): a 404 is
         # heuristically cacheable, and a route may exist by the next request.
         response.raw_headers.append(NO_STORE)

@@ -220,7 +220,7 @@ class Endpoint:
             response = dialect.error_response(
                 StellaError("internal error; see the server log"), rid
             )
-        if scope["method"] in _READS:
+        if scope["method"] in READS:
             # What a GET answers depends on the caller's key, which X-API-Key carries where
             # a shared cache keeps no answer apart (RFC 9111 3.5 protects Authorization
             # alone), or on the server's state now: no cache may keep it.
@@ -245,7 +245,7 @@ def _error_status(dialect: Dialect) -> Callable[[StellaError], int] | None:
 
 CLOSE = (b"connection", b"close")
 NO_STORE = (b"cache-control", b"no-store")
-_READS = ("GET", "HEAD")
+READS = ("GET", "HEAD")  # the methods whose answers are no-store
 
 
 def body_over_limit(scope: Mapping[str, Any], max_bytes: int) -> bool:
