@@ -17,7 +17,8 @@ CorkedTransport writes straight through) a connection
 must send a request's first byte within HEADER_TIMEOUT_S of opening, a request's
 headers must be complete one to two HEADER_TIMEOUT_S after its first byte (one
 timer per connection looks every HEADER_TIMEOUT_S: nothing to do per request),
-and its body must have arrived BODY_TIMEOUT_S after its headers, or the connection
+and its body must keep arriving: BODY_TIMEOUT_S after its headers, plus a second for
+every BODY_MIN_RATE bytes of it received (Apache's mod_reqtimeout rule), or the connection
 is closed (the app's read of a body cut so fails as 408 client_too_slow, not as a
 client that left): uvicorn itself never gives up on a client that connects and sends
 nothing, or part of its headers, or headers and then stalls (a slowloris), which
@@ -90,9 +91,14 @@ from stella.calls import new_request_id
 # No more than the transports' high-water mark (64 KiB in asyncio and uvloop): what is
 # held then never pauses a client whose buffer was empty (see on_response_complete).
 WRITE_THROUGH = 65_536
-# Seconds a request body may take to arrive after its headers (1 MiB at ~35 KB/s, the
-# default server.max_body_bytes, 8 MiB, at ~280 KB/s).
+# Seconds a request body may take to arrive after its headers, plus one second for every
+# BODY_MIN_RATE bytes that arrive (Apache mod_reqtimeout's `body=20,MinRate=500`, stricter):
+# a client sending at least that fast is never cut, however large its body (up to
+# server.max_body_bytes: 8 MiB takes at most ~17 min), and one trickling a few bytes at a
+# time (a slowloris) is cut after about BODY_TIMEOUT_S. A fixed 30 s cut an 8 MiB body
+# slower than ~280 KB/s, a slow uplink's whole long conversation.
 BODY_TIMEOUT_S = 30.0
+BODY_MIN_RATE = 8192
 # A request's line and headers together may be this large, in at most MAX_HEADERS
 # headers: past either it is answered 431 and the connection closed (uvicorn's
 # httptools parser keeps whatever it is sent until the headers end).
@@ -380,6 +386,8 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
     stall."""
 
     _body_timer: asyncio.TimerHandle | None = None
+    _body_from = 0.0  # loop time the current body's deadline started
+    _body_due = 0.0  # and when it falls, moved on by the body's bytes as they come
     _header_timer: asyncio.TimerHandle | None = None
     _parsing: Any = None  # the scope of a request whose headers were incomplete at a look
     _head_bytes = 0  # received while the current request's headers were incomplete
@@ -600,6 +608,7 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         that a body costs one store more, not a call): the chunk they are in is no
         trailer."""
         self._chunk_empty = False
+        self._body_due += len(body) / BODY_MIN_RATE  # read only while a deadline runs
         cycle = self.cycle
         if cycle.response_complete or (self.parser.should_upgrade() and self._should_upgrade()):
             return  # answered already (or upgrading): dropped
@@ -876,7 +885,10 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         if self._deferred is not None:
             return  # the request still reading its body is the broken one: never served
         if cycle is not None and cycle.more_body and self._body_timer is None and not self.pipeline:
-            self._body_timer = self.loop.call_later(BODY_TIMEOUT_S, self._body_late, cycle)
+            now = self.loop.time()
+            self._body_from = now
+            self._body_due = now + BODY_TIMEOUT_S
+            self._body_timer = self.loop.call_at(self._body_due, self._body_late, cycle)
             self._dropped = 0
             if cycle.transport is self.transport:
                 # Only a body that spans reads: an answer that closes the connection
@@ -888,11 +900,16 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         self._body_timer = None
         if cycle is not self.cycle:
             return
+        now = self.loop.time()
+        if now < self._body_due:  # the body came on meanwhile: its time is later
+            self._body_timer = self.loop.call_at(self._body_due, self._body_late, cycle)
+            return
         if cycle.more_body and not self.transport.is_closing():
             # The app's receive() sees a disconnect; the client sees the connection close.
             # The mark tells the app it was the server that gave up (408 client_too_slow,
             # not a client that left: stella.api.http.read_body).
-            cycle.scope["stella.body_late"] = BODY_TIMEOUT_S  # type: ignore[typeddict-unknown-key]
+            late = round(now - self._body_from, 1)
+            cycle.scope["stella.body_late"] = late  # type: ignore[typeddict-unknown-key]
             self.transport.close()
 
     def pause_writing(self) -> None:

@@ -292,6 +292,51 @@ async def test_a_body_that_stalls_closes_the_connection(monkeypatch: pytest.Monk
     proto.connection_lost(None)
 
 
+async def test_a_body_that_keeps_coming_has_more_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The deadline moves on a second for every BODY_MIN_RATE bytes: a slow uplink's large
+    # body, sent steadily at twice that rate, outlasts BODY_TIMEOUT_S; a trickle at a fifth
+    # of it (a slowloris) is cut soon after BODY_TIMEOUT_S.
+    import stella.transport
+
+    monkeypatch.setattr(stella.transport, "BODY_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(stella.transport, "BODY_MIN_RATE", 1000)
+    got: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            got.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    # 40 bytes every 20 ms: 2000 bytes a second, 800 bytes in 0.4 s, twice BODY_TIMEOUT_S.
+    proto, rec = _protocol(app)
+    proto.data_received(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 800\r\n\r\n")
+    for _ in range(20):
+        await asyncio.sleep(0.02)
+        assert not rec.closed, "a body arriving at twice the minimum rate was cut"
+        proto.data_received(b"x" * 40)
+    await turn()
+    assert not rec.closed
+    assert b"".join(got) == b"x" * 800
+    assert any(w.startswith(b"HTTP/1.1 200") for w in rec.writes)
+    proto.connection_lost(None)
+
+    # 4 bytes every 20 ms: 200 bytes a second; cut at about 0.2 / (1 - 0.2) = 0.25 s.
+    got.clear()
+    proto, rec = _protocol(app)
+    proto.data_received(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 800\r\n\r\n")
+    started = time.perf_counter()
+    while not rec.closed and time.perf_counter() - started < 2:
+        await asyncio.sleep(0.02)
+        proto.data_received(b"x" * 4)
+    assert rec.closed
+    assert 0.2 <= time.perf_counter() - started < 1.0
+    proto.connection_lost(None)
+
+
 @pytest.mark.parametrize("sent", [b"{", b""], ids=["part_of_it", "none_of_it"])
 async def test_a_body_that_stalls_is_counted_as_too_slow(
     monkeypatch: pytest.MonkeyPatch, sent: bytes

@@ -373,8 +373,13 @@ def body_gone(scope: Mapping[str, Any]) -> StellaError:
     """Why a request's body stopped coming: the client left (499 client_closed), or the
     server stopped waiting for it (408 client_too_slow; stella.transport's body limit)."""
     late = scope.get("stella.body_late")
-    if late is not None:
-        return ClientTooSlow(f"the request body did not arrive within {late:g}s of its headers")
+    if late is not None:  # set only by stella.transport, which is loaded then
+        from stella.transport import BODY_MIN_RATE
+
+        return ClientTooSlow(
+            f"the request body stopped arriving: {late:g}s after its headers, it came slower"
+            f" than {BODY_MIN_RATE} bytes a second"
+        )
     return ClientGone("the client disconnected while sending the body")
 
 
