@@ -630,6 +630,13 @@ def test_answers_match_the_openapi_document() -> None:
             ),
             (
                 "post",
+                "/api/v1/generate",
+                "/api/v1/generate",
+                {"model": "echo", "prompt": "x y"},
+                {**auth, "Accept": "text/event-stream"},
+            ),
+            (
+                "post",
                 "/api/v1/models",
                 "/api/v1/models",
                 {"name": "e2", "backend": "echo", "aliases": ["e2-alias"]},

@@ -24,6 +24,7 @@ from stella.api.http import (
     stream_response,
 )
 from stella.api.openapi import Operation, document
+from stella.api.shapes import GENERATE_SSE_EVENT
 from stella.core import Call
 from stella.errors import Conflict, InvalidRequest, ModelNotFound, StellaError
 from stella.protocol import (
@@ -399,6 +400,7 @@ document(
         request=GenerateRequest,
         response=ChatResponse,
         stream="application/x-ndjson",
+        streams=(("text/event-stream", GENERATE_SSE_EVENT),),
     ),
     Operation("get", "/api/v1/models", "Routable models", response=ModelList, errors=(401, 403)),
     Operation(

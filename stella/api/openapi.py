@@ -48,6 +48,9 @@ class Operation:
     # One line of an NDJSON stream, or one event of an SSE one (as OpenAPI 3.1 tools read a
     # stream's schema: what 3.2 calls itemSchema).
     stream_item: Any = None
+    # Further streamed forms: (media type, the schema of one event), e.g. an SSE one that
+    # the Accept header chooses over `stream`.
+    streams: tuple[tuple[str, Any], ...] = ()
     # The body of every error status: a dialect answers in its own shape.
     error: Any = ErrorResponse
     admin: bool = False
@@ -85,6 +88,7 @@ def build_schema(without: frozenset[str] = frozenset()) -> dict[str, Any]:
     for op in operations:
         types += [t for t in (op.request, op.response, op.stream_item, op.error) if t is not None]
         types += [t for _, t in op.others]
+        types += [t for _, t in op.streams]
     written = _written(types)
     structs = [t for t in types if not isinstance(t, Schema)]
     structs += [t for s in written for t in s.uses if not isinstance(t, Schema)]
@@ -124,6 +128,8 @@ def build_schema(without: frozenset[str] = frozenset()) -> dict[str, Any]:
             content[op.media] = {"schema": by_type[op.response]}
         if op.stream:
             content[op.stream] = {"schema": by_type[op.stream_item or StreamEvent]}
+        for media, event in op.streams:
+            content[media] = {"schema": by_type[event]}
         ok = "201" if op.method == "post" and op.admin and op.request else "200"
         responses: dict[str, Any] = {
             ok: {"description": "OK", "headers": _headers(200, op), "content": content}

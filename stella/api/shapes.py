@@ -233,6 +233,21 @@ OPENAI_TEXT_EVENT = Schema(
     ),
     uses=(OPENAI_TEXT_CHUNK, OPENAI_STREAM_ERROR),
 )
+GENERATE_SSE_EVENT = Schema(
+    "GenerateSseEvent",
+    sse_event(
+        'One server-sent event of /api/v1/generate\'s SSE form: `data: {"response": ...}`'
+        ' per piece of text, `data: {}` at the end, `data: {"error": ..., "code": ...}`'
+        " for a failure after the stream started; `: ping` comments keep the connection alive",
+        {
+            "oneOf": [
+                obj({"response": STR}),
+                obj({"error": STR, "code": STR}),
+                {"type": "object", "maxProperties": 0},
+            ]
+        },
+    ),
+)
 OPENAI_MODEL = Schema(
     "OpenAIModel",
     obj({"id": STR, "object": const("model"), "created": INT, "owned_by": STR}),
