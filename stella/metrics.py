@@ -57,8 +57,9 @@ BREAKER = {"closed": 0, "half_open": 1, "open": 2}
 OTHER_MODEL = "(other)"
 # Floats, so a bound reads `1.0` as the Prometheus client libraries write it.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-# A whole inference runs up to its route's total_timeout_s (600 s by default): above 120 s
-# it would fall in +Inf alone, and no quantile could be read there.
+# A whole inference runs up to its route's total_timeout_s (600 s by default), and so may a
+# client's wait for its first token (each attempt's ttft_timeout_s, 120 s, again for each
+# retry and fallback): above 120 s it would fall in +Inf alone, where no quantile is read.
 DURATION_BUCKETS = (*LATENCY_BUCKETS, 300.0, 600.0)
 
 
@@ -91,7 +92,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests: dict[tuple[str, str, str, int], int] = defaultdict(int)
         self.tokens: dict[tuple[str, str], int] = defaultdict(int)
-        self.ttft: dict[str, _Hist] = defaultdict(_Hist)
+        self.ttft: dict[str, _Hist] = defaultdict(_duration_hist)
         self.total: dict[str, _Hist] = defaultdict(_duration_hist)
         self.queue: dict[str, _Hist] = defaultdict(_Hist)
         self.rejections: dict[tuple[str, str], int] = defaultdict(int)
@@ -120,7 +121,7 @@ class Metrics:
         ttft = record["ttft_ms"]
         if ttft is not None:
             h = self.ttft[model]
-            h.buckets[bisect_left(LATENCY_BUCKETS, ttft / 1000)] += 1
+            h.buckets[bisect_left(DURATION_BUCKETS, ttft / 1000)] += 1
             h.sum += ttft / 1000
             h.count += 1
         total = record["total_ms"] / 1000

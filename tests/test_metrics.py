@@ -76,8 +76,10 @@ def test_a_whole_inference_is_bucketed_up_to_the_default_total_timeout(stella: L
 
     # total_timeout_s is 600 s by default: a long answer's time still lands in a bucket.
     assert top("stella_request_duration_seconds") == ["120.0", "300.0", "600.0", "+Inf"]
-    # A first token waits for ttft_timeout_s, 120 s by default.
-    assert top("stella_time_to_first_token_seconds") == ["30.0", "60.0", "120.0", "+Inf"]
+    # A first token waits ttft_timeout_s (120 s) an attempt, and retries and fallbacks add
+    # attempts within total_timeout_s: the client's wait has the same buckets.
+    assert top("stella_time_to_first_token_seconds") == ["120.0", "300.0", "600.0", "+Inf"]
+    # A slot is waited for within queue_timeout_s.
     assert top("stella_queue_wait_seconds") == ["30.0", "60.0", "120.0", "+Inf"]
 
 
