@@ -1107,6 +1107,9 @@ class Inference:
                 record["upstream_request_id"] = ctx.upstream_request_id
             if ctx.cached_tokens is not None:
                 record["cached_tokens"] = ctx.cached_tokens
+            if ctx.cache_write_tokens is not None:
+                # Billed apart (an Anthropic upstream's cache writes cost 1.25x or 2x).
+                record["cache_write_tokens"] = ctx.cache_write_tokens
             if ctx.load_ms is not None:
                 record["load_ms"] = ctx.load_ms
         if self.request.metadata:

@@ -656,6 +656,9 @@ def test_cache_writes_are_cache_creation_input_tokens_on_v1_messages(
         "cache_read_input_tokens": 1000,
         "output_tokens": 6,
     }
+    # The log has both counts: reads and writes are billed apart.
+    ev = server.wait_event(lambda e: e.get("request_id") == reply.request_id)
+    assert (ev["prompt_tokens"], ev["cached_tokens"], ev["cache_write_tokens"]) == (1225, 1000, 200)
     # The prompt is whole everywhere else (README's usage paragraph).
     reply = ask(server, "/api/v1/chat", stream, "claude-cached")
     assert reply.usage["prompt_tokens"] == 1225

@@ -745,6 +745,7 @@ def test_field_names_that_hold_credentials_are_masked(name: str) -> None:
         "total_tokens",
         "tokens_per_s",
         "cached_tokens",
+        "cache_write_tokens",
         "input_tokens",
         "output_tokens",
         "reasoning_tokens",
