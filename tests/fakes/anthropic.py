@@ -43,6 +43,19 @@ a JSON schema (`output_config.format`, structured outputs) is an instance of it
 (`instance`), in pieces; an `output_config` the API would refuse (a format type other
 than `json_schema`, no schema object, an unknown key) is a 400.
 
+Prompt caching as the API has it: `cache_control` (`{"type": "ephemeral"}`, `ttl` `5m`
+or `1h`) on tool definitions, system text blocks and message content blocks (a
+tool_result's own blocks too), or at the top level (automatic caching); anywhere else
+(a message, a thinking block), an empty text block, another type or ttl, more than 4
+(`A maximum of 4 blocks with cache_control may be provided. Found N.`), and a 1h one
+after a 5m one (in the prefix's order: tools, system, messages) are 400s. The fake
+keeps every prefix a breakpoint ended (`cached`, by its words and signs as `tokens()`
+counts them, cache_control left out) and answers, to a model without counts of its own
+in CACHE, the API's usage for it: `cache_read_input_tokens` the longest marked prefix
+it kept from an earlier request (a breakpoint's own prefix, or one ending up to 20
+blocks before it, as the API looks back), `cache_creation_input_tokens` the rest up to
+the last breakpoint, `input_tokens` what follows it (no minimum length).
+
 `POST /v1/messages/count_tokens` answers `{"input_tokens": n}`, `n` the `tokens()` of
 the body: it takes the documented parameters alone (a message's `max_tokens`, `stream`,
 `temperature`, ... are a 400 "Extra inputs are not permitted"), wants `model` and
@@ -127,6 +140,10 @@ COUNT_PARAMS = frozenset(
 )
 
 
+def _words(text: str) -> int:
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
 def tokens(body: dict[str, Any]) -> int:
     """The fake's count of a count_tokens body: the words and signs of its prompt (all but
     the model's name), a number that changes with any of it."""
@@ -153,6 +170,8 @@ class FakeAnthropic:
         self.headers: list[dict[str, str]] = []
         # The request-id header of each answer of /v1/messages, in order.
         self.request_ids: list[str] = []
+        # The prompt prefixes a cache breakpoint ended, as sent (see _prefixes).
+        self.cached: set[str] = set()
         # The bodies and headers POST /v1/messages/count_tokens received.
         self.counts: list[dict[str, Any]] = []
         self.count_headers: list[dict[str, str]] = []
@@ -197,6 +216,7 @@ class FakeAnthropic:
                 return err("invalid_request_error", f"{key}: Field required", 400)
         messages = body["messages"]
         for problem in (
+            _cache_controls(body),
             _unlinked(messages),
             _empty(messages),
             _blank(messages),
@@ -227,6 +247,8 @@ class FakeAnthropic:
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             return err("invalid_request_error", "max_tokens: Field required", 400)
         if (problem := _unlinked(body.get("messages") or [])) is not None:
+            return err("invalid_request_error", problem, 400)
+        if (problem := _cache_controls(body)) is not None:
             return err("invalid_request_error", problem, 400)
         if (problem := _empty(body.get("messages") or [])) is not None:
             return err("invalid_request_error", problem, 400)
@@ -300,6 +322,22 @@ class FakeAnthropic:
         message["content"] = blocks
         return JSONResponse(message)
 
+    def _cache_usage(self, body: dict[str, Any]) -> dict[str, int]:
+        """The usage's counts for a request's breakpoints (none: {}), its prefixes kept."""
+        prefixes = _prefixes(body)
+        if not prefixes:
+            return {}
+        read = max((n for key, n in _looked_up(body) if key in self.cached), default=0)
+        last_key, last = prefixes[-1]
+        written = 0 if last_key in self.cached else last - read
+        self.cached.update(key for key, _ in prefixes)
+        whole = _words(json.dumps(_units(body)))
+        return {
+            "input_tokens": max(whole - read - written, 0),
+            "cache_creation_input_tokens": written,
+            "cache_read_input_tokens": read,
+        }
+
     async def _events(self, model: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         def event(name: str, data: dict[str, Any]) -> bytes:
             return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
@@ -333,7 +371,11 @@ class FakeAnthropic:
                     "model": model,
                     "stop_reason": None,
                     "stop_sequence": None,
-                    "usage": {"input_tokens": 25, "output_tokens": 1, **CACHE.get(model, {})},
+                    "usage": {
+                        "input_tokens": 25,
+                        "output_tokens": 1,
+                        **(CACHE.get(model) or self._cache_usage(body)),
+                    },
                 },
             },
         )
@@ -600,3 +642,136 @@ def _empty(messages: list[dict[str, Any]]) -> str | None:
                 "optional final assistant message"
             )
     return None
+
+
+_UNCACHEABLE = frozenset({"thinking", "redacted_thinking"})
+
+
+def _marked(body: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Every cache_control of a request with its path, in the prefix's order (tools,
+    system, messages; the top-level one last); a problem's path where one is misplaced."""
+    found: list[tuple[str, Any]] = []
+    for i, tool in enumerate(body.get("tools") or ()):
+        if "cache_control" in tool:
+            found.append((f"tools.{i}.cache_control", tool["cache_control"]))
+    system = body.get("system")
+    for j, block in enumerate(system if isinstance(system, list) else ()):
+        if "cache_control" in block:
+            found.append((f"system.{j}.cache_control", block["cache_control"]))
+    for i, m in enumerate(body.get("messages") or ()):
+        if "cache_control" in m:
+            found.append((f"messages.{i}.cache_control: Extra inputs are not permitted", None))
+        content = m.get("content")
+        for j, block in enumerate(content if isinstance(content, list) else ()):
+            inner = block.get("content")
+            for k, c in enumerate(inner if isinstance(inner, list) else ()):
+                if "cache_control" in c:
+                    found.append((f"messages.{i}.content.{j}.content.{k}.cache_control", c))
+            if "cache_control" not in block:
+                continue
+            path = f"messages.{i}.content.{j}"
+            if block.get("type") in _UNCACHEABLE:
+                found.append(
+                    (f"{path}.{block['type']}.cache_control: Extra inputs are not permitted", None)
+                )
+            elif block.get("type") == "text" and not block.get("text"):
+                found.append(
+                    (f"{path}.text: cache_control cannot be set for empty text blocks", None)
+                )
+            else:
+                found.append((f"{path}.cache_control", block["cache_control"]))
+    if "cache_control" in body:
+        found.append(("cache_control", body["cache_control"]))
+    return found
+
+
+def _cache_controls(body: dict[str, Any]) -> str | None:
+    """What the API answers about cache breakpoints it refuses (None: it takes them)."""
+    marked = _marked(body)
+    shortest = False  # a 5m breakpoint came before
+    for path, control in marked:
+        if control is None:
+            return path  # misplaced: the path holds the API's words
+        if not isinstance(control, dict) or control.get("type") != "ephemeral":
+            return f"{path}.type: Input should be 'ephemeral'"
+        ttl = control.get("ttl", "5m")
+        if ttl not in ("5m", "1h"):
+            return f"{path}.ttl: Input should be '5m' or '1h'"
+        if ttl == "1h" and shortest:
+            return (
+                "a ttl='1h' cache_control block must not come after a ttl='5m' cache_control "
+                "block. Note that blocks are processed in the following order: `tools`, "
+                "`system`, `messages`."
+            )
+        shortest = shortest or ttl == "5m"
+    if len(marked) > 4:
+        return f"A maximum of 4 blocks with cache_control may be provided. Found {len(marked)}."
+    return None
+
+
+def _units(body: dict[str, Any]) -> list[Any]:
+    """A prompt as the pieces a breakpoint may end it after (cache_control left out): each
+    tool, system block and message block, a block with its message's role."""
+
+    def bare(block: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in block.items() if k != "cache_control"}
+
+    units: list[Any] = [bare(t) for t in body.get("tools") or ()]
+    system = body.get("system")
+    if isinstance(system, list):
+        units += [bare(b) for b in system]
+    elif system:
+        units.append(system)
+    for m in body.get("messages") or ():
+        content = m["content"]
+        for block in content if isinstance(content, list) else [content]:
+            if isinstance(block, dict):
+                inner = block.get("content")
+                block = bare(block)
+                if isinstance(inner, list):
+                    block["content"] = [bare(c) for c in inner]
+            units.append({"role": m["role"], "block": block})
+    return units
+
+
+def _prefixes(body: dict[str, Any], lookback: int = 0) -> list[tuple[str, int]]:
+    """Each prefix a breakpoint ends, as its key and its count, in order (with `lookback`,
+    those ending up to that many blocks before one too)."""
+    units = _units(body)
+    ends: list[int] = []
+    k = 0
+    for tool in body.get("tools") or ():
+        if "cache_control" in tool:
+            ends.append(k)
+        k += 1
+    system = body.get("system")
+    if isinstance(system, list):
+        for block in system:
+            if "cache_control" in block:
+                ends.append(k)
+            k += 1
+    elif system:
+        k += 1
+    for m in body.get("messages") or ():
+        content = m["content"]
+        for block in content if isinstance(content, list) else [content]:
+            inner = block.get("content") if isinstance(block, dict) else None
+            if isinstance(block, dict) and (
+                "cache_control" in block
+                or (isinstance(inner, list) and any("cache_control" in c for c in inner))
+            ):
+                ends.append(k)
+            k += 1
+    if "cache_control" in body and units:
+        ends.append(len(units) - 1)  # automatic: the last block
+    out = []
+    for end in sorted({k for e in ends for k in range(max(e - lookback, 0), e + 1)}):
+        key = json.dumps(units[: end + 1], sort_keys=True)
+        out.append((key, _words(key)))
+    return out
+
+
+def _looked_up(body: dict[str, Any]) -> list[tuple[str, int]]:
+    """The prefixes the API looks for in its cache: each breakpoint's, and those ending
+    up to 20 blocks before it."""
+    return _prefixes(body, lookback=19)
