@@ -42,6 +42,18 @@ class ToolCallRef(Strict):
     type: Literal["function"] = "function"
 
 
+# A prompt-cache breakpoint's lifetime, as Anthropic's cache_control `ttl` (5m its default).
+CacheTtl = Literal["5m", "1h"]
+Breakpoint = Annotated[
+    CacheTtl,
+    Meta(
+        description="a prompt-cache breakpoint here, kept for this long (Anthropic's "
+        "cache_control): an Anthropic backend caches the prompt up to this point; backends "
+        "without prompt caching ignore it"
+    ),
+]
+
+
 class Message(Strict):
     """One chat message. A tool message follows an assistant message with `tool_calls`
     (only other tool messages between; consecutive assistant messages with calls are one
@@ -56,6 +68,9 @@ class Message(Strict):
     # A tool message's: the call failed. The Anthropic backend sends it on as the
     # tool_result's is_error; to others' models only the content can say so.
     is_error: bool = False
+    # A breakpoint at the end of this message: the prompt up to here is what a later
+    # request with the same start reads from an Anthropic upstream's cache.
+    cache: Breakpoint | None = None
 
 
 # Engines count tokens in 32-bit integers and take 64-bit seeds; bounds keep a
@@ -133,6 +148,8 @@ class Tool(Strict):
 
     function: FunctionSpec
     type: Literal["function"] = "function"
+    # A breakpoint after this tool's definition (tools come first in Anthropic's prefix).
+    cache: Breakpoint | None = None
 
 
 class LenientFunction(msgspec.Struct):

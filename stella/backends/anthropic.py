@@ -15,6 +15,7 @@ from stella.backends.anthropic_request import (
     local_stops,
     request_body,
     schema_of,
+    too_many_breakpoints,
     unsendable,
 )
 from stella.backends.base import (
@@ -268,9 +269,10 @@ class AnthropicBackend(HttpBackend):
     def admit(self, request: ChatRequest) -> None:
         """Refuse, before a stream begins, what the API would: a JSON mode without a
         schema (its structured outputs take one, output_config.format, and it has no bare
-        JSON mode), and a conversation it would refuse (see unsendable)."""
+        JSON mode), a conversation it would refuse (see unsendable), and more cache
+        breakpoints than it takes."""
         self._refuse_schemaless(request)
-        if (refused := unsendable(request.messages)) is not None:
+        if (refused := unsendable(request.messages) or too_many_breakpoints(request)) is not None:
             raise refused
 
     def _refuse_schemaless(self, request: ChatRequest) -> None:

@@ -121,14 +121,78 @@ def unsendable(messages: list[Message]) -> InvalidRequest | None:
     return None
 
 
+# The API's own limit and words for more cache breakpoints than it takes.
+MAX_BREAKPOINTS = 4
+_TOO_MANY_BREAKPOINTS = "A maximum of 4 blocks with cache_control may be provided"
+
+
+def breakpoints(request: ChatRequest) -> int:
+    """How many prompt-cache breakpoints `request` marks (tools and messages)."""
+    return sum(1 for t in request.tools or () if t.cache) + sum(
+        1 for m in request.messages if m.cache
+    )
+
+
+def too_many_breakpoints(request: ChatRequest) -> InvalidRequest | None:
+    """The API's 400 for more than MAX_BREAKPOINTS breakpoints, before it costs a round
+    trip (None: few enough)."""
+    n = breakpoints(request)
+    if n <= MAX_BREAKPOINTS:
+        return None
+    return InvalidRequest(f"{_TOO_MANY_BREAKPOINTS}. Found {n}.", param="messages")
+
+
+def _cache_control(ttl: str) -> dict[str, Any]:
+    """A breakpoint as the API takes it; 5m, its default, as the bare form clients send."""
+    return {"type": "ephemeral", "ttl": "1h"} if ttl == "1h" else {"type": "ephemeral"}
+
+
+def _longer_first(body: dict[str, Any]) -> None:
+    """Make every breakpoint before the last 1h one 1h too: the API refuses a 1h breakpoint
+    after a 5m one (in its order: tools, system, messages), and a native client's order, or
+    a tool result placed before its turn's text, may give one. Longer keeps each prefix at
+    least as long as asked."""
+    marks = [t["cache_control"] for t in body.get("tools", ()) if "cache_control" in t]
+    system = body.get("system")
+    if isinstance(system, list):
+        marks += [b["cache_control"] for b in system if "cache_control" in b]
+    for m in body["messages"]:
+        if isinstance(m["content"], list):
+            marks += [b["cache_control"] for b in m["content"] if "cache_control" in b]
+    last = max((i for i, c in enumerate(marks) if c.get("ttl") == "1h"), default=-1)
+    for c in marks[:last]:
+        c["ttl"] = "1h"
+
+
+def _system(messages: list[Message]) -> str | list[dict[str, Any]]:
+    """The top-level system: the system messages' text joined, or, when one is a cache
+    breakpoint, one text block each (blank ones left out), marked as their messages."""
+    systems = [m for m in messages if m.role == "system"]
+    if not any(m.cache for m in systems):
+        return "\n\n".join(m.content for m in systems)
+    blocks = []
+    for m in systems:
+        if m.content.strip():
+            block: dict[str, Any] = {"type": "text", "text": m.content}
+            if m.cache:
+                block["cache_control"] = _cache_control(m.cache)
+            blocks.append(block)
+    return blocks
+
+
 def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
-    """The Messages API body: system pulled out, tool calls and results as blocks."""
-    system = "\n\n".join(m.content for m in request.messages if m.role == "system")
+    """The Messages API body: system pulled out, tool calls and results as blocks; a
+    message's cache breakpoint on the last block it becomes."""
+    system = _system(request.messages)
     messages: list[dict[str, Any]] = []
     history = linked_tool_calls(request.messages)
     ids = _ToolUseIds(history)
-    if (refused := unsendable(history)) is not None:
+    if (refused := unsendable(history) or too_many_breakpoints(request)) is not None:
         raise refused
+    # With breakpoints every text goes as a text block, the one form that takes one: a
+    # message then reads the same whether or not it holds this turn's breakpoint, and the
+    # next turn's prefix is the same bytes (a string would become a block once marked).
+    as_blocks = breakpoints(request) > 0
     for m in history:
         if m.role == "system":
             continue
@@ -140,10 +204,14 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
             }
             if m.is_error:
                 block["is_error"] = True
+            if m.cache:
+                block["cache_control"] = _cache_control(m.cache)
             if (
                 messages
                 and messages[-1]["role"] == "user"
                 and isinstance(messages[-1]["content"], list)
+                # A marked user text is a list too: results join only results.
+                and messages[-1]["content"][0]["type"] == "tool_result"
             ):
                 messages[-1]["content"].append(block)
             else:
@@ -166,12 +234,19 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
                     m.tool_calls, ids.turn([c.id for c in m.tool_calls]), strict=True
                 )
             ]
+            if m.cache:
+                blocks[-1]["cache_control"] = _cache_control(m.cache)
             messages.append({"role": "assistant", "content": blocks})
         elif m.role == "assistant" and not m.content.strip():
             # A turn that answered nothing (stopped before its first token), or only
             # whitespace: the API refuses it but an empty final prefill, and it says nothing.
             if m is history[-1]:
                 messages.append({"role": "assistant", "content": m.content})
+        elif as_blocks:
+            block = {"type": "text", "text": m.content}
+            if m.cache:
+                block["cache_control"] = _cache_control(m.cache)
+            messages.append({"role": m.role, "content": [block]})
         else:
             messages.append({"role": m.role, "content": m.content})
     o = request.options
@@ -181,7 +256,8 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
         "stream": True,
         "max_tokens": o.max_tokens or default_max,
     }
-    if system.strip():  # one of only whitespace says nothing (and the API refuses it)
+    if system if isinstance(system, list) else system.strip():
+        # One of only whitespace says nothing (and the API refuses it).
         body["system"] = system
     for key, value in (
         # The API's range is 0 to 1 (OpenAI's 0 to 2): above it, the most random it takes.
@@ -208,6 +284,8 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
         if request.parallel_tool_calls is False and choice != "none":
             # The API's switch lives in tool_choice (auto, any or tool; none calls none).
             body.setdefault("tool_choice", {"type": "auto"})["disable_parallel_tool_use"] = True
+    if breakpoints(request):
+        _longer_first(body)
     return body
 
 
@@ -221,4 +299,6 @@ def _tool(tool: Tool) -> dict[str, Any]:
     }
     if fn.strict is not None:
         spec["strict"] = fn.strict
+    if tool.cache:
+        spec["cache_control"] = _cache_control(tool.cache)
     return spec
