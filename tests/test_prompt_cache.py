@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import msgspec
 import pytest
 
+from stella.api.anthropic import MessagesRequest, to_chat
 from stella.backends.anthropic_request import request_body
 from stella.errors import InvalidRequest
 from stella.protocol import (
@@ -57,6 +59,154 @@ def upstreams() -> Iterator[tuple[FakeAnthropic, FakeOpenAI, FakeOllama, LiveSer
         }
         with run_stella(config, {"CK": KEY}) as server:
             yield claude, gpt, llama, server
+
+
+def _tools() -> list[dict[str, Any]]:
+    schema = {"type": "object", "properties": {"path": {"type": "string"}}}
+    return [
+        {"name": "Read", "description": "read a file", "input_schema": schema},
+        {"name": "Bash", "description": "run a command", "input_schema": schema},
+    ]
+
+
+def _claude_code_turns(topic: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two successive requests of a Claude Code session about `topic`: system blocks with
+    cache_control, tools, tool_use/tool_result turns, the last block of the last user turn
+    marked (moved to the new last block on the second turn, as Claude Code does)."""
+    system = [
+        {"type": "text", "text": "You are Claude Code.", "cache_control": EPHEMERAL},
+        {"type": "text", "text": f"Work on {topic}. " * 50, "cache_control": EPHEMERAL},
+    ]
+    tools = _tools()
+    tools[-1]["cache_control"] = HOUR
+    first = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "<system-reminder>be careful</system-reminder>"},
+                {"type": "text", "text": f"fix the bug in {topic}"},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me look."},
+                {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"path": "a.py"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "print(1)"},
+                {"type": "text", "text": "keep going", "cache_control": EPHEMERAL},
+            ],
+        },
+    ]
+    second = json.loads(json.dumps(first))
+    del second[-1]["content"][-1]["cache_control"]
+    second += [
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "tool_use", "id": "toolu_2", "name": "Bash", "input": {"path": "b"}}
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_2",
+                    "content": "ok",
+                    "cache_control": EPHEMERAL,
+                }
+            ],
+        },
+    ]
+    body = {"model": "sonnet", "max_tokens": 50, "system": system, "tools": tools}
+    return {**body, "messages": first}, {**body, "messages": second, "stream": True}
+
+
+def _bare(value: Any) -> Any:
+    """`value` without its cache_control keys, at any depth."""
+    if isinstance(value, dict):
+        return {k: _bare(v) for k, v in value.items() if k != "cache_control"}
+    if isinstance(value, list):
+        return [_bare(v) for v in value]
+    return value
+
+
+def _sse(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_claude_code_turns_reach_an_anthropic_upstream_with_their_breakpoints(
+    upstreams: tuple[FakeAnthropic, FakeOpenAI, FakeOllama, LiveServer],
+) -> None:
+    claude, _, _, server = upstreams
+    turn1, turn2 = _claude_code_turns("the parser")
+    r = httpx.post(server.url + "/v1/messages", json=turn1, timeout=30)
+    assert r.status_code == 200, r.text
+    sent = claude.requests[-1]
+    # Tools first: the marked definition keeps its breakpoint and its ttl.
+    assert "cache_control" not in sent["tools"][0]
+    assert sent["tools"][1]["cache_control"] == HOUR
+    # The system blocks are one system prompt, marked (the longest of its blocks' ttls).
+    assert sent["system"] == [
+        {
+            "type": "text",
+            "text": turn1["system"][0]["text"] + "\n" + turn1["system"][1]["text"],
+            "cache_control": EPHEMERAL,
+        }
+    ]
+    # The last user turn: its tool_result, then its text, which holds the breakpoint.
+    assert sent["messages"][-2:] == [
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "print(1)"}],
+        },
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "keep going", "cache_control": EPHEMERAL}],
+        },
+    ]
+    marked = [b for m in sent["messages"] for b in m["content"] if "cache_control" in b]
+    assert len(marked) == 1
+    first_usage = r.json()["usage"]
+    written = _prefixes(sent)[-1][1]  # the fake's count of the prompt up to the last breakpoint
+    assert first_usage == {
+        "input_tokens": 0,
+        "cache_creation_input_tokens": written,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 6,
+    }
+
+    r = httpx.post(server.url + "/v1/messages", json=turn2, timeout=30)
+    assert r.status_code == 200, r.text
+    again = claude.requests[-1]
+    # The same bytes for every block up to the first turn's breakpoint: what makes it hit.
+    assert json.dumps(_bare(again["tools"])) == json.dumps(_bare(sent["tools"]))
+    assert json.dumps(again["system"]) == json.dumps(sent["system"])
+    n = len(sent["messages"])
+    assert json.dumps(_bare(again["messages"][:n])) == json.dumps(_bare(sent["messages"]))
+    assert again["messages"][-1]["content"][-1]["cache_control"] == EPHEMERAL
+    # The upstream read the first turn's prefix from its cache; the client is told so, in
+    # message_start and in the final usage, and the log has both counts.
+    events = _sse(r.text)
+    start = events[0]["message"]["usage"]
+    last = _prefixes(again)[-1][1]
+    assert start == {
+        "input_tokens": 0,
+        "cache_creation_input_tokens": last - written,
+        "cache_read_input_tokens": written,
+        "output_tokens": 0,
+    }
+    delta = next(e for e in events if e["type"] == "message_delta")
+    assert delta["usage"] == {**start, "output_tokens": 6}
+    rid = r.headers["x-request-id"]
+    ev = server.wait_event(lambda e: e.get("request_id") == rid)
+    assert ev["cached_tokens"] == written and ev["cache_write_tokens"] == last - written
+    assert ev["prompt_tokens"] == last
 
 
 def test_native_cache_markers_reach_an_anthropic_upstream(
@@ -114,22 +264,77 @@ def test_native_cache_markers_reach_an_anthropic_upstream(
     assert usage["prompt_tokens_details"] == {"cached_tokens": 0}
 
 
-def test_a_bad_native_cache_marker_is_a_400_naming_it(
+def test_a_tool_result_marked_before_its_turns_text_keeps_the_ttl_order(
     upstreams: tuple[FakeAnthropic, FakeOpenAI, FakeOllama, LiveServer],
 ) -> None:
-    server = upstreams[3]
-    body = {"model": "echo", "messages": [{"role": "user", "content": "hi", "cache": "2h"}]}
-    r = httpx.post(server.url + "/api/v1/chat", json=body, timeout=30)
-    assert r.status_code == 400, r.text
-    assert "$.messages[0].cache" in r.json()["error"]["message"]
+    # The client's order is the API's (1h, then 5m); its tool_result goes before the turn's
+    # text, so the 5m breakpoint would come first: the API refuses a 1h one after a 5m one.
+    claude, _, _, server = upstreams
+    msgs = [
+        {"role": "user", "content": "read a"},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "here it is", "cache_control": HOUR},
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_1",
+                    "content": "data",
+                    "cache_control": EPHEMERAL,
+                },
+            ],
+        },
+    ]
+    body = {"model": "sonnet", "max_tokens": 20, "tools": _tools(), "messages": msgs}
+    r = httpx.post(server.url + "/v1/messages", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    result, text = claude.requests[-1]["messages"][-2:]
+    assert result["content"][0]["cache_control"] == HOUR
+    assert text["content"] == [{"type": "text", "text": "here it is", "cache_control": HOUR}]
 
 
-def test_more_than_four_native_breakpoints_are_refused_before_an_anthropic_upstream(
+def test_automatic_caching_marks_the_last_block(
+    upstreams: tuple[FakeAnthropic, FakeOpenAI, FakeOllama, LiveServer],
+) -> None:
+    claude, _, _, server = upstreams
+    body = {
+        "model": "sonnet",
+        "max_tokens": 20,
+        "cache_control": HOUR,
+        "system": "You are terse.",
+        "messages": [{"role": "user", "content": "hello"}],
+    }
+    r = httpx.post(server.url + "/v1/messages", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    sent = claude.requests[-1]
+    assert sent["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "hello", "cache_control": HOUR}]}
+    ]
+    assert sent["system"] == "You are terse."
+
+
+def test_more_than_four_breakpoints_are_refused_before_any_upstream(
     upstreams: tuple[FakeAnthropic, FakeOpenAI, FakeOllama, LiveServer],
 ) -> None:
     claude, _, _, server = upstreams
     sent = len(claude.requests)
-    # The Anthropic backend refuses them with the API's words; the others ignore them.
+    text = {"type": "text", "text": "hi", "cache_control": EPHEMERAL}
+    for model in ("sonnet", "gpt", "echo"):
+        body = {
+            "model": model,
+            "max_tokens": 20,
+            "system": [text, text],
+            "messages": [{"role": "user", "content": [text, text, text]}],
+        }
+        r = httpx.post(server.url + "/v1/messages", json=body, timeout=30)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == {"type": "invalid_request_error", "message": TOO_MANY}
+    # Natively, the Anthropic backend refuses them with the API's words (the others
+    # ignore the markers).
     msgs = [{"role": "user", "content": f"m{i}", "cache": "5m"} for i in range(5)]
     r = httpx.post(
         server.url + "/api/v1/chat", json={"model": "sonnet", "messages": msgs}, timeout=30
@@ -145,11 +350,71 @@ def test_more_than_four_native_breakpoints_are_refused_before_an_anthropic_upstr
     assert len(claude.requests) == sent
 
 
+@pytest.mark.parametrize(
+    ("where", "control", "path"),
+    [
+        (
+            "message",
+            {"type": "ephemeral", "ttl": "2h"},
+            "$.messages[2].content[0].cache_control.ttl",
+        ),
+        ("message", {"type": "persistent"}, "$.messages[2].content[0].cache_control.type"),
+        ("message", {"ttl": "5m"}, "$.messages[2].content[0].cache_control"),
+        ("tool", {"type": "ephemeral", "ttl": 300}, "$.tools[0].cache_control.ttl"),
+        ("system", {"type": "ephemeral", "ttl": "1d"}, "$.system[0].cache_control.ttl"),
+        ("top", {"type": "ephemeral", "ttl": "10m"}, "$.cache_control.ttl"),
+    ],
+)
+def test_a_cache_control_the_api_refuses_is_a_400_naming_its_path(
+    upstreams: tuple[FakeAnthropic, FakeOpenAI, FakeOllama, LiveServer],
+    where: str,
+    control: dict[str, Any],
+    path: str,
+) -> None:
+    server = upstreams[3]
+    block = {"type": "text", "text": "more"}
+    body: dict[str, Any] = {
+        "model": "sonnet",
+        "max_tokens": 20,
+        "system": [{"type": "text", "text": "be brief"}],
+        "tools": _tools(),
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": [block]},
+        ],
+    }
+    target = {
+        "message": block,
+        "tool": body["tools"][0],
+        "system": body["system"][0],
+        "top": body,
+    }[where]
+    target["cache_control"] = control
+    r = httpx.post(server.url + "/v1/messages", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert path in r.json()["error"]["message"]
+
+
+def test_a_bad_native_cache_marker_is_a_400_naming_it(
+    upstreams: tuple[FakeAnthropic, FakeOpenAI, FakeOllama, LiveServer],
+) -> None:
+    server = upstreams[3]
+    body = {"model": "echo", "messages": [{"role": "user", "content": "hi", "cache": "2h"}]}
+    r = httpx.post(server.url + "/api/v1/chat", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert "$.messages[0].cache" in r.json()["error"]["message"]
+
+
 def test_backends_without_prompt_caching_ignore_the_markers(
     upstreams: tuple[FakeAnthropic, FakeOpenAI, FakeOllama, LiveServer],
 ) -> None:
     _, gpt, llama, server = upstreams
+    turn1, _ = _claude_code_turns("the lexer")
     for model in ("gpt", "llama", "echo"):
+        r = httpx.post(server.url + "/v1/messages", json={**turn1, "model": model}, timeout=30)
+        assert r.status_code == 200, (model, r.text)
         native = {
             "model": model,
             "stream": False,
@@ -165,7 +430,50 @@ def test_backends_without_prompt_caching_ignore_the_markers(
         assert "cache" not in json.dumps(request)
 
 
-# --- the backend's body, without a server ---------------------------------------------
+# --- the dialect's mapping and the backend's body, without a server -----------------
+
+
+def _chat(**body: Any) -> ChatRequest:
+    return to_chat(msgspec.convert({"model": "m", "max_tokens": 5, **body}, MessagesRequest))
+
+
+def test_each_marked_block_marks_the_native_message_it_became() -> None:
+    result = {
+        "type": "tool_result",
+        "tool_use_id": "toolu_1",
+        "content": [{"type": "text", "text": "data", "cache_control": HOUR}],
+    }
+    chat = _chat(
+        system=[
+            {"type": "text", "text": "a", "cache_control": EPHEMERAL},
+            {"type": "text", "text": "b"},
+        ],
+        messages=[
+            {"role": "user", "content": "read"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "ok", "cache_control": HOUR},
+                    {
+                        "type": "tool_use",
+                        "id": "toolu_1",
+                        "name": "Read",
+                        "input": {},
+                        "cache_control": EPHEMERAL,
+                    },
+                ],
+            },
+            {"role": "user", "content": [result, {"type": "text", "text": "go on"}]},
+        ],
+    )
+    assert [(m.role, m.cache) for m in chat.messages] == [
+        ("system", "5m"),
+        ("user", None),
+        ("assistant", "1h"),  # two marked blocks, one breakpoint: the longer ttl
+        ("tool", "1h"),  # a block inside the tool_result marks it
+        ("user", None),
+    ]
+    assert chat.tools is None
 
 
 def test_the_backend_puts_each_breakpoint_on_the_last_block_of_its_message() -> None:

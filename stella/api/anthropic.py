@@ -2,13 +2,13 @@
 and POST /v1/messages/count_tokens (the prompt's tokens, as the route's backend counts).
 
 Claude-style clients (the `anthropic` SDK) can use any backend: system prompts,
-stop sequences, tool_use / tool_result blocks and usage map onto the one
-internal request; errors come back as {"type": "error", "error": {...}}.
+stop sequences, tool_use / tool_result blocks, cache_control breakpoints and usage map
+onto the one internal request; errors come back as {"type": "error", "error": {...}}.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -34,6 +34,7 @@ from stella.api.openapi import Operation, document
 from stella.core import Call, Inference, orphan_result
 from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, StellaError
 from stella.protocol import (
+    CacheTtl,
     ChatRequest,
     Delta,
     Done,
@@ -56,6 +57,27 @@ from stella.protocol import (
 from stella.streaming import Codec, json_text, one_line
 
 
+class CacheControl(msgspec.Struct):
+    """A prompt-cache breakpoint, {"type": "ephemeral", "ttl": "5m" | "1h"} (other keys the
+    API may add are ignored)."""
+
+    type: Literal["ephemeral"]
+    ttl: CacheTtl | None = None  # the API's default: 5m
+
+
+def _ttl(*marks: CacheControl | None) -> CacheTtl | None:
+    """The one breakpoint that `marks` (of blocks that became one native message) make:
+    the longest lifetime among them, so each prefix the client marked stays cached at
+    least as long as it asked (None: none is marked)."""
+    return _longest(c.ttl or "5m" for c in marks if c is not None)
+
+
+def _longest(ttls: Iterable[CacheTtl | None]) -> CacheTtl | None:
+    """The longest of `ttls` (None: none given)."""
+    given = [t for t in ttls if t is not None]
+    return ("1h" if "1h" in given else "5m") if given else None
+
+
 class Block(msgspec.Struct):
     """A content block (text, tool_use, tool_result; an assistant's thinking, dropped;
     others are refused)."""
@@ -68,6 +90,7 @@ class Block(msgspec.Struct):
     tool_use_id: str = ""
     content: str | list[Block] | None = None
     is_error: bool = False  # a tool_result's: the tool failed
+    cache_control: CacheControl | None = None
 
 
 class AMessage(msgspec.Struct):
@@ -94,6 +117,7 @@ class ATool(msgspec.Struct):
     input_schema: dict[str, Any] = {}
     # Strict tool use: the call's input held to input_schema (the native FunctionSpec's).
     strict: bool | None = None
+    cache_control: CacheControl | None = None  # a breakpoint after this definition
 
 
 class AToolChoice(msgspec.Struct):
@@ -162,6 +186,8 @@ class Prompt(msgspec.Struct, kw_only=True):
     # prose where it asked for its schema). `output_format`: the beta's top-level form.
     output_config: AOutputConfig | None = None
     output_format: AOutputFormat | None = None
+    # Automatic caching: a breakpoint at the last block, wherever the conversation ends.
+    cache_control: CacheControl | None = None
 
 
 class MessagesRequest(Prompt, kw_only=True):
@@ -177,9 +203,8 @@ class MessagesRequest(Prompt, kw_only=True):
 
 
 class CountTokensRequest(Prompt, kw_only=True):
-    """POST /v1/messages/count_tokens: a message's prompt, without max_tokens (the API's
-    cache_control, thinking and the beta's context_management are taken and not applied,
-    as on /v1/messages)."""
+    """POST /v1/messages/count_tokens: a message's prompt, without max_tokens (thinking and
+    the beta's context_management are taken and not applied, as on /v1/messages)."""
 
 
 _req = msgspec.json.Decoder(MessagesRequest)
@@ -366,13 +391,40 @@ def _text(content: str | list[Block] | None, path: str) -> str:
 
 
 def _tool_result(b: Block, path: str) -> Message:
-    """A tool_result block as a tool message, its is_error kept (see backends' content_of)."""
+    """A tool_result block as a tool message, its is_error kept (see backends' content_of),
+    and its breakpoint, or that of a block inside it."""
+    inner = b.content if isinstance(b.content, list) else ()
     return Message(
         role="tool",
         content=_text(b.content, path),
         tool_call_id=b.tool_use_id,
         is_error=b.is_error,
+        cache=_ttl(b.cache_control, *(c.cache_control for c in inner)),
     )
+
+
+# The API's own limit and words for more cache breakpoints than it takes.
+MAX_BREAKPOINTS = 4
+
+
+def _check_breakpoints(req: Prompt) -> None:
+    """A 400 for a cache_control the API refuses: a type or ttl it does not know is one
+    at decoding (by its path); more than MAX_BREAKPOINTS here, in the API's words, before
+    any backend is asked (an Anthropic upstream would refuse it after a round trip)."""
+    n = 0
+    for content in (req.system, *(m.content for m in req.messages)):
+        if isinstance(content, list):
+            for b in content:
+                n += b.cache_control is not None
+                if isinstance(b.content, list):  # a tool_result's blocks
+                    n += sum(c.cache_control is not None for c in b.content)
+    n += sum(1 for t in req.tools or () if t.cache_control is not None)
+    n += req.cache_control is not None
+    if n > MAX_BREAKPOINTS:
+        raise InvalidRequest(
+            f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. Found {n}.",
+            param="messages",
+        )
 
 
 def _ends_in_space(content: str | list[Block]) -> bool:
@@ -394,9 +446,14 @@ def to_chat(req: Prompt) -> ChatRequest:
             "$.mcp_servers: MCP servers are not supported (stella runs no server tools)",
             param="mcp_servers",
         )
+    _check_breakpoints(req)
     messages: list[Message] = []
     if req.system:
-        messages.append(Message(role="system", content=_text(req.system, "system")))
+        system = _text(req.system, "system")
+        cache = (
+            None if isinstance(req.system, str) else _ttl(*(b.cache_control for b in req.system))
+        )
+        messages.append(Message(role="system", content=system, cache=cache))
     # Where each tool_result came from, by its place among `messages`: the pipeline's own
     # check would name a message of the internal request, not the client's block.
     results: dict[int, str] = {}
@@ -424,14 +481,21 @@ def to_chat(req: Prompt) -> ChatRequest:
             # here is refused by its path (each backend puts the text where its API takes
             # a system message: the Anthropic backend into its top-level system).
             text = _text(m.content, f"messages[{i}].content")
-            messages.append(Message(role="system", content=text))
+            cache = (
+                None if isinstance(m.content, str) else _ttl(*(b.cache_control for b in m.content))
+            )
+            messages.append(Message(role="system", content=text, cache=cache))
             continue
         if isinstance(m.content, str):
             messages.append(Message(role=m.role, content=m.content))
             continue
         texts: list[str] = []
         calls: list[ToolCallRef] = []
+        # The breakpoints of the blocks that make the message after the turn's results.
+        marks: list[CacheControl | None] = []
         for j, b in enumerate(m.content):
+            if b.type in ("text", "tool_use"):
+                marks.append(b.cache_control)
             if b.type == "text":
                 texts.append(b.text)
             elif b.type == "tool_use":
@@ -460,7 +524,12 @@ def to_chat(req: Prompt) -> ChatRequest:
                 )
         if texts or calls:
             messages.append(
-                Message(role=m.role, content="\n".join(texts), tool_calls=calls or None)
+                Message(
+                    role=m.role,
+                    content="\n".join(texts),
+                    tool_calls=calls or None,
+                    cache=_ttl(*marks),
+                )
             )
     if (orphan := orphan_result(messages)) is not None:
         # As the API refuses it (a 502 with an upstream's words for it, else).
@@ -481,6 +550,11 @@ def to_chat(req: Prompt) -> ChatRequest:
             "messages: final assistant content cannot end with trailing whitespace",
             param="messages",
         )
+    if req.cache_control is not None and messages:
+        # Automatic caching: the breakpoint at the end, on the message that ends it.
+        last = messages[-1]
+        cache = _longest((last.cache, req.cache_control.ttl or "5m"))
+        messages[-1] = msgspec.structs.replace(last, cache=cache)
     options, stream, metadata = Options(), False, None
     if isinstance(req, MessagesRequest):
         stream, metadata = req.stream, req.metadata
@@ -503,7 +577,8 @@ def to_chat(req: Prompt) -> ChatRequest:
                     description=t.description,
                     parameters=t.input_schema,
                     strict=t.strict,
-                )
+                ),
+                cache=_ttl(t.cache_control),
             )
             for t in req.tools
         ]
