@@ -109,10 +109,10 @@ class ATool(msgspec.Struct):
     """A client tool definition (the API's server tools, e.g. web_search, are refused)."""
 
     name: ToolName
-    # A server tool's type (web_search_20250305, bash_20250124, ...) is a 400 naming it:
-    # stella runs none, and taken as a client tool the model would call it and wait for
-    # a result no one sends.
-    type: Literal["custom"] | None = None
+    # "custom" or none; a server tool's type (web_search_20250305, bash_20250124, ...) is
+    # a 400 naming it (see _check_tools): stella runs none, and taken as a client tool the
+    # model would call it and wait for a result no one sends.
+    type: str | None = None
     description: str = ""
     input_schema: dict[str, Any] = {}
     # Strict tool use: the call's input held to input_schema (the native FunctionSpec's).
@@ -439,6 +439,17 @@ def _ends_in_space(content: str | list[Block]) -> bool:
 _THOUGHTS = frozenset({"thinking", "redacted_thinking"})
 
 
+def _check_tools(tools: list[ATool] | None) -> None:
+    """A 400 naming the first server tool among `tools` (a type other than "custom")."""
+    for k, t in enumerate(tools or ()):
+        if t.type not in (None, "custom"):
+            raise InvalidRequest(
+                f"$.tools[{k}].type: server tool {t.type!r} is not supported: stella runs no "
+                'server tools; only client tools (type "custom" or none)',
+                param=f"tools[{k}].type",
+            )
+
+
 def to_chat(req: Prompt) -> ChatRequest:
     """The internal request for a Messages API call (a count's: no sampling, no stream)."""
     if req.mcp_servers:
@@ -446,6 +457,7 @@ def to_chat(req: Prompt) -> ChatRequest:
             "$.mcp_servers: MCP servers are not supported (stella runs no server tools)",
             param="mcp_servers",
         )
+    _check_tools(req.tools)
     _check_breakpoints(req)
     messages: list[Message] = []
     if req.system:
