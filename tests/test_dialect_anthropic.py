@@ -1277,3 +1277,190 @@ def test_a_long_agent_sessions_request_is_taken(server: LiveServer) -> None:
     r = httpx.post(server.url + "/v1/messages", json=body, headers={"x-api-key": KEY})
     assert r.status_code == 200, r.text[:200]
     assert r.json()["content"][0]["text"] == "next"
+
+
+# Claude Code 2.1.332's tool search, as it asks it (advanced-tool-use-2025-11-20): tools it
+# defers (defer_loading) are loaded by the tool_reference blocks its ToolSearch tool answers
+# with. Its fields as sent; descriptions shortened.
+_SCHEMA = "https://json-schema.org/draft/2020-12/schema"
+_BETAS = (
+    "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,"
+    "advanced-tool-use-2025-11-20,effort-2025-11-24"
+)
+EPHEMERAL = {"type": "ephemeral"}
+_CC_TOOLS = [
+    {
+        "name": "Bash",
+        "description": "Executes a given bash command and returns its output.",
+        "input_schema": {
+            "$schema": _SCHEMA,
+            "type": "object",
+            "properties": {"command": {"description": "The command to execute", "type": "string"}},
+            "required": ["command"],
+            "additionalProperties": False,
+        },
+    },
+    {
+        "name": "ToolSearch",
+        "description": "Fetches full schema definitions for deferred tools so they can be called.",
+        "input_schema": {
+            "$schema": _SCHEMA,
+            "type": "object",
+            "properties": {
+                "query": {"type": "string"},
+                "max_results": {"default": 5, "type": "number"},
+            },
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+    },
+    {
+        "name": "DeferredToolPlaceholder",
+        "description": "Reserved placeholder that keeps deferred tool loading active; never call "
+        "this tool.",
+        "input_schema": {"type": "object", "properties": {}},
+        "defer_loading": True,
+    },
+    {
+        "name": "WebFetch",
+        "description": "Fetches a URL, converts the page to markdown, and answers `prompt` "
+        "against it using a small fast model.",
+        "input_schema": {
+            "$schema": _SCHEMA,
+            "type": "object",
+            "properties": {
+                "url": {"type": "string", "format": "uri"},
+                "prompt": {"type": "string"},
+            },
+            "required": ["url", "prompt"],
+            "additionalProperties": False,
+        },
+        "defer_loading": True,
+    },
+    {
+        "name": "NotebookEdit",
+        "description": "Replaces the contents of a cell in a Jupyter notebook.",
+        "input_schema": {"type": "object", "properties": {"notebook_path": {"type": "string"}}},
+        "defer_loading": True,
+    },
+]
+_SEARCH = {
+    "type": "tool_use",
+    "id": "call_1795908345915",
+    "name": "ToolSearch",
+    "input": {"query": "select:WebFetch"},
+}
+
+
+def _tool_search_body(model: str, references: list[str] | None = None) -> dict:
+    """A Claude Code request after its ToolSearch answered `references` (None: before it
+    searched), with the top-level fields 2.1.332 sends beside them."""
+    messages: list[dict] = [
+        {"role": "user", "content": [{"type": "text", "text": "fetch the page"}]},
+    ]
+    if references is not None:
+        refs = [{"type": "tool_reference", "tool_name": n} for n in references]
+        result = {"type": "tool_result", "tool_use_id": _SEARCH["id"], "content": refs}
+        messages += [
+            {"role": "assistant", "content": [_SEARCH]},
+            {"role": "user", "content": [result]},
+        ]
+    user_id = '{"device_id":"c4420940","account_uuid":"","session_id":"f9860558"}'
+    return {
+        "model": model,
+        "messages": messages,
+        "system": [
+            {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.332.150;"},
+            {"type": "text", "text": "You are a Claude agent.", "cache_control": EPHEMERAL},
+        ],
+        "tools": _CC_TOOLS,
+        "metadata": {"user_id": user_id},
+        "max_tokens": 32000,
+        "thinking": {"type": "adaptive", "display": "omitted"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "output_config": {"effort": "high"},
+        "stream": True,
+    }
+
+
+def _names(tools: list[dict] | None) -> list[str]:
+    """The names of tools in either API's shape."""
+    return [t["function"]["name"] if "function" in t else t["name"] for t in tools or ()]
+
+
+def test_deferred_tools_are_offered_once_a_tool_reference_loads_them() -> None:
+    headers = {"x-api-key": KEY, "anthropic-beta": _BETAS}
+    with _claude_and_gpt("claude-ok", "ok") as (server, claude, gpt):
+        for model, upstream in (("gpt", gpt), ("sonnet", claude)):
+            url = server.url + "/v1/messages?beta=true"
+            # Before any search: a deferred tool is not the model's to call.
+            r = httpx.post(url, json=_tool_search_body(model), headers=headers)
+            assert r.status_code == 200, r.text
+            assert _names(upstream.requests[-1]["tools"]) == ["Bash", "ToolSearch"]
+            # ToolSearch's answer loads WebFetch: offered, and the result says so.
+            r = httpx.post(url, json=_tool_search_body(model, ["WebFetch"]), headers=headers)
+            assert r.status_code == 200, r.text
+            sent = upstream.requests[-1]
+            assert _names(sent["tools"]) == ["Bash", "ToolSearch", "WebFetch"]
+            if upstream is gpt:
+                assert sent["messages"][-1] == {
+                    "role": "tool",
+                    "content": "Tool loaded: WebFetch",
+                    "tool_call_id": _SEARCH["id"],
+                }
+                web_fetch = sent["tools"][-1]["function"]
+                assert web_fetch["parameters"] == _CC_TOOLS[3]["input_schema"]
+                assert "defer_loading" not in sent["tools"][-1]
+            else:
+                result = sent["messages"][-1]["content"][0]
+                assert result["type"] == "tool_result"
+                assert result["content"] == "Tool loaded: WebFetch"
+                assert sent["tools"][-1]["input_schema"] == _CC_TOOLS[3]["input_schema"]
+                assert "defer_loading" not in sent["tools"][-1]
+        # The count is of what the model reads: the same tools.
+        body = _tool_search_body("sonnet", ["WebFetch"])
+        for field in ("max_tokens", "stream", "metadata"):
+            del body[field]
+        r = httpx.post(
+            server.url + "/v1/messages/count_tokens?beta=true", json=body, headers=headers
+        )
+        assert r.status_code == 200, r.text
+        assert _names(claude.counts[-1]["tools"]) == ["Bash", "ToolSearch", "WebFetch"]
+        # The official client (its beta namespace) is answered the same way.
+        m = client(server).beta.messages.create(
+            model="gpt",
+            max_tokens=50,
+            tools=_CC_TOOLS,  # type: ignore[arg-type]
+            messages=_tool_search_body("gpt", ["WebFetch"])["messages"],
+            betas=["advanced-tool-use-2025-11-20"],
+        )
+        assert m.content
+        assert _names(gpt.requests[-1]["tools"]) == ["Bash", "ToolSearch", "WebFetch"]
+
+
+def test_tool_search_refusals_are_the_api_s(server: LiveServer) -> None:
+    url = server.url + "/v1/messages"
+    headers = {"x-api-key": KEY}
+    # A reference to a tool the request does not define: the API's 400.
+    body = _tool_search_body("echo", ["WebFetch", "WebSearch"]) | {"stream": False}
+    r = httpx.post(url, json=body, headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {
+        "type": "invalid_request_error",
+        "message": "$.messages[2].content[0].content[1].tool_name: Tool reference 'WebSearch' "
+        "has no corresponding tool definition",
+    }
+    # Every tool deferred: the API's 400.
+    body = _tool_search_body("echo", ["WebFetch"]) | {"stream": False}
+    deferred = [t | {"defer_loading": True} for t in _CC_TOOLS]
+    r = httpx.post(url, json=body | {"tools": deferred}, headers=headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == (
+        "$.tools: All tools have defer_loading set. At least one tool must be non-deferred."
+    )
+    # A tool_choice naming a deferred tool loads it: the model must call it.
+    body = _tool_search_body("echo") | {"stream": False}
+    body["tool_choice"] = {"type": "tool", "name": "NotebookEdit"}
+    r = httpx.post(url, json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["content"][0]["name"] == "NotebookEdit"

@@ -79,8 +79,8 @@ def _longest(ttls: Iterable[CacheTtl | None]) -> CacheTtl | None:
 
 
 class Block(msgspec.Struct):
-    """A content block (text, tool_use, tool_result; an assistant's thinking, dropped;
-    others are refused)."""
+    """A content block (text, tool_use, tool_result, a tool_result's tool_reference; an
+    assistant's thinking, dropped; others are refused)."""
 
     type: str
     text: str = ""
@@ -90,6 +90,7 @@ class Block(msgspec.Struct):
     tool_use_id: str = ""
     content: str | list[Block] | None = None
     is_error: bool = False  # a tool_result's: the tool failed
+    tool_name: str = ""  # a tool_reference's: the deferred tool it loads
     cache_control: CacheControl | None = None
 
 
@@ -118,6 +119,9 @@ class ATool(msgspec.Struct):
     # Strict tool use: the call's input held to input_schema (the native FunctionSpec's).
     strict: bool | None = None
     cache_control: CacheControl | None = None  # a breakpoint after this definition
+    # Tool search (the advanced-tool-use beta): offered to the model only once a
+    # tool_reference in the conversation loads it, as the API does (see _offered).
+    defer_loading: bool | None = None
 
 
 class AToolChoice(msgspec.Struct):
@@ -381,22 +385,42 @@ def _text(content: str | list[Block] | None, path: str) -> str:
     by its path, as in a message: dropped, the model would answer without it."""
     if content is None or isinstance(content, str):
         return content or ""
-    for k, b in enumerate(content):
-        if b.type != "text":
-            raise InvalidRequest(
-                f"$.{path}[{k}].type: {b.type!r} is not supported", param=f"{path}[{k}].type"
-            )
     # Blocks are separate pieces of text: run together, their words would merge.
-    return "\n".join(b.text for b in content)
+    return "\n".join(_block_text(b, f"{path}[{k}]") for k, b in enumerate(content))
 
 
-def _tool_result(b: Block, path: str) -> Message:
+def _block_text(b: Block, path: str) -> str:
+    """A text block's text; another block is refused by its path."""
+    if b.type != "text":
+        raise InvalidRequest(f"$.{path}.type: {b.type!r} is not supported", param=f"{path}.type")
+    return b.text
+
+
+def _result_text(content: str | list[Block] | None, path: str, loaded: dict[str, str]) -> str:
+    """The text of a tool_result's `content`: a tool_reference (a tool search's answer, as
+    Claude Code's ToolSearch gives) says the tool it loads, which goes into `loaded` (by
+    name, with the path of its first reference); another block but text is refused."""
+    if not isinstance(content, list):
+        return _text(content, path)
+    texts = []
+    for k, b in enumerate(content):
+        if b.type == "tool_reference":
+            # The API expands it into the tool's definition; here the tool joins the ones
+            # offered (see _offered) and the model reads that it may call it now.
+            loaded.setdefault(b.tool_name, f"{path}[{k}].tool_name")
+            texts.append(f"Tool loaded: {b.tool_name}")
+        else:
+            texts.append(_block_text(b, f"{path}[{k}]"))
+    return "\n".join(texts)
+
+
+def _tool_result(b: Block, path: str, loaded: dict[str, str]) -> Message:
     """A tool_result block as a tool message, its is_error kept (see backends' content_of),
     and its breakpoint, or that of a block inside it."""
     inner = b.content if isinstance(b.content, list) else ()
     return Message(
         role="tool",
-        content=_text(b.content, path),
+        content=_result_text(b.content, path, loaded),
         tool_call_id=b.tool_use_id,
         is_error=b.is_error,
         cache=_ttl(b.cache_control, *(c.cache_control for c in inner)),
@@ -469,6 +493,8 @@ def to_chat(req: Prompt) -> ChatRequest:
     # Where each tool_result came from, by its place among `messages`: the pipeline's own
     # check would name a message of the internal request, not the client's block.
     results: dict[int, str] = {}
+    # The deferred tools the conversation's tool_reference blocks load, by name.
+    loaded: dict[str, str] = {}
     for i, m in enumerate(req.messages):
         check_images(m.images, f"messages[{i}].images")
         empty = not m.content or (
@@ -523,7 +549,7 @@ def to_chat(req: Prompt) -> ChatRequest:
                 )
             elif b.type == "tool_result":
                 results[len(messages)] = f"messages[{i}].content[{j}]"
-                messages.append(_tool_result(b, f"messages[{i}].content[{j}].content"))
+                messages.append(_tool_result(b, f"messages[{i}].content[{j}].content", loaded))
             elif b.type in _THOUGHTS and m.role == "assistant":
                 # An earlier answer's reasoning, sent back as the API's clients do: the API
                 # ignores it, another backend's model cannot read it, and no backend here
@@ -581,6 +607,7 @@ def to_chat(req: Prompt) -> ChatRequest:
             )
         except msgspec.ValidationError as exc:
             raise InvalidRequest(str(exc)) from None
+    offered = _offered(req, loaded)
     tools = (
         [
             Tool(
@@ -592,9 +619,9 @@ def to_chat(req: Prompt) -> ChatRequest:
                 ),
                 cache=_ttl(t.cache_control),
             )
-            for t in req.tools
+            for t in offered
         ]
-        if req.tools
+        if offered
         else None
     )
     return ChatRequest(
@@ -603,11 +630,35 @@ def to_chat(req: Prompt) -> ChatRequest:
         stream=stream,
         options=options,
         tools=tools,
-        tool_choice=req.tool_choice.internal(req.tools) if req.tool_choice else None,
+        tool_choice=req.tool_choice.internal(offered) if req.tool_choice else None,
         parallel_tool_calls=_parallel(req.tool_choice),
         metadata=metadata,
         response_format=_response_format(req),
     )
+
+
+def _offered(req: Prompt, loaded: dict[str, str]) -> list[ATool] | None:
+    """The tools the model is offered, as the API's tool search has it: every tool but a
+    deferred one (defer_loading) that no tool_reference has `loaded` and no tool_choice
+    names (the model must then call it, and reads its definition). A reference to no tool
+    given, and tools all deferred, are the API's 400s."""
+    names = {t.name for t in req.tools or ()}
+    for name, path in loaded.items():
+        if name not in names:
+            raise InvalidRequest(
+                f"$.{path}: Tool reference {name!r} has no corresponding tool definition",
+                param=path,
+            )
+    if not req.tools:
+        return None
+    if all(t.defer_loading for t in req.tools):
+        raise InvalidRequest(
+            "$.tools: All tools have defer_loading set. At least one tool must be non-deferred.",
+            param="tools",
+        )
+    choice = req.tool_choice
+    named = choice.name if choice is not None and choice.type == "tool" else None
+    return [t for t in req.tools if not t.defer_loading or t.name in loaded or t.name == named]
 
 
 def _response_format(req: Prompt) -> dict[str, Any] | None:
