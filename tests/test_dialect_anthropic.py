@@ -562,11 +562,14 @@ def test_blocks_that_are_not_text_are_refused_where_only_text_can_go(
 ) -> None:
     image = {"type": "image", "source": {"type": "url", "url": "http://x/cat.png"}}
     text = {"type": "text", "text": "look"}
+    # In a tool_result, an image is a note (test_an_image_a_tool_gave_is_a_note); a block
+    # that holds text of its own is not read, so refused.
+    found = {"type": "search_result", "source": "x", "title": "x", "content": [text]}
     with pytest.raises(
         anthropic.BadRequestError, match=r"messages\[2\]\.content\[0\]\.content\[1\]\.type"
     ):
         client(server).messages.create(
-            model="echo", max_tokens=5, messages=_tool_turns({"content": [text, image]})
+            model="echo", max_tokens=5, messages=_tool_turns({"content": [text, found]})
         )
     with pytest.raises(anthropic.BadRequestError, match=r"system\[1\]\.type"):
         client(server).messages.create(
@@ -1464,3 +1467,34 @@ def test_tool_search_refusals_are_the_api_s(server: LiveServer) -> None:
     r = httpx.post(url, json=body, headers=headers)
     assert r.status_code == 200, r.text
     assert r.json()["content"][0]["name"] == "NotebookEdit"
+
+
+def test_an_image_a_tool_gave_is_a_note() -> None:
+    # Claude Code's Read of a PNG or a PDF answers with the file as a block: refused, it
+    # would fail every later turn of the session, as it stays in the history.
+    png = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
+    pdf = {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQ="}
+    content = [
+        {"type": "image", "source": png},
+        {"type": "text", "text": "page 1"},
+        {"type": "document", "source": pdf},
+    ]
+    with _claude_and_gpt("claude-ok", "ok") as (server, claude, gpt):
+        for model in ("gpt", "sonnet"):
+            m = client(server).messages.create(
+                model=model, max_tokens=50, messages=_tool_turns({"content": content})
+            )
+            assert m.content[0].type == "text"
+        note = (
+            "[image omitted: this model reads text only]\npage 1\n"
+            "[document omitted: this model reads text only]"
+        )
+        assert gpt.requests[-1]["messages"][-1]["content"] == note
+        assert claude.requests[-1]["messages"][-1]["content"][0]["content"] == note
+        # Where no tool said so, in a user message, an image stays refused.
+        with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\]\.content\[0\]"):
+            client(server).messages.create(
+                model="gpt",
+                max_tokens=50,
+                messages=[{"role": "user", "content": [content[0], content[1]]}],  # type: ignore[list-item]
+            )

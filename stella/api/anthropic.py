@@ -381,8 +381,9 @@ def _cursor(names: list[str], value: str, param: str) -> int:
 
 
 def _text(content: str | list[Block] | None, path: str) -> str:
-    """The text of `content`; a block that is not text (an image, a document) is refused
-    by its path, as in a message: dropped, the model would answer without it."""
+    """The text of `content` (a message's, the system's); a block that is not text (an
+    image, a document) is refused by its path: dropped, the model would answer as if it
+    had seen it (a tool_result's: see _result_text)."""
     if content is None or isinstance(content, str):
         return content or ""
     # Blocks are separate pieces of text: run together, their words would merge.
@@ -396,10 +397,16 @@ def _block_text(b: Block, path: str) -> str:
     return b.text
 
 
+# What the model reads for an image or a document a tool gave (Claude Code's Read of a
+# PNG, a PDF, a screenshot): the same words as the other dialects' tool outputs.
+_OMITTED = "[{} omitted: this model reads text only]"
+
+
 def _result_text(content: str | list[Block] | None, path: str, loaded: dict[str, str]) -> str:
     """The text of a tool_result's `content`: a tool_reference (a tool search's answer, as
     Claude Code's ToolSearch gives) says the tool it loads, which goes into `loaded` (by
-    name, with the path of its first reference); another block but text is refused."""
+    name, with the path of its first reference); an image or a document is a note saying
+    it was left out; another block but text is refused."""
     if not isinstance(content, list):
         return _text(content, path)
     texts = []
@@ -409,6 +416,11 @@ def _result_text(content: str | list[Block] | None, path: str, loaded: dict[str,
             # offered (see _offered) and the model reads that it may call it now.
             loaded.setdefault(b.tool_name, f"{path}[{k}].tool_name")
             texts.append(f"Tool loaded: {b.tool_name}")
+        elif b.type in ("image", "document"):
+            # Refused, it would stay in the history and fail every later turn of the
+            # session; the note tells the model it did not see it, so it does not answer
+            # as if it had (in a message, where no tool says so, it stays a 400).
+            texts.append(_OMITTED.format(b.type))
         else:
             texts.append(_block_text(b, f"{path}[{k}]"))
     return "\n".join(texts)
