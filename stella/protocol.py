@@ -16,6 +16,8 @@ from msgspec import UNSET, Meta, UnsetType
 Role = Literal["system", "user", "assistant", "tool"]
 # Ollama's ThinkValue (api/types.go): a bool, or an effort.
 Think = bool | Literal["high", "medium", "low", "max"]
+# The longest end user id (ChatRequest.user_id) the Messages API takes in metadata.user_id.
+MAX_USER_ID = 256
 FinishReason = Literal[
     "stop", "length", "tool_calls", "cancelled", "content_filter", "client_closed", "error"
 ]
@@ -240,6 +242,11 @@ class ChatRequest(Strict):
     # Ollama's `think`: whether a thinking model thinks first, or how hard. Passed on by an
     # Ollama backend alone (None: Ollama's default, which is to think); others ignore it.
     think: Think | None = None
+    # The end user's opaque id (a uuid, a hash; no name or email): an Anthropic backend
+    # sends it as the API's metadata.user_id, which Anthropic uses to tell abuse by one
+    # user from the rest of a key's traffic; others ignore it. A field of its own, not a
+    # metadata key: metadata is the log's, and a client may put there what must stay here.
+    user_id: Annotated[str, Meta(min_length=1, max_length=MAX_USER_ID)] | None = None
 
 
 class GenerateRequest(Strict):

@@ -1145,22 +1145,63 @@ def test_a_user_id_within_the_api_s_bound_passes_whatever_its_characters(
         assert ev["metadata"] == {"user_id": user_id}
 
 
-def test_user_id_is_logged_and_betas_are_not_forwarded() -> None:
-    # metadata.user_id is the inference log's metadata; neither it nor anthropic-beta
-    # reaches an Anthropic upstream (README: taken, not forwarded).
-    with _claude_and_gpt("claude-ok", "ok") as (server, claude, _):
+def test_user_id_reaches_an_anthropic_upstream_and_betas_do_not() -> None:
+    # metadata.user_id is the inference log's metadata, and an Anthropic upstream's, for
+    # its abuse detection; anthropic-beta headers are not forwarded.
+    hi = [{"role": "user", "content": "hi"}]
+    with _claude_and_gpt("claude-ok", "ok") as (server, claude, gpt):
         raw = client(server).messages.with_raw_response.create(
             model="sonnet",
             max_tokens=20,
             metadata={"user_id": "user-7"},
-            messages=[{"role": "user", "content": "hi"}],
+            messages=hi,  # type: ignore[arg-type]
             extra_headers={"anthropic-beta": "prompt-caching-2024-07-31"},
         )
         rid = raw.headers["x-request-id"]
         ev = server.wait_event(lambda e: e.get("request_id") == rid)
         assert ev["metadata"] == {"user_id": "user-7"}
-        assert "metadata" not in claude.requests[-1]
+        assert claude.requests[-1]["metadata"] == {"user_id": "user-7"}
         assert "anthropic-beta" not in claude.headers[-1]
+        # Claude Code's, a JSON text; only user_id goes, and only one the API takes.
+        for metadata, sent in (
+            (_tool_search_body("sonnet")["metadata"], _tool_search_body("sonnet")["metadata"]),
+            ({"user_id": "user-7", "team": "blue"}, {"user_id": "user-7"}),
+            ({"user_id": "u" * 257}, None),
+            ({"user_id": 7}, None),
+            ({"user_id": ""}, None),
+        ):
+            m = client(server).messages.create(
+                model="sonnet",
+                max_tokens=20,
+                messages=hi,  # type: ignore[arg-type]
+                extra_body={"metadata": metadata},
+            )
+            assert m.content[0].type == "text", metadata
+            assert claude.requests[-1].get("metadata") == sent, metadata
+        # Another dialect's metadata is its log's: a key named user_id stays there.
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            json={"model": "sonnet", "messages": hi, "metadata": {"user_id": "user-7"}},
+            headers={"authorization": f"Bearer {KEY}"},
+        )
+        assert r.status_code == 200, r.text
+        assert "metadata" not in claude.requests[-1]
+        # The native API's own field.
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            json={"model": "sonnet", "messages": hi, "stream": False, "user_id": "user-8"},
+            headers={"authorization": f"Bearer {KEY}"},
+        )
+        assert r.status_code == 200, r.text
+        assert claude.requests[-1]["metadata"] == {"user_id": "user-8"}
+        # Other backends take no such id.
+        client(server).messages.create(
+            model="gpt",
+            max_tokens=20,
+            metadata={"user_id": "user-7"},
+            messages=hi,  # type: ignore[arg-type]
+        )
+        assert "metadata" not in gpt.requests[-1]
 
 
 # A request shaped as Claude Code's with the mid-conversation system beta: the user's turn

@@ -34,6 +34,7 @@ from stella.api.openapi import Operation, document
 from stella.core import Call, Inference, orphan_result
 from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, StellaError
 from stella.protocol import (
+    MAX_USER_ID,
     CacheTtl,
     ChatRequest,
     Delta,
@@ -605,9 +606,10 @@ def to_chat(req: Prompt) -> ChatRequest:
         last = messages[-1]
         cache = _longest((last.cache, req.cache_control.ttl or "5m"))
         messages[-1] = msgspec.structs.replace(last, cache=cache)
-    options, stream, metadata = Options(), False, None
+    options, stream, metadata, user_id = Options(), False, None, None
     if isinstance(req, MessagesRequest):
         stream, metadata = req.stream, req.metadata
+        user_id = _user_id(metadata)
         try:
             options = options_from(
                 {"stop": "stop_sequences"},
@@ -646,7 +648,16 @@ def to_chat(req: Prompt) -> ChatRequest:
         parallel_tool_calls=_parallel(req.tool_choice),
         metadata=metadata,
         response_format=_response_format(req),
+        user_id=user_id,
     )
+
+
+def _user_id(metadata: dict[str, Any] | None) -> str | None:
+    """metadata.user_id, which the client meant for Anthropic (its abuse detection), when
+    an Anthropic upstream takes it: a string of 1 to MAX_USER_ID characters (another is
+    logged, not sent: the upstream would refuse the request for it)."""
+    given = (metadata or {}).get("user_id")
+    return given if isinstance(given, str) and 0 < len(given) <= MAX_USER_ID else None
 
 
 def _offered(req: Prompt, loaded: dict[str, str]) -> list[ATool] | None:

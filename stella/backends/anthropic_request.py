@@ -270,6 +270,10 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
     ):
         if value is not None:
             body[key] = value
+    if request.user_id is not None:
+        # The end user's id, for Anthropic's abuse detection; nothing else of the metadata,
+        # which is the log's.
+        body["metadata"] = {"user_id": request.user_id}
     if (schema := schema_of(request.response_format)) is not None:
         body["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
     if request.tools:

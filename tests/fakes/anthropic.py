@@ -37,7 +37,8 @@ the API's do. Requests without
 the right x-api-key get 401, without `max_tokens` (or with a message without content but a final assistant one, or a
 tool_use id used twice in the conversation, a temperature outside 0..1, a stop sequence
 of only whitespace, text of only whitespace, no message at all, a final assistant turn
-ending in whitespace, both `temperature` and `top_p`) 400; `"stream": true` gets the event
+ending in whitespace, both `temperature` and `top_p`, a `metadata` with a key but `user_id` or a `user_id` that
+is not a string of at most 256 characters) 400; `"stream": true` gets the event
 sequence, anything else one Message object, as the API does. A text answer asked for in
 a JSON schema (`output_config.format`, structured outputs) is an instance of it
 (`instance`), in pieces; an `output_config` the API would refuse (a format type other
@@ -257,6 +258,8 @@ class FakeAnthropic:
         if (problem := _output_config(body.get("output_config"))) is not None:
             return err("invalid_request_error", problem, 400)
         if (problem := _sampling(body)) is not None:
+            return err("invalid_request_error", problem, 400)
+        if (problem := _metadata(body.get("metadata"))) is not None:
             return err("invalid_request_error", problem, 400)
         model = body["model"]
         if model == "claude-429":
@@ -535,6 +538,24 @@ def _output_config(config: Any) -> str | None:
         return "output_config.format.type: Input should be 'json_schema'"
     if not isinstance(fmt.get("schema"), dict):
         return "output_config.format.schema: Input should be a valid dictionary"
+    return None
+
+
+def _metadata(metadata: Any) -> str | None:
+    """The API's 400 for a `metadata` it refuses (None: it takes it): an object whose one
+    key is `user_id`, a string of at most 256 characters, or null."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        return "metadata: Input should be a valid dictionary"
+    for key in metadata:
+        if key != "user_id":
+            return f"metadata.{key}: Extra inputs are not permitted"
+    user_id = metadata.get("user_id")
+    if user_id is not None and not isinstance(user_id, str):
+        return "metadata.user_id: Input should be a valid string"
+    if user_id is not None and len(user_id) > 256:
+        return "metadata.user_id: String should have at most 256 characters"
     return None
 
 
