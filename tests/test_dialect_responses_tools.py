@@ -1,7 +1,7 @@
 """The Responses dialect's tools beyond plain functions, as Codex CLI sends them: a
-namespace's tools, custom (freeform) tools and built-in tools stella cannot run. Driven
-through a live stella, by the official openai client where it can send the request,
-the answers read with its own types."""
+namespace's tools, custom (freeform) tools, built-in tools stella cannot run, and a
+tool's output that holds an image. Driven through a live stella, by the official
+openai client where it can send the request, the answers read with its own types."""
 
 from __future__ import annotations
 
@@ -376,3 +376,45 @@ def test_allowed_tools_among_built_in_ones_offers_the_functions_allowed(
     assert r.status_code == 200, r.text
     assert [t["function"]["name"] for t in up.requests[-1]["tools"]] == ["close_agent"]
     assert up.requests[-1]["tool_choice"] == "required"
+
+
+def _view_image_turn() -> dict[str, Any]:
+    """Codex's request after its view_image tool ran: the image in the tool's output."""
+    log = Path(__file__).parent / "data" / "codex_view_image.json"
+    return json.loads(log.read_text())
+
+
+def test_an_image_in_a_tool_s_output_is_a_note_the_model_reads(
+    stack: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    server, up = stack
+    body = _view_image_turn()
+    output = body["input"][-1]["output"]
+    assert [p["type"] for p in output] == ["input_image"]
+    # echo answers with the tool's result, as the model reads it.
+    r = post(server, {**body, "model": "echo", "stream": False})
+    assert r.status_code == 200, r.text
+    assert Response.model_validate(r.json()).output_text == (
+        "[image omitted: this model reads text only]"
+    )
+    # Its text parts kept, a file noted too; the session goes on (a later turn).
+    body["input"][-1]["output"] = [
+        {"type": "input_text", "text": "x.png, 4x4:"},
+        *output,
+        {"type": "input_file", "file_data": "data:text/plain;base64,aGk=", "filename": "a.txt"},
+    ]
+    body["input"].append({"role": "user", "content": "just say hello"})
+    r = post(server, {**body, "model": "gpt", "stream": False})
+    assert r.status_code == 200, r.text
+    tool = next(m for m in up.requests[-1]["messages"] if m["role"] == "tool")
+    assert tool["content"] == (
+        "x.png, 4x4:\n[image omitted: this model reads text only]\n"
+        "[file omitted: this model reads text only]"
+    )
+    # In a user's message an image is still refused: the model would answer about it.
+    body["input"].append({"role": "user", "content": [output[0]]})
+    r = post(server, {**body, "model": "gpt"})
+    assert (
+        r.status_code == 400
+        and r.json()["error"]["param"] == f"input[{len(body['input']) - 1}].content[0].type"
+    )

@@ -133,6 +133,22 @@ def _text(content: str | list[Part] | None, where: str, assistant: bool = False)
     return "\n".join(texts)
 
 
+def _tool_output(output: str | list[Part] | None) -> str:
+    """A tool's output as text: a part that is not text (the image a viewer tool returns,
+    a file) becomes a note saying so. Refused, it would stay in the history and fail every
+    later turn; noted, the model reads plainly that it did not see it."""
+    if output is None or isinstance(output, str):
+        return output or ""
+    texts = []
+    for part in output:
+        if part.type in _TEXT_PARTS:
+            texts.append(part.text)
+        else:
+            kind = part.type.removeprefix("input_")
+            texts.append(f"[{kind} omitted: this model reads text only]")
+    return "\n".join(texts)
+
+
 # Input items that are a model's tool call, and those that are a tool's output.
 _CALLS = {"function_call", "custom_tool_call"}
 _OUTPUTS = {"function_call_output", "custom_tool_call_output"}
@@ -197,7 +213,7 @@ def _messages(req: ResponsesRequest, tools: ToolSet) -> list[Message]:
                     f"has call_id {item.call_id!r}",
                     param="input",
                 )
-            output = _text(item.output, f"{where}.output")
+            output = _tool_output(item.output)
             messages.append(Message(role="tool", content=output, tool_call_id=item.call_id))
         elif kind in _DROPPED:
             continue
