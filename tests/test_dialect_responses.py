@@ -716,6 +716,10 @@ def test_a_response_echoes_what_it_was_asked_and_stores_nothing(server: LiveServ
             "parallel_tool_calls": False,
             "tools": WEATHER,
             "tool_choice": "none",
+            # As Codex CLI sends them.
+            "reasoning": {"effort": "medium"},
+            "text": {"verbosity": "low"},
+            "prompt_cache_key": "session-1",
         }
         if stream:
             r = validated_events(server, body)[-1].response
@@ -725,8 +729,13 @@ def test_a_response_echoes_what_it_was_asked_and_stores_nothing(server: LiveServ
         assert r.completed_at >= r.created_at
         # Stored nothing, whatever was asked; the rest as sent.
         assert (r.store, r.truncation, r.parallel_tool_calls) == (False, "auto", False)
+        assert r.reasoning is not None
+        assert r.reasoning.model_dump(exclude_unset=True) == {"effort": "medium", "summary": None}
+        assert r.text is not None and (r.text.verbosity, r.prompt_cache_key) == ("low", "session-1")
     r = c.responses.create(model="echo", input="a b")
     assert (r.store, r.truncation, r.parallel_tool_calls) == (False, "disabled", True)
+    assert (r.reasoning, r.prompt_cache_key) == (None, None)
+    assert r.text is not None and r.text.verbosity is None
     # Not completed: no completion time.
     r = c.responses.create(model="echo", input="a b c d e", max_output_tokens=2)
     assert r.status == "incomplete" and r.completed_at is None

@@ -741,6 +741,21 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
             "post",
             "/v1/responses",
             "",
+            # Repeated in the Response, as Codex CLI sends them.
+            {
+                "model": "echo",
+                "input": "a b",
+                "reasoning": {"effort": "medium"},
+                "text": {"verbosity": "low"},
+                "prompt_cache_key": "k",
+            },
+            200,
+            "json",
+        ),
+        (
+            "post",
+            "/v1/responses",
+            "",
             {"model": "echo", "input": "a", "tools": r_tools},
             200,
             "json",

@@ -55,9 +55,10 @@ class FormatSpec(msgspec.Struct, omit_defaults=True):
 
 
 class TextConfig(msgspec.Struct):
-    """`text`: the output's format (`verbosity` and others are ignored)."""
+    """`text`: the output's format; `verbosity` only repeated (others are ignored)."""
 
     format: FormatSpec | None = None
+    verbosity: str | None = None
 
 
 class ResponsesRequest(msgspec.Struct, kw_only=True):
@@ -83,6 +84,7 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     reasoning: dict[str, Any] | None = None
     truncation: str | None = None
     top_logprobs: int | None = None
+    prompt_cache_key: str | None = None  # repeated in the Response; caching is the backend's
     # Refused when given: they need a server that keeps state or runs in the background.
     previous_response_id: str | None = None
     conversation: Any = None
@@ -347,19 +349,33 @@ def to_chat(req: ResponsesRequest, toolset: ToolSet) -> ChatRequest:
     )
 
 
+def _reasoning_echoed(reasoning: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`reasoning` as a Response repeats it: its effort and summary (null when not given)."""
+    if reasoning is None:
+        return None
+    return {
+        key: value if isinstance(value := reasoning.get(key), str) else None
+        for key in ("effort", "summary")
+    }
+
+
 def echoed(req: ResponsesRequest) -> dict[str, Any]:
     """The request's parameters as a Response object repeats them."""
     fmt = req.text.format if req.text is not None and req.text.format is not None else None
+    text: dict[str, Any] = {"format": msgspec.to_builtins(fmt) if fmt else {"type": "text"}}
+    if req.text is not None and req.text.verbosity is not None:
+        text["verbosity"] = req.text.verbosity
     return {
         "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens,
         "metadata": req.metadata or {},
         "parallel_tool_calls": req.parallel_tool_calls is not False,
         "previous_response_id": None,
-        "reasoning": None,
+        "prompt_cache_key": req.prompt_cache_key,
+        "reasoning": _reasoning_echoed(req.reasoning),
         "store": False,  # whatever was asked: stella keeps nothing
         "temperature": req.temperature,
-        "text": {"format": msgspec.to_builtins(fmt) if fmt else {"type": "text"}},
+        "text": text,
         "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
         "tools": req.tools or [],
         "top_p": req.top_p,

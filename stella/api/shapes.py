@@ -336,6 +336,7 @@ _RESPONSES_ERROR = obj(
         },
     }
 )
+_STR_OR_NULL = {"type": ["string", "null"]}
 RESPONSES_RESPONSE = Schema(
     "OpenAIResponse",
     obj(
@@ -356,9 +357,13 @@ RESPONSES_RESPONSE = Schema(
             "metadata": OBJECT,
             "parallel_tool_calls": BOOL,
             "previous_response_id": NULL,
-            "reasoning": NULL,
+            "prompt_cache_key": {"type": ["string", "null"]},
+            "reasoning": {
+                "anyOf": [obj({"effort": _STR_OR_NULL, "summary": _STR_OR_NULL}), NULL],
+                "description": "the request's, as it gave it (null when it gave none)",
+            },
             "temperature": {"type": ["number", "null"]},
-            "text": obj({"format": OBJECT}),
+            "text": obj({"format": OBJECT}, {"verbosity": STR}),
             "tool_choice": {"anyOf": [STR, OBJECT]},
             "tools": array(OBJECT),
             "top_p": {"type": ["number", "null"]},
