@@ -681,6 +681,10 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     a_tools = [{"name": "f", "input_schema": {"type": "object"}}]
     r_tools = [{"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    # echo calls the first tool: a namespace's (a function_call with its namespace), or
+    # a custom one (a custom_tool_call).
+    r_namespace = [{"type": "namespace", "name": "n", "description": "d", "tools": r_tools}]
+    r_custom = [{"type": "custom", "name": "c", "format": {"type": "text"}}]
     msgs = {"model": "echo", "max_tokens": 16, "messages": chat}
     calls: list[tuple[str, str, str, dict | None, int, str]] = [
         # OpenAI
@@ -737,6 +741,21 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
             "post",
             "/v1/responses",
             "",
+            # Repeated in the Response, as Codex CLI sends them.
+            {
+                "model": "echo",
+                "input": "a b",
+                "reasoning": {"effort": "medium"},
+                "text": {"verbosity": "low"},
+                "prompt_cache_key": "k",
+            },
+            200,
+            "json",
+        ),
+        (
+            "post",
+            "/v1/responses",
+            "",
             {"model": "echo", "input": "a", "tools": r_tools},
             200,
             "json",
@@ -764,6 +783,21 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
             {"model": "echo", "input": "a", "tools": r_tools, "stream": True},
             200,
             "event-stream",
+        ),
+        *(
+            ("post", "/v1/responses", "", {"model": "echo", "input": "a", "tools": t}, 200, "json")
+            for t in (r_namespace, r_custom)
+        ),
+        *(
+            (
+                "post",
+                "/v1/responses",
+                "",
+                {"model": "echo", "input": "a", "tools": t, "stream": True},
+                200,
+                "event-stream",
+            )
+            for t in (r_namespace, r_custom)
         ),
         (
             "post",

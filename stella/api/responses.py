@@ -1,10 +1,11 @@
 """The OpenAI Responses dialect: POST /v1/responses (a Response object, or its SSE events).
 
 Clients written for the Responses API (the `openai` SDK's `client.responses`, the
-OpenAI Agents SDK, Codex-style clients) use any backend through the one pipeline:
-`input` items and `instructions` become the conversation, function tools and their
-calls map onto stella's, and the answer comes back as a Response with `message` and
-`function_call` output items, or as the API's typed event stream. stella keeps no
+OpenAI Agents SDK, Codex CLI) use any backend through the one pipeline: `input` items
+and `instructions` become the conversation, the tools (a namespace's and custom tools
+too: responses_tools.py) and their calls map onto stella's, and the answer comes back
+as a Response with `message`, `function_call` and `custom_tool_call` output items, or
+as the API's typed event stream. stella keeps no
 state: nothing is stored, and what would need it is refused (responses_request.py).
 Errors take OpenAI's shape, as on /v1/chat/completions.
 """
@@ -33,6 +34,7 @@ from stella.api.http import (
 from stella.api.openai import OpenAIDialect, refused, resolve_provider
 from stella.api.openapi import Operation, document
 from stella.api.responses_request import ResponsesRequest, echoed, to_chat
+from stella.api.responses_tools import Declared, ToolSet, custom_input
 from stella.core import Call
 from stella.errors import StellaError
 from stella.protocol import Delta, Done, Error, Start, ToolCall, Usage, arguments_text
@@ -135,16 +137,28 @@ def message_item(item_id: str, text: str, status: str, refusal: bool = False) ->
     }
 
 
-def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-    """A `function_call` output item."""
-    return {
-        "type": "function_call",
-        "id": item_id,
-        "call_id": call_id,
-        "name": name,
-        "arguments": arguments,
-        "status": status,
-    }
+def call_item(
+    item_id: str, call_id: str, tool: Declared, payload: str, status: str
+) -> dict[str, Any]:
+    """A tool call output item: `function_call` (`namespace` set for a namespace's tool)
+    with its arguments, or `custom_tool_call` with its input."""
+    kind, field = ("custom_tool_call", "input") if tool.custom else ("function_call", "arguments")
+    item = {"type": kind, "id": item_id, "call_id": call_id, "name": tool.name, field: payload}
+    if tool.namespace is not None:
+        item["namespace"] = tool.namespace
+    item["status"] = status
+    return item
+
+
+def called(
+    tools: ToolSet, name: str, arguments: dict[str, Any], raw: str | None
+) -> tuple[Declared, str]:
+    """The tool a call is to, as the request declared it, and its arguments (JSON text)
+    or a custom tool's input."""
+    tool = tools.declared.get(name) or Declared(name)  # one never offered: a function
+    if tool.custom:
+        return tool, custom_input(arguments, raw)
+    return tool, arguments_text(arguments, raw)
 
 
 class Answer:
@@ -192,14 +206,20 @@ def _event(name: str, seq: int, data: dict[str, Any]) -> bytes:
 
 class ResponsesCodec(Codec):
     """Events as the Responses API's SSE sequence: response.created, in_progress, each
-    output item added, its text (or refusal) or arguments, done; then response.completed
+    output item added, its text (or refusal), arguments or custom tool input, done; then response.completed
     (or .incomplete), or response.failed after a failure."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, echo: dict[str, Any], refusal: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        echo: dict[str, Any],
+        refusal: Callable[[], bool] | None = None,
+        tools: ToolSet | None = None,
+    ) -> None:
         super().__init__()
         self.echo = echo
+        self.tools = tools if tools is not None else ToolSet.read(None)
         self.answer: Answer | None = None
         self.seq = 0
         self.texts: list[str] | None = None  # the open content part's text, while one is open
@@ -347,23 +367,26 @@ class ResponsesCodec(Codec):
         if kind is ToolCall:
             out = self._close_message("completed")
             index = len(answer.output)
-            item_id = answer.item_id("fc")
-            arguments = arguments_text(event.arguments, event.raw_arguments)
-            added = call_item(item_id, event.id, event.name, "", "in_progress")
-            done = call_item(item_id, event.id, event.name, arguments, "completed")
+            tool, payload = called(self.tools, event.name, event.arguments, event.raw_arguments)
+            item_id = answer.item_id("ctc" if tool.custom else "fc")
+            added = call_item(item_id, event.id, tool, "", "in_progress")
+            done = call_item(item_id, event.id, tool, payload, "completed")
             answer.output.append(done)
             where = {"item_id": item_id, "output_index": index}
-            return (
-                out
-                + self._next("response.output_item.added", {"output_index": index, "item": added})
-                + self._next(
-                    "response.function_call_arguments.delta", {**where, "delta": arguments}
-                )
-                + self._next(
+            out += self._next("response.output_item.added", {"output_index": index, "item": added})
+            if tool.custom:
+                out += self._next(
+                    "response.custom_tool_call_input.delta", {**where, "delta": payload}
+                ) + self._next("response.custom_tool_call_input.done", {**where, "input": payload})
+            else:
+                out += self._next(
+                    "response.function_call_arguments.delta", {**where, "delta": payload}
+                ) + self._next(
                     "response.function_call_arguments.done",
-                    {**where, "name": event.name, "arguments": arguments},
+                    {**where, "name": tool.name, "arguments": payload},
                 )
-                + self._next("response.output_item.done", {"output_index": index, "item": done})
+            return out + self._next(
+                "response.output_item.done", {"output_index": index, "item": done}
             )
         if kind is Done:
             # A refusal is a finished answer, as the API ends one: completed, its refusal
@@ -398,11 +421,12 @@ async def responses(request: Request, call: Call) -> Reply:
     svc = services(request)
     body = await read_body(request, svc.settings.server.max_body_bytes)
     req = decode(body, ResponsesRequest, _req)
-    chat = resolve_provider(request, call, to_chat(req), req.provider)
+    tools = ToolSet.read(req.tools)
+    chat = resolve_provider(request, call, to_chat(req, tools), req.provider)
     echo = echoed(req)
     inference = await svc.pipeline.prepare(chat, call)
     if chat.stream:
-        codec = ResponsesCodec(echo, lambda: refused(inference))
+        codec = ResponsesCodec(echo, lambda: refused(inference), tools)
         return stream_response(request, inference, codec, RESPONSES)
     result = await run_to_end(request, inference)
     # A refusal's text is no answer: as a `refusal` part, the SDK's `parse()` leaves
@@ -421,8 +445,9 @@ async def responses(request: Request, call: Call) -> Reply:
         )
     for c in calls:
         fn = c.function
-        arguments = arguments_text(fn.arguments, fn.raw_arguments)
-        answer.output.append(call_item(answer.item_id("fc"), c.id, fn.name, arguments, "completed"))
+        tool, payload = called(tools, fn.name, fn.arguments, fn.raw_arguments)
+        item_id = answer.item_id("ctc" if tool.custom else "fc")
+        answer.output.append(call_item(item_id, c.id, tool, payload, "completed"))
     return JSONResponse(
         answer.body(status, result.usage, incomplete), headers=inference.permit.headers
     )

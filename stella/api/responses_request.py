@@ -2,9 +2,9 @@
 
 stella keeps no state: a request must carry its whole conversation in `input`.
 What only a stateful or tool-running server could honour (`previous_response_id`,
-`conversation`, stored `prompt`s, `background`, built-in tools, images, files,
-audio) is a 400 naming the field; other unknown fields are ignored, as in the
-chat completions dialect.
+`conversation`, stored `prompt`s, `background`, a forced built-in tool, images, files,
+audio in a message) is a 400 naming the field; other unknown fields are ignored, as in
+the chat completions dialect. Tools are read in responses_tools.py.
 """
 
 from __future__ import annotations
@@ -14,20 +14,16 @@ from typing import Any
 import msgspec
 
 # A content part: the same shape as chat completions' (input_text, output_text, refusal).
-from stella.api.openai_request import Part, allowed_tools, check_user, open_tool_choice
+from stella.api.openai_request import Part, check_user
+from stella.api.responses_tools import ToolSet
 from stella.errors import InvalidRequest
 from stella.protocol import (
     ChatRequest,
     FunctionCall,
-    FunctionSpec,
     Message,
-    NamedFunction,
-    NamedToolChoice,
     Options,
     Role,
-    Tool,
     ToolCallRef,
-    ToolChoice,
     arguments_of,
     options_from,
 )
@@ -35,14 +31,16 @@ from stella.protocol import (
 
 class InputItem(msgspec.Struct):
     """One item of `input`: a message (with or without `type: "message"`), a
-    function_call, a function_call_output, or another kind (refused or dropped)."""
+    function_call or custom_tool_call, its output, or another kind (refused or dropped)."""
 
     type: str | None = None
     role: str | None = None
     content: str | list[Part] | None = None
     call_id: str = ""
     name: str = ""
+    namespace: str | None = None  # a function_call's to a namespace's tool
     arguments: str = ""
+    input: str = ""  # a custom_tool_call's
     output: str | list[Part] | None = None
 
 
@@ -57,9 +55,10 @@ class FormatSpec(msgspec.Struct, omit_defaults=True):
 
 
 class TextConfig(msgspec.Struct):
-    """`text`: the output's format (`verbosity` and others are ignored)."""
+    """`text`: the output's format; `verbosity` only repeated (others are ignored)."""
 
     format: FormatSpec | None = None
+    verbosity: str | None = None
 
 
 class ResponsesRequest(msgspec.Struct, kw_only=True):
@@ -85,6 +84,7 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     reasoning: dict[str, Any] | None = None
     truncation: str | None = None
     top_logprobs: int | None = None
+    prompt_cache_key: str | None = None  # repeated in the Response; caching is the backend's
     # Refused when given: they need a server that keeps state or runs in the background.
     previous_response_id: str | None = None
     conversation: Any = None
@@ -135,16 +135,50 @@ def _text(content: str | list[Part] | None, where: str, assistant: bool = False)
     return "\n".join(texts)
 
 
-def _messages(req: ResponsesRequest) -> list[Message]:
+def _tool_output(output: str | list[Part] | None) -> str:
+    """A tool's output as text: a part that is not text (the image a viewer tool returns,
+    a file) becomes a note saying so. Refused, it would stay in the history and fail every
+    later turn; noted, the model reads plainly that it did not see it."""
+    if output is None or isinstance(output, str):
+        return output or ""
+    texts = []
+    for part in output:
+        if part.type in _TEXT_PARTS:
+            texts.append(part.text)
+        else:
+            kind = part.type.removeprefix("input_")
+            texts.append(f"[{kind} omitted: this model reads text only]")
+    return "\n".join(texts)
+
+
+# Input items that are a model's tool call, and those that are a tool's output.
+_CALLS = {"function_call", "custom_tool_call"}
+_OUTPUTS = {"function_call_output", "custom_tool_call_output"}
+
+
+def _call(item: InputItem, tools: ToolSet) -> ToolCallRef:
+    """A function_call or custom_tool_call item as the call the backend made: under the
+    name its tool is offered as, a custom tool's input its one argument."""
+    name = tools.upstream(item.name, item.namespace) or item.name
+    if item.type == "custom_tool_call":
+        args, raw = {"input": item.input}, None
+    else:
+        args, raw = arguments_of(item.arguments)
+    return ToolCallRef(
+        id=item.call_id, function=FunctionCall(name=name, arguments=args, raw_arguments=raw)
+    )
+
+
+def _messages(req: ResponsesRequest, tools: ToolSet) -> list[Message]:
     """The conversation: instructions first, then `input`'s items as chat messages, each
-    run of function_call items one assistant turn with its tool calls."""
+    run of tool call items one assistant turn with its tool calls."""
     messages: list[Message] = []
     if req.instructions:
         messages.append(Message(role="system", content=req.instructions))
     if isinstance(req.input, str):
         messages.append(Message(role="user", content=req.input))
         return messages
-    # The call_ids of the function_call items so far: an output answers one of them.
+    # The call_ids of the call items so far: an output answers one of them.
     called: set[str] = set()
     for i, item in enumerate(req.input or ()):
         kind = item.type or ("message" if item.role else None)
@@ -159,15 +193,11 @@ def _messages(req: ResponsesRequest) -> list[Message]:
                 )
             text = _text(item.content, f"{where}.content", role == "assistant")
             messages.append(Message(role=role, content=text))
-        elif kind == "function_call":
+        elif kind in _CALLS:
             if not item.name:
                 raise InvalidRequest(f"$.{where}.name: required", param=f"{where}.name")
             called.add(item.call_id)
-            args, raw = arguments_of(item.arguments)
-            call = ToolCallRef(
-                id=item.call_id,
-                function=FunctionCall(name=item.name, arguments=args, raw_arguments=raw),
-            )
+            call = _call(item, tools)
             last = messages[-1] if messages else None
             if last is not None and last.role == "assistant":
                 # The calls of one answer (and its text before them) are one turn, as the
@@ -177,21 +207,21 @@ def _messages(req: ResponsesRequest) -> list[Message]:
                 )
             else:
                 messages.append(Message(role="assistant", tool_calls=[call]))
-        elif kind == "function_call_output":
+        elif kind in _OUTPUTS:
             if item.call_id not in called:
                 # As the API refuses it: an upstream would too, and its refusal is a 502.
                 raise InvalidRequest(
-                    f"$.{where}.call_id: no function_call item before it has call_id "
-                    f"{item.call_id!r}",
+                    f"$.{where}.call_id: no {kind.removesuffix('_output')} item before it "
+                    f"has call_id {item.call_id!r}",
                     param="input",
                 )
-            output = _text(item.output, f"{where}.output")
+            output = _tool_output(item.output)
             messages.append(Message(role="tool", content=output, tool_call_id=item.call_id))
         elif kind in _DROPPED:
             continue
         else:
             if kind is None:
-                said = "missing (and no role: messages, function_call and function_call_output)"
+                said = "missing (and no role: messages, tool calls and their outputs)"
             elif kind == "item_reference":
                 # The Vercel AI SDK's Responses provider sends these for earlier turns
                 # unless told `store: false`: say so, as the SDK's user cannot send items.
@@ -202,78 +232,11 @@ def _messages(req: ResponsesRequest) -> list[Message]:
                 )
             else:
                 said = (
-                    f"{kind!r} is not supported (messages, function_call and "
-                    "function_call_output only)"
+                    f"{kind!r} is not supported (messages, function_call, custom_tool_call "
+                    "and their outputs only)"
                 )
             raise InvalidRequest(f"$.{where}.type: {said}", param=f"{where}.type")
     return messages
-
-
-_SPEC = ("name", "description", "parameters", "strict")
-
-
-def _tools(tools: list[dict[str, Any]] | None) -> list[Tool] | None:
-    """Function tools in stella's terms; a built-in tool (web_search, file_search, mcp,
-    ...) is a 400 naming its type: stella runs none, and the model would wait for it."""
-    if not tools:
-        return None
-    out = []
-    for i, t in enumerate(tools):
-        kind = t.get("type")
-        if kind != "function":
-            raise InvalidRequest(
-                f"$.tools[{i}].type: {kind!r} is not supported; only function tools "
-                "(stella runs no built-in tools)",
-                param=f"tools[{i}].type",
-            )
-        try:
-            # A null description or parameters is none given (the struct takes no null).
-            spec = msgspec.convert(
-                {k: t[k] for k in _SPEC if t.get(k) is not None},
-                FunctionSpec,
-            )
-        except msgspec.ValidationError as exc:
-            # Said of the tool: msgspec's path starts at the function's own fields.
-            text = str(exc)
-            if "$." in text:
-                text = text.replace("$.", f"$.tools[{i}].", 1)
-            else:
-                text += f" - at `$.tools[{i}]`"
-            raise InvalidRequest.blaming(text) from None
-        out.append(Tool(function=spec))
-    return out
-
-
-def _choice(value: Any, tools: list[Tool] | None) -> tuple[list[Tool] | None, ToolChoice | None]:
-    """tool_choice: auto, none, required, {"type": "function", "name"}; allowed_tools
-    narrows the tools sent, as on chat completions; a built-in tool's choice is a 400
-    (its tool would be one). With the tools to send."""
-    if value is None:
-        return tools, None
-    choice = open_tool_choice(value)
-    if isinstance(choice, str):
-        return tools, choice
-    kind = choice.get("type")
-    if kind == "function":
-        name = choice.get("name")
-        if not isinstance(name, str) or not name:
-            raise InvalidRequest("$.tool_choice.name: required", param="tool_choice.name")
-        if not tools or all(t.function.name != name for t in tools):
-            raise InvalidRequest(
-                f"$.tool_choice.name: no tool named {name!r}", param="tool_choice.name"
-            )
-        return tools, NamedToolChoice(function=NamedFunction(name=name))
-    if kind == "allowed_tools":
-        return allowed_tools(tools, choice, "tool_choice", _tool_name)
-    raise InvalidRequest(
-        f"$.tool_choice.type: {kind!r} is not supported (function tools only)",
-        param="tool_choice.type",
-    )
-
-
-def _tool_name(entry: Any) -> tuple[str, Any]:
-    """The name an allowed_tools entry gives (the API's flat shape), and its field."""
-    return "name", entry.get("name") if isinstance(entry, dict) else None
 
 
 def _format(text: TextConfig | None) -> dict[str, Any] | None:
@@ -362,13 +325,14 @@ def check(req: ResponsesRequest) -> None:
     check_user(req.user)
 
 
-def to_chat(req: ResponsesRequest) -> ChatRequest:
-    """The internal request for a Responses API call."""
+def to_chat(req: ResponsesRequest, toolset: ToolSet) -> ChatRequest:
+    """The internal request for a Responses API call, its tools read into `toolset`
+    (ToolSet.read(req.tools)), which maps the model's calls back."""
     check(req)
-    messages = _messages(req)
+    messages = _messages(req, toolset)
     if not any(m.role != "system" for m in messages):
         raise InvalidRequest("$.input: required (the conversation so far)", param="input")
-    tools, choice = _choice(req.tool_choice, _tools(req.tools))
+    tools, choice = toolset.choice(req.tool_choice)
     meta = dict(req.metadata or {})
     if req.user:
         meta["user"] = req.user
@@ -385,19 +349,33 @@ def to_chat(req: ResponsesRequest) -> ChatRequest:
     )
 
 
+def _reasoning_echoed(reasoning: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`reasoning` as a Response repeats it: its effort and summary (null when not given)."""
+    if reasoning is None:
+        return None
+    return {
+        key: value if isinstance(value := reasoning.get(key), str) else None
+        for key in ("effort", "summary")
+    }
+
+
 def echoed(req: ResponsesRequest) -> dict[str, Any]:
     """The request's parameters as a Response object repeats them."""
     fmt = req.text.format if req.text is not None and req.text.format is not None else None
+    text: dict[str, Any] = {"format": msgspec.to_builtins(fmt) if fmt else {"type": "text"}}
+    if req.text is not None and req.text.verbosity is not None:
+        text["verbosity"] = req.text.verbosity
     return {
         "instructions": req.instructions,
         "max_output_tokens": req.max_output_tokens,
         "metadata": req.metadata or {},
         "parallel_tool_calls": req.parallel_tool_calls is not False,
         "previous_response_id": None,
-        "reasoning": None,
+        "prompt_cache_key": req.prompt_cache_key,
+        "reasoning": _reasoning_echoed(req.reasoning),
         "store": False,  # whatever was asked: stella keeps nothing
         "temperature": req.temperature,
-        "text": {"format": msgspec.to_builtins(fmt) if fmt else {"type": "text"}},
+        "text": text,
         "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
         "tools": req.tools or [],
         "top_p": req.top_p,

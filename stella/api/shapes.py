@@ -291,6 +291,8 @@ _RESPONSES_MESSAGE = obj(
         "content": array(_RESPONSES_PART),
     }
 )
+# A call to a tool of a `namespace` names it (the tool by its own name).
+_NAMESPACE = {"namespace": {"type": "string", "description": "the tool's namespace"}}
 _RESPONSES_CALL = obj(
     {
         "type": const("function_call"),
@@ -299,9 +301,21 @@ _RESPONSES_CALL = obj(
         "name": STR,
         "arguments": {"type": "string", "description": "a JSON object"},
         "status": _RESPONSES_STATUS,
-    }
+    },
+    _NAMESPACE,
 )
-_RESPONSES_ITEM = {"anyOf": [_RESPONSES_MESSAGE, _RESPONSES_CALL]}
+_RESPONSES_CUSTOM_CALL = obj(
+    {
+        "type": const("custom_tool_call"),
+        "id": STR,
+        "call_id": STR,
+        "name": STR,
+        "input": {"type": "string", "description": "the custom tool's input, as written"},
+        "status": _RESPONSES_STATUS,
+    },
+    _NAMESPACE,
+)
+_RESPONSES_ITEM = {"anyOf": [_RESPONSES_MESSAGE, _RESPONSES_CALL, _RESPONSES_CUSTOM_CALL]}
 _RESPONSES_USAGE = obj(
     {
         "input_tokens": INT,
@@ -322,6 +336,7 @@ _RESPONSES_ERROR = obj(
         },
     }
 )
+_STR_OR_NULL = {"type": ["string", "null"]}
 RESPONSES_RESPONSE = Schema(
     "OpenAIResponse",
     obj(
@@ -342,9 +357,13 @@ RESPONSES_RESPONSE = Schema(
             "metadata": OBJECT,
             "parallel_tool_calls": BOOL,
             "previous_response_id": NULL,
-            "reasoning": NULL,
+            "prompt_cache_key": {"type": ["string", "null"]},
+            "reasoning": {
+                "anyOf": [obj({"effort": _STR_OR_NULL, "summary": _STR_OR_NULL}), NULL],
+                "description": "the request's, as it gave it (null when it gave none)",
+            },
             "temperature": {"type": ["number", "null"]},
-            "text": obj({"format": OBJECT}),
+            "text": obj({"format": OBJECT}, {"verbosity": STR}),
             "tool_choice": {"anyOf": [STR, OBJECT]},
             "tools": array(OBJECT),
             "top_p": {"type": ["number", "null"]},
@@ -369,6 +388,8 @@ _RESPONSES_EVENTS: dict[str, dict[str, Any]] = {
     "response.content_part.done": {**_WHERE, "content_index": INT, "part": _RESPONSES_PART},
     "response.function_call_arguments.delta": {**_WHERE, "delta": STR},
     "response.function_call_arguments.done": {**_WHERE, "name": STR, "arguments": STR},
+    "response.custom_tool_call_input.delta": {**_WHERE, "delta": STR},
+    "response.custom_tool_call_input.done": {**_WHERE, "input": STR},
     "response.output_item.done": {"output_index": INT, "item": _RESPONSES_ITEM},
     "response.completed": {"response": ref(RESPONSES_RESPONSE)},
     "response.incomplete": {"response": ref(RESPONSES_RESPONSE)},
@@ -379,9 +400,10 @@ RESPONSES_EVENT = Schema(
     sse_event(
         "One server-sent event of the Responses API, each with its `type` and"
         " `sequence_number`: response.created, response.in_progress, per output item its"
-        " added, text (or an upstream's refusal) or argument and done events, then"
-        " response.completed (or response.incomplete); a failure after the stream started"
-        " is a last response.failed; `: ping` comments keep the connection alive",
+        " added, text (or an upstream's refusal), arguments (or a custom tool's input) and"
+        " done events, then response.completed (or response.incomplete); a failure after"
+        " the stream started is a last response.failed; `: ping` comments keep the"
+        " connection alive",
         {
             "anyOf": [
                 obj({"type": const(name), "sequence_number": INT, **fields})

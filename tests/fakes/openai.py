@@ -30,7 +30,8 @@ REFUSAL in `refusal`, content null, finish_reason "stop", as OpenAI answers),
 `refusal-length` (the same, ended with "length"), `refusal-no-usage` (the same, with no
 usage in a whole answer), `filtered` (FILTERED, then finish_reason "content_filter" and no
 `refusal`, as an upstream's content filter ends an answer it cuts short), `text-tools`
-(TEXT_BEFORE, then the calls of `two-tools`, as a model may say what it is about to do)
+(TEXT_BEFORE, then the calls of `two-tools`, as a model may say what it is about to do),
+`every-tool` (one call to each tool it was offered, in order, each `{"input": TOOL_INPUT}`)
 and `reasoning` (a 400 for `max_tokens`, as OpenAI's o-series and gpt-5 answer: they take
 `max_completion_tokens`), `missing` and `missing-vllm` (a 404 for a model the server does
 not have: OpenAI's `code` `model_not_found`, vLLM's "The model `x` does not exist." at the
@@ -556,8 +557,10 @@ LIST_ARGS = '["Paris", "Oslo"]'
 # The models that answer with the calls of _calls(), streamed in fragments.
 TOOL_MODELS = frozenset(
     ("two-tools", "text-tools", "bad-args", "list-args", "tools-stop", "no-ids", "one-id")
-    + ("name-repeat", "name-pieces")
+    + ("name-repeat", "name-pieces", "every-tool")
 )
+# The input `every-tool` gives each tool: lines, quotes, as a patch would hold them.
+TOOL_INPUT = '*** Begin Patch\n*** Add File: a.txt\n+say "hi"\n*** End Patch\n'
 
 
 # nginx's own 404 page, as a proxy in front of an upstream answers a path it does not have.
@@ -575,8 +578,20 @@ async def no_such_page(request: Request, exc: Exception) -> Response:
 
 def _calls(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The calls of TOOL_MODELS: two (one when parallel tool calls are off) but for
-    `bad-args`, `list-args`, `tools-stop`, `name-repeat` and `name-pieces`."""
+    `bad-args`, `list-args`, `tools-stop`, `name-repeat`, `name-pieces` and `every-tool`."""
     model = body.get("model")
+    if model == "every-tool":
+        return [
+            {
+                "id": f"call_{i + 1}",
+                "type": "function",
+                "function": {
+                    "name": tool["function"]["name"],
+                    "arguments": json.dumps({"input": TOOL_INPUT}),
+                },
+            }
+            for i, tool in enumerate(body.get("tools") or [])
+        ]
     if model in ("bad-args", "list-args"):
         args = BAD_ARGS if model == "bad-args" else LIST_ARGS
         return [
