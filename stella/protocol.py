@@ -16,6 +16,8 @@ from msgspec import UNSET, Meta, UnsetType
 Role = Literal["system", "user", "assistant", "tool"]
 # Ollama's ThinkValue (api/types.go): a bool, or an effort.
 Think = bool | Literal["high", "medium", "low", "max"]
+# OpenAI's reasoning_effort (chat completions; the Responses API's reasoning.effort).
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 FinishReason = Literal[
     "stop", "length", "tool_calls", "cancelled", "content_filter", "client_closed", "error"
 ]
@@ -223,6 +225,23 @@ class ChatRequest(Strict):
     # Ollama's `think`: whether a thinking model thinks first, or how hard. Passed on by an
     # Ollama backend alone (None: Ollama's default, which is to think); others ignore it.
     think: Think | None = None
+    # OpenAI's words for how hard a reasoning model thinks. Apart from `think` so that each
+    # dialect takes exactly its API's values; sent only when given (a model that does
+    # not reason may refuse the field).
+    reasoning_effort: (
+        Annotated[
+            ReasoningEffort,
+            Meta(
+                description="how hard a reasoning model thinks, in OpenAI's words: sent "
+                "as `reasoning_effort` to OpenAI-compatible upstreams, as `think` to "
+                "Ollama ones when `think` is not given (none: false; minimal, low: "
+                '"low"; medium: "medium"; high, xhigh: "high"; max: "max"); '
+                "the MLX, Anthropic and echo backends ignore it. Absent: the "
+                "upstream's default"
+            ),
+        ]
+        | None
+    ) = None
 
 
 class GenerateRequest(Strict):

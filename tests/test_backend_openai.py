@@ -164,6 +164,61 @@ def test_penalties_and_logit_bias_reach_the_upstream_from_every_dialect(
         assert not {*sampling, "logit_bias"} & f.requests[-1].keys()
 
 
+def test_a_reasoning_effort_reaches_the_upstream_only_when_the_client_set_one(
+    fake: tuple[FakeOpenAI, str],
+) -> None:
+    # gpt-5.x reasons at `none` unless asked: an effort a client chose must reach it, from
+    # chat completions, the Responses API and the native API; one not chosen is never
+    # sent (a model that does not reason may refuse the field).
+    from tests.live import run_stella
+
+    f, url = fake
+    config = {
+        "backends": {"up": {"kind": "openai", "base_url": url + "/v1"}},
+        "models": {"routes": {"oai": {"backend": "up", "upstream_model": "ok", "retries": 0}}},
+    }
+    msgs = [{"role": "user", "content": "hi"}]
+    asks: list[tuple[str, dict[str, Any], str | None]] = [
+        ("/v1/chat/completions", {"messages": msgs, "reasoning_effort": "high"}, "high"),
+        ("/v1/chat/completions", {"messages": msgs, "reasoning_effort": "xhigh"}, "xhigh"),
+        ("/v1/chat/completions", {"messages": msgs, "reasoning_effort": None}, None),
+        ("/v1/chat/completions", {"messages": msgs}, None),
+        ("/v1/responses", {"input": "hi", "reasoning": {"effort": "low"}}, "low"),
+        ("/v1/responses", {"input": "hi", "reasoning": {"summary": "auto"}}, None),
+        ("/api/v1/chat", {"messages": msgs, "reasoning_effort": "none"}, "none"),
+        ("/api/v1/chat", {"messages": msgs, "think": True}, None),  # Ollama's: not sent
+    ]
+    with run_stella(config) as server:
+        for path, body, sent in asks:
+            for stream in (False, True):
+                r = httpx.post(server.url + path, json={"model": "oai", "stream": stream, **body})
+                assert r.status_code == 200, (path, r.text)
+                got = f.requests[-1]
+                assert got.get("reasoning_effort") == sent, (path, stream, got)
+                assert ("reasoning_effort" in got) == (sent is not None), (path, got)
+        r = httpx.post(
+            server.url + "/v1/responses",
+            json={"model": "oai", "input": "hi", "reasoning": {"effort": "medium"}},
+        )
+        assert r.json()["reasoning"] == {"effort": "medium", "summary": None}, r.text
+        # Another word is a 400 naming the field, as each API names it.
+        for path, body in (
+            ("/v1/chat/completions", {"messages": msgs, "reasoning_effort": "hard"}),
+            ("/v1/chat/completions", {"messages": msgs, "reasoning_effort": "High"}),
+            ("/v1/responses", {"input": "hi", "reasoning": {"effort": "hard"}}),
+            ("/api/v1/chat", {"messages": msgs, "reasoning_effort": "hard"}),
+        ):
+            asked = len(f.requests)
+            r = httpx.post(server.url + path, json={"model": "oai", **body})
+            assert r.status_code == 400, (path, r.text)
+            where = "reasoning.effort" if path == "/v1/responses" else "reasoning_effort"
+            error = r.json()["error"]
+            assert f"$.{where}" in error["message"], (path, error)
+            if path != "/api/v1/chat":
+                assert error["param"] == where, (path, error)
+            assert len(f.requests) == asked  # refused before any upstream was asked
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_a_tool_call_ended_with_stop_ends_as_tool_calls(
     fake: tuple[FakeOpenAI, str], stream: bool

@@ -24,6 +24,7 @@ from stella.protocol import (
     NamedFunction,
     NamedToolChoice,
     Options,
+    ReasoningEffort,
     Role,
     Tool,
     ToolCallRef,
@@ -62,6 +63,13 @@ class TextConfig(msgspec.Struct):
     format: FormatSpec | None = None
 
 
+class ReasoningConfig(msgspec.Struct):
+    """`reasoning`: its `effort` is the backend's reasoning_effort (`summary` and others
+    are ignored: no reasoning items come back)."""
+
+    effort: ReasoningEffort | None = None
+
+
 class ResponsesRequest(msgspec.Struct, kw_only=True):
     """POST /v1/responses."""
 
@@ -79,10 +87,11 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     text: TextConfig | None = None
     metadata: dict[str, Any] | None = None
     user: str | None = None
-    # Taken, and not applied: stella stores nothing, runs no reasoning, trims no input.
+    # Its effort is applied (another value is a 400 naming reasoning.effort).
+    reasoning: ReasoningConfig | None = None
+    # Taken, and not applied: stella stores nothing, trims no input.
     store: bool | None = None
     include: list[str] | None = None
-    reasoning: dict[str, Any] | None = None
     truncation: str | None = None
     top_logprobs: int | None = None
     # Refused when given: they need a server that keeps state or runs in the background.
@@ -382,6 +391,7 @@ def to_chat(req: ResponsesRequest) -> ChatRequest:
         parallel_tool_calls=req.parallel_tool_calls,
         response_format=_format(req.text),
         metadata=meta or None,
+        reasoning_effort=req.reasoning.effort if req.reasoning is not None else None,
     )
 
 
@@ -394,7 +404,12 @@ def echoed(req: ResponsesRequest) -> dict[str, Any]:
         "metadata": req.metadata or {},
         "parallel_tool_calls": req.parallel_tool_calls is not False,
         "previous_response_id": None,
-        "reasoning": None,
+        # As the SDK's Response has it: the effort asked for, or null.
+        "reasoning": (
+            {"effort": req.reasoning.effort, "summary": None}
+            if req.reasoning is not None and req.reasoning.effort is not None
+            else None
+        ),
         "store": False,  # whatever was asked: stella keeps nothing
         "temperature": req.temperature,
         "text": {"format": msgspec.to_builtins(fmt) if fmt else {"type": "text"}},

@@ -32,7 +32,16 @@ from stella.backends.http import (
 )
 from stella.backends.ollama_keep_alive import keep_alive_of, unloads
 from stella.errors import StellaError, UpstreamError, UpstreamStatus, UpstreamTimeout
-from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
+from stella.protocol import (
+    ChatRequest,
+    Delta,
+    Done,
+    ReasoningEffort,
+    Think,
+    ToolCall,
+    Usage,
+    wire_tools,
+)
 
 
 class OllamaConfig(HttpConfig, kw_only=True):
@@ -135,6 +144,17 @@ PS_TTL_S = 5.0
 # CONTEXT_WAIT_S. Past this wait the call loads the model itself, within its limits,
 # while the ask goes on and its answer serves the calls after it.
 PS_GLANCE_S = 0.25
+# OpenAI's reasoning efforts as Ollama's `think` (sent when the request has no `think` of
+# its own): Ollama's efforts are low, medium, high and max; none is no thinking.
+THINK_FOR_EFFORT: dict[ReasoningEffort, Think] = {
+    "none": False,
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "xhigh": "high",
+    "max": "max",
+}
 
 
 _line = msgspec.json.Decoder(_Line)
@@ -202,6 +222,8 @@ def request_body(request: ChatRequest, keep_alive: int | float | str | None) -> 
         body["keep_alive"] = keep_alive
     if request.think is not None:
         body["think"] = request.think
+    elif request.reasoning_effort is not None:
+        body["think"] = THINK_FOR_EFFORT[request.reasoning_effort]
     return body
 
 

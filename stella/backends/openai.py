@@ -177,6 +177,8 @@ def request_body(
             body["parallel_tool_calls"] = request.parallel_tool_calls
     if request.response_format:
         body["response_format"] = request.response_format
+    if request.reasoning_effort is not None:  # never invented: not every model takes it
+        body["reasoning_effort"] = request.reasoning_effort
     if stream and stream_usage:
         body["stream_options"] = {"include_usage": True}
     return body
