@@ -52,6 +52,9 @@ class Message(Strict):
 
     role: Role
     content: str = ""
+    # An answer's reasoning, sent back with it as the answer's message had it: taken and
+    # not sent on (upstreams ignore an earlier turn's reasoning, or refuse it).
+    reasoning: str = ""
     name: str | None = None
     tool_calls: list[ToolCallRef] | None = None
     tool_call_id: str | None = None
@@ -310,10 +313,20 @@ class Start(Event, tag="start"):
     created: float
 
 
-class Delta(Event, tag="delta"):
-    """A piece of the assistant's text."""
+class Delta(Event, tag="delta", omit_defaults=True):
+    """A piece of the assistant's text, and/or of its reasoning (`text` is "" in a line
+    of reasoning alone: a client that reads only `text` shows the answer as before)."""
 
     text: str
+    # A reasoning model's thinking, as its upstream streamed it (vLLM's and DeepSeek's
+    # reasoning_content, OpenRouter's reasoning, Ollama's thinking); left out when none.
+    reasoning: Annotated[
+        str,
+        Meta(
+            description="a piece of the model's reasoning before (or between) pieces of "
+            "its text, as a reasoning model's upstream streamed it; absent when none"
+        ),
+    ] = ""
 
 
 class Ping(Event, tag="ping"):
@@ -408,6 +421,14 @@ class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: Literal["assistant"]
     content: str
     tool_calls: list[ToolCallRef] | None = None
+    reasoning: Annotated[
+        str,
+        Meta(
+            description="the model's reasoning before its answer, as a reasoning model's "
+            "upstream gave it; absent when none (taken back in a message of the next "
+            "turn, and not sent on)"
+        ),
+    ] = ""
 
 
 class ChatResponse(msgspec.Struct):

@@ -581,3 +581,25 @@ def test_a_reasoning_effort_reaches_ollama_as_its_think(box: tuple[FakeOllama, s
         assert r.status_code == 200 and fake.requests[-1]["think"] is False, r.text
         r = httpx.post(server.url + "/v1/chat/completions", json={"model": "m", "messages": hi})
         assert r.status_code == 200 and "think" not in fake.requests[-1], fake.requests[-1]
+
+
+def test_ollama_s_thinking_reaches_the_client_where_each_api_carries_it(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # Ollama's `message.thinking`: the native API's `reasoning`, chat completions'
+    # `reasoning_content`, and Ollama's own `thinking` again, streamed or not, before the
+    # answer's text, which is as it was.
+    from tests.fakes.ollama import THINKING
+    from tests.live import reasoned
+
+    fake, url = box
+    fake.loaded.add("thinking:latest")
+    thought, words = "".join(THINKING), "The sky is blue."
+    hi = [{"role": "user", "content": "hi"}]
+    with run_stella(route(url, "thinking")) as server:
+        for path in ("/api/v1/chat", "/v1/chat/completions", "/api/chat", "/api/generate"):
+            body = {"prompt": "hi"} if path == "/api/generate" else {"messages": hi}
+            for stream in (True, False):
+                r = httpx.post(server.url + path, json={"model": "m", "stream": stream, **body})
+                got = reasoned(path, stream, r)
+                assert got == (thought, words, "rrrttttt" if stream else ""), (path, stream)

@@ -95,6 +95,7 @@ class _Call(msgspec.Struct):
 class _Msg(msgspec.Struct):
     content: str = ""
     tool_calls: list[_Call] | None = None
+    thinking: str = ""  # a thinking model's reasoning, before its content
 
 
 class _Line(msgspec.Struct):
@@ -520,7 +521,9 @@ class OllamaBackend(HttpBackend):
                             # A line is a token (text, thinking or a call): what a stream
                             # cut before the done line, which has the counts, is charged.
                             ctx.tokens_seen += 1
-                        if msg.content:
+                        if msg.thinking:
+                            yield Delta(text=msg.content, reasoning=msg.thinking)
+                        elif msg.content:
                             yield Delta(text=msg.content)
                         for call in msg.tool_calls or ():
                             yield ToolCall(
