@@ -304,6 +304,25 @@ def test_an_upstreams_reasoning_reaches_the_client_where_each_api_carries_it(
                 assert r.json()["choices"][0]["text"] == words, r.text
 
 
+async def test_reasoning_after_text_keeps_its_place(fake: tuple[FakeOpenAI, str]) -> None:
+    # One read's pieces go out as one Delta, its reasoning before its text: reasoning that
+    # came after some of the text ends the Delta before it, so the order is the model's.
+    from tests.fakes.openai import REASONING
+
+    b = await backend(fake[1] + "/v1")
+    events = await collect(b, "thinks-between")
+    await b.aclose()
+    order: list[list[str]] = []  # [kind, text], the pieces as a client reads them
+    for e in events:
+        if isinstance(e, Delta):
+            for kind, piece in (("reasoning", e.reasoning), ("text", e.text)):
+                if piece and order and order[-1][0] == kind:
+                    order[-1][1] += piece
+                elif piece:
+                    order.append([kind, piece])
+    assert order == [["text", " w0"], ["reasoning", REASONING[0]], ["text", " w1 w2 w3 w4"]]
+
+
 def test_reasoning_stays_out_of_the_log_without_log_content(fake: tuple[FakeOpenAI, str]) -> None:
     from tests.live import run_stella
 

@@ -58,7 +58,9 @@ Wire quirks of real servers:
 - `thinks` and `thinks-or`: REASONING, then the answer, with its usage: in
   `reasoning_content` (content null), as vLLM, DeepSeek and llama.cpp send it, or in
   `reasoning` (content ""), as OpenRouter and Ollama's OpenAI API do, streamed or in the
-  whole answer's message;
+  whole answer's message; `thinks-between` (" w0", then REASONING[0] in
+  `reasoning_content`, then the rest of `ok`'s words: a model that thinks again after
+  some text, as interleaved thinking does);
 - `whole-calls`, `whole-calls-same`: two tool calls each in one chunk with neither index
   nor id (two tools, or one tool twice).
 It records what it saw.
@@ -378,6 +380,13 @@ class FakeOpenAI:
         try:
             if model == "stall":
                 await asyncio.sleep(3600)
+            if model == "thinks-between":  # text, reasoning, text: all in one network read
+                yield chunk({"content": self.words[0]}) + chunk({"reasoning_content": REASONING[0]})
+                for word in self.words[1:]:
+                    yield chunk({"content": word})
+                yield chunk({}, "stop")
+                yield b"data: [DONE]\n\n"
+                return
             if model in THINKERS:  # the reasoning first, then the answer as `ok` gives it
                 field = THINKERS[model]
                 for part in REASONING:
