@@ -345,6 +345,7 @@ class Inference:
         "permit",
         "pipeline",
         "queue_ms",
+        "reasonings",
         "request",
         "route",
         "skip_first",
@@ -403,6 +404,7 @@ class Inference:
         self.finish_reason: str = "error"
         self.error: StellaError | None = None
         self.texts: list[str] = []
+        self.reasonings: list[str] = []  # the reasoning's pieces, collected as the texts
         self.tool_calls: list[ToolCall] = []
         self.logged = False
         self.terminal = False
@@ -584,6 +586,8 @@ class Inference:
                                 tokens += 1
                                 if collect:
                                     texts.append(event.text)
+                                    if event.reasoning:
+                                        self.reasonings.append(event.reasoning)
                             elif kind is ToolCall:
                                 self.tool_calls.append(event)
                             elif kind is Done:
@@ -671,6 +675,7 @@ class Inference:
                                 # Nothing has reached the client of a non-stream call yet:
                                 # the answer can start over (a retry, then a fallback).
                                 texts.clear()
+                                self.reasonings.clear()
                                 self.tool_calls.clear()
                                 pieces = max(tokens, ctx.tokens_seen)
                                 if pieces:
@@ -1010,7 +1015,12 @@ class Inference:
             id=self.call.request_id,
             model=self.route.name,
             backend=self.backend_name,
-            message=AssistantMessage(role="assistant", content=text, tool_calls=calls),
+            message=AssistantMessage(
+                role="assistant",
+                content=text,
+                tool_calls=calls,
+                reasoning="".join(self.reasonings),
+            ),
             response=text,
             finish_reason=done.finish_reason,
             usage=done.usage,
@@ -1117,6 +1127,9 @@ class Inference:
         if pipeline.log_content:
             record["prompt"] = [_logged_message(m) for m in self.request.messages]
             record["completion"] = "".join(self.texts)
+            if self.reasonings:
+                # The model's thinking is part of what it wrote, apart from its answer.
+                record["reasoning"] = "".join(self.reasonings)
             if self.tool_calls:
                 # What the model asked a tool to do is part of its answer: an audit
                 # trail without the arguments would miss what was done in its name.
@@ -1127,7 +1140,7 @@ class Inference:
         secret = self.call.secret
         if len(secret) >= 4 and (self.request.metadata or pipeline.log_content):
             # A client may echo its own key in what it writes: never logged as it is.
-            for field in ("metadata", "prompt", "completion", "tool_calls"):
+            for field in ("metadata", "prompt", "completion", "reasoning", "tool_calls"):
                 if field in record:
                     record[field] = _masked(record[field], secret)
         for listener in pipeline.listeners:

@@ -285,7 +285,7 @@ def _mask_schemes(line: bytes, lower: bytes) -> bytes:
 
 _encoder = msgspec.json.Encoder()
 # What a client or a model wrote: left out of a line that could not be rendered whole.
-_FREE_FORM = ("metadata", "prompt", "completion", "tool_calls")
+_FREE_FORM = ("metadata", "prompt", "completion", "reasoning", "tool_calls")
 # Lines gathered on the event loop go to the writer thread at most this often: each
 # hand-over wakes the thread, and waking it per request costs more than the line.
 HANDOVER_S = 0.01

@@ -18,6 +18,8 @@ Role = Literal["system", "user", "assistant", "tool"]
 Think = bool | Literal["high", "medium", "low", "max"]
 # The longest end user id (ChatRequest.user_id) the Messages API takes in metadata.user_id.
 MAX_USER_ID = 256
+# OpenAI's reasoning_effort (chat completions; the Responses API's reasoning.effort).
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 FinishReason = Literal[
     "stop", "length", "tool_calls", "cancelled", "content_filter", "client_closed", "error"
 ]
@@ -64,6 +66,9 @@ class Message(Strict):
 
     role: Role
     content: str = ""
+    # An answer's reasoning, sent back with it as the answer's message had it: taken and
+    # not sent on (upstreams ignore an earlier turn's reasoning, or refuse it).
+    reasoning: str = ""
     name: str | None = None
     tool_calls: list[ToolCallRef] | None = None
     tool_call_id: str | None = None
@@ -247,6 +252,23 @@ class ChatRequest(Strict):
     # user from the rest of a key's traffic; others ignore it. A field of its own, not a
     # metadata key: metadata is the log's, and a client may put there what must stay here.
     user_id: Annotated[str, Meta(min_length=1, max_length=MAX_USER_ID)] | None = None
+    # OpenAI's words for how hard a reasoning model thinks. Apart from `think` so that each
+    # dialect takes exactly its API's values; sent only when given (a model that does
+    # not reason may refuse the field).
+    reasoning_effort: (
+        Annotated[
+            ReasoningEffort,
+            Meta(
+                description="how hard a reasoning model thinks, in OpenAI's words: sent "
+                "as `reasoning_effort` to OpenAI-compatible upstreams, as `think` to "
+                "Ollama ones when `think` is not given (none: false; minimal, low: "
+                '"low"; medium: "medium"; high, xhigh: "high"; max: "max"); '
+                "the MLX, Anthropic and echo backends ignore it. Absent: the "
+                "upstream's default"
+            ),
+        ]
+        | None
+    ) = None
 
 
 class GenerateRequest(Strict):
@@ -315,10 +337,20 @@ class Start(Event, tag="start"):
     created: float
 
 
-class Delta(Event, tag="delta"):
-    """A piece of the assistant's text."""
+class Delta(Event, tag="delta", omit_defaults=True):
+    """A piece of the assistant's text, and/or of its reasoning (`text` is "" in a line
+    of reasoning alone: a client that reads only `text` shows the answer as before)."""
 
     text: str
+    # A reasoning model's thinking, as its upstream streamed it (vLLM's and DeepSeek's
+    # reasoning_content, OpenRouter's reasoning, Ollama's thinking); left out when none.
+    reasoning: Annotated[
+        str,
+        Meta(
+            description="a piece of the model's reasoning before (or between) pieces of "
+            "its text, as a reasoning model's upstream streamed it; absent when none"
+        ),
+    ] = ""
 
 
 class Ping(Event, tag="ping"):
@@ -413,6 +445,14 @@ class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: Literal["assistant"]
     content: str
     tool_calls: list[ToolCallRef] | None = None
+    reasoning: Annotated[
+        str,
+        Meta(
+            description="the model's reasoning before its answer, as a reasoning model's "
+            "upstream gave it; absent when none (taken back in a message of the next "
+            "turn, and not sent on)"
+        ),
+    ] = ""
 
 
 class ChatResponse(msgspec.Struct):

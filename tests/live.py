@@ -218,6 +218,45 @@ def ndjson(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def reasoned(path: str, stream: bool, r: httpx.Response) -> tuple[str, str, str]:
+    """An answer's reasoning and text, each where the API at `path` carries it (the native
+    API, chat completions, Ollama's chat and generate), and for a stream the order of its
+    pieces: `r` for one with reasoning, `t` for one with text (a piece may have both)."""
+    assert r.status_code == 200, r.text
+    order = ""
+    if not stream:
+        body = r.json()
+        if path == "/api/v1/chat":
+            return body["message"].get("reasoning", ""), body["message"]["content"], order
+        if path == "/v1/chat/completions":
+            message = body["choices"][0]["message"]
+            return message.get("reasoning_content", ""), message["content"], order
+        if path == "/api/generate":
+            return body.get("thinking", ""), body["response"], order
+        return body["message"].get("thinking", ""), body["message"]["content"], order
+    if path == "/v1/chat/completions":
+        data = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        pieces = [
+            (c["choices"][0]["delta"].get("reasoning_content", ""), c["choices"][0]["delta"])
+            for c in map(json.loads, data[:-1])  # the last is [DONE]
+            if c["choices"]
+        ]
+        pieces = [(thought, delta.get("content") or "") for thought, delta in pieces]
+    elif path == "/api/v1/chat":
+        lines = [line for line in ndjson(r.text) if line["type"] == "delta"]
+        assert all("text" in line for line in lines)  # there for a client that reads it alone
+        pieces = [(line.get("reasoning", ""), line["text"]) for line in lines]
+    elif path == "/api/generate":
+        pieces = [(line.get("thinking", ""), line["response"]) for line in ndjson(r.text)]
+    else:
+        pieces = [
+            (ln["message"].get("thinking", ""), ln["message"]["content"]) for ln in ndjson(r.text)
+        ]
+    for thought, text in pieces:
+        order += ("r" if thought else "") + ("t" if text else "")
+    return "".join(p[0] for p in pieces), "".join(p[1] for p in pieces), order
+
+
 def install_plugin(
     where: Path, module: str, source: str, kinds: Mapping[str, str]
 ) -> dict[str, str]:

@@ -549,3 +549,57 @@ def test_think_reaches_ollama_from_its_dialect_and_the_native_api(
         for path, body in (("/api/chat", {"messages": hi}), ("/api/generate", {"prompt": "hi"})):
             r = httpx.post(server.url + path, json={"model": "m", "think": "hard", **body})
             assert r.status_code == 400 and "$.think" in r.json()["error"], r.text
+
+
+def test_a_reasoning_effort_reaches_ollama_as_its_think(box: tuple[FakeOllama, str]) -> None:
+    # OpenAI's words for the effort, from chat completions, the Responses API and the
+    # native API, become Ollama's `think`: none is no thinking, the levels Ollama lacks
+    # its nearest one; a `think` of the request's own (native) wins; none asked, none sent.
+    fake, url = box
+    hi = [{"role": "user", "content": "hi"}]
+    expected = {
+        "none": False,
+        "minimal": "low",
+        "low": "low",
+        "medium": "medium",
+        "high": "high",
+        "xhigh": "high",
+        "max": "max",
+    }
+    with run_stella(route(url, "llama3")) as server:
+        for effort, think in expected.items():
+            for path, body in (
+                ("/v1/chat/completions", {"messages": hi, "reasoning_effort": effort}),
+                ("/v1/responses", {"input": "hi", "reasoning": {"effort": effort}}),
+                ("/api/v1/chat", {"messages": hi, "reasoning_effort": effort}),
+            ):
+                r = httpx.post(server.url + path, json={"model": "m", "stream": False, **body})
+                assert r.status_code == 200, (path, r.text)
+                assert fake.requests[-1].get("think") == think, (path, effort)
+        body = {"messages": hi, "reasoning_effort": "high", "think": False, "stream": False}
+        r = httpx.post(server.url + "/api/v1/chat", json={"model": "m", **body})
+        assert r.status_code == 200 and fake.requests[-1]["think"] is False, r.text
+        r = httpx.post(server.url + "/v1/chat/completions", json={"model": "m", "messages": hi})
+        assert r.status_code == 200 and "think" not in fake.requests[-1], fake.requests[-1]
+
+
+def test_ollama_s_thinking_reaches_the_client_where_each_api_carries_it(
+    box: tuple[FakeOllama, str],
+) -> None:
+    # Ollama's `message.thinking`: the native API's `reasoning`, chat completions'
+    # `reasoning_content`, and Ollama's own `thinking` again, streamed or not, before the
+    # answer's text, which is as it was.
+    from tests.fakes.ollama import THINKING
+    from tests.live import reasoned
+
+    fake, url = box
+    fake.loaded.add("thinking:latest")
+    thought, words = "".join(THINKING), "The sky is blue."
+    hi = [{"role": "user", "content": "hi"}]
+    with run_stella(route(url, "thinking")) as server:
+        for path in ("/api/v1/chat", "/v1/chat/completions", "/api/chat", "/api/generate"):
+            body = {"prompt": "hi"} if path == "/api/generate" else {"messages": hi}
+            for stream in (True, False):
+                r = httpx.post(server.url + path, json={"model": "m", "stream": stream, **body})
+                got = reasoned(path, stream, r)
+                assert got == (thought, words, "rrrttttt" if stream else ""), (path, stream)

@@ -164,6 +164,189 @@ def test_penalties_and_logit_bias_reach_the_upstream_from_every_dialect(
         assert not {*sampling, "logit_bias"} & f.requests[-1].keys()
 
 
+def test_a_reasoning_effort_reaches_the_upstream_only_when_the_client_set_one(
+    fake: tuple[FakeOpenAI, str],
+) -> None:
+    # gpt-5.x reasons at `none` unless asked: an effort a client chose must reach it, from
+    # chat completions, the Responses API and the native API; one not chosen is never
+    # sent (a model that does not reason may refuse the field).
+    from tests.live import run_stella
+
+    f, url = fake
+    config = {
+        "backends": {"up": {"kind": "openai", "base_url": url + "/v1"}},
+        "models": {"routes": {"oai": {"backend": "up", "upstream_model": "ok", "retries": 0}}},
+    }
+    msgs = [{"role": "user", "content": "hi"}]
+    asks: list[tuple[str, dict[str, Any], str | None]] = [
+        ("/v1/chat/completions", {"messages": msgs, "reasoning_effort": "high"}, "high"),
+        ("/v1/chat/completions", {"messages": msgs, "reasoning_effort": "xhigh"}, "xhigh"),
+        ("/v1/chat/completions", {"messages": msgs, "reasoning_effort": None}, None),
+        ("/v1/chat/completions", {"messages": msgs}, None),
+        ("/v1/responses", {"input": "hi", "reasoning": {"effort": "low"}}, "low"),
+        ("/v1/responses", {"input": "hi", "reasoning": {"summary": "auto"}}, None),
+        ("/api/v1/chat", {"messages": msgs, "reasoning_effort": "none"}, "none"),
+        ("/api/v1/chat", {"messages": msgs, "think": True}, None),  # Ollama's: not sent
+    ]
+    with run_stella(config) as server:
+        for path, body, sent in asks:
+            for stream in (False, True):
+                r = httpx.post(server.url + path, json={"model": "oai", "stream": stream, **body})
+                assert r.status_code == 200, (path, r.text)
+                got = f.requests[-1]
+                assert got.get("reasoning_effort") == sent, (path, stream, got)
+                assert ("reasoning_effort" in got) == (sent is not None), (path, got)
+        r = httpx.post(
+            server.url + "/v1/responses",
+            json={"model": "oai", "input": "hi", "reasoning": {"effort": "medium"}},
+        )
+        assert r.json()["reasoning"] == {"effort": "medium", "summary": None}, r.text
+        # Another word is a 400 naming the field, as each API names it.
+        for path, body in (
+            ("/v1/chat/completions", {"messages": msgs, "reasoning_effort": "hard"}),
+            ("/v1/chat/completions", {"messages": msgs, "reasoning_effort": "High"}),
+            ("/v1/responses", {"input": "hi", "reasoning": {"effort": "hard"}}),
+            ("/api/v1/chat", {"messages": msgs, "reasoning_effort": "hard"}),
+        ):
+            asked = len(f.requests)
+            r = httpx.post(server.url + path, json={"model": "oai", **body})
+            assert r.status_code == 400, (path, r.text)
+            where = "reasoning.effort" if path == "/v1/responses" else "reasoning_effort"
+            error = r.json()["error"]
+            assert f"$.{where}" in error["message"], (path, error)
+            if path != "/api/v1/chat":
+                assert error["param"] == where, (path, error)
+            assert len(f.requests) == asked  # refused before any upstream was asked
+
+
+REASONED_PATHS = ("/api/v1/chat", "/v1/chat/completions", "/api/chat", "/api/generate")
+
+
+@pytest.mark.parametrize("model", ["thinks", "thinks-or"])
+def test_an_upstreams_reasoning_reaches_the_client_where_each_api_carries_it(
+    fake: tuple[FakeOpenAI, str], model: str
+) -> None:
+    # vLLM's and DeepSeek's `reasoning_content`, OpenRouter's `reasoning`: the native API's
+    # `reasoning` (a delta line's, with `text` "" when it holds none; the answer message's),
+    # chat completions' `reasoning_content`, Ollama's `thinking`; the text as before, after
+    # it. Dialects with no field for it (Anthropic's, the Responses API, text completions)
+    # give the text alone, with no empty piece where the reasoning was.
+    from tests.fakes.openai import REASONING
+    from tests.live import reasoned, run_stella
+
+    f, url = fake
+    thought, words = "".join(REASONING), " w0 w1 w2 w3 w4"
+    config = {
+        "backends": {"up": {"kind": "openai", "base_url": url + "/v1"}},
+        "models": {"routes": {"r": {"backend": "up", "upstream_model": model}}},
+        "log": {"content": True},
+    }
+    msgs = [{"role": "user", "content": "hi"}]
+    with run_stella(config) as server:
+        for path in REASONED_PATHS:
+            body = {"prompt": "hi"} if path == "/api/generate" else {"messages": msgs}
+            for stream in (True, False):
+                r = httpx.post(server.url + path, json={"model": "r", "stream": stream, **body})
+                got = reasoned(path, stream, r)
+                assert got[:2] == (thought, words), (path, stream, got)
+                # The thought first, then the answer.
+                assert re.fullmatch(r"r+t+" if stream else "", got[2]), (path, stream, got)
+        # The answer's message goes back into the next turn as it came, reasoning and all.
+        r = httpx.post(server.url + "/api/v1/chat", json={"model": "r", "messages": msgs})
+        answer = httpx.post(
+            server.url + "/api/v1/chat", json={"model": "r", "messages": msgs, "stream": False}
+        ).json()["message"]
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            json={"model": "r", "messages": [*msgs, answer, *msgs], "stream": False},
+        )
+        assert r.status_code == 200, r.text
+        assert [m.get("reasoning_content") for m in f.requests[-1]["messages"]] == [None] * 3
+        # With log.content, the log has it apart from the completion.
+        ev = event(server, r)
+        assert ev["reasoning"] == thought and ev["completion"] == words, ev
+        # Text alone where the API has no place for reasoning.
+        for stream in (True, False):
+            r = httpx.post(
+                server.url + "/v1/messages",
+                json={"model": "r", "max_tokens": 50, "messages": msgs, "stream": stream},
+            )
+            if stream:
+                data = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: ")]
+                blocks = [d["content_block"] for d in data if d["type"] == "content_block_start"]
+                assert blocks == [{"type": "text", "text": ""}], data
+                pieces = [d["delta"]["text"] for d in data if d["type"] == "content_block_delta"]
+            else:
+                pieces = [b["text"] for b in r.json()["content"]]
+            assert "".join(pieces) == words and all(pieces), (stream, r.text)
+            r = httpx.post(
+                server.url + "/v1/responses", json={"model": "r", "input": "hi", "stream": stream}
+            )
+            if stream:
+                data = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: ")]
+                kinds = [d["type"] for d in data]
+                assert kinds.count("response.output_item.added") == 1, kinds
+                pieces = [d["delta"] for d in data if d["type"] == "response.output_text.delta"]
+                assert "".join(pieces) == words and all(pieces), pieces
+            else:
+                assert (
+                    r.json()["output_text" if False else "output"][0]["content"][0]["text"] == words
+                ), r.text
+            r = httpx.post(
+                server.url + "/v1/completions",
+                json={"model": "r", "prompt": "hi", "stream": stream},
+            )
+            if stream:
+                data = [x[6:] for x in r.text.splitlines() if x.startswith("data: ")][:-1]
+                pieces = [json.loads(x)["choices"][0]["text"] for x in data]
+                assert "".join(pieces) == words and all(pieces[:-1]), pieces
+            else:
+                assert r.json()["choices"][0]["text"] == words, r.text
+
+
+async def test_reasoning_after_text_keeps_its_place(fake: tuple[FakeOpenAI, str]) -> None:
+    # One read's pieces go out as one Delta, its reasoning before its text: reasoning that
+    # came after some of the text ends the Delta before it, so the order is the model's.
+    from tests.fakes.openai import REASONING
+
+    b = await backend(fake[1] + "/v1")
+    events = await collect(b, "thinks-between")
+    await b.aclose()
+    order: list[list[str]] = []  # [kind, text], the pieces as a client reads them
+    for e in events:
+        if isinstance(e, Delta):
+            for kind, piece in (("reasoning", e.reasoning), ("text", e.text)):
+                if piece and order and order[-1][0] == kind:
+                    order[-1][1] += piece
+                elif piece:
+                    order.append([kind, piece])
+    assert order == [["text", " w0"], ["reasoning", REASONING[0]], ["text", " w1 w2 w3 w4"]]
+
+
+def test_reasoning_stays_out_of_the_log_without_log_content(fake: tuple[FakeOpenAI, str]) -> None:
+    from tests.live import run_stella
+
+    url = fake[1]
+    config = {
+        "backends": {"up": {"kind": "openai", "base_url": url + "/v1"}},
+        "models": {"routes": {"r": {"backend": "up", "upstream_model": "thinks"}}},
+    }
+    with run_stella(config) as server:
+        for stream in (True, False):
+            r = httpx.post(
+                server.url + "/api/v1/chat",
+                json={
+                    "model": "r",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "stream": stream,
+                },
+            )
+            assert "Let me" in r.text
+            ev = event(server, r)
+            assert "reasoning" not in ev and "completion" not in ev, ev
+            assert "Let me" not in json.dumps(ev)
+
+
 @pytest.mark.parametrize("stream", [True, False])
 async def test_a_tool_call_ended_with_stop_ends_as_tool_calls(
     fake: tuple[FakeOpenAI, str], stream: bool

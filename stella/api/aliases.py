@@ -169,6 +169,8 @@ class ResponseSseCodec(Codec):
         """Text pieces and the end marker (each `data:` JSON on one line)."""
         kind = type(event)
         if kind is Delta:
+            if not event.text:
+                return b""  # reasoning alone: these shapes have no field for it
             return b'data: {"response":' + json_text(event.text) + b"}\n\n"
         if kind is Done:
             return b"data: {}\n\n"

@@ -782,6 +782,8 @@ class MessagesCodec(Codec):
     def _encode(self, event: Any) -> bytes:
         kind = type(event)
         if kind is Delta:
+            if not event.text:
+                return b""  # reasoning alone: thinking blocks need a signature stella lacks
             out = b""
             if self.open_kind != "text":
                 out += self._close_block()

@@ -147,7 +147,26 @@ class OllamaCodec(Codec):
             return self._line("", b',"tool_calls":' + _enc.encode([call]))
         if kind is Error:
             return _enc.encode({"error": own_names(event.message)}) + b"\n"
+        if event.reasoning:
+            return self._thinking(event.text, event.reasoning)
         return self._line(event.text)
+
+    def _thinking(self, text: str, thinking: str) -> bytes:
+        """A line with the model's reasoning, where Ollama puts it: `message.thinking` in a
+        chat, `thinking` beside `response` in a generate."""
+        field = b',"thinking":' + _enc.encode(thinking)
+        if not self.generate:
+            return self._line(text, field)
+        return (
+            b'{"model":'
+            + self.model
+            + b',"created_at":"'
+            + _now().encode()
+            + b'","response":'
+            + _enc.encode(text)
+            + field
+            + b',"done":false}\n'
+        )
 
     def ping(self) -> bytes:
         """An empty piece of text keeps the connection alive; clients just append ''."""
@@ -207,10 +226,15 @@ async def _run(
     done = Done(finish_reason=result.finish_reason, usage=result.usage, timings=result.timings)
     load = inference.ctx.load_ms if inference.ctx is not None else None
     body = final(done, spell(result.model), generate, codec.start_ns, load)
+    thinking = result.message.reasoning
     if generate:
         body["response"] = result.response
+        if thinking:
+            body["thinking"] = thinking
     else:
         message: dict[str, Any] = {"role": "assistant", "content": result.response}
+        if thinking:
+            message["thinking"] = thinking
         if result.message.tool_calls:
             message["tool_calls"] = [
                 tool_call(i, c.id, c.function.name, c.function.arguments)

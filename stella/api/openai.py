@@ -299,6 +299,8 @@ class ChunkCodec(Codec):
             self.failed = True
             body = {"error": {"message": event.message, "type": "server_error", "code": event.code}}
             return b"data: " + one_line(_enc.encode(body)) + b"\n\n"
+        if event.reasoning:
+            return self._reasoning(event)
         if self.text:
             return (
                 self.head
@@ -316,6 +318,23 @@ class ChunkCodec(Codec):
             + json_text(event.text)
             + b'},"finish_reason":null}]}\n\n'
         )
+
+    def _reasoning(self, event: Delta) -> bytes:
+        """A Delta with reasoning: a chunk of `reasoning_content` (as vLLM, DeepSeek and
+        LiteLLM stream it; the SDKs keep a field they do not know), then one of the text
+        that came after it, if any. A text completion has no field for it."""
+        text = event.text
+        out = b""
+        if not self.text:
+            out = (
+                self.head
+                + b'[{"index":0,"delta":{"reasoning_content":'
+                + json_text(event.reasoning)
+                + b'},"finish_reason":null}]}\n\n'
+            )
+        if text:
+            out += self._encode(Delta(text=text), Delta)
+        return out
 
     def ping(self) -> bytes:
         """An SSE comment."""
@@ -372,6 +391,9 @@ async def _run(
         # leaves `parsed` empty and says why in `refusal`.
         message["content"], message["refusal"] = None, result.response
         reason = "stop"
+    if result.message.reasoning:
+        # vLLM's, DeepSeek's and LiteLLM's field for it (the SDKs keep unknown fields).
+        message["reasoning_content"] = result.message.reasoning
     if result.message.tool_calls:
         message["content"] = result.response or None
         message["tool_calls"] = [

@@ -20,6 +20,7 @@ from stella.protocol import (
     Message,
     NamedToolChoice,
     Options,
+    ReasoningEffort,
     Tool,
     ToolCallRef,
     ToolChoice,
@@ -112,6 +113,8 @@ class ChatCompletionRequest(CompletionCommon, kw_only=True):
     tool_choice: Any = None  # read by tools_and_choice: its shapes differ by type
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
+    # Exactly the API's words: another is a 400 naming $.reasoning_effort.
+    reasoning_effort: ReasoningEffort | None = None
     top_logprobs: int | None = None
     # The deprecated function-calling fields: refused with their replacement named,
     # rather than ignored (the model would answer in text to a client awaiting a call).
@@ -382,4 +385,5 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
         parallel_tool_calls=req.parallel_tool_calls,
         response_format=req.response_format,
         metadata=to_metadata(req),
+        reasoning_effort=req.reasoning_effort,
     )

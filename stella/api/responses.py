@@ -336,6 +336,8 @@ class ResponsesCodec(Codec):
         """The API's events for one pipeline event (each `data:` JSON on one line)."""
         kind = type(event)
         if kind is Delta:
+            if not event.text:
+                return b""  # reasoning alone: no reasoning items go out
             if self.texts is None:
                 out = one_line(self._open_message())
             elif self.refusal is not None and self.refusal():

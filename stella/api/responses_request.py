@@ -22,6 +22,7 @@ from stella.protocol import (
     FunctionCall,
     Message,
     Options,
+    ReasoningEffort,
     Role,
     ToolCallRef,
     arguments_of,
@@ -61,6 +62,14 @@ class TextConfig(msgspec.Struct):
     verbosity: str | None = None
 
 
+class ReasoningConfig(msgspec.Struct):
+    """`reasoning`: its `effort` is the backend's reasoning_effort (`summary` and others
+    are ignored: no reasoning items come back)."""
+
+    effort: ReasoningEffort | None = None
+    summary: str | None = None  # repeated in the Response, not applied
+
+
 class ResponsesRequest(msgspec.Struct, kw_only=True):
     """POST /v1/responses."""
 
@@ -78,10 +87,11 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     text: TextConfig | None = None
     metadata: dict[str, Any] | None = None
     user: str | None = None
-    # Taken, and not applied: stella stores nothing, runs no reasoning, trims no input.
+    # Its effort is applied (another value is a 400 naming reasoning.effort).
+    reasoning: ReasoningConfig | None = None
+    # Taken, and not applied: stella stores nothing, trims no input.
     store: bool | None = None
     include: list[str] | None = None
-    reasoning: dict[str, Any] | None = None
     truncation: str | None = None
     top_logprobs: int | None = None
     prompt_cache_key: str | None = None  # repeated in the Response; caching is the backend's
@@ -346,17 +356,15 @@ def to_chat(req: ResponsesRequest, toolset: ToolSet) -> ChatRequest:
         parallel_tool_calls=req.parallel_tool_calls,
         response_format=_format(req.text),
         metadata=meta or None,
+        reasoning_effort=req.reasoning.effort if req.reasoning is not None else None,
     )
 
 
-def _reasoning_echoed(reasoning: dict[str, Any] | None) -> dict[str, Any] | None:
+def _reasoning_echoed(reasoning: ReasoningConfig | None) -> dict[str, Any] | None:
     """`reasoning` as a Response repeats it: its effort and summary (null when not given)."""
     if reasoning is None:
         return None
-    return {
-        key: value if isinstance(value := reasoning.get(key), str) else None
-        for key in ("effort", "summary")
-    }
+    return {"effort": reasoning.effort, "summary": reasoning.summary}
 
 
 def echoed(req: ResponsesRequest) -> dict[str, Any]:

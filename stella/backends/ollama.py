@@ -32,7 +32,16 @@ from stella.backends.http import (
 )
 from stella.backends.ollama_keep_alive import keep_alive_of, unloads
 from stella.errors import StellaError, UpstreamError, UpstreamStatus, UpstreamTimeout
-from stella.protocol import ChatRequest, Delta, Done, ToolCall, Usage, wire_tools
+from stella.protocol import (
+    ChatRequest,
+    Delta,
+    Done,
+    ReasoningEffort,
+    Think,
+    ToolCall,
+    Usage,
+    wire_tools,
+)
 
 
 class OllamaConfig(HttpConfig, kw_only=True):
@@ -86,6 +95,7 @@ class _Call(msgspec.Struct):
 class _Msg(msgspec.Struct):
     content: str = ""
     tool_calls: list[_Call] | None = None
+    thinking: str = ""  # a thinking model's reasoning, before its content
 
 
 class _Line(msgspec.Struct):
@@ -135,6 +145,17 @@ PS_TTL_S = 5.0
 # CONTEXT_WAIT_S. Past this wait the call loads the model itself, within its limits,
 # while the ask goes on and its answer serves the calls after it.
 PS_GLANCE_S = 0.25
+# OpenAI's reasoning efforts as Ollama's `think` (sent when the request has no `think` of
+# its own): Ollama's efforts are low, medium, high and max; none is no thinking.
+THINK_FOR_EFFORT: dict[ReasoningEffort, Think] = {
+    "none": False,
+    "minimal": "low",
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "xhigh": "high",
+    "max": "max",
+}
 
 
 _line = msgspec.json.Decoder(_Line)
@@ -202,6 +223,8 @@ def request_body(request: ChatRequest, keep_alive: int | float | str | None) -> 
         body["keep_alive"] = keep_alive
     if request.think is not None:
         body["think"] = request.think
+    elif request.reasoning_effort is not None:
+        body["think"] = THINK_FOR_EFFORT[request.reasoning_effort]
     return body
 
 
@@ -498,7 +521,9 @@ class OllamaBackend(HttpBackend):
                             # A line is a token (text, thinking or a call): what a stream
                             # cut before the done line, which has the counts, is charged.
                             ctx.tokens_seen += 1
-                        if msg.content:
+                        if msg.thinking:
+                            yield Delta(text=msg.content, reasoning=msg.thinking)
+                        elif msg.content:
                             yield Delta(text=msg.content)
                         for call in msg.tool_calls or ():
                             yield ToolCall(

@@ -177,6 +177,8 @@ def request_body(
             body["parallel_tool_calls"] = request.parallel_tool_calls
     if request.response_format:
         body["response_format"] = request.response_format
+    if request.reasoning_effort is not None:  # never invented: not every model takes it
+        body["reasoning_effort"] = request.reasoning_effort
     if stream and stream_usage:
         body["stream_options"] = {"include_usage": True}
     return body
@@ -276,6 +278,8 @@ class OpenAIBackend(HttpBackend):
                             raise UpstreamError(f"{name}: malformed stream line") from None
                         rest = itertools.chain((b"data:" + data,), rest)
                     texts: list[str] = []
+                    # The read's reasoning: a list only once some came (most reads hold none).
+                    thoughts: list[str] | None = None
                     for line in rest:
                         if not line.startswith(b"data:"):
                             if not line:  # the blank line after each event
@@ -285,8 +289,8 @@ class OpenAIBackend(HttpBackend):
                             elif line.startswith(b"error:"):
                                 # llama.cpp before ggml-org/llama.cpp#16109 told a failure
                                 # in a field of its own, `error: {...}`, then `data: [DONE]`.
-                                if texts:
-                                    yield Delta(text="".join(texts))
+                                if texts or thoughts:
+                                    yield _delta(texts, thoughts)
                                 raise _failure(name, _error_field(line[6:]))
                             continue  # event names, ids, a CRLF stream's blank lines
                         data = line[5:].strip()
@@ -308,12 +312,12 @@ class OpenAIBackend(HttpBackend):
                             try:
                                 chunk = _chunk.decode(data)
                             except BAD_JSON:
-                                if texts:
-                                    yield Delta(text="".join(texts))
+                                if texts or thoughts:
+                                    yield _delta(texts, thoughts)
                                 raise UpstreamError(f"{name}: malformed stream line") from None
                         if chunk.error is not None:
-                            if texts:
-                                yield Delta(text="".join(texts))
+                            if texts or thoughts:
+                                yield _delta(texts, thoughts)
                             raise _failure(name, chunk.error)
                         ctx.beats += 1  # upstream output, with or without text: progress
                         if chunk.usage is not None:
@@ -327,7 +331,17 @@ class OpenAIBackend(HttpBackend):
                                     ctx.tokens_seen += 1
                                     texts.append(d.content)
                                 elif d.reasoning_content or d.reasoning:
-                                    ctx.tokens_seen += 1  # made, and charged, but not sent
+                                    ctx.tokens_seen += 1
+                                    thought = _reasoning(d)
+                                    if thought:
+                                        if texts:
+                                            # Reasoning after text: the text goes first,
+                                            # so each line keeps the model's order.
+                                            yield _delta(texts, thoughts)
+                                            texts, thoughts = [], None
+                                        if thoughts is None:
+                                            thoughts = []
+                                        thoughts.append(thought)
                                 if d.refusal:
                                     ctx.tokens_seen += 1
                                     texts.append(d.refusal)
@@ -341,8 +355,8 @@ class OpenAIBackend(HttpBackend):
                         if finish and (usage is not None or not self.cfg.stream_usage):
                             ended = True
                             break
-                    if texts:
-                        yield Delta(text="".join(texts))
+                    if texts or thoughts:
+                        yield _delta(texts, thoughts)
                     if ended:
                         break
                 if pending:  # an event cut before its end
@@ -377,8 +391,9 @@ class OpenAIBackend(HttpBackend):
         msg = choice.message or choice.delta or _Delta()
         text = (msg.content or "") + (msg.refusal or "")
         ctx.refused = bool(msg.refusal)
-        if text:
-            yield Delta(text=text)
+        thought = _reasoning(msg)
+        if text or thought:
+            yield Delta(text=text, reasoning=thought)
         calls = _Calls()
         for call in msg.tool_calls or ():
             calls.put(call)
@@ -396,6 +411,20 @@ class OpenAIBackend(HttpBackend):
             finish_reason=_finish(choice.finish_reason or "stop", bool(events), ctx.refused),
             usage=_usage(chunk.usage, ctx),
         )
+
+
+def _reasoning(d: _Delta) -> str:
+    """A delta's or a message's reasoning text, under either name servers give it ("" when
+    none, or in another shape than a string)."""
+    r = d.reasoning_content or d.reasoning
+    return r if type(r) is str else ""
+
+
+def _delta(texts: list[str], thoughts: list[str] | None) -> Delta:
+    """One read's text and reasoning as one Delta (the reasoning came first)."""
+    if thoughts is None:
+        return Delta(text="".join(texts))
+    return Delta(text="".join(texts), reasoning="".join(thoughts))
 
 
 async def _after(head: bytes, reads: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         with command_client(args, timeout) as client:
             for event in client.chat(messages, args.model, stream=True, options=options or None):
                 if isinstance(event, Delta):
+                    if not event.text:
+                        continue  # reasoning alone: the answer is the text
                     sys.stdout.write(event.text)
                     sys.stdout.flush()
                     midline = bool(event.text) and not event.text.endswith("\n")

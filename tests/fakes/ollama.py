@@ -9,7 +9,8 @@ encodes a call without arguments), `error-before` (HTTP 404
 {"error": "model 'error-before' not found"}), `not-pulled` (HTTP 404 in older Ollama's
 words, `model "not-pulled" not found, try pulling it first`), `error-mid` (a final {"error": ...} line after two pieces), `error-first` (a 200 whose
 one line is {"error": ...}), `huge-error-first` and `huge-error-mid` (the same with
-HUGE_ERROR), `malformed`, `busy` (503 without Retry-After, as Ollama answers a full
+HUGE_ERROR), `malformed`, `thinking` (THINKING in `message.thinking`, a line per piece
+with content "", then the answer, as a thinking model streams it), `busy` (503 without Retry-After, as Ollama answers a full
 queue), `cloud` (401 with a `signin_url`, as Ollama answers a cloud model while it is not
 signed in), `cached` (the done line says CACHED of its prompt's tokens came from the
 cache, `prompt_eval_cached_count`). A path it does not serve is Go's plain-text 404,
@@ -51,6 +52,8 @@ HUGE_ERROR = "first line\nsecond line\r\n\t" + "E" * 1_000_000
 CONTEXT = 8192
 # How long `slow-load` takes to load (`slow-load-2` twice as long).
 LOAD_S = 1.5
+# What `thinking` thinks, a line per piece (`message.thinking`), before its answer.
+THINKING = ("Hmm, ", "the sky? ", "Blue.")
 # The prompt tokens of `cached` that its done line says were read from the cache.
 CACHED = 20
 # Ollama's answer to a cloud model while the server is not signed in to ollama.com.
@@ -235,7 +238,7 @@ class FakeOllama:
 
     async def _whole(self, lines: AsyncIterator[bytes]) -> Response:
         """The non-stream answer: the last line, with the content of all of them."""
-        text = ""
+        text = thinking = ""
         calls: list[Any] = []
         last: dict[str, Any] = {}
         async for raw in lines:
@@ -246,8 +249,11 @@ class FakeOllama:
             if "error" in last:
                 return JSONResponse({"error": last["error"]}, 500)
             text += last["message"]["content"]
+            thinking += last["message"].get("thinking", "")
             calls += last["message"].get("tool_calls") or []
         last["message"]["content"] = text
+        if thinking:
+            last["message"]["thinking"] = thinking
         if calls:
             last["message"]["tool_calls"] = calls
         return JSONResponse(last)
@@ -291,8 +297,8 @@ class FakeOllama:
             )
             return
         if model == "thinking":  # a thinking model's lines: no content yet
-            for _ in range(3):
-                message = {"role": "assistant", "content": "", "thinking": "hmm"}
+            for part in THINKING:
+                message = {"role": "assistant", "content": "", "thinking": part}
                 yield line(
                     {"model": model, "created_at": CREATED, "message": message, "done": False}
                 )

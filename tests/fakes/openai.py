@@ -56,6 +56,12 @@ Wire quirks of real servers:
   the usage;
 - `reasoning-no-usage`: REASONING in `reasoning_content` and `reasoning` chunks, then the
   answer, no usage, streamed or not;
+- `thinks` and `thinks-or`: REASONING, then the answer, with its usage: in
+  `reasoning_content` (content null), as vLLM, DeepSeek and llama.cpp send it, or in
+  `reasoning` (content ""), as OpenRouter and Ollama's OpenAI API do, streamed or in the
+  whole answer's message; `thinks-between` (" w0", then REASONING[0] in
+  `reasoning_content`, then the rest of `ok`'s words: a model that thinks again after
+  some text, as interleaved thinking does);
 - `whole-calls`, `whole-calls-same`: two tool calls each in one chunk with neither index
   nor id (two tools, or one tool twice).
 It records what it saw.
@@ -139,6 +145,8 @@ LIMIT_MS = "1500"
 LIMIT_RESETS = ("1.2s", "6m0s")
 # What model `reasoning-no-usage` thinks, in pieces: three `reasoning_content`, one `reasoning`.
 REASONING = ("Let ", "me ", "think. ", "Done.")
+# The models that reason before their answer, and the field each sends the reasoning in.
+THINKERS = {"thinks": "reasoning_content", "thinks-or": "reasoning"}
 
 
 class FakeOpenAI:
@@ -320,6 +328,8 @@ class FakeOpenAI:
                 finish = "stop" if model == "tools-stop" else "tool_calls"
             if model == "reasoning-no-usage":
                 message["reasoning_content"] = "".join(REASONING)
+            if model in THINKERS:
+                message[THINKERS[model]] = "".join(REASONING)
             if model.startswith("refusal"):
                 message = {"role": "assistant", "content": None, "refusal": REFUSAL}
                 finish = "length" if model == "refusal-length" else "stop"
@@ -371,6 +381,19 @@ class FakeOpenAI:
         try:
             if model == "stall":
                 await asyncio.sleep(3600)
+            if model == "thinks-between":  # text, reasoning, text: all in one network read
+                yield chunk({"content": self.words[0]}) + chunk({"reasoning_content": REASONING[0]})
+                for word in self.words[1:]:
+                    yield chunk({"content": word})
+                yield chunk({}, "stop")
+                yield b"data: [DONE]\n\n"
+                return
+            if model in THINKERS:  # the reasoning first, then the answer as `ok` gives it
+                field = THINKERS[model]
+                for part in REASONING:
+                    yield chunk(
+                        {"content": None if field == "reasoning_content" else "", field: part}
+                    )
             if model == "error-first":  # a refusal after the 200, before any output
                 error = {"message": "model overloaded", "type": "server_error", "code": None}
                 yield b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
