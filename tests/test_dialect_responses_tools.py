@@ -346,6 +346,9 @@ def test_a_built_in_tool_the_model_may_use_is_left_out(
             "length <= 64 - at `$.tools[0].tools[0].name`",
         ),
         ({"tools": [{"type": "functoin", "name": "f"}]}, "$.tools[0].type: 'functoin' is not"),
+        # Any JSON may stand for a type: a list or an object is no tool (it was a 500).
+        ({"tools": [{"type": ["function"], "name": "f"}]}, "$.tools[0].type: ['function'] is"),
+        ({"tools": [{"type": {"a": 1}, "name": "f"}]}, "$.tools[0].type: {'a': 1} is not"),
     ],
 )
 def test_a_forced_built_in_tool_or_a_tool_stella_cannot_read_is_a_400(
@@ -376,6 +379,12 @@ def test_allowed_tools_among_built_in_ones_offers_the_functions_allowed(
     assert r.status_code == 200, r.text
     assert [t["function"]["name"] for t in up.requests[-1]["tools"]] == ["close_agent"]
     assert up.requests[-1]["tool_choice"] == "required"
+    # An entry whose type is no string is no built-in tool: matched by its name (a 500
+    # once, looking a list up among the built-in types).
+    choice = {"type": "allowed_tools", "mode": "auto", "tools": [{"type": ["x"], "name": "f"}]}
+    r = post(server, {"model": "gpt", "input": "hi", "tools": tools, "tool_choice": choice})
+    assert r.status_code == 200, r.text
+    assert [t["function"]["name"] for t in up.requests[-1]["tools"]] == ["f"]
 
 
 def _view_image_turn() -> dict[str, Any]:
@@ -418,3 +427,14 @@ def test_an_image_in_a_tool_s_output_is_a_note_the_model_reads(
         r.status_code == 400
         and r.json()["error"]["param"] == f"input[{len(body['input']) - 1}].content[0].type"
     )
+
+
+def test_a_custom_tool_s_input_from_what_the_model_wrote() -> None:
+    # A model that ignores the one-string schema still reaches the tool with its input.
+    from stella.api.responses_tools import custom_input
+
+    assert custom_input({"input": "*** Begin Patch"}, None) == "*** Begin Patch"
+    # No JSON object written at all: the model's own text, as it wrote it.
+    assert custom_input({}, "*** Begin Patch\n*** End Patch") == "*** Begin Patch\n*** End Patch"
+    assert custom_input({"patch": "abc"}, None) == "abc"  # its one string, however named
+    assert custom_input({"input": 5}, None) == '{"input":5}'

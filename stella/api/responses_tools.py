@@ -142,7 +142,7 @@ def _entries(
                         param=f"tools[{i}].tools[{j}].type",
                     )
                 entries.append((f"tools[{i}].tools[{j}]", u, name))
-        elif kind in HOSTED:
+        elif _hosted(kind):
             hosted += 1
         else:
             raise InvalidRequest(
@@ -223,7 +223,7 @@ class ToolSet:
             listed = choice.get("tools")
             if isinstance(listed, list):
                 # A built-in tool allowed is one left out: allowed or not, it is not offered.
-                kept = [e for e in listed if not (isinstance(e, dict) and e.get("type") in HOSTED)]
+                kept = [e for e in listed if not (isinstance(e, dict) and _hosted(e.get("type")))]
                 choice = {**choice, "tools": kept}
             return allowed_tools(tools, choice, "tool_choice", self._allowed_name)
         raise InvalidRequest(
@@ -239,6 +239,11 @@ class ToolSet:
         if isinstance(name, str):
             name = self._named(name, entry.get("type") == "custom") or name
         return "name", name
+
+
+def _hosted(kind: Any) -> bool:
+    """Whether a tool's `type` names a built-in tool (any JSON value may be sent)."""
+    return isinstance(kind, str) and kind in HOSTED
 
 
 def custom_input(arguments: dict[str, Any], raw: str | None) -> str:
