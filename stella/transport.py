@@ -887,7 +887,8 @@ class BodyDeadlineProtocol(_HttpToolsProtocol):
         if cycle is not None and cycle.more_body and self._body_timer is None and not self.pipeline:
             now = self.loop.time()
             self._body_from = now
-            self._body_due = now + BODY_TIMEOUT_S
+            # What of the body came with the headers counts as any that comes later.
+            self._body_due = now + BODY_TIMEOUT_S + len(cycle.body) / BODY_MIN_RATE
             self._body_timer = self.loop.call_at(self._body_due, self._body_late, cycle)
             self._dropped = 0
             if cycle.transport is self.transport:

@@ -336,6 +336,16 @@ async def test_a_body_that_keeps_coming_has_more_time(monkeypatch: pytest.Monkey
     assert 0.2 <= time.perf_counter() - started < 1.0
     proto.connection_lost(None)
 
+    # Bytes that came in the headers' own read count as well: 600 of them are 0.6 s more.
+    got.clear()
+    proto, rec = _protocol(app)
+    proto.data_received(b"POST / HTTP/1.1\r\nhost: t\r\ncontent-length: 800\r\n\r\n" + b"x" * 600)
+    await asyncio.sleep(0.5)
+    assert not rec.closed, "the body sent with the headers earned no time"
+    await asyncio.sleep(0.6)
+    assert rec.closed
+    proto.connection_lost(None)
+
 
 @pytest.mark.parametrize("sent", [b"{", b""], ids=["part_of_it", "none_of_it"])
 async def test_a_body_that_stalls_is_counted_as_too_slow(
