@@ -495,3 +495,37 @@ def test_refusals_of_metrics_and_admin_routes_are_not_counted() -> None:
         assert httpx.post(server.url + "/api/v1/chat", json=body).status_code == 401
         text = scrape(server, headers=admin)
         assert value(text, 'stella_rejections_total{api="native",code="unauthorized"}') == 1
+
+
+def test_a_first_token_after_several_attempts_lands_in_its_bucket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Retries and fallbacks each get ttft_timeout_s (120 s): a client's wait of 400 s
+    # counts under le=600, not in +Inf with nothing to read a quantile from.
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    import stella.metrics
+    from stella.metrics import DURATION_BUCKETS, Metrics
+
+    # Counting alone: no server state for the collectors to describe.
+    monkeypatch.setattr(stella.metrics, "CollectorRegistry", lambda **_: CollectorRegistry())
+    m = Metrics(SimpleNamespace(router=SimpleNamespace(ever={"r"})))
+    m.observe(
+        {
+            "model": "r",
+            "api": "native",
+            "backend": "b",
+            "status": 200,
+            "prompt_tokens": 1,
+            "completion_tokens": 1,
+            "ttft_ms": 400_000.0,
+            "total_ms": 450_000.0,
+            "queue_ms": 0.0,
+            "attempts": [],
+        }
+    )
+    h = m.ttft["r"]
+    assert h.bounds == DURATION_BUCKETS
+    assert h.buckets[DURATION_BUCKETS.index(600.0)] == 1 and sum(h.buckets) == 1
