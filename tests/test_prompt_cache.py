@@ -517,3 +517,60 @@ def test_the_backend_puts_each_breakpoint_on_the_last_block_of_its_message() -> 
     )
     with pytest.raises(InvalidRequest, match=TOO_MANY):
         request_body(five, 100)
+
+
+def test_marks_merged_into_one_message_keep_the_longest_ttl_in_either_order() -> None:
+    for marks in ((EPHEMERAL, HOUR), (HOUR, EPHEMERAL)):
+        blocks = [
+            {"type": "text", "text": f"t{i}", "cache_control": c} for i, c in enumerate(marks)
+        ]
+        chat = _chat(messages=[{"role": "user", "content": blocks}])
+        assert [m.cache for m in chat.messages] == ["1h"], marks
+
+
+def test_the_top_level_breakpoint_counts_toward_the_four() -> None:
+    text = {"type": "text", "text": "hi", "cache_control": EPHEMERAL}
+    body = {"messages": [{"role": "user", "content": [text, text, text, text]}]}
+    _chat(**body)  # four: taken
+    with pytest.raises(InvalidRequest, match="Found 5"):
+        _chat(**body, cache_control=EPHEMERAL)
+
+
+def test_a_breakpoint_on_a_deferred_tool_left_out_moves_to_the_tool_before_it() -> None:
+    # Anthropic's docs mark the last tool; in tool search that is often a deferred one,
+    # which is no part of the prefix: its breakpoint ends the tools before it.
+    schema = {"type": "object"}
+    tools = [
+        {"name": "Read", "input_schema": schema},
+        {"name": "Bash", "input_schema": schema},
+        {"name": "Web", "input_schema": schema, "defer_loading": True, "cache_control": HOUR},
+    ]
+    chat = _chat(tools=tools, messages=[{"role": "user", "content": "hi"}])
+    assert [(t.function.name, t.cache) for t in chat.tools or ()] == [
+        ("Read", None),
+        ("Bash", "1h"),
+    ]
+    # Loaded, it is offered with its own breakpoint.
+    messages = [
+        {"role": "user", "content": "find"},
+        {
+            "role": "assistant",
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {}}],
+        },
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_1",
+                    "content": [{"type": "tool_reference", "tool_name": "Web"}],
+                }
+            ],
+        },
+    ]
+    chat = _chat(tools=tools, messages=messages)
+    assert [(t.function.name, t.cache) for t in chat.tools or ()] == [
+        ("Read", None),
+        ("Bash", None),
+        ("Web", "1h"),
+    ]

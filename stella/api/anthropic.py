@@ -631,9 +631,9 @@ def to_chat(req: Prompt) -> ChatRequest:
                     parameters=t.input_schema,
                     strict=t.strict,
                 ),
-                cache=_ttl(t.cache_control),
+                cache=cache,
             )
-            for t in offered
+            for t, cache in _tool_marks(req.tools or [], offered)
         ]
         if offered
         else None
@@ -658,6 +658,22 @@ def _user_id(metadata: dict[str, Any] | None) -> str | None:
     logged, not sent: the upstream would refuse the request for it)."""
     given = (metadata or {}).get("user_id")
     return given if isinstance(given, str) and 0 < len(given) <= MAX_USER_ID else None
+
+
+def _tool_marks(tools: list[ATool], offered: list[ATool]) -> list[tuple[ATool, CacheTtl | None]]:
+    """Each offered tool with its cache breakpoint. A breakpoint on a tool left out (a
+    deferred one not loaded) goes to the last offered tool before it: the prefix it ended,
+    as the API caches it (deferred tools are no part of the prefix; Anthropic's docs put
+    the breakpoint on the last tool, which in tool search is often a deferred one)."""
+    shown = {id(t) for t in offered}
+    out: list[tuple[ATool, CacheTtl | None]] = []
+    for t in tools:
+        if id(t) in shown:
+            out.append((t, _ttl(t.cache_control)))
+        elif t.cache_control is not None and out:
+            last, cache = out[-1]
+            out[-1] = (last, _longest((cache, t.cache_control.ttl or "5m")))
+    return out
 
 
 def _offered(req: Prompt, loaded: dict[str, str]) -> list[ATool] | None:
