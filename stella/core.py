@@ -397,8 +397,9 @@ class Inference:
         self.completion_tokens = 0  # the last attempt's Deltas
         # Whether some of the usage is stella's count, not the backend's (see finish).
         self.estimated = False
-        # Tokens of non-stream attempts that failed after producing them and were answered
-        # again, by the route that made them: the client never sees them, the upstream
+        # Tokens of attempts that failed after producing them and were answered again
+        # (a non-stream call's; a stream's that sent only reasoning its client is not
+        # shown), by the route that made them: the client never sees them, the upstream
         # made (and may bill) them.
         self.discarded_by: dict[str, int] | None = None
         self.finish_reason: str = "error"
@@ -436,15 +437,20 @@ class Inference:
             created=round(self.created, 3),
         )
 
-    async def run(self, emit: Emit | None = None) -> Done | Error:
+    async def run(self, emit: Emit | None = None, shows_reasoning: bool = True) -> Done | Error:
         """Run the backend chain: deltas and tool calls go to `emit`; returns the terminal event.
 
         The events are pushed, not pulled: a token crosses one await instead
         of two generator frames. Whatever happens, the answer ends in exactly
         one Done or Error (returned, for the caller to send) and one log event.
         `emit` raises SinkClosed when the client can no longer be written to.
+        Without `shows_reasoning` (the client's dialect has no place for it), a Delta
+        of reasoning alone is not emitted: until something else is, a stream's failure
+        may start the answer over, as a non-stream call's does.
         """
         router = self.pipeline.router
+        # Nothing has reached the client yet, and its dialect shows no reasoning.
+        unseen = emit is not None and not shows_reasoning
         # The asked route's total limit bounds the whole request; a fallback's own limit
         # runs from its turn, within that bound.
         asked_total = self.route.settings.total_timeout_s
@@ -609,7 +615,10 @@ class Inference:
                                 raise UpstreamError(
                                     f"backend sent an unknown event {kind.__name__}"
                                 )
-                            if emit is not None:  # a Delta or a ToolCall, to the client
+                            if unseen and kind is Delta and not event.text:
+                                pass  # reasoning alone, which this client is not shown
+                            elif emit is not None:  # a Delta or a ToolCall, to the client
+                                unseen = False
                                 watchdog.writing = True
                                 try:
                                     await emit(event)
@@ -671,9 +680,10 @@ class Inference:
                             # first token.
                             if not exc.out_of_time:
                                 breaker.failure(exc.code)
-                            if emit is None:
-                                # Nothing has reached the client of a non-stream call yet:
-                                # the answer can start over (a retry, then a fallback).
+                            if emit is None or unseen:
+                                # Nothing has reached the client yet (a non-stream call, a
+                                # stream that had only reasoning it does not show): the
+                                # answer can start over (a retry, then a fallback).
                                 texts.clear()
                                 self.reasonings.clear()
                                 self.tool_calls.clear()

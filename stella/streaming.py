@@ -85,6 +85,10 @@ class Codec:
     """How a dialect writes events on the wire; the native one is NDJSON."""
 
     media_type = "application/x-ndjson"
+    # Whether a Delta of reasoning alone reaches the client. When not, such a Delta is no
+    # start of the answer: a failure after it may still be retried, or fall back, and the
+    # status line held for it (`refuse`) may still be an error.
+    shows_reasoning = True
 
     def __init__(self) -> None:
         self._encoder = msgspec.json.Encoder()
@@ -261,7 +265,7 @@ class EventStream:
                 return
             if self._started:
                 await self._send_start(send)
-            terminal = await inference.run(emit)
+            terminal = await inference.run(emit, self.codec.shows_reasoning)
             if not self._started and type(terminal) is Error and inference.error is not None:
                 # Nothing was sent yet: the failure is the answer's status.
                 self._open = False

@@ -751,6 +751,7 @@ class MessagesCodec(Codec):
     """Events as the Messages API's SSE sequence."""
 
     media_type = "text/event-stream"
+    shows_reasoning = False  # thinking blocks need a signature stella lacks
 
     def __init__(self, inference: Inference) -> None:
         super().__init__()

@@ -209,6 +209,7 @@ class ChunkCodec(Codec):
         self.usage_head = b""  # the head of the last chunk, the one with the usage
         self.failed = False
         self.role_sent = text  # completions have no role chunk
+        self.shows_reasoning = not text  # a text completion has no field for it
 
     def start(self, event: Start) -> bytes:
         """Nothing yet: the role chunk goes with the first event (its content is null

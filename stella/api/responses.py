@@ -210,6 +210,7 @@ class ResponsesCodec(Codec):
     (or .incomplete), or response.failed after a failure."""
 
     media_type = "text/event-stream"
+    shows_reasoning = False  # no reasoning items go out
 
     def __init__(
         self,

@@ -62,6 +62,8 @@ Wire quirks of real servers:
   whole answer's message; `thinks-between` (" w0", then REASONING[0] in
   `reasoning_content`, then the rest of `ok`'s words: a model that thinks again after
   some text, as interleaved thinking does);
+  `thinks-fails` (REASONING in `reasoning_content`, each piece in a read of its own, then
+  an error event: an upstream that fails while its model thinks);
 - `whole-calls`, `whole-calls-same`: two tool calls each in one chunk with neither index
   nor id (two tools, or one tool twice).
 It records what it saw.
@@ -146,7 +148,13 @@ LIMIT_RESETS = ("1.2s", "6m0s")
 # What model `reasoning-no-usage` thinks, in pieces: three `reasoning_content`, one `reasoning`.
 REASONING = ("Let ", "me ", "think. ", "Done.")
 # The models that reason before their answer, and the field each sends the reasoning in.
-THINKERS = {"thinks": "reasoning_content", "thinks-or": "reasoning"}
+THINKERS = {
+    "thinks": "reasoning_content",
+    "thinks-or": "reasoning",
+    "thinks-fails": "reasoning_content",
+}
+# The models whose pieces of reasoning each come in a read of their own.
+APART = ("thinks-fails",)
 
 
 class FakeOpenAI:
@@ -391,9 +399,17 @@ class FakeOpenAI:
             if model in THINKERS:  # the reasoning first, then the answer as `ok` gives it
                 field = THINKERS[model]
                 for part in REASONING:
+                    if model in APART:
+                        await asyncio.sleep(0.05)  # each in a read of its own
                     yield chunk(
                         {"content": None if field == "reasoning_content" else "", field: part}
                     )
+                if model in APART:
+                    await asyncio.sleep(0.05)  # and what follows in another
+                if model == "thinks-fails":
+                    error = {"message": "model crashed", "type": "server_error", "code": None}
+                    yield b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+                    return
             if model == "error-first":  # a refusal after the 200, before any output
                 error = {"message": "model overloaded", "type": "server_error", "code": None}
                 yield b"data: " + json.dumps({"error": error}).encode() + b"\n\n"

@@ -1,0 +1,148 @@
+"""A reasoning model's thinking through a live stella: where each dialect carries it, what a
+failure while the model thinks becomes, and what the inference log keeps."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.fakes.openai import REASONING, FakeOpenAI
+from tests.fakes.server import serve
+from tests.live import LiveServer, ndjson, run_stella
+
+THOUGHT = "".join(REASONING)
+WORDS = " w0 w1 w2 w3 w4"  # the fake's answer
+SSE = {"Accept": "text/event-stream"}
+# The streams that show no reasoning: their status line waits for the answer's first piece.
+HELD = ("/v1/messages", "/v1/responses", "/v1/completions")
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[tuple[FakeOpenAI, str]]:
+    f = FakeOpenAI()
+    with serve(f.app) as url:
+        yield f, url
+
+
+@pytest.fixture(scope="module")
+def server(fake: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
+    routes: dict[str, Any] = {
+        # A thinking model's upstream that fails while it thinks: asked three times.
+        "fails": {"backend": "up", "upstream_model": "thinks-fails", "retry_backoff_s": 0.01},
+        # The same, then a fallback that thinks and answers.
+        "falls": {
+            "backend": "up",
+            "upstream_model": "thinks-fails",
+            "retry_backoff_s": 0.01,
+            "fallbacks": ["thinks"],
+        },
+    }
+    for model in ("thinks",):
+        routes[model] = {"backend": "up", "upstream_model": model}
+    config = {
+        "backends": {"up": {"kind": "openai", "base_url": fake[1] + "/v1"}},
+        "models": {"routes": routes},
+        "breaker": {"failure_threshold": 0},  # the failures here are asked for
+        "log": {"content": True},
+    }
+    with run_stella(config) as live:
+        yield live
+
+
+def ask(
+    server: LiveServer, path: str, model: str, stream: bool = True, **kw: Any
+) -> httpx.Response:
+    """One request for `model` in the shape of the API at `path`."""
+    msgs = [{"role": "user", "content": "hi"}]
+    if path == "/v1/messages":
+        body: dict[str, Any] = {"max_tokens": 50, "messages": msgs}
+    elif path == "/v1/responses":
+        body = {"input": "hi"}
+    elif path in ("/v1/completions", "/api/generate", "/api/v1/generate"):
+        body = {"prompt": "hi"}
+    else:
+        body = {"messages": msgs}
+    return httpx.post(
+        server.url + path, json={"model": model, "stream": stream, **body}, timeout=30, **kw
+    )
+
+
+def sse(r: httpx.Response) -> list[dict[str, Any]]:
+    """The JSON of each `data:` line of an SSE answer (not the end marker)."""
+    lines = [x[6:] for x in r.text.splitlines() if x.startswith("data: ")]
+    return [json.loads(x) for x in lines if x != "[DONE]"]
+
+
+def pieces(path: str, r: httpx.Response) -> list[str]:
+    """The pieces of text a stream without reasoning sent, where its API carries them."""
+    assert r.status_code == 200, r.text
+    data = sse(r)
+    if path == "/v1/messages":
+        return [d["delta"]["text"] for d in data if d["type"] == "content_block_delta"]
+    if path == "/v1/responses":
+        return [d["delta"] for d in data if d["type"] == "response.output_text.delta"]
+    if path == "/v1/completions":
+        return [d["choices"][0]["text"] for d in data if d["choices"][0]["finish_reason"] is None]
+    return [d["response"] for d in data if "response" in d]  # /api/v1/generate
+
+
+def event(server: LiveServer, r: httpx.Response) -> dict[str, Any]:
+    """The call's inference log event."""
+    rid = r.headers["x-request-id"]
+    return server.wait_event(lambda e: e["request_id"] == rid)
+
+
+@pytest.mark.parametrize("path", HELD)
+def test_a_failure_while_the_model_thinks_is_retried_and_its_status_an_error(
+    server: LiveServer, path: str
+) -> None:
+    # The client was shown nothing of the reasoning: the answer had not begun, so the
+    # route asks again, and the failure is the HTTP error the API gives, as before a
+    # first token.
+    r = ask(server, path, "fails")
+    assert r.status_code == 502, r.text
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    ev = event(server, r)
+    assert [a["error"] for a in ev["attempts"]] == ["upstream_error"] * 3, ev
+    assert ev["status"] == 502 and "reasoning" not in ev, ev
+
+
+@pytest.mark.parametrize("path", [*HELD, "/api/v1/generate"])
+def test_a_fallback_answers_after_a_failure_while_the_model_thinks(
+    server: LiveServer, path: str
+) -> None:
+    headers = SSE if path == "/api/v1/generate" else None  # its SSE form: text alone
+    r = ask(server, path, "falls", headers=headers)
+    got = pieces(path, r)
+    assert "".join(got) == WORDS and all(got), (path, got)
+    ev = event(server, r)
+    routes = [(a["route"], a["error"]) for a in ev["attempts"]]
+    assert routes == [("falls", "upstream_error")] * 3 + [("thinks", None)], ev
+    # The log has the answer's reasoning, the fallback's, once: not the failed attempts'.
+    assert ev["reasoning"] == THOUGHT and ev["completion"] == WORDS, ev
+
+
+@pytest.mark.parametrize("path", ["/api/v1/chat", "/v1/chat/completions", "/api/chat"])
+def test_a_failure_after_reasoning_was_shown_ends_the_stream(server: LiveServer, path: str) -> None:
+    # The client has the reasoning: a switch of model now would be worse than the error.
+    r = ask(server, path, "falls")
+    assert r.status_code == 200, r.text
+    if path == "/v1/chat/completions":
+        data = sse(r)
+        shown = "".join(d["choices"][0]["delta"].get("reasoning_content", "") for d in data[:-1])
+        assert data[-1]["error"]["code"] == "upstream_error", data
+    elif path == "/api/v1/chat":
+        lines = ndjson(r.text)
+        shown = "".join(line.get("reasoning", "") for line in lines)
+        assert lines[-1]["type"] == "error", lines
+    else:
+        lines = ndjson(r.text)
+        shown = "".join(line["message"]["thinking"] for line in lines[:-1])
+        assert "error" in lines[-1], lines
+    assert shown == THOUGHT, r.text
+    ev = event(server, r)
+    assert [a["error"] for a in ev["attempts"]] == ["upstream_error"], ev
