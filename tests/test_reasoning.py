@@ -12,7 +12,7 @@ import pytest
 
 from tests.fakes.openai import REASONING, FakeOpenAI
 from tests.fakes.server import serve
-from tests.live import LiveServer, ndjson, run_stella
+from tests.live import LiveServer, ndjson, reasoned, run_stella
 
 THOUGHT = "".join(REASONING)
 WORDS = " w0 w1 w2 w3 w4"  # the fake's answer
@@ -41,7 +41,7 @@ def server(fake: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
             "fallbacks": ["thinks"],
         },
     }
-    for model in ("thinks",):
+    for model in ("thinks", "thinks-says"):
         routes[model] = {"backend": "up", "upstream_model": model}
     config = {
         "backends": {"up": {"kind": "openai", "base_url": fake[1] + "/v1"}},
@@ -146,3 +146,13 @@ def test_a_failure_after_reasoning_was_shown_ends_the_stream(server: LiveServer,
     assert shown == THOUGHT, r.text
     ev = event(server, r)
     assert [a["error"] for a in ev["attempts"]] == ["upstream_error"], ev
+
+
+def test_reasoning_and_text_in_one_delta_are_both_kept(server: LiveServer) -> None:
+    # vLLM's DeepSeek-R1 parser sends the delta around </think> with both.
+    for path in ("/api/v1/chat", "/v1/chat/completions"):
+        for stream in (True, False):
+            r = ask(server, path, "thinks-says", stream)
+            assert reasoned(path, stream, r)[:2] == (THOUGHT, WORDS), (path, stream, r.text)
+            ev = event(server, r)
+            assert ev["reasoning"] == THOUGHT and ev["completion"] == WORDS, ev

@@ -327,10 +327,9 @@ class OpenAIBackend(HttpBackend):
                             if d is not None:
                                 # Counted per piece, not per Delta (one read's pieces go out
                                 # as one): a stream cut before its usage is charged these.
-                                if d.content:
-                                    ctx.tokens_seen += 1
-                                    texts.append(d.content)
-                                elif d.reasoning_content or d.reasoning:
+                                # A delta may hold both (vLLM's DeepSeek-R1 parser's, around
+                                # `</think>`): its reasoning came first.
+                                if d.reasoning_content or d.reasoning:
                                     ctx.tokens_seen += 1
                                     thought = _reasoning(d)
                                     if thought:
@@ -342,6 +341,9 @@ class OpenAIBackend(HttpBackend):
                                         if thoughts is None:
                                             thoughts = []
                                         thoughts.append(thought)
+                                if d.content:
+                                    ctx.tokens_seen += 1
+                                    texts.append(d.content)
                                 if d.refusal:
                                     ctx.tokens_seen += 1
                                     texts.append(d.refusal)

@@ -63,7 +63,9 @@ Wire quirks of real servers:
   `reasoning_content`, then the rest of `ok`'s words: a model that thinks again after
   some text, as interleaved thinking does);
   `thinks-fails` (REASONING in `reasoning_content`, each piece in a read of its own, then
-  an error event: an upstream that fails while its model thinks);
+  an error event: an upstream that fails while its model thinks); `thinks-says` (REASONING,
+  its last piece in one delta with the answer's first word, as vLLM's DeepSeek-R1 parser
+  sends the delta around `</think>`, then the rest of `ok`'s words);
 - `whole-calls`, `whole-calls-same`: two tool calls each in one chunk with neither index
   nor id (two tools, or one tool twice).
 It records what it saw.
@@ -152,6 +154,7 @@ THINKERS = {
     "thinks": "reasoning_content",
     "thinks-or": "reasoning",
     "thinks-fails": "reasoning_content",
+    "thinks-says": "reasoning_content",
 }
 # The models whose pieces of reasoning each come in a read of their own.
 APART = ("thinks-fails",)
@@ -391,6 +394,15 @@ class FakeOpenAI:
                 await asyncio.sleep(3600)
             if model == "thinks-between":  # text, reasoning, text: all in one network read
                 yield chunk({"content": self.words[0]}) + chunk({"reasoning_content": REASONING[0]})
+                for word in self.words[1:]:
+                    yield chunk({"content": word})
+                yield chunk({}, "stop")
+                yield b"data: [DONE]\n\n"
+                return
+            if model == "thinks-says":  # the last thought and the first word in one delta
+                for part in REASONING[:-1]:
+                    yield chunk({"content": None, "reasoning_content": part})
+                yield chunk({"reasoning_content": REASONING[-1], "content": self.words[0]})
                 for word in self.words[1:]:
                     yield chunk({"content": word})
                 yield chunk({}, "stop")
