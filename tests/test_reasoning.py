@@ -3,6 +3,7 @@ failure while the model thinks becomes, and what the inference log keeps."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -41,7 +42,14 @@ def server(fake: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
             "fallbacks": ["thinks"],
         },
     }
-    for model in ("thinks", "thinks-says"):
+    for model in (
+        "thinks",
+        "thinks-apart",
+        "thinks-or-apart",
+        "thinks-between-apart",
+        "thinks-says",
+        "thinks-echo",
+    ):
         routes[model] = {"backend": "up", "upstream_model": model}
     config = {
         "backends": {"up": {"kind": "openai", "base_url": fake[1] + "/v1"}},
@@ -156,3 +164,54 @@ def test_reasoning_and_text_in_one_delta_are_both_kept(server: LiveServer) -> No
             assert reasoned(path, stream, r)[:2] == (THOUGHT, WORDS), (path, stream, r.text)
             ev = event(server, r)
             assert ev["reasoning"] == THOUGHT and ev["completion"] == WORDS, ev
+
+
+@pytest.mark.parametrize("model", ["thinks-apart", "thinks-or-apart", "thinks-between-apart"])
+def test_reasoning_in_reads_of_its_own(server: LiveServer, model: str) -> None:
+    # Under either name servers give it, each piece a Delta of reasoning alone (before the
+    # text, or after some of it): shown where the API has a place for it, and no empty
+    # piece of text where it has none.
+    r = ask(server, "/api/v1/chat", model)
+    lines = [line for line in ndjson(r.text) if line["type"] == "delta"]
+    thought = [line["reasoning"] for line in lines if not line["text"]]
+    if model == "thinks-between-apart":
+        assert thought == [REASONING[0]] and lines[0] == {"type": "delta", "text": " w0"}, lines
+    else:
+        assert thought == list(REASONING), lines
+    assert reasoned("/api/v1/chat", True, r)[:2] == ("".join(thought), WORDS)
+    for path in HELD:
+        got = pieces(path, ask(server, path, model))
+        assert "".join(got) == WORDS and all(got), (path, got)
+    got = pieces("/api/v1/generate", ask(server, "/api/v1/generate", model, headers=SSE))
+    assert "".join(got) == WORDS and all(got), got
+    r = ask(server, "/v1/responses", model)
+    kinds = [d["type"] for d in sse(r)]
+    assert kinds.count("response.output_item.added") == 1, kinds
+
+
+def test_a_key_in_the_reasoning_is_masked_in_the_log() -> None:
+    key = "sk-reasoning-masked-1234"
+    f = FakeOpenAI()
+    with serve(f.app) as url:
+        config = {
+            "backends": {"up": {"kind": "openai", "base_url": url + "/v1"}},
+            "models": {"routes": {"r": {"backend": "up", "upstream_model": "thinks-echo"}}},
+            "log": {"content": True},
+            # Known by its digest: the log's sink cannot mask it, the event's own masking must.
+            "auth": {"keys": {"k": {"sha256": hashlib.sha256(key.encode()).hexdigest()}}},
+        }
+        with run_stella(config) as live:
+            for stream in (True, False):
+                r = httpx.post(
+                    live.url + "/api/v1/chat",
+                    headers={"Authorization": f"Bearer {key}"},
+                    json={
+                        "model": "r",
+                        "stream": stream,
+                        "messages": [{"role": "user", "content": f"my key is {key}"}],
+                    },
+                )
+                assert reasoned("/api/v1/chat", stream, r)[0] == f"I read: my key is {key}"
+                ev = event(live, r)
+                assert ev["reasoning"] == "I read: my key is ***", ev
+                assert key not in json.dumps(ev)

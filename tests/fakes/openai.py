@@ -61,11 +61,14 @@ Wire quirks of real servers:
   `reasoning` (content ""), as OpenRouter and Ollama's OpenAI API do, streamed or in the
   whole answer's message; `thinks-between` (" w0", then REASONING[0] in
   `reasoning_content`, then the rest of `ok`'s words: a model that thinks again after
-  some text, as interleaved thinking does);
+  some text, as interleaved thinking does); `thinks-between-apart` (the same, the
+  reasoning in a read of its own); `thinks-apart` and `thinks-or-apart` (the
+  same as `thinks` and `thinks-or`, each piece of the reasoning in a read of its own);
   `thinks-fails` (REASONING in `reasoning_content`, each piece in a read of its own, then
   an error event: an upstream that fails while its model thinks); `thinks-says` (REASONING,
   its last piece in one delta with the answer's first word, as vLLM's DeepSeek-R1 parser
-  sends the delta around `</think>`, then the rest of `ok`'s words);
+  sends the delta around `</think>`, then the rest of `ok`'s words); `thinks-echo`
+  (reasoning "I read: " and the last message's content, then `ok`'s answer);
 - `whole-calls`, `whole-calls-same`: two tool calls each in one chunk with neither index
   nor id (two tools, or one tool twice).
 It records what it saw.
@@ -153,11 +156,21 @@ REASONING = ("Let ", "me ", "think. ", "Done.")
 THINKERS = {
     "thinks": "reasoning_content",
     "thinks-or": "reasoning",
+    "thinks-apart": "reasoning_content",
+    "thinks-or-apart": "reasoning",
     "thinks-fails": "reasoning_content",
     "thinks-says": "reasoning_content",
+    "thinks-echo": "reasoning_content",
 }
 # The models whose pieces of reasoning each come in a read of their own.
-APART = ("thinks-fails",)
+APART = ("thinks-apart", "thinks-or-apart", "thinks-fails")
+
+
+def _thoughts(model: str, body: dict[str, Any]) -> tuple[str, ...]:
+    """The pieces of a thinking model's reasoning."""
+    if model == "thinks-echo":
+        return ("I read: ", str(body["messages"][-1]["content"]))
+    return REASONING
 
 
 class FakeOpenAI:
@@ -340,7 +353,7 @@ class FakeOpenAI:
             if model == "reasoning-no-usage":
                 message["reasoning_content"] = "".join(REASONING)
             if model in THINKERS:
-                message[THINKERS[model]] = "".join(REASONING)
+                message[THINKERS[model]] = "".join(_thoughts(model, body))
             if model.startswith("refusal"):
                 message = {"role": "assistant", "content": None, "refusal": REFUSAL}
                 finish = "length" if model == "refusal-length" else "stop"
@@ -392,6 +405,16 @@ class FakeOpenAI:
         try:
             if model == "stall":
                 await asyncio.sleep(3600)
+            if model == "thinks-between-apart":  # text, reasoning, text: each in its own read
+                yield chunk({"content": self.words[0]})
+                await asyncio.sleep(0.05)
+                yield chunk({"reasoning_content": REASONING[0]})
+                await asyncio.sleep(0.05)
+                for word in self.words[1:]:
+                    yield chunk({"content": word})
+                yield chunk({}, "stop")
+                yield b"data: [DONE]\n\n"
+                return
             if model == "thinks-between":  # text, reasoning, text: all in one network read
                 yield chunk({"content": self.words[0]}) + chunk({"reasoning_content": REASONING[0]})
                 for word in self.words[1:]:
@@ -410,7 +433,7 @@ class FakeOpenAI:
                 return
             if model in THINKERS:  # the reasoning first, then the answer as `ok` gives it
                 field = THINKERS[model]
-                for part in REASONING:
+                for part in _thoughts(model, body):
                     if model in APART:
                         await asyncio.sleep(0.05)  # each in a read of its own
                     yield chunk(
