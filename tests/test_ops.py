@@ -579,10 +579,28 @@ def _validate(spec: dict, method: str, template: str, r: httpx.Response) -> list
 def _undeclared(schema: dict, item: object, components: dict, at: str = "$") -> list[str]:
     """The paths of the keys of `item` its schema does not name among an object's
     properties: sent, yet missing from the document (which allows more keys, so
-    validation alone lets a field the route always sends go undeclared)."""
+    validation alone lets a field the route always sends go undeclared). Of a choice
+    (anyOf, oneOf), the alternatives `item` is valid against; an SSE event's `data`, as
+    the JSON its contentSchema describes."""
+    import jsonschema_rs
+
     while "$ref" in schema:
         schema = components["schemas"][schema["$ref"].rpartition("/")[2]]
     out = []
+    choice = schema.get("anyOf") or schema.get("oneOf")
+    if choice:
+        fits = [
+            alt
+            for alt in choice
+            if jsonschema_rs.validator_for({**alt, "components": components}).is_valid(item)
+        ]
+        found = [_undeclared(alt, item, components, at) for alt in fits]
+        return min(found, key=len, default=[])
+    text = schema.get("else", schema)  # an SSE payload: JSON text, or the end marker
+    if isinstance(item, str) and "contentSchema" in text:
+        if item == schema.get("if", {}).get("const"):
+            return []
+        return _undeclared(text["contentSchema"], json.loads(item), components, at)
     if isinstance(item, dict) and "properties" in schema:
         for key, value in item.items():
             if key not in schema["properties"]:
@@ -670,12 +688,24 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
     """The OpenAI, Ollama, Anthropic and alias routes declare their own shapes: JSON
     answers, stream lines and errors are each valid against the schema /openapi.json
     gives for that path, status and media type."""
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
     key = "sk-openapi-dialects-1234"
     auth = {"Authorization": f"Bearer {key}"}
     config = {
         "limits": {"requests_per_minute": 1000},
-        "backends": {"failafter": {"kind": "echo", "fail_after": 2}},
-        "models": {"routes": {"echo-fail-after": {"backend": "failafter"}}},
+        "backends": {
+            "failafter": {"kind": "echo", "fail_after": 2},
+            # A reasoning model's upstream (its URL below): the fields that carry reasoning.
+            "thinker": {"kind": "openai"},
+        },
+        "models": {
+            "routes": {
+                "echo-fail-after": {"backend": "failafter"},
+                "thinks": {"backend": "thinker", "upstream_model": "thinks"},
+            }
+        },
     }
     chat = [{"role": "user", "content": "a b c d"}]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
@@ -717,6 +747,14 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
             {"model": "echo-fail-after", "messages": chat, "stream": True},
             200,
             "event-stream",
+        ),
+        *(
+            ("post", path, "", {"model": "thinks", "messages": chat, "stream": s}, 200, media)
+            for path, s, media in (
+                ("/v1/chat/completions", False, "json"),
+                ("/v1/chat/completions", True, "event-stream"),
+                ("/v1/chat/stream", True, "event-stream"),
+            )
         ),
         ("post", "/v1/chat/completions", "", {"model": "echo", "messages": chat, "n": 2}, 400, ""),
         ("post", "/v1/chat/completions", "", {"model": "nope", "messages": chat}, 404, ""),
@@ -828,6 +866,14 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
             200,
             "json",
         ),
+        *(
+            ("post", "/api/chat", "", {"model": "thinks", "messages": chat, "stream": s}, 200, m)
+            for s, m in ((True, "ndjson"), (False, "json"))
+        ),
+        *(
+            ("post", "/api/generate", "", {"model": "thinks", "prompt": "a", "stream": s}, 200, m)
+            for s, m in ((True, "ndjson"), (False, "json"))
+        ),
         ("post", "/api/chat", "", {"model": "echo", "messages": []}, 200, "json"),  # a load
         ("post", "/api/chat", "", {"model": "echo", "messages": 1}, 400, ""),
         ("post", "/api/generate", "", {"model": "echo", "prompt": "a b"}, 200, "ndjson"),
@@ -866,17 +912,26 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
         ("post", "/api/llm/stream", "", {"prompt": "a b"}, 200, "ndjson"),
         ("post", "/api/llm/stream", "", {}, 400, ""),
     ]
-    with run_stella(config, env={"STELLA_API_KEYS": f"ops={key}"}) as server:
+    with (
+        serve(FakeOpenAI().app) as url,
+        run_stella(
+            merge(config, {"backends": {"thinker": {"base_url": url + "/v1"}}}),
+            env={"STELLA_API_KEYS": f"ops={key}"},
+        ) as server,
+    ):
         spec = httpx.get(server.url + "/openapi.json").json()
         for method, template, path, body, status, media in calls:
             r = httpx.request(method, server.url + (path or template), json=body, headers=auth)
             assert r.status_code == status, (method, path or template, r.status_code, r.text)
             assert media in r.headers["content-type"], (method, template, r.headers)
             items = _validate(spec, method, template, r)
-            if "json" in r.headers["content-type"]:  # each field sent is declared
+            media_type = r.headers["content-type"].split(";")[0]
+            if "json" in media_type or media_type == "text/event-stream":  # each field declared
                 declared = spec["paths"][template][method]["responses"][str(r.status_code)]
-                schema = declared["content"][r.headers["content-type"].split(";")[0]]["schema"]
+                schema = declared["content"][media_type]["schema"]
                 for item in items:
+                    if media_type == "text/event-stream" and item["event"] == "message":
+                        item = {"data": item["data"]}  # unnamed: the reader's default name
                     left = _undeclared(schema, item, spec["components"])
                     assert not left, (method, template, r.status_code, left)
             if template in ("/v1/chat/completions", "/api/chat", "/v1/responses") and (

@@ -112,7 +112,11 @@ OPENAI_CHAT = Schema(
                                 # An upstream's refusal: its text here, content null.
                                 "refusal": {"type": ["string", "null"]},
                             },
-                            {"tool_calls": array(_OPENAI_TOOL_CALL)},
+                            {
+                                "tool_calls": array(_OPENAI_TOOL_CALL),
+                                # A reasoning model's thinking, as vLLM and DeepSeek give it.
+                                "reasoning_content": STR,
+                            },
                         ),
                         "logprobs": NULL,
                         "finish_reason": STR,
@@ -180,6 +184,8 @@ OPENAI_CHAT_CHUNK = Schema(
                         "content": {"type": ["string", "null"]},
                         # An upstream's refusal, in pieces (the first, with the role, "").
                         "refusal": STR,
+                        # A reasoning model's thinking, in pieces before the text's.
+                        "reasoning_content": STR,
                         "tool_calls": array(
                             obj(
                                 {
@@ -381,8 +387,19 @@ _RESPONSES_EVENTS: dict[str, dict[str, Any]] = {
     "response.in_progress": {"response": ref(RESPONSES_RESPONSE)},
     "response.output_item.added": {"output_index": INT, "item": _RESPONSES_ITEM},
     "response.content_part.added": {**_WHERE, "content_index": INT, "part": _RESPONSES_PART},
-    "response.output_text.delta": {**_WHERE, "content_index": INT, "delta": STR},
-    "response.output_text.done": {**_WHERE, "content_index": INT, "text": STR},
+    # logprobs: always [] (no backend gives them)
+    "response.output_text.delta": {
+        **_WHERE,
+        "content_index": INT,
+        "delta": STR,
+        "logprobs": array(OBJECT),
+    },
+    "response.output_text.done": {
+        **_WHERE,
+        "content_index": INT,
+        "text": STR,
+        "logprobs": array(OBJECT),
+    },
     "response.refusal.delta": {**_WHERE, "content_index": INT, "delta": STR},
     "response.refusal.done": {**_WHERE, "content_index": INT, "refusal": STR},
     "response.content_part.done": {**_WHERE, "content_index": INT, "part": _RESPONSES_PART},
@@ -421,15 +438,18 @@ OLLAMA_ERROR = Schema(
     "OllamaError",
     obj({"error": STR}, description="Ollama's error object (also a stream's last line)"),
 )
+# A thinking model's thinking, where Ollama gives it (left out when there was none).
+_OLLAMA_THINKING = {"thinking": STR}
 _OLLAMA_MESSAGE = obj(
     {"role": const("assistant"), "content": STR},
     {
+        **_OLLAMA_THINKING,
         "tool_calls": array(
             obj(
                 {"function": obj({"index": INT, "name": STR, "arguments": OBJECT})},
                 {"id": STR},  # the id a tool result names its call by, when the backend gave one
             ),
-        )
+        ),
     },
 )
 # A finished answer's counts and durations (ns); an empty chat's load/unload reply has none.
@@ -448,15 +468,18 @@ _OLLAMA_TOTALS = {
 _OLLAMA_CACHED = {"prompt_eval_cached_count": INT}
 
 
-def _ollama(name: str, body: dict[str, Any], what: str) -> tuple[Schema, Schema]:
+def _ollama(
+    name: str, body: dict[str, Any], what: str, extra: dict[str, Any] | None = None
+) -> tuple[Schema, Schema]:
     """The answer and the stream line of /api/chat or /api/generate, `body` being the
-    field that carries the text."""
+    field that carries the text, `extra` fields sent only sometimes."""
     head = {"model": STR, "created_at": STR}
+    extra = extra or {}
     answer = Schema(
         f"Ollama{name}Response",
         obj(
             {**head, **body, "done": const(True), "done_reason": STR},
-            {**_OLLAMA_TOTALS, **_OLLAMA_CACHED},
+            {**extra, **_OLLAMA_TOTALS, **_OLLAMA_CACHED},
             description=f"The {what} (stream: false), also a stream's last line",
         ),
     )
@@ -466,7 +489,7 @@ def _ollama(name: str, body: dict[str, Any], what: str) -> tuple[Schema, Schema]
             "description": "One line of the NDJSON stream: a piece of text (done: false),"
             " the last line (done: true), or an error ending the stream",
             "anyOf": [
-                obj({**head, **body, "done": const(False)}),
+                obj({**head, **body, "done": const(False)}, extra),
                 ref(answer),
                 ref(OLLAMA_ERROR),
             ],
@@ -477,7 +500,9 @@ def _ollama(name: str, body: dict[str, Any], what: str) -> tuple[Schema, Schema]
 
 
 OLLAMA_CHAT, OLLAMA_CHAT_LINE = _ollama("Chat", {"message": _OLLAMA_MESSAGE}, "answer")
-OLLAMA_GENERATE, OLLAMA_GENERATE_LINE = _ollama("Generate", {"response": STR}, "completion")
+OLLAMA_GENERATE, OLLAMA_GENERATE_LINE = _ollama(
+    "Generate", {"response": STR}, "completion", _OLLAMA_THINKING
+)
 _OLLAMA_DETAILS = {
     "parent_model": STR,
     "format": STR,
