@@ -189,6 +189,24 @@ def test_reasoning_in_reads_of_its_own(server: LiveServer, model: str) -> None:
     assert kinds.count("response.output_item.added") == 1, kinds
 
 
+def test_the_self_hosted_shapes_carry_reasoning_in_native_lines_alone(server: LiveServer) -> None:
+    # /api/llm/stream and /api/v1/generate without SSE are the native stream (and answer).
+    for path in ("/api/llm/stream", "/api/v1/generate"):
+        r = httpx.post(server.url + path, json={"model": "thinks", "prompt": "hi"})
+        assert reasoned("/api/v1/chat", True, r)[:2] == (THOUGHT, WORDS), (path, r.text)
+    r = ask(server, "/api/v1/generate", "thinks", False)
+    assert reasoned("/api/v1/chat", False, r)[:2] == (THOUGHT, WORDS), r.text
+    # The others have a field for the text alone.
+    for path, body, field in (
+        ("/api/llm/generate", {"model": "thinks", "prompt": "hi"}, "response"),
+        ("/generate", {"model": "thinks", "prompt": "hi"}, "response"),
+        ("/api/chat/invoke", {"model": "thinks", "input_data": {"input": "hi"}}, "output"),
+    ):
+        r = httpx.post(server.url + path, json=body)
+        assert r.status_code == 200 and r.json()[field] == WORDS, (path, r.text)
+        assert THOUGHT not in r.text, (path, r.text)
+
+
 def test_a_key_in_the_reasoning_is_masked_in_the_log() -> None:
     key = "sk-reasoning-masked-1234"
     f = FakeOpenAI()
