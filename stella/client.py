@@ -539,8 +539,17 @@ def _generate_body(
     stream: bool,
     options: dict[str, Any] | None,
     metadata: dict[str, Any] | None = None,
+    reasoning_effort: str | None = None,
 ) -> dict[str, Any]:
-    return _payload(model, stream, options, prompt=prompt, system=system or None, metadata=metadata)
+    return _payload(
+        model,
+        stream,
+        options,
+        prompt=prompt,
+        system=system or None,
+        metadata=metadata,
+        reasoning_effort=reasoning_effort,
+    )
 
 
 def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
@@ -821,6 +830,7 @@ class Client:
         parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> ChatResponse: ...
 
     @overload
@@ -836,6 +846,7 @@ class Client:
         parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> Stream: ...
 
     @overload
@@ -851,6 +862,7 @@ class Client:
         parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> ChatResponse | Stream: ...
 
     def chat(
@@ -865,6 +877,7 @@ class Client:
         parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> ChatResponse | Stream:
         """A chat: a ChatResponse, or (stream=True) a Stream of events, its request sent
         (an HTTP error raised) before it returns."""
@@ -878,6 +891,7 @@ class Client:
             parallel_tool_calls=parallel_tool_calls,
             response_format=response_format,
             metadata=metadata,
+            reasoning_effort=reasoning_effort,
         )
         if stream:
             return Stream(self._stream("/api/v1/chat", body))
@@ -893,6 +907,7 @@ class Client:
         stream: Literal[False] = False,
         options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> ChatResponse: ...
 
     @overload
@@ -905,6 +920,7 @@ class Client:
         stream: Literal[True],
         options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> Stream: ...
 
     @overload
@@ -917,6 +933,7 @@ class Client:
         stream: bool,
         options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> ChatResponse | Stream: ...
 
     def generate(
@@ -928,10 +945,11 @@ class Client:
         stream: bool = False,
         options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> ChatResponse | Stream:
         """One prompt: a ChatResponse, or (stream=True) a Stream of events, its request
         sent (an HTTP error raised) before it returns."""
-        body = _generate_body(prompt, model, system, stream, options, metadata)
+        body = _generate_body(prompt, model, system, stream, options, metadata, reasoning_effort)
         if stream:
             return Stream(self._stream("/api/v1/generate", body))
         return self._post("/api/v1/generate", body)
@@ -1072,6 +1090,7 @@ class AsyncClient:
         parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> ChatResponse: ...
 
     @overload
@@ -1087,6 +1106,7 @@ class AsyncClient:
         parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> AsyncStream: ...
 
     @overload
@@ -1102,6 +1122,7 @@ class AsyncClient:
         parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> ChatResponse | AsyncStream: ...
 
     async def chat(
@@ -1116,6 +1137,7 @@ class AsyncClient:
         parallel_tool_calls: bool | None = None,
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> ChatResponse | AsyncStream:
         """A chat: a ChatResponse, or (stream=True) an AsyncStream of events, its request
         sent (an HTTP error raised) by the await."""
@@ -1129,6 +1151,7 @@ class AsyncClient:
             parallel_tool_calls=parallel_tool_calls,
             response_format=response_format,
             metadata=metadata,
+            reasoning_effort=reasoning_effort,
         )
         if stream:
             return await AsyncStream(self._stream("/api/v1/chat", body))._opened()
@@ -1144,6 +1167,7 @@ class AsyncClient:
         stream: Literal[False] = False,
         options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> ChatResponse: ...
 
     @overload
@@ -1156,6 +1180,7 @@ class AsyncClient:
         stream: Literal[True],
         options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> AsyncStream: ...
 
     @overload
@@ -1168,6 +1193,7 @@ class AsyncClient:
         stream: bool,
         options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> ChatResponse | AsyncStream: ...
 
     async def generate(
@@ -1179,10 +1205,11 @@ class AsyncClient:
         stream: bool = False,
         options: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
     ) -> ChatResponse | AsyncStream:
         """One prompt: a ChatResponse, or (stream=True) an AsyncStream of events, its
         request sent (an HTTP error raised) by the await."""
-        body = _generate_body(prompt, model, system, stream, options, metadata)
+        body = _generate_body(prompt, model, system, stream, options, metadata, reasoning_effort)
         if stream:
             return await AsyncStream(self._stream("/api/v1/generate", body))._opened()
         return await self._post("/api/v1/generate", body)

@@ -280,6 +280,13 @@ class GenerateRequest(Strict):
     stream: bool = True
     options: Options = msgspec.field(default_factory=Options)
     metadata: dict[str, Any] | None = None
+    reasoning_effort: (
+        Annotated[
+            ReasoningEffort,
+            Meta(description="how hard a reasoning model thinks: as /api/v1/chat's"),
+        ]
+        | None
+    ) = None
 
     def to_chat(self) -> ChatRequest:
         """The chat request this prompt stands for."""
@@ -292,6 +299,7 @@ class GenerateRequest(Strict):
             stream=self.stream,
             options=self.options,
             metadata=self.metadata,
+            reasoning_effort=self.reasoning_effort,
         )
 
 

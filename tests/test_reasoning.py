@@ -233,3 +233,34 @@ def test_a_key_in_the_reasoning_is_masked_in_the_log() -> None:
                 ev = event(live, r)
                 assert ev["reasoning"] == "I read: my key is ***", ev
                 assert key not in json.dumps(ev)
+
+
+async def test_the_python_client_and_generate_send_a_reasoning_effort(
+    fake: tuple[FakeOpenAI, str], server: LiveServer
+) -> None:
+    from stella.client import AsyncClient, Client, Stream
+
+    f = fake[0]
+    msgs = [{"role": "user", "content": "hi"}]
+    with Client(server.url) as c:
+        for stream in (False, True):
+            for effort in ("high", None):
+                answer = c.chat(msgs, "thinks", stream=stream, reasoning_effort=effort)
+                if isinstance(answer, Stream):
+                    list(answer)
+                assert f.requests[-1].get("reasoning_effort") == effort, (stream, effort)
+                answer = c.generate("hi", "thinks", stream=stream, reasoning_effort=effort)
+                if isinstance(answer, Stream):
+                    list(answer)
+                assert f.requests[-1].get("reasoning_effort") == effort, (stream, effort)
+    async with AsyncClient(server.url) as ac:
+        await ac.chat(msgs, "thinks", reasoning_effort="low")
+        assert f.requests[-1]["reasoning_effort"] == "low"
+        await ac.generate("hi", "thinks", reasoning_effort="minimal")
+        assert f.requests[-1]["reasoning_effort"] == "minimal"
+    # /api/v1/generate takes exactly the chat's words.
+    r = httpx.post(
+        server.url + "/api/v1/generate",
+        json={"model": "thinks", "prompt": "hi", "reasoning_effort": "hard"},
+    )
+    assert r.status_code == 400 and "$.reasoning_effort" in r.text, r.text
