@@ -9,6 +9,7 @@ import base64
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
 import httpx
 import pytest
 
@@ -252,3 +253,104 @@ def test_an_image_counts_a_fixed_number_of_tokens_in_the_estimate() -> None:
 
 # Used by the dialects' tests below.
 FORMATS = {"image/png": PNG, "image/jpeg": JPEG, "image/gif": GIF, "image/webp": WEBP}
+
+
+# --- the Anthropic dialect ------------------------------------------------------------
+
+
+def claude_client(server: LiveServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+
+
+def image_block(data: str = PNG, media_type: str = "image/png") -> dict[str, Any]:
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def test_anthropic_image_blocks_reach_each_backend_in_its_shape(upstreams: Upstreams) -> None:
+    claude, gpt, llama, server = upstreams
+    content = [{"type": "text", "text": "what is this?"}, image_block()]
+    c = claude_client(server)
+    for model in ("sonnet", "gpt", "llama"):
+        m = c.messages.create(
+            model=model,
+            max_tokens=20,
+            messages=[{"role": "user", "content": content}],  # type: ignore[typeddict-item]
+        )
+        assert m.content[0].type == "text"
+    assert claude.requests[-1]["messages"][-1]["content"] == [
+        image_block(),
+        {"type": "text", "text": "what is this?"},
+    ]
+    assert gpt.requests[-1]["messages"][-1]["content"] == [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+        {"type": "text", "text": "what is this?"},
+    ]
+    assert llama.requests[-1]["messages"][-1] == {
+        "role": "user",
+        "content": "what is this?",
+        "images": [PNG],
+    }
+    # A url source goes to Anthropic as one.
+    by_url = {"type": "image", "source": {"type": "url", "url": URL}}
+    c.messages.create(
+        model="sonnet",
+        max_tokens=20,
+        messages=[{"role": "user", "content": [by_url, {"type": "text", "text": "and?"}]}],  # type: ignore[typeddict-item]
+    )
+    assert claude.requests[-1]["messages"][-1]["content"][0] == by_url
+
+
+def test_anthropic_count_tokens_sends_the_images(upstreams: Upstreams) -> None:
+    claude, *_, server = upstreams
+    counted = claude_client(server).messages.count_tokens(
+        model="sonnet",
+        messages=[{"role": "user", "content": [image_block(), {"type": "text", "text": "hi"}]}],  # type: ignore[typeddict-item]
+    )
+    assert counted.input_tokens > 0
+    assert claude.counts[-1]["messages"][-1]["content"][0] == image_block()
+    with pytest.raises(anthropic.BadRequestError, match="reads text only"):
+        claude_client(server).messages.count_tokens(
+            model="echo",
+            messages=[{"role": "user", "content": [image_block()]}],  # type: ignore[typeddict-item]
+        )
+
+
+def test_anthropic_images_refused_where_they_cannot_go(upstreams: Upstreams) -> None:
+    *_, server = upstreams
+    c = claude_client(server)
+    cases: list[tuple[str, list[dict[str, Any]], str]] = [
+        ("echo", [image_block()], r"\$\.messages\[0\]\.images\[0\]: model 'echo' reads text only"),
+        ("gpt", [image_block("%%%")], r"\$\.messages\[0\]\.content\[0\]\.source\.data: not valid"),
+        (
+            "gpt",
+            [image_block(media_type="image/tiff")],
+            r"\$\.messages\[0\]\.content\[0\]\.source\.media_type: image type 'image/tiff'",
+        ),
+        (
+            "gpt",
+            [{"type": "image", "source": {"type": "url", "url": "ftp://x/a.png"}}],
+            r"\$\.messages\[0\]\.content\[0\]\.source\.url: an image URL must be",
+        ),
+        (
+            "gpt",
+            [{"type": "image", "source": {"type": "file", "file_id": "file_1"}}],
+            r"\$\.messages\[0\]\.content\[0\]\.source\.type: 'file' is not supported",
+        ),
+    ]
+    for model, content, match in cases:
+        with pytest.raises(anthropic.BadRequestError, match=match):
+            c.messages.create(
+                model=model,
+                max_tokens=5,
+                messages=[{"role": "user", "content": content}],  # type: ignore[typeddict-item]
+            )
+    # An assistant's image is refused by its path, as before.
+    with pytest.raises(anthropic.BadRequestError, match=r"messages\[1\]\.content\[0\]\.type"):
+        c.messages.create(
+            model="gpt",
+            max_tokens=5,
+            messages=[
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [image_block()]},  # type: ignore[list-item]
+            ],
+        )
