@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
+import ollama
 import pytest
 
 from stella.calls import prompt_estimate
@@ -354,3 +356,81 @@ def test_anthropic_images_refused_where_they_cannot_go(upstreams: Upstreams) -> 
                 {"role": "assistant", "content": [image_block()]},  # type: ignore[list-item]
             ],
         )
+
+
+# --- the Ollama dialect ---------------------------------------------------------------
+
+
+def test_ollama_images_reach_each_backend_in_its_shape(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    # As `ollama.chat(..., images=[path])` sends them: the file's bytes in base64.
+    claude, gpt, llama, server = upstreams
+    picture = tmp_path / "cat.png"
+    picture.write_bytes(base64.b64decode(PNG))
+    c = ollama.Client(host=server.url)
+    for model in ("llama", "gpt", "sonnet"):
+        r = c.chat(
+            model=model,
+            messages=[{"role": "user", "content": "what is this?", "images": [picture]}],
+        )
+        assert r.message.role == "assistant"
+    assert llama.requests[-1]["messages"][-1]["images"] == [PNG]
+    assert gpt.requests[-1]["messages"][-1]["content"][0] == {
+        "type": "image_url",
+        "image_url": {"url": f"data:image/png;base64,{PNG}"},
+    }
+    assert claude.requests[-1]["messages"][-1]["content"][0] == image_block()
+    # /api/generate's images, too.
+    r2 = c.generate(model="llama", prompt="and this?", images=[picture])
+    assert r2.done
+    sent = llama.requests[-1]
+    assert sent["messages"][-1] == {"role": "user", "content": "and this?", "images": [PNG]}
+
+
+@pytest.mark.parametrize("media_type", sorted(FORMATS))
+def test_ollama_images_are_typed_by_their_first_bytes(
+    upstreams: Upstreams, media_type: str
+) -> None:
+    claude, *_, server = upstreams
+    data = FORMATS[media_type]
+    r = httpx.post(
+        server.url + "/api/chat",
+        json={
+            "model": "sonnet",
+            "stream": False,
+            "messages": [{"role": "user", "content": "what?", "images": [data]}],
+        },
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert claude.requests[-1]["messages"][-1]["content"][0] == image_block(data, media_type)
+
+
+def test_ollama_images_refused_where_they_cannot_go(upstreams: Upstreams) -> None:
+    *_, server = upstreams
+    bmp = base64.b64encode(b"BM" + b"\x00" * 30).decode()
+    for messages, said in (
+        (
+            [{"role": "user", "content": "a", "images": [PNG, bmp]}],
+            "$.messages[0].images[1]: not an image",
+        ),
+        (
+            [{"role": "user", "content": "a", "images": ["%%"]}],
+            "$.messages[0].images[0]: not valid base64",
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b", "images": [PNG]},
+            ],
+            "$.messages[1].images: only a user message's images are taken",
+        ),
+    ):
+        r = httpx.post(
+            server.url + "/api/chat",
+            json={"model": "llama", "stream": False, "messages": messages},
+            timeout=30,
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"].startswith(said), r.text
