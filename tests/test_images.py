@@ -13,6 +13,7 @@ from typing import Any
 import anthropic
 import httpx
 import ollama
+import openai
 import pytest
 
 from stella.calls import prompt_estimate
@@ -434,3 +435,26 @@ def test_ollama_images_refused_where_they_cannot_go(upstreams: Upstreams) -> Non
         )
         assert r.status_code == 400, r.text
         assert r.json()["error"].startswith(said), r.text
+
+
+# --- the Responses dialect ------------------------------------------------------------
+
+
+def test_responses_input_image_parts_reach_the_upstream(upstreams: Upstreams) -> None:
+    _, gpt, _, server = upstreams
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    content = [
+        {"type": "input_text", "text": "what is this?"},
+        {"type": "input_image", "image_url": f"data:image/png;base64,{PNG}", "detail": "low"},
+    ]
+    r = c.responses.create(model="gpt", input=[{"role": "user", "content": content}])  # type: ignore[list-item,misc]
+    assert r.status == "completed"
+    assert gpt.requests[-1]["messages"][-1]["content"] == [
+        {
+            "type": "image_url",
+            "image_url": {"url": f"data:image/png;base64,{PNG}", "detail": "low"},
+        },
+        {"type": "text", "text": "what is this?"},
+    ]
+    with pytest.raises(openai.BadRequestError, match="reads text only"):
+        c.responses.create(model="echo", input=[{"role": "user", "content": content}])  # type: ignore[list-item,misc]

@@ -431,7 +431,7 @@ async def generate(request: Request, call: Call) -> Reply:
             "model's chat template; send it without raw",
             param="raw",
         )
-    messages = [Message(role="user", content=req.prompt, images=images)]
+    messages = [Message(role="user", content=req.prompt or "", images=images)]
     if req.system:
         messages.insert(0, Message(role="system", content=req.system))
     chat_req = ChatRequest(
