@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import binascii
 from collections.abc import Sequence
-from typing import get_args
+from typing import cast, get_args
 from urllib.parse import urlsplit
 
 from stella.errors import InvalidRequest
-from stella.protocol import Image, ImageMediaType, Message
+from stella.protocol import Image, ImageDetail, ImageMediaType, Message
 
 MEDIA_TYPES: frozenset[str] = frozenset(get_args(ImageMediaType))
 _MEDIA_TYPES_TEXT = "image/png, image/jpeg, image/gif or image/webp"
@@ -39,7 +39,7 @@ def check_data(data: str, path: str) -> None:
         ) from None
 
 
-def check_media_type(media_type: str, path: str) -> str:
+def check_media_type(media_type: str, path: str) -> ImageMediaType:
     """The media type, lower-cased; 400 naming `path` for one no backend takes."""
     kind = media_type.strip().lower()
     if kind not in MEDIA_TYPES:
@@ -47,7 +47,7 @@ def check_media_type(media_type: str, path: str) -> str:
             f"$.{path}: image type {media_type!r} is not supported: {_MEDIA_TYPES_TEXT}",
             param=path,
         )
-    return kind
+    return cast(ImageMediaType, kind)
 
 
 def check_url(url: str, path: str) -> None:
@@ -64,6 +64,11 @@ def check_url(url: str, path: str) -> None:
         )
 
 
+def _detail(detail: str | None) -> ImageDetail | None:
+    """OpenAI's detail when it is one the native image takes (None: the default)."""
+    return cast(ImageDetail, detail) if detail in ("auto", "low", "high") else None
+
+
 def from_url(url: str, path: str, detail: str | None = None) -> Image:
     """An image given as a URL (OpenAI's image_url.url): a `data:<type>;base64,` URL
     becomes data and media type, an http(s) one stays a URL; else a 400 naming `path`."""
@@ -77,13 +82,13 @@ def from_url(url: str, path: str, detail: str | None = None) -> Image:
             )
         kind = check_media_type(media_type, path)
         check_data(data, path)
-        return Image(data=data, media_type=kind, detail=detail)  # type: ignore[arg-type]
+        return Image(data=data, media_type=kind, detail=_detail(detail))
     check_url(url, path)
-    return Image(url=url, detail=detail)  # type: ignore[arg-type]
+    return Image(url=url, detail=_detail(detail))
 
 
 # The first bytes of each format's file (WebP's: RIFF, a size, then WEBP).
-_MAGIC = (
+_MAGIC: tuple[tuple[bytes, ImageMediaType], ...] = (
     (b"\x89PNG\r\n\x1a\n", "image/png"),
     (b"\xff\xd8\xff", "image/jpeg"),
     (b"GIF87a", "image/gif"),
@@ -91,7 +96,7 @@ _MAGIC = (
 )
 
 
-def sniff(data: str, path: str) -> str:
+def sniff(data: str, path: str) -> ImageMediaType:
     """The media type of base64 `data` by its magic bytes (Ollama's images carry none);
     400 naming `path` for bad base64 or another format."""
     check_data(data, path)

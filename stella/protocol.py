@@ -60,6 +60,7 @@ Breakpoint = Annotated[
 
 # The image formats every backend that reads images takes (OpenAI's, Anthropic's, Ollama's).
 ImageMediaType = Literal["image/png", "image/jpeg", "image/gif", "image/webp"]
+ImageDetail = Literal["auto", "low", "high"]
 
 
 class Image(Strict):
@@ -81,7 +82,7 @@ class Image(Strict):
         | None
     ) = None
     # OpenAI's image_url.detail: how closely the model looks; other backends ignore it.
-    detail: Literal["auto", "low", "high"] | None = None
+    detail: ImageDetail | None = None
 
 
 class Message(Strict):

@@ -420,7 +420,7 @@ def _image(b: Block, path: str) -> Image:
     if src.type == "base64":
         kind = check_media_type(src.media_type or "", f"{path}.source.media_type")
         check_data(src.data or "", f"{path}.source.data")
-        return Image(data=src.data, media_type=kind)  # type: ignore[arg-type]
+        return Image(data=src.data, media_type=kind)
     if src.type == "url":
         check_url(src.url or "", f"{path}.source.url")
         return Image(url=src.url)

@@ -57,8 +57,7 @@ def images_of(images: list[str] | None, where: str, role: str = "user") -> list[
     if role != "user":
         raise InvalidRequest(f"$.{where}: only a user message's images are taken", param=where)
     return [
-        Image(data=data, media_type=sniff(data, f"{where}[{j}]"))  # type: ignore[arg-type]
-        for j, data in enumerate(images)
+        Image(data=data, media_type=sniff(data, f"{where}[{j}]")) for j, data in enumerate(images)
     ]
 
 

@@ -162,9 +162,6 @@ def _text(
     return "\n".join(texts)
 
 
-_DETAILS = ("auto", "low", "high")
-
-
 def _images(content: list[InputPart], where: str) -> list[Image] | None:
     """A user message's input_image parts as images (None: it has none): `image_url` a
     data URL (as data and media type) or an http(s) URL; a `file_id` is a 400, as nothing
@@ -181,8 +178,8 @@ def _images(content: list[InputPart], where: str) -> list[Image] | None:
                 else "required"
             )
             raise InvalidRequest(f"$.{at}.image_url: {why}", param=f"{at}.image_url")
-        detail = part.detail if part.detail in _DETAILS else None  # `original`: the default
-        image = from_url(part.image_url, f"{at}.image_url", detail)
+        # A detail the native image lacks (`original`) is the upstream's default.
+        image = from_url(part.image_url, f"{at}.image_url", part.detail)
         if images is None:
             images = []
         images.append(image)
