@@ -13,6 +13,7 @@ import msgspec
 from starlette.types import Receive
 
 from stella.errors import Forbidden, ModelNotFound, StellaError
+from stella.images import IMAGE_TOKENS
 from stella.protocol import ChatRequest, Usage
 from stella.routing import Allowed, Route
 
@@ -96,10 +97,14 @@ class Call:
 
 def prompt_estimate(request: ChatRequest) -> int:
     """The prompt's tokens, estimated before any tokenizer has read it: four characters
-    a token (a common rule of thumb for English text), settled with the real count."""
+    a token (a common rule of thumb for English text), settled with the real count.
+    An image counts IMAGE_TOKENS, whatever the size of its base64."""
     chars = 0
+    images = 0
     for m in request.messages:
         chars += len(m.content)
+        if m.images:
+            images += len(m.images)
     tools = request.tools
     if tools:
         # The model reads the tool definitions as part of its prompt: a request with large
@@ -109,7 +114,7 @@ def prompt_estimate(request: ChatRequest) -> int:
             chars += len(fn.name) + len(fn.description)
             if fn.parameters:
                 chars += len(_encode(fn.parameters))
-    return chars // 4
+    return chars // 4 + images * IMAGE_TOKENS
 
 
 _encode = msgspec.json.encode

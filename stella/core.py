@@ -40,6 +40,7 @@ from stella.errors import (
     waited_out,
     whole_seconds,
 )
+from stella.images import first_images
 from stella.logs import mask
 from stella.protocol import (
     AssistantMessage,
@@ -171,14 +172,20 @@ class Pipeline:
         if scope is not None and len(chain) > 1:
             # A fallback is a model like any other: a key reaches only those in its scope.
             chain = [r for r in chain if r is route or scope(r.name)]
+        text_only = False
+        images = first_images(request.messages)
+        if images is not None:
+            chain = _image_readers(route, chain, images)
+            text_only = not _reads(route, images)
         breakers = router.breakers
         for r in chain:
-            if breakers[r.backend_name].available():
+            if breakers[r.backend_name].available() and not (text_only and r is route):
                 break
         else:
-            raise self._circuits_open(route, chain)
+            raise self._circuits_open(route, chain[1:] if text_only else chain)
         # The route's own circuit is open, a fallback's is not: the fallbacks serve, and the
-        # call neither waits for nor holds a slot of a backend it will not use.
+        # call neither waits for nor holds a slot of a backend it will not use. So with
+        # images the route's backend cannot read: a fallback that reads them answers.
         skip = r is not route
         # Backend admission (e.g. a full local queue) refuses before the first byte;
         # a route with fallbacks lets the chain try the next one instead.
@@ -192,7 +199,9 @@ class Pipeline:
             permit = await self._admit_waiting(call, route, request, not skip)
             waited = (time.perf_counter() - started) * 1000
         inference = Inference(self, route, chain, request, call, permit, waited)
-        inference.skip_first = skip
+        inference.skip_first = "" if not skip else "text_only" if text_only else "circuit_open"
+        if images is not None:
+            inference.images = images[2]
         inference.backend_held = not skip
         self.active.add(inference)
         return inference
@@ -219,6 +228,9 @@ class Pipeline:
         # The route's own backend, never a fallback: another tokenizer's count is another
         # number, and the client sizes its context for the model it asks.
         backend = route.backend
+        images = first_images(request.messages)
+        if images is not None:
+            _image_readers(route, [route], images)
         if not self.router.breakers[route.backend_name].available():
             # Refused as a message with no fallback is, not sent to a backend known to be
             # down; a half-open circuit's probe is left to a message, whose answer says
@@ -341,6 +353,7 @@ class Inference:
         "estimated",
         "fallback_permit",
         "finish_reason",
+        "images",
         "logged",
         "permit",
         "pipeline",
@@ -417,8 +430,11 @@ class Inference:
         # The permit of the fallback route being tried (its model's own limits): given
         # back when it fails, settled with the usage when the call ends on it.
         self.fallback_permit: tuple[str, Permit] | None = None  # (route name, permit)
-        # Admitted without the route's backend's slot, its circuit open: not tried at all.
-        self.skip_first = False
+        # Why the route's own backend is not tried at all, admitted without its slot
+        # ("": it is): its circuit is open (circuit_open), or the request's images are more
+        # than it can read (text_only) and a fallback reads them.
+        self.skip_first = ""
+        self.images = 0  # how many images the request's messages carry
         # Whether the call holds its route's backend's slot (when limits.backends sets one).
         self.backend_held = True
         # The waits settled before the current attempt: for admission, for fallbacks'
@@ -468,6 +484,12 @@ class Inference:
         untried: list[str] = []
         try:
             for route in self.chain:
+                if route is self.route and self.skip_first == "text_only":
+                    # Never sent: the answer would be one made without the images.
+                    self.attempts.append(
+                        {"backend": route.backend_name, "route": route.name, "error": "text_only"}
+                    )
+                    continue
                 if route is self.route and self.skip_first:
                     self.attempts.append(
                         {
@@ -1132,6 +1154,8 @@ class Inference:
                 record["cache_write_tokens"] = ctx.cache_write_tokens
             if ctx.load_ms is not None:
                 record["load_ms"] = ctx.load_ms
+        if self.images:
+            record["images"] = self.images  # how many; never their data, whatever `content`
         if self.request.metadata:
             record["metadata"] = self.request.metadata
         if pipeline.log_content:
@@ -1184,7 +1208,37 @@ def _logged_message(m: Message) -> dict[str, Any]:
         logged["tool_call_id"] = m.tool_call_id
     if m.is_error:
         logged["is_error"] = True
+    if m.images:
+        # How many, never their data: a log is no place for megabytes of a user's pictures.
+        logged["images"] = len(m.images)
     return logged
+
+
+def _reads(route: Route, images: tuple[str, str | None, int]) -> bool:
+    """Whether `route`'s backend reads the request's images (by URL too, if any is)."""
+    backend = route.backend
+    return backend.reads_images and (images[1] is None or backend.reads_image_urls)
+
+
+def _image_readers(
+    route: Route, chain: list[Route], images: tuple[str, str | None, int]
+) -> list[Route]:
+    """`chain` without the fallbacks that cannot read the request's images (the asked
+    route kept first, to be skipped); a 400 naming the first image when none can."""
+    readers = [r for r in chain if r is route or _reads(r, images)]
+    if len(readers) > 1 or _reads(route, images):
+        return readers
+    first, by_url, _ = images
+    if by_url is not None and any(r.backend.reads_images for r in chain):
+        raise InvalidRequest(
+            f"$.{by_url}.url: model {route.name!r} takes images only as data, not by URL "
+            "(stella fetches no URL itself)",
+            param=f"{by_url}.url",
+        )
+    raise InvalidRequest(
+        f"$.{first}: model {route.name!r} reads text only: images are not supported",
+        param=first,
+    )
 
 
 def log_fault(event: str, exc: BaseException, content: bool, **fields: Any) -> None:

@@ -58,6 +58,33 @@ Breakpoint = Annotated[
 ]
 
 
+# The image formats every backend that reads images takes (OpenAI's, Anthropic's, Ollama's).
+ImageMediaType = Literal["image/png", "image/jpeg", "image/gif", "image/webp"]
+ImageDetail = Literal["auto", "low", "high"]
+
+
+class Image(Strict):
+    """An image in a user message: `data` (base64, no `data:` prefix) with its
+    `media_type`, or an http(s) `url` the backend fetches (stella never does)."""
+
+    data: (
+        Annotated[str, Meta(description="the image's bytes in base64 (no `data:` prefix)")] | None
+    ) = None
+    media_type: ImageMediaType | None = None
+    url: (
+        Annotated[
+            str,
+            Meta(
+                description="an http or https URL the backend fetches the image from "
+                "(OpenAI-compatible and Anthropic backends; an Ollama one takes only data)"
+            ),
+        ]
+        | None
+    ) = None
+    # OpenAI's image_url.detail: how closely the model looks; other backends ignore it.
+    detail: ImageDetail | None = None
+
+
 class Message(Strict):
     """One chat message. A tool message follows an assistant message with `tool_calls`
     (only other tool messages between; consecutive assistant messages with calls are one
@@ -78,6 +105,18 @@ class Message(Strict):
     # A breakpoint at the end of this message: the prompt up to here is what a later
     # request with the same start reads from an Anthropic upstream's cache.
     cache: Breakpoint | None = None
+    # A user message's images, which the model reads before its text (a backend puts them
+    # first): only routes whose backend reads images take them (Backend.reads_images).
+    images: (
+        Annotated[
+            list[Image],
+            Meta(
+                description="a user message's images, read before its text; a route whose "
+                "backend reads text only (the embedded engine, echo) answers 400"
+            ),
+        ]
+        | None
+    ) = None
 
 
 # Engines count tokens in 32-bit integers and take 64-bit seeds; bounds keep a

@@ -485,7 +485,7 @@ def test_a_count_is_refused_as_a_message_is(counted: tuple[LiveServer, FakeAnthr
                     {"role": "user", "content": [{"type": "image", "source": {"type": "url"}}]}
                 ],
             },
-            r"\$\.messages\[0\]\.content\[0\]\.type",
+            r"\$\.messages\[0\]\.content\[0\]\.source\.url",
         ),
         (
             anthropic.BadRequestError,

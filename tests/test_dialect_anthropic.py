@@ -1532,10 +1532,13 @@ def test_an_image_a_tool_gave_is_a_note() -> None:
         )
         assert gpt.requests[-1]["messages"][-1]["content"] == note
         assert claude.requests[-1]["messages"][-1]["content"][0]["content"] == note
-        # Where no tool said so, in a user message, an image stays refused.
-        with pytest.raises(anthropic.BadRequestError, match=r"messages\[0\]\.content\[0\]"):
-            client(server).messages.create(
-                model="gpt",
-                max_tokens=50,
-                messages=[{"role": "user", "content": [content[0], content[1]]}],  # type: ignore[list-item]
-            )
+        # In a user message, an image reaches a backend that reads images as one.
+        client(server).messages.create(
+            model="gpt",
+            max_tokens=50,
+            messages=[{"role": "user", "content": [content[0], content[1]]}],  # type: ignore[list-item]
+        )
+        assert gpt.requests[-1]["messages"][-1]["content"] == [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "text", "text": "page 1"},
+        ]

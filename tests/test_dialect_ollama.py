@@ -80,27 +80,39 @@ def test_logprobs_are_refused(stella: LiveServer) -> None:
     assert r.message.content == "hi"
 
 
-def test_images_are_refused_naming_the_field(stella: LiveServer) -> None:
-    # No backend of stella's reads an image: dropped, the model would answer as if it had
-    # seen none. An empty list asks for none.
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+
+def test_images_to_a_text_only_model_are_refused_naming_the_field(stella: LiveServer) -> None:
+    # Echo reads no image: dropped, the model would answer as if it had seen none (the
+    # backends that read images get them: tests/test_images.py). An empty list asks for
+    # none.
     c = client(stella)
     with pytest.raises(ollama.ResponseError) as chat:
         c.chat(
             model="echo",
             messages=[
                 {"role": "user", "content": "hi"},
-                {"role": "user", "content": "what is this?", "images": [b"not a png"]},
+                {"role": "user", "content": "what is this?", "images": [PNG]},
             ],
         )
     assert chat.value.status_code == 400
-    assert chat.value.error == "$.messages[1].images: images are not supported"
+    assert chat.value.error == (
+        "$.messages[1].images[0]: model 'echo' reads text only: images are not supported"
+    )
     with pytest.raises(ollama.ResponseError) as generate:
-        c.generate(model="echo", prompt="what is this?", images=[b"not a png"])
+        c.generate(model="echo", prompt="what is this?", images=[PNG])
     assert generate.value.status_code == 400
-    assert generate.value.error == "$.images: images are not supported"
-    # Not a load either: an empty prompt with images is refused the same way.
+    assert "model 'echo' reads text only" in generate.value.error
+    # Not a load either: an empty prompt with an image asks about the image.
+    r = httpx.post(stella.url + "/api/generate", json={"model": "echo", "images": [PNG]})
+    assert r.status_code == 400 and "reads text only" in r.json()["error"], r.text
+    # What is not an image of a format the backends take is refused by its place.
     r = httpx.post(stella.url + "/api/generate", json={"model": "echo", "images": ["aGk="]})
-    assert r.status_code == 400 and r.json() == {"error": "$.images: images are not supported"}
+    assert r.status_code == 400 and r.json()["error"].startswith("$.images[0]: not an image")
+    with pytest.raises(ollama.ResponseError) as bad:
+        c.chat(model="echo", messages=[{"role": "user", "content": "a", "images": [b"not a png"]}])
+    assert bad.value.error.startswith("$.messages[0].images[0]: not an image"), bad.value.error
     for path, body in (
         ("/api/chat", {"messages": [{"role": "user", "content": "a b", "images": []}]}),
         ("/api/generate", {"prompt": "a b", "images": []}),
@@ -109,17 +121,13 @@ def test_images_are_refused_naming_the_field(stella: LiveServer) -> None:
         assert r.status_code == 200 and "a b" in r.text, (path, r.text)
 
 
-def test_openapi_says_images_are_refused(stella: LiveServer) -> None:
-    # A generated client reads the field's schema: an array of strings, refused when not
-    # empty, as the dialect answers it.
+def test_openapi_describes_images(stella: LiveServer) -> None:
+    # A generated client reads the field's schema: an array of base64 strings.
     schemas = httpx.get(stella.url + "/openapi.json").json()["components"]["schemas"]
     for name in ("OllamaMessage", "OllamaGenerate"):
         images = schemas[name]["properties"]["images"]["anyOf"][0]
         assert images["type"] == "array" and images["items"] == {"type": "string"}
-        assert images["description"] == (
-            "images are not supported: a non-empty list is a 400 naming this field; "
-            "an empty one is taken"
-        ), name
+        assert images["description"].startswith("a user message's images, each base64"), name
 
 
 @pytest.mark.parametrize("value", ["yaml", 5, [], True, ["json"]])

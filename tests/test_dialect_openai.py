@@ -1144,7 +1144,6 @@ def test_an_earlier_audio_answer_is_refused_not_sent_as_an_empty_turn(
 @pytest.mark.parametrize(
     "part",
     [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}},
         {"type": "input_audio", "input_audio": {"data": "aGk=", "format": "wav"}},
         {"type": "file", "file": {"file_data": "data:application/pdf;base64,aGk="}},
     ],
@@ -1160,6 +1159,89 @@ def test_a_content_part_that_is_not_text_is_refused(
     assert error["param"] == "messages[0].content[1].type", error
     assert f"content part type {part['type']!r} is not supported" in str(error["message"])
     assert len(up.requests) == before
+
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+
+
+def test_image_url_parts_reach_an_upstream_that_reads_images(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    # As the SDK sends them (a data URL, an http one with its detail), the text after.
+    server, up = fake_upstream
+    content = [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg", "detail": "high"}},
+    ]
+    r = client(server).chat.completions.create(
+        model="plain",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": content}],  # type: ignore[list-item,misc]
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert up.requests[-1]["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+                {
+                    "type": "image_url",
+                    "image_url": {"url": "https://example.com/a.jpg", "detail": "high"},
+                },
+                {"type": "text", "text": "What is this?"},
+            ],
+        },
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("data:image/png;base64,not base64!", "not valid base64"),
+        ("data:image/bmp;base64,aGk=", "image type 'image/bmp' is not supported"),
+        ("data:image/png,aGk=", "a data URL must be base64"),
+        ("ftp://example.com/a.png", "an image URL must be an http or https URL"),
+    ],
+)
+def test_a_bad_image_url_is_refused_by_path(
+    fake_upstream: tuple[LiveServer, FakeOpenAI], url: str, why: str
+) -> None:
+    server, up = fake_upstream
+    before = len(up.requests)
+    part = {"type": "image_url", "image_url": {"url": url}}
+    error = _refused(server, {"messages": [{"role": "user", "content": [part]}]})
+    assert error["param"] == "messages[0].content[0].image_url.url", error
+    assert why in str(error["message"]), error
+    assert len(up.requests) == before
+
+
+def test_an_image_url_part_outside_a_user_message_is_refused(
+    fake_upstream: tuple[LiveServer, FakeOpenAI],
+) -> None:
+    server, _ = fake_upstream
+    part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [part]}]
+    error = _refused(server, {"messages": msgs})
+    assert error["param"] == "messages[1].content[0].type", error
+    assert error["message"] == "an image_url part belongs in a user message"
+
+
+def test_an_image_to_a_text_only_model_is_refused(server: LiveServer) -> None:
+    # The echo backend reads text only: answering without the image would pass for an
+    # answer about it.
+    part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client(server).chat.completions.create(
+            model="echo-slow",
+            messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}],  # type: ignore[list-item]
+        )
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == "messages[0].images[0]", error
+    assert error["message"] == (
+        "$.messages[0].images[0]: model 'echo-slow' reads text only: images are not supported"
+    )
 
 
 def test_ollama_style_images_on_a_message_are_refused(

@@ -794,8 +794,13 @@ def test_cached_prompt_tokens_are_the_backend_s_count(server: LiveServer) -> Non
             "tool_choice.mode",
         ),
         (
+            # An image by a URL that is neither data: nor http(s); one by a stored file.
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
-            "input[0].content[0].type",
+            "input[0].content[0].image_url",
+        ),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
+            "input[0].content[0].image_url",
         ),
         (
             {

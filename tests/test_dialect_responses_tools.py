@@ -420,13 +420,14 @@ def test_an_image_in_a_tool_s_output_is_a_note_the_model_reads(
         "x.png, 4x4:\n[image omitted: this model reads text only]\n"
         "[file omitted: this model reads text only]"
     )
-    # In a user's message an image is still refused: the model would answer about it.
+    # In a user's message an image is the model's to read, where its backend reads images
+    # (an OpenAI-compatible one), and refused where it reads text only (echo).
     body["input"].append({"role": "user", "content": [output[0]]})
-    r = post(server, {**body, "model": "gpt"})
-    assert (
-        r.status_code == 400
-        and r.json()["error"]["param"] == f"input[{len(body['input']) - 1}].content[0].type"
-    )
+    r = post(server, {**body, "model": "gpt", "stream": False})
+    assert r.status_code == 200, r.text
+    assert up.requests[-1]["messages"][-1]["content"][0]["type"] == "image_url"
+    r = post(server, {**body, "model": "echo"})
+    assert r.status_code == 400 and "reads text only" in r.json()["error"]["message"], r.text
 
 
 def test_a_custom_tool_s_input_from_what_the_model_wrote() -> None:

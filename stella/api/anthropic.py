@@ -33,6 +33,7 @@ from stella.api.ollama_request import Images, check_images
 from stella.api.openapi import Operation, document
 from stella.core import Call, Inference, orphan_result
 from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, StellaError
+from stella.images import check_data, check_media_type, check_url
 from stella.protocol import (
     MAX_USER_ID,
     CacheTtl,
@@ -42,6 +43,7 @@ from stella.protocol import (
     Error,
     FunctionCall,
     FunctionSpec,
+    Image,
     Message,
     NamedFunction,
     NamedToolChoice,
@@ -79,9 +81,19 @@ def _longest(ttls: Iterable[CacheTtl | None]) -> CacheTtl | None:
     return ("1h" if "1h" in given else "5m") if given else None
 
 
+class Source(msgspec.Struct):
+    """An image block's source: {"type": "base64", "media_type", "data"} or {"type":
+    "url", "url"} (a document's sources and a file's id, never taken, are other keys)."""
+
+    type: str
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
+
+
 class Block(msgspec.Struct):
-    """A content block (text, tool_use, tool_result, a tool_result's tool_reference; an
-    assistant's thinking, dropped; others are refused)."""
+    """A content block (text, tool_use, tool_result, a tool_result's tool_reference, a
+    user message's image; an assistant's thinking, dropped; others are refused)."""
 
     type: str
     text: str = ""
@@ -92,6 +104,7 @@ class Block(msgspec.Struct):
     content: str | list[Block] | None = None
     is_error: bool = False  # a tool_result's: the tool failed
     tool_name: str = ""  # a tool_reference's: the deferred tool it loads
+    source: Source | str | None = None  # an image's (a search_result's is a string)
     cache_control: CacheControl | None = None
 
 
@@ -398,6 +411,26 @@ def _block_text(b: Block, path: str) -> str:
     return b.text
 
 
+def _image(b: Block, path: str) -> Image:
+    """A user message's image block as the native image; a 400 naming its path for a
+    source stella cannot send (a file's id: nothing is stored here)."""
+    src = b.source
+    if not isinstance(src, Source):
+        raise InvalidRequest(f"$.{path}.source: must be an object", param=f"{path}.source")
+    if src.type == "base64":
+        kind = check_media_type(src.media_type or "", f"{path}.source.media_type")
+        check_data(src.data or "", f"{path}.source.data")
+        return Image(data=src.data, media_type=kind)
+    if src.type == "url":
+        check_url(src.url or "", f"{path}.source.url")
+        return Image(url=src.url)
+    raise InvalidRequest(
+        f"$.{path}.source.type: {src.type!r} is not supported: base64 or url "
+        "(stella stores no files)",
+        param=f"{path}.source.type",
+    )
+
+
 # What the model reads for an image or a document a tool gave (Claude Code's Read of a
 # PNG, a PDF, a screenshot): the same words as the other dialects' tool outputs.
 _OMITTED = "[{} omitted: this model reads text only]"
@@ -542,13 +575,17 @@ def to_chat(req: Prompt) -> ChatRequest:
             continue
         texts: list[str] = []
         calls: list[ToolCallRef] = []
+        images: list[Image] = []
         # The breakpoints of the blocks that make the message after the turn's results.
         marks: list[CacheControl | None] = []
         for j, b in enumerate(m.content):
-            if b.type in ("text", "tool_use"):
+            if b.type in ("text", "tool_use") or (b.type == "image" and m.role == "user"):
                 marks.append(b.cache_control)
             if b.type == "text":
                 texts.append(b.text)
+            elif b.type == "image" and m.role == "user":
+                # Read before the message's text, wherever it stood among its blocks.
+                images.append(_image(b, f"messages[{i}].content[{j}]"))
             elif b.type == "tool_use":
                 if any(c.id == b.id for c in calls):
                     # As the API refuses it: the turn's results could not tell them apart.
@@ -573,13 +610,14 @@ def to_chat(req: Prompt) -> ChatRequest:
                     f"$.messages[{i}].content[{j}].type: {b.type!r} is not supported",
                     param=f"messages[{i}].content[{j}].type",
                 )
-        if texts or calls:
+        if texts or calls or images:
             messages.append(
                 Message(
                     role=m.role,
                     content="\n".join(texts),
                     tool_calls=calls or None,
                     cache=_ttl(*marks),
+                    images=images or None,
                 )
             )
     if (orphan := orphan_result(messages)) is not None:

@@ -27,6 +27,7 @@ from stella.api.openapi import Operation, document
 from stella.api.shapes import GENERATE_SSE_EVENT
 from stella.core import Call
 from stella.errors import Conflict, InvalidRequest, ModelNotFound, StellaError
+from stella.images import check_native
 from stella.protocol import (
     ChatRequest,
     ChatResponse,
@@ -117,6 +118,10 @@ async def chat(request: Request, call: Call) -> Reply:
         req = await read_json(request, _chat)
     except InvalidRequest as exc:
         raise _hint(exc) from None
+    for m in req.messages:
+        if m.images:  # the other dialects check theirs as they build the messages
+            check_native(req.messages)
+            break
     return await respond(request, call, req)
 
 

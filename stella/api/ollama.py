@@ -37,8 +37,8 @@ from stella.api.ollama_request import (
     OllamaChat,
     OllamaGenerate,
     ShowRequest,
-    check_images,
     check_logprobs,
+    images_of,
     think_error,
     to_format,
     to_messages,
@@ -407,11 +407,11 @@ async def generate(request: Request, call: Call) -> Reply:
     req: OllamaGenerate = _decode(
         await read_body(request, services(request).settings.server.max_body_bytes), _generate
     )
-    check_images(req.images, "images")
+    images = images_of(req.images, "images")
     _check_keep_alive(req.keep_alive)
     check_logprobs(req.logprobs, req.top_logprobs)
     _check_insert(req)
-    if not req.prompt:
+    if not req.prompt and not images:  # with an image, a question about it
         name, reason = await _load(request, call, req.model, req.keep_alive)
         return JSONResponse(
             {
@@ -431,7 +431,7 @@ async def generate(request: Request, call: Call) -> Reply:
             "model's chat template; send it without raw",
             param="raw",
         )
-    messages = [Message(role="user", content=req.prompt)]
+    messages = [Message(role="user", content=req.prompt or "", images=images)]
     if req.system:
         messages.insert(0, Message(role="system", content=req.system))
     chat_req = ChatRequest(

@@ -8,8 +8,10 @@ import msgspec
 from msgspec import Meta
 
 from stella.errors import InvalidRequest
+from stella.images import sniff
 from stella.protocol import (
     FunctionCall,
+    Image,
     LenientTool,
     Message,
     Options,
@@ -18,8 +20,9 @@ from stella.protocol import (
     options_from,
 )
 
-# Ollama's images (base64 strings), which some clients send on other shapes too: no backend
-# of stella's reads one, and dropped, the model would answer as if it had seen none.
+# Ollama's images (base64 strings), which some clients send on other shapes too: taken on
+# Ollama's own routes (OllamaImages), refused on the others, which have a shape of their
+# own for images; dropped, the model would answer as if it had seen none.
 Images = Annotated[
     list[str],
     Meta(
@@ -33,6 +36,29 @@ def check_images(images: list[str] | None, where: str) -> None:
     """400 naming `where` for a non-empty `images` list; an empty one asks for nothing."""
     if images:
         raise InvalidRequest(f"$.{where}: images are not supported", param=where)
+
+
+OllamaImages = Annotated[
+    list[str],
+    Meta(
+        description="a user message's images, each base64 (no `data:` prefix) of a PNG, "
+        "JPEG, GIF or WebP (told by its first bytes); a model that reads text only answers "
+        "400; an empty list is none"
+    ),
+]
+
+
+def images_of(images: list[str] | None, where: str, role: str = "user") -> list[Image] | None:
+    """Ollama's `images` as the native images, each one's type told by its first bytes
+    (Ollama's carry none); a 400 naming the image for bad base64 or another format, and
+    naming `where` for images on a message that is not a user's. None for none."""
+    if not images:
+        return None
+    if role != "user":
+        raise InvalidRequest(f"$.{where}: only a user message's images are taken", param=where)
+    return [
+        Image(data=data, media_type=sniff(data, f"{where}[{j}]")) for j, data in enumerate(images)
+    ]
 
 
 class OllamaOptions(msgspec.Struct):
@@ -71,7 +97,7 @@ class OllamaMessage(msgspec.Struct):
 
     role: str
     content: str | None = ""  # Ollama (Go) reads null as ""
-    images: Images | None = None
+    images: OllamaImages | None = None
     tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
     tool_call_id: str | None = None  # a tool result's: the id of the call it answers
@@ -103,7 +129,7 @@ class OllamaGenerate(msgspec.Struct, kw_only=True):
     options: OllamaOptions | None = None
     format: Any = None
     raw: bool | None = False
-    images: Images | None = None
+    images: OllamaImages | None = None
     keep_alive: float | str | None = None  # seconds, or a Go duration ("5m")
     think: Think | None = None
     # Named so that they are refused (generate, check_logprobs), not dropped unseen.
@@ -206,12 +232,12 @@ def to_format(fmt: Any) -> dict[str, Any] | None:
 
 
 def to_messages(req: OllamaChat) -> list[Message]:
-    """The chat's messages as stella's; 400 for unknown roles and images."""
+    """The chat's messages as stella's; 400 for unknown roles and bad images."""
     messages = []
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
             raise InvalidRequest(f"$.messages[{i}].role: {m.role!r} is not one of {sorted(ROLES)}")
-        check_images(m.images, f"messages[{i}].images")
+        images = images_of(m.images, f"messages[{i}].images", m.role)
         calls = (
             [
                 ToolCallRef(
@@ -230,6 +256,7 @@ def to_messages(req: OllamaChat) -> list[Message]:
                 tool_calls=calls,
                 name=m.tool_name,
                 tool_call_id=m.tool_call_id or None,
+                images=images,
             )
         )
     return messages

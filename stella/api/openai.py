@@ -2,7 +2,7 @@
 
 Requests decode into OpenAI-shaped structs and become one ChatRequest; the
 pipeline's events go out as SSE `chat.completion.chunk`s ending in
-`data: [DONE]`. Fields stella can't honour (n other than 1, logprobs, images, audio) get a 400
+`data: [DONE]`. Fields stella can't honour (n other than 1, logprobs, audio) get a 400
 in OpenAI's error shape naming the parameter; other unknown fields are ignored,
 as OpenAI-compatible servers do, so existing clients work unchanged.
 """

@@ -1,21 +1,23 @@
 """OpenAI request shapes and how they become one ChatRequest.
 
-Fields stella can't honour (n other than 1, logprobs, images, audio in or out) get a 400
+Fields stella can't honour (n other than 1, logprobs, audio in or out) get a 400
 naming the parameter; other unknown fields are ignored, as OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import msgspec
 
 from stella.api.ollama_request import Images, check_images
 from stella.errors import InvalidRequest
+from stella.images import from_url
 from stella.protocol import (
     ChatRequest,
     FunctionCall,
+    Image,
     LenientTool,
     Message,
     NamedToolChoice,
@@ -32,12 +34,26 @@ from stella.protocol import (
 # --- request shapes ---------------------------------------------------------------
 
 
+class ImageURL(msgspec.Struct):
+    """An `image_url` part's image: a data URL of base64, or an http(s) URL."""
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
 class Part(msgspec.Struct):
     """One part of a list-of-parts message content."""
 
     type: str
     text: str = ""
     refusal: str = ""  # of a `refusal` part, which an assistant message may hold
+
+
+class ChatPart(Part):
+    """A part of a chat completions message: an `image_url` part's image too (a user
+    message's; the Responses API's parts carry theirs in another shape)."""
+
+    image_url: ImageURL | None = None
 
 
 class OAIFunctionCall(msgspec.Struct):
@@ -59,7 +75,7 @@ class OAIMessage(msgspec.Struct):
     """A chat message as OpenAI clients send it."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[Part] | None = None
+    content: str | list[ChatPart] | None = None
     name: str | None = None
     tool_calls: list[OAIToolCall] | None = None
     tool_call_id: str | None = None
@@ -141,7 +157,11 @@ class CompletionRequest(CompletionCommon, kw_only=True):
 # --- translation ----------------------------------------------------------------------
 
 
-def _text(content: str | list[Part] | None, where: str, assistant: bool = False) -> str:
+def _text(
+    content: str | Sequence[Part] | None, where: str, assistant: bool = False, images: bool = False
+) -> str:
+    """The text parts joined by newlines; 400 for a part that is not text (`images`: the
+    `image_url` parts were taken already)."""
     if content is None or isinstance(content, str):
         return content or ""
     texts = []
@@ -150,15 +170,36 @@ def _text(content: str | list[Part] | None, where: str, assistant: bool = False)
             # The API takes one in an assistant turn: the model's own words, as its text.
             texts.append(part.refusal)
             continue
+        if part.type == "image_url" and images:
+            continue
         if part.type != "text":
             said = (
                 "a refusal part belongs in an assistant message"
                 if part.type == "refusal"
+                else "an image_url part belongs in a user message"
+                if part.type == "image_url"
                 else f"content part type {part.type!r} is not supported"
             )
             raise InvalidRequest(said, param=f"{where}[{i}].type")
         texts.append(part.text)
     return "\n".join(texts)
+
+
+def _images(content: list[ChatPart], where: str) -> list[Image] | None:
+    """A user message's `image_url` parts as images (None when it has none): a data URL
+    as its data and media type, an http(s) URL as it is; a 400 naming the part else."""
+    images = None
+    for i, part in enumerate(content):
+        if part.type != "image_url":
+            continue
+        at = f"{where}[{i}].image_url"
+        if part.image_url is None:
+            raise InvalidRequest(f"$.{at}: required", param=at)
+        image = from_url(part.image_url.url, f"{at}.url", part.image_url.detail)
+        if images is None:
+            images = []
+        images.append(image)
+    return images
 
 
 def to_options(req: CompletionCommon) -> Options:
@@ -360,7 +401,11 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
                         ),
                     )
                 )
-        text = _text(m.content, f"messages[{i}].content", m.role == "assistant")
+        where = f"messages[{i}].content"
+        images = None
+        if m.role == "user" and type(m.content) is list:
+            images = _images(m.content, where)
+        text = _text(m.content, where, m.role == "assistant", images is not None)
         if m.role == "assistant" and m.refusal:
             # An answer that was a refusal is that turn's text: left out, the model would
             # read an empty turn, and the upstream get content "".
@@ -372,6 +417,7 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
                 name=m.name,
                 tool_calls=calls,
                 tool_call_id=m.tool_call_id,
+                images=images,
             )
         )
     tools, choice = tools_and_choice(tools_from(req.tools), req.tool_choice)

@@ -2,13 +2,14 @@
 
 stella keeps no state: a request must carry its whole conversation in `input`.
 What only a stateful or tool-running server could honour (`previous_response_id`,
-`conversation`, stored `prompt`s, `background`, a forced built-in tool, images, files,
+`conversation`, stored `prompt`s, `background`, a forced built-in tool, stored files,
 audio in a message) is a 400 naming the field; other unknown fields are ignored, as in
 the chat completions dialect. Tools are read in responses_tools.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -17,9 +18,11 @@ import msgspec
 from stella.api.openai_request import Part, check_user
 from stella.api.responses_tools import ToolSet
 from stella.errors import InvalidRequest
+from stella.images import from_url
 from stella.protocol import (
     ChatRequest,
     FunctionCall,
+    Image,
     Message,
     Options,
     ReasoningEffort,
@@ -30,13 +33,22 @@ from stella.protocol import (
 )
 
 
+class InputPart(Part):
+    """A part of a Responses message: an `input_image`'s image too (a URL string: a data
+    URL of base64 or an http(s) one; or a stored file's id, refused)."""
+
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: str | None = None
+
+
 class InputItem(msgspec.Struct):
     """One item of `input`: a message (with or without `type: "message"`), a
     function_call or custom_tool_call, its output, or another kind (refused or dropped)."""
 
     type: str | None = None
     role: str | None = None
-    content: str | list[Part] | None = None
+    content: str | list[InputPart] | None = None
     call_id: str = ""
     name: str = ""
     namespace: str | None = None  # a function_call's to a namespace's tool
@@ -125,9 +137,12 @@ _ROLES: dict[str, Role] = {
 _DROPPED = {"reasoning"}
 
 
-def _text(content: str | list[Part] | None, where: str, assistant: bool = False) -> str:
-    """The text of a message's content; a part that is not text (an image, a file, audio)
-    is a 400 naming its path: dropped, the model would answer without it."""
+def _text(
+    content: str | Sequence[Part] | None, where: str, assistant: bool = False, images: bool = False
+) -> str:
+    """The text of a message's content; a part that is not text (a file, audio, an image
+    outside a user message) is a 400 naming its path: dropped, the model would answer
+    without it (`images`: a user message's input_image parts were taken already)."""
     if content is None or isinstance(content, str):
         return content or ""
     texts = []
@@ -136,6 +151,8 @@ def _text(content: str | list[Part] | None, where: str, assistant: bool = False)
             texts.append(part.text)
         elif part.type == "refusal" and assistant:
             texts.append(part.refusal)
+        elif part.type == "input_image" and images:
+            continue
         else:
             raise InvalidRequest(
                 f"$.{where}[{j}].type: {part.type!r} is not supported (text only)",
@@ -143,6 +160,30 @@ def _text(content: str | list[Part] | None, where: str, assistant: bool = False)
             )
     # Parts are separate pieces of text: run together, their words would merge.
     return "\n".join(texts)
+
+
+def _images(content: list[InputPart], where: str) -> list[Image] | None:
+    """A user message's input_image parts as images (None: it has none): `image_url` a
+    data URL (as data and media type) or an http(s) URL; a `file_id` is a 400, as nothing
+    is stored here; a bad one a 400 naming its path."""
+    images = None
+    for j, part in enumerate(content):
+        if part.type != "input_image":
+            continue
+        at = f"{where}[{j}]"
+        if part.image_url is None:
+            why = (
+                "stella stores no files: send the image as image_url"
+                if part.file_id
+                else "required"
+            )
+            raise InvalidRequest(f"$.{at}.image_url: {why}", param=f"{at}.image_url")
+        # A detail the native image lacks (`original`) is the upstream's default.
+        image = from_url(part.image_url, f"{at}.image_url", part.detail)
+        if images is None:
+            images = []
+        images.append(image)
+    return images
 
 
 def _tool_output(output: str | list[Part] | None) -> str:
@@ -201,8 +242,11 @@ def _messages(req: ResponsesRequest, tools: ToolSet) -> list[Message]:
                     f"$.{where}.role: {said}user, assistant, system or developer)",
                     param=f"{where}.role",
                 )
-            text = _text(item.content, f"{where}.content", role == "assistant")
-            messages.append(Message(role=role, content=text))
+            images = None
+            if role == "user" and type(item.content) is list:
+                images = _images(item.content, f"{where}.content")
+            text = _text(item.content, f"{where}.content", role == "assistant", images is not None)
+            messages.append(Message(role=role, content=text, images=images))
         elif kind in _CALLS:
             if not item.name:
                 raise InvalidRequest(f"$.{where}.name: required", param=f"{where}.name")

@@ -241,6 +241,7 @@ class AnthropicBackend(HttpBackend):
     kind = "anthropic"
     honours_tool_choice = True
     honours_parallel_tool_calls = True
+    reads_images = True  # image blocks, base64 or url sources
     Config = AnthropicConfig
 
     def __init__(self, name: str, config: AnthropicConfig) -> None:

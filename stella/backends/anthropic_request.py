@@ -8,7 +8,7 @@ from typing import Any
 
 from stella.backends.base import linked_tool_calls
 from stella.errors import InvalidRequest
-from stella.protocol import ChatRequest, Message, Tool
+from stella.protocol import ChatRequest, Image, Message, Tool
 
 # The ids the API takes for a tool_use (and so a tool_result's tool_use_id).
 _TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
@@ -92,7 +92,7 @@ def unsendable(messages: list[Message]) -> InvalidRequest | None:
     for i, m in enumerate(messages):
         if m.role == "system":
             continue
-        if m.role == "user" and not m.content.strip():
+        if m.role == "user" and not m.content.strip() and not m.images:
             # The API refuses a text of only whitespace (and an empty message): a 400
             # naming the message, not a 502 with the upstream's words for it.
             return InvalidRequest(
@@ -217,12 +217,20 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
             else:
                 messages.append({"role": "user", "content": [block]})
             continue
+        if m.images:
+            # The images first, then the text (none when only whitespace, as the API
+            # refuses such a block); a breakpoint on the last block, as any message's.
+            blocks: list[dict[str, Any]] = [*map(_image_block, m.images)]
+            if m.content.strip():
+                blocks.append({"type": "text", "text": m.content})
+            if m.cache:
+                blocks[-1]["cache_control"] = _cache_control(m.cache)
+            messages.append({"role": m.role, "content": blocks})
+            continue
         if m.tool_calls:
             # The text before the calls, unless only whitespace (Qwen-style models write
             # "\n\n" there): the API refuses a text block of only whitespace.
-            blocks: list[dict[str, Any]] = (
-                [{"type": "text", "text": m.content}] if m.content.strip() else []
-            )
+            blocks = [{"type": "text", "text": m.content}] if m.content.strip() else []
             blocks += [
                 {
                     "type": "tool_use",
@@ -291,6 +299,16 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
     if breakpoints(request):
         _longer_first(body)
     return body
+
+
+def _image_block(image: Image) -> dict[str, Any]:
+    """An image as the Messages API takes it: a base64 or a url source."""
+    if image.url is not None:
+        return {"type": "image", "source": {"type": "url", "url": image.url}}
+    return {
+        "type": "image",
+        "source": {"type": "base64", "media_type": image.media_type, "data": image.data},
+    }
 
 
 def _tool(tool: Tool) -> dict[str, Any]:

@@ -206,6 +206,13 @@ class Backend:
     # and its circuit is told only when the engine showed no sign of work for that
     # long (wedged, not busy: see `working`).
     local_queue: ClassVar[bool] = False
+    # True when the backend sends a user message's images to a model that reads them
+    # (Message.images); a request with images is never sent to one that would drop them:
+    # the pipeline tries a fallback that reads them, else answers 400.
+    reads_images: ClassVar[bool] = False
+    # False when its API takes images only as data (Ollama's): an image by URL is not
+    # sent there, as stella fetches no URL itself.
+    reads_image_urls: ClassVar[bool] = True
 
     def __init__(self, name: str, config: BackendConfig) -> None:
         self.name = name

@@ -174,6 +174,9 @@ def request_body(request: ChatRequest, keep_alive: int | float | str | None) -> 
     tools: dict[str, str] = {}
     for m in request.messages:
         msg: dict[str, Any] = {"role": m.role, "content": content_of(m)}
+        if m.images:
+            # Base64 alone: an image by URL never gets here (reads_image_urls).
+            msg["images"] = [image.data for image in m.images]
         if m.tool_calls:
             calls = []
             for c in m.tool_calls:
@@ -232,6 +235,9 @@ class OllamaBackend(HttpBackend):
     """Chat through an Ollama server."""
 
     kind = "ollama"
+    # A message's `images`, base64 only: Ollama reads no URL, and stella fetches none.
+    reads_images = True
+    reads_image_urls = False
     Config = OllamaConfig
 
     def __init__(self, name: str, config: OllamaConfig) -> None:

@@ -36,6 +36,7 @@ from stella.protocol import (
     Delta,
     Done,
     FinishReason,
+    Image,
     ToolCall,
     Usage,
     arguments_of,
@@ -127,6 +128,12 @@ def request_body(
     messages: list[dict[str, Any]] = []
     for m in linked_tool_calls(request.messages):
         msg: dict[str, Any] = {"role": m.role, "content": content_of(m)}
+        if m.images:
+            # Parts, the images first; a plain string as before for every other message.
+            parts = [*map(_image_part, m.images)]
+            if m.content:
+                parts.append({"type": "text", "text": m.content})
+            msg["content"] = parts
         if m.name:
             msg["name"] = m.name
         if m.tool_calls:
@@ -184,6 +191,16 @@ def request_body(
     return body
 
 
+def _image_part(image: Image) -> dict[str, Any]:
+    """An image as the chat completions API takes it: an `image_url` part (a data URL
+    for the image's bytes)."""
+    url = image.url if image.url is not None else f"data:{image.media_type};base64,{image.data}"
+    spec = {"url": url}
+    if image.detail is not None:
+        spec["detail"] = image.detail
+    return {"type": "image_url", "image_url": spec}
+
+
 class OpenAIBackend(HttpBackend):
     """Chat completions against an OpenAI-compatible base URL (…/v1)."""
 
@@ -191,6 +208,7 @@ class OpenAIBackend(HttpBackend):
     whole_answers = True  # non-stream calls are non-stream upstream
     honours_tool_choice = True
     honours_parallel_tool_calls = True
+    reads_images = True  # as image_url parts: the upstream's model may still refuse them
     Config = OpenAIConfig
 
     def __init__(self, name: str, config: OpenAIConfig) -> None:

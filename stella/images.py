@@ -1,0 +1,167 @@
+"""Images in user messages: the checks each dialect makes by its own JSON path.
+
+An image reaches a backend as base64 `data` with its `media_type`, or as an http(s)
+`url` the backend's upstream fetches; stella never fetches one (no request of its own
+to an address a client chose). Checks are cheap and bounded by the body limit: the
+base64 alphabet and padding, not the image itself (the upstream judges that).
+"""
+
+from __future__ import annotations
+
+import binascii
+from collections.abc import Sequence
+from typing import cast, get_args
+from urllib.parse import urlsplit
+
+from stella.errors import InvalidRequest
+from stella.protocol import Image, ImageDetail, ImageMediaType, Message
+
+MEDIA_TYPES: frozenset[str] = frozenset(get_args(ImageMediaType))
+_MEDIA_TYPES_TEXT = "image/png, image/jpeg, image/gif or image/webp"
+
+# What an image counts for in the prompt's token estimate (rate limits' reservation),
+# whatever its size in base64: Anthropic's figure for a picture of about 1.15 megapixels
+# (width x height / 750), the size its API and OpenAI's scale larger ones down to.
+IMAGE_TOKENS = 1600
+
+
+def check_data(data: str, path: str) -> None:
+    """400 naming `path` unless `data` is base64 (the standard alphabet, padded)."""
+    if not data:
+        raise InvalidRequest(f"$.{path}: an image's data must not be empty", param=path)
+    try:
+        # Strict mode: no characters outside the alphabet, no missing padding.
+        binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(
+            f"$.{path}: not valid base64 (the standard alphabet, padded, no line breaks)",
+            param=path,
+        ) from None
+
+
+def check_media_type(media_type: str, path: str) -> ImageMediaType:
+    """The media type, lower-cased; 400 naming `path` for one no backend takes."""
+    kind = media_type.strip().lower()
+    if kind not in MEDIA_TYPES:
+        raise InvalidRequest(
+            f"$.{path}: image type {media_type!r} is not supported: {_MEDIA_TYPES_TEXT}",
+            param=path,
+        )
+    return cast(ImageMediaType, kind)
+
+
+def check_url(url: str, path: str) -> None:
+    """400 naming `path` unless `url` is an http or https URL with a host."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise InvalidRequest(
+            f"$.{path}: an image URL must be an http or https URL "
+            "(or, where the API takes one, a data: URL of base64)",
+            param=path,
+        )
+
+
+def _detail(detail: str | None) -> ImageDetail | None:
+    """OpenAI's detail when it is one the native image takes (None: the default)."""
+    return cast(ImageDetail, detail) if detail in ("auto", "low", "high") else None
+
+
+def from_url(url: str, path: str, detail: str | None = None) -> Image:
+    """An image given as a URL (OpenAI's image_url.url): a `data:<type>;base64,` URL
+    becomes data and media type, an http(s) one stays a URL; else a 400 naming `path`."""
+    if url[:5].lower() == "data:":
+        head, comma, data = url[5:].partition(",")
+        media_type, _, encoding = head.partition(";")
+        if not comma or encoding.strip().lower() != "base64":
+            raise InvalidRequest(
+                f"$.{path}: a data URL must be base64 (data:<media type>;base64,<data>)",
+                param=path,
+            )
+        kind = check_media_type(media_type, path)
+        check_data(data, path)
+        return Image(data=data, media_type=kind, detail=_detail(detail))
+    check_url(url, path)
+    return Image(url=url, detail=_detail(detail))
+
+
+# The first bytes of each format's file (WebP's: RIFF, a size, then WEBP).
+_MAGIC: tuple[tuple[bytes, ImageMediaType], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+)
+
+
+def sniff(data: str, path: str) -> ImageMediaType:
+    """The media type of base64 `data` by its magic bytes (Ollama's images carry none);
+    400 naming `path` for bad base64 or another format."""
+    check_data(data, path)
+    head = binascii.a2b_base64(data[:24])  # 18 bytes: enough for every signature
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    raise InvalidRequest(
+        f"$.{path}: not an image stella knows: {_MEDIA_TYPES_TEXT} (by its first bytes)",
+        param=path,
+    )
+
+
+def check_native(messages: Sequence[Message]) -> None:
+    """400 naming its path for an image of the native API that is not one stella can
+    send: on a message other than a user's, neither or both of data and url, data
+    without a media type or not base64, a URL that is not http(s)."""
+    for i, m in enumerate(messages):
+        if not m.images:
+            continue
+        if m.role != "user":
+            raise InvalidRequest(
+                f"$.messages[{i}].images: only a user message may carry images",
+                param=f"messages[{i}].images",
+            )
+        for j, image in enumerate(m.images):
+            path = f"messages[{i}].images[{j}]"
+            if (image.data is None) == (image.url is None):
+                raise InvalidRequest(
+                    f"$.{path}: give exactly one of data (with media_type) and url",
+                    param=path,
+                )
+            if image.url is not None:
+                if image.media_type is not None:
+                    raise InvalidRequest(
+                        f"$.{path}.media_type: only with data (a URL's server says its type)",
+                        param=f"{path}.media_type",
+                    )
+                check_url(image.url, f"{path}.url")
+                continue
+            if image.media_type is None:
+                raise InvalidRequest(
+                    f"$.{path}.media_type: required with data", param=f"{path}.media_type"
+                )
+            check_data(image.data or "", f"{path}.data")
+
+
+def first_images(messages: Sequence[Message]) -> tuple[str, str | None, int] | None:
+    """The path of the request's first image, of its first image by URL (None when
+    all are data), and how many there are; None for a request without images."""
+    first: str | None = None
+    by_url: str | None = None
+    count = 0
+    for i, m in enumerate(messages):
+        images = m.images
+        if not images:
+            continue
+        if first is None:
+            first = f"messages[{i}].images[0]"
+        count += len(images)
+        if by_url is None:
+            for j, image in enumerate(images):
+                if image.url is not None:
+                    by_url = f"messages[{i}].images[{j}]"
+                    break
+    return None if first is None else (first, by_url, count)

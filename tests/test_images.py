@@ -1,0 +1,460 @@
+"""Images in user messages through a live stella: each backend that reads them gets them
+in its API's shape (OpenAI-compatible, Anthropic, Ollama fakes), a route whose backend
+reads text only answers 400 naming the image (or falls back to one that reads them), bad
+images are 400s by path, and no image data reaches the log."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import ollama
+import openai
+import pytest
+
+from stella.calls import prompt_estimate
+from stella.images import IMAGE_TOKENS
+from stella.protocol import ChatRequest, Image, Message
+from tests.fakes.anthropic import KEY, FakeAnthropic
+from tests.fakes.ollama import FakeOllama
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import serve
+from tests.live import LiveServer, run_stella
+
+# A 1x1 PNG, and the start of a JPEG, a GIF and a WebP (their magic bytes).
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+JPEG = base64.b64encode(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 20).decode()
+GIF = base64.b64encode(b"GIF89a" + b"\x00" * 20).decode()
+WEBP = base64.b64encode(b"RIFF\x10\x00\x00\x00WEBPVP8 " + b"\x00" * 20).decode()
+URL = "https://example.com/cat.png"
+
+Upstreams = tuple[FakeAnthropic, FakeOpenAI, FakeOllama, LiveServer]
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[Upstreams]:
+    claude, gpt, llama = FakeAnthropic(), FakeOpenAI(), FakeOllama()
+    with (
+        serve(claude.app) as claude_url,
+        serve(gpt.app) as gpt_url,
+        serve(llama.app, "/api/version") as llama_url,
+    ):
+        config = {
+            "backends": {
+                "claude": {"kind": "anthropic", "base_url": claude_url, "api_key_env": "CK"},
+                "gpt": {"kind": "openai", "base_url": gpt_url + "/v1"},
+                "llama": {"kind": "ollama", "base_url": llama_url},
+            },
+            "models": {
+                "routes": {
+                    "sonnet": {"backend": "claude", "upstream_model": "claude-ok"},
+                    "gpt": {"backend": "gpt", "upstream_model": "ok"},
+                    "llama": {"backend": "llama", "upstream_model": "llama3"},
+                    # Text only first, a reader behind it: the reader answers.
+                    "seeing": {"backend": "echo", "fallbacks": ["gpt"]},
+                    # Ollama first, for an image by URL that only the fallback can take.
+                    "local-eyes": {
+                        "backend": "llama",
+                        "upstream_model": "llama3",
+                        "fallbacks": ["gpt"],
+                    },
+                    "blind": {"backend": "echo", "fallbacks": ["echo"]},
+                }
+            },
+            "log": {"content": True},
+        }
+        with run_stella(config, {"CK": KEY}) as server:
+            yield claude, gpt, llama, server
+
+
+def native(server: LiveServer, model: str, *messages: dict[str, Any]) -> httpx.Response:
+    body = {"model": model, "stream": False, "messages": list(messages)}
+    return httpx.post(server.url + "/api/v1/chat", json=body, timeout=30)
+
+
+def user(text: str, *images: dict[str, Any]) -> dict[str, Any]:
+    return {"role": "user", "content": text, "images": list(images)}
+
+
+def test_an_openai_compatible_upstream_gets_image_url_parts_before_the_text(
+    upstreams: Upstreams,
+) -> None:
+    _, gpt, _, server = upstreams
+    r = native(
+        server,
+        "gpt",
+        {"role": "system", "content": "be brief"},
+        user(
+            "what is this?", {"data": PNG, "media_type": "image/png"}, {"url": URL, "detail": "low"}
+        ),
+    )
+    assert r.status_code == 200, r.text
+    sent = gpt.requests[-1]["messages"]
+    assert sent[0] == {"role": "system", "content": "be brief"}  # a string, as before
+    assert sent[1]["content"] == [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+        {"type": "image_url", "image_url": {"url": URL, "detail": "low"}},
+        {"type": "text", "text": "what is this?"},
+    ]
+
+
+def test_an_anthropic_upstream_gets_image_blocks_and_the_breakpoint_stays_last(
+    upstreams: Upstreams,
+) -> None:
+    claude, _, _, server = upstreams
+    image = {"data": PNG, "media_type": "image/png"}
+    r = native(server, "sonnet", {**user("describe", image, {"url": URL}), "cache": "5m"})
+    assert r.status_code == 200, r.text
+    assert claude.requests[-1]["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "image",
+                    "source": {"type": "base64", "media_type": "image/png", "data": PNG},
+                },
+                {"type": "image", "source": {"type": "url", "url": URL}},
+                {"type": "text", "text": "describe", "cache_control": {"type": "ephemeral"}},
+            ],
+        }
+    ]
+    # An image alone is a message the API takes: no text block of only whitespace.
+    r = native(server, "sonnet", user(" ", image))
+    assert r.status_code == 200, r.text
+    assert claude.requests[-1]["messages"][0]["content"] == [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}
+    ]
+
+
+def test_an_ollama_upstream_gets_base64_and_a_url_is_refused_by_path(
+    upstreams: Upstreams,
+) -> None:
+    _, gpt, llama, server = upstreams
+    r = native(server, "llama", user("what is this?", {"data": PNG, "media_type": "image/png"}))
+    assert r.status_code == 200, r.text
+    assert llama.requests[-1]["messages"][-1] == {
+        "role": "user",
+        "content": "what is this?",
+        "images": [PNG],
+    }
+    sent = len(llama.requests)
+    r = native(server, "llama", user("and this?", {"url": URL}))
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == (
+        "$.messages[0].images[0].url: model 'llama' takes images only as data, not by URL "
+        "(stella fetches no URL itself)"
+    )
+    assert len(llama.requests) == sent  # never sent
+    # With a fallback that takes URLs, it answers.
+    asked = len(gpt.requests)
+    r = native(server, "local-eyes", user("and this?", {"url": URL}))
+    assert r.status_code == 200, r.text
+    assert len(llama.requests) == sent and len(gpt.requests) == asked + 1
+
+
+def test_a_text_only_route_answers_400_naming_the_image(upstreams: Upstreams) -> None:
+    *_, server = upstreams
+    for model in ("echo", "blind"):
+        r = native(
+            server,
+            model,
+            {"role": "user", "content": "hi"},
+            user("what is this?", {"data": PNG, "media_type": "image/png"}),
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_request"
+        assert r.json()["error"]["message"] == (
+            f"$.messages[1].images[0]: model {model!r} reads text only: images are not supported"
+        )
+    # An empty list is no image.
+    assert native(server, "echo", user("hi")).status_code == 200
+
+
+def test_a_text_only_route_falls_back_to_one_that_reads_images(upstreams: Upstreams) -> None:
+    _, gpt, _, server = upstreams
+    asked = len(gpt.requests)
+    r = native(server, "seeing", user("what is this?", {"data": PNG, "media_type": "image/png"}))
+    assert r.status_code == 200, r.text
+    assert r.json()["backend"] == "gpt"
+    assert len(gpt.requests) == asked + 1
+    assert gpt.requests[-1]["messages"][0]["content"][0]["type"] == "image_url"
+    rid = r.headers["x-request-id"]
+    event = server.wait_event(lambda e: e.get("request_id") == rid)
+    assert [a["error"] for a in event["attempts"]] == ["text_only", None]
+    assert event["images"] == 1
+
+
+@pytest.mark.parametrize(
+    ("image", "path", "why"),
+    [
+        ({"data": "not base64!", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "iVBORw0KGgo", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "", "media_type": "image/png"}, ".data", "must not be empty"),
+        ({"data": PNG}, ".media_type", "required with data"),
+        ({"data": PNG, "media_type": "image/bmp"}, ".media_type", "Invalid enum value"),
+        ({"url": "ftp://example.com/a.png"}, ".url", "http or https"),
+        ({"url": "file:///etc/passwd"}, ".url", "http or https"),
+        ({"url": URL, "media_type": "image/png"}, ".media_type", "only with data"),
+        ({"url": URL, "data": PNG, "media_type": "image/png"}, "", "exactly one of"),
+        ({}, "", "exactly one of"),
+        ({"data": PNG, "media_type": "image/png", "detail": "max"}, ".detail", "Invalid"),
+    ],
+)
+def test_a_bad_image_is_a_400_naming_its_path(
+    upstreams: Upstreams, image: dict[str, Any], path: str, why: str
+) -> None:
+    *_, server = upstreams
+    r = native(server, "gpt", user("a", {"data": PNG, "media_type": "image/png"}, image))
+    assert r.status_code == 400, r.text
+    message = r.json()["error"]["message"]
+    assert why in message
+    assert f"$.messages[0].images[1]{path}" in message
+
+
+def test_images_only_on_a_user_message(upstreams: Upstreams) -> None:
+    *_, server = upstreams
+    image = {"data": PNG, "media_type": "image/png"}
+    r = native(
+        server,
+        "gpt",
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "a", "images": [image]},
+    )
+    assert r.status_code == 400
+    assert (
+        r.json()["error"]["message"] == "$.messages[1].images: only a user message may carry images"
+    )
+
+
+def test_no_image_data_in_the_log_even_with_content(upstreams: Upstreams) -> None:
+    *_, server = upstreams
+    marker = base64.b64encode(b"\x89PNG\r\n\x1a\nSECRET-PIXELS" * 8).decode()
+    r = native(server, "gpt", user("look", {"data": marker, "media_type": "image/png"}))
+    assert r.status_code == 200, r.text
+    rid = r.headers["x-request-id"]
+    event = server.wait_event(lambda e: e.get("request_id") == rid)
+    assert event["images"] == 1
+    assert event["prompt"] == [{"role": "user", "content": "look", "images": 1}]
+    assert not [line for line in server.lines() if marker[:40] in line]
+
+
+def test_an_image_counts_a_fixed_number_of_tokens_in_the_estimate() -> None:
+    big = base64.b64encode(b"\x00" * 300_000).decode()
+    text = Message(role="user", content="x" * 400)
+    with_images = Message(
+        role="user",
+        content="x" * 400,
+        images=[Image(data=big, media_type="image/png"), Image(url=URL)],
+    )
+    assert prompt_estimate(ChatRequest(messages=[text])) == 100
+    assert prompt_estimate(ChatRequest(messages=[with_images])) == 100 + 2 * IMAGE_TOKENS
+
+
+# Used by the dialects' tests below.
+FORMATS = {"image/png": PNG, "image/jpeg": JPEG, "image/gif": GIF, "image/webp": WEBP}
+
+
+# --- the Anthropic dialect ------------------------------------------------------------
+
+
+def claude_client(server: LiveServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+
+
+def image_block(data: str = PNG, media_type: str = "image/png") -> dict[str, Any]:
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+
+
+def test_anthropic_image_blocks_reach_each_backend_in_its_shape(upstreams: Upstreams) -> None:
+    claude, gpt, llama, server = upstreams
+    content = [{"type": "text", "text": "what is this?"}, image_block()]
+    c = claude_client(server)
+    for model in ("sonnet", "gpt", "llama"):
+        m = c.messages.create(
+            model=model,
+            max_tokens=20,
+            messages=[{"role": "user", "content": content}],  # type: ignore[typeddict-item]
+        )
+        assert m.content[0].type == "text"
+    assert claude.requests[-1]["messages"][-1]["content"] == [
+        image_block(),
+        {"type": "text", "text": "what is this?"},
+    ]
+    assert gpt.requests[-1]["messages"][-1]["content"] == [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+        {"type": "text", "text": "what is this?"},
+    ]
+    assert llama.requests[-1]["messages"][-1] == {
+        "role": "user",
+        "content": "what is this?",
+        "images": [PNG],
+    }
+    # A url source goes to Anthropic as one.
+    by_url = {"type": "image", "source": {"type": "url", "url": URL}}
+    c.messages.create(
+        model="sonnet",
+        max_tokens=20,
+        messages=[{"role": "user", "content": [by_url, {"type": "text", "text": "and?"}]}],  # type: ignore[typeddict-item]
+    )
+    assert claude.requests[-1]["messages"][-1]["content"][0] == by_url
+
+
+def test_anthropic_count_tokens_sends_the_images(upstreams: Upstreams) -> None:
+    claude, *_, server = upstreams
+    counted = claude_client(server).messages.count_tokens(
+        model="sonnet",
+        messages=[{"role": "user", "content": [image_block(), {"type": "text", "text": "hi"}]}],  # type: ignore[typeddict-item]
+    )
+    assert counted.input_tokens > 0
+    assert claude.counts[-1]["messages"][-1]["content"][0] == image_block()
+    with pytest.raises(anthropic.BadRequestError, match="reads text only"):
+        claude_client(server).messages.count_tokens(
+            model="echo",
+            messages=[{"role": "user", "content": [image_block()]}],  # type: ignore[typeddict-item]
+        )
+
+
+def test_anthropic_images_refused_where_they_cannot_go(upstreams: Upstreams) -> None:
+    *_, server = upstreams
+    c = claude_client(server)
+    cases: list[tuple[str, list[dict[str, Any]], str]] = [
+        ("echo", [image_block()], r"\$\.messages\[0\]\.images\[0\]: model 'echo' reads text only"),
+        ("gpt", [image_block("%%%")], r"\$\.messages\[0\]\.content\[0\]\.source\.data: not valid"),
+        (
+            "gpt",
+            [image_block(media_type="image/tiff")],
+            r"\$\.messages\[0\]\.content\[0\]\.source\.media_type: image type 'image/tiff'",
+        ),
+        (
+            "gpt",
+            [{"type": "image", "source": {"type": "url", "url": "ftp://x/a.png"}}],
+            r"\$\.messages\[0\]\.content\[0\]\.source\.url: an image URL must be",
+        ),
+        (
+            "gpt",
+            [{"type": "image", "source": {"type": "file", "file_id": "file_1"}}],
+            r"\$\.messages\[0\]\.content\[0\]\.source\.type: 'file' is not supported",
+        ),
+    ]
+    for model, content, match in cases:
+        with pytest.raises(anthropic.BadRequestError, match=match):
+            c.messages.create(
+                model=model,
+                max_tokens=5,
+                messages=[{"role": "user", "content": content}],  # type: ignore[typeddict-item]
+            )
+    # An assistant's image is refused by its path, as before.
+    with pytest.raises(anthropic.BadRequestError, match=r"messages\[1\]\.content\[0\]\.type"):
+        c.messages.create(
+            model="gpt",
+            max_tokens=5,
+            messages=[
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [image_block()]},  # type: ignore[list-item]
+            ],
+        )
+
+
+# --- the Ollama dialect ---------------------------------------------------------------
+
+
+def test_ollama_images_reach_each_backend_in_its_shape(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    # As `ollama.chat(..., images=[path])` sends them: the file's bytes in base64.
+    claude, gpt, llama, server = upstreams
+    picture = tmp_path / "cat.png"
+    picture.write_bytes(base64.b64decode(PNG))
+    c = ollama.Client(host=server.url)
+    for model in ("llama", "gpt", "sonnet"):
+        r = c.chat(
+            model=model,
+            messages=[{"role": "user", "content": "what is this?", "images": [picture]}],
+        )
+        assert r.message.role == "assistant"
+    assert llama.requests[-1]["messages"][-1]["images"] == [PNG]
+    assert gpt.requests[-1]["messages"][-1]["content"][0] == {
+        "type": "image_url",
+        "image_url": {"url": f"data:image/png;base64,{PNG}"},
+    }
+    assert claude.requests[-1]["messages"][-1]["content"][0] == image_block()
+    # /api/generate's images, too.
+    r2 = c.generate(model="llama", prompt="and this?", images=[picture])
+    assert r2.done
+    sent = llama.requests[-1]
+    assert sent["messages"][-1] == {"role": "user", "content": "and this?", "images": [PNG]}
+
+
+@pytest.mark.parametrize("media_type", sorted(FORMATS))
+def test_ollama_images_are_typed_by_their_first_bytes(
+    upstreams: Upstreams, media_type: str
+) -> None:
+    claude, *_, server = upstreams
+    data = FORMATS[media_type]
+    r = httpx.post(
+        server.url + "/api/chat",
+        json={
+            "model": "sonnet",
+            "stream": False,
+            "messages": [{"role": "user", "content": "what?", "images": [data]}],
+        },
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert claude.requests[-1]["messages"][-1]["content"][0] == image_block(data, media_type)
+
+
+def test_ollama_images_refused_where_they_cannot_go(upstreams: Upstreams) -> None:
+    *_, server = upstreams
+    bmp = base64.b64encode(b"BM" + b"\x00" * 30).decode()
+    for messages, said in (
+        (
+            [{"role": "user", "content": "a", "images": [PNG, bmp]}],
+            "$.messages[0].images[1]: not an image",
+        ),
+        (
+            [{"role": "user", "content": "a", "images": ["%%"]}],
+            "$.messages[0].images[0]: not valid base64",
+        ),
+        (
+            [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b", "images": [PNG]},
+            ],
+            "$.messages[1].images: only a user message's images are taken",
+        ),
+    ):
+        r = httpx.post(
+            server.url + "/api/chat",
+            json={"model": "llama", "stream": False, "messages": messages},
+            timeout=30,
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"].startswith(said), r.text
+
+
+# --- the Responses dialect ------------------------------------------------------------
+
+
+def test_responses_input_image_parts_reach_the_upstream(upstreams: Upstreams) -> None:
+    _, gpt, _, server = upstreams
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    content = [
+        {"type": "input_text", "text": "what is this?"},
+        {"type": "input_image", "image_url": f"data:image/png;base64,{PNG}", "detail": "low"},
+    ]
+    r = c.responses.create(model="gpt", input=[{"role": "user", "content": content}])  # type: ignore[list-item,misc]
+    assert r.status == "completed"
+    assert gpt.requests[-1]["messages"][-1]["content"] == [
+        {
+            "type": "image_url",
+            "image_url": {"url": f"data:image/png;base64,{PNG}", "detail": "low"},
+        },
+        {"type": "text", "text": "what is this?"},
+    ]
+    with pytest.raises(openai.BadRequestError, match="reads text only"):
+        c.responses.create(model="echo", input=[{"role": "user", "content": content}])  # type: ignore[list-item,misc]
