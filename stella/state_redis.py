@@ -43,6 +43,9 @@ REDIS_RETRY_S = 1.0
 PING_WAIT_S = 0.25
 # Connections to Redis per process; more callers at once wait for one.
 REDIS_MAX_CONNECTIONS = 256
+# Seconds a command (and a wait for a pooled connection, and a connect) may take before
+# Redis is taken to be down: a stalled Redis costs a call this long.
+REDIS_TIMEOUT_S = 1.0
 
 # Per key ARGV: capacity, rate, cost, want (the cost and a lease), and a settlement not
 # yet sent (refunds and charges of calls that ended), applied before the check. A key
@@ -267,9 +270,9 @@ class RedisState:
         pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis_url,
             max_connections=REDIS_MAX_CONNECTIONS,
-            timeout=1,
-            socket_connect_timeout=1,
-            socket_timeout=1,
+            timeout=REDIS_TIMEOUT_S,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S,
             health_check_interval=0,
             # A pooled connection Redis closed while it sat idle (a restart, its idle
             # timeout) fails its next command with a ConnectionError, the command lost
