@@ -76,7 +76,8 @@ class Image(Strict):
             str,
             Meta(
                 description="an http or https URL the backend fetches the image from "
-                "(OpenAI-compatible and Anthropic backends; an Ollama one takes only data)"
+                "(Anthropic backends, and OpenAI-compatible ones set to: `image_urls`; an "
+                "Ollama one takes only data)"
             ),
         ]
         | None

@@ -47,12 +47,22 @@ def upstreams() -> Iterator[Upstreams]:
             "backends": {
                 "claude": {"kind": "anthropic", "base_url": claude_url, "api_key_env": "CK"},
                 "gpt": {"kind": "openai", "base_url": gpt_url + "/v1"},
+                # The same upstream, which may fetch images by URL.
+                "gpt-urls": {"kind": "openai", "base_url": gpt_url + "/v1", "image_urls": True},
+                "claude-data": {
+                    "kind": "anthropic",
+                    "base_url": claude_url,
+                    "api_key_env": "CK",
+                    "image_urls": False,
+                },
                 "llama": {"kind": "ollama", "base_url": llama_url},
             },
             "models": {
                 "routes": {
                     "sonnet": {"backend": "claude", "upstream_model": "claude-ok"},
                     "gpt": {"backend": "gpt", "upstream_model": "ok"},
+                    "gpt-urls": {"backend": "gpt-urls", "upstream_model": "ok"},
+                    "sonnet-data": {"backend": "claude-data", "upstream_model": "claude-ok"},
                     "llama": {"backend": "llama", "upstream_model": "llama3"},
                     # Text only first, a reader behind it: the reader answers.
                     "seeing": {"backend": "echo", "fallbacks": ["gpt"]},
@@ -60,7 +70,7 @@ def upstreams() -> Iterator[Upstreams]:
                     "local-eyes": {
                         "backend": "llama",
                         "upstream_model": "llama3",
-                        "fallbacks": ["gpt"],
+                        "fallbacks": ["gpt-urls"],
                     },
                     "blind": {"backend": "echo", "fallbacks": ["echo"]},
                 }
@@ -86,7 +96,7 @@ def test_an_openai_compatible_upstream_gets_image_url_parts_before_the_text(
     _, gpt, _, server = upstreams
     r = native(
         server,
-        "gpt",
+        "gpt-urls",
         {"role": "system", "content": "be brief"},
         user(
             "what is this?", {"data": PNG, "media_type": "image/png"}, {"url": URL, "detail": "low"}
@@ -156,6 +166,29 @@ def test_an_ollama_upstream_gets_base64_and_a_url_is_refused_by_path(
     assert len(llama.requests) == sent and len(gpt.requests) == asked + 1
 
 
+@pytest.mark.parametrize("model", ["gpt", "sonnet-data"])
+def test_an_image_by_url_reaches_no_backend_whose_image_urls_is_off(
+    upstreams: Upstreams, model: str
+) -> None:
+    # An OpenAI-compatible server may be self-hosted and fetch the URL inside the
+    # operator's network (cloud metadata, admin ports): by default it gets none.
+    claude, gpt, _, server = upstreams
+    sent = len(claude.requests), len(gpt.requests)
+    metadata = {"url": "http://169.254.169.254/latest/meta-data/"}
+    r = native(
+        server, model, user("what is this?", {"data": PNG, "media_type": "image/png"}, metadata)
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == (
+        f"$.messages[0].images[1].url: model {model!r} takes images only as data, not by URL "
+        "(stella fetches no URL itself)"
+    )
+    assert (len(claude.requests), len(gpt.requests)) == sent
+    # Images as data still go.
+    r = native(server, model, user("what is this?", {"data": PNG, "media_type": "image/png"}))
+    assert r.status_code == 200, r.text
+
+
 def test_a_text_only_route_answers_400_naming_the_image(upstreams: Upstreams) -> None:
     *_, server = upstreams
     for model in ("echo", "blind"):
@@ -208,7 +241,7 @@ def test_a_bad_image_is_a_400_naming_its_path(
     upstreams: Upstreams, image: dict[str, Any], path: str, why: str
 ) -> None:
     *_, server = upstreams
-    r = native(server, "gpt", user("a", {"data": PNG, "media_type": "image/png"}, image))
+    r = native(server, "gpt-urls", user("a", {"data": PNG, "media_type": "image/png"}, image))
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
     assert why in message
