@@ -9,6 +9,7 @@ base64 alphabet and padding, not the image itself (the upstream judges that).
 from __future__ import annotations
 
 import binascii
+import re
 from collections.abc import Sequence
 from typing import cast, get_args
 from urllib.parse import urlsplit
@@ -50,10 +51,16 @@ def check_media_type(media_type: str, path: str) -> ImageMediaType:
     return cast(ImageMediaType, kind)
 
 
+# Whitespace and control characters (C0, DEL, C1): urlsplit strips some and keeps others,
+# and an upstream's parser may read such a URL otherwise than this check did.
+_URL_BAD = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+
+
 def check_url(url: str, path: str) -> None:
-    """400 naming `path` unless `url` is an http or https URL with a host."""
+    """400 naming `path` unless `url` is an http or https URL with a host, without
+    whitespace or control characters."""
     try:
-        parts = urlsplit(url)
+        parts = None if _URL_BAD.search(url) else urlsplit(url)
     except ValueError:
         parts = None
     if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:

@@ -231,6 +231,14 @@ def test_a_text_only_route_falls_back_to_one_that_reads_images(upstreams: Upstre
         ({"data": PNG, "media_type": "image/bmp"}, ".media_type", "Invalid enum value"),
         ({"url": "ftp://example.com/a.png"}, ".url", "http or https"),
         ({"url": "file:///etc/passwd"}, ".url", "http or https"),
+        ({"url": "http:///a.png"}, ".url", "http or https"),  # no host
+        # Whitespace or a control character, which urlsplit strips or keeps.
+        ({"url": "http://a b/x.png"}, ".url", "http or https"),
+        ({"url": "http://a/x\n.png"}, ".url", "http or https"),
+        ({"url": " http://a/x.png"}, ".url", "http or https"),
+        ({"url": "http://a/x.png\t"}, ".url", "http or https"),
+        ({"url": "http://a/\x00x.png"}, ".url", "http or https"),
+        ({"url": "http://a/\x85x.png"}, ".url", "http or https"),
         ({"url": URL, "media_type": "image/png"}, ".media_type", "only with data"),
         ({"url": URL, "data": PNG, "media_type": "image/png"}, "", "exactly one of"),
         ({}, "", "exactly one of"),
