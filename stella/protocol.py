@@ -112,8 +112,9 @@ class Message(Strict):
         Annotated[
             list[Image],
             Meta(
-                description="a user message's images, read before its text; a route whose "
-                "backend reads text only (the embedded engine, echo) answers 400"
+                description="a user message's images, read before its text (at most 600 in a "
+                "request, all messages together); a route whose backend reads text only (the "
+                "embedded engine, echo) answers 400"
             ),
         ]
         | None

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from stella.calls import prompt_estimate
-from stella.images import IMAGE_TOKENS
+from stella.images import IMAGE_TOKENS, MAX_IMAGES
 from stella.protocol import ChatRequest, Image, Message
 from tests.fakes.anthropic import KEY, FakeAnthropic
 from tests.fakes.ollama import FakeOllama
@@ -226,6 +226,12 @@ def test_a_text_only_route_falls_back_to_one_that_reads_images(upstreams: Upstre
     [
         ({"data": "not base64!", "media_type": "image/png"}, ".data", "not valid base64"),
         ({"data": "iVBORw0KGgo", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "iVBO=w0K", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "iVBORw0K===", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "iVBORw0K====", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "iVBORw0\u00e9", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "iVBO\nRw0K", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "iVBO-w0K", "media_type": "image/png"}, ".data", "not valid base64"),
         ({"data": "", "media_type": "image/png"}, ".data", "must not be empty"),
         ({"data": PNG}, ".media_type", "required with data"),
         ({"data": PNG, "media_type": "image/bmp"}, ".media_type", "Invalid enum value"),
@@ -499,3 +505,81 @@ def test_responses_input_image_parts_reach_the_upstream(upstreams: Upstreams) ->
     ]
     with pytest.raises(openai.BadRequestError, match="reads text only"):
         c.responses.create(model="echo", input=[{"role": "user", "content": content}])  # type: ignore[list-item,misc]
+
+
+# --- the cap on images in a request -----------------------------------------------------
+
+
+def _many(n: int) -> dict[str, tuple[str, dict[str, Any]]]:
+    """A request of `n` images in each dialect: its endpoint and body."""
+    data_url = f"data:image/png;base64,{PNG}"
+    parts = [{"type": "image_url", "image_url": {"url": data_url}}] * n
+    blocks = [image_block()] * n
+    inputs = [{"type": "input_image", "image_url": data_url}] * n
+    return {
+        "native": (
+            "/api/v1/chat",
+            {
+                "model": "gpt",
+                "stream": False,
+                "messages": [user("a", *[{"data": PNG, "media_type": "image/png"}] * n)],
+            },
+        ),
+        "openai": (
+            "/v1/chat/completions",
+            {
+                "model": "gpt",
+                "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "a"}]}],
+            },
+        ),
+        "responses": (
+            "/v1/responses",
+            {
+                "model": "gpt",
+                "input": [
+                    {"role": "user", "content": [*inputs, {"type": "input_text", "text": "a"}]}
+                ],
+            },
+        ),
+        "anthropic": (
+            "/v1/messages",
+            {
+                "model": "sonnet",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": [*blocks, {"type": "text", "text": "a"}]}],
+            },
+        ),
+        "ollama": (
+            "/api/chat",
+            {
+                "model": "gpt",
+                "stream": False,
+                "messages": [{"role": "user", "content": "a", "images": [PNG] * n}],
+            },
+        ),
+    }
+
+
+# The first image past the cap, by each dialect's path.
+PAST_CAP = {
+    "native": "messages[0].images[600]",
+    "openai": "messages[0].content[600].image_url",
+    "responses": "input[0].content[600]",
+    "anthropic": "messages[0].content[600]",
+    "ollama": "messages[0].images[600]",
+}
+
+
+@pytest.mark.parametrize("dialect", sorted(PAST_CAP))
+def test_a_request_takes_at_most_max_images(upstreams: Upstreams, dialect: str) -> None:
+    # A cap bounds what one request's checks cost the event loop (each image is looked
+    # at); at it, Anthropic's documented most for a request, the request goes on.
+    *_, server = upstreams
+    assert MAX_IMAGES == 600
+    endpoint, body = _many(MAX_IMAGES + 1)[dialect]
+    r = httpx.post(server.url + endpoint, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert f"$.{PAST_CAP[dialect]}: too many images: at most 600 in a request" in r.text
+    endpoint, body = _many(MAX_IMAGES)[dialect]
+    r = httpx.post(server.url + endpoint, json=body, timeout=30)
+    assert r.status_code == 200, r.text

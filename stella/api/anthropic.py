@@ -33,7 +33,7 @@ from stella.api.ollama_request import Images, check_images
 from stella.api.openapi import Operation, document
 from stella.core import Call, Inference, orphan_result
 from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, StellaError
-from stella.images import check_data, check_media_type, check_url
+from stella.images import Counter, check_data, check_media_type, check_url
 from stella.protocol import (
     MAX_USER_ID,
     CacheTtl,
@@ -541,6 +541,7 @@ def to_chat(req: Prompt) -> ChatRequest:
     results: dict[int, str] = {}
     # The deferred tools the conversation's tool_reference blocks load, by name.
     loaded: dict[str, str] = {}
+    counter = Counter()
     for i, m in enumerate(req.messages):
         check_images(m.images, f"messages[{i}].images")
         empty = not m.content or (
@@ -585,6 +586,7 @@ def to_chat(req: Prompt) -> ChatRequest:
                 texts.append(b.text)
             elif b.type == "image" and m.role == "user":
                 # Read before the message's text, wherever it stood among its blocks.
+                counter.add(f"messages[{i}].content[{j}]")
                 images.append(_image(b, f"messages[{i}].content[{j}]"))
             elif b.type == "tool_use":
                 if any(c.id == b.id for c in calls):
