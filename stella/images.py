@@ -73,8 +73,11 @@ def check_data(data: str, path: str) -> None:
 
 
 def check_media_type(media_type: str, path: str) -> ImageMediaType:
-    """The media type, lower-cased; 400 naming `path` for one no backend takes."""
+    """The media type, lower-cased (`image/jpg`, which clients send, as `image/jpeg`);
+    400 naming `path` for one no backend takes."""
     kind = media_type.strip().lower()
+    if kind == "image/jpg":
+        kind = "image/jpeg"
     if kind not in MEDIA_TYPES:
         raise InvalidRequest(
             f"$.{path}: image type {media_type!r} is not supported: {_MEDIA_TYPES_TEXT}",
@@ -124,6 +127,7 @@ def from_url(url: str, path: str, detail: str | None = None) -> Image:
         kind = check_media_type(media_type, path)
         data = url[comma + 1 :]
         check_data(data, path)
+        check_kind(data, kind, path)
         return Image(data=data, media_type=kind, detail=_detail(detail))
     check_url(url, path)
     return Image(url=url, detail=_detail(detail))
@@ -138,16 +142,44 @@ _MAGIC: tuple[tuple[bytes, ImageMediaType], ...] = (
 )
 
 
-def sniff(data: str, path: str) -> ImageMediaType:
-    """The media type of base64 `data` by its magic bytes (Ollama's images carry none);
-    400 naming `path` for bad base64 or another format."""
-    check_data(data, path)
-    head = binascii.a2b_base64(data[:24])  # 18 bytes: enough for every signature
+_NAMES: dict[str, str] = {
+    "image/png": "PNG",
+    "image/jpeg": "JPEG",
+    "image/gif": "GIF",
+    "image/webp": "WebP",
+}
+
+
+def _kind(data: str) -> ImageMediaType | None:
+    """The media type of base64 `data` (checked) by its magic bytes; None for another."""
+    head = binascii.a2b_base64(data[:16])  # 12 bytes: enough for every signature
     for magic, kind in _MAGIC:
         if head.startswith(magic):
             return kind
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "image/webp"
+    return None
+
+
+def check_kind(data: str, media_type: ImageMediaType, path: str) -> None:
+    """400 naming `path` (where the type was given) unless base64 `data` (checked) starts
+    as a `media_type` file does: Anthropic's API refuses a mismatch, which would else be
+    the upstream's error, not the client's."""
+    kind = _kind(data)
+    if kind != media_type:
+        shown = _NAMES[kind] if kind is not None else "none of PNG, JPEG, GIF or WebP"
+        raise InvalidRequest(
+            f"$.{path}: the image's bytes are {shown}, not {media_type}", param=path
+        )
+
+
+def sniff(data: str, path: str) -> ImageMediaType:
+    """The media type of base64 `data` by its magic bytes (Ollama's images carry none);
+    400 naming `path` for bad base64 or another format."""
+    check_data(data, path)
+    kind = _kind(data)
+    if kind is not None:
+        return kind
     raise InvalidRequest(
         f"$.{path}: not an image stella knows: {_MEDIA_TYPES_TEXT} (by its first bytes)",
         param=path,
@@ -188,6 +220,7 @@ def check_native(messages: Sequence[Message]) -> None:
                     f"$.{path}.media_type: required with data", param=f"{path}.media_type"
                 )
             check_data(image.data or "", f"{path}.data")
+            check_kind(image.data or "", image.media_type, f"{path}.media_type")
 
 
 def first_images(messages: Sequence[Message]) -> tuple[str, str | None, int] | None:

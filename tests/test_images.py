@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from stella.calls import prompt_estimate
-from stella.images import IMAGE_TOKENS, MAX_IMAGES
+from stella.images import IMAGE_TOKENS, MAX_IMAGES, sniff
 from stella.protocol import ChatRequest, Image, Message
 from tests.fakes.anthropic import KEY, FakeAnthropic
 from tests.fakes.ollama import FakeOllama
@@ -583,3 +583,82 @@ def test_a_request_takes_at_most_max_images(upstreams: Upstreams, dialect: str) 
     endpoint, body = _many(MAX_IMAGES)[dialect]
     r = httpx.post(server.url + endpoint, json=body, timeout=30)
     assert r.status_code == 200, r.text
+
+
+# --- a media type its bytes do not match ---------------------------------------------
+
+GIF87 = base64.b64encode(b"GIF87a" + b"\x00" * 20).decode()
+
+
+def _typed(dialect: str, data: str, media_type: str) -> tuple[str, dict[str, Any]]:
+    """A request in `dialect` with one image of `data` said to be `media_type`."""
+    text = {"type": "text", "text": "a"}
+    if dialect == "native":
+        image = {"data": data, "media_type": media_type}
+        return "/api/v1/chat", {"model": "gpt", "stream": False, "messages": [user("a", image)]}
+    if dialect == "anthropic":
+        content = [image_block(data, media_type), text]
+        body = {
+            "model": "sonnet",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": content}],
+        }
+        return "/v1/messages", body
+    part = {"type": "image_url", "image_url": {"url": f"data:{media_type};base64,{data}"}}
+    return "/v1/chat/completions", {
+        "model": "gpt",
+        "messages": [{"role": "user", "content": [part, text]}],
+    }
+
+
+WHERE_TYPED = {
+    "native": "messages[0].images[0].media_type",
+    "anthropic": "messages[0].content[0].source.media_type",
+    "openai": "messages[0].content[0].image_url.url",
+}
+
+
+@pytest.mark.parametrize("dialect", sorted(WHERE_TYPED))
+@pytest.mark.parametrize(
+    ("data", "media_type", "bytes_are"),
+    [
+        (JPEG, "image/png", "JPEG"),
+        (PNG, "image/jpeg", "PNG"),
+        (GIF87, "image/webp", "GIF"),
+        (WEBP, "image/gif", "WebP"),
+        ("AAAAAAAAAAAAAAAAAAAA", "image/png", "none of PNG, JPEG, GIF or WebP"),
+    ],
+)
+def test_an_image_whose_bytes_are_another_type_is_a_400_naming_its_type(
+    upstreams: Upstreams, dialect: str, data: str, media_type: str, bytes_are: str
+) -> None:
+    # Anthropic's API refuses it ("Image does not match the provided media type"): the
+    # client's fault, told as such, never the upstream's 502.
+    claude, gpt, _, server = upstreams
+    sent = len(claude.requests), len(gpt.requests)
+    endpoint, body = _typed(dialect, data, media_type)
+    r = httpx.post(server.url + endpoint, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert (
+        f"$.{WHERE_TYPED[dialect]}: the image's bytes are {bytes_are}, not {media_type}" in r.text
+    )
+    assert (len(claude.requests), len(gpt.requests)) == sent
+
+
+@pytest.mark.parametrize("dialect", ["anthropic", "openai"])
+def test_image_jpg_is_image_jpeg(upstreams: Upstreams, dialect: str) -> None:
+    claude, gpt, _, server = upstreams
+    endpoint, body = _typed(dialect, JPEG, "image/jpg")
+    r = httpx.post(server.url + endpoint, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    if dialect == "anthropic":
+        source = claude.requests[-1]["messages"][0]["content"][0]["source"]
+        assert source["media_type"] == "image/jpeg"
+    else:
+        part = gpt.requests[-1]["messages"][0]["content"][0]
+        assert part["image_url"]["url"] == f"data:image/jpeg;base64,{JPEG}"
+
+
+@pytest.mark.parametrize(("data", "kind"), [(GIF87, "image/gif"), (GIF, "image/gif")])
+def test_both_gif_signatures_are_sniffed(data: str, kind: str) -> None:
+    assert sniff(data, "images[0]") == kind

@@ -33,7 +33,7 @@ from stella.api.ollama_request import Images, check_images
 from stella.api.openapi import Operation, document
 from stella.core import Call, Inference, orphan_result
 from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, StellaError
-from stella.images import Counter, check_data, check_media_type, check_url
+from stella.images import Counter, check_data, check_kind, check_media_type, check_url
 from stella.protocol import (
     MAX_USER_ID,
     CacheTtl,
@@ -420,6 +420,7 @@ def _image(b: Block, path: str) -> Image:
     if src.type == "base64":
         kind = check_media_type(src.media_type or "", f"{path}.source.media_type")
         check_data(src.data or "", f"{path}.source.data")
+        check_kind(src.data or "", kind, f"{path}.source.media_type")
         return Image(data=src.data, media_type=kind)
     if src.type == "url":
         check_url(src.url or "", f"{path}.source.url")
