@@ -662,3 +662,25 @@ def test_image_jpg_is_image_jpeg(upstreams: Upstreams, dialect: str) -> None:
 @pytest.mark.parametrize(("data", "kind"), [(GIF87, "image/gif"), (GIF, "image/gif")])
 def test_both_gif_signatures_are_sniffed(data: str, kind: str) -> None:
     assert sniff(data, "images[0]") == kind
+
+
+@pytest.mark.parametrize(
+    ("dialect", "where"),
+    [("anthropic", "content[0].source.media_type"), ("openai", "content[0].image_url.url")],
+)
+def test_a_400_repeats_at_most_64_characters_of_a_bad_value(
+    upstreams: Upstreams, dialect: str, where: str
+) -> None:
+    # A megabyte media type is not sent back whole in the error.
+    *_, server = upstreams
+    endpoint, body = _typed(dialect, PNG, "image/" + "x" * 1_000_000)
+    r = httpx.post(server.url + endpoint, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert len(r.content) < 1000
+    assert f"$.messages[0].{where}: image type 'image/{'x' * 58}'… is not supported" in r.text
+    block = {"type": "image", "source": {"type": "y" * 1_000_000}}
+    body = {"model": "sonnet", "max_tokens": 5, "messages": [{"role": "user", "content": [block]}]}
+    r = httpx.post(server.url + "/v1/messages", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert len(r.content) < 1000
+    assert f"source.type: '{'y' * 64}'… is not supported" in r.text

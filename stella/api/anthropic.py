@@ -33,7 +33,7 @@ from stella.api.ollama_request import Images, check_images
 from stella.api.openapi import Operation, document
 from stella.core import Call, Inference, orphan_result
 from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, StellaError
-from stella.images import Counter, check_data, check_kind, check_media_type, check_url
+from stella.images import Counter, check_data, check_kind, check_media_type, check_url, shown
 from stella.protocol import (
     MAX_USER_ID,
     CacheTtl,
@@ -407,7 +407,9 @@ def _text(content: str | list[Block] | None, path: str) -> str:
 def _block_text(b: Block, path: str) -> str:
     """A text block's text; another block is refused by its path."""
     if b.type != "text":
-        raise InvalidRequest(f"$.{path}.type: {b.type!r} is not supported", param=f"{path}.type")
+        raise InvalidRequest(
+            f"$.{path}.type: {shown(b.type)} is not supported", param=f"{path}.type"
+        )
     return b.text
 
 
@@ -426,7 +428,7 @@ def _image(b: Block, path: str) -> Image:
         check_url(src.url or "", f"{path}.source.url")
         return Image(url=src.url)
     raise InvalidRequest(
-        f"$.{path}.source.type: {src.type!r} is not supported: base64 or url "
+        f"$.{path}.source.type: {shown(src.type)} is not supported: base64 or url "
         "(stella stores no files)",
         param=f"{path}.source.type",
     )
@@ -610,7 +612,7 @@ def to_chat(req: Prompt) -> ChatRequest:
                 continue
             else:
                 raise InvalidRequest(
-                    f"$.messages[{i}].content[{j}].type: {b.type!r} is not supported",
+                    f"$.messages[{i}].content[{j}].type: {shown(b.type)} is not supported",
                     param=f"messages[{i}].content[{j}].type",
                 )
         if texts or calls or images:
