@@ -73,6 +73,13 @@ def upstreams() -> Iterator[Upstreams]:
                         "fallbacks": ["gpt-urls"],
                     },
                     "blind": {"backend": "echo", "fallbacks": ["echo"]},
+                    # A reader that fails, a text-only fallback behind it.
+                    "failing-eyes": {
+                        "backend": "gpt",
+                        "upstream_model": "status-500",
+                        "retries": 0,
+                        "fallbacks": ["echo"],
+                    },
                 }
             },
             "log": {"content": True},
@@ -221,6 +228,26 @@ def test_a_text_only_route_falls_back_to_one_that_reads_images(upstreams: Upstre
     assert event["images"] == 1
 
 
+def test_a_text_only_fallback_never_answers_for_a_reader_that_failed(
+    upstreams: Upstreams,
+) -> None:
+    # Its answer would read as one about images it never saw: the reader's error stands.
+    _, gpt, _, server = upstreams
+    asked = len(gpt.requests)
+    r = native(
+        server, "failing-eyes", user("what is this?", {"data": PNG, "media_type": "image/png"})
+    )
+    assert r.status_code >= 500, r.text
+    assert len(gpt.requests) == asked + 1
+    rid = r.headers["x-request-id"]
+    event = server.wait_event(lambda e: e.get("request_id") == rid)
+    assert [a["backend"] for a in event["attempts"]] == ["gpt"]
+    # Without images the fallback answers as before.
+    r = native(server, "failing-eyes", {"role": "user", "content": "hi"})
+    assert r.status_code == 200, r.text
+    assert r.json()["backend"] == "echo"
+
+
 @pytest.mark.parametrize(
     ("image", "path", "why"),
     [
@@ -299,6 +326,10 @@ def test_an_image_counts_a_fixed_number_of_tokens_in_the_estimate() -> None:
     )
     assert prompt_estimate(ChatRequest(messages=[text])) == 100
     assert prompt_estimate(ChatRequest(messages=[with_images])) == 100 + 2 * IMAGE_TOKENS
+    # Every message's images count, not the last one's alone.
+    one = Message(role="user", content="x" * 400, images=[Image(url=URL)])
+    messages = [with_images, Message(role="assistant", content=""), one, text]
+    assert prompt_estimate(ChatRequest(messages=messages)) == 300 + 3 * IMAGE_TOKENS
 
 
 # Used by the dialects' tests below.
