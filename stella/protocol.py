@@ -76,7 +76,8 @@ class Image(Strict):
             str,
             Meta(
                 description="an http or https URL the backend fetches the image from "
-                "(OpenAI-compatible and Anthropic backends; an Ollama one takes only data)"
+                "(Anthropic backends, and OpenAI-compatible ones set to: `image_urls`; an "
+                "Ollama one takes only data)"
             ),
         ]
         | None
@@ -111,8 +112,9 @@ class Message(Strict):
         Annotated[
             list[Image],
             Meta(
-                description="a user message's images, read before its text; a route whose "
-                "backend reads text only (the embedded engine, echo) answers 400"
+                description="a user message's images, read before its text (at most 600 in a "
+                "request, all messages together); a route whose backend reads text only (the "
+                "embedded engine, echo) answers 400"
             ),
         ]
         | None

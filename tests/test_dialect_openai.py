@@ -801,7 +801,8 @@ def fake_upstream() -> Iterator[tuple[LiveServer, FakeOpenAI]]:
     with serve(up.app) as up_url:
         config = {
             "backends": {
-                "up": {"kind": "openai", "base_url": up_url + "/v1"},
+                # Sent images by URL too (off by default, for a self-hosted upstream).
+                "up": {"kind": "openai", "base_url": up_url + "/v1", "image_urls": True},
                 "o": {
                     "kind": "openai",
                     "base_url": up_url + "/v1",

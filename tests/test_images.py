@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from stella.calls import prompt_estimate
-from stella.images import IMAGE_TOKENS
+from stella.images import IMAGE_TOKENS, MAX_IMAGES, sniff
 from stella.protocol import ChatRequest, Image, Message
 from tests.fakes.anthropic import KEY, FakeAnthropic
 from tests.fakes.ollama import FakeOllama
@@ -47,12 +47,22 @@ def upstreams() -> Iterator[Upstreams]:
             "backends": {
                 "claude": {"kind": "anthropic", "base_url": claude_url, "api_key_env": "CK"},
                 "gpt": {"kind": "openai", "base_url": gpt_url + "/v1"},
+                # The same upstream, which may fetch images by URL.
+                "gpt-urls": {"kind": "openai", "base_url": gpt_url + "/v1", "image_urls": True},
+                "claude-data": {
+                    "kind": "anthropic",
+                    "base_url": claude_url,
+                    "api_key_env": "CK",
+                    "image_urls": False,
+                },
                 "llama": {"kind": "ollama", "base_url": llama_url},
             },
             "models": {
                 "routes": {
                     "sonnet": {"backend": "claude", "upstream_model": "claude-ok"},
                     "gpt": {"backend": "gpt", "upstream_model": "ok"},
+                    "gpt-urls": {"backend": "gpt-urls", "upstream_model": "ok"},
+                    "sonnet-data": {"backend": "claude-data", "upstream_model": "claude-ok"},
                     "llama": {"backend": "llama", "upstream_model": "llama3"},
                     # Text only first, a reader behind it: the reader answers.
                     "seeing": {"backend": "echo", "fallbacks": ["gpt"]},
@@ -60,9 +70,16 @@ def upstreams() -> Iterator[Upstreams]:
                     "local-eyes": {
                         "backend": "llama",
                         "upstream_model": "llama3",
-                        "fallbacks": ["gpt"],
+                        "fallbacks": ["gpt-urls"],
                     },
                     "blind": {"backend": "echo", "fallbacks": ["echo"]},
+                    # A reader that fails, a text-only fallback behind it.
+                    "failing-eyes": {
+                        "backend": "gpt",
+                        "upstream_model": "status-500",
+                        "retries": 0,
+                        "fallbacks": ["echo"],
+                    },
                 }
             },
             "log": {"content": True},
@@ -86,7 +103,7 @@ def test_an_openai_compatible_upstream_gets_image_url_parts_before_the_text(
     _, gpt, _, server = upstreams
     r = native(
         server,
-        "gpt",
+        "gpt-urls",
         {"role": "system", "content": "be brief"},
         user(
             "what is this?", {"data": PNG, "media_type": "image/png"}, {"url": URL, "detail": "low"}
@@ -156,6 +173,29 @@ def test_an_ollama_upstream_gets_base64_and_a_url_is_refused_by_path(
     assert len(llama.requests) == sent and len(gpt.requests) == asked + 1
 
 
+@pytest.mark.parametrize("model", ["gpt", "sonnet-data"])
+def test_an_image_by_url_reaches_no_backend_whose_image_urls_is_off(
+    upstreams: Upstreams, model: str
+) -> None:
+    # An OpenAI-compatible server may be self-hosted and fetch the URL inside the
+    # operator's network (cloud metadata, admin ports): by default it gets none.
+    claude, gpt, _, server = upstreams
+    sent = len(claude.requests), len(gpt.requests)
+    metadata = {"url": "http://169.254.169.254/latest/meta-data/"}
+    r = native(
+        server, model, user("what is this?", {"data": PNG, "media_type": "image/png"}, metadata)
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == (
+        f"$.messages[0].images[1].url: model {model!r} takes images only as data, not by URL "
+        "(stella fetches no URL itself)"
+    )
+    assert (len(claude.requests), len(gpt.requests)) == sent
+    # Images as data still go.
+    r = native(server, model, user("what is this?", {"data": PNG, "media_type": "image/png"}))
+    assert r.status_code == 200, r.text
+
+
 def test_a_text_only_route_answers_400_naming_the_image(upstreams: Upstreams) -> None:
     *_, server = upstreams
     for model in ("echo", "blind"):
@@ -188,16 +228,50 @@ def test_a_text_only_route_falls_back_to_one_that_reads_images(upstreams: Upstre
     assert event["images"] == 1
 
 
+def test_a_text_only_fallback_never_answers_for_a_reader_that_failed(
+    upstreams: Upstreams,
+) -> None:
+    # Its answer would read as one about images it never saw: the reader's error stands.
+    _, gpt, _, server = upstreams
+    asked = len(gpt.requests)
+    r = native(
+        server, "failing-eyes", user("what is this?", {"data": PNG, "media_type": "image/png"})
+    )
+    assert r.status_code >= 500, r.text
+    assert len(gpt.requests) == asked + 1
+    rid = r.headers["x-request-id"]
+    event = server.wait_event(lambda e: e.get("request_id") == rid)
+    assert [a["backend"] for a in event["attempts"]] == ["gpt"]
+    # Without images the fallback answers as before.
+    r = native(server, "failing-eyes", {"role": "user", "content": "hi"})
+    assert r.status_code == 200, r.text
+    assert r.json()["backend"] == "echo"
+
+
 @pytest.mark.parametrize(
     ("image", "path", "why"),
     [
         ({"data": "not base64!", "media_type": "image/png"}, ".data", "not valid base64"),
         ({"data": "iVBORw0KGgo", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "iVBO=w0K", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "iVBORw0K===", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "iVBORw0K====", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "iVBORw0\u00e9", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "iVBO\nRw0K", "media_type": "image/png"}, ".data", "not valid base64"),
+        ({"data": "iVBO-w0K", "media_type": "image/png"}, ".data", "not valid base64"),
         ({"data": "", "media_type": "image/png"}, ".data", "must not be empty"),
         ({"data": PNG}, ".media_type", "required with data"),
         ({"data": PNG, "media_type": "image/bmp"}, ".media_type", "Invalid enum value"),
         ({"url": "ftp://example.com/a.png"}, ".url", "http or https"),
         ({"url": "file:///etc/passwd"}, ".url", "http or https"),
+        ({"url": "http:///a.png"}, ".url", "http or https"),  # no host
+        # Whitespace or a control character, which urlsplit strips or keeps.
+        ({"url": "http://a b/x.png"}, ".url", "http or https"),
+        ({"url": "http://a/x\n.png"}, ".url", "http or https"),
+        ({"url": " http://a/x.png"}, ".url", "http or https"),
+        ({"url": "http://a/x.png\t"}, ".url", "http or https"),
+        ({"url": "http://a/\x00x.png"}, ".url", "http or https"),
+        ({"url": "http://a/\x85x.png"}, ".url", "http or https"),
         ({"url": URL, "media_type": "image/png"}, ".media_type", "only with data"),
         ({"url": URL, "data": PNG, "media_type": "image/png"}, "", "exactly one of"),
         ({}, "", "exactly one of"),
@@ -208,7 +282,7 @@ def test_a_bad_image_is_a_400_naming_its_path(
     upstreams: Upstreams, image: dict[str, Any], path: str, why: str
 ) -> None:
     *_, server = upstreams
-    r = native(server, "gpt", user("a", {"data": PNG, "media_type": "image/png"}, image))
+    r = native(server, "gpt-urls", user("a", {"data": PNG, "media_type": "image/png"}, image))
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
     assert why in message
@@ -252,6 +326,10 @@ def test_an_image_counts_a_fixed_number_of_tokens_in_the_estimate() -> None:
     )
     assert prompt_estimate(ChatRequest(messages=[text])) == 100
     assert prompt_estimate(ChatRequest(messages=[with_images])) == 100 + 2 * IMAGE_TOKENS
+    # Every message's images count, not the last one's alone.
+    one = Message(role="user", content="x" * 400, images=[Image(url=URL)])
+    messages = [with_images, Message(role="assistant", content=""), one, text]
+    assert prompt_estimate(ChatRequest(messages=messages)) == 300 + 3 * IMAGE_TOKENS
 
 
 # Used by the dialects' tests below.
@@ -458,3 +536,182 @@ def test_responses_input_image_parts_reach_the_upstream(upstreams: Upstreams) ->
     ]
     with pytest.raises(openai.BadRequestError, match="reads text only"):
         c.responses.create(model="echo", input=[{"role": "user", "content": content}])  # type: ignore[list-item,misc]
+
+
+# --- the cap on images in a request -----------------------------------------------------
+
+
+def _many(n: int) -> dict[str, tuple[str, dict[str, Any]]]:
+    """A request of `n` images in each dialect: its endpoint and body."""
+    data_url = f"data:image/png;base64,{PNG}"
+    parts = [{"type": "image_url", "image_url": {"url": data_url}}] * n
+    blocks = [image_block()] * n
+    inputs = [{"type": "input_image", "image_url": data_url}] * n
+    return {
+        "native": (
+            "/api/v1/chat",
+            {
+                "model": "gpt",
+                "stream": False,
+                "messages": [user("a", *[{"data": PNG, "media_type": "image/png"}] * n)],
+            },
+        ),
+        "openai": (
+            "/v1/chat/completions",
+            {
+                "model": "gpt",
+                "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "a"}]}],
+            },
+        ),
+        "responses": (
+            "/v1/responses",
+            {
+                "model": "gpt",
+                "input": [
+                    {"role": "user", "content": [*inputs, {"type": "input_text", "text": "a"}]}
+                ],
+            },
+        ),
+        "anthropic": (
+            "/v1/messages",
+            {
+                "model": "sonnet",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": [*blocks, {"type": "text", "text": "a"}]}],
+            },
+        ),
+        "ollama": (
+            "/api/chat",
+            {
+                "model": "gpt",
+                "stream": False,
+                "messages": [{"role": "user", "content": "a", "images": [PNG] * n}],
+            },
+        ),
+    }
+
+
+# The first image past the cap, by each dialect's path.
+PAST_CAP = {
+    "native": "messages[0].images[600]",
+    "openai": "messages[0].content[600].image_url",
+    "responses": "input[0].content[600]",
+    "anthropic": "messages[0].content[600]",
+    "ollama": "messages[0].images[600]",
+}
+
+
+@pytest.mark.parametrize("dialect", sorted(PAST_CAP))
+def test_a_request_takes_at_most_max_images(upstreams: Upstreams, dialect: str) -> None:
+    # A cap bounds what one request's checks cost the event loop (each image is looked
+    # at); at it, Anthropic's documented most for a request, the request goes on.
+    *_, server = upstreams
+    assert MAX_IMAGES == 600
+    endpoint, body = _many(MAX_IMAGES + 1)[dialect]
+    r = httpx.post(server.url + endpoint, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert f"$.{PAST_CAP[dialect]}: too many images: at most 600 in a request" in r.text
+    endpoint, body = _many(MAX_IMAGES)[dialect]
+    r = httpx.post(server.url + endpoint, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+# --- a media type its bytes do not match ---------------------------------------------
+
+GIF87 = base64.b64encode(b"GIF87a" + b"\x00" * 20).decode()
+
+
+def _typed(dialect: str, data: str, media_type: str) -> tuple[str, dict[str, Any]]:
+    """A request in `dialect` with one image of `data` said to be `media_type`."""
+    text = {"type": "text", "text": "a"}
+    if dialect == "native":
+        image = {"data": data, "media_type": media_type}
+        return "/api/v1/chat", {"model": "gpt", "stream": False, "messages": [user("a", image)]}
+    if dialect == "anthropic":
+        content = [image_block(data, media_type), text]
+        body = {
+            "model": "sonnet",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": content}],
+        }
+        return "/v1/messages", body
+    part = {"type": "image_url", "image_url": {"url": f"data:{media_type};base64,{data}"}}
+    return "/v1/chat/completions", {
+        "model": "gpt",
+        "messages": [{"role": "user", "content": [part, text]}],
+    }
+
+
+WHERE_TYPED = {
+    "native": "messages[0].images[0].media_type",
+    "anthropic": "messages[0].content[0].source.media_type",
+    "openai": "messages[0].content[0].image_url.url",
+}
+
+
+@pytest.mark.parametrize("dialect", sorted(WHERE_TYPED))
+@pytest.mark.parametrize(
+    ("data", "media_type", "bytes_are"),
+    [
+        (JPEG, "image/png", "JPEG"),
+        (PNG, "image/jpeg", "PNG"),
+        (GIF87, "image/webp", "GIF"),
+        (WEBP, "image/gif", "WebP"),
+        ("AAAAAAAAAAAAAAAAAAAA", "image/png", "none of PNG, JPEG, GIF or WebP"),
+    ],
+)
+def test_an_image_whose_bytes_are_another_type_is_a_400_naming_its_type(
+    upstreams: Upstreams, dialect: str, data: str, media_type: str, bytes_are: str
+) -> None:
+    # Anthropic's API refuses it ("Image does not match the provided media type"): the
+    # client's fault, told as such, never the upstream's 502.
+    claude, gpt, _, server = upstreams
+    sent = len(claude.requests), len(gpt.requests)
+    endpoint, body = _typed(dialect, data, media_type)
+    r = httpx.post(server.url + endpoint, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert (
+        f"$.{WHERE_TYPED[dialect]}: the image's bytes are {bytes_are}, not {media_type}" in r.text
+    )
+    assert (len(claude.requests), len(gpt.requests)) == sent
+
+
+@pytest.mark.parametrize("dialect", ["anthropic", "openai"])
+def test_image_jpg_is_image_jpeg(upstreams: Upstreams, dialect: str) -> None:
+    claude, gpt, _, server = upstreams
+    endpoint, body = _typed(dialect, JPEG, "image/jpg")
+    r = httpx.post(server.url + endpoint, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    if dialect == "anthropic":
+        source = claude.requests[-1]["messages"][0]["content"][0]["source"]
+        assert source["media_type"] == "image/jpeg"
+    else:
+        part = gpt.requests[-1]["messages"][0]["content"][0]
+        assert part["image_url"]["url"] == f"data:image/jpeg;base64,{JPEG}"
+
+
+@pytest.mark.parametrize(("data", "kind"), [(GIF87, "image/gif"), (GIF, "image/gif")])
+def test_both_gif_signatures_are_sniffed(data: str, kind: str) -> None:
+    assert sniff(data, "images[0]") == kind
+
+
+@pytest.mark.parametrize(
+    ("dialect", "where"),
+    [("anthropic", "content[0].source.media_type"), ("openai", "content[0].image_url.url")],
+)
+def test_a_400_repeats_at_most_64_characters_of_a_bad_value(
+    upstreams: Upstreams, dialect: str, where: str
+) -> None:
+    # A megabyte media type is not sent back whole in the error.
+    *_, server = upstreams
+    endpoint, body = _typed(dialect, PNG, "image/" + "x" * 1_000_000)
+    r = httpx.post(server.url + endpoint, json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert len(r.content) < 1000
+    assert f"$.messages[0].{where}: image type 'image/{'x' * 58}'… is not supported" in r.text
+    block = {"type": "image", "source": {"type": "y" * 1_000_000}}
+    body = {"model": "sonnet", "max_tokens": 5, "messages": [{"role": "user", "content": [block]}]}
+    r = httpx.post(server.url + "/v1/messages", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert len(r.content) < 1000
+    assert f"source.type: '{'y' * 64}'… is not supported" in r.text

@@ -33,7 +33,7 @@ from stella.api.ollama_request import Images, check_images
 from stella.api.openapi import Operation, document
 from stella.core import Call, Inference, orphan_result
 from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, StellaError
-from stella.images import check_data, check_media_type, check_url
+from stella.images import Counter, check_data, check_kind, check_media_type, check_url, shown
 from stella.protocol import (
     MAX_USER_ID,
     CacheTtl,
@@ -407,7 +407,9 @@ def _text(content: str | list[Block] | None, path: str) -> str:
 def _block_text(b: Block, path: str) -> str:
     """A text block's text; another block is refused by its path."""
     if b.type != "text":
-        raise InvalidRequest(f"$.{path}.type: {b.type!r} is not supported", param=f"{path}.type")
+        raise InvalidRequest(
+            f"$.{path}.type: {shown(b.type)} is not supported", param=f"{path}.type"
+        )
     return b.text
 
 
@@ -420,12 +422,13 @@ def _image(b: Block, path: str) -> Image:
     if src.type == "base64":
         kind = check_media_type(src.media_type or "", f"{path}.source.media_type")
         check_data(src.data or "", f"{path}.source.data")
+        check_kind(src.data or "", kind, f"{path}.source.media_type")
         return Image(data=src.data, media_type=kind)
     if src.type == "url":
         check_url(src.url or "", f"{path}.source.url")
         return Image(url=src.url)
     raise InvalidRequest(
-        f"$.{path}.source.type: {src.type!r} is not supported: base64 or url "
+        f"$.{path}.source.type: {shown(src.type)} is not supported: base64 or url "
         "(stella stores no files)",
         param=f"{path}.source.type",
     )
@@ -541,6 +544,7 @@ def to_chat(req: Prompt) -> ChatRequest:
     results: dict[int, str] = {}
     # The deferred tools the conversation's tool_reference blocks load, by name.
     loaded: dict[str, str] = {}
+    counter = Counter()
     for i, m in enumerate(req.messages):
         check_images(m.images, f"messages[{i}].images")
         empty = not m.content or (
@@ -585,6 +589,7 @@ def to_chat(req: Prompt) -> ChatRequest:
                 texts.append(b.text)
             elif b.type == "image" and m.role == "user":
                 # Read before the message's text, wherever it stood among its blocks.
+                counter.add(f"messages[{i}].content[{j}]")
                 images.append(_image(b, f"messages[{i}].content[{j}]"))
             elif b.type == "tool_use":
                 if any(c.id == b.id for c in calls):
@@ -607,7 +612,7 @@ def to_chat(req: Prompt) -> ChatRequest:
                 continue
             else:
                 raise InvalidRequest(
-                    f"$.messages[{i}].content[{j}].type: {b.type!r} is not supported",
+                    f"$.messages[{i}].content[{j}].type: {shown(b.type)} is not supported",
                     param=f"messages[{i}].content[{j}].type",
                 )
         if texts or calls or images:

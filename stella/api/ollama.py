@@ -47,6 +47,7 @@ from stella.api.ollama_request import (
 from stella.api.openapi import Operation, document
 from stella.core import MAX_MODEL_NAME, Call, Inference
 from stella.errors import Forbidden, InvalidRequest, ModelNotFound, StellaError
+from stella.images import Counter
 from stella.protocol import (
     ChatRequest,
     Done,
@@ -407,7 +408,7 @@ async def generate(request: Request, call: Call) -> Reply:
     req: OllamaGenerate = _decode(
         await read_body(request, services(request).settings.server.max_body_bytes), _generate
     )
-    images = images_of(req.images, "images")
+    images = images_of(req.images, "images", Counter())
     _check_keep_alive(req.keep_alive)
     check_logprobs(req.logprobs, req.top_logprobs)
     _check_insert(req)

@@ -8,7 +8,7 @@ import msgspec
 from msgspec import Meta
 
 from stella.errors import InvalidRequest
-from stella.images import sniff
+from stella.images import Counter, sniff
 from stella.protocol import (
     FunctionCall,
     Image,
@@ -48,17 +48,22 @@ OllamaImages = Annotated[
 ]
 
 
-def images_of(images: list[str] | None, where: str, role: str = "user") -> list[Image] | None:
+def images_of(
+    images: list[str] | None, where: str, counter: Counter, role: str = "user"
+) -> list[Image] | None:
     """Ollama's `images` as the native images, each one's type told by its first bytes
     (Ollama's carry none); a 400 naming the image for bad base64 or another format, and
-    naming `where` for images on a message that is not a user's. None for none."""
+    naming `where` for images on a message that is not a user's, or naming the first
+    past the request's cap (`counter`). None for none."""
     if not images:
         return None
     if role != "user":
         raise InvalidRequest(f"$.{where}: only a user message's images are taken", param=where)
-    return [
-        Image(data=data, media_type=sniff(data, f"{where}[{j}]")) for j, data in enumerate(images)
-    ]
+    out = []
+    for j, data in enumerate(images):
+        counter.add(f"{where}[{j}]")
+        out.append(Image(data=data, media_type=sniff(data, f"{where}[{j}]")))
+    return out
 
 
 class OllamaOptions(msgspec.Struct):
@@ -234,10 +239,11 @@ def to_format(fmt: Any) -> dict[str, Any] | None:
 def to_messages(req: OllamaChat) -> list[Message]:
     """The chat's messages as stella's; 400 for unknown roles and bad images."""
     messages = []
+    counter = Counter()
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
             raise InvalidRequest(f"$.messages[{i}].role: {m.role!r} is not one of {sorted(ROLES)}")
-        images = images_of(m.images, f"messages[{i}].images", m.role)
+        images = images_of(m.images, f"messages[{i}].images", counter, m.role)
         calls = (
             [
                 ToolCallRef(

@@ -13,7 +13,7 @@ import msgspec
 
 from stella.api.ollama_request import Images, check_images
 from stella.errors import InvalidRequest
-from stella.images import from_url
+from stella.images import Counter, from_url
 from stella.protocol import (
     ChatRequest,
     FunctionCall,
@@ -185,9 +185,10 @@ def _text(
     return "\n".join(texts)
 
 
-def _images(content: list[ChatPart], where: str) -> list[Image] | None:
+def _images(content: list[ChatPart], where: str, counter: Counter) -> list[Image] | None:
     """A user message's `image_url` parts as images (None when it has none): a data URL
-    as its data and media type, an http(s) URL as it is; a 400 naming the part else."""
+    as its data and media type, an http(s) URL as it is; a 400 naming the part else, or
+    the first past the request's cap (`counter`)."""
     images = None
     for i, part in enumerate(content):
         if part.type != "image_url":
@@ -195,6 +196,7 @@ def _images(content: list[ChatPart], where: str) -> list[Image] | None:
         at = f"{where}[{i}].image_url"
         if part.image_url is None:
             raise InvalidRequest(f"$.{at}: required", param=at)
+        counter.add(at)
         image = from_url(part.image_url.url, f"{at}.url", part.image_url.detail)
         if images is None:
             images = []
@@ -372,6 +374,7 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
     if req.audio is not None:
         raise InvalidRequest("$.audio: audio output is not supported (text only)", param="audio")
     messages = []
+    counter = Counter()
     for i, m in enumerate(req.messages):
         if m.audio is not None:
             # Dropped, the turn would reach the model empty (or not at all, upstream).
@@ -404,7 +407,7 @@ def to_chat(req: ChatCompletionRequest) -> ChatRequest:
         where = f"messages[{i}].content"
         images = None
         if m.role == "user" and type(m.content) is list:
-            images = _images(m.content, where)
+            images = _images(m.content, where, counter)
         text = _text(m.content, where, m.role == "assistant", images is not None)
         if m.role == "assistant" and m.refusal:
             # An answer that was a refusal is that turn's text: left out, the model would

@@ -18,7 +18,7 @@ import msgspec
 from stella.api.openai_request import Part, check_user
 from stella.api.responses_tools import ToolSet
 from stella.errors import InvalidRequest
-from stella.images import from_url
+from stella.images import Counter, from_url
 from stella.protocol import (
     ChatRequest,
     FunctionCall,
@@ -162,10 +162,11 @@ def _text(
     return "\n".join(texts)
 
 
-def _images(content: list[InputPart], where: str) -> list[Image] | None:
+def _images(content: list[InputPart], where: str, counter: Counter) -> list[Image] | None:
     """A user message's input_image parts as images (None: it has none): `image_url` a
     data URL (as data and media type) or an http(s) URL; a `file_id` is a 400, as nothing
-    is stored here; a bad one a 400 naming its path."""
+    is stored here; a bad one a 400 naming its path, as is the first past the request's
+    cap (`counter`)."""
     images = None
     for j, part in enumerate(content):
         if part.type != "input_image":
@@ -179,6 +180,7 @@ def _images(content: list[InputPart], where: str) -> list[Image] | None:
             )
             raise InvalidRequest(f"$.{at}.image_url: {why}", param=f"{at}.image_url")
         # A detail the native image lacks (`original`) is the upstream's default.
+        counter.add(at)
         image = from_url(part.image_url, f"{at}.image_url", part.detail)
         if images is None:
             images = []
@@ -231,6 +233,7 @@ def _messages(req: ResponsesRequest, tools: ToolSet) -> list[Message]:
         return messages
     # The call_ids of the call items so far: an output answers one of them.
     called: set[str] = set()
+    counter = Counter()
     for i, item in enumerate(req.input or ()):
         kind = item.type or ("message" if item.role else None)
         where = f"input[{i}]"
@@ -244,7 +247,7 @@ def _messages(req: ResponsesRequest, tools: ToolSet) -> list[Message]:
                 )
             images = None
             if role == "user" and type(item.content) is list:
-                images = _images(item.content, f"{where}.content")
+                images = _images(item.content, f"{where}.content", counter)
             text = _text(item.content, f"{where}.content", role == "assistant", images is not None)
             messages.append(Message(role=role, content=text, images=images))
         elif kind in _CALLS:

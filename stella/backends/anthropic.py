@@ -76,6 +76,10 @@ class AnthropicConfig(HttpConfig, kw_only=True):
     anthropic_version: str = "2023-06-01"
     # The API requires one (1 or more); used when a request sets none.
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    # Send images given by http(s) URL on (url sources). On by default: Anthropic's API
+    # fetches them on its own infrastructure, outside the operator's network; turn it off
+    # for a base_url that is a proxy or server of the operator's own that would fetch them.
+    image_urls: bool = True
 
 
 class _Block(msgspec.Struct):
@@ -247,6 +251,7 @@ class AnthropicBackend(HttpBackend):
     def __init__(self, name: str, config: AnthropicConfig) -> None:
         super().__init__(name, config)
         self.cfg = config
+        self.reads_image_urls = config.image_urls
 
     def auth_headers(self) -> dict[str, str]:
         """x-api-key and anthropic-version."""

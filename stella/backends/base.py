@@ -210,9 +210,12 @@ class Backend:
     # (Message.images); a request with images is never sent to one that would drop them:
     # the pipeline tries a fallback that reads them, else answers 400.
     reads_images: ClassVar[bool] = False
-    # False when its API takes images only as data (Ollama's): an image by URL is not
-    # sent there, as stella fetches no URL itself.
-    reads_image_urls: ClassVar[bool] = True
+    # False when an image by URL is not sent there, as stella fetches no URL itself: its
+    # API takes images only as data (Ollama's), or the operator keeps its upstream from
+    # fetching addresses a client chose (`image_urls`, per backend: a self-hosted server
+    # would fetch them from inside the operator's network). An attribute, not a ClassVar:
+    # a backend may set it from its config.
+    reads_image_urls: bool = True
 
     def __init__(self, name: str, config: BackendConfig) -> None:
         self.name = name

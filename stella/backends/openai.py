@@ -68,6 +68,11 @@ class OpenAIConfig(HttpConfig, kw_only=True):
     # The name the token limit goes under: OpenAI's reasoning models (o-series, gpt-5)
     # refuse max_tokens; some older compatible servers know no other.
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # Send images given by http(s) URL on, for the upstream to fetch. Off by default: a
+    # self-hosted server (vLLM, llama.cpp) fetches them from inside the operator's
+    # network, so a client could have it ask internal addresses (cloud metadata, admin
+    # ports); with it off such an image is a 400, or goes to a fallback that takes it.
+    image_urls: bool = False
 
 
 class _Fn(msgspec.Struct):
@@ -214,6 +219,7 @@ class OpenAIBackend(HttpBackend):
     def __init__(self, name: str, config: OpenAIConfig) -> None:
         super().__init__(name, config)
         self.cfg = config
+        self.reads_image_urls = config.image_urls
         self.chat_url = self.base_url + "/chat/completions"
 
     def capabilities(self, upstream_model: str) -> list[str]:
