@@ -40,7 +40,7 @@ from stella.errors import (
     waited_out,
     whole_seconds,
 )
-from stella.images import first_images
+from stella.images import ImagesSeen, first_images
 from stella.logs import mask
 from stella.protocol import (
     AssistantMessage,
@@ -201,7 +201,7 @@ class Pipeline:
         inference = Inference(self, route, chain, request, call, permit, waited)
         inference.skip_first = "" if not skip else "text_only" if text_only else "circuit_open"
         if images is not None:
-            inference.images = images[2]
+            inference.images = images.total
         inference.backend_held = not skip
         self.active.add(inference)
         return inference
@@ -484,25 +484,22 @@ class Inference:
         untried: list[str] = []
         try:
             for route in self.chain:
-                if route is self.route and self.skip_first == "text_only":
-                    # Never sent: the answer would be one made without the images.
-                    self.attempts.append(
-                        {"backend": route.backend_name, "route": route.name, "error": "text_only"}
-                    )
-                    continue
                 if route is self.route and self.skip_first:
+                    # Never sent: its circuit is open, or (text_only) its answer would be
+                    # one made without the request's images.
                     self.attempts.append(
                         {
                             "backend": route.backend_name,
                             "route": route.name,
-                            "error": "circuit_open",
+                            "error": self.skip_first,
                         }
                     )
-                    wait = router.breaker(route.backend_name).retry_after()
-                    soonest = min(soonest, time.perf_counter() + wait)
-                    last = Unavailable(
-                        f"backend {route.backend_name!r}: circuit open", retry_after=wait
-                    )
+                    if self.skip_first == "circuit_open":
+                        wait = router.breaker(route.backend_name).retry_after()
+                        soonest = min(soonest, time.perf_counter() + wait)
+                        last = Unavailable(
+                            f"backend {route.backend_name!r}: circuit open", retry_after=wait
+                        )
                     continue
                 rs = route.settings
                 start = self.t0
@@ -1214,21 +1211,19 @@ def _logged_message(m: Message) -> dict[str, Any]:
     return logged
 
 
-def _reads(route: Route, images: tuple[str, str | None, int]) -> bool:
+def _reads(route: Route, images: ImagesSeen) -> bool:
     """Whether `route`'s backend reads the request's images (by URL too, if any is)."""
     backend = route.backend
-    return backend.reads_images and (images[1] is None or backend.reads_image_urls)
+    return backend.reads_images and (images.by_url is None or backend.reads_image_urls)
 
 
-def _image_readers(
-    route: Route, chain: list[Route], images: tuple[str, str | None, int]
-) -> list[Route]:
+def _image_readers(route: Route, chain: list[Route], images: ImagesSeen) -> list[Route]:
     """`chain` without the fallbacks that cannot read the request's images (the asked
     route kept first, to be skipped); a 400 naming the first image when none can."""
     readers = [r for r in chain if r is route or _reads(r, images)]
     if len(readers) > 1 or _reads(route, images):
         return readers
-    first, by_url, _ = images
+    first, by_url = images.first, images.by_url
     if by_url is not None and any(r.backend.reads_images for r in chain):
         raise InvalidRequest(
             f"$.{by_url}.url: model {route.name!r} takes images only as data, not by URL "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import binascii
 import re
 from collections.abc import Sequence
-from typing import cast, get_args
+from typing import NamedTuple, cast, get_args
 from urllib.parse import urlsplit
 
 from stella.errors import InvalidRequest
@@ -234,9 +234,16 @@ def check_native(messages: Sequence[Message]) -> None:
             check_kind(image.data or "", image.media_type, f"{path}.media_type")
 
 
-def first_images(messages: Sequence[Message]) -> tuple[str, str | None, int] | None:
-    """The path of the request's first image, of its first image by URL (None when
-    all are data), and how many there are; None for a request without images."""
+class ImagesSeen(NamedTuple):
+    """Where a request's images are, as routing needs to know."""
+
+    first: str  # the path of its first image
+    by_url: str | None  # the path of its first image by URL (None: all are data)
+    total: int  # how many there are
+
+
+def first_images(messages: Sequence[Message]) -> ImagesSeen | None:
+    """Where the request's images are; None for a request without images."""
     first: str | None = None
     by_url: str | None = None
     count = 0
@@ -252,4 +259,4 @@ def first_images(messages: Sequence[Message]) -> tuple[str, str | None, int] | N
                 if image.url is not None:
                     by_url = f"messages[{i}].images[{j}]"
                     break
-    return None if first is None else (first, by_url, count)
+    return None if first is None else ImagesSeen(first, by_url, count)
