@@ -187,9 +187,26 @@ class AOutputConfig(msgspec.Struct):
     effort: str | None = None
 
 
+class AThinking(msgspec.Struct):
+    """thinking: whether the answer shows the model's thinking. No backend is asked to
+    think by it (a reasoning model behind an OpenAI-compatible or Ollama upstream reasons
+    as its upstream has it); what such a model thinks comes back as thinking blocks when
+    `type` is not "disabled" and `display` is not "omitted"."""
+
+    # Taken as any string ("enabled", "adaptive", "between_tools", ...): the API adds kinds.
+    type: str
+    budget_tokens: int | None = None
+    display: str | None = None
+
+
+def _shows_thinking(thinking: AThinking | None) -> bool:
+    """Whether the request asked to see the model's thinking."""
+    return thinking is not None and thinking.type != "disabled" and thinking.display != "omitted"
+
+
 class Prompt(msgspec.Struct, kw_only=True):
     """What a Messages API request gives the model to read: the fields /v1/messages and
-    /v1/messages/count_tokens share (others, `thinking` among them, taken and not applied)."""
+    /v1/messages/count_tokens share (others taken and not applied)."""
 
     model: str
     messages: Annotated[list[AMessage], Meta(min_length=1)]  # the API wants one turn at least
@@ -206,6 +223,8 @@ class Prompt(msgspec.Struct, kw_only=True):
     output_format: AOutputFormat | None = None
     # Automatic caching: a breakpoint at the last block, wherever the conversation ends.
     cache_control: CacheControl | None = None
+    # Whether thinking blocks come back (a reasoning model's thinking, signed "").
+    thinking: AThinking | None = None
 
 
 class MessagesRequest(Prompt, kw_only=True):
@@ -794,11 +813,13 @@ class MessagesCodec(Codec):
     """Events as the Messages API's SSE sequence."""
 
     media_type = "text/event-stream"
-    shows_reasoning = False  # thinking blocks need a signature stella lacks
 
-    def __init__(self, inference: Inference) -> None:
+    def __init__(self, inference: Inference, thinking: bool = False) -> None:
         super().__init__()
         self.inference = inference
+        # A reasoning model's thinking goes out as thinking blocks only when the request
+        # turned thinking on: a client that did not expects text and tool_use alone.
+        self.shows_reasoning = thinking
         self.block = -1  # index of the open content block
         self.open_kind = ""
         self.text_prefix = b""
@@ -830,8 +851,49 @@ class MessagesCodec(Codec):
     def _close_block(self) -> bytes:
         if self.block < 0 or not self.open_kind:
             return b""
+        out = b""
+        if self.open_kind == "thinking":
+            # The API signs a thinking block just before its end; stella has no signature
+            # to give, and takes a block sent back without checking one.
+            out = _event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": self.block,
+                    "delta": {"type": "signature_delta", "signature": ""},
+                },
+            )
         self.open_kind = ""
-        return _event("content_block_stop", {"type": "content_block_stop", "index": self.block})
+        return out + _event(
+            "content_block_stop", {"type": "content_block_stop", "index": self.block}
+        )
+
+    def _open(self, kind: str, block: dict[str, Any]) -> bytes:
+        """Close the open block and start one of `kind`."""
+        out = self._close_block()
+        self.block += 1
+        self.open_kind = kind
+        return out + _event(
+            "content_block_start",
+            {"type": "content_block_start", "index": self.block, "content_block": block},
+        )
+
+    def _thinking(self, event: Delta) -> bytes:
+        """A Delta with reasoning, as a thinking block's delta, then its text's, if any."""
+        out = b""
+        if self.open_kind != "thinking":
+            out = self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        out += _event(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": self.block,
+                "delta": {"type": "thinking_delta", "thinking": event.reasoning},
+            },
+        )
+        if event.text:
+            out += self._encode(Delta(text=event.text))
+        return out
 
     def encode(self, event: Any) -> bytes:
         """One or more SSE events per pipeline event (each `data:` JSON on one line)."""
@@ -842,21 +904,13 @@ class MessagesCodec(Codec):
     def _encode(self, event: Any) -> bytes:
         kind = type(event)
         if kind is Delta:
+            if event.reasoning and self.shows_reasoning:
+                return self._thinking(event)
             if not event.text:
-                return b""  # reasoning alone: thinking blocks need a signature stella lacks
+                return b""  # reasoning alone, where the request did not turn thinking on
             out = b""
             if self.open_kind != "text":
-                out += self._close_block()
-                self.block += 1
-                self.open_kind = "text"
-                out += _event(
-                    "content_block_start",
-                    {
-                        "type": "content_block_start",
-                        "index": self.block,
-                        "content_block": {"type": "text", "text": ""},
-                    },
-                )
+                out += self._open("text", {"type": "text", "text": ""})
                 self.text_prefix = (
                     b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
                     + str(self.block).encode()
@@ -864,13 +918,8 @@ class MessagesCodec(Codec):
                 )
             return out + self.text_prefix + json_text(event.text) + b"}}\n\n"
         if kind is ToolCall:
-            out = self._close_block()
-            self.block += 1
             block = {"type": "tool_use", "id": event.id, "name": event.name, "input": {}}
-            out += _event(
-                "content_block_start",
-                {"type": "content_block_start", "index": self.block, "content_block": block},
-            )
+            out = self._open("tool_use", block)
             out += _event(
                 "content_block_delta",
                 {
@@ -882,8 +931,7 @@ class MessagesCodec(Codec):
                     },
                 },
             )
-            out += _event("content_block_stop", {"type": "content_block_stop", "index": self.block})
-            return out
+            return out + self._close_block()
         if kind is Done:
             out = self._close_block()
             reason, sequence = stop_reason(event.finish_reason, self.inference)
@@ -924,10 +972,15 @@ async def messages(request: Request, call: Call) -> Reply:
     req = decode(body, MessagesRequest, _req)
     chat = to_chat(req)
     inference = await svc.pipeline.prepare(chat, call)
+    thinking = _shows_thinking(req.thinking)
     if chat.stream:
-        return stream_response(request, inference, MessagesCodec(inference), ANTHROPIC)
+        codec = MessagesCodec(inference, thinking)
+        return stream_response(request, inference, codec, ANTHROPIC)
     result = await run_to_end(request, inference)
     content: list[dict[str, Any]] = []
+    if thinking and result.message.reasoning:
+        # Signed "": stella has no signature to give (a block sent back is dropped).
+        content.append({"type": "thinking", "thinking": result.message.reasoning, "signature": ""})
     if result.response:
         content.append({"type": "text", "text": result.response})
     for c in result.message.tool_calls or []:

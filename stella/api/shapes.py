@@ -576,6 +576,9 @@ _ANTHROPIC_USAGE = obj(
 )
 _ANTHROPIC_TEXT = obj({"type": const("text"), "text": STR})
 _ANTHROPIC_TOOL_USE = obj({"type": const("tool_use"), "id": STR, "name": STR, "input": OBJECT})
+# A reasoning model's thinking, when the request turned thinking on: its signature is "",
+# stella has none to give (a block sent back is taken and dropped).
+_ANTHROPIC_THINKING = obj({"type": const("thinking"), "thinking": STR, "signature": STR})
 ANTHROPIC_ERROR = Schema(
     "AnthropicError",
     obj(
@@ -592,7 +595,9 @@ ANTHROPIC_MESSAGE = Schema(
             "type": const("message"),
             "role": const("assistant"),
             "model": STR,
-            "content": array({"anyOf": [_ANTHROPIC_TEXT, _ANTHROPIC_TOOL_USE]}),
+            "content": array(
+                {"anyOf": [_ANTHROPIC_THINKING, _ANTHROPIC_TEXT, _ANTHROPIC_TOOL_USE]}
+            ),
             "stop_reason": STR,
             "stop_sequence": {"type": ["string", "null"]},
             "usage": _ANTHROPIC_USAGE,
@@ -645,7 +650,7 @@ _ANTHROPIC_EVENTS: dict[str, dict[str, Any]] = {
     "ping": {},
     "content_block_start": {
         "index": INT,
-        "content_block": {"anyOf": [_ANTHROPIC_TEXT, _ANTHROPIC_TOOL_USE]},
+        "content_block": {"anyOf": [_ANTHROPIC_THINKING, _ANTHROPIC_TEXT, _ANTHROPIC_TOOL_USE]},
     },
     "content_block_delta": {
         "index": INT,
@@ -653,6 +658,8 @@ _ANTHROPIC_EVENTS: dict[str, dict[str, Any]] = {
             "anyOf": [
                 obj({"type": const("text_delta"), "text": STR}),
                 obj({"type": const("input_json_delta"), "partial_json": STR}),
+                obj({"type": const("thinking_delta"), "thinking": STR}),
+                obj({"type": const("signature_delta"), "signature": STR}),
             ]
         },
     },
