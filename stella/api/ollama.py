@@ -556,13 +556,20 @@ async def show(request: Request, call: Call) -> Response:
             "template": "",
             "details": details(backend.kind),
             "model_info": info,
-            "capabilities": [
-                "completion",
-                *(["tools"] if "tools" in backend.capabilities(route.upstream_model) else []),
-            ],
+            "capabilities": capabilities(backend.listed_capabilities(route.upstream_model)),
             "modified_at": "1970-01-01T00:00:00Z",
         }
     )
+
+
+# stella's capability words as Ollama's /api/show names them (Open WebUI and editors'
+# Ollama providers offer image attachments for a model whose list has `vision`).
+_OLLAMA_CAPABILITY = {"tools": "tools", "images": "vision"}
+
+
+def capabilities(caps: list[str]) -> list[str]:
+    """A model's capabilities in Ollama's words: `completion` first, as Ollama lists them."""
+    return ["completion", *(_OLLAMA_CAPABILITY[c] for c in caps if c in _OLLAMA_CAPABILITY)]
 
 
 async def version(request: Request) -> Response:

@@ -306,5 +306,11 @@ class Backend:
         """What the model can do: chat, tools, ..."""
         return ["chat"]
 
+    def listed_capabilities(self, upstream_model: str) -> list[str]:
+        """What a model list says the model can do: `capabilities`, plus `images` where this
+        backend sends a request's images on (its upstream's model may still refuse them)."""
+        caps = self.capabilities(upstream_model)
+        return [*caps, "images"] if self.reads_images and "images" not in caps else caps
+
     async def aclose(self) -> None:
         """Release clients, models and threads; called once at shutdown."""

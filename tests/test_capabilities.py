@@ -1,0 +1,55 @@
+"""What the model lists say a route's model can do: `images` (Ollama's `vision`) where its
+backend sends images on, so clients offer attachments only there."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import ollama
+import pytest
+
+from tests.live import LiveServer, free_port, run_stella
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    # Nothing listens at the upstreams' address: a model list asks none of them.
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    config = {
+        "backends": {
+            "oa": {"kind": "openai", "base_url": nowhere + "/v1"},
+            "cl": {"kind": "anthropic", "base_url": nowhere, "api_key_env": "CAPS_KEY"},
+            "ol": {"kind": "ollama", "base_url": nowhere},
+        },
+        "models": {
+            "routes": {
+                "gpt": {"backend": "oa", "upstream_model": "gpt"},
+                "claude": {"backend": "cl", "upstream_model": "claude"},
+                "llava": {"backend": "ol", "upstream_model": "llava"},
+            }
+        },
+    }
+    with run_stella(config, env={"CAPS_KEY": "k"}) as live:
+        yield live
+
+
+EXPECTED = {
+    "echo": ["chat", "tools"],
+    "gpt": ["chat", "tools", "images"],
+    "claude": ["chat", "tools", "images"],
+    "llava": ["chat", "tools", "images"],
+}
+
+
+def test_the_native_list_says_which_models_read_images(server: LiveServer) -> None:
+    models = httpx.get(server.url + "/api/v1/models").json()["models"]
+    got = {m["name"]: m["capabilities"] for m in models}
+    assert got == EXPECTED, got
+
+
+@pytest.mark.parametrize("model", sorted(EXPECTED))
+def test_ollamas_show_says_vision_where_images_are_read(server: LiveServer, model: str) -> None:
+    shown = ollama.Client(host=server.url).show(model)
+    vision = ["vision"] if "images" in EXPECTED[model] else []
+    assert shown.capabilities == ["completion", "tools", *vision], shown
