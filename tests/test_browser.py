@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from tests.fakes.openai import FakeOpenAI
+from tests.fakes.openai import REASONING, FakeOpenAI
 from tests.fakes.server import serve
 from tests.live import ROOT, LiveServer, in_ci, install_plugin, merge, run_stella
 
@@ -104,7 +104,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
                 }
             },
         }
-        with run_stella(merge(CONFIG, limited), env=env) as s:
+        # A reasoning model's upstream: its thinking streamed before the answer, or alone.
+        thinkers = {
+            "backends": {"thinker": {"kind": "openai", "base_url": upstream + "/v1"}},
+            "models": {
+                "routes": {
+                    "thinks": {"backend": "thinker", "upstream_model": "thinks-apart"},
+                    "thinks-only": {"backend": "thinker", "upstream_model": "thinks-only"},
+                }
+            },
+        }
+        with run_stella(merge(merge(CONFIG, limited), thinkers), env=env) as s:
             yield s
 
 
@@ -743,4 +753,86 @@ def test_the_rate_is_rounded_and_left_out_of_a_short_answer(browser, server: Liv
             re.fullmatch(r"\d+", figure) and int(figure) >= 100
         ), figure
     assert "." in rate(1)  # echo-slow: about 12 a second
+    page.close()
+
+
+# Each change to the first answer's thinking block, as [open, its text, the answer's text].
+WATCH_THINKING = """() => {
+  window.seen = [];
+  new MutationObserver(() => {
+    const box = document.querySelector('.msg.assistant .thinking');
+    const text = document.querySelector('.msg.assistant .text');
+    if (box) window.seen.push([box.open, box.querySelector('.reasoning').textContent, text.textContent]);
+  }).observe($conversation, {subtree: true, childList: true, characterData: true, attributes: true});
+}""".replace("$conversation", "document.getElementById('conversation')")
+
+
+def test_a_models_thinking_streams_above_its_answer_and_is_not_sent_back(
+    browser, server: LiveServer
+) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "thinks")
+    errors: list[str] = []
+    page.on("console", lambda m: m.type in ("error", "warning") and errors.append(m.text))
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    sent: list[dict] = []
+    page.on("request", lambda r: "/api/v1/chat" in r.url and sent.append(r.post_data_json))
+    page.evaluate(WATCH_THINKING)
+    send(page, "why is the sky blue?")
+    page.wait_for_selector(".msg.assistant .stats")
+    answer = " w0 w1 w2 w3 w4 w5 w6 w7"  # the fake upstream's, after its thinking
+    assert page.text_content(".msg.assistant .text") == answer
+    assert page.inner_text(".msg.assistant .thinking summary") == "Thinking"
+    assert page.text_content(".msg.assistant .thinking .reasoning") == "".join(REASONING)
+    # Above the answer, shown open while it streamed in, before any of the answer came,
+    # and closed once the answer began.
+    order = "() => [...document.querySelector('.msg.assistant').children].map(e => e.className)"
+    assert page.evaluate(order)[:3] == ["role", "thinking", "text"]
+    seen = page.evaluate("() => window.seen")
+    assert [True, REASONING[0], ""] in seen, seen
+    assert [True, "".join(REASONING), ""] in seen, seen
+    assert page.eval_on_selector(".msg.assistant .thinking", "b => b.open") is False
+    # Told apart from the answer at a glance.
+    style = "el => [getComputedStyle(el).color, getComputedStyle(el).fontStyle]"
+    thinking = page.eval_on_selector(".msg.assistant .thinking .reasoning", style)
+    text = page.eval_on_selector(".msg.assistant .text", style)
+    assert thinking[0] != text[0] and thinking[1] == "italic", (thinking, text)
+    # A details element: the keyboard opens it again.
+    page.focus(".msg.assistant .thinking summary")
+    page.keyboard.press("Enter")
+    assert page.eval_on_selector(".msg.assistant .thinking", "b => b.open") is True
+    assert page.inner_text(".msg.assistant .thinking .reasoning") == "".join(REASONING).strip()
+    # The next turn sends the answer, not the thinking.
+    page.select_option("#model", "echo")
+    send(page, "and at sunset?")
+    page.wait_for_function("() => document.querySelectorAll('.msg.assistant .stats').length == 2")
+    assert sent[-1]["messages"] == [
+        {"role": "user", "content": "why is the sky blue?"},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "and at sunset?"},
+    ]
+    assert page.locator(".thinking").count() == 1  # an answer without thinking has none
+    page.close()
+    assert not errors, errors  # and the page's CSP held
+
+
+def test_an_answer_of_thinking_alone_is_shown_and_said_so(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    page = playground(browser, server.url, "thinks-only")
+    sent: list[dict] = []
+    page.on("request", lambda r: "/api/v1/chat" in r.url and sent.append(r.post_data_json))
+    send(page, "think it over")
+    page.wait_for_selector(".msg.assistant .stats")
+    page.wait_for_function("() => !document.querySelector('#send').disabled")  # the turn ended
+    # The thinking stays open (no answer began), and the line says there was no answer.
+    assert page.eval_on_selector(".msg.assistant .thinking", "b => b.open") is True
+    assert page.inner_text(".msg.assistant .thinking .reasoning") == "".join(REASONING).strip()
+    assert page.text_content(".msg.assistant .text") == ""
+    stats = "\n".join(page.locator(".msg.assistant .stats").all_inner_texts())
+    assert "no answer after its thinking: your message is back in the prompt" in stats, stats
+    assert "length" in stats, stats
+    # As a turn with no answer: the question back in the prompt, and out of the chat.
+    assert page.input_value("#prompt") == "think it over"
+    page.select_option("#model", "echo")
+    send(page, "hello again")
+    page.wait_for_selector(".msg.assistant:nth-of-type(4) .stats")
+    assert sent[-1]["messages"] == [{"role": "user", "content": "hello again"}]
     page.close()

@@ -1,10 +1,17 @@
 """A reasoning model's thinking through a live stella: where each dialect carries it, what a
-failure while the model thinks becomes, and what the inference log keeps."""
+failure while the model thinks becomes, what the inference log keeps, and what the Python
+client and `stella chat` show of it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import select
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +20,7 @@ import pytest
 
 from tests.fakes.openai import REASONING, FakeOpenAI
 from tests.fakes.server import serve
-from tests.live import LiveServer, ndjson, reasoned, run_stella
+from tests.live import LiveServer, ndjson, reasoned, run_stella, stella_cli
 
 THOUGHT = "".join(REASONING)
 WORDS = " w0 w1 w2 w3 w4"  # the fake's answer
@@ -264,3 +271,100 @@ async def test_the_python_client_and_generate_send_a_reasoning_effort(
         json={"model": "thinks", "prompt": "hi", "reasoning_effort": "hard"},
     )
     assert r.status_code == 400 and "$.reasoning_effort" in r.text, r.text
+
+
+def test_the_python_client_gives_the_reasoning_streamed_or_not(server: LiveServer) -> None:
+    from stella.client import Client
+    from stella.protocol import Delta
+
+    msgs = [{"role": "user", "content": "hi"}]
+    with Client(server.url) as c:
+        events = [e for e in c.chat(msgs, "thinks", stream=True) if isinstance(e, Delta)]
+        assert "".join(e.reasoning for e in events) == THOUGHT
+        assert "".join(e.text for e in events) == WORDS
+        whole = c.chat(msgs, "thinks")
+        assert (whole.message.reasoning, whole.response) == (THOUGHT, WORDS)
+
+
+def cli(server: LiveServer, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`stella chat` to `server`, its stdout and stderr each a pipe of its own."""
+    return stella_cli("chat", *args, env={"PATH": "/usr/bin:/bin", "STELLA_URL": server.url, **env})
+
+
+def test_stella_chat_shows_the_thinking_on_stderr_each_line_led(server: LiveServer) -> None:
+    # Off a terminal: stdout holds the answer alone, as a script reads it; the thinking
+    # goes to stderr, each line led by "[thinking] ".
+    out = cli(server, "-m", "thinks", "hi")
+    assert (out.returncode, out.stdout) == (0, WORDS + "\n"), out.stderr
+    assert out.stderr == f"[thinking] {THOUGHT}\n", out.stderr
+    out = cli(server, "-m", "thinks-echo", "two\nlines")  # a line end in the thinking
+    assert out.stderr == "[thinking] I read: two\n[thinking] lines\n", out.stderr
+    # --no-reasoning leaves it out.
+    out = cli(server, "-m", "thinks", "--no-reasoning", "hi")
+    assert (out.returncode, out.stdout, out.stderr) == (0, WORDS + "\n", "")
+
+
+def test_stella_chat_thinking_between_text_starts_its_own_line_in_one_file(
+    server: LiveServer,
+) -> None:
+    # stdout and stderr one pipe (`2>&1`): the thinking after some text, and the text
+    # after it, each begin a line.
+    out = subprocess.run(
+        [sys.executable, "-m", "stella", "chat", "-m", "thinks-between-apart", "hi"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "STELLA_URL": server.url},
+        timeout=60,
+    )
+    assert out.returncode == 0
+    assert out.stdout == f" w0\n[thinking] {THOUGHT[:4]}\n{WORDS[3:]}\n", out.stdout
+
+
+def on_a_terminal(server: LiveServer, *args: str, **env: str) -> str:
+    """What `stella chat` shows with stdout and stderr on one terminal."""
+    import pty
+
+    leader, follower = pty.openpty()
+    environ = {"PATH": "/usr/bin:/bin", "STELLA_URL": server.url, "TERM": "xterm", **env}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stella", "chat", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+        env=environ,
+    )
+    os.close(follower)
+    shown = b""
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:  # EIO: the process, the terminal's last writer, is gone
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            elif proc.poll() is not None:
+                break
+        assert proc.wait(timeout=30) == 0, shown
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(leader)
+    return shown.decode().replace("\r\n", "\n")
+
+
+def test_stella_chat_shows_the_thinking_dim_on_a_terminal(server: LiveServer) -> None:
+    shown = on_a_terminal(server, "-m", "thinks-apart", "hi")
+    # Each piece dim (SGR 2), and back to normal (SGR 22) before the answer's line.
+    assert shown.startswith("\x1b[2m") and "[thinking]" not in shown, repr(shown)
+    pieces = re.findall(r"\x1b\[2m(.*?)\x1b\[22m", shown, re.S)
+    assert "".join(pieces) == THOUGHT, repr(shown)
+    assert re.sub(r"\x1b\[2m.*?\x1b\[22m", "", shown, flags=re.S) == f"\n{WORDS}\n", repr(shown)
+    # NO_COLOR (no-color.org): no escape codes, the lines led as off a terminal.
+    shown = on_a_terminal(server, "-m", "thinks-apart", "hi", NO_COLOR="1")
+    assert shown == f"[thinking] {THOUGHT}\n{WORDS}\n", repr(shown)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+from typing import TextIO
 
 from stella.commands import (
     OutputError,
+    _is_tty,
     add_timeout,
     client_error,
     client_exit,
@@ -40,12 +44,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: the model's)",
     )
     parser.add_argument("--stats", action="store_true", help="print usage and timings at the end")
+    parser.add_argument(
+        "--no-reasoning",
+        action="store_true",
+        help="leave out a reasoning model's thinking (by default shown on stderr before the "
+        "answer: dim on a terminal, each line led by '[thinking] ' elsewhere or with NO_COLOR)",
+    )
     add_timeout(parser, CHAT_TIMEOUT_S, "each part of the answer")
 
 
 # The wait for each read of the answer: a long prompt on a slow engine takes minutes
 # before its first token.
 CHAT_TIMEOUT_S = 600.0
+
+
+class Thinking:
+    """A reasoning model's thinking on stderr, apart from the answer on stdout (which a
+    script reads): dim on a terminal, each line led by "[thinking] " elsewhere."""
+
+    PREFIX = "[thinking] "
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        # NO_COLOR (no-color.org) and a dumb terminal: no escape codes, the prefix instead.
+        self._dim = (
+            _is_tty(stream) and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+        )
+        self._midline = False  # thinking written without its line end yet
+        self._line_start = True  # the next piece begins a line (the prefix goes first)
+
+    def write(self, piece: str) -> None:
+        """Show a piece of the thinking."""
+        if self._dim:
+            # Dim on and off around each piece: a Ctrl-C between two leaves no dim terminal.
+            text = f"\x1b[2m{piece}\x1b[22m"
+        else:
+            out: list[str] = []
+            for n, part in enumerate(piece.split("\n")):
+                if n:
+                    out.append("\n")
+                    self._line_start = True
+                if part:
+                    out.append(self.PREFIX + part if self._line_start else part)
+                    self._line_start = False
+            text = "".join(out)
+        self._midline = not piece.endswith("\n")
+        self._say(text)
+
+    def end(self) -> None:
+        """End the thinking's line, before the answer, an error or the shell's prompt."""
+        if self._midline:
+            self._midline = False
+            self._line_start = True
+            self._say("\n")
+
+    def _say(self, text: str) -> None:
+        # stderr that cannot take it (closed, full, a reader gone) loses the thinking
+        # only: the answer on stdout, and what fails there, are the command's.
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.write(text)
+            self._stream.flush()
 
 
 def _number(text: str) -> float:
@@ -100,20 +158,34 @@ def run(args: argparse.Namespace) -> int:
     if timeout is None:
         return 2
     midline = False  # text written without its line end yet
+    thinking = None if args.no_reasoning or sys.stderr is None else Thinking(sys.stderr)
     try:
         with command_client(args, timeout) as client:
             for event in client.chat(messages, args.model, stream=True, options=options or None):
                 if isinstance(event, Delta):
+                    # A line's reasoning came before its text (a line may hold both).
+                    if event.reasoning and thinking is not None:
+                        if midline and _same_file(sys.stdout, sys.stderr):
+                            sys.stdout.write("\n")  # thinking again, after some text
+                            sys.stdout.flush()
+                            midline = False
+                        thinking.write(event.reasoning)
                     if not event.text:
-                        continue  # reasoning alone: the answer is the text
+                        continue
+                    if thinking is not None:
+                        thinking.end()
                     sys.stdout.write(event.text)
                     sys.stdout.flush()
                     midline = bool(event.text) and not event.text.endswith("\n")
                 elif isinstance(event, ToolCall):
+                    if thinking is not None:
+                        thinking.end()
                     sys.stdout.write(f"\n[tool call] {event.name} {event.arguments}\n")
                     sys.stdout.flush()
                     midline = False
                 elif isinstance(event, Done):
+                    if thinking is not None:
+                        thinking.end()
                     sys.stdout.write("\n")
                     sys.stdout.flush()  # before --stats' line on stderr, which may be the same file
                     midline = False
@@ -127,17 +199,23 @@ def run(args: argparse.Namespace) -> int:
                             file=sys.stderr,
                         )
     except StellaClientError as exc:
+        if thinking is not None:
+            thinking.end()  # the error's line on a line of its own
         if midline:
             sys.stdout.write("\n")  # the error gets a line of its own
             sys.stdout.flush()
         print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
         return client_exit(exc)
     except KeyboardInterrupt:
+        if thinking is not None:
+            thinking.end()
         if midline:  # the shell's prompt on a line of its own
             sys.stdout.write("\n")
             sys.stdout.flush()
         return 130
     except OutputError:
+        if thinking is not None:
+            thinking.end()
         if midline and _same_file(sys.stdout, sys.stderr):
             # The CLI's line would be glued to the answer's last words (stdout cannot
             # take the line end: it may be full, or closed).
@@ -146,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
     except BrokenPipeError:
         raise  # the reader left (`| head`): the CLI says nothing
     except OSError as exc:
+        if thinking is not None:
+            thinking.end()
         print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,5 +1,5 @@
-// The playground: a multi-turn chat over stella's NDJSON API, with Stop, timings and
-// inline errors. Model output is always set with textContent: it is text, never HTML.
+// The playground: a multi-turn chat over stella's NDJSON API, with Stop, timings, a
+// reasoning model's thinking and inline errors. Model output is always set with textContent: it is text, never HTML.
 import { apiKeyProblem, chat, models, StellaError } from "/static/stella.js";
 
 const $ = (id) => document.getElementById(id);
@@ -118,6 +118,31 @@ function showError(msg, err, key, started) {
   msg.append(box);
 }
 
+// A reasoning model's thinking, shown as it streams in a "Thinking" block above the
+// answer (a details element: a button to screen readers and the keyboard). It closes once
+// the answer's text starts, unless the reader opened or closed it first; it stays in the
+// chat, and never goes back to the model: the next turn sends the answer's text alone.
+function thinkingBlock(msg) {
+  const box = document.createElement("details");
+  box.className = "thinking";
+  box.open = true;
+  const summary = document.createElement("summary");
+  summary.textContent = "Thinking";
+  const body = document.createElement("div");
+  body.className = "reasoning";
+  body.dir = "auto";
+  box.append(summary, body);
+  // A click (Enter and Space on the summary are clicks too) is the reader's choice: kept.
+  summary.addEventListener("click", () => { box.dataset.touched = "1"; });
+  msg.querySelector(".text").before(box);
+  return box;
+}
+
+// Close the thinking block once the answer begins, unless the reader chose otherwise.
+function answerBegins(box) {
+  if (box && box.open && !box.dataset.touched) box.open = false;
+}
+
 async function loadModels() {
   const select = $("model");
   const key = apiKey();
@@ -210,6 +235,8 @@ async function send(text) {
   const t0 = performance.now();
   let ttft = null;
   let answer = "";
+  let thought = ""; // the reasoning shown: never sent back
+  let thinking = null; // its block, made by the first piece
   let started = false; // a line of the answer came
   let done = false;
   try {
@@ -218,10 +245,23 @@ async function send(text) {
       started = true;
       if (event.type === "delta") {
         if (ttft === null) ttft = performance.now() - t0;
-        answer += event.text;
-        out.append(event.text); // a text node per delta: no re-render of what is there
+        // A line's reasoning came before its text (a line may hold both).
+        if (event.reasoning) {
+          thinking = thinking || thinkingBlock(msg);
+          thought += event.reasoning;
+          thinking.querySelector(".reasoning").append(event.reasoning);
+          msg.classList.add("reasoning-now");
+        }
+        if (event.text) {
+          msg.classList.remove("reasoning-now");
+          answerBegins(thinking);
+          answer += event.text;
+          out.append(event.text); // a text node per delta: no re-render of what is there
+        }
         follow(msg);
       } else if (event.type === "tool_call") {
+        msg.classList.remove("reasoning-now");
+        answerBegins(thinking);
         const call = `\n[tool call] ${event.name}(${JSON.stringify(event.arguments)})`;
         answer += call;
         out.append(call);
@@ -244,11 +284,13 @@ async function send(text) {
       if (controller.signal.aborted) stats(msg, ["stopped"]);
       history.push({ role: "assistant", content: answer });
     } else {
-      // No answer (stopped before the first token): the question is left out of the chat
-      // as well and goes back to the prompt, as a failed turn's does. An empty assistant
-      // turn would go out with every later one, and Anthropic's API refuses such a chat.
+      // No answer (stopped before the first token, or a model that only thought): the
+      // question is left out of the chat as well and goes back to the prompt, as a failed
+      // turn's does. An empty assistant turn would go out with every later one, and
+      // Anthropic's API refuses such a chat. Reasoning alone stays shown, and said so.
       giveBack(history, text);
-      const why = "nothing answered: your message is back in the prompt";
+      const what = thought.trim() ? "no answer after its thinking" : "nothing answered";
+      const why = `${what}: your message is back in the prompt`;
       stats(msg, controller.signal.aborted ? ["stopped", why] : [why]);
     }
   } catch (err) {
@@ -257,7 +299,7 @@ async function send(text) {
     // The model is gone (a route removed through the API): the list shows what is left.
     if (err instanceof StellaError && err.code === "model_not_found") loadModels();
   } finally {
-    msg.classList.remove("streaming");
+    msg.classList.remove("streaming", "reasoning-now");
     for (const el of [msg, $("conversation")]) el.setAttribute("aria-busy", "false");
     follow(msg); // its stats or error line, below the text
     if (state.controller === controller) state.controller = null;

@@ -5,6 +5,10 @@
 //     if (event.type === "delta") output.textContent += event.text;
 //   }
 //
+// A reasoning model's thinking comes in a delta's `reasoning` (absent when none; `text` is
+// "" in a line of reasoning alone, so a caller that reads `text` gets the answer alone):
+//     if (event.type === "delta" && event.reasoning) thinking.textContent += event.reasoning;
+//
 // Events are the protocol's lines: start, delta, tool_call, done ({type: "ping"} lines,
 // and types this version does not know, are skipped; a line that is not an event is
 // code "bad_response"). An HTTP error, an in-band `error` line, a broken connection or a stream
@@ -212,7 +216,8 @@ async function* streamEvents(path, body, { signal, apiKey, baseUrl = "", fetch: 
   }
 }
 
-/** Stream a chat: yields start, delta, tool_call and done events. */
+/** Stream a chat: yields start, delta (`text`, and `reasoning` when the model thinks),
+ * tool_call and done events. */
 export function chat({ model, messages, options, tools, toolChoice, tool_choice, parallelToolCalls, parallel_tool_calls, responseFormat, response_format, metadata } = {}, opts = {}) {
   const body = { messages };
   if (model) body.model = model;

@@ -68,7 +68,9 @@ Wire quirks of real servers:
   an error event: an upstream that fails while its model thinks); `thinks-says` (REASONING,
   its last piece in one delta with the answer's first word, as vLLM's DeepSeek-R1 parser
   sends the delta around `</think>`, then the rest of `ok`'s words); `thinks-echo`
-  (reasoning "I read: " and the last message's content, then `ok`'s answer);
+  (reasoning "I read: " and the last message's content, then `ok`'s answer); `thinks-only`
+  (REASONING in `reasoning_content`, each piece in a read of its own, and no answer: finished
+  "length", as a model whose token limit ran out while it thought);
 - `whole-calls`, `whole-calls-same`: two tool calls each in one chunk with neither index
   nor id (two tools, or one tool twice).
 It records what it saw.
@@ -161,9 +163,10 @@ THINKERS = {
     "thinks-fails": "reasoning_content",
     "thinks-says": "reasoning_content",
     "thinks-echo": "reasoning_content",
+    "thinks-only": "reasoning_content",
 }
 # The models whose pieces of reasoning each come in a read of their own.
-APART = ("thinks-apart", "thinks-or-apart", "thinks-fails")
+APART = ("thinks-apart", "thinks-or-apart", "thinks-fails", "thinks-only")
 
 
 def _thoughts(model: str, body: dict[str, Any]) -> tuple[str, ...]:
@@ -354,6 +357,9 @@ class FakeOpenAI:
                 message["reasoning_content"] = "".join(REASONING)
             if model in THINKERS:
                 message[THINKERS[model]] = "".join(_thoughts(model, body))
+            if model == "thinks-only":
+                message["content"] = None
+                finish = "length"
             if model.startswith("refusal"):
                 message = {"role": "assistant", "content": None, "refusal": REFUSAL}
                 finish = "length" if model == "refusal-length" else "stop"
@@ -444,6 +450,17 @@ class FakeOpenAI:
                 if model == "thinks-fails":
                     error = {"message": "model crashed", "type": "server_error", "code": None}
                     yield b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+                    return
+                if model == "thinks-only":
+                    yield chunk({}, "length")
+                    if (body.get("stream_options") or {}).get("include_usage"):
+                        usage = self._usage(model)
+                        yield (
+                            b"data: "
+                            + json.dumps({"choices": [], "usage": usage}).encode()
+                            + b"\n\n"
+                        )
+                    yield b"data: [DONE]\n\n"
                     return
             if model == "error-first":  # a refusal after the 200, before any output
                 error = {"message": "model overloaded", "type": "server_error", "code": None}

@@ -274,3 +274,15 @@ test("a connection refused is retryable: nothing was sent; a drop after the answ
   const opaque = { fetch: async () => { throw new TypeError("Failed to fetch"); } };
   await assert.rejects(() => models(opaque), (err) => err.code === "network_error" && err.retryable === false);
 });
+
+test("a reasoning model's thinking comes in delta events' reasoning, text \"\" when alone", async () => {
+  // The protocol's lines as stella sends them from a reasoning model's upstream: reasoning
+  // alone, reasoning and the first text in one line, then text alone (no reasoning key).
+  const events = await collect(chat({ messages: [] }, { fetch: fakeFetch(['{"type":"start","id":"req_1"}\n',
+    '{"type":"delta","text":"","reasoning":"Let me think."}\n', '{"type":"delta","text":"Blue","reasoning":" Done."}\n',
+    '{"type":"delta","text":" light."}\n', '{"type":"done","finish_reason":"stop"}\n']) }));
+  const deltas = events.filter((e) => e.type === "delta");
+  assert.deepEqual(deltas.map((e) => e.reasoning ?? null), ["Let me think.", " Done.", null]);
+  assert.equal(deltas.map((e) => e.text).join(""), "Blue light."); // a reader of text alone: the answer
+  assert.equal(events.at(-1).type, "done");
+});
