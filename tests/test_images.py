@@ -804,6 +804,9 @@ def test_a_tool_result_image_on_a_text_only_route_is_a_note(upstreams: Upstreams
     )
     assert r.status_code == 200, r.text
     assert r.json()["message"]["content"] == f"{NOTE}\n1x1"
+    schemas = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]
+    said = schemas["Message"]["properties"]["images"]["anyOf"][0]["description"]
+    assert said.startswith("a user or tool message's images") and NOTE in said
 
 
 def test_a_responses_tool_output_image_follows_the_tool_message_to_an_openai_upstream(
