@@ -40,7 +40,7 @@ from stella.errors import (
     waited_out,
     whole_seconds,
 )
-from stella.images import ImagesSeen, first_images
+from stella.images import ImagesSeen, first_images, readable
 from stella.logs import mask
 from stella.protocol import (
     AssistantMessage,
@@ -174,7 +174,7 @@ class Pipeline:
             chain = [r for r in chain if r is route or scope(r.name)]
         text_only = False
         images = first_images(request.messages)
-        if images is not None:
+        if images is not None and images.first is not None:
             chain = _image_readers(route, chain, images)
             text_only = not _reads(route, images)
         breakers = router.breakers
@@ -229,7 +229,7 @@ class Pipeline:
         # number, and the client sizes its context for the model it asks.
         backend = route.backend
         images = first_images(request.messages)
-        if images is not None:
+        if images is not None and images.first is not None:
             _image_readers(route, [route], images)
         if not self.router.breakers[route.backend_name].available():
             # Refused as a message with no fallback is, not sent to a backend known to be
@@ -1212,18 +1212,20 @@ def _logged_message(m: Message) -> dict[str, Any]:
 
 
 def _reads(route: Route, images: ImagesSeen) -> bool:
-    """Whether `route`'s backend reads the request's images (by URL too, if any is)."""
+    """Whether `route`'s backend reads the request's images not in a tool result (by URL
+    too, if any is)."""
     backend = route.backend
     return backend.reads_images and (images.by_url is None or backend.reads_image_urls)
 
 
 def _image_readers(route: Route, chain: list[Route], images: ImagesSeen) -> list[Route]:
     """`chain` without the fallbacks that cannot read the request's images (the asked
-    route kept first, to be skipped); a 400 naming the first image when none can."""
+    route kept first, to be skipped); a 400 naming the first image when none can. A tool
+    result's images choose no route: each backend is sent them as it can read them."""
     readers = [r for r in chain if r is route or _reads(r, images)]
     if len(readers) > 1 or _reads(route, images):
         return readers
-    first, by_url = images.first, images.by_url
+    first, by_url = images.first or "messages", images.by_url
     if by_url is not None and any(r.backend.reads_images for r in chain):
         raise InvalidRequest(
             f"$.{by_url}.url: model {route.name!r} takes images only as data, not by URL "
@@ -1407,13 +1409,20 @@ async def _first_tool_call(agen: AsyncIterator[BackendEvent]) -> AsyncIterator[B
 
 
 def for_backend(request: ChatRequest, route: Route) -> ChatRequest:
-    """`request` as `route`'s backend gets it: its upstream model's name, and no tools for
-    a tool_choice "none" it cannot be told."""
+    """`request` as `route`'s backend gets it: its upstream model's name, no tools for
+    a tool_choice "none" it cannot be told, and a tool result's images it cannot read as
+    notes in its text."""
     req = request
+    backend = route.backend
     if req.model != route.upstream_model:
         req = msgspec.structs.replace(req, model=route.upstream_model)
-    if req.tool_choice == "none" and not route.backend.honours_tool_choice:
+    if req.tool_choice == "none" and not backend.honours_tool_choice:
         req = _without_tools(req)
+    # The note where a 400 would be: a text-only route that answered a session before its
+    # tool returned an image answers it after (Claude Code's Read of a screenshot).
+    messages = readable(req.messages, backend.reads_images, backend.reads_image_urls)
+    if messages is not req.messages:
+        req = msgspec.structs.replace(req, messages=messages)
     return req
 
 

@@ -1,4 +1,5 @@
-"""Images in user messages: the checks each dialect makes by its own JSON path.
+"""Images in user messages and tool results: the checks each dialect makes by its own
+JSON path, and what a backend that cannot read a tool result's image is sent instead.
 
 An image reaches a backend as base64 `data` with its `media_type`, or as an http(s)
 `url` the backend's upstream fetches; stella never fetches one (no request of its own
@@ -13,6 +14,8 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple, cast, get_args
 from urllib.parse import urlsplit
+
+import msgspec
 
 from stella.errors import InvalidRequest
 from stella.protocol import Image, ImageDetail, ImageMediaType, Message
@@ -51,6 +54,11 @@ class Counter:
             raise InvalidRequest(
                 f"$.{path}: too many images: at most {MAX_IMAGES} in a request", param=path
             )
+
+    def room(self) -> bool:
+        """Count a tool result's image; whether it is within the cap (past it: a note)."""
+        self.count += 1
+        return self.count <= MAX_IMAGES
 
 
 def check_data(data: str, path: str) -> None:
@@ -199,15 +207,16 @@ def sniff(data: str, path: str) -> ImageMediaType:
 
 def check_native(messages: Sequence[Message]) -> None:
     """400 naming its path for an image of the native API that is not one stella can
-    send: on a message other than a user's, neither or both of data and url, data
-    without a media type or not base64, a URL that is not http(s), one past MAX_IMAGES."""
+    send: on a message other than a user's or a tool's, neither or both of data and url,
+    data without a media type or not base64, a URL that is not http(s), one past
+    MAX_IMAGES."""
     counter = Counter()
     for i, m in enumerate(messages):
         if not m.images:
             continue
-        if m.role != "user":
+        if m.role not in ("user", "tool"):
             raise InvalidRequest(
-                f"$.messages[{i}].images: only a user message may carry images",
+                f"$.messages[{i}].images: only a user or tool message may carry images",
                 param=f"messages[{i}].images",
             )
         for j, image in enumerate(m.images):
@@ -234,12 +243,83 @@ def check_native(messages: Sequence[Message]) -> None:
             check_kind(image.data or "", image.media_type, f"{path}.media_type")
 
 
+# What the model reads for a tool result's image it is not sent. A tool's image is no
+# question of the client's: refused, it would stay in the session's history and fail
+# every later turn, and it is the tool's, not the client's to mend; so a model that reads
+# text only (or an image stella cannot send) reads plainly that it did not see it.
+TEXT_ONLY_NOTE = "[image omitted: this model reads text only]"
+URL_NOTE = "[image omitted: an image by URL, which this model is not sent]"
+UNSENDABLE_NOTE = "[image omitted: not a PNG, JPEG, GIF or WebP image stella can send]"
+PAST_CAP_NOTE = f"[image omitted: more than {MAX_IMAGES} images in the request]"
+
+
+def tool_image(
+    data: str | None = None, url: str | None = None, detail: str | None = None
+) -> Image | None:
+    """A tool result's image (base64 `data`, or a URL: http(s), or a data URL of base64)
+    as stella sends it, its type told by its first bytes (a tool may name it by a file's
+    extension); None for one it cannot send, which the model reads as a note."""
+    if data is None and url is not None and url[:5].lower() == "data:":
+        comma = url.find(",", 5)
+        if comma < 0 or url[5:comma].partition(";")[2].strip().lower() != "base64":
+            return None
+        data = url[comma + 1 :]
+    try:
+        if data is not None:
+            check_data(data, "")
+            kind = _kind(data)
+            return (
+                None if kind is None else Image(data=data, media_type=kind, detail=_detail(detail))
+            )
+        if url is not None:
+            check_url(url, "")
+            return Image(url=url, detail=_detail(detail))
+    except InvalidRequest:
+        pass
+    return None
+
+
+def with_notes(text: str, notes: Sequence[str]) -> str:
+    """A tool message's text with notes for the images it was not sent, before the text
+    (where the images would be read)."""
+    return "\n".join([*notes, text] if text else notes)
+
+
+def readable(messages: list[Message], reads_images: bool, reads_urls: bool) -> list[Message]:
+    """`messages` as a backend gets them: a tool message's images it cannot read (every
+    one when it reads text only; by URL when it is sent none) a note in its text instead.
+    A user message's images are routing's: a backend is never given ones it cannot read."""
+    if reads_images and reads_urls:
+        return messages
+    out: list[Message] | None = None
+    for i, m in enumerate(messages):
+        if m.role != "tool" or not m.images:
+            continue
+        kept: list[Image] = []
+        notes: list[str] = []
+        for image in m.images:
+            if not reads_images:
+                notes.append(TEXT_ONLY_NOTE)
+            elif image.url is not None:
+                notes.append(URL_NOTE)
+            else:
+                kept.append(image)
+        if out is None:
+            out = list(messages)
+        out[i] = msgspec.structs.replace(
+            m, content=with_notes(m.content, notes), images=kept or None
+        )
+    return messages if out is None else out
+
+
 class ImagesSeen(NamedTuple):
     """Where a request's images are, as routing needs to know."""
 
-    first: str  # the path of its first image
-    by_url: str | None  # the path of its first image by URL (None: all are data)
-    total: int  # how many there are
+    # The path of its first image in a message not a tool's (None: only tool results
+    # hold images, which every backend takes, as images or as notes: see `readable`).
+    first: str | None
+    by_url: str | None  # the path of that kind's first image by URL (None: all are data)
+    total: int  # how many there are, tool results' included
 
 
 def first_images(messages: Sequence[Message]) -> ImagesSeen | None:
@@ -251,12 +331,14 @@ def first_images(messages: Sequence[Message]) -> ImagesSeen | None:
         images = m.images
         if not images:
             continue
+        count += len(images)
+        if m.role == "tool":
+            continue
         if first is None:
             first = f"messages[{i}].images[0]"
-        count += len(images)
         if by_url is None:
             for j, image in enumerate(images):
                 if image.url is not None:
                     by_url = f"messages[{i}].images[{j}]"
                     break
-    return None if first is None else ImagesSeen(first, by_url, count)
+    return None if not count else ImagesSeen(first, by_url, count)

@@ -64,7 +64,7 @@ ImageDetail = Literal["auto", "low", "high"]
 
 
 class Image(Strict):
-    """An image in a user message: `data` (base64, no `data:` prefix) with its
+    """An image in a user or tool message: `data` (base64, no `data:` prefix) with its
     `media_type`, or an http(s) `url` the backend fetches (stella never does)."""
 
     data: (
@@ -106,15 +106,19 @@ class Message(Strict):
     # A breakpoint at the end of this message: the prompt up to here is what a later
     # request with the same start reads from an Anthropic upstream's cache.
     cache: Breakpoint | None = None
-    # A user message's images, which the model reads before its text (a backend puts them
-    # first): only routes whose backend reads images take them (Backend.reads_images).
+    # A user or tool message's images, which the model reads before its text (a backend
+    # puts them first): a user message's go only to routes whose backend reads images
+    # (Backend.reads_images); a tool result's reach every backend, as a note in its text
+    # where they cannot be read (images.readable).
     images: (
         Annotated[
             list[Image],
             Meta(
-                description="a user message's images, read before its text (at most 600 in a "
-                "request, all messages together); a route whose backend reads text only (the "
-                "embedded engine, echo) answers 400"
+                description="a user or tool message's images, read before its text (at most "
+                "600 in a request, all messages together); a user message's to a route whose "
+                "backend reads text only (the embedded engine, echo) answers 400, a tool "
+                "message's reach such a backend as a note in its text, `[image omitted: this "
+                "model reads text only]`"
             ),
         ]
         | None

@@ -1510,9 +1510,11 @@ def test_tool_search_refusals_are_the_api_s(server: LiveServer) -> None:
     assert r.json()["content"][0]["name"] == "NotebookEdit"
 
 
-def test_an_image_a_tool_gave_is_a_note() -> None:
+def test_an_image_a_tool_gave_reaches_a_reader_and_is_a_note_elsewhere() -> None:
     # Claude Code's Read of a PNG or a PDF answers with the file as a block: refused, it
-    # would fail every later turn of the session, as it stays in the history.
+    # would fail every later turn of the session, as it stays in the history. An image
+    # reaches a backend that reads images; a document, and an image to one that reads
+    # text only, is a note.
     png = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
     pdf = {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQ="}
     content = [
@@ -1521,17 +1523,30 @@ def test_an_image_a_tool_gave_is_a_note() -> None:
         {"type": "document", "source": pdf},
     ]
     with _claude_and_gpt("claude-ok", "ok") as (server, claude, gpt):
-        for model in ("gpt", "sonnet"):
+        for model in ("gpt", "sonnet", "echo"):
             m = client(server).messages.create(
                 model=model, max_tokens=50, messages=_tool_turns({"content": content})
             )
             assert m.content[0].type == "text"
-        note = (
-            "[image omitted: this model reads text only]\npage 1\n"
-            "[document omitted: this model reads text only]"
-        )
-        assert gpt.requests[-1]["messages"][-1]["content"] == note
-        assert claude.requests[-1]["messages"][-1]["content"][0]["content"] == note
+        doc = "page 1\n[document omitted: this model reads text only]"
+        assert m.content[0].text == "[image omitted: this model reads text only]\n" + doc
+        assert gpt.requests[-1]["messages"][-2:] == [
+            {"role": "tool", "content": doc, "tool_call_id": "toolu_1"},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Image returned by tool call toolu_1 (lookup):"},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": f"data:image/png;base64,{png['data']}"},
+                    },
+                ],
+            },
+        ]
+        assert claude.requests[-1]["messages"][-1]["content"][0]["content"] == [
+            {"type": "image", "source": png},
+            {"type": "text", "text": doc},
+        ]
         # In a user message, an image reaches a backend that reads images as one.
         client(server).messages.create(
             model="gpt",

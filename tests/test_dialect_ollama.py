@@ -127,7 +127,7 @@ def test_openapi_describes_images(stella: LiveServer) -> None:
     for name in ("OllamaMessage", "OllamaGenerate"):
         images = schemas[name]["properties"]["images"]["anyOf"][0]
         assert images["type"] == "array" and images["items"] == {"type": "string"}
-        assert images["description"].startswith("a user message's images, each base64"), name
+        assert images["description"].startswith("images, each base64"), name
 
 
 @pytest.mark.parametrize("value", ["yaml", 5, [], True, ["json"]])

@@ -393,7 +393,7 @@ def _view_image_turn() -> dict[str, Any]:
     return json.loads(log.read_text())
 
 
-def test_an_image_in_a_tool_s_output_is_a_note_the_model_reads(
+def test_an_image_in_a_tool_s_output_is_a_note_for_a_model_that_reads_text_only(
     stack: tuple[LiveServer, FakeOpenAI],
 ) -> None:
     server, up = stack
@@ -412,14 +412,19 @@ def test_an_image_in_a_tool_s_output_is_a_note_the_model_reads(
         *output,
         {"type": "input_file", "file_data": "data:text/plain;base64,aGk=", "filename": "a.txt"},
     ]
+    r = post(server, {**body, "model": "echo", "stream": False})
+    assert r.status_code == 200, r.text
+    # The image's note first, where a backend that reads images reads the image.
+    assert Response.model_validate(r.json()).output_text == (
+        "[image omitted: this model reads text only]\nx.png, 4x4:\n"
+        "[file omitted: this model reads text only]"
+    )
     body["input"].append({"role": "user", "content": "just say hello"})
     r = post(server, {**body, "model": "gpt", "stream": False})
     assert r.status_code == 200, r.text
+    # To a backend that reads images, the image follows the tool's text (see test_images).
     tool = next(m for m in up.requests[-1]["messages"] if m["role"] == "tool")
-    assert tool["content"] == (
-        "x.png, 4x4:\n[image omitted: this model reads text only]\n"
-        "[file omitted: this model reads text only]"
-    )
+    assert tool["content"] == "x.png, 4x4:\n[file omitted: this model reads text only]"
     # In a user's message an image is the model's to read, where its backend reads images
     # (an OpenAI-compatible one), and refused where it reads text only (echo).
     body["input"].append({"role": "user", "content": [output[0]]})

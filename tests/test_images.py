@@ -300,7 +300,8 @@ def test_images_only_on_a_user_message(upstreams: Upstreams) -> None:
     )
     assert r.status_code == 400
     assert (
-        r.json()["error"]["message"] == "$.messages[1].images: only a user message may carry images"
+        r.json()["error"]["message"]
+        == "$.messages[1].images: only a user or tool message may carry images"
     )
 
 
@@ -503,7 +504,7 @@ def test_ollama_images_refused_where_they_cannot_go(upstreams: Upstreams) -> Non
                 {"role": "user", "content": "a"},
                 {"role": "assistant", "content": "b", "images": [PNG]},
             ],
-            "$.messages[1].images: only a user message's images are taken",
+            "$.messages[1].images: only a user or tool message's images are taken",
         ),
     ):
         r = httpx.post(
@@ -715,3 +716,265 @@ def test_a_400_repeats_at_most_64_characters_of_a_bad_value(
     assert r.status_code == 400, r.text
     assert len(r.content) < 1000
     assert f"source.type: '{'y' * 64}'… is not supported" in r.text
+
+
+# --- images in tool results -----------------------------------------------------------
+
+
+def read_turns(*result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Claude Code's conversation after its Read tool opened a screenshot: the tool_result
+    holds the file as image blocks (`result`)."""
+    use = {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "s.png"}}
+    return [
+        {"role": "user", "content": "what does the screenshot show?"},
+        {"role": "assistant", "content": [use]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": list(result)}],
+        },
+    ]
+
+
+def claude_code(server: LiveServer, model: str, *result: dict[str, Any]) -> httpx.Response:
+    body = {"model": model, "max_tokens": 20, "messages": read_turns(*result)}
+    return httpx.post(server.url + "/v1/messages", json=body, timeout=30)
+
+
+NOTE = "[image omitted: this model reads text only]"
+URL_NOTE = "[image omitted: an image by URL, which this model is not sent]"
+
+
+def test_a_tool_result_image_reaches_an_anthropic_upstream_inside_the_tool_result(
+    upstreams: Upstreams,
+) -> None:
+    claude, *_, server = upstreams
+    by_url = {"type": "image", "source": {"type": "url", "url": URL}}
+    r = claude_code(server, "sonnet", image_block(), by_url, {"type": "text", "text": "1x1"})
+    assert r.status_code == 200, r.text
+    assert claude.requests[-1]["messages"][-1] == {
+        "role": "user",
+        "content": [
+            {
+                "type": "tool_result",
+                "tool_use_id": "toolu_1",
+                "content": [image_block(), by_url, {"type": "text", "text": "1x1"}],
+            }
+        ],
+    }
+    # The count sends the same tool_result.
+    body = {"model": "sonnet", "messages": read_turns(image_block())}
+    r = httpx.post(server.url + "/v1/messages/count_tokens", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert claude.counts[-1]["messages"][-1]["content"][0]["content"] == [image_block()]
+    # With image_urls off, the image by URL is a note; its data still goes.
+    r = claude_code(server, "sonnet-data", image_block(), by_url)
+    assert r.status_code == 200, r.text
+    assert claude.requests[-1]["messages"][-1]["content"][0]["content"] == [
+        image_block(),
+        {"type": "text", "text": URL_NOTE},
+    ]
+
+
+def test_a_tool_result_image_on_a_text_only_route_is_a_note(upstreams: Upstreams) -> None:
+    # A Claude Code session on echo (or the embedded engine) goes on as before the image:
+    # the model reads the note; the route is not left for a fallback that reads images,
+    # which a user's image would go to (`seeing`: echo, then gpt).
+    _, gpt, _, server = upstreams
+    asked = len(gpt.requests)
+    for model in ("echo", "blind", "seeing"):
+        r = claude_code(server, model, image_block(), {"type": "text", "text": "1x1"})
+        assert r.status_code == 200, r.text
+        assert r.json()["content"][0]["text"] == f"{NOTE}\n1x1"
+    assert len(gpt.requests) == asked
+    body = {"model": "echo", "messages": read_turns(image_block())}
+    r = httpx.post(server.url + "/v1/messages/count_tokens", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    # The native API's tool message takes images too, and so does Ollama's.
+    tool = {"role": "tool", "content": "1x1", "tool_call_id": "c1"}
+    call = {"id": "c1", "function": {"name": "shot", "arguments": {}}}
+    turns = [{"role": "user", "content": "go"}, {"role": "assistant", "tool_calls": [call]}]
+    image = {"data": PNG, "media_type": "image/png"}
+    r = native(server, "echo", *turns, {**tool, "images": [image, {"url": URL}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["message"]["content"] == f"{NOTE}\n{NOTE}\n1x1"
+    r = httpx.post(
+        server.url + "/api/chat",
+        json={"model": "echo", "stream": False, "messages": [*turns, {**tool, "images": [PNG]}]},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["message"]["content"] == f"{NOTE}\n1x1"
+    schemas = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]
+    said = schemas["Message"]["properties"]["images"]["anyOf"][0]["description"]
+    assert said.startswith("a user or tool message's images") and NOTE in said
+
+
+def test_a_responses_tool_output_image_follows_the_tool_message_to_an_openai_upstream(
+    upstreams: Upstreams,
+) -> None:
+    # Codex's view_image: its function_call_output holds an input_image. A chat
+    # completions tool message takes text only: the image follows in a user message.
+    _, gpt, _, server = upstreams
+    data_url = f"data:image/png;base64,{PNG}"
+    shot = {"type": "input_image", "image_url": data_url, "detail": "high"}
+
+    def call(call_id: str) -> dict[str, Any]:
+        return {
+            "type": "function_call",
+            "call_id": call_id,
+            "name": "view_image",
+            "arguments": "{}",
+        }
+
+    def output(call_id: str, *parts: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "function_call_output", "call_id": call_id, "output": list(parts)}
+
+    body = {
+        "model": "gpt",
+        "input": [
+            {"role": "user", "content": "look at both"},
+            call("call_a"),
+            call("call_b"),
+            output("call_a", {"type": "input_text", "text": "a.png"}, shot),
+            output("call_b", shot, {"type": "input_image", "image_url": URL}),
+            {"role": "user", "content": "well?"},
+        ],
+    }
+    r = httpx.post(server.url + "/v1/responses", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    part = {"type": "image_url", "image_url": {"url": data_url, "detail": "high"}}
+    # image_urls is off for `gpt`: the image by URL is a note in the tool's text.
+    assert gpt.requests[-1]["messages"][1:] == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": c,
+                    "type": "function",
+                    "function": {"name": "view_image", "arguments": "{}"},
+                }
+                for c in ("call_a", "call_b")
+            ],
+        },
+        {"role": "tool", "content": "a.png", "tool_call_id": "call_a"},
+        {"role": "tool", "content": URL_NOTE, "tool_call_id": "call_b"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Image returned by tool call call_a (view_image):"},
+                part,
+                {"type": "text", "text": "Image returned by tool call call_b (view_image):"},
+                part,
+            ],
+        },
+        {"role": "user", "content": "well?"},
+    ]
+    # Where URLs go, the image by URL goes too.
+    r = httpx.post(server.url + "/v1/responses", json={**body, "model": "gpt-urls"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert gpt.requests[-1]["messages"][4]["content"][-1] == {
+        "type": "image_url",
+        "image_url": {"url": URL},
+    }
+    assert gpt.requests[-1]["messages"][3]["content"] == ""
+    # On echo, the notes.
+    body["input"] = body["input"][:-1]
+    r = httpx.post(server.url + "/v1/responses", json={**body, "model": "echo"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["output"][0]["content"][0]["text"] == f"{NOTE}\n{NOTE}"
+
+
+def test_a_tool_result_image_reaches_an_ollama_upstream_as_the_tool_message_s(
+    upstreams: Upstreams,
+) -> None:
+    _, _, llama, server = upstreams
+    by_url = {"type": "image", "source": {"type": "url", "url": URL}}
+    r = claude_code(server, "llama", image_block(), by_url)
+    assert r.status_code == 200, r.text
+    # Base64 only: the image by URL is a note (stella fetches no URL).
+    assert llama.requests[-1]["messages"][-1] == {
+        "role": "tool",
+        "content": URL_NOTE,
+        "images": [PNG],
+        "tool_name": "Read",
+        "tool_call_id": "toolu_1",
+    }
+
+
+def test_a_tool_result_image_stella_cannot_send_is_a_note_not_a_400(
+    upstreams: Upstreams,
+) -> None:
+    # The tool's, not the client's to mend: refused, it would fail every later turn of
+    # the session. Its type is told by its bytes (a tool may name it by the extension).
+    claude, *_, server = upstreams
+    bmp = base64.b64encode(b"BM" + b"\x00" * 30).decode()
+    r = claude_code(
+        server,
+        "sonnet",
+        image_block(JPEG, "image/png"),
+        image_block(bmp, "image/bmp"),
+        image_block("not base64!"),
+        {"type": "image", "source": {"type": "file", "file_id": "f"}},
+    )
+    assert r.status_code == 200, r.text
+    unsendable = "[image omitted: not a PNG, JPEG, GIF or WebP image stella can send]"
+    assert claude.requests[-1]["messages"][-1]["content"][0]["content"] == [
+        image_block(JPEG, "image/jpeg"),
+        {"type": "text", "text": "\n".join([unsendable] * 3)},
+    ]
+    # The native API checks a tool message's images as a user message's.
+    call = {"id": "c1", "function": {"name": "shot", "arguments": {}}}
+    r = native(
+        server,
+        "echo",
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "tool_calls": [call]},
+        {
+            "role": "tool",
+            "tool_call_id": "c1",
+            "images": [{"data": JPEG, "media_type": "image/png"}],
+        },
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == (
+        "$.messages[2].images[0].media_type: the image's bytes are JPEG, not image/png"
+    )
+
+
+def test_tool_result_images_count_toward_the_cap_and_past_it_are_notes(
+    upstreams: Upstreams,
+) -> None:
+    claude, *_, server = upstreams
+    r = claude_code(server, "sonnet", *[image_block()] * (MAX_IMAGES + 1))
+    assert r.status_code == 200, r.text
+    content = claude.requests[-1]["messages"][-1]["content"][0]["content"]
+    assert content[:-1] == [image_block()] * MAX_IMAGES
+    assert content[-1] == {
+        "type": "text",
+        "text": f"[image omitted: more than {MAX_IMAGES} images in the request]",
+    }
+
+
+def test_no_tool_result_image_data_or_url_in_the_log(upstreams: Upstreams) -> None:
+    *_, server = upstreams
+    marker = base64.b64encode(b"\x89PNG\r\n\x1a\nSECRET-PIXELS" * 8).decode()
+    secret_url = "https://example.com/SECRET-SCREENSHOT.png"
+    for model in ("sonnet", "gpt-urls", "echo"):
+        r = claude_code(
+            server,
+            model,
+            image_block(marker),
+            {"type": "image", "source": {"type": "url", "url": secret_url}},
+        )
+        assert r.status_code == 200, r.text
+        rid = r.headers["request-id"]
+        event = server.wait_event(lambda e, rid=rid: e.get("request_id") == rid)
+        assert event["images"] == 2
+        assert event["prompt"][-1] == {
+            "role": "tool",
+            "content": "",
+            "tool_call_id": "toolu_1",
+            "images": 2,
+        }
+    assert not [line for line in server.lines() if marker[:40] in line or "SECRET-SCREEN" in line]

@@ -33,7 +33,17 @@ from stella.api.ollama_request import Images, check_images
 from stella.api.openapi import Operation, document
 from stella.core import Call, Inference, orphan_result
 from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, StellaError
-from stella.images import Counter, check_data, check_kind, check_media_type, check_url, shown
+from stella.images import (
+    PAST_CAP_NOTE,
+    UNSENDABLE_NOTE,
+    Counter,
+    check_data,
+    check_kind,
+    check_media_type,
+    check_url,
+    shown,
+    tool_image,
+)
 from stella.protocol import (
     MAX_USER_ID,
     CacheTtl,
@@ -416,7 +426,7 @@ def _cursor(names: list[str], value: str, param: str) -> int:
 def _text(content: str | list[Block] | None, path: str) -> str:
     """The text of `content` (a message's, the system's); a block that is not text (an
     image, a document) is refused by its path: dropped, the model would answer as if it
-    had seen it (a tool_result's: see _result_text)."""
+    had seen it (a tool_result's: see _tool_result)."""
     if content is None or isinstance(content, str):
         return content or ""
     # Blocks are separate pieces of text: run together, their words would merge.
@@ -453,45 +463,66 @@ def _image(b: Block, path: str) -> Image:
     )
 
 
-# What the model reads for an image or a document a tool gave (Claude Code's Read of a
-# PNG, a PDF, a screenshot): the same words as the other dialects' tool outputs.
+# What the model reads for a document a tool gave (Claude Code's Read of a PDF): the same
+# words as the other dialects' tool outputs.
 _OMITTED = "[{} omitted: this model reads text only]"
 
 
-def _result_text(content: str | list[Block] | None, path: str, loaded: dict[str, str]) -> str:
-    """The text of a tool_result's `content`: a tool_reference (a tool search's answer, as
-    Claude Code's ToolSearch gives) says the tool it loads, which goes into `loaded` (by
-    name, with the path of its first reference); an image or a document is a note saying
-    it was left out; another block but text is refused."""
+def _result_image(b: Block, counter: Counter) -> Image | str:
+    """A tool_result's image block as the tool message's image, or the note the model
+    reads for one stella cannot send (a bad source, past the request's cap): refused, it
+    would stay in the history and fail every later turn of the session."""
+    src = b.source
+    image = None
+    if isinstance(src, Source):
+        if src.type == "base64":
+            image = tool_image(data=src.data)  # its type told by its bytes
+        elif src.type == "url":
+            image = tool_image(url=src.url)
+    if image is None:
+        return UNSENDABLE_NOTE
+    return image if counter.room() else PAST_CAP_NOTE
+
+
+def _tool_result(b: Block, path: str, loaded: dict[str, str], counter: Counter) -> Message:
+    """A tool_result block as a tool message, its is_error kept (see backends' content_of),
+    and its breakpoint, or that of a block inside it. A tool_reference (a tool search's
+    answer, as Claude Code's ToolSearch gives) says the tool it loads, which goes into
+    `loaded` (by name, with the path of its first reference); an image is one of the
+    message's images (Claude Code's Read of a PNG, a screenshot), which the core turns
+    into a note for a backend that reads text only; a document is a note saying it was
+    left out; another block but text is refused."""
+    content = b.content
+    inner = content if isinstance(content, list) else ()
+    texts: list[str] = []
+    images: list[Image] = []
     if not isinstance(content, list):
-        return _text(content, path)
-    texts = []
-    for k, b in enumerate(content):
-        if b.type == "tool_reference":
+        texts.append(_text(content, path))
+    for k, c in enumerate(inner):
+        if c.type == "tool_reference":
             # The API expands it into the tool's definition; here the tool joins the ones
             # offered (see _offered) and the model reads that it may call it now.
-            loaded.setdefault(b.tool_name, f"{path}[{k}].tool_name")
-            texts.append(f"Tool loaded: {b.tool_name}")
-        elif b.type in ("image", "document"):
-            # Refused, it would stay in the history and fail every later turn of the
-            # session; the note tells the model it did not see it, so it does not answer
-            # as if it had (in a message, where no tool says so, it stays a 400).
-            texts.append(_OMITTED.format(b.type))
+            loaded.setdefault(c.tool_name, f"{path}[{k}].tool_name")
+            texts.append(f"Tool loaded: {c.tool_name}")
+        elif c.type == "image":
+            image = _result_image(c, counter)
+            if isinstance(image, str):
+                texts.append(image)
+            else:
+                images.append(image)
+        elif c.type == "document":
+            # Refused, it would stay in the history and fail every later turn; the note
+            # tells the model it did not see it (in a message it stays a 400).
+            texts.append(_OMITTED.format(c.type))
         else:
-            texts.append(_block_text(b, f"{path}[{k}]"))
-    return "\n".join(texts)
-
-
-def _tool_result(b: Block, path: str, loaded: dict[str, str]) -> Message:
-    """A tool_result block as a tool message, its is_error kept (see backends' content_of),
-    and its breakpoint, or that of a block inside it."""
-    inner = b.content if isinstance(b.content, list) else ()
+            texts.append(_block_text(c, f"{path}[{k}]"))
     return Message(
         role="tool",
-        content=_result_text(b.content, path, loaded),
+        content="\n".join(texts),
         tool_call_id=b.tool_use_id,
         is_error=b.is_error,
         cache=_ttl(b.cache_control, *(c.cache_control for c in inner)),
+        images=images or None,
     )
 
 
@@ -623,7 +654,9 @@ def to_chat(req: Prompt) -> ChatRequest:
                 )
             elif b.type == "tool_result":
                 results[len(messages)] = f"messages[{i}].content[{j}]"
-                messages.append(_tool_result(b, f"messages[{i}].content[{j}].content", loaded))
+                messages.append(
+                    _tool_result(b, f"messages[{i}].content[{j}].content", loaded, counter)
+                )
             elif b.type in _THOUGHTS and m.role == "assistant":
                 # An earlier answer's reasoning, sent back as the API's clients do: the API
                 # ignores it, another backend's model cannot read it, and no backend here

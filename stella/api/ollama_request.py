@@ -41,9 +41,9 @@ def check_images(images: list[str] | None, where: str) -> None:
 OllamaImages = Annotated[
     list[str],
     Meta(
-        description="a user message's images, each base64 (no `data:` prefix) of a PNG, "
-        "JPEG, GIF or WebP (told by its first bytes); a model that reads text only answers "
-        "400; an empty list is none"
+        description="images, each base64 (no `data:` prefix) of a PNG, JPEG, GIF or WebP "
+        "(told by its first bytes); a model that reads text only answers 400 (a tool "
+        "message's it reads as a note in its text); an empty list is none"
     ),
 ]
 
@@ -53,12 +53,14 @@ def images_of(
 ) -> list[Image] | None:
     """Ollama's `images` as the native images, each one's type told by its first bytes
     (Ollama's carry none); a 400 naming the image for bad base64 or another format, and
-    naming `where` for images on a message that is not a user's, or naming the first
-    past the request's cap (`counter`). None for none."""
+    naming `where` for images on a message that is not a user's or a tool's, or naming the
+    first past the request's cap (`counter`). None for none."""
     if not images:
         return None
-    if role != "user":
-        raise InvalidRequest(f"$.{where}: only a user message's images are taken", param=where)
+    if role not in ("user", "tool"):
+        raise InvalidRequest(
+            f"$.{where}: only a user or tool message's images are taken", param=where
+        )
     out = []
     for j, data in enumerate(images):
         counter.add(f"{where}[{j}]")

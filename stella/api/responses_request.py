@@ -18,7 +18,7 @@ import msgspec
 from stella.api.openai_request import Part, check_user
 from stella.api.responses_tools import ToolSet
 from stella.errors import InvalidRequest
-from stella.images import Counter, from_url
+from stella.images import PAST_CAP_NOTE, UNSENDABLE_NOTE, Counter, from_url, tool_image
 from stella.protocol import (
     ChatRequest,
     FunctionCall,
@@ -54,7 +54,7 @@ class InputItem(msgspec.Struct):
     namespace: str | None = None  # a function_call's to a namespace's tool
     arguments: str = ""
     input: str = ""  # a custom_tool_call's
-    output: str | list[Part] | None = None
+    output: str | list[InputPart] | None = None
 
 
 class FormatSpec(msgspec.Struct, omit_defaults=True):
@@ -188,20 +188,33 @@ def _images(content: list[InputPart], where: str, counter: Counter) -> list[Imag
     return images
 
 
-def _tool_output(output: str | list[Part] | None) -> str:
-    """A tool's output as text: a part that is not text (the image a viewer tool returns,
-    a file) becomes a note saying so. Refused, it would stay in the history and fail every
-    later turn; noted, the model reads plainly that it did not see it."""
+def _tool_output(
+    output: str | list[InputPart] | None, counter: Counter
+) -> tuple[str, list[Image] | None]:
+    """A tool's output as text and images: an `input_image` part (the image Codex's
+    view_image returns) one of the tool message's images, which the core turns into a note
+    for a backend that reads text only; another part that is not text (a file) a note
+    saying so. Refused, it would stay in the history and fail every later turn; noted, the
+    model reads plainly that it did not see it (so an image stella cannot send, too)."""
     if output is None or isinstance(output, str):
-        return output or ""
+        return output or "", None
     texts = []
+    images: list[Image] = []
     for part in output:
         if part.type in _TEXT_PARTS:
             texts.append(part.text)
+        elif part.type == "input_image":
+            image = tool_image(url=part.image_url, detail=part.detail)
+            if image is None:  # a stored file's id, or not an image stella can send
+                texts.append(UNSENDABLE_NOTE)
+            elif counter.room():
+                images.append(image)
+            else:
+                texts.append(PAST_CAP_NOTE)
         else:
             kind = part.type.removeprefix("input_")
             texts.append(f"[{kind} omitted: this model reads text only]")
-    return "\n".join(texts)
+    return "\n".join(texts), images or None
 
 
 # Input items that are a model's tool call, and those that are a tool's output.
@@ -272,8 +285,10 @@ def _messages(req: ResponsesRequest, tools: ToolSet) -> list[Message]:
                     f"has call_id {item.call_id!r}",
                     param="input",
                 )
-            output = _tool_output(item.output)
-            messages.append(Message(role="tool", content=output, tool_call_id=item.call_id))
+            output, images = _tool_output(item.output, counter)
+            messages.append(
+                Message(role="tool", content=output, tool_call_id=item.call_id, images=images)
+            )
         elif kind in _DROPPED:
             continue
         else:

@@ -200,7 +200,7 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
             block: dict[str, Any] = {
                 "type": "tool_result",
                 "tool_use_id": ids.result(m.tool_call_id or ""),
-                "content": m.content,
+                "content": _result_content(m),
             }
             if m.is_error:
                 block["is_error"] = True
@@ -299,6 +299,17 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
     if breakpoints(request):
         _longer_first(body)
     return body
+
+
+def _result_content(m: Message) -> str | list[dict[str, Any]]:
+    """A tool message as a tool_result's content: its text, or with images, image blocks
+    and then the text (none when only whitespace, as the API refuses such a block)."""
+    if not m.images:
+        return m.content
+    blocks = [*map(_image_block, m.images)]
+    if m.content.strip():
+        blocks.append({"type": "text", "text": m.content})
+    return blocks
 
 
 def _image_block(image: Image) -> dict[str, Any]:

@@ -206,9 +206,11 @@ class Backend:
     # and its circuit is told only when the engine showed no sign of work for that
     # long (wedged, not busy: see `working`).
     local_queue: ClassVar[bool] = False
-    # True when the backend sends a user message's images to a model that reads them
-    # (Message.images); a request with images is never sent to one that would drop them:
-    # the pipeline tries a fallback that reads them, else answers 400.
+    # True when the backend sends a message's images to a model that reads them
+    # (Message.images): a user message's and a tool message's, each where its API takes
+    # them. A request whose user messages hold images is never sent to one that would
+    # drop them: the pipeline tries a fallback that reads them, else answers 400; a tool
+    # message's reach one that reads none as a note in its text (images.readable).
     reads_images: ClassVar[bool] = False
     # False when an image by URL is not sent there, as stella fetches no URL itself: its
     # API takes images only as data (Ollama's), or the operator keeps its upstream from

@@ -175,7 +175,9 @@ def request_body(request: ChatRequest, keep_alive: int | float | str | None) -> 
     for m in request.messages:
         msg: dict[str, Any] = {"role": m.role, "content": content_of(m)}
         if m.images:
-            # Base64 alone: an image by URL never gets here (reads_image_urls).
+            # Base64 alone: an image by URL never gets here (reads_image_urls: a user
+            # message's goes to another route, a tool result's is a note in its text). A
+            # tool message takes images as a user message does.
             msg["images"] = [image.data for image in m.images]
         if m.tool_calls:
             calls = []

@@ -37,6 +37,7 @@ from stella.protocol import (
     Done,
     FinishReason,
     Image,
+    Message,
     ToolCall,
     Usage,
     arguments_of,
@@ -131,9 +132,16 @@ def request_body(
 ) -> dict[str, Any]:
     """The chat completions body for a ChatRequest, its token limit named `max_tokens_param`."""
     messages: list[dict[str, Any]] = []
-    for m in linked_tool_calls(request.messages):
+    history = linked_tool_calls(request.messages)
+    # The tool each call of the history named, by its id: a result's images say which.
+    tools: dict[str, str] = {}
+    # The parts of the user message that carries the current run of tool results' images.
+    shown: list[dict[str, Any]] = []
+    for k, m in enumerate(history):
         msg: dict[str, Any] = {"role": m.role, "content": content_of(m)}
-        if m.images:
+        if m.images and m.role == "tool":
+            shown += _shown(m, tools)
+        elif m.images:
             # Parts, the images first; a plain string as before for every other message.
             parts = [*map(_image_part, m.images)]
             if m.content:
@@ -158,6 +166,13 @@ def request_body(
         if m.tool_call_id:
             msg["tool_call_id"] = m.tool_call_id
         messages.append(msg)
+        for c in m.tool_calls or ():
+            tools[c.id] = c.function.name
+        if shown and (k + 1 == len(history) or history[k + 1].role != "tool"):
+            # A tool message takes text alone (the API's schema): the images of a run of
+            # results follow it in one user message, each after a line naming its call.
+            messages.append({"role": "user", "content": shown})
+            shown = []
     body: dict[str, Any] = {"model": request.model, "messages": messages, "stream": stream}
     o = request.options
     for key in (
@@ -194,6 +209,16 @@ def request_body(
     if stream and stream_usage:
         body["stream_options"] = {"include_usage": True}
     return body
+
+
+def _shown(m: Message, tools: dict[str, str]) -> list[dict[str, Any]]:
+    """A tool message's images as user message parts, after a text naming the call."""
+    call = m.tool_call_id or ""
+    name = m.name or tools.get(call)
+    which = f"{call} ({name})" if name else call
+    many = "Images" if len(m.images or ()) > 1 else "Image"
+    text = f"{many} returned by tool call {which}:"
+    return [{"type": "text", "text": text}, *map(_image_part, m.images or ())]
 
 
 def _image_part(image: Image) -> dict[str, Any]:

@@ -716,7 +716,7 @@ def _calls(body: dict[str, Any]) -> list[dict[str, Any]]:
 def _unlinked(messages: list[dict[str, Any]]) -> tuple[str, str] | None:
     """What the API answers about tool calls and results that are not linked by id:
     an empty call id, a `tool` message without `tool_call_id` or answering no call of
-    the assistant message before it."""
+    the assistant message before it; and about a `tool` message's part that is not text."""
     ids: set[str] = set()
     for i, m in enumerate(messages):
         for j, call in enumerate(m.get("tool_calls") or []):
@@ -729,6 +729,13 @@ def _unlinked(messages: list[dict[str, Any]]) -> tuple[str, str] | None:
         if m.get("tool_calls"):
             ids = {c["id"] for c in m["tool_calls"]}
         elif m.get("role") == "tool":
+            for j, part in enumerate(m["content"] if isinstance(m.get("content"), list) else ()):
+                if part.get("type") != "text":
+                    # The API's schema: a tool message's parts are text only.
+                    return (
+                        f"messages[{i}].content[{j}].type",
+                        f"Invalid value: {part.get('type')!r}. Supported values are: 'text'.",
+                    )
             if not m.get("tool_call_id"):
                 return (
                     "messages.tool_call_id",
