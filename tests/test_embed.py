@@ -4,6 +4,7 @@ fake OpenAI and Ollama upstreams, under keys, limits, time limits, retries and t
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import openai
 import pytest
 
 from stella.backends.echo import EMBED_DIMENSIONS, echo_vector
+from stella.client import AsyncClient, BadRequestError, Client
 from tests.fakes import ollama as fake_ollama
 from tests.fakes import openai as fake_openai
 from tests.fakes.ollama import FakeOllama
@@ -150,6 +152,23 @@ def test_the_native_route(fakes: tuple[FakeOpenAI, FakeOllama, LiveServer]) -> N
         server.url + "/api/v1/embed", json={"model": "emb", "input": ["x", "y"]}, headers=auth()
     )
     assert r.status_code == 200 and len(r.json()["embeddings"]) == 2
+
+
+def test_stellas_python_clients_embed(fakes: tuple[FakeOpenAI, FakeOllama, LiveServer]) -> None:
+    _, _, server = fakes
+    with Client(server.url, api_key=ADMIN) as client:
+        answer = client.embed(["a b", "c"], model="echo", dimensions=4)
+        assert answer.embeddings == [echo_vector("a b", 4), echo_vector("c", 4)]
+        assert (answer.model, answer.usage.prompt_tokens) == ("echo", 3)
+        with pytest.raises(BadRequestError) as caught:
+            client.embed("x", model="claude")
+        assert caught.value.code == "not_supported"
+
+    async def embed() -> list[list[float]]:
+        async with AsyncClient(server.url, api_key=ADMIN) as client:
+            return (await client.embed("a b", model="echo")).embeddings
+
+    assert asyncio.run(embed()) == [echo_vector("a b", EMBED_DIMENSIONS)]
 
 
 def test_the_ollama_client_embeds_through_ollama_and_echo(
