@@ -30,7 +30,7 @@ from stella.api.http import (
     read_json,
     services,
 )
-from stella.api.ollama import OLLAMA, _check_keep_alive, answer_name, model_name
+from stella.api.ollama import OLLAMA, answer_name, check_keep_alive, model_name
 from stella.api.openai import OPENAI
 from stella.api.openai_request import MAX_USER_CHARS, check_user
 from stella.api.openapi import Operation, document
@@ -229,7 +229,7 @@ async def ollama_embed(request: Request, call: Call) -> Response:
     started = time.perf_counter()
     body = await read_body(request, services(request).settings.server.max_body_bytes)
     req: OllamaEmbed = decode(body, OllamaEmbed, _ollama_embed)
-    _check_keep_alive(req.keep_alive)
+    check_keep_alive(req.keep_alive)
     asked = model_name(request, req.model)
     spell = answer_name(services(request).router, req.model)
     if req.input == "" or req.input == []:
@@ -263,7 +263,7 @@ async def ollama_embeddings(request: Request, call: Call) -> Response:
     """POST /api/embeddings: one prompt's vector (Ollama's older route)."""
     body = await read_body(request, services(request).settings.server.max_body_bytes)
     req: OllamaEmbeddings = decode(body, OllamaEmbeddings, _ollama_embeddings)
-    _check_keep_alive(req.keep_alive)
+    check_keep_alive(req.keep_alive)
     asked = model_name(request, req.model)
     if not req.prompt:
         # As Ollama answers an empty prompt (a load): no vector; the model is checked.
