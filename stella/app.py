@@ -61,6 +61,7 @@ DIALECTS = (
     "stella.api.openai",
     "stella.api.responses",
     "stella.api.ollama",
+    "stella.api.embed",
     "stella.api.anthropic",
     "stella.api.aliases",
     "stella.api.admin",

@@ -43,6 +43,7 @@ from stella.protocol import (
     ChatResponse,
     Delta,
     Done,
+    EmbedResponse,
     Error,
     ModelList,
     Ping,
@@ -62,6 +63,19 @@ _SLASH_SHORT = re.compile(r"https?:/?(?!/)", re.IGNORECASE)  # "http:/host", "ht
 _event = msgspec.json.Decoder(StreamEvent)
 _response = msgspec.json.Decoder(ChatResponse)
 _models = msgspec.json.Decoder(ModelList)
+_embedded = msgspec.json.Decoder(EmbedResponse)
+
+
+def _embed_body(
+    input: str | list[str], model: str | None, dimensions: int | None
+) -> dict[str, Any]:
+    """The body of POST /api/v1/embed."""
+    body: dict[str, Any] = {"input": input}
+    if model is not None:
+        body["model"] = model
+    if dimensions is not None:
+        body["dimensions"] = dimensions
+    return body
 
 
 class StellaClientError(Exception):
@@ -954,6 +968,13 @@ class Client:
             return Stream(self._stream("/api/v1/generate", body))
         return self._post("/api/v1/generate", body)
 
+    def embed(
+        self, input: str | list[str], *, model: str | None = None, dimensions: int | None = None
+    ) -> EmbedResponse:
+        """POST /api/v1/embed: one vector per input (`.embeddings`), and `.usage`."""
+        r = self._send("POST", "/api/v1/embed", _embed_body(input, model, dimensions))
+        return _decode(_embedded, r.content, self.url, r.status_code)
+
     def models(self) -> ModelList:
         """The routable models."""
         r = self._send("GET", "/api/v1/models")
@@ -1213,6 +1234,13 @@ class AsyncClient:
         if stream:
             return await AsyncStream(self._stream("/api/v1/generate", body))._opened()
         return await self._post("/api/v1/generate", body)
+
+    async def embed(
+        self, input: str | list[str], *, model: str | None = None, dimensions: int | None = None
+    ) -> EmbedResponse:
+        """POST /api/v1/embed: one vector per input (`.embeddings`), and `.usage`."""
+        r = await self._send("POST", "/api/v1/embed", _embed_body(input, model, dimensions))
+        return _decode(_embedded, r.content, self.url, r.status_code)
 
     async def models(self) -> ModelList:
         """The routable models."""

@@ -15,7 +15,7 @@ import math
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 import structlog
@@ -48,9 +48,12 @@ from stella.protocol import (
     ChatResponse,
     Delta,
     Done,
+    EmbedRequest,
+    EmbedResult,
     Error,
     FunctionCall,
     Message,
+    Options,
     PromptTokensDetails,
     Start,
     Timings,
@@ -154,13 +157,17 @@ class Pipeline:
                 "turn before it",
                 param=f"messages[{i}].tool_call_id",
             )
+        return self._resolve(request.model, call)
+
+    def _resolve(self, model: str | None, call: Call) -> Route:
+        """The route of `model` (None: the default), one the caller's key may use."""
         principal = call.principal
         scope = principal.scope
         if call.backend:
-            route = self.router.direct(call.backend, request.model, scope)
+            route = self.router.direct(call.backend, model, scope)
         else:
-            route = self.router.resolve(request.model, scope)
-        principal.check(route.name, asked=request.model)  # an alias keeps its route unnamed
+            route = self.router.resolve(model, scope)
+        principal.check(route.name, asked=model)  # an alias keeps its route unnamed
         return route
 
     async def prepare(self, request: ChatRequest, call: Call) -> Inference:
@@ -203,6 +210,54 @@ class Pipeline:
         if images is not None:
             inference.images = images.total
         inference.backend_held = not skip
+        self.active.add(inference)
+        return inference
+
+    def embed_route(self, model: str | None, call: Call) -> Route:
+        """The route an embed call of `model` goes to: one the key may use, on a backend
+        that makes embeddings (else a 400 `not_supported`, before any admission)."""
+        if model is not None and len(model) > MAX_MODEL_NAME:
+            raise InvalidRequest(f"$.model: over {MAX_MODEL_NAME} characters", param="model")
+        route = self._resolve(model, call)
+        backend = route.backend
+        if not backend.makes_embeddings:
+            what = f"model {model!r}" if model else "the default model"
+            raise NotSupported(
+                f"{what} does not make embeddings (its backend, {backend.kind}, has none)",
+                param="model",
+            )
+        return route
+
+    async def prepare_embed(
+        self, request: EmbedRequest, call: Call, metadata: dict[str, Any] | None = None
+    ) -> EmbedInference:
+        """Resolve and admit an embed call as a chat is (key scope, rate limits, slots, the
+        circuit), with no fallback: another model's vectors are not comparable with this
+        one's, so a client that stores them would mix two spaces without a word."""
+        model = request.model
+        route = self.embed_route(model, call)
+        backend = route.backend
+        if not self.router.breakers[route.backend_name].available():
+            raise self._circuits_open(route, [route])
+        texts = request.texts()
+        # What admission reads: the inputs as the prompt (the token estimate a rate limit
+        # reserves, settled with the real count) and no answer to reserve for but a token.
+        chat = ChatRequest(
+            messages=[Message(role="user", content=t) for t in texts],
+            model=model,
+            stream=False,
+            options=Options(max_tokens=1),
+            metadata=metadata,
+        )
+        backend.admit(chat)
+        started = time.perf_counter()
+        permit = self.admission.admit_now(call, route, chat, True)
+        waited = 0.0
+        if permit is None:
+            permit = await self._admit_waiting(call, route, chat, True)
+            waited = (time.perf_counter() - started) * 1000
+        inference = EmbedInference(self, route, [route], chat, call, permit, waited)
+        inference.embed_request = request
         self.active.add(inference)
         return inference
 
@@ -334,6 +389,10 @@ async def watch_leaving(receive: Receive, call: Call, task: asyncio.Task[Any]) -
 
 class Inference:
     """One admitted call: its events, its outcome, its one log event."""
+
+    # What the call does, as its log event's `op` says: a chat (every dialect's chat,
+    # generate, messages and responses calls) or an embed.
+    op: ClassVar[str] = "chat"
 
     __slots__ = (
         "admit_ms",
@@ -843,19 +902,12 @@ class Inference:
             route=route.name,
             silence_limit_s=min(rs.ttft_timeout_s, rs.idle_timeout_s),
         )
-        req = for_backend(self.request, route)
-        agen = route.backend.chat(req, ctx)
-        if (
-            req.parallel_tool_calls is False
-            and req.tools
-            and not route.backend.honours_parallel_tool_calls
-        ):
-            agen = _first_tool_call(agen)
+        agen, whole = self._open(route, ctx)
         t = time.perf_counter()
         record: dict[str, Any] = {"backend": route.backend_name, "route": route.name}
         self.attempts.append(record)
         ttft, awaited = rs.ttft_timeout_s, "first token"
-        if not req.stream and route.backend.whole_answers:
+        if whole:
             # The first event is the whole answer: its own limit, so that a hung upstream
             # still leaves time for a retry or a fallback.
             ttft, awaited = rs.answer_timeout_s or rs.ttft_timeout_s, "answer"
@@ -932,6 +984,19 @@ class Inference:
         if ctx.upstream_request_id:  # the upstream's own id of the failed answer
             record["upstream_request_id"] = ctx.upstream_request_id
         return err
+
+    def _open(self, route: Route, ctx: CallContext) -> tuple[AsyncIterator[BackendEvent], bool]:
+        """The backend's events for one attempt on `route`, and whether the first is the
+        whole answer (a non-stream call to a backend that asks for it in one piece)."""
+        req = for_backend(self.request, route)
+        agen = route.backend.chat(req, ctx)
+        if (
+            req.parallel_tool_calls is False
+            and req.tools
+            and not route.backend.honours_parallel_tool_calls
+        ):
+            agen = _first_tool_call(agen)
+        return agen, not req.stream and route.backend.whole_answers
 
     def _queued(self, ctx: CallContext, now: float) -> None:
         """Count the queue wait of an attempt that ended without a first token: until its
@@ -1112,6 +1177,7 @@ class Inference:
             timings = self._timings(usage, now, self.ttft)
         record: dict[str, Any] = {
             "request_id": self.call.request_id,
+            "op": self.op,
             "api": self.call.api,
             "key": self.call.principal.name,
             "model": self.route.name,
@@ -1153,25 +1219,16 @@ class Inference:
                 record["load_ms"] = ctx.load_ms
         if self.images:
             record["images"] = self.images  # how many; never their data, whatever `content`
+        if self.op != "chat":
+            record["inputs"] = len(self.request.messages)  # an embed call's texts
         if self.request.metadata:
             record["metadata"] = self.request.metadata
         if pipeline.log_content:
-            record["prompt"] = [_logged_message(m) for m in self.request.messages]
-            record["completion"] = "".join(self.texts)
-            if self.reasonings:
-                # The model's thinking is part of what it wrote, apart from its answer.
-                record["reasoning"] = "".join(self.reasonings)
-            if self.tool_calls:
-                # What the model asked a tool to do is part of its answer: an audit
-                # trail without the arguments would miss what was done in its name.
-                record["tool_calls"] = [
-                    _logged_call(c.id, c.name, arguments_text(c.arguments, c.raw_arguments))
-                    for c in self.tool_calls
-                ]
+            self._log_content(record)
         secret = self.call.secret
         if len(secret) >= 4 and (self.request.metadata or pipeline.log_content):
             # A client may echo its own key in what it writes: never logged as it is.
-            for field in ("metadata", "prompt", "completion", "reasoning", "tool_calls"):
+            for field in ("metadata", "prompt", "completion", "reasoning", "tool_calls", "input"):
                 if field in record:
                     record[field] = _masked(record[field], secret)
         for listener in pipeline.listeners:
@@ -1180,6 +1237,84 @@ class Inference:
             except Exception as exc:  # a metrics bug must not lose the log line
                 record.setdefault("listener_errors", []).append(repr(exc))
         pipeline.emit("inference", record)
+
+    def _log_content(self, record: dict[str, Any]) -> None:
+        """Put what the call read and wrote into its log event (log.content)."""
+        record["prompt"] = [_logged_message(m) for m in self.request.messages]
+        record["completion"] = "".join(self.texts)
+        if self.reasonings:
+            # The model's thinking is part of what it wrote, apart from its answer.
+            record["reasoning"] = "".join(self.reasonings)
+        if self.tool_calls:
+            # What the model asked a tool to do is part of its answer: an audit
+            # trail without the arguments would miss what was done in its name.
+            record["tool_calls"] = [
+                _logged_call(c.id, c.name, arguments_text(c.arguments, c.raw_arguments))
+                for c in self.tool_calls
+            ]
+
+
+class EmbedInference(Inference):
+    """One admitted embed call: the chat's pipeline (time limits, retries, circuit, one log
+    event), its one attempt a backend's `embed` whose answer comes as a lone Done."""
+
+    op = "embed"
+    __slots__ = ("embed_request", "vectors")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.embed_request: EmbedRequest | None = None
+        self.vectors: list[list[float]] = []
+
+    def _open(self, route: Route, ctx: CallContext) -> tuple[AsyncIterator[BackendEvent], bool]:
+        """The embed attempt as one event, the whole answer (its route's answer limit)."""
+        return self._embedded(route, ctx), True
+
+    async def _embedded(self, route: Route, ctx: CallContext) -> AsyncIterator[BackendEvent]:
+        request = self.embed_request
+        assert request is not None
+        if request.model != route.upstream_model:
+            request = msgspec.structs.replace(request, model=route.upstream_model)
+        result = await route.backend.embed(request, ctx)
+        _check_vectors(route.backend_name, request, result)
+        self.vectors = result.embeddings
+        n = result.prompt_tokens
+        yield Done(finish_reason="stop", usage=Usage(n, 0, n))
+
+    def _log_content(self, record: dict[str, Any]) -> None:
+        """The inputs, never the vectors (numbers no reader of a log can use)."""
+        record["input"] = [m.content for m in self.request.messages]
+
+    async def embeddings(self) -> EmbedResult:
+        """Run to the end: the vectors and the tokens read; raise the error if it failed."""
+        done = await self.run()
+        if type(done) is not Done:
+            assert self.error is not None
+            raise self.error
+        return EmbedResult(embeddings=self.vectors, prompt_tokens=done.usage.prompt_tokens)
+
+
+def _check_vectors(backend: str, request: EmbedRequest, result: EmbedResult) -> None:
+    """Refuse an answer that is not one vector per input, each `dimensions` long when the
+    request asks a length: a client would store vectors it cannot use, or the wrong ones
+    against its texts. Not retried: asked again, the upstream answers alike."""
+    count = len(request.texts())
+    got = result.embeddings
+    problem = ""
+    if len(got) != count:
+        problem = f"{len(got)} vectors for {count} inputs"
+    elif request.dimensions is not None:
+        for v in got:
+            if len(v) != request.dimensions:
+                problem = (
+                    f"a vector of {len(v)} dimensions where {request.dimensions} were asked "
+                    "(the model does not shorten its vectors)"
+                )
+                break
+    if problem:
+        err = UpstreamError(f"backend {backend!r} answered {problem}")
+        err.retryable = False
+        raise err
 
 
 def _logged_call(call_id: str, name: str, arguments: str) -> dict[str, str]:
@@ -1460,6 +1595,7 @@ __all__ = [
     "ANONYMOUS",
     "Admission",
     "Call",
+    "EmbedInference",
     "Inference",
     "Permit",
     "Pipeline",

@@ -97,6 +97,11 @@ class Metrics:
         self.queue: dict[str, _Hist] = defaultdict(_Hist)
         self.rejections: dict[tuple[str, str], int] = defaultdict(int)
         self.failures: dict[tuple[str, str], int] = defaultdict(int)
+        # Embed calls, apart from the chats: many short calls (a RAG index's) would skew
+        # the chats' rates and latencies.
+        self.embeds: dict[tuple[str, str, str, int], int] = defaultdict(int)
+        self.embed_tokens: dict[str, int] = defaultdict(int)
+        self.embed_total: dict[str, _Hist] = defaultdict(_duration_hist)
         self.registry.register(_CounterCollector(self))
         self.registry.register(_StateCollector(svc))
 
@@ -109,6 +114,27 @@ class Metrics:
     def observe(self, record: dict[str, Any]) -> None:
         """Count one inference (runs for every request: keep it cheap)."""
         model = self._model(record["model"])
+        attempts = record["attempts"]
+        if len(attempts) > 1 or (attempts and attempts[0].get("error")):
+            for attempt in attempts:
+                error = attempt.get("error")
+                if (
+                    error
+                    and error not in NOT_BACKEND_FAILURES
+                    and "ms" in attempt
+                    and "out_of_time" not in attempt
+                ):
+                    self.failures[(attempt["backend"], error)] += 1
+        if record["op"] == "embed":
+            self.embeds[(record["api"], model, record["backend"], record["status"])] += 1
+            if record["prompt_tokens"]:
+                self.embed_tokens[model] += record["prompt_tokens"]
+            total = record["total_ms"] / 1000
+            h = self.embed_total[model]
+            h.buckets[bisect_left(DURATION_BUCKETS, total)] += 1
+            h.sum += total
+            h.count += 1
+            return
         self.requests[(record["api"], model, record["backend"], record["status"])] += 1
         if record["prompt_tokens"]:
             self.tokens[(model, "prompt")] += record["prompt_tokens"]
@@ -134,17 +160,6 @@ class Metrics:
         h.buckets[bisect_left(LATENCY_BUCKETS, queue)] += 1
         h.sum += queue
         h.count += 1
-        attempts = record["attempts"]
-        if len(attempts) > 1 or (attempts and attempts[0].get("error")):
-            for attempt in attempts:
-                error = attempt.get("error")
-                if (
-                    error
-                    and error not in NOT_BACKEND_FAILURES
-                    and "ms" in attempt
-                    and "out_of_time" not in attempt
-                ):
-                    self.failures[(attempt["backend"], error)] += 1
 
     def rejected(self, exc: StellaError, api: str) -> None:
         """Count an inference request's refusal before the first byte (401, 404, 429, 503, ...)."""
@@ -170,9 +185,24 @@ class _CounterCollector(Collector):
         for labels, n in list(m.tokens.items()):
             tokens.add_metric(list(labels), n)
         yield tokens
+        embeds = CounterMetricFamily(
+            "stella_embed_requests",
+            "Embed calls by outcome",
+            labels=["api", "model", "backend", "status"],
+        )
+        for (api, model, backend, status), n in list(m.embeds.items()):
+            embeds.add_metric([api, model, backend, str(status)], n)
+        yield embeds
+        embed_tokens = CounterMetricFamily(
+            "stella_embed_tokens", "Tokens embed calls read", labels=["model"]
+        )
+        for model, n in list(m.embed_tokens.items()):
+            embed_tokens.add_metric([model], n)
+        yield embed_tokens
         for name, doc, hists in (
             ("stella_time_to_first_token_seconds", "Time to first token", m.ttft),
             ("stella_request_duration_seconds", "Whole inference time", m.total),
+            ("stella_embed_duration_seconds", "Whole embed call time", m.embed_total),
             (
                 "stella_queue_wait_seconds",
                 "Time waiting for a place: the key's and the backend's concurrency slots, "

@@ -348,6 +348,75 @@ class GenerateRequest(Strict):
         )
 
 
+# The most inputs one embed request may carry (OpenAI's own bound for /v1/embeddings),
+# the longest input in characters (about 64k tokens: above every embedding model's
+# window; a body is bounded by server.max_body_bytes too), and the longest vector asked.
+MAX_EMBED_INPUTS = 2048
+MAX_EMBED_CHARS = 262_144
+MAX_EMBED_DIMENSIONS = 16_384
+
+EmbedText = Annotated[str, Meta(min_length=1, max_length=MAX_EMBED_CHARS)]
+Dimensions = Annotated[
+    int,
+    Meta(
+        ge=1,
+        le=MAX_EMBED_DIMENSIONS,
+        description="the length of each vector: sent on as the upstream's `dimensions` "
+        "(OpenAI's text-embedding-3 models and Ollama shorten their vectors to it); an "
+        "answer of another length is a 502; echo makes vectors this long. Absent: the "
+        "model's own length",
+    ),
+]
+
+
+class EmbedRequest(Strict):
+    """POST /api/v1/embed, and the one internal embed request every dialect becomes."""
+
+    input: (
+        Annotated[
+            list[EmbedText],
+            Meta(
+                min_length=1,
+                max_length=MAX_EMBED_INPUTS,
+                description="the texts to embed (a string is one), each non-empty",
+            ),
+        ]
+        | EmbedText
+    )
+    model: str | None = None
+    dimensions: Dimensions | None = None
+    # Ollama's `truncate`: false refuses an input over the model's window rather than cut
+    # it. Passed on by an Ollama backend alone (None: Ollama's default, true).
+    truncate: bool | None = None
+
+    def texts(self) -> list[str]:
+        """The inputs, a single string as a list of one."""
+        return [self.input] if isinstance(self.input, str) else self.input
+
+
+class EmbedUsage(msgspec.Struct):
+    """The tokens an embed call read (OpenAI's embeddings usage)."""
+
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+class EmbedResult(msgspec.Struct):
+    """What a backend's `embed` returns: one vector per input, in order, and the tokens
+    it read (0: the upstream did not say; stella then estimates them)."""
+
+    embeddings: list[list[float]]
+    prompt_tokens: int = 0
+
+
+class EmbedResponse(msgspec.Struct):
+    """Body of POST /api/v1/embed."""
+
+    model: str
+    embeddings: list[list[float]]
+    usage: EmbedUsage
+
+
 # --- stream events ---------------------------------------------------------
 
 

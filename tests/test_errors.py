@@ -772,7 +772,7 @@ def test_router_errors_take_the_shape_of_the_paths_dialect(server: LiveServer) -
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.delete(server.url + "/v1/chat/completions", headers=auth)  # the client's fault
     assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
-    r = httpx.post(server.url + "/api/embed", headers=auth)  # Ollama: the error is a string
+    r = httpx.post(server.url + "/api/pull", headers=auth)  # Ollama: the error is a string
     assert r.status_code == 404 and isinstance(r.json()["error"], str)
     r = httpx.post(server.url + "/api/v1/nope", headers=auth)  # the native API
     assert r.json()["error"]["code"] == "not_found"

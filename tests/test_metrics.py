@@ -514,6 +514,7 @@ def test_a_first_token_after_several_attempts_lands_in_its_bucket(
     m = Metrics(SimpleNamespace(router=SimpleNamespace(ever={"r"})))
     m.observe(
         {
+            "op": "chat",
             "model": "r",
             "api": "native",
             "backend": "b",

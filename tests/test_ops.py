@@ -665,6 +665,8 @@ def test_answers_match_the_openapi_document() -> None:
             ("delete", "/api/v1/models/{name}", "/api/v1/models/e2-alias", None, auth),
             ("delete", "/api/v1/models/{name}", "/api/v1/models/echo", None, auth),  # 409
             ("get", "/api/v1/usage", "/api/v1/usage", None, auth),
+            ("post", "/api/v1/embed", "/api/v1/embed", {"model": "echo", "input": "a b"}, auth),
+            ("post", "/api/v1/embed", "/api/v1/embed", {"model": "echo", "input": []}, auth),
         ]
         seen = []
         for method, template, path, body, headers in calls:
@@ -773,6 +775,16 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
         ("get", "/v1/models/{model}", "/v1/models/echo", None, 200, "json"),
         ("get", "/v1/models/{model}", "/v1/models/nope", None, 404, ""),
         ("get", "/v1/health", "", None, 200, "json"),
+        ("post", "/v1/embeddings", "", {"model": "echo", "input": ["a b", "c"]}, 200, "json"),
+        (
+            "post",
+            "/v1/embeddings",
+            "",
+            {"model": "echo", "input": "a", "encoding_format": "base64"},
+            200,
+            "json",
+        ),
+        ("post", "/v1/embeddings", "", {"model": "echo", "input": [1, 2]}, 400, ""),
         # OpenAI Responses
         ("post", "/v1/responses", "", {"model": "echo", "input": "a b"}, 200, "json"),
         (
@@ -893,6 +905,10 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
         ("post", "/api/show", "", {"model": "nope"}, 404, ""),
         ("post", "/api/show", "", {}, 400, ""),
         ("get", "/api/version", "", None, 200, "json"),
+        ("post", "/api/embed", "", {"model": "echo", "input": ["a b", "c"]}, 200, "json"),
+        ("post", "/api/embed", "", {"model": "echo", "input": []}, 200, "json"),  # a load
+        ("post", "/api/embed", "", {"model": "echo", "input": 1}, 400, ""),
+        ("post", "/api/embeddings", "", {"model": "echo", "prompt": "a b"}, 200, "json"),
         # Anthropic
         ("post", "/v1/messages", "", msgs, 200, "json"),
         ("post", "/v1/messages", "", {**msgs, "tools": a_tools}, 200, "json"),

@@ -517,7 +517,15 @@ def stream_response(
 
 
 async def run_to_end(request: Request, inference: Inference) -> ChatResponse:
-    """Run a non-stream inference to its end.
+    """Run a non-stream inference to its end (see `answer_of`)."""
+    return await answer_of(request, inference, inference.result)
+
+
+async def answer_of(
+    request: Request, inference: Inference, produce: Callable[[], Awaitable[T]]
+) -> T:
+    """Run a non-stream inference to its end: what `produce` (the inference's own way to
+    run it whole: a chat's `result`, an embed's `embeddings`) returns.
 
     A client that disconnects cancels the backend, as in a stream; shutdown past
     the drain deadline ends the call with 503 `shutting_down`.
@@ -541,7 +549,7 @@ async def run_to_end(request: Request, inference: Inference) -> ChatResponse:
     try:
         if not entered:  # the drain is over: ended before it began
             raise ShuttingDown()
-        result = await inference.result()
+        result = await produce()
         protocol = request.scope.get("stella.protocol")
         if protocol is not None:
             # Its write gets what is left of the total limit, at least a second: a client

@@ -289,7 +289,7 @@ async def chat(request: Request, call: Call) -> Reply:
     req: OllamaChat = _decode(
         await read_body(request, services(request).settings.server.max_body_bytes), _chat
     )
-    _check_keep_alive(req.keep_alive)
+    check_keep_alive(req.keep_alive)
     check_logprobs(req.logprobs, req.top_logprobs)
     messages = to_messages(req)
     if not messages:
@@ -358,7 +358,7 @@ def _is_zero(keep_alive: Any) -> bool:
     return False
 
 
-def _check_keep_alive(keep_alive: float | str | None) -> None:
+def check_keep_alive(keep_alive: float | str | None) -> None:
     """Refuse a keep_alive string that is neither a Go duration nor a number (Ollama's
     decoder fails on it: 400); a bare number ("-1") is read as seconds, more leniently
     than Ollama, which wants a unit: a client's value is only looked at for an unload."""
@@ -409,7 +409,7 @@ async def generate(request: Request, call: Call) -> Reply:
         await read_body(request, services(request).settings.server.max_body_bytes), _generate
     )
     images = images_of(req.images, "images", Counter())
-    _check_keep_alive(req.keep_alive)
+    check_keep_alive(req.keep_alive)
     check_logprobs(req.logprobs, req.top_logprobs)
     _check_insert(req)
     if not req.prompt and not images:  # with an image, a question about it

@@ -10,7 +10,8 @@ tell a worker to stop.
 
 A backend that can count a prompt's tokens exactly, as its model reads them, overrides
 `count_tokens` (the Anthropic dialect's POST /v1/messages/count_tokens asks it); the
-default refuses with NotSupported.
+default refuses with NotSupported. So does one that makes embeddings with `embed` (the
+embed routes ask it, under the same admission, time limits, retries and circuit).
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from typing import ClassVar
 import msgspec
 
 from stella.errors import InvalidRequest, NotSupported
-from stella.protocol import ChatRequest, Delta, Done, FinishReason, Message, ToolCall
+from stella.protocol import (
+    ChatRequest,
+    Delta,
+    Done,
+    EmbedRequest,
+    EmbedResult,
+    FinishReason,
+    Message,
+    ToolCall,
+)
 
 BackendEvent = Delta | ToolCall | Done
 
@@ -252,6 +262,18 @@ class Backend:
         # An estimate (four characters a token) would pass for the model's own count, and
         # a client sizing its context by it would be wrong without a word.
         raise NotSupported(f"the {self.kind} backend has no way to count a prompt's tokens")
+
+    @property
+    def makes_embeddings(self) -> bool:
+        """Whether this backend implements `embed` (the embed routes refuse a route whose
+        backend does not before admission: no slot, no rate limit, no log event)."""
+        return type(self).embed is not Backend.embed
+
+    async def embed(self, request: EmbedRequest, ctx: CallContext) -> EmbedResult:
+        """One vector per input of `request` (`request.model` is already the upstream
+        model's name), in order, and the tokens read; a failure raises a StellaError, as
+        a chat's does. The default refuses: the backend makes no embeddings."""
+        raise NotSupported(f"model {request.model!r} does not make embeddings")
 
     async def models(self) -> list[str]:
         """Model names the engine offers."""

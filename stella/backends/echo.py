@@ -4,12 +4,17 @@ It streams back the last user message word by word (a non-stream request gets
 the same text as one delta, as a remote backend's non-stream call would give
 it). With tools in the request it calls the first tool (or the one `tool_choice`
 names) once with `{"input": <text>}`; after a tool result it echoes that result. Knobs make it fail, stall or slow down on purpose.
+It makes embeddings too: each text's vector is the sum of one fixed pseudo-random vector
+per word, seeded by the word's hash, made a unit vector (texts sharing words point alike).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import re
+from array import array
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
@@ -25,7 +30,16 @@ from stella.backends.base import (
     new_call_id,
 )
 from stella.errors import Overloaded, StellaError, Unavailable, UpstreamError, UpstreamTimeout
-from stella.protocol import ChatRequest, Delta, Done, FinishReason, ToolCall, Usage
+from stella.protocol import (
+    ChatRequest,
+    Delta,
+    Done,
+    EmbedRequest,
+    EmbedResult,
+    FinishReason,
+    ToolCall,
+    Usage,
+)
 
 _WORDS = re.compile(r"\s*\S+")
 
@@ -51,6 +65,8 @@ class EchoConfig(BackendConfig, kw_only=True):
 
 # Tokens of an answer without delay_s between two turns of the event loop.
 YIELD_EVERY = 256
+# The length of echo's vectors when a request asks none.
+EMBED_DIMENSIONS = 16
 # The failures `error_code` can name.
 _FAILURES: dict[str, type[StellaError]] = {
     e.code: e for e in (UpstreamError, UpstreamTimeout, Overloaded, Unavailable)
@@ -82,6 +98,31 @@ class EchoBackend(Backend):
         """The prompt tokens its answer to `request` reports: the messages' words (the
         failure and pacing knobs are the answer's, not the count's)."""
         return _prompt_tokens(request)
+
+    async def embed(self, request: EmbedRequest, ctx: CallContext) -> EmbedResult:
+        """A vector per text (EMBED_DIMENSIONS long, or `dimensions`), the words as its
+        tokens; fail_before_first, fail_first_calls, delay_s (once) and stall_after (any
+        value: it never answers) apply as to a chat's first token."""
+        cfg = self.cfg
+        self.started += 1
+        try:
+            if cfg.fail_before_first or self.started <= cfg.fail_first_calls:
+                raise UpstreamError("echo: failing before the answer, as configured")
+            if cfg.stall_after >= 0:
+                await asyncio.Event().wait()  # stall: only cancellation ends this
+            if cfg.delay_s:
+                await asyncio.sleep(cfg.delay_s)
+            size = request.dimensions or EMBED_DIMENSIONS
+            vectors = []
+            words = 0
+            for i, text in enumerate(request.texts()):
+                if i and not i % YIELD_EVERY:
+                    await asyncio.sleep(0)  # a long list must not hold the event loop
+                vectors.append(echo_vector(text, size))
+                words += len(text.split())
+            return EmbedResult(embeddings=vectors, prompt_tokens=words)
+        finally:
+            self.closed += 1
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream the last user message back, word by word."""
@@ -147,6 +188,18 @@ class EchoBackend(Backend):
             yield Done(finish_reason=finish, usage=Usage(prompt_tokens, n, prompt_tokens + n))
         finally:
             self.closed += 1
+
+
+def echo_vector(text: str, size: int) -> list[float]:
+    """`text`'s echo embedding: the unit vector along the sum of one pseudo-random vector
+    per word (seeded by the word's SHAKE-256 hash), as float32 values (what OpenAI's
+    base64 form carries, so both forms give the same numbers)."""
+    total = [0.0] * size
+    for word in text.split() or (text,):
+        raw = array("i", hashlib.shake_256(word.encode()).digest(4 * size))
+        total = [t + x for t, x in zip(total, raw, strict=True)]
+    norm = math.sqrt(math.fsum(t * t for t in total)) or 1.0
+    return array("f", [t / norm for t in total]).tolist()
 
 
 def _prompt_tokens(request: ChatRequest) -> int:

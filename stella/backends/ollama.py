@@ -36,6 +36,8 @@ from stella.protocol import (
     ChatRequest,
     Delta,
     Done,
+    EmbedRequest,
+    EmbedResult,
     ReasoningEffort,
     Think,
     ToolCall,
@@ -111,6 +113,15 @@ class _Line(msgspec.Struct):
     error: str | None = None
 
 
+class _Embedded(msgspec.Struct):
+    """/api/embed's answer (api/types.go's EmbedResponse)."""
+
+    embeddings: list[list[float]] = []
+    prompt_eval_count: int = 0
+    load_duration: int = 0  # nanoseconds
+    error: str | None = None
+
+
 class _Refusal(msgspec.Struct):
     """Ollama's 401 for a cloud model while the server is not signed in to ollama.com."""
 
@@ -159,6 +170,7 @@ THINK_FOR_EFFORT: dict[ReasoningEffort, Think] = {
 
 
 _line = msgspec.json.Decoder(_Line)
+_embedded = msgspec.json.Decoder(_Embedded)
 _refusal = msgspec.json.Decoder(_Refusal)
 _tags = msgspec.json.Decoder(_Tags)
 _ps = msgspec.json.Decoder(_Ps)
@@ -504,6 +516,34 @@ class OllamaBackend(HttpBackend):
                 err.same_again = False
                 raise err from None
             raise aiohttp_error(self.name, exc, self.http.connect_timeout_s) from None
+
+    async def embed(self, request: EmbedRequest, ctx: CallContext) -> EmbedResult:
+        """POST /api/embed: Ollama loads the model itself (no load of stella's: an empty
+        chat, its load, is refused by a model that only embeds), within the call's limits."""
+        body: dict[str, Any] = {"model": request.model, "input": request.texts()}
+        if request.truncate is not None:
+            body["truncate"] = request.truncate
+        if request.dimensions is not None:
+            body["dimensions"] = request.dimensions
+        if self.keep_alive is not None:
+            body["keep_alive"] = self.keep_alive
+        name = self.name
+        try:
+            async with self.answer(self.base_url + "/api/embed", _enc.encode(body), ctx) as r:
+                raw = await read_body(r, name)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
+        try:
+            answer = _embedded.decode(raw)
+        except BAD_JSON:
+            raise UpstreamError(f"{name}: malformed embed answer") from None
+        if answer.error is not None:
+            raise UpstreamError(f"{name}: {upstream_text(answer.error)}")
+        if answer.load_duration > 0:  # Ollama's own load of the model for this call
+            ctx.load_ms = answer.load_duration / 1e6
+        if not answer.prompt_eval_count:
+            ctx.usage_estimated = True
+        return EmbedResult(embeddings=answer.embeddings, prompt_tokens=answer.prompt_eval_count)
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream /api/chat and translate its lines."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
+import sys
+from array import array
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
@@ -35,6 +38,8 @@ from stella.protocol import (
     ChatRequest,
     Delta,
     Done,
+    EmbedRequest,
+    EmbedResult,
     FinishReason,
     Image,
     Message,
@@ -123,7 +128,24 @@ class _Chunk(msgspec.Struct):
     error: Any = None
 
 
+class _Embedding(msgspec.Struct):
+    index: int | None = None  # the input's place; a server that leaves it out keeps order
+    # Floats as asked (encoding_format "float"); a server that sends base64 anyway, read.
+    embedding: list[float] | str = []
+
+
+class _EmbedUsage(msgspec.Struct):
+    prompt_tokens: int = 0
+
+
+class _Embeddings(msgspec.Struct):
+    data: list[_Embedding] | None = None
+    usage: _EmbedUsage | None = None
+    error: Any = None
+
+
 _chunk = msgspec.json.Decoder(_Chunk)
+_embeddings = msgspec.json.Decoder(_Embeddings)
 _json = msgspec.json.Encoder()
 
 
@@ -246,6 +268,7 @@ class OpenAIBackend(HttpBackend):
         self.cfg = config
         self.reads_image_urls = config.image_urls
         self.chat_url = self.base_url + "/chat/completions"
+        self.embed_url = self.base_url + "/embeddings"
 
     def capabilities(self, upstream_model: str) -> list[str]:
         """Chat and tools (the upstream decides what it really supports)."""
@@ -258,6 +281,36 @@ class OpenAIBackend(HttpBackend):
     async def health(self) -> BackendHealth:
         """GET /models: reachable and authorised, no tokens spent."""
         return await self.probe("/models")
+
+    async def embed(self, request: EmbedRequest, ctx: CallContext) -> EmbedResult:
+        """POST /embeddings on the pooled client, floats asked; the upstream's usage."""
+        body: dict[str, Any] = {
+            "model": request.model,
+            "input": request.texts(),
+            "encoding_format": "float",
+        }
+        if request.dimensions is not None:  # only when asked: most models refuse it
+            body["dimensions"] = request.dimensions
+        name = self.name
+        try:
+            async with self.answer(self.embed_url, _json.encode(body), ctx) as r:
+                raw = await read_body(r, name)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
+        try:
+            answer = _embeddings.decode(raw)
+        except BAD_JSON:
+            raise UpstreamError(f"{name}: malformed embeddings answer") from None
+        if answer.error is not None:
+            raise _failure(name, answer.error, "upstream error")
+        items = answer.data or []
+        if any(item.index is not None for item in items):
+            items = sorted(items, key=lambda item: item.index or 0)
+        vectors = [_floats(name, item.embedding) for item in items]
+        if answer.usage is None:
+            ctx.usage_estimated = True  # the core counts the inputs at four characters a token
+            return EmbedResult(embeddings=vectors)
+        return EmbedResult(embeddings=vectors, prompt_tokens=answer.usage.prompt_tokens)
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream (or fetch) one completion and translate it into events."""
@@ -462,6 +515,19 @@ class OpenAIBackend(HttpBackend):
             finish_reason=_finish(choice.finish_reason or "stop", bool(events), ctx.refused),
             usage=_usage(chunk.usage, ctx),
         )
+
+
+def _floats(name: str, embedding: list[float] | str) -> list[float]:
+    """A vector as floats: OpenAI's base64 form is its float32s, little-endian."""
+    if not isinstance(embedding, str):
+        return embedding
+    try:
+        packed = array("f", base64.b64decode(embedding, validate=True))
+    except ValueError:  # not base64, or not a whole number of float32s
+        raise UpstreamError(f"{name}: malformed embedding in the answer") from None
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tolist()
 
 
 def _reasoning(d: _Delta) -> str:

@@ -25,6 +25,12 @@ starts over); loaded, it stays. A chat without messages only loads the model and
 `done_reason: "load"`; `POST /api/generate` with `keep_alive` 0 and no prompt (Ollama's
 unload, the only generate the fake takes) frees it and answers `done_reason: "unload"`,
 loaded or not, as Ollama does (an unknown model, `error-before`, is a 404). The done line's `load_duration` is the load this chat waited for.
+`POST /api/embed` answers as Ollama's does (api/types.go's EmbedResponse): `embeddings`, one
+per input (a string or a list of strings; another type is a 400 `invalid input type`; no
+input: no vectors, the model loaded), EMBED_DIMENSIONS long, or shortened to `dimensions`
+and made unit vectors again, `prompt_eval_count` (a token a word), `load_duration` (the load
+it waited for, as a chat) and `total_duration`; `error-before` is a 404, `busy` a 503, as for
+a chat. Each body is in `embed_requests`.
 /api/ps lists the loaded models, `llama3:latest` from the start, with a window of
 CONTEXT tokens; while a load is under way it answers once the load has ended, as Ollama's
 does.
@@ -33,8 +39,11 @@ does.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import math
 import re
+import struct
 import time
 from collections.abc import AsyncIterator
 from fractions import Fraction
@@ -63,6 +72,17 @@ SIGNIN_URL = "https://ollama.com/connect?name=box&key=c3NoLWVkMjU1MTk"
 CALL_IDS = {"Toronto": "call_k3v9x2qa", "Oslo": "call_7md0e4wz"}
 # What Go's time.ParseDuration takes: <number><unit> parts after a sign, or a bare 0.
 GO_DURATION = re.compile(r"[-+]?(?:0|(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h))+)")
+
+
+# The length of the fake's embeddings when a request asks none.
+EMBED_DIMENSIONS = 8
+
+
+def fake_vector(text: str, size: int) -> list[float]:
+    """The fake's embedding of `text`: a unit vector from its hash."""
+    ints = struct.unpack(f"<{size}i", hashlib.shake_256(text.encode()).digest(4 * size))
+    norm = math.sqrt(sum(float(i) * i for i in ints)) or 1.0
+    return [i / norm for i in ints]
 
 
 GO_UNIT_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "μs": 10**3, "ms": 10**6, "s": 10**9}
@@ -95,11 +115,13 @@ class FakeOllama:
         self.loads: list[str] = []  # each load begun, by model
         self.aborted: list[str] = []  # each load its client's disconnect aborted
         self.unloads: list[str] = []  # each unload asked, by model
+        self.embed_requests: list[dict[str, Any]] = []
         # The load under way of each model, which every chat of it waits for.
         self._loading: dict[str, asyncio.Task[None]] = {}
         self.app = Starlette(
             routes=[
                 Route("/api/chat", self.chat, methods=["POST"]),
+                Route("/api/embed", self.embed, methods=["POST"]),
                 Route("/api/generate", self.generate, methods=["POST"]),
                 Route("/api/tags", self.tags),
                 Route("/api/ps", self.ps),
@@ -188,6 +210,42 @@ class FakeOllama:
             del self._loading[tagged]
         if not load.cancelled():
             self.loaded.add(tagged)
+
+    async def embed(self, request: Request) -> Response:
+        started = time.perf_counter_ns()
+        body = await request.json()
+        self.embed_requests.append(body)
+        model = body["model"]
+        if model == "error-before":
+            return JSONResponse({"error": f"model '{model}' not found"}, 404)
+        if model == "busy":
+            busy = "server busy, please try again.  maximum pending requests exceeded"
+            return JSONResponse({"error": busy}, 503)
+        given = body.get("input", [])
+        texts = [given] if isinstance(given, str) and given else given or []
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return JSONResponse({"error": "invalid input type"}, 400)
+        load_ns = await self._load(request, model)
+        if load_ns is None:
+            return Response(status_code=499)
+        size = EMBED_DIMENSIONS
+        vectors = []
+        for text in texts:
+            vector = fake_vector(text, size)
+            dims = body.get("dimensions") or 0
+            if 0 < dims < size:  # as Ollama shortens them: the first ones, unit again
+                norm = math.sqrt(sum(x * x for x in vector[:dims])) or 1.0
+                vector = [x / norm for x in vector[:dims]]
+            vectors.append(vector)
+        return JSONResponse(
+            {
+                "model": model,
+                "embeddings": vectors,
+                "total_duration": time.perf_counter_ns() - started,
+                "load_duration": load_ns or 1_000,
+                "prompt_eval_count": sum(len(t.split()) for t in texts),
+            }
+        )
 
     async def chat(self, request: Request) -> Response:
         body = await request.json()

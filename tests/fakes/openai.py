@@ -74,14 +74,28 @@ Wire quirks of real servers:
 - `whole-calls`, `whole-calls-same`: two tool calls each in one chunk with neither index
   nor id (two tools, or one tool twice).
 It records what it saw.
+
+`POST /v1/embeddings` answers as the API does: `data` of `{"object": "embedding", "index",
+"embedding"}` in input order, floats or (`encoding_format: "base64"`) the base64 of
+little-endian float32s, `usage` with `prompt_tokens` and `total_tokens` (a token a word);
+an empty string, an empty list or an `encoding_format` it does not know is a 400 naming
+`input` (`encoding_format`), and so is `dimensions` for a model that cannot shorten its
+vectors (any but `text-embedding-3-*`). Each vector is EMBED_DIMENSIONS long (or
+`dimensions`), a unit vector made from the text's hash. Models: `status-N` (that status),
+`no-usage` (no `usage`), `short` (one vector fewer than inputs). It records each body in
+`embed_requests`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gzip
+import hashlib
 import json
+import math
+import struct
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -176,6 +190,32 @@ def _thoughts(model: str, body: dict[str, Any]) -> tuple[str, ...]:
     return REASONING
 
 
+# The length of the fake's embeddings when a request asks none.
+EMBED_DIMENSIONS = 8
+
+
+def fake_vector(text: str, size: int) -> list[float]:
+    """The fake's embedding of `text`: a unit vector from its hash, float32 values."""
+    raw = hashlib.shake_256(text.encode()).digest(4 * size)
+    ints = struct.unpack(f"<{size}i", raw)
+    norm = math.sqrt(sum(float(i) * i for i in ints)) or 1.0
+    return list(struct.unpack(f"<{size}f", struct.pack(f"<{size}f", *(i / norm for i in ints))))
+
+
+def _invalid(message: str, param: str | None) -> Response:
+    return JSONResponse(
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": param,
+                "code": None,
+            }
+        },
+        400,
+    )
+
+
 class FakeOpenAI:
     """The app plus what it observed."""
 
@@ -186,9 +226,11 @@ class FakeOpenAI:
         # Every Authorization header of each request, repeated ones apart (chat and models).
         self.authorizations: list[list[str]] = []
         self.closed_at: list[float] = []  # when a streaming response was cut by the client
+        self.embed_requests: list[dict[str, Any]] = []
         self.app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                 Route("/v1/models", self.models),
                 Route("/health", self.models),
             ],
@@ -203,6 +245,53 @@ class FakeOpenAI:
                 "data": [{"id": "ok", "object": "model", "created": 0, "owned_by": "fake"}],
             }
         )
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await request.json()
+        self.embed_requests.append(body)
+        self.headers.append(dict(request.headers))
+        self.authorizations.append(request.headers.getlist("authorization"))
+        model = body.get("model") or ""
+        if model.startswith("status-"):
+            status = int(model.split("-")[1])
+            return JSONResponse(
+                {"error": {"message": f"fake {status}", "type": "server_error", "code": status}},
+                status,
+            )
+        given = body.get("input")
+        texts = [given] if isinstance(given, str) else given
+        if not isinstance(texts, list) or not texts or any(t == "" for t in texts):
+            return _invalid(
+                "'$.input' is invalid. Please check the API reference: "
+                "https://platform.openai.com/docs/api-reference.",
+                None,
+            )
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            return _invalid(
+                f"Invalid value: '{fmt}'. Supported values are: 'float' and 'base64'.",
+                "encoding_format",
+            )
+        size = EMBED_DIMENSIONS
+        if body.get("dimensions") is not None:
+            if not model.startswith("text-embedding-3"):
+                return _invalid("This model does not support specifying dimensions.", None)
+            size = body["dimensions"]
+        data = []
+        for i, text in enumerate(texts):
+            # Token ids (a list of ints, or one int) stand for their own text here.
+            vector = fake_vector(json.dumps(text) if not isinstance(text, str) else text, size)
+            embedding: list[float] | str = vector
+            if fmt == "base64":
+                embedding = base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        if model == "short":
+            data.pop()
+        tokens = sum(len(t.split()) if isinstance(t, str) else 1 for t in texts)
+        answer: dict[str, Any] = {"object": "list", "data": data, "model": model}
+        if model != "no-usage":
+            answer["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return JSONResponse(answer, headers={"x-request-id": "req_fake_embed"})
 
     async def chat(self, request: Request) -> Response:
         body = await request.json()
