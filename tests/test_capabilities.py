@@ -1,5 +1,6 @@
 """What the model lists say a route's model can do: `images` (Ollama's `vision`) where its
-backend sends images on, so clients offer attachments only there."""
+backend sends images on, so clients offer attachments only there, and `embeddings`
+(Ollama's `embedding`) where it makes vectors."""
 
 from __future__ import annotations
 
@@ -35,11 +36,12 @@ def server() -> Iterator[LiveServer]:
 
 
 EXPECTED = {
-    "echo": ["chat", "tools"],
-    "gpt": ["chat", "tools", "images"],
+    "echo": ["chat", "tools", "embeddings"],
+    "gpt": ["chat", "tools", "images", "embeddings"],
     "claude": ["chat", "tools", "images"],
-    "llava": ["chat", "tools", "images"],
+    "llava": ["chat", "tools", "images", "embeddings"],
 }
+OLLAMA_WORDS = {"tools": "tools", "images": "vision", "embeddings": "embedding"}
 
 
 def test_the_native_list_says_which_models_read_images(server: LiveServer) -> None:
@@ -51,5 +53,5 @@ def test_the_native_list_says_which_models_read_images(server: LiveServer) -> No
 @pytest.mark.parametrize("model", sorted(EXPECTED))
 def test_ollamas_show_says_vision_where_images_are_read(server: LiveServer, model: str) -> None:
     shown = ollama.Client(host=server.url).show(model)
-    vision = ["vision"] if "images" in EXPECTED[model] else []
-    assert shown.capabilities == ["completion", "tools", *vision], shown
+    words = [OLLAMA_WORDS[c] for c in EXPECTED[model] if c != "chat"]
+    assert shown.capabilities == ["completion", *words], shown

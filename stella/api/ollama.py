@@ -563,8 +563,9 @@ async def show(request: Request, call: Call) -> Response:
 
 
 # stella's capability words as Ollama's /api/show names them (Open WebUI and editors'
-# Ollama providers offer image attachments for a model whose list has `vision`).
-_OLLAMA_CAPABILITY = {"tools": "tools", "images": "vision"}
+# Ollama providers offer image attachments for a model whose list has `vision`; Ollama
+# says `embedding` of a model /api/embed serves).
+_OLLAMA_CAPABILITY = {"tools": "tools", "images": "vision", "embeddings": "embedding"}
 
 
 def capabilities(caps: list[str]) -> list[str]:

@@ -332,9 +332,15 @@ class Backend:
 
     def listed_capabilities(self, upstream_model: str) -> list[str]:
         """What a model list says the model can do: `capabilities`, plus `images` where this
-        backend sends a request's images on (its upstream's model may still refuse them)."""
+        backend sends a request's images on and `embeddings` where it makes them (its
+        upstream's model may still refuse either: a chat model asked for vectors)."""
         caps = self.capabilities(upstream_model)
-        return [*caps, "images"] if self.reads_images and "images" not in caps else caps
+        extra = [
+            name
+            for name, has in (("images", self.reads_images), ("embeddings", self.makes_embeddings))
+            if has and name not in caps
+        ]
+        return [*caps, *extra] if extra else caps
 
     async def aclose(self) -> None:
         """Release clients, models and threads; called once at shutdown."""
