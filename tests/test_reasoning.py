@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes.openai import REASONING, FakeOpenAI
+from tests.fakes.openai import REASONING, REASONING_TOKENS, FakeOpenAI
 from tests.fakes.server import serve
 from tests.live import LiveServer, ndjson, reasoned, run_stella
 
@@ -41,6 +41,9 @@ def server(fake: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
             "retry_backoff_s": 0.01,
             "fallbacks": ["thinks"],
         },
+        # Upstreams that count no reasoning tokens: no usage details, or null ones.
+        "plain": {"backend": "up", "upstream_model": "ok"},
+        "cached": {"backend": "up", "upstream_model": "cached"},
     }
     for model in (
         "thinks",
@@ -264,3 +267,46 @@ async def test_the_python_client_and_generate_send_a_reasoning_effort(
         json={"model": "thinks", "prompt": "hi", "reasoning_effort": "hard"},
     )
     assert r.status_code == 400 and "$.reasoning_effort" in r.text, r.text
+
+
+def sdk(server: LiveServer) -> Any:
+    """The official OpenAI SDK, pointed at stella."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+
+def test_the_reasoning_tokens_an_upstream_counts_are_reported(server: LiveServer) -> None:
+    # OpenAI's usage.completion_tokens_details.reasoning_tokens: carried in the native
+    # usage, chat completions' and the Responses API's, and the log; left out (0 in the
+    # Responses API, whose type requires it) when the upstream gave none.
+    c = sdk(server)
+    msgs = [{"role": "user", "content": "hi"}]
+    known = {"reasoning_tokens": REASONING_TOKENS}
+    for model, details in (("thinks", known), ("plain", None), ("cached", None)):
+        r = c.chat.completions.with_raw_response.create(model=model, messages=msgs)  # type: ignore[arg-type]
+        usage = r.parse().usage
+        assert usage is not None
+        got = usage.completion_tokens_details
+        assert (got and got.model_dump(exclude_none=True)) == details, (model, got)
+        ev = event(server, r.http_response)  # type: ignore[arg-type]
+        assert ev.get("reasoning_tokens") == (details and REASONING_TOKENS), ev
+        body = {"model": model, "stream": True, "messages": msgs}
+        body["stream_options"] = {"include_usage": True}
+        last = sse(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30))[-1]
+        assert last["usage"].get("completion_tokens_details") == details, (model, last)
+        for stream in (True, False):
+            native = ask(server, "/api/v1/chat", model, stream)
+            usage = ndjson(native.text)[-1]["usage"] if stream else native.json()["usage"]
+            assert usage.get("completion_tokens_details") == details, (model, usage)
+        answer = c.responses.create(model=model, input="hi")
+        assert answer.usage is not None
+        assert answer.usage.output_tokens_details.reasoning_tokens == (
+            REASONING_TOKENS if details else 0
+        ), (model, answer.usage)
+        with c.responses.stream(model=model, input="hi") as stream_:
+            final = stream_.get_final_response()
+        assert final.usage is not None
+        assert final.usage.output_tokens_details.reasoning_tokens == (
+            REASONING_TOKENS if details else 0
+        )

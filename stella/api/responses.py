@@ -94,17 +94,20 @@ def failed_error(code: str, message: str) -> dict[str, str]:
 
 
 def usage_of(usage: Usage) -> dict[str, Any]:
-    """The API's usage for stella's counts (cached_tokens 0 when the backend said none)."""
+    """The API's usage for stella's counts (cached_tokens and reasoning_tokens 0 when the
+    backend said none: the SDK's type requires both)."""
     details = usage.prompt_tokens_details
     cached = 0 if details is msgspec.UNSET else details.cached_tokens
+    thought = usage.completion_tokens_details
+    reasoning = 0 if thought is msgspec.UNSET else thought.reasoning_tokens
     return {
         "input_tokens": usage.prompt_tokens,
         # cache_write_tokens is required by the SDK's type; the native usage this is read
         # from has no count of cache writes (only an Anthropic upstream gives one, which
-        # /v1/messages reports), so 0, as reasoning_tokens is.
+        # /v1/messages reports), so 0.
         "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning},
         "total_tokens": usage.total_tokens,
     }
 

@@ -68,7 +68,8 @@ Wire quirks of real servers:
   an error event: an upstream that fails while its model thinks); `thinks-says` (REASONING,
   its last piece in one delta with the answer's first word, as vLLM's DeepSeek-R1 parser
   sends the delta around `</think>`, then the rest of `ok`'s words); `thinks-echo`
-  (reasoning "I read: " and the last message's content, then `ok`'s answer);
+  (reasoning "I read: " and the last message's content, then `ok`'s answer); the usage
+  of each (when one is sent) counts REASONING_TOKENS in `completion_tokens_details`;
 - `whole-calls`, `whole-calls-same`: two tool calls each in one chunk with neither index
   nor id (two tools, or one tool twice).
 It records what it saw.
@@ -162,6 +163,9 @@ THINKERS = {
     "thinks-says": "reasoning_content",
     "thinks-echo": "reasoning_content",
 }
+# The reasoning tokens a thinking model's usage counts (completion_tokens_details, as
+# OpenAI's, OpenRouter's and vLLM's usage have it, among other counts).
+REASONING_TOKENS = 7
 # The models whose pieces of reasoning each come in a read of their own.
 APART = ("thinks-apart", "thinks-or-apart", "thinks-fails")
 
@@ -382,6 +386,10 @@ class FakeOpenAI:
         }
         if model == "cached":
             usage["prompt_tokens_details"] = {"cached_tokens": CACHED}
+            usage["completion_tokens_details"] = None  # as some servers say none
+        if model in THINKERS:
+            thought = {"reasoning_tokens": REASONING_TOKENS, "audio_tokens": 0}
+            usage["completion_tokens_details"] = thought
         return usage
 
     def _maybe_gzip(self, model: str, response: Response) -> Response:
