@@ -68,7 +68,8 @@ Wire quirks of real servers:
   an error event: an upstream that fails while its model thinks); `thinks-says` (REASONING,
   its last piece in one delta with the answer's first word, as vLLM's DeepSeek-R1 parser
   sends the delta around `</think>`, then the rest of `ok`'s words); `thinks-echo`
-  (reasoning "I read: " and the last message's content, then `ok`'s answer); the usage
+  (reasoning "I read: " and the last message's content, then `ok`'s answer);
+  `thinks-tools` (REASONING, then the calls of `two-tools`, no text); the usage
   of each (when one is sent) counts REASONING_TOKENS in `completion_tokens_details`;
 - `whole-calls`, `whole-calls-same`: two tool calls each in one chunk with neither index
   nor id (two tools, or one tool twice).
@@ -162,6 +163,7 @@ THINKERS = {
     "thinks-fails": "reasoning_content",
     "thinks-says": "reasoning_content",
     "thinks-echo": "reasoning_content",
+    "thinks-tools": "reasoning_content",
 }
 # The reasoning tokens a thinking model's usage counts (completion_tokens_details, as
 # OpenAI's, OpenRouter's and vLLM's usage have it, among other counts).
@@ -639,7 +641,7 @@ LIST_ARGS = '["Paris", "Oslo"]'
 # The models that answer with the calls of _calls(), streamed in fragments.
 TOOL_MODELS = frozenset(
     ("two-tools", "text-tools", "bad-args", "list-args", "tools-stop", "no-ids", "one-id")
-    + ("name-repeat", "name-pieces", "every-tool")
+    + ("name-repeat", "name-pieces", "every-tool", "thinks-tools")
 )
 # The input `every-tool` gives each tool: lines, quotes, as a patch would hold them.
 TOOL_INPUT = '*** Begin Patch\n*** Add File: a.txt\n+say "hi"\n*** End Patch\n'
