@@ -46,6 +46,7 @@ from stella.protocol import (
     AssistantMessage,
     ChatRequest,
     ChatResponse,
+    CompletionTokensDetails,
     Delta,
     Done,
     EmbedRequest,
@@ -1047,6 +1048,10 @@ class Inference:
             # says nothing of a cache when it gave none.
             details = PromptTokensDetails(cached_tokens=ctx.cached_tokens)
             usage = msgspec.structs.replace(usage, prompt_tokens_details=details)
+        if ctx is not None and ctx.reasoning_tokens is not None:
+            # The backend's count of the completion's reasoning tokens, when it gave one.
+            thought = CompletionTokensDetails(reasoning_tokens=ctx.reasoning_tokens)
+            usage = msgspec.structs.replace(usage, completion_tokens_details=thought)
         self.usage = usage
         self.finish_reason = done.finish_reason
         self.terminal = True
@@ -1215,6 +1220,8 @@ class Inference:
             if ctx.cache_write_tokens is not None:
                 # Billed apart (an Anthropic upstream's cache writes cost 1.25x or 2x).
                 record["cache_write_tokens"] = ctx.cache_write_tokens
+            if ctx.reasoning_tokens is not None:
+                record["reasoning_tokens"] = ctx.reasoning_tokens
             if ctx.load_ms is not None:
                 record["load_ms"] = ctx.load_ms
         if self.images:

@@ -426,6 +426,12 @@ class PromptTokensDetails(msgspec.Struct):
     cached_tokens: int = 0  # read from the backend's prompt cache, not again
 
 
+class CompletionTokensDetails(msgspec.Struct):
+    """What of the completion's tokens, as OpenAI's usage breaks them down."""
+
+    reasoning_tokens: int = 0  # the model's thinking, part of completion_tokens
+
+
 class Usage(msgspec.Struct):
     """Token counts of one inference."""
 
@@ -435,6 +441,9 @@ class Usage(msgspec.Struct):
     # Only when the backend reported how many prompt tokens its cache spared it (left
     # out when it did not: an unknown count is not a 0).
     prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
+    # Only when the backend reported how many of the completion's tokens were reasoning
+    # (an OpenAI-compatible upstream's count; Ollama and Anthropic give none).
+    completion_tokens_details: CompletionTokensDetails | UnsetType = UNSET
 
 
 class Timings(msgspec.Struct):

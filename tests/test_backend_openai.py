@@ -229,8 +229,9 @@ def test_an_upstreams_reasoning_reaches_the_client_where_each_api_carries_it(
     # vLLM's and DeepSeek's `reasoning_content`, OpenRouter's `reasoning`: the native API's
     # `reasoning` (a delta line's, with `text` "" when it holds none; the answer message's),
     # chat completions' `reasoning_content`, Ollama's `thinking`; the text as before, after
-    # it. Dialects with no field for it (Anthropic's, the Responses API, text completions)
-    # give the text alone, with no empty piece where the reasoning was.
+    # it; the Responses API's reasoning item before the message. Dialects with no field for
+    # it (Anthropic's, text completions) give the text alone, with no empty piece where
+    # the reasoning was.
     from tests.fakes.openai import REASONING
     from tests.live import reasoned, run_stella
 
@@ -284,14 +285,16 @@ def test_an_upstreams_reasoning_reaches_the_client_where_each_api_carries_it(
             )
             if stream:
                 data = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: ")]
-                kinds = [d["type"] for d in data]
-                assert kinds.count("response.output_item.added") == 1, kinds
+                thoughts = [d for d in data if d["type"] == "response.reasoning_text.delta"]
+                assert "".join(d["delta"] for d in thoughts) == thought, data
                 pieces = [d["delta"] for d in data if d["type"] == "response.output_text.delta"]
                 assert "".join(pieces) == words and all(pieces), pieces
+                output = data[-1]["response"]["output"]
             else:
-                assert (
-                    r.json()["output_text" if False else "output"][0]["content"][0]["text"] == words
-                ), r.text
+                output = r.json()["output"]
+            assert [item["type"] for item in output] == ["reasoning", "message"], output
+            assert output[0]["content"][0]["text"] == thought, output
+            assert output[1]["content"][0]["text"] == words, output
             r = httpx.post(
                 server.url + "/v1/completions",
                 json={"model": "r", "prompt": "hi", "stream": stream},

@@ -857,6 +857,10 @@ def test_each_dialects_answers_match_the_openapi_document() -> None:
             200,
             "event-stream",
         ),
+        *(
+            ("post", "/v1/responses", "", {"model": "thinks", "input": "a", "stream": s}, 200, m)
+            for s, m in ((False, "json"), (True, "event-stream"))
+        ),
         ("post", "/v1/responses", "", {"model": "echo", "input": "a", "background": True}, 400, ""),
         ("post", "/v1/responses", "", {"model": "nope", "input": "a"}, 404, ""),
         # Ollama

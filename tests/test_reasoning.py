@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes.openai import REASONING, FakeOpenAI
+from tests.fakes.openai import REASONING, REASONING_TOKENS, FakeOpenAI
 from tests.fakes.server import serve
 from tests.live import LiveServer, ndjson, reasoned, run_stella, stella_cli
 
@@ -26,7 +26,7 @@ THOUGHT = "".join(REASONING)
 WORDS = " w0 w1 w2 w3 w4"  # the fake's answer
 SSE = {"Accept": "text/event-stream"}
 # The streams that show no reasoning: their status line waits for the answer's first piece.
-HELD = ("/v1/messages", "/v1/responses", "/v1/completions")
+HELD = ("/v1/messages", "/v1/completions")
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,17 @@ def server(fake: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
             "retry_backoff_s": 0.01,
             "fallbacks": ["thinks"],
         },
+        # An upstream that fails before any output, then a fallback that thinks and answers.
+        "first-fails": {
+            "backend": "up",
+            "upstream_model": "error-first",
+            "retry_backoff_s": 0.01,
+            "fallbacks": ["thinks"],
+        },
+        "broken": {"backend": "up", "upstream_model": "error-first", "retry_backoff_s": 0.01},
+        # Upstreams that count no reasoning tokens: no usage details, or null ones.
+        "plain": {"backend": "up", "upstream_model": "ok"},
+        "cached": {"backend": "up", "upstream_model": "cached"},
     }
     for model in (
         "thinks",
@@ -56,6 +67,7 @@ def server(fake: tuple[FakeOpenAI, str]) -> Iterator[LiveServer]:
         "thinks-between-apart",
         "thinks-says",
         "thinks-echo",
+        "thinks-tools",
     ):
         routes[model] = {"backend": "up", "upstream_model": model}
     config = {
@@ -141,12 +153,29 @@ def test_a_fallback_answers_after_a_failure_while_the_model_thinks(
     assert ev["reasoning"] == THOUGHT and ev["completion"] == WORDS, ev
 
 
-@pytest.mark.parametrize("path", ["/api/v1/chat", "/v1/chat/completions", "/api/chat"])
+@pytest.mark.parametrize(
+    "path", ["/api/v1/chat", "/v1/chat/completions", "/api/chat", "/v1/responses"]
+)
 def test_a_failure_after_reasoning_was_shown_ends_the_stream(server: LiveServer, path: str) -> None:
     # The client has the reasoning: a switch of model now would be worse than the error.
     r = ask(server, path, "falls")
     assert r.status_code == 200, r.text
-    if path == "/v1/chat/completions":
+    if path == "/v1/responses":
+        data = sse(r)
+        shown = "".join(d["delta"] for d in data if d["type"] == "response.reasoning_text.delta")
+        last = data[-1]
+        assert last["type"] == "response.failed", data
+        # The output as far as it went: the reasoning, cut short.
+        assert last["response"]["output"] == [
+            {
+                "id": last["response"]["output"][0]["id"],
+                "type": "reasoning",
+                "summary": [],
+                "content": [{"type": "reasoning_text", "text": THOUGHT}],
+                "status": "incomplete",
+            }
+        ], last
+    elif path == "/v1/chat/completions":
         data = sse(r)
         shown = "".join(d["choices"][0]["delta"].get("reasoning_content", "") for d in data[:-1])
         assert data[-1]["error"]["code"] == "upstream_error", data
@@ -191,9 +220,21 @@ def test_reasoning_in_reads_of_its_own(server: LiveServer, model: str) -> None:
         assert "".join(got) == WORDS and all(got), (path, got)
     got = pieces("/api/v1/generate", ask(server, "/api/v1/generate", model, headers=SSE))
     assert "".join(got) == WORDS and all(got), got
-    r = ask(server, "/v1/responses", model)
-    kinds = [d["type"] for d in sse(r)]
-    assert kinds.count("response.output_item.added") == 1, kinds
+    # The Responses API: each run of reasoning an item of its own, where it came.
+    data = sse(ask(server, "/v1/responses", model))
+    items = [d["item"] for d in data if d["type"] == "response.output_item.done"]
+    kinds = [item["type"] for item in items]
+    if model == "thinks-between-apart":
+        assert kinds == ["message", "reasoning", "message"], items
+        assert items[1]["content"][0]["text"] == REASONING[0], items
+    else:
+        assert kinds == ["reasoning", "message"], items
+        assert items[0]["content"][0]["text"] == THOUGHT, items
+    text = "".join(
+        p["text"] for item in items if item["type"] == "message" for p in item["content"]
+    )
+    assert text == WORDS, items
+    assert data[-1]["response"]["output"] == items, data[-1]
 
 
 def test_the_self_hosted_shapes_carry_reasoning_in_native_lines_alone(server: LiveServer) -> None:
@@ -368,3 +409,233 @@ def test_stella_chat_shows_the_thinking_dim_on_a_terminal(server: LiveServer) ->
     # NO_COLOR (no-color.org): no escape codes, the lines led as off a terminal.
     shown = on_a_terminal(server, "-m", "thinks-apart", "hi", NO_COLOR="1")
     assert shown == f"[thinking] {THOUGHT}\n{WORDS}\n", repr(shown)
+
+
+def sdk(server: LiveServer) -> Any:
+    """The official OpenAI SDK, pointed at stella."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+
+# The events of a streamed Response whose model thought, then answered (each run of
+# deltas as one: pieces that came in one read are one delta).
+THOUGHT_EVENTS = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+    "response.reasoning_text.delta",
+    "response.reasoning_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.output_item.added",
+    "response.content_part.added",
+    "response.output_text.delta",
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
+
+
+def kinds(data: list[dict[str, Any]]) -> list[str]:
+    """The events' types, each run of deltas as one."""
+    out: list[str] = []
+    for d in data:
+        if not (out and out[-1] == d["type"] and d["type"].endswith(".delta")):
+            out.append(d["type"])
+    return out
+
+
+@pytest.mark.parametrize("model", ["thinks-apart", "thinks-says"])
+def test_a_responses_stream_carries_the_reasoning_as_an_item_before_the_message(
+    server: LiveServer, model: str
+) -> None:
+    # As the API streams a reasoning item (OpenAI's and vLLM's for gpt-oss): added, its
+    # one reasoning_text part, the text's deltas and done, then the item done; the
+    # message after it at output_index 1.
+    data = sse(ask(server, "/v1/responses", model))
+    assert kinds(data) == THOUGHT_EVENTS, data
+    assert [d["sequence_number"] for d in data] == list(range(len(data)))
+    added, part = data[2], data[3]
+    rs = added["item"]["id"]
+    assert rs.startswith("rs_"), added
+    assert added == {
+        "type": "response.output_item.added",
+        "sequence_number": 2,
+        "output_index": 0,
+        "item": {
+            "id": rs,
+            "type": "reasoning",
+            "summary": [],
+            "content": [],
+            "status": "in_progress",
+        },
+    }
+    where = {"item_id": rs, "output_index": 0, "content_index": 0}
+    assert part == {
+        "type": "response.content_part.added",
+        "sequence_number": 3,
+        **where,
+        "part": {"type": "reasoning_text", "text": ""},
+    }
+    n = sum(d["type"] == "response.reasoning_text.delta" for d in data)
+    deltas = data[4 : 4 + n]
+    assert all({k: d[k] for k in where} == where for d in deltas), deltas
+    assert "".join(d["delta"] for d in deltas) == THOUGHT, deltas
+    done_text, done_part, done_item = data[4 + n : 7 + n]
+    assert done_text["text"] == THOUGHT and {k: done_text[k] for k in where} == where
+    assert done_part["part"] == {"type": "reasoning_text", "text": THOUGHT}, done_part
+    item = {
+        "id": rs,
+        "type": "reasoning",
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": THOUGHT}],
+        "status": "completed",
+    }
+    assert done_item["output_index"] == 0 and done_item["item"] == item, done_item
+    message = [d for d in data[7 + n :] if "output_index" in d]
+    assert {d["output_index"] for d in message} == {1}, message
+    output = data[-1]["response"]["output"]
+    assert output[0] == item and output[1]["type"] == "message", output
+    assert output[1]["content"][0]["text"] == WORDS, output
+
+
+def test_the_openai_sdk_reads_the_reasoning_item(server: LiveServer) -> None:
+    from openai.types.responses import (
+        ResponseReasoningItem,
+        ResponseReasoningTextDeltaEvent,
+        ResponseReasoningTextDoneEvent,
+    )
+
+    c = sdk(server)
+    r = c.responses.create(model="thinks", input="hi")
+    assert [item.type for item in r.output] == ["reasoning", "message"], r.output
+    thought = r.output[0]
+    assert isinstance(thought, ResponseReasoningItem), thought
+    assert thought.summary == [] and thought.status == "completed", thought
+    assert thought.content is not None and [p.text for p in thought.content] == [THOUGHT]
+    assert r.output_text == WORDS and r.output[1].id != thought.id
+    # The typed events, as create(stream=True) gives them.
+    events = list(c.responses.create(model="thinks", input="hi", stream=True))
+    deltas = [e for e in events if isinstance(e, ResponseReasoningTextDeltaEvent)]
+    assert "".join(e.delta for e in deltas) == THOUGHT, events
+    (done,) = [e for e in events if isinstance(e, ResponseReasoningTextDoneEvent)]
+    assert done.text == THOUGHT and done.output_index == 0
+    final = events[-1]
+    assert final.type == "response.completed", final
+    assert isinstance(final.response.output[0], ResponseReasoningItem), final
+    # The stream helper's final Response (it checks each item's identity as it goes).
+    with c.responses.stream(model="thinks-says", input="hi") as stream:
+        got = stream.get_final_response()
+    assert isinstance(got.output[0], ResponseReasoningItem), got.output
+    assert got.output[0].content is not None and got.output[0].content[0].text == THOUGHT
+    assert got.output_text == WORDS
+
+
+def test_reasoning_before_tool_calls_is_an_item_before_them(server: LiveServer) -> None:
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]
+    c = sdk(server)
+    r = c.responses.create(model="thinks-tools", input="hi", tools=tools)  # type: ignore[arg-type]
+    kinds = [item.type for item in r.output]
+    assert kinds == ["reasoning", "function_call", "function_call"], r.output
+    with c.responses.stream(model="thinks-tools", input="hi", tools=tools) as stream:  # type: ignore[arg-type]
+        final = stream.get_final_response()
+
+    def calls(output: list[Any]) -> list[tuple[str, str, str]]:
+        return [(i.type, i.call_id, i.arguments) for i in output if i.type == "function_call"]
+
+    assert calls(final.output) == calls(r.output) and len(final.output) == 3, final.output
+    thought = final.output[0]
+    assert thought.type == "reasoning" and thought.content is not None, final.output
+    assert thought.content[0].text == THOUGHT and thought.status == "completed"
+
+
+def test_a_reasoning_item_sent_back_is_dropped(
+    fake: tuple[FakeOpenAI, str], server: LiveServer
+) -> None:
+    # The next turn's input holds the answer's output, its reasoning item as the SDK
+    # gives it back: taken, and not sent on (upstreams ignore an earlier turn's reasoning).
+    c = sdk(server)
+    r = c.responses.create(model="thinks", input="hi")
+    history = [item.model_dump(exclude_none=True) for item in r.output]
+    # A history from elsewhere may hold encrypted reasoning too.
+    sealed = {"type": "reasoning", "id": "rs_x", "summary": [], "encrypted_content": "gAAA"}
+    turn = [
+        {"role": "user", "content": "hi"},
+        *history,
+        sealed,
+        {"role": "user", "content": "more"},
+    ]
+    for stream in (False, True):
+        answer = httpx.post(
+            server.url + "/v1/responses",
+            json={"model": "thinks", "input": turn, "stream": stream},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+        sent = fake[0].requests[-1]["messages"]
+        assert sent == [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": WORDS},
+            {"role": "user", "content": "more"},
+        ], sent
+
+
+def test_a_responses_fallback_answers_after_a_failure_before_any_output(
+    server: LiveServer,
+) -> None:
+    # Nothing has reached the client when the first route fails (its upstream's stream
+    # fails before any output): the route asks again, then the fallback answers, its
+    # reasoning shown; the status line waited for it.
+    r = ask(server, "/v1/responses", "first-fails")
+    assert r.status_code == 200, r.text
+    data = sse(r)
+    assert kinds(data) == THOUGHT_EVENTS, data
+    output = data[-1]["response"]["output"]
+    assert [item["type"] for item in output] == ["reasoning", "message"], output
+    assert output[0]["content"][0]["text"] == THOUGHT, output
+    ev = event(server, r)
+    routes = [(a["route"], a["error"]) for a in ev["attempts"]]
+    assert routes == [("first-fails", "upstream_error")] * 3 + [("thinks", None)], ev
+    # Without any output at all, the failure is the HTTP error the API gives.
+    r = ask(server, "/v1/responses", "broken")
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_error", r.text
+    assert [a["error"] for a in event(server, r)["attempts"]] == ["upstream_error"] * 3
+
+
+def test_the_reasoning_tokens_an_upstream_counts_are_reported(server: LiveServer) -> None:
+    # OpenAI's usage.completion_tokens_details.reasoning_tokens: carried in the native
+    # usage, chat completions' and the Responses API's, and the log; left out (0 in the
+    # Responses API, whose type requires it) when the upstream gave none.
+    c = sdk(server)
+    msgs = [{"role": "user", "content": "hi"}]
+    known = {"reasoning_tokens": REASONING_TOKENS}
+    for model, details in (("thinks", known), ("plain", None), ("cached", None)):
+        r = c.chat.completions.with_raw_response.create(model=model, messages=msgs)  # type: ignore[arg-type]
+        usage = r.parse().usage
+        assert usage is not None
+        got = usage.completion_tokens_details
+        assert (got and got.model_dump(exclude_none=True)) == details, (model, got)
+        ev = event(server, r.http_response)  # type: ignore[arg-type]
+        assert ev.get("reasoning_tokens") == (details and REASONING_TOKENS), ev
+        body = {"model": model, "stream": True, "messages": msgs}
+        body["stream_options"] = {"include_usage": True}
+        last = sse(httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30))[-1]
+        assert last["usage"].get("completion_tokens_details") == details, (model, last)
+        for stream in (True, False):
+            native = ask(server, "/api/v1/chat", model, stream)
+            usage = ndjson(native.text)[-1]["usage"] if stream else native.json()["usage"]
+            assert usage.get("completion_tokens_details") == details, (model, usage)
+        answer = c.responses.create(model=model, input="hi")
+        assert answer.usage is not None
+        assert answer.usage.output_tokens_details.reasoning_tokens == (
+            REASONING_TOKENS if details else 0
+        ), (model, answer.usage)
+        with c.responses.stream(model=model, input="hi") as stream_:
+            final = stream_.get_final_response()
+        assert final.usage is not None
+        assert final.usage.output_tokens_details.reasoning_tokens == (
+            REASONING_TOKENS if details else 0
+        )

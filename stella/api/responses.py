@@ -4,10 +4,10 @@ Clients written for the Responses API (the `openai` SDK's `client.responses`, th
 OpenAI Agents SDK, Codex CLI) use any backend through the one pipeline: `input` items
 and `instructions` become the conversation, the tools (a namespace's and custom tools
 too: responses_tools.py) and their calls map onto stella's, and the answer comes back
-as a Response with `message`, `function_call` and `custom_tool_call` output items, or
-as the API's typed event stream. stella keeps no
-state: nothing is stored, and what would need it is refused (responses_request.py).
-Errors take OpenAI's shape, as on /v1/chat/completions.
+as a Response with `reasoning` (a reasoning model's thinking), `message`,
+`function_call` and `custom_tool_call` output items, or as the API's typed event
+stream. stella keeps no state: nothing is stored, and what would need it is refused
+(responses_request.py). Errors take OpenAI's shape, as on /v1/chat/completions.
 """
 
 from __future__ import annotations
@@ -94,17 +94,20 @@ def failed_error(code: str, message: str) -> dict[str, str]:
 
 
 def usage_of(usage: Usage) -> dict[str, Any]:
-    """The API's usage for stella's counts (cached_tokens 0 when the backend said none)."""
+    """The API's usage for stella's counts (cached_tokens and reasoning_tokens 0 when the
+    backend said none: the SDK's type requires both)."""
     details = usage.prompt_tokens_details
     cached = 0 if details is msgspec.UNSET else details.cached_tokens
+    thought = usage.completion_tokens_details
+    reasoning = 0 if thought is msgspec.UNSET else thought.reasoning_tokens
     return {
         "input_tokens": usage.prompt_tokens,
         # cache_write_tokens is required by the SDK's type; the native usage this is read
         # from has no count of cache writes (only an Anthropic upstream gives one, which
-        # /v1/messages reports), so 0, as reasoning_tokens is.
+        # /v1/messages reports), so 0.
         "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning},
         "total_tokens": usage.total_tokens,
     }
 
@@ -134,6 +137,18 @@ def message_item(item_id: str, text: str, status: str, refusal: bool = False) ->
         "status": status,
         "role": "assistant",
         "content": [part],
+    }
+
+
+def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """A `reasoning` output item holding the model's thinking as one `reasoning_text`
+    part (no summary: the upstream gave the reasoning itself, never one)."""
+    return {
+        "id": item_id,
+        "type": "reasoning",
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+        "status": status,
     }
 
 
@@ -206,11 +221,13 @@ def _event(name: str, seq: int, data: dict[str, Any]) -> bytes:
 
 class ResponsesCodec(Codec):
     """Events as the Responses API's SSE sequence: response.created, in_progress, each
-    output item added, its text (or refusal), arguments or custom tool input, done; then response.completed
-    (or .incomplete), or response.failed after a failure."""
+    output item added, its reasoning, text (or refusal), arguments or custom tool input,
+    done; then response.completed (or .incomplete), or response.failed after a failure."""
 
     media_type = "text/event-stream"
-    shows_reasoning = False  # no reasoning items go out
+    # Each run of reasoning is a `reasoning` item of its own, before the text it precedes:
+    # shown, it starts the answer, and a failure after it ends the stream (as after text).
+    shows_reasoning = True
 
     def __init__(
         self,
@@ -224,6 +241,9 @@ class ResponsesCodec(Codec):
         self.answer: Answer | None = None
         self.seq = 0
         self.texts: list[str] | None = None  # the open content part's text, while one is open
+        # The open reasoning item's text, while one is open (never with a message open).
+        self.thoughts: list[str] | None = None
+        self.thought_head = b""
         # Asked at each piece of output_text: the backend marks a refusal before it yields
         # its text. None once refusing, so a refusal's pieces ask nothing.
         self.refusal = refusal
@@ -333,13 +353,79 @@ class ResponsesCodec(Codec):
         answer.output[index] = done = {**answer.output[index], "status": status}
         return out + self._next("response.output_item.done", {"output_index": index, "item": done})
 
+    def _open_reasoning(self) -> bytes:
+        """A `reasoning` item and its one `reasoning_text` part, added empty."""
+        answer = self.answer
+        assert answer is not None
+        index = len(answer.output)
+        item = reasoning_item(answer.item_id("rs"), "", "in_progress")
+        item["content"] = []
+        answer.output.append(item)
+        self.thoughts = []
+        self.thought_head = (
+            b'event: response.reasoning_text.delta\ndata: {"type":"response.reasoning_text.delta"'
+            b',"item_id":'
+            + _enc.encode(item["id"])
+            + b',"output_index":'
+            + str(index).encode()
+            + b',"content_index":0,"sequence_number":'
+        )
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        part = {"type": "reasoning_text", "text": ""}
+        return self._next(
+            "response.output_item.added", {"output_index": index, "item": item}
+        ) + self._next("response.content_part.added", {**where, "part": part})
+
+    def _end_reasoning(self, status: str) -> dict[str, Any]:
+        """The open reasoning item as it ends, in the output with its text."""
+        thoughts, answer = self.thoughts, self.answer
+        assert thoughts is not None and answer is not None
+        self.thoughts = None
+        item = answer.output[-1]
+        answer.output[-1] = done = reasoning_item(item["id"], "".join(thoughts), status)
+        return done
+
+    def _close_reasoning(self) -> bytes:
+        """The open reasoning item's done events (b"" when none is open)."""
+        answer = self.answer
+        if self.thoughts is None or answer is None:
+            return b""
+        done = self._end_reasoning("completed")
+        index = len(answer.output) - 1
+        part = done["content"][0]
+        where = {"item_id": done["id"], "output_index": index, "content_index": 0}
+        return (
+            self._next("response.reasoning_text.done", {**where, "text": part["text"]})
+            + self._next("response.content_part.done", {**where, "part": part})
+            + self._next("response.output_item.done", {"output_index": index, "item": done})
+        )
+
+    def _reason(self, text: str) -> bytes:
+        """A piece of reasoning: in the open reasoning item, or one opened for it (an
+        open message ends first: its text went before this reasoning)."""
+        out = b""
+        if self.thoughts is None:
+            out = one_line(self._close_message("completed") + self._open_reasoning())
+        assert self.thoughts is not None
+        self.thoughts.append(text)
+        seq = self.seq
+        self.seq += 1
+        return (
+            out + self.thought_head + str(seq).encode() + b',"delta":' + json_text(text) + b"}\n\n"
+        )
+
     def encode(self, event: Any) -> bytes:
         """The API's events for one pipeline event (each `data:` JSON on one line)."""
         kind = type(event)
         if kind is Delta:
             if not event.text:
-                return b""  # reasoning alone: no reasoning items go out
-            if self.texts is None:
+                return self._reason(event.reasoning) if event.reasoning else b""
+            if event.reasoning:  # the last of the reasoning and the first of the text
+                return self._reason(event.reasoning) + self.encode(Delta(text=event.text))
+            if self.thoughts is not None:
+                # The text after the reasoning: a message of its own.
+                out = one_line(self._close_reasoning() + self._open_message())
+            elif self.texts is None:
                 out = one_line(self._open_message())
             elif self.refusal is not None and self.refusal():
                 # The upstream refused after text went out as output_text: that part
@@ -368,7 +454,7 @@ class ResponsesCodec(Codec):
         answer = self.answer
         assert answer is not None
         if kind is ToolCall:
-            out = self._close_message("completed")
+            out = self._close_reasoning() + self._close_message("completed")
             index = len(answer.output)
             tool, payload = called(self.tools, event.name, event.arguments, event.raw_arguments)
             item_id = answer.item_id("ctc" if tool.custom else "fc")
@@ -398,9 +484,12 @@ class ResponsesCodec(Codec):
             status, incomplete = (
                 ("completed", None) if self.refusing else status_of(event.finish_reason)
             )
-            # An answer of no text and no call still holds its (empty) message, as a
-            # whole answer does: a client reading the output finds the turn ended.
-            out = self._open_message() if not answer.output else b""
+            # An answer of no text and no call (nothing, or reasoning alone) still holds
+            # its (empty) message, as a whole answer does: a client reading the output
+            # finds the turn ended.
+            out = self._close_reasoning()
+            if all(item["type"] == "reasoning" for item in answer.output):
+                out += self._open_message()
             out += self._close_message("incomplete" if incomplete else "completed")
             name = "response.incomplete" if incomplete else "response.completed"
             body = answer.body(status, event.usage, incomplete)
@@ -409,6 +498,8 @@ class ResponsesCodec(Codec):
             if self.texts is not None:  # the message cut short, as far as it went
                 self._end_part()
                 answer.output[-1] = {**answer.output[-1], "status": "incomplete"}
+            elif self.thoughts is not None:  # so is the reasoning
+                self._end_reasoning("incomplete")
             error = failed_error(event.code, event.message)
             return self._next("response.failed", {"response": answer.body("failed", error=error)})
         return b""
@@ -440,6 +531,10 @@ async def responses(request: Request, call: Call) -> Reply:
     refusal = bool(result.response) and refused(inference)
     status, incomplete = ("completed", None) if refusal else status_of(result.finish_reason)
     answer = Answer(result.id, result.model, inference.created, echo)
+    if result.message.reasoning:  # the thinking before the answer, as an item before it
+        answer.output.append(
+            reasoning_item(answer.item_id("rs"), result.message.reasoning, "completed")
+        )
     calls = result.message.tool_calls or ()
     if result.response or not calls:
         item_status = "incomplete" if incomplete else "completed"

@@ -76,7 +76,7 @@ class TextConfig(msgspec.Struct):
 
 class ReasoningConfig(msgspec.Struct):
     """`reasoning`: its `effort` is the backend's reasoning_effort (`summary` and others
-    are ignored: no reasoning items come back)."""
+    are ignored: the reasoning items that come back hold the thinking itself)."""
 
     effort: ReasoningEffort | None = None
     summary: str | None = None  # repeated in the Response, not applied
@@ -133,7 +133,8 @@ _ROLES: dict[str, Role] = {
     "developer": "system",
 }
 # Input items of a kind that carries nothing a backend could read, dropped: an earlier
-# turn's reasoning (stella never makes one; a history from elsewhere may hold it).
+# turn's reasoning, as stella's answers hold it (or a history from elsewhere, its
+# encrypted_content too): upstreams ignore an earlier turn's reasoning, or refuse it.
 _DROPPED = {"reasoning"}
 
 

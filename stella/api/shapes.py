@@ -321,7 +321,23 @@ _RESPONSES_CUSTOM_CALL = obj(
     },
     _NAMESPACE,
 )
-_RESPONSES_ITEM = {"anyOf": [_RESPONSES_MESSAGE, _RESPONSES_CALL, _RESPONSES_CUSTOM_CALL]}
+# A reasoning model's thinking (as its upstream gave it, never a summary): an item before
+# the text or call it preceded, its one part the text.
+_RESPONSES_THOUGHT = obj({"type": const("reasoning_text"), "text": STR})
+_RESPONSES_REASONING = obj(
+    {
+        "id": STR,
+        "type": const("reasoning"),
+        "summary": {"type": "array", "maxItems": 0},
+        "content": array(_RESPONSES_THOUGHT),
+        "status": _RESPONSES_STATUS,
+    }
+)
+_RESPONSES_ITEM = {
+    "anyOf": [_RESPONSES_REASONING, _RESPONSES_MESSAGE, _RESPONSES_CALL, _RESPONSES_CUSTOM_CALL]
+}
+# A content part as its events carry it: a message's, or a reasoning item's.
+_RESPONSES_ANY_PART = {"anyOf": [_RESPONSES_TEXT, _RESPONSES_REFUSAL, _RESPONSES_THOUGHT]}
 _RESPONSES_USAGE = obj(
     {
         "input_tokens": INT,
@@ -386,7 +402,9 @@ _RESPONSES_EVENTS: dict[str, dict[str, Any]] = {
     "response.created": {"response": ref(RESPONSES_RESPONSE)},
     "response.in_progress": {"response": ref(RESPONSES_RESPONSE)},
     "response.output_item.added": {"output_index": INT, "item": _RESPONSES_ITEM},
-    "response.content_part.added": {**_WHERE, "content_index": INT, "part": _RESPONSES_PART},
+    "response.content_part.added": {**_WHERE, "content_index": INT, "part": _RESPONSES_ANY_PART},
+    "response.reasoning_text.delta": {**_WHERE, "content_index": INT, "delta": STR},
+    "response.reasoning_text.done": {**_WHERE, "content_index": INT, "text": STR},
     # logprobs: always [] (no backend gives them)
     "response.output_text.delta": {
         **_WHERE,
@@ -402,7 +420,7 @@ _RESPONSES_EVENTS: dict[str, dict[str, Any]] = {
     },
     "response.refusal.delta": {**_WHERE, "content_index": INT, "delta": STR},
     "response.refusal.done": {**_WHERE, "content_index": INT, "refusal": STR},
-    "response.content_part.done": {**_WHERE, "content_index": INT, "part": _RESPONSES_PART},
+    "response.content_part.done": {**_WHERE, "content_index": INT, "part": _RESPONSES_ANY_PART},
     "response.function_call_arguments.delta": {**_WHERE, "delta": STR},
     "response.function_call_arguments.done": {**_WHERE, "name": STR, "arguments": STR},
     "response.custom_tool_call_input.delta": {**_WHERE, "delta": STR},
@@ -417,8 +435,8 @@ RESPONSES_EVENT = Schema(
     sse_event(
         "One server-sent event of the Responses API, each with its `type` and"
         " `sequence_number`: response.created, response.in_progress, per output item its"
-        " added, text (or an upstream's refusal), arguments (or a custom tool's input) and"
-        " done events, then response.completed (or response.incomplete); a failure after"
+        " added, reasoning text, text (or an upstream's refusal), arguments (or a custom"
+        " tool's input) and done events, then response.completed (or response.incomplete); a failure after"
         " the stream started is a last response.failed; `: ping` comments keep the"
         " connection alive",
         {

@@ -101,6 +101,9 @@ class CallContext:
     # Set by a backend whose upstream counts the prompt's tokens it wrote to its cache
     # (Anthropic's cache_creation_input_tokens): the Messages dialect reports them.
     cache_write_tokens: int | None = None
+    # Set by a backend whose upstream counts the completion's reasoning tokens (OpenAI's
+    # completion_tokens_details.reasoning_tokens): the answer's usage and the log carry it.
+    reasoning_tokens: int | None = None
     # The id the upstream gave its answer (its `request-id` or `x-request-id` header),
     # to find the call in the upstream's own logs and support requests.
     upstream_request_id: str = ""

@@ -114,12 +114,18 @@ class _PromptDetails(msgspec.Struct):
     cached_tokens: int | None = None
 
 
+class _CompletionDetails(msgspec.Struct):
+    reasoning_tokens: int | None = None
+
+
 class _Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     # OpenAI's, vLLM's, llama.cpp's (some send null, or leave out the count)
     prompt_tokens_details: _PromptDetails | None = None
+    # OpenAI's, OpenRouter's, vLLM's for reasoning models (null or absent elsewhere)
+    completion_tokens_details: _CompletionDetails | None = None
 
 
 class _Chunk(msgspec.Struct):
@@ -720,6 +726,9 @@ def _usage(usage: _Usage | None, ctx: CallContext) -> Usage:
     details = usage.prompt_tokens_details
     if details is not None and details.cached_tokens is not None:
         ctx.cached_tokens = details.cached_tokens  # the log's and the answer's usage
+    done = usage.completion_tokens_details
+    if done is not None and done.reasoning_tokens is not None:
+        ctx.reasoning_tokens = done.reasoning_tokens  # as cached_tokens
     total = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
     return Usage(usage.prompt_tokens, usage.completion_tokens, total)
 

@@ -71,6 +71,8 @@ Wire quirks of real servers:
   (reasoning "I read: " and the last message's content, then `ok`'s answer); `thinks-only`
   (REASONING in `reasoning_content`, each piece in a read of its own, and no answer: finished
   "length", as a model whose token limit ran out while it thought);
+  `thinks-tools` (REASONING, then the calls of `two-tools`, no text); the usage
+  of each (when one is sent) counts REASONING_TOKENS in `completion_tokens_details`;
 - `whole-calls`, `whole-calls-same`: two tool calls each in one chunk with neither index
   nor id (two tools, or one tool twice).
 It records what it saw.
@@ -178,7 +180,11 @@ THINKERS = {
     "thinks-says": "reasoning_content",
     "thinks-echo": "reasoning_content",
     "thinks-only": "reasoning_content",
+    "thinks-tools": "reasoning_content",
 }
+# The reasoning tokens a thinking model's usage counts (completion_tokens_details, as
+# OpenAI's, OpenRouter's and vLLM's usage have it, among other counts).
+REASONING_TOKENS = 7
 # The models whose pieces of reasoning each come in a read of their own.
 APART = ("thinks-apart", "thinks-or-apart", "thinks-fails", "thinks-only")
 
@@ -477,6 +483,10 @@ class FakeOpenAI:
         }
         if model == "cached":
             usage["prompt_tokens_details"] = {"cached_tokens": CACHED}
+            usage["completion_tokens_details"] = None  # as some servers say none
+        if model in THINKERS:
+            thought = {"reasoning_tokens": REASONING_TOKENS, "audio_tokens": 0}
+            usage["completion_tokens_details"] = thought
         return usage
 
     def _maybe_gzip(self, model: str, response: Response) -> Response:
@@ -737,7 +747,7 @@ LIST_ARGS = '["Paris", "Oslo"]'
 # The models that answer with the calls of _calls(), streamed in fragments.
 TOOL_MODELS = frozenset(
     ("two-tools", "text-tools", "bad-args", "list-args", "tools-stop", "no-ids", "one-id")
-    + ("name-repeat", "name-pieces", "every-tool")
+    + ("name-repeat", "name-pieces", "every-tool", "thinks-tools")
 )
 # The input `every-tool` gives each tool: lines, quotes, as a patch would hold them.
 TOOL_INPUT = '*** Begin Patch\n*** Add File: a.txt\n+say "hi"\n*** End Patch\n'
