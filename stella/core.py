@@ -35,6 +35,8 @@ from stella.errors import (
     StellaError,
     Unavailable,
     UpstreamError,
+    UpstreamMakesNoEmbeddings,
+    UpstreamNoSuchPath,
     UpstreamStatus,
     UpstreamTimeout,
     waited_out,
@@ -1282,7 +1284,12 @@ class EmbedInference(Inference):
         assert request is not None
         if request.model != route.upstream_model:
             request = msgspec.structs.replace(request, model=route.upstream_model)
-        result = await route.backend.embed(request, ctx)
+        try:
+            result = await route.backend.embed(request, ctx)
+        except UpstreamStatus as exc:
+            if exc.upstream_status != 501 and not isinstance(exc, UpstreamNoSuchPath):
+                raise
+            raise _no_embeddings(route, exc) from None
         _check_vectors(route.backend_name, request, result)
         self.vectors = result.embeddings
         n = result.prompt_tokens
@@ -1299,6 +1306,20 @@ class EmbedInference(Inference):
             assert self.error is not None
             raise self.error
         return EmbedResult(embeddings=self.vectors, prompt_tokens=done.usage.prompt_tokens)
+
+
+def _no_embeddings(route: Route, exc: UpstreamStatus) -> UpstreamMakesNoEmbeddings:
+    """The error of an embed call whose upstream makes no embeddings for the model: its
+    501, or its 404 for the embeddings path (which, for a chat's path, says base_url is
+    wrong; here the chats on the same base_url say whether it is)."""
+    said = exc.message
+    if isinstance(exc, UpstreamNoSuchPath):
+        # Its words are a page's or "Not Found", and its advice (base_url) a chat's.
+        said = f"{route.backend_name}: upstream answered 404 for its embeddings path"
+    return UpstreamMakesNoEmbeddings(
+        f"model {route.name!r} does not make embeddings ({said})",
+        upstream_status=exc.upstream_status,
+    )
 
 
 def _check_vectors(backend: str, request: EmbedRequest, result: EmbedResult) -> None:

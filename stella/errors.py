@@ -337,3 +337,22 @@ class UpstreamContextTooLong(UpstreamStatus, ContextTooLong):
         # The same prompt is as long on every try: as with the embedded engine's refusal,
         # no retry, no fallback, and no verdict on the backend, which answered.
         self.retryable = self.falls_back = False
+
+
+class UpstreamMakesNoEmbeddings(UpstreamStatus, NotSupported):
+    """An embed call's upstream answered that it makes no embeddings: a 501 (llama.cpp
+    started without --embeddings, Ollama's "this model does not support embeddings"), or
+    a 404 for its embeddings path (a chat-only server). stella's own 400 `not_supported`,
+    as for a backend without embeddings: the model cannot do what was asked, and the
+    upstream, which answered, is well (its chats go on)."""
+
+    status, code = 400, "not_supported"
+
+    def __init__(self, message: str, *, upstream_status: int) -> None:
+        super().__init__(message, upstream_status=upstream_status)
+        self.code = NotSupported.code
+        self.param = "model"
+        # Asked again, or of a fallback (none for an embed call), the answer is the same;
+        # and it is no verdict on the backend, whose circuit its chats share.
+        self.retryable = self.falls_back = False
+        self.no_verdict = True

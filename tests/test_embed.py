@@ -425,3 +425,74 @@ def test_log_content_and_the_circuit() -> None:
         )
         assert then.status_code == 503 and then.json()["error"]["code"] == "unavailable"
         assert "circuit open" in then.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def tight() -> Iterator[tuple[FakeOpenAI, FakeOllama, LiveServer]]:
+    """A stella whose backends' circuits open at the first failure they are told, with
+    routes that retry twice: what reaches the circuit, and what is tried again, shows."""
+    up, ol = FakeOpenAI(), FakeOllama()
+    again = {"retries": 2, "retry_backoff_s": 0.01}
+    with serve(up.app) as up_url, serve(ol.app) as ol_url:
+        config = {
+            "backends": {
+                "up": {"kind": "openai", "base_url": up_url + "/v1"},
+                "ol": {"kind": "ollama", "base_url": ol_url},
+            },
+            "models": {
+                "routes": {
+                    "e501": {"backend": "up", "upstream_model": "no-embeddings", **again},
+                    "e404": {"backend": "up", "upstream_model": "chat-only", **again},
+                    "oe501": {"backend": "ol", "upstream_model": "chat-only", **again},
+                    "emb": {"backend": "up", "upstream_model": "text-embedding-3-small"},
+                    "chat": {"backend": "up", "upstream_model": "ok"},
+                    "ochat": {"backend": "ol", "upstream_model": "chat-only"},
+                }
+            },
+            "breaker": {"failure_threshold": 1, "cooldown_s": 60},
+        }
+        with run_stella(config, {"STELLA_API_KEYS": f"admin={ADMIN}"}) as server:
+            yield up, ol, server
+
+
+def test_an_upstream_that_makes_no_embeddings_is_no_verdict_on_its_backend(
+    tight: tuple[FakeOpenAI, FakeOllama, LiveServer],
+) -> None:
+    """llama.cpp without --embeddings (501), Ollama's chat model (501) and a chat-only
+    server (404 for the path): a 400 `not_supported` naming the model, asked once, and
+    the backend's circuit, which its chats share, is not told."""
+    up, ol, server = tight
+    for model, seen in (("e501", up.embed_requests), ("e404", up.embed_requests)) * 3 + (
+        ("oe501", ol.embed_requests),
+    ) * 3:
+        before = len(seen)
+        r = httpx.post(
+            server.url + "/api/v1/embed", json={"model": model, "input": "x"}, headers=auth()
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "not_supported"
+        assert error["message"].startswith(f"model {model!r} does not make embeddings (")
+        assert len(seen) - before == 1  # not retried
+        ev = event_of(server, r)
+        assert [a["error"] for a in ev["attempts"]] == ["not_supported"]
+    said = httpx.post(
+        server.url + "/api/v1/embed", json={"model": "e501", "input": "x"}, headers=auth()
+    )
+    assert "Start it with `--embeddings`" in said.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk(server).embeddings.create(model="e404", input="x")
+    assert caught.value.code == "not_supported" and caught.value.param == "model"
+    assert "404 for its embeddings path" in caught.value.message
+    with pytest.raises(ollama.ResponseError) as refused:
+        ollama.Client(host=server.url, headers=auth()).embed(model="oe501", input="x")
+    assert refused.value.status_code == 400
+    assert "this model does not support embeddings" in refused.value.error
+    # The circuits stayed closed: the chats on both backends answer.
+    for model in ("chat", "ochat"):
+        r = httpx.post(
+            server.url + "/api/v1/chat",
+            json={"model": model, "stream": False, "messages": [{"role": "user", "content": "hi"}]},
+            headers=auth(),
+        )
+        assert r.status_code == 200, r.text

@@ -30,7 +30,7 @@ per input (a string or a list of strings; another type is a 400 `invalid input t
 input: no vectors, the model loaded), EMBED_DIMENSIONS long, or shortened to `dimensions`
 and made unit vectors again, `prompt_eval_count` (a token a word), `load_duration` (the load
 it waited for, as a chat) and `total_duration`; `error-before` is a 404, `busy` a 503, as for
-a chat. Each body is in `embed_requests`.
+a chat, and `chat-only` a 501, as newer Ollama answers for a model that cannot embed. Each body is in `embed_requests`.
 /api/ps lists the loaded models, `llama3:latest` from the start, with a window of
 CONTEXT tokens; while a load is under way it answers once the load has ended, as Ollama's
 does.
@@ -221,6 +221,8 @@ class FakeOllama:
         if model == "busy":
             busy = "server busy, please try again.  maximum pending requests exceeded"
             return JSONResponse({"error": busy}, 503)
+        if model == "chat-only":  # a chat model: newer Ollama refuses to embed with it
+            return JSONResponse({"error": "this model does not support embeddings"}, 501)
         given = body.get("input", [])
         texts = [given] if isinstance(given, str) and given else given or []
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):

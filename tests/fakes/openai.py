@@ -84,7 +84,9 @@ an empty string, an empty list or an `encoding_format` it does not know is a 400
 `input` (`encoding_format`), and so is `dimensions` for a model that cannot shorten its
 vectors (any but `text-embedding-3-*`). Each vector is EMBED_DIMENSIONS long (or
 `dimensions`), a unit vector made from the text's hash. Models: `status-N` (that status),
-`no-usage` (no `usage`), `short` (one vector fewer than inputs). It records each body in
+`no-usage` (no `usage`), `short` (one vector fewer than inputs), `no-embeddings` (a 501
+as llama.cpp started without `--embeddings` answers), `chat-only` (the 404 page of a path
+it does not serve, as a server that makes no embeddings answers). It records each body in
 `embed_requests`.
 """
 
@@ -264,6 +266,12 @@ class FakeOpenAI:
                 {"error": {"message": f"fake {status}", "type": "server_error", "code": status}},
                 status,
             )
+        if model == "no-embeddings":  # llama.cpp started without --embeddings
+            message = "This server does not support embeddings. Start it with `--embeddings`"
+            error = {"code": 501, "message": message, "type": "not_supported_error"}
+            return JSONResponse({"error": error}, 501)
+        if model == "chat-only":  # a server that serves chats alone: no such path
+            return await no_such_page(request, Exception())
         given = body.get("input")
         texts = [given] if isinstance(given, str) else given
         if not isinstance(texts, list) or not texts or any(t == "" for t in texts):
