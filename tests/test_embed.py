@@ -56,6 +56,7 @@ def fakes() -> Iterator[tuple[FakeOpenAI, FakeOllama, LiveServer]]:
                 "routes": {
                     "emb": {"backend": "up", "upstream_model": "text-embedding-3-small"},
                     "emb-plain": {"backend": "up", "upstream_model": "plain-embed"},
+                    "emb-floats": {"backend": "up", "upstream_model": "floats-only"},
                     "emb-500": {
                         "backend": "up",
                         "upstream_model": "status-500",
@@ -109,12 +110,17 @@ def test_the_openai_sdk_embeds_through_an_openai_compatible_upstream(
         assert answer.model == "emb" and answer.object == "list"
         assert answer.usage.prompt_tokens == answer.usage.total_tokens == 6
         sent = up.embed_requests[-1]
-        # Floats upstream whatever the client asked; the upstream model's name.
+        # base64 upstream whatever the client asked (a fifth of the bytes); the upstream
+        # model's name.
         assert sent == {
             "model": "text-embedding-3-small",
             "input": texts,
-            "encoding_format": "float",
+            "encoding_format": "base64",
         }
+    # A server that knows no base64 answers floats: read as well.
+    floats = client.embeddings.create(model="emb-floats", input=texts)
+    assert [d.embedding for d in floats.data] == expected
+    assert up.embed_requests[-1]["encoding_format"] == "base64"
     raw = client.embeddings.create(model="emb", input="one", encoding_format="base64")
     assert isinstance(raw.data[0].embedding, str)  # asked for: given as it is
     short = client.embeddings.create(model="emb", input="one", dimensions=4)
@@ -445,6 +451,8 @@ def tight() -> Iterator[tuple[FakeOpenAI, FakeOllama, LiveServer]]:
                     "e404": {"backend": "up", "upstream_model": "chat-only", **again},
                     "oe501": {"backend": "ol", "upstream_model": "chat-only", **again},
                     "emb": {"backend": "up", "upstream_model": "text-embedding-3-small"},
+                    "ehuge": {"backend": "up", "upstream_model": "huge", **again},
+                    "chuge": {"backend": "up", "upstream_model": "huge", **again},
                     "chat": {"backend": "up", "upstream_model": "ok"},
                     "ochat": {"backend": "ol", "upstream_model": "chat-only"},
                 }
@@ -496,3 +504,32 @@ def test_an_upstream_that_makes_no_embeddings_is_no_verdict_on_its_backend(
             headers=auth(),
         )
         assert r.status_code == 200, r.text
+
+
+def test_an_answer_over_the_body_limit_is_neither_retried_nor_a_verdict(
+    tight: tuple[FakeOpenAI, FakeOllama, LiveServer],
+) -> None:
+    """An answer longer than stella takes whole (an embed call's, a non-stream chat's) is
+    its size, not the backend failing: a 502 at once, and the backend's circuit (open at
+    its first failure here) still lets calls through."""
+    up, _, server = tight
+    for path, body, seen in (
+        ("/api/v1/embed", {"model": "ehuge", "input": "x"}, up.embed_requests),
+        (
+            "/api/v1/chat",
+            {"model": "chuge", "stream": False, "messages": [{"role": "user", "content": "x"}]},
+            up.requests,
+        ),
+    ):
+        before = len(seen)
+        r = httpx.post(server.url + path, json=body, headers=auth(), timeout=30)
+        assert r.status_code == 502, r.text
+        error = r.json()["error"]
+        assert error["code"] == "upstream_error" and error["retryable"] is False
+        assert "a response body over 67108864 bytes" in error["message"]
+        assert len(seen) - before == 1
+        assert len(event_of(server, r)["attempts"]) == 1
+    r = httpx.post(
+        server.url + "/api/v1/embed", json={"model": "emb", "input": "x"}, headers=auth()
+    )
+    assert r.status_code == 200, r.text

@@ -787,16 +787,26 @@ async def read_body(response: aiohttp.ClientResponse, name: str) -> bytes:
     encoding = response.headers.get("content-encoding", "").strip().lower()
     if length is not None and encoding in ("", "identity"):
         if length > MAX_BODY:
-            raise UpstreamError(f"{name}: a response body of {length} bytes (over {MAX_BODY})")
+            raise _too_long(f"{name}: a response body of {length} bytes (over {MAX_BODY})")
         return await response.read()  # the common case, in one piece
     chunks: list[bytes] = []
     size = 0
     async for chunk in response.content.iter_any():
         size += len(chunk)
         if size > MAX_BODY:
-            raise UpstreamError(f"{name}: a response body over {MAX_BODY} bytes")
+            raise _too_long(f"{name}: a response body over {MAX_BODY} bytes")
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_long(message: str) -> UpstreamError:
+    """The error of an answer over MAX_BODY: its size, not the backend's health. Asked
+    again, the same request is answered as long (a batch of vectors, a long completion),
+    so it is not retried; the backend answers other requests, so its circuit is not told."""
+    err = UpstreamError(message)
+    err.retryable = False
+    err.no_verdict = True
+    return err
 
 
 # The longest upstream request id taken (Anthropic's are ~30 characters, OpenAI's ~40).

@@ -86,7 +86,9 @@ vectors (any but `text-embedding-3-*`). Each vector is EMBED_DIMENSIONS long (or
 `dimensions`), a unit vector made from the text's hash. Models: `status-N` (that status),
 `no-usage` (no `usage`), `short` (one vector fewer than inputs), `no-embeddings` (a 501
 as llama.cpp started without `--embeddings` answers), `chat-only` (the 404 page of a path
-it does not serve, as a server that makes no embeddings answers). It records each body in
+it does not serve, as a server that makes no embeddings answers), `huge` (a body of
+HUGE_ANSWER bytes, as a non-stream chat's too), `floats-only` (floats whatever
+`encoding_format` asks, as a server that knows no base64). It records each body in
 `embed_requests`.
 """
 
@@ -272,6 +274,8 @@ class FakeOpenAI:
             return JSONResponse({"error": error}, 501)
         if model == "chat-only":  # a server that serves chats alone: no such path
             return await no_such_page(request, Exception())
+        if model == "huge":
+            return _huge()
         given = body.get("input")
         texts = [given] if isinstance(given, str) else given
         if not isinstance(texts, list) or not texts or any(t == "" for t in texts):
@@ -280,7 +284,7 @@ class FakeOpenAI:
                 "https://platform.openai.com/docs/api-reference.",
                 None,
             )
-        fmt = body.get("encoding_format", "float")
+        fmt = "float" if model == "floats-only" else body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             return _invalid(
                 f"Invalid value: '{fmt}'. Supported values are: 'float' and 'base64'.",
@@ -437,6 +441,8 @@ class FakeOpenAI:
         if not body.get("stream"):
             if model == "stall":
                 await asyncio.sleep(3600)
+            if model == "huge":
+                return _huge()
             message: dict[str, Any] = {"role": "assistant", "content": "".join(self.words)}
             finish = "abort" if model == "abort" else "stop"
             if model == "tools":
@@ -767,6 +773,21 @@ NOT_FOUND_PAGE = (
     "<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n"
     "</body>\r\n</html>\r\n"
 )
+
+
+# What model `huge` answers: a JSON body (spaces, then an error) longer than any answer
+# a client takes whole, sent without a length.
+HUGE_ANSWER = 65 * 1024 * 1024
+
+
+def _huge() -> Response:
+    async def body() -> AsyncIterator[bytes]:
+        piece = b" " * (1024 * 1024)
+        for _ in range(HUGE_ANSWER // len(piece)):
+            yield piece
+        yield b'{"error": {"message": "the end of a huge answer"}}'
+
+    return StreamingResponse(body(), media_type="application/json")
 
 
 async def no_such_page(request: Request, exc: Exception) -> Response:
