@@ -1323,21 +1323,32 @@ def _no_embeddings(route: Route, exc: UpstreamStatus) -> UpstreamMakesNoEmbeddin
 
 
 def _check_vectors(backend: str, request: EmbedRequest, result: EmbedResult) -> None:
-    """Refuse an answer that is not one vector per input, each `dimensions` long when the
-    request asks a length: a client would store vectors it cannot use, or the wrong ones
-    against its texts. Not retried: asked again, the upstream answers alike."""
+    """Refuse an answer that is not one vector per input, each as long as the others (and
+    `dimensions` long when the request asks a length), none empty, every number finite: a
+    client would store vectors it cannot use, or the wrong ones against its texts (an
+    infinity or a NaN, which base64 can carry, reaches JSON as null). Not retried: asked
+    again, the upstream answers alike."""
     count = len(request.texts())
     got = result.embeddings
     problem = ""
     if len(got) != count:
         problem = f"{len(got)} vectors for {count} inputs"
-    elif request.dimensions is not None:
-        for v in got:
-            if len(v) != request.dimensions:
+    elif got:
+        size = len(got[0])
+        for i, v in enumerate(got):
+            if not v:
+                problem = f"an empty vector for input {i}"
+            elif request.dimensions is not None and len(v) != request.dimensions:
                 problem = (
                     f"a vector of {len(v)} dimensions where {request.dimensions} were asked "
                     "(the model does not shorten its vectors)"
                 )
+            elif len(v) != size:
+                problem = f"vectors of {size} and of {len(v)} dimensions"
+            # One sum per vector in C; a sum that overflows is looked at number by number.
+            elif not math.isfinite(sum(v)) and not all(map(math.isfinite, v)):
+                problem = f"a number that is not finite (inf or NaN) for input {i}"
+            if problem:
                 break
     if problem:
         err = UpstreamError(f"backend {backend!r} answered {problem}")

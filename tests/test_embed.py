@@ -57,6 +57,10 @@ def fakes() -> Iterator[tuple[FakeOpenAI, FakeOllama, LiveServer]]:
                     "emb": {"backend": "up", "upstream_model": "text-embedding-3-small"},
                     "emb-plain": {"backend": "up", "upstream_model": "plain-embed"},
                     "emb-floats": {"backend": "up", "upstream_model": "floats-only"},
+                    **{
+                        f"emb-{model}": {"backend": "up", "upstream_model": model}
+                        for model in (*fake_openai.BROKEN_EMBEDDINGS, "index-null", "reversed")
+                    },
                     "emb-500": {
                         "backend": "up",
                         "upstream_model": "status-500",
@@ -533,3 +537,43 @@ def test_an_answer_over_the_body_limit_is_neither_retried_nor_a_verdict(
         server.url + "/api/v1/embed", json={"model": "emb", "input": "x"}, headers=auth()
     )
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("model", "problem"),
+    [
+        ("nonfinite", "a number that is not finite (inf or NaN) for input 1"),
+        ("ragged", f"vectors of {fake_openai.EMBED_DIMENSIONS} and of 7 dimensions"),
+        ("empty-vector", "an empty vector for input 1"),
+        ("dup-index", "embeddings answer whose indexes are not 0 to 1"),
+        ("index-range", "embeddings answer whose indexes are not 0 to 1"),
+        ("index-null", "embeddings answer whose indexes are not 0 to 1"),
+    ],
+)
+def test_vectors_no_client_could_use_are_a_502(
+    fakes: tuple[FakeOpenAI, FakeOllama, LiveServer], model: str, problem: str
+) -> None:
+    """Infinities and NaNs (JSON has no word for them), vectors of unequal lengths or none,
+    indexes that are not 0 to n-1 each once: a 502 `upstream_error`, not retried."""
+    up, _, server = fakes
+    before = len(up.embed_requests)
+    r = httpx.post(
+        server.url + "/api/v1/embed",
+        json={"model": f"emb-{model}", "input": ["a", "b"]},
+        headers=auth(),
+    )
+    assert r.status_code == 502, r.text
+    error = r.json()["error"]
+    assert error["code"] == "upstream_error" and error["retryable"] is False
+    assert problem in error["message"]
+    assert len(up.embed_requests) - before == 1
+
+
+def test_vectors_are_put_in_the_order_of_their_indexes(
+    fakes: tuple[FakeOpenAI, FakeOllama, LiveServer],
+) -> None:
+    _, _, server = fakes
+    texts = ["a", "b", "c"]
+    answer = sdk(server).embeddings.create(model="emb-reversed", input=texts)
+    expected = [fake_openai.fake_vector(t, fake_openai.EMBED_DIMENSIONS) for t in texts]
+    assert [d.embedding for d in answer.data] == expected

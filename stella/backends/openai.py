@@ -312,9 +312,7 @@ class OpenAIBackend(HttpBackend):
             raise UpstreamError(f"{name}: malformed embeddings answer") from None
         if answer.error is not None:
             raise _failure(name, answer.error, "upstream error")
-        items = answer.data or []
-        if any(item.index is not None for item in items):
-            items = sorted(items, key=lambda item: item.index or 0)
+        items = _in_order(name, answer.data or [])
         vectors = [_floats(name, item.embedding) for item in items]
         if answer.usage is None:
             ctx.usage_estimated = True  # the core counts the inputs at four characters a token
@@ -524,6 +522,21 @@ class OpenAIBackend(HttpBackend):
             finish_reason=_finish(choice.finish_reason or "stop", bool(events), ctx.refused),
             usage=_usage(chunk.usage, ctx),
         )
+
+
+def _in_order(name: str, items: list[_Embedding]) -> list[_Embedding]:
+    """An answer's vectors in input order: by their `index`, which must be 0 to n-1 each
+    once, or be absent from all (then in the order given). Else a vector could be stored
+    against another input's text, or one input get none: not retried (asked again, the
+    upstream answers alike)."""
+    indexes = [item.index for item in items]
+    if all(i is None for i in indexes):
+        return items
+    if sorted(i if i is not None else -1 for i in indexes) == list(range(len(items))):
+        return sorted(items, key=lambda item: item.index or 0)
+    err = UpstreamError(f"{name}: embeddings answer whose indexes are not 0 to {len(items) - 1}")
+    err.retryable = False
+    raise err
 
 
 def _floats(name: str, embedding: list[float] | str) -> list[float]:

@@ -88,7 +88,11 @@ vectors (any but `text-embedding-3-*`). Each vector is EMBED_DIMENSIONS long (or
 as llama.cpp started without `--embeddings` answers), `chat-only` (the 404 page of a path
 it does not serve, as a server that makes no embeddings answers), `huge` (a body of
 HUGE_ANSWER bytes, as a non-stream chat's too), `floats-only` (floats whatever
-`encoding_format` asks, as a server that knows no base64). It records each body in
+`encoding_format` asks, as a server that knows no base64), `nonfinite` (the last vector
+holds an infinity and a NaN, in base64 whatever was asked), `ragged` (the last vector one
+shorter), `empty-vector` (the last vector empty), `dup-index` (the last vector's index 0
+too), `index-range` (indexes 1 to n), `index-null` (the last index null) and `reversed`
+(the vectors last first, each with its index). It records each body in
 `embed_requests`.
 """
 
@@ -305,6 +309,7 @@ class FakeOpenAI:
             data.append({"object": "embedding", "index": i, "embedding": embedding})
         if model == "short":
             data.pop()
+        _spoil(model, data, size)
         tokens = sum(len(t.split()) if isinstance(t, str) else 1 for t in texts)
         answer: dict[str, Any] = {"object": "list", "data": data, "model": model}
         if model != "no-usage":
@@ -773,6 +778,34 @@ NOT_FOUND_PAGE = (
     "<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n"
     "</body>\r\n</html>\r\n"
 )
+
+
+def _spoil(model: str, data: list[dict[str, Any]], size: int) -> None:
+    """An embeddings answer's `data` as a broken or careless server gives it (the models
+    BROKEN_EMBEDDINGS names); `reversed` is the API's own, in another order."""
+    if model == "nonfinite":  # an infinity and a NaN among float32s, as base64 carries them
+        bad = struct.pack(f"<{size}f", math.inf, math.nan, *[0.5] * (size - 2))
+        data[-1]["embedding"] = base64.b64encode(bad).decode()
+    elif model in ("ragged", "empty-vector"):
+        last = data[-1]["embedding"]
+        keep = size - 1 if model == "ragged" else 0
+        if isinstance(last, str):  # base64: 4 bytes a float
+            data[-1]["embedding"] = base64.b64encode(base64.b64decode(last)[: 4 * keep]).decode()
+        else:
+            data[-1]["embedding"] = last[:keep]
+    elif model == "dup-index":
+        data[-1]["index"] = 0
+    elif model == "index-range":
+        for item in data:
+            item["index"] += 1
+    elif model == "index-null":
+        data[-1]["index"] = None
+    elif model == "reversed":
+        data.reverse()
+
+
+# Embedding models whose answer is broken: no client could use it as it is.
+BROKEN_EMBEDDINGS = ("nonfinite", "ragged", "empty-vector", "dup-index", "index-range")
 
 
 # What model `huge` answers: a JSON body (spaces, then an error) longer than any answer
