@@ -45,6 +45,7 @@ from stella.errors import (
 from stella.images import ImagesSeen, first_images, readable
 from stella.logs import mask
 from stella.protocol import (
+    MAX_EMBED_NUMBERS,
     AssistantMessage,
     ChatRequest,
     ChatResponse,
@@ -238,6 +239,7 @@ class Pipeline:
         circuit), with no fallback: another model's vectors are not comparable with this
         one's, so a client that stores them would mix two spaces without a word."""
         model = request.model
+        _check_numbers(request)
         route = self.embed_route(model, call)
         backend = route.backend
         if not self.router.breakers[route.backend_name].available():
@@ -1306,6 +1308,23 @@ class EmbedInference(Inference):
             assert self.error is not None
             raise self.error
         return EmbedResult(embeddings=self.vectors, prompt_tokens=done.usage.prompt_tokens)
+
+
+def _check_numbers(request: EmbedRequest) -> None:
+    """A 400 naming `dimensions` for a request that asks more numbers than any model needs
+    (MAX_EMBED_NUMBERS): its answer would be hundreds of megabytes, built and written on
+    the event loop every call shares."""
+    dimensions = request.dimensions
+    if dimensions is None:
+        return  # the model's own length, bounded by the answer's size
+    count = len(request.texts())
+    if count * dimensions > MAX_EMBED_NUMBERS:
+        raise InvalidRequest(
+            f"$.dimensions: {count} inputs of {dimensions} dimensions are "
+            f"{count * dimensions} numbers, over {MAX_EMBED_NUMBERS} in one request; send "
+            "fewer inputs or ask shorter vectors",
+            param="dimensions",
+        )
 
 
 def _no_embeddings(route: Route, exc: UpstreamStatus) -> UpstreamMakesNoEmbeddings:

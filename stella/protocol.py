@@ -354,6 +354,10 @@ class GenerateRequest(Strict):
 MAX_EMBED_INPUTS = 2048
 MAX_EMBED_CHARS = 262_144
 MAX_EMBED_DIMENSIONS = 16_384
+# The most numbers one embed request may ask for (its inputs times `dimensions`): a full
+# batch of the longest vectors embedding models make (4096: NV-Embed, Qwen3-Embedding-8B;
+# OpenAI's longest is 3072). More is only an answer of hundreds of megabytes to build.
+MAX_EMBED_NUMBERS = MAX_EMBED_INPUTS * 4096
 
 EmbedText = Annotated[str, Meta(min_length=1, max_length=MAX_EMBED_CHARS)]
 Dimensions = Annotated[
@@ -364,7 +368,7 @@ Dimensions = Annotated[
         description="the length of each vector: sent on as the upstream's `dimensions` "
         "(OpenAI's text-embedding-3 models and Ollama shorten their vectors to it); an "
         "answer of another length is a 502; echo makes vectors this long. Absent: the "
-        "model's own length",
+        "model's own length. Inputs times dimensions at most 8,388,608",
     ),
 ]
 

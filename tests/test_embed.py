@@ -577,3 +577,47 @@ def test_vectors_are_put_in_the_order_of_their_indexes(
     answer = sdk(server).embeddings.create(model="emb-reversed", input=texts)
     expected = [fake_openai.fake_vector(t, fake_openai.EMBED_DIMENSIONS) for t in texts]
     assert [d.embedding for d in answer.data] == expected
+
+
+@pytest.mark.parametrize("path", ["/api/v1/embed", "/v1/embeddings", "/api/embed"])
+def test_more_numbers_than_a_model_needs_are_a_400_naming_dimensions(
+    fakes: tuple[FakeOpenAI, FakeOllama, LiveServer], path: str
+) -> None:
+    _, _, server = fakes
+    body = {"model": "echo", "input": ["x"] * 2048, "dimensions": 4097}
+    r = httpx.post(server.url + path, json=body, headers=auth())
+    assert r.status_code == 400, r.text[:500]
+    error = r.json()["error"]
+    said = "2048 inputs of 4097 dimensions are 8390656 numbers, over 8388608 in one request"
+    if path == "/api/embed":
+        assert said in error and error.startswith("$.dimensions")
+    else:
+        assert said in error["message"]
+        assert error.get("param", "dimensions") == "dimensions"
+    # Within the bound: made.
+    body = {"model": "echo", "input": ["x"] * 2, "dimensions": 4096}
+    assert httpx.post(server.url + path, json=body, headers=auth()).status_code == 200
+
+
+def test_echo_embeds_a_long_batch_without_holding_the_event_loop(
+    fakes: tuple[FakeOpenAI, FakeOllama, LiveServer],
+) -> None:
+    """Some 300,000 words (a second's work and more): /health answers meanwhile."""
+    _, _, server = fakes
+    texts = [" ".join(f"w{i}x{j}" for j in range(10_000)) for i in range(30)]
+    gaps: list[float] = []
+
+    async def run() -> int:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            embed = asyncio.ensure_future(
+                client.post("/api/v1/embed", json={"model": "echo", "input": texts}, headers=auth())
+            )
+            await asyncio.sleep(0.2)  # the body sent and read
+            while not embed.done():
+                t = time.perf_counter()
+                assert (await client.get("/health")).status_code == 200
+                gaps.append(time.perf_counter() - t)
+            return (await embed).status_code
+
+    assert asyncio.run(run()) == 200
+    assert len(gaps) > 5 and max(gaps) < 0.25, (len(gaps), max(gaps))

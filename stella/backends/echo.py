@@ -16,6 +16,7 @@ import math
 import re
 from array import array
 from collections.abc import AsyncIterator
+from operator import add
 from typing import Annotated, Literal
 
 from msgspec import Meta
@@ -65,6 +66,9 @@ class EchoConfig(BackendConfig, kw_only=True):
 
 # Tokens of an answer without delay_s between two turns of the event loop.
 YIELD_EVERY = 256
+# The numbers echo adds up while it embeds between two turns of the event loop (some
+# 6 ms): a batch of long texts, or of long vectors, must not hold the other calls up.
+EMBED_WORK = 65_536
 # The length of echo's vectors when a request asks none.
 EMBED_DIMENSIONS = 16
 # The failures `error_code` can name.
@@ -114,12 +118,20 @@ class EchoBackend(Backend):
                 await asyncio.sleep(cfg.delay_s)
             size = request.dimensions or EMBED_DIMENSIONS
             vectors = []
-            words = 0
-            for i, text in enumerate(request.texts()):
-                if i and not i % YIELD_EVERY:
-                    await asyncio.sleep(0)  # a long list must not hold the event loop
-                vectors.append(echo_vector(text, size))
-                words += len(text.split())
+            words = work = 0
+            for text in request.texts():
+                pieces = text.split()
+                words += len(pieces)
+                total = [0.0] * size
+                for word in pieces or (text,):
+                    total = _plus(total, word)
+                    work += size
+                    if work >= EMBED_WORK:
+                        # Many words or long vectors: the other calls get their turn.
+                        work = 0
+                        await asyncio.sleep(0)
+                vectors.append(_unit(total))
+                work += size
             return EmbedResult(embeddings=vectors, prompt_tokens=words)
         finally:
             self.closed += 1
@@ -196,8 +208,19 @@ def echo_vector(text: str, size: int) -> list[float]:
     base64 form carries, so both forms give the same numbers)."""
     total = [0.0] * size
     for word in text.split() or (text,):
-        raw = array("i", hashlib.shake_256(word.encode()).digest(4 * size))
-        total = [t + x for t, x in zip(total, raw, strict=True)]
+        total = _plus(total, word)
+    return _unit(total)
+
+
+def _plus(total: list[float], word: str) -> list[float]:
+    """`total` plus `word`'s pseudo-random vector (as long as `total`)."""
+    return list(
+        map(add, total, array("i", hashlib.shake_256(word.encode()).digest(4 * len(total))))
+    )
+
+
+def _unit(total: list[float]) -> list[float]:
+    """`total` made a unit vector, as float32 values."""
     norm = math.sqrt(math.fsum(t * t for t in total)) or 1.0
     return array("f", [t / norm for t in total]).tolist()
 
