@@ -22,7 +22,10 @@ from stella.backends.base import (
     BackendEvent,
     BackendHealth,
     CallContext,
+    counted,
+    detail,
     ended,
+    token_count,
 )
 from stella.backends.http import (
     BAD_JSON,
@@ -398,7 +401,7 @@ class AnthropicBackend(HttpBackend):
                         )
                         calls += 1
                     elif kind == "message_start" and ev.message is not None and ev.message.usage:
-                        usage = ev.message.usage
+                        usage = _fair(ev.message.usage, ctx)
                         # Early, for a call cut short and the Messages dialect's message_start.
                         _tell(ctx, usage)
                     elif kind == "message_delta":
@@ -406,7 +409,7 @@ class AnthropicBackend(HttpBackend):
                             stop = ev.delta.stop_reason
                             ctx.stop_sequence = ev.delta.stop_sequence
                         if ev.usage is not None:
-                            usage = _cumulative(usage, ev.usage)
+                            usage = _cumulative(usage, _fair(ev.usage, ctx))
                             _tell(ctx, usage)
                     elif kind == "message_stop":
                         break
@@ -440,6 +443,26 @@ class AnthropicBackend(HttpBackend):
                 )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
+
+
+def _fair(usage: _Usage, ctx: CallContext) -> _Usage:
+    """`usage` with each count outside 0..MAX_TOKEN_COUNT as not given (the call's usage
+    then estimated, where it is needed)."""
+    counts = (
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cache_creation_input_tokens,
+        usage.cache_read_input_tokens,
+    )
+    if all(token_count(n) for n in counts):
+        return usage
+    ctx.usage_estimated = True
+    return _Usage(
+        detail(usage.input_tokens),
+        counted(usage.output_tokens, ctx),
+        detail(usage.cache_creation_input_tokens),
+        detail(usage.cache_read_input_tokens),
+    )
 
 
 def _tell(ctx: CallContext, usage: _Usage) -> None:

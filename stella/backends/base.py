@@ -115,6 +115,33 @@ class CallContext:
     refused: bool = False
 
 
+# The largest token count taken from an upstream (a signed 32-bit integer's). A count
+# past it, or below 0, is a broken or hostile upstream's: taken, a negative one would
+# reach the client and the usage report, and a huge one lock a key out of its token
+# limit for good. It is not reported, then: stella's own estimate stands.
+MAX_TOKEN_COUNT = 2**31 - 1
+
+
+def token_count(n: int | None) -> bool:
+    """Whether `n`, an upstream's token count, is one (None: not given, which is no fault)."""
+    return n is None or 0 <= n <= MAX_TOKEN_COUNT
+
+
+def counted(n: int, ctx: CallContext) -> int:
+    """An upstream's token count, or 0 (not reported: the call's usage is estimated) when
+    it is outside 0..MAX_TOKEN_COUNT."""
+    if 0 <= n <= MAX_TOKEN_COUNT:
+        return n
+    ctx.usage_estimated = True
+    return 0
+
+
+def detail(n: int | None) -> int | None:
+    """An upstream's count of a part of the usage (cached, reasoning tokens), or None (not
+    said) when it is outside 0..MAX_TOKEN_COUNT."""
+    return n if n is not None and 0 <= n <= MAX_TOKEN_COUNT else None
+
+
 def first_stop(text: str, stops: Iterable[str]) -> tuple[int, str] | None:
     """Where the first of the stop strings in `text` begins, and which one; None if none."""
     hits = [(i, s) for s in stops if s and (i := text.find(s)) >= 0]

@@ -17,6 +17,8 @@ from stella.backends.base import (
     BackendHealth,
     CallContext,
     content_of,
+    counted,
+    detail,
     ended,
     new_call_id,
 )
@@ -44,6 +46,10 @@ from stella.protocol import (
     Usage,
     wire_tools,
 )
+
+# The longest load Ollama's `load_duration` is taken for (nanoseconds, a day): a longer
+# one is a broken upstream's number, not a load any call waited for.
+MAX_LOAD_NS = 86_400 * 10**9
 
 
 class OllamaConfig(HttpConfig, kw_only=True):
@@ -539,11 +545,12 @@ class OllamaBackend(HttpBackend):
             raise UpstreamError(f"{name}: malformed embed answer") from None
         if answer.error is not None:
             raise UpstreamError(f"{name}: {upstream_text(answer.error)}")
-        if answer.load_duration > 0:  # Ollama's own load of the model for this call
+        if 0 < answer.load_duration <= MAX_LOAD_NS:  # Ollama's own load of the model
             ctx.load_ms = answer.load_duration / 1e6
-        if not answer.prompt_eval_count:
+        tokens = counted(answer.prompt_eval_count, ctx)
+        if not tokens:
             ctx.usage_estimated = True
-        return EmbedResult(embeddings=answer.embeddings, prompt_tokens=answer.prompt_eval_count)
+        return EmbedResult(embeddings=answer.embeddings, prompt_tokens=tokens)
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream /api/chat and translate its lines."""
@@ -582,21 +589,17 @@ class OllamaBackend(HttpBackend):
                             )
                             index += 1
                     if line.done:
-                        if line.load_duration > 0:  # Ollama's own share of the wait
+                        if 0 < line.load_duration <= MAX_LOAD_NS:  # Ollama's share of the wait
                             ctx.load_ms = (ctx.load_ms or 0.0) + line.load_duration / 1e6
-                        if line.prompt_eval_cached_count is not None:
-                            ctx.cached_tokens = line.prompt_eval_cached_count
+                        cached = detail(line.prompt_eval_cached_count)
+                        if cached is not None:
+                            ctx.cached_tokens = cached
                         reason = ended(
                             "length" if line.done_reason == "length" else "stop", bool(index)
                         )
-                        yield Done(
-                            finish_reason=reason,
-                            usage=Usage(
-                                line.prompt_eval_count,
-                                line.eval_count,
-                                line.prompt_eval_count + line.eval_count,
-                            ),
-                        )
+                        prompt = counted(line.prompt_eval_count, ctx)
+                        made = counted(line.eval_count, ctx)
+                        yield Done(finish_reason=reason, usage=Usage(prompt, made, prompt + made))
                         return
                 raise UpstreamError(f"{name}: stream ended before done")
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -18,9 +18,12 @@ from stella.backends.base import (
     BackendHealth,
     CallContext,
     content_of,
+    counted,
+    detail,
     ended,
     linked_tool_calls,
     new_call_id,
+    token_count,
 )
 from stella.backends.http import (
     BAD_JSON,
@@ -317,7 +320,8 @@ class OpenAIBackend(HttpBackend):
         if answer.usage is None:
             ctx.usage_estimated = True  # the core counts the inputs at four characters a token
             return EmbedResult(embeddings=vectors)
-        return EmbedResult(embeddings=vectors, prompt_tokens=answer.usage.prompt_tokens)
+        tokens = counted(answer.usage.prompt_tokens, ctx)
+        return EmbedResult(embeddings=vectors, prompt_tokens=tokens)
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream (or fetch) one completion and translate it into events."""
@@ -740,13 +744,18 @@ def _usage(usage: _Usage | None, ctx: CallContext) -> Usage:
         pieces = ctx.tokens_seen
         return Usage(0, pieces, pieces)
     details = usage.prompt_tokens_details
-    if details is not None and details.cached_tokens is not None:
+    if details is not None and detail(details.cached_tokens) is not None:
         ctx.cached_tokens = details.cached_tokens  # the log's and the answer's usage
     done = usage.completion_tokens_details
-    if done is not None and done.reasoning_tokens is not None:
+    if done is not None and detail(done.reasoning_tokens) is not None:
         ctx.reasoning_tokens = done.reasoning_tokens  # as cached_tokens
-    total = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
-    return Usage(usage.prompt_tokens, usage.completion_tokens, total)
+    fair = all(token_count(n) for n in (usage.prompt_tokens, usage.completion_tokens))
+    prompt = counted(usage.prompt_tokens, ctx)
+    completion = counted(usage.completion_tokens, ctx)
+    total = usage.total_tokens
+    if not (fair and total and token_count(total)):
+        total = prompt + completion  # a count not taken is not in the total either
+    return Usage(prompt, completion, total)
 
 
 def _message(error: Any) -> str:

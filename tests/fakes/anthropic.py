@@ -10,7 +10,8 @@ cache: message_start's usage has `cache_creation_input_tokens` and
 (message_delta's usage with null for every count the API may send as null),
 `claude-zero-usage` (message_delta's input_tokens 0, as some compatible servers send a
 count they do not give again), `claude-grown-usage` (message_delta's cumulative counts
-larger than message_start's: DELTA_COUNTS),
+larger than message_start's: DELTA_COUNTS), `claude-bogus-usage` (counts no real server
+sends: BOGUS_COUNTS, and output_tokens -7),
 `claude-context-full` (the text ended with `model_context_window_exceeded`),
 `claude-refusal` (REFUSED_AT, then `refusal`: the API's streaming classifiers cut the
 answer short so), `claude-429`
@@ -96,6 +97,9 @@ NULL_COUNTS = {
     "cache_read_input_tokens": None,
     "server_tool_use": None,
 }
+# The counts of `claude-bogus-usage`, in message_start's usage and message_delta's (whose
+# output_tokens is -7): no count at all, a broken or hostile server's.
+BOGUS_COUNTS = {"input_tokens": 10**15, "cache_read_input_tokens": -3}
 # message_delta's usage of `claude-grown-usage`: the counts grew since message_start's
 # (cumulative, as the API's are; server tools read more input after the start).
 DELTA_COUNTS = {"input_tokens": 30, "cache_read_input_tokens": 40}
@@ -378,6 +382,7 @@ class FakeAnthropic:
                         "input_tokens": 25,
                         "output_tokens": 1,
                         **(CACHE.get(model) or self._cache_usage(body)),
+                        **(BOGUS_COUNTS if model == "claude-bogus-usage" else {}),
                     },
                 },
             },
@@ -515,7 +520,7 @@ class FakeAnthropic:
                     "stop_reason": stop,
                     "stop_sequence": sequence,
                 },
-                "usage": {**_delta_counts(model), "output_tokens": out},
+                "usage": {"output_tokens": out, **_delta_counts(model)},
             },
         )
         if model != "claude-no-message-stop":
@@ -592,6 +597,8 @@ def _delta_counts(model: str) -> dict[str, Any]:
         return {"input_tokens": 0}
     if model == "claude-grown-usage":
         return DELTA_COUNTS
+    if model == "claude-bogus-usage":
+        return {**BOGUS_COUNTS, "output_tokens": -7}
     return {}
 
 

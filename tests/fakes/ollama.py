@@ -13,7 +13,8 @@ HUGE_ERROR), `malformed`, `thinking` (THINKING in `message.thinking`, a line per
 with content "", then the answer, as a thinking model streams it), `busy` (503 without Retry-After, as Ollama answers a full
 queue), `cloud` (401 with a `signin_url`, as Ollama answers a cloud model while it is not
 signed in), `cached` (the done line says CACHED of its prompt's tokens came from the
-cache, `prompt_eval_cached_count`). A path it does not serve is Go's plain-text 404,
+cache, `prompt_eval_cached_count`), `bogus-counts` (the done line's and /api/embed's
+counts are BOGUS). A path it does not serve is Go's plain-text 404,
 `404 page not found`, as Ollama answers one. A `keep_alive` string Go's time.ParseDuration refuses
 (`"-1"`) is a 400, as Ollama answers it. `"stream": false` gets one object, as the API
 does (its default is a stream).
@@ -74,6 +75,8 @@ CALL_IDS = {"Toronto": "call_k3v9x2qa", "Oslo": "call_7md0e4wz"}
 GO_DURATION = re.compile(r"[-+]?(?:0|(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:ns|us|µs|μs|ms|s|m|h))+)")
 
 
+# The counts of model `bogus-counts` (its done line's, its embeddings'): no real server's.
+BOGUS = {"bogus-counts": {"prompt_eval_count": -5, "eval_count": 10**15, "load_duration": 10**30}}
 # The length of the fake's embeddings when a request asks none.
 EMBED_DIMENSIONS = 8
 
@@ -239,15 +242,14 @@ class FakeOllama:
                 norm = math.sqrt(sum(x * x for x in vector[:dims])) or 1.0
                 vector = [x / norm for x in vector[:dims]]
             vectors.append(vector)
-        return JSONResponse(
-            {
-                "model": model,
-                "embeddings": vectors,
-                "total_duration": time.perf_counter_ns() - started,
-                "load_duration": load_ns or 1_000,
-                "prompt_eval_count": sum(len(t.split()) for t in texts),
-            }
-        )
+        answer = {
+            "model": model,
+            "embeddings": vectors,
+            "total_duration": time.perf_counter_ns() - started,
+            "load_duration": load_ns or 1_000,
+            "prompt_eval_count": sum(len(t.split()) for t in texts),
+        }
+        return JSONResponse({**answer, **BOGUS.get(model, {})})
 
     async def chat(self, request: Request) -> Response:
         body = await request.json()
@@ -398,5 +400,6 @@ class FakeOllama:
                 "prompt_eval_duration": 100_000,
                 "eval_count": sent,
                 "eval_duration": 900_000,
+                **BOGUS.get(model, {}),
             }
         )

@@ -33,7 +33,9 @@ usage in a whole answer), `filtered` (FILTERED, then finish_reason "content_filt
 (TEXT_BEFORE, then the calls of `two-tools`, as a model may say what it is about to do),
 `every-tool` (one call to each tool it was offered, in order, each `{"input": TOOL_INPUT}`)
 and `reasoning` (a 400 for `max_tokens`, as OpenAI's o-series and gpt-5 answer: they take
-`max_completion_tokens`), `missing` and `missing-vllm` (a 404 for a model the server does
+`max_completion_tokens`), `bogus-usage` (a usage of
+-50 prompt tokens, 10**15 completion tokens, -1 cached; its embeddings' 10**15 prompt
+tokens), `missing` and `missing-vllm` (a 404 for a model the server does
 not have: OpenAI's `code` `model_not_found`, vLLM's "The model `x` does not exist." at the
 top of the body). A path it does not serve (a base_url without `/v1`, or with it twice)
 is a 404 HTML page, as nginx in front of a server answers it.
@@ -312,6 +314,8 @@ class FakeOpenAI:
         _spoil(model, data, size)
         tokens = sum(len(t.split()) if isinstance(t, str) else 1 for t in texts)
         answer: dict[str, Any] = {"object": "list", "data": data, "model": model}
+        if model == "bogus-usage":
+            tokens = 10**15
         if model != "no-usage":
             answer["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
         return JSONResponse(answer, headers={"x-request-id": "req_fake_embed"})
@@ -500,6 +504,9 @@ class FakeOpenAI:
             "completion_tokens": len(self.words),
             "total_tokens": 3 + len(self.words),
         }
+        if model == "bogus-usage":  # counts no real server sends
+            usage = {"prompt_tokens": -50, "completion_tokens": 10**15, "total_tokens": 10**15}
+            usage["prompt_tokens_details"] = {"cached_tokens": -1}
         if model == "cached":
             usage["prompt_tokens_details"] = {"cached_tokens": CACHED}
             usage["completion_tokens_details"] = None  # as some servers say none
