@@ -22,12 +22,17 @@ def server() -> Iterator[LiveServer]:
             "oa": {"kind": "openai", "base_url": nowhere + "/v1"},
             "cl": {"kind": "anthropic", "base_url": nowhere, "api_key_env": "CAPS_KEY"},
             "ol": {"kind": "ollama", "base_url": nowhere},
+            # The operator's word that the model behind reads text only.
+            "oa-text": {"kind": "openai", "base_url": nowhere + "/v1", "images": False},
+            "ol-text": {"kind": "ollama", "base_url": nowhere, "images": False},
         },
         "models": {
             "routes": {
                 "gpt": {"backend": "oa", "upstream_model": "gpt"},
                 "claude": {"backend": "cl", "upstream_model": "claude"},
                 "llava": {"backend": "ol", "upstream_model": "llava"},
+                "coder": {"backend": "oa-text", "upstream_model": "coder"},
+                "qwen": {"backend": "ol-text", "upstream_model": "qwen"},
             }
         },
     }
@@ -40,6 +45,8 @@ EXPECTED = {
     "gpt": ["chat", "tools", "images", "embeddings"],
     "claude": ["chat", "tools", "images"],
     "llava": ["chat", "tools", "images", "embeddings"],
+    "coder": ["chat", "tools", "embeddings"],
+    "qwen": ["chat", "tools", "embeddings"],
 }
 OLLAMA_WORDS = {"tools": "tools", "images": "vision", "embeddings": "embedding"}
 

@@ -56,6 +56,9 @@ def upstreams() -> Iterator[Upstreams]:
                     "image_urls": False,
                 },
                 "llama": {"kind": "ollama", "base_url": llama_url},
+                # The operator's word that these upstreams' models read text only.
+                "gpt-text": {"kind": "openai", "base_url": gpt_url + "/v1", "images": False},
+                "llama-text": {"kind": "ollama", "base_url": llama_url, "images": False},
             },
             "models": {
                 "routes": {
@@ -73,6 +76,14 @@ def upstreams() -> Iterator[Upstreams]:
                         "fallbacks": ["gpt-urls"],
                     },
                     "blind": {"backend": "echo", "fallbacks": ["echo"]},
+                    # llama.cpp without a projector (the fake refuses any image), said so.
+                    "coder": {"backend": "gpt-text", "upstream_model": "text-only"},
+                    "coder-eyes": {
+                        "backend": "gpt-text",
+                        "upstream_model": "text-only",
+                        "fallbacks": ["gpt"],
+                    },
+                    "llama-text": {"backend": "llama-text", "upstream_model": "llama3"},
                     # A reader that fails, a text-only fallback behind it.
                     "failing-eyes": {
                         "backend": "gpt",
@@ -978,3 +989,40 @@ def test_no_tool_result_image_data_or_url_in_the_log(upstreams: Upstreams) -> No
             "images": 2,
         }
     assert not [line for line in server.lines() if marker[:40] in line or "SECRET-SCREEN" in line]
+
+
+def test_a_backend_set_to_read_text_only_gets_tool_images_as_notes(
+    upstreams: Upstreams,
+) -> None:
+    # `images = false`: the model behind reads text only (llama.cpp without a projector
+    # answers any image with a 400). A session whose tool returned a screenshot goes on,
+    # the model reading the note, as on echo.
+    _, gpt, llama, server = upstreams
+    r = claude_code(server, "coder", image_block(), {"type": "text", "text": "1x1"})
+    assert r.status_code == 200, r.text
+    sent = gpt.requests[-1]
+    assert sent["model"] == "text-only"
+    assert sent["messages"][-1] == {
+        "role": "tool",
+        "content": f"{NOTE}\n1x1",
+        "tool_call_id": "toolu_1",
+    }
+    r = claude_code(server, "llama-text", image_block())
+    assert r.status_code == 200, r.text
+    assert llama.requests[-1]["messages"][-1] == {
+        "role": "tool",
+        "content": NOTE,
+        "tool_name": "Read",
+        "tool_call_id": "toolu_1",
+    }
+    # A user's own image goes to a fallback that reads images, else is a 400.
+    image = {"data": PNG, "media_type": "image/png"}
+    r = native(server, "coder-eyes", user("what is this?", image))
+    assert r.status_code == 200, r.text
+    assert gpt.requests[-1]["model"] == "ok"
+    for model in ("coder", "llama-text"):
+        r = native(server, model, user("what is this?", image))
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == (
+            f"$.messages[0].images[0]: model {model!r} reads text only: images are not supported"
+        )

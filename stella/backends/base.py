@@ -224,7 +224,9 @@ class Backend:
     # them. A request whose user messages hold images is never sent to one that would
     # drop them: the pipeline tries a fallback that reads them, else answers 400; a tool
     # message's reach one that reads none as a note in its text (images.readable).
-    reads_images: ClassVar[bool] = False
+    # An attribute, not a ClassVar: a backend may set it from its config (`images`: an
+    # OpenAI-compatible or Ollama server's model may read text only).
+    reads_images: bool = False
     # False when an image by URL is not sent there, as stella fetches no URL itself: its
     # API takes images only as data (Ollama's), or the operator keeps its upstream from
     # fetching addresses a client chose (`image_urls`, per backend: a self-hosted server

@@ -79,6 +79,10 @@ class OpenAIConfig(HttpConfig, kw_only=True):
     # network, so a client could have it ask internal addresses (cloud metadata, admin
     # ports); with it off such an image is a 400, or goes to a fallback that takes it.
     image_urls: bool = False
+    # Whether the upstream's model reads images. Off for one that reads text only (llama.cpp
+    # without a projector, most coder models), which refuses a request with any: a user's
+    # images then go to a fallback that reads them (else a 400), a tool result's are notes.
+    images: bool = True
 
 
 class _Fn(msgspec.Struct):
@@ -266,12 +270,13 @@ class OpenAIBackend(HttpBackend):
     whole_answers = True  # non-stream calls are non-stream upstream
     honours_tool_choice = True
     honours_parallel_tool_calls = True
-    reads_images = True  # as image_url parts: the upstream's model may still refuse them
     Config = OpenAIConfig
 
     def __init__(self, name: str, config: OpenAIConfig) -> None:
         super().__init__(name, config)
         self.cfg = config
+        # As image_url parts: the upstream's model may still refuse them (see `images`).
+        self.reads_images = config.images
         self.reads_image_urls = config.image_urls
         self.chat_url = self.base_url + "/chat/completions"
         self.embed_url = self.base_url + "/embeddings"
