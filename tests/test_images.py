@@ -84,6 +84,13 @@ def upstreams() -> Iterator[Upstreams]:
                         "fallbacks": ["gpt"],
                     },
                     "llama-text": {"backend": "llama-text", "upstream_model": "llama3"},
+                    # The same, not said: stella learns it from the upstream's refusal.
+                    "coder-unsaid": {"backend": "gpt", "upstream_model": "text-only"},
+                    "qwen-unsaid": {
+                        "backend": "llama",
+                        "upstream_model": "text-only",
+                        "retries": 0,
+                    },
                     # A reader that fails, a text-only fallback behind it.
                     "failing-eyes": {
                         "backend": "gpt",
@@ -1026,3 +1033,86 @@ def test_a_backend_set_to_read_text_only_gets_tool_images_as_notes(
         assert r.json()["error"]["message"] == (
             f"$.messages[0].images[0]: model {model!r} reads text only: images are not supported"
         )
+
+
+def _image_parts(body: dict[str, Any]) -> int:
+    return sum(
+        part.get("type") == "image_url"
+        for m in body["messages"]
+        if isinstance(m["content"], list)
+        for part in m["content"]
+    )
+
+
+def test_a_model_that_refuses_a_tool_image_is_asked_again_with_notes_and_remembered(
+    upstreams: Upstreams,
+) -> None:
+    # No `images = false`: the upstream's 400 for the tool's image is the first word of
+    # it. The same backend is asked once more with notes, and later turns send notes at
+    # once, so the session goes on where every turn was a 502.
+    _, gpt, _, server = upstreams
+    asked = len(gpt.requests)
+    r = claude_code(server, "coder-unsaid", image_block(), {"type": "text", "text": "1x1"})
+    assert r.status_code == 200, r.text
+    refused, answered = gpt.requests[asked:]
+    assert _image_parts(refused) == 1
+    assert _image_parts(answered) == 0
+    assert answered["messages"][-1] == {
+        "role": "tool",
+        "content": f"{NOTE}\n1x1",
+        "tool_call_id": "toolu_1",
+    }
+    rid = r.headers["request-id"]
+    event = server.wait_event(lambda e: e.get("request_id") == rid)
+    assert [
+        (a["error"], a.get("upstream_status"), a.get("tool_images")) for a in event["attempts"]
+    ] == [
+        ("upstream_rejected", 400, None),
+        (None, None, "notes"),
+    ]
+    # Later turns: notes at once, one request each; one warning for the route's model.
+    for _ in range(2):
+        asked = len(gpt.requests)
+        r = claude_code(server, "coder-unsaid", image_block())
+        assert r.status_code == 200, r.text
+        assert len(gpt.requests) == asked + 1
+        assert gpt.requests[-1]["messages"][-1]["content"] == NOTE
+    warned = server.events("tool_images_as_notes")
+    assert [(w["backend"], w["route"], w["upstream_model"]) for w in warned] == [
+        ("gpt", "coder-unsaid", "text-only")
+    ]
+    # A user's own image keeps the upstream's error: asked once, never as a note.
+    asked = len(gpt.requests)
+    r = native(
+        server, "coder-unsaid", user("what is this?", {"data": PNG, "media_type": "image/png"})
+    )
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "upstream_rejected"
+    assert len(gpt.requests) == asked + 1
+    # Another model of the backend still gets the tool's images.
+    r = claude_code(server, "gpt", image_block())
+    assert r.status_code == 200, r.text
+    assert _image_parts(gpt.requests[-1]) == 1
+
+
+def test_ollamas_500_for_a_tool_image_is_asked_again_with_notes(upstreams: Upstreams) -> None:
+    # Ollama's runner answers images to a model without a projector with a 500 naming it.
+    _, _, llama, server = upstreams
+    asked = len(llama.requests)
+    r = claude_code(server, "qwen-unsaid", image_block())
+    assert r.status_code == 200, r.text
+    # (A model's load, a request without messages, may come first.)
+    refused, answered = [b for b in llama.requests[asked:] if b.get("messages")]
+    assert refused["messages"][-1]["images"] == [PNG]
+    assert answered["messages"][-1] == {
+        "role": "tool",
+        "content": NOTE,
+        "tool_name": "Read",
+        "tool_call_id": "toolu_1",
+    }
+    asked = len(llama.requests)
+    r = claude_code(server, "qwen-unsaid", image_block())
+    assert r.status_code == 200, r.text
+    chats = [b for b in llama.requests[asked:] if b.get("messages")]
+    assert len(chats) == 1
+    assert "images" not in chats[0]["messages"][-1]

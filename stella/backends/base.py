@@ -233,6 +233,11 @@ class Backend:
     # would fetch them from inside the operator's network). An attribute, not a ClassVar:
     # a backend may set it from its config.
     reads_image_urls: bool = True
+    # True when the upstream's model may read text only and refuse a request with images
+    # though the backend sends them (an OpenAI-compatible or Ollama server: llama.cpp
+    # without a projector, a coder model): a refusal of a tool result's images is asked
+    # once more with notes in their place, and on success the route's model is sent notes.
+    may_refuse_images: ClassVar[bool] = False
 
     def __init__(self, name: str, config: BackendConfig) -> None:
         self.name = name

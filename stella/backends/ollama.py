@@ -255,6 +255,7 @@ class OllamaBackend(HttpBackend):
     kind = "ollama"
     # A message's `images`, base64 only: Ollama reads no URL, and stella fetches none.
     reads_image_urls = False
+    may_refuse_images = True  # its model may read text only (see `images`)
     Config = OllamaConfig
 
     def __init__(self, name: str, config: OllamaConfig) -> None:

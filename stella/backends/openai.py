@@ -270,6 +270,7 @@ class OpenAIBackend(HttpBackend):
     whole_answers = True  # non-stream calls are non-stream upstream
     honours_tool_choice = True
     honours_parallel_tool_calls = True
+    may_refuse_images = True  # its model may read text only (see `images`)
     Config = OpenAIConfig
 
     def __init__(self, name: str, config: OpenAIConfig) -> None:
