@@ -340,14 +340,16 @@ class Backend:
         """What the model can do: chat, tools, ..."""
         return ["chat"]
 
-    def listed_capabilities(self, upstream_model: str) -> list[str]:
+    def listed_capabilities(self, upstream_model: str, images: bool | None = None) -> list[str]:
         """What a model list says the model can do: `capabilities`, plus `images` where this
-        backend sends a request's images on and `embeddings` where it makes them (its
-        upstream's model may still refuse either: a chat model asked for vectors)."""
+        backend sends a request's images on (or `images` says a fallback reads them) and
+        `embeddings` where it makes them (its upstream's model may still refuse either: a
+        chat model asked for vectors)."""
         caps = self.capabilities(upstream_model)
+        reads = self.reads_images if images is None else images
         extra = [
             name
-            for name, has in (("images", self.reads_images), ("embeddings", self.makes_embeddings))
+            for name, has in (("images", reads), ("embeddings", self.makes_embeddings))
             if has and name not in caps
         ]
         return [*caps, *extra] if extra else caps
