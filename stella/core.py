@@ -40,7 +40,7 @@ from stella.errors import (
     waited_out,
     whole_seconds,
 )
-from stella.images import ImagesSeen, first_images, readable
+from stella.images import MAX_IMAGES, ImagesSeen, first_images, readable, within_cap
 from stella.logs import mask
 from stella.protocol import (
     AssistantMessage,
@@ -214,6 +214,9 @@ class Pipeline:
             chain = [r for r in chain if r is route or scope(r.name)]
         text_only = False
         images = first_images(request.messages)
+        if images is not None and images.total > MAX_IMAGES:
+            request = _within_cap(request)
+            images = first_images(request.messages)
         if images is not None and images.first is not None:
             chain = _image_readers(route, chain, images)
             text_only = not _reads(route, images)
@@ -317,6 +320,8 @@ class Pipeline:
         # number, and the client sizes its context for the model it asks.
         backend = route.backend
         images = first_images(request.messages)
+        if images is not None and images.total > MAX_IMAGES:
+            request = _within_cap(request)
         if images is not None and images.first is not None:
             _image_readers(route, [route], images)
         if not self.router.breakers[route.backend_name].available():
@@ -1419,6 +1424,13 @@ def _logged_message(m: Message) -> dict[str, Any]:
         # How many, never their data: a log is no place for megabytes of a user's pictures.
         logged["images"] = len(m.images)
     return logged
+
+
+def _within_cap(request: ChatRequest) -> ChatRequest:
+    """`request` with its tool results' images past MAX_IMAGES, a user's counted first, as
+    notes: a dialect reads a tool's before the user's that follow it, and a client's own
+    image must not be refused for a tool's."""
+    return msgspec.structs.replace(request, messages=within_cap(request.messages))
 
 
 def _reads(route: Route, images: ImagesSeen) -> bool:

@@ -635,6 +635,90 @@ def test_a_request_takes_at_most_max_images(upstreams: Upstreams, dialect: str) 
     assert r.status_code == 200, r.text
 
 
+def _tools_then_user(n: int, with_user: bool = True) -> dict[str, tuple[str, dict[str, Any]]]:
+    """A request in each dialect whose tool result holds `n` images, then (`with_user`)
+    a user message with one image of the client's own."""
+    data_url = f"data:image/png;base64,{PNG}"
+    data = {"data": PNG, "media_type": "image/png"}
+    call = {"id": "c1", "function": {"name": "shot", "arguments": {}}}
+    start = [{"role": "user", "content": "go"}, {"role": "assistant", "tool_calls": [call]}]
+    own: list[dict[str, Any]] = [user("look", data)] if with_user else []
+    blocks = [{"type": "text", "text": "look"}, image_block()] if with_user else []
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": [image_block()] * n}
+    turns = read_turns()
+    turns[-1]["content"] = [result, *blocks]
+    inputs: list[dict[str, Any]] = [
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "c1", "name": "shot", "arguments": "{}"},
+        {
+            "type": "function_call_output",
+            "call_id": "c1",
+            "output": [{"type": "input_image", "image_url": data_url}] * n,
+        },
+    ]
+    if with_user:
+        inputs.append(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_image", "image_url": data_url},
+                    {"type": "input_text", "text": "look"},
+                ],
+            }
+        )
+    ollama_own = [{"role": "user", "content": "look", "images": [PNG]}] if with_user else []
+    return {
+        "native": (
+            "/api/v1/chat",
+            {
+                "model": "gpt",
+                "stream": False,
+                "messages": [
+                    *start,
+                    {"role": "tool", "tool_call_id": "c1", "images": [data] * n},
+                    *own,
+                ],
+            },
+        ),
+        "responses": ("/v1/responses", {"model": "gpt", "input": inputs}),
+        "anthropic": ("/v1/messages", {"model": "gpt", "max_tokens": 5, "messages": turns}),
+        "ollama": (
+            "/api/chat",
+            {
+                "model": "gpt",
+                "stream": False,
+                "messages": [
+                    {"role": "user", "content": "go"},
+                    {"role": "assistant", "tool_calls": [{"function": call["function"]}]},
+                    {"role": "tool", "tool_name": "shot", "content": "", "images": [PNG] * n},
+                    *ollama_own,
+                ],
+            },
+        ),
+    }
+
+
+@pytest.mark.parametrize("dialect", ["native", "responses", "anthropic", "ollama"])
+@pytest.mark.parametrize("with_user", [True, False], ids=["user-image", "tools-alone"])
+def test_a_users_image_counts_before_tool_results_and_theirs_past_the_cap_are_notes(
+    upstreams: Upstreams, dialect: str, with_user: bool
+) -> None:
+    # A session whose tools returned 600 screenshots: the client's own image is taken,
+    # the last tool image past the cap is a note, in every dialect that carries them.
+    _, gpt, _, server = upstreams
+    endpoint, body = _tools_then_user(MAX_IMAGES + (0 if with_user else 1), with_user)[dialect]
+    r = httpx.post(server.url + endpoint, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    sent = gpt.requests[-1]["messages"]
+    assert _image_parts(gpt.requests[-1]) == MAX_IMAGES
+    past = f"[image omitted: more than {MAX_IMAGES} images in the request]"
+    tool = next(m for m in sent if m["role"] == "tool")
+    assert tool["content"].count(past) == 1, tool
+    if with_user:
+        own = [m for m in sent if m["role"] == "user"][-1]["content"]
+        assert [p["type"] for p in own] == ["image_url", "text"]
+
+
 # --- a media type its bytes do not match ---------------------------------------------
 
 GIF87 = base64.b64encode(b"GIF87a" + b"\x00" * 20).decode()
