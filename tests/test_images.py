@@ -715,8 +715,10 @@ def test_a_users_image_counts_before_tool_results_and_theirs_past_the_cap_are_no
     tool = next(m for m in sent if m["role"] == "tool")
     assert tool["content"].count(past) == 1, tool
     if with_user:
-        own = [m for m in sent if m["role"] == "user"][-1]["content"]
-        assert [p["type"] for p in own] == ["image_url", "text"]
+        # The last user message: the tool's images, then the client's own and its text.
+        own = sent[-1]["content"]
+        assert [p["type"] for p in own[-2:]] == ["image_url", "text"]
+        assert own[-1]["text"] == "look"
 
 
 # --- a media type its bytes do not match ---------------------------------------------
@@ -961,6 +963,8 @@ def test_a_responses_tool_output_image_follows_the_tool_message_to_an_openai_ups
         },
         {"role": "tool", "content": "a.png", "tool_call_id": "call_a"},
         {"role": "tool", "content": URL_NOTE, "tool_call_id": "call_b"},
+        # The user message after the results takes their images first: no two user
+        # messages in a row (some servers' validators refuse them).
         {
             "role": "user",
             "content": [
@@ -968,18 +972,19 @@ def test_a_responses_tool_output_image_follows_the_tool_message_to_an_openai_ups
                 part,
                 {"type": "text", "text": "Image returned by tool call call_b (view_image):"},
                 part,
+                {"type": "text", "text": "well?"},
             ],
         },
-        {"role": "user", "content": "well?"},
     ]
     # Where URLs go, the image by URL goes too.
     r = httpx.post(server.url + "/v1/responses", json={**body, "model": "gpt-urls"}, timeout=30)
     assert r.status_code == 200, r.text
-    assert gpt.requests[-1]["messages"][4]["content"][-1] == {
+    assert gpt.requests[-1]["messages"][4]["content"][-2] == {
         "type": "image_url",
         "image_url": {"url": URL},
     }
-    assert gpt.requests[-1]["messages"][3]["content"] == ""
+    # A result of images alone says where they are, not an empty text.
+    assert gpt.requests[-1]["messages"][3]["content"] == "[images in the next message]"
     # On echo, the notes.
     body["input"] = body["input"][:-1]
     r = httpx.post(server.url + "/v1/responses", json={**body, "model": "echo"}, timeout=30)
@@ -1200,3 +1205,30 @@ def test_ollamas_500_for_a_tool_image_is_asked_again_with_notes(upstreams: Upstr
     chats = [b for b in llama.requests[asked:] if b.get("messages")]
     assert len(chats) == 1
     assert "images" not in chats[0]["messages"][-1]
+
+
+def test_an_anthropic_turn_of_a_tool_result_and_text_is_one_user_message_upstream(
+    upstreams: Upstreams,
+) -> None:
+    # Claude Code's turn [tool_result(image), text]: the tool message, then one user
+    # message holding the result's image and the text (not two user messages in a row).
+    _, gpt, _, server = upstreams
+    turns = read_turns(image_block())
+    turns[-1]["content"].append({"type": "text", "text": "and now?"})
+    r = httpx.post(
+        server.url + "/v1/messages",
+        json={"model": "gpt", "max_tokens": 5, "messages": turns},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert gpt.requests[-1]["messages"][-2:] == [
+        {"role": "tool", "content": "[image in the next message]", "tool_call_id": "toolu_1"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Image returned by tool call toolu_1 (Read):"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+                {"type": "text", "text": "and now?"},
+            ],
+        },
+    ]

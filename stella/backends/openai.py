@@ -173,9 +173,16 @@ def request_body(
         msg: dict[str, Any] = {"role": m.role, "content": content_of(m)}
         if m.images and m.role == "tool":
             shown += _shown(m, tools)
-        elif m.images:
+            if not msg["content"]:
+                # Not an empty result: the model reads where its images are.
+                many = "images" if len(m.images) > 1 else "image"
+                msg["content"] = f"[{many} in the next message]"
+        elif m.images or (shown and m.role == "user"):
             # Parts, the images first; a plain string as before for every other message.
-            parts = [*map(_image_part, m.images)]
+            # A user message right after a run of tool results takes their images first:
+            # two user messages in a row are refused by some servers' validators.
+            parts = [*shown, *map(_image_part, m.images or ())]
+            shown = []
             if m.content:
                 parts.append({"type": "text", "text": m.content})
             msg["content"] = parts
@@ -200,9 +207,10 @@ def request_body(
         messages.append(msg)
         for c in m.tool_calls or ():
             tools[c.id] = c.function.name
-        if shown and (k + 1 == len(history) or history[k + 1].role != "tool"):
+        if shown and (k + 1 == len(history) or history[k + 1].role not in ("tool", "user")):
             # A tool message takes text alone (the API's schema): the images of a run of
-            # results follow it in one user message, each after a line naming its call.
+            # results follow it in one user message, each after a line naming its call
+            # (the next message, when it is a user's).
             messages.append({"role": "user", "content": shown})
             shown = []
     body: dict[str, Any] = {"model": request.model, "messages": messages, "stream": stream}
