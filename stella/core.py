@@ -42,7 +42,7 @@ from stella.errors import (
     waited_out,
     whole_seconds,
 )
-from stella.images import ImagesSeen, first_images, readable
+from stella.images import MAX_IMAGES, ImagesSeen, first_images, readable, within_cap
 from stella.logs import mask
 from stella.protocol import (
     MAX_EMBED_NUMBERS,
@@ -100,6 +100,12 @@ Listener = Callable[[dict[str, Any]], None]
 # slot, not a wait for one.
 DRAIN_ADMIT_S = 0.5
 
+# The most routes' models (backend, upstream model) a process remembers as reading text
+# only, learned from an upstream that refused a tool result's image; the oldest forgotten.
+MAX_TEXT_ONLY_MODELS = 1024
+# What Ollama's runner answers (a 500) for images sent to a model without a projector.
+NO_VISION = "missing data required for image input"
+
 
 class Pipeline:
     """Routes, admits, runs and logs inferences."""
@@ -121,6 +127,32 @@ class Pipeline:
         # The server's Drain (streaming.Drain), when there is one: a wait for a slot
         # is one of the calls a shutdown ends.
         self.drain: Drain | None = None
+        # The routes' models, (backend, upstream model), whose upstream refused a tool
+        # result's image and answered with a note in its place: later calls send them
+        # notes at once, rather than a request every turn of a session would see refused.
+        self.text_only: dict[tuple[str, str], None] = {}
+
+    def reads_text_only(self, route: Route) -> bool:
+        """Whether `route`'s model was learned to read text only (see `text_only`)."""
+        return bool(self.text_only) and (route.backend_name, route.upstream_model) in self.text_only
+
+    def learned_text_only(self, route: Route) -> None:
+        """Remember that `route`'s model reads text only; a warning the first time."""
+        key = (route.backend_name, route.upstream_model)
+        if key in self.text_only:
+            return
+        if len(self.text_only) >= MAX_TEXT_ONLY_MODELS:
+            del self.text_only[next(iter(self.text_only))]
+        self.text_only[key] = None
+        _log.warning(
+            "tool_images_as_notes",
+            backend=route.backend_name,
+            route=route.name,
+            upstream_model=route.upstream_model,
+            reason="its upstream refused a tool result's image and answered with a note "
+            "in its place: from now on its tool results' images are notes (set the "
+            "backend's images = false if its model reads text only)",
+        )
 
     def _route(self, request: ChatRequest, call: Call) -> Route:
         """The checked request's route, one the caller's key may use."""
@@ -185,6 +217,9 @@ class Pipeline:
             chain = [r for r in chain if r is route or scope(r.name)]
         text_only = False
         images = first_images(request.messages)
+        if images is not None and images.total > MAX_IMAGES:
+            request = _within_cap(request)
+            images = first_images(request.messages)
         if images is not None and images.first is not None:
             chain = _image_readers(route, chain, images)
             text_only = not _reads(route, images)
@@ -289,6 +324,8 @@ class Pipeline:
         # number, and the client sizes its context for the model it asks.
         backend = route.backend
         images = first_images(request.messages)
+        if images is not None and images.total > MAX_IMAGES:
+            request = _within_cap(request)
         if images is not None and images.first is not None:
             _image_readers(route, [route], images)
         if not self.router.breakers[route.backend_name].available():
@@ -434,6 +471,7 @@ class Inference:
         "texts",
         "timings",
         "tool_calls",
+        "tool_notes",
         "ttft",
         "upstream_model",
         "usage",
@@ -499,6 +537,9 @@ class Inference:
         # than it can read (text_only) and a fallback reads them.
         self.skip_first = ""
         self.images = 0  # how many images the request's messages carry
+        # The routes whose upstream refused the tool results' images in this call: sent
+        # them as notes since (see _images_refused).
+        self.tool_notes: tuple[str, ...] = ()
         # Whether the call holds its route's backend's slot (when limits.backends sets one).
         self.backend_held = True
         # The waits settled before the current attempt: for admission, for fallbacks'
@@ -632,6 +673,15 @@ class Inference:
                                 break  # no time left for another try within the total limit
                             await asyncio.sleep(pause)
                         opened = await self._first(route, watchdog, total_s)
+                        if isinstance(opened, StellaError) and self._images_refused(route, opened):
+                            # A model that reads text only refused the tool results' images
+                            # (llama.cpp without a projector): once more with notes in their
+                            # place, as a backend that reads text only is sent them.
+                            self.tool_notes = (*self.tool_notes, route.name)
+                            opened = await self._first(route, watchdog, total_s)
+                            self.attempts[-1]["tool_images"] = "notes"
+                            if not isinstance(opened, StellaError):
+                                self.pipeline.learned_text_only(route)
                     except BaseException:
                         # Cut before any verdict (client gone, shutdown): a half-open
                         # circuit's probe must go back, or the circuit stays shut for good.
@@ -990,10 +1040,33 @@ class Inference:
             record["upstream_request_id"] = ctx.upstream_request_id
         return err
 
+    def _images_refused(self, route: Route, err: StellaError) -> bool:
+        """Whether `err` may be `route`'s upstream refusing the tool results' images it was
+        sent (a model that reads text only), for the first time in this call: a 400 or
+        so to a request whose images are all a tool's (a user's own keep the error)."""
+        backend = route.backend
+        refused = err.code == "upstream_rejected" or (
+            # Ollama's runner says it with a 500 (its ErrNoVisionModel).
+            isinstance(err, UpstreamStatus) and NO_VISION in err.message
+        )
+        if (
+            not refused
+            or not backend.may_refuse_images
+            or route.name in self.tool_notes
+            or self.pipeline.reads_text_only(route)
+        ):
+            return False
+        seen = first_images(self.request.messages)
+        if seen is None or seen.first is not None:
+            return False
+        sent = readable(self.request.messages, backend.reads_images, backend.reads_image_urls)
+        return any(m.images for m in sent if m.role == "tool")
+
     def _open(self, route: Route, ctx: CallContext) -> tuple[AsyncIterator[BackendEvent], bool]:
         """The backend's events for one attempt on `route`, and whether the first is the
         whole answer (a non-stream call to a backend that asks for it in one piece)."""
-        req = for_backend(self.request, route)
+        notes = route.name in self.tool_notes or self.pipeline.reads_text_only(route)
+        req = for_backend(self.request, route, notes)
         agen = route.backend.chat(req, ctx)
         if (
             req.parallel_tool_calls is False
@@ -1404,6 +1477,13 @@ def _logged_message(m: Message) -> dict[str, Any]:
     return logged
 
 
+def _within_cap(request: ChatRequest) -> ChatRequest:
+    """`request` with its tool results' images past MAX_IMAGES, a user's counted first, as
+    notes: a dialect reads a tool's before the user's that follow it, and a client's own
+    image must not be refused for a tool's."""
+    return msgspec.structs.replace(request, messages=within_cap(request.messages))
+
+
 def _reads(route: Route, images: ImagesSeen) -> bool:
     """Whether `route`'s backend reads the request's images not in a tool result (by URL
     too, if any is)."""
@@ -1601,10 +1681,10 @@ async def _first_tool_call(agen: AsyncIterator[BackendEvent]) -> AsyncIterator[B
         await close_quietly(agen)  # closed early (client gone, a limit): the upstream too
 
 
-def for_backend(request: ChatRequest, route: Route) -> ChatRequest:
+def for_backend(request: ChatRequest, route: Route, text_only: bool = False) -> ChatRequest:
     """`request` as `route`'s backend gets it: its upstream model's name, no tools for
-    a tool_choice "none" it cannot be told, and a tool result's images it cannot read as
-    notes in its text."""
+    a tool_choice "none" it cannot be told, and a tool result's images it cannot read (or
+    any, `text_only`: its model refused them) as notes in its text."""
     req = request
     backend = route.backend
     if req.model != route.upstream_model:
@@ -1613,7 +1693,8 @@ def for_backend(request: ChatRequest, route: Route) -> ChatRequest:
         req = _without_tools(req)
     # The note where a 400 would be: a text-only route that answered a session before its
     # tool returned an image answers it after (Claude Code's Read of a screenshot).
-    messages = readable(req.messages, backend.reads_images, backend.reads_image_urls)
+    reads = backend.reads_images and not text_only
+    messages = readable(req.messages, reads, backend.reads_image_urls)
     if messages is not req.messages:
         req = msgspec.structs.replace(req, messages=messages)
     return req

@@ -39,16 +39,19 @@ _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 
 class Counter:
-    """A request's images as a dialect reads them, counted: a 400 naming the first one
-    past MAX_IMAGES, before its data is looked at."""
+    """A request's images as a dialect reads them, counted: a user's (the client's own) a
+    400 naming the first past MAX_IMAGES, before its data is looked at; a tool result's
+    past MAX_IMAGES of their own a note, unchecked. Tool results' images within that
+    give way to a user's when together they pass it (see `within_cap`)."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "tools")
 
     def __init__(self) -> None:
         self.count = 0
+        self.tools = 0
 
     def add(self, path: str) -> None:
-        """Count the image at `path`; 400 naming it when it is one too many."""
+        """Count the user's image at `path`; 400 naming it when it is one too many."""
         self.count += 1
         if self.count > MAX_IMAGES:
             raise InvalidRequest(
@@ -57,8 +60,8 @@ class Counter:
 
     def room(self) -> bool:
         """Count a tool result's image; whether it is within the cap (past it: a note)."""
-        self.count += 1
-        return self.count <= MAX_IMAGES
+        self.tools += 1
+        return self.tools <= MAX_IMAGES
 
 
 def check_data(data: str, path: str) -> None:
@@ -208,8 +211,8 @@ def sniff(data: str, path: str) -> ImageMediaType:
 def check_native(messages: Sequence[Message]) -> None:
     """400 naming its path for an image of the native API that is not one stella can
     send: on a message other than a user's or a tool's, neither or both of data and url,
-    data without a media type or not base64, a URL that is not http(s), one past
-    MAX_IMAGES."""
+    data without a media type or not base64, a URL that is not http(s), a user's past
+    MAX_IMAGES (a tool result's past it is a note: see `within_cap`)."""
     counter = Counter()
     for i, m in enumerate(messages):
         if not m.images:
@@ -221,7 +224,10 @@ def check_native(messages: Sequence[Message]) -> None:
             )
         for j, image in enumerate(m.images):
             path = f"messages[{i}].images[{j}]"
-            counter.add(path)
+            if m.role != "tool":
+                counter.add(path)
+            elif not counter.room():
+                continue  # a note in its place (within_cap), as in every dialect
             if (image.data is None) == (image.url is None):
                 raise InvalidRequest(
                     f"$.{path}: give exactly one of data (with media_type) and url",
@@ -283,6 +289,31 @@ def with_notes(text: str, notes: Sequence[str]) -> str:
     """A tool message's text with notes for the images it was not sent, before the text
     (where the images would be read)."""
     return "\n".join([*notes, text] if text else notes)
+
+
+def within_cap(messages: list[Message]) -> list[Message]:
+    """`messages` with at most MAX_IMAGES images: a user's own first (a dialect refused
+    more), then tool results' in their order, those past the cap a note in their text."""
+    room = MAX_IMAGES
+    for m in messages:
+        if m.images and m.role != "tool":
+            room -= len(m.images)
+    out: list[Message] | None = None
+    for i, m in enumerate(messages):
+        if m.role != "tool" or not m.images:
+            continue
+        if len(m.images) <= room:
+            room -= len(m.images)
+            continue
+        kept = m.images[: max(room, 0)]
+        room = 0
+        if out is None:
+            out = list(messages)
+        notes = [PAST_CAP_NOTE] * (len(m.images) - len(kept))
+        out[i] = msgspec.structs.replace(
+            m, content=with_notes(m.content, notes), images=kept or None
+        )
+    return messages if out is None else out
 
 
 def readable(messages: list[Message], reads_images: bool, reads_urls: bool) -> list[Message]:

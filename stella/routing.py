@@ -247,6 +247,17 @@ class Router:
                 out.append(self.routes[target])
         return out
 
+    def capabilities(self, route: Route, allowed: Allowed | None = None) -> list[str]:
+        """What a model list says `route`'s model can do: its backend's, with `images` where
+        a fallback the key may use (`allowed`) reads them, as a user's images go there."""
+        backend = route.backend
+        reads = backend.reads_images or any(
+            r.backend.reads_images
+            for r in self.chain(route)[1:]
+            if allowed is None or allowed(r.name)
+        )
+        return backend.listed_capabilities(route.upstream_model, reads)
+
     def breaker(self, backend_name: str) -> CircuitBreaker:
         """The circuit breaker of a backend."""
         return self.breakers[backend_name]

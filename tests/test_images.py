@@ -56,6 +56,9 @@ def upstreams() -> Iterator[Upstreams]:
                     "image_urls": False,
                 },
                 "llama": {"kind": "ollama", "base_url": llama_url},
+                # The operator's word that these upstreams' models read text only.
+                "gpt-text": {"kind": "openai", "base_url": gpt_url + "/v1", "images": False},
+                "llama-text": {"kind": "ollama", "base_url": llama_url, "images": False},
             },
             "models": {
                 "routes": {
@@ -73,6 +76,21 @@ def upstreams() -> Iterator[Upstreams]:
                         "fallbacks": ["gpt-urls"],
                     },
                     "blind": {"backend": "echo", "fallbacks": ["echo"]},
+                    # llama.cpp without a projector (the fake refuses any image), said so.
+                    "coder": {"backend": "gpt-text", "upstream_model": "text-only"},
+                    "coder-eyes": {
+                        "backend": "gpt-text",
+                        "upstream_model": "text-only",
+                        "fallbacks": ["gpt"],
+                    },
+                    "llama-text": {"backend": "llama-text", "upstream_model": "llama3"},
+                    # The same, not said: stella learns it from the upstream's refusal.
+                    "coder-unsaid": {"backend": "gpt", "upstream_model": "text-only"},
+                    "qwen-unsaid": {
+                        "backend": "llama",
+                        "upstream_model": "text-only",
+                        "retries": 0,
+                    },
                     # A reader that fails, a text-only fallback behind it.
                     "failing-eyes": {
                         "backend": "gpt",
@@ -617,6 +635,92 @@ def test_a_request_takes_at_most_max_images(upstreams: Upstreams, dialect: str) 
     assert r.status_code == 200, r.text
 
 
+def _tools_then_user(n: int, with_user: bool = True) -> dict[str, tuple[str, dict[str, Any]]]:
+    """A request in each dialect whose tool result holds `n` images, then (`with_user`)
+    a user message with one image of the client's own."""
+    data_url = f"data:image/png;base64,{PNG}"
+    data = {"data": PNG, "media_type": "image/png"}
+    call = {"id": "c1", "function": {"name": "shot", "arguments": {}}}
+    start = [{"role": "user", "content": "go"}, {"role": "assistant", "tool_calls": [call]}]
+    own: list[dict[str, Any]] = [user("look", data)] if with_user else []
+    blocks = [{"type": "text", "text": "look"}, image_block()] if with_user else []
+    result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": [image_block()] * n}
+    turns = read_turns()
+    turns[-1]["content"] = [result, *blocks]
+    inputs: list[dict[str, Any]] = [
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "c1", "name": "shot", "arguments": "{}"},
+        {
+            "type": "function_call_output",
+            "call_id": "c1",
+            "output": [{"type": "input_image", "image_url": data_url}] * n,
+        },
+    ]
+    if with_user:
+        inputs.append(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_image", "image_url": data_url},
+                    {"type": "input_text", "text": "look"},
+                ],
+            }
+        )
+    ollama_own = [{"role": "user", "content": "look", "images": [PNG]}] if with_user else []
+    return {
+        "native": (
+            "/api/v1/chat",
+            {
+                "model": "gpt",
+                "stream": False,
+                "messages": [
+                    *start,
+                    {"role": "tool", "tool_call_id": "c1", "images": [data] * n},
+                    *own,
+                ],
+            },
+        ),
+        "responses": ("/v1/responses", {"model": "gpt", "input": inputs}),
+        "anthropic": ("/v1/messages", {"model": "gpt", "max_tokens": 5, "messages": turns}),
+        "ollama": (
+            "/api/chat",
+            {
+                "model": "gpt",
+                "stream": False,
+                "messages": [
+                    {"role": "user", "content": "go"},
+                    {"role": "assistant", "tool_calls": [{"function": call["function"]}]},
+                    {"role": "tool", "tool_name": "shot", "content": "", "images": [PNG] * n},
+                    *ollama_own,
+                ],
+            },
+        ),
+    }
+
+
+@pytest.mark.parametrize("dialect", ["native", "responses", "anthropic", "ollama"])
+@pytest.mark.parametrize("with_user", [True, False], ids=["user-image", "tools-alone"])
+def test_a_users_image_counts_before_tool_results_and_theirs_past_the_cap_are_notes(
+    upstreams: Upstreams, dialect: str, with_user: bool
+) -> None:
+    # A session whose tools returned 600 screenshots: the client's own image is taken,
+    # the last tool image past the cap is a note, in every dialect that carries them.
+    _, gpt, _, server = upstreams
+    endpoint, body = _tools_then_user(MAX_IMAGES + (0 if with_user else 1), with_user)[dialect]
+    r = httpx.post(server.url + endpoint, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    sent = gpt.requests[-1]["messages"]
+    assert _image_parts(gpt.requests[-1]) == MAX_IMAGES
+    past = f"[image omitted: more than {MAX_IMAGES} images in the request]"
+    tool = next(m for m in sent if m["role"] == "tool")
+    assert tool["content"].count(past) == 1, tool
+    if with_user:
+        # The last user message: the tool's images, then the client's own and its text.
+        own = sent[-1]["content"]
+        assert [p["type"] for p in own[-2:]] == ["image_url", "text"]
+        assert own[-1]["text"] == "look"
+
+
 # --- a media type its bytes do not match ---------------------------------------------
 
 GIF87 = base64.b64encode(b"GIF87a" + b"\x00" * 20).decode()
@@ -859,6 +963,8 @@ def test_a_responses_tool_output_image_follows_the_tool_message_to_an_openai_ups
         },
         {"role": "tool", "content": "a.png", "tool_call_id": "call_a"},
         {"role": "tool", "content": URL_NOTE, "tool_call_id": "call_b"},
+        # The user message after the results takes their images first: no two user
+        # messages in a row (some servers' validators refuse them).
         {
             "role": "user",
             "content": [
@@ -866,18 +972,19 @@ def test_a_responses_tool_output_image_follows_the_tool_message_to_an_openai_ups
                 part,
                 {"type": "text", "text": "Image returned by tool call call_b (view_image):"},
                 part,
+                {"type": "text", "text": "well?"},
             ],
         },
-        {"role": "user", "content": "well?"},
     ]
     # Where URLs go, the image by URL goes too.
     r = httpx.post(server.url + "/v1/responses", json={**body, "model": "gpt-urls"}, timeout=30)
     assert r.status_code == 200, r.text
-    assert gpt.requests[-1]["messages"][4]["content"][-1] == {
+    assert gpt.requests[-1]["messages"][4]["content"][-2] == {
         "type": "image_url",
         "image_url": {"url": URL},
     }
-    assert gpt.requests[-1]["messages"][3]["content"] == ""
+    # A result of images alone says where they are, not an empty text.
+    assert gpt.requests[-1]["messages"][3]["content"] == "[images in the next message]"
     # On echo, the notes.
     body["input"] = body["input"][:-1]
     r = httpx.post(server.url + "/v1/responses", json={**body, "model": "echo"}, timeout=30)
@@ -978,3 +1085,150 @@ def test_no_tool_result_image_data_or_url_in_the_log(upstreams: Upstreams) -> No
             "images": 2,
         }
     assert not [line for line in server.lines() if marker[:40] in line or "SECRET-SCREEN" in line]
+
+
+def test_a_backend_set_to_read_text_only_gets_tool_images_as_notes(
+    upstreams: Upstreams,
+) -> None:
+    # `images = false`: the model behind reads text only (llama.cpp without a projector
+    # answers any image with a 400). A session whose tool returned a screenshot goes on,
+    # the model reading the note, as on echo.
+    _, gpt, llama, server = upstreams
+    r = claude_code(server, "coder", image_block(), {"type": "text", "text": "1x1"})
+    assert r.status_code == 200, r.text
+    sent = gpt.requests[-1]
+    assert sent["model"] == "text-only"
+    assert sent["messages"][-1] == {
+        "role": "tool",
+        "content": f"{NOTE}\n1x1",
+        "tool_call_id": "toolu_1",
+    }
+    r = claude_code(server, "llama-text", image_block())
+    assert r.status_code == 200, r.text
+    assert llama.requests[-1]["messages"][-1] == {
+        "role": "tool",
+        "content": NOTE,
+        "tool_name": "Read",
+        "tool_call_id": "toolu_1",
+    }
+    # A user's own image goes to a fallback that reads images, else is a 400.
+    image = {"data": PNG, "media_type": "image/png"}
+    r = native(server, "coder-eyes", user("what is this?", image))
+    assert r.status_code == 200, r.text
+    assert gpt.requests[-1]["model"] == "ok"
+    for model in ("coder", "llama-text"):
+        r = native(server, model, user("what is this?", image))
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"] == (
+            f"$.messages[0].images[0]: model {model!r} reads text only: images are not supported"
+        )
+
+
+def _image_parts(body: dict[str, Any]) -> int:
+    return sum(
+        part.get("type") == "image_url"
+        for m in body["messages"]
+        if isinstance(m["content"], list)
+        for part in m["content"]
+    )
+
+
+def test_a_model_that_refuses_a_tool_image_is_asked_again_with_notes_and_remembered(
+    upstreams: Upstreams,
+) -> None:
+    # No `images = false`: the upstream's 400 for the tool's image is the first word of
+    # it. The same backend is asked once more with notes, and later turns send notes at
+    # once, so the session goes on where every turn was a 502.
+    _, gpt, _, server = upstreams
+    asked = len(gpt.requests)
+    r = claude_code(server, "coder-unsaid", image_block(), {"type": "text", "text": "1x1"})
+    assert r.status_code == 200, r.text
+    refused, answered = gpt.requests[asked:]
+    assert _image_parts(refused) == 1
+    assert _image_parts(answered) == 0
+    assert answered["messages"][-1] == {
+        "role": "tool",
+        "content": f"{NOTE}\n1x1",
+        "tool_call_id": "toolu_1",
+    }
+    rid = r.headers["request-id"]
+    event = server.wait_event(lambda e: e.get("request_id") == rid)
+    assert [
+        (a["error"], a.get("upstream_status"), a.get("tool_images")) for a in event["attempts"]
+    ] == [
+        ("upstream_rejected", 400, None),
+        (None, None, "notes"),
+    ]
+    # Later turns: notes at once, one request each; one warning for the route's model.
+    for _ in range(2):
+        asked = len(gpt.requests)
+        r = claude_code(server, "coder-unsaid", image_block())
+        assert r.status_code == 200, r.text
+        assert len(gpt.requests) == asked + 1
+        assert gpt.requests[-1]["messages"][-1]["content"] == NOTE
+    warned = server.events("tool_images_as_notes")
+    assert [(w["backend"], w["route"], w["upstream_model"]) for w in warned] == [
+        ("gpt", "coder-unsaid", "text-only")
+    ]
+    # A user's own image keeps the upstream's error: asked once, never as a note.
+    asked = len(gpt.requests)
+    r = native(
+        server, "coder-unsaid", user("what is this?", {"data": PNG, "media_type": "image/png"})
+    )
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "upstream_rejected"
+    assert len(gpt.requests) == asked + 1
+    # Another model of the backend still gets the tool's images.
+    r = claude_code(server, "gpt", image_block())
+    assert r.status_code == 200, r.text
+    assert _image_parts(gpt.requests[-1]) == 1
+
+
+def test_ollamas_500_for_a_tool_image_is_asked_again_with_notes(upstreams: Upstreams) -> None:
+    # Ollama's runner answers images to a model without a projector with a 500 naming it.
+    _, _, llama, server = upstreams
+    asked = len(llama.requests)
+    r = claude_code(server, "qwen-unsaid", image_block())
+    assert r.status_code == 200, r.text
+    # (A model's load, a request without messages, may come first.)
+    refused, answered = [b for b in llama.requests[asked:] if b.get("messages")]
+    assert refused["messages"][-1]["images"] == [PNG]
+    assert answered["messages"][-1] == {
+        "role": "tool",
+        "content": NOTE,
+        "tool_name": "Read",
+        "tool_call_id": "toolu_1",
+    }
+    asked = len(llama.requests)
+    r = claude_code(server, "qwen-unsaid", image_block())
+    assert r.status_code == 200, r.text
+    chats = [b for b in llama.requests[asked:] if b.get("messages")]
+    assert len(chats) == 1
+    assert "images" not in chats[0]["messages"][-1]
+
+
+def test_an_anthropic_turn_of_a_tool_result_and_text_is_one_user_message_upstream(
+    upstreams: Upstreams,
+) -> None:
+    # Claude Code's turn [tool_result(image), text]: the tool message, then one user
+    # message holding the result's image and the text (not two user messages in a row).
+    _, gpt, _, server = upstreams
+    turns = read_turns(image_block())
+    turns[-1]["content"].append({"type": "text", "text": "and now?"})
+    r = httpx.post(
+        server.url + "/v1/messages",
+        json={"model": "gpt", "max_tokens": 5, "messages": turns},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    assert gpt.requests[-1]["messages"][-2:] == [
+        {"role": "tool", "content": "[image in the next message]", "tool_call_id": "toolu_1"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Image returned by tool call toolu_1 (Read):"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}},
+                {"type": "text", "text": "and now?"},
+            ],
+        },
+    ]

@@ -472,6 +472,8 @@ def _result_image(b: Block, counter: Counter) -> Image | str:
     """A tool_result's image block as the tool message's image, or the note the model
     reads for one stella cannot send (a bad source, past the request's cap): refused, it
     would stay in the history and fail every later turn of the session."""
+    if not counter.room():  # unchecked: the cap bounds the work a request costs
+        return PAST_CAP_NOTE
     src = b.source
     image = None
     if isinstance(src, Source):
@@ -479,9 +481,7 @@ def _result_image(b: Block, counter: Counter) -> Image | str:
             image = tool_image(data=src.data)  # its type told by its bytes
         elif src.type == "url":
             image = tool_image(url=src.url)
-    if image is None:
-        return UNSENDABLE_NOTE
-    return image if counter.room() else PAST_CAP_NOTE
+    return UNSENDABLE_NOTE if image is None else image
 
 
 def _tool_result(b: Block, path: str, loaded: dict[str, str], counter: Counter) -> Message:

@@ -166,7 +166,7 @@ async def model_infos(request: Request, call: Call) -> ModelList:
                 fallbacks=fallbacks,
                 loaded=backend.loaded(route.upstream_model),
                 default=route.name == router.default,
-                capabilities=backend.listed_capabilities(route.upstream_model),
+                capabilities=router.capabilities(route, call.principal.scope),
                 circuit=router.breaker(route.backend_name).now(),
                 memory_bytes=backend.memory_bytes(route.upstream_model),
             )

@@ -556,7 +556,7 @@ async def show(request: Request, call: Call) -> Response:
             "template": "",
             "details": details(backend.kind),
             "model_info": info,
-            "capabilities": capabilities(backend.listed_capabilities(route.upstream_model)),
+            "capabilities": capabilities(router.capabilities(route, call.principal.scope)),
             "modified_at": "1970-01-01T00:00:00Z",
         }
     )

@@ -8,7 +8,7 @@ import msgspec
 from msgspec import Meta
 
 from stella.errors import InvalidRequest
-from stella.images import Counter, sniff
+from stella.images import PAST_CAP_NOTE, Counter, sniff, with_notes
 from stella.protocol import (
     FunctionCall,
     Image,
@@ -53,8 +53,9 @@ def images_of(
 ) -> list[Image] | None:
     """Ollama's `images` as the native images, each one's type told by its first bytes
     (Ollama's carry none); a 400 naming the image for bad base64 or another format, and
-    naming `where` for images on a message that is not a user's or a tool's, or naming the
-    first past the request's cap (`counter`). None for none."""
+    naming `where` for images on a message that is not a user's or a tool's, or naming a
+    user's first past the request's cap (`counter`; a tool's past it is left out, for a
+    note). None for none."""
     if not images:
         return None
     if role not in ("user", "tool"):
@@ -63,9 +64,12 @@ def images_of(
         )
     out = []
     for j, data in enumerate(images):
-        counter.add(f"{where}[{j}]")
+        if role != "tool":
+            counter.add(f"{where}[{j}]")
+        elif not counter.room():
+            continue  # a note in its place (to_messages)
         out.append(Image(data=data, media_type=sniff(data, f"{where}[{j}]")))
-    return out
+    return out or None
 
 
 class OllamaOptions(msgspec.Struct):
@@ -246,6 +250,8 @@ def to_messages(req: OllamaChat) -> list[Message]:
         if m.role not in ROLES:
             raise InvalidRequest(f"$.messages[{i}].role: {m.role!r} is not one of {sorted(ROLES)}")
         images = images_of(m.images, f"messages[{i}].images", counter, m.role)
+        # A tool result's images past the request's cap: notes, as in every dialect.
+        past = len(m.images or ()) - len(images or ())
         calls = (
             [
                 ToolCallRef(
@@ -260,7 +266,9 @@ def to_messages(req: OllamaChat) -> list[Message]:
         messages.append(
             Message(
                 role=m.role,  # type: ignore[arg-type]  # one of ROLES, checked above
-                content=m.content or "",
+                content=with_notes(m.content or "", [PAST_CAP_NOTE] * past)
+                if past
+                else m.content or "",
                 tool_calls=calls,
                 name=m.tool_name,
                 tool_call_id=m.tool_call_id or None,

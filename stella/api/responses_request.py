@@ -18,7 +18,14 @@ import msgspec
 from stella.api.openai_request import Part, check_user
 from stella.api.responses_tools import ToolSet
 from stella.errors import InvalidRequest
-from stella.images import PAST_CAP_NOTE, UNSENDABLE_NOTE, Counter, from_url, tool_image
+from stella.images import (
+    MAX_IMAGES,
+    PAST_CAP_NOTE,
+    UNSENDABLE_NOTE,
+    Counter,
+    from_url,
+    tool_image,
+)
 from stella.protocol import (
     ChatRequest,
     FunctionCall,
@@ -205,13 +212,14 @@ def _tool_output(
         if part.type in _TEXT_PARTS:
             texts.append(part.text)
         elif part.type == "input_image":
-            image = tool_image(url=part.image_url, detail=part.detail)
-            if image is None:  # a stored file's id, or not an image stella can send
-                texts.append(UNSENDABLE_NOTE)
-            elif counter.room():
+            # Past the cap unchecked: the cap bounds the work a request costs.
+            image = tool_image(url=part.image_url, detail=part.detail) if counter.room() else None
+            if image is not None:
                 images.append(image)
-            else:
+            elif counter.tools > MAX_IMAGES:
                 texts.append(PAST_CAP_NOTE)
+            else:  # a stored file's id, or not an image stella can send
+                texts.append(UNSENDABLE_NOTE)
         else:
             kind = part.type.removeprefix("input_")
             texts.append(f"[{kind} omitted: this model reads text only]")

@@ -251,13 +251,20 @@ class Backend:
     # them. A request whose user messages hold images is never sent to one that would
     # drop them: the pipeline tries a fallback that reads them, else answers 400; a tool
     # message's reach one that reads none as a note in its text (images.readable).
-    reads_images: ClassVar[bool] = False
+    # An attribute, not a ClassVar: a backend may set it from its config (`images`: an
+    # OpenAI-compatible or Ollama server's model may read text only).
+    reads_images: bool = False
     # False when an image by URL is not sent there, as stella fetches no URL itself: its
     # API takes images only as data (Ollama's), or the operator keeps its upstream from
     # fetching addresses a client chose (`image_urls`, per backend: a self-hosted server
     # would fetch them from inside the operator's network). An attribute, not a ClassVar:
     # a backend may set it from its config.
     reads_image_urls: bool = True
+    # True when the upstream's model may read text only and refuse a request with images
+    # though the backend sends them (an OpenAI-compatible or Ollama server: llama.cpp
+    # without a projector, a coder model): a refusal of a tool result's images is asked
+    # once more with notes in their place, and on success the route's model is sent notes.
+    may_refuse_images: ClassVar[bool] = False
 
     def __init__(self, name: str, config: BackendConfig) -> None:
         self.name = name
@@ -360,14 +367,16 @@ class Backend:
         """What the model can do: chat, tools, ..."""
         return ["chat"]
 
-    def listed_capabilities(self, upstream_model: str) -> list[str]:
+    def listed_capabilities(self, upstream_model: str, images: bool | None = None) -> list[str]:
         """What a model list says the model can do: `capabilities`, plus `images` where this
-        backend sends a request's images on and `embeddings` where it makes them (its
-        upstream's model may still refuse either: a chat model asked for vectors)."""
+        backend sends a request's images on (or `images` says a fallback reads them) and
+        `embeddings` where it makes them (its upstream's model may still refuse either: a
+        chat model asked for vectors)."""
         caps = self.capabilities(upstream_model)
+        reads = self.reads_images if images is None else images
         extra = [
             name
-            for name, has in (("images", self.reads_images), ("embeddings", self.makes_embeddings))
+            for name, has in (("images", reads), ("embeddings", self.makes_embeddings))
             if has and name not in caps
         ]
         return [*caps, *extra] if extra else caps

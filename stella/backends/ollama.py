@@ -62,6 +62,10 @@ class OllamaConfig(HttpConfig, kw_only=True):
     # The longest a model's load may take (a request of its own, which no call's time
     # limit cuts); 0: no load of its own, a call not loaded waits for it within its limits.
     load_timeout_s: Annotated[float, Meta(ge=0)] = 600.0
+    # Whether the model reads images (a vision model's `images`). Off for one that reads
+    # text only: a user's images go to a fallback that reads them (else a 400), a tool
+    # result's are notes, and the model lists leave out `vision`.
+    images: bool = True
 
 
 def _cloud(model: str) -> bool:
@@ -256,13 +260,14 @@ class OllamaBackend(HttpBackend):
 
     kind = "ollama"
     # A message's `images`, base64 only: Ollama reads no URL, and stella fetches none.
-    reads_images = True
     reads_image_urls = False
+    may_refuse_images = True  # its model may read text only (see `images`)
     Config = OllamaConfig
 
     def __init__(self, name: str, config: OllamaConfig) -> None:
         super().__init__(name, config)
         self.cfg = config
+        self.reads_images = config.images
         self.keep_alive = keep_alive_of(name, config.keep_alive)
         # The last /api/ps answer (monotonic time, models; None: it failed) and the ask in
         # flight: listings of several routes, and clients polling, share one ask.

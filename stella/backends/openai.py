@@ -82,6 +82,10 @@ class OpenAIConfig(HttpConfig, kw_only=True):
     # network, so a client could have it ask internal addresses (cloud metadata, admin
     # ports); with it off such an image is a 400, or goes to a fallback that takes it.
     image_urls: bool = False
+    # Whether the upstream's model reads images. Off for one that reads text only (llama.cpp
+    # without a projector, most coder models), which refuses a request with any: a user's
+    # images then go to a fallback that reads them (else a 400), a tool result's are notes.
+    images: bool = True
 
 
 class _Fn(msgspec.Struct):
@@ -172,9 +176,16 @@ def request_body(
         msg: dict[str, Any] = {"role": m.role, "content": content_of(m)}
         if m.images and m.role == "tool":
             shown += _shown(m, tools)
-        elif m.images:
+            if not msg["content"]:
+                # Not an empty result: the model reads where its images are.
+                many = "images" if len(m.images) > 1 else "image"
+                msg["content"] = f"[{many} in the next message]"
+        elif m.images or (shown and m.role == "user"):
             # Parts, the images first; a plain string as before for every other message.
-            parts = [*map(_image_part, m.images)]
+            # A user message right after a run of tool results takes their images first:
+            # two user messages in a row are refused by some servers' validators.
+            parts = [*shown, *map(_image_part, m.images or ())]
+            shown = []
             if m.content:
                 parts.append({"type": "text", "text": m.content})
             msg["content"] = parts
@@ -199,9 +210,10 @@ def request_body(
         messages.append(msg)
         for c in m.tool_calls or ():
             tools[c.id] = c.function.name
-        if shown and (k + 1 == len(history) or history[k + 1].role != "tool"):
+        if shown and (k + 1 == len(history) or history[k + 1].role not in ("tool", "user")):
             # A tool message takes text alone (the API's schema): the images of a run of
-            # results follow it in one user message, each after a line naming its call.
+            # results follow it in one user message, each after a line naming its call
+            # (the next message, when it is a user's).
             messages.append({"role": "user", "content": shown})
             shown = []
     body: dict[str, Any] = {"model": request.model, "messages": messages, "stream": stream}
@@ -269,12 +281,14 @@ class OpenAIBackend(HttpBackend):
     whole_answers = True  # non-stream calls are non-stream upstream
     honours_tool_choice = True
     honours_parallel_tool_calls = True
-    reads_images = True  # as image_url parts: the upstream's model may still refuse them
+    may_refuse_images = True  # its model may read text only (see `images`)
     Config = OpenAIConfig
 
     def __init__(self, name: str, config: OpenAIConfig) -> None:
         super().__init__(name, config)
         self.cfg = config
+        # As image_url parts: the upstream's model may still refuse them (see `images`).
+        self.reads_images = config.images
         self.reads_image_urls = config.image_urls
         self.chat_url = self.base_url + "/chat/completions"
         self.embed_url = self.base_url + "/embeddings"

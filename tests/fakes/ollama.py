@@ -270,6 +270,11 @@ class FakeOllama:
             return JSONResponse({"error": busy}, 503)
         if model == "cloud":  # routes.go: a cloud model, the server not signed in
             return JSONResponse({"error": "unauthorized", "signin_url": SIGNIN_URL}, 401)
+        if model == "text-only" and any(m.get("images") for m in body.get("messages") or []):
+            # As Ollama's runner answers images to a model without a projector (its
+            # ErrNoVisionModel, a 500).
+            error = "this model is missing data required for image input"
+            return JSONResponse({"error": error}, 500)
         load_ns = await self._load(request, model)
         if load_ns is None:
             return Response(status_code=499)  # nobody to read it

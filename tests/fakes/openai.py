@@ -368,6 +368,15 @@ class FakeOpenAI:
                 },
                 400,
             )
+        if model == "text-only" and _has_images(body):
+            # llama.cpp's server without a multimodal projector, as it answers.
+            error = {
+                "code": 400,
+                "message": "image input is not supported - hint: if this is unexpected, "
+                "you may need to provide the mmproj",
+                "type": "invalid_request_error",
+            }
+            return JSONResponse({"error": error}, 400)
         if model == "status-429-rising":
             # 1 s the first time, 30 s after (a limit that tightens as it is pressed).
             asked = sum(r.get("model") == model for r in self.requests)
@@ -833,6 +842,16 @@ def _huge() -> Response:
 async def no_such_page(request: Request, exc: Exception) -> Response:
     """The 404 of a path the fake does not serve: an HTML page."""
     return HTMLResponse(NOT_FOUND_PAGE, 404)
+
+
+def _has_images(body: dict[str, Any]) -> bool:
+    """Whether any message of a chat body holds an image_url part."""
+    return any(
+        isinstance(part, dict) and part.get("type") == "image_url"
+        for m in body.get("messages") or []
+        if isinstance(m.get("content"), list)
+        for part in m["content"]
+    )
 
 
 def _calls(body: dict[str, Any]) -> list[dict[str, Any]]:
