@@ -327,11 +327,7 @@ class AnthropicBackend(HttpBackend):
         # sampling) as inputs it does not take.
         body = _enc.encode({k: v for k, v in chat.items() if k in _COUNTED})
         name = self.name
-        try:
-            async with self.answer(self.base_url + "/v1/messages/count_tokens", body, ctx) as r:
-                raw = await read_body(r, name)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
+        raw = await self.whole_answer(self.base_url + "/v1/messages/count_tokens", body, ctx)
         try:
             return _token_count.decode(raw).input_tokens
         except BAD_JSON:

@@ -291,6 +291,15 @@ class HttpBackend(Backend):
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
         return Answer(self, url, body, headers, ctx)
 
+    async def whole_answer(self, url: str, body: bytes, ctx: CallContext) -> bytes:
+        """POST `body` to `url` for the call `ctx` and read the answer whole (within the
+        body limit); an error status or a network failure raises the StellaError it means."""
+        try:
+            async with self.answer(url, body, ctx) as r:
+                return await read_body(r, self.name)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise aiohttp_error(self.name, exc, self.http.connect_timeout_s) from None
+
     def status_error(self, status: int, headers: Any, body: bytes, url: str = "") -> StellaError:
         """The StellaError for a chat call's error status to `url` (an adapter may read its
         upstream's own words more closely)."""

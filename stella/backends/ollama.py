@@ -539,11 +539,7 @@ class OllamaBackend(HttpBackend):
         if self.keep_alive is not None:
             body["keep_alive"] = self.keep_alive
         name = self.name
-        try:
-            async with self.answer(self.base_url + "/api/embed", _enc.encode(body), ctx) as r:
-                raw = await read_body(r, name)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
+        raw = await self.whole_answer(self.base_url + "/api/embed", _enc.encode(body), ctx)
         try:
             answer = _embedded.decode(raw)
         except BAD_JSON:

@@ -318,11 +318,7 @@ class OpenAIBackend(HttpBackend):
         if request.dimensions is not None:  # only when asked: most models refuse it
             body["dimensions"] = request.dimensions
         name = self.name
-        try:
-            async with self.answer(self.embed_url, _json.encode(body), ctx) as r:
-                raw = await read_body(r, name)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise aiohttp_error(name, exc, self.http.connect_timeout_s) from None
+        raw = await self.whole_answer(self.embed_url, _json.encode(body), ctx)
         try:
             answer = _embeddings.decode(raw)
         except BAD_JSON:
