@@ -24,9 +24,7 @@ from starlette.routing import Route
 from stella.api.http import (
     JSONResponse,
     answer_of,
-    decode,
     endpoint,
-    read_body,
     read_json,
     services,
 )
@@ -160,8 +158,7 @@ def float32_base64(vector: list[float]) -> str:
 @endpoint(OPENAI, inference=True)
 async def embeddings(request: Request, call: Call) -> Response:
     """POST /v1/embeddings."""
-    body = await read_body(request, services(request).settings.server.max_body_bytes)
-    req: OpenAIEmbeddingRequest = decode(body, OpenAIEmbeddingRequest, _openai)
+    req = await read_json(request, _openai)
     check_user(req.user)
     embed_req = EmbedRequest(input=texts_of(req.input), model=req.model, dimensions=req.dimensions)
     metadata = {"user": req.user} if req.user else None
@@ -227,8 +224,7 @@ _ollama_embeddings = msgspec.json.Decoder(OllamaEmbeddings)
 async def ollama_embed(request: Request, call: Call) -> Response:
     """POST /api/embed."""
     started = time.perf_counter()
-    body = await read_body(request, services(request).settings.server.max_body_bytes)
-    req: OllamaEmbed = decode(body, OllamaEmbed, _ollama_embed)
+    req = await read_json(request, _ollama_embed)
     check_keep_alive(req.keep_alive)
     asked = model_name(request, req.model)
     spell = answer_name(services(request).router, req.model)
@@ -261,8 +257,7 @@ async def ollama_embed(request: Request, call: Call) -> Response:
 @endpoint(OLLAMA, inference=True)
 async def ollama_embeddings(request: Request, call: Call) -> Response:
     """POST /api/embeddings: one prompt's vector (Ollama's older route)."""
-    body = await read_body(request, services(request).settings.server.max_body_bytes)
-    req: OllamaEmbeddings = decode(body, OllamaEmbeddings, _ollama_embeddings)
+    req = await read_json(request, _ollama_embeddings)
     check_keep_alive(req.keep_alive)
     asked = model_name(request, req.model)
     if not req.prompt:
