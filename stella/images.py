@@ -133,21 +133,31 @@ def _detail(detail: str | None) -> ImageDetail | None:
     return cast(ImageDetail, detail) if detail in ("auto", "low", "high") else None
 
 
+def _data_url(url: str) -> tuple[str, str] | None:
+    """A `data:<type>;base64,<data>` URL's media type (as written) and data; None for a
+    data URL that is not base64."""
+    # The head alone sliced out; the payload copied once (a data URL may be megabytes).
+    comma = url.find(",", 5)
+    if comma < 0:
+        return None
+    media_type, _, encoding = url[5:comma].partition(";")
+    if encoding.strip().lower() != "base64":
+        return None
+    return media_type, url[comma + 1 :]
+
+
 def from_url(url: str, path: str, detail: str | None = None) -> Image:
     """An image given as a URL (OpenAI's image_url.url): a `data:<type>;base64,` URL
     becomes data and media type, an http(s) one stays a URL; else a 400 naming `path`."""
     if url[:5].lower() == "data:":
-        # The head alone sliced out; the payload copied once (a data URL may be megabytes).
-        comma = url.find(",", 5)
-        head = url[5:comma] if comma >= 0 else ""
-        media_type, _, encoding = head.partition(";")
-        if comma < 0 or encoding.strip().lower() != "base64":
+        split = _data_url(url)
+        if split is None:
             raise InvalidRequest(
                 f"$.{path}: a data URL must be base64 (data:<media type>;base64,<data>)",
                 param=path,
             )
+        media_type, data = split
         kind = check_media_type(media_type, path)
-        data = url[comma + 1 :]
         check_data(data, path)
         check_kind(data, kind, path)
         return Image(data=data, media_type=kind, detail=_detail(detail))
@@ -260,16 +270,26 @@ PAST_CAP_NOTE = f"[image omitted: more than {MAX_IMAGES} images in the request]"
 
 
 def tool_image(
-    data: str | None = None, url: str | None = None, detail: str | None = None
-) -> Image | None:
+    counter: Counter, data: str | None = None, url: str | None = None, detail: str | None = None
+) -> Image | str:
     """A tool result's image (base64 `data`, or a URL: http(s), or a data URL of base64)
     as stella sends it, its type told by its first bytes (a tool may name it by a file's
-    extension); None for one it cannot send, which the model reads as a note."""
+    extension), counted by `counter`; or the note the model reads in its place: for one
+    past the request's cap (unchecked: the cap bounds the work a request costs) or one
+    stella cannot send."""
+    if not counter.room():
+        return PAST_CAP_NOTE
+    image = _sendable(data, url, detail)
+    return UNSENDABLE_NOTE if image is None else image
+
+
+def _sendable(data: str | None, url: str | None, detail: str | None) -> Image | None:
+    """A tool result's image as stella sends it; None for one it cannot send."""
     if data is None and url is not None and url[:5].lower() == "data:":
-        comma = url.find(",", 5)
-        if comma < 0 or url[5:comma].partition(";")[2].strip().lower() != "base64":
+        split = _data_url(url)
+        if split is None:
             return None
-        data = url[comma + 1 :]
+        data = split[1]
     try:
         if data is not None:
             check_data(data, "")

@@ -34,8 +34,6 @@ from stella.api.openapi import Operation, document
 from stella.core import Call, Inference, orphan_result
 from stella.errors import DEFAULT_RETRY_AFTER_S, InvalidRequest, StellaError
 from stella.images import (
-    PAST_CAP_NOTE,
-    UNSENDABLE_NOTE,
     Counter,
     check_data,
     check_kind,
@@ -472,16 +470,12 @@ def _result_image(b: Block, counter: Counter) -> Image | str:
     """A tool_result's image block as the tool message's image, or the note the model
     reads for one stella cannot send (a bad source, past the request's cap): refused, it
     would stay in the history and fail every later turn of the session."""
-    if not counter.room():  # unchecked: the cap bounds the work a request costs
-        return PAST_CAP_NOTE
-    src = b.source
-    image = None
-    if isinstance(src, Source):
-        if src.type == "base64":
-            image = tool_image(data=src.data)  # its type told by its bytes
-        elif src.type == "url":
-            image = tool_image(url=src.url)
-    return UNSENDABLE_NOTE if image is None else image
+    src = b.source if isinstance(b.source, Source) else Source(type="")
+    return tool_image(  # its type told by its bytes
+        counter,
+        data=src.data if src.type == "base64" else None,
+        url=src.url if src.type == "url" else None,
+    )
 
 
 def _tool_result(b: Block, path: str, loaded: dict[str, str], counter: Counter) -> Message:

@@ -19,9 +19,6 @@ from stella.api.openai_request import Part, check_user
 from stella.api.responses_tools import ToolSet
 from stella.errors import InvalidRequest
 from stella.images import (
-    MAX_IMAGES,
-    PAST_CAP_NOTE,
-    UNSENDABLE_NOTE,
     Counter,
     from_url,
     tool_image,
@@ -212,14 +209,12 @@ def _tool_output(
         if part.type in _TEXT_PARTS:
             texts.append(part.text)
         elif part.type == "input_image":
-            # Past the cap unchecked: the cap bounds the work a request costs.
-            image = tool_image(url=part.image_url, detail=part.detail) if counter.room() else None
-            if image is not None:
+            # A stored file's id (no image_url) is one stella cannot send: a note.
+            image = tool_image(counter, url=part.image_url, detail=part.detail)
+            if isinstance(image, str):
+                texts.append(image)
+            else:
                 images.append(image)
-            elif counter.tools > MAX_IMAGES:
-                texts.append(PAST_CAP_NOTE)
-            else:  # a stored file's id, or not an image stella can send
-                texts.append(UNSENDABLE_NOTE)
         else:
             kind = part.type.removeprefix("input_")
             texts.append(f"[{kind} omitted: this model reads text only]")
