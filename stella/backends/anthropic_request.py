@@ -218,11 +218,8 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
                 messages.append({"role": "user", "content": [block]})
             continue
         if m.images:
-            # The images first, then the text (none when only whitespace, as the API
-            # refuses such a block); a breakpoint on the last block, as any message's.
-            blocks: list[dict[str, Any]] = [*map(_image_block, m.images)]
-            if m.content.strip():
-                blocks.append({"type": "text", "text": m.content})
+            # A breakpoint on the last block, as any message's.
+            blocks = _with_images(m)
             if m.cache:
                 blocks[-1]["cache_control"] = _cache_control(m.cache)
             messages.append({"role": m.role, "content": blocks})
@@ -302,11 +299,14 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
 
 
 def _result_content(m: Message) -> str | list[dict[str, Any]]:
-    """A tool message as a tool_result's content: its text, or with images, image blocks
-    and then the text (none when only whitespace, as the API refuses such a block)."""
-    if not m.images:
-        return m.content
-    blocks = [*map(_image_block, m.images)]
+    """A tool message as a tool_result's content: its text, or with images, its blocks."""
+    return _with_images(m) if m.images else m.content
+
+
+def _with_images(m: Message) -> list[dict[str, Any]]:
+    """A message with images as blocks: the images first, then the text (none when only
+    whitespace, as the API refuses such a block)."""
+    blocks = [*map(_image_block, m.images or ())]
     if m.content.strip():
         blocks.append({"type": "text", "text": m.content})
     return blocks
