@@ -836,3 +836,30 @@ def test_an_answer_of_thinking_alone_is_shown_and_said_so(browser, server: LiveS
     page.wait_for_selector(".msg.assistant:nth-of-type(4) .stats")
     assert sent[-1]["messages"] == [{"role": "user", "content": "hello again"}]
     page.close()
+
+
+def test_stella_js_embeds_from_a_page(browser, server: LiveServer) -> None:  # type: ignore[no-untyped-def]
+    # A page's script embeds through stella.js as the Python client does: one vector per
+    # input, in order, `dimensions` passed on; a refusal is a StellaError with its code.
+    from stella.backends.echo import echo_vector
+
+    page = browser.new_page()
+    page.goto(server.url + "/playground")
+    answer = page.evaluate(
+        """async () => {
+            const { embed } = await import("/static/stella.js");
+            return await embed({ input: ["red apple", "green pear"], model: "echo", dimensions: 8 });
+        }"""
+    )
+    assert answer["model"] == "echo" and answer["usage"]["prompt_tokens"] == 4, answer
+    assert answer["embeddings"] == [echo_vector("red apple", 8), echo_vector("green pear", 8)]
+    refused = page.evaluate(
+        """async () => {
+            const { embed, StellaError } = await import("/static/stella.js");
+            try { await embed({ input: [], model: "echo" }); return null; }
+            catch (err) { return [err instanceof StellaError, err.status, err.code, err.message]; }
+        }"""
+    )
+    assert refused[:3] == [True, 400, "invalid_request"], refused
+    assert "input" in refused[3], refused
+    page.close()

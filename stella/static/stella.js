@@ -243,16 +243,31 @@ export function generate({ prompt, system, model, options, metadata } = {}, opts
   return streamEvents("/api/v1/generate", body, opts);
 }
 
-/** The routable models: {models: [...], default}. */
-export async function models({ apiKey, baseUrl = "", signal, fetch: fetchImpl = globalThis.fetch } = {}) {
+/** A JSON call (the answer's body), its failures as a stream's before the answer. */
+async function callJson(path, init, { apiKey, baseUrl = "", signal, fetch: fetchImpl = globalThis.fetch } = {}) {
   let answered = false;
   try {
-    const res = await fetchImpl(base(baseUrl) + "/api/v1/models", { headers: headersFor(apiKey), signal });
+    const headers = { ...headersFor(apiKey), Accept: "application/json" };
+    const res = await fetchImpl(base(baseUrl) + path, { ...init, headers, signal });
     answered = true;
     if (!res.ok) throw await httpError(res);
     return await res.json();
   } catch (err) {
-    // A Stop here is an error too: no models.
+    // A Stop here is an error too: there is no answer to give.
     throw whenAborted(err, signal) || networkError(err, "", !answered);
   }
+}
+
+/** The routable models: {models: [...], default}. */
+export function models(opts = {}) {
+  return callJson("/api/v1/models", { method: "GET" }, opts);
+}
+
+/** Embed texts (`input`: a string or a list of strings): {model, embeddings, usage}, one
+ * vector per input, in order. */
+export function embed({ input, model, dimensions } = {}, opts = {}) {
+  const body = { input };
+  if (model) body.model = model;
+  if (dimensions !== undefined && dimensions !== null) body.dimensions = dimensions;
+  return callJson("/api/v1/embed", { method: "POST", body: JSON.stringify(body) }, opts);
 }

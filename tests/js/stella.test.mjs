@@ -2,7 +2,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import http from "node:http";
-import { parseNdjson, chat, models, StellaError } from "../../stella/static/stella.js";
+import { parseNdjson, chat, models, embed, StellaError } from "../../stella/static/stella.js";
 
 function streamOf(chunks) {
   return new ReadableStream({
@@ -91,6 +91,30 @@ test("models() returns the listing and throws on 401", async () => {
   assert.equal(ok.default, "echo");
   await assert.rejects(() => models({ fetch: async () => new Response('{"error":{"code":"unauthorized","message":"key"}}', { status: 401 }) }),
     (err) => err.status === 401 && err.code === "unauthorized");
+});
+
+test("embed() posts the native request and returns its answer; errors are StellaErrors", async () => {
+  let url, init;
+  const answer = { model: "m", embeddings: [[0.6, 0.8]], usage: { prompt_tokens: 1, total_tokens: 1 } };
+  const capture = async (u, i) => { url = u; init = i; return new Response(JSON.stringify(answer), { status: 200 }); };
+  const got = await embed({ input: "hi", model: "m", dimensions: 2 }, { fetch: capture, baseUrl: "http://h:1", apiKey: "sk-k" });
+  assert.deepEqual(got, answer);
+  assert.equal(url, "http://h:1/api/v1/embed");
+  assert.equal(init.method, "POST");
+  assert.deepEqual(JSON.parse(init.body), { input: "hi", model: "m", dimensions: 2 });
+  assert.equal(init.headers.Authorization, "Bearer sk-k");
+  assert.equal(init.headers.Accept, "application/json");
+  // Only what was given: the server's defaults stand for the rest.
+  await embed({ input: ["a", "b"] }, { fetch: capture });
+  assert.deepEqual(JSON.parse(init.body), { input: ["a", "b"] });
+  const refusal = '{"error":{"code":"not_supported","message":"no embeddings","retryable":false}}';
+  await assert.rejects(() => embed({ input: "x" }, { fetch: async () => new Response(refusal, { status: 400 }) }),
+    (err) => err instanceof StellaError && err.status === 400 && err.code === "not_supported" && err.retryable === false);
+  // A signal's timeout is `timeout`, as for a stream.
+  const timedOut = AbortSignal.abort(new DOMException("too slow", "TimeoutError"));
+  const slow = async (u, i) => { if (i.signal.aborted) throw i.signal.reason; return new Response("{}"); };
+  await assert.rejects(() => embed({ input: "x" }, { fetch: slow, signal: timedOut }),
+    (err) => err instanceof StellaError && err.code === "timeout");
 });
 
 test("an error body's retryable wins over the status's guess", async () => {
