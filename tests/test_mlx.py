@@ -334,7 +334,8 @@ async def test_queue_full_is_503(mlx_server: LiveServer) -> None:
     async with httpx.AsyncClient(timeout=120) as client:
         running = asyncio.create_task(client.post(mlx_server.url + "/api/v1/chat", json=payload))
         await asyncio.sleep(0.5)
-        waiting = asyncio.create_task(client.post(mlx_server.url + "/api/v1/chat", json=payload))
+        # The one that waits need not be long: it only has to be in the queue.
+        waiting = asyncio.create_task(client.post(mlx_server.url + "/api/v1/chat", json=busy(2)))
         await asyncio.sleep(0.3)
         refused = await client.post(mlx_server.url + "/api/v1/chat", json=payload)
         assert refused.status_code == 503
@@ -885,7 +886,7 @@ async def test_a_request_given_up_in_the_queue_frees_its_place(mlx_server: LiveS
         with pytest.raises(httpx.ReadTimeout):
             await client.post(mlx_server.url + "/api/v1/chat", json=gave_up, timeout=0.5)
         await asyncio.sleep(0.2)
-        after = await client.post(mlx_server.url + "/api/v1/chat", json=payload)
+        after = await client.post(mlx_server.url + "/api/v1/chat", json=busy(2))
         assert after.status_code == 200, after.text
         assert (await running).status_code == 200
     # It took the place while the first still ran: it waited behind that one.
@@ -1194,12 +1195,19 @@ async def test_prompt_steps_keep_a_call_alive_and_a_queued_one_is_still_cut(
     mlx_server: LiveServer,
 ) -> None:
     # Each step of the prompt pass is a sign of life, as an upstream's keep-alive while it
-    # reads: a prompt that takes seconds to read (~1,200 tokens, 5 s or more here, far
-    # longer on a busy machine) is answered on a route whose time to first token is 2.5 s.
-    # A call waiting in the queue behind it reads nothing yet, so it is cut at that limit;
-    # trying it again would only queue it again (and the engine is not broken, so its
-    # circuit stays closed).
-    long = " ".join(f"The owl counts star {i} twice." for i in range(120))
+    # reads: a prompt that takes seconds to read is answered on a route whose time to first
+    # token is 2.5 s. A call waiting in the queue behind it reads nothing yet, so it is cut
+    # at that limit; trying it again would only queue it again (and the engine is not
+    # broken, so its circuit stays closed).
+    # The prompt is sized to take ~8 s on this machine as it is now (a prompt of its own
+    # words first, read alone, says how fast it reads), at most ~1,100 tokens.
+    probe = " ".join(f"The fox jumps over fence {i} once." for i in range(24))
+    read = chat(mlx_server, [{"role": "user", "content": probe}], options={"max_tokens": 1})
+    loaded = mlx_server.wait_event(lambda e: e.get("request_id") == read["id"]).get("load_ms")
+    reading_ms = read["timings"]["ttft_ms"] - read["timings"]["queue_ms"] - (loaded or 0)
+    ms_per_token = max(reading_ms, 1) / read["usage"]["prompt_tokens"]
+    sentences = min(120, max(8, int(8000 / ms_per_token / 9)))  # ~9 tokens a sentence
+    long = " ".join(f"The owl counts star {i} twice." for i in range(sentences))
     hasty = {"model": "smollm2-hasty", "stream": False, "options": {"max_tokens": 2}}
     url = mlx_server.url + "/api/v1/chat"
     async with httpx.AsyncClient(timeout=180) as client:
