@@ -58,3 +58,41 @@ def stella() -> Iterator[LiveServer]:
     """One shared stella with the echo test routes (no keys: anonymous on loopback)."""
     with run_stella(ECHO_ROUTES) as server:
         yield server
+
+
+# The files that take longest on CI's two cores (seconds of test time, measured), heaviest
+# first: handed out first, the two workers finish together instead of one of them running
+# a long file alone at the end. Ordering only; a file not listed follows them, the files
+# with more tests first (xdist's own order).
+HEAVY_FILES = (
+    "test_mlx.py",  # 235
+    "test_redis.py",  # 143
+    "test_reliability.py",  # 71
+    "test_browser.py",  # 65
+    "test_limits.py",  # 63
+    "test_cli.py",  # 62
+    "test_client.py",  # 50
+    "test_transport.py",  # 44
+    "test_settings.py",  # 41
+    "test_deploy.py",  # 40
+    "test_backend_openai.py",  # 40
+    "test_security.py",  # 39
+    "test_backend_ollama.py",  # 38
+    "test_metrics.py",  # 37
+    "test_resilience.py",  # 37
+    "test_dialect_anthropic.py",  # 35
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Order the files heaviest first (see HEAVY_FILES); a file's tests keep their order."""
+    rank = {name: i for i, name in enumerate(HEAVY_FILES)}
+    per_file: dict[str, int] = {}
+    for item in items:
+        per_file[str(item.path)] = per_file.get(str(item.path), 0) + 1
+
+    def weight(item: pytest.Item) -> tuple[int, int, str]:
+        path = str(item.path)
+        return (rank.get(item.path.name, len(rank)), -per_file[path], path)
+
+    items.sort(key=weight)  # stable: each file's own order stays
