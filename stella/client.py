@@ -845,6 +845,7 @@ class Client:
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         reasoning_effort: str | None = None,
+        thinking: dict[str, Any] | None = None,
     ) -> ChatResponse: ...
 
     @overload
@@ -861,6 +862,7 @@ class Client:
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         reasoning_effort: str | None = None,
+        thinking: dict[str, Any] | None = None,
     ) -> Stream: ...
 
     @overload
@@ -877,6 +879,7 @@ class Client:
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         reasoning_effort: str | None = None,
+        thinking: dict[str, Any] | None = None,
     ) -> ChatResponse | Stream: ...
 
     def chat(
@@ -892,6 +895,7 @@ class Client:
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         reasoning_effort: str | None = None,
+        thinking: dict[str, Any] | None = None,
     ) -> ChatResponse | Stream:
         """A chat: a ChatResponse, or (stream=True) a Stream of events, its request sent
         (an HTTP error raised) before it returns."""
@@ -906,6 +910,7 @@ class Client:
             response_format=response_format,
             metadata=metadata,
             reasoning_effort=reasoning_effort,
+            thinking=thinking,
         )
         if stream:
             return Stream(self._stream("/api/v1/chat", body))
@@ -1112,6 +1117,7 @@ class AsyncClient:
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         reasoning_effort: str | None = None,
+        thinking: dict[str, Any] | None = None,
     ) -> ChatResponse: ...
 
     @overload
@@ -1128,6 +1134,7 @@ class AsyncClient:
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         reasoning_effort: str | None = None,
+        thinking: dict[str, Any] | None = None,
     ) -> AsyncStream: ...
 
     @overload
@@ -1144,6 +1151,7 @@ class AsyncClient:
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         reasoning_effort: str | None = None,
+        thinking: dict[str, Any] | None = None,
     ) -> ChatResponse | AsyncStream: ...
 
     async def chat(
@@ -1159,6 +1167,7 @@ class AsyncClient:
         response_format: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         reasoning_effort: str | None = None,
+        thinking: dict[str, Any] | None = None,
     ) -> ChatResponse | AsyncStream:
         """A chat: a ChatResponse, or (stream=True) an AsyncStream of events, its request
         sent (an HTTP error raised) by the await."""
@@ -1173,6 +1182,7 @@ class AsyncClient:
             response_format=response_format,
             metadata=metadata,
             reasoning_effort=reasoning_effort,
+            thinking=thinking,
         )
         if stream:
             return await AsyncStream(self._stream("/api/v1/chat", body))._opened()

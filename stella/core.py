@@ -59,7 +59,10 @@ from stella.protocol import (
     Message,
     Options,
     PromptTokensDetails,
+    RedactedThinking,
+    SignedThinking,
     Start,
+    ThinkingBlock,
     Timings,
     ToolCall,
     ToolCallRef,
@@ -462,6 +465,7 @@ class Inference:
         "reasonings",
         "request",
         "route",
+        "sealed",
         "skip_first",
         "slow",
         "t0",
@@ -469,6 +473,7 @@ class Inference:
         "task",
         "terminal",
         "texts",
+        "thinking_blocks",
         "timings",
         "tool_calls",
         "tool_notes",
@@ -521,6 +526,10 @@ class Inference:
         self.error: StellaError | None = None
         self.texts: list[str] = []
         self.reasonings: list[str] = []  # the reasoning's pieces, collected as the texts
+        # The reasoning an Anthropic upstream signed, block by block (collected as the
+        # texts), and how many of its pieces the last block's signature ended.
+        self.thinking_blocks: list[SignedThinking] = []
+        self.sealed = 0
         self.tool_calls: list[ToolCall] = []
         self.logged = False
         self.terminal = False
@@ -727,6 +736,10 @@ class Inference:
                                     texts.append(event.text)
                                     if event.reasoning:
                                         self.reasonings.append(event.reasoning)
+                                    elif not event.text and (
+                                        event.signature or event.redacted_thinking
+                                    ):
+                                        self._seal(event)
                             elif kind is ToolCall:
                                 self.tool_calls.append(event)
                             elif kind is Done:
@@ -748,7 +761,13 @@ class Inference:
                                 raise UpstreamError(
                                     f"backend sent an unknown event {kind.__name__}"
                                 )
-                            if unseen and kind is Delta and not event.text:
+                            if (
+                                unseen
+                                and kind is Delta
+                                and not event.text
+                                and not event.signature
+                                and not event.redacted_thinking
+                            ):
                                 pass  # reasoning alone, which this client is not shown
                             elif emit is not None:  # a Delta or a ToolCall, to the client
                                 unseen = False
@@ -819,6 +838,8 @@ class Inference:
                                 # answer can start over (a retry, then a fallback).
                                 texts.clear()
                                 self.reasonings.clear()
+                                self.thinking_blocks.clear()
+                                self.sealed = 0
                                 self.tool_calls.clear()
                                 pieces = max(tokens, ctx.tokens_seen)
                                 if pieces:
@@ -1116,6 +1137,16 @@ class Inference:
                 usage = Usage(n, usage.completion_tokens, n + usage.completion_tokens)
         return usage
 
+    def _seal(self, event: Delta) -> None:
+        """Keep a block of signed thinking: the reasoning since the last signature with
+        this one, or a redacted block."""
+        if event.redacted_thinking:
+            self.thinking_blocks.append(RedactedThinking(data=event.redacted_thinking))
+            return
+        thought = "".join(self.reasonings[self.sealed :])
+        self.sealed = len(self.reasonings)
+        self.thinking_blocks.append(ThinkingBlock(thinking=thought, signature=event.signature))
+
     def _done(self, done: Done) -> Done:
         now = time.perf_counter()
         usage = self._settled(done.usage, True)
@@ -1196,6 +1227,7 @@ class Inference:
                 content=text,
                 tool_calls=calls,
                 reasoning="".join(self.reasonings),
+                thinking_blocks=self.thinking_blocks or None,
             ),
             response=text,
             finish_reason=done.finish_reason,

@@ -86,6 +86,41 @@ class Image(Strict):
     detail: ImageDetail | None = None
 
 
+class ThinkingBlock(Strict, tag="thinking", tag_field="type"):
+    """A block of an assistant's thinking as an Anthropic upstream signed it: sent back
+    with the message it came with, it reaches an Anthropic upstream as it was given."""
+
+    thinking: str
+    signature: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            description="the upstream's signature of this block, which it checks when the "
+            "block comes back (a tool loop's next turn needs it)",
+        ),
+    ]
+
+
+class RedactedThinking(Strict, tag="redacted_thinking", tag_field="type"):
+    """A block of an assistant's thinking an Anthropic upstream encrypted (its safety
+    systems flagged it): `data` is opaque, sent back as it came."""
+
+    data: Annotated[str, Meta(min_length=1)]
+
+
+# An answer's signed thinking, in its order: Anthropic's thinking and redacted_thinking.
+SignedThinking = ThinkingBlock | RedactedThinking
+ThinkingBlocks = Annotated[
+    list[SignedThinking],
+    Meta(
+        description="the answer's thinking as an Anthropic upstream signed it, block by "
+        "block (`reasoning` holds its text): sent back in the assistant message of the "
+        "next turn, it reaches an Anthropic upstream unchanged (when that request thinks), "
+        "as a tool loop's turns must; other backends ignore it"
+    ),
+]
+
+
 class Message(Strict):
     """One chat message. A tool message follows an assistant message with `tool_calls`
     (only other tool messages between; consecutive assistant messages with calls are one
@@ -97,6 +132,9 @@ class Message(Strict):
     # An answer's reasoning, sent back with it as the answer's message had it: taken and
     # not sent on (upstreams ignore an earlier turn's reasoning, or refuse it).
     reasoning: str = ""
+    # An assistant message's thinking as an Anthropic upstream signed it: sent back to one
+    # (its tool loops need the last turn's), dropped by other backends.
+    thinking_blocks: ThinkingBlocks | None = None
     name: str | None = None
     tool_calls: list[ToolCallRef] | None = None
     tool_call_id: str | None = None
@@ -275,6 +313,50 @@ class NamedToolChoice(Strict):
 ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
 
 
+# Anthropic's effort levels (output_config.effort); others the API may add are sent on too.
+AnthropicEffort = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=32,
+        description="how much effort an Anthropic model puts into its answer, in the API's "
+        "words (`output_config.effort`: low, medium, high, xhigh, max): sent as "
+        "`output_config.effort` to Anthropic upstreams; other backends take one of "
+        "reasoning_effort's words as reasoning_effort, when that is not given",
+    ),
+]
+# The least thinking budget the Messages API takes.
+MIN_THINKING_BUDGET = 1024
+
+
+class Thinking(Strict):
+    """Anthropic's extended thinking (the Messages API's `thinking`): sent as it is to an
+    Anthropic upstream; other backends take an enabled one's budget as a reasoning effort."""
+
+    type: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=32,
+            description='"enabled" (with budget_tokens), "adaptive" (the model decides), '
+            '"disabled", or another type the API takes',
+        ),
+    ]
+    budget_tokens: (
+        Annotated[
+            int,
+            Meta(
+                ge=MIN_THINKING_BUDGET,
+                le=2**31 - 1,
+                description="the most tokens the model may think (an enabled thinking's; "
+                "less than max_tokens, which it is part of)",
+            ),
+        ]
+        | None
+    ) = None
+    display: Literal["summarized", "omitted"] | None = None
+
+
 class ChatRequest(Strict):
     """POST /api/v1/chat, and the one internal request every dialect becomes."""
 
@@ -308,12 +390,55 @@ class ChatRequest(Strict):
                 "as `reasoning_effort` to OpenAI-compatible upstreams, as `think` to "
                 "Ollama ones when `think` is not given (none: false; minimal, low: "
                 '"low"; medium: "medium"; high, xhigh: "high"; max: "max"); '
-                "the MLX, Anthropic and echo backends ignore it. Absent: the "
-                "upstream's default"
+                "as a `thinking` budget to Anthropic ones when `thinking` is not given "
+                "(none, minimal: no thinking; low: 1024 tokens; medium: 4096; high: "
+                "16384; xhigh: 24576; max: 32000; see the README); the MLX and echo "
+                "backends ignore it. Absent: the upstream's default"
             ),
         ]
         | None
     ) = None
+    # Anthropic's words for the same (the Messages API's `thinking` and
+    # `output_config.effort`): an Anthropic backend sends them as they came; others map
+    # them to a reasoning effort (see effort_for), so each dialect keeps its API's words.
+    thinking: (
+        Annotated[
+            Thinking,
+            Meta(
+                description="Anthropic's extended thinking, sent as it is to Anthropic "
+                "upstreams (see Thinking); to others, an enabled one's budget_tokens is "
+                "the reasoning_effort when neither that nor `effort` is given: low below "
+                "4096, medium below 16384, high from there"
+            ),
+        ]
+        | None
+    ) = None
+    effort: AnthropicEffort | None = None
+
+
+# Anthropic's efforts that other backends take as reasoning_effort (its own words).
+_EFFORTS: dict[str, ReasoningEffort] = {
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "xhigh": "xhigh",
+    "max": "max",
+}
+
+
+def effort_for(request: ChatRequest) -> ReasoningEffort | None:
+    """The reasoning effort a backend other than Anthropic's asks for: `reasoning_effort`,
+    else Anthropic's `effort` (one of its words), else an enabled thinking's budget's level
+    (None: the upstream's default, as a disabled or adaptive thinking leaves it)."""
+    if request.reasoning_effort is not None:
+        return request.reasoning_effort
+    if request.effort is not None and request.effort in _EFFORTS:
+        return _EFFORTS[request.effort]
+    thinking = request.thinking
+    if thinking is None or thinking.type != "enabled" or thinking.budget_tokens is None:
+        return None
+    budget = thinking.budget_tokens
+    return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
 
 
 class GenerateRequest(Strict):
@@ -446,7 +571,8 @@ class Usage(msgspec.Struct):
     # out when it did not: an unknown count is not a 0).
     prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
     # Only when the backend reported how many of the completion's tokens were reasoning
-    # (an OpenAI-compatible upstream's count; Ollama and Anthropic give none).
+    # (an OpenAI-compatible upstream's count, an Anthropic one's thinking_tokens; Ollama
+    # gives none).
     completion_tokens_details: CompletionTokensDetails | UnsetType = UNSET
 
 
@@ -484,6 +610,22 @@ class Delta(Event, tag="delta", omit_defaults=True):
         Meta(
             description="a piece of the model's reasoning before (or between) pieces of "
             "its text, as a reasoning model's upstream streamed it; absent when none"
+        ),
+    ] = ""
+    # Set (text and reasoning "") where an Anthropic upstream ended a thinking block: the
+    # reasoning since the last one is signed so; a client sends it back (thinking_blocks).
+    signature: Annotated[
+        str,
+        Meta(
+            description="an Anthropic upstream's signature of the reasoning streamed since "
+            "the last signature (its thinking block ends here); absent when none"
+        ),
+    ] = ""
+    redacted_thinking: Annotated[
+        str,
+        Meta(
+            description="a block of thinking an Anthropic upstream encrypted, its opaque "
+            "`data`, to send back as it came; absent when none"
         ),
     ] = ""
 
@@ -588,6 +730,7 @@ class AssistantMessage(msgspec.Struct, omit_defaults=True):
             "turn, and not sent on)"
         ),
     ] = ""
+    thinking_blocks: ThinkingBlocks | None = None
 
 
 class ChatResponse(msgspec.Struct):

@@ -416,8 +416,8 @@ def test_structured_outputs_reach_the_backend_as_response_format() -> None:
                 "type": "json_schema",
                 "json_schema": {"name": "response", "schema": schema, "strict": True},
             }
-        # effort is taken and not applied: no format, nothing sent on (other keys of
-        # output_config are ignored).
+        # effort alone: no format; an Anthropic upstream gets it as sent, an OpenAI-compatible
+        # one as reasoning_effort (other keys of output_config are ignored).
         for model in ("sonnet", "gpt"):
             m = c.messages.create(
                 model=model,
@@ -426,8 +426,10 @@ def test_structured_outputs_reach_the_backend_as_response_format() -> None:
                 extra_body={"output_config": {"effort": "low", "later": 1}},
             )
             assert m.content[0].type == "text" and m.content[0].text, model
-        assert "output_config" not in claude.requests[-1]
+        assert claude.requests[-1]["output_config"] == {"effort": "low"}
+        assert "thinking" not in claude.requests[-1]
         assert "response_format" not in gpt.requests[-1]
+        assert gpt.requests[-1]["reasoning_effort"] == "low"
         # Taken as a level's name: one of another type is refused by its path, as the API
         # refuses it, rather than ignored as an unknown key is.
         sent = len(claude.requests)

@@ -44,6 +44,7 @@ from stella.images import (
 )
 from stella.protocol import (
     MAX_USER_ID,
+    MIN_THINKING_BUDGET,
     CacheTtl,
     ChatRequest,
     Delta,
@@ -56,7 +57,11 @@ from stella.protocol import (
     NamedFunction,
     NamedToolChoice,
     Options,
+    RedactedThinking,
+    SignedThinking,
     Start,
+    Thinking,
+    ThinkingBlock,
     Tool,
     ToolCall,
     ToolCallRef,
@@ -101,7 +106,7 @@ class Source(msgspec.Struct):
 
 class Block(msgspec.Struct):
     """A content block (text, tool_use, tool_result, a tool_result's tool_reference, a
-    user message's image; an assistant's thinking, dropped; others are refused)."""
+    user message's image; an assistant's thinking, kept when signed; others are refused)."""
 
     type: str
     text: str = ""
@@ -114,6 +119,10 @@ class Block(msgspec.Struct):
     tool_name: str = ""  # a tool_reference's: the deferred tool it loads
     source: Source | str | None = None  # an image's (a search_result's is a string)
     cache_control: CacheControl | None = None
+    # A thinking block's text and signature; a redacted_thinking block's opaque data.
+    thinking: str = ""
+    signature: str = ""
+    data: str = ""
 
 
 class AMessage(msgspec.Struct):
@@ -187,29 +196,50 @@ class AOutputFormat(msgspec.Struct):
 
 
 class AOutputConfig(msgspec.Struct):
-    """output_config: the answer's format; other keys are taken and not applied."""
+    """output_config: the answer's format and effort; other keys are taken and not applied."""
 
     format: AOutputFormat | None = None
-    # How hard the model should work (Opus 4.5 on): no backend here is asked, as with
-    # `thinking`; taken as any string, the API adds levels.
-    effort: str | None = None
+    # How hard the model should work (Opus 4.5 on): the native `effort`, sent as it is to
+    # an Anthropic upstream, a reasoning effort to others. Any string: the API adds levels.
+    effort: Annotated[str, Meta(min_length=1, max_length=32)] | None = None
 
 
 class AThinking(msgspec.Struct):
-    """thinking: whether the answer shows the model's thinking. No backend is asked to
-    think by it (a reasoning model behind an OpenAI-compatible or Ollama upstream reasons
-    as its upstream has it); what such a model thinks comes back as thinking blocks when
-    `type` is not "disabled" and `display` is not "omitted"."""
+    """thinking: whether and how much the model thinks, and whether the answer shows it.
+    The native `thinking`: sent as it is to an Anthropic upstream; to others an enabled
+    one's budget is a reasoning effort (see effort_for). What the model thinks comes back
+    as thinking blocks when `type` is not "disabled" (their text when `display` is not
+    "omitted")."""
 
     # Taken as any string ("enabled", "adaptive", "between_tools", ...): the API adds kinds.
-    type: str
+    type: Annotated[str, Meta(min_length=1, max_length=32)]
     budget_tokens: int | None = None
-    display: str | None = None
+    display: Literal["summarized", "omitted"] | None = None
+
+
+def _thinks(thinking: AThinking | None) -> bool:
+    """Whether the request turned thinking on (signed thinking blocks come back)."""
+    return thinking is not None and thinking.type != "disabled"
 
 
 def _shows_thinking(thinking: AThinking | None) -> bool:
     """Whether the request asked to see the model's thinking."""
-    return thinking is not None and thinking.type != "disabled" and thinking.display != "omitted"
+    return _thinks(thinking) and thinking is not None and thinking.display != "omitted"
+
+
+def _thinking(thinking: AThinking | None) -> Thinking | None:
+    """The request's thinking as the native one; a budget the API refuses is a 400."""
+    if thinking is None:
+        return None
+    budget = thinking.budget_tokens
+    if budget is not None and budget < MIN_THINKING_BUDGET:
+        raise InvalidRequest(
+            f"$.thinking.budget_tokens: must be at least {MIN_THINKING_BUDGET}, got {budget}",
+            param="thinking.budget_tokens",
+        )
+    if budget is not None and budget > 2**31 - 1:
+        raise InvalidRequest("$.thinking.budget_tokens: too large", param="thinking.budget_tokens")
+    return Thinking(type=thinking.type, budget_tokens=budget, display=thinking.display)
 
 
 class Prompt(msgspec.Struct, kw_only=True):
@@ -231,7 +261,7 @@ class Prompt(msgspec.Struct, kw_only=True):
     output_format: AOutputFormat | None = None
     # Automatic caching: a breakpoint at the last block, wherever the conversation ends.
     cache_control: CacheControl | None = None
-    # Whether thinking blocks come back (a reasoning model's thinking, signed "").
+    # Whether and how much the model thinks, and whether thinking blocks come back.
     thinking: AThinking | None = None
 
 
@@ -248,8 +278,8 @@ class MessagesRequest(Prompt, kw_only=True):
 
 
 class CountTokensRequest(Prompt, kw_only=True):
-    """POST /v1/messages/count_tokens: a message's prompt, without max_tokens (thinking and
-    the beta's context_management are taken and not applied, as on /v1/messages)."""
+    """POST /v1/messages/count_tokens: a message's prompt, without max_tokens (the beta's
+    context_management is taken and not applied, as on /v1/messages)."""
 
 
 _req = msgspec.json.Decoder(MessagesRequest)
@@ -307,12 +337,17 @@ def usage_of(
     return usage
 
 
-def _final_usage(usage: Usage, inference: Inference) -> dict[str, int]:
+def _final_usage(usage: Usage, inference: Inference) -> dict[str, Any]:
     details = usage.prompt_tokens_details
     cached = None if details is msgspec.UNSET else details.cached_tokens
     ctx = inference.ctx  # the attempt that answered
     written = ctx.cache_write_tokens if ctx is not None else None
-    return usage_of(usage.prompt_tokens, usage.completion_tokens, cached, written)
+    out: dict[str, Any] = usage_of(usage.prompt_tokens, usage.completion_tokens, cached, written)
+    thought = usage.completion_tokens_details
+    if thought is not msgspec.UNSET:
+        # The backend's count of the thinking's tokens, as the API breaks its usage down.
+        out["output_tokens_details"] = {"thinking_tokens": thought.reasoning_tokens}
+    return out
 
 
 class AnthropicDialect(Dialect):
@@ -552,8 +587,16 @@ def _ends_in_space(content: str | list[Block]) -> bool:
     return bool(content) and content[-1].type == "text" and content[-1].text[-1:].isspace()
 
 
-# An assistant turn's blocks of extended thinking, taken and dropped.
+# An assistant turn's blocks of extended thinking: kept when signed, else dropped.
 _THOUGHTS = frozenset({"thinking", "redacted_thinking"})
+
+
+def _signed(b: Block) -> SignedThinking | None:
+    """A thinking block as the native one when an upstream signed it (None: unsigned,
+    as stella signs another upstream's reasoning, which no upstream would take back)."""
+    if b.type == "thinking":
+        return ThinkingBlock(thinking=b.thinking, signature=b.signature) if b.signature else None
+    return RedactedThinking(data=b.data) if b.data else None
 
 
 def _check_tools(tools: list[ATool] | None) -> None:
@@ -624,6 +667,7 @@ def to_chat(req: Prompt) -> ChatRequest:
         texts: list[str] = []
         calls: list[ToolCallRef] = []
         images: list[Image] = []
+        thoughts: list[SignedThinking] = []
         # The breakpoints of the blocks that make the message after the turn's results.
         marks: list[CacheControl | None] = []
         for j, b in enumerate(m.content):
@@ -652,10 +696,11 @@ def to_chat(req: Prompt) -> ChatRequest:
                     _tool_result(b, f"messages[{i}].content[{j}].content", loaded, counter)
                 )
             elif b.type in _THOUGHTS and m.role == "assistant":
-                # An earlier answer's reasoning, sent back as the API's clients do: the API
-                # ignores it, another backend's model cannot read it, and no backend here
-                # is asked to think (blocks signed for another request would not pass).
-                continue
+                # An earlier answer's thinking, sent back as the API's clients do: a signed
+                # block goes back to an Anthropic upstream as it came (its tool loop needs
+                # the last turn's); other backends' models cannot read it.
+                if (thought := _signed(b)) is not None:
+                    thoughts.append(thought)
             else:
                 raise InvalidRequest(
                     f"$.messages[{i}].content[{j}].type: {shown(b.type)} is not supported",
@@ -669,6 +714,7 @@ def to_chat(req: Prompt) -> ChatRequest:
                     tool_calls=calls or None,
                     cache=_ttl(*marks),
                     images=images or None,
+                    thinking_blocks=thoughts or None,
                 )
             )
     if (orphan := orphan_result(messages)) is not None:
@@ -738,6 +784,8 @@ def to_chat(req: Prompt) -> ChatRequest:
         metadata=metadata,
         response_format=_response_format(req),
         user_id=user_id,
+        thinking=_thinking(req.thinking),
+        effort=req.output_config.effort if req.output_config is not None else None,
     )
 
 
@@ -841,12 +889,15 @@ class MessagesCodec(Codec):
 
     media_type = "text/event-stream"
 
-    def __init__(self, inference: Inference, thinking: bool = False) -> None:
+    def __init__(self, inference: Inference, thinking: AThinking | None = None) -> None:
         super().__init__()
         self.inference = inference
         # A reasoning model's thinking goes out as thinking blocks only when the request
-        # turned thinking on: a client that did not expects text and tool_use alone.
-        self.shows_reasoning = thinking
+        # turned thinking on: a client that did not expects text and tool_use alone. Its
+        # text only when the request did not omit it; its signature (an Anthropic
+        # upstream's) whenever thinking is on, as the API gives it.
+        self.shows_reasoning = _shows_thinking(thinking)
+        self.seals = _thinks(thinking)
         self.block = -1  # index of the open content block
         self.open_kind = ""
         self.text_prefix = b""
@@ -881,7 +932,8 @@ class MessagesCodec(Codec):
         out = b""
         if self.open_kind == "thinking":
             # The API signs a thinking block just before its end; stella has no signature
-            # to give, and takes a block sent back without checking one.
+            # to give for another upstream's reasoning (a block sent back signed "" is
+            # dropped).
             out = _event(
                 "content_block_delta",
                 {
@@ -922,6 +974,26 @@ class MessagesCodec(Codec):
             out += self._encode(Delta(text=event.text))
         return out
 
+    def _seal(self, event: Delta) -> bytes:
+        """An Anthropic upstream's signature, ending the open thinking block (or an empty
+        one, as the API gives one whose display is omitted), or a redacted_thinking block."""
+        if event.redacted_thinking:
+            block = {"type": "redacted_thinking", "data": event.redacted_thinking}
+            return self._open("redacted_thinking", block) + self._close_block()
+        out = b""
+        if self.open_kind != "thinking":
+            out = self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        out += _event(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": self.block,
+                "delta": {"type": "signature_delta", "signature": event.signature},
+            },
+        )
+        self.open_kind = "signed"  # ends with no other signature
+        return out + self._close_block()
+
     def encode(self, event: Any) -> bytes:
         """One or more SSE events per pipeline event (each `data:` JSON on one line)."""
         out = self._encode(event)
@@ -934,6 +1006,8 @@ class MessagesCodec(Codec):
             if event.reasoning and self.shows_reasoning:
                 return self._thinking(event)
             if not event.text:
+                if self.seals and (event.signature or event.redacted_thinking):
+                    return self._seal(event)
                 return b""  # reasoning alone, where the request did not turn thinking on
             out = b""
             if self.open_kind != "text":
@@ -999,13 +1073,16 @@ async def messages(request: Request, call: Call) -> Reply:
     req = decode(body, MessagesRequest, _req)
     chat = to_chat(req)
     inference = await svc.pipeline.prepare(chat, call)
-    thinking = _shows_thinking(req.thinking)
     if chat.stream:
-        codec = MessagesCodec(inference, thinking)
+        codec = MessagesCodec(inference, req.thinking)
         return stream_response(request, inference, codec, ANTHROPIC)
     result = await run_to_end(request, inference)
     content: list[dict[str, Any]] = []
-    if thinking and result.message.reasoning:
+    signed = result.message.thinking_blocks
+    if signed and _thinks(req.thinking):
+        # An Anthropic upstream's blocks, as it gave them (the native ones are its shape).
+        content += msgspec.to_builtins(signed)
+    elif _shows_thinking(req.thinking) and result.message.reasoning:
         # Signed "": stella has no signature to give (a block sent back is dropped).
         content.append({"type": "thinking", "thinking": result.message.reasoning, "signature": ""})
     if result.response:

@@ -150,6 +150,8 @@ class OllamaCodec(Codec):
             return _enc.encode({"error": own_names(event.message)}) + b"\n"
         if event.reasoning:
             return self._thinking(event.text, event.reasoning)
+        if not event.text:
+            return b""  # an upstream's signature of its thinking: no field for it
         return self._line(event.text)
 
     def _thinking(self, text: str, thinking: str) -> bytes:

@@ -302,6 +302,8 @@ class ChunkCodec(Codec):
             return b"data: " + one_line(_enc.encode(body)) + b"\n\n"
         if event.reasoning:
             return self._reasoning(event)
+        if not event.text:
+            return b""  # an upstream's signature of its thinking: no field for it
         if self.text:
             return (
                 self.head

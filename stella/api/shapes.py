@@ -590,13 +590,23 @@ _ANTHROPIC_USAGE = obj(
     {"input_tokens": INT, "output_tokens": INT},
     # When the backend counted the prompt's tokens it wrote to its cache and read from
     # it (input_tokens then leaves them out).
-    {"cache_creation_input_tokens": INT, "cache_read_input_tokens": INT},
+    {
+        "cache_creation_input_tokens": INT,
+        "cache_read_input_tokens": INT,
+        # When the backend counted the completion's reasoning tokens.
+        "output_tokens_details": obj({"thinking_tokens": INT}),
+    },
 )
 _ANTHROPIC_TEXT = obj({"type": const("text"), "text": STR})
 _ANTHROPIC_TOOL_USE = obj({"type": const("tool_use"), "id": STR, "name": STR, "input": OBJECT})
-# A reasoning model's thinking, when the request turned thinking on: its signature is "",
-# stella has none to give (a block sent back is taken and dropped).
+# A reasoning model's thinking, when the request turned thinking on: an Anthropic
+# upstream's signature, or "" for another's reasoning (such a block sent back is dropped).
 _ANTHROPIC_THINKING = obj({"type": const("thinking"), "thinking": STR, "signature": STR})
+# Thinking an Anthropic upstream encrypted: its opaque data, sent back as it came.
+_ANTHROPIC_REDACTED = obj({"type": const("redacted_thinking"), "data": STR})
+_ANTHROPIC_BLOCK = {
+    "anyOf": [_ANTHROPIC_THINKING, _ANTHROPIC_REDACTED, _ANTHROPIC_TEXT, _ANTHROPIC_TOOL_USE]
+}
 ANTHROPIC_ERROR = Schema(
     "AnthropicError",
     obj(
@@ -613,9 +623,7 @@ ANTHROPIC_MESSAGE = Schema(
             "type": const("message"),
             "role": const("assistant"),
             "model": STR,
-            "content": array(
-                {"anyOf": [_ANTHROPIC_THINKING, _ANTHROPIC_TEXT, _ANTHROPIC_TOOL_USE]}
-            ),
+            "content": array(_ANTHROPIC_BLOCK),
             "stop_reason": STR,
             "stop_sequence": {"type": ["string", "null"]},
             "usage": _ANTHROPIC_USAGE,
@@ -668,7 +676,7 @@ _ANTHROPIC_EVENTS: dict[str, dict[str, Any]] = {
     "ping": {},
     "content_block_start": {
         "index": INT,
-        "content_block": {"anyOf": [_ANTHROPIC_THINKING, _ANTHROPIC_TEXT, _ANTHROPIC_TOOL_USE]},
+        "content_block": _ANTHROPIC_BLOCK,
     },
     "content_block_delta": {
         "index": INT,

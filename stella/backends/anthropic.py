@@ -6,7 +6,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import aiohttp
 import msgspec
@@ -15,6 +15,7 @@ from stella.backends.anthropic_request import (
     local_stops,
     request_body,
     schema_of,
+    thinking_plan,
     too_many_breakpoints,
     unsendable,
 )
@@ -69,7 +70,9 @@ STOP: dict[str, FinishReason] = {
 
 
 # What of a chat's body POST /v1/messages/count_tokens takes: the prompt, not the answer.
-_COUNTED = frozenset({"model", "system", "messages", "tools", "tool_choice", "output_config"})
+_COUNTED = frozenset(
+    {"model", "system", "messages", "tools", "tool_choice", "output_config", "thinking"}
+)
 
 
 class AnthropicConfig(HttpConfig, kw_only=True):
@@ -83,6 +86,11 @@ class AnthropicConfig(HttpConfig, kw_only=True):
     # fetches them on its own infrastructure, outside the operator's network; turn it off
     # for a base_url that is a proxy or server of the operator's own that would fetch them.
     image_urls: bool = True
+    # How a request's reasoning_effort asks the model to think: "budget", thinking of type
+    # enabled with a budget by effort (the models before Claude Opus 4.7 take it), or
+    # "adaptive", adaptive thinking at that output_config.effort (Claude Opus 4.6, Sonnet
+    # 4.6 and later; Opus 4.7 takes only this).
+    reasoning_effort_as: Literal["budget", "adaptive"] = "budget"
 
 
 class _Block(msgspec.Struct):
@@ -91,14 +99,26 @@ class _Block(msgspec.Struct):
     id: str = ""
     name: str = ""
     input: dict[str, Any] | None = None
+    # A thinking block's (the API starts it empty; a whole Message has it all), and a
+    # redacted_thinking block's opaque data.
+    thinking: str = ""
+    signature: str = ""
+    data: str = ""
 
 
 class _BlockDelta(msgspec.Struct):
     type: str = ""
     text: str = ""
     partial_json: str = ""
+    thinking: str = ""
+    signature: str = ""
     stop_reason: str | None = None
     stop_sequence: str | None = None
+
+
+class _OutputDetails(msgspec.Struct):
+    # How many of output_tokens the model spent thinking.
+    thinking_tokens: int | None = None
 
 
 class _Usage(msgspec.Struct):
@@ -110,6 +130,7 @@ class _Usage(msgspec.Struct):
     # cache breakpoint: those written to the cache and read from it are counted apart.
     cache_creation_input_tokens: int | None = None
     cache_read_input_tokens: int | None = None
+    output_tokens_details: _OutputDetails | None = None
 
     def prompt(self) -> int:
         """The whole prompt's tokens: uncached, written to the cache and read from it."""
@@ -133,6 +154,7 @@ def _cumulative(start: _Usage, delta: _Usage) -> _Usage:
         delta.output_tokens,
         _count(start.cache_creation_input_tokens, delta.cache_creation_input_tokens),
         _count(start.cache_read_input_tokens, delta.cache_read_input_tokens),
+        delta.output_tokens_details or start.output_tokens_details,
     )
 
 
@@ -255,6 +277,7 @@ class AnthropicBackend(HttpBackend):
         super().__init__(name, config)
         self.cfg = config
         self.reads_image_urls = config.image_urls
+        self.adaptive = config.reasoning_effort_as == "adaptive"
 
     def auth_headers(self) -> dict[str, str]:
         """x-api-key and anthropic-version."""
@@ -283,6 +306,8 @@ class AnthropicBackend(HttpBackend):
         self._refuse_schemaless(request)
         if (refused := unsendable(request.messages) or too_many_breakpoints(request)) is not None:
             raise refused
+        if request.thinking is not None:  # a budget the API would refuse, named
+            thinking_plan(request, self.cfg.max_tokens)
 
     def _refuse_schemaless(self, request: ChatRequest) -> None:
         fmt = request.response_format
@@ -322,7 +347,7 @@ class AnthropicBackend(HttpBackend):
         """The upstream's own count (POST /v1/messages/count_tokens) of the prompt a chat
         of `request` sends: the same model, system prompt, tools and messages."""
         self._refuse_schemaless(request)
-        chat = request_body(request, self.cfg.max_tokens)
+        chat = request_body(request, self.cfg.max_tokens, self.adaptive)
         # The prompt's parts alone: the endpoint refuses the answer's (max_tokens, stream,
         # sampling) as inputs it does not take.
         body = _enc.encode({k: v for k, v in chat.items() if k in _COUNTED})
@@ -337,12 +362,13 @@ class AnthropicBackend(HttpBackend):
         """Stream one message and translate the SSE events (or a whole Message, from an
         upstream that answers one though asked for a stream)."""
         self._refuse_schemaless(request)  # also on a route with fallbacks (no admit())
-        body = _enc.encode(request_body(request, self.cfg.max_tokens))
+        body = _enc.encode(request_body(request, self.cfg.max_tokens, self.adaptive))
         name = self.name
         try:
             async with self.answer(self.base_url + "/v1/messages", body, ctx) as r:
                 usage = _Usage()
                 tools: dict[int, list[Any]] = {}  # index -> [id, name, json, input at start]
+                signed: dict[int, str] = {}  # an open thinking block's index -> its signature
                 stop: str | None = None
                 calls = 0
                 # OpenAI's clients often stop at "\n": the API refuses it, so it is held here.
@@ -376,6 +402,12 @@ class AnthropicBackend(HttpBackend):
                             piece = ev.delta.text
                         elif ev.delta.type == "input_json_delta" and ev.index in tools:
                             tools[ev.index][2] += ev.delta.partial_json
+                        elif ev.delta.type == "thinking_delta" and ev.delta.thinking:
+                            if text := held.flush():  # the text before it is whole
+                                yield Delta(text=text)
+                            yield Delta(text="", reasoning=ev.delta.thinking)
+                        elif ev.delta.type == "signature_delta" and ev.index in signed:
+                            signed[ev.index] += ev.delta.signature
                     elif kind == "content_block_start" and ev.content_block is not None:
                         block = ev.content_block
                         if block.type == "tool_use":
@@ -385,6 +417,21 @@ class AnthropicBackend(HttpBackend):
                             # whole Message) may start it with text.
                             ctx.tokens_seen += 1
                             piece = block.text
+                        elif block.type == "thinking":
+                            # Signed at its end (a whole Message's: here already).
+                            signed[ev.index] = block.signature
+                            if block.thinking:
+                                ctx.tokens_seen += 1
+                                if text := held.flush():
+                                    yield Delta(text=text)
+                                yield Delta(text="", reasoning=block.thinking)
+                        elif block.type == "redacted_thinking" and block.data:
+                            if text := held.flush():
+                                yield Delta(text=text)
+                            yield Delta(text="", redacted_thinking=block.data)
+                    elif kind == "content_block_stop" and ev.index in signed:
+                        if signature := signed.pop(ev.index):
+                            yield Delta(text="", signature=signature)
                     elif kind == "content_block_stop" and ev.index in tools:
                         call_id, tool, raw, given = tools.pop(ev.index)
                         # Anthropic starts a tool_use with `input: {}` and streams it as
@@ -458,6 +505,7 @@ def _fair(usage: _Usage, ctx: CallContext) -> _Usage:
         counted(usage.output_tokens, ctx),
         detail(usage.cache_creation_input_tokens),
         detail(usage.cache_read_input_tokens),
+        usage.output_tokens_details,
     )
 
 
@@ -466,6 +514,9 @@ def _tell(ctx: CallContext, usage: _Usage) -> None:
     ctx.prompt_tokens = usage.prompt()
     ctx.cached_tokens = usage.cache_read_input_tokens
     ctx.cache_write_tokens = usage.cache_creation_input_tokens
+    if usage.output_tokens_details is not None:
+        # The completion's thinking, as an OpenAI-compatible upstream's reasoning_tokens.
+        ctx.reasoning_tokens = detail(usage.output_tokens_details.thinking_tokens)
 
 
 async def _sse_events(

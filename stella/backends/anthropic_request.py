@@ -6,9 +6,18 @@ import hashlib
 import re
 from typing import Any
 
+import msgspec
+
 from stella.backends.base import linked_tool_calls
 from stella.errors import InvalidRequest
-from stella.protocol import ChatRequest, Image, Message, Tool
+from stella.protocol import (
+    MIN_THINKING_BUDGET,
+    ChatRequest,
+    Image,
+    Message,
+    ReasoningEffort,
+    Tool,
+)
 
 # The ids the API takes for a tool_use (and so a tool_result's tool_use_id).
 _TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
@@ -180,15 +189,154 @@ def _system(messages: list[Message]) -> str | list[dict[str, Any]]:
     return blocks
 
 
-def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
+# The thinking budget a reasoning effort asks an Anthropic upstream for (`thinking` of
+# type enabled): the API's least for low, as its docs advise starting there; 16k for
+# high, where they place complex tasks; 32k at most, past which a model seldom uses it.
+BUDGETS: dict[ReasoningEffort, int] = {
+    "low": MIN_THINKING_BUDGET,
+    "medium": 4096,
+    "high": 16384,
+    "xhigh": 24576,
+    "max": 32000,
+}
+# Anthropic's effort levels, for a backend that asks for adaptive thinking (see
+# AnthropicConfig.reasoning_effort_as); none and minimal ask for no thinking.
+ADAPTIVE_EFFORT: dict[ReasoningEffort, str] = {
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "xhigh": "xhigh",
+    "max": "max",
+}
+# The top_p the API takes with thinking on (temperature and top_k it refuses).
+THINKING_TOP_P = 0.95
+
+
+class ThinkingPlan:
+    """What a request asks an Anthropic upstream for: its `thinking` (None: none sent),
+    `output_config.effort`, and the max_tokens that leaves room for both."""
+
+    __slots__ = ("effort", "max_tokens", "thinking")
+
+    def __init__(self, thinking: dict[str, Any] | None, effort: str | None, max_tokens: int):
+        self.thinking = thinking
+        self.effort = effort
+        self.max_tokens = max_tokens
+
+    @property
+    def on(self) -> bool:
+        """Whether the model is asked to think (the API's rules for thinking then hold)."""
+        return self.thinking is not None and self.thinking["type"] != "disabled"
+
+
+def thinking_plan(
+    request: ChatRequest, default_max: int, as_adaptive: bool = False
+) -> ThinkingPlan:
+    """The thinking `request` asks for, in the API's terms; raises InvalidRequest for one
+    the API would refuse (an enabled thinking without a budget under max_tokens).
+
+    A client's own `thinking` (the Messages API's words) goes as it came, its `effort`
+    too. Otherwise a `reasoning_effort` (or Ollama's `think`, true as medium) is a budget (BUDGETS: max_tokens, when the request
+    sets none, grows by it; one it sets keeps at least half for the answer, or the model
+    does not think), or with `as_adaptive` adaptive thinking at that effort; none and
+    minimal ask for no thinking.
+    """
+    asked = request.options.max_tokens
+    given = request.thinking
+    if given is not None:
+        thinking: dict[str, Any] = {"type": given.type}
+        budget = given.budget_tokens
+        if given.type == "enabled" and budget is None:
+            raise InvalidRequest(
+                "$.thinking.budget_tokens: required when thinking.type is enabled",
+                param="thinking.budget_tokens",
+            )
+        if budget is not None:
+            thinking["budget_tokens"] = budget
+        if given.display is not None:
+            thinking["display"] = given.display
+        limit = asked or default_max + (budget or 0)
+        if budget is not None and budget >= limit:
+            raise InvalidRequest(
+                f"$.thinking.budget_tokens: {budget} must be less than max_tokens ({limit})",
+                param="thinking.budget_tokens",
+            )
+        return ThinkingPlan(thinking, request.effort, limit)
+    effort = request.reasoning_effort
+    if effort is None and request.think is not None:
+        # Ollama's words: true is its default effort, false none.
+        think = request.think
+        effort = "medium" if think is True else "none" if think is False else think
+    if request.effort is not None or effort is None or effort in ("none", "minimal"):
+        return ThinkingPlan(None, request.effort, asked or default_max)
+    if as_adaptive:
+        return ThinkingPlan({"type": "adaptive"}, ADAPTIVE_EFFORT[effort], asked or default_max)
+    budget = BUDGETS[effort]
+    if asked is None:
+        return ThinkingPlan(
+            {"type": "enabled", "budget_tokens": budget}, None, default_max + budget
+        )
+    budget = min(budget, asked // 2)
+    if budget < MIN_THINKING_BUDGET:
+        return ThinkingPlan(None, None, asked)  # too few tokens to think and answer
+    return ThinkingPlan({"type": "enabled", "budget_tokens": budget}, None, asked)
+
+
+def _forced(request: ChatRequest) -> bool:
+    """Whether the request forces a tool call (tool_choice required or one named)."""
+    return bool(request.tools) and request.tool_choice not in (None, "auto", "none")
+
+
+def _results(m: dict[str, Any]) -> bool:
+    """Whether a message of the body holds tool results."""
+    content = m["content"]
+    return isinstance(content, list) and any(b["type"] == "tool_result" for b in content)
+
+
+def _unsigned_tool_turn(messages: list[dict[str, Any]]) -> bool:
+    """Whether the body's last assistant turn (its messages since the last user message
+    that is not tool results: the API joins a text after results to them) called tools
+    without starting with signed thinking: the API refuses that with thinking on (its tool
+    loop goes on from that thinking), so the request asks for none."""
+    start = 0
+    for i in range(len(messages) - 1, -1, -1):
+        m = messages[i]
+        if m["role"] == "user" and not _results(m):
+            if i and messages[i - 1]["role"] == "user" and _results(messages[i - 1]):
+                continue  # the text after the turn's results: one message with them
+            start = i + 1
+            break
+    turn = [m["content"] for m in messages[start:] if m["role"] == "assistant"]
+    called = any(isinstance(c, list) and any(b["type"] == "tool_use" for b in c) for c in turn)
+    if not called:
+        return False
+    first = turn[0]
+    return not isinstance(first, list) or first[0]["type"] not in _THINKING_BLOCKS
+
+
+# The blocks of an answer's thinking, as the API gives them back.
+_THINKING_BLOCKS = frozenset({"thinking", "redacted_thinking"})
+
+
+def request_body(
+    request: ChatRequest, default_max: int, as_adaptive: bool = False
+) -> dict[str, Any]:
     """The Messages API body: system pulled out, tool calls and results as blocks; a
-    message's cache breakpoint on the last block it becomes."""
+    message's cache breakpoint on the last block it becomes; the thinking asked for (see
+    thinking_plan), an assistant turn's signed thinking first in it while it is on."""
     system = _system(request.messages)
     messages: list[dict[str, Any]] = []
     history = linked_tool_calls(request.messages)
     ids = _ToolUseIds(history)
     if (refused := unsendable(history) or too_many_breakpoints(request)) is not None:
         raise refused
+    plan = thinking_plan(request, default_max, as_adaptive)
+    thinks = plan.on
+    if thinks and (_forced(request) or history[-1].role == "assistant"):
+        # What the API refuses with thinking on, a forced tool call and a prefill: asked
+        # without it, the request is one the API answers.
+        plan.thinking = None
+        thinks = False
     # With breakpoints every text goes as a text block, the one form that takes one: a
     # message then reads the same whether or not it holds this turn's breakpoint, and the
     # next turn's prefix is the same bytes (a string would become a block once marked).
@@ -224,10 +372,15 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
                 blocks[-1]["cache_control"] = _cache_control(m.cache)
             messages.append({"role": m.role, "content": blocks})
             continue
+        # The turn's signed thinking, before its text and calls as the API gave it (sent
+        # only while thinking is on: the API refuses it in a last turn otherwise).
+        # (The native blocks are the API's shape: {"type": "thinking", ...}.)
+        thoughts = msgspec.to_builtins(m.thinking_blocks) if thinks and m.thinking_blocks else []
         if m.tool_calls:
             # The text before the calls, unless only whitespace (Qwen-style models write
             # "\n\n" there): the API refuses a text block of only whitespace.
             blocks = [{"type": "text", "text": m.content}] if m.content.strip() else []
+            blocks = thoughts + blocks
             blocks += [
                 {
                     "type": "tool_use",
@@ -247,40 +400,60 @@ def request_body(request: ChatRequest, default_max: int) -> dict[str, Any]:
             # whitespace: the API refuses it but an empty final prefill, and it says nothing.
             if m is history[-1]:
                 messages.append({"role": "assistant", "content": m.content})
-        elif as_blocks:
+        elif as_blocks or thoughts:
             block = {"type": "text", "text": m.content}
             if m.cache:
                 block["cache_control"] = _cache_control(m.cache)
-            messages.append({"role": m.role, "content": [block]})
+            messages.append({"role": m.role, "content": [*thoughts, block]})
         else:
             messages.append({"role": m.role, "content": m.content})
+    if thinks and _unsigned_tool_turn(messages):
+        # A tool loop whose client dropped the last turn's thinking (a client of another
+        # dialect, which has no place for it): asked without thinking, which the API
+        # answers, and with none of the history's (it refuses it in a last turn then).
+        plan.thinking = None
+        thinks = False
+        for sent in messages:
+            if sent["role"] == "assistant" and isinstance(sent["content"], list):
+                sent["content"] = [b for b in sent["content"] if b["type"] not in _THINKING_BLOCKS]
     o = request.options
     body: dict[str, Any] = {
         "model": request.model,
         "messages": messages,
         "stream": True,
-        "max_tokens": o.max_tokens or default_max,
+        "max_tokens": plan.max_tokens,
     }
     if system if isinstance(system, list) else system.strip():
         # One of only whitespace says nothing (and the API refuses it).
         body["system"] = system
+    temperature, top_p, top_k = o.temperature, o.top_p, o.top_k
+    if thinks:
+        # The API refuses a temperature or top_k with thinking on, and a top_p below 0.95:
+        # left out, the model samples as thinking needs.
+        temperature = top_k = None
+        if top_p is not None and top_p < THINKING_TOP_P:
+            top_p = None
     for key, value in (
         # The API's range is 0 to 1 (OpenAI's 0 to 2): above it, the most random it takes.
-        ("temperature", None if o.temperature is None else min(o.temperature, 1.0)),
+        ("temperature", None if temperature is None else min(temperature, 1.0)),
         # Current models (Sonnet 4.5, Haiku 4.5, Opus 4.1 and later) refuse both at once:
         # given both, only the temperature is sent (the one sampling knob all backends take).
-        ("top_p", o.top_p if o.temperature is None else None),
-        ("top_k", o.top_k),
+        ("top_p", top_p if temperature is None else None),
+        ("top_k", top_k),
         ("stop_sequences", [s for s in o.stop or () if s.strip()] or None),
     ):
         if value is not None:
             body[key] = value
+    if plan.thinking is not None:
+        body["thinking"] = plan.thinking
     if request.user_id is not None:
         # The end user's id, for Anthropic's abuse detection; nothing else of the metadata,
         # which is the log's.
         body["metadata"] = {"user_id": request.user_id}
     if (schema := schema_of(request.response_format)) is not None:
         body["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
+    if plan.effort is not None:
+        body.setdefault("output_config", {})["effort"] = plan.effort
     if request.tools:
         body["tools"] = [_tool(t) for t in request.tools]
         choice = request.tool_choice

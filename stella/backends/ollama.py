@@ -44,6 +44,7 @@ from stella.protocol import (
     Think,
     ToolCall,
     Usage,
+    effort_for,
     wire_tools,
 )
 
@@ -250,8 +251,8 @@ def request_body(request: ChatRequest, keep_alive: int | float | str | None) -> 
         body["keep_alive"] = keep_alive
     if request.think is not None:
         body["think"] = request.think
-    elif request.reasoning_effort is not None:
-        body["think"] = THINK_FOR_EFFORT[request.reasoning_effort]
+    elif (effort := effort_for(request)) is not None:
+        body["think"] = THINK_FOR_EFFORT[effort]
     return body
 
 

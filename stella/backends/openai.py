@@ -50,6 +50,7 @@ from stella.protocol import (
     Usage,
     arguments_of,
     arguments_text,
+    effort_for,
     wire_tools,
 )
 
@@ -247,8 +248,13 @@ def request_body(
             body["parallel_tool_calls"] = request.parallel_tool_calls
     if request.response_format:
         body["response_format"] = request.response_format
-    if request.reasoning_effort is not None:  # never invented: not every model takes it
-        body["reasoning_effort"] = request.reasoning_effort
+    # Never invented: not every model takes it (an Anthropic dialect's thinking or effort
+    # is one the client gave, in Anthropic's words).
+    effort = request.reasoning_effort
+    if effort is None and (request.thinking is not None or request.effort is not None):
+        effort = effort_for(request)
+    if effort is not None:
+        body["reasoning_effort"] = effort
     if stream and stream_usage:
         body["stream_options"] = {"include_usage": True}
     return body

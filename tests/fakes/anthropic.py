@@ -58,6 +58,19 @@ it kept from an earlier request (a breakpoint's own prefix, or one ending up to 
 blocks before it, as the API looks back), `cache_creation_input_tokens` the rest up to
 the last breakpoint, `input_tokens` what follows it (no minimum length).
 
+Extended thinking as the API has it: with `thinking` of type `enabled` or `adaptive`, any
+model thinks first (not again when the conversation ends with tool results: its turn goes
+on), a thinking block of THOUGHT's pieces (none with `display: "omitted"`, the block then
+empty) signed by `sign()`, and `claude-redacts` a `redacted_thinking` block after it (its
+`data` kept in `redacted`); message_delta's usage counts the thinking in `output_tokens`
+and `output_tokens_details.thinking_tokens`. It refuses what the API refuses: a
+`budget_tokens` below 1024, not below `max_tokens`, or missing for `enabled`; with
+thinking on, a temperature but 1, a top_k, a top_p below 0.95, a forced tool call, and a
+last assistant turn (the messages since the last user message without tool results) that
+calls tools without starting with a thinking block; a thinking block in a last turn with
+thinking off; a thinking block sent back whose signature is not the fake's for its text
+(or for an omitted display's empty one), a redacted one whose data it never gave.
+
 `POST /v1/messages/count_tokens` answers `{"input_tokens": n}`, `n` the `tokens()` of
 the body: it takes the documented parameters alone (a message's `max_tokens`, `stream`,
 `temperature`, ... are a 400 "Extra inputs are not permitted"), wants `model` and
@@ -70,6 +83,8 @@ the body: it takes the documented parameters alone (a message's `max_tokens`, `s
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import json
 import re
 from collections.abc import AsyncIterator
@@ -103,6 +118,17 @@ BOGUS_COUNTS = {"input_tokens": 10**15, "cache_read_input_tokens": -3}
 # message_delta's usage of `claude-grown-usage`: the counts grew since message_start's
 # (cumulative, as the API's are; server tools read more input after the start).
 DELTA_COUNTS = {"input_tokens": 30, "cache_read_input_tokens": 40}
+
+
+# What the model thinks, in the pieces it streams, when the request turns thinking on.
+THOUGHT = ["The user ", "says hello; ", "I should greet them."]
+# The key of its thinking blocks' signatures.
+_SECRET = b"fake-anthropic-thinking"
+# Where the API's thinking errors point to.
+_THINKING_DOCS = (
+    "Please consult our documentation at "
+    "https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
+)
 
 
 # `claude-pings`: how often, and how long, it pings between its first text and the rest.
@@ -180,6 +206,8 @@ class FakeAnthropic:
         # The bodies and headers POST /v1/messages/count_tokens received.
         self.counts: list[dict[str, Any]] = []
         self.count_headers: list[dict[str, str]] = []
+        # The redacted_thinking data it gave (a block sent back must be one of them).
+        self.redacted: set[str] = set()
         self.app = Starlette(
             routes=[
                 Route("/v1/messages", self.with_request_id, methods=["POST"]),
@@ -189,6 +217,28 @@ class FakeAnthropic:
             ],
             exception_handlers={404: no_such_path},
         )
+
+    def sign(self, thinking: str) -> str:
+        """The signature of a thinking block's text: only this fake makes it."""
+        return base64.b64encode(hmac.digest(_SECRET, thinking.encode(), "sha256")).decode()
+
+    def _signatures(self, messages: list[dict[str, Any]]) -> str | None:
+        """The API's 400 for a thinking block sent back that it did not sign as it is (its
+        text changed, or none given), or a redacted_thinking block it did not give."""
+        for i, m in enumerate(messages):
+            content = m.get("content")
+            for j, b in enumerate(content if isinstance(content, list) else ()):
+                if b.get("type") == "thinking":
+                    # Its one thinking, as it gave it (or empty: its display omitted).
+                    whole = "".join(THOUGHT)
+                    if b.get("signature") != self.sign(whole) or b.get("thinking") not in (
+                        "",
+                        whole,
+                    ):
+                        return f"messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+                elif b.get("type") == "redacted_thinking" and b.get("data") not in self.redacted:
+                    return f"messages.{i}.content.{j}: Invalid `data` in `redacted_thinking` block"
+        return None
 
     async def models(self, request: Request) -> Response:
         return JSONResponse(
@@ -265,6 +315,10 @@ class FakeAnthropic:
             return err("invalid_request_error", problem, 400)
         if (problem := _metadata(body.get("metadata"))) is not None:
             return err("invalid_request_error", problem, 400)
+        if (problem := _thinking(body)) is not None:
+            return err("invalid_request_error", problem, 400)
+        if (problem := self._signatures(body.get("messages") or [])) is not None:
+            return err("invalid_request_error", problem, 400)
         model = body["model"]
         if model == "claude-429":
             return err(
@@ -319,13 +373,19 @@ class FakeAnthropic:
                 delta = ev["delta"]
                 if delta["type"] == "text_delta":
                     blocks[-1]["text"] += delta["text"]
+                elif delta["type"] == "thinking_delta":
+                    blocks[-1]["thinking"] += delta["thinking"]
+                elif delta["type"] == "signature_delta":
+                    blocks[-1]["signature"] += delta["signature"]
                 else:
                     partial += delta["partial_json"]
             elif kind == "content_block_stop" and blocks[-1]["type"] == "tool_use":
                 blocks[-1]["input"] = json.loads(partial)
             elif kind == "message_delta":
                 message.update(ev["delta"])
-                message["usage"]["output_tokens"] = ev["usage"]["output_tokens"]
+                message["usage"].update(
+                    {k: v for k, v in ev["usage"].items() if k.startswith("output_tokens")}
+                )
         message["content"] = blocks
         return JSONResponse(message)
 
@@ -360,10 +420,13 @@ class FakeAnthropic:
             yield event("error", {"type": "error", "error": error})
             return
 
+        base = 0  # the index of the first block after the thinking
+
         def text_delta(text: str) -> bytes:
             delta = {"type": "text_delta", "text": text}
             return event(
-                "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
+                "content_block_delta",
+                {"type": "content_block_delta", "index": base, "delta": delta},
             )
 
         yield event(
@@ -388,6 +451,39 @@ class FakeAnthropic:
             },
         )
         yield event("ping", {"type": "ping"})
+        thought = 0  # the thinking's tokens
+        if _thinks(body) and not _after_tool_results(body):
+            # The model thinks first (not again after tool results: only after the next
+            # user turn, as the API's models do without interleaved thinking).
+            shown = (body.get("thinking") or {}).get("display") != "omitted"
+            block = {"type": "thinking", "thinking": "", "signature": ""}
+            yield event(
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": block},
+            )
+            for piece in THOUGHT if shown else ():
+                delta = {"type": "thinking_delta", "thinking": piece}
+                yield event(
+                    "content_block_delta",
+                    {"type": "content_block_delta", "index": 0, "delta": delta},
+                )
+            delta = {"type": "signature_delta", "signature": self.sign("".join(THOUGHT))}
+            yield event(
+                "content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}
+            )
+            yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            base, thought = 1, len(THOUGHT)
+            if model == "claude-redacts":
+                # Thinking the API's safety systems flagged: encrypted, opaque.
+                data = self.sign("redacted")
+                self.redacted.add(data)
+                block = {"type": "redacted_thinking", "data": data}
+                yield event(
+                    "content_block_start",
+                    {"type": "content_block_start", "index": 1, "content_block": block},
+                )
+                yield event("content_block_stop", {"type": "content_block_stop", "index": 1})
+                base = 2
         sequence: str | None = None
         if model in (
             "claude-tools",
@@ -402,19 +498,19 @@ class FakeAnthropic:
             single = (body.get("tool_choice") or {}).get("disable_parallel_tool_use")
             if model == "claude-two-tools" and not single:
                 cities.append("Oslo")
-            first = 0
+            first = base
             if model == "claude-text-then-tool":
                 # A sentence before the call, as Claude often writes, its last word's
                 # space included.
                 block = {"type": "text", "text": ""}
                 yield event(
                     "content_block_start",
-                    {"type": "content_block_start", "index": 0, "content_block": block},
+                    {"type": "content_block_start", "index": base, "content_block": block},
                 )
                 for word in ("Let me check. ", "One moment. "):
                     yield text_delta(word)
-                yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
-                first = 1
+                yield event("content_block_stop", {"type": "content_block_stop", "index": base})
+                first = base + 1
             for index, city in enumerate(cities, first):
                 yield event(
                     "content_block_start",
@@ -446,7 +542,7 @@ class FakeAnthropic:
                 "content_block_start",
                 {
                     "type": "content_block_start",
-                    "index": 0,
+                    "index": base,
                     "content_block": {"type": "text", "text": start},
                 },
             )
@@ -511,7 +607,10 @@ class FakeAnthropic:
                             yield event("ping", {"type": "ping"})
                         else:
                             yield b": keepalive\n\n"
-            yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            yield event("content_block_stop", {"type": "content_block_stop", "index": base})
+        usage: dict[str, Any] = {"output_tokens": out + thought, **_delta_counts(model)}
+        if thought:
+            usage["output_tokens_details"] = {"thinking_tokens": thought}
         yield event(
             "message_delta",
             {
@@ -520,11 +619,116 @@ class FakeAnthropic:
                     "stop_reason": stop,
                     "stop_sequence": sequence,
                 },
-                "usage": {"output_tokens": out, **_delta_counts(model)},
+                "usage": usage,
             },
         )
         if model != "claude-no-message-stop":
             yield event("message_stop", {"type": "message_stop"})
+
+
+def _thinks(body: dict[str, Any]) -> bool:
+    """Whether the request turns thinking on."""
+    return (body.get("thinking") or {}).get("type") in ("enabled", "adaptive")
+
+
+def _after_tool_results(body: dict[str, Any]) -> bool:
+    """Whether the conversation ends with tool results (the model goes on from its last
+    turn, whose thinking it was)."""
+    messages = body.get("messages") or [{}]
+    content = messages[-1].get("content")
+    return isinstance(content, list) and any(b.get("type") == "tool_result" for b in content)
+
+
+def _thinking(body: dict[str, Any]) -> str | None:
+    """The API's 400 for a `thinking` it refuses, or what it refuses with thinking on (a
+    temperature but 1, a top_k, a top_p below 0.95, a forced tool call, a last assistant
+    turn with tool_use that does not start with its thinking), or a thinking block in a
+    last turn with thinking off (None: it takes it)."""
+    thinking = body.get("thinking")
+    messages = body.get("messages") or []
+    if thinking is not None:
+        kind = thinking.get("type")
+        if kind not in ("enabled", "adaptive", "disabled"):
+            return "thinking.type: Input tag does not match 'enabled', 'adaptive' or 'disabled'"
+        if thinking.get("display") not in (None, "summarized", "omitted"):
+            return f"thinking.{kind}.display: Input should be 'summarized' or 'omitted'"
+        budget = thinking.get("budget_tokens")
+        if kind != "enabled" and budget is not None:
+            return f"thinking.{kind}.budget_tokens: Extra inputs are not permitted"
+        if kind == "enabled":
+            if not isinstance(budget, int) or isinstance(budget, bool):
+                return "thinking.enabled.budget_tokens: Field required"
+            if budget < 1024:
+                return (
+                    "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+                )
+            if budget >= body["max_tokens"]:
+                return (
+                    "`max_tokens` must be greater than `thinking.budget_tokens`. " + _THINKING_DOCS
+                )
+    last = next(
+        (i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "assistant"),
+        None,
+    )
+    content = messages[last].get("content") if last is not None else None
+    blocks = content if isinstance(content, list) else []
+    if not _thinks(body):
+        if last == len(messages) - 1 and any(b.get("type") == "thinking" for b in blocks):
+            return (
+                f"messages.{last}.content.0: When thinking is disabled, an `assistant` "
+                "message in the final position cannot contain `thinking`. To use thinking "
+                "blocks, enable `thinking` in your request."
+            )
+        return None
+    temperature = body.get("temperature")
+    if temperature is not None and temperature != 1:
+        return (
+            "`temperature` may only be set to 1 when thinking is enabled or in adaptive "
+            "mode. " + _THINKING_DOCS
+        )
+    if body.get("top_k") is not None:
+        return "`top_k` must be unset when thinking is enabled. " + _THINKING_DOCS
+    top_p = body.get("top_p")
+    if top_p is not None and top_p < 0.95:
+        return (
+            "`top_p` must be greater than or equal to 0.95 or unset when thinking is "
+            "enabled. " + _THINKING_DOCS
+        )
+    if (body.get("tool_choice") or {}).get("type") in ("any", "tool"):
+        return "Thinking may not be enabled when tool_choice forces tool use."
+    turn = _assistant_turn(messages)
+    first = messages[turn[0]].get("content") if turn else None
+    called = any(
+        b.get("type") == "tool_use"
+        for i in turn
+        for b in (
+            messages[i].get("content") if isinstance(messages[i].get("content"), list) else ()
+        )
+    )
+    kind = first[0].get("type") if isinstance(first, list) and first else "text"
+    if called and kind not in ("thinking", "redacted_thinking"):
+        return (
+            f"messages.{turn[0]}.content.0.type: Expected `thinking` or `redacted_thinking`, "
+            f"but found `{kind}`. When `thinking` is enabled, a final "
+            "`assistant` message must start with a thinking block (preceeding the "
+            "lastmost set of `tool_use` and `tool_result` blocks). We recommend you "
+            "include thinking blocks from previous turns. To avoid this requirement, "
+            "disable `thinking`. " + _THINKING_DOCS
+        )
+    return None
+
+
+def _assistant_turn(messages: list[dict[str, Any]]) -> list[int]:
+    """Where the last assistant turn's messages are: those after the last user message
+    that holds no tool_result (a turn goes on through its tool results)."""
+    start = 0
+    for i in range(len(messages) - 1, -1, -1):
+        content = messages[i].get("content")
+        results = isinstance(content, list) and any(b.get("type") == "tool_result" for b in content)
+        if messages[i].get("role") == "user" and not results:
+            start = i + 1
+            break
+    return [i for i in range(start, len(messages)) if messages[i].get("role") == "assistant"]
 
 
 def _output_config(config: Any) -> str | None:
