@@ -1,6 +1,6 @@
 """The echo backend: deterministic answers for tests, demos and load tests.
 
-It streams back the last user message word by word (a non-stream request gets
+It streams back the last user (or tool) message word by word (a non-stream request gets
 the same text as one delta, as a remote backend's non-stream call would give
 it). With tools in the request it calls the first tool (or the one `tool_choice`
 names) once with `{"input": <text>}`; after a tool result it echoes that result. Knobs make it fail, stall or slow down on purpose.
@@ -78,7 +78,7 @@ _FAILURES: dict[str, type[StellaError]] = {
 
 
 class EchoBackend(Backend):
-    """Echoes the last user message; knobs for failure and pacing."""
+    """Echoes the last user (or tool) message; knobs for failure and pacing."""
 
     kind = "echo"
     honours_tool_choice = True  # "none": it answers in text
@@ -137,7 +137,7 @@ class EchoBackend(Backend):
             self.closed += 1
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
-        """Stream the last user message back, word by word."""
+        """Stream the last user (or tool) message back, word by word."""
         cfg = self.cfg
         self.started += 1
         try:
