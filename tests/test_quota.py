@@ -288,17 +288,21 @@ async def test_a_call_that_ends_after_midnight_settles_into_the_day_it_was_admit
         "backends": {"slow": {"kind": "echo", "delay_s": 0.3}},
         "models": {"routes": {"slow": {"backend": "slow"}}},
     }
-    async with app_at(config, clock) as (c, _, _):
-        # Reserves 800 of the old day, and ends in the new one.
+    async with app_at(config, clock) as (c, svc, _):
+        # Reserves 800 and its prompt of the old day, and ends in the new one.
         slow = asyncio.create_task(c.post("/api/v1/chat", json=chat("a b", "slow", max_tokens=800)))
         await asyncio.sleep(0.1)
         clock[0] = MIDNIGHT + 1
         r = await slow
         assert r.status_code == 200
+        used = r.json()["usage"]["total_tokens"]
         r = await c.post("/api/v1/chat", json=chat("hi", max_tokens=10))
-        # The new day's bucket is whole but for this call: the old call's refund of its
-        # reserve went to the day it was taken from, not into today's.
+        # The new day's bucket is whole but for this call's reserve.
         assert r.headers["x-quota-remaining"] == str(1000 - 10)
+        # The old call's refund went to the day its reserve was taken from: that day is
+        # charged its real usage, not the reserve.
+        levels = svc.pipeline.admission.buckets._levels
+        assert levels["tpd:key:q:2030-01-01"][0] == 1000 - used
 
 
 async def test_the_python_client_does_not_retry_a_used_up_quota() -> None:
