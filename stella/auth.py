@@ -73,6 +73,8 @@ class Authenticator:
                 requests_per_minute=k.requests_per_minute or lim.requests_per_minute,
                 tokens_per_minute=k.tokens_per_minute or lim.tokens_per_minute,
                 max_concurrent=k.max_concurrent or lim.max_concurrent,
+                requests_per_day=k.requests_per_day or lim.requests_per_day,
+                tokens_per_day=k.tokens_per_day or lim.tokens_per_day,
             )
         # Quick start: STELLA_API_KEYS="key1,key2" or "alice=key1,bob=key2": admin keys.
         source = settings.auth.keys_env
@@ -85,6 +87,8 @@ class Authenticator:
                 requests_per_minute=lim.requests_per_minute,
                 tokens_per_minute=lim.tokens_per_minute,
                 max_concurrent=lim.max_concurrent,
+                requests_per_day=lim.requests_per_day,
+                tokens_per_day=lim.tokens_per_day,
             )
         self.enabled = bool(self.keys)
         host = settings.server.host
@@ -97,8 +101,16 @@ class Authenticator:
                 requests_per_minute=lim.requests_per_minute,
                 tokens_per_minute=lim.tokens_per_minute,
                 max_concurrent=lim.max_concurrent,
+                requests_per_day=lim.requests_per_day,
+                tokens_per_day=lim.tokens_per_day,
             )
-            if (lim.requests_per_minute or lim.tokens_per_minute or lim.max_concurrent)
+            if (
+                lim.requests_per_minute
+                or lim.tokens_per_minute
+                or lim.max_concurrent
+                or lim.requests_per_day
+                or lim.tokens_per_day
+            )
             or not is_loopback(host)
             else ANONYMOUS
         )

@@ -45,6 +45,8 @@ class Principal:
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
     max_concurrent: int = 0
+    requests_per_day: int = 0
+    tokens_per_day: int = 0
 
     def may_use(self, model: str) -> bool:
         """Whether a model name matches one of the key's glob patterns."""

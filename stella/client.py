@@ -145,6 +145,11 @@ class RateLimitError(StellaClientError):
     """429 rate_limited; `retry_after` says when to come back."""
 
 
+class QuotaExceededError(RateLimitError):
+    """429 quota_exceeded: the key's (or model's) daily quota is used up; `retry_after` is
+    the seconds until the next UTC midnight. Never retried: it would be refused again."""
+
+
 class UpstreamError(StellaClientError):
     """502 upstream_error, or the backend failed mid-stream."""
 
@@ -253,6 +258,7 @@ BY_CODE: dict[str, type[StellaClientError]] = {
     "not_supported": BadRequestError,
     "unsupported_media_type": UnsupportedMediaTypeError,
     "rate_limited": RateLimitError,
+    "quota_exceeded": QuotaExceededError,
     "upstream_error": UpstreamError,
     "upstream_unreachable": UpstreamError,
     "upstream_rate_limited": UpstreamError,
@@ -495,6 +501,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "ProtocolError",
+    "QuotaExceededError",
     "RateLimitError",
     "StellaClientError",
     "Stream",

@@ -23,6 +23,9 @@ EXPOSE = [
     "X-RateLimit-Limit",
     "X-RateLimit-Remaining",
     "X-RateLimit-Reset",
+    "X-Quota-Limit",
+    "X-Quota-Remaining",
+    "X-Quota-Reset",
     "Retry-After",
     # Whether to send a failed request again: the OpenAI and Anthropic SDKs obey it, and
     # without it in a browser fall back to retrying every 5xx.

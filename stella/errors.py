@@ -194,6 +194,14 @@ class RateLimited(StellaError):
     status, code, retryable = 429, "rate_limited", True
 
 
+class QuotaExceeded(RateLimited):
+    """A daily quota is used up: nothing passes before the next UTC midnight, which
+    Retry-After counts down to. Not retryable: a client that retried would only be
+    refused again (and told so by `retryable` and x-should-retry)."""
+
+    code, retryable = "quota_exceeded", False
+
+
 class UpstreamError(StellaError):
     """The backend failed (and every fallback too)."""
 

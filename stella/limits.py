@@ -1,11 +1,17 @@
-"""Rate limits and concurrency: token buckets per key and per model, slots per key and
-per backend (`limits.backends`).
+"""Rate limits, daily quotas and concurrency: token buckets per key and per model, slots
+per key and per backend (`limits.backends`).
 
 Buckets live in a `BucketStore`: this process's memory, or Redis (one atomic
 Lua script per check, see stella.state_redis) so limits hold across workers
 and replicas. Requests are counted at admission (and given back when a call waits
 for a concurrency slot in vain); tokens are reserved from `max_tokens` and an
 estimate of the prompt at admission, and settled with the real usage at the end.
+
+A daily quota (`requests_per_day`, `tokens_per_day`) is a bucket that never refills
+(its rate per second is 0), one per UTC day: its key ends with the day's date, so
+the next day starts a full bucket, and it goes through the same checks, in the same
+admission (one Lua call with Redis), as the per-minute buckets. Days are told by
+the state store's clock (Redis's, with Redis), as the usage counters' are.
 """
 
 from __future__ import annotations
@@ -17,11 +23,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from stella.calls import Admission, Call, Permit, Principal, prompt_estimate
-from stella.errors import Overloaded, RateLimited
+from stella.errors import Overloaded, QuotaExceeded, RateLimited
 from stella.protocol import ChatRequest, Usage
 from stella.routing import Route
 from stella.settings import ModelLimits, Settings
 from stella.state import StateStore
+
+# A UTC day, in seconds; the days of daily buckets a process keeps in memory (today's,
+# and yesterday's, which calls admitted before midnight still settle into).
+DAY_S = 86_400
+DAYS_KEPT = 2
+# The key prefixes of daily buckets, whose keys end with ":YYYY-MM-DD".
+DAILY = ("rpd:", "tpd:")
 
 
 @dataclass(slots=True)
@@ -43,6 +56,10 @@ class BucketStore(Protocol):
 
     def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
         """Return `amount` (negative: charge more) to a bucket, never above capacity."""
+        ...
+
+    def forget_days(self, kept: tuple[str, ...]) -> None:
+        """Drop the daily buckets this process holds of days other than `kept`."""
         ...
 
 
@@ -88,11 +105,12 @@ class MemoryBuckets:
         for level, (key, cap, per_s, cost) in zip(levels, checks, strict=True):
             if ok:
                 left = level - cost
-                out.append(Take(True, left, 0.0, (cap - left) / per_s))
+                out.append(Take(True, left, 0.0, refill_s(cap - left, per_s)))
             else:
                 left = level
                 short = cost - level
-                out.append(Take(short <= 0, left, max(short, 0.0) / per_s, (cap - left) / per_s))
+                wait = refill_s(short, per_s) if short > 0 else 0.0
+                out.append(Take(short <= 0, left, wait, refill_s(cap - left, per_s)))
             store[key] = (left, now)
         return out
 
@@ -101,6 +119,18 @@ class MemoryBuckets:
         now = time.monotonic()
         level = self._level(key, capacity, per_s, now)
         self._levels[key] = (min(capacity, level + amount), now)
+
+    def forget_days(self, kept: tuple[str, ...]) -> None:
+        """Drop daily buckets of days other than `kept` (each key ends with its day)."""
+        levels = self._levels
+        for key in [k for k in levels if k.startswith(DAILY) and not k.endswith(kept)]:
+            del levels[key]
+
+
+def refill_s(tokens: float, per_s: float) -> float:
+    """Seconds a bucket takes to refill `tokens`; 0 for a daily bucket, which never
+    refills (the limiter counts its wait to midnight)."""
+    return tokens / per_s if per_s else 0.0
 
 
 class MemorySlots:
@@ -147,7 +177,7 @@ class LimitPermit(Permit):
             if model_usage is not None:
                 made = model_usage.prompt_tokens + model_usage.completion_tokens
             for key, cap, per_s, reserved in self._reserved:
-                spent = made if key.startswith("tpm:model:") else used
+                spent = made if key.startswith(("tpm:model:", "tpd:model:")) else used
                 self._limiter.buckets.give(key, cap, per_s, reserved - spent)
             self._reserved = ()
 
@@ -183,6 +213,26 @@ class Limiter(Admission):
         self.slots: SlotStore = make() if callable(make) else MemorySlots()
         self._plans: dict[tuple[str, str, str], _Plan] = {}
         self.rejections = 0
+        self._state = state  # whose clock tells the day
+        # Today, as daily buckets' keys end: (its first second, its end, ":YYYY-MM-DD").
+        self._today: tuple[float, float, str] = (0.0, 0.0, "")
+
+    def _day(self) -> tuple[str, float]:
+        """Today's key suffix (the UTC day on the store's clock) and the seconds left in it;
+        at a new day, the daily buckets of days past go from this process's memory."""
+        now = self._state.wall() if self._state is not None else time.time()
+        starts, ends, suffix = self._today
+        if not starts <= now < ends:
+            starts = now // DAY_S * DAY_S
+            ends = starts + DAY_S
+            suffix = time.strftime(":%Y-%m-%d", time.gmtime(now))
+            kept = tuple(
+                time.strftime(":%Y-%m-%d", time.gmtime(starts - i * DAY_S))
+                for i in range(DAYS_KEPT)
+            )
+            self._today = (starts, ends, suffix)
+            self.buckets.forget_days(kept)
+        return suffix, ends - now
 
     def _plan(self, p: Principal | None, route: Route, backend_slot: bool = True) -> _Plan:
         """The buckets and slots that apply to a key on a route (built once per pair);
@@ -196,19 +246,16 @@ class Limiter(Admission):
         if cached is not None and cached.principal is p:
             return cached
         model = self.limits.models.get(route.name) or ModelLimits()
-        buckets = [
-            (
-                f"rpm:model:{route.name}",
-                model.requests_per_minute,
-                False,
-                f"model {route.name}",
-            ),
-            (
-                f"tpm:model:{route.name}",
-                model.tokens_per_minute,
-                True,
-                f"model {route.name}",
-            ),
+        on_model = f"model {route.name}"
+        # Per-minute buckets first, then the daily ones (their keys get the day's date at
+        # each admission); in each, the key's requests, its tokens, the model's, its tokens.
+        minute = [
+            (f"rpm:model:{route.name}", model.requests_per_minute, False, on_model),
+            (f"tpm:model:{route.name}", model.tokens_per_minute, True, on_model),
+        ]
+        day = [
+            (f"rpd:model:{route.name}", model.requests_per_day, False, on_model),
+            (f"tpd:model:{route.name}", model.tokens_per_day, True, on_model),
         ]
         slots: list[tuple[str, int]] = []
         if backend_slot:
@@ -216,14 +263,20 @@ class Limiter(Admission):
                 (f"backend:{route.backend_name}", self.limits.backends.get(route.backend_name, 0))
             )
         if p is not None:
-            buckets[:0] = [
-                (f"rpm:key:{p.name}", p.requests_per_minute, False, f"key {p.name}"),
-                (f"tpm:key:{p.name}", p.tokens_per_minute, True, f"key {p.name}"),
+            by_key = f"key {p.name}"
+            minute[:0] = [
+                (f"rpm:key:{p.name}", p.requests_per_minute, False, by_key),
+                (f"tpm:key:{p.name}", p.tokens_per_minute, True, by_key),
+            ]
+            day[:0] = [
+                (f"rpd:key:{p.name}", p.requests_per_day, False, by_key),
+                (f"tpd:key:{p.name}", p.tokens_per_day, True, by_key),
             ]
             slots.insert(0, (f"key:{p.name}", p.max_concurrent))
         plan = _Plan(
             p,
-            [(k, float(n), n / 60.0, tokens, who) for k, n, tokens, who in buckets if n],
+            [(k, float(n), n / 60.0, tokens, who) for k, n, tokens, who in minute if n]
+            + [(k, float(n), 0.0, tokens, who) for k, n, tokens, who in day if n],
             [(name, size) for name, size in slots if size],
         )
         if len(self._plans) < 10_000:
@@ -242,8 +295,8 @@ class Limiter(Admission):
         if plan.slots or type(buckets) is not MemoryBuckets:
             return None
         permit = LimitPermit(self, [])
-        checks = self._checks(plan, request)
-        self._charge(plan, checks, buckets.take(checks), permit)
+        checks, day_left = self._checks(plan, request)
+        self._charge(plan, checks, buckets.take(checks), permit, day_left=day_left)
         return permit
 
     async def admit(
@@ -279,14 +332,14 @@ class Limiter(Admission):
         permit = LimitPermit(self, [])
         checks: list[tuple[str, float, float, float]] = []
         if plan.buckets:
-            checks = self._checks(plan, request)
+            checks, day_left = self._checks(plan, request)
             buckets = self.buckets
             takes = (
                 buckets.take(checks)
                 if type(buckets) is MemoryBuckets
                 else await buckets.take_all(checks)
             )
-            self._charge(plan, checks, takes, permit, count)
+            self._charge(plan, checks, takes, permit, count, day_left)
         if plan.slots:
             held: list[Any] = []
             permit._slots = held
@@ -317,8 +370,11 @@ class Limiter(Admission):
                 raise
         return permit
 
-    def _checks(self, plan: _Plan, request: ChatRequest) -> list[tuple[str, float, float, float]]:
-        """What each bucket of the plan is asked for: a request, or the token reserve."""
+    def _checks(
+        self, plan: _Plan, request: ChatRequest
+    ) -> tuple[list[tuple[str, float, float, float]], float]:
+        """What each bucket of the plan is asked for: a request, or the token reserve; and
+        the seconds left of the UTC day when a daily quota applies (else 0)."""
         reserve = 1.0
         if plan.token_buckets:
             # The answer's tokens (max_tokens) and the prompt's, estimated at four characters
@@ -328,9 +384,16 @@ class Limiter(Admission):
             reserve = float(max(answer, 1) + prompt_estimate(request))
         # All buckets of one admission in one step: one Redis round trip, and nothing is
         # taken from any bucket unless every bucket has room.
-        return [
+        checks = [
             (k, n, ps, min(reserve, n) if tokens else 1.0) for k, n, ps, tokens, _ in plan.buckets
         ]
+        if not plan.daily:
+            return checks, 0.0
+        suffix, left = self._day()
+        for i in plan.daily:  # today's bucket of each daily quota
+            k, n, ps, cost = checks[i]
+            checks[i] = (k + suffix, n, ps, cost)
+        return checks, left
 
     def _charge(
         self,
@@ -339,45 +402,88 @@ class Limiter(Admission):
         takes: list[Take],
         permit: LimitPermit,
         count: bool = True,
+        day_left: float = 0.0,
     ) -> None:
-        """Headers from the takes; RateLimited when a bucket had no room (counted in
-        `rejections` when `count`: a client's refusal); the reservation."""
+        """Headers from the takes; RateLimited (QuotaExceeded for a daily quota) when a
+        bucket had no room (counted in `rejections` when `count`: a client's refusal);
+        the reservation. `day_left`: the seconds until the daily buckets renew."""
         headers = permit.headers
-        for i, take in enumerate(takes):
+        buckets = plan.buckets
+        for take in takes:
             if not take.allowed:
-                # The headers describe the limit that refused (its room, its reset).
-                _, n, _, tokens, who = plan.buckets[i]
-                if count:
-                    self.rejections += 1
-                refused = {
-                    "x-ratelimit-limit": str(int(n)),
-                    "x-ratelimit-remaining": str(max(int(take.remaining), 0)),
-                    "x-ratelimit-reset": str(math.ceil(take.reset)),
-                }
-                # Retry-After waits for every bucket that was short: after the first's
-                # time alone, a client that obeys it would be refused again by another.
-                wait = max(t.retry_after for t in takes if not t.allowed)
-                raise RateLimited(
-                    f"rate limit of {int(n)} {'tokens' if tokens else 'requests'} per "
-                    f"minute reached for {who}",
-                    retry_after=wait,
-                    headers=refused,
+                break
+        else:
+            # Admitted: the first per-minute bucket (the key's requests, when it has a
+            # limit) sets the X-RateLimit headers, the first daily one the X-Quota ones.
+            first = plan.minute_first
+            if first is not None:
+                take = takes[first]
+                left = take.remaining
+                headers.append((b"x-ratelimit-limit", plan.limit_header))
+                headers.append((b"x-ratelimit-remaining", b"%d" % left if left > 0 else b"0"))
+                headers.append((b"x-ratelimit-reset", b"%d" % math.ceil(take.reset)))
+            if plan.daily:
+                i = plan.daily[0]
+                left = takes[i].remaining
+                headers.append((b"x-quota-limit", b"%d" % buckets[i][1]))
+                headers.append((b"x-quota-remaining", b"%d" % left if left > 0 else b"0"))
+                headers.append((b"x-quota-reset", b"%d" % math.ceil(day_left)))
+            # Token buckets hold a reservation until the real usage is known.
+            if plan.token_buckets:
+                permit._reserved = [checks[i] for i in plan.token_buckets]
+            return
+        if count:
+            self.rejections += 1
+        # The headers describe the limits that refused (their room, their reset): the
+        # first per-minute one's X-RateLimit, the first daily one's X-Quota. Retry-After
+        # waits for every bucket that was short: after the first's time alone, a client
+        # that obeys it would be refused again by another (a daily one: at midnight).
+        refused: dict[str, str] = {}
+        wait = 0.0
+        quota: str | None = None
+        minute: str | None = None
+        for i, take in enumerate(takes):
+            if take.allowed:
+                continue
+            _, n, per_s, tokens, who = buckets[i]
+            what = "tokens" if tokens else "requests"
+            left = max(int(take.remaining), 0)
+            if per_s:
+                wait = max(wait, take.retry_after)
+                if minute is None:
+                    minute = f"rate limit of {int(n)} {what} per minute reached for {who}"
+                    refused["x-ratelimit-limit"] = str(int(n))
+                    refused["x-ratelimit-remaining"] = str(left)
+                    refused["x-ratelimit-reset"] = str(math.ceil(take.reset))
+                continue
+            wait = max(wait, day_left)
+            if quota is None:
+                asked = f"; this call needs {int(checks[i][3])}" if tokens else ""
+                quota = (
+                    f"daily quota of {int(n)} {what} used up for {who} ({left} left{asked}); "
+                    f"it renews at 00:00 UTC, in {math.ceil(day_left)} s"
                 )
-        # Admitted: the first bucket (the key's requests, when it has a limit) sets them.
-        first = takes[0]
-        left = first.remaining
-        headers.append((b"x-ratelimit-limit", plan.limit_header))
-        headers.append((b"x-ratelimit-remaining", b"%d" % left if left > 0 else b"0"))
-        headers.append((b"x-ratelimit-reset", b"%d" % math.ceil(first.reset)))
-        # Token buckets hold a reservation until the real usage is known.
-        if plan.token_buckets:
-            permit._reserved = [checks[i] for i in plan.token_buckets]
+                refused["x-quota-limit"] = str(int(n))
+                refused["x-quota-remaining"] = str(left)
+                refused["x-quota-reset"] = str(math.ceil(day_left))
+        if quota is not None:
+            # Waiting a minute would not help: the quota, not the rate, is what to tell.
+            raise QuotaExceeded(quota, retry_after=wait, headers=refused)
+        raise RateLimited(minute or "rate limit reached", retry_after=wait, headers=refused)
 
 
 class _Plan:
     """What admission checks for one key on one route."""
 
-    __slots__ = ("buckets", "limit_header", "principal", "slots", "token_buckets")
+    __slots__ = (
+        "buckets",
+        "daily",
+        "limit_header",
+        "minute_first",
+        "principal",
+        "slots",
+        "token_buckets",
+    )
 
     def __init__(
         self,
@@ -386,9 +492,14 @@ class _Plan:
         slots: list[tuple[str, int]],
     ) -> None:
         self.principal = principal
-        self.buckets = buckets  # (bucket key, per minute, per second, counts tokens, whose)
+        # (bucket key, its number (per minute, or per day), per second (0: a daily quota,
+        # its key completed by the day), counts tokens, whose)
+        self.buckets = buckets
         self.slots = slots  # (slot name, size)
-        self.limit_header = b"%d" % buckets[0][1] if buckets else b""
+        minute = [i for i, b in enumerate(buckets) if b[2]]
+        self.minute_first = minute[0] if minute else None
+        self.limit_header = b"%d" % buckets[minute[0]][1] if minute else b""
+        self.daily = [i for i, b in enumerate(buckets) if not b[2]]  # indexes
         self.token_buckets = [i for i, b in enumerate(buckets) if b[3]]  # indexes
 
 

@@ -136,6 +136,8 @@ class KeySettings(Section):
     requests_per_minute: Count = 0
     tokens_per_minute: Count = 0
     max_concurrent: Count = 0
+    requests_per_day: Count = 0
+    tokens_per_day: Count = 0
 
 
 # What a `*_env` key (api_key_env, keys_env) holds: a variable's name, as a shell sets it.
@@ -167,6 +169,8 @@ class ModelLimits(Section):
 
     requests_per_minute: Count = 0
     tokens_per_minute: Count = 0
+    requests_per_day: Count = 0
+    tokens_per_day: Count = 0
 
 
 class LimitsSettings(Section):
@@ -175,6 +179,9 @@ class LimitsSettings(Section):
     requests_per_minute: Count = 0
     tokens_per_minute: Count = 0
     max_concurrent: Count = 0
+    # Daily quotas: a fixed window, the UTC day (see stella.limits).
+    requests_per_day: Count = 0
+    tokens_per_day: Count = 0
     queue_timeout_s: Seconds = 10.0
     # Tokens reserved for a request that gives no max_tokens.
     reserve_tokens: Annotated[int, Meta(ge=1)] = 256

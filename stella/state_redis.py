@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from stella.errors import Conflict, ModelNotFound, Unavailable
-from stella.limits import MemoryBuckets, MemorySlots, Take
+from stella.limits import MemoryBuckets, MemorySlots, Take, refill_s
 from stella.settings import StateSettings
 from stella.state import RoutingVersion, Unreadable, is_default, removed_meanwhile, taken
 
@@ -47,10 +47,25 @@ REDIS_MAX_CONNECTIONS = 256
 # Redis is taken to be down: a stalled Redis costs a call this long.
 REDIS_TIMEOUT_S = 1.0
 
+# A bucket's time to live: until it would be full again (a bucket in debt keeps its
+# debt), at most 30 days; a daily quota's (rate 0: it never refills, its key names its
+# day) two days after it was last written, so a day's count goes a day or two after
+# the day.
+BUCKET_TTL = """
+local function ttl(capacity, rate, level)
+  if rate <= 0 then
+    return 172800
+  end
+  return math.min(math.ceil((capacity - level) / rate) + 5, 2592000)
+end
+"""
+
 # Per key ARGV: capacity, rate, cost, want (the cost and a lease), and a settlement not
 # yet sent (refunds and charges of calls that ended), applied before the check. A key
 # lives until its bucket would be full again: a bucket in debt keeps its debt.
-TAKE_ALL = """
+TAKE_ALL = (
+    BUCKET_TTL
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local n = #KEYS
@@ -83,13 +98,14 @@ for i = 1, n do
     level = level - granted
   end
   redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', tostring(now))
-  redis.call('EXPIRE', KEYS[i], math.min(math.ceil((capacity - level) / rate) + 5, 2592000))
+  redis.call('EXPIRE', KEYS[i], ttl(capacity, rate, level))
   out[3 * i - 2] = tostring(levels[i])
   out[3 * i - 1] = tostring(granted)
   out[3 * i] = tostring(level)
 end
 return out
 """
+)
 
 # Usage counters, applied once per batch: a batch whose reply timed out is sent again
 # as it was, and Redis may well have applied it the first time (HINCRBY is not
@@ -211,7 +227,9 @@ return done
 # client's 1 s socket timeout, so a change whose answer timed out never lands later.
 WRITE_WINDOW_S = 0.5
 
-GIVE = """
+GIVE = (
+    BUCKET_TTL
+    + """
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
 local amount = tonumber(ARGV[3])
@@ -222,9 +240,10 @@ local level = tonumber(data[1]) or capacity
 local at = tonumber(data[2]) or now
 level = math.max(math.min(capacity, level + (now - at) * rate + amount), -1000 * capacity)
 redis.call('HSET', KEYS[1], 'level', tostring(level), 'at', tostring(now))
-redis.call('EXPIRE', KEYS[1], math.min(math.ceil((capacity - level) / rate) + 5, 2592000))
+redis.call('EXPIRE', KEYS[1], ttl(capacity, rate, level))
 return tostring(level)
 """
+)
 
 
 def _version(epoch: bytes | None, count: bytes | None) -> RoutingVersion:
@@ -877,7 +896,9 @@ class RedisBuckets:
                 if lease is not None and lease.expires < now:
                     self._return(name, lease)  # settled with this check
                 top_up = 0.0
-                size = lease_size(cap, cost, self._demand.get(name, 0))
+                # A daily quota (per_s 0) never leases: a day's last tokens held by one
+                # replica would refuse another's call until midnight, not for a second.
+                size = lease_size(cap, cost, self._demand.get(name, 0)) if per_s else 0.0
                 if size and name not in self._asking and st.down_since is None:
                     top_up = max(size - (lease.tokens if lease is not None else 0.0), 0.0)
                     if top_up:
@@ -925,8 +946,8 @@ class RedisBuckets:
                 out[i] = Take(
                     before >= cost if not ok else True,
                     left,
-                    0.0 if before >= cost else (cost - before) / per_s,
-                    (cap - left) / per_s,
+                    0.0 if before >= cost else refill_s(cost - before, per_s),
+                    refill_s(cap - left, per_s),
                 )
             if not ok:
                 self._refund(leases, checks)
@@ -934,7 +955,7 @@ class RedisBuckets:
             if lease is not None:
                 _, cap, per_s, _ = checks[i]
                 left = lease.level + lease.tokens
-                out[i] = Take(True, left, 0.0, (cap - left) / per_s)
+                out[i] = Take(True, left, 0.0, refill_s(cap - left, per_s))
         return out, short
 
     def _credit(
@@ -956,6 +977,10 @@ class RedisBuckets:
         for lease, (_, _, _, cost) in zip(leases, checks, strict=True):
             if lease is not None:
                 lease.tokens += cost
+
+    def forget_days(self, kept: tuple[str, ...]) -> None:
+        """Drop the stand-in's daily buckets of other days (Redis expires its own)."""
+        self.state.local.forget_days(kept)
 
     def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
         """Settle after the fact, in the background."""

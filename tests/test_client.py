@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from stella import client as sc
@@ -857,9 +858,16 @@ def test_keys_new_prints_valid_toml(tmp_path: Any) -> None:
     odd = ["m\x7f", "t\tab", "\x01x"]
     assert tomllib.loads(keys("k2", "--models", *odd).stdout)["auth"]["keys"]["k2"]["models"] == odd
     assert table["max_concurrent"] == 2
+    # Daily quotas, as the config spells them, and loaded by it as given.
+    out = keys("k4", "--rpd", "500", "--tpd", "200000")
+    table = tomllib.loads(out.stdout)["auth"]["keys"]["k4"]
+    assert (table["requests_per_day"], table["tokens_per_day"]) == (500, 200_000)
+    from stella.settings import KeySettings
+
+    assert msgspec.convert(table, KeySettings).tokens_per_day == 200_000
     # Any name the config takes is printed as a TOML key that reads back as it.
     assert "café" in tomllib.loads(keys("café").stdout)["auth"]["keys"]
-    for bad in (["a|b"], ["k2", "--rpm", "-5"], ["k3", "--models"]):
+    for bad in (["a|b"], ["k2", "--rpm", "-5"], ["k3", "--models"], ["k5", "--tpd", "x"]):
         out = keys(*bad)
         assert out.returncode == 2 and not out.stdout, bad
 

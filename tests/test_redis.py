@@ -1657,3 +1657,140 @@ def redis_store(redis: Redis) -> Any:
     import redis as redis_py
 
     return redis_py.Redis.from_url(redis.url)
+
+
+# --- daily quotas, shared by replicas ---------------------------------------------
+
+
+def test_two_replicas_share_a_daily_quota_exactly(redis: Redis) -> None:
+    cfg = config(redis, limits={"requests_per_day": 7, "requests_per_minute": 6000})
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        codes = asyncio.run(_burst([a.url, b.url], 40))
+        assert codes.count(200) == 7 and codes.count(429) == 33
+        r = httpx.post(b.url + "/v1/chat/completions", json=BODY, headers=AUTH)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+        assert r.headers["x-quota-remaining"] == "0" and r.headers["x-should-retry"] == "false"
+        wait = int(r.headers["retry-after"])
+        sec, _ = asyncio.run(_redis_time(redis))
+        assert abs(wait - (86_400 - sec % 86_400)) <= 3
+        # Each day's count is one Redis key, gone a day or two after its day.
+        day = time.strftime("%Y-%m-%d", time.gmtime(sec))
+        ttl = asyncio.run(_ttl(redis, f"stella:rl:rpd:key:ops:{day}"))
+        assert 172_000 < ttl <= 172_800
+
+
+async def test_a_daily_quota_never_leases(redis: Redis) -> None:
+    # A per-minute bucket this size leases 32 requests with a call; a day's must not: the
+    # last of a day's requests held by one replica would refuse another's call until
+    # midnight, not for a second.
+    st = redis_state(redis, "noleases")
+    buckets = st.buckets()
+    try:
+        day = [("rpd:key:k:2030-01-01", 3200.0, 0.0, 1.0)]
+        minute = [("rpm:key:k", 3200.0, 3200 / 60, 1.0)]
+        for _ in range(2):
+            takes = await buckets.take_all(day + minute)
+            assert all(t.allowed for t in takes)
+        left = float(await st.redis.hget("noleases:rl:rpd:key:k:2030-01-01", "level"))
+        assert left == 3198.0  # two calls, nothing more
+        leased = float(await st.redis.hget("noleases:rl:rpm:key:k", "level"))
+        assert leased < 3198.0  # the per-minute bucket's lease, as before
+    finally:
+        await st.aclose()
+
+
+async def _redis_time(redis: Redis) -> tuple[int, int]:
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(redis.url)
+    try:
+        return await r.time()
+    finally:
+        await r.aclose()
+
+
+async def _ttl(redis: Redis, key: str) -> int:
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(redis.url)
+    try:
+        return int(await r.ttl(key))
+    finally:
+        await r.aclose()
+
+
+def test_a_day_s_tokens_are_reserved_and_settled_across_replicas(redis: Redis) -> None:
+    cfg = config(redis, limits={"tokens_per_day": 1000})
+    ask = {**BODY, "options": {"max_tokens": 600}}  # "hi there": 8 characters, 2 tokens
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        r = httpx.post(a.url + "/api/v1/chat", json=ask, headers=AUTH)
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == str(1000 - 602)
+        used = r.json()["usage"]["total_tokens"]
+        # Settled with the real usage on Redis (within 0.1 s, or with the replica's next
+        # check), seen by the other replica.
+        time.sleep(1.0)
+        r = httpx.post(b.url + "/api/v1/chat", json=ask, headers=AUTH)
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == str(1000 - used - 602)
+        used += r.json()["usage"]["total_tokens"]
+        big = {**BODY, "options": {"max_tokens": 1000 - used}}  # one token more than is left
+        time.sleep(1.0)
+        r = httpx.post(a.url + "/api/v1/chat", json=big, headers=AUTH)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+        assert f"({1000 - used} left; this call needs {1000 - used + 2})" in r.text
+
+
+async def test_the_quota_turns_at_midnight_on_every_replica(redis: Redis) -> None:
+    from tests.test_quota import MIDNIGHT, app_at, chat
+
+    clock = [MIDNIGHT - 20.0]
+    cfg = {
+        "auth": {"keys_env": "NONE", "keys": {"ops": {"sha256": _sha(KEY)}}},
+        "limits": {"requests_per_day": 2},
+        "state": {"redis_url": redis.url, "prefix": "midnight"},
+    }
+    async with app_at(cfg, clock) as (a, _, _), app_at(cfg, clock) as (b, _, _):
+        a.headers.update(AUTH)
+        b.headers.update(AUTH)
+        assert (await a.post("/api/v1/chat", json=chat())).status_code == 200
+        assert (await b.post("/api/v1/chat", json=chat())).status_code == 200
+        r = await a.post("/api/v1/chat", json=chat())
+        assert r.status_code == 429 and r.headers["retry-after"] == "20"
+        clock[0] = MIDNIGHT + 1
+        r = await b.post("/api/v1/chat", json=chat())
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "1"
+        r = await a.post("/api/v1/chat", json=chat())
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0"
+        r = await b.post("/api/v1/chat", json=chat())
+        assert r.status_code == 429 and r.headers["retry-after"] == str(86_400 - 1)
+
+
+def _sha(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def test_a_redis_outage_counts_the_day_per_process_as_the_rate_limits_do(redis: Redis) -> None:
+    cfg = config(redis, limits={"requests_per_day": 2})
+    with run_stella(cfg, ENV) as s:
+        for _ in range(2):
+            assert httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200
+        assert httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 429
+        redis.stop()
+        # Redis away: the process counts the day on its own, from nothing, as its
+        # per-minute buckets do; the quota still holds within it.
+        codes = [
+            httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code
+            for _ in range(3)
+        ]
+        assert codes == [200, 200, 429]
+        s.wait_event(lambda e: True, name="redis_unavailable")
+        redis.start()
+        deadline = time.monotonic() + 10
+        while not s.events("redis_recovered") and time.monotonic() < deadline:
+            httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
+            time.sleep(0.2)
+        assert s.events("redis_recovered")
+        # Back on Redis, whose count of the day (kept on disk) is used up.
+        r = httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"

@@ -176,6 +176,16 @@ def test_env_numbers_take_the_keys_type() -> None:
         ({"STELLA_SERVER__HOST": ""}, "server.host: empty"),
         ({"STELLA_SERVER__HOST": '"[]"'}, "server.host: empty"),
         ({"STELLA_LIMITS__REQUESTS_PER_MINUTE": "-5"}, "limits.requests_per_minute"),
+        ({"STELLA_LIMITS__TOKENS_PER_DAY": "-1"}, "limits.tokens_per_day"),
+        ({"STELLA_LIMITS__REQUESTS_PER_DAY": "many"}, "limits.requests_per_day"),
+        (
+            {"STELLA_LIMITS__MODELS__ECHO__TOKENS_PER_DAY": "1.5"},
+            "limits.models.echo.tokens_per_day",
+        ),
+        (
+            {"STELLA_AUTH__KEYS__ALICE": f'{{sha256 = "{"a" * 64}", requests_per_day = -2}}'},
+            "auth.keys.alice.requests_per_day",
+        ),
         (
             {"STELLA_MODELS__ROUTES__ECHO__TTFT_TIMEOUT_S": "-1"},
             "models.routes.echo.ttft_timeout_s",

@@ -75,7 +75,13 @@ _TYPES = {
     415: "invalid_request_error",
     429: "rate_limit_error",
 }
-_CODES = {"unauthorized": "invalid_api_key", "rate_limited": "rate_limit_exceeded"}
+# OpenAI's own words where it has them: its used-up quota is a 429 `insufficient_quota`
+# (type and code alike), which clients tell from a rate limit's `rate_limit_exceeded`.
+_CODES = {
+    "unauthorized": "invalid_api_key",
+    "rate_limited": "rate_limit_exceeded",
+    "quota_exceeded": "insufficient_quota",
+}
 
 
 class OpenAIDialect(Dialect):
@@ -88,9 +94,9 @@ class OpenAIDialect(Dialect):
         return {
             "error": {
                 "message": exc.message,
-                "type": _TYPES.get(
-                    exc.status, "server_error" if exc.status >= 500 else "api_error"
-                ),
+                "type": "insufficient_quota"
+                if exc.code == "quota_exceeded"
+                else _TYPES.get(exc.status, "server_error" if exc.status >= 500 else "api_error"),
                 "param": exc.param or None,
                 "code": _CODES.get(exc.code, exc.code),
             }

@@ -216,6 +216,14 @@ HEADERS = {
     ),
     "X-RateLimit-Remaining": _header("What is left in that bucket", "integer"),
     "X-RateLimit-Reset": _header("Seconds until that bucket is full again", "integer"),
+    "X-Quota-Limit": _header(
+        "The per-day number of one daily quota (a fixed UTC day): the first that applies of"
+        " the key's requests, its tokens, the model's requests, its tokens (on a 429"
+        " quota_exceeded, the first used up)",
+        "integer",
+    ),
+    "X-Quota-Remaining": _header("What is left of that quota today", "integer"),
+    "X-Quota-Reset": _header("Seconds until the next UTC midnight, when it renews", "integer"),
     "WWW-Authenticate": _header("On a 401: Bearer, the scheme a key is sent with"),
     "Cache-Control": _header(
         "On a GET's answer: no-store (it depends on the caller's key, or on the moment)"
@@ -238,6 +246,7 @@ def _headers(status: int, op: Operation, error: bool = False) -> dict[str, Any]:
     # An inference (an operation that can be rate limited) tells a limited key its limits.
     if 429 in op.errors and (status < 400 or status == 429):
         names += ["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]
+        names += ["X-Quota-Limit", "X-Quota-Remaining", "X-Quota-Reset"]
     return {name: {"$ref": f"#/components/headers/{name}"} for name in names}
 
 

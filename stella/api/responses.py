@@ -81,6 +81,7 @@ ERROR_PREFIXES = {"/v1/responses": RESPONSES}
 # is invalid_prompt; stella's own code still leads the message.
 _FAILED_CODES = {
     "rate_limited": "rate_limit_exceeded",
+    "quota_exceeded": "rate_limit_exceeded",
     "upstream_rate_limited": "rate_limit_exceeded",
     "context_length_exceeded": "invalid_prompt",
     "invalid_request": "invalid_prompt",

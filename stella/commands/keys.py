@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     new.add_argument(
         "--concurrent", type=_count, default=0, help="requests at once (0: the default)"
     )
+    new.add_argument("--rpd", type=_count, default=0, help="requests per UTC day (0: the default)")
+    new.add_argument("--tpd", type=_count, default=0, help="tokens per UTC day (0: the default)")
     sub.add_parser("hash", help="print the SHA-256 of a key read from stdin")
 
 
@@ -82,5 +84,9 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"tokens_per_minute = {args.tpm}")
     if args.concurrent:
         lines.append(f"max_concurrent = {args.concurrent}")
+    if args.rpd:
+        lines.append(f"requests_per_day = {args.rpd}")
+    if args.tpd:
+        lines.append(f"tokens_per_day = {args.tpd}")
     print("\n".join(lines))
     return 0

@@ -1,0 +1,329 @@
+"""Daily quotas (requests_per_day, tokens_per_day) in one process (memory buckets); the
+Redis ones, shared by replicas, are in test_redis.py."""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.live import NO_MLX, merge, run_stella
+from tests.test_limits import BURST, KEY, burst_config, read_burst, sha
+
+H = {"Authorization": f"Bearer {KEY}"}
+# A day's last seconds, as the store's clock tells them (see `app_at`).
+MIDNIGHT = float(calendar.timegm((2030, 1, 2, 0, 0, 0)))
+
+
+def chat(text: str = "hi", model: str = "echo", **options: object) -> dict:
+    return {
+        "model": model,
+        "stream": False,
+        "messages": [{"role": "user", "content": text}],
+        "options": options,
+    }
+
+
+def keyed(**limits: object) -> dict:
+    return {"auth": {"keys": {"q": {"sha256": sha(KEY), **limits}}}}
+
+
+def to_midnight() -> float:
+    """Seconds from now to the next UTC midnight, on this machine's clock."""
+    return 86_400 - time.time() % 86_400
+
+
+def assert_midnight(r: httpx.Response) -> None:
+    """`r` is told to come back at the next UTC midnight, and not before."""
+    wait = int(r.headers["retry-after"])
+    assert abs(wait - to_midnight()) <= 3, (wait, to_midnight())
+    assert r.headers["x-quota-reset"] == r.headers["retry-after"]
+    assert r.headers["x-should-retry"] == "false"
+
+
+def test_a_used_up_daily_quota_is_a_429_of_its_own_in_every_dialect() -> None:
+    with run_stella(keyed(requests_per_day=2)) as server:
+        left = []
+        for _ in range(2):
+            r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat())
+            assert r.status_code == 200, r.text
+            assert r.headers["x-quota-limit"] == "2"
+            left.append(r.headers["x-quota-remaining"])
+            # No per-minute limit: no X-RateLimit headers, whose meaning stays per minute.
+            assert "x-ratelimit-limit" not in r.headers
+        assert left == ["1", "0"]
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat())
+        assert r.status_code == 429
+        err = r.json()["error"]
+        assert err["code"] == "quota_exceeded" and err["retryable"] is False
+        assert err["message"].startswith("daily quota of 2 requests used up for key q")
+        assert r.headers["x-quota-limit"] == "2" and r.headers["x-quota-remaining"] == "0"
+        assert_midnight(r)
+        r = httpx.post(
+            server.url + "/v1/chat/completions",
+            headers=H,
+            json={"model": "echo", "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert r.status_code == 429
+        err = r.json()["error"]
+        # OpenAI's own words for a used-up quota, not its rate limit's.
+        assert (err["type"], err["code"]) == ("insufficient_quota", "insufficient_quota")
+        assert err["message"].startswith("daily quota of 2 requests")
+        assert_midnight(r)
+        r = httpx.post(
+            server.url + "/v1/messages",
+            headers={**H, "anthropic-version": "2023-06-01"},
+            json={
+                "model": "echo",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
+        assert r.status_code == 429
+        body = r.json()
+        assert body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
+        assert body["error"]["message"].startswith("daily quota of 2 requests")
+        assert_midnight(r)
+        r = httpx.post(server.url + "/api/chat", headers=H, json=chat())
+        assert r.status_code == 429 and r.json()["error"].startswith("daily quota of 2 requests")
+        metrics = httpx.get(server.url + "/metrics", headers=H).text
+        assert 'code="quota_exceeded"' in metrics
+
+
+def test_tokens_per_day_reserve_then_settle() -> None:
+    with run_stella(keyed(tokens_per_day=1000, tokens_per_minute=100_000)) as server:
+        # Reserved: max_tokens and the prompt ("one two three": 13 characters, 3 tokens).
+        r = httpx.post(
+            server.url + "/api/v1/chat", headers=H, json=chat("one two three", max_tokens=300)
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["x-quota-remaining"] == str(1000 - 303)
+        used = r.json()["usage"]["total_tokens"]
+        # Settled with the real usage: the next call finds only that spent.
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=900))
+        assert r.status_code == 200, r.text
+        assert r.headers["x-quota-remaining"] == str(1000 - used - 900)
+        # X-RateLimit still tells the per-minute bucket, as before.
+        assert r.headers["x-ratelimit-limit"] == "100000"
+        spent = used + r.json()["usage"]["total_tokens"]
+        # A reservation over what is left is refused, naming what is left and asked.
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=999))
+        assert r.status_code == 429
+        message = r.json()["error"]["message"]
+        assert f"daily quota of 1000 tokens used up for key q ({1000 - spent} left" in message
+        assert "this call needs 999" in message
+        assert r.headers["x-quota-remaining"] == str(1000 - spent)
+        assert_midnight(r)
+        # Refused, it took nothing: a call that fits passes.
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=10))
+        assert r.status_code == 200
+        assert r.headers["x-quota-remaining"] == str(1000 - spent - 10)
+
+
+def test_a_call_refused_by_a_per_minute_limit_counts_nothing_for_the_day() -> None:
+    with run_stella(keyed(requests_per_day=10, tokens_per_minute=100)) as server:
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(max_tokens=10))
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "9"
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(max_tokens=500))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        assert "x-quota-limit" not in r.headers  # the day's quota did not refuse it
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(max_tokens=10))
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "8"
+
+
+@pytest.mark.parametrize("quota", ["requests_per_day", "tokens_per_day"])
+async def test_a_call_refused_for_want_of_a_slot_gives_its_day_back(quota: str) -> None:
+    config = {
+        **keyed(**{quota: 1000}, max_concurrent=1),
+        "limits": {"queue_timeout_s": 0.2},
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.6}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+    }
+    with run_stella(config) as server:
+        async with httpx.AsyncClient(timeout=10, headers=H) as c:
+            url = server.url + "/api/v1/chat"
+            first = asyncio.create_task(c.post(url, json=chat("a b", "slow", max_tokens=5)))
+            await asyncio.sleep(0.2)
+            r = await c.post(url, json=chat("a b", "slow", max_tokens=50))
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+            a = await first
+            assert a.status_code == 200
+            r = await c.post(url, json=chat("hi", max_tokens=10))
+            assert r.status_code == 200
+            if quota == "requests_per_day":
+                assert r.headers["x-quota-remaining"] == str(1000 - 2)
+            else:
+                spent = a.json()["usage"]["total_tokens"]
+                assert r.headers["x-quota-remaining"] == str(1000 - spent - 10)
+
+
+async def test_a_client_that_leaves_is_charged_for_the_day_what_was_made() -> None:
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    fake = FakeOpenAI()
+    with serve(fake.app) as up:
+        config = burst_config(up)
+        config["auth"]["keys"]["alice"] = {"sha256": sha(KEY), "tokens_per_day": 1700}
+        with run_stella(config) as server:
+            rid = await read_burst(server.url, leave=True)
+            ev = await asyncio.to_thread(server.wait_event, lambda e: e["request_id"] == rid)
+            assert ev["finish_reason"] == "client_closed"
+            # The prompt's 800 and the 40 tokens read, not the 900 reserved.
+            r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=10))
+            assert r.status_code == 200, r.text
+            assert r.headers["x-quota-remaining"] == str(1700 - 840 - 10)
+            # Another burst's 900 no longer fits what is left (some 850).
+            r = httpx.post(server.url + "/v1/chat/completions", json=BURST, headers=H)
+            assert r.status_code == 429 and "daily quota of 1700 tokens" in r.text
+
+
+def test_embeddings_count_against_the_day_s_tokens() -> None:
+    with run_stella(keyed(tokens_per_day=100)) as server:
+        words = " ".join(["word"] * 30)
+        r = httpx.post(
+            server.url + "/api/v1/embed", headers=H, json={"model": "echo", "input": [words]}
+        )
+        assert r.status_code == 200, r.text
+        read = r.json()["usage"]["prompt_tokens"]
+        assert read > 0
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=10))
+        assert r.headers["x-quota-remaining"] == str(100 - read - 10)
+        r = httpx.post(
+            server.url + "/api/v1/embed", headers=H, json={"model": "echo", "input": [words] * 5}
+        )
+        assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+
+
+def test_a_model_s_daily_quota_holds_for_every_key() -> None:
+    other = "sk-quota-other-0002"
+    config = {
+        "auth": {"keys": {"q": {"sha256": sha(KEY)}, "o": {"sha256": sha(other)}}},
+        "limits": {"models": {"echo": {"requests_per_day": 3}}},
+    }
+    with run_stella(config) as server:
+        codes = [
+            httpx.post(
+                server.url + "/api/v1/chat",
+                headers={"Authorization": f"Bearer {k}"},
+                json=chat(),
+            )
+            for k in (KEY, other, KEY, other)
+        ]
+        assert [r.status_code for r in codes] == [200, 200, 200, 429]
+        assert (
+            codes[-1]
+            .json()["error"]["message"]
+            .startswith("daily quota of 3 requests used up for model echo")
+        )
+
+
+def test_limits_defaults_give_every_key_its_daily_quota() -> None:
+    config = {**keyed(), "limits": {"requests_per_day": 1}}
+    with run_stella(config) as server:
+        assert httpx.post(server.url + "/api/v1/chat", headers=H, json=chat()).status_code == 200
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat())
+        assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+
+
+# --- the day's turn: the store's clock, set by the test ----------------------------
+
+
+@asynccontextmanager
+async def app_at(
+    config: dict[str, Any], clock: list[float]
+) -> AsyncIterator[tuple[httpx.AsyncClient, Any, httpx.ASGITransport]]:
+    """The app in this process, its state store's clock reading `clock[0]` (the clock
+    that names usage days and quota days): a client for it, its services, and the
+    transport that reaches it."""
+    from stella.app import create_app
+    from stella.settings import load_settings
+
+    application = create_app(load_settings(merge(NO_MLX, config), environ={}))
+    svc = application.services  # type: ignore[attr-defined]
+    svc.state.wall = lambda: clock[0]
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1", headers=H
+        ) as c:
+            yield c, svc, transport
+
+
+async def test_the_quota_renews_at_utc_midnight() -> None:
+    clock = [MIDNIGHT - 30.0]
+    async with app_at(keyed(requests_per_day=1, tokens_per_day=500), clock) as (c, svc, _):
+        r = await c.post("/api/v1/chat", json=chat(max_tokens=5))
+        assert r.status_code == 200 and r.headers["x-quota-reset"] == "30"
+        r = await c.post("/api/v1/chat", json=chat(max_tokens=5))
+        assert r.status_code == 429
+        assert r.headers["retry-after"] == "30" and r.headers["x-quota-reset"] == "30"
+        assert "in 30 s" in r.json()["error"]["message"]
+        clock[0] = MIDNIGHT - 0.5
+        r = await c.post("/api/v1/chat", json=chat(max_tokens=5))
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        clock[0] = MIDNIGHT
+        r = await c.post("/api/v1/chat", json=chat(max_tokens=5))
+        assert r.status_code == 200, r.text
+        assert r.headers["x-quota-remaining"] == "0"  # the new day's one request
+        assert r.headers["x-quota-reset"] == "86400"
+        # The days before yesterday are gone from memory: a process does not grow daily.
+        clock[0] = MIDNIGHT + 2 * 86_400
+        assert (await c.post("/api/v1/chat", json=chat(max_tokens=5))).status_code == 200
+        levels = svc.pipeline.admission.buckets._levels
+        days = {k.rsplit(":", 1)[1] for k in levels if k.startswith(("rpd:", "tpd:"))}
+        assert days == {"2030-01-04"}
+
+
+async def test_a_call_that_ends_after_midnight_settles_into_the_day_it_was_admitted() -> None:
+    clock = [MIDNIGHT - 10.0]
+    config = {
+        **keyed(tokens_per_day=1000),
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.3}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+    }
+    async with app_at(config, clock) as (c, svc, _):
+        # Reserves 800 and its prompt of the old day, and ends in the new one.
+        slow = asyncio.create_task(c.post("/api/v1/chat", json=chat("a b", "slow", max_tokens=800)))
+        await asyncio.sleep(0.1)
+        clock[0] = MIDNIGHT + 1
+        r = await slow
+        assert r.status_code == 200
+        used = r.json()["usage"]["total_tokens"]
+        r = await c.post("/api/v1/chat", json=chat("hi", max_tokens=10))
+        # The new day's bucket is whole but for this call's reserve.
+        assert r.headers["x-quota-remaining"] == str(1000 - 10)
+        # The old call's refund went to the day its reserve was taken from: that day is
+        # charged its real usage, not the reserve.
+        levels = svc.pipeline.admission.buckets._levels
+        assert levels["tpd:key:q:2030-01-01"][0] == 1000 - used
+
+
+async def test_the_python_client_does_not_retry_a_used_up_quota() -> None:
+    from stella.client import AsyncClient, QuotaExceededError, RateLimitError
+
+    clock = [MIDNIGHT - 5.0]
+    async with app_at(keyed(requests_per_day=1), clock) as (_, _, transport):
+        retries: list[float] = []
+
+        def on_retry(exc: Exception, wait: float) -> None:
+            retries.append(wait)
+
+        async with AsyncClient(
+            "http://127.0.0.1", KEY, max_retries=3, on_retry=on_retry, transport=transport
+        ) as client:
+            await client.chat([{"role": "user", "content": "hi"}], model="echo")
+            started = time.monotonic()
+            with pytest.raises(QuotaExceededError) as info:
+                await client.chat([{"role": "user", "content": "hi"}], model="echo")
+        # A Retry-After of 5 s (under the client's 60 s cap) is still not waited for.
+        assert retries == [] and time.monotonic() - started < 2
+        err = info.value
+        assert isinstance(err, RateLimitError)  # a rate-limit handler still catches it
+        assert err.code == "quota_exceeded" and err.retry_after == 5 and not err.retryable
