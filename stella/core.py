@@ -27,6 +27,7 @@ from stella.errors import (
     DEFAULT_RETRY_AFTER_S,
     ClientGone,
     ClientTooSlow,
+    ContextTooLong,
     InvalidRequest,
     NotSupported,
     Overloaded,
@@ -103,11 +104,44 @@ Listener = Callable[[dict[str, Any]], None]
 # slot, not a wait for one.
 DRAIN_ADMIT_S = 0.5
 
-# The most routes' models (backend, upstream model) a process remembers as reading text
-# only, learned from an upstream that refused a tool result's image; the oldest forgotten.
-MAX_TEXT_ONLY_MODELS = 1024
+# The most routes' models (backend, upstream model) a process remembers of each thing it
+# learns of them from their upstreams' refusals (see LearnedModels); the oldest forgotten.
+MAX_LEARNED_MODELS = 1024
+MAX_TEXT_ONLY_MODELS = MAX_LEARNED_MODELS
 # What Ollama's runner answers (a 500) for images sent to a model without a projector.
 NO_VISION = "missing data required for image input"
+
+
+class LearnedModels:
+    """Routes' models, (backend, upstream model), an upstream's refusal taught this process
+    to ask otherwise (at most MAX_LEARNED_MODELS, the oldest forgotten; a restart forgets
+    them), with one warning `event` each, naming it and `reason`."""
+
+    __slots__ = ("event", "models", "reason")
+
+    def __init__(self, event: str, reason: str) -> None:
+        self.event = event
+        self.reason = reason
+        self.models: dict[tuple[str, str], None] = {}
+
+    def __contains__(self, route: Route) -> bool:
+        return bool(self.models) and (route.backend_name, route.upstream_model) in self.models
+
+    def learn(self, route: Route) -> None:
+        """Remember `route`'s model; a warning the first time."""
+        key = (route.backend_name, route.upstream_model)
+        if key in self.models:
+            return
+        if len(self.models) >= MAX_LEARNED_MODELS:
+            del self.models[next(iter(self.models))]
+        self.models[key] = None
+        _log.warning(
+            self.event,
+            backend=route.backend_name,
+            route=route.name,
+            upstream_model=route.upstream_model,
+            reason=self.reason,
+        )
 
 
 class Pipeline:
@@ -130,32 +164,33 @@ class Pipeline:
         # The server's Drain (streaming.Drain), when there is one: a wait for a slot
         # is one of the calls a shutdown ends.
         self.drain: Drain | None = None
-        # The routes' models, (backend, upstream model), whose upstream refused a tool
-        # result's image and answered with a note in its place: later calls send them
-        # notes at once, rather than a request every turn of a session would see refused.
-        self.text_only: dict[tuple[str, str], None] = {}
+        # The routes' models whose upstream refused a tool result's image and answered
+        # with a note in its place: later calls send them notes at once, rather than a
+        # request every turn of a session would see refused.
+        self.text_only = LearnedModels(
+            "tool_images_as_notes",
+            "its upstream refused a tool result's image and answered with a note in its "
+            "place: from now on its tool results' images are notes (set the backend's "
+            "images = false if its model reads text only)",
+        )
+        # The routes' models whose upstream refused the reasoning stella derived from
+        # another dialect's words (thinking from a reasoning effort, an effort from
+        # Anthropic's thinking) and answered without it: later calls are sent none.
+        self.no_derived_reasoning = LearnedModels(
+            "derived_reasoning_dropped",
+            "its upstream refused the reasoning asked of it in another dialect's words "
+            "(thinking from a reasoning_effort or think, a reasoning effort from a "
+            "Messages client's thinking or effort) and answered without it: from now on "
+            "it is not asked (see the backend's reasoning_effort_as or thinking_as_effort)",
+        )
 
     def reads_text_only(self, route: Route) -> bool:
         """Whether `route`'s model was learned to read text only (see `text_only`)."""
-        return bool(self.text_only) and (route.backend_name, route.upstream_model) in self.text_only
+        return route in self.text_only
 
     def learned_text_only(self, route: Route) -> None:
         """Remember that `route`'s model reads text only; a warning the first time."""
-        key = (route.backend_name, route.upstream_model)
-        if key in self.text_only:
-            return
-        if len(self.text_only) >= MAX_TEXT_ONLY_MODELS:
-            del self.text_only[next(iter(self.text_only))]
-        self.text_only[key] = None
-        _log.warning(
-            "tool_images_as_notes",
-            backend=route.backend_name,
-            route=route.name,
-            upstream_model=route.upstream_model,
-            reason="its upstream refused a tool result's image and answered with a note "
-            "in its place: from now on its tool results' images are notes (set the "
-            "backend's images = false if its model reads text only)",
-        )
+        self.text_only.learn(route)
 
     def _route(self, request: ChatRequest, call: Call) -> Route:
         """The checked request's route, one the caller's key may use."""
@@ -461,6 +496,7 @@ class Inference:
         "logged",
         "permit",
         "pipeline",
+        "plain_reasoning",
         "queue_ms",
         "reasonings",
         "request",
@@ -549,6 +585,9 @@ class Inference:
         # The routes whose upstream refused the tool results' images in this call: sent
         # them as notes since (see _images_refused).
         self.tool_notes: tuple[str, ...] = ()
+        # The routes whose upstream refused the reasoning stella derived for it in this
+        # call: sent none since (see _reasoning_refused).
+        self.plain_reasoning: tuple[str, ...] = ()
         # Whether the call holds its route's backend's slot (when limits.backends sets one).
         self.backend_held = True
         # The waits settled before the current attempt: for admission, for fallbacks'
@@ -567,7 +606,9 @@ class Inference:
             created=round(self.created, 3),
         )
 
-    async def run(self, emit: Emit | None = None, shows_reasoning: bool = True) -> Done | Error:
+    async def run(
+        self, emit: Emit | None = None, shows_reasoning: bool = True, shows_signatures: bool = True
+    ) -> Done | Error:
         """Run the backend chain: deltas and tool calls go to `emit`; returns the terminal event.
 
         The events are pushed, not pulled: a token crosses one await instead
@@ -576,7 +617,8 @@ class Inference:
         `emit` raises SinkClosed when the client can no longer be written to.
         Without `shows_reasoning` (the client's dialect has no place for it), a Delta
         of reasoning alone is not emitted: until something else is, a stream's failure
-        may start the answer over, as a non-stream call's does.
+        may start the answer over, as a non-stream call's does. Nor, then, is one of a
+        signature alone (or a redacted block) without `shows_signatures`.
         """
         router = self.pipeline.router
         # Nothing has reached the client yet, and its dialect shows no reasoning.
@@ -691,6 +733,17 @@ class Inference:
                             self.attempts[-1]["tool_images"] = "notes"
                             if not isinstance(opened, StellaError):
                                 self.pipeline.learned_text_only(route)
+                        if isinstance(opened, StellaError) and self._reasoning_refused(
+                            route, opened
+                        ):
+                            # Refused what stella derived from another dialect's words (a
+                            # model without thinking, or without this kind of it): once
+                            # more without it, as before stella derived it.
+                            self.plain_reasoning = (*self.plain_reasoning, route.name)
+                            opened = await self._first(route, watchdog, total_s)
+                            self.attempts[-1]["reasoning"] = "dropped"
+                            if not isinstance(opened, StellaError):
+                                self.pipeline.no_derived_reasoning.learn(route)
                     except BaseException:
                         # Cut before any verdict (client gone, shutdown): a half-open
                         # circuit's probe must go back, or the circuit stays shut for good.
@@ -765,10 +818,14 @@ class Inference:
                                 unseen
                                 and kind is Delta
                                 and not event.text
-                                and not event.signature
-                                and not event.redacted_thinking
+                                and not (
+                                    shows_signatures
+                                    and (event.signature or event.redacted_thinking)
+                                )
                             ):
-                                pass  # reasoning alone, which this client is not shown
+                                # Reasoning alone, or its signature, which this client is
+                                # not shown.
+                                pass
                             elif emit is not None:  # a Delta or a ToolCall, to the client
                                 unseen = False
                                 watchdog.writing = True
@@ -1083,11 +1140,30 @@ class Inference:
         sent = readable(self.request.messages, backend.reads_images, backend.reads_image_urls)
         return any(m.images for m in sent if m.role == "tool")
 
+    def _reasoning_refused(self, route: Route, err: StellaError) -> bool:
+        """Whether `err` may be `route`'s upstream refusing the reasoning stella derived for
+        it from another dialect's words, for the first time in this call: a 4xx refusing
+        the request (not the key, the model, a limit or the prompt's length)."""
+        if (
+            not isinstance(err, UpstreamStatus)
+            or not 400 <= err.upstream_status < 500
+            or err.upstream_status in (401, 403, 404, 429)
+            or isinstance(err, ContextTooLong)
+            or route.name in self.plain_reasoning
+            or route in self.pipeline.no_derived_reasoning
+        ):
+            return False
+        sent = for_backend(self.request, route, route.name in self.tool_notes)
+        return route.backend.without_derived_reasoning(sent) is not None
+
     def _open(self, route: Route, ctx: CallContext) -> tuple[AsyncIterator[BackendEvent], bool]:
         """The backend's events for one attempt on `route`, and whether the first is the
         whole answer (a non-stream call to a backend that asks for it in one piece)."""
         notes = route.name in self.tool_notes or self.pipeline.reads_text_only(route)
         req = for_backend(self.request, route, notes)
+        if self.plain_reasoning or self.pipeline.no_derived_reasoning.models:
+            if route.name in self.plain_reasoning or route in self.pipeline.no_derived_reasoning:
+                req = route.backend.without_derived_reasoning(req) or req
         agen = route.backend.chat(req, ctx)
         if (
             req.parallel_tool_calls is False

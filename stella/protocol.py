@@ -354,7 +354,18 @@ class Thinking(Strict):
         ]
         | None
     ) = None
-    display: Literal["summarized", "omitted"] | None = None
+    display: (
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                max_length=32,
+                description='"summarized" or "omitted" (the thinking\'s text left out of the '
+                "answer, its signature kept), or another the API takes",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class ChatRequest(Strict):
@@ -372,7 +383,8 @@ class ChatRequest(Strict):
     response_format: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     # Ollama's `think`: whether a thinking model thinks first, or how hard. Passed on by an
-    # Ollama backend alone (None: Ollama's default, which is to think); others ignore it.
+    # Ollama backend as it is (None: Ollama's default, which is to think); an Anthropic one
+    # takes it as a reasoning effort (true as medium); others ignore it.
     think: Think | None = None
     # The end user's opaque id (a uuid, a hash; no name or email): an Anthropic backend
     # sends it as the API's metadata.user_id, which Anthropic uses to tell abuse by one
@@ -439,6 +451,16 @@ def effort_for(request: ChatRequest) -> ReasoningEffort | None:
         return None
     budget = thinking.budget_tokens
     return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+
+
+def effort_from_thinking(request: ChatRequest) -> ReasoningEffort | None:
+    """The reasoning effort Anthropic's words (`effort`, `thinking`) ask a backend other
+    than Anthropic's for, when the request gives no `reasoning_effort` (None: none)."""
+    if request.reasoning_effort is not None or (
+        request.thinking is None and request.effort is None
+    ):
+        return None
+    return effort_for(request)
 
 
 class GenerateRequest(Strict):

@@ -89,6 +89,9 @@ class Codec:
     # start of the answer: a failure after it may still be retried, or fall back, and the
     # status line held for it (`refuse`) may still be an error.
     shows_reasoning = True
+    # Whether a Delta of an upstream's signature alone (or a redacted block) reaches the
+    # client; when not, it starts no answer either (see shows_reasoning).
+    shows_signatures = True
 
     def __init__(self) -> None:
         self._encoder = msgspec.json.Encoder()
@@ -265,7 +268,9 @@ class EventStream:
                 return
             if self._started:
                 await self._send_start(send)
-            terminal = await inference.run(emit, self.codec.shows_reasoning)
+            terminal = await inference.run(
+                emit, self.codec.shows_reasoning, self.codec.shows_signatures
+            )
             if not self._started and type(terminal) is Error and inference.error is not None:
                 # Nothing was sent yet: the failure is the answer's status.
                 self._open = False

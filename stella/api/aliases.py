@@ -160,7 +160,7 @@ class ResponseSseCodec(Codec):
     """`data: {"response": "..."}` per piece of text, `data: {}` at the end."""
 
     media_type = "text/event-stream"
-    shows_reasoning = False  # no field for it
+    shows_reasoning = shows_signatures = False  # no field for them
 
     def start(self, event: Start) -> bytes:
         """A comment, so the first byte goes at once."""

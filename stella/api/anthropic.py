@@ -214,7 +214,8 @@ class AThinking(msgspec.Struct):
     # Taken as any string ("enabled", "adaptive", "between_tools", ...): the API adds kinds.
     type: Annotated[str, Meta(min_length=1, max_length=32)]
     budget_tokens: int | None = None
-    display: Literal["summarized", "omitted"] | None = None
+    # "summarized" or "omitted" today; any string, as `type`: the upstream judges it.
+    display: Annotated[str, Meta(min_length=1, max_length=32)] | None = None
 
 
 def _thinks(thinking: AThinking | None) -> bool:
@@ -897,7 +898,7 @@ class MessagesCodec(Codec):
         # text only when the request did not omit it; its signature (an Anthropic
         # upstream's) whenever thinking is on, as the API gives it.
         self.shows_reasoning = _shows_thinking(thinking)
-        self.seals = _thinks(thinking)
+        self.seals = self.shows_signatures = _thinks(thinking)
         self.block = -1  # index of the open content block
         self.open_kind = ""
         self.text_prefix = b""

@@ -104,6 +104,8 @@ def _now() -> str:
 class OllamaCodec(Codec):
     """Events as Ollama NDJSON lines (`message` for chat, `response` for generate)."""
 
+    shows_signatures = False  # no field for an upstream's signature
+
     def __init__(self, generate: bool, spell: Callable[[str], str] = str) -> None:
         super().__init__()
         self.generate = generate

@@ -201,6 +201,7 @@ class ChunkCodec(Codec):
     """Events as chat.completion.chunk SSE lines (or text_completion chunks)."""
 
     media_type = "text/event-stream"
+    shows_signatures = False  # no field for an upstream's signature
 
     def __init__(
         self, include_usage: bool, text: bool = False, refusal: Callable[[], bool] | None = None

@@ -229,6 +229,7 @@ class ResponsesCodec(Codec):
     # Each run of reasoning is a `reasoning` item of its own, before the text it precedes:
     # shown, it starts the answer, and a failure after it ends the stream (as after text).
     shows_reasoning = True
+    shows_signatures = False  # no field for an upstream's signature
 
     def __init__(
         self,

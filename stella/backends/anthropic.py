@@ -12,6 +12,7 @@ import aiohttp
 import msgspec
 
 from stella.backends.anthropic_request import (
+    derived_effort,
     local_stops,
     request_body,
     schema_of,
@@ -87,10 +88,11 @@ class AnthropicConfig(HttpConfig, kw_only=True):
     # for a base_url that is a proxy or server of the operator's own that would fetch them.
     image_urls: bool = True
     # How a request's reasoning_effort asks the model to think: "budget", thinking of type
-    # enabled with a budget by effort (the models before Claude Opus 4.7 take it), or
+    # enabled with a budget by effort (the models before Claude Opus 4.7 take it),
     # "adaptive", adaptive thinking at that output_config.effort (Claude Opus 4.6, Sonnet
-    # 4.6 and later; Opus 4.7 takes only this).
-    reasoning_effort_as: Literal["budget", "adaptive"] = "budget"
+    # 4.6 and later; Opus 4.7 takes only this), or "off", not at all (a model that does
+    # not think; one that refuses what is asked is learned anyway: see Inference).
+    reasoning_effort_as: Literal["budget", "adaptive", "off"] = "budget"
 
 
 class _Block(msgspec.Struct):
@@ -277,7 +279,7 @@ class AnthropicBackend(HttpBackend):
         super().__init__(name, config)
         self.cfg = config
         self.reads_image_urls = config.image_urls
-        self.adaptive = config.reasoning_effort_as == "adaptive"
+        self.effort_as = config.reasoning_effort_as
 
     def auth_headers(self) -> dict[str, str]:
         """x-api-key and anthropic-version."""
@@ -308,6 +310,20 @@ class AnthropicBackend(HttpBackend):
             raise refused
         if request.thinking is not None:  # a budget the API would refuse, named
             thinking_plan(request, self.cfg.max_tokens)
+
+    def without_derived_reasoning(self, request: ChatRequest) -> ChatRequest | None:
+        """`request` without the reasoning effort (or Ollama's think) its upstream would be
+        asked to think by, when it is (None: it asks for no thinking of another dialect's
+        words; a client's own `thinking` and `effort` are the client's)."""
+        if derived_effort(request) is None or self.effort_as == "off":
+            return None
+        try:
+            sent = request_body(request, self.cfg.max_tokens, self.effort_as)
+        except InvalidRequest:
+            return None
+        if "thinking" not in sent:
+            return None  # dropped already (a forced tool call, a prefill): not why it failed
+        return msgspec.structs.replace(request, reasoning_effort=None, think=None)
 
     def _refuse_schemaless(self, request: ChatRequest) -> None:
         fmt = request.response_format
@@ -347,7 +363,7 @@ class AnthropicBackend(HttpBackend):
         """The upstream's own count (POST /v1/messages/count_tokens) of the prompt a chat
         of `request` sends: the same model, system prompt, tools and messages."""
         self._refuse_schemaless(request)
-        chat = request_body(request, self.cfg.max_tokens, self.adaptive)
+        chat = request_body(request, self.cfg.max_tokens, self.effort_as)
         # The prompt's parts alone: the endpoint refuses the answer's (max_tokens, stream,
         # sampling) as inputs it does not take.
         body = _enc.encode({k: v for k, v in chat.items() if k in _COUNTED})
@@ -362,7 +378,7 @@ class AnthropicBackend(HttpBackend):
         """Stream one message and translate the SSE events (or a whole Message, from an
         upstream that answers one though asked for a stream)."""
         self._refuse_schemaless(request)  # also on a route with fallbacks (no admit())
-        body = _enc.encode(request_body(request, self.cfg.max_tokens, self.adaptive))
+        body = _enc.encode(request_body(request, self.cfg.max_tokens, self.effort_as))
         name = self.name
         try:
             async with self.answer(self.base_url + "/v1/messages", body, ctx) as r:

@@ -212,36 +212,71 @@ ADAPTIVE_EFFORT: dict[ReasoningEffort, str] = {
 THINKING_TOP_P = 0.95
 
 
+# The most max_tokens a budget stella chose may make a request send, unless the backend's
+# own max_tokens is more: the output cap of the models with the least (Claude Opus 4 and
+# 4.1 take 32,000), so that a budget never makes a request one its model refuses.
+THINKING_MAX_TOKENS = 32000
+
+
 class ThinkingPlan:
     """What a request asks an Anthropic upstream for: its `thinking` (None: none sent),
     `output_config.effort`, and the max_tokens that leaves room for both."""
 
-    __slots__ = ("effort", "max_tokens", "thinking")
+    __slots__ = ("effort", "max_tokens", "plain_max", "thinking")
 
-    def __init__(self, thinking: dict[str, Any] | None, effort: str | None, max_tokens: int):
+    def __init__(
+        self,
+        thinking: dict[str, Any] | None,
+        effort: str | None,
+        max_tokens: int,
+        plain_max: int | None = None,
+    ):
         self.thinking = thinking
         self.effort = effort
         self.max_tokens = max_tokens
+        # The max_tokens without the thinking's budget (what is sent when it is dropped).
+        self.plain_max = max_tokens if plain_max is None else plain_max
 
     @property
     def on(self) -> bool:
         """Whether the model is asked to think (the API's rules for thinking then hold)."""
         return self.thinking is not None and self.thinking["type"] != "disabled"
 
+    def drop(self) -> None:
+        """Ask for no thinking after all: its budget no longer grows max_tokens."""
+        self.thinking = None
+        self.max_tokens = self.plain_max
+
+
+def derived_effort(request: ChatRequest) -> ReasoningEffort | None:
+    """The reasoning effort of another dialect's words a request asks an Anthropic upstream
+    to think by (`reasoning_effort`, Ollama's `think`; true as medium), when it gives no
+    `thinking` or `effort` of Anthropic's own (None: none)."""
+    if request.thinking is not None or request.effort is not None:
+        return None
+    effort = request.reasoning_effort
+    if effort is None and request.think is not None:
+        # Ollama's words: true is its default effort, false none.
+        think = request.think
+        effort = "medium" if think is True else "none" if think is False else think
+    return None if effort in ("none", "minimal") else effort
+
 
 def thinking_plan(
-    request: ChatRequest, default_max: int, as_adaptive: bool = False
+    request: ChatRequest, default_max: int, effort_as: str = "budget"
 ) -> ThinkingPlan:
     """The thinking `request` asks for, in the API's terms; raises InvalidRequest for one
     the API would refuse (an enabled thinking without a budget under max_tokens).
 
     A client's own `thinking` (the Messages API's words) goes as it came, its `effort`
-    too. Otherwise a `reasoning_effort` (or Ollama's `think`, true as medium) is a budget (BUDGETS: max_tokens, when the request
-    sets none, grows by it; one it sets keeps at least half for the answer, or the model
-    does not think), or with `as_adaptive` adaptive thinking at that effort; none and
-    minimal ask for no thinking.
+    too. Otherwise a reasoning effort (see derived_effort) is a budget (BUDGETS: max_tokens,
+    when the request sets none, grows by it up to THINKING_MAX_TOKENS or the backend's own
+    max_tokens, the budget shrunk to fit; one it sets keeps at least half for the answer;
+    under 1024 the model does not think), or with `effort_as` "adaptive" adaptive thinking
+    at that effort, or with "off" nothing.
     """
     asked = request.options.max_tokens
+    plain = asked or default_max
     given = request.thinking
     if given is not None:
         thinking: dict[str, Any] = {"type": given.type}
@@ -261,21 +296,20 @@ def thinking_plan(
                 f"$.thinking.budget_tokens: {budget} must be less than max_tokens ({limit})",
                 param="thinking.budget_tokens",
             )
-        return ThinkingPlan(thinking, request.effort, limit)
-    effort = request.reasoning_effort
-    if effort is None and request.think is not None:
-        # Ollama's words: true is its default effort, false none.
-        think = request.think
-        effort = "medium" if think is True else "none" if think is False else think
-    if request.effort is not None or effort is None or effort in ("none", "minimal"):
-        return ThinkingPlan(None, request.effort, asked or default_max)
-    if as_adaptive:
-        return ThinkingPlan({"type": "adaptive"}, ADAPTIVE_EFFORT[effort], asked or default_max)
+        return ThinkingPlan(thinking, request.effort, limit, plain)
+    effort = derived_effort(request)
+    if effort is None or effort_as == "off":
+        return ThinkingPlan(None, request.effort, plain)
+    if effort_as == "adaptive":
+        return ThinkingPlan({"type": "adaptive"}, ADAPTIVE_EFFORT[effort], plain)
     budget = BUDGETS[effort]
     if asked is None:
-        return ThinkingPlan(
-            {"type": "enabled", "budget_tokens": budget}, None, default_max + budget
-        )
+        # Within the cap: a budget that would push max_tokens past it shrinks.
+        budget = min(budget, max(default_max, THINKING_MAX_TOKENS) - default_max)
+        if budget < MIN_THINKING_BUDGET:
+            return ThinkingPlan(None, None, plain)  # no room to think within the cap
+        thinking = {"type": "enabled", "budget_tokens": budget}
+        return ThinkingPlan(thinking, None, default_max + budget, plain)
     budget = min(budget, asked // 2)
     if budget < MIN_THINKING_BUDGET:
         return ThinkingPlan(None, None, asked)  # too few tokens to think and answer
@@ -319,7 +353,7 @@ _THINKING_BLOCKS = frozenset({"thinking", "redacted_thinking"})
 
 
 def request_body(
-    request: ChatRequest, default_max: int, as_adaptive: bool = False
+    request: ChatRequest, default_max: int, effort_as: str = "budget"
 ) -> dict[str, Any]:
     """The Messages API body: system pulled out, tool calls and results as blocks; a
     message's cache breakpoint on the last block it becomes; the thinking asked for (see
@@ -330,12 +364,12 @@ def request_body(
     ids = _ToolUseIds(history)
     if (refused := unsendable(history) or too_many_breakpoints(request)) is not None:
         raise refused
-    plan = thinking_plan(request, default_max, as_adaptive)
+    plan = thinking_plan(request, default_max, effort_as)
     thinks = plan.on
     if thinks and (_forced(request) or history[-1].role == "assistant"):
         # What the API refuses with thinking on, a forced tool call and a prefill: asked
         # without it, the request is one the API answers.
-        plan.thinking = None
+        plan.drop()
         thinks = False
     # With breakpoints every text goes as a text block, the one form that takes one: a
     # message then reads the same whether or not it holds this turn's breakpoint, and the
@@ -411,7 +445,7 @@ def request_body(
         # A tool loop whose client dropped the last turn's thinking (a client of another
         # dialect, which has no place for it): asked without thinking, which the API
         # answers, and with none of the history's (it refuses it in a last turn then).
-        plan.thinking = None
+        plan.drop()
         thinks = False
         for sent in messages:
             if sent["role"] == "assistant" and isinstance(sent["content"], list):

@@ -270,6 +270,13 @@ class Backend:
         self.name = name
         self.config = config
 
+    def without_derived_reasoning(self, request: ChatRequest) -> ChatRequest | None:
+        """`request` without what its upstream would be asked to reason by that stella
+        derived from another dialect's words (an effort from Anthropic's thinking, thinking
+        from an effort), or None when it derives nothing. An upstream that refuses a
+        request is asked once more so (see Inference), and its model so from then on."""
+        return None
+
     async def start(self) -> None:
         """Open clients, load models; called once in the app's lifespan."""
 

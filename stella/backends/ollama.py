@@ -45,6 +45,7 @@ from stella.protocol import (
     ToolCall,
     Usage,
     effort_for,
+    effort_from_thinking,
     wire_tools,
 )
 
@@ -67,6 +68,9 @@ class OllamaConfig(HttpConfig, kw_only=True):
     # text only: a user's images go to a fallback that reads them (else a 400), a tool
     # result's are notes, and the model lists leave out `vision`.
     images: bool = True
+    # Send a Messages client's thinking (or output_config.effort) as `think`; off for a
+    # model that takes none (one that refuses it is learned anyway: see Inference).
+    thinking_as_effort: bool = True
 
 
 def _cloud(model: str) -> bool:
@@ -554,8 +558,19 @@ class OllamaBackend(HttpBackend):
             ctx.usage_estimated = True
         return EmbedResult(embeddings=answer.embeddings, prompt_tokens=tokens)
 
+    def without_derived_reasoning(self, request: ChatRequest) -> ChatRequest | None:
+        """`request` without the Anthropic thinking and effort it would send as `think`
+        (None: it sends none of theirs; a client's `think`, or reasoning_effort, is the
+        client's)."""
+        if request.think is not None or effort_from_thinking(request) is None:
+            return None
+        return msgspec.structs.replace(request, thinking=None, effort=None)
+
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream /api/chat and translate its lines."""
+        plain = None if self.cfg.thinking_as_effort else self.without_derived_reasoning(request)
+        if plain is not None:
+            request = plain
         await self._loaded(request.model or "", ctx)
         body = _enc.encode(request_body(request, self.keep_alive))
         name = self.name

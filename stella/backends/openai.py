@@ -51,6 +51,7 @@ from stella.protocol import (
     arguments_of,
     arguments_text,
     effort_for,
+    effort_from_thinking,
     wire_tools,
 )
 
@@ -78,6 +79,9 @@ class OpenAIConfig(HttpConfig, kw_only=True):
     # The name the token limit goes under: OpenAI's reasoning models (o-series, gpt-5)
     # refuse max_tokens; some older compatible servers know no other.
     max_tokens_param: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # Send a Messages client's thinking (or output_config.effort) as reasoning_effort; off
+    # for a model that takes none (one that refuses it is learned anyway: see Inference).
+    thinking_as_effort: bool = True
     # Send images given by http(s) URL on, for the upstream to fetch. Off by default: a
     # self-hosted server (vLLM, llama.cpp) fetches them from inside the operator's
     # network, so a client could have it ask internal addresses (cloud metadata, admin
@@ -249,7 +253,7 @@ def request_body(
     if request.response_format:
         body["response_format"] = request.response_format
     # Never invented: not every model takes it (an Anthropic dialect's thinking or effort
-    # is one the client gave, in Anthropic's words).
+    # is one the client gave, in Anthropic's words: see without_derived_reasoning).
     effort = request.reasoning_effort
     if effort is None and (request.thinking is not None or request.effort is not None):
         effort = effort_for(request)
@@ -339,10 +343,23 @@ class OpenAIBackend(HttpBackend):
         tokens = counted(answer.usage.prompt_tokens, ctx)
         return EmbedResult(embeddings=vectors, prompt_tokens=tokens)
 
+    def without_derived_reasoning(self, request: ChatRequest) -> ChatRequest | None:
+        """`request` without the Anthropic thinking and effort it would send as
+        reasoning_effort (None: it sends none of theirs; a client's own reasoning_effort
+        is the client's)."""
+        if effort_from_thinking(request) is None:
+            return None
+        return msgspec.structs.replace(request, thinking=None, effort=None)
+
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream (or fetch) one completion and translate it into events."""
         stream = request.stream
         cfg = self.cfg
+        if (
+            not cfg.thinking_as_effort
+            and (plain := self.without_derived_reasoning(request)) is not None
+        ):
+            request = plain
         body = _json.encode(request_body(request, stream, cfg.stream_usage, cfg.max_tokens_param))
         name = self.name
         try:

@@ -70,6 +70,15 @@ last assistant turn (the messages since the last user message without tool resul
 calls tools without starting with a thinking block; a thinking block in a last turn with
 thinking off; a thinking block sent back whose signature is not the fake's for its text
 (or for an omitted display's empty one), a redacted one whose data it never gave.
+`claude-thinks-fails` thinks (when asked) and then fails with an `api_error` event.
+
+Some models refuse what others take, as the API's models do (MODEL_RULES, after the
+models overview and the extended thinking, adaptive thinking and effort pages):
+`claude-no-thinking` takes no `thinking` of type enabled or adaptive (Claude 3.5 Haiku),
+`claude-adaptive-only` refuses `enabled` (Claude Opus 4.7: adaptive thinking and
+`output_config.effort` only), `claude-no-effort` takes `enabled` but neither
+`output_config.effort` nor adaptive thinking (Claude Haiku 4.5), and `claude-capped`
+refuses a `max_tokens` over 32,000 (Claude Opus 4.1's output cap), each in the API's words.
 
 `POST /v1/messages/count_tokens` answers `{"input_tokens": n}`, `n` the `tokens()` of
 the body: it takes the documented parameters alone (a message's `max_tokens`, `stream`,
@@ -191,6 +200,44 @@ def err(kind: str, message: str, status: int, headers: dict[str, str] | None = N
 async def no_such_path(request: Request, exc: Exception) -> Response:
     """The API's 404 for a path it does not serve."""
     return err("not_found_error", "Not Found", 404)
+
+
+# What some models refuse (see the module's docstring): per model, the rules it breaks.
+MODEL_RULES: dict[str, frozenset[str]] = {
+    "claude-no-thinking": frozenset({"enabled", "adaptive", "effort"}),
+    "claude-adaptive-only": frozenset({"enabled"}),
+    "claude-no-effort": frozenset({"adaptive", "effort"}),
+}
+# A model's most output tokens (max_tokens), where it is less than the fake's default.
+OUTPUT_CAP = {"claude-capped": 32000}
+
+
+def _model_rules(body: dict[str, Any]) -> str | None:
+    """The API's 400 for what the body's model does not take (None: it takes it)."""
+    model = str(body.get("model"))
+    cap = OUTPUT_CAP.get(model)
+    if cap is not None and body["max_tokens"] > cap:
+        return (
+            f"max_tokens: {body['max_tokens']} > {cap}, which is the maximum allowed number "
+            f"of output tokens for {model}"
+        )
+    refused = MODEL_RULES.get(model)
+    if not refused:
+        return None
+    kind = (body.get("thinking") or {}).get("type")
+    if kind in refused:
+        if refused >= {"enabled", "adaptive"}:
+            return f"'{model}' does not support thinking."
+        if kind == "enabled":
+            return (
+                '"thinking.type.enabled" is not supported for this model. Use '
+                '"thinking.type.adaptive" and "output_config.effort" to control thinking '
+                "behavior."
+            )
+        return f"adaptive thinking is not supported on {model}"
+    if "effort" in refused and "effort" in (body.get("output_config") or {}):
+        return "This model does not support the effort parameter."
+    return None
 
 
 class FakeAnthropic:
@@ -316,6 +363,8 @@ class FakeAnthropic:
         if (problem := _metadata(body.get("metadata"))) is not None:
             return err("invalid_request_error", problem, 400)
         if (problem := _thinking(body)) is not None:
+            return err("invalid_request_error", problem, 400)
+        if (problem := _model_rules(body)) is not None:
             return err("invalid_request_error", problem, 400)
         if (problem := self._signatures(body.get("messages") or [])) is not None:
             return err("invalid_request_error", problem, 400)
@@ -484,6 +533,10 @@ class FakeAnthropic:
                 )
                 yield event("content_block_stop", {"type": "content_block_stop", "index": 1})
                 base = 2
+        if model == "claude-thinks-fails":
+            error = {"type": "api_error", "message": "Internal server error"}
+            yield event("error", {"type": "error", "error": error})
+            return
         sequence: str | None = None
         if model in (
             "claude-tools",

@@ -12,7 +12,8 @@ one line is {"error": ...}), `huge-error-first` and `huge-error-mid` (the same w
 HUGE_ERROR), `malformed`, `thinking` (THINKING in `message.thinking`, a line per piece
 with content "", then the answer, as a thinking model streams it), `busy` (503 without Retry-After, as Ollama answers a full
 queue), `cloud` (401 with a `signin_url`, as Ollama answers a cloud model while it is not
-signed in), `cached` (the done line says CACHED of its prompt's tokens came from the
+signed in), `no-think` (a model that does not think: a `think` but false is a 400,
+`"no-think" does not support thinking`, as Ollama answers it), `cached` (the done line says CACHED of its prompt's tokens came from the
 cache, `prompt_eval_cached_count`), `bogus-counts` (the done line's and /api/embed's
 counts are BOGUS). A path it does not serve is Go's plain-text 404,
 `404 page not found`, as Ollama answers one. A `keep_alive` string Go's time.ParseDuration refuses
@@ -268,6 +269,9 @@ class FakeOllama:
             # Retry-After.
             busy = "server busy, please try again.  maximum pending requests exceeded"
             return JSONResponse({"error": busy}, 503)
+        if model == "no-think" and body.get("think") not in (None, False):
+            # routes.go: a model whose capabilities have no thinking.
+            return JSONResponse({"error": f'"{model}" does not support thinking'}, 400)
         if model == "cloud":  # routes.go: a cloud model, the server not signed in
             return JSONResponse({"error": "unauthorized", "signin_url": SIGNIN_URL}, 401)
         if model == "text-only" and any(m.get("images") for m in body.get("messages") or []):

@@ -33,7 +33,8 @@ usage in a whole answer), `filtered` (FILTERED, then finish_reason "content_filt
 (TEXT_BEFORE, then the calls of `two-tools`, as a model may say what it is about to do),
 `every-tool` (one call to each tool it was offered, in order, each `{"input": TOOL_INPUT}`)
 and `reasoning` (a 400 for `max_tokens`, as OpenAI's o-series and gpt-5 answer: they take
-`max_completion_tokens`), `bogus-usage` (a usage of
+`max_completion_tokens`), `no-reasoning` (a 400 for `reasoning_effort`, as gpt-4o answers
+it: a model that does not reason), `bogus-usage` (a usage of
 -50 prompt tokens, 10**15 completion tokens, -1 cached; its embeddings' 10**15 prompt
 tokens), `missing` and `missing-vllm` (a 404 for a model the server does
 not have: OpenAI's `code` `model_not_found`, vLLM's "The model `x` does not exist." at the
@@ -421,6 +422,19 @@ class FakeOpenAI:
                         "this model. Use 'max_completion_tokens' instead.",
                         "type": "invalid_request_error",
                         "param": "max_tokens",
+                        "code": "unsupported_parameter",
+                    }
+                },
+                400,
+            )
+        if model == "no-reasoning" and "reasoning_effort" in body:
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "Unsupported parameter: 'reasoning_effort' is not "
+                        "supported with this model.",
+                        "type": "invalid_request_error",
+                        "param": "reasoning_effort",
                         "code": "unsupported_parameter",
                     }
                 },
