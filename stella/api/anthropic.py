@@ -935,14 +935,7 @@ class MessagesCodec(Codec):
             # The API signs a thinking block just before its end; stella has no signature
             # to give for another upstream's reasoning (a block sent back signed "" is
             # dropped).
-            out = _event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": self.block,
-                    "delta": {"type": "signature_delta", "signature": ""},
-                },
-            )
+            out = self._delta({"type": "signature_delta", "signature": ""})
         self.open_kind = ""
         return out + _event(
             "content_block_stop", {"type": "content_block_stop", "index": self.block}
@@ -958,19 +951,23 @@ class MessagesCodec(Codec):
             {"type": "content_block_start", "index": self.block, "content_block": block},
         )
 
-    def _thinking(self, event: Delta) -> bytes:
-        """A Delta with reasoning, as a thinking block's delta, then its text's, if any."""
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        """A content_block_delta event of the open block."""
+        return _event(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": self.block, "delta": delta},
+        )
+
+    def _in_thinking(self, delta: dict[str, Any]) -> bytes:
+        """`delta` of the open thinking block, opened first when another block is open."""
         out = b""
         if self.open_kind != "thinking":
             out = self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-        out += _event(
-            "content_block_delta",
-            {
-                "type": "content_block_delta",
-                "index": self.block,
-                "delta": {"type": "thinking_delta", "thinking": event.reasoning},
-            },
-        )
+        return out + self._delta(delta)
+
+    def _thinking(self, event: Delta) -> bytes:
+        """A Delta with reasoning, as a thinking block's delta, then its text's, if any."""
+        out = self._in_thinking({"type": "thinking_delta", "thinking": event.reasoning})
         if event.text:
             out += self._encode(Delta(text=event.text))
         return out
@@ -981,17 +978,7 @@ class MessagesCodec(Codec):
         if event.redacted_thinking:
             block = {"type": "redacted_thinking", "data": event.redacted_thinking}
             return self._open("redacted_thinking", block) + self._close_block()
-        out = b""
-        if self.open_kind != "thinking":
-            out = self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-        out += _event(
-            "content_block_delta",
-            {
-                "type": "content_block_delta",
-                "index": self.block,
-                "delta": {"type": "signature_delta", "signature": event.signature},
-            },
-        )
+        out = self._in_thinking({"type": "signature_delta", "signature": event.signature})
         self.open_kind = "signed"  # ends with no other signature
         return out + self._close_block()
 
@@ -1022,17 +1009,8 @@ class MessagesCodec(Codec):
         if kind is ToolCall:
             block = {"type": "tool_use", "id": event.id, "name": event.name, "input": {}}
             out = self._open("tool_use", block)
-            out += _event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": self.block,
-                    "delta": {
-                        "type": "input_json_delta",
-                        "partial_json": _enc.encode(event.arguments).decode(),
-                    },
-                },
-            )
+            partial = _enc.encode(event.arguments).decode()
+            out += self._delta({"type": "input_json_delta", "partial_json": partial})
             return out + self._close_block()
         if kind is Done:
             out = self._close_block()
