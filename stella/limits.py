@@ -45,6 +45,8 @@ class Take:
     remaining: float
     retry_after: float  # seconds until `cost` would fit (0 when allowed)
     reset: float  # seconds until the bucket is full again
+    # Taken by this process's stand-in for a shared store (Redis away): settled there.
+    local: bool = False
 
 
 class BucketStore(Protocol):
@@ -54,8 +56,11 @@ class BucketStore(Protocol):
         """Take from every (key, capacity, per_s, cost) bucket, or from none if one is short."""
         ...
 
-    def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
-        """Return `amount` (negative: charge more) to a bucket, never above capacity."""
+    def give(
+        self, key: str, capacity: float, per_s: float, amount: float, local: bool = False
+    ) -> None:
+        """Return `amount` (negative: charge more) to a bucket, never above capacity; to
+        the store's stand-in when `local` (the take it settles was the stand-in's)."""
         ...
 
     def forget_days(self, kept: tuple[str, ...]) -> None:
@@ -114,8 +119,10 @@ class MemoryBuckets:
             store[key] = (left, now)
         return out
 
-    def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
-        """Refund (or charge) after the fact."""
+    def give(
+        self, key: str, capacity: float, per_s: float, amount: float, local: bool = False
+    ) -> None:
+        """Refund (or charge) after the fact (`local`: this store is its own stand-in)."""
         now = time.monotonic()
         level = self._level(key, capacity, per_s, now)
         self._levels[key] = (min(capacity, level + amount), now)
@@ -160,7 +167,8 @@ class LimitPermit(Permit):
     """Releases concurrency slots and settles reserved tokens, once."""
 
     # Empty until admission fills them (most permits hold no slot): no lists per request.
-    _reserved: list[tuple[str, float, float, float]] | tuple[()] = ()  # key, cap, per_s, cost
+    # Reserved: key, cap, per_s, cost, and whether the store's stand-in took it (local).
+    _reserved: list[tuple[str, float, float, float, bool]] | tuple[()] = ()
     _slots: list[Any] | tuple[()] = ()  # what the slot store handed out
     _backend: Any = None  # the one of them that is the backend's slot
 
@@ -176,9 +184,12 @@ class LimitPermit(Permit):
             made = used
             if model_usage is not None:
                 made = model_usage.prompt_tokens + model_usage.completion_tokens
-            for key, cap, per_s, reserved in self._reserved:
+            give = self._limiter.buckets.give
+            for key, cap, per_s, reserved, local in self._reserved:
                 spent = made if key.startswith(("tpm:model:", "tpd:model:")) else used
-                self._limiter.buckets.give(key, cap, per_s, reserved - spent)
+                # Settled where it was taken: a refund of what Redis holds goes to Redis
+                # even while it is away, and one of the stand-in's never to Redis.
+                give(key, cap, per_s, reserved - spent, local)
             self._reserved = ()
 
     def release(self) -> None:
@@ -331,6 +342,7 @@ class Limiter(Admission):
     ) -> Permit:
         permit = LimitPermit(self, [])
         checks: list[tuple[str, float, float, float]] = []
+        takes: list[Take] = []
         if plan.buckets:
             checks, day_left = self._checks(plan, request)
             buckets = self.buckets
@@ -366,7 +378,7 @@ class Limiter(Admission):
                 permit.release()
                 for i, (key, cap, per_s, _) in enumerate(checks):
                     if not plan.buckets[i][3]:
-                        self.buckets.give(key, cap, per_s, 1.0)
+                        self.buckets.give(key, cap, per_s, 1.0, takes[i].local)
                 raise
         return permit
 
@@ -430,7 +442,7 @@ class Limiter(Admission):
                 headers.append((b"x-quota-reset", b"%d" % math.ceil(day_left)))
             # Token buckets hold a reservation until the real usage is known.
             if plan.token_buckets:
-                permit._reserved = [checks[i] for i in plan.token_buckets]
+                permit._reserved = [(*checks[i], takes[i].local) for i in plan.token_buckets]
             return
         if count:
             self.rejections += 1

@@ -604,6 +604,8 @@ class RedisState:
         except (RedisError, OSError) as exc:
             self._failed(exc)
             self.keep_gives(gives, exc)
+            return
+        self._ok()
 
     def keep_gives(self, gives: dict[str, list[float]], exc: BaseException) -> None:
         """Queue settlements again when their round trip surely never ran (a timeout may
@@ -883,7 +885,7 @@ class RedisBuckets:
             st = self.state
             if st.local_only(now):
                 self._refund(leases, checks)
-                return await st.local.take_all(checks), []
+                return await self._local(checks), []
             args: list[float] = []
             keys = [st._key("rl", checks[i][0]) for i in remote]
             pending = st._gives
@@ -918,7 +920,7 @@ class RedisBuckets:
                 st._failed(exc)
                 st.keep_gives(carried, exc)
                 self._refund(leases, checks)
-                return await st.local.take_all(checks), []
+                return await self._local(checks), []
             except BaseException:
                 self._refund(leases, checks)
                 raise
@@ -958,6 +960,14 @@ class RedisBuckets:
                 out[i] = Take(True, left, 0.0, refill_s(cap - left, per_s))
         return out, short
 
+    async def _local(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
+        """The takes of the stand-in while Redis is away, marked so: each is settled
+        there, not in Redis, whenever its call ends."""
+        takes = await self.state.local.take_all(checks)
+        for take in takes:
+            take.local = True
+        return takes
+
     def _credit(
         self, key: str, lease: _Lease, tokens: float, level: float, expires: float
     ) -> float:
@@ -982,17 +992,23 @@ class RedisBuckets:
         """Drop the stand-in's daily buckets of other days (Redis expires its own)."""
         self.state.local.forget_days(kept)
 
-    def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
-        """Settle after the fact, in the background."""
+    def give(
+        self, key: str, capacity: float, per_s: float, amount: float, local: bool = False
+    ) -> None:
+        """Settle after the fact, in the background, in the store that took the call's
+        reservation: the stand-in when `local`, else Redis, even while it is away."""
         if not amount:
             return
         st = self.state
-        if st.down_since is not None:
+        if local:
+            # Redis never took it: a refund there would restore what the call never
+            # spent of Redis's bucket (a whole used-up day, for a daily quota).
             st.local.give(key, capacity, per_s, amount)
             return
-
         # Settled in batches every 0.1 s: a refund that waits that long changes nothing for
-        # a per-minute bucket, and it spares every request a round trip.
+        # a per-minute bucket, and it spares every request a round trip. Taken from Redis,
+        # it is owed to Redis during an outage too (sent once it is back): given to the
+        # stand-in, Redis would keep the whole reservation (a daily quota, until midnight).
         st.owe(st._key("rl", key), capacity, per_s, amount)
 
 

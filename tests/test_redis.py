@@ -1794,3 +1794,62 @@ def test_a_redis_outage_counts_the_day_per_process_as_the_rate_limits_do(redis: 
         # Back on Redis, whose count of the day (kept on disk) is used up.
         r = httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
         assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+
+
+def _day_level(redis: Redis, name: str) -> float:
+    """The level Redis holds of today's daily bucket `name` (e.g. "tpd:key:ops")."""
+    sec, _ = asyncio.run(_redis_time(redis))
+    day = time.strftime("%Y-%m-%d", time.gmtime(sec))
+    return float(redis_store(redis).hget(f"stella:rl:{name}:{day}", "level") or b"nan")
+
+
+def _recovered(s: Any, seen: int) -> None:
+    """Wait for `s` to find Redis back (its log's `seen`+1th `redis_recovered`)."""
+    deadline = time.monotonic() + 10
+    while len(s.events("redis_recovered")) <= seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(s.events("redis_recovered")) > seen
+
+
+def test_a_call_settles_in_the_store_that_took_its_reservation(redis: Redis) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = config(
+        redis,
+        limits={"tokens_per_day": 1000},
+        backends={"slow": {"kind": "echo", "delay_s": 0.4, "reply": "a b c d e f g h"}},
+        models={"routes": {"slow": {"backend": "slow"}}},
+    )
+    slow = {**BODY, "model": "slow", "options": {"max_tokens": 600}}  # reserves 602
+
+    def post(body: dict) -> httpx.Response:
+        return httpx.post(s.url + "/api/v1/chat", json=body, headers=AUTH, timeout=30)
+
+    with run_stella(cfg, ENV) as s, ThreadPoolExecutor(2) as pool:
+        # Reserved in Redis, settled while Redis is away: what it did not use goes back to
+        # Redis once it is back, not to the process's stand-in.
+        call = pool.submit(post, slow)
+        deadline = time.monotonic() + 5
+        while _day_level(redis, "tpd:key:ops") != 1000 - 602 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        redis.stop()
+        assert post(BODY).status_code == 200  # finds Redis away: admitted by the stand-in
+        r = call.result()
+        assert r.status_code == 200
+        used = r.json()["usage"]["total_tokens"]
+        assert used < 100
+        redis.start()
+        _recovered(s, 0)
+        eventually(lambda: _day_level(redis, "tpd:key:ops") == 1000 - used)
+        # Reserved by the stand-in while Redis is away, settled once it is back: Redis,
+        # which never took the reservation, gets none of its refund.
+        redis.stop()
+        assert post(BODY).status_code == 200
+        call = pool.submit(post, slow)
+        time.sleep(0.3)
+        redis.start()
+        _recovered(s, 1)
+        assert not call.done(), "the call ended before Redis was back"
+        assert call.result().status_code == 200
+        time.sleep(0.5)  # the settlement's flush, had it gone to Redis
+        assert _day_level(redis, "tpd:key:ops") == 1000 - used
