@@ -327,3 +327,31 @@ async def test_the_python_client_does_not_retry_a_used_up_quota() -> None:
         err = info.value
         assert isinstance(err, RateLimitError)  # a rate-limit handler still catches it
         assert err.code == "quota_exceeded" and err.retry_after == 5 and not err.retryable
+
+
+def test_a_fallback_s_used_up_quota_does_not_hold_the_chain_back_till_midnight() -> None:
+    config = {
+        **keyed(),
+        "backends": {"bad": {"kind": "echo", "fail_before_first": True}},
+        "models": {
+            "routes": {
+                "prim": {"backend": "bad", "fallbacks": ["echo"], "retries": 0},
+                "solo": {"backend": "bad", "retries": 0},
+            }
+        },
+        "limits": {"models": {"echo": {"requests_per_day": 1}}},
+        "breaker": {"failure_threshold": 0},
+    }
+    with run_stella(config) as server:
+        solo = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(model="solo"))
+        assert solo.status_code == 502
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(model="prim"))
+        assert r.status_code == 200  # the fallback's one request of the day
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(model="prim"))
+        # The first route's passing failure is the answer, as without the fallback: a
+        # retry may pass in a moment, not only after midnight.
+        assert r.status_code == 502 and r.json()["error"]["retryable"] is True
+        assert r.headers.get("retry-after") == solo.headers.get("retry-after")
+        assert r.headers["x-should-retry"] == "true"
+        ev = server.wait_event(lambda e: e.get("model") == "prim" and e["status"] == 502)
+        assert [a["error"] for a in ev["attempts"]][-1] == "quota_exceeded"
