@@ -47,13 +47,18 @@ class Take:
     reset: float  # seconds until the bucket is full again
     # Taken by this process's stand-in for a shared store (Redis away): settled there.
     local: bool = False
+    # What was not taken of the cost: a daily bucket with less left than the cost, but
+    # something, gives what it has (a small quota is not one call a day).
+    cut: float = 0.0
 
 
 class BucketStore(Protocol):
     """Where bucket levels live."""
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
-        """Take from every (key, capacity, per_s, cost) bucket, or from none if one is short."""
+        """Take from every (key, capacity, per_s, cost) bucket, or from none if one is short;
+        a daily bucket (per_s 0) with less than its cost left, but more than nothing, is
+        not short: it gives what is left (its Take's `cut` the rest)."""
         ...
 
     def give(
@@ -103,19 +108,24 @@ class MemoryBuckets:
         for key, cap, per_s, cost in checks:
             got = store.get(key)
             level = cap if got is None else min(cap, got[0] + (now - got[1]) * per_s)
-            if level < cost:
+            if level < cost and (per_s or level <= 0):
                 ok = False
             levels.append(level)
         out = []
         for level, (key, cap, per_s, cost) in zip(levels, checks, strict=True):
             if ok:
-                left = level - cost
-                out.append(Take(True, left, 0.0, refill_s(cap - left, per_s)))
+                if level < cost:  # a daily bucket's last: all of it
+                    left = 0.0
+                    out.append(Take(True, left, 0.0, 0.0, cut=cost - level))
+                else:
+                    left = level - cost
+                    out.append(Take(True, left, 0.0, refill_s(cap - left, per_s)))
             else:
                 left = level
                 short = cost - level
                 wait = refill_s(short, per_s) if short > 0 else 0.0
-                out.append(Take(short <= 0, left, wait, refill_s(cap - left, per_s)))
+                fits = short <= 0 or (not per_s and level > 0)
+                out.append(Take(fits, left, wait, refill_s(cap - left, per_s)))
             store[key] = (left, now)
         return out
 
@@ -442,7 +452,12 @@ class Limiter(Admission):
                 headers.append((b"x-quota-reset", b"%d" % math.ceil(day_left)))
             # Token buckets hold a reservation until the real usage is known.
             if plan.token_buckets:
-                permit._reserved = [(*checks[i], takes[i].local) for i in plan.token_buckets]
+                reserved = []
+                for i in plan.token_buckets:
+                    key, n, ps, cost = checks[i]
+                    take = takes[i]
+                    reserved.append((key, n, ps, cost - take.cut, take.local))
+                permit._reserved = reserved
             return
         if count:
             self.rejections += 1
@@ -470,9 +485,9 @@ class Limiter(Admission):
                 continue
             wait = max(wait, day_left)
             if quota is None:
-                asked = f"; this call needs {int(checks[i][3])}" if tokens else ""
+                # Refused only with nothing left: a call gets what is left of a day's tokens.
                 quota = (
-                    f"daily quota of {int(n)} {what} used up for {who} ({left} left{asked}); "
+                    f"daily quota of {int(n)} {what} used up for {who} ({left} left); "
                     f"it renews at 00:00 UTC, in {math.ceil(day_left)} s"
                 )
                 refused["x-quota-limit"] = str(int(n))

@@ -82,7 +82,8 @@ for i = 1, n do
   -- A debt is bounded (an upstream may report any usage): a thousand buckets' worth.
   level = math.max(math.min(capacity, level + (now - at) * rate + settle), -1000 * capacity)
   levels[i] = level
-  if level < cost then ok = false end
+  -- A daily bucket (rate 0) with something left gives what it has (see stella.limits).
+  if level < cost and (rate > 0 or level <= 0) then ok = false end
 end
 local out = {}
 for i = 1, n do
@@ -95,6 +96,7 @@ for i = 1, n do
   if ok then
     granted = cost
     if level >= want then granted = want end
+    if level < granted then granted = level end
     level = level - granted
   end
   redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', tostring(now))
@@ -936,20 +938,22 @@ class RedisBuckets:
                 name, cap, per_s, cost = checks[i]
                 before, granted, after = (float(x) for x in flat[3 * j : 3 * j + 3])
                 held = 0.0
+                fits = before >= cost or (not per_s and before > 0)
                 if ok and granted > cost:
                     lease = self._leases.get(name)
                     if lease is None:
                         lease = self._leases[name] = _Lease(cap, per_s)
                     lease.size = sizes.get(name, lease.size)
                     held = self._credit(keys[j], lease, granted - cost, after, expires)
-                elif not ok and before < cost:
+                elif not ok and not fits:
                     short.append(checks[i])
                 left = after + held
                 out[i] = Take(
-                    before >= cost if not ok else True,
+                    fits if not ok else True,
                     left,
                     0.0 if before >= cost else refill_s(cost - before, per_s),
                     refill_s(cap - left, per_s),
+                    cut=cost - granted if ok and granted < cost else 0.0,
                 )
             if not ok:
                 self._refund(leases, checks)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.live import NO_MLX, merge, run_stella
-from tests.test_limits import BURST, KEY, burst_config, read_burst, sha
+from tests.test_limits import KEY, burst_config, read_burst, sha
 
 H = {"Authorization": f"Bearer {KEY}"}
 # A day's last seconds, as the store's clock tells them (see `app_at`).
@@ -112,18 +112,39 @@ def test_tokens_per_day_reserve_then_settle() -> None:
         # X-RateLimit still tells the per-minute bucket, as before.
         assert r.headers["x-ratelimit-limit"] == "100000"
         spent = used + r.json()["usage"]["total_tokens"]
-        # A reservation over what is left is refused, naming what is left and asked.
+        # A reservation over what is left reserves what is left, and is settled as any.
         r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=999))
-        assert r.status_code == 429
-        message = r.json()["error"]["message"]
-        assert f"daily quota of 1000 tokens used up for key q ({1000 - spent} left" in message
-        assert "this call needs 999" in message
-        assert r.headers["x-quota-remaining"] == str(1000 - spent)
-        assert_midnight(r)
-        # Refused, it took nothing: a call that fits passes.
+        assert r.status_code == 200, r.text
+        assert r.headers["x-quota-remaining"] == "0"
+        spent += r.json()["usage"]["total_tokens"]
         r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=10))
         assert r.status_code == 200
         assert r.headers["x-quota-remaining"] == str(1000 - spent - 10)
+
+
+def test_a_small_token_quota_serves_what_is_left_and_a_day_in_debt_is_refused() -> None:
+    with run_stella(keyed(tokens_per_day=50)) as server:
+        # Each reserves reserve_tokens (256) and its prompt, at most what is left of the 50:
+        # not one call a day.
+        left = []
+        for _ in range(3):
+            r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi"))
+            assert r.status_code == 200, r.text
+            assert r.headers["x-quota-remaining"] == "0"
+            left.append(r.json()["usage"]["total_tokens"])
+        # A call whose usage passes what was left takes the day below nothing: settled to
+        # its real usage, it leaves the day in debt, shown as 0 left.
+        words = " ".join(["word"] * 60)
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(words))
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0"
+        assert sum(left) + r.json()["usage"]["total_tokens"] > 50
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi"))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+        assert r.json()["error"]["message"].startswith(
+            "daily quota of 50 tokens used up for key q (0 left); it renews at 00:00 UTC"
+        )
+        assert r.headers["x-quota-remaining"] == "0" and r.headers["x-quota-limit"] == "50"
+        assert_midnight(r)
 
 
 def test_a_call_refused_by_a_per_minute_limit_counts_nothing_for_the_day() -> None:
@@ -179,9 +200,9 @@ async def test_a_client_that_leaves_is_charged_for_the_day_what_was_made() -> No
             r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=10))
             assert r.status_code == 200, r.text
             assert r.headers["x-quota-remaining"] == str(1700 - 840 - 10)
-            # Another burst's 900 no longer fits what is left (some 850).
-            r = httpx.post(server.url + "/v1/chat/completions", json=BURST, headers=H)
-            assert r.status_code == 429 and "daily quota of 1700 tokens" in r.text
+            # A reservation past what is left (some 850) gets what is left.
+            r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(max_tokens=900))
+            assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0"
 
 
 def test_embeddings_count_against_the_day_s_tokens() -> None:
@@ -195,9 +216,12 @@ def test_embeddings_count_against_the_day_s_tokens() -> None:
         assert read > 0
         r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=10))
         assert r.headers["x-quota-remaining"] == str(100 - read - 10)
-        r = httpx.post(
-            server.url + "/api/v1/embed", headers=H, json={"model": "echo", "input": [words] * 5}
-        )
+        # What is left pays for an embed call's reservation; its usage (150 words) is
+        # charged whole, and leaves the day in debt.
+        many = {"model": "echo", "input": [words] * 5}
+        r = httpx.post(server.url + "/api/v1/embed", headers=H, json=many)
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0"
+        r = httpx.post(server.url + "/api/v1/embed", headers=H, json=many)
         assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
 
 

@@ -1734,9 +1734,24 @@ def test_a_day_s_tokens_are_reserved_and_settled_across_replicas(redis: Redis) -
         used += r.json()["usage"]["total_tokens"]
         big = {**BODY, "options": {"max_tokens": 1000 - used}}  # one token more than is left
         time.sleep(1.0)
+        # Redis gives what is left of the day, no more (it has no lease to give).
         r = httpx.post(a.url + "/api/v1/chat", json=big, headers=AUTH)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
-        assert f"({1000 - used} left; this call needs {1000 - used + 2})" in r.text
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0"
+        used += r.json()["usage"]["total_tokens"]
+        time.sleep(1.0)
+        level = float(redis_store(redis).hget(_day_key(redis, "tpd:key:ops"), "level") or b"nan")
+        assert level == 1000 - used  # settled to its usage: what was left less the call's
+        # A call whose usage passes what is left (echo's answer repeats its long prompt)
+        # takes the day into debt, which holds on every replica.
+        long = {**BODY, "messages": [{"role": "user", "content": "word " * 600}]}
+        r = httpx.post(b.url + "/api/v1/chat", json=long, headers=AUTH)
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0"
+        assert r.json()["usage"]["total_tokens"] > 1000 - used
+        time.sleep(1.0)
+        for s in (a, b):  # and the day in debt: nothing left, refused everywhere
+            r = httpx.post(s.url + "/api/v1/chat", json=ask, headers=AUTH)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+            assert "(0 left)" in r.text and r.headers["x-quota-remaining"] == "0"
 
 
 async def test_the_quota_turns_at_midnight_on_every_replica(redis: Redis) -> None:
@@ -1796,11 +1811,15 @@ def test_a_redis_outage_counts_the_day_per_process_as_the_rate_limits_do(redis: 
         assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
 
 
-def _day_level(redis: Redis, name: str) -> float:
-    """The level Redis holds of today's daily bucket `name` (e.g. "tpd:key:ops")."""
+def _day_key(redis: Redis, name: str) -> str:
+    """The Redis key of today's daily bucket `name` (e.g. "tpd:key:ops")."""
     sec, _ = asyncio.run(_redis_time(redis))
-    day = time.strftime("%Y-%m-%d", time.gmtime(sec))
-    return float(redis_store(redis).hget(f"stella:rl:{name}:{day}", "level") or b"nan")
+    return f"stella:rl:{name}:{time.strftime('%Y-%m-%d', time.gmtime(sec))}"
+
+
+def _day_level(redis: Redis, name: str) -> float:
+    """The level Redis holds of today's daily bucket `name`."""
+    return float(redis_store(redis).hget(_day_key(redis, name), "level") or b"nan")
 
 
 def _recovered(s: Any, seen: int) -> None:
