@@ -379,3 +379,38 @@ def test_a_fallback_s_used_up_quota_does_not_hold_the_chain_back_till_midnight()
         assert r.headers["x-should-retry"] == "true"
         ev = server.wait_event(lambda e: e.get("model") == "prim" and e["status"] == 502)
         assert [a["error"] for a in ev["attempts"]][-1] == "quota_exceeded"
+
+
+def test_an_upstream_s_used_up_quota_is_not_asked_again() -> None:
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    fake = FakeOpenAI()
+    with run_stella(keyed(requests_per_day=1)) as inner, serve(fake.app) as up:
+        assert httpx.post(inner.url + "/api/v1/chat", headers=H, json=chat()).status_code == 200
+        config = {
+            "backends": {
+                "inner": {"kind": "openai", "base_url": inner.url + "/v1", "api_key_env": "QK"},
+                "openai": {"kind": "openai", "base_url": up + "/v1"},
+            },
+            "models": {
+                "routes": {
+                    # A stella behind a stella (its 429 quota_exceeded says x-should-retry:
+                    # false), and OpenAI's own used-up quota (insufficient_quota).
+                    "behind": {"backend": "inner", "upstream_model": "echo"},
+                    "broke": {"backend": "openai", "upstream_model": "no-quota"},
+                }
+            },
+        }
+        with run_stella(config, env={"QK": KEY}) as outer:
+            for model in ("behind", "broke"):
+                r = httpx.post(outer.url + "/api/v1/chat", json=chat(model=model))
+                assert r.status_code == 502, r.text
+                err = r.json()["error"]
+                assert err["code"] == "upstream_rate_limited" and err["retryable"] is False
+                # Not told to come back at the upstream quota's midnight, nor at all.
+                assert "retry-after" not in r.headers, r.headers
+                assert r.headers["x-should-retry"] == "false"
+                ev = outer.wait_event(lambda e, m=model: e.get("model") == m)
+                assert len(ev["attempts"]) == 1, ev["attempts"]  # not asked again
+        assert [b.get("model") for b in fake.requests] == ["no-quota"]
