@@ -377,7 +377,8 @@ class Limiter(Admission):
                     slot = await self.slots.acquire(name, size, left)
                     if slot is None:
                         what = name.replace(":", " ", 1)
-                        raise Overloaded(f"{what} already has {size} requests running")
+                        running = _counted(size, "request")
+                        raise Overloaded(f"{what} already has {running} running")
                     held.append(slot)
                     if name.startswith("backend:"):
                         permit._backend = slot
@@ -473,12 +474,12 @@ class Limiter(Admission):
             if take.allowed:
                 continue
             _, n, per_s, tokens, who = buckets[i]
-            what = "tokens" if tokens else "requests"
+            what = _counted(int(n), "token" if tokens else "request")
             left = max(int(take.remaining), 0)
             if per_s:
                 wait = max(wait, take.retry_after)
                 if minute is None:
-                    minute = f"rate limit of {int(n)} {what} per minute reached for {who}"
+                    minute = f"rate limit of {what} per minute reached for {who}"
                     refused["x-ratelimit-limit"] = str(int(n))
                     refused["x-ratelimit-remaining"] = str(left)
                     refused["x-ratelimit-reset"] = str(math.ceil(take.reset))
@@ -487,7 +488,7 @@ class Limiter(Admission):
             if quota is None:
                 # Refused only with nothing left: a call gets what is left of a day's tokens.
                 quota = (
-                    f"daily quota of {int(n)} {what} used up for {who} ({left} left); "
+                    f"daily quota of {what} used up for {who} ({left} left); "
                     f"it renews at 00:00 UTC, in {math.ceil(day_left)} s"
                 )
                 refused["x-quota-limit"] = str(int(n))
@@ -531,6 +532,11 @@ class _Plan:
 
 
 _FREE = Permit()
+
+
+def _counted(n: int, noun: str) -> str:
+    """`n` and `noun`, plural but for one: "1 request", "5 requests"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _buckets_for(state: StateStore | None) -> BucketStore:

@@ -414,3 +414,36 @@ def test_an_upstream_s_used_up_quota_is_not_asked_again() -> None:
                 ev = outer.wait_event(lambda e, m=model: e.get("model") == m)
                 assert len(ev["attempts"]) == 1, ev["attempts"]  # not asked again
         assert [b.get("model") for b in fake.requests] == ["no-quota"]
+
+
+async def test_a_limit_of_one_is_named_in_the_singular() -> None:
+    config = {
+        **keyed(max_concurrent=1),
+        "limits": {"queue_timeout_s": 0.1},
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.5}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+    }
+    with run_stella(config) as server:
+        async with httpx.AsyncClient(timeout=10, headers=H) as c:
+            url = server.url + "/api/v1/chat"
+            first = asyncio.create_task(c.post(url, json=chat("a", "slow")))
+            await asyncio.sleep(0.2)
+            r = await c.post(url, json=chat("a"))
+            assert r.json()["error"]["message"] == "key q already has 1 request running"
+            assert (await first).status_code == 200
+
+    def refusal(config: dict) -> str:
+        with run_stella(config) as server:
+            for _ in range(2):
+                r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("a", max_tokens=1))
+            assert r.status_code == 429
+            return str(r.json()["error"]["message"])
+
+    assert refusal(keyed(requests_per_day=1)).startswith(
+        "daily quota of 1 request used up for key q (0 left)"
+    )
+    assert refusal(keyed(tokens_per_minute=1)).startswith(
+        "rate limit of 1 token per minute reached for key q"
+    )
+    by_model = {**keyed(), "limits": {"models": {"echo": {"requests_per_minute": 1}}}}
+    assert refusal(by_model).startswith("rate limit of 1 request per minute reached for model echo")
