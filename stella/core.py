@@ -678,7 +678,10 @@ class Inference:
                     if router.breaker(route.backend_name).available():
                         refused = await self._admit_fallback(route, deadline)
                         if refused is not None:
-                            if refused.retry_after is not None:
+                            # A per-minute limit frees soon; a used-up daily quota (not
+                            # retryable) only at midnight, which is no time for a client to
+                            # come back to a chain whose first route failed for a moment.
+                            if refused.retry_after is not None and refused.retryable:
                                 wait = refused.retry_after
                                 soonest = min(soonest, time.perf_counter() + wait)
                             last = last or refused

@@ -45,17 +45,27 @@ class Take:
     remaining: float
     retry_after: float  # seconds until `cost` would fit (0 when allowed)
     reset: float  # seconds until the bucket is full again
+    # Taken by this process's stand-in for a shared store (Redis away): settled there.
+    local: bool = False
+    # What was not taken of the cost: a daily bucket with less left than the cost, but
+    # something, gives what it has (a small quota is not one call a day).
+    cut: float = 0.0
 
 
 class BucketStore(Protocol):
     """Where bucket levels live."""
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
-        """Take from every (key, capacity, per_s, cost) bucket, or from none if one is short."""
+        """Take from every (key, capacity, per_s, cost) bucket, or from none if one is short;
+        a daily bucket (per_s 0) with less than its cost left, but more than nothing, is
+        not short: it gives what is left (its Take's `cut` the rest)."""
         ...
 
-    def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
-        """Return `amount` (negative: charge more) to a bucket, never above capacity."""
+    def give(
+        self, key: str, capacity: float, per_s: float, amount: float, local: bool = False
+    ) -> None:
+        """Return `amount` (negative: charge more) to a bucket, never above capacity; to
+        the store's stand-in when `local` (the take it settles was the stand-in's)."""
         ...
 
     def forget_days(self, kept: tuple[str, ...]) -> None:
@@ -98,24 +108,31 @@ class MemoryBuckets:
         for key, cap, per_s, cost in checks:
             got = store.get(key)
             level = cap if got is None else min(cap, got[0] + (now - got[1]) * per_s)
-            if level < cost:
+            if level < cost and (per_s or level <= 0):
                 ok = False
             levels.append(level)
         out = []
         for level, (key, cap, per_s, cost) in zip(levels, checks, strict=True):
             if ok:
-                left = level - cost
-                out.append(Take(True, left, 0.0, refill_s(cap - left, per_s)))
+                if level < cost:  # a daily bucket's last: all of it
+                    left = 0.0
+                    out.append(Take(True, left, 0.0, 0.0, cut=cost - level))
+                else:
+                    left = level - cost
+                    out.append(Take(True, left, 0.0, refill_s(cap - left, per_s)))
             else:
                 left = level
                 short = cost - level
                 wait = refill_s(short, per_s) if short > 0 else 0.0
-                out.append(Take(short <= 0, left, wait, refill_s(cap - left, per_s)))
+                fits = short <= 0 or (not per_s and level > 0)
+                out.append(Take(fits, left, wait, refill_s(cap - left, per_s)))
             store[key] = (left, now)
         return out
 
-    def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
-        """Refund (or charge) after the fact."""
+    def give(
+        self, key: str, capacity: float, per_s: float, amount: float, local: bool = False
+    ) -> None:
+        """Refund (or charge) after the fact (`local`: this store is its own stand-in)."""
         now = time.monotonic()
         level = self._level(key, capacity, per_s, now)
         self._levels[key] = (min(capacity, level + amount), now)
@@ -160,7 +177,8 @@ class LimitPermit(Permit):
     """Releases concurrency slots and settles reserved tokens, once."""
 
     # Empty until admission fills them (most permits hold no slot): no lists per request.
-    _reserved: list[tuple[str, float, float, float]] | tuple[()] = ()  # key, cap, per_s, cost
+    # Reserved: key, cap, per_s, cost, and whether the store's stand-in took it (local).
+    _reserved: list[tuple[str, float, float, float, bool]] | tuple[()] = ()
     _slots: list[Any] | tuple[()] = ()  # what the slot store handed out
     _backend: Any = None  # the one of them that is the backend's slot
 
@@ -176,9 +194,12 @@ class LimitPermit(Permit):
             made = used
             if model_usage is not None:
                 made = model_usage.prompt_tokens + model_usage.completion_tokens
-            for key, cap, per_s, reserved in self._reserved:
+            give = self._limiter.buckets.give
+            for key, cap, per_s, reserved, local in self._reserved:
                 spent = made if key.startswith(("tpm:model:", "tpd:model:")) else used
-                self._limiter.buckets.give(key, cap, per_s, reserved - spent)
+                # Settled where it was taken: a refund of what Redis holds goes to Redis
+                # even while it is away, and one of the stand-in's never to Redis.
+                give(key, cap, per_s, reserved - spent, local)
             self._reserved = ()
 
     def release(self) -> None:
@@ -331,6 +352,7 @@ class Limiter(Admission):
     ) -> Permit:
         permit = LimitPermit(self, [])
         checks: list[tuple[str, float, float, float]] = []
+        takes: list[Take] = []
         if plan.buckets:
             checks, day_left = self._checks(plan, request)
             buckets = self.buckets
@@ -355,7 +377,8 @@ class Limiter(Admission):
                     slot = await self.slots.acquire(name, size, left)
                     if slot is None:
                         what = name.replace(":", " ", 1)
-                        raise Overloaded(f"{what} already has {size} requests running")
+                        running = _counted(size, "request")
+                        raise Overloaded(f"{what} already has {running} running")
                     held.append(slot)
                     if name.startswith("backend:"):
                         permit._backend = slot
@@ -366,7 +389,7 @@ class Limiter(Admission):
                 permit.release()
                 for i, (key, cap, per_s, _) in enumerate(checks):
                     if not plan.buckets[i][3]:
-                        self.buckets.give(key, cap, per_s, 1.0)
+                        self.buckets.give(key, cap, per_s, 1.0, takes[i].local)
                 raise
         return permit
 
@@ -430,7 +453,12 @@ class Limiter(Admission):
                 headers.append((b"x-quota-reset", b"%d" % math.ceil(day_left)))
             # Token buckets hold a reservation until the real usage is known.
             if plan.token_buckets:
-                permit._reserved = [checks[i] for i in plan.token_buckets]
+                reserved = []
+                for i in plan.token_buckets:
+                    key, n, ps, cost = checks[i]
+                    take = takes[i]
+                    reserved.append((key, n, ps, cost - take.cut, take.local))
+                permit._reserved = reserved
             return
         if count:
             self.rejections += 1
@@ -446,21 +474,21 @@ class Limiter(Admission):
             if take.allowed:
                 continue
             _, n, per_s, tokens, who = buckets[i]
-            what = "tokens" if tokens else "requests"
+            what = _counted(int(n), "token" if tokens else "request")
             left = max(int(take.remaining), 0)
             if per_s:
                 wait = max(wait, take.retry_after)
                 if minute is None:
-                    minute = f"rate limit of {int(n)} {what} per minute reached for {who}"
+                    minute = f"rate limit of {what} per minute reached for {who}"
                     refused["x-ratelimit-limit"] = str(int(n))
                     refused["x-ratelimit-remaining"] = str(left)
                     refused["x-ratelimit-reset"] = str(math.ceil(take.reset))
                 continue
             wait = max(wait, day_left)
             if quota is None:
-                asked = f"; this call needs {int(checks[i][3])}" if tokens else ""
+                # Refused only with nothing left: a call gets what is left of a day's tokens.
                 quota = (
-                    f"daily quota of {int(n)} {what} used up for {who} ({left} left{asked}); "
+                    f"daily quota of {what} used up for {who} ({left} left); "
                     f"it renews at 00:00 UTC, in {math.ceil(day_left)} s"
                 )
                 refused["x-quota-limit"] = str(int(n))
@@ -504,6 +532,11 @@ class _Plan:
 
 
 _FREE = Permit()
+
+
+def _counted(n: int, noun: str) -> str:
+    """`n` and `noun`, plural but for one: "1 request", "5 requests"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _buckets_for(state: StateStore | None) -> BucketStore:

@@ -29,7 +29,10 @@ class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 # Ranges: a negative timeout or limit would be accepted and then do something odd.
-Count = Annotated[int, Meta(ge=0)]  # 0: none / unlimited, where the key says so
+# A count's largest: 2**53, the largest whole number a float holds exactly (buckets are
+# floats, in this process and in Redis's Lua), so a limit is shown as it was written.
+MAX_COUNT = 2**53
+Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]  # 0: none / unlimited, where the key says so
 Seconds = Annotated[float, Meta(ge=0)]
 Positive = Annotated[float, Meta(gt=0)]
 

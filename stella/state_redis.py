@@ -82,7 +82,8 @@ for i = 1, n do
   -- A debt is bounded (an upstream may report any usage): a thousand buckets' worth.
   level = math.max(math.min(capacity, level + (now - at) * rate + settle), -1000 * capacity)
   levels[i] = level
-  if level < cost then ok = false end
+  -- A daily bucket (rate 0) with something left gives what it has (see stella.limits).
+  if level < cost and (rate > 0 or level <= 0) then ok = false end
 end
 local out = {}
 for i = 1, n do
@@ -95,6 +96,7 @@ for i = 1, n do
   if ok then
     granted = cost
     if level >= want then granted = want end
+    if level < granted then granted = level end
     level = level - granted
   end
   redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', tostring(now))
@@ -604,6 +606,8 @@ class RedisState:
         except (RedisError, OSError) as exc:
             self._failed(exc)
             self.keep_gives(gives, exc)
+            return
+        self._ok()
 
     def keep_gives(self, gives: dict[str, list[float]], exc: BaseException) -> None:
         """Queue settlements again when their round trip surely never ran (a timeout may
@@ -883,7 +887,7 @@ class RedisBuckets:
             st = self.state
             if st.local_only(now):
                 self._refund(leases, checks)
-                return await st.local.take_all(checks), []
+                return await self._local(checks), []
             args: list[float] = []
             keys = [st._key("rl", checks[i][0]) for i in remote]
             pending = st._gives
@@ -918,7 +922,7 @@ class RedisBuckets:
                 st._failed(exc)
                 st.keep_gives(carried, exc)
                 self._refund(leases, checks)
-                return await st.local.take_all(checks), []
+                return await self._local(checks), []
             except BaseException:
                 self._refund(leases, checks)
                 raise
@@ -934,20 +938,22 @@ class RedisBuckets:
                 name, cap, per_s, cost = checks[i]
                 before, granted, after = (float(x) for x in flat[3 * j : 3 * j + 3])
                 held = 0.0
+                fits = before >= cost or (not per_s and before > 0)
                 if ok and granted > cost:
                     lease = self._leases.get(name)
                     if lease is None:
                         lease = self._leases[name] = _Lease(cap, per_s)
                     lease.size = sizes.get(name, lease.size)
                     held = self._credit(keys[j], lease, granted - cost, after, expires)
-                elif not ok and before < cost:
+                elif not ok and not fits:
                     short.append(checks[i])
                 left = after + held
                 out[i] = Take(
-                    before >= cost if not ok else True,
+                    fits if not ok else True,
                     left,
                     0.0 if before >= cost else refill_s(cost - before, per_s),
                     refill_s(cap - left, per_s),
+                    cut=cost - granted if ok and granted < cost else 0.0,
                 )
             if not ok:
                 self._refund(leases, checks)
@@ -957,6 +963,14 @@ class RedisBuckets:
                 left = lease.level + lease.tokens
                 out[i] = Take(True, left, 0.0, refill_s(cap - left, per_s))
         return out, short
+
+    async def _local(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
+        """The takes of the stand-in while Redis is away, marked so: each is settled
+        there, not in Redis, whenever its call ends."""
+        takes = await self.state.local.take_all(checks)
+        for take in takes:
+            take.local = True
+        return takes
 
     def _credit(
         self, key: str, lease: _Lease, tokens: float, level: float, expires: float
@@ -982,17 +996,23 @@ class RedisBuckets:
         """Drop the stand-in's daily buckets of other days (Redis expires its own)."""
         self.state.local.forget_days(kept)
 
-    def give(self, key: str, capacity: float, per_s: float, amount: float) -> None:
-        """Settle after the fact, in the background."""
+    def give(
+        self, key: str, capacity: float, per_s: float, amount: float, local: bool = False
+    ) -> None:
+        """Settle after the fact, in the background, in the store that took the call's
+        reservation: the stand-in when `local`, else Redis, even while it is away."""
         if not amount:
             return
         st = self.state
-        if st.down_since is not None:
+        if local:
+            # Redis never took it: a refund there would restore what the call never
+            # spent of Redis's bucket (a whole used-up day, for a daily quota).
             st.local.give(key, capacity, per_s, amount)
             return
-
         # Settled in batches every 0.1 s: a refund that waits that long changes nothing for
-        # a per-minute bucket, and it spares every request a round trip.
+        # a per-minute bucket, and it spares every request a round trip. Taken from Redis,
+        # it is owed to Redis during an outage too (sent once it is back): given to the
+        # stand-in, Redis would keep the whole reservation (a daily quota, until midnight).
         st.owe(st._key("rl", key), capacity, per_s, amount)
 
 

@@ -669,7 +669,7 @@ def test_an_error_says_when_to_try_again(browser, server: LiveServer) -> None:  
     assert httpx.post(server.url + "/api/v1/chat", json=body).status_code == 200  # the minute's one
     text = error_after(page, "echo-limited")
     assert text.startswith(
-        "Rate limited: rate limit of 1 requests per minute reached for model echo-limited."
+        "Rate limited: rate limit of 1 request per minute reached for model echo-limited."
     ), text
     assert "Try again in " in text and " s." in text, text
     # A 429 from something in front of stella (a proxy) with no Retry-After, or one whose

@@ -867,7 +867,14 @@ def test_keys_new_prints_valid_toml(tmp_path: Any) -> None:
     assert msgspec.convert(table, KeySettings).tokens_per_day == 200_000
     # Any name the config takes is printed as a TOML key that reads back as it.
     assert "café" in tomllib.loads(keys("café").stdout)["auth"]["keys"]
-    for bad in (["a|b"], ["k2", "--rpm", "-5"], ["k3", "--models"], ["k5", "--tpd", "x"]):
+    big = str(2**53 + 1)  # past what the config takes (and a float holds exactly)
+    for bad in (
+        ["a|b"],
+        ["k2", "--rpm", "-5"],
+        ["k3", "--models"],
+        ["k5", "--tpd", "x"],
+        ["k6", "--rpd", big],
+    ):
         out = keys(*bad)
         assert out.returncode == 2 and not out.stdout, bad
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.live import NO_MLX, merge, run_stella
-from tests.test_limits import BURST, KEY, burst_config, read_burst, sha
+from tests.test_limits import KEY, burst_config, read_burst, sha
 
 H = {"Authorization": f"Bearer {KEY}"}
 # A day's last seconds, as the store's clock tells them (see `app_at`).
@@ -112,18 +112,39 @@ def test_tokens_per_day_reserve_then_settle() -> None:
         # X-RateLimit still tells the per-minute bucket, as before.
         assert r.headers["x-ratelimit-limit"] == "100000"
         spent = used + r.json()["usage"]["total_tokens"]
-        # A reservation over what is left is refused, naming what is left and asked.
+        # A reservation over what is left reserves what is left, and is settled as any.
         r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=999))
-        assert r.status_code == 429
-        message = r.json()["error"]["message"]
-        assert f"daily quota of 1000 tokens used up for key q ({1000 - spent} left" in message
-        assert "this call needs 999" in message
-        assert r.headers["x-quota-remaining"] == str(1000 - spent)
-        assert_midnight(r)
-        # Refused, it took nothing: a call that fits passes.
+        assert r.status_code == 200, r.text
+        assert r.headers["x-quota-remaining"] == "0"
+        spent += r.json()["usage"]["total_tokens"]
         r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=10))
         assert r.status_code == 200
         assert r.headers["x-quota-remaining"] == str(1000 - spent - 10)
+
+
+def test_a_small_token_quota_serves_what_is_left_and_a_day_in_debt_is_refused() -> None:
+    with run_stella(keyed(tokens_per_day=50)) as server:
+        # Each reserves reserve_tokens (256) and its prompt, at most what is left of the 50:
+        # not one call a day.
+        left = []
+        for _ in range(3):
+            r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi"))
+            assert r.status_code == 200, r.text
+            assert r.headers["x-quota-remaining"] == "0"
+            left.append(r.json()["usage"]["total_tokens"])
+        # A call whose usage passes what was left takes the day below nothing: settled to
+        # its real usage, it leaves the day in debt, shown as 0 left.
+        words = " ".join(["word"] * 60)
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(words))
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0"
+        assert sum(left) + r.json()["usage"]["total_tokens"] > 50
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi"))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+        assert r.json()["error"]["message"].startswith(
+            "daily quota of 50 tokens used up for key q (0 left); it renews at 00:00 UTC"
+        )
+        assert r.headers["x-quota-remaining"] == "0" and r.headers["x-quota-limit"] == "50"
+        assert_midnight(r)
 
 
 def test_a_call_refused_by_a_per_minute_limit_counts_nothing_for_the_day() -> None:
@@ -179,9 +200,9 @@ async def test_a_client_that_leaves_is_charged_for_the_day_what_was_made() -> No
             r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=10))
             assert r.status_code == 200, r.text
             assert r.headers["x-quota-remaining"] == str(1700 - 840 - 10)
-            # Another burst's 900 no longer fits what is left (some 850).
-            r = httpx.post(server.url + "/v1/chat/completions", json=BURST, headers=H)
-            assert r.status_code == 429 and "daily quota of 1700 tokens" in r.text
+            # A reservation past what is left (some 850) gets what is left.
+            r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(max_tokens=900))
+            assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0"
 
 
 def test_embeddings_count_against_the_day_s_tokens() -> None:
@@ -195,9 +216,12 @@ def test_embeddings_count_against_the_day_s_tokens() -> None:
         assert read > 0
         r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=10))
         assert r.headers["x-quota-remaining"] == str(100 - read - 10)
-        r = httpx.post(
-            server.url + "/api/v1/embed", headers=H, json={"model": "echo", "input": [words] * 5}
-        )
+        # What is left pays for an embed call's reservation; its usage (150 words) is
+        # charged whole, and leaves the day in debt.
+        many = {"model": "echo", "input": [words] * 5}
+        r = httpx.post(server.url + "/api/v1/embed", headers=H, json=many)
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0"
+        r = httpx.post(server.url + "/api/v1/embed", headers=H, json=many)
         assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
 
 
@@ -327,3 +351,99 @@ async def test_the_python_client_does_not_retry_a_used_up_quota() -> None:
         err = info.value
         assert isinstance(err, RateLimitError)  # a rate-limit handler still catches it
         assert err.code == "quota_exceeded" and err.retry_after == 5 and not err.retryable
+
+
+def test_a_fallback_s_used_up_quota_does_not_hold_the_chain_back_till_midnight() -> None:
+    config = {
+        **keyed(),
+        "backends": {"bad": {"kind": "echo", "fail_before_first": True}},
+        "models": {
+            "routes": {
+                "prim": {"backend": "bad", "fallbacks": ["echo"], "retries": 0},
+                "solo": {"backend": "bad", "retries": 0},
+            }
+        },
+        "limits": {"models": {"echo": {"requests_per_day": 1}}},
+        "breaker": {"failure_threshold": 0},
+    }
+    with run_stella(config) as server:
+        solo = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(model="solo"))
+        assert solo.status_code == 502
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(model="prim"))
+        assert r.status_code == 200  # the fallback's one request of the day
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(model="prim"))
+        # The first route's passing failure is the answer, as without the fallback: a
+        # retry may pass in a moment, not only after midnight.
+        assert r.status_code == 502 and r.json()["error"]["retryable"] is True
+        assert r.headers.get("retry-after") == solo.headers.get("retry-after")
+        assert r.headers["x-should-retry"] == "true"
+        ev = server.wait_event(lambda e: e.get("model") == "prim" and e["status"] == 502)
+        assert [a["error"] for a in ev["attempts"]][-1] == "quota_exceeded"
+
+
+def test_an_upstream_s_used_up_quota_is_not_asked_again() -> None:
+    from tests.fakes.openai import FakeOpenAI
+    from tests.fakes.server import serve
+
+    fake = FakeOpenAI()
+    with run_stella(keyed(requests_per_day=1)) as inner, serve(fake.app) as up:
+        assert httpx.post(inner.url + "/api/v1/chat", headers=H, json=chat()).status_code == 200
+        config = {
+            "backends": {
+                "inner": {"kind": "openai", "base_url": inner.url + "/v1", "api_key_env": "QK"},
+                "openai": {"kind": "openai", "base_url": up + "/v1"},
+            },
+            "models": {
+                "routes": {
+                    # A stella behind a stella (its 429 quota_exceeded says x-should-retry:
+                    # false), and OpenAI's own used-up quota (insufficient_quota).
+                    "behind": {"backend": "inner", "upstream_model": "echo"},
+                    "broke": {"backend": "openai", "upstream_model": "no-quota"},
+                }
+            },
+        }
+        with run_stella(config, env={"QK": KEY}) as outer:
+            for model in ("behind", "broke"):
+                r = httpx.post(outer.url + "/api/v1/chat", json=chat(model=model))
+                assert r.status_code == 502, r.text
+                err = r.json()["error"]
+                assert err["code"] == "upstream_rate_limited" and err["retryable"] is False
+                # Not told to come back at the upstream quota's midnight, nor at all.
+                assert "retry-after" not in r.headers, r.headers
+                assert r.headers["x-should-retry"] == "false"
+                ev = outer.wait_event(lambda e, m=model: e.get("model") == m)
+                assert len(ev["attempts"]) == 1, ev["attempts"]  # not asked again
+        assert [b.get("model") for b in fake.requests] == ["no-quota"]
+
+
+async def test_a_limit_of_one_is_named_in_the_singular() -> None:
+    config = {
+        **keyed(max_concurrent=1),
+        "limits": {"queue_timeout_s": 0.1},
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.5}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+    }
+    with run_stella(config) as server:
+        async with httpx.AsyncClient(timeout=10, headers=H) as c:
+            url = server.url + "/api/v1/chat"
+            first = asyncio.create_task(c.post(url, json=chat("a", "slow")))
+            await asyncio.sleep(0.2)
+            r = await c.post(url, json=chat("a"))
+            assert r.json()["error"]["message"] == "key q already has 1 request running"
+            assert (await first).status_code == 200
+
+    def refusal(config: dict) -> str:
+        with run_stella(config) as server:
+            for _ in range(2):
+                r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("a", max_tokens=1))
+            assert r.status_code == 429
+            return str(r.json()["error"]["message"])
+
+    assert refusal(keyed(requests_per_day=1)).startswith(
+        "daily quota of 1 request used up for key q (0 left)"
+    )
+    assert refusal(keyed(tokens_per_minute=1)).startswith(
+        "rate limit of 1 token per minute reached for key q"
+    )
+    by_model = {**keyed(), "limits": {"models": {"echo": {"requests_per_minute": 1}}}}
+    assert refusal(by_model).startswith("rate limit of 1 request per minute reached for model echo")

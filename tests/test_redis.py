@@ -1734,9 +1734,24 @@ def test_a_day_s_tokens_are_reserved_and_settled_across_replicas(redis: Redis) -
         used += r.json()["usage"]["total_tokens"]
         big = {**BODY, "options": {"max_tokens": 1000 - used}}  # one token more than is left
         time.sleep(1.0)
+        # Redis gives what is left of the day, no more (it has no lease to give).
         r = httpx.post(a.url + "/api/v1/chat", json=big, headers=AUTH)
-        assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
-        assert f"({1000 - used} left; this call needs {1000 - used + 2})" in r.text
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0"
+        used += r.json()["usage"]["total_tokens"]
+        time.sleep(1.0)
+        level = float(redis_store(redis).hget(_day_key(redis, "tpd:key:ops"), "level") or b"nan")
+        assert level == 1000 - used  # settled to its usage: what was left less the call's
+        # A call whose usage passes what is left (echo's answer repeats its long prompt)
+        # takes the day into debt, which holds on every replica.
+        long = {**BODY, "messages": [{"role": "user", "content": "word " * 600}]}
+        r = httpx.post(b.url + "/api/v1/chat", json=long, headers=AUTH)
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0"
+        assert r.json()["usage"]["total_tokens"] > 1000 - used
+        time.sleep(1.0)
+        for s in (a, b):  # and the day in debt: nothing left, refused everywhere
+            r = httpx.post(s.url + "/api/v1/chat", json=ask, headers=AUTH)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+            assert "(0 left)" in r.text and r.headers["x-quota-remaining"] == "0"
 
 
 async def test_the_quota_turns_at_midnight_on_every_replica(redis: Redis) -> None:
@@ -1794,3 +1809,66 @@ def test_a_redis_outage_counts_the_day_per_process_as_the_rate_limits_do(redis: 
         # Back on Redis, whose count of the day (kept on disk) is used up.
         r = httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
         assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+
+
+def _day_key(redis: Redis, name: str) -> str:
+    """The Redis key of today's daily bucket `name` (e.g. "tpd:key:ops")."""
+    sec, _ = asyncio.run(_redis_time(redis))
+    return f"stella:rl:{name}:{time.strftime('%Y-%m-%d', time.gmtime(sec))}"
+
+
+def _day_level(redis: Redis, name: str) -> float:
+    """The level Redis holds of today's daily bucket `name`."""
+    return float(redis_store(redis).hget(_day_key(redis, name), "level") or b"nan")
+
+
+def _recovered(s: Any, seen: int) -> None:
+    """Wait for `s` to find Redis back (its log's `seen`+1th `redis_recovered`)."""
+    deadline = time.monotonic() + 10
+    while len(s.events("redis_recovered")) <= seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(s.events("redis_recovered")) > seen
+
+
+def test_a_call_settles_in_the_store_that_took_its_reservation(redis: Redis) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = config(
+        redis,
+        limits={"tokens_per_day": 1000},
+        backends={"slow": {"kind": "echo", "delay_s": 0.4, "reply": "a b c d e f g h"}},
+        models={"routes": {"slow": {"backend": "slow"}}},
+    )
+    slow = {**BODY, "model": "slow", "options": {"max_tokens": 600}}  # reserves 602
+
+    def post(body: dict) -> httpx.Response:
+        return httpx.post(s.url + "/api/v1/chat", json=body, headers=AUTH, timeout=30)
+
+    with run_stella(cfg, ENV) as s, ThreadPoolExecutor(2) as pool:
+        # Reserved in Redis, settled while Redis is away: what it did not use goes back to
+        # Redis once it is back, not to the process's stand-in.
+        call = pool.submit(post, slow)
+        deadline = time.monotonic() + 5
+        while _day_level(redis, "tpd:key:ops") != 1000 - 602 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        redis.stop()
+        assert post(BODY).status_code == 200  # finds Redis away: admitted by the stand-in
+        r = call.result()
+        assert r.status_code == 200
+        used = r.json()["usage"]["total_tokens"]
+        assert used < 100
+        redis.start()
+        _recovered(s, 0)
+        eventually(lambda: _day_level(redis, "tpd:key:ops") == 1000 - used)
+        # Reserved by the stand-in while Redis is away, settled once it is back: Redis,
+        # which never took the reservation, gets none of its refund.
+        redis.stop()
+        assert post(BODY).status_code == 200
+        call = pool.submit(post, slow)
+        time.sleep(0.3)
+        redis.start()
+        _recovered(s, 1)
+        assert not call.done(), "the call ended before Redis was back"
+        assert call.result().status_code == 200
+        time.sleep(0.5)  # the settlement's flush, had it gone to Redis
+        assert _day_level(redis, "tpd:key:ops") == 1000 - used

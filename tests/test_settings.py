@@ -711,6 +711,15 @@ def test_a_bad_enabled_names_the_key(tmp_path: Path, value: str) -> None:
         ("[backends]\nx = 1\n", "backends.x: Expected `object`, got `int`"),
         ('[limits.backends]\necho = "x"\n', "limits.backends.echo: Expected `int`, got `str`"),
         ("[limits.backends]\necho = -1\n", "limits.backends.echo: Expected `int` >= 0"),
+        # A count past 2**53 would be kept as a float, and shown rounded.
+        (
+            "[limits]\nrequests_per_day = 99999999999999999999\n",
+            "limits.requests_per_day: Expected `int` <= 9007199254740992",
+        ),
+        (
+            "[auth.keys.a]\nsha256 = '" + "0" * 64 + "'\ntokens_per_day = 9007199254740993\n",
+            "auth.keys.a.tokens_per_day: Expected `int` <= 9007199254740992",
+        ),
     ],
 )
 def test_entries_of_named_tables_are_named(tmp_path: Path, text: str, message: str) -> None:

@@ -222,7 +222,10 @@ HEADERS = {
         " quota_exceeded, the first used up)",
         "integer",
     ),
-    "X-Quota-Remaining": _header("What is left of that quota today", "integer"),
+    "X-Quota-Remaining": _header(
+        "What is left of that quota today (0 also when a call's usage took it below nothing)",
+        "integer",
+    ),
     "X-Quota-Reset": _header("Seconds until the next UTC midnight, when it renews", "integer"),
     "WWW-Authenticate": _header("On a 401: Bearer, the scheme a key is sent with"),
     "Cache-Control": _header(
@@ -238,7 +241,8 @@ def _headers(status: int, op: Operation, error: bool = False) -> dict[str, Any]:
         names.append("Cache-Control")
     if error:
         names += ["x-should-retry", "X-Content-Type-Options"]
-        # 502: an upstream's own 429 (upstream_rate_limited) passes its wait on.
+        # 502: an upstream's own 429 (upstream_rate_limited) passes its wait on (unless it
+        # says not to ask again: a used-up quota's wait is not this call's).
         if status in (429, 502, 503, 529):
             names.append("Retry-After")
         if status == 401:

@@ -576,7 +576,24 @@ def error_from_response(
             + (f": {message}" if message else "")
             + "; the upstream has no such path: check the backend's base_url"
         )
+    if status == 429 and _final_refusal(code, kind, headers):
+        # A quota used up, not a rate: asked again (by stella, or by a client told it may
+        # retry) it refuses again until the quota renews, hours away. No Retry-After
+        # either: its wait is the upstream's quota's, not this call's.
+        refused = UpstreamStatus(text, upstream_status=status)
+        refused.retryable = False
+        refused.falls_back = True  # another backend has its own key, and its own quota
+        return refused
     return UpstreamStatus(text, upstream_status=status, retry_after=retry_hint(status, headers))
+
+
+def _final_refusal(code: object, kind: object, headers: Any) -> bool:
+    """Whether a 429 says not to ask again: OpenAI's `insufficient_quota` (a quota or
+    credit used up), or `x-should-retry: false` (a stella's `quota_exceeded`, and any
+    upstream that says so, as the OpenAI and Anthropic SDKs obey it)."""
+    if "insufficient_quota" in (code, kind):
+        return True
+    return str(headers.get("x-should-retry", "")).strip().lower() == "false"
 
 
 # A 404 in the upstream's own JSON error refuses this model or this request: OpenAI's (and

@@ -7,6 +7,8 @@ import json
 import re
 import sys
 
+from stella.settings import MAX_COUNT
+
 NAME = "keys"
 HELP = "make API keys: `keys new NAME` prints a key and its [auth.keys] lines; `keys hash` hashes stdin"
 
@@ -36,6 +38,8 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    if value > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT}, not {value}")
     return value
 
 

@@ -2,7 +2,8 @@
 
 The model name picks the behaviour: `ok` (default), `tools`, `die-after-3`
 (three chunks then a dropped connection), `stall` (silence), `stall-after-2`,
-`malformed`, `status-500`, `status-429`, `status-400`, `no-usage` (no usage, streamed
+`malformed`, `status-500`, `status-429`, `no-quota` (OpenAI's `insufficient_quota`),
+`status-400`, `no-usage` (no usage, streamed
 or not), `error-first` (a 200 stream whose one event is an error), `plain-error`
 (`{"error": "text"}` as mlx_lm.server sends), `gzip` (a non-stream answer gzipped
 whatever the client accepts, as a careless proxy would), `redirect` (307 elsewhere),
@@ -387,6 +388,16 @@ class FakeOpenAI:
                 429,
                 headers={"Retry-After": wait},
             )
+        if model == "no-quota":
+            # OpenAI's answer to a key whose quota (credit) is used up.
+            error = {
+                "message": "You exceeded your current quota, please check your plan and "
+                "billing details.",
+                "type": "insufficient_quota",
+                "param": None,
+                "code": "insufficient_quota",
+            }
+            return JSONResponse({"error": error}, 429)
         if model == "missing":
             error = {
                 "message": f"The model `{model}` does not exist or you do not have access to it.",
