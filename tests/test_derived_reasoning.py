@@ -322,11 +322,17 @@ def test_a_budget_never_pushes_max_tokens_past_the_output_cap(
     sent = claude.requests[-1]
     assert sent["max_tokens"] == 32000, sent
     assert sent["thinking"] == {"type": "enabled", "budget_tokens": 32000 - 1024}, sent
-    # A backend whose own max_tokens fills the cap: no room for a budget, no thinking.
+    # A backend whose own max_tokens fills the cap: the budget fits within it, at most
+    # half, as within a request's own max_tokens.
     c.chat.completions.create(model="opus41-32k", messages=HI, reasoning_effort="low")  # type: ignore[arg-type]
     assert len(claude.requests) == asked + 2
     sent = claude.requests[-1]
-    assert sent["max_tokens"] == 32000 and "thinking" not in sent, sent
+    assert sent["max_tokens"] == 32000, sent
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 1024}, sent
+    c.chat.completions.create(model="opus41-32k", messages=HI, reasoning_effort="max")  # type: ignore[arg-type]
+    sent = claude.requests[-1]
+    assert sent["max_tokens"] == 32000, sent
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 16000}, sent
 
 
 def test_a_thinking_dropped_for_a_forced_tool_call_takes_its_budget_with_it(

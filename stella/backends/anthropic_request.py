@@ -271,8 +271,9 @@ def thinking_plan(
     A client's own `thinking` (the Messages API's words) goes as it came, its `effort`
     too. Otherwise a reasoning effort (see derived_effort) is a budget (BUDGETS: max_tokens,
     when the request sets none, grows by it up to THINKING_MAX_TOKENS or the backend's own
-    max_tokens, the budget shrunk to fit; one it sets keeps at least half for the answer;
-    under 1024 the model does not think), or with `effort_as` "adaptive" adaptive thinking
+    max_tokens, the budget shrunk to fit, or within the backend's own where that leaves too
+    little; one the request sets, or the backend's then, keeps at least half for the
+    answer; under 1024 the model does not think), or with `effort_as` "adaptive" adaptive thinking
     at that effort, or with "off" nothing.
     """
     asked = request.options.max_tokens
@@ -305,11 +306,13 @@ def thinking_plan(
     budget = BUDGETS[effort]
     if asked is None:
         # Within the cap: a budget that would push max_tokens past it shrinks.
-        budget = min(budget, max(default_max, THINKING_MAX_TOKENS) - default_max)
-        if budget < MIN_THINKING_BUDGET:
-            return ThinkingPlan(None, None, plain)  # no room to think within the cap
-        thinking = {"type": "enabled", "budget_tokens": budget}
-        return ThinkingPlan(thinking, None, default_max + budget, plain)
+        above = min(budget, max(default_max, THINKING_MAX_TOKENS) - default_max)
+        if above >= MIN_THINKING_BUDGET:
+            thinking = {"type": "enabled", "budget_tokens": above}
+            return ThinkingPlan(thinking, None, default_max + above, plain)
+        # No room above the backend's own max_tokens (one set near the cap, as for
+        # agents): the budget fits within it, as within a request's own.
+        asked = default_max
     budget = min(budget, asked // 2)
     if budget < MIN_THINKING_BUDGET:
         return ThinkingPlan(None, None, asked)  # too few tokens to think and answer
