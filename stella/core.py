@@ -107,7 +107,6 @@ DRAIN_ADMIT_S = 0.5
 # The most routes' models (backend, upstream model) a process remembers of each thing it
 # learns of them from their upstreams' refusals (see LearnedModels); the oldest forgotten.
 MAX_LEARNED_MODELS = 1024
-MAX_TEXT_ONLY_MODELS = MAX_LEARNED_MODELS
 # What Ollama's runner answers (a 500) for images sent to a model without a projector.
 NO_VISION = "missing data required for image input"
 
@@ -183,14 +182,6 @@ class Pipeline:
             "Messages client's thinking or effort) and answered without it: from now on "
             "it is not asked (see the backend's reasoning_effort_as or thinking_as_effort)",
         )
-
-    def reads_text_only(self, route: Route) -> bool:
-        """Whether `route`'s model was learned to read text only (see `text_only`)."""
-        return route in self.text_only
-
-    def learned_text_only(self, route: Route) -> None:
-        """Remember that `route`'s model reads text only; a warning the first time."""
-        self.text_only.learn(route)
 
     def _route(self, request: ChatRequest, call: Call) -> Route:
         """The checked request's route, one the caller's key may use."""
@@ -735,7 +726,7 @@ class Inference:
                             opened = await self._first(route, watchdog, total_s)
                             self.attempts[-1]["tool_images"] = "notes"
                             if not isinstance(opened, StellaError):
-                                self.pipeline.learned_text_only(route)
+                                self.pipeline.text_only.learn(route)
                         if isinstance(opened, StellaError) and self._reasoning_refused(
                             route, opened
                         ):
@@ -1134,7 +1125,7 @@ class Inference:
             not refused
             or not backend.may_refuse_images
             or route.name in self.tool_notes
-            or self.pipeline.reads_text_only(route)
+            or route in self.pipeline.text_only
         ):
             return False
         seen = first_images(self.request.messages)
@@ -1162,7 +1153,7 @@ class Inference:
     def _open(self, route: Route, ctx: CallContext) -> tuple[AsyncIterator[BackendEvent], bool]:
         """The backend's events for one attempt on `route`, and whether the first is the
         whole answer (a non-stream call to a backend that asks for it in one piece)."""
-        notes = route.name in self.tool_notes or self.pipeline.reads_text_only(route)
+        notes = route.name in self.tool_notes or route in self.pipeline.text_only
         req = for_backend(self.request, route, notes)
         if self.plain_reasoning or self.pipeline.no_derived_reasoning.models:
             if route.name in self.plain_reasoning or route in self.pipeline.no_derived_reasoning:

@@ -568,9 +568,8 @@ class OllamaBackend(HttpBackend):
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[BackendEvent]:
         """Stream /api/chat and translate its lines."""
-        plain = None if self.cfg.thinking_as_effort else self.without_derived_reasoning(request)
-        if plain is not None:
-            request = plain
+        if not self.cfg.thinking_as_effort:
+            request = self.without_derived_reasoning(request) or request
         await self._loaded(request.model or "", ctx)
         body = _enc.encode(request_body(request, self.keep_alive))
         name = self.name

@@ -254,10 +254,7 @@ def request_body(
         body["response_format"] = request.response_format
     # Never invented: not every model takes it (an Anthropic dialect's thinking or effort
     # is one the client gave, in Anthropic's words: see without_derived_reasoning).
-    effort = request.reasoning_effort
-    if effort is None and (request.thinking is not None or request.effort is not None):
-        effort = effort_for(request)
-    if effort is not None:
+    if (effort := effort_for(request)) is not None:
         body["reasoning_effort"] = effort
     if stream and stream_usage:
         body["stream_options"] = {"include_usage": True}
@@ -355,11 +352,8 @@ class OpenAIBackend(HttpBackend):
         """Stream (or fetch) one completion and translate it into events."""
         stream = request.stream
         cfg = self.cfg
-        if (
-            not cfg.thinking_as_effort
-            and (plain := self.without_derived_reasoning(request)) is not None
-        ):
-            request = plain
+        if not cfg.thinking_as_effort:
+            request = self.without_derived_reasoning(request) or request
         body = _json.encode(request_body(request, stream, cfg.stream_usage, cfg.max_tokens_param))
         name = self.name
         try:
