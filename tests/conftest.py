@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import ssl
 from collections.abc import Iterator
+from typing import Any
 
+import httpx._transports.default as httpx_transports
 import pytest
 
 from stella.backends.mlx.blas import use_blas
@@ -20,6 +24,30 @@ use_blas("auto")
 # is default again in each child.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# httpx builds a new SSL context for every client, and every module-level httpx.get is
+# one: loading certifi's ~150 certificates each time costs ~55 ms of CPU, and the suite
+# makes thousands of them, nearly all to plain-HTTP servers on loopback (a third of some
+# files' time). Here the default context is built once per trust setting and shared, as
+# httpx's docs advise a program to do (`verify=ctx`); a context asked for explicitly is
+# built as before.
+_ssl_contexts: dict[tuple[bool, str | None, str | None], ssl.SSLContext] = {}
+_build_ssl_context = httpx_transports.create_ssl_context
+
+
+def _shared_ssl_context(
+    verify: ssl.SSLContext | str | bool = True, cert: Any = None, trust_env: bool = True
+) -> ssl.SSLContext:
+    """httpx's default SSL context, built once per trust setting (see above)."""
+    if verify is not True or cert is not None:
+        return _build_ssl_context(verify=verify, cert=cert, trust_env=trust_env)
+    key = (trust_env, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    if key not in _ssl_contexts:
+        _ssl_contexts[key] = _build_ssl_context(verify=True, trust_env=trust_env)
+    return _ssl_contexts[key]
+
+
+httpx_transports.create_ssl_context = _shared_ssl_context
 
 # Routes every foundation test may use: a plain echo plus echo with each failure knob.
 ECHO_ROUTES = {

@@ -209,7 +209,7 @@ def _wait_up(server: LiveServer, timeout: float) -> None:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.05)
+        time.sleep(0.02)
     raise RuntimeError("stella did not come up:\n" + "\n".join(server.lines()))
 
 
