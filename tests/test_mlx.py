@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,8 @@ def test_answers_paris(mlx_server: LiveServer) -> None:
 
 def test_same_seed_same_text(mlx_server: LiveServer) -> None:
     msgs = [{"role": "user", "content": "Write a short poem about the sea."}]
-    opts = {"temperature": 0.9, "seed": 1234, "max_tokens": 16}
+    # Eight tokens each sampled at 0.9: the two seeds part at the second one here.
+    opts = {"temperature": 0.9, "seed": 1234, "max_tokens": 8}
     a = chat(mlx_server, msgs, options=opts)["response"]
     b = chat(mlx_server, msgs, options=opts)["response"]
     c = chat(mlx_server, msgs, options={**opts, "seed": 99})["response"]
@@ -128,7 +129,8 @@ def test_same_seed_same_text(mlx_server: LiveServer) -> None:
 def test_a_seed_does_not_carry_over_to_the_next_unseeded_call(mlx_server: LiveServer) -> None:
     # MLX's generator is global: a client's seed must not fix (or let it predict) the
     # "random" answers of the unseeded calls that follow it.
-    seeded = {"temperature": 1.0, "seed": 7, "max_tokens": 4}
+    # One token is enough to seed the generator (and draw from it).
+    seeded = {"temperature": 1.0, "seed": 7, "max_tokens": 1}
     free = {"temperature": 1.5, "max_tokens": 8}
     said = set()
     for _ in range(3):
@@ -141,10 +143,11 @@ def test_a_seed_does_not_carry_over_to_the_next_unseeded_call(mlx_server: LiveSe
 def test_top_p_0_keeps_only_the_top_token(mlx_server: LiveServer) -> None:
     # The smallest nucleus is the most likely token alone, whatever the temperature (not
     # "no nucleus", which samples from the whole vocabulary).
+    # Five tokens: with the whole vocabulary these seeds part from it at the first one.
     msgs = [{"role": "user", "content": "Write a short poem about the sea."}]
-    greedy = chat(mlx_server, msgs, options={"temperature": 0, "max_tokens": 10})
+    greedy = chat(mlx_server, msgs, options={"temperature": 0, "max_tokens": 5})
     for seed in (7, 8):
-        opts = {"temperature": 1.5, "top_p": 0, "seed": seed, "max_tokens": 10}
+        opts = {"temperature": 1.5, "top_p": 0, "seed": seed, "max_tokens": 5}
         assert chat(mlx_server, msgs, options=opts)["response"] == greedy["response"]
 
 
@@ -184,7 +187,7 @@ def test_logit_bias_and_penalties_steer_the_model(mlx_server: LiveServer) -> Non
     r = httpx.post(mlx_server.url + "/v1/chat/completions", json=body, timeout=120)
     assert r.json()["choices"][0]["message"]["content"].split() == ["banana"] * 3, r.text
     apple = [{"role": "user", "content": "Say the word apple ten times."}]
-    opts = {"temperature": 0, "max_tokens": 10}
+    opts = {"temperature": 0, "max_tokens": 5}  # the answers part at the second token here
     greedy = chat(mlx_server, apple, options=opts)["response"]
     for penalty in ("presence_penalty", "frequency_penalty"):
         steered = chat(mlx_server, apple, options={**opts, penalty: 2})["response"]
@@ -329,20 +332,42 @@ def busy(max_tokens: int) -> dict:
     }
 
 
+async def first_token(lines: AsyncIterator[str]) -> None:
+    """Read a native stream up to its first delta: the worker is running its request."""
+    async for line in lines:
+        if json.loads(line)["type"] == "delta":
+            return
+    raise AssertionError("the stream ended before its first token")
+
+
+async def until_queued(client: httpx.AsyncClient, server: LiveServer, behind: int) -> None:
+    """Wait (bounded) until `behind` generations wait behind the one the engine runs."""
+    deadline = time.monotonic() + 60
+    depth = f'stella_queue_depth{{backend="local"}} {float(behind)}'
+    while depth not in (await client.get(server.url + "/metrics")).text.splitlines():
+        assert time.monotonic() < deadline, f"never {behind} waiting in the engine's queue"
+        await asyncio.sleep(0.02)
+
+
 async def test_queue_full_is_503(mlx_server: LiveServer) -> None:
-    payload = busy(40)
+    url = mlx_server.url + "/api/v1/chat"
     async with httpx.AsyncClient(timeout=120) as client:
-        running = asyncio.create_task(client.post(mlx_server.url + "/api/v1/chat", json=payload))
-        await asyncio.sleep(0.5)
-        # The one that waits need not be long: it only has to be in the queue.
-        waiting = asyncio.create_task(client.post(mlx_server.url + "/api/v1/chat", json=busy(2)))
-        await asyncio.sleep(0.3)
-        refused = await client.post(mlx_server.url + "/api/v1/chat", json=payload)
-        assert refused.status_code == 503
-        assert refused.json()["error"]["code"] == "overloaded"
-        assert int(refused.headers["retry-after"]) >= 1
-        first, second = await asyncio.gather(running, waiting)
-    assert first.status_code == 200 and second.status_code == 200
+        # Streamed, so that its first token says the worker runs it; its 19 others (~1 s)
+        # leave the two below time to arrive while it does.
+        async with client.stream("POST", url, json={**busy(20), "stream": True}) as running:
+            lines = running.aiter_lines()
+            await first_token(lines)
+            # The one that waits need not be long: it only has to be in the queue.
+            waiting = asyncio.create_task(client.post(url, json=busy(2)))
+            await until_queued(client, mlx_server, 1)
+            refused = await client.post(url, json=busy(2))
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "overloaded"
+            assert int(refused.headers["retry-after"]) >= 1
+            last = [json.loads(line) async for line in lines][-1]
+        second = await waiting
+    assert running.status_code == 200 and last["type"] == "done", last
+    assert second.status_code == 200
     assert second.json()["timings"]["queue_ms"] > 100
 
 
@@ -354,8 +379,9 @@ async def test_requests_that_arrive_together_at_an_idle_engine(mlx_server: LiveS
     payload = {
         "messages": [{"role": "user", "content": "Name three rivers of Europe, briefly."}],
         "stream": False,
-        # ~1 s each once loaded: the three are all admitted while the first runs.
-        "options": {"temperature": 0, "max_tokens": 16},
+        # ~0.5 s each once loaded: the three, sent within milliseconds, are all admitted
+        # while the first runs.
+        "options": {"temperature": 0, "max_tokens": 8},
     }
     async with httpx.AsyncClient(timeout=120) as client:
         for unload in (True, False):  # an engine loading its model, then one ready
@@ -592,7 +618,10 @@ def test_workers_share_the_cpus_among_their_blas_threads() -> None:
     # gets its share (less one CPU for its event loop).
     need_openblas()
     env = dict.fromkeys(THREAD_VARIABLES)
-    config = {"server": {"workers": 2}, "backends": {"local": {"enabled": True}}}
+    # The weights as the file has them: each load without its float32 copy (seconds here,
+    # two at once); each worker's OpenBLAS starts with its share all the same.
+    local = {"enabled": True, "dtype": "native"}
+    config = {"server": {"workers": 2}, "backends": {"local": local}}
     with run_stella(config, env, ready_timeout=180) as server:
         deadline = time.monotonic() + 180
         while len(loaded := server.events("model_loaded")) < 2:
@@ -636,13 +665,13 @@ def test_a_machine_without_openblas_is_told_how_to_get_it() -> None:
 
 def test_the_second_turn_reuses_the_first_ones_prompt(mlx_server: LiveServer) -> None:
     system = "You are a careful assistant. " + " ".join(
-        f"Rule {i}: answer briefly and politely." for i in range(40)
+        f"Rule {i}: answer briefly and politely." for i in range(20)
     )
     turn = [{"role": "system", "content": system}, {"role": "user", "content": "Hi!"}]
-    first = chat(mlx_server, turn, options={"temperature": 0, "max_tokens": 8})
+    first = chat(mlx_server, turn, options={"temperature": 0, "max_tokens": 2})
     again = turn + [first["message"], {"role": "user", "content": "And what is 2+2?"}]
-    second = chat(mlx_server, again, options={"temperature": 0, "max_tokens": 8})
-    assert first["usage"]["prompt_tokens"] > 300
+    second = chat(mlx_server, again, options={"temperature": 0, "max_tokens": 2})
+    assert first["usage"]["prompt_tokens"] > 200  # far more than the template's opening
     # The second turn reads only what the first did not: the log says how much it reused
     # (`stella bench mlx` reports what that does to its time to first token).
     mlx_server.wait_event(lambda e: e.get("request_id") == second["id"])
@@ -697,7 +726,7 @@ def test_ollama_show_and_ps_give_the_models_context_length(mlx_server: LiveServe
     assert info["general.architecture"] == "mlx" and info["mlx.context_length"] == 8192
 
 
-def test_ollama_ps_says_when_the_engine_unloads_the_model() -> None:
+def test_ollama_ps_says_when_the_engine_unloads_the_model(mlx_server: LiveServer) -> None:
     # keep_alive_s after the model's last use, as Ollama's expires_at; with keep_alive_s 0
     # never, which Ollama writes as now plus its longest duration (~292 years); a backend
     # that does not say keeps Go's zero time.
@@ -709,8 +738,10 @@ def test_ollama_ps_says_when_the_engine_unloads_the_model() -> None:
         return {m.model: m.expires_at for m in ollama.Client(host=url).ps().models}
 
     env = dict.fromkeys(THREAD_VARIABLES)
-    config = {"backends": {"local": {"enabled": True, "keep_alive_s": 300}}}
-    with run_stella(config, env, ready_timeout=180) as server:
+    # The weights as the file has them: a load without the float32 copy (seconds here),
+    # and keep_alive_s does not depend on them.
+    local = {"enabled": True, "keep_alive_s": 300, "dtype": "native"}
+    with run_stella({"backends": {"local": local}}, env, ready_timeout=180) as server:
         load = httpx.post(server.url + "/api/chat", json={"model": "smollm2-135m"}, timeout=180)
         assert load.status_code == 200, load.text
         now = datetime.now(UTC)
@@ -718,11 +749,12 @@ def test_ollama_ps_says_when_the_engine_unloads_the_model() -> None:
         soon = at["smollm2-135m:latest"] - now
         assert timedelta(seconds=290) < soon <= timedelta(seconds=301), at
         assert at["echo:latest"] == datetime(1, 1, 1, tzinfo=UTC)
-    config = {"backends": {"local": {"enabled": True}}}
-    with run_stella(config, env, ready_timeout=180) as server:
-        load = httpx.post(server.url + "/api/chat", json={"model": "smollm2-135m"}, timeout=180)
-        assert load.status_code == 200, load.text
-        assert expires(server.url)["smollm2-135m:latest"].year > 2300
+    # The module's server keeps keep_alive_s at its default, 0. An empty chat loads its
+    # model, were it unloaded by an earlier test; reading /api/ps changes nothing.
+    url = mlx_server.url
+    load = httpx.post(url + "/api/chat", json={"model": "smollm2-135m"}, timeout=180)
+    assert load.status_code == 200, load.text
+    assert expires(url)["smollm2-135m:latest"].year > 2300
 
 
 def test_gguf_import_round_trips_the_tokenizer(tmp_path: Path) -> None:
@@ -878,17 +910,21 @@ def test_json_mode_is_refused_not_ignored(mlx_server: LiveServer) -> None:
 
 async def test_a_request_given_up_in_the_queue_frees_its_place(mlx_server: LiveServer) -> None:
     # max_queue = 1: a client that stops waiting for its turn leaves the place to the next.
-    payload = busy(40)
+    url = mlx_server.url + "/api/v1/chat"
     async with httpx.AsyncClient(timeout=120) as client:
-        running = asyncio.create_task(client.post(mlx_server.url + "/api/v1/chat", json=payload))
-        await asyncio.sleep(0.5)
-        gave_up = {**payload, "metadata": {"who": "gave-up"}}
-        with pytest.raises(httpx.ReadTimeout):
-            await client.post(mlx_server.url + "/api/v1/chat", json=gave_up, timeout=0.5)
-        await asyncio.sleep(0.2)
-        after = await client.post(mlx_server.url + "/api/v1/chat", json=busy(2))
-        assert after.status_code == 200, after.text
-        assert (await running).status_code == 200
+        # Streamed, so that its first token says the worker runs it; its 29 others (~1.7 s)
+        # outlast the half second the next one waits, and the one after that's arrival.
+        async with client.stream("POST", url, json={**busy(30), "stream": True}) as running:
+            lines = running.aiter_lines()
+            await first_token(lines)
+            gave_up = {**busy(30), "metadata": {"who": "gave-up"}}
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(url, json=gave_up, timeout=0.5)
+            await until_queued(client, mlx_server, 0)  # the server saw it go
+            after = await client.post(url, json=busy(2))
+            assert after.status_code == 200, after.text
+            last = [json.loads(line) async for line in lines][-1]
+        assert running.status_code == 200 and last["type"] == "done", last
     # It took the place while the first still ran: it waited behind that one.
     assert after.json()["timings"]["queue_ms"] > 100, after.json()["timings"]
     # Its log line says how long it waited in the queue before it left (not 0).
@@ -1300,21 +1336,16 @@ async def test_an_unload_while_answering_frees_the_model_after_the_answer(
 ) -> None:
     # `ollama stop` during a generation: the answer ends whole, then the weights go.
     url = mlx_server.url
-
-    async def answer() -> list[dict]:
-        async with httpx.AsyncClient(timeout=120) as c:
-            poem = [{"role": "user", "content": "Write a long poem about the sea at night."}]
-            body = {"messages": poem, "options": {"max_tokens": 60, "temperature": 0}}
-            r = await c.post(url + "/api/v1/chat", json=body)
-            return ndjson(r.text)
-
-    running = asyncio.create_task(answer())
-    async with httpx.AsyncClient(timeout=60) as c:
-        await asyncio.sleep(1.0)  # inside the answer (60 tokens take ~4 s here)
-        assert not running.done()
-        r = await c.post(url + "/api/generate", json={"model": "smollm2-135m", "keep_alive": 0})
-        assert r.status_code == 200 and r.json()["done_reason"] == "unload"
-        lines = await running
+    poem = [{"role": "user", "content": "Write a long poem about the sea at night."}]
+    body = {"messages": poem, "options": {"max_tokens": 20, "temperature": 0}}
+    async with httpx.AsyncClient(timeout=120) as c:
+        async with c.stream("POST", url + "/api/v1/chat", json=body) as running:
+            stream = running.aiter_lines()
+            await first_token(stream)  # inside the answer: its 19 other tokens take ~1 s here
+            unload = {"model": "smollm2-135m", "keep_alive": 0}
+            r = await c.post(url + "/api/generate", json=unload)
+            assert r.status_code == 200 and r.json()["done_reason"] == "unload"
+            lines = [json.loads(line) async for line in stream]
         assert lines[-1]["type"] == "done" and lines[-1]["usage"]["completion_tokens"] >= 1
         names = [m["name"] for m in (await c.get(url + "/api/ps")).json()["models"]]
         assert "smollm2-135m:latest" not in names
