@@ -313,6 +313,14 @@ class Router:
         )
         return backend.listed_capabilities(route.upstream_model, reads)
 
+    def circuit(self, route: Route) -> str:
+        """The state of `route`'s circuit as of now: a balanced route's, the most open to
+        calls of its backends' (it serves while one of them does)."""
+        if not route.pool:
+            return self.breakers[route.backend_name].now()
+        states = {self.breakers[r.backend_name].now() for r in route.pool}
+        return next(s for s in ("closed", "half_open", "open") if s in states)
+
     def breaker(self, backend_name: str) -> CircuitBreaker:
         """The circuit breaker of a backend."""
         return self.breakers[backend_name]

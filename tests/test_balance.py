@@ -85,6 +85,8 @@ def test_sequential_calls_alternate_and_the_log_and_metrics_name_the_backend(
     metrics = httpx.get(server.url + "/metrics").text
     for backend in ("e1", "e2"):
         assert f'api="native",backend="{backend}",model="pair",status="200"' in metrics
+    listed = {m["name"]: m for m in httpx.get(server.url + "/api/v1/models").json()["models"]}
+    assert (listed["pair"]["backend"], listed["pair"]["balance"]) == ("e1", ["e2"])
 
 
 def test_a_call_in_flight_sends_the_next_to_the_idle_backend(server: LiveServer) -> None:
@@ -125,6 +127,8 @@ def test_a_failing_backend_is_answered_by_the_other_then_its_open_circuit_gets_n
     assert all(a == [("alive", None)] for a in attempts[attempts.index(failed[0]) + 1 :])
     # The model's limits are the route's, one request a call wherever it went.
     assert remaining == list(range(remaining[0], remaining[0] - 6, -1))
+    listed = {m["name"]: m for m in httpx.get(server.url + "/api/v1/models").json()["models"]}
+    assert listed["flaky"]["circuit"] == "closed"  # it serves: `alive` does
     metrics = httpx.get(server.url + "/metrics").text
     assert 'stella_backend_failures_total{backend="dead",code="upstream_error"} 1.0' in metrics
 
@@ -159,6 +163,24 @@ def test_embed_calls_spread_over_the_backends(server: LiveServer) -> None:
         assert r.status_code == 200, r.text
         got.append(logged(server, r.headers["x-request-id"])["backend"])
     assert sorted(got) == ["e1", "e2"]
+
+
+def test_a_runtime_route_balances_too(server: LiveServer) -> None:
+    url = server.url + "/api/v1/models"
+    for balance, param, said in (
+        (["nope"], "balance[0]", "unknown backend 'nope'"),
+        (["e2", "e2"], "balance[1]", "'e2' is listed twice"),
+        (["e1"], "balance[0]", "'e1' is the route's own backend"),
+    ):
+        r = httpx.post(url, json={"name": "rt", "backend": "e1", "balance": balance})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["message"].startswith(f"$.{param}: ") and said in error["message"], error
+    r = httpx.post(url, json={"name": "rt", "backend": "e1", "balance": ["e2"]})
+    assert r.status_code == 201, r.text
+    assert sorted(answered_by(server, "rt", 2)) == ["e1", "e2"]
+    listed = {m["name"]: m for m in httpx.get(url).json()["models"]}
+    assert listed["rt"]["balance"] == ["e2"]
 
 
 def router(routes: dict[str, Any], backends: dict[str, Any] | None = None) -> Router:
