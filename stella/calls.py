@@ -165,8 +165,10 @@ class Admission:
         request: ChatRequest,
         backend_held: bool,
         wait_s: float,
+        model: bool = True,
     ) -> Permit | None:
         """Admission to a route the call falls back to (its model's own limits), or None;
         `backend_held`: the call holds that backend's slot already; `wait_s`: the longest
-        wait for a slot (the call's time left)."""
+        wait for a slot (the call's time left); not `model`: another backend of the route
+        the call was admitted to (a balanced one), whose model's limits it holds."""
         return None

@@ -239,16 +239,21 @@ class Pipeline:
         """Resolve and admit; raises a StellaError that becomes an HTTP error."""
         route = self._route(request, call)
         router = self.router
-        chain = router.chain(route)
-        scope = call.principal.scope
-        if scope is not None and len(chain) > 1:
-            # A fallback is a model like any other: a key reaches only those in its scope.
-            chain = [r for r in chain if r is route or scope(r.name)]
-        text_only = False
         images = first_images(request.messages)
         if images is not None and images.total > MAX_IMAGES:
             request = _within_cap(request)
             images = first_images(request.messages)
+        if route.pool and not call.backend:  # a direct name keeps the backend it named
+            seen = images
+            route = router.pick(
+                route, None if seen is None or seen.first is None else lambda r: _reads(r, seen)
+            )
+        chain = router.chain(route, pick=True)
+        scope = call.principal.scope
+        if scope is not None and len(chain) > 1:
+            # A fallback is a model like any other: a key reaches only those in its scope.
+            chain = [r for r in chain if r.name == route.name or scope(r.name)]
+        text_only = False
         if images is not None and images.first is not None:
             chain = _image_readers(route, chain, images)
             text_only = not _reads(route, images)
@@ -278,6 +283,10 @@ class Pipeline:
         if images is not None:
             inference.images = images.total
         inference.backend_held = not skip
+        if router.busy and not skip:
+            # Counted from here, not from its first attempt: calls admitted together see
+            # each other's choice of backend.
+            inference.busy_on(route.backend_name)
         self.active.add(inference)
         return inference
 
@@ -287,6 +296,9 @@ class Pipeline:
         if model is not None and len(model) > MAX_MODEL_NAME:
             raise InvalidRequest(f"$.model: over {MAX_MODEL_NAME} characters", param="model")
         route = self._resolve(model, call)
+        if route.pool and not call.backend:
+            # The same model on each backend: the same vectors, whichever answers.
+            route = self.router.pick(route, lambda r: r.backend.makes_embeddings)
         backend = route.backend
         if not backend.makes_embeddings:
             what = f"model {model!r}" if model else "the default model"
@@ -306,8 +318,14 @@ class Pipeline:
         _check_numbers(request)
         route = self.embed_route(model, call)
         backend = route.backend
+        # A balanced route's other members serve the same model: tried after it, as a
+        # chat's are (fallbacks, other models, never).
+        chain = [route]
+        if route.pool:
+            chain += [r for r in self.router.chain(route)[1:] if r.name == route.name]
+            chain = [r for r in chain if r is route or r.backend.makes_embeddings]
         if not self.router.breakers[route.backend_name].available():
-            raise self._circuits_open(route, [route])
+            raise self._circuits_open(route, chain)
         texts = request.texts()
         # What admission reads: the inputs as the prompt (the token estimate a rate limit
         # reserves, settled with the real count) and no answer to reserve for but a token.
@@ -325,8 +343,10 @@ class Pipeline:
         if permit is None:
             permit = await self._admit_waiting(call, route, chat, True)
             waited = (time.perf_counter() - started) * 1000
-        inference = EmbedInference(self, route, [route], chat, call, permit, waited)
+        inference = EmbedInference(self, route, chain, chat, call, permit, waited)
         inference.embed_request = request
+        if self.router.busy:
+            inference.busy_on(route.backend_name)
         self.active.add(inference)
         return inference
 
@@ -470,6 +490,7 @@ class Inference:
         "attempts",
         "backend_held",
         "backend_name",
+        "busy",
         "call",
         "chain",
         "collect",
@@ -587,6 +608,21 @@ class Inference:
         self.waited_ms = admit_ms
         self.ctx: CallContext | None = None  # the last attempt's
         self.collect = not request.stream or pipeline.log_content
+        # The backend of a balanced route the call is counted on in Router.busy ("": none).
+        self.busy = ""
+
+    def busy_on(self, backend: str) -> None:
+        """Count the call as in flight on `backend` (when a balanced route has it; "": on
+        none), no longer on the one before."""
+        busy = self.pipeline.router.busy
+        was = self.busy
+        if was:
+            busy[was] -= 1
+        if backend in busy:
+            busy[backend] += 1
+            self.busy = backend
+        else:
+            self.busy = ""
 
     def start_event(self) -> Start:
         """The `start` line, sent before the backend produces anything."""
@@ -976,11 +1012,16 @@ class Inference:
         # The call holds its backend's slot already when the fallback is on the same one
         # (unless it was admitted without it, or gave it back for another backend's turn).
         held = route.backend_name == self.route.backend_name and self.backend_held
+        # Another backend of the asked route (balanced): the call holds its model's limits
+        # already, and takes that backend's slot alone.
+        model = route.name != self.route.name
         # A slot is waited for within the route's time, as its attempts are.
         now = time.perf_counter()
         left = deadline - now
         try:
-            permit = await self.pipeline.admission.admit_fallback(route, self.request, held, left)
+            permit = await self.pipeline.admission.admit_fallback(
+                route, self.request, held, left, model
+            )
         except (RateLimited, Overloaded) as exc:
             self.attempts.append(
                 {"backend": route.backend_name, "route": route.name, "error": exc.code}
@@ -1024,6 +1065,8 @@ class Inference:
         rs = route.settings
         self.backend_name = route.backend_name
         self.upstream_model = route.upstream_model
+        if self.pipeline.router.busy and route.backend_name != self.busy:
+            self.busy_on(route.backend_name)
         ctx = self.ctx = watchdog.ctx = CallContext(
             request_id=self.call.request_id,
             route=route.name,
@@ -1320,6 +1363,8 @@ class Inference:
                 last["error"] = "shutting_down" if shutdown else "client_closed"
         pipeline = self.pipeline
         pipeline.active.discard(self)
+        if self.busy:
+            self.busy_on("")
         now = self.t_end or time.perf_counter()
         # After a Done, self.usage is settled already (as the client was told); a call
         # cut short before one is settled here with what was counted.

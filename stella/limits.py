@@ -336,11 +336,19 @@ class Limiter(Admission):
         request: ChatRequest,
         backend_held: bool,
         wait_s: float,
+        model: bool = True,
     ) -> Permit | None:
         """Admission to a fallback route: its model's limits and its backend's slots (the
         key's were taken for the call, and the backend's too when `backend_held`), a slot
-        waited for at most `wait_s` (the call's time left). None when none apply; raises
+        waited for at most `wait_s` (the call's time left). Not `model`: another backend
+        of the call's own route (balanced), its slot alone. None when none apply; raises
         as `admit` does."""
+        if not model:
+            size = 0 if backend_held else self.limits.backends.get(route.backend_name, 0)
+            if not size:
+                return None
+            plan = _Plan(None, [], [(f"backend:{route.backend_name}", size)])
+            return await self._admit(plan, request, wait_s, count=False)
         plan = self._plan(None, route, backend_slot=not backend_held)
         if not plan.buckets and not plan.slots:
             return None

@@ -797,6 +797,8 @@ class ModelInfo(msgspec.Struct):
     upstream_model: str = ""
     aliases: list[str] = []
     fallbacks: list[str] = []
+    # The other backends the route balances over (its `backend` first, above).
+    balance: list[str] = []
     loaded: bool = False
     default: bool = False
     capabilities: list[str] = []

@@ -1,4 +1,5 @@
-"""The model table: names and aliases to routes, fallbacks, circuit breakers."""
+"""The model table: names and aliases to routes, balanced backends, fallbacks, circuit
+breakers."""
 
 from __future__ import annotations
 
@@ -121,6 +122,11 @@ class Route:
     aliases: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     runtime: bool = False
+    # A balanced route (`balance`): one Route per backend serving it, the route's own
+    # first, each with the route's name and settings; the same tuple in every one of them.
+    pool: tuple[Route, ...] = ()
+    # The pool member a tie goes to next (kept on the first): light traffic spreads too.
+    turn: int = 0
 
 
 class Router:
@@ -137,6 +143,9 @@ class Router:
         # before it ended still counts under its name (metrics label only these).
         self.ever: set[str] = set()
         self._names: dict[str, str] = {}
+        # Calls in flight from this process on each backend of a balanced route (counted
+        # by the pipeline's inferences, see Inference.busy_on): what `pick` weighs.
+        self.busy: dict[str, int] = {}
         b = settings.breaker
         self.breakers = {
             name: CircuitBreaker(b.failure_threshold, b.cooldown_s, name) for name in backends
@@ -157,23 +166,59 @@ class Router:
         return ""
 
     def _add(self, name: str, rs: RouteSettings, *, runtime: bool) -> Route:
-        backend = self.backends[rs.backend]
-        route = Route(
-            name=name,
-            backend_name=rs.backend,
-            backend=backend,
-            upstream_model=rs.upstream_model or name,
-            settings=rs,
-            aliases=list(rs.aliases),
-            fallbacks=list(rs.fallbacks),
-            runtime=runtime,
-        )
+        route = self._member(name, rs, rs.backend, runtime)
+        # A balanced backend that is disabled (or, for a stored route, unknown here) is
+        # left out; the route's own `backend` decides whether the route is there at all.
+        others = [b for b in rs.balance if b in self.backends and b != rs.backend]
+        if others:
+            pool = (route, *(self._member(name, rs, b, runtime) for b in dict.fromkeys(others)))
+            for member in pool:
+                member.pool = pool
+                self.busy.setdefault(member.backend_name, 0)
         self.routes[name] = route
         self.ever.add(name)
         self._names[name] = name
         for alias in rs.aliases:
             self._names.setdefault(alias, name)
         return route
+
+    def _member(self, name: str, rs: RouteSettings, backend: str, runtime: bool) -> Route:
+        """Route `name` as served by `backend` (its own, or one it balances over)."""
+        return Route(
+            name=name,
+            backend_name=backend,
+            backend=self.backends[backend],
+            upstream_model=rs.upstream_model or name,
+            settings=rs,
+            aliases=list(rs.aliases),
+            fallbacks=list(rs.fallbacks),
+            runtime=runtime,
+        )
+
+    def pick(self, route: Route, usable: Callable[[Route], bool] | None = None) -> Route:
+        """The member of balanced `route`'s pool a call goes to: of those whose circuit lets
+        a call go, the one with the fewest calls in flight (a tie: the next in turn), one
+        that is `usable` (e.g. reads the call's images) before one that is not. All
+        circuits open: the route's own member (the caller says so, as for any route)."""
+        pool = route.pool
+        first = pool[0]
+        n = len(pool)
+        turn = first.turn
+        first.turn = turn + 1 if turn + 1 < n else 0
+        busy = self.busy
+        breakers = self.breakers
+        best = first
+        least = -1
+        for i in range(n):
+            member = pool[(turn + i) % n]
+            if not breakers[member.backend_name].available():
+                continue
+            load = busy[member.backend_name]
+            if usable is not None and not usable(member):
+                load += 1 << 30  # any usable member first, however busy
+            if least < 0 or load < least:
+                best, least = member, load
+        return best
 
     def knows(self, name: str) -> bool:
         """Whether `name` is a route's name or alias (or `default`)."""
@@ -216,9 +261,11 @@ class Router:
         upstream = upstream_model or self.resolve(None).upstream_model
         # A configured route by another name: its limits, time limits and fallbacks
         # hold, whichever name the client used (one the key may use, if several).
+        # A balanced route's member on that backend: the call starts there.
         matches = [
             r
-            for r in self.routes.values()
+            for route in self.routes.values()
+            for r in (route.pool or (route,))
             if r.backend_name == backend and r.upstream_model == upstream
         ]
         for route in matches:
@@ -234,17 +281,25 @@ class Router:
             settings=RouteSettings(backend=backend),
         )
 
-    def chain(self, route: Route) -> list[Route]:
-        """The route followed by its fallbacks, each once."""
-        if not route.fallbacks:
+    def chain(self, route: Route, pick: bool = False) -> list[Route]:
+        """The route (a balanced route's member) followed by its pool's other members, then
+        by its fallbacks, each once: a balanced fallback as its own member, or with `pick`
+        as the one `pick` chooses (a call's chain)."""
+        pool = route.pool
+        if not route.fallbacks and not pool:
             return [route]
         out = [route]
+        if pool:
+            at = pool.index(route)
+            out += pool[at + 1 :]
+            out += pool[:at]
         seen = {route.name}
         for name in route.fallbacks:
             target = self._names.get(name)
             if target and target not in seen:
                 seen.add(target)
-                out.append(self.routes[target])
+                fallback = self.routes[target]
+                out.append(self.pick(fallback) if pick and fallback.pool else fallback)
         return out
 
     def capabilities(self, route: Route, allowed: Allowed | None = None) -> list[str]:
@@ -257,6 +312,14 @@ class Router:
             if allowed is None or allowed(r.name)
         )
         return backend.listed_capabilities(route.upstream_model, reads)
+
+    def circuit(self, route: Route) -> str:
+        """The state of `route`'s circuit as of now: a balanced route's, the most open to
+        calls of its backends' (it serves while one of them does)."""
+        if not route.pool:
+            return self.breakers[route.backend_name].now()
+        states = {self.breakers[r.backend_name].now() for r in route.pool}
+        return next(s for s in ("closed", "half_open", "open") if s in states)
 
     def breaker(self, backend_name: str) -> CircuitBreaker:
         """The circuit breaker of a backend."""
@@ -297,6 +360,20 @@ class Router:
         existing = self.routes.get(name)
         if existing is not None and not existing.runtime:
             raise Conflict(f"model {name!r} is configured in the config file; it can't be replaced")
+        for i, other in enumerate(rs.balance if check_fallbacks else ()):
+            # A stored route takes what this process has (see _add); a new one is refused.
+            if other not in self.backends:
+                why = (
+                    f"backend {other!r} is configured but disabled "
+                    f"(backends.{other}.enabled = false)"
+                    if other in self.settings.backends
+                    else f"unknown backend {other!r}; known: {sorted(self.backends)}"
+                )
+                raise InvalidRequest(f"$.balance[{i}]: {why}", param=f"balance[{i}]")
+            if other == rs.backend:
+                raise InvalidRequest(
+                    f"$.balance[{i}]: {other!r} is the route's own backend", param=f"balance[{i}]"
+                )
         for i, fb in enumerate(rs.fallbacks if check_fallbacks else ()):
             if fb not in self._names:
                 raise InvalidRequest(

@@ -95,6 +95,9 @@ class RouteSettings(Section):
     upstream_model: str = ""
     aliases: list[str] = []
     fallbacks: list[str] = []
+    # More backends serving the same upstream model: a call goes to the least busy of
+    # these and `backend` (see routing.Router.pick), the others follow it in its chain.
+    balance: list[str] = []
     # Timeouts: connect is the backend's; these bound the stream as the client sees it.
     ttft_timeout_s: Positive = 120.0
     # A non-stream call to an upstream that answers in one piece (OpenAI-compatible)
@@ -772,6 +775,16 @@ def _check(s: Settings) -> None:
                 f"models.routes.{name}.backend: unknown backend {route.backend!r}; "
                 f"known: {sorted(s.backends)}"
             )
+        for i, other in enumerate(route.balance):
+            where = f"models.routes.{name}.balance[{i}]"
+            if other not in s.backends:
+                raise ConfigError(
+                    f"{where}: unknown backend {other!r}; known: {sorted(s.backends)}"
+                )
+            if other == route.backend:
+                raise ConfigError(f"{where}: {other!r} is the route's own backend")
+            if other in route.balance[:i]:
+                raise ConfigError(f"{where}: {other!r} is listed twice")
         for fb in route.fallbacks:
             if fb not in s.models.routes:
                 raise ConfigError(f"models.routes.{name}.fallbacks: unknown route {fb!r}")

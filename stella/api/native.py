@@ -77,6 +77,10 @@ class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):
     # the default model): checked as the name is. Each once (see _once).
     aliases: Annotated[list[RouteName], Meta(max_length=MAX_ROUTE_NAMES)] = []
     fallbacks: Annotated[list[str], Meta(max_length=MAX_ROUTE_NAMES)] = []
+    # More backends serving the same upstream model: a call goes to the least busy.
+    balance: Annotated[
+        list[Annotated[str, Meta(min_length=1)]], Meta(max_length=MAX_ROUTE_NAMES)
+    ] = []
 
 
 _register = msgspec.json.Decoder(RegisterRoute)
@@ -164,10 +168,11 @@ async def model_infos(request: Request, call: Call) -> ModelList:
                 upstream_model=route.upstream_model,
                 aliases=route.aliases,
                 fallbacks=fallbacks,
+                balance=[r.backend_name for r in route.pool[1:]],
                 loaded=backend.loaded(route.upstream_model),
                 default=route.name == router.default,
                 capabilities=router.capabilities(route, call.principal.scope),
-                circuit=router.breaker(route.backend_name).now(),
+                circuit=router.circuit(route),
                 memory_bytes=backend.memory_bytes(route.upstream_model),
             )
         )
@@ -239,7 +244,8 @@ async def switch_model(request: Request, call: Call) -> Response:
 
 
 def _once(field: str, names: list[str]) -> None:
-    """Refuse a name listed twice (a route's aliases or fallbacks), by the repeat's path."""
+    """Refuse a name listed twice (a route's aliases, fallbacks or balanced backends), by
+    the repeat's path."""
     seen: set[str] = set()
     for i, name in enumerate(names):
         if name in seen:
@@ -271,6 +277,7 @@ async def register_model(request: Request, call: Call) -> Response:
         logged["name"] = spec.name  # named in the log from here, a refused list too
         _once("aliases", spec.aliases)
         _once("fallbacks", spec.fallbacks)
+        _once("balance", spec.balance)
         problem = upstream_model_problem(spec.upstream_model)
         if problem:
             raise InvalidRequest(f"$.upstream_model: {problem}", param="upstream_model")
@@ -284,6 +291,7 @@ async def register_model(request: Request, call: Call) -> Response:
             upstream_model=spec.upstream_model,
             aliases=spec.aliases,
             fallbacks=spec.fallbacks,
+            balance=spec.balance,
         )
         router = svc.router
 

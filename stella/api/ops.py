@@ -81,6 +81,9 @@ async def ready(request: Request) -> Response:
             )
             if serving is None:
                 checks["circuit"] = f"{who}open"
+            elif serving.name == route.name:  # a balanced route's other backend
+                other = f"backend {serving.backend_name!r}" if named else "another backend"
+                checks["circuit"] = f"ok ({who}open; {other} answers)"
             else:
                 fallback = f"fallback {serving.name!r}" if named else "a fallback"
                 checks["circuit"] = f"ok ({who}open; {fallback} answers)"

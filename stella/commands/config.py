@@ -71,9 +71,12 @@ def run(args: argparse.Namespace) -> int:
         # there): serve would start, and answer that route with errors only.
         problems: dict[str, list[str]] = {}
         for name, route in settings.models.routes.items():
-            backend = services.backends.get(route.backend)
-            if backend is not None and (problem := backend.preflight(route.upstream_model or name)):
-                problems.setdefault(problem, []).append(name)
+            for backend_name in (route.backend, *route.balance):
+                backend = services.backends.get(backend_name)
+                if backend is not None and (
+                    problem := backend.preflight(route.upstream_model or name)
+                ):
+                    problems.setdefault(problem, []).append(name)
         for problem, routes in problems.items():
             print(
                 f"stella: config error: {problem} (routes using it: {', '.join(routes)})",

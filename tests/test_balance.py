@@ -1,0 +1,243 @@
+"""Load balancing: a route served by several backends (`balance`) sends each call to the
+least busy one whose circuit lets it go, the others next in its chain, then its fallbacks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+
+from stella.backends import ConfigError, build_backend, registry
+from stella.errors import InvalidRequest
+from stella.routing import Router
+from stella.settings import RouteSettings, enabled_backends, load_settings
+from tests.live import LiveServer, run_stella
+
+FAILS = {"kind": "echo", "fail_before_first": True}
+CONFIG: dict[str, Any] = {
+    "backends": {
+        "e1": {"kind": "echo"},
+        "e2": {"kind": "echo"},
+        "s1": {"kind": "echo", "delay_s": 0.05},
+        "s2": {"kind": "echo", "delay_s": 0.05},
+        "dead": FAILS,
+        "alive": {"kind": "echo"},
+        "bad1": FAILS,
+        "bad2": FAILS,
+    },
+    "models": {
+        "routes": {
+            "pair": {"backend": "e1", "balance": ["e2"]},
+            "busy": {"backend": "s1", "balance": ["s2"]},
+            "flaky": {"backend": "dead", "balance": ["alive"], "retries": 0},
+            "doomed": {"backend": "bad1", "balance": ["bad2"], "retries": 0, "fallbacks": ["echo"]},
+            "stranded": {"backend": "bad1", "balance": ["bad2"], "retries": 0},
+        }
+    },
+    # One failure opens a circuit, for the rest of the module.
+    "breaker": {"failure_threshold": 1, "cooldown_s": 60},
+    # A daily quota: it never refills, so it counts exactly.
+    "limits": {"models": {"flaky": {"requests_per_day": 1000}}},
+}
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[LiveServer]:
+    with run_stella(CONFIG) as s:
+        yield s
+
+
+def chat(s: LiveServer, model: str, text: str = "hi") -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "stream": False}
+    return httpx.post(s.url + "/api/v1/chat", json=body, timeout=10)
+
+
+def logged(s: LiveServer, request_id: str) -> dict[str, Any]:
+    return s.wait_event(lambda ev: ev["request_id"] == request_id)
+
+
+def answered_by(s: LiveServer, model: str, calls: int) -> list[str]:
+    """The backend each of `calls` sequential calls was answered by, as its log says."""
+    out = []
+    for _ in range(calls):
+        r = chat(s, model)
+        assert r.status_code == 200, r.text
+        ev = logged(s, r.json()["id"])
+        assert ev["backend"] == r.json()["backend"]
+        out.append(ev["backend"])
+    return out
+
+
+def test_sequential_calls_alternate_and_the_log_and_metrics_name_the_backend(
+    server: LiveServer,
+) -> None:
+    got = answered_by(server, "pair", 4)
+    assert sorted(got[:2]) == ["e1", "e2"] and got[2:] == got[:2]
+    # A stream's start line names the backend chosen for it.
+    body = {"model": "pair", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", server.url + "/api/v1/chat", json=body) as r:
+        start = json.loads(next(r.iter_lines()))
+    assert start["type"] == "start" and start["backend"] == got[0]
+    metrics = httpx.get(server.url + "/metrics").text
+    for backend in ("e1", "e2"):
+        assert f'api="native",backend="{backend}",model="pair",status="200"' in metrics
+    listed = {m["name"]: m for m in httpx.get(server.url + "/api/v1/models").json()["models"]}
+    assert (listed["pair"]["backend"], listed["pair"]["balance"]) == ("e1", ["e2"])
+
+
+def test_a_call_in_flight_sends_the_next_to_the_idle_backend(server: LiveServer) -> None:
+    long = " ".join(["word"] * 40)  # 40 tokens, 50 ms apart: two seconds
+    body = {"model": "busy", "messages": [{"role": "user", "content": long}]}
+    with httpx.stream("POST", server.url + "/api/v1/chat", json=body, timeout=10) as r:
+        lines = r.iter_lines()
+        start = json.loads(next(lines))
+        held = start["backend"]
+        next(lines)  # a token: the call is on its backend
+        idle = {"s1": "s2", "s2": "s1"}[held]
+        # Round robin alone would send one of these to the busy backend.
+        assert answered_by(server, "busy", 3) == [idle] * 3
+    # The client left: the call is no longer counted on its backend, and calls spread again.
+    server.wait_event(
+        lambda ev: ev["request_id"] == start["id"] and ev["finish_reason"] == "client_closed"
+    )
+    assert sorted(answered_by(server, "busy", 2)) == ["s1", "s2"]
+
+
+def test_a_failing_backend_is_answered_by_the_other_then_its_open_circuit_gets_nothing(
+    server: LiveServer,
+) -> None:
+    remaining = []
+    attempts = []
+    for _ in range(6):
+        r = chat(server, "flaky")
+        assert r.status_code == 200 and r.json()["backend"] == "alive", r.text
+        remaining.append(int(r.headers["x-quota-remaining"]))
+        attempts.append(
+            [(a["backend"], a["error"]) for a in logged(server, r.json()["id"])["attempts"]]
+        )
+    # `dead` is tried once (the first or the second call, by turn), answered within the
+    # same request by `alive`; its circuit open, it gets nothing more.
+    failed = [a for a in attempts if len(a) > 1]
+    assert failed == [[("dead", "upstream_error"), ("alive", None)]]
+    assert attempts.index(failed[0]) < 2
+    assert all(a == [("alive", None)] for a in attempts[attempts.index(failed[0]) + 1 :])
+    # The model's limits are the route's, one request a call wherever it went.
+    assert remaining == list(range(remaining[0], remaining[0] - 6, -1))
+    listed = {m["name"]: m for m in httpx.get(server.url + "/api/v1/models").json()["models"]}
+    assert listed["flaky"]["circuit"] == "closed"  # it serves: `alive` does
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'stella_backend_failures_total{backend="dead",code="upstream_error"} 1.0' in metrics
+
+
+def test_fallbacks_follow_the_balanced_backends(server: LiveServer) -> None:
+    r = chat(server, "doomed")
+    assert r.status_code == 200 and r.json()["backend"] == "echo"
+    tried = [
+        (a["backend"], a["route"], a["error"]) for a in logged(server, r.json()["id"])["attempts"]
+    ]
+    assert sorted(tried[:2]) == [
+        ("bad1", "doomed", "upstream_error"),
+        ("bad2", "doomed", "upstream_error"),
+    ]
+    assert tried[2:] == [("echo", "echo", None)]
+    # Both circuits open now: neither is sent anything, the fallback answers.
+    r = chat(server, "doomed")
+    tried = [(a["backend"], a["error"]) for a in logged(server, r.json()["id"])["attempts"]]
+    assert tried == [("bad1", "circuit_open"), ("bad2", "circuit_open"), ("echo", None)]
+    # Without a fallback: the usual 503, naming every backend of the route.
+    r = chat(server, "stranded")
+    assert r.status_code == 503
+    assert r.json()["error"]["message"] == (
+        "model 'stranded' is unavailable: backends 'bad1', 'bad2' have their circuits open"
+    )
+
+
+def test_embed_calls_spread_over_the_backends(server: LiveServer) -> None:
+    got = []
+    for _ in range(2):
+        r = httpx.post(server.url + "/api/v1/embed", json={"model": "pair", "input": ["a b"]})
+        assert r.status_code == 200, r.text
+        got.append(logged(server, r.headers["x-request-id"])["backend"])
+    assert sorted(got) == ["e1", "e2"]
+
+
+def test_a_runtime_route_balances_too(server: LiveServer) -> None:
+    url = server.url + "/api/v1/models"
+    for balance, param, said in (
+        (["nope"], "balance[0]", "unknown backend 'nope'"),
+        (["e2", "e2"], "balance[1]", "'e2' is listed twice"),
+        (["e1"], "balance[0]", "'e1' is the route's own backend"),
+    ):
+        r = httpx.post(url, json={"name": "rt", "backend": "e1", "balance": balance})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["message"].startswith(f"$.{param}: ") and said in error["message"], error
+    r = httpx.post(url, json={"name": "rt", "backend": "e1", "balance": ["e2"]})
+    assert r.status_code == 201, r.text
+    assert sorted(answered_by(server, "rt", 2)) == ["e1", "e2"]
+    listed = {m["name"]: m for m in httpx.get(url).json()["models"]}
+    assert listed["rt"]["balance"] == ["e2"]
+
+
+def router(routes: dict[str, Any], backends: dict[str, Any] | None = None) -> Router:
+    settings = load_settings(
+        {
+            "backends": {
+                "local": {"enabled": False},
+                "other": {"kind": "echo"},
+                **(backends or {}),
+            },
+            "models": {"default": "echo", "routes": routes},
+        },
+        environ={},
+    )
+    kinds = registry()
+    made = {n: build_backend(n, t, kinds) for n, t in enabled_backends(settings).items()}
+    return Router(settings, made)
+
+
+@pytest.mark.parametrize(
+    ("balance", "error"),
+    [
+        (["nope"], "models.routes.m.balance[0]: unknown backend 'nope'; known: "),
+        (["other", "other"], "models.routes.m.balance[1]: 'other' is listed twice"),
+        (["other", "echo"], "models.routes.m.balance[1]: 'echo' is the route's own backend"),
+    ],
+)
+def test_a_bad_balance_is_a_config_error_naming_the_key(balance: list[str], error: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        router({"m": {"backend": "echo", "balance": balance}})
+    assert str(info.value).startswith(error)
+
+
+def test_a_disabled_backend_is_left_out_and_a_stored_route_round_trips() -> None:
+    r = router({"m": {"backend": "echo", "balance": ["local", "other"]}})
+    assert [m.backend_name for m in r.routes["m"].pool] == ["echo", "other"]
+    # As the state store holds it (Redis: JSON), read back by every replica.
+    stored = msgspec.json.decode(
+        msgspec.json.encode(msgspec.to_builtins(RouteSettings(backend="echo", balance=["other"])))
+    )
+    r.apply_stored({"rt": msgspec.convert(stored, RouteSettings)}, None)
+    assert [m.backend_name for m in r.routes["rt"].pool] == ["echo", "other"]
+    # A new runtime route naming a disabled one is told so.
+    with pytest.raises(
+        InvalidRequest, match=r"^\$\.balance\[0\]: backend 'local' is configured but disabled"
+    ):
+        r.register("rt2", RouteSettings(backend="echo", balance=["local"]))
+
+
+def test_a_request_with_images_goes_to_a_backend_that_reads_them() -> None:
+    vision = {"vision": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}}
+    r = router({"m": {"backend": "echo", "balance": ["vision"]}}, vision)
+    route = r.routes["m"]
+    r.busy["vision"] = 5  # far busier than echo, and still the one that reads images
+    reads = [r.pick(route, lambda m: m.backend.reads_images).backend_name for _ in range(2)]
+    assert reads == ["vision", "vision"]
+    assert sorted(r.pick(route).backend_name for _ in range(2)) == ["echo", "echo"]
+    # Listed as reading images: a user's images go to the backend that reads them.
+    assert "images" in r.capabilities(route)
+    assert "images" not in r.capabilities(router({"m": {"backend": "echo"}}).routes["m"])
