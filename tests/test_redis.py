@@ -369,12 +369,12 @@ async def test_a_stalled_redis_holds_up_only_its_probe_on_a_leased_key(
 
     from stella import state_redis
 
-    # 6000 a minute: the bucket leases. Once the outage is known, the second's probe
-    # waits for its timeout; the calls beside it go to the local stand-in at once,
-    # instead of waiting for the probe as for a lease top-up.
-    # A lease kept, and a probe due, for 0.2 s rather than a second: the waits for them
-    # below are that much shorter; Redis's 1 s timeout, which the others must not wait
-    # out, stays.
+    # 6000 a minute: the bucket leases. Once the outage is known, the next probe waits
+    # for its timeout; the calls beside it go to the local stand-in at once, instead of
+    # waiting for the probe as for a lease top-up.
+    # A lease kept, and the next probe due, after 0.2 s rather than a second: the waits
+    # for them below are that much shorter; Redis's 1 s timeout, which the others must
+    # not wait out, stays.
     monkeypatch.setattr(state_redis, "LEASE_S", 0.2)
     monkeypatch.setattr(state_redis, "REDIS_RETRY_S", 0.2)
     st = redis_state(redis, "stall-lease")
@@ -472,11 +472,10 @@ def test_token_reservations_are_settled_in_redis(redis: Redis) -> None:
     def settles(r: httpx.Response, refund: bool) -> None:
         """Wait for the settlement of the call `r` answered to reach Redis (it goes every
         0.1 s), before the next call. The call's take left the bucket's stored level at
-        what its X-RateLimit-Remaining says (a reservation under 1% of the bucket leases
-        nothing); only the settlement writes it again, up for a refund, down for a
+        what its X-RateLimit-Remaining says (a reservation over 1% of the bucket takes
+        no lease); only the settlement writes it again, up for a refund, down for a
         charge (the refill in between is a few tokens, a settlement 150 and more)."""
         left = int(r.headers["x-ratelimit-remaining"])
-
         deadline = time.monotonic() + 10
         while True:
             level = float(store.hget("stella:rl:tpm:key:ops", "level") or b"nan")
