@@ -14,6 +14,11 @@ from tests.live import ndjson, run_stella
 
 KEY = "sk-limits-test-0001"
 
+# The client of the plain calls below: httpx.post() and its kin build a client, with its
+# TLS context (some 50 ms of CPU), for every call, and these tests make hundreds. None
+# keeps a connection between calls, as those functions do not.
+http = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
+
 
 def sha(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
@@ -34,11 +39,11 @@ def test_tokens_per_minute_reserve_then_settle() -> None:
         h = {"Authorization": f"Bearer {KEY}"}
         # Each call reserves 60 tokens but uses 6: settling refunds 54, so many fit.
         for _ in range(5):
-            r = httpx.post(server.url + "/api/v1/chat", headers=h, json=body(max_tokens=60))
+            r = http.post(server.url + "/api/v1/chat", headers=h, json=body(max_tokens=60))
             assert r.status_code == 200, r.text
             assert r.headers["x-ratelimit-limit"] == "100"
         # A reservation over what is left is refused with the token limit named.
-        r = httpx.post(server.url + "/api/v1/chat", headers=h, json=body(max_tokens=100))
+        r = http.post(server.url + "/api/v1/chat", headers=h, json=body(max_tokens=100))
         assert r.status_code == 429 and "tokens per minute" in r.json()["error"]["message"]
 
 
@@ -57,10 +62,10 @@ def test_tool_definitions_are_reserved_as_part_of_the_prompt() -> None:
     }
     with run_stella({"auth": {"keys": keys}}) as server:
         plain = body("hi", max_tokens=10)
-        r = httpx.post(server.url + "/api/v1/chat", headers={"X-API-Key": KEY}, json=plain)
+        r = http.post(server.url + "/api/v1/chat", headers={"X-API-Key": KEY}, json=plain)
         assert r.status_code == 200 and r.headers["x-ratelimit-remaining"] == str(100_000 - 10)
         # Each key's bucket starts full: what is left is the reservation, read at admission.
-        r = httpx.post(
+        r = http.post(
             server.url + "/api/v1/chat",
             headers={"X-API-Key": other},
             json={**plain, "tools": [tool]},
@@ -78,9 +83,9 @@ def test_a_refusal_s_headers_describe_the_limit_that_refused() -> None:
     with run_stella(config) as server:
         h = {"Authorization": f"Bearer {KEY}"}
         # max_tokens over the bucket reserves all of it: the second call finds it short.
-        r = httpx.post(server.url + "/api/v1/chat", headers=h, json=body(max_tokens=300))
+        r = http.post(server.url + "/api/v1/chat", headers=h, json=body(max_tokens=300))
         assert r.status_code == 200 and r.headers["x-ratelimit-limit"] == "30"
-        r = httpx.post(server.url + "/api/v1/chat", headers=h, json=body(max_tokens=300))
+        r = http.post(server.url + "/api/v1/chat", headers=h, json=body(max_tokens=300))
         assert r.status_code == 429 and "200 tokens per minute" in r.json()["error"]["message"]
         assert r.headers["x-ratelimit-limit"] == "200"  # not the requests' 30, with room left
         assert int(r.headers["x-ratelimit-remaining"]) < 200
@@ -143,9 +148,9 @@ async def test_a_call_refused_for_want_of_a_slot_costs_no_request() -> None:
 def test_per_model_requests_per_minute() -> None:
     config = {"limits": {"models": {"echo": {"requests_per_minute": 3}}}}
     with run_stella(config) as server:
-        codes = [httpx.post(server.url + "/api/v1/chat", json=body()).status_code for _ in range(5)]
+        codes = [http.post(server.url + "/api/v1/chat", json=body()).status_code for _ in range(5)]
         assert codes == [200, 200, 200, 429, 429]
-        r = httpx.post(server.url + "/api/v1/chat", json=body())
+        r = http.post(server.url + "/api/v1/chat", json=body())
         assert "model echo" in r.json()["error"]["message"]
         assert int(r.headers["retry-after"]) >= 1
         assert r.headers["x-ratelimit-remaining"] == "0"
@@ -223,10 +228,11 @@ async def one_wait_for_every_slot(extra: dict[str, object]) -> None:
     with run_stella(config, {"STELLA_API_KEYS": f"admin={KEY}"}) as server:
         url = server.url + "/api/v1/chat"
         async with httpx.AsyncClient(timeout=30) as c:
-            # The admin's call holds the backend's one slot for ~3 s; the key's first
-            # call holds the key's one slot for ~0.8 s, on another backend.
+            # The admin's call holds the backend's one slot for ~2 s (past the refusal's
+            # ~1.1 s, with a margin for a loaded machine); the key's first call holds the
+            # key's one slot for ~0.8 s, on another backend.
             holders = [
-                asyncio.create_task(c.post(url, **call(KEY, "held", 15))),
+                asyncio.create_task(c.post(url, **call(KEY, "held", 10))),
                 asyncio.create_task(c.post(url, **call(user, "free", 4))),
             ]
             try:
@@ -285,7 +291,7 @@ def test_tokens_a_fallback_made_count_for_its_model_not_the_one_asked_for() -> N
     ask["model"] = "primary"
     with run_stella(config) as server:
         for _ in range(5):
-            r = httpx.post(server.url + "/api/v1/chat", json=ask)
+            r = http.post(server.url + "/api/v1/chat", json=ask)
             assert r.status_code == 200, r.text
             assert r.json()["backend"] == "echo" and r.json()["usage"]["total_tokens"] == 80
 
@@ -313,7 +319,7 @@ def test_tokens_the_asked_model_made_before_failing_count_for_it() -> None:
     with run_stella(config) as server:
         codes = []
         for _ in range(4):
-            r = httpx.post(server.url + "/api/v1/chat", json=ask)
+            r = http.post(server.url + "/api/v1/chat", json=ask)
             codes.append(r.status_code)
             if r.status_code == 200:
                 assert r.json()["backend"] == "short"
@@ -343,7 +349,7 @@ def test_a_fallback_holds_to_the_keys_scope_and_its_own_limits() -> None:
     with run_stella(config, {"STELLA_API_KEYS": f"admin={KEY}"}) as server:
 
         def ask(key: str) -> dict:
-            r = httpx.post(
+            r = http.post(
                 server.url + "/api/v1/chat",
                 headers={"Authorization": f"Bearer {key}"},
                 json={**body("hi"), "model": "cheap"},
@@ -378,10 +384,10 @@ def test_a_direct_name_for_a_configured_route_is_that_route() -> None:
     with run_stella(config) as server:
         codes = []
         for name in ("premium-model", "premium/premium-model", "premium/premium-model"):
-            r = httpx.post(server.url + "/api/v1/chat", json={**body(), "model": name})
+            r = http.post(server.url + "/api/v1/chat", json={**body(), "model": name})
             codes.append(r.status_code)
         assert codes == [200, 200, 429]
-        r = httpx.post(server.url + "/api/v1/chat", json={**body(), "model": "premium/other"})
+        r = http.post(server.url + "/api/v1/chat", json={**body(), "model": "premium/other"})
         assert r.status_code == 200 and r.json()["model"] == "premium/other"
 
 
@@ -401,7 +407,7 @@ def test_a_fallback_on_the_same_backend_does_not_wait_for_its_own_slot() -> None
     }
     with run_stella(config) as server:
         started = time.monotonic()
-        r = httpx.post(server.url + "/api/v1/chat", json={**body("hi"), "model": "a"})
+        r = http.post(server.url + "/api/v1/chat", json={**body("hi"), "model": "a"})
         assert r.status_code == 200, r.text
         assert time.monotonic() - started < 0.5
         event = server.wait_event(lambda e: e["model"] == "a")
@@ -432,7 +438,7 @@ def test_a_direct_name_finds_the_route_the_key_may_use() -> None:
     with run_stella(config, {"STELLA_API_KEYS": f"admin={KEY}"}) as server:
 
         def ask(key: str) -> httpx.Response:
-            return httpx.post(
+            return http.post(
                 server.url + "/api/v1/chat",
                 headers={"Authorization": f"Bearer {key}"},
                 json={**body(), "model": "premium/m"},
@@ -445,17 +451,17 @@ def test_a_direct_name_finds_the_route_the_key_may_use() -> None:
         assert r.status_code == 403 and "secret-premium" not in r.text, r.text
         # Where listings hide what a key may not use, such a route is not there at all.
         hidden = {"Authorization": f"Bearer {direct_only}"}
-        r = httpx.get(server.url + "/v1/models/premium/m", headers=hidden)
+        r = http.get(server.url + "/v1/models/premium/m", headers=hidden)
         assert r.status_code == 404, r.text
-        r = httpx.post(server.url + "/api/show", headers=hidden, json={"model": "premium/m"})
+        r = http.post(server.url + "/api/show", headers=hidden, json={"model": "premium/m"})
         assert r.status_code == 404, r.text
-        r = httpx.post(
+        r = http.post(
             server.url + "/api/v1/chat",
             headers={"Authorization": f"Bearer {direct_only}"},
             json={**body(), "model": "premium/other"},
         )
         assert r.status_code == 200 and r.json()["model"] == "premium/other"
-        r = httpx.post(
+        r = http.post(
             server.url + "/api/v1/chat",
             headers={"Authorization": f"Bearer {direct_only}"},
             json={**body(), "model": "nope"},
@@ -495,10 +501,13 @@ async def test_a_fallbacks_wait_for_a_slot_ends_with_the_calls_time(short: str) 
             busy = asyncio.create_task(
                 client.post(
                     server.url + "/api/v1/chat",
-                    json={**body(" ".join(["w"] * 15)), "model": "b-long"},
+                    json={**body(" ".join(["w"] * 10)), "model": "b-long"},
                 )
             )
-            await asyncio.sleep(0.3)  # b's one slot is taken for ~3 s
+            # b's one slot is taken for ~2 s: well past the 0.6 s b may wait for it
+            # (were it freed within them, b would answer), with a margin for a loaded
+            # machine.
+            await asyncio.sleep(0.3)
             started = time.monotonic()
             r = await client.post(server.url + "/api/v1/chat", json={**body("hi"), "model": "a"})
             waited = time.monotonic() - started
@@ -540,11 +549,11 @@ def test_a_call_that_fails_after_admission_still_shows_its_rate_limits() -> None
         "breaker": {"failure_threshold": 0},
     }
     with run_stella(config) as server:
-        r = httpx.post(server.url + "/api/v1/chat", json={**body(), "model": "bad"})
+        r = http.post(server.url + "/api/v1/chat", json={**body(), "model": "bad"})
         assert r.status_code == 502 and r.headers["x-ratelimit-limit"] == "10", r.headers
         assert r.headers["x-ratelimit-remaining"] == "9"
         held = {"model": "bad", "stream": True, "messages": [{"role": "user", "content": "x"}]}
-        r = httpx.post(server.url + "/v1/chat/completions", json=held)
+        r = http.post(server.url + "/v1/chat/completions", json=held)
         assert r.status_code == 502 and r.headers["x-ratelimit-remaining"] == "8", r.headers
 
 
@@ -671,13 +680,13 @@ async def test_a_stream_cut_short_is_charged_its_prompt_and_every_token_read() -
         assert ev["usage_estimated"] is True
         # The key was charged 840 of its 1,000: another 900-token reservation is refused.
         h = {"Authorization": f"Bearer {KEY}"}
-        r = httpx.post(server.url + "/v1/chat/completions", json=BURST, headers=h)
+        r = http.post(server.url + "/v1/chat/completions", json=BURST, headers=h)
         assert r.status_code == 429 and "tokens per minute" in r.text
         admin = {"Authorization": f"Bearer {ADMIN}"}
-        rows = httpx.get(server.url + "/api/v1/usage", headers=admin).json()["usage"]
+        rows = http.get(server.url + "/api/v1/usage", headers=admin).json()["usage"]
         row = next(r for r in rows if r["key"] == "alice")
         assert (row["prompt_tokens"], row["completion_tokens"]) == (800, 40)
-        metrics = httpx.get(server.url + "/metrics", headers=admin).text
+        metrics = http.get(server.url + "/metrics", headers=admin).text
         prompt = [
             line.rsplit(" ", 1)[1]
             for line in metrics.splitlines()
@@ -693,7 +702,7 @@ async def test_a_stream_that_goes_silent_is_charged_its_prompt_and_every_token_r
     from tests.fakes.server import serve
 
     fake = FakeOpenAI()
-    with serve(fake.app) as up, run_stella(burst_config(up, idle_timeout_s=2)) as server:
+    with serve(fake.app) as up, run_stella(burst_config(up, idle_timeout_s=1)) as server:
         rid = await read_burst(server.url, leave=False)
         ev = await asyncio.to_thread(server.wait_event, lambda e: e["request_id"] == rid)
         assert ev["error_code"] == "upstream_timeout"
@@ -705,7 +714,7 @@ def test_usage_the_backend_reports_is_not_marked_estimated() -> None:
     config = {"auth": {"keys": {"t": {"sha256": sha(KEY), "tokens_per_minute": 1000}}}}
     with run_stella(config) as server:
         h = {"Authorization": f"Bearer {KEY}"}
-        r = httpx.post(server.url + "/api/v1/chat", headers=h, json=body())
+        r = http.post(server.url + "/api/v1/chat", headers=h, json=body())
         ev = server.wait_event(lambda e: e["request_id"] == r.headers["x-request-id"])
         assert ev["prompt_tokens"] == 3 and "usage_estimated" not in ev
 
@@ -764,7 +773,7 @@ def test_an_upstream_that_refuses_before_answering_is_not_charged_the_prompt() -
                     "messages": [{"role": "user", "content": "y" * 400}],
                 }
                 for _ in range(2):  # the second finds the bucket full again
-                    r = httpx.post(server.url + "/api/v1/chat", headers=h, json=ask)
+                    r = http.post(server.url + "/api/v1/chat", headers=h, json=ask)
                     assert r.status_code == 200, (model, r.text)
                     assert ndjson(r.text)[-1]["type"] == "error", model
                     rid = r.headers["x-request-id"]
@@ -773,7 +782,7 @@ def test_an_upstream_that_refuses_before_answering_is_not_charged_the_prompt() -
                     assert (ev["prompt_tokens"], ev["completion_tokens"]) == (0, 0), model
                     assert "usage_estimated" not in ev, model
             admin = {"Authorization": f"Bearer {ADMIN}"}
-            rows = httpx.get(server.url + "/api/v1/usage", headers=admin).json()["usage"]
+            rows = http.get(server.url + "/api/v1/usage", headers=admin).json()["usage"]
             alice = [row for row in rows if row["key"] == "alice"]
             assert alice and all(row["prompt_tokens"] == 0 for row in alice)
 
@@ -809,7 +818,7 @@ def test_a_prompt_read_by_an_attempt_answered_again_is_charged() -> None:
                 "stream": False,
                 "messages": [{"role": "user", "content": "y" * 400}],
             }
-            r = httpx.post(server.url + "/api/v1/chat", json=ask)
+            r = http.post(server.url + "/api/v1/chat", json=ask)
             assert r.status_code == 502, r.text
             rid = r.headers["x-request-id"]
             ev = server.wait_event(lambda e: e["request_id"] == rid)
@@ -841,19 +850,19 @@ def told(url: str, dialect: str, stream: bool, prompt: str) -> tuple[str, tuple[
     messages = [{"role": "user", "content": prompt}]
     if dialect == "native":
         ask = {"model": "quiet", "stream": stream, "messages": messages}
-        r = httpx.post(url + "/api/v1/chat", json=ask)
+        r = http.post(url + "/api/v1/chat", json=ask)
         usage = ndjson(r.text)[-1]["usage"] if stream else r.json()["usage"]
         counts = (usage["prompt_tokens"], usage["completion_tokens"])
     elif dialect == "openai":
         ask = {"model": "quiet", "stream": stream, "messages": messages}
         if stream:
             ask["stream_options"] = {"include_usage": True}
-        r = httpx.post(url + "/v1/chat/completions", json=ask)
+        r = http.post(url + "/v1/chat/completions", json=ask)
         usage = sse(r.text)[-1]["usage"] if stream else r.json()["usage"]
         counts = (usage["prompt_tokens"], usage["completion_tokens"])
     elif dialect == "anthropic":
         ask = {"model": "quiet", "stream": stream, "max_tokens": 50, "messages": messages}
-        r = httpx.post(url + "/v1/messages", json=ask)
+        r = http.post(url + "/v1/messages", json=ask)
         if stream:
             usage = next(e for e in sse(r.text) if e["type"] == "message_delta")["usage"]
         else:
@@ -861,7 +870,7 @@ def told(url: str, dialect: str, stream: bool, prompt: str) -> tuple[str, tuple[
         counts = (usage["input_tokens"], usage["output_tokens"])
     else:
         ask = {"model": "quiet", "stream": stream, "messages": messages}
-        r = httpx.post(url + "/api/chat", json=ask)
+        r = http.post(url + "/api/chat", json=ask)
         last = ndjson(r.text)[-1] if stream else r.json()
         counts = (last["prompt_eval_count"], last["eval_count"])
     assert r.status_code == 200, r.text

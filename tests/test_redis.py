@@ -17,10 +17,15 @@ import pytest
 
 from stella.settings import StateSettings
 from stella.state_redis import RedisState
-from tests.live import free_port, in_ci, run_stella
+from tests.live import NO_MLX, free_port, in_ci, merge, run_stella
 from tests.test_limits import one_wait_for_every_slot
 
 KEY = "sk-redis-admin-1"
+
+# The client of the plain calls below: httpx.post() and its kin build a client, with its
+# TLS context (some 50 ms of CPU), for every call, and these tests make hundreds. None
+# keeps a connection between calls, as those functions do not.
+http = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
 
 
 class Redis:
@@ -85,13 +90,44 @@ class Redis:
         (self.dir / "dump.rdb").unlink(missing_ok=True)
         self.start()
 
+    def reset(self) -> None:
+        """Make it as a redis-server just started on an empty directory would be: running,
+        answering (not held by SIGSTOP), no keys and no scripts loaded."""
+        import signal
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[Redis]:
-    r = Redis(tmp_path)
+        import redis as redis_py
+
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        else:
+            os.kill(self.proc.pid, signal.SIGCONT)  # a test that failed while it stalled
+        client = redis_py.Redis.from_url(self.url, socket_timeout=10)
+        try:
+            client.flushall()
+            client.script_flush()
+        finally:
+            client.close()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
+    """One redis-server for the module's tests (see `redis`)."""
+    r = Redis(tmp_path_factory.mktemp("redis"))
     r.start()
     yield r
     r.stop()
+
+
+@pytest.fixture
+def redis(redis_server: Redis) -> Redis:
+    """The module's redis-server, reset for this test. Sharing it is safe: every test
+    starts from what a new server would hold (nothing: FLUSHALL, SCRIPT FLUSH, also
+    written to its append-only file, so a restart within a test replays no earlier
+    test's keys), and one a test stopped, restarted or held is running again. The
+    stella replicas and RedisStates of a test are gone with it, and keep nothing there
+    but keys."""
+    redis_server.reset()
+    return redis_server
 
 
 def config(redis: Redis, **extra: object) -> dict:
@@ -138,55 +174,63 @@ def test_restart_keeps_the_switch_and_the_usage(redis: Redis) -> None:
     )
     with run_stella(cfg, ENV) as s:
         assert (
-            httpx.post(s.url + "/api/v1/models/switch/other-model", headers=AUTH).status_code == 200
+            http.post(s.url + "/api/v1/models/switch/other-model", headers=AUTH).status_code == 200
         )
-        r = httpx.post(
+        r = http.post(
             s.url + "/api/v1/models",
             headers=AUTH,
             json={"name": "runtime-echo", "backend": "echo", "aliases": ["rt-alias"]},
         )
         assert r.status_code == 201
         for _ in range(3):
-            assert httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200
-        time.sleep(0.8)  # usage reaches Redis in batches
+            assert http.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200
+        # Usage reaches Redis in batches (every 0.5 s), before the restart below.
+        store = redis_store(redis)
+        eventually(
+            lambda: any(
+                store.hget(day, "ops|echo|requests") == b"3"
+                for day in store.scan_iter("stella:usage:*")
+            ),
+            10.0,
+        )
     with run_stella(cfg, ENV) as s:
-        models = httpx.get(s.url + "/api/v1/models", headers=AUTH).json()
+        models = http.get(s.url + "/api/v1/models", headers=AUTH).json()
         assert models["default"] == "other-model"
         assert "runtime-echo" in {m["name"] for m in models["models"]}
-        usage = httpx.get(s.url + "/api/v1/usage", headers=AUTH).json()
+        usage = http.get(s.url + "/api/v1/usage", headers=AUTH).json()
         row = next(u for u in usage["usage"] if u["model"] == "echo")
         assert row["key"] == "ops" and row["requests"] == 3 and row["completion_tokens"] == 6
         # Removed by its alias: the route itself goes, from the store too.
-        r = httpx.delete(s.url + "/api/v1/models/rt-alias", headers=AUTH)
+        r = http.delete(s.url + "/api/v1/models/rt-alias", headers=AUTH)
         assert r.status_code == 200 and r.json() == {"removed": "runtime-echo"}
-        assert httpx.delete(s.url + "/api/v1/models/other-model", headers=AUTH).status_code == 409
+        assert http.delete(s.url + "/api/v1/models/other-model", headers=AUTH).status_code == 409
     with run_stella(cfg, ENV) as s:
-        models = httpx.get(s.url + "/api/v1/models", headers=AUTH).json()
+        models = http.get(s.url + "/api/v1/models", headers=AUTH).json()
         assert "runtime-echo" not in {m["name"] for m in models["models"]}
 
 
 def test_redis_outage_keeps_serving_then_recovers(redis: Redis) -> None:
     cfg = config(redis, limits={"requests_per_minute": 1000})
     with run_stella(cfg, ENV) as s:
-        assert httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200
+        assert http.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200
         redis.stop()
         for _ in range(5):
-            r = httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
+            r = http.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
             assert r.status_code == 200 and r.headers["x-ratelimit-limit"] == "1000"
         s.wait_event(lambda e: True, name="redis_unavailable")
         deadline = time.monotonic() + 5
         while len(s.events("inference")) < 6 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(s.events("inference")) == 6
-        ready = httpx.get(s.url + "/ready").json()
+        ready = http.get(s.url + "/ready").json()
         assert ready["checks"]["state"].startswith("degraded")
         redis.start()
         deadline = time.monotonic() + 10
         while not s.events("redis_recovered") and time.monotonic() < deadline:
-            httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
+            http.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
             time.sleep(0.2)
         assert s.events("redis_recovered")
-        assert httpx.get(s.url + "/ready").json()["checks"]["state"] == "ok"
+        assert http.get(s.url + "/ready").json()["checks"]["state"] == "ok"
 
 
 async def test_leases_never_admit_more_than_the_shared_limit(redis: Redis) -> None:
@@ -317,13 +361,22 @@ async def test_many_calls_in_flight_on_one_key_are_paid_by_leases(redis: Redis) 
         await st.aclose()
 
 
-async def test_a_stalled_redis_holds_up_only_its_probe_on_a_leased_key(redis: Redis) -> None:
+async def test_a_stalled_redis_holds_up_only_its_probe_on_a_leased_key(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import os
     import signal
 
-    # 6000 a minute: the bucket leases. Once the outage is known, the second's probe
-    # waits for its timeout; the calls beside it go to the local stand-in at once,
-    # instead of waiting for the probe as for a lease top-up.
+    from stella import state_redis
+
+    # 6000 a minute: the bucket leases. Once the outage is known, the next probe waits
+    # for its timeout; the calls beside it go to the local stand-in at once, instead of
+    # waiting for the probe as for a lease top-up.
+    # A lease kept, and the next probe due, after 0.2 s rather than a second: the waits
+    # for them below are that much shorter; Redis's 1 s timeout, which the others must
+    # not wait out, stays.
+    monkeypatch.setattr(state_redis, "LEASE_S", 0.2)
+    monkeypatch.setattr(state_redis, "REDIS_RETRY_S", 0.2)
     st = redis_state(redis, "stall-lease")
     b = st.buckets()
     check = [("rpm:key:k", 6000.0, 100.0, 1.0)]
@@ -332,9 +385,9 @@ async def test_a_stalled_redis_holds_up_only_its_probe_on_a_leased_key(redis: Re
         assert (await b.take_all(check))[0].allowed
         os.kill(redis.proc.pid, signal.SIGSTOP)
         try:
-            await asyncio.sleep(1.1)  # the lease expires: the next call asks Redis
+            await asyncio.sleep(0.3)  # the lease expires: the next call asks Redis
             await b.take_all(check)  # times out: the outage is known
-            await asyncio.sleep(1.1)  # the next call is the probe
+            await asyncio.sleep(0.3)  # the next call is the probe
 
             async def timed() -> float:
                 t = time.monotonic()
@@ -389,7 +442,11 @@ async def test_a_lease_left_idle_goes_back_to_the_shared_bucket(redis: Redis) ->
         assert (await b.buckets().take_all([rest]))[0].allowed
         whole = ("rpm:key:k", 3200.0, 1 / 3600, 32.0)
         assert not (await b.buckets().take_all([whole]))[0].allowed  # A holds it
-        await asyncio.sleep(1.5)
+        # A's flusher gives it back within LEASE_S and a tick: the shared bucket has it.
+        deadline = time.monotonic() + 10
+        while float(await b.redis.hget("idle:rl:rpm:key:k", "level")) < 31.99:
+            assert time.monotonic() < deadline, "the lease never went back"
+            await asyncio.sleep(0.02)
         assert (await b.buckets().take_all([whole]))[0].allowed
     finally:
         await a.aclose()
@@ -410,14 +467,31 @@ def test_token_reservations_are_settled_in_redis(redis: Redis) -> None:
     """Each request reserves tokens up front; the real usage is settled afterwards, in
     both directions, in the shared bucket."""
     cfg = config(redis, limits={"tokens_per_minute": 2000, "reserve_tokens": 256})
+    store = redis_store(redis)
+
+    def settles(r: httpx.Response, refund: bool) -> None:
+        """Wait for the settlement of the call `r` answered to reach Redis (it goes every
+        0.1 s), before the next call. The call's take left the bucket's stored level at
+        what its X-RateLimit-Remaining says (a reservation over 1% of the bucket takes
+        no lease); only the settlement writes it again, up for a refund, down for a
+        charge (the refill in between is a few tokens, a settlement 150 and more)."""
+        left = int(r.headers["x-ratelimit-remaining"])
+        deadline = time.monotonic() + 10
+        while True:
+            level = float(store.hget("stella:rl:tpm:key:ops", "level") or b"nan")
+            if level > left + 1 if refund else level < left:
+                return
+            assert time.monotonic() < deadline, f"not settled in Redis: {level} after {left}"
+            time.sleep(0.02)
+
     with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
         # 20 small answers, ~4 tokens each: 80 tokens in all, though each reserves 256.
         codes = []
         for i in range(20):
-            codes.append(
-                httpx.post((a, b)[i % 2].url + "/api/v1/chat", json=BODY, headers=AUTH).status_code
-            )
-            time.sleep(0.15)  # settlements reach Redis every 0.1 s
+            r = http.post((a, b)[i % 2].url + "/api/v1/chat", json=BODY, headers=AUTH)
+            codes.append(r.status_code)
+            if r.status_code == 200:
+                settles(r, refund=True)
         assert codes == [200] * 20
         # A 300-word prompt reserves 151 tokens (max_tokens and 600 characters at four a
         # token) but uses ~301: the rest is charged afterwards.
@@ -425,9 +499,10 @@ def test_token_reservations_are_settled_in_redis(redis: Redis) -> None:
         big["options"] = {"max_tokens": 1}
         codes = []
         for i in range(20):
-            r = httpx.post((a, b)[i % 2].url + "/api/v1/chat", json=big, headers=AUTH)
+            r = http.post((a, b)[i % 2].url + "/api/v1/chat", json=big, headers=AUTH)
             codes.append(r.status_code)
-            time.sleep(0.15)
+            if r.status_code == 200:
+                settles(r, refund=False)
         assert codes.count(200) <= 10 and codes.count(429) >= 10, codes  # 2,000 tokens + refill
 
 
@@ -459,7 +534,7 @@ def test_a_key_s_next_call_sees_its_last_one_settled(redis: Redis) -> None:
     small = {**BODY, "options": {"max_tokens": 600}}
     with run_stella(cfg, ENV) as s:
         codes = [
-            httpx.post(s.url + "/api/v1/chat", json=small, headers=AUTH).status_code
+            http.post(s.url + "/api/v1/chat", json=small, headers=AUTH).status_code
             for _ in range(6)
         ]
     assert codes == [200] * 6
@@ -491,7 +566,7 @@ def test_a_change_sent_to_a_stalled_redis_is_not_applied_later(redis: Redis) -> 
         assert redis.proc is not None
         os.kill(redis.proc.pid, signal.SIGSTOP)  # the change waits in Redis's socket
         try:
-            r = httpx.post(
+            r = http.post(
                 a.url + "/api/v1/models",
                 headers=AUTH,
                 json={"name": "ghost", "backend": "echo"},
@@ -502,10 +577,10 @@ def test_a_change_sent_to_a_stalled_redis_is_not_applied_later(redis: Redis) -> 
         assert r.status_code == 503 and "not applied" in r.json()["error"]["message"], r.text
         time.sleep(1.5)  # the replicas poll the routing version every 0.5 s
         for server in (a, b):
-            models = httpx.get(server.url + "/api/v1/models", headers=AUTH).json()["models"]
+            models = http.get(server.url + "/api/v1/models", headers=AUTH).json()["models"]
             assert "ghost" not in {m["name"] for m in models}
         # Redis answering again, the same change goes through.
-        r = httpx.post(
+        r = http.post(
             a.url + "/api/v1/models", headers=AUTH, json={"name": "ghost", "backend": "echo"}
         )
         assert r.status_code == 201, r.text
@@ -519,17 +594,17 @@ def test_an_admin_change_the_store_refuses_is_not_applied(redis: Redis) -> None:
     )
     with run_stella(cfg, ENV) as s:
         redis.stop()
-        r = httpx.post(s.url + "/api/v1/models/switch/other-model", headers=AUTH)
+        r = http.post(s.url + "/api/v1/models/switch/other-model", headers=AUTH)
         assert r.status_code == 503
-        r = httpx.post(
+        r = http.post(
             s.url + "/api/v1/models", headers=AUTH, json={"name": "rt", "backend": "echo"}
         )
         assert r.status_code == 503
-        models = httpx.get(s.url + "/api/v1/models", headers=AUTH).json()
+        models = http.get(s.url + "/api/v1/models", headers=AUTH).json()
         assert models["default"] == "echo"
         assert "rt" not in {m["name"] for m in models["models"]}
         chat = {**BODY, "model": "rt"}
-        assert httpx.post(s.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 404
+        assert http.post(s.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 404
 
 
 def test_routing_changes_reach_the_other_replicas(redis: Redis) -> None:
@@ -547,23 +622,23 @@ def test_routing_changes_reach_the_other_replicas(redis: Redis) -> None:
 
     with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
         chat = {**BODY, "model": "rt"}
-        r = httpx.post(
+        r = http.post(
             a.url + "/api/v1/models", headers=AUTH, json={"name": "rt", "backend": "echo"}
         )
         assert r.status_code == 201
         eventually(
-            lambda: httpx.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+            lambda: http.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
         )
-        r = httpx.post(a.url + "/api/v1/models/switch/other-model", headers=AUTH)
+        r = http.post(a.url + "/api/v1/models/switch/other-model", headers=AUTH)
         assert r.status_code == 200
         eventually(
             lambda: (
-                httpx.get(b.url + "/api/v1/models", headers=AUTH).json()["default"] == "other-model"
+                http.get(b.url + "/api/v1/models", headers=AUTH).json()["default"] == "other-model"
             )
         )
-        assert httpx.delete(a.url + "/api/v1/models/rt", headers=AUTH).status_code == 200
+        assert http.delete(a.url + "/api/v1/models/rt", headers=AUTH).status_code == 200
         eventually(
-            lambda: httpx.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 404
+            lambda: http.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 404
         )
         # Redis restarted empty: the store holds no switch, so both go back to the
         # configured default, as a replica starting now would use.
@@ -571,7 +646,7 @@ def test_routing_changes_reach_the_other_replicas(redis: Redis) -> None:
         for server in (a, b):
             eventually(
                 lambda s=server: (  # type: ignore[misc]
-                    httpx.get(s.url + "/api/v1/models", headers=AUTH).json()["default"] == "echo"
+                    http.get(s.url + "/api/v1/models", headers=AUTH).json()["default"] == "echo"
                 )
             )
 
@@ -579,14 +654,14 @@ def test_routing_changes_reach_the_other_replicas(redis: Redis) -> None:
 def test_workers_that_share_redis_take_routing_changes(redis: Redis) -> None:
     # Several workers refuse routing changes only when nothing shares them.
     with run_stella(config(redis, server={"workers": 2}), ENV) as s:
-        r = httpx.post(
+        r = http.post(
             s.url + "/api/v1/models", headers=AUTH, json={"name": "rt", "backend": "echo"}
         )
         assert r.status_code == 201, r.text
         chat = {**BODY, "model": "rt"}
         eventually(
             lambda: all(
-                httpx.post(s.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+                http.post(s.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
                 for _ in range(6)
             )
         )
@@ -614,18 +689,18 @@ def test_a_store_emptied_and_counted_back_to_a_replicas_version_still_moves_it(
 
     def serves(server: Any, model: str) -> bool:
         chat = {**BODY, "model": model}
-        return httpx.post(server.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+        return http.post(server.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
 
     with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
         if empty == "snapshot":
             # A Redis restored from a snapshot taken before the last change (a crash
             # between save points) counts from that snapshot's number.
-            r = httpx.post(
+            r = http.post(
                 a.url + "/api/v1/models", headers=AUTH, json={"name": "kept", "backend": "echo"}
             )
             assert r.status_code == 201, r.text
             saved.update({k: store.dump(k) for k in store.keys("*")})
-        r = httpx.post(
+        r = http.post(
             a.url + "/api/v1/models", headers=AUTH, json={"name": "old", "backend": "echo"}
         )
         assert r.status_code == 201, r.text
@@ -644,7 +719,7 @@ def test_a_store_emptied_and_counted_back_to_a_replicas_version_still_moves_it(
                 store.flushall()
                 for key, value in saved.items():
                     store.restore(key, 0, value)
-            r = httpx.post(
+            r = http.post(
                 a.url + "/api/v1/models", headers=AUTH, json={"name": "new", "backend": "echo"}
             )
             assert r.status_code == 201, r.text
@@ -654,7 +729,7 @@ def test_a_store_emptied_and_counted_back_to_a_replicas_version_still_moves_it(
             eventually(lambda s=server: serves(s, "new") and not serves(s, "old"))  # type: ignore[misc]
             names = {
                 m["name"]
-                for m in httpx.get(server.url + "/api/v1/models", headers=AUTH).json()["models"]
+                for m in http.get(server.url + "/api/v1/models", headers=AUTH).json()["models"]
             }
             assert "old" not in names and "new" in names
 
@@ -679,7 +754,7 @@ def test_the_first_calls_after_a_redis_restart_succeed(redis: Redis) -> None:
         finally:
             os.kill(s.proc.pid, signal.SIGCONT)
         for name in ("r1", "r2", "r3"):
-            r = httpx.post(
+            r = http.post(
                 s.url + "/api/v1/models", headers=AUTH, json={"name": name, "backend": "echo"}
             )
             assert r.status_code == 201, r.text
@@ -752,7 +827,11 @@ async def test_usage_days_are_named_on_redis_s_clock(
     record({"key": "k", "model": "m", "prompt_tokens": 1, "status": 200})
     await st.start()
     try:
-        await asyncio.sleep(1.0)  # the flusher reads Redis's clock on its first tick
+        # The flusher reads Redis's clock on its first tick: a day behind this one's.
+        deadline = time.monotonic() + 10
+        while abs(st.clock_offset + 86_400) > 60:
+            assert time.monotonic() < deadline, st.clock_offset
+            await asyncio.sleep(0.02)
         days = set()
         for _ in range(2):  # the UTC day may turn meanwhile
             sec, _ = await st.redis.time()
@@ -877,7 +956,7 @@ def test_a_stalled_redis_costs_one_request_its_timeout_not_every_request(redis: 
     # Under 100 a minute a bucket never leases: every admission asks Redis.
     cfg = config(redis, limits={"requests_per_minute": 90})
     with run_stella(cfg, ENV) as s:
-        assert httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200
+        assert http.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200
         assert redis.proc is not None
         os.kill(redis.proc.pid, signal.SIGSTOP)  # up, but not answering
         codes, took = [], []
@@ -948,7 +1027,7 @@ def test_ready_answers_at_once_while_redis_stalls(redis: Redis) -> None:
     # Every replica shares one Redis: were each /ready to wait out Redis's 1 s timeout
     # (a readiness probe's own, by default), a stall would take them all out of service.
     with run_stella(config(redis), ENV) as s:
-        assert httpx.get(s.url + "/ready").json()["checks"]["state"] == "ok"
+        assert http.get(s.url + "/ready").json()["checks"]["state"] == "ok"
         assert redis.proc is not None
         os.kill(redis.proc.pid, signal.SIGSTOP)  # up, but not answering
         times: list[float] = []
@@ -972,10 +1051,10 @@ def test_ready_answers_at_once_while_redis_stalls(redis: Redis) -> None:
         # Redis answers again: the next probe (at most a second on) finds it.
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            if httpx.get(s.url + "/ready").json()["checks"]["state"] == "ok":
+            if http.get(s.url + "/ready").json()["checks"]["state"] == "ok":
                 break
             time.sleep(0.1)
-        assert httpx.get(s.url + "/ready").json()["checks"]["state"] == "ok"
+        assert http.get(s.url + "/ready").json()["checks"]["state"] == "ok"
 
 
 async def test_pings_of_a_stalled_redis_send_one_probe_at_a_time(redis: Redis) -> None:
@@ -1043,7 +1122,9 @@ def test_concurrency_slots_hold_across_replicas(redis: Redis) -> None:
     with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
         # Each answer takes ~1.5 s; two replicas, one key: two run, two wait 0.5 s and go.
         assert asyncio.run(four([a.url, b.url])) == [200, 200, 503, 503]
-        time.sleep(0.3)  # releases reach Redis with the next flush
+        # The releases reach Redis (at once, in the background): no slot is held there.
+        store = redis_store(redis)
+        eventually(lambda: store.zcard("stella:slot:key:ops") == 0, 10.0)
         # The slots came back: the same again, not four refusals.
         assert asyncio.run(four([b.url, a.url])) == [200, 200, 503, 503]
 
@@ -1250,7 +1331,7 @@ async def test_closing_never_waits_forever_on_the_flusher(redis: Redis) -> None:
 
     st._flush_gives = loses_the_cancel  # type: ignore[method-assign]
     await st.start()
-    await asyncio.sleep(0.3)  # the flusher is in its stubborn call
+    await until_called(calls)  # the flusher is in its stubborn call
     t = time.monotonic()
     await asyncio.wait_for(st.aclose(), 10)
     assert time.monotonic() - t < 3
@@ -1259,11 +1340,15 @@ async def test_closing_never_waits_forever_on_the_flusher(redis: Redis) -> None:
 
 
 async def test_closing_is_bounded_with_the_flusher_stuck_in_a_usage_write(
-    redis: Redis,
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Stuck inside the usage write it holds the flush lock: the last flush gives up in
     # time, says so, and the connection is still closed.
+    from stella import state_redis
 
+    # Closing waits out this twice here (the flusher, then the last usage write): 0.5 s
+    # rather than 2 s each, still far from the stuck write's 30 s.
+    monkeypatch.setattr(state_redis, "FLUSHER_STOP_S", 0.5)
     st = redis_state(redis, "stuck")
     real = st._add_usage
     calls = []
@@ -1279,10 +1364,19 @@ async def test_closing_is_bounded_with_the_flusher_stuck_in_a_usage_write(
     st._add_usage = stubborn  # type: ignore[method-assign]
     await st.start()
     st.record_usage("k", "m", "2026-11-26", {"prompt_tokens": 1})
-    await asyncio.sleep(0.7)  # the flusher is in its usage write
+    await until_called(calls)  # the flusher is in its usage write
     t = time.monotonic()
     await asyncio.wait_for(st.aclose(), 10)
     assert time.monotonic() - t < 6
+
+
+async def until_called(calls: list[int]) -> None:
+    """Wait for the first call of the test's stand-in in the flusher's way (the flusher
+    makes it within a tick, or five for a usage write)."""
+    deadline = time.monotonic() + 10
+    while not calls:
+        assert time.monotonic() < deadline, "the flusher never called"
+        await asyncio.sleep(0.01)
 
 
 async def test_a_stalled_redis_neither_holds_slots_nor_delays_every_waiter(redis: Redis) -> None:
@@ -1356,9 +1450,9 @@ async def test_a_follower_read_from_before_a_local_change_does_not_undo_it(
     from stella.settings import RouteSettings, load_settings
 
     monkeypatch.setattr(stella_app, "ROUTING_POLL_S", 0.1)
-    settings = load_settings(
-        {"models": {"default": "echo"}, "state": {"redis_url": redis.url, "prefix": "follow"}}
-    )
+    # MLX off, as in every test server: its model loading in the background would
+    # hold the shutdown up for seconds, and the follower is all these tests are about.
+    settings = load_settings(merge(NO_MLX, {"state": {"redis_url": redis.url, "prefix": "follow"}}))
     application = stella_app.create_app(settings)
     svc = application.services  # type: ignore[attr-defined]
     async with application.router.lifespan_context(application):
@@ -1394,9 +1488,9 @@ async def test_a_follower_that_fails_logs_a_traceback_only_for_a_bug(
     from stella.settings import load_settings
 
     monkeypatch.setattr(stella_app, "ROUTING_POLL_S", 0.05)
-    settings = load_settings(
-        {"models": {"default": "echo"}, "state": {"redis_url": redis.url, "prefix": "fails"}}
-    )
+    # MLX off, as in every test server: its model loading in the background would
+    # hold the shutdown up for seconds, and the follower is all these tests are about.
+    settings = load_settings(merge(NO_MLX, {"state": {"redis_url": redis.url, "prefix": "fails"}}))
     application = stella_app.create_app(settings)
     svc = application.services  # type: ignore[attr-defined]
     # A bug, the store away, a change refused (a StellaError: expected, as the store's).
@@ -1489,28 +1583,28 @@ def test_routes_that_fall_back_to_each_other_reach_every_replica_and_a_restart(
             ({"name": "r2", "backend": "echo", "fallbacks": ["r1"]}, 201),
             ({"name": "r1", "backend": "echo", "fallbacks": ["r2"]}, 200),  # replaced
         ):
-            r = httpx.post(a.url + "/api/v1/models", headers=AUTH, json=spec)
+            r = http.post(a.url + "/api/v1/models", headers=AUTH, json=spec)
             assert r.status_code == status, r.text
         deadline = time.monotonic() + 5
-        while httpx.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code != 200:
+        while http.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code != 200:
             assert time.monotonic() < deadline, "the other replica did not follow"
             time.sleep(0.1)
         assert not b.events("stored_routing_skipped")
     with run_stella(cfg, ENV) as c:  # a restart reads them from the store
-        models = httpx.get(c.url + "/api/v1/models", headers=AUTH).json()["models"]
+        models = http.get(c.url + "/api/v1/models", headers=AUTH).json()["models"]
         assert {m["name"] for m in models} >= {"r1", "r2"}
-        assert httpx.post(c.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+        assert http.post(c.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
 
 
 def test_a_route_another_replica_registered_is_replaced_and_said_so(redis: Redis) -> None:
     cfg = config(redis)
     with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
-        r = httpx.post(
+        r = http.post(
             a.url + "/api/v1/models", headers=AUTH, json={"name": "rt", "backend": "echo"}
         )
         assert r.status_code == 201, r.text
         # Asked at once, before b could have followed: the store, not b's table, says.
-        r = httpx.post(
+        r = http.post(
             b.url + "/api/v1/models",
             headers=AUTH,
             json={"name": "rt", "backend": "echo", "aliases": ["rt-b"]},
@@ -1518,7 +1612,7 @@ def test_a_route_another_replica_registered_is_replaced_and_said_so(redis: Redis
         assert r.status_code == 200, r.text
         eventually(
             lambda: (
-                httpx.post(
+                http.post(
                     a.url + "/api/v1/chat", json={**BODY, "model": "rt-b"}, headers=AUTH
                 ).status_code
                 == 200
@@ -1530,12 +1624,12 @@ def test_two_replicas_claiming_one_alias_at_once_do_not_both_succeed(redis: Redi
     cfg = config(redis)
     with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
         # Each replica asked before it could have followed the other's change.
-        first = httpx.post(
+        first = http.post(
             a.url + "/api/v1/models",
             headers=AUTH,
             json={"name": "x", "backend": "echo", "aliases": ["shared"]},
         )
-        second = httpx.post(
+        second = http.post(
             b.url + "/api/v1/models",
             headers=AUTH,
             json={"name": "y", "backend": "echo", "aliases": ["shared"]},
@@ -1544,13 +1638,11 @@ def test_two_replicas_claiming_one_alias_at_once_do_not_both_succeed(redis: Redi
         assert second.status_code == 409 and "alias of 'x'" in second.text, second.text
         # A default switched to a route another replica removes at the same time: one wins.
         deadline = time.monotonic() + 5
-        while httpx.post(
-            b.url + "/api/v1/chat", json={**BODY, "model": "x"}, headers=AUTH
-        ).is_error:
+        while http.post(b.url + "/api/v1/chat", json={**BODY, "model": "x"}, headers=AUTH).is_error:
             assert time.monotonic() < deadline, "the other replica did not follow"
             time.sleep(0.1)
-        httpx.post(a.url + "/api/v1/models/switch/x", headers=AUTH).raise_for_status()
-        r = httpx.delete(b.url + "/api/v1/models/x", headers=AUTH)
+        http.post(a.url + "/api/v1/models/switch/x", headers=AUTH).raise_for_status()
+        r = http.delete(b.url + "/api/v1/models/x", headers=AUTH)
         assert r.status_code == 409 and "default model" in r.text, r.text
 
 
@@ -1582,14 +1674,14 @@ def test_a_stored_route_that_is_not_json_is_skipped_alone_and_can_be_removed(
     store = redis_py.Redis.from_url(redis.url)
     with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
         store.hset("stella:routes", "junk", "not json")
-        r = httpx.post(
+        r = http.post(
             a.url + "/api/v1/models", headers=AUTH, json={"name": "rt", "backend": "echo"}
         )
         assert r.status_code == 201, r.text
         # The other replica still follows the store: the junk is skipped, by its name.
         eventually(
             lambda: (
-                httpx.post(
+                http.post(
                     b.url + "/api/v1/chat", json={**BODY, "model": "rt"}, headers=AUTH
                 ).status_code
                 == 200
@@ -1600,20 +1692,20 @@ def test_a_stored_route_that_is_not_json_is_skipped_alone_and_can_be_removed(
         # A replica started now starts, with the routes it can apply.
         with run_stella(cfg, ENV) as c:
             chat = {**BODY, "model": "rt"}
-            assert httpx.post(c.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+            assert http.post(c.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
             assert c.events("stored_routing_skipped")
             # An admin removes it by its name, though no replica serves it.
-            r = httpx.delete(c.url + "/api/v1/models/junk", headers=AUTH)
+            r = http.delete(c.url + "/api/v1/models/junk", headers=AUTH)
             assert r.status_code == 200 and r.json() == {"removed": "junk"}, r.text
             assert not store.hexists("stella:routes", "junk")
-            r = httpx.delete(c.url + "/api/v1/models/junk", headers=AUTH)
+            r = http.delete(c.url + "/api/v1/models/junk", headers=AUTH)
             assert r.status_code == 404, r.text
             # A name that is not UTF-8 is shown with its bytes escaped: no request names
             # it, so a DELETE of the escaped text removes nothing and says so (404).
             store.hset("stella:routes", b"x\xff", "not json")
             store.incr("stella:routing_version")
             c.wait_event(lambda e: "HDEL" in e["reason"], name="stored_routing_skipped")
-            r = httpx.delete(c.url + "/api/v1/models/x%5Cxff", headers=AUTH)
+            r = http.delete(c.url + "/api/v1/models/x%5Cxff", headers=AUTH)
             assert r.status_code == 404, r.text
             assert store.hexists("stella:routes", b"x\xff")
         for server in (a, b):
@@ -1627,14 +1719,14 @@ def test_a_stored_route_named_as_a_configured_one_here_can_be_removed_here(
     slowm = {"routes": {"slowm": {"backend": "echo", "aliases": ["sm"]}}}
     with run_stella(config(redis, models=slowm), ENV) as a, run_stella(config(redis), ENV) as b:
         for name in ("slowm", "sm"):
-            r = httpx.post(
+            r = http.post(
                 b.url + "/api/v1/models", headers=AUTH, json={"name": name, "backend": "echo"}
             )
             assert r.status_code == 201, r.text
         a.wait_event(lambda e: "'sm'" in e["reason"], name="stored_routing_skipped")
         store = redis_store(redis)
         for name in ("slowm", "sm"):  # by its name, or by an alias of a's route
-            r = httpx.delete(a.url + f"/api/v1/models/{name}", headers=AUTH)
+            r = http.delete(a.url + f"/api/v1/models/{name}", headers=AUTH)
             assert r.status_code == 200, r.text
             assert r.json() == {
                 "removed": name,
@@ -1644,11 +1736,11 @@ def test_a_stored_route_named_as_a_configured_one_here_can_be_removed_here(
             assert not store.hexists("stella:routes", name)
         chat = {**BODY, "model": "slowm"}
         eventually(
-            lambda: httpx.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 404
+            lambda: http.post(b.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 404
         )
-        assert httpx.post(a.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
+        assert http.post(a.url + "/api/v1/chat", json=chat, headers=AUTH).status_code == 200
         # Nothing stored under the name any more: a's own route is protected, as before.
-        r = httpx.delete(a.url + "/api/v1/models/slowm", headers=AUTH)
+        r = http.delete(a.url + "/api/v1/models/slowm", headers=AUTH)
         assert r.status_code == 409 and "comes from the config file" in r.text, r.text
 
 
@@ -1667,7 +1759,7 @@ def test_two_replicas_share_a_daily_quota_exactly(redis: Redis) -> None:
     with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
         codes = asyncio.run(_burst([a.url, b.url], 40))
         assert codes.count(200) == 7 and codes.count(429) == 33
-        r = httpx.post(b.url + "/v1/chat/completions", json=BODY, headers=AUTH)
+        r = http.post(b.url + "/v1/chat/completions", json=BODY, headers=AUTH)
         assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
         assert r.headers["x-quota-remaining"] == "0" and r.headers["x-should-retry"] == "false"
         wait = int(r.headers["retry-after"])
@@ -1722,34 +1814,40 @@ async def _ttl(redis: Redis, key: str) -> int:
 def test_a_day_s_tokens_are_reserved_and_settled_across_replicas(redis: Redis) -> None:
     cfg = config(redis, limits={"tokens_per_day": 1000})
     ask = {**BODY, "options": {"max_tokens": 600}}  # "hi there": 8 characters, 2 tokens
+
+    def settled(used: int) -> None:
+        """Wait for Redis's count of the day to be settled to `used`: a day's bucket
+        never refills nor leases, so its level is exactly what is left."""
+        eventually(lambda: _day_level(redis, "tpd:key:ops") == 1000 - used, 10.0)
+
     with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
-        r = httpx.post(a.url + "/api/v1/chat", json=ask, headers=AUTH)
+        r = http.post(a.url + "/api/v1/chat", json=ask, headers=AUTH)
         assert r.status_code == 200 and r.headers["x-quota-remaining"] == str(1000 - 602)
         used = r.json()["usage"]["total_tokens"]
         # Settled with the real usage on Redis (within 0.1 s, or with the replica's next
         # check), seen by the other replica.
-        time.sleep(1.0)
-        r = httpx.post(b.url + "/api/v1/chat", json=ask, headers=AUTH)
+        settled(used)
+        r = http.post(b.url + "/api/v1/chat", json=ask, headers=AUTH)
         assert r.status_code == 200 and r.headers["x-quota-remaining"] == str(1000 - used - 602)
         used += r.json()["usage"]["total_tokens"]
         big = {**BODY, "options": {"max_tokens": 1000 - used}}  # one token more than is left
-        time.sleep(1.0)
+        settled(used)
         # Redis gives what is left of the day, no more (it has no lease to give).
-        r = httpx.post(a.url + "/api/v1/chat", json=big, headers=AUTH)
+        r = http.post(a.url + "/api/v1/chat", json=big, headers=AUTH)
         assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0"
         used += r.json()["usage"]["total_tokens"]
-        time.sleep(1.0)
+        settled(used)
         level = float(redis_store(redis).hget(_day_key(redis, "tpd:key:ops"), "level") or b"nan")
         assert level == 1000 - used  # settled to its usage: what was left less the call's
         # A call whose usage passes what is left (echo's answer repeats its long prompt)
         # takes the day into debt, which holds on every replica.
         long = {**BODY, "messages": [{"role": "user", "content": "word " * 600}]}
-        r = httpx.post(b.url + "/api/v1/chat", json=long, headers=AUTH)
+        r = http.post(b.url + "/api/v1/chat", json=long, headers=AUTH)
         assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0"
         assert r.json()["usage"]["total_tokens"] > 1000 - used
-        time.sleep(1.0)
+        settled(used + r.json()["usage"]["total_tokens"])
         for s in (a, b):  # and the day in debt: nothing left, refused everywhere
-            r = httpx.post(s.url + "/api/v1/chat", json=ask, headers=AUTH)
+            r = http.post(s.url + "/api/v1/chat", json=ask, headers=AUTH)
             assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
             assert "(0 left)" in r.text and r.headers["x-quota-remaining"] == "0"
 
@@ -1789,25 +1887,24 @@ def test_a_redis_outage_counts_the_day_per_process_as_the_rate_limits_do(redis: 
     cfg = config(redis, limits={"requests_per_day": 2})
     with run_stella(cfg, ENV) as s:
         for _ in range(2):
-            assert httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200
-        assert httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 429
+            assert http.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 200
+        assert http.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code == 429
         redis.stop()
         # Redis away: the process counts the day on its own, from nothing, as its
         # per-minute buckets do; the quota still holds within it.
         codes = [
-            httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code
-            for _ in range(3)
+            http.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH).status_code for _ in range(3)
         ]
         assert codes == [200, 200, 429]
         s.wait_event(lambda e: True, name="redis_unavailable")
         redis.start()
         deadline = time.monotonic() + 10
         while not s.events("redis_recovered") and time.monotonic() < deadline:
-            httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
+            http.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
             time.sleep(0.2)
         assert s.events("redis_recovered")
         # Back on Redis, whose count of the day (kept on disk) is used up.
-        r = httpx.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
+        r = http.post(s.url + "/api/v1/chat", json=BODY, headers=AUTH)
         assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
 
 
@@ -1842,7 +1939,7 @@ def test_a_call_settles_in_the_store_that_took_its_reservation(redis: Redis) -> 
     slow = {**BODY, "model": "slow", "options": {"max_tokens": 600}}  # reserves 602
 
     def post(body: dict) -> httpx.Response:
-        return httpx.post(s.url + "/api/v1/chat", json=body, headers=AUTH, timeout=30)
+        return http.post(s.url + "/api/v1/chat", json=body, headers=AUTH, timeout=30)
 
     with run_stella(cfg, ENV) as s, ThreadPoolExecutor(2) as pool:
         # Reserved in Redis, settled while Redis is away: what it did not use goes back to
@@ -1859,7 +1956,7 @@ def test_a_call_settles_in_the_store_that_took_its_reservation(redis: Redis) -> 
         assert used < 100
         redis.start()
         _recovered(s, 0)
-        eventually(lambda: _day_level(redis, "tpd:key:ops") == 1000 - used)
+        eventually(lambda: _day_level(redis, "tpd:key:ops") == 1000 - used, 10.0)
         # Reserved by the stand-in while Redis is away, settled once it is back: Redis,
         # which never took the reservation, gets none of its refund.
         redis.stop()
