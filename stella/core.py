@@ -369,6 +369,12 @@ class Pipeline:
         route's backend. Checked, resolved and scoped as an inference is, but none: no
         admission (rate limits, slots), no log event, no usage; an open circuit refuses it."""
         route = self._route(request, call)
+        breakers = self.router.breakers
+        if route.pool and not breakers[route.backend_name].available():
+            # Another backend of a balanced route serves the same upstream model: its count
+            # is the model's, as its answers are.
+            members = self.router.chain(route)[: len(route.pool)]
+            route = next((r for r in members if breakers[r.backend_name].available()), route)
         # The route's own backend, never a fallback: another tokenizer's count is another
         # number, and the client sizes its context for the model it asks.
         backend = route.backend
@@ -377,7 +383,7 @@ class Pipeline:
             request = _within_cap(request)
         if images is not None and images.first is not None:
             _image_readers(route, [route], images)
-        if not self.router.breakers[route.backend_name].available():
+        if not breakers[route.backend_name].available():
             # Refused as a message with no fallback is, not sent to a backend known to be
             # down; a half-open circuit's probe is left to a message, whose answer says
             # whether the backend generates again (a count's says less).

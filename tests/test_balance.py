@@ -28,6 +28,7 @@ CONFIG: dict[str, Any] = {
         "alive": {"kind": "echo"},
         "bad1": FAILS,
         "bad2": FAILS,
+        "down": FAILS,
     },
     "models": {
         "routes": {
@@ -36,6 +37,7 @@ CONFIG: dict[str, Any] = {
             "flaky": {"backend": "dead", "balance": ["alive"], "retries": 0},
             "doomed": {"backend": "bad1", "balance": ["bad2"], "retries": 0, "fallbacks": ["echo"]},
             "stranded": {"backend": "bad1", "balance": ["bad2"], "retries": 0},
+            "counted": {"backend": "down", "balance": ["alive"], "retries": 0},
         }
     },
     # One failure opens a circuit, for the rest of the module.
@@ -181,6 +183,18 @@ def test_a_runtime_route_balances_too(server: LiveServer) -> None:
     assert sorted(answered_by(server, "rt", 2)) == ["e1", "e2"]
     listed = {m["name"]: m for m in httpx.get(url).json()["models"]}
     assert listed["rt"]["balance"] == ["e2"]
+
+
+def test_a_token_count_goes_to_a_backend_whose_circuit_lets_it(server: LiveServer) -> None:
+    tried = []
+    for _ in range(2):  # `down` is tried by one of them, fails, and its circuit opens
+        r = chat(server, "counted")
+        assert r.status_code == 200 and r.json()["backend"] == "alive", r.text
+        tried += [a["backend"] for a in logged(server, r.json()["id"])["attempts"]]
+    assert "down" in tried
+    body = {"model": "counted", "messages": [{"role": "user", "content": "three short words"}]}
+    r = httpx.post(server.url + "/v1/messages/count_tokens", json=body)
+    assert r.status_code == 200 and r.json() == {"input_tokens": 3}, r.text
 
 
 def router(routes: dict[str, Any], backends: dict[str, Any] | None = None) -> Router:
