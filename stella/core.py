@@ -228,11 +228,18 @@ class Pipeline:
         """The route of `model` (None: the default), one the caller's key may use."""
         principal = call.principal
         scope = principal.scope
+        router = self.router
         if call.backend:
-            route = self.router.direct(call.backend, model, scope)
+            route = router.direct(call.backend, model, scope)
         else:
-            route = self.router.resolve(model, scope)
+            route = router.resolve(model, scope)
         principal.check(route.name, asked=model)  # an alias keeps its route unnamed
+        if route.pool:
+            if call.pin:  # `provider` named one of its backends
+                route = next((r for r in route.pool if r.backend_name == call.pin), route)
+            elif call.backend or router.target(model or router.default) is None:
+                # A direct `backend/model` name: the member on the backend it names.
+                call.pin = route.backend_name
         return route
 
     async def prepare(self, request: ChatRequest, call: Call) -> Inference:
@@ -243,7 +250,7 @@ class Pipeline:
         if images is not None and images.total > MAX_IMAGES:
             request = _within_cap(request)
             images = first_images(request.messages)
-        if route.pool and not call.backend:  # a direct name keeps the backend it named
+        if route.pool and not call.pin:  # a named backend keeps the call
             seen = images
             route = router.pick(
                 route, None if seen is None or seen.first is None else lambda r: _reads(r, seen)
@@ -296,7 +303,7 @@ class Pipeline:
         if model is not None and len(model) > MAX_MODEL_NAME:
             raise InvalidRequest(f"$.model: over {MAX_MODEL_NAME} characters", param="model")
         route = self._resolve(model, call)
-        if route.pool and not call.backend:
+        if route.pool and not call.pin:
             # The same model on each backend: the same vectors, whichever answers.
             route = self.router.pick(route, lambda r: r.backend.makes_embeddings)
         backend = route.backend

@@ -31,14 +31,16 @@ CONFIG: dict[str, Any] = {
         "down": FAILS,
     },
     "models": {
+        "allow_direct": True,
         "routes": {
             "pair": {"backend": "e1", "balance": ["e2"]},
             "busy": {"backend": "s1", "balance": ["s2"]},
             "flaky": {"backend": "dead", "balance": ["alive"], "retries": 0},
             "doomed": {"backend": "bad1", "balance": ["bad2"], "retries": 0, "fallbacks": ["echo"]},
             "stranded": {"backend": "bad1", "balance": ["bad2"], "retries": 0},
+            "duo": {"backend": "e1", "balance": ["e2"], "upstream_model": "duo-up"},
             "counted": {"backend": "down", "balance": ["alive"], "retries": 0},
-        }
+        },
     },
     # One failure opens a circuit, for the rest of the module.
     "breaker": {"failure_threshold": 1, "cooldown_s": 60},
@@ -183,6 +185,30 @@ def test_a_runtime_route_balances_too(server: LiveServer) -> None:
     assert sorted(answered_by(server, "rt", 2)) == ["e1", "e2"]
     listed = {m["name"]: m for m in httpx.get(url).json()["models"]}
     assert listed["rt"]["balance"] == ["e2"]
+
+
+def test_a_named_backend_keeps_the_call(server: LiveServer) -> None:
+    # A direct name naming one of the route's backends: the route (its name in the log),
+    # on that backend, however the turn goes.
+    for _ in range(3):
+        r = chat(server, "e2/duo-up")
+        assert r.status_code == 200 and r.json()["backend"] == "e2", r.text
+        assert logged(server, r.json()["id"])["model"] == "duo"
+    for _ in range(2):
+        r = httpx.post(server.url + "/api/v1/embed", json={"model": "e2/duo-up", "input": ["a"]})
+        assert r.status_code == 200, r.text
+        assert logged(server, r.headers["x-request-id"])["backend"] == "e2"
+    # OpenAI's `provider`: the route's own backend, and another of its backends.
+    for provider in ("e1", "e1", "e1", "e2", "e2"):
+        body = {
+            "model": "duo",
+            "provider": provider,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        r = httpx.post(server.url + "/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        ev = logged(server, r.headers["x-request-id"])
+        assert (ev["model"], ev["backend"]) == ("duo", provider)
 
 
 def test_a_token_count_goes_to_a_backend_whose_circuit_lets_it(server: LiveServer) -> None:
