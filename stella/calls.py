@@ -162,6 +162,11 @@ class Admission:
         """Admit or raise RateLimited / Overloaded."""
         return Permit()
 
+    def backend_free(self, backend: str) -> bool:
+        """Whether a call would take a slot of `backend` now, without waiting (a guess,
+        asked without a wait when a balanced route picks one of its backends)."""
+        return True
+
     async def admit_fallback(
         self,
         route: Route,
