@@ -85,6 +85,9 @@ class Call:
     cancel_reason: str | None = None
     # A configured backend chosen by the client (OpenAI `provider`): bypasses routes.
     backend: str | None = None
+    # The backend of a balanced route the client named (a direct `backend/model` name,
+    # OpenAI `provider`): the call starts there rather than on the least busy one.
+    pin: str = ""
     # The API key the caller presented: masked where its request's log line holds what
     # the client wrote (metadata, content), should the client have echoed it there.
     secret: str = ""
@@ -158,6 +161,11 @@ class Admission:
     ) -> Permit:
         """Admit or raise RateLimited / Overloaded."""
         return Permit()
+
+    def backend_free(self, backend: str) -> bool:
+        """Whether a call would take a slot of `backend` now, without waiting (a guess,
+        asked without a wait when a balanced route picks one of its backends)."""
+        return True
 
     async def admit_fallback(
         self,

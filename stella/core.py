@@ -15,6 +15,7 @@ import math
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
@@ -228,11 +229,18 @@ class Pipeline:
         """The route of `model` (None: the default), one the caller's key may use."""
         principal = call.principal
         scope = principal.scope
+        router = self.router
         if call.backend:
-            route = self.router.direct(call.backend, model, scope)
+            route = router.direct(call.backend, model, scope)
         else:
-            route = self.router.resolve(model, scope)
+            route = router.resolve(model, scope)
         principal.check(route.name, asked=model)  # an alias keeps its route unnamed
+        if route.pool:
+            if call.pin:  # `provider` named one of its backends
+                route = next((r for r in route.pool if r.backend_name == call.pin), route)
+            elif call.backend or router.target(model or router.default) is None:
+                # A direct `backend/model` name: the member on the backend it names.
+                call.pin = route.backend_name
         return route
 
     async def prepare(self, request: ChatRequest, call: Call) -> Inference:
@@ -243,11 +251,81 @@ class Pipeline:
         if images is not None and images.total > MAX_IMAGES:
             request = _within_cap(request)
             images = first_images(request.messages)
-        if route.pool and not call.backend:  # a direct name keeps the backend it named
-            seen = images
-            route = router.pick(
-                route, None if seen is None or seen.first is None else lambda r: _reads(r, seen)
-            )
+        picked = False
+        usable = None
+        if route.pool:  # a balanced route; none costs nothing here
+            if images is not None and images.first is not None:
+                usable = partial(_reads, images=images)
+            picked = not call.pin  # a named backend keeps the call
+            if picked:
+                route = router.pick(route, usable, self.admission.backend_free)
+        started = time.perf_counter()
+        try:
+            inference = await self._admitted(route, request, call, images, picked)
+        except Overloaded as exc:
+            spill = self._spill(route, exc, usable)
+            if spill is None:
+                raise
+            inference = await self._admitted(spill, request, call, images, True, started)
+        self.active.add(inference)
+        return inference
+
+    def _spill(
+        self, route: Route, exc: Overloaded, usable: Callable[[Route], bool] | None
+    ) -> Route | None:
+        """Another backend of balanced `route` with a slot free now, for a call refused
+        because `route`'s backend's slots (limits.backends) stayed full for its whole wait
+        (None: no other has one): a 503 while a backend of the route is idle helps no one."""
+        if exc.backend != route.backend_name or not route.pool:
+            return None
+        free = self.admission.backend_free
+        spill = self.router.pick(route, usable, free)
+        return spill if spill is not route and free(spill.backend_name) else None
+
+    async def _admit_on(
+        self,
+        call: Call,
+        route: Route,
+        request: ChatRequest,
+        backend_slot: bool,
+        started: float | None = None,
+    ) -> tuple[Permit, float, str]:
+        """Admission on `route` (`backend_slot`: with a slot of its backend): the permit,
+        the milliseconds waited for it (since `started`, when given: a wait for another
+        backend's slot before it), and the backend the call is counted on in Router.busy
+        ("": none), counted from before admission, not from its first attempt: calls
+        admitted together, and those waiting for a slot, see each other's choice."""
+        busy = self.router.busy
+        counted = ""
+        if backend_slot and busy and route.backend_name in busy:
+            counted = route.backend_name
+            busy[counted] += 1
+        if started is None:
+            started = time.perf_counter()
+        try:
+            permit = self.admission.admit_now(call, route, request, backend_slot)
+            waited = 0.0
+            if permit is None:  # a wait is possible (a concurrency slot, Redis): it is timed
+                permit = await self._admit_waiting(call, route, request, backend_slot)
+                waited = (time.perf_counter() - started) * 1000
+        except BaseException:
+            if counted:
+                busy[counted] -= 1
+            raise
+        return permit, waited, counted
+
+    async def _admitted(
+        self,
+        route: Route,
+        request: ChatRequest,
+        call: Call,
+        images: ImagesSeen | None,
+        picked: bool,
+        started: float | None = None,
+    ) -> Inference:
+        """The call on `route` (a balanced route's member, `picked` by load), admitted
+        (`started`: when its wait for admission began, if before this admission)."""
+        router = self.router
         chain = router.chain(route, pick=True)
         scope = call.principal.scope
         if scope is not None and len(chain) > 1:
@@ -271,23 +349,15 @@ class Pipeline:
         # a route with fallbacks lets the chain try the next one instead.
         if len(chain) == 1:
             route.backend.admit(request)
-        admission = self.admission
-        started = time.perf_counter()
-        permit = admission.admit_now(call, route, request, not skip)
-        waited = 0.0
-        if permit is None:  # a wait is possible (a concurrency slot, Redis): it is timed
-            permit = await self._admit_waiting(call, route, request, not skip)
-            waited = (time.perf_counter() - started) * 1000
+        permit, waited, counted = await self._admit_on(call, route, request, not skip, started)
+        if picked:
+            router.took(route)
         inference = Inference(self, route, chain, request, call, permit, waited)
+        inference.busy = counted
         inference.skip_first = "" if not skip else "text_only" if text_only else "circuit_open"
         if images is not None:
             inference.images = images.total
         inference.backend_held = not skip
-        if router.busy and not skip:
-            # Counted from here, not from its first attempt: calls admitted together see
-            # each other's choice of backend.
-            inference.busy_on(route.backend_name)
-        self.active.add(inference)
         return inference
 
     def embed_route(self, model: str | None, call: Call) -> Route:
@@ -296,9 +366,9 @@ class Pipeline:
         if model is not None and len(model) > MAX_MODEL_NAME:
             raise InvalidRequest(f"$.model: over {MAX_MODEL_NAME} characters", param="model")
         route = self._resolve(model, call)
-        if route.pool and not call.backend:
+        if route.pool and not call.pin:
             # The same model on each backend: the same vectors, whichever answers.
-            route = self.router.pick(route, lambda r: r.backend.makes_embeddings)
+            route = self.router.pick(route, _makes_embeddings, self.admission.backend_free)
         backend = route.backend
         if not backend.makes_embeddings:
             what = f"model {model!r}" if model else "the default model"
@@ -317,15 +387,7 @@ class Pipeline:
         model = request.model
         _check_numbers(request)
         route = self.embed_route(model, call)
-        backend = route.backend
-        # A balanced route's other members serve the same model: tried after it, as a
-        # chat's are (fallbacks, other models, never).
-        chain = [route]
-        if route.pool:
-            chain += [r for r in self.router.chain(route)[1:] if r.name == route.name]
-            chain = [r for r in chain if r is route or r.backend.makes_embeddings]
-        if not self.router.breakers[route.backend_name].available():
-            raise self._circuits_open(route, chain)
+        picked = bool(route.pool) and not call.pin
         texts = request.texts()
         # What admission reads: the inputs as the prompt (the token estimate a rate limit
         # reserves, settled with the real count) and no answer to reserve for but a token.
@@ -336,18 +398,42 @@ class Pipeline:
             options=Options(max_tokens=1),
             metadata=metadata,
         )
-        backend.admit(chat)
         started = time.perf_counter()
-        permit = self.admission.admit_now(call, route, chat, True)
-        waited = 0.0
-        if permit is None:
-            permit = await self._admit_waiting(call, route, chat, True)
-            waited = (time.perf_counter() - started) * 1000
-        inference = EmbedInference(self, route, chain, chat, call, permit, waited)
+        try:
+            inference = await self._embed_admitted(route, chat, call, picked)
+        except Overloaded as exc:
+            spill = self._spill(route, exc, _makes_embeddings)
+            if spill is None or not spill.backend.makes_embeddings:
+                raise
+            inference = await self._embed_admitted(spill, chat, call, True, started)
         inference.embed_request = request
-        if self.router.busy:
-            inference.busy_on(route.backend_name)
         self.active.add(inference)
+        return inference
+
+    async def _embed_admitted(
+        self,
+        route: Route,
+        chat: ChatRequest,
+        call: Call,
+        picked: bool,
+        started: float | None = None,
+    ) -> EmbedInference:
+        """The embed call on `route` (a balanced route's member, `picked` by load), admitted
+        (`chat`: its inputs as admission reads them; `started`: as for `_admitted`)."""
+        # A balanced route's other members serve the same model: tried after it, as a
+        # chat's are (fallbacks, other models, never).
+        chain = [route]
+        if route.pool:
+            chain += [r for r in self.router.chain(route)[1:] if r.name == route.name]
+            chain = [r for r in chain if r is route or r.backend.makes_embeddings]
+        if not self.router.breakers[route.backend_name].available():
+            raise self._circuits_open(route, chain)
+        route.backend.admit(chat)
+        permit, waited, counted = await self._admit_on(call, route, chat, True, started)
+        if picked:
+            self.router.took(route)
+        inference = EmbedInference(self, route, chain, chat, call, permit, waited)
+        inference.busy = counted
         return inference
 
     def _circuits_open(self, route: Route, chain: list[Route]) -> Unavailable:
@@ -369,6 +455,12 @@ class Pipeline:
         route's backend. Checked, resolved and scoped as an inference is, but none: no
         admission (rate limits, slots), no log event, no usage; an open circuit refuses it."""
         route = self._route(request, call)
+        breakers = self.router.breakers
+        if route.pool and not breakers[route.backend_name].available():
+            # Another backend of a balanced route serves the same upstream model: its count
+            # is the model's, as its answers are.
+            members = self.router.chain(route)[: len(route.pool)]
+            route = next((r for r in members if breakers[r.backend_name].available()), route)
         # The route's own backend, never a fallback: another tokenizer's count is another
         # number, and the client sizes its context for the model it asks.
         backend = route.backend
@@ -377,7 +469,7 @@ class Pipeline:
             request = _within_cap(request)
         if images is not None and images.first is not None:
             _image_readers(route, [route], images)
-        if not self.router.breakers[route.backend_name].available():
+        if not breakers[route.backend_name].available():
             # Refused as a message with no fallback is, not sent to a backend known to be
             # down; a half-open circuit's probe is left to a message, whose answer says
             # whether the backend generates again (a count's says less).
@@ -713,6 +805,8 @@ class Inference:
                                 soonest = min(soonest, time.perf_counter() + wait)
                             last = last or refused
                             continue
+                        if route.pool and route.name != self.route.name:
+                            router.took(route)  # a balanced fallback's turn moves when tried
                 breaker = router.breaker(route.backend_name)
                 watchdog.deadline = deadline
                 for attempt in range(rs.retries + 1):
@@ -1629,6 +1723,11 @@ def _within_cap(request: ChatRequest) -> ChatRequest:
     notes: a dialect reads a tool's before the user's that follow it, and a client's own
     image must not be refused for a tool's."""
     return msgspec.structs.replace(request, messages=within_cap(request.messages))
+
+
+def _makes_embeddings(route: Route) -> bool:
+    """Whether `route`'s backend makes embeddings (a balanced embed call's pick)."""
+    return route.backend.makes_embeddings
 
 
 def _reads(route: Route, images: ImagesSeen) -> bool:

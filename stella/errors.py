@@ -237,6 +237,9 @@ class Overloaded(_ComeBackLater):
     """A queue is full."""
 
     code = "overloaded"
+    # The backend whose slots (limits.backends) stayed full for the whole wait, when that
+    # is the queue: another backend of a balanced route may take the call.
+    backend = ""
 
 
 def waited_out(what: str, seconds: float) -> Overloaded:

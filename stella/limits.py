@@ -84,6 +84,11 @@ class SlotStore(Protocol):
         """Give a slot back."""
         ...
 
+    def free(self, name: str, size: int) -> bool:
+        """Whether `acquire` would hand a slot out now, with no wait (as far as this
+        process knows: slots shared by replicas are a guess from its own)."""
+        ...
+
 
 class MemoryBuckets:
     """Token buckets in this process."""
@@ -171,6 +176,11 @@ class MemorySlots:
     def release(self, held: Any) -> None:
         """Give a slot back."""
         held.release()
+
+    def free(self, name: str, size: int) -> bool:
+        """Whether a slot is free now and no call waits for one."""
+        sem = self._sems.get(name)
+        return sem is None or not sem.locked()
 
 
 class LimitPermit(Permit):
@@ -330,6 +340,11 @@ class Limiter(Admission):
             return _FREE
         return await self._admit(plan, request)
 
+    def backend_free(self, backend: str) -> bool:
+        """Whether `backend` has a slot free now (limits.backends; always, without one)."""
+        size = self.limits.backends.get(backend, 0)
+        return not size or self.slots.free(f"backend:{backend}", size)
+
     async def admit_fallback(
         self,
         route: Route,
@@ -384,9 +399,12 @@ class Limiter(Admission):
                     left = max(deadline - time.monotonic(), 0.0)
                     slot = await self.slots.acquire(name, size, left)
                     if slot is None:
-                        what = name.replace(":", " ", 1)
+                        kind, _, who = name.partition(":")
                         running = _counted(size, "request")
-                        raise Overloaded(f"{what} already has {running} running")
+                        full = Overloaded(f"{kind} {who} already has {running} running")
+                        if kind == "backend":
+                            full.backend = who
+                        raise full
                     held.append(slot)
                     if name.startswith("backend:"):
                         permit._backend = slot

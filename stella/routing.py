@@ -195,16 +195,22 @@ class Router:
             runtime=runtime,
         )
 
-    def pick(self, route: Route, usable: Callable[[Route], bool] | None = None) -> Route:
+    def pick(
+        self,
+        route: Route,
+        usable: Callable[[Route], bool] | None = None,
+        free: Callable[[str], bool] | None = None,
+    ) -> Route:
         """The member of balanced `route`'s pool a call goes to: of those whose circuit lets
         a call go, the one with the fewest calls in flight (a tie: the next in turn), one
-        that is `usable` (e.g. reads the call's images) before one that is not. All
-        circuits open: the route's own member (the caller says so, as for any route)."""
+        that is `usable` (e.g. reads the call's images) before one that is not, and one
+        whose backend has a slot `free` now (limits.backends) before one whose calls
+        queue. All circuits open: the route's own member (the caller says so, as for any
+        route). The turn moves only when the call goes there (`took`)."""
         pool = route.pool
         first = pool[0]
         n = len(pool)
         turn = first.turn
-        first.turn = turn + 1 if turn + 1 < n else 0
         busy = self.busy
         breakers = self.breakers
         best = first
@@ -216,9 +222,19 @@ class Router:
             load = busy[member.backend_name]
             if usable is not None and not usable(member):
                 load += 1 << 30  # any usable member first, however busy
+            if free is not None and not free(member.backend_name):
+                load += 1 << 20  # then one that takes the call now, not after a wait
             if least < 0 or load < least:
                 best, least = member, load
         return best
+
+    def took(self, member: Route) -> None:
+        """A call picked for balanced `member` goes there: a tie goes next to the one
+        after it. Not moved by calls that never reach a backend (refused before it, a
+        model check), nor by a fallback's place in a chain that is never tried."""
+        pool = member.pool
+        at = pool.index(member) + 1
+        pool[0].turn = at if at < len(pool) else 0
 
     def knows(self, name: str) -> bool:
         """Whether `name` is a route's name or alias (or `default`)."""
@@ -284,7 +300,7 @@ class Router:
     def chain(self, route: Route, pick: bool = False) -> list[Route]:
         """The route (a balanced route's member) followed by its pool's other members, then
         by its fallbacks, each once: a balanced fallback as its own member, or with `pick`
-        as the one `pick` chooses (a call's chain)."""
+        as the one `pick` chooses now (a call's chain; its turn moves only if tried)."""
         pool = route.pool
         if not route.fallbacks and not pool:
             return [route]

@@ -1048,9 +1048,32 @@ class RedisSlots:
         self._releasing: set[asyncio.Task[None]] = set()  # releases on their way
         self._count = 0
         self._renewed = time.monotonic()
+        # Calls of this process asking for each slot name now (a guess of `free`).
+        self._waiting: dict[str, int] = {}
+
+    def free(self, name: str, size: int) -> bool:
+        """A guess from this process alone (asking Redis would be a round trip): fewer
+        of its calls hold or wait for `name`'s slots than there are. Other replicas' calls
+        are not seen: one that finds the set full all the same waits, as any would."""
+        if self.state.down_since is not None:
+            return self.local.free(name, size)
+        key = self.state._key("slot", name)
+        mine = self._waiting.get(name, 0) + sum(1 for k in self.held.values() if k == key)
+        return mine < size
 
     async def acquire(self, name: str, size: int, wait_s: float) -> Any | None:
         """A held slot, or None when none freed up within `wait_s` seconds."""
+        waiting = self._waiting
+        waiting[name] = waiting.get(name, 0) + 1
+        try:
+            return await self._acquire(name, size, wait_s)
+        finally:
+            if waiting[name] == 1:
+                del waiting[name]
+            else:
+                waiting[name] -= 1
+
+    async def _acquire(self, name: str, size: int, wait_s: float) -> Any | None:
         st = self.state
         deadline = time.monotonic() + wait_s
         key = st._key("slot", name)

@@ -3,8 +3,12 @@ least busy one whose circuit lets it go, the others next in its chain, then its 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from typing import Any
 
 import httpx
@@ -12,7 +16,11 @@ import msgspec
 import pytest
 
 from stella.backends import ConfigError, build_backend, registry
+from stella.calls import Call, Principal
+from stella.core import Pipeline
 from stella.errors import InvalidRequest
+from stella.limits import Limiter
+from stella.protocol import ChatRequest, Message
 from stella.routing import Router
 from stella.settings import RouteSettings, enabled_backends, load_settings
 from tests.live import LiveServer, run_stella
@@ -28,20 +36,41 @@ CONFIG: dict[str, Any] = {
         "alive": {"kind": "echo"},
         "bad1": FAILS,
         "bad2": FAILS,
+        "down": FAILS,
+        "gone": FAILS,
+        "q1": {"kind": "echo", "delay_s": 0.05},
+        "q2": {"kind": "echo", "delay_s": 0.05},
+        "r1": {"kind": "echo", "delay_s": 0.05},
+        "r2": {"kind": "echo", "delay_s": 0.05},
     },
     "models": {
+        "allow_direct": True,
         "routes": {
             "pair": {"backend": "e1", "balance": ["e2"]},
             "busy": {"backend": "s1", "balance": ["s2"]},
             "flaky": {"backend": "dead", "balance": ["alive"], "retries": 0},
             "doomed": {"backend": "bad1", "balance": ["bad2"], "retries": 0, "fallbacks": ["echo"]},
             "stranded": {"backend": "bad1", "balance": ["bad2"], "retries": 0},
-        }
+            "duo": {"backend": "e1", "balance": ["e2"], "upstream_model": "duo-up"},
+            "counted": {"backend": "down", "balance": ["alive"], "retries": 0},
+            "rr": {"backend": "e1", "balance": ["e2"]},
+            "alt": {"backend": "echo", "fallbacks": ["rr"]},
+            "rr2": {"backend": "e1", "balance": ["e2"]},
+            "lost": {"backend": "gone", "fallbacks": ["rr2"], "retries": 0},
+            "queued": {"backend": "q1", "balance": ["q2"]},
+            "spill": {"backend": "r1", "balance": ["r2"]},
+            "r1only": {"backend": "r1"},
+            "r2only": {"backend": "r2"},
+        },
     },
     # One failure opens a circuit, for the rest of the module.
     "breaker": {"failure_threshold": 1, "cooldown_s": 60},
-    # A daily quota: it never refills, so it counts exactly.
-    "limits": {"models": {"flaky": {"requests_per_day": 1000}}},
+    "limits": {
+        # A daily quota: it never refills, so it counts exactly.
+        "models": {"flaky": {"requests_per_day": 1000}},
+        "backends": {"q1": 1, "q2": 5, "r1": 1, "r2": 2},
+        "queue_timeout_s": 0.5,
+    },
 }
 
 
@@ -183,6 +212,100 @@ def test_a_runtime_route_balances_too(server: LiveServer) -> None:
     assert listed["rt"]["balance"] == ["e2"]
 
 
+def test_a_named_backend_keeps_the_call(server: LiveServer) -> None:
+    # A direct name naming one of the route's backends: the route (its name in the log),
+    # on that backend, however the turn goes.
+    for _ in range(3):
+        r = chat(server, "e2/duo-up")
+        assert r.status_code == 200 and r.json()["backend"] == "e2", r.text
+        assert logged(server, r.json()["id"])["model"] == "duo"
+    for _ in range(2):
+        r = httpx.post(server.url + "/api/v1/embed", json={"model": "e2/duo-up", "input": ["a"]})
+        assert r.status_code == 200, r.text
+        assert logged(server, r.headers["x-request-id"])["backend"] == "e2"
+    # OpenAI's `provider`: the route's own backend, and another of its backends.
+    for provider in ("e1", "e1", "e1", "e2", "e2"):
+        body = {
+            "model": "duo",
+            "provider": provider,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        r = httpx.post(server.url + "/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        ev = logged(server, r.headers["x-request-id"])
+        assert (ev["model"], ev["backend"]) == ("duo", provider)
+
+
+def test_a_token_count_goes_to_a_backend_whose_circuit_lets_it(server: LiveServer) -> None:
+    tried = []
+    for _ in range(2):  # `down` is tried by one of them, fails, and its circuit opens
+        r = chat(server, "counted")
+        assert r.status_code == 200 and r.json()["backend"] == "alive", r.text
+        tried += [a["backend"] for a in logged(server, r.json()["id"])["attempts"]]
+    assert "down" in tried
+    body = {"model": "counted", "messages": [{"role": "user", "content": "three short words"}]}
+    r = httpx.post(server.url + "/v1/messages/count_tokens", json=body)
+    assert r.status_code == 200 and r.json() == {"input_tokens": 3}, r.text
+
+
+def test_the_turn_moves_only_with_a_call_that_goes_there(server: LiveServer) -> None:
+    def fallback_never_tried() -> None:
+        assert chat(server, "alt").json()["backend"] == "echo"  # `rr` is its fallback
+
+    def refused_before_a_backend() -> None:
+        image = {"data": "iVBORw0KGgo=", "media_type": "image/png"}  # a PNG's signature
+        body = {"model": "rr", "messages": [{"role": "user", "content": "hi", "images": [image]}]}
+        r = httpx.post(server.url + "/api/v1/chat", json=body)
+        assert r.status_code == 400 and "reads text only" in r.json()["error"]["message"]
+
+    def embed_probe() -> None:
+        r = httpx.post(server.url + "/api/embed", json={"model": "rr", "input": []})
+        assert r.status_code == 200 and r.json()["embeddings"] == []
+
+    for between in (fallback_never_tried, refused_before_a_backend, embed_probe):
+        first = answered_by(server, "rr", 1)
+        between()
+        assert answered_by(server, "rr", 1) != first, between.__name__
+    # A balanced fallback that answers takes its turns as the route itself would.
+    got = answered_by(server, "lost", 4)
+    assert sorted(got[:2]) == ["e1", "e2"] and got[2:] == got[:2]
+
+
+def test_a_backend_with_a_free_slot_takes_the_call_of_a_full_one(server: LiveServer) -> None:
+    # q1 runs one call at a time, q2 five: six calls at once all run, none waits in vain
+    # for q1 (a second each, past the 0.5 s a call waits for a slot).
+    long = " ".join(["word"] * 20)
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: chat(server, "queued", long), range(6)))
+    assert [r.status_code for r in answers] == [200] * 6, [r.text for r in answers]
+    assert sorted(r.json()["backend"] for r in answers) == ["q1"] + ["q2"] * 5
+    # Each went where a slot was free: none waited for one.
+    assert max(r.json()["timings"]["queue_ms"] for r in answers) < 250
+
+
+def test_a_call_whose_backend_stays_full_goes_to_another_that_freed(server: LiveServer) -> None:
+    long = " ".join(["word"] * 60)  # three seconds
+    url = server.url + "/api/v1/chat"
+    with ExitStack() as held, ExitStack() as freed:
+        # Each stream's line iterator kept: one dropped closes its connection.
+        streams = []
+        for model, stack in (("r1only", held), ("r2only", freed), ("r2only", freed)):
+            body = {"model": model, "messages": [{"role": "user", "content": long}]}
+            r = stack.enter_context(httpx.stream("POST", url, json=body, timeout=10))
+            streams.append(r.iter_lines())
+            next(streams[-1])
+            next(streams[-1])  # a token: the call holds its backend's slot
+        # Every slot of both held: a call on `spill` waits for r1's (the less busy), which
+        # stays held; r2's free meanwhile.
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(chat, server, "spill")
+            time.sleep(0.2)
+            freed.close()
+            r = waiting.result()
+    assert r.status_code == 200 and r.json()["backend"] == "r2", r.text
+    assert logged(server, r.json()["id"])["queue_ms"] >= 500
+
+
 def router(routes: dict[str, Any], backends: dict[str, Any] | None = None) -> Router:
     settings = load_settings(
         {
@@ -241,3 +364,25 @@ def test_a_request_with_images_goes_to_a_backend_that_reads_them() -> None:
     # Listed as reading images: a user's images go to the backend that reads them.
     assert "images" in r.capabilities(route)
     assert "images" not in r.capabilities(router({"m": {"backend": "echo"}}).routes["m"])
+
+
+async def test_a_call_waiting_for_its_key_s_slot_counts_on_the_backend_it_picked() -> None:
+    r = router({"m": {"backend": "echo", "balance": ["other"]}})
+    pipeline = Pipeline(r, lambda event, fields: None, admission=Limiter(r.settings))
+    ask = ChatRequest(messages=[Message(role="user", content="hi")], model="m")
+    one_at_a_time = Call(request_id="k", principal=Principal(name="k", max_concurrent=1))
+    first = await pipeline.prepare(ask, Call(request_id="x"))  # echo, its turn
+    held = await pipeline.prepare(ask, one_at_a_time)  # other, the idle one: the key's slot
+    # Each busy with one, echo's turn: this one picks echo and waits for the key's slot.
+    waiting = asyncio.create_task(pipeline.prepare(ask, one_at_a_time))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and r.busy == {"echo": 2, "other": 1}
+    # The next call sees it there and goes to the other backend.
+    then = await pipeline.prepare(ask, Call(request_id="y"))
+    assert [i.route.backend_name for i in (first, held, then)] == ["echo", "other", "other"]
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    for inference in (first, held, then):
+        inference.finish()
+    assert r.busy == {"echo": 0, "other": 0}

@@ -1264,6 +1264,29 @@ async def test_a_slot_given_back_goes_to_redis_at_once(redis: Redis) -> None:
     await st.aclose()
 
 
+async def test_a_slot_is_free_as_far_as_this_process_knows(redis: Redis) -> None:
+    # What a balanced route asks of a backend without a round trip: this process's own
+    # holders and waiters, not the other replicas'.
+    a, b = (redis_state(redis, "guess") for _ in "ab")
+    sa, sb = a.slots(), b.slots()
+    assert sa.free("backend:x", 2)
+    first = await sa.acquire("backend:x", 2, 0.1)
+    assert sa.free("backend:x", 2) and not sa.free("backend:x", 1)
+    second = await sb.acquire("backend:x", 2, 0.1)  # another replica's: unseen
+    assert sa.free("backend:x", 2)
+    waiting = asyncio.create_task(sa.acquire("backend:x", 2, 5.0))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and not sa.free("backend:x", 2)  # a waiter of its own
+    sb.release(second)
+    third = await waiting
+    assert third is not None and not sa.free("backend:x", 2)
+    for held in (first, third):
+        sa.release(held)
+    assert sa.free("backend:x", 2)
+    for st in (a, b):
+        await st.aclose()
+
+
 async def test_two_replicas_share_a_slot_both_ways(redis: Redis) -> None:
     # No replica keeps a key's slots to itself: while one runs requests back to back,
     # the other's waiting callers still get their turns.

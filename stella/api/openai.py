@@ -160,7 +160,13 @@ def resolve_provider(
             f"provider {provider!r} not found; known: {sorted(svc.backends)}", param="provider"
         )
     model = chat.model
-    on = [route for route in svc.router.routes.values() if route.backend_name == provider]
+    # Each route served by the provider, a balanced route's other backends too.
+    on = [
+        member
+        for route in svc.router.routes.values()
+        for member in route.pool or (route,)
+        if member.backend_name == provider
+    ]
     # A route's name or alias first, as the model without `provider` would pick; then
     # a route serving that upstream model.
     matches = [r for r in on if model is None or model == r.name or model in r.aliases]
@@ -169,6 +175,8 @@ def resolve_provider(
         allowed = call.principal.scope
         for route in matches:
             if allowed is None or allowed(route.name):
+                if route.pool:  # a balanced route: the call starts on the provider named
+                    call.pin = provider
                 return msgspec.structs.replace(chat, model=route.name)
         # Only routes this key may not use. Refused here, by the name the client sent:
         # core would name the route, which this key's listings hide.
