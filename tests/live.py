@@ -110,13 +110,32 @@ class LiveServer:
         self.log_path = log_path
 
     def lines(self) -> list[str]:
-        """Every line the server wrote so far (stdout and stderr)."""
+        """Every line the server wrote so far (stdout and stderr), once its log has been
+        quiet for a moment while it runs."""
+        # stella writes its log off the request path, handing lines to a writer thread
+        # every 10 ms: a test that reads right after an answer could miss the event the
+        # answer's call logged. The log's size is read until it stands still.
+        if self.proc.poll() is None:
+            deadline = time.monotonic() + 2.0
+            size = -1
+            while time.monotonic() < deadline:
+                now = self.log_path.stat().st_size
+                if now == size:
+                    break
+                size = now
+                time.sleep(0.05)
+        return self._read()
+
+    def _read(self) -> list[str]:
         return self.log_path.read_text(errors="replace").splitlines()
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         """Parsed JSON log events, optionally only those named `name`."""
+        return self._events(name, self.lines())
+
+    def _events(self, name: str | None, lines: list[str]) -> list[dict[str, Any]]:
         out = []
-        for line in self.lines():
+        for line in lines:
             if line.startswith("{"):
                 try:
                     ev = json.loads(line)
@@ -132,7 +151,7 @@ class LiveServer:
         """The first event matching `pred`, waiting up to `timeout` seconds for it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for ev in self.events(name):
+            for ev in self._events(name, self._read()):  # polled: no need to wait for quiet
                 if pred(ev):
                     return ev
             time.sleep(0.02)
