@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 
 from stella.bench.echo import Row, _body, measure, table
 from stella.bench.loadgen import text_lines
@@ -496,6 +497,35 @@ def test_sigterm_stops_the_benchs_servers_and_removes_its_files(tmp_path) -> Non
         assert list(tmp_path.iterdir()) == []  # no temp dir, no wrk script
     finally:
         _stop(proc, children)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_stop_signal_whose_exit_a_finalizer_dropped_still_stops_the_bench() -> None:
+    # The handler's SystemExit, raised while a __del__ runs, is printed and dropped by
+    # Python (the bench then ran to its end and exited 0): the next step stops it.
+    import os
+    import signal
+    import time
+
+    from stella.bench import servers
+    from stella.bench.loadgen import run_wrk
+    from stella.commands.bench import _stop_on_signals
+
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here, and its exit goes nowhere
+
+    previous = _stop_on_signals()
+    try:
+        Finalized()  # collected at once
+        with pytest.raises(SystemExit) as stopped:
+            run_wrk("http://127.0.0.1:9/", None, duration=1)  # stops before wrk runs
+        assert stopped.value.code == 128 + signal.SIGTERM
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        servers.stop_requested = 0
 
 
 def test_a_killed_bench_takes_its_servers_with_it(tmp_path) -> None:

@@ -328,11 +328,15 @@ async def run_load(
             host, port, request, concurrency, warmup, max_requests // 10, answer_timeout_s
         )
         max_requests -= warm.sent
+    from stella.bench.servers import check_stop
+
+    check_stop()
     if on_measure is not None:
         on_measure()
     st, seconds = await _phase(
         host, port, request, concurrency, duration, max_requests, answer_timeout_s
     )
+    check_stop()
     ms = [x * 1000 for x in st.latencies]
     return Result(
         name=name or url,
@@ -436,8 +440,9 @@ def run_wrk(
     if cpu is not None:
         args = ["taskset", "-c", str(cpu), *args]
     try:
-        from stella.bench.servers import die_with_parent
+        from stella.bench.servers import check_stop, die_with_parent
 
+        check_stop()
         done = subprocess.run(
             args,
             capture_output=True,
@@ -447,6 +452,7 @@ def run_wrk(
         )
     finally:
         os.unlink(script)
+    check_stop()  # a stop asked for while wrk ran (its own exit code is then not the bench's)
     if done.returncode or "requests in" not in done.stdout:
         why = " ".join((done.stderr or done.stdout).split())[:200]
         raise BenchError(f"wrk could not measure {url} (exit {done.returncode}): {why}")

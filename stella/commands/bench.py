@@ -208,10 +208,15 @@ def _one_line(text: str, limit: int = 400) -> str:
 def _stop_on_signals() -> dict[int, Any]:
     """SIGTERM and SIGHUP unwind the bench as Ctrl-C does, so its servers and files go too."""
 
+    from stella.bench import servers
+
+    servers.stop_requested = 0
+
     def stop(signum: int, frame: object) -> None:
         # A second signal must not cut the cleanup (servers stopped, temp files removed) short.
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
+        servers.stop_requested = signum  # raised again at the next step, should this be lost
         raise SystemExit(128 + signum)
 
     previous: dict[int, Any] = {}
