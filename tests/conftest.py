@@ -105,22 +105,22 @@ def stella() -> Iterator[LiveServer]:
 # a long file alone at the end. Ordering only; a file not listed follows them, the files
 # with more tests first (xdist's own order).
 HEAVY_FILES = (
-    "test_mlx.py",  # 235
-    "test_redis.py",  # 143
-    "test_reliability.py",  # 71
-    "test_browser.py",  # 65
-    "test_limits.py",  # 63
-    "test_cli.py",  # 62
-    "test_client.py",  # 50
-    "test_transport.py",  # 44
-    "test_settings.py",  # 41
-    "test_deploy.py",  # 40
-    "test_backend_openai.py",  # 40
-    "test_security.py",  # 39
-    "test_backend_ollama.py",  # 38
-    "test_metrics.py",  # 37
-    "test_resilience.py",  # 37
-    "test_dialect_anthropic.py",  # 35
+    "test_mlx.py",  # 183
+    "test_redis.py",  # 137
+    "test_cli.py",  # 80
+    "test_client.py",  # 75
+    "test_limits.py",  # 74
+    "test_browser.py",  # 68
+    "test_reliability.py",  # 54
+    "test_settings.py",  # 52
+    "test_transport.py",  # 50
+    "test_deploy.py",  # 45
+    "test_backend_openai.py",  # 43
+    "test_bench.py",  # 37
+    "test_resilience.py",  # 35
+    "test_backend_ollama.py",  # 33
+    "test_logs.py",  # 32
+    "test_dialect_anthropic.py",  # 28
 )
 
 
