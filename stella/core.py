@@ -426,14 +426,22 @@ class Pipeline:
         if route.pool:
             chain += [r for r in self.router.chain(route)[1:] if r.name == route.name]
             chain = [r for r in chain if r is route or r.backend.makes_embeddings]
-        if not self.router.breakers[route.backend_name].available():
+        breakers = self.router.breakers
+        if not any(breakers[r.backend_name].available() for r in chain):
             raise self._circuits_open(route, chain)
-        route.backend.admit(chat)
-        permit, waited, counted = await self._admit_on(call, route, chat, True, started)
+        # A named backend whose circuit is open: another member answers, as for a chat,
+        # and the call neither waits for nor holds a slot of the backend it skips.
+        skip = not breakers[route.backend_name].available()
+        if not skip:
+            route.backend.admit(chat)
+        permit, waited, counted = await self._admit_on(call, route, chat, not skip, started)
         if picked:
             self.router.took(route)
         inference = EmbedInference(self, route, chain, chat, call, permit, waited)
         inference.busy = counted
+        if skip:
+            inference.skip_first = "circuit_open"
+            inference.backend_held = False
         return inference
 
     def _circuits_open(self, route: Route, chain: list[Route]) -> Unavailable:

@@ -18,9 +18,9 @@ import pytest
 from stella.backends import ConfigError, build_backend, registry
 from stella.calls import Call, Principal
 from stella.core import Pipeline
-from stella.errors import InvalidRequest
+from stella.errors import InvalidRequest, Unavailable
 from stella.limits import Limiter
-from stella.protocol import ChatRequest, Message
+from stella.protocol import ChatRequest, EmbedRequest, Message
 from stella.routing import Router
 from stella.settings import RouteSettings, enabled_backends, load_settings
 from tests.live import LiveServer, run_stella
@@ -386,3 +386,30 @@ async def test_a_call_waiting_for_its_key_s_slot_counts_on_the_backend_it_picked
     for inference in (first, held, then):
         inference.finish()
     assert r.busy == {"echo": 0, "other": 0}
+
+
+async def test_an_embed_call_named_to_a_backend_whose_circuit_is_open_goes_to_another() -> None:
+    r = router({"m": {"backend": "echo", "balance": ["other"]}})
+    pipeline = Pipeline(r, lambda event, fields: None, admission=Limiter(r.settings))
+    breaker = r.breakers["other"]
+    for _ in range(breaker.threshold):
+        breaker.failure("upstream_error")
+    assert not breaker.available()
+    # Named (a direct `other/...` name, OpenAI `provider`): as a chat, skipped, answered
+    # by the route's other backend, which is closed.
+    inference = await pipeline.prepare_embed(
+        EmbedRequest(input=["a b"], model="m"), Call(request_id="e", pin="other")
+    )
+    result = await inference.embeddings()
+    assert len(result.embeddings) == 1
+    tried = [(a["backend"], a["error"]) for a in inference.attempts]
+    assert tried == [("other", "circuit_open"), ("echo", None)]
+    assert r.busy == {"echo": 0, "other": 0}
+    # Every backend's circuit open: the 503 naming both.
+    breaker = r.breakers["echo"]
+    for _ in range(breaker.threshold):
+        breaker.failure("upstream_error")
+    with pytest.raises(Unavailable, match="backends 'echo', 'other' have their circuits open"):
+        await pipeline.prepare_embed(
+            EmbedRequest(input=["a"], model="m"), Call(request_id="f", pin="other")
+        )
