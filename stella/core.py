@@ -326,7 +326,12 @@ class Pipeline:
         """The call on `route` (a balanced route's member, `picked` by load), admitted
         (`started`: when its wait for admission began, if before this admission)."""
         router = self.router
-        chain = router.chain(route, pick=True)
+        usable = None
+        if images is not None and images.first is not None:
+            # A balanced fallback's member that reads the images, however busy: one that
+            # reads text only would be dropped from the chain below.
+            usable = partial(_reads, images=images)
+        chain = router.chain(route, pick=True, usable=usable)
         scope = call.principal.scope
         if scope is not None and len(chain) > 1:
             # A fallback is a model like any other: a key reaches only those in its scope.

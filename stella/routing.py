@@ -297,10 +297,16 @@ class Router:
             settings=RouteSettings(backend=backend),
         )
 
-    def chain(self, route: Route, pick: bool = False) -> list[Route]:
+    def chain(
+        self,
+        route: Route,
+        pick: bool = False,
+        usable: Callable[[Route], bool] | None = None,
+    ) -> list[Route]:
         """The route (a balanced route's member) followed by its pool's other members, then
         by its fallbacks, each once: a balanced fallback as its own member, or with `pick`
-        as the one `pick` chooses now (a call's chain; its turn moves only if tried)."""
+        as the one `pick` chooses now, a `usable` one first (a call's chain: e.g. one that
+        reads its images; the turn moves only if tried)."""
         pool = route.pool
         if not route.fallbacks and not pool:
             return [route]
@@ -315,17 +321,19 @@ class Router:
             if target and target not in seen:
                 seen.add(target)
                 fallback = self.routes[target]
-                out.append(self.pick(fallback) if pick and fallback.pool else fallback)
+                out.append(self.pick(fallback, usable) if pick and fallback.pool else fallback)
         return out
 
     def capabilities(self, route: Route, allowed: Allowed | None = None) -> list[str]:
         """What a model list says `route`'s model can do: its backend's, with `images` where
-        a fallback the key may use (`allowed`) reads them, as a user's images go there."""
+        a fallback the key may use (`allowed`) reads them, as a user's images go there (a
+        balanced fallback: any of its backends, as a call with images picks one that does)."""
         backend = route.backend
         reads = backend.reads_images or any(
-            r.backend.reads_images
+            m.backend.reads_images
             for r in self.chain(route)[1:]
             if allowed is None or allowed(r.name)
+            for m in r.pool or (r,)
         )
         return backend.listed_capabilities(route.upstream_model, reads)
 

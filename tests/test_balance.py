@@ -413,3 +413,27 @@ async def test_an_embed_call_named_to_a_backend_whose_circuit_is_open_goes_to_an
         await pipeline.prepare_embed(
             EmbedRequest(input=["a"], model="m"), Call(request_id="f", pin="other")
         )
+
+
+async def test_an_image_goes_to_the_member_of_a_balanced_fallback_that_reads_it() -> None:
+    vision = {"vision": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}}
+    routes = {
+        "t": {"backend": "echo", "fallbacks": ["b"]},
+        "b": {"backend": "other", "balance": ["vision"]},
+    }
+    r = router(routes, vision)
+    # Listed as reading images: one of its fallback's backends does.
+    assert "images" in r.capabilities(r.routes["t"])
+    pipeline = Pipeline(r, lambda event, fields: None, admission=Limiter(r.settings))
+    image = {"data": "iVBORw0KGgo=", "media_type": "image/png"}  # a PNG's signature
+    ask = msgspec.convert(
+        {"model": "t", "messages": [{"role": "user", "content": "hi", "images": [image]}]},
+        ChatRequest,
+    )
+    # Whatever the turn and the load (`other` idle, first in turn), the fallback's member
+    # that reads images is the one in the chain, and the text-only route is skipped.
+    for _ in range(2):
+        inference = await pipeline.prepare(ask, Call(request_id="i"))
+        assert [m.backend_name for m in inference.chain] == ["echo", "vision"]
+        assert inference.skip_first == "text_only"
+        inference.finish()
