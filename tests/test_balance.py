@@ -437,3 +437,36 @@ async def test_an_image_goes_to_the_member_of_a_balanced_fallback_that_reads_it(
         assert [m.backend_name for m in inference.chain] == ["echo", "vision"]
         assert inference.skip_first == "text_only"
         inference.finish()
+
+
+async def test_a_stored_runtime_route_names_balance_only_when_it_has_one() -> None:
+    from stella.app import create_app
+
+    settings = load_settings(
+        {
+            "backends": {"local": {"enabled": False}, "other": {"kind": "echo"}},
+            "models": {"default": "echo"},
+        },
+        environ={},
+    )
+    app = create_app(settings)
+    state = app.services.state  # type: ignore[attr-defined]
+    url = "http://stella/api/v1/models"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
+        for body in (
+            {"name": "plain", "backend": "echo"},
+            {"name": "both", "backend": "echo", "balance": ["other"]},
+        ):
+            r = await client.post(url, json=body)
+            assert r.status_code == 201, r.text
+    # As the state store holds it (Redis: JSON). Without `balance`, a route a replica from
+    # before it takes (its RouteSettings forbids a field it does not know).
+    stored = msgspec.json.decode(msgspec.json.encode(await state.load_routes()))
+    assert "balance" not in stored["plain"]
+    assert stored["both"]["balance"] == ["other"]
+    # Read back by another replica, each as it was registered.
+    r = router({})
+    specs = {name: msgspec.convert(spec, RouteSettings) for name, spec in stored.items()}
+    assert r.apply_stored(specs, None) == []
+    assert r.routes["plain"].pool == ()
+    assert [m.backend_name for m in r.routes["both"].pool] == ["echo", "other"]

@@ -299,7 +299,7 @@ async def register_model(request: Request, call: Call) -> Response:
             nonlocal replaced
             # The store says, not this table: another replica's route of this name may
             # not have reached it yet.
-            replaced = await svc.state.save_route(spec.name, msgspec.to_builtins(rs))
+            replaced = await svc.state.save_route(spec.name, _stored_route(rs))
 
         await _change(
             router,
@@ -311,6 +311,17 @@ async def register_model(request: Request, call: Call) -> Response:
         )
         logged["route"] = spec.name
     return JSONResponse(Registered(spec.name), status_code=200 if replaced else 201)
+
+
+def _stored_route(rs: RouteSettings) -> dict[str, Any]:
+    """`rs` as the state store holds it, read back by every replica."""
+    spec = msgspec.to_builtins(rs)
+    # A replica from before `balance` refuses a route with a field it does not know (its
+    # RouteSettings forbids them): during a rolling upgrade it would skip every runtime
+    # route a newer one stores. Left out when empty, such a route reads the same to both.
+    if not spec["balance"]:
+        del spec["balance"]
+    return spec
 
 
 @endpoint(auth="admin")
