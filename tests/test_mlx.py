@@ -1344,11 +1344,19 @@ async def test_an_unload_while_answering_frees_the_model_after_the_answer(
             await first_token(stream)  # inside the answer: its 19 other tokens take ~1 s here
             unload = {"model": "smollm2-135m", "keep_alive": 0}
             r = await c.post(url + "/api/generate", json=unload)
+            unloaded_at = time.time()
             assert r.status_code == 200 and r.json()["done_reason"] == "unload"
             lines = [json.loads(line) async for line in stream]
-        assert lines[-1]["type"] == "done" and lines[-1]["usage"]["completion_tokens"] >= 1
+        # Whole: every token asked for, not an answer cut where the weights went.
+        done = lines[-1]
+        assert done["type"] == "done" and done["finish_reason"] == "length", done
+        assert done["usage"]["completion_tokens"] == 20, done
         names = [m["name"] for m in (await c.get(url + "/api/ps")).json()["models"]]
         assert "smollm2-135m:latest" not in names
+    # The answer's log event (written as it ended) is later than the unload's answer: the
+    # unload came while the answer ran, and was answered without waiting for it.
+    ev = mlx_server.wait_event(lambda e: e.get("request_id") == running.headers["x-request-id"])
+    assert ev["ts"] > unloaded_at, (ev["ts"], unloaded_at)
     # The next request loads it again; its log line and Ollama's load_duration say how
     # long that took.
     body = {
