@@ -86,7 +86,8 @@ class Call:
     # A configured backend chosen by the client (OpenAI `provider`): bypasses routes.
     backend: str | None = None
     # The backend of a balanced route the client named (a direct `backend/model` name,
-    # OpenAI `provider`): the call starts there rather than on the least busy one.
+    # OpenAI `provider`): the call starts there rather than on the least busy one. Set by
+    # core.Pipeline._resolve (a direct name) and api/openai.py (`provider`).
     pin: str = ""
     # The API key the caller presented: masked where its request's log line holds what
     # the client wrote (metadata, content), should the client have echoed it there.
@@ -173,10 +174,10 @@ class Admission:
         request: ChatRequest,
         backend_held: bool,
         wait_s: float,
-        model: bool = True,
+        same_route: bool = False,
     ) -> Permit | None:
         """Admission to a route the call falls back to (its model's own limits), or None;
         `backend_held`: the call holds that backend's slot already; `wait_s`: the longest
-        wait for a slot (the call's time left); not `model`: another backend of the route
+        wait for a slot (the call's time left); `same_route`: another backend of the route
         the call was admitted to (a balanced one), whose model's limits it holds."""
         return None

@@ -1121,13 +1121,13 @@ class Inference:
         held = route.backend_name == self.route.backend_name and self.backend_held
         # Another backend of the asked route (balanced): the call holds its model's limits
         # already, and takes that backend's slot alone.
-        model = route.name != self.route.name
+        same_route = route.name == self.route.name
         # A slot is waited for within the route's time, as its attempts are.
         now = time.perf_counter()
         left = deadline - now
         try:
             permit = await self.pipeline.admission.admit_fallback(
-                route, self.request, held, left, model
+                route, self.request, held, left, same_route
             )
         except (RateLimited, Overloaded) as exc:
             self.attempts.append(

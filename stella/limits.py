@@ -351,14 +351,14 @@ class Limiter(Admission):
         request: ChatRequest,
         backend_held: bool,
         wait_s: float,
-        model: bool = True,
+        same_route: bool = False,
     ) -> Permit | None:
         """Admission to a fallback route: its model's limits and its backend's slots (the
         key's were taken for the call, and the backend's too when `backend_held`), a slot
-        waited for at most `wait_s` (the call's time left). Not `model`: another backend
+        waited for at most `wait_s` (the call's time left). `same_route`: another backend
         of the call's own route (balanced), its slot alone. None when none apply; raises
         as `admit` does."""
-        if not model:
+        if same_route:
             size = 0 if backend_held else self.limits.backends.get(route.backend_name, 0)
             if not size:
                 return None

@@ -797,7 +797,8 @@ class ModelInfo(msgspec.Struct):
     upstream_model: str = ""
     aliases: list[str] = []
     fallbacks: list[str] = []
-    # The other backends the route balances over (its `backend` first, above).
+    # The backends the route balances over besides its own (`backend`, above, never
+    # listed here), as configured.
     balance: list[str] = []
     loaded: bool = False
     default: bool = False

@@ -125,7 +125,8 @@ class Route:
     # A balanced route (`balance`): one Route per backend serving it, the route's own
     # first, each with the route's name and settings; the same tuple in every one of them.
     pool: tuple[Route, ...] = ()
-    # The pool member a tie goes to next (kept on the first): light traffic spreads too.
+    # The pool member a tie goes to next: only pool[0]'s counts (see Router.pick and
+    # took); the others' stays 0. Light traffic spreads too.
     turn: int = 0
 
 
@@ -373,13 +374,7 @@ class Router:
         """Add or replace a runtime route; `check_fallbacks`: refuse fallbacks not known (a
         route the store holds already is taken as it is: an unknown fallback is skipped)."""
         if rs.backend not in self.backends:
-            wanted = rs.backend
-            why = (
-                # Left out of the table, yet named in the file: "unknown" would mislead.
-                f"backend {wanted!r} is configured but disabled (backends.{wanted}.enabled = false)"
-                if wanted in self.settings.backends
-                else f"unknown backend {wanted!r}; known: {sorted(self.backends)}"
-            )
+            why = self._no_backend(rs.backend)
             raise InvalidRequest(f"$.backend: {why}", param="backend")
         existing = self.routes.get(name)
         if existing is not None and not existing.runtime:
@@ -387,12 +382,7 @@ class Router:
         for i, other in enumerate(rs.balance if check_fallbacks else ()):
             # A stored route takes what this process has (see _add); a new one is refused.
             if other not in self.backends:
-                why = (
-                    f"backend {other!r} is configured but disabled "
-                    f"(backends.{other}.enabled = false)"
-                    if other in self.settings.backends
-                    else f"unknown backend {other!r}; known: {sorted(self.backends)}"
-                )
+                why = self._no_backend(other)
                 raise InvalidRequest(f"$.balance[{i}]: {why}", param=f"balance[{i}]")
             if other == rs.backend:
                 raise InvalidRequest(
@@ -410,6 +400,13 @@ class Router:
         if existing is not None:  # replaced: its old aliases go with it
             self._names = {k: v for k, v in self._names.items() if v != name}
         return self._add(name, rs, runtime=True)
+
+    def _no_backend(self, name: str) -> str:
+        """Why `name`, not in the table, is no backend a route may use."""
+        if name in self.settings.backends:
+            # Left out of the table, yet named in the file: "unknown" would mislead.
+            return f"backend {name!r} is configured but disabled (backends.{name}.enabled = false)"
+        return f"unknown backend {name!r}; known: {sorted(self.backends)}"
 
     def apply_stored(self, specs: dict[str, RouteSettings], default: str | None) -> list[str]:
         """Make the runtime routes and the default those the state store holds, whatever

@@ -434,7 +434,8 @@ document(
         tag="admin",
         request=RegisterRoute,
         response=Registered,
-        # 201 a new route; 200 one of that name replaced: its backend, aliases, fallbacks.
+        # 201 a new route; 200 one of that name replaced: its backend, upstream model,
+        # aliases, fallbacks and balance.
         replaced=True,
         admin=True,
         errors=(400, 401, 403, 409, 413, 415, 503),

@@ -69,8 +69,9 @@ async def ready(request: Request) -> Response:
         state = breaker.now()
         who = f"{route.backend_name}: " if named else ""
         if state == "open":
-            # A fallback whose circuit is not open answers for the default model: still
-            # ready (the open circuit is reported all the same).
+            # Another backend of a balanced default route, or a fallback, whose circuit is
+            # not open answers for the default model: still ready (the open circuit is
+            # reported all the same).
             serving = next(
                 (
                     r
