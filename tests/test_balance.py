@@ -306,7 +306,7 @@ def test_a_call_whose_backend_stays_full_goes_to_another_that_freed(server: Live
     assert logged(server, r.json()["id"])["queue_ms"] >= 500
 
 
-def router(routes: dict[str, Any], backends: dict[str, Any] | None = None) -> Router:
+def router(routes: dict[str, Any], backends: dict[str, Any] | None = None, **more: Any) -> Router:
     settings = load_settings(
         {
             "backends": {
@@ -315,6 +315,7 @@ def router(routes: dict[str, Any], backends: dict[str, Any] | None = None) -> Ro
                 **(backends or {}),
             },
             "models": {"default": "echo", "routes": routes},
+            **more,
         },
         environ={},
     )
@@ -465,8 +466,61 @@ async def test_a_stored_runtime_route_names_balance_only_when_it_has_one() -> No
     assert "balance" not in stored["plain"]
     assert stored["both"]["balance"] == ["other"]
     # Read back by another replica, each as it was registered.
-    r = router({})
+    replica = router({})
     specs = {name: msgspec.convert(spec, RouteSettings) for name, spec in stored.items()}
-    assert r.apply_stored(specs, None) == []
-    assert r.routes["plain"].pool == ()
-    assert [m.backend_name for m in r.routes["both"].pool] == ["echo", "other"]
+    assert replica.apply_stored(specs, None) == []
+    assert replica.routes["plain"].pool == ()
+    assert [m.backend_name for m in replica.routes["both"].pool] == ["echo", "other"]
+
+
+async def test_ready_says_another_backend_answers_for_a_default_whose_circuit_is_open() -> None:
+    from stella.app import create_app
+
+    settings = load_settings(
+        {
+            "backends": {"local": {"enabled": False}, "other": {"kind": "echo"}},
+            "models": {"default": "m", "routes": {"m": {"backend": "echo", "balance": ["other"]}}},
+        },
+        environ={},
+    )
+    app = create_app(settings)
+    router = app.services.router  # type: ignore[attr-defined]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app)) as client:
+        for backend in ("echo", "other"):
+            breaker = router.breakers[backend]
+            for _ in range(breaker.threshold):
+                breaker.failure("upstream_error")
+            r = await client.get("http://stella/ready")
+            if backend == "echo":  # the route's own open: the other serves, still ready
+                assert r.status_code == 200, r.text
+                assert r.json()["checks"]["circuit"] == "ok (echo: open; backend 'other' answers)"
+        # Both open: not ready.
+        assert r.status_code == 503 and r.json()["checks"]["circuit"] == "echo: open", r.text
+
+
+async def test_an_embed_call_whose_backend_stays_full_goes_to_another_that_freed() -> None:
+    routes = {
+        "m": {"backend": "echo", "balance": ["other"]},
+        "e": {"backend": "echo"},
+        "o": {"backend": "other"},
+    }
+    limits = {"backends": {"echo": 1, "other": 1}, "queue_timeout_s": 0.5}
+    r = router(routes, limits=limits)
+    pipeline = Pipeline(r, lambda event, fields: None, admission=Limiter(r.settings))
+    ask = ChatRequest(messages=[Message(role="user", content="hi")], model="e")
+    held = await pipeline.prepare(ask, Call(request_id="h"))  # echo's one slot
+    freed = await pipeline.prepare(msgspec.structs.replace(ask, model="o"), Call(request_id="f"))
+    # Both full, as busy: the embed call waits for echo's slot (its turn), which stays
+    # held; other's frees meanwhile, and the call goes there rather than a 503.
+    waiting = asyncio.create_task(
+        pipeline.prepare_embed(EmbedRequest(input=["a b"], model="m"), Call(request_id="w"))
+    )
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    freed.finish()
+    inference = await waiting
+    assert inference.route.backend_name == "other" and inference.waited_ms >= 400
+    result = await inference.embeddings()
+    assert len(result.embeddings) == 1
+    held.finish()
+    assert r.busy == {"echo": 0, "other": 0}
