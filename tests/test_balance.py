@@ -175,8 +175,8 @@ def test_fallbacks_follow_the_balanced_backends(server: LiveServer) -> None:
     assert tried[2:] == [("echo", "echo", None)]
     # Both circuits open now: neither is sent anything, the fallback answers.
     r = chat(server, "doomed")
-    tried = [(a["backend"], a["error"]) for a in logged(server, r.json()["id"])["attempts"]]
-    assert tried == [("bad1", "circuit_open"), ("bad2", "circuit_open"), ("echo", None)]
+    pairs = [(a["backend"], a["error"]) for a in logged(server, r.json()["id"])["attempts"]]
+    assert pairs == [("bad1", "circuit_open"), ("bad2", "circuit_open"), ("echo", None)]
     # Without a fallback: the usual 503, naming every backend of the route.
     r = chat(server, "stranded")
     assert r.status_code == 503
