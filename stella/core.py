@@ -469,6 +469,7 @@ class Pipeline:
         admission (rate limits, slots), no log event, no usage; an open circuit refuses it."""
         route = self._route(request, call)
         breakers = self.router.breakers
+        members = [route]
         if route.pool and not breakers[route.backend_name].available():
             # Another backend of a balanced route serves the same upstream model: its count
             # is the model's, as its answers are.
@@ -485,8 +486,9 @@ class Pipeline:
         if not breakers[route.backend_name].available():
             # Refused as a message with no fallback is, not sent to a backend known to be
             # down; a half-open circuit's probe is left to a message, whose answer says
-            # whether the backend generates again (a count's says less).
-            raise self._circuits_open(route, [route])
+            # whether the backend generates again (a count's says less). A balanced route's
+            # names each of its backends, as a message's 503 does.
+            raise self._circuits_open(route, members)
         ctx = CallContext(request_id=call.request_id, route=route.name)
         limit = min(route.settings.ttft_timeout_s, route.settings.total_timeout_s)
         try:

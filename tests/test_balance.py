@@ -183,6 +183,13 @@ def test_fallbacks_follow_the_balanced_backends(server: LiveServer) -> None:
     assert r.json()["error"]["message"] == (
         "model 'stranded' is unavailable: backends 'bad1', 'bad2' have their circuits open"
     )
+    # A token count is refused as that message is, in the same words.
+    body = {"model": "stranded", "messages": [{"role": "user", "content": "hi"}]}
+    r = httpx.post(server.url + "/v1/messages/count_tokens", json=body)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["message"] == (
+        "model 'stranded' is unavailable: backends 'bad1', 'bad2' have their circuits open"
+    )
 
 
 def test_embed_calls_spread_over_the_backends(server: LiveServer) -> None:
