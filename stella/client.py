@@ -452,7 +452,7 @@ class _Lines:
             return None
         if kind is Error:
             self.ended = True
-            raise _inband(event, self.request_id)
+            raise _inband(cast(Error, event), self.request_id)
         if kind is Done:
             self.ended = True
         return event

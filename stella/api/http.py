@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgspec
 import structlog
@@ -453,6 +453,8 @@ def decode(body: bytes, type_: type[T], decoder: msgspec.json.Decoder[T] | None 
                 "JSON bodies must be UTF-8; this one starts with a UTF-16 byte-order mark"
             ) from None
         text = str(exc)  # "JSON is malformed: ... (byte N)" or "Input data was truncated"
+        if text.startswith("Invalid UTF-8"):  # msgspec 0.23 checks the bytes itself
+            raise InvalidRequest("request body is not valid UTF-8") from None
         if not text.startswith("JSON is malformed"):
             # msgspec reads the 6 bytes after an escaped high surrogate as the low one it
             # needs, and calls fewer left "truncated", though the string ends right there.
@@ -486,7 +488,8 @@ _LONE_HIGH_SURROGATE = re.compile(
 async def read_json(request: Request, decoder: msgspec.json.Decoder[T]) -> T:
     """Read and decode the body with a prebuilt decoder."""
     body = await read_body(request, services(request).settings.server.max_body_bytes)
-    return decode(body, decoder.type, decoder)
+    # msgspec 0.23 types a decoder's `type` as a TypeForm, 0.22 as a type: the same object.
+    return decode(body, cast("type[T]", decoder.type), decoder)
 
 
 def stream_response(
