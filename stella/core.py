@@ -427,10 +427,7 @@ class Pipeline:
         (`chat`: its inputs as admission reads them; `started`: as for `_admitted`)."""
         # A balanced route's other members serve the same model: tried after it, as a
         # chat's are (fallbacks, other models, never).
-        chain = [route]
-        if route.pool:
-            chain += [r for r in self.router.chain(route)[1:] if r.name == route.name]
-            chain = [r for r in chain if r is route or r.backend.makes_embeddings]
+        chain = [r for r in self.router.members(route) if r is route or r.backend.makes_embeddings]
         breakers = self.router.breakers
         if not any(breakers[r.backend_name].available() for r in chain):
             raise self._circuits_open(route, chain)
@@ -473,7 +470,7 @@ class Pipeline:
         if route.pool and not breakers[route.backend_name].available():
             # Another backend of a balanced route serves the same upstream model: its count
             # is the model's, as its answers are.
-            members = self.router.chain(route)[: len(route.pool)]
+            members = self.router.members(route)
             route = next((r for r in members if breakers[r.backend_name].available()), route)
         # The route's own backend, never a fallback: another tokenizer's count is another
         # number, and the client sizes its context for the model it asks.

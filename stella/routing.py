@@ -308,14 +308,9 @@ class Router:
         by its fallbacks, each once: a balanced fallback as its own member, or with `pick`
         as the one `pick` chooses now, a `usable` one first (a call's chain: e.g. one that
         reads its images; the turn moves only if tried)."""
-        pool = route.pool
-        if not route.fallbacks and not pool:
+        if not route.fallbacks and not route.pool:
             return [route]
-        out = [route]
-        if pool:
-            at = pool.index(route)
-            out += pool[at + 1 :]
-            out += pool[:at]
+        out = self.members(route)
         seen = {route.name}
         for name in route.fallbacks:
             target = self._names.get(name)
@@ -324,6 +319,15 @@ class Router:
                 fallback = self.routes[target]
                 out.append(self.pick(fallback, usable) if pick and fallback.pool else fallback)
         return out
+
+    def members(self, route: Route) -> list[Route]:
+        """`route` (a balanced route's member) followed by its pool's other members, in
+        turn from the one after it: the backends serving the route's own model."""
+        pool = route.pool
+        if not pool:
+            return [route]
+        at = pool.index(route)
+        return [route, *pool[at + 1 :], *pool[:at]]
 
     def capabilities(self, route: Route, allowed: Allowed | None = None) -> list[str]:
         """What a model list says `route`'s model can do: its backend's, with `images` where
