@@ -34,6 +34,14 @@ def keyed(**limits: object) -> dict:
     return {"auth": {"keys": {"q": {"sha256": sha(KEY), **limits}}}}
 
 
+def slow_route(delay_s: float) -> dict:
+    """Model `slow`: an echo backend that takes `delay_s` a word."""
+    return {
+        "backends": {"slow": {"kind": "echo", "delay_s": delay_s}},
+        "models": {"routes": {"slow": {"backend": "slow"}}},
+    }
+
+
 def to_midnight() -> float:
     """Seconds from now to the next UTC midnight, on this machine's clock."""
     return 86_400 - time.time() % 86_400
@@ -163,8 +171,7 @@ async def test_a_call_refused_for_want_of_a_slot_gives_its_day_back(quota: str) 
     config = {
         **keyed(**{quota: 1000}, max_concurrent=1),
         "limits": {"queue_timeout_s": 0.2},
-        "backends": {"slow": {"kind": "echo", "delay_s": 0.6}},
-        "models": {"routes": {"slow": {"backend": "slow"}}},
+        **slow_route(0.6),
     }
     with run_stella(config) as server:
         async with httpx.AsyncClient(timeout=10, headers=H) as c:
@@ -309,8 +316,7 @@ async def test_a_call_that_ends_after_midnight_settles_into_the_day_it_was_admit
     clock = [MIDNIGHT - 10.0]
     config = {
         **keyed(tokens_per_day=1000),
-        "backends": {"slow": {"kind": "echo", "delay_s": 0.3}},
-        "models": {"routes": {"slow": {"backend": "slow"}}},
+        **slow_route(0.3),
     }
     async with app_at(config, clock) as (c, svc, _):
         # Reserves 800 and its prompt of the old day, and ends in the new one.
@@ -420,8 +426,7 @@ async def test_a_limit_of_one_is_named_in_the_singular() -> None:
     config = {
         **keyed(max_concurrent=1),
         "limits": {"queue_timeout_s": 0.1},
-        "backends": {"slow": {"kind": "echo", "delay_s": 0.5}},
-        "models": {"routes": {"slow": {"backend": "slow"}}},
+        **slow_route(0.5),
     }
     with run_stella(config) as server:
         async with httpx.AsyncClient(timeout=10, headers=H) as c:
