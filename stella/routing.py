@@ -157,6 +157,18 @@ class Router:
                 if taken:
                     raise ConfigError(f"models.routes.{name}: {taken}")
                 self._add(name, rs, runtime=False)
+                for i, other in enumerate(rs.balance):
+                    if other not in backends:
+                        # Served on fewer backends than the file lists: said once, as it
+                        # starts (and by `stella config --check`), not found out under load.
+                        _log.warning(
+                            "balance_backend_disabled",
+                            key=f"models.routes.{name}.balance[{i}]",
+                            route=name,
+                            backend=other,
+                            detail=f"backends.{other}.enabled = false: the route is served "
+                            "without it",
+                        )
 
     def _taken(self, name: str, rs: RouteSettings) -> str:
         """Why `name` or one of its aliases can't be added ("" when they all can)."""

@@ -9,11 +9,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from stella.backends import ConfigError, build_backend, registry
 from stella.calls import Call, Principal
@@ -23,7 +25,7 @@ from stella.limits import Limiter
 from stella.protocol import ChatRequest, EmbedRequest, Message
 from stella.routing import Router
 from stella.settings import RouteSettings, enabled_backends, load_settings
-from tests.live import LiveServer, run_stella
+from tests.live import LiveServer, run_stella, stella_cli
 
 FAILS = {"kind": "echo", "fail_before_first": True}
 CONFIG: dict[str, Any] = {
@@ -359,6 +361,32 @@ def test_a_disabled_backend_is_left_out_and_a_stored_route_round_trips() -> None
         InvalidRequest, match=r"^\$\.balance\[0\]: backend 'local' is configured but disabled"
     ):
         r.register("rt2", RouteSettings(backend="echo", balance=["local"]))
+
+
+def test_a_disabled_balanced_backend_is_warned_of_at_start_up(tmp_path: Path) -> None:
+    routes = {
+        "m": {"backend": "echo", "balance": ["local", "other"]},
+        # Its own backend disabled too: left out as any route to a disabled backend is,
+        # with nothing to warn of about its balance (the route is not served at all).
+        "gone": {"backend": "local", "balance": ["off"]},
+    }
+    with capture_logs() as logs:
+        r = router(routes, {"off": {"kind": "echo", "enabled": False}})
+    assert "gone" not in r.routes
+    warned = [e for e in logs if e["event"] == "balance_backend_disabled"]
+    assert [(e["key"], e["route"], e["backend"], e["log_level"]) for e in warned] == [
+        ("models.routes.m.balance[0]", "m", "local", "warning")
+    ]
+    # `stella config --check` shows it, and still passes: the server starts.
+    conf = tmp_path / "c.toml"
+    conf.write_text(
+        '[models]\ndefault = "m"\n[models.routes.m]\nbackend = "echo"\nbalance = ["local"]\n'
+        "[backends.local]\nenabled = false\n"
+    )
+    out = stella_cli("config", "--check", "--config", str(conf), env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    [line] = [x for x in out.stderr.splitlines() if "balance_backend_disabled" in x]
+    assert "models.routes.m.balance[0]" in line and "backend=local" in line, line
 
 
 def test_a_request_with_images_goes_to_a_backend_that_reads_them() -> None:
