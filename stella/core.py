@@ -263,7 +263,7 @@ class Pipeline:
         try:
             inference = await self._admitted(route, request, call, images, picked)
         except Overloaded as exc:
-            spill = self._spill(route, exc, usable)
+            spill = self._spill(route, exc, usable, call)
             if spill is None:
                 raise
             inference = await self._admitted(spill, request, call, images, True, started)
@@ -271,12 +271,14 @@ class Pipeline:
         return inference
 
     def _spill(
-        self, route: Route, exc: Overloaded, usable: Callable[[Route], bool] | None
+        self, route: Route, exc: Overloaded, usable: Callable[[Route], bool] | None, call: Call
     ) -> Route | None:
         """Another backend of balanced `route` with a slot free now, for a call refused
         because `route`'s backend's slots (limits.backends) stayed full for its whole wait
-        (None: no other has one): a 503 while a backend of the route is idle helps no one."""
-        if exc.backend != route.backend_name or not route.pool:
+        (None: no other has one): a 503 while a backend of the route is idle helps no one.
+        None for a call named to its backend (`call.pin`): it stays there, as a route
+        without `balance` would, and gets the 503."""
+        if exc.backend != route.backend_name or not route.pool or call.pin:
             return None
         free = self.admission.backend_free
         spill = self.router.pick(route, usable, free)
@@ -407,7 +409,7 @@ class Pipeline:
         try:
             inference = await self._embed_admitted(route, chat, call, picked)
         except Overloaded as exc:
-            spill = self._spill(route, exc, _makes_embeddings)
+            spill = self._spill(route, exc, _makes_embeddings, call)
             if spill is None or not spill.backend.makes_embeddings:
                 raise
             inference = await self._embed_admitted(spill, chat, call, True, started)

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from stella.backends import ConfigError, build_backend, registry
 from stella.calls import Call, Principal
 from stella.core import Pipeline
-from stella.errors import InvalidRequest, Unavailable
+from stella.errors import InvalidRequest, Overloaded, Unavailable
 from stella.limits import Limiter
 from stella.protocol import ChatRequest, EmbedRequest, Message
 from stella.routing import Router
@@ -557,5 +557,33 @@ async def test_an_embed_call_whose_backend_stays_full_goes_to_another_that_freed
     assert inference.route.backend_name == "other" and inference.waited_ms >= 400
     result = await inference.embeddings()
     assert len(result.embeddings) == 1
+    held.finish()
+    assert r.busy == {"echo": 0, "other": 0}
+
+
+async def test_a_call_named_to_a_backend_that_stays_full_gets_the_503_there() -> None:
+    routes = {
+        "m": {"backend": "echo", "balance": ["other"]},
+        "e": {"backend": "echo"},
+    }
+    limits = {"backends": {"echo": 1, "other": 1}, "queue_timeout_s": 0.2}
+    r = router(routes, limits=limits)
+    pipeline = Pipeline(r, lambda event, fields: None, admission=Limiter(r.settings))
+    ask = ChatRequest(messages=[Message(role="user", content="hi")], model="e")
+    held = await pipeline.prepare(ask, Call(request_id="h"))  # echo's one slot, for good
+    # Named to echo (a direct `echo/m` name, OpenAI `provider`): `other` is idle, and the
+    # call stays on echo all the same, as on a route without `balance`.
+    named = msgspec.structs.replace(ask, model="m")
+    with pytest.raises(Overloaded, match="backend echo already has 1 request running"):
+        await pipeline.prepare(named, Call(request_id="c", pin="echo"))
+    with pytest.raises(Overloaded, match="backend echo already has 1 request running"):
+        await pipeline.prepare_embed(
+            EmbedRequest(input=["a"], model="m"), Call(request_id="d", pin="echo")
+        )
+    assert r.busy == {"echo": 1, "other": 0}  # the held call alone
+    # Not named: the idle backend takes it at once.
+    inference = await pipeline.prepare(named, Call(request_id="n"))
+    assert inference.route.backend_name == "other" and inference.waited_ms < 100
+    inference.finish()
     held.finish()
     assert r.busy == {"echo": 0, "other": 0}
