@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -131,6 +131,9 @@ class Permit:
 
     # Response headers for the answer (rate-limit state), encoded: (lowercase name, value).
     headers: list[tuple[bytes, bytes]]
+    # The backend whose slot the call holds when admission took one of `others` (another
+    # backend of a balanced route) in place of its route's: "" when it did not.
+    backend = ""
 
     def __init__(self) -> None:
         self.headers = []
@@ -158,9 +161,16 @@ class Admission:
         return None
 
     async def admit(
-        self, call: Call, route: Route, request: ChatRequest, backend_slot: bool = True
+        self,
+        call: Call,
+        route: Route,
+        request: ChatRequest,
+        backend_slot: bool = True,
+        others: Sequence[str] = (),
     ) -> Permit:
-        """Admit or raise RateLimited / Overloaded."""
+        """Admit or raise RateLimited / Overloaded; `others`: backends whose slot the call
+        may take in place of its route's backend's, whichever frees first (the permit's
+        `backend` names the one taken)."""
         return Permit()
 
     def backend_free(self, backend: str) -> bool:

@@ -253,15 +253,19 @@ class Pipeline:
             images = first_images(request.messages)
         picked = False
         usable = None
+        others: tuple[str, ...] = ()
         if route.pool:  # a balanced route; none costs nothing here
             if images is not None and images.first is not None:
                 usable = partial(_reads, images=images)
             picked = not call.pin  # a named backend keeps the call
             if picked:
                 route = router.pick(route, usable, self.admission.backend_free)
+                # Should its slots be full when the call gets to them (they may free
+                # meanwhile, or fill while it waits for its key's): the first to free.
+                others = self._others(route, usable)
         started = time.perf_counter()
         try:
-            inference = await self._admitted(route, request, call, images, picked)
+            inference = await self._admitted(route, request, call, images, picked, None, others)
         except Overloaded as exc:
             spill = self._spill(route, exc, usable, call)
             if spill is None:
@@ -269,6 +273,18 @@ class Pipeline:
             inference = await self._admitted(spill, request, call, images, True, started)
         self.active.add(inference)
         return inference
+
+    def _others(self, route: Route, usable: Callable[[Route], bool] | None) -> tuple[str, ...]:
+        """The backends of balanced `route`'s pool besides its own whose slot a call that
+        must wait for one may take instead (whichever frees first): those whose circuit
+        lets a call go, and that are `usable` when `route` is (e.g. read its images)."""
+        breakers = self.router.breakers
+        keep = usable if usable is not None and usable(route) else None
+        return tuple(
+            m.backend_name
+            for m in route.pool
+            if m is not route and breakers[m.backend_name].available() and (keep is None or keep(m))
+        )
 
     def _spill(
         self, route: Route, exc: Overloaded, usable: Callable[[Route], bool] | None, call: Call
@@ -291,8 +307,10 @@ class Pipeline:
         request: ChatRequest,
         backend_slot: bool,
         started: float | None = None,
+        others: tuple[str, ...] = (),
     ) -> tuple[Permit, float, str]:
-        """Admission on `route` (`backend_slot`: with a slot of its backend): the permit,
+        """Admission on `route` (`backend_slot`: with a slot of its backend, or of one of
+        `others`, whichever frees first: the permit's `backend` then names it): the permit,
         the milliseconds waited for it (since `started`, when given: a wait for another
         backend's slot before it), and the backend the call is counted on in Router.busy
         ("": none), counted from before admission, not from its first attempt: calls
@@ -308,12 +326,16 @@ class Pipeline:
             permit = self.admission.admit_now(call, route, request, backend_slot)
             waited = 0.0
             if permit is None:  # a wait is possible (a concurrency slot, Redis): it is timed
-                permit = await self._admit_waiting(call, route, request, backend_slot)
+                permit = await self._admit_waiting(call, route, request, backend_slot, others)
                 waited = (time.perf_counter() - started) * 1000
         except BaseException:
             if counted:
                 busy[counted] -= 1
             raise
+        if permit.backend and counted:  # another backend's slot freed first: counted there
+            busy[counted] -= 1
+            counted = permit.backend
+            busy[counted] += 1
         return permit, waited, counted
 
     async def _admitted(
@@ -324,24 +346,14 @@ class Pipeline:
         images: ImagesSeen | None,
         picked: bool,
         started: float | None = None,
+        others: tuple[str, ...] = (),
     ) -> Inference:
         """The call on `route` (a balanced route's member, `picked` by load), admitted
-        (`started`: when its wait for admission began, if before this admission)."""
+        (`started`: when its wait for admission began, if before this admission; `others`:
+        backends of its pool whose slot it may take instead, should route's be full)."""
         router = self.router
-        usable = None
-        if images is not None and images.first is not None:
-            # A balanced fallback's member that reads the images, however busy: one that
-            # reads text only would be dropped from the chain below.
-            usable = partial(_reads, images=images)
-        chain = router.chain(route, pick=True, usable=usable)
-        scope = call.principal.scope
-        if scope is not None and len(chain) > 1:
-            # A fallback is a model like any other: a key reaches only those in its scope.
-            chain = [r for r in chain if r.name == route.name or scope(r.name)]
-        text_only = False
-        if images is not None and images.first is not None:
-            chain = _image_readers(route, chain, images)
-            text_only = not _reads(route, images)
+        chain = self._chain(route, call, images)
+        text_only = images is not None and images.first is not None and not _reads(route, images)
         breakers = router.breakers
         for r in chain:
             if breakers[r.backend_name].available() and not (text_only and r is route):
@@ -356,7 +368,14 @@ class Pipeline:
         # a route with fallbacks lets the chain try the next one instead.
         if len(chain) == 1:
             route.backend.admit(request)
-        permit, waited, counted = await self._admit_on(call, route, request, not skip, started)
+        if skip:
+            others = ()
+        permit, waited, counted = await self._admit_on(
+            call, route, request, not skip, started, others
+        )
+        if permit.backend:  # another backend of the pool freed a slot first: it serves
+            route = next(m for m in route.pool if m.backend_name == permit.backend)
+            chain = self._chain(route, call, images)
         if picked:
             router.took(route)
         inference = Inference(self, route, chain, request, call, permit, waited)
@@ -366,6 +385,22 @@ class Pipeline:
             inference.images = images.total
         inference.backend_held = not skip
         return inference
+
+    def _chain(self, route: Route, call: Call, images: ImagesSeen | None) -> list[Route]:
+        """The routes a call on `route` tries in turn: its pool's other backends, then the
+        fallbacks its key may use, those that read its images when it has some."""
+        seen = images if images is not None and images.first is not None else None
+        # A balanced fallback's member that reads the images, however busy: one that
+        # reads text only would be dropped from the chain below.
+        usable = None if seen is None else partial(_reads, images=seen)
+        chain = self.router.chain(route, pick=True, usable=usable)
+        scope = call.principal.scope
+        if scope is not None and len(chain) > 1:
+            # A fallback is a model like any other: a key reaches only those in its scope.
+            chain = [r for r in chain if r.name == route.name or scope(r.name)]
+        if seen is not None:
+            chain = _image_readers(route, chain, seen)
+        return chain
 
     def embed_route(self, model: str | None, call: Call) -> Route:
         """The route an embed call of `model` goes to: one the key may use, on a backend
@@ -395,6 +430,8 @@ class Pipeline:
         _check_numbers(request)
         route = self.embed_route(model, call)
         picked = bool(route.pool) and not call.pin
+        # Should its slots be full when the call gets to them: the first to free, as a chat.
+        others = self._others(route, _makes_embeddings) if picked else ()
         texts = request.texts()
         # What admission reads: the inputs as the prompt (the token estimate a rate limit
         # reserves, settled with the real count) and no answer to reserve for but a token.
@@ -407,7 +444,7 @@ class Pipeline:
         )
         started = time.perf_counter()
         try:
-            inference = await self._embed_admitted(route, chat, call, picked)
+            inference = await self._embed_admitted(route, chat, call, picked, None, others)
         except Overloaded as exc:
             spill = self._spill(route, exc, _makes_embeddings, call)
             if spill is None or not spill.backend.makes_embeddings:
@@ -424,12 +461,12 @@ class Pipeline:
         call: Call,
         picked: bool,
         started: float | None = None,
+        others: tuple[str, ...] = (),
     ) -> EmbedInference:
         """The embed call on `route` (a balanced route's member, `picked` by load), admitted
-        (`chat`: its inputs as admission reads them; `started`: as for `_admitted`)."""
-        # A balanced route's other members serve the same model: tried after it, as a
-        # chat's are (fallbacks, other models, never).
-        chain = [r for r in self.router.members(route) if r is route or r.backend.makes_embeddings]
+        (`chat`: its inputs as admission reads them; `started`, `others`: as for
+        `_admitted`)."""
+        chain = _embed_chain(self.router, route)
         breakers = self.router.breakers
         if not any(breakers[r.backend_name].available() for r in chain):
             raise self._circuits_open(route, chain)
@@ -438,7 +475,12 @@ class Pipeline:
         skip = not breakers[route.backend_name].available()
         if not skip:
             route.backend.admit(chat)
-        permit, waited, counted = await self._admit_on(call, route, chat, not skip, started)
+        permit, waited, counted = await self._admit_on(
+            call, route, chat, not skip, started, () if skip else others
+        )
+        if permit.backend:  # another backend of the pool freed a slot first: it serves
+            route = next(m for m in route.pool if m.backend_name == permit.backend)
+            chain = _embed_chain(self.router, route)
         if picked:
             self.router.took(route)
         inference = EmbedInference(self, route, chain, chat, call, permit, waited)
@@ -507,7 +549,12 @@ class Pipeline:
             ) from None
 
     async def _admit_waiting(
-        self, call: Call, route: Route, request: ChatRequest, backend_slot: bool
+        self,
+        call: Call,
+        route: Route,
+        request: ChatRequest,
+        backend_slot: bool,
+        others: tuple[str, ...] = (),
     ) -> Permit:
         """Admission that may wait: a shutdown ends the wait (503 shutting_down), and a
         client that leaves gives up its place (499 client_closed), before any backend."""
@@ -526,7 +573,7 @@ class Pipeline:
             else None
         )
         try:
-            admit = self.admission.admit(call, route, request, backend_slot)
+            admit = self.admission.admit(call, route, request, backend_slot, others)
             if drain is not None and drain.draining:
                 # Reached admission after the drain began: a free slot is taken (with Redis
                 # after a round trip), a real wait is refused, as calls waiting when the
@@ -1737,6 +1784,12 @@ def _within_cap(request: ChatRequest) -> ChatRequest:
     notes: a dialect reads a tool's before the user's that follow it, and a client's own
     image must not be refused for a tool's."""
     return msgspec.structs.replace(request, messages=within_cap(request.messages))
+
+
+def _embed_chain(router: Router, route: Route) -> list[Route]:
+    """The routes an embed call on `route` tries in turn: a balanced route's other members
+    serve the same model, tried after it as a chat's are (fallbacks, other models, never)."""
+    return [r for r in router.members(route) if r is route or r.backend.makes_embeddings]
 
 
 def _makes_embeddings(route: Route) -> bool:

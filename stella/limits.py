@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from stella.calls import Admission, Call, Permit, Principal, prompt_estimate
@@ -331,14 +333,21 @@ class Limiter(Admission):
         return permit
 
     async def admit(
-        self, call: Call, route: Route, request: ChatRequest, backend_slot: bool = True
+        self,
+        call: Call,
+        route: Route,
+        request: ChatRequest,
+        backend_slot: bool = True,
+        others: Sequence[str] = (),
     ) -> Permit:
         """Admit the call or raise RateLimited / Overloaded; without the route's backend's
-        slot when not `backend_slot` (its circuit is open: a fallback will serve)."""
+        slot when not `backend_slot` (its circuit is open: a fallback will serve); with
+        `others` (a balanced route's other backends), the slot of whichever of them and
+        the route's backend frees first, when the route's is not free now."""
         plan = self._plan(call.principal, route, backend_slot)
         if not plan.buckets and not plan.slots:
             return _FREE
-        return await self._admit(plan, request)
+        return await self._admit(plan, request, others=others)
 
     def backend_free(self, backend: str) -> bool:
         """Whether `backend` has a slot free now (limits.backends; always, without one)."""
@@ -371,7 +380,12 @@ class Limiter(Admission):
         return await self._admit(plan, request, wait_s, count=False)
 
     async def _admit(
-        self, plan: _Plan, request: ChatRequest, wait_s: float | None = None, count: bool = True
+        self,
+        plan: _Plan,
+        request: ChatRequest,
+        wait_s: float | None = None,
+        count: bool = True,
+        others: Sequence[str] = (),
     ) -> Permit:
         permit = LimitPermit(self, [])
         checks: list[tuple[str, float, float, float]] = []
@@ -397,7 +411,10 @@ class Limiter(Admission):
                 deadline = time.monotonic() + queue_s
                 for name, size in plan.slots:
                     left = max(deadline - time.monotonic(), 0.0)
-                    slot = await self.slots.acquire(name, size, left)
+                    if others and name.startswith("backend:") and not self.slots.free(name, size):
+                        slot, permit.backend = await self._first_slot(name, size, others, left)
+                    else:
+                        slot = await self.slots.acquire(name, size, left)
                     if slot is None:
                         kind, _, who = name.partition(":")
                         running = _counted(size, "request")
@@ -418,6 +435,38 @@ class Limiter(Admission):
                         self.buckets.give(key, cap, per_s, 1.0, takes[i].local)
                 raise
         return permit
+
+    async def _first_slot(
+        self, name: str, size: int, others: Sequence[str], wait_s: float
+    ) -> tuple[Any, str]:
+        """The slot of `name` or of one of the `others` backends, whichever frees first
+        within `wait_s` (a tie: `name`, then the others in their order), and the backend
+        it is another's ("" for `name`'s own); (None, "") when none freed. One wait per
+        backend, at once: with Redis each asks as a single wait does, and a slot taken by
+        one after another's won goes back at once. An `others` backend without a slot
+        limit is left out: a call it could take at once went there when picked."""
+        sizes = self.limits.backends
+        names = [(name, size)] + [(f"backend:{b}", sizes[b]) for b in others if sizes.get(b, 0)]
+        store = self.slots
+        waits = [asyncio.ensure_future(store.acquire(n, s, wait_s)) for n, s in names]
+        won = -1
+        try:
+            pending: set[asyncio.Future[Any]] = set(waits)
+            while pending and won < 0:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                won = next(
+                    (i for i, w in enumerate(waits) if w in done and w.result() is not None), -1
+                )
+        finally:
+            # The losers' waits end here (the client left, or another won): any slot one
+            # of them took meanwhile goes back as its wait ends.
+            for i, w in enumerate(waits):
+                if i != won:
+                    w.cancel()
+                    w.add_done_callback(partial(_give_back, store))
+        if won < 0:
+            return None, ""
+        return waits[won].result(), names[won][0].partition(":")[2] if won else ""
 
     def _checks(
         self, plan: _Plan, request: ChatRequest
@@ -558,6 +607,12 @@ class _Plan:
 
 
 _FREE = Permit()
+
+
+def _give_back(store: SlotStore, wait: asyncio.Future[Any]) -> None:
+    """Release the slot a wait that lost the race (`_first_slot`) took after all."""
+    if not wait.cancelled() and wait.exception() is None and wait.result() is not None:
+        store.release(wait.result())
 
 
 def _counted(n: int, noun: str) -> str:

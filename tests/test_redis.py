@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 
 from stella.settings import StateSettings
@@ -773,6 +774,64 @@ async def test_a_slot_take_sent_again_after_it_ran_holds_one_slot(redis: Redis) 
         assert await st._take_slot(keys=["again:slot:s"], args=args) == 1
         assert await st.redis.zcard("again:slot:s") == 1
         assert await st._take_slot(keys=["again:slot:s"], args=[30.0, 1, "member-2"]) == 0
+    finally:
+        await st.aclose()
+
+
+async def test_a_balanced_call_takes_the_first_shared_slot_that_frees(redis: Redis) -> None:
+    # Slots shared through Redis: a call on a balanced route whose backends are all full
+    # takes the first slot that frees on any of them, and the one its other wait may
+    # have taken goes back to Redis.
+    from stella.backends import build_backend, registry
+    from stella.calls import Call
+    from stella.core import Pipeline
+    from stella.limits import Limiter
+    from stella.protocol import ChatRequest, Message
+    from stella.routing import Router
+    from stella.settings import enabled_backends, load_settings
+
+    routes = {
+        "m": {"backend": "echo", "balance": ["other"]},
+        "e": {"backend": "echo"},
+        "o": {"backend": "other"},
+    }
+    settings = load_settings(
+        {
+            "backends": {"local": {"enabled": False}, "other": {"kind": "echo"}},
+            "models": {"default": "echo", "routes": routes},
+            "limits": {"backends": {"echo": 1, "other": 1}, "queue_timeout_s": 2},
+        },
+        environ={},
+    )
+    kinds = registry()
+    made = {n: build_backend(n, t, kinds) for n, t in enabled_backends(settings).items()}
+    r = Router(settings, made)
+    st = redis_state(redis, "spread")
+    pipeline = Pipeline(r, lambda event, fields: None, admission=Limiter(settings, st))
+    ask = ChatRequest(messages=[Message(role="user", content="hi")], model="e")
+    try:
+        held = await pipeline.prepare(ask, Call(request_id="h"))
+        freed = await pipeline.prepare(
+            msgspec.structs.replace(ask, model="o"), Call(request_id="f")
+        )
+        on = msgspec.structs.replace(ask, model="m")
+        waiting = asyncio.create_task(pipeline.prepare(on, Call(request_id="w")))
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and r.busy == {"echo": 2, "other": 1}
+        keys = [f"spread:slot:backend:{b}" for b in ("echo", "other")]
+        assert [await st.redis.zcard(k) for k in keys] == [1, 1]
+        freed.finish()
+        inference = await asyncio.wait_for(waiting, 1)
+        assert inference.route.backend_name == "other" and inference.waited_ms < 1000
+        assert r.busy == {"echo": 1, "other": 1}
+        held.finish()
+        inference.finish()
+        for _ in range(50):  # releases go to Redis in the background
+            sets = [await st.redis.zcard(k) for k in keys]
+            if sets == [0, 0]:
+                break
+            await asyncio.sleep(0.02)
+        assert sets == [0, 0]
     finally:
         await st.aclose()
 

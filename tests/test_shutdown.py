@@ -382,7 +382,9 @@ def swallowing(svc: Any, sleep_s: float) -> list[str]:
     given_back: list[str] = []
 
     class Swallowing(Admission):
-        async def admit(self, call: Call, route: object, request: object, slot: bool = True):  # type: ignore[no-untyped-def, override]
+        async def admit(
+            self, call: Call, route: object, request: object, slot: bool = True, others: object = ()
+        ):  # type: ignore[no-untyped-def, override]
             try:
                 await asyncio.sleep(sleep_s)
             except asyncio.CancelledError:
