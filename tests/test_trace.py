@@ -1,13 +1,21 @@
-"""W3C Trace Context: the traceparent parser and the span stella makes of a request."""
+"""W3C Trace Context: the traceparent parser, and a real stella between a client that
+sends one and the fake upstreams, which see stella's span as their parent."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from stella.trace import MAX_TRACESTATE, bounded_tracestate, new_span, parse_traceparent
+from tests.fakes.anthropic import KEY, FakeAnthropic
+from tests.fakes.ollama import FakeOllama
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.server import serve
+from tests.live import LiveServer, run_stella
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -113,3 +121,151 @@ def test_without_a_valid_traceparent_a_trace_starts(headers: tuple[tuple[str, st
     assert (span.parent_id, span.tracestate) == ("", "")
     assert span.traceparent == f"00-{span.trace_id}-{span.span_id}-01"
     assert span_of(*headers).trace_id != span.trace_id  # each a trace of its own
+
+
+# One stella in front of the three kinds of HTTP upstream.
+Fakes = tuple[FakeOpenAI, FakeAnthropic, FakeOllama, LiveServer]
+
+
+@pytest.fixture(scope="module")
+def fakes() -> Iterator[Fakes]:
+    oai, claude, box = FakeOpenAI(), FakeAnthropic(), FakeOllama()
+    with (
+        serve(oai.app) as oai_url,
+        serve(claude.app) as claude_url,
+        serve(box.app, "/api/version") as box_url,
+    ):
+        config = {
+            "backends": {
+                "oai": {"kind": "openai", "base_url": oai_url + "/v1"},
+                "claude": {"kind": "anthropic", "base_url": claude_url, "api_key_env": "CK"},
+                "box": {"kind": "ollama", "base_url": box_url},
+            },
+            "models": {
+                "routes": {
+                    "oai": {"backend": "oai", "upstream_model": "ok", "retries": 0},
+                    "emb": {"backend": "oai", "upstream_model": "text-embedding-3-small"},
+                    "claude": {"backend": "claude", "upstream_model": "claude-ok"},
+                    "llama": {"backend": "box", "upstream_model": "llama3"},
+                }
+            },
+        }
+        with run_stella(config, {"CK": KEY}) as server:
+            yield oai, claude, box, server
+
+
+HI = [{"role": "user", "content": "hi"}]
+# Each dialect's inference route and a body for it (the model apart).
+ASKS: list[tuple[str, dict[str, Any]]] = [
+    ("/api/v1/chat", {"messages": HI}),
+    ("/api/v1/generate", {"prompt": "hi"}),
+    ("/v1/chat/completions", {"messages": HI}),
+    ("/v1/completions", {"prompt": "hi"}),
+    ("/v1/responses", {"input": "hi"}),
+    ("/v1/messages", {"messages": HI, "max_tokens": 16}),
+    ("/api/chat", {"messages": HI}),
+    ("/api/generate", {"prompt": "hi"}),
+]
+
+
+def ask(
+    server: LiveServer, path: str, body: dict[str, Any], headers: dict[str, str]
+) -> dict[str, Any]:
+    """POST `body`, wait for its call's inference event and return it."""
+    r = httpx.post(server.url + path, json=body, headers=headers, timeout=30)
+    assert r.status_code == 200, (path, r.text)
+    rid = r.headers["x-request-id"]
+    return server.wait_event(lambda e: e["request_id"] == rid)
+
+
+def sent(seen: list[dict[str, str]], event: dict[str, Any]) -> dict[str, str]:
+    """The headers the upstream got for the call of `event`."""
+    return next(h for h in reversed(seen) if h.get("x-request-id") == event["request_id"])
+
+
+def assert_child_of_client(up: dict[str, str], ev: dict[str, Any], state: str = STATE) -> None:
+    """The call's span is a child of the client's, and the upstream's parent is it."""
+    assert ev["trace_id"] == TRACE and ev["parent_span_id"] == PARENT, ev
+    assert HEX16.fullmatch(ev["span_id"]) and ev["span_id"] != PARENT
+    assert up["traceparent"] == f"00-{TRACE}-{ev['span_id']}-01"
+    assert up["tracestate"] == state
+
+
+@pytest.mark.parametrize(("path", "body"), ASKS)
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_dialect_names_its_span_to_the_upstream(
+    fakes: Fakes, path: str, body: dict[str, Any], stream: bool
+) -> None:
+    oai, _, _, server = fakes
+    headers = {"traceparent": VALID, "tracestate": STATE}
+    ev = ask(server, path, {"model": "oai", "stream": stream, **body}, headers)
+    assert_child_of_client(sent(oai.headers, ev), ev)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/embed", {"input": "hi"}),
+        ("/v1/embeddings", {"input": "hi"}),
+        ("/api/embed", {"input": "hi"}),
+        ("/api/embeddings", {"prompt": "hi"}),
+    ],
+)
+def test_an_embed_call_names_its_span_to_the_upstream(
+    fakes: Fakes, path: str, body: dict[str, Any]
+) -> None:
+    oai, _, _, server = fakes
+    ev = ask(server, path, {"model": "emb", **body}, {"traceparent": VALID, "tracestate": STATE})
+    assert ev["op"] == "embed"
+    assert_child_of_client(sent(oai.headers, ev), ev)
+
+
+def test_without_a_traceparent_stella_starts_the_trace(fakes: Fakes) -> None:
+    oai, _, _, server = fakes
+    body = {"model": "oai", "stream": False, "messages": HI}
+    events = []
+    for headers in ({}, {"tracestate": STATE}, {"traceparent": VALID.upper(), "tracestate": STATE}):
+        ev = ask(server, "/v1/chat/completions", body, headers)
+        up = sent(oai.headers, ev)
+        assert HEX32.fullmatch(ev["trace_id"]) and ev["trace_id"] != TRACE.upper()
+        assert HEX16.fullmatch(ev["span_id"]) and "parent_span_id" not in ev
+        assert up["traceparent"] == f"00-{ev['trace_id']}-{ev['span_id']}-01"
+        assert "tracestate" not in up  # no valid traceparent: nothing to pair it with
+        events.append(ev)
+    assert len({ev["trace_id"] for ev in events}) == 3  # a new trace each
+    assert {ev["request_id"] for ev in events}.isdisjoint(ev["trace_id"] for ev in events)
+
+
+def test_the_anthropic_backend_names_its_span_to_the_upstream(fakes: Fakes) -> None:
+    _, claude, _, server = fakes
+    headers = {"traceparent": VALID, "tracestate": STATE}
+    for path, body in (ASKS[0], ASKS[5]):
+        ev = ask(server, path, {"model": "claude", "stream": True, **body}, headers)
+        assert ev["backend"] == "claude"
+        assert_child_of_client(sent(claude.headers, ev), ev)
+
+
+def test_the_ollama_backend_names_its_span_to_the_upstream(fakes: Fakes) -> None:
+    _, _, box, server = fakes
+    headers = {"traceparent": f"00-{TRACE}-{PARENT}-00"}  # not sampled: passed on so
+    for path, body in (ASKS[0], ASKS[6]):
+        ev = ask(server, path, {"model": "llama", "stream": False, **body}, headers)
+        assert ev["backend"] == "box" and ev["parent_span_id"] == PARENT
+        up = sent(box.headers, ev)
+        assert up["traceparent"] == f"00-{TRACE}-{ev['span_id']}-00"
+        assert "tracestate" not in up
+
+
+def test_a_token_count_carries_the_trace_to_the_upstream(fakes: Fakes) -> None:
+    # No inference and no log event, but an upstream request of the client's trace.
+    _, claude, _, server = fakes
+    body = {"model": "claude", "messages": HI}
+    headers = {"traceparent": VALID, "tracestate": STATE, "anthropic-version": "2023-06-01"}
+    r = httpx.post(server.url + "/v1/messages/count_tokens", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    up = claude.count_headers[-1]
+    assert up["x-request-id"] == r.headers["x-request-id"]
+    version, trace_id, span_id, flags = up["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", TRACE, "01")
+    assert HEX16.fullmatch(span_id) and span_id != PARENT
+    assert up["tracestate"] == STATE
