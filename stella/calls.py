@@ -95,6 +95,9 @@ class Call:
     # The request's ASGI receive: a wait for a concurrency slot watches it for the
     # client leaving (None outside HTTP).
     receive: Receive | None = None
+    # The request's headers (ASGI's: lowercase names): an inference reads its trace
+    # context there (stella.trace), only once it is admitted.
+    headers: Sequence[tuple[bytes, bytes]] = ()
     # The HTTP status the call's API gives an error, when not the error's own (the
     # Anthropic dialect's 529 for an overload): the inference log records what the client
     # got. None: the error's own status.

@@ -73,6 +73,7 @@ from stella.protocol import (
     arguments_text,
 )
 from stella.routing import Route, Router
+from stella.trace import new_span
 from stella.watchdog import Watchdog, backoff, close_quietly, error_text
 
 if TYPE_CHECKING:  # streaming imports this module
@@ -530,7 +531,7 @@ class Pipeline:
             # whether the backend generates again (a count's says less). A balanced route's
             # names each of its backends, as a message's 503 does.
             raise self._circuits_open(route, members)
-        ctx = CallContext(request_id=call.request_id, route=route.name)
+        ctx = CallContext(request_id=call.request_id, route=route.name, span=new_span(call.headers))
         limit = min(route.settings.ttft_timeout_s, route.settings.total_timeout_s)
         try:
             async with asyncio.timeout(limit) as within:
@@ -669,6 +670,7 @@ class Inference:
         "sealed",
         "skip_first",
         "slow",
+        "span",
         "t0",
         "t_end",
         "task",
@@ -708,6 +710,8 @@ class Inference:
         self.ends_at = self.t0 + route.settings.total_timeout_s
         self.admit_ms = admit_ms
         self.created = time.time()
+        # stella's span: every attempt's upstream request names it as its parent.
+        self.span = new_span(call.headers)
         self.ttft: float | None = None
         self.queue_ms = admit_ms
         self.engine_ttft_ms: float | None = None
@@ -1225,6 +1229,7 @@ class Inference:
         ctx = self.ctx = watchdog.ctx = CallContext(
             request_id=self.call.request_id,
             route=route.name,
+            span=self.span,
             silence_limit_s=min(rs.ttft_timeout_s, rs.idle_timeout_s),
         )
         agen, whole = self._open(route, ctx)
@@ -1559,8 +1564,11 @@ class Inference:
         timings = self.timings  # the Done's, when the call got that far
         if timings is None or not self.ttft:
             timings = self._timings(usage, now, self.ttft)
+        span = self.span
         record: dict[str, Any] = {
             "request_id": self.call.request_id,
+            "trace_id": span.trace_id,
+            "span_id": span.span_id,
             "op": self.op,
             "api": self.call.api,
             "key": self.call.principal.name,
@@ -1585,6 +1593,8 @@ class Inference:
                 else None
             ),
         }
+        if span.parent_id:
+            record["parent_span_id"] = span.parent_id  # the client's span
         if self.engine_ttft_ms is not None:
             record["engine_ttft_ms"] = self.engine_ttft_ms
         if discarded:

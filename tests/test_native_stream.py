@@ -449,6 +449,8 @@ def test_exactly_one_inference_event_with_fields(stella: LiveServer, model: str)
     ev = events[0]
     for field in (
         "request_id",
+        "trace_id",
+        "span_id",
         "api",
         "key",
         "model",

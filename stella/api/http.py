@@ -189,7 +189,7 @@ class Endpoint:
             dialect = self.pick(scope)
             error_status = _error_status(dialect)
         try:
-            call = Call(request_id=rid, api=dialect.name, receive=receive)
+            call = Call(request_id=rid, api=dialect.name, receive=receive, headers=scope["headers"])
             if error_status is not None:
                 call.error_status = error_status
             if self.auth != "none":

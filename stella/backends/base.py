@@ -34,6 +34,7 @@ from stella.protocol import (
     Message,
     ToolCall,
 )
+from stella.trace import Span
 
 BackendEvent = Delta | ToolCall | Done
 
@@ -50,6 +51,9 @@ class CallContext:
 
     request_id: str
     route: str = ""
+    # stella's span of the call (stella.trace): an HTTP backend sends its `traceparent`
+    # and `tracestate`, so that the upstream's spans join the client's trace.
+    span: Span | None = None
     # The longest silence the route's time limits allow (its time to first token or
     # idle limit, the shorter; 0: none known). A backend's own wait for something the
     # answer can do without (a usage count after the finish) must end well within it:

@@ -289,6 +289,11 @@ class HttpBackend(Backend):
         """`async with backend.answer(url, body, ctx) as response`: POST a JSON body on the
         pool for the call `ctx`; an error status raises the StellaError it means."""
         headers = {"content-type": "application/json", "x-request-id": ctx.request_id}
+        span = ctx.span
+        if span is not None:
+            headers["traceparent"] = span.traceparent
+            if span.tracestate:
+                headers["tracestate"] = span.tracestate
         return Answer(self, url, body, headers, ctx)
 
     async def whole_answer(self, url: str, body: bytes, ctx: CallContext) -> bytes:

@@ -113,6 +113,7 @@ class FakeOllama:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []  # those of each chat, as requests
         self.ps_asked = 0  # GET /api/ps requests
         self.ps_fails = False  # set: /api/ps answers 500
         self.loaded = {"llama3:latest"}  # the models loaded, by name and tag
@@ -255,6 +256,7 @@ class FakeOllama:
     async def chat(self, request: Request) -> Response:
         body = await request.json()
         self.requests.append(body)
+        self.headers.append(dict(request.headers))
         keep_alive = body.get("keep_alive")
         if isinstance(keep_alive, str) and not go_duration_ns(keep_alive):
             # Ollama reads a string with Go's time.ParseDuration, a number as seconds.
