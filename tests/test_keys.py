@@ -196,3 +196,152 @@ def test_a_revocation_on_one_replica_is_refused_on_the_other(redis: Redis) -> No
     with run_stella(cfg) as c:
         r = httpx.post(c.url + "/api/v1/chat", json=CHAT, headers=bearer(BOB))
         assert r.status_code == 401
+
+
+def test_a_runtime_key_s_fields_are_checked_with_their_paths() -> None:
+    app = app_for(KEYS)
+    cases = [
+        ({"name": "ci", "models": ["echo", ""]}, "$.models[1]"),
+        ({"name": "bad name"}, "$.name"),
+        ({"name": ""}, "$.name"),
+        ({"name": "ci", "requests_per_minute": -1}, "$.requests_per_minute"),
+        ({"name": "ci", "tokens_per_day": "lots"}, "$.tokens_per_day"),
+        ({"name": "ci", "admin": "yes"}, "$.admin"),
+        ({"name": "ci", "sha256": sha(BOB)}, "sha256"),  # the server makes the key
+        ({"models": ["*"]}, "name"),
+    ]
+    answers = asyncio.run(calls(app, *(("POST", "/api/v1/keys", ROOT, b) for b, _ in cases)))
+    for (body, where), r in zip(cases, answers, strict=True):
+        assert r.status_code == 400, (body, r.text)
+        assert where in r.json()["error"]["message"], (body, r.text)
+    r = answers[1]
+    assert "a key name is 1 to 64 ASCII letters" in r.json()["error"]["message"]
+
+
+def test_a_runtime_key_is_made_once_and_works_as_a_configured_one() -> None:
+    app = app_for(KEYS)
+    body = {"name": "ci", "models": ["echo"], "requests_per_minute": 2}
+    with capture_logs() as logged:
+        made, taken, configured, by_bob = asyncio.run(
+            calls(
+                app,
+                ("POST", "/api/v1/keys", ROOT, body),
+                ("POST", "/api/v1/keys", ROOT, body),
+                ("POST", "/api/v1/keys", ROOT, {"name": "bob"}),
+                ("POST", "/api/v1/keys", BOB, {"name": "eve"}),
+            )
+        )
+    assert made.status_code == 201, made.text
+    info = made.json()
+    key = info.pop("key")
+    assert key.startswith("sk-stella-")
+    assert info == {
+        "name": "ci",
+        "source": "runtime",
+        "models": ["echo"],
+        "admin": False,
+        "requests_per_minute": 2,
+        "tokens_per_minute": 0,
+        "max_concurrent": 0,
+        "requests_per_day": 0,
+        "tokens_per_day": 0,
+        "revoked": False,
+    }
+    assert taken.status_code == 409 and "exists already" in taken.text
+    assert configured.status_code == 409 and "configured already" in configured.text
+    assert by_bob.status_code == 403
+    # Only its digest is kept: nothing the state store holds is the key.
+    stored = app.state.stella.state.keys["ci"]
+    assert stored["sha256"] == sha(key) and key not in repr(stored)
+    assert not any(key in repr(e) for e in logged)
+    assert [
+        (e["action"], e["name"], e["result"]) for e in logged if e["event"] == "key_change"
+    ] == [
+        ("create", "ci", "ok"),
+        ("create", "ci", "conflict"),
+        ("create", "bob", "conflict"),
+    ]
+    other = {**CHAT, "model": "smollm2-135m"}
+    one, two, three, elsewhere, revoked, after = asyncio.run(
+        calls(
+            app,
+            ("POST", "/api/v1/chat", key, CHAT),
+            ("POST", "/api/v1/chat", key, CHAT),
+            ("POST", "/api/v1/chat", key, CHAT),  # its requests_per_minute, as a config key's
+            ("POST", "/api/v1/chat", key, other),  # not one of its models
+            ("DELETE", "/api/v1/keys/ci", ROOT, None),
+            ("POST", "/api/v1/chat", key, CHAT),
+        )
+    )
+    assert (one.status_code, two.status_code, three.status_code) == (200, 200, 429)
+    assert three.headers["x-ratelimit-limit"] == "2"
+    assert elsewhere.status_code in (403, 404)
+    assert revoked.status_code == 200
+    assert revoked.json() == {"revoked": "ci", "source": "runtime"}
+    assert after.status_code == 401
+
+
+def test_a_server_without_keys_makes_none_at_runtime() -> None:
+    app = app_for({})
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/keys", "", {"name": "ci"})))
+    assert r.status_code == 409
+    assert "no keys configured" in r.json()["error"]["message"]
+
+
+def test_a_runtime_key_admin_may_revoke_the_configured_last_one() -> None:
+    # A runtime admin key counts as an admin: the configured one may go then.
+    app = app_for(KEYS)
+    (made,) = asyncio.run(
+        calls(app, ("POST", "/api/v1/keys", ROOT, {"name": "ops2", "admin": True}))
+    )
+    assert made.status_code == 201
+    key = made.json()["key"]
+    gone, last = asyncio.run(
+        calls(
+            app,
+            ("DELETE", "/api/v1/keys/root", key, None),
+            ("DELETE", "/api/v1/keys/ops2", key, None),
+        )
+    )
+    assert gone.status_code == 200
+    assert last.status_code == 409
+
+
+def test_a_runtime_key_made_on_one_replica_works_on_the_other(redis: Redis) -> None:  # noqa: F811
+    cfg = merge(KEYS, {"state": {"redis_url": redis.url}})
+    with run_stella(cfg) as a, run_stella(cfg) as b:
+        body = {"name": "ci", "models": ["echo"], "requests_per_day": 3}
+        r = httpx.post(a.url + "/api/v1/keys", json=body, headers=bearer(ROOT))
+        assert r.status_code == 201, r.text
+        key = r.json()["key"]
+        # The name is taken on every replica: Redis checks it with the write.
+        r = httpx.post(b.url + "/api/v1/keys", json=body, headers=bearer(ROOT))
+        assert r.status_code == 409
+
+        def served() -> bool:
+            r = httpx.post(b.url + "/api/v1/chat", json=CHAT, headers=bearer(key))
+            return r.status_code == 200
+
+        assert eventually(served, stella_app.ROUTING_POLL_S + 1.0) <= stella_app.ROUTING_POLL_S + 1
+        # Its daily quota is one count across replicas, as a configured key's.
+        codes = [
+            httpx.post(s.url + "/api/v1/chat", json=CHAT, headers=bearer(key)).status_code
+            for s in (a, b, a)
+        ]
+        assert codes == [200, 200, 429]
+        # Revoked on the other replica: refused here within the poll interval.
+        r = httpx.delete(b.url + "/api/v1/keys/ci", headers=bearer(ROOT))
+        assert r.status_code == 200 and r.json()["source"] == "runtime"
+
+        def refused() -> bool:
+            r = httpx.post(a.url + "/api/v1/chat", json=CHAT, headers=bearer(key))
+            return r.status_code == 401
+
+        assert eventually(refused, stella_app.ROUTING_POLL_S + 1.0) <= stella_app.ROUTING_POLL_S + 1
+        made = httpx.post(a.url + "/api/v1/keys", json={"name": "later"}, headers=bearer(ROOT))
+        assert made.status_code == 201
+    # Redis keeps both across restarts: a replica started now has them as they are.
+    with run_stella(cfg) as c:
+        assert httpx.post(c.url + "/api/v1/chat", json=CHAT, headers=bearer(key)).status_code == 401
+        later = bearer(made.json()["key"])
+        assert httpx.post(c.url + "/api/v1/chat", json=CHAT, headers=later).status_code == 200

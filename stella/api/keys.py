@@ -1,4 +1,4 @@
-"""Admin routes for API keys: revoke one.
+"""Admin routes for API keys: revoke one, make a runtime one.
 
 A change is written to the state store first and, once it took it, applied to this
 process's key table; the other replicas apply it when they next see the routing
@@ -7,24 +7,71 @@ version move (see app._follow_routing), so `authenticate` stays a dict lookup.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
+import msgspec
+from msgspec import Meta
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from stella.api.http import JSONResponse, endpoint, services
+from stella.api.http import JSONResponse, endpoint, read_json, services
 from stella.api.native import admin_event, shared_state
 from stella.api.openapi import Operation, document
+from stella.auth import KEY_NAME_PATTERN, hash_key, key_principal, new_key
+from stella.calls import Principal
 from stella.core import Call
-from stella.protocol import KeyRevoked
+from stella.errors import Conflict, InvalidRequest
+from stella.protocol import KeyCreated, KeyInfo, KeyRevoked
+from stella.settings import Count, KeySettings
 
 if TYPE_CHECKING:  # stella.app imports this module
     from stella.app import Services
 
+# Up to 64 letters, digits and '_.@-', as a STELLA_API_KEYS name: a URL path names it.
+KeyName = Annotated[str, Meta(pattern=f"^{KEY_NAME_PATTERN}$")]
+# The most model patterns a runtime key may list, and the longest pattern.
+MAX_KEY_MODELS = 64
+ModelPattern = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /api/v1/keys: a runtime key, with what an [auth.keys.NAME] table takes."""
+
+    name: KeyName
+    # Glob patterns of the models it may use; [] is none (a key for the admin routes).
+    models: Annotated[list[ModelPattern], Meta(max_length=MAX_KEY_MODELS)] = msgspec.field(
+        default_factory=lambda: ["*"]
+    )
+    admin: bool = False
+    # 0: [limits]' default, as in the config.
+    requests_per_minute: Count = 0
+    tokens_per_minute: Count = 0
+    max_concurrent: Count = 0
+    requests_per_day: Count = 0
+    tokens_per_day: Count = 0
+
+
+_create = msgspec.json.Decoder(CreateKey)
+
 
 def _shared_keys(svc: Services) -> None:
     shared_state(svc, "a key change", "change the keys in the config file")
+
+
+def _info(p: Principal, source: str, revoked: bool) -> KeyInfo:
+    return KeyInfo(
+        name=p.name,
+        source=source,  # type: ignore[arg-type]  # one of the Literal's, by its caller
+        models=list(p.models),
+        admin=p.admin,
+        requests_per_minute=p.requests_per_minute,
+        tokens_per_minute=p.tokens_per_minute,
+        max_concurrent=p.max_concurrent,
+        requests_per_day=p.requests_per_day,
+        tokens_per_day=p.tokens_per_day,
+        revoked=revoked,
+    )
 
 
 @endpoint(auth="admin")
@@ -63,7 +110,56 @@ async def revoke_key(request: Request, call: Call) -> Response:
     return JSONResponse(KeyRevoked(name, source, detail=detail))  # type: ignore[arg-type]
 
 
+@endpoint(auth="admin")
+async def create_key(request: Request, call: Call) -> Response:
+    """POST /api/v1/keys: make a runtime key (201), its key shown this once."""
+    svc = services(request)
+    auth = svc.auth
+    with admin_event("create", None, call, "key_change", source="runtime") as logged:
+        _shared_keys(svc)
+        try:
+            spec = await read_json(request, _create)
+        except InvalidRequest as exc:
+            if "matching regex" in exc.message:  # say the rule, not the pattern
+                exc.message = (
+                    f"$.{exc.param}: a key name is 1 to 64 ASCII letters, digits and "
+                    "'_.@-', beginning with a letter or a digit"
+                )
+            raise
+        logged["name"] = spec.name
+        if not auth.enabled:
+            # Keys turned on at runtime would lock every anonymous caller out at once,
+            # on some replicas before others.
+            raise Conflict(
+                "this server takes anonymous calls (no keys configured): runtime keys need "
+                "at least one configured key (STELLA_API_KEYS or [auth.keys])"
+            )
+        if spec.name in auth.configured:
+            raise Conflict(f"a key named {spec.name!r} is configured already")
+        key = new_key()
+        fields = msgspec.structs.asdict(spec)
+        del fields["name"]  # the table's name, not a field of it
+        settings = KeySettings(sha256=hash_key(key), **fields)
+        stored = msgspec.to_builtins(settings)
+        await svc.state.save_key(spec.name, stored)
+        auth.apply_stored({**auth.runtime_specs, spec.name: stored}, auth.revoked)
+        auth.local_changes += 1
+    p = key_principal(spec.name, settings, auth.limits)
+    info = _info(p, "runtime", False)
+    return JSONResponse(KeyCreated(**msgspec.structs.asdict(info), key=key), status_code=201)
+
+
 document(
+    Operation(
+        "post",
+        "/api/v1/keys",
+        "Make a runtime API key; the answer holds the key, shown this once (admin)",
+        tag="admin",
+        request=CreateKey,
+        response=KeyCreated,
+        admin=True,
+        errors=(400, 401, 403, 409, 413, 415, 503),
+    ),
     Operation(
         "delete",
         "/api/v1/keys/{name}",
@@ -77,5 +173,6 @@ document(
 )
 
 routes = [
+    Route("/api/v1/keys", create_key, methods=["POST"]),
     Route("/api/v1/keys/{name:path}", revoke_key, methods=["DELETE"]),
 ]
