@@ -177,11 +177,11 @@ class Authenticator:
         self._configured[digest] = principal
 
     def principal(self, name: str) -> Principal | None:
-        """The configured or runtime key named `name` (revoked or not)."""
-        if name in self.runtime:
-            return self.runtime[name][1]
+        """The configured or else runtime key named `name` (revoked or not)."""
         if name in self.configured:
             return self._configured[self.configured[name][0]]
+        if name in self.runtime:
+            return self.runtime[name][1]
         return None
 
     def configured_key(self, name: str) -> ConfiguredKey | None:

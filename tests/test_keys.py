@@ -345,3 +345,63 @@ def test_a_runtime_key_made_on_one_replica_works_on_the_other(redis: Redis) -> N
         assert httpx.post(c.url + "/api/v1/chat", json=CHAT, headers=bearer(key)).status_code == 401
         later = bearer(made.json()["key"])
         assert httpx.post(c.url + "/api/v1/chat", json=CHAT, headers=later).status_code == 200
+
+
+def test_the_list_names_every_key_and_never_a_digest_or_a_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STELLA_API_KEYS", f"ops={OPS}")
+    app = app_for(merge(KEYS, {"limits": {"tokens_per_minute": 5000}}))
+    by_bob, made, _, listed = asyncio.run(
+        calls(
+            app,
+            ("GET", "/api/v1/keys", BOB, None),
+            ("POST", "/api/v1/keys", ROOT, {"name": "ci", "admin": True, "max_concurrent": 2}),
+            ("DELETE", "/api/v1/keys/bob", ROOT, None),
+            ("GET", "/api/v1/keys", ROOT, None),
+        )
+    )
+    key = made.json()["key"]
+    assert listed.status_code == 200, listed.text
+    rows = {k["name"]: k for k in listed.json()["keys"]}
+    assert [(k["name"], k["source"], k["admin"], k["revoked"]) for k in rows.values()] == [
+        ("root", "config", True, False),
+        ("bob", "config", False, True),
+        ("ops", "env", True, False),
+        ("ci", "runtime", True, False),
+    ]
+    assert rows["bob"]["models"] == ["echo"] and rows["ci"]["models"] == ["*"]
+    # The limits that apply: its own, else [limits]' default.
+    assert (rows["ci"]["max_concurrent"], rows["ci"]["tokens_per_minute"]) == (2, 5000)
+    for secret in (key, sha(key), sha(ROOT), sha(BOB), sha(OPS), OPS, ROOT):
+        assert secret not in listed.text
+    assert by_bob.status_code == 403
+
+
+def test_the_list_reads_the_store_and_answers_503_while_redis_does_not(
+    redis: Redis,  # noqa: F811
+) -> None:
+    import os
+    import signal
+
+    cfg = merge(KEYS, {"state": {"redis_url": redis.url}})
+    with run_stella(cfg) as a, run_stella(cfg) as b:
+        r = httpx.post(a.url + "/api/v1/keys", json={"name": "ci"}, headers=bearer(ROOT))
+        assert r.status_code == 201
+        # At once on the other replica: the list is the store's, not its table's.
+        listed = httpx.get(b.url + "/api/v1/keys", headers=bearer(ROOT)).json()["keys"]
+        assert [k["name"] for k in listed] == ["root", "bob", "ci"]
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)  # up, but not answering
+        try:
+            with httpx.Client(timeout=30, headers=bearer(ROOT)) as c:
+                codes = [c.get(b.url + "/api/v1/keys").status_code for _ in range(3)]
+                gone = c.delete(a.url + "/api/v1/keys/bob")
+                # Meanwhile each replica serves with the keys it last read.
+                chat = c.post(b.url + "/api/v1/chat", json=CHAT, headers=bearer(BOB))
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert codes == [503, 503, 503]
+        assert gone.status_code == 503
+        assert chat.status_code == 200
+        assert httpx.post(b.url + "/api/v1/chat", json=CHAT, headers=bearer(BOB)).status_code == 200

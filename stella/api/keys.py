@@ -1,4 +1,4 @@
-"""Admin routes for API keys: revoke one, make a runtime one.
+"""Admin routes for API keys: revoke one, make a runtime one, list them.
 
 A change is written to the state store first and, once it took it, applied to this
 process's key table; the other replicas apply it when they next see the routing
@@ -22,7 +22,7 @@ from stella.auth import KEY_NAME_PATTERN, hash_key, key_principal, new_key
 from stella.calls import Principal
 from stella.core import Call
 from stella.errors import Conflict, InvalidRequest
-from stella.protocol import KeyCreated, KeyInfo, KeyRevoked
+from stella.protocol import KeyCreated, KeyInfo, KeyList, KeyRevoked
 from stella.settings import Count, KeySettings
 
 if TYPE_CHECKING:  # stella.app imports this module
@@ -149,7 +149,41 @@ async def create_key(request: Request, call: Call) -> Response:
     return JSONResponse(KeyCreated(**msgspec.structs.asdict(info), key=key), status_code=201)
 
 
+@endpoint(auth="admin")
+async def list_keys(request: Request, call: Call) -> Response:
+    """GET /api/v1/keys: every key, configured and runtime, revoked ones too."""
+    svc = services(request)
+    auth = svc.auth
+    # The store's, not this table's: a key another replica made or revoked a moment ago
+    # is listed as it is (503 while Redis does not answer, as the usage report).
+    stored, revoked = await svc.state.load_keys()
+    out = []
+    for name, (digest, source) in auth.configured.items():
+        p = auth.principal(name)
+        assert p is not None
+        out.append(_info(p, source, revoked.get(name) == digest))
+    for name, spec in sorted(stored.items()):
+        if name in auth.configured or not isinstance(spec, dict):
+            continue  # skipped here (logged as stored_key_skipped): not a key of this one
+        try:
+            k = msgspec.convert(spec, KeySettings)
+        except msgspec.ValidationError:
+            continue
+        p = key_principal(name, k, auth.limits)
+        out.append(_info(p, "runtime", revoked.get(name) == k.sha256))
+    return JSONResponse(KeyList(out))
+
+
 document(
+    Operation(
+        "get",
+        "/api/v1/keys",
+        "Every API key: name, source, models, admin, limits, revoked (admin)",
+        tag="admin",
+        response=KeyList,
+        admin=True,
+        errors=(401, 403, 503),
+    ),
     Operation(
         "post",
         "/api/v1/keys",
@@ -173,6 +207,7 @@ document(
 )
 
 routes = [
+    Route("/api/v1/keys", list_keys, methods=["GET"]),
     Route("/api/v1/keys", create_key, methods=["POST"]),
     Route("/api/v1/keys/{name:path}", revoke_key, methods=["DELETE"]),
 ]
