@@ -405,3 +405,66 @@ def test_the_list_reads_the_store_and_answers_503_while_redis_does_not(
         assert gone.status_code == 503
         assert chat.status_code == 200
         assert httpx.post(b.url + "/api/v1/chat", json=CHAT, headers=bearer(BOB)).status_code == 200
+
+
+def test_the_clients_and_the_cli_manage_a_live_server_s_keys() -> None:
+    import os
+
+    from stella.client import AsyncClient, Client, ConflictError
+    from tests.live import stella_cli
+
+    with run_stella(KEYS) as s:
+        with Client(s.url, api_key=ROOT) as c:
+            made = c.create_key("ci", models=["echo"], requests_per_day=5)
+            assert made.name == "ci" and made.requests_per_day == 5
+            with pytest.raises(ConflictError):
+                c.create_key("ci")
+            with Client(s.url, api_key=made.key) as ci:
+                assert ci.chat([{"role": "user", "content": "hi"}], model="echo").response
+
+        async def in_async() -> tuple[Any, Any]:
+            async with AsyncClient(s.url, api_key=ROOT) as c:
+                other = await c.create_key("async-ci", admin=True)
+                listed = await c.list_keys()
+                return other, listed
+
+        other, listed = asyncio.run(in_async())
+        assert other.admin and other.source == "runtime"
+        assert [(k.name, k.source) for k in listed.keys] == [
+            ("root", "config"),
+            ("bob", "config"),
+            ("async-ci", "runtime"),
+            ("ci", "runtime"),
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+        env["STELLA_API_KEY"] = ROOT
+        url = ("--url", s.url)
+        made_cli = stella_cli(
+            "keys", "create", "cli-key", "--models", "echo", "--rpm", "9", *url, env=env
+        )
+        assert made_cli.returncode == 0, made_cli.stderr
+        key = made_cli.stdout.strip()
+        assert key.startswith("sk-stella-") and "shown once" in made_cli.stderr
+        table = stella_cli("keys", "list", *url, env=env)
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.splitlines()[0].split() == [
+            "NAME",
+            "SOURCE",
+            "ADMIN",
+            "REVOKED",
+            "MODELS",
+        ]
+        assert any(
+            line.split()[:4] == ["cli-key", "runtime", "no", "no"]
+            for line in table.stdout.splitlines()
+        )
+        gone = stella_cli("keys", "revoke", "bob", *url, env=env)
+        assert gone.returncode == 0, gone.stderr
+        assert gone.stdout.strip() == "revoked bob (config)" and "still lists it" in gone.stderr
+        again = stella_cli("keys", "revoke", "bob", "--json", *url, env=env)
+        assert again.returncode == 1 and "revoked already" in again.stderr
+        with Client(s.url, api_key=ROOT) as c:
+            assert c.revoke_key("cli-key").source == "runtime"
+            rows = {k.name: k.revoked for k in c.list_keys().keys}
+        assert rows["bob"] and rows["cli-key"] and not rows["ci"]
+        assert httpx.post(s.url + "/api/v1/chat", json=CHAT, headers=bearer(key)).status_code == 401
