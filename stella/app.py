@@ -53,7 +53,7 @@ from stella.settings import (
     load_settings,
     secret_values,
 )
-from stella.state import MemoryState, SharedState, StateStore, Unreadable
+from stella.state import MemoryState, SharedState, StateStore, StoredKeys, Unreadable
 from stella.streaming import Drain
 
 # Dialect modules beyond the native API; each exposes `routes` (and may be absent).
@@ -65,6 +65,7 @@ DIALECTS = (
     "stella.api.anthropic",
     "stella.api.aliases",
     "stella.api.admin",
+    "stella.api.keys",
 )
 _log = structlog.get_logger("stella")
 
@@ -531,6 +532,14 @@ async def _restore_state(svc: Services) -> None:
         _log.warning("state_unavailable", error=str(exc))
         return
     apply_routing(svc.router, routes, default)
+    try:
+        keys = await svc.state.load_keys()
+    except (OSError, StellaError) as exc:
+        # The follower reads them once Redis answers; meanwhile the configured keys
+        # alone, none revoked.
+        _log.warning("state_unavailable", error=str(exc), what="keys")
+        return
+    apply_keys(svc.auth, keys)
 
 
 # At shutdown, the longest a backend or the state store may take to close.
@@ -554,12 +563,15 @@ async def _follow_routing(svc: Services, state: SharedState) -> None:
             version = await state.routing_version()
             if version is None or version == seen:
                 continue
-            before = svc.router.local_changes
+            before = svc.router.local_changes, svc.auth.local_changes
             read = await state.routing()
-            if read is None or svc.router.local_changes != before:
+            # After the routing: a key change made meanwhile moves the version again.
+            keys = await state.load_keys()
+            if read is None or (svc.router.local_changes, svc.auth.local_changes) != before:
                 continue  # a local change landed meanwhile: read again next time
             seen, routes, default = read
             apply_routing(svc.router, routes, default)
+            apply_keys(svc.auth, keys)
         except (OSError, StellaError) as exc:  # the store away, a change refused: in a line
             _log.warning("routing_sync_failed", error=repr(exc))
         except Exception as exc:  # a bug: its traceback, and the following goes on
@@ -582,6 +594,13 @@ def apply_routing(router: Router, routes: dict[str, Any], default: str | None) -
     skipped += router.apply_stored(specs, default)
     for why in skipped:
         _log.warning("stored_routing_skipped", reason=why)
+
+
+def apply_keys(auth: Authenticator, keys: StoredKeys) -> None:
+    """Make the runtime keys and revocations `auth` applies what the store holds (a key
+    that can't be applied is left out with a warning, every time it is read)."""
+    for why in auth.apply_stored(*keys):
+        _log.warning("stored_key_skipped", reason=why)
 
 
 def _chain_signals(drain: Drain) -> None:

@@ -14,12 +14,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import structlog
 
 from stella.backends import ConfigError
 from stella.core import ANONYMOUS, Call, Principal
 from stella.errors import Forbidden, Unauthorized
-from stella.settings import Settings, origin
+from stella.settings import KeySettings, LimitsSettings, Settings, origin
+from stella.state import ConfiguredKey, Unreadable
 
 _log = structlog.get_logger("stella")
 
@@ -39,6 +41,27 @@ def is_key_name(name: str) -> bool:
     return bool(name) and "|" not in name and name.isprintable()
 
 
+def is_digest(text: str) -> bool:
+    """Whether `text` is a SHA-256 hex digest as stored (64 lower-case hex digits)."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def key_principal(name: str, k: KeySettings, lim: LimitsSettings) -> Principal:
+    """The Principal of key `name` as its settings (a config table or a runtime key's)
+    say, each limit left at 0 taking [limits]' default."""
+    return Principal(
+        name=name,
+        admin=k.admin,
+        # An empty list is no model (a key for the admin routes only), never all.
+        models=tuple(k.models),
+        requests_per_minute=k.requests_per_minute or lim.requests_per_minute,
+        tokens_per_minute=k.tokens_per_minute or lim.tokens_per_minute,
+        max_concurrent=k.max_concurrent or lim.max_concurrent,
+        requests_per_day=k.requests_per_day or lim.requests_per_day,
+        tokens_per_day=k.tokens_per_day or lim.tokens_per_day,
+    )
+
+
 def hash_key(key: str) -> str:
     """The SHA-256 hex digest stored in the config instead of the key."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -54,43 +77,35 @@ class Authenticator:
 
     def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None) -> None:
         environ = os.environ if environ is None else environ
-        lim = settings.limits
+        lim = self.limits = settings.limits
+        # The table `authenticate` reads: the configured keys and the runtime ones, less
+        # the revoked; made anew (and swapped whole) when the stored keys change.
         self.keys: dict[str, Principal] = {}
-        self._names: set[str] = set()
+        # The keys of the config and STELLA_API_KEYS by name: (digest, source).
+        self.configured: dict[str, tuple[str, str]] = {}
+        self._configured: dict[str, Principal] = {}  # by digest
         for name, k in settings.auth.keys.items():
             if not is_key_name(name):
                 raise ConfigError(f"auth.keys.{name!r}: {KEY_NAME_RULE}")
             digest = k.sha256.strip().lower()
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            if not is_digest(digest):
                 raise ConfigError(f"auth.keys.{name}.sha256: not a SHA-256 hex digest")
-            self._add(
-                digest,
-                f"auth.keys.{name}",
-                name=name,
-                admin=k.admin,
-                # An empty list is no model (a key for the admin routes only), never all.
-                models=tuple(k.models),
-                requests_per_minute=k.requests_per_minute or lim.requests_per_minute,
-                tokens_per_minute=k.tokens_per_minute or lim.tokens_per_minute,
-                max_concurrent=k.max_concurrent or lim.max_concurrent,
-                requests_per_day=k.requests_per_day or lim.requests_per_day,
-                tokens_per_day=k.tokens_per_day or lim.tokens_per_day,
-            )
+            self._add(digest, f"auth.keys.{name}", "config", key_principal(name, k, lim))
         # Quick start: STELLA_API_KEYS="key1,key2" or "alice=key1,bob=key2": admin keys.
         source = settings.auth.keys_env
         for name, key in env_keys(environ.get(source, ""), source):
-            self._add(
-                hash_key(key),
-                f"{source} key {name!r}",
-                name=name,
-                admin=True,
-                requests_per_minute=lim.requests_per_minute,
-                tokens_per_minute=lim.tokens_per_minute,
-                max_concurrent=lim.max_concurrent,
-                requests_per_day=lim.requests_per_day,
-                tokens_per_day=lim.tokens_per_day,
-            )
+            principal = key_principal(name, KeySettings(sha256="", admin=True), lim)
+            self._add(hash_key(key), f"{source} key {name!r}", "env", principal)
+        self.keys = dict(self._configured)
         self.enabled = bool(self.keys)
+        # What the state store holds (see apply_stored): runtime keys by name, as
+        # (digest, Principal), and revocations, name -> digest.
+        self.runtime: dict[str, tuple[str, Principal]] = {}
+        self.runtime_specs: dict[str, Any] = {}  # as stored, for a change applied here
+        self.revoked: dict[str, str] = {}
+        # Key changes this process wrote (see app._follow_routing): a follower's read
+        # from before one is stale.
+        self.local_changes = 0
         host = settings.server.host
         # With no keys, a loopback server's caller is its operator; on a network
         # (auth.allow_anonymous) anyone may call, so nobody gets the admin routes.
@@ -148,18 +163,68 @@ class Authenticator:
                 "set keys (STELLA_API_KEYS or [auth.keys]) or auth.allow_anonymous = true"
             )
 
-    def _add(self, digest: str, where: str, **principal: Any) -> None:
+    def _add(self, digest: str, where: str, source: str, principal: Principal) -> None:
         """Register a key; ConfigError when its name or the key itself is taken already."""
         # Logs, usage rows and limit buckets go by name: two keys under one name could
         # not be told apart (nor limited apart), and one key twice would take one
         # name's scopes and limits at random.
-        name = principal["name"]
-        if name in self._names:
+        name = principal.name
+        if name in self.configured:
             raise ConfigError(f"{where}: the key name {name!r} is used twice")
-        if digest in self.keys:
-            raise ConfigError(f"{where}: the same key as {self.keys[digest].name!r}")
-        self._names.add(name)
-        self.keys[digest] = Principal(**principal)
+        if digest in self._configured:
+            raise ConfigError(f"{where}: the same key as {self._configured[digest].name!r}")
+        self.configured[name] = (digest, source)
+        self._configured[digest] = principal
+
+    def principal(self, name: str) -> Principal | None:
+        """The configured or else runtime key named `name` (revoked or not)."""
+        if name in self.configured:
+            return self._configured[self.configured[name][0]]
+        if name in self.runtime:
+            return self.runtime[name][1]
+        return None
+
+    def configured_key(self, name: str) -> ConfiguredKey | None:
+        """This process's configured key `name`, as a revocation names it."""
+        if name not in self.configured:
+            return None
+        digest = self.configured[name][0]
+        return ConfiguredKey(name, digest, self._configured[digest].admin)
+
+    def configured_admins(self) -> list[ConfiguredKey]:
+        """This process's configured admin keys (revoked or not)."""
+        return [k for n in self.configured if (k := self.configured_key(n)) and k.admin]
+
+    def apply_stored(self, keys: dict[str, Any], revoked: dict[str, str]) -> list[str]:
+        """Make the table `authenticate` reads what the store holds: the configured keys
+        and `keys` (runtime keys by name), less those `revoked` names with their digest.
+        Returns why any stored key was left out."""
+        runtime: dict[str, tuple[str, Principal]] = {}
+        skipped = []
+        for name, spec in keys.items():
+            try:
+                if isinstance(spec, Unreadable):
+                    raise ValueError(spec.reason)
+                k = msgspec.convert(spec, KeySettings)
+                if not is_digest(k.sha256) or not is_key_name(name):
+                    raise ValueError("not a key name and a SHA-256 hex digest")
+            except (ValueError, msgspec.ValidationError) as exc:
+                skipped.append(f"key {name!r}: {exc}")
+                continue
+            if name in self.configured:  # the configured one counts here
+                skipped.append(f"key {name!r}: a configured key has this name")
+                continue
+            runtime[name] = (k.sha256, key_principal(name, k, self.limits))
+        table = {
+            digest: p for digest, p in self._configured.items() if revoked.get(p.name) != digest
+        }
+        for name, (digest, p) in runtime.items():
+            if revoked.get(name) != digest and digest not in table:
+                table[digest] = p
+        # Swapped whole: a request reads the old table or the new one, never half of each.
+        self.runtime, self.runtime_specs = runtime, dict(keys)
+        self.revoked, self.keys = dict(revoked), table
+        return skipped
 
     def authenticate(
         self,
@@ -298,7 +363,9 @@ NETWORK, TCP_LOOPBACK, LOCAL_SOCKET = 0, 1, 2
 
 # A key shorter than this is refused at start-up: guessable, or a mistake.
 MIN_KEY_LENGTH = 12
-_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+# A STELLA_API_KEYS name, and a runtime key's (a URL path names it to revoke it).
+KEY_NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}"
+_KEY_NAME = re.compile(KEY_NAME_PATTERN)
 
 
 def env_keys(raw: str, source: str = "STELLA_API_KEYS") -> list[tuple[str, str]]:

@@ -35,6 +35,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from typing import Any, Literal, cast, overload
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -45,6 +46,9 @@ from stella.protocol import (
     Done,
     EmbedResponse,
     Error,
+    KeyCreated,
+    KeyList,
+    KeyRevoked,
     ModelList,
     Ping,
     Start,
@@ -64,6 +68,25 @@ _event = msgspec.json.Decoder(StreamEvent)
 _response = msgspec.json.Decoder(ChatResponse)
 _models = msgspec.json.Decoder(ModelList)
 _embedded = msgspec.json.Decoder(EmbedResponse)
+_key_created = msgspec.json.Decoder(KeyCreated)
+_key_list = msgspec.json.Decoder(KeyList)
+_key_revoked = msgspec.json.Decoder(KeyRevoked)
+
+
+def _key_body(
+    name: str, models: list[str] | None, admin: bool, limits: dict[str, int]
+) -> dict[str, Any]:
+    """The body of POST /api/v1/keys: a limit left at 0 is left out (the default)."""
+    body: dict[str, Any] = {"name": name, "admin": admin}
+    if models is not None:
+        body["models"] = models
+    body.update((field, n) for field, n in limits.items() if n)
+    return body
+
+
+def _key_path(name: str) -> str:
+    """The path that names key `name` (any character of it escaped, '/' too)."""
+    return "/api/v1/keys/" + quote(name, safe="")
 
 
 def _embed_body(
@@ -997,6 +1020,39 @@ class Client:
         r = self._send("GET", "/health")
         return _decode(_json, r.content, self.url, r.status_code)
 
+    def create_key(
+        self,
+        name: str,
+        *,
+        models: list[str] | None = None,
+        admin: bool = False,
+        requests_per_minute: int = 0,
+        tokens_per_minute: int = 0,
+        max_concurrent: int = 0,
+        requests_per_day: int = 0,
+        tokens_per_day: int = 0,
+    ) -> KeyCreated:
+        """POST /api/v1/keys (admin): a runtime key; `.key` is the key, shown this once."""
+        limits = {
+            "requests_per_minute": requests_per_minute,
+            "tokens_per_minute": tokens_per_minute,
+            "max_concurrent": max_concurrent,
+            "requests_per_day": requests_per_day,
+            "tokens_per_day": tokens_per_day,
+        }
+        r = self._send("POST", "/api/v1/keys", _key_body(name, models, admin, limits))
+        return _decode(_key_created, r.content, self.url, r.status_code)
+
+    def list_keys(self) -> KeyList:
+        """GET /api/v1/keys (admin): every key (`.keys`), never a digest or a key."""
+        r = self._send("GET", "/api/v1/keys")
+        return _decode(_key_list, r.content, self.url, r.status_code)
+
+    def revoke_key(self, name: str) -> KeyRevoked:
+        """DELETE /api/v1/keys/{name} (admin): revoke a key on every replica."""
+        r = self._send("DELETE", _key_path(name))
+        return _decode(_key_revoked, r.content, self.url, r.status_code)
+
 
 class AsyncClient:
     """Asynchronous client."""
@@ -1268,3 +1324,36 @@ class AsyncClient:
         """GET /health."""
         r = await self._send("GET", "/health")
         return _decode(_json, r.content, self.url, r.status_code)
+
+    async def create_key(
+        self,
+        name: str,
+        *,
+        models: list[str] | None = None,
+        admin: bool = False,
+        requests_per_minute: int = 0,
+        tokens_per_minute: int = 0,
+        max_concurrent: int = 0,
+        requests_per_day: int = 0,
+        tokens_per_day: int = 0,
+    ) -> KeyCreated:
+        """POST /api/v1/keys (admin): a runtime key; `.key` is the key, shown this once."""
+        limits = {
+            "requests_per_minute": requests_per_minute,
+            "tokens_per_minute": tokens_per_minute,
+            "max_concurrent": max_concurrent,
+            "requests_per_day": requests_per_day,
+            "tokens_per_day": tokens_per_day,
+        }
+        r = await self._send("POST", "/api/v1/keys", _key_body(name, models, admin, limits))
+        return _decode(_key_created, r.content, self.url, r.status_code)
+
+    async def list_keys(self) -> KeyList:
+        """GET /api/v1/keys (admin): every key (`.keys`), never a digest or a key."""
+        r = await self._send("GET", "/api/v1/keys")
+        return _decode(_key_list, r.content, self.url, r.status_code)
+
+    async def revoke_key(self, name: str) -> KeyRevoked:
+        """DELETE /api/v1/keys/{name} (admin): revoke a key on every replica."""
+        r = await self._send("DELETE", _key_path(name))
+        return _decode(_key_revoked, r.content, self.url, r.status_code)

@@ -867,6 +867,44 @@ class Removed(msgspec.Struct, omit_defaults=True):
     detail: str = ""
 
 
+class KeyInfo(msgspec.Struct):
+    """A key as GET /api/v1/keys lists it: never its digest, nor the key."""
+
+    name: str
+    source: Literal["config", "env", "runtime"]
+    models: list[str]
+    admin: bool
+    # The limits that apply: the key's own, or [limits]' default where it sets none
+    # (0: unlimited).
+    requests_per_minute: int
+    tokens_per_minute: int
+    max_concurrent: int
+    requests_per_day: int
+    tokens_per_day: int
+    revoked: bool
+
+
+class KeyList(msgspec.Struct):
+    """GET /api/v1/keys."""
+
+    keys: list[KeyInfo]
+
+
+class KeyCreated(KeyInfo):
+    """POST /api/v1/keys: the runtime key made, and the key itself (shown this once)."""
+
+    key: str
+
+
+class KeyRevoked(msgspec.Struct, omit_defaults=True):
+    """DELETE /api/v1/keys/{name}: the key revoked, and where it came from."""
+
+    revoked: str
+    source: Literal["config", "env", "runtime"]
+    # What else to know: a configured key's table or entry is still in the config.
+    detail: str = ""
+
+
 class ConfigView(msgspec.Struct):
     """GET /config: the configuration stella started with (secrets redacted), the default now."""
 

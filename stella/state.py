@@ -11,7 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from stella.errors import Conflict, ModelNotFound
+from stella.errors import Conflict, ModelNotFound, NotFound
 
 # Days of usage counters a process keeps in memory (Redis keeps them all: it is the
 # store of record); a long-running process would otherwise grow a little every day.
@@ -34,6 +34,18 @@ class Unreadable:
 # older snapshot, and could come back to the number a replica last read: the epoch,
 # drawn anew by every change, never does.
 RoutingVersion = tuple[str, int]
+# The keys a store holds: runtime keys by name (each as KeySettings reads it, or an
+# Unreadable), and revocations, name -> the SHA-256 digest revoked under that name.
+StoredKeys = tuple[dict[str, Any], dict[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfiguredKey:
+    """A key of this process's config or STELLA_API_KEYS, as a revocation names it."""
+
+    name: str
+    digest: str
+    admin: bool
 
 
 class StateStore(Protocol):
@@ -77,6 +89,21 @@ class StateStore(Protocol):
         """Forget a runtime route."""
         ...
 
+    async def load_keys(self) -> StoredKeys:
+        """The runtime keys by name and the revocations; Unavailable when unreadable."""
+        ...
+
+    async def save_key(self, name: str, spec: dict[str, Any]) -> None:
+        """Persist a runtime key (`spec` as KeySettings reads it); Conflict when the name
+        is taken."""
+        ...
+
+    async def revoke_key(
+        self, name: str, configured: ConfiguredKey | None, admins: list[ConfiguredKey]
+    ) -> str:
+        """Revoke key `name` (see revoke_stored); the source revoked."""
+        ...
+
     def record_usage(self, key: str, model: str, day: str, record: dict[str, Any]) -> None:
         """Count one inference for a key, a model and a day."""
         ...
@@ -108,6 +135,8 @@ class MemoryState:
     def __init__(self) -> None:
         self.default_model: str | None = None
         self.routes: dict[str, dict[str, Any]] = {}
+        self.keys: dict[str, dict[str, Any]] = {}
+        self.revoked: dict[str, str] = {}
         self.usage: dict[tuple[str, str, str], dict[str, int]] = defaultdict(
             lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0}
         )
@@ -158,6 +187,24 @@ class MemoryState:
             raise Conflict(is_default(name))
         self.routes.pop(name, None)
 
+    async def load_keys(self) -> StoredKeys:
+        """The runtime keys by name and the revocations."""
+        return dict(self.keys), dict(self.revoked)
+
+    async def save_key(self, name: str, spec: dict[str, Any]) -> None:
+        """Persist a runtime key; Conflict when the name is taken."""
+        if name in self.keys:
+            raise Conflict(key_taken(name))
+        self.keys[name] = spec
+
+    async def revoke_key(
+        self, name: str, configured: ConfiguredKey | None, admins: list[ConfiguredKey]
+    ) -> str:
+        """Revoke key `name` (see revoke_stored); the source revoked."""
+        source, digest = revoke_stored(self.keys, self.revoked, name, configured, admins)
+        self.revoked[name] = digest
+        return source
+
     def record_usage(self, key: str, model: str, day: str, record: dict[str, Any]) -> None:
         """Count one inference for a key, a model and a day."""
         if day != self._day:  # a new day: the oldest one goes
@@ -196,3 +243,63 @@ def is_default(name: str) -> str:
 def removed_meanwhile(name: str) -> str:
     """Why route `name` can't become the default: it was removed."""
     return f"model {name!r} not found (removed meanwhile)"
+
+
+def key_taken(name: str) -> str:
+    """Why a runtime key can't be named `name`: a key has that name."""
+    return f"a key named {name!r} exists already (a revoked one keeps its name)"
+
+
+def key_not_found(name: str) -> str:
+    """Why key `name` can't be revoked: no key has that name."""
+    return f"no key named {name!r}"
+
+
+def key_revoked(name: str) -> str:
+    """Why key `name` can't be revoked: it is already."""
+    return f"key {name!r} is revoked already"
+
+
+def last_admin(name: str) -> str:
+    """Why admin key `name` can't be revoked: no other admin key would be left."""
+    return (
+        f"key {name!r} is the last admin key: revoked, nothing could manage keys or "
+        "routes until a new admin key is configured and every replica restarted; create "
+        "another admin key first"
+    )
+
+
+def revoke_stored(
+    keys: dict[str, Any],
+    revoked: dict[str, str],
+    name: str,
+    configured: ConfiguredKey | None,
+    admins: list[ConfiguredKey],
+) -> tuple[str, str]:
+    """(source, digest) of the revocation of key `name` in a store holding runtime `keys`
+    and `revoked`: a runtime key of that name, else `configured` (this process's key of
+    that name). NotFound for neither or one revoked already; Conflict when it is an admin
+    key and no other admin key would be left (runtime ones and `admins`, the configured
+    ones). The Redis store runs the same rules in Lua (state_redis.CHANGE)."""
+    spec = keys.get(name)
+    if isinstance(spec, dict) and isinstance(spec.get("sha256"), str):
+        source, digest, admin = "runtime", spec["sha256"], spec.get("admin") is True
+    elif configured is not None:
+        source, digest, admin = "config", configured.digest, configured.admin
+    else:
+        raise NotFound(key_not_found(name))
+    if revoked.get(name) == digest:
+        raise NotFound(key_revoked(name))
+    if admin:
+        left = sum(
+            1
+            for other, s in keys.items()
+            if other != name
+            and isinstance(s, dict)
+            and s.get("admin") is True
+            and revoked.get(other) != s.get("sha256")
+        )
+        left += sum(1 for k in admins if k.name != name and revoked.get(k.name) != k.digest)
+        if not left:
+            raise Conflict(last_admin(name))
+    return source, digest

@@ -15,6 +15,7 @@ import os
 import secrets
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any, cast
 
 import msgspec
@@ -26,10 +27,22 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from stella.errors import Conflict, ModelNotFound, Unavailable
+from stella.errors import Conflict, ModelNotFound, NotFound, StellaError, Unavailable
 from stella.limits import MemoryBuckets, MemorySlots, Take, refill_s
 from stella.settings import StateSettings
-from stella.state import RoutingVersion, Unreadable, is_default, removed_meanwhile, taken
+from stella.state import (
+    ConfiguredKey,
+    RoutingVersion,
+    StoredKeys,
+    Unreadable,
+    is_default,
+    key_not_found,
+    key_revoked,
+    key_taken,
+    last_admin,
+    removed_meanwhile,
+    taken,
+)
 
 _log = structlog.get_logger("stella")
 # How long Redis remembers the last usage batch of a process it applied (a resend after
@@ -162,13 +175,17 @@ return 1
 """
 
 # A routing change: KEYS[1] the routing version, KEYS[2] the runtime routes (a hash of
-# JSON specs), KEYS[3] the default model, KEYS[4] the routing epoch; ARGV[1] the
+# JSON specs), KEYS[3] the default model, KEYS[4] the routing epoch, KEYS[5] the runtime
+# keys (a hash of JSON specs), KEYS[6] the revocations (name -> digest); ARGV[1] the
 # deadline (Redis's clock), ARGV[2] a new epoch (random, one per change), ARGV[3]
 # the change, ARGV[4] the route's name, then:
 #   "default" ARGV[5] "1" when the route is a runtime one (then it must be stored still)
 #   "save"    ARGV[5] its spec; refused when another stored route answers to its name
 #             or one of its aliases (ARGV[6..]); 2 when it replaced one of its name
 #   "delete"  refused when it is the default
+#   "key_add" ARGV[5] a runtime key's spec; refused when a key has its name
+#   "key_revoke" see below; 3 when it revoked a runtime key
+# Keys share the routing version: every replica follows both with one poll.
 # 0 when it came too late (its client has given up on it and told its caller so); a
 # refusal is {why, name, other route}: checked here, with the write, so two replicas
 # changing at once can't both succeed and end up each with a different table.
@@ -215,6 +232,53 @@ elseif op == 'delete' then
     return {'default', name, name}
   end
   redis.call('HDEL', KEYS[2], name)
+elseif op == 'key_add' then
+  if redis.call('HEXISTS', KEYS[5], name) == 1 then
+    return {'key_taken', name, name}
+  end
+  redis.call('HSET', KEYS[5], name, ARGV[5])
+elseif op == 'key_revoke' then
+  -- As stella.state.revoke_stored: a runtime key of that name, else the configured one
+  -- (ARGV[5] its digest, "" for none; ARGV[6] "1" for an admin key), ARGV[7..] the
+  -- configured admin keys as name, digest pairs.
+  local function decoded(raw)
+    local ok, spec = pcall(cjson.decode, raw)
+    if ok and type(spec) == 'table' and type(spec.sha256) == 'string' then
+      return spec
+    end
+    return nil
+  end
+  local digest, admin = ARGV[5], ARGV[6] == '1'
+  local raw = redis.call('HGET', KEYS[5], name)
+  local spec = raw and decoded(raw)
+  if spec then
+    digest, admin, done = spec.sha256, spec.admin == true, 3
+  elseif digest == '' then
+    return {'key_missing', name, name}
+  end
+  if redis.call('HGET', KEYS[6], name) == digest then
+    return {'key_revoked', name, name}
+  end
+  if admin then
+    local left = 0
+    local stored = redis.call('HGETALL', KEYS[5])
+    for i = 1, #stored, 2 do
+      local other = decoded(stored[i + 1])
+      if stored[i] ~= name and other and other.admin == true
+          and redis.call('HGET', KEYS[6], stored[i]) ~= other.sha256 then
+        left = left + 1
+      end
+    end
+    for i = 7, #ARGV, 2 do
+      if ARGV[i] ~= name and redis.call('HGET', KEYS[6], ARGV[i]) ~= ARGV[i + 1] then
+        left = left + 1
+      end
+    end
+    if left == 0 then
+      return {'last_admin', name, name}
+    end
+  end
+  redis.call('HSET', KEYS[6], name, digest)
 else
   return redis.error_reply('unknown change ' .. op)
 end
@@ -246,6 +310,15 @@ redis.call('EXPIRE', KEYS[1], ttl(capacity, rate, level))
 return tostring(level)
 """
 )
+
+
+# The key changes Redis refuses (see CHANGE): the error and its message.
+_KEY_REFUSALS: dict[str, tuple[type[StellaError], Callable[[str], str]]] = {
+    "key_taken": (Conflict, key_taken),
+    "key_missing": (NotFound, key_not_found),
+    "key_revoked": (NotFound, key_revoked),
+    "last_admin": (Conflict, last_admin),
+}
 
 
 def _version(epoch: bytes | None, count: bytes | None) -> RoutingVersion:
@@ -473,6 +546,8 @@ class RedisState:
             self._key("routes"),
             self._key("default_model"),
             self._key("routing_epoch"),
+            self._key("keys"),
+            self._key("revoked"),
         ]
         epoch = secrets.token_hex(8)  # this change's epoch
         try:
@@ -490,6 +565,9 @@ class RedisState:
             why, candidate, owner = (part.decode() for part in done)
             if why == "removed":
                 raise ModelNotFound(removed_meanwhile(candidate))
+            if why in _KEY_REFUSALS:
+                error, message = _KEY_REFUSALS[why]
+                raise error(message(candidate))
             raise Conflict(is_default(candidate) if why == "default" else taken(candidate, owner))
         if not done:
             raise Unavailable(
@@ -547,6 +625,44 @@ class RedisState:
     async def delete_route(self, name: str) -> None:
         """Forget a runtime route, unless it is the default."""
         await self._write("delete", name)
+
+    # --- keys ----------------------------------------------------------------------
+
+    async def load_keys(self) -> StoredKeys:
+        """Runtime keys by name (one that is not JSON: an `Unreadable`) and revocations;
+        Unavailable at once while Redis is known down (as the usage report)."""
+        if self.local_only(time.monotonic()):
+            raise _unreachable()
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self._key("keys"))
+                pipe.hgetall(self._key("revoked"))
+                raw, revoked = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+            raise _unreachable() from None
+        self._ok()
+        return _routes(raw), {
+            k.decode(errors="replace"): v.decode(errors="replace") for k, v in revoked.items()
+        }
+
+    async def save_key(self, name: str, spec: dict[str, Any]) -> None:
+        """Persist a runtime key; Conflict when a key has its name."""
+        await self._write("key_add", name, msgspec.json.encode(spec))
+
+    async def revoke_key(
+        self, name: str, configured: ConfiguredKey | None, admins: list[ConfiguredKey]
+    ) -> str:
+        """Revoke key `name` (see state.revoke_stored, which this runs in Redis); the
+        source revoked."""
+        args: list[str] = (
+            ["", "0"]
+            if configured is None
+            else [configured.digest, "1" if configured.admin else "0"]
+        )
+        for k in admins:
+            args += [k.name, k.digest]
+        return "runtime" if await self._write("key_revoke", name, *args) == 3 else "config"
 
     # --- usage ---------------------------------------------------------------------
 

@@ -186,11 +186,13 @@ async def models(request: Request, call: Call) -> Response:
 
 
 @contextlib.contextmanager
-def _logged(action: str, name: str | None, call: Call) -> Iterator[dict[str, Any]]:
-    """One `routing_change` event for an admin routing change, whatever its outcome:
-    `result` is "ok" or the error's code; the caller sets `route`, the route changed
-    (named by an alias, the route's own name)."""
-    fields: dict[str, Any] = {"name": name, "route": None}
+def admin_event(
+    action: str, name: str | None, call: Call, event: str = "routing_change", **fields: Any
+) -> Iterator[dict[str, Any]]:
+    """One `event` for an admin change, whatever its outcome: `result` is "ok" or the
+    error's code; the caller sets what it learns on the way in `fields` (a routing
+    change's `route`, the route changed: named by an alias, the route's own name)."""
+    fields = {"name": name, **(fields or {"route": None})}
     result = "internal_error"
     try:
         yield fields
@@ -203,7 +205,7 @@ def _logged(action: str, name: str | None, call: Call) -> Iterator[dict[str, Any
         raise
     finally:
         _log.info(
-            "routing_change",
+            event,
             action=action,
             **fields,
             key=call.principal.name,  # the key's name, never the key
@@ -215,13 +217,18 @@ def _logged(action: str, name: str | None, call: Call) -> Iterator[dict[str, Any
 def _shared_routing(svc: Services) -> None:
     """Refuse a routing change that would reach only the worker taking it: with several
     workers the table is shared only through Redis."""
+    shared_state(svc, "runtime routing", "change the routes in the config file")
+
+
+def shared_state(svc: Services, what: str, instead: str) -> None:
+    """Refuse a change of `what` that would reach only the worker taking it: with several
+    workers it is shared only through Redis."""
     count = svc.settings.server.workers
     if count > 1 and not svc.settings.state.redis_url:
         raise Conflict(
-            f"runtime routing with several workers (server.workers = {count}) needs "
+            f"{what} with several workers (server.workers = {count}) needs "
             "state.redis_url: without it a change would reach only the worker that takes "
-            "the call; set state.redis_url, or change the routes in the config file and "
-            "restart"
+            f"the call; set state.redis_url, or {instead} and restart"
         )
 
 
@@ -231,7 +238,7 @@ async def switch_model(request: Request, call: Call) -> Response:
     svc = services(request)
     router = svc.router
     wanted = request.path_params["name"]
-    with _logged("switch", wanted, call) as logged:
+    with admin_event("switch", wanted, call) as logged:
         _shared_routing(svc)
         logged["route"] = await _change(
             router,
@@ -271,7 +278,7 @@ async def register_model(request: Request, call: Call) -> Response:
     """POST /api/v1/models: add a runtime route (201), or replace the one of its name (200)."""
     svc = services(request)
     replaced = False
-    with _logged("register", None, call) as logged:
+    with admin_event("register", None, call) as logged:
         _shared_routing(svc)
         spec = await _read_route(request)
         logged["name"] = spec.name  # named in the log from here, a refused list too
@@ -331,7 +338,7 @@ async def delete_model(request: Request, call: Call) -> Response:
     name = request.path_params["name"]
     router = svc.router
     detail = ""
-    with _logged("delete", name, call) as logged:
+    with admin_event("delete", name, call) as logged:
         _shared_routing(svc)
         try:
             # Named by an alias, the route itself goes, in the store too: answered by its

@@ -1,4 +1,5 @@
-"""`stella keys new NAME`: a fresh API key and the config lines with its SHA-256."""
+"""`stella keys new NAME`: a fresh API key and the config lines with its SHA-256;
+`stella keys create | list | revoke`: a running server's keys (its admin routes)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,48 @@ import argparse
 import json
 import re
 import sys
+from typing import Any
 
+from stella.commands import (
+    add_timeout,
+    client_error,
+    client_exit,
+    client_timeout,
+    command_client,
+    key_from,
+)
 from stella.settings import MAX_COUNT
 
 NAME = "keys"
-HELP = "make API keys: `keys new NAME` prints a key and its [auth.keys] lines; `keys hash` hashes stdin"
+HELP = (
+    "API keys: `keys new NAME` prints a key and its [auth.keys] lines; `keys hash` hashes "
+    "stdin; `keys create NAME | list | revoke NAME` manage a running server's keys"
+)
+# A server answers a key change within Redis's timeout: a wait longer than this is a
+# server that will not answer.
+KEYS_TIMEOUT_S = 30.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `stella keys`."""
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     new = sub.add_parser("new", help="a new key")
+    create = sub.add_parser("create", help="make a runtime key on a running server (admin)")
+    for p in (new, create):
+        _key_options(p)
+    listing = sub.add_parser("list", help="list a running server's keys (admin)")
+    revoke = sub.add_parser("revoke", help="revoke a key on a running server (admin)")
+    revoke.add_argument("name", help="the key's name")
+    for p in (create, listing, revoke):
+        p.add_argument("--url", help="server URL (default: $STELLA_URL or http://127.0.0.1:8000)")
+        p.add_argument("--api-key", help="an admin API key (default: $STELLA_API_KEY)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        add_timeout(p, KEYS_TIMEOUT_S, "the answer")
+    sub.add_parser("hash", help="print the SHA-256 of a key read from stdin")
+
+
+def _key_options(new: argparse.ArgumentParser) -> None:
+    """A key's name and settings (`new` and `create`)."""
     new.add_argument("name", help="the key's name (shown in logs and usage)")
     new.add_argument("--admin", action="store_true", help="may use the admin routes")
     new.add_argument("--models", nargs="+", default=None, help="glob patterns of allowed models")
@@ -27,7 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     new.add_argument("--rpd", type=_count, default=0, help="requests per UTC day (0: the default)")
     new.add_argument("--tpd", type=_count, default=0, help="tokens per UTC day (0: the default)")
-    sub.add_parser("hash", help="print the SHA-256 of a key read from stdin")
 
 
 def _count(text: str) -> int:
@@ -53,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     """Print the key once (it is not stored anywhere) and the lines to configure it."""
     from stella.auth import KEY_NAME_RULE, hash_key, is_key_name, new_key
 
+    if args.action in ("create", "list", "revoke"):
+        return _on_server(args)
     if args.action == "hash":
         try:
             key = sys.stdin.readline().strip() if sys.stdin is not None else ""  # None: fd 0 closed
@@ -93,4 +126,56 @@ def run(args: argparse.Namespace) -> int:
     if args.tpd:
         lines.append(f"tokens_per_day = {args.tpd}")
     print("\n".join(lines))
+    return 0
+
+
+def _on_server(args: argparse.Namespace) -> int:
+    """`create`, `list` or `revoke` against a server; the answer as a table or JSON."""
+    import msgspec
+
+    from stella.client import StellaClientError
+
+    timeout = client_timeout(args.timeout, KEYS_TIMEOUT_S)
+    if timeout is None:
+        return 2
+    try:
+        with command_client(args, timeout) as client:
+            if args.action == "create":
+                answer: Any = client.create_key(
+                    args.name,
+                    models=args.models,
+                    admin=args.admin,
+                    requests_per_minute=args.rpm,
+                    tokens_per_minute=args.tpm,
+                    max_concurrent=args.concurrent,
+                    requests_per_day=args.rpd,
+                    tokens_per_day=args.tpd,
+                )
+            elif args.action == "list":
+                answer = client.list_keys()
+            else:
+                answer = client.revoke_key(args.name)
+    except StellaClientError as exc:
+        print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
+        return client_exit(exc)
+    except OSError as exc:
+        print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(msgspec.json.encode(answer).decode())
+    elif args.action == "create":
+        print("(shown once; the server stores only its hash)", file=sys.stderr)
+        print(answer.key)
+    elif args.action == "list":
+        rows = [("NAME", "SOURCE", "ADMIN", "REVOKED", "MODELS")]
+        for k in answer.keys:
+            admin, revoked = "yes" if k.admin else "no", "yes" if k.revoked else "no"
+            rows.append((k.name, k.source, admin, revoked, ", ".join(k.models) or "(none)"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    else:
+        print(f"revoked {answer.revoked} ({answer.source})")
+        if answer.detail:
+            print(answer.detail, file=sys.stderr)
     return 0

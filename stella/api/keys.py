@@ -1,0 +1,213 @@
+"""Admin routes for API keys: revoke one, make a runtime one, list them.
+
+A change is written to the state store first and, once it took it, applied to this
+process's key table; the other replicas apply it when they next see the routing
+version move (see app._follow_routing), so `authenticate` stays a dict lookup.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import msgspec
+from msgspec import Meta
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from stella.api.http import JSONResponse, endpoint, read_json, services
+from stella.api.native import admin_event, shared_state
+from stella.api.openapi import Operation, document
+from stella.auth import KEY_NAME_PATTERN, hash_key, key_principal, new_key
+from stella.calls import Principal
+from stella.core import Call
+from stella.errors import Conflict, InvalidRequest
+from stella.protocol import KeyCreated, KeyInfo, KeyList, KeyRevoked
+from stella.settings import Count, KeySettings
+
+if TYPE_CHECKING:  # stella.app imports this module
+    from stella.app import Services
+
+# Up to 64 letters, digits and '_.@-', as a STELLA_API_KEYS name: a URL path names it.
+KeyName = Annotated[str, Meta(pattern=f"^{KEY_NAME_PATTERN}$")]
+# The most model patterns a runtime key may list, and the longest pattern.
+MAX_KEY_MODELS = 64
+ModelPattern = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /api/v1/keys: a runtime key, with what an [auth.keys.NAME] table takes."""
+
+    name: KeyName
+    # Glob patterns of the models it may use; [] is none (a key for the admin routes).
+    models: Annotated[list[ModelPattern], Meta(max_length=MAX_KEY_MODELS)] = msgspec.field(
+        default_factory=lambda: ["*"]
+    )
+    admin: bool = False
+    # 0: [limits]' default, as in the config.
+    requests_per_minute: Count = 0
+    tokens_per_minute: Count = 0
+    max_concurrent: Count = 0
+    requests_per_day: Count = 0
+    tokens_per_day: Count = 0
+
+
+_create = msgspec.json.Decoder(CreateKey)
+
+
+def _shared_keys(svc: Services) -> None:
+    shared_state(svc, "a key change", "change the keys in the config file")
+
+
+def _info(p: Principal, source: str, revoked: bool) -> KeyInfo:
+    return KeyInfo(
+        name=p.name,
+        source=source,  # type: ignore[arg-type]  # one of the Literal's, by its caller
+        models=list(p.models),
+        admin=p.admin,
+        requests_per_minute=p.requests_per_minute,
+        tokens_per_minute=p.tokens_per_minute,
+        max_concurrent=p.max_concurrent,
+        requests_per_day=p.requests_per_day,
+        tokens_per_day=p.tokens_per_day,
+        revoked=revoked,
+    )
+
+
+@endpoint(auth="admin")
+async def revoke_key(request: Request, call: Call) -> Response:
+    """DELETE /api/v1/keys/{name}: revoke a key, runtime or configured."""
+    svc = services(request)
+    auth = svc.auth
+    name = request.path_params["name"]
+    with admin_event("revoke", name, call, "key_change", source=None) as logged:
+        _shared_keys(svc)
+        configured = auth.configured_key(name)
+        # The store decides (a runtime key another replica made may not be here yet),
+        # and refuses the last admin key there, with the write: two revocations at once
+        # on two replicas can't both pass.
+        stored = await svc.state.revoke_key(name, configured, auth.configured_admins())
+        keys, revoked = dict(auth.runtime_specs), dict(auth.revoked)
+        if stored == "runtime":
+            source = "runtime"
+            revoked[name] = auth.runtime[name][0] if name in auth.runtime else ""
+        else:
+            assert configured is not None  # the store revokes a configured key only so
+            source = auth.configured[name][1]
+            revoked[name] = configured.digest
+        if not revoked[name]:
+            revoked.pop(name)  # not here yet: the follower brings it, revoked
+        auth.apply_stored(keys, revoked)
+        auth.local_changes += 1  # a follower's read from before this write is stale now
+        logged["source"] = source
+    detail = ""
+    if source != "runtime":
+        where = "auth.keys" if source == "config" else svc.settings.auth.keys_env
+        detail = (
+            f"the key is refused from now on, though {where} still lists it; take it out "
+            "there too (a new key under this name is not refused)"
+        )
+    return JSONResponse(KeyRevoked(name, source, detail=detail))  # type: ignore[arg-type]
+
+
+@endpoint(auth="admin")
+async def create_key(request: Request, call: Call) -> Response:
+    """POST /api/v1/keys: make a runtime key (201), its key shown this once."""
+    svc = services(request)
+    auth = svc.auth
+    with admin_event("create", None, call, "key_change", source="runtime") as logged:
+        _shared_keys(svc)
+        try:
+            spec = await read_json(request, _create)
+        except InvalidRequest as exc:
+            if "matching regex" in exc.message:  # say the rule, not the pattern
+                exc.message = (
+                    f"$.{exc.param}: a key name is 1 to 64 ASCII letters, digits and "
+                    "'_.@-', beginning with a letter or a digit"
+                )
+            raise
+        logged["name"] = spec.name
+        if not auth.enabled:
+            # Keys turned on at runtime would lock every anonymous caller out at once,
+            # on some replicas before others.
+            raise Conflict(
+                "this server takes anonymous calls (no keys configured): runtime keys need "
+                "at least one configured key (STELLA_API_KEYS or [auth.keys])"
+            )
+        if spec.name in auth.configured:
+            raise Conflict(f"a key named {spec.name!r} is configured already")
+        key = new_key()
+        fields = msgspec.structs.asdict(spec)
+        del fields["name"]  # the table's name, not a field of it
+        settings = KeySettings(sha256=hash_key(key), **fields)
+        stored = msgspec.to_builtins(settings)
+        await svc.state.save_key(spec.name, stored)
+        auth.apply_stored({**auth.runtime_specs, spec.name: stored}, auth.revoked)
+        auth.local_changes += 1
+    p = key_principal(spec.name, settings, auth.limits)
+    info = _info(p, "runtime", False)
+    return JSONResponse(KeyCreated(**msgspec.structs.asdict(info), key=key), status_code=201)
+
+
+@endpoint(auth="admin")
+async def list_keys(request: Request, call: Call) -> Response:
+    """GET /api/v1/keys: every key, configured and runtime, revoked ones too."""
+    svc = services(request)
+    auth = svc.auth
+    # The store's, not this table's: a key another replica made or revoked a moment ago
+    # is listed as it is (503 while Redis does not answer, as the usage report).
+    stored, revoked = await svc.state.load_keys()
+    out = []
+    for name, (digest, source) in auth.configured.items():
+        p = auth.principal(name)
+        assert p is not None
+        out.append(_info(p, source, revoked.get(name) == digest))
+    for name, spec in sorted(stored.items()):
+        if name in auth.configured or not isinstance(spec, dict):
+            continue  # skipped here (logged as stored_key_skipped): not a key of this one
+        try:
+            k = msgspec.convert(spec, KeySettings)
+        except msgspec.ValidationError:
+            continue
+        p = key_principal(name, k, auth.limits)
+        out.append(_info(p, "runtime", revoked.get(name) == k.sha256))
+    return JSONResponse(KeyList(out))
+
+
+document(
+    Operation(
+        "get",
+        "/api/v1/keys",
+        "Every API key: name, source, models, admin, limits, revoked (admin)",
+        tag="admin",
+        response=KeyList,
+        admin=True,
+        errors=(401, 403, 503),
+    ),
+    Operation(
+        "post",
+        "/api/v1/keys",
+        "Make a runtime API key; the answer holds the key, shown this once (admin)",
+        tag="admin",
+        request=CreateKey,
+        response=KeyCreated,
+        admin=True,
+        errors=(400, 401, 403, 409, 413, 415, 503),
+    ),
+    Operation(
+        "delete",
+        "/api/v1/keys/{name}",
+        "Revoke an API key, configured or runtime, on every replica (admin)",
+        tag="admin",
+        response=KeyRevoked,
+        admin=True,
+        params=("name",),
+        errors=(401, 403, 404, 409, 503),
+    ),
+)
+
+routes = [
+    Route("/api/v1/keys", list_keys, methods=["GET"]),
+    Route("/api/v1/keys", create_key, methods=["POST"]),
+    Route("/api/v1/keys/{name:path}", revoke_key, methods=["DELETE"]),
+]

@@ -1,0 +1,470 @@
+"""API keys at runtime: revocation, runtime keys and their listing, on one process, a live
+server, and two replicas on one real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from stella import app as stella_app
+from stella.app import create_app
+from stella.auth import Authenticator
+from stella.errors import Unauthorized
+from stella.settings import load_settings
+from tests.live import NO_MLX, merge, run_stella
+from tests.test_redis import Redis, redis, redis_server  # noqa: F401  (fixtures)
+
+ROOT = "sk-keys-root-0000111"  # an admin key
+OPS = "sk-keys-ops-00002222"  # another admin key
+BOB = "sk-keys-bob-00003333"  # a key for the echo model only
+CHAT = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+KEYS: dict[str, Any] = {
+    "auth": {
+        "keys": {
+            "root": {"sha256": sha(ROOT), "admin": True},
+            "bob": {"sha256": sha(BOB), "models": ["echo"]},
+        }
+    }
+}
+
+
+def app_for(config: dict[str, Any]) -> Any:
+    return create_app(load_settings(merge(NO_MLX, config), environ={}))
+
+
+async def calls(app: Any, *requests: tuple[str, str, str, Any]) -> list[httpx.Response]:
+    """(method, path, key, json body or None) in turn, in process."""
+    out = []
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
+    ) as c:
+        for method, path, key, body in requests:
+            out.append(await c.request(method, path, headers=bearer(key), json=body))
+    return out
+
+
+def test_a_revoked_config_key_is_refused_as_an_unknown_one() -> None:
+    app = app_for(KEYS)
+    with capture_logs() as logged:
+        before, revoked, after, again = asyncio.run(
+            calls(
+                app,
+                ("POST", "/api/v1/chat", BOB, CHAT),
+                ("DELETE", "/api/v1/keys/bob", ROOT, None),
+                ("POST", "/api/v1/chat", BOB, CHAT),
+                ("DELETE", "/api/v1/keys/bob", ROOT, None),
+            )
+        )
+    assert before.status_code == 200
+    assert revoked.status_code == 200, revoked.text
+    body = revoked.json()
+    assert body["revoked"] == "bob" and body["source"] == "config"
+    assert "auth.keys still lists it" in body["detail"]
+    assert after.status_code == 401
+    assert after.json()["error"]["message"] == "invalid API key"
+    assert again.status_code == 404
+    assert "revoked already" in again.json()["error"]["message"]
+    events = [e for e in logged if e["event"] == "key_change"]
+    assert [(e["action"], e["name"], e["source"], e["key"], e["result"]) for e in events] == [
+        ("revoke", "bob", "config", "root", "ok"),
+        ("revoke", "bob", None, "root", "not_found"),
+    ]
+
+
+def test_revoking_asks_an_admin_and_a_key_that_exists() -> None:
+    app = app_for(KEYS)
+    by_bob, unknown = asyncio.run(
+        calls(
+            app,
+            ("DELETE", "/api/v1/keys/root", BOB, None),
+            ("DELETE", "/api/v1/keys/nobody", ROOT, None),
+        )
+    )
+    assert by_bob.status_code == 403
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["message"] == "no key named 'nobody'"
+
+
+def test_the_last_admin_key_is_not_revoked_and_one_may_revoke_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STELLA_API_KEYS", f"ops={OPS}")  # the app's Authenticator reads it
+    app = app_for(KEYS)
+    last_but_one, own_gone, last = asyncio.run(
+        calls(
+            app,
+            ("DELETE", "/api/v1/keys/ops", ROOT, None),  # an env key: source env
+            ("POST", "/api/v1/chat", OPS, CHAT),
+            ("DELETE", "/api/v1/keys/root", ROOT, None),  # itself, the last admin
+        )
+    )
+    assert last_but_one.status_code == 200
+    assert last_but_one.json()["source"] == "env"
+    assert "STELLA_API_KEYS still lists it" in last_but_one.json()["detail"]
+    assert own_gone.status_code == 401
+    assert last.status_code == 409
+    assert "the last admin key" in last.json()["error"]["message"]
+    # Not the last: a key revokes itself (a holder who thinks it leaked).
+    app = app_for(KEYS)
+    own, after = asyncio.run(
+        calls(
+            app,
+            ("DELETE", "/api/v1/keys/root", ROOT, None),
+            ("GET", "/api/v1/usage", ROOT, None),
+        )
+    )
+    assert own.status_code == 200
+    assert after.status_code == 401
+
+
+def test_a_revocation_refuses_the_name_with_its_key_not_a_new_key_of_that_name() -> None:
+    # The revocation a store holds names the key's digest: a later config giving the
+    # name another key has that key accepted.
+    old = Authenticator(load_settings(merge(NO_MLX, KEYS), environ={}), {})
+    revoked = {"bob": sha(BOB)}
+    old.apply_stored({}, revoked)
+    bob = [(b"authorization", f"Bearer {BOB}".encode())]
+    with pytest.raises(Unauthorized, match="invalid API key"):
+        old.authenticate(bob)
+    new_bob = "sk-keys-bob-new-4444"
+    cfg = merge(KEYS, {"auth": {"keys": {"bob": {"sha256": sha(new_bob)}}}})
+    new = Authenticator(load_settings(merge(NO_MLX, cfg), environ={}), {})
+    new.apply_stored({}, revoked)
+    assert new.authenticate([(b"authorization", f"Bearer {new_bob}".encode())]).name == "bob"
+
+
+def test_several_workers_without_redis_refuse_a_key_change() -> None:
+    app = app_for(merge(KEYS, {"server": {"workers": 2}}))
+    (r,) = asyncio.run(calls(app, ("DELETE", "/api/v1/keys/bob", ROOT, None)))
+    assert r.status_code == 409
+    assert "state.redis_url" in r.json()["error"]["message"]
+
+
+def test_a_live_server_refuses_a_key_as_soon_as_it_is_revoked() -> None:
+    with run_stella(KEYS) as s:
+        assert httpx.post(s.url + "/api/v1/chat", json=CHAT, headers=bearer(BOB)).status_code == 200
+        r = httpx.delete(s.url + "/api/v1/keys/bob", headers=bearer(ROOT))
+        assert r.status_code == 200, r.text
+        r = httpx.post(s.url + "/api/v1/chat", json=CHAT, headers=bearer(BOB))
+        assert r.status_code == 401
+        assert r.json()["error"]["message"] == "invalid API key"
+
+
+def eventually(check: Callable[[], bool], seconds: float) -> float:
+    """Wait for `check()` to hold; the seconds it took."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < seconds, "the other replica did not follow"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_a_revocation_on_one_replica_is_refused_on_the_other(redis: Redis) -> None:  # noqa: F811
+    cfg = merge(KEYS, {"state": {"redis_url": redis.url}})
+    with run_stella(cfg) as a, run_stella(cfg) as b:
+        assert httpx.post(b.url + "/api/v1/chat", json=CHAT, headers=bearer(BOB)).status_code == 200
+        r = httpx.delete(a.url + "/api/v1/keys/bob", headers=bearer(ROOT))
+        assert r.status_code == 200, r.text
+
+        def refused() -> bool:
+            r = httpx.post(b.url + "/api/v1/chat", json=CHAT, headers=bearer(BOB))
+            return r.status_code == 401
+
+        # Within the poll interval (and a round trip or two).
+        assert eventually(refused, stella_app.ROUTING_POLL_S + 1.0) <= stella_app.ROUTING_POLL_S + 1
+        # The other replica refuses the last admin key too: the store counts them.
+        r = httpx.delete(b.url + "/api/v1/keys/root", headers=bearer(ROOT))
+        assert r.status_code == 409
+    # A replica started later reads the revocation as it starts.
+    with run_stella(cfg) as c:
+        r = httpx.post(c.url + "/api/v1/chat", json=CHAT, headers=bearer(BOB))
+        assert r.status_code == 401
+
+
+def test_a_runtime_key_s_fields_are_checked_with_their_paths() -> None:
+    app = app_for(KEYS)
+    cases = [
+        ({"name": "ci", "models": ["echo", ""]}, "$.models[1]"),
+        ({"name": "bad name"}, "$.name"),
+        ({"name": ""}, "$.name"),
+        ({"name": "ci", "requests_per_minute": -1}, "$.requests_per_minute"),
+        ({"name": "ci", "tokens_per_day": "lots"}, "$.tokens_per_day"),
+        ({"name": "ci", "admin": "yes"}, "$.admin"),
+        ({"name": "ci", "sha256": sha(BOB)}, "sha256"),  # the server makes the key
+        ({"models": ["*"]}, "name"),
+    ]
+    answers = asyncio.run(calls(app, *(("POST", "/api/v1/keys", ROOT, b) for b, _ in cases)))
+    for (body, where), r in zip(cases, answers, strict=True):
+        assert r.status_code == 400, (body, r.text)
+        assert where in r.json()["error"]["message"], (body, r.text)
+    r = answers[1]
+    assert "a key name is 1 to 64 ASCII letters" in r.json()["error"]["message"]
+
+
+def test_a_runtime_key_is_made_once_and_works_as_a_configured_one() -> None:
+    app = app_for(KEYS)
+    body = {"name": "ci", "models": ["echo"], "requests_per_minute": 2}
+    with capture_logs() as logged:
+        made, taken, configured, by_bob = asyncio.run(
+            calls(
+                app,
+                ("POST", "/api/v1/keys", ROOT, body),
+                ("POST", "/api/v1/keys", ROOT, body),
+                ("POST", "/api/v1/keys", ROOT, {"name": "bob"}),
+                ("POST", "/api/v1/keys", BOB, {"name": "eve"}),
+            )
+        )
+    assert made.status_code == 201, made.text
+    info = made.json()
+    key = info.pop("key")
+    assert key.startswith("sk-stella-")
+    assert info == {
+        "name": "ci",
+        "source": "runtime",
+        "models": ["echo"],
+        "admin": False,
+        "requests_per_minute": 2,
+        "tokens_per_minute": 0,
+        "max_concurrent": 0,
+        "requests_per_day": 0,
+        "tokens_per_day": 0,
+        "revoked": False,
+    }
+    assert taken.status_code == 409 and "exists already" in taken.text
+    assert configured.status_code == 409 and "configured already" in configured.text
+    assert by_bob.status_code == 403
+    # Only its digest is kept: nothing the state store holds is the key.
+    stored = app.state.stella.state.keys["ci"]
+    assert stored["sha256"] == sha(key) and key not in repr(stored)
+    assert not any(key in repr(e) for e in logged)
+    assert [
+        (e["action"], e["name"], e["result"]) for e in logged if e["event"] == "key_change"
+    ] == [
+        ("create", "ci", "ok"),
+        ("create", "ci", "conflict"),
+        ("create", "bob", "conflict"),
+    ]
+    other = {**CHAT, "model": "smollm2-135m"}
+    one, two, three, elsewhere, revoked, after = asyncio.run(
+        calls(
+            app,
+            ("POST", "/api/v1/chat", key, CHAT),
+            ("POST", "/api/v1/chat", key, CHAT),
+            ("POST", "/api/v1/chat", key, CHAT),  # its requests_per_minute, as a config key's
+            ("POST", "/api/v1/chat", key, other),  # not one of its models
+            ("DELETE", "/api/v1/keys/ci", ROOT, None),
+            ("POST", "/api/v1/chat", key, CHAT),
+        )
+    )
+    assert (one.status_code, two.status_code, three.status_code) == (200, 200, 429)
+    assert three.headers["x-ratelimit-limit"] == "2"
+    assert elsewhere.status_code in (403, 404)
+    assert revoked.status_code == 200
+    assert revoked.json() == {"revoked": "ci", "source": "runtime"}
+    assert after.status_code == 401
+
+
+def test_a_server_without_keys_makes_none_at_runtime() -> None:
+    app = app_for({})
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/keys", "", {"name": "ci"})))
+    assert r.status_code == 409
+    assert "no keys configured" in r.json()["error"]["message"]
+
+
+def test_a_runtime_key_admin_may_revoke_the_configured_last_one() -> None:
+    # A runtime admin key counts as an admin: the configured one may go then.
+    app = app_for(KEYS)
+    (made,) = asyncio.run(
+        calls(app, ("POST", "/api/v1/keys", ROOT, {"name": "ops2", "admin": True}))
+    )
+    assert made.status_code == 201
+    key = made.json()["key"]
+    gone, last = asyncio.run(
+        calls(
+            app,
+            ("DELETE", "/api/v1/keys/root", key, None),
+            ("DELETE", "/api/v1/keys/ops2", key, None),
+        )
+    )
+    assert gone.status_code == 200
+    assert last.status_code == 409
+
+
+def test_a_runtime_key_made_on_one_replica_works_on_the_other(redis: Redis) -> None:  # noqa: F811
+    cfg = merge(KEYS, {"state": {"redis_url": redis.url}})
+    with run_stella(cfg) as a, run_stella(cfg) as b:
+        body = {"name": "ci", "models": ["echo"], "requests_per_day": 3}
+        r = httpx.post(a.url + "/api/v1/keys", json=body, headers=bearer(ROOT))
+        assert r.status_code == 201, r.text
+        key = r.json()["key"]
+        # The name is taken on every replica: Redis checks it with the write.
+        r = httpx.post(b.url + "/api/v1/keys", json=body, headers=bearer(ROOT))
+        assert r.status_code == 409
+
+        def served() -> bool:
+            r = httpx.post(b.url + "/api/v1/chat", json=CHAT, headers=bearer(key))
+            return r.status_code == 200
+
+        assert eventually(served, stella_app.ROUTING_POLL_S + 1.0) <= stella_app.ROUTING_POLL_S + 1
+        # Its daily quota is one count across replicas, as a configured key's.
+        codes = [
+            httpx.post(s.url + "/api/v1/chat", json=CHAT, headers=bearer(key)).status_code
+            for s in (a, b, a)
+        ]
+        assert codes == [200, 200, 429]
+        # Revoked on the other replica: refused here within the poll interval.
+        r = httpx.delete(b.url + "/api/v1/keys/ci", headers=bearer(ROOT))
+        assert r.status_code == 200 and r.json()["source"] == "runtime"
+
+        def refused() -> bool:
+            r = httpx.post(a.url + "/api/v1/chat", json=CHAT, headers=bearer(key))
+            return r.status_code == 401
+
+        assert eventually(refused, stella_app.ROUTING_POLL_S + 1.0) <= stella_app.ROUTING_POLL_S + 1
+        made = httpx.post(a.url + "/api/v1/keys", json={"name": "later"}, headers=bearer(ROOT))
+        assert made.status_code == 201
+    # Redis keeps both across restarts: a replica started now has them as they are.
+    with run_stella(cfg) as c:
+        assert httpx.post(c.url + "/api/v1/chat", json=CHAT, headers=bearer(key)).status_code == 401
+        later = bearer(made.json()["key"])
+        assert httpx.post(c.url + "/api/v1/chat", json=CHAT, headers=later).status_code == 200
+
+
+def test_the_list_names_every_key_and_never_a_digest_or_a_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STELLA_API_KEYS", f"ops={OPS}")
+    app = app_for(merge(KEYS, {"limits": {"tokens_per_minute": 5000}}))
+    by_bob, made, _, listed = asyncio.run(
+        calls(
+            app,
+            ("GET", "/api/v1/keys", BOB, None),
+            ("POST", "/api/v1/keys", ROOT, {"name": "ci", "admin": True, "max_concurrent": 2}),
+            ("DELETE", "/api/v1/keys/bob", ROOT, None),
+            ("GET", "/api/v1/keys", ROOT, None),
+        )
+    )
+    key = made.json()["key"]
+    assert listed.status_code == 200, listed.text
+    rows = {k["name"]: k for k in listed.json()["keys"]}
+    assert [(k["name"], k["source"], k["admin"], k["revoked"]) for k in rows.values()] == [
+        ("root", "config", True, False),
+        ("bob", "config", False, True),
+        ("ops", "env", True, False),
+        ("ci", "runtime", True, False),
+    ]
+    assert rows["bob"]["models"] == ["echo"] and rows["ci"]["models"] == ["*"]
+    # The limits that apply: its own, else [limits]' default.
+    assert (rows["ci"]["max_concurrent"], rows["ci"]["tokens_per_minute"]) == (2, 5000)
+    for secret in (key, sha(key), sha(ROOT), sha(BOB), sha(OPS), OPS, ROOT):
+        assert secret not in listed.text
+    assert by_bob.status_code == 403
+
+
+def test_the_list_reads_the_store_and_answers_503_while_redis_does_not(
+    redis: Redis,  # noqa: F811
+) -> None:
+    import os
+    import signal
+
+    cfg = merge(KEYS, {"state": {"redis_url": redis.url}})
+    with run_stella(cfg) as a, run_stella(cfg) as b:
+        r = httpx.post(a.url + "/api/v1/keys", json={"name": "ci"}, headers=bearer(ROOT))
+        assert r.status_code == 201
+        # At once on the other replica: the list is the store's, not its table's.
+        listed = httpx.get(b.url + "/api/v1/keys", headers=bearer(ROOT)).json()["keys"]
+        assert [k["name"] for k in listed] == ["root", "bob", "ci"]
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)  # up, but not answering
+        try:
+            with httpx.Client(timeout=30, headers=bearer(ROOT)) as c:
+                codes = [c.get(b.url + "/api/v1/keys").status_code for _ in range(3)]
+                gone = c.delete(a.url + "/api/v1/keys/bob")
+                # Meanwhile each replica serves with the keys it last read.
+                chat = c.post(b.url + "/api/v1/chat", json=CHAT, headers=bearer(BOB))
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
+        assert codes == [503, 503, 503]
+        assert gone.status_code == 503
+        assert chat.status_code == 200
+        assert httpx.post(b.url + "/api/v1/chat", json=CHAT, headers=bearer(BOB)).status_code == 200
+
+
+def test_the_clients_and_the_cli_manage_a_live_server_s_keys() -> None:
+    import os
+
+    from stella.client import AsyncClient, Client, ConflictError
+    from tests.live import stella_cli
+
+    with run_stella(KEYS) as s:
+        with Client(s.url, api_key=ROOT) as c:
+            made = c.create_key("ci", models=["echo"], requests_per_day=5)
+            assert made.name == "ci" and made.requests_per_day == 5
+            with pytest.raises(ConflictError):
+                c.create_key("ci")
+            with Client(s.url, api_key=made.key) as ci:
+                assert ci.chat([{"role": "user", "content": "hi"}], model="echo").response
+
+        async def in_async() -> tuple[Any, Any]:
+            async with AsyncClient(s.url, api_key=ROOT) as c:
+                other = await c.create_key("async-ci", admin=True)
+                listed = await c.list_keys()
+                return other, listed
+
+        other, listed = asyncio.run(in_async())
+        assert other.admin and other.source == "runtime"
+        assert [(k.name, k.source) for k in listed.keys] == [
+            ("root", "config"),
+            ("bob", "config"),
+            ("async-ci", "runtime"),
+            ("ci", "runtime"),
+        ]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+        env["STELLA_API_KEY"] = ROOT
+        url = ("--url", s.url)
+        made_cli = stella_cli(
+            "keys", "create", "cli-key", "--models", "echo", "--rpm", "9", *url, env=env
+        )
+        assert made_cli.returncode == 0, made_cli.stderr
+        key = made_cli.stdout.strip()
+        assert key.startswith("sk-stella-") and "shown once" in made_cli.stderr
+        table = stella_cli("keys", "list", *url, env=env)
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.splitlines()[0].split() == [
+            "NAME",
+            "SOURCE",
+            "ADMIN",
+            "REVOKED",
+            "MODELS",
+        ]
+        assert any(
+            line.split()[:4] == ["cli-key", "runtime", "no", "no"]
+            for line in table.stdout.splitlines()
+        )
+        gone = stella_cli("keys", "revoke", "bob", *url, env=env)
+        assert gone.returncode == 0, gone.stderr
+        assert gone.stdout.strip() == "revoked bob (config)" and "still lists it" in gone.stderr
+        again = stella_cli("keys", "revoke", "bob", "--json", *url, env=env)
+        assert again.returncode == 1 and "revoked already" in again.stderr
+        with Client(s.url, api_key=ROOT) as c:
+            assert c.revoke_key("cli-key").source == "runtime"
+            rows = {k.name: k.revoked for k in c.list_keys().keys}
+        assert rows["bob"] and rows["cli-key"] and not rows["ci"]
+        assert httpx.post(s.url + "/api/v1/chat", json=CHAT, headers=bearer(key)).status_code == 401
