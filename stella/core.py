@@ -656,6 +656,7 @@ class Inference:
         "error",
         "estimated",
         "fallback_permit",
+        "fallback_slot",
         "finish_reason",
         "images",
         "logged",
@@ -742,6 +743,9 @@ class Inference:
         # The permit of the fallback route being tried (its model's own limits): given
         # back when it fails, settled with the usage when the call ends on it.
         self.fallback_permit: tuple[str, Permit] | None = None  # (route name, permit)
+        # The slot of a balanced fallback's backend taken after another of its backends
+        # failed (the fallback's model limits stay with fallback_permit): given back with it.
+        self.fallback_slot: Permit | None = None
         # Why the route's own backend is not tried at all, admitted without its slot
         # ("": it is): its circuit is open (circuit_open), or the request's images are more
         # than it can read (text_only) and a fallback reads them.
@@ -818,6 +822,7 @@ class Inference:
         soonest = math.inf  # none known
         # Fallbacks whose turn came after the request's time had run out: never tried.
         untried: list[str] = []
+        turned = ""  # the balanced fallback whose turn this call moved
         try:
             for route in self.chain:
                 if route is self.route and self.skip_first:
@@ -840,7 +845,11 @@ class Inference:
                 rs = route.settings
                 start = self.t0
                 if route is not self.route:
-                    self._give_back_fallback()  # the one before failed: its place goes back
+                    # The one before failed: its place goes back (its backend's alone when
+                    # this is another backend of the same balanced fallback).
+                    self._give_back_fallback(
+                        keep=route.name if route.name != self.route.name else ""
+                    )
                     if route.backend_name != self.route.backend_name:
                         # On to another backend: the first one's slot may serve another call.
                         self.permit.release_backend()
@@ -866,8 +875,11 @@ class Inference:
                                 soonest = min(soonest, time.perf_counter() + wait)
                             last = last or refused
                             continue
-                        if route.pool and route.name != self.route.name:
-                            router.took(route)  # a balanced fallback's turn moves when tried
+                        if route.pool and route.name not in (self.route.name, turned):
+                            # A balanced fallback's turn moves when tried, once: as the
+                            # asked route's, by the backend picked, not by the others.
+                            router.took(route)
+                            turned = route.name
                 breaker = router.breaker(route.backend_name)
                 watchdog.deadline = deadline
                 for attempt in range(rs.retries + 1):
@@ -1159,7 +1171,8 @@ class Inference:
         self.attempts.append(
             {"backend": route.backend_name, "route": route.name, "error": "out_of_time"}
         )
-        untried.append(route.name)
+        if route.name not in untried:  # a balanced fallback's backends: named once
+            untried.append(route.name)
 
     async def _admit_fallback(self, route: Route, deadline: float) -> StellaError | None:
         """Admit the call to a fallback route under its own model's limits; the refusal
@@ -1167,15 +1180,18 @@ class Inference:
         # The call holds its backend's slot already when the fallback is on the same one
         # (unless it was admitted without it, or gave it back for another backend's turn).
         held = route.backend_name == self.route.backend_name and self.backend_held
-        # Another backend of the asked route (balanced): the call holds its model's limits
-        # already, and takes that backend's slot alone.
+        # Another backend of the asked route (balanced), or of the balanced fallback tried
+        # before it: the call holds its model's limits already (taken once, as for the
+        # asked route), and takes that backend's slot alone.
         same_route = route.name == self.route.name
+        held_by = self.fallback_permit
+        again = not same_route and held_by is not None and held_by[0] == route.name
         # A slot is waited for within the route's time, as its attempts are.
         now = time.perf_counter()
         left = deadline - now
         try:
             permit = await self.pipeline.admission.admit_fallback(
-                route, self.request, held, left, same_route
+                route, self.request, held, left, same_route or again
             )
         except (RateLimited, Overloaded) as exc:
             self.attempts.append(
@@ -1187,14 +1203,25 @@ class Inference:
             self.waited_ms += (time.perf_counter() - now) * 1000
             self.queue_ms = self.waited_ms
         if permit is not None:
-            self.fallback_permit = (route.name, permit)
+            if again:
+                self.fallback_slot = permit
+            else:
+                self.fallback_permit = (route.name, permit)
         return None
 
-    def _give_back_fallback(self, final: Usage | None = None) -> None:
+    def _give_back_fallback(self, final: Usage | None = None, keep: str = "") -> None:
         """Settle and release the fallback's permit with what its route made: the
         answer's `final` usage when the call ended there, and tokens its failed
-        attempts made."""
-        held, self.fallback_permit = self.fallback_permit, None
+        attempts made. `keep`: the route tried next; when it is the fallback's (another
+        of its backends), its model's limits stay held, its backend's slot goes back."""
+        slot, self.fallback_slot = self.fallback_slot, None
+        if slot is not None:
+            slot.release()
+        held = self.fallback_permit
+        if held is not None and keep and held[0] == keep:
+            held[1].release_backend()
+            return
+        self.fallback_permit = None
         if held is not None:
             name, permit = held
             try:

@@ -650,3 +650,40 @@ async def test_a_chat_waiting_for_a_slot_is_counted_where_it_ends() -> None:
     assert pipeline.admission.backend_free(unpicked)
     assert not pipeline.admission.backend_free(picked)
     inference.finish()
+
+
+async def test_a_balanced_fallback_tries_its_other_backends_after_the_one_picked() -> None:
+    backends = {
+        "eFail": FAILS,
+        "eA": {"kind": "echo"},
+        "eB": {"kind": "echo", "fail_after": 1, "error_code": "unavailable"},  # mid-answer
+        "eC": {"kind": "echo"},
+    }
+    routes = {
+        "fb": {"backend": "eFail", "fallbacks": ["bal"], "retries": 0},
+        "bal": {"backend": "eA", "balance": ["eB", "eC"], "retries": 1, "retry_backoff_s": 0},
+    }
+    r = router(routes, backends, limits={"models": {"bal": {"requests_per_day": 100}}})
+    events: list[dict[str, Any]] = []
+    pipeline = Pipeline(r, lambda _, fields: events.append(fields), admission=Limiter(r.settings))
+    ask = ChatRequest(messages=[Message(role="user", content="a b c")], model="bal", stream=False)
+    assert (await (await pipeline.prepare(ask, Call(request_id="d"))).result()).backend == "eA"
+    # eB's turn now: picked for the fallback, it fails twice (the route's retry), and the
+    # fallback's other backends, idle and healthy, are tried next, as for `bal` itself.
+    fb = msgspec.structs.replace(ask, model="fb")
+    inference = await pipeline.prepare(fb, Call(request_id="f"))
+    assert (await inference.result()).backend == "eC"
+    assert [(a["backend"], a["error"]) for a in events[-1]["attempts"]] == [
+        ("eFail", "upstream_error"),
+        ("eB", "unavailable"),
+        ("eB", "unavailable"),
+        ("eC", None),
+    ]
+    # Its turn moved once, by the backend picked: eC's next, as after a call asking `bal`
+    # that eB got. And its model's limits were taken once for the call, whichever served.
+    inference = await pipeline.prepare(ask, Call(request_id="n"))
+    assert inference.route.backend_name == "eC"
+    assert inference.permit.headers[-2] == (b"x-quota-remaining", b"97")
+    inference.finish()
+    assert r.busy == {"eA": 0, "eB": 0, "eC": 0}
+    assert all(pipeline.admission.backend_free(b) for b in ("eA", "eB", "eC"))
