@@ -838,9 +838,7 @@ class Inference:
                     if self.skip_first == "circuit_open":
                         wait = router.breaker(route.backend_name).retry_after()
                         soonest = min(soonest, time.perf_counter() + wait)
-                        last = Unavailable(
-                            f"backend {route.backend_name!r}: circuit open", retry_after=wait
-                        )
+                        last = self.pipeline._circuits_open(route, [route])
                     continue
                 rs = route.settings
                 start = self.t0
@@ -897,9 +895,9 @@ class Inference:
                         )
                         wait = breaker.retry_after()
                         soonest = min(soonest, time.perf_counter() + wait)
-                        last = last or Unavailable(
-                            f"backend {route.backend_name!r}: circuit open", retry_after=wait
-                        )
+                        # Opened since the call was admitted (e.g. while it waited for a
+                        # slot): in the words a call refused at the door for it reads.
+                        last = last or self.pipeline._circuits_open(route, [route])
                         break
                     # Only the call that took a half-open circuit's probe may give it back.
                     probe = breaker.state == "half_open"
@@ -1122,6 +1120,11 @@ class Inference:
                         if getattr(agen, "ag_frame", True) is not None:  # not finished yet
                             await close_quietly(agen, self.pipeline.log_content)
             err = last or Unavailable("no backend could take this request")
+            tried = self.attempts
+            if len(self.chain) > 1 and tried and all(a["error"] == "circuit_open" for a in tried):
+                # Every backend's circuit open, as a call refused at the door for it finds
+                # them: named as its 503 names them.
+                err = self.pipeline._circuits_open(self.route, self.chain)
             wait = soonest - time.perf_counter()  # inf when none is known
             own = err.retry_after
             if own is None and isinstance(err, Unavailable | Overloaded):
