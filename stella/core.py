@@ -657,6 +657,7 @@ class Inference:
         "error",
         "estimated",
         "fallback_permit",
+        "fallback_slot",
         "finish_reason",
         "images",
         "logged",
@@ -746,6 +747,9 @@ class Inference:
         # The permit of the fallback route being tried (its model's own limits): given
         # back when it fails, settled with the usage when the call ends on it.
         self.fallback_permit: tuple[str, Permit] | None = None  # (route name, permit)
+        # The slot of a balanced fallback's backend taken after another of its backends
+        # failed (the fallback's model limits stay with fallback_permit): given back with it.
+        self.fallback_slot: Permit | None = None
         # Why the route's own backend is not tried at all, admitted without its slot
         # ("": it is): its circuit is open (circuit_open), or the request's images are more
         # than it can read (text_only) and a fallback reads them.
@@ -822,6 +826,7 @@ class Inference:
         soonest = math.inf  # none known
         # Fallbacks whose turn came after the request's time had run out: never tried.
         untried: list[str] = []
+        turned = ""  # the balanced fallback whose turn this call moved
         try:
             for route in self.chain:
                 if route is self.route and self.skip_first:
@@ -837,14 +842,16 @@ class Inference:
                     if self.skip_first == "circuit_open":
                         wait = router.breaker(route.backend_name).retry_after()
                         soonest = min(soonest, time.perf_counter() + wait)
-                        last = Unavailable(
-                            f"backend {route.backend_name!r}: circuit open", retry_after=wait
-                        )
+                        last = self.pipeline._circuits_open(route, [route])
                     continue
                 rs = route.settings
                 start = self.t0
                 if route is not self.route:
-                    self._give_back_fallback()  # the one before failed: its place goes back
+                    # The one before failed: its place goes back (its backend's alone when
+                    # this is another backend of the same balanced fallback).
+                    self._give_back_fallback(
+                        keep=route.name if route.name != self.route.name else ""
+                    )
                     if route.backend_name != self.route.backend_name:
                         # On to another backend: the first one's slot may serve another call.
                         self.permit.release_backend()
@@ -870,8 +877,11 @@ class Inference:
                                 soonest = min(soonest, time.perf_counter() + wait)
                             last = last or refused
                             continue
-                        if route.pool and route.name != self.route.name:
-                            router.took(route)  # a balanced fallback's turn moves when tried
+                        if route.pool and route.name not in (self.route.name, turned):
+                            # A balanced fallback's turn moves when tried, once: as the
+                            # asked route's, by the backend picked, not by the others.
+                            router.took(route)
+                            turned = route.name
                 breaker = router.breaker(route.backend_name)
                 watchdog.deadline = deadline
                 for attempt in range(rs.retries + 1):
@@ -889,9 +899,9 @@ class Inference:
                         )
                         wait = breaker.retry_after()
                         soonest = min(soonest, time.perf_counter() + wait)
-                        last = last or Unavailable(
-                            f"backend {route.backend_name!r}: circuit open", retry_after=wait
-                        )
+                        # Opened since the call was admitted (e.g. while it waited for a
+                        # slot): in the words a call refused at the door for it reads.
+                        last = last or self.pipeline._circuits_open(route, [route])
                         break
                     # Only the call that took a half-open circuit's probe may give it back.
                     probe = breaker.state == "half_open"
@@ -1114,6 +1124,11 @@ class Inference:
                         if getattr(agen, "ag_frame", True) is not None:  # not finished yet
                             await close_quietly(agen, self.pipeline.log_content)
             err = last or Unavailable("no backend could take this request")
+            tried = self.attempts
+            if len(self.chain) > 1 and tried and all(a["error"] == "circuit_open" for a in tried):
+                # Every backend's circuit open, as a call refused at the door for it finds
+                # them: named as its 503 names them.
+                err = self.pipeline._circuits_open(self.route, self.chain)
             wait = soonest - time.perf_counter()  # inf when none is known
             own = err.retry_after
             if own is None and isinstance(err, Unavailable | Overloaded):
@@ -1163,7 +1178,8 @@ class Inference:
         self.attempts.append(
             {"backend": route.backend_name, "route": route.name, "error": "out_of_time"}
         )
-        untried.append(route.name)
+        if route.name not in untried:  # a balanced fallback's backends: named once
+            untried.append(route.name)
 
     async def _admit_fallback(self, route: Route, deadline: float) -> StellaError | None:
         """Admit the call to a fallback route under its own model's limits; the refusal
@@ -1171,15 +1187,18 @@ class Inference:
         # The call holds its backend's slot already when the fallback is on the same one
         # (unless it was admitted without it, or gave it back for another backend's turn).
         held = route.backend_name == self.route.backend_name and self.backend_held
-        # Another backend of the asked route (balanced): the call holds its model's limits
-        # already, and takes that backend's slot alone.
+        # Another backend of the asked route (balanced), or of the balanced fallback tried
+        # before it: the call holds its model's limits already (taken once, as for the
+        # asked route), and takes that backend's slot alone.
         same_route = route.name == self.route.name
+        held_by = self.fallback_permit
+        again = not same_route and held_by is not None and held_by[0] == route.name
         # A slot is waited for within the route's time, as its attempts are.
         now = time.perf_counter()
         left = deadline - now
         try:
             permit = await self.pipeline.admission.admit_fallback(
-                route, self.request, held, left, same_route
+                route, self.request, held, left, same_route or again
             )
         except (RateLimited, Overloaded) as exc:
             self.attempts.append(
@@ -1191,14 +1210,25 @@ class Inference:
             self.waited_ms += (time.perf_counter() - now) * 1000
             self.queue_ms = self.waited_ms
         if permit is not None:
-            self.fallback_permit = (route.name, permit)
+            if again:
+                self.fallback_slot = permit
+            else:
+                self.fallback_permit = (route.name, permit)
         return None
 
-    def _give_back_fallback(self, final: Usage | None = None) -> None:
+    def _give_back_fallback(self, final: Usage | None = None, keep: str = "") -> None:
         """Settle and release the fallback's permit with what its route made: the
         answer's `final` usage when the call ended there, and tokens its failed
-        attempts made."""
-        held, self.fallback_permit = self.fallback_permit, None
+        attempts made. `keep`: the route tried next; when it is the fallback's (another
+        of its backends), its model's limits stay held, its backend's slot goes back."""
+        slot, self.fallback_slot = self.fallback_slot, None
+        if slot is not None:
+            slot.release()
+        held = self.fallback_permit
+        if held is not None and keep and held[0] == keep:
+            held[1].release_backend()
+            return
+        self.fallback_permit = None
         if held is not None:
             name, permit = held
             try:

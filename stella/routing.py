@@ -317,9 +317,10 @@ class Router:
         usable: Callable[[Route], bool] | None = None,
     ) -> list[Route]:
         """The route (a balanced route's member) followed by its pool's other members, then
-        by its fallbacks, each once: a balanced fallback as its own member, or with `pick`
-        as the one `pick` chooses now, a `usable` one first (a call's chain: e.g. one that
-        reads its images; the turn moves only if tried)."""
+        by its fallbacks, each once: a balanced fallback as its members, as the route asked
+        itself would be (its own first, or with `pick` the one `pick` chooses now, a
+        `usable` one first: e.g. one that reads a call's images; the turn moves only if
+        tried), then the others in turn from it."""
         if not route.fallbacks and not route.pool:
             return [route]
         out = self.members(route)
@@ -329,7 +330,12 @@ class Router:
             if target and target not in seen:
                 seen.add(target)
                 fallback = self.routes[target]
-                out.append(self.pick(fallback, usable) if pick and fallback.pool else fallback)
+                if not fallback.pool:
+                    out.append(fallback)
+                else:
+                    # One backend of it down must not fail the call while the others,
+                    # serving the same model, stand idle.
+                    out += self.members(self.pick(fallback, usable) if pick else fallback)
         return out
 
     def members(self, route: Route) -> list[Route]:
@@ -344,13 +350,12 @@ class Router:
     def capabilities(self, route: Route, allowed: Allowed | None = None) -> list[str]:
         """What a model list says `route`'s model can do: its backend's, with `images` where
         a fallback the key may use (`allowed`) reads them, as a user's images go there (a
-        balanced fallback: any of its backends, as a call with images picks one that does)."""
+        balanced fallback: any of its backends, each in the chain)."""
         backend = route.backend
         reads = backend.reads_images or any(
-            m.backend.reads_images
+            r.backend.reads_images
             for r in self.chain(route)[1:]
             if allowed is None or allowed(r.name)
-            for m in r.pool or (r,)
         )
         return backend.listed_capabilities(route.upstream_model, reads)
 

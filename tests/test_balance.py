@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from stella.backends import ConfigError, build_backend, registry
 from stella.calls import Call, Principal
 from stella.core import Pipeline
-from stella.errors import InvalidRequest, Overloaded, Unavailable
+from stella.errors import InvalidRequest, Overloaded, StellaError, Unavailable
 from stella.limits import Limiter
 from stella.protocol import ChatRequest, EmbedRequest, Message
 from stella.routing import Router
@@ -650,3 +650,96 @@ async def test_a_chat_waiting_for_a_slot_is_counted_where_it_ends() -> None:
     assert pipeline.admission.backend_free(unpicked)
     assert not pipeline.admission.backend_free(picked)
     inference.finish()
+
+
+async def test_a_balanced_fallback_tries_its_other_backends_after_the_one_picked() -> None:
+    backends = {
+        "eFail": FAILS,
+        "eA": {"kind": "echo"},
+        "eB": {"kind": "echo", "fail_after": 1, "error_code": "unavailable"},  # mid-answer
+        "eC": {"kind": "echo"},
+    }
+    routes = {
+        "fb": {"backend": "eFail", "fallbacks": ["bal"], "retries": 0},
+        "bal": {"backend": "eA", "balance": ["eB", "eC"], "retries": 1, "retry_backoff_s": 0},
+    }
+    r = router(routes, backends, limits={"models": {"bal": {"requests_per_day": 100}}})
+    events: list[dict[str, Any]] = []
+    pipeline = Pipeline(r, lambda _, fields: events.append(fields), admission=Limiter(r.settings))
+    ask = ChatRequest(messages=[Message(role="user", content="a b c")], model="bal", stream=False)
+    assert (await (await pipeline.prepare(ask, Call(request_id="d"))).result()).backend == "eA"
+    # eB's turn now: picked for the fallback, it fails twice (the route's retry), and the
+    # fallback's other backends, idle and healthy, are tried next, as for `bal` itself.
+    fb = msgspec.structs.replace(ask, model="fb")
+    inference = await pipeline.prepare(fb, Call(request_id="f"))
+    assert (await inference.result()).backend == "eC"
+    assert [(a["backend"], a["error"]) for a in events[-1]["attempts"]] == [
+        ("eFail", "upstream_error"),
+        ("eB", "unavailable"),
+        ("eB", "unavailable"),
+        ("eC", None),
+    ]
+    # Its turn moved once, by the backend picked: eC's next, as after a call asking `bal`
+    # that eB got. And its model's limits were taken once for the call, whichever served.
+    inference = await pipeline.prepare(ask, Call(request_id="n"))
+    assert inference.route.backend_name == "eC"
+    assert inference.permit.headers[-2] == (b"x-quota-remaining", b"97")
+    inference.finish()
+    assert r.busy == {"eA": 0, "eB": 0, "eC": 0}
+    assert all(pipeline.admission.backend_free(b) for b in ("eA", "eB", "eC"))
+
+
+async def test_a_circuit_that_opens_while_a_call_waits_for_a_slot_reads_as_at_the_door() -> None:
+    once = {"kind": "echo", "fail_first_calls": 1}
+    backends = {"eStall": once, "eX": once, "eY": once}
+    routes = {
+        "stall": {"backend": "eStall", "retries": 0},
+        "two": {"backend": "eX", "retries": 0, "fallbacks": ["y"]},
+        "y": {"backend": "eY", "retries": 0},
+    }
+    r = router(
+        routes,
+        backends,
+        limits={"backends": {"eStall": 1, "eX": 1}, "queue_timeout_s": 2},
+        breaker={"failure_threshold": 1, "cooldown_s": 60},
+    )
+    events: list[dict[str, Any]] = []
+    pipeline = Pipeline(r, lambda _, fields: events.append(fields), admission=Limiter(r.settings))
+    ask = ChatRequest(messages=[Message(role="user", content="hi")], model="stall", stream=False)
+    held = await pipeline.prepare(ask, Call(request_id="h"))  # eStall's one slot
+    waiting = asyncio.create_task(pipeline.prepare(ask, Call(request_id="w")))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()  # admitted while the circuit was closed: waits for the slot
+    with pytest.raises(StellaError):
+        await held.result()  # fails: the circuit opens, and the slot frees
+    inference = await asyncio.wait_for(waiting, 1)
+    words = "model 'stall' is unavailable: backend 'eStall' has its circuit open"
+    with pytest.raises(Unavailable) as late:
+        await inference.result()
+    assert late.value.message == words
+    # Charged, so logged, as any admitted call is.
+    assert events[-1]["request_id"] == "w" and events[-1]["status"] == 503
+    assert events[-1]["error_code"] == "unavailable"
+    assert events[-1]["attempts"] == [
+        {"backend": "eStall", "route": "stall", "error": "circuit_open"}
+    ]
+    # Refused at the door for the same state: the same words, and no event.
+    with pytest.raises(Unavailable) as door:
+        await pipeline.prepare(ask, Call(request_id="x"))
+    assert door.value.message == words and len(events) == 2
+    # A chain whose every circuit opened meanwhile: each backend named, as at the door.
+    ask = msgspec.structs.replace(ask, model="two")
+    held = await pipeline.prepare(ask, Call(request_id="h2"))
+    waiting = asyncio.create_task(pipeline.prepare(ask, Call(request_id="w2")))
+    await asyncio.sleep(0.05)
+    with pytest.raises(StellaError):
+        await held.result()  # eX fails, then its fallback's eY: both circuits open
+    inference = await asyncio.wait_for(waiting, 1)
+    words = "model 'two' is unavailable: backends 'eX', 'eY' have their circuits open"
+    with pytest.raises(Unavailable) as late:
+        await inference.result()
+    assert late.value.message == words and events[-1]["request_id"] == "w2"
+    assert [a["error"] for a in events[-1]["attempts"]] == ["circuit_open"] * 2
+    with pytest.raises(Unavailable) as door:
+        await pipeline.prepare(ask, Call(request_id="x2"))
+    assert door.value.message == words
