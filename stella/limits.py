@@ -168,6 +168,11 @@ class MemorySlots:
         sem = self._sems.get(name)
         if sem is None:
             sem = self._sems[name] = asyncio.Semaphore(size)
+        if not sem.locked():
+            await sem.acquire()  # a slot free: taken with no suspension
+            return sem
+        if wait_s <= 0:  # one look: full
+            return None
         try:
             async with asyncio.timeout(wait_s):
                 await sem.acquire()
@@ -409,12 +414,21 @@ class Limiter(Admission):
                 # One deadline for all the slots: a call that waited for its key's slot
                 # waits for its backend's only for what is left of queue_timeout_s.
                 deadline = time.monotonic() + queue_s
+                store = self.slots
                 for name, size in plan.slots:
                     left = max(deadline - time.monotonic(), 0.0)
-                    if others and name.startswith("backend:") and not self.slots.free(name, size):
-                        slot, permit.backend = await self._first_slot(name, size, others, left)
+                    if not others or not name.startswith("backend:"):
+                        slot = await store.acquire(name, size, left)
                     else:
-                        slot = await self.slots.acquire(name, size, left)
+                        # `free` is this process's guess with Redis (another replica may
+                        # hold every slot): one ask now, and when that finds none, the
+                        # first slot to free on any of the pool's usable backends.
+                        slot = (
+                            await store.acquire(name, size, 0.0) if store.free(name, size) else None
+                        )
+                        if slot is None:
+                            left = max(deadline - time.monotonic(), 0.0)
+                            slot, permit.backend = await self._first_slot(name, size, others, left)
                     if slot is None:
                         kind, _, who = name.partition(":")
                         running = _counted(size, "request")

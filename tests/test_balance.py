@@ -590,6 +590,35 @@ async def test_a_call_named_to_a_backend_that_stays_full_gets_the_503_there() ->
     assert r.busy == {"echo": 0, "other": 0}
 
 
+def run_now(step: Any) -> Any:
+    """What coroutine `step` returns, run with no event loop: it must not suspend."""
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return done.value
+    step.close()
+    raise AssertionError("suspended")
+
+
+def test_a_balanced_call_on_memory_slots_takes_its_backend_s_free_slot_without_a_wait() -> None:
+    # The one look a balanced call takes at the backend it picked, before it would wait
+    # on every backend of the pool: in memory, taken or refused with no event loop at
+    # all (no turn given away), as a call on a route without `balance` takes a free slot.
+    routes = {"m": {"backend": "echo", "balance": ["other"]}}
+    r = router(routes, limits={"backends": {"echo": 1, "other": 1}})
+    limiter = Limiter(r.settings)
+    slots = limiter.slots
+    held = run_now(slots.acquire("backend:echo", 1, 0.0))
+    assert held is not None and run_now(slots.acquire("backend:echo", 1, 0.0)) is None
+    slots.release(held)
+    ask = ChatRequest(messages=[Message(role="user", content="hi")], model="m")
+    permit = run_now(limiter.admit(Call(request_id="c"), r.routes["m"], ask, others=("other",)))
+    assert permit.backend == "" and not limiter.backend_free("echo")
+    assert limiter.backend_free("other")
+    permit.release()
+    assert limiter.backend_free("echo")
+
+
 async def test_a_chat_waiting_for_a_slot_is_counted_where_it_ends() -> None:
     routes = {
         "m": {"backend": "echo", "balance": ["other"]},

@@ -836,6 +836,104 @@ async def test_a_balanced_call_takes_the_first_shared_slot_that_frees(redis: Red
         await st.aclose()
 
 
+def balanced_pipeline(
+    redis: Redis, prefix: str, limits: dict[str, Any], breaker: dict[str, Any] | None = None
+) -> tuple[Any, Any, RedisState]:
+    """A pipeline of this process whose slots are shared through Redis under `prefix`,
+    with route `pair` (backend e1, balance [e2]) and `e1` (e1 alone): its router, the
+    pipeline and its RedisState."""
+    from stella.backends import build_backend, registry
+    from stella.core import Pipeline
+    from stella.limits import Limiter
+    from stella.routing import Router
+    from stella.settings import enabled_backends, load_settings
+
+    settings = load_settings(
+        {
+            "backends": {
+                "local": {"enabled": False},
+                "e1": {"kind": "echo"},
+                "e2": {"kind": "echo"},
+            },
+            "models": {
+                "default": "e1",
+                "routes": {"pair": {"backend": "e1", "balance": ["e2"]}, "e1": {"backend": "e1"}},
+            },
+            "limits": limits,
+            **({"breaker": breaker} if breaker else {}),
+        },
+        environ={},
+    )
+    kinds = registry()
+    made = {n: build_backend(n, t, kinds) for n, t in enabled_backends(settings).items()}
+    r = Router(settings, made)
+    st = redis_state(redis, prefix)
+    pipeline = Pipeline(r, lambda event, fields: None, admission=Limiter(settings, st))
+    return r, pipeline, st
+
+
+async def test_a_balanced_call_goes_at_once_to_a_backend_free_across_the_replicas(
+    redis: Redis,
+) -> None:
+    # Another replica holds e1's one slot: this process holds none, so its guess calls e1
+    # free and the call is picked for e1 (its turn). Redis says full: the call takes e2's
+    # free slot at once, not after queue_timeout_s waiting for e1 alone (then a 503).
+    from stella.calls import Call
+    from stella.protocol import ChatRequest, Message
+
+    limits = {"backends": {"e1": 1, "e2": 1}, "queue_timeout_s": 3}
+    r, pipeline, st = balanced_pipeline(redis, "across", limits)
+    replica = redis_state(redis, "across")  # the other replica, on the same Redis
+    theirs = await replica.slots().acquire("backend:e1", 1, 0.0)
+    ask = ChatRequest(messages=[Message(role="user", content="hi")], model="pair")
+    try:
+        assert theirs is not None and pipeline.admission.backend_free("e1")
+        inference = await asyncio.wait_for(pipeline.prepare(ask, Call(request_id="c")), 2)
+        assert inference.route.backend_name == "e2" and inference.waited_ms < 500
+        assert r.busy == {"e1": 0, "e2": 1}
+        inference.finish()
+        # e1 frees across the replicas: the next call, picked for e1, takes its slot.
+        replica.slots().release(theirs)
+        for _ in range(50):
+            if not await st.redis.zcard("across:slot:backend:e1"):
+                break
+            await asyncio.sleep(0.02)
+        inference = await asyncio.wait_for(pipeline.prepare(ask, Call(request_id="n")), 2)
+        assert inference.route.backend_name == "e1" and inference.waited_ms < 500
+        inference.finish()
+    finally:
+        for state in (st, replica):
+            await state.aclose()
+
+
+async def test_a_zero_wait_for_a_shared_slot_asks_redis_once(redis: Redis) -> None:
+    # The one ask a balanced call makes before it waits on every backend: a full set
+    # answers None after one round trip, not after a pause and another.
+    a, b = (redis_state(redis, "once") for _ in "ab")
+    sa, sb = a.slots(), b.slots()
+    theirs = await sb.acquire("backend:x", 1, 0.0)
+    assert theirs is not None
+
+    async def asks() -> int:  # scripts run by Redis so far (a take is one)
+        stats = await a.redis.info("commandstats")
+        return sum(v["calls"] for k, v in stats.items() if k.startswith("cmdstat_eval"))
+
+    before = await asks()
+    started = time.monotonic()
+    assert await sa.acquire("backend:x", 1, 0.0) is None
+    assert await asks() - before == 1 and time.monotonic() - started < 0.1
+    sb.release(theirs)
+    for _ in range(50):
+        mine = await sa.acquire("backend:x", 1, 0.0)
+        if mine is not None:
+            break
+        await asyncio.sleep(0.02)
+    assert mine is not None and not sa.free("backend:x", 1)
+    sa.release(mine)
+    for st in (a, b):
+        await st.aclose()
+
+
 async def test_a_usage_batch_whose_reply_is_lost_counts_once(redis: Redis) -> None:
     """Redis stalls after taking a batch (the client times out), then applies it when it
     wakes: the batch sent again must not count twice."""
