@@ -297,9 +297,14 @@ class Pipeline:
         without `balance` would, and gets the 503."""
         if exc.backend != route.backend_name or not route.pool or call.pin:
             return None
+        # Picked among the others alone: `route`'s slots were just found full, though with
+        # Redis this process's guess (`free`) may still call them free (another replica's).
+        others = self._others(route, usable)
+        if not others:
+            return None
         free = self.admission.backend_free
-        spill = self.router.pick(route, usable, free)
-        return spill if spill is not route and free(spill.backend_name) else None
+        spill = self.router.pick(route, lambda m: m.backend_name in others, free)
+        return spill if spill.backend_name in others and free(spill.backend_name) else None
 
     async def _admit_on(
         self,

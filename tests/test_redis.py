@@ -934,6 +934,35 @@ async def test_a_zero_wait_for_a_shared_slot_asks_redis_once(redis: Redis) -> No
         await st.aclose()
 
 
+async def test_a_full_backend_spills_to_another_that_was_unusable_when_picked(
+    redis: Redis,
+) -> None:
+    # e2's circuit is open as the call comes: it waits for e1, whose one slot another
+    # replica holds (this process's guess calls it free). By the end of its wait e2's
+    # circuit lets a call go: the call goes there, not back to e1 for a 503.
+    from stella.calls import Call
+    from stella.protocol import ChatRequest, Message
+
+    limits = {"backends": {"e1": 1, "e2": 1}, "queue_timeout_s": 0.6}
+    r, pipeline, st = balanced_pipeline(
+        redis, "spill", limits, {"failure_threshold": 1, "cooldown_s": 0.3}
+    )
+    replica = redis_state(redis, "spill")
+    theirs = await replica.slots().acquire("backend:e1", 1, 0.0)
+    r.breakers["e2"].failure("unavailable")
+    ask = ChatRequest(messages=[Message(role="user", content="hi")], model="pair")
+    try:
+        assert theirs is not None and not r.breakers["e2"].available()
+        inference = await asyncio.wait_for(pipeline.prepare(ask, Call(request_id="c")), 2)
+        assert inference.route.backend_name == "e2" and inference.waited_ms >= 500
+        assert r.busy == {"e1": 0, "e2": 1}
+        inference.finish()
+        replica.slots().release(theirs)
+    finally:
+        for state in (st, replica):
+            await state.aclose()
+
+
 async def test_a_usage_batch_whose_reply_is_lost_counts_once(redis: Redis) -> None:
     """Redis stalls after taking a batch (the client times out), then applies it when it
     wakes: the batch sent again must not count twice."""
