@@ -427,6 +427,12 @@ class Limiter(Admission):
                             await store.acquire(name, size, 0.0) if store.free(name, size) else None
                         )
                         if slot is None:
+                            # One without a slot limit takes the call now (with Redis the
+                            # guess may have picked a full one over it): no slot to hold.
+                            sizes = self.limits.backends
+                            permit.backend = next((b for b in others if not sizes.get(b)), "")
+                            if permit.backend:
+                                continue
                             left = max(deadline - time.monotonic(), 0.0)
                             slot, permit.backend = await self._first_slot(name, size, others, left)
                     if slot is None:
@@ -458,7 +464,7 @@ class Limiter(Admission):
         it is another's ("" for `name`'s own); (None, "") when none freed. One wait per
         backend, at once: with Redis each asks as a single wait does, and a slot taken by
         one after another's won goes back at once. An `others` backend without a slot
-        limit is left out: a call it could take at once went there when picked."""
+        limit is left out: the call went there before any wait (see `_admit`)."""
         sizes = self.limits.backends
         names = [(name, size)] + [(f"backend:{b}", sizes[b]) for b in others if sizes.get(b, 0)]
         store = self.slots

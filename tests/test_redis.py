@@ -906,6 +906,34 @@ async def test_a_balanced_call_goes_at_once_to_a_backend_free_across_the_replica
             await state.aclose()
 
 
+async def test_a_balanced_call_goes_at_once_to_a_backend_without_a_slot_limit(
+    redis: Redis,
+) -> None:
+    # e1's one slot is another replica's, e2 has no slot limit: the call picked for e1
+    # (this process's guess calls it free) goes to e2 at once, holding no slot there.
+    from stella.calls import Call
+    from stella.protocol import ChatRequest, Message
+
+    r, pipeline, st = balanced_pipeline(
+        redis, "unlimited", {"backends": {"e1": 1}, "queue_timeout_s": 3}
+    )
+    replica = redis_state(redis, "unlimited")
+    theirs = await replica.slots().acquire("backend:e1", 1, 0.0)
+    ask = ChatRequest(messages=[Message(role="user", content="hi")], model="pair")
+    try:
+        assert theirs is not None
+        inference = await asyncio.wait_for(pipeline.prepare(ask, Call(request_id="c")), 2)
+        assert inference.route.backend_name == "e2" and inference.waited_ms < 500
+        assert r.busy == {"e1": 0, "e2": 1}
+        assert not st.slots().held  # none of e1's, and e2 has none to hold
+        inference.finish()
+        assert r.busy == {"e1": 0, "e2": 0}
+        replica.slots().release(theirs)
+    finally:
+        for state in (st, replica):
+            await state.aclose()
+
+
 async def test_a_zero_wait_for_a_shared_slot_asks_redis_once(redis: Redis) -> None:
     # The one ask a balanced call makes before it waits on every backend: a full set
     # answers None after one round trip, not after a pause and another.
