@@ -491,12 +491,17 @@ def test_the_clients_and_the_cli_manage_a_live_server_s_keys() -> None:
             "SOURCE",
             "ADMIN",
             "REVOKED",
+            "RPM",
+            "TPM",
+            "CONC",
+            "RPD",
+            "TPD",
             "MODELS",
         ]
-        assert any(
-            line.split()[:4] == ["cli-key", "runtime", "no", "no"]
-            for line in table.stdout.splitlines()
-        )
+        # The limits that apply, as --json gives them: its own rpm, the others unlimited.
+        assert ["cli-key", "runtime", "no", "no", "9", "0", "0", "0", "0", "echo"] in [
+            line.split() for line in table.stdout.splitlines()
+        ]
         gone = stella_cli("keys", "revoke", "bob", *url, env=env)
         assert gone.returncode == 0, gone.stderr
         assert gone.stdout.strip() == "revoked bob (config)" and "still lists it" in gone.stderr
