@@ -37,6 +37,7 @@ from stella.api.http import (
     DialectPick,
     Endpoint,
     body_over_limit,
+    shown_cut,
     with_header,
 )
 from stella.auth import Authenticator
@@ -343,14 +344,10 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
-SHOWN_PATH_MAX = 200
-
-
 def shown_path(path: str) -> str:
     """A request's path as a message quotes it: its control characters escaped (`\\n`),
     cut at SHOWN_PATH_MAX characters (the request line may hold 64 KiB of it)."""
-    if len(path) > SHOWN_PATH_MAX:
-        path = path[:SHOWN_PATH_MAX] + "…"
+    path = shown_cut(path)
     if path.isprintable():
         return path
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in path)
@@ -599,7 +596,7 @@ def apply_routing(router: Router, routes: dict[str, Any], default: str | None) -
 def apply_keys(auth: Authenticator, keys: StoredKeys) -> None:
     """Make the runtime keys and revocations `auth` applies what the store holds (a key
     that can't be applied is left out with a warning, every time it is read)."""
-    for why in auth.apply_stored(*keys):
+    for why in auth.apply_stored(keys.keys, keys.revoked):
         _log.warning("stored_key_skipped", reason=why)
 
 

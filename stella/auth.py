@@ -19,9 +19,16 @@ import structlog
 
 from stella.backends import ConfigError
 from stella.core import ANONYMOUS, Call, Principal
-from stella.errors import Forbidden, Unauthorized
+from stella.errors import Conflict, Forbidden, NotFound, Unauthorized
 from stella.settings import KeySettings, LimitsSettings, Settings, origin
-from stella.state import ConfiguredKey, Unreadable
+from stella.state import (
+    KeyChange,
+    StoredKeys,
+    Unreadable,
+    key_not_found,
+    key_revoked,
+    last_admin,
+)
 
 _log = structlog.get_logger("stella")
 
@@ -33,6 +40,9 @@ AUTH_FAILED_PER_S = 10
 AUTH_FAILED_PATH = 256
 
 KEY_NAME_RULE = "a key name may not be empty or hold '|' or control characters"
+# Why a replica skips a stored runtime key: its config has a key of that name (which
+# another replica's config lacks), and logs, usage rows and limits go by name.
+CONFIGURED_HERE = "a configured key of this replica has this name"
 
 
 def is_key_name(name: str) -> bool:
@@ -44,6 +54,32 @@ def is_key_name(name: str) -> bool:
 def is_digest(text: str) -> bool:
     """Whether `text` is a SHA-256 hex digest as stored (64 lower-case hex digits)."""
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def stored_key(name: str, spec: Any) -> KeySettings:
+    """A stored runtime key's settings as every replica reads them; ValueError saying why
+    when this version can't (not JSON, a field it does not know, not a key name and a
+    SHA-256 hex digest)."""
+    if isinstance(spec, Unreadable):
+        raise ValueError(spec.reason)
+    try:
+        k = msgspec.convert(spec, KeySettings)
+    except msgspec.ValidationError as exc:
+        raise ValueError(str(exc)) from None
+    if not is_digest(k.sha256) or not is_key_name(name):
+        raise ValueError("not a key name and a SHA-256 hex digest")
+    return k
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Revocation:
+    """What DELETE /api/v1/keys/{name} changes: the store's change, the sources of the
+    keys it revokes (this process's configured key first), and why a stored entry it
+    removes could not be read ("" for none)."""
+
+    change: KeyChange
+    sources: list[str]
+    unreadable: str = ""
 
 
 def key_principal(name: str, k: KeySettings, lim: LimitsSettings) -> Principal:
@@ -99,7 +135,7 @@ class Authenticator:
         self.keys = dict(self._configured)
         self.enabled = bool(self.keys)
         # What the state store holds (see apply_stored): runtime keys by name, as
-        # (digest, Principal), and revocations, name -> digest.
+        # (digest, Principal), and revocations, digest -> the name revoked under.
         self.runtime: dict[str, tuple[str, Principal]] = {}
         self.runtime_specs: dict[str, Any] = {}  # as stored, for a change applied here
         self.revoked: dict[str, str] = {}
@@ -184,43 +220,86 @@ class Authenticator:
             return self.runtime[name][1]
         return None
 
-    def configured_key(self, name: str) -> ConfiguredKey | None:
-        """This process's configured key `name`, as a revocation names it."""
-        if name not in self.configured:
-            return None
-        digest = self.configured[name][0]
-        return ConfiguredKey(name, digest, self._configured[digest].admin)
-
-    def configured_admins(self) -> list[ConfiguredKey]:
-        """This process's configured admin keys (revoked or not)."""
-        return [k for n in self.configured if (k := self.configured_key(n)) and k.admin]
+    def revocation(self, name: str, stored: StoredKeys, shown: str) -> Revocation:
+        """What revoking key `name` changes in a store holding `stored`: every key this
+        process knows by that name, its configured key and the stored runtime key (both,
+        when another replica's config lacks the name and made a runtime key of it), each
+        by its digest; a stored entry no replica of this version can read is removed
+        (its digest revoked, should it have one: a replica that reads it would take it).
+        NotFound for no such key or all revoked already, Conflict when no admin key
+        would be left; `shown` is the name as messages quote it."""
+        revoke: dict[str, str] = {}  # digest -> source
+        admin: set[str] = set()  # the admin keys' digests, configured and stored
+        for digest, p in self._configured.items():
+            if p.admin:
+                admin.add(digest)
+        if name in self.configured:
+            digest, source = self.configured[name]
+            revoke[digest] = source
+        unreadable = ""
+        for other, spec in stored.keys.items():
+            try:
+                k = stored_key(other, spec)
+            except ValueError as exc:
+                if other == name:
+                    unreadable = str(exc)
+                    sha = spec.get("sha256") if isinstance(spec, dict) else None
+                    if isinstance(sha, str) and is_digest(sha):
+                        revoke.setdefault(sha, "runtime")
+                continue  # no replica of this version takes it: no admin of theirs
+            if k.admin:
+                admin.add(k.sha256)
+            if other == name:
+                revoke.setdefault(k.sha256, "runtime")
+        if not revoke and not unreadable:
+            raise NotFound(key_not_found(shown))
+        new = {d: s for d, s in revoke.items() if d not in stored.revoked}
+        if not new and not unreadable:
+            raise NotFound(key_revoked(shown))
+        if admin & new.keys() and not admin - stored.revoked.keys() - new.keys():
+            raise Conflict(last_admin(shown))
+        sources = list(dict.fromkeys(new.values())) or ["runtime"]
+        remove = (name,) if unreadable else ()
+        return Revocation(KeyChange(dict.fromkeys(new, name), remove), sources, unreadable)
 
     def apply_stored(self, keys: dict[str, Any], revoked: dict[str, str]) -> list[str]:
         """Make the table `authenticate` reads what the store holds: the configured keys
-        and `keys` (runtime keys by name), less those `revoked` names with their digest.
-        Returns why any stored key was left out."""
+        and `keys` (runtime keys by name), less every key whose digest is `revoked`,
+        whatever its name now. Returns why any stored entry was left out; warns
+        (`stored_keys_lost`) when revocations or runtime keys applied before are gone
+        from the store (a Redis that restarted empty), which no change through the API
+        does."""
         runtime: dict[str, tuple[str, Principal]] = {}
         skipped = []
         for name, spec in keys.items():
             try:
-                if isinstance(spec, Unreadable):
-                    raise ValueError(spec.reason)
-                k = msgspec.convert(spec, KeySettings)
-                if not is_digest(k.sha256) or not is_key_name(name):
-                    raise ValueError("not a key name and a SHA-256 hex digest")
-            except (ValueError, msgspec.ValidationError) as exc:
+                k = stored_key(name, spec)
+            except ValueError as exc:
                 skipped.append(f"key {name!r}: {exc}")
                 continue
             if name in self.configured:  # the configured one counts here
-                skipped.append(f"key {name!r}: a configured key has this name")
+                skipped.append(f"key {name!r}: {CONFIGURED_HERE}")
                 continue
             runtime[name] = (k.sha256, key_principal(name, k, self.limits))
-        table = {
-            digest: p for digest, p in self._configured.items() if revoked.get(p.name) != digest
-        }
-        for name, (digest, p) in runtime.items():
-            if revoked.get(name) != digest and digest not in table:
+        for digest, name in revoked.items():
+            if not is_digest(digest):
+                skipped.append(f"revocation {digest[:80]!r} ({name!r}): not a SHA-256 digest")
+        table = {d: p for d, p in self._configured.items() if d not in revoked}
+        for digest, p in runtime.values():
+            if digest not in revoked and digest not in table:
                 table[digest] = p
+        # A revocation is never taken back, and a runtime key is revoked, not removed
+        # (one no replica could read goes, its digest revoked): either gone is the
+        # store's loss, and each key it refused works again.
+        lost_revoked = [n for d, n in self.revoked.items() if d not in revoked]
+        lost_keys = [n for n, (d, _) in self.runtime.items() if n not in keys and d not in revoked]
+        if lost_revoked or lost_keys:
+            _log.warning(
+                "stored_keys_lost",
+                revocations=len(lost_revoked),
+                runtime_keys=len(lost_keys),
+                names=sorted({*lost_revoked, *lost_keys})[:20],
+            )
         # Swapped whole: a request reads the old table or the new one, never half of each.
         self.runtime, self.runtime_specs = runtime, dict(keys)
         self.revoked, self.keys = dict(revoked), table

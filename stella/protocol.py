@@ -867,7 +867,7 @@ class Removed(msgspec.Struct, omit_defaults=True):
     detail: str = ""
 
 
-class KeyInfo(msgspec.Struct):
+class KeyInfo(msgspec.Struct, omit_defaults=True):
     """A key as GET /api/v1/keys lists it: never its digest, nor the key."""
 
     name: str
@@ -882,6 +882,12 @@ class KeyInfo(msgspec.Struct):
     requests_per_day: int
     tokens_per_day: int
     revoked: bool
+    # Why this replica does not take a stored runtime key (absent: it does): an entry
+    # no replica of this version can read (not JSON, a field it does not know, a bad
+    # name or digest: listed with no models, no admin, limits 0; DELETE removes it), or
+    # one whose name this replica's config gives its own key (another replica, whose
+    # config lacks it, made it: it works there).
+    skipped: str = ""
 
 
 class KeyList(msgspec.Struct):
@@ -890,7 +896,7 @@ class KeyList(msgspec.Struct):
     keys: list[KeyInfo]
 
 
-class KeyCreated(KeyInfo):
+class KeyCreated(KeyInfo, kw_only=True):
     """POST /api/v1/keys: the runtime key made, and the key itself (shown this once)."""
 
     key: str
@@ -900,7 +906,11 @@ class KeyRevoked(msgspec.Struct, omit_defaults=True):
     """DELETE /api/v1/keys/{name}: the key revoked, and where it came from."""
 
     revoked: str
+    # Where the key revoked came from; this replica's configured key's when a stored
+    # runtime key of the name went with it.
     source: Literal["config", "env", "runtime"]
+    # Every source revoked: the configured key's and "runtime" when both had the name.
+    sources: list[Literal["config", "env", "runtime"]] = msgspec.field(default_factory=list)
     # What else to know: a configured key's table or entry is still in the config.
     detail: str = ""
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-from stella.errors import Conflict, ModelNotFound, NotFound
+from stella.errors import Conflict, ModelNotFound
 
 # Days of usage counters a process keeps in memory (Redis keeps them all: it is the
 # store of record); a long-running process would otherwise grow a little every day.
@@ -34,18 +35,28 @@ class Unreadable:
 # older snapshot, and could come back to the number a replica last read: the epoch,
 # drawn anew by every change, never does.
 RoutingVersion = tuple[str, int]
-# The keys a store holds: runtime keys by name (each as KeySettings reads it, or an
-# Unreadable), and revocations, name -> the SHA-256 digest revoked under that name.
-StoredKeys = tuple[dict[str, Any], dict[str, str]]
+
+
+class StoredKeys(NamedTuple):
+    """The keys a store holds, as one read."""
+
+    # Runtime keys by name, each as KeySettings reads it (or an Unreadable).
+    keys: dict[str, Any]
+    # Revocations: the SHA-256 digest revoked (the key itself, whatever it is named
+    # now) -> the name it was revoked under, for the listing and the logs.
+    revoked: dict[str, str]
+    # The store's version of them when read: a change planned on this read is written
+    # only while the store still holds it (see StateStore.change_keys).
+    version: Hashable
 
 
 @dataclass(frozen=True, slots=True)
-class ConfiguredKey:
-    """A key of this process's config or STELLA_API_KEYS, as a revocation names it."""
+class KeyChange:
+    """A revocation as a store writes it: digests revoked (digest -> the name revoked
+    under) and stored entries removed (by name)."""
 
-    name: str
-    digest: str
-    admin: bool
+    revoke: dict[str, str]
+    remove: tuple[str, ...] = ()
 
 
 class StateStore(Protocol):
@@ -90,7 +101,8 @@ class StateStore(Protocol):
         ...
 
     async def load_keys(self) -> StoredKeys:
-        """The runtime keys by name and the revocations; Unavailable when unreadable."""
+        """The runtime keys by name, the revocations and their version; Unavailable when
+        unreadable."""
         ...
 
     async def save_key(self, name: str, spec: dict[str, Any]) -> None:
@@ -98,10 +110,9 @@ class StateStore(Protocol):
         is taken."""
         ...
 
-    async def revoke_key(
-        self, name: str, configured: ConfiguredKey | None, admins: list[ConfiguredKey]
-    ) -> str:
-        """Revoke key `name` (see revoke_stored); the source revoked."""
+    async def change_keys(self, change: KeyChange, seen: Hashable) -> bool:
+        """Write `change` if the keys are still as read at version `seen` (see
+        StoredKeys), as one step; False, writing nothing, when they changed meanwhile."""
         ...
 
     def record_usage(self, key: str, model: str, day: str, record: dict[str, Any]) -> None:
@@ -135,8 +146,9 @@ class MemoryState:
     def __init__(self) -> None:
         self.default_model: str | None = None
         self.routes: dict[str, dict[str, Any]] = {}
-        self.keys: dict[str, dict[str, Any]] = {}
-        self.revoked: dict[str, str] = {}
+        self.keys: dict[str, Any] = {}
+        self.revoked: dict[str, str] = {}  # digest -> the name it was revoked under
+        self.keys_version = 0  # moved by every key change (see change_keys)
         self.usage: dict[tuple[str, str, str], dict[str, int]] = defaultdict(
             lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0}
         )
@@ -188,22 +200,25 @@ class MemoryState:
         self.routes.pop(name, None)
 
     async def load_keys(self) -> StoredKeys:
-        """The runtime keys by name and the revocations."""
-        return dict(self.keys), dict(self.revoked)
+        """The runtime keys by name, the revocations and their version."""
+        return StoredKeys(dict(self.keys), dict(self.revoked), self.keys_version)
 
     async def save_key(self, name: str, spec: dict[str, Any]) -> None:
         """Persist a runtime key; Conflict when the name is taken."""
         if name in self.keys:
             raise Conflict(key_taken(name))
         self.keys[name] = spec
+        self.keys_version += 1
 
-    async def revoke_key(
-        self, name: str, configured: ConfiguredKey | None, admins: list[ConfiguredKey]
-    ) -> str:
-        """Revoke key `name` (see revoke_stored); the source revoked."""
-        source, digest = revoke_stored(self.keys, self.revoked, name, configured, admins)
-        self.revoked[name] = digest
-        return source
+    async def change_keys(self, change: KeyChange, seen: Hashable) -> bool:
+        """Write `change` if the keys are still at version `seen`; whether it was."""
+        if seen != self.keys_version:
+            return False
+        self.revoked.update(change.revoke)
+        for name in change.remove:
+            self.keys.pop(name, None)
+        self.keys_version += 1
+        return True
 
     def record_usage(self, key: str, model: str, day: str, record: dict[str, Any]) -> None:
         """Count one inference for a key, a model and a day."""
@@ -267,39 +282,3 @@ def last_admin(name: str) -> str:
         "routes until a new admin key is configured and every replica restarted; create "
         "another admin key first"
     )
-
-
-def revoke_stored(
-    keys: dict[str, Any],
-    revoked: dict[str, str],
-    name: str,
-    configured: ConfiguredKey | None,
-    admins: list[ConfiguredKey],
-) -> tuple[str, str]:
-    """(source, digest) of the revocation of key `name` in a store holding runtime `keys`
-    and `revoked`: a runtime key of that name, else `configured` (this process's key of
-    that name). NotFound for neither or one revoked already; Conflict when it is an admin
-    key and no other admin key would be left (runtime ones and `admins`, the configured
-    ones). The Redis store runs the same rules in Lua (state_redis.CHANGE)."""
-    spec = keys.get(name)
-    if isinstance(spec, dict) and isinstance(spec.get("sha256"), str):
-        source, digest, admin = "runtime", spec["sha256"], spec.get("admin") is True
-    elif configured is not None:
-        source, digest, admin = "config", configured.digest, configured.admin
-    else:
-        raise NotFound(key_not_found(name))
-    if revoked.get(name) == digest:
-        raise NotFound(key_revoked(name))
-    if admin:
-        left = sum(
-            1
-            for other, s in keys.items()
-            if other != name
-            and isinstance(s, dict)
-            and s.get("admin") is True
-            and revoked.get(other) != s.get("sha256")
-        )
-        left += sum(1 for k in admins if k.name != name and revoked.get(k.name) != k.digest)
-        if not left:
-            raise Conflict(last_admin(name))
-    return source, digest

@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, cast
 
 import msgspec
@@ -27,19 +27,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from stella.errors import Conflict, ModelNotFound, NotFound, StellaError, Unavailable
+from stella.errors import Conflict, ModelNotFound, StellaError, Unavailable
 from stella.limits import MemoryBuckets, MemorySlots, Take, refill_s
 from stella.settings import StateSettings
 from stella.state import (
-    ConfiguredKey,
+    KeyChange,
     RoutingVersion,
     StoredKeys,
     Unreadable,
     is_default,
-    key_not_found,
-    key_revoked,
     key_taken,
-    last_admin,
     removed_meanwhile,
     taken,
 )
@@ -176,7 +173,7 @@ return 1
 
 # A routing change: KEYS[1] the routing version, KEYS[2] the runtime routes (a hash of
 # JSON specs), KEYS[3] the default model, KEYS[4] the routing epoch, KEYS[5] the runtime
-# keys (a hash of JSON specs), KEYS[6] the revocations (name -> digest); ARGV[1] the
+# keys (a hash of JSON specs), KEYS[6] the revocations (digest -> name); ARGV[1] the
 # deadline (Redis's clock), ARGV[2] a new epoch (random, one per change), ARGV[3]
 # the change, ARGV[4] the route's name, then:
 #   "default" ARGV[5] "1" when the route is a runtime one (then it must be stored still)
@@ -184,7 +181,7 @@ return 1
 #             or one of its aliases (ARGV[6..]); 2 when it replaced one of its name
 #   "delete"  refused when it is the default
 #   "key_add" ARGV[5] a runtime key's spec; refused when a key has its name
-#   "key_revoke" see below; 3 when it revoked a runtime key
+#   "key_change" see below; 3, writing nothing, when the keys changed since they were read
 # Keys share the routing version: every replica follows both with one poll.
 # 0 when it came too late (its client has given up on it and told its caller so); a
 # refusal is {why, name, other route}: checked here, with the write, so two replicas
@@ -237,48 +234,24 @@ elseif op == 'key_add' then
     return {'key_taken', name, name}
   end
   redis.call('HSET', KEYS[5], name, ARGV[5])
-elseif op == 'key_revoke' then
-  -- As stella.state.revoke_stored: a runtime key of that name, else the configured one
-  -- (ARGV[5] its digest, "" for none; ARGV[6] "1" for an admin key), ARGV[7..] the
-  -- configured admin keys as name, digest pairs.
-  local function decoded(raw)
-    local ok, spec = pcall(cjson.decode, raw)
-    if ok and type(spec) == 'table' and type(spec.sha256) == 'string' then
-      return spec
-    end
-    return nil
+elseif op == 'key_change' then
+  -- Planned in Python (stella.auth.Authenticator.revocation) on the keys as read at
+  -- version ARGV[5], ARGV[6] (epoch, count): written only if none changed since, so two
+  -- replicas revoking the last two admin keys at once can't both pass (the second
+  -- reads again and is refused). ARGV[7] the number of digests revoked, then each as
+  -- digest, name; then the names of entries removed.
+  local epoch = redis.call('GET', KEYS[4]) or ''
+  local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if epoch ~= ARGV[5] or count ~= tonumber(ARGV[6]) then
+    return 3
   end
-  local digest, admin = ARGV[5], ARGV[6] == '1'
-  local raw = redis.call('HGET', KEYS[5], name)
-  local spec = raw and decoded(raw)
-  if spec then
-    digest, admin, done = spec.sha256, spec.admin == true, 3
-  elseif digest == '' then
-    return {'key_missing', name, name}
+  local n = tonumber(ARGV[7])
+  for i = 8, 7 + 2 * n, 2 do
+    redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
   end
-  if redis.call('HGET', KEYS[6], name) == digest then
-    return {'key_revoked', name, name}
+  for i = 8 + 2 * n, #ARGV do
+    redis.call('HDEL', KEYS[5], ARGV[i])
   end
-  if admin then
-    local left = 0
-    local stored = redis.call('HGETALL', KEYS[5])
-    for i = 1, #stored, 2 do
-      local other = decoded(stored[i + 1])
-      if stored[i] ~= name and other and other.admin == true
-          and redis.call('HGET', KEYS[6], stored[i]) ~= other.sha256 then
-        left = left + 1
-      end
-    end
-    for i = 7, #ARGV, 2 do
-      if ARGV[i] ~= name and redis.call('HGET', KEYS[6], ARGV[i]) ~= ARGV[i + 1] then
-        left = left + 1
-      end
-    end
-    if left == 0 then
-      return {'last_admin', name, name}
-    end
-  end
-  redis.call('HSET', KEYS[6], name, digest)
 else
   return redis.error_reply('unknown change ' .. op)
 end
@@ -315,9 +288,6 @@ return tostring(level)
 # The key changes Redis refuses (see CHANGE): the error and its message.
 _KEY_REFUSALS: dict[str, tuple[type[StellaError], Callable[[str], str]]] = {
     "key_taken": (Conflict, key_taken),
-    "key_missing": (NotFound, key_not_found),
-    "key_revoked": (NotFound, key_revoked),
-    "last_admin": (Conflict, last_admin),
 }
 
 
@@ -539,7 +509,8 @@ class RedisState:
         so a 503 means "not applied", on every replica, for good. A change that conflicts
         with what the store holds is refused there (409, or 404 for a default whose
         route was removed), as the router refuses one that conflicts with its table.
-        Returns 1, or 2 for a save that replaced a route stored under its name.
+        Returns 1, or 2 for a save that replaced a route stored under its name, or 3 for
+        a key change that found the keys changed since they were read (not written).
         """
         keys = [
             self._key("routing_version"),
@@ -629,40 +600,40 @@ class RedisState:
     # --- keys ----------------------------------------------------------------------
 
     async def load_keys(self) -> StoredKeys:
-        """Runtime keys by name (one that is not JSON: an `Unreadable`) and revocations;
-        Unavailable at once while Redis is known down (as the usage report)."""
+        """Runtime keys by name (one that is not JSON: an `Unreadable`), revocations and
+        the routing version they were read at; Unavailable at once while Redis is known
+        down (as the usage report)."""
         if self.local_only(time.monotonic()):
             raise _unreachable()
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hgetall(self._key("keys"))
                 pipe.hgetall(self._key("revoked"))
-                raw, revoked = await pipe.execute()
+                pipe.get(self._key("routing_epoch"))
+                pipe.get(self._key("routing_version"))
+                raw, revoked, epoch, count = await pipe.execute()
         except (RedisError, OSError) as exc:
             self._failed(exc)
             raise _unreachable() from None
         self._ok()
-        return _routes(raw), {
-            k.decode(errors="replace"): v.decode(errors="replace") for k, v in revoked.items()
-        }
+        return StoredKeys(
+            _routes(raw),
+            {k.decode(errors="replace"): v.decode(errors="replace") for k, v in revoked.items()},
+            _version(epoch, count),
+        )
 
     async def save_key(self, name: str, spec: dict[str, Any]) -> None:
         """Persist a runtime key; Conflict when a key has its name."""
         await self._write("key_add", name, msgspec.json.encode(spec))
 
-    async def revoke_key(
-        self, name: str, configured: ConfiguredKey | None, admins: list[ConfiguredKey]
-    ) -> str:
-        """Revoke key `name` (see state.revoke_stored, which this runs in Redis); the
-        source revoked."""
-        args: list[str] = (
-            ["", "0"]
-            if configured is None
-            else [configured.digest, "1" if configured.admin else "0"]
-        )
-        for k in admins:
-            args += [k.name, k.digest]
-        return "runtime" if await self._write("key_revoke", name, *args) == 3 else "config"
+    async def change_keys(self, change: KeyChange, seen: Hashable) -> bool:
+        """Write `change` if the routing version is still `seen` (StoredKeys.version),
+        with it; False, writing nothing, when anything changed since."""
+        epoch, count = cast(RoutingVersion, seen)
+        args = [epoch, str(count), str(len(change.revoke))]
+        for digest, name in change.revoke.items():
+            args += [digest, name]
+        return await self._write("key_change", "", *args, *change.remove) != 3
 
     # --- usage ---------------------------------------------------------------------
 

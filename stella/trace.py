@@ -108,7 +108,12 @@ def new_span(headers: Iterable[tuple[bytes, bytes]]) -> Span:
         elif name == b"tracestate":
             # Several tracestate headers are one list (RFC 9110 5.3).
             state = value if state is None else state + b"," + value
-    got = None if parent is None or twice else parse_traceparent(parent.decode("latin-1"))
+    # A field value's own spaces and tabs around it are no part of it (RFC 9110 5.5).
+    got = (
+        None
+        if parent is None or twice
+        else parse_traceparent(parent.decode("latin-1").strip(" \t"))
+    )
     if got is None:
         ids = _random.randbytes(24).hex()  # one draw for both ids
         trace_id, span_id = ids[:32], ids[32:]

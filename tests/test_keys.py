@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
@@ -134,20 +135,58 @@ def test_the_last_admin_key_is_not_revoked_and_one_may_revoke_itself(
     assert after.status_code == 401
 
 
-def test_a_revocation_refuses_the_name_with_its_key_not_a_new_key_of_that_name() -> None:
-    # The revocation a store holds names the key's digest: a later config giving the
-    # name another key has that key accepted.
-    old = Authenticator(load_settings(merge(NO_MLX, KEYS), environ={}), {})
-    revoked = {"bob": sha(BOB)}
-    old.apply_stored({}, revoked)
-    bob = [(b"authorization", f"Bearer {BOB}".encode())]
-    with pytest.raises(Unauthorized, match="invalid API key"):
-        old.authenticate(bob)
+def authenticator(config: dict[str, Any], env: str = "") -> Authenticator:
+    settings = load_settings(merge(NO_MLX, config), environ={})
+    return Authenticator(settings, {"STELLA_API_KEYS": env} if env else {})
+
+
+def accepted(auth: Authenticator, key: str) -> str | None:
+    """The name `auth` takes `key` under, or None when it refuses it."""
+    try:
+        return auth.authenticate([(b"authorization", f"Bearer {key}".encode())]).name
+    except Unauthorized:
+        return None
+
+
+def test_a_revocation_is_of_the_key_whatever_its_name_and_not_of_the_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Revoked on a server whose STELLA_API_KEYS names its keys by their place...
+    one, two = "sk-keys-env-one-5555", "sk-keys-env-two-6666"
+    monkeypatch.setenv("STELLA_API_KEYS", f"{one},{two}")
+    app = app_for(KEYS)
+    gone_one, gone_bob = asyncio.run(
+        calls(
+            app,
+            ("DELETE", "/api/v1/keys/env-1", ROOT, None),
+            ("DELETE", "/api/v1/keys/bob", ROOT, None),
+        )
+    )
+    assert gone_one.status_code == gone_bob.status_code == 200
+    store = app.state.stella.state
+    assert store.revoked == {sha(one): "env-1", sha(BOB): "bob"}
+    # ...the key stays refused under any name a later config gives it: the entries
+    # reordered, the table renamed, the key given a name of its own.
+    root = KEYS["auth"]["keys"]["root"]
+    renamed = {"auth": {"keys": {"root": root, "robert": {"sha256": sha(BOB)}}}}
+    for config, env in [
+        (KEYS, f"{two},{one}"),
+        (renamed, f"{one},{two}"),
+        (KEYS, f"leaked={one}"),
+    ]:
+        auth = authenticator(config, env)
+        auth.apply_stored(store.keys, store.revoked)
+        assert accepted(auth, one) is None, env
+        assert accepted(auth, BOB) is None, config
+    auth = authenticator(KEYS, f"{two},{one}")
+    auth.apply_stored(store.keys, store.revoked)
+    assert accepted(auth, two) == "env-1"  # its own key, in the first place now
+    # A new key under a revoked name is not refused.
     new_bob = "sk-keys-bob-new-4444"
     cfg = merge(KEYS, {"auth": {"keys": {"bob": {"sha256": sha(new_bob)}}}})
-    new = Authenticator(load_settings(merge(NO_MLX, cfg), environ={}), {})
-    new.apply_stored({}, revoked)
-    assert new.authenticate([(b"authorization", f"Bearer {new_bob}".encode())]).name == "bob"
+    auth = authenticator(cfg)
+    auth.apply_stored(store.keys, store.revoked)
+    assert accepted(auth, new_bob) == "bob"
 
 
 def test_several_workers_without_redis_refuse_a_key_change() -> None:
@@ -277,7 +316,7 @@ def test_a_runtime_key_is_made_once_and_works_as_a_configured_one() -> None:
     assert three.headers["x-ratelimit-limit"] == "2"
     assert elsewhere.status_code in (403, 404)
     assert revoked.status_code == 200
-    assert revoked.json() == {"revoked": "ci", "source": "runtime"}
+    assert revoked.json() == {"revoked": "ci", "source": "runtime", "sources": ["runtime"]}
     assert after.status_code == 401
 
 
@@ -452,12 +491,17 @@ def test_the_clients_and_the_cli_manage_a_live_server_s_keys() -> None:
             "SOURCE",
             "ADMIN",
             "REVOKED",
+            "RPM",
+            "TPM",
+            "CONC",
+            "RPD",
+            "TPD",
             "MODELS",
         ]
-        assert any(
-            line.split()[:4] == ["cli-key", "runtime", "no", "no"]
-            for line in table.stdout.splitlines()
-        )
+        # The limits that apply, as --json gives them: its own rpm, the others unlimited.
+        assert ["cli-key", "runtime", "no", "no", "9", "0", "0", "0", "0", "echo"] in [
+            line.split() for line in table.stdout.splitlines()
+        ]
         gone = stella_cli("keys", "revoke", "bob", *url, env=env)
         assert gone.returncode == 0, gone.stderr
         assert gone.stdout.strip() == "revoked bob (config)" and "still lists it" in gone.stderr
@@ -468,3 +512,144 @@ def test_the_clients_and_the_cli_manage_a_live_server_s_keys() -> None:
             rows = {k.name: k.revoked for k in c.list_keys().keys}
         assert rows["bob"] and rows["cli-key"] and not rows["ci"]
         assert httpx.post(s.url + "/api/v1/chat", json=CHAT, headers=bearer(key)).status_code == 401
+
+
+ENVK = "sk-keys-envk-0007777"  # an env key one replica has and the other lacks
+
+
+def test_a_name_a_replica_configures_and_another_made_at_runtime_is_revoked_whole(
+    redis: Redis,  # noqa: F811
+) -> None:
+    cfg = merge(KEYS, {"state": {"redis_url": redis.url}})
+    with run_stella(cfg) as a, run_stella(cfg, {"STELLA_API_KEYS": f"envk={ENVK}"}) as b:
+        # A's config lacks the name: a runtime key may take it there.
+        r = httpx.post(a.url + "/api/v1/keys", json={"name": "envk"}, headers=bearer(ROOT))
+        assert r.status_code == 201, r.text
+        runtime = r.json()["key"]
+        listed = httpx.get(b.url + "/api/v1/keys", headers=bearer(ROOT)).json()["keys"]
+        rows = [(k["name"], k["source"], k["revoked"], k.get("skipped")) for k in listed]
+        # Both listed on B, the runtime one said to be skipped there.
+        assert rows == [
+            ("root", "config", False, None),
+            ("bob", "config", False, None),
+            ("envk", "env", False, None),
+            ("envk", "runtime", False, "a configured key of this replica has this name"),
+        ]
+        r = httpx.delete(b.url + "/api/v1/keys/envk", headers=bearer(ROOT))
+        assert r.status_code == 200, r.text
+        assert (r.json()["source"], r.json()["sources"]) == ("env", ["env", "runtime"])
+        chat = httpx.post(b.url + "/api/v1/chat", json=CHAT, headers=bearer(ENVK))
+        assert chat.status_code == 401
+
+        def refused() -> bool:
+            r = httpx.post(a.url + "/api/v1/chat", json=CHAT, headers=bearer(runtime))
+            return r.status_code == 401
+
+        eventually(refused, stella_app.ROUTING_POLL_S + 2.0)
+        listed = httpx.get(b.url + "/api/v1/keys", headers=bearer(ROOT)).json()["keys"]
+        assert [(k["name"], k["revoked"]) for k in listed if k["name"] == "envk"] == [
+            ("envk", True),
+            ("envk", True),
+        ]
+        again = httpx.delete(b.url + "/api/v1/keys/envk", headers=bearer(ROOT))
+        assert again.status_code == 404 and "revoked already" in again.text
+
+
+def test_the_last_admin_is_counted_among_the_stored_keys_a_replica_takes() -> None:
+    app = app_for(KEYS)
+    store = app.state.stella.state
+    admin = {"sha256": sha("sk-keys-stored-88888"), "admin": True}
+    # Stored admin entries no replica takes: a field this version does not know, a
+    # name a key may not have, a digest that is none.
+    store.keys.update(
+        {
+            "newer": {**admin, "expires_at": 1},
+            "bad|name": admin,
+            "short": {"sha256": "abc", "admin": True},
+        }
+    )
+    (last,) = asyncio.run(calls(app, ("DELETE", "/api/v1/keys/root", ROOT, None)))
+    assert last.status_code == 409, last.text
+    assert "the last admin key" in last.json()["error"]["message"]
+
+
+def test_stored_entries_no_replica_reads_are_listed_and_a_delete_removes_them(
+    redis: Redis,  # noqa: F811
+) -> None:
+    import redis as redis_py
+
+    entry = {"sha256": sha("sk-keys-newer-99999"), "expires_at": 1}
+    client = redis_py.Redis.from_url(redis.url)
+    try:
+        client.hset(
+            "stella:keys",
+            mapping={
+                "junk": b"{not json",
+                "newer": msgspec.json.encode(entry),
+                "bad|name": msgspec.json.encode({"sha256": sha("sk-keys-bad-000000")}),
+            },
+        )
+        cfg = merge(KEYS, {"state": {"redis_url": redis.url}})
+        with run_stella(cfg) as s, httpx.Client(base_url=s.url, headers=bearer(ROOT)) as c:
+            listed = c.get("/api/v1/keys").json()["keys"]
+            rows = {k["name"]: k for k in listed if k["source"] == "runtime"}
+            assert sorted(rows) == ["bad|name", "junk", "newer"]
+            for row in rows.values():  # listed, and said to work nowhere
+                assert row["skipped"].startswith("unreadable: "), row
+                assert (row["admin"], row["models"], row["revoked"]) == (False, [], False)
+            assert "not JSON" in rows["junk"]["skipped"]
+            assert "expires_at" in rows["newer"]["skipped"]
+            # The name is taken while the entry is there; a DELETE removes it.
+            assert c.post("/api/v1/keys", json={"name": "junk"}).status_code == 409
+            for name in ("junk", "newer", "bad%7Cname"):
+                r = c.delete(f"/api/v1/keys/{name}")
+                assert r.status_code == 200, r.text
+                assert "was removed" in r.json()["detail"]
+            assert [k["source"] for k in c.get("/api/v1/keys").json()["keys"]] == [
+                "config",
+                "config",
+            ]
+            assert c.post("/api/v1/keys", json={"name": "junk"}).status_code == 201
+            assert c.delete("/api/v1/keys/newer").status_code == 404
+        # The removed entry's key stays refused by a replica that would read it.
+        assert client.hget("stella:revoked", entry["sha256"]) == b"newer"
+    finally:
+        client.close()
+
+
+def test_a_store_that_comes_back_without_its_keys_is_logged(redis: Redis) -> None:  # noqa: F811
+    cfg = merge(KEYS, {"state": {"redis_url": redis.url}})
+    with run_stella(cfg) as s, httpx.Client(base_url=s.url, headers=bearer(ROOT)) as c:
+        assert c.delete("/api/v1/keys/bob").status_code == 200
+        made = c.post("/api/v1/keys", json={"name": "ci"})
+        assert made.status_code == 201
+        # A revocation or a runtime key changed through the API is no loss.
+        assert c.delete("/api/v1/keys/ci").status_code == 200
+        assert c.post("/api/v1/keys", json={"name": "ci2"}).status_code == 201
+        time.sleep(stella_app.ROUTING_POLL_S + 0.5)  # the follower has read them all
+        assert not [line for line in s.lines() if "stored_keys_lost" in line]
+        redis.restart_empty()
+
+        def warned() -> list[str]:
+            return [line for line in s.lines() if "stored_keys_lost" in line]
+
+        eventually(lambda: bool(warned()), stella_app.ROUTING_POLL_S + 5.0)
+        (line,) = warned()
+        event = msgspec.json.decode(line)
+        assert (event["revocations"], event["runtime_keys"]) == (2, 2), event
+        assert event["names"] == ["bob", "ci", "ci2"]
+        # As documented: the revocations are gone with the store.
+        chat = httpx.post(s.url + "/api/v1/chat", json=CHAT, headers=bearer(BOB))
+        assert chat.status_code == 200
+
+
+def test_a_long_name_is_cut_in_the_answer_and_the_log() -> None:
+    app = app_for(KEYS)
+    name = "n" * 10_000
+    with capture_logs() as logged:
+        (r,) = asyncio.run(calls(app, ("DELETE", f"/api/v1/keys/{name}", ROOT, None)))
+    assert r.status_code == 404
+    message = r.json()["error"]["message"]
+    assert message == f"no key named {'n' * 200 + '…'!r}"
+    (event,) = [e for e in logged if e["event"] == "key_change"]
+    assert event["name"] == "n" * 200 + "…"

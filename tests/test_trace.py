@@ -105,6 +105,14 @@ def test_a_span_is_a_child_of_the_clients() -> None:
     assert later.traceparent == f"00-{TRACE}-{later.span_id}-01"
 
 
+def test_spaces_and_tabs_around_a_traceparent_are_no_part_of_it() -> None:
+    # RFC 9110 5.5: a field value's surrounding whitespace is not its value; a server
+    # that leaves it there passes it on.
+    for value in (f"{VALID} ", f"{VALID}\t", f" \t{VALID} \t"):
+        span = span_of(("traceparent", value))
+        assert (span.trace_id, span.parent_id) == (TRACE, PARENT), repr(value)
+
+
 @pytest.mark.parametrize(
     "headers",
     [

@@ -51,6 +51,17 @@ _JSONISH = (
 )
 
 
+# The most of a name from a request's path a message or log line repeats: the request
+# line may hold 64 KiB of it.
+SHOWN_PATH_MAX = 200
+
+
+def shown_cut(text: str) -> str:
+    """`text` from a request's path as messages quote it: cut at SHOWN_PATH_MAX
+    characters, and an ellipsis."""
+    return text if len(text) <= SHOWN_PATH_MAX else text[:SHOWN_PATH_MAX] + "…"
+
+
 class JSONResponse(Response):
     """A response whose body is encoded with msgspec (headers built in one step)."""
 

@@ -15,13 +15,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from stella.api.http import JSONResponse, endpoint, read_json, services
+from stella.api.http import JSONResponse, endpoint, read_json, services, shown_cut
 from stella.api.native import admin_event, shared_state
 from stella.api.openapi import Operation, document
-from stella.auth import KEY_NAME_PATTERN, hash_key, key_principal, new_key
+from stella.auth import (
+    CONFIGURED_HERE,
+    KEY_NAME_PATTERN,
+    hash_key,
+    key_principal,
+    new_key,
+    stored_key,
+)
 from stella.calls import Principal
 from stella.core import Call
-from stella.errors import Conflict, InvalidRequest
+from stella.errors import Conflict, InvalidRequest, Unavailable
 from stella.protocol import KeyCreated, KeyInfo, KeyList, KeyRevoked
 from stella.settings import Count, KeySettings
 
@@ -32,6 +39,9 @@ if TYPE_CHECKING:  # stella.app imports this module
 KeyName = Annotated[str, Meta(pattern=f"^{KEY_NAME_PATTERN}$")]
 # The most model patterns a runtime key may list, and the longest pattern.
 MAX_KEY_MODELS = 64
+# How often a revocation is planned again when the keys changed between its read and
+# its write (another replica's change); each try is two round trips.
+KEY_CHANGE_TRIES = 5
 ModelPattern = Annotated[str, Meta(min_length=1, max_length=256)]
 
 
@@ -59,7 +69,7 @@ def _shared_keys(svc: Services) -> None:
     shared_state(svc, "a key change", "change the keys in the config file")
 
 
-def _info(p: Principal, source: str, revoked: bool) -> KeyInfo:
+def _info(p: Principal, source: str, revoked: bool, skipped: str = "") -> KeyInfo:
     return KeyInfo(
         name=p.name,
         source=source,  # type: ignore[arg-type]  # one of the Literal's, by its caller
@@ -71,6 +81,7 @@ def _info(p: Principal, source: str, revoked: bool) -> KeyInfo:
         requests_per_day=p.requests_per_day,
         tokens_per_day=p.tokens_per_day,
         revoked=revoked,
+        skipped=skipped,
     )
 
 
@@ -80,34 +91,44 @@ async def revoke_key(request: Request, call: Call) -> Response:
     svc = services(request)
     auth = svc.auth
     name = request.path_params["name"]
-    with admin_event("revoke", name, call, "key_change", source=None) as logged:
+    shown = shown_cut(name)  # the path may hold 64 KiB: not all of it in the answer or log
+    with admin_event("revoke", shown, call, "key_change", source=None) as logged:
         _shared_keys(svc)
-        configured = auth.configured_key(name)
-        # The store decides (a runtime key another replica made may not be here yet),
-        # and refuses the last admin key there, with the write: two revocations at once
-        # on two replicas can't both pass.
-        stored = await svc.state.revoke_key(name, configured, auth.configured_admins())
-        keys, revoked = dict(auth.runtime_specs), dict(auth.revoked)
-        if stored == "runtime":
-            source = "runtime"
-            revoked[name] = auth.runtime[name][0] if name in auth.runtime else ""
+        # Planned on the store's keys (a runtime key another replica made may not be
+        # here yet) and written only if they are still as read: two revocations at once
+        # on two replicas can't each take one of the last two admin keys.
+        for _ in range(KEY_CHANGE_TRIES):
+            stored = await svc.state.load_keys()
+            plan = auth.revocation(name, stored, shown)
+            if await svc.state.change_keys(plan.change, stored.version):
+                break
         else:
-            assert configured is not None  # the store revokes a configured key only so
-            source = auth.configured[name][1]
-            revoked[name] = configured.digest
-        if not revoked[name]:
-            revoked.pop(name)  # not here yet: the follower brings it, revoked
-        auth.apply_stored(keys, revoked)
+            raise Unavailable("the keys kept changing meanwhile; try again", retry_after=1)
+        keys = {n: spec for n, spec in stored.keys.items() if n not in plan.change.remove}
+        auth.apply_stored(keys, {**stored.revoked, **plan.change.revoke})
         auth.local_changes += 1  # a follower's read from before this write is stale now
-        logged["source"] = source
-    detail = ""
+        source = plan.sources[0]
+        logged["source"], logged["sources"] = source, plan.sources
+    details = []
     if source != "runtime":
         where = "auth.keys" if source == "config" else svc.settings.auth.keys_env
-        detail = (
+        details.append(
             f"the key is refused from now on, though {where} still lists it; take it out "
             "there too (a new key under this name is not refused)"
         )
-    return JSONResponse(KeyRevoked(name, source, detail=detail))  # type: ignore[arg-type]
+    if len(plan.sources) > 1:
+        details.append(
+            "the runtime key of this name, made on a replica whose config lacks the name, "
+            "is revoked too"
+        )
+    if plan.unreadable:
+        details.append(
+            f"the stored entry of this name, which no replica can read ({plan.unreadable}), "
+            "was removed"
+        )
+    return JSONResponse(
+        KeyRevoked(name, source, plan.sources, detail="; ".join(details))  # type: ignore[arg-type]
+    )
 
 
 @endpoint(auth="admin")
@@ -156,21 +177,24 @@ async def list_keys(request: Request, call: Call) -> Response:
     auth = svc.auth
     # The store's, not this table's: a key another replica made or revoked a moment ago
     # is listed as it is (503 while Redis does not answer, as the usage report).
-    stored, revoked = await svc.state.load_keys()
+    stored = await svc.state.load_keys()
     out = []
     for name, (digest, source) in auth.configured.items():
         p = auth.principal(name)
         assert p is not None
-        out.append(_info(p, source, revoked.get(name) == digest))
-    for name, spec in sorted(stored.items()):
-        if name in auth.configured or not isinstance(spec, dict):
-            continue  # skipped here (logged as stored_key_skipped): not a key of this one
+        out.append(_info(p, source, digest in stored.revoked))
+    # Every stored entry, as apply_stored takes it or says why not: one listed live must
+    # work, and one a DELETE removes must be listed.
+    for name, spec in sorted(stored.keys.items()):
         try:
-            k = msgspec.convert(spec, KeySettings)
-        except msgspec.ValidationError:
+            k = stored_key(name, spec)
+        except ValueError as exc:
+            nothing = Principal(name=name, models=())
+            out.append(_info(nothing, "runtime", False, skipped=f"unreadable: {exc}"))
             continue
         p = key_principal(name, k, auth.limits)
-        out.append(_info(p, "runtime", revoked.get(name) == k.sha256))
+        skipped = CONFIGURED_HERE if name in auth.configured else ""
+        out.append(_info(p, "runtime", k.sha256 in stored.revoked, skipped=skipped))
     return JSONResponse(KeyList(out))
 
 

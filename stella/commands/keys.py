@@ -167,15 +167,27 @@ def _on_server(args: argparse.Namespace) -> int:
         print("(shown once; the server stores only its hash)", file=sys.stderr)
         print(answer.key)
     elif args.action == "list":
-        rows = [("NAME", "SOURCE", "ADMIN", "REVOKED", "MODELS")]
+        # The limits that apply, as --json gives them (0: unlimited).
+        header = ("NAME", "SOURCE", "ADMIN", "REVOKED", "RPM", "TPM", "CONC", "RPD", "TPD")
+        rows: list[tuple[str, ...]] = [(*header, "MODELS")]
         for k in answer.keys:
             admin, revoked = "yes" if k.admin else "no", "yes" if k.revoked else "no"
-            rows.append((k.name, k.source, admin, revoked, ", ".join(k.models) or "(none)"))
+            limits = (
+                k.requests_per_minute,
+                k.tokens_per_minute,
+                k.max_concurrent,
+                k.requests_per_day,
+                k.tokens_per_day,
+            )
+            models = ", ".join(k.models) or "(none)"
+            if k.skipped:
+                models += f"  (skipped here: {k.skipped})"
+            rows.append((k.name, k.source, admin, revoked, *map(str, limits), models))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     else:
-        print(f"revoked {answer.revoked} ({answer.source})")
+        print(f"revoked {answer.revoked} ({', '.join(answer.sources or [answer.source])})")
         if answer.detail:
             print(answer.detail, file=sys.stderr)
     return 0
