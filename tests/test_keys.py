@@ -271,6 +271,8 @@ def test_a_runtime_key_is_made_once_and_works_as_a_configured_one() -> None:
             )
         )
     assert made.status_code == 201, made.text
+    # The key is in this answer alone: no cache may keep it.
+    assert made.headers["cache-control"] == "no-store"
     info = made.json()
     key = info.pop("key")
     assert key.startswith("sk-stella-")
@@ -316,6 +318,7 @@ def test_a_runtime_key_is_made_once_and_works_as_a_configured_one() -> None:
     assert three.headers["x-ratelimit-limit"] == "2"
     assert elsewhere.status_code in (403, 404)
     assert revoked.status_code == 200
+    assert revoked.headers["cache-control"] == "no-store"
     assert revoked.json() == {"revoked": "ci", "source": "runtime", "sources": ["runtime"]}
     assert after.status_code == 401
 

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from stella.api.http import JSONResponse, endpoint, read_json, services, shown_cut
+from stella.api.http import NO_STORE, JSONResponse, endpoint, read_json, services, shown_cut
 from stella.api.native import admin_event, shared_state
 from stella.api.openapi import Operation, document
 from stella.auth import (
@@ -127,7 +127,8 @@ async def revoke_key(request: Request, call: Call) -> Response:
             "was removed"
         )
     return JSONResponse(
-        KeyRevoked(name, source, plan.sources, detail="; ".join(details))  # type: ignore[arg-type]
+        KeyRevoked(name, source, plan.sources, detail="; ".join(details)),  # type: ignore[arg-type]
+        headers=[NO_STORE],  # a change's answer: no cache may keep it
     )
 
 
@@ -167,7 +168,9 @@ async def create_key(request: Request, call: Call) -> Response:
         auth.local_changes += 1
     p = key_principal(spec.name, settings, auth.limits)
     info = _info(p, "runtime", False)
-    return JSONResponse(KeyCreated(**msgspec.structs.asdict(info), key=key), status_code=201)
+    # The key itself, shown this once: no cache (a proxy's, a browser's) may keep it.
+    created = KeyCreated(**msgspec.structs.asdict(info), key=key)
+    return JSONResponse(created, status_code=201, headers=[NO_STORE])
 
 
 @endpoint(auth="admin")
