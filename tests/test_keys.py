@@ -248,6 +248,10 @@ def test_a_runtime_key_s_fields_are_checked_with_their_paths() -> None:
         ({"name": "ci", "admin": "yes"}, "$.admin"),
         ({"name": "ci", "sha256": sha(BOB)}, "sha256"),  # the server makes the key
         ({"models": ["*"]}, "name"),
+        # As a runtime route's lists: no repeat, and no control character, which the
+        # key list would print raw.
+        ({"name": "ci", "models": ["echo", "e*", "echo"]}, "$.models[2]: 'echo' is listed twice"),
+        ({"name": "ci", "models": ["*", "ech\u0001o"]}, "$.models[1]: holds a control character"),
     ]
     answers = asyncio.run(calls(app, *(("POST", "/api/v1/keys", ROOT, b) for b, _ in cases)))
     for (body, where), r in zip(cases, answers, strict=True):
@@ -255,6 +259,10 @@ def test_a_runtime_key_s_fields_are_checked_with_their_paths() -> None:
         assert where in r.json()["error"]["message"], (body, r.text)
     r = answers[1]
     assert "a key name is 1 to 64 ASCII letters" in r.json()["error"]["message"]
+    # The schema shows the models' default, as the other fields show theirs.
+    (spec,) = asyncio.run(calls(app, ("GET", "/openapi.json", ROOT, None)))
+    models = spec.json()["components"]["schemas"]["CreateKey"]["properties"]["models"]
+    assert models["default"] == ["*"]
 
 
 def test_a_runtime_key_is_made_once_and_works_as_a_configured_one() -> None:

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from stella.api.http import NO_STORE, JSONResponse, endpoint, read_json, services, shown_cut
-from stella.api.native import admin_event, shared_state
+from stella.api.native import admin_event, listed_once, shared_state
 from stella.api.openapi import Operation, document
 from stella.auth import (
     CONFIGURED_HERE,
@@ -30,7 +30,7 @@ from stella.calls import Principal
 from stella.core import Call
 from stella.errors import Conflict, InvalidRequest, Unavailable
 from stella.protocol import KeyCreated, KeyInfo, KeyList, KeyRevoked
-from stella.settings import Count, KeySettings
+from stella.settings import Count, KeySettings, upstream_model_problem
 
 if TYPE_CHECKING:  # stella.app imports this module
     from stella.app import Services
@@ -50,9 +50,11 @@ class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
 
     name: KeyName
     # Glob patterns of the models it may use; [] is none (a key for the admin routes).
-    models: Annotated[list[ModelPattern], Meta(max_length=MAX_KEY_MODELS)] = msgspec.field(
-        default_factory=lambda: ["*"]
-    )
+    # The schema says the default, which a factory's does not show by itself.
+    models: Annotated[
+        list[ModelPattern],
+        Meta(max_length=MAX_KEY_MODELS, extra_json_schema={"default": ["*"]}),
+    ] = msgspec.field(default_factory=lambda: ["*"])
     admin: bool = False
     # 0: [limits]' default, as in the config.
     requests_per_minute: Count = 0
@@ -149,6 +151,14 @@ async def create_key(request: Request, call: Call) -> Response:
                 )
             raise
         logged["name"] = spec.name
+        # As a runtime route's lists: a repeat is a mistake, and a control character
+        # would be printed raw by `stella keys list` (a pattern names models, whose
+        # names have none).
+        listed_once("models", spec.models)
+        for i, pattern in enumerate(spec.models):
+            problem = upstream_model_problem(pattern)
+            if problem:
+                raise InvalidRequest(f"$.models[{i}]: {problem}", param=f"models[{i}]")
         if not auth.enabled:
             # Keys turned on at runtime would lock every anonymous caller out at once,
             # on some replicas before others.

@@ -250,9 +250,9 @@ async def switch_model(request: Request, call: Call) -> Response:
     return JSONResponse(DefaultModel(logged["route"]))
 
 
-def _once(field: str, names: list[str]) -> None:
-    """Refuse a name listed twice (a route's aliases, fallbacks or balanced backends), by
-    the repeat's path."""
+def listed_once(field: str, names: list[str]) -> None:
+    """Refuse a name listed twice (a route's aliases, fallbacks or balanced backends, a
+    runtime key's models), by the repeat's path."""
     seen: set[str] = set()
     for i, name in enumerate(names):
         if name in seen:
@@ -282,9 +282,9 @@ async def register_model(request: Request, call: Call) -> Response:
         _shared_routing(svc)
         spec = await _read_route(request)
         logged["name"] = spec.name  # named in the log from here, a refused list too
-        _once("aliases", spec.aliases)
-        _once("fallbacks", spec.fallbacks)
-        _once("balance", spec.balance)
+        listed_once("aliases", spec.aliases)
+        listed_once("fallbacks", spec.fallbacks)
+        listed_once("balance", spec.balance)
         problem = upstream_model_problem(spec.upstream_model)
         if problem:
             raise InvalidRequest(f"$.upstream_model: {problem}", param="upstream_model")
