@@ -453,6 +453,7 @@ def test_the_list_reads_the_store_and_answers_503_while_redis_does_not(
             os.kill(redis.proc.pid, signal.SIGCONT)
         assert codes == [503, 503, 503]
         assert gone.status_code == 503
+        assert "the change was not applied" in gone.json()["error"]["message"]
         assert chat.status_code == 200
         assert httpx.post(b.url + "/api/v1/chat", json=CHAT, headers=bearer(BOB)).status_code == 200
 

@@ -31,6 +31,7 @@ from stella.core import Call
 from stella.errors import Conflict, InvalidRequest, Unavailable
 from stella.protocol import KeyCreated, KeyInfo, KeyList, KeyRevoked
 from stella.settings import Count, KeySettings, upstream_model_problem
+from stella.state import StoredKeys
 
 if TYPE_CHECKING:  # stella.app imports this module
     from stella.app import Services
@@ -87,6 +88,18 @@ def _info(p: Principal, source: str, revoked: bool, skipped: str = "") -> KeyInf
     )
 
 
+async def _read_to_change(svc: Services) -> StoredKeys:
+    """The stored keys a change is planned on; a 503 while the store does not answer says
+    that nothing was changed, as a failed write's does."""
+    try:
+        return await svc.state.load_keys()
+    except Unavailable as exc:
+        why = exc.message.removesuffix("; try again")
+        raise Unavailable(
+            f"{why}; the change was not applied; try again", retry_after=exc.retry_after or 1
+        ) from None
+
+
 @endpoint(auth="admin")
 async def revoke_key(request: Request, call: Call) -> Response:
     """DELETE /api/v1/keys/{name}: revoke a key, runtime or configured."""
@@ -100,7 +113,7 @@ async def revoke_key(request: Request, call: Call) -> Response:
         # here yet) and written only if they are still as read: two revocations at once
         # on two replicas can't each take one of the last two admin keys.
         for _ in range(KEY_CHANGE_TRIES):
-            stored = await svc.state.load_keys()
+            stored = await _read_to_change(svc)
             plan = auth.revocation(name, stored, shown)
             if await svc.state.change_keys(plan.change, stored.version):
                 break
