@@ -152,23 +152,32 @@ class Router:
             name: CircuitBreaker(b.failure_threshold, b.cooldown_s, name) for name in backends
         }
         for name, rs in settings.models.routes.items():
-            if rs.backend in backends:  # routes to a disabled backend are left out
-                taken = self._taken(name, rs)
-                if taken:
-                    raise ConfigError(f"models.routes.{name}: {taken}")
-                self._add(name, rs, runtime=False)
-                for i, other in enumerate(rs.balance):
-                    if other not in backends:
-                        # Served on fewer backends than the file lists: said once, as it
-                        # starts (and by `stella config --check`), not found out under load.
-                        _log.warning(
-                            "balance_backend_disabled",
-                            key=f"models.routes.{name}.balance[{i}]",
-                            route=name,
-                            backend=other,
-                            detail=f"backends.{other}.enabled = false: the route is served "
-                            "without it",
-                        )
+            if rs.backend not in backends:
+                # Left out, and said once as it starts (and by `stella config --check`),
+                # as a disabled balanced backend is: not found out by a 404 under load.
+                _log.warning(
+                    "route_backend_disabled",
+                    key=f"models.routes.{name}.backend",
+                    route=name,
+                    backend=rs.backend,
+                    detail=f"backends.{rs.backend}.enabled = false: the route is left out",
+                )
+                continue
+            taken = self._taken(name, rs)
+            if taken:
+                raise ConfigError(f"models.routes.{name}: {taken}")
+            self._add(name, rs, runtime=False)
+            for i, other in enumerate(rs.balance):
+                if other not in backends:
+                    # Served on fewer backends than the file lists: said once, as it
+                    # starts (and by `stella config --check`), not found out under load.
+                    _log.warning(
+                        "balance_backend_disabled",
+                        key=f"models.routes.{name}.balance[{i}]",
+                        route=name,
+                        backend=other,
+                        detail=f"backends.{other}.enabled = false: the route is served without it",
+                    )
 
     def _taken(self, name: str, rs: RouteSettings) -> str:
         """Why `name` or one of its aliases can't be added ("" when they all can)."""

@@ -368,7 +368,7 @@ def test_a_disabled_balanced_backend_is_warned_of_at_start_up(tmp_path: Path) ->
     routes = {
         "m": {"backend": "echo", "balance": ["local", "other"]},
         # Its own backend disabled too: left out as any route to a disabled backend is,
-        # with nothing to warn of about its balance (the route is not served at all).
+        # warned of as that, with nothing said of its balance (it is not served at all).
         "gone": {"backend": "local", "balance": ["off"]},
     }
     with capture_logs() as logs:
@@ -377,6 +377,12 @@ def test_a_disabled_balanced_backend_is_warned_of_at_start_up(tmp_path: Path) ->
     warned = [e for e in logs if e["event"] == "balance_backend_disabled"]
     assert [(e["key"], e["route"], e["backend"], e["log_level"]) for e in warned] == [
         ("models.routes.m.balance[0]", "m", "local", "warning")
+    ]
+    left_out = [e for e in logs if e["event"] == "route_backend_disabled"]
+    # The shipped smollm2-135m route's backend, `local`, is disabled here too.
+    assert [(e["key"], e["route"], e["backend"], e["log_level"]) for e in left_out] == [
+        ("models.routes.smollm2-135m.backend", "smollm2-135m", "local", "warning"),
+        ("models.routes.gone.backend", "gone", "local", "warning"),
     ]
     # `stella config --check` shows it, and still passes: the server starts.
     conf = tmp_path / "c.toml"
@@ -388,6 +394,9 @@ def test_a_disabled_balanced_backend_is_warned_of_at_start_up(tmp_path: Path) ->
     assert out.returncode == 0, out.stderr
     [line] = [x for x in out.stderr.splitlines() if "balance_backend_disabled" in x]
     assert "models.routes.m.balance[0]" in line and "backend=local" in line, line
+    # The shipped route to the disabled `local` backend is left out, and said so.
+    [line] = [x for x in out.stderr.splitlines() if "route_backend_disabled" in x]
+    assert "models.routes.smollm2-135m.backend" in line and "backend=local" in line, line
 
 
 def test_a_request_with_images_goes_to_a_backend_that_reads_them() -> None:
