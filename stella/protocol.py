@@ -882,6 +882,11 @@ class KeyInfo(msgspec.Struct, omit_defaults=True):
     requests_per_day: int
     tokens_per_day: int
     revoked: bool
+    # When a runtime key was made and when a key was revoked (UTC ISO 8601, to the
+    # second; absent: unknown, as for a configured key's making or an entry kept before
+    # stella stored these).
+    created_at: str = ""
+    revoked_at: str = ""
     # Why this replica does not take a stored runtime key (absent: it does): an entry
     # no replica of this version can read (not JSON, a field it does not know, a bad
     # name or digest: listed with no models, no admin, limits 0; DELETE removes it), or

@@ -48,15 +48,21 @@ class StoredKeys(NamedTuple):
     # The store's version of them when read: a change planned on this read is written
     # only while the store still holds it (see StateStore.change_keys).
     version: Hashable
+    # When each was made (runtime key name -> UTC ISO 8601) and revoked (digest -> UTC
+    # ISO 8601): for the listing. An entry a version before these were kept wrote has
+    # none (unknown).
+    created: dict[str, str]
+    revoked_at: dict[str, str]
 
 
 @dataclass(frozen=True, slots=True)
 class KeyChange:
     """A revocation as a store writes it: digests revoked (digest -> the name revoked
-    under) and stored entries removed (by name)."""
+    under), stored entries removed (by name), and when (UTC ISO 8601; "" unknown)."""
 
     revoke: dict[str, str]
     remove: tuple[str, ...] = ()
+    at: str = ""
 
 
 class StateStore(Protocol):
@@ -105,9 +111,9 @@ class StateStore(Protocol):
         unreadable."""
         ...
 
-    async def save_key(self, name: str, spec: dict[str, Any]) -> None:
-        """Persist a runtime key (`spec` as KeySettings reads it); Conflict when the name
-        is taken."""
+    async def save_key(self, name: str, spec: dict[str, Any], created_at: str) -> None:
+        """Persist a runtime key (`spec` as KeySettings reads it) made at `created_at`
+        (UTC ISO 8601); Conflict when the name is taken."""
         ...
 
     async def change_keys(self, change: KeyChange, seen: Hashable) -> bool:
@@ -148,6 +154,8 @@ class MemoryState:
         self.routes: dict[str, dict[str, Any]] = {}
         self.keys: dict[str, Any] = {}
         self.revoked: dict[str, str] = {}  # digest -> the name it was revoked under
+        self.created: dict[str, str] = {}  # runtime key name -> when it was made
+        self.revoked_at: dict[str, str] = {}  # digest -> when it was revoked
         self.keys_version = 0  # moved by every key change (see change_keys)
         self.usage: dict[tuple[str, str, str], dict[str, int]] = defaultdict(
             lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0}
@@ -201,13 +209,20 @@ class MemoryState:
 
     async def load_keys(self) -> StoredKeys:
         """The runtime keys by name, the revocations and their version."""
-        return StoredKeys(dict(self.keys), dict(self.revoked), self.keys_version)
+        return StoredKeys(
+            dict(self.keys),
+            dict(self.revoked),
+            self.keys_version,
+            dict(self.created),
+            dict(self.revoked_at),
+        )
 
-    async def save_key(self, name: str, spec: dict[str, Any]) -> None:
-        """Persist a runtime key; Conflict when the name is taken."""
+    async def save_key(self, name: str, spec: dict[str, Any], created_at: str) -> None:
+        """Persist a runtime key made at `created_at`; Conflict when the name is taken."""
         if name in self.keys:
             raise Conflict(key_taken(name))
         self.keys[name] = spec
+        self.created[name] = created_at
         self.keys_version += 1
 
     async def change_keys(self, change: KeyChange, seen: Hashable) -> bool:
@@ -215,8 +230,11 @@ class MemoryState:
         if seen != self.keys_version:
             return False
         self.revoked.update(change.revoke)
+        if change.at:
+            self.revoked_at.update(dict.fromkeys(change.revoke, change.at))
         for name in change.remove:
             self.keys.pop(name, None)
+            self.created.pop(name, None)
         self.keys_version += 1
         return True
 
@@ -263,6 +281,12 @@ def removed_meanwhile(name: str) -> str:
 def key_taken(name: str) -> str:
     """Why a runtime key can't be named `name`: a key has that name."""
     return f"a key named {name!r} exists already (a revoked one keeps its name)"
+
+
+def utc_stamp(seconds: float) -> str:
+    """A time (seconds since the epoch) as UTC ISO 8601, to the second: when a key was
+    made or revoked."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def key_not_found(name: str) -> str:

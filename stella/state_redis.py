@@ -173,14 +173,16 @@ return 1
 
 # A routing change: KEYS[1] the routing version, KEYS[2] the runtime routes (a hash of
 # JSON specs), KEYS[3] the default model, KEYS[4] the routing epoch, KEYS[5] the runtime
-# keys (a hash of JSON specs), KEYS[6] the revocations (digest -> name); ARGV[1] the
+# keys (a hash of JSON specs), KEYS[6] the revocations (digest -> name), KEYS[7] when
+# each runtime key was made (name -> UTC ISO 8601), KEYS[8] when each revocation was
+# (digest -> UTC ISO 8601); ARGV[1] the
 # deadline (Redis's clock), ARGV[2] a new epoch (random, one per change), ARGV[3]
 # the change, ARGV[4] the route's name, then:
 #   "default" ARGV[5] "1" when the route is a runtime one (then it must be stored still)
 #   "save"    ARGV[5] its spec; refused when another stored route answers to its name
 #             or one of its aliases (ARGV[6..]); 2 when it replaced one of its name
 #   "delete"  refused when it is the default
-#   "key_add" ARGV[5] a runtime key's spec; refused when a key has its name
+#   "key_add" ARGV[5] a runtime key's spec, ARGV[6] when; refused when a key has its name
 #   "key_change" see below; 3, writing nothing, when the keys changed since they were read
 # Keys share the routing version: every replica follows both with one poll.
 # 0 when it came too late (its client has given up on it and told its caller so); a
@@ -234,23 +236,28 @@ elseif op == 'key_add' then
     return {'key_taken', name, name}
   end
   redis.call('HSET', KEYS[5], name, ARGV[5])
+  redis.call('HSET', KEYS[7], name, ARGV[6])
 elseif op == 'key_change' then
   -- Planned in Python (stella.auth.Authenticator.revocation) on the keys as read at
   -- version ARGV[5], ARGV[6] (epoch, count): written only if none changed since, so two
   -- replicas revoking the last two admin keys at once can't both pass (the second
-  -- reads again and is refused). ARGV[7] the number of digests revoked, then each as
-  -- digest, name; then the names of entries removed.
+  -- reads again and is refused). ARGV[7] when, ARGV[8] the number of digests revoked,
+  -- then each as digest, name; then the names of entries removed.
   local epoch = redis.call('GET', KEYS[4]) or ''
   local count = tonumber(redis.call('GET', KEYS[1]) or '0')
   if epoch ~= ARGV[5] or count ~= tonumber(ARGV[6]) then
     return 3
   end
-  local n = tonumber(ARGV[7])
-  for i = 8, 7 + 2 * n, 2 do
+  local n = tonumber(ARGV[8])
+  for i = 9, 8 + 2 * n, 2 do
     redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
+    if ARGV[7] ~= '' then
+      redis.call('HSET', KEYS[8], ARGV[i], ARGV[7])
+    end
   end
-  for i = 8 + 2 * n, #ARGV do
+  for i = 9 + 2 * n, #ARGV do
     redis.call('HDEL', KEYS[5], ARGV[i])
+    redis.call('HDEL', KEYS[7], ARGV[i])
   end
 else
   return redis.error_reply('unknown change ' .. op)
@@ -293,6 +300,11 @@ _KEY_REFUSALS: dict[str, tuple[type[StellaError], Callable[[str], str]]] = {
 
 def _version(epoch: bytes | None, count: bytes | None) -> RoutingVersion:
     return (epoch or b"").decode(), int(count or 0)
+
+
+def _texts(raw: dict[bytes, bytes]) -> dict[str, str]:
+    """A hash of text as read (bytes that are not UTF-8 replaced)."""
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items()}
 
 
 def _routes(raw: dict[bytes, bytes]) -> dict[str, Any]:
@@ -519,6 +531,8 @@ class RedisState:
             self._key("routing_epoch"),
             self._key("keys"),
             self._key("revoked"),
+            self._key("keys_created"),
+            self._key("revoked_at"),
         ]
         epoch = secrets.token_hex(8)  # this change's epoch
         try:
@@ -611,26 +625,30 @@ class RedisState:
                 pipe.hgetall(self._key("revoked"))
                 pipe.get(self._key("routing_epoch"))
                 pipe.get(self._key("routing_version"))
-                raw, revoked, epoch, count = await pipe.execute()
+                pipe.hgetall(self._key("keys_created"))
+                pipe.hgetall(self._key("revoked_at"))
+                raw, revoked, epoch, count, created, revoked_at = await pipe.execute()
         except (RedisError, OSError) as exc:
             self._failed(exc)
             raise _unreachable() from None
         self._ok()
         return StoredKeys(
             _routes(raw),
-            {k.decode(errors="replace"): v.decode(errors="replace") for k, v in revoked.items()},
+            _texts(revoked),
             _version(epoch, count),
+            _texts(created),
+            _texts(revoked_at),
         )
 
-    async def save_key(self, name: str, spec: dict[str, Any]) -> None:
-        """Persist a runtime key; Conflict when a key has its name."""
-        await self._write("key_add", name, msgspec.json.encode(spec))
+    async def save_key(self, name: str, spec: dict[str, Any], created_at: str) -> None:
+        """Persist a runtime key made at `created_at`; Conflict when a key has its name."""
+        await self._write("key_add", name, msgspec.json.encode(spec), created_at)
 
     async def change_keys(self, change: KeyChange, seen: Hashable) -> bool:
         """Write `change` if the routing version is still `seen` (StoredKeys.version),
         with it; False, writing nothing, when anything changed since."""
         epoch, count = cast(RoutingVersion, seen)
-        args = [epoch, str(count), str(len(change.revoke))]
+        args = [epoch, str(count), change.at, str(len(change.revoke))]
         for digest, name in change.revoke.items():
             args += [digest, name]
         return await self._write("key_change", "", *args, *change.remove) != 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -284,6 +285,7 @@ def test_a_runtime_key_is_made_once_and_works_as_a_configured_one() -> None:
     info = made.json()
     key = info.pop("key")
     assert key.startswith("sk-stella-")
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", info.pop("created_at"))
     assert info == {
         "name": "ci",
         "source": "runtime",
@@ -388,6 +390,13 @@ def test_a_runtime_key_made_on_one_replica_works_on_the_other(redis: Redis) -> N
             return r.status_code == 401
 
         assert eventually(refused, stella_app.ROUTING_POLL_S + 1.0) <= stella_app.ROUTING_POLL_S + 1
+        # Both times are the store's: the other replica lists them as they were written.
+        (row,) = [
+            k
+            for k in httpx.get(a.url + "/api/v1/keys", headers=bearer(ROOT)).json()["keys"]
+            if k["name"] == "ci"
+        ]
+        assert row["revoked"] and row["created_at"] <= row["revoked_at"], row
         made = httpx.post(a.url + "/api/v1/keys", json={"name": "later"}, headers=bearer(ROOT))
         assert made.status_code == 201
     # Redis keeps both across restarts: a replica started now has them as they are.
@@ -414,6 +423,13 @@ def test_the_list_names_every_key_and_never_a_digest_or_a_key(
     key = made.json()["key"]
     assert listed.status_code == 200, listed.text
     rows = {k["name"]: k for k in listed.json()["keys"]}
+    # When a runtime key was made and a key revoked, as the store keeps them (UTC ISO
+    # 8601); a configured key's making is unknown: absent.
+    stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"
+    assert re.match(stamp, rows["ci"]["created_at"]) and "revoked_at" not in rows["ci"]
+    assert made.json()["created_at"] == rows["ci"]["created_at"]
+    assert re.match(stamp, rows["bob"]["revoked_at"]) and "created_at" not in rows["bob"]
+    assert not {"created_at", "revoked_at"} & (rows["root"].keys() | rows["ops"].keys())
     assert [(k["name"], k["source"], k["admin"], k["revoked"]) for k in rows.values()] == [
         ("root", "config", True, False),
         ("bob", "config", False, True),
@@ -496,12 +512,18 @@ def test_the_clients_and_the_cli_manage_a_live_server_s_keys() -> None:
         assert made_cli.returncode == 0, made_cli.stderr
         key = made_cli.stdout.strip()
         assert key.startswith("sk-stella-") and "shown once" in made_cli.stderr
+        # An admin-only key: no model at all.
+        ops = stella_cli("keys", "create", "ops-cli", "--admin", "--no-models", *url, env=env)
+        assert ops.returncode == 0, ops.stderr
+        with Client(s.url, api_key=ops.stdout.strip()) as c:
+            assert [k.models for k in c.list_keys().keys if k.name == "ops-cli"] == [[]]
         table = stella_cli("keys", "list", *url, env=env)
         assert table.returncode == 0, table.stderr
         assert table.stdout.splitlines()[0].split() == [
             "NAME",
             "SOURCE",
             "ADMIN",
+            "CREATED",
             "REVOKED",
             "RPM",
             "TPM",
@@ -510,10 +532,14 @@ def test_the_clients_and_the_cli_manage_a_live_server_s_keys() -> None:
             "TPD",
             "MODELS",
         ]
-        # The limits that apply, as --json gives them: its own rpm, the others unlimited.
-        assert ["cli-key", "runtime", "no", "no", "9", "0", "0", "0", "0", "echo"] in [
-            line.split() for line in table.stdout.splitlines()
-        ]
+        # The limits that apply, as --json gives them: its own rpm, the others unlimited;
+        # when a runtime key was made ("-": a configured key's, unknown).
+        lines = {line.split()[0]: line.split() for line in table.stdout.splitlines()}
+        cli_row = lines["cli-key"]
+        assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", cli_row.pop(3)), cli_row
+        assert cli_row == ["cli-key", "runtime", "no", "no", "9", "0", "0", "0", "0", "echo"]
+        assert lines["root"][3:5] == ["-", "no"]
+        assert lines["ops-cli"][2] == "yes" and lines["ops-cli"][-1] == "(none)"
         gone = stella_cli("keys", "revoke", "bob", *url, env=env)
         assert gone.returncode == 0, gone.stderr
         assert gone.stdout.strip() == "revoked bob (config)" and "still lists it" in gone.stderr
@@ -523,6 +549,10 @@ def test_the_clients_and_the_cli_manage_a_live_server_s_keys() -> None:
             assert c.revoke_key("cli-key").source == "runtime"
             rows = {k.name: k.revoked for k in c.list_keys().keys}
         assert rows["bob"] and rows["cli-key"] and not rows["ci"]
+        # A revoked key's row says when.
+        table = stella_cli("keys", "list", *url, env=env)
+        (bob,) = [line.split() for line in table.stdout.splitlines() if line.startswith("bob ")]
+        assert re.match(r"^\d{4}-\d\d-\d\dT", bob[4]) and bob[3] == "-", bob
         assert httpx.post(s.url + "/api/v1/chat", json=CHAT, headers=bearer(key)).status_code == 401
 
 
@@ -665,3 +695,28 @@ def test_a_long_name_is_cut_in_the_answer_and_the_log() -> None:
     assert message == f"no key named {'n' * 200 + '…'!r}"
     (event,) = [e for e in logged if e["event"] == "key_change"]
     assert event["name"] == "n" * 200 + "…"
+
+
+def test_keys_stored_before_their_times_were_kept_are_listed_without_them(
+    redis: Redis,  # noqa: F811
+) -> None:
+    import redis as redis_py
+
+    old = "sk-keys-old-00004444"
+    client = redis_py.Redis.from_url(redis.url)
+    try:
+        # As an earlier version wrote them: no time of making, none of revoking.
+        client.hset("stella:keys", "old", msgspec.json.encode({"sha256": sha(old)}))
+        client.hset("stella:revoked", sha(BOB), "bob")
+        cfg = merge(KEYS, {"state": {"redis_url": redis.url}})
+        with run_stella(cfg) as s, httpx.Client(base_url=s.url, headers=bearer(ROOT)) as c:
+            rows = {k["name"]: k for k in c.get("/api/v1/keys").json()["keys"]}
+            assert (rows["old"]["source"], rows["old"].get("skipped")) == ("runtime", None)
+            assert "created_at" not in rows["old"] and "revoked_at" not in rows["bob"]
+            assert rows["bob"]["revoked"]
+            assert c.post("/api/v1/chat", json=CHAT, headers=bearer(old)).status_code == 200
+            assert c.delete("/api/v1/keys/old").status_code == 200
+            (row,) = [k for k in c.get("/api/v1/keys").json()["keys"] if k["name"] == "old"]
+            assert row["revoked"] and row["revoked_at"] and "created_at" not in row
+    finally:
+        client.close()

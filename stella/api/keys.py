@@ -7,6 +7,7 @@ version move (see app._follow_routing), so `authenticate` stays a dict lookup.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
@@ -31,7 +32,7 @@ from stella.core import Call
 from stella.errors import Conflict, InvalidRequest, Unavailable
 from stella.protocol import KeyCreated, KeyInfo, KeyList, KeyRevoked
 from stella.settings import Count, KeySettings, upstream_model_problem
-from stella.state import StoredKeys
+from stella.state import StoredKeys, utc_stamp
 
 if TYPE_CHECKING:  # stella.app imports this module
     from stella.app import Services
@@ -72,7 +73,14 @@ def _shared_keys(svc: Services) -> None:
     shared_state(svc, "a key change", "change the keys in the config file")
 
 
-def _info(p: Principal, source: str, revoked: bool, skipped: str = "") -> KeyInfo:
+def _info(
+    p: Principal,
+    source: str,
+    revoked: bool,
+    skipped: str = "",
+    created_at: str = "",
+    revoked_at: str = "",
+) -> KeyInfo:
     return KeyInfo(
         name=p.name,
         source=source,  # type: ignore[arg-type]  # one of the Literal's, by its caller
@@ -84,6 +92,8 @@ def _info(p: Principal, source: str, revoked: bool, skipped: str = "") -> KeyInf
         requests_per_day=p.requests_per_day,
         tokens_per_day=p.tokens_per_day,
         revoked=revoked,
+        created_at=created_at,
+        revoked_at=revoked_at if revoked else "",
         skipped=skipped,
     )
 
@@ -115,7 +125,8 @@ async def revoke_key(request: Request, call: Call) -> Response:
         for _ in range(KEY_CHANGE_TRIES):
             stored = await _read_to_change(svc)
             plan = auth.revocation(name, stored, shown)
-            if await svc.state.change_keys(plan.change, stored.version):
+            change = dataclasses.replace(plan.change, at=utc_stamp(svc.state.wall()))
+            if await svc.state.change_keys(change, stored.version):
                 break
         else:
             raise Unavailable("the keys kept changing meanwhile; try again", retry_after=1)
@@ -186,11 +197,13 @@ async def create_key(request: Request, call: Call) -> Response:
         del fields["name"]  # the table's name, not a field of it
         settings = KeySettings(sha256=hash_key(key), **fields)
         stored = msgspec.to_builtins(settings)
-        await svc.state.save_key(spec.name, stored)
+        # On the store's clock, as every replica lists it.
+        created_at = utc_stamp(svc.state.wall())
+        await svc.state.save_key(spec.name, stored, created_at)
         auth.apply_stored({**auth.runtime_specs, spec.name: stored}, auth.revoked)
         auth.local_changes += 1
     p = key_principal(spec.name, settings, auth.limits)
-    info = _info(p, "runtime", False)
+    info = _info(p, "runtime", False, created_at=created_at)
     # The key itself, shown this once: no cache (a proxy's, a browser's) may keep it.
     created = KeyCreated(**msgspec.structs.asdict(info), key=key)
     return JSONResponse(created, status_code=201, headers=[NO_STORE])
@@ -204,11 +217,12 @@ async def list_keys(request: Request, call: Call) -> Response:
     # The store's, not this table's: a key another replica made or revoked a moment ago
     # is listed as it is (503 while Redis does not answer, as the usage report).
     stored = await svc.state.load_keys()
+    at = stored.revoked_at
     out = []
     for name, (digest, source) in auth.configured.items():
         p = auth.principal(name)
         assert p is not None
-        out.append(_info(p, source, digest in stored.revoked))
+        out.append(_info(p, source, digest in stored.revoked, revoked_at=at.get(digest, "")))
     # Every stored entry, as apply_stored takes it or says why not: one listed live must
     # work, and one a DELETE removes must be listed.
     for name, spec in sorted(stored.keys.items()):
@@ -220,7 +234,9 @@ async def list_keys(request: Request, call: Call) -> Response:
             continue
         p = key_principal(name, k, auth.limits)
         skipped = CONFIGURED_HERE if name in auth.configured else ""
-        out.append(_info(p, "runtime", k.sha256 in stored.revoked, skipped=skipped))
+        revoked = k.sha256 in stored.revoked
+        made, gone = stored.created.get(name, ""), at.get(k.sha256, "")
+        out.append(_info(p, "runtime", revoked, skipped, created_at=made, revoked_at=gone))
     return JSONResponse(KeyList(out))
 
 

@@ -51,7 +51,16 @@ def _key_options(new: argparse.ArgumentParser) -> None:
     """A key's name and settings (`new` and `create`)."""
     new.add_argument("name", help="the key's name (shown in logs and usage)")
     new.add_argument("--admin", action="store_true", help="may use the admin routes")
-    new.add_argument("--models", nargs="+", default=None, help="glob patterns of allowed models")
+    models = new.add_mutually_exclusive_group()
+    models.add_argument("--models", nargs="+", default=None, help="glob patterns of allowed models")
+    # An admin-only key: `models = []`, which `--models` with no pattern can't say.
+    models.add_argument(
+        "--no-models",
+        dest="models",
+        action="store_const",
+        const=[],
+        help="no model at all (an admin-only key, with --admin)",
+    )
     new.add_argument("--rpm", type=_count, default=0, help="requests per minute (0: the default)")
     new.add_argument("--tpm", type=_count, default=0, help="tokens per minute (0: the default)")
     new.add_argument(
@@ -111,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     # A bare TOML key when it can be one ("alice"), else quoted ("ci bot", "a.b@corp").
     table = name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else _toml_string(name)
     lines = [f"[auth.keys.{table}]", f'sha256 = "{hash_key(key)}"']
-    if args.models:
+    if args.models is not None:
         lines.append("models = [" + ", ".join(_toml_string(m) for m in args.models) + "]")
     if args.admin:
         lines.append("admin = true")
@@ -168,10 +177,15 @@ def _on_server(args: argparse.Namespace) -> int:
         print(answer.key)
     elif args.action == "list":
         # The limits that apply, as --json gives them (0: unlimited).
-        header = ("NAME", "SOURCE", "ADMIN", "REVOKED", "RPM", "TPM", "CONC", "RPD", "TPD")
-        rows: list[tuple[str, ...]] = [(*header, "MODELS")]
+        limit_names = ("RPM", "TPM", "CONC", "RPD", "TPD")
+        rows: list[tuple[str, ...]] = [
+            ("NAME", "SOURCE", "ADMIN", "CREATED", "REVOKED", *limit_names, "MODELS")
+        ]
         for k in answer.keys:
-            admin, revoked = "yes" if k.admin else "no", "yes" if k.revoked else "no"
+            admin = "yes" if k.admin else "no"
+            # When, where the server knows it ("yes": revoked at a time not kept).
+            revoked = (k.revoked_at or "yes") if k.revoked else "no"
+            created = k.created_at or "-"
             limits = (
                 k.requests_per_minute,
                 k.tokens_per_minute,
@@ -182,7 +196,7 @@ def _on_server(args: argparse.Namespace) -> int:
             models = ", ".join(k.models) or "(none)"
             if k.skipped:
                 models += f"  (skipped here: {k.skipped})"
-            rows.append((k.name, k.source, admin, revoked, *map(str, limits), models))
+            rows.append((k.name, k.source, admin, created, revoked, *map(str, limits), models))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
