@@ -530,7 +530,9 @@ def test_values_only_use_reveals_are_checked_up_front(
     proc = stella_cli(*args, env={**base, **env})
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and not proc.stdout
+    assert len(lines) == 1 and needle in lines[0]
+    # Nothing else but the warning that the shipped route to `local` is left out.
+    assert all("route_backend_disabled" in line for line in proc.stdout.splitlines())
 
 
 def test_config_prints_nothing_that_serve_would_refuse() -> None:
@@ -614,7 +616,8 @@ def test_config_check_refuses_a_local_model_that_is_not_there(source: str, probl
     check_refuses(env, "backends.local.models.big", problem, routes="big")
     env.update(STELLA_BACKENDS__LOCAL__ENABLED="false", STELLA_MODELS__DEFAULT="echo")
     out = stella_cli("config", "--check", env=env)
-    assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
+    assert out.returncode == 0, out.stderr
+    assert left_out(out.stderr) == ["smollm2-135m", "big"]
 
 
 def test_config_check_refuses_a_local_backend_without_mlx() -> None:
@@ -628,7 +631,17 @@ def test_config_check_refuses_a_local_backend_without_mlx() -> None:
     # Without the local backend there is nothing MLX is needed for.
     env.update(STELLA_BACKENDS__LOCAL__ENABLED="false", STELLA_MODELS__DEFAULT="echo")
     out = stella_cli("config", "--check", env=env, without_mlx=True)
-    assert (out.returncode, out.stderr) == (0, "stella: configuration ok\n")
+    assert out.returncode == 0, out.stderr
+    assert left_out(out.stderr) == ["smollm2-135m"]
+
+
+def left_out(stderr: str) -> list[str]:
+    """The routes `config --check` said it leaves out (their backend disabled), from its
+    stderr, which ends with "configuration ok" and says nothing else."""
+    *warnings, last = stderr.splitlines()
+    assert last == "stella: configuration ok", stderr
+    assert all("route_backend_disabled" in w for w in warnings), stderr
+    return [w.split(" route=")[1].split()[0] for w in warnings]
 
 
 def test_config_check_refuses_a_blas_that_cannot_be_loaded(tmp_path: Path) -> None:

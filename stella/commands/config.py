@@ -49,8 +49,11 @@ def run(args: argparse.Namespace) -> int:
         from stella.app import Services, check_audit_path
 
         # What building them warns of goes to stderr: stdout is the JSON alone.
-        logs.configure(fmt="console", stream=sys.stderr.buffer)
+        sink = logs.configure(fmt="console", stream=sys.stderr.buffer)
         services = Services(settings)  # builds backends and keys: what the file can't tell
+        # Its warnings are written by a thread: written before the lines printed below,
+        # not in the middle of one.
+        sink.flush()
         # serve refuses an audit file it cannot append to; plain `config` too, as its
         # help says. The check leaves nothing behind.
         check_audit_path(settings, create=False)
