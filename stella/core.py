@@ -238,7 +238,7 @@ class Pipeline:
         principal.check(route.name, asked=model)  # an alias keeps its route unnamed
         if route.pool:
             if call.pin:  # `provider` named one of its backends
-                route = next((r for r in route.pool if r.backend_name == call.pin), route)
+                route = route.member(call.pin)
             elif call.backend or router.target(model or router.default) is None:
                 # A direct `backend/model` name: the member on the backend it names.
                 call.pin = route.backend_name
@@ -380,7 +380,7 @@ class Pipeline:
             call, route, request, not skip, started, others
         )
         if permit.backend:  # another backend of the pool freed a slot first: it serves
-            route = next(m for m in route.pool if m.backend_name == permit.backend)
+            route = route.member(permit.backend)
             chain = self._chain(route, call, images)
         if picked:
             router.took(route)
@@ -485,7 +485,7 @@ class Pipeline:
             call, route, chat, not skip, started, () if skip else others
         )
         if permit.backend:  # another backend of the pool freed a slot first: it serves
-            route = next(m for m in route.pool if m.backend_name == permit.backend)
+            route = route.member(permit.backend)
             chain = _embed_chain(self.router, route)
         if picked:
             self.router.took(route)

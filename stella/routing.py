@@ -129,6 +129,22 @@ class Route:
     # took); the others' stays 0. Light traffic spreads too.
     turn: int = 0
 
+    def member(self, backend: str) -> Route:
+        """The member of this balanced route's pool on `backend` (this one when none is)."""
+        return next((m for m in self.pool if m.backend_name == backend), self)
+
+
+def _disabled(event: str, route: str, field: str, backend: str, what: str) -> None:
+    """Say once, as the router is built (so `stella config --check` shows it too), that
+    `field` of configured `route` names a disabled backend: not found out under load."""
+    _log.warning(
+        event,
+        key=f"models.routes.{route}.{field}",
+        route=route,
+        backend=backend,
+        detail=f"backends.{backend}.enabled = false: the route {what}",
+    )
+
 
 class Router:
     """Resolves model names; owns the routes, the default and the breakers."""
@@ -153,31 +169,17 @@ class Router:
         }
         for name, rs in settings.models.routes.items():
             if rs.backend not in backends:
-                # Left out, and said once as it starts (and by `stella config --check`),
-                # as a disabled balanced backend is: not found out by a 404 under load.
-                _log.warning(
-                    "route_backend_disabled",
-                    key=f"models.routes.{name}.backend",
-                    route=name,
-                    backend=rs.backend,
-                    detail=f"backends.{rs.backend}.enabled = false: the route is left out",
-                )
+                # Left out, and said so, as a disabled balanced backend is.
+                _disabled("route_backend_disabled", name, "backend", rs.backend, "is left out")
                 continue
             taken = self._taken(name, rs)
             if taken:
                 raise ConfigError(f"models.routes.{name}: {taken}")
             self._add(name, rs, runtime=False)
             for i, other in enumerate(rs.balance):
-                if other not in backends:
-                    # Served on fewer backends than the file lists: said once, as it
-                    # starts (and by `stella config --check`), not found out under load.
-                    _log.warning(
-                        "balance_backend_disabled",
-                        key=f"models.routes.{name}.balance[{i}]",
-                        route=name,
-                        backend=other,
-                        detail=f"backends.{other}.enabled = false: the route is served without it",
-                    )
+                if other not in backends:  # served on fewer backends than the file lists
+                    what = "is served without it"
+                    _disabled("balance_backend_disabled", name, f"balance[{i}]", other, what)
 
     def _taken(self, name: str, rs: RouteSettings) -> str:
         """Why `name` or one of its aliases can't be added ("" when they all can)."""
