@@ -797,14 +797,18 @@ class ModelInfo(msgspec.Struct):
     upstream_model: str = ""
     aliases: list[str] = []
     fallbacks: list[str] = []
-    # The backends the route balances over besides its own (`backend`, above, never
-    # listed here), as configured.
+    # The other backends this replica balances the route over (`backend`, above, never
+    # listed here): its configured `balance`, less those in `left_out`.
     balance: list[str] = []
     loaded: bool = False
     default: bool = False
     capabilities: list[str] = []
     circuit: str = "closed"
     memory_bytes: int | None = None
+    # The backends the route names (its `backend`, then `balance`) that this replica
+    # lacks (disabled here; a stored route's, also not configured here): it is served
+    # here without them, `backend` then naming the first of the others.
+    left_out: list[str] = []
 
 
 class ModelList(msgspec.Struct):

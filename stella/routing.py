@@ -11,7 +11,7 @@ import structlog
 
 from stella.backends import Backend, ConfigError
 from stella.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, StellaError
-from stella.settings import RouteSettings, Settings
+from stella.settings import RouteSettings, Settings, serves
 from stella.state import is_default, taken
 
 # A model name no route claims that stands for the default model as it is now (after a
@@ -128,6 +128,9 @@ class Route:
     # The pool member a tie goes to next: only pool[0]'s counts (see Router.pick and
     # took); the others' stays 0. Light traffic spreads too.
     turn: int = 0
+    # The backends the route names (`backend`, then `balance`) that this process lacks
+    # (disabled here; for a stored route, also not configured here): served without them.
+    left_out: tuple[str, ...] = ()
 
     def member(self, backend: str) -> Route:
         """The member of this balanced route's pool on `backend` (this one when none is)."""
@@ -168,16 +171,21 @@ class Router:
             name: CircuitBreaker(b.failure_threshold, b.cooldown_s, name) for name in backends
         }
         for name, rs in settings.models.routes.items():
-            if rs.backend not in backends:
-                # Left out, and said so, as a disabled balanced backend is.
+            if not serves(rs, backends):
+                # Left out, and said so (its balance, all disabled too, goes with it).
                 _disabled("route_backend_disabled", name, "backend", rs.backend, "is left out")
                 continue
             taken = self._taken(name, rs)
             if taken:
                 raise ConfigError(f"models.routes.{name}: {taken}")
             self._add(name, rs, runtime=False)
+            # Served on fewer backends than the file lists: its own one disabled too, the
+            # others serve it (they serve the same upstream model), said so as for any.
+            if rs.backend not in backends:
+                what = "is served by its balance without it"
+                _disabled("route_backend_disabled", name, "backend", rs.backend, what)
             for i, other in enumerate(rs.balance):
-                if other not in backends:  # served on fewer backends than the file lists
+                if other not in backends:
                     what = "is served without it"
                     _disabled("balance_backend_disabled", name, f"balance[{i}]", other, what)
 
@@ -190,12 +198,15 @@ class Router:
         return ""
 
     def _add(self, name: str, rs: RouteSettings, *, runtime: bool) -> Route:
-        route = self._member(name, rs, rs.backend, runtime)
-        # A balanced backend that is disabled (or, for a stored route, unknown here) is
-        # left out; the route's own `backend` decides whether the route is there at all.
-        others = [b for b in rs.balance if b in self.backends and b != rs.backend]
+        # A backend that is disabled (or, for a stored route, unknown here) is left out,
+        # the route's own too: the first of the others it names then serves it first. The
+        # caller makes sure one of them is here (see `serves`).
+        named = list(dict.fromkeys((rs.backend, *rs.balance)))
+        left_out = tuple(b for b in named if b not in self.backends)
+        served = [b for b in named if b in self.backends]
+        route, *others = (self._member(name, rs, b, runtime, left_out) for b in served)
         if others:
-            pool = (route, *(self._member(name, rs, b, runtime) for b in dict.fromkeys(others)))
+            pool = (route, *others)
             for member in pool:
                 member.pool = pool
                 self.busy.setdefault(member.backend_name, 0)
@@ -206,7 +217,9 @@ class Router:
             self._names.setdefault(alias, name)
         return route
 
-    def _member(self, name: str, rs: RouteSettings, backend: str, runtime: bool) -> Route:
+    def _member(
+        self, name: str, rs: RouteSettings, backend: str, runtime: bool, left_out: tuple[str, ...]
+    ) -> Route:
         """Route `name` as served by `backend` (its own, or one it balances over)."""
         return Route(
             name=name,
@@ -217,6 +230,7 @@ class Router:
             aliases=list(rs.aliases),
             fallbacks=list(rs.fallbacks),
             runtime=runtime,
+            left_out=left_out,
         )
 
     def pick(
@@ -403,9 +417,10 @@ class Router:
         return route.name
 
     def register(self, name: str, rs: RouteSettings, *, check_fallbacks: bool = True) -> Route:
-        """Add or replace a runtime route; `check_fallbacks`: refuse fallbacks not known (a
-        route the store holds already is taken as it is: an unknown fallback is skipped)."""
-        if rs.backend not in self.backends:
+        """Add or replace a runtime route; `check_fallbacks`: refuse a backend or a fallback
+        not known (a route the store holds already is taken as it is: an unknown fallback
+        is skipped, a backend unknown here left out while another it names is here)."""
+        if rs.backend not in self.backends and (check_fallbacks or not serves(rs, self.backends)):
             why = self._no_backend(rs.backend)
             raise InvalidRequest(f"$.backend: {why}", param="backend")
         existing = self.routes.get(name)

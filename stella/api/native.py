@@ -174,6 +174,7 @@ async def model_infos(request: Request, call: Call) -> ModelList:
                 capabilities=router.capabilities(route, call.principal.scope),
                 circuit=router.circuit(route),
                 memory_bytes=backend.memory_bytes(route.upstream_model),
+                left_out=list(route.left_out),
             )
         )
     return ModelList(models=out, default=router.default if may_use(router.default) else None)
