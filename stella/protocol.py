@@ -817,6 +817,9 @@ class ModelList(msgspec.Struct):
     models: list[ModelInfo]
     # None for a key that may not use the default model (not its name either).
     default: str | None
+    # For an admin: the stored runtime routes this replica does not serve (made on one
+    # whose backends differ, say), by name, with why; as of its last read of the store.
+    skipped: dict[str, str] = {}
 
 
 class Health(msgspec.Struct):

@@ -4,7 +4,7 @@ breakers."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -158,6 +158,9 @@ class Router:
         self.configured_default = settings.models.default
         self.default = settings.models.default
         self.local_changes = 0  # routing writes this process made (see app._follow_routing)
+        # The stored runtime routes this process does not serve, by name, with why (as of
+        # the last read of the store: see apply_stored): the model list shows them.
+        self.skipped: dict[str, str] = {}
         self.routes: dict[str, Route] = {}
         # Every name a route has had in this process: a call admitted on a route removed
         # before it ended still counts under its name (metrics label only these).
@@ -455,17 +458,29 @@ class Router:
             return f"backend {name!r} is configured but disabled (backends.{name}.enabled = false)"
         return f"unknown backend {name!r}; known: {sorted(self.backends)}"
 
-    def apply_stored(self, specs: dict[str, RouteSettings], default: str | None) -> list[str]:
+    def apply_stored(
+        self,
+        specs: dict[str, RouteSettings],
+        default: str | None,
+        unreadable: Mapping[str, str] | None = None,
+    ) -> list[str]:
         """Make the runtime routes and the default those the state store holds, whatever
-        order they come in; returns why each one that could not be applied was left out."""
+        order they come in (`unreadable`: the stored routes no spec could be read from,
+        with why); returns why each one that could not be applied was left out. A route
+        served here without a backend it names (unknown or disabled here) is applied, and
+        each such backend warned of (`stored_route_backend_missing`), once for this read."""
         snap = self.snapshot()
+        skipped = dict(self.skipped)
         try:
-            return self._apply_stored(specs, default)
+            return self._apply_stored(specs, default, unreadable or {})
         except BaseException:
             self.restore(snap)
+            self.skipped = skipped
             raise
 
-    def _apply_stored(self, specs: dict[str, RouteSettings], default: str | None) -> list[str]:
+    def _apply_stored(
+        self, specs: dict[str, RouteSettings], default: str | None, unreadable: Mapping[str, str]
+    ) -> list[str]:
         # Built again from the configured routes: every replica, whatever it held before
         # and in whatever order the store lists them, ends with the same table.
         self.routes = {n: r for n, r in self.routes.items() if not r.runtime}
@@ -474,15 +489,19 @@ class Router:
             self._names[name] = name
             for alias in route.aliases:
                 self._names.setdefault(alias, name)
-        skipped = []
+        self.skipped = dict(unreadable)
         # All routes first, fallbacks unchecked: two routes may fall back to each other.
         # Sorted: should the store hold two routes claiming one alias (written before it
         # refused that), every replica keeps the same one.
         for name in sorted(specs):
             try:
-                self.register(name, specs[name], check_fallbacks=False)
+                route = self.register(name, specs[name], check_fallbacks=False)
             except StellaError as exc:
-                skipped.append(f"route {name!r}: {exc.message}")
+                self.skipped[name] = exc.message
+                continue
+            if route.left_out:
+                self._served_without(name, specs[name])
+        skipped = [f"route {name!r}: {why}" for name, why in sorted(self.skipped.items())]
         # No default in the store (never switched, or a Redis restarted empty): the
         # configured one, as a replica starting now would have it.
         target = default or self.configured_default or self.default
@@ -495,6 +514,21 @@ class Router:
             skipped.append(f"default {target!r}: {exc.message}")
             self.set_default(self.configured_default)
         return skipped
+
+    def _served_without(self, name: str, rs: RouteSettings) -> None:
+        """Say that stored route `name`, made on a replica whose backends differ, is served
+        here without some it names: once per read of the store, not per call."""
+        named = [("backend", rs.backend)]
+        named += [(f"balance[{i}]", b) for i, b in enumerate(rs.balance) if b != rs.backend]
+        for where, backend in named:
+            if backend not in self.backends:
+                _log.warning(
+                    "stored_route_backend_missing",
+                    route=name,
+                    field=where,
+                    backend=backend,
+                    detail=f"{self._no_backend(backend)}: the route is served here without it",
+                )
 
     def remove(self, name: str) -> str:
         """Remove a runtime route (by its name or an alias) and return its name; the

@@ -177,7 +177,10 @@ async def model_infos(request: Request, call: Call) -> ModelList:
                 left_out=list(route.left_out),
             )
         )
-    return ModelList(models=out, default=router.default if may_use(router.default) else None)
+    # Only an admin may see routes beyond the table (their reasons name backends too).
+    skipped = dict(router.skipped) if call.principal.admin else {}
+    default = router.default if may_use(router.default) else None
+    return ModelList(models=out, default=default, skipped=skipped)
 
 
 @endpoint()
