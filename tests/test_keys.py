@@ -605,7 +605,7 @@ def test_the_last_admin_is_counted_among_the_stored_keys_a_replica_takes() -> No
     # name a key may not have, a digest that is none.
     store.keys.update(
         {
-            "newer": {**admin, "expires_at": 1},
+            "newer": {**admin, "team": "ml"},
             "bad|name": admin,
             "short": {"sha256": "abc", "admin": True},
         }
@@ -620,7 +620,7 @@ def test_stored_entries_no_replica_reads_are_listed_and_a_delete_removes_them(
 ) -> None:
     import redis as redis_py
 
-    entry = {"sha256": sha("sk-keys-newer-99999"), "expires_at": 1}
+    entry = {"sha256": sha("sk-keys-newer-99999"), "team": "ml"}
     client = redis_py.Redis.from_url(redis.url)
     try:
         client.hset(
@@ -640,7 +640,7 @@ def test_stored_entries_no_replica_reads_are_listed_and_a_delete_removes_them(
                 assert row["skipped"].startswith("unreadable: "), row
                 assert (row["admin"], row["models"], row["revoked"]) == (False, [], False)
             assert "not JSON" in rows["junk"]["skipped"]
-            assert "expires_at" in rows["newer"]["skipped"]
+            assert "team" in rows["newer"]["skipped"]
             # The name is taken while the entry is there; a DELETE removes it.
             assert c.post("/api/v1/keys", json={"name": "junk"}).status_code == 409
             for name in ("junk", "newer", "bad%7Cname"):
