@@ -4,6 +4,7 @@ a live server, and on two replicas sharing one real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import calendar
 import re
 import time
 from typing import Any
@@ -502,3 +503,108 @@ def test_a_stale_key_change_is_not_written(redis: Redis) -> None:  # noqa: F811
 
     asyncio.run(check(MemoryState()))
     asyncio.run(check(RedisState(StateSettings(redis_url=redis.url))))
+
+
+def test_the_duration_options_take_units() -> None:
+    import argparse
+
+    from stella.commands.keys import _duration
+
+    assert [_duration(t) for t in ("90", "90s", "15m", "12h", "30d", "1.5h")] == [
+        90,
+        90,
+        900,
+        43200,
+        2592000,
+        5400,
+    ]
+    for bad in ("", "1w", "-5m", "d", "5 d d"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _duration(bad)
+
+
+def test_the_clients_and_the_cli_manage_a_key_s_life() -> None:
+    import os
+
+    from stella.client import AsyncClient, Client, ConflictError, NotFoundError
+    from tests.live import stella_cli
+
+    with run_stella(KEYS) as s:
+        with Client(s.url, api_key=ROOT) as c:
+            ci = c.create_key("ci", models=["echo"], expires_in_s=3600)
+            assert STAMP.match(ci.expires_at) and not ci.expired
+            changed = c.update_key("ci", requests_per_minute=9, no_expiry=True)
+            assert (changed.requests_per_minute, changed.expires_at) == (9, "")
+            assert changed.models == ["echo"]  # left as it was
+            with pytest.raises(ValueError):
+                c.update_key("ci", expires_in_s=5, no_expiry=True)
+            with pytest.raises(ConflictError):
+                c.update_key("bob", admin=True)
+            rotated = c.rotate_key("ci", grace_s=600)
+            assert rotated.key != ci.key and STAMP.match(rotated.grace_until)
+            with Client(s.url, api_key=ci.key) as old:  # in its grace
+                assert old.chat([{"role": "user", "content": "hi"}], model="echo").response
+            gone = c.revoke_key("ci", purge=True)
+            assert gone.purged and gone.revoked == "ci"
+            with pytest.raises(NotFoundError):
+                c.revoke_key("ci", purge=True)
+
+        async def in_async() -> tuple[Any, Any, Any, Any]:
+            async with AsyncClient(s.url, api_key=ROOT) as c:
+                made = await c.create_key("async-ci", expires_in_s=60)
+                updated = await c.update_key("async-ci", admin=True, expires_in_s=120)
+                rotated = await c.rotate_key("async-ci")
+                purged = await c.revoke_key("async-ci", purge=True)
+                return made, updated, rotated, purged
+
+        made, updated, rotated, purged = asyncio.run(in_async())
+        assert made.expires_at <= updated.expires_at and updated.admin
+        assert rotated.key != made.key and not rotated.grace_until
+        assert purged.purged
+        assert (
+            httpx.post(s.url + "/api/v1/chat", json=CHAT, headers=bearer(made.key)).status_code
+            == 401
+        )
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+        env["STELLA_API_KEY"] = ROOT
+        url = ("--url", s.url)
+        created = stella_cli("keys", "create", "cli", "--expires-in", "30d", *url, env=env)
+        assert created.returncode == 0, created.stderr
+        first = created.stdout.strip()
+        bad = stella_cli("keys", "create", "x", "--expires-in", "1w", *url, env=env)
+        assert bad.returncode == 2 and "not a duration" in bad.stderr
+        table = stella_cli("keys", "list", *url, env=env)
+        header = table.stdout.splitlines()[0].split()
+        assert header[3:6] == ["CREATED", "EXPIRES", "REVOKED"]
+        (row,) = [line.split() for line in table.stdout.splitlines() if line.startswith("cli ")]
+        days = (calendar.timegm(time.strptime(row[4], "%Y-%m-%dT%H:%M:%SZ")) - time.time()) / 86400
+        assert 29.99 < days < 30.01, row
+        updated_cli = stella_cli(
+            "keys", "update", "cli", "--models", "echo", "--rpm", "4", "--no-expiry", *url, env=env
+        )
+        assert updated_cli.returncode == 0, updated_cli.stderr
+        assert updated_cli.stdout.strip() == "updated cli"
+        with Client(s.url, api_key=ROOT) as c:
+            (k,) = [k for k in c.list_keys().keys if k.name == "cli"]
+        assert (k.models, k.requests_per_minute, k.expires_at) == (["echo"], 4, "")
+        nothing = stella_cli("keys", "update", "cli", *url, env=env)
+        assert nothing.returncode == 1 and "nothing to change" in nothing.stderr
+        rotated_cli = stella_cli("keys", "rotate", "cli", "--grace", "1h", *url, env=env)
+        assert rotated_cli.returncode == 0, rotated_cli.stderr
+        second = rotated_cli.stdout.strip()
+        assert second.startswith("sk-stella-") and second != first
+        assert (
+            "shown once" in rotated_cli.stderr and "the old key works until" in rotated_cli.stderr
+        )
+        for key in (first, second):  # the old one in its grace
+            r = httpx.post(s.url + "/api/v1/chat", json=CHAT, headers=bearer(key))
+            assert r.status_code == 200
+        purged_cli = stella_cli("keys", "revoke", "cli", "--purge", *url, env=env)
+        assert purged_cli.returncode == 0, purged_cli.stderr
+        assert purged_cli.stdout.strip() == "purged cli (runtime)"
+        for key in (first, second):
+            r = httpx.post(s.url + "/api/v1/chat", json=CHAT, headers=bearer(key))
+            assert r.status_code == 401
+        again = stella_cli("keys", "create", "cli", *url, env=env)
+        assert again.returncode == 0, again.stderr
