@@ -74,6 +74,7 @@ DIALECTS = (
     "stella.api.aliases",
     "stella.api.admin",
     "stella.api.keys",
+    "stella.api.key_lifecycle",
 )
 _log = structlog.get_logger("stella")
 
@@ -92,6 +93,8 @@ class Services:
         self.router = Router(settings, self.backends)
         self.auth = Authenticator(settings)
         self.state: StateStore = make_state(settings)
+        # Expiries are on the store's clock, as every replica reads them.
+        self.auth.wall = self.state.wall
         self.admission: Admission = make_admission(settings, self.state)
         self.pipeline = Pipeline(
             self.router, logs.emitter(), admission=self.admission, log_content=settings.log.content

@@ -894,6 +894,12 @@ class KeyInfo(msgspec.Struct, omit_defaults=True):
     # stella stored these).
     created_at: str = ""
     revoked_at: str = ""
+    # When a runtime key stops working (UTC ISO 8601, to the second, on the store's
+    # clock; absent: never), and whether it has.
+    expires_at: str = ""
+    expired: bool = False
+    # When the secret a rotation replaced stops working (absent: none works any more).
+    grace_until: str = ""
     # Why this replica does not take a stored runtime key (absent: it does): an entry
     # no replica of this version can read (not JSON, a field it does not know, a bad
     # name or digest: listed with no models, no admin, limits 0; DELETE removes it), or
@@ -925,6 +931,9 @@ class KeyRevoked(msgspec.Struct, omit_defaults=True):
     sources: list[Literal["config", "env", "runtime"]] = msgspec.field(default_factory=list)
     # What else to know: a configured key's table or entry is still in the config.
     detail: str = ""
+    # DELETE ?purge=true: the runtime key's stored entry is gone, its name free again
+    # (its secrets stay revoked).
+    purged: bool = False
 
 
 class ConfigView(msgspec.Struct):

@@ -266,7 +266,7 @@ h1{margin:0 0 4px} .op{background:#fff;border:1px solid #e3e3ea;border-radius:8p
 summary{cursor:pointer;padding:10px 14px;display:flex;flex-wrap:wrap;gap:4px 12px;align-items:center}
 summary code{min-width:0;overflow-wrap:anywhere}
 .m{font:600 12px monospace;padding:2px 8px;border-radius:4px;color:#fff;min-width:54px;text-align:center}
-.get{background:#2f7d4f}.post{background:#2e5ea8}.delete{background:#b03a2e}
+.get{background:#2f7d4f}.post{background:#2e5ea8}.delete{background:#b03a2e}.patch{background:#8a6d1f}
 code,pre{font:13px ui-monospace,monospace} pre{background:#f2f2f6;padding:10px;overflow:auto;margin:0 14px 14px}
 </style></head><body><main><h1>stella API</h1><p id="sub"></p><div id="ops"></div></main>
 <script type="module">
