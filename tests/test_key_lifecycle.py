@@ -297,6 +297,12 @@ def test_a_rotation_without_grace_refuses_the_old_key_at_once() -> None:
     assert not any(k in repr(logged) for k in (old, new))
     (event,) = [e for e in logged if e["event"] == "key_change"]
     assert (event["action"], event["grace_s"], event["result"]) == ("rotate", 0.0, "ok")
+    # The schema says what was just done: the rotation's body may be left out.
+    (spec,) = asyncio.run(calls(app, ("GET", "/openapi.json", ROOT, None)))
+    body = spec.json()["paths"]["/api/v1/keys/{name}/rotate"]["post"]["requestBody"]
+    assert body["required"] is False
+    update = spec.json()["paths"]["/api/v1/keys/{name}"]["patch"]["requestBody"]
+    assert update["required"] is True
 
 
 def test_a_rotation_s_grace_ends_and_a_revocation_or_another_rotation_ends_it_sooner() -> None:

@@ -193,6 +193,7 @@ document(
         "more seconds (admin)",
         tag="admin",
         request=RotateKey,
+        request_optional=True,
         response=KeyCreated,
         admin=True,
         params=("name",),

@@ -43,6 +43,7 @@ class Operation:
     # request, response, stream_item, error and the bodies of `others` are structs, or
     # Schemas for bodies written without one.
     request: Any = None
+    request_optional: bool = False  # the body may be left out (its fields' defaults hold)
     response: Any = None
     stream: str = ""  # media type of a streamed alternative, e.g. application/x-ndjson
     # One line of an NDJSON stream, or one event of an SSE one (as OpenAPI 3.1 tools read a
@@ -120,7 +121,7 @@ def build_schema(without: frozenset[str] = frozenset()) -> dict[str, Any]:
             ]
         if op.request is not None:
             item["requestBody"] = {
-                "required": True,
+                "required": not op.request_optional,
                 "content": {"application/json": {"schema": by_type[op.request]}},
             }
         content: dict[str, Any] = {}
