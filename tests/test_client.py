@@ -828,6 +828,83 @@ def test_ctrl_c_while_models_waits_on_a_hung_server_exits_130_quietly() -> None:
     assert err == "" and out == ""
 
 
+@pytest.mark.parametrize(
+    ("lines", "then"),
+    [
+        ([], b"^C\r\n"),
+        (['{"type":"delta","text":"abc"}'], b"abc^C\r\n"),
+        (['{"type":"delta","text":"","reasoning":"hmm"}'], b"\x1b[2mhmm\x1b[22m^C\r\n"),
+    ],
+    ids=["before-any-text", "mid-answer", "mid-thinking"],
+)
+def test_ctrl_c_in_chat_leaves_the_terminal_on_a_new_line(lines: list[str], then: bytes) -> None:
+    # Ctrl-C typed while `stella chat` waited for its first words: the terminal showed
+    # "^C" and the shell's prompt after it on the same line. One line end, whatever
+    # line was open.
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    def own_terminal() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as at a shell, not a test run's
+        fcntl.ioctl(2, termios.TIOCSCTTY, 0)  # its Ctrl-C signals this process
+
+    leader, follower = pty.openpty()
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        hung.settimeout(30)
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stella", "chat", "--url", url, "hi"],
+            stdin=subprocess.DEVNULL,
+            stdout=follower,
+            stderr=follower,
+            env={"PATH": "/usr/bin:/bin", "TERM": "xterm"},
+            start_new_session=True,
+            preexec_fn=own_terminal,
+        )
+        os.close(follower)
+        shown = b""
+        try:
+            conn, _ = hung.accept()
+            with conn:
+                conn.settimeout(30)
+                assert conn.recv(4096).startswith(b"POST /api/v1/chat ")
+                start = '{"type":"start","id":"r1","model":"m","backend":"b","created":1.0}'
+                body = "".join(f"{line}\n" for line in [start, *lines]).encode()
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n"
+                    + f"{len(body):x}\r\n".encode()
+                    + body
+                    + b"\r\n"
+                )
+                if lines:  # its words on the terminal, before the Ctrl-C
+                    deadline = time.monotonic() + 30
+                    while not shown.endswith(then[:-4]) and time.monotonic() < deadline:
+                        if select.select([leader], [], [], 0.2)[0]:
+                            shown += os.read(leader, 4096)
+                wait_in_kernel(proc.pid, "poll")
+                os.write(leader, b"\x03")  # Ctrl-C, as typed
+                assert proc.wait(timeout=30) == 130
+            while select.select([leader], [], [], 1)[0]:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:  # EIO: the terminal's last writer is gone
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            os.close(leader)
+    assert shown == then, shown
+
+
 def test_cli_chat_error_line_and_a_reader_that_leaves(stella: LiveServer) -> None:
     env = {**os.environ, "STELLA_URL": stella.url}
     out = stella_cli("chat", "-m", "nope", "x", env=env)

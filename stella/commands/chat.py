@@ -91,12 +91,15 @@ class Thinking:
         self._midline = not piece.endswith("\n")
         self._say(text)
 
-    def end(self) -> None:
-        """End the thinking's line, before the answer, an error or the shell's prompt."""
-        if self._midline:
-            self._midline = False
-            self._line_start = True
-            self._say("\n")
+    def end(self) -> bool:
+        """End the thinking's line, before the answer, an error or the shell's prompt;
+        whether it was open."""
+        if not self._midline:
+            return False
+        self._midline = False
+        self._line_start = True
+        self._say("\n")
+        return True
 
     def _say(self, text: str) -> None:
         # stderr that cannot take it (closed, full, a reader gone) loses the thinking
@@ -207,11 +210,15 @@ def run(args: argparse.Namespace) -> int:
         print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
         return client_exit(exc)
     except KeyboardInterrupt:
-        if thinking is not None:
-            thinking.end()
-        if midline:  # the shell's prompt on a line of its own
+        # The shell's prompt on a line of its own, after the terminal's "^C": the line
+        # the thinking or the answer left open ends there, or else stderr's does.
+        ended = thinking is not None and thinking.end()
+        if midline:
             sys.stdout.write("\n")
             sys.stdout.flush()
+            ended = ended or _same_file(sys.stdout, sys.stderr)
+        if not ended and _is_tty(sys.stderr):
+            print(file=sys.stderr)
         return 130
     except OutputError:
         if thinking is not None:
