@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import email.utils
+import json
 import math
 import os
 import re
@@ -522,6 +523,24 @@ def _misbehaving_app() -> Any:
                 b'{"type":"delta","text":"ok"}\n',
                 b'{"type":"done","finish_reason":"stop"}\n',
             ]
+        elif content == "newer-reason":  # a way to end this client does not know yet
+            lines = [
+                b'{"type":"start","id":"r5","model":"m","backend":"b","created":1.0}\n',
+                b'{"type":"delta","text":"ok"}\n',
+                b'{"type":"done","finish_reason":"pause_turn","backend":"b"}\n',
+            ]
+            if not body.get("stream"):
+                answer = {
+                    "id": "r5",
+                    "model": "m",
+                    "backend": "b",
+                    "message": {"role": "assistant", "content": "ok"},
+                    "response": "ok",
+                    "finish_reason": "pause_turn",
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    "timings": {},
+                }
+                return Response(json.dumps(answer).encode(), media_type="application/json")
         elif content == "retryable":
             lines = [
                 b'{"type":"start","id":"r3","model":"m","backend":"b","created":1.0}\n',
@@ -589,7 +608,12 @@ async def test_answers_outside_the_protocol_are_client_errors(odd_server: str) -
             list(c.chat(_say("truncate"), stream=True))
         assert cut.value.code == "network_error" and cut.value.request_id == "req_fake"
         newer = list(c.chat(_say("newer"), stream=True))  # an unknown event type is skipped
-        assert [type(e) for e in newer] == [Start, Delta, Done]
+        assert [type(e) for e in newer] == [Start, Delta, sc.Done]
+        # A finish_reason a newer server may add is kept as it came, as unknown event
+        # types and error codes are taken: it was a ProtocolError after the whole answer.
+        *_, done = c.chat(_say("newer-reason"), stream=True)
+        assert isinstance(done, Done) and done.finish_reason == "pause_turn"
+        assert c.chat(_say("newer-reason")).finish_reason == "pause_turn"
         with pytest.raises(sc.TimeoutError) as inband:
             list(c.chat(_say("retryable"), stream=True))
         assert inband.value.retryable and inband.value.status == 0

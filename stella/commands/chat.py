@@ -124,8 +124,8 @@ def _number(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     """Stream the answer; exit 1 with one line on error."""
-    from stella.client import StellaClientError
-    from stella.protocol import Delta, Done, ToolCall
+    from stella.client import Done, StellaClientError
+    from stella.protocol import Delta, ToolCall
 
     if args.prompt is not None:
         prompt = args.prompt
