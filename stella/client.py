@@ -614,7 +614,8 @@ def _generate_body(
 
 
 def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
-    typed = base_url or os.environ.get("STELLA_URL") or DEFAULT_URL
+    # Outer spaces are never part of a URL, as of a key: a pasted one, or a file's newline.
+    typed = (base_url or "").strip() or os.environ.get("STELLA_URL", "").strip() or DEFAULT_URL
     # The scheme is looked for before trailing slashes go: "http://" stripped is "http:",
     # which would read as a host named "http".
     url = (typed if "://" in typed else "http://" + typed).rstrip("/")  # "localhost:8000"

@@ -1028,6 +1028,18 @@ def test_a_url_without_a_scheme_is_http(stella: LiveServer) -> None:
     assert out.returncode == 0 and "echo" in out.stdout, out.stderr
 
 
+async def test_a_url_with_outer_whitespace_is_trimmed(stella: LiveServer) -> None:
+    # A URL pasted with its spaces, or read from a file with its newline, was refused as
+    # one whose "scheme must be http:// or https://"; the key was trimmed already.
+    with sc.Client(f" {stella.url}/\n") as c:
+        assert c.url == stella.url and any(m.name == "echo" for m in c.models().models)
+    async with sc.AsyncClient(f"\t{stella.url} ") as ac:
+        assert ac.url == stella.url
+    env = {"PATH": "/usr/bin:/bin", "STELLA_URL": f" {stella.url}\n"}
+    out = stella_cli("models", env=env)
+    assert out.returncode == 0 and "echo" in out.stdout, out.stderr
+
+
 SEPARATORS = "one\u2028two three\u2029four five\x85six"
 
 
