@@ -817,6 +817,11 @@ def test_cli_chat_numbers_are_checked_and_explained() -> None:
         out = stella_cli("chat", "--url", "http://127.0.0.1:9", "--temperature", bad, "hi", env=env)
         # A usage error, as any bad flag (it was exit 1: refused by the client).
         assert out.returncode == 2 and "--temperature" in out.stderr, (bad, out.stderr)
+    # A count of tokens is a whole number, 1 or more: -5 and 0 reached the server.
+    for bad, why in (("-5", "must be at least 1"), ("0", "must be at least 1"), ("1.5", "")):
+        out = stella_cli("chat", "--url", "http://127.0.0.1:9", "--max-tokens", bad, "hi", env=env)
+        assert out.returncode == 2 and "argument --max-tokens: " in out.stderr, (bad, out.stderr)
+        assert why in out.stderr and "Traceback" not in out.stderr, out.stderr
     helped = " ".join(stella_cli("chat", "--help", env=env).stdout.split())
     assert "--max-tokens MAX_TOKENS at most this many tokens in the answer" in helped
     assert "--temperature TEMPERATURE sampling temperature" in helped

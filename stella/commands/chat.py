@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", help="API key (default: $STELLA_API_KEY)")
     parser.add_argument(
         "--max-tokens",
-        type=int,
+        type=_tokens,
         help="at most this many tokens in the answer (default: the model's)",
     )
     parser.add_argument(
@@ -107,6 +107,17 @@ class Thinking:
         with contextlib.suppress(OSError, ValueError):
             self._stream.write(text)
             self._stream.flush()
+
+
+def _tokens(text: str) -> int:
+    """A count of tokens: a whole number, 1 or more (the server refuses less, as a 400)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _number(text: str) -> float:
