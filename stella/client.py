@@ -4,7 +4,7 @@
     with Client() as c:                      # STELLA_URL / STELLA_API_KEY, or arguments
         print(c.chat([{"role": "user", "content": "hi"}]).response)
         with c.chat([{"role": "user", "content": "hi"}], stream=True) as events:
-            for event in events:             # stella.protocol.Start / Delta / ToolCall / Done
+            for event in events:             # Start / Delta / ToolCall (stella.protocol), Done
                 ...
 
 Errors raise a `StellaClientError` subclass per error code; a stream's HTTP error
@@ -40,12 +40,12 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from stella import protocol
 from stella.protocol import (
-    ChatResponse,
     Delta,
-    Done,
     EmbedResponse,
     Error,
+    FinishReason,
     KeyCreated,
     KeyInfo,
     KeyList,
@@ -53,9 +53,26 @@ from stella.protocol import (
     ModelList,
     Ping,
     Start,
-    StreamEvent,
     ToolCall,
 )
+
+
+# The server sends one of FinishReason; a newer one may end for a reason more, as it may
+# send event types and error codes more. The client keeps such a reason as the string it
+# came as (its answer is whole), so its own types widen the field the server's keep strict.
+class Done(protocol.Done, tag="done"):
+    """A stream's `done` line as the client reads it: its `finish_reason` one of
+    FinishReason, or a reason a newer server added, as it came."""
+
+    finish_reason: FinishReason | str  # type: ignore[assignment]
+
+
+class ChatResponse(protocol.ChatResponse):
+    """A non-stream answer as the client reads it: its `finish_reason` one of
+    FinishReason, or a reason a newer server added, as it came."""
+
+    finish_reason: FinishReason | str  # type: ignore[assignment]
+
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # As the OpenAI SDK: a long wait for an answer, a short one for a connection.
@@ -65,7 +82,7 @@ DEFAULT_MAX_RETRIES = 2
 _HEADER_SAFE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # the scheme of a URL as typed
 _SLASH_SHORT = re.compile(r"https?:/?(?!/)", re.IGNORECASE)  # "http:/host", "https:host"
-_event = msgspec.json.Decoder(StreamEvent)
+_event = msgspec.json.Decoder(Start | Delta | Ping | ToolCall | Done | Error)
 _response = msgspec.json.Decoder(ChatResponse)
 _models = msgspec.json.Decoder(ModelList)
 _embedded = msgspec.json.Decoder(EmbedResponse)
@@ -631,7 +648,8 @@ def _generate_body(
 
 
 def _config(base_url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
-    typed = base_url or os.environ.get("STELLA_URL") or DEFAULT_URL
+    # Outer spaces are never part of a URL, as of a key: a pasted one, or a file's newline.
+    typed = (base_url or "").strip() or os.environ.get("STELLA_URL", "").strip() or DEFAULT_URL
     # The scheme is looked for before trailing slashes go: "http://" stripped is "http:",
     # which would read as a host named "http".
     url = (typed if "://" in typed else "http://" + typed).rstrip("/")  # "localhost:8000"

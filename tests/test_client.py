@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import email.utils
+import json
 import math
 import os
 import re
@@ -522,6 +523,24 @@ def _misbehaving_app() -> Any:
                 b'{"type":"delta","text":"ok"}\n',
                 b'{"type":"done","finish_reason":"stop"}\n',
             ]
+        elif content == "newer-reason":  # a way to end this client does not know yet
+            lines = [
+                b'{"type":"start","id":"r5","model":"m","backend":"b","created":1.0}\n',
+                b'{"type":"delta","text":"ok"}\n',
+                b'{"type":"done","finish_reason":"pause_turn","backend":"b"}\n',
+            ]
+            if not body.get("stream"):
+                answer = {
+                    "id": "r5",
+                    "model": "m",
+                    "backend": "b",
+                    "message": {"role": "assistant", "content": "ok"},
+                    "response": "ok",
+                    "finish_reason": "pause_turn",
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    "timings": {},
+                }
+                return Response(json.dumps(answer).encode(), media_type="application/json")
         elif content == "retryable":
             lines = [
                 b'{"type":"start","id":"r3","model":"m","backend":"b","created":1.0}\n',
@@ -589,7 +608,12 @@ async def test_answers_outside_the_protocol_are_client_errors(odd_server: str) -
             list(c.chat(_say("truncate"), stream=True))
         assert cut.value.code == "network_error" and cut.value.request_id == "req_fake"
         newer = list(c.chat(_say("newer"), stream=True))  # an unknown event type is skipped
-        assert [type(e) for e in newer] == [Start, Delta, Done]
+        assert [type(e) for e in newer] == [Start, Delta, sc.Done]
+        # A finish_reason a newer server may add is kept as it came, as unknown event
+        # types and error codes are taken: it was a ProtocolError after the whole answer.
+        *_, done = c.chat(_say("newer-reason"), stream=True)
+        assert isinstance(done, Done) and done.finish_reason == "pause_turn"
+        assert c.chat(_say("newer-reason")).finish_reason == "pause_turn"
         with pytest.raises(sc.TimeoutError) as inband:
             list(c.chat(_say("retryable"), stream=True))
         assert inband.value.retryable and inband.value.status == 0
@@ -793,6 +817,11 @@ def test_cli_chat_numbers_are_checked_and_explained() -> None:
         out = stella_cli("chat", "--url", "http://127.0.0.1:9", "--temperature", bad, "hi", env=env)
         # A usage error, as any bad flag (it was exit 1: refused by the client).
         assert out.returncode == 2 and "--temperature" in out.stderr, (bad, out.stderr)
+    # A count of tokens is a whole number, 1 or more: -5 and 0 reached the server.
+    for bad, why in (("-5", "must be at least 1"), ("0", "must be at least 1"), ("1.5", "")):
+        out = stella_cli("chat", "--url", "http://127.0.0.1:9", "--max-tokens", bad, "hi", env=env)
+        assert out.returncode == 2 and "argument --max-tokens: " in out.stderr, (bad, out.stderr)
+        assert why in out.stderr and "Traceback" not in out.stderr, out.stderr
     helped = " ".join(stella_cli("chat", "--help", env=env).stdout.split())
     assert "--max-tokens MAX_TOKENS at most this many tokens in the answer" in helped
     assert "--temperature TEMPERATURE sampling temperature" in helped
@@ -826,6 +855,83 @@ def test_ctrl_c_while_models_waits_on_a_hung_server_exits_130_quietly() -> None:
                 proc.wait(10)
     assert proc.returncode == 130, err
     assert err == "" and out == ""
+
+
+@pytest.mark.parametrize(
+    ("lines", "then"),
+    [
+        ([], b"^C\r\n"),
+        (['{"type":"delta","text":"abc"}'], b"abc^C\r\n"),
+        (['{"type":"delta","text":"","reasoning":"hmm"}'], b"\x1b[2mhmm\x1b[22m^C\r\n"),
+    ],
+    ids=["before-any-text", "mid-answer", "mid-thinking"],
+)
+def test_ctrl_c_in_chat_leaves_the_terminal_on_a_new_line(lines: list[str], then: bytes) -> None:
+    # Ctrl-C typed while `stella chat` waited for its first words: the terminal showed
+    # "^C" and the shell's prompt after it on the same line. One line end, whatever
+    # line was open.
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    def own_terminal() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # as at a shell, not a test run's
+        fcntl.ioctl(2, termios.TIOCSCTTY, 0)  # its Ctrl-C signals this process
+
+    leader, follower = pty.openpty()
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        hung.settimeout(30)
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stella", "chat", "--url", url, "hi"],
+            stdin=subprocess.DEVNULL,
+            stdout=follower,
+            stderr=follower,
+            env={"PATH": "/usr/bin:/bin", "TERM": "xterm"},
+            start_new_session=True,
+            preexec_fn=own_terminal,
+        )
+        os.close(follower)
+        shown = b""
+        try:
+            conn, _ = hung.accept()
+            with conn:
+                conn.settimeout(30)
+                assert conn.recv(4096).startswith(b"POST /api/v1/chat ")
+                start = '{"type":"start","id":"r1","model":"m","backend":"b","created":1.0}'
+                body = "".join(f"{line}\n" for line in [start, *lines]).encode()
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n"
+                    + f"{len(body):x}\r\n".encode()
+                    + body
+                    + b"\r\n"
+                )
+                if lines:  # its words on the terminal, before the Ctrl-C
+                    deadline = time.monotonic() + 30
+                    while not shown.endswith(then[:-4]) and time.monotonic() < deadline:
+                        if select.select([leader], [], [], 0.2)[0]:
+                            shown += os.read(leader, 4096)
+                wait_in_kernel(proc.pid, "poll")
+                os.write(leader, b"\x03")  # Ctrl-C, as typed
+                assert proc.wait(timeout=30) == 130
+            while select.select([leader], [], [], 1)[0]:
+                try:
+                    chunk = os.read(leader, 4096)
+                except OSError:  # EIO: the terminal's last writer is gone
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            os.close(leader)
+    assert shown == then, shown
 
 
 def test_cli_chat_error_line_and_a_reader_that_leaves(stella: LiveServer) -> None:
@@ -924,6 +1030,18 @@ def test_a_url_without_a_scheme_is_http(stella: LiveServer) -> None:
     with sc.Client(bare) as c:
         assert any(m.name == "echo" for m in c.models().models)
     out = stella_cli("models", "--url", bare)
+    assert out.returncode == 0 and "echo" in out.stdout, out.stderr
+
+
+async def test_a_url_with_outer_whitespace_is_trimmed(stella: LiveServer) -> None:
+    # A URL pasted with its spaces, or read from a file with its newline, was refused as
+    # one whose "scheme must be http:// or https://"; the key was trimmed already.
+    with sc.Client(f" {stella.url}/\n") as c:
+        assert c.url == stella.url and any(m.name == "echo" for m in c.models().models)
+    async with sc.AsyncClient(f"\t{stella.url} ") as ac:
+        assert ac.url == stella.url
+    env = {"PATH": "/usr/bin:/bin", "STELLA_URL": f" {stella.url}\n"}
+    out = stella_cli("models", env=env)
     assert out.returncode == 0 and "echo" in out.stdout, out.stderr
 
 

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", help="API key (default: $STELLA_API_KEY)")
     parser.add_argument(
         "--max-tokens",
-        type=int,
+        type=_tokens,
         help="at most this many tokens in the answer (default: the model's)",
     )
     parser.add_argument(
@@ -91,12 +91,15 @@ class Thinking:
         self._midline = not piece.endswith("\n")
         self._say(text)
 
-    def end(self) -> None:
-        """End the thinking's line, before the answer, an error or the shell's prompt."""
-        if self._midline:
-            self._midline = False
-            self._line_start = True
-            self._say("\n")
+    def end(self) -> bool:
+        """End the thinking's line, before the answer, an error or the shell's prompt;
+        whether it was open."""
+        if not self._midline:
+            return False
+        self._midline = False
+        self._line_start = True
+        self._say("\n")
+        return True
 
     def _say(self, text: str) -> None:
         # stderr that cannot take it (closed, full, a reader gone) loses the thinking
@@ -104,6 +107,17 @@ class Thinking:
         with contextlib.suppress(OSError, ValueError):
             self._stream.write(text)
             self._stream.flush()
+
+
+def _tokens(text: str) -> int:
+    """A count of tokens: a whole number, 1 or more (the server refuses less, as a 400)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _number(text: str) -> float:
@@ -121,8 +135,8 @@ def _number(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     """Stream the answer; exit 1 with one line on error."""
-    from stella.client import StellaClientError
-    from stella.protocol import Delta, Done, ToolCall
+    from stella.client import Done, StellaClientError
+    from stella.protocol import Delta, ToolCall
 
     if args.prompt is not None:
         prompt = args.prompt
@@ -207,11 +221,15 @@ def run(args: argparse.Namespace) -> int:
         print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
         return client_exit(exc)
     except KeyboardInterrupt:
-        if thinking is not None:
-            thinking.end()
-        if midline:  # the shell's prompt on a line of its own
+        # The shell's prompt on a line of its own, after the terminal's "^C": the line
+        # the thinking or the answer left open ends there, or else stderr's does.
+        ended = thinking is not None and thinking.end()
+        if midline:
             sys.stdout.write("\n")
             sys.stdout.flush()
+            ended = ended or _same_file(sys.stdout, sys.stderr)
+        if not ended and _is_tty(sys.stderr):
+            print(file=sys.stderr)
         return 130
     except OutputError:
         if thinking is not None:

@@ -11,8 +11,9 @@
 //
 // Events are the protocol's lines: start, delta, tool_call, done ({type: "ping"} lines,
 // and types this version does not know, are skipped; a line that is not an event is
-// code "bad_response"). An HTTP error, an in-band `error` line, a broken connection or a stream
-// that ends without its done line throws a StellaError. Aborting the AbortSignal (Stop)
+// code "bad_response", as is a redirect: stella.js follows none). An HTTP error, an
+// in-band `error` line, a broken connection or a stream that ends without its done line
+// throws a StellaError. Aborting the AbortSignal (Stop)
 // cancels the request (the server stops generating) and ends the loop quietly; a
 // signal that times out (AbortSignal.timeout) throws code "timeout". Leaving the loop
 // early (break, return, an exception) cancels the request too. An API key an HTTP
@@ -167,6 +168,30 @@ function networkError(err, requestId = "", beforeAnswer = false) {
 
 const KNOWN = new Set(["start", "delta", "tool_call", "done", "error"]);
 
+/**
+ * A redirect as the bad_response it is, or null for any other answer. stella.js follows
+ * none (every fetch asks for `redirect: "manual"`): a 307 or 308 would send the prompt and
+ * the key on to wherever it points, and that answer would be read as stella's. A browser
+ * shows a manual redirect as an `opaqueredirect` (status 0, no Location); node's fetch
+ * gives the 3xx itself.
+ */
+async function redirected(res, url) {
+  const opaque = res.type === "opaqueredirect";
+  if (!opaque && !(res.status >= 300 && res.status < 400)) return null;
+  const where = opaque ? "" : res.headers.get("Location") || "";
+  const requestId = opaque ? "" : res.headers.get("X-Request-ID") || "";
+  // Its body is not wanted: cancelling it lets the connection go.
+  if (res.body) await res.body.cancel().catch(() => {});
+  const status = opaque ? "a redirect" : `${res.status} ${res.statusText}`.trim() + ", a redirect";
+  return new StellaError({
+    status: res.status,
+    code: "bad_response",
+    message: `${url || "the page's origin"} answered ${status}${where ? ` to ${where}` : ""}; ` +
+      "stella.js follows none: give the URL it points to as baseUrl",
+    requestId,
+  });
+}
+
 /** The server's address without a trailing slash ("" for the page's own origin). */
 function base(baseUrl) {
   return (baseUrl || "").replace(/\/+$/, "");
@@ -180,12 +205,15 @@ async function* streamEvents(path, body, { signal, apiKey, baseUrl = "", fetch: 
       headers: headersFor(apiKey),
       body: JSON.stringify({ ...body, stream: true }),
       signal,
+      redirect: "manual",
     });
   } catch (err) {
     const abort = whenAborted(err, signal);
     if (abort === null) return;
     throw abort || networkError(err, "", true);
   }
+  const redirect = await redirected(res, base(baseUrl));
+  if (redirect) throw redirect;
   if (!res.ok) throw await httpError(res);
   const requestId = res.headers.get("X-Request-ID") || "";
   let ended = false;
@@ -248,8 +276,10 @@ async function callJson(path, init, { apiKey, baseUrl = "", signal, fetch: fetch
   let answered = false;
   try {
     const headers = { ...headersFor(apiKey), Accept: "application/json" };
-    const res = await fetchImpl(base(baseUrl) + path, { ...init, headers, signal });
+    const res = await fetchImpl(base(baseUrl) + path, { ...init, headers, signal, redirect: "manual" });
     answered = true;
+    const redirect = await redirected(res, base(baseUrl));
+    if (redirect) throw redirect;
     if (!res.ok) throw await httpError(res);
     return await res.json();
   } catch (err) {

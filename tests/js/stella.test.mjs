@@ -310,3 +310,48 @@ test("a reasoning model's thinking comes in delta events' reasoning, text \"\" w
   assert.equal(deltas.map((e) => e.text).join(""), "Blue light."); // a reader of text alone: the answer
   assert.equal(events.at(-1).type, "done");
 });
+
+test("a redirect is bad_response and nothing goes on to where it points", async () => {
+  const followed = [];
+  const { server: elsewhere, baseUrl: there } = await listen((req, res) => {
+    followed.push(req.url);
+    res.writeHead(200, { "Content-Type": "application/json" });
+    res.end(req.url === "/api/v1/chat" ? '{"type":"start","id":"x"}\n{"type":"done"}\n' : '{"models":[],"default":"m"}');
+  });
+  const { server, baseUrl } = await listen((req, res) => {
+    req.resume();
+    res.writeHead(308, { Location: there + req.url, "X-Request-ID": "req_r" });
+    res.end("moved");
+  });
+  try {
+    const isRedirect = (err) => {
+      assert.ok(err instanceof StellaError);
+      assert.equal(err.code, "bad_response");
+      assert.equal(err.status, 308);
+      assert.equal(err.requestId, "req_r");
+      assert.match(err.message, /308 Permanent Redirect, a redirect to http:\/\/127\.0\.0\.1:\d+\/api\/v1\/\w+; stella\.js follows none/);
+      return true;
+    };
+    await assert.rejects(() => collect(chat({ messages: [{ role: "user", content: "secret" }] }, { baseUrl, apiKey: "sk-k" })), isRedirect);
+    await assert.rejects(() => models({ baseUrl }), isRedirect);
+    await assert.rejects(() => embed({ input: "x" }, { baseUrl }), isRedirect);
+    assert.deepEqual(followed, []);
+    // A browser's manual redirect: an opaqueredirect, status 0 and no Location to show.
+    let init;
+    const opaque = async (u, i) => {
+      init = i;
+      const res = new Response(null, { status: 200 });
+      Object.defineProperty(res, "type", { value: "opaqueredirect" });
+      Object.defineProperty(res, "status", { value: 0 });
+      return res;
+    };
+    await assert.rejects(() => collect(chat({ messages: [] }, { fetch: opaque })),
+      (err) => err instanceof StellaError && err.code === "bad_response" && err.status === 0 && /a redirect; stella\.js follows none/.test(err.message));
+    assert.equal(init.redirect, "manual");
+    await assert.rejects(() => models({ fetch: opaque }), (err) => err.code === "bad_response");
+    assert.equal(init.redirect, "manual");
+  } finally {
+    server.close();
+    elsewhere.close();
+  }
+});
