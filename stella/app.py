@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import importlib
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -54,6 +52,7 @@ from stella.settings import (
     load_settings,
     secret_values,
 )
+from stella.shutdown import chain_signals
 from stella.state import (
     MemoryState,
     RoutingVersion,
@@ -494,7 +493,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         for backend in svc.backends.values():
             await backend.start()
             started.append(backend)
-        _chain_signals(svc.drain)
+        chain_signals(svc.drain)
         if isinstance(svc.state, SharedState):  # shared state: follow other replicas
             follower = asyncio.create_task(_follow_routing(svc, svc.state, restored))
         _log.info(
@@ -620,21 +619,3 @@ def apply_keys(auth: Authenticator, keys: StoredKeys) -> None:
     that can't be applied is left out with a warning, every time it is read)."""
     for why in auth.apply_stored(keys.keys, keys.revoked):
         _log.warning("stored_key_skipped", reason=why)
-
-
-def _chain_signals(drain: Drain) -> None:
-    """On SIGTERM/SIGINT begin draining, then let the server's own handler run."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.getsignal(sig)
-        if not callable(previous) or getattr(previous, "_stella", False):
-            continue
-
-        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
-            loop.call_soon_threadsafe(drain.begin)
-            previous(signum, frame)
-
-        handler._stella = True  # type: ignore[attr-defined]
-        signal.signal(sig, handler)

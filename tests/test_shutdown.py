@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
+import pty
+import select
 import signal
 import socket
 import time
@@ -362,6 +365,132 @@ async def test_a_call_that_would_wait_during_the_drain_is_refused_soon() -> None
         assert took < 3.0, took  # DRAIN_ADMIT_S, not the 6 s drain
         await asyncio.wait_for(holder, 15)
         assert await asyncio.to_thread(server.proc.wait, 15) == 0
+
+
+async def chat_once(url: str, words: int) -> httpx.Response:
+    """One non-stream chat completion on the slow model (OpenAI's dialect)."""
+    body = {"model": "slow", "messages": [{"role": "user", "content": " ".join(["w"] * words)}]}
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await client.post(url + "/v1/chat/completions", json=body)
+
+
+async def test_a_second_ctrl_c_cuts_the_drain_as_its_timeout_does() -> None:
+    """Ctrl-C twice (nothing said while the drain waited): uvicorn forced its exit,
+    cancelling the calls: a 500, a stream without its last line, tracebacks, 499s in the
+    log. The second signal now cuts the drain, as its timeout would, and the exit follows."""
+    with run_stella({**CONFIG, "server": {"drain_timeout_s": 30}}) as server:
+        lines: list[dict] = []
+        started = asyncio.Event()
+        streaming = asyncio.create_task(stream(server.url, 300, lines, started))
+        answering = asyncio.create_task(chat_once(server.url, 300))
+        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.sleep(0.5)  # the non-stream call runs as well
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        draining = await asyncio.to_thread(server.wait_event, lambda e: True, 10, "draining")
+        await asyncio.sleep(0.7)
+        server.proc.send_signal(signal.SIGINT)
+        answer = await asyncio.wait_for(answering, 10)
+        await asyncio.wait_for(streaming, 10)
+        code = await asyncio.to_thread(server.proc.wait, 15)
+        took = time.monotonic() - t0
+        assert code == 0
+        assert took < 5, took  # not the 30 s drain
+        assert draining["signal"] == "SIGINT" and draining["calls"] == 2
+        assert draining["drain_timeout_s"] == 30
+        assert "detail" not in draining  # no terminal to press Ctrl-C at
+        (cut,) = server.events("drain_cut")
+        assert cut["calls"] == 2 and "request_id" not in cut
+        assert lines[-1]["type"] == "error" and lines[-1]["code"] == "shutting_down"
+        assert [e["type"] for e in lines].count("error") == 1
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "shutting_down"
+        logged = server.lines()
+        assert not [ln for ln in logged if "Traceback" in ln or "Exception in ASGI" in ln], logged
+        events = server.events("inference")
+        assert sorted(e["stream"] for e in events) == [False, True]
+        for event in events:
+            assert event["status"] == 503 and event["error_code"] == "shutting_down", event
+        assert server.events("stopped"), "logs were flushed before exit"
+
+
+def test_a_ctrl_c_at_a_terminal_says_how_to_end_the_calls_at_once() -> None:
+    """The `draining` line tells someone at a terminal that Ctrl-C again ends the calls."""
+    main, side = pty.openpty()
+    try:
+        with run_stella({**CONFIG, "server": {"drain_timeout_s": 30}}, stdout=side) as server:
+            os.close(side)
+            side = -1
+            body = {"model": "slow", "messages": [{"role": "user", "content": "w " * 300}]}
+            with httpx.Client(timeout=30) as client:
+                with client.stream("POST", server.url + "/api/v1/chat", json=body) as r:
+                    lines = r.iter_lines()
+                    assert json.loads(next(lines))["type"] == "start"
+                    assert json.loads(next(lines))["type"] == "delta"
+                    server.proc.send_signal(signal.SIGINT)
+                    said = _read_until(main, b'"event":"draining"')
+                    server.proc.send_signal(signal.SIGINT)
+                    assert json.loads(list(lines)[-1])["code"] == "shutting_down"
+            assert server.proc.wait(15) == 0
+    finally:
+        os.close(main)
+        if side >= 0:
+            os.close(side)
+    (draining,) = [json.loads(ln) for ln in said.splitlines() if b'"draining"' in ln]
+    assert draining["calls"] == 1
+    assert draining["detail"] == "Ctrl-C again to end the calls now"
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 10) -> bytes:
+    """What the terminal `fd` shows, read until a line with `marker` has come whole."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker in got and got.endswith(b"\n"):
+            return got
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            got += os.read(fd, 65536)
+    raise AssertionError(f"no {marker!r} within {timeout}s: {got[-2000:]!r}")
+
+
+def test_a_ctrl_c_under_workers_is_not_taken_twice_for_the_supervisor_passing_it_on() -> None:
+    """At a terminal a Ctrl-C reaches the supervisor and every worker, and the supervisor
+    passes it on as SIGTERM: a worker takes that as the same signal, not as a second one
+    cutting its drain; another Ctrl-C later does cut it."""
+    config = {**CONFIG, "server": {"drain_timeout_s": 30, "workers": 2}}
+    with run_stella(config) as server:
+        pids: set[int] = set()
+        deadline = time.monotonic() + 30
+        while len(pids) < 2 and time.monotonic() < deadline:
+            pids = {e["pid"] for e in server.events("started")}
+            time.sleep(0.05)
+        assert len(pids) == 2, server.lines()
+
+        def ctrl_c() -> None:  # as a terminal sends it: to the supervisor and its workers
+            for pid in (server.proc.pid, *pids):
+                with contextlib.suppress(ProcessLookupError):  # an idle worker has ended
+                    os.kill(pid, signal.SIGINT)
+
+        body = {"model": "slow", "messages": [{"role": "user", "content": "w " * 300}]}
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", server.url + "/api/v1/chat", json=body) as r:
+                lines = r.iter_lines()
+                assert json.loads(next(lines))["type"] == "start"
+                ctrl_c()
+                server.wait_event(lambda e: True, 10, "draining")
+                time.sleep(1)  # the supervisor's SIGTERM has come
+                assert not server.events("drain_cut")
+                assert server.proc.poll() is None
+                ctrl_c()
+                ended = json.loads(list(lines)[-1])
+        assert ended["code"] == "shutting_down", ended
+        assert server.proc.wait(15) == 0
+        assert {e["pid"] for e in server.events("draining")} == pids
+        # The idle worker ended with the first Ctrl-C (had it not yet, its cut ends nothing).
+        assert [c["calls"] for c in server.events("drain_cut") if c["calls"]] == [1]
+        assert not [ln for ln in server.lines() if "Traceback" in ln]
+        assert {e["pid"] for e in server.events("stopped")} == pids
 
 
 def in_process(**extra: object) -> Any:

@@ -7,12 +7,22 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import Iterator
+from types import FrameType
 
 import uvicorn
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, except that a SIGTERM ends in exit 0 after the drain."""
+    """uvicorn's server, except that a SIGTERM ends in exit 0 after the drain, and that a
+    second signal does not force the exit."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """Begin the shutdown, however many signals come."""
+        # uvicorn's own forces the exit on a second SIGINT: no app shutdown, the request
+        # tasks cancelled (500s, streams cut without their last line, tracebacks).
+        # Once serving, the app's handler takes a second signal as a cut of its drain
+        # (stella.shutdown); one that came during the start changes nothing.
+        self.should_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
