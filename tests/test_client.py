@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,6 +25,7 @@ import pytest
 from stella import client as sc
 from stella.protocol import ChatResponse, Delta, Done, Start
 from tests.live import (
+    ROOT,
     LiveServer,
     free_port,
     run_stella,
@@ -1170,3 +1172,24 @@ def test_every_code_stella_sends_has_its_client_error() -> None:
     assert {"not_supported", "upstream_path_not_found", "internal_error"} <= codes
     assert codes <= set(BY_CODE), codes - set(BY_CODE)
     assert {400, 431, 501} <= set(BY_STATUS)
+
+
+def test_the_readme_s_python_client_example_runs_as_given(stella: LiveServer) -> None:
+    """README's Python client section had no example to copy, and its Embeddings section
+    called `embed` on the class; its example now runs as written, with STELLA_URL set."""
+    readme = (ROOT / "README.md").read_text()
+    assert not re.search(r"(?<!\w)(Async)?Client\.(chat|generate|embed|models|health)\(", readme)
+    blocks = re.findall(r"^( *)```python\n(.*?)^\1```$", readme, re.M | re.S)
+    (code,) = [textwrap.dedent(b) for _, b in blocks if "from stella.client import" in b]
+    env = {**os.environ, "STELLA_URL": stella.url, "STELLA_API_KEY": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    # echo answers with the last user message, word for word.
+    assert out.stdout.splitlines() == [
+        "Why is the sky blue? stop 5",
+        "And at sunset?",
+        "[stop]",
+        "2",
+    ]
