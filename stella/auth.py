@@ -95,6 +95,7 @@ def key_principal(name: str, k: KeySettings, lim: LimitsSettings) -> Principal:
         max_concurrent=k.max_concurrent or lim.max_concurrent,
         requests_per_day=k.requests_per_day or lim.requests_per_day,
         tokens_per_day=k.tokens_per_day or lim.tokens_per_day,
+        usd_per_day=k.usd_per_day or lim.usd_per_day,
     )
 
 
@@ -154,6 +155,7 @@ class Authenticator:
                 max_concurrent=lim.max_concurrent,
                 requests_per_day=lim.requests_per_day,
                 tokens_per_day=lim.tokens_per_day,
+                usd_per_day=lim.usd_per_day,
             )
             if (
                 lim.requests_per_minute
@@ -161,6 +163,7 @@ class Authenticator:
                 or lim.max_concurrent
                 or lim.requests_per_day
                 or lim.tokens_per_day
+                or lim.usd_per_day
             )
             or not is_loopback(host)
             else ANONYMOUS

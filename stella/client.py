@@ -74,7 +74,7 @@ _key_revoked = msgspec.json.Decoder(KeyRevoked)
 
 
 def _key_body(
-    name: str, models: list[str] | None, admin: bool, limits: dict[str, int]
+    name: str, models: list[str] | None, admin: bool, limits: dict[str, float]
 ) -> dict[str, Any]:
     """The body of POST /api/v1/keys: a limit left at 0 is left out (the default)."""
     body: dict[str, Any] = {"name": name, "admin": admin}
@@ -1031,6 +1031,7 @@ class Client:
         max_concurrent: int = 0,
         requests_per_day: int = 0,
         tokens_per_day: int = 0,
+        usd_per_day: float = 0.0,
     ) -> KeyCreated:
         """POST /api/v1/keys (admin): a runtime key; `.key` is the key, shown this once."""
         limits = {
@@ -1039,6 +1040,7 @@ class Client:
             "max_concurrent": max_concurrent,
             "requests_per_day": requests_per_day,
             "tokens_per_day": tokens_per_day,
+            "usd_per_day": usd_per_day,
         }
         r = self._send("POST", "/api/v1/keys", _key_body(name, models, admin, limits))
         return _decode(_key_created, r.content, self.url, r.status_code)
@@ -1336,6 +1338,7 @@ class AsyncClient:
         max_concurrent: int = 0,
         requests_per_day: int = 0,
         tokens_per_day: int = 0,
+        usd_per_day: float = 0.0,
     ) -> KeyCreated:
         """POST /api/v1/keys (admin): a runtime key; `.key` is the key, shown this once."""
         limits = {
@@ -1344,6 +1347,7 @@ class AsyncClient:
             "max_concurrent": max_concurrent,
             "requests_per_day": requests_per_day,
             "tokens_per_day": tokens_per_day,
+            "usd_per_day": usd_per_day,
         }
         r = await self._send("POST", "/api/v1/keys", _key_body(name, models, admin, limits))
         return _decode(_key_created, r.content, self.url, r.status_code)

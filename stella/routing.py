@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from stella.backends import Backend, ConfigError
+from stella.cost import Rates, rates
 from stella.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, StellaError
 from stella.settings import RouteSettings, Settings
 from stella.state import is_default, taken
@@ -128,6 +129,9 @@ class Route:
     # The pool member a tie goes to next: only pool[0]'s counts (see Router.pick and
     # took); the others' stays 0. Light traffic spreads too.
     turn: int = 0
+    # Its price, per token (None: unpriced); every backend of a balanced route has the
+    # route's: the price is the deployment's, as its limits are.
+    price: Rates | None = None
 
     def member(self, backend: str) -> Route:
         """The member of this balanced route's pool on `backend` (this one when none is)."""
@@ -217,6 +221,7 @@ class Router:
             aliases=list(rs.aliases),
             fallbacks=list(rs.fallbacks),
             runtime=runtime,
+            price=rates(rs.price),
         )
 
     def pick(

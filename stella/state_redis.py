@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from stella.cost import nanos
 from stella.errors import Conflict, ModelNotFound, StellaError, Unavailable
 from stella.limits import MemoryBuckets, MemorySlots, Take, refill_s
 from stella.settings import StateSettings
@@ -39,6 +40,7 @@ from stella.state import (
     key_taken,
     removed_meanwhile,
     taken,
+    usage_row,
 )
 
 _log = structlog.get_logger("stella")
@@ -662,6 +664,8 @@ class RedisState:
         row["prompt_tokens"] += record.get("prompt_tokens") or 0
         row["completion_tokens"] += record.get("completion_tokens") or 0
         row["errors"] += 1 if record.get("status", 200) >= 500 else 0
+        if (cost := record.get("cost_usd")) is not None:
+            row["cost_nanos"] += nanos(cost)  # HINCRBY takes whole numbers
 
     def wall(self) -> float:
         """Now, in seconds since the epoch, on Redis's clock (estimated locally)."""
@@ -798,18 +802,7 @@ class RedisState:
         except (RedisError, OSError) as exc:
             self._failed(exc)
             raise _unreachable() from None
-        return [
-            {
-                "key": k,
-                "model": m,
-                "day": d,
-                "requests": r.get("requests", 0),
-                "prompt_tokens": r.get("prompt_tokens", 0),
-                "completion_tokens": r.get("completion_tokens", 0),
-                "errors": r.get("errors", 0),
-            }
-            for (k, m, d), r in sorted(rows.items())
-        ]
+        return [usage_row(k, m, d, r) for (k, m, d), r in sorted(rows.items())]
 
     # --- rate limits -------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from stella.calls import Principal
 from stella.core import Call
 from stella.errors import Conflict, InvalidRequest, Unavailable
 from stella.protocol import KeyCreated, KeyInfo, KeyList, KeyRevoked
-from stella.settings import Count, KeySettings, upstream_model_problem
+from stella.settings import Count, KeySettings, UsdPerDay, upstream_model_problem
 from stella.state import StoredKeys, utc_stamp
 
 if TYPE_CHECKING:  # stella.app imports this module
@@ -64,6 +64,7 @@ class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
     max_concurrent: Count = 0
     requests_per_day: Count = 0
     tokens_per_day: Count = 0
+    usd_per_day: UsdPerDay = 0.0
 
 
 _create = msgspec.json.Decoder(CreateKey)
@@ -91,6 +92,7 @@ def _info(
         max_concurrent=p.max_concurrent,
         requests_per_day=p.requests_per_day,
         tokens_per_day=p.tokens_per_day,
+        usd_per_day=p.usd_per_day,
         revoked=revoked,
         created_at=created_at,
         revoked_at=revoked_at if revoked else "",
@@ -197,6 +199,11 @@ async def create_key(request: Request, call: Call) -> Response:
         del fields["name"]  # the table's name, not a field of it
         settings = KeySettings(sha256=hash_key(key), **fields)
         stored = msgspec.to_builtins(settings)
+        if not stored["usd_per_day"]:
+            # A replica from before budgets refuses a key with a field it does not know
+            # (its KeySettings forbids them): during a rolling upgrade it would skip every
+            # runtime key a newer one makes. Left out at 0, such a key reads the same.
+            del stored["usd_per_day"]
         # On the store's clock, as every replica lists it.
         created_at = utc_stamp(svc.state.wall())
         await svc.state.save_key(spec.name, stored, created_at)

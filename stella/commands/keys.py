@@ -17,7 +17,7 @@ from stella.commands import (
     command_client,
     key_from,
 )
-from stella.settings import MAX_COUNT
+from stella.settings import MAX_BUDGET, MAX_COUNT
 
 NAME = "keys"
 HELP = (
@@ -68,6 +68,9 @@ def _key_options(new: argparse.ArgumentParser) -> None:
     )
     new.add_argument("--rpd", type=_count, default=0, help="requests per UTC day (0: the default)")
     new.add_argument("--tpd", type=_count, default=0, help="tokens per UTC day (0: the default)")
+    new.add_argument(
+        "--usd", type=_usd, default=0.0, help="a budget in USD per UTC day (0: the default)"
+    )
 
 
 def _count(text: str) -> int:
@@ -80,6 +83,17 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     if value > MAX_COUNT:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT}, not {value}")
+    return value
+
+
+def _usd(text: str) -> float:
+    """An amount of USD >= 0 (a daily budget), for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= MAX_BUDGET:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_BUDGET:g}, not {text}")
     return value
 
 
@@ -134,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"requests_per_day = {args.rpd}")
     if args.tpd:
         lines.append(f"tokens_per_day = {args.tpd}")
+    if args.usd:
+        lines.append(f"usd_per_day = {args.usd!r}")
     print("\n".join(lines))
     return 0
 
@@ -159,6 +175,7 @@ def _on_server(args: argparse.Namespace) -> int:
                     max_concurrent=args.concurrent,
                     requests_per_day=args.rpd,
                     tokens_per_day=args.tpd,
+                    usd_per_day=args.usd,
                 )
             elif args.action == "list":
                 answer = client.list_keys()
@@ -177,7 +194,7 @@ def _on_server(args: argparse.Namespace) -> int:
         print(answer.key)
     elif args.action == "list":
         # The limits that apply, as --json gives them (0: unlimited).
-        limit_names = ("RPM", "TPM", "CONC", "RPD", "TPD")
+        limit_names = ("RPM", "TPM", "CONC", "RPD", "TPD", "USD/DAY")
         rows: list[tuple[str, ...]] = [
             ("NAME", "SOURCE", "ADMIN", "CREATED", "REVOKED", *limit_names, "MODELS")
         ]
@@ -192,6 +209,7 @@ def _on_server(args: argparse.Namespace) -> int:
                 k.max_concurrent,
                 k.requests_per_day,
                 k.tokens_per_day,
+                f"{k.usd_per_day or 0:g}",
             )
             models = ", ".join(k.models) or "(none)"
             if k.skipped:

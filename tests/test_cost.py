@@ -1,0 +1,311 @@
+"""Spend in money: route prices, each call's cost (the inference event, the usage report,
+the metrics) and daily budgets in USD, in one process; the Redis ones, shared by
+replicas, are in test_redis.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from stella.backends import ConfigError
+from stella.cost import Rates
+from stella.settings import Price, load_settings
+from tests.fakes.openai import CACHED, FakeOpenAI
+from tests.fakes.server import serve
+from tests.live import run_stella, stella_cli
+from tests.test_limits import KEY, sha
+from tests.test_quota import assert_midnight, chat
+
+H = {"Authorization": f"Bearer {KEY}"}
+# USD per million tokens: a token of prompt 1 micro-dollar, of answer 2.
+PRICE = {"input": 1.0, "output": 2.0}
+
+
+def priced(price: dict | None = None, **route: object) -> dict:
+    """The echo route, priced."""
+    return {"models": {"routes": {"echo": {"backend": "echo", "price": price or PRICE, **route}}}}
+
+
+def cost_of(usage: dict, price: dict = PRICE) -> float:
+    """What `usage` costs at `price` (no cached tokens), in USD."""
+    return (
+        usage["prompt_tokens"] * price["input"] + usage["completion_tokens"] * price["output"]
+    ) / 1e6
+
+
+# --- the arithmetic ---------------------------------------------------------------------
+
+
+def test_a_price_per_million_tokens_is_nano_dollars_a_token() -> None:
+    rates = Rates(Price(input=0.15, output=0.60))
+    # 1000 tokens in at $0.15/M and 1000 out at $0.60/M: $0.00075, 750,000 nano-dollars.
+    assert rates.cost(1000, 1000) == 750_000
+    # Without a cached price, cached prompt tokens cost what any prompt token does.
+    assert rates.cost(1000, 0, cached=400) == rates.cost(1000, 0) == 150_000
+    cached = Rates(Price(input=0.15, output=0.60, cached_input=0.075))
+    assert cached.cost(1000, 0, cached=400) == 600 * 150 + 400 * 75
+    # A count the upstream got wrong (more cached than read) bills no more than the prompt
+    # at the cached rate, never a negative prompt.
+    assert cached.cost(10, 0, cached=50) == 10 * 75
+    # A fraction of a nano-dollar is rounded: 3 tokens at $0.0001/M.
+    assert Rates(Price(input=0.0001)).cost(3, 0) == 0
+    assert Rates(Price()).cost(10**6, 10**6) == 0
+
+
+# --- validation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("price", "says"),
+    [
+        ("{ input = -0.1 }", "models.routes.echo.price.input: Expected `float` >= 0.0"),
+        ("{ output = inf }", "models.routes.echo.price.output: Expected `float` <= 100000.0"),
+        (
+            "{ cached_input = nan }",
+            "models.routes.echo.price.cached_input: Expected `float` >= 0.0",
+        ),
+        ("{ input = 1, outptu = 2 }", "models.routes.echo.price: Object contains unknown field"),
+        ("{ input = 'cheap' }", "models.routes.echo.price.input: Expected `float`, got `str`"),
+        ("{ output = 1e9 }", "models.routes.echo.price.output: Expected `float` <= 100000.0"),
+    ],
+)
+def test_a_bad_price_names_its_key(tmp_path: Path, price: str, says: str) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[models.routes.echo]\nbackend = "echo"\nprice = {price}\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"STELLA_CONFIG": str(conf)})
+    assert str(info.value).startswith(says), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("toml", "says"),
+    [
+        ("[limits]\nusd_per_day = -1\n", "limits.usd_per_day: Expected `float` >= 0.0"),
+        (
+            "[limits.models.echo]\nusd_per_day = nan\n",
+            "limits.models.echo.usd_per_day: Expected `float` >= 0.0",
+        ),
+        (
+            '[auth.keys.a]\nsha256 = "' + "0" * 64 + '"\nusd_per_day = inf\n',
+            "auth.keys.a.usd_per_day: Expected `float` <= 1000000.0",
+        ),
+    ],
+)
+def test_a_bad_budget_names_its_key(tmp_path: Path, toml: str, says: str) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_settings(environ={"STELLA_CONFIG": str(conf)})
+    assert str(info.value).startswith(says), str(info.value)
+
+
+def test_a_bad_price_stops_start_up_with_exit_2(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text('[models.routes.echo]\nbackend = "echo"\nprice = { input = -1 }\n')
+    proc = stella_cli("serve", env={"STELLA_CONFIG": str(conf), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "models.routes.echo.price.input" in lines[0], proc.stderr
+
+
+def test_a_budget_from_the_environment() -> None:
+    s = load_settings(environ={"STELLA_LIMITS__USD_PER_DAY": "2.5"})
+    assert s.limits.usd_per_day == 2.5
+
+
+# --- cost, in one process ---------------------------------------------------------------
+
+
+def test_a_priced_route_s_calls_carry_their_cost_everywhere() -> None:
+    cfg = priced(fallbacks=[])
+    cfg["models"]["routes"]["free"] = {"backend": "echo"}
+    with run_stella(cfg) as server:
+        r = httpx.post(server.url + "/api/v1/chat", json=chat("one two three four"))
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        want = cost_of(usage)
+        rid = r.headers["x-request-id"]
+        event = server.wait_event(lambda e: e["request_id"] == rid)
+        assert event["cost_usd"] == pytest.approx(want, abs=1e-9)
+        assert "usage_estimated" not in event  # echo counts its own usage exactly
+        # A route without a price: no cost at all, not a cost of 0.
+        r = httpx.post(server.url + "/api/v1/chat", json=chat(model="free"))
+        rid = r.headers["x-request-id"]
+        assert "cost_usd" not in server.wait_event(lambda e: e["request_id"] == rid)
+        report = httpx.get(server.url + "/api/v1/usage").json()
+        rows = {row["model"]: row for row in report["usage"]}
+        assert rows["echo"]["cost_usd"] == pytest.approx(want, abs=1e-9)
+        assert rows["free"]["cost_usd"] == 0
+        assert report["totals"]["cost_usd"] == pytest.approx(want, abs=1e-9)
+        metrics = httpx.get(server.url + "/metrics").text
+        line = next(
+            x for x in metrics.splitlines() if x.startswith('stella_cost_usd_total{model="echo"}')
+        )
+        assert float(line.split()[-1]) == pytest.approx(want, abs=1e-9)
+        assert 'stella_cost_usd_total{model="free"}' not in metrics
+
+
+def test_a_fallback_s_answer_is_priced_at_the_fallback_s_price() -> None:
+    cheap = {"input": 1.0, "output": 1.0}
+    cfg = {
+        "backends": {"broken": {"kind": "echo", "fail_before_first": True}},
+        "models": {
+            "routes": {
+                "dear": {
+                    "backend": "broken",
+                    "price": {"input": 100.0, "output": 100.0},
+                    "fallbacks": ["cheap"],
+                    "retries": 0,
+                },
+                "cheap": {"backend": "echo", "price": cheap},
+            }
+        },
+    }
+    with run_stella(cfg) as server:
+        r = httpx.post(server.url + "/api/v1/chat", json=chat("a b c", model="dear"))
+        assert r.status_code == 200 and r.json()["backend"] == "echo", r.text
+        rid = r.headers["x-request-id"]
+        event = server.wait_event(lambda e: e["request_id"] == rid)
+        assert event["cost_usd"] == pytest.approx(cost_of(r.json()["usage"], cheap), abs=1e-9)
+        # Counted under the model asked for, as the usage report counts the call.
+        row = httpx.get(server.url + "/api/v1/usage").json()["usage"][0]
+        assert row["model"] == "dear" and row["cost_usd"] == event["cost_usd"]
+
+
+def test_cached_prompt_tokens_are_billed_at_their_price() -> None:
+    price = {"input": 10.0, "output": 20.0, "cached_input": 1.0}
+    fake = FakeOpenAI()
+    with serve(fake.app) as url:
+        cfg = {
+            "backends": {"up": {"kind": "openai", "base_url": url + "/v1"}},
+            "models": {
+                "routes": {
+                    "cached": {"backend": "up", "price": price},
+                    "plain": {"backend": "up", "upstream_model": "cached", "price": PRICE},
+                }
+            },
+        }
+        with run_stella(cfg) as server:
+            r = httpx.post(server.url + "/api/v1/chat", json=chat(model="cached"))
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            assert usage["prompt_tokens_details"] == {"cached_tokens": CACHED}
+            rid = r.headers["x-request-id"]
+            event = server.wait_event(lambda e: e["request_id"] == rid)
+            fresh = usage["prompt_tokens"] - CACHED
+            want = (fresh * 10.0 + CACHED * 1.0 + usage["completion_tokens"] * 20.0) / 1e6
+            assert event["cost_usd"] == pytest.approx(want, abs=1e-9)
+            # Without a cached price, the cached tokens cost what the others do.
+            r = httpx.post(server.url + "/api/v1/chat", json=chat(model="plain"))
+            rid = r.headers["x-request-id"]
+            event = server.wait_event(lambda e: e["request_id"] == rid)
+            assert event["cost_usd"] == pytest.approx(cost_of(r.json()["usage"]), abs=1e-9)
+
+
+def test_a_runtime_route_takes_a_price_and_a_bad_one_is_a_400() -> None:
+    with run_stella() as server:
+        body = {"name": "paid", "backend": "echo", "price": {"input": 5.0, "output": 7.0}}
+        r = httpx.post(server.url + "/api/v1/models", json=body)
+        assert r.status_code == 201, r.text
+        r = httpx.post(server.url + "/api/v1/chat", json=chat("x y", model="paid"))
+        rid = r.headers["x-request-id"]
+        event = server.wait_event(lambda e: e["request_id"] == rid)
+        want = cost_of(r.json()["usage"], {"input": 5.0, "output": 7.0})
+        assert event["cost_usd"] == pytest.approx(want, abs=1e-9)
+        for price, says in (
+            ('{"input": -1}', "$.price.input"),
+            ('{"output": 1e999}', "$.price.output"),  # inf, once read
+            ('{"input": 1, "cached": 1}', "$.price"),
+        ):
+            raw = f'{{"name": "paid", "backend": "echo", "price": {price}}}'
+            r = httpx.post(
+                server.url + "/api/v1/models",
+                content=raw,
+                headers={"content-type": "application/json"},
+            )
+            assert r.status_code == 400, r.text
+            assert says in r.json()["error"]["message"], r.text
+
+
+# --- budgets, in one process ------------------------------------------------------------
+
+
+def test_a_key_s_budget_refuses_the_call_after_the_day_s_spend_reached_it() -> None:
+    # Each call costs some tens of micro-dollars: the first takes the day past 1.
+    cfg = priced({"input": 10.0, "output": 10.0})
+    cfg["auth"] = {"keys": {"q": {"sha256": sha(KEY), "usd_per_day": 0.000001, "admin": True}}}
+    cfg["models"]["routes"]["free"] = {"backend": "echo"}
+    with run_stella(cfg) as server:
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("one two three"))
+        assert r.status_code == 200, r.text
+        # The budget's headers, in USD: what is left after this call's reservation.
+        assert r.headers["x-quota-limit"] == "0.000001"
+        assert r.headers["x-quota-remaining"] == "0.000000"
+        spent = cost_of(r.json()["usage"], {"input": 10.0, "output": 10.0})
+        assert spent > 0.000001  # settled with what it cost: past the budget, as allowed
+        for model in ("echo", "free"):  # the key's day is over, on any route
+            r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat(model=model))
+            assert r.status_code == 429, r.text
+            err = r.json()["error"]
+            assert err["code"] == "quota_exceeded" and err["retryable"] is False
+            assert err["message"].startswith(
+                "daily budget of 0.000001 USD used up for key q (0.000000 left); "
+                "it renews at 00:00 UTC"
+            )
+            assert r.headers["x-quota-limit"] == "0.000001"
+            assert r.headers["x-quota-remaining"] == "0.000000"
+            assert_midnight(r)
+        report = httpx.get(server.url + "/api/v1/usage", headers=H).json()
+        assert report["totals"]["requests"] == 1  # the refused calls count nothing
+        assert report["totals"]["cost_usd"] == pytest.approx(spent, abs=1e-9)
+
+
+def test_a_budget_is_reserved_then_settled_with_the_cost() -> None:
+    # $1 a million tokens both ways: a token is a micro-dollar. A budget of $0.001.
+    cfg = priced({"input": 1.0, "output": 1.0})
+    cfg["limits"] = {"usd_per_day": 0.001}  # every key's, as [limits] gives quotas
+    cfg["auth"] = {"keys": {"q": {"sha256": sha(KEY), "admin": True}}}
+    with run_stella(cfg) as server:
+        # Reserved: max_tokens and the prompt's estimate (3 tokens), at the route's price.
+        r = httpx.post(
+            server.url + "/api/v1/chat", headers=H, json=chat("one two three", max_tokens=300)
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["x-quota-remaining"] == f"{(1000 - 303) / 1e6:.6f}"
+        used = r.json()["usage"]["total_tokens"]
+        # Settled with what it cost: the next call finds only that spent ("hi" is no
+        # whole token of estimate: 100 reserved).
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat("hi", max_tokens=100))
+        assert r.status_code == 200, r.text
+        assert r.headers["x-quota-remaining"] == f"{(1000 - used - 100) / 1e6:.6f}"
+        keys = httpx.get(server.url + "/api/v1/keys", headers=H).json()["keys"]
+        assert keys[0]["usd_per_day"] == 0.001  # the default that applies
+
+
+def test_a_model_s_budget_holds_for_every_key_and_a_runtime_key_takes_one() -> None:
+    other = "sk-limits-test-0002"
+    cfg = priced({"input": 10.0, "output": 10.0})
+    cfg["limits"] = {"models": {"echo": {"usd_per_day": 0.000001}}}
+    cfg["auth"] = {"keys": {"q": {"sha256": sha(KEY), "admin": True}, "r": {"sha256": sha(other)}}}
+    with run_stella(cfg) as server:
+        r = httpx.post(server.url + "/api/v1/chat", headers=H, json=chat())
+        assert r.status_code == 200, r.text
+        r = httpx.post(
+            server.url + "/api/v1/chat", headers={"Authorization": f"Bearer {other}"}, json=chat()
+        )
+        assert r.status_code == 429 and "for model echo" in r.json()["error"]["message"]
+        # A runtime key's budget, listed and held as a configured key's.
+        r = httpx.post(
+            server.url + "/api/v1/keys", headers=H, json={"name": "rt", "usd_per_day": 0.5}
+        )
+        assert r.status_code == 201 and r.json()["usd_per_day"] == 0.5, r.text
+        listed = {
+            k["name"]: k for k in httpx.get(server.url + "/api/v1/keys", headers=H).json()["keys"]
+        }
+        assert listed["rt"]["usd_per_day"] == 0.5 and listed["r"]["usd_per_day"] == 0
+        r = httpx.post(
+            server.url + "/api/v1/keys", headers=H, json={"name": "bad", "usd_per_day": -1}
+        )
+        assert r.status_code == 400 and "$.usd_per_day" in r.json()["error"]["message"]
