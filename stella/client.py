@@ -35,7 +35,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from typing import Any, Literal, cast, overload
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 import msgspec
@@ -54,6 +54,7 @@ from stella.protocol import (
     Start,
     StreamEvent,
     ToolCall,
+    UsageReport,
 )
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -71,6 +72,13 @@ _embedded = msgspec.json.Decoder(EmbedResponse)
 _key_created = msgspec.json.Decoder(KeyCreated)
 _key_list = msgspec.json.Decoder(KeyList)
 _key_revoked = msgspec.json.Decoder(KeyRevoked)
+_usage = msgspec.json.Decoder(UsageReport)
+
+
+def _usage_path(day: str | None, key: str | None, model: str | None) -> str:
+    """GET /api/v1/usage with the filters given."""
+    query = {k: v for k, v in (("day", day), ("key", key), ("model", model)) if v}
+    return "/api/v1/usage" + ("?" + urlencode(query) if query else "")
 
 
 def _key_body(
@@ -1055,6 +1063,14 @@ class Client:
         r = self._send("DELETE", _key_path(name))
         return _decode(_key_revoked, r.content, self.url, r.status_code)
 
+    def usage(
+        self, day: str | None = None, *, key: str | None = None, model: str | None = None
+    ) -> UsageReport:
+        """GET /api/v1/usage (admin): a day's rows per key and model (`.usage`, each with
+        its `cost_usd`) and their `.totals` (None: today, UTC)."""
+        r = self._send("GET", _usage_path(day, key, model))
+        return _decode(_usage, r.content, self.url, r.status_code)
+
 
 class AsyncClient:
     """Asynchronous client."""
@@ -1361,3 +1377,10 @@ class AsyncClient:
         """DELETE /api/v1/keys/{name} (admin): revoke a key on every replica."""
         r = await self._send("DELETE", _key_path(name))
         return _decode(_key_revoked, r.content, self.url, r.status_code)
+
+    async def usage(
+        self, day: str | None = None, *, key: str | None = None, model: str | None = None
+    ) -> UsageReport:
+        """GET /api/v1/usage (admin), as Client.usage."""
+        r = await self._send("GET", _usage_path(day, key, model))
+        return _decode(_usage, r.content, self.url, r.status_code)

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from stella.backends import ConfigError
+from stella.client import Client
 from stella.cost import Rates
 from stella.settings import Price, load_settings
 from tests.fakes.openai import CACHED, FakeOpenAI
@@ -145,6 +146,16 @@ def test_a_priced_route_s_calls_carry_their_cost_everywhere() -> None:
         )
         assert float(line.split()[-1]) == pytest.approx(want, abs=1e-9)
         assert 'stella_cost_usd_total{model="free"}' not in metrics
+        # The Python client's report and `stella usage` show it too.
+        with Client(server.url) as client:
+            got = client.usage(model="echo")
+        assert [(r.model, r.cost_usd) for r in got.usage] == [("echo", rows["echo"]["cost_usd"])]
+        assert got.totals.cost_usd == rows["echo"]["cost_usd"]
+        proc = stella_cli("usage", "--url", server.url, "--model", "echo")
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        assert lines[0].split()[-1] == "COST_USD" and lines[1].split()[:2] == ["anonymous", "echo"]
+        assert lines[1].split()[-1] == f"{want:.6f}" and lines[-1].startswith("(total)")
 
 
 def test_a_fallback_s_answer_is_priced_at_the_fallback_s_price() -> None:
@@ -309,3 +320,12 @@ def test_a_model_s_budget_holds_for_every_key_and_a_runtime_key_takes_one() -> N
             server.url + "/api/v1/keys", headers=H, json={"name": "bad", "usd_per_day": -1}
         )
         assert r.status_code == 400 and "$.usd_per_day" in r.json()["error"]["message"]
+
+
+def test_keys_new_writes_a_budget_and_refuses_a_bad_one() -> None:
+    proc = stella_cli("keys", "new", "alice", "--usd", "2.5")
+    assert proc.returncode == 0, proc.stderr
+    assert "usd_per_day = 2.5" in proc.stdout.splitlines()
+    for bad in ("-1", "nan", "lots"):
+        proc = stella_cli("keys", "new", "alice", "--usd", bad)
+        assert proc.returncode == 2 and "--usd" in proc.stderr, proc.stderr
