@@ -688,9 +688,11 @@ def _give_back(store: SlotStore, wait: asyncio.Future[Any]) -> None:
 
 
 def _usd(amount: float) -> str:
-    """Nano-dollars as USD, to the micro-dollar, as a budget's headers and messages say
-    them (nothing under 0: a budget in debt has nothing left)."""
-    return f"{max(amount, 0.0) / NANOS_PER_USD:.6f}"
+    """Nano-dollars as USD, to the micro-dollar below (never more than is left), as a
+    budget's headers and messages say them (nothing under 0: a budget in debt has
+    nothing left)."""
+    micro = int(max(amount, 0.0)) // (NANOS_PER_USD // 1_000_000)
+    return f"{micro // 1_000_000}.{micro % 1_000_000:06d}"
 
 
 def _counted(n: int, noun: str) -> str:
