@@ -54,7 +54,14 @@ from stella.settings import (
     load_settings,
     secret_values,
 )
-from stella.state import MemoryState, SharedState, StateStore, StoredKeys, Unreadable
+from stella.state import (
+    MemoryState,
+    RoutingVersion,
+    SharedState,
+    StateStore,
+    StoredKeys,
+    Unreadable,
+)
 from stella.streaming import Drain
 
 # Dialect modules beyond the native API; each exposes `routes` (and may be absent).
@@ -67,6 +74,7 @@ DIALECTS = (
     "stella.api.aliases",
     "stella.api.admin",
     "stella.api.keys",
+    "stella.api.key_lifecycle",
 )
 _log = structlog.get_logger("stella")
 
@@ -85,6 +93,8 @@ class Services:
         self.router = Router(settings, self.backends)
         self.auth = Authenticator(settings)
         self.state: StateStore = make_state(settings)
+        # Expiries are on the store's clock, as every replica reads them.
+        self.auth.wall = self.state.wall
         self.admission: Admission = make_admission(settings, self.state)
         self.pipeline = Pipeline(
             self.router, logs.emitter(), admission=self.admission, log_content=settings.log.content
@@ -478,7 +488,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     svc: Services = app.state.stella
     follower: asyncio.Task[None] | None = None
     await svc.state.start()
-    await _restore_state(svc)
+    restored = await _restore_state(svc)
     started: list[Backend] = []
     try:
         for backend in svc.backends.values():
@@ -486,7 +496,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             started.append(backend)
         _chain_signals(svc.drain)
         if isinstance(svc.state, SharedState):  # shared state: follow other replicas
-            follower = asyncio.create_task(_follow_routing(svc, svc.state))
+            follower = asyncio.create_task(_follow_routing(svc, svc.state, restored))
         _log.info(
             "started",
             version=__version__,
@@ -520,23 +530,34 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             sink.flush(LOG_FLUSH_TIMEOUT_S)
 
 
-async def _restore_state(svc: Services) -> None:
-    """Apply what the state store remembers: runtime routes, then the default switch."""
+async def _restore_state(svc: Services) -> RoutingVersion | None:
+    """Apply what the state store remembers: runtime routes, then the default switch, then
+    the keys; returns the routing version they were all read at, if known (shared state),
+    for the follower to go on from."""
+    state = svc.state
+    version = None
     try:
-        routes = await svc.state.load_routes()
-        default = await svc.state.get_default_model()
+        if isinstance(state, SharedState):
+            # Read with its version: the follower reads again only once it moves, so what
+            # can't be applied is warned of once for this version, not again at its start.
+            read = await state.routing()
+            version, routes, default = read if read is not None else (None, {}, None)
+        else:
+            routes = await state.load_routes()
+            default = await state.get_default_model()
     except OSError as exc:
         _log.warning("state_unavailable", error=str(exc))
-        return
+        return None
     apply_routing(svc.router, routes, default)
     try:
-        keys = await svc.state.load_keys()
+        keys = await state.load_keys()
     except (OSError, StellaError) as exc:
         # The follower reads them once Redis answers; meanwhile the configured keys
         # alone, none revoked.
         _log.warning("state_unavailable", error=str(exc), what="keys")
-        return
+        return None
     apply_keys(svc.auth, keys)
+    return version
 
 
 # At shutdown, the longest a backend or the state store may take to close.
@@ -547,13 +568,15 @@ LOG_FLUSH_TIMEOUT_S = 5.0
 ROUTING_POLL_S = 1.0
 
 
-async def _follow_routing(svc: Services, state: SharedState) -> None:
+async def _follow_routing(
+    svc: Services, state: SharedState, seen: RoutingVersion | None = None
+) -> None:
     """Apply the runtime routes and default switches other replicas write to the state
-    store: a cheap version poll, a full read only when the version moved."""
-    # None: the first poll reads everything once, so a change made between the start-up
-    # restore and this loop is not missed. A version is (epoch, count): a count alone
-    # repeats after Redis restarts empty (see state.RoutingVersion).
-    seen: tuple[str, int] | None = None
+    store: a cheap version poll, a full read only when the version moved from `seen`."""
+    # `seen`: the version the start-up restore read everything at (a change made since
+    # moves it); None, not known: the first poll reads everything once. A version is
+    # (epoch, count): a count alone repeats after Redis restarts empty (see
+    # state.RoutingVersion).
     while True:
         await asyncio.sleep(ROUTING_POLL_S)
         try:
@@ -579,17 +602,16 @@ def apply_routing(router: Router, routes: dict[str, Any], default: str | None) -
     """Make the runtime part of `router` what the store holds: its routes, its default
     (what can't be applied is left out with a warning, every time it is read)."""
     specs: dict[str, RouteSettings] = {}
-    skipped: list[str] = []
+    unreadable: dict[str, str] = {}
     for name, spec in routes.items():
         if isinstance(spec, Unreadable):
-            skipped.append(f"route {name!r}: {spec.reason}")
+            unreadable[name] = spec.reason
             continue
         try:
             specs[name] = msgspec.convert(spec, RouteSettings)
         except msgspec.ValidationError as exc:
-            skipped.append(f"route {name!r}: {exc}")
-    skipped += router.apply_stored(specs, default)
-    for why in skipped:
+            unreadable[name] = str(exc)
+    for why in router.apply_stored(specs, default, unreadable):
         _log.warning("stored_routing_skipped", reason=why)
 
 

@@ -10,12 +10,13 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import msgspec
 import structlog
+from msgspec import Meta
 
 from stella.backends import ConfigError
 from stella.core import ANONYMOUS, Call, Principal
@@ -28,6 +29,7 @@ from stella.state import (
     key_not_found,
     key_revoked,
     last_admin,
+    utc_stamp,
 )
 
 _log = structlog.get_logger("stella")
@@ -56,19 +58,58 @@ def is_digest(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
-def stored_key(name: str, spec: Any) -> KeySettings:
+Instant = Annotated[float, Meta(ge=0)]
+
+
+class StoredKey(KeySettings, kw_only=True):
+    """A runtime key as the state store keeps it: what an [auth.keys.NAME] table takes,
+    when it expires, and the secret a rotation replaced while that still works."""
+
+    # Seconds since the epoch on the store's clock (as every replica compares it); 0:
+    # never. A configured key has none.
+    expires_at: Instant = 0.0
+    # The digest of the secret the last rotation replaced, and when that stops working
+    # ("", 0: none). Revoked with the key, and by the next rotation.
+    previous: str = ""
+    previous_until: Instant = 0.0
+
+
+# The fields an entry holds only when set: one without them reads as it did before
+# they were kept (a replica of an earlier version takes it; one with them, it skips, as
+# its KeySettings forbids a field it does not know): a daily budget, an expiry, a
+# rotation's grace.
+_OPTIONAL_FIELDS = ("usd_per_day", "expires_at", "previous", "previous_until")
+
+
+def key_spec(k: StoredKey) -> dict[str, Any]:
+    """A runtime key's entry as the state store keeps it."""
+    spec: dict[str, Any] = msgspec.to_builtins(k)
+    for field in _OPTIONAL_FIELDS:
+        if not spec[field]:
+            del spec[field]
+    return spec
+
+
+def stored_key(name: str, spec: Any) -> StoredKey:
     """A stored runtime key's settings as every replica reads them; ValueError saying why
     when this version can't (not JSON, a field it does not know, not a key name and a
     SHA-256 hex digest)."""
     if isinstance(spec, Unreadable):
         raise ValueError(spec.reason)
     try:
-        k = msgspec.convert(spec, KeySettings)
+        k = msgspec.convert(spec, StoredKey)
     except msgspec.ValidationError as exc:
         raise ValueError(str(exc)) from None
     if not is_digest(k.sha256) or not is_key_name(name):
         raise ValueError("not a key name and a SHA-256 hex digest")
+    if k.previous and not is_digest(k.previous):
+        raise ValueError("previous: not a SHA-256 hex digest")
     return k
+
+
+def expired(k: StoredKey, now: float) -> bool:
+    """Whether runtime key `k` has expired at `now` (on the store's clock)."""
+    return bool(k.expires_at) and now >= k.expires_at
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,6 +137,7 @@ def key_principal(name: str, k: KeySettings, lim: LimitsSettings) -> Principal:
         requests_per_day=k.requests_per_day or lim.requests_per_day,
         tokens_per_day=k.tokens_per_day or lim.tokens_per_day,
         usd_per_day=k.usd_per_day or lim.usd_per_day,
+        expires_at=k.expires_at if isinstance(k, StoredKey) else 0.0,
     )
 
 
@@ -129,7 +171,7 @@ class Authenticator:
                 raise ConfigError(f"auth.keys.{name}.sha256: not a SHA-256 hex digest")
             self._add(digest, f"auth.keys.{name}", "config", key_principal(name, k, lim))
         # Quick start: STELLA_API_KEYS="key1,key2" or "alice=key1,bob=key2": admin keys.
-        source = settings.auth.keys_env
+        source = self.keys_env = settings.auth.keys_env
         for name, key in env_keys(environ.get(source, ""), source):
             principal = key_principal(name, KeySettings(sha256="", admin=True), lim)
             self._add(hash_key(key), f"{source} key {name!r}", "env", principal)
@@ -140,6 +182,12 @@ class Authenticator:
         self.runtime: dict[str, tuple[str, Principal]] = {}
         self.runtime_specs: dict[str, Any] = {}  # as stored, for a change applied here
         self.revoked: dict[str, str] = {}
+        # The secrets rotations replaced that are in the table (working out their grace):
+        # digest -> the key's name, for the refusal's message once they stop.
+        self.rotated: dict[str, str] = {}
+        # Now on the state store's clock, which expiries are on (the app gives it the
+        # store's; this process's until then).
+        self.wall: Callable[[], float] = time.time
         # Key changes this process wrote (see app._follow_routing): a follower's read
         # from before one is stale.
         self.local_changes = 0
@@ -232,10 +280,7 @@ class Authenticator:
         NotFound for no such key or all revoked already, Conflict when no admin key
         would be left; `shown` is the name as messages quote it."""
         revoke: dict[str, str] = {}  # digest -> source
-        admin: set[str] = set()  # the admin keys' digests, configured and stored
-        for digest, p in self._configured.items():
-            if p.admin:
-                admin.add(digest)
+        admin = self.admins(stored)
         if name in self.configured:
             digest, source = self.configured[name]
             revoke[digest] = source
@@ -250,10 +295,10 @@ class Authenticator:
                     if isinstance(sha, str) and is_digest(sha):
                         revoke.setdefault(sha, "runtime")
                 continue  # no replica of this version takes it: no admin of theirs
-            if k.admin:
-                admin.add(k.sha256)
             if other == name:
                 revoke.setdefault(k.sha256, "runtime")
+                if k.previous:  # the secret a rotation replaced, still in its grace
+                    revoke.setdefault(k.previous, "runtime")
         if not revoke and not unreadable:
             raise NotFound(key_not_found(shown))
         new = {d: s for d, s in revoke.items() if d not in stored.revoked}
@@ -265,6 +310,20 @@ class Authenticator:
         remove = (name,) if unreadable else ()
         return Revocation(KeyChange(dict.fromkeys(new, name), remove), sources, unreadable)
 
+    def admins(self, stored: StoredKeys) -> set[str]:
+        """The digests of the admin keys that never expire, configured and stored (one
+        no replica of this version reads is none), revoked ones too: the last of them,
+        not revoked, stays (see state.last_admin)."""
+        admin = {d for d, p in self._configured.items() if p.admin}
+        for name, spec in stored.keys.items():
+            try:
+                k = stored_key(name, spec)
+            except ValueError:
+                continue
+            if k.admin and not k.expires_at:
+                admin.add(k.sha256)
+        return admin
+
     def apply_stored(self, keys: dict[str, Any], revoked: dict[str, str]) -> list[str]:
         """Make the table `authenticate` reads what the store holds: the configured keys
         and `keys` (runtime keys by name), less every key whose digest is `revoked`,
@@ -273,6 +332,7 @@ class Authenticator:
         from the store (a Redis that restarted empty), which no change through the API
         does."""
         runtime: dict[str, tuple[str, Principal]] = {}
+        previous: dict[str, Principal] = {}  # a rotated key's old secret, by its digest
         skipped = []
         for name, spec in keys.items():
             try:
@@ -283,12 +343,21 @@ class Authenticator:
             if name in self.configured:  # the configured one counts here
                 skipped.append(f"key {name!r}: {CONFIGURED_HERE}")
                 continue
-            runtime[name] = (k.sha256, key_principal(name, k, self.limits))
+            p = key_principal(name, k, self.limits)
+            runtime[name] = (k.sha256, p)
+            if k.previous and k.previous_until:
+                # Its own Principal, made here and not per call: the same key, whose
+                # old secret stops at the end of its grace (or with the key, if sooner).
+                end = min(k.previous_until, k.expires_at or k.previous_until)
+                previous[k.previous] = dataclasses.replace(p, expires_at=end)
         for digest, name in revoked.items():
             if not is_digest(digest):
                 skipped.append(f"revocation {digest[:80]!r} ({name!r}): not a SHA-256 digest")
         table = {d: p for d, p in self._configured.items() if d not in revoked}
         for digest, p in runtime.values():
+            if digest not in revoked and digest not in table:
+                table[digest] = p
+        for digest, p in previous.items():
             if digest not in revoked and digest not in table:
                 table[digest] = p
         # A revocation is never taken back, and a runtime key is revoked, not removed
@@ -306,6 +375,7 @@ class Authenticator:
         # Swapped whole: a request reads the old table or the new one, never half of each.
         self.runtime, self.runtime_specs = runtime, dict(keys)
         self.revoked, self.keys = dict(revoked), table
+        self.rotated = {d: p.name for d, p in previous.items() if d in table}
         return skipped
 
     def authenticate(
@@ -352,12 +422,24 @@ class Authenticator:
                 "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key'",
                 reason="missing",
             )
-        principal = self.keys.get(hashlib.sha256(token).hexdigest())
+        digest = hashlib.sha256(token).hexdigest()
+        principal = self.keys.get(digest)
         if principal is None:
             raise Unauthorized("invalid API key")
+        # A float compare for a key that expires, nothing more: the table holds the
+        # expiry, so no call asks the store.
+        if principal.expires_at and self.wall() >= principal.expires_at:
+            raise self._expired(digest, principal)
         if call is not None:
             call.secret = token.decode("latin-1")
         return principal
+
+    def _expired(self, digest: str, principal: Principal) -> Unauthorized:
+        """The 401 for a key past its expiry (or an old secret past its grace): says so
+        and when, of this key alone."""
+        when = utc_stamp(principal.expires_at)
+        why = " (a rotation replaced it)" if digest in self.rotated else ""
+        return Unauthorized(f"API key expired at {when}{why}", reason="expired", key=principal.name)
 
     def failed(
         self,
@@ -386,6 +468,8 @@ class Authenticator:
         }
         if principal is not None:  # the key was right, its scope was not: its name
             event["key"] = principal.name
+        elif isinstance(exc, Unauthorized) and exc.key:  # a known key, expired
+            event["key"] = exc.key
         if self._suppressed:
             event["suppressed"], self._suppressed = self._suppressed, 0
         _log.warning("auth_failed", **event)

@@ -48,6 +48,9 @@ class Principal:
     requests_per_day: int = 0
     tokens_per_day: int = 0
     usd_per_day: float = 0.0  # a daily budget in USD (0: none)
+    # When the key stops working, in seconds since the epoch on the state store's clock
+    # (0: never): a runtime key's expiry, or a rotated key's old secret's end of grace.
+    expires_at: float = 0.0
 
     def may_use(self, model: str) -> bool:
         """Whether a model name matches one of the key's glob patterns."""

@@ -47,6 +47,7 @@ from stella.protocol import (
     EmbedResponse,
     Error,
     KeyCreated,
+    KeyInfo,
     KeyList,
     KeyRevoked,
     ModelList,
@@ -73,6 +74,7 @@ _key_created = msgspec.json.Decoder(KeyCreated)
 _key_list = msgspec.json.Decoder(KeyList)
 _key_revoked = msgspec.json.Decoder(KeyRevoked)
 _usage = msgspec.json.Decoder(UsageReport)
+_key_info = msgspec.json.Decoder(KeyInfo)
 
 
 def _usage_path(day: str | None, key: str | None, model: str | None) -> str:
@@ -82,14 +84,46 @@ def _usage_path(day: str | None, key: str | None, model: str | None) -> str:
 
 
 def _key_body(
-    name: str, models: list[str] | None, admin: bool, limits: dict[str, float]
+    name: str,
+    models: list[str] | None,
+    admin: bool,
+    limits: dict[str, float],
+    expires_in_s: float | None = None,
 ) -> dict[str, Any]:
-    """The body of POST /api/v1/keys: a limit left at 0 is left out (the default)."""
+    """The body of POST /api/v1/keys: a limit left at 0 is left out (the default), and
+    so is an expiry not given (never)."""
     body: dict[str, Any] = {"name": name, "admin": admin}
     if models is not None:
         body["models"] = models
     body.update((field, n) for field, n in limits.items() if n)
+    if expires_in_s is not None:
+        body["expires_in_s"] = expires_in_s
     return body
+
+
+def _update_body(
+    models: list[str] | None,
+    admin: bool | None,
+    limits: dict[str, int | None],
+    expires_in_s: float | None,
+    no_expiry: bool,
+) -> dict[str, Any]:
+    """The body of PATCH /api/v1/keys/{name}: only what is given (None: unchanged)."""
+    if no_expiry and expires_in_s is not None:
+        raise ValueError("give expires_in_s or no_expiry, not both")
+    body: dict[str, Any] = {f: v for f, v in limits.items() if v is not None}
+    if models is not None:
+        body["models"] = models
+    if admin is not None:
+        body["admin"] = admin
+    if expires_in_s is not None or no_expiry:
+        body["expires_in_s"] = expires_in_s  # null: it never expires
+    return body
+
+
+def _revoke_path(name: str, purge: bool) -> str:
+    """DELETE's path for key `name`, with purge=true to drop a runtime key's entry."""
+    return _key_path(name) + ("?purge=true" if purge else "")
 
 
 def _key_path(name: str) -> str:
@@ -1040,8 +1074,10 @@ class Client:
         requests_per_day: int = 0,
         tokens_per_day: int = 0,
         usd_per_day: float = 0.0,
+        expires_in_s: float | None = None,
     ) -> KeyCreated:
-        """POST /api/v1/keys (admin): a runtime key; `.key` is the key, shown this once."""
+        """POST /api/v1/keys (admin): a runtime key, expiring `expires_in_s` from now
+        (None: never); `.key` is the key, shown this once."""
         limits = {
             "requests_per_minute": requests_per_minute,
             "tokens_per_minute": tokens_per_minute,
@@ -1050,7 +1086,42 @@ class Client:
             "tokens_per_day": tokens_per_day,
             "usd_per_day": usd_per_day,
         }
-        r = self._send("POST", "/api/v1/keys", _key_body(name, models, admin, limits))
+        body = _key_body(name, models, admin, limits, expires_in_s)
+        r = self._send("POST", "/api/v1/keys", body)
+        return _decode(_key_created, r.content, self.url, r.status_code)
+
+    def update_key(
+        self,
+        name: str,
+        *,
+        models: list[str] | None = None,
+        admin: bool | None = None,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        max_concurrent: int | None = None,
+        requests_per_day: int | None = None,
+        tokens_per_day: int | None = None,
+        expires_in_s: float | None = None,
+        no_expiry: bool = False,
+    ) -> KeyInfo:
+        """PATCH /api/v1/keys/{name} (admin): change a runtime key's settings (None:
+        unchanged; `no_expiry` clears its expiry), its secret kept."""
+        limits = {
+            "requests_per_minute": requests_per_minute,
+            "tokens_per_minute": tokens_per_minute,
+            "max_concurrent": max_concurrent,
+            "requests_per_day": requests_per_day,
+            "tokens_per_day": tokens_per_day,
+        }
+        body = _update_body(models, admin, limits, expires_in_s, no_expiry)
+        r = self._send("PATCH", _key_path(name), body)
+        return _decode(_key_info, r.content, self.url, r.status_code)
+
+    def rotate_key(self, name: str, *, grace_s: float = 0) -> KeyCreated:
+        """POST /api/v1/keys/{name}/rotate (admin): a new secret for a runtime key
+        (`.key`, shown this once); the old one works `grace_s` more seconds."""
+        body = {"grace_s": grace_s}
+        r = self._send("POST", _key_path(name) + "/rotate", body)
         return _decode(_key_created, r.content, self.url, r.status_code)
 
     def list_keys(self) -> KeyList:
@@ -1058,9 +1129,10 @@ class Client:
         r = self._send("GET", "/api/v1/keys")
         return _decode(_key_list, r.content, self.url, r.status_code)
 
-    def revoke_key(self, name: str) -> KeyRevoked:
-        """DELETE /api/v1/keys/{name} (admin): revoke a key on every replica."""
-        r = self._send("DELETE", _key_path(name))
+    def revoke_key(self, name: str, *, purge: bool = False) -> KeyRevoked:
+        """DELETE /api/v1/keys/{name} (admin): revoke a key on every replica; `purge`
+        drops a runtime key's stored entry too, so that its name is free again."""
+        r = self._send("DELETE", _revoke_path(name, purge))
         return _decode(_key_revoked, r.content, self.url, r.status_code)
 
     def usage(
@@ -1355,8 +1427,10 @@ class AsyncClient:
         requests_per_day: int = 0,
         tokens_per_day: int = 0,
         usd_per_day: float = 0.0,
+        expires_in_s: float | None = None,
     ) -> KeyCreated:
-        """POST /api/v1/keys (admin): a runtime key; `.key` is the key, shown this once."""
+        """POST /api/v1/keys (admin): a runtime key, expiring `expires_in_s` from now
+        (None: never); `.key` is the key, shown this once."""
         limits = {
             "requests_per_minute": requests_per_minute,
             "tokens_per_minute": tokens_per_minute,
@@ -1365,7 +1439,42 @@ class AsyncClient:
             "tokens_per_day": tokens_per_day,
             "usd_per_day": usd_per_day,
         }
-        r = await self._send("POST", "/api/v1/keys", _key_body(name, models, admin, limits))
+        body = _key_body(name, models, admin, limits, expires_in_s)
+        r = await self._send("POST", "/api/v1/keys", body)
+        return _decode(_key_created, r.content, self.url, r.status_code)
+
+    async def update_key(
+        self,
+        name: str,
+        *,
+        models: list[str] | None = None,
+        admin: bool | None = None,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        max_concurrent: int | None = None,
+        requests_per_day: int | None = None,
+        tokens_per_day: int | None = None,
+        expires_in_s: float | None = None,
+        no_expiry: bool = False,
+    ) -> KeyInfo:
+        """PATCH /api/v1/keys/{name} (admin): change a runtime key's settings (None:
+        unchanged; `no_expiry` clears its expiry), its secret kept."""
+        limits = {
+            "requests_per_minute": requests_per_minute,
+            "tokens_per_minute": tokens_per_minute,
+            "max_concurrent": max_concurrent,
+            "requests_per_day": requests_per_day,
+            "tokens_per_day": tokens_per_day,
+        }
+        body = _update_body(models, admin, limits, expires_in_s, no_expiry)
+        r = await self._send("PATCH", _key_path(name), body)
+        return _decode(_key_info, r.content, self.url, r.status_code)
+
+    async def rotate_key(self, name: str, *, grace_s: float = 0) -> KeyCreated:
+        """POST /api/v1/keys/{name}/rotate (admin): a new secret for a runtime key
+        (`.key`, shown this once); the old one works `grace_s` more seconds."""
+        body = {"grace_s": grace_s}
+        r = await self._send("POST", _key_path(name) + "/rotate", body)
         return _decode(_key_created, r.content, self.url, r.status_code)
 
     async def list_keys(self) -> KeyList:
@@ -1373,9 +1482,10 @@ class AsyncClient:
         r = await self._send("GET", "/api/v1/keys")
         return _decode(_key_list, r.content, self.url, r.status_code)
 
-    async def revoke_key(self, name: str) -> KeyRevoked:
-        """DELETE /api/v1/keys/{name} (admin): revoke a key on every replica."""
-        r = await self._send("DELETE", _key_path(name))
+    async def revoke_key(self, name: str, *, purge: bool = False) -> KeyRevoked:
+        """DELETE /api/v1/keys/{name} (admin): revoke a key on every replica; `purge`
+        drops a runtime key's stored entry too, so that its name is free again."""
+        r = await self._send("DELETE", _revoke_path(name, purge))
         return _decode(_key_revoked, r.content, self.url, r.status_code)
 
     async def usage(

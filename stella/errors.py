@@ -120,11 +120,13 @@ class Unauthorized(StellaError):
 
     status, code = 401, "unauthorized"
 
-    def __init__(self, message: str, *, reason: str = "invalid") -> None:
+    def __init__(self, message: str, *, reason: str = "invalid", key: str = "") -> None:
         # RFC 9110 11.6.1: a 401 names the scheme that would pass (X-API-Key too is taken).
         super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
-        # Why, for the `auth_failed` log event: missing, invalid or duplicate.
+        # Why, for the `auth_failed` log event: missing, invalid, duplicate or expired.
         self.reason = reason
+        # An expired key's name, for that event ("": none known).
+        self.key = key
 
 
 class Forbidden(StellaError):

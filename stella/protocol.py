@@ -797,14 +797,18 @@ class ModelInfo(msgspec.Struct):
     upstream_model: str = ""
     aliases: list[str] = []
     fallbacks: list[str] = []
-    # The backends the route balances over besides its own (`backend`, above, never
-    # listed here), as configured.
+    # The other backends this replica balances the route over (`backend`, above, never
+    # listed here): its configured `balance`, less those in `left_out`.
     balance: list[str] = []
     loaded: bool = False
     default: bool = False
     capabilities: list[str] = []
     circuit: str = "closed"
     memory_bytes: int | None = None
+    # The backends the route names (its `backend`, then `balance`) that this replica
+    # lacks (disabled here; a stored route's, also not configured here): it is served
+    # here without them, `backend` then naming the first of the others.
+    left_out: list[str] = []
 
 
 class ModelList(msgspec.Struct):
@@ -813,6 +817,9 @@ class ModelList(msgspec.Struct):
     models: list[ModelInfo]
     # None for a key that may not use the default model (not its name either).
     default: str | None
+    # For an admin: the stored runtime routes this replica does not serve (made on one
+    # whose backends differ, say), by name, with why; as of its last read of the store.
+    skipped: dict[str, str] = {}
 
 
 class Health(msgspec.Struct):
@@ -890,6 +897,12 @@ class KeyInfo(msgspec.Struct, omit_defaults=True):
     # stella stored these).
     created_at: str = ""
     revoked_at: str = ""
+    # When a runtime key stops working (UTC ISO 8601, to the second, on the store's
+    # clock; absent: never), and whether it has.
+    expires_at: str = ""
+    expired: bool = False
+    # When the secret a rotation replaced stops working (absent: none works any more).
+    grace_until: str = ""
     # Why this replica does not take a stored runtime key (absent: it does): an entry
     # no replica of this version can read (not JSON, a field it does not know, a bad
     # name or digest: listed with no models, no admin, limits 0; DELETE removes it), or
@@ -921,6 +934,9 @@ class KeyRevoked(msgspec.Struct, omit_defaults=True):
     sources: list[Literal["config", "env", "runtime"]] = msgspec.field(default_factory=list)
     # What else to know: a configured key's table or entry is still in the config.
     detail: str = ""
+    # DELETE ?purge=true: the runtime key's stored entry is gone, its name free again
+    # (its secrets stay revoked).
+    purged: bool = False
 
 
 class ConfigView(msgspec.Struct):

@@ -4,7 +4,7 @@ breakers."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -12,7 +12,7 @@ import structlog
 from stella.backends import Backend, ConfigError
 from stella.cost import Rates, rates
 from stella.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, StellaError
-from stella.settings import RouteSettings, Settings
+from stella.settings import RouteSettings, Settings, serves
 from stella.state import is_default, taken
 
 # A model name no route claims that stands for the default model as it is now (after a
@@ -132,6 +132,9 @@ class Route:
     # Its price, per token (None: unpriced); every backend of a balanced route has the
     # route's: the price is the deployment's, as its limits are.
     price: Rates | None = None
+    # The backends the route names (`backend`, then `balance`) that this process lacks
+    # (disabled here; for a stored route, also not configured here): served without them.
+    left_out: tuple[str, ...] = ()
 
     def member(self, backend: str) -> Route:
         """The member of this balanced route's pool on `backend` (this one when none is)."""
@@ -159,6 +162,9 @@ class Router:
         self.configured_default = settings.models.default
         self.default = settings.models.default
         self.local_changes = 0  # routing writes this process made (see app._follow_routing)
+        # The stored runtime routes this process does not serve, by name, with why (as of
+        # the last read of the store: see apply_stored): the model list shows them.
+        self.skipped: dict[str, str] = {}
         self.routes: dict[str, Route] = {}
         # Every name a route has had in this process: a call admitted on a route removed
         # before it ended still counts under its name (metrics label only these).
@@ -172,16 +178,21 @@ class Router:
             name: CircuitBreaker(b.failure_threshold, b.cooldown_s, name) for name in backends
         }
         for name, rs in settings.models.routes.items():
-            if rs.backend not in backends:
-                # Left out, and said so, as a disabled balanced backend is.
+            if not serves(rs, backends):
+                # Left out, and said so (its balance, all disabled too, goes with it).
                 _disabled("route_backend_disabled", name, "backend", rs.backend, "is left out")
                 continue
             taken = self._taken(name, rs)
             if taken:
                 raise ConfigError(f"models.routes.{name}: {taken}")
             self._add(name, rs, runtime=False)
+            # Served on fewer backends than the file lists: its own one disabled too, the
+            # others serve it (they serve the same upstream model), said so as for any.
+            if rs.backend not in backends:
+                what = "is served by its balance without it"
+                _disabled("route_backend_disabled", name, "backend", rs.backend, what)
             for i, other in enumerate(rs.balance):
-                if other not in backends:  # served on fewer backends than the file lists
+                if other not in backends:
                     what = "is served without it"
                     _disabled("balance_backend_disabled", name, f"balance[{i}]", other, what)
 
@@ -194,12 +205,15 @@ class Router:
         return ""
 
     def _add(self, name: str, rs: RouteSettings, *, runtime: bool) -> Route:
-        route = self._member(name, rs, rs.backend, runtime)
-        # A balanced backend that is disabled (or, for a stored route, unknown here) is
-        # left out; the route's own `backend` decides whether the route is there at all.
-        others = [b for b in rs.balance if b in self.backends and b != rs.backend]
+        # A backend that is disabled (or, for a stored route, unknown here) is left out,
+        # the route's own too: the first of the others it names then serves it first. The
+        # caller makes sure one of them is here (see `serves`).
+        named = list(dict.fromkeys((rs.backend, *rs.balance)))
+        left_out = tuple(b for b in named if b not in self.backends)
+        served = [b for b in named if b in self.backends]
+        route, *others = (self._member(name, rs, b, runtime, left_out) for b in served)
         if others:
-            pool = (route, *(self._member(name, rs, b, runtime) for b in dict.fromkeys(others)))
+            pool = (route, *others)
             for member in pool:
                 member.pool = pool
                 self.busy.setdefault(member.backend_name, 0)
@@ -210,7 +224,9 @@ class Router:
             self._names.setdefault(alias, name)
         return route
 
-    def _member(self, name: str, rs: RouteSettings, backend: str, runtime: bool) -> Route:
+    def _member(
+        self, name: str, rs: RouteSettings, backend: str, runtime: bool, left_out: tuple[str, ...]
+    ) -> Route:
         """Route `name` as served by `backend` (its own, or one it balances over)."""
         return Route(
             name=name,
@@ -222,6 +238,7 @@ class Router:
             fallbacks=list(rs.fallbacks),
             runtime=runtime,
             price=rates(rs.price),
+            left_out=left_out,
         )
 
     def pick(
@@ -408,9 +425,10 @@ class Router:
         return route.name
 
     def register(self, name: str, rs: RouteSettings, *, check_fallbacks: bool = True) -> Route:
-        """Add or replace a runtime route; `check_fallbacks`: refuse fallbacks not known (a
-        route the store holds already is taken as it is: an unknown fallback is skipped)."""
-        if rs.backend not in self.backends:
+        """Add or replace a runtime route; `check_fallbacks`: refuse a backend or a fallback
+        not known (a route the store holds already is taken as it is: an unknown fallback
+        is skipped, a backend unknown here left out while another it names is here)."""
+        if rs.backend not in self.backends and (check_fallbacks or not serves(rs, self.backends)):
             why = self._no_backend(rs.backend)
             raise InvalidRequest(f"$.backend: {why}", param="backend")
         existing = self.routes.get(name)
@@ -445,17 +463,29 @@ class Router:
             return f"backend {name!r} is configured but disabled (backends.{name}.enabled = false)"
         return f"unknown backend {name!r}; known: {sorted(self.backends)}"
 
-    def apply_stored(self, specs: dict[str, RouteSettings], default: str | None) -> list[str]:
+    def apply_stored(
+        self,
+        specs: dict[str, RouteSettings],
+        default: str | None,
+        unreadable: Mapping[str, str] | None = None,
+    ) -> list[str]:
         """Make the runtime routes and the default those the state store holds, whatever
-        order they come in; returns why each one that could not be applied was left out."""
+        order they come in (`unreadable`: the stored routes no spec could be read from,
+        with why); returns why each one that could not be applied was left out. A route
+        served here without a backend it names (unknown or disabled here) is applied, and
+        each such backend warned of (`stored_route_backend_missing`), once for this read."""
         snap = self.snapshot()
+        skipped = dict(self.skipped)
         try:
-            return self._apply_stored(specs, default)
+            return self._apply_stored(specs, default, unreadable or {})
         except BaseException:
             self.restore(snap)
+            self.skipped = skipped
             raise
 
-    def _apply_stored(self, specs: dict[str, RouteSettings], default: str | None) -> list[str]:
+    def _apply_stored(
+        self, specs: dict[str, RouteSettings], default: str | None, unreadable: Mapping[str, str]
+    ) -> list[str]:
         # Built again from the configured routes: every replica, whatever it held before
         # and in whatever order the store lists them, ends with the same table.
         self.routes = {n: r for n, r in self.routes.items() if not r.runtime}
@@ -464,15 +494,19 @@ class Router:
             self._names[name] = name
             for alias in route.aliases:
                 self._names.setdefault(alias, name)
-        skipped = []
+        self.skipped = dict(unreadable)
         # All routes first, fallbacks unchecked: two routes may fall back to each other.
         # Sorted: should the store hold two routes claiming one alias (written before it
         # refused that), every replica keeps the same one.
         for name in sorted(specs):
             try:
-                self.register(name, specs[name], check_fallbacks=False)
+                route = self.register(name, specs[name], check_fallbacks=False)
             except StellaError as exc:
-                skipped.append(f"route {name!r}: {exc.message}")
+                self.skipped[name] = exc.message
+                continue
+            if route.left_out:
+                self._served_without(name, specs[name])
+        skipped = [f"route {name!r}: {why}" for name, why in sorted(self.skipped.items())]
         # No default in the store (never switched, or a Redis restarted empty): the
         # configured one, as a replica starting now would have it.
         target = default or self.configured_default or self.default
@@ -485,6 +519,21 @@ class Router:
             skipped.append(f"default {target!r}: {exc.message}")
             self.set_default(self.configured_default)
         return skipped
+
+    def _served_without(self, name: str, rs: RouteSettings) -> None:
+        """Say that stored route `name`, made on a replica whose backends differ, is served
+        here without some it names: once per read of the store, not per call."""
+        named = [("backend", rs.backend)]
+        named += [(f"balance[{i}]", b) for i, b in enumerate(rs.balance) if b != rs.backend]
+        for where, backend in named:
+            if backend not in self.backends:
+                _log.warning(
+                    "stored_route_backend_missing",
+                    route=name,
+                    field=where,
+                    backend=backend,
+                    detail=f"{self._no_backend(backend)}: the route is served here without it",
+                )
 
     def remove(self, name: str) -> str:
         """Remove a runtime route (by its name or an alias) and return its name; the

@@ -12,7 +12,7 @@ import re
 import tomllib
 import typing
 from base64 import b64encode
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -721,6 +721,11 @@ def _convert(value: Any, type_: type[Any], where: str) -> Any:
     return out
 
 
+def serves(rs: RouteSettings, backends: Collection[str]) -> bool:
+    """Whether `backends` can serve a route: its own backend or one in its `balance`."""
+    return rs.backend in backends or any(b in backends for b in rs.balance)
+
+
 def enabled_backends(s: Settings) -> dict[str, dict[str, Any]]:
     """Backend tables without `enabled = false` (the key itself removed)."""
     return {
@@ -815,28 +820,29 @@ def _check(s: Settings) -> None:
     if not s.models.default:
         # A request without a model would have no route, and the router refuses "" as the
         # default at start-up: refused here, where `config --check` sees it too.
-        usable = sorted(n for n, r in s.models.routes.items() if r.backend in live)
+        usable = sorted(n for n, r in s.models.routes.items() if serves(r, live))
         raise ConfigError(
             f"models.default: empty; name the route a request without a model goes to; "
             f"known: {usable}"
         )
-    # The default is what the router will resolve it to. Routes on disabled backends are
-    # left out of it, aliases and all: a name or alias a live route answers to is served.
+    # The default is what the router will resolve it to. Routes whose backends are all
+    # disabled are left out of it, aliases and all: a name or alias a live route answers
+    # to is served (one whose own backend is disabled by another in its `balance`).
     name, routes = s.models.default, s.models.routes
-    serves = [
-        n for n, r in routes.items() if r.backend in live and (n == name or name in r.aliases)
-    ]
+    served = [n for n, r in routes.items() if serves(r, live) and (n == name or name in r.aliases)]
     held = [n for n, r in routes.items() if n == name or name in r.aliases]
-    if not serves and held:
+    if not served and held:
         holder = name if name in routes else held[0]
         shown = repr(name) if holder == name else f"{name!r} (an alias of {holder!r})"
+        rs = routes[holder]
+        also = f" (and its balance {rs.balance!r}, disabled too)" if rs.balance else ""
         raise ConfigError(
-            f"models.default: route {shown} uses disabled backend {routes[holder].backend!r}"
+            f"models.default: route {shown} uses disabled backend {rs.backend!r}{also}"
         )
     if s.models.default not in s.models.routes:
         aliases = {a for r in s.models.routes.values() for a in r.aliases}
         if s.models.default not in aliases:
-            usable = sorted(n for n, r in s.models.routes.items() if r.backend in live)
+            usable = sorted(n for n, r in s.models.routes.items() if serves(r, live))
             raise ConfigError(
                 f"models.default: {s.models.default!r} is not a route; known: {usable}"
             )

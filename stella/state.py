@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from stella.cost import nanos, usd
@@ -58,12 +58,15 @@ class StoredKeys(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class KeyChange:
-    """A revocation as a store writes it: digests revoked (digest -> the name revoked
-    under), stored entries removed (by name), and when (UTC ISO 8601; "" unknown)."""
+    """A key change as a store writes it: digests revoked (digest -> the name revoked
+    under), stored entries removed (by name), when (UTC ISO 8601; "" unknown), and
+    stored entries replaced (name -> spec: an update, a rotation), their time of making
+    kept."""
 
     revoke: dict[str, str]
     remove: tuple[str, ...] = ()
     at: str = ""
+    put: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class StateStore(Protocol):
@@ -242,6 +245,7 @@ class MemoryState:
         for name in change.remove:
             self.keys.pop(name, None)
             self.created.pop(name, None)
+        self.keys.update(change.put)
         self.keys_version += 1
         return True
 
@@ -316,6 +320,14 @@ def utc_stamp(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
+def key_configured(name: str, where: str) -> str:
+    """Why key `name` can't be changed through the API: the configuration defines it."""
+    return (
+        f"key {name!r} is defined in the configuration ({where}): change it there and "
+        "restart; only a runtime key (POST /api/v1/keys) changes at runtime"
+    )
+
+
 def key_not_found(name: str) -> str:
     """Why key `name` can't be revoked: no key has that name."""
     return f"no key named {name!r}"
@@ -326,10 +338,11 @@ def key_revoked(name: str) -> str:
     return f"key {name!r} is revoked already"
 
 
-def last_admin(name: str) -> str:
-    """Why admin key `name` can't be revoked: no other admin key would be left."""
+def last_admin(name: str, change: str = "revoked") -> str:
+    """Why admin key `name` can't be revoked (or lose admin, or get an expiry): no other
+    admin key that does not expire would be left."""
     return (
-        f"key {name!r} is the last admin key: revoked, nothing could manage keys or "
-        "routes until a new admin key is configured and every replica restarted; create "
-        "another admin key first"
+        f"key {name!r} is the last admin key (not revoked, with no expiry): {change}, "
+        "nothing could manage keys or routes once it is gone until a new admin key is "
+        "configured and every replica restarted; create another admin key first"
     )

@@ -244,20 +244,26 @@ elseif op == 'key_change' then
   -- version ARGV[5], ARGV[6] (epoch, count): written only if none changed since, so two
   -- replicas revoking the last two admin keys at once can't both pass (the second
   -- reads again and is refused). ARGV[7] when, ARGV[8] the number of digests revoked,
-  -- then each as digest, name; then the names of entries removed.
+  -- ARGV[9] the number of entries replaced, then each revoked as digest, name, each
+  -- replaced as name, spec (its time of making kept); then the names of entries removed.
   local epoch = redis.call('GET', KEYS[4]) or ''
   local count = tonumber(redis.call('GET', KEYS[1]) or '0')
   if epoch ~= ARGV[5] or count ~= tonumber(ARGV[6]) then
     return 3
   end
   local n = tonumber(ARGV[8])
-  for i = 9, 8 + 2 * n, 2 do
+  local first = 10 + 2 * n
+  for i = 10, first - 1, 2 do
     redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
     if ARGV[7] ~= '' then
       redis.call('HSET', KEYS[8], ARGV[i], ARGV[7])
     end
   end
-  for i = 9 + 2 * n, #ARGV do
+  local rest = first + 2 * tonumber(ARGV[9])
+  for i = first, rest - 1, 2 do
+    redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1])
+  end
+  for i = rest, #ARGV do
     redis.call('HDEL', KEYS[5], ARGV[i])
     redis.call('HDEL', KEYS[7], ARGV[i])
   end
@@ -650,9 +656,12 @@ class RedisState:
         """Write `change` if the routing version is still `seen` (StoredKeys.version),
         with it; False, writing nothing, when anything changed since."""
         epoch, count = cast(RoutingVersion, seen)
-        args = [epoch, str(count), change.at, str(len(change.revoke))]
+        args: list[str | bytes] = [epoch, str(count), change.at, str(len(change.revoke))]
+        args.append(str(len(change.put)))
         for digest, name in change.revoke.items():
             args += [digest, name]
+        for name, spec in change.put.items():
+            args += [name, msgspec.json.encode(spec)]
         return await self._write("key_change", "", *args, *change.remove) != 3
 
     # --- usage ---------------------------------------------------------------------

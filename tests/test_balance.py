@@ -367,8 +367,8 @@ def test_a_disabled_backend_is_left_out_and_a_stored_route_round_trips() -> None
 def test_a_disabled_balanced_backend_is_warned_of_at_start_up(tmp_path: Path) -> None:
     routes = {
         "m": {"backend": "echo", "balance": ["local", "other"]},
-        # Its own backend disabled too: left out as any route to a disabled backend is,
-        # warned of as that, with nothing said of its balance (it is not served at all).
+        # Its own backend disabled too, and every one in its balance: left out, warned of
+        # as that, with nothing said of its balance (it is not served at all).
         "gone": {"backend": "local", "balance": ["off"]},
     }
     with capture_logs() as logs:
@@ -781,3 +781,106 @@ async def test_a_circuit_that_opens_while_a_call_waits_for_a_slot_reads_as_at_th
     with pytest.raises(Unavailable) as door:
         await pipeline.prepare(ask, Call(request_id="x2"))
     assert door.value.message == words
+
+
+async def test_a_route_whose_own_backend_is_disabled_is_served_by_its_balance() -> None:
+    from stella.app import create_app
+
+    routes = {
+        "m": {"backend": "off", "balance": ["e1", "e2"], "upstream_model": "m-up"},
+        "lone": {"backend": "off", "balance": ["e2"], "aliases": ["solo"]},
+    }
+    backends = {
+        "off": {"kind": "echo", "enabled": False},
+        "e1": {"kind": "echo"},
+        "e2": {"kind": "echo"},
+    }
+    with capture_logs() as logs:
+        router(routes, backends)
+    # Said once, as it starts: which key, which backend, and that the route is served.
+    said = [
+        (e["key"], e["detail"])
+        for e in logs
+        if e["event"] == "route_backend_disabled" and e["route"] in routes
+    ]
+    served = "backends.off.enabled = false: the route is served by its balance without it"
+    assert said == [("models.routes.m.backend", served), ("models.routes.lone.backend", served)]
+    settings = load_settings(
+        {
+            "backends": {"local": {"enabled": False}, **backends},
+            "models": {"default": "m", "allow_direct": True, "routes": routes},
+        },
+        environ={},
+    )
+    app = create_app(settings)
+    table = app.services.router  # type: ignore[attr-defined]
+    assert [r.backend_name for r in table.chain(table.resolve("m"))] == ["e1", "e2"]
+    assert table.resolve("solo").pool == ()  # one backend left: no pool, as any route
+    ask = {"messages": [{"role": "user", "content": "three short words"}]}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://stella"
+    ) as client:
+        listed = {m["name"]: m for m in (await client.get("/api/v1/models")).json()["models"]}
+        assert [listed["m"][k] for k in ("backend", "balance", "left_out", "default")] == [
+            "e1",
+            ["e2"],
+            ["off"],
+            True,
+        ]
+        assert [listed["lone"][k] for k in ("backend", "balance", "left_out")] == [
+            "e2",
+            [],
+            ["off"],
+        ]
+        assert listed["echo"]["left_out"] == []
+        # The other lists have no field for backends: each route once, OpenAI's owner the
+        # backend the native list names.
+        data = (await client.get("/v1/models")).json()["data"]
+        owners = {m["id"]: m["owned_by"] for m in data}
+        assert (owners["m"], owners["lone"]) == ("e1", "e2")
+        tags = [m["name"] for m in (await client.get("/api/tags")).json()["models"]]
+        assert {"m", "lone"} <= {t.split(":")[0] for t in tags}
+        r = await client.get("/ready")
+        assert r.status_code == 200, r.text
+        backends = set()
+        for model in ("m", None, "e2/m-up", "solo"):  # the default too, and a direct name
+            r = await client.post("/api/v1/chat", json={**ask, "model": model, "stream": False})
+            assert r.status_code == 200 and r.json()["model"] in ("m", "lone"), r.text
+            backends.add(r.json()["backend"])
+        assert backends == {"e1", "e2"}
+        r = await client.post("/api/v1/chat", json={**ask, "model": "off/m-up", "stream": False})
+        assert r.status_code == 404, r.text
+        r = await client.post("/v1/messages/count_tokens", json={**ask, "model": "m"})
+        assert r.status_code == 200 and r.json() == {"input_tokens": 3}, r.text
+        r = await client.post("/api/v1/embed", json={"model": "m", "input": ["a b"]})
+        assert r.status_code == 200, r.text
+        # A runtime route naming the disabled backend is still refused, said so.
+        r = await client.post("/api/v1/models", json={"name": "rt", "backend": "off"})
+        assert r.status_code == 400 and "disabled" in r.json()["error"]["message"], r.text
+
+
+def test_a_default_served_only_by_its_balance_passes_the_config_check(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text(
+        '[models]\ndefault = "m"\n[models.routes.m]\nbackend = "local"\nbalance = ["echo"]\n'
+        "[backends.local]\nenabled = false\n"
+    )
+    out = stella_cli("config", "--check", "--config", str(conf), env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    [line] = [x for x in out.stderr.splitlines() if "models.routes.m.backend" in x]
+    assert "route_backend_disabled" in line and "served by its balance" in line, line
+    # Every backend of the default route disabled: refused, as before, naming them.
+    with pytest.raises(ConfigError, match=r"uses disabled backend 'local' \(and its balance"):
+        load_settings(
+            {
+                "backends": {
+                    "local": {"enabled": False},
+                    "off": {"kind": "echo", "enabled": False},
+                },
+                "models": {
+                    "default": "m",
+                    "routes": {"m": {"backend": "local", "balance": ["off"]}},
+                },
+            },
+            environ={},
+        )

@@ -525,6 +525,7 @@ def test_the_clients_and_the_cli_manage_a_live_server_s_keys() -> None:
             "SOURCE",
             "ADMIN",
             "CREATED",
+            "EXPIRES",
             "REVOKED",
             "RPM",
             "TPM",
@@ -535,12 +536,13 @@ def test_the_clients_and_the_cli_manage_a_live_server_s_keys() -> None:
             "MODELS",
         ]
         # The limits that apply, as --json gives them: its own rpm, the others unlimited;
-        # when a runtime key was made ("-": a configured key's, unknown).
+        # when a runtime key was made ("-": a configured key's, unknown); no expiry ("-").
         lines = {line.split()[0]: line.split() for line in table.stdout.splitlines()}
         cli_row = lines["cli-key"]
         assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", cli_row.pop(3)), cli_row
-        assert cli_row == ["cli-key", "runtime", "no", "no", "9", "0", "0", "0", "0", "0", "echo"]
-        assert lines["root"][3:5] == ["-", "no"]
+        # No expiry ("-"), not revoked, its rpm, the other limits and the budget 0.
+        assert cli_row == ["cli-key", "runtime", "no", "-", "no", "9", *["0"] * 5, "echo"]
+        assert lines["root"][3:6] == ["-", "-", "no"]
         assert lines["ops-cli"][2] == "yes" and lines["ops-cli"][-1] == "(none)"
         gone = stella_cli("keys", "revoke", "bob", *url, env=env)
         assert gone.returncode == 0, gone.stderr
@@ -554,7 +556,7 @@ def test_the_clients_and_the_cli_manage_a_live_server_s_keys() -> None:
         # A revoked key's row says when.
         table = stella_cli("keys", "list", *url, env=env)
         (bob,) = [line.split() for line in table.stdout.splitlines() if line.startswith("bob ")]
-        assert re.match(r"^\d{4}-\d\d-\d\dT", bob[4]) and bob[3] == "-", bob
+        assert re.match(r"^\d{4}-\d\d-\d\dT", bob[5]) and bob[3] == bob[4] == "-", bob
         assert httpx.post(s.url + "/api/v1/chat", json=CHAT, headers=bearer(key)).status_code == 401
 
 
@@ -607,7 +609,7 @@ def test_the_last_admin_is_counted_among_the_stored_keys_a_replica_takes() -> No
     # name a key may not have, a digest that is none.
     store.keys.update(
         {
-            "newer": {**admin, "expires_at": 1},
+            "newer": {**admin, "team": "ml"},
             "bad|name": admin,
             "short": {"sha256": "abc", "admin": True},
         }
@@ -622,7 +624,7 @@ def test_stored_entries_no_replica_reads_are_listed_and_a_delete_removes_them(
 ) -> None:
     import redis as redis_py
 
-    entry = {"sha256": sha("sk-keys-newer-99999"), "expires_at": 1}
+    entry = {"sha256": sha("sk-keys-newer-99999"), "team": "ml"}
     client = redis_py.Redis.from_url(redis.url)
     try:
         client.hset(
@@ -642,7 +644,7 @@ def test_stored_entries_no_replica_reads_are_listed_and_a_delete_removes_them(
                 assert row["skipped"].startswith("unreadable: "), row
                 assert (row["admin"], row["models"], row["revoked"]) == (False, [], False)
             assert "not JSON" in rows["junk"]["skipped"]
-            assert "expires_at" in rows["newer"]["skipped"]
+            assert "team" in rows["newer"]["skipped"]
             # The name is taken while the entry is there; a DELETE removes it.
             assert c.post("/api/v1/keys", json={"name": "junk"}).status_code == 409
             for name in ("junk", "newer", "bad%7Cname"):

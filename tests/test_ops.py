@@ -665,6 +665,13 @@ def test_answers_match_the_openapi_document() -> None:
             ("delete", "/api/v1/models/{name}", "/api/v1/models/e2-alias", None, auth),
             ("delete", "/api/v1/models/{name}", "/api/v1/models/echo", None, auth),  # 409
             ("get", "/api/v1/usage", "/api/v1/usage", None, auth),
+            # A runtime key's life: its answers as declared, the key routes' too.
+            ("post", "/api/v1/keys", "/api/v1/keys", {"name": "oa", "expires_in_s": 60}, auth),
+            ("patch", "/api/v1/keys/{name}", "/api/v1/keys/oa", {"requests_per_day": 5}, auth),
+            ("patch", "/api/v1/keys/{name}", "/api/v1/keys/root", {"admin": True}, auth),  # 404
+            ("post", "/api/v1/keys/{name}/rotate", "/api/v1/keys/oa/rotate", {"grace_s": 5}, auth),
+            ("get", "/api/v1/keys", "/api/v1/keys", None, auth),
+            ("delete", "/api/v1/keys/{name}", "/api/v1/keys/oa?purge=true", None, auth),
             ("post", "/api/v1/embed", "/api/v1/embed", {"model": "echo", "input": "a b"}, auth),
             ("post", "/api/v1/embed", "/api/v1/embed", {"model": "echo", "input": []}, auth),
         ]
@@ -679,6 +686,10 @@ def test_answers_match_the_openapi_document() -> None:
                     assert name.lower() in r.headers, (method, path, name)
         assert ("/api/v1/models/e2-alias", 200) in seen and ("/api/v1/models/echo", 409) in seen
         assert ("/config", 401) in seen and ("/api/v1/chat", 404) in seen
+        assert ("/api/v1/keys/oa/rotate", 201) in seen and (
+            "/api/v1/keys/oa?purge=true",
+            200,
+        ) in seen
         # Removed by an alias: answered with the route's own name, and gone by either name.
         r = httpx.post(
             server.url + "/api/v1/chat", json={"model": "e2", "messages": msg}, headers=auth

@@ -1981,6 +1981,81 @@ def test_a_stored_route_named_as_a_configured_one_here_can_be_removed_here(
         assert r.status_code == 409 and "comes from the config file" in r.text, r.text
 
 
+def test_a_stored_route_naming_a_backend_a_replica_lacks_is_said_once_per_version(
+    redis: Redis,
+) -> None:
+    # Replicas with different configs: `wide` is a backend of a's, not of b's.
+    side = {"side": {"kind": "echo"}}
+    a_cfg = config(redis, backends={"wide": {"kind": "echo"}, **side})
+    b_cfg = config(redis, backends=side)
+    missing = "stored_route_backend_missing"
+    with run_stella(a_cfg, ENV) as a:
+        for spec in (
+            {"name": "both", "backend": "echo", "balance": ["wide"]},
+            {"name": "flip", "backend": "wide", "balance": ["side"]},
+            {"name": "away", "backend": "wide"},
+        ):
+            r = http.post(a.url + "/api/v1/models", headers=AUTH, json=spec)
+            assert r.status_code == 201, r.text
+        with run_stella(b_cfg, ENV) as b:
+            # b serves each on the backends it has: `flip` on its balance alone.
+            for model, backend in (("both", "echo"), ("flip", "side")):
+                for _ in range(3):  # calls warn of nothing
+                    r = http.post(
+                        b.url + "/api/v1/chat", json={**BODY, "model": model}, headers=AUTH
+                    )
+                    assert r.status_code == 200 and r.json()["backend"] == backend, r.text
+            listed = http.get(b.url + "/api/v1/models", headers=AUTH).json()
+            models = {m["name"]: m for m in listed["models"]}
+            assert [models["both"][k] for k in ("backend", "balance", "left_out")] == [
+                "echo",
+                [],
+                ["wide"],
+            ]
+            assert [models["flip"][k] for k in ("backend", "balance", "left_out")] == [
+                "side",
+                [],
+                ["wide"],
+            ]
+            # The one it serves not at all is not listed as a model, and said so there.
+            assert "away" not in models
+            assert listed["skipped"] == {
+                "away": "$.backend: unknown backend 'wide'; known: ['echo', 'side']"
+            }
+            time.sleep(2.5)  # the follower's polls: the version has not moved
+            said = b.events(missing)
+            assert sorted((e["route"], e["field"], e["backend"], e["level"]) for e in said) == [
+                ("both", "balance[0]", "wide", "warning"),
+                ("flip", "backend", "wide", "warning"),
+            ]
+            assert said[0]["detail"] == (
+                "unknown backend 'wide'; known: ['echo', 'side']: the route is served here "
+                "without it"
+            )
+            assert len(b.events("stored_routing_skipped")) == 1  # `away`, once too
+            # The version moves (a route made elsewhere): each said once more, at that read.
+            r = http.post(
+                a.url + "/api/v1/models", headers=AUTH, json={"name": "x", "backend": "echo"}
+            )
+            assert r.status_code == 201, r.text
+            eventually(lambda: len(b.events(missing)) == 4)
+            time.sleep(1.5)
+            assert len(b.events(missing)) == 4
+            # Not to a key (made last: a key change moves the version too) that is no admin: no route beyond its own is named to it.
+            r = http.post(
+                b.url + "/api/v1/keys", headers=AUTH, json={"name": "narrow", "models": ["both"]}
+            )
+            assert r.status_code == 201, r.text
+            narrow = {"Authorization": f"Bearer {r.json()['key']}"}
+            listed = http.get(b.url + "/api/v1/models", headers=narrow).json()
+            assert [m["name"] for m in listed["models"]] == ["both"] and listed["skipped"] == {}
+        # The replica that has every backend serves them all, and says nothing.
+        listed = http.get(a.url + "/api/v1/models", headers=AUTH).json()
+        assert listed["skipped"] == {}
+        assert all(m["left_out"] == [] for m in listed["models"])
+        assert not a.events(missing) and not a.events("stored_routing_skipped")
+
+
 def redis_store(redis: Redis) -> Any:
     """A redis-py client of the test's server, to read what stella stored."""
     import redis as redis_py

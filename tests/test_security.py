@@ -1010,7 +1010,8 @@ def test_keys_are_read_once_at_start_and_only_the_key_routes_change_them() -> No
     # taken out of the config is still accepted until the process restarts (or it is
     # revoked: DELETE /api/v1/keys/{name}, tests/test_keys.py).
     keyed = {path for _, path in all_routes() if "key" in path.lower()}
-    assert keyed == {"/api/v1/keys", "/api/v1/keys/echo"}  # its {name} filled in
+    # its {name} filled in
+    assert keyed == {"/api/v1/keys", "/api/v1/keys/echo", "/api/v1/keys/echo/rotate"}
     chat = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "x"}]}
     with run_stella(CONFIG, {"STELLA_API_KEYS": f"admin={ADMIN}"}) as server:
         conf = server.log_path.parent / "stella.toml"

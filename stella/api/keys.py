@@ -1,4 +1,5 @@
-"""Admin routes for API keys: revoke one, make a runtime one, list them.
+"""Admin routes for API keys: revoke (or purge) one, make a runtime one, list them
+(key_lifecycle: update and rotate one).
 
 A change is written to the state store first and, once it took it, applied to this
 process's key table; the other replicas apply it when they next see the routing
@@ -16,14 +17,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from stella import key_plans
 from stella.api.http import NO_STORE, JSONResponse, endpoint, read_json, services, shown_cut
 from stella.api.native import admin_event, listed_once, shared_state
 from stella.api.openapi import Operation, document
 from stella.auth import (
     CONFIGURED_HERE,
     KEY_NAME_PATTERN,
+    StoredKey,
+    expired,
     hash_key,
     key_principal,
+    key_spec,
     new_key,
     stored_key,
 )
@@ -31,7 +36,7 @@ from stella.calls import Principal
 from stella.core import Call
 from stella.errors import Conflict, InvalidRequest, Unavailable
 from stella.protocol import KeyCreated, KeyInfo, KeyList, KeyRevoked
-from stella.settings import Count, KeySettings, UsdPerDay, upstream_model_problem
+from stella.settings import Count, UsdPerDay, upstream_model_problem
 from stella.state import StoredKeys, utc_stamp
 
 if TYPE_CHECKING:  # stella.app imports this module
@@ -45,6 +50,12 @@ MAX_KEY_MODELS = 64
 # its write (another replica's change); each try is two round trips.
 KEY_CHANGE_TRIES = 5
 ModelPattern = Annotated[str, Meta(min_length=1, max_length=256)]
+# A runtime key's life: at most ten years, set as seconds from now (the store's clock).
+MAX_EXPIRES_IN_S = 10 * 365 * 86400
+ExpiresIn = Annotated[
+    float,
+    Meta(gt=0, le=MAX_EXPIRES_IN_S, description="seconds from now until the key stops working"),
+]
 
 
 class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
@@ -65,9 +76,22 @@ class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
     requests_per_day: Count = 0
     tokens_per_day: Count = 0
     usd_per_day: UsdPerDay = 0.0
+    # None: it never expires.
+    expires_in_s: ExpiresIn | None = None
 
 
 _create = msgspec.json.Decoder(CreateKey)
+
+
+def check_models(models: list[str]) -> None:
+    """Refuse a runtime key's model patterns that repeat or hold a control character."""
+    # As a runtime route's lists: a repeat is a mistake, and a control character would
+    # be printed raw by `stella keys list` (a pattern names models, whose names have none).
+    listed_once("models", models)
+    for i, pattern in enumerate(models):
+        problem = upstream_model_problem(pattern)
+        if problem:
+            raise InvalidRequest(f"$.models[{i}]: {problem}", param=f"models[{i}]")
 
 
 def _shared_keys(svc: Services) -> None:
@@ -81,7 +105,17 @@ def _info(
     skipped: str = "",
     created_at: str = "",
     revoked_at: str = "",
+    k: StoredKey | None = None,
+    now: float = 0.0,
 ) -> KeyInfo:
+    """A key as the list shows it; `k` a runtime key's entry, its expiry and grace read
+    at `now` (the store's clock)."""
+    expires_at = grace_until = ""
+    if k is not None and k.expires_at:
+        expires_at = utc_stamp(k.expires_at)
+    if k is not None and k.previous and not revoked:
+        end = min(k.previous_until, k.expires_at or k.previous_until)
+        grace_until = utc_stamp(end) if end > now else ""
     return KeyInfo(
         name=p.name,
         source=source,  # type: ignore[arg-type]  # one of the Literal's, by its caller
@@ -96,6 +130,9 @@ def _info(
         revoked=revoked,
         created_at=created_at,
         revoked_at=revoked_at if revoked else "",
+        expires_at=expires_at,
+        expired=k is not None and expired(k, now),
+        grace_until=grace_until,
         skipped=skipped,
     )
 
@@ -112,6 +149,21 @@ async def _read_to_change(svc: Services) -> StoredKeys:
         ) from None
 
 
+def kept_changing() -> Unavailable:
+    """The 503 for a change whose every try found the keys changed since they were read."""
+    return Unavailable("the keys kept changing meanwhile; try again", retry_after=1)
+
+
+def purge_asked(request: Request) -> bool:
+    """DELETE's `purge` query parameter: true or false (absent: false)."""
+    value = request.query_params.get("purge")
+    if value is None or value == "false":
+        return False
+    if value == "true":
+        return True
+    raise InvalidRequest("purge: expected true or false", param="purge")
+
+
 @endpoint(auth="admin")
 async def revoke_key(request: Request, call: Call) -> Response:
     """DELETE /api/v1/keys/{name}: revoke a key, runtime or configured."""
@@ -119,6 +171,8 @@ async def revoke_key(request: Request, call: Call) -> Response:
     auth = svc.auth
     name = request.path_params["name"]
     shown = shown_cut(name)  # the path may hold 64 KiB: not all of it in the answer or log
+    if purge_asked(request):
+        return await _purge(svc, name, shown, call)
     with admin_event("revoke", shown, call, "key_change", source=None) as logged:
         _shared_keys(svc)
         # Planned on the store's keys (a runtime key another replica made may not be
@@ -131,7 +185,7 @@ async def revoke_key(request: Request, call: Call) -> Response:
             if await svc.state.change_keys(change, stored.version):
                 break
         else:
-            raise Unavailable("the keys kept changing meanwhile; try again", retry_after=1)
+            raise kept_changing()
         keys = {n: spec for n, spec in stored.keys.items() if n not in plan.change.remove}
         auth.apply_stored(keys, {**stored.revoked, **plan.change.revoke})
         auth.local_changes += 1  # a follower's read from before this write is stale now
@@ -160,6 +214,32 @@ async def revoke_key(request: Request, call: Call) -> Response:
     )
 
 
+async def _purge(svc: Services, name: str, shown: str, call: Call) -> Response:
+    """DELETE /api/v1/keys/{name}?purge=true: drop a runtime key's stored entry, revoking
+    it first if it was not, so that its name may be used again."""
+    auth = svc.auth
+    with admin_event("purge", shown, call, "key_change", source="runtime") as logged:
+        _shared_keys(svc)
+        for _ in range(KEY_CHANGE_TRIES):
+            stored = await _read_to_change(svc)
+            plan = key_plans.purge(auth, name, stored, shown)
+            change = dataclasses.replace(plan.change, at=utc_stamp(svc.state.wall()))
+            if await svc.state.change_keys(change, stored.version):
+                break
+        else:
+            raise kept_changing()
+        keys = {n: spec for n, spec in stored.keys.items() if n != name}
+        auth.apply_stored(keys, {**stored.revoked, **plan.change.revoke})
+        auth.local_changes += 1
+        logged["revoked"] = plan.revoked
+    detail = "revoked, and its entry dropped" if plan.revoked else "its entry dropped"
+    if plan.unreadable:
+        detail = f"its entry, which no replica can read ({plan.unreadable}), dropped"
+    detail += "; the name is free, and the key's secrets stay refused"
+    answer = KeyRevoked(name, "runtime", ["runtime"], detail=detail, purged=True)
+    return JSONResponse(answer, headers=[NO_STORE])
+
+
 @endpoint(auth="admin")
 async def create_key(request: Request, call: Call) -> Response:
     """POST /api/v1/keys: make a runtime key (201), its key shown this once."""
@@ -177,14 +257,7 @@ async def create_key(request: Request, call: Call) -> Response:
                 )
             raise
         logged["name"] = spec.name
-        # As a runtime route's lists: a repeat is a mistake, and a control character
-        # would be printed raw by `stella keys list` (a pattern names models, whose
-        # names have none).
-        listed_once("models", spec.models)
-        for i, pattern in enumerate(spec.models):
-            problem = upstream_model_problem(pattern)
-            if problem:
-                raise InvalidRequest(f"$.models[{i}]: {problem}", param=f"models[{i}]")
+        check_models(spec.models)
         if not auth.enabled:
             # Keys turned on at runtime would lock every anonymous caller out at once,
             # on some replicas before others.
@@ -197,20 +270,19 @@ async def create_key(request: Request, call: Call) -> Response:
         key = new_key()
         fields = msgspec.structs.asdict(spec)
         del fields["name"]  # the table's name, not a field of it
-        settings = KeySettings(sha256=hash_key(key), **fields)
-        stored = msgspec.to_builtins(settings)
-        if not stored["usd_per_day"]:
-            # A replica from before budgets refuses a key with a field it does not know
-            # (its KeySettings forbids them): during a rolling upgrade it would skip every
-            # runtime key a newer one makes. Left out at 0, such a key reads the same.
-            del stored["usd_per_day"]
-        # On the store's clock, as every replica lists it.
-        created_at = utc_stamp(svc.state.wall())
+        life = fields.pop("expires_in_s")
+        # On the store's clock, as every replica lists and compares them.
+        now = svc.state.wall()
+        if life is not None:
+            logged["expires_in_s"] = life
+        settings = StoredKey(sha256=hash_key(key), expires_at=now + life if life else 0, **fields)
+        stored = key_spec(settings)
+        created_at = utc_stamp(now)
         await svc.state.save_key(spec.name, stored, created_at)
         auth.apply_stored({**auth.runtime_specs, spec.name: stored}, auth.revoked)
         auth.local_changes += 1
     p = key_principal(spec.name, settings, auth.limits)
-    info = _info(p, "runtime", False, created_at=created_at)
+    info = _info(p, "runtime", False, created_at=created_at, k=settings, now=now)
     # The key itself, shown this once: no cache (a proxy's, a browser's) may keep it.
     created = KeyCreated(**msgspec.structs.asdict(info), key=key)
     return JSONResponse(created, status_code=201, headers=[NO_STORE])
@@ -224,6 +296,7 @@ async def list_keys(request: Request, call: Call) -> Response:
     # The store's, not this table's: a key another replica made or revoked a moment ago
     # is listed as it is (503 while Redis does not answer, as the usage report).
     stored = await svc.state.load_keys()
+    now = svc.state.wall()
     at = stored.revoked_at
     out = []
     for name, (digest, source) in auth.configured.items():
@@ -243,7 +316,9 @@ async def list_keys(request: Request, call: Call) -> Response:
         skipped = CONFIGURED_HERE if name in auth.configured else ""
         revoked = k.sha256 in stored.revoked
         made, gone = stored.created.get(name, ""), at.get(k.sha256, "")
-        out.append(_info(p, "runtime", revoked, skipped, created_at=made, revoked_at=gone))
+        out.append(
+            _info(p, "runtime", revoked, skipped, created_at=made, revoked_at=gone, k=k, now=now)
+        )
     return JSONResponse(KeyList(out))
 
 
@@ -251,7 +326,7 @@ document(
     Operation(
         "get",
         "/api/v1/keys",
-        "Every API key: name, source, models, admin, limits, revoked (admin)",
+        "Every API key: name, source, models, admin, limits, revoked, expiry (admin)",
         tag="admin",
         response=KeyList,
         admin=True,
@@ -272,10 +347,15 @@ document(
         "/api/v1/keys/{name}",
         "Revoke an API key, configured or runtime, on every replica (admin)",
         tag="admin",
+        description=(
+            "With purge=true, a runtime key's stored entry is dropped too (revoked first "
+            "if it was not), so that its name may be used again; its secrets stay refused."
+        ),
         response=KeyRevoked,
         admin=True,
         params=("name",),
-        errors=(401, 403, 404, 409, 503),
+        query=(("purge", "true: drop a runtime key's stored entry too (default false)"),),
+        errors=(400, 401, 403, 404, 409, 503),
     ),
 )
 

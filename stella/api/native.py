@@ -177,9 +177,13 @@ async def model_infos(request: Request, call: Call) -> ModelList:
                 capabilities=router.capabilities(route, call.principal.scope),
                 circuit=router.circuit(route),
                 memory_bytes=backend.memory_bytes(route.upstream_model),
+                left_out=list(route.left_out),
             )
         )
-    return ModelList(models=out, default=router.default if may_use(router.default) else None)
+    # Only an admin may see routes beyond the table (their reasons name backends too).
+    skipped = dict(router.skipped) if call.principal.admin else {}
+    default = router.default if may_use(router.default) else None
+    return ModelList(models=out, default=default, skipped=skipped)
 
 
 @endpoint()

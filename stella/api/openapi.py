@@ -43,6 +43,7 @@ class Operation:
     # request, response, stream_item, error and the bodies of `others` are structs, or
     # Schemas for bodies written without one.
     request: Any = None
+    request_optional: bool = False  # the body may be left out (its fields' defaults hold)
     response: Any = None
     stream: str = ""  # media type of a streamed alternative, e.g. application/x-ndjson
     # One line of an NDJSON stream, or one event of an SSE one (as OpenAPI 3.1 tools read a
@@ -120,7 +121,7 @@ def build_schema(without: frozenset[str] = frozenset()) -> dict[str, Any]:
             ]
         if op.request is not None:
             item["requestBody"] = {
-                "required": True,
+                "required": not op.request_optional,
                 "content": {"application/json": {"schema": by_type[op.request]}},
             }
         content: dict[str, Any] = {}
@@ -266,7 +267,7 @@ h1{margin:0 0 4px} .op{background:#fff;border:1px solid #e3e3ea;border-radius:8p
 summary{cursor:pointer;padding:10px 14px;display:flex;flex-wrap:wrap;gap:4px 12px;align-items:center}
 summary code{min-width:0;overflow-wrap:anywhere}
 .m{font:600 12px monospace;padding:2px 8px;border-radius:4px;color:#fff;min-width:54px;text-align:center}
-.get{background:#2f7d4f}.post{background:#2e5ea8}.delete{background:#b03a2e}
+.get{background:#2f7d4f}.post{background:#2e5ea8}.delete{background:#b03a2e}.patch{background:#8a6d1f}
 code,pre{font:13px ui-monospace,monospace} pre{background:#f2f2f6;padding:10px;overflow:auto;margin:0 14px 14px}
 </style></head><body><main><h1>stella API</h1><p id="sub"></p><div id="ops"></div></main>
 <script type="module">

@@ -1,5 +1,6 @@
 """`stella keys new NAME`: a fresh API key and the config lines with its SHA-256;
-`stella keys create | list | revoke`: a running server's keys (its admin routes)."""
+`stella keys create | list | update | rotate | revoke`: a running server's keys (its
+admin routes)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,12 @@ from stella.settings import MAX_BUDGET, MAX_COUNT
 NAME = "keys"
 HELP = (
     "API keys: `keys new NAME` prints a key and its [auth.keys] lines; `keys hash` hashes "
-    "stdin; `keys create NAME | list | revoke NAME` manage a running server's keys"
+    "stdin; `keys create NAME | list | update NAME | rotate NAME | revoke NAME` manage a "
+    "running server's keys"
 )
+# A duration's units (--expires-in 30d, --grace 1h); a bare number is seconds.
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
 # A server answers a key change within Redis's timeout: a wait longer than this is a
 # server that will not answer.
 KEYS_TIMEOUT_S = 30.0
@@ -36,10 +41,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create = sub.add_parser("create", help="make a runtime key on a running server (admin)")
     for p in (new, create):
         _key_options(p)
+    create.add_argument(
+        "--expires-in",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="it stops working this long from now: 90s, 15m, 12h, 30d (default: never)",
+    )
     listing = sub.add_parser("list", help="list a running server's keys (admin)")
+    update = sub.add_parser(
+        "update", help="change a runtime key's settings on a running server, its key kept (admin)"
+    )
+    _update_options(update)
+    rotate = sub.add_parser(
+        "rotate", help="give a runtime key a new key on a running server (admin)"
+    )
+    rotate.add_argument("name", help="the key's name")
+    rotate.add_argument(
+        "--grace",
+        type=_duration,
+        default=0.0,
+        metavar="DURATION",
+        help="the old key keeps working this long: 90s, 15m, 1h, 7d at most (default: stops now)",
+    )
     revoke = sub.add_parser("revoke", help="revoke a key on a running server (admin)")
     revoke.add_argument("name", help="the key's name")
-    for p in (create, listing, revoke):
+    revoke.add_argument(
+        "--purge",
+        action="store_true",
+        help="drop a runtime key's stored entry too, so that its name is free again",
+    )
+    for p in (create, listing, update, rotate, revoke):
         p.add_argument("--url", help="server URL (default: $STELLA_URL or http://127.0.0.1:8000)")
         p.add_argument("--api-key", help="an admin API key (default: $STELLA_API_KEY)")
         p.add_argument("--json", action="store_true", help="print JSON")
@@ -71,6 +103,55 @@ def _key_options(new: argparse.ArgumentParser) -> None:
     new.add_argument(
         "--usd", type=_usd, default=0.0, help="a budget in USD per UTC day (0: the default)"
     )
+
+
+def _update_options(update: argparse.ArgumentParser) -> None:
+    """`keys update`: what to change (an option left out: unchanged)."""
+    update.add_argument("name", help="the key's name")
+    admin = update.add_mutually_exclusive_group()
+    admin.add_argument(
+        "--admin",
+        dest="admin",
+        action="store_const",
+        const=True,
+        default=None,
+        help="may use the admin routes",
+    )
+    admin.add_argument(
+        "--no-admin", dest="admin", action="store_const", const=False, help="may not"
+    )
+    models = update.add_mutually_exclusive_group()
+    models.add_argument("--models", nargs="+", default=None, help="glob patterns of allowed models")
+    models.add_argument(
+        "--no-models", dest="models", action="store_const", const=[], help="no model at all"
+    )
+    for flag, what in (
+        ("--rpm", "requests per minute"),
+        ("--tpm", "tokens per minute"),
+        ("--concurrent", "requests at once"),
+        ("--rpd", "requests per UTC day"),
+        ("--tpd", "tokens per UTC day"),
+    ):
+        update.add_argument(flag, type=_count, default=None, help=f"{what} (0: the default)")
+    expiry = update.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--expires-in",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="it stops working this long from now: 90s, 15m, 12h, 30d",
+    )
+    expiry.add_argument("--no-expiry", action="store_true", help="it never expires")
+
+
+def _duration(text: str) -> float:
+    """Seconds from "90", "90s", "15m", "12h" or "30d", for argparse."""
+    m = _DURATION.fullmatch(text.strip().lower())
+    if m is None:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (a number and s, m, h or d: 90s, 15m, 12h, 30d)"
+        )
+    return float(m.group(1)) * UNITS[m.group(2) or "s"]
 
 
 def _count(text: str) -> int:
@@ -107,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     """Print the key once (it is not stored anywhere) and the lines to configure it."""
     from stella.auth import KEY_NAME_RULE, hash_key, is_key_name, new_key
 
-    if args.action in ("create", "list", "revoke"):
+    if args.action in ("create", "list", "update", "rotate", "revoke"):
         return _on_server(args)
     if args.action == "hash":
         try:
@@ -155,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _on_server(args: argparse.Namespace) -> int:
-    """`create`, `list` or `revoke` against a server; the answer as a table or JSON."""
+    """`create`, `list`, `update`, `rotate` or `revoke` against a server; the answer as
+    a table or JSON."""
     import msgspec
 
     from stella.client import StellaClientError
@@ -176,11 +258,27 @@ def _on_server(args: argparse.Namespace) -> int:
                     requests_per_day=args.rpd,
                     tokens_per_day=args.tpd,
                     usd_per_day=args.usd,
+                    expires_in_s=args.expires_in,
                 )
             elif args.action == "list":
                 answer = client.list_keys()
+            elif args.action == "update":
+                answer = client.update_key(
+                    args.name,
+                    models=args.models,
+                    admin=args.admin,
+                    requests_per_minute=args.rpm,
+                    tokens_per_minute=args.tpm,
+                    max_concurrent=args.concurrent,
+                    requests_per_day=args.rpd,
+                    tokens_per_day=args.tpd,
+                    expires_in_s=args.expires_in,
+                    no_expiry=args.no_expiry,
+                )
+            elif args.action == "rotate":
+                answer = client.rotate_key(args.name, grace_s=args.grace)
             else:
-                answer = client.revoke_key(args.name)
+                answer = client.revoke_key(args.name, purge=args.purge)
     except StellaClientError as exc:
         print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
         return client_exit(exc)
@@ -189,20 +287,27 @@ def _on_server(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(msgspec.json.encode(answer).decode())
-    elif args.action == "create":
+    elif args.action in ("create", "rotate"):
         print("(shown once; the server stores only its hash)", file=sys.stderr)
+        if args.action == "rotate":
+            until = f"until {answer.grace_until}" if answer.grace_until else "no longer"
+            print(f"(the old key works {until})", file=sys.stderr)
         print(answer.key)
+    elif args.action == "update":
+        print(f"updated {answer.name}")
     elif args.action == "list":
         # The limits that apply, as --json gives them (0: unlimited).
         limit_names = ("RPM", "TPM", "CONC", "RPD", "TPD", "USD/DAY")
         rows: list[tuple[str, ...]] = [
-            ("NAME", "SOURCE", "ADMIN", "CREATED", "REVOKED", *limit_names, "MODELS")
+            ("NAME", "SOURCE", "ADMIN", "CREATED", "EXPIRES", "REVOKED", *limit_names, "MODELS")
         ]
         for k in answer.keys:
             admin = "yes" if k.admin else "no"
             # When, where the server knows it ("yes": revoked at a time not kept).
             revoked = (k.revoked_at or "yes") if k.revoked else "no"
             created = k.created_at or "-"
+            # "-": never; an expired key's time says so.
+            expires = (k.expires_at + (" (expired)" if k.expired else "")) or "-"
             limits = (
                 k.requests_per_minute,
                 k.tokens_per_minute,
@@ -214,12 +319,14 @@ def _on_server(args: argparse.Namespace) -> int:
             models = ", ".join(k.models) or "(none)"
             if k.skipped:
                 models += f"  (skipped here: {k.skipped})"
-            rows.append((k.name, k.source, admin, created, revoked, *map(str, limits), models))
+            row = (k.name, k.source, admin, created, expires, revoked, *map(str, limits), models)
+            rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
             print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     else:
-        print(f"revoked {answer.revoked} ({', '.join(answer.sources or [answer.source])})")
+        done = "purged" if answer.purged else "revoked"
+        print(f"{done} {answer.revoked} ({', '.join(answer.sources or [answer.source])})")
         if answer.detail:
             print(answer.detail, file=sys.stderr)
     return 0
