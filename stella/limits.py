@@ -13,7 +13,9 @@ stella.cost) is a bucket that never refills
 (its rate per second is 0), one per UTC day: its key ends with the day's date, so
 the next day starts a full bucket, and it goes through the same checks, in the same
 admission (one Lua call with Redis), as the per-minute buckets. Days are told by
-the state store's clock (Redis's, with Redis), as the usage counters' are.
+the state store's clock (Redis's, with Redis), as the usage counters' are. A daily
+bucket keeps the capacity it was counted against beside its level, so that a quota
+changed during the day (a runtime key's update) keeps what the day spent.
 """
 
 from __future__ import annotations
@@ -102,10 +104,19 @@ class MemoryBuckets:
     """Token buckets in this process."""
 
     def __init__(self) -> None:
-        self._levels: dict[str, tuple[float, float]] = {}  # key -> (level, at)
+        # key -> (level, at, the capacity it was counted against)
+        self._levels: dict[str, tuple[float, float, float]] = {}
 
     def _level(self, key: str, capacity: float, per_s: float, now: float) -> float:
-        level, at = self._levels.get(key, (capacity, now))
+        got = self._levels.get(key)
+        if got is None:
+            return capacity
+        level, at, was = got
+        if not per_s:
+            # A daily bucket keeps what the day spent (capacity - level): a limit changed
+            # during the day (a key's update, a restart with another config) moves what
+            # is left by as much, never the spend.
+            return level + capacity - was
         return min(capacity, level + (now - at) * per_s)
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
@@ -119,8 +130,7 @@ class MemoryBuckets:
         levels = []
         ok = True
         for key, cap, per_s, cost in checks:
-            got = store.get(key)
-            level = cap if got is None else min(cap, got[0] + (now - got[1]) * per_s)
+            level = self._level(key, cap, per_s, now)
             if level < cost and (per_s or level <= 0):
                 ok = False
             levels.append(level)
@@ -139,7 +149,7 @@ class MemoryBuckets:
                 wait = refill_s(short, per_s) if short > 0 else 0.0
                 fits = short <= 0 or (not per_s and level > 0)
                 out.append(Take(fits, left, wait, refill_s(cap - left, per_s)))
-            store[key] = (left, now)
+            store[key] = (left, now, cap)
         return out
 
     def give(
@@ -148,7 +158,7 @@ class MemoryBuckets:
         """Refund (or charge) after the fact (`local`: this store is its own stand-in)."""
         now = time.monotonic()
         level = self._level(key, capacity, per_s, now)
-        self._levels[key] = (min(capacity, level + amount), now)
+        self._levels[key] = (min(capacity, level + amount), now, capacity)
 
     def forget_days(self, kept: tuple[str, ...]) -> None:
         """Drop daily buckets of days other than `kept` (each key ends with its day)."""

@@ -2103,6 +2103,35 @@ async def test_a_daily_quota_never_leases(redis: Redis) -> None:
         await st.aclose()
 
 
+async def test_a_daily_limit_changed_during_the_day_keeps_what_the_day_spent(
+    redis: Redis,
+) -> None:
+    # A key's update (or a config edit on one replica) changes its daily limit while
+    # the day's bucket holds what is left of the old one: the spend is what stays.
+    st = redis_state(redis, "moved")
+    buckets = st.buckets()
+    key = "usd:key:k:2030-01-01"
+    try:
+        (take,) = await buckets.take_all([(key, 1000.0, 0.0, 300.0)])
+        assert take.allowed and take.remaining == 700.0
+        # Raised: 300 spent of 2000, settled as what the call cost (250).
+        buckets.give(key, 2000.0, 0.0, 50.0)
+        await st._flush_gives()
+        assert float(await st.redis.hget(f"moved:rl:{key}", "level")) == 1750.0
+        (take,) = await buckets.take_all([(key, 2000.0, 0.0, 100.0)])
+        assert take.allowed and take.remaining == 1650.0
+        # Lowered under the day's spend (350): nothing left, the call refused.
+        (take,) = await buckets.take_all([(key, 300.0, 0.0, 1.0)])
+        assert not take.allowed and take.remaining == -50.0
+        # A bucket written before its capacity was kept with it: its level as it is.
+        await st.redis.hset(f"moved:rl:{key}", "level", "100")
+        await st.redis.hdel(f"moved:rl:{key}", "cap")
+        (take,) = await buckets.take_all([(key, 5000.0, 0.0, 10.0)])
+        assert take.allowed and take.remaining == 90.0
+    finally:
+        await st.aclose()
+
+
 async def _redis_time(redis: Redis) -> tuple[int, int]:
     import redis.asyncio as aioredis
 
