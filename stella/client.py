@@ -104,7 +104,7 @@ def _key_body(
 def _update_body(
     models: list[str] | None,
     admin: bool | None,
-    limits: dict[str, int | None],
+    limits: dict[str, float | None],
     expires_in_s: float | None,
     no_expiry: bool,
 ) -> dict[str, Any]:
@@ -1101,6 +1101,7 @@ class Client:
         max_concurrent: int | None = None,
         requests_per_day: int | None = None,
         tokens_per_day: int | None = None,
+        usd_per_day: float | None = None,
         expires_in_s: float | None = None,
         no_expiry: bool = False,
     ) -> KeyInfo:
@@ -1112,6 +1113,7 @@ class Client:
             "max_concurrent": max_concurrent,
             "requests_per_day": requests_per_day,
             "tokens_per_day": tokens_per_day,
+            "usd_per_day": usd_per_day,
         }
         body = _update_body(models, admin, limits, expires_in_s, no_expiry)
         r = self._send("PATCH", _key_path(name), body)
@@ -1454,6 +1456,7 @@ class AsyncClient:
         max_concurrent: int | None = None,
         requests_per_day: int | None = None,
         tokens_per_day: int | None = None,
+        usd_per_day: float | None = None,
         expires_in_s: float | None = None,
         no_expiry: bool = False,
     ) -> KeyInfo:
@@ -1465,6 +1468,7 @@ class AsyncClient:
             "max_concurrent": max_concurrent,
             "requests_per_day": requests_per_day,
             "tokens_per_day": tokens_per_day,
+            "usd_per_day": usd_per_day,
         }
         body = _update_body(models, admin, limits, expires_in_s, no_expiry)
         r = await self._send("PATCH", _key_path(name), body)

@@ -4,18 +4,22 @@ replicas, are in test_redis.py."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
 import httpx
 import pytest
 
 from stella.backends import ConfigError
-from stella.client import Client
+from stella.client import AsyncClient, Client
 from stella.cost import Rates
 from stella.settings import Price, load_settings
 from tests.fakes.openai import CACHED, FakeOpenAI
 from tests.fakes.server import serve
-from tests.live import run_stella, stella_cli
+from tests.live import merge, run_stella, stella_cli
+from tests.test_key_lifecycle import listed, made
+from tests.test_keys import KEYS, ROOT, app_for, calls
 from tests.test_limits import KEY, sha
 from tests.test_quota import assert_midnight, chat
 
@@ -329,3 +333,95 @@ def test_keys_new_writes_a_budget_and_refuses_a_bad_one() -> None:
     for bad in ("-1", "nan", "lots"):
         proc = stella_cli("keys", "new", "alice", "--usd", bad)
         assert proc.returncode == 2 and "--usd" in proc.stderr, proc.stderr
+
+
+# --- a runtime key's budget through its life ----------------------------------------------
+
+
+def test_a_runtime_key_s_budget_and_its_day_s_spend_survive_an_update_and_a_rotation() -> None:
+    # Each call costs some tens of micro-dollars: the first takes the day past 1.
+    app = app_for(merge(KEYS, priced({"input": 10.0, "output": 10.0})))
+    first = made(app, {"name": "rt", "usd_per_day": 0.000001})
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/chat", first, chat("one two three"))))
+    assert r.status_code == 200, r.text
+    spent_out = "daily budget of 0.000001 USD used up for key rt"
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/chat", first, chat())))
+    assert r.status_code == 429 and r.json()["error"]["message"].startswith(spent_out)
+    # Another setting changed: the budget stays, and so does the day's spend (counted by
+    # the key's name, which an update keeps).
+    (r,) = asyncio.run(calls(app, ("PATCH", "/api/v1/keys/rt", ROOT, {"requests_per_minute": 100})))
+    assert r.status_code == 200 and r.json()["usd_per_day"] == 0.000001, r.text
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/chat", first, chat())))
+    assert r.status_code == 429 and r.json()["error"]["message"].startswith(spent_out)
+    # A new secret: the same key, its budget and the day's spend with it.
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/keys/rt/rotate", ROOT, None)))
+    assert r.status_code == 201 and r.json()["usd_per_day"] == 0.000001, r.text
+    second = r.json()["key"]
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/chat", second, chat())))
+    assert r.status_code == 429 and r.json()["error"]["message"].startswith(spent_out)
+    assert listed(app, "rt")["usd_per_day"] == 0.000001
+    assert app.state.stella.state.keys["rt"]["usd_per_day"] == 0.000001
+
+
+def test_an_update_changes_a_runtime_key_s_budget_the_day_s_spend_kept() -> None:
+    # $1 a million tokens both ways: a token is a micro-dollar. A budget of $0.001.
+    app = app_for(merge(KEYS, priced({"input": 1.0, "output": 1.0})))
+    key = made(app, {"name": "rt", "usd_per_day": 0.001})
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/chat", key, chat("one two three"))))
+    assert r.status_code == 200, r.text
+    used = r.json()["usage"]["total_tokens"]
+    (r,) = asyncio.run(calls(app, ("PATCH", "/api/v1/keys/rt", ROOT, {"usd_per_day": 0.002})))
+    assert r.status_code == 200, r.text
+    assert r.json()["usd_per_day"] == 0.002 and listed(app, "rt")["usd_per_day"] == 0.002
+    store = app.state.stella.state
+    assert store.keys["rt"]["usd_per_day"] == 0.002
+    # The new budget, less what the day spent before the change ("hi": 100 reserved).
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/chat", key, chat("hi", max_tokens=100))))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-quota-limit"] == "0.002000"
+    assert r.headers["x-quota-remaining"] == f"{(2000 - used - 100) / 1e6:.6f}"
+    used += r.json()["usage"]["total_tokens"]
+    # Lowered under what the day spent: nothing left, not the new budget whole.
+    (r,) = asyncio.run(
+        calls(app, ("PATCH", "/api/v1/keys/rt", ROOT, {"usd_per_day": (used - 1) / 1e6}))
+    )
+    assert r.status_code == 200, r.text
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/chat", key, chat())))
+    assert r.status_code == 429 and "(0.000000 left)" in r.json()["error"]["message"], r.text
+    # Back to 0, none: the stored entry leaves the field out, as a stella from before
+    # budgets wrote (and reads) one.
+    (r,) = asyncio.run(calls(app, ("PATCH", "/api/v1/keys/rt", ROOT, {"usd_per_day": 0})))
+    assert r.status_code == 200 and r.json()["usd_per_day"] == 0, r.text
+    assert "usd_per_day" not in store.keys["rt"]
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/chat", key, chat())))
+    assert r.status_code == 200 and "x-quota-limit" not in r.headers, r.text
+    for bad in (-1, 1e7, "1"):
+        (r,) = asyncio.run(calls(app, ("PATCH", "/api/v1/keys/rt", ROOT, {"usd_per_day": bad})))
+        assert r.status_code == 400 and "$.usd_per_day" in r.json()["error"]["message"], r.text
+
+
+def test_the_clients_and_stella_keys_update_change_a_budget() -> None:
+    with run_stella(merge(KEYS, priced())) as server:
+        with Client(server.url, api_key=ROOT) as c:
+            c.create_key("rt", models=["echo"], usd_per_day=0.5)
+            changed = c.update_key("rt", usd_per_day=1.25)
+            assert (changed.usd_per_day, changed.models) == (1.25, ["echo"])
+            # Left out (None): unchanged.
+            assert c.update_key("rt", requests_per_minute=5).usd_per_day == 1.25
+
+        async def in_async() -> float | None:
+            async with AsyncClient(server.url, api_key=ROOT) as c:
+                return (await c.update_key("rt", usd_per_day=0.75)).usd_per_day
+
+        assert asyncio.run(in_async()) == 0.75
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+        env["STELLA_API_KEY"] = ROOT
+        url = ("--url", server.url)
+        proc = stella_cli("keys", "update", "rt", "--usd", "2.5", *url, env=env)
+        assert proc.returncode == 0 and proc.stdout.strip() == "updated rt", proc.stderr
+        table = stella_cli("keys", "list", *url, env=env).stdout.splitlines()
+        column = table[0].split().index("USD/DAY")
+        (row,) = [line.split() for line in table if line.startswith("rt ")]
+        assert row[column] == "2.5" and row[column - 1] == "0", row  # TPD beside it
+        bad = stella_cli("keys", "update", "rt", "--usd", "-1", *url, env=env)
+        assert bad.returncode == 2 and "--usd" in bad.stderr, bad.stderr

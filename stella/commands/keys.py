@@ -133,6 +133,9 @@ def _update_options(update: argparse.ArgumentParser) -> None:
         ("--tpd", "tokens per UTC day"),
     ):
         update.add_argument(flag, type=_count, default=None, help=f"{what} (0: the default)")
+    update.add_argument(
+        "--usd", type=_usd, default=None, help="a budget in USD per UTC day (0: the default)"
+    )
     expiry = update.add_mutually_exclusive_group()
     expiry.add_argument(
         "--expires-in",
@@ -272,6 +275,7 @@ def _on_server(args: argparse.Namespace) -> int:
                     max_concurrent=args.concurrent,
                     requests_per_day=args.rpd,
                     tokens_per_day=args.tpd,
+                    usd_per_day=args.usd,
                     expires_in_s=args.expires_in,
                     no_expiry=args.no_expiry,
                 )
