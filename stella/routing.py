@@ -211,7 +211,9 @@ class Router:
         named = list(dict.fromkeys((rs.backend, *rs.balance)))
         left_out = tuple(b for b in named if b not in self.backends)
         served = [b for b in named if b in self.backends]
-        route, *others = (self._member(name, rs, b, runtime, left_out) for b in served)
+        # One price for the pool: a plan's cache (limits) knows a replaced route by it.
+        price = rates(rs.price)
+        route, *others = (self._member(name, rs, b, runtime, left_out, price) for b in served)
         if others:
             pool = (route, *others)
             for member in pool:
@@ -225,7 +227,13 @@ class Router:
         return route
 
     def _member(
-        self, name: str, rs: RouteSettings, backend: str, runtime: bool, left_out: tuple[str, ...]
+        self,
+        name: str,
+        rs: RouteSettings,
+        backend: str,
+        runtime: bool,
+        left_out: tuple[str, ...],
+        price: Rates | None,
     ) -> Route:
         """Route `name` as served by `backend` (its own, or one it balances over)."""
         return Route(
@@ -237,7 +245,7 @@ class Router:
             aliases=list(rs.aliases),
             fallbacks=list(rs.fallbacks),
             runtime=runtime,
-            price=rates(rs.price),
+            price=price,
             left_out=left_out,
         )
 

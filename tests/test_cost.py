@@ -425,3 +425,51 @@ def test_the_clients_and_stella_keys_update_change_a_budget() -> None:
         assert row[column] == "2.5" and row[column - 1] == "0", row  # TPD beside it
         bad = stella_cli("keys", "update", "rt", "--usd", "-1", *url, env=env)
         assert bad.returncode == 2 and "--usd" in bad.stderr, bad.stderr
+
+
+def test_a_balanced_route_is_priced_on_every_backend_and_a_replaced_one_anew() -> None:
+    cfg = {
+        "backends": {"off": {"kind": "echo", "enabled": False}, "e2": {"kind": "echo"}},
+        "models": {
+            # Its own backend disabled: served by its balance, at its price.
+            "routes": {"lo": {"backend": "off", "balance": ["echo", "e2"], "price": PRICE}}
+        },
+    }
+    app = app_for(merge(KEYS, cfg))
+    router = app.state.stella.router
+    route = router.routes["lo"]
+    assert [m.backend_name for m in route.pool] == ["echo", "e2"]
+    assert route.left_out == ("off",)
+    # One price for the pool: the limiter's plans know a route's price by it.
+    assert {id(m.price) for m in route.pool} == {id(route.price)} and route.price
+    dear = {"input": 100.0, "output": 100.0}
+    body = {"name": "rt", "backend": "echo", "balance": ["e2"], "price": PRICE}
+    key = made(app, {"name": "k", "usd_per_day": 1.0})
+
+    def costs(model: str) -> list[tuple[str, float, float]]:
+        """(backend, cost_usd, the cost at `dear`) of two calls, one per backend."""
+        records: list[dict] = []
+        listeners = app.state.stella.pipeline.listeners
+        listeners.append(records.append)
+        try:
+            for _ in range(2):
+                (r,) = asyncio.run(calls(app, ("POST", "/api/v1/chat", key, chat(model=model))))
+                assert r.status_code == 200, r.text
+        finally:
+            listeners.remove(records.append)
+        return [
+            (e["backend"], e["cost_usd"], cost_of(e, dear))
+            for e in records
+            if e.get("op") != "embed"
+        ]
+
+    assert {b for b, _, _ in costs("lo")} == {"echo", "e2"}
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/models", ROOT, body)))
+    assert r.status_code == 201, r.text
+    assert all(cost < at_dear for _, cost, at_dear in costs("rt"))
+    # Replaced at runtime with another price: every backend's calls cost the new one.
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/models", ROOT, {**body, "price": dear})))
+    assert r.status_code == 200, r.text
+    served = costs("rt")
+    assert {b for b, _, _ in served} == {"echo", "e2"}
+    assert all(cost == pytest.approx(at_dear, abs=1e-9) for _, cost, at_dear in served)
