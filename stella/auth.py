@@ -75,14 +75,16 @@ class StoredKey(KeySettings, kw_only=True):
 
 
 # The fields an entry holds only when set: one without them reads as it did before
-# they were kept (a replica of an earlier version takes it; one with them, it skips).
-_LIFECYCLE_FIELDS = ("expires_at", "previous", "previous_until")
+# they were kept (a replica of an earlier version takes it; one with them, it skips, as
+# its KeySettings forbids a field it does not know): a daily budget, an expiry, a
+# rotation's grace.
+_OPTIONAL_FIELDS = ("usd_per_day", "expires_at", "previous", "previous_until")
 
 
 def key_spec(k: StoredKey) -> dict[str, Any]:
     """A runtime key's entry as the state store keeps it."""
     spec: dict[str, Any] = msgspec.to_builtins(k)
-    for field in _LIFECYCLE_FIELDS:
+    for field in _OPTIONAL_FIELDS:
         if not spec[field]:
             del spec[field]
     return spec
@@ -134,6 +136,7 @@ def key_principal(name: str, k: KeySettings, lim: LimitsSettings) -> Principal:
         max_concurrent=k.max_concurrent or lim.max_concurrent,
         requests_per_day=k.requests_per_day or lim.requests_per_day,
         tokens_per_day=k.tokens_per_day or lim.tokens_per_day,
+        usd_per_day=k.usd_per_day or lim.usd_per_day,
         expires_at=k.expires_at if isinstance(k, StoredKey) else 0.0,
     )
 
@@ -200,6 +203,7 @@ class Authenticator:
                 max_concurrent=lim.max_concurrent,
                 requests_per_day=lim.requests_per_day,
                 tokens_per_day=lim.tokens_per_day,
+                usd_per_day=lim.usd_per_day,
             )
             if (
                 lim.requests_per_minute
@@ -207,6 +211,7 @@ class Authenticator:
                 or lim.max_concurrent
                 or lim.requests_per_day
                 or lim.tokens_per_day
+                or lim.usd_per_day
             )
             or not is_loopback(host)
             else ANONYMOUS

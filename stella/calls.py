@@ -47,6 +47,7 @@ class Principal:
     max_concurrent: int = 0
     requests_per_day: int = 0
     tokens_per_day: int = 0
+    usd_per_day: float = 0.0  # a daily budget in USD (0: none)
     # When the key stops working, in seconds since the epoch on the state store's clock
     # (0: never): a runtime key's expiry, or a rotated key's old secret's end of grace.
     expires_at: float = 0.0
@@ -144,10 +145,17 @@ class Permit:
     def __init__(self) -> None:
         self.headers = []
 
-    def settle(self, usage: Usage, model_usage: Usage | None = None) -> None:
+    def settle(
+        self,
+        usage: Usage,
+        model_usage: Usage | None = None,
+        spent: int = 0,
+        model_spent: int | None = None,
+    ) -> None:
         """Correct reserved tokens with the real usage: `usage` for the key's limits,
         `model_usage` (when given) for the model's, which made only part of it when a
-        fallback route answered."""
+        fallback route answered; daily budgets likewise with what the call cost, in
+        nano-dollars: `spent` the key's, `model_spent` (when given) the model's."""
 
     def release(self) -> None:
         """Give back concurrency slots."""

@@ -20,7 +20,7 @@ from stella.commands import Output, OutputError
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
 
-COMMANDS = ("serve", "chat", "models", "config", "keys", "bench", "import_gguf")
+COMMANDS = ("serve", "chat", "models", "config", "keys", "usage", "bench", "import_gguf")
 
 
 class _Parser(argparse.ArgumentParser):

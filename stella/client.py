@@ -35,7 +35,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from typing import Any, Literal, cast, overload
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 import msgspec
@@ -54,6 +54,7 @@ from stella.protocol import (
     Ping,
     Start,
     ToolCall,
+    UsageReport,
 )
 
 
@@ -89,14 +90,21 @@ _embedded = msgspec.json.Decoder(EmbedResponse)
 _key_created = msgspec.json.Decoder(KeyCreated)
 _key_list = msgspec.json.Decoder(KeyList)
 _key_revoked = msgspec.json.Decoder(KeyRevoked)
+_usage = msgspec.json.Decoder(UsageReport)
 _key_info = msgspec.json.Decoder(KeyInfo)
+
+
+def _usage_path(day: str | None, key: str | None, model: str | None) -> str:
+    """GET /api/v1/usage with the filters given."""
+    query = {k: v for k, v in (("day", day), ("key", key), ("model", model)) if v}
+    return "/api/v1/usage" + ("?" + urlencode(query) if query else "")
 
 
 def _key_body(
     name: str,
     models: list[str] | None,
     admin: bool,
-    limits: dict[str, int],
+    limits: dict[str, float],
     expires_in_s: float | None = None,
 ) -> dict[str, Any]:
     """The body of POST /api/v1/keys: a limit left at 0 is left out (the default), and
@@ -113,7 +121,7 @@ def _key_body(
 def _update_body(
     models: list[str] | None,
     admin: bool | None,
-    limits: dict[str, int | None],
+    limits: dict[str, float | None],
     expires_in_s: float | None,
     no_expiry: bool,
 ) -> dict[str, Any]:
@@ -1083,6 +1091,7 @@ class Client:
         max_concurrent: int = 0,
         requests_per_day: int = 0,
         tokens_per_day: int = 0,
+        usd_per_day: float = 0.0,
         expires_in_s: float | None = None,
     ) -> KeyCreated:
         """POST /api/v1/keys (admin): a runtime key, expiring `expires_in_s` from now
@@ -1093,6 +1102,7 @@ class Client:
             "max_concurrent": max_concurrent,
             "requests_per_day": requests_per_day,
             "tokens_per_day": tokens_per_day,
+            "usd_per_day": usd_per_day,
         }
         body = _key_body(name, models, admin, limits, expires_in_s)
         r = self._send("POST", "/api/v1/keys", body)
@@ -1109,6 +1119,7 @@ class Client:
         max_concurrent: int | None = None,
         requests_per_day: int | None = None,
         tokens_per_day: int | None = None,
+        usd_per_day: float | None = None,
         expires_in_s: float | None = None,
         no_expiry: bool = False,
     ) -> KeyInfo:
@@ -1120,6 +1131,7 @@ class Client:
             "max_concurrent": max_concurrent,
             "requests_per_day": requests_per_day,
             "tokens_per_day": tokens_per_day,
+            "usd_per_day": usd_per_day,
         }
         body = _update_body(models, admin, limits, expires_in_s, no_expiry)
         r = self._send("PATCH", _key_path(name), body)
@@ -1142,6 +1154,14 @@ class Client:
         drops a runtime key's stored entry too, so that its name is free again."""
         r = self._send("DELETE", _revoke_path(name, purge))
         return _decode(_key_revoked, r.content, self.url, r.status_code)
+
+    def usage(
+        self, day: str | None = None, *, key: str | None = None, model: str | None = None
+    ) -> UsageReport:
+        """GET /api/v1/usage (admin): a day's rows per key and model (`.usage`, each with
+        its `cost_usd`) and their `.totals` (None: today, UTC)."""
+        r = self._send("GET", _usage_path(day, key, model))
+        return _decode(_usage, r.content, self.url, r.status_code)
 
 
 class AsyncClient:
@@ -1426,6 +1446,7 @@ class AsyncClient:
         max_concurrent: int = 0,
         requests_per_day: int = 0,
         tokens_per_day: int = 0,
+        usd_per_day: float = 0.0,
         expires_in_s: float | None = None,
     ) -> KeyCreated:
         """POST /api/v1/keys (admin): a runtime key, expiring `expires_in_s` from now
@@ -1436,6 +1457,7 @@ class AsyncClient:
             "max_concurrent": max_concurrent,
             "requests_per_day": requests_per_day,
             "tokens_per_day": tokens_per_day,
+            "usd_per_day": usd_per_day,
         }
         body = _key_body(name, models, admin, limits, expires_in_s)
         r = await self._send("POST", "/api/v1/keys", body)
@@ -1452,6 +1474,7 @@ class AsyncClient:
         max_concurrent: int | None = None,
         requests_per_day: int | None = None,
         tokens_per_day: int | None = None,
+        usd_per_day: float | None = None,
         expires_in_s: float | None = None,
         no_expiry: bool = False,
     ) -> KeyInfo:
@@ -1463,6 +1486,7 @@ class AsyncClient:
             "max_concurrent": max_concurrent,
             "requests_per_day": requests_per_day,
             "tokens_per_day": tokens_per_day,
+            "usd_per_day": usd_per_day,
         }
         body = _update_body(models, admin, limits, expires_in_s, no_expiry)
         r = await self._send("PATCH", _key_path(name), body)
@@ -1485,3 +1509,10 @@ class AsyncClient:
         drops a runtime key's stored entry too, so that its name is free again."""
         r = await self._send("DELETE", _revoke_path(name, purge))
         return _decode(_key_revoked, r.content, self.url, r.status_code)
+
+    async def usage(
+        self, day: str | None = None, *, key: str | None = None, model: str | None = None
+    ) -> UsageReport:
+        """GET /api/v1/usage (admin), as Client.usage."""
+        r = await self._send("GET", _usage_path(day, key, model))
+        return _decode(_usage, r.content, self.url, r.status_code)

@@ -24,6 +24,7 @@ from starlette.types import Receive
 
 from stella.backends import BackendEvent, CallContext
 from stella.calls import ANONYMOUS, Admission, Call, Permit, Principal, prompt_estimate
+from stella.cost import usd
 from stella.errors import (
     DEFAULT_RETRY_AFTER_S,
     ClientGone,
@@ -1237,7 +1238,8 @@ class Inference:
         if held is not None:
             name, permit = held
             try:
-                permit.settle(self._made_on(name, final))
+                made = self._made_on(name, final)
+                permit.settle(made, spent=self._cost_on(name, made, final))
             finally:
                 permit.release()
 
@@ -1250,6 +1252,18 @@ class Inference:
                 final.prompt_tokens, final.completion_tokens + made, final.total_tokens + made
             )
         return Usage(0, made, made)
+
+    def _cost_on(self, name: str, made: Usage, final: Usage | None) -> int:
+        """What route `name` made (`made`, see _made_on) cost at its price, in nano-dollars
+        (0 unpriced): the prompt's cached tokens at their rate when the call ended there."""
+        route = next((r for r in self.chain if r.name == name), None)
+        if route is None or route.price is None:
+            return 0
+        ctx = self.ctx
+        cached = None
+        if final is not None and ctx is not None and ctx.route == name:
+            cached = ctx.cached_tokens
+        return route.price.cost(made.prompt_tokens, made.completion_tokens, cached)
 
     async def _first(
         self, route: Route, watchdog: Watchdog, total_s: float
@@ -1576,9 +1590,15 @@ class Inference:
         made = None  # the asked model made it all, as usual
         if self.discarded_by or (ctx is not None and ctx.route != self.route.name):
             made = self._made_on(self.route.name, final)
+        # What it cost (nano-dollars), when a route of its chain has a price: the price
+        # of the route that made each part (a fallback's answer at the fallback's).
+        cost: int | None = None
+        model_cost: int | None = None
+        if self.route.price is not None or len(self.chain) > 1:
+            cost, model_cost = self._costs(final, made)
         try:
             # The key pays for all that was made; each model for what it made.
-            self.permit.settle(usage, made)
+            self.permit.settle(usage, made, cost or 0, model_cost)
         finally:
             self.permit.release()
             if self.fallback_permit is not None:
@@ -1636,6 +1656,8 @@ class Inference:
             record["discarded_tokens"] = discarded
         if self.estimated:
             record["usage_estimated"] = True
+        if cost is not None:
+            record["cost_usd"] = usd(cost)
         if ctx is not None:
             if ctx.upstream_request_id:
                 record["upstream_request_id"] = ctx.upstream_request_id
@@ -1668,6 +1690,16 @@ class Inference:
             except Exception as exc:  # a metrics bug must not lose the log line
                 record.setdefault("listener_errors", []).append(repr(exc))
         pipeline.emit("inference", record)
+
+    def _costs(self, final: Usage, made: Usage | None) -> tuple[int | None, int | None]:
+        """The call's cost and the asked model's part of it (None: as the call's), in
+        nano-dollars; (None, None) when no route of its chain is priced."""
+        if all(r.price is None for r in self.chain):
+            return None, None
+        names = dict.fromkeys(r.name for r in self.chain)
+        parts = {name: self._cost_on(name, self._made_on(name, final), final) for name in names}
+        own = None if made is None else parts[self.route.name]
+        return sum(parts.values()), own
 
     def _log_content(self, record: dict[str, Any]) -> None:
         """Put what the call read and wrote into its log event (log.content)."""

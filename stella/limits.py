@@ -7,11 +7,15 @@ and replicas. Requests are counted at admission (and given back when a call wait
 for a concurrency slot in vain); tokens are reserved from `max_tokens` and an
 estimate of the prompt at admission, and settled with the real usage at the end.
 
-A daily quota (`requests_per_day`, `tokens_per_day`) is a bucket that never refills
+A daily quota (`requests_per_day`, `tokens_per_day`, and `usd_per_day`, a budget in
+nano-dollars: reserved at the call's estimated cost, settled with what it cost, see
+stella.cost) is a bucket that never refills
 (its rate per second is 0), one per UTC day: its key ends with the day's date, so
 the next day starts a full bucket, and it goes through the same checks, in the same
 admission (one Lua call with Redis), as the per-minute buckets. Days are told by
-the state store's clock (Redis's, with Redis), as the usage counters' are.
+the state store's clock (Redis's, with Redis), as the usage counters' are. A daily
+bucket keeps the capacity it was counted against beside its level, so that a quota
+changed during the day (a runtime key's update) keeps what the day spent.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from stella.calls import Admission, Call, Permit, Principal, prompt_estimate
+from stella.cost import NANOS_PER_USD, Rates, nanos
 from stella.errors import Overloaded, QuotaExceeded, RateLimited
 from stella.protocol import ChatRequest, Usage
 from stella.routing import Route
@@ -36,7 +41,10 @@ from stella.state import StateStore
 DAY_S = 86_400
 DAYS_KEPT = 2
 # The key prefixes of daily buckets, whose keys end with ":YYYY-MM-DD".
-DAILY = ("rpd:", "tpd:")
+DAILY = ("rpd:", "tpd:", "usd:")
+# What a bucket counts: requests, tokens (reserved, settled with the usage), nano-dollars
+# (a daily budget: reserved, settled with the cost).
+REQUEST, TOKEN, USD = "request", "token", "usd"
 
 
 @dataclass(slots=True)
@@ -96,10 +104,19 @@ class MemoryBuckets:
     """Token buckets in this process."""
 
     def __init__(self) -> None:
-        self._levels: dict[str, tuple[float, float]] = {}  # key -> (level, at)
+        # key -> (level, at, the capacity it was counted against)
+        self._levels: dict[str, tuple[float, float, float]] = {}
 
     def _level(self, key: str, capacity: float, per_s: float, now: float) -> float:
-        level, at = self._levels.get(key, (capacity, now))
+        got = self._levels.get(key)
+        if got is None:
+            return capacity
+        level, at, was = got
+        if not per_s:
+            # A daily bucket keeps what the day spent (capacity - level): a limit changed
+            # during the day (a key's update, a restart with another config) moves what
+            # is left by as much, never the spend.
+            return level + capacity - was
         return min(capacity, level + (now - at) * per_s)
 
     async def take_all(self, checks: list[tuple[str, float, float, float]]) -> list[Take]:
@@ -113,8 +130,7 @@ class MemoryBuckets:
         levels = []
         ok = True
         for key, cap, per_s, cost in checks:
-            got = store.get(key)
-            level = cap if got is None else min(cap, got[0] + (now - got[1]) * per_s)
+            level = self._level(key, cap, per_s, now)
             if level < cost and (per_s or level <= 0):
                 ok = False
             levels.append(level)
@@ -133,7 +149,7 @@ class MemoryBuckets:
                 wait = refill_s(short, per_s) if short > 0 else 0.0
                 fits = short <= 0 or (not per_s and level > 0)
                 out.append(Take(fits, left, wait, refill_s(cap - left, per_s)))
-            store[key] = (left, now)
+            store[key] = (left, now, cap)
         return out
 
     def give(
@@ -142,7 +158,7 @@ class MemoryBuckets:
         """Refund (or charge) after the fact (`local`: this store is its own stand-in)."""
         now = time.monotonic()
         level = self._level(key, capacity, per_s, now)
-        self._levels[key] = (min(capacity, level + amount), now)
+        self._levels[key] = (min(capacity, level + amount), now, capacity)
 
     def forget_days(self, kept: tuple[str, ...]) -> None:
         """Drop daily buckets of days other than `kept` (each key ends with its day)."""
@@ -203,20 +219,34 @@ class LimitPermit(Permit):
         self.headers = headers
         self._limiter = limiter
 
-    def settle(self, usage: Usage, model_usage: Usage | None = None) -> None:
+    def settle(
+        self,
+        usage: Usage,
+        model_usage: Usage | None = None,
+        spent: int = 0,
+        model_spent: int | None = None,
+    ) -> None:
         """Give back what was reserved beyond the real token count: the key's buckets
-        by `usage`, the model's by `model_usage` when given (what that model made)."""
+        by `usage`, the model's by `model_usage` when given (what that model made); the
+        budgets' beyond the real cost (`spent`, the model's `model_spent` when given)."""
         if self._reserved:
             used = usage.prompt_tokens + usage.completion_tokens
             made = used
             if model_usage is not None:
                 made = model_usage.prompt_tokens + model_usage.completion_tokens
+            cost = spent if model_spent is None else model_spent
             give = self._limiter.buckets.give
             for key, cap, per_s, reserved, local in self._reserved:
-                spent = made if key.startswith(("tpm:model:", "tpd:model:")) else used
+                if key.startswith("usd:"):
+                    # A budget: charged what the call cost, which may take it past its
+                    # end (as a token quota's usage may).
+                    taken = cost if key.startswith("usd:model:") else spent
+                    give(key, cap, per_s, reserved - taken, local)
+                    continue
+                spent_tokens = made if key.startswith(("tpm:model:", "tpd:model:")) else used
                 # Settled where it was taken: a refund of what Redis holds goes to Redis
                 # even while it is away, and one of the stand-in's never to Redis.
-                give(key, cap, per_s, reserved - spent, local)
+                give(key, cap, per_s, reserved - spent_tokens, local)
             self._reserved = ()
 
     def release(self) -> None:
@@ -281,19 +311,21 @@ class Limiter(Admission):
             route.backend_name if backend_slot else "",
         )
         cached = self._plans.get(cache_key)
-        if cached is not None and cached.principal is p:
+        # A runtime route replaced under its name brings its own price.
+        if cached is not None and cached.principal is p and cached.rates is route.price:
             return cached
         model = self.limits.models.get(route.name) or ModelLimits()
         on_model = f"model {route.name}"
         # Per-minute buckets first, then the daily ones (their keys get the day's date at
         # each admission); in each, the key's requests, its tokens, the model's, its tokens.
-        minute = [
-            (f"rpm:model:{route.name}", model.requests_per_minute, False, on_model),
-            (f"tpm:model:{route.name}", model.tokens_per_minute, True, on_model),
+        minute: list[tuple[str, int, str, str]] = [
+            (f"rpm:model:{route.name}", model.requests_per_minute, REQUEST, on_model),
+            (f"tpm:model:{route.name}", model.tokens_per_minute, TOKEN, on_model),
         ]
-        day = [
-            (f"rpd:model:{route.name}", model.requests_per_day, False, on_model),
-            (f"tpd:model:{route.name}", model.tokens_per_day, True, on_model),
+        day: list[tuple[str, int, str, str]] = [
+            (f"rpd:model:{route.name}", model.requests_per_day, REQUEST, on_model),
+            (f"tpd:model:{route.name}", model.tokens_per_day, TOKEN, on_model),
+            (f"usd:model:{route.name}", nanos(model.usd_per_day), USD, on_model),
         ]
         slots: list[tuple[str, int]] = []
         if backend_slot:
@@ -303,19 +335,21 @@ class Limiter(Admission):
         if p is not None:
             by_key = f"key {p.name}"
             minute[:0] = [
-                (f"rpm:key:{p.name}", p.requests_per_minute, False, by_key),
-                (f"tpm:key:{p.name}", p.tokens_per_minute, True, by_key),
+                (f"rpm:key:{p.name}", p.requests_per_minute, REQUEST, by_key),
+                (f"tpm:key:{p.name}", p.tokens_per_minute, TOKEN, by_key),
             ]
             day[:0] = [
-                (f"rpd:key:{p.name}", p.requests_per_day, False, by_key),
-                (f"tpd:key:{p.name}", p.tokens_per_day, True, by_key),
+                (f"rpd:key:{p.name}", p.requests_per_day, REQUEST, by_key),
+                (f"tpd:key:{p.name}", p.tokens_per_day, TOKEN, by_key),
+                (f"usd:key:{p.name}", nanos(p.usd_per_day), USD, by_key),
             ]
             slots.insert(0, (f"key:{p.name}", p.max_concurrent))
         plan = _Plan(
             p,
-            [(k, float(n), n / 60.0, tokens, who) for k, n, tokens, who in minute if n]
-            + [(k, float(n), 0.0, tokens, who) for k, n, tokens, who in day if n],
+            [(k, float(n), n / 60.0, unit, who) for k, n, unit, who in minute if n]
+            + [(k, float(n), 0.0, unit, who) for k, n, unit, who in day if n],
             [(name, size) for name, size in slots if size],
+            route.price,
         )
         if len(self._plans) < 10_000:
             self._plans[cache_key] = plan
@@ -451,7 +485,7 @@ class Limiter(Admission):
                 permit.settle(Usage())
                 permit.release()
                 for i, (key, cap, per_s, _) in enumerate(checks):
-                    if not plan.buckets[i][3]:
+                    if plan.buckets[i][3] == REQUEST:
                         self.buckets.give(key, cap, per_s, 1.0, takes[i].local)
                 raise
         return permit
@@ -493,17 +527,25 @@ class Limiter(Admission):
     ) -> tuple[list[tuple[str, float, float, float]], float]:
         """What each bucket of the plan is asked for: a request, or the token reserve; and
         the seconds left of the UTC day when a daily quota applies (else 0)."""
-        reserve = 1.0
+        reserve = budget = 1.0
         if plan.token_buckets:
             # The answer's tokens (max_tokens) and the prompt's, estimated at four characters
             # a token: a burst of long prompts is refused before their usage is known.
             # Never below one token: a negative reservation would settle as a huge charge.
-            answer = request.options.max_tokens or self.limits.reserve_tokens
-            reserve = float(max(answer, 1) + prompt_estimate(request))
+            answer = max(request.options.max_tokens or self.limits.reserve_tokens, 1)
+            prompt = prompt_estimate(request)
+            reserve = float(answer + prompt)
+            rates = plan.rates
+            if rates is not None:
+                # A budget reserves what those tokens would cost here; at least a
+                # nano-dollar, so that a budget used up refuses every call, one to an
+                # unpriced route too (which costs nothing, unless a fallback answers).
+                budget = float(max(rates.cost(prompt, answer), 1))
         # All buckets of one admission in one step: one Redis round trip, and nothing is
         # taken from any bucket unless every bucket has room.
         checks = [
-            (k, n, ps, min(reserve, n) if tokens else 1.0) for k, n, ps, tokens, _ in plan.buckets
+            (k, n, ps, 1.0 if unit == REQUEST else min(reserve if unit == TOKEN else budget, n))
+            for k, n, ps, unit, _ in plan.buckets
         ]
         if not plan.daily:
             return checks, 0.0
@@ -543,8 +585,12 @@ class Limiter(Admission):
             if plan.daily:
                 i = plan.daily[0]
                 left = takes[i].remaining
-                headers.append((b"x-quota-limit", b"%d" % buckets[i][1]))
-                headers.append((b"x-quota-remaining", b"%d" % left if left > 0 else b"0"))
+                if buckets[i][3] == USD:
+                    headers.append((b"x-quota-limit", _usd(buckets[i][1]).encode()))
+                    headers.append((b"x-quota-remaining", _usd(left).encode()))
+                else:
+                    headers.append((b"x-quota-limit", b"%d" % buckets[i][1]))
+                    headers.append((b"x-quota-remaining", b"%d" % left if left > 0 else b"0"))
                 headers.append((b"x-quota-reset", b"%d" % math.ceil(day_left)))
             # Token buckets hold a reservation until the real usage is known.
             if plan.token_buckets:
@@ -568,9 +614,20 @@ class Limiter(Admission):
         for i, take in enumerate(takes):
             if take.allowed:
                 continue
-            _, n, per_s, tokens, who = buckets[i]
-            what = _counted(int(n), "token" if tokens else "request")
+            _, n, per_s, unit, who = buckets[i]
             left = max(int(take.remaining), 0)
+            if unit == USD:  # only daily
+                wait = max(wait, day_left)
+                if quota is None:
+                    quota = (
+                        f"daily budget of {_usd(n)} USD used up for {who} ({_usd(left)} left); "
+                        f"it renews at 00:00 UTC, in {math.ceil(day_left)} s"
+                    )
+                    refused["x-quota-limit"] = _usd(n)
+                    refused["x-quota-remaining"] = _usd(left)
+                    refused["x-quota-reset"] = str(math.ceil(day_left))
+                continue
+            what = _counted(int(n), unit)
             if per_s:
                 wait = max(wait, take.retry_after)
                 if minute is None:
@@ -604,6 +661,7 @@ class _Plan:
         "limit_header",
         "minute_first",
         "principal",
+        "rates",
         "slots",
         "token_buckets",
     )
@@ -611,19 +669,23 @@ class _Plan:
     def __init__(
         self,
         principal: Principal | None,
-        buckets: list[tuple[str, float, float, bool, str]],
+        buckets: list[tuple[str, float, float, str, str]],
         slots: list[tuple[str, int]],
+        rates: Rates | None = None,
     ) -> None:
         self.principal = principal
-        # (bucket key, its number (per minute, or per day), per second (0: a daily quota,
-        # its key completed by the day), counts tokens, whose)
+        # (bucket key, its number (per minute, or per day; nano-dollars for a budget),
+        # per second (0: a daily quota, its key completed by the day), what it counts
+        # (REQUEST, TOKEN, USD), whose)
         self.buckets = buckets
+        self.rates = rates  # the route's price, which a budget's reservation takes
         self.slots = slots  # (slot name, size)
         minute = [i for i, b in enumerate(buckets) if b[2]]
         self.minute_first = minute[0] if minute else None
         self.limit_header = b"%d" % buckets[minute[0]][1] if minute else b""
         self.daily = [i for i, b in enumerate(buckets) if not b[2]]  # indexes
-        self.token_buckets = [i for i, b in enumerate(buckets) if b[3]]  # indexes
+        # Reserved and settled (tokens, budgets): indexes.
+        self.token_buckets = [i for i, b in enumerate(buckets) if b[3] != REQUEST]
 
 
 _FREE = Permit()
@@ -633,6 +695,14 @@ def _give_back(store: SlotStore, wait: asyncio.Future[Any]) -> None:
     """Release the slot a wait that lost the race (`_first_slot`) took after all."""
     if not wait.cancelled() and wait.exception() is None and wait.result() is not None:
         store.release(wait.result())
+
+
+def _usd(amount: float) -> str:
+    """Nano-dollars as USD, to the micro-dollar below (never more than is left), as a
+    budget's headers and messages say them (nothing under 0: a budget in debt has
+    nothing left)."""
+    micro = int(max(amount, 0.0)) // (NANOS_PER_USD // 1_000_000)
+    return f"{micro // 1_000_000}.{micro % 1_000_000:06d}"
 
 
 def _counted(n: int, noun: str) -> str:

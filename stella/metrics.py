@@ -25,6 +25,7 @@ from stella import logs
 from stella.api.http import endpoint, services
 from stella.api.openapi import Operation, document
 from stella.calls import Call
+from stella.cost import nanos, usd
 from stella.errors import Forbidden, StellaError
 
 if TYPE_CHECKING:  # the app installs this module
@@ -102,6 +103,9 @@ class Metrics:
         self.embeds: dict[tuple[str, str, str, int], int] = defaultdict(int)
         self.embed_tokens: dict[str, int] = defaultdict(int)
         self.embed_total: dict[str, _Hist] = defaultdict(_duration_hist)
+        # What priced calls cost per model, chats and embed calls alike, in nano-dollars
+        # (whole numbers add up exactly), exported in USD.
+        self.cost: dict[str, int] = defaultdict(int)
         self.registry.register(_CounterCollector(self))
         self.registry.register(_StateCollector(svc))
 
@@ -125,6 +129,9 @@ class Metrics:
                     and "out_of_time" not in attempt
                 ):
                     self.failures[(attempt["backend"], error)] += 1
+        cost = record.get("cost_usd")
+        if cost is not None:
+            self.cost[model] += nanos(cost)
         if record["op"] == "embed":
             self.embeds[(record["api"], model, record["backend"], record["status"])] += 1
             if record["prompt_tokens"]:
@@ -199,6 +206,12 @@ class _CounterCollector(Collector):
         for model, n in list(m.embed_tokens.items()):
             embed_tokens.add_metric([model], n)
         yield embed_tokens
+        cost = CounterMetricFamily(  # exposed as stella_cost_usd_total
+            "stella_cost_usd", "What calls to priced routes cost, in USD", labels=["model"]
+        )
+        for model, n in list(m.cost.items()):
+            cost.add_metric([model], usd(n))
+        yield cost
         for name, doc, hists in (
             ("stella_time_to_first_token_seconds", "Time to first token", m.ttft),
             ("stella_request_duration_seconds", "Whole inference time", m.total),

@@ -889,6 +889,9 @@ class KeyInfo(msgspec.Struct, omit_defaults=True):
     requests_per_day: int
     tokens_per_day: int
     revoked: bool
+    # The daily budget in USD (0: none), listed as the limits are (None: from a server
+    # before budgets, which lists none).
+    usd_per_day: float | None = None
     # When a runtime key was made and when a key was revoked (UTC ISO 8601, to the
     # second; absent: unknown, as for a configured key's making or an entry kept before
     # stella stored these).
@@ -953,6 +956,9 @@ class UsageRow(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     errors: int
+    # What the calls cost, in USD, at their routes' prices (0: unpriced routes, or rows
+    # counted before stella priced calls).
+    cost_usd: float = 0.0
 
 
 class UsageTotals(msgspec.Struct):
@@ -962,6 +968,7 @@ class UsageTotals(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     errors: int
+    cost_usd: float = 0.0
 
 
 class UsageReport(msgspec.Struct):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from stella.backends import Backend, ConfigError
+from stella.cost import Rates, rates
 from stella.errors import Conflict, Forbidden, InvalidRequest, ModelNotFound, StellaError
 from stella.settings import RouteSettings, Settings, serves
 from stella.state import is_default, taken
@@ -128,6 +129,9 @@ class Route:
     # The pool member a tie goes to next: only pool[0]'s counts (see Router.pick and
     # took); the others' stays 0. Light traffic spreads too.
     turn: int = 0
+    # Its price, per token (None: unpriced); every backend of a balanced route has the
+    # route's: the price is the deployment's, as its limits are.
+    price: Rates | None = None
     # The backends the route names (`backend`, then `balance`) that this process lacks
     # (disabled here; for a stored route, also not configured here): served without them.
     left_out: tuple[str, ...] = ()
@@ -207,7 +211,9 @@ class Router:
         named = list(dict.fromkeys((rs.backend, *rs.balance)))
         left_out = tuple(b for b in named if b not in self.backends)
         served = [b for b in named if b in self.backends]
-        route, *others = (self._member(name, rs, b, runtime, left_out) for b in served)
+        # One price for the pool: a plan's cache (limits) knows a replaced route by it.
+        price = rates(rs.price)
+        route, *others = (self._member(name, rs, b, runtime, left_out, price) for b in served)
         if others:
             pool = (route, *others)
             for member in pool:
@@ -221,7 +227,13 @@ class Router:
         return route
 
     def _member(
-        self, name: str, rs: RouteSettings, backend: str, runtime: bool, left_out: tuple[str, ...]
+        self,
+        name: str,
+        rs: RouteSettings,
+        backend: str,
+        runtime: bool,
+        left_out: tuple[str, ...],
+        price: Rates | None,
     ) -> Route:
         """Route `name` as served by `backend` (its own, or one it balances over)."""
         return Route(
@@ -233,6 +245,7 @@ class Router:
             aliases=list(rs.aliases),
             fallbacks=list(rs.fallbacks),
             runtime=runtime,
+            price=price,
             left_out=left_out,
         )
 

@@ -35,6 +35,13 @@ MAX_COUNT = 2**53
 Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]  # 0: none / unlimited, where the key says so
 Seconds = Annotated[float, Meta(ge=0)]
 Positive = Annotated[float, Meta(gt=0)]
+# Money: a price in USD per million tokens, a budget in USD per day. Counted in whole
+# nano-dollars (stella.cost): a budget's largest keeps a day's count of them exact
+# where Redis's Lua writes it back (14 significant digits) to a thousandth of a cent.
+MAX_PRICE = 100_000.0
+MAX_BUDGET = 1_000_000.0
+UsdPerMillion = Annotated[float, Meta(ge=0, le=MAX_PRICE)]
+UsdPerDay = Annotated[float, Meta(ge=0, le=MAX_BUDGET)]  # 0: no budget
 
 
 class ServerSettings(Section):
@@ -88,6 +95,16 @@ def addressable(name: str) -> bool:
     return all(part.strip(".") for part in name.split("/"))
 
 
+class Price(Section):
+    """[models.routes.NAME] price: what the route's upstream charges, in USD per million
+    tokens (the prompt's, the answer's, and the prompt's tokens read from its cache)."""
+
+    input: UsdPerMillion = 0.0
+    output: UsdPerMillion = 0.0
+    # Absent: cached prompt tokens cost `input`, as any prompt token.
+    cached_input: UsdPerMillion | None = None
+
+
 class RouteSettings(Section):
     """[models.routes.NAME]: how one model name reaches a backend."""
 
@@ -109,6 +126,8 @@ class RouteSettings(Section):
     retries: Count = 2
     retry_backoff_s: Seconds = 0.25
     retry_max_backoff_s: Seconds = 4.0
+    # What a call served here costs (None: unpriced, no cost_usd; see stella.cost).
+    price: Price | None = None
 
 
 class ModelsSettings(Section):
@@ -144,6 +163,7 @@ class KeySettings(Section):
     max_concurrent: Count = 0
     requests_per_day: Count = 0
     tokens_per_day: Count = 0
+    usd_per_day: UsdPerDay = 0.0
 
 
 # What a `*_env` key (api_key_env, keys_env) holds: a variable's name, as a shell sets it.
@@ -177,6 +197,7 @@ class ModelLimits(Section):
     tokens_per_minute: Count = 0
     requests_per_day: Count = 0
     tokens_per_day: Count = 0
+    usd_per_day: UsdPerDay = 0.0
 
 
 class LimitsSettings(Section):
@@ -188,6 +209,8 @@ class LimitsSettings(Section):
     # Daily quotas: a fixed window, the UTC day (see stella.limits).
     requests_per_day: Count = 0
     tokens_per_day: Count = 0
+    # A daily budget in USD, what priced routes cost (see stella.cost).
+    usd_per_day: UsdPerDay = 0.0
     queue_timeout_s: Seconds = 10.0
     # Tokens reserved for a request that gives no max_tokens.
     reserve_tokens: Annotated[int, Meta(ge=1)] = 256

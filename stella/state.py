@@ -12,6 +12,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from stella.cost import nanos, usd
 from stella.errors import Conflict, ModelNotFound
 
 # Days of usage counters a process keeps in memory (Redis keeps them all: it is the
@@ -161,7 +162,13 @@ class MemoryState:
         self.revoked_at: dict[str, str] = {}  # digest -> when it was revoked
         self.keys_version = 0  # moved by every key change (see change_keys)
         self.usage: dict[tuple[str, str, str], dict[str, int]] = defaultdict(
-            lambda: {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0}
+            lambda: {
+                "requests": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "errors": 0,
+                "cost_nanos": 0,
+            }
         )
 
     async def start(self) -> None:
@@ -254,14 +261,34 @@ class MemoryState:
         row["prompt_tokens"] += record.get("prompt_tokens") or 0
         row["completion_tokens"] += record.get("completion_tokens") or 0
         row["errors"] += 1 if record.get("status", 200) >= 500 else 0
+        if (cost := record.get("cost_usd")) is not None:
+            row["cost_nanos"] += nanos(cost)
 
     async def get_usage(self, day: str | None = None) -> list[dict[str, Any]]:
         """Usage rows, optionally for one day (YYYY-MM-DD)."""
         return [
-            {"key": k, "model": m, "day": d, **row}
+            usage_row(k, m, d, row)
             for (k, m, d), row in sorted(self.usage.items())
             if day is None or d == day
         ]
+
+
+def usage_row(key: str, model: str, day: str, counts: dict[str, int]) -> dict[str, Any]:
+    """A row of the usage report from a store's counters (a counter missing reads 0: a
+    row counted before stella priced calls has no cost, which is 0 USD). The cost is
+    counted in nano-dollars (whole numbers add up exactly), shown in USD (`cost_nanos`
+    kept, for totals summed exactly)."""
+    return {
+        "key": key,
+        "model": model,
+        "day": day,
+        "requests": counts.get("requests", 0),
+        "prompt_tokens": counts.get("prompt_tokens", 0),
+        "completion_tokens": counts.get("completion_tokens", 0),
+        "errors": counts.get("errors", 0),
+        "cost_usd": usd(counts.get("cost_nanos", 0)),
+        "cost_nanos": counts.get("cost_nanos", 0),
+    }
 
 
 # The routing changes a store refuses, said as the router says them (stella.routing), so

@@ -27,6 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from stella.cost import nanos
 from stella.errors import Conflict, ModelNotFound, StellaError, Unavailable
 from stella.limits import MemoryBuckets, MemorySlots, Take, refill_s
 from stella.settings import StateSettings
@@ -39,6 +40,7 @@ from stella.state import (
     key_taken,
     removed_meanwhile,
     taken,
+    usage_row,
 )
 
 _log = structlog.get_logger("stella")
@@ -68,6 +70,16 @@ local function ttl(capacity, rate, level)
   end
   return math.min(math.ceil((capacity - level) / rate) + 5, 2592000)
 end
+-- What a daily bucket's level moves by when its capacity is not the one it was counted
+-- against (`cap`, as sent: compared as text, a number read back may differ in its last
+-- digit): what the day spent (capacity - level) is kept across a limit's change. None
+-- kept (a bucket written before it was): none moved.
+local function spent_kept(rate, capacity, sent, cap)
+  if rate > 0 or not cap or cap == sent then
+    return 0
+  end
+  return capacity - tonumber(cap)
+end
 """
 
 # Per key ARGV: capacity, rate, cost, want (the cost and a lease), and a settlement not
@@ -86,9 +98,10 @@ for i = 1, n do
   local rate = tonumber(ARGV[5 * i - 3])
   local cost = tonumber(ARGV[5 * i - 2])
   local settle = tonumber(ARGV[5 * i])
-  local data = redis.call('HMGET', KEYS[i], 'level', 'at')
+  local data = redis.call('HMGET', KEYS[i], 'level', 'at', 'cap')
   local level = tonumber(data[1]) or capacity
   local at = tonumber(data[2]) or now
+  level = level + spent_kept(rate, capacity, ARGV[5 * i - 4], data[3])
   -- A debt is bounded (an upstream may report any usage): a thousand buckets' worth.
   level = math.max(math.min(capacity, level + (now - at) * rate + settle), -1000 * capacity)
   levels[i] = level
@@ -109,7 +122,7 @@ for i = 1, n do
     if level < granted then granted = level end
     level = level - granted
   end
-  redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', tostring(now))
+  redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', tostring(now), 'cap', ARGV[5 * i - 4])
   redis.call('EXPIRE', KEYS[i], ttl(capacity, rate, level))
   out[3 * i - 2] = tostring(levels[i])
   out[3 * i - 1] = tostring(granted)
@@ -287,11 +300,12 @@ local rate = tonumber(ARGV[2])
 local amount = tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local data = redis.call('HMGET', KEYS[1], 'level', 'at')
+local data = redis.call('HMGET', KEYS[1], 'level', 'at', 'cap')
 local level = tonumber(data[1]) or capacity
 local at = tonumber(data[2]) or now
+level = level + spent_kept(rate, capacity, ARGV[1], data[3])
 level = math.max(math.min(capacity, level + (now - at) * rate + amount), -1000 * capacity)
-redis.call('HSET', KEYS[1], 'level', tostring(level), 'at', tostring(now))
+redis.call('HSET', KEYS[1], 'level', tostring(level), 'at', tostring(now), 'cap', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ttl(capacity, rate, level))
 return tostring(level)
 """
@@ -671,6 +685,8 @@ class RedisState:
         row["prompt_tokens"] += record.get("prompt_tokens") or 0
         row["completion_tokens"] += record.get("completion_tokens") or 0
         row["errors"] += 1 if record.get("status", 200) >= 500 else 0
+        if (cost := record.get("cost_usd")) is not None:
+            row["cost_nanos"] += nanos(cost)  # HINCRBY takes whole numbers
 
     def wall(self) -> float:
         """Now, in seconds since the epoch, on Redis's clock (estimated locally)."""
@@ -807,18 +823,7 @@ class RedisState:
         except (RedisError, OSError) as exc:
             self._failed(exc)
             raise _unreachable() from None
-        return [
-            {
-                "key": k,
-                "model": m,
-                "day": d,
-                "requests": r.get("requests", 0),
-                "prompt_tokens": r.get("prompt_tokens", 0),
-                "completion_tokens": r.get("completion_tokens", 0),
-                "errors": r.get("errors", 0),
-            }
-            for (k, m, d), r in sorted(rows.items())
-        ]
+        return [usage_row(k, m, d, r) for (k, m, d), r in sorted(rows.items())]
 
     # --- rate limits -------------------------------------------------------------------
 

@@ -178,6 +178,7 @@ def test_an_update_changes_the_settings_and_keeps_the_key() -> None:
         "max_concurrent": 0,
         "requests_per_day": 0,
         "tokens_per_day": 500,
+        "usd_per_day": 0.0,
         "revoked": False,
     }
     # Fields left out stay: admin, the other limits.

@@ -297,6 +297,7 @@ def test_a_runtime_key_is_made_once_and_works_as_a_configured_one() -> None:
         "requests_per_day": 0,
         "tokens_per_day": 0,
         "revoked": False,
+        "usd_per_day": 0.0,
     }
     assert taken.status_code == 409 and "exists already" in taken.text
     assert configured.status_code == 409 and "configured already" in configured.text
@@ -531,6 +532,7 @@ def test_the_clients_and_the_cli_manage_a_live_server_s_keys() -> None:
             "CONC",
             "RPD",
             "TPD",
+            "USD/DAY",
             "MODELS",
         ]
         # The limits that apply, as --json gives them: its own rpm, the others unlimited;
@@ -538,7 +540,8 @@ def test_the_clients_and_the_cli_manage_a_live_server_s_keys() -> None:
         lines = {line.split()[0]: line.split() for line in table.stdout.splitlines()}
         cli_row = lines["cli-key"]
         assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", cli_row.pop(3)), cli_row
-        assert cli_row == ["cli-key", "runtime", "no", "-", "no", "9", "0", "0", "0", "0", "echo"]
+        # No expiry ("-"), not revoked, its rpm, the other limits and the budget 0.
+        assert cli_row == ["cli-key", "runtime", "no", "-", "no", "9", *["0"] * 5, "echo"]
         assert lines["root"][3:6] == ["-", "-", "no"]
         assert lines["ops-cli"][2] == "yes" and lines["ops-cli"][-1] == "(none)"
         gone = stella_cli("keys", "revoke", "bob", *url, env=env)

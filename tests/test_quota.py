@@ -287,6 +287,26 @@ async def app_at(
             yield c, svc, transport
 
 
+def test_a_daily_quota_changed_during_the_day_keeps_what_the_day_counted() -> None:
+    from stella.limits import MemoryBuckets
+
+    # A key's update changes its quota while the day's bucket holds what is left of the
+    # old one: the count is what stays, in this process as in Redis (test_redis.py).
+    buckets = MemoryBuckets()
+    key = "tpd:key:k:2030-01-01"
+    (take,) = buckets.take([(key, 1000.0, 0.0, 300.0)])
+    assert take.allowed and take.remaining == 700.0
+    buckets.give(key, 2000.0, 0.0, 50.0)  # raised, then settled: 250 counted
+    (take,) = buckets.take([(key, 2000.0, 0.0, 100.0)])
+    assert take.allowed and take.remaining == 1650.0
+    (take,) = buckets.take([(key, 300.0, 0.0, 1.0)])  # lowered under the day's 350
+    assert not take.allowed and take.remaining == -50.0
+    # A per-minute bucket still refills to its capacity, whatever it was.
+    (take,) = buckets.take([("tpm:key:k", 1000.0, 1000 / 60, 900.0)])
+    (take,) = buckets.take([("tpm:key:k", 100.0, 100 / 60, 1.0)])
+    assert take.allowed and take.remaining < 100.0
+
+
 async def test_the_quota_renews_at_utc_midnight() -> None:
     clock = [MIDNIGHT - 30.0]
     async with app_at(keyed(requests_per_day=1, tokens_per_day=500), clock) as (c, svc, _):

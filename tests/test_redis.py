@@ -2103,6 +2103,35 @@ async def test_a_daily_quota_never_leases(redis: Redis) -> None:
         await st.aclose()
 
 
+async def test_a_daily_limit_changed_during_the_day_keeps_what_the_day_spent(
+    redis: Redis,
+) -> None:
+    # A key's update (or a config edit on one replica) changes its daily limit while
+    # the day's bucket holds what is left of the old one: the spend is what stays.
+    st = redis_state(redis, "moved")
+    buckets = st.buckets()
+    key = "usd:key:k:2030-01-01"
+    try:
+        (take,) = await buckets.take_all([(key, 1000.0, 0.0, 300.0)])
+        assert take.allowed and take.remaining == 700.0
+        # Raised: 300 spent of 2000, settled as what the call cost (250).
+        buckets.give(key, 2000.0, 0.0, 50.0)
+        await st._flush_gives()
+        assert float(await st.redis.hget(f"moved:rl:{key}", "level")) == 1750.0
+        (take,) = await buckets.take_all([(key, 2000.0, 0.0, 100.0)])
+        assert take.allowed and take.remaining == 1650.0
+        # Lowered under the day's spend (350): nothing left, the call refused.
+        (take,) = await buckets.take_all([(key, 300.0, 0.0, 1.0)])
+        assert not take.allowed and take.remaining == -50.0
+        # A bucket written before its capacity was kept with it: its level as it is.
+        await st.redis.hset(f"moved:rl:{key}", "level", "100")
+        await st.redis.hdel(f"moved:rl:{key}", "cap")
+        (take,) = await buckets.take_all([(key, 5000.0, 0.0, 10.0)])
+        assert take.allowed and take.remaining == 90.0
+    finally:
+        await st.aclose()
+
+
 async def _redis_time(redis: Redis) -> tuple[int, int]:
     import redis.asyncio as aioredis
 
@@ -2281,3 +2310,76 @@ def test_a_call_settles_in_the_store_that_took_its_reservation(redis: Redis) -> 
         assert call.result().status_code == 200
         time.sleep(0.5)  # the settlement's flush, had it gone to Redis
         assert _day_level(redis, "tpd:key:ops") == 1000 - used
+
+
+# --- budgets and cost, shared by replicas -------------------------------------------
+
+
+def test_two_replicas_share_a_daily_budget_in_whole_nano_dollars(redis: Redis) -> None:
+    # $1 a million tokens both ways: a token is a micro-dollar, 1,000 nano-dollars. A
+    # budget of $0.001 (1,000,000 nano-dollars): a call reserves 602 tokens' worth.
+    price = {"input": 1.0, "output": 1.0}
+    cfg = config(redis, limits={"usd_per_day": 0.001})
+    cfg["models"] = {"routes": {"echo": {"backend": "echo", "price": price}}}
+    ask = {**BODY, "options": {"max_tokens": 600}}  # "hi there": 2 tokens of estimate
+
+    def settled(spent: int) -> None:
+        eventually(lambda: _day_level(redis, "usd:key:ops") == 1_000_000 - spent, 10.0)
+
+    with run_stella(cfg, ENV) as a, run_stella(cfg, ENV) as b:
+        r = http.post(a.url + "/api/v1/chat", json=ask, headers=AUTH)
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0.000398", r.text
+        spent = r.json()["usage"]["total_tokens"] * 1000
+        settled(spent)  # with what it cost, seen by the other replica
+        # Kept as a whole number of nano-dollars, not a float's digits.
+        raw = redis_store(redis).hget(_day_key(redis, "usd:key:ops"), "level")
+        assert raw == str(1_000_000 - spent).encode()
+        r = http.post(b.url + "/api/v1/chat", json=ask, headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-quota-remaining"] == f"{(1_000_000 - spent - 602_000) / 1e9:.6f}"
+        spent += r.json()["usage"]["total_tokens"] * 1000
+        settled(spent)
+        # A call costing more than is left takes the day past the budget (echo's answer
+        # repeats its long prompt), then every replica refuses the key until midnight.
+        long = {**BODY, "messages": [{"role": "user", "content": "word " * 600}]}
+        r = http.post(a.url + "/api/v1/chat", json=long, headers=AUTH)
+        assert r.status_code == 200 and r.headers["x-quota-remaining"] == "0.000000"
+        spent += r.json()["usage"]["total_tokens"] * 1000
+        assert spent > 1_000_000
+        settled(spent)
+        for s in (a, b):
+            r = http.post(s.url + "/api/v1/chat", json=ask, headers=AUTH)
+            assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+            assert r.json()["error"]["message"].startswith("daily budget of 0.001000 USD")
+            assert r.headers["x-quota-limit"] == "0.001000"
+        # The usage report, read on either replica, has what the day cost, exactly.
+        report = eventually_report(b.url, 3)
+        assert report["totals"]["cost_usd"] == pytest.approx(spent / 1e9, abs=1e-12)
+
+
+def eventually_report(url: str, requests: int) -> dict:
+    """The usage report once it counts `requests` calls (replicas send theirs each 0.5 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        report = http.get(url + "/api/v1/usage", headers=AUTH).json()
+        if report["totals"]["requests"] >= requests or time.monotonic() > deadline:
+            return report
+        time.sleep(0.1)
+
+
+async def test_usage_rows_counted_before_costs_read_as_costing_nothing(redis: Redis) -> None:
+    st = redis_state(redis, "costs")
+    try:
+        day = "2026-11-26"
+        # A row an older stella wrote: no cost field.
+        await st.redis.hset(
+            f"costs:usage:{day}", mapping={"k|old|requests": 2, "k|old|prompt_tokens": 5}
+        )
+        st.record_usage("k", "new", day, {"prompt_tokens": 1, "cost_usd": 0.000123456})
+        rows = {r["model"]: r for r in await st.get_usage(day)}
+        assert rows["old"]["requests"] == 2 and rows["old"]["cost_usd"] == 0
+        assert rows["new"]["cost_usd"] == 0.000123456
+        # Counted in whole nano-dollars: HINCRBY takes no fractions.
+        assert await st.redis.hget(f"costs:usage:{day}", "k|new|cost_nanos") == b"123456"
+    finally:
+        await st.aclose()

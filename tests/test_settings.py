@@ -1327,10 +1327,17 @@ MISSING = _Marker("(none)")
 # `enabled` is read by settings.py (enabled_backends), not by a kind's Config.
 BACKEND_ENABLED_DEFAULT = True
 # An entry's own things, which conf/stella.toml shows as examples (README gives the
-# default): a route's upstream model and other names, a backend's server.
+# default): a route's upstream model, other names and price, a backend's server.
 EXAMPLE_VALUES = frozenset(
-    {"models.routes.NAME.upstream_model", "models.routes.NAME.aliases", "backends.NAME.base_url"}
+    {
+        "models.routes.NAME.upstream_model",
+        "models.routes.NAME.aliases",
+        "models.routes.NAME.price",
+        "backends.NAME.base_url",
+    }
 )
+# README's default of a key that is unset unless given (its default None: a route's price).
+UNSET = "(unset)"
 # A commented-out table header or key of conf/stella.toml, at the start of a line.
 _COMMENTED = re.compile(r"# (\[[\w.-]+\].*|[\w-]+ = .*)")
 # One key of README's backend defaults table: `name = value`, or `name` required.
@@ -1551,6 +1558,8 @@ def test_readme_configuration_table_has_every_key_with_its_default() -> None:
         assert match, f"README configuration row {key_cell!r}: not a `key`"
         key = match[1]
         value = _literal(default_cell.strip("`")) if default_cell else REQUIRED
+        if default_cell == UNSET:
+            value = None
         parts = key.split(".")
         if parts[0] == "backends" and parts[1] in shipped and len(parts) == 3:
             # A shipped backend's key (backends.local.source): its kind's default.

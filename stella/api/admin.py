@@ -13,6 +13,7 @@ from starlette.routing import Route
 from stella.api.http import JSONResponse, endpoint, services
 from stella.api.openapi import Operation, document
 from stella.core import Call, Listener
+from stella.cost import usd
 from stella.errors import InvalidRequest
 from stella.metrics import OTHER_MODEL
 from stella.protocol import UsageReport, UsageRow, UsageTotals
@@ -78,10 +79,12 @@ async def usage(request: Request, call: Call) -> Response:
         # stands for now, and rows under the name itself (a route since removed).
         names = {model, services(request).router.target(model) or model}
         rows = [r for r in rows if r["model"] in names]
-    totals = {
+    totals: dict[str, Any] = {
         f: sum(r[f] for r in rows)
         for f in ("requests", "prompt_tokens", "completion_tokens", "errors")
     }
+    # Summed in nano-dollars, exactly, then shown in USD as each row is.
+    totals["cost_usd"] = usd(sum(r.pop("cost_nanos") for r in rows))
     return JSONResponse(
         UsageReport(usage=[UsageRow(**r) for r in rows], totals=UsageTotals(**totals))
     )

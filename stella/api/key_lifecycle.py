@@ -34,7 +34,7 @@ from stella.auth import StoredKey, expired, hash_key, key_principal, key_spec, n
 from stella.core import Call
 from stella.errors import Conflict, InvalidRequest
 from stella.protocol import KeyCreated, KeyInfo
-from stella.settings import Count
+from stella.settings import Count, UsdPerDay
 from stella.state import KeyChange, StoredKeys, utc_stamp
 
 if TYPE_CHECKING:  # stella.app imports this module
@@ -55,6 +55,7 @@ class UpdateKey(msgspec.Struct, forbid_unknown_fields=True):
     max_concurrent: Count | UnsetType = UNSET
     requests_per_day: Count | UnsetType = UNSET
     tokens_per_day: Count | UnsetType = UNSET
+    usd_per_day: UsdPerDay | UnsetType = UNSET
     # Seconds from now; null: it never expires.
     expires_in_s: ExpiresIn | UnsetType | None = UNSET
 
@@ -99,8 +100,8 @@ def _shown(svc: Services, name: str, k: StoredKey, stored: StoredKeys, now: floa
 
 @endpoint(auth="admin")
 async def update_key(request: Request, call: Call) -> Response:
-    """PATCH /api/v1/keys/{name}: change a runtime key's models, admin flag, limits or
-    expiry; its secret stays."""
+    """PATCH /api/v1/keys/{name}: change a runtime key's models, admin flag, limits,
+    daily budget or expiry; its secret stays."""
     svc = services(request)
     name = request.path_params["name"]
     shown = shown_cut(name)
@@ -178,7 +179,8 @@ document(
     Operation(
         "patch",
         "/api/v1/keys/{name}",
-        "Change a runtime API key's models, admin flag, limits or expiry; its secret stays (admin)",
+        "Change a runtime API key's models, admin flag, limits, budget or expiry; its secret "
+        "stays (admin)",
         tag="admin",
         request=UpdateKey,
         response=KeyInfo,

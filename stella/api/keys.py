@@ -36,7 +36,7 @@ from stella.calls import Principal
 from stella.core import Call
 from stella.errors import Conflict, InvalidRequest, Unavailable
 from stella.protocol import KeyCreated, KeyInfo, KeyList, KeyRevoked
-from stella.settings import Count, upstream_model_problem
+from stella.settings import Count, UsdPerDay, upstream_model_problem
 from stella.state import StoredKeys, utc_stamp
 
 if TYPE_CHECKING:  # stella.app imports this module
@@ -75,6 +75,7 @@ class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
     max_concurrent: Count = 0
     requests_per_day: Count = 0
     tokens_per_day: Count = 0
+    usd_per_day: UsdPerDay = 0.0
     # None: it never expires.
     expires_in_s: ExpiresIn | None = None
 
@@ -125,6 +126,7 @@ def _info(
         max_concurrent=p.max_concurrent,
         requests_per_day=p.requests_per_day,
         tokens_per_day=p.tokens_per_day,
+        usd_per_day=p.usd_per_day,
         revoked=revoked,
         created_at=created_at,
         revoked_at=revoked_at if revoked else "",

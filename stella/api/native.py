@@ -44,6 +44,7 @@ from stella.settings import (
     MAX_UPSTREAM_MODEL,
     ROUTE_NAME_PATTERN,
     ROUTE_NAME_RULE,
+    Price,
     RouteSettings,
     upstream_model_problem,
 )
@@ -81,6 +82,8 @@ class RegisterRoute(msgspec.Struct, forbid_unknown_fields=True):
     balance: Annotated[
         list[Annotated[str, Meta(min_length=1)]], Meta(max_length=MAX_ROUTE_NAMES)
     ] = []
+    # USD per million tokens, as a configured route's `price` (absent: unpriced).
+    price: Price | None = None
 
 
 _register = msgspec.json.Decoder(RegisterRoute)
@@ -303,6 +306,7 @@ async def register_model(request: Request, call: Call) -> Response:
             aliases=spec.aliases,
             fallbacks=spec.fallbacks,
             balance=spec.balance,
+            price=spec.price,
         )
         router = svc.router
 
@@ -332,6 +336,8 @@ def _stored_route(rs: RouteSettings) -> dict[str, Any]:
     # route a newer one stores. Left out when empty, such a route reads the same to both.
     if not spec["balance"]:
         del spec["balance"]
+    if spec["price"] is None:  # likewise
+        del spec["price"]
     return spec
 
 

@@ -18,7 +18,7 @@ from stella.commands import (
     command_client,
     key_from,
 )
-from stella.settings import MAX_COUNT
+from stella.settings import MAX_BUDGET, MAX_COUNT
 
 NAME = "keys"
 HELP = (
@@ -100,6 +100,9 @@ def _key_options(new: argparse.ArgumentParser) -> None:
     )
     new.add_argument("--rpd", type=_count, default=0, help="requests per UTC day (0: the default)")
     new.add_argument("--tpd", type=_count, default=0, help="tokens per UTC day (0: the default)")
+    new.add_argument(
+        "--usd", type=_usd, default=0.0, help="a budget in USD per UTC day (0: the default)"
+    )
 
 
 def _update_options(update: argparse.ArgumentParser) -> None:
@@ -130,6 +133,9 @@ def _update_options(update: argparse.ArgumentParser) -> None:
         ("--tpd", "tokens per UTC day"),
     ):
         update.add_argument(flag, type=_count, default=None, help=f"{what} (0: the default)")
+    update.add_argument(
+        "--usd", type=_usd, default=None, help="a budget in USD per UTC day (0: the default)"
+    )
     expiry = update.add_mutually_exclusive_group()
     expiry.add_argument(
         "--expires-in",
@@ -161,6 +167,17 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     if value > MAX_COUNT:
         raise argparse.ArgumentTypeError(f"must be at most {MAX_COUNT}, not {value}")
+    return value
+
+
+def _usd(text: str) -> float:
+    """An amount of USD >= 0 (a daily budget), for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= MAX_BUDGET:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_BUDGET:g}, not {text}")
     return value
 
 
@@ -215,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"requests_per_day = {args.rpd}")
     if args.tpd:
         lines.append(f"tokens_per_day = {args.tpd}")
+    if args.usd:
+        lines.append(f"usd_per_day = {args.usd!r}")
     print("\n".join(lines))
     return 0
 
@@ -241,6 +260,7 @@ def _on_server(args: argparse.Namespace) -> int:
                     max_concurrent=args.concurrent,
                     requests_per_day=args.rpd,
                     tokens_per_day=args.tpd,
+                    usd_per_day=args.usd,
                     expires_in_s=args.expires_in,
                 )
             elif args.action == "list":
@@ -255,6 +275,7 @@ def _on_server(args: argparse.Namespace) -> int:
                     max_concurrent=args.concurrent,
                     requests_per_day=args.rpd,
                     tokens_per_day=args.tpd,
+                    usd_per_day=args.usd,
                     expires_in_s=args.expires_in,
                     no_expiry=args.no_expiry,
                 )
@@ -280,7 +301,7 @@ def _on_server(args: argparse.Namespace) -> int:
         print(f"updated {answer.name}")
     elif args.action == "list":
         # The limits that apply, as --json gives them (0: unlimited).
-        limit_names = ("RPM", "TPM", "CONC", "RPD", "TPD")
+        limit_names = ("RPM", "TPM", "CONC", "RPD", "TPD", "USD/DAY")
         rows: list[tuple[str, ...]] = [
             ("NAME", "SOURCE", "ADMIN", "CREATED", "EXPIRES", "REVOKED", *limit_names, "MODELS")
         ]
@@ -297,6 +318,7 @@ def _on_server(args: argparse.Namespace) -> int:
                 k.max_concurrent,
                 k.requests_per_day,
                 k.tokens_per_day,
+                f"{k.usd_per_day or 0:g}",
             )
             models = ", ".join(k.models) or "(none)"
             if k.skipped:
