@@ -168,10 +168,17 @@ class Admission:
     """Limits and queues consulted before a call starts (see stella.limits)."""
 
     def admit_now(
-        self, call: Call, route: Route, request: ChatRequest, backend_slot: bool = True
+        self,
+        call: Call,
+        route: Route,
+        request: ChatRequest,
+        backend_slot: bool = True,
+        chain: Sequence[Route] = (),
     ) -> Permit | None:
         """A permit decided without waiting (or a refusal raised), else None: then `admit`;
-        `backend_slot`: whether the call takes a slot of the route's backend."""
+        `backend_slot`: whether the call takes a slot of the route's backend; `chain`: the
+        routes the call may be answered by (its fallbacks too), whose dearest price the
+        key's budget reserves at."""
         return None
 
     async def admit(
@@ -181,10 +188,11 @@ class Admission:
         request: ChatRequest,
         backend_slot: bool = True,
         others: Sequence[str] = (),
+        chain: Sequence[Route] = (),
     ) -> Permit:
         """Admit or raise RateLimited / Overloaded; `others`: backends whose slot the call
         may take in place of its route's backend's, whichever frees first (the permit's
-        `backend` names the one taken)."""
+        `backend` names the one taken); `chain` as for `admit_now`."""
         return Permit()
 
     def backend_free(self, backend: str) -> bool:

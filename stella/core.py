@@ -315,6 +315,7 @@ class Pipeline:
         backend_slot: bool,
         started: float | None = None,
         others: tuple[str, ...] = (),
+        chain: Sequence[Route] = (),
     ) -> tuple[Permit, float, str]:
         """Admission on `route` (`backend_slot`: with a slot of its backend, or of one of
         `others`, whichever frees first: the permit's `backend` then names it): the permit,
@@ -330,10 +331,12 @@ class Pipeline:
         if started is None:
             started = time.perf_counter()
         try:
-            permit = self.admission.admit_now(call, route, request, backend_slot)
+            permit = self.admission.admit_now(call, route, request, backend_slot, chain)
             waited = 0.0
             if permit is None:  # a wait is possible (a concurrency slot, Redis): it is timed
-                permit = await self._admit_waiting(call, route, request, backend_slot, others)
+                permit = await self._admit_waiting(
+                    call, route, request, backend_slot, others, chain
+                )
                 waited = (time.perf_counter() - started) * 1000
         except BaseException:
             if counted:
@@ -377,8 +380,10 @@ class Pipeline:
             route.backend.admit(request)
         if skip:
             others = ()
+        # The key's budget reserves at the dearest price of the routes that may answer:
+        # a fallback dearer than the route asked for could otherwise spend past it.
         permit, waited, counted = await self._admit_on(
-            call, route, request, not skip, started, others
+            call, route, request, not skip, started, others, chain
         )
         if permit.backend:  # another backend of the pool freed a slot first: it serves
             route = route.member(permit.backend)
@@ -562,6 +567,7 @@ class Pipeline:
         request: ChatRequest,
         backend_slot: bool,
         others: tuple[str, ...] = (),
+        chain: Sequence[Route] = (),
     ) -> Permit:
         """Admission that may wait: a shutdown ends the wait (503 shutting_down), and a
         client that leaves gives up its place (499 client_closed), before any backend."""
@@ -580,7 +586,7 @@ class Pipeline:
             else None
         )
         try:
-            admit = self.admission.admit(call, route, request, backend_slot, others)
+            admit = self.admission.admit(call, route, request, backend_slot, others, chain)
             if drain is not None and drain.draining:
                 # Reached admission after the drain began: a free slot is taken (with Redis
                 # after a round trip), a real wait is refused, as calls waiting when the

@@ -356,10 +356,16 @@ class Limiter(Admission):
         return plan
 
     def admit_now(
-        self, call: Call, route: Route, request: ChatRequest, backend_slot: bool = True
+        self,
+        call: Call,
+        route: Route,
+        request: ChatRequest,
+        backend_slot: bool = True,
+        chain: Sequence[Route] = (),
     ) -> Permit | None:
         """Admission decided without waiting: no limit applies, or only buckets in this
-        process's memory (raises RateLimited). None when `admit` must wait (Redis, slots)."""
+        process's memory (raises RateLimited). None when `admit` must wait (Redis, slots).
+        `chain`: the routes that may answer, whose dearest price the key's budget takes."""
         plan = self._plan(call.principal, route, backend_slot)
         if not plan.buckets and not plan.slots:
             return _FREE
@@ -367,7 +373,7 @@ class Limiter(Admission):
         if plan.slots or type(buckets) is not MemoryBuckets:
             return None
         permit = LimitPermit(self, [])
-        checks, day_left = self._checks(plan, request)
+        checks, day_left = self._checks(plan, request, chain)
         self._charge(plan, checks, buckets.take(checks), permit, day_left=day_left)
         return permit
 
@@ -378,15 +384,17 @@ class Limiter(Admission):
         request: ChatRequest,
         backend_slot: bool = True,
         others: Sequence[str] = (),
+        chain: Sequence[Route] = (),
     ) -> Permit:
         """Admit the call or raise RateLimited / Overloaded; without the route's backend's
         slot when not `backend_slot` (its circuit is open: a fallback will serve); with
         `others` (a balanced route's other backends), the slot of whichever of them and
-        the route's backend frees first, when the route's is not free now."""
+        the route's backend frees first, when the route's is not free now; `chain` as for
+        `admit_now`."""
         plan = self._plan(call.principal, route, backend_slot)
         if not plan.buckets and not plan.slots:
             return _FREE
-        return await self._admit(plan, request, others=others)
+        return await self._admit(plan, request, others=others, chain=chain)
 
     def backend_free(self, backend: str) -> bool:
         """Whether `backend` has a slot free now (limits.backends; always, without one)."""
@@ -425,12 +433,13 @@ class Limiter(Admission):
         wait_s: float | None = None,
         count: bool = True,
         others: Sequence[str] = (),
+        chain: Sequence[Route] = (),
     ) -> Permit:
         permit = LimitPermit(self, [])
         checks: list[tuple[str, float, float, float]] = []
         takes: list[Take] = []
         if plan.buckets:
-            checks, day_left = self._checks(plan, request)
+            checks, day_left = self._checks(plan, request, chain)
             buckets = self.buckets
             takes = (
                 buckets.take(checks)
@@ -523,11 +532,13 @@ class Limiter(Admission):
         return waits[won].result(), names[won][0].partition(":")[2] if won else ""
 
     def _checks(
-        self, plan: _Plan, request: ChatRequest
+        self, plan: _Plan, request: ChatRequest, chain: Sequence[Route] = ()
     ) -> tuple[list[tuple[str, float, float, float]], float]:
-        """What each bucket of the plan is asked for: a request, or the token reserve; and
-        the seconds left of the UTC day when a daily quota applies (else 0)."""
-        reserve = budget = 1.0
+        """What each bucket of the plan is asked for: a request, or the token reserve (a
+        budget's at the route's price; the key's at the dearest of `chain`'s, the routes
+        that may answer); and the seconds left of the UTC day when a daily quota applies
+        (else 0)."""
+        reserve = budget = dearest = 1.0
         if plan.token_buckets:
             # The answer's tokens (max_tokens) and the prompt's, estimated at four characters
             # a token: a burst of long prompts is refused before their usage is known.
@@ -540,11 +551,21 @@ class Limiter(Admission):
                 # A budget reserves what those tokens would cost here; at least a
                 # nano-dollar, so that a budget used up refuses every call, one to an
                 # unpriced route too (which costs nothing, unless a fallback answers).
-                budget = float(max(rates.cost(prompt, answer), 1))
+                budget = dearest = float(max(rates.cost(prompt, answer), 1))
+            if plan.key_budget:
+                # The key pays for whichever route answers: a dearer fallback's cost is
+                # reserved up front (it takes only its model's budget when it is tried),
+                # else a burst of calls whose asked route fails would all pass on a
+                # cheap reservation and spend the key's day many times over.
+                for r in chain:
+                    price = r.price
+                    if price is not None and price is not rates:
+                        dearest = max(dearest, float(price.cost(prompt, answer)))
         # All buckets of one admission in one step: one Redis round trip, and nothing is
         # taken from any bucket unless every bucket has room.
+        asked = {REQUEST: 1.0, TOKEN: reserve, USD: budget}
         checks = [
-            (k, n, ps, 1.0 if unit == REQUEST else min(reserve if unit == TOKEN else budget, n))
+            (k, n, ps, min(dearest if k.startswith("usd:key:") else asked[unit], n))
             for k, n, ps, unit, _ in plan.buckets
         ]
         if not plan.daily:
@@ -658,6 +679,7 @@ class _Plan:
     __slots__ = (
         "buckets",
         "daily",
+        "key_budget",
         "limit_header",
         "minute_first",
         "principal",
@@ -686,6 +708,8 @@ class _Plan:
         self.daily = [i for i, b in enumerate(buckets) if not b[2]]  # indexes
         # Reserved and settled (tokens, budgets): indexes.
         self.token_buckets = [i for i, b in enumerate(buckets) if b[3] != REQUEST]
+        # A key's budget applies: it reserves at the dearest price of the call's chain.
+        self.key_budget = any(b[0].startswith("usd:key:") for b in buckets)
 
 
 _FREE = Permit()

@@ -473,3 +473,64 @@ def test_a_balanced_route_is_priced_on_every_backend_and_a_replaced_one_anew() -
     served = costs("rt")
     assert {b for b, _, _ in served} == {"echo", "e2"}
     assert all(cost == pytest.approx(at_dear, abs=1e-9) for _, cost, at_dear in served)
+
+
+# --- a budget under concurrency -----------------------------------------------------------
+
+
+async def at_once(app: object, n: int, body: dict, key: str = KEY) -> list[httpx.Response]:
+    """`n` calls of `body` at once, in process."""
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),  # type: ignore[arg-type]
+        base_url="http://127.0.0.1",
+        timeout=30,
+    ) as c:
+        return await asyncio.gather(
+            *(
+                c.post("/api/v1/chat", json=body, headers={"Authorization": f"Bearer {key}"})
+                for _ in range(n)
+            )
+        )
+
+
+def spent_usd(app: object) -> float:
+    """What the usage report says the day's calls cost."""
+    (r,) = asyncio.run(calls(app, ("GET", "/api/v1/usage", ROOT, None)))
+    assert r.status_code == 200, r.text
+    return r.json()["totals"]["cost_usd"]
+
+
+@pytest.mark.parametrize("asked", ["unp", "cheap"])
+def test_a_key_s_budget_is_reserved_at_the_dearest_price_of_its_fallbacks(asked: str) -> None:
+    # The asked route's backend fails at once; its fallback answers, slowly, at $10 a
+    # million tokens both ways (10 micro-dollars a token). The budget is 30 such tokens.
+    dear = {"input": 10.0, "output": 10.0}
+    cfg = {
+        "backends": {
+            "broken": {"kind": "echo", "fail_before_first": True},
+            "slow": {"kind": "echo", "delay_s": 0.05},
+        },
+        "models": {
+            "routes": {
+                "unp": {"backend": "broken", "fallbacks": ["slowp"], "retries": 0},
+                "cheap": {
+                    "backend": "broken",
+                    "fallbacks": ["slowp"],
+                    "retries": 0,
+                    "price": {"input": 0.01, "output": 0.01},
+                },
+                "slowp": {"backend": "slow", "price": dear},
+            }
+        },
+        "limits": {"usd_per_day": 0.0003},
+    }
+    app = app_for(merge(KEYS, merge(cfg, {"auth": {"keys": {"q": {"sha256": sha(KEY)}}}})))
+    body = chat("one two three four", model=asked, max_tokens=8)
+    got = asyncio.run(at_once(app, 20, body))
+    ok = [r for r in got if r.status_code == 200]
+    assert all(r.status_code in (200, 429) for r in got), [r.text for r in got]
+    # Each reserved what its fallback could cost (8 + 4 tokens: 120 micro-dollars), not
+    # the asked route's price: two whole reservations and what was left fit, no more.
+    assert 1 <= len(ok) <= 3, [r.status_code for r in got]
+    one = max(cost_of(r.json()["usage"], dear) for r in ok)
+    assert spent_usd(app) <= 0.0003 + one + 1e-9

@@ -512,7 +512,13 @@ def swallowing(svc: Any, sleep_s: float) -> list[str]:
 
     class Swallowing(Admission):
         async def admit(
-            self, call: Call, route: object, request: object, slot: bool = True, others: object = ()
+            self,
+            call: Call,
+            route: object,
+            request: object,
+            slot: bool = True,
+            others: object = (),
+            chain: object = (),
         ):  # type: ignore[no-untyped-def, override]
             try:
                 await asyncio.sleep(sleep_s)
