@@ -15,7 +15,10 @@ the next day starts a full bucket, and it goes through the same checks, in the s
 admission (one Lua call with Redis), as the per-minute buckets. Days are told by
 the state store's clock (Redis's, with Redis), as the usage counters' are. A daily
 bucket keeps the capacity it was counted against beside its level, so that a quota
-changed during the day (a runtime key's update) keeps what the day spent.
+changed during the day (a runtime key's update) keeps what the day spent. A daily
+bucket refused while this process's own running calls hold reserved what it lacks is
+not used up: that refusal is retryable within seconds (`Limiter.held`; other replicas'
+calls in flight are not known here).
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ DAY_S = 86_400
 DAYS_KEPT = 2
 # The key prefixes of daily buckets, whose keys end with ":YYYY-MM-DD".
 DAILY = ("rpd:", "tpd:", "usd:")
+# The Retry-After of a daily quota refused while this process's calls still running hold
+# what it lacks (reserved, not yet spent): they settle as they end, often giving some back.
+HELD_RETRY_S = 3.0
 # What a bucket counts: requests, tokens (reserved, settled with the usage), nano-dollars
 # (a daily budget: reserved, settled with the cost).
 REQUEST, TOKEN, USD = "request", "token", "usd"
@@ -236,7 +242,14 @@ class LimitPermit(Permit):
                 made = model_usage.prompt_tokens + model_usage.completion_tokens
             cost = spent if model_spent is None else model_spent
             give = self._limiter.buckets.give
+            held = self._limiter.held
             for key, cap, per_s, reserved, local in self._reserved:
+                if not per_s:  # a daily bucket: no longer held by this call
+                    left = held.get(key, 0.0) - reserved
+                    if left > 0:
+                        held[key] = left
+                    else:
+                        held.pop(key, None)
                 if key.startswith("usd:"):
                     # A budget: charged what the call cost, which may take it past its
                     # end (as a token quota's usage may).
@@ -280,6 +293,9 @@ class Limiter(Admission):
         # Shared through the state store when it offers slots (Redis), else this process's.
         self.slots: SlotStore = make() if callable(make) else MemorySlots()
         self._plans: dict[tuple[str, str, str], _Plan] = {}
+        # What this process's running calls hold reserved of each daily bucket (its key
+        # with the day): a refusal for want of what they hold is not a day used up.
+        self.held: dict[str, float] = {}
         self.rejections = 0
         self._state = state  # whose clock tells the day
         # Today, as daily buckets' keys end: (its first second, its end, ":YYYY-MM-DD").
@@ -616,10 +632,14 @@ class Limiter(Admission):
             # Token buckets hold a reservation until the real usage is known.
             if plan.token_buckets:
                 reserved = []
+                held = self.held
                 for i in plan.token_buckets:
                     key, n, ps, cost = checks[i]
                     take = takes[i]
-                    reserved.append((key, n, ps, cost - take.cut, take.local))
+                    taken = cost - take.cut
+                    reserved.append((key, n, ps, taken, take.local))
+                    if not ps:
+                        held[key] = held.get(key, 0.0) + taken
                 permit._reserved = reserved
             return
         if count:
@@ -632,24 +652,18 @@ class Limiter(Admission):
         wait = 0.0
         quota: str | None = None
         minute: str | None = None
+        # The first daily quota refused for want of what this process's running calls
+        # hold reserved (the day's spend settled so far is under it): they give back
+        # what they did not use as they end, so the wait is seconds, not to midnight.
+        held_by: str | None = None
+        held_headers: dict[str, str] = {}
         for i, take in enumerate(takes):
             if take.allowed:
                 continue
             _, n, per_s, unit, who = buckets[i]
             left = max(int(take.remaining), 0)
-            if unit == USD:  # only daily
-                wait = max(wait, day_left)
-                if quota is None:
-                    quota = (
-                        f"daily budget of {_usd(n)} USD used up for {who} ({_usd(left)} left); "
-                        f"it renews at 00:00 UTC, in {math.ceil(day_left)} s"
-                    )
-                    refused["x-quota-limit"] = _usd(n)
-                    refused["x-quota-remaining"] = _usd(left)
-                    refused["x-quota-reset"] = str(math.ceil(day_left))
-                continue
-            what = _counted(int(n), unit)
             if per_s:
+                what = _counted(int(n), unit)
                 wait = max(wait, take.retry_after)
                 if minute is None:
                     minute = f"rate limit of {what} per minute reached for {who}"
@@ -657,19 +671,41 @@ class Limiter(Admission):
                     refused["x-ratelimit-remaining"] = str(left)
                     refused["x-ratelimit-reset"] = str(math.ceil(take.reset))
                 continue
+            # Refused only with nothing left: a call gets what is left of a day's tokens.
+            holding = self.held.get(checks[i][0], 0.0) if unit != REQUEST else 0.0
+            say = _usd if unit == USD else _whole
+            of = (
+                f"daily budget of {_usd(n)} USD"
+                if unit == USD
+                else f"daily quota of {_counted(int(n), unit)}"
+            )
+            told = {
+                "x-quota-limit": _usd(n) if unit == USD else str(int(n)),
+                "x-quota-remaining": say(left),
+                "x-quota-reset": str(math.ceil(day_left)),
+            }
+            if take.remaining + holding > 0:
+                if held_by is None:
+                    held_by = (
+                        f"{of} for {who}: {say(left)} left, {say(holding)} held by calls "
+                        f"still running (reserved, not yet spent); retry in {HELD_RETRY_S:g} s"
+                    )
+                    held_headers = told
+                continue
             wait = max(wait, day_left)
             if quota is None:
-                # Refused only with nothing left: a call gets what is left of a day's tokens.
                 quota = (
-                    f"daily quota of {what} used up for {who} ({left} left); "
+                    f"{of} used up for {who} ({say(left)} left); "
                     f"it renews at 00:00 UTC, in {math.ceil(day_left)} s"
                 )
-                refused["x-quota-limit"] = str(int(n))
-                refused["x-quota-remaining"] = str(left)
-                refused["x-quota-reset"] = str(math.ceil(day_left))
+                refused.update(told)
         if quota is not None:
             # Waiting a minute would not help: the quota, not the rate, is what to tell.
             raise QuotaExceeded(quota, retry_after=wait, headers=refused)
+        if held_by is not None:
+            refused.update(held_headers)
+            wait = max(wait, HELD_RETRY_S)
+            raise RateLimited(held_by, retry_after=wait, headers=refused)
         raise RateLimited(minute or "rate limit reached", retry_after=wait, headers=refused)
 
 
@@ -727,6 +763,11 @@ def _usd(amount: float) -> str:
     nothing left)."""
     micro = int(max(amount, 0.0)) // (NANOS_PER_USD // 1_000_000)
     return f"{micro // 1_000_000}.{micro % 1_000_000:06d}"
+
+
+def _whole(n: float) -> str:
+    """A count of tokens, as a quota's headers and messages say it."""
+    return str(int(n))
 
 
 def _counted(n: int, noun: str) -> str:

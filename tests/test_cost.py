@@ -534,3 +534,44 @@ def test_a_key_s_budget_is_reserved_at_the_dearest_price_of_its_fallbacks(asked:
     assert 1 <= len(ok) <= 3, [r.status_code for r in got]
     one = max(cost_of(r.json()["usage"], dear) for r in ok)
     assert spent_usd(app) <= 0.0003 + one + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("limit", "says"),
+    [
+        ({"usd_per_day": 0.01}, "daily budget of 0.010000 USD for key q: 0.000000 left, "),
+        ({"tokens_per_day": 1000}, "daily quota of 1000 tokens for key q: 0 left, "),
+    ],
+)
+def test_a_day_held_by_calls_still_running_is_a_short_wait_not_midnight(
+    limit: dict, says: str
+) -> None:
+    # 10 micro-dollars a token: the budget is 1000 tokens, as the token quota. Each call
+    # reserves 204 tokens (max_tokens and the prompt's estimate) and uses a handful.
+    cfg = {
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.2}},
+        "models": {
+            "routes": {"slowp": {"backend": "slow", "price": {"input": 10.0, "output": 10.0}}}
+        },
+        "auth": {"keys": {"q": {"sha256": sha(KEY), **limit}}},
+    }
+    app = app_for(merge(KEYS, cfg))
+    body = chat("one two three four five six seven eight", model="slowp", max_tokens=200)
+    got = asyncio.run(at_once(app, 20, body))
+    ok = [r for r in got if r.status_code == 200]
+    refused = [r for r in got if r.status_code != 200]
+    assert len(ok) == 5 and len(refused) == 15, [r.status_code for r in got]
+    for r in refused:
+        assert r.status_code == 429, r.text
+        err = r.json()["error"]
+        # Not used up: what is missing is held by the calls still running, which give most
+        # of it back as they end. Retryable, after a few seconds.
+        assert err["code"] == "rate_limited" and err["retryable"] is True, err
+        assert err["message"].startswith(says), err
+        assert "held by calls still running" in err["message"], err
+        assert r.headers["retry-after"] == "3" and r.headers["x-should-retry"] == "true"
+        assert r.headers["x-quota-remaining"] in ("0", "0.000000")
+    # They ended: a call is admitted again, the day far from spent.
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/chat", KEY, body)))
+    assert r.status_code == 200, r.text
+    assert spent_usd(app) < 0.01 / 10

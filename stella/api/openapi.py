@@ -218,14 +218,16 @@ HEADERS = {
     "X-RateLimit-Remaining": _header("What is left in that bucket", "integer"),
     "X-RateLimit-Reset": _header("Seconds until that bucket is full again", "integer"),
     "X-Quota-Limit": _header(
-        "The per-day number of one daily quota (a fixed UTC day): the first that applies of"
-        " the key's requests, its tokens, the model's requests, its tokens (on a 429"
-        " quota_exceeded, the first used up)",
-        "integer",
+        "The per-day number of one daily quota (a fixed UTC day; a budget's in USD, to the"
+        " micro-dollar, 5.000000): the first that applies of the key's requests, its tokens,"
+        " its budget, the model's requests, its tokens, its budget (on a 429 quota_exceeded,"
+        " the first used up; on a 429 rate_limited for a day held by calls still running,"
+        " that one)",
+        "number",
     ),
     "X-Quota-Remaining": _header(
         "What is left of that quota today (0 also when a call's usage took it below nothing)",
-        "integer",
+        "number",
     ),
     "X-Quota-Reset": _header("Seconds until the next UTC midnight, when it renews", "integer"),
     "WWW-Authenticate": _header("On a 401: Bearer, the scheme a key is sent with"),
