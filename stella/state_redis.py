@@ -380,9 +380,9 @@ class RedisState:
             # resend is harmless for what stella sends: reads, the routing change (its
             # effects are the same run twice), usage batches (numbered, counted once),
             # slot takes and renewals (a member held is held once), releases; a
-            # settlement counts twice, as keep_gives would resend it anyway, and a
-            # bucket check pays twice (and loses the lease it took): a limit
-            # stricter for a moment, never looser.
+            # settlement counts twice, as keep_gives would resend it anyway (a charge
+            # is resent after a timeout too), and a bucket check pays twice (and loses
+            # the lease it took): a limit stricter for a moment, never looser.
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             retry_on_error=[RedisConnectionError],
         )
@@ -740,12 +740,14 @@ class RedisState:
         self._ok()
 
     def keep_gives(self, gives: dict[str, list[float]], exc: BaseException) -> None:
-        """Queue settlements again when their round trip surely never ran (a timeout may
-        have: sent again they could count twice, so they go)."""
-        if isinstance(exc, TimeoutError | RedisTimeoutError):
-            return
+        """Queue settlements again when their round trip surely never ran; after a timeout
+        (which may have run them) the charges alone: a charge sent twice is a limit
+        stricter for a while, a charge lost lets a key spend past its budget; a refund
+        sent twice would give back what was spent, so it goes."""
+        timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
         for key, (cap, per_s, amount) in gives.items():
-            self.owe(key, cap, per_s, amount)
+            if amount < 0 or not timed_out:
+                self.owe(key, cap, per_s, amount)
 
     def owe(self, key: str, capacity: float, per_s: float, amount: float) -> None:
         """Queue a settlement of bucket `key` (its Redis key) for the next round trip."""

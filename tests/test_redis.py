@@ -2383,3 +2383,40 @@ async def test_usage_rows_counted_before_costs_read_as_costing_nothing(redis: Re
         assert await st.redis.hget(f"costs:usage:{day}", "k|new|cost_nanos") == b"123456"
     finally:
         await st.aclose()
+
+
+async def test_a_charge_whose_settlement_timed_out_is_sent_again_a_refund_is_not(
+    redis: Redis,
+) -> None:
+    import signal
+
+    st = redis_state(redis, "owed")
+    b = st.buckets()
+    charged, refunded = "usd:key:a:2025-06-01", "usd:key:b:2025-06-01"
+    for key in (charged, refunded):  # a daily budget of 1000, 100 reserved: 900 left
+        assert (await b.take_all([(key, 1000.0, 0.0, 100.0)]))[0].allowed
+    # Their calls end: one cost 150 more than it reserved, the other 30 less.
+    b.give(charged, 1000.0, 0.0, -150.0)
+    b.give(refunded, 1000.0, 0.0, 30.0)
+    store = redis_store(redis)
+
+    def level(key: str) -> float:
+        return float(store.hget(f"owed:rl:{key}", "level") or b"nan")
+
+    assert redis.proc is not None
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        t = time.monotonic()
+        await st._flush_gives()  # Redis's 1 s timeout: whether it ran is not known
+        assert time.monotonic() - t >= 0.9
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    try:
+        # Whatever the stalled round trip did, the next one sends the charge again (were
+        # it lost, the key would spend past its budget) and not the refund (sent twice,
+        # it would give back what was spent).
+        stalled = level(charged), level(refunded)
+        await st._flush_gives()
+        assert (level(charged), level(refunded)) == (stalled[0] - 150.0, stalled[1])
+    finally:
+        await st.aclose()
