@@ -46,3 +46,10 @@ def usd(nanos: int) -> float:
 def nanos(amount_usd: float) -> int:
     """USD (a budget, a logged cost) as whole nano-dollars."""
     return round(amount_usd * NANOS_PER_USD)
+
+
+def budget_nanos(amount_usd: float) -> int:
+    """A daily budget in whole nano-dollars: any budget above 0 is at least one (rounded
+    to none, a budget under half a nano-dollar would let a key spend without end)."""
+    whole = nanos(amount_usd)
+    return 1 if whole < 1 and amount_usd > 0 else whole

@@ -32,7 +32,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from stella.calls import Admission, Call, Permit, Principal, prompt_estimate
-from stella.cost import NANOS_PER_USD, Rates, nanos
+from stella.cost import NANOS_PER_USD, Rates, budget_nanos
 from stella.errors import Overloaded, QuotaExceeded, RateLimited
 from stella.protocol import ChatRequest, Usage
 from stella.routing import Route
@@ -341,7 +341,7 @@ class Limiter(Admission):
         day: list[tuple[str, int, str, str]] = [
             (f"rpd:model:{route.name}", model.requests_per_day, REQUEST, on_model),
             (f"tpd:model:{route.name}", model.tokens_per_day, TOKEN, on_model),
-            (f"usd:model:{route.name}", nanos(model.usd_per_day), USD, on_model),
+            (f"usd:model:{route.name}", budget_nanos(model.usd_per_day), USD, on_model),
         ]
         slots: list[tuple[str, int]] = []
         if backend_slot:
@@ -357,7 +357,7 @@ class Limiter(Admission):
             day[:0] = [
                 (f"rpd:key:{p.name}", p.requests_per_day, REQUEST, by_key),
                 (f"tpd:key:{p.name}", p.tokens_per_day, TOKEN, by_key),
-                (f"usd:key:{p.name}", nanos(p.usd_per_day), USD, by_key),
+                (f"usd:key:{p.name}", budget_nanos(p.usd_per_day), USD, by_key),
             ]
             slots.insert(0, (f"key:{p.name}", p.max_concurrent))
         plan = _Plan(

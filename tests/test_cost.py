@@ -575,3 +575,16 @@ def test_a_day_held_by_calls_still_running_is_a_short_wait_not_midnight(
     (r,) = asyncio.run(calls(app, ("POST", "/api/v1/chat", KEY, body)))
     assert r.status_code == 200, r.text
     assert spent_usd(app) < 0.01 / 10
+
+
+def test_a_budget_under_a_nano_dollar_is_one_not_none() -> None:
+    # 4e-10 USD would round to 0 nano-dollars: no budget at all. It is one nano-dollar.
+    cfg = priced({"input": 10.0, "output": 10.0})
+    cfg["auth"] = {"keys": {"q": {"sha256": sha(KEY), "usd_per_day": 4e-10}}}
+    app = app_for(merge(KEYS, cfg))
+    first, second = asyncio.run(
+        calls(app, ("POST", "/api/v1/chat", KEY, chat()), ("POST", "/api/v1/chat", KEY, chat()))
+    )
+    assert first.status_code == 200 and first.headers["x-quota-limit"] == "0.000000", first.text
+    assert second.status_code == 429, second.text
+    assert second.json()["error"]["code"] == "quota_exceeded"
