@@ -8,6 +8,8 @@ usage report and the metrics show USD.
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from stella.settings import Price
 
 NANOS_PER_USD = 1_000_000_000
@@ -53,3 +55,16 @@ def budget_nanos(amount_usd: float) -> int:
     to none, a budget under half a nano-dollar would let a key spend without end)."""
     whole = nanos(amount_usd)
     return 1 if whole < 1 and amount_usd > 0 else whole
+
+
+def usd_text(amount_usd: float) -> str:
+    """A cost in USD to the nano-dollar, as `stella usage` shows it: nine decimals, the
+    trailing zeros left out (`0.0000123`, `0`), so rows add up to their total exactly."""
+    text = f"{amount_usd:.9f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def usd_decimal(amount_usd: float) -> str:
+    """A budget in USD in decimals, every digit it has and never an exponent (`0.00001`,
+    not `1e-05`; `2.5`, `0`), as the CLI writes and lists one."""
+    return format(Decimal(repr(amount_usd)), "f").removesuffix(".0")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -159,7 +160,7 @@ def test_a_priced_route_s_calls_carry_their_cost_everywhere() -> None:
         assert proc.returncode == 0, proc.stderr
         lines = proc.stdout.splitlines()
         assert lines[0].split()[-1] == "COST_USD" and lines[1].split()[:2] == ["anonymous", "echo"]
-        assert lines[1].split()[-1] == f"{want:.6f}" and lines[-1].startswith("(total)")
+        assert lines[1].split()[-1] == f"{want:.9f}".rstrip("0") and lines[-1].startswith("(total)")
 
 
 def test_a_fallback_s_answer_is_priced_at_the_fallback_s_price() -> None:
@@ -330,6 +331,10 @@ def test_keys_new_writes_a_budget_and_refuses_a_bad_one() -> None:
     proc = stella_cli("keys", "new", "alice", "--usd", "2.5")
     assert proc.returncode == 0, proc.stderr
     assert "usd_per_day = 2.5" in proc.stdout.splitlines()
+    # In decimals, not Python's exponent form (1e-05).
+    proc = stella_cli("keys", "new", "alice", "--usd", "0.00001")
+    assert proc.returncode == 0, proc.stderr
+    assert "usd_per_day = 0.00001" in proc.stdout.splitlines(), proc.stdout
     for bad in ("-1", "nan", "lots"):
         proc = stella_cli("keys", "new", "alice", "--usd", bad)
         assert proc.returncode == 2 and "--usd" in proc.stderr, proc.stderr
@@ -588,3 +593,34 @@ def test_a_budget_under_a_nano_dollar_is_one_not_none() -> None:
     assert first.status_code == 200 and first.headers["x-quota-limit"] == "0.000000", first.text
     assert second.status_code == 429, second.text
     assert second.json()["error"]["code"] == "quota_exceeded"
+
+
+def test_stella_usage_rows_add_up_to_the_total_and_keys_list_writes_decimals() -> None:
+    # $0.1 a million tokens: each call costs some hundreds of nano-dollars, under a
+    # micro-dollar: to the micro-dollar, two rows of 0.000001 made a total of 0.000001.
+    tenth = {"input": 0.1, "output": 0.1}
+    cfg = merge(KEYS, priced(tenth))
+    cfg["models"]["routes"]["other"] = {"backend": "echo", "price": tenth}
+    with run_stella(cfg) as server:
+        for model in ("echo", "other"):
+            r = httpx.post(
+                server.url + "/api/v1/chat",
+                headers={"Authorization": f"Bearer {ROOT}"},
+                json=chat("one two three", model=model),
+            )
+            assert r.status_code == 200, r.text
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+        env["STELLA_API_KEY"] = ROOT
+        url = ("--url", server.url)
+        proc = stella_cli("usage", *url, env=env)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        costs = [Decimal(line.split()[-1]) for line in lines[1:]]
+        assert len(costs) == 3 and lines[-1].startswith("(total)"), lines
+        assert 0 < costs[0] < Decimal("0.000001") and costs[0] + costs[1] == costs[2], lines
+        with Client(server.url, api_key=ROOT) as c:
+            c.create_key("tiny", usd_per_day=0.00001)
+        table = stella_cli("keys", "list", *url, env=env).stdout.splitlines()
+        column = table[0].split().index("USD/DAY")
+        (row,) = [line.split() for line in table if line.startswith("tiny ")]
+        assert row[column] == "0.00001", row

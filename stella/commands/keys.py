@@ -18,6 +18,7 @@ from stella.commands import (
     command_client,
     key_from,
 )
+from stella.cost import usd_decimal
 from stella.settings import MAX_BUDGET, MAX_COUNT
 
 NAME = "keys"
@@ -233,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tpd:
         lines.append(f"tokens_per_day = {args.tpd}")
     if args.usd:
-        lines.append(f"usd_per_day = {args.usd!r}")
+        # Decimals: `1e-05` is TOML too, but reads as a typo to most.
+        lines.append(f"usd_per_day = {usd_decimal(args.usd)}")
     print("\n".join(lines))
     return 0
 
@@ -318,7 +320,7 @@ def _on_server(args: argparse.Namespace) -> int:
                 k.max_concurrent,
                 k.requests_per_day,
                 k.tokens_per_day,
-                f"{k.usd_per_day or 0:g}",
+                usd_decimal(k.usd_per_day or 0.0),
             )
             models = ", ".join(k.models) or "(none)"
             if k.skipped:

@@ -15,6 +15,7 @@ from stella.commands import (
     command_client,
     key_from,
 )
+from stella.cost import usd_text
 
 NAME = "usage"
 HELP = "a running server's usage per key and model for a UTC day, with its cost (admin)"
@@ -60,10 +61,10 @@ def run(args: argparse.Namespace) -> int:
     ]
     for r in report.usage:
         counts = (r.requests, r.prompt_tokens, r.completion_tokens, r.errors)
-        rows.append((r.key, r.model, r.day, *map(str, counts), f"{r.cost_usd:.6f}"))
+        rows.append((r.key, r.model, r.day, *map(str, counts), usd_text(r.cost_usd)))
     t = report.totals
     counts = (t.requests, t.prompt_tokens, t.completion_tokens, t.errors)
-    rows.append(("(total)", "", "", *map(str, counts), f"{t.cost_usd:.6f}"))
+    rows.append(("(total)", "", "", *map(str, counts), usd_text(t.cost_usd)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
