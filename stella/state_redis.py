@@ -348,10 +348,12 @@ def _routes(raw: dict[bytes, bytes]) -> dict[str, Any]:
 
 # At shutdown, the longest wait for the flusher's round trip in progress to end.
 FLUSHER_STOP_S = 2.0
-# Redis's clock is read by the flusher every this many ticks (0.1 s each): clocks drift
-# slowly. A reading whose round trip took longer than CLOCK_READ_MAX_S is not used.
+# Redis's clock is read at start-up, then by the flusher every this many ticks (0.1 s
+# each): clocks drift slowly. A reading whose round trip took longer than
+# CLOCK_READ_MAX_S is not used; start-up tries CLOCK_START_TRIES readings at most.
 CLOCK_TICKS = 100
 CLOCK_READ_MAX_S = 0.1
+CLOCK_START_TRIES = 3
 
 
 class RedisState:
@@ -451,9 +453,27 @@ class RedisState:
             self.down_since = None
 
     async def start(self) -> None:
-        """Begin flushing usage counters; a Redis that is down now is tolerated."""
+        """Begin flushing usage counters, Redis's clock read first; a Redis that is down
+        now is tolerated."""
         self._flusher = asyncio.create_task(self._flush_loop())
-        await self.ping()
+        if await self.ping():
+            await self._first_clock()
+
+    async def _first_clock(self) -> None:
+        """Read Redis's clock before anything is compared with it: the stored keys'
+        expiries are applied right after start-up, and a replica whose clock is off
+        would otherwise refuse a valid key (or take an expired one) until the
+        flusher's first tick. Bounded: a slow Redis leaves it to the flusher."""
+        for _ in range(CLOCK_START_TRIES):
+            try:
+                # A reading slower than this would not be used anyway.
+                if await asyncio.wait_for(self._read_clock(), CLOCK_READ_MAX_S):
+                    return
+            except TimeoutError:
+                continue
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+                return
 
     async def aclose(self) -> None:
         """Flush what is counted and disconnect."""
@@ -694,13 +714,16 @@ class RedisState:
         # whose clocks disagree near midnight still file one instant under one day.
         return time.time() + self.clock_offset
 
-    async def _read_clock(self) -> None:
-        """Measure how far Redis's clock is from this process's: one TIME."""
+    async def _read_clock(self) -> bool:
+        """Measure how far Redis's clock is from this process's: one TIME; whether the
+        reading was used."""
         before = time.time()
         sec, usec = await self.redis.time()
         after = time.time()
-        if after - before <= CLOCK_READ_MAX_S:  # a slow answer says little about when
-            self.clock_offset = sec + usec / 1e6 - (before + after) / 2
+        if after - before > CLOCK_READ_MAX_S:  # a slow answer says little about when
+            return False
+        self.clock_offset = sec + usec / 1e6 - (before + after) / 2
+        return True
 
     async def _flush_loop(self) -> None:
         while not self._closing:

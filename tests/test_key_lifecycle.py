@@ -486,6 +486,49 @@ def test_two_replicas_share_expiry_updates_rotations_and_purges(
         client.close()
 
 
+@pytest.mark.parametrize("skew", [3600.0, -3600.0])
+def test_a_replica_whose_clock_is_off_reads_expiries_on_redis_s_from_its_first_call(
+    redis: Redis,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    skew: float,
+) -> None:
+    import types
+
+    import redis as redis_py
+
+    from stella import state_redis
+
+    live, gone = "sk-clock-live-000011", "sk-clock-gone-000022"
+    client = redis_py.Redis.from_url(redis.url)
+    try:
+        sec, usec = client.time()
+        now = sec + usec / 1e6
+        # On Redis's clock, as every replica wrote them: one works half an hour more, the
+        # other stopped half an hour ago.
+        for name, key, at in (("live", live, now + 1800), ("gone", gone, now - 1800)):
+            spec = {"sha256": sha(key), "models": ["echo"], "expires_at": at}
+            client.hset("stella:keys", name, msgspec.json.encode(spec))
+    finally:
+        client.close()
+    # This replica's clock is an hour off Redis's.
+    real = time.time
+    off = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if n[0] != "_"})
+    off.time = lambda: real() + skew
+    monkeypatch.setattr(state_redis, "time", off)
+    app = app_for(merge(KEYS, {"state": {"redis_url": redis.url}}))
+
+    async def first_calls() -> list[httpx.Response]:
+        async with app.router.lifespan_context(app):
+            # Right after start-up, before the flusher's first tick.
+            return await calls(
+                app, ("POST", "/api/v1/chat", live, CHAT), ("POST", "/api/v1/chat", gone, CHAT)
+            )
+
+    on_live, on_gone = asyncio.run(first_calls())
+    assert on_live.status_code == 200, on_live.text
+    assert on_gone.status_code == 401 and "expired" in on_gone.json()["error"]["message"]
+
+
 def test_a_stale_key_change_is_not_written(redis: Redis) -> None:  # noqa: F811
     from stella.settings import StateSettings
     from stella.state import KeyChange, MemoryState
