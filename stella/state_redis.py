@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, cast
 
 import msgspec
@@ -188,7 +188,7 @@ return 1
 # JSON specs), KEYS[3] the default model, KEYS[4] the routing epoch, KEYS[5] the runtime
 # keys (a hash of JSON specs), KEYS[6] the revocations (digest -> name), KEYS[7] when
 # each runtime key was made (name -> UTC ISO 8601), KEYS[8] when each revocation was
-# (digest -> UTC ISO 8601); ARGV[1] the
+# (digest -> UTC ISO 8601), and for "key_change" the buckets it clears; ARGV[1] the
 # deadline (Redis's clock), ARGV[2] a new epoch (random, one per change), ARGV[3]
 # the change, ARGV[4] the route's name, then:
 #   "default" ARGV[5] "1" when the route is a runtime one (then it must be stored still)
@@ -277,6 +277,11 @@ elseif op == 'key_change' then
   for i = rest, #ARGV do
     redis.call('HDEL', KEYS[5], ARGV[i])
     redis.call('HDEL', KEYS[7], ARGV[i])
+  end
+  -- KEYS[9..]: limit buckets cleared with it (a purge's: its name is free, its
+  -- buckets full again).
+  for i = 9, #KEYS do
+    redis.call('DEL', KEYS[i])
   end
 else
   return redis.error_reply('unknown change ' .. op)
@@ -551,7 +556,9 @@ class RedisState:
         """Persist the default model; a `runtime` route must be stored still."""
         await self._write("default", name, "1" if runtime else "0")
 
-    async def _write(self, op: str, name: str, *args: str | bytes) -> int:
+    async def _write(
+        self, op: str, name: str, *args: str | bytes, buckets: tuple[str, ...] = ()
+    ) -> int:
         """One routing change and a bump of the routing version, atomically: the other
         replicas poll the version (see `routing`) and reload when it moves.
 
@@ -563,6 +570,7 @@ class RedisState:
         route was removed), as the router refuses one that conflicts with its table.
         Returns 1, or 2 for a save that replaced a route stored under its name, or 3 for
         a key change that found the keys changed since they were read (not written).
+        `buckets`: the limit buckets a key change clears (limiter names).
         """
         keys = [
             self._key("routing_version"),
@@ -573,6 +581,7 @@ class RedisState:
             self._key("revoked"),
             self._key("keys_created"),
             self._key("revoked_at"),
+            *(self._key("rl", bucket) for bucket in buckets),
         ]
         epoch = secrets.token_hex(8)  # this change's epoch
         try:
@@ -694,7 +703,8 @@ class RedisState:
             args += [digest, name]
         for name, spec in change.put.items():
             args += [name, msgspec.json.encode(spec)]
-        return await self._write("key_change", "", *args, *change.remove) != 3
+        done = await self._write("key_change", "", *args, *change.remove, buckets=change.forget)
+        return done != 3
 
     # --- usage ---------------------------------------------------------------------
 
@@ -1137,6 +1147,17 @@ class RedisBuckets:
     def forget_days(self, kept: tuple[str, ...]) -> None:
         """Drop the stand-in's daily buckets of other days (Redis expires its own)."""
         self.state.local.forget_days(kept)
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """Drop what this process holds of these buckets (Redis's copies went with the
+        key change that named them): leases, settlements not sent, the stand-in's."""
+        st = self.state
+        for key in keys:
+            # A lease's tokens came from the bucket that is gone: not owed to the new one.
+            self._leases.pop(key, None)
+            self._demand.pop(key, None)
+            st._gives.pop(st._key("rl", key), None)
+        st.local.forget(keys)
 
     def give(
         self, key: str, capacity: float, per_s: float, amount: float, local: bool = False

@@ -390,6 +390,66 @@ def test_a_purge_frees_the_name_and_the_old_key_stays_refused() -> None:
     assert names == ["root", "bob", "ci"]
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_name_purged_and_made_again_starts_with_full_limits(
+    request: pytest.FixtureRequest, store: str
+) -> None:
+    import redis as redis_py
+
+    # Buckets go by name: the new key must not inherit the old one's day, nor its minute.
+    config = KEYS
+    if store == "redis":
+        url = request.getfixturevalue("redis").url
+        config = merge(KEYS, {"state": {"redis_url": url}})
+    app = app_for(config)
+    svc = app.state.stella
+    limits = {
+        "models": ["echo"],
+        "requests_per_minute": 2,
+        "tokens_per_minute": 100_000,
+        "requests_per_day": 2,
+        "tokens_per_day": 100_000,
+        "usd_per_day": 5.0,
+    }
+
+    def held() -> list[str]:
+        """The bucket names of key ci that the store holds."""
+        if store == "memory":
+            return [k for k in svc.admission.buckets._levels if ":key:ci" in k]
+        client = redis_py.Redis.from_url(url)
+        try:
+            return sorted(k.decode() for k in client.scan_iter("stella:rl:*:key:ci*"))
+        finally:
+            client.close()
+
+    async def run() -> tuple[list[httpx.Response], list[str], list[httpx.Response]]:
+        async with app.router.lifespan_context(app):
+            (r,) = await calls(app, ("POST", "/api/v1/keys", ROOT, {"name": "ci", **limits}))
+            old = r.json()["key"]
+            used = await calls(app, *[("POST", "/api/v1/chat", old, CHAT)] * 3)
+            # Every bucket by name: the minute's, the day's requests, tokens and budget.
+            assert len(held()) == 5, held()
+            (purged,) = await calls(app, ("DELETE", "/api/v1/keys/ci?purge=true", ROOT, None))
+            assert purged.status_code == 200, purged.text
+            left = held()
+            (r,) = await calls(app, ("POST", "/api/v1/keys", ROOT, {"name": "ci", **limits}))
+            new = r.json()["key"]
+            again = await calls(
+                app,
+                *[("POST", "/api/v1/chat", new, CHAT)] * 2,
+                ("GET", "/api/v1/usage", ROOT, None),
+            )
+            return used, left, again
+
+    used, left, again = asyncio.run(run())
+    assert [r.status_code for r in used] == [200, 200, 429]
+    assert [r.status_code for r in again[:2]] == [200, 200], again[0].text
+    assert left == []
+    # The usage rows are history: the old key's stay, and the new one adds to them.
+    (row,) = [r for r in again[2].json()["usage"] if r["key"] == "ci"]
+    assert row["requests"] == 4
+
+
 def test_two_replicas_share_expiry_updates_rotations_and_purges(
     redis: Redis,  # noqa: F811
 ) -> None:

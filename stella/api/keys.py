@@ -216,14 +216,18 @@ async def revoke_key(request: Request, call: Call) -> Response:
 
 async def _purge(svc: Services, name: str, shown: str, call: Call) -> Response:
     """DELETE /api/v1/keys/{name}?purge=true: drop a runtime key's stored entry, revoking
-    it first if it was not, so that its name may be used again."""
+    it first if it was not, so that its name may be used again: its limit buckets go
+    with it (a new key of the name starts with a full day's quota, not the old key's
+    rest); its usage rows stay."""
     auth = svc.auth
     with admin_event("purge", shown, call, "key_change", source="runtime") as logged:
         _shared_keys(svc)
         for _ in range(KEY_CHANGE_TRIES):
             stored = await _read_to_change(svc)
             plan = key_plans.purge(auth, name, stored, shown)
-            change = dataclasses.replace(plan.change, at=utc_stamp(svc.state.wall()))
+            buckets = svc.admission.key_buckets(name)
+            at = utc_stamp(svc.state.wall())
+            change = dataclasses.replace(plan.change, at=at, forget=buckets)
             if await svc.state.change_keys(change, stored.version):
                 break
         else:
@@ -231,6 +235,7 @@ async def _purge(svc: Services, name: str, shown: str, call: Call) -> Response:
         keys = {n: spec for n, spec in stored.keys.items() if n != name}
         auth.apply_stored(keys, {**stored.revoked, **plan.change.revoke})
         auth.local_changes += 1
+        svc.admission.forget(buckets)
         logged["revoked"] = plan.revoked
     detail = "revoked, and its entry dropped" if plan.revoked else "its entry dropped"
     if plan.unreadable:
@@ -349,7 +354,9 @@ document(
         tag="admin",
         description=(
             "With purge=true, a runtime key's stored entry is dropped too (revoked first "
-            "if it was not), so that its name may be used again; its secrets stay refused."
+            "if it was not), so that its name may be used again, with its limit buckets "
+            "(a new key of the name starts with full limits); its secrets stay refused, "
+            "its usage rows stay."
         ),
         response=KeyRevoked,
         admin=True,
