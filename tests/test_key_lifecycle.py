@@ -334,6 +334,51 @@ def test_a_rotation_s_grace_ends_and_a_revocation_or_another_rotation_ends_it_so
     assert chat(app, b.json()["key"]).status_code == 401
 
 
+def test_a_grace_that_ended_leaves_the_entry_at_its_next_write() -> None:
+    # An entry with a rotation's grace is one an older replica skips: once the grace is
+    # over, the next write stores the key as that replica reads it.
+    app = app_for(KEYS)
+    store = app.state.stella.state
+    old = made(app, {"name": "ci", "models": ["echo"]})
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/keys/ci/rotate", ROOT, {"grace_s": 0.3})))
+    new = r.json()["key"]
+    assert {"previous", "previous_until"} <= set(store.keys["ci"])
+    poll(lambda: chat(app, old).status_code == 401, 5)
+    (r,) = asyncio.run(calls(app, ("PATCH", "/api/v1/keys/ci", ROOT, {"admin": False})))
+    assert r.status_code == 200, r.text
+    assert set(store.keys["ci"]) == {
+        "sha256",
+        "models",
+        "admin",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "max_concurrent",
+        "requests_per_day",
+        "tokens_per_day",
+    }
+    assert chat(app, new).status_code == 200 and chat(app, old).status_code == 401
+    # One still in its grace is kept by a PATCH.
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/keys/ci/rotate", ROOT, {"grace_s": 600})))
+    newer = r.json()["key"]
+    (r,) = asyncio.run(calls(app, ("PATCH", "/api/v1/keys/ci", ROOT, {"admin": False})))
+    assert r.json()["grace_until"] and store.keys["ci"]["previous"] == sha(new)
+    assert chat(app, new).status_code == 200 and chat(app, newer).status_code == 200
+
+
+def test_a_grace_too_short_to_outlast_its_write_is_none() -> None:
+    app = app_for(KEYS)
+    store = app.state.stella.state
+    old = made(app, {"name": "ci"})
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/keys/ci/rotate", ROOT, {"grace_s": 1e-320})))
+    assert r.status_code == 201, r.text
+    assert "grace_until" not in r.json()
+    # As a rotation without grace: the old secret revoked, the entry as before.
+    assert "previous" not in store.keys["ci"] and "previous_until" not in store.keys["ci"]
+    assert store.revoked[sha(old)] == "ci"
+    assert chat(app, old).json()["error"]["message"] == "invalid API key"
+    assert chat(app, r.json()["key"]).status_code == 200
+
+
 def test_a_purge_frees_the_name_and_the_old_key_stays_refused() -> None:
     app = app_for(KEYS)
     store = app.state.stella.state

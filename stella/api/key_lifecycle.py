@@ -122,6 +122,10 @@ async def update_key(request: Request, call: Call) -> Response:
         def plan(stored: StoredKeys, now: float) -> tuple[KeyChange, StoredKey]:
             k = key_plans.runtime_key(svc.auth, name, stored, shown)
             new = msgspec.structs.replace(k, **fields)
+            if k.previous and k.previous_until <= now:
+                # A grace that has ended: the entry is written as an older replica (one
+                # without rotations) reads it, as it was before the rotation.
+                new = msgspec.structs.replace(new, previous="", previous_until=0.0)
             if life is not UNSET:
                 new = msgspec.structs.replace(new, expires_at=now + life if life else 0.0)
             key_plans.keep_an_admin(svc.auth, stored, shown, k, new)
@@ -156,9 +160,13 @@ async def rotate_key(request: Request, call: Call) -> Response:
             # One old secret at a time: one still in its grace from an earlier rotation
             # stops now.
             revoke = {k.previous: name} if k.previous and k.previous not in stored.revoked else {}
-            if grace:
+            # A grace that ends before the write can land (one under the clock's
+            # resolution, as 1e-320, adds nothing to `now`) is none: stored, it would
+            # keep an old secret already expired, in an entry an older replica skips.
+            until = now + grace
+            if until > now:
                 new = msgspec.structs.replace(
-                    k, sha256=hash_key(key), previous=k.sha256, previous_until=now + grace
+                    k, sha256=hash_key(key), previous=k.sha256, previous_until=until
                 )
             else:
                 revoke[k.sha256] = name
