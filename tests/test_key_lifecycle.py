@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import itertools
 import re
 import time
 from typing import Any
@@ -632,6 +633,62 @@ def test_a_replica_whose_clock_is_off_reads_expiries_on_redis_s_from_its_first_c
     on_live, on_gone = asyncio.run(first_calls())
     assert on_live.status_code == 200, on_live.text
     assert on_gone.status_code == 401 and "expired" in on_gone.json()["error"]["message"]
+
+
+def test_concurrent_changes_of_unrelated_keys_on_two_replicas_all_land(
+    redis: Redis,  # noqa: F811
+) -> None:
+    # Every key change moves the one version: changes that meet are tried again, after
+    # a pause that keeps them from meeting again at each try.
+    cfg = merge(KEYS, {"state": {"redis_url": redis.url}})
+    a, b = app_for(cfg), app_for(cfg)
+    names = [f"k{i}" for i in range(40)]
+
+    async def run() -> list[httpx.Response]:
+        async with a.router.lifespan_context(a), b.router.lifespan_context(b):
+            for name in names:
+                await calls(a, ("POST", "/api/v1/keys", ROOT, {"name": name}))
+            return await asyncio.gather(
+                *(
+                    calls(
+                        (a, b)[i % 2],
+                        ("PATCH", f"/api/v1/keys/{name}", ROOT, {"requests_per_minute": 7}),
+                    )
+                    for i, name in enumerate(names)
+                )
+            )
+
+    answers = [r for (r,) in asyncio.run(run())]
+    assert [r.status_code for r in answers] == [200] * len(names), [
+        r.text for r in answers if r.status_code != 200
+    ][:1]
+
+
+def test_a_key_change_that_keeps_meeting_others_is_503_after_its_paused_tries() -> None:
+    from stella.api import keys
+
+    app = app_for(KEYS)
+    store = app.state.stella.state
+    made(app, {"name": "ci"})
+    real = store.change_keys
+    tries = []
+
+    async def meanwhile(change: Any, seen: Any) -> bool:
+        tries.append(time.monotonic())
+        store.keys_version += 1  # another replica's change, between the read and the write
+        return bool(await real(change, seen))
+
+    store.change_keys = meanwhile
+    patch = {"requests_per_minute": 7}
+    (r,) = asyncio.run(calls(app, ("PATCH", "/api/v1/keys/ci", ROOT, patch)))
+    assert r.status_code == 503 and "kept changing" in r.json()["error"]["message"]
+    assert len(tries) == keys.KEY_CHANGE_TRIES
+    # Each try after a pause, growing, within its bounds.
+    pauses = [b - a for a, b in itertools.pairwise(tries)]
+    for i, pause in enumerate(pauses, 1):
+        longest = min(keys.KEY_CHANGE_PAUSE_S * 2 ** (i - 1), keys.KEY_CHANGE_PAUSE_MAX_S)
+        assert longest / 2 <= pause < longest + 0.5, (i, pauses)
+    assert store.keys["ci"]["requests_per_minute"] == 0  # nothing written
 
 
 def test_a_stale_key_change_is_not_written(redis: Redis) -> None:  # noqa: F811

@@ -27,6 +27,7 @@ from stella.api.keys import (
     _shared_keys,
     check_models,
     kept_changing,
+    pause_before,
 )
 from stella.api.native import admin_event
 from stella.api.openapi import Operation, document
@@ -79,16 +80,18 @@ async def _change(
     then apply it here. Returns the keys read, the change, the key and when (the
     store's clock)."""
     auth = svc.auth
-    for _ in range(KEY_CHANGE_TRIES):
-        stored = await _read_to_change(svc)
-        now = svc.state.wall()
-        change, key = plan(stored, now)
-        if await svc.state.change_keys(change, stored.version):
-            break
-    else:
-        raise kept_changing()
-    auth.apply_stored({**stored.keys, **change.put}, {**stored.revoked, **change.revoke})
-    auth.local_changes += 1  # a follower's read from before this write is stale now
+    async with svc.key_changes:
+        for attempt in range(KEY_CHANGE_TRIES):
+            await pause_before(attempt)
+            stored = await _read_to_change(svc)
+            now = svc.state.wall()
+            change, key = plan(stored, now)
+            if await svc.state.change_keys(change, stored.version):
+                break
+        else:
+            raise kept_changing()
+        auth.apply_stored({**stored.keys, **change.put}, {**stored.revoked, **change.revoke})
+        auth.local_changes += 1  # a follower's read from before this write is stale now
     return stored, change, key, now
 
 
