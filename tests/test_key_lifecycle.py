@@ -305,6 +305,9 @@ def test_a_rotation_without_grace_refuses_the_old_key_at_once() -> None:
     assert body["required"] is False
     update = spec.json()["paths"]["/api/v1/keys/{name}"]["patch"]["requestBody"]
     assert update["required"] is True
+    # And that an update's body names one field at least (`{}` is a 400).
+    schema = update["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/UpdateKey", "minProperties": 1}
 
 
 def test_a_rotation_s_grace_ends_and_a_revocation_or_another_rotation_ends_it_sooner() -> None:
@@ -730,7 +733,8 @@ def test_the_duration_options_take_units() -> None:
         2592000,
         5400,
     ]
-    for bad in ("", "1w", "-5m", "d", "5 d d"):
+    # Other scripts' digits too, which float() would take ("١٢" is 12).
+    for bad in ("", "1w", "-5m", "d", "5 d d", "\u0661\u0662", "\u0661\u0662m", "\uff15s"):
         with pytest.raises(argparse.ArgumentTypeError):
             _duration(bad)
 
@@ -800,8 +804,14 @@ def test_the_clients_and_the_cli_manage_a_key_s_life() -> None:
         with Client(s.url, api_key=ROOT) as c:
             (k,) = [k for k in c.list_keys().keys if k.name == "cli"]
         assert (k.models, k.requests_per_minute, k.expires_at) == (["echo"], 4, "")
-        nothing = stella_cli("keys", "update", "cli", *url, env=env)
-        assert nothing.returncode == 1 and "nothing to change" in nothing.stderr
+        # Told here, as a usage error, not by the server.
+        nothing = stella_cli("keys", "update", "cli", "--url", "http://127.0.0.1:1", env=env)
+        assert nothing.returncode == 2 and "nothing to change" in nothing.stderr
+        assert "--models" in nothing.stderr and "--no-expiry" in nothing.stderr
+        for action in ("create", "update"):
+            zero = stella_cli("keys", action, "cli", "--expires-in", "0", *url, env=env)
+            assert zero.returncode == 2, zero.stderr
+            assert "argument --expires-in: must be more than 0" in zero.stderr
         rotated_cli = stella_cli("keys", "rotate", "cli", "--grace", "1h", *url, env=env)
         assert rotated_cli.returncode == 0, rotated_cli.stderr
         second = rotated_cli.stdout.strip()

@@ -68,6 +68,8 @@ class RotateKey(msgspec.Struct, forbid_unknown_fields=True):
     grace_s: Annotated[float, Meta(ge=0, le=MAX_GRACE_S)] = 0.0
 
 
+# As the schema shows it: `{}` changes nothing, and is refused (400).
+UpdateKeyBody = Annotated[UpdateKey, Meta(extra_json_schema={"minProperties": 1})]
 _update = msgspec.json.Decoder(UpdateKey)
 _rotate = msgspec.json.Decoder(RotateKey)
 
@@ -193,7 +195,7 @@ document(
         "Change a runtime API key's models, admin flag, limits, budget or expiry; its secret "
         "stays (admin)",
         tag="admin",
-        request=UpdateKey,
+        request=UpdateKeyBody,
         response=KeyInfo,
         admin=True,
         params=("name",),
