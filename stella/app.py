@@ -103,6 +103,10 @@ class Services:
         # The backends' health as /v1/health last probed it (monotonic time, results).
         self.health: tuple[float, dict[str, Any]] | None = None
         self.health_lock = asyncio.Lock()
+        # Key changes of this process, one at a time: each moves the one version the
+        # others check, so those made at once here would only make each other try again
+        # (see api.keys.KEY_CHANGE_TRIES); and each is applied in the order written.
+        self.key_changes = asyncio.Lock()
         self.pipeline.listeners.append(usage_listener(self.state))
         self.metrics: Any = None
         self.on_reject: list[Callable[[StellaError, str], None]] = []

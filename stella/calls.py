@@ -200,6 +200,13 @@ class Admission:
         asked without a wait when a balanced route picks one of its backends)."""
         return True
 
+    def key_buckets(self, name: str) -> tuple[str, ...]:
+        """The rate-limit and quota buckets of key `name` (none without limits)."""
+        return ()
+
+    def forget(self, buckets: Sequence[str]) -> None:
+        """Drop what this process holds of these buckets (see key_buckets)."""
+
     async def admit_fallback(
         self,
         route: Route,

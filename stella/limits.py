@@ -88,6 +88,11 @@ class BucketStore(Protocol):
         """Drop the daily buckets this process holds of days other than `kept`."""
         ...
 
+    def forget(self, keys: Sequence[str]) -> None:
+        """Drop what this process holds of these buckets (a shared store's own copies
+        go with the key change that names them: KeyChange.forget)."""
+        ...
+
 
 class SlotStore(Protocol):
     """Where concurrency slots are held."""
@@ -171,6 +176,11 @@ class MemoryBuckets:
         levels = self._levels
         for key in [k for k in levels if k.startswith(DAILY) and not k.endswith(kept)]:
             del levels[key]
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """Drop these buckets: each is full when next checked."""
+        for key in keys:
+            self._levels.pop(key, None)
 
 
 def refill_s(tokens: float, per_s: float) -> float:
@@ -317,6 +327,19 @@ class Limiter(Admission):
             self._today = (starts, ends, suffix)
             self.buckets.forget_days(kept)
         return suffix, ends - now
+
+    def key_buckets(self, name: str) -> tuple[str, ...]:
+        """Key `name`'s buckets, as _plan names them: per minute, and the daily ones of
+        yesterday, today and tomorrow (a call admitted before midnight settles into
+        yesterday's; another replica's estimate of the store's clock may be past it)."""
+        now = self._state.wall() if self._state is not None else time.time()
+        days = [time.strftime(":%Y-%m-%d", time.gmtime(now + d * DAY_S)) for d in (-1, 0, 1)]
+        daily = [f"{kind}key:{name}{day}" for kind in DAILY for day in days]
+        return (f"rpm:key:{name}", f"tpm:key:{name}", *daily)
+
+    def forget(self, buckets: Sequence[str]) -> None:
+        """Drop what this process holds of these buckets."""
+        self.buckets.forget(buckets)
 
     def _plan(self, p: Principal | None, route: Route, backend_slot: bool = True) -> _Plan:
         """The buckets and slots that apply to a key on a route (built once per pair);

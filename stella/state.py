@@ -59,14 +59,16 @@ class StoredKeys(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class KeyChange:
     """A key change as a store writes it: digests revoked (digest -> the name revoked
-    under), stored entries removed (by name), when (UTC ISO 8601; "" unknown), and
-    stored entries replaced (name -> spec: an update, a rotation), their time of making
-    kept."""
+    under), stored entries removed (by name), when (UTC ISO 8601; "" unknown), stored
+    entries replaced (name -> spec: an update, a rotation), their time of making kept,
+    and limit buckets cleared with it (a purge's: the limiter's bucket names, which a
+    store that keeps buckets drops; see Admission.key_buckets)."""
 
     revoke: dict[str, str]
     remove: tuple[str, ...] = ()
     at: str = ""
     put: dict[str, dict[str, Any]] = field(default_factory=dict)
+    forget: tuple[str, ...] = ()
 
 
 class StateStore(Protocol):

@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, cast
 
 import msgspec
@@ -188,7 +188,7 @@ return 1
 # JSON specs), KEYS[3] the default model, KEYS[4] the routing epoch, KEYS[5] the runtime
 # keys (a hash of JSON specs), KEYS[6] the revocations (digest -> name), KEYS[7] when
 # each runtime key was made (name -> UTC ISO 8601), KEYS[8] when each revocation was
-# (digest -> UTC ISO 8601); ARGV[1] the
+# (digest -> UTC ISO 8601), and for "key_change" the buckets it clears; ARGV[1] the
 # deadline (Redis's clock), ARGV[2] a new epoch (random, one per change), ARGV[3]
 # the change, ARGV[4] the route's name, then:
 #   "default" ARGV[5] "1" when the route is a runtime one (then it must be stored still)
@@ -278,6 +278,11 @@ elseif op == 'key_change' then
     redis.call('HDEL', KEYS[5], ARGV[i])
     redis.call('HDEL', KEYS[7], ARGV[i])
   end
+  -- KEYS[9..]: limit buckets cleared with it (a purge's: its name is free, its
+  -- buckets full again).
+  for i = 9, #KEYS do
+    redis.call('DEL', KEYS[i])
+  end
 else
   return redis.error_reply('unknown change ' .. op)
 end
@@ -348,10 +353,12 @@ def _routes(raw: dict[bytes, bytes]) -> dict[str, Any]:
 
 # At shutdown, the longest wait for the flusher's round trip in progress to end.
 FLUSHER_STOP_S = 2.0
-# Redis's clock is read by the flusher every this many ticks (0.1 s each): clocks drift
-# slowly. A reading whose round trip took longer than CLOCK_READ_MAX_S is not used.
+# Redis's clock is read at start-up, then by the flusher every this many ticks (0.1 s
+# each): clocks drift slowly. A reading whose round trip took longer than
+# CLOCK_READ_MAX_S is not used; start-up tries CLOCK_START_TRIES readings at most.
 CLOCK_TICKS = 100
 CLOCK_READ_MAX_S = 0.1
+CLOCK_START_TRIES = 3
 
 
 class RedisState:
@@ -451,9 +458,27 @@ class RedisState:
             self.down_since = None
 
     async def start(self) -> None:
-        """Begin flushing usage counters; a Redis that is down now is tolerated."""
+        """Begin flushing usage counters, Redis's clock read first; a Redis that is down
+        now is tolerated."""
         self._flusher = asyncio.create_task(self._flush_loop())
-        await self.ping()
+        if await self.ping():
+            await self._first_clock()
+
+    async def _first_clock(self) -> None:
+        """Read Redis's clock before anything is compared with it: the stored keys'
+        expiries are applied right after start-up, and a replica whose clock is off
+        would otherwise refuse a valid key (or take an expired one) until the
+        flusher's first tick. Bounded: a slow Redis leaves it to the flusher."""
+        for _ in range(CLOCK_START_TRIES):
+            try:
+                # A reading slower than this would not be used anyway.
+                if await asyncio.wait_for(self._read_clock(), CLOCK_READ_MAX_S):
+                    return
+            except TimeoutError:
+                continue
+            except (RedisError, OSError) as exc:
+                self._failed(exc)
+                return
 
     async def aclose(self) -> None:
         """Flush what is counted and disconnect."""
@@ -531,7 +556,9 @@ class RedisState:
         """Persist the default model; a `runtime` route must be stored still."""
         await self._write("default", name, "1" if runtime else "0")
 
-    async def _write(self, op: str, name: str, *args: str | bytes) -> int:
+    async def _write(
+        self, op: str, name: str, *args: str | bytes, buckets: tuple[str, ...] = ()
+    ) -> int:
         """One routing change and a bump of the routing version, atomically: the other
         replicas poll the version (see `routing`) and reload when it moves.
 
@@ -543,6 +570,7 @@ class RedisState:
         route was removed), as the router refuses one that conflicts with its table.
         Returns 1, or 2 for a save that replaced a route stored under its name, or 3 for
         a key change that found the keys changed since they were read (not written).
+        `buckets`: the limit buckets a key change clears (limiter names).
         """
         keys = [
             self._key("routing_version"),
@@ -553,6 +581,7 @@ class RedisState:
             self._key("revoked"),
             self._key("keys_created"),
             self._key("revoked_at"),
+            *(self._key("rl", bucket) for bucket in buckets),
         ]
         epoch = secrets.token_hex(8)  # this change's epoch
         try:
@@ -674,7 +703,8 @@ class RedisState:
             args += [digest, name]
         for name, spec in change.put.items():
             args += [name, msgspec.json.encode(spec)]
-        return await self._write("key_change", "", *args, *change.remove) != 3
+        done = await self._write("key_change", "", *args, *change.remove, buckets=change.forget)
+        return done != 3
 
     # --- usage ---------------------------------------------------------------------
 
@@ -694,13 +724,16 @@ class RedisState:
         # whose clocks disagree near midnight still file one instant under one day.
         return time.time() + self.clock_offset
 
-    async def _read_clock(self) -> None:
-        """Measure how far Redis's clock is from this process's: one TIME."""
+    async def _read_clock(self) -> bool:
+        """Measure how far Redis's clock is from this process's: one TIME; whether the
+        reading was used."""
         before = time.time()
         sec, usec = await self.redis.time()
         after = time.time()
-        if after - before <= CLOCK_READ_MAX_S:  # a slow answer says little about when
-            self.clock_offset = sec + usec / 1e6 - (before + after) / 2
+        if after - before > CLOCK_READ_MAX_S:  # a slow answer says little about when
+            return False
+        self.clock_offset = sec + usec / 1e6 - (before + after) / 2
+        return True
 
     async def _flush_loop(self) -> None:
         while not self._closing:
@@ -1116,6 +1149,17 @@ class RedisBuckets:
     def forget_days(self, kept: tuple[str, ...]) -> None:
         """Drop the stand-in's daily buckets of other days (Redis expires its own)."""
         self.state.local.forget_days(kept)
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """Drop what this process holds of these buckets (Redis's copies went with the
+        key change that named them): leases, settlements not sent, the stand-in's."""
+        st = self.state
+        for key in keys:
+            # A lease's tokens came from the bucket that is gone: not owed to the new one.
+            self._leases.pop(key, None)
+            self._demand.pop(key, None)
+            st._gives.pop(st._key("rl", key), None)
+        st.local.forget(keys)
 
     def give(
         self, key: str, capacity: float, per_s: float, amount: float, local: bool = False

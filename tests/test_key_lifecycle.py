@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import itertools
 import re
 import time
 from typing import Any
@@ -304,6 +305,9 @@ def test_a_rotation_without_grace_refuses_the_old_key_at_once() -> None:
     assert body["required"] is False
     update = spec.json()["paths"]["/api/v1/keys/{name}"]["patch"]["requestBody"]
     assert update["required"] is True
+    # And that an update's body names one field at least (`{}` is a 400).
+    schema = update["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/UpdateKey", "minProperties": 1}
 
 
 def test_a_rotation_s_grace_ends_and_a_revocation_or_another_rotation_ends_it_sooner() -> None:
@@ -332,6 +336,51 @@ def test_a_rotation_s_grace_ends_and_a_revocation_or_another_rotation_ends_it_so
     assert gone.status_code == 200
     assert chat(app, a.json()["key"]).status_code == 401
     assert chat(app, b.json()["key"]).status_code == 401
+
+
+def test_a_grace_that_ended_leaves_the_entry_at_its_next_write() -> None:
+    # An entry with a rotation's grace is one an older replica skips: once the grace is
+    # over, the next write stores the key as that replica reads it.
+    app = app_for(KEYS)
+    store = app.state.stella.state
+    old = made(app, {"name": "ci", "models": ["echo"]})
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/keys/ci/rotate", ROOT, {"grace_s": 0.3})))
+    new = r.json()["key"]
+    assert {"previous", "previous_until"} <= set(store.keys["ci"])
+    poll(lambda: chat(app, old).status_code == 401, 5)
+    (r,) = asyncio.run(calls(app, ("PATCH", "/api/v1/keys/ci", ROOT, {"admin": False})))
+    assert r.status_code == 200, r.text
+    assert set(store.keys["ci"]) == {
+        "sha256",
+        "models",
+        "admin",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "max_concurrent",
+        "requests_per_day",
+        "tokens_per_day",
+    }
+    assert chat(app, new).status_code == 200 and chat(app, old).status_code == 401
+    # One still in its grace is kept by a PATCH.
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/keys/ci/rotate", ROOT, {"grace_s": 600})))
+    newer = r.json()["key"]
+    (r,) = asyncio.run(calls(app, ("PATCH", "/api/v1/keys/ci", ROOT, {"admin": False})))
+    assert r.json()["grace_until"] and store.keys["ci"]["previous"] == sha(new)
+    assert chat(app, new).status_code == 200 and chat(app, newer).status_code == 200
+
+
+def test_a_grace_too_short_to_outlast_its_write_is_none() -> None:
+    app = app_for(KEYS)
+    store = app.state.stella.state
+    old = made(app, {"name": "ci"})
+    (r,) = asyncio.run(calls(app, ("POST", "/api/v1/keys/ci/rotate", ROOT, {"grace_s": 1e-320})))
+    assert r.status_code == 201, r.text
+    assert "grace_until" not in r.json()
+    # As a rotation without grace: the old secret revoked, the entry as before.
+    assert "previous" not in store.keys["ci"] and "previous_until" not in store.keys["ci"]
+    assert store.revoked[sha(old)] == "ci"
+    assert chat(app, old).json()["error"]["message"] == "invalid API key"
+    assert chat(app, r.json()["key"]).status_code == 200
 
 
 def test_a_purge_frees_the_name_and_the_old_key_stays_refused() -> None:
@@ -388,6 +437,66 @@ def test_a_purge_frees_the_name_and_the_old_key_stays_refused() -> None:
         for k in asyncio.run(calls(app, ("GET", "/api/v1/keys", ROOT, None)))[0].json()["keys"]
     ]
     assert names == ["root", "bob", "ci"]
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_name_purged_and_made_again_starts_with_full_limits(
+    request: pytest.FixtureRequest, store: str
+) -> None:
+    import redis as redis_py
+
+    # Buckets go by name: the new key must not inherit the old one's day, nor its minute.
+    config = KEYS
+    if store == "redis":
+        url = request.getfixturevalue("redis").url
+        config = merge(KEYS, {"state": {"redis_url": url}})
+    app = app_for(config)
+    svc = app.state.stella
+    limits = {
+        "models": ["echo"],
+        "requests_per_minute": 2,
+        "tokens_per_minute": 100_000,
+        "requests_per_day": 2,
+        "tokens_per_day": 100_000,
+        "usd_per_day": 5.0,
+    }
+
+    def held() -> list[str]:
+        """The bucket names of key ci that the store holds."""
+        if store == "memory":
+            return [k for k in svc.admission.buckets._levels if ":key:ci" in k]
+        client = redis_py.Redis.from_url(url)
+        try:
+            return sorted(k.decode() for k in client.scan_iter("stella:rl:*:key:ci*"))
+        finally:
+            client.close()
+
+    async def run() -> tuple[list[httpx.Response], list[str], list[httpx.Response]]:
+        async with app.router.lifespan_context(app):
+            (r,) = await calls(app, ("POST", "/api/v1/keys", ROOT, {"name": "ci", **limits}))
+            old = r.json()["key"]
+            used = await calls(app, *[("POST", "/api/v1/chat", old, CHAT)] * 3)
+            # Every bucket by name: the minute's, the day's requests, tokens and budget.
+            assert len(held()) == 5, held()
+            (purged,) = await calls(app, ("DELETE", "/api/v1/keys/ci?purge=true", ROOT, None))
+            assert purged.status_code == 200, purged.text
+            left = held()
+            (r,) = await calls(app, ("POST", "/api/v1/keys", ROOT, {"name": "ci", **limits}))
+            new = r.json()["key"]
+            again = await calls(
+                app,
+                *[("POST", "/api/v1/chat", new, CHAT)] * 2,
+                ("GET", "/api/v1/usage", ROOT, None),
+            )
+            return used, left, again
+
+    used, left, again = asyncio.run(run())
+    assert [r.status_code for r in used] == [200, 200, 429]
+    assert [r.status_code for r in again[:2]] == [200, 200], again[0].text
+    assert left == []
+    # The usage rows are history: the old key's stay, and the new one adds to them.
+    (row,) = [r for r in again[2].json()["usage"] if r["key"] == "ci"]
+    assert row["requests"] == 4
 
 
 def test_two_replicas_share_expiry_updates_rotations_and_purges(
@@ -486,6 +595,105 @@ def test_two_replicas_share_expiry_updates_rotations_and_purges(
         client.close()
 
 
+@pytest.mark.parametrize("skew", [3600.0, -3600.0])
+def test_a_replica_whose_clock_is_off_reads_expiries_on_redis_s_from_its_first_call(
+    redis: Redis,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    skew: float,
+) -> None:
+    import types
+
+    import redis as redis_py
+
+    from stella import state_redis
+
+    live, gone = "sk-clock-live-000011", "sk-clock-gone-000022"
+    client = redis_py.Redis.from_url(redis.url)
+    try:
+        sec, usec = client.time()
+        now = sec + usec / 1e6
+        # On Redis's clock, as every replica wrote them: one works half an hour more, the
+        # other stopped half an hour ago.
+        for name, key, at in (("live", live, now + 1800), ("gone", gone, now - 1800)):
+            spec = {"sha256": sha(key), "models": ["echo"], "expires_at": at}
+            client.hset("stella:keys", name, msgspec.json.encode(spec))
+    finally:
+        client.close()
+    # This replica's clock is an hour off Redis's.
+    real = time.time
+    off = types.SimpleNamespace(**{n: getattr(time, n) for n in dir(time) if n[0] != "_"})
+    off.time = lambda: real() + skew
+    monkeypatch.setattr(state_redis, "time", off)
+    app = app_for(merge(KEYS, {"state": {"redis_url": redis.url}}))
+
+    async def first_calls() -> list[httpx.Response]:
+        async with app.router.lifespan_context(app):
+            # Right after start-up, before the flusher's first tick.
+            return await calls(
+                app, ("POST", "/api/v1/chat", live, CHAT), ("POST", "/api/v1/chat", gone, CHAT)
+            )
+
+    on_live, on_gone = asyncio.run(first_calls())
+    assert on_live.status_code == 200, on_live.text
+    assert on_gone.status_code == 401 and "expired" in on_gone.json()["error"]["message"]
+
+
+def test_concurrent_changes_of_unrelated_keys_on_two_replicas_all_land(
+    redis: Redis,  # noqa: F811
+) -> None:
+    # Every key change moves the one version: changes that meet are tried again, after
+    # a pause that keeps them from meeting again at each try.
+    cfg = merge(KEYS, {"state": {"redis_url": redis.url}})
+    a, b = app_for(cfg), app_for(cfg)
+    names = [f"k{i}" for i in range(40)]
+
+    async def run() -> list[httpx.Response]:
+        async with a.router.lifespan_context(a), b.router.lifespan_context(b):
+            for name in names:
+                await calls(a, ("POST", "/api/v1/keys", ROOT, {"name": name}))
+            return await asyncio.gather(
+                *(
+                    calls(
+                        (a, b)[i % 2],
+                        ("PATCH", f"/api/v1/keys/{name}", ROOT, {"requests_per_minute": 7}),
+                    )
+                    for i, name in enumerate(names)
+                )
+            )
+
+    answers = [r for (r,) in asyncio.run(run())]
+    assert [r.status_code for r in answers] == [200] * len(names), [
+        r.text for r in answers if r.status_code != 200
+    ][:1]
+
+
+def test_a_key_change_that_keeps_meeting_others_is_503_after_its_paused_tries() -> None:
+    from stella.api import keys
+
+    app = app_for(KEYS)
+    store = app.state.stella.state
+    made(app, {"name": "ci"})
+    real = store.change_keys
+    tries = []
+
+    async def meanwhile(change: Any, seen: Any) -> bool:
+        tries.append(time.monotonic())
+        store.keys_version += 1  # another replica's change, between the read and the write
+        return bool(await real(change, seen))
+
+    store.change_keys = meanwhile
+    patch = {"requests_per_minute": 7}
+    (r,) = asyncio.run(calls(app, ("PATCH", "/api/v1/keys/ci", ROOT, patch)))
+    assert r.status_code == 503 and "kept changing" in r.json()["error"]["message"]
+    assert len(tries) == keys.KEY_CHANGE_TRIES
+    # Each try after a pause, growing, within its bounds.
+    pauses = [b - a for a, b in itertools.pairwise(tries)]
+    for i, pause in enumerate(pauses, 1):
+        longest = min(keys.KEY_CHANGE_PAUSE_S * 2 ** (i - 1), keys.KEY_CHANGE_PAUSE_MAX_S)
+        assert longest / 2 <= pause < longest + 0.5, (i, pauses)
+    assert store.keys["ci"]["requests_per_minute"] == 0  # nothing written
+
+
 def test_a_stale_key_change_is_not_written(redis: Redis) -> None:  # noqa: F811
     from stella.settings import StateSettings
     from stella.state import KeyChange, MemoryState
@@ -525,7 +733,8 @@ def test_the_duration_options_take_units() -> None:
         2592000,
         5400,
     ]
-    for bad in ("", "1w", "-5m", "d", "5 d d"):
+    # Other scripts' digits too, which float() would take ("١٢" is 12).
+    for bad in ("", "1w", "-5m", "d", "5 d d", "\u0661\u0662", "\u0661\u0662m", "\uff15s"):
         with pytest.raises(argparse.ArgumentTypeError):
             _duration(bad)
 
@@ -595,8 +804,14 @@ def test_the_clients_and_the_cli_manage_a_key_s_life() -> None:
         with Client(s.url, api_key=ROOT) as c:
             (k,) = [k for k in c.list_keys().keys if k.name == "cli"]
         assert (k.models, k.requests_per_minute, k.expires_at) == (["echo"], 4, "")
-        nothing = stella_cli("keys", "update", "cli", *url, env=env)
-        assert nothing.returncode == 1 and "nothing to change" in nothing.stderr
+        # Told here, as a usage error, not by the server.
+        nothing = stella_cli("keys", "update", "cli", "--url", "http://127.0.0.1:1", env=env)
+        assert nothing.returncode == 2 and "nothing to change" in nothing.stderr
+        assert "--models" in nothing.stderr and "--no-expiry" in nothing.stderr
+        for action in ("create", "update"):
+            zero = stella_cli("keys", action, "cli", "--expires-in", "0", *url, env=env)
+            assert zero.returncode == 2, zero.stderr
+            assert "argument --expires-in: must be more than 0" in zero.stderr
         rotated_cli = stella_cli("keys", "rotate", "cli", "--grace", "1h", *url, env=env)
         assert rotated_cli.returncode == 0, rotated_cli.stderr
         second = rotated_cli.stdout.strip()

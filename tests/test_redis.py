@@ -1041,7 +1041,7 @@ async def test_usage_days_are_named_on_redis_s_clock(
     record({"key": "k", "model": "m", "prompt_tokens": 1, "status": 200})
     await st.start()
     try:
-        # The flusher reads Redis's clock on its first tick: a day behind this one's.
+        # start() reads Redis's clock (the flusher again later): a day behind this one's.
         deadline = time.monotonic() + 10
         while abs(st.clock_offset + 86_400) > 60:
             assert time.monotonic() < deadline, st.clock_offset

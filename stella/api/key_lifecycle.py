@@ -27,6 +27,7 @@ from stella.api.keys import (
     _shared_keys,
     check_models,
     kept_changing,
+    pause_before,
 )
 from stella.api.native import admin_event
 from stella.api.openapi import Operation, document
@@ -67,6 +68,8 @@ class RotateKey(msgspec.Struct, forbid_unknown_fields=True):
     grace_s: Annotated[float, Meta(ge=0, le=MAX_GRACE_S)] = 0.0
 
 
+# As the schema shows it: `{}` changes nothing, and is refused (400).
+UpdateKeyBody = Annotated[UpdateKey, Meta(extra_json_schema={"minProperties": 1})]
 _update = msgspec.json.Decoder(UpdateKey)
 _rotate = msgspec.json.Decoder(RotateKey)
 
@@ -79,16 +82,18 @@ async def _change(
     then apply it here. Returns the keys read, the change, the key and when (the
     store's clock)."""
     auth = svc.auth
-    for _ in range(KEY_CHANGE_TRIES):
-        stored = await _read_to_change(svc)
-        now = svc.state.wall()
-        change, key = plan(stored, now)
-        if await svc.state.change_keys(change, stored.version):
-            break
-    else:
-        raise kept_changing()
-    auth.apply_stored({**stored.keys, **change.put}, {**stored.revoked, **change.revoke})
-    auth.local_changes += 1  # a follower's read from before this write is stale now
+    async with svc.key_changes:
+        for attempt in range(KEY_CHANGE_TRIES):
+            await pause_before(attempt)
+            stored = await _read_to_change(svc)
+            now = svc.state.wall()
+            change, key = plan(stored, now)
+            if await svc.state.change_keys(change, stored.version):
+                break
+        else:
+            raise kept_changing()
+        auth.apply_stored({**stored.keys, **change.put}, {**stored.revoked, **change.revoke})
+        auth.local_changes += 1  # a follower's read from before this write is stale now
     return stored, change, key, now
 
 
@@ -122,6 +127,10 @@ async def update_key(request: Request, call: Call) -> Response:
         def plan(stored: StoredKeys, now: float) -> tuple[KeyChange, StoredKey]:
             k = key_plans.runtime_key(svc.auth, name, stored, shown)
             new = msgspec.structs.replace(k, **fields)
+            if k.previous and k.previous_until <= now:
+                # A grace that has ended: the entry is written as an older replica (one
+                # without rotations) reads it, as it was before the rotation.
+                new = msgspec.structs.replace(new, previous="", previous_until=0.0)
             if life is not UNSET:
                 new = msgspec.structs.replace(new, expires_at=now + life if life else 0.0)
             key_plans.keep_an_admin(svc.auth, stored, shown, k, new)
@@ -156,9 +165,13 @@ async def rotate_key(request: Request, call: Call) -> Response:
             # One old secret at a time: one still in its grace from an earlier rotation
             # stops now.
             revoke = {k.previous: name} if k.previous and k.previous not in stored.revoked else {}
-            if grace:
+            # A grace that ends before the write can land (one under the clock's
+            # resolution, as 1e-320, adds nothing to `now`) is none: stored, it would
+            # keep an old secret already expired, in an entry an older replica skips.
+            until = now + grace
+            if until > now:
                 new = msgspec.structs.replace(
-                    k, sha256=hash_key(key), previous=k.sha256, previous_until=now + grace
+                    k, sha256=hash_key(key), previous=k.sha256, previous_until=until
                 )
             else:
                 revoke[k.sha256] = name
@@ -182,7 +195,7 @@ document(
         "Change a runtime API key's models, admin flag, limits, budget or expiry; its secret "
         "stays (admin)",
         tag="admin",
-        request=UpdateKey,
+        request=UpdateKeyBody,
         response=KeyInfo,
         admin=True,
         params=("name",),

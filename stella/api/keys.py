@@ -8,7 +8,9 @@ version move (see app._follow_routing), so `authenticate` stays a dict lookup.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import random
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
@@ -46,9 +48,14 @@ if TYPE_CHECKING:  # stella.app imports this module
 KeyName = Annotated[str, Meta(pattern=f"^{KEY_NAME_PATTERN}$")]
 # The most model patterns a runtime key may list, and the longest pattern.
 MAX_KEY_MODELS = 64
-# How often a revocation is planned again when the keys changed between its read and
-# its write (another replica's change); each try is two round trips.
-KEY_CHANGE_TRIES = 5
+# How often a key change is planned again when the keys changed between its read and
+# its write (another replica's change, of any key); each try is two round trips.
+KEY_CHANGE_TRIES = 8
+# Before each try but the first, a pause of up to KEY_CHANGE_PAUSE_S, doubled at each
+# try up to KEY_CHANGE_PAUSE_MAX_S, jittered: changes that met at once (of unrelated
+# keys: every change moves the one version) would meet again, tried again at once.
+KEY_CHANGE_PAUSE_S = 0.005
+KEY_CHANGE_PAUSE_MAX_S = 0.05
 ModelPattern = Annotated[str, Meta(min_length=1, max_length=256)]
 # A runtime key's life: at most ten years, set as seconds from now (the store's clock).
 MAX_EXPIRES_IN_S = 10 * 365 * 86400
@@ -149,6 +156,13 @@ async def _read_to_change(svc: Services) -> StoredKeys:
         ) from None
 
 
+async def pause_before(attempt: int) -> None:
+    """Wait before try `attempt` (from 0) of a key change: not before the first."""
+    if attempt:
+        longest = min(KEY_CHANGE_PAUSE_S * 2 ** (attempt - 1), KEY_CHANGE_PAUSE_MAX_S)
+        await asyncio.sleep(random.uniform(longest / 2, longest))
+
+
 def kept_changing() -> Unavailable:
     """The 503 for a change whose every try found the keys changed since they were read."""
     return Unavailable("the keys kept changing meanwhile; try again", retry_after=1)
@@ -178,17 +192,19 @@ async def revoke_key(request: Request, call: Call) -> Response:
         # Planned on the store's keys (a runtime key another replica made may not be
         # here yet) and written only if they are still as read: two revocations at once
         # on two replicas can't each take one of the last two admin keys.
-        for _ in range(KEY_CHANGE_TRIES):
-            stored = await _read_to_change(svc)
-            plan = auth.revocation(name, stored, shown)
-            change = dataclasses.replace(plan.change, at=utc_stamp(svc.state.wall()))
-            if await svc.state.change_keys(change, stored.version):
-                break
-        else:
-            raise kept_changing()
-        keys = {n: spec for n, spec in stored.keys.items() if n not in plan.change.remove}
-        auth.apply_stored(keys, {**stored.revoked, **plan.change.revoke})
-        auth.local_changes += 1  # a follower's read from before this write is stale now
+        async with svc.key_changes:
+            for attempt in range(KEY_CHANGE_TRIES):
+                await pause_before(attempt)
+                stored = await _read_to_change(svc)
+                plan = auth.revocation(name, stored, shown)
+                change = dataclasses.replace(plan.change, at=utc_stamp(svc.state.wall()))
+                if await svc.state.change_keys(change, stored.version):
+                    break
+            else:
+                raise kept_changing()
+            keys = {n: spec for n, spec in stored.keys.items() if n not in plan.change.remove}
+            auth.apply_stored(keys, {**stored.revoked, **plan.change.revoke})
+            auth.local_changes += 1  # a follower's read from before this write is stale now
         source = plan.sources[0]
         logged["source"], logged["sources"] = source, plan.sources
     details = []
@@ -216,21 +232,28 @@ async def revoke_key(request: Request, call: Call) -> Response:
 
 async def _purge(svc: Services, name: str, shown: str, call: Call) -> Response:
     """DELETE /api/v1/keys/{name}?purge=true: drop a runtime key's stored entry, revoking
-    it first if it was not, so that its name may be used again."""
+    it first if it was not, so that its name may be used again: its limit buckets go
+    with it (a new key of the name starts with a full day's quota, not the old key's
+    rest); its usage rows stay."""
     auth = svc.auth
     with admin_event("purge", shown, call, "key_change", source="runtime") as logged:
         _shared_keys(svc)
-        for _ in range(KEY_CHANGE_TRIES):
-            stored = await _read_to_change(svc)
-            plan = key_plans.purge(auth, name, stored, shown)
-            change = dataclasses.replace(plan.change, at=utc_stamp(svc.state.wall()))
-            if await svc.state.change_keys(change, stored.version):
-                break
-        else:
-            raise kept_changing()
-        keys = {n: spec for n, spec in stored.keys.items() if n != name}
-        auth.apply_stored(keys, {**stored.revoked, **plan.change.revoke})
-        auth.local_changes += 1
+        async with svc.key_changes:
+            for attempt in range(KEY_CHANGE_TRIES):
+                await pause_before(attempt)
+                stored = await _read_to_change(svc)
+                plan = key_plans.purge(auth, name, stored, shown)
+                buckets = svc.admission.key_buckets(name)
+                at = utc_stamp(svc.state.wall())
+                change = dataclasses.replace(plan.change, at=at, forget=buckets)
+                if await svc.state.change_keys(change, stored.version):
+                    break
+            else:
+                raise kept_changing()
+            keys = {n: spec for n, spec in stored.keys.items() if n != name}
+            auth.apply_stored(keys, {**stored.revoked, **plan.change.revoke})
+            auth.local_changes += 1
+            svc.admission.forget(buckets)
         logged["revoked"] = plan.revoked
     detail = "revoked, and its entry dropped" if plan.revoked else "its entry dropped"
     if plan.unreadable:
@@ -349,7 +372,9 @@ document(
         tag="admin",
         description=(
             "With purge=true, a runtime key's stored entry is dropped too (revoked first "
-            "if it was not), so that its name may be used again; its secrets stay refused."
+            "if it was not), so that its name may be used again, with its limit buckets "
+            "(a new key of the name starts with full limits); its secrets stay refused, "
+            "its usage rows stay."
         ),
         response=KeyRevoked,
         admin=True,

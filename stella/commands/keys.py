@@ -29,7 +29,8 @@ HELP = (
 )
 # A duration's units (--expires-in 30d, --grace 1h); a bare number is seconds.
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+# ASCII digits only: float() takes other scripts' digits too ("١٢"), a typo's likely.
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)", re.ASCII)
 # A server answers a key change within Redis's timeout: a wait longer than this is a
 # server that will not answer.
 KEYS_TIMEOUT_S = 30.0
@@ -44,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         _key_options(p)
     create.add_argument(
         "--expires-in",
-        type=_duration,
+        type=_life,
         default=None,
         metavar="DURATION",
         help="it stops working this long from now: 90s, 15m, 12h, 30d (default: never)",
@@ -140,7 +141,7 @@ def _update_options(update: argparse.ArgumentParser) -> None:
     expiry = update.add_mutually_exclusive_group()
     expiry.add_argument(
         "--expires-in",
-        type=_duration,
+        type=_life,
         default=None,
         metavar="DURATION",
         help="it stops working this long from now: 90s, 15m, 12h, 30d",
@@ -156,6 +157,14 @@ def _duration(text: str) -> float:
             f"not a duration: {text!r} (a number and s, m, h or d: 90s, 15m, 12h, 30d)"
         )
     return float(m.group(1)) * UNITS[m.group(2) or "s"]
+
+
+def _life(text: str) -> float:
+    """A key's life (--expires-in): a duration more than 0, for argparse."""
+    value = _duration(text)
+    if value <= 0:  # the server's rule, said here as a usage error naming the option
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text!r}")
+    return value
 
 
 def _count(text: str) -> int:
@@ -192,6 +201,13 @@ def run(args: argparse.Namespace) -> int:
     """Print the key once (it is not stored anywhere) and the lines to configure it."""
     from stella.auth import KEY_NAME_RULE, hash_key, is_key_name, new_key
 
+    if args.action == "update" and not _changes(args):
+        flags = "--models, --no-models, --admin, --no-admin, --rpm, --tpm, --concurrent, "
+        flags += "--rpd, --tpd, --usd, --expires-in, --no-expiry"
+        print(
+            f"stella: keys update: nothing to change: give one or more of {flags}", file=sys.stderr
+        )
+        return 2
     if args.action in ("create", "list", "update", "rotate", "revoke"):
         return _on_server(args)
     if args.action == "hash":
@@ -238,6 +254,12 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"usd_per_day = {usd_decimal(args.usd)}")
     print("\n".join(lines))
     return 0
+
+
+def _changes(args: argparse.Namespace) -> bool:
+    """Whether `keys update` was given anything to change."""
+    given = (args.models, args.admin, args.rpm, args.tpm, args.concurrent, args.rpd, args.tpd)
+    return any(v is not None for v in (*given, args.usd, args.expires_in)) or args.no_expiry
 
 
 def _on_server(args: argparse.Namespace) -> int:
