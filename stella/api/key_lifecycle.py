@@ -7,7 +7,7 @@ next see the routing version move.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
@@ -18,16 +18,13 @@ from starlette.routing import Route
 from stella import key_plans
 from stella.api.http import NO_STORE, JSONResponse, decode, endpoint, read_body, services, shown_cut
 from stella.api.keys import (
-    KEY_CHANGE_TRIES,
     MAX_KEY_MODELS,
     ExpiresIn,
     ModelPattern,
     _info,
-    _read_to_change,
     _shared_keys,
     check_models,
-    kept_changing,
-    pause_before,
+    write_key_change,
 )
 from stella.api.native import admin_event
 from stella.api.openapi import Operation, document
@@ -74,29 +71,6 @@ _update = msgspec.json.Decoder(UpdateKey)
 _rotate = msgspec.json.Decoder(RotateKey)
 
 
-async def _change(
-    svc: Services, plan: Any, name: str
-) -> tuple[StoredKeys, KeyChange, StoredKey, float]:
-    """Plan a change of runtime key `name` on the store's keys (`plan(stored, now)` gives
-    the change and the key as it will be) and write it while they are still as read;
-    then apply it here. Returns the keys read, the change, the key and when (the
-    store's clock)."""
-    auth = svc.auth
-    async with svc.key_changes:
-        for attempt in range(KEY_CHANGE_TRIES):
-            await pause_before(attempt)
-            stored = await _read_to_change(svc)
-            now = svc.state.wall()
-            change, key = plan(stored, now)
-            if await svc.state.change_keys(change, stored.version):
-                break
-        else:
-            raise kept_changing()
-        auth.apply_stored({**stored.keys, **change.put}, {**stored.revoked, **change.revoke})
-        auth.local_changes += 1  # a follower's read from before this write is stale now
-    return stored, change, key, now
-
-
 def _shown(svc: Services, name: str, k: StoredKey, stored: StoredKeys, now: float) -> KeyInfo:
     """Runtime key `name` as the list shows it, once changed into `k`."""
     p = key_principal(name, k, svc.auth.limits)
@@ -136,7 +110,7 @@ async def update_key(request: Request, call: Call) -> Response:
             key_plans.keep_an_admin(svc.auth, stored, shown, k, new)
             return KeyChange({}, put={name: key_spec(new)}), new
 
-        stored, _, k, now = await _change(svc, plan, name)
+        stored, k, now = await write_key_change(svc, plan)
     return JSONResponse(_shown(svc, name, k, stored, now), headers=[NO_STORE])
 
 
@@ -181,7 +155,7 @@ async def rotate_key(request: Request, call: Call) -> Response:
             change = KeyChange(revoke, at=utc_stamp(now), put={name: key_spec(new)})
             return change, new
 
-        stored, _, k, now = await _change(svc, plan, name)
+        stored, k, now = await write_key_change(svc, plan)
     info = _shown(svc, name, k, stored, now)
     # The new key itself, shown this once: no cache may keep it.
     created = KeyCreated(**msgspec.structs.asdict(info), key=key)

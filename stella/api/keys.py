@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from typing import TYPE_CHECKING, Annotated
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -26,6 +27,7 @@ from stella.api.openapi import Operation, document
 from stella.auth import (
     CONFIGURED_HERE,
     KEY_NAME_PATTERN,
+    Revocation,
     StoredKey,
     expired,
     hash_key,
@@ -39,10 +41,13 @@ from stella.core import Call
 from stella.errors import Conflict, InvalidRequest, Unavailable
 from stella.protocol import KeyCreated, KeyInfo, KeyList, KeyRevoked
 from stella.settings import Count, UsdPerDay, upstream_model_problem
-from stella.state import StoredKeys, utc_stamp
+from stella.state import KeyChange, StoredKeys, utc_stamp
 
 if TYPE_CHECKING:  # stella.app imports this module
     from stella.app import Services
+
+# What a key change's plan gives its caller beside the change itself.
+Planned = TypeVar("Planned")
 
 # Up to 64 letters, digits and '_.@-', as a STELLA_API_KEYS name: a URL path names it.
 KeyName = Annotated[str, Meta(pattern=f"^{KEY_NAME_PATTERN}$")]
@@ -156,16 +161,39 @@ async def _read_to_change(svc: Services) -> StoredKeys:
         ) from None
 
 
-async def pause_before(attempt: int) -> None:
+async def _pause_before(attempt: int) -> None:
     """Wait before try `attempt` (from 0) of a key change: not before the first."""
     if attempt:
         longest = min(KEY_CHANGE_PAUSE_S * 2 ** (attempt - 1), KEY_CHANGE_PAUSE_MAX_S)
         await asyncio.sleep(random.uniform(longest / 2, longest))
 
 
-def kept_changing() -> Unavailable:
-    """The 503 for a change whose every try found the keys changed since they were read."""
-    return Unavailable("the keys kept changing meanwhile; try again", retry_after=1)
+async def write_key_change(
+    svc: Services, plan: Callable[[StoredKeys, float], tuple[KeyChange, Planned]]
+) -> tuple[StoredKeys, Planned, float]:
+    """Plan a key change on the store's keys (`plan(stored, now)`, `now` on the store's
+    clock, gives the change and what else its caller needs of it), write it only while
+    they are still as read (two changes at once on two replicas can't each take one of
+    the last two admin keys), then apply it to this process's table. Returns the keys
+    read, the plan's other part and `now`; a 503 when every try found them changed."""
+    auth = svc.auth
+    async with svc.key_changes:
+        for attempt in range(KEY_CHANGE_TRIES):
+            await _pause_before(attempt)
+            stored = await _read_to_change(svc)
+            now = svc.state.wall()
+            change, planned = plan(stored, now)
+            if await svc.state.change_keys(change, stored.version):
+                break
+        else:
+            raise Unavailable("the keys kept changing meanwhile; try again", retry_after=1)
+        # As the store applies it (StateStore.change_keys): removed, then put.
+        keys = {n: spec for n, spec in stored.keys.items() if n not in change.remove}
+        auth.apply_stored({**keys, **change.put}, {**stored.revoked, **change.revoke})
+        auth.local_changes += 1  # a follower's read from before this write is stale now
+        if change.forget:  # a purge's limit buckets: the store dropped its copies
+            svc.admission.forget(change.forget)
+    return stored, planned, now
 
 
 def purge_asked(request: Request) -> bool:
@@ -189,22 +217,14 @@ async def revoke_key(request: Request, call: Call) -> Response:
         return await _purge(svc, name, shown, call)
     with admin_event("revoke", shown, call, "key_change", source=None) as logged:
         _shared_keys(svc)
-        # Planned on the store's keys (a runtime key another replica made may not be
-        # here yet) and written only if they are still as read: two revocations at once
-        # on two replicas can't each take one of the last two admin keys.
-        async with svc.key_changes:
-            for attempt in range(KEY_CHANGE_TRIES):
-                await pause_before(attempt)
-                stored = await _read_to_change(svc)
-                plan = auth.revocation(name, stored, shown)
-                change = dataclasses.replace(plan.change, at=utc_stamp(svc.state.wall()))
-                if await svc.state.change_keys(change, stored.version):
-                    break
-            else:
-                raise kept_changing()
-            keys = {n: spec for n, spec in stored.keys.items() if n not in plan.change.remove}
-            auth.apply_stored(keys, {**stored.revoked, **plan.change.revoke})
-            auth.local_changes += 1  # a follower's read from before this write is stale now
+
+        # Planned on the store's keys: a runtime key another replica made may not be
+        # here yet.
+        def revocation(stored: StoredKeys, now: float) -> tuple[KeyChange, Revocation]:
+            plan = auth.revocation(name, stored, shown)
+            return dataclasses.replace(plan.change, at=utc_stamp(now)), plan
+
+        _, plan, _ = await write_key_change(svc, revocation)
         source = plan.sources[0]
         logged["source"], logged["sources"] = source, plan.sources
     details = []
@@ -238,22 +258,13 @@ async def _purge(svc: Services, name: str, shown: str, call: Call) -> Response:
     auth = svc.auth
     with admin_event("purge", shown, call, "key_change", source="runtime") as logged:
         _shared_keys(svc)
-        async with svc.key_changes:
-            for attempt in range(KEY_CHANGE_TRIES):
-                await pause_before(attempt)
-                stored = await _read_to_change(svc)
-                plan = key_plans.purge(auth, name, stored, shown)
-                buckets = svc.admission.key_buckets(name)
-                at = utc_stamp(svc.state.wall())
-                change = dataclasses.replace(plan.change, at=at, forget=buckets)
-                if await svc.state.change_keys(change, stored.version):
-                    break
-            else:
-                raise kept_changing()
-            keys = {n: spec for n, spec in stored.keys.items() if n != name}
-            auth.apply_stored(keys, {**stored.revoked, **plan.change.revoke})
-            auth.local_changes += 1
-            svc.admission.forget(buckets)
+
+        def purge(stored: StoredKeys, now: float) -> tuple[KeyChange, key_plans.Purge]:
+            plan = key_plans.purge(auth, name, stored, shown)
+            buckets = svc.admission.key_buckets(name)
+            return dataclasses.replace(plan.change, at=utc_stamp(now), forget=buckets), plan
+
+        _, plan, _ = await write_key_change(svc, purge)
         logged["revoked"] = plan.revoked
     detail = "revoked, and its entry dropped" if plan.revoked else "its entry dropped"
     if plan.unreadable:
