@@ -258,13 +258,7 @@ class MemoryState:
             kept = sorted({d for _, _, d in self.usage} | {day})[-USAGE_DAYS:]
             for k in [k for k in self.usage if k[2] not in kept]:
                 del self.usage[k]
-        row = self.usage[(key, model, day)]
-        row["requests"] += 1
-        row["prompt_tokens"] += record.get("prompt_tokens") or 0
-        row["completion_tokens"] += record.get("completion_tokens") or 0
-        row["errors"] += 1 if record.get("status", 200) >= 500 else 0
-        if (cost := record.get("cost_usd")) is not None:
-            row["cost_nanos"] += nanos(cost)
+        count_usage(self.usage[(key, model, day)], record)
 
     async def get_usage(self, day: str | None = None) -> list[dict[str, Any]]:
         """Usage rows, optionally for one day (YYYY-MM-DD)."""
@@ -273,6 +267,17 @@ class MemoryState:
             for (k, m, d), row in sorted(self.usage.items())
             if day is None or d == day
         ]
+
+
+def count_usage(counts: dict[str, int], record: dict[str, Any]) -> None:
+    """Add one inference's `record` (its log event) to a usage row's counters: the cost
+    in whole nano-dollars, as Redis's HINCRBY takes it and totals add up exactly."""
+    counts["requests"] += 1
+    counts["prompt_tokens"] += record.get("prompt_tokens") or 0
+    counts["completion_tokens"] += record.get("completion_tokens") or 0
+    counts["errors"] += 1 if record.get("status", 200) >= 500 else 0
+    if (cost := record.get("cost_usd")) is not None:  # an unpriced call has none
+        counts["cost_nanos"] += nanos(cost)
 
 
 def usage_row(key: str, model: str, day: str, counts: dict[str, int]) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from stella.cost import nanos
 from stella.errors import Conflict, ModelNotFound, StellaError, Unavailable
 from stella.limits import MemoryBuckets, MemorySlots, Take, refill_s
 from stella.settings import StateSettings
@@ -36,6 +35,7 @@ from stella.state import (
     RoutingVersion,
     StoredKeys,
     Unreadable,
+    count_usage,
     is_default,
     key_taken,
     removed_meanwhile,
@@ -710,13 +710,7 @@ class RedisState:
 
     def record_usage(self, key: str, model: str, day: str, record: dict[str, Any]) -> None:
         """Count one inference; counters reach Redis in batches, off the request path."""
-        row = self._usage[(key, model, day)]
-        row["requests"] += 1
-        row["prompt_tokens"] += record.get("prompt_tokens") or 0
-        row["completion_tokens"] += record.get("completion_tokens") or 0
-        row["errors"] += 1 if record.get("status", 200) >= 500 else 0
-        if (cost := record.get("cost_usd")) is not None:
-            row["cost_nanos"] += nanos(cost)  # HINCRBY takes whole numbers
+        count_usage(self._usage[(key, model, day)], record)
 
     def wall(self) -> float:
         """Now, in seconds since the epoch, on Redis's clock (estimated locally)."""
