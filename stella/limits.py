@@ -602,11 +602,15 @@ class Limiter(Admission):
                         dearest = max(dearest, float(price.cost(prompt, answer)))
         # All buckets of one admission in one step: one Redis round trip, and nothing is
         # taken from any bucket unless every bucket has room.
-        asked = {REQUEST: 1.0, TOKEN: reserve, USD: budget}
-        checks = [
-            (k, n, ps, min(dearest if k.startswith("usd:key:") else asked[unit], n))
-            for k, n, ps, unit, _ in plan.buckets
-        ]
+        checks = []
+        for k, n, ps, unit, _ in plan.buckets:
+            if unit == REQUEST:
+                ask = 1.0
+            elif unit == TOKEN:
+                ask = reserve
+            else:  # a budget: the key's at the dearest route that may answer
+                ask = dearest if k.startswith("usd:key:") else budget
+            checks.append((k, n, ps, min(ask, n)))
         if not plan.daily:
             return checks, 0.0
         suffix, left = self._day()
@@ -789,7 +793,7 @@ def _usd(amount: float) -> str:
 
 
 def _whole(n: float) -> str:
-    """A count of tokens, as a quota's headers and messages say it."""
+    """A count of requests or tokens, as a quota's headers and messages say it."""
     return str(int(n))
 
 
