@@ -8,7 +8,7 @@ import errno
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:  # the client (and httpx) load only with the commands that use them
@@ -141,6 +141,14 @@ def client_timeout(given: float | None, default_s: float) -> Any:
     if limit is None:
         return None
     return httpx.Timeout(limit, connect=min(limit, CONNECT_TIMEOUT_S))
+
+
+def print_table(rows: Sequence[Sequence[str]]) -> None:
+    """Print `rows` (the header first) as columns two spaces apart, each as wide as its
+    widest cell, with no trailing spaces."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
 def client_exit(exc: StellaClientError) -> int:

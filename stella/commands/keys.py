@@ -17,6 +17,7 @@ from stella.commands import (
     client_timeout,
     command_client,
     key_from,
+    print_table,
 )
 from stella.cost import usd_decimal
 from stella.settings import MAX_BUDGET, MAX_COUNT
@@ -349,9 +350,7 @@ def _on_server(args: argparse.Namespace) -> int:
                 models += f"  (skipped here: {k.skipped})"
             row = (k.name, k.source, admin, created, expires, revoked, *map(str, limits), models)
             rows.append(row)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for r in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+        print_table(rows)
     else:
         done = "purged" if answer.purged else "revoked"
         print(f"{done} {answer.revoked} ({', '.join(answer.sources or [answer.source])})")

@@ -12,6 +12,7 @@ from stella.commands import (
     client_timeout,
     command_client,
     key_from,
+    print_table,
 )
 
 NAME = "models"
@@ -58,7 +59,5 @@ def run(args: argparse.Namespace) -> int:
         rows.append(
             (name, m.backend, m.kind, "yes" if m.loaded else "no", m.circuit, ", ".join(m.aliases))
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    print_table(rows)
     return 0

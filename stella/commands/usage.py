@@ -14,6 +14,7 @@ from stella.commands import (
     client_timeout,
     command_client,
     key_from,
+    print_table,
 )
 from stella.cost import usd_text
 
@@ -65,7 +66,5 @@ def run(args: argparse.Namespace) -> int:
     t = report.totals
     counts = (t.requests, t.prompt_tokens, t.completion_tokens, t.errors)
     rows.append(("(total)", "", "", *map(str, counts), usd_text(t.cost_usd)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    print_table(rows)
     return 0
