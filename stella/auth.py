@@ -107,6 +107,12 @@ def stored_key(name: str, spec: Any) -> StoredKey:
     return k
 
 
+def grace_end(k: StoredKey) -> float:
+    """When the secret runtime key `k`'s last rotation replaced stops working: at the end
+    of its grace, or with the key, if that expires sooner."""
+    return min(k.previous_until, k.expires_at or k.previous_until)
+
+
 def expired(k: StoredKey, now: float) -> bool:
     """Whether runtime key `k` has expired at `now` (on the store's clock)."""
     return bool(k.expires_at) and now >= k.expires_at
@@ -348,8 +354,7 @@ class Authenticator:
             if k.previous and k.previous_until:
                 # Its own Principal, made here and not per call: the same key, whose
                 # old secret stops at the end of its grace (or with the key, if sooner).
-                end = min(k.previous_until, k.expires_at or k.previous_until)
-                previous[k.previous] = dataclasses.replace(p, expires_at=end)
+                previous[k.previous] = dataclasses.replace(p, expires_at=grace_end(k))
         for digest, name in revoked.items():
             if not is_digest(digest):
                 skipped.append(f"revocation {digest[:80]!r} ({name!r}): not a SHA-256 digest")

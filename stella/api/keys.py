@@ -30,6 +30,7 @@ from stella.auth import (
     Revocation,
     StoredKey,
     expired,
+    grace_end,
     hash_key,
     key_principal,
     key_spec,
@@ -126,7 +127,7 @@ def _info(
     if k is not None and k.expires_at:
         expires_at = utc_stamp(k.expires_at)
     if k is not None and k.previous and not revoked:
-        end = min(k.previous_until, k.expires_at or k.previous_until)
+        end = grace_end(k)
         grace_until = utc_stamp(end) if end > now else ""
     return KeyInfo(
         name=p.name,
