@@ -667,9 +667,14 @@ def test_concurrent_changes_of_unrelated_keys_on_two_replicas_all_land(
     ][:1]
 
 
-def test_a_key_change_that_keeps_meeting_others_is_503_after_its_paused_tries() -> None:
+@pytest.mark.parametrize("window", [0.0, 0.6])
+def test_a_key_change_that_keeps_meeting_others_is_503_after_its_paused_tries(
+    window: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from stella.api import keys
 
+    # Past its count of tries a change goes on trying until its window has passed.
+    monkeypatch.setattr(keys, "KEY_CHANGE_WINDOW_S", window)
     app = app_for(KEYS)
     store = app.state.stella.state
     made(app, {"name": "ci"})
@@ -685,7 +690,11 @@ def test_a_key_change_that_keeps_meeting_others_is_503_after_its_paused_tries() 
     patch = {"requests_per_minute": 7}
     (r,) = asyncio.run(calls(app, ("PATCH", "/api/v1/keys/ci", ROOT, patch)))
     assert r.status_code == 503 and "kept changing" in r.json()["error"]["message"]
-    assert len(tries) == keys.KEY_CHANGE_TRIES
+    if not window:
+        assert len(tries) == keys.KEY_CHANGE_TRIES
+    else:
+        assert len(tries) > keys.KEY_CHANGE_TRIES
+        assert window <= tries[-1] - tries[0] < window + 0.5
     # Each try after a pause, growing, within its bounds.
     pauses = [b - a for a, b in itertools.pairwise(tries)]
     for i, pause in enumerate(pauses, 1):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
@@ -55,8 +56,11 @@ KeyName = Annotated[str, Meta(pattern=f"^{KEY_NAME_PATTERN}$")]
 # The most model patterns a runtime key may list, and the longest pattern.
 MAX_KEY_MODELS = 64
 # How often a key change is planned again when the keys changed between its read and
-# its write (another replica's change, of any key); each try is two round trips.
+# its write (another replica's change, of any key); each try is two round trips. Tries go
+# on past this count while KEY_CHANGE_WINDOW_S has not passed: a replica slowed by load
+# (its round trips, its pauses) still gets its change in while another keeps writing.
 KEY_CHANGE_TRIES = 8
+KEY_CHANGE_WINDOW_S = 2.0
 # Before each try but the first, a pause of up to KEY_CHANGE_PAUSE_S, doubled at each
 # try up to KEY_CHANGE_PAUSE_MAX_S, jittered: changes that met at once (of unrelated
 # keys: every change moves the one version) would meet again, tried again at once.
@@ -179,15 +183,18 @@ async def write_key_change(
     read, the plan's other part and `now`; a 503 when every try found them changed."""
     auth = svc.auth
     async with svc.key_changes:
-        for attempt in range(KEY_CHANGE_TRIES):
+        ends = time.monotonic() + KEY_CHANGE_WINDOW_S
+        attempt = 0
+        while True:
             await _pause_before(attempt)
             stored = await _read_to_change(svc)
             now = svc.state.wall()
             change, planned = plan(stored, now)
             if await svc.state.change_keys(change, stored.version):
                 break
-        else:
-            raise Unavailable("the keys kept changing meanwhile; try again", retry_after=1)
+            attempt += 1
+            if attempt >= KEY_CHANGE_TRIES and time.monotonic() >= ends:
+                raise Unavailable("the keys kept changing meanwhile; try again", retry_after=1)
         # As the store applies it (StateStore.change_keys): removed, then put.
         keys = {n: spec for n, spec in stored.keys.items() if n not in change.remove}
         auth.apply_stored({**keys, **change.put}, {**stored.revoked, **change.revoke})
