@@ -1122,6 +1122,32 @@ async def test_redis_s_clock_is_read_again_every_clock_ticks(
         await st.aclose()
 
 
+async def test_redis_s_clock_is_read_as_soon_as_redis_is_back(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stella.state_redis import CLOCK_TICKS
+
+    knobs = _skewed_time(monkeypatch)
+    st = redis_state(redis, "clockback")
+    redis.stop()  # the replica starts while Redis is down
+    try:
+        await st.start()
+        assert st.down_since is not None
+        redis.start()
+        deadline = time.monotonic() + 10
+        while not await st.ping():  # as /ready or the routing poll would find it back
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        back = time.monotonic()
+        # Read at the flusher's next tick, not its periodic reading up to 10 s on: till
+        # then a key's expiry is compared on this process's clock, a day ahead here.
+        while abs(st.clock_offset + knobs["skew"]) > 60:
+            assert time.monotonic() - back < CLOCK_TICKS * 0.1 / 5, st.clock_offset
+            await asyncio.sleep(0.02)
+    finally:
+        await st.aclose()
+
+
 async def test_usage_of_a_direct_model_with_a_bar_in_its_name_stays_its_keys(redis: Redis) -> None:
     # Fields are "key|model|count": a "|" in a direct model's name must not move the key.
     st = redis_state(redis, "bar")
