@@ -18,7 +18,7 @@ import pytest
 
 from stella.settings import StateSettings
 from stella.state_redis import RedisState
-from tests.live import NO_MLX, free_port, in_ci, merge, run_stella
+from tests.live import NO_MLX, free_port, in_ci, merge, run_stella, stella_cli
 from tests.test_limits import one_wait_for_every_slot
 
 KEY = "sk-redis-admin-1"
@@ -2048,6 +2048,23 @@ def test_a_stored_route_naming_a_backend_a_replica_lacks_is_said_once_per_versio
             assert listed["skipped"] == {
                 "away": "$.backend: unknown backend 'wide'; known: ['echo', 'side']"
             }
+            # `stella models` says both: a route's backends left out, a route skipped.
+            env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+            out = stella_cli("models", "--url", b.url, env={**env, "STELLA_API_KEY": KEY})
+            assert out.returncode == 0, out.stderr
+            rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+            for name in ("both", "flip"):
+                assert rows[name].endswith("(left out here: wide)"), out.stdout
+            assert rows["away"].split(None, 5) == [
+                "away",
+                "-",
+                "-",
+                "no",
+                "-",
+                "(skipped here: $.backend: unknown backend 'wide'; known: ['echo', 'side'])",
+            ]
+            raw = stella_cli("models", "--url", b.url, "--json", env={**env, "STELLA_API_KEY": KEY})
+            assert msgspec.json.decode(raw.stdout)["skipped"] == listed["skipped"]
             time.sleep(2.5)  # the follower's polls: the version has not moved
             said = b.events(missing)
             assert sorted((e["route"], e["field"], e["backend"], e["level"]) for e in said) == [
