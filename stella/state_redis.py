@@ -354,7 +354,8 @@ def _routes(raw: dict[bytes, bytes]) -> dict[str, Any]:
 # At shutdown, the longest wait for the flusher's round trip in progress to end.
 FLUSHER_STOP_S = 2.0
 # Redis's clock is read at start-up, then by the flusher every this many ticks (0.1 s
-# each): clocks drift slowly. A reading whose round trip took longer than
+# each): clocks drift slowly. After an outage (or a start while Redis was down) the
+# flusher reads it at its first tick with Redis back, not up to 10 s later. A reading whose round trip took longer than
 # CLOCK_READ_MAX_S is not used; start-up tries CLOCK_START_TRIES readings at most.
 CLOCK_TICKS = 100
 CLOCK_READ_MAX_S = 0.1
@@ -427,6 +428,10 @@ class RedisState:
         self._gives: dict[str, list[float]] = {}
         self._ticks = 0
         self.clock_offset = 0.0  # Redis's clock minus this process's (see `wall`)
+        # No reading used since start-up or the last outage: until one is, expiries and
+        # windows are compared on this process's clock, so the flusher reads at each
+        # tick while Redis answers (a TIME is cheap), not at its periodic one.
+        self._clock_due = True
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -436,6 +441,8 @@ class RedisState:
         self.retry_at = time.monotonic() + REDIS_RETRY_S
         if self.down_since is None:
             self.down_since = time.monotonic()
+            # This process's clock may have jumped meanwhile (a suspended VM, a step).
+            self._clock_due = True
             _log.warning(
                 "redis_unavailable",
                 error=type(exc).__name__,
@@ -727,6 +734,7 @@ class RedisState:
         if after - before > CLOCK_READ_MAX_S:  # a slow answer says little about when
             return False
         self.clock_offset = sec + usec / 1e6 - (before + after) / 2
+        self._clock_due = False
         return True
 
     async def _flush_loop(self) -> None:
@@ -743,8 +751,8 @@ class RedisState:
                 self._ticks += 1
                 if self._ticks % 5 == 0:  # usage counters every 0.5 s
                     await self._flush()
-                if self._ticks % CLOCK_TICKS == 1 and self.down_since is None:
-                    await self._read_clock()  # the first tick, then every 10 s
+                if self.down_since is None and (self._clock_due or self._ticks % CLOCK_TICKS == 1):
+                    await self._read_clock()  # when due, the first tick, then every 10 s
             except (RedisError, OSError) as exc:
                 self._failed(exc)
             except Exception as exc:  # a bug must not stop the settling for good

@@ -147,6 +147,11 @@ def test_the_lifecycle_fields_are_checked_with_their_paths() -> None:
     assert [r.status_code for r in ok] == [201, 201], [r.text for r in ok]
     # Nothing changed by the refused ones.
     assert listed(app, "ci")["models"] == ["*"] and "expires_at" not in listed(app, "ci")
+    # The schema says what `purge` takes: a boolean (true or false), not any string.
+    (spec,) = asyncio.run(calls(app, ("GET", "/openapi.json", ROOT, None)))
+    params = spec.json()["paths"]["/api/v1/keys/{name}"]["delete"]["parameters"]
+    (purge,) = [p for p in params if p["in"] == "query"]
+    assert (purge["name"], purge["schema"]) == ("purge", {"type": "boolean", "default": False})
 
 
 def test_an_update_changes_the_settings_and_keeps_the_key() -> None:

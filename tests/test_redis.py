@@ -18,7 +18,7 @@ import pytest
 
 from stella.settings import StateSettings
 from stella.state_redis import RedisState
-from tests.live import NO_MLX, free_port, in_ci, merge, run_stella
+from tests.live import NO_MLX, free_port, in_ci, merge, run_stella, stella_cli
 from tests.test_limits import one_wait_for_every_slot
 
 KEY = "sk-redis-admin-1"
@@ -1122,6 +1122,32 @@ async def test_redis_s_clock_is_read_again_every_clock_ticks(
         await st.aclose()
 
 
+async def test_redis_s_clock_is_read_as_soon_as_redis_is_back(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stella.state_redis import CLOCK_TICKS
+
+    knobs = _skewed_time(monkeypatch)
+    st = redis_state(redis, "clockback")
+    redis.stop()  # the replica starts while Redis is down
+    try:
+        await st.start()
+        assert st.down_since is not None
+        redis.start()
+        deadline = time.monotonic() + 10
+        while not await st.ping():  # as /ready or the routing poll would find it back
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        back = time.monotonic()
+        # Read at the flusher's next tick, not its periodic reading up to 10 s on: till
+        # then a key's expiry is compared on this process's clock, a day ahead here.
+        while abs(st.clock_offset + knobs["skew"]) > 60:
+            assert time.monotonic() - back < CLOCK_TICKS * 0.1 / 5, st.clock_offset
+            await asyncio.sleep(0.02)
+    finally:
+        await st.aclose()
+
+
 async def test_usage_of_a_direct_model_with_a_bar_in_its_name_stays_its_keys(redis: Redis) -> None:
     # Fields are "key|model|count": a "|" in a direct model's name must not move the key.
     st = redis_state(redis, "bar")
@@ -2022,6 +2048,23 @@ def test_a_stored_route_naming_a_backend_a_replica_lacks_is_said_once_per_versio
             assert listed["skipped"] == {
                 "away": "$.backend: unknown backend 'wide'; known: ['echo', 'side']"
             }
+            # `stella models` says both: a route's backends left out, a route skipped.
+            env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+            out = stella_cli("models", "--url", b.url, env={**env, "STELLA_API_KEY": KEY})
+            assert out.returncode == 0, out.stderr
+            rows = {line.split()[0]: line for line in out.stdout.splitlines()[1:]}
+            for name in ("both", "flip"):
+                assert rows[name].endswith("(left out here: wide)"), out.stdout
+            assert rows["away"].split(None, 5) == [
+                "away",
+                "-",
+                "-",
+                "no",
+                "-",
+                "(skipped here: $.backend: unknown backend 'wide'; known: ['echo', 'side'])",
+            ]
+            raw = stella_cli("models", "--url", b.url, "--json", env={**env, "STELLA_API_KEY": KEY})
+            assert msgspec.json.decode(raw.stdout)["skipped"] == listed["skipped"]
             time.sleep(2.5)  # the follower's polls: the version has not moved
             said = b.events(missing)
             assert sorted((e["route"], e["field"], e["backend"], e["level"]) for e in said) == [

@@ -398,7 +398,14 @@ document(
         response=KeyRevoked,
         admin=True,
         params=("name",),
-        query=(("purge", "true: drop a runtime key's stored entry too (default false)"),),
+        query=(
+            (
+                "purge",
+                "true: drop a runtime key's stored entry too (default false)",
+                # The server takes the words true and false alone (400 for any other).
+                {"type": "boolean", "default": False},
+            ),
+        ),
         errors=(400, 401, 403, 404, 409, 503),
     ),
 )

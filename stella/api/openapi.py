@@ -58,8 +58,9 @@ class Operation:
     public: bool = False
     errors: tuple[int, ...] = (400, 401, 403, 404, 413, 415, 429, 502, 503, 504)
     params: tuple[str, ...] = field(default=())
-    # Optional query parameters: (name, description).
-    query: tuple[tuple[str, str], ...] = field(default=())
+    # Optional query parameters: (name, description), any string; or (name, description,
+    # schema) for one the server takes only in some form (a boolean's true or false).
+    query: tuple[tuple[str, str] | tuple[str, str, dict[str, Any]], ...] = field(default=())
     media: str = "application/json"  # the media type of `response`
     # Statuses answered with a body of their own, not ErrorResponse (GET /ready's 503).
     others: tuple[tuple[int, Any], ...] = ()
@@ -115,10 +116,7 @@ def build_schema(without: frozenset[str] = frozenset()) -> dict[str, Any]:
             item["parameters"] = [
                 {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
                 for p in op.params
-            ] + [
-                {"name": q, "in": "query", "description": d, "schema": {"type": "string"}}
-                for q, d in op.query
-            ]
+            ] + [_query(*q) for q in op.query]
         if op.request is not None:
             item["requestBody"] = {
                 "required": not op.request_optional,
@@ -192,6 +190,12 @@ def _written(types: list[Any]) -> list[Schema]:
             out[id(s)] = s
             todo += [t for t in s.uses if isinstance(t, Schema)]
     return list(out.values())
+
+
+def _query(name: str, description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An optional query parameter's entry: any string unless `schema` says otherwise."""
+    shape = {"type": "string"} if schema is None else schema
+    return {"name": name, "in": "query", "description": description, "schema": shape}
 
 
 def _header(description: str, kind: str = "string") -> dict[str, Any]:

@@ -56,8 +56,13 @@ def run(args: argparse.Namespace) -> int:
     rows = [("MODEL", "BACKEND", "KIND", "LOADED", "CIRCUIT", "ALIASES")]
     for m in listing.models:
         name = m.name + (" *" if m.default else "")
-        rows.append(
-            (name, m.backend, m.kind, "yes" if m.loaded else "no", m.circuit, ", ".join(m.aliases))
-        )
+        aliases = ", ".join(m.aliases)
+        if m.left_out:  # backends the route names that this replica serves it without
+            aliases = f"{aliases}  (left out here: {', '.join(m.left_out)})".lstrip()
+        rows.append((name, m.backend, m.kind, "yes" if m.loaded else "no", m.circuit, aliases))
+    # An admin's stored routes this replica does not serve: rows, as `keys list` shows a
+    # stored key it does not take, so a table read alone does not hide them.
+    for name, why in sorted(listing.skipped.items()):
+        rows.append((name, "-", "-", "no", "-", f"(skipped here: {why})"))
     print_table(rows)
     return 0
