@@ -143,6 +143,28 @@ def client_timeout(given: float | None, default_s: float) -> Any:
     return httpx.Timeout(limit, connect=min(limit, CONNECT_TIMEOUT_S))
 
 
+def ask_server(
+    args: argparse.Namespace, default_s: float, ask: Callable[[Any], Any]
+) -> tuple[Any, int | None]:
+    """Call a command's server (`ask(client)`, the client of command_client, waiting up to
+    --timeout, default `default_s`): (its answer, None), or (None, the exit code) once the
+    failure is said on stderr."""
+    from stella.client import StellaClientError
+
+    timeout = client_timeout(args.timeout, default_s)
+    if timeout is None:
+        return None, 2
+    try:
+        with command_client(args, timeout) as client:
+            return ask(client), None
+    except StellaClientError as exc:
+        print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
+        return None, client_exit(exc)
+    except OSError as exc:
+        print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
+        return None, 1
+
+
 def print_table(rows: Sequence[Sequence[str]]) -> None:
     """Print `rows` (the header first) as columns two spaces apart, each as wide as its
     widest cell, with no trailing spaces."""

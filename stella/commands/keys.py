@@ -10,15 +10,7 @@ import re
 import sys
 from typing import Any
 
-from stella.commands import (
-    add_timeout,
-    client_error,
-    client_exit,
-    client_timeout,
-    command_client,
-    key_from,
-    print_table,
-)
+from stella.commands import add_timeout, ask_server, print_table
 from stella.cost import usd_decimal
 from stella.settings import MAX_BUDGET, MAX_COUNT
 
@@ -268,52 +260,44 @@ def _on_server(args: argparse.Namespace) -> int:
     a table or JSON."""
     import msgspec
 
-    from stella.client import StellaClientError
+    def ask(client: Any) -> Any:
+        """The call the action names."""
+        if args.action == "create":
+            return client.create_key(
+                args.name,
+                models=args.models,
+                admin=args.admin,
+                requests_per_minute=args.rpm,
+                tokens_per_minute=args.tpm,
+                max_concurrent=args.concurrent,
+                requests_per_day=args.rpd,
+                tokens_per_day=args.tpd,
+                usd_per_day=args.usd,
+                expires_in_s=args.expires_in,
+            )
+        if args.action == "list":
+            return client.list_keys()
+        if args.action == "update":
+            return client.update_key(
+                args.name,
+                models=args.models,
+                admin=args.admin,
+                requests_per_minute=args.rpm,
+                tokens_per_minute=args.tpm,
+                max_concurrent=args.concurrent,
+                requests_per_day=args.rpd,
+                tokens_per_day=args.tpd,
+                usd_per_day=args.usd,
+                expires_in_s=args.expires_in,
+                no_expiry=args.no_expiry,
+            )
+        if args.action == "rotate":
+            return client.rotate_key(args.name, grace_s=args.grace)
+        return client.revoke_key(args.name, purge=args.purge)
 
-    timeout = client_timeout(args.timeout, KEYS_TIMEOUT_S)
-    if timeout is None:
-        return 2
-    try:
-        with command_client(args, timeout) as client:
-            if args.action == "create":
-                answer: Any = client.create_key(
-                    args.name,
-                    models=args.models,
-                    admin=args.admin,
-                    requests_per_minute=args.rpm,
-                    tokens_per_minute=args.tpm,
-                    max_concurrent=args.concurrent,
-                    requests_per_day=args.rpd,
-                    tokens_per_day=args.tpd,
-                    usd_per_day=args.usd,
-                    expires_in_s=args.expires_in,
-                )
-            elif args.action == "list":
-                answer = client.list_keys()
-            elif args.action == "update":
-                answer = client.update_key(
-                    args.name,
-                    models=args.models,
-                    admin=args.admin,
-                    requests_per_minute=args.rpm,
-                    tokens_per_minute=args.tpm,
-                    max_concurrent=args.concurrent,
-                    requests_per_day=args.rpd,
-                    tokens_per_day=args.tpd,
-                    usd_per_day=args.usd,
-                    expires_in_s=args.expires_in,
-                    no_expiry=args.no_expiry,
-                )
-            elif args.action == "rotate":
-                answer = client.rotate_key(args.name, grace_s=args.grace)
-            else:
-                answer = client.revoke_key(args.name, purge=args.purge)
-    except StellaClientError as exc:
-        print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
-        return client_exit(exc)
-    except OSError as exc:
-        print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
-        return 1
+    answer, failed = ask_server(args, KEYS_TIMEOUT_S, ask)
+    if failed is not None:
+        return failed
     if args.json:
         print(msgspec.json.encode(answer).decode())
     elif args.action in ("create", "rotate"):

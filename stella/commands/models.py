@@ -3,17 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from stella.commands import (
-    add_timeout,
-    client_error,
-    client_exit,
-    client_timeout,
-    command_client,
-    key_from,
-    print_table,
-)
+from stella.commands import add_timeout, ask_server, print_table
 
 NAME = "models"
 HELP = "list the models of a stella server"
@@ -36,20 +27,9 @@ def run(args: argparse.Namespace) -> int:
     """Print a table (or JSON) of the models."""
     import msgspec
 
-    from stella.client import StellaClientError
-
-    timeout = client_timeout(args.timeout, MODELS_TIMEOUT_S)
-    if timeout is None:
-        return 2
-    try:
-        with command_client(args, timeout) as client:
-            listing = client.models()
-    except StellaClientError as exc:
-        print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
-        return client_exit(exc)
-    except OSError as exc:
-        print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
-        return 1
+    listing, failed = ask_server(args, MODELS_TIMEOUT_S, lambda client: client.models())
+    if failed is not None:
+        return failed
     if args.json:
         print(msgspec.json.encode(listing).decode())
         return 0

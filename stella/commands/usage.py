@@ -4,18 +4,8 @@ per key, model and UTC day, with what the calls cost."""
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Any
 
-from stella.commands import (
-    add_timeout,
-    client_error,
-    client_exit,
-    client_timeout,
-    command_client,
-    key_from,
-    print_table,
-)
+from stella.commands import add_timeout, ask_server, print_table
 from stella.cost import usd_text
 
 NAME = "usage"
@@ -40,20 +30,13 @@ def run(args: argparse.Namespace) -> int:
     """Print the report as a table (or JSON): a row per key and model, then the totals."""
     import msgspec
 
-    from stella.client import StellaClientError
-
-    timeout = client_timeout(args.timeout, USAGE_TIMEOUT_S)
-    if timeout is None:
-        return 2
-    try:
-        with command_client(args, timeout) as client:
-            report: Any = client.usage(args.day, key=args.key_name, model=args.model)
-    except StellaClientError as exc:
-        print(client_error(exc, key_from(args.api_key)), file=sys.stderr)
-        return client_exit(exc)
-    except OSError as exc:
-        print(f"stella: cannot reach the server: {exc}", file=sys.stderr)
-        return 1
+    report, failed = ask_server(
+        args,
+        USAGE_TIMEOUT_S,
+        lambda client: client.usage(args.day, key=args.key_name, model=args.model),
+    )
+    if failed is not None:
+        return failed
     if args.json:
         print(msgspec.json.encode(report).decode())
         return 0
