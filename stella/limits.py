@@ -707,7 +707,7 @@ class Limiter(Admission):
                 else f"daily quota of {_counted(int(n), unit)}"
             )
             told = {
-                "x-quota-limit": _usd(n) if unit == USD else str(int(n)),
+                "x-quota-limit": say(n),
                 "x-quota-remaining": say(left),
                 "x-quota-reset": str(math.ceil(day_left)),
             }
