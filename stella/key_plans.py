@@ -14,9 +14,10 @@ from stella.errors import Conflict, NotFound
 from stella.state import KeyChange, StoredKeys, key_configured, key_not_found, last_admin
 
 
-def configured_where(auth: Authenticator, name: str) -> str:
-    """Where the configured key `name` is defined: its table, or the variable."""
-    return "auth.keys" if auth.configured[name][1] == "config" else auth.keys_env
+def configured_where(auth: Authenticator, source: str) -> str:
+    """Where a configured key of `source` ("config" or "env") is defined: its table, or
+    the variable."""
+    return "auth.keys" if source == "config" else auth.keys_env
 
 
 def runtime_key(auth: Authenticator, name: str, stored: StoredKeys, shown: str) -> StoredKey:
@@ -24,7 +25,7 @@ def runtime_key(auth: Authenticator, name: str, stored: StoredKeys, shown: str) 
     the configuration defines, a revoked one or an entry no replica of this version can
     read; NotFound for no such key. `shown` is the name as messages quote it."""
     if name in auth.configured:
-        raise Conflict(key_configured(shown, configured_where(auth, name)))
+        raise Conflict(key_configured(shown, configured_where(auth, auth.configured[name][1])))
     spec = stored.keys.get(name)
     if spec is None:
         raise NotFound(key_not_found(shown))
@@ -71,7 +72,7 @@ def purge(auth: Authenticator, name: str, stored: StoredKeys, shown: str) -> Pur
     if name in auth.configured:
         raise Conflict(
             f"key {shown!r} is defined in the configuration "
-            f"({configured_where(auth, name)}): a purge drops a runtime key's stored entry; "
+            f"({configured_where(auth, auth.configured[name][1])}): a purge drops a runtime key's stored entry; "
             "revoke it (DELETE without purge) and take it out of the configuration"
         )
     spec = stored.keys.get(name)

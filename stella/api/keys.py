@@ -237,7 +237,7 @@ async def revoke_key(request: Request, call: Call) -> Response:
         logged["source"], logged["sources"] = source, plan.sources
     details = []
     if source != "runtime":
-        where = "auth.keys" if source == "config" else svc.settings.auth.keys_env
+        where = key_plans.configured_where(auth, source)
         details.append(
             f"the key is refused from now on, though {where} still lists it; take it out "
             "there too (a new key under this name is not refused)"
