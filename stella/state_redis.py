@@ -355,8 +355,9 @@ def _routes(raw: dict[bytes, bytes]) -> dict[str, Any]:
 FLUSHER_STOP_S = 2.0
 # Redis's clock is read at start-up, then by the flusher every this many ticks (0.1 s
 # each): clocks drift slowly. After an outage (or a start while Redis was down) the
-# flusher reads it at its first tick with Redis back, not up to 10 s later. A reading whose round trip took longer than
-# CLOCK_READ_MAX_S is not used; start-up tries CLOCK_START_TRIES readings at most.
+# flusher reads it at its first tick with Redis back, not up to 10 s later. A reading
+# whose round trip took longer than CLOCK_READ_MAX_S is not used; start-up tries
+# CLOCK_START_TRIES readings at most.
 CLOCK_TICKS = 100
 CLOCK_READ_MAX_S = 0.1
 CLOCK_START_TRIES = 3
