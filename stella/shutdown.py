@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import multiprocessing
 import os
@@ -15,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from stella.commands import _is_tty
 from stella.streaming import Drain
 
 _log = structlog.get_logger("stella")
@@ -95,8 +95,4 @@ def cut(drain: Drain, signum: int) -> None:
 
 def _at_terminal() -> bool:
     """Whether someone reads the output at a terminal (where a Ctrl-C comes from)."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(AttributeError, ValueError, OSError):
-            if stream is not None and stream.isatty():
-                return True
-    return False
+    return _is_tty(sys.stdout) or _is_tty(sys.stderr)
