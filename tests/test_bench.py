@@ -804,3 +804,40 @@ def test_the_litellm_version_measured_is_reported(tmp_path) -> None:
 
     assert litellm_version(_fake_litellm_venv(tmp_path)) == "1.2.3"
     assert litellm_version(tmp_path / "nothing-here") == "unknown"
+
+
+def test_bench_asgi_counts_bytecodes_exactly() -> None:
+    """The bytecode count is the same on every run, grows with the app's work, and leaves
+    whatever trace function was set before in place."""
+    import asyncio
+
+    from stella.bench import asgi
+
+    async def small(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def larger(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        sum(i for i in range(50))
+        await small(scope, receive, send)
+
+    def outer(frame, event, arg):  # type: ignore[no-untyped-def]
+        return None
+
+    async def counts() -> list[float]:
+        body = b"{}"
+        return [
+            await asgi._ops_per_request(small, body, 20),
+            await asgi._ops_per_request(small, body, 20),
+            await asgi._ops_per_request(larger, body, 20),
+        ]
+
+    sys.settrace(outer)
+    try:
+        first, again, more = asyncio.run(counts())
+        assert sys.gettrace() is outer
+    finally:
+        sys.settrace(None)
+    assert first == again > 0
+    assert more > first + 50  # fifty loop turns at least

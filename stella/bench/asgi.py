@@ -14,10 +14,12 @@ import gc
 import importlib
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import msgspec
@@ -28,13 +30,22 @@ from stella.bench.servers import is_setting
 WORDS = " ".join(f"word{i}" for i in range(20))  # the same 20-token answer as `bench echo`
 
 
+# Requests traced to count bytecodes: the count is exact, so a few suffice.
+COUNTED = 200
+
+
 class AsgiRow(msgspec.Struct):
-    """Microseconds per request, each app alone on the loop."""
+    """Microseconds per request, each app alone on the loop, and its bytecodes."""
 
     mode: str
     stella_us: float
     bare_us: float
     ratio: float  # bare's time / stella's: the share of the bare app's rate stella keeps
+    # Python bytecodes run per request on the loop's thread (the app, its framework and
+    # the harness alike): a count, not a time, so the same on a busy machine as on an
+    # idle one; two commits compare exactly on one Python version.
+    stella_ops: float = 0.0
+    bare_ops: float = 0.0
 
 
 def _body(stream: bool) -> bytes:
@@ -97,6 +108,32 @@ async def _per_request_us(app: Any, body: bytes, n: int) -> float:
     return round(best, 2)
 
 
+async def _ops_per_request(app: Any, body: bytes, n: int = COUNTED) -> float:
+    """Python bytecodes run per request by `n` calls (after a warm-up), on this thread."""
+    for _ in range(100):  # warm up: one-off caches and imports are no request's work
+        await _call(app, body)
+    ops = 0
+
+    def count(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal ops
+        if event == "opcode":
+            ops += 1
+        return count
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        return count
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        for _ in range(n):
+            await _call(app, body)
+    finally:
+        sys.settrace(previous)
+    return round(ops / n, 1)
+
+
 async def _measure(app: Any, n: int) -> list[AsgiRow]:
     rows = []
     async with app.router.lifespan_context(app):
@@ -119,7 +156,10 @@ async def _measure(app: Any, n: int) -> list[AsgiRow]:
         for mode, stream in (("non-stream", False), ("stream", True)):
             s = await _per_request_us(app, _body(stream), n)
             b = await _per_request_us(bare, _body(stream), n)
-            rows.append(AsgiRow(mode, s, b, round(b / s, 3)))
+            row = AsgiRow(mode, s, b, round(b / s, 3))
+            row.stella_ops = await _ops_per_request(app, _body(stream))
+            row.bare_ops = await _ops_per_request(bare, _body(stream))
+            rows.append(row)
     return rows
 
 
@@ -155,9 +195,13 @@ def compare(requests: int = 20_000) -> list[AsgiRow]:
 def table(rows: list[AsgiRow]) -> str:
     """Markdown table of the rows."""
     out = [
-        "| mode | stella us/request | bare us/request | bare / stella |",
-        "| --- | ---: | ---: | ---: |",
+        "| mode | stella us/request | bare us/request | bare / stella "
+        "| stella bytecodes/request | bare bytecodes/request |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        out.append(f"| {r.mode} | {r.stella_us:.1f} | {r.bare_us:.1f} | {r.ratio:.2f} |")
+        out.append(
+            f"| {r.mode} | {r.stella_us:.1f} | {r.bare_us:.1f} | {r.ratio:.2f} "
+            f"| {r.stella_ops:,.0f} | {r.bare_ops:,.0f} |"
+        )
     return "\n".join(out)
