@@ -9,6 +9,8 @@ import hashlib
 import io
 import json
 import os
+import random
+import re
 import stat
 import subprocess
 import sys
@@ -1011,6 +1013,63 @@ def test_a_scheme_word_inside_another_word_is_kept_in_lines_as_in_text(text: str
     sink.put({"event": "x", "msg": text})
     sink.close()
     assert json.loads(out.getvalue())["msg"] == text
+
+
+# Pieces of encoded lines: the words the masking looks for, in any case and company.
+PIECES = [
+    *("Authorization", "authorization", "AUTHORIZATION", "Proxy-Authorization"),
+    *("proxy-authorization", "xauthorization", "Authorizationauthorization", "uthorization"),
+    *("Bearer", "bearer", "BEARER", "xBearer", "Basic", "basic", "BASIC", "dXNlcjpwYXNz"),
+    *("aGVsbG8=", "abc.def", "token", "sk-1234", "Digest", 'username=\\"u\\"', "realm=r"),
+    *(": ", ":", "=", '\\"', "'", " ", "  ", "\\n", "\\t", "\\u001b", ",", ";", "\u00a0"),
+    *("\u2028", "é", "x", "-", "/", "+"),
+]
+
+
+def test_the_masking_of_a_line_is_the_regex_engines_own() -> None:
+    # The patterns are tried only where the words they start with are: what they mask
+    # is what substituting them over the whole line masks.
+    def by_regex(line: bytes) -> bytes:
+        line = logs.AUTH_HEADER_BYTES.sub(rb"\1\2***", line)
+        line = logs.BEARER_BYTES.sub(rb"\1 ***", line)
+        return logs.BASIC_BYTES.sub(logs._basic_bytes, line)
+
+    rng = random.Random(7)
+    masked = 0
+    for _ in range(20_000):
+        line = "".join(rng.choices(PIECES, k=rng.randint(1, 24))).encode()
+        expected = by_regex(line)
+        assert logs._mask_schemes(line, line.lower()) == expected, line
+        masked += expected != line
+    assert masked > 1000  # the pieces do make credentials to mask
+
+
+def test_a_long_line_is_masked_by_trying_its_patterns_only_where_their_words_are(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Not the regex engine stepping through each of its bytes: with log.content a line
+    # holds a whole conversation, and the loop waits while any one call holds the GIL.
+    # So the patterns are only ever matched at a few places, never run over the line.
+    text = b"def handler(request):\\n    return render(request, 'index.html')  # ok\\n"
+    line = text * 3_000 + b" Authorization: Bearer abc.def basic idea " + text * 3_000
+    tries: list[int] = []
+
+    class Counted:
+        def __init__(self, pattern: re.Pattern[bytes]) -> None:
+            self.pattern = pattern
+
+        def match(self, string: bytes, pos: int = 0) -> re.Match[bytes] | None:
+            tries.append(pos)
+            return self.pattern.match(string, pos)
+
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError(f"the pattern's {name} runs over the whole line")
+
+    for name in ("AUTH_HEADER_BYTES", "BEARER_BYTES", "BASIC_BYTES"):
+        monkeypatch.setattr(logs, name, Counted(getattr(logs, name)))
+    masked = logs._mask_schemes(line, line.lower())
+    assert masked.count(b"***") == 1 and b"abc.def" not in masked
+    assert 0 < len(tries) <= 6  # two places for the header's word, one for each other
 
 
 def test_a_configured_authorization_header_is_masked_without_its_scheme() -> None:
