@@ -23,7 +23,7 @@ from starlette.routing import Match, Route
 from starlette.routing import Router as StarletteRouter
 from starlette.types import Receive, Scope, Send
 
-from stella import __version__, logs
+from stella import __version__, gc_freeze, logs
 from stella.api import native, ops
 from stella.api.admin import usage_listener
 from stella.api.http import (
@@ -500,6 +500,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         chain_signals(svc.drain)
         if isinstance(svc.state, SharedState):  # shared state: follow other replicas
             follower = asyncio.create_task(_follow_routing(svc, svc.state, restored))
+        gc_freeze.freeze_started()
         _log.info(
             "started",
             version=__version__,

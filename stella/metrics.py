@@ -4,17 +4,25 @@ Labels are bounded: models are route names (anything else counts as "(other)"),
 never request IDs. Gauges that describe state (streams in flight,
 queue depth, circuit breakers) are read at scrape time, so the hot path pays
 only for a few counter and histogram updates.
+
+A scrape reads that state and copies the counters on the event loop (a millisecond or
+two with hundreds of routes), then writes the text on a thread: that text runs to
+megabytes with hundreds of routes, and written on the loop it would hold every call the
+server serves for a tenth of a second or more. Scrapes that arrive while one is being
+written share it.
 """
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -75,22 +83,30 @@ class _Hist:
         self.sum = 0.0
         self.count = 0
 
+    def copy(self) -> _Hist:
+        """The same state, apart from this one's later updates."""
+        h = _Hist(self.bounds)
+        h.buckets = self.buckets.copy()
+        h.sum = self.sum
+        h.count = self.count
+        return h
+
 
 def _duration_hist() -> _Hist:
     return _Hist(DURATION_BUCKETS)
 
 
 class Metrics:
-    """Plain counters updated on the event loop, exported by a collector at scrape time.
+    """Plain counters updated on the event loop, exported at scrape time.
 
     prometheus-client's own metric objects take a lock on every update; stella's
-    counters are only touched from the event loop, so plain integers do, and the
-    registry turns them into metric families when /metrics is read.
+    counters are only touched from the event loop, so plain integers do. A scrape copies
+    them there, in one go (no update can land halfway through the copy), and the thread
+    that writes the text reads only that copy.
     """
 
     def __init__(self, svc: Any) -> None:
         self.svc = svc
-        self.registry = CollectorRegistry(auto_describe=True)
         self.requests: dict[tuple[str, str, str, int], int] = defaultdict(int)
         self.tokens: dict[tuple[str, str], int] = defaultdict(int)
         self.ttft: dict[str, _Hist] = defaultdict(_duration_hist)
@@ -106,8 +122,8 @@ class Metrics:
         # What priced calls cost per model, chats and embed calls alike, in nano-dollars
         # (whole numbers add up exactly), exported in USD.
         self.cost: dict[str, int] = defaultdict(int)
-        self.registry.register(_CounterCollector(self))
-        self.registry.register(_StateCollector(svc))
+        self._state = _StateCollector(svc)
+        self._rendering: asyncio.Future[bytes] | None = None
 
     def _model(self, name: str) -> str:
         # A route's name, or OTHER_MODEL: clients cannot grow the label set. Looked up each
@@ -172,24 +188,56 @@ class Metrics:
         """Count an inference request's refusal before the first byte (401, 404, 429, 503, ...)."""
         self.rejections[(api, exc.code)] += 1
 
+    async def render(self) -> bytes:
+        """The Prometheus text of now, written on a thread; a scrape that arrives while one
+        is being written gets that one (a flood of scrapes costs one thread, not one each)."""
+        pending = self._rendering
+        if pending is None or pending.done():
+            # On the loop, in one go: the gauges (they read the loop's own structures) and
+            # a copy of the counters, so the thread sees one moment and races with nothing.
+            scrape = _Scrape(_Counts(self), list(self._state.collect()))
+            pending = asyncio.get_running_loop().run_in_executor(None, generate_latest, scrape)
+            self._rendering = pending
+            pending.add_done_callback(self._rendered)
+        # Shielded: a scrape whose client leaves does not cancel the others' text.
+        return await asyncio.shield(pending)
 
-class _CounterCollector(Collector):
-    """The counters and histograms, as metric families."""
+    def _rendered(self, done: asyncio.Future[bytes]) -> None:
+        if self._rendering is done:
+            self._rendering = None  # the text is not kept past its scrapes
+        if not done.cancelled():
+            done.exception()  # retrieved: every scrape that waited for it may have left
+
+
+class _Counts(Collector):
+    """A copy of the counters and histograms of Metrics, taken on the event loop; their
+    metric families."""
 
     def __init__(self, m: Metrics) -> None:
-        self.m = m
+        # Made on the loop, where every update is: none lands between two of these copies,
+        # so the text agrees with itself (a histogram's count with its buckets and sum).
+        self.requests = dict(m.requests)
+        self.tokens = dict(m.tokens)
+        self.embeds = dict(m.embeds)
+        self.embed_tokens = dict(m.embed_tokens)
+        self.cost = dict(m.cost)
+        self.rejections = dict(m.rejections)
+        self.failures = dict(m.failures)
+        self.ttft = {model: h.copy() for model, h in m.ttft.items()}
+        self.total = {model: h.copy() for model, h in m.total.items()}
+        self.embed_total = {model: h.copy() for model, h in m.embed_total.items()}
+        self.queue = {model: h.copy() for model, h in m.queue.items()}
 
-    def collect(self) -> Iterator[Any]:
-        """Current values."""
-        m = self.m
+    def collect(self) -> Iterator[Metric]:
+        """The copied values."""
         requests = CounterMetricFamily(
             "stella_requests", "Inferences by outcome", labels=["api", "model", "backend", "status"]
         )
-        for (api, model, backend, status), n in list(m.requests.items()):
+        for (api, model, backend, status), n in self.requests.items():
             requests.add_metric([api, model, backend, str(status)], n)
         yield requests
         tokens = CounterMetricFamily("stella_tokens", "Tokens processed", labels=["model", "kind"])
-        for labels, n in list(m.tokens.items()):
+        for labels, n in self.tokens.items():
             tokens.add_metric(list(labels), n)
         yield tokens
         embeds = CounterMetricFamily(
@@ -197,34 +245,34 @@ class _CounterCollector(Collector):
             "Embed calls by outcome",
             labels=["api", "model", "backend", "status"],
         )
-        for (api, model, backend, status), n in list(m.embeds.items()):
+        for (api, model, backend, status), n in self.embeds.items():
             embeds.add_metric([api, model, backend, str(status)], n)
         yield embeds
         embed_tokens = CounterMetricFamily(
             "stella_embed_tokens", "Tokens embed calls read", labels=["model"]
         )
-        for model, n in list(m.embed_tokens.items()):
+        for model, n in self.embed_tokens.items():
             embed_tokens.add_metric([model], n)
         yield embed_tokens
         cost = CounterMetricFamily(  # exposed as stella_cost_usd_total
             "stella_cost_usd", "What calls to priced routes cost, in USD", labels=["model"]
         )
-        for model, n in list(m.cost.items()):
+        for model, n in self.cost.items():
             cost.add_metric([model], usd(n))
         yield cost
         for name, doc, hists in (
-            ("stella_time_to_first_token_seconds", "Time to first token", m.ttft),
-            ("stella_request_duration_seconds", "Whole inference time", m.total),
-            ("stella_embed_duration_seconds", "Whole embed call time", m.embed_total),
+            ("stella_time_to_first_token_seconds", "Time to first token", self.ttft),
+            ("stella_request_duration_seconds", "Whole inference time", self.total),
+            ("stella_embed_duration_seconds", "Whole embed call time", self.embed_total),
             (
                 "stella_queue_wait_seconds",
                 "Time waiting for a place: the key's and the backend's concurrency slots, "
                 "and a backend's own queue",
-                m.queue,
+                self.queue,
             ),
         ):
             family = HistogramMetricFamily(name, doc, labels=["model"])
-            for model, h in list(hists.items()):
+            for model, h in hists.items():
                 cumulative, running = [], 0
                 for bound, n in zip((*h.bounds, float("inf")), h.buckets, strict=True):
                     running += n
@@ -236,15 +284,28 @@ class _CounterCollector(Collector):
             "Inference requests refused before the first byte",
             labels=["api", "code"],
         )
-        for labels, n in list(m.rejections.items()):
+        for labels, n in self.rejections.items():
             rejections.add_metric(list(labels), n)
         yield rejections
         failures = CounterMetricFamily(
             "stella_backend_failures", "Failed backend attempts", labels=["backend", "code"]
         )
-        for labels, n in list(m.failures.items()):
+        for labels, n in self.failures.items():
             failures.add_metric(list(labels), n)
         yield failures
+
+
+class _Scrape(Collector):
+    """One scrape's metric families: the counters' copy, then the gauges read with it."""
+
+    def __init__(self, counts: _Counts, state: list[Metric]) -> None:
+        self.counts = counts
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        """The families, in the order /metrics lists them."""
+        yield from self.counts.collect()
+        yield from self.state
 
 
 class _StateCollector(Collector):
@@ -317,7 +378,7 @@ async def metrics(request: Request, call: Call) -> Response:
         # The counters name every model and its traffic: more than such a key may see.
         raise Forbidden("this key is limited to some models; /metrics shows all of them")
     m: Metrics = services(request).metrics
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE)
+    return Response(await m.render(), media_type=CONTENT_TYPE)
 
 
 document(

@@ -497,20 +497,13 @@ def test_refusals_of_metrics_and_admin_routes_are_not_counted() -> None:
         assert value(text, 'stella_rejections_total{api="native",code="unauthorized"}') == 1
 
 
-def test_a_first_token_after_several_attempts_lands_in_its_bucket(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_first_token_after_several_attempts_lands_in_its_bucket() -> None:
     # Retries and fallbacks each get ttft_timeout_s (120 s): a client's wait of 400 s
     # counts under le=600, not in +Inf with nothing to read a quantile from.
     from types import SimpleNamespace
 
-    from prometheus_client import CollectorRegistry
-
-    import stella.metrics
     from stella.metrics import DURATION_BUCKETS, Metrics
 
-    # Counting alone: no server state for the collectors to describe.
-    monkeypatch.setattr(stella.metrics, "CollectorRegistry", lambda **_: CollectorRegistry())
     m = Metrics(SimpleNamespace(router=SimpleNamespace(ever={"r"})))
     m.observe(
         {
@@ -530,3 +523,48 @@ def test_a_first_token_after_several_attempts_lands_in_its_bucket(
     h = m.ttft["r"]
     assert h.bounds == DURATION_BUCKETS
     assert h.buckets[DURATION_BUCKETS.index(600.0)] == 1 and sum(h.buckets) == 1
+
+
+async def test_the_text_is_written_off_the_event_loop_once_for_the_scrapes_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With hundreds of routes the text runs to megabytes (a tenth of a second and more to
+    # write): written on the loop, it would hold every call the server is serving. Here it
+    # is slow: calls are answered meanwhile, it ran on another thread, the scrapes that came
+    # meanwhile share it, and it counts what was done when it began, not what came after.
+    import asyncio
+    import threading
+    import time
+
+    import stella.metrics
+    from stella.app import create_app
+    from stella.settings import load_settings
+    from tests.live import NO_MLX
+
+    writers: list[int] = []
+    write = stella.metrics.generate_latest
+
+    def slow_write(collector: object) -> bytes:
+        writers.append(threading.get_ident())
+        time.sleep(1)
+        return write(collector)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stella.metrics, "generate_latest", slow_write)
+    app = create_app(load_settings(NO_MLX, environ={}))
+    body = {"model": "echo", "stream": False, "messages": [{"role": "user", "content": "a"}]}
+    label = 'stella_requests_total{api="native",backend="echo",model="echo",status="200"}'
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            assert (await c.post("/api/v1/chat", json=body)).status_code == 200
+            scrapes = [asyncio.ensure_future(c.get("/metrics")) for _ in range(3)]
+            while not writers:
+                await asyncio.sleep(0.01)
+            assert (await c.get("/health")).status_code == 200
+            assert (await c.post("/api/v1/chat", json=body)).status_code == 200
+            assert not any(s.done() for s in scrapes)  # answered while the text was written
+            texts = {(await s).text for s in scrapes}
+            assert writers[0] != threading.get_ident()  # not on the loop's thread
+            assert len(writers) == 1 and len(texts) == 1  # one text for the three scrapes
+            assert value(texts.pop(), label) == 1  # the call made meanwhile is not in it
+            assert value((await c.get("/metrics")).text, label) == 2

@@ -1003,6 +1003,34 @@ async def test_a_load_outlives_the_waiters_that_gave_up(monkeypatch: pytest.Monk
         await b.aclose()
 
 
+async def test_a_loaded_model_is_frozen_and_its_weights_still_go_when_unloaded() -> None:
+    # The model's objects are kept out of the full collections' walk (gc.freeze), and,
+    # frozen, are still freed by their last reference: an unload frees the weights at
+    # once, and a reload leaves nothing behind.
+    import gc
+    import weakref
+
+    import mlx.core as mx
+
+    from stella.backends.mlx.backend import MlxBackend, MlxConfig
+    from tests.test_gc_freeze import frozen
+
+    gc.unfreeze()
+    b = MlxBackend("local", MlxConfig(kind="mlx", preload=False))
+    await b.start()
+    try:
+        for _ in range(2):
+            lm = await b.ensure_loaded("")
+            assert frozen(lm.model) and frozen(lm.tokenizer)
+            loaded = mx.get_active_memory()
+            weights = weakref.ref(lm.model)
+            del lm
+            assert await b.unload("")
+            assert weights() is None and mx.get_active_memory() < loaded / 100
+    finally:
+        await b.aclose()
+
+
 def test_control_tokens_written_in_a_message_are_text() -> None:
     # A message that writes the template's control tokens cannot end its own turn or
     # open another one: they are read as the characters they are.

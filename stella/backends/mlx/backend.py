@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import importlib.util
 import math
 import sys
@@ -19,6 +18,7 @@ import msgspec
 import structlog
 from msgspec import Meta
 
+from stella import gc_freeze
 from stella.backends.base import (
     Backend,
     BackendConfig,
@@ -176,7 +176,9 @@ class MlxBackend(Backend):
             loop = asyncio.get_running_loop()
             source = self._source(key)
             cache_dir = self.cfg.cache_dir
-            future = self.worker.call(self._load, source, cache_dir, self._dtype(), self.cfg.blas)
+            future = self.worker.call(
+                gc_freeze.load_frozen, self._load, source, cache_dir, self._dtype(), self.cfg.blas
+            )
             self._load_queued = time.monotonic()
             pending = self._loading[key] = asyncio.wrap_future(future, loop=loop)
             # The load's outcome is kept by the load itself, not by a waiter: every
@@ -300,7 +302,8 @@ class MlxBackend(Backend):
         models, self.loaded_models = list(self.loaded_models.values()), {}
         for model in models:
             self.worker.call(model.release)
-        self.worker.call(gc.collect)  # arrays in reference cycles go now, on that thread
+        # Arrays in reference cycles go now, on that thread (frozen ones too).
+        self.worker.call(gc_freeze.collect_all)
         self._counter.shutdown(wait=False, cancel_futures=True)  # no MLX there: not waited
         await asyncio.to_thread(self.worker.stop)
 
