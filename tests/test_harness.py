@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -128,3 +129,28 @@ def test_a_fake_upstreams_port_is_its_own_before_uvicorn_listens(
     finally:
         for thief in thieves:
             thief.close()
+
+
+def test_a_redis_server_whose_port_another_answers_on_is_started_on_another(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Another run's redis-server said PONG: the test used (and flushed) it.
+    from tests import test_redis
+
+    class Pong(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            while self.request.recv(1024):
+                self.request.sendall(b"+PONG\r\n")
+
+    pong = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Pong)
+    pong.daemon_threads = True
+    with _threaded(pong) as taken:
+        monkeypatch.setattr(live, "free_port", _hands_out_first(taken))
+        monkeypatch.setattr(test_redis, "free_port", _hands_out_first(taken), raising=False)
+        redis = test_redis.Redis(tmp_path)
+        redis.start()
+        try:
+            assert redis.port != taken and redis.proc is not None
+            assert live.owns_port(redis.proc.pid, redis.port)
+        finally:
+            redis.stop()
