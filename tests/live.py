@@ -16,11 +16,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+
+_T = TypeVar("_T")
 
 # Every test server starts from this overlay: echo is the default, MLX stays unloaded.
 NO_MLX: dict[str, Any] = {
@@ -38,8 +40,10 @@ _handed: set[int] = set()
 PORTS = range(20000, 32000)
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now, from this pytest worker's share of PORTS."""
+def loopback_socket() -> socket.socket:
+    """A TCP socket bound to a port of 127.0.0.1 from this pytest worker's share of
+    PORTS, kept bound: a server given it listens on a port no other process can take
+    meanwhile (another test run on this machine, whose share is the same)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
     count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
     index = int(worker) % count if worker.isdigit() else 0
@@ -49,14 +53,159 @@ def free_port() -> int:
         port = random.randrange(first, first + span)
         if port in _handed:
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
         _handed.add(port)
-        return port
+        return s
     raise RuntimeError(f"no free port in {first}-{first + span - 1}")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, from this pytest worker's share of PORTS.
+    Another process may take it before a server binds it: a server started on it is
+    waited for with wait_serving, on another port when this one was taken (see
+    on_free_port), or is given a loopback_socket instead."""
+    with loopback_socket() as s:
+        return int(s.getsockname()[1])
+
+
+# How many ports a test's server is started on before its test fails: another process (a
+# second test run on this machine) may take the one free_port() handed out before the
+# server binds it, and the next is very likely free.
+PORT_TRIES = 5
+
+
+class PortTaken(Exception):
+    """Another process listens on the port a test's server was started on."""
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """The inodes of the sockets listening on TCP `port` (any address), or None where
+    /proc does not list them (not Linux)."""
+    inodes: set[str] = set()
+    tables = 0
+    hex_port = f":{port:04X} "
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        tables += 1
+        for row in rows:
+            if hex_port not in row:  # most rows, split no further
+                continue
+            # sl local_address rem_address st ... inode: an address is HEXIP:HEXPORT,
+            # and state 0A is LISTEN.
+            fields = row.split()
+            if fields[3] == "0A" and fields[1].endswith(hex_port[:-1]):
+                inodes.add(fields[9])
+    return inodes if tables else None
+
+
+def _holds(pid: int, sockets: set[str]) -> bool:
+    """Whether process `pid` has one of these sockets (`socket:[inode]`) open."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in sockets:
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes started by `pid`, and by those, from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def owns_port(pid: int, port: int) -> bool | None:
+    """Whether process `pid` (or one it started: a supervisor's worker) holds the socket
+    listening on TCP `port`; None where /proc does not say (not Linux)."""
+    inodes = _listening_inodes(port)
+    if inodes is None:
+        return None
+    sockets = {f"socket:[{inode}]" for inode in inodes}
+    if not sockets:
+        return False
+    return _holds(pid, sockets) or any(_holds(p, sockets) for p in _descendants(pid))
+
+
+def wait_serving(
+    proc: subprocess.Popen[Any],
+    port: int,
+    up: Callable[[], bool],
+    timeout: float,
+    what: str,
+    output: Callable[[], str] = lambda: "",
+) -> None:
+    """Wait until `up()` (a probe of the server on `port`) is true and the answer came
+    from `proc`'s server. PortTaken when another process listens on `port` (it answered
+    the probe, or `proc` exited for want of the port); RuntimeError, with `output()`,
+    when `proc` exits otherwise or never answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            said = output()
+            # Its own line, when it says why; else whoever listens there now.
+            if "address already in use" in said.lower() or _listening_inodes(port):
+                raise PortTaken(f"{what} could not listen on port {port}: taken:\n{said}")
+            raise RuntimeError(f"{what} exited at start:\n{said}")
+        if up():
+            # Another test run's server on this port answers as well as ours would.
+            if owns_port(proc.pid, port) is False:
+                raise PortTaken(f"another process answers on port {port}, not {what}")
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"{what} did not come up:\n{output()}")
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
+    """SIGTERM `proc` and wait for it; SIGKILL when it outlasts `timeout`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def on_free_port(start: Callable[[int], _T], what: str) -> _T:
+    """`start(port)` on a free port (it waits with wait_serving), on another while another
+    process takes the one it was given (up to PORT_TRIES ports)."""
+    taken: PortTaken | None = None
+    for _ in range(PORT_TRIES):
+        try:
+            return start(free_port())
+        except PortTaken as exc:
+            taken = exc
+    raise RuntimeError(f"{what} found each of {PORT_TRIES} ports taken") from taken
 
 
 def to_toml(data: Mapping[str, Any]) -> str:
@@ -186,30 +335,41 @@ def run_stella(
     a None leaving a variable out); stop it afterwards. Its stdout and stderr go to the
     log file, or stdout to `stdout` (subprocess.PIPE: the test reads it from
     `server.proc.stdout`, and closes it)."""
-    port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="stella-test-"))
     conf = tmp / "stella.toml"
     conf.write_text(to_toml(merge(base, config or {})))
     log_path = tmp / "server.log"
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
-    full_env.update({"STELLA_CONFIG": str(conf), "PORT": str(port), "PYTHONUNBUFFERED": "1"})
-    for key, value in (env or {}).items():  # None: not in its environment at all
-        if value is None:
-            full_env.pop(key, None)
-        else:
-            full_env[key] = value
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stella", "serve", "--log-format", "json", *args],
-            stdout=log if stdout is None else stdout,
-            stderr=subprocess.STDOUT if stdout is None else log,
-            env=full_env,
-            cwd=tmp,
-        )
-    server = LiveServer(proc, f"http://127.0.0.1:{port}", log_path)
-    try:
+
+    def start(port: int) -> LiveServer:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
+        full_env.update({"STELLA_CONFIG": str(conf), "PORT": str(port), "PYTHONUNBUFFERED": "1"})
+        for key, value in (env or {}).items():  # None: not in its environment at all
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
+        with log_path.open("wb") as log:  # a new log for each try
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "stella", "serve", "--log-format", "json", *args],
+                stdout=log if stdout is None else stdout,
+                stderr=subprocess.STDOUT if stdout is None else log,
+                env=full_env,
+                cwd=tmp,
+            )
+        server = LiveServer(proc, f"http://127.0.0.1:{port}", log_path)
         if check_ready:
-            _wait_up(server, ready_timeout)
+            try:
+                _wait_up(server, ready_timeout)
+            except BaseException:
+                server.stop()
+                if server.proc.stdout is not None:
+                    server.proc.stdout.close()
+                raise
+        return server
+
+    # Not ready-checked, a server's start is the test's to watch: it is not started again.
+    server = on_free_port(start, "stella") if check_ready else start(free_port())
+    try:
         yield server
     finally:
         server.stop()
@@ -219,17 +379,15 @@ def run_stella(
 
 
 def _wait_up(server: LiveServer, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError("stella exited at start:\n" + "\n".join(server.lines()))
+    """Wait until this server (not another process on its port) answers /health."""
+
+    def up() -> bool:
         try:
-            if httpx.get(server.url + "/health", timeout=1).status_code == 200:
-                return
+            return httpx.get(server.url + "/health", timeout=1).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.02)
-    raise RuntimeError("stella did not come up:\n" + "\n".join(server.lines()))
+            return False
+
+    wait_serving(server.proc, server.port, up, timeout, "stella", lambda: "\n".join(server.lines()))
 
 
 def ndjson(text: str) -> list[dict[str, Any]]:

@@ -66,8 +66,6 @@ def test_bench_url_counts_the_tokens_of_whole_answers(stella: LiveServer) -> Non
     # Non-stream tokens/s was 0 (native) or req/s (OpenAI: one "content" per answer).
     import httpx
 
-    from tests.live import free_port
-
     url = stella.url + "/api/v1/chat"
     body = {
         "model": "echo",
@@ -77,8 +75,7 @@ def test_bench_url_counts_the_tokens_of_whole_answers(stella: LiveServer) -> Non
     tokens = httpx.post(url, json=body).json()["usage"]["completion_tokens"]
     assert tokens > 1
     runs = [(url, tokens, [])]
-    port = free_port()
-    proc, _ = _upstream(port, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, _, port = _upstream(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         runs.append((f"http://127.0.0.1:{port}/v1/chat/completions", 20, ["--openai"]))
         for target, per_answer, extra in runs:
@@ -153,36 +150,48 @@ def test_bench_url_gives_up_on_an_answer_that_never_comes() -> None:
     )
 
 
-def _upstream(port: int, **kwargs: Any) -> tuple[subprocess.Popen, dict]:
-    """`stella bench upstream` on `port`, and its answer to a chat completion."""
-    import time
-
+def _upstream(**kwargs: Any) -> tuple[subprocess.Popen, dict, int]:
+    """`stella bench upstream` on a free port: it, its answer to a chat completion, and
+    its port."""
     import httpx
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "stella", "bench", "upstream", "--port", str(port)], **kwargs
-    )
-    deadline = time.monotonic() + 20
-    while True:
+    from tests.live import on_free_port, stop_process, wait_serving
+
+    answers: list[httpx.Response] = []
+
+    def start(port: int) -> tuple[subprocess.Popen, int]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stella", "bench", "upstream", "--port", str(port)], **kwargs
+        )
+
+        def up() -> bool:
+            try:
+                answers.append(
+                    httpx.post(
+                        f"http://127.0.0.1:{port}/v1/chat/completions",
+                        json={"model": "bench", "messages": [{"role": "user", "content": "hi"}]},
+                    )
+                )
+            except httpx.TransportError:
+                return False
+            return True
+
         try:
-            r = httpx.post(
-                f"http://127.0.0.1:{port}/v1/chat/completions",
-                json={"model": "bench", "messages": [{"role": "user", "content": "hi"}]},
-            )
-            break
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError("the fake upstream did not start") from None
-            time.sleep(0.1)
+            # Whose answer it was is checked too: another test run's server may be there.
+            wait_serving(proc, port, up, 20, "the fake upstream")
+        except BaseException:
+            stop_process(proc, 10)
+            raise
+        return proc, port
+
+    proc, port = on_free_port(start, "the fake upstream")
+    r = answers[-1]
     assert r.status_code == 200
-    return proc, r.json()
+    return proc, r.json(), port
 
 
 def test_bench_upstream_serves_openai_chat_completions() -> None:
-    from tests.live import free_port
-
-    proc, body = _upstream(free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, body, _ = _upstream(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert body["object"] == "chat.completion"
         assert body["choices"][0]["message"]["content"] and body["usage"]["completion_tokens"] == 20
@@ -195,9 +204,7 @@ def test_ctrl_c_ends_bench_upstream_with_130_as_it_ends_the_other_commands() -> 
     # It exited 0: uvicorn shut down on the SIGINT and returned.
     import signal
 
-    from tests.live import free_port
-
-    proc, _ = _upstream(free_port(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, _, _ = _upstream(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 130

@@ -27,8 +27,11 @@ from tests.live import (
     in_ci,
     install_plugin,
     ndjson,
+    on_free_port,
     run_stella,
+    stop_process,
     to_toml,
+    wait_serving,
 )
 
 
@@ -38,38 +41,49 @@ def test_procfile_starts_under_honcho(tmp_path: Path) -> None:
         if in_ci():
             pytest.fail("honcho is missing: install the test extras")
         pytest.skip("honcho not installed")
-    port = free_port()
     conf = tmp_path / "stella.toml"
     conf.write_text(
         to_toml({"models": {"default": "echo"}, "backends": {"local": {"enabled": False}}})
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
     env.update(
-        PORT=str(port),
         HOST="127.0.0.1",
         STELLA_CONFIG=str(conf),
         STELLA_API_KEYS="sk-procfile-test",
         PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
     )
-    proc = subprocess.Popen(
-        [honcho, "-f", str(ROOT / "Procfile"), "start", "web"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
+
+    def start(port: int) -> tuple[subprocess.Popen[bytes], str]:
+        proc = subprocess.Popen(
+            [honcho, "-f", str(ROOT / "Procfile"), "start", "web"],
+            cwd=tmp_path,
+            env={**env, "PORT": str(port)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def up() -> bool:
             try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
+                return httpx.get(url + "/health", timeout=1).status_code == 200
             except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("Procfile web process did not answer on $PORT")
+                return False
+
+        def output() -> str:  # read once honcho has ended (it holds the pipe till then)
+            assert proc.stdout is not None
+            return proc.stdout.read().decode() if proc.poll() is not None else ""
+
+        try:
+            # Whose answer it was is checked too: stella, honcho's child, listens there.
+            wait_serving(proc, port, up, 30, "the Procfile's web process", output)
+        except BaseException:
+            _stop_group(proc)
+            raise
+        return proc, url
+
+    proc, url = on_free_port(start, "the Procfile's web process")
+    try:
         r = httpx.post(
             url + "/api/v1/chat",
             headers={"Authorization": "Bearer sk-procfile-test"},
@@ -82,9 +96,14 @@ def test_procfile_starts_under_honcho(tmp_path: Path) -> None:
         out = proc.communicate(timeout=30)[0].decode()
         assert "web.1 stopped (rc=0)" in out, out
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group `proc` leads (honcho and its web process), and wait."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
 
 
 def test_containerfile_promises() -> None:
@@ -396,30 +415,38 @@ def test_runtime_routing_with_workers_and_no_redis_is_refused() -> None:
 @contextmanager
 def _plain_uvicorn(tmp_path: Path, env: dict[str, str], *flags: str) -> Iterator[tuple[str, Path]]:
     """`uvicorn stella.app:create_app --factory` with `flags`: its URL and its stdout."""
-    port = free_port()
     full = {k: v for k, v in os.environ.items() if not k.startswith("STELLA_")}
     full |= {"STELLA_MODELS__DEFAULT": "echo", "STELLA_BACKENDS__LOCAL__ENABLED": "false"}
     full |= env
-    args = ["stella.app:create_app", "--factory", "--port", str(port), *flags]
     out = tmp_path / "stdout"
-    with out.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", *args],
-            env=full,
-            cwd=tmp_path,
-            stdout=sink,
-            stderr=subprocess.DEVNULL,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "uvicorn did not start"
+
+    def start(port: int) -> tuple[subprocess.Popen[bytes], str]:
+        args = ["stella.app:create_app", "--factory", "--port", str(port), *flags]
+        with out.open("wb") as sink:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", *args],
+                env=full,
+                cwd=tmp_path,
+                stdout=sink,
+                stderr=subprocess.DEVNULL,
+            )
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
             try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
+                return httpx.get(url + "/health", timeout=1).status_code == 200
             except httpx.TransportError:
-                time.sleep(0.05)
+                return False
+
+        try:
+            wait_serving(proc, port, up, 30, "uvicorn")  # and not another process there
+        except BaseException:
+            stop_process(proc, 20)
+            raise
+        return proc, url
+
+    proc, url = on_free_port(start, "uvicorn")
+    try:
         yield url, out
     finally:
         proc.terminate()

@@ -18,7 +18,15 @@ import pytest
 
 from stella.settings import StateSettings
 from stella.state_redis import RedisState
-from tests.live import NO_MLX, free_port, in_ci, merge, run_stella, stella_cli
+from tests.live import (
+    NO_MLX,
+    in_ci,
+    merge,
+    on_free_port,
+    run_stella,
+    stella_cli,
+    wait_serving,
+)
 from tests.test_limits import one_wait_for_every_slot
 
 KEY = "sk-redis-admin-1"
@@ -33,7 +41,7 @@ class Redis:
     """A redis-server this test started (stopped by its PID)."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
+        self.port = 0  # chosen by its first start
         self.dir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -47,11 +55,20 @@ class Redis:
             if in_ci():
                 pytest.fail("redis-server is missing: apt-get install redis-server")
             pytest.skip("redis-server is not installed")
+        if self.port:  # a restart: the replicas were given this port
+            self._start(exe, self.port)
+            return
+        # Its first start may find the port taken by another test run: another port then.
+        self.port = on_free_port(lambda port: self._start(exe, port), "redis-server")
+
+    def _start(self, exe: str, port: int) -> int:
+        """Start redis-server on `port` and wait until it, not another process there,
+        answers; the port."""
         self.proc = subprocess.Popen(
             [
                 exe,
                 "--port",
-                str(self.port),
+                str(port),
                 "--bind",
                 "127.0.0.1",
                 "--dir",
@@ -66,18 +83,24 @@ class Redis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                import socket
 
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+        def up() -> bool:
+            import socket
+
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
+                    return s.recv(16).startswith(b"+PONG")
             except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+                return False
+
+        try:
+            # Whose PONG it was is checked too: another test run's redis-server's would do.
+            wait_serving(self.proc, port, up, 10, "redis-server")
+        except BaseException:
+            self.stop()
+            raise
+        return port
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -360,14 +360,15 @@ async def test_a_body_that_stalls_is_counted_as_too_slow(
     import stella.transport
     from stella.app import create_app
     from stella.settings import load_settings
-    from tests.live import NO_MLX, free_port
+    from tests.live import NO_MLX, loopback_socket
 
     monkeypatch.setattr(stella.transport, "BODY_TIMEOUT_S", 0.2)
     app = create_app(load_settings(NO_MLX, environ={}))
-    port = free_port()
+    sock = loopback_socket()  # bound until uvicorn listens on it: no other process takes it
+    port = sock.getsockname()[1]
     config = uvicorn.Config(app, port=port, http=HttpToolsProtocol, log_level="warning")
     server = uvicorn.Server(config)
-    serving = asyncio.create_task(server.serve())
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:
             await asyncio.sleep(0.01)

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from tests.live import free_port
+from tests.live import loopback_socket
 
 
 @contextmanager
@@ -40,13 +40,16 @@ def full_backlog() -> Iterator[int]:
 @contextmanager
 def serve(app: Any, health: str = "/health") -> Iterator[str]:
     """Serve `app` until the block ends; yields its base URL."""
-    port = free_port()
+    # Bound here and handed to uvicorn: a port free a moment ago may be another test
+    # run's by the time uvicorn binds it (it then fails to start).
+    sock = loopback_socket()
+    port = sock.getsockname()[1]
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="off"
     )
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 10
@@ -64,3 +67,4 @@ def serve(app: Any, health: str = "/health") -> Iterator[str]:
         server.should_exit = True
         server.force_exit = True  # stalled fake streams must not hold the shutdown
         thread.join(10)
+        sock.close()
