@@ -129,7 +129,7 @@ class Metrics:
         # A route's name, or OTHER_MODEL: clients cannot grow the label set. Looked up each
         # time: a route registered at runtime is counted under its name from then on, and
         # a call on one removed while it ran still is.
-        return name if name in self.svc.router.ever else OTHER_MODEL
+        return name if name in self.svc.router.counted else OTHER_MODEL
 
     def observe(self, record: dict[str, Any]) -> None:
         """Count one inference (runs for every request: keep it cheap)."""

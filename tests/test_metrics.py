@@ -504,7 +504,7 @@ def test_a_first_token_after_several_attempts_lands_in_its_bucket() -> None:
 
     from stella.metrics import DURATION_BUCKETS, Metrics
 
-    m = Metrics(SimpleNamespace(router=SimpleNamespace(ever={"r"})))
+    m = Metrics(SimpleNamespace(router=SimpleNamespace(counted={"r"})))
     m.observe(
         {
             "op": "chat",
