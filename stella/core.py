@@ -163,6 +163,10 @@ class Pipeline:
         self.log_content = log_content
         self.listeners: list[Listener] = []
         self.active: set[Inference] = set()
+        # The calls waiting for admission, by route name: with `active`, what keeps a
+        # removed route's name (and its metric series) until its calls are counted.
+        self.admitting: dict[str, int] = {}
+        router.in_use = self.in_flight
         # The server's Drain (streaming.Drain), when there is one: a wait for a slot
         # is one of the calls a shutdown ends.
         self.drain: Drain | None = None
@@ -185,6 +189,13 @@ class Pipeline:
             "Messages client's thinking or effort) and answered without it: from now on "
             "it is not asked (see the backend's reasoning_effort_as or thinking_as_effort)",
         )
+
+    def in_flight(self) -> set[str]:
+        """The route names of the calls admitted and not yet counted, and of those waiting
+        to be admitted."""
+        names = {inference.route.name for inference in self.active}
+        names.update(self.admitting)
+        return names
 
     def _route(self, request: ChatRequest, call: Call) -> Route:
         """The checked request's route, one the caller's key may use."""
@@ -585,6 +596,10 @@ class Pipeline:
             if call.receive is not None
             else None
         )
+        # Only a wait can see its route removed before the call is admitted (`active`).
+        admitting = self.admitting
+        name = route.name
+        admitting[name] = admitting.get(name, 0) + 1
         try:
             admit = self.admission.admit(call, route, request, backend_slot, others, chain)
             if drain is not None and drain.draining:
@@ -618,6 +633,10 @@ class Pipeline:
                 raise ShuttingDown() from None
             raise ClientGone("the client left while waiting for a slot") from None
         finally:
+            if admitting[name] == 1:
+                del admitting[name]
+            else:
+                admitting[name] -= 1
             if watcher is not None:
                 watcher.cancel()
             if drain is not None:

@@ -1,9 +1,9 @@
 """Prometheus metrics at GET /metrics, fed by the pipeline's one record per inference.
 
 Labels are bounded: models are route names (anything else counts as "(other)"),
-never request IDs. Gauges that describe state (streams in flight,
-queue depth, circuit breakers) are read at scrape time, so the hot path pays
-only for a few counter and histogram updates.
+never request IDs, and a removed route's series go once its calls are counted. Gauges
+that describe state (streams in flight, queue depth, circuit breakers) are read at scrape
+time, so the hot path pays only for a few counter and histogram updates.
 
 A scrape reads that state and copies the counters on the event loop (a millisecond or
 two with hundreds of routes), then writes the text on a thread: that text runs to
@@ -128,8 +128,28 @@ class Metrics:
     def _model(self, name: str) -> str:
         # A route's name, or OTHER_MODEL: clients cannot grow the label set. Looked up each
         # time: a route registered at runtime is counted under its name from then on, and
-        # a call on one removed while it ran still is.
-        return name if name in self.svc.router.ever else OTHER_MODEL
+        # a call on one removed while it ran still is (Router.sweep keeps the name for it).
+        return name if name in self.svc.router.counted else OTHER_MODEL
+
+    def forget(self, models: set[str]) -> None:
+        """Drop the series of these models (removed routes no call is on any more): a
+        route added again under one of their names counts from zero, a counter reset."""
+        by_model: tuple[dict[str, Any], ...] = (
+            self.ttft,
+            self.total,
+            self.queue,
+            self.embed_tokens,
+            self.embed_total,
+            self.cost,
+        )
+        for counts in by_model:
+            for model in models.intersection(counts):
+                del counts[model]
+        for keyed in (self.requests, self.embeds):
+            for key in [k for k in keyed if k[1] in models]:
+                del keyed[key]
+        for model_kind in [k for k in self.tokens if k[0] in models]:
+            del self.tokens[model_kind]
 
     def observe(self, record: dict[str, Any]) -> None:
         """Count one inference (runs for every request: keep it cheap)."""
@@ -196,6 +216,9 @@ class Metrics:
             # On the loop, in one go: the gauges (they read the loop's own structures) and
             # a copy of the counters, so the thread sees one moment and races with nothing.
             scrape = _Scrape(_Counts(self), list(self._state.collect()))
+            # After the copy: the last calls of a removed route are in this text once, and
+            # its series go from the next one (on the loop, where every update is).
+            self.svc.router.sweep()
             pending = asyncio.get_running_loop().run_in_executor(None, generate_latest, scrape)
             self._rendering = pending
             pending.add_done_callback(self._rendered)
@@ -399,6 +422,7 @@ def install(app: Starlette, svc: Services) -> None:
     if not svc.settings.metrics.enabled:
         return
     svc.metrics = Metrics(svc)
+    svc.router.on_forget.append(svc.metrics.forget)
     svc.pipeline.listeners.append(svc.metrics.observe)
     svc.on_reject.append(svc.metrics.rejected)
     app.router.routes.append(Route("/metrics", metrics, methods=["GET"]))

@@ -4,7 +4,7 @@ breakers."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -166,9 +166,15 @@ class Router:
         # the last read of the store: see apply_stored): the model list shows them.
         self.skipped: dict[str, str] = {}
         self.routes: dict[str, Route] = {}
-        # Every name a route has had in this process: a call admitted on a route removed
-        # before it ended still counts under its name (metrics label only these).
-        self.ever: set[str] = set()
+        # The names calls are counted under (metrics label only these): every route's,
+        # and a removed route's while a call admitted on it runs (see sweep).
+        self.counted: set[str] = set()
+        # The route names calls are on now, admitted or waiting to be: the pipeline's,
+        # asked only when a removed route's name may go.
+        self.in_use: Callable[[], Collection[str]] = frozenset
+        # Told of the names that go (a removed route's, no call on it left): each drops
+        # what it holds by them (metrics: their series).
+        self.on_forget: list[Callable[[set[str]], None]] = []
         self._names: dict[str, str] = {}
         # Calls in flight from this process on each backend of a balanced route (counted
         # by the pipeline's inferences, see Inference.busy_on): what `pick` weighs.
@@ -220,7 +226,7 @@ class Router:
                 member.pool = pool
                 self.busy.setdefault(member.backend_name, 0)
         self.routes[name] = route
-        self.ever.add(name)
+        self.counted.add(name)
         self._names[name] = name
         for alias in rs.aliases:
             self._names.setdefault(alias, name)
@@ -412,6 +418,20 @@ class Router:
         """The circuit breaker of a backend."""
         return self.breakers[backend_name]
 
+    def sweep(self) -> None:
+        """Forget the names of removed routes no call is on any more: what is kept by them
+        goes (their metric series), and a route of that name added later starts afresh.
+        A call still running on one keeps its name until a sweep after it ended. Runs on
+        the event loop, at a routing change and a scrape, never per call."""
+        if len(self.counted) == len(self.routes):
+            return  # no route removed since the last sweep: every counted name is a route's
+        gone = self.counted.difference(self.routes).difference(self.in_use())
+        if not gone:
+            return
+        self.counted -= gone
+        for forget in self.on_forget:
+            forget(gone)
+
     def snapshot(self) -> tuple[dict[str, Route], dict[str, str], str]:
         """The routing table as it is now, for `restore` (a change the store refused)."""
         return dict(self.routes), dict(self._names), self.default
@@ -482,14 +502,19 @@ class Router:
         with why); returns why each one that could not be applied was left out. A route
         served here without a backend it names (unknown or disabled here) is applied, and
         each such backend warned of (`stored_route_backend_missing`), once for this read."""
+        # Before: a route removed earlier and stored again now starts afresh; after: the
+        # routes this read removes go, unless a call is on them.
+        self.sweep()
         snap = self.snapshot()
         skipped = dict(self.skipped)
         try:
-            return self._apply_stored(specs, default, unreadable or {})
+            why = self._apply_stored(specs, default, unreadable or {})
         except BaseException:
             self.restore(snap)
             self.skipped = skipped
             raise
+        self.sweep()
+        return why
 
     def _apply_stored(
         self, specs: dict[str, RouteSettings], default: str | None, unreadable: Mapping[str, str]

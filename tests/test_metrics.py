@@ -251,7 +251,11 @@ def test_a_route_named_other_is_not_counted_with_names_that_are_no_route() -> No
     assert value(text, series % "(other)") == 2, text
 
 
-def test_a_call_on_a_route_removed_while_it_ran_keeps_its_label() -> None:
+def series(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_a_call_on_a_route_removed_while_it_ran_is_counted_then_its_series_go() -> None:
     import threading
     import time
 
@@ -267,12 +271,123 @@ def test_a_call_on_a_route_removed_while_it_ran_keeps_its_label() -> None:
         call.start()
         time.sleep(0.4)  # the call is running: two of its five words are out
         assert httpx.delete(server.url + "/api/v1/models/rslow").status_code == 200
+        assert 'model="rslow"' not in scrape(server)  # running: not counted yet, nor gone
         call.join(10)
         assert result and result[0].status_code == 200
         label = 'stella_requests_total{api="native",backend="slow",model="rslow",status="200"}'
         text = scrape(server)
         assert value(text, label) == 1, text
         assert 'model="(other)"' not in text
+        # Counted once it ended, in the scrape after it; the series go after that one.
+        text = scrape(server)
+        assert 'model="rslow"' not in text and 'model="(other)"' not in text, text
+
+
+def test_a_call_waiting_for_a_slot_on_a_removed_route_keeps_its_label() -> None:
+    import threading
+    import time
+
+    config = {
+        "backends": {"slow": {"kind": "echo", "delay_s": 0.2}},
+        "models": {"routes": {"hold": {"backend": "slow"}}},
+        "limits": {"backends": {"slow": 1}, "queue_timeout_s": 10},
+    }
+    body = {"stream": False, "messages": [{"role": "user", "content": "a b c"}]}
+    with run_stella(config) as server:
+        route = {"name": "rwait", "backend": "slow"}
+        assert httpx.post(server.url + "/api/v1/models", json=route).status_code == 201
+        results: list[httpx.Response] = []
+        calls = [
+            threading.Thread(
+                target=lambda m=m: results.append(
+                    httpx.post(server.url + "/api/v1/chat", json={**body, "model": m}, timeout=30)
+                )
+            )
+            for m in ("hold", "rwait")
+        ]
+        calls[0].start()
+        time.sleep(0.2)  # "hold" has the backend's one slot
+        calls[1].start()
+        for _ in range(100):  # until the call on "rwait" waits for that slot
+            if value(scrape(server), "stella_waiting_requests") == 1:
+                break
+            time.sleep(0.02)
+        assert httpx.delete(server.url + "/api/v1/models/rwait").status_code == 200
+        assert value(scrape(server), "stella_waiting_requests") == 1  # a scrape while it waits
+        for c in calls:
+            c.join(30)
+        assert sorted(r.status_code for r in results) == [200, 200]
+        text = scrape(server)
+    label = 'stella_requests_total{api="native",backend="slow",model="rwait",status="200"}'
+    assert value(text, label) == 1, text
+    assert 'model="(other)"' not in text
+
+
+def test_removed_routes_leave_no_series_behind() -> None:
+    # An operator adding and removing runtime routes (one per experiment, say) must not
+    # grow /metrics, nor the process's memory, with every name it ever had.
+    chat = {"stream": False, "messages": [{"role": "user", "content": "a b"}]}
+    with run_stella() as server:
+        url = server.url
+        before = series(scrape(server))
+        for i in range(30):
+            name = f"rt-{i}"
+            route = {
+                "name": name,
+                "backend": "echo",
+                "upstream_model": "echo",
+                "price": {"input": 1.0, "output": 2.0},
+            }
+            assert httpx.post(url + "/api/v1/models", json=route).status_code == 201
+            r = httpx.post(url + "/api/v1/chat", json={**chat, "model": name})
+            assert r.status_code == 200, r.text
+            r = httpx.post(url + "/api/v1/embed", json={"model": name, "input": ["x"]})
+            assert r.status_code == 200, r.text
+            if i == 0:  # counted under its name while it is a route: ttft, cost, embeds
+                text = scrape(server)
+                for family in (
+                    "stella_time_to_first_token_seconds_count",
+                    "stella_cost_usd_total",
+                    "stella_embed_requests_total",
+                    "stella_embed_tokens_total",
+                    "stella_tokens_total",
+                ):
+                    assert f'model="{name}"' in next(
+                        (x for x in series(text) if x.startswith(family + "{")), ""
+                    ), family
+            assert httpx.delete(f"{url}/api/v1/models/{name}").status_code == 200
+        after = series(scrape(server))
+    assert after == before
+
+
+def test_a_route_added_again_counts_from_zero() -> None:
+    import threading
+    import time
+
+    config = {"backends": {"slow": {"kind": "echo", "delay_s": 0.1}}}
+    body = {"model": "again", "stream": False, "messages": [{"role": "user", "content": "a b c"}]}
+    label = 'stella_requests_total{api="native",backend="slow",model="again",status="200"}'
+    route = {"name": "again", "backend": "slow"}
+    with run_stella(config) as server:
+        models, chat = server.url + "/api/v1/models", server.url + "/api/v1/chat"
+        assert httpx.post(models, json=route).status_code == 201
+        for _ in range(2):
+            assert httpx.post(chat, json=body).status_code == 200
+        assert value(scrape(server), label) == 2
+        # Removed with no call on it, added again: a counter reset.
+        assert httpx.delete(models + "/again").status_code == 200
+        assert httpx.post(models, json=route).status_code == 201
+        assert httpx.post(chat, json=body).status_code == 200
+        assert value(scrape(server), label) == 1
+        # Removed while a call on it ran, added again once it ended, with no scrape between.
+        call = threading.Thread(target=httpx.post, args=(chat,), kwargs={"json": body})
+        call.start()
+        time.sleep(0.15)
+        assert httpx.delete(models + "/again").status_code == 200
+        call.join(10)
+        assert httpx.post(models, json=route).status_code == 201
+        assert httpx.post(chat, json=body).status_code == 200
+        assert value(scrape(server), label) == 1
 
 
 def test_a_fallback_skipped_for_its_limit_refuses_no_client() -> None:
@@ -504,7 +619,7 @@ def test_a_first_token_after_several_attempts_lands_in_its_bucket() -> None:
 
     from stella.metrics import DURATION_BUCKETS, Metrics
 
-    m = Metrics(SimpleNamespace(router=SimpleNamespace(ever={"r"})))
+    m = Metrics(SimpleNamespace(router=SimpleNamespace(counted={"r"})))
     m.observe(
         {
             "op": "chat",

@@ -234,3 +234,41 @@ def test_limits_under_a_name_that_is_no_route_are_warned_of() -> None:
         create_app(settings)
     warned = {e["key"] for e in logged if e["event"] == "limits_for_unknown_route"}
     assert warned == {"limits.models.default"}
+
+
+def test_a_route_another_replica_removed_is_forgotten_once_no_call_is_on_it() -> None:
+    r = router({})
+    forgotten: list[set[str]] = []
+    r.on_forget.append(forgotten.append)
+    running: set[str] = set()
+    r.in_use = lambda: running
+    r.apply_stored(
+        {"rt": RouteSettings(backend="other"), "rt2": RouteSettings(backend="echo")}, None
+    )
+    assert {"rt", "rt2"} <= r.counted
+    running.add("rt")  # a call on it runs as the store's read removes both
+    r.apply_stored({}, None)
+    assert forgotten == [{"rt2"}]
+    assert "rt" in r.counted and "rt2" not in r.counted  # its call still counts under it
+    r.sweep()
+    assert forgotten == [{"rt2"}]
+    running.clear()
+    r.sweep()  # the call ended: a scrape or a routing change forgets it
+    assert forgotten == [{"rt2"}, {"rt"}]
+    assert r.counted == set(r.routes)
+    r.sweep()  # nothing removed since: nothing asked
+    assert forgotten == [{"rt2"}, {"rt"}]
+
+
+def test_a_stored_route_removed_and_stored_again_starts_afresh() -> None:
+    r = router({})
+    forgotten: list[set[str]] = []
+    r.on_forget.append(forgotten.append)
+    running = {"rt"}
+    r.in_use = lambda: running
+    r.apply_stored({"rt": RouteSettings(backend="other")}, None)
+    r.apply_stored({}, None)  # removed while a call on it ran
+    running.clear()
+    r.apply_stored({"rt": RouteSettings(backend="other")}, None)  # stored again
+    assert forgotten == [{"rt"}]
+    assert "rt" in r.counted

@@ -405,6 +405,10 @@ async def _change(
     result = apply()
     router.restore(snap)
     await write(result)
+    # Removed routes no call is on any more are forgotten (their metric series go) before
+    # the change, so a route added again under such a name starts afresh, and after it,
+    # so a route it removes goes at once when no call is on it.
+    router.sweep()
     try:
         (again or apply)()
     except StellaError as exc:
@@ -412,6 +416,7 @@ async def _change(
         # table in line at its next read (see app._follow_routing), and it is not silent.
         _log.warning("routing_change_not_applied", reason=exc.message)
     router.local_changes += 1  # a follower's read from before this write is stale now
+    router.sweep()
     return result
 
 
