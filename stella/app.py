@@ -553,7 +553,7 @@ async def _restore_state(svc: Services) -> RoutingVersion | None:
         return None
     apply_routing(svc.router, routes, default)
     try:
-        keys = await state.load_keys()
+        keys = await state.load_keys(svc.auth.digests)
     except (OSError, StellaError) as exc:
         # The follower reads them once Redis answers; meanwhile the configured keys
         # alone, none revoked.
@@ -589,7 +589,7 @@ async def _follow_routing(
             before = svc.router.local_changes, svc.auth.local_changes
             read = await state.routing()
             # After the routing: a key change made meanwhile moves the version again.
-            keys = await state.load_keys()
+            keys = await state.load_keys(svc.auth.digests)
             if read is None or (svc.router.local_changes, svc.auth.local_changes) != before:
                 continue  # a local change landed meanwhile: read again next time
             seen, routes, default = read
@@ -621,5 +621,5 @@ def apply_routing(router: Router, routes: dict[str, Any], default: str | None) -
 def apply_keys(auth: Authenticator, keys: StoredKeys) -> None:
     """Make the runtime keys and revocations `auth` applies what the store holds (a key
     that can't be applied is left out with a warning, every time it is read)."""
-    for why in auth.apply_stored(keys.keys, keys.revoked):
+    for why in auth.apply_stored(keys.keys, keys.revoked, keys.changes):
         _log.warning("stored_key_skipped", reason=why)
