@@ -81,14 +81,17 @@ class KeyChange:
     """A key change as a store writes it: digests revoked (digest -> the name revoked
     under), stored entries removed (by name), when (UTC ISO 8601; "" unknown), stored
     entries replaced (name -> spec: an update, a rotation), their time of making kept,
-    and limit buckets cleared with it (a purge's: the limiter's bucket names, which a
-    store that keeps buckets drops; see Admission.key_buckets)."""
+    limit buckets cleared with it (a purge's: the limiter's bucket names, which a
+    store that keeps buckets drops; see Admission.key_buckets), and digests whose
+    revocation goes (a purge's: of the secrets of the entry it removes, see
+    key_plans.purge)."""
 
     revoke: dict[str, str]
     remove: tuple[str, ...] = ()
     at: str = ""
     put: dict[str, dict[str, Any]] = field(default_factory=dict)
     forget: tuple[str, ...] = ()
+    unrevoke: tuple[str, ...] = ()
 
 
 class StateStore(Protocol):
@@ -271,6 +274,9 @@ class MemoryState:
         self.revoked.update(change.revoke)
         if change.at:
             self.revoked_at.update(dict.fromkeys(change.revoke, change.at))
+        for digest in change.unrevoke:
+            self.revoked.pop(digest, None)
+            self.revoked_at.pop(digest, None)
         for name in change.remove:
             self.keys.pop(name, None)
             self.created.pop(name, None)

@@ -265,24 +265,33 @@ elseif op == 'key_change' then
   -- version ARGV[5], ARGV[6] (epoch, count): written only if none changed since, so two
   -- replicas revoking the last two admin keys at once can't both pass (the second
   -- reads again and is refused). ARGV[7] when, ARGV[8] the number of digests revoked,
-  -- ARGV[9] the number of entries replaced, then each revoked as digest, name, each
-  -- replaced as name, spec (its time of making kept); then the names of entries removed.
+  -- ARGV[9] the number of entries replaced, ARGV[10] the number of revocations dropped,
+  -- then each revoked as digest, name, each replaced as name, spec (its time of making
+  -- kept), each dropped as its digest; then the names of entries removed. (A replica
+  -- runs the script it sends, by its own text's SHA: an older one keeps its layout.)
   local epoch = redis.call('GET', KEYS[4]) or ''
   local count = tonumber(redis.call('GET', KEYS[1]) or '0')
   if epoch ~= ARGV[5] or count ~= tonumber(ARGV[6]) then
     return 3
   end
   local n = tonumber(ARGV[8])
-  local first = 10 + 2 * n
-  for i = 10, first - 1, 2 do
+  local first = 11 + 2 * n
+  for i = 11, first - 1, 2 do
     redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
     if ARGV[7] ~= '' then
       redis.call('HSET', KEYS[8], ARGV[i], ARGV[7])
     end
   end
-  local rest = first + 2 * tonumber(ARGV[9])
-  for i = first, rest - 1, 2 do
+  local dropped = first + 2 * tonumber(ARGV[9])
+  for i = first, dropped - 1, 2 do
     redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1])
+  end
+  -- Revocations that go with the entry removed (a purge's: see stella.key_plans.purge),
+  -- in this one step: a replica reads the entry and its revocations gone together.
+  local rest = dropped + tonumber(ARGV[10])
+  for i = dropped, rest - 1 do
+    redis.call('HDEL', KEYS[6], ARGV[i])
+    redis.call('HDEL', KEYS[8], ARGV[i])
   end
   for i = rest, #ARGV do
     redis.call('HDEL', KEYS[5], ARGV[i])
@@ -768,11 +777,12 @@ class RedisState:
         with it; False, writing nothing, when anything changed since."""
         epoch, count = cast(RoutingVersion, seen)
         args: list[str | bytes] = [epoch, str(count), change.at, str(len(change.revoke))]
-        args.append(str(len(change.put)))
+        args += [str(len(change.put)), str(len(change.unrevoke))]
         for digest, name in change.revoke.items():
             args += [digest, name]
         for name, spec in change.put.items():
             args += [name, msgspec.json.encode(spec)]
+        args += change.unrevoke
         done = await self._write("key_change", "", *args, *change.remove, buckets=change.forget)
         return done != 3
 

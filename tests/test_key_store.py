@@ -1,5 +1,5 @@
-"""The stored keys as they grow: a replica reads the keys in time however many
-revocations the store holds, and what a purged key leaves behind; on a real
+"""The stored keys as they grow: a purge takes its revocations with it, and a replica
+reads the keys in time however many revocations the store holds; on a real
 redis-server."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
@@ -48,6 +49,43 @@ def fill(url: str, script: str, keys: list[str], count: int) -> None:
         client.eval(script, len(keys), *keys, count)
     finally:
         client.close()
+
+
+def test_a_purge_drops_its_revocations_but_not_one_the_config_holds() -> None:
+    app = app_for(KEYS)
+    store = app.state.stella.state
+    key = made(app, {"name": "ci"})
+    # Revoked, then purged: nothing of it is left in the store, and it stays refused.
+    answers = asyncio.run(
+        calls(
+            app,
+            ("DELETE", "/api/v1/keys/ci", ROOT, None),
+            ("DELETE", "/api/v1/keys/ci?purge=true", ROOT, None),
+        )
+    )
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    assert not store.revoked and not store.revoked_at and not store.keys
+    assert chat(app, key).status_code == 401
+    # An entry holding a secret the config holds too (written by hand: bob's), revoked
+    # with it, and one whose secret was revoked under another name: their revocations
+    # stay, and so does the refusal of bob's key.
+    other = "sk-keys-other-0004444"
+    store.keys.update({"copy": {"sha256": sha(BOB)}, "twin": {"sha256": sha(other)}})
+    store.revoked[sha(other)] = "someone"
+    store.keys_version += 1
+    assert chat(app, BOB).status_code == 200
+    answers = asyncio.run(
+        calls(
+            app,
+            ("DELETE", "/api/v1/keys/copy", ROOT, None),
+            ("DELETE", "/api/v1/keys/copy?purge=true", ROOT, None),
+            ("DELETE", "/api/v1/keys/twin?purge=true", ROOT, None),
+        )
+    )
+    assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+    assert store.revoked == {sha(BOB): "copy", sha(other): "someone"}
+    assert not store.keys
+    assert chat(app, BOB).status_code == 401 and chat(app, other).status_code == 401
 
 
 def test_a_purged_key_leaves_nothing_in_the_limiter_and_its_plans_make_room(
@@ -193,6 +231,43 @@ def test_a_revocation_gone_from_the_store_while_its_key_works_is_told(
     assert status == 200
     (lost,) = [e for e in logged if e["event"] == "stored_keys_lost"]
     assert (lost["revocations"], lost["runtime_keys"], lost["names"]) == (1, 0, ["bob"])
+
+
+def test_a_key_change_keeps_the_stored_entries_readable_by_every_replica(
+    redis: Redis,  # noqa: F811
+) -> None:
+    # The change script's arguments, drops of revocations included, as a replica reads
+    # them back.
+    async def run() -> None:
+        st = RedisState(StateSettings(redis_url=redis.url))
+        from stella.state import KeyChange
+
+        try:
+            await st.save_key("a", {"sha256": sha("a" * 20)}, "2026-01-01T00:00:00Z")
+            read = await st.load_keys()
+            revoke = KeyChange({sha("a" * 20): "a"}, at="2026-01-02T00:00:00Z")
+            assert await st.change_keys(revoke, read.version)
+            read = await st.load_keys()
+            assert read.revoked == {sha("a" * 20): "a"}
+            assert read.revoked_at == {sha("a" * 20): "2026-01-02T00:00:00Z"}
+            spec = {"sha256": sha("b" * 20)}
+            purge = KeyChange({}, ("a",), put={"b": spec}, unrevoke=(sha("a" * 20),))
+            assert await st.change_keys(purge, read.version)
+            after = await st.load_keys()
+            assert after.keys == {"b": spec} and not after.revoked and not after.revoked_at
+            assert after.changes == read.changes + 1
+        finally:
+            await st.aclose()
+
+    asyncio.run(run())
+    import redis as redis_py
+
+    client = redis_py.Redis.from_url(redis.url)
+    try:
+        assert client.hlen("stella:revoked") == 0
+        assert msgspec.json.decode(client.hget("stella:keys", "b")) == {"sha256": sha("b" * 20)}
+    finally:
+        client.close()
 
 
 def test_a_change_between_the_keys_and_their_revocations_is_read_again(
