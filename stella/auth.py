@@ -202,6 +202,11 @@ class Authenticator:
         # The count of changes of the store's last read applied (StoredKeys.changes): a
         # read that counts fewer is of a store that went back (see apply_stored).
         self.changes = 0
+        # Whether a read of the store's keys was applied (until then the configured keys
+        # alone count, none revoked), and why the last read failed ("": it did not),
+        # for /ready.
+        self.stored_read = False
+        self.stored_error = ""
         host = settings.server.host
         # With no keys, a loopback server's caller is its operator; on a network
         # (auth.allow_anonymous) anyone may call, so nobody gets the admin routes.
@@ -390,6 +395,7 @@ class Authenticator:
             ]
         if changes is not None:
             self.changes = changes
+            self.stored_read, self.stored_error = True, ""
         if lost_revoked or lost_keys:
             _log.warning(
                 "stored_keys_lost",

@@ -1,6 +1,6 @@
-"""The stored keys as they grow: a purge takes its revocations with it, and a replica
-reads the keys in time however many revocations the store holds; on a real
-redis-server."""
+"""The stored keys as they grow: a purge takes its revocations with it, a replica reads
+the keys in time however many revocations the store holds, and follows routes and keys
+apart; on a real redis-server."""
 
 from __future__ import annotations
 
@@ -196,6 +196,79 @@ def test_many_keys_are_read_with_the_bulk_timeout_and_a_slow_read_is_no_outage(
     assert isinstance(got, Unavailable), got
     assert "answered the keys' read too slowly" in got.message
     assert st.down_since is None and st.errors == 0
+
+
+def test_routes_are_followed_while_the_keys_can_t_be_read_and_ready_says_so(
+    redis: Redis,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import redis as redis_py
+
+    monkeypatch.setattr(stella_app, "ROUTING_POLL_S", 0.05)
+    cfg = merge(KEYS, {"state": {"redis_url": redis.url}})
+    # Bob's key revoked in the store before this replica starts.
+    client = redis_py.Redis.from_url(redis.url)
+    client.hset("stella:revoked", sha(BOB), "bob")
+    client.incr("stella:routing_version")
+    client.close()
+    app = app_for(cfg)
+    svc = app.state.stella
+    failing = {"on": True}
+    read_keys = svc.state.load_keys
+
+    async def load_keys(digests: Any = ()) -> Any:
+        if failing["on"]:
+            raise Unavailable("the state store (Redis) answered the keys' read too slowly")
+        return await read_keys(digests)
+
+    svc.state.load_keys = load_keys
+
+    async def run() -> tuple[list[httpx.Response], list[httpx.Response], bool]:
+        async with app.router.lifespan_context(app):
+            before = await calls(
+                app,
+                ("POST", "/api/v1/chat", BOB, CHAT),
+                ("GET", "/ready", ROOT, None),
+            )
+            # Another replica's routing change, applied here all the same.
+            other = RedisState(StateSettings(redis_url=redis.url))
+            try:
+                await other.save_route("rt", {"backend": "echo"})
+            finally:
+                await other.aclose()
+            for _ in range(100):
+                if svc.router.knows("rt"):
+                    break
+                await asyncio.sleep(0.05)
+            followed = svc.router.knows("rt")
+            await asyncio.sleep(0.3)  # more failed reads: warned of once
+            failing["on"] = False
+            for _ in range(100):
+                if sha(BOB) not in svc.auth.keys:
+                    break
+                await asyncio.sleep(0.05)
+            after = await calls(
+                app,
+                ("POST", "/api/v1/chat", BOB, CHAT),
+                ("GET", "/ready", ROOT, None),
+            )
+            return before, after, followed
+
+    with capture_logs() as logged:
+        before, after, followed = asyncio.run(run())
+    assert followed
+    # Until a first read: the configured keys alone, none revoked, and /ready says so.
+    assert before[0].status_code == 200, before[0].text
+    assert before[1].status_code == 200
+    check = before[1].json()["checks"]["keys"]
+    assert check.startswith("degraded (stored keys not read yet: the configured keys alone")
+    assert "too slowly" in check
+    # Once read: refused, and ready with nothing to say of the keys.
+    assert after[0].status_code == 401
+    assert "keys" not in after[1].json()["checks"]
+    events = [e["event"] for e in logged if e["event"].startswith("keys_sync")]
+    assert events == ["keys_sync_failed", "keys_sync_recovered"], events
+    assert not [e for e in logged if e["event"] in ("redis_unavailable", "stored_keys_lost")]
 
 
 def test_a_revocation_gone_from_the_store_while_its_key_works_is_told(
