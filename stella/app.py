@@ -8,7 +8,7 @@ import importlib
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -534,10 +534,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             sink.flush(LOG_FLUSH_TIMEOUT_S)
 
 
-async def _restore_state(svc: Services) -> RoutingVersion | None:
+async def _restore_state(svc: Services) -> tuple[RoutingVersion | None, Hashable | None]:
     """Apply what the state store remembers: runtime routes, then the default switch, then
-    the keys; returns the routing version they were all read at, if known (shared state),
-    for the follower to go on from."""
+    the keys; returns the versions the routes and the keys were read at, if known
+    (shared state), for the follower to go on from."""
     state = svc.state
     version = None
     try:
@@ -551,17 +551,18 @@ async def _restore_state(svc: Services) -> RoutingVersion | None:
             default = await state.get_default_model()
     except OSError as exc:
         _log.warning("state_unavailable", error=str(exc))
-        return None
+        return None, None
     apply_routing(svc.router, routes, default)
     try:
-        keys = await state.load_keys()
+        keys = await state.load_keys(svc.auth.digests)
     except (OSError, StellaError) as exc:
-        # The follower reads them once Redis answers; meanwhile the configured keys
-        # alone, none revoked.
+        # The follower reads them again every ROUTING_POLL_S until it can; meanwhile the
+        # configured keys alone, none revoked (/ready says so).
+        svc.auth.stored_error = _failure(exc)
         _log.warning("state_unavailable", error=str(exc), what="keys")
-        return None
+        return version, None
     apply_keys(svc.auth, keys)
-    return version
+    return version, keys.version
 
 
 # At shutdown, the longest a backend or the state store may take to close.
@@ -573,33 +574,86 @@ ROUTING_POLL_S = 1.0
 
 
 async def _follow_routing(
-    svc: Services, state: SharedState, seen: RoutingVersion | None = None
+    svc: Services,
+    state: SharedState,
+    seen: tuple[RoutingVersion | None, Hashable | None] = (None, None),
 ) -> None:
-    """Apply the runtime routes and default switches other replicas write to the state
-    store: a cheap version poll, a full read only when the version moved from `seen`."""
-    # `seen`: the version the start-up restore read everything at (a change made since
-    # moves it); None, not known: the first poll reads everything once. A version is
-    # (epoch, count): a count alone repeats after Redis restarts empty (see
-    # state.RoutingVersion).
+    """Apply the runtime routes, default switches and key changes other replicas write
+    to the state store: a cheap version poll, a full read only when the version moved
+    from `seen` (the routes' and the keys', as the start-up restore read them).
+
+    Routes and keys are followed apart, each on its own poll: a read of the keys that
+    fails or takes long (Redis slow with many of them) holds no routing change back,
+    and keys never read (a start while Redis was away) are read again at each poll."""
+    routes_seen, keys_seen = seen
+    await asyncio.gather(
+        _follow_routes(svc, state, routes_seen), _follow_keys(svc, state, keys_seen)
+    )
+
+
+async def _follow_routes(svc: Services, state: SharedState, seen: RoutingVersion | None) -> None:
+    """Apply the routes and the default of each routing version not `seen` yet."""
+    # None, not known: the first poll reads them once. A version is (epoch, count): a
+    # count alone repeats after Redis restarts empty (see state.RoutingVersion).
     while True:
         await asyncio.sleep(ROUTING_POLL_S)
         try:
             version = await state.routing_version()
             if version is None or version == seen:
                 continue
-            before = svc.router.local_changes, svc.auth.local_changes
+            before = svc.router.local_changes
             read = await state.routing()
-            # After the routing: a key change made meanwhile moves the version again.
-            keys = await state.load_keys()
-            if read is None or (svc.router.local_changes, svc.auth.local_changes) != before:
+            if read is None or svc.router.local_changes != before:
                 continue  # a local change landed meanwhile: read again next time
             seen, routes, default = read
             apply_routing(svc.router, routes, default)
-            apply_keys(svc.auth, keys)
         except (OSError, StellaError) as exc:  # the store away, a change refused: in a line
             _log.warning("routing_sync_failed", error=repr(exc))
         except Exception as exc:  # a bug: its traceback, and the following goes on
             _log.error("routing_sync_failed", error=repr(exc), exc_info=exc)
+
+
+async def _follow_keys(svc: Services, state: SharedState, seen: Hashable | None) -> None:
+    """Apply the stored keys of each version not `seen` yet; a read that fails is made
+    again at the next poll, warned of once until one succeeds."""
+    auth = svc.auth
+    failing_since: float | None = None
+    while True:
+        await asyncio.sleep(ROUTING_POLL_S)
+        try:
+            version = await state.routing_version()
+            if version is None or version == seen:
+                continue
+            before = auth.local_changes
+            keys = await state.load_keys(auth.digests)
+            if auth.local_changes != before:
+                continue  # a local change landed meanwhile: read again next time
+            apply_keys(auth, keys)
+            seen = keys.version
+            if failing_since is not None:
+                _log.info(
+                    "keys_sync_recovered", failed_s=round(time.monotonic() - failing_since, 1)
+                )
+                failing_since = None
+        except (OSError, StellaError) as exc:  # the store away or slow: in a line, once
+            auth.stored_error = _failure(exc)
+            if failing_since is None:
+                failing_since = time.monotonic()
+                _log.warning(
+                    "keys_sync_failed",
+                    error=repr(exc),
+                    keys="as last read" if auth.stored_read else "configured alone, none revoked",
+                )
+        except Exception as exc:  # a bug: its traceback, and the following goes on
+            _log.error("keys_sync_failed", error=repr(exc), exc_info=exc)
+
+
+def _failure(exc: Exception) -> str:
+    """Why a read of the stored keys failed, as /ready may say it (an OSError's text may
+    name the store's address)."""
+    if isinstance(exc, StellaError):
+        return exc.message.removesuffix("; try again")
+    return type(exc).__name__
 
 
 def apply_routing(router: Router, routes: dict[str, Any], default: str | None) -> None:
@@ -622,5 +676,5 @@ def apply_routing(router: Router, routes: dict[str, Any], default: str | None) -
 def apply_keys(auth: Authenticator, keys: StoredKeys) -> None:
     """Make the runtime keys and revocations `auth` applies what the store holds (a key
     that can't be applied is left out with a warning, every time it is read)."""
-    for why in auth.apply_stored(keys.keys, keys.revoked):
+    for why in auth.apply_stored(keys.keys, keys.revoked, keys.changes):
         _log.warning("stored_key_skipped", reason=why)

@@ -182,6 +182,8 @@ class Authenticator:
             principal = key_principal(name, KeySettings(sha256="", admin=True), lim)
             self._add(hash_key(key), f"{source} key {name!r}", "env", principal)
         self.keys = dict(self._configured)
+        # The configured keys' digests: their revocations are read with the stored keys.
+        self.digests = frozenset(self._configured)
         self.enabled = bool(self.keys)
         # What the state store holds (see apply_stored): runtime keys by name, as
         # (digest, Principal), and revocations, digest -> the name revoked under.
@@ -197,6 +199,14 @@ class Authenticator:
         # Key changes this process wrote (see app._follow_routing): a follower's read
         # from before one is stale.
         self.local_changes = 0
+        # The count of changes of the store's last read applied (StoredKeys.changes): a
+        # read that counts fewer is of a store that went back (see apply_stored).
+        self.changes = 0
+        # Whether a read of the store's keys was applied (until then the configured keys
+        # alone count, none revoked), and why the last read failed ("": it did not),
+        # for /ready.
+        self.stored_read = False
+        self.stored_error = ""
         host = settings.server.host
         # With no keys, a loopback server's caller is its operator; on a network
         # (auth.allow_anonymous) anyone may call, so nobody gets the admin routes.
@@ -330,13 +340,16 @@ class Authenticator:
                 admin.add(k.sha256)
         return admin
 
-    def apply_stored(self, keys: dict[str, Any], revoked: dict[str, str]) -> list[str]:
+    def apply_stored(
+        self, keys: dict[str, Any], revoked: dict[str, str], changes: int | None = None
+    ) -> list[str]:
         """Make the table `authenticate` reads what the store holds: the configured keys
         and `keys` (runtime keys by name), less every key whose digest is `revoked`,
-        whatever its name now. Returns why any stored entry was left out; warns
-        (`stored_keys_lost`) when revocations or runtime keys applied before are gone
-        from the store (a Redis that restarted empty), which no change through the API
-        does."""
+        whatever its name now. `changes`: the store's count when read (StoredKeys), None
+        for a change of this process applied as written. Returns why any stored entry
+        was left out; warns (`stored_keys_lost`) when revocations or runtime keys
+        applied before are gone from the store (a Redis that restarted empty), which no
+        change through the API does."""
         runtime: dict[str, tuple[str, Principal]] = {}
         previous: dict[str, Principal] = {}  # a rotated key's old secret, by its digest
         skipped = []
@@ -365,11 +378,24 @@ class Authenticator:
         for digest, p in previous.items():
             if digest not in revoked and digest not in table:
                 table[digest] = p
-        # A revocation is never taken back, and a runtime key is revoked, not removed
-        # (one no replica could read goes, its digest revoked): either gone is the
-        # store's loss, and each key it refused works again.
-        lost_revoked = [n for d, n in self.revoked.items() if d not in revoked]
-        lost_keys = [n for n, (d, _) in self.runtime.items() if n not in keys and d not in revoked]
+        # A revocation is never taken back while a key holding it works: one gone whose
+        # key works again is the store's loss. A purge removes an entry, and the
+        # revocations of its secrets go from what is read with it (only the stored
+        # entries' and the configured keys' are read), as a store's loss takes them: the
+        # two are told apart by the store's count of changes, which went back with the
+        # loss (restarted empty, restored from a snapshot) and moved on with the purge.
+        went_back = changes is not None and changes < self.changes
+        lost_revoked = [
+            n for d, n in self.revoked.items() if d not in revoked and (went_back or d in table)
+        ]
+        lost_keys = []
+        if went_back:
+            lost_keys = [
+                n for n, (d, _) in self.runtime.items() if n not in keys and d not in revoked
+            ]
+        if changes is not None:
+            self.changes = changes
+            self.stored_read, self.stored_error = True, ""
         if lost_revoked or lost_keys:
             _log.warning(
                 "stored_keys_lost",

@@ -65,10 +65,11 @@ class Purge:
 
 
 def purge(auth: Authenticator, name: str, stored: StoredKeys, shown: str) -> Purge:
-    """Drop runtime key `name`'s stored entry, so that its name is free, revoking each of
-    its secrets not revoked yet (its key's and, in its grace, the one a rotation
-    replaced): a purged key never works again. Conflict for a configured key, or for
-    the last admin key (as a revocation); NotFound for no stored entry of the name."""
+    """Drop runtime key `name`'s stored entry, so that its name is free, and with it the
+    revocations of its secrets (its key's and the one a rotation replaced): a purged
+    key never works again, as nothing holds its secrets any more. Conflict for a
+    configured key, or for the last admin key (as a revocation); NotFound for no stored
+    entry of the name."""
     if name in auth.configured:
         raise Conflict(
             f"key {shown!r} is defined in the configuration "
@@ -84,10 +85,21 @@ def purge(auth: Authenticator, name: str, stored: StoredKeys, shown: str) -> Pur
         # As a DELETE removes one: its digest revoked, should it have one.
         plan = auth.revocation(name, stored, shown)
         return Purge(plan.change, False, plan.unreadable)
-    secrets = [k.sha256, *([k.previous] if k.previous else [])]
-    revoke = {d: name for d in secrets if d not in stored.revoked}
-    if k.sha256 in revoke:
-        lasting = auth.admins(stored) - stored.revoked.keys()
-        if lasting == {k.sha256}:
-            raise Conflict(last_admin(shown))
-    return Purge(KeyChange(revoke, (name,)), k.sha256 in revoke)
+    live = k.sha256 not in stored.revoked
+    if live and auth.admins(stored) - stored.revoked.keys() == {k.sha256}:
+        raise Conflict(last_admin(shown))
+    # A secret is taken by its digest from a stored entry or the config alone. The entry
+    # goes, in the same step as its revocations (a replica reads both gone together, or
+    # neither): no entry holds its secrets after it (a new key gets a new one), so
+    # their revocations would refuse nothing, for good, and every replica would read
+    # them at each key change. Kept: a digest this replica's config holds (the config
+    # still has the secret), and one revoked under another name (another key holding
+    # the same secret was revoked, which is not this purge's to take back). Should
+    # another replica's config hold the secret too (a runtime key's copied there by
+    # hand), it takes that key again, and says so (stored_keys_lost).
+    drop = tuple(
+        d
+        for d in dict.fromkeys((k.sha256, k.previous))
+        if d and stored.revoked.get(d) == name and d not in auth.digests
+    )
+    return Purge(KeyChange({}, (name,), unrevoke=drop), live)

@@ -48,6 +48,8 @@ DAILY = ("rpd:", "tpd:", "usd:")
 # The Retry-After of a daily quota refused while this process's calls still running hold
 # what it lacks (reserved, not yet spent): they settle as they end, often giving some back.
 HELD_RETRY_S = 3.0
+# The most admission plans (a key's buckets and slots on a route) a process keeps made.
+PLANS_KEPT = 10_000
 # What a bucket counts: requests, tokens (reserved, settled with the usage), nano-dollars
 # (a daily budget: reserved, settled with the cost).
 REQUEST, TOKEN, USD = "request", "token", "usd"
@@ -189,37 +191,66 @@ def refill_s(tokens: float, per_s: float) -> float:
     return tokens / per_s if per_s else 0.0
 
 
+class _Slot:
+    """A slot name's semaphore and its users: the calls that hold or wait for one."""
+
+    __slots__ = ("sem", "users")
+
+    def __init__(self, size: int) -> None:
+        self.sem = asyncio.Semaphore(size)
+        self.users = 0
+
+
 class MemorySlots:
-    """Concurrency slots of this process: one semaphore per slot name."""
+    """Concurrency slots of this process: one semaphore per slot name in use.
+
+    A name's semaphore goes once no call holds or waits for it, so the table holds the
+    names in use, not every key name ever seen (a purged key's too), and a name's next
+    use takes its size then (a key's max_concurrent changed meanwhile).
+    """
 
     def __init__(self) -> None:
-        self._sems: dict[str, asyncio.Semaphore] = {}
+        self._sems: dict[str, _Slot] = {}
 
     async def acquire(self, name: str, size: int, wait_s: float) -> Any | None:
         """A held slot, or None when none freed up within `wait_s` seconds."""
-        sem = self._sems.get(name)
-        if sem is None:
-            sem = self._sems[name] = asyncio.Semaphore(size)
+        slot = self._sems.get(name)
+        if slot is None:
+            slot = self._sems[name] = _Slot(size)
+        slot.users += 1
+        sem = slot.sem
         if not sem.locked():
             await sem.acquire()  # a slot free: taken with no suspension
-            return sem
-        if wait_s <= 0:  # one look: full
-            return None
+            return (name, slot)
         try:
+            if wait_s <= 0:  # one look: full
+                self._leave(name, slot)
+                return None
             async with asyncio.timeout(wait_s):
                 await sem.acquire()
         except TimeoutError:
+            self._leave(name, slot)
             return None
-        return sem
+        except BaseException:  # cancelled while waiting: not a user any more
+            self._leave(name, slot)
+            raise
+        return (name, slot)
 
     def release(self, held: Any) -> None:
         """Give a slot back."""
-        held.release()
+        name, slot = held
+        slot.sem.release()
+        self._leave(name, slot)
+
+    def _leave(self, name: str, slot: _Slot) -> None:
+        slot.users -= 1
+        if not slot.users and self._sems.get(name) is slot:
+            del self._sems[name]
 
     def free(self, name: str, size: int) -> bool:
         """Whether a slot is free now and no call waits for one."""
-        sem = self._sems.get(name)
-        return sem is None or not sem.locked()
+        slot = self._sems.get(name)
+        return slot is None or not slot.sem.locked()
 
 
 class LimitPermit(Permit):
@@ -390,8 +421,13 @@ class Limiter(Admission):
             [(name, size) for name, size in slots if size],
             route.price,
         )
-        if len(self._plans) < 10_000:
-            self._plans[cache_key] = plan
+        plans = self._plans
+        if len(plans) >= PLANS_KEPT and cache_key not in plans:
+            # The oldest made goes (dicts keep their order): keys purged and routes
+            # removed would otherwise fill the table for good, and nothing new be kept.
+            # A plan still in use is made again at its next call, once.
+            del plans[next(iter(plans))]
+        plans[cache_key] = plan
         return plan
 
     def admit_now(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -44,7 +44,9 @@ class StoredKeys(NamedTuple):
     # Runtime keys by name, each as KeySettings reads it (or an Unreadable).
     keys: dict[str, Any]
     # Revocations: the SHA-256 digest revoked (the key itself, whatever it is named
-    # now) -> the name it was revoked under, for the listing and the logs.
+    # now) -> the name it was revoked under, for the listing and the logs. Only those of
+    # the digests the read asked for and of the stored entries' secrets: a revocation
+    # of any other digest refuses nothing anyone holds (see StateStore.load_keys).
     revoked: dict[str, str]
     # The store's version of them when read: a change planned on this read is written
     # only while the store still holds it (see StateStore.change_keys).
@@ -54,6 +56,24 @@ class StoredKeys(NamedTuple):
     # none (unknown).
     created: dict[str, str]
     revoked_at: dict[str, str]
+    # How many changes the store had counted (its version's count): one lower than a
+    # read before says the store went back (restarted empty, restored from a snapshot).
+    changes: int
+
+
+def entry_digests(keys: dict[str, Any]) -> set[str]:
+    """The secrets' digests the stored entries name (a key's and a rotation's old one),
+    an entry no replica of this version reads included: the revocations a read of the
+    keys needs besides the configured keys'."""
+    out = set()
+    for spec in keys.values():
+        if isinstance(spec, dict):
+            for field in ("sha256", "previous"):
+                digest = spec.get(field)
+                # 64 characters: anything else is no digest any replica takes.
+                if isinstance(digest, str) and len(digest) == 64:
+                    out.add(digest)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +81,17 @@ class KeyChange:
     """A key change as a store writes it: digests revoked (digest -> the name revoked
     under), stored entries removed (by name), when (UTC ISO 8601; "" unknown), stored
     entries replaced (name -> spec: an update, a rotation), their time of making kept,
-    and limit buckets cleared with it (a purge's: the limiter's bucket names, which a
-    store that keeps buckets drops; see Admission.key_buckets)."""
+    limit buckets cleared with it (a purge's: the limiter's bucket names, which a
+    store that keeps buckets drops; see Admission.key_buckets), and digests whose
+    revocation goes (a purge's: of the secrets of the entry it removes, see
+    key_plans.purge)."""
 
     revoke: dict[str, str]
     remove: tuple[str, ...] = ()
     at: str = ""
     put: dict[str, dict[str, Any]] = field(default_factory=dict)
     forget: tuple[str, ...] = ()
+    unrevoke: tuple[str, ...] = ()
 
 
 class StateStore(Protocol):
@@ -112,9 +135,11 @@ class StateStore(Protocol):
         """Forget a runtime route."""
         ...
 
-    async def load_keys(self) -> StoredKeys:
-        """The runtime keys by name, the revocations and their version; Unavailable when
-        unreadable."""
+    async def load_keys(self, digests: Collection[str] = ()) -> StoredKeys:
+        """The runtime keys by name, the revocations of their secrets and of `digests`
+        (the configured keys'), and their version, as one read; Unavailable when
+        unreadable. The revocations are looked up, not read whole: their number does
+        not make the read slower."""
         ...
 
     async def save_key(self, name: str, spec: dict[str, Any], created_at: str) -> None:
@@ -219,14 +244,19 @@ class MemoryState:
             raise Conflict(is_default(name))
         self.routes.pop(name, None)
 
-    async def load_keys(self) -> StoredKeys:
-        """The runtime keys by name, the revocations and their version."""
+    async def load_keys(self, digests: Collection[str] = ()) -> StoredKeys:
+        """The runtime keys by name, the revocations of their secrets and of `digests`,
+        and their version."""
+        # As Redis answers it (RedisState.load_keys): the revocations looked up.
+        wanted = entry_digests(self.keys).union(digests)
+        revoked = {d: self.revoked[d] for d in wanted if d in self.revoked}
         return StoredKeys(
             dict(self.keys),
-            dict(self.revoked),
+            revoked,
             self.keys_version,
             dict(self.created),
-            dict(self.revoked_at),
+            {d: self.revoked_at[d] for d in revoked if d in self.revoked_at},
+            self.keys_version,
         )
 
     async def save_key(self, name: str, spec: dict[str, Any], created_at: str) -> None:
@@ -244,6 +274,9 @@ class MemoryState:
         self.revoked.update(change.revoke)
         if change.at:
             self.revoked_at.update(dict.fromkeys(change.revoke, change.at))
+        for digest in change.unrevoke:
+            self.revoked.pop(digest, None)
+            self.revoked_at.pop(digest, None)
         for name in change.remove:
             self.keys.pop(name, None)
             self.created.pop(name, None)

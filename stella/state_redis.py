@@ -15,7 +15,7 @@ import os
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from typing import Any, cast
 
 import msgspec
@@ -36,6 +36,7 @@ from stella.state import (
     StoredKeys,
     Unreadable,
     count_usage,
+    entry_digests,
     is_default,
     key_taken,
     removed_meanwhile,
@@ -58,6 +59,15 @@ REDIS_MAX_CONNECTIONS = 256
 # Seconds a command (and a wait for a pooled connection, and a connect) may take before
 # Redis is taken to be down: a stalled Redis costs a call this long.
 REDIS_TIMEOUT_S = 1.0
+# The read of the stored keys (load_keys) brings every runtime key in one answer, which
+# this process parses as it comes: many keys take longer than a per-call command may
+# (100,000 keys, 2 to 3.5 s on the test host). It has connections of its own, with this
+# timeout; one that fails while Redis answers a PING is a slow read, not an outage.
+REDIS_BULK_TIMEOUT_S = 10.0
+REDIS_BULK_CONNECTIONS = 8
+# How often a read of the keys is made again when a change landed between its two
+# round trips (see load_keys), before it answers 503.
+KEYS_READ_TRIES = 3
 
 # A bucket's time to live: until it would be full again (a bucket in debt keeps its
 # debt), at most 30 days; a daily quota's (rate 0: it never refills, its key names its
@@ -255,24 +265,33 @@ elseif op == 'key_change' then
   -- version ARGV[5], ARGV[6] (epoch, count): written only if none changed since, so two
   -- replicas revoking the last two admin keys at once can't both pass (the second
   -- reads again and is refused). ARGV[7] when, ARGV[8] the number of digests revoked,
-  -- ARGV[9] the number of entries replaced, then each revoked as digest, name, each
-  -- replaced as name, spec (its time of making kept); then the names of entries removed.
+  -- ARGV[9] the number of entries replaced, ARGV[10] the number of revocations dropped,
+  -- then each revoked as digest, name, each replaced as name, spec (its time of making
+  -- kept), each dropped as its digest; then the names of entries removed. (A replica
+  -- runs the script it sends, by its own text's SHA: an older one keeps its layout.)
   local epoch = redis.call('GET', KEYS[4]) or ''
   local count = tonumber(redis.call('GET', KEYS[1]) or '0')
   if epoch ~= ARGV[5] or count ~= tonumber(ARGV[6]) then
     return 3
   end
   local n = tonumber(ARGV[8])
-  local first = 10 + 2 * n
-  for i = 10, first - 1, 2 do
+  local first = 11 + 2 * n
+  for i = 11, first - 1, 2 do
     redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
     if ARGV[7] ~= '' then
       redis.call('HSET', KEYS[8], ARGV[i], ARGV[7])
     end
   end
-  local rest = first + 2 * tonumber(ARGV[9])
-  for i = first, rest - 1, 2 do
+  local dropped = first + 2 * tonumber(ARGV[9])
+  for i = first, dropped - 1, 2 do
     redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1])
+  end
+  -- Revocations that go with the entry removed (a purge's: see stella.key_plans.purge),
+  -- in this one step: a replica reads the entry and its revocations gone together.
+  local rest = dropped + tonumber(ARGV[10])
+  for i = dropped, rest - 1 do
+    redis.call('HDEL', KEYS[6], ARGV[i])
+    redis.call('HDEL', KEYS[8], ARGV[i])
   end
   for i = rest, #ARGV do
     redis.call('HDEL', KEYS[5], ARGV[i])
@@ -363,6 +382,41 @@ CLOCK_READ_MAX_S = 0.1
 CLOCK_START_TRIES = 3
 
 
+def _client(url: str, connections: int, timeout_s: float) -> aioredis.Redis:
+    """A Redis client on a pool of its own: `connections` at most, each command's answer
+    waited for `timeout_s` (a connect, REDIS_TIMEOUT_S)."""
+    # A caller past the pool's size waits for a connection (up to the socket timeout)
+    # instead of failing at once: a burst of admissions is load, not Redis gone.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=connections,
+        timeout=timeout_s,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        socket_timeout=timeout_s,
+        health_check_interval=0,
+        # A pooled connection Redis closed while it sat idle (a restart, its idle
+        # timeout) fails its next command with a ConnectionError, the command lost
+        # with the old connection: sent once more on a fresh one, it does not fail
+        # the call or read as an outage. Only a ConnectionError, once, at once: a
+        # timeout (a stalled Redis, which may have run the command) is never sent
+        # again, so a stall still costs its 1 s. Should Redis close a connection
+        # after running a command (it died between running and answering), the
+        # resend is harmless for what stella sends: reads, the routing change (its
+        # effects are the same run twice), usage batches (numbered, counted once),
+        # slot takes and renewals (a member held is held once), releases; a
+        # settlement counts twice, as keep_gives would resend it anyway (a charge
+        # is resent after a timeout too), and a bucket check pays twice (and loses
+        # the lease it took): a limit stricter for a moment, never looser.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        retry_on_error=[RedisConnectionError],
+    )
+    # Replies stay bytes whatever the URL says: redis-py takes any query argument as
+    # a keyword, and "?decode_responses=..." (even "false": a non-empty string) made
+    # every reply a str, failing each read of the routes, the default and the usage.
+    pool.connection_kwargs["decode_responses"] = False
+    return aioredis.Redis(connection_pool=pool)
+
+
 class RedisState:
     """The state store on Redis (same methods as stella.state.MemoryState)."""
 
@@ -370,36 +424,9 @@ class RedisState:
 
     def __init__(self, settings: StateSettings) -> None:
         self.prefix = settings.prefix
-        # A caller past the pool's size waits for a connection (up to the socket timeout)
-        # instead of failing at once: a burst of admissions is load, not Redis gone.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=REDIS_MAX_CONNECTIONS,
-            timeout=REDIS_TIMEOUT_S,
-            socket_connect_timeout=REDIS_TIMEOUT_S,
-            socket_timeout=REDIS_TIMEOUT_S,
-            health_check_interval=0,
-            # A pooled connection Redis closed while it sat idle (a restart, its idle
-            # timeout) fails its next command with a ConnectionError, the command lost
-            # with the old connection: sent once more on a fresh one, it does not fail
-            # the call or read as an outage. Only a ConnectionError, once, at once: a
-            # timeout (a stalled Redis, which may have run the command) is never sent
-            # again, so a stall still costs its 1 s. Should Redis close a connection
-            # after running a command (it died between running and answering), the
-            # resend is harmless for what stella sends: reads, the routing change (its
-            # effects are the same run twice), usage batches (numbered, counted once),
-            # slot takes and renewals (a member held is held once), releases; a
-            # settlement counts twice, as keep_gives would resend it anyway (a charge
-            # is resent after a timeout too), and a bucket check pays twice (and loses
-            # the lease it took): a limit stricter for a moment, never looser.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            retry_on_error=[RedisConnectionError],
-        )
-        # Replies stay bytes whatever the URL says: redis-py takes any query argument as
-        # a keyword, and "?decode_responses=..." (even "false": a non-empty string) made
-        # every reply a str, failing each read of the routes, the default and the usage.
-        pool.connection_kwargs["decode_responses"] = False
-        self.redis = aioredis.Redis(connection_pool=pool)
+        self.redis = _client(settings.redis_url, REDIS_MAX_CONNECTIONS, REDIS_TIMEOUT_S)
+        # The keys' read: bulk, see REDIS_BULK_TIMEOUT_S.
+        self.bulk = _client(settings.redis_url, REDIS_BULK_CONNECTIONS, REDIS_BULK_TIMEOUT_S)
         self.local = MemoryBuckets()  # the fallback while Redis is away
         self.errors = 0
         self.down_since: float | None = None
@@ -514,8 +541,9 @@ class RedisState:
         finally:
             if self._probe is not None:
                 self._probe.cancel()
-            with contextlib.suppress(Exception):
-                await self.redis.aclose()
+            for client in (self.redis, self.bulk):
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
     async def ping(self) -> bool:
         """Whether Redis answers (for /ready): never waited for past PING_WAIT_S, and
@@ -670,32 +698,75 @@ class RedisState:
 
     # --- keys ----------------------------------------------------------------------
 
-    async def load_keys(self) -> StoredKeys:
-        """Runtime keys by name (one that is not JSON: an `Unreadable`), revocations and
-        the routing version they were read at; Unavailable at once while Redis is known
-        down (as the usage report)."""
+    async def load_keys(self, digests: Collection[str] = ()) -> StoredKeys:
+        """Runtime keys by name (one that is not JSON: an `Unreadable`), the revocations
+        of their secrets and of `digests`, and the routing version they were read at;
+        Unavailable at once while Redis is known down (as the usage report)."""
         if self.local_only(time.monotonic()):
             raise _unreachable()
-        try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hgetall(self._key("keys"))
-                pipe.hgetall(self._key("revoked"))
-                pipe.get(self._key("routing_epoch"))
-                pipe.get(self._key("routing_version"))
-                pipe.hgetall(self._key("keys_created"))
-                pipe.hgetall(self._key("revoked_at"))
-                raw, revoked, epoch, count, created, revoked_at = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
-            raise _unreachable() from None
-        self._ok()
+        for _ in range(KEYS_READ_TRIES):
+            try:
+                read = await self._read_keys(digests)
+            except (RedisError, OSError) as exc:
+                raise await self._bulk_failed(exc) from None
+            if read is not None:
+                self._ok()
+                return read
+        raise Unavailable("the keys kept changing while they were read; try again", retry_after=1)
+
+    async def _read_keys(self, digests: Collection[str]) -> StoredKeys | None:
+        """The keys, then the revocations of their secrets and of `digests`, looked up
+        (HMGET), in two round trips; None when a change landed between them. A digest
+        neither configured here nor held by a stored entry is no key this replica could
+        take, revoked or not, and the store may hold many such revocations (a configured
+        key's stays for good; older versions kept every one ever made): the read grows
+        with the keys, not with them."""
+        keys_key, created_key = self._key("keys"), self._key("keys_created")
+        version = (self._key("routing_epoch"), self._key("routing_version"))
+        async with self.bulk.pipeline(transaction=True) as pipe:
+            pipe.mget(*version)
+            pipe.hgetall(keys_key)
+            pipe.hgetall(created_key)
+            seen, raw, created = await pipe.execute()
+        keys = _routes(raw)
+        wanted = sorted(entry_digests(keys).union(digests))
+        # One step, the version with them: the same version as the first read, and the
+        # revocations are those of the entries read (every key change moves it).
+        async with self.bulk.pipeline(transaction=True) as pipe:
+            pipe.mget(*version)
+            if wanted:
+                pipe.hmget(self._key("revoked"), wanted)
+                pipe.hmget(self._key("revoked_at"), wanted)
+            answers = await pipe.execute()
+        if answers[0] != seen:
+            return None
+        names, times = answers[1:] if wanted else ([], [])
+        revoked = {
+            d: n.decode(errors="replace")
+            for d, n in zip(wanted, names, strict=True)
+            if n is not None
+        }
+        revoked_at = {
+            d: t.decode(errors="replace")
+            for d, t in zip(wanted, times, strict=True)
+            if t is not None and d in revoked
+        }
+        epoch, count = seen
         return StoredKeys(
-            _routes(raw),
-            _texts(revoked),
-            _version(epoch, count),
-            _texts(created),
-            _texts(revoked_at),
+            keys, revoked, _version(epoch, count), _texts(created), revoked_at, int(count or 0)
         )
+
+    async def _bulk_failed(self, exc: Exception) -> Unavailable:
+        """The 503 of a keys' read that failed. Asked of Redis with a PING: one that
+        answers is up, the read was slow (a large answer) or refused, and nothing falls
+        back to this process (limits stay on Redis); one that does not is down."""
+        if not await self._ping():  # recorded as an outage there
+            return _unreachable()
+        if isinstance(exc, TimeoutError | RedisTimeoutError):
+            why = f"answered the keys' read too slowly (over {REDIS_BULK_TIMEOUT_S:g} s)"
+        else:
+            why = f"failed the keys' read ({type(exc).__name__})"
+        return Unavailable(f"the state store (Redis) {why}; try again", retry_after=5)
 
     async def save_key(self, name: str, spec: dict[str, Any], created_at: str) -> None:
         """Persist a runtime key made at `created_at`; Conflict when a key has its name."""
@@ -706,11 +777,12 @@ class RedisState:
         with it; False, writing nothing, when anything changed since."""
         epoch, count = cast(RoutingVersion, seen)
         args: list[str | bytes] = [epoch, str(count), change.at, str(len(change.revoke))]
-        args.append(str(len(change.put)))
+        args += [str(len(change.put)), str(len(change.unrevoke))]
         for digest, name in change.revoke.items():
             args += [digest, name]
         for name, spec in change.put.items():
             args += [name, msgspec.json.encode(spec)]
+        args += change.unrevoke
         done = await self._write("key_change", "", *args, *change.remove, buckets=change.forget)
         return done != 3
 

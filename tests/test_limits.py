@@ -907,3 +907,27 @@ def test_usage_an_upstream_never_sent_is_marked_estimated_however_short_the_prom
         assert ev["prompt_tokens"] == 0 and ev["completion_tokens"] > 0
         assert counts == (0, ev["completion_tokens"])
         assert ev["usage_estimated"] is True
+
+
+async def test_a_slot_name_no_call_uses_is_not_kept() -> None:
+    from stella.limits import MemorySlots
+
+    slots = MemorySlots()
+    first = await slots.acquire("key:a", 1, 0.0)
+    assert first is not None
+    # A wait that times out, and one cancelled, leave no trace either.
+    assert await slots.acquire("key:a", 1, 0.05) is None
+    waiting = asyncio.ensure_future(slots.acquire("key:a", 1, 5.0))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not slots.free("key:a", 1)
+    slots.release(first)
+    assert slots._sems == {}
+    # Its next use takes the size it has then (a key's max_concurrent changed).
+    held = [await slots.acquire("key:a", 2, 0.0) for _ in range(3)]
+    assert held[0] is not None and held[1] is not None and held[2] is None
+    for h in held[:2]:
+        slots.release(h)
+    assert slots._sems == {}

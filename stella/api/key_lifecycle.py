@@ -136,24 +136,21 @@ async def rotate_key(request: Request, call: Call) -> Response:
                     f"key {shown!r} expired at {utc_stamp(k.expires_at)}: give it a new "
                     "expiry first (PATCH expires_in_s), or make a new key"
                 )
-            # One old secret at a time: one still in its grace from an earlier rotation
-            # stops now.
-            revoke = {k.previous: name} if k.previous and k.previous not in stored.revoked else {}
+            # The entry, rewritten, is what stops the secret it no longer holds (the old
+            # one without a grace, or one still in its grace from an earlier rotation:
+            # one old secret at a time), on every replica as it reads it: a secret is
+            # taken from a stored entry or the config alone, and no other entry holds
+            # it. So nothing is revoked: a revocation of it would refuse nothing, and
+            # stay in the store for good (see key_plans.purge).
             # A grace that ends before the write can land (one under the clock's
             # resolution, as 1e-320, adds nothing to `now`) is none: stored, it would
             # keep an old secret already expired, in an entry an older replica skips.
             until = now + grace
-            if until > now:
-                new = msgspec.structs.replace(
-                    k, sha256=hash_key(key), previous=k.sha256, previous_until=until
-                )
-            else:
-                revoke[k.sha256] = name
-                new = msgspec.structs.replace(
-                    k, sha256=hash_key(key), previous="", previous_until=0.0
-                )
-            change = KeyChange(revoke, at=utc_stamp(now), put={name: key_spec(new)})
-            return change, new
+            previous, previous_until = (k.sha256, until) if until > now else ("", 0.0)
+            new = msgspec.structs.replace(
+                k, sha256=hash_key(key), previous=previous, previous_until=previous_until
+            )
+            return KeyChange({}, put={name: key_spec(new)}), new
 
         stored, k, now = await write_key_change(svc, plan)
     info = _shown(svc, name, k, stored, now)

@@ -158,7 +158,7 @@ async def _read_to_change(svc: Services) -> StoredKeys:
     """The stored keys a change is planned on; a 503 while the store does not answer says
     that nothing was changed, as a failed write's does."""
     try:
-        return await svc.state.load_keys()
+        return await svc.state.load_keys(svc.auth.digests)
     except Unavailable as exc:
         why = exc.message.removesuffix("; try again")
         raise Unavailable(
@@ -197,7 +197,10 @@ async def write_key_change(
                 raise Unavailable("the keys kept changing meanwhile; try again", retry_after=1)
         # As the store applies it (StateStore.change_keys): removed, then put.
         keys = {n: spec for n, spec in stored.keys.items() if n not in change.remove}
-        auth.apply_stored({**keys, **change.put}, {**stored.revoked, **change.revoke})
+        revoked = {**stored.revoked, **change.revoke}
+        for digest in change.unrevoke:
+            revoked.pop(digest, None)
+        auth.apply_stored({**keys, **change.put}, revoked, stored.changes)
         auth.local_changes += 1  # a follower's read from before this write is stale now
         if change.forget:  # a purge's limit buckets: the store dropped its copies
             svc.admission.forget(change.forget)
@@ -337,7 +340,7 @@ async def list_keys(request: Request, call: Call) -> Response:
     auth = svc.auth
     # The store's, not this table's: a key another replica made or revoked a moment ago
     # is listed as it is (503 while Redis does not answer, as the usage report).
-    stored = await svc.state.load_keys()
+    stored = await svc.state.load_keys(auth.digests)
     now = svc.state.wall()
     at = stored.revoked_at
     out = []
@@ -390,8 +393,9 @@ document(
         "Revoke an API key, configured or runtime, on every replica (admin)",
         tag="admin",
         description=(
-            "With purge=true, a runtime key's stored entry is dropped too (revoked first "
-            "if it was not), so that its name may be used again, with its limit buckets "
+            "With purge=true, a runtime key's stored entry is dropped too, with the "
+            "revocations of its secrets (a live key stops working all the same: nothing "
+            "holds them any more), so that its name may be used again, with its limit buckets "
             "(a new key of the name starts with full limits); its secrets stay refused, "
             "its usage rows stay."
         ),

@@ -48,6 +48,18 @@ async def ready(request: Request) -> Response:
     if svc.state.kind != "memory" and checks["state"] != "ok":
         # Limits fall back to this process; serving goes on, so report but stay ready.
         checks["state"] = f"degraded ({checks['state']})"
+    auth = svc.auth
+    shared = svc.state.kind != "memory"  # keys in this process are read as they change
+    if shared and auth.enabled and (not auth.stored_read or auth.stored_error):
+        # Serving goes on (as with the limits), but on keys that may be out of date: until
+        # a first read, a key revoked in the store is taken if the config has it.
+        why = f": {auth.stored_error}" if auth.stored_error else ""
+        checks["keys"] = (
+            f"degraded (stored keys as last read; reading them again failed{why})"
+            if auth.stored_read
+            else "degraded (stored keys not read yet: the configured keys alone, none "
+            f"revoked; read again every second{why})"
+        )
     router = svc.router
     named = names_shown(request)
     try:
