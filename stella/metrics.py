@@ -1,7 +1,7 @@
 """Prometheus metrics at GET /metrics, fed by the pipeline's one record per inference.
 
 Labels are bounded: models are route names (anything else counts as "(other)"),
-never request IDs, and a removed route's series go once its calls are counted. Gauges
+never request IDs, and a removed route's series go once a scrape showed its last counts. Gauges
 that describe state (streams in flight, queue depth, circuit breakers) are read at scrape
 time, so the hot path pays only for a few counter and histogram updates.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import generate_latest
@@ -124,6 +124,9 @@ class Metrics:
         self.cost: dict[str, int] = defaultdict(int)
         self._state = _StateCollector(svc)
         self._rendering: asyncio.Future[bytes] | None = None
+        # The calls counted under each model as of the last scrape (what that scrape
+        # showed): a removed route's series go only once it showed them all (see unseen).
+        self._shown: dict[str, int] = {}
 
     def _model(self, name: str) -> str:
         # A route's name, or OTHER_MODEL: clients cannot grow the label set. Looked up each
@@ -131,9 +134,29 @@ class Metrics:
         # a call on one removed while it ran still is (Router.sweep keeps the name for it).
         return name if name in self.svc.router.counted else OTHER_MODEL
 
+    def _calls(self, models: Collection[str] | None = None) -> dict[str, int]:
+        # The calls counted under each model (of `models`, or all): every update of a
+        # model's series comes with one chat or embed counted, so while this count stands
+        # still, so does every series of the model.
+        calls: dict[str, int] = defaultdict(int)
+        for keyed in (self.requests, self.embeds):
+            for key, n in keyed.items():
+                if models is None or key[1] in models:
+                    calls[key[1]] += n
+        return calls
+
+    def unseen(self, models: set[str]) -> set[str]:
+        """Of these models (removed routes), those with calls counted since the last scrape:
+        their series stay until a scrape has shown them."""
+        shown = self._shown
+        return {m for m, n in self._calls(models).items() if n != shown.get(m, 0)}
+
     def forget(self, models: set[str]) -> None:
-        """Drop the series of these models (removed routes no call is on any more): a
-        route added again under one of their names counts from zero, a counter reset."""
+        """Drop the series of these models (removed routes no call is on any more, their
+        last counts scraped): a route added again under one of their names counts from
+        zero, a counter reset."""
+        for model in models.intersection(self._shown):
+            del self._shown[model]
         by_model: tuple[dict[str, Any], ...] = (
             self.ttft,
             self.total,
@@ -217,7 +240,11 @@ class Metrics:
             # a copy of the counters, so the thread sees one moment and races with nothing.
             scrape = _Scrape(_Counts(self), list(self._state.collect()))
             # After the copy: the last calls of a removed route are in this text once, and
-            # its series go from the next one (on the loop, where every update is).
+            # its series go from the next one (on the loop, where every update is). What
+            # it shows is kept, so that a routing change before the next scrape forgets
+            # only a removed route with nothing new since (a sum over the series the copy
+            # above went through already).
+            self._shown = dict(self._calls())
             self.svc.router.sweep()
             pending = asyncio.get_running_loop().run_in_executor(None, generate_latest, scrape)
             self._rendering = pending
@@ -423,6 +450,7 @@ def install(app: Starlette, svc: Services) -> None:
         return
     svc.metrics = Metrics(svc)
     svc.router.on_forget.append(svc.metrics.forget)
+    svc.router.unseen = svc.metrics.unseen
     svc.pipeline.listeners.append(svc.metrics.observe)
     svc.on_reject.append(svc.metrics.rejected)
     app.router.routes.append(Route("/metrics", metrics, methods=["GET"]))

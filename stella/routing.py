@@ -175,6 +175,9 @@ class Router:
         # Told of the names that go (a removed route's, no call on it left): each drops
         # what it holds by them (metrics: their series).
         self.on_forget: list[Callable[[set[str]], None]] = []
+        # Of the names that may go, those whose last values nobody has seen yet (metrics:
+        # counted since the last scrape): they stay until a sweep when all were seen.
+        self.unseen: Callable[[set[str]], Collection[str]] = lambda names: ()
         self._names: dict[str, str] = {}
         # Calls in flight from this process on each backend of a balanced route (counted
         # by the pipeline's inferences, see Inference.busy_on): what `pick` weighs.
@@ -419,13 +422,17 @@ class Router:
         return self.breakers[backend_name]
 
     def sweep(self) -> None:
-        """Forget the names of removed routes no call is on any more: what is kept by them
-        goes (their metric series), and a route of that name added later starts afresh.
-        A call still running on one keeps its name until a sweep after it ended. Runs on
-        the event loop, at a routing change and a scrape, never per call."""
+        """Forget the names of removed routes no call is on any more and whose last values
+        were seen (see `unseen`): what is kept by them goes (their metric series), and a
+        route of that name added later starts afresh. A call still running on one keeps
+        its name until a sweep after it ended; one counted since the last scrape, until the
+        next scrape. Runs on the event loop, at a routing change and a scrape, never per
+        call."""
         if len(self.counted) == len(self.routes):
             return  # no route removed since the last sweep: every counted name is a route's
         gone = self.counted.difference(self.routes).difference(self.in_use())
+        if gone:
+            gone.difference_update(self.unseen(gone))
         if not gone:
             return
         self.counted -= gone
@@ -502,8 +509,9 @@ class Router:
         with why); returns why each one that could not be applied was left out. A route
         served here without a backend it names (unknown or disabled here) is applied, and
         each such backend warned of (`stored_route_backend_missing`), once for this read."""
-        # Before: a route removed earlier and stored again now starts afresh; after: the
-        # routes this read removes go, unless a call is on them.
+        # Before: a route removed earlier and stored again now starts afresh (once a scrape
+        # showed its last counts; until then it counts on); after: the routes this read
+        # removes go, unless a call is on them or calls counted on them are not seen yet.
         self.sweep()
         snap = self.snapshot()
         skipped = dict(self.skipped)

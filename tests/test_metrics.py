@@ -323,6 +323,51 @@ def test_a_call_waiting_for_a_slot_on_a_removed_route_keeps_its_label() -> None:
     assert 'model="(other)"' not in text
 
 
+def test_a_route_removed_with_no_call_on_it_shows_its_last_counts_once() -> None:
+    # Its calls since the last scrape are counted in the next one, under its name: no
+    # total goes down, no spend goes missing.
+    body = {"model": "exp1", "stream": False, "messages": [{"role": "user", "content": "a b"}]}
+    route = {"name": "exp1", "backend": "echo", "price": {"input": 1.0, "output": 2.0}}
+    with run_stella() as server:
+        assert value(scrape(server), "stella_requests_total") == 0
+        assert httpx.post(server.url + "/api/v1/models", json=route).status_code == 201
+        for _ in range(5):
+            assert httpx.post(server.url + "/api/v1/chat", json=body).status_code == 200
+        assert httpx.delete(server.url + "/api/v1/models/exp1").status_code == 200
+        text = scrape(server)
+        label = 'stella_requests_total{api="native",backend="echo",model="exp1",status="200"}'
+        assert value(text, label) == 5, text
+        assert value(text, "stella_requests_total") == 5
+        assert value(text, 'stella_cost_usd_total{model="exp1"}') > 0, text
+        assert 'model="(other)"' not in text
+        text = scrape(server)  # shown once: gone from the next one
+        assert 'model="exp1"' not in text and value(text, "stella_requests_total") == 0, text
+
+
+async def test_a_route_another_replica_removed_shows_its_last_counts_once() -> None:
+    from stella.app import create_app
+    from stella.settings import RouteSettings, load_settings
+    from tests.live import NO_MLX
+
+    app = create_app(load_settings(NO_MLX, environ={}))
+    body = {"model": "exp1", "stream": False, "messages": [{"role": "user", "content": "a"}]}
+    label = 'stella_requests_total{api="native",backend="echo",model="exp1",status="200"}'
+    async with app.router.lifespan_context(app):
+        router = app.state.stella.router
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            router.apply_stored({"exp1": RouteSettings(backend="echo")}, None)
+            assert value((await c.get("/metrics")).text, label) == 0
+            for _ in range(3):
+                assert (await c.post("/api/v1/chat", json=body)).status_code == 200
+            router.apply_stored({}, None)  # the store's read: removed by another replica
+            router.apply_stored({}, None)  # and read again before any scrape
+            text = (await c.get("/metrics")).text
+            assert value(text, label) == 3, text
+            assert 'model="exp1"' not in (await c.get("/metrics")).text
+            assert "exp1" not in router.counted
+
+
 def test_removed_routes_leave_no_series_behind() -> None:
     # An operator adding and removing runtime routes (one per experiment, say) must not
     # grow /metrics, nor the process's memory, with every name it ever had.
@@ -356,11 +401,17 @@ def test_removed_routes_leave_no_series_behind() -> None:
                         (x for x in series(text) if x.startswith(family + "{")), ""
                     ), family
             assert httpx.delete(f"{url}/api/v1/models/{name}").status_code == 200
+        last = scrape(server)  # each one's calls since the last scrape, shown once
         after = series(scrape(server))
+    assert value(last, 'stella_requests_total{api="native",backend="echo",model="rt-29"') == 1
+    # rt-0's went as it was removed: the scrape in its loop had shown them.
+    assert 'model="rt-0"' not in last
+    assert value(last, "stella_requests_total") == 29, last
+    assert value(last, "stella_embed_requests_total") == 29, last
     assert after == before
 
 
-def test_a_route_added_again_counts_from_zero() -> None:
+def test_a_route_added_again_counts_on_until_a_scrape_showed_it_then_from_zero() -> None:
     import threading
     import time
 
@@ -374,12 +425,20 @@ def test_a_route_added_again_counts_from_zero() -> None:
         for _ in range(2):
             assert httpx.post(chat, json=body).status_code == 200
         assert value(scrape(server), label) == 2
-        # Removed with no call on it, added again: a counter reset.
+        # Removed with no call on it since that scrape, added again: a counter reset.
         assert httpx.delete(models + "/again").status_code == 200
         assert httpx.post(models, json=route).status_code == 201
         assert httpx.post(chat, json=body).status_code == 200
         assert value(scrape(server), label) == 1
-        # Removed while a call on it ran, added again once it ended, with no scrape between.
+        # A call since, then removed and added again with no scrape between: the call is
+        # not seen yet, so the series stay and count on (no reset).
+        assert httpx.post(chat, json=body).status_code == 200
+        assert httpx.delete(models + "/again").status_code == 200
+        assert httpx.post(models, json=route).status_code == 201
+        assert httpx.post(chat, json=body).status_code == 200
+        assert value(scrape(server), label) == 3
+        # Removed while a call on it ran, added again once it ended, with no scrape between:
+        # counts on too.
         call = threading.Thread(target=httpx.post, args=(chat,), kwargs={"json": body})
         call.start()
         time.sleep(0.15)
@@ -387,7 +446,7 @@ def test_a_route_added_again_counts_from_zero() -> None:
         call.join(10)
         assert httpx.post(models, json=route).status_code == 201
         assert httpx.post(chat, json=body).status_code == 200
-        assert value(scrape(server), label) == 1
+        assert value(scrape(server), label) == 5
 
 
 def test_a_fallback_skipped_for_its_limit_refuses_no_client() -> None:

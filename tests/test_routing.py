@@ -272,3 +272,17 @@ def test_a_stored_route_removed_and_stored_again_starts_afresh() -> None:
     r.apply_stored({"rt": RouteSettings(backend="other")}, None)  # stored again
     assert forgotten == [{"rt"}]
     assert "rt" in r.counted
+
+
+def test_a_removed_route_with_values_not_seen_yet_stays_until_they_are() -> None:
+    r = router({})
+    forgotten: list[set[str]] = []
+    r.on_forget.append(forgotten.append)
+    unseen = {"rt"}
+    r.unseen = lambda names: names & unseen
+    r.apply_stored({"rt": RouteSettings(backend="other")}, None)
+    r.apply_stored({}, None)
+    assert forgotten == [] and "rt" in r.counted  # counted since the last scrape: kept
+    unseen.clear()  # a scrape showed them
+    r.sweep()
+    assert forgotten == [{"rt"}] and r.counted == set(r.routes)

@@ -405,9 +405,10 @@ async def _change(
     result = apply()
     router.restore(snap)
     await write(result)
-    # Removed routes no call is on any more are forgotten (their metric series go) before
-    # the change, so a route added again under such a name starts afresh, and after it,
-    # so a route it removes goes at once when no call is on it.
+    # Removed routes no call is on any more, their last counts scraped, are forgotten
+    # (their metric series go) before the change, so a route added again under such a name
+    # starts afresh, and after it, so a route it removes goes at once when nothing of it
+    # is left to show (no call on it, none counted since the last scrape).
     router.sweep()
     try:
         (again or apply)()
