@@ -561,7 +561,7 @@ async def _restore_state(svc: Services) -> tuple[RoutingVersion | None, Hashable
         svc.auth.stored_error = _failure(exc)
         _log.warning("state_unavailable", error=str(exc), what="keys")
         return version, None
-    apply_keys(svc.auth, keys)
+    await apply_keys(svc.auth, keys)
     return version, keys.version
 
 
@@ -626,9 +626,8 @@ async def _follow_keys(svc: Services, state: SharedState, seen: Hashable | None)
                 continue
             before = auth.local_changes
             keys = await state.load_keys(auth.digests)
-            if auth.local_changes != before:
+            if not await apply_keys(auth, keys, before):
                 continue  # a local change landed meanwhile: read again next time
-            apply_keys(auth, keys)
             seen = keys.version
             if failing_since is not None:
                 _log.info(
@@ -673,8 +672,16 @@ def apply_routing(router: Router, routes: dict[str, Any], default: str | None) -
         _log.warning("stored_routing_skipped", reason=why)
 
 
-def apply_keys(auth: Authenticator, keys: StoredKeys) -> None:
+async def apply_keys(auth: Authenticator, keys: StoredKeys, local: int | None = None) -> bool:
     """Make the runtime keys and revocations `auth` applies what the store holds (a key
-    that can't be applied is left out with a warning, every time it is read)."""
-    for why in auth.apply_stored(keys.keys, keys.revoked, keys.changes):
+    that can't be applied is left out with a warning, every time it is read), unless
+    `auth.local_changes` is no longer `local` (its count when the read began) once the
+    table is made: then the read is stale, and nothing is applied. Whether it was."""
+    # Made in parts, the loop running between them and the table before in use; then
+    # swapped whole.
+    built = await auth.build(keys.keys, keys.revoked)
+    if local is not None and auth.local_changes != local:
+        return False
+    for why in auth.install(built, keys.changes):
         _log.warning("stored_key_skipped", reason=why)
+    return True

@@ -59,14 +59,18 @@ REDIS_MAX_CONNECTIONS = 256
 # Seconds a command (and a wait for a pooled connection, and a connect) may take before
 # Redis is taken to be down: a stalled Redis costs a call this long.
 REDIS_TIMEOUT_S = 1.0
-# The read of the stored keys (load_keys) brings every runtime key in one answer, which
-# this process parses as it comes: many keys take longer than a per-call command may
-# (100,000 keys, 2 to 3.5 s on the test host). It has connections of its own, with this
-# timeout; one that fails while Redis answers a PING is a slow read, not an outage.
+# The read of the stored keys (load_keys) brings every runtime key, in pages of about
+# KEYS_PAGE entries (HSCAN's COUNT, and HMGET's names for the revocations), each parsed
+# and decoded as it comes: a page is some milliseconds of this process's work, and the
+# event loop runs other calls between pages however many keys there are. The whole read
+# still grows with the keys (100,000 keys, some 2 s on the test host); it has
+# connections of its own, each round trip with this timeout; one that fails while Redis
+# answers a PING is a slow read, not an outage.
 REDIS_BULK_TIMEOUT_S = 10.0
 REDIS_BULK_CONNECTIONS = 8
-# How often a read of the keys is made again when a change landed between its two
-# round trips (see load_keys), before it answers 503.
+KEYS_PAGE = 1_000
+# How often a read of the keys is made again when a change landed while it was made
+# (see load_keys), before it answers 503.
 KEYS_READ_TRIES = 3
 
 # A bucket's time to live: until it would be full again (a bucket in debt keeps its
@@ -716,45 +720,71 @@ class RedisState:
 
     async def _read_keys(self, digests: Collection[str]) -> StoredKeys | None:
         """The keys, then the revocations of their secrets and of `digests`, looked up
-        (HMGET), in two round trips; None when a change landed between them. A digest
-        neither configured here nor held by a stored entry is no key this replica could
-        take, revoked or not, and the store may hold many such revocations (a configured
+        (HMGET), in pages (KEYS_PAGE), each round trip with the routing version as it
+        stands after it; None when a change landed meanwhile (every key change moves the
+        version: what was read then is one version's, whole). A digest neither
+        configured here nor held by a stored entry is no key this replica could take,
+        revoked or not, and the store may hold many such revocations (a configured
         key's stays for good; older versions kept every one ever made): the read grows
         with the keys, not with them."""
-        keys_key, created_key = self._key("keys"), self._key("keys_created")
         version = (self._key("routing_epoch"), self._key("routing_version"))
-        async with self.bulk.pipeline(transaction=True) as pipe:
-            pipe.mget(*version)
-            pipe.hgetall(keys_key)
-            pipe.hgetall(created_key)
-            seen, raw, created = await pipe.execute()
-        keys = _routes(raw)
-        wanted = sorted(entry_digests(keys).union(digests))
-        # One step, the version with them: the same version as the first read, and the
-        # revocations are those of the entries read (every key change moves it).
-        async with self.bulk.pipeline(transaction=True) as pipe:
-            pipe.mget(*version)
-            if wanted:
-                pipe.hmget(self._key("revoked"), wanted)
-                pipe.hmget(self._key("revoked_at"), wanted)
-            answers = await pipe.execute()
-        if answers[0] != seen:
-            return None
-        names, times = answers[1:] if wanted else ([], [])
-        revoked = {
-            d: n.decode(errors="replace")
-            for d, n in zip(wanted, names, strict=True)
-            if n is not None
-        }
-        revoked_at = {
-            d: t.decode(errors="replace")
-            for d, t in zip(wanted, times, strict=True)
-            if t is not None and d in revoked
-        }
+        seen = cast(
+            list[bytes | None], await self.bulk.mget(*version)
+        )  # bytes: see get_default_model
+        keys: dict[str, Any] = {}
+        created: dict[str, str] = {}
+        wanted = set(digests)
+        for hkey, into, decode in (
+            (self._key("keys"), keys, self._keys_page(wanted)),
+            (self._key("keys_created"), created, _texts),
+        ):
+            cursor = 0
+            while True:
+                async with self.bulk.pipeline(transaction=True) as pipe:
+                    pipe.hscan(hkey, cursor, count=KEYS_PAGE)
+                    pipe.mget(*version)
+                    (cursor, page), now = await pipe.execute()
+                if now != seen:
+                    return None
+                # A page at a time: the loop runs between them. An entry SCAN gives
+                # twice (a hash resized meanwhile) is the same entry twice.
+                into.update(decode(page))
+                if not cursor:
+                    break
+        # The revocations looked up: of the configured keys' and the entries' secrets.
+        asked = list(wanted)
+        revoked: dict[str, str] = {}
+        revoked_at: dict[str, str] = {}
+        for start in range(0, len(asked), KEYS_PAGE):
+            part = asked[start : start + KEYS_PAGE]
+            async with self.bulk.pipeline(transaction=True) as pipe:
+                pipe.hmget(self._key("revoked"), part)
+                pipe.hmget(self._key("revoked_at"), part)
+                pipe.mget(*version)
+                names, times, now = await pipe.execute()
+            if now != seen:
+                return None
+            for d, n, t in zip(part, names, times, strict=True):
+                if n is not None:
+                    revoked[d] = n.decode(errors="replace")
+                    if t is not None:
+                        revoked_at[d] = t.decode(errors="replace")
         epoch, count = seen
         return StoredKeys(
-            keys, revoked, _version(epoch, count), _texts(created), revoked_at, int(count or 0)
+            keys, revoked, _version(epoch, count), created, revoked_at, int(count or 0)
         )
+
+    @staticmethod
+    def _keys_page(wanted: set[str]) -> Callable[[dict[bytes, bytes]], dict[str, Any]]:
+        """A page of the keys' hash decoded (see _routes), its secrets' digests added to
+        `wanted` as it comes (the revocations to look up)."""
+
+        def decode(raw: dict[bytes, bytes]) -> dict[str, Any]:
+            page = _routes(raw)
+            wanted.update(entry_digests(page))
+            return page
+
+        return decode
 
     async def _bulk_failed(self, exc: Exception) -> Unavailable:
         """The 503 of a keys' read that failed. Asked of Redis with a PING: one that

@@ -5,6 +5,7 @@ apart; on a real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from stella import app as stella_app
+from stella import auth as stella_auth
 from stella import state_redis
 from stella.errors import Unavailable
 from stella.settings import StateSettings
@@ -385,3 +387,123 @@ def test_a_change_between_the_keys_and_their_revocations_is_read_again(
         client.close()
     assert read.revoked == {sha("a" * 20): "a"} and read.changes == 2
     assert isinstance(refused, Unavailable) and "kept changing" in refused.message
+
+
+def test_many_keys_are_read_in_pages_the_loop_running_between_them(
+    redis: Redis,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import redis as redis_py
+
+    fill(redis.url, FILL_KEYS, ["stella:keys"], 5_000)
+    client = redis_py.Redis.from_url(redis.url)
+    digest = client.hget("stella:keys", "key-17")
+    client.hset("stella:revoked", msgspec.json.decode(digest)["sha256"], "key-17")
+    client.close()
+    monkeypatch.setattr(state_redis, "KEYS_PAGE", 500)
+    ticks = {"n": 0}
+    seen_at: list[int] = []  # the ticks counted as each page of keys is decoded
+    decode = state_redis._routes
+
+    def page(raw: dict[bytes, bytes]) -> dict[str, Any]:
+        seen_at.append(ticks["n"])
+        return decode(raw)
+
+    monkeypatch.setattr(state_redis, "_routes", page)
+
+    async def ticker() -> None:
+        while True:
+            ticks["n"] += 1
+            await asyncio.sleep(0)
+
+    async def run() -> Any:
+        st = RedisState(StateSettings(redis_url=redis.url))
+        task = asyncio.create_task(ticker())
+        try:
+            return await st.load_keys()
+        finally:
+            task.cancel()
+            await st.aclose()
+
+    read = asyncio.run(run())
+    assert len(read.keys) == 5_000 and read.keys["key-4999"]["models"] == ["echo"]
+    assert list(read.revoked.values()) == ["key-17"]
+    # Page by page, another task running between any two of them.
+    assert len(seen_at) >= 5, seen_at
+    assert all(a < b for a, b in itertools.pairwise(seen_at)), seen_at
+
+
+def test_a_change_between_two_pages_of_keys_is_read_again(
+    redis: Redis,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import redis as redis_py
+
+    fill(redis.url, FILL_KEYS, ["stella:keys"], 3_000)
+    monkeypatch.setattr(state_redis, "KEYS_PAGE", 500)
+    client = redis_py.Redis.from_url(redis.url)
+    pages = {"n": 0}
+    decode = state_redis._routes
+
+    def page(raw: dict[bytes, bytes]) -> dict[str, Any]:
+        # Another replica's change, as the second page comes: a key added, one removed.
+        pages["n"] += 1
+        if pages["n"] == 2:
+            client.hset("stella:keys", "late", msgspec.json.encode({"sha256": sha("l" * 20)}))
+            client.hdel("stella:keys", "key-1")
+            client.incr("stella:routing_version")
+        return decode(raw)
+
+    monkeypatch.setattr(state_redis, "_routes", page)
+
+    async def run() -> Any:
+        st = RedisState(StateSettings(redis_url=redis.url))
+        try:
+            return await st.load_keys()
+        finally:
+            await st.aclose()
+
+    try:
+        read = asyncio.run(run())
+    finally:
+        client.close()
+    assert pages["n"] > 2  # the change landed mid-read, which was made again
+    assert "late" in read.keys and "key-1" not in read.keys and len(read.keys) == 3_000
+    assert read.changes == 1
+
+
+def test_many_keys_are_applied_in_parts_the_old_table_in_use_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from stella.auth import Authenticator
+    from stella.state import StoredKeys
+
+    app = app_for(KEYS)
+    auth: Authenticator = app.state.stella.auth
+    monkeypatch.setattr(stella_auth, "KEYS_APPLY_PART", 100)
+    keys = {f"k{i}": {"sha256": sha(f"secret-{i:06d}"), "models": ["echo"]} for i in range(1_000)}
+    stored = StoredKeys(keys, {}, ("e", 1), {}, {}, 1)
+    before = auth.keys
+    during: list[bool] = []
+
+    async def watch() -> None:
+        while True:
+            during.append(auth.keys is before)
+            await asyncio.sleep(0)
+
+    async def run() -> None:
+        task = asyncio.create_task(watch())
+        await asyncio.sleep(0)
+        assert await stella_app.apply_keys(auth, stored)
+        task.cancel()
+
+    asyncio.run(run())
+    # The task ran between parts, and saw the old table whole until the swap.
+    assert len(during) >= 5 and all(during), during
+    assert auth.keys is not before and len(auth.runtime) == 1_000
+    assert auth.keys[sha("secret-000999")].name == "k999"
+    # A read a change of this process made stale is not applied.
+    auth.local_changes += 1
+    fresh = StoredKeys({}, {}, ("e", 2), {}, {}, 2)
+    assert not asyncio.run(stella_app.apply_keys(auth, fresh, auth.local_changes - 1))
+    assert len(auth.runtime) == 1_000

@@ -13,7 +13,7 @@ import dataclasses
 import random
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -28,6 +28,7 @@ from stella.api.openapi import Operation, document
 from stella.auth import (
     CONFIGURED_HERE,
     KEY_NAME_PATTERN,
+    Authenticator,
     Revocation,
     StoredKey,
     expired,
@@ -200,11 +201,24 @@ async def write_key_change(
         revoked = {**stored.revoked, **change.revoke}
         for digest in change.unrevoke:
             revoked.pop(digest, None)
-        auth.apply_stored({**keys, **change.put}, revoked, stored.changes)
-        auth.local_changes += 1  # a follower's read from before this write is stale now
+        await apply_written(auth, {**keys, **change.put}, revoked, stored.changes)
         if change.forget:  # a purge's limit buckets: the store dropped its copies
             svc.admission.forget(change.forget)
     return stored, planned, now
+
+
+async def apply_written(
+    auth: Authenticator, keys: dict[str, Any], revoked: dict[str, str], changes: int | None = None
+) -> None:
+    """Apply to this process's table the keys a change of its own just wrote (`changes`:
+    as Authenticator.apply_stored takes it), under `svc.key_changes`."""
+    auth.local_changes += 1  # a follower's read from before this write is stale now
+    installs = auth.installs
+    built = await auth.build(keys, revoked)  # the loop runs meanwhile: see build
+    # A table the follower installed meanwhile was read since this write: it holds it
+    # (and may hold more), and this one is no newer.
+    if auth.installs == installs:
+        auth.install(built, changes)
 
 
 def purge_asked(request: Request) -> bool:
@@ -323,9 +337,10 @@ async def create_key(request: Request, call: Call) -> Response:
         settings = StoredKey(sha256=hash_key(key), expires_at=now + life if life else 0, **fields)
         stored = key_spec(settings)
         created_at = utc_stamp(now)
-        await svc.state.save_key(spec.name, stored, created_at)
-        auth.apply_stored({**auth.runtime_specs, spec.name: stored}, auth.revoked)
-        auth.local_changes += 1
+        # One change of this process at a time (see apply_written).
+        async with svc.key_changes:
+            await svc.state.save_key(spec.name, stored, created_at)
+            await apply_written(auth, {**auth.runtime_specs, spec.name: stored}, auth.revoked)
     p = key_principal(spec.name, settings, auth.limits)
     info = _info(p, "runtime", False, created_at=created_at, k=settings, now=now)
     # The key itself, shown this once: no cache (a proxy's, a browser's) may keep it.
