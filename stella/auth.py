@@ -220,6 +220,8 @@ class Authenticator:
         # Tables installed (see install): a change of this process applied after a
         # table was installed from a read made since its write has nothing to add.
         self.installs = 0
+        # When (monotonic) the table installed last was read from the store (0: never).
+        self.read_at = 0.0
         # The count of changes of the store's last read applied (StoredKeys.changes): a
         # read that counts fewer is of a store that went back (see apply_stored).
         self.changes = 0
@@ -442,9 +444,10 @@ class Authenticator:
             lost_keys = [
                 n for n, (d, _) in self.runtime.items() if n not in keys and d not in revoked
             ]
-        if changes is not None:
+        if changes is not None:  # a table read from the store, not one made from this one
             self.changes = changes
             self.stored_read, self.stored_error = True, ""
+            self.read_at = time.monotonic()
         if lost_revoked or lost_keys:
             _log.warning(
                 "stored_keys_lost",

@@ -507,3 +507,25 @@ def test_many_keys_are_applied_in_parts_the_old_table_in_use_meanwhile(
     fresh = StoredKeys({}, {}, ("e", 2), {}, {}, 2)
     assert not asyncio.run(stella_app.apply_keys(auth, fresh, auth.local_changes - 1))
     assert len(auth.runtime) == 1_000
+
+
+def test_a_create_on_a_table_read_long_ago_brings_in_other_replicas_revocations() -> None:
+    # A steady stream of creates on one replica makes its follower drop every read (a
+    # change of its own overtook it): a create on a table read from the store longer ago
+    # than KEYS_STALE_S reads the store first, so another replica's revocation arrives.
+    from stella.api import keys as keys_api
+
+    app = app_for(KEYS)
+    store = app.state.stella.state
+    auth = app.state.stella.auth
+    key = made(app, {"name": "leaked"})
+    assert chat(app, key).status_code == 200
+    # Revoked on another replica: in the store, not (yet) in this replica's table.
+    store.revoked[sha(key)] = "leaked"
+    store.keys_version += 1
+    made(app, {"name": "fresh-one"})  # its table was read just now: made from it
+    assert chat(app, key).status_code == 200
+    auth.read_at -= keys_api.KEYS_STALE_S + 1  # as when the follower's reads were dropped
+    made(app, {"name": "fresh-two"})
+    assert chat(app, key).status_code == 401
+    assert chat(app, made(app, {"name": "fresh-three"})).status_code == 200

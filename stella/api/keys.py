@@ -155,6 +155,11 @@ def _info(
     )
 
 
+# A create on this replica's table read from the store longer ago than this reads the
+# store first (see create_key): the follower's reads reach it at least this often.
+KEYS_STALE_S = 2.0
+
+
 async def _read_to_change(svc: Services) -> StoredKeys:
     """The stored keys a change is planned on; a 503 while the store does not answer says
     that nothing was changed, as a failed write's does."""
@@ -339,8 +344,19 @@ async def create_key(request: Request, call: Call) -> Response:
         created_at = utc_stamp(now)
         # One change of this process at a time (see apply_written).
         async with svc.key_changes:
+            fresh = None
+            if time.monotonic() - auth.read_at > KEYS_STALE_S:
+                # The follower drops a read that a change of this process overtook: under
+                # a steady stream of creates here it would never install one, and other
+                # replicas' revocations would never reach this one. A create made on a
+                # table read that long ago starts from the store instead.
+                fresh = await _read_to_change(svc)
             await svc.state.save_key(spec.name, stored, created_at)
-            await apply_written(auth, {**auth.runtime_specs, spec.name: stored}, auth.revoked)
+            if fresh is None:
+                await apply_written(auth, {**auth.runtime_specs, spec.name: stored}, auth.revoked)
+            else:
+                keys = {**fresh.keys, spec.name: stored}
+                await apply_written(auth, keys, fresh.revoked, fresh.changes)
     p = key_principal(spec.name, settings, auth.limits)
     info = _info(p, "runtime", False, created_at=created_at, k=settings, now=now)
     # The key itself, shown this once: no cache (a proxy's, a browser's) may keep it.
