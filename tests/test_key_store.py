@@ -529,3 +529,32 @@ def test_a_create_on_a_table_read_long_ago_brings_in_other_replicas_revocations(
     made(app, {"name": "fresh-two"})
     assert chat(app, key).status_code == 401
     assert chat(app, made(app, {"name": "fresh-three"})).status_code == 200
+
+
+def test_a_create_keeps_a_later_read_the_follower_installed_during_its_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A create that read the store first (its table stale) and whose write the follower
+    # overtook with a later read: the key is made on that later table, not on its own
+    # older read, which would take another replica's revocation back out.
+    from stella.api import keys as keys_api
+
+    app = app_for(KEYS)
+    store = app.state.stella.state
+    auth = app.state.stella.auth
+    key = made(app, {"name": "leaked"})
+    auth.read_at -= keys_api.KEYS_STALE_S + 1
+    save = store.save_key
+
+    async def save_then_follow(name: str, spec: dict[str, Any], created_at: str) -> None:
+        await save(name, spec, created_at)
+        # Revoked on another replica, and read and installed here by the follower.
+        store.revoked[sha(key)] = "leaked"
+        store.keys_version += 1
+        read = await store.load_keys(auth.digests)
+        auth.apply_stored(read.keys, read.revoked, read.changes)
+
+    monkeypatch.setattr(store, "save_key", save_then_follow)
+    new = made(app, {"name": "other"})
+    assert chat(app, key).status_code == 401
+    assert chat(app, new).status_code == 200

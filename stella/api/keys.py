@@ -344,19 +344,26 @@ async def create_key(request: Request, call: Call) -> Response:
         created_at = utc_stamp(now)
         # One change of this process at a time (see apply_written).
         async with svc.key_changes:
+            # Made on this process's table, unless it was read from the store that long
+            # ago: the follower drops a read that a change of this process overtook, so
+            # under a steady stream of creates here it would never install one, and
+            # other replicas' revocations would never reach this one.
             fresh = None
             if time.monotonic() - auth.read_at > KEYS_STALE_S:
-                # The follower drops a read that a change of this process overtook: under
-                # a steady stream of creates here it would never install one, and other
-                # replicas' revocations would never reach this one. A create made on a
-                # table read that long ago starts from the store instead.
                 fresh = await _read_to_change(svc)
             await svc.state.save_key(spec.name, stored, created_at)
-            if fresh is None:
-                await apply_written(auth, {**auth.runtime_specs, spec.name: stored}, auth.revoked)
-            else:
-                keys = {**fresh.keys, spec.name: stored}
-                await apply_written(auth, keys, fresh.revoked, fresh.changes)
+            if fresh is not None and auth.changes > fresh.changes:
+                # The follower installed a later read during the write: this process's
+                # table is newer than `fresh`, and the key is made on it.
+                fresh = None
+            # This process's table read after the write, as the follower may have
+            # installed a newer read meanwhile.
+            keys, revoked, changes = (
+                (auth.runtime_specs, auth.revoked, None)
+                if fresh is None
+                else (fresh.keys, fresh.revoked, fresh.changes)
+            )
+            await apply_written(auth, {**keys, spec.name: stored}, revoked, changes)
     p = key_principal(spec.name, settings, auth.limits)
     info = _info(p, "runtime", False, created_at=created_at, k=settings, now=now)
     # The key itself, shown this once: no cache (a proxy's, a browser's) may keep it.
